@@ -1,0 +1,195 @@
+/** @module The environment contract, parsed once into a frozen, typed Config. */
+import { accessSync, constants, existsSync, mkdirSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
+export type OutputFormat = 'png' | 'jpeg' | 'webp';
+
+export interface S3Settings {
+  /** Endpoint URL for S3-compatible stores; undefined means AWS. */
+  readonly endpoint: string | undefined;
+  readonly region: string;
+  readonly useHttps: boolean;
+  readonly verifySsl: boolean;
+  readonly caBundle: string | undefined;
+  /** Path-style addressing (MinIO, Ceph, ODF); on by default whenever an endpoint is set. */
+  readonly forcePathStyle: boolean;
+  readonly maxConcurrency: number;
+  readonly partSize: number;
+  /** Seconds without a byte on one range before it is aborted and retried. */
+  readonly stallTimeoutS: number;
+  readonly maxAttempts: number;
+}
+
+export interface Config {
+  /** What STORAGE_URI said, or undefined when it was not set. */
+  readonly storageUri: string | undefined;
+  readonly modelName: string;
+  readonly host: string;
+  readonly port: number;
+  readonly cacheDir: string;
+  readonly s3: S3Settings;
+  readonly executionProvider: ExecutionProvider;
+  readonly workers: number;
+  readonly maxBatchSize: number;
+  readonly batchWindowMs: number;
+  readonly maxQueue: number;
+  readonly logLevel: LogLevel;
+  readonly maxBodyBytes: number;
+  readonly maxImageSize: number;
+  readonly maxSteps: number;
+  readonly maxImagesPerRequest: number;
+  readonly warmupSteps: number;
+  readonly shutdownGraceS: number;
+  readonly exitOnBootFailure: boolean;
+  readonly requestTimeoutS: number;
+  readonly resultCacheMb: number;
+  readonly defaultOutputFormat: OutputFormat;
+  readonly intraOpThreads: number;
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: readonly string[]) {
+    super(`invalid configuration: ${problems.join('; ')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+type Env = Record<string, string | undefined>;
+
+const PROVIDERS: readonly ExecutionProvider[] = ['auto', 'cuda', 'cpu'];
+const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
+
+/** Parses every variable, reports every bad one together, and returns a frozen Config. */
+export function loadConfig(env: Env = process.env): Readonly<Config> {
+  const bad: string[] = [];
+  const raw = (k: string): string | undefined => {
+    const v = env[k]?.trim();
+    return v === undefined || v === '' ? undefined : v;
+  };
+  const int = (k: string, dflt: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
+    const r = raw(k);
+    if (r === undefined) return dflt;
+    const v = /^[+-]?\d+$/.test(r) ? Number(r) : NaN;
+    if (!Number.isSafeInteger(v) || v < min || v > max) {
+      bad.push(`${k} must be an integer from ${min} to ${max}, got ${JSON.stringify(env[k])}`);
+      return dflt;
+    }
+    return v;
+  };
+  const num = (k: string, dflt: number, min: number): number => {
+    const r = raw(k);
+    if (r === undefined) return dflt;
+    const v = Number(r);
+    if (!Number.isFinite(v) || v < min) {
+      bad.push(`${k} must be a number >= ${min}, got ${JSON.stringify(env[k])}`);
+      return dflt;
+    }
+    return v;
+  };
+  const bool = (k: string, dflt: boolean): boolean => {
+    const r = raw(k)?.toLowerCase();
+    if (r === undefined) return dflt;
+    if (['1', 'true', 'yes', 'on'].includes(r)) return true;
+    if (['0', 'false', 'no', 'off'].includes(r)) return false;
+    bad.push(`${k} must be true or false (1/0), got ${JSON.stringify(env[k])}`);
+    return dflt;
+  };
+  const oneOf = <T extends string>(k: string, dflt: T, allowed: readonly T[]): T => {
+    const r = raw(k)?.toLowerCase();
+    if (r === undefined) return dflt;
+    if ((allowed as readonly string[]).includes(r)) return r as T;
+    bad.push(`${k} must be one of ${allowed.join(', ')}, got ${JSON.stringify(env[k])}`);
+    return dflt;
+  };
+
+  const modelName = raw('MODEL_NAME') ?? 'model';
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(modelName)) {
+    bad.push(`MODEL_NAME must be 1-128 characters of letters, digits, '.', '_' or '-', got ${JSON.stringify(env.MODEL_NAME)}`);
+  }
+
+  const endpointRaw = raw('AWS_ENDPOINT_URL') ?? raw('S3_ENDPOINT') ?? raw('AWS_S3_ENDPOINT');
+  const useHttps = bool('S3_USE_HTTPS', true);
+  let endpoint: string | undefined;
+  if (endpointRaw !== undefined) {
+    // KServe's initializer accepts a bare host:port and picks the scheme from S3_USE_HTTPS.
+    const withScheme = /^[a-z][a-z0-9+.-]*:\/\//i.test(endpointRaw) ? endpointRaw : `${useHttps ? 'https' : 'http'}://${endpointRaw}`;
+    try {
+      const u = new URL(withScheme);
+      if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error('scheme');
+      endpoint = withScheme.replace(/\/+$/, '');
+    } catch {
+      bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(endpointRaw)}`);
+    }
+  }
+  const caBundle = raw('AWS_CA_BUNDLE');
+  if (caBundle !== undefined && !existsSync(caBundle)) bad.push(`AWS_CA_BUNDLE names a file that does not exist: ${JSON.stringify(caBundle)}`);
+
+  const s3: S3Settings = Object.freeze({
+    endpoint,
+    region: raw('AWS_REGION') ?? raw('AWS_DEFAULT_REGION') ?? 'us-east-1',
+    useHttps,
+    verifySsl: bool('S3_VERIFY_SSL', true),
+    caBundle,
+    forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !bool('S3_USER_VIRTUAL_BUCKET', false)),
+    maxConcurrency: int('S3_MAX_CONCURRENCY', 24, 1, 512),
+    partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
+    stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1),
+    maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
+  });
+
+  const cfg: Config = {
+    storageUri: raw('STORAGE_URI'),
+    modelName,
+    host: raw('HOST') ?? '0.0.0.0',
+    port: int('PORT', 8080, 0, 65535),
+    cacheDir: raw('MODEL_CACHE_DIR') ?? defaultCacheDir(),
+    s3,
+    executionProvider: oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS),
+    workers: int('WORKERS', 1, 1, 64),
+    maxBatchSize: int('MAX_BATCH_SIZE', 1, 1, 64),
+    batchWindowMs: int('BATCH_WINDOW_MS', 20, 0, 10_000),
+    maxQueue: int('MAX_QUEUE', 32, 1, 100_000),
+    logLevel: oneOf('LOG_LEVEL', 'info', LEVELS),
+    maxBodyBytes: int('MAX_BODY_BYTES', 1024 * 1024, 1024, 1024 * 1024 * 1024),
+    maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
+    maxSteps: int('MAX_STEPS', 500, 1, 10_000),
+    maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
+    warmupSteps: int('WARMUP_STEPS', 2, 0, 100),
+    shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0),
+    exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
+    requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),
+    resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
+    defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
+    intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
+  };
+  if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
+  if (bad.length > 0) throw new ConfigError(bad);
+  return Object.freeze(cfg);
+}
+
+/** `/mnt/cache` when it is a writable mount (the PVC), else a directory under the OS temp dir. */
+function defaultCacheDir(): string {
+  const pvc = '/mnt/cache';
+  try {
+    accessSync(pvc, constants.W_OK);
+    return pvc;
+  } catch {
+    const dir = path.join(os.tmpdir(), 'diffusers-runtime-cache');
+    try {
+      mkdirSync(dir, { recursive: true });
+    } catch {
+      /* reported when the cache is first used */
+    }
+    return dir;
+  }
+}
+
+/** The config as one log-safe object: no credentials are part of Config, endpoint userinfo is masked. */
+export function describeConfig(cfg: Readonly<Config>): Record<string, unknown> {
+  const mask = (u: string | undefined) => u?.replace(/\/\/[^/@]*@/, '//***@');
+  return { ...cfg, storageUri: mask(cfg.storageUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
+}

@@ -1,0 +1,53 @@
+/** @module One error class for the whole runtime: a stable code, the HTTP status derived from it. */
+
+const STATUS = {
+  INVALID_INPUT: 400,
+  MODEL_NOT_FOUND: 404,
+  NOT_FOUND: 404,
+  METHOD_NOT_ALLOWED: 405,
+  BODY_TOO_LARGE: 413,
+  UNSUPPORTED: 501,
+  MODEL_NOT_READY: 503,
+  BUSY: 503,
+  SHUTTING_DOWN: 503,
+  CANCELLED: 499,
+  INTERNAL: 500,
+  // Storage / boot outcomes (never sent as HTTP statuses of a request, but mapped for completeness).
+  CONFIG: 500,
+  STORAGE_DENIED: 500,
+  STORAGE_MISSING: 500,
+  STORAGE_TRANSIENT: 500,
+  NO_SPACE: 500,
+  MODEL_FORMAT: 500,
+  PROVIDER: 500,
+} as const;
+
+export type ErrorCode = keyof typeof STATUS;
+
+const BRAND = Symbol.for('diffusers-runtime.RuntimeError');
+
+export class RuntimeError extends Error {
+  readonly status: number;
+  readonly [BRAND] = true;
+  /** Seconds a client should wait before retrying (503s). */
+  retryAfter?: number;
+
+  constructor(readonly code: ErrorCode, message: string, options?: ErrorOptions & { retryAfter?: number }) {
+    super(message, options);
+    this.name = 'RuntimeError';
+    this.status = STATUS[code];
+    if (options?.retryAfter !== undefined) this.retryAfter = options.retryAfter;
+  }
+
+  // Keeps instanceof true across duplicate module copies (worker bundles, dist vs src in tests).
+  static [Symbol.hasInstance](x: unknown): boolean {
+    return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true;
+  }
+}
+
+export const isRuntimeError = (x: unknown): x is RuntimeError => x instanceof RuntimeError;
+
+/** A message safe to show a client or a log line: never a stack, never a class name of an unknown error. */
+export function publicMessage(err: unknown): string {
+  return isRuntimeError(err) ? err.message : 'internal error';
+}

@@ -1,0 +1,33 @@
+/** @module Types shared by the pipeline pieces (tokenizer, random, schedulers, pipeline). */
+
+/** A source of N(0,1) float32 draws (torch-compatible for a seeded generator). */
+export interface NoiseSource {
+  /** `count` float32 draws, exactly as `torch.randn(count)` would make them from this generator's state. */
+  randn(count: number): Float32Array;
+}
+
+export interface StepResult {
+  prevSample: Float32Array;
+  /** The model's prediction of x0 where the scheduler returns it (LCM decodes from this on the last step). */
+  denoised?: Float32Array;
+}
+
+/**
+ * One scheduler instance per generation (they keep state: PNDM and DPM++ history, step index).
+ * Arrays are flat, row-major over the latent shape [batch, 4, h, w] of the *unguided* latents.
+ */
+export interface Scheduler {
+  readonly name: string;
+  /** Timesteps the UNet sees, in order (PNDM with skip_prk_steps repeats one). Floats for Euler-family. */
+  readonly timesteps: readonly number[];
+  /** Sigmas where the scheduler has them (Euler family, DPM++), with the trailing 0. */
+  readonly sigmas: readonly number[] | undefined;
+  readonly initNoiseSigma: number;
+  /** Whether the UNet needs an LCM guidance embedding (`timestep_cond`) — decided by the model, not here. */
+  scaleModelInput(sample: Float32Array, t: number): Float32Array;
+  /**
+   * One denoising step. `noise` is called only by stochastic schedulers (ancestral, DDIM eta>0, LCM),
+   * once per step, and must return a draw of the full sample size (per-image generators concatenated).
+   */
+  step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
+}
