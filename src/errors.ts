@@ -40,7 +40,7 @@ export class RuntimeError extends Error {
   }
 
   // Keeps instanceof true across duplicate module copies (worker bundles, dist vs src in tests).
-  static [Symbol.hasInstance](x: unknown): boolean {
+  static override [Symbol.hasInstance](x: unknown): boolean {
     return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true;
   }
 }
