@@ -1,0 +1,243 @@
+/**
+ * @module What every scheduler shares: config resolution as diffusers' `from_config` does it, the beta/alpha tables in
+ * torch's float32 arithmetic, and the numpy helpers the timestep schedules are built with.
+ *
+ * Arithmetic rule: where diffusers works on float32 torch tensors, every operation is rounded with `Math.fround`
+ * (a Python scalar operand is rounded to float32 first, as torch's CPU kernels do); where it works on numpy float64
+ * arrays or Python floats, plain doubles are used.
+ */
+
+import { RuntimeError } from '../../errors.js';
+import { fmaf } from '../random.js';
+
+export const f = Math.fround;
+
+export type ConfigValue = number | string | boolean | null | number[];
+export type ResolvedConfig = Readonly<Record<string, ConfigValue>>;
+
+/**
+ * diffusers' `extract_init_dict`: keys of the target class's `__init__` come from `overrides`, else from `config`
+ * (unless listed in `_use_default_values`), else the class default. Other keys (other classes' options, `_…` keys)
+ * are dropped — which is why `from_config` carries beta_*, steps_offset, timestep_spacing, prediction_type across.
+ */
+export function resolveConfig(
+  className: string,
+  defaults: Readonly<Record<string, ConfigValue>>,
+  config: Record<string, unknown>,
+  overrides: Record<string, unknown> = {},
+): ResolvedConfig {
+  const usedDefaults = new Set(Array.isArray(config._use_default_values) ? (config._use_default_values as unknown[]) : []);
+  const out: Record<string, ConfigValue> = {};
+  for (const [key, dflt] of Object.entries(defaults)) {
+    let v: unknown = dflt;
+    if (Object.hasOwn(overrides, key)) v = overrides[key];
+    else if (Object.hasOwn(config, key) && !usedDefaults.has(key)) v = config[key];
+    out[key] = checkValue(className, key, v, dflt);
+  }
+  return Object.freeze(out);
+}
+
+function checkValue(className: string, key: string, v: unknown, dflt: ConfigValue): ConfigValue {
+  const bad = (want: string) =>
+    new RuntimeError('UNSUPPORTED', `${className}: scheduler config ${key} must be ${want}, got ${JSON.stringify(v)}`);
+  if (v === null) return null; // diffusers stores None for unset optionals (trained_betas, sigma_min, variance_type)
+  if (key === 'trained_betas') {
+    if (!Array.isArray(v) || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) throw bad('a list of numbers');
+    return v as number[];
+  }
+  if (typeof dflt === 'number' || (dflt === null && typeof v === 'number')) {
+    // JSON has no -inf; diffusers writes it as the string "-inf" only via custom encoders, so accept both.
+    if (v === '-inf') return -Infinity;
+    if (typeof v !== 'number' || Number.isNaN(v)) throw bad('a number');
+    return v;
+  }
+  if (typeof dflt === 'boolean') {
+    if (typeof v !== 'boolean') throw bad('a boolean');
+    return v;
+  }
+  if (typeof v !== 'string') throw bad('a string');
+  return v;
+}
+
+export const num = (c: ResolvedConfig, k: string): number => c[k] as number;
+export const str = (c: ResolvedConfig, k: string): string => c[k] as string;
+export const bool = (c: ResolvedConfig, k: string): boolean => c[k] as boolean;
+
+export function unsupported(className: string, what: string): never {
+  throw new RuntimeError('UNSUPPORTED', `${className}: ${what} is not supported`);
+}
+
+export function oneOf(className: string, c: ResolvedConfig, key: string, allowed: readonly string[]): string {
+  const v = str(c, key);
+  if (!allowed.includes(v)) unsupported(className, `${key} "${v}" (supported: ${allowed.join(', ')})`);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// torch arithmetic
+
+/**
+ * `torch.linspace(start, end, steps, dtype=float32)` on CPU as the reference torch computes it (aten
+ * RangeFactoriesKernel before 2.1, AVX2 build): step in float32; the first half counted up from `start`, the second
+ * down from `end`; the vectorised body (two groups of 8 per iteration) takes a group base and adds k·step; the
+ * remainder is scalar. GCC contracts each `a + b*c` there into an FMA — matched bit for bit against the sigmas of
+ * the reference scheduler files (unfused or scalar-only variants miss some by one ulp).
+ */
+export function torchLinspaceF32(startD: number, endD: number, steps: number): Float32Array {
+  const out = new Float32Array(steps);
+  if (steps === 1) {
+    out[0] = startD;
+    return out;
+  }
+  const start = f(startD);
+  const end = f(endD);
+  const step = f(f(end - start) / (steps - 1));
+  const halfway = Math.floor(steps / 2);
+  const scalar = (idx: number) => (idx < halfway ? fmaf(step, idx, start) : fmaf(-step, steps - idx - 1, end));
+  const vecEnd = Math.floor(steps / 16) * 16;
+  for (let idx = 0; idx < vecEnd; idx += 8) {
+    const base = scalar(idx);
+    for (let k = 0; k < 8; k++) out[idx + k] = fmaf(k, step, base);
+  }
+  for (let idx = vecEnd; idx < steps; idx++) out[idx] = scalar(idx);
+  return out;
+}
+
+/** `torch.cumprod` on CPU: accumulates in double, stores each prefix as float32. */
+export function torchCumprodF32(x: Float32Array): Float32Array {
+  const out = new Float32Array(x.length);
+  let acc = 1;
+  for (let i = 0; i < x.length; i++) {
+    acc *= x[i]!;
+    out[i] = acc;
+  }
+  return out;
+}
+
+/** diffusers `betas_for_alpha_bar` (cosine): Python doubles, then a float32 tensor. */
+function betasForAlphaBar(n: number, maxBeta = 0.999): Float32Array {
+  const alphaBar = (t: number) => Math.cos(((t + 0.008) / 1.008) * Math.PI / 2) ** 2;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = Math.min(1 - alphaBar((i + 1) / n) / alphaBar(i / n), maxBeta);
+  return out;
+}
+
+/** diffusers `rescale_zero_terminal_snr` (float32 tensor ops). */
+function rescaleZeroTerminalSnr(betas: Float32Array): Float32Array {
+  const n = betas.length;
+  const alphas = betas.map((b) => f(1 - b));
+  const sq = torchCumprodF32(alphas).map((a) => f(Math.sqrt(a)));
+  const a0 = sq[0]!;
+  const aT = sq[n - 1]!;
+  const scale = f(a0 / f(a0 - aT));
+  for (let i = 0; i < n; i++) sq[i] = f(f(sq[i]! - aT) * scale);
+  const bar = sq.map((v) => f(v * v));
+  const out = new Float32Array(n);
+  out[0] = f(1 - bar[0]!);
+  for (let i = 1; i < n; i++) out[i] = f(1 - f(bar[i]! / bar[i - 1]!));
+  return out;
+}
+
+/** The `__init__` block every class repeats: betas → alphas → alphas_cumprod (float32). */
+export function alphasCumprod(className: string, c: ResolvedConfig, withZeroSnr: boolean): Float32Array {
+  const n = num(c, 'num_train_timesteps');
+  if (!Number.isInteger(n) || n < 2) unsupported(className, `num_train_timesteps ${n}`);
+  let betas: Float32Array;
+  const trained = c.trained_betas as number[] | null;
+  if (trained !== null && trained !== undefined) {
+    if (trained.length !== n) unsupported(className, `trained_betas of length ${trained.length} with num_train_timesteps ${n}`);
+    betas = Float32Array.from(trained);
+  } else {
+    const schedule = str(c, 'beta_schedule');
+    if (schedule === 'linear') betas = torchLinspaceF32(num(c, 'beta_start'), num(c, 'beta_end'), n);
+    else if (schedule === 'scaled_linear') {
+      betas = torchLinspaceF32(num(c, 'beta_start') ** 0.5, num(c, 'beta_end') ** 0.5, n).map((b) => f(b * b));
+    } else if (schedule === 'squaredcos_cap_v2') betas = betasForAlphaBar(n);
+    else unsupported(className, `beta_schedule "${schedule}"`);
+  }
+  if (withZeroSnr && c.rescale_betas_zero_snr === true) betas = rescaleZeroTerminalSnr(betas);
+  return torchCumprodF32(betas.map((b) => f(1 - b)));
+}
+
+/** `((1 - ac) / ac) ** 0.5` as a float32 tensor expression. */
+export function sigmasFromAlphas(ac: Float32Array): Float32Array {
+  return ac.map((a) => f(Math.sqrt(f(f(1 - a) / a))));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// numpy helpers (float64)
+
+/** `np.arange(start, stop, step)` for floats: length ceil((stop-start)/step), values start + i*delta (numpy's fill). */
+export function npArange(start: number, stop: number, step: number): number[] {
+  const len = Math.max(0, Math.ceil((stop - start) / step));
+  if (len === 0) return [];
+  const out = [start];
+  if (len > 1) out.push(start + step);
+  const delta = (out[1] ?? start) - start;
+  for (let i = 2; i < len; i++) out.push(start + i * delta);
+  return out;
+}
+
+/** `np.linspace(start, stop, num, endpoint)` in float64. */
+export function npLinspace(start: number, stop: number, n: number, endpoint = true): number[] {
+  const div = endpoint ? n - 1 : n;
+  const step = (stop - start) / div;
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) out.push(div > 0 && step !== 0 ? i * step + start : (i / div) * (stop - start) + start);
+  if (endpoint && n > 1) out[n - 1] = stop;
+  return out;
+}
+
+/** `np.round`: half to even. */
+export function npRound(x: number): number {
+  const r = Math.round(x);
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** `np.interp(x, arange(len(fp)), fp)` in float64. */
+export function npInterpIndex(x: number, fp: ArrayLike<number>): number {
+  const n = fp.length;
+  if (x <= 0) return fp[0]!;
+  if (x >= n - 1) return fp[n - 1]!;
+  const j = Math.floor(x);
+  if (j === x) return fp[j]!;
+  const slope = fp[j + 1]! - fp[j]!;
+  return slope * (x - j) + fp[j]!;
+}
+
+/** diffusers `_sigma_to_t` (numpy: log_sigmas is a float32 array, the rest float64). */
+export function sigmaToT(sigma: number, logSigmas: Float32Array): number {
+  const logSigma = Math.log(Math.max(sigma, 1e-10));
+  const n = logSigmas.length;
+  // argmax of cumsum(dists >= 0): the last index whose log_sigma is <= logSigma (0 when none), clipped to n-2.
+  let low = 0;
+  let count = 0;
+  let best = -1;
+  for (let i = 0; i < n; i++) {
+    if (logSigma - logSigmas[i]! >= 0) count++;
+    if (count > best) {
+      best = count;
+      low = i;
+    }
+  }
+  low = Math.min(low, n - 2);
+  const lo = logSigmas[low]!;
+  const hi = logSigmas[low + 1]!;
+  const w = Math.min(Math.max((lo - logSigma) / (lo - hi), 0), 1);
+  return (1 - w) * low + w * (low + 1);
+}
+
+/** diffusers `_convert_to_karras` (float64, rho 7). */
+export function karrasSigmas(sigmaMin: number, sigmaMax: number, n: number): number[] {
+  const rho = 7;
+  const minInv = sigmaMin ** (1 / rho);
+  const maxInv = sigmaMax ** (1 / rho);
+  return npLinspace(0, 1, n).map((r) => (maxInv + r * (minInv - maxInv)) ** rho);
+}
+
+/** diffusers raises when more inference steps than training steps are asked for; so do we, as a request error. */
+export function checkSteps(className: string, n: number, trainSteps: number): void {
+  if (!Number.isInteger(n) || n < 1 || n > trainSteps) {
+    throw new RuntimeError('INVALID_INPUT', `num_inference_steps must be an integer from 1 to ${trainSteps} for ${className}, got ${n}`);
+  }
+}

@@ -1,0 +1,127 @@
+/** @module DDIMScheduler (diffusers), float32 like torch; eta > 0 draws noise through the step callback. */
+
+import type { Scheduler, StepResult } from '../types.js';
+import {
+  alphasCumprod,
+  bool,
+  checkSteps,
+  f,
+  npArange,
+  npLinspace,
+  npRound,
+  num,
+  oneOf,
+  type ConfigValue,
+  type ResolvedConfig,
+  str,
+  unsupported,
+} from './common.js';
+
+export const DDIM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  num_train_timesteps: 1000,
+  beta_start: 0.0001,
+  beta_end: 0.02,
+  beta_schedule: 'linear',
+  trained_betas: null,
+  clip_sample: true,
+  set_alpha_to_one: true,
+  steps_offset: 0,
+  prediction_type: 'epsilon',
+  thresholding: false,
+  dynamic_thresholding_ratio: 0.995,
+  clip_sample_range: 1.0,
+  sample_max_value: 1.0,
+  timestep_spacing: 'leading',
+  rescale_betas_zero_snr: false,
+};
+
+/** DDIM/LCM-style integer timesteps, descending. */
+export function ddimTimesteps(className: string, c: ResolvedConfig, n: number): number[] {
+  const train = num(c, 'num_train_timesteps');
+  switch (str(c, 'timestep_spacing')) {
+    case 'linspace':
+      return npLinspace(0, train - 1, n).map(npRound).reverse();
+    case 'leading': {
+      const ratio = Math.floor(train / n);
+      return npArange(0, n, 1).map((i) => i * ratio + num(c, 'steps_offset')).reverse();
+    }
+    case 'trailing':
+      return npArange(train, 0, -train / n).map((t) => npRound(t) - 1);
+    default:
+      return unsupported(className, `timestep_spacing "${str(c, 'timestep_spacing')}"`);
+  }
+}
+
+export class DDIM implements Scheduler {
+  readonly name = 'DDIMScheduler';
+  readonly timesteps: readonly number[];
+  readonly sigmas = undefined;
+  readonly initNoiseSigma = 1;
+  readonly #ac: Float32Array;
+  readonly #finalAc: number;
+  readonly #ratio: number;
+  readonly #prediction: string;
+  readonly #eta: number;
+  #index = 0;
+
+  constructor(readonly config: ResolvedConfig, numInferenceSteps: number, eta = 0) {
+    const name = this.name;
+    const train = num(config, 'num_train_timesteps');
+    checkSteps(name, numInferenceSteps, train);
+    if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
+    if (!(eta >= 0)) unsupported(name, `eta ${eta}`);
+    this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
+    this.#ac = alphasCumprod(name, config, true);
+    this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.#ac[0]!;
+    this.#ratio = Math.floor(train / numInferenceSteps);
+    this.#eta = eta;
+    this.timesteps = Object.freeze(ddimTimesteps(name, config, numInferenceSteps));
+  }
+
+  scaleModelInput(sample: Float32Array): Float32Array {
+    return sample;
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
+    if (this.#index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+    const t = this.timesteps[this.#index++]!;
+    const prevT = t - this.#ratio;
+    const at = this.#ac[t]!;
+    const ap = prevT >= 0 ? this.#ac[prevT]! : this.#finalAc;
+    const bt = f(1 - at);
+    const sqA = f(Math.sqrt(at));
+    const sqB = f(Math.sqrt(bt));
+    const n = sample.length;
+    const x0 = new Float32Array(n);
+    const eps = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      const s = sample[i]!;
+      const m = modelOutput[i]!;
+      if (this.#prediction === 'epsilon') {
+        x0[i] = f(s - f(sqB * m)) / sqA;
+        eps[i] = m;
+      } else if (this.#prediction === 'sample') {
+        x0[i] = m;
+        eps[i] = f(s - f(sqA * m)) / sqB;
+      } else {
+        x0[i] = f(sqA * s) - f(sqB * m);
+        eps[i] = f(sqA * m) + f(sqB * s);
+      }
+    }
+    if (bool(this.config, 'clip_sample')) {
+      const r = f(num(this.config, 'clip_sample_range'));
+      for (let i = 0; i < n; i++) x0[i] = Math.min(Math.max(x0[i]!, -r), r);
+    }
+    const variance = f(f(f(1 - ap) / bt) * f(1 - f(at / ap)));
+    const std = f(f(this.#eta) * f(Math.sqrt(variance)));
+    const dirCoef = f(Math.sqrt(f(f(1 - ap) - f(std * std))));
+    const sqAp = f(Math.sqrt(ap));
+    const out = new Float32Array(n);
+    for (let i = 0; i < n; i++) out[i] = f(sqAp * x0[i]!) + f(dirCoef * eps[i]!);
+    if (this.#eta > 0) {
+      const z = noise();
+      for (let i = 0; i < n; i++) out[i] = out[i]! + f(std * z[i]!);
+    }
+    return { prevSample: out, denoised: x0 };
+  }
+}

@@ -1,0 +1,239 @@
+/**
+ * @module DPMSolverMultistepScheduler (diffusers): DPM-Solver++ / DPM-Solver, orders 1–2, midpoint or Heun,
+ * optional Karras sigmas; float32 like torch.
+ */
+
+import type { Scheduler, StepResult } from '../types.js';
+import {
+  alphasCumprod,
+  bool,
+  checkSteps,
+  f,
+  karrasSigmas,
+  npArange,
+  npInterpIndex,
+  npLinspace,
+  npRound,
+  num,
+  oneOf,
+  type ConfigValue,
+  type ResolvedConfig,
+  sigmaToT,
+  sigmasFromAlphas,
+  str,
+  unsupported,
+} from './common.js';
+
+export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  num_train_timesteps: 1000,
+  beta_start: 0.0001,
+  beta_end: 0.02,
+  beta_schedule: 'linear',
+  trained_betas: null,
+  solver_order: 2,
+  prediction_type: 'epsilon',
+  thresholding: false,
+  dynamic_thresholding_ratio: 0.995,
+  sample_max_value: 1.0,
+  algorithm_type: 'dpmsolver++',
+  solver_type: 'midpoint',
+  lower_order_final: true,
+  euler_at_final: false,
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+  use_lu_lambdas: false,
+  use_flow_sigmas: false,
+  flow_shift: 1.0,
+  final_sigmas_type: 'zero',
+  lambda_min_clipped: -Infinity,
+  variance_type: null,
+  timestep_spacing: 'linspace',
+  steps_offset: 0,
+  rescale_betas_zero_snr: false,
+  use_dynamic_shifting: false,
+  time_shift_type: 'exponential',
+};
+
+const logf = (x: number) => f(Math.log(x));
+
+/** alpha_t = 1/sqrt(sigma² + 1), sigma_t = sigma·alpha_t, lambda = log alpha_t − log sigma_t (float32). */
+function alphaSigmaLambda(sigma: number): [number, number, number] {
+  const alpha = f(1 / f(Math.sqrt(f(f(sigma * sigma) + 1))));
+  const sig = f(sigma * alpha);
+  return [alpha, sig, f(logf(alpha) - logf(sig))];
+}
+
+export class DPMSolverMultistep implements Scheduler {
+  readonly name = 'DPMSolverMultistepScheduler';
+  readonly timesteps: readonly number[];
+  readonly sigmas: readonly number[];
+  readonly initNoiseSigma = 1;
+  readonly #sig: Float32Array;
+  readonly #order: number;
+  readonly #prediction: string;
+  readonly #plusPlus: boolean;
+  readonly #heun: boolean;
+  #outputs: Float32Array[] = [];
+  #lowerOrderNums = 0;
+  #index = 0;
+
+  constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    const name = this.name;
+    const train = num(config, 'num_train_timesteps');
+    checkSteps(name, numInferenceSteps, train);
+    const algorithm = oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver']);
+    this.#plusPlus = algorithm === 'dpmsolver++';
+    this.#heun = oneOf(name, config, 'solver_type', ['midpoint', 'heun']) === 'heun';
+    this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
+    this.#order = num(config, 'solver_order');
+    if (this.#order !== 1 && this.#order !== 2) unsupported(name, `solver_order ${this.#order} (1 or 2)`);
+    for (const k of ['thresholding', 'use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+      if (bool(config, k)) unsupported(name, k);
+    }
+    if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
+    const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
+    if (!this.#plusPlus && finalType === 'zero') {
+      unsupported(name, 'final_sigmas_type "zero" with algorithm_type "dpmsolver" (diffusers refuses it too; use "sigma_min")');
+    }
+
+    const ac = alphasCumprod(name, config, true);
+    if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
+    // lambda_min_clipped cuts the schedule where lambda(t) falls below it (searchsorted on the flipped lambdas).
+    const clip = num(config, 'lambda_min_clipped');
+    let clippedIdx = 0;
+    for (let i = ac.length - 1; i >= 0; i--) {
+      const a = ac[i]!;
+      const lambda = f(logf(f(Math.sqrt(a))) - logf(f(Math.sqrt(f(1 - a)))));
+      if (lambda < clip) clippedIdx++;
+      else break;
+    }
+    const last = train - clippedIdx;
+    let timesteps: number[];
+    switch (str(config, 'timestep_spacing')) {
+      case 'linspace':
+        timesteps = npLinspace(0, last - 1, numInferenceSteps + 1).map(npRound).reverse().slice(0, -1);
+        break;
+      case 'leading': {
+        const ratio = Math.floor(last / (numInferenceSteps + 1));
+        timesteps = npArange(0, numInferenceSteps + 1, 1).map((i) => i * ratio).reverse().slice(0, -1);
+        timesteps = timesteps.map((t) => t + num(config, 'steps_offset'));
+        break;
+      }
+      case 'trailing':
+        timesteps = npArange(last, 0, -train / numInferenceSteps).map((t) => npRound(t) - 1);
+        break;
+      default:
+        unsupported(name, `timestep_spacing "${str(config, 'timestep_spacing')}"`);
+    }
+    const table = sigmasFromAlphas(ac);
+    let sig: number[];
+    if (bool(config, 'use_karras_sigmas')) {
+      const logSigmas = table.map(logf);
+      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] (this class has no config for them).
+      sig = karrasSigmas(table[0]!, table[table.length - 1]!, numInferenceSteps);
+      timesteps = sig.map((s) => sigmaToT(s, logSigmas));
+      if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
+      else timesteps = timesteps.map(Math.trunc); // astype(int64)
+    } else {
+      sig = timesteps.map((t) => npInterpIndex(t, table));
+    }
+    const lastSigma = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
+    this.#sig = Float32Array.from([...sig, lastSigma]);
+    this.sigmas = Object.freeze(Array.from(this.#sig));
+    this.timesteps = Object.freeze(timesteps);
+  }
+
+  scaleModelInput(sample: Float32Array): Float32Array {
+    return sample;
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
+    const i = this.#index;
+    const nSteps = this.timesteps.length;
+    if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
+    const c = this.config;
+    const lowerOrderFinal =
+      i === nSteps - 1 &&
+      (bool(c, 'euler_at_final') || (bool(c, 'lower_order_final') && nSteps < 15) || str(c, 'final_sigmas_type') === 'zero');
+    const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
+    this.#outputs.push(converted);
+    if (this.#outputs.length > this.#order) this.#outputs.shift();
+    let prev: Float32Array;
+    if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = this.#firstOrder(converted, sample);
+    else prev = this.#secondOrder(sample);
+    if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
+    this.#index++;
+    return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
+  }
+
+  /** diffusers `convert_model_output`: x0 for DPM-Solver++, epsilon for DPM-Solver. */
+  #convert(m: Float32Array, s: Float32Array, sigma: number): Float32Array {
+    const [alpha, sig] = alphaSigmaLambda(sigma);
+    const n = m.length;
+    const out = new Float32Array(n);
+    const p = this.#prediction;
+    if (this.#plusPlus) {
+      if (p === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
+      else if (p === 'sample') out.set(m);
+      else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
+    } else {
+      if (p === 'epsilon') out.set(m);
+      else if (p === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
+      else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
+    }
+    return out;
+  }
+
+  #firstOrder(m: Float32Array, s: Float32Array): Float32Array {
+    const i = this.#index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
+    const [alphaS, sigmaS, lambdaS] = alphaSigmaLambda(this.#sig[i]!);
+    const h = f(lambdaT - lambdaS);
+    let a: number;
+    let b: number;
+    if (this.#plusPlus) {
+      a = f(sigmaT / sigmaS);
+      b = f(alphaT * f(f(Math.exp(-h)) - 1));
+    } else {
+      a = f(alphaT / alphaS);
+      b = f(sigmaT * f(f(Math.exp(h)) - 1));
+    }
+    const out = new Float32Array(s.length);
+    for (let k = 0; k < s.length; k++) out[k] = f(a * s[k]!) - f(b * m[k]!);
+    return out;
+  }
+
+  #secondOrder(s: Float32Array): Float32Array {
+    const i = this.#index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[i]!);
+    const [, , lambdaS1] = alphaSigmaLambda(this.#sig[i - 1]!);
+    const m0 = this.#outputs[this.#outputs.length - 1]!;
+    const m1 = this.#outputs[this.#outputs.length - 2]!;
+    const h = f(lambdaT - lambdaS0);
+    const h0 = f(lambdaS0 - lambdaS1);
+    const invR0 = f(1 / f(h0 / h));
+    // x_t = a·sample − b·D0 − c·D1 (the sign of c is folded in), D1 = (1/r0)·(m0 − m1).
+    let a: number;
+    let b: number;
+    let c: number;
+    if (this.#plusPlus) {
+      const em1 = f(f(Math.exp(-h)) - 1);
+      a = f(sigmaT / sigmaS0);
+      b = f(alphaT * em1);
+      c = this.#heun ? -f(alphaT * f(f(em1 / h) + 1)) : f(0.5 * f(alphaT * em1));
+    } else {
+      const ep1 = f(f(Math.exp(h)) - 1);
+      a = f(alphaT / alphaS0);
+      b = f(sigmaT * ep1);
+      c = this.#heun ? f(sigmaT * f(f(ep1 / h) - 1)) : f(0.5 * f(sigmaT * ep1));
+    }
+    const out = new Float32Array(s.length);
+    for (let k = 0; k < s.length; k++) {
+      const d1 = f(invR0 * f(m0[k]! - m1[k]!));
+      out[k] = f(f(a * s[k]!) - f(b * m0[k]!)) - f(c * d1);
+    }
+    return out;
+  }
+}

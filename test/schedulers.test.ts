@@ -1,0 +1,216 @@
+import { readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { RuntimeError } from '../src/errors.js';
+import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+
+/**
+ * Replays diffusers' own trajectories. Criterion, per element of every array of every step:
+ *   |ours − ref| ≤ 1e-4 · max(|ref|, 1e-6)
+ * The sample is chained through our own prev_sample (not reset from the reference), so errors would accumulate.
+ * Timesteps must be equal; sigmas and init_noise_sigma must be equal as float32 (they are bit-exact).
+ */
+const REL_TOL = 1e-4;
+const FLOOR = 1e-6;
+
+interface Vector {
+  name: string;
+  scheduler: string;
+  config: Record<string, unknown>;
+  num_inference_steps: number;
+  eta?: number;
+  timesteps: number[];
+  sigmas: number[] | null;
+  init_noise_sigma: number;
+  initial_latents: number[];
+  steps: {
+    t: number;
+    scaled_input: number[];
+    model_output: number[];
+    noise?: number[] | null;
+    prev_sample: number[];
+    denoised?: number[] | null;
+  }[];
+}
+
+const refRoot = path.resolve(process.cwd(), '../shared/reference');
+const vectorsDir = process.env.SCHEDULER_VECTORS_DIR ?? path.join(refRoot, 'schedulers');
+const files = readdirSync(vectorsDir).filter((x) => x.endsWith('.json')).sort();
+
+function maxRelError(got: Float32Array, ref: readonly number[]): number {
+  expect(got.length).toBe(ref.length);
+  let worst = 0;
+  for (let i = 0; i < ref.length; i++) {
+    const e = Math.abs(got[i]! - ref[i]!) / Math.max(Math.abs(ref[i]!), FLOOR);
+    if (!(e <= worst)) worst = e; // NaN sticks
+  }
+  return worst;
+}
+
+const f32 = (xs: readonly number[]) => Array.from(Float32Array.from(xs));
+
+describe(`diffusers scheduler parity (${files.length} files in ${path.basename(vectorsDir)})`, () => {
+  it('has vectors', () => expect(files.length).toBeGreaterThan(0));
+
+  for (const file of files) {
+    it(file, () => {
+      const v = JSON.parse(readFileSync(path.join(vectorsDir, file), 'utf8')) as Vector;
+      const s = createScheduler({ ...v.config, _class_name: v.scheduler }, v.num_inference_steps, v.eta !== undefined ? { eta: v.eta } : {});
+      expect(s.name).toBe(v.scheduler);
+      expect(s.timesteps).toEqual(v.timesteps);
+      if (v.sigmas) expect(s.sigmas).toEqual(f32(v.sigmas));
+      else expect(s.sigmas).toBeUndefined();
+      expect(Math.fround(s.initNoiseSigma)).toBe(Math.fround(v.init_noise_sigma));
+      expect(s.timesteps.length).toBe(v.steps.length);
+
+      const worst = { scaled_input: 0, prev_sample: 0, denoised: 0 };
+      let sample: Float32Array = Float32Array.from(v.initial_latents);
+      v.steps.forEach((st, i) => {
+        expect(st.t).toBe(s.timesteps[i]);
+        worst.scaled_input = Math.max(worst.scaled_input, maxRelError(s.scaleModelInput(sample, st.t), st.scaled_input));
+        let draws = 0;
+        const r = s.step(Float32Array.from(st.model_output), st.t, sample, () => {
+          draws++;
+          if (!st.noise) throw new Error(`step ${i} drew noise but the reference drew none`);
+          return Float32Array.from(st.noise);
+        });
+        expect(draws, `noise draws at step ${i}`).toBe(st.noise ? 1 : 0);
+        worst.prev_sample = Math.max(worst.prev_sample, maxRelError(r.prevSample, st.prev_sample));
+        if (st.denoised) worst.denoised = Math.max(worst.denoised, maxRelError(r.denoised!, st.denoised));
+        sample = r.prevSample;
+      });
+      console.log(`${file}: max relative error ${JSON.stringify(worst)}`);
+      for (const [k, e] of Object.entries(worst)) expect(e, k).toBeLessThanOrEqual(REL_TOL);
+    });
+  }
+});
+
+describe('createScheduler', () => {
+  const modelConfig = JSON.parse(readFileSync(path.join(refRoot, 'e2e/model/scheduler/scheduler_config.json'), 'utf8')) as Record<
+    string,
+    unknown
+  >;
+
+  it('builds the model class by default (SD 1.5 PNDM, skip_prk_steps)', () => {
+    const s = createScheduler(modelConfig, 20);
+    expect(s.name).toBe('PNDMScheduler');
+    expect(s.timesteps.slice(0, 4)).toEqual([951, 901, 901, 851]);
+    expect(s.timesteps.length).toBe(21);
+  });
+
+  it('an override is from_config of the model config (e2e euler_a case: timesteps and sigmas)', () => {
+    const c = JSON.parse(readFileSync(path.join(refRoot, 'e2e/cases/b_euler_a__torch/case.json'), 'utf8')) as {
+      steps: number;
+      timesteps: number[];
+      sigmas: number[];
+      scheduler: { config: Record<string, unknown> };
+    };
+    const s = createScheduler(modelConfig, c.steps, { name: 'euler_a' }) as ReturnType<typeof createScheduler> & {
+      config: Record<string, unknown>;
+    };
+    expect(s.name).toBe('EulerAncestralDiscreteScheduler');
+    expect(s.timesteps).toEqual(c.timesteps);
+    expect(s.sigmas).toEqual(f32(c.sigmas));
+    for (const [k, val] of Object.entries(s.config)) expect(val, k).toEqual(c.scheduler.config[k]);
+  });
+
+  it('dpmpp_2m_karras sets use_karras_sigmas on the model config (matches the DPM++ 2M Karras vectors)', () => {
+    const ref = JSON.parse(readFileSync(path.join(refRoot, 'schedulers/dpmpp2m-karras-sd15-12.json'), 'utf8')) as Vector;
+    const s = createScheduler(modelConfig, 12, { name: 'dpmpp_2m_karras' });
+    expect(s.name).toBe('DPMSolverMultistepScheduler');
+    expect(s.timesteps).toEqual(ref.timesteps);
+    expect(s.sigmas).toEqual(f32(ref.sigmas!));
+    const plain = createScheduler(modelConfig, 12, { name: 'dpmpp_2m' });
+    expect(plain.sigmas).not.toEqual(s.sigmas);
+  });
+
+  it('shared fields carry over, class-specific ones take the new class defaults', () => {
+    // PNDM config → DDIM: set_alpha_to_one is in both classes (false carries); clip_sample is DDIM-only (default true).
+    const ddim = createScheduler(modelConfig, 10, { name: 'ddim' }) as unknown as { config: Record<string, unknown> };
+    expect(ddim.config.set_alpha_to_one).toBe(false);
+    expect(ddim.config.clip_sample).toBe(true);
+    expect(ddim.config.steps_offset).toBe(1);
+    // LCM has its own beta defaults, but the model's carry over.
+    const lcm = createScheduler({ _class_name: 'PNDMScheduler', beta_schedule: 'linear' }, 4, { name: 'lcm' }) as unknown as {
+      config: Record<string, unknown>;
+    };
+    expect(lcm.config.beta_schedule).toBe('linear');
+    expect(lcm.config.beta_start).toBe(0.00085);
+  });
+
+  it('ignores config keys listed in _use_default_values', () => {
+    const s = createScheduler({ ...modelConfig, timestep_spacing: 'trailing', _use_default_values: ['timestep_spacing'] }, 10, { name: 'euler' });
+    expect(s.timesteps.slice(0, 2)).toEqual([999, 888]); // Euler's default linspace (trailing would give 999, 899)
+  });
+
+  it('accepts every listed name and the diffusers class names', () => {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'EulerDiscreteScheduler', 'LCMScheduler']) {
+      expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
+      const s = createScheduler(modelConfig, 8, { name });
+      expect(s.timesteps.length).toBeGreaterThan(0);
+    }
+  });
+
+  it('rejects an unknown name with INVALID_INPUT listing the known ones', () => {
+    let err: unknown;
+    try {
+      createScheduler(modelConfig, 10, { name: 'heun_plus_plus' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(RuntimeError);
+    expect((err as RuntimeError).code).toBe('INVALID_INPUT');
+    expect((err as RuntimeError).message).toContain('"heun_plus_plus"');
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm']) {
+      expect((err as RuntimeError).message).toContain(name);
+    }
+    // Lookups use own properties only.
+    expect(() => createScheduler(modelConfig, 10, { name: 'toString' })).toThrow(/unknown/);
+  });
+
+  it('rejects bad step counts and eta as INVALID_INPUT', () => {
+    for (const n of [0, 1.5, 1001]) expect(() => createScheduler(modelConfig, n)).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
+    expect(() => createScheduler(modelConfig, 10, { name: 'ddim', eta: -1 })).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
+  });
+
+  it('PNDM without skip_prk_steps runs the Runge-Kutta warm-up (diffusers timesteps)', () => {
+    // The class name keeps the model's skip_prk_steps; the short name `pndm` forces it on.
+    expect(createScheduler(modelConfig, 20, { name: 'PNDMScheduler' }).timesteps.length).toBe(21);
+    const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
+    expect(createScheduler(noSkip, 20, { name: 'PNDMScheduler' }).timesteps.length).toBe(29);
+    expect(createScheduler(noSkip, 20, { name: 'pndm' }).timesteps.length).toBe(21);
+    const prk = createScheduler({ ...modelConfig, skip_prk_steps: false }, 20);
+    expect(prk.timesteps).toEqual([
+      951, 926, 926, 901, 901, 876, 876, 851, 851, 826, 826, 801, 801, 751, 701, 651, 601, 551, 501, 451, 401, 351, 301, 251, 201, 151, 101, 51, 1,
+    ]);
+    let x: Float32Array = new Float32Array(16).fill(1);
+    for (const t of prk.timesteps) x = prk.step(new Float32Array(16).fill(0.1), t, x, () => new Float32Array(16)).prevSample;
+    expect(x.every(Number.isFinite)).toBe(true);
+  });
+
+  it('timestep spacings match numpy (trailing, linspace)', () => {
+    expect(createScheduler({ ...modelConfig, timestep_spacing: 'trailing' }, 7, { name: 'ddim' }).timesteps).toEqual([999, 856, 713, 570, 428, 285, 142]);
+    expect(createScheduler({ ...modelConfig, timestep_spacing: 'linspace' }, 7, { name: 'euler' }).timesteps).toEqual([999, 832.5, 666, 499.5, 333, 166.5, 0]);
+  });
+
+  it('draws noise only where diffusers does', () => {
+    const count = (name: string, eta = 0) => {
+      const s = createScheduler(modelConfig, 4, { name, eta });
+      let n = 0;
+      let x: Float32Array = new Float32Array(16).fill(1);
+      for (const t of s.timesteps) {
+        x = s.step(new Float32Array(16).fill(0.1), t, s.scaleModelInput(x, t), () => {
+          n++;
+          return new Float32Array(16);
+        }).prevSample;
+      }
+      return n;
+    };
+    expect(count('euler_a')).toBe(4);
+    expect(count('lcm')).toBe(3);
+    expect(count('ddim')).toBe(0);
+    expect(count('ddim', 0.5)).toBe(4);
+    expect(count('euler')).toBe(0);
+    expect(count('dpmpp_2m')).toBe(0);
+  });
+});
