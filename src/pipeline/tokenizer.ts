@@ -1,0 +1,230 @@
+/**
+ * @module CLIP byte-level BPE, as HF `CLIPTokenizer` runs it without ftfy (what diffusers pipelines load) and as
+ * OpenAI CLIP's `simple_tokenizer` runs it: text clean-up, lower case, the CLIP split regex, GPT-2 byte→unicode map,
+ * `</w>` word ends, and merges applied by rank.
+ */
+
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { RuntimeError } from '../errors.js';
+
+const BOS = '<|startoftext|>';
+const EOS = '<|endoftext|>';
+const DEFAULT_MAX_LENGTH = 77;
+/** HF and OpenAI read merges.txt lines [1, 49152 - 256 - 2 + 1): the rest of the file is never used. */
+const MERGE_LINES_END = 49152 - 256 - 2 + 1;
+
+const SPLIT = /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
+
+/** GPT-2's reversible byte → printable character table. */
+function bytesToUnicode(): string[] {
+  const bs: number[] = [];
+  for (let b = 0x21; b <= 0x7e; b++) bs.push(b);
+  for (let b = 0xa1; b <= 0xac; b++) bs.push(b);
+  for (let b = 0xae; b <= 0xff; b++) bs.push(b);
+  const table: string[] = new Array<string>(256);
+  for (const b of bs) table[b] = String.fromCodePoint(b);
+  let n = 0;
+  for (let b = 0; b < 256; b++) {
+    if (table[b] === undefined) table[b] = String.fromCodePoint(256 + n++);
+  }
+  return table;
+}
+const BYTE_ENCODER = bytesToUnicode();
+
+const isCjk = (cp: number) =>
+  (cp >= 0x4e00 && cp <= 0x9fff) ||
+  (cp >= 0x3400 && cp <= 0x4dbf) ||
+  (cp >= 0x20000 && cp <= 0x2a6df) ||
+  (cp >= 0x2a700 && cp <= 0x2b73f) ||
+  (cp >= 0x2b740 && cp <= 0x2b81f) ||
+  (cp >= 0x2b820 && cp <= 0x2ceaf) ||
+  (cp >= 0xf900 && cp <= 0xfaff) ||
+  (cp >= 0x2f800 && cp <= 0x2fa1f);
+
+const CONTROL = /\p{C}/u;
+const SPACE_SEP = /\p{Zs}/u;
+const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
+
+/**
+ * HF `BasicTokenizer(strip_accents=False, do_split_on_punc=False)`, the stand-in for ftfy: drop NUL, U+FFFD and
+ * control characters, turn whitespace into spaces, isolate CJK ideographs, NFC, collapse whitespace, lower case.
+ */
+export function basicClean(text: string): string {
+  // Printable ASCII (most prompts) has nothing to drop, isolate or normalise.
+  if (PRINTABLE_ASCII.test(text)) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
+  let out = '';
+  for (const ch of text) {
+    const cp = ch.codePointAt(0)!;
+    if (ch === ' ' || ch === '\t' || ch === '\n' || ch === '\r' || SPACE_SEP.test(ch)) out += ' ';
+    else if (cp === 0 || cp === 0xfffd || CONTROL.test(ch)) continue;
+    else if (isCjk(cp)) out += ` ${ch} `;
+    else out += ch;
+  }
+  return out
+    .normalize('NFC')
+    .split(/\s+/u)
+    .filter((w) => w.length > 0)
+    .map((w) => w.toLowerCase())
+    .join(' ');
+}
+
+export interface ClipTokenizerOptions {
+  /** The padding token (text); defaults to the end-of-text token. SD 2.x ships "!" (id 0). */
+  padToken?: string;
+  /** Sequence length of `encode` (bos + content + eos + padding); 77 for every CLIP text encoder. */
+  maxLength?: number;
+  bosToken?: string;
+  eosToken?: string;
+}
+
+export class ClipTokenizer {
+  readonly bosId: number;
+  readonly eosId: number;
+  readonly padId: number;
+  readonly maxLength: number;
+  readonly #vocab: Map<string, number>;
+  readonly #ranks: Map<string, number>;
+  readonly #cache = new Map<string, number[]>();
+  readonly #unkId: number;
+
+  private constructor(vocab: Map<string, number>, ranks: Map<string, number>, opts: ClipTokenizerOptions) {
+    this.#vocab = vocab;
+    this.#ranks = ranks;
+    const id = (tok: string, what: string) => {
+      const v = vocab.get(tok);
+      if (v === undefined) throw new RuntimeError('MODEL_FORMAT', `tokenizer: ${what} ${JSON.stringify(tok)} is not in vocab.json`);
+      return v;
+    };
+    this.bosId = id(opts.bosToken ?? BOS, 'bos_token');
+    this.eosId = id(opts.eosToken ?? EOS, 'eos_token');
+    this.padId = id(opts.padToken ?? opts.eosToken ?? EOS, 'pad_token');
+    this.#unkId = this.eosId;
+    const max = opts.maxLength ?? DEFAULT_MAX_LENGTH;
+    if (!Number.isInteger(max) || max < 2) throw new RuntimeError('MODEL_FORMAT', `tokenizer: model_max_length must be an integer >= 2, got ${max}`);
+    this.maxLength = max;
+  }
+
+  /** From a folder with vocab.json, merges.txt and, when present, tokenizer_config.json / special_tokens_map.json. */
+  static async load(dir: string): Promise<ClipTokenizer> {
+    const read = (name: string) => readFile(path.join(dir, name), 'utf8');
+    const optional = async (name: string): Promise<Record<string, unknown>> => {
+      try {
+        return JSON.parse(await read(name)) as Record<string, unknown>;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
+        throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${name} in ${dir}`, { cause: err });
+      }
+    };
+    let vocab: unknown;
+    let merges: string;
+    try {
+      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => JSON.parse(s) as unknown), read('merges.txt')]);
+    } catch (err) {
+      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read vocab.json and merges.txt in ${dir}`, { cause: err });
+    }
+    // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
+    const config = { ...(await optional('tokenizer_config.json')), ...(await optional('special_tokens_map.json')) };
+    const token = (k: string): string | undefined => {
+      const v = config[k];
+      if (typeof v === 'string') return v;
+      if (v && typeof v === 'object' && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
+      return undefined;
+    };
+    const m = config.model_max_length;
+    // transformers writes a huge sentinel (1e30) when no length is known.
+    const maxLength = typeof m === 'number' && Number.isInteger(m) && m >= 2 && m <= 1_000_000 ? m : undefined;
+    const opts: ClipTokenizerOptions = {};
+    const pad = token('pad_token');
+    const bos = token('bos_token');
+    const eos = token('eos_token');
+    if (pad !== undefined) opts.padToken = pad;
+    if (bos !== undefined) opts.bosToken = bos;
+    if (eos !== undefined) opts.eosToken = eos;
+    if (maxLength !== undefined) opts.maxLength = maxLength;
+    return ClipTokenizer.fromData(vocab as Record<string, number>, merges, opts);
+  }
+
+  static fromData(vocab: Record<string, number>, mergesText: string, opts: ClipTokenizerOptions = {}): ClipTokenizer {
+    if (typeof vocab !== 'object' || vocab === null) throw new RuntimeError('MODEL_FORMAT', 'tokenizer: vocab.json is not an object');
+    const v = new Map<string, number>();
+    for (const [k, id] of Object.entries(vocab)) {
+      if (!Number.isInteger(id)) throw new RuntimeError('MODEL_FORMAT', `tokenizer: vocab id of ${JSON.stringify(k)} is not an integer`);
+      v.set(k, id);
+    }
+    const lines = mergesText.trim().split('\n').slice(1, MERGE_LINES_END);
+    const ranks = new Map<string, number>();
+    // dict(zip(merges, range(n))) in Python: a repeated pair keeps its last rank.
+    lines.forEach((line, i) => {
+      const pair = line.trim().split(/\s+/).join(' ');
+      if (pair.length > 0) ranks.set(pair, i);
+    });
+    return new ClipTokenizer(v, ranks, opts);
+  }
+
+  /** Content token ids, without bos/eos, untruncated. */
+  tokenize(text: string): number[] {
+    const ids: number[] = [];
+    for (const m of basicClean(text).matchAll(SPLIT)) {
+      const word = m[0];
+      if (word === BOS) ids.push(this.bosId);
+      else if (word === EOS) ids.push(this.eosId);
+      else for (const id of this.#word(word)) ids.push(id);
+    }
+    return ids;
+  }
+
+  /** What the text encoder takes: bos, content cut to maxLength − 2, eos, then padding to maxLength. */
+  encode(text: string): number[] {
+    const content = this.tokenize(text).slice(0, this.maxLength - 2);
+    const out = [this.bosId, ...content, this.eosId];
+    while (out.length < this.maxLength) out.push(this.padId);
+    return out;
+  }
+
+  #word(word: string): number[] {
+    const hit = this.#cache.get(word);
+    if (hit) return hit;
+    let encoded = '';
+    for (const b of Buffer.from(word, 'utf8')) encoded += BYTE_ENCODER[b];
+    const ids = this.#bpe(encoded).map((tok) => this.#vocab.get(tok) ?? this.#unkId);
+    // Prompts repeat words; the cache is bounded so hostile input cannot grow it without end.
+    if (this.#cache.size >= 50_000) this.#cache.clear();
+    this.#cache.set(word, ids);
+    return ids;
+  }
+
+  /** Merge the lowest-ranked adjacent pair until none is in the merge table (OpenAI's `bpe`). */
+  #bpe(token: string): string[] {
+    const chars = Array.from(token);
+    let parts = chars.slice(0, -1);
+    parts.push(`${chars[chars.length - 1]!}</w>`);
+    if (parts.length === 1) return parts;
+    for (;;) {
+      let best = Infinity;
+      let first = '';
+      let second = '';
+      for (let i = 0; i < parts.length - 1; i++) {
+        const r = this.#ranks.get(`${parts[i]!} ${parts[i + 1]!}`);
+        if (r !== undefined && r < best) {
+          best = r;
+          first = parts[i]!;
+          second = parts[i + 1]!;
+        }
+      }
+      if (best === Infinity) return parts;
+      const next: string[] = [];
+      for (let i = 0; i < parts.length; ) {
+        if (i < parts.length - 1 && parts[i] === first && parts[i + 1] === second) {
+          next.push(first + second);
+          i += 2;
+        } else {
+          next.push(parts[i]!);
+          i += 1;
+        }
+      }
+      parts = next;
+      if (parts.length === 1) return parts;
+    }
+  }
+}
