@@ -1,0 +1,164 @@
+/**
+ * @module The PVC cache entry on disk: the manifest that commits it, the progress journal that lets a
+ * killed download resume, durable writes (tmp + fsync + rename + dir fsync), and the sweep of stale temps.
+ *
+ *   <cacheDir>/<key>.lock            lock file (see lock.ts), outside the entry so a sweep never touches it
+ *   <cacheDir>/<key>/.complete.json  manifest, written LAST: its presence is the commit
+ *   <cacheDir>/<key>/.progress.json  journal of a download in progress (parts done, files complete)
+ *   <cacheDir>/<key>/<rel>.partial   a file being downloaded (preallocated, positional writes)
+ *   <cacheDir>/<key>/<rel>           a whole file, renamed into place
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+
+export const MANIFEST = '.complete.json';
+export const JOURNAL = '.progress.json';
+export const PARTIAL = '.partial';
+
+export interface ManifestFile {
+  readonly path: string;
+  readonly size: number;
+  readonly etag: string;
+}
+
+export interface Manifest {
+  readonly version: 1;
+  readonly uri: string;
+  readonly files: readonly ManifestFile[];
+  readonly bytes: number;
+  readonly completedAt: string;
+}
+
+export interface JournalFile {
+  etag: string;
+  size: number;
+  partSize: number;
+  /** Indexes of parts fully written (and synced before the journal was saved). */
+  done: number[];
+  /** The file is whole and renamed to its final name. */
+  complete: boolean;
+}
+
+export interface Journal {
+  version: 1;
+  files: Record<string, JournalFile>;
+}
+
+/** fsync a directory so a rename or unlink inside it survives a crash. Some filesystems refuse: that is not fatal. */
+export async function fsyncDir(dir: string): Promise<void> {
+  let fh;
+  try {
+    fh = await fsp.open(dir, 'r');
+    await fh.sync();
+  } catch {
+    /* EISDIR/EINVAL/EPERM on some network filesystems */
+  } finally {
+    await fh?.close().catch(() => undefined);
+  }
+}
+
+/** Writes a small file durably: tmp in the same directory, fsync, rename, fsync the directory. */
+export async function writeFileDurable(file: string, data: string): Promise<void> {
+  const tmp = `${file}.tmp.${process.pid}`;
+  const fh = await fsp.open(tmp, 'w');
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } catch (e) {
+    await fh.close().catch(() => undefined);
+    await fsp.unlink(tmp).catch(() => undefined);
+    throw e;
+  }
+  await fh.close();
+  await fsp.rename(tmp, file);
+  await fsyncDir(path.dirname(file));
+}
+
+async function readJson<T>(file: string): Promise<T | undefined> {
+  try {
+    return JSON.parse(await fsp.readFile(file, 'utf8')) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+export async function readManifest(entry: string): Promise<Manifest | undefined> {
+  const m = await readJson<Manifest>(path.join(entry, MANIFEST));
+  if (m?.version !== 1 || !Array.isArray(m.files)) return undefined;
+  return m;
+}
+
+/** True when every file of the manifest is on disk with its size (a cheap stat, no hashing). */
+export async function manifestFilesPresent(entry: string, m: Manifest): Promise<boolean> {
+  const checks = await Promise.all(m.files.map(async (f) => {
+    try {
+      return (await fsp.stat(path.join(entry, f.path))).size === f.size;
+    } catch {
+      return false;
+    }
+  }));
+  return checks.every(Boolean);
+}
+
+export async function writeManifest(entry: string, m: Manifest): Promise<void> {
+  await writeFileDurable(path.join(entry, MANIFEST), JSON.stringify(m, null, 1));
+}
+
+/** Removes the commit marker (first step of any rewrite of an entry), durably. */
+export async function uncommit(entry: string): Promise<void> {
+  await fsp.unlink(path.join(entry, MANIFEST)).catch((e: NodeJS.ErrnoException) => {
+    if (e.code !== 'ENOENT') throw e;
+  });
+  await fsyncDir(entry);
+}
+
+export async function readJournal(entry: string): Promise<Journal> {
+  const j = await readJson<Journal>(path.join(entry, JOURNAL));
+  return j?.version === 1 && typeof j.files === 'object' && j.files !== null ? j : { version: 1, files: {} };
+}
+
+/** Not fsync'd: the journal is an optimisation; after a crash a stale one only costs a re-download (sizes are rechecked). */
+export async function saveJournal(entry: string, j: Journal): Promise<void> {
+  const file = path.join(entry, JOURNAL);
+  const tmp = `${file}.tmp.${process.pid}`;
+  await fsp.writeFile(tmp, JSON.stringify(j));
+  await fsp.rename(tmp, file);
+}
+
+export async function removeJournal(entry: string): Promise<void> {
+  await fsp.unlink(path.join(entry, JOURNAL)).catch(() => undefined);
+}
+
+/** Every regular file under dir, as '/'-separated paths relative to it. */
+export async function walk(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  const go = async (d: string, rel: string): Promise<void> => {
+    let ents;
+    try {
+      ents = await fsp.readdir(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of ents) {
+      const r = rel === '' ? e.name : `${rel}/${e.name}`;
+      if (e.isDirectory()) await go(path.join(d, e.name), r);
+      else if (e.isFile()) out.push(r);
+    }
+  };
+  await go(dir, '');
+  return out.sort();
+}
+
+/**
+ * Deletes what no download in progress can use (call it only while holding the lock): temps of small
+ * files, `*.partial` files the journal cannot resume, and files that are not part of the wanted set.
+ */
+export async function sweep(entry: string, keep: ReadonlySet<string>): Promise<string[]> {
+  const removed: string[] = [];
+  for (const rel of await walk(entry)) {
+    if (rel === MANIFEST || rel === JOURNAL || keep.has(rel)) continue;
+    await fsp.unlink(path.join(entry, rel)).catch(() => undefined);
+    removed.push(rel);
+  }
+  return removed;
+}

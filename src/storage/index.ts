@@ -1,0 +1,299 @@
+/**
+ * @module Model sources for the runtime: `resolveModel(uri)` turns STORAGE_URI into a local directory —
+ * a local path as is, or an S3 prefix through the PVC cache (lock, parallel ranged reader, atomic commit).
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import type { S3Client } from '@aws-sdk/client-s3';
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import {
+  type Journal, type Manifest, fsyncDir, manifestFilesPresent, readJournal, readManifest, removeJournal, saveJournal, sweep, uncommit, walk,
+  writeManifest, PARTIAL,
+} from './cache.js';
+import { defaultIo, downloadAll, ObjectChangedError, type StorageIo } from './download.js';
+import { acquireLock } from './lock.js';
+import { backoffMs } from './plan.js';
+import { classify, createS3, listPrefix, permanentError, type RemoteObject } from './s3.js';
+import { cacheKey, containedPath, parseStorageUri } from './uri.js';
+
+export { planParts, RETRY, backoffMs, type Part } from './plan.js';
+export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './uri.js';
+export type { StorageIo } from './download.js';
+export type { Manifest } from './cache.js';
+
+export interface FetchProgress {
+  phase: 'resolving' | 'listing' | 'downloading' | 'verifying' | 'done';
+  bytesDone: number;
+  bytesTotal: number;
+  filesDone: number;
+  filesTotal: number;
+  bytesPerSecond: number;
+}
+
+export interface ResolveOptions {
+  cfg: Readonly<Config>;
+  log: Logger;
+  signal?: AbortSignal;
+  onProgress?(p: FetchProgress): void;
+  /** called once per file as soon as that file is whole and renamed into the entry dir (before the manifest) */
+  onFileReady?(relPath: string, absPath: string): void;
+  /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
+  lockStaleMs?: number;
+  /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
+  hitCheckTimeoutMs?: number;
+  /** Bytes gathered per positional write (default 1 MiB). */
+  writeBytes?: number;
+  /** Fault injection for tests. */
+  io?: Partial<StorageIo>;
+}
+
+export interface ResolvedModel {
+  dir: string;
+  fromCache: boolean;
+  bytes: number;
+  files: number;
+  seconds: number;
+  source: 'local' | 's3';
+  /** The entry was served without checking S3 (it was unreachable or refused the listing). */
+  stale?: boolean;
+}
+
+export async function resolveModel(uri: string, opts: ResolveOptions): Promise<ResolvedModel> {
+  const t0 = performance.now();
+  const src = parseStorageUri(uri);
+  if (src.kind === 'local') return resolveLocal(src.path, opts, t0);
+  return new S3Fetch(src.bucket, src.prefix, src.uri, opts, t0).run();
+}
+
+async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
+  const st = await fsp.stat(dir).catch(() => undefined);
+  if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `model directory ${dir} does not exist; check STORAGE_URI and the volume mount`);
+  if (!st.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI ${dir} is not a directory; point it at the exported model folder`);
+  let bytes = 0;
+  const files = await walk(dir);
+  for (const rel of files) {
+    const abs = path.join(dir, rel);
+    bytes += (await fsp.stat(abs)).size;
+    opts.onFileReady?.(rel, abs);
+  }
+  opts.onProgress?.({ phase: 'done', bytesDone: bytes, bytesTotal: bytes, filesDone: files.length, filesTotal: files.length, bytesPerSecond: 0 });
+  return { dir, fromCache: false, bytes, files: files.length, seconds: (performance.now() - t0) / 1000, source: 'local' };
+}
+
+const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
+  m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && m.files[i]?.etag === o.etag);
+
+/** One S3 → cache resolution; all state lives in this object so two resolutions never share any. */
+class S3Fetch {
+  private readonly entry: string;
+  private readonly progress: FetchProgress = { phase: 'resolving', bytesDone: 0, bytesTotal: 0, filesDone: 0, filesTotal: 0, bytesPerSecond: 0 };
+  private readonly samples: Array<[number, number]> = [];
+  private lastEmit = 0;
+  private readonly signal: AbortSignal;
+
+  constructor(private readonly bucket: string, private readonly prefix: string, private readonly uri: string,
+    private readonly o: ResolveOptions, private readonly t0: number) {
+    this.entry = containedPath(o.cfg.cacheDir, cacheKey({ kind: 's3', bucket, prefix, uri }, o.cfg.s3.endpoint));
+    this.signal = o.signal ?? new AbortController().signal;
+  }
+
+  async run(): Promise<ResolvedModel> {
+    const { cfg, log } = this.o;
+    await fsp.mkdir(cfg.cacheDir, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
+      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory ${cfg.cacheDir}: ${e.code ?? e.message}`, { cause: e });
+    });
+    const s3 = createS3(cfg.s3);
+    try {
+      this.emit('resolving', true);
+      let listing: RemoteObject[] | undefined;
+      const cached = await readManifest(this.entry);
+      if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
+        try {
+          listing = await this.list(s3.client, 2, this.o.hitCheckTimeoutMs ?? 5_000);
+        } catch (e) {
+          if (this.signal.aborted) throw e;
+          log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
+          return this.hit(cached, true);
+        }
+        if (sameObjects(cached, listing)) return this.hit(cached, false);
+        log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
+      }
+      this.emit('listing', true);
+      listing ??= await this.list(s3.client, cfg.s3.maxAttempts, 60_000);
+      if (listing.length === 0) {
+        throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
+      }
+      for (const obj of listing) containedPath(this.entry, obj.rel);
+      const want = listing;
+      const staleMs = this.o.lockStaleMs ?? 30_000;
+      let waited = false;
+      const lock = await acquireLock(`${this.entry}.lock`, {
+        staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
+        onWait: (h) => {
+          if (!waited) log.info({ holder: h ? `${h.host}/${h.pid}` : 'unknown' }, 'another process is filling this cache entry; waiting for it');
+          waited = true;
+        },
+        satisfied: async () => {
+          const m = await readManifest(this.entry);
+          return m !== undefined && sameObjects(m, want);
+        },
+      });
+      if (lock === undefined) return this.hit((await readManifest(this.entry))!, false);
+      try {
+        const m = await readManifest(this.entry);
+        if (m && sameObjects(m, want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
+        return await this.fill(s3.client, want, AbortSignal.any([this.signal, lock.lost]));
+      } finally {
+        await lock.release();
+      }
+    } catch (e) {
+      if (this.signal.aborted && !(e instanceof RuntimeError && e.code === 'NO_SPACE')) {
+        throw new RuntimeError('CANCELLED', `model fetch of ${this.uri} cancelled; the cache entry stays uncommitted and resumes next time`, { cause: e });
+      }
+      throw e;
+    } finally {
+      s3.destroy();
+    }
+  }
+
+  private async list(client: S3Client, attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await listPrefix(client, this.bucket, this.prefix, AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]));
+      } catch (e) {
+        this.signal.throwIfAborted();
+        const kind = classify(e);
+        if (kind !== 'transient' && kind !== 'aborted') throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
+        if (attempt >= attempts) throw permanentError(e, this.bucket, this.prefix || undefined, `list (${attempt} attempts)`);
+        await new Promise((r) => setTimeout(r, backoffMs(attempt - 1)));
+      }
+    }
+  }
+
+  private hit(m: Manifest, stale: boolean): ResolvedModel {
+    for (const f of m.files) this.o.onFileReady?.(f.path, path.join(this.entry, f.path));
+    Object.assign(this.progress, { bytesTotal: m.bytes, bytesDone: m.bytes, filesTotal: m.files.length, filesDone: m.files.length });
+    this.emit('done', true);
+    return { dir: this.entry, fromCache: true, bytes: m.bytes, files: m.files.length, seconds: this.elapsed(), source: 's3', ...(stale ? { stale } : {}) };
+  }
+
+  private async fill(client: S3Client, initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
+    const { cfg, log } = this.o;
+    await fsp.mkdir(this.entry, { recursive: true });
+    const journal: Journal = await readJournal(this.entry);
+    // A committed entry being refreshed: its files count as complete downloads of their ETags.
+    const old = await readManifest(this.entry);
+    if (old) {
+      for (const f of old.files) journal.files[f.path] = { etag: f.etag, size: f.size, partSize: cfg.s3.partSize, done: [], complete: true };
+      await saveJournal(this.entry, journal);
+      await uncommit(this.entry);
+    }
+    let listing = initial;
+    const started = performance.now();
+    for (let round = 0; round < 4; round++) {
+      const reuse: RemoteObject[] = [];
+      const fetch: RemoteObject[] = [];
+      const keep = new Set<string>();
+      for (const obj of listing) {
+        const j = journal.files[obj.rel];
+        const size = await fsp.stat(path.join(this.entry, obj.rel)).then((s) => s.size, () => -1);
+        if (j?.complete && j.etag === obj.etag && j.size === obj.size && size === obj.size) {
+          reuse.push(obj);
+          keep.add(obj.rel);
+        } else {
+          fetch.push(obj);
+          if (j && !j.complete && j.etag === obj.etag) keep.add(obj.rel + PARTIAL);
+          else delete journal.files[obj.rel];
+        }
+      }
+      for (const rel of Object.keys(journal.files)) if (!listing.some((o) => o.rel === rel)) delete journal.files[rel];
+      const swept = await sweep(this.entry, keep);
+      if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
+
+      Object.assign(this.progress, { bytesTotal: listing.reduce((s, x) => s + x.size, 0), bytesDone: 0, filesTotal: listing.length, filesDone: 0 });
+      for (const obj of reuse) {
+        this.progress.bytesDone += obj.size;
+        this.progress.filesDone++;
+        this.o.onFileReady?.(obj.rel, path.join(this.entry, obj.rel));
+      }
+      if (reuse.length > 0) log.info({ files: reuse.length }, 'reusing files already downloaded');
+      this.emit('downloading', true);
+      try {
+        await downloadAll(fetch, {
+          client, bucket: this.bucket, entry: this.entry, journal, log, signal,
+          concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
+          writeBytes: this.o.writeBytes ?? 1 << 20,
+          io: { ...defaultIo, ...this.o.io },
+          onBytes: (n) => {
+            this.progress.bytesDone += n;
+            this.emit('downloading', false);
+          },
+          onFileDone: (obj, abs) => {
+            this.progress.filesDone++;
+            this.emit('downloading', true);
+            this.o.onFileReady?.(obj.rel, abs);
+          },
+        });
+      } catch (e) {
+        if (e instanceof RuntimeError && e.code === 'NO_SPACE') await this.dropPartials(journal);
+        if (!(e instanceof ObjectChangedError)) throw e;
+        log.warn({ key: e.key }, 'object changed during the download; listing again');
+        listing = await this.list(client, cfg.s3.maxAttempts, 60_000);
+        continue;
+      }
+      // Verify against a fresh listing: sizes were checked per file; an ETag that moved means another round.
+      this.emit('verifying', true);
+      const now = await this.list(client, cfg.s3.maxAttempts, 60_000);
+      const changed = now.length !== listing.length || now.some((x, i) => x.rel !== listing[i]!.rel || x.etag !== listing[i]!.etag || x.size !== listing[i]!.size);
+      if (changed) {
+        log.warn({ uri: this.uri }, 'objects changed while downloading; fetching the changes');
+        for (const x of now) containedPath(this.entry, x.rel);
+        listing = now;
+        continue;
+      }
+      const dirs = new Set(listing.map((x) => path.dirname(path.join(this.entry, x.rel))));
+      for (const d of dirs) await fsyncDir(d);
+      const bytes = listing.reduce((s, x) => s + x.size, 0);
+      await writeManifest(this.entry, {
+        version: 1, uri: this.uri, bytes, completedAt: new Date().toISOString(),
+        files: listing.map((x) => ({ path: x.rel, size: x.size, etag: x.etag })),
+      });
+      await removeJournal(this.entry);
+      const secs = (performance.now() - started) / 1000;
+      log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1) }, 'model cached');
+      this.emit('done', true);
+      return { dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3' };
+    }
+    throw new RuntimeError('STORAGE_TRANSIENT', `objects under ${this.uri} kept changing during the download; try again when the upload has finished`);
+  }
+
+  /** After ENOSPC: free what the partial files hold; whole files stay reusable through the journal. */
+  private async dropPartials(journal: Journal): Promise<void> {
+    const keep = new Set<string>();
+    for (const [rel, j] of Object.entries(journal.files)) {
+      if (j.complete) keep.add(rel);
+      else delete journal.files[rel];
+    }
+    await sweep(this.entry, keep).catch(() => undefined);
+    await saveJournal(this.entry, journal).catch(() => undefined);
+  }
+
+  private elapsed(): number {
+    return (performance.now() - this.t0) / 1000;
+  }
+
+  private emit(phase: FetchProgress['phase'], force: boolean): void {
+    const now = performance.now();
+    if (!force && now - this.lastEmit < 200) return;
+    this.lastEmit = now;
+    this.progress.phase = phase;
+    // Rate over the last ~3 s, so a stall shows up quickly and the ETA does not lag.
+    this.samples.push([now, this.progress.bytesDone]);
+    while (this.samples.length > 2 && now - this.samples[0]![0] > 3_000) this.samples.shift();
+    const [t, b] = this.samples[0]!;
+    this.progress.bytesPerSecond = now - t > 0 ? Math.max(0, ((this.progress.bytesDone - b) * 1000) / (now - t)) : 0;
+    this.o.onProgress?.({ ...this.progress });
+  }
+}

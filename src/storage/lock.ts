@@ -1,0 +1,146 @@
+/**
+ * @module A lock file for one cache entry that works on an RWX NFS-like PVC (no flock): created with O_EXCL,
+ * holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose heartbeat is older
+ * than `staleMs` (or whose pid is dead on this host) is taken over by renaming it aside first, so only one
+ * of several waiters can win the takeover.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import os from 'node:os';
+import { RuntimeError } from '../errors.js';
+
+export interface LockOptions {
+  /** Heartbeat period (ms). */
+  heartbeatMs?: number;
+  /** A heartbeat older than this means the holder is gone (ms). */
+  staleMs?: number;
+  /** How often a waiter looks again (ms). */
+  pollMs?: number;
+  signal?: AbortSignal;
+  /** Called while waiting, once per poll, with what the lock says about its holder. */
+  onWait?(holder: LockInfo | undefined): void;
+  /** Checked on every poll: when it returns true the caller no longer needs the lock (e.g. the entry got committed). */
+  satisfied?(): Promise<boolean>;
+}
+
+export interface LockInfo {
+  pid: number;
+  host: string;
+  token: string;
+  since: string;
+}
+
+export interface HeldLock {
+  readonly path: string;
+  /** Aborted if the lock is lost (taken over by another process): the holder must stop writing. */
+  readonly lost: AbortSignal;
+  release(): Promise<void>;
+}
+
+const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250 };
+
+const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, reject) => {
+  if (signal?.aborted) return reject(signal.reason);
+  const t = setTimeout(() => { signal?.removeEventListener('abort', onAbort); resolve(); }, ms);
+  const onAbort = () => { clearTimeout(t); reject(signal?.reason); };
+  signal?.addEventListener('abort', onAbort, { once: true });
+});
+
+async function readInfo(file: string): Promise<LockInfo | undefined> {
+  try {
+    return JSON.parse(await fsp.readFile(file, 'utf8')) as LockInfo;
+  } catch {
+    return undefined; // missing, or half-written by a creator that is still writing
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Acquires the lock, waiting while another live process holds it. Resolves to `undefined` when
+ * `satisfied()` reports that the lock is no longer needed.
+ */
+export async function acquireLock(file: string, o: LockOptions = {}): Promise<HeldLock | undefined> {
+  const { heartbeatMs, staleMs, pollMs } = { ...DEFAULTS, ...o };
+  const me: LockInfo = { pid: process.pid, host: os.hostname(), token: randomBytes(8).toString('hex'), since: new Date().toISOString() };
+  for (;;) {
+    o.signal?.throwIfAborted();
+    try {
+      const fh = await fsp.open(file, 'wx');
+      try {
+        await fh.writeFile(JSON.stringify(me));
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      return hold(file, me, heartbeatMs);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    if (o.satisfied && (await o.satisfied())) return undefined;
+    const holder = await readInfo(file);
+    let st;
+    try {
+      st = await fsp.stat(file);
+    } catch {
+      continue; // released between our open and stat: try again at once
+    }
+    const age = Date.now() - st.mtimeMs;
+    const deadHere = holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid);
+    if (age > staleMs || deadHere) {
+      // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
+      // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
+      const aside = `${file}.stale.${me.token}`;
+      try {
+        await fsp.rename(file, aside);
+        const moved = await readInfo(aside);
+        const movedSt = await fsp.stat(aside);
+        const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved !== undefined && moved.token === holder?.token);
+        if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
+        await fsp.unlink(aside).catch(() => undefined);
+      } catch {
+        /* another waiter moved it first */
+      }
+      continue;
+    }
+    o.onWait?.(holder);
+    await sleep(pollMs, o.signal);
+  }
+}
+
+function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
+  const lost = new AbortController();
+  let released = false;
+  const beat = setInterval(() => {
+    void (async () => {
+      const info = await readInfo(file);
+      if (released) return;
+      if (info?.token !== me.token) {
+        clearInterval(beat);
+        lost.abort(new RuntimeError('STORAGE_TRANSIENT', `cache lock ${file} was taken over by another process (heartbeat missed?)`));
+        return;
+      }
+      const now = new Date();
+      await fsp.utimes(file, now, now).catch(() => undefined);
+    })();
+  }, heartbeatMs);
+  beat.unref();
+  return {
+    path: file,
+    lost: lost.signal,
+    async release() {
+      if (released) return;
+      released = true;
+      clearInterval(beat);
+      const info = await readInfo(file);
+      if (info?.token === me.token) await fsp.unlink(file).catch(() => undefined);
+    },
+  };
+}

@@ -1,0 +1,41 @@
+/** @module Pure planning for the parallel reader: byte ranges per file, the retry policy as data, backoff. */
+
+/** An inclusive byte range, as in an HTTP Range header. */
+export interface Part {
+  readonly start: number;
+  readonly end: number;
+}
+
+/**
+ * Splits `[0, size)` into contiguous ranges of at most `partBytes` bytes. `size = 0` gives `[]`.
+ * The last range takes the remainder, so there are `ceil(size / partBytes)` parts.
+ */
+export function planParts(size: number, partBytes: number): Part[] {
+  if (!Number.isSafeInteger(size) || size < 0) throw new RangeError(`size must be a non-negative safe integer, got ${size}`);
+  if (!Number.isSafeInteger(partBytes) || partBytes < 1) throw new RangeError(`partBytes must be a positive integer, got ${partBytes}`);
+  const parts: Part[] = [];
+  // Ranges are inclusive, so a 10-byte object is bytes=0-9.
+  for (let start = 0; start < size; start += partBytes) parts.push({ start, end: Math.min(size, start + partBytes) - 1 });
+  return parts;
+}
+
+/** When to retry: statuses and error codes that a fresh attempt can fix; everything else is permanent. */
+export const RETRY = Object.freeze({
+  statuses: Object.freeze([408, 429, 500, 502, 503, 504]),
+  codes: Object.freeze(['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE', 'EAI_AGAIN', 'ENOTFOUND', 'ENETUNREACH', 'EHOSTUNREACH',
+    'ECONNABORTED', 'UND_ERR_SOCKET', 'ERR_STREAM_PREMATURE_CLOSE', 'TimeoutError', 'RequestTimeout', 'SlowDown', 'InternalError',
+    'ServiceUnavailable', 'Throttling', 'ThrottlingException', 'RequestTimeTooSkewed', 'STALL', 'SHORT_READ']),
+  /** S3 error names that retrying cannot fix; they become STORAGE_DENIED / STORAGE_MISSING. */
+  denied: Object.freeze(['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken', 'AllAccessDisabled',
+    'AccountProblem', 'InvalidBucketName', 'CredentialsProviderError', 'Forbidden']),
+  missing: Object.freeze(['NoSuchBucket', 'NoSuchKey', 'NotFound']),
+  baseMs: 200,
+  maxMs: 5_000,
+  factor: 2,
+});
+
+/** Full-jitter exponential backoff: uniform in [0, min(max, base * factor^attempt)], at least 20 ms. */
+export function backoffMs(attempt: number, random: () => number = Math.random, policy: { baseMs: number; maxMs: number; factor: number } = RETRY): number {
+  const cap = Math.min(policy.maxMs, policy.baseMs * policy.factor ** Math.max(0, attempt));
+  return Math.max(20, Math.floor(random() * cap));
+}

@@ -1,0 +1,75 @@
+/** @module STORAGE_URI parsing, cache keys, and the containment check for every path under the cache. */
+import { createHash } from 'node:crypto';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { RuntimeError } from '../errors.js';
+
+export type StorageSource =
+  | { readonly kind: 'local'; readonly path: string }
+  | { readonly kind: 's3'; readonly bucket: string; /** '' or ends with '/' */ readonly prefix: string; readonly uri: string };
+
+// Bucket names as S3 allows them (3-63 chars); S3-compatible stores are looser, so only the charset is enforced.
+const BUCKET = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
+
+/** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
+export function parseStorageUri(uri: string): StorageSource {
+  const u = uri.trim();
+  if (u === '') throw new RuntimeError('INVALID_INPUT', 'STORAGE_URI is empty; use s3://bucket/prefix, file:///path or a local path');
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
+  if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
+  if (scheme === 'file') {
+    try {
+      return { kind: 'local', path: path.resolve(fileURLToPath(u)) };
+    } catch {
+      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} is not a valid file:// URL; use file:///absolute/path`);
+    }
+  }
+  if (scheme === 'pvc') {
+    throw new RuntimeError('INVALID_INPUT',
+      `STORAGE_URI ${JSON.stringify(u)}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
+  }
+  if (scheme === 's3') {
+    const rest = u.slice('s3://'.length);
+    const slash = rest.indexOf('/');
+    const bucket = slash < 0 ? rest : rest.slice(0, slash);
+    let prefix = slash < 0 ? '' : rest.slice(slash + 1).replace(/^\/+/, '');
+    if (!BUCKET.test(bucket)) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has no valid bucket name; use s3://bucket/prefix`);
+    if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
+    if (prefix.split('/').slice(0, -1).some((s) => s === '' || s === '.' || s === '..')) {
+      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has an empty, '.' or '..' path segment`);
+    }
+    return { kind: 's3', bucket, prefix, uri: `s3://${bucket}/${prefix}` };
+  }
+  throw new RuntimeError('INVALID_INPUT',
+    `STORAGE_URI scheme "${scheme}://" is not supported; use s3://bucket/prefix, file:///path or a local path (gs://, https:// and hf:// are not handled by this runtime)`);
+}
+
+/** A directory name for the cache entry of a source: readable, sanitised, with a hash suffix so distinct URIs never collide. */
+export function cacheKey(src: Extract<StorageSource, { kind: 's3' }>, endpoint: string | undefined): string {
+  const id = `${endpoint ?? 'aws'}|${src.bucket}|${src.prefix}`;
+  const hash = createHash('sha256').update(id).digest('hex').slice(0, 16);
+  const readable = `${src.bucket}-${src.prefix}`.replace(/[^A-Za-z0-9._-]+/g, '-').replace(/^[-.]+|[-.]+$/g, '').slice(0, 80);
+  return `s3-${readable || 'root'}-${hash}`;
+}
+
+/**
+ * Resolves a relative path under a root and refuses anything that would leave it: `..`, absolute paths,
+ * empty or '.' segments, NUL bytes, and our own reserved names (`*.partial`, dot-files of the cache).
+ */
+export function containedPath(root: string, rel: string): string {
+  const bad = (why: string): never => {
+    throw new RuntimeError('INVALID_INPUT', `object key ${JSON.stringify(rel)} refused: ${why}`);
+  };
+  if (rel === '') bad('empty');
+  if (rel.includes('\0')) bad('contains a NUL byte');
+  if (rel.includes('\\')) bad('contains a backslash');
+  if (path.isAbsolute(rel) || rel.startsWith('/')) bad('absolute path');
+  const segs = rel.split('/');
+  if (segs.some((s) => s === '')) bad('empty path segment');
+  if (segs.some((s) => s === '.' || s === '..')) bad("'.' or '..' segment would leave the cache directory");
+  if (segs.some((s) => s.endsWith('.partial') || s.endsWith('.progress.json') || s === '.complete.json')) bad('uses a name reserved by the cache');
+  const base = path.resolve(root);
+  const p = path.resolve(base, rel);
+  if (!p.startsWith(base + path.sep)) bad('leaves the cache directory');
+  return p;
+}

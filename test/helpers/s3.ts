@@ -1,0 +1,205 @@
+/** @module Test helpers: a real s3rver on loopback (ephemeral port, temp dir) and a fault-injecting proxy in front of it. */
+import { mkdtempSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { createRequire } from 'node:module';
+import { loadConfig, type Config } from '../../src/config.js';
+
+interface S3rverInstance {
+  run(): Promise<AddressInfo>;
+  close(): Promise<void>;
+}
+type S3rverCtor = new (o: Record<string, unknown>) => S3rverInstance;
+// s3rver ships no types; this is the part of its API the tests use.
+const S3rver = createRequire(import.meta.url)('s3rver') as S3rverCtor;
+
+export const CREDS = { AWS_ACCESS_KEY_ID: 'S3RVER', AWS_SECRET_ACCESS_KEY: 'S3RVER', AWS_REGION: 'us-east-1' } as const;
+
+export interface S3Server {
+  readonly port: number;
+  readonly endpoint: string;
+  readonly dir: string;
+  readonly client: S3Client;
+  put(bucket: string, key: string, body: Buffer | string): Promise<void>;
+  stop(): Promise<void>;
+  /** Starts again on the same port and data dir after stop(). */
+  restart(): Promise<void>;
+}
+
+export async function startS3(buckets: readonly string[] = ['models']): Promise<S3Server> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 's3rver-'));
+  let server: S3rverInstance;
+  let port = 0;
+  const boot = async () => {
+    server = new S3rver({ address: '127.0.0.1', port, silent: true, directory: dir, configureBuckets: buckets.map((name) => ({ name })) });
+    const addr = await server.run();
+    port = addr.port;
+  };
+  await boot();
+  const endpoint = `http://127.0.0.1:${port}`;
+  const client = new S3Client({
+    endpoint, region: 'us-east-1', forcePathStyle: true, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' },
+    requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED',
+  });
+  return {
+    port, endpoint, dir, client,
+    async put(bucket, key, body) {
+      await client.send(new PutObjectCommand({ Bucket: bucket, Key: key, Body: body }));
+    },
+    async stop() {
+      await server.close().catch(() => undefined);
+    },
+    restart: boot,
+  };
+}
+
+export async function destroyS3(s: S3Server): Promise<void> {
+  s.client.destroy();
+  await s.stop();
+  rmSync(s.dir, { recursive: true, force: true });
+}
+
+export interface Faults {
+  /** Destroy the socket after this many body bytes of a 2xx GET, for the next `resets` GETs. */
+  resetAfterBytes?: number;
+  resets?: number;
+  /** Stop sending (socket left open) after this many body bytes, for the next `stalls` GETs. */
+  stallAfterBytes?: number;
+  stalls?: number;
+  /** Answer every request 403 AccessDenied. */
+  deny?: boolean;
+  /** Rewrites ListObjectsV2 response bodies (e.g. to inject hostile keys). */
+  rewriteList?: (xml: string) => string;
+  /** Slow every GET body to about this many bytes per second per connection. */
+  bytesPerSecond?: number;
+}
+
+export interface FaultProxy {
+  readonly port: number;
+  readonly endpoint: string;
+  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number };
+  faults: Faults;
+  close(): Promise<void>;
+}
+
+const DENIED = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>1</RequestId></Error>';
+
+/** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
+export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
+  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0 };
+  let concurrent = 0;
+  const sockets = new Set<import('node:net').Socket>();
+  const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
+  const server = http.createServer((req, res) => {
+    const f = p.faults;
+    if (f.deny) {
+      req.resume();
+      res.writeHead(403, { 'content-type': 'application/xml' }).end(DENIED);
+      return;
+    }
+    const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
+    const isGet = req.method === 'GET' && !isList;
+    if (isList) stats.lists++;
+    if (isGet) {
+      stats.gets++;
+      if (req.headers.range) stats.rangedGets++;
+      concurrent++;
+      stats.maxConcurrent = Math.max(stats.maxConcurrent, concurrent);
+      res.on('close', () => concurrent--);
+    }
+    const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+      if (isList && f.rewriteList) {
+        const parts: Buffer[] = [];
+        upRes.on('data', (c: Buffer) => parts.push(c));
+        upRes.on('end', () => {
+          const xml = f.rewriteList!(Buffer.concat(parts).toString('utf8'));
+          const headers = { ...upRes.headers, 'content-length': String(Buffer.byteLength(xml)) };
+          res.writeHead(upRes.statusCode ?? 502, headers).end(xml);
+        });
+        return;
+      }
+      res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+      const body = isGet && (upRes.statusCode ?? 500) < 300;
+      // A fault is armed only on bodies long enough to reach it, so counts in tests are exact.
+      const length = Number(upRes.headers['content-length'] ?? 0);
+      const reset = body && (f.resets ?? 0) > 0 && f.resetAfterBytes !== undefined && length > f.resetAfterBytes;
+      const stall = body && !reset && (f.stalls ?? 0) > 0 && f.stallAfterBytes !== undefined && length > f.stallAfterBytes;
+      if (reset) f.resets!--;
+      if (stall) f.stalls!--;
+      let sent = 0;
+      const t0 = Date.now();
+      upRes.on('data', (chunk: Buffer) => {
+        if (reset && sent + chunk.length > f.resetAfterBytes!) {
+          res.write(chunk.subarray(0, Math.max(0, f.resetAfterBytes! - sent)));
+          stats.resets++;
+          upRes.destroy();
+          setTimeout(() => res.socket?.destroy(), 5);
+          return;
+        }
+        if (stall && sent + chunk.length > f.stallAfterBytes!) {
+          res.write(chunk.subarray(0, Math.max(0, f.stallAfterBytes! - sent)));
+          stats.stalls++;
+          upRes.destroy(); // the client sees an open socket that never sends another byte
+          return;
+        }
+        sent += chunk.length;
+        if (body) stats.bodyBytes += chunk.length;
+        if (!res.write(chunk)) {
+          upRes.pause();
+          res.once('drain', () => upRes.resume());
+        }
+        if (body && f.bytesPerSecond) {
+          const due = t0 + (sent / f.bytesPerSecond) * 1000 - Date.now();
+          if (due > 0) {
+            upRes.pause();
+            setTimeout(() => upRes.resume(), due);
+          }
+        }
+      });
+      upRes.on('end', () => {
+        if (!upRes.destroyed || sent > 0) res.end();
+      });
+    });
+    up.on('error', () => res.destroy());
+    res.on('close', () => up.destroy());
+    req.pipe(up);
+  });
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  return Object.assign(p, {
+    port, endpoint: `http://127.0.0.1:${port}`,
+    close: () => new Promise<void>((r) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => r());
+    }),
+  });
+}
+
+/** The environment of a warm-up run against an endpoint (also what child processes get). */
+export function s3Env(endpoint: string, cacheDir: string, extra: Record<string, string> = {}): Record<string, string> {
+  return { ...CREDS, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cacheDir, LOG_LEVEL: 'silent', ...extra };
+}
+
+export function testConfig(endpoint: string, cacheDir: string, extra: Record<string, string> = {}): Readonly<Config> {
+  return loadConfig(s3Env(endpoint, cacheDir, extra));
+}
+
+/** Deterministic pseudo-random bytes (xorshift), so tests can compare downloads byte for byte. */
+export function detBytes(n: number, seed: number): Buffer {
+  const b = Buffer.allocUnsafe(n);
+  let x = seed >>> 0 || 1;
+  let i = 0;
+  for (; i + 4 <= n; i += 4) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  for (; i < n; i++) b[i] = i & 0xff;
+  return b;
+}

@@ -1,0 +1,116 @@
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { RuntimeError } from '../src/errors.js';
+import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/index.js';
+import { classify } from '../src/storage/s3.js';
+
+describe('planParts', () => {
+  it('gives [] for an empty file', () => {
+    expect(planParts(0, 8)).toEqual([]);
+  });
+
+  it('covers [0, size) with contiguous ranges no longer than partBytes (random sizes)', () => {
+    let seed = 42;
+    const rnd = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed % n;
+    };
+    for (let k = 0; k < 2000; k++) {
+      // Keep parts per file bounded (<= ~2000) so the check stays fast; both edges still get hit.
+      const partBytes = 1 + rnd(k % 3 === 0 ? 7 : 5000);
+      const size = rnd(k % 5 === 0 ? 3 : partBytes * 2000);
+      const parts = planParts(size, partBytes);
+      expect(parts.length).toBe(Math.ceil(size / partBytes));
+      let next = 0;
+      let ok = true;
+      for (const p of parts) {
+        ok &&= p.start === next && p.end >= p.start && p.end - p.start + 1 <= partBytes;
+        next = p.end + 1;
+      }
+      expect(ok, `size=${size} partBytes=${partBytes}`).toBe(true);
+      expect(next).toBe(size);
+      expect(parts.slice(0, -1).every((p) => p.end - p.start + 1 === partBytes)).toBe(true);
+    }
+  });
+
+  it('handles sizes past 4 GiB without overflow and rejects bad input', () => {
+    const parts = planParts(5 * 2 ** 30 + 3, 2 ** 30);
+    expect(parts).toHaveLength(6);
+    expect(parts.at(-1)).toEqual({ start: 5 * 2 ** 30, end: 5 * 2 ** 30 + 2 });
+    expect(() => planParts(-1, 8)).toThrow(RangeError);
+    expect(() => planParts(10, 0)).toThrow(RangeError);
+    expect(() => planParts(1.5, 8)).toThrow(RangeError);
+  });
+});
+
+describe('backoffMs', () => {
+  it('grows exponentially with full jitter and a cap', () => {
+    expect(backoffMs(0, () => 0.999)).toBeLessThanOrEqual(200);
+    expect(backoffMs(3, () => 0.999)).toBeGreaterThan(1500);
+    expect(backoffMs(30, () => 0.999)).toBeLessThanOrEqual(5000);
+    expect(backoffMs(2, () => 0)).toBe(20);
+  });
+});
+
+describe('parseStorageUri', () => {
+  it('parses s3, file and plain paths', () => {
+    expect(parseStorageUri('s3://models/sd/v1.5')).toEqual({ kind: 's3', bucket: 'models', prefix: 'sd/v1.5/', uri: 's3://models/sd/v1.5/' });
+    expect(parseStorageUri('s3://models')).toEqual({ kind: 's3', bucket: 'models', prefix: '', uri: 's3://models/' });
+    expect(parseStorageUri('file:///mnt/models/sd')).toEqual({ kind: 'local', path: '/mnt/models/sd' });
+    expect(parseStorageUri('/mnt/models')).toEqual({ kind: 'local', path: '/mnt/models' });
+    expect(parseStorageUri('rel/dir')).toEqual({ kind: 'local', path: path.resolve('rel/dir') });
+  });
+
+  it('explains pvc:// and refuses unknown schemes and bad buckets', () => {
+    const err = (u: string) => {
+      try {
+        parseStorageUri(u);
+      } catch (e) {
+        return e as RuntimeError;
+      }
+      throw new Error('no error');
+    };
+    expect(err('pvc://claim/sd').message).toMatch(/mounted by KServe at \/mnt\/models/);
+    expect(err('pvc://claim/sd').code).toBe('INVALID_INPUT');
+    expect(err('gs://b/p').message).toMatch(/scheme "gs:\/\/" is not supported/);
+    expect(err('s3:///p').message).toMatch(/no valid bucket/);
+    expect(err('s3://b/a/../c').message).toMatch(/'\.\.'/);
+    expect(err('  ').code).toBe('INVALID_INPUT');
+  });
+});
+
+describe('cache keys and containment', () => {
+  it('derives a readable, hashed, distinct key per URI and endpoint', () => {
+    const a = cacheKey({ kind: 's3', bucket: 'models', prefix: 'sd/v1/', uri: '' }, undefined);
+    const b = cacheKey({ kind: 's3', bucket: 'models', prefix: 'sd/v1/', uri: '' }, 'http://minio:9000');
+    const c = cacheKey({ kind: 's3', bucket: 'models', prefix: 'sd-v1/', uri: '' }, undefined);
+    expect(a).toMatch(/^s3-models-sd-v1-[0-9a-f]{16}$/);
+    expect(new Set([a, b, c]).size).toBe(3);
+  });
+
+  it('refuses keys that would leave the cache dir', () => {
+    const root = '/cache/entry';
+    expect(containedPath(root, 'unet/model.onnx')).toBe('/cache/entry/unet/model.onnx');
+    for (const bad of ['../x', 'a/../../x', '/etc/passwd', 'a//b', '', './a', 'a/.', 'a\\..\\b', 'a\0b', 'x.partial', '.complete.json']) {
+      expect(() => containedPath(root, bad), bad).toThrow(RuntimeError);
+    }
+  });
+});
+
+describe('classify', () => {
+  const sdk = (name: string, status?: number) => Object.assign(new Error(name), { name, $metadata: { httpStatusCode: status } });
+  it('never retries denied or missing, retries resets, 5xx, 429 and timeouts', () => {
+    expect(classify(sdk('AccessDenied', 403))).toBe('denied');
+    expect(classify(sdk('InvalidAccessKeyId', 403))).toBe('denied');
+    expect(classify(sdk('SignatureDoesNotMatch', 403))).toBe('denied');
+    expect(classify(sdk('NoSuchBucket', 404))).toBe('missing');
+    expect(classify(sdk('NoSuchKey', 404))).toBe('missing');
+    expect(classify(sdk('PreconditionFailed', 412))).toBe('changed');
+    expect(classify(sdk('SlowDown', 503))).toBe('transient');
+    expect(classify(sdk('InternalError', 500))).toBe('transient');
+    expect(classify(sdk('TooManyRequests', 429))).toBe('transient');
+    expect(classify(Object.assign(new Error('socket hang up'), { code: 'ECONNRESET' }))).toBe('transient');
+    expect(classify(Object.assign(new Error('t'), { name: 'TimeoutError' }))).toBe('transient');
+    expect(classify(sdk('InvalidRange', 416))).toBe('fatal');
+  });
+});

@@ -1,0 +1,212 @@
+import { promises as fsp, existsSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { RuntimeError } from '../src/errors.js';
+import { silentLogger } from '../src/log.js';
+import { type FetchProgress, resolveModel } from '../src/storage/index.js';
+import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+const log = silentLogger();
+
+const small: Record<string, Buffer> = {};
+const BIG = 3 * 1024 * 1024 + 12_345; // 49 ranges of 64 KiB
+const big: Record<string, Buffer> = {
+  'unet/model.onnx_data': detBytes(BIG, 7),
+  'unet/model.onnx': detBytes(10_000, 8),
+  'model_index.json': Buffer.from('{"_class_name":"StableDiffusionPipeline"}'),
+  'scheduler/empty.txt': Buffer.alloc(0),
+};
+
+async function seed(prefix: string, files: Record<string, Buffer>): Promise<void> {
+  for (const [rel, body] of Object.entries(files)) await s3.put('models', prefix + rel, body);
+}
+
+async function expectSame(dir: string, files: Record<string, Buffer>): Promise<void> {
+  for (const [rel, body] of Object.entries(files)) expect((await fsp.readFile(path.join(dir, rel))).equals(body), rel).toBe(true);
+  const leftovers = (await fsp.readdir(dir, { recursive: true })).filter((f) => f.endsWith('.partial') || f.includes('.tmp.'));
+  expect(leftovers).toEqual([]);
+}
+
+const newCache = () => fsp.mkdtemp(path.join(tmp, 'cache-'));
+const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '65536', S3_MAX_CONCURRENCY: '8', ...extra });
+
+async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as RuntimeError;
+  }
+  throw new Error('expected a rejection');
+}
+
+beforeAll(async () => {
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-s3-'));
+  s3 = await startS3(['models']);
+  proxy = await startFaultProxy(s3.port);
+  for (let i = 0; i < 40; i++) small[`tokenizer/${i % 3}/deep/${i % 2 ? 'x' : 'y'}/f${i}.json`] = detBytes(100 + i * 37, i + 1);
+  small['model_index.json'] = Buffer.from('{}');
+  await seed('nested/sd/', small);
+  await seed('big/', big);
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  await fsp.rm(tmp, { recursive: true, force: true });
+});
+
+afterEach(() => {
+  proxy.faults = {};
+});
+
+describe('resolveModel from S3', () => {
+  it('downloads nested prefixes with many small files; each file is whole when announced; a second call is a hit', async () => {
+    const cache = await newCache();
+    const ready: string[] = [];
+    const phases = new Set<string>();
+    const r = await resolveModel('s3://models/nested/sd', {
+      cfg: cfgFor(cache), log,
+      onProgress: (p: FetchProgress) => phases.add(p.phase),
+      onFileReady: (rel, abs) => {
+        ready.push(rel);
+        expect(abs.endsWith('.partial')).toBe(false);
+        expect(readFileSync(abs).equals(small[rel]!)).toBe(true);
+      },
+    });
+    expect(r).toMatchObject({ fromCache: false, files: 41, source: 's3', bytes: Object.values(small).reduce((s, b) => s + b.length, 0) });
+    expect(ready.sort()).toEqual(Object.keys(small).sort());
+    expect([...phases]).toEqual(expect.arrayContaining(['resolving', 'listing', 'downloading', 'verifying', 'done']));
+    await expectSame(r.dir, small);
+    const manifest = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
+    expect(manifest.files).toHaveLength(41);
+    const gets = proxy.stats.gets;
+    const again = await resolveModel('s3://models/nested/sd/', { cfg: cfgFor(cache), log });
+    expect(again).toMatchObject({ fromCache: true, dir: r.dir, files: 41 });
+    expect(proxy.stats.gets).toBe(gets);
+  });
+
+  it('splits a large file into many ranges with bounded concurrency', async () => {
+    const cache = await newCache();
+    const before = { ...proxy.stats };
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log });
+    await expectSame(r.dir, big);
+    expect(proxy.stats.rangedGets - before.rangedGets).toBe(Math.ceil(BIG / 65536));
+    expect(proxy.stats.maxConcurrent).toBeLessThanOrEqual(8);
+    expect(proxy.stats.bodyBytes - before.bodyBytes).toBe(Object.values(big).reduce((s, b) => s + b.length, 0));
+  });
+
+  it('survives connection resets mid-range, resuming from the bytes already written', async () => {
+    const cache = await newCache();
+    proxy.faults = { resetAfterBytes: 20_000, resets: 12 };
+    const before = { ...proxy.stats };
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log });
+    await expectSame(r.dir, big);
+    expect(proxy.stats.resets - before.resets).toBe(12);
+    // Resumed, not restarted: at most a little more than the model crosses the wire.
+    expect(proxy.stats.bodyBytes - before.bodyBytes).toBeLessThan(BIG + 10_000 + 100 + 12 * 65536);
+  });
+
+  it('aborts and retries a stalled range', async () => {
+    const cache = await newCache();
+    proxy.faults = { stallAfterBytes: 10_000, stalls: 2 };
+    const t0 = Date.now();
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '0.4' }), log });
+    await expectSame(r.dir, big);
+    expect(proxy.stats.stalls).toBeGreaterThanOrEqual(2);
+    expect(Date.now() - t0).toBeLessThan(15_000);
+  });
+
+  it('serves a committed entry with S3 down, and refetches only what changed when the ETag moves', async () => {
+    const cache = await newCache();
+    await seed('etag/', { 'a.bin': detBytes(70_000, 1), 'b.bin': detBytes(50_000, 2) });
+    const first = await resolveModel('s3://models/etag', { cfg: cfgFor(cache), log });
+    expect(first.fromCache).toBe(false);
+
+    await s3.stop();
+    try {
+      const t0 = performance.now();
+      const ready: string[] = [];
+      const hit = await resolveModel('s3://models/etag', { cfg: cfgFor(cache), log, onFileReady: (rel) => ready.push(rel) });
+      expect(hit).toMatchObject({ fromCache: true, stale: true, dir: first.dir });
+      expect(ready.sort()).toEqual(['a.bin', 'b.bin']);
+      expect(performance.now() - t0).toBeLessThan(3_000);
+    } finally {
+      await s3.restart();
+    }
+
+    const changed = detBytes(90_000, 3);
+    await s3.put('models', 'etag/a.bin', changed);
+    const before = proxy.stats.bodyBytes;
+    const r = await resolveModel('s3://models/etag', { cfg: cfgFor(cache), log });
+    expect(r.fromCache).toBe(false);
+    await expectSame(r.dir, { 'a.bin': changed, 'b.bin': detBytes(50_000, 2) });
+    expect(proxy.stats.bodyBytes - before).toBe(90_000);
+    expect((await resolveModel('s3://models/etag', { cfg: cfgFor(cache), log })).fromCache).toBe(true);
+  });
+
+  it('refuses object keys that would escape the cache directory', async () => {
+    const cache = await newCache();
+    proxy.faults = { rewriteList: (xml) => xml.replace('<Key>nested/sd/model_index.json</Key>', '<Key>nested/sd/../../escape.json</Key>') };
+    const err = await rejection(resolveModel('s3://models/nested/sd', { cfg: cfgFor(cache), log }));
+    expect(err.code).toBe('INVALID_INPUT');
+    expect(err.message).toMatch(/\.\.\/\.\.\/escape\.json.*leave the cache/);
+    expect(existsSync(path.join(cache, 'escape.json'))).toBe(false);
+  });
+
+  it('fails clearly, without retrying, on a missing bucket, a missing prefix, bad credentials and 403s', async () => {
+    const cache = await newCache();
+    const noBucket = await rejection(resolveModel('s3://nope/sd', { cfg: cfgFor(cache), log }));
+    expect([noBucket.code, noBucket.message]).toEqual(['STORAGE_MISSING', expect.stringMatching(/bucket "nope" does not exist/)]);
+
+    const noPrefix = await rejection(resolveModel('s3://models/absent/sd', { cfg: cfgFor(cache), log }));
+    expect([noPrefix.code, noPrefix.message]).toEqual(['STORAGE_MISSING', 'no objects under s3://models/absent/sd/; check the bucket and prefix in STORAGE_URI']);
+
+    const saved = { ...process.env };
+    Object.assign(process.env, { AWS_ACCESS_KEY_ID: 'WRONGKEY', AWS_SECRET_ACCESS_KEY: 'sekrit-value-123' });
+    try {
+      const lists = proxy.stats.lists;
+      const denied = await rejection(resolveModel('s3://models/big', { cfg: cfgFor(cache), log }));
+      expect(denied.code).toBe('STORAGE_DENIED');
+      expect(denied.message).toMatch(/InvalidAccessKeyId.*AWS_ACCESS_KEY_ID/);
+      expect(denied.message).not.toMatch(/sekrit|WRONGKEY/);
+      expect(proxy.stats.lists - lists).toBe(1);
+    } finally {
+      process.env.AWS_ACCESS_KEY_ID = saved.AWS_ACCESS_KEY_ID;
+      process.env.AWS_SECRET_ACCESS_KEY = saved.AWS_SECRET_ACCESS_KEY;
+    }
+
+    proxy.faults = { deny: true };
+    const forbidden = await rejection(resolveModel('s3://models/big', { cfg: cfgFor(cache), log }));
+    expect([forbidden.code, forbidden.message]).toEqual(['STORAGE_DENIED', expect.stringMatching(/access denied to list s3:\/\/models\/big\/ \(AccessDenied\)/)]);
+    expect(await fsp.readdir(cache)).toEqual([]);
+  });
+
+  it('an abort mid-download leaves no committed entry, and the next run resumes and completes', async () => {
+    const cache = await newCache();
+    proxy.faults = { bytesPerSecond: 1_000_000 };
+    const ac = new AbortController();
+    let ready = 0;
+    const err = await rejection(resolveModel('s3://models/big', {
+      cfg: cfgFor(cache, { S3_MAX_CONCURRENCY: '4' }), log, signal: ac.signal,
+      onFileReady: () => ready++,
+      onProgress: (p) => {
+        if (p.bytesDone > 600_000) ac.abort();
+      },
+    }));
+    expect(err.code).toBe('CANCELLED');
+    const [entry] = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
+    expect(existsSync(path.join(cache, entry!, '.complete.json'))).toBe(false);
+    expect(existsSync(path.join(cache, entry!, 'unet/model.onnx_data'))).toBe(false);
+    expect(existsSync(path.join(cache, `${entry}.lock`))).toBe(false);
+    proxy.faults = {};
+    const before = proxy.stats.bodyBytes;
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log });
+    await expectSame(r.dir, big);
+    expect(proxy.stats.bodyBytes - before).toBeLessThan(BIG);
+  });
+});

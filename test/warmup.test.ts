@@ -1,0 +1,158 @@
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { destroyS3, detBytes, type FaultProxy, type S3Server, s3Env, startFaultProxy, startS3 } from './helpers/s3.js';
+
+const CLI = path.resolve('dist/warmup/main.js');
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+let local: string;
+const model: Record<string, Buffer> = {
+  'model_index.json': Buffer.from('{"_class_name":"StableDiffusionPipeline"}'),
+  'unet/model.onnx': detBytes(50_000, 1),
+  'unet/model.onnx_data': detBytes(2_500_000, 2),
+  'text_encoder/model.onnx': detBytes(300_000, 3),
+  'vae_decoder/model.onnx': detBytes(200_000, 4),
+  'tokenizer/vocab.json': detBytes(20_000, 5),
+};
+const TOTAL = Object.values(model).reduce((s, b) => s + b.length, 0);
+
+interface Run { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }
+
+function cli(args: string[], env: Record<string, string>, onSpawn?: (kill: (s: NodeJS.Signals) => void) => void): Promise<Run> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+    onSpawn?.((s) => child.kill(s));
+  });
+}
+
+const lastLine = (s: string) => s.trim().split('\n').filter((l) => !/NodeVersion|node >=22|versions published|updates to AWS|security updates|a\.co\/|trace-warnings/.test(l)).at(-1) ?? '';
+
+async function expectModel(dir: string): Promise<void> {
+  for (const [rel, body] of Object.entries(model)) expect((await fsp.readFile(path.join(dir, rel))).equals(body), rel).toBe(true);
+}
+
+async function until(cond: () => boolean, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+beforeAll(async () => {
+  if (!existsSync(CLI)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'warmup-'));
+  local = path.join(tmp, 'export');
+  for (const [rel, body] of Object.entries(model)) {
+    await fsp.mkdir(path.dirname(path.join(local, rel)), { recursive: true });
+    await fsp.writeFile(path.join(local, rel), body);
+  }
+  s3 = await startS3(['models']);
+  proxy = await startFaultProxy(s3.port);
+  const pushed = await cli(['push', local, 's3://models/sd/v1'], s3Env(s3.endpoint, path.join(tmp, 'unused'), { S3_PART_SIZE: '65536' }));
+  expect(pushed.code, pushed.stderr).toBe(0);
+  expect(JSON.parse(lastLine(pushed.stdout))).toMatchObject({ uri: 's3://models/sd/v1/', bytes: TOTAL, files: 6 });
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  await fsp.rm(tmp, { recursive: true, force: true });
+});
+
+afterEach(() => {
+  proxy.faults = {};
+});
+
+const env = (cache: string, extra: Record<string, string> = {}) =>
+  s3Env(proxy.endpoint, cache, { STORAGE_URI: 's3://models/sd/v1', S3_PART_SIZE: '131072', S3_MAX_CONCURRENCY: '6', ...extra });
+
+describe('warm-up CLI', () => {
+  it('fills the cache, prints one JSON line, and is a cache hit the second time', async () => {
+    const cache = path.join(tmp, 'c1');
+    const r = await cli([], env(cache));
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim());
+    expect(out).toMatchObject({ bytes: TOTAL, files: 6, fromCache: false });
+    expect(r.stdout.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/warmup: done .* MB \(100\.0%\)/);
+    await expectModel(out.modelDir);
+    const again = await cli([], env(cache));
+    expect(JSON.parse(again.stdout)).toMatchObject({ modelDir: out.modelDir, fromCache: true });
+  });
+
+  it('exits non-zero with a one-line reason', async () => {
+    const cache = path.join(tmp, 'c2');
+    const missing = await cli([], env(cache, { STORAGE_URI: 's3://models/nothing/here' }));
+    expect(missing.code).toBe(1);
+    expect(missing.stdout).toBe('');
+    expect(lastLine(missing.stderr)).toBe('warmup: STORAGE_MISSING: no objects under s3://models/nothing/here/; check the bucket and prefix in STORAGE_URI');
+    const noUri = await cli([], { ...env(cache), STORAGE_URI: '' });
+    expect([noUri.code, lastLine(noUri.stderr)]).toEqual([2, 'warmup: CONFIG: STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
+    proxy.faults = { deny: true };
+    const denied = await cli([], env(cache));
+    expect(denied.code).toBe(1);
+    expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
+  });
+
+  it('two concurrent warm-ups on one cache dir: one download, both succeed', async () => {
+    const cache = path.join(tmp, 'c3');
+    proxy.faults = { bytesPerSecond: 1_000_000 };
+    const before = proxy.stats.bodyBytes;
+    const [a, b] = await Promise.all([cli([], env(cache)), cli([], env(cache))]);
+    expect([a.code, b.code], a.stderr + b.stderr).toEqual([0, 0]);
+    const ja = JSON.parse(a.stdout);
+    const jb = JSON.parse(b.stdout);
+    expect(ja.modelDir).toBe(jb.modelDir);
+    expect([ja.fromCache, jb.fromCache].sort()).toEqual([false, true]);
+    expect(proxy.stats.bodyBytes - before).toBe(TOTAL);
+    await expectModel(ja.modelDir);
+  });
+
+  it('killed mid-download (SIGKILL): never serves a partial model, the next run resumes', async () => {
+    const cache = path.join(tmp, 'c4');
+    proxy.faults = { bytesPerSecond: 200_000 };
+    const before = proxy.stats.bodyBytes;
+    const killed = await cli([], env(cache), (kill) => {
+      void until(() => proxy.stats.bodyBytes - before > 1_800_000).then(() => kill('SIGKILL'));
+    });
+    await new Promise((r) => setTimeout(r, 300)); // let the proxy see the dead connections
+    expect(killed.signal).toBe('SIGKILL');
+    const entries = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
+    expect(entries).toHaveLength(1);
+    const entry = path.join(cache, entries[0]!);
+    expect(existsSync(path.join(entry, '.complete.json'))).toBe(false);
+    expect(existsSync(path.join(entry, 'unet/model.onnx_data'))).toBe(false);
+    proxy.faults = {};
+    const mid = proxy.stats.bodyBytes;
+    const r = await cli([], env(cache));
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ fromCache: false, bytes: TOTAL });
+    await expectModel(entry);
+    // The second run did not start from zero (ranges already on disk were kept).
+    expect(proxy.stats.bodyBytes - mid).toBeLessThan(TOTAL - 500_000);
+  });
+
+  it('SIGTERM mid-download: exits 143, releases the lock, leaves the entry uncommitted', async () => {
+    const cache = path.join(tmp, 'c5');
+    proxy.faults = { bytesPerSecond: 500_000 };
+    const before = proxy.stats.bodyBytes;
+    const r = await cli([], env(cache), (kill) => {
+      void until(() => proxy.stats.bodyBytes - before > 500_000).then(() => kill('SIGTERM'));
+    });
+    expect(r.code).toBe(143);
+    expect(lastLine(r.stderr)).toBe('warmup: CANCELLED: stopped by signal');
+    const names = await fsp.readdir(cache);
+    expect(names.filter((n) => n.endsWith('.lock'))).toEqual([]);
+    expect(existsSync(path.join(cache, names[0]!, '.complete.json'))).toBe(false);
+  });
+});

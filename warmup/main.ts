@@ -1,0 +1,143 @@
+/**
+ * @module The cache warm-up Job's CLI. `node dist/warmup/main.js` fills MODEL_CACHE_DIR from STORAGE_URI
+ * (same code path as the server's boot), prints progress to stderr about once a second and one JSON line
+ * on stdout; `node dist/warmup/main.js push LOCAL_DIR s3://bucket/prefix` uploads an exported model.
+ * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 143 on SIGTERM.
+ */
+import { createReadStream, promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { Upload } from '@aws-sdk/lib-storage';
+import { ConfigError, loadConfig } from '../src/config.js';
+import { isRuntimeError, RuntimeError } from '../src/errors.js';
+import { createLogger } from '../src/log.js';
+import { type FetchProgress, resolveModel } from '../src/storage/index.js';
+import { walk } from '../src/storage/cache.js';
+import { createS3 } from '../src/storage/s3.js';
+import { parseStorageUri } from '../src/storage/uri.js';
+
+const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix';
+
+const mb = (n: number) => (n / 1e6).toFixed(1);
+
+function progressLine(p: FetchProgress): string {
+  const pct = p.bytesTotal > 0 ? ((100 * p.bytesDone) / p.bytesTotal).toFixed(1) : '0.0';
+  const eta = p.bytesPerSecond > 0 ? `${Math.ceil((p.bytesTotal - p.bytesDone) / p.bytesPerSecond)}s` : '?';
+  return `${p.phase} ${mb(p.bytesDone)}/${mb(p.bytesTotal)} MB (${pct}%) ${mb(p.bytesPerSecond)} MB/s ETA ${eta} files ${p.filesDone}/${p.filesTotal}`;
+}
+
+async function warm(signal: AbortSignal): Promise<void> {
+  const cfg = loadConfig();
+  if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
+  // Logs go to stderr so stdout carries only the final JSON line.
+  const log = createLogger(process.env.LOG_LEVEL ?? 'warn', 'warmup');
+  let last = 0;
+  let latest: FetchProgress | undefined;
+  const print = (p: FetchProgress) => process.stderr.write(`warmup: ${progressLine(p)}\n`);
+  const timer = setInterval(() => latest && print(latest), 1_000);
+  timer.unref();
+  try {
+    const r = await resolveModel(cfg.storageUri, {
+      cfg, log, signal,
+      onProgress: (p) => {
+        latest = p;
+        const now = Date.now();
+        if (now - last >= 1_000 || p.phase === 'done') {
+          last = now;
+          print(p);
+        }
+      },
+    });
+    process.stdout.write(`${JSON.stringify({ modelDir: r.dir, bytes: r.bytes, files: r.files, seconds: +r.seconds.toFixed(3), fromCache: r.fromCache })}\n`);
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+async function push(localDir: string | undefined, uri: string | undefined, signal: AbortSignal): Promise<void> {
+  if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
+  const cfg = loadConfig();
+  const src = parseStorageUri(uri);
+  if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
+  const st = await fsp.stat(localDir).catch(() => undefined);
+  if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
+  const t0 = performance.now();
+  const files = await walk(localDir);
+  const s3 = createS3(cfg.s3);
+  let bytes = 0;
+  let next = 0;
+  const partSize = Math.max(5 * 1024 * 1024, cfg.s3.partSize);
+  // A few files at once, each with a few parts in flight: about S3_MAX_CONCURRENCY requests in total.
+  const filesAtOnce = Math.max(1, Math.min(4, Math.floor(cfg.s3.maxConcurrency / 4)));
+  const queueSize = Math.max(1, Math.floor(cfg.s3.maxConcurrency / filesAtOnce));
+  try {
+    await Promise.all(Array.from({ length: Math.min(filesAtOnce, files.length) }, async () => {
+      while (next < files.length) {
+        signal.throwIfAborted();
+        const rel = files[next++]!;
+        const abs = path.join(localDir, rel);
+        const up = new Upload({ client: s3.client, queueSize, partSize, leavePartsOnError: false,
+          params: { Bucket: src.bucket, Key: src.prefix + rel, Body: createReadStream(abs) } });
+        const onAbort = () => void up.abort();
+        signal.addEventListener('abort', onAbort, { once: true });
+        try {
+          await up.done();
+        } catch (e) {
+          throw new RuntimeError('STORAGE_TRANSIENT', `upload of ${rel} to s3://${src.bucket}/${src.prefix}${rel} failed: ${(e as Error).name}`, { cause: e });
+        } finally {
+          signal.removeEventListener('abort', onAbort);
+        }
+        const size = (await fsp.stat(abs)).size; // not `bytes += await …`: that reads `bytes` before the await
+        bytes += size;
+        process.stderr.write(`push: ${rel} (${mb(bytes)} MB so far)\n`);
+      }
+    }));
+  } finally {
+    s3.destroy();
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, seconds: +seconds.toFixed(3) })}\n`);
+}
+
+class UsageError extends Error {}
+
+async function main(): Promise<number> {
+  const ac = new AbortController();
+  let signalled = false;
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (signalled) process.exit(143);
+    signalled = true;
+    process.stderr.write(`warmup: ${sig} received; stopping (the cache stays consistent and resumes next run)\n`);
+    ac.abort(new RuntimeError('CANCELLED', `stopped by ${sig}`));
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  const [cmd, ...rest] = process.argv.slice(2);
+  try {
+    if (cmd === undefined) await warm(ac.signal);
+    else if (cmd === 'push') await push(rest[0], rest[1], ac.signal);
+    else if (cmd === '-h' || cmd === '--help') process.stderr.write(`${USAGE}\n`);
+    else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
+    return 0;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      process.stderr.write(`warmup: ${e.message}\n${USAGE}\n`);
+      return 2;
+    }
+    if (e instanceof ConfigError) {
+      process.stderr.write(`warmup: CONFIG: ${e.problems.join('; ')}\n`);
+      return 2;
+    }
+    if (signalled) {
+      process.stderr.write('warmup: CANCELLED: stopped by signal\n');
+      return 143;
+    }
+    const reason = isRuntimeError(e) ? `${e.code}: ${e.message}` : `INTERNAL: ${(e as Error)?.message ?? String(e)}`;
+    process.stderr.write(`warmup: ${reason.replace(/\s*\n\s*/g, ' ')}\n`);
+    return 1;
+  }
+}
+
+const code = await main();
+process.exitCode = code;
+// Sockets or timers left by a library must not keep a finished Job pod running.
+setTimeout(() => process.exit(code), 2_000).unref();
