@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Export a Hugging Face diffusers model to the ONNX layout diffusers-runtime serves, check the
+# layout, and optionally upload it to S3.
+#
+#   scripts/export-onnx.sh MODEL_ID OUT_DIR [--fp16] [--push s3://bucket/prefix] [--container]
+#                          [--task TASK] [-- EXTRA optimum-cli ARGS]
+#
+#   MODEL_ID     Hugging Face id (stable-diffusion-v1-5/stable-diffusion-v1-5,
+#                stabilityai/sdxl-turbo, ...) or a local diffusers folder
+#   OUT_DIR      where the export goes (model_index.json, unet/model.onnx, ...)
+#   --fp16       export in float16 (optimum: --dtype fp16 --device cuda; needs a CUDA GPU)
+#   --push URI   then upload OUT_DIR with `node dist/warmup/main.js push OUT_DIR URI`
+#                (S3 settings from the usual env: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+#                AWS_ENDPOINT_URL / AWS_S3_ENDPOINT, AWS_REGION; run `npm run build` first)
+#   --container  run optimum in a container (docker or podman, python image) instead of a venv
+#   --task TASK  optimum task when it cannot be inferred (e.g. text-to-image)
+#
+# Environment: VENV (default .venv-export), PYTHON (python3), PIP_PACKAGES (default
+# "optimum[exporters] diffusers"; use "optimum-onnx diffusers" for optimum >= 2, where the ONNX
+# exporter moved to the optimum-onnx package), HF_TOKEN (gated models), CONTAINER_ENGINE,
+# PYTHON_IMAGE (default python:3.11-slim).
+set -euo pipefail
+
+die() { echo "export-onnx: $*" >&2; exit 1; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+
+[[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]] && { usage; exit 0; }
+[[ $# -ge 2 ]] || { usage >&2; exit 2; }
+
+model_id=$1
+out_dir=$2
+shift 2
+fp16=0
+push_uri=""
+use_container=0
+task=""
+extra=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --fp16) fp16=1 ;;
+    --push) [[ $# -ge 2 ]] || die "--push needs s3://bucket/prefix"; push_uri=$2; shift ;;
+    --push=*) push_uri=${1#--push=} ;;
+    --container) use_container=1 ;;
+    --task) [[ $# -ge 2 ]] || die "--task needs a value"; task=$2; shift ;;
+    --) shift; extra=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+  shift
+done
+if [[ -n $push_uri && ! $push_uri =~ ^s3://[^/]+ ]]; then die "--push wants s3://bucket/prefix, got '$push_uri'"; fi
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pip_packages=${PIP_PACKAGES:-"optimum[exporters] diffusers"}
+mkdir -p "$out_dir"
+out_abs=$(cd "$out_dir" && pwd)
+
+opt_args=(export onnx --model "$model_id")
+[[ $fp16 == 1 ]] && opt_args+=(--dtype fp16 --device cuda)
+[[ -n $task ]] && opt_args+=(--task "$task")
+opt_args+=("${extra[@]}")
+
+if [[ $use_container == 1 ]]; then
+  engine=${CONTAINER_ENGINE:-$(command -v podman || command -v docker || true)}
+  [[ -n $engine ]] || die "--container needs docker or podman"
+  image=${PYTHON_IMAGE:-python:3.11-slim}
+  run_opts=(--rm -v "$out_abs:/out" -e HF_TOKEN -e HF_HUB_ENABLE_HF_TRANSFER)
+  if [[ -d $model_id ]]; then
+    run_opts+=(-v "$(cd "$model_id" && pwd):/model:ro")
+    opt_args[3]=/model
+  fi
+  if [[ $fp16 == 1 ]]; then
+    if [[ $(basename "$engine") == podman ]]; then run_opts+=(--device nvidia.com/gpu=all); else run_opts+=(--gpus all); fi
+  fi
+  # The export runs as the image's root user; hand the files back to the caller afterwards.
+  inner="pip install --no-cache-dir $pip_packages && optimum-cli \"\$@\" /out && chown -R $(id -u):$(id -g) /out"
+  echo "export-onnx: $engine run $image: optimum-cli ${opt_args[*]} /out"
+  "$engine" run "${run_opts[@]}" "$image" bash -c "$inner" optimum-cli "${opt_args[@]}"
+else
+  venv=${VENV:-.venv-export}
+  python=${PYTHON:-python3}
+  if [[ ! -x $venv/bin/optimum-cli ]]; then
+    command -v "$python" >/dev/null || die "$python not found (or use --container)"
+    echo "export-onnx: creating $venv and installing $pip_packages"
+    "$python" -m venv "$venv"
+    # shellcheck disable=SC2086 # the package list is meant to split into words
+    "$venv/bin/pip" install --upgrade pip $pip_packages
+  fi
+  echo "export-onnx: optimum-cli ${opt_args[*]} $out_abs"
+  "$venv/bin/optimum-cli" "${opt_args[@]}" "$out_abs"
+fi
+
+# The layout the runtime serves (DESIGN "Model format").
+missing=()
+for f in model_index.json scheduler/scheduler_config.json tokenizer/vocab.json tokenizer/merges.txt \
+         text_encoder/model.onnx unet/model.onnx vae_decoder/model.onnx; do
+  [[ -f $out_abs/$f ]] || missing+=("$f")
+done
+if grep -q '"text_encoder_2"' "$out_abs/model_index.json" 2>/dev/null; then
+  for f in text_encoder_2/model.onnx tokenizer_2/vocab.json; do
+    [[ -f $out_abs/$f ]] || missing+=("$f")
+  done
+fi
+[[ ${#missing[@]} -eq 0 ]] || die "export in $out_abs is incomplete, missing: ${missing[*]}"
+echo "export-onnx: layout ok in $out_abs"
+du -sh "$out_abs"/*/ 2>/dev/null | sed 's/^/  /' || true
+
+if [[ -n $push_uri ]]; then
+  warmup_js=$repo_root/dist/warmup/main.js
+  [[ -f $warmup_js ]] || die "$warmup_js not found: run 'npm ci && npm run build' first"
+  echo "export-onnx: uploading to $push_uri"
+  node "$warmup_js" push "$out_abs" "$push_uri"
+  echo "export-onnx: done; serve it with STORAGE_URI=$push_uri"
+fi

@@ -1,0 +1,679 @@
+/**
+ * Deployment material: templates/ (rendered the way `make render` does), the Makefile,
+ * docker/Dockerfile + .dockerignore, scripts/test-v1.sh, scripts/export-onnx.sh, scripts/v1_input.json.
+ * The probes-against-the-real-server check is in deploy-server.test.ts.
+ */
+import { execFile, spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import YAML from 'yaml';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+const TEMPLATES = path.join(ROOT, 'templates');
+const execFileP = promisify(execFile);
+
+type Obj = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+const has = (cmd: string): boolean => spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8');
+
+// ---------------------------------------------------------------------------------------------
+// Parameters and rendering: envsubst restricted to the names in templates/params.env.
+
+/** templates/params.env: NAME=value lines (no quotes), comments and blank lines ignored. */
+function loadParams(): Map<string, string> {
+  const params = new Map<string, string>();
+  for (const line of readFileSync(path.join(TEMPLATES, 'params.env'), 'utf8').split('\n')) {
+    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line);
+    if (m) params.set(m[1]!, m[2]!);
+  }
+  return params;
+}
+
+/** envsubst 'SHELL-FORMAT' semantics: `${NAME}` and `$NAME` for listed names only; all else verbatim. */
+function render(text: string, params: Map<string, string>): string {
+  return text.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)/g, (all, a?: string, b?: string) => {
+    const name = (a ?? b)!;
+    return params.has(name) ? params.get(name)! : all;
+  });
+}
+
+const templateFiles = (): string[] => readdirSync(TEMPLATES).filter((f) => f.endsWith('.yaml')).sort();
+
+function renderedDocs(file: string, params = loadParams()): Obj[] {
+  const docs = YAML.parseAllDocuments(render(readFileSync(path.join(TEMPLATES, file), 'utf8'), params));
+  for (const d of docs) if (d.errors.length > 0) throw new Error(`${file}: ${d.errors[0]!.message}`);
+  return docs.map((d) => d.toJSON() as Obj).filter((d) => d !== null);
+}
+
+function allDocs(): Array<{ file: string; doc: Obj }> {
+  return templateFiles().flatMap((file) => renderedDocs(file).map((doc) => ({ file, doc })));
+}
+
+function findKey(o: unknown, key: string, at = '$'): string[] {
+  if (Array.isArray(o)) return o.flatMap((v, i) => findKey(v, key, `${at}[${i}]`));
+  if (o !== null && typeof o === 'object') {
+    return Object.entries(o).flatMap(([k, v]) => [...(k === key ? [`${at}.${k}`] : []), ...findKey(v, key, `${at}.${k}`)]);
+  }
+  return [];
+}
+
+interface Probe {
+  file: string;
+  kind: 'livenessProbe' | 'readinessProbe' | 'startupProbe';
+  probe: Obj;
+}
+/** Every probe of every container in the rendered templates (ServingRuntime, isvc overrides, Job). */
+function allProbes(): Probe[] {
+  const out: Probe[] = [];
+  for (const { file, doc } of allDocs()) {
+    const containers: Obj[] = [
+      ...(doc.spec?.containers ?? []),
+      ...(doc.spec?.predictor?.model ? [doc.spec.predictor.model] : []),
+      ...(doc.spec?.template?.spec?.containers ?? []),
+    ];
+    for (const c of containers) {
+      for (const kind of ['livenessProbe', 'readinessProbe', 'startupProbe'] as const) if (c[kind]) out.push({ file, kind, probe: c[kind] });
+    }
+  }
+  return out;
+}
+
+// The routes the server answers (DESIGN.md "HTTP surface"). Liveness: 200 whatever the boot state.
+const LIVENESS_ROUTES = ['/', '/v2/health/live'];
+const READINESS_ROUTES = ['/v2/health/ready', '/v1/models/{{.Name}}/ready', '/v2/models/{{.Name}}/ready'];
+
+// The environment contract (DESIGN.md + issue 8).
+const CONTRACT = [
+  'STORAGE_URI', 'MODEL_NAME', 'PORT', 'MODEL_CACHE_DIR', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT',
+  'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'AWS_CA_BUNDLE', 'S3_USE_HTTPS',
+  'S3_VERIFY_SSL', 'S3_MAX_CONCURRENCY', 'S3_PART_SIZE', 'S3_STALL_TIMEOUT_S', 'EXECUTION_PROVIDER', 'WORKERS',
+  'MAX_BATCH_SIZE', 'BATCH_WINDOW_MS', 'MAX_QUEUE', 'LOG_LEVEL', 'MAX_BODY_BYTES', 'MAX_IMAGE_SIZE', 'MAX_STEPS',
+  'WARMUP_STEPS', 'SHUTDOWN_GRACE_S', 'EXIT_ON_BOOT_FAILURE', 'REQUEST_TIMEOUT_S', 'RESULT_CACHE_MB', 'OUTPUT_FORMAT',
+];
+/** Come from the data-connection Secret (envFrom): an `env` entry would silently override it. */
+const FROM_SECRET = ['AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'AWS_CA_BUNDLE', 'S3_USE_HTTPS', 'S3_VERIFY_SSL'];
+
+const ISVC_FILES = ['inference-service.yaml', 'inference-service-raw.yaml', 'inference-service-multi-model.yaml'];
+
+describe('templates: parameters and rendering', () => {
+  it('every ${NAME} used by a template is defined in params.env, and every parameter is used', () => {
+    const params = loadParams();
+    expect(params.size).toBeGreaterThan(5);
+    const used = new Set<string>();
+    for (const f of templateFiles()) {
+      for (const m of readFileSync(path.join(TEMPLATES, f), 'utf8').matchAll(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g)) {
+        expect(params.has(m[1]!), `${f} uses \${${m[1]}} which params.env does not define`).toBe(true);
+        used.add(m[1]!);
+      }
+    }
+    const unused = [...params.keys()].filter((k) => !used.has(k));
+    expect(unused, 'parameters no template uses').toEqual([]);
+  });
+
+  it('templates use only the ${NAME} form, so envsubst and the Node renderer cannot disagree', () => {
+    const params = loadParams();
+    for (const f of templateFiles()) {
+      const bare = [...readFileSync(path.join(TEMPLATES, f), 'utf8').matchAll(/\$([A-Za-z_][A-Za-z0-9_]*)/g)].map((m) => m[1]!).filter((n) => params.has(n));
+      expect(bare, `${f}: bare $NAME placeholders`).toEqual([]);
+    }
+  });
+
+  it.each(templateFiles())('%s renders to valid YAML with apiVersion, kind, metadata and no placeholder left', (file) => {
+    const text = render(readFileSync(path.join(TEMPLATES, file), 'utf8'), loadParams());
+    expect(text).not.toMatch(/\$\{[A-Za-z_][A-Za-z0-9_]*\}/);
+    const docs = renderedDocs(file);
+    expect(docs.length).toBeGreaterThan(0);
+    for (const d of docs) {
+      expect(typeof d.apiVersion, `${file}: apiVersion`).toBe('string');
+      expect(typeof d.kind, `${file}: kind`).toBe('string');
+      expect(d.metadata?.name, `${file}: metadata.name`).toMatch(/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/);
+      expect(d.metadata?.namespace, `${file}: metadata.namespace`).toBe(loadParams().get('NAMESPACE'));
+    }
+  });
+
+  it('renders with other parameter values too (values substituted, not baked in)', () => {
+    const params = loadParams();
+    params.set('MODEL_NAME', 'sdxl-turbo');
+    params.set('NAMESPACE', 'team-a');
+    params.set('STORAGE_URI', 's3://other/sdxl');
+    const isvc = renderedDocs('inference-service.yaml', params)[0]!;
+    expect(isvc.metadata.name).toBe('sdxl-turbo');
+    expect(isvc.metadata.namespace).toBe('team-a');
+    expect(isvc.spec.predictor.model.env.find((e: Obj) => e.name === 'STORAGE_URI').value).toBe('s3://other/sdxl');
+    expect(renderedDocs('route.yaml', params)[0]!.spec.to.name).toBe('sdxl-turbo-predictor');
+  });
+
+  it.skipIf(!has('envsubst') || !has('make'))('`make render` (real envsubst) produces exactly what the documented rules produce', () => {
+    const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
+    try {
+      const r = spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, MODEL_NAME: 'from-env' } });
+      expect(r.status, r.stderr).toBe(0);
+      const params = loadParams();
+      params.set('MODEL_NAME', 'from-env'); // the environment overrides params.env, as documented
+      for (const f of templateFiles()) {
+        expect(readFileSync(path.join(out, f), 'utf8'), f).toBe(render(readFileSync(path.join(TEMPLATES, f), 'utf8'), params));
+      }
+      // KServe's Go template survives rendering.
+      expect(readFileSync(path.join(out, 'serving-runtime.yaml'), 'utf8')).toContain('"{{.Name}}"');
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('templates: what KServe / Knative / OpenShift require', () => {
+  const params = loadParams();
+  const runtime = () => renderedDocs('serving-runtime.yaml')[0]!;
+  const container = () => runtime().spec.containers[0] as Obj;
+  const envOf = (c: Obj): Map<string, Obj> => new Map((c.env ?? []).map((e: Obj) => [e.name as string, e]));
+
+  it('ServingRuntime: format onnx-diffusers, protocols v1+v2, kserve-container with image, MODEL_NAME={{.Name}}', () => {
+    const sr = runtime();
+    expect(sr.apiVersion).toBe('serving.kserve.io/v1alpha1');
+    expect(sr.kind).toBe('ServingRuntime');
+    expect(sr.metadata.name).toBe(params.get('RUNTIME_NAME'));
+    expect(sr.spec.supportedModelFormats.map((f: Obj) => f.name)).toContain('onnx-diffusers');
+    expect(sr.spec.protocolVersions).toEqual(expect.arrayContaining(['v1', 'v2']));
+    expect(sr.spec.containers).toHaveLength(1);
+    const c = container();
+    expect(c.name).toBe('kserve-container');
+    expect(c.image).toBe(`${params.get('IMAGE')}:${params.get('TAG')}`);
+    expect(envOf(c).get('MODEL_NAME')?.value).toBe('{{.Name}}');
+    expect(envOf(c).get('MODEL_CACHE_DIR')?.value).toBe('/mnt/cache');
+  });
+
+  it('ServingRuntime env: the whole contract, except what the Secret provides and Knative reserves', () => {
+    const text = readFileSync(path.join(TEMPLATES, 'serving-runtime.yaml'), 'utf8');
+    const env = envOf(container());
+    for (const name of CONTRACT) {
+      if (FROM_SECRET.includes(name)) {
+        expect(env.has(name), `${name} in env would override the data-connection Secret`).toBe(false);
+        expect(text, `${name} should be documented in a comment`).toContain(name);
+      } else if (name === 'PORT') {
+        expect(env.has('PORT'), 'Knative rejects a user-set PORT').toBe(false);
+      } else {
+        expect(env.has(name), `${name} missing from the ServingRuntime env`).toBe(true);
+      }
+    }
+    for (const e of env.values()) expect(typeof e.value === 'string' || e.valueFrom !== undefined, `${e.name}: env values must be strings`).toBe(true);
+  });
+
+  it('ServingRuntime container: one port 8080, GPU, cache PVC + /tmp mounts, read-only root filesystem', () => {
+    const sr = runtime();
+    const c = container();
+    expect(c.ports).toHaveLength(1);
+    expect(c.ports[0].containerPort).toBe(8080);
+    expect(String(c.resources.limits['nvidia.com/gpu'])).toBe('1');
+    expect(String(c.resources.requests['nvidia.com/gpu'])).toBe('1');
+    const vols = new Map((sr.spec.volumes as Obj[]).map((v) => [v.name as string, v]));
+    const mounts = new Map((c.volumeMounts as Obj[]).map((m) => [m.mountPath as string, m]));
+    expect(vols.get(mounts.get('/mnt/cache')!.name)!.persistentVolumeClaim.claimName).toBe(params.get('PVC_NAME'));
+    expect(vols.get(mounts.get('/tmp')!.name)!.emptyDir).toBeDefined();
+    expect(c.securityContext.readOnlyRootFilesystem).toBe(true);
+    expect(c.securityContext.allowPrivilegeEscalation).toBe(false);
+  });
+
+  it('ServingRuntime probes: HTTP liveness on /v2/health/live, HTTP readiness on /v2/health/ready, Knative-valid', () => {
+    const c = container();
+    expect(c.livenessProbe.httpGet.path).toBe('/v2/health/live');
+    expect(c.readinessProbe.httpGet.path).toBe('/v2/health/ready');
+    for (const p of [c.livenessProbe, c.readinessProbe]) {
+      expect(p.tcpSocket).toBeUndefined();
+      expect(p.httpGet.port).toBe(c.ports[0].containerPort);
+    }
+    // Knative: periodSeconds unset = aggressive 50 ms probing, and then timeoutSeconds/failureThreshold are disallowed.
+    if (!c.readinessProbe.periodSeconds) {
+      expect(c.readinessProbe.timeoutSeconds).toBeUndefined();
+      expect(c.readinessProbe.failureThreshold).toBeUndefined();
+    }
+  });
+
+  it('every probe in every template is an HTTP probe on a route the server serves, liveness never on /v1/models/{name}', () => {
+    const probes = allProbes();
+    expect(probes.length).toBeGreaterThanOrEqual(2);
+    for (const { file, kind, probe } of probes) {
+      expect(probe.httpGet, `${file} ${kind}: HTTP probe`).toBeDefined();
+      expect(probe.httpGet.port, `${file} ${kind}: port`).toBe(8080);
+      const routes = kind === 'readinessProbe' ? READINESS_ROUTES : LIVENESS_ROUTES;
+      expect(routes, `${file} ${kind} ${probe.httpGet.path}`).toContain(probe.httpGet.path);
+    }
+  });
+
+  it.each(ISVC_FILES)('%s: InferenceService on our runtime and format, S3 via env + Secret, never storageUri', (file) => {
+    const docs = renderedDocs(file);
+    const secretName = renderedDocs('s3-secret.yaml')[0]!.metadata.name;
+    for (const d of docs) {
+      expect(d.apiVersion).toBe('serving.kserve.io/v1beta1');
+      expect(d.kind).toBe('InferenceService');
+      const model = d.spec.predictor.model as Obj;
+      expect(model.modelFormat.name).toBe('onnx-diffusers');
+      expect(model.runtime).toBe(params.get('RUNTIME_NAME'));
+      expect(findKey(d, 'storageUri'), `${file} ${d.metadata.name}: storageUri starts KServe's storage-initializer`).toEqual([]);
+      expect(['Serverless', 'Knative', 'RawDeployment', 'Standard']).toContain(d.metadata.annotations['serving.kserve.io/deploymentMode']);
+      const env = envOf(model);
+      if (model.storage) {
+        // The seed's option 3 form: KServe storage-config key (documented slow path).
+        expect(file).toBe('inference-service-multi-model.yaml');
+        expect(model.storage.key).toBeTruthy();
+        continue;
+      }
+      expect(env.get('STORAGE_URI')?.value).toMatch(/^s3:\/\/[^/]+\/.+/);
+      for (const n of FROM_SECRET) expect(env.has(n), `${n} would override the Secret`).toBe(false);
+      expect(model.envFrom.map((e: Obj) => e.secretRef?.name)).toContain(secretName);
+      const mounts = new Map((model.volumeMounts as Obj[]).map((m) => [m.mountPath as string, m.name as string]));
+      const vols = new Map((d.spec.predictor.volumes as Obj[]).map((v) => [v.name as string, v]));
+      expect(vols.get(mounts.get('/mnt/cache')!)!.persistentVolumeClaim.claimName).toBe(params.get('PVC_NAME'));
+      expect(vols.get(mounts.get('/tmp')!)!.emptyDir).toBeDefined();
+    }
+  });
+
+  it('Serverless: minReplicas 0 explicit, max 5, concurrency 1, retention, long progress deadline, timeout', () => {
+    const serverless = [...renderedDocs('inference-service.yaml'), ...renderedDocs('inference-service-multi-model.yaml')];
+    for (const d of serverless) {
+      const p = d.spec.predictor;
+      expect(['Serverless', 'Knative']).toContain(d.metadata.annotations['serving.kserve.io/deploymentMode']);
+      expect(Object.hasOwn(p, 'minReplicas') && p.minReplicas === 0, `${d.metadata.name}: minReplicas must be an explicit 0`).toBe(true);
+      expect(p.maxReplicas).toBe(5);
+      expect(p.containerConcurrency === 1 || (p.scaleTarget === 1 && p.scaleMetric === 'concurrency')).toBe(true);
+      expect(p.timeout).toBeGreaterThanOrEqual(300);
+      expect(p.timeout).toBeLessThanOrEqual(600); // Knative's default max-revision-timeout-seconds
+      const deadline = d.metadata.annotations['serving.knative.dev/progress-deadline'];
+      expect(Number(/^(\d+)s$/.exec(deadline)?.[1])).toBeGreaterThanOrEqual(1800);
+    }
+    const main = renderedDocs('inference-service.yaml')[0]!;
+    expect(main.metadata.annotations['autoscaling.knative.dev/scale-to-zero-pod-retention-period']).toMatch(/^\d+[smh]$/);
+    expect(main.metadata.name).toBe(params.get('MODEL_NAME'));
+  });
+
+  it('RawDeployment: min 1 / max 10, HPA autoscaler class with metric and target', () => {
+    const d = renderedDocs('inference-service-raw.yaml')[0]!;
+    expect(['RawDeployment', 'Standard']).toContain(d.metadata.annotations['serving.kserve.io/deploymentMode']);
+    expect(d.spec.predictor.minReplicas).toBe(1);
+    expect(d.spec.predictor.maxReplicas).toBe(10);
+    expect(d.metadata.annotations['serving.kserve.io/autoscalerClass']).toBe('hpa');
+    expect(['cpu', 'memory']).toContain(d.metadata.annotations['serving.kserve.io/metrics']);
+    expect(Number(d.metadata.annotations['serving.kserve.io/targetUtilizationPercentage'])).toBeGreaterThan(0);
+  });
+
+  it('multi-model: several InferenceServices share the runtime, the PVC and the Secret, one URI each', () => {
+    const docs = renderedDocs('inference-service-multi-model.yaml').filter((d) => !d.spec.predictor.model.storage);
+    expect(docs.length).toBeGreaterThanOrEqual(2);
+    const uris = docs.map((d) => envOf(d.spec.predictor.model).get('STORAGE_URI')!.value as string);
+    expect(new Set(uris).size).toBe(uris.length);
+    expect(new Set(docs.map((d) => d.metadata.name)).size).toBe(docs.length);
+  });
+
+  it('PVC is ReadWriteMany with a size; the warm-up Job runs the same image on the same cache and URI', () => {
+    const pvc = renderedDocs('pvc.yaml')[0]!;
+    expect(pvc.kind).toBe('PersistentVolumeClaim');
+    expect(pvc.spec.accessModes).toContain('ReadWriteMany');
+    expect(pvc.spec.resources.requests.storage).toMatch(/^\d+(Gi|Ti|G|T|Mi)$/);
+
+    const job = renderedDocs('warmup-job.yaml')[0]!;
+    expect(job.apiVersion).toBe('batch/v1');
+    expect(job.kind).toBe('Job');
+    expect(job.spec.backoffLimit).toBeGreaterThanOrEqual(1);
+    expect(job.spec.ttlSecondsAfterFinished).toBeGreaterThan(0);
+    const spec = job.spec.template.spec;
+    expect(['Never', 'OnFailure']).toContain(spec.restartPolicy);
+    const c = spec.containers[0];
+    expect(c.image).toBe(container().image);
+    expect(c.command).toEqual(['node', 'dist/warmup/main.js']);
+    expect(c.envFrom.map((e: Obj) => e.secretRef?.name)).toContain(renderedDocs('s3-secret.yaml')[0]!.metadata.name);
+    const isvc = renderedDocs('inference-service.yaml')[0]!;
+    expect(envOf(c).get('STORAGE_URI')?.value).toBe(envOf(isvc.spec.predictor.model).get('STORAGE_URI')?.value);
+    const mount = (c.volumeMounts as Obj[]).find((m) => m.mountPath === '/mnt/cache')!;
+    expect((spec.volumes as Obj[]).find((v) => v.name === mount.name)!.persistentVolumeClaim.claimName).toBe(pvc.metadata.name);
+    expect(c.securityContext.readOnlyRootFilesystem).toBe(true);
+    expect((c.volumeMounts as Obj[]).some((m) => m.mountPath === '/tmp')).toBe(true);
+  });
+
+  it('Route: TLS edge to the predictor Service; Secret: OpenShift AI S3 data connection', () => {
+    const route = renderedDocs('route.yaml')[0]!;
+    expect(route.apiVersion).toBe('route.openshift.io/v1');
+    expect(route.kind).toBe('Route');
+    expect(route.spec.tls.termination).toBe('edge');
+    expect(route.spec.to).toMatchObject({ kind: 'Service', name: `${params.get('MODEL_NAME')}-predictor` });
+
+    const secret = renderedDocs('s3-secret.yaml')[0]!;
+    expect(secret.kind).toBe('Secret');
+    expect(Object.keys(secret.stringData).sort()).toEqual(['AWS_ACCESS_KEY_ID', 'AWS_DEFAULT_REGION', 'AWS_S3_BUCKET', 'AWS_S3_ENDPOINT', 'AWS_SECRET_ACCESS_KEY']);
+    expect(secret.metadata.annotations['opendatahub.io/connection-type']).toBe('s3');
+    expect(secret.metadata.labels['opendatahub.io/dashboard']).toBe('true');
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('Makefile', () => {
+  const REQUIRED = ['help', 'build', 'push', 'deploy', 'undeploy', 'warmup', 'test-v1', 'run-local', 'test', 'bench', 'render'];
+  const targets = (): string[] => [...read('Makefile').matchAll(/^([a-zA-Z0-9_-]+):.*## /gm)].map((m) => m[1]!);
+  const make = (...args: string[]) => spawnSync('make', args, { cwd: ROOT, encoding: 'utf8' });
+
+  it('has every required target, each with a ## description', () => {
+    expect(targets()).toEqual(expect.arrayContaining(REQUIRED));
+  });
+
+  it.skipIf(!has('make'))('help is the default goal and lists every target', () => {
+    const r = make('-s');
+    expect(r.status, r.stderr).toBe(0);
+    for (const t of targets()) expect(r.stdout).toMatch(new RegExp(`^\\s+${t}\\s+\\S`, 'm'));
+  });
+
+  it.skipIf(!has('make'))('`make -n <target>` succeeds for every target', () => {
+    for (const t of targets()) {
+      const r = make('-n', t, 'URL=http://127.0.0.1:1', 'HF_MODEL=org/model', 'OUT=/tmp/x');
+      expect(r.status, `make -n ${t}: ${r.stderr}`).toBe(0);
+    }
+  });
+
+  it.skipIf(!has('make'))('build/push/deploy/bench commands: engine override, IMAGE:TAG from params.env, the bench scripts', () => {
+    const p = loadParams();
+    expect(make('-n', 'build', 'CONTAINER_ENGINE=podman').stdout).toMatch(new RegExp(`^podman build .*-f docker/Dockerfile -t ${p.get('IMAGE')}:${p.get('TAG')} .* \\.$`, 'm'));
+    expect(make('-n', 'push', 'TAG=9.9.9').stdout).toContain(`push ${p.get('IMAGE')}:9.9.9`);
+    expect(make('-n', 'deploy', 'DEPLOY_MODE=raw').stdout).toContain('inference-service-raw.yaml');
+    expect(make('-n', 'bench').stdout).toContain('npm run bench:s3 && npm run bench:cold-start && npm run bench:serve');
+    expect(make('-n', 'test-v1', 'URL=http://h:1').stdout).toContain('scripts/test-v1.sh');
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+interface Instr {
+  cmd: string;
+  args: string;
+  flags: Record<string, string>;
+}
+interface Stage {
+  from: string;
+  name: string | undefined;
+  instrs: Instr[];
+}
+
+/** A small Dockerfile parser: continuations, comments, ARG defaults before FROM, stages, flags. */
+function parseDockerfile(text: string): { args: Map<string, string>; stages: Stage[] } {
+  const lines = text.replace(/\\\r?\n/g, ' ').split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
+  const args = new Map<string, string>();
+  const stages: Stage[] = [];
+  for (const line of lines) {
+    const m = /^(\w+)\s+([\s\S]*)$/.exec(line);
+    if (!m) continue;
+    const cmd = m[1]!.toUpperCase();
+    let rest = m[2]!;
+    const flags: Record<string, string> = {};
+    while (/^--[\w-]+(=\S+)?\s/.test(rest)) {
+      const f = /^--([\w-]+)(?:=(\S+))?\s+/.exec(rest)!;
+      flags[f[1]!] = f[2] ?? 'true';
+      rest = rest.slice(f[0].length);
+    }
+    if (cmd === 'ARG' && stages.length === 0) {
+      const [k, v] = rest.split('=');
+      args.set(k!.trim(), (v ?? '').trim());
+      continue;
+    }
+    if (cmd === 'FROM') {
+      const fm = /^(\S+)(?:\s+AS\s+(\S+))?$/i.exec(rest.trim())!;
+      const from = fm[1]!.replace(/\$\{?(\w+)\}?/g, (_, n: string) => args.get(n) ?? '');
+      stages.push({ from, name: fm[2], instrs: [] });
+      continue;
+    }
+    stages.at(-1)?.instrs.push({ cmd, args: rest, flags });
+  }
+  return { args, stages };
+}
+
+function copySources(i: Instr): { sources: string[]; dest: string } {
+  const parts: string[] = i.args.trim().startsWith('[') ? (JSON.parse(i.args) as string[]) : i.args.trim().split(/\s+/);
+  return { sources: parts.slice(0, -1), dest: parts.at(-1)! };
+}
+
+/** .dockerignore as a list of patterns; enough of its matching for the paths checked here. */
+function dockerignored(rel: string): boolean {
+  const pats = read('.dockerignore').split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
+  let ignored = false;
+  for (const raw of pats) {
+    const neg = raw.startsWith('!');
+    const pat = (neg ? raw.slice(1) : raw).replace(/^\/+|\/+$/g, '');
+    const re = new RegExp(`^${pat.replace(/[.+^$()|[\]{}]/g, '\\$&').replace(/\*\*/g, '\u0000').replace(/\*/g, '[^/]*').replace(/\?/g, '[^/]').replace(/\u0000/g, '.*')}(/.*)?$`);
+    if (re.test(rel)) ignored = !neg;
+  }
+  return ignored;
+}
+
+describe('docker/Dockerfile', () => {
+  const { stages } = parseDockerfile(read('docker/Dockerfile'));
+  const build = stages[0]!;
+  const final = stages.at(-1)!;
+  const runText = (s: Stage) => s.instrs.filter((i) => i.cmd === 'RUN').map((i) => i.args).join('\n');
+  const envText = (s: Stage) => s.instrs.filter((i) => i.cmd === 'ENV').map((i) => i.args).join(' ');
+  const workdir = (s: Stage) => s.instrs.filter((i) => i.cmd === 'WORKDIR').at(-1)?.args.trim() ?? '/';
+
+  it('is multi-stage: a Node 20 build stage and a CUDA 12 + cuDNN runtime stage on Ubuntu 22.04', () => {
+    expect(stages.length).toBeGreaterThanOrEqual(2);
+    expect(build.name).toBeTruthy();
+    expect(build.from).toMatch(/^node:20(\.|-|$)/);
+    expect(final.from).toMatch(/^nvidia\/cuda:12\.\d+(\.\d+)?-cudnn(9)?-runtime-ubuntu22\.04$/);
+  });
+
+  it('build stage: npm ci with ONNXRUNTIME_NODE_INSTALL=cuda12, tsc build, npm prune --omit=dev', () => {
+    expect(`${envText(build)}\n${runText(build)}`).toMatch(/ONNXRUNTIME_NODE_INSTALL=cuda12/);
+    expect(runText(build)).toMatch(/npm ci\b/);
+    expect(runText(build)).toMatch(/npm run build\b/);
+    expect(runText(build)).toMatch(/npm prune --omit=dev\b/);
+  });
+
+  it('runtime stage: non-root uid 1001, group-0 writable cache, HOME under /tmp, port 8080, exec-form node entrypoint', () => {
+    const user = final.instrs.filter((i) => i.cmd === 'USER').at(-1)?.args.trim();
+    expect(user).toMatch(/^1001(:0)?$/);
+    expect(runText(final)).toMatch(/chgrp 0 \/mnt\/cache/);
+    expect(envText(final)).toMatch(/HOME=\/tmp\b/);
+    expect(final.instrs.find((i) => i.cmd === 'EXPOSE')?.args.trim()).toBe('8080');
+    const ep = final.instrs.filter((i) => i.cmd === 'ENTRYPOINT').at(-1)!;
+    expect(JSON.parse(ep.args)).toEqual(['node', 'dist/src/main.js']);
+    expect(final.instrs.some((i) => i.cmd === 'CMD')).toBe(false);
+  });
+
+  it('every COPY source exists in the build context (not .dockerignored) or in the build stage output', () => {
+    const buildWd = workdir(build);
+    const fromBaseImage = new Set(['/usr/local/bin/node']); // the Node binary of the node:20 build image
+    for (const s of stages) {
+      for (const i of s.instrs.filter((x) => x.cmd === 'COPY' || x.cmd === 'ADD')) {
+        expect(i.cmd, 'use COPY, not ADD').toBe('COPY');
+        const { sources } = copySources(i);
+        for (const src of sources) {
+          if (i.flags.from) {
+            expect(i.flags.from).toBe(build.name);
+            if (fromBaseImage.has(src)) continue;
+            expect(src.startsWith(`${buildWd}/`), `${src} is outside the build WORKDIR ${buildWd}`).toBe(true);
+            const rel = src.slice(buildWd.length + 1);
+            expect(existsSync(path.join(ROOT, rel)), `COPY --from=${i.flags.from} ${src}: ${rel} does not exist here (after npm run build)`).toBe(true);
+            // What the build stage has came through `COPY . .` (or npm ci / the build): not ignored.
+            if (!['node_modules', 'dist'].includes(rel.split('/')[0]!)) expect(dockerignored(rel), `${rel} is .dockerignored`).toBe(false);
+          } else {
+            expect(existsSync(path.join(ROOT, src)), `COPY ${src}: missing from the repo`).toBe(true);
+            if (src !== '.') expect(dockerignored(src), `COPY ${src}: excluded by .dockerignore`).toBe(false);
+          }
+        }
+      }
+    }
+  });
+
+  it('the runtime stage gets package.json ("type": "module"), node_modules, dist and the demo tokenizer assets', () => {
+    const copied = final.instrs.filter((i) => i.cmd === 'COPY').flatMap((i) => copySources(i).sources);
+    const wd = workdir(build);
+    for (const need of ['package.json', 'node_modules', 'dist', 'src/demo/assets']) expect(copied).toContain(`${wd}/${need}`);
+    expect(JSON.parse(read('package.json')).type).toBe('module');
+    expect(existsSync(path.join(ROOT, 'src/demo/assets')), 'src/demo/assets (demo tokenizer) is missing').toBe(true);
+  });
+
+  it('entry points exist after `npm run build`: dist/src/main.js (ENTRYPOINT) and dist/warmup/main.js (warm-up Job)', () => {
+    for (const f of ['dist/src/main.js', 'dist/warmup/main.js']) {
+      expect(existsSync(path.join(ROOT, f)), `${f} is missing: run \`npm run build\` (npm test does); its source may not have landed yet`).toBe(true);
+    }
+  });
+
+  it('no tini: the server installs its own SIGTERM handler (node is PID 1)', () => {
+    expect(read('src/main.ts')).toMatch(/process\.on\(\s*['"]SIGTERM['"]/);
+  });
+
+  it('.dockerignore keeps host node_modules, dist, .git and secrets out, and the sources in', () => {
+    for (const p of ['node_modules', 'dist', '.git', '.env', 'node_modules/x/y.js']) expect(dockerignored(p), p).toBe(true);
+    for (const p of ['package.json', 'package-lock.json', '.npmrc', 'tsconfig.json', 'tsconfig.build.json', 'src/main.ts', 'warmup/main.ts', 'src/demo/assets/vocab.json']) {
+      expect(dockerignored(p), p).toBe(false);
+    }
+  });
+
+  it.skipIf(!has('hadolint'))('hadolint passes', () => {
+    const r = spawnSync('hadolint', ['docker/Dockerfile'], { cwd: ROOT, encoding: 'utf8' });
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('scripts', () => {
+  const SCRIPTS = ['scripts/test-v1.sh', 'scripts/export-onnx.sh'];
+
+  it.each(SCRIPTS)('%s passes bash -n', (s) => {
+    const r = spawnSync('bash', ['-n', path.join(ROOT, s)], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+  });
+
+  it.skipIf(!has('shellcheck')).each(SCRIPTS)('%s passes shellcheck', (s) => {
+    const r = spawnSync('shellcheck', [path.join(ROOT, s)], { encoding: 'utf8' });
+    expect(r.status, r.stdout).toBe(0);
+  });
+
+  it('v1_input.json is exactly the seed runtime example request', () => {
+    expect(JSON.parse(read('scripts/v1_input.json'))).toEqual({
+      instances: [{ prompt: 'a photo of a dog', negative_prompt: 'blurry, low quality', num_inference_steps: 50, guidance_scale: 7.5, height: 512, width: 512 }],
+    });
+  });
+
+  describe('test-v1.sh against a stub endpoint', () => {
+    let server: http.Server;
+    let base = '';
+    let png: Buffer;
+    let jpeg: Buffer;
+    const seen: Array<{ url: string; body: string }> = [];
+    beforeAll(async () => {
+      const sharp = (await import('sharp')).default;
+      const img = () => sharp({ create: { width: 512, height: 512, channels: 3, background: { r: 40, g: 90, b: 160 } } });
+      png = await img().png().toBuffer();
+      jpeg = await img().jpeg().toBuffer();
+      server = http.createServer((req, res) => {
+        let body = '';
+        req.on('data', (c: Buffer) => (body += c.toString()));
+        req.on('end', () => {
+          seen.push({ url: req.url ?? '', body });
+          const send = (code: number, o: unknown) => res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(o));
+          if (req.url === '/v1/models/good:predict') send(200, { predictions: [{ image: { b64: png.toString('base64') } }] });
+          else if (req.url === '/v1/models/jpeg:predict') send(200, { predictions: [{ image: { b64: jpeg.toString('base64') } }] });
+          else if (req.url === '/v1/models/empty:predict') send(200, { predictions: [] });
+          else if (req.url === '/v1/models/booting:predict') send(503, { error: 'Model with name booting is not ready.', state: 'fetching' });
+          else send(404, { error: 'Model with name x does not exist.' });
+        });
+      });
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    });
+    afterAll(() => new Promise<void>((r) => server.close(() => r())));
+
+    const run = async (args: string[], env: NodeJS.ProcessEnv = process.env) => {
+      try {
+        const { stdout, stderr } = await execFileP('bash', [path.join(ROOT, 'scripts/test-v1.sh'), ...args], { env, encoding: 'utf8' });
+        return { code: 0, out: stdout + stderr };
+      } catch (e) {
+        const err = e as { code: number; stdout: string; stderr: string };
+        return { code: err.code, out: err.stdout + err.stderr };
+      }
+    };
+
+    it('200 with a 512x512 PNG: exit 0, prints size, bytes and latency; posts the seed request', async () => {
+      const r = await run([base, 'good']);
+      expect(r.code, r.out).toBe(0);
+      expect(r.out).toMatch(new RegExp(`OK: PNG 512x512, ${png.length} bytes, 1 prediction\\(s\\), latency [0-9.]+s`));
+      expect(JSON.parse(seen.at(-1)!.body)).toEqual(JSON.parse(read('scripts/v1_input.json')));
+    });
+
+    it('without node on PATH (base64 + od fallback) reads the same PNG', async () => {
+      const bin = mkdtempSync(path.join(os.tmpdir(), 'deploy-nonode-'));
+      try {
+        for (const tool of ['bash', 'curl', 'sed', 'od', 'tr', 'base64', 'wc', 'head', 'mktemp', 'rm', 'cat', 'dirname', 'basename', 'cp']) {
+          const where = spawnSync('sh', ['-c', `command -v ${tool}`], { encoding: 'utf8' }).stdout.trim();
+          if (where) symlinkSync(where, path.join(bin, tool));
+        }
+        const r = await run([base, 'good'], { ...process.env, PATH: bin });
+        expect(r.code, r.out).toBe(0);
+        expect(r.out).toContain(`OK: PNG 512x512, ${png.length} bytes`);
+      } finally {
+        rmSync(bin, { recursive: true, force: true });
+      }
+    });
+
+    it('fails clearly: HTTP 503, unknown model, no image, not a PNG, bad URL', async () => {
+      const r503 = await run([base, 'booting']);
+      expect(r503.code).not.toBe(0);
+      expect(r503.out).toMatch(/FAIL: HTTP 503.*not ready/);
+      const r404 = await run([base, 'nope']);
+      expect(r404.code).not.toBe(0);
+      expect(r404.out).toMatch(/FAIL: HTTP 404.*unknown model name/);
+      const empty = await run([base, 'empty']);
+      expect(empty.code).not.toBe(0);
+      expect(empty.out).toMatch(/no predictions\[0\]\.image\.b64/);
+      const notPng = await run([base, 'jpeg']);
+      expect(notPng.code).not.toBe(0);
+      expect(notPng.out).toMatch(/not a PNG/);
+      const badUrl = await run(['localhost:8080']);
+      expect(badUrl.code).not.toBe(0);
+      expect(badUrl.out).toMatch(/must start with http/);
+    });
+  });
+
+  describe('export-onnx.sh with a stub optimum-cli', () => {
+    let dir = '';
+    beforeAll(() => {
+      dir = mkdtempSync(path.join(os.tmpdir(), 'deploy-export-'));
+      mkdirSync(path.join(dir, 'venv', 'bin'), { recursive: true });
+      const stub = path.join(dir, 'venv', 'bin', 'optimum-cli');
+      writeFileSync(
+        stub,
+        [
+          '#!/usr/bin/env bash',
+          'echo "optimum-cli $*" >> "$(dirname "$0")/calls"',
+          'out="${*: -1}"',
+          'mkdir -p "$out"/{scheduler,tokenizer,text_encoder,unet,vae_decoder}',
+          'echo "{}" > "$out/model_index.json"',
+          'for f in scheduler/scheduler_config.json tokenizer/vocab.json tokenizer/merges.txt text_encoder/model.onnx unet/model.onnx; do echo x > "$out/$f"; done',
+          '[ -n "${STUB_COMPLETE:-}" ] && echo x > "$out/vae_decoder/model.onnx"',
+          'exit 0',
+          '',
+        ].join('\n'),
+      );
+      chmodSync(stub, 0o755);
+    });
+    afterAll(() => rmSync(dir, { recursive: true, force: true }));
+    const run = (args: string[], env: Record<string, string> = {}) =>
+      spawnSync('bash', [path.join(ROOT, 'scripts/export-onnx.sh'), ...args], { encoding: 'utf8', env: { ...process.env, VENV: path.join(dir, 'venv'), ...env } });
+
+    it('usage: --help exits 0, missing arguments exit 2, unknown options fail', () => {
+      expect(run(['--help']).status).toBe(0);
+      expect(run([]).status).toBe(2);
+      expect(run(['m', path.join(dir, 'o0'), '--bogus']).status).not.toBe(0);
+      expect(run(['m', path.join(dir, 'o0'), '--push', 'http://not-s3']).stderr).toMatch(/s3:\/\/bucket\/prefix/);
+    });
+
+    it('passes --fp16 as --dtype fp16 --device cuda and verifies the layout', () => {
+      const ok = run(['org/model', path.join(dir, 'ok'), '--fp16'], { STUB_COMPLETE: '1' });
+      expect(ok.status, ok.stderr).toBe(0);
+      expect(ok.stdout).toMatch(/layout ok/);
+      expect(readFileSync(path.join(dir, 'venv', 'bin', 'calls'), 'utf8')).toContain('export onnx --model org/model --dtype fp16 --device cuda');
+      const bad = run(['org/model', path.join(dir, 'bad')]);
+      expect(bad.status).not.toBe(0);
+      expect(bad.stderr).toMatch(/incomplete, missing: vae_decoder\/model\.onnx/);
+    });
+  });
+});
