@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Boots the runtime with the CUDA execution provider on the demo model (and, if given, a real model
+# directory), then prints the provider each ONNX session got, the boot phase times and one predict
+# latency. Run it on any CUDA machine; paste its output into issue notes.
+#
+#   scripts/gpu-check.sh [MODEL_DIR] [--ep cuda|auto|cpu] [--size 512] [--steps 20]
+#
+# On a machine whose CUDA libraries come from NVIDIA's Python wheels (no system CUDA), the loader
+# path is assembled from site-packages nvidia/*/lib automatically (see README "GPU").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL_DIR=""
+EP=cuda
+SIZE=512
+STEPS=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --ep) EP="$2"; shift 2 ;;
+    --size) SIZE="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) MODEL_DIR="$1"; shift ;;
+  esac
+done
+
+NODE=${NODE:-node}
+[ -f dist/src/main.js ] || { echo "gpu-check: dist/src/main.js is missing; run npm run build (or npm ci) first" >&2; exit 2; }
+
+if command -v python3 >/dev/null 2>&1; then
+  WHEEL_LIBS=$(python3 - <<'EOF' 2>/dev/null || true
+import os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+print(':'.join(os.path.join(p, d, 'lib') for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, 'lib'))))
+EOF
+)
+  if [ -n "${WHEEL_LIBS:-}" ]; then export LD_LIBRARY_PATH="${WHEEL_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+fi
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
+echo "onnxruntime-node: $($NODE -p "require('onnxruntime-node/package.json').version")"
+ls node_modules/onnxruntime-node/bin/napi-v6/linux/x64/ 2>/dev/null | tr '\n' ' '; echo
+
+check() {
+  local label="$1" uri="$2"
+  local log; log=$(mktemp)
+  local cache; cache=$(mktemp -d)
+  local port=$((20000 + RANDOM % 20000))
+  echo "== $label (EXECUTION_PROVIDER=$EP)"
+  local t0; t0=$(date +%s%N)
+  env ${uri:+STORAGE_URI="$uri"} PORT="$port" HOST=127.0.0.1 MODEL_CACHE_DIR="$cache" EXECUTION_PROVIDER="$EP" LOG_LEVEL=info \
+    "$NODE" dist/src/main.js >"$log" 2>&1 &
+  local pid=$!
+  local ok=0
+  for _ in $(seq 1 1200); do
+    if grep -q '"msg":"model ready"' "$log"; then ok=1; break; fi
+    if grep -q '"msg":"boot failed' "$log" || ! kill -0 "$pid" 2>/dev/null; then break; fi
+    sleep 0.25
+  done
+  local t1; t1=$(date +%s%N)
+  grep -E '"msg":"(execution provider|onnx session created|boot |model ready|warm-up)' "$log" \
+    | "$NODE" -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n").filter(Boolean)){const j=JSON.parse(l);const {level,time,pid,hostname,name,...rest}=j;console.log("  "+JSON.stringify(rest))}})'
+  if [ "$ok" = 1 ]; then
+    echo "  spawn -> ready: $(( (t1 - t0) / 1000000 )) ms"
+    local body="{\"instances\":[{\"prompt\":\"a photo of a dog\",\"num_inference_steps\":$STEPS,\"height\":$SIZE,\"width\":$SIZE,\"seed\":1}]}"
+    for i in 1 2; do
+      local r; r=$(curl -s -o /dev/null -w '%{http_code} %{time_total}' -X POST "http://127.0.0.1:$port/v1/models/model:predict" -H 'content-type: application/json' -d "$body")
+      echo "  predict #$i ${SIZE}x${SIZE}/${STEPS} steps: HTTP ${r% *}, ${r#* } s"
+    done
+    curl -s "http://127.0.0.1:$port/metrics" | grep -E '^(inference_stage_seconds_sum|denoising_steps_per_second|gpu_)' | sed 's/^/  /' || true
+  else
+    echo "  NOT READY; last log lines:"; tail -n 5 "$log" | sed 's/^/  /'
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$cache" "$log"
+}
+
+check "demo model" ""
+if [ -n "$MODEL_DIR" ]; then check "$MODEL_DIR" "$MODEL_DIR"; fi

@@ -1,0 +1,143 @@
+/** @module Every metric the runtime exports, on a registry the runtime owns (no global default registry). */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+/** Buckets for a diffusion request: from a Turbo step on a GPU to a long CPU generation. */
+const REQUEST_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300];
+const BOOT_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800];
+
+export type Metrics = ReturnType<typeof createMetrics>;
+
+export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
+  if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
+  const r = [registry];
+  return {
+    registry,
+    // The seed runtime's names.
+    requests: new Counter({
+      name: 'inference_request_count',
+      help: 'Inference requests answered, by model, protocol and HTTP status code',
+      labelNames: ['model_name', 'protocol', 'status'] as const,
+      registers: r,
+    }),
+    requestDuration: new Histogram({
+      name: 'inference_request_duration_seconds',
+      help: 'Time from receiving an inference request to its last byte, successful requests only',
+      labelNames: ['model_name', 'protocol'] as const,
+      buckets: REQUEST_BUCKETS,
+      registers: r,
+    }),
+    modelLoadTime: new Gauge({
+      name: 'model_load_time_seconds',
+      help: 'Seconds from process start to the model being ready to serve (fetch, sessions and warm-up)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    // Cold start.
+    bootPhase: new Gauge({
+      name: 'boot_phase_duration_seconds',
+      help: 'Duration of each boot phase (resolving, fetching, loading, warming) of the current process',
+      labelNames: ['model_name', 'phase'] as const,
+      registers: r,
+    }),
+    bootPhaseHist: new Histogram({
+      name: 'boot_phase_seconds',
+      help: 'Histogram of boot phase durations (resolving, fetching, loading, warming)',
+      labelNames: ['model_name', 'phase'] as const,
+      buckets: BOOT_BUCKETS,
+      registers: r,
+    }),
+    bootState: new Gauge({
+      name: 'boot_state',
+      help: 'Current boot state: 1 for the state the runtime is in, 0 for the others',
+      labelNames: ['model_name', 'state'] as const,
+      registers: r,
+    }),
+    sessionCreate: new Gauge({
+      name: 'onnx_session_create_seconds',
+      help: 'Seconds to create each ONNX Runtime session, with the execution provider it got',
+      labelNames: ['model_name', 'component', 'provider'] as const,
+      registers: r,
+    }),
+    fetchedBytes: new Counter({
+      name: 'model_download_bytes_total',
+      help: 'Model bytes downloaded from object storage into the cache',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    cacheHits: new Counter({
+      name: 'model_cache_hits_total',
+      help: 'Model boots served from a committed cache entry without downloading',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    // Serving.
+    stageDuration: new Histogram({
+      name: 'inference_stage_seconds',
+      help: 'Time spent in each stage of a generation (text_encoder, denoise, vae_decoder, encode)',
+      labelNames: ['model_name', 'stage'] as const,
+      buckets: REQUEST_BUCKETS,
+      registers: r,
+    }),
+    steps: new Counter({
+      name: 'denoising_steps_total',
+      help: 'UNet denoising steps run (a batched step counts once)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    stepsPerSecond: new Gauge({
+      name: 'denoising_steps_per_second',
+      help: 'Denoising steps per second of the last generation',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    images: new Counter({
+      name: 'images_generated_total',
+      help: 'Images generated (result-cache hits excluded)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    queueDepth: new Gauge({
+      name: 'inference_queue_depth',
+      help: 'Requests waiting for the device (not counting the ones running)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    inflight: new Gauge({
+      name: 'inference_requests_in_flight',
+      help: 'Inference requests accepted and not yet answered',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    batchSize: new Histogram({
+      name: 'inference_batch_size',
+      help: 'Requests combined into one generation batch',
+      labelNames: ['model_name'] as const,
+      buckets: [1, 2, 3, 4, 6, 8, 12, 16, 32, 64],
+      registers: r,
+    }),
+    rejected: new Counter({
+      name: 'inference_rejected_total',
+      help: 'Requests refused before running, by reason (queue_full, not_ready, shutting_down)',
+      labelNames: ['model_name', 'reason'] as const,
+      registers: r,
+    }),
+    cancelled: new Counter({
+      name: 'inference_cancelled_total',
+      help: 'Requests whose client left before the answer (removed from the queue or stopped between steps)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    resultCacheHits: new Counter({
+      name: 'result_cache_hits_total',
+      help: 'Predictions answered from the result cache without a new generation',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    resultCacheBytes: new Gauge({
+      name: 'result_cache_bytes',
+      help: 'Bytes of encoded images held by the result cache',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+  };
+}

@@ -1,0 +1,20 @@
+/** @module Image encoding with sharp (imported lazily: it is a heavy native module). */
+import type { OutputFormat } from '../config.js';
+
+type Sharp = (typeof import('sharp'))['default'];
+let sharpPromise: Promise<Sharp> | undefined;
+export const loadSharp = (): Promise<Sharp> => (sharpPromise ??= import('sharp').then((m) => m.default));
+
+/** Encodes RGB uint8 HWC pixels. PNG is lossless and deterministic: same pixels, same bytes. */
+export async function encodeImage(rgb: Uint8Array, width: number, height: number, format: OutputFormat, quality?: number): Promise<Buffer> {
+  const sharp = await loadSharp();
+  const img = sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), { raw: { width, height, channels: 3 } });
+  switch (format) {
+    case 'png':
+      return img.png({ compressionLevel: 6 }).toBuffer();
+    case 'jpeg':
+      return img.jpeg({ quality: quality ?? 90 }).toBuffer();
+    case 'webp':
+      return img.webp({ quality: quality ?? 90 }).toBuffer();
+  }
+}

@@ -1,0 +1,179 @@
+/** @module Every onnxruntime-node import lives here: lazy loading, execution-provider choice, dtype-correct feeds. */
+import type * as OrtModule from 'onnxruntime-node';
+import type { InferenceSession, Tensor } from 'onnxruntime-node';
+import { RuntimeError } from '../errors.js';
+import type { ExecutionProvider } from '../config.js';
+import { f16ToF32, f32ToF16 } from './half.js';
+
+type Ort = typeof OrtModule;
+let ortPromise: Promise<Ort> | undefined;
+
+/** onnxruntime-node is heavy (native library, ~100 MB): it is imported once, after the server listens. */
+export function loadOrt(): Promise<Ort> {
+  return (ortPromise ??= import('onnxruntime-node'));
+}
+
+export type TensorType = 'float32' | 'float16' | 'int64' | 'int32';
+
+export interface IoInfo {
+  name: string;
+  type: TensorType;
+  /** Dims as the model declares them: numbers for fixed, strings for symbolic ones. */
+  shape: readonly (number | string)[];
+}
+
+export interface ProviderChoice {
+  /** What the session actually got. */
+  provider: 'cuda' | 'cpu';
+  /** Why a requested CUDA provider was not used (under `auto`), for the log. */
+  fallbackReason?: string;
+}
+
+export interface SessionFactoryOptions {
+  ep: ExecutionProvider;
+  intraOpThreads: number;
+  deviceId?: number;
+  log?: (level: 'info' | 'warn', msg: string, obj?: object) => void;
+}
+
+/**
+ * Creates sessions with one execution-provider decision per process: the first session tries CUDA
+ * (unless `cpu`), and every later session reuses the outcome, so a missing CUDA costs one failed try.
+ */
+export class SessionFactory {
+  #decision: Promise<'cuda' | 'cpu'> | undefined;
+  #fallbackReason: string | undefined;
+  constructor(private readonly opts: SessionFactoryOptions) {}
+
+  get fallbackReason(): string | undefined {
+    return this.#fallbackReason;
+  }
+
+  async create(name: string, modelPath: string): Promise<{ session: OnnxSession; provider: 'cuda' | 'cpu'; ms: number }> {
+    const ort = await loadOrt();
+    const t0 = performance.now();
+    if (this.opts.ep === 'cpu') return { session: new OnnxSession(name, await this.#make(ort, modelPath, 'cpu')), provider: 'cpu', ms: performance.now() - t0 };
+    if (this.#decision === undefined) {
+      // The first session decides; concurrent creations wait for the decision instead of all probing CUDA.
+      let resolveDecision!: (p: 'cuda' | 'cpu') => void;
+      this.#decision = new Promise((r) => (resolveDecision = r));
+      try {
+        const s = await this.#make(ort, modelPath, 'cuda');
+        resolveDecision('cuda');
+        this.opts.log?.('info', 'execution provider cuda started', { component: name });
+        return { session: new OnnxSession(name, s), provider: 'cuda', ms: performance.now() - t0 };
+      } catch (err) {
+        const reason = firstLine(err);
+        if (this.opts.ep === 'cuda') {
+          resolveDecision('cpu');
+          throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
+        }
+        this.#fallbackReason = reason;
+        this.opts.log?.('warn', 'execution provider cuda unavailable, falling back to cpu', { reason });
+        resolveDecision('cpu');
+      }
+    }
+    const provider = await this.#decision;
+    if (provider === 'cpu' && this.opts.ep === 'cuda') {
+      throw new RuntimeError('PROVIDER', 'EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start');
+    }
+    const s = await this.#make(ort, modelPath, provider);
+    return { session: new OnnxSession(name, s), provider, ms: performance.now() - t0 };
+  }
+
+  #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
+    const options: InferenceSession.SessionOptions = {
+      executionProviders: provider === 'cuda' ? [{ name: 'cuda', deviceId: this.opts.deviceId ?? 0 }, 'cpu'] : ['cpu'],
+      graphOptimizationLevel: 'all',
+      logSeverityLevel: 3,
+      ...(this.opts.intraOpThreads > 0 ? { intraOpNumThreads: this.opts.intraOpThreads } : {}),
+      // Start-up matters more than the last percent of a cuDNN algorithm search.
+      ...(provider === 'cuda' ? { extra: { session: { 'ep.cuda.cudnn_conv_algo_search': 'HEURISTIC' } } } : {}),
+    };
+    // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
+    return ort.InferenceSession.create(modelPath, options);
+  }
+}
+
+const firstLine = (err: unknown): string => String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 300);
+
+/** A session plus its declared inputs/outputs; feeds are cast to what the model declares. */
+export class OnnxSession {
+  readonly inputs: ReadonlyMap<string, IoInfo>;
+  readonly outputs: ReadonlyMap<string, IoInfo>;
+
+  constructor(readonly name: string, readonly session: InferenceSession) {
+    const meta = (list: readonly InferenceSession.ValueMetadata[]) =>
+      new Map(
+        list.map((m) => {
+          if (!m.isTensor) throw new RuntimeError('MODEL_FORMAT', `${name}: input/output "${m.name}" is not a tensor`);
+          const type = m.type as string;
+          if (!['float32', 'float16', 'int64', 'int32'].includes(type)) {
+            throw new RuntimeError('MODEL_FORMAT', `${name}: "${m.name}" has unsupported type ${type}`);
+          }
+          return [m.name, { name: m.name, type: type as TensorType, shape: m.shape }];
+        }),
+      );
+    this.inputs = meta(session.inputMetadata);
+    this.outputs = meta(session.outputMetadata);
+  }
+
+  has(input: string): boolean {
+    return this.inputs.has(input);
+  }
+
+  input(name: string): IoInfo {
+    const i = this.inputs.get(name);
+    if (!i) throw new RuntimeError('MODEL_FORMAT', `${this.name}: the model has no input "${name}" (it has ${[...this.inputs.keys()].join(', ')})`);
+    return i;
+  }
+
+  /** Runs with float32/int feeds converted to the declared dtypes; returns float32 outputs (float16 widened). */
+  async run(feeds: Record<string, Feed>, outputs?: string[]): Promise<Record<string, { data: Float32Array; dims: readonly number[] }>> {
+    const ort = await loadOrt();
+    const tensors: Record<string, Tensor> = {};
+    for (const [k, f] of Object.entries(feeds)) tensors[k] = toTensor(ort, this.input(k), f);
+    const res = await this.session.run(tensors, outputs ?? [...this.outputs.keys()]);
+    const out: Record<string, { data: Float32Array; dims: readonly number[] }> = {};
+    for (const [k, t] of Object.entries(res)) {
+      out[k] = { data: toF32(t), dims: t.dims };
+      t.dispose?.();
+    }
+    return out;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+export interface Feed {
+  data: Float32Array | number[] | BigInt64Array | Int32Array;
+  dims: readonly number[];
+}
+
+function toTensor(ort: Ort, info: IoInfo, f: Feed): Tensor {
+  const n = f.dims.reduce((a, b) => a * b, 1);
+  if (f.data.length !== n) throw new RuntimeError('INTERNAL', `${info.name}: ${f.data.length} values for dims [${f.dims.join(',')}]`);
+  switch (info.type) {
+    case 'float32':
+      return new ort.Tensor('float32', f.data instanceof Float32Array ? f.data : Float32Array.from(f.data as ArrayLike<number>, Number), f.dims);
+    case 'float16':
+      return new ort.Tensor('float16', f32ToF16(f.data instanceof Float32Array ? f.data : Float32Array.from(f.data as ArrayLike<number>, Number)), f.dims);
+    case 'int64':
+      return new ort.Tensor('int64', f.data instanceof BigInt64Array ? f.data : BigInt64Array.from(f.data as ArrayLike<number>, (v) => BigInt(Math.trunc(Number(v)))), f.dims);
+    case 'int32':
+      return new ort.Tensor('int32', f.data instanceof Int32Array ? f.data : Int32Array.from(f.data as ArrayLike<number>, (v) => Math.trunc(Number(v))), f.dims);
+  }
+}
+
+function toF32(t: Tensor): Float32Array {
+  switch (t.type) {
+    case 'float32':
+      return t.data as Float32Array;
+    case 'float16':
+      return f16ToF32(t.data as Uint16Array);
+    default:
+      return Float32Array.from(t.data as ArrayLike<number | bigint>, Number);
+  }
+}

@@ -1,0 +1,361 @@
+/** @module Text to image over ONNX Runtime, numerically as diffusers' pipelines do it (PROTOCOLS.md §4.3–4.5). */
+import { RuntimeError } from '../errors.js';
+import type { ModelDefaults } from '../runtime/request.js';
+import type { ModelLayout } from './model.js';
+import type { OnnxSession } from './onnx.js';
+import { ClipTokenizer } from './tokenizer.js';
+import { TorchGenerator } from './random.js';
+import { createScheduler } from './schedulers/index.js';
+import type { Scheduler } from './types.js';
+
+export interface JobItem {
+  prompt: string;
+  negativePrompt: string | undefined;
+  seed: number;
+  numImages: number;
+}
+
+export interface JobShape {
+  steps: number;
+  guidance: number;
+  height: number;
+  width: number;
+  scheduler: string | undefined;
+  eta: number;
+  guidanceRescale: number;
+}
+
+export interface Job {
+  shape: JobShape;
+  items: JobItem[];
+}
+
+/** One decoded image: RGB uint8, row-major HWC. */
+export interface RawImage {
+  rgb: Uint8Array;
+  width: number;
+  height: number;
+  seed: number;
+}
+
+export interface StageTimes {
+  textEncoderMs: number;
+  denoiseMs: number;
+  vaeMs: number;
+  steps: number;
+}
+
+export interface GenerateHooks {
+  /** After each step; `latents` is the current unguided latent batch [B,4,h,w]. */
+  onStep?(step: number, of: number, latents: Float32Array): void | Promise<void>;
+  /** Checked between steps: a generation whose clients all left stops at the next step. */
+  cancelled?(): boolean;
+}
+
+export interface Sessions {
+  text_encoder: OnnxSession;
+  text_encoder_2?: OnnxSession;
+  unet: OnnxSession;
+  vae_decoder: OnnxSession;
+}
+
+const LATENT_CHANNELS = 4;
+const f = Math.fround;
+
+export class Pipeline {
+  private constructor(
+    readonly layout: ModelLayout,
+    readonly sessions: Sessions,
+    readonly tokenizers: ClipTokenizer[],
+  ) {}
+
+  static async create(layout: ModelLayout, sessions: Sessions): Promise<Pipeline> {
+    const tokenizers = await Promise.all(layout.tokenizerDirs.map((d) => ClipTokenizer.load(d)));
+    const p = new Pipeline(layout, sessions, tokenizers);
+    // Fail at load, not at the first request, when the scheduler config is unusable.
+    createScheduler(layout.schedulerConfig, 1);
+    return p;
+  }
+
+  /** Whether the UNet takes an LCM guidance embedding instead of classifier-free guidance. */
+  get usesGuidanceEmbedding(): boolean {
+    return this.sessions.unet.has('timestep_cond');
+  }
+
+  defaults(): ModelDefaults {
+    const size = this.layout.unet.sampleSize * this.layout.vae.scaleFactor;
+    const cls = String(this.layout.schedulerConfig._class_name ?? '');
+    const lcm = this.usesGuidanceEmbedding || cls === 'LCMScheduler';
+    return {
+      steps: lcm ? 4 : 50,
+      guidance: lcm ? 8.5 : 7.5,
+      height: size,
+      width: size,
+      scheduler: cls,
+    };
+  }
+
+  async generate(job: Job, hooks: GenerateHooks = {}): Promise<{ images: RawImage[]; times: StageTimes }> {
+    const { shape, items } = job;
+    const { height, width } = shape;
+    const vsf = this.layout.vae.scaleFactor;
+    if (height % vsf !== 0 || width % vsf !== 0) {
+      throw new RuntimeError('INVALID_INPUT', `height and width must be multiples of ${vsf} for this model, got ${height}x${width}`);
+    }
+    const h = height / vsf;
+    const w = width / vsf;
+    const per = LATENT_CHANNELS * h * w;
+    const seeds = items.flatMap((it) => Array.from({ length: it.numImages }, (_, i) => it.seed + i));
+    const B = seeds.length;
+    const lcm = this.usesGuidanceEmbedding;
+    const cfg = shape.guidance > 1 && !lcm;
+
+    const t0 = performance.now();
+    const cond = await this.#encode(items, cfg);
+    const t1 = performance.now();
+
+    const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
+      ...(shape.scheduler !== undefined ? { name: shape.scheduler } : {}),
+      eta: shape.eta,
+    });
+    // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it.
+    const gens = seeds.map((s) => new TorchGenerator(s));
+    let latents: Float32Array<ArrayBufferLike> = new Float32Array(B * per);
+    const sigma0 = f(scheduler.initNoiseSigma);
+    gens.forEach((g, i) => {
+      const d = g.randn(per);
+      for (let k = 0; k < per; k++) latents[i * per + k] = f(d[k]! * sigma0);
+    });
+    const noise = (): Float32Array => {
+      const out = new Float32Array(B * per);
+      gens.forEach((g, i) => out.set(g.randn(per), i * per));
+      return out;
+    };
+
+    const unet = this.sessions.unet;
+    const tInfo = unet.input('timestep');
+    const rows = cfg ? 2 * B : B;
+    const timestepCond = lcm ? guidanceEmbedding(shape.guidance, B, Number(unet.input('timestep_cond').shape[1] ?? 256)) : undefined;
+    const g32 = f(shape.guidance);
+    let denoised: Float32Array<ArrayBufferLike> | undefined;
+    const steps = scheduler.timesteps;
+    for (let k = 0; k < steps.length; k++) {
+      if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
+      const t = steps[k]!;
+      const doubled = cfg ? concat(latents, latents) : latents;
+      const x = scheduler.scaleModelInput(doubled, t);
+      const feeds: Parameters<OnnxSession['run']>[0] = {
+        sample: { data: x, dims: [rows, LATENT_CHANNELS, h, w] },
+        timestep: timestepFeed(tInfo.shape, t, rows),
+        encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
+      };
+      if (cond.pooled) feeds.text_embeds = { data: cond.pooled, dims: [rows, cond.pooled.length / rows] };
+      if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, rows, cfg);
+      if (timestepCond) feeds.timestep_cond = { data: timestepCond, dims: [B, timestepCond.length / B] };
+      const out = await unet.run(feeds, ['out_sample']);
+      let e = out.out_sample!.data;
+      if (cfg) {
+        const n = B * per;
+        const guided = new Float32Array(n);
+        for (let i = 0; i < n; i++) {
+          const u = e[i]!;
+          guided[i] = f(u + f(g32 * f(e[n + i]! - u)));
+        }
+        if (shape.guidanceRescale > 0) rescaleNoiseCfg(guided, e.subarray(n), B, per, shape.guidanceRescale);
+        e = guided;
+      }
+      const res = scheduler.step(e, t, latents, noise);
+      latents = res.prevSample;
+      denoised = res.denoised;
+      await hooks.onStep?.(k + 1, steps.length, latents);
+    }
+    const t2 = performance.now();
+    // LCM decodes its last x0 prediction, everyone else the final sample.
+    const final = lcm && denoised ? denoised : latents;
+    const images: RawImage[] = [];
+    const inv = f(1 / this.layout.vae.scalingFactor);
+    for (let i = 0; i < B; i++) {
+      if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
+      const lat = new Float32Array(per);
+      for (let k = 0; k < per; k++) lat[k] = f(final[i * per + k]! * inv);
+      // One latent at a time, as diffusers' ONNX pipeline decodes: bounded memory at large sizes.
+      const out = await this.sessions.vae_decoder.run({ latent_sample: { data: lat, dims: [1, LATENT_CHANNELS, h, w] } });
+      const dec = Object.values(out)[0]!;
+      images.push({ rgb: toRgb(dec.data, height, width), width, height, seed: seeds[i]! });
+    }
+    const t3 = performance.now();
+    return { images, times: { textEncoderMs: t1 - t0, denoiseMs: t2 - t1, vaeMs: t3 - t2, steps: steps.length } };
+  }
+
+  /** Prompt embeddings [negative rows; positive rows] (or positive only), each item repeated per image. */
+  async #encode(items: JobItem[], cfg: boolean): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
+    const repeat = (rows: Float32Array[]) => items.flatMap((it, i) => Array.from({ length: it.numImages }, () => rows[i]!));
+    if (!this.layout.isXL) {
+      const pos = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, items.map((it) => it.prompt), 'last_hidden_state');
+      let rows = repeat(pos.rows);
+      if (cfg) {
+        const neg = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, items.map((it) => it.negativePrompt ?? ''), 'last_hidden_state');
+        rows = [...repeat(neg.rows), ...rows];
+      }
+      return { embeds: concat(...rows), seq: pos.seq, dim: pos.dim };
+    }
+    // SDXL: penultimate hidden states of both encoders, concatenated on the feature axis; pooled from encoder 2.
+    const enc2 = this.sessions.text_encoder_2!;
+    const tok2 = this.tokenizers[1] ?? this.tokenizers[0]!;
+    const both = async (texts: string[]) => {
+      const a = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, texts, penultimate(this.sessions.text_encoder));
+      const b = await this.#runEncoder(enc2, tok2, texts, penultimate(enc2), 'text_embeds');
+      const rows = a.rows.map((ra, i) => interleave(ra, b.rows[i]!, a.seq, a.dim, b.dim));
+      return { rows, pooled: b.pooled!, seq: a.seq, dim: a.dim + b.dim };
+    };
+    const pos = await both(items.map((it) => it.prompt));
+    let rows = repeat(pos.rows);
+    let pooled = repeat(pos.pooled);
+    if (cfg) {
+      const zeros = items.every((it) => it.negativePrompt === undefined) && this.layout.forceZerosForEmptyPrompt;
+      if (zeros) {
+        rows = [...rows.map((r) => new Float32Array(r.length)), ...rows];
+        pooled = [...pooled.map((p) => new Float32Array(p.length)), ...pooled];
+      } else {
+        const neg = await both(items.map((it) => it.negativePrompt ?? ''));
+        rows = [...repeat(neg.rows), ...rows];
+        pooled = [...repeat(neg.pooled), ...pooled];
+      }
+    }
+    return { embeds: concat(...rows), pooled: concat(...pooled), seq: pos.seq, dim: pos.dim };
+  }
+
+  async #runEncoder(session: OnnxSession, tok: ClipTokenizer, texts: string[], output: string, pooledName?: string) {
+    const ids = texts.flatMap((t) => tok.encode(t));
+    const seq = tok.maxLength;
+    const names = pooledName ? [output, pooledName] : [output];
+    const out = await session.run({ input_ids: { data: ids, dims: [texts.length, seq] } }, names);
+    const hs = out[output]!;
+    const dim = hs.dims[2]!;
+    const rows = texts.map((_, i) => hs.data.slice(i * seq * dim, (i + 1) * seq * dim));
+    const p = pooledName ? out[pooledName] : undefined;
+    const pooled = p ? texts.map((_, i) => p.data.slice(i * p.dims[1]!, (i + 1) * p.dims[1]!)) : undefined;
+    return { rows, seq, dim, pooled };
+  }
+
+  #timeIds(unet: OnnxSession, shape: JobShape, rows: number, cfg: boolean) {
+    const n = Number(unet.input('time_ids').shape[1] ?? 6);
+    const { height: H, width: W } = shape;
+    // Refiner exports take an aesthetic score instead of the target size (6.0 positive, 2.5 negative).
+    const row = (neg: boolean) => (n === 5 ? [H, W, 0, 0, neg ? 2.5 : 6.0] : [H, W, 0, 0, H, W]);
+    const data: number[] = [];
+    for (let r = 0; r < rows; r++) data.push(...row(cfg && r < rows / 2));
+    return { data: Float32Array.from(data), dims: [rows, n] };
+  }
+}
+
+/** The highest-but-one `hidden_states.N` output: diffusers' SDXL uses the penultimate layer. */
+function penultimate(s: OnnxSession): string {
+  const idx = [...s.outputs.keys()].map((k) => /^hidden_states\.(\d+)$/.exec(k)?.[1]).filter((x): x is string => x !== undefined).map(Number);
+  if (idx.length < 2) throw new RuntimeError('MODEL_FORMAT', `${s.name} has no hidden_states.N outputs; an SDXL export needs them`);
+  return `hidden_states.${Math.max(...idx) - 1}`;
+}
+
+/** Concatenates two [seq, a] and [seq, b] rows into [seq, a+b]. */
+function interleave(x: Float32Array, y: Float32Array, seq: number, a: number, b: number): Float32Array {
+  const out = new Float32Array(seq * (a + b));
+  for (let s = 0; s < seq; s++) {
+    out.set(x.subarray(s * a, (s + 1) * a), s * (a + b));
+    out.set(y.subarray(s * b, (s + 1) * b), s * (a + b) + a);
+  }
+  return out;
+}
+
+export function concat(...parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** The timestep feed the model declares: a scalar [] (optimum ≥ 1.24) or one per batch row. */
+function timestepFeed(shape: readonly (number | string)[], t: number, rows: number) {
+  if (shape.length === 0) return { data: [t], dims: [] as number[] };
+  const n = typeof shape[0] === 'number' && shape[0] > 0 ? shape[0] : rows;
+  return { data: new Array<number>(n).fill(t), dims: [n] };
+}
+
+/** LCM's guidance embedding: w = (g - 1)·1000, sinusoidal with `dim` features (diffusers get_guidance_scale_embedding). */
+export function guidanceEmbedding(guidance: number, batch: number, dim: number): Float32Array {
+  const w = f(f(guidance - 1) * 1000);
+  const half = dim / 2;
+  const k = f(Math.log(10000) / (half - 1));
+  const out = new Float32Array(batch * dim);
+  for (let i = 0; i < half; i++) {
+    const freq = f(Math.exp(f(-k * i)));
+    const e = f(w * freq);
+    for (let b = 0; b < batch; b++) {
+      out[b * dim + i] = f(Math.sin(e));
+      out[b * dim + half + i] = f(Math.cos(e));
+    }
+  }
+  return out;
+}
+
+/** diffusers' rescale_noise_cfg: match the guided prediction's std to the text prediction's, per sample. */
+function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, B: number, per: number, phi: number): void {
+  const std = (a: Float32Array, o: number) => {
+    let m = 0;
+    for (let i = 0; i < per; i++) m += a[o + i]!;
+    m /= per;
+    let v = 0;
+    for (let i = 0; i < per; i++) v += (a[o + i]! - m) ** 2;
+    return Math.sqrt(v / (per - 1));
+  };
+  for (let b = 0; b < B; b++) {
+    const o = b * per;
+    const ratio = std(text, o) / std(guided, o);
+    for (let i = 0; i < per; i++) {
+      const g = guided[o + i]!;
+      guided[o + i] = f(phi * g * ratio + (1 - phi) * g);
+    }
+  }
+}
+
+/** VAE output [1,3,H,W] in [-1,1] → uint8 HWC: clip(x/2+0.5) in float32, ×255 in float32, round half to even. */
+export function toRgb(x: Float32Array, H: number, W: number): Uint8Array {
+  const plane = H * W;
+  const out = new Uint8Array(plane * 3);
+  for (let c = 0; c < 3; c++) {
+    for (let p = 0; p < plane; p++) {
+      let v = f(f(x[c * plane + p]! / 2) + 0.5);
+      v = v < 0 ? 0 : v > 1 ? 1 : v;
+      const y = f(v * 255);
+      let r = Math.round(y);
+      if (r - y === 0.5 && (r & 1) === 1) r -= 1;
+      out[p * 3 + c] = r;
+    }
+  }
+  return out;
+}
+
+/**
+ * A cheap latent → RGB preview (h/8 × w/8): the linear approximation of SD's VAE that image UIs use.
+ * Good enough to watch composition emerge; not a substitute for the decoder.
+ */
+export function latentPreview(lat: Float32Array, h: number, w: number): Uint8Array {
+  const M = [
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+  ];
+  const plane = h * w;
+  const out = new Uint8Array(plane * 3);
+  for (let p = 0; p < plane; p++) {
+    for (let c = 0; c < 3; c++) {
+      let v = 0;
+      for (let l = 0; l < 4; l++) v += lat[l * plane + p]! * M[l]![c]!;
+      out[p * 3 + c] = Math.max(0, Math.min(255, Math.round((v + 1) * 127.5)));
+    }
+  }
+  return out;
+}

@@ -1,0 +1,48 @@
+/** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
+import type { ExecutionProvider, OutputFormat } from '../config.js';
+import type { ModelDefaults } from '../runtime/request.js';
+import type { Job } from './pipeline.js';
+
+export interface WorkerInit {
+  ep: ExecutionProvider;
+  intraOpThreads: number;
+  workerIndex: number;
+}
+
+export interface EncodeOptions {
+  format: OutputFormat;
+  quality: number | undefined;
+}
+
+export type ToWorker =
+  | { t: 'component'; component: string; path: string }
+  | { t: 'load'; dir: string }
+  | { t: 'generate'; id: number; job: Job; output: EncodeOptions; previewEvery: number }
+  | { t: 'cancel'; id: number }
+  | { t: 'close' };
+
+export interface EncodedImage {
+  data: ArrayBuffer;
+  seed: number;
+  width: number;
+  height: number;
+  format: OutputFormat;
+}
+
+export interface Times {
+  textEncoderMs: number;
+  denoiseMs: number;
+  vaeMs: number;
+  encodeMs: number;
+  steps: number;
+}
+
+export type FromWorker =
+  | { t: 'imported'; ms: number }
+  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number }
+  | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string }
+  | { t: 'load-failed'; code: string; message: string }
+  | { t: 'progress'; id: number; step: number; of: number; preview?: ArrayBuffer }
+  | { t: 'result'; id: number; images: EncodedImage[]; times: Times }
+  | { t: 'error'; id: number; code: string; message: string }
+  | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

@@ -1,0 +1,125 @@
+/**
+ * @module Worker-thread entry: owns the ONNX sessions and runs generations. ORT's run blocks the
+ * thread that calls it, so none of this may run on the main thread (liveness, probes, metrics).
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { RuntimeError, isRuntimeError } from '../errors.js';
+import { encodeImage, loadSharp } from './image.js';
+import { readLayout, type Component } from './model.js';
+import { SessionFactory, loadOrt, type OnnxSession } from './onnx.js';
+import { Pipeline, latentPreview } from './pipeline.js';
+import type { EncodedImage, FromWorker, ToWorker, WorkerInit } from './protocol.js';
+
+const port = parentPort;
+if (!port) throw new Error('worker.ts must run in a worker thread');
+const init = workerData as WorkerInit;
+
+const post = (m: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer);
+const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => post({ t: 'log', level, msg, obj: { worker: init.workerIndex, ...obj } });
+
+// Heavy native modules load now, in parallel with whatever the main thread is fetching.
+const importStart = performance.now();
+const imported = Promise.all([loadOrt(), loadSharp()]).then(() => post({ t: 'imported', ms: performance.now() - importStart }));
+imported.catch(() => {}); // reported by the first session creation instead
+
+const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
+const sessions = new Map<string, Promise<OnnxSession>>();
+const providers: Record<string, string> = {};
+let pipeline: Pipeline | undefined;
+const cancelled = new Set<number>();
+let queue: Promise<void> = Promise.resolve();
+
+function session(component: string, path: string): Promise<OnnxSession> {
+  let p = sessions.get(component);
+  if (!p) {
+    p = factory.create(component, path).then(({ session: s, provider, ms }) => {
+      providers[component] = provider;
+      post({ t: 'session', component, provider, ms });
+      return s;
+    });
+    // A failed creation is forgotten so a later load retries it.
+    p.catch(() => sessions.delete(component));
+    sessions.set(component, p);
+  }
+  return p;
+}
+
+async function load(dir: string): Promise<void> {
+  try {
+    const layout = readLayout(dir);
+    const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
+    const got = await Promise.all(need.map((c) => session(c, layout.onnx[c]!)));
+    const byName = new Map(need.map((c, i) => [c, got[i]!] as const));
+    pipeline = await Pipeline.create(layout, {
+      text_encoder: byName.get('text_encoder')!,
+      unet: byName.get('unet')!,
+      vae_decoder: byName.get('vae_decoder')!,
+      ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
+    });
+    const fallbackReason = factory.fallbackReason;
+    post({ t: 'loaded', defaults: pipeline.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}) });
+  } catch (err) {
+    post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
+  }
+}
+
+async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> {
+  const { id } = m;
+  try {
+    if (!pipeline) throw new RuntimeError('MODEL_NOT_READY', 'the model is not loaded');
+    const p = pipeline;
+    const { height, width } = m.job.shape;
+    const vsf = p.layout.vae.scaleFactor;
+    const { images, times } = await p.generate(m.job, {
+      cancelled: () => cancelled.has(id),
+      onStep: async (step, of, latents) => {
+        let preview: ArrayBuffer | undefined;
+        if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
+          const h = height / vsf;
+          const w = width / vsf;
+          const png = await encodeImage(latentPreview(latents.subarray(0, 4 * h * w), h, w), w, h, 'png');
+          preview = png.buffer.slice(png.byteOffset, png.byteOffset + png.byteLength) as ArrayBuffer;
+        }
+        post({ t: 'progress', id, step, of, ...(preview ? { preview } : {}) }, preview ? [preview] : []);
+      },
+    });
+    const t0 = performance.now();
+    const encoded: EncodedImage[] = [];
+    for (const img of images) {
+      const buf = await encodeImage(img.rgb, img.width, img.height, m.output.format, m.output.quality);
+      const data = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer;
+      encoded.push({ data, seed: img.seed, width: img.width, height: img.height, format: m.output.format });
+    }
+    const encodeMs = performance.now() - t0;
+    post({ t: 'result', id, images: encoded, times: { ...times, encodeMs } }, encoded.map((e) => e.data));
+  } catch (err) {
+    const code = isRuntimeError(err) ? err.code : 'INTERNAL';
+    if (!isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
+    post({ t: 'error', id, code, message: isRuntimeError(err) ? err.message : 'generation failed' });
+  } finally {
+    cancelled.delete(id);
+  }
+}
+
+port.on('message', (m: ToWorker) => {
+  switch (m.t) {
+    case 'component':
+      session(m.component, m.path).catch(() => {}); // reported by load
+      break;
+    case 'load':
+      queue = queue.then(() => load(m.dir));
+      break;
+    case 'generate':
+      queue = queue.then(() => generate(m));
+      break;
+    case 'cancel':
+      cancelled.add(m.id);
+      break;
+    case 'close':
+      void queue.then(async () => {
+        await Promise.allSettled([...sessions.values()].map(async (s) => (await s).release()));
+        process.exit(0);
+      });
+      break;
+  }
+});

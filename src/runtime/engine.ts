@@ -1,0 +1,347 @@
+/**
+ * @module The device scheduler on the main thread: pipeline workers, a bounded queue, dynamic batching.
+ *
+ *   submit() ──► pending (≤ MAX_QUEUE) ──► pump() ──► batch of compatible tasks (≤ MAX_BATCH_SIZE images)
+ *                    │ client left: removed              │ idle worker: one generation at a time per worker
+ *                    ▼                                   ▼
+ *               CANCELLED                       worker thread (ORT sessions) ──► results split per task
+ */
+import { Worker } from 'node:worker_threads';
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { EncodedImage, FromWorker, Times, ToWorker } from '../pipeline/protocol.js';
+import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
+
+export interface Progress {
+  step: number;
+  of: number;
+  preview?: Buffer;
+}
+
+export interface TaskResult {
+  images: EncodedImage[];
+  times: Times;
+  batchSize: number;
+  queuedMs: number;
+}
+
+export interface SubmitOptions {
+  signal?: AbortSignal;
+  onProgress?: (p: Progress) => void;
+}
+
+interface Task {
+  req: GenerationRequest;
+  key: string;
+  images: number;
+  enqueuedAt: number;
+  signal: AbortSignal | undefined;
+  onProgress: ((p: Progress) => void) | undefined;
+  resolve: (r: TaskResult) => void;
+  reject: (e: unknown) => void;
+  state: 'queued' | 'running' | 'done';
+  onAbort?: () => void;
+}
+
+interface Running {
+  id: number;
+  tasks: Task[];
+  startedAt: number;
+}
+
+class WorkerHandle {
+  running: Running | undefined;
+  loaded = false;
+  constructor(readonly worker: Worker, readonly index: number) {}
+  send(m: ToWorker): void {
+    this.worker.postMessage(m);
+  }
+}
+
+export interface LoadResult {
+  defaults: ModelDefaults;
+  providers: Record<string, string>;
+  fallbackReason?: string;
+}
+
+export interface EngineEvents {
+  onSession?(component: string, provider: string, ms: number): void;
+  onImported?(ms: number): void;
+}
+
+export class Engine {
+  readonly #workers: WorkerHandle[] = [];
+  readonly #pending: Task[] = [];
+  #nextId = 1;
+  #closing = false;
+  #windowTimer: NodeJS.Timeout | undefined;
+  #loadWaiters: Array<{ resolve: (r: LoadResult) => void; reject: (e: unknown) => void; left: number; result?: LoadResult }> = [];
+  #defaults: ModelDefaults | undefined;
+  readonly #labels: { model_name: string };
+  #idleWaiters: Array<() => void> = [];
+
+  constructor(
+    private readonly cfg: Readonly<Config>,
+    private readonly log: Logger,
+    private readonly metrics: Metrics,
+    private readonly events: EngineEvents = {},
+  ) {
+    this.#labels = { model_name: cfg.modelName };
+  }
+
+  get defaults(): ModelDefaults | undefined {
+    return this.#defaults;
+  }
+  get queueDepth(): number {
+    return this.#pending.length;
+  }
+  get busy(): number {
+    return this.#workers.filter((w) => w.running).length;
+  }
+
+  /** Spawns the workers; each starts importing onnxruntime-node and sharp at once. */
+  start(): void {
+    if (this.#workers.length > 0) return;
+    // Several CPU workers share the cores instead of each grabbing all of them.
+    const threads = this.cfg.intraOpThreads > 0 ? this.cfg.intraOpThreads : this.cfg.workers > 1 ? 1 : 0;
+    for (let i = 0; i < this.cfg.workers; i++) {
+      const w = new Worker(new URL('../pipeline/worker.js', import.meta.url), {
+        workerData: { ep: this.cfg.executionProvider, intraOpThreads: threads, workerIndex: i },
+      });
+      const h = new WorkerHandle(w, i);
+      w.on('message', (m: FromWorker) => this.#onMessage(h, m));
+      w.on('error', (err) => this.#onWorkerDeath(h, err));
+      w.on('exit', (code) => {
+        if (!this.#closing) this.#onWorkerDeath(h, new Error(`pipeline worker exited with code ${code}`));
+      });
+      this.#workers.push(h);
+    }
+  }
+
+  /** A component's files are whole: its session can be created while other files still download. */
+  componentReady(component: string, path: string): void {
+    for (const w of this.#workers) w.send({ t: 'component', component, path });
+  }
+
+  load(dir: string): Promise<LoadResult> {
+    this.start();
+    return new Promise((resolve, reject) => {
+      this.#loadWaiters.push({ resolve, reject, left: this.#workers.length });
+      for (const w of this.#workers) w.send({ t: 'load', dir });
+    });
+  }
+
+  /** Queues a generation; rejects at once with BUSY when the queue is full (never an unbounded wait). */
+  submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
+    if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
+    if (this.#pending.length >= this.cfg.maxQueue) {
+      this.metrics.rejected.inc({ ...this.#labels, reason: 'queue_full' });
+      return Promise.reject(new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));
+    }
+    return new Promise<TaskResult>((resolve, reject) => {
+      const images = req.items.reduce((n, it) => n + it.numImages, 0);
+      const key = `${shapeKey(req.shape)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}`;
+      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued' };
+      if (opts.signal) {
+        task.onAbort = () => this.#abandon(task);
+        opts.signal.addEventListener('abort', task.onAbort, { once: true });
+      }
+      this.#pending.push(task);
+      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.#pump();
+    });
+  }
+
+  /** Resolves when nothing is queued or running (used by the SIGTERM drain). */
+  idle(): Promise<void> {
+    if (this.#pending.length === 0 && this.busy === 0) return Promise.resolve();
+    return new Promise((r) => this.#idleWaiters.push(r));
+  }
+
+  /** Stops accepting; queued and running work goes on until `idle()`. */
+  stopAccepting(): void {
+    this.#closing = true;
+  }
+
+  async close(): Promise<void> {
+    this.#closing = true;
+    for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down'));
+    await Promise.all(
+      this.#workers.map(
+        (w) =>
+          new Promise<void>((r) => {
+            const timer = setTimeout(() => void w.worker.terminate().then(() => r()), 5_000);
+            w.worker.once('exit', () => {
+              clearTimeout(timer);
+              r();
+            });
+            w.send({ t: 'close' });
+          }),
+      ),
+    );
+  }
+
+  #retryAfter(): number {
+    // A rough wait: one queue's worth of the last observed generation time, at least a second.
+    return Math.max(1, Math.ceil(((this.#pending.length + 1) * this.#lastGenSeconds) / Math.max(1, this.#workers.length)));
+  }
+  #lastGenSeconds = 5;
+
+  #abandon(task: Task): void {
+    if (task.state === 'queued') {
+      const i = this.#pending.indexOf(task);
+      if (i >= 0) this.#pending.splice(i, 1);
+      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.metrics.cancelled.inc(this.#labels);
+      this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
+      this.#checkIdle();
+    } else if (task.state === 'running') {
+      const w = this.#workers.find((x) => x.running?.tasks.includes(task));
+      // Stop the generation at the next step only when every client of the batch has left.
+      if (w?.running && w.running.tasks.every((t) => t.signal?.aborted)) {
+        this.metrics.cancelled.inc(this.#labels, w.running.tasks.length);
+        w.send({ t: 'cancel', id: w.running.id });
+      }
+    }
+  }
+
+  #pump(): void {
+    clearTimeout(this.#windowTimer);
+    this.#windowTimer = undefined;
+    for (;;) {
+      const worker = this.#workers.find((w) => w.loaded && !w.running);
+      if (!worker || this.#pending.length === 0) return;
+      const head = this.#pending[0]!;
+      const batch: Task[] = [head];
+      let images = head.images;
+      for (const t of this.#pending.slice(1)) {
+        if (images >= this.cfg.maxBatchSize) break;
+        if (t.key === head.key && images + t.images <= this.cfg.maxBatchSize) {
+          batch.push(t);
+          images += t.images;
+        }
+      }
+      // Wait a short window for compatible company, unless the batch is already full.
+      const waited = performance.now() - head.enqueuedAt;
+      if (this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
+        this.#windowTimer = setTimeout(() => this.#pump(), this.cfg.batchWindowMs - waited + 1);
+        return;
+      }
+      for (const t of batch) this.#pending.splice(this.#pending.indexOf(t), 1);
+      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.#dispatch(worker, batch);
+    }
+  }
+
+  #dispatch(worker: WorkerHandle, tasks: Task[]): void {
+    const id = this.#nextId++;
+    const now = performance.now();
+    for (const t of tasks) t.state = 'running';
+    worker.running = { id, tasks, startedAt: now };
+    const head = tasks[0]!.req;
+    this.metrics.batchSize.observe(this.#labels, tasks.length);
+    worker.send({
+      t: 'generate',
+      id,
+      job: { shape: head.shape, items: tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages }))) },
+      output: { format: head.output.format, quality: head.output.quality },
+      previewEvery: head.previewEvery,
+    });
+  }
+
+  #onMessage(w: WorkerHandle, m: FromWorker): void {
+    switch (m.t) {
+      case 'log':
+        this.log[m.level](m.obj ?? {}, m.msg);
+        break;
+      case 'imported':
+        this.events.onImported?.(m.ms);
+        break;
+      case 'session':
+        this.events.onSession?.(m.component, m.provider, m.ms);
+        break;
+      case 'loaded':
+      case 'load-failed': {
+        const waiter = this.#loadWaiters[0];
+        if (!waiter) break;
+        if (m.t === 'load-failed') {
+          this.#loadWaiters.shift();
+          waiter.reject(new RuntimeError(m.code as never, m.message));
+          break;
+        }
+        w.loaded = true;
+        this.#defaults = m.defaults;
+        waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}) };
+        if (--waiter.left === 0) {
+          this.#loadWaiters.shift();
+          waiter.resolve(waiter.result);
+        }
+        this.#pump();
+        break;
+      }
+      case 'progress': {
+        if (w.running?.id !== m.id) break;
+        const preview = m.preview ? Buffer.from(m.preview) : undefined;
+        for (const t of w.running.tasks) t.onProgress?.({ step: m.step, of: m.of, ...(preview ? { preview } : {}) });
+        break;
+      }
+      case 'result':
+      case 'error': {
+        const run = w.running;
+        if (run?.id !== m.id) break;
+        w.running = undefined;
+        const queuedMs = (t: Task) => run.startedAt - t.enqueuedAt;
+        if (m.t === 'error') {
+          const err = new RuntimeError(m.code as never, m.message);
+          for (const t of run.tasks) this.#finish(t, err);
+        } else {
+          const secs = (performance.now() - run.startedAt) / 1000;
+          this.#lastGenSeconds = secs;
+          const { times } = m;
+          const l = this.#labels;
+          this.metrics.stageDuration.observe({ ...l, stage: 'text_encoder' }, times.textEncoderMs / 1000);
+          this.metrics.stageDuration.observe({ ...l, stage: 'denoise' }, times.denoiseMs / 1000);
+          this.metrics.stageDuration.observe({ ...l, stage: 'vae_decoder' }, times.vaeMs / 1000);
+          this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, times.encodeMs / 1000);
+          this.metrics.steps.inc(l, times.steps);
+          if (times.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, times.steps / (times.denoiseMs / 1000));
+          this.metrics.images.inc(l, m.images.length);
+          let o = 0;
+          for (const t of run.tasks) {
+            const mine = m.images.slice(o, o + t.images);
+            o += t.images;
+            this.#finish(t, { images: mine, times, batchSize: run.tasks.length, queuedMs: queuedMs(t) });
+          }
+        }
+        this.#pump();
+        this.#checkIdle();
+        break;
+      }
+    }
+  }
+
+  #finish(t: Task, out: TaskResult | Error): void {
+    if (t.state === 'done') return;
+    t.state = 'done';
+    if (t.onAbort) t.signal?.removeEventListener('abort', t.onAbort);
+    if (out instanceof Error) t.reject(out);
+    else t.resolve(out);
+  }
+
+  #checkIdle(): void {
+    if (this.#pending.length === 0 && this.busy === 0) for (const r of this.#idleWaiters.splice(0)) r();
+  }
+
+  #onWorkerDeath(w: WorkerHandle, err: Error): void {
+    this.log.error({ worker: w.index, err: err.message }, 'pipeline worker died');
+    const run = w.running;
+    w.running = undefined;
+    w.loaded = false;
+    if (run) for (const t of run.tasks) this.#finish(t, new RuntimeError('INTERNAL', 'the generation failed: pipeline worker died'));
+    for (const waiter of this.#loadWaiters.splice(0)) waiter.reject(new RuntimeError('INTERNAL', `pipeline worker died: ${err.message}`));
+    this.#checkIdle();
+  }
+}

@@ -1,0 +1,222 @@
+/** @module One runtime: HTTP server, boot, engine and shutdown wired together (no module-level state). */
+import { existsSync, readdirSync } from 'node:fs';
+import path from 'node:path';
+import type { Config } from '../config.js';
+import { describeConfig } from '../config.js';
+import { isRuntimeError, RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { createMetrics, type Metrics } from '../metrics.js';
+import { createApp, listen, type HttpServer } from '../server/app.js';
+import type { ServerContext } from '../server/context.js';
+import { Boot } from './boot.js';
+import { Engine, type Progress, type TaskResult } from './engine.js';
+import type { GenerationRequest } from './request.js';
+import { checkSchedulerName, randomSeed } from './names.js';
+
+export interface RuntimeOptions {
+  /** process start, for the time-to-ready metric (performance.now() based). */
+  startedAt?: number;
+}
+
+export class Runtime {
+  readonly metrics: Metrics;
+  readonly boot: Boot;
+  readonly engine: Engine;
+  #server: HttpServer | undefined;
+  #stopping = false;
+  #closing: Promise<void> | undefined;
+  readonly #abort = new AbortController();
+  #inflight = 0;
+  #inflightWaiters: Array<() => void> = [];
+
+  constructor(
+    readonly cfg: Readonly<Config>,
+    readonly log: Logger,
+    private readonly opts: RuntimeOptions = {},
+  ) {
+    this.metrics = createMetrics();
+    this.boot = new Boot(cfg.modelName, log, this.metrics);
+    this.engine = new Engine(cfg, log, this.metrics, {
+      onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node and sharp imported'),
+      onSession: (component, provider, ms) => {
+        this.boot.progress.sessions[component] = provider;
+        this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
+        log.info({ component, provider, ms: Math.round(ms) }, 'onnx session created');
+      },
+    });
+  }
+
+  get port(): number {
+    return this.#server?.port ?? 0;
+  }
+
+  context(): ServerContext {
+    return {
+      cfg: this.cfg,
+      log: this.log,
+      metrics: this.metrics,
+      boot: this.boot,
+      engine: this.engine,
+      checkScheduler: checkSchedulerName,
+      randomSeed,
+      stopping: () => this.#stopping,
+      generate: (reqs, signal, onProgress) => this.#generate(reqs, signal, onProgress),
+    };
+  }
+
+  async listen(): Promise<number> {
+    const app = createApp(this.context());
+    this.#server = await listen(app, this.cfg.host, this.cfg.port);
+    this.log.info({ port: this.#server.port, host: this.cfg.host, config: describeConfig(this.cfg) }, 'listening');
+    return this.#server.port;
+  }
+
+  /** resolving → fetching → loading → warming → ready. Never throws: a failure becomes the `failed` state. */
+  async start(): Promise<void> {
+    const started = this.opts.startedAt ?? performance.now();
+    this.engine.start(); // workers import ORT and sharp while we resolve and fetch
+    try {
+      const dir = await this.#resolveAndFetch();
+      if (this.#stopping) return;
+      this.boot.to('loading');
+      const loaded = await this.engine.load(dir);
+      if (loaded.fallbackReason) this.boot.progress.sessions.fallback = loaded.fallbackReason;
+      if (this.#stopping) return;
+      this.boot.to('warming');
+      await this.#warmup();
+      if (this.#stopping) return;
+      this.boot.to('ready');
+      const secs = (performance.now() - started) / 1000;
+      this.metrics.modelLoadTime.set({ model_name: this.cfg.modelName }, secs);
+      this.log.info({ seconds: Number(secs.toFixed(3)), phases: this.boot.phases, providers: loaded.providers }, 'model ready');
+    } catch (err) {
+      if (this.#stopping && this.#abort.signal.aborted) return;
+      const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
+      if (!isRuntimeError(err)) this.log.error({ err }, 'boot crashed');
+      this.boot.to('failed', reason);
+      if (this.cfg.exitOnBootFailure) {
+        await this.close(0);
+        process.exitCode = 1;
+      }
+    }
+  }
+
+  async #resolveAndFetch(): Promise<string> {
+    const uri = this.cfg.storageUri ?? (existsSync('/mnt/models') ? '/mnt/models' : undefined);
+    if (uri === undefined) {
+      const { ensureDemoModel } = await import('../demo/index.js');
+      const dir = await ensureDemoModel(this.cfg.cacheDir, this.log);
+      this.log.info({ dir }, 'no STORAGE_URI and no /mnt/models: serving the embedded demo model');
+      this.#announceAll(dir);
+      return dir;
+    }
+    const { resolveModel } = await import('../storage/index.js');
+    this.boot.to('fetching');
+    const componentFiles = new Map<string, Set<string>>();
+    const ready = new Set<string>();
+    const announced = new Set<string>();
+    const res = await resolveModel(uri, {
+      cfg: this.cfg,
+      log: this.log,
+      signal: this.#abort.signal,
+      onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }),
+      onListing: (files: ReadonlyArray<{ relPath: string }>) => {
+        for (const f of files) {
+          const comp = f.relPath.split('/')[0]!;
+          if (!componentFiles.has(comp)) componentFiles.set(comp, new Set());
+          componentFiles.get(comp)!.add(f.relPath);
+        }
+      },
+      onFileReady: (rel: string, abs: string) => {
+        ready.add(rel);
+        const comp = rel.split('/')[0]!;
+        const all = componentFiles.get(comp);
+        // A component's session starts as soon as all of its own files are whole.
+        if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
+          const onnx = path.join(path.dirname(abs), 'model.onnx');
+          if (existsSync(onnx)) {
+            announced.add(comp);
+            this.engine.componentReady(comp, onnx);
+          }
+        }
+      },
+    } as Parameters<typeof resolveModel>[1]);
+    if (res.fromCache) this.metrics.cacheHits.inc({ model_name: this.cfg.modelName });
+    else this.metrics.fetchedBytes.inc({ model_name: this.cfg.modelName }, res.bytes);
+    this.log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
+    if (res.source === 'local') this.#announceAll(res.dir);
+    return res.dir;
+  }
+
+  /** Local models are whole from the start: every component's session can start at once. */
+  #announceAll(dir: string): void {
+    for (const comp of safeList(dir)) {
+      const onnx = path.join(dir, comp, 'model.onnx');
+      if (existsSync(onnx)) this.engine.componentReady(comp, onnx);
+    }
+  }
+
+  /** One real generation at the served default resolution through the request path. */
+  async #warmup(): Promise<void> {
+    if (this.cfg.warmupSteps === 0) return;
+    const d = this.engine.defaults!;
+    const t0 = performance.now();
+    await this.engine.submit({
+      shape: { steps: this.cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+      items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
+      output: { format: this.cfg.defaultOutputFormat, quality: undefined, uri: undefined },
+      previewEvery: 0,
+    });
+    this.log.info({ ms: Math.round(performance.now() - t0), steps: this.cfg.warmupSteps, size: `${d.width}x${d.height}` }, 'warm-up generation done');
+  }
+
+  async #generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]> {
+    this.#inflight++;
+    this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);
+    try {
+      return await Promise.all(reqs.map((r) => this.engine.submit(r, { signal, ...(onProgress ? { onProgress } : {}) })));
+    } finally {
+      this.#inflight--;
+      this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);
+      if (this.#inflight === 0) for (const w of this.#inflightWaiters.splice(0)) w();
+    }
+  }
+
+  #drained(): Promise<void> {
+    if (this.#inflight === 0) return this.engine.idle();
+    return new Promise<void>((r) => this.#inflightWaiters.push(r)).then(() => this.engine.idle());
+  }
+
+  /**
+   * SIGTERM: readiness false at once, no new connections, in-flight requests finish within the grace
+   * period, then the workers close. Idempotent.
+   */
+  close(graceMs = this.cfg.shutdownGraceS * 1000): Promise<void> {
+    return (this.#closing ??= (async () => {
+      this.#stopping = true;
+      const was = this.boot.state;
+      this.boot.to('stopping');
+      this.engine.stopAccepting();
+      this.#abort.abort(new RuntimeError('SHUTTING_DOWN', 'shutting down'));
+      this.#server?.closeListener();
+      this.log.info({ inflight: this.#inflight, queued: this.engine.queueDepth, graceMs, bootState: was }, 'shutting down: draining in-flight requests');
+      let timer: NodeJS.Timeout | undefined;
+      const drained = await Promise.race([
+        this.#drained().then(() => true),
+        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), graceMs))),
+      ]);
+      clearTimeout(timer);
+      if (!drained) this.log.warn({ inflight: this.#inflight }, 'grace period over: closing with requests still running');
+      await this.engine.close();
+      this.log.info({ drained }, 'shut down');
+    })());
+  }
+}
+
+function safeList(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}

@@ -1,0 +1,48 @@
+/** @module What every protocol handler (V1, V2, WebSocket) shares: readiness checks, parsing, generation. */
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { Boot } from '../runtime/boot.js';
+import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
+import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
+
+export interface ServerContext {
+  cfg: Readonly<Config>;
+  log: Logger;
+  metrics: Metrics;
+  boot: Boot;
+  engine: Engine;
+  /** Scheduler request names, checked at parse time (400 listing the known ones). */
+  checkScheduler: (name: string) => string;
+  randomSeed: () => number;
+  /** True between SIGTERM and exit: readiness is false and new work gets 503. */
+  stopping: () => boolean;
+  /** Runs requests through the result cache and the queue; results in request order. */
+  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void) => Promise<TaskResult[]>;
+}
+
+/** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
+export function assertServable(ctx: ServerContext, name: string): void {
+  if (name !== ctx.cfg.modelName) throw new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+  if (ctx.stopping()) throw new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
+  if (!ctx.boot.ready) {
+    const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;
+    throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter: ctx.boot.state === 'failed' ? 60 : 5 });
+  }
+}
+
+export function parseContext(ctx: ServerContext): ParseContext {
+  const defaults = ctx.engine.defaults;
+  if (!defaults) throw new RuntimeError('MODEL_NOT_READY', `Model with name ${ctx.cfg.modelName} is not ready.`, { retryAfter: 5 });
+  return { cfg: ctx.cfg, defaults, checkScheduler: ctx.checkScheduler, randomSeed: ctx.randomSeed };
+}
+
+/** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
+export function parseJson(body: Buffer): unknown {
+  try {
+    return JSON.parse(body.toString('utf8'));
+  } catch (err) {
+    throw new RuntimeError('INVALID_INPUT', `Unrecognized request format: ${(err as Error).message}`);
+  }
+}

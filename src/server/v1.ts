@@ -1,0 +1,76 @@
+/** @module KServe V1: model listing, model status, readiness, and `:predict` with the seed runtime's body. */
+import type { TemplatedApp } from 'uWebSockets.js';
+import { RuntimeError } from '../errors.js';
+import type { TaskResult } from '../runtime/engine.js';
+import { assertSafeKeys, parseInstances } from '../runtime/request.js';
+import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
+import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+
+/** The seed's prediction shape plus what we add: the seed of each image, its format and size. */
+export function predictionsOf(results: TaskResult[]): Array<Record<string, unknown>> {
+  return results.flatMap((r) =>
+    r.images.map((img) => ({
+      image: { b64: Buffer.from(img.data).toString('base64') },
+      seed: img.seed,
+      format: img.format,
+      width: img.width,
+      height: img.height,
+    })),
+  );
+}
+
+export function modelStatus(ctx: ServerContext, name: string): Reply {
+  if (name !== ctx.cfg.modelName) return json(404, { error: `Model with name ${name} does not exist.` });
+  if (ctx.boot.ready && !ctx.stopping()) return json(200, { name, ready: true });
+  return json(503, { error: `Model with name ${name} is not ready.`, name, ready: false, ...ctx.boot.describe() }, { 'retry-after': '5' });
+}
+
+export function registerV1(app: TemplatedApp, ctx: ServerContext, opts: RouteOptions): void {
+  app.get('/v1/models', route(() => json(200, { models: [ctx.cfg.modelName] }), opts));
+  app.get(
+    '/v1/models/:name',
+    route((r) => {
+      const name = r.params[0]!;
+      if (name.includes(':')) throw new RuntimeError('METHOD_NOT_ALLOWED', `${r.method.toUpperCase()} is not allowed on ${r.url}; use POST`);
+      return modelStatus(ctx, name);
+    }, opts, 1),
+  );
+  // The seed runtime's readiness probe; not a KServe route, kept for its users.
+  app.get('/v1/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts, 1));
+
+  app.post(
+    '/v1/models/:target',
+    bodyRoute(
+      async (r, body, ex) => {
+        const { name, verb } = splitVerb(r.params[0]!);
+        if (verb !== 'predict') throw new RuntimeError('UNSUPPORTED', `:${verb} is not supported by this runtime`);
+        const parsed = parseJson(body);
+        if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+          throw new RuntimeError('INVALID_INPUT', 'the request body must be a JSON object with "instances"');
+        }
+        assertSafeKeys(parsed, 'body');
+        const o = parsed as Record<string, unknown>;
+        const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
+        if (instances === undefined) throw new RuntimeError('INVALID_INPUT', 'the request body has no "instances" list');
+        const reqs = parseInstances(instances, parseContext(ctx), Object.hasOwn(o, 'instances') ? 'instances' : 'inputs');
+        const results = await ctx.generate(reqs, ex.gone.signal);
+        void name;
+        return json(200, { predictions: predictionsOf(results) });
+      },
+      opts,
+      1,
+      (r) => {
+        const { name, verb } = splitVerb(r.params[0]!);
+        if (verb === undefined) throw new RuntimeError('METHOD_NOT_ALLOWED', `POST is not allowed on ${r.url}; use /v1/models/${name}:predict`);
+        if (verb !== 'predict' && verb !== 'explain') throw new RuntimeError('NOT_FOUND', `unknown verb :${verb}; use :predict`);
+        assertServable(ctx, name);
+        if (verb === 'explain') throw new RuntimeError('UNSUPPORTED', 'this runtime has no explainer');
+      },
+    ),
+  );
+}
+
+function splitVerb(target: string): { name: string; verb: string | undefined } {
+  const i = target.lastIndexOf(':');
+  return i < 0 ? { name: target, verb: undefined } : { name: target.slice(0, i), verb: target.slice(i + 1) };
+}

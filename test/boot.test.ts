@@ -1,0 +1,146 @@
+/** Boot over a real socket: liveness at once, readiness only after warm-up, failures visible, EP fallback, SIGTERM drain. */
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+
+const live: ServerHandle[] = [];
+afterEach(async () => {
+  for (const s of live.splice(0)) await s.stop('SIGKILL');
+});
+const start = async (...a: Parameters<typeof startServer>) => {
+  const s = await startServer(...a);
+  live.push(s);
+  return s;
+};
+
+describe('boot', () => {
+  it('answers liveness at once and readiness only after the warm-up generation', async () => {
+    // A long warm-up keeps the runtime in `warming` long enough to watch it.
+    const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '100', EXECUTION_PROVIDER: 'cpu' });
+    const live0 = await fetch(`${srv.url}/v2/health/live`);
+    expect(live0.status).toBe(200);
+    // Routes are polled one after another; each must go 503 → 200 exactly once, never back.
+    const routes = ['/v1/models/model', '/v1/models/model/ready', '/v2/health/ready'];
+    const history = new Map<string, number[]>(routes.map((r) => [r, []]));
+    const states = new Set<string>();
+    let sawPredict503 = false;
+    const deadline = performance.now() + 90_000;
+    for (let i = 0; performance.now() < deadline; i++) {
+      const route = routes[i % routes.length]!;
+      const res = await fetch(`${srv.url}${route}`);
+      const body = (await res.json()) as { state?: string; ready?: boolean; progress?: unknown; error?: string };
+      history.get(route)!.push(res.status);
+      if (route === '/v1/models/model') {
+        if (res.status === 503) {
+          expect(body.error).toBe('Model with name model is not ready.');
+          expect(body.progress).toBeTypeOf('object');
+          states.add(body.state!);
+        } else {
+          expect([res.status, body]).toEqual([200, { name: 'model', ready: true }]);
+        }
+      }
+      if (!sawPredict503 && res.status === 503) {
+        const p = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'early' }] });
+        if (p.status === 503) {
+          expect(p.headers.get('retry-after')).toMatch(/^\d+$/);
+          sawPredict503 = true;
+        }
+      }
+      if ([...history.values()].every((h) => h.at(-1) === 200)) break;
+      await new Promise((r) => setTimeout(r, 15));
+    }
+    for (const [route, h] of history) {
+      const first200 = h.indexOf(200);
+      expect(first200, route).toBeGreaterThan(0); // at least one 503 before ready
+      expect(h.slice(first200).every((x) => x === 200), route).toBe(true);
+    }
+    expect(states.has('warming')).toBe(true);
+    expect(sawPredict503).toBe(true);
+    const warmLog = srv.logs.find((l) => l.msg === 'warm-up generation done');
+    expect(warmLog).toBeDefined();
+    const bootStates = srv.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('boot ')).map((l) => l.state);
+    expect(bootStates).toEqual(['loading', 'warming', 'ready']);
+    const metrics = await (await fetch(`${srv.url}/metrics`)).text();
+    expect(metrics).toMatch(/boot_phase_duration_seconds\{model_name="model",phase="warming"\} [0-9.]+/);
+    expect(metrics).toMatch(/model_load_time_seconds\{model_name="model"\} [0-9.]+/);
+  });
+
+  it('a missing model fails boot with the reason on the model endpoint, liveness still answers', async () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const srv = await start({ STORAGE_URI: path.join(dir, 'no-such-model') });
+      const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+      expect(String(failed.reason)).toMatch(/does not exist/);
+      const m = await fetch(`${srv.url}/v1/models/model`);
+      const body = (await m.json()) as { state: string; reason: string };
+      expect(m.status).toBe(503);
+      expect(body.state).toBe('failed');
+      expect(body.reason).toMatch(/does not exist/);
+      expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
+      expect((await fetch(`${srv.url}/`)).status).toBe(200);
+    } finally {
+      cleanup();
+    }
+  });
+
+  it('a folder that is not an ONNX export fails boot with a clear reason', async () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const srv = await start({ STORAGE_URI: dir });
+      const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+      expect(String(failed.reason)).toMatch(/not an ONNX diffusers export: missing text_encoder\/model\.onnx/);
+    } finally {
+      cleanup();
+    }
+  });
+
+  it('under EXECUTION_PROVIDER=auto without CUDA, logs one fallback line and serves on CPU', async () => {
+    const srv = await start({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'auto', WARMUP_STEPS: '1' }, { ready: true });
+    const fallbacks = srv.logs.filter((l) => l.msg === 'execution provider cuda unavailable, falling back to cpu');
+    expect(fallbacks).toHaveLength(1);
+    expect(String(fallbacks[0]!.reason)).not.toBe('');
+    expect(srv.logs.filter((l) => l.msg === 'onnx session created').every((l) => l.provider === 'cpu')).toBe(true);
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'cpu', num_inference_steps: 2, height: 64, width: 64 }] });
+    expect(r.status).toBe(200);
+  });
+
+  it('under EXECUTION_PROVIDER=cuda without CUDA, fails boot and says why', async () => {
+    const srv = await start({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda' });
+    const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+    expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start/);
+  });
+
+  it('exits non-zero on boot failure when EXIT_ON_BOOT_FAILURE is set', async () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const srv = await start({ STORAGE_URI: path.join(dir, 'missing'), EXIT_ON_BOOT_FAILURE: 'true' });
+      const code = await new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
+      expect(code).toBe(1);
+    } finally {
+      cleanup();
+    }
+  });
+
+  it('stops with one clear line on a bad environment variable', async () => {
+    await expect(startServer({ PORT: 'abc' }, { timeoutMs: 5_000 })).rejects.toThrow(/PORT must be an integer/);
+  });
+});
+
+describe('SIGTERM', () => {
+  it('turns readiness false at once, finishes the in-flight request, refuses new work, exits 0', async () => {
+    const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
+    const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 60, height: 512, width: 512, seed: 9 }] });
+    await srv.waitForLog((l) => l.msg === 'inference request' || false, 300).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 400));
+    const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
+    srv.proc.kill('SIGTERM');
+    await srv.waitForLog((l) => l.msg === 'shutting down: draining in-flight requests');
+    const r = await inflight;
+    expect(r.status).toBe(200);
+    expect(await exit).toBe(0);
+    const stateLine = srv.logs.find((l) => l.msg === 'boot stopping');
+    expect(stateLine).toBeDefined();
+    const shut = srv.logs.find((l) => l.msg === 'shut down');
+    expect(shut?.drained).toBe(true);
+  });
+});

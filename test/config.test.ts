@@ -1,0 +1,45 @@
+/** The environment contract: defaults, every bad variable named at once, frozen result, masked description. */
+import { describe, expect, it } from 'vitest';
+import { ConfigError, describeConfig, loadConfig } from '../src/config.js';
+
+describe('loadConfig', () => {
+  it('gives the documented defaults', () => {
+    const c = loadConfig({});
+    expect(c.port).toBe(8080);
+    expect(c.modelName).toBe('model');
+    expect(c.executionProvider).toBe('auto');
+    expect([c.workers, c.maxBatchSize]).toEqual([1, 1]);
+    expect(c.s3.partSize).toBe(8 * 1024 * 1024);
+    expect(c.storageUri).toBeUndefined();
+    expect(Object.isFrozen(c)).toBe(true);
+    expect(Object.isFrozen(c.s3)).toBe(true);
+  });
+
+  it('names every bad variable in one error', () => {
+    let err: unknown;
+    try {
+      loadConfig({ PORT: 'abc', MAX_BATCH_SIZE: '0', EXECUTION_PROVIDER: 'tpu', S3_VERIFY_SSL: 'maybe' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ConfigError);
+    const msg = (err as Error).message;
+    for (const k of ['PORT', 'MAX_BATCH_SIZE', 'EXECUTION_PROVIDER', 'S3_VERIFY_SSL']) expect(msg).toContain(k);
+    expect((err as ConfigError).problems).toHaveLength(4);
+  });
+
+  it('reads the S3 endpoint the way KServe does', () => {
+    expect(loadConfig({ S3_ENDPOINT: 'minio:9000', S3_USE_HTTPS: '0' }).s3.endpoint).toBe('http://minio:9000');
+    expect(loadConfig({ AWS_S3_ENDPOINT: 'https://s3.example.com/' }).s3.endpoint).toBe('https://s3.example.com');
+    const c = loadConfig({ AWS_ENDPOINT_URL: 'http://127.0.0.1:9000', S3_ENDPOINT: 'http://ignored' });
+    expect(c.s3.endpoint).toBe('http://127.0.0.1:9000');
+    expect(c.s3.forcePathStyle).toBe(true);
+    expect(loadConfig({}).s3.forcePathStyle).toBe(false);
+    expect(loadConfig({ S3_VERIFY_SSL: 'false' }).s3.verifySsl).toBe(false);
+  });
+
+  it('masks credentials in an endpoint or URI when describing itself', () => {
+    const d = describeConfig(loadConfig({ AWS_ENDPOINT_URL: 'http://user:secret@host:9000', STORAGE_URI: 's3://b/p' }));
+    expect(JSON.stringify(d)).not.toContain('secret');
+  });
+});

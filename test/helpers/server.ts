@@ -1,0 +1,140 @@
+/** Starts the real built server (`node dist/src/main.js`) as a child process on an ephemeral port. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const ROOT = path.resolve(import.meta.dirname, '..', '..');
+export const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
+export const SHARED = path.resolve(process.env.SHARED_DIR ?? path.join(ROOT, '..', 'shared'));
+
+export interface LogLine {
+  msg?: string;
+  level?: string;
+  [k: string]: unknown;
+}
+
+export interface ServerHandle {
+  url: string;
+  port: number;
+  proc: ChildProcess;
+  logs: LogLine[];
+  stderr: string[];
+  cacheDir: string;
+  spawnedAt: number;
+  waitForLog(pred: (l: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  waitReady(timeoutMs?: number): Promise<void>;
+  stop(signal?: NodeJS.Signals, timeoutMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** A shared cache dir per test process, so the demo model is generated once per test file. */
+let sharedCache: string | undefined;
+export function sharedCacheDir(): string {
+  return (sharedCache ??= mkdtempSync(path.join(os.tmpdir(), 'dr-test-cache-')));
+}
+
+export async function startServer(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number } = {}): Promise<ServerHandle> {
+  if (!existsSync(ENTRY)) throw new Error(`${ENTRY} is missing: run \`npm run build\` (npm test does it first)`);
+  const cacheDir = env.MODEL_CACHE_DIR ?? sharedCacheDir();
+  const childEnv: Record<string, string> = {};
+  for (const [k, v] of Object.entries({ ...process.env, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', MODEL_CACHE_DIR: cacheDir, ...env })) {
+    if (v !== undefined) childEnv[k] = v;
+  }
+  const spawnedAt = performance.now();
+  const proc = spawn(process.execPath, [ENTRY], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: LogLine[] = [];
+  const stderr: string[] = [];
+  const waiters: Array<{ pred: (l: LogLine) => boolean; resolve: (l: LogLine) => void }> = [];
+  let buf = '';
+  proc.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
+    buf += chunk;
+    let i: number;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      let parsed: LogLine;
+      try {
+        parsed = JSON.parse(line) as LogLine;
+      } catch {
+        parsed = { msg: line, raw: true };
+      }
+      logs.push(parsed);
+      for (const w of [...waiters]) {
+        if (w.pred(parsed)) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve(parsed);
+        }
+      }
+    }
+  });
+  proc.stderr!.setEncoding('utf8').on('data', (c: string) => stderr.push(c));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+
+  const waitForLog = (pred: (l: LogLine) => boolean, timeoutMs = opts.timeoutMs ?? 60_000): Promise<LogLine> => {
+    const hit = logs.find(pred);
+    if (hit) return Promise.resolve(hit);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`timed out waiting for a log line; last lines:\n${logs.slice(-8).map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${stderr.join('').slice(-2000)}`)), timeoutMs);
+      const w = { pred, resolve: (l: LogLine) => (clearTimeout(timer), resolve(l)) };
+      waiters.push(w);
+      void exited.then(({ code }) => {
+        if (waiters.includes(w)) {
+          clearTimeout(timer);
+          reject(new Error(`server exited (code ${code}) before the expected log line; stderr: ${stderr.join('').slice(-2000)}; last: ${logs.slice(-5).map((l) => JSON.stringify(l)).join('\n')}`));
+        }
+      });
+    });
+  };
+
+  const listening = await waitForLog((l) => l.msg === 'listening');
+  const port = Number(listening.port);
+  const url = `http://127.0.0.1:${port}`;
+  const handle: ServerHandle = {
+    url,
+    port,
+    proc,
+    logs,
+    stderr,
+    cacheDir,
+    spawnedAt,
+    waitForLog,
+    waitReady: async (timeoutMs = opts.timeoutMs ?? 120_000) => {
+      const l = await waitForLog((x) => x.msg === 'model ready' || x.msg?.startsWith('boot failed') === true, timeoutMs);
+      if (l.msg !== 'model ready') throw new Error(`boot failed: ${String(l.reason)}`);
+    },
+    stop: async (signal = 'SIGTERM', timeoutMs = 30_000) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+      proc.kill(signal);
+      const timer = setTimeout(() => proc.kill('SIGKILL'), timeoutMs);
+      const r = await exited;
+      clearTimeout(timer);
+      return r;
+    },
+  };
+  if (opts.ready) await handle.waitReady();
+  return handle;
+}
+
+export function tempDir(prefix = 'dr-test-'): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** PNG width/height from the IHDR chunk (no decoder needed). */
+export function pngSize(buf: Buffer): { width: number; height: number } {
+  const sig = buf.subarray(0, 8).toString('hex');
+  if (sig !== '89504e470d0a1a0a') throw new Error('not a PNG');
+  return { width: buf.readUInt32BE(16), height: buf.readUInt32BE(20) };
+}
+
+export async function postJson(url: string, body: unknown, init: RequestInit = {}): Promise<{ status: number; json: Record<string, unknown>; headers: Headers }> {
+  const res = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body), ...init });
+  const text = await res.text();
+  let json: Record<string, unknown>;
+  try {
+    json = JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    json = { _raw: text };
+  }
+  return { status: res.status, json, headers: res.headers };
+}

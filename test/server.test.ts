@@ -1,0 +1,211 @@
+/** The real server over a real socket on the embedded demo model: KServe V1, images, bad input. */
+import net from 'node:net';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+let srv: ServerHandle;
+const predictUrl = () => `${srv.url}/v1/models/model:predict`;
+const b64Of = (j: Record<string, unknown>, i = 0) => Buffer.from(((j.predictions as Array<{ image: { b64: string } }>)[i]!).image.b64, 'base64');
+
+beforeAll(async () => {
+  srv = await startServer({ STORAGE_URI: undefined, MAX_BODY_BYTES: '65536', MAX_IMAGE_SIZE: '1024', MAX_QUEUE: '8' }, { ready: true });
+});
+afterAll(async () => {
+  const r = await srv?.stop();
+  expect(r?.code).toBe(0);
+});
+
+describe('routes', () => {
+  it('answers liveness, model listing, status and readiness', async () => {
+    expect(await (await fetch(`${srv.url}/`)).json()).toEqual({ status: 'alive' });
+    expect(await (await fetch(`${srv.url}/v2/health/live`)).json()).toEqual({ live: true });
+    expect(await (await fetch(`${srv.url}/v1/models`)).json()).toEqual({ models: ['model'] });
+    const st = await fetch(`${srv.url}/v1/models/model`);
+    expect([st.status, await st.json()]).toEqual([200, { name: 'model', ready: true }]);
+    const rd = await fetch(`${srv.url}/v1/models/model/ready`);
+    expect(rd.status).toBe(200);
+    expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
+  });
+
+  it('404s an unknown model with KServe message, before reading the body', async () => {
+    const r = await postJson(`${srv.url}/v1/models/nope:predict`, { instances: [{ prompt: 'x' }] });
+    expect(r.status).toBe(404);
+    expect(r.json.error).toBe('Model with name nope does not exist.');
+    const g = await fetch(`${srv.url}/v1/models/nope`);
+    expect([g.status, await g.json()]).toEqual([404, { error: 'Model with name nope does not exist.' }]);
+  });
+
+  it('answers unknown routes with 404 and wrong methods with 405, as JSON', async () => {
+    const a = await fetch(`${srv.url}/nothing/here`);
+    expect(a.status).toBe(404);
+    expect(typeof ((await a.json()) as { error: string }).error).toBe('string');
+    const b = await fetch(`${srv.url}/v1/models/model:predict`);
+    expect(b.status).toBe(405);
+    expect(typeof ((await b.json()) as { error: string }).error).toBe('string');
+    const c = await fetch(`${srv.url}/v1/models`, { method: 'DELETE' });
+    expect(c.status).toBe(405);
+    const d = await postJson(`${srv.url}/v1/models/model:explain`, { instances: [{ prompt: 'x' }] });
+    expect(d.status).toBe(501);
+  });
+
+  it('serves Prometheus metrics with the seed names', async () => {
+    const text = await (await fetch(`${srv.url}/metrics`)).text();
+    for (const name of ['inference_request_count', 'inference_request_duration_seconds', 'model_load_time_seconds']) {
+      expect(text).toContain(`# HELP ${name} `);
+    }
+    expect(text).not.toMatch(/gpu_memory_usage_bytes|gpu_utilization_percent/); // no GPU here: never invented
+  });
+});
+
+describe('predict', () => {
+  it('returns a PNG of the requested size with its seed, deterministic per seed', async () => {
+    const body = { instances: [{ prompt: 'a red fox in the snow', num_inference_steps: 8, height: 256, width: 192, seed: 7 }] };
+    const a = await postJson(predictUrl(), body);
+    expect(a.status).toBe(200);
+    const pred = (a.json.predictions as Array<Record<string, unknown>>)[0]!;
+    expect(pred.seed).toBe(7);
+    expect(pred.format).toBe('png');
+    const png = b64Of(a.json);
+    expect(pngSize(png)).toEqual({ width: 192, height: 256 });
+    const meta = await sharp(png).metadata();
+    expect([meta.width, meta.height, meta.channels]).toEqual([192, 256, 3]);
+    const b = await postJson(predictUrl(), body);
+    expect(b64Of(b.json).equals(png)).toBe(true);
+  });
+
+  it('gives a different image for a different prompt or seed, and varies with steps', async () => {
+    const base = { prompt: 'a red fox in the snow', num_inference_steps: 6, height: 128, width: 128, seed: 11 };
+    const img = async (over: Record<string, unknown>) => b64Of((await postJson(predictUrl(), { instances: [{ ...base, ...over }] })).json);
+    const ref = await img({});
+    const [p, s, n] = await Promise.all([img({ prompt: 'a blue whale' }), img({ seed: 12 }), img({ num_inference_steps: 7 })]);
+    for (const other of [p, s, n]) {
+      const [x, y] = await Promise.all([sharp(ref).raw().toBuffer(), sharp(other).raw().toBuffer()]);
+      let diff = 0;
+      for (let i = 0; i < x.length; i++) diff += Math.abs(x[i]! - y[i]!);
+      expect(diff / x.length).toBeGreaterThan(0.5);
+    }
+  });
+
+  it('serves the seed example request at 512x512 / 50 steps', async () => {
+    const t0 = performance.now();
+    const r = await postJson(predictUrl(), {
+      instances: [{ prompt: 'a photo of a dog', negative_prompt: 'blurry, low quality', num_inference_steps: 50, guidance_scale: 7.5, height: 512, width: 512 }],
+    });
+    expect(r.status).toBe(200);
+    expect(pngSize(b64Of(r.json))).toEqual({ width: 512, height: 512 });
+    const seed = (r.json.predictions as Array<{ seed: number }>)[0]!.seed;
+    expect(Number.isSafeInteger(seed)).toBe(true);
+    console.log(`seed example 512x512/50 steps: ${(performance.now() - t0).toFixed(0)} ms`);
+  });
+
+  it('returns one prediction per image for several instances and num_images_per_prompt', async () => {
+    const r = await postJson(predictUrl(), {
+      instances: [
+        { prompt: 'one', num_inference_steps: 3, height: 64, width: 64, seed: 100, num_images_per_prompt: 2 },
+        { prompt: 'two', num_inference_steps: 3, height: 64, width: 64, seed: 5 },
+      ],
+    });
+    expect(r.status).toBe(200);
+    expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual([100, 101, 5]);
+  });
+
+  it('keeps answering liveness while a long generation runs', async () => {
+    const long = postJson(predictUrl(), { instances: [{ prompt: 'long', num_inference_steps: 500, height: 1024, width: 1024, seed: 1 }] });
+    const started = performance.now();
+    await new Promise((r) => setTimeout(r, 300));
+    const lat: number[] = [];
+    let done = false;
+    void long.then(() => (done = true));
+    while (!done && lat.length < 40) {
+      const t = performance.now();
+      const res = await fetch(`${srv.url}/v2/health/live`);
+      expect(res.status).toBe(200);
+      lat.push(performance.now() - t);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const r = await long;
+    expect(r.status).toBe(200);
+    const total = performance.now() - started;
+    // Probes answered while the generation was still running, each far faster than it.
+    expect(lat.length).toBeGreaterThan(3);
+    expect(Math.max(...lat)).toBeLessThan(Math.min(250, total / 4));
+  });
+});
+
+describe('bad input: a clear 400/413 and the server keeps serving', () => {
+  const cases: Array<[string, string | object, number, RegExp]> = [
+    ['malformed JSON', '{"instances": [', 400, /Unrecognized request format/],
+    ['not an object', '[1,2]', 400, /JSON object/],
+    ['no instances', {}, 400, /instances/],
+    ['empty instances', { instances: [] }, 400, /must not be empty/],
+    ['instances not a list', { instances: { prompt: 'x' } }, 400, /list/],
+    ['missing prompt', { instances: [{}] }, 400, /instances\[0\]\.prompt is required/],
+    ['prompt not a string', { instances: [{ prompt: 42 }] }, 400, /instances\[0\]\.prompt must be a string/],
+    ['prompt an object', { instances: [{ prompt: { a: 1 } }] }, 400, /prompt must be a string, got an object/],
+    ['steps zero', { instances: [{ prompt: 'x', num_inference_steps: 0 }] }, 400, /num_inference_steps/],
+    ['steps too many', { instances: [{ prompt: 'x', num_inference_steps: 501 }] }, 400, /num_inference_steps/],
+    ['steps fractional', { instances: [{ prompt: 'x', num_inference_steps: 2.5 }] }, 400, /num_inference_steps/],
+    ['guidance a string', { instances: [{ prompt: 'x', guidance_scale: 'high' }] }, 400, /guidance_scale must be a number/],
+    ['height not multiple of 8', { instances: [{ prompt: 'x', height: 500 }] }, 400, /height must be a positive multiple of 8/],
+    ['width negative', { instances: [{ prompt: 'x', width: -8 }] }, 400, /width/],
+    ['width above maximum', { instances: [{ prompt: 'x', width: 4096 }] }, 400, /up to 1024/],
+    ['huge number', { instances: [{ prompt: 'x', height: 1e308 }] }, 400, /height/],
+    ['overflowing number', '{"instances":[{"prompt":"x","guidance_scale":1e999}]}', 400, /guidance_scale/],
+    ['negative seed', { instances: [{ prompt: 'x', seed: -1 }] }, 400, /seed/],
+    ['seed too large', { instances: [{ prompt: 'x', seed: 2 ** 60 }] }, 400, /seed/],
+    ['unknown scheduler', { instances: [{ prompt: 'x', scheduler: 'warp9' }] }, 400, /scheduler.*euler/i],
+    ['__proto__ key', '{"instances":[{"prompt":"x","__proto__":{"admin":true}}]}', 400, /forbidden key/],
+    ['bad output format', { instances: [{ prompt: 'x', output_format: 'bmp' }] }, 400, /output_format/],
+    ['several problems at once', { instances: [{ prompt: 1, height: 7 }] }, 400, /prompt.*; .*height/],
+  ];
+  it.each(cases)('%s', async (_name, body, status, pattern) => {
+    const r = await postJson(predictUrl(), body);
+    expect(r.status).toBe(status);
+    expect(r.json.error).toMatch(pattern);
+    expect(JSON.stringify(r.json)).not.toMatch(/at .*\.js:\d+|TypeError|SyntaxError:/);
+  });
+
+  it('refuses a body above the limit with 413', async () => {
+    const r = await postJson(predictUrl(), { instances: [{ prompt: 'x'.repeat(70_000) }] });
+    expect(r.status).toBe(413);
+    expect(r.json.error).toMatch(/exceeds the limit of 65536 bytes/);
+  });
+
+  it('survives a client that disconnects mid-generation and keeps serving', async () => {
+    const body = JSON.stringify({ instances: [{ prompt: 'gone', num_inference_steps: 60, height: 256, width: 256, seed: 3 }] });
+    await new Promise<void>((resolve) => {
+      const s = net.connect(srv.port, '127.0.0.1', () => {
+        s.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+        setTimeout(() => {
+          s.destroy();
+          resolve();
+        }, 200);
+      });
+    });
+    const r = await postJson(predictUrl(), { instances: [{ prompt: 'after', num_inference_steps: 2, height: 64, width: 64, seed: 1 }] });
+    expect(r.status).toBe(200);
+    expect(srv.proc.exitCode).toBeNull();
+  });
+
+  it('survives a bounded random fuzz of the predict route', async () => {
+    // Deterministic PRNG so a failure reproduces.
+    let s = 12345;
+    const rnd = () => ((s = (s * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff);
+    const pick = <T>(xs: T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+    const values: unknown[] = [null, true, 0, -1, 1.5, 8, 64, 2 ** 53, -(2 ** 31), '', 'x', '64', [], [1], {}, { a: 1 }, 'é∂🙂', 1e308];
+    const fields = ['prompt', 'negative_prompt', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'seed', 'scheduler', 'num_images_per_prompt', 'output_format', 'quality', 'eta'];
+    let ok = 0;
+    for (let i = 0; i < 60; i++) {
+      const inst: Record<string, unknown> = { prompt: 'fuzz', num_inference_steps: 1, height: 64, width: 64 };
+      for (let k = 0; k < 3; k++) inst[pick(fields)] = pick(values);
+      const variants = [JSON.stringify({ instances: [inst] }), JSON.stringify({ instances: pick(values) }), JSON.stringify(inst).slice(0, Math.floor(rnd() * 40))];
+      const r = await postJson(predictUrl(), pick(variants));
+      expect([200, 400]).toContain(r.status);
+      if (r.status === 400) expect(typeof r.json.error).toBe('string');
+      else ok++;
+    }
+    expect(ok).toBeGreaterThanOrEqual(0);
+    expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
+  });
+});
