@@ -1,0 +1,146 @@
+/**
+ * The templates' probes against the real server: start `node dist/src/main.js` (embedded demo model:
+ * no STORAGE_URI, no /mnt/models), then every liveness path in templates/ must answer 200 at once
+ * and every readiness path 200 once the warm-up is done. Also: the probe port is the server's default
+ * port, and the server exits 0 on SIGTERM (the image has no tini: node is PID 1).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import YAML from 'yaml';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
+const TEMPLATES = path.join(ROOT, 'templates');
+const MODEL = 'probe-model';
+
+type Obj = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** Same rules as `make render` (envsubst restricted to the names in templates/params.env). */
+function renderedDocs(file: string): Obj[] {
+  const params = new Map<string, string>();
+  for (const line of readFileSync(path.join(TEMPLATES, 'params.env'), 'utf8').split('\n')) {
+    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line);
+    if (m) params.set(m[1]!, m[2]!);
+  }
+  const text = readFileSync(path.join(TEMPLATES, file), 'utf8').replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g, (all, n: string) => params.get(n) ?? all);
+  return YAML.parseAllDocuments(text).map((d) => d.toJSON() as Obj).filter((d) => d !== null);
+}
+
+function probes(): { liveness: Set<string>; readiness: Set<string>; ports: Set<number> } {
+  const liveness = new Set<string>();
+  const readiness = new Set<string>();
+  const ports = new Set<number>();
+  for (const file of readdirSync(TEMPLATES).filter((f) => f.endsWith('.yaml'))) {
+    for (const doc of renderedDocs(file)) {
+      const containers: Obj[] = [...(doc.spec?.containers ?? []), ...(doc.spec?.predictor?.model ? [doc.spec.predictor.model] : []), ...(doc.spec?.template?.spec?.containers ?? [])];
+      for (const c of containers) {
+        for (const [kind, set] of [['livenessProbe', liveness], ['startupProbe', liveness], ['readinessProbe', readiness]] as const) {
+          const p = c[kind]?.httpGet;
+          if (!p) continue;
+          // KServe renders {{.Name}} to the InferenceService name, which is the server's MODEL_NAME.
+          set.add(String(p.path).replaceAll('{{.Name}}', MODEL));
+          ports.add(Number(p.port));
+        }
+      }
+    }
+  }
+  return { liveness, readiness, ports };
+}
+
+describe('template probes against the real server', () => {
+  let proc: ChildProcess | undefined;
+  let base = '';
+  let cache = '';
+  const logs: Obj[] = [];
+  let stderr = '';
+  let exited: Promise<number | null>;
+
+  beforeAll(async () => {
+    if (!existsSync(ENTRY)) throw new Error(`${ENTRY} is missing: run \`npm run build\` first (npm test does); the server source may not have landed yet`);
+    cache = mkdtempSync(path.join(os.tmpdir(), 'deploy-probe-cache-'));
+    const env: NodeJS.ProcessEnv = { ...process.env, PORT: '0', HOST: '127.0.0.1', MODEL_NAME: MODEL, MODEL_CACHE_DIR: cache, EXECUTION_PROVIDER: 'cpu', LOG_LEVEL: 'info', SHUTDOWN_GRACE_S: '5' };
+    delete env.STORAGE_URI;
+    proc = spawn(process.execPath, [ENTRY], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    exited = new Promise((r) => proc!.once('exit', (code) => r(code)));
+    proc.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+    const port = await new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no "listening" log line within 30 s; stderr: ${stderr.slice(-1500)}`)), 30_000);
+      let buf = '';
+      proc!.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
+        buf += chunk;
+        let i: number;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 1);
+          try {
+            const l = JSON.parse(line) as Obj;
+            logs.push(l);
+            if (l.msg === 'listening') {
+              clearTimeout(timer);
+              resolve(Number(l.port));
+            }
+          } catch {
+            /* not a JSON line */
+          }
+        }
+      });
+      void exited.then((code) => reject(new Error(`server exited (code ${code}) before listening; stderr: ${stderr.slice(-1500)}`)));
+    });
+    base = `http://127.0.0.1:${port}`;
+  }, 40_000);
+
+  afterAll(async () => {
+    if (proc && proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    rmSync(cache, { recursive: true, force: true });
+  });
+
+  it('templates probe port 8080, which is the server default (PORT unset) and the image EXPOSE', async () => {
+    const { ports } = probes();
+    expect([...ports]).toEqual([8080]);
+    const { loadConfig } = await import('../src/config.js');
+    expect(loadConfig({ MODEL_CACHE_DIR: cache }).port).toBe(8080);
+    expect(readFileSync(path.join(ROOT, 'docker', 'Dockerfile'), 'utf8')).toMatch(/^EXPOSE 8080$/m);
+  });
+
+  it('every liveness path in the templates answers 200 right after listen', async () => {
+    const { liveness } = probes();
+    expect(liveness.size).toBeGreaterThan(0);
+    for (const p of liveness) {
+      const res = await fetch(base + p, { headers: { 'user-agent': 'kube-probe/1.30' } });
+      expect(res.status, `GET ${p}`).toBe(200);
+    }
+    const root = await fetch(`${base}/`);
+    expect(await root.json()).toEqual({ status: 'alive' });
+  });
+
+  it('every readiness path in the templates answers 200 once the model is warm (polled up to 60 s)', async () => {
+    const { readiness } = probes();
+    expect(readiness.size).toBeGreaterThan(0);
+    for (const p of readiness) {
+      const deadline = Date.now() + 60_000;
+      let status = 0;
+      let body = '';
+      while (Date.now() < deadline) {
+        const res = await fetch(base + p, { headers: { 'user-agent': 'kube-probe/1.30' } });
+        status = res.status;
+        body = await res.text();
+        if (status === 200) break;
+        expect(status, `GET ${p} before ready must be 503, got ${status}: ${body}`).toBe(503);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      if (status !== 200) {
+        const state = await fetch(`${base}/v1/models/${MODEL}`).then((r) => r.text()).catch(() => '?');
+        throw new Error(`GET ${p} still ${status} after 60 s; /v1/models/${MODEL}: ${state}; last logs: ${logs.slice(-5).map((l) => JSON.stringify(l)).join('\n')}`);
+      }
+    }
+  }, 70_000);
+
+  it('exits 0 on SIGTERM (node as PID 1 relies on its own handler)', async () => {
+    proc!.kill('SIGTERM');
+    const code = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('timeout'), 15_000))]);
+    expect(code, `stderr: ${stderr.slice(-1000)}`).toBe(0);
+  }, 20_000);
+});
