@@ -1,10 +1,12 @@
-/** @module Entry: parse config, listen, start boot. Nothing heavy is imported before the socket is open. */
-import { ConfigError, loadConfig } from './config.js';
-import { createLogger } from './log.js';
-import { Runtime } from './runtime/runtime.js';
+/**
+ * @module Entry: parse config, listen, start boot. Only uWebSockets.js and the config parser load
+ * before the socket is open; logging, metrics and the runtime are imported after.
+ */
+import { ConfigError, loadConfig, type Config } from './config.js';
+import { listenBase, type BaseServer } from './server/base.js';
 
 async function main(): Promise<void> {
-  let cfg;
+  let cfg: Readonly<Config>;
   try {
     cfg = loadConfig(process.env);
   } catch (err) {
@@ -12,15 +14,18 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);
     process.exit(2);
   }
+  let base: BaseServer;
+  try {
+    base = await listenBase(cfg.host, cfg.port);
+  } catch (err) {
+    process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+  const [{ createLogger }, { Runtime }] = await Promise.all([import('./log.js'), import('./runtime/runtime.js')]);
   const log = createLogger(cfg.logLevel);
   // performance.now() counts from process start, so 0 is "the process started".
   const rt = new Runtime(cfg, log, { startedAt: 0 });
-  try {
-    await rt.listen();
-  } catch (err) {
-    log.fatal({ err: (err as Error).message }, 'cannot listen');
-    process.exit(1);
-  }
+  rt.attach(base);
   let signals = 0;
   const stop = (sig: string) => {
     if (++signals > 1) {

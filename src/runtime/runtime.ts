@@ -6,7 +6,8 @@ import { describeConfig } from '../config.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createMetrics, type Metrics } from '../metrics.js';
-import { createApp, listen, type HttpServer } from '../server/app.js';
+import { registerRoutes } from '../server/app.js';
+import { listenBase, type BaseServer } from '../server/base.js';
 import type { ServerContext } from '../server/context.js';
 import { Boot } from './boot.js';
 import { Engine, type Progress, type TaskResult } from './engine.js';
@@ -22,7 +23,7 @@ export class Runtime {
   readonly metrics: Metrics;
   readonly boot: Boot;
   readonly engine: Engine;
-  #server: HttpServer | undefined;
+  #server: BaseServer | undefined;
   #stopping = false;
   #closing: Promise<void> | undefined;
   readonly #abort = new AbortController();
@@ -64,11 +65,17 @@ export class Runtime {
     };
   }
 
+  /** Listens (base server with liveness first), then adds every other route. */
   async listen(): Promise<number> {
-    const app = createApp(this.context());
-    this.#server = await listen(app, this.cfg.host, this.cfg.port);
-    this.log.info({ port: this.#server.port, host: this.cfg.host, config: describeConfig(this.cfg) }, 'listening');
-    return this.#server.port;
+    return this.attach(await listenBase(this.cfg.host, this.cfg.port));
+  }
+
+  /** Takes over a base server that is already answering liveness. */
+  attach(base: BaseServer): number {
+    this.#server = base;
+    registerRoutes(base, this.context());
+    this.log.info({ port: base.port, host: this.cfg.host, config: describeConfig(this.cfg) }, 'listening');
+    return base.port;
   }
 
   /** resolving → fetching → loading → warming → ready. Never throws: a failure becomes the `failed` state. */

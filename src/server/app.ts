@@ -1,19 +1,15 @@
 /** @module The uWebSockets.js app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
-import uWS from 'uWebSockets.js';
+import type uWS from 'uWebSockets.js';
+import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
 
-export interface HttpServer {
-  readonly port: number;
-  /** Stops accepting connections; requests on open connections go on. Idempotent. */
-  closeListener(): void;
-}
-
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
 
-export function createApp(ctx: ServerContext): uWS.TemplatedApp {
-  const app = uWS.App();
+/** Adds every route beyond liveness to the already-listening base server. */
+export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
+  const { app } = base;
   const opts: RouteOptions = {
     log: ctx.log,
     maxBodyBytes: ctx.cfg.maxBodyBytes,
@@ -29,9 +25,7 @@ export function createApp(ctx: ServerContext): uWS.TemplatedApp {
     },
   };
 
-  // Liveness: 200 from the moment we listen, whatever the boot state (probes must never kill a cold download).
-  app.get('/', route(() => json(200, { status: 'alive' }), opts));
-  app.get('/v2/health/live', route(() => json(200, { live: true }), opts));
+  // Liveness (`/`, `/v2/health/live`) is answered by the base server from the moment it listens.
   app.get(
     '/v2/health/ready',
     route(() => (ctx.boot.ready && !ctx.stopping() ? json(200, { ready: true }) : json(503, { error: 'Server is not ready.', ready: false, state: ctx.boot.state })), opts),
@@ -46,15 +40,13 @@ export function createApp(ctx: ServerContext): uWS.TemplatedApp {
 
   // Known paths with the wrong method → 405; anything else → 404. JSON bodies either way.
   const known = [/^\/$/, /^\/metrics$/, /^\/v1\/models(\/[^/]+(\/ready)?)?$/, /^\/v2(\/.*)?$/];
-  app.any(
-    '/*',
+  base.setFallback(
     route((r) => {
       const path = r.url;
       if (known.some((k) => k.test(path))) return json(405, { error: `Method Not Allowed: ${r.method.toUpperCase()} ${path}` });
       return json(404, { error: `Not Found: ${path}` });
     }, opts),
   );
-  return app;
 }
 
 /** Protocol modules beyond V1 (V2, WebSocket) register here, so app.ts stays the one place routes are wired. */
@@ -62,24 +54,4 @@ export type RouteRegistrar = (app: uWS.TemplatedApp, ctx: ServerContext, opts: R
 const extraRoutes: RouteRegistrar[] = [];
 export function addRoutes(r: RouteRegistrar): void {
   extraRoutes.push(r);
-}
-
-export function listen(app: uWS.TemplatedApp, host: string, port: number): Promise<HttpServer> {
-  return new Promise((resolve, reject) => {
-    app.listen(host, port, (token) => {
-      if (!token) {
-        reject(new Error(`could not listen on ${host}:${port} (port in use or not permitted)`));
-        return;
-      }
-      let open = true;
-      resolve({
-        port: uWS.us_socket_local_port(token as unknown as uWS.us_socket),
-        closeListener: () => {
-          if (!open) return;
-          open = false;
-          uWS.us_listen_socket_close(token);
-        },
-      });
-    });
-  });
 }
