@@ -47,6 +47,37 @@ describe(`torch.randn parity (${ref.cases.length} cases, torch ${ref.torch_versi
   }
 });
 
+/** float32 little-endian .npy → Float32Array (the e2e cases write C-order '<f4'). */
+function readNpyF32(file: string): Float32Array {
+  const buf = readFileSync(file);
+  const headerLen = buf.readUInt16LE(8);
+  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
+  if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
+  const body = buf.subarray(10 + headerLen);
+  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
+}
+
+describe('one generator for latents and scheduler noise (e2e reference cases)', () => {
+  const e2e = process.env.E2E_CASES_DIR ?? path.resolve(process.cwd(), '../shared/reference/e2e/cases');
+  for (const id of ['a_pndm__torch', 'b_euler_a__torch']) {
+    it(id, () => {
+      const c = JSON.parse(readFileSync(path.join(e2e, id, 'case.json'), 'utf8')) as {
+        seed: number;
+        scheduler_noise_draws: { shape: number[] }[];
+      };
+      const g = new TorchGenerator(c.seed);
+      const latents = readNpyF32(path.join(e2e, id, 'latents_init.npy'));
+      expect(g.randn(latents.length)).toEqual(latents);
+      if (c.scheduler_noise_draws.length === 0) return;
+      const noise = readNpyF32(path.join(e2e, id, 'step_noise.npy'));
+      const per = noise.length / c.scheduler_noise_draws.length;
+      for (let k = 0; k < c.scheduler_noise_draws.length; k++) {
+        expect(g.randn(per), `draw ${k}`).toEqual(noise.subarray(k * per, (k + 1) * per));
+      }
+    });
+  }
+});
+
 describe('TorchGenerator stream', () => {
   it('continues the stream across calls (vectorised path: n uniforms, +16 for a ragged tail)', () => {
     const g = new TorchGenerator(7);

@@ -35,6 +35,28 @@ class Mt19937 {
     }
   }
 
+  /** d[from..to) = 24-bit uniforms `(random() & 0xffffff) * 2^-24`, as at::uniform_real_distribution<float>. */
+  fillUniform24(d: Float32Array, from: number, to: number): void {
+    const s = this.#s;
+    let next = this.#next;
+    let left = this.#left;
+    for (let i = from; i < to; i++) {
+      if (--left === 0) {
+        this.#twist();
+        next = 0;
+        left = N;
+      }
+      let y = s[next++]!;
+      y ^= y >>> 11;
+      y ^= (y << 7) & 0x9d2c5680;
+      y ^= (y << 15) & 0xefc60000;
+      y ^= y >>> 18;
+      d[i] = (y & 0xffffff) * 5.9604644775390625e-8; // 2^-24
+    }
+    this.#next = next;
+    this.#left = left;
+  }
+
   next(): number {
     if (--this.#left === 0) this.#twist();
     let y = this.#s[this.#next++]!;
@@ -64,20 +86,19 @@ class Mt19937 {
 }
 
 /**
- * Single-rounding float32 fused multiply-add. a·b is exact in double (24+24 bits); the sum is rounded to double and
- * then to float, which differs from one rounding only when the double lands exactly on a float midpoint — fixed
- * with the exact TwoSum error.
+ * Single-rounding float32 fused multiply-add. a·b is exact in double (24+24 bits); rounding the double sum to float
+ * differs from one rounding only when that sum lands exactly on a midpoint between two floats — then the exact
+ * TwoSum error picks the side. `2s − r` is exact (Sterbenz) and is the other neighbour iff s is a midpoint.
  */
 export function fmaf(a: number, b: number, c: number): number {
   const p = a * b;
   const s = p + c;
   const r = f(s);
-  if (r === s) return r;
+  const other = 2 * s - r;
+  if (other === r || f(other) !== other) return r;
   const t = s - p;
   const err = p - (s - t) + (c - t);
   if (err === 0) return r;
-  const other = 2 * s - r; // the neighbouring float if and only if s is a midpoint
-  if (other === r || f(other) !== other) return r;
   return err > 0 ? Math.max(r, other) : Math.min(r, other);
 }
 
@@ -186,10 +207,6 @@ export class TorchGenerator implements NoiseSource {
     return out;
   }
 
-  #uniform24(): number {
-    return (this.#mt.next() & 0xffffff) * 2 ** -24;
-  }
-
   #uniform53(): number {
     const hi = this.#mt.next();
     const lo = this.#mt.next();
@@ -198,10 +215,10 @@ export class TorchGenerator implements NoiseSource {
 
   #fillVectorised(d: Float32Array): void {
     const n = d.length;
-    for (let i = 0; i < n; i++) d[i] = this.#uniform24();
+    this.#mt.fillUniform24(d, 0, n);
     for (let i = 0; i + 16 <= n; i += 16) normalFill16(d, i);
     if (n % 16 !== 0) {
-      for (let i = n - 16; i < n; i++) d[i] = this.#uniform24();
+      this.#mt.fillUniform24(d, n - 16, n);
       normalFill16(d, n - 16);
     }
   }

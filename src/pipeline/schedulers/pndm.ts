@@ -78,7 +78,7 @@ export class PNDM implements Scheduler {
     if (bool(config, 'skip_prk_steps')) {
       plms = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
     } else {
-      if (numInferenceSteps < 4) unsupported(name, 'fewer than 4 steps without skip_prk_steps');
+      // Fewer than 4 steps leave few or no timesteps, exactly as diffusers computes them.
       const half = Math.floor(this.#ratio / 2);
       const rep: number[] = [];
       for (const t of base.slice(-4)) rep.push(t, t + half);

@@ -1,0 +1,108 @@
+/**
+ * @module Prints the per-step CPU cost of each scheduler (scale_model_input + step) on 512px and 1024px latents,
+ * the torch.randn draw of one latent, and the warm tokenizer time for a full 77-token prompt.
+ *
+ *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js
+ *
+ * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer).
+ */
+
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { TorchGenerator } from '../src/pipeline/random.js';
+import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+
+const SD15_CONFIG = {
+  _class_name: 'PNDMScheduler',
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  num_train_timesteps: 1000,
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  timestep_spacing: 'leading',
+};
+const NAMES = ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm'] as const;
+const SHAPES = [
+  { label: '4x64x64 (512px)', n: 4 * 64 * 64 },
+  { label: '4x128x128 (1024px)', n: 4 * 128 * 128 },
+];
+
+/** Mean time of `fn`, ms: the best of 7 batches of >= 40 ms each (other load on the machine only adds time). */
+function timeMs(fn: () => void): number {
+  for (let i = 0; i < 3; i++) fn(); // warm the JIT
+  let best = Infinity;
+  for (let b = 0; b < 7; b++) {
+    let runs = 0;
+    const t0 = performance.now();
+    do {
+      fn();
+      runs++;
+    } while (performance.now() - t0 < 40);
+    best = Math.min(best, (performance.now() - t0) / runs);
+  }
+  return best;
+}
+
+const stepsFor = (name: string) => (name === 'lcm' ? 4 : 20);
+
+/** createScheduler alone (tables, timesteps), ms. */
+function benchCreate(name: string): number {
+  return timeMs(() => createScheduler(SD15_CONFIG, stepsFor(name), { name }));
+}
+
+/** One scale_model_input + step, ms: a whole run minus its creation, over the step count. */
+function benchStep(name: string, n: number, createMs: number): number {
+  const steps = stepsFor(name);
+  const gen = new TorchGenerator(1);
+  const modelOutput = gen.randn(n);
+  const noise = gen.randn(n);
+  const init = gen.randn(n);
+  const perRun = timeMs(() => {
+    const s = createScheduler(SD15_CONFIG, steps, { name });
+    let x = init;
+    for (const t of s.timesteps) {
+      s.scaleModelInput(x, t);
+      x = s.step(modelOutput, t, x, () => noise).prevSample;
+    }
+  });
+  return Math.max(0, perRun - createMs) / steps;
+}
+
+async function main(): Promise<void> {
+  console.log(`node ${process.version}; schedulers known: ${Object.keys(SCHEDULER_NAMES).length} names`);
+  console.log('\nper-step scheduler cost (scale_model_input + step, ms; SD 1.5 config, 20 steps, lcm 4), and createScheduler:');
+  console.log(['scheduler'.padEnd(18), ...SHAPES.map((s) => s.label.padStart(20)), 'create'.padStart(12)].join(''));
+  for (const name of NAMES) {
+    const createMs = benchCreate(name);
+    const row = SHAPES.map((s) => benchStep(name, s.n, createMs).toFixed(3).padStart(20));
+    console.log([name.padEnd(18), ...row, createMs.toFixed(3).padStart(12)].join(''));
+  }
+
+  console.log('\ntorch.randn of one latent (ms):');
+  for (const s of SHAPES) {
+    const g = new TorchGenerator(42);
+    console.log(`${s.label.padEnd(22)}${timeMs(() => g.randn(s.n)).toFixed(3).padStart(10)}`);
+  }
+
+  const dir = process.env.CLIP_TOKENIZER_DIR ?? path.resolve(process.cwd(), '../shared/reference/clip-tokenizer');
+  if (!existsSync(path.join(dir, 'vocab.json'))) {
+    console.log(`\ntokenizer: skipped (no vocab.json in ${dir}; set CLIP_TOKENIZER_DIR)`);
+    return;
+  }
+  const tok = await ClipTokenizer.load(dir);
+  const words = 'a highly detailed photograph of an astronaut riding a white horse on mars, dramatic lighting, 8k'.split(' ');
+  let prompt = '';
+  for (let i = 0; tok.tokenize(prompt).length < 75; i++) prompt = `${prompt} ${words[i % words.length]!}`.trim();
+  const ms = timeMs(() => tok.encode(prompt));
+  // A fresh tokenizer's first call pays for BPE merges; later calls hit the word cache.
+  const cold = await ClipTokenizer.load(dir);
+  const t0 = performance.now();
+  cold.encode(prompt);
+  const coldMs = performance.now() - t0;
+  console.log(`\ntokenizer: ${tok.tokenize(prompt).length}-token prompt encode ${(ms * 1000).toFixed(1)} µs warm, ${coldMs.toFixed(2)} ms first call`);
+}
+
+await main();
