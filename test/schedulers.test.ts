@@ -179,6 +179,7 @@ describe('createScheduler', () => {
     const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
     expect(createScheduler(noSkip, 20, { name: 'PNDMScheduler' }).timesteps.length).toBe(29);
     expect(createScheduler(noSkip, 20, { name: 'pndm' }).timesteps.length).toBe(21);
+    expect(() => createScheduler(noSkip, 3, { name: 'PNDMScheduler' })).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
     const prk = createScheduler({ ...modelConfig, skip_prk_steps: false }, 20);
     expect(prk.timesteps).toEqual([
       951, 926, 926, 901, 901, 876, 876, 851, 851, 826, 826, 801, 801, 751, 701, 651, 601, 551, 501, 451, 401, 351, 301, 251, 201, 151, 101, 51, 1,

@@ -1,5 +1,6 @@
 /** @module PNDMScheduler (diffusers): the PRK warm-up when skip_prk_steps is false, then PLMS; float32 like torch. */
 
+import { RuntimeError } from '../../errors.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
   alphasCumprod,
@@ -78,7 +79,10 @@ export class PNDM implements Scheduler {
     if (bool(config, 'skip_prk_steps')) {
       plms = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
     } else {
-      // Fewer than 4 steps leave few or no timesteps, exactly as diffusers computes them.
+      if (numInferenceSteps < 4) {
+        // diffusers fails here too (the PRK warm-up needs the last 4 timesteps).
+        throw new RuntimeError('INVALID_INPUT', `${name} without skip_prk_steps needs at least 4 inference steps, got ${numInferenceSteps}`);
+      }
       const half = Math.floor(this.#ratio / 2);
       const rep: number[] = [];
       for (const t of base.slice(-4)) rep.push(t, t + half);
