@@ -73,7 +73,7 @@ export class Pipeline {
     const tokenizers = await Promise.all(layout.tokenizerDirs.map((d) => ClipTokenizer.load(d)));
     const p = new Pipeline(layout, sessions, tokenizers);
     // Fail at load, not at the first request, when the scheduler config is unusable.
-    createScheduler(layout.schedulerConfig, 1);
+    createScheduler(layout.schedulerConfig, 10);
     return p;
   }
 
