@@ -1,0 +1,176 @@
+import { execFileSync } from 'node:child_process';
+import { existsSync, promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RuntimeError } from '../src/errors.js';
+import { silentLogger } from '../src/log.js';
+import { resolveModel } from '../src/storage/index.js';
+import { acquireLock } from '../src/storage/lock.js';
+import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+const log = silentLogger();
+const BIG = detBytes(3_000_000, 11);
+
+async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as RuntimeError;
+  }
+  throw new Error('expected a rejection');
+}
+
+beforeAll(async () => {
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-cache-'));
+  s3 = await startS3(['models']);
+  proxy = await startFaultProxy(s3.port);
+  await s3.put('models', 'm/unet/model.onnx_data', BIG);
+  await s3.put('models', 'm/model_index.json', '{}');
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  await fsp.rm(tmp, { recursive: true, force: true });
+});
+
+const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4', ...extra });
+
+describe('local sources', () => {
+  it('returns the directory, announces every file, and names a missing one', async () => {
+    const dir = path.join(tmp, 'local');
+    await fsp.mkdir(path.join(dir, 'unet'), { recursive: true });
+    await fsp.writeFile(path.join(dir, 'unet/model.onnx'), 'abc');
+    await fsp.writeFile(path.join(dir, 'model_index.json'), '{}');
+    const ready: string[] = [];
+    const r = await resolveModel(`file://${dir}`, { cfg: cfgFor(tmp), log, onFileReady: (rel) => ready.push(rel) });
+    expect(r).toMatchObject({ dir, fromCache: false, bytes: 5, files: 2, source: 'local' });
+    expect(ready).toEqual(['model_index.json', 'unet/model.onnx']);
+    const err = await rejection(resolveModel(path.join(tmp, 'absent'), { cfg: cfgFor(tmp), log }));
+    expect([err.code, err.message]).toEqual(['STORAGE_MISSING', `model directory ${path.join(tmp, 'absent')} does not exist; check STORAGE_URI and the volume mount`]);
+  });
+});
+
+describe('out of disk', () => {
+  it('ENOSPC while writing → NO_SPACE, nothing that looks complete, partials freed', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'nospace-'));
+    let written = 0;
+    const err = await rejection(resolveModel('s3://models/m', {
+      cfg: cfgFor(cache), log,
+      io: {
+        write: async (fh, bufs, len, pos) => {
+          if ((written += len) > 1_000_000) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+          return fh.writev(bufs, pos);
+        },
+      },
+    }));
+    expect(err.code).toBe('NO_SPACE');
+    expect(err.message).toMatch(/no space left in the model cache .* enlarge the PVC/);
+    const files = (await fsp.readdir(cache, { recursive: true })).map(String);
+    expect(files.filter((f) => f.endsWith('.complete.json') || f.endsWith('.partial') || f.endsWith('.lock') || f.endsWith('model.onnx_data'))).toEqual([]);
+  });
+
+  const mnt = path.join(os.tmpdir(), `storage-tmpfs-${process.pid}`);
+  let mounted = false;
+  try {
+    if (process.getuid?.() === 0) {
+      execFileSync('mkdir', ['-p', mnt]);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { stdio: 'ignore' });
+      mounted = true;
+    }
+  } catch {
+    /* not allowed here (no CAP_SYS_ADMIN): the injected ENOSPC test above still runs */
+  }
+  afterAll(() => {
+    if (mounted) execFileSync('umount', [mnt]);
+  });
+
+  it.skipIf(!mounted)('a real 1 MiB tmpfs: refused up front, and a real ENOSPC mid-write', async () => {
+    const early = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(mnt), log }));
+    expect([early.code, early.message]).toEqual(['NO_SPACE', expect.stringMatching(/need 3\.0 MB more, \d\.\d MB free/)]);
+    // Skip the free-space check so the kernel's own ENOSPC is what stops the write.
+    const late = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(mnt), log, io: { freeBytes: async () => Number.MAX_SAFE_INTEGER } }));
+    expect(late.code).toBe('NO_SPACE');
+    const files = (await fsp.readdir(mnt, { recursive: true })).map(String);
+    expect(files.filter((f) => f.endsWith('.complete.json') || f.endsWith('.partial') || f.endsWith('.lock'))).toEqual([]);
+  });
+});
+
+describe('lock', () => {
+  it('a second holder waits until the first releases', async () => {
+    const file = path.join(tmp, 'a.lock');
+    const first = await acquireLock(file, { pollMs: 20 });
+    let second: Awaited<ReturnType<typeof acquireLock>>;
+    const waiting = acquireLock(file, { pollMs: 20 }).then((l) => (second = l));
+    await new Promise((r) => setTimeout(r, 150));
+    expect(second).toBeUndefined();
+    await first!.release();
+    await waiting;
+    expect(second).toBeDefined();
+    await second!.release();
+    expect(existsSync(file)).toBe(false);
+  });
+
+  it('takes over a lock whose heartbeat is stale, and the old holder learns it lost the lock', async () => {
+    const file = path.join(tmp, 'b.lock');
+    const old = await acquireLock(file, { heartbeatMs: 60_000 });
+    const past = new Date(Date.now() - 10_000);
+    await fsp.utimes(file, past, past);
+    const next = await acquireLock(file, { staleMs: 5_000, pollMs: 20 });
+    expect(next).toBeDefined();
+    await old!.release(); // must not delete the new holder's lock
+    expect(existsSync(file)).toBe(true);
+    await next!.release();
+  });
+
+  it('takes over at once from a dead process on this host, and stops waiting once satisfied', async () => {
+    const file = path.join(tmp, 'c.lock');
+    await fsp.writeFile(file, JSON.stringify({ pid: 2 ** 22 + 12345, host: os.hostname(), token: 'x', since: '' }));
+    const t0 = Date.now();
+    const l = await acquireLock(file, { staleMs: 60_000, pollMs: 20 });
+    expect(Date.now() - t0).toBeLessThan(1_000);
+    let polls = 0;
+    const none = await acquireLock(file, { pollMs: 20, satisfied: async () => ++polls > 2 });
+    expect(none).toBeUndefined();
+    await l!.release();
+  });
+
+  it('aborts the holder when another process steals the lock', async () => {
+    const file = path.join(tmp, 'd.lock');
+    const l = await acquireLock(file, { heartbeatMs: 30 });
+    await fsp.writeFile(file, JSON.stringify({ pid: 1, host: 'other', token: 'thief', since: '' }));
+    await new Promise((r) => setTimeout(r, 150));
+    expect(l!.lost.aborted).toBe(true);
+    await l!.release();
+    expect(existsSync(file)).toBe(true);
+  });
+});
+
+describe('object changed mid-download', () => {
+  it('refetches the new version; never commits a mix', async () => {
+    await s3.put('models', 'chg/w.bin', detBytes(1_500_000, 21));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'chg-'));
+    proxy.faults = { bytesPerSecond: 400_000 };
+    const next = detBytes(1_400_000, 22);
+    let swapped = false;
+    const r = await resolveModel('s3://models/chg', {
+      cfg: cfgFor(cache), log,
+      onProgress: (p) => {
+        if (!swapped && p.bytesDone > 300_000) {
+          swapped = true;
+          void s3.put('models', 'chg/w.bin', next);
+        }
+      },
+    });
+    proxy.faults = {};
+    expect(swapped).toBe(true);
+    expect((await fsp.readFile(path.join(r.dir, 'w.bin'))).equals(next)).toBe(true);
+    const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
+    expect(m.files[0].size).toBe(1_400_000);
+  });
+});
