@@ -225,16 +225,27 @@ export class Pipeline {
     return { embeds: concat(...rows), pooled: concat(...pooled), seq: pos.seq, dim: pos.dim };
   }
 
+  /**
+   * One encoder run per distinct text, at batch 1. ORT's CPU text-encoder kernels are not batch-invariant (the
+   * same input_ids row gives outputs a few ulp apart at batch 1 and batch 2, optimisations on or off), so
+   * encoding a dynamic batch together would make a batched image differ from the same request run alone.
+   * Batch 1 is also what diffusers does for a single prompt; the encoder is a small part of a generation.
+   */
   async #runEncoder(session: OnnxSession, tok: ClipTokenizer, texts: string[], output: string, pooledName?: string) {
-    const ids = texts.flatMap((t) => tok.encode(t));
     const seq = tok.maxLength;
     const names = pooledName ? [output, pooledName] : [output];
-    const out = await session.run({ input_ids: { data: ids, dims: [texts.length, seq] } }, names);
-    const hs = out[output]!;
-    const dim = hs.dims[2]!;
-    const rows = texts.map((_, i) => hs.data.slice(i * seq * dim, (i + 1) * seq * dim));
-    const p = pooledName ? out[pooledName] : undefined;
-    const pooled = p ? texts.map((_, i) => p.data.slice(i * p.dims[1]!, (i + 1) * p.dims[1]!)) : undefined;
+    const memo = new Map<string, { row: Float32Array; pooled: Float32Array | undefined; dim: number }>();
+    for (const t of texts) {
+      if (memo.has(t)) continue;
+      const out = await session.run({ input_ids: { data: tok.encode(t), dims: [1, seq] } }, names);
+      const hs = out[output]!;
+      const p = pooledName ? out[pooledName] : undefined;
+      memo.set(t, { row: hs.data.slice(0, seq * hs.dims[2]!), pooled: p ? p.data.slice(0, p.dims[1]!) : undefined, dim: hs.dims[2]! });
+    }
+    const got = texts.map((t) => memo.get(t)!);
+    const dim = got[0]!.dim;
+    const rows = got.map((g) => g.row);
+    const pooled = pooledName ? got.map((g) => g.pooled!) : undefined;
     return { rows, seq, dim, pooled };
   }
 

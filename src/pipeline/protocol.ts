@@ -42,7 +42,8 @@ export type FromWorker =
   | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number }
   | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string }
   | { t: 'load-failed'; code: string; message: string }
-  | { t: 'progress'; id: number; step: number; of: number; preview?: ArrayBuffer }
+  /** `previews`: one low-resolution PNG per job item (its first image), when previews were asked for at this step. */
+  | { t: 'progress'; id: number; step: number; of: number; previews?: ArrayBuffer[] }
   | { t: 'result'; id: number; images: EncodedImage[]; times: Times }
   | { t: 'error'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

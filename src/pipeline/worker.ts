@@ -73,14 +73,21 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> 
     const { images, times } = await p.generate(m.job, {
       cancelled: () => cancelled.has(id),
       onStep: async (step, of, latents) => {
-        let preview: ArrayBuffer | undefined;
+        let previews: ArrayBuffer[] | undefined;
         if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
           const h = height / vsf;
           const w = width / vsf;
-          const png = await encodeImage(latentPreview(latents.subarray(0, 4 * h * w), h, w), w, h, 'png');
-          preview = png.buffer.slice(png.byteOffset, png.byteOffset + png.byteLength) as ArrayBuffer;
+          const per = 4 * h * w;
+          previews = [];
+          // One preview per item (its first image), so each request of a batch watches its own latents.
+          let image = 0;
+          for (const item of m.job.items) {
+            const png = await encodeImage(latentPreview(latents.subarray(image * per, (image + 1) * per), h, w), w, h, 'png');
+            previews.push(png.buffer.slice(png.byteOffset, png.byteOffset + png.byteLength) as ArrayBuffer);
+            image += item.numImages;
+          }
         }
-        post({ t: 'progress', id, step, of, ...(preview ? { preview } : {}) }, preview ? [preview] : []);
+        post({ t: 'progress', id, step, of, ...(previews ? { previews } : {}) }, previews ?? []);
       },
     });
     const t0 = performance.now();

@@ -23,8 +23,13 @@ export interface Progress {
 export interface TaskResult {
   images: EncodedImage[];
   times: Times;
+  /** Requests in the generation batch; 0 for a result-cache hit. */
   batchSize: number;
   queuedMs: number;
+  /** Answered from the result cache, without a generation. */
+  cached?: boolean;
+  /** With output_uri: where each image was stored, in order (the reply carries these instead of bytes). */
+  uris?: string[];
 }
 
 export interface SubmitOptions {
@@ -284,8 +289,12 @@ export class Engine {
       }
       case 'progress': {
         if (w.running?.id !== m.id) break;
-        const preview = m.preview ? Buffer.from(m.preview) : undefined;
-        for (const t of w.running.tasks) t.onProgress?.({ step: m.step, of: m.of, ...(preview ? { preview } : {}) });
+        let item = 0;
+        for (const t of w.running.tasks) {
+          const preview = m.previews?.[item];
+          item += t.req.items.length;
+          t.onProgress?.({ step: m.step, of: m.of, ...(preview ? { preview: Buffer.from(preview) } : {}) });
+        }
         break;
       }
       case 'result':
