@@ -133,6 +133,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    wsDropped: new Counter({
+      name: 'websocket_messages_dropped_total',
+      help: 'WebSocket progress and preview messages not sent because the client was reading too slowly (results are never dropped)',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
     resultCacheBytes: new Gauge({
       name: 'result_cache_bytes',
       help: 'Bytes of encoded images held by the result cache',

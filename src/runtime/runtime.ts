@@ -13,6 +13,9 @@ import { Boot } from './boot.js';
 import { Engine, type Progress, type TaskResult } from './engine.js';
 import type { GenerationRequest } from './request.js';
 import { checkSchedulerName, randomSeed } from './names.js';
+import { startGpuMetrics } from './gpu.js';
+import { createOutputStore, type OutputStore } from './output.js';
+import { createResultCache, type ResultCache } from './result-cache.js';
 
 export interface RuntimeOptions {
   /** process start, for the time-to-ready metric (performance.now() based). */
@@ -23,6 +26,8 @@ export class Runtime {
   readonly metrics: Metrics;
   readonly boot: Boot;
   readonly engine: Engine;
+  readonly resultCache: ResultCache;
+  readonly #output: OutputStore;
   #server: BaseServer | undefined;
   #stopping = false;
   #closing: Promise<void> | undefined;
@@ -45,6 +50,10 @@ export class Runtime {
         log.info({ component, provider, ms: Math.round(ms) }, 'onnx session created');
       },
     });
+    const labels = { model_name: cfg.modelName };
+    this.resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => this.metrics.resultCacheBytes.set(labels, bytes));
+    this.metrics.resultCacheBytes.set(labels, 0);
+    this.#output = createOutputStore(cfg.s3);
   }
 
   get port(): number {
@@ -88,6 +97,7 @@ export class Runtime {
       this.boot.to('loading');
       const loaded = await this.engine.load(dir);
       if (loaded.fallbackReason) this.boot.progress.sessions.fallback = loaded.fallbackReason;
+      if (Object.values(loaded.providers).includes('cuda')) void this.#startGpuMetrics();
       if (this.#stopping) return;
       this.boot.to('warming');
       await this.#warmup();
@@ -181,12 +191,39 @@ export class Runtime {
     this.#inflight++;
     this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);
     try {
-      return await Promise.all(reqs.map((r) => this.engine.submit(r, { signal, ...(onProgress ? { onProgress } : {}) })));
+      return await Promise.all(reqs.map((r) => this.#generateOne(r, signal, onProgress)));
     } finally {
       this.#inflight--;
       this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);
       if (this.#inflight === 0) for (const w of this.#inflightWaiters.splice(0)) w();
     }
+  }
+
+  /** Result cache → queue → cache fill → optional upload to output_uri. */
+  async #generateOne(req: GenerationRequest, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult> {
+    const key = this.resultCache.keyOf(req);
+    const hit = key === undefined ? undefined : this.resultCache.get(key);
+    let result: TaskResult;
+    if (hit) {
+      this.metrics.resultCacheHits.inc({ model_name: this.cfg.modelName });
+      const images = hit.map((i) => ({ ...i, data: i.data.slice(0) }));
+      result = { images, times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
+    } else {
+      result = await this.engine.submit(req, { signal, ...(onProgress ? { onProgress } : {}) });
+      if (key !== undefined) this.resultCache.put(key, result.images);
+    }
+    if (req.output.uri !== undefined) {
+      if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
+      result.uris = await this.#output.upload(req.output.uri, result.images, signal);
+    }
+    return result;
+  }
+
+  async #startGpuMetrics(): Promise<void> {
+    const gpu = await startGpuMetrics(this.metrics.registry, {
+      onError: (err) => this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'CUDA is in use but nvidia-smi gave no sample: GPU metrics stay off'),
+    });
+    if (gpu.active) this.log.info({}, 'GPU metrics on (nvidia-smi)');
   }
 
   #drained(): Promise<void> {
@@ -215,6 +252,7 @@ export class Runtime {
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.#inflight }, 'grace period over: closing with requests still running');
       await this.engine.close();
+      this.#output.destroy();
       this.log.info({ drained }, 'shut down');
     })());
   }

@@ -1,0 +1,88 @@
+/**
+ * @module `output_uri`: encoded images go to S3 (lib-storage Upload) instead of base64 in the reply.
+ * One image is written to the key as given; several go to `<stem>-<i>.<ext>` (i from 0, the key's own
+ * extension dropped), e.g. `s3://b/out/fox.png` with 2 images → `out/fox-0.png`, `out/fox-1.png`.
+ */
+import type { S3Settings } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { EncodedImage } from '../pipeline/protocol.js';
+// src/storage/index.ts does not re-export the client factory; import it from its module so the endpoint,
+// path-style and TLS settings (S3_VERIFY_SSL, AWS_CA_BUNDLE) stay in one place.
+import { classify, createS3, errorStatus, type S3Handle } from '../storage/s3.js';
+
+export interface OutputStore {
+  /** Uploads each image and returns its `s3://` URI, in order. */
+  upload(uri: string, images: readonly EncodedImage[], signal?: AbortSignal): Promise<string[]>;
+  destroy(): void;
+}
+
+const EXT: Record<EncodedImage['format'], string> = { png: 'png', jpeg: 'jpg', webp: 'webp' };
+const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
+
+export function parseS3Uri(uri: string): { bucket: string; key: string } {
+  const m = /^s3:\/\/([^/]+)\/(.+)$/.exec(uri);
+  if (!m) throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  return { bucket: m[1]!, key: m[2]! };
+}
+
+/** The object keys for `n` images of `format` under the key the client gave. */
+export function outputKeys(key: string, n: number, format: EncodedImage['format']): string[] {
+  if (n === 1) return [key];
+  const stem = key.replace(/\.(png|jpe?g|webp)$/i, '');
+  return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
+}
+
+/** One S3 client for the runtime's lifetime, created on the first upload (most deployments never use it). */
+export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
+  let handle: S3Handle | undefined;
+  let uploadMod: Promise<typeof import('@aws-sdk/lib-storage')> | undefined;
+  return {
+    async upload(uri, images, signal) {
+      const { bucket, key } = parseS3Uri(uri);
+      const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
+      handle ??= createS3(s3, 8);
+      const { Upload } = await (uploadMod ??= import('@aws-sdk/lib-storage'));
+      const client = handle.client;
+      await Promise.all(
+        images.map(async (img, i) => {
+          const up = new Upload({
+            client,
+            params: { Bucket: bucket, Key: keys[i]!, Body: Buffer.from(img.data), ContentType: CONTENT_TYPE[img.format] },
+          });
+          const onAbort = () => void up.abort().catch(() => undefined);
+          signal?.addEventListener('abort', onAbort, { once: true });
+          try {
+            await up.done();
+          } catch (err) {
+            throw uploadError(err, bucket, keys[i]!);
+          } finally {
+            signal?.removeEventListener('abort', onAbort);
+          }
+        }),
+      );
+      return keys.map((k) => `s3://${bucket}/${k}`);
+    },
+    destroy() {
+      handle?.destroy();
+      handle = undefined;
+    },
+  };
+}
+
+/** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
+function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
+  const e = (err ?? {}) as { name?: string; code?: string };
+  const s3code = e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
+  const where = `s3://${bucket}/${key}`;
+  switch (classify(err)) {
+    case 'missing':
+      // The client named the bucket: a missing one is their input to fix.
+      return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" does not exist (${s3code})`, { cause: err });
+    case 'denied':
+      return new RuntimeError('STORAGE_DENIED', `output_uri: access denied writing ${where} (${s3code}); check the server's S3 credentials and the bucket policy`, { cause: err });
+    case 'aborted':
+      return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
+    default:
+      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
+  }
+}

@@ -1,0 +1,69 @@
+/**
+ * @module The result cache (the seed's lru_cache, bounded in bytes): a repeated request with the same seed
+ * and the same generation fields gets the same encoded bytes back without touching the device.
+ */
+import type { EncodedImage } from '../pipeline/protocol.js';
+import type { GenerationRequest } from './request.js';
+
+export interface ResultCache {
+  /** The key of a cacheable request, or undefined (a request without an explicit seed is never cached). */
+  keyOf(req: GenerationRequest): string | undefined;
+  get(key: string): EncodedImage[] | undefined;
+  put(key: string, images: readonly EncodedImage[]): void;
+  readonly bytes: number;
+  readonly entries: number;
+}
+
+/**
+ * An LRU over a Map (insertion order = recency): get() moves the entry to the end, put() evicts from the
+ * front until the total fits. `maxBytes` 0 disables the cache; an entry larger than the whole cache is
+ * not stored (it would evict everything and still not fit).
+ */
+export function createResultCache(modelName: string, maxBytes: number, onChange?: (bytes: number) => void): ResultCache {
+  const map = new Map<string, { images: EncodedImage[]; bytes: number }>();
+  let total = 0;
+  const changed = () => onChange?.(total);
+  return {
+    keyOf(req) {
+      if (maxBytes <= 0 || !req.items.every((it) => it.seedWasGiven)) return undefined;
+      const s = req.shape;
+      // Every field that changes the bytes: model, shape, each prompt/seed/count, and the encoding.
+      return JSON.stringify([
+        modelName, s.width, s.height, s.steps, s.guidance, s.scheduler ?? null, s.eta, s.guidanceRescale,
+        req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
+        req.output.format, req.output.quality ?? null,
+      ]);
+    },
+    get(key) {
+      const e = map.get(key);
+      if (!e) return undefined;
+      map.delete(key);
+      map.set(key, e);
+      return e.images;
+    },
+    put(key, images) {
+      const bytes = images.reduce((n, i) => n + i.data.byteLength, 0);
+      if (maxBytes <= 0 || bytes > maxBytes) return;
+      const old = map.get(key);
+      if (old) {
+        total -= old.bytes;
+        map.delete(key);
+      }
+      // Copies: the caller's buffers may be transferred or reused later; ours must stay whole.
+      map.set(key, { images: images.map((i) => ({ ...i, data: i.data.slice(0) })), bytes });
+      total += bytes;
+      for (const [k, e] of map) {
+        if (total <= maxBytes) break;
+        map.delete(k);
+        total -= e.bytes;
+      }
+      changed();
+    },
+    get bytes() {
+      return total;
+    },
+    get entries() {
+      return map.size;
+    },
+  };
+}
