@@ -4,6 +4,8 @@ import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
+import { registerV2 } from './v2.js';
+import { registerWs } from './ws.js';
 
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
 
@@ -36,6 +38,8 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   );
 
   registerV1(app, ctx, opts);
+  registerV2(app, ctx, opts);
+  registerWs(app, ctx, opts);
   for (const register of extraRoutes) register(app, ctx, opts);
 
   // Known paths with the wrong method → 405; anything else → 404. JSON bodies either way.

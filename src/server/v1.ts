@@ -6,11 +6,11 @@ import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 
-/** The seed's prediction shape plus what we add: the seed of each image, its format and size. */
+/** The seed's prediction shape plus what we add: the seed of each image, its format and size (`uri` with output_uri). */
 export function predictionsOf(results: TaskResult[]): Array<Record<string, unknown>> {
   return results.flatMap((r) =>
-    r.images.map((img) => ({
-      image: { b64: Buffer.from(img.data).toString('base64') },
+    r.images.map((img, i) => ({
+      image: r.uris ? { uri: r.uris[i] } : { b64: Buffer.from(img.data).toString('base64') },
       seed: img.seed,
       format: img.format,
       width: img.width,
