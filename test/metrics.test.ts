@@ -1,0 +1,178 @@
+/** /metrics over the real server: parseable exposition, every documented name with HELP; GPU metrics never invented. */
+import { Registry } from 'prom-client';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
+import { createResultCache } from '../src/runtime/result-cache.js';
+import type { GenerationRequest } from '../src/runtime/request.js';
+import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+interface Family {
+  help?: string;
+  type?: string;
+  samples: Array<{ name: string; labels: Record<string, string>; value: number }>;
+}
+
+/** A strict little parser of the Prometheus text format (0.0.4): throws on any line it does not understand. */
+export function parseExposition(text: string): Map<string, Family> {
+  const fams = new Map<string, Family>();
+  const fam = (n: string) => fams.get(n) ?? (fams.set(n, { samples: [] }), fams.get(n)!);
+  const base = (n: string) => n.replace(/_(bucket|sum|count|total|created)$/, '');
+  for (const line of text.split('\n')) {
+    if (line === '') continue;
+    let m = /^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) (.*)$/.exec(line);
+    if (m) {
+      if (m[1] === 'HELP') fam(m[2]!).help = m[3];
+      else {
+        if (!['counter', 'gauge', 'histogram', 'summary', 'untyped'].includes(m[3]!)) throw new Error(`bad TYPE: ${line}`);
+        fam(m[2]!).type = m[3];
+      }
+      continue;
+    }
+    m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: \d+)?$/.exec(line);
+    if (!m) throw new Error(`unparseable line: ${JSON.stringify(line)}`);
+    const labels: Record<string, string> = {};
+    if (m[2]) {
+      const re = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?/g;
+      let consumed = 0;
+      for (let l; (l = re.exec(m[2])); ) {
+        labels[l[1]!] = l[2]!;
+        consumed += l[0].length;
+      }
+      if (consumed !== m[2].length) throw new Error(`bad labels: ${line}`);
+    }
+    const value = m[3] === '+Inf' ? Infinity : m[3] === '-Inf' ? -Infinity : Number(m[3]);
+    if (Number.isNaN(value) && m[3] !== 'NaN') throw new Error(`bad value: ${line}`);
+    const owner = fams.has(m[1]!) ? m[1]! : base(m[1]!);
+    if (!fams.has(owner)) throw new Error(`sample before its HELP/TYPE: ${line}`);
+    fam(owner).samples.push({ name: m[1]!, labels, value });
+  }
+  return fams;
+}
+
+/** Every name in the README's metrics table (type, labels beyond model_name). */
+export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
+  inference_request_count: { type: 'counter', labels: ['model_name', 'protocol', 'status'] },
+  inference_request_duration_seconds: { type: 'histogram', labels: ['model_name', 'protocol'] },
+  model_load_time_seconds: { type: 'gauge', labels: ['model_name'] },
+  boot_phase_duration_seconds: { type: 'gauge', labels: ['model_name', 'phase'] },
+  boot_phase_seconds: { type: 'histogram', labels: ['model_name', 'phase'] },
+  boot_state: { type: 'gauge', labels: ['model_name', 'state'] },
+  onnx_session_create_seconds: { type: 'gauge', labels: ['model_name', 'component', 'provider'] },
+  model_download_bytes_total: { type: 'counter', labels: ['model_name'] },
+  model_cache_hits_total: { type: 'counter', labels: ['model_name'] },
+  inference_stage_seconds: { type: 'histogram', labels: ['model_name', 'stage'] },
+  denoising_steps_total: { type: 'counter', labels: ['model_name'] },
+  denoising_steps_per_second: { type: 'gauge', labels: ['model_name'] },
+  images_generated_total: { type: 'counter', labels: ['model_name'] },
+  inference_queue_depth: { type: 'gauge', labels: ['model_name'] },
+  inference_requests_in_flight: { type: 'gauge', labels: ['model_name'] },
+  inference_batch_size: { type: 'histogram', labels: ['model_name'] },
+  inference_rejected_total: { type: 'counter', labels: ['model_name', 'reason'] },
+  inference_cancelled_total: { type: 'counter', labels: ['model_name'] },
+  result_cache_hits_total: { type: 'counter', labels: ['model_name'] },
+  result_cache_bytes: { type: 'gauge', labels: ['model_name'] },
+  websocket_messages_dropped_total: { type: 'counter', labels: ['model_name'] },
+};
+
+describe('/metrics on the real server', () => {
+  let srv: ServerHandle;
+  beforeAll(async () => {
+    srv = await startServer({ STORAGE_URI: undefined }, { ready: true });
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('parses, and lists every documented name with HELP text and its type', async () => {
+    const inst = { prompt: 'm', num_inference_steps: 2, height: 64, width: 64, seed: 1 };
+    await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
+    await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] }); // a result-cache hit
+    await postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['m'] }], parameters: { num_inference_steps: 2, height: 64, width: 64 } });
+    await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{}] });
+    const res = await fetch(`${srv.url}/metrics`);
+    expect(res.headers.get('content-type')).toMatch(/^text\/plain; version=0\.0\.4/);
+    const fams = parseExposition(await res.text());
+    for (const [name, doc] of Object.entries(DOCUMENTED)) {
+      const f = fams.get(name);
+      expect(f, name).toBeDefined();
+      expect(f!.help?.length ?? 0, `${name} HELP`).toBeGreaterThan(10);
+      expect(f!.type, name).toBe(doc.type);
+      for (const s of f!.samples) {
+        const own = Object.keys(s.labels).filter((l) => l !== 'le');
+        expect(own.sort(), `${name} labels`).toEqual([...doc.labels].sort());
+      }
+    }
+    const val = (name: string, labels: Record<string, string> = {}) =>
+      fams.get(name)!.samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v)).reduce((n, s) => n + s.value, 0);
+    expect(val('inference_request_count', { protocol: 'v1', status: '200' })).toBe(2);
+    expect(val('inference_request_count', { protocol: 'v2', status: '200' })).toBe(1);
+    expect(val('inference_request_count', { protocol: 'v1', status: '400' })).toBe(1);
+    expect(val('result_cache_hits_total')).toBe(1);
+    expect(val('result_cache_bytes')).toBeGreaterThan(0);
+    expect(val('boot_state', { state: 'ready' })).toBe(1);
+    expect(val('model_load_time_seconds')).toBeGreaterThan(0);
+    expect(val('inference_queue_depth')).toBe(0);
+    expect(fams.get('inference_batch_size')!.samples.some((s) => s.name === 'inference_batch_size_count')).toBe(true);
+    // This machine has no CUDA in use: the GPU gauges are absent, not zero.
+    expect(fams.has('gpu_memory_usage_bytes')).toBe(false);
+    expect(fams.has('gpu_utilization_percent')).toBe(false);
+  });
+});
+
+describe('GPU metrics (nvidia-smi)', () => {
+  it('parses nvidia-smi csv output, with and without the index column, skipping N/A values', () => {
+    expect(parseNvidiaSmi('0, 1234, 56\n1, 80000, 100\n')).toEqual([
+      { index: 0, memoryUsedBytes: 1234 * 1048576, utilizationPercent: 56 },
+      { index: 1, memoryUsedBytes: 80000 * 1048576, utilizationPercent: 100 },
+    ]);
+    expect(parseNvidiaSmi('512, 3\r\n')).toEqual([{ index: 0, memoryUsedBytes: 512 * 1048576, utilizationPercent: 3 }]);
+    expect(parseNvidiaSmi('0, 100, [N/A]\n1, [N/A], [N/A]\n')).toEqual([{ index: 0, memoryUsedBytes: 100 * 1048576, utilizationPercent: undefined }]);
+    expect(parseNvidiaSmi('')).toEqual([]);
+    expect(parseNvidiaSmi('NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.')).toEqual([]);
+  });
+
+  it('registers the gauges only after a successful sample, labelled by GPU index', async () => {
+    const none = new Registry();
+    const off = await startGpuMetrics(none, { run: () => Promise.reject(Object.assign(new Error('spawn nvidia-smi ENOENT'), { code: 'ENOENT' })) });
+    expect(off.active).toBe(false);
+    expect(await none.metrics()).not.toMatch(/gpu_/);
+
+    const reg = new Registry();
+    const on = await startGpuMetrics(reg, { run: async () => '0, 2048, 40\n1, 1024, 7\n', minIntervalMs: 0 });
+    expect(on.active).toBe(true);
+    const fams = parseExposition(await reg.metrics());
+    expect(fams.get('gpu_memory_usage_bytes')!.samples).toEqual([
+      { name: 'gpu_memory_usage_bytes', labels: { gpu: '0' }, value: 2048 * 1048576 },
+      { name: 'gpu_memory_usage_bytes', labels: { gpu: '1' }, value: 1024 * 1048576 },
+    ]);
+    expect(fams.get('gpu_utilization_percent')!.samples.map((s) => s.value)).toEqual([40, 7]);
+  });
+});
+
+describe('result cache (unit)', () => {
+  const req = (seed: number | undefined, prompt = 'p', format: 'png' | 'webp' = 'png'): GenerationRequest => ({
+    shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+    items: [{ prompt, negativePrompt: undefined, seed: seed ?? 0, seedWasGiven: seed !== undefined, numImages: 1 }],
+    output: { format, quality: undefined, uri: undefined },
+    previewEvery: 0,
+  });
+  const img = (n: number) => [{ data: new Uint8Array(n).fill(7).buffer, seed: 1, width: 64, height: 64, format: 'png' as const }];
+
+  it('keys on every generation field, skips unseeded requests, evicts least recently used by bytes', () => {
+    let bytes = -1;
+    const c = createResultCache('m', 250, (b) => (bytes = b));
+    expect(c.keyOf(req(undefined))).toBeUndefined();
+    expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(2)));
+    expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(1, 'p', 'webp')));
+    expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(1, 'q')));
+    const [k1, k2, k3] = [c.keyOf(req(1))!, c.keyOf(req(2))!, c.keyOf(req(3))!];
+    c.put(k1, img(100));
+    c.put(k2, img(100));
+    expect(bytes).toBe(200);
+    c.get(k1); // k1 is now the most recent: k2 goes first
+    c.put(k3, img(100));
+    expect([c.get(k1) !== undefined, c.get(k2) !== undefined, c.get(k3) !== undefined]).toEqual([true, false, true]);
+    expect(c.bytes).toBe(200);
+    c.put(c.keyOf(req(4))!, img(300)); // larger than the whole cache: not stored
+    expect(c.entries).toBe(2);
+    expect(createResultCache('m', 0).keyOf(req(1))).toBeUndefined();
+  });
+});

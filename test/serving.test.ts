@@ -1,0 +1,207 @@
+/**
+ * Serving behaviour over the real server: dynamic batching (and its byte-equality with unbatched runs),
+ * the bounded queue, cancellation of queued work, output formats, the result cache, output_uri to S3.
+ */
+import net from 'node:net';
+import { GetObjectCommand } from '@aws-sdk/client-s3';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+type Pred = { image: { b64?: string; uri?: string }; seed: number; format: string; width: number; height: number };
+const preds = (j: Record<string, unknown>) => j.predictions as Pred[];
+const predict = (s: ServerHandle, inst: Record<string, unknown>, init: RequestInit = {}) => postJson(`${s.url}/v1/models/model:predict`, { instances: [inst] }, init);
+
+/** Sum of the samples of `name` (all label sets, or those matching `labels`) in a Prometheus text page. */
+async function metric(s: ServerHandle, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const text = await (await fetch(`${s.url}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    if (!Object.entries(labels).every(([k, v]) => (m[2] ?? '').includes(`${k}="${v}"`))) continue;
+    sum += Number(m[3]);
+  }
+  return sum;
+}
+
+/** A raw HTTP request whose socket we can drop at will. */
+function rawPredict(port: number, inst: Record<string, unknown>): net.Socket {
+  const body = JSON.stringify({ instances: [inst] });
+  const s = net.connect(port, '127.0.0.1', () => {
+    s.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  });
+  s.on('error', () => undefined);
+  return s;
+}
+
+const until = async (pred: () => Promise<boolean>, ms = 10_000) => {
+  const end = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 25));
+  }
+};
+
+describe('dynamic batching', () => {
+  let srv: ServerHandle;
+  beforeAll(async () => {
+    srv = await startServer({ STORAGE_URI: undefined, MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '200', RESULT_CACHE_MB: '0' }, { ready: true });
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('runs two concurrent compatible requests as ONE batch, each image byte-equal to its unbatched run', async () => {
+    const a = { prompt: 'a red fox in the snow', negative_prompt: 'blurry', num_inference_steps: 12, height: 128, width: 128, seed: 41 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 12, height: 128, width: 128, seed: 42 };
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const sum0 = await metric(srv, 'inference_batch_size_sum');
+    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+    expect([ra.status, rb.status]).toEqual([200, 200]);
+    // One generation of two requests: count +1, sum +2.
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+    expect((await metric(srv, 'inference_batch_size_sum')) - sum0).toBe(2);
+    expect(preds(ra.json)[0]!.seed).toBe(41);
+    expect(preds(rb.json)[0]!.seed).toBe(42);
+
+    // Unbatched, one after the other (each waits out the window alone): batch size 1 each.
+    const sa = await predict(srv, a);
+    const sb = await predict(srv, b);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(3);
+    expect((await metric(srv, 'inference_batch_size_sum')) - sum0).toBe(4);
+    // Booleans, not strings: a failure should not print two base64 PNGs.
+    const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+    expect(b64(ra) === b64(sa)).toBe(true);
+    expect(b64(rb) === b64(sb)).toBe(true);
+    expect(b64(ra) === b64(rb)).toBe(false);
+  });
+
+  it('does not batch requests of different shapes together', async () => {
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const sum0 = await metric(srv, 'inference_batch_size_sum');
+    const [x, y] = await Promise.all([
+      predict(srv, { prompt: 'x', num_inference_steps: 3, height: 64, width: 64, seed: 1 }),
+      predict(srv, { prompt: 'y', num_inference_steps: 4, height: 64, width: 64, seed: 1 }),
+    ]);
+    expect([x.status, y.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(2);
+    expect((await metric(srv, 'inference_batch_size_sum')) - sum0).toBe(2);
+  });
+});
+
+describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
+  let srv: ServerHandle;
+  const long = { prompt: 'long', num_inference_steps: 200, height: 1024, width: 1024, seed: 1 };
+  beforeAll(async () => {
+    srv = await startServer({ STORAGE_URI: undefined, MAX_QUEUE: '1', MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('answers 503 with Retry-After when the queue is full, and keeps serving', async () => {
+    const running = predict(srv, long);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1);
+    await new Promise((r) => setTimeout(r, 100));
+    const queued = predict(srv, { ...long, seed: 2, num_inference_steps: 2, height: 64, width: 64 });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1);
+    const refused = await predict(srv, { prompt: 'third', num_inference_steps: 2, height: 64, width: 64 });
+    expect(refused.status).toBe(503);
+    expect(refused.json).toEqual({ error: expect.stringMatching(/queue is full \(1 waiting\)/), code: 'BUSY' });
+    expect(Number(refused.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    expect(await metric(srv, 'inference_rejected_total', { reason: 'queue_full' })).toBe(1);
+    expect((await running).status).toBe(200);
+    expect((await queued).status).toBe(200);
+  });
+
+  it('removes a queued request whose client left: cancelled counted, depth back to 0, never generated, the next one runs promptly', async () => {
+    const images0 = await metric(srv, 'images_generated_total');
+    const cancelled0 = await metric(srv, 'inference_cancelled_total');
+    const running = predict(srv, long);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1);
+    await new Promise((r) => setTimeout(r, 100));
+    // A queued request as long as the running one: if it were not removed, the next request would wait for it.
+    const sock = rawPredict(srv.port, { ...long, seed: 9 });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1);
+    sock.destroy();
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 0, 2_000);
+    expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(1);
+    const t0 = performance.now();
+    const next = predict(srv, { prompt: 'next', num_inference_steps: 2, height: 64, width: 64, seed: 3 });
+    const first = await running;
+    const tFirst = performance.now();
+    const n = await next;
+    const tNext = performance.now();
+    expect([first.status, n.status]).toEqual([200, 200]);
+    // "next" finished right after the running one: far less than another long generation.
+    expect(tNext - tFirst).toBeLessThan(Math.max(500, (tFirst - t0) / 2));
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(2);
+  });
+});
+
+describe('formats, result cache, output_uri', () => {
+  let srv: ServerHandle;
+  let s3: S3Server;
+  beforeAll(async () => {
+    s3 = await startS3(['out']);
+    srv = await startServer({ STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4' }, { ready: true });
+  });
+  afterAll(async () => {
+    await srv?.stop();
+    if (s3) await destroyS3(s3);
+  });
+
+  it('encodes jpeg and webp (decoded by sharp) and reports the format', async () => {
+    for (const [fmt, want] of [['jpeg', 'jpeg'], ['jpg', 'jpeg'], ['webp', 'webp'], ['png', 'png']] as const) {
+      const r = await predict(srv, { prompt: 'fmt', num_inference_steps: 3, height: 96, width: 64, seed: 5, output_format: fmt, quality: 70 });
+      expect(r.status).toBe(200);
+      const p = preds(r.json)[0]!;
+      expect([p.format, p.width, p.height]).toEqual([want, 64, 96]);
+      const meta = await sharp(Buffer.from(p.image.b64!, 'base64')).metadata();
+      expect([meta.format, meta.width, meta.height]).toEqual([want, 64, 96]);
+    }
+  });
+
+  it('answers a repeated seeded request from the result cache: identical bytes, no new generation', async () => {
+    const inst = { prompt: 'cached fox', num_inference_steps: 5, height: 64, width: 64, seed: 77 };
+    const first = await predict(srv, inst);
+    const images0 = await metric(srv, 'images_generated_total');
+    const hits0 = await metric(srv, 'result_cache_hits_total');
+    expect(await metric(srv, 'result_cache_bytes')).toBeGreaterThan(0);
+    const again = await predict(srv, inst);
+    expect(preds(again.json)[0]!.image.b64 === preds(first.json)[0]!.image.b64).toBe(true);
+    expect(await metric(srv, 'images_generated_total')).toBe(images0);
+    expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(1);
+    // Any generation field (format here) is part of the key: a miss.
+    const other = await predict(srv, { ...inst, output_format: 'webp' });
+    expect(preds(other.json)[0]!.format).toBe('webp');
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
+    // Without a seed, never cached.
+    const { seed: _, ...unseeded } = inst;
+    await predict(srv, unseeded);
+    await predict(srv, unseeded);
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(3);
+    expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(1);
+  });
+
+  it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {
+    const inst = { prompt: 'to s3', num_inference_steps: 3, height: 64, width: 64, seed: 8 };
+    const ref = await predict(srv, inst);
+    const r = await predict(srv, { ...inst, output_uri: 's3://out/run/fox.png' });
+    expect(r.status).toBe(200);
+    expect(preds(r.json)[0]).toEqual({ image: { uri: 's3://out/run/fox.png' }, seed: 8, format: 'png', width: 64, height: 64 });
+    const get = async (key: string) => Buffer.from(await (await s3.client.send(new GetObjectCommand({ Bucket: 'out', Key: key }))).Body!.transformToByteArray());
+    expect((await get('run/fox.png')).toString('base64') === preds(ref.json)[0]!.image.b64).toBe(true);
+
+    const many = await predict(srv, { ...inst, num_images_per_prompt: 2, output_format: 'webp', output_uri: 's3://out/run/many.webp' });
+    expect(preds(many.json).map((p) => [p.image.uri, p.seed])).toEqual([['s3://out/run/many-0.webp', 8], ['s3://out/run/many-1.webp', 9]]);
+    expect((await sharp(await get('run/many-1.webp')).metadata()).format).toBe('webp');
+  });
+
+  it('answers a clear error without secrets when the upload fails', async () => {
+    const r = await predict(srv, { prompt: 'x', num_inference_steps: 2, height: 64, width: 64, seed: 1, output_uri: 's3://no-such-bucket/a.png' });
+    expect(r.status).toBe(400);
+    expect(r.json.error).toMatch(/output_uri: cannot write s3:\/\/no-such-bucket\/a\.png: bucket "no-such-bucket" does not exist/);
+    expect(JSON.stringify(r.json)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
+    const bad = await predict(srv, { prompt: 'x', output_uri: 'http://elsewhere/a.png' });
+    expect([bad.status, bad.json.error]).toEqual([400, expect.stringMatching(/output_uri must look like s3:\/\/bucket\/key/)]);
+  });
+});

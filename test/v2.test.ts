@@ -1,0 +1,215 @@
+/** KServe V2 / Open Inference Protocol over the real server and a real socket: metadata, infer, binary extension, errors. */
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+let srv: ServerHandle;
+const infer = (body: unknown, init: RequestInit = {}) => postJson(`${srv.url}/v2/models/model/infer`, body, init);
+const prompt = (...p: string[]) => ({ name: 'prompt', shape: [p.length], datatype: 'BYTES', data: p });
+const small = { num_inference_steps: 3, height: 64, width: 64 };
+
+beforeAll(async () => {
+  srv = await startServer({ STORAGE_URI: undefined, MAX_BODY_BYTES: '65536', MAX_IMAGE_SIZE: '1024' }, { ready: true });
+});
+afterAll(async () => {
+  expect((await srv?.stop())?.code).toBe(0);
+});
+
+describe('V2 metadata and health', () => {
+  it('answers /v2, /v2/models, model metadata and readiness', async () => {
+    const v2 = await fetch(`${srv.url}/v2`);
+    expect([v2.status, await v2.json()]).toEqual([200, { name: 'diffusers-runtime', version: '0.1.0', extensions: ['binary_tensor_data'] }]);
+    expect(await (await fetch(`${srv.url}/v2/models`)).json()).toEqual({ models: ['model'] });
+    const meta = (await (await fetch(`${srv.url}/v2/models/model`)).json()) as Record<string, unknown>;
+    expect(meta).toMatchObject({ name: 'model', versions: [], platform: 'onnx-diffusers', outputs: [{ name: 'image', datatype: 'BYTES', shape: [-1] }, { name: 'seed', datatype: 'INT64', shape: [-1] }] });
+    const inputs = meta.inputs as Array<{ name: string; datatype: string; shape: number[] }>;
+    expect(inputs[0]).toEqual({ name: 'prompt', datatype: 'BYTES', shape: [-1] });
+    expect(inputs.map((i) => i.name)).toEqual(expect.arrayContaining(['negative_prompt', 'seed', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'scheduler', 'output_format']));
+    const rd = await fetch(`${srv.url}/v2/models/model/ready`);
+    expect([rd.status, await rd.json()]).toEqual([200, { name: 'model', ready: true }]);
+    expect(await (await fetch(`${srv.url}/v2/health/ready`)).json()).toEqual({ ready: true });
+    const nf = await fetch(`${srv.url}/v2/models/nope`);
+    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.' }]);
+    const nfr = await fetch(`${srv.url}/v2/models/nope/ready`);
+    expect(nfr.status).toBe(404);
+  });
+
+  it('answers 501 for versions in the path, before reading the body', async () => {
+    for (const p of ['/v2/models/model/versions/1', '/v2/models/model/versions/1/ready']) {
+      const r = await fetch(srv.url + p);
+      expect([r.status, await r.json()]).toEqual([501, { error: 'Model versioning not supported yet.', code: 'UNSUPPORTED' }]);
+    }
+    const r = await postJson(`${srv.url}/v2/models/model/versions/1/infer`, { inputs: [prompt('x')] });
+    expect([r.status, r.json.error]).toEqual([501, 'Model versioning not supported yet.']);
+  });
+});
+
+describe('V2 infer', () => {
+  it('generates one PNG per prompt with its seed, and echoes the id (the PROTOCOLS.md example)', async () => {
+    const r = await infer({ id: '1', inputs: [prompt('a red fox')], parameters: { num_inference_steps: 4, seed: 7, height: 64, width: 64 } });
+    expect(r.status).toBe(200);
+    expect(r.json.model_name).toBe('model');
+    expect(r.json.id).toBe('1');
+    const [image, seed] = r.json.outputs as Array<{ name: string; shape: number[]; datatype: string; data: unknown[] }>;
+    expect({ ...image!, data: undefined }).toEqual({ name: 'image', shape: [1], datatype: 'BYTES', data: undefined });
+    expect(seed).toEqual({ name: 'seed', shape: [1], datatype: 'INT64', data: [7] });
+    const png = Buffer.from(image!.data[0] as string, 'base64');
+    expect(pngSize(png)).toEqual({ width: 64, height: 64 });
+    // Same request through V1: the same bytes.
+    const v1 = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red fox', num_inference_steps: 4, seed: 7, height: 64, width: 64 }] });
+    expect((v1.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64).toBe(image!.data[0]);
+  });
+
+  it('takes n prompts from shape [n], per-prompt named inputs and broadcast ones; generates a uuid4 id', async () => {
+    const r = await infer({
+      inputs: [
+        prompt('one', 'two'),
+        { name: 'seed', shape: [2], datatype: 'INT64', data: [5, 9] },
+        { name: 'num_inference_steps', shape: [1], datatype: 'INT32', data: [2] },
+        { name: 'negative_prompt', shape: [1, 1], datatype: 'BYTES', data: [['blurry']] },
+      ],
+      parameters: { height: 64, width: 64 },
+    });
+    expect(r.status).toBe(200);
+    expect(r.json.id).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    const outs = r.json.outputs as Array<{ name: string; shape: number[]; data: unknown[] }>;
+    expect(outs[0]!.shape).toEqual([2]);
+    expect(outs[1]!.data).toEqual([5, 9]);
+    expect(outs[0]!.data[0]).not.toBe(outs[0]!.data[1]);
+  });
+
+  it('returns only the requested outputs', async () => {
+    const r = await infer({ inputs: [prompt('x')], parameters: { ...small, seed: 1 }, outputs: [{ name: 'seed' }] });
+    expect(r.json.outputs).toEqual([{ name: 'seed', shape: [1], datatype: 'INT64', data: [1] }]);
+  });
+
+  it('encodes jpeg and webp on request', async () => {
+    for (const fmt of ['jpeg', 'webp'] as const) {
+      const r = await infer({ inputs: [prompt('x')], parameters: { ...small, seed: 3, output_format: fmt, quality: 80 } });
+      expect(r.status).toBe(200);
+      const buf = Buffer.from((r.json.outputs as Array<{ data: string[] }>)[0]!.data[0]!, 'base64');
+      const meta = await sharp(buf).metadata();
+      expect([meta.format, meta.width, meta.height]).toEqual([fmt, 64, 64]);
+    }
+  });
+
+  it('sends the image as binary data after the JSON header (binary_data_output), BYTES elements length-prefixed', async () => {
+    const body = { id: 'b', inputs: [prompt('fox', 'owl')], parameters: { ...small, seed: 21, binary_data_output: true } };
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toBe('application/octet-stream');
+    const raw = Buffer.from(await res.arrayBuffer());
+    const n = Number(res.headers.get('inference-header-content-length'));
+    const header = JSON.parse(raw.subarray(0, n).toString()) as { outputs: Array<{ name: string; parameters: { binary_data_size: number } }> };
+    expect(header.outputs.map((o) => o.name)).toEqual(['image', 'seed']);
+    const imgBytes = header.outputs[0]!.parameters.binary_data_size;
+    expect(n + imgBytes + header.outputs[1]!.parameters.binary_data_size).toBe(raw.length);
+    let o = n;
+    const pngs: Buffer[] = [];
+    while (o < n + imgBytes) {
+      const len = raw.readUInt32LE(o);
+      pngs.push(raw.subarray(o + 4, o + 4 + len));
+      o += 4 + len;
+    }
+    expect(pngs.map((p) => pngSize(p))).toEqual([{ width: 64, height: 64 }, { width: 64, height: 64 }]);
+    expect([raw.readBigInt64LE(o), raw.readBigInt64LE(o + 8)]).toEqual([21n, 21n]);
+    // The JSON form of the same request carries the same bytes.
+    const j = await infer({ ...body, parameters: { ...small, seed: 21 } });
+    expect((j.json.outputs as Array<{ data: string[] }>)[0]!.data).toEqual(pngs.map((p) => p.toString('base64')));
+  });
+
+  it('binary output for one output only (per-output binary_data)', async () => {
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, {
+      method: 'POST',
+      body: JSON.stringify({ inputs: [prompt('x')], parameters: { ...small, seed: 2 }, outputs: [{ name: 'image', parameters: { binary_data: true } }, { name: 'seed' }] }),
+    });
+    const raw = Buffer.from(await res.arrayBuffer());
+    const n = Number(res.headers.get('inference-header-content-length'));
+    const header = JSON.parse(raw.subarray(0, n).toString()) as { outputs: Array<Record<string, unknown>> };
+    expect(header.outputs[1]).toEqual({ name: 'seed', shape: [1], datatype: 'INT64', data: [2] });
+    expect(raw.length - n).toBe((header.outputs[0]!.parameters as { binary_data_size: number }).binary_data_size);
+  });
+
+  it('accepts binary inputs (BYTES prompts, INT64 seed) after the JSON header', async () => {
+    const bytesTensor = (xs: string[]) => Buffer.concat(xs.flatMap((x) => { const b = Buffer.from(x); const l = Buffer.alloc(4); l.writeUInt32LE(b.length); return [l, b]; }));
+    const p = bytesTensor(['a red fox']);
+    const seed = Buffer.alloc(8);
+    seed.writeBigInt64LE(7n);
+    const header = Buffer.from(JSON.stringify({
+      inputs: [
+        { name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: p.length } },
+        { name: 'seed', shape: [1], datatype: 'INT64', parameters: { binary_data_size: 8 } },
+      ],
+      parameters: { num_inference_steps: 4, height: 64, width: 64 },
+    }));
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, {
+      method: 'POST', headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) }, body: Buffer.concat([header, p, seed]),
+    });
+    expect(res.status).toBe(200);
+    const j = (await res.json()) as { outputs: Array<{ data: unknown[] }> };
+    const ref = await infer({ inputs: [prompt('a red fox')], parameters: { num_inference_steps: 4, seed: 7, height: 64, width: 64 } });
+    expect(j.outputs[0]!.data).toEqual((ref.json.outputs as Array<{ data: unknown[] }>)[0]!.data);
+    expect(j.outputs[1]!.data).toEqual([7]);
+  });
+
+  const cases: Array<[string, string | object, RegExp, Record<string, string>?]> = [
+    ['malformed JSON', '{"inputs": [', /^Unrecognized request format/],
+    ['not an object', '[1]', /JSON object/],
+    ['no inputs', {}, /no "inputs"/],
+    ['empty inputs', { inputs: [] }, /non-empty/],
+    ['no prompt', { inputs: [{ name: 'seed', shape: [1], datatype: 'INT64', data: [1] }] }, /"prompt" is required/],
+    ['prompt not BYTES', { inputs: [{ name: 'prompt', shape: [1], datatype: 'INT32', data: [1] }] }, /prompt" must have datatype BYTES/],
+    ['prompt element not a string', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [1] }] }, /data\[0\] must be a string/],
+    ['shape mismatch', { inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['x'] }] }, /holds 2 elements but data has 1/],
+    ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /input "colour" is unknown/],
+    ['unknown datatype', { inputs: [{ name: 'prompt', shape: [1], datatype: 'STRING', data: ['x'] }] }, /datatype must be one of/],
+    ['FP16 in JSON', { inputs: [prompt('x'), { name: 'guidance_scale', shape: [1], datatype: 'FP16', data: [7.5] }] }, /^Receiving FP16 data via JSON is not supported\. Please use the binary data format for input guidance_scale$/],
+    ['nested parameters', { inputs: [prompt('x')], parameters: { seed: { value: 1 } } }, /parameters\.seed must be a string, number or boolean/],
+    ['unknown parameter', { inputs: [prompt('x')], parameters: { stepz: 4 } }, /parameters\.stepz is not a known field/],
+    ['bad parameter value', { inputs: [prompt('x')], parameters: { num_inference_steps: 0 } }, /num_inference_steps must be an integer/],
+    ['per-prompt count mismatch', { inputs: [prompt('a', 'b', 'c'), { name: 'seed', shape: [2], datatype: 'INT64', data: [1, 2] }] }, /"seed" must have 1 element or one per prompt \(3\)/],
+    ['id not a string', { id: 5, inputs: [prompt('x')] }, /id must be a string/],
+    ['unknown output', { inputs: [prompt('x')], outputs: [{ name: 'latents' }] }, /outputs\[0\]\.name "latents" is unknown/],
+    ['binary input without the header', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 5 } }] }, /inference-header-content-length' header is missing/],
+    ['octet-stream without the header', 'not json at all', /inference-header-content-length' header is missing/, { 'content-type': 'application/octet-stream' }],
+    ['bad header length', '{"inputs":[]}', /inference-header-content-length must be an integer/, { 'inference-header-content-length': '999' }],
+    ['several problems at once', { id: 1, inputs: [{ name: 'prompt', shape: [1], datatype: 'INT8', data: [1] }], parameters: { x: [1] } }, /id must be.*; .*parameters\.x.*; .*BYTES/],
+  ];
+  it.each(cases)('400 for %s, with an {"error"} body and no stack', async (_n, body, pattern, headers) => {
+    const r = await infer(body, headers ? { headers: { 'content-type': 'application/json', ...headers } } : {});
+    expect(r.status).toBe(400);
+    expect(r.json.error).toMatch(pattern);
+    expect(r.json.code).toBe('INVALID_INPUT');
+    expect(JSON.stringify(r.json)).not.toMatch(/at .*\.js:\d+|TypeError|SyntaxError:|detail/);
+  });
+
+  it('404s an unknown model and 413s an oversize body', async () => {
+    const r = await postJson(`${srv.url}/v2/models/nope/infer`, { inputs: [prompt('x')] });
+    expect([r.status, r.json.error]).toEqual([404, 'Model with name nope does not exist.']);
+    const big = await infer({ inputs: [prompt('x'.repeat(70_000))] });
+    expect(big.status).toBe(413);
+    const m = await fetch(`${srv.url}/v2/models/model/infer`);
+    expect(m.status).toBe(405);
+  });
+});
+
+describe('V2 on a server that is not ready', () => {
+  it('503s infer and readiness with Retry-After before reading the body', async () => {
+    const down = await startServer({ STORAGE_URI: '/nonexistent/model-dir' });
+    try {
+      await down.waitForLog((l) => l.msg?.startsWith('boot failed') === true, 30_000);
+      const r = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [prompt('x')] });
+      expect(r.status).toBe(503);
+      expect(r.json.error).toMatch(/^Model with name model is not ready\./);
+      expect(Number(r.headers.get('retry-after'))).toBeGreaterThan(0);
+      const rd = await fetch(`${down.url}/v2/models/model/ready`);
+      expect(rd.status).toBe(503);
+      expect((await fetch(`${down.url}/v2/health/ready`)).status).toBe(503);
+      expect((await fetch(`${down.url}/v2/health/live`)).status).toBe(200);
+      const nf = await postJson(`${down.url}/v2/models/other/infer`, { inputs: [prompt('x')] });
+      expect(nf.status).toBe(404);
+    } finally {
+      await down.stop();
+    }
+  });
+});

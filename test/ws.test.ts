@@ -1,0 +1,215 @@
+/** The WebSocket stream route over a real socket: progress, previews, result, errors, cancellation, slow readers. */
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+/** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
+interface Ws {
+  sock: net.Socket;
+  messages: Array<Record<string, unknown>>;
+  closed: Promise<{ code: number; reason: string }>;
+  next(pred?: (m: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
+  send(text: string): void;
+}
+
+function connect(port: number, path: string): Promise<Ws> {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1');
+    const key = randomBytes(16).toString('base64');
+    let buf = Buffer.alloc(0);
+    let upgraded = false;
+    const messages: Array<Record<string, unknown>> = [];
+    const waiters: Array<() => void> = [];
+    let closeInfo: ((c: { code: number; reason: string }) => void) | undefined;
+    const closed = new Promise<{ code: number; reason: string }>((r) => (closeInfo = r));
+    let gotClose = false;
+    const frame = (opcode: number, payload: Buffer) => {
+      const mask = randomBytes(4);
+      const len = payload.length;
+      const head = len < 126 ? Buffer.from([0x80 | opcode, 0x80 | len]) : Buffer.from([0x80 | opcode, 0x80 | 126, len >> 8, len & 0xff]);
+      const masked = Buffer.from(payload.map((b, i) => b ^ mask[i % 4]!));
+      sock.write(Buffer.concat([head, mask, masked]));
+    };
+    const ws: Ws = {
+      sock,
+      messages,
+      closed,
+      send: (text) => frame(1, Buffer.from(text)),
+      async next(pred = () => true, timeoutMs = 30_000) {
+        const end = Date.now() + timeoutMs;
+        for (let seen = 0; ; ) {
+          for (; seen < messages.length; seen++) if (pred(messages[seen]!)) return messages.splice(seen, 1)[0]!;
+          if (gotClose) throw new Error(`socket closed; got ${JSON.stringify(messages.map((m) => m.type))}`);
+          if (Date.now() > end) throw new Error('timed out waiting for a message');
+          await new Promise<void>((r) => {
+            waiters.push(r);
+            setTimeout(r, 50);
+          });
+        }
+      },
+    };
+    const parse = () => {
+      for (;;) {
+        if (buf.length < 2) return;
+        const op = buf[0]! & 0x0f;
+        let len = buf[1]! & 0x7f;
+        let o = 2;
+        if (len === 126) {
+          if (buf.length < 4) return;
+          len = buf.readUInt16BE(2);
+          o = 4;
+        } else if (len === 127) {
+          if (buf.length < 10) return;
+          len = Number(buf.readBigUInt64BE(2));
+          o = 10;
+        }
+        if (buf.length < o + len) return;
+        const payload = buf.subarray(o, o + len);
+        buf = buf.subarray(o + len);
+        if (op === 1) messages.push(JSON.parse(payload.toString()) as Record<string, unknown>);
+        else if (op === 9) frame(10, Buffer.from(payload));
+        else if (op === 8) {
+          gotClose = true;
+          closeInfo!({ code: payload.length >= 2 ? payload.readUInt16BE(0) : 1005, reason: payload.subarray(2).toString() });
+          sock.end();
+        }
+        for (const w of waiters.splice(0)) w();
+      }
+    };
+    sock.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      if (!upgraded) {
+        const i = buf.indexOf('\r\n\r\n');
+        if (i < 0) return;
+        const head = buf.subarray(0, i).toString();
+        buf = buf.subarray(i + 4);
+        if (!head.startsWith('HTTP/1.1 101')) return reject(new Error(`no upgrade: ${head.split('\r\n')[0]}`));
+        upgraded = true;
+        resolve(ws);
+      }
+      parse();
+    });
+    sock.on('error', reject);
+    sock.on('close', () => {
+      gotClose = true;
+      closeInfo!({ code: 1006, reason: '' });
+      for (const w of waiters.splice(0)) w();
+    });
+    sock.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+  });
+}
+
+async function metric(s: ServerHandle, name: string): Promise<number> {
+  const text = await (await fetch(`${s.url}/metrics`)).text();
+  return text.split('\n').filter((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`)).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
+}
+
+let srv: ServerHandle;
+const stream = () => connect(srv.port, '/v1/models/model/stream');
+
+beforeAll(async () => {
+  srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
+});
+afterAll(async () => {
+  expect((await srv?.stop())?.code).toBe(0);
+});
+
+describe('WebSocket stream', () => {
+  it('sends accepted, every step, previews, the result (same bytes as V1) and closes normally', async () => {
+    const inst = { prompt: 'a red fox', num_inference_steps: 6, height: 128, width: 64, seed: 13 };
+    const ws = await stream();
+    ws.send(JSON.stringify({ ...inst, preview_every: 2 }));
+    const closed = await ws.closed;
+    expect(closed).toEqual({ code: 1000, reason: 'done' });
+    const types = ws.messages.map((m) => m.type);
+    expect(ws.messages[0]).toEqual({ type: 'accepted', seed: 13, images: 1 });
+    // PNDM (the demo's scheduler) runs n + 1 timesteps for n steps, as in diffusers; `of` says how many.
+    const progress = ws.messages.filter((m) => m.type === 'progress');
+    const of = progress[0]!.of as number;
+    expect(of).toBeGreaterThanOrEqual(6);
+    expect(progress.map((m) => [m.step, m.of])).toEqual(Array.from({ length: of }, (_, k) => [k + 1, of]));
+    const previews = ws.messages.filter((m) => m.type === 'preview');
+    // Every preview_every steps, and the last step.
+    expect(previews.map((p) => p.step)).toEqual([...Array.from({ length: Math.floor(of / 2) }, (_, k) => 2 * (k + 1)), ...(of % 2 ? [of] : [])]);
+    // The latent preview is the latent grid (height/8 × width/8), RGB.
+    expect(pngSize(Buffer.from(previews[0]!.png_b64 as string, 'base64'))).toEqual({ width: 8, height: 16 });
+    expect(types[types.length - 1]).toBe('result');
+    const result = ws.messages[ws.messages.length - 1]!;
+    const img = (result.images as Array<Record<string, unknown>>)[0]!;
+    expect({ ...img, b64: undefined }).toEqual({ b64: undefined, seed: 13, format: 'png', width: 64, height: 128 });
+    const v1 = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
+    expect((v1.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64 === img.b64).toBe(true);
+  });
+
+  it('answers bad input and an unknown model with an error message and a close code', async () => {
+    const ws = await stream();
+    ws.send(JSON.stringify({ prompt: 1, height: 7 }));
+    expect(await ws.closed).toEqual({ code: 4400, reason: 'INVALID_INPUT' });
+    expect(ws.messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: expect.stringMatching(/message\[0\]\.prompt must be a string.*height/) }]);
+
+    const junk = await stream();
+    junk.send('{not json');
+    expect((await junk.closed).code).toBe(4400);
+    expect(junk.messages[0]).toMatchObject({ type: 'error', error: expect.stringMatching(/^Unrecognized request format/) });
+
+    const unknown = await connect(srv.port, '/v1/models/nope/stream');
+    expect(await unknown.closed).toEqual({ code: 4404, reason: 'MODEL_NOT_FOUND' });
+    expect(unknown.messages).toEqual([{ type: 'error', code: 'MODEL_NOT_FOUND', error: 'Model with name nope does not exist.' }]);
+  });
+
+  it('cancels the generation when the client closes the socket', async () => {
+    const cancelled0 = await metric(srv, 'inference_cancelled_total');
+    const images0 = await metric(srv, 'images_generated_total');
+    const ws = await stream();
+    ws.send(JSON.stringify({ prompt: 'long', num_inference_steps: 400, height: 1024, width: 1024, seed: 1 }));
+    await ws.next((m) => m.type === 'progress' && (m.step as number) >= 2);
+    ws.sock.destroy();
+    const t0 = Date.now();
+    // Stopped between steps: counted as cancelled, no image, and the device is free again long before 400 steps.
+    while ((await metric(srv, 'inference_cancelled_total')) === cancelled0) await new Promise((r) => setTimeout(r, 25));
+    const quick = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'after', num_inference_steps: 2, height: 64, width: 64, seed: 2 }] });
+    expect(quick.status).toBe(200);
+    expect(Date.now() - t0).toBeLessThan(3_000);
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
+  });
+
+  it('never drops the result for a client that stops reading; progress may be dropped', async () => {
+    const ws = await stream();
+    ws.sock.pause(); // stop reading: the kernel buffers fill, then uWS buffers (backpressure)
+    ws.send(JSON.stringify({ prompt: 'slow reader', num_inference_steps: 120, height: 1024, width: 1024, seed: 4, preview_every: 1 }));
+    const done = async () => (await metric(srv, 'images_generated_total'));
+    const before = await done();
+    while ((await done()) === before) await new Promise((r) => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, 200));
+    ws.sock.resume();
+    const close = await ws.closed;
+    expect(close.code).toBe(1000);
+    const result = ws.messages.find((m) => m.type === 'result');
+    expect(result).toBeDefined();
+    const img = (result!.images as Array<{ b64: string }>)[0]!;
+    expect(pngSize(Buffer.from(img.b64, 'base64'))).toEqual({ width: 1024, height: 1024 });
+    const steps = ws.messages.filter((m) => m.type === 'progress').map((m) => m.step as number);
+    expect(steps).toEqual([...steps].sort((a, b) => a - b)); // in order, possibly with gaps
+    const dropped = await metric(srv, 'websocket_messages_dropped_total');
+    const of = ws.messages.find((m) => m.type === 'progress')!.of as number;
+    const previews = ws.messages.filter((m) => m.type === 'preview').length;
+    console.log(`slow reader: ${steps.length}/${of} progress and ${previews}/${of} previews delivered, ${dropped} dropped`);
+    // Every step's two messages were either delivered or counted as dropped.
+    expect(steps.length + previews + dropped).toBe(2 * of);
+  });
+});
+
+describe('WebSocket on a server that is not ready', () => {
+  it('sends an error and closes with 4503', async () => {
+    const down = await startServer({ STORAGE_URI: '/nonexistent/model-dir' });
+    try {
+      await down.waitForLog((l) => l.msg?.startsWith('boot failed') === true, 30_000);
+      const ws = await connect(down.port, '/v1/models/model/stream');
+      expect((await ws.closed).code).toBe(4503);
+      expect(ws.messages[0]).toMatchObject({ type: 'error', code: 'MODEL_NOT_READY', error: expect.stringMatching(/^Model with name model is not ready\./), retry_after: 60 });
+    } finally {
+      await down.stop();
+    }
+  });
+});
