@@ -11,6 +11,8 @@ const STATUS = {
   BUSY: 503,
   SHUTTING_DOWN: 503,
   CANCELLED: 499,
+  TIMEOUT: 504,
+  UPSTREAM: 502,
   INTERNAL: 500,
   // Storage / boot outcomes (never sent as HTTP statuses of a request, but mapped for completeness).
   CONFIG: 500,

@@ -209,3 +209,48 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
   });
 });
+
+describe('REQUEST_TIMEOUT_S', () => {
+  it('stops a request that runs too long with 504 and keeps serving', async () => {
+    const t = await startServer({ STORAGE_URI: undefined, REQUEST_TIMEOUT_S: '1', WARMUP_STEPS: '1', MAX_IMAGE_SIZE: '2048' }, { ready: true });
+    try {
+      const t0 = performance.now();
+      const r = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'slow', num_inference_steps: 500, height: 1024, width: 1024, seed: 2 }] });
+      expect(r.status).toBe(504);
+      expect(r.json.error).toMatch(/REQUEST_TIMEOUT_S=1s/);
+      expect(performance.now() - t0).toBeLessThan(10_000);
+      const ok = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'quick', num_inference_steps: 2, height: 64, width: 64 }] });
+      expect(ok.status).toBe(200);
+    } finally {
+      await t.stop();
+    }
+  });
+});
+
+describe('large replies', () => {
+  it('streams a multi-megabyte prediction intact to a slow reader', async () => {
+    const body = JSON.stringify({ instances: [{ prompt: 'big', num_inference_steps: 1, height: 1024, width: 1024, seed: 77, num_images_per_prompt: 2 }] });
+    const raw = await new Promise<Buffer>((resolve, reject) => {
+      const s = net.connect(srv.port, '127.0.0.1', () => {
+        s.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+      });
+      const chunks: Buffer[] = [];
+      // Read slowly: pause after every chunk so the server sees backpressure.
+      s.on('data', (c: Buffer) => {
+        chunks.push(c);
+        s.pause();
+        setTimeout(() => s.resume(), 2);
+      });
+      s.on('end', () => resolve(Buffer.concat(chunks)));
+      s.on('error', reject);
+    });
+    const sep = raw.indexOf('\r\n\r\n');
+    const head = raw.subarray(0, sep).toString();
+    expect(head).toMatch(/^HTTP\/1\.1 200 OK/);
+    const len = Number(/content-length: (\d+)/i.exec(head)?.[1]);
+    const json = JSON.parse(raw.subarray(sep + 4).toString()) as { predictions: Array<{ image: { b64: string } }> };
+    expect(raw.length - sep - 4).toBe(len);
+    expect(len).toBeGreaterThan(1_000_000);
+    for (const p of json.predictions) expect(pngSize(Buffer.from(p.image.b64, 'base64'))).toEqual({ width: 1024, height: 1024 });
+  });
+});

@@ -210,6 +210,8 @@ export class Engine {
         this.metrics.cancelled.inc(this.#labels, w.running.tasks.length);
         w.send({ t: 'cancel', id: w.running.id });
       }
+      // Answer now (client gone or timed out); the batch's other requests keep their generation.
+      this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
   }
 

@@ -190,8 +190,16 @@ export class Runtime {
   async #generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]> {
     this.#inflight++;
     this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);
+    // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
+    const timeout = AbortSignal.timeout(this.cfg.requestTimeoutS * 1000);
+    const both = AbortSignal.any([signal, timeout]);
     try {
-      return await Promise.all(reqs.map((r) => this.#generateOne(r, signal, onProgress)));
+      return await Promise.all(reqs.map((r) => this.#generateOne(r, both, onProgress)));
+    } catch (err) {
+      if (timeout.aborted && !signal.aborted) {
+        throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${this.cfg.requestTimeoutS}s and was stopped`, { cause: err });
+      }
+      throw err;
     } finally {
       this.#inflight--;
       this.metrics.inflight.set({ model_name: this.cfg.modelName }, this.#inflight);

@@ -22,8 +22,12 @@ export interface Req {
 const STATUS_TEXT: Record<number, string> = {
   200: '200 OK', 400: '400 Bad Request', 404: '404 Not Found', 405: '405 Method Not Allowed',
   413: '413 Payload Too Large', 415: '415 Unsupported Media Type', 499: '499 Client Closed Request',
-  500: '500 Internal Server Error', 501: '501 Not Implemented', 503: '503 Service Unavailable',
+  500: '500 Internal Server Error', 501: '501 Not Implemented', 502: '502 Bad Gateway', 503: '503 Service Unavailable',
+  504: '504 Gateway Timeout',
 };
+/** Bodies above this size are streamed with backpressure instead of copied into uWS at once. */
+const STREAM_THRESHOLD = 64 * 1024;
+
 export const statusLine = (s: number): string => STATUS_TEXT[s] ?? `${s} Status`;
 
 export const json = (status: number, value: unknown, headers?: Record<string, string>): Reply => ({
@@ -77,9 +81,29 @@ export class Exchange {
       if (out.contentType) res.writeHeader('content-type', out.contentType);
       for (const [k, v] of Object.entries(out.headers ?? {})) res.writeHeader(k, v);
       // A 413 closes the connection: the rest of the oversize body is not worth reading.
-      res.end(body, out.status === 413);
+      if (out.status === 413 || body.length < STREAM_THRESHOLD) {
+        res.end(body, out.status === 413);
+        return;
+      }
+      this.#stream(typeof body === 'string' ? Buffer.from(body) : body);
     });
     return true;
+  }
+
+  /**
+   * Large replies (base64 images) go out with tryEnd/onWritable, so a slow client costs one copy of
+   * the body, not a growing uWS buffer: the unsent tail is resent from its offset when writable.
+   */
+  #stream(buf: Uint8Array): void {
+    const { res } = this;
+    const total = buf.byteLength;
+    const base = res.getWriteOffset();
+    const [ok, done] = res.tryEnd(buf, total);
+    if (ok || done) return;
+    res.onWritable((offset) => {
+      const [ok2] = res.tryEnd(buf.subarray(offset - base), total);
+      return ok2;
+    });
   }
 }
 
