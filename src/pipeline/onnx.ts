@@ -4,6 +4,7 @@ import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import { RuntimeError } from '../errors.js';
 import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
+import { createWithOptimizedCache, type CacheOutcome, type OptimizedCacheMode } from './ortcache.js';
 
 type Ort = typeof OrtModule;
 let ortPromise: Promise<Ort> | undefined;
@@ -34,6 +35,33 @@ export interface SessionFactoryOptions {
   intraOpThreads: number;
   deviceId?: number;
   log?: (level: 'info' | 'warn', msg: string, obj?: object) => void;
+  /**
+   * Keep ORT's optimised graph next to each model (`<component>/model.<ortVersion>.<provider>.opt.onnx`, see
+   * ortcache.ts) and load it with optimisation off on the next start. Default `auto`: only for models in a cache
+   * entry the runtime filled from S3; a folder that cannot be written (read-only, low disk) loads the source.
+   */
+  optimizedModelCache?: OptimizedCacheMode;
+}
+
+export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
+
+/**
+ * The session options every session of the runtime gets (exported so benchmarks build the very same sessions).
+ * Level `all`: measured on the padded demo model and the e2e reference model (CPU), `basic`/`extended` created
+ * sessions no faster and ran no faster; the optimized-model cache removes the optimisers from later starts anyway.
+ */
+export function sessionOptions(
+  provider: 'cuda' | 'cpu',
+  o: { intraOpThreads: number; deviceId?: number; graphOptimizationLevel?: GraphOptimizationLevel },
+): InferenceSession.SessionOptions {
+  return {
+    executionProviders: provider === 'cuda' ? [{ name: 'cuda', deviceId: o.deviceId ?? 0 }, 'cpu'] : ['cpu'],
+    graphOptimizationLevel: o.graphOptimizationLevel ?? 'all',
+    logSeverityLevel: 3,
+    ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
+    // Start-up matters more than the last percent of a cuDNN algorithm search.
+    ...(provider === 'cuda' ? { extra: { session: { 'ep.cuda.cudnn_conv_algo_search': 'HEURISTIC' } } } : {}),
+  };
 }
 
 /**
@@ -51,17 +79,19 @@ export class SessionFactory {
 
   async create(name: string, modelPath: string): Promise<{ session: OnnxSession; provider: 'cuda' | 'cpu'; ms: number }> {
     const ort = await loadOrt();
-    const t0 = performance.now();
-    if (this.opts.ep === 'cpu') return { session: new OnnxSession(name, await this.#make(ort, modelPath, 'cpu')), provider: 'cpu', ms: performance.now() - t0 };
+    if (this.opts.ep === 'cpu') {
+      const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cpu'));
+      return { session: new OnnxSession(name, s), provider: 'cpu', ms };
+    }
     if (this.#decision === undefined) {
       // The first session decides; concurrent creations wait for the decision instead of all probing CUDA.
       let resolveDecision!: (p: 'cuda' | 'cpu') => void;
       this.#decision = new Promise((r) => (resolveDecision = r));
       try {
-        const s = await this.#make(ort, modelPath, 'cuda');
+        const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cuda'));
         resolveDecision('cuda');
         this.opts.log?.('info', 'execution provider cuda started', { component: name });
-        return { session: new OnnxSession(name, s), provider: 'cuda', ms: performance.now() - t0 };
+        return { session: new OnnxSession(name, s), provider: 'cuda', ms };
       } catch (err) {
         const reason = firstLine(err);
         if (this.opts.ep === 'cuda') {
@@ -77,21 +107,34 @@ export class SessionFactory {
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', 'EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start');
     }
-    const s = await this.#make(ort, modelPath, provider);
-    return { session: new OnnxSession(name, s), provider, ms: performance.now() - t0 };
+    const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, provider));
+    return { session: new OnnxSession(name, s), provider, ms };
   }
 
-  #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
-    const options: InferenceSession.SessionOptions = {
-      executionProviders: provider === 'cuda' ? [{ name: 'cuda', deviceId: this.opts.deviceId ?? 0 }, 'cpu'] : ['cpu'],
-      graphOptimizationLevel: 'all',
-      logSeverityLevel: 3,
-      ...(this.opts.intraOpThreads > 0 ? { intraOpNumThreads: this.opts.intraOpThreads } : {}),
-      // Start-up matters more than the last percent of a cuDNN algorithm search.
-      ...(provider === 'cuda' ? { extra: { session: { 'ep.cuda.cudnn_conv_algo_search': 'HEURISTIC' } } } : {}),
-    };
+  #queue: Promise<unknown> = Promise.resolve();
+  /**
+   * ORT builds a session synchronously on the calling thread, so overlapping creations gain nothing; running them
+   * one at a time, in the order asked, makes each reported time that session's own (not the sum of all in flight).
+   */
+  #serial(fn: () => Promise<InferenceSession>): Promise<{ s: InferenceSession; ms: number }> {
+    const run = this.#queue.then(async () => {
+      const t0 = performance.now();
+      const s = await fn();
+      return { s, ms: performance.now() - t0 };
+    });
+    this.#queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /** What the optimized-model cache did per component ('hit', 'written', 'skipped', 'failed'), for logs and benchmarks. */
+  readonly cacheOutcomes: Record<string, CacheOutcome> = {};
+
+  async #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
+    const options = sessionOptions(provider, { intraOpThreads: this.opts.intraOpThreads, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
     // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
-    return ort.InferenceSession.create(modelPath, options);
+    const r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
+    this.cacheOutcomes[modelPath] = r.cache;
+    return r.session;
   }
 }
 

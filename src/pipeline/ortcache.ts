@@ -1,0 +1,246 @@
+/**
+ * @module The optimized-model cache: ONNX Runtime's optimised graph of a component, kept next to its model
+ * (`<component>/model.<ortVersion>.<provider>.opt.onnx`) and loaded with graph optimisation off on the next start.
+ *
+ *   <component>/model.onnx (+ model.onnx_data)             the source, as downloaded
+ *   <component>/model.1.30.0.cpu.opt.onnx                  ORT's optimised graph (renamed into place when whole)
+ *   <component>/model.1.30.0.cpu.opt.<rand>.onnx_data      its weights (a fresh name per write, so a reader never sees a
+ *                                                          half-written one; unreferenced ones are swept)
+ *   <component>/model.1.30.0.cpu.opt.json                  the key it was made for, written last: ORT version, provider,
+ *                                                          optimisation level, CPU, size + mtime of every source file
+ *
+ * The key file is the commit: it is removed before a rewrite and written after the rename, so a crash leaves either
+ * no key (rebuilt next time) or a key that matches the graph beside it. A source that changed (size or mtime of any
+ * source file in the folder) never matches, and neither does another ORT version, provider or CPU model (CPU graphs
+ * at level `all` hold layout transforms chosen for the CPU's vector width). The S3 cache manifest lists only the
+ * objects of the bucket, so these files are never part of it; a refresh of the entry sweeps them with other strays.
+ */
+import { randomBytes } from 'node:crypto';
+import { constants, promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type * as OrtModule from 'onnxruntime-node';
+import type { InferenceSession } from 'onnxruntime-node';
+import { JOURNAL, MANIFEST } from '../storage/cache.js';
+
+type Ort = typeof OrtModule;
+type Log = (level: 'info' | 'warn', msg: string, obj?: object) => void;
+
+export type CacheOutcome = 'hit' | 'written' | 'skipped' | 'failed';
+
+/**
+ * `auto`: only inside a model cache entry the runtime filled (its folder holds the entry's manifest or download
+ * journal), never in a user's model folder or a read-only mount; `always`: any writable folder (benchmarks); `off`.
+ */
+export type OptimizedCacheMode = 'auto' | 'always' | 'off';
+
+export interface CachedSession {
+  session: InferenceSession;
+  cache: CacheOutcome;
+}
+
+interface SourceFile {
+  name: string;
+  size: number;
+  mtimeMs: number;
+}
+
+interface CacheKey {
+  version: 1;
+  ort: string;
+  provider: string;
+  level: string;
+  cpu: string;
+  sources: SourceFile[];
+}
+
+/** Weights of the optimised copy must fit this many times over in the free space, so the cache never fills the PVC. */
+const FREE_SPACE_FACTOR = 2;
+/** Unreferenced optimised weights younger than this may belong to another process still writing them. */
+const SWEEP_AFTER_MS = 10 * 60 * 1000;
+const OPT_MARK = '.opt.';
+
+export function optimizedPaths(modelPath: string, ortVersion: string, provider: string): { dir: string; stem: string; onnx: string; key: string } {
+  const dir = path.dirname(modelPath);
+  const stem = `${path.basename(modelPath, '.onnx')}.${ortVersion}.${provider}.opt`;
+  return { dir, stem, onnx: path.join(dir, `${stem}.onnx`), key: path.join(dir, `${stem}.json`) };
+}
+
+/**
+ * Creates the session for `modelPath`: from the optimised copy when its key matches, else from the source while ORT
+ * writes a fresh optimised copy. Any cache problem (read-only folder, full disk, a copy ORT cannot load) falls back to
+ * the source; it never fails a session that the source alone would create.
+ */
+export async function createWithOptimizedCache(
+  ort: Ort,
+  modelPath: string,
+  provider: string,
+  options: InferenceSession.SessionOptions,
+  log?: Log,
+  mode: OptimizedCacheMode = 'auto',
+): Promise<CachedSession> {
+  if (mode === 'off' || (mode === 'auto' && !(await isCacheEntry(path.dirname(path.dirname(modelPath)))))) {
+    return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
+  }
+  const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
+  const p = optimizedPaths(modelPath, ortVersion, provider);
+  const component = path.basename(p.dir);
+  const key = await currentKey(p.dir, ortVersion, provider, String(options.graphOptimizationLevel ?? 'all'));
+  if (key === undefined) return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
+
+  if (await keyMatches(p.key, key)) {
+    let reason: string;
+    try {
+      // The graph is optimised already: running the optimisers again would only cost start-up time.
+      const session = await ort.InferenceSession.create(p.onnx, { ...options, graphOptimizationLevel: 'disabled' });
+      return { session, cache: 'hit' };
+    } catch (err) {
+      reason = firstLine(err);
+    }
+    // The source decides: if it fails too (say CUDA does not start), its error is the one to report, not the cache's.
+    const session = await ort.InferenceSession.create(modelPath, options);
+    log?.('warn', 'optimized model cache unusable; loaded the source model and dropped the cache', { component, reason });
+    await fsp.rm(p.key, { force: true }).catch(() => undefined);
+    return { session, cache: 'failed' };
+  }
+
+  const sourceBytes = key.sources.reduce((s, f) => s + f.size, 0);
+  if (!(await canWrite(p.dir, sourceBytes))) return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
+
+  const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
+  const tmpOnnx = path.join(p.dir, `${p.stem}.onnx.tmp-${tag}`);
+  const dataName = `${p.stem}.${tag}.onnx_data`;
+  let session: InferenceSession;
+  try {
+    session = await ort.InferenceSession.create(modelPath, {
+      ...options,
+      optimizedModelFilePath: tmpOnnx,
+      extra: {
+        ...(options.extra as Record<string, unknown> | undefined),
+        session: {
+          ...((options.extra as { session?: Record<string, string> } | undefined)?.session ?? {}),
+          // Weights go to a sibling file (a >2 GB UNet cannot be one protobuf); small tensors stay in the graph.
+          optimized_model_external_initializers_file_name: dataName,
+          optimized_model_external_initializers_min_size_in_bytes: '1024',
+        },
+      },
+    });
+  } catch (err) {
+    await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
+    // Again the source decides whether this was the cache's fault.
+    const retry = await ort.InferenceSession.create(modelPath, options);
+    log?.('warn', 'could not write the optimized model cache; loaded the source model', { component, reason: firstLine(err) });
+    return { session: retry, cache: 'failed' };
+  }
+  try {
+    await commit(p, tmpOnnx, path.join(p.dir, dataName), key);
+    await sweepStale(p, dataName);
+    log?.('info', 'optimized model cached for the next start', { component, file: path.basename(p.onnx) });
+    return { session, cache: 'written' };
+  } catch (err) {
+    await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
+    log?.('warn', 'could not commit the optimized model cache', { component, reason: firstLine(err) });
+    return { session, cache: 'failed' };
+  }
+}
+
+/** The key for the component folder as it is now: every source file (not ours, not temps, not configs). */
+async function currentKey(dir: string, ort: string, provider: string, level: string): Promise<CacheKey | undefined> {
+  let names: string[];
+  try {
+    names = (await fsp.readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
+  } catch {
+    return undefined;
+  }
+  const sources: SourceFile[] = [];
+  for (const name of names.sort()) {
+    if (name.includes(OPT_MARK) || name.includes('.tmp') || name.endsWith('.partial') || name.endsWith('.json')) continue;
+    const st = await fsp.stat(path.join(dir, name)).catch(() => undefined);
+    if (st) sources.push({ name, size: st.size, mtimeMs: st.mtimeMs });
+  }
+  return { version: 1, ort, provider, level, cpu: cpuTag(provider), sources };
+}
+
+/** CPU graphs at level `all` depend on the vector width; a GPU graph does not depend on the host CPU. */
+function cpuTag(provider: string): string {
+  if (provider !== 'cpu') return '';
+  const c = os.cpus()[0];
+  return `${process.arch} ${c?.model ?? 'unknown'}`;
+}
+
+async function keyMatches(file: string, want: CacheKey): Promise<boolean> {
+  try {
+    const got = JSON.parse(await fsp.readFile(file, 'utf8')) as CacheKey;
+    return JSON.stringify(got) === JSON.stringify(want);
+  } catch {
+    return false;
+  }
+}
+
+/** A folder of the PVC cache: the S3 reader's manifest (committed) or journal (filling) sits at its root. */
+async function isCacheEntry(modelRoot: string): Promise<boolean> {
+  for (const marker of [MANIFEST, JOURNAL]) if (await fsp.access(path.join(modelRoot, marker)).then(() => true, () => false)) return true;
+  return false;
+}
+
+async function canWrite(dir: string, sourceBytes: number): Promise<boolean> {
+  try {
+    await fsp.access(dir, constants.W_OK);
+    // access() says yes to root on a folder marked read-only; a folder made read-only on purpose stays untouched.
+    if (((await fsp.stat(dir)).mode & 0o222) === 0) return false;
+    const fs = await fsp.statfs(dir);
+    return fs.bavail * fs.bsize > FREE_SPACE_FACTOR * sourceBytes;
+  } catch {
+    return false;
+  }
+}
+
+/** fsync both files, drop the old key, rename the graph into place, write the new key (tmp + rename), fsync the folder. */
+async function commit(p: ReturnType<typeof optimizedPaths>, tmpOnnx: string, data: string, key: CacheKey): Promise<void> {
+  await fsyncFile(tmpOnnx);
+  await fsyncFile(data).catch((e: NodeJS.ErrnoException) => {
+    // A graph with no initializer of 1 KB or more writes no weights file.
+    if (e.code !== 'ENOENT') throw e;
+  });
+  await fsp.rm(p.key, { force: true });
+  await fsp.rename(tmpOnnx, p.onnx);
+  const tmpKey = `${p.key}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  await fsp.writeFile(tmpKey, `${JSON.stringify(key)}\n`);
+  await fsyncFile(tmpKey);
+  await fsp.rename(tmpKey, p.key);
+  const dh = await fsp.open(p.dir, 'r');
+  try {
+    await dh.sync();
+  } finally {
+    await dh.close();
+  }
+}
+
+/** Removes optimised weights no graph refers to any more (an older write, a crashed one), once they are old enough. */
+async function sweepStale(p: ReturnType<typeof optimizedPaths>, keep: string): Promise<void> {
+  const now = Date.now();
+  const graph = await fsp.readFile(p.onnx).catch(() => undefined);
+  for (const name of await fsp.readdir(p.dir).catch(() => [] as string[])) {
+    const isData = name.startsWith(`${p.stem}.`) && name.endsWith('.onnx_data');
+    const isTemp = name.startsWith(`${p.stem}.onnx.tmp-`) || name.startsWith(`${path.basename(p.key)}.tmp-`);
+    if (name === keep || (!isData && !isTemp)) continue;
+    if (isData && graph?.includes(name)) continue;
+    const st = await fsp.stat(path.join(p.dir, name)).catch(() => undefined);
+    if (st && now - st.mtimeMs > SWEEP_AFTER_MS) await fsp.rm(path.join(p.dir, name), { force: true }).catch(() => undefined);
+  }
+}
+
+async function fsyncFile(file: string): Promise<void> {
+  const fh = await fsp.open(file, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function removeQuietly(...files: string[]): Promise<void> {
+  await Promise.all(files.map((f) => fsp.rm(f, { force: true }).catch(() => undefined)));
+}
+
+const firstLine = (err: unknown): string => String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 300);
