@@ -1,6 +1,6 @@
 /** @module Text to image over ONNX Runtime, numerically as diffusers' pipelines do it (PROTOCOLS.md §4.3–4.5). */
 import { RuntimeError } from '../errors.js';
-import type { ModelDefaults } from '../runtime/request.js';
+import type { GenerationShape, ModelDefaults } from '../runtime/request.js';
 import type { ModelLayout } from './model.js';
 import type { OnnxSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
@@ -15,15 +15,8 @@ export interface JobItem {
   numImages: number;
 }
 
-export interface JobShape {
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  scheduler: string | undefined;
-  eta: number;
-  guidanceRescale: number;
-}
+/** The shape of a generation, as the request parser produced it. */
+export type JobShape = GenerationShape;
 
 export interface Job {
   shape: JobShape;

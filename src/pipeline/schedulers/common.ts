@@ -13,6 +13,15 @@ import { fmaf } from '../random.js';
 export const f = Math.fround;
 
 export type ConfigValue = number | string | boolean | null | number[];
+
+/** diffusers' class defaults for the beta schedule, shared by DDIM, PNDM, Euler and DPM-Solver (LCM differs). */
+export const BETA_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  num_train_timesteps: 1000,
+  beta_start: 0.0001,
+  beta_end: 0.02,
+  beta_schedule: 'linear',
+  trained_betas: null,
+};
 export type ResolvedConfig = Readonly<Record<string, ConfigValue>>;
 
 /**

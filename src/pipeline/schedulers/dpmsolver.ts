@@ -6,6 +6,7 @@
 import type { Scheduler, StepResult } from '../types.js';
 import {
   alphasCumprod,
+  BETA_DEFAULTS,
   bool,
   checkSteps,
   f,
@@ -25,11 +26,7 @@ import {
 } from './common.js';
 
 export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
+  ...BETA_DEFAULTS,
   solver_order: 2,
   prediction_type: 'epsilon',
   thresholding: false,

@@ -3,6 +3,7 @@
 import type { Scheduler, StepResult } from '../types.js';
 import {
   alphasCumprod,
+  BETA_DEFAULTS,
   bool,
   checkSteps,
   f,
@@ -22,11 +23,7 @@ import {
 } from './common.js';
 
 export const EULER_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
+  ...BETA_DEFAULTS,
   prediction_type: 'epsilon',
   interpolation_type: 'linear',
   use_karras_sigmas: false,

@@ -4,6 +4,7 @@ import { RuntimeError } from '../../errors.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
   alphasCumprod,
+  BETA_DEFAULTS,
   bool,
   checkSteps,
   f,
@@ -19,11 +20,7 @@ import {
 } from './common.js';
 
 export const PNDM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
+  ...BETA_DEFAULTS,
   skip_prk_steps: false,
   set_alpha_to_one: false,
   prediction_type: 'epsilon',
