@@ -114,3 +114,21 @@ describe('classify', () => {
     expect(classify(sdk('InvalidRange', 416))).toBe('fatal');
   });
 });
+
+describe('splitTail', () => {
+  it('slices only the last `concurrency` parts, covering the same bytes', async () => {
+    const { splitTail } = await import('../src/storage/download.js');
+    const MiB = 1 << 20;
+    const tasks = planParts(40 * MiB + 5, 8 * MiB).map((range, idx) => ({ idx, range }));
+    const out = splitTail(tasks, 3, 4, MiB, (t, r) => ({ ...t, range: r }));
+    expect(out.slice(0, 3)).toEqual(tasks.slice(0, 3));
+    // part 3 (8 MiB) → 4 slices; part 5 (5 bytes) is too small to split
+    expect(out.slice(3).map((t) => [t.idx, t.range.end - t.range.start + 1])).toEqual([[3, 2 * MiB], [3, 2 * MiB], [3, 2 * MiB], [3, 2 * MiB], [4, 2 * MiB], [4, 2 * MiB], [4, 2 * MiB], [4, 2 * MiB], [5, 5]]);
+    let next = 0;
+    for (const t of out) {
+      expect(t.range.start).toBe(next);
+      next = t.range.end + 1;
+    }
+    expect(next).toBe(40 * MiB + 5);
+  });
+});

@@ -92,7 +92,32 @@ interface FileState {
 
 interface Task {
   readonly f: FileState;
+  /** The planned part this task belongs to (the journal's unit). */
   readonly idx: number;
+  /** The byte range this task fetches: the whole part, or a slice of it at the tail of the queue. */
+  readonly range: Part;
+  /** Tasks of the same part still unfinished; shared by the slices of one part. */
+  readonly left: { n: number };
+}
+
+/**
+ * Splits the last `concurrency` parts of the queue into `ways` slices each. Without this the download
+ * ends with up to `concurrency` full-size ranges that each run at the per-connection cap while the link
+ * sits half idle; with it the tail is short. Slices of a part count as one part for the journal.
+ */
+export function splitTail<T extends { range: Part }>(tasks: T[], concurrency: number, ways: number, minSlice: number, make: (t: T, r: Part) => T): T[] {
+  const cut = Math.max(0, tasks.length - concurrency);
+  const out = tasks.slice(0, cut);
+  for (const t of tasks.slice(cut)) {
+    const len = t.range.end - t.range.start + 1;
+    const slice = Math.max(minSlice, Math.ceil(len / ways));
+    if (len < 2 * minSlice) {
+      out.push(t);
+      continue;
+    }
+    for (const p of planParts(len, slice)) out.push(make(t, { start: t.range.start + p.start, end: t.range.start + p.end }));
+  }
+  return out;
 }
 
 /** Downloads every object into the entry. Objects whose journal says complete are skipped by the caller. */
@@ -128,14 +153,18 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     } else {
       await fsp.unlink(f.partial).catch(() => undefined);
     }
-    for (let i = 0; i < parts.length; i++) if (!done.has(i)) tasks.push({ f, idx: i });
+    for (let i = 0; i < parts.length; i++) if (!done.has(i)) tasks.push({ f, idx: i, range: parts[i]!, left: { n: 1 } });
     for (const i of done) {
       const p = parts[i]!;
       o.onBytes(p.end - p.start + 1);
     }
   }
 
-  const remainingBytes = tasks.reduce((s, t) => s + t.f.parts[t.idx]!.end - t.f.parts[t.idx]!.start + 1, 0);
+  const queue = splitTail(tasks, o.concurrency, 4, 1 << 20, (t, r) => {
+    if (r.start !== t.range.start) t.left.n++;
+    return { ...t, range: r };
+  });
+  const remainingBytes = queue.reduce((s, t) => s + t.range.end - t.range.start + 1, 0);
   const free = await o.io.freeBytes(o.entry);
   if (free < remainingBytes) {
     throw new RuntimeError('NO_SPACE', `not enough space in the model cache ${path.dirname(o.entry)}: need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
@@ -195,10 +224,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   let next = 0;
   const worker = async () => {
-    while (!signal.aborted && next < tasks.length) {
-      const t = tasks[next++]!;
+    while (!signal.aborted && next < queue.length) {
+      const t = queue[next++]!;
       try {
         await fetchPart(t);
+        if (--t.left.n > 0) continue;
         t.f.j.done.push(t.idx);
         dirty = true;
         if (--t.f.remaining === 0) await finish(t.f);
@@ -208,8 +238,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     }
   };
 
-  const fetchPart = async ({ f, idx }: Task) => {
-    const part = f.parts[idx]!;
+  const fetchPart = async ({ f, range }: Task) => {
+    const part = range;
     const fh = await open(f);
     const whole = part.start === 0 && part.end === f.obj.size - 1;
     let written = 0;
@@ -289,7 +319,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       await open(f);
       await finish(f);
     }
-    await Promise.all(Array.from({ length: Math.min(o.concurrency, tasks.length) }, worker));
+    await Promise.all(Array.from({ length: Math.min(o.concurrency, queue.length) }, worker));
   } finally {
     clearInterval(ticker);
     dirty = true;
