@@ -126,6 +126,12 @@ describe('boot from S3', () => {
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
     const files = await srv.waitForLog((l) => l.msg === 'model files ready');
     expect([files.fromCache, files.bytes]).toEqual([false, model.totalBytes]);
+    // Fetch and load overlap: the small components' sessions exist before the padded UNet is whole.
+    const at = (pred: (l: (typeof srv.logs)[number]) => boolean) => srv.logs.findIndex(pred);
+    const filesReady = at((l) => l.msg === 'model files ready');
+    const textEncoder = at((l) => l.msg === 'onnx session created' && l.component === 'text_encoder');
+    expect(textEncoder).toBeGreaterThanOrEqual(0);
+    expect(textEncoder).toBeLessThan(filesReady);
   }, 60_000);
 
   it.each([

@@ -1,4 +1,5 @@
 /** @module Text to image over ONNX Runtime, numerically as diffusers' pipelines do it (PROTOCOLS.md §4.3–4.5). */
+import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import type { GenerationShape, ModelDefaults } from '../runtime/request.js';
 import type { ModelLayout } from './model.js';
@@ -62,8 +63,9 @@ export class Pipeline {
     readonly tokenizers: ClipTokenizer[],
   ) {}
 
-  static async create(layout: ModelLayout, sessions: Sessions): Promise<Pipeline> {
-    const tokenizers = await Promise.all(layout.tokenizerDirs.map((d) => ClipTokenizer.load(d)));
+  /** `preloaded` maps a tokenizer folder to a load already under way (started while other files downloaded). */
+  static async create(layout: ModelLayout, sessions: Sessions, preloaded?: ReadonlyMap<string, Promise<ClipTokenizer>>): Promise<Pipeline> {
+    const tokenizers = await Promise.all(layout.tokenizerDirs.map((d) => preloaded?.get(path.resolve(d)) ?? ClipTokenizer.load(d)));
     const p = new Pipeline(layout, sessions, tokenizers);
     // Fail at load, not at the first request, when the scheduler config is unusable.
     createScheduler(layout.schedulerConfig, 10);

@@ -16,6 +16,7 @@ export interface EncodeOptions {
 
 export type ToWorker =
   | { t: 'component'; component: string; path: string }
+  | { t: 'tokenizer'; dir: string }
   | { t: 'load'; dir: string }
   | { t: 'generate'; id: number; job: Job; output: EncodeOptions; previewEvery: number }
   | { t: 'cancel'; id: number }

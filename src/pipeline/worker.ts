@@ -2,12 +2,14 @@
  * @module Worker-thread entry: owns the ONNX sessions and runs generations. ORT's run blocks the
  * thread that calls it, so none of this may run on the main thread (liveness, probes, metrics).
  */
+import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { encodeImage, loadSharp } from './image.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type OnnxSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
+import { ClipTokenizer } from './tokenizer.js';
 import type { EncodedImage, FromWorker, ToWorker, WorkerInit } from './protocol.js';
 
 const port = parentPort;
@@ -27,6 +29,8 @@ const sessions = new Map<string, Promise<OnnxSession>>();
 const providers: Record<string, string> = {};
 let pipeline: Pipeline | undefined;
 const cancelled = new Set<number>();
+// Tokenizers parse (vocab.json, merges.txt) as soon as their small files are whole, while weights still arrive.
+const tokenizers = new Map<string, Promise<ClipTokenizer>>();
 let queue: Promise<void> = Promise.resolve();
 
 function session(component: string, path: string): Promise<OnnxSession> {
@@ -55,7 +59,7 @@ async function load(dir: string): Promise<void> {
       unet: byName.get('unet')!,
       vae_decoder: byName.get('vae_decoder')!,
       ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
-    });
+    }, tokenizers);
     const fallbackReason = factory.fallbackReason;
     post({ t: 'loaded', defaults: pipeline.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}) });
   } catch (err) {
@@ -113,6 +117,15 @@ port.on('message', (m: ToWorker) => {
     case 'component':
       session(m.component, m.path).catch(() => {}); // reported by load
       break;
+    case 'tokenizer': {
+      const dir = path.resolve(m.dir);
+      if (!tokenizers.has(dir)) {
+        const p = ClipTokenizer.load(dir);
+        p.catch(() => tokenizers.delete(dir)); // reported by load, which retries
+        tokenizers.set(dir, p);
+      }
+      break;
+    }
     case 'load':
       queue = queue.then(() => load(m.dir));
       break;

@@ -130,6 +130,11 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 
+  /** A tokenizer folder is whole: the workers can parse it before the weights arrive. */
+  tokenizerReady(dir: string): void {
+    for (const w of this.#workers) w.send({ t: 'tokenizer', dir });
+  }
+
   load(dir: string): Promise<LoadResult> {
     this.start();
     return new Promise((resolve, reject) => {

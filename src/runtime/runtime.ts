@@ -137,7 +137,7 @@ export class Runtime {
       log: this.log,
       signal: this.#abort.signal,
       onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }),
-      onListing: (files: ReadonlyArray<{ relPath: string }>) => {
+      onListing: (files) => {
         for (const f of files) {
           const comp = f.relPath.split('/')[0]!;
           if (!componentFiles.has(comp)) componentFiles.set(comp, new Set());
@@ -150,14 +150,11 @@ export class Runtime {
         const all = componentFiles.get(comp);
         // A component's session starts as soon as all of its own files are whole.
         if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
-          const onnx = path.join(path.dirname(abs), 'model.onnx');
-          if (existsSync(onnx)) {
-            announced.add(comp);
-            this.engine.componentReady(comp, onnx);
-          }
+          announced.add(comp);
+          this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
         }
       },
-    } as Parameters<typeof resolveModel>[1]);
+    });
     if (res.fromCache) this.metrics.cacheHits.inc({ model_name: this.cfg.modelName });
     else this.metrics.fetchedBytes.inc({ model_name: this.cfg.modelName }, res.bytes);
     this.log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
@@ -167,10 +164,15 @@ export class Runtime {
 
   /** Local models are whole from the start: every component's session can start at once. */
   #announceAll(dir: string): void {
-    for (const comp of safeList(dir)) {
-      const onnx = path.join(dir, comp, 'model.onnx');
-      if (existsSync(onnx)) this.engine.componentReady(comp, onnx);
-    }
+    for (const comp of safeList(dir)) this.#announce(path.join(dir, comp));
+  }
+
+  /** A whole component folder: start its ONNX session, or parse its tokenizer, in the workers. */
+  #announce(compDir: string): void {
+    const comp = path.basename(compDir);
+    const onnx = path.join(compDir, 'model.onnx');
+    if (existsSync(onnx)) this.engine.componentReady(comp, onnx);
+    else if (/^tokenizer(_\d+)?$/.test(comp) && existsSync(path.join(compDir, 'vocab.json'))) this.engine.tokenizerReady(compDir);
   }
 
   /** One real generation at the served default resolution through the request path. */

@@ -37,6 +37,8 @@ export interface ResolveOptions {
   log: Logger;
   signal?: AbortSignal;
   onProgress?(p: FetchProgress): void;
+  /** called with every file of the model before any onFileReady, so a caller knows when a folder is whole */
+  onListing?(files: ReadonlyArray<{ relPath: string; size: number }>): void;
   /** called once per file as soon as that file is whole and renamed into the entry dir (before the manifest) */
   onFileReady?(relPath: string, absPath: string): void;
   /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
@@ -71,13 +73,11 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Prom
   const st = await fsp.stat(dir).catch(() => undefined);
   if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `model directory ${dir} does not exist; check STORAGE_URI and the volume mount`);
   if (!st.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI ${dir} is not a directory; point it at the exported model folder`);
-  let bytes = 0;
   const files = await walk(dir);
-  for (const rel of files) {
-    const abs = path.join(dir, rel);
-    bytes += (await fsp.stat(abs)).size;
-    opts.onFileReady?.(rel, abs);
-  }
+  const sizes = await Promise.all(files.map(async (rel) => (await fsp.stat(path.join(dir, rel))).size));
+  const bytes = sizes.reduce((a, b) => a + b, 0);
+  opts.onListing?.(files.map((relPath, i) => ({ relPath, size: sizes[i]! })));
+  for (const rel of files) opts.onFileReady?.(rel, path.join(dir, rel));
   opts.onProgress?.({ phase: 'done', bytesDone: bytes, bytesTotal: bytes, filesDone: files.length, filesTotal: files.length, bytesPerSecond: 0 });
   return { dir, fromCache: false, bytes, files: files.length, seconds: (performance.now() - t0) / 1000, source: 'local' };
 }
@@ -174,6 +174,7 @@ class S3Fetch {
   }
 
   private hit(m: Manifest, stale: boolean): ResolvedModel {
+    this.o.onListing?.(m.files.map((f) => ({ relPath: f.path, size: f.size })));
     for (const f of m.files) this.o.onFileReady?.(f.path, path.join(this.entry, f.path));
     Object.assign(this.progress, { bytesTotal: m.bytes, bytesDone: m.bytes, filesTotal: m.files.length, filesDone: m.files.length });
     this.emit('done', true);
@@ -214,6 +215,7 @@ class S3Fetch {
       if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
 
       Object.assign(this.progress, { bytesTotal: listing.reduce((s, x) => s + x.size, 0), bytesDone: 0, filesTotal: listing.length, filesDone: 0 });
+      this.o.onListing?.(listing.map((o) => ({ relPath: o.rel, size: o.size })));
       for (const obj of reuse) {
         this.progress.bytesDone += obj.size;
         this.progress.filesDone++;
