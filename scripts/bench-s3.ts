@@ -159,13 +159,23 @@ async function childCeiling(endpoint: string, filesJson: string, conc: number, p
   const t0 = performance.now();
   const one = (r: (typeof ranges)[number]) => new Promise<void>((resolve, reject) => {
     http.get({ host: u.hostname, port: u.port, path: r.key, agent, headers: { range: `bytes=${r.start}-${r.end}` } }, (res) => {
-      res.on('data', (c: Buffer) => (bytes += c.length));
-      res.on('end', resolve);
-      res.on('error', reject);
+      let got = 0;
+      res.on('data', (c: Buffer) => (got += c.length));
+      // 'close' without a complete body (a dropped connection) is a failure, never a silent hang.
+      res.on('close', () => {
+        if (res.statusCode === 206 && got === r.end - r.start + 1) {
+          bytes += got;
+          resolve();
+        } else reject(new Error(`range ${r.key} ${r.start}-${r.end}: status ${res.statusCode}, ${got} bytes`));
+      });
     }).on('error', reject);
   });
   await Promise.all(Array.from({ length: conc }, async () => {
-    while (next < ranges.length) await one(ranges[next++]!);
+    while (next < ranges.length) {
+      const r = ranges[next++]!;
+      // One retry, so a rare dropped connection does not void the whole measurement.
+      await one(r).catch(() => one(r));
+    }
   }));
   const seconds = (performance.now() - t0) / 1000;
   agent.destroy();
@@ -355,7 +365,12 @@ async function main(): Promise<void> {
 
 const [mode, ...args] = process.argv.slice(2);
 if (mode === 's3rver') await childS3rver(args[0]!);
-else if (mode === 'ceiling') await childCeiling(args[0]!, args[1]!, Number(args[2]), Number(args[3]));
+else if (mode === 'ceiling') {
+  await childCeiling(args[0]!, args[1]!, Number(args[2]), Number(args[3])).catch((e: unknown) => {
+    process.stderr.write(`ceiling: ${(e as Error).message}\n`);
+    process.exitCode = 1;
+  });
+}
 else if (mode === 'naive') await childNaive(args[0]!, args[1]!);
 else await main().catch((e: unknown) => {
   process.stderr.write(`bench: ${(e as Error).message}\n`);

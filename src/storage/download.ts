@@ -185,9 +185,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   const flushJournal = () => (journalChain = journalChain.then(async () => {
     if (!dirty) return;
     dirty = false;
+    // Snapshot first: a part that completes while we sync is left for the next flush.
+    const snapshot = JSON.parse(JSON.stringify(o.journal)) as Journal;
     // One file at a time: a sync can hold a libuv thread for a while, and the writes need the others.
     for (const f of [...openFiles]) await (await f.fh?.catch(() => undefined))?.datasync().catch(() => undefined);
-    await saveJournal(o.entry, o.journal).catch((e) => o.log.warn({ err: String(e) }, 'could not save the download journal'));
+    await saveJournal(o.entry, snapshot).catch((e) => o.log.warn({ err: String(e) }, 'could not save the download journal'));
   }));
   // Also trickles dirty pages to disk during the download, so the final fsync of a big file is short.
   const ticker = setInterval(() => void flushJournal(), 500);
