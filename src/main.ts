@@ -4,6 +4,7 @@
  */
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { listenBase, type BaseServer } from './server/base.js';
+import { spawnWorkers } from './runtime/workers.js';
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -21,10 +22,12 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
     process.exit(1);
   }
+  // The pipeline workers start now: their onnxruntime-node/sharp imports overlap ours below.
+  const workers = spawnWorkers(cfg);
   const [{ createLogger }, { Runtime }] = await Promise.all([import('./log.js'), import('./runtime/runtime.js')]);
   const log = createLogger(cfg.logLevel);
   // performance.now() counts from process start, so 0 is "the process started".
-  const rt = new Runtime(cfg, log, { startedAt: 0 });
+  const rt = new Runtime(cfg, log, { startedAt: 0, workers });
   rt.attach(base);
   let signals = 0;
   const stop = (sig: string) => {

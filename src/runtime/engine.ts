@@ -6,12 +6,13 @@
  *                    ▼                                   ▼
  *               CANCELLED                       worker thread (ORT sessions) ──► results split per task
  */
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { EncodedImage, FromWorker, Times, ToWorker } from '../pipeline/protocol.js';
+import { spawnWorkers, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 
 export interface Progress {
@@ -107,16 +108,12 @@ export class Engine {
   }
 
   /** Spawns the workers; each starts importing onnxruntime-node and sharp at once. */
-  start(): void {
+  start(prespawned?: SpawnedWorker[]): void {
     if (this.#workers.length > 0) return;
-    // Several CPU workers share the cores instead of each grabbing all of them.
-    const threads = this.cfg.intraOpThreads > 0 ? this.cfg.intraOpThreads : this.cfg.workers > 1 ? 1 : 0;
-    for (let i = 0; i < this.cfg.workers; i++) {
-      const w = new Worker(new URL('../pipeline/worker.js', import.meta.url), {
-        workerData: { ep: this.cfg.executionProvider, intraOpThreads: threads, workerIndex: i },
-      });
+    for (const [i, sw] of (prespawned ?? spawnWorkers(this.cfg)).entries()) {
+      const w = sw.worker;
       const h = new WorkerHandle(w, i);
-      w.on('message', (m: FromWorker) => this.#onMessage(h, m));
+      sw.attach((m) => this.#onMessage(h, m));
       w.on('error', (err) => this.#onWorkerDeath(h, err));
       w.on('exit', (code) => {
         if (!this.#closing) this.#onWorkerDeath(h, new Error(`pipeline worker exited with code ${code}`));

@@ -12,6 +12,7 @@ import type { ServerContext } from '../server/context.js';
 import { Boot } from './boot.js';
 import { Engine, type Progress, type TaskResult } from './engine.js';
 import type { GenerationRequest } from './request.js';
+import type { SpawnedWorker } from './workers.js';
 import { checkSchedulerName, randomSeed } from './names.js';
 import { startGpuMetrics } from './gpu.js';
 import { createOutputStore, type OutputStore } from './output.js';
@@ -20,6 +21,8 @@ import { createResultCache, type ResultCache } from './result-cache.js';
 export interface RuntimeOptions {
   /** process start, for the time-to-ready metric (performance.now() based). */
   startedAt?: number;
+  /** Workers `main` started right after listening (their heavy imports are already under way). */
+  workers?: SpawnedWorker[];
 }
 
 export class Runtime {
@@ -90,7 +93,7 @@ export class Runtime {
   /** resolving → fetching → loading → warming → ready. Never throws: a failure becomes the `failed` state. */
   async start(): Promise<void> {
     const started = this.opts.startedAt ?? performance.now();
-    this.engine.start(); // workers import ORT and sharp while we resolve and fetch
+    this.engine.start(this.opts.workers); // workers import ORT and sharp while we resolve and fetch
     try {
       const dir = await this.#resolveAndFetch();
       if (this.#stopping) return;
