@@ -59,8 +59,8 @@ export function sessionOptions(
     graphOptimizationLevel: o.graphOptimizationLevel ?? 'all',
     logSeverityLevel: 3,
     ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
-    // Start-up matters more than the last percent of a cuDNN algorithm search.
-    ...(provider === 'cuda' ? { extra: { session: { 'ep.cuda.cudnn_conv_algo_search': 'HEURISTIC' } } } : {}),
+    // onnxruntime-node 1.30 passes only deviceId to the CUDA provider (its binding reads no other
+    // key), so cuDNN's conv algorithm search keeps ORT's default; the warm-up generation pays it once.
   };
 }
 
