@@ -6,6 +6,7 @@ import path from 'node:path';
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
+export type OptimizedCacheMode = 'auto' | 'always' | 'off';
 
 export interface S3Settings {
   /** Endpoint URL for S3-compatible stores; undefined means AWS. */
@@ -48,6 +49,8 @@ export interface Config {
   readonly resultCacheMb: number;
   readonly defaultOutputFormat: OutputFormat;
   readonly intraOpThreads: number;
+  /** ORT optimized-model cache next to cached models (see src/pipeline/ortcache.ts). */
+  readonly optimizedModelCache: OptimizedCacheMode;
 }
 
 export class ConfigError extends Error {
@@ -62,6 +65,7 @@ type Env = Record<string, string | undefined>;
 const PROVIDERS: readonly ExecutionProvider[] = ['auto', 'cuda', 'cpu'];
 const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
+const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -165,6 +169,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
     defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
+    optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
   };
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   if (bad.length > 0) throw new ConfigError(bad);

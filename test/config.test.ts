@@ -43,3 +43,11 @@ describe('loadConfig', () => {
     expect(JSON.stringify(d)).not.toContain('secret');
   });
 });
+
+describe('ORT_OPTIMIZED_CACHE', () => {
+  it('defaults to auto and accepts always/off only', () => {
+    expect(loadConfig({}).optimizedModelCache).toBe('auto');
+    expect(loadConfig({ ORT_OPTIMIZED_CACHE: 'off' }).optimizedModelCache).toBe('off');
+    expect(() => loadConfig({ ORT_OPTIMIZED_CACHE: 'sometimes' })).toThrow(/ORT_OPTIMIZED_CACHE must be one of auto, always, off/);
+  });
+});

@@ -33,7 +33,8 @@ export type CacheOutcome = 'hit' | 'written' | 'skipped' | 'failed';
  * `auto`: only inside a model cache entry the runtime filled (its folder holds the entry's manifest or download
  * journal), never in a user's model folder or a read-only mount; `always`: any writable folder (benchmarks); `off`.
  */
-export type OptimizedCacheMode = 'auto' | 'always' | 'off';
+export type { OptimizedCacheMode } from '../config.js';
+import type { OptimizedCacheMode } from '../config.js';
 
 export interface CachedSession {
   session: InferenceSession;

@@ -1,5 +1,5 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
-import type { ExecutionProvider, OutputFormat } from '../config.js';
+import type { ExecutionProvider, OptimizedCacheMode, OutputFormat } from '../config.js';
 import type { ModelDefaults } from '../runtime/request.js';
 import type { Job } from './pipeline.js';
 
@@ -7,6 +7,7 @@ export interface WorkerInit {
   ep: ExecutionProvider;
   intraOpThreads: number;
   workerIndex: number;
+  optimizedModelCache: OptimizedCacheMode;
 }
 
 export interface EncodeOptions {

@@ -24,7 +24,7 @@ const importStart = performance.now();
 const imported = Promise.all([loadOrt(), loadSharp()]).then(() => post({ t: 'imported', ms: performance.now() - importStart }));
 imported.catch(() => {}); // reported by the first session creation instead
 
-const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
+const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
 const sessions = new Map<string, Promise<OnnxSession>>();
 const providers: Record<string, string> = {};
 let pipeline: Pipeline | undefined;

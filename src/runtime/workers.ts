@@ -14,11 +14,11 @@ export interface SpawnedWorker {
   attach(onMessage: (m: FromWorker) => void): void;
 }
 
-export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider'>): SpawnedWorker[] {
+export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache'>): SpawnedWorker[] {
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
   return Array.from({ length: cfg.workers }, (_, i) => {
-    const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: i };
+    const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: i, optimizedModelCache: cfg.optimizedModelCache };
     const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
     const early: FromWorker[] = [];
     let deliver: (m: FromWorker) => void = (m) => early.push(m);
