@@ -9,15 +9,19 @@ const REDACT = [
   'headers.authorization', 'headers["x-amz-security-token"]',
 ];
 
-export function createLogger(level: string, name = 'diffusers-runtime'): Logger {
-  return pino({
-    name,
-    level,
-    base: { pid: process.pid },
-    timestamp: pino.stdTimeFunctions.isoTime,
-    redact: { paths: REDACT, censor: '***' },
-    formatters: { level: (label) => ({ level: label }) },
-  });
+/** `fd` 2 sends the log to stderr, for tools whose stdout carries their result (the warm-up CLI). */
+export function createLogger(level: string, name = 'diffusers-runtime', fd: 1 | 2 = 1): Logger {
+  return pino(
+    {
+      name,
+      level,
+      base: { pid: process.pid },
+      timestamp: pino.stdTimeFunctions.isoTime,
+      redact: { paths: REDACT, censor: '***' },
+      formatters: { level: (label) => ({ level: label }) },
+    },
+    pino.destination({ fd, sync: true }),
+  );
 }
 
 /** A logger for tests and tools that must stay quiet. */

@@ -9,8 +9,7 @@ import path from 'node:path';
 import { Upload } from '@aws-sdk/lib-storage';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
-import { pino } from 'pino';
-import type { Logger } from '../src/log.js';
+import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/index.js';
 import { walk } from '../src/storage/cache.js';
 import { createS3 } from '../src/storage/s3.js';
@@ -29,7 +28,8 @@ function progressLine(p: FetchProgress): string {
 async function warm(signal: AbortSignal): Promise<void> {
   const cfg = loadConfig();
   if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
-  const log = stderrLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel);
+  // stdout carries only the final JSON line; a Job log shows progress and problems, not every event.
+  const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
   let last = 0;
   let latest: FetchProgress | undefined;
   const print = (p: FetchProgress) => process.stderr.write(`warmup: ${progressLine(p)}\n`);
@@ -99,18 +99,6 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
 }
 
 class UsageError extends Error {}
-
-/**
- * The runtime's log format (src/log.ts), but on stderr: stdout carries only the final JSON line.
- * Defaults to warn, so a Job log shows progress lines and problems, not every event.
- */
-function stderrLogger(level: string): Logger {
-  return pino({
-    name: 'warmup', level, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime,
-    redact: { paths: ['accessKeyId', 'secretAccessKey', 'sessionToken', 'authorization', '*.accessKeyId', '*.secretAccessKey', '*.sessionToken', '*.authorization'], censor: '***' },
-    formatters: { level: (label) => ({ level: label }) },
-  }, pino.destination({ fd: 2, sync: true }));
-}
 
 async function main(): Promise<number> {
   const ac = new AbortController();
