@@ -1,4 +1,5 @@
 /** Boot over a real socket: liveness at once, readiness only after warm-up, failures visible, EP fallback, SIGTERM drain. */
+import net from 'node:net';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
@@ -126,21 +127,53 @@ describe('boot', () => {
   });
 });
 
+/** One HTTP/1.1 exchange on an already-open socket; resolves with the status code and body. */
+function exchange(sock: net.Socket, request: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    let buf = Buffer.alloc(0);
+    const onData = (c: Buffer) => {
+      buf = Buffer.concat([buf, c]);
+      const sep = buf.indexOf('\r\n\r\n');
+      if (sep < 0) return;
+      const head = buf.subarray(0, sep).toString();
+      const len = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
+      if (buf.length - sep - 4 < len) return;
+      sock.off('data', onData);
+      resolve({ status: Number(head.split(' ')[1]), body: buf.subarray(sep + 4, sep + 4 + len).toString() });
+    };
+    sock.on('data', onData);
+    sock.once('error', reject);
+    sock.write(request);
+  });
+}
+
 describe('SIGTERM', () => {
   it('turns readiness false at once, finishes the in-flight request, refuses new work, exits 0', async () => {
     const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
-    const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 60, height: 512, width: 512, seed: 9 }] });
-    await srv.waitForLog((l) => l.msg === 'inference request' || false, 300).catch(() => undefined);
-    await new Promise((r) => setTimeout(r, 400));
+    // A keep-alive connection opened before the signal: the listener closes, this one stays.
+    const sock = net.connect(srv.port, '127.0.0.1');
+    await new Promise((r) => sock.once('connect', r));
+    expect((await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n')).status).toBe(200);
+    let finished = false;
+    const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 400, height: 1024, width: 1024, seed: 9 }] });
+    void inflight.then(() => (finished = true));
+    await new Promise((r) => setTimeout(r, 500));
+    expect(finished).toBe(false);
     const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
     srv.proc.kill('SIGTERM');
     await srv.waitForLog((l) => l.msg === 'shutting down: draining in-flight requests');
+    const ready = await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n');
+    expect(ready.status).toBe(503);
+    const body = '{"instances":[{"prompt":"late"}]}';
+    const late = await exchange(sock, `POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+    expect(late.status).toBe(503);
+    expect(JSON.parse(late.body).error).toMatch(/shutting down/);
+    expect(finished).toBe(false);
     const r = await inflight;
     expect(r.status).toBe(200);
+    sock.destroy();
     expect(await exit).toBe(0);
-    const stateLine = srv.logs.find((l) => l.msg === 'boot stopping');
-    expect(stateLine).toBeDefined();
-    const shut = srv.logs.find((l) => l.msg === 'shut down');
-    expect(shut?.drained).toBe(true);
+    expect(srv.logs.find((l) => l.msg === 'boot stopping')).toBeDefined();
+    expect(srv.logs.find((l) => l.msg === 'shut down')?.drained).toBe(true);
   });
 });

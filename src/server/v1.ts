@@ -6,17 +6,31 @@ import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 
-/** The seed's prediction shape plus what we add: the seed of each image, its format and size (`uri` with output_uri). */
-export function predictionsOf(results: TaskResult[]): Array<Record<string, unknown>> {
-  return results.flatMap((r) =>
-    r.images.map((img, i) => ({
-      image: r.uris ? { uri: r.uris[i] } : { b64: Buffer.from(img.data).toString('base64') },
-      seed: img.seed,
-      format: img.format,
-      width: img.width,
-      height: img.height,
-    })),
-  );
+/**
+ * The seed's `{"predictions":[{"image":{"b64":…}}]}` plus what we add (each image's seed, format and
+ * size; `uri` instead of `b64` with output_uri), built as bytes: base64
+ * needs no JSON escaping, so each image is written straight into the reply instead of going through
+ * a megabyte-sized JSON string and its UTF-8 copy (about 10 ms per 512² image on a small CPU).
+ */
+export function predictionsBody(results: TaskResult[]): Buffer {
+  const parts: Array<Buffer | string> = ['{"predictions":['];
+  let first = true;
+  for (const r of results) {
+    r.images.forEach((img, i) => {
+      const meta = JSON.stringify({ seed: img.seed, format: img.format, width: img.width, height: img.height }).slice(1);
+      if (!first) parts.push(',');
+      first = false;
+      if (r.uris) parts.push(`{"image":${JSON.stringify({ uri: r.uris[i] })},${meta}`);
+      else parts.push('{"image":{"b64":"', Buffer.from(img.data), `"},${meta}`);
+    });
+  }
+  parts.push(']}');
+  const size = parts.reduce((n, p) => n + (typeof p === 'string' ? Buffer.byteLength(p) : Math.ceil(p.length / 3) * 4), 0);
+  const out = Buffer.allocUnsafe(size);
+  let o = 0;
+  for (const p of parts) o += typeof p === 'string' ? out.write(p, o, 'utf8') : out.write(p.toString('base64'), o, 'latin1');
+  if (o !== size) throw new Error(`prediction body size mismatch: wrote ${o} of ${size} bytes`);
+  return out;
 }
 
 export function modelStatus(ctx: ServerContext, name: string): Reply {
@@ -55,7 +69,7 @@ export function registerV1(app: TemplatedApp, ctx: ServerContext, opts: RouteOpt
         const reqs = parseInstances(instances, parseContext(ctx), Object.hasOwn(o, 'instances') ? 'instances' : 'inputs');
         const results = await ctx.generate(reqs, ex.gone.signal);
         void name;
-        return json(200, { predictions: predictionsOf(results) });
+        return { status: 200, body: predictionsBody(results), contentType: 'application/json' };
       },
       opts,
       1,
