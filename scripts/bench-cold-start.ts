@@ -15,11 +15,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createReadStream, existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import http from 'node:http';
-import { createRequire } from 'node:module';
-import net, { type AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { childS3rver, freePort, lastJson, S3RVER_CREDS, startChild } from './bench-common.js';
 import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { buildDemoModel } from '../src/demo/index.js';
 
@@ -27,7 +26,7 @@ const SELF = fileURLToPath(import.meta.url);
 const ROOT = process.cwd();
 const BUCKET = 'models';
 const PREFIX = 'sd-demo-300/';
-const CREDS = { AWS_ACCESS_KEY_ID: 'S3RVER', AWS_SECRET_ACCESS_KEY: 'S3RVER', AWS_REGION: 'us-east-1' };
+const CREDS = S3RVER_CREDS;
 const LINK = { connMbps: 15, totalMbps: 150, ttfbMs: 40 };
 const TARGETS = { liveness_ms: 150, miss_ratio: 0.8, hit_ratio: 1.15 };
 
@@ -39,12 +38,6 @@ const median = (xs: number[]) => {
 };
 const r0 = (x: number) => Math.round(x);
 
-const freePort = () => new Promise<number>((resolve) => {
-  const s = net.createServer().listen(0, '127.0.0.1', () => {
-    const { port } = s.address() as AddressInfo;
-    s.close(() => resolve(port));
-  });
-});
 
 /** One GET (on a fresh connection unless an agent is given); resolves with the status, or 0 when nothing listens yet. */
 const probe = (port: number, route: string, agent: http.Agent | false = false) => new Promise<number>((resolve) => {
@@ -174,36 +167,6 @@ async function timed(args: string[], env: NodeJS.ProcessEnv): Promise<{ ms: numb
   return { ms, jsonMs, stdout };
 }
 
-const lastJson = (s: string): Record<string, unknown> => {
-  const line = s.trim().split('\n').filter((l) => l.startsWith('{')).at(-1);
-  if (!line) throw new Error(`no JSON line in: ${s.slice(-300)}`);
-  return JSON.parse(line) as Record<string, unknown>;
-};
-
-// ---- child mode: s3rver in its own process, so its CPU is not the benchmark's ----------------------------------
-
-async function childS3rver(dir: string): Promise<void> {
-  const S3rver = createRequire(import.meta.url)('s3rver') as new (o: Record<string, unknown>) => { run(): Promise<AddressInfo> };
-  const s = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: dir, configureBuckets: [{ name: BUCKET }] });
-  const a = await s.run();
-  process.stdout.write(`PORT ${a.port}\n`);
-}
-
-function startChild(args: string[], ready: RegExp): { child: ChildProcess; up: Promise<string> } {
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  const up = new Promise<string>((resolve, reject) => {
-    let buf = '';
-    const on = (c: Buffer) => {
-      buf += String(c);
-      if (ready.test(buf)) resolve(buf);
-    };
-    child.stdout!.on('data', on);
-    child.stderr!.on('data', on);
-    child.once('exit', (code) => reject(new Error(`${path.basename(args[0]!)} exited (${code}) before it was ready: ${buf.slice(-400)}`)));
-  });
-  return { child, up };
-}
-
 // ---- orchestration ---------------------------------------------------------------------------------------------
 
 interface Rep { miss: ServerRun; warmupMs: number; warmupDownloadS: number; seqHit: ServerRun; sequentialMs: number; hit: ServerRun; bareMs: number; bare: Record<string, unknown> }
@@ -231,7 +194,7 @@ async function main(): Promise<void> {
     const model = await buildDemoModel(path.join(tmp, 'model'), { padBytes });
     say(`demo model with ${(padBytes / 1e6).toFixed(0)} MB padding: ${(model.totalBytes / 1e6).toFixed(1)} MB in ${model.files.length} files`);
 
-    const s3 = startChild([SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
+    const s3 = startChild(process.execPath, [SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
     children.push(s3.child);
     const s3port = Number(/PORT (\d+)/.exec(await s3.up)![1]);
     const up = new S3Client({ endpoint: `http://127.0.0.1:${s3port}`, region: CREDS.AWS_REGION, forcePathStyle: true,
@@ -244,7 +207,7 @@ async function main(): Promise<void> {
     await fsp.rm(model.dir, { recursive: true });
 
     const pport = await freePort();
-    const proxy = startChild([proxyScript, '--listen', String(pport), '--upstream', `127.0.0.1:${s3port}`,
+    const proxy = startChild(process.execPath, [proxyScript, '--listen', String(pport), '--upstream', `127.0.0.1:${s3port}`,
       '--conn-mbps', String(LINK.connMbps), '--total-mbps', String(LINK.totalMbps), '--ttfb-ms', String(LINK.ttfbMs)], /throttle-proxy on/);
     children.push(proxy.child);
     await proxy.up;
@@ -344,7 +307,7 @@ async function removeOptimized(modelDir: string): Promise<void> {
 }
 
 const [mode, ...args] = process.argv.slice(2);
-if (mode === 's3rver') await childS3rver(args[0]!);
+if (mode === 's3rver') await childS3rver(args[0]!, BUCKET);
 else {
   await main().catch((e: unknown) => {
     process.stderr.write(`bench: ${(e as Error).stack ?? String(e)}\n`);

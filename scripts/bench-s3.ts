@@ -15,17 +15,16 @@ import { spawn, spawnSync } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
-import net, { type AddressInfo } from 'node:net';
-import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
+import { childS3rver, freePort, lastJson, S3RVER_CREDS, startChild } from './bench-common.js';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = process.cwd();
-const CREDS = { AWS_ACCESS_KEY_ID: 'S3RVER', AWS_SECRET_ACCESS_KEY: 'S3RVER', AWS_REGION: 'us-east-1' };
+const CREDS = S3RVER_CREDS;
 const MB = 1e6;
 const BUCKET = 'models';
 const PREFIX = 'sd15/';
@@ -76,29 +75,6 @@ async function generate(dir: string, files: FileSpec[]): Promise<void> {
   }
 }
 
-const freePort = () => new Promise<number>((resolve) => {
-  const s = net.createServer().listen(0, '127.0.0.1', () => {
-    const { port } = s.address() as AddressInfo;
-    s.close(() => resolve(port));
-  });
-});
-
-/** Starts a child and resolves once a line of its output matches. */
-function startChild(cmd: string, args: string[], ready: RegExp, env: NodeJS.ProcessEnv = process.env) {
-  const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const up = new Promise<void>((resolve, reject) => {
-    let buf = '';
-    const on = (c: Buffer) => {
-      buf += c;
-      if (ready.test(buf)) resolve();
-    };
-    child.stdout.on('data', on);
-    child.stderr.on('data', on);
-    child.on('exit', (code) => reject(new Error(`${path.basename(args[0] ?? cmd)} exited (${code}) before it was ready: ${buf.slice(-500)}`)));
-  });
-  return { child, up };
-}
-
 interface RunResult { code: number | null; stdout: string; stderr: string; wallS: number; peakRssMb?: number; cpuS?: number }
 
 /** Runs a child to completion; peak RSS from /usr/bin/time -v when present, else by polling VmHWM. */
@@ -132,20 +108,8 @@ function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, measureRss = f
   });
 }
 
-const lastJson = (s: string): Record<string, unknown> => {
-  const line = s.trim().split('\n').filter((l) => l.startsWith('{')).at(-1);
-  if (!line) throw new Error(`no JSON line in output: ${s.slice(-400)}`);
-  return JSON.parse(line) as Record<string, unknown>;
-};
-
 // ---- child modes ------------------------------------------------------------------------------------
 
-async function childS3rver(dir: string): Promise<void> {
-  const S3rver = createRequire(import.meta.url)('s3rver') as new (o: Record<string, unknown>) => { run(): Promise<AddressInfo> };
-  const s = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: dir, configureBuckets: [{ name: BUCKET }] });
-  const a = await s.run();
-  process.stdout.write(`PORT ${a.port}\n`);
-}
 
 /** The link's ceiling: raw keep-alive HTTP, `conc` ranged GETs of `part` bytes in flight, bytes discarded. */
 async function childCeiling(endpoint: string, filesJson: string, conc: number, part: number): Promise<void> {
@@ -235,7 +199,7 @@ async function main(): Promise<void> {
     const s3d = startChild(process.execPath, [SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
     children.push(s3d.child);
     let s3port = 0;
-    s3d.child.stdout.on('data', (c: Buffer) => {
+    s3d.child.stdout!.on('data', (c: Buffer) => {
       const m = /PORT (\d+)/.exec(String(c));
       if (m) s3port = Number(m[1]);
     });
@@ -364,7 +328,7 @@ async function main(): Promise<void> {
 }
 
 const [mode, ...args] = process.argv.slice(2);
-if (mode === 's3rver') await childS3rver(args[0]!);
+if (mode === 's3rver') await childS3rver(args[0]!, BUCKET);
 else if (mode === 'ceiling') {
   await childCeiling(args[0]!, args[1]!, Number(args[2]), Number(args[3])).catch((e: unknown) => {
     process.stderr.write(`ceiling: ${(e as Error).message}\n`);

@@ -7,22 +7,13 @@ import { RuntimeError } from '../src/errors.js';
 import { silentLogger } from '../src/log.js';
 import { resolveModel } from '../src/storage/index.js';
 import { acquireLock } from '../src/storage/lock.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
 let tmp: string;
 const log = silentLogger();
 const BIG = detBytes(3_000_000, 11);
-
-async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
-  try {
-    await p;
-  } catch (e) {
-    return e as RuntimeError;
-  }
-  throw new Error('expected a rejection');
-}
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);

@@ -5,7 +5,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { silentLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/index.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -33,15 +33,6 @@ async function expectSame(dir: string, files: Record<string, Buffer>): Promise<v
 
 const newCache = () => fsp.mkdtemp(path.join(tmp, 'cache-'));
 const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '65536', S3_MAX_CONCURRENCY: '8', ...extra });
-
-async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
-  try {
-    await p;
-  } catch (e) {
-    return e as RuntimeError;
-  }
-  throw new Error('expected a rejection');
-}
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);

@@ -1,7 +1,7 @@
 /** @module Writes a complete, deterministic optimum-layout demo pipeline (tiny seeded ONNX graphs + real configs). */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { type FileHandle, mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { RuntimeError } from '../errors.js';
@@ -139,13 +139,14 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
 
 const tempName = (file: string) => `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
 
-async function writeAtomic(file: string, data: Uint8Array | string): Promise<void> {
+/** Writes `file` through a temp name in the same folder: fsync'd, renamed when whole, removed on any error. */
+async function atomically(file: string, fill: (fh: FileHandle) => Promise<void>): Promise<void> {
   await mkdir(path.dirname(file), { recursive: true });
   const tmp = tempName(file);
   try {
     const fh = await open(tmp, 'w');
     try {
-      await fh.writeFile(data);
+      await fill(fh);
       await fh.sync();
     } finally {
       await fh.close();
@@ -157,36 +158,26 @@ async function writeAtomic(file: string, data: Uint8Array | string): Promise<voi
   }
 }
 
+const writeAtomic = (file: string, data: Uint8Array | string): Promise<void> => atomically(file, (fh) => fh.writeFile(data));
+
 /** Writes the external data file piece by piece (the padding in 1 MiB blocks), never holding it whole. */
 async function writeExternal(file: string, chunks: ExternalChunk[], total: number): Promise<void> {
-  await mkdir(path.dirname(file), { recursive: true });
-  const tmp = tempName(file);
-  try {
-    const fh = await open(tmp, 'w');
-    try {
-      for (const c of chunks) {
-        if (c.bytes) await fh.write(c.bytes, 0, c.bytes.byteLength, c.offset);
-        if (c.padding) {
-          const fill = paddingStream(c.padding.seed);
-          const block = new Uint8Array(1 << 20);
-          for (let done = 0; done < c.padding.bytes; ) {
-            const n = Math.min(block.byteLength, c.padding.bytes - done);
-            const view = block.subarray(0, n);
-            fill(view);
-            await fh.write(view, 0, n, c.offset + done);
-            done += n;
-          }
+  await atomically(file, async (fh) => {
+    for (const c of chunks) {
+      if (c.bytes) await fh.write(c.bytes, 0, c.bytes.byteLength, c.offset);
+      if (c.padding) {
+        const fill = paddingStream(c.padding.seed);
+        const block = new Uint8Array(1 << 20);
+        for (let done = 0; done < c.padding.bytes; ) {
+          const n = Math.min(block.byteLength, c.padding.bytes - done);
+          const view = block.subarray(0, n);
+          fill(view);
+          await fh.write(view, 0, n, c.offset + done);
+          done += n;
         }
       }
-      // Alignment gaps are holes; make sure the length is exact even if the last piece were empty.
-      await fh.truncate(total);
-      await fh.sync();
-    } finally {
-      await fh.close();
     }
-    await rename(tmp, file);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
+    // Alignment gaps are holes; make sure the length is exact even if the last piece were empty.
+    await fh.truncate(total);
+  });
 }

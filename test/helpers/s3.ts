@@ -1,4 +1,5 @@
 /** @module Test helpers: a real s3rver on loopback (ephemeral port, temp dir) and a fault-injecting proxy in front of it. */
+import type { RuntimeError } from '../../src/errors.js';
 import { mkdtempSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -202,4 +203,14 @@ export function detBytes(n: number, seed: number): Buffer {
   }
   for (; i < n; i++) b[i] = i & 0xff;
   return b;
+}
+
+/** The error a promise rejects with (a test fails if it resolves). */
+export async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
+  try {
+    await p;
+  } catch (e) {
+    return e as RuntimeError;
+  }
+  throw new Error('expected a rejection');
 }
