@@ -6,9 +6,11 @@
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from '../pipeline/protocol.js';
-// src/storage/index.ts does not re-export the client factory; import it from its module so the endpoint,
-// path-style and TLS settings (S3_VERIFY_SSL, AWS_CA_BUNDLE) stay in one place.
-import { classify, createS3, errorStatus, type S3Handle } from '../storage/s3.js';
+// The client factory of src/storage/s3.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
+// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~200 ms to import), so it loads on the first upload,
+// never on the cold-start path.
+import type { S3Handle } from '../storage/s3.js';
+type StorageS3 = typeof import('../storage/s3.js');
 
 export interface OutputStore {
   /** Uploads each image and returns its `s3://` URI, in order. */
@@ -35,13 +37,13 @@ export function outputKeys(key: string, n: number, format: EncodedImage['format'
 /** One S3 client for the runtime's lifetime, created on the first upload (most deployments never use it). */
 export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
   let handle: S3Handle | undefined;
-  let uploadMod: Promise<typeof import('@aws-sdk/lib-storage')> | undefined;
+  let mods: Promise<[StorageS3, typeof import('@aws-sdk/lib-storage')]> | undefined;
   return {
     async upload(uri, images, signal) {
       const { bucket, key } = parseS3Uri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
-      handle ??= createS3(s3, 8);
-      const { Upload } = await (uploadMod ??= import('@aws-sdk/lib-storage'));
+      const [storage, { Upload }] = await (mods ??= Promise.all([import('../storage/s3.js'), import('@aws-sdk/lib-storage')]));
+      handle ??= storage.createS3(s3, 8);
       const client = handle.client;
       await Promise.all(
         images.map(async (img, i) => {
@@ -54,7 +56,7 @@ export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
           try {
             await up.done();
           } catch (err) {
-            throw uploadError(err, bucket, keys[i]!);
+            throw uploadError(storage, err, bucket, keys[i]!);
           } finally {
             signal?.removeEventListener('abort', onAbort);
           }
@@ -70,7 +72,7 @@ export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
 }
 
 /** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
-function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
+function uploadError({ classify, errorStatus }: StorageS3, err: unknown, bucket: string, key: string): RuntimeError {
   const e = (err ?? {}) as { name?: string; code?: string };
   const s3code = e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
   const where = `s3://${bucket}/${key}`;
