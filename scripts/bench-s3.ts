@@ -216,7 +216,9 @@ async function main(): Promise<void> {
 
     const awsOk = spawnSync('aws', ['--version'], { stdio: 'ignore' }).status === 0;
     const rcloneOk = spawnSync('rclone', ['version'], { stdio: 'ignore' }).status === 0;
-    const baseEnv = { ...process.env, ...CREDS };
+    const baseEnv: NodeJS.ProcessEnv = { ...process.env, ...CREDS };
+    // rclone refuses any AWS_CA_BUNDLE with its own HTTP transport; the benchmark's endpoint is plain HTTP.
+    const rcloneEnv: NodeJS.ProcessEnv = { ...baseEnv, AWS_CA_BUNDLE: undefined };
 
     for (const ttfb of ttfbs) {
       const pport = await freePort();
@@ -280,7 +282,7 @@ async function main(): Promise<void> {
       } else rows.push({ ttfbMs: ttfb, client: 'aws-cli', seconds: NaN, wallS: NaN, mbps: NaN, note: 'not installed: skipped' });
       if (!want('rclone')) { /* not asked for */ } else if (rcloneOk) {
         const rcDir = path.join(tmp, `rclone-${ttfb}`);
-        const rc = await run('rclone', ['copy', `:s3:${BUCKET}/${PREFIX}`, rcDir, '--s3-provider', 'Other', '--s3-endpoint', endpoint, '--s3-access-key-id', 'S3RVER', '--s3-secret-access-key', 'S3RVER', '--multi-thread-streams', '16', '--transfers', '8'], baseEnv, true);
+        const rc = await run('rclone', ['copy', `:s3:${BUCKET}/${PREFIX}`, rcDir, '--s3-provider', 'Other', '--s3-endpoint', endpoint, '--s3-access-key-id', 'S3RVER', '--s3-secret-access-key', 'S3RVER', '--transfers', '16', '--multi-thread-streams', '16', '--multi-thread-cutoff', '16M'], rcloneEnv, true);
         check('rclone', rc);
         row('rclone', rc, rc.wallS, { note: 'wall time incl. start' });
         await fsp.rm(rcDir, { recursive: true, force: true });
