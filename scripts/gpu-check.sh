@@ -64,8 +64,9 @@ check() {
     | "$NODE" -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n").filter(Boolean)){const j=JSON.parse(l);const {level,time,pid,hostname,name,...rest}=j;console.log("  "+JSON.stringify(rest))}})'
   if [ "$ok" = 1 ]; then
     echo "  spawn -> ready: $(( (t1 - t0) / 1000000 )) ms"
-    local body="{\"instances\":[{\"prompt\":\"a photo of a dog\",\"num_inference_steps\":$STEPS,\"height\":$SIZE,\"width\":$SIZE,\"seed\":1}]}"
     for i in 1 2; do
+      # A new seed each time: the result cache would answer a repeated request without generating.
+      local body="{\"instances\":[{\"prompt\":\"a photo of a dog\",\"num_inference_steps\":$STEPS,\"height\":$SIZE,\"width\":$SIZE,\"seed\":$i}]}"
       local r; r=$(curl -s -o /dev/null -w '%{http_code} %{time_total}' -X POST "http://127.0.0.1:$port/v1/models/model:predict" -H 'content-type: application/json' -d "$body")
       echo "  predict #$i ${SIZE}x${SIZE}/${STEPS} steps: HTTP ${r% *}, ${r#* } s"
     done
