@@ -48,8 +48,3 @@ export class RuntimeError extends Error {
 }
 
 export const isRuntimeError = (x: unknown): x is RuntimeError => x instanceof RuntimeError;
-
-/** A message safe to show a client or a log line: never a stack, never a class name of an unknown error. */
-export function publicMessage(err: unknown): string {
-  return isRuntimeError(err) ? err.message : 'internal error';
-}

@@ -3,7 +3,6 @@ import { existsSync, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RuntimeError } from '../src/errors.js';
 import { silentLogger } from '../src/log.js';
 import { resolveModel } from '../src/storage/index.js';
 import { acquireLock } from '../src/storage/lock.js';

@@ -2,7 +2,6 @@ import { promises as fsp, existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { RuntimeError } from '../src/errors.js';
 import { silentLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/index.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile, copyFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 
 const casesFile = process.env.CLIP_CASES ?? path.resolve(process.cwd(), '../shared/reference/clip-tokenizer/cases.json');

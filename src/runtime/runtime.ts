@@ -59,10 +59,6 @@ export class Runtime {
     this.#output = createOutputStore(cfg.s3);
   }
 
-  get port(): number {
-    return this.#server?.port ?? 0;
-  }
-
   context(): ServerContext {
     return {
       cfg: this.cfg,
@@ -161,11 +157,10 @@ export class Runtime {
     if (res.fromCache) this.metrics.cacheHits.inc({ model_name: this.cfg.modelName });
     else this.metrics.fetchedBytes.inc({ model_name: this.cfg.modelName }, res.bytes);
     this.log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
-    if (res.source === 'local') this.#announceAll(res.dir);
     return res.dir;
   }
 
-  /** Local models are whole from the start: every component's session can start at once. */
+  /** The demo model is whole from the start: every component's session can start at once. */
   #announceAll(dir: string): void {
     for (const comp of safeList(dir)) this.#announce(path.join(dir, comp));
   }
