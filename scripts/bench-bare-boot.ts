@@ -3,21 +3,23 @@
  * onnxruntime-node and sharp, creates the same CPU sessions the server creates (same options, no HTTP, no worker
  * thread, no storage layer, no optimized-model cache) and runs the server's warm-up generation (WARMUP_STEPS, default 2,
  * at the model's default size, PNG-encoded). Prints one JSON line with its phases; `doneMs` counts from process start.
- * Flags: --steps N, --level disabled|basic|extended|all, --opt-cache (go through the runtime's optimized-model cache).
+ * Flags: --steps N, --level disabled|basic|extended|all, --opt-cache (go through the runtime's optimized-model cache),
+ * --prepack (let ORT pre-pack CPU weights, its default, which the runtime turns off).
  */
 import { parseArgs } from 'node:util';
 import { encodeImage, loadSharp } from '../src/pipeline/image.js';
 import { readLayout, type Component } from '../src/pipeline/model.js';
 import { loadOrt, OnnxSession, SessionFactory, sessionOptions, type GraphOptimizationLevel } from '../src/pipeline/onnx.js';
+import { writeOptimizedCopy } from '../src/pipeline/ortcache.js';
 import { Pipeline } from '../src/pipeline/pipeline.js';
 
 async function main(): Promise<void> {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
-    options: { steps: { type: 'string' }, level: { type: 'string' }, 'opt-cache': { type: 'boolean' } },
+    options: { steps: { type: 'string' }, level: { type: 'string' }, 'opt-cache': { type: 'boolean' }, prepack: { type: 'boolean' } },
   });
   const dir = positionals[0];
-  if (dir === undefined) throw new Error('usage: bench-bare-boot.js MODEL_DIR [--steps N] [--level all] [--opt-cache]');
+  if (dir === undefined) throw new Error('usage: bench-bare-boot.js MODEL_DIR [--steps N] [--level all] [--opt-cache] [--prepack]');
   const steps = Number(values.steps ?? process.env.WARMUP_STEPS ?? 2);
   const level = (values.level ?? 'all') as GraphOptimizationLevel;
   const t: Record<string, number> = { startMs: performance.now() };
@@ -33,7 +35,7 @@ async function main(): Promise<void> {
     const c0 = performance.now();
     sessions[c] = factory
       ? (await factory.create(c, layout.onnx[c]!)).session
-      : new OnnxSession(c, await ort.InferenceSession.create(layout.onnx[c]!, sessionOptions('cpu', { intraOpThreads: 0, graphOptimizationLevel: level })));
+      : new OnnxSession(c, await ort.InferenceSession.create(layout.onnx[c]!, { ...sessionOptions('cpu', { intraOpThreads: 0, graphOptimizationLevel: level }), ...(values.prepack ? { extra: {} } : {}) }));
     perComponent[c] = Math.round(performance.now() - c0);
   }
   t.sessionsMs = performance.now();
@@ -49,9 +51,11 @@ async function main(): Promise<void> {
   const r = (x: number) => Math.round(x);
   process.stdout.write(`${JSON.stringify({
     doneMs: r(t.doneMs), startMs: r(t.startMs), importMs: r(t.importedMs - t.startMs), sessionsMs: r(t.sessionsMs - t.importedMs),
-    warmupMs: r(t.doneMs - g0), perComponent, level, optCache: factory ? factory.cacheOutcomes : 'off', steps, size: `${d.width}x${d.height}`,
+    warmupMs: r(t.doneMs - g0), perComponent, level, prepack: values.prepack === true, maxRssMb: Math.round(process.resourceUsage().maxRSS / 1024), optCache: factory ? factory.cacheOutcomes : 'off', steps, size: `${d.width}x${d.height}`,
   })}\n`);
   await Promise.all(Object.values(sessions).map((s) => s!.release()));
+  // As the server does after ready: write the copies this run loaded without, so the next --opt-cache run hits.
+  for (const it of factory?.deferredWrites ?? []) await writeOptimizedCopy(ort, it.path, 'cpu', sessionOptions('cpu', { intraOpThreads: 0, graphOptimizationLevel: level }), undefined, 'always');
 }
 
 await main().catch((e: unknown) => {

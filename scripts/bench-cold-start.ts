@@ -216,7 +216,7 @@ async function main(): Promise<void> {
     const env = (cacheDir: string): NodeJS.ProcessEnv => ({
       PATH: process.env.PATH, HOME: process.env.HOME, ...CREDS,
       AWS_ENDPOINT_URL: `http://127.0.0.1:${pport}`, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`,
-      MODEL_CACHE_DIR: cacheDir, EXECUTION_PROVIDER: ep, LOG_LEVEL: 'info',
+      MODEL_CACHE_DIR: cacheDir, EXECUTION_PROVIDER: ep, LOG_LEVEL: 'info', ORT_OPTIMIZED_CACHE: process.env.ORT_OPTIMIZED_CACHE ?? 'auto',
     });
 
     const runs: Rep[] = [];

@@ -126,12 +126,13 @@ describe('boot from S3', () => {
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
     const files = await srv.waitForLog((l) => l.msg === 'model files ready');
     expect([files.fromCache, files.bytes]).toEqual([false, model.totalBytes]);
-    // Fetch and load overlap: the small components' sessions exist before the padded UNet is whole.
+    // Fetch and load overlap: the largest weights come first, so the UNet's session exists while the text
+    // encoder's and the VAE's weights are still arriving.
     const at = (pred: (l: (typeof srv.logs)[number]) => boolean) => srv.logs.findIndex(pred);
     const filesReady = at((l) => l.msg === 'model files ready');
-    const textEncoder = at((l) => l.msg === 'onnx session created' && l.component === 'text_encoder');
-    expect(textEncoder).toBeGreaterThanOrEqual(0);
-    expect(textEncoder).toBeLessThan(filesReady);
+    const unet = at((l) => l.msg === 'onnx session created' && l.component === 'unet');
+    expect(unet).toBeGreaterThanOrEqual(0);
+    expect(unet).toBeLessThan(filesReady);
   }, 60_000);
 
   it.each([
@@ -192,7 +193,17 @@ describe('boot from S3', () => {
     expect(files.fromCache).toBe(false);
     expect(files.bytes).toBe(model.totalBytes);
     const fromS3 = await image(second);
+    // After ready, the optimised graphs are written in the background; the next start loads them instead.
+    const written = await second.waitForLog((l) => l.msg === 'optimized model cache written', 30_000);
+    expect(written.outcomes).toEqual({ text_encoder: 'written', unet: 'written', vae_decoder: 'written' });
+    expect(second.logs.filter((l) => l.msg === 'onnx session created').map((l) => l.optimizedCache)).toEqual(['deferred', 'deferred', 'deferred']);
     await second.stop('SIGTERM');
+    const third = await serve(env);
+    await third.waitReady(40_000);
+    expect(third.logs.filter((l) => l.msg === 'onnx session created').map((l) => l.optimizedCache)).toEqual(['hit', 'hit', 'hit']);
+    expect(third.logs.some((l) => l.msg === 'writing the optimized model cache in the background')).toBe(false);
+    expect(await image(third)).toBe(fromS3);
+    await third.stop('SIGTERM');
     for (const f of model.files) {
       const a = await fsp.readFile(path.join(entries[0]!, f.path));
       expect(a.equals(await fsp.readFile(path.join(model.dir, f.path))), f.path).toBe(true);

@@ -1,6 +1,7 @@
 import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import onnxProto from 'onnx-proto';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, DEMO_FAMILIES, type DemoOptions } from '../src/demo/build.js';
@@ -138,6 +139,8 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
     if (family === 'sdxl') expected.push(...tok('tokenizer_2'), 'text_encoder_2/config.json', 'text_encoder_2/model.onnx');
     if (opts.withVaeEncoder) expected.push('vae_encoder/config.json', 'vae_encoder/model.onnx');
     if (opts.externalData || opts.padBytes) expected.push('unet/model.onnx_data');
+    // The default split pads every component SD 1.5 keeps weights in.
+    if (opts.padBytes) expected.push('text_encoder/model.onnx_data', 'vae_decoder/model.onnx_data');
     expect(files).toEqual(expected.sort());
 
     const index = await readJson(dir, 'model_index.json');
@@ -283,7 +286,10 @@ describe('demo model builder', () => {
       const [x, y] = await Promise.all([readFile(path.join(a.dir, f.path)), readFile(path.join(b.dir, f.path))]);
       expect(x.equals(y), f.path).toBe(true);
     }
-    expect(a.files.find((f) => f.path === 'unet/model.onnx_data')!.bytes).toBeGreaterThan((1 << 20) + 3);
+    // Every padded component rounds its share up to whole rows, so the weights hold at least what was asked.
+    const padded = a.files.filter((f) => f.path.endsWith('/model.onnx_data')).map((f) => f.path);
+    expect(padded.sort()).toEqual(['text_encoder/model.onnx_data', 'text_encoder_2/model.onnx_data', 'unet/model.onnx_data', 'vae_decoder/model.onnx_data']);
+    expect(a.files.filter((f) => padded.includes(f.path)).reduce((n, f) => n + f.bytes, 0)).toBeGreaterThan((1 << 20) + 3);
     // No temporary files are left behind.
     expect((await listFiles(a.dir)).filter((f) => f.includes('.tmp-'))).toEqual([]);
     // A different seed changes the weights.
@@ -295,6 +301,30 @@ describe('demo model builder', () => {
   it('names every bad option at once', async () => {
     await expect(buildDemoModel(path.join(scratch, 'bad'), { family: 'sd3' as never, padBytes: -1, timestep: 'int32' as never }))
       .rejects.toThrow(/family must be one of sd15, sd2, sdxl, lcm, turbo.*timestep must be one of.*padBytes must be an integer >= 0/);
+    await expect(buildDemoModel(path.join(scratch, 'bad'), { padSplit: 'vae' as never })).rejects.toThrow(/padSplit must be one of sd15, unet, got "vae"/);
+  });
+
+  it('padding is real weight data yet leaves every output bit-identical', async () => {
+    const plain = await loadAll(await fixtureModel({ family: 'sd15' }));
+    const pdir = await fixtureModel({ family: 'sd15', padBytes: 2 << 20 });
+    const padded = await loadAll(pdir);
+    // The padding tensor is an input of a MatMul in each padded graph (not a dangling initializer).
+    for (const c of ['text_encoder', 'unet', 'vae_decoder']) {
+      const m = onnxProto.onnx.ModelProto.decode(await readFile(path.join(pdir, c, 'model.onnx')));
+      const pad = m.graph!.initializer!.find((t) => t.name === 'demo_padding');
+      expect(pad?.dims?.map(Number)[0], c).toBe(32);
+      expect(m.graph!.node!.some((n) => n.opType === 'MatMul' && n.input!.includes('demo_padding')), c).toBe(true);
+    }
+    const ids = tokens(CAT, EOS);
+    const te = [await plain.text_encoder!.run({ input_ids: ids }), await padded.text_encoder!.run({ input_ids: ids })];
+    expect(Buffer.from(asF32(te[1]!.last_hidden_state!).buffer).equals(Buffer.from(asF32(te[0]!.last_hidden_state!).buffer))).toBe(true);
+    const feeds = { sample: new ort.Tensor('float32', randn(4 * 16 * 16, 3), [1, 4, 16, 16]), timestep: new ort.Tensor('float32', new Float32Array([501]), []), encoder_hidden_states: te[0]!.last_hidden_state! };
+    const u = [await plain.unet!.run(feeds), await padded.unet!.run(feeds)];
+    expect(Buffer.from(asF32(u[1]!.out_sample!).buffer).equals(Buffer.from(asF32(u[0]!.out_sample!).buffer))).toBe(true);
+    const z = { latent_sample: new ort.Tensor('float32', randn(4 * 8 * 8, 5), [1, 4, 8, 8]) };
+    const v = [await plain.vae_decoder!.run(z), await padded.vae_decoder!.run(z)];
+    expect(Buffer.from(asF32(v[1]!.sample!).buffer).equals(Buffer.from(asF32(v[0]!.sample!).buffer))).toBe(true);
+    for (const x of [...Object.values(plain), ...Object.values(padded)]) await x.release();
   });
 
   it('outputs depend on the token ids and on the timestep', async () => {
@@ -448,14 +478,14 @@ describe('demo CLI', () => {
     process.stdout.write = ((chunk: string) => (writes.push(String(chunk)), true)) as typeof process.stdout.write;
     let code: number;
     try {
-      code = await cliMain([out, '--family', 'sdxl', '--fp16', '--pad-mb', '1']);
+      code = await cliMain([out, '--family', 'sdxl', '--fp16', '--pad-mb', '1', '--pad-split', 'unet']);
     } finally {
       process.stdout.write = orig;
     }
     expect(code).toBe(0);
     const manifest = JSON.parse(writes.join(''));
-    expect(manifest.options).toMatchObject({ family: 'sdxl', fp16: true, padBytes: 1 << 20 });
-    expect(manifest.files.map((f: { path: string }) => f.path)).toContain('unet/model.onnx_data');
+    expect(manifest.options).toMatchObject({ family: 'sdxl', fp16: true, padBytes: 1 << 20, padSplit: 'unet' });
+    expect(manifest.files.map((f: { path: string }) => f.path).filter((p: string) => p.endsWith('.onnx_data'))).toEqual(['unet/model.onnx_data']);
     expect((await stat(path.join(out, 'unet', 'model.onnx_data'))).size).toBeGreaterThanOrEqual(1 << 20);
   });
 

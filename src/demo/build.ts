@@ -22,8 +22,17 @@ export interface DemoOptions {
   fp16?: boolean;
   /** UNet `timestep`: float scalar [] (optimum ≥ 1.24, default), int64 [steps] (optimum 1.6–1.22), float [batch] (diffusers script). */
   timestep?: TimestepInput;
-  /** Size of an extra, unused initializer stored in `unet/model.onnx_data` (for benchmarks). Implies external data. */
+  /**
+   * Bytes of extra weights (for benchmarks), stored in `<component>/model.onnx_data` and multiplied in on every run,
+   * so they cost what real weights cost at load and at run time; the images do not change. Split by `padSplit`.
+   */
   padBytes?: number;
+  /**
+   * `sd15` (default): as the weights of Stable Diffusion 1.5 are split (UNet 83.3%, text encoders 11.9% shared
+   * equally, VAE decoder 4.8%: 859.5M / 123.1M / 49.5M parameters); `unet`: all of it in the UNet (the worst case
+   * for overlapping downloads with session creation).
+   */
+  padSplit?: PadSplit;
   /** Store UNet tensors of ≥ 100 bytes in `unet/model.onnx_data`, as optimum does for large UNets. */
   externalData?: boolean;
   /** Also write `vae_encoder/`. */
@@ -31,6 +40,11 @@ export interface DemoOptions {
   /** Weight seed; the same options give byte-identical files. Default 0. */
   seed?: number;
 }
+
+export type PadSplit = 'sd15' | 'unet';
+const PAD_SPLITS: readonly PadSplit[] = ['sd15', 'unet'];
+/** SD 1.5's parameter counts per component (UNet, text encoder, VAE decoder), in millions. */
+const SD15_PARAMS = { unet: 859.52, textEncoders: 123.06, vaeDecoder: 49.49 } as const;
 
 export type ResolvedDemoOptions = Required<DemoOptions>;
 
@@ -49,7 +63,7 @@ export interface DemoManifest {
   totalBytes: number;
 }
 
-/** The UNet's padding tensor (uint8 [padBytes], external); read one byte at a time, times zero. */
+/** Each padded component's padding weight (float32 [PAD_ROWS, ⌈bytes / 128⌉], external); see padTap in graphs.ts. */
 const PAD_NAME = 'demo_padding';
 const TIMESTEPS: readonly TimestepInput[] = ['float-scalar', 'int64-batch', 'float-batch'];
 
@@ -59,6 +73,7 @@ export function resolveDemoOptions(opts: DemoOptions = {}): ResolvedDemoOptions 
     fp16: opts.fp16 ?? false,
     timestep: opts.timestep ?? 'float-scalar',
     padBytes: opts.padBytes ?? 0,
+    padSplit: opts.padSplit ?? 'sd15',
     externalData: opts.externalData ?? false,
     withVaeEncoder: opts.withVaeEncoder ?? false,
     seed: opts.seed ?? 0,
@@ -67,6 +82,7 @@ export function resolveDemoOptions(opts: DemoOptions = {}): ResolvedDemoOptions 
   if (!DEMO_FAMILIES.includes(r.family)) bad.push(`family must be one of ${DEMO_FAMILIES.join(', ')}, got ${JSON.stringify(r.family)}`);
   if (!TIMESTEPS.includes(r.timestep)) bad.push(`timestep must be one of ${TIMESTEPS.join(', ')}, got ${JSON.stringify(r.timestep)}`);
   if (!Number.isSafeInteger(r.padBytes) || r.padBytes < 0) bad.push(`padBytes must be an integer >= 0, got ${r.padBytes}`);
+  if (!PAD_SPLITS.includes(r.padSplit)) bad.push(`padSplit must be one of ${PAD_SPLITS.join(', ')}, got ${JSON.stringify(r.padSplit)}`);
   if (!Number.isSafeInteger(r.seed) || r.seed < 0 || r.seed > 0xffffffff) bad.push(`seed must be an integer in [0, 2^32), got ${r.seed}`);
   if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', `demo model options: ${bad.join('; ')}`);
   return r;
@@ -99,8 +115,11 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
     written.push(rel);
   };
   const json = (rel: string, value: unknown) => put(rel, `${JSON.stringify(value, null, 2)}\n`);
+  const pads = padShares(o, spec.textEncoders.length);
+  const padName = (bytes: number) => (bytes > 0 ? PAD_NAME : undefined);
   const model = async (folder: string, graph: GraphBuilder, external = false, padBytes = 0) => {
-    const s = graph.serialize({ external: external || padBytes > 0, padding: { name: PAD_NAME, bytes: padBytes, seed: o.seed } });
+    // Each component's padding draws its own stream, so no two weight files share bytes.
+    const s = graph.serialize({ external: external || padBytes > 0, padding: { name: PAD_NAME, bytes: padBytes, seed: (o.seed + written.length * 0x9e3779b1) >>> 0 } });
     if (s.external.length > 0) {
       await writeExternal(path.join(dir, folder, 'model.onnx_data'), s.external, s.externalBytes);
       written.push(`${folder}/model.onnx_data`);
@@ -119,12 +138,12 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
     await json(`${enc.tokenizerFolder}/tokenizer_config.json`, tokenizerConfig(enc));
     await json(`${enc.tokenizerFolder}/special_tokens_map.json`, specialTokensMap(enc));
     await json(`${enc.folder}/config.json`, { ...textEncoderConfig(spec, enc), ...(o.fp16 ? { torch_dtype: 'float16' } : {}) });
-    await model(enc.folder, textEncoderGraph(spec, enc, g));
+    await model(enc.folder, textEncoderGraph(spec, enc, g, padName(pads.textEncoder)), false, pads.textEncoder);
   }
   await json('unet/config.json', unetConfig(spec));
-  await model('unet', unetGraph(spec, o.timestep, g, o.padBytes > 0 ? PAD_NAME : undefined), o.externalData, o.padBytes);
+  await model('unet', unetGraph(spec, o.timestep, g, padName(pads.unet)), o.externalData, pads.unet);
   await json('vae_decoder/config.json', vaeConfig(spec));
-  await model('vae_decoder', vaeDecoderGraph(spec, g));
+  await model('vae_decoder', vaeDecoderGraph(spec, g, padName(pads.vaeDecoder)), false, pads.vaeDecoder);
   if (o.withVaeEncoder) {
     await json('vae_encoder/config.json', vaeConfig(spec));
     await model('vae_encoder', vaeEncoderGraph(spec, g));
@@ -135,6 +154,14 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
   const files: DemoFile[] = [];
   for (const rel of written.sort()) files.push({ path: rel, bytes: (await stat(path.join(dir, rel))).size });
   return { dir, family: o.family, options: o, files, totalBytes: files.reduce((a, f) => a + f.bytes, 0) };
+}
+
+/** Padding bytes per component (each text encoder gets `textEncoder`); the shares add up to about padBytes. */
+function padShares(o: ResolvedDemoOptions, encoders: number): { unet: number; textEncoder: number; vaeDecoder: number } {
+  if (o.padSplit === 'unet' || o.padBytes === 0) return { unet: o.padBytes, textEncoder: 0, vaeDecoder: 0 };
+  const p = SD15_PARAMS, total = p.unet + p.textEncoders + p.vaeDecoder;
+  const share = (x: number) => Math.round((o.padBytes * x) / total);
+  return { unet: share(p.unet), textEncoder: Math.round(share(p.textEncoders) / encoders), vaeDecoder: share(p.vaeDecoder) };
 }
 
 const tempName = (file: string) => `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;

@@ -1,6 +1,6 @@
 /**
  * @module CLI: `node dist/src/demo/cli.js OUT_DIR [--family sd15|sd2|sdxl|lcm|turbo] [--fp16]
- * [--timestep float-scalar|int64-batch|float-batch] [--pad-mb N] [--external-data] [--vae-encoder] [--seed N]`.
+ * [--timestep float-scalar|int64-batch|float-batch] [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--seed N]`.
  */
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
@@ -8,7 +8,7 @@ import { buildDemoModel, type DemoOptions } from './build.js';
 
 const USAGE =
   'usage: cli.js OUT_DIR [--family sd15|sd2|sdxl|lcm|turbo] [--fp16] [--timestep float-scalar|int64-batch|float-batch]\n' +
-  '              [--pad-mb N] [--external-data] [--vae-encoder] [--seed N]';
+  '              [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--seed N]';
 
 export async function main(argv: string[]): Promise<number> {
   let parsed;
@@ -21,6 +21,7 @@ export async function main(argv: string[]): Promise<number> {
         fp16: { type: 'boolean' },
         timestep: { type: 'string' },
         'pad-mb': { type: 'string' },
+        'pad-split': { type: 'string' },
         'external-data': { type: 'boolean' },
         'vae-encoder': { type: 'boolean' },
         seed: { type: 'string' },
@@ -41,6 +42,7 @@ export async function main(argv: string[]): Promise<number> {
     fp16: values.fp16,
     timestep: values.timestep as DemoOptions['timestep'],
     padBytes: values['pad-mb'] !== undefined ? Math.round(Number(values['pad-mb']) * 1024 * 1024) : undefined,
+    padSplit: values['pad-split'] as DemoOptions['padSplit'],
     externalData: values['external-data'],
     withVaeEncoder: values['vae-encoder'],
     seed: values.seed !== undefined ? Number(values.seed) : undefined,

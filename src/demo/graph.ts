@@ -48,11 +48,23 @@ interface Init {
   bytes: Uint8Array;
 }
 
-/** A padding initializer that no node reads; its bytes are generated while streaming, never held whole. */
+/**
+ * A float32 [PAD_ROWS, cols] weight with cols = ceil(bytes / (4 · PAD_ROWS)); its values are generated while
+ * streaming, never held whole.
+ */
 export interface Padding {
   name: string;
   bytes: number;
   seed: number;
+}
+
+/** Rows of the padding weight: the width of the activation it multiplies (see unetGraph). */
+export const PAD_ROWS = 32;
+
+/** The padding's shape and its exact size in bytes (at least the requested bytes). */
+export function paddingShape(bytes: number): { dims: [number, number]; bytes: number } {
+  const cols = Math.max(1, Math.ceil(bytes / (4 * PAD_ROWS)));
+  return { dims: [PAD_ROWS, cols], bytes: PAD_ROWS * cols * 4 };
 }
 
 export class GraphBuilder {
@@ -168,9 +180,10 @@ export class GraphBuilder {
     });
     if (opts.padding && opts.padding.bytes > 0) {
       const p = opts.padding;
-      const at = place(p.bytes);
-      chunks.push({ offset: at, padding: p });
-      initializer.push({ name: p.name, dims: [p.bytes], dataType: DT.UINT8, ...extRef(at, p.bytes) });
+      const shape = paddingShape(p.bytes);
+      const at = place(shape.bytes);
+      chunks.push({ offset: at, padding: { ...p, bytes: shape.bytes } });
+      initializer.push({ name: p.name, dims: shape.dims, dataType: DT.FLOAT, ...extRef(at, shape.bytes) });
     }
     const model = onnx.ModelProto.create({
       irVersion: IR_VERSION,
@@ -202,18 +215,21 @@ export interface Serialized {
   externalBytes: number;
 }
 
-/** A padding generator: each call fills `out` with the next bytes of one seeded xorshift stream (cheap, deterministic). */
+/**
+ * A padding generator: each call fills `out` (a whole number of float32s, 4-byte aligned) with the next values of
+ * one seeded xorshift stream mapped to [-1, 1): finite weights, cheap and deterministic, little-endian as ONNX stores them.
+ */
 export function paddingStream(seed: number): (out: Uint8Array) => void {
   let x = (seed >>> 0) || 0x9e3779b9;
   return (out) => {
-    const words = new Uint32Array(out.buffer, out.byteOffset, out.byteLength >>> 2);
-    for (let i = 0; i < words.length; i++) {
+    if (out.byteLength % 4 !== 0 || out.byteOffset % 4 !== 0) throw new RangeError('padding blocks hold whole, aligned float32s');
+    const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+    for (let i = 0; i < out.byteLength; i += 4) {
       x ^= x << 13; x >>>= 0;
       x ^= x >>> 17;
       x ^= x << 5; x >>>= 0;
-      words[i] = x;
+      view.setFloat32(i, (x >>> 8) * 2 ** -23 - 1, true);
     }
-    for (let i = words.length * 4; i < out.byteLength; i++) out[i] = i & 0xff;
   };
 }
 

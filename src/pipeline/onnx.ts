@@ -5,6 +5,7 @@ import { RuntimeError } from '../errors.js';
 import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { createWithOptimizedCache, type CacheOutcome, type OptimizedCacheMode } from './ortcache.js';
+import type { OptimizeItem } from './protocol.js';
 
 type Ort = typeof OrtModule;
 let ortPromise: Promise<Ort> | undefined;
@@ -59,6 +60,9 @@ export function sessionOptions(
     graphOptimizationLevel: o.graphOptimizationLevel ?? 'all',
     logSeverityLevel: 3,
     ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
+    // CPU: no pre-packing of MatMul/Gemm weights. Packing copies every such weight at session creation (1.2 s and
+    // +300 MB RSS for 300 MB of weights here) and buys nothing measurable at run time (see README "Performance").
+    ...(provider === 'cpu' ? { extra: { session: { disable_prepacking: '1' } } } : {}),
     // onnxruntime-node 1.30 passes only deviceId to the CUDA provider (its binding reads no other
     // key), so cuDNN's conv algorithm search keeps ORT's default; the warm-up generation pays it once.
   };
@@ -77,11 +81,11 @@ export class SessionFactory {
     return this.#fallbackReason;
   }
 
-  async create(name: string, modelPath: string): Promise<{ session: OnnxSession; provider: 'cuda' | 'cpu'; ms: number }> {
+  async create(name: string, modelPath: string): Promise<{ session: OnnxSession; provider: 'cuda' | 'cpu'; ms: number; cache: CacheOutcome }> {
     const ort = await loadOrt();
     if (this.opts.ep === 'cpu') {
       const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cpu'));
-      return { session: new OnnxSession(name, s), provider: 'cpu', ms };
+      return { session: new OnnxSession(name, s), provider: 'cpu', ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
     }
     if (this.#decision === undefined) {
       // The first session decides; concurrent creations wait for the decision instead of all probing CUDA.
@@ -91,7 +95,7 @@ export class SessionFactory {
         const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cuda'));
         resolveDecision('cuda');
         this.opts.log?.('info', 'execution provider cuda started', { component: name });
-        return { session: new OnnxSession(name, s), provider: 'cuda', ms };
+        return { session: new OnnxSession(name, s), provider: 'cuda', ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
       } catch (err) {
         const reason = firstLine(err);
         if (this.opts.ep === 'cuda') {
@@ -108,7 +112,7 @@ export class SessionFactory {
       throw new RuntimeError('PROVIDER', 'EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start');
     }
     const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, provider));
-    return { session: new OnnxSession(name, s), provider, ms };
+    return { session: new OnnxSession(name, s), provider, ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
   }
 
   #queue: Promise<unknown> = Promise.resolve();
@@ -126,14 +130,17 @@ export class SessionFactory {
     return run;
   }
 
-  /** What the optimized-model cache did per component ('hit', 'written', 'skipped', 'failed'), for logs and benchmarks. */
+  /** What the optimized-model cache did per model path ('hit', 'deferred', 'skipped', 'failed'), for logs and benchmarks. */
   readonly cacheOutcomes: Record<string, CacheOutcome> = {};
+  /** Sessions loaded from a source whose optimised copy is worth writing after ready (see optimizer.ts). */
+  readonly deferredWrites: OptimizeItem[] = [];
 
   async #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
     const options = sessionOptions(provider, { intraOpThreads: this.opts.intraOpThreads, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
     // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
     const r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
     this.cacheOutcomes[modelPath] = r.cache;
+    if (r.cache === 'deferred') this.deferredWrites.push({ path: modelPath, provider, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
     return r.session;
   }
 }

@@ -15,6 +15,8 @@
  * at level `all` hold layout transforms chosen for the CPU's vector width). The S3 cache manifest lists only the
  * objects of the bucket, so these files are never part of it; a refresh of the entry sweeps them with other strays.
  * Only sources up to MAX_SOURCE_BYTES are copied (the write is slow and doubles the space); larger ones load as before.
+ * A start never writes: sessions come from the source, and the copy is written afterwards in the background (the
+ * runtime does it after ready, see src/pipeline/optimizer.ts), so only later starts are faster.
  */
 import { randomBytes } from 'node:crypto';
 import { constants, promises as fsp } from 'node:fs';
@@ -27,7 +29,8 @@ import { JOURNAL, MANIFEST } from '../storage/cache.js';
 type Ort = typeof OrtModule;
 type Log = (level: 'info' | 'warn', msg: string, obj?: object) => void;
 
-export type CacheOutcome = 'hit' | 'written' | 'skipped' | 'failed';
+/** `deferred`: loaded from the source; the optimised copy is worth writing later (writeOptimizedCopy). */
+export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'skipped' | 'failed';
 
 /**
  * `auto`: only inside a model cache entry the runtime filled (its folder holds the entry's manifest or download
@@ -57,9 +60,8 @@ interface CacheKey {
 }
 
 /**
- * Sources larger than this are not copied: ORT writes the optimised weights at about 60 MB/s (300 MB took 5 s here),
- * on the critical path of that start, and a multi-GB UNet would double its space on the PVC. Below it, the write is
- * at most a few seconds once, and what it saves is the optimiser's time on every later start.
+ * Sources larger than this are not copied: a multi-GB UNet would double its space on the PVC, and the background
+ * write holds a second session of it (GPU memory on CUDA) while it runs.
  */
 export const MAX_SOURCE_BYTES = 512 * 1024 * 1024;
 /** Weights of the optimised copy must fit this many times over in the free space, so the cache never fills the PVC. */
@@ -75,9 +77,10 @@ export function optimizedPaths(modelPath: string, ortVersion: string, provider: 
 }
 
 /**
- * Creates the session for `modelPath`: from the optimised copy when its key matches, else from the source while ORT
- * writes a fresh optimised copy. Any cache problem (read-only folder, full disk, a copy ORT cannot load) falls back to
- * the source; it never fails a session that the source alone would create.
+ * Creates the session for `modelPath`: from the optimised copy when its key matches, else from the source. A source
+ * that may be cached comes back with `cache: 'deferred'`: the copy is written later by `writeOptimizedCopy` (after
+ * ready, off the start's critical path: ORT writes weights at ~60 MB/s). Any cache problem (read-only folder, full
+ * disk, a copy ORT cannot load) falls back to the source; it never fails a session that the source alone would create.
  */
 export async function createWithOptimizedCache(
   ort: Ort,
@@ -87,15 +90,9 @@ export async function createWithOptimizedCache(
   log?: Log,
   mode: OptimizedCacheMode = 'auto',
 ): Promise<CachedSession> {
-  if (mode === 'off' || (mode === 'auto' && !(await isCacheEntry(path.dirname(path.dirname(modelPath)))))) {
-    return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
-  }
-  const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
-  const p = optimizedPaths(modelPath, ortVersion, provider);
-  const component = path.basename(p.dir);
-  const key = await currentKey(p.dir, ortVersion, provider, String(options.graphOptimizationLevel ?? 'all'));
-  if (key === undefined) return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
-
+  const plan = await planCache(ort, modelPath, provider, options, mode);
+  if (plan.kind === 'off') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
+  const { p, key } = plan;
   if (await keyMatches(p.key, key)) {
     let reason: string;
     try {
@@ -107,20 +104,39 @@ export async function createWithOptimizedCache(
     }
     // The source decides: if it fails too (say CUDA does not start), its error is the one to report, not the cache's.
     const session = await ort.InferenceSession.create(modelPath, options);
-    log?.('warn', 'optimized model cache unusable; loaded the source model and dropped the cache', { component, reason });
+    log?.('warn', 'optimized model cache unusable; loaded the source model and dropped the cache', { component: path.basename(p.dir), reason });
     await fsp.rm(p.key, { force: true }).catch(() => undefined);
     return { session, cache: 'failed' };
   }
+  const session = await ort.InferenceSession.create(modelPath, options);
+  return { session, cache: (await worthWriting(key, p.dir)) ? 'deferred' : 'skipped' };
+}
 
-  const sourceBytes = key.sources.reduce((s, f) => s + f.size, 0);
-  if (sourceBytes > MAX_SOURCE_BYTES || !(await canWrite(p.dir, sourceBytes))) return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
-
+/**
+ * Writes the optimised copy of `modelPath` (the work `createWithOptimizedCache` deferred): a throwaway session with
+ * `optimizedModelFilePath`, released at once, then the commit. Meant for a background thread after ready; a crash or
+ * kill part-way leaves temp files that a later write sweeps, never a key without its graph.
+ */
+export async function writeOptimizedCopy(
+  ort: Ort,
+  modelPath: string,
+  provider: string,
+  options: InferenceSession.SessionOptions,
+  log?: Log,
+  mode: OptimizedCacheMode = 'auto',
+): Promise<CacheOutcome> {
+  const plan = await planCache(ort, modelPath, provider, options, mode);
+  if (plan.kind === 'off') return 'skipped';
+  const { p, key } = plan;
+  const component = path.basename(p.dir);
+  if (await keyMatches(p.key, key)) return 'hit'; // another process wrote it meanwhile
+  if (!(await worthWriting(key, p.dir))) return 'skipped';
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const tmpOnnx = path.join(p.dir, `${p.stem}.onnx.tmp-${tag}`);
   const dataName = `${p.stem}.${tag}.onnx_data`;
-  let session: InferenceSession;
+  const t0 = performance.now();
   try {
-    session = await ort.InferenceSession.create(modelPath, {
+    const session = await ort.InferenceSession.create(modelPath, {
       ...options,
       optimizedModelFilePath: tmpOnnx,
       extra: {
@@ -133,23 +149,33 @@ export async function createWithOptimizedCache(
         },
       },
     });
-  } catch (err) {
-    await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
-    // Again the source decides whether this was the cache's fault.
-    const retry = await ort.InferenceSession.create(modelPath, options);
-    log?.('warn', 'could not write the optimized model cache; loaded the source model', { component, reason: firstLine(err) });
-    return { session: retry, cache: 'failed' };
-  }
-  try {
+    await session.release();
+    // The source may have been replaced while ORT read it: then this copy belongs to no key.
+    if (JSON.stringify(await currentKey(p.dir, key.ort, key.provider, key.level)) !== JSON.stringify(key)) throw new Error('the source changed while it was optimised');
     await commit(p, tmpOnnx, path.join(p.dir, dataName), key);
     await sweepStale(p, dataName);
-    log?.('info', 'optimized model cached for the next start', { component, file: path.basename(p.onnx) });
-    return { session, cache: 'written' };
+    log?.('info', 'optimized model cached for the next start', { component, file: path.basename(p.onnx), ms: Math.round(performance.now() - t0) });
+    return 'written';
   } catch (err) {
     await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
-    log?.('warn', 'could not commit the optimized model cache', { component, reason: firstLine(err) });
-    return { session, cache: 'failed' };
+    log?.('warn', 'could not write the optimized model cache', { component, reason: firstLine(err) });
+    return 'failed';
   }
+}
+
+type Plan = { kind: 'off' } | { kind: 'cache'; p: ReturnType<typeof optimizedPaths>; key: CacheKey };
+
+async function planCache(ort: Ort, modelPath: string, provider: string, options: InferenceSession.SessionOptions, mode: OptimizedCacheMode): Promise<Plan> {
+  if (mode === 'off' || (mode === 'auto' && !(await isCacheEntry(path.dirname(path.dirname(modelPath)))))) return { kind: 'off' };
+  const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
+  const p = optimizedPaths(modelPath, ortVersion, provider);
+  const key = await currentKey(p.dir, ortVersion, provider, String(options.graphOptimizationLevel ?? 'all'));
+  return key === undefined ? { kind: 'off' } : { kind: 'cache', p, key };
+}
+
+async function worthWriting(key: CacheKey, dir: string): Promise<boolean> {
+  const sourceBytes = key.sources.reduce((s, f) => s + f.size, 0);
+  return sourceBytes <= MAX_SOURCE_BYTES && (await canWrite(dir, sourceBytes));
 }
 
 /** The key for the component folder as it is now: every source file (not ours, not temps, not configs). */

@@ -10,6 +10,23 @@ export interface WorkerInit {
   optimizedModelCache: OptimizedCacheMode;
 }
 
+/** One optimised-model copy to write: the source graph and the provider its sessions run on. */
+export interface OptimizeItem {
+  path: string;
+  provider: 'cuda' | 'cpu';
+  deviceId?: number;
+}
+
+/** The background optimised-model writer (optimizer.ts): what to write, with which logging and threads. */
+export interface OptimizerInit {
+  items: OptimizeItem[];
+  mode: OptimizedCacheMode;
+}
+
+export type FromOptimizer =
+  | { t: 'log'; level: 'info' | 'warn'; msg: string; obj?: Record<string, unknown> }
+  | { t: 'done'; outcomes: Record<string, string> };
+
 export interface EncodeOptions {
   format: OutputFormat;
   quality: number | undefined;
@@ -41,8 +58,10 @@ export interface Times {
 
 export type FromWorker =
   | { t: 'imported'; ms: number }
-  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number }
-  | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string }
+  /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
+  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string }
+  /** `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready. */
+  | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
   | { t: 'load-failed'; code: string; message: string }
   /** `previews`: one low-resolution PNG per job item (its first image), when previews were asked for at this step. */
   | { t: 'progress'; id: number; step: number; of: number; previews?: ArrayBuffer[] }

@@ -36,9 +36,9 @@ let queue: Promise<void> = Promise.resolve();
 function session(component: string, path: string): Promise<OnnxSession> {
   let p = sessions.get(component);
   if (!p) {
-    p = factory.create(component, path).then(({ session: s, provider, ms }) => {
+    p = factory.create(component, path).then(({ session: s, provider, ms, cache }) => {
       providers[component] = provider;
-      post({ t: 'session', component, provider, ms });
+      post({ t: 'session', component, provider, ms, cache });
       return s;
     });
     // A failed creation is forgotten so a later load retries it.
@@ -61,7 +61,7 @@ async function load(dir: string): Promise<void> {
       ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
     }, tokenizers);
     const fallbackReason = factory.fallbackReason;
-    post({ t: 'loaded', defaults: pipeline.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}) });
+    post({ t: 'loaded', defaults: pipeline.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}), optimize: factory.deferredWrites.splice(0) });
   } catch (err) {
     post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
   }

@@ -11,7 +11,7 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import type { EncodedImage, FromWorker, Times, ToWorker } from '../pipeline/protocol.js';
+import type { EncodedImage, FromWorker, OptimizeItem, Times, ToWorker } from '../pipeline/protocol.js';
 import { spawnWorkers, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 
@@ -70,10 +70,12 @@ export interface LoadResult {
   defaults: ModelDefaults;
   providers: Record<string, string>;
   fallbackReason?: string;
+  /** Optimised-model copies worth writing after ready (the first worker's list; every worker loads the same files). */
+  optimize: OptimizeItem[];
 }
 
 export interface EngineEvents {
-  onSession?(component: string, provider: string, ms: number): void;
+  onSession?(component: string, provider: string, ms: number, optimizedCache: string): void;
   onImported?(ms: number): void;
 }
 
@@ -270,7 +272,7 @@ export class Engine {
         this.events.onImported?.(m.ms);
         break;
       case 'session':
-        this.events.onSession?.(m.component, m.provider, m.ms);
+        this.events.onSession?.(m.component, m.provider, m.ms, m.cache);
         break;
       case 'loaded':
       case 'load-failed': {
@@ -283,7 +285,7 @@ export class Engine {
         }
         w.loaded = true;
         this.#defaults = m.defaults;
-        waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}) };
+        waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
         if (--waiter.left === 0) {
           this.#loadWaiters.shift();
           waiter.resolve(waiter.result);

@@ -1,6 +1,7 @@
 /** @module One runtime: HTTP server, boot, engine and shutdown wired together (no module-level state). */
 import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import { describeConfig } from '../config.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
@@ -11,6 +12,7 @@ import { listenBase, type BaseServer } from '../server/base.js';
 import type { ServerContext } from '../server/context.js';
 import { Boot } from './boot.js';
 import { Engine, type Progress, type TaskResult } from './engine.js';
+import type { FromOptimizer, OptimizeItem, OptimizerInit } from '../pipeline/protocol.js';
 import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
 import { checkSchedulerName, randomSeed } from './names.js';
@@ -37,6 +39,7 @@ export class Runtime {
   readonly #abort = new AbortController();
   #inflight = 0;
   #inflightWaiters: Array<() => void> = [];
+  #optimizer: Worker | undefined;
 
   constructor(
     readonly cfg: Readonly<Config>,
@@ -47,10 +50,10 @@ export class Runtime {
     this.boot = new Boot(cfg.modelName, log, this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node and sharp imported'),
-      onSession: (component, provider, ms) => {
+      onSession: (component, provider, ms, optimizedCache) => {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
-        log.info({ component, provider, ms: Math.round(ms) }, 'onnx session created');
+        log.info({ component, provider, ms: Math.round(ms), optimizedCache }, 'onnx session created');
       },
     });
     const labels = { model_name: cfg.modelName };
@@ -105,6 +108,7 @@ export class Runtime {
       const secs = (performance.now() - started) / 1000;
       this.metrics.modelLoadTime.set({ model_name: this.cfg.modelName }, secs);
       this.log.info({ seconds: Number(secs.toFixed(3)), phases: this.boot.phases, providers: loaded.providers }, 'model ready');
+      if (loaded.optimize.length > 0) this.#writeOptimized(loaded.optimize);
     } catch (err) {
       if (this.#stopping && this.#abort.signal.aborted) return;
       const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
@@ -227,6 +231,27 @@ export class Runtime {
     return result;
   }
 
+  /**
+   * Writes the optimised-model copies this start loaded without, on a thread of its own, so the next start of this
+   * cache entry skips ORT's optimisers. Serving goes on meanwhile; SIGTERM stops it (temp files are swept later).
+   */
+  #writeOptimized(items: OptimizeItem[]): void {
+    const init: OptimizerInit = { items, mode: this.cfg.optimizedModelCache };
+    const t0 = performance.now();
+    this.log.info({ components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
+    const w = new Worker(new URL('../pipeline/optimizer.js', import.meta.url), { workerData: init });
+    this.#optimizer = w;
+    w.on('message', (m: FromOptimizer) => {
+      if (m.t === 'log') this.log[m.level](m.obj ?? {}, m.msg);
+      else this.log.info({ outcomes: m.outcomes, ms: Math.round(performance.now() - t0) }, 'optimized model cache written');
+    });
+    w.on('error', (err) => this.log.warn({ reason: err.message }, 'the optimized model cache writer failed'));
+    w.once('exit', () => {
+      if (this.#optimizer === w) this.#optimizer = undefined;
+    });
+    w.unref();
+  }
+
   async #startGpuMetrics(): Promise<void> {
     const gpu = await startGpuMetrics(this.metrics.registry, {
       onError: (err) => this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'CUDA is in use but nvidia-smi gave no sample: GPU metrics stay off'),
@@ -259,6 +284,8 @@ export class Runtime {
       ]);
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.#inflight }, 'grace period over: closing with requests still running');
+      // Not awaited: a write inside ORT's native code ends only when that call returns; exiting kills it sooner.
+      void this.#optimizer?.terminate();
       await this.engine.close();
       this.#output.destroy();
       this.log.info({ drained }, 'shut down');

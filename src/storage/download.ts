@@ -120,6 +120,20 @@ export function splitTail<T extends { range: Part }>(tasks: T[], concurrency: nu
   return out;
 }
 
+/**
+ * The order the ranges are queued in. Single-range files first, smallest first: configs, tokenizer files and small
+ * graphs become ready at once (tokenizer and scheduler start, small sessions too). Then the big files, largest
+ * first: the largest component's session, the longest to create, starts while the smaller weights still stream,
+ * and the last file to finish is the one whose session is quickest to create.
+ */
+export function downloadOrder<T extends { size: number; rel: string }>(objects: readonly T[], partSize: number): T[] {
+  const small = objects.filter((x) => x.size <= partSize).sort((a, b) => a.size - b.size || cmp(a.rel, b.rel));
+  const big = objects.filter((x) => x.size > partSize).sort((a, b) => b.size - a.size || cmp(a.rel, b.rel));
+  return [...small, ...big];
+}
+
+const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
+
 /** Downloads every object into the entry. Objects whose journal says complete are skipped by the caller. */
 export interface DownloadReport {
   /** Every response carried the listed ETag, so every byte written belongs to the listed version. */
@@ -130,9 +144,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   let etagsChecked = true;
   const files: FileState[] = [];
   const tasks: Task[] = [];
-  // Small files first: configs and the small ONNX graphs become ready early, so sessions can start while
-  // the big weights are still streaming; the big file's ranges still run `concurrency` wide.
-  for (const obj of [...objects].sort((a, b) => a.size - b.size)) {
+  for (const obj of downloadOrder(objects, o.partSize)) {
     const prev = o.journal.files[obj.rel];
     const resumable = prev !== undefined && prev.etag === obj.etag && prev.size === obj.size && prev.partSize === o.partSize && !prev.complete;
     const j: JournalFile = resumable ? prev : { etag: obj.etag, size: obj.size, partSize: o.partSize, done: [], complete: false };

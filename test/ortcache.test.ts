@@ -1,0 +1,121 @@
+/**
+ * The optimized-model cache on real ORT sessions: a start loads the source and defers the write; the background
+ * write leaves a graph, its weights and a key; the next start loads the copy with the same outputs; a changed source,
+ * a broken copy, a read-only folder or a folder outside a cache entry never fail a session.
+ */
+import { chmod, cp, readdir, rm, utimes, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import * as ort from 'onnxruntime-node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sessionOptions } from '../src/pipeline/onnx.js';
+import { createWithOptimizedCache, optimizedPaths, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
+import { MANIFEST } from '../src/storage/cache.js';
+import { fixtureModel } from './fixtures/index.js';
+import { tempDir } from './helpers/server.js';
+
+const OPTS = sessionOptions('cpu', { intraOpThreads: 1 });
+const VERSION = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
+let scratch: { dir: string; cleanup: () => void };
+let source: string;
+
+beforeAll(async () => {
+  scratch = tempDir('dr-ortcache-');
+  // Padded, so the UNet has external weights the copy must carry too.
+  source = await fixtureModel({ family: 'sd15', padBytes: 1 << 20 });
+});
+afterAll(() => scratch.cleanup());
+
+/** A fresh cache entry (manifest at its root) holding the demo UNet. */
+async function entry(name: string): Promise<string> {
+  const root = path.join(scratch.dir, name);
+  await cp(path.join(source, 'unet'), path.join(root, 'unet'), { recursive: true });
+  await writeFile(path.join(root, MANIFEST), '{}\n');
+  return path.join(root, 'unet', 'model.onnx');
+}
+
+async function unetOut(s: ort.InferenceSession): Promise<Float32Array> {
+  const n = 4 * 8 * 8;
+  const r = await s.run({
+    sample: new ort.Tensor('float32', Float32Array.from({ length: n }, (_, i) => Math.sin(i)), [1, 4, 8, 8]),
+    timestep: new ort.Tensor('float32', new Float32Array([301]), []),
+    encoder_hidden_states: new ort.Tensor('float32', Float32Array.from({ length: 77 * 32 }, (_, i) => Math.cos(i)), [1, 77, 32]),
+  });
+  return r.out_sample!.data as Float32Array;
+}
+
+const optFiles = async (model: string) => (await readdir(path.dirname(model))).filter((f) => f.includes('.opt.')).sort();
+
+describe('optimized-model cache', () => {
+  it('defers the write at start, writes in the background, then serves later starts from the copy', async () => {
+    const model = await entry('cycle');
+    const first = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(first.cache).toBe('deferred');
+    // The start itself writes nothing.
+    expect(await optFiles(model)).toEqual([]);
+    const want = await unetOut(first.session);
+    await first.session.release();
+
+    const logs: string[] = [];
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg) => logs.push(msg), 'auto')).toBe('written');
+    expect(logs).toContain('optimized model cached for the next start');
+    const files = await optFiles(model);
+    const p = optimizedPaths(model, VERSION, 'cpu');
+    expect(files).toContain(path.basename(p.onnx));
+    expect(files).toContain(path.basename(p.key));
+    expect(files.some((f) => f.endsWith('.onnx_data'))).toBe(true);
+    expect(files.some((f) => f.includes('.tmp-'))).toBe(false);
+
+    const second = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(second.cache).toBe('hit');
+    expect(Buffer.from((await unetOut(second.session)).buffer).equals(Buffer.from(want.buffer))).toBe(true);
+    await second.session.release();
+    // Nothing more to write once the copy is there.
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('hit');
+  });
+
+  it('a changed source invalidates the copy', async () => {
+    const model = await entry('changed');
+    await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const later = new Date(Date.now() + 60_000);
+    await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(r.cache).toBe('deferred');
+    await r.session.release();
+  });
+
+  it('a broken copy falls back to the source and drops its key', async () => {
+    const model = await entry('broken');
+    await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const p = optimizedPaths(model, VERSION, 'cpu');
+    await writeFile(p.onnx, 'not a protobuf');
+    const warns: string[] = [];
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, (_l, msg) => warns.push(msg), 'auto');
+    expect(r.cache).toBe('failed');
+    expect(warns[0]).toMatch(/optimized model cache unusable/);
+    expect(await optFiles(model)).not.toContain(path.basename(p.key));
+    await r.session.release();
+  });
+
+  it('skips a folder outside a cache entry (auto), a read-only folder, and mode off', async () => {
+    const outside = path.join(scratch.dir, 'plain', 'unet');
+    await cp(path.join(source, 'unet'), outside, { recursive: true });
+    const model = path.join(outside, 'model.onnx');
+    for (const mode of ['auto', 'off'] as const) {
+      const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, mode);
+      expect(r.cache, mode).toBe('skipped');
+      await r.session.release();
+      expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, mode), mode).toBe('skipped');
+    }
+    const ro = await entry('read-only');
+    await chmod(path.dirname(ro), 0o555);
+    try {
+      const r = await createWithOptimizedCache(ort, ro, 'cpu', OPTS, undefined, 'auto');
+      expect(r.cache).toBe('skipped');
+      await r.session.release();
+      expect(await optFiles(ro)).toEqual([]);
+    } finally {
+      await chmod(path.dirname(ro), 0o755);
+      await rm(path.dirname(path.dirname(ro)), { recursive: true, force: true });
+    }
+  });
+});
