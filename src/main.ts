@@ -4,7 +4,8 @@
  */
 import { ConfigError, loadConfig, type Config } from './config.js';
 import { listenBase, type BaseServer } from './server/base.js';
-import { spawnWorkers } from './runtime/workers.js';
+import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
+import type { CommittedEntry } from './storage/peek.js';
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -24,10 +25,15 @@ async function main(): Promise<void> {
   }
   // The pipeline workers start now: their onnxruntime-node/sharp imports overlap ours below.
   const workers = spawnWorkers(cfg);
-  const [{ createLogger }, { Runtime }] = await Promise.all([import('./log.js'), import('./runtime/runtime.js')]);
+  const s3 = cfg.storageUri?.startsWith('s3://') === true;
+  // A committed cache entry for an s3:// model: the workers start its tokenizers and sessions at once, before the
+  // runtime, the logger and the AWS SDK load (the runtime checks the entry against S3 before warm-up).
+  const early = s3 ? await announceCommitted(cfg, workers) : undefined;
+  // The storage module (the AWS SDK, ~200 ms) loads alongside, not after: its file reads overlap the others'.
+  const [{ createLogger }, { Runtime }] = await Promise.all([import('./log.js'), import('./runtime/runtime.js'), s3 ? import('./storage/index.js') : undefined]);
   const log = createLogger(cfg.logLevel);
   // performance.now() counts from process start, so 0 is "the process started".
-  const rt = new Runtime(cfg, log, { startedAt: 0, workers });
+  const rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}) });
   rt.attach(base);
   let signals = 0;
   const stop = (sig: string) => {
@@ -42,6 +48,17 @@ async function main(): Promise<void> {
   process.on('SIGINT', () => stop('SIGINT'));
   await rt.start();
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
+}
+
+async function announceCommitted(cfg: Readonly<Config>, workers: SpawnedWorker[]): Promise<CommittedEntry | null> {
+  const [{ peekCommitted }, { announcement, componentDirs }] = await Promise.all([import('./storage/peek.js'), import('./runtime/announce.js')]);
+  const early = await peekCommitted(cfg.storageUri!, cfg);
+  if (early === undefined) return null;
+  for (const dir of componentDirs(early.dir, early.manifest.files.map((f) => f.path))) {
+    const m = announcement(dir);
+    if (m) for (const w of workers) w.worker.postMessage(m);
+  }
+  return early;
 }
 
 void main();

@@ -157,6 +157,54 @@ describe('boot from S3', () => {
     expect(logs).not.toContain(SECRET);
   }, 40_000);
 
+  it('a hit starts its sessions before S3 answers; objects replaced since then are fetched and loaded afresh', async () => {
+    const prefix = 'demo-swap/';
+    const build = async (seed: number) => {
+      const m = tempDir('dr-boot-s3-swap-');
+      dirs.push(m.cleanup);
+      return buildDemoModel(m.dir, { seed });
+    };
+    const [a, b] = await Promise.all([build(0), build(1)]);
+    const upload = async (m: DemoManifest) => {
+      for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
+    };
+    const cache = tempDir('dr-boot-s3-swap-cache-');
+    dirs.push(cache.cleanup);
+    const env = {
+      ...CREDS, AWS_ENDPOINT_URL: `http://127.0.0.1:${s3.port}`, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${prefix}`,
+      MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off',
+    };
+    await upload(a);
+    const first = await serve(env);
+    await first.waitReady(40_000);
+    const imageA = await image(first);
+    await first.stop('SIGTERM');
+
+    // Unchanged objects: sessions start from the committed entry before the listing is back.
+    const again = await serve(env);
+    await again.waitReady(40_000);
+    const order = (msg: string) => again.logs.findIndex((l) => l.msg === msg);
+    expect(order('committed cache entry found: starting sessions while S3 is checked')).toBeGreaterThanOrEqual(0);
+    expect(order('committed cache entry found: starting sessions while S3 is checked')).toBeLessThan(order('model files ready'));
+    expect(order('the cache entry changed after its sessions started; loading them again')).toBe(-1);
+    expect(await image(again)).toBe(imageA);
+    await again.stop('SIGTERM');
+
+    // Same names and sizes, other weights: the early sessions are dropped and the new weights served.
+    await upload(b);
+    const swapped = await serve(env);
+    await swapped.waitReady(40_000);
+    await swapped.waitForLog((l) => l.msg === 'the cache entry changed after its sessions started; loading them again');
+    const imageB = await image(swapped);
+    expect(imageB).not.toBe(imageA);
+    await swapped.stop('SIGTERM');
+    const localCache = tempDir('dr-boot-s3-swap-local-');
+    dirs.push(localCache.cleanup);
+    const local = await serve({ STORAGE_URI: b.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' });
+    await local.waitReady(40_000);
+    expect(await image(local)).toBe(imageB);
+  }, 90_000);
+
   it('SIGTERM during the fetch exits 0 with nothing half committed; the next start serves what a local copy serves', async () => {
     const cache = tempDir('dr-boot-s3-sigterm-');
     dirs.push(cache.cleanup);

@@ -36,6 +36,8 @@ export type ToWorker =
   | { t: 'component'; component: string; path: string }
   | { t: 'tokenizer'; dir: string }
   | { t: 'load'; dir: string }
+  /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
+  | { t: 'reset' }
   | { t: 'generate'; id: number; job: Job; output: EncodeOptions; previewEvery: number }
   | { t: 'cancel'; id: number }
   | { t: 'close' };

@@ -21,7 +21,8 @@ const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string,
 
 // Heavy native modules load now, in parallel with whatever the main thread is fetching.
 const importStart = performance.now();
-const imported = Promise.all([loadOrt(), loadSharp()]).then(() => post({ t: 'imported', ms: performance.now() - importStart }));
+// ORT first: sessions wait for it; sharp is only needed to encode the warm-up's image.
+const imported = loadOrt().then(() => loadSharp()).then(() => post({ t: 'imported', ms: performance.now() - importStart }));
 imported.catch(() => {}); // reported by the first session creation instead
 
 const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
@@ -65,6 +66,17 @@ async function load(dir: string): Promise<void> {
   } catch (err) {
     post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
   }
+}
+
+/** Forgets every session and tokenizer (the files they came from were replaced); the next load starts afresh. */
+async function reset(): Promise<void> {
+  const all = [...sessions.values()];
+  sessions.clear();
+  tokenizers.clear();
+  for (const k of Object.keys(providers)) delete providers[k];
+  factory.deferredWrites.splice(0);
+  pipeline = undefined;
+  await Promise.allSettled(all.map(async (s) => (await s).release()));
 }
 
 async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> {
@@ -128,6 +140,9 @@ port.on('message', (m: ToWorker) => {
     }
     case 'load':
       queue = queue.then(() => load(m.dir));
+      break;
+    case 'reset':
+      queue = queue.then(reset);
       break;
     case 'generate':
       queue = queue.then(() => generate(m));

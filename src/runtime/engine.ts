@@ -134,6 +134,11 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'tokenizer', dir });
   }
 
+  /** The files sessions were started from were replaced: every worker drops them before the next `load`. */
+  resetSessions(): void {
+    for (const w of this.#workers) w.send({ t: 'reset' });
+  }
+
   load(dir: string): Promise<LoadResult> {
     this.start();
     return new Promise((resolve, reject) => {

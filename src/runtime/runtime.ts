@@ -15,6 +15,8 @@ import { Engine, type Progress, type TaskResult } from './engine.js';
 import type { FromOptimizer, OptimizeItem, OptimizerInit } from '../pipeline/protocol.js';
 import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
+import { announcement } from './announce.js';
+import type { CommittedEntry } from '../storage/peek.js';
 import { checkSchedulerName, randomSeed } from './names.js';
 import { startGpuMetrics } from './gpu.js';
 import { createOutputStore, type OutputStore } from './output.js';
@@ -25,6 +27,11 @@ export interface RuntimeOptions {
   startedAt?: number;
   /** Workers `main` started right after listening (their heavy imports are already under way). */
   workers?: SpawnedWorker[];
+  /**
+   * The committed cache entry `main` found for an s3:// STORAGE_URI and announced to those workers (null: it looked
+   * and found none); undefined: not looked at, the runtime looks itself.
+   */
+  early?: CommittedEntry | null;
 }
 
 export class Runtime {
@@ -130,34 +137,53 @@ export class Runtime {
       this.#announceAll(dir);
       return dir;
     }
-    const { resolveModel } = await import('../storage/index.js');
-    this.boot.to('fetching');
     const componentFiles = new Map<string, Set<string>>();
     const ready = new Set<string>();
     const announced = new Set<string>();
+    const onListing = (files: ReadonlyArray<{ relPath: string; size: number }>) => {
+      for (const f of files) {
+        const comp = f.relPath.split('/')[0]!;
+        if (!componentFiles.has(comp)) componentFiles.set(comp, new Set());
+        componentFiles.get(comp)!.add(f.relPath);
+      }
+    };
+    const onFileReady = (rel: string, abs: string) => {
+      ready.add(rel);
+      const comp = rel.split('/')[0]!;
+      const all = componentFiles.get(comp);
+      // A component's session starts as soon as all of its own files are whole.
+      if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
+        announced.add(comp);
+        this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
+      }
+    };
+    // A committed entry starts its sessions now, while the AWS SDK loads and S3 is asked whether it is current;
+    // the answer comes before warm-up, and a changed entry drops those sessions (below).
+    const { peekCommitted, sameCommit } = await import('../storage/peek.js');
+    // `main` may have looked already (and told the workers): the comparison below must use what they were told.
+    const early = this.opts.early !== undefined ? this.opts.early : await peekCommitted(uri, this.cfg);
+    if (early) {
+      this.log.info({ dir: early.dir, files: early.manifest.files.length }, 'committed cache entry found: starting sessions while S3 is checked');
+      onListing(early.manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
+      for (const f of early.manifest.files) onFileReady(f.path, path.join(early.dir, f.path));
+    }
+    const { resolveModel } = await import('../storage/index.js');
+    this.boot.to('fetching');
     const res = await resolveModel(uri, {
       cfg: this.cfg,
       log: this.log,
       signal: this.#abort.signal,
       onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }),
-      onListing: (files) => {
-        for (const f of files) {
-          const comp = f.relPath.split('/')[0]!;
-          if (!componentFiles.has(comp)) componentFiles.set(comp, new Set());
-          componentFiles.get(comp)!.add(f.relPath);
-        }
-      },
-      onFileReady: (rel: string, abs: string) => {
-        ready.add(rel);
-        const comp = rel.split('/')[0]!;
-        const all = componentFiles.get(comp);
-        // A component's session starts as soon as all of its own files are whole.
-        if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
-          announced.add(comp);
-          this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
-        }
-      },
+      onListing,
+      onFileReady,
     });
+    if (early) {
+      const now = await peekCommitted(uri, this.cfg);
+      if (!now || now.dir !== res.dir || !sameCommit(early.manifest, now.manifest)) {
+        this.log.info({ dir: res.dir }, 'the cache entry changed after its sessions started; loading them again');
+        this.engine.resetSessions();
+      }
+    }
     if (res.fromCache) this.metrics.cacheHits.inc({ model_name: this.cfg.modelName });
     else this.metrics.fetchedBytes.inc({ model_name: this.cfg.modelName }, res.bytes);
     this.log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
@@ -171,10 +197,9 @@ export class Runtime {
 
   /** A whole component folder: start its ONNX session, or parse its tokenizer, in the workers. */
   #announce(compDir: string): void {
-    const comp = path.basename(compDir);
-    const onnx = path.join(compDir, 'model.onnx');
-    if (existsSync(onnx)) this.engine.componentReady(comp, onnx);
-    else if (/^tokenizer(_\d+)?$/.test(comp) && existsSync(path.join(compDir, 'vocab.json'))) this.engine.tokenizerReady(compDir);
+    const m = announcement(compDir);
+    if (m?.t === 'component') this.engine.componentReady(m.component, m.path);
+    else if (m?.t === 'tokenizer') this.engine.tokenizerReady(m.dir);
   }
 
   /** One real generation at the served default resolution through the request path. */
