@@ -140,7 +140,8 @@ export class SessionFactory {
     // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
     const r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
     this.cacheOutcomes[modelPath] = r.cache;
-    if (r.cache === 'deferred') this.deferredWrites.push({ path: modelPath, provider, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
+    // Once per file: a session created again (after a reset) must not queue a second write of the same copy.
+    if (r.cache === 'deferred' && !this.deferredWrites.some((w) => w.path === modelPath)) this.deferredWrites.push({ path: modelPath, provider, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
     return r.session;
   }
 }

@@ -2,7 +2,6 @@
  * @module A look at the cache without the AWS SDK: the committed entry of an S3 STORAGE_URI, if its files are all
  * on disk. The runtime starts sessions from it while the SDK loads and S3 is asked whether it is still current.
  */
-import path from 'node:path';
 import type { Config } from '../config.js';
 import { manifestFilesPresent, readManifest, type Manifest } from './cache.js';
 import { cacheKey, containedPath, parseStorageUri } from './uri.js';
@@ -32,5 +31,3 @@ export async function peekCommitted(uri: string, cfg: Pick<Config, 'cacheDir' | 
 export function sameCommit(a: Manifest, b: Manifest): boolean {
   return a.completedAt === b.completedAt && JSON.stringify(a.files) === JSON.stringify(b.files);
 }
-
-export const entryFile = (e: CommittedEntry, rel: string): string => path.join(e.dir, rel);
