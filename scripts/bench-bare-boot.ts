@@ -4,7 +4,8 @@
  * thread, no storage layer, no optimized-model cache) and runs the server's warm-up generation (WARMUP_STEPS, default 2,
  * at the model's default size, PNG-encoded). Prints one JSON line with its phases; `doneMs` counts from process start.
  * Flags: --steps N, --level disabled|basic|extended|all, --opt-cache (go through the runtime's optimized-model cache),
- * --prepack (let ORT pre-pack CPU weights, its default, which the runtime turns off).
+ * --prepack (let ORT pre-pack CPU weights, its default, which the runtime turns off). --opt-cache uses the runtime's own
+ * session options, so --level and --prepack do not apply to it.
  */
 import { parseArgs } from 'node:util';
 import { encodeImage, loadSharp } from '../src/pipeline/image.js';
@@ -55,7 +56,8 @@ async function main(): Promise<void> {
   })}\n`);
   await Promise.all(Object.values(sessions).map((s) => s!.release()));
   // As the server does after ready: write the copies this run loaded without, so the next --opt-cache run hits.
-  for (const it of factory?.deferredWrites ?? []) await writeOptimizedCopy(ort, it.path, 'cpu', sessionOptions('cpu', { intraOpThreads: 0, graphOptimizationLevel: level }), undefined, 'always');
+  // The factory's sessions use the runtime's own options (level all, no pre-packing), whatever --level and --prepack say.
+  for (const it of factory?.deferredWrites ?? []) await writeOptimizedCopy(ort, it.path, 'cpu', sessionOptions('cpu', { intraOpThreads: 0 }), undefined, 'always');
 }
 
 await main().catch((e: unknown) => {

@@ -8,7 +8,7 @@ import path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sessionOptions } from '../src/pipeline/onnx.js';
-import { createWithOptimizedCache, optimizedPaths, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
+import { createWithOptimizedCache, optimizedPaths, removeWriterTemps, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
 import { MANIFEST } from '../src/storage/cache.js';
 import { fixtureModel } from './fixtures/index.js';
 import { tempDir } from './helpers/server.js';
@@ -75,7 +75,10 @@ describe('optimized-model cache', () => {
 
   it('a changed source invalidates the copy', async () => {
     const model = await entry('changed');
-    await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('written');
+    const before = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(before.cache).toBe('hit');
+    await before.session.release();
     const later = new Date(Date.now() + 60_000);
     await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
     const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
@@ -85,7 +88,7 @@ describe('optimized-model cache', () => {
 
   it('a broken copy falls back to the source and drops its key', async () => {
     const model = await entry('broken');
-    await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('written');
     const p = optimizedPaths(model, VERSION, 'cpu');
     await writeFile(p.onnx, 'not a protobuf');
     const warns: string[] = [];
@@ -93,6 +96,24 @@ describe('optimized-model cache', () => {
     expect(r.cache).toBe('failed');
     expect(warns[0]).toMatch(/optimized model cache unusable/);
     expect(await optFiles(model)).not.toContain(path.basename(p.key));
+    await r.session.release();
+  });
+
+  it('a killed writer leaves nothing half-written, and a copy it committed stays', async () => {
+    const model = await entry('killed');
+    const announced: string[] = [];
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto', (paths) => announced.push(...paths))).toBe('written');
+    // As if a second write had started and been killed: its temp graph and weights exist, nothing refers to them.
+    const dir = path.dirname(model);
+    const orphans = [path.join(dir, 'model.x.cpu.opt.onnx.tmp-99-ab'), path.join(dir, 'model.x.cpu.opt.99-ab.onnx_data')];
+    for (const f of orphans) await writeFile(f, 'partial');
+    await removeWriterTemps([...announced, ...orphans]);
+    const left = await optFiles(model);
+    expect(left.filter((f) => f.includes('99-ab'))).toEqual([]);
+    // The committed copy (its weights among the announced files) still loads.
+    expect(left.some((f) => announced.some((a) => a.endsWith(f) && f.endsWith('.onnx_data')))).toBe(true);
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(r.cache).toBe('hit');
     await r.session.release();
   });
 

@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -121,9 +121,18 @@ describe('warm-up CLI', () => {
   it('killed mid-download (SIGKILL): never serves a partial model, the next run resumes', async () => {
     const cache = path.join(tmp, 'c4');
     proxy.faults = { bytesPerSecond: 200_000 };
-    const before = proxy.stats.bodyBytes;
+    // Killed once the journal records at least 600 KB of whole parts (what a resume may keep), whatever the order.
+    const journaled = () => {
+      try {
+        const dir = readdirSync(cache).find((n) => !n.endsWith('.lock'));
+        const j = JSON.parse(readFileSync(path.join(cache, dir!, '.progress.json'), 'utf8')) as { files: Record<string, { size: number; done: number[]; complete: boolean }> };
+        return Object.values(j.files).reduce((n, f) => n + (f.complete ? f.size : f.done.length * 131072), 0);
+      } catch {
+        return 0;
+      }
+    };
     const killed = await cli([], env(cache), (kill) => {
-      void until(() => proxy.stats.bodyBytes - before > 1_800_000).then(() => kill('SIGKILL'));
+      void until(() => journaled() >= 600_000).then(() => kill('SIGKILL'));
     });
     await new Promise((r) => setTimeout(r, 300)); // let the proxy see the dead connections
     expect(killed.signal).toBe('SIGKILL');

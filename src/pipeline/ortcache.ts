@@ -98,6 +98,8 @@ export async function createWithOptimizedCache(
     try {
       // The graph is optimised already: running the optimisers again would only cost start-up time.
       const session = await ort.InferenceSession.create(p.onnx, { ...options, graphOptimizationLevel: 'disabled' });
+      // Leftovers of a writer killed by something harsher than SIGTERM (OOM, node failure) go once they are old.
+      void sweepStale(p, '').catch(() => undefined);
       return { session, cache: 'hit' };
     } catch (err) {
       reason = firstLine(err);
@@ -124,6 +126,8 @@ export async function writeOptimizedCopy(
   options: InferenceSession.SessionOptions,
   log?: Log,
   mode: OptimizedCacheMode = 'auto',
+  /** Told the files about to be written, before ORT starts (so whoever kills the writer can remove them). */
+  onFiles?: (paths: string[]) => void,
 ): Promise<CacheOutcome> {
   const plan = await planCache(ort, modelPath, provider, options, mode);
   if (plan.kind === 'off') return 'skipped';
@@ -135,6 +139,7 @@ export async function writeOptimizedCopy(
   const tmpOnnx = path.join(p.dir, `${p.stem}.onnx.tmp-${tag}`);
   const dataName = `${p.stem}.${tag}.onnx_data`;
   const t0 = performance.now();
+  onFiles?.([tmpOnnx, path.join(p.dir, dataName)]);
   try {
     const session = await ort.InferenceSession.create(modelPath, {
       ...options,
@@ -247,6 +252,22 @@ async function commit(p: ReturnType<typeof optimizedPaths>, tmpOnnx: string, dat
     await dh.sync();
   } finally {
     await dh.close();
+  }
+}
+
+/**
+ * Removes what a killed writer left half-done (the paths it announced through `onFiles`): its temp graph, and its
+ * weights file unless a committed graph refers to it (a copy it committed before it died stays).
+ */
+export async function removeWriterTemps(paths: readonly string[]): Promise<void> {
+  for (const file of paths) {
+    const dir = path.dirname(file), name = path.basename(file);
+    if (name.endsWith('.onnx_data')) {
+      const graphs = (await fsp.readdir(dir).catch(() => [] as string[])).filter((n) => n.endsWith(`${OPT_MARK}onnx`));
+      const used = await Promise.all(graphs.map(async (g) => (await fsp.readFile(path.join(dir, g)).catch(() => undefined))?.includes(name) === true));
+      if (used.some(Boolean)) continue;
+    }
+    await fsp.rm(file, { force: true }).catch(() => undefined);
   }
 }
 

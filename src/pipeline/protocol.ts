@@ -17,7 +17,7 @@ export interface OptimizeItem {
   deviceId?: number;
 }
 
-/** The background optimised-model writer (optimizer.ts): what to write, with which logging and threads. */
+/** The background optimised-model writer (optimizer.ts, a child process): what to write, and the cache mode. */
 export interface OptimizerInit {
   items: OptimizeItem[];
   mode: OptimizedCacheMode;
@@ -25,6 +25,8 @@ export interface OptimizerInit {
 
 export type FromOptimizer =
   | { t: 'log'; level: 'info' | 'warn'; msg: string; obj?: Record<string, unknown> }
+  /** Files the writer is about to create; removed by the runtime if it has to kill the writer. */
+  | { t: 'files'; paths: string[] }
   | { t: 'done'; outcomes: Record<string, string> };
 
 export interface EncodeOptions {

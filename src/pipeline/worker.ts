@@ -34,12 +34,18 @@ const cancelled = new Set<number>();
 const tokenizers = new Map<string, Promise<ClipTokenizer>>();
 let queue: Promise<void> = Promise.resolve();
 
+/** Bumped by reset(): a creation started before it reports nothing (its session is released, not used). */
+let epoch = 0;
+
 function session(component: string, path: string): Promise<OnnxSession> {
   let p = sessions.get(component);
   if (!p) {
+    const mine = epoch;
     p = factory.create(component, path).then(({ session: s, provider, ms, cache }) => {
-      providers[component] = provider;
-      post({ t: 'session', component, provider, ms, cache });
+      if (mine === epoch) {
+        providers[component] = provider;
+        post({ t: 'session', component, provider, ms, cache });
+      }
       return s;
     });
     // A failed creation is forgotten so a later load retries it.
@@ -70,13 +76,15 @@ async function load(dir: string): Promise<void> {
 
 /** Forgets every session and tokenizer (the files they came from were replaced); the next load starts afresh. */
 async function reset(): Promise<void> {
+  epoch++;
   const all = [...sessions.values()];
   sessions.clear();
   tokenizers.clear();
-  for (const k of Object.keys(providers)) delete providers[k];
-  factory.deferredWrites.splice(0);
   pipeline = undefined;
   await Promise.allSettled(all.map(async (s) => (await s).release()));
+  // After the old creations have settled, so none of them puts anything back.
+  for (const k of Object.keys(providers)) delete providers[k];
+  factory.deferredWrites.splice(0);
 }
 
 async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> {

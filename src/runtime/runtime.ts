@@ -1,7 +1,8 @@
 /** @module One runtime: HTTP server, boot, engine and shutdown wired together (no module-level state). */
 import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
-import { Worker } from 'node:worker_threads';
+import { fork, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import { describeConfig } from '../config.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
@@ -13,6 +14,7 @@ import type { ServerContext } from '../server/context.js';
 import { Boot } from './boot.js';
 import { Engine, type Progress, type TaskResult } from './engine.js';
 import type { FromOptimizer, OptimizeItem, OptimizerInit } from '../pipeline/protocol.js';
+import { removeWriterTemps } from '../pipeline/ortcache.js';
 import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
 import { announcement } from './announce.js';
@@ -46,7 +48,7 @@ export class Runtime {
   readonly #abort = new AbortController();
   #inflight = 0;
   #inflightWaiters: Array<() => void> = [];
-  #optimizer: Worker | undefined;
+  #optimizer: { child: ChildProcess; files: string[] } | undefined;
 
   constructor(
     readonly cfg: Readonly<Config>,
@@ -115,7 +117,14 @@ export class Runtime {
       const secs = (performance.now() - started) / 1000;
       this.metrics.modelLoadTime.set({ model_name: this.cfg.modelName }, secs);
       this.log.info({ seconds: Number(secs.toFixed(3)), phases: this.boot.phases, providers: loaded.providers }, 'model ready');
-      if (loaded.optimize.length > 0) this.#writeOptimized(loaded.optimize);
+      if (loaded.optimize.length > 0) {
+        try {
+          this.#writeOptimized(loaded.optimize);
+        } catch (err) {
+          // Only later starts would have gained: serving goes on.
+          this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not start the optimized model cache writer');
+        }
+      }
     } catch (err) {
       if (this.#stopping && this.#abort.signal.aborted) return;
       const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
@@ -257,24 +266,37 @@ export class Runtime {
   }
 
   /**
-   * Writes the optimised-model copies this start loaded without, on a thread of its own, so the next start of this
-   * cache entry skips ORT's optimisers. Serving goes on meanwhile; SIGTERM stops it (temp files are swept later).
+   * Writes the optimised-model copies this start loaded without, in a child process (see optimizer.ts), so the next
+   * start of this cache entry skips ORT's optimisers. Serving goes on meanwhile; SIGTERM kills it (close()).
    */
   #writeOptimized(items: OptimizeItem[]): void {
     const init: OptimizerInit = { items, mode: this.cfg.optimizedModelCache };
     const t0 = performance.now();
     this.log.info({ components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
-    const w = new Worker(new URL('../pipeline/optimizer.js', import.meta.url), { workerData: init });
-    this.#optimizer = w;
-    w.on('message', (m: FromOptimizer) => {
+    const child = fork(fileURLToPath(new URL('../pipeline/optimizer.js', import.meta.url)), [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });
+    const o = { child, files: [] as string[] };
+    this.#optimizer = o;
+    child.on('message', (m: FromOptimizer) => {
       if (m.t === 'log') this.log[m.level](m.obj ?? {}, m.msg);
+      else if (m.t === 'files') o.files.push(...m.paths);
       else this.log.info({ outcomes: m.outcomes, ms: Math.round(performance.now() - t0) }, 'optimized model cache written');
     });
-    w.on('error', (err) => this.log.warn({ reason: err.message }, 'the optimized model cache writer failed'));
-    w.once('exit', () => {
-      if (this.#optimizer === w) this.#optimizer = undefined;
+    child.on('error', (err) => this.log.warn({ reason: err.message }, 'the optimized model cache writer failed'));
+    child.once('exit', (code, signal) => {
+      if (this.#optimizer?.child === child) this.#optimizer = undefined;
+      if (code !== 0 && !this.#stopping) this.log.warn({ code, signal }, 'the optimized model cache writer exited early');
     });
-    w.unref();
+    child.send(init);
+  }
+
+  /** Kills a background writer at once and removes its half-written files (never a copy it already committed). */
+  async #stopOptimizer(): Promise<void> {
+    const o = this.#optimizer;
+    if (!o || o.child.exitCode !== null) return;
+    const exited = new Promise((r) => o.child.once('exit', r));
+    o.child.kill('SIGKILL');
+    await exited;
+    await removeWriterTemps(o.files);
   }
 
   async #startGpuMetrics(): Promise<void> {
@@ -309,9 +331,7 @@ export class Runtime {
       ]);
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.#inflight }, 'grace period over: closing with requests still running');
-      // Not awaited: a write inside ORT's native code ends only when that call returns; exiting kills it sooner.
-      void this.#optimizer?.terminate();
-      await this.engine.close();
+      await Promise.all([this.engine.close(), this.#stopOptimizer()]);
       this.#output.destroy();
       this.log.info({ drained }, 'shut down');
     })());

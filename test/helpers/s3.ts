@@ -76,6 +76,8 @@ export interface Faults {
   rewriteList?: (xml: string) => string;
   /** Slow every GET body to about this many bytes per second per connection. */
   bytesPerSecond?: number;
+  /** Hold every ListObjectsV2 request this long before forwarding it. */
+  listDelayMs?: number;
 }
 
 export interface FaultProxy {
@@ -166,7 +168,8 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     });
     up.on('error', () => res.destroy());
     res.on('close', () => up.destroy());
-    req.pipe(up);
+    if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
+    else req.pipe(up);
   });
   server.on('connection', (s) => {
     sockets.add(s);
