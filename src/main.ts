@@ -29,11 +29,13 @@ async function main(): Promise<void> {
   // A committed cache entry for an s3:// model: the workers start its tokenizers and sessions at once, before the
   // runtime, the logger and the AWS SDK load (the runtime checks the entry against S3 before warm-up).
   const early = s3 ? await announceCommitted(cfg, workers) : undefined;
-  // The storage module (the AWS SDK, ~200 ms) loads alongside, not after: its file reads overlap the others'.
-  const [{ createLogger }, { Runtime }] = await Promise.all([import('./log.js'), import('./runtime/runtime.js'), s3 ? import('./storage/index.js') : undefined]);
+  const { createLogger } = await import('./log.js');
   const log = createLogger(cfg.logLevel);
+  // The S3 listing and first GETs go out as soon as the AWS SDK has loaded, while the runtime's code loads.
+  const fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
+  const { Runtime } = await import('./runtime/runtime.js');
   // performance.now() counts from process start, so 0 is "the process started".
-  const rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}) });
+  const rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}), ...(fetch ? { fetch } : {}) });
   rt.attach(base);
   let signals = 0;
   const stop = (sig: string) => {

@@ -19,6 +19,7 @@ import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
 import { announcement } from './announce.js';
 import type { CommittedEntry } from '../storage/peek.js';
+import type { EarlyFetch } from './early-fetch.js';
 import { checkSchedulerName, randomSeed } from './names.js';
 import { startGpuMetrics } from './gpu.js';
 import { createOutputStore, type OutputStore } from './output.js';
@@ -34,6 +35,8 @@ export interface RuntimeOptions {
    * and found none); undefined: not looked at, the runtime looks itself.
    */
   early?: CommittedEntry | null;
+  /** The S3 fetch `main` started for STORAGE_URI before importing the runtime; the runtime takes it over. */
+  fetch?: EarlyFetch;
 }
 
 export class Runtime {
@@ -176,16 +179,14 @@ export class Runtime {
       onListing(early.manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
       for (const f of early.manifest.files) onFileReady(f.path, path.join(early.dir, f.path));
     }
-    const { resolveModel } = await import('../storage/index.js');
+    // `main` usually started the fetch before the runtime loaded (see early-fetch.ts); the runtime takes it over.
+    const fetch = this.opts.fetch ?? (await (await import('./early-fetch.js')).startFetch(uri, this.cfg, this.log));
+    const stop = () => fetch.abort.abort(this.#abort.signal.reason);
+    if (this.#abort.signal.aborted) stop();
+    else this.#abort.signal.addEventListener('abort', stop, { once: true });
     this.boot.to('fetching');
-    const res = await resolveModel(uri, {
-      cfg: this.cfg,
-      log: this.log,
-      signal: this.#abort.signal,
-      onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }),
-      onListing,
-      onFileReady,
-    });
+    fetch.attach({ onListing, onFileReady, onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }) });
+    const res = await fetch.result;
     if (early) {
       const now = await peekCommitted(uri, this.cfg);
       if (!now || now.dir !== res.dir || !sameCommit(early.manifest, now.manifest)) {
