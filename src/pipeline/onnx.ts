@@ -61,11 +61,18 @@ export function sessionOptions(
     logSeverityLevel: 3,
     ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
     // CPU: no pre-packing of MatMul/Gemm weights. Packing copies every such weight at session creation (1.2 s and
-    // +300 MB RSS for 300 MB of weights here) and buys nothing measurable at run time (see README "Performance").
+    // +130 MB peak RSS for the 300 MB benchmark model) and bought no run-time speed (npm run bench:session).
     ...(provider === 'cpu' ? { extra: { session: { disable_prepacking: '1' } } } : {}),
     // onnxruntime-node 1.30 passes only deviceId to the CUDA provider (its binding reads no other
     // key), so cuDNN's conv algorithm search keeps ORT's default; the warm-up generation pays it once.
   };
+}
+
+export interface CreatedSession {
+  session: OnnxSession;
+  provider: 'cuda' | 'cpu';
+  ms: number;
+  cache: CacheOutcome;
 }
 
 /**
@@ -81,21 +88,18 @@ export class SessionFactory {
     return this.#fallbackReason;
   }
 
-  async create(name: string, modelPath: string): Promise<{ session: OnnxSession; provider: 'cuda' | 'cpu'; ms: number; cache: CacheOutcome }> {
+  async create(name: string, modelPath: string): Promise<CreatedSession> {
     const ort = await loadOrt();
-    if (this.opts.ep === 'cpu') {
-      const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cpu'));
-      return { session: new OnnxSession(name, s), provider: 'cpu', ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
-    }
+    if (this.opts.ep === 'cpu') return this.#build(ort, name, modelPath, 'cpu');
     if (this.#decision === undefined) {
       // The first session decides; concurrent creations wait for the decision instead of all probing CUDA.
       let resolveDecision!: (p: 'cuda' | 'cpu') => void;
       this.#decision = new Promise((r) => (resolveDecision = r));
       try {
-        const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, 'cuda'));
+        const made = await this.#build(ort, name, modelPath, 'cuda');
         resolveDecision('cuda');
         this.opts.log?.('info', 'execution provider cuda started', { component: name });
-        return { session: new OnnxSession(name, s), provider: 'cuda', ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
+        return made;
       } catch (err) {
         const reason = firstLine(err);
         if (this.opts.ep === 'cuda') {
@@ -111,6 +115,11 @@ export class SessionFactory {
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', 'EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start');
     }
+    return this.#build(ort, name, modelPath, provider);
+  }
+
+  /** One session, created in turn (see #serial), with its own time and what the optimized-model cache did. */
+  async #build(ort: Ort, name: string, modelPath: string, provider: 'cuda' | 'cpu'): Promise<CreatedSession> {
     const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, provider));
     return { session: new OnnxSession(name, s), provider, ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
   }

@@ -159,14 +159,15 @@ export class Runtime {
         componentFiles.get(comp)!.add(f.relPath);
       }
     };
-    const onFileReady = (rel: string, abs: string) => {
+    /** `tell` false: only the bookkeeping (the workers were told already). */
+    const onFileReady = (rel: string, abs: string, tell = true) => {
       ready.add(rel);
       const comp = rel.split('/')[0]!;
       const all = componentFiles.get(comp);
       // A component's session starts as soon as all of its own files are whole.
       if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
         announced.add(comp);
-        this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
+        if (tell) this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
       }
     };
     // A committed entry starts its sessions now, while the AWS SDK loads and S3 is asked whether it is current;
@@ -177,7 +178,8 @@ export class Runtime {
     if (early) {
       this.log.info({ dir: early.dir, files: early.manifest.files.length }, 'committed cache entry found: starting sessions while S3 is checked');
       onListing(early.manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
-      for (const f of early.manifest.files) onFileReady(f.path, path.join(early.dir, f.path));
+      // When `main` found the entry, it has told the workers already.
+      for (const f of early.manifest.files) onFileReady(f.path, path.join(early.dir, f.path), this.opts.early === undefined);
     }
     // `main` usually started the fetch before the runtime loaded (see early-fetch.ts); the runtime takes it over.
     const fetch = this.opts.fetch ?? (await (await import('./early-fetch.js')).startFetch(uri, this.cfg, this.log));
