@@ -51,6 +51,8 @@ export interface Config {
   readonly intraOpThreads: number;
   /** ORT optimized-model cache next to cached models (see src/pipeline/ortcache.ts). */
   readonly optimizedModelCache: OptimizedCacheMode;
+  /** Let cuBLAS/cuDNN run float32 math as TF32 on CUDA (faster fp32 models, images no longer match the reference). */
+  readonly cudaTf32: boolean;
 }
 
 export class ConfigError extends Error {
@@ -170,6 +172,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
+    cudaTf32: bool('CUDA_TF32', false),
   };
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   if (bad.length > 0) throw new ConfigError(bad);

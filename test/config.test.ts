@@ -1,6 +1,7 @@
 /** The environment contract: defaults, every bad variable named at once, frozen result, masked description. */
 import { describe, expect, it } from 'vitest';
 import { ConfigError, describeConfig, loadConfig } from '../src/config.js';
+import { applyTf32 } from '../src/runtime/workers.js';
 
 describe('loadConfig', () => {
   it('gives the documented defaults', () => {
@@ -49,5 +50,22 @@ describe('ORT_OPTIMIZED_CACHE', () => {
     expect(loadConfig({}).optimizedModelCache).toBe('auto');
     expect(loadConfig({ ORT_OPTIMIZED_CACHE: 'off' }).optimizedModelCache).toBe('off');
     expect(() => loadConfig({ ORT_OPTIMIZED_CACHE: 'sometimes' })).toThrow(/ORT_OPTIMIZED_CACHE must be one of auto, always, off/);
+  });
+});
+
+describe('CUDA_TF32', () => {
+  it('defaults to off: NVIDIA_TF32_OVERRIDE=0 is set for the CUDA libraries unless the operator chose', () => {
+    expect(loadConfig({}).cudaTf32).toBe(false);
+    const run = (vars: Record<string, string>, preset?: string) => {
+      const env: NodeJS.ProcessEnv = preset === undefined ? {} : { NVIDIA_TF32_OVERRIDE: preset };
+      applyTf32(loadConfig(vars), env);
+      return env.NVIDIA_TF32_OVERRIDE;
+    };
+    expect(run({})).toBe('0');
+    expect(run({ EXECUTION_PROVIDER: 'cuda' })).toBe('0');
+    expect(run({ CUDA_TF32: 'true' })).toBeUndefined();
+    expect(run({ EXECUTION_PROVIDER: 'cpu' })).toBeUndefined();
+    expect(run({}, '1')).toBe('1');
+    expect(() => loadConfig({ CUDA_TF32: 'maybe' })).toThrow(/CUDA_TF32/);
   });
 });

@@ -139,4 +139,17 @@ describe('optimized-model cache', () => {
       await rm(path.dirname(path.dirname(ro)), { recursive: true, force: true });
     }
   });
+
+  it('auto leaves CUDA sessions alone (slower there), always still caches them', async () => {
+    // The provider argument names the cache and picks the policy; the session itself runs on CPU here.
+    const model = await entry('cuda-label');
+    const auto = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, 'auto');
+    expect(auto.cache).toBe('skipped');
+    await auto.session.release();
+    expect(await writeOptimizedCopy(ort, model, 'cuda', OPTS, undefined, 'auto')).toBe('skipped');
+    expect(await optFiles(model)).toEqual([]);
+    const always = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, 'always');
+    expect(always.cache).toBe('deferred');
+    await always.session.release();
+  });
 });

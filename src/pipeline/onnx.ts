@@ -75,6 +75,12 @@ export interface CreatedSession {
   cache: CacheOutcome;
 }
 
+/** ORT's exception only says a library failed to load; the library's own name went to stderr just before. */
+function withLoadHint(reason: string): string {
+  if (!/Failed to load shared library/i.test(reason)) return reason;
+  return `${reason} (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")`;
+}
+
 /**
  * Creates sessions with one execution-provider decision per process: the first session tries CUDA
  * (unless `cpu`), and every later session reuses the outcome, so a missing CUDA costs one failed try.
@@ -98,10 +104,10 @@ export class SessionFactory {
       try {
         const made = await this.#build(ort, name, modelPath, 'cuda');
         resolveDecision('cuda');
-        this.opts.log?.('info', 'execution provider cuda started', { component: name });
+        this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0' });
         return made;
       } catch (err) {
-        const reason = firstLine(err);
+        const reason = withLoadHint(firstLine(err));
         if (this.opts.ep === 'cuda') {
           resolveDecision('cpu');
           throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
