@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Packs what scripts/gpu-device-run.sh needs on a CUDA 13 machine that has NVIDIA's Python wheels but no Node and
+# no registry (../shared/reference/GPU.md): this Node binary, the production node_modules with onnxruntime-node
+# 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
+# current dist/, and the e2e reference model and cases when ../shared is beside the repository.
+#
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50]
+#
+# Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
+# in consecutive calls while the machine stays warm: each but the last runs
+#   mkdir -p /root/stage && cp gpuN/p* /root/stage/
+# with carry [gpuN]; the last runs `bash scripts/gpu-device-run.sh gpuK` with carry [gpuK].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCH=90
+PIECE_MB=50
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --arch) ARCH="$2"; shift 2 ;;
+    --piece-mb) PIECE_MB="$2"; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+grep -qx '/gpu\*/' .git/info/exclude 2>/dev/null || echo '/gpu*/' >> .git/info/exclude
+[ -f dist/src/main.js ] || { echo "gpu-bundle: run npm run build first" >&2; exit 2; }
+ORT=1.29.0
+GPU_PKG=com.github.asus4.onnxruntime.linux-x64-gpu@0.4.9
+ABI=$(node -p process.versions.modules)
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+echo "gpu-bundle: fetching onnxruntime-node@$ORT and $GPU_PKG (CUDA 13 providers for ORT $ORT)"
+(cd "$W" && npm pack --silent "onnxruntime-node@$ORT" "onnxruntime-common@$ORT" "$GPU_PKG" >/dev/null)
+
+echo "gpu-bundle: production node_modules"
+mkdir -p "$W/prod" "$W/stage/gpu"
+cp package.json package-lock.json .npmrc "$W/prod/"
+(cd "$W/prod" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
+NM="$W/prod/node_modules"
+rm -rf "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$NM/protobufjs/cli"
+find "$NM/uWebSockets.js" -name '*.node' ! -path "*/binaries/uws_linux_x64_$ABI.node" -delete
+mkdir -p "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$W/gpupkg"
+tar xzf "$W/onnxruntime-node-$ORT.tgz" -C "$NM/onnxruntime-node" --strip-components=1
+tar xzf "$W/onnxruntime-common-$ORT.tgz" -C "$NM/onnxruntime-common" --strip-components=1
+X="$NM/onnxruntime-node/bin/napi-v6/linux/x64"
+find "$NM/onnxruntime-node/bin/napi-v6" -mindepth 1 -maxdepth 2 ! -path '*/linux' ! -path '*/linux/x64' -exec rm -rf {} +
+tar xzf "$W"/com.github.asus4.onnxruntime.linux-x64-gpu-*.tgz -C "$W/gpupkg" --strip-components=1
+cp "$W/gpupkg/Plugins/Linux/x64/libonnxruntime_providers_shared.so" "$X/"
+python3 scripts/fatbin-keep-arch.py "$W/gpupkg/Plugins/Linux/x64/libonnxruntime_providers_cuda.so" "$X/libonnxruntime_providers_cuda.so" "$ARCH"
+rm -rf "$W/gpupkg"
+
+mv "$NM" "$W/stage/node_modules"
+cp -r dist "$W/stage/dist"
+cp "$(command -v node)" "$W/stage/gpu/node"
+REF=../shared/reference/e2e
+if [ -d "$REF/model" ]; then
+  cp -r "$REF/model" "$W/stage/gpu/e2e-model"
+  for c in "$REF"/cases/*/; do mkdir -p "$W/stage/gpu/cases/$(basename "$c")"; cp "$c/case.json" "$c/image.png" "$W/stage/gpu/cases/$(basename "$c")/"; done
+fi
+
+echo "gpu-bundle: compressing (xz -9; a few minutes)"
+tar cf - -C "$W/stage" . | xz -9 -T0 > "$W/payload.tar.xz"
+rm -rf gpu[0-9]*
+(cd "$W" && split -b "${PIECE_MB}M" -d -a 1 payload.tar.xz piece.)
+n=0
+for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
+echo "gpu-bundle: $n pieces ($(du -ch gpu[0-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[0-9]* | tr '\n' ' ')"
+echo "  calls 1..$((n - 1)): mkdir -p /root/stage && cp gpuN/p* /root/stage/   (carry [gpuN])"
+echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs on the CUDA machine, after scripts/gpu-bundle.sh's pieces: the earlier ones copied to /root/stage, the last
+# one in the folder given. Unpacks the payload over the working tree, then the checks whose output the closing
+# notes quote: CUDA boot and predict (gpu-check.sh), parity with diffusers with TF32 off and on, the
+# optimized-model cache on a 300 MB model, an fp16 export, and EXECUTION_PROVIDER=auto.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LAST=${1:?usage: gpu-device-run.sh LAST_PIECE_FOLDER}
+cp "$LAST"/p* /root/stage/
+t0=$(date +%s)
+cat $(ls /root/stage/p* | sort -V) | xz -dc | tar x || { echo "gpu-device-run: could not unpack the payload" >&2; exit 3; }
+echo "unpacked in $(( $(date +%s) - t0 )) s"
+export NODE=$PWD/gpu/node
+python3 -c 'import nvidia,os;print("\n".join(os.path.join(p,d,"lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p,d,"lib"))))' > /tmp/wheel-libs 2>/dev/null || true
+echo "CUDA provider's libraries:"
+LD_LIBRARY_PATH=$(paste -sd: /tmp/wheel-libs) ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
+bash scripts/gpu-check.sh $( [ -d gpu/e2e-model ] && echo gpu/e2e-model ) --ep cuda
+if [ -d gpu/cases ]; then
+  echo "#### parity with diffusers on CUDA, defaults (TF32 off)"
+  EXECUTION_PROVIDER=cuda $NODE dist/scripts/parity-check.js gpu/e2e-model gpu/cases
+  echo "#### parity with diffusers on CUDA, CUDA_TF32=true"
+  CUDA_TF32=true EXECUTION_PROVIDER=cuda $NODE dist/scripts/parity-check.js gpu/e2e-model gpu/cases
+  for t in false true; do
+    echo "#### e2e model, CUDA_TF32=$t"
+    CUDA_TF32=$t bash scripts/gpu-check.sh gpu/e2e-model --ep cuda --no-demo | grep -E 'predict|denoising_steps|cuda started|spawn'
+  done
+fi
+echo "#### 300 MB model (sd15 split): optimized-model cache always (3 starts), then off (2 starts)"
+$NODE dist/src/demo/cli.js /root/pad --pad-mb 300 >/dev/null
+ORT_OPTIMIZED_CACHE=always bash scripts/gpu-check.sh /root/pad --ep cuda --no-demo --starts 3 | grep -E '==|spawn|session created|predict'
+ORT_OPTIMIZED_CACHE=off bash scripts/gpu-check.sh /root/pad --ep cuda --no-demo --starts 2 | grep -E '==|spawn|session created|predict'
+echo "#### fp16 demo model"
+$NODE dist/src/demo/cli.js /root/fp16 --fp16 >/dev/null
+bash scripts/gpu-check.sh /root/fp16 --ep cuda --no-demo | grep -E '==|spawn|session created|predict|GPU memory'
+echo "#### demo model, EXECUTION_PROVIDER=auto"
+bash scripts/gpu-check.sh --ep auto | grep -E 'spawn|cuda|providers|predict'
