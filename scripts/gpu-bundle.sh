@@ -4,8 +4,10 @@
 # 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
 # current dist/, and the e2e reference model and cases when ../shared is beside the repository.
 #
-#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50]
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench]
 #
+# --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
+# bench:cold-start there (BENCH=1).
 # Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
 # in consecutive calls while the machine stays warm: each but the last runs
 #   mkdir -p /root/stage && cp gpuN/p* /root/stage/
@@ -14,11 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=90
 PIECE_MB=50
+BENCH=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) ARCH="$2"; shift 2 ;;
     --piece-mb) PIECE_MB="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --with-bench) BENCH=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +53,14 @@ cp "$W/gpupkg/Plugins/Linux/x64/libonnxruntime_providers_shared.so" "$X/"
 python3 scripts/fatbin-keep-arch.py "$W/gpupkg/Plugins/Linux/x64/libonnxruntime_providers_cuda.so" "$X/libonnxruntime_providers_cuda.so" "$ARCH"
 rm -rf "$W/gpupkg"
 
+if [ "$BENCH" = 1 ]; then
+  # s3rver with its own dependencies nested under it, so none of them can shadow the runtime's.
+  S3V=$(node -p "require('./package-lock.json').packages['node_modules/s3rver'].version")
+  mkdir -p "$W/s3" && (cd "$W/s3" && echo '{"private":true}' > package.json && npm install --silent --ignore-scripts --no-audit --no-fund "s3rver@$S3V" >/dev/null)
+  mv "$W/s3/node_modules/s3rver" "$NM/s3rver"
+  mkdir -p "$NM/s3rver/node_modules" && mv "$W/s3/node_modules"/* "$W/s3/node_modules"/.[!.]* "$NM/s3rver/node_modules/" 2>/dev/null || true
+  mkdir -p "$W/stage/gpu/tools" && cp ../shared/tools/throttle-proxy.mjs "$W/stage/gpu/tools/"
+fi
 mv "$NM" "$W/stage/node_modules"
 cp -r dist "$W/stage/dist"
 cp "$(command -v node)" "$W/stage/gpu/node"

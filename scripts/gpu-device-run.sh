@@ -2,7 +2,8 @@
 # Runs on the CUDA machine, after scripts/gpu-bundle.sh's pieces: the earlier ones copied to /root/stage, the last
 # one in the folder given. Unpacks the payload over the working tree, then the checks whose output the closing
 # notes quote: CUDA boot and predict (gpu-check.sh), parity with diffusers with TF32 off and on, the
-# optimized-model cache on a 300 MB model, an fp16 export, and EXECUTION_PROVIDER=auto.
+# optimized-model cache on a 300 MB model, an fp16 export, and EXECUTION_PROVIDER=auto. BENCH=1 (bundle made
+# --with-bench) runs only bench:cold-start, with BENCH_EP=cuda and then cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAST=${1:?usage: gpu-device-run.sh LAST_PIECE_FOLDER}
@@ -14,6 +15,14 @@ export NODE=$PWD/gpu/node
 python3 -c 'import nvidia,os;print("\n".join(os.path.join(p,d,"lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p,d,"lib"))))' > /tmp/wheel-libs 2>/dev/null || true
 echo "CUDA provider's libraries:"
 LD_LIBRARY_PATH=$(paste -sd: /tmp/wheel-libs) ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
+if [ "${BENCH:-0}" = 1 ]; then
+  export LD_LIBRARY_PATH=$(paste -sd: /tmp/wheel-libs) THROTTLE_PROXY=$PWD/gpu/tools/throttle-proxy.mjs
+  for ep in ${BENCH_EPS:-cuda cpu}; do
+    echo "#### bench:cold-start, BENCH_EP=$ep, $(nproc) cores"
+    BENCH_EP=$ep $NODE dist/scripts/bench-cold-start.js 2>&1 | grep -vE '^rep [0-9]'
+  done
+  exit 0
+fi
 bash scripts/gpu-check.sh $( [ -d gpu/e2e-model ] && echo gpu/e2e-model ) --ep cuda
 if [ -d gpu/cases ]; then
   echo "#### parity with diffusers on CUDA, defaults (TF32 off)"
