@@ -4,6 +4,7 @@ import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import { RuntimeError } from '../errors.js';
 import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
+import { probeModel } from './probe.js';
 import { createWithOptimizedCache, type CacheOutcome, type OptimizedCacheMode } from './ortcache.js';
 import type { OptimizeItem } from './protocol.js';
 
@@ -98,30 +99,51 @@ export class SessionFactory {
     const ort = await loadOrt();
     if (this.opts.ep === 'cpu') return this.#build(ort, name, modelPath, 'cpu');
     if (this.#decision === undefined) {
-      // The first session decides; concurrent creations wait for the decision instead of all probing CUDA.
-      let resolveDecision!: (p: 'cuda' | 'cpu') => void;
-      this.#decision = new Promise((r) => (resolveDecision = r));
-      try {
-        const made = await this.#build(ort, name, modelPath, 'cuda');
-        resolveDecision('cuda');
-        this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0' });
-        return made;
-      } catch (err) {
-        const reason = withLoadHint(firstLine(err));
-        if (this.opts.ep === 'cuda') {
-          resolveDecision('cpu');
-          throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
-        }
-        this.#fallbackReason = reason;
-        this.opts.log?.('warn', 'execution provider cuda unavailable, falling back to cpu', { reason });
-        resolveDecision('cpu');
-      }
+      const made = await this.#decide(name, () => this.#build(ort, name, modelPath, 'cuda'));
+      if (made) return made;
     }
     const provider = await this.#decision;
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
-      throw new RuntimeError('PROVIDER', 'EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start');
+      throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
     }
-    return this.#build(ort, name, modelPath, provider);
+    return this.#build(ort, name, modelPath, provider!);
+  }
+
+  /**
+   * Makes the provider decision now, on a one-node probe model (probe.ts), unless a session already made it. On CUDA
+   * the first session pays for loading the provider and starting the context; the probe pays it while the weights
+   * still download, instead of the first component whose files land. Never throws: a failure under
+   * EXECUTION_PROVIDER=cuda reaches the first create().
+   */
+  async prestart(): Promise<void> {
+    if (this.opts.ep === 'cpu' || this.#decision !== undefined) return;
+    const ort = await loadOrt();
+    if (this.#decision !== undefined) return;
+    const options = sessionOptions('cuda', { intraOpThreads: 1, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
+    await this.#decide('provider probe', async () => {
+      const { s } = await this.#serial(() => ort.InferenceSession.create(probeModel(), options));
+      await s.release();
+      return undefined;
+    }).catch(() => undefined);
+  }
+
+  /** The first CUDA attempt decides for the process; concurrent creations wait for it instead of all probing CUDA. */
+  async #decide<T>(name: string, attempt: () => Promise<T>): Promise<T | undefined> {
+    let resolveDecision!: (p: 'cuda' | 'cpu') => void;
+    this.#decision = new Promise((r) => (resolveDecision = r));
+    try {
+      const made = await attempt();
+      resolveDecision('cuda');
+      this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0' });
+      return made;
+    } catch (err) {
+      const reason = withLoadHint(firstLine(err));
+      this.#fallbackReason = reason;
+      resolveDecision('cpu');
+      if (this.opts.ep === 'cuda') throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
+      this.opts.log?.('warn', 'execution provider cuda unavailable, falling back to cpu', { reason });
+      return undefined;
+    }
   }
 
   /** One session, created in turn (see #serial), with its own time and what the optimized-model cache did. */

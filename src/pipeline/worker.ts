@@ -26,6 +26,8 @@ const imported = loadOrt().then(() => loadSharp()).then(() => post({ t: 'importe
 imported.catch(() => {}); // reported by the first session creation instead
 
 const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
+// Loads the CUDA provider and starts its context now, while the weights still download (no-op on cpu).
+void factory.prestart();
 const sessions = new Map<string, Promise<OnnxSession>>();
 const providers: Record<string, string> = {};
 let pipeline: Pipeline | undefined;
