@@ -3,28 +3,16 @@
  * real server from a copy of E2E_REFERENCE_DIR/model whose scheduler config is the case's, and must
  * equal the image diffusers made, up to off-by-one on under 1% of the values.
  */
-import { cpSync, existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, describe, expect, it } from 'vitest';
+import { caseRequest, pixelDiff, readCase, writeCaseScheduler } from '../scripts/e2e-case.js';
 import { SHARED, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const E2E = path.resolve(process.env.E2E_REFERENCE_DIR ?? path.join(SHARED, 'reference', 'e2e'));
 const casesDir = path.join(E2E, 'cases');
 const cases = existsSync(casesDir) ? readdirSync(casesDir).filter((d) => existsSync(path.join(casesDir, d, 'case.json'))).sort() : [];
-
-interface Case {
-  id: string;
-  prompt: string;
-  negative_prompt: string;
-  seed: number;
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  num_images_per_prompt: number;
-  scheduler: { class: string; config: Record<string, unknown> };
-}
 
 const cleanups: Array<() => void> = [];
 const servers: ServerHandle[] = [];
@@ -39,41 +27,20 @@ describe('diffusers end-to-end reference', () => {
   });
 
   it.each(cases)('%s matches the image diffusers generated', async (id) => {
-    const c = JSON.parse(readFileSync(path.join(casesDir, id, 'case.json'), 'utf8')) as Case;
+    const c = readCase(casesDir, id);
     const { dir, cleanup } = tempDir('dr-e2e-');
     cleanups.push(cleanup);
     const model = path.join(dir, 'model');
     cpSync(path.join(E2E, 'model'), model, { recursive: true });
-    writeFileSync(path.join(model, 'scheduler', 'scheduler_config.json'), JSON.stringify({ ...c.scheduler.config, _class_name: c.scheduler.class }, null, 2));
+    writeCaseScheduler(model, c);
     const srv = await startServer({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, 'cache'), WARMUP_STEPS: '1' }, { ready: true });
     servers.push(srv);
-    const r = await postJson(`${srv.url}/v1/models/model:predict`, {
-      instances: [
-        {
-          prompt: c.prompt,
-          negative_prompt: c.negative_prompt,
-          seed: c.seed,
-          num_inference_steps: c.steps,
-          guidance_scale: c.guidance,
-          height: c.height,
-          width: c.width,
-          num_images_per_prompt: c.num_images_per_prompt,
-        },
-      ],
-    });
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, caseRequest(c));
     expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
     const got = await sharp(Buffer.from((r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64, 'base64')).raw().toBuffer({ resolveWithObject: true });
     const want = await sharp(path.join(casesDir, id, 'image.png')).removeAlpha().raw().toBuffer({ resolveWithObject: true });
     expect([got.info.width, got.info.height, got.info.channels]).toEqual([want.info.width, want.info.height, want.info.channels]);
-    let off1 = 0;
-    let worse = 0;
-    let maxDiff = 0;
-    for (let i = 0; i < want.data.length; i++) {
-      const d = Math.abs(got.data[i]! - want.data[i]!);
-      maxDiff = Math.max(maxDiff, d);
-      if (d === 1) off1++;
-      else if (d > 1) worse++;
-    }
+    const { offByOne: off1, offByMore: worse, maxDiff } = pixelDiff(got.data, want.data);
     console.log(`${id}: ${want.data.length} values, ${off1} off by one (${((100 * off1) / want.data.length).toFixed(3)}%), ${worse} off by more, max |Δ| ${maxDiff}`);
     expect(worse).toBe(0);
     expect(off1 / want.data.length).toBeLessThan(0.01);
