@@ -83,8 +83,9 @@ function withLoadHint(reason: string): string {
 }
 
 /**
- * Creates sessions with one execution-provider decision per process: the first session tries CUDA
- * (unless `cpu`), and every later session reuses the outcome, so a missing CUDA costs one failed try.
+ * Creates sessions with one execution-provider decision per process: the first attempt (the probe, see prestart(),
+ * or else the first session) tries CUDA (unless `cpu`), and every later session reuses the outcome, so a missing
+ * CUDA costs one failed try.
  */
 export class SessionFactory {
   #decision: Promise<'cuda' | 'cpu'> | undefined;

@@ -171,7 +171,8 @@ export async function writeOptimizedCopy(
 type Plan = { kind: 'off' } | { kind: 'cache'; p: ReturnType<typeof optimizedPaths>; key: CacheKey };
 
 async function planCache(ort: Ort, modelPath: string, provider: string, options: InferenceSession.SessionOptions, mode: OptimizedCacheMode): Promise<Plan> {
-  // `auto` skips CUDA: on an H100 a start from the cached copy was slower, not faster (scripts/gpu-check.sh, README "GPU").
+  // `auto` skips CUDA: on an H100 and an H200 starts from the copy were no faster, and its writer would hold a second
+  // CUDA context and copy of the weights next to the serving one (README "Boot").
   if (mode === 'off' || (mode === 'auto' && (provider !== 'cpu' || !(await isCacheEntry(path.dirname(path.dirname(modelPath))))))) return { kind: 'off' };
   const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
   const p = optimizedPaths(modelPath, ortVersion, provider);
