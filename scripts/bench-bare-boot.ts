@@ -5,7 +5,7 @@
  * at the model's default size, PNG-encoded). Prints one JSON line with its phases; `doneMs` counts from process start.
  * Flags: --steps N, --level disabled|basic|extended|all, --opt-cache (go through the runtime's optimized-model cache),
  * --prepack (let ORT pre-pack CPU weights, its default, which the runtime turns off), --ep cpu|cuda (default cpu; cuda
- * also keeps TF32 off as the runtime does). --opt-cache uses the runtime's own session options, so --level and --prepack
+ * also keeps TF32 off unless CUDA_TF32=true, as the runtime does). --opt-cache uses the runtime's own session options, so --level and --prepack
  * do not apply to it.
  */
 import { parseArgs } from 'node:util';
@@ -14,6 +14,7 @@ import { readLayout, type Component } from '../src/pipeline/model.js';
 import { loadOrt, OnnxSession, SessionFactory, sessionOptions, type GraphOptimizationLevel } from '../src/pipeline/onnx.js';
 import { writeOptimizedCopy } from '../src/pipeline/ortcache.js';
 import { Pipeline } from '../src/pipeline/pipeline.js';
+import { loadConfig } from '../src/config.js';
 import { applyTf32 } from '../src/runtime/workers.js';
 
 async function main(): Promise<void> {
@@ -25,7 +26,7 @@ async function main(): Promise<void> {
   if (dir === undefined) throw new Error('usage: bench-bare-boot.js MODEL_DIR [--steps N] [--level all] [--opt-cache] [--prepack] [--ep cpu|cuda]');
   const ep = values.ep ?? 'cpu';
   if (ep !== 'cpu' && ep !== 'cuda') throw new Error(`--ep must be cpu or cuda, got ${ep}`);
-  applyTf32({ executionProvider: ep, cudaTf32: false });
+  applyTf32({ executionProvider: ep, cudaTf32: loadConfig({ CUDA_TF32: process.env.CUDA_TF32 }).cudaTf32 });
   const steps = Number(values.steps ?? process.env.WARMUP_STEPS ?? 2);
   const level = (values.level ?? 'all') as GraphOptimizationLevel;
   const t: Record<string, number> = { startMs: performance.now() };

@@ -196,6 +196,7 @@ async function main(): Promise<void> {
   const padBytes = Number(process.env.BENCH_PAD_BYTES ?? 300e6);
   const padSplit = (process.env.BENCH_PAD_SPLIT ?? 'sd15') as PadSplit;
   const ep = process.env.BENCH_EP ?? 'cpu';
+  if (ep !== 'cpu' && ep !== 'cuda') throw new Error(`BENCH_EP must be cpu or cuda (the bare baseline needs one provider), got ${ep}`);
   const optimizedCache = process.env.ORT_OPTIMIZED_CACHE ?? 'auto';
   const proxyScript = process.env.THROTTLE_PROXY ?? path.resolve(ROOT, '../shared/tools/throttle-proxy.mjs');
   for (const f of [proxyScript, 'dist/src/main.js', 'dist/warmup/main.js', 'dist/scripts/bench-bare-boot.js']) {

@@ -9,9 +9,9 @@
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
 # bench:cold-start there (BENCH=1).
 # Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
-# in consecutive calls while the machine stays warm: each but the last runs
-#   mkdir -p /root/stage && cp gpuN/p* /root/stage/
-# with carry [gpuN]; the last runs `bash scripts/gpu-device-run.sh gpuK` with carry [gpuK].
+# in consecutive calls while the machine stays warm: the first runs
+#   rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/
+# (later ones without the rm) with carry [gpuN]; the last runs `bash scripts/gpu-device-run.sh gpuK` with carry [gpuK].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=90
@@ -26,7 +26,6 @@ while [ $# -gt 0 ]; do
     *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-grep -qx '/gpu\*/' .git/info/exclude 2>/dev/null || echo '/gpu*/' >> .git/info/exclude
 [ -f dist/src/main.js ] || { echo "gpu-bundle: run npm run build first" >&2; exit 2; }
 ORT=1.29.0
 GPU_PKG=com.github.asus4.onnxruntime.linux-x64-gpu@0.4.9
@@ -58,12 +57,13 @@ if [ "$BENCH" = 1 ]; then
   S3V=$(node -p "require('./package-lock.json').packages['node_modules/s3rver'].version")
   mkdir -p "$W/s3" && (cd "$W/s3" && echo '{"private":true}' > package.json && npm install --silent --ignore-scripts --no-audit --no-fund "s3rver@$S3V" >/dev/null)
   mv "$W/s3/node_modules/s3rver" "$NM/s3rver"
-  mkdir -p "$NM/s3rver/node_modules" && mv "$W/s3/node_modules"/* "$W/s3/node_modules"/.[!.]* "$NM/s3rver/node_modules/" 2>/dev/null || true
+  mkdir -p "$NM/s3rver/node_modules"
+  (shopt -s dotglob nullglob; for d in "$W/s3/node_modules"/*; do mv "$d" "$NM/s3rver/node_modules/"; done)
   mkdir -p "$W/stage/gpu/tools" && cp ../shared/tools/throttle-proxy.mjs "$W/stage/gpu/tools/"
 fi
 mv "$NM" "$W/stage/node_modules"
 cp -r dist "$W/stage/dist"
-cp "$(command -v node)" "$W/stage/gpu/node"
+cp "$(node -p process.execPath)" "$W/stage/gpu/node"
 REF=../shared/reference/e2e
 if [ -d "$REF/model" ]; then
   cp -r "$REF/model" "$W/stage/gpu/e2e-model"
@@ -73,9 +73,9 @@ fi
 echo "gpu-bundle: compressing (xz -9; a few minutes)"
 tar cf - -C "$W/stage" . | xz -9 -T0 > "$W/payload.tar.xz"
 rm -rf gpu[0-9]*
-(cd "$W" && split -b "${PIECE_MB}M" -d -a 1 payload.tar.xz piece.)
+(cd "$W" && split -b "${PIECE_MB}M" -d -a 3 payload.tar.xz piece.)
 n=0
 for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
 echo "gpu-bundle: $n pieces ($(du -ch gpu[0-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[0-9]* | tr '\n' ' ')"
-echo "  calls 1..$((n - 1)): mkdir -p /root/stage && cp gpuN/p* /root/stage/   (carry [gpuN])"
+echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1]; calls 2..$((n - 1)) the same without the rm)"
 echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"

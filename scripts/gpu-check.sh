@@ -6,7 +6,8 @@
 #   scripts/gpu-check.sh [MODEL_DIR] [--ep cuda|auto|cpu] [--size 512] [--steps 20] [--starts N] [--no-demo]
 #
 # --starts N boots each model N times on one cache folder, waiting after each start for the optimized-model
-# cache writer, so start 2 shows what a cache hit costs (set ORT_OPTIMIZED_CACHE=always for a local MODEL_DIR).
+# cache writer, so start 2 shows what a cache hit costs (set ORT_OPTIMIZED_CACHE=always for a local MODEL_DIR: the
+# copies, *.opt.onnx and their weights, are then written into that folder).
 # On a machine whose CUDA libraries come from NVIDIA's Python wheels (no system CUDA), the loader
 # path is assembled from site-packages nvidia/*/lib automatically (see README "GPU").
 set -euo pipefail

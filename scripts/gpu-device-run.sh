@@ -7,16 +7,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAST=${1:?usage: gpu-device-run.sh LAST_PIECE_FOLDER}
-cp "$LAST"/p* /root/stage/
+mkdir -p /root/stage && cp "$LAST"/p* /root/stage/
+PIECES=$(ls /root/stage/p* 2>/dev/null | sort -V)
+[ -n "$PIECES" ] || { echo "gpu-device-run: no payload pieces in /root/stage" >&2; exit 3; }
 t0=$(date +%s)
-cat $(ls /root/stage/p* | sort -V) | xz -dc | tar x || { echo "gpu-device-run: could not unpack the payload" >&2; exit 3; }
+cat $PIECES | xz -dc | tar x || { echo "gpu-device-run: could not unpack the payload ($(echo $PIECES | wc -w) pieces; were the earlier ones copied?)" >&2; exit 3; }
 echo "unpacked in $(( $(date +%s) - t0 )) s"
 export NODE=$PWD/gpu/node
 python3 -c 'import nvidia,os;print("\n".join(os.path.join(p,d,"lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p,d,"lib"))))' > /tmp/wheel-libs 2>/dev/null || true
+WHEEL_LIBS=$(paste -sd: /tmp/wheel-libs)
+export LD_LIBRARY_PATH="${WHEEL_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "CUDA provider's libraries:"
-LD_LIBRARY_PATH=$(paste -sd: /tmp/wheel-libs) ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
+ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
 if [ "${BENCH:-0}" = 1 ]; then
-  export LD_LIBRARY_PATH=$(paste -sd: /tmp/wheel-libs) THROTTLE_PROXY=$PWD/gpu/tools/throttle-proxy.mjs
+  export THROTTLE_PROXY=$PWD/gpu/tools/throttle-proxy.mjs
   for ep in ${BENCH_EPS:-cuda cpu}; do
     echo "#### bench:cold-start, BENCH_EP=$ep, $(nproc) cores"
     BENCH_EP=$ep $NODE dist/scripts/bench-cold-start.js 2>&1 | grep -vE '^rep [0-9]'

@@ -111,19 +111,30 @@ export class SessionFactory {
   }
 
   /**
-   * Makes the provider decision now, on a one-node probe model (probe.ts), unless a session already made it. On CUDA
-   * the first session pays for loading the provider and starting the context; the probe pays it while the weights
-   * still download, instead of the first component whose files land. Never throws: a failure under
-   * EXECUTION_PROVIDER=cuda reaches the first create().
+   * Makes the provider decision now, on a one-node probe model (probe.ts) created and run once, unless a session
+   * already made it. On CUDA the first session pays for loading the provider and starting the context; the probe
+   * pays it while the weights still download, instead of the first component whose files land. Never throws: a
+   * failure under EXECUTION_PROVIDER=cuda reaches the first create().
    */
   async prestart(): Promise<void> {
     if (this.opts.ep === 'cpu' || this.#decision !== undefined) return;
-    const ort = await loadOrt();
+    let ort: Ort;
+    try {
+      ort = await loadOrt();
+    } catch {
+      return; // the first create() reports it
+    }
     if (this.#decision !== undefined) return;
     const options = sessionOptions('cuda', { intraOpThreads: 1, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
     await this.#decide('provider probe', async () => {
       const { s } = await this.#serial(() => ort.InferenceSession.create(probeModel(), options));
-      await s.release();
+      try {
+        // One run: what the provider loads on a first run (cuBLAS, cuDNN handles) loads now too, and a library missing
+        // at that point fails here (a fallback under auto) rather than in the warm-up.
+        await s.run({ x: new ort.Tensor('float32', new Float32Array(4), [1, 4]) });
+      } finally {
+        await s.release();
+      }
       return undefined;
     }).catch(() => undefined);
   }

@@ -1,6 +1,6 @@
 /**
- * @module A one-MatMul ONNX model (y = x·I, x float32 [1,4]) that the session factory creates first on CUDA, so the
- * provider library, the CUDA context and cuBLAS load while the model's weights are still downloading. Built by
+ * @module A one-MatMul ONNX model (y = x·I, x float32 [1,4]) that the session factory creates and runs first on CUDA,
+ * so the provider library, the CUDA context and what a first run loads come up while the weights still download. Built by
  * src/demo/graph.ts; test/probe.test.ts rebuilds it and checks these bytes. Embedded so the worker needs no
  * protobuf library for it.
  */
