@@ -77,5 +77,6 @@ rm -rf gpu[0-9]*
 n=0
 for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
 echo "gpu-bundle: $n pieces ($(du -ch gpu[0-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[0-9]* | tr '\n' ' ')"
-echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1]; calls 2..$((n - 1)) the same without the rm)"
+echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
+[ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"
 echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"
