@@ -34,18 +34,7 @@ done
 NODE=${NODE:-node}
 [ -f dist/src/main.js ] || { echo "gpu-check: dist/src/main.js is missing; run npm run build (or npm ci) first" >&2; exit 2; }
 
-if command -v python3 >/dev/null 2>&1; then
-  WHEEL_LIBS=$(python3 - <<'EOF' 2>/dev/null || true
-import os
-try:
-    import nvidia
-except ImportError:
-    raise SystemExit(0)
-print(':'.join(os.path.join(p, d, 'lib') for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, 'lib'))))
-EOF
-)
-  if [ -n "${WHEEL_LIBS:-}" ]; then export LD_LIBRARY_PATH="${WHEEL_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
-fi
+. scripts/cuda-wheel-libs.sh
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
 echo "onnxruntime-node: $($NODE -p "require('onnxruntime-node/package.json').version")"
 ls node_modules/onnxruntime-node/bin/napi-v6/linux/x64/ 2>/dev/null | tr '\n' ' '; echo

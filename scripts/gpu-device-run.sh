@@ -14,9 +14,7 @@ t0=$(date +%s)
 cat $PIECES | xz -dc | tar x || { echo "gpu-device-run: could not unpack the payload ($(echo $PIECES | wc -w) pieces; were the earlier ones copied?)" >&2; exit 3; }
 echo "unpacked in $(( $(date +%s) - t0 )) s"
 export NODE=$PWD/gpu/node
-python3 -c 'import nvidia,os;print("\n".join(os.path.join(p,d,"lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p,d,"lib"))))' > /tmp/wheel-libs 2>/dev/null || true
-WHEEL_LIBS=$(paste -sd: /tmp/wheel-libs)
-export LD_LIBRARY_PATH="${WHEEL_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. scripts/cuda-wheel-libs.sh
 echo "CUDA provider's libraries:"
 ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
 if [ "${BENCH:-0}" = 1 ]; then
