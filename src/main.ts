@@ -27,11 +27,12 @@ async function main(): Promise<void> {
   const workers = spawnWorkers(cfg);
   const s3 = cfg.storageUri?.startsWith('s3://') === true;
   // A committed cache entry for an s3:// model: the workers start its tokenizers and sessions at once, before the
-  // runtime, the logger and the AWS SDK load (the runtime checks the entry against S3 before warm-up).
+  // runtime and the logger load (the runtime checks the entry against S3 before warm-up).
   const early = s3 ? await announceCommitted(cfg, workers) : undefined;
   const { createLogger } = await import('./log.js');
   const log = createLogger(cfg.logLevel);
-  // The S3 listing and first GETs go out as soon as the AWS SDK has loaded, while the runtime's code loads.
+  // The S3 listing goes out now, while the runtime's code loads: without the AWS SDK where s3-lite covers the bucket
+  // (a cache hit then never loads the SDK); a miss loads the SDK for its GETs meanwhile.
   const fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
   const { Runtime } = await import('./runtime/runtime.js');
   // performance.now() counts from process start, so 0 is "the process started".

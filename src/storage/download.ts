@@ -13,7 +13,7 @@ import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
 import { type Journal, type JournalFile, PARTIAL, saveJournal } from './cache.js';
 import { backoffMs, type Part, planParts } from './plan.js';
-import { classify, permanentError, type RemoteObject } from './s3.js';
+import { classify, permanentError, type RemoteObject } from './s3-errors.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
 export interface StorageIo {

@@ -4,7 +4,6 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import type { S3Client } from '@aws-sdk/client-s3';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -12,10 +11,12 @@ import {
   type Journal, type Manifest, fsyncDir, manifestFilesPresent, readJournal, readManifest, removeJournal, saveJournal, sweep, uncommit, walk,
   writeManifest, PARTIAL,
 } from './cache.js';
-import { defaultIo, downloadAll, ObjectChangedError, type StorageIo } from './download.js';
+import type { StorageIo } from './download.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
-import { classify, createS3, listPrefix, permanentError, type RemoteObject } from './s3.js';
+import { classify, permanentError, type RemoteObject } from './s3-errors.js';
+import { liteTarget, listPrefixLite, sdkMightDiffer, type LiteTarget } from './s3-lite.js';
+import type { S3Handle } from './s3.js';
 import { cacheKey, containedPath, parseStorageUri } from './uri.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
@@ -92,6 +93,10 @@ class S3Fetch {
   private readonly samples: Array<[number, number]> = [];
   private lastEmit = 0;
   private readonly signal: AbortSignal;
+  /** Set while listings go without the SDK (s3-lite.ts); cleared for good after an answer the SDK might not get. */
+  private lite: LiteTarget | undefined;
+  /** The AWS SDK and its client, imported on first need: a cache hit whose listing s3-lite did never loads it. */
+  private sdkClient: Promise<{ s3: typeof import('./s3.js'); handle: S3Handle }> | undefined;
 
   constructor(private readonly bucket: string, private readonly prefix: string, private readonly uri: string,
     private readonly o: ResolveOptions, private readonly t0: number) {
@@ -104,14 +109,18 @@ class S3Fetch {
     await fsp.mkdir(cfg.cacheDir, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
       throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory ${cfg.cacheDir}: ${e.code ?? e.message}`, { cause: e });
     });
-    const s3 = createS3(cfg.s3);
+    try {
+      this.lite = liteTarget(cfg.s3, this.bucket);
+    } catch {
+      this.lite = undefined; // an unreadable CA bundle: the SDK reports it
+    }
     try {
       this.emit('resolving', true);
       let listing: RemoteObject[] | undefined;
       const cached = await readManifest(this.entry);
       if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
         try {
-          listing = await this.list(s3.client, 2, this.o.hitCheckTimeoutMs ?? 5_000);
+          listing = await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
           if (this.signal.aborted) throw e;
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
@@ -121,7 +130,9 @@ class S3Fetch {
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
-      listing ??= await this.list(s3.client, cfg.s3.maxAttempts, 60_000);
+      // Filling needs the SDK for its ranged GETs: it loads while the listing is in flight.
+      this.sdk().catch(() => undefined);
+      listing ??= await this.listing(cfg.s3.maxAttempts, 60_000);
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
         throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
@@ -145,7 +156,7 @@ class S3Fetch {
       try {
         const m = await readManifest(this.entry);
         if (m && sameObjects(m, want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
-        return await this.fill(s3.client, want, AbortSignal.any([this.signal, lock.lost]));
+        return await this.fill(want, AbortSignal.any([this.signal, lock.lost]));
       } finally {
         await lock.release();
       }
@@ -155,14 +166,35 @@ class S3Fetch {
       }
       throw e;
     } finally {
-      s3.destroy();
+      if (this.sdkClient) (await this.sdkClient.catch(() => undefined))?.handle.destroy();
     }
   }
 
-  private async list(client: S3Client, attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
+  private sdk(): Promise<{ s3: typeof import('./s3.js'); handle: S3Handle }> {
+    return (this.sdkClient ??= import('./s3.js').then((s3) => ({ s3, handle: s3.createS3(this.o.cfg.s3) })));
+  }
+
+  /** Lists through s3-lite while it covers this bucket, else through the SDK; an answer s3-lite may have caused moves it to the SDK. */
+  private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
+    const lite = this.lite;
+    if (lite) {
+      try {
+        return await this.list((signal) => listPrefixLite(lite, this.prefix, signal), attempts, timeoutMs);
+      } catch (e) {
+        // Denied, missing, 5xx or no answer at all: the SDK would meet the same.
+        if (this.signal.aborted || !sdkMightDiffer((e as Error).cause)) throw e;
+        this.lite = undefined;
+        this.o.log.info({ reason: (e as Error).message }, 'S3 refused the SDK-free listing; listing through the AWS SDK');
+      }
+    }
+    const { s3, handle } = await this.sdk();
+    return this.list((signal) => s3.listPrefix(handle.client, this.bucket, this.prefix, signal), attempts, timeoutMs);
+  }
+
+  private async list(listOnce: (signal: AbortSignal) => Promise<RemoteObject[]>, attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await listPrefix(client, this.bucket, this.prefix, AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]));
+        return await listOnce(AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]));
       } catch (e) {
         this.signal.throwIfAborted();
         const kind = classify(e);
@@ -181,8 +213,10 @@ class S3Fetch {
     return { dir: this.entry, fromCache: true, bytes: m.bytes, files: m.files.length, seconds: this.elapsed(), source: 's3', ...(stale ? { stale } : {}) };
   }
 
-  private async fill(client: S3Client, initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
+  private async fill(initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
+    const [{ handle }, { defaultIo, downloadAll, ObjectChangedError }] = await Promise.all([this.sdk(), import('./download.js')]);
+    const client = handle.client;
     await fsp.mkdir(this.entry, { recursive: true });
     const journal: Journal = await readJournal(this.entry);
     // A committed entry being refreshed: its files count as complete downloads of their ETags.
@@ -244,7 +278,7 @@ class S3Fetch {
         if (e instanceof RuntimeError && e.code === 'NO_SPACE') await this.dropPartials(journal);
         if (!(e instanceof ObjectChangedError)) throw e;
         log.warn({ key: e.key }, 'object changed during the download; listing again');
-        listing = await this.list(client, cfg.s3.maxAttempts, 60_000);
+        listing = await this.listing(cfg.s3.maxAttempts, 60_000);
         continue;
       }
       // Sizes were checked per file and every response's ETag against the listing. A fresh listing after the
@@ -252,7 +286,7 @@ class S3Fetch {
       // can tear a read whose headers were already sent), at the cost of one round trip.
       this.emit('verifying', true);
       if (!report.etagsChecked) log.warn({ uri: this.uri }, 'the store sent no ETag with some ranges; relying on the final listing');
-      const now = fetch.length === 0 ? listing : await this.list(client, cfg.s3.maxAttempts, 60_000);
+      const now = fetch.length === 0 ? listing : await this.listing(cfg.s3.maxAttempts, 60_000);
       const changed = now.length !== listing.length || now.some((x, i) => x.rel !== listing[i]!.rel || x.etag !== listing[i]!.etag || x.size !== listing[i]!.size);
       if (changed) {
         log.warn({ uri: this.uri }, 'objects changed while downloading; fetching the changes');

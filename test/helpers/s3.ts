@@ -78,6 +78,8 @@ export interface Faults {
   bytesPerSecond?: number;
   /** Hold every ListObjectsV2 request this long before forwarding it. */
   listDelayMs?: number;
+  /** Answer the next this-many ListObjectsV2 requests 403 SignatureDoesNotMatch. */
+  badSignatureLists?: number;
 }
 
 export interface FaultProxy {
@@ -89,6 +91,7 @@ export interface FaultProxy {
 }
 
 const DENIED = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>1</RequestId></Error>';
+const BAD_SIGNATURE = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match</Message><StringToSign>AWS4-HMAC-SHA256 secret-ish</StringToSign></Error>';
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
@@ -106,6 +109,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
     const isGet = req.method === 'GET' && !isList;
     if (isList) stats.lists++;
+    if (isList && (f.badSignatureLists ?? 0) > 0) {
+      f.badSignatureLists!--;
+      req.resume();
+      res.writeHead(403, { 'content-type': 'application/xml' }).end(BAD_SIGNATURE);
+      return;
+    }
     if (isGet) {
       stats.gets++;
       if (req.headers.range) stats.rangedGets++;

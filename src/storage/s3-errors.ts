@@ -1,0 +1,74 @@
+/**
+ * @module What an S3 failure means, without the AWS SDK: classification into retry / denied / missing / changed, and
+ * the RuntimeError an operator reads. Shared by the SDK client (s3.ts) and the SDK-free listing (s3-lite.ts).
+ */
+import { RuntimeError } from '../errors.js';
+import { RETRY } from './plan.js';
+
+export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'fatal';
+
+interface SdkLikeError {
+  name?: string;
+  code?: string;
+  Code?: string;
+  $metadata?: { httpStatusCode?: number };
+  $response?: { statusCode?: number };
+  cause?: unknown;
+}
+
+export function errorStatus(err: unknown): number | undefined {
+  const e = err as SdkLikeError | undefined;
+  return e?.$metadata?.httpStatusCode ?? e?.$response?.statusCode;
+}
+
+/** Sorts an error into what the reader does next. Callers branch on the kind, never on message text. */
+export function classify(err: unknown): ErrorKind {
+  if (err instanceof RuntimeError) {
+    if (err.code === 'STORAGE_DENIED') return 'denied';
+    if (err.code === 'STORAGE_MISSING') return 'missing';
+    if (err.code === 'STORAGE_TRANSIENT') return 'transient';
+    if (err.code === 'CANCELLED') return 'aborted';
+    return 'fatal';
+  }
+  const e = (err ?? {}) as SdkLikeError;
+  const name = e.name ?? '';
+  const code = e.code ?? e.Code ?? '';
+  const status = errorStatus(err);
+  if (name === 'AbortError' || code === 'ABORT_ERR') return 'aborted';
+  if (status === 412 || name === 'PreconditionFailed' || code === 'ETAG_CHANGED') return 'changed';
+  if (status === 403 || RETRY.denied.includes(name) || RETRY.denied.includes(code)) return 'denied';
+  if ((status === 404 && name !== 'RequestTimeout') || RETRY.missing.includes(name) || RETRY.missing.includes(code)) return 'missing';
+  if ((status !== undefined && RETRY.statuses.includes(status)) || RETRY.codes.includes(name) || RETRY.codes.includes(code)) return 'transient';
+  if (status !== undefined && status >= 400 && status < 500) return 'fatal';
+  // No HTTP status: a socket-level failure (reset, refused, TLS hiccup) that a new connection may fix.
+  return 'transient';
+}
+
+/** A RuntimeError naming bucket and key (never credentials) for an error that retrying cannot fix. */
+export function permanentError(err: unknown, bucket: string, key: string | undefined, action: string): RuntimeError {
+  const e = (err ?? {}) as SdkLikeError;
+  const kind = classify(err);
+  const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
+  const s3code = e.name && e.name !== 'Error' ? e.name : e.code ?? `HTTP ${errorStatus(err) ?? '?'}`;
+  if (kind === 'denied') {
+    const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
+      ? 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the data connection secret)'
+      : 'check the credentials and the bucket policy';
+    return new RuntimeError('STORAGE_DENIED', `access denied to ${action} ${where} (${s3code}); ${hint}`, { cause: err });
+  }
+  if (kind === 'missing') {
+    const what = s3code === 'NoSuchBucket' ? `bucket "${bucket}" does not exist` : `${where} does not exist`;
+    return new RuntimeError('STORAGE_MISSING', `cannot ${action}: ${what} (${s3code})`, { cause: err });
+  }
+  if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
+  return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
+}
+
+export interface RemoteObject {
+  /** Full S3 key. */
+  readonly key: string;
+  /** Path relative to the prefix, '/'-separated. */
+  readonly rel: string;
+  readonly size: number;
+  readonly etag: string;
+}

@@ -1,0 +1,230 @@
+/**
+ * @module ListObjectsV2 without the AWS SDK: Signature V4 over node:http(s), for static credentials from the
+ * environment. Importing @aws-sdk/client-s3 costs ~250 ms of CPU, and on a cache hit the only S3 call is the listing
+ * that proves the entry current; with this module a hit never loads the SDK, and a miss lists while the SDK loads.
+ *
+ * It covers the common case only. `liteTarget` returns undefined, and the SDK does the work, whenever the SDK might
+ * sign or route differently: credentials from a profile, a web identity or an instance role; FIPS or dual-stack
+ * endpoints; a custom endpoint addressed virtual-hosted or with a base path; AWS bucket names that are not plain DNS
+ * labels; China regions. An answer that may be this module's own doing (a signature complaint, a redirect, a 400) sends
+ * the listing to the SDK too (sdkMightDiffer, used by S3Fetch in index.ts), so a difference in signing shows up as a
+ * slower listing, never as a wrong answer.
+ */
+import { createHash, createHmac } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import type { S3Settings } from '../config.js';
+import type { RemoteObject } from './s3-errors.js';
+
+export interface LiteCredentials {
+  accessKeyId: string;
+  secretAccessKey: string;
+  sessionToken?: string;
+}
+
+/** Where and how to send listings for one bucket. */
+export interface LiteTarget {
+  /** scheme://host[:port] */
+  origin: string;
+  /** The bucket's path under the origin: `/bucket` (path-style) or '' (virtual-hosted). */
+  bucketPath: string;
+  region: string;
+  credentials: LiteCredentials;
+  tls: { rejectUnauthorized: boolean; ca?: Buffer };
+}
+
+/** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK lists. */
+const SDK_ONLY_ENV = ['AWS_PROFILE', 'AWS_USE_FIPS_ENDPOINT', 'AWS_USE_DUALSTACK_ENDPOINT', 'AWS_ENDPOINT_URL_S3', 'AWS_S3_US_EAST_1_REGIONAL_ENDPOINT'];
+/** A bucket name that is one DNS label, so `bucket.s3.region.amazonaws.com` matches AWS's wildcard certificate. */
+const DNS_LABEL_BUCKET = /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/;
+const REGION = /^[a-z]{2}(-[a-z]+)+-\d+$/;
+
+/** The target for `bucket`, or undefined when the SDK must do the listing (see the module comment). */
+export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.ProcessEnv = process.env): LiteTarget | undefined {
+  const accessKeyId = env.AWS_ACCESS_KEY_ID;
+  const secretAccessKey = env.AWS_SECRET_ACCESS_KEY;
+  // The SDK's default chain takes these two first, unless AWS_PROFILE is set (listed in SDK_ONLY_ENV).
+  if (!accessKeyId || !secretAccessKey) return undefined;
+  if (SDK_ONLY_ENV.some((k) => (env[k] ?? '') !== '')) return undefined;
+  const credentials: LiteCredentials = { accessKeyId, secretAccessKey, ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}) };
+  let origin: string;
+  let bucketPath: string;
+  if (s.endpoint !== undefined) {
+    const u = new URL(s.endpoint);
+    if (!s.forcePathStyle || (u.pathname !== '/' && u.pathname !== '') || u.search !== '' || u.username !== '') return undefined;
+    origin = u.origin;
+    bucketPath = `/${encodeRfc3986(bucket)}`;
+  } else {
+    if (!REGION.test(s.region) || s.region.startsWith('cn-')) return undefined;
+    if (s.forcePathStyle) {
+      origin = `https://s3.${s.region}.amazonaws.com`;
+      bucketPath = `/${encodeRfc3986(bucket)}`;
+    } else {
+      if (!DNS_LABEL_BUCKET.test(bucket)) return undefined;
+      origin = `https://${bucket}.s3.${s.region}.amazonaws.com`;
+      bucketPath = '';
+    }
+  }
+  return {
+    origin, bucketPath, region: s.region, credentials,
+    tls: { rejectUnauthorized: s.verifySsl, ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}) },
+  };
+}
+
+/** RFC 3986 percent-encoding, as SigV4 wants it: everything but A-Z a-z 0-9 - _ . ~ */
+export function encodeRfc3986(s: string): string {
+  return encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+}
+
+const sha256Hex = (s: string) => createHash('sha256').update(s, 'utf8').digest('hex');
+const hmac = (key: Buffer | string, s: string) => createHmac('sha256', key).update(s, 'utf8').digest();
+/** SHA-256 of an empty body: what a GET signs as its payload. */
+export const EMPTY_SHA256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
+
+export interface SignInput {
+  method: string;
+  /** Host header value: host[:port], the port only when it is not the scheme's default. */
+  host: string;
+  /** The request path, already percent-encoded (S3 signs it as sent, without encoding it twice). */
+  path: string;
+  query: ReadonlyArray<readonly [string, string]>;
+  region: string;
+  service?: string;
+  credentials: LiteCredentials;
+  now: Date;
+  payloadHash?: string;
+}
+
+/**
+ * AWS Signature Version 4 headers for a request with no body (the SigV4 "header-based auth" of S3's docs). Returns
+ * the headers to send, Authorization included, and the canonical query string the path must carry.
+ */
+export function signV4(r: SignInput): { headers: Record<string, string>; query: string } {
+  const service = r.service ?? 's3';
+  const amzDate = r.now.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}/, '');
+  const day = amzDate.slice(0, 8);
+  const payload = r.payloadHash ?? EMPTY_SHA256;
+  const query = r.query
+    .map(([k, v]) => [encodeRfc3986(k), encodeRfc3986(v)] as const)
+    .sort(([ak, av], [bk, bv]) => (ak < bk ? -1 : ak > bk ? 1 : av < bv ? -1 : av > bv ? 1 : 0))
+    .map(([k, v]) => `${k}=${v}`)
+    .join('&');
+  const headers: Record<string, string> = { host: r.host, 'x-amz-content-sha256': payload, 'x-amz-date': amzDate };
+  if (r.credentials.sessionToken !== undefined) headers['x-amz-security-token'] = r.credentials.sessionToken;
+  const names = Object.keys(headers).sort();
+  const canonical = [r.method, r.path || '/', query, ...names.map((n) => `${n}:${headers[n]!.trim().replace(/\s+/g, ' ')}`), '', names.join(';'), payload].join('\n');
+  const scope = `${day}/${r.region}/${service}/aws4_request`;
+  const toSign = ['AWS4-HMAC-SHA256', amzDate, scope, sha256Hex(canonical)].join('\n');
+  const key = hmac(hmac(hmac(hmac(`AWS4${r.credentials.secretAccessKey}`, day), r.region), service), 'aws4_request');
+  const signature = createHmac('sha256', key).update(toSign, 'utf8').digest('hex');
+  headers.authorization = `AWS4-HMAC-SHA256 Credential=${r.credentials.accessKeyId}/${scope}, SignedHeaders=${names.join(';')}, Signature=${signature}`;
+  return { headers, query };
+}
+
+/** An error response, shaped like the SDK's service errors so s3-errors.ts classifies both alike. */
+export class LiteHttpError extends Error {
+  readonly $metadata: { httpStatusCode: number };
+  constructor(status: number, code: string | undefined) {
+    super(`S3 answered HTTP ${status}${code ? ` ${code}` : ''} to the listing`);
+    this.name = code ?? `HTTP${status}`;
+    this.$metadata = { httpStatusCode: status };
+  }
+}
+
+/** Answers that may come from how this module signed or addressed the request, which the SDK might not get. */
+const SDK_MIGHT_DIFFER = new Set(['SignatureDoesNotMatch', 'AuthorizationHeaderMalformed', 'PermanentRedirect', 'TemporaryRedirect', 'InvalidRequest', 'MalformedListing', 'ListingTooLarge']);
+
+/**
+ * Whether the SDK should list after `err` from listPrefixLite: a redirect, a 400 or a signature complaint may be this
+ * module's doing. Denied credentials, a missing bucket or a 5xx the SDK would meet as well: those are final.
+ */
+export function sdkMightDiffer(err: unknown): boolean {
+  if (!(err instanceof LiteHttpError)) return false;
+  const status = err.$metadata.httpStatusCode;
+  return status === 301 || status === 307 || status === 400 || SDK_MIGHT_DIFFER.has(err.name);
+}
+
+const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
+/** The five XML entities and numeric character references, as an XML parser would decode them. */
+export function xmlText(s: string): string {
+  return s.replace(/&(#x[0-9a-fA-F]+|#[0-9]+|amp|lt|gt|quot|apos);/g, (_, e: string) =>
+    e[0] === '#' ? String.fromCodePoint(e[1] === 'x' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10)) : ENTITIES[e]!);
+}
+
+const tag = (xml: string, name: string): string | undefined => {
+  const m = new RegExp(`<${name}>([\\s\\S]*?)</${name}>`).exec(xml);
+  return m ? xmlText(m[1]!) : undefined;
+};
+
+export interface ListPage {
+  objects: Array<{ key: string; size: number; etag: string }>;
+  nextToken: string | undefined;
+}
+
+/** One ListBucketResult page. S3 writes it flat (no CDATA, no nested Contents), which is all this reads. */
+export function parseListPage(xml: string): ListPage {
+  if (!/<ListBucketResult[\s>]/.test(xml)) throw new LiteHttpError(200, 'MalformedListing');
+  const objects: ListPage['objects'] = [];
+  for (const m of xml.matchAll(/<Contents>([\s\S]*?)<\/Contents>/g)) {
+    const c = m[1]!;
+    const key = tag(c, 'Key');
+    if (key === undefined) continue;
+    objects.push({ key, size: Number(tag(c, 'Size') ?? 0), etag: tag(c, 'ETag') ?? '' });
+  }
+  const truncated = tag(xml, 'IsTruncated') === 'true';
+  return { objects, nextToken: truncated ? tag(xml, 'NextContinuationToken') : undefined };
+}
+
+/** Largest listing page read (1000 keys take ~300 KB). */
+const MAX_PAGE_BYTES = 16 * 1024 * 1024;
+
+function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
+  const u = new URL(t.origin);
+  const { headers, query: qs } = signV4({ method: 'GET', host: u.host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: new Date() });
+  const secure = u.protocol === 'https:';
+  const opts: https.RequestOptions = {
+    method: 'GET', hostname: u.hostname, port: u.port || (secure ? 443 : 80), path: `${t.bucketPath || '/'}?${qs}`, headers,
+    ...(signal ? { signal } : {}),
+    ...(secure ? { rejectUnauthorized: t.tls.rejectUnauthorized, ...(t.tls.ca ? { ca: t.tls.ca } : {}) } : {}),
+  };
+  return new Promise((resolve, reject) => {
+    const req = (secure ? https : http).request(opts, (res) => {
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      res.on('data', (c: Buffer) => {
+        bytes += c.length;
+        if (bytes > MAX_PAGE_BYTES) req.destroy(new LiteHttpError(res.statusCode ?? 0, 'ListingTooLarge'));
+        else chunks.push(c);
+      });
+      res.on('end', () => {
+        const body = Buffer.concat(chunks).toString('utf8');
+        const status = res.statusCode ?? 0;
+        if (status === 200) resolve(body);
+        // The error's Code only: its other fields may echo the string that was signed.
+        else reject(new LiteHttpError(status, tag(body, 'Code')));
+      });
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** Every object under `prefix` (paginated), directory markers skipped, sorted by path: what s3.ts listPrefix returns. */
+export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: AbortSignal, pageSize = 1000): Promise<RemoteObject[]> {
+  const out: RemoteObject[] = [];
+  let token: string | undefined;
+  do {
+    const query: Array<[string, string]> = [['list-type', '2'], ['max-keys', String(pageSize)], ['prefix', prefix]];
+    if (token !== undefined) query.push(['continuation-token', token]);
+    const page = parseListPage(await getPage(t, query, signal));
+    for (const o of page.objects) {
+      if (o.key.endsWith('/')) continue;
+      out.push({ key: o.key, rel: o.key.slice(prefix.length), size: o.size, etag: o.etag });
+    }
+    token = page.nextToken;
+  } while (token !== undefined);
+  out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
+  return out;
+}
