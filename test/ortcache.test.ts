@@ -3,15 +3,15 @@
  * write leaves a graph, its weights and a key; the next start loads the copy with the same outputs; a changed source,
  * a broken copy, a read-only folder or a folder outside a cache entry never fail a session.
  */
-import { chmod, cp, readdir, rm, utimes, writeFile } from 'node:fs/promises';
+import { chmod, cp, readFile, readdir, rm, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sessionOptions } from '../src/pipeline/onnx.js';
-import { createWithOptimizedCache, optimizedPaths, removeWriterTemps, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
+import { createWithOptimizedCache, optimizedPaths, removeWriterTemps, worthKeeping, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
 import { MANIFEST } from '../src/storage/cache.js';
 import { fixtureModel } from './fixtures/index.js';
-import { tempDir } from './helpers/server.js';
+import { SHARED, tempDir } from './helpers/server.js';
 
 const OPTS = sessionOptions('cpu', { intraOpThreads: 1 });
 const VERSION = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
@@ -25,10 +25,11 @@ beforeAll(async () => {
 });
 afterAll(() => scratch.cleanup());
 
-/** A fresh cache entry (manifest at its root) holding the demo UNet. */
-async function entry(name: string): Promise<string> {
+/** A fresh cache entry (manifest at its root) holding the demo UNet, or the UNet of another model folder. */
+async function entry(name: string, from = source): Promise<string> {
   const root = path.join(scratch.dir, name);
-  await cp(path.join(source, 'unet'), path.join(root, 'unet'), { recursive: true });
+  await cp(path.join(from, 'unet'), path.join(root, 'unet'), { recursive: true });
+  await chmod(path.join(root, 'unet'), 0o755); // the shared reference model is read-only
   await writeFile(path.join(root, MANIFEST), '{}\n');
   return path.join(root, 'unet', 'model.onnx');
 }
@@ -56,7 +57,7 @@ describe('optimized-model cache', () => {
     await first.session.release();
 
     const logs: string[] = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg) => logs.push(msg), 'auto')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg) => logs.push(msg), 'always')).toBe('written');
     expect(logs).toContain('optimized model cached for the next start');
     const files = await optFiles(model);
     const p = optimizedPaths(model, VERSION, 'cpu');
@@ -75,7 +76,7 @@ describe('optimized-model cache', () => {
 
   it('a changed source invalidates the copy', async () => {
     const model = await entry('changed');
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('written');
     const before = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
     expect(before.cache).toBe('hit');
     await before.session.release();
@@ -88,7 +89,7 @@ describe('optimized-model cache', () => {
 
   it('a broken copy falls back to the source and drops its key', async () => {
     const model = await entry('broken');
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('written');
     const p = optimizedPaths(model, VERSION, 'cpu');
     await writeFile(p.onnx, 'not a protobuf');
     const warns: string[] = [];
@@ -102,7 +103,7 @@ describe('optimized-model cache', () => {
   it('a killed writer leaves nothing half-written, and a copy it committed stays', async () => {
     const model = await entry('killed');
     const announced: string[] = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto', (paths) => announced.push(...paths))).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always', (paths) => announced.push(...paths))).toBe('written');
     // As if a second write had started and been killed: its temp graph and weights exist, nothing refers to them.
     const dir = path.dirname(model);
     const orphans = [path.join(dir, 'model.x.cpu.opt.onnx.tmp-99-ab'), path.join(dir, 'model.x.cpu.opt.99-ab.onnx_data')];
@@ -151,5 +152,57 @@ describe('optimized-model cache', () => {
     const always = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, 'always');
     expect(always.cache).toBe('deferred');
     await always.session.release();
+  });
+
+  it('keeps a copy only when it loads clearly faster than the source builds', () => {
+    expect(worthKeeping({ sourceMs: 145, copyMs: 85 })).toBe(true);
+    expect(worthKeeping({ sourceMs: 42, copyMs: 21 })).toBe(true);
+    // A few milliseconds either way: not worth a second copy of the weights and a slower first run.
+    expect(worthKeeping({ sourceMs: 8, copyMs: 3 })).toBe(false);
+    // 20 ms saved of 2 s is noise.
+    expect(worthKeeping({ sourceMs: 2000, copyMs: 1980 })).toBe(false);
+    expect(worthKeeping({ sourceMs: 30, copyMs: 40 })).toBe(false);
+  });
+
+  it('auto times the copy: one that does not load faster is declined, and stays so until the source changes', async () => {
+    // The demo UNet is a handful of nodes: its source builds in milliseconds, so a copy cannot save 20 ms.
+    const model = await entry('declined');
+    const logs: Array<[string, Record<string, unknown>]> = [];
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), 'auto')).toBe('declined');
+    const [msg, obj] = logs.at(-1)!;
+    expect(msg).toBe('optimized model not kept: it does not load faster than the source builds');
+    expect(obj.sourceMs).toBeTypeOf('number');
+    expect(obj.copyMs).toBeTypeOf('number');
+    // Only the key is left, saying why; no graph, no weights, no temp.
+    const p = optimizedPaths(model, VERSION, 'cpu');
+    expect(await optFiles(model)).toEqual([path.basename(p.key)]);
+    const key = JSON.parse(await readFile(p.key, 'utf8')) as { declined?: { sourceMs: number; copyMs: number } };
+    expect(key.declined).toEqual({ sourceMs: obj.sourceMs, copyMs: obj.copyMs });
+
+    // Later starts load the source and defer nothing; the writer does not time it again.
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(r.cache).toBe('declined');
+    await r.session.release();
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('declined');
+    // `always` does not time copies: the declined key is its answer too (the source has not changed).
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('declined');
+
+    const later = new Date(Date.now() + 60_000);
+    await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
+    const changed = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(changed.cache).toBe('deferred');
+    await changed.session.release();
+  });
+
+  it('auto keeps the copy of a real UNet, whose optimisation takes time', async () => {
+    // The tiny real SD 1.x export (../shared/reference/e2e): its UNet builds in ~145 ms from the source, ~85 ms from a copy.
+    const model = await entry('real-unet', path.join(SHARED, 'reference', 'e2e', 'model'));
+    const logs: Array<[string, Record<string, unknown>]> = [];
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), 'auto')).toBe('written');
+    const obj = logs.find(([m]) => m === 'optimized model cached for the next start')![1];
+    expect(Number(obj.copyMs)).toBeLessThan(Number(obj.sourceMs));
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(r.cache).toBe('hit');
+    await r.session.release();
   });
 });

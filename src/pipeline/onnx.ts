@@ -179,7 +179,7 @@ export class SessionFactory {
     return run;
   }
 
-  /** What the optimized-model cache did per model path ('hit', 'deferred', 'skipped', 'failed'), for logs and benchmarks. */
+  /** What the optimized-model cache did per model path ('hit', 'deferred', 'declined', 'skipped', 'failed'), for logs and benchmarks. */
   readonly cacheOutcomes: Record<string, CacheOutcome> = {};
   /** Sessions loaded from a source whose optimised copy is worth writing after ready (see optimizer.ts). */
   readonly deferredWrites: OptimizeItem[] = [];

@@ -17,6 +17,11 @@
  * Only sources up to MAX_SOURCE_BYTES are copied (the write is slow and doubles the space); larger ones load as before.
  * A start never writes: sessions come from the source, and the copy is written afterwards in the background (the
  * runtime does it after ready, see src/pipeline/optimizer.ts), so only later starts are faster.
+ *
+ * Under `auto` the writer keeps a copy only if it loads measurably faster than the source builds (worthKeeping). A
+ * graph of few, large nodes optimises in milliseconds, and a session from its copy ran its first generation slower
+ * (300 MB benchmark model: +90 ms); then the key is written with `declined` and no graph, and later starts load the
+ * source without deferring another write, until the source or ORT changes.
  */
 import { randomBytes } from 'node:crypto';
 import { constants, promises as fsp } from 'node:fs';
@@ -29,8 +34,11 @@ import { JOURNAL, MANIFEST } from '../storage/cache.js';
 type Ort = typeof OrtModule;
 type Log = (level: 'info' | 'warn', msg: string, obj?: object) => void;
 
-/** `deferred`: loaded from the source; the optimised copy is worth writing later (writeOptimizedCopy). */
-export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'skipped' | 'failed';
+/**
+ * `deferred`: loaded from the source; the optimised copy is worth writing later (writeOptimizedCopy). `declined`: a
+ * copy was timed and did not load faster than the source builds, so none is kept (see worthKeeping).
+ */
+export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'declined' | 'skipped' | 'failed';
 
 /**
  * `auto`: only inside a model cache entry the runtime filled (its folder holds the entry's manifest or download
@@ -57,6 +65,31 @@ interface CacheKey {
   level: string;
   cpu: string;
   sources: SourceFile[];
+}
+
+/** What the key file holds: the key, plus the timings when the copy was declined (there is no graph then). */
+interface StoredKey extends CacheKey {
+  declined?: { sourceMs: number; copyMs: number };
+}
+
+/** Session builds (best of a few) of the source at level `all` and of its optimised copy with optimisation off. */
+export interface BuildTimes {
+  sourceMs: number;
+  copyMs: number;
+}
+
+/** A copy must save at least this much of the source's build time, in milliseconds and as a fraction of it. */
+export const KEEP_MIN_GAIN_MS = 20;
+export const KEEP_MIN_GAIN_FRACTION = 0.25;
+
+/**
+ * Whether a copy is worth loading instead of the source. Measured on this machine: the tiny real SD 1.x export's UNet
+ * builds in ~145 ms from its source and ~85 ms from its copy (kept); the 300 MB benchmark model's components build in
+ * 3-8 ms either way, and its copies made the first generation ~90 ms slower (declined).
+ */
+export function worthKeeping(t: BuildTimes): boolean {
+  const gain = t.sourceMs - t.copyMs;
+  return gain >= KEEP_MIN_GAIN_MS && gain >= KEEP_MIN_GAIN_FRACTION * t.sourceMs;
 }
 
 /**
@@ -93,7 +126,9 @@ export async function createWithOptimizedCache(
   const plan = await planCache(ort, modelPath, provider, options, mode);
   if (plan.kind === 'off') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
   const { p, key } = plan;
-  if (await keyMatches(p.key, key)) {
+  const stored = await storedKey(p.key, key);
+  if (stored === 'declined') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'declined' };
+  if (stored === 'copy') {
     let reason: string;
     try {
       // The graph is optimised already: running the optimisers again would only cost start-up time.
@@ -116,8 +151,9 @@ export async function createWithOptimizedCache(
 
 /**
  * Writes the optimised copy of `modelPath` (the work `createWithOptimizedCache` deferred): a throwaway session with
- * `optimizedModelFilePath`, released at once, then the commit. Meant for a background thread after ready; a crash or
- * kill part-way leaves temp files that a later write sweeps, never a key without its graph.
+ * `optimizedModelFilePath`, released at once, then (under `auto`) the timing that decides whether it is kept, then the
+ * commit. Meant for a background process after ready; a crash or kill part-way leaves temp files that a later write
+ * sweeps, never a key without its graph (a `declined` key says on purpose that there is none).
  */
 export async function writeOptimizedCopy(
   ort: Ort,
@@ -133,7 +169,8 @@ export async function writeOptimizedCopy(
   if (plan.kind === 'off') return 'skipped';
   const { p, key } = plan;
   const component = path.basename(p.dir);
-  if (await keyMatches(p.key, key)) return 'hit'; // another process wrote it meanwhile
+  const stored = await storedKey(p.key, key);
+  if (stored !== 'none') return stored === 'copy' ? 'hit' : 'declined'; // another process decided meanwhile
   if (!(await worthWriting(key, p.dir))) return 'skipped';
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const tmpOnnx = path.join(p.dir, `${p.stem}.onnx.tmp-${tag}`);
@@ -155,11 +192,20 @@ export async function writeOptimizedCopy(
       },
     });
     await session.release();
+    // `always` keeps every copy (benchmarks, CUDA); `auto` keeps only one that loads faster than the source builds.
+    const times = mode === 'always' ? undefined : await buildTimes(ort, modelPath, tmpOnnx, options);
     // The source may have been replaced while ORT read it: then this copy belongs to no key.
     if (JSON.stringify(await currentKey(p.dir, key.ort, key.provider, key.level)) !== JSON.stringify(key)) throw new Error('the source changed while it was optimised');
+    if (times && !worthKeeping(times)) {
+      await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
+      await commitDeclined(p, { ...key, declined: { sourceMs: round1(times.sourceMs), copyMs: round1(times.copyMs) } });
+      await sweepStale(p, '');
+      log?.('info', 'optimized model not kept: it does not load faster than the source builds', { component, sourceMs: round1(times.sourceMs), copyMs: round1(times.copyMs) });
+      return 'declined';
+    }
     await commit(p, tmpOnnx, path.join(p.dir, dataName), key);
     await sweepStale(p, dataName);
-    log?.('info', 'optimized model cached for the next start', { component, file: path.basename(p.onnx), ms: Math.round(performance.now() - t0) });
+    log?.('info', 'optimized model cached for the next start', { component, file: path.basename(p.onnx), ms: Math.round(performance.now() - t0), ...(times ? { sourceMs: round1(times.sourceMs), copyMs: round1(times.copyMs) } : {}) });
     return 'written';
   } catch (err) {
     await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
@@ -209,14 +255,39 @@ function cpuTag(provider: string): string {
   return `${process.arch} ${c?.model ?? 'unknown'}`;
 }
 
-async function keyMatches(file: string, want: CacheKey): Promise<boolean> {
+/** What the key file says for `want`: a copy to load, a declined copy, or nothing that matches. */
+async function storedKey(file: string, want: CacheKey): Promise<'copy' | 'declined' | 'none'> {
   try {
-    const got = JSON.parse(await fsp.readFile(file, 'utf8')) as CacheKey;
-    return JSON.stringify(got) === JSON.stringify(want);
+    const { declined, ...got } = JSON.parse(await fsp.readFile(file, 'utf8')) as StoredKey;
+    if (JSON.stringify(got) !== JSON.stringify(want)) return 'none';
+    return declined === undefined ? 'copy' : 'declined';
   } catch {
-    return false;
+    return 'none';
   }
 }
+
+/**
+ * Times session builds from the source and from the copy at `copyPath`. Best of three (one when the source takes
+ * over half a second: the noise is small next to it), alternating, so a burst of load on the machine hits both.
+ */
+async function buildTimes(ort: Ort, modelPath: string, copyPath: string, options: InferenceSession.SessionOptions): Promise<BuildTimes> {
+  const time = async (file: string, o: InferenceSession.SessionOptions) => {
+    const t0 = performance.now();
+    const s = await ort.InferenceSession.create(file, o);
+    const ms = performance.now() - t0;
+    await s.release();
+    return ms;
+  };
+  let sourceMs = Infinity;
+  let copyMs = Infinity;
+  for (let i = 0; i < 3 && (i === 0 || sourceMs < 500); i++) {
+    sourceMs = Math.min(sourceMs, await time(modelPath, options));
+    copyMs = Math.min(copyMs, await time(copyPath, { ...options, graphOptimizationLevel: 'disabled' }));
+  }
+  return { sourceMs, copyMs };
+}
+
+const round1 = (ms: number) => Math.round(ms * 10) / 10;
 
 /** A folder of the PVC cache: the S3 reader's manifest (committed) or journal (filling) sits at its root. */
 async function isCacheEntry(modelRoot: string): Promise<boolean> {
@@ -245,6 +316,11 @@ async function commit(p: ReturnType<typeof optimizedPaths>, tmpOnnx: string, dat
   });
   await fsp.rm(p.key, { force: true });
   await fsp.rename(tmpOnnx, p.onnx);
+  await writeKey(p, key);
+}
+
+/** The key, written last (tmp + rename), then the folder synced: the commit point of a copy or of a declined one. */
+async function writeKey(p: ReturnType<typeof optimizedPaths>, key: StoredKey): Promise<void> {
   const tmpKey = `${p.key}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   await fsp.writeFile(tmpKey, `${JSON.stringify(key)}\n`);
   await fsyncFile(tmpKey);
@@ -255,6 +331,13 @@ async function commit(p: ReturnType<typeof optimizedPaths>, tmpOnnx: string, dat
   } finally {
     await dh.close();
   }
+}
+
+/** A key that says the copy was timed and not kept: written like a real key (tmp + rename), with no graph beside it. */
+async function commitDeclined(p: ReturnType<typeof optimizedPaths>, key: StoredKey): Promise<void> {
+  await fsp.rm(p.key, { force: true });
+  await fsp.rm(p.onnx, { force: true });
+  await writeKey(p, key);
 }
 
 /**
