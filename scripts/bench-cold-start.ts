@@ -90,14 +90,16 @@ interface ServerRun {
   listenLogMs: number;
   phases: Record<string, number>;
   sessions: Record<string, number>;
+  /** onnxruntime-node's import in the pipeline worker; sharp's on the main thread. */
   importMs: number;
+  sharpMs: number;
   warmupMs: number;
   optCache: string[];
   /** Spawn-relative ms of the boot's landmark log lines (server clock). */
   timeline: Array<[number, string]>;
 }
 
-const LANDMARKS = ['listening', 'onnxruntime-node and sharp imported', 'model files ready', 'onnx session created', 'warm-up generation done', 'model ready'];
+const LANDMARKS = ['listening', 'onnxruntime-node imported', 'sharp imported', 'model files ready', 'onnx session created', 'warm-up generation done', 'model ready'];
 
 /**
  * Spawns the server, polls liveness every ~2 ms, then readiness every ~20 ms over one keep-alive connection (Knative's
@@ -155,7 +157,8 @@ async function serverRun(env: NodeJS.ProcessEnv, opts: { waitForWriter?: boolean
         .filter((l) => l.line.time !== undefined && (LANDMARKS.includes(String(l.line.msg)) || String(l.line.msg).startsWith('boot ')))
         .map((l) => [Date.parse(String(l.line.time)) - spawnedEpoch, `${String(l.line.msg)}${l.line.component ? ` ${String(l.line.component)}` : ''}`]),
       phases, sessions,
-      importMs: Number(find('onnxruntime-node and sharp imported')?.ms ?? NaN),
+      importMs: Number(find('onnxruntime-node imported')?.ms ?? NaN),
+      sharpMs: Number(find('sharp imported')?.ms ?? NaN),
       warmupMs: Number(find('warm-up generation done')?.ms ?? NaN),
       optCache,
     };
@@ -305,7 +308,7 @@ async function main(): Promise<void> {
       const pick = (f: (s: ServerRun) => number) => r0(median(runs.map((x) => f(sel(x)))));
       const comps = [...new Set(runs.flatMap((x) => Object.keys(sel(x).sessions)))];
       return `  ${pad(name, 12)} live ${pick((s) => s.livenessMs)} (listen log +${pick((s) => s.listenLogMs)}), phases ${['resolving', 'fetching', 'loading', 'warming'].map((p) => `${p} ${pick((s) => s.phases[p] ?? NaN)}`).join(', ')}; ` +
-        `ORT+sharp import ${pick((s) => s.importMs)}; sessions ${comps.map((c) => `${c} ${pick((s) => s.sessions[c] ?? NaN)}`).join(', ')}; warm-up ${pick((s) => s.warmupMs)}` +
+        `ORT import ${pick((s) => s.importMs)} (worker), sharp ${pick((s) => s.sharpMs)} (main); sessions ${comps.map((c) => `${c} ${pick((s) => s.sessions[c] ?? NaN)}`).join(', ')}; warm-up ${pick((s) => s.warmupMs)}` +
         `${sel(runs[0]!).optCache.length ? `; opt cache: ${sel(runs[0]!).optCache.join(', ')}` : ''}`;
     };
     lines.push(prof('miss', (x) => x.miss), prof('first hit', (x) => x.seqHit), prof('hit', (x) => x.hit));

@@ -1,5 +1,5 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
-import type { ExecutionProvider, OptimizedCacheMode, OutputFormat } from '../config.js';
+import type { ExecutionProvider, OptimizedCacheMode } from '../config.js';
 import type { ModelDefaults } from '../runtime/request.js';
 import type { Job } from './pipeline.js';
 
@@ -29,46 +29,43 @@ export type FromOptimizer =
   | { t: 'files'; paths: string[] }
   | { t: 'done'; outcomes: Record<string, string> };
 
-export interface EncodeOptions {
-  format: OutputFormat;
-  quality: number | undefined;
-}
-
 export type ToWorker =
   | { t: 'component'; component: string; path: string }
   | { t: 'tokenizer'; dir: string }
   | { t: 'load'; dir: string }
   /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
   | { t: 'reset' }
-  | { t: 'generate'; id: number; job: Job; output: EncodeOptions; previewEvery: number }
+  | { t: 'generate'; id: number; job: Job; previewEvery: number }
   | { t: 'cancel'; id: number }
   | { t: 'close' };
 
-export interface EncodedImage {
-  data: ArrayBuffer;
-  seed: number;
+/**
+ * Pixels as the worker hands them over (transferred, not copied): RGB, 3 bytes a pixel, row by row. The main thread
+ * encodes them (engine.ts), so sharp never loads in the worker and the worker starts its next generation at once.
+ */
+export interface RawImage {
+  rgb: ArrayBuffer;
   width: number;
   height: number;
-  format: OutputFormat;
 }
 
 export interface Times {
   textEncoderMs: number;
   denoiseMs: number;
   vaeMs: number;
-  encodeMs: number;
   steps: number;
 }
 
 export type FromWorker =
+  /** onnxruntime-node has loaded in the worker. */
   | { t: 'imported'; ms: number }
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
   | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string }
   /** `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready. */
   | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
   | { t: 'load-failed'; code: string; message: string }
-  /** `previews`: one low-resolution PNG per job item (its first image), when previews were asked for at this step. */
-  | { t: 'progress'; id: number; step: number; of: number; previews?: ArrayBuffer[] }
-  | { t: 'result'; id: number; images: EncodedImage[]; times: Times }
+  /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
+  | { t: 'progress'; id: number; step: number; of: number; previews?: RawImage[] }
+  | { t: 'result'; id: number; images: Array<RawImage & { seed: number }>; times: Times }
   | { t: 'error'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

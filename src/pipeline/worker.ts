@@ -1,16 +1,16 @@
 /**
  * @module Worker-thread entry: owns the ONNX sessions and runs generations. ORT's run blocks the
  * thread that calls it, so none of this may run on the main thread (liveness, probes, metrics).
+ * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work.
  */
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
-import { encodeImage, loadSharp } from './image.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type OnnxSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import { ClipTokenizer } from './tokenizer.js';
-import type { EncodedImage, FromWorker, ToWorker, WorkerInit } from './protocol.js';
+import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -19,10 +19,9 @@ const init = workerData as WorkerInit;
 const post = (m: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer);
 const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => post({ t: 'log', level, msg, obj: { worker: init.workerIndex, ...obj } });
 
-// Heavy native modules load now, in parallel with whatever the main thread is fetching.
+// ORT loads now, in parallel with whatever the main thread is fetching.
 const importStart = performance.now();
-// ORT first: sessions wait for it; sharp is only needed to encode the warm-up's image.
-const imported = loadOrt().then(() => loadSharp()).then(() => post({ t: 'imported', ms: performance.now() - importStart }));
+const imported = loadOrt().then(() => post({ t: 'imported', ms: performance.now() - importStart }));
 imported.catch(() => {}); // reported by the first session creation instead
 
 const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
@@ -98,8 +97,8 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> 
     const vsf = p.layout.vae.scaleFactor;
     const { images, times } = await p.generate(m.job, {
       cancelled: () => cancelled.has(id),
-      onStep: async (step, of, latents) => {
-        let previews: ArrayBuffer[] | undefined;
+      onStep: (step, of, latents) => {
+        let previews: RawImage[] | undefined;
         if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
           const h = height / vsf;
           const w = width / vsf;
@@ -108,23 +107,15 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> 
           // One preview per item (its first image), so each request of a batch watches its own latents.
           let image = 0;
           for (const item of m.job.items) {
-            const png = await encodeImage(latentPreview(latents.subarray(image * per, (image + 1) * per), h, w), w, h, 'png');
-            previews.push(png.buffer.slice(png.byteOffset, png.byteOffset + png.byteLength) as ArrayBuffer);
+            previews.push({ rgb: ownBuffer(latentPreview(latents.subarray(image * per, (image + 1) * per), h, w)), width: w, height: h });
             image += item.numImages;
           }
         }
-        post({ t: 'progress', id, step, of, ...(previews ? { previews } : {}) }, previews ?? []);
+        post({ t: 'progress', id, step, of, ...(previews ? { previews } : {}) }, previews?.map((p) => p.rgb) ?? []);
       },
     });
-    const t0 = performance.now();
-    const encoded: EncodedImage[] = [];
-    for (const img of images) {
-      const buf = await encodeImage(img.rgb, img.width, img.height, m.output.format, m.output.quality);
-      const data = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer;
-      encoded.push({ data, seed: img.seed, width: img.width, height: img.height, format: m.output.format });
-    }
-    const encodeMs = performance.now() - t0;
-    post({ t: 'result', id, images: encoded, times: { ...times, encodeMs } }, encoded.map((e) => e.data));
+    const raw = images.map((img) => ({ rgb: ownBuffer(img.rgb), width: img.width, height: img.height, seed: img.seed }));
+    post({ t: 'result', id, images: raw, times }, raw.map((r) => r.rgb));
   } catch (err) {
     const code = isRuntimeError(err) ? err.code : 'INTERNAL';
     if (!isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
@@ -132,6 +123,11 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> 
   } finally {
     cancelled.delete(id);
   }
+}
+
+/** The bytes of `a` as a buffer of their own, so transferring it moves nothing else. */
+function ownBuffer(a: Uint8Array): ArrayBuffer {
+  return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength ? (a.buffer as ArrayBuffer) : (a.slice().buffer as ArrayBuffer);
 }
 
 port.on('message', (m: ToWorker) => {

@@ -4,14 +4,17 @@
  *   submit() ──► pending (≤ MAX_QUEUE) ──► pump() ──► batch of compatible tasks (≤ MAX_BATCH_SIZE images)
  *                    │ client left: removed              │ idle worker: one generation at a time per worker
  *                    ▼                                   ▼
- *               CANCELLED                       worker thread (ORT sessions) ──► results split per task
+ *               CANCELLED                       worker thread (ORT sessions) ──► raw pixels
+ *                                                                                          │ worker takes its next batch
+ *                                                 encoded here (sharp, off this thread) ◄──┘ ──► results split per task
  */
 import type { Worker } from 'node:worker_threads';
-import type { Config } from '../config.js';
+import type { Config, OutputFormat } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import type { EncodedImage, FromWorker, OptimizeItem, Times, ToWorker } from '../pipeline/protocol.js';
+import { encodeImage } from '../pipeline/image.js';
+import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
 import { spawnWorkers, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 
@@ -21,9 +24,22 @@ export interface Progress {
   preview?: Buffer;
 }
 
+export interface EncodedImage {
+  data: ArrayBuffer;
+  seed: number;
+  width: number;
+  height: number;
+  format: OutputFormat;
+}
+
+/** The worker's stage times plus the encoding of the batch's images on this thread. */
+export interface RunTimes extends Times {
+  encodeMs: number;
+}
+
 export interface TaskResult {
   images: EncodedImage[];
-  times: Times;
+  times: RunTimes;
   /** Requests in the generation batch; 0 for a result-cache hit. */
   batchSize: number;
   queuedMs: number;
@@ -55,6 +71,9 @@ interface Running {
   id: number;
   tasks: Task[];
   startedAt: number;
+  output: GenerationRequest['output'];
+  /** Previews and the result are encoded and handed out in the order the worker sent them. */
+  delivery: Promise<void>;
 }
 
 class WorkerHandle {
@@ -89,6 +108,8 @@ export class Engine {
   #defaults: ModelDefaults | undefined;
   readonly #labels: { model_name: string };
   #idleWaiters: Array<() => void> = [];
+  /** Batches the workers have finished whose images are still being encoded here. */
+  #encoding = 0;
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -169,9 +190,9 @@ export class Engine {
     });
   }
 
-  /** Resolves when nothing is queued or running (used by the SIGTERM drain). */
+  /** Resolves when nothing is queued, running or being encoded (used by the SIGTERM drain). */
   idle(): Promise<void> {
-    if (this.#pending.length === 0 && this.busy === 0) return Promise.resolve();
+    if (this.#pending.length === 0 && this.busy === 0 && this.#encoding === 0) return Promise.resolve();
     return new Promise((r) => this.#idleWaiters.push(r));
   }
 
@@ -256,14 +277,13 @@ export class Engine {
     const id = this.#nextId++;
     const now = performance.now();
     for (const t of tasks) t.state = 'running';
-    worker.running = { id, tasks, startedAt: now };
+    worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve() };
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
     worker.send({
       t: 'generate',
       id,
       job: { shape: head.shape, items: tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages }))) },
-      output: { format: head.output.format, quality: head.output.quality },
       previewEvery: head.previewEvery,
     });
   }
@@ -299,48 +319,67 @@ export class Engine {
         break;
       }
       case 'progress': {
-        if (w.running?.id !== m.id) break;
-        let item = 0;
-        for (const t of w.running.tasks) {
-          const preview = m.previews?.[item];
-          item += t.req.items.length;
-          t.onProgress?.({ step: m.step, of: m.of, ...(preview ? { preview: Buffer.from(preview) } : {}) });
-        }
+        const run = w.running;
+        if (run?.id !== m.id) break;
+        const { step, of, previews } = m;
+        run.delivery = run.delivery.then(async () => {
+          const pngs = previews ? await Promise.all(previews.map((p) => encodeImage(new Uint8Array(p.rgb), p.width, p.height, 'png'))) : undefined;
+          let item = 0;
+          for (const t of run.tasks) {
+            const preview = pngs?.[item];
+            item += t.req.items.length;
+            if (t.state === 'running') t.onProgress?.({ step, of, ...(preview ? { preview } : {}) });
+          }
+        }).catch((err: unknown) => this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not encode a preview'));
         break;
       }
       case 'result':
       case 'error': {
         const run = w.running;
         if (run?.id !== m.id) break;
+        // The worker is free for the next batch while this one's images are encoded here.
         w.running = undefined;
-        const queuedMs = (t: Task) => run.startedAt - t.enqueuedAt;
-        if (m.t === 'error') {
-          const err = new RuntimeError(m.code as never, m.message);
-          for (const t of run.tasks) this.#finish(t, err);
-        } else {
-          const secs = (performance.now() - run.startedAt) / 1000;
-          this.#lastGenSeconds = secs;
-          const { times } = m;
-          const l = this.#labels;
-          this.metrics.stageDuration.observe({ ...l, stage: 'text_encoder' }, times.textEncoderMs / 1000);
-          this.metrics.stageDuration.observe({ ...l, stage: 'denoise' }, times.denoiseMs / 1000);
-          this.metrics.stageDuration.observe({ ...l, stage: 'vae_decoder' }, times.vaeMs / 1000);
-          this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, times.encodeMs / 1000);
-          this.metrics.steps.inc(l, times.steps);
-          if (times.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, times.steps / (times.denoiseMs / 1000));
-          this.metrics.images.inc(l, m.images.length);
-          let o = 0;
-          for (const t of run.tasks) {
-            const mine = m.images.slice(o, o + t.images);
-            o += t.images;
-            this.#finish(t, { images: mine, times, batchSize: run.tasks.length, queuedMs: queuedMs(t) });
-          }
-        }
+        this.#encoding++;
+        const settle = m.t === 'error' ? run.delivery.then(() => this.#fail(run, new RuntimeError(m.code as never, m.message))) : run.delivery.then(() => this.#deliver(run, m.images, m.times));
+        void settle
+          .catch((err: unknown) => this.#fail(run, new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
+          .finally(() => {
+            this.#encoding--;
+            this.#checkIdle();
+          });
         this.#pump();
-        this.#checkIdle();
         break;
       }
     }
+  }
+
+  async #deliver(run: Running, raw: Array<RawImage & { seed: number }>, times: Times): Promise<void> {
+    const { format, quality } = run.output;
+    const t0 = performance.now();
+    const images: EncodedImage[] = await Promise.all(raw.map(async (r) => {
+      const buf = await encodeImage(new Uint8Array(r.rgb), r.width, r.height, format, quality);
+      return { data: buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer, seed: r.seed, width: r.width, height: r.height, format };
+    }));
+    const all: RunTimes = { ...times, encodeMs: performance.now() - t0 };
+    this.#lastGenSeconds = (performance.now() - run.startedAt) / 1000;
+    const l = this.#labels;
+    this.metrics.stageDuration.observe({ ...l, stage: 'text_encoder' }, all.textEncoderMs / 1000);
+    this.metrics.stageDuration.observe({ ...l, stage: 'denoise' }, all.denoiseMs / 1000);
+    this.metrics.stageDuration.observe({ ...l, stage: 'vae_decoder' }, all.vaeMs / 1000);
+    this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, all.encodeMs / 1000);
+    this.metrics.steps.inc(l, all.steps);
+    if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));
+    this.metrics.images.inc(l, images.length);
+    let o = 0;
+    for (const t of run.tasks) {
+      const mine = images.slice(o, o + t.images);
+      o += t.images;
+      this.#finish(t, { images: mine, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt });
+    }
+  }
+
+  #fail(run: Running, err: Error): void {
+    for (const t of run.tasks) this.#finish(t, err);
   }
 
   #finish(t: Task, out: TaskResult | Error): void {
@@ -352,7 +391,7 @@ export class Engine {
   }
 
   #checkIdle(): void {
-    if (this.#pending.length === 0 && this.busy === 0) for (const r of this.#idleWaiters.splice(0)) r();
+    if (this.#pending.length === 0 && this.busy === 0 && this.#encoding === 0) for (const r of this.#idleWaiters.splice(0)) r();
   }
 
   #onWorkerDeath(w: WorkerHandle, err: Error): void {

@@ -2,7 +2,7 @@
  * @module The result cache (the seed's lru_cache, bounded in bytes): a repeated request with the same seed
  * and the same generation fields gets the same encoded bytes back without touching the device.
  */
-import type { EncodedImage } from '../pipeline/protocol.js';
+import type { EncodedImage } from './engine.js';
 import type { GenerationRequest } from './request.js';
 
 export interface ResultCache {

@@ -8,6 +8,7 @@ import { describeConfig } from '../config.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createMetrics, type Metrics } from '../metrics.js';
+import { loadSharp } from '../pipeline/image.js';
 import { registerRoutes } from '../server/app.js';
 import { listenBase, type BaseServer } from '../server/base.js';
 import type { ServerContext } from '../server/context.js';
@@ -61,7 +62,7 @@ export class Runtime {
     this.metrics = createMetrics();
     this.boot = new Boot(cfg.modelName, log, this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
-      onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node and sharp imported'),
+      onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
       onSession: (component, provider, ms, optimizedCache) => {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
@@ -104,7 +105,8 @@ export class Runtime {
   /** resolving → fetching → loading → warming → ready. Never throws: a failure becomes the `failed` state. */
   async start(): Promise<void> {
     const started = this.opts.startedAt ?? performance.now();
-    this.engine.start(this.opts.workers); // workers import ORT and sharp while we resolve and fetch
+    this.engine.start(this.opts.workers); // workers import ORT while we resolve and fetch
+    void this.#importSharp();
     try {
       const dir = await this.#resolveAndFetch();
       if (this.#stopping) return;
@@ -137,6 +139,20 @@ export class Runtime {
         await this.close(0);
         process.exitCode = 1;
       }
+    }
+  }
+
+  /**
+   * sharp encodes every image on this thread (engine.ts): it loads now, on this thread's core, while the workers
+   * import ORT and build sessions on theirs. A failure surfaces where an image is first encoded (the warm-up).
+   */
+  async #importSharp(): Promise<void> {
+    const t0 = performance.now();
+    try {
+      await loadSharp();
+      this.log.info({ ms: Math.round(performance.now() - t0) }, 'sharp imported');
+    } catch {
+      // reported by the first encode
     }
   }
 
