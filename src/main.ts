@@ -1,9 +1,9 @@
 /**
- * @module Entry: parse config, listen, start boot. Only uWebSockets.js and the config parser load
- * before the socket is open; logging, metrics and the runtime are imported after.
+ * @module Entry: parse config, start the pipeline workers, listen, start boot. Only the config parser, the worker
+ * spawner and uWebSockets.js load before the socket is open; logging, metrics and the runtime are imported after.
  */
 import { ConfigError, loadConfig, type Config } from './config.js';
-import { listenBase, type BaseServer } from './server/base.js';
+import type { BaseServer } from './server/base.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import type { CommittedEntry } from './storage/peek.js';
 
@@ -16,15 +16,16 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);
     process.exit(2);
   }
+  // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
+  // overlaps uWebSockets.js loading and the listen here, then the imports below.
+  const workers = spawnWorkers(cfg);
   let base: BaseServer;
   try {
-    base = await listenBase(cfg.host, cfg.port);
+    base = await (await import('./server/base.js')).listenBase(cfg.host, cfg.port);
   } catch (err) {
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
     process.exit(1);
   }
-  // The pipeline workers start now: their onnxruntime-node/sharp imports overlap ours below.
-  const workers = spawnWorkers(cfg);
   const s3 = cfg.storageUri?.startsWith('s3://') === true;
   // A committed cache entry for an s3:// model: the workers start its tokenizers and sessions at once, before the
   // runtime and the logger load (the runtime checks the entry against S3 before warm-up).
