@@ -130,7 +130,7 @@ export class Engine {
     return this.#workers.filter((w) => w.running).length;
   }
 
-  /** Spawns the workers; each starts importing onnxruntime-node and sharp at once. */
+  /** Spawns the workers (unless `main` did); each starts importing onnxruntime-node at once. */
   start(prespawned?: SpawnedWorker[]): void {
     if (this.#workers.length > 0) return;
     for (const [i, sw] of (prespawned ?? spawnWorkers(this.cfg)).entries()) {

@@ -1,6 +1,6 @@
 /**
  * @module Spawning pipeline worker threads. Kept apart from the engine so `main` can start the
- * workers right after listening: their onnxruntime-node and sharp imports then overlap the main
+ * workers before it even listens: their boot and onnxruntime-node import then overlap the main
  * thread's own imports instead of following them.
  */
 import { Worker } from 'node:worker_threads';
