@@ -179,10 +179,16 @@ describe('optimized-model cache', () => {
     const key = JSON.parse(await readFile(p.key, 'utf8')) as { declined?: { sourceMs: number; copyMs: number } };
     expect(key.declined).toEqual({ sourceMs: obj.sourceMs, copyMs: obj.copyMs });
 
-    // Later starts load the source and defer nothing; the writer does not time it again.
+    // Later starts load the source and defer nothing; the writer does not time it again. What a writer killed
+    // harder than SIGTERM left behind is swept there too, once old enough.
+    const orphan = path.join(path.dirname(model), `${p.stem}.99-dead.onnx_data`);
+    await writeFile(orphan, 'left by a killed writer');
+    const old = new Date(Date.now() - 3600_000);
+    await utimes(orphan, old, old);
     const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
     expect(r.cache).toBe('declined');
     await r.session.release();
+    await expect.poll(async () => (await optFiles(model)).includes(path.basename(orphan))).toBe(false);
     expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('declined');
     // `always` does not time copies: the declined key is its answer too (the source has not changed).
     expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('declined');

@@ -119,6 +119,9 @@ describe('when the SDK lists instead', () => {
     expect(liteTarget({ ...base, endpoint: 'http://127.0.0.1:9000/base' }, 'models', env)).toBeUndefined();
     expect(liteTarget(aws, 'my.bucket', env)).toBeUndefined();
     expect(liteTarget({ ...aws, region: 'cn-north-1' }, 'models', env)).toBeUndefined();
+    expect(liteTarget({ ...aws, region: 'us-iso-east-1' }, 'models', env)).toBeUndefined();
+    expect(liteTarget(aws, 'data--usw2-az1--x-s3', env)).toBeUndefined();
+    expect(liteTarget(base, 'models', { ...env, AWS_CONFIG_FILE: '/etc/aws/config' })).toBeUndefined();
   });
 });
 
@@ -167,10 +170,11 @@ describe('against s3rver', () => {
         : '<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>sd/a</Key><Size>1</Size><ETag>&quot;a&quot;</ETag></Contents></ListBucketResult>';
       res.writeHead(200, { 'content-type': 'application/xml' }).end(body);
     });
-    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    // On IPv6 loopback: the URL's brackets must not reach the socket.
+    await new Promise<void>((r) => server.listen(0, '::1', r));
     try {
       const port = (server.address() as AddressInfo).port;
-      const t = liteTarget(testConfig(`http://127.0.0.1:${port}`, tmp).s3, 'models')!;
+      const t = liteTarget(testConfig(`http://[::1]:${port}`, tmp).s3, 'models')!;
       expect(await listPrefixLite(t, 'sd/', undefined, 1)).toEqual([
         { key: 'sd/a', rel: 'a', size: 1, etag: '"a"' }, { key: 'sd/b', rel: 'b', size: 2, etag: '"b"' },
       ]);
@@ -210,24 +214,29 @@ describe('against s3rver', () => {
     expect(await run()).toEqual({ fromCache: true, stale: false, sdk: false });
   }, 30_000);
 
-  it('an answer it may have caused (a signature complaint) moves the listing to the SDK, once', async () => {
-    const cache = await fsp.mkdtemp(path.join(tmp, 'fallback-'));
-    const infos: string[] = [];
-    const log = { ...silentLogger(), info: (_o: unknown, msg?: string) => void infos.push(String(msg)) } as unknown as Logger;
-    const cfg = testConfig(proxy.endpoint, cache);
-    proxy.faults = { badSignatureLists: 1 };
-    const lists = proxy.stats.lists;
-    const r = await resolveModel('s3://models/sd/', { cfg, log });
-    expect(r.fromCache).toBe(false);
-    expect(infos).toContain('S3 refused the SDK-free listing; listing through the AWS SDK');
-    // The refused one, the SDK's, and the SDK's again after the download (s3-lite is not asked again).
-    expect(proxy.stats.lists - lists).toBe(3);
-    expect((await fsp.readFile(path.join(r.dir, 'deep/er/f.onnx'))).length).toBe(KEYS.indexOf('sd/deep/er/f.onnx') * 7);
+  it('an answer it may have caused (a signature complaint, a redirect) moves the listing to the SDK at once', async () => {
+    const infos: Array<[Record<string, unknown>, string]> = [];
+    const log = { ...silentLogger(), info: (o: Record<string, unknown>, msg?: string) => void infos.push([o, String(msg)]) } as unknown as Logger;
+    for (const [status, code] of [[403, 'SignatureDoesNotMatch'], [301, 'PermanentRedirect']] as const) {
+      const cfg = testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'fallback-')));
+      proxy.faults = { failLists: { count: 1, status, code } };
+      const lists = proxy.stats.lists;
+      const r = await resolveModel('s3://models/sd/', { cfg, log });
+      expect(r.fromCache).toBe(false);
+      const said = infos.filter(([, m]) => m === 'S3 refused the SDK-free listing; listing through the AWS SDK');
+      expect(said).toHaveLength(status === 403 ? 1 : 2);
+      // Its reason names the answer, never what S3 echoed of the request.
+      expect(String(said.at(-1)![0].reason)).toContain(code);
+      expect(JSON.stringify(said)).not.toMatch(/echoed-secret|S3RVER/);
+      // The refused one (not retried), the SDK's, and the SDK's again after the download (s3-lite is not asked again).
+      expect(proxy.stats.lists - lists, code).toBe(3);
+      expect((await fsp.readFile(path.join(r.dir, 'deep/er/f.onnx'))).length).toBe(KEYS.indexOf('sd/deep/er/f.onnx') * 7);
+    }
     // A denial is final: the SDK is not asked to list again.
     proxy.faults = { deny: true };
     const err = await rejection(resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'deny-'))), log }));
     expect(err.code).toBe('STORAGE_DENIED');
-    expect(infos.filter((m) => m.startsWith('S3 refused the SDK-free listing'))).toHaveLength(1);
+    expect(infos.filter(([, m]) => m.startsWith('S3 refused the SDK-free listing'))).toHaveLength(2);
     proxy.faults = {};
   });
 });

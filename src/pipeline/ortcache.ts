@@ -10,10 +10,11 @@
  *                                                          optimisation level, CPU, size + mtime of every source file
  *
  * The key file is the commit: it is removed before a rewrite and written after the rename, so a crash leaves either
- * no key (rebuilt next time) or a key that matches the graph beside it. A source that changed (size or mtime of any
- * source file in the folder) never matches, and neither does another ORT version, provider or CPU model (CPU graphs
- * at level `all` hold layout transforms chosen for the CPU's vector width). The S3 cache manifest lists only the
- * objects of the bucket, so these files are never part of it; a refresh of the entry sweeps them with other strays.
+ * no key (rebuilt next time) or a key that matches the graph beside it (or, when `declined`, says there is none on
+ * purpose). A source that changed (size or mtime of any source file in the folder) never matches, and neither does
+ * another ORT version, provider or CPU model (CPU graphs at level `all` hold layout transforms chosen for the CPU's
+ * vector width). The S3 cache manifest lists only the objects of the bucket, so these files are never part of it; a
+ * refresh of the entry sweeps them with other strays.
  * Only sources up to MAX_SOURCE_BYTES are copied (the write is slow and doubles the space); larger ones load as before.
  * A start never writes: sessions come from the source, and the copy is written afterwards in the background (the
  * runtime does it after ready, see src/pipeline/optimizer.ts), so only later starts are faster.
@@ -127,7 +128,11 @@ export async function createWithOptimizedCache(
   if (plan.kind === 'off') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
   const { p, key } = plan;
   const stored = await storedKey(p.key, key);
-  if (stored === 'declined') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'declined' };
+  if (stored === 'declined') {
+    // Whatever a killed writer or an earlier copy left goes too, once old enough (as on a hit).
+    void sweepStale(p, '').catch(() => undefined);
+    return { session: await ort.InferenceSession.create(modelPath, options), cache: 'declined' };
+  }
   if (stored === 'copy') {
     let reason: string;
     try {
@@ -192,12 +197,15 @@ export async function writeOptimizedCopy(
       },
     });
     await session.release();
-    // `always` keeps every copy (benchmarks, CUDA); `auto` keeps only one that loads faster than the source builds.
+    // `always` keeps every copy it writes untimed (benchmarks, CUDA); `auto` keeps only one that loads faster than the
+    // source builds. Either way an earlier decision for the same key (a copy, or declined) stands until the key changes.
     const times = mode === 'always' ? undefined : await buildTimes(ort, modelPath, tmpOnnx, options);
     // The source may have been replaced while ORT read it: then this copy belongs to no key.
     if (JSON.stringify(await currentKey(p.dir, key.ort, key.provider, key.level)) !== JSON.stringify(key)) throw new Error('the source changed while it was optimised');
     if (times && !worthKeeping(times)) {
       await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
+      // Another replica on a shared volume may have committed a copy for this key meanwhile: it stays.
+      if ((await storedKey(p.key, key)) === 'copy') return 'hit';
       await commitDeclined(p, { ...key, declined: { sourceMs: round1(times.sourceMs), copyMs: round1(times.copyMs) } });
       await sweepStale(p, '');
       log?.('info', 'optimized model not kept: it does not load faster than the source builds', { component, sourceMs: round1(times.sourceMs), copyMs: round1(times.copyMs) });

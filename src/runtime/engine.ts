@@ -4,9 +4,9 @@
  *   submit() ──► pending (≤ MAX_QUEUE) ──► pump() ──► batch of compatible tasks (≤ MAX_BATCH_SIZE images)
  *                    │ client left: removed              │ idle worker: one generation at a time per worker
  *                    ▼                                   ▼
- *               CANCELLED                       worker thread (ORT sessions) ──► raw pixels
- *                                                                                          │ worker takes its next batch
- *                                                 encoded here (sharp, off this thread) ◄──┘ ──► results split per task
+ *               CANCELLED                       worker thread (ORT sessions) ──► raw pixels (worker free again)
+ *                                                                                  ▼
+ *                                                        sharp encodes on its own threads ──► results split per task
  */
 import type { Worker } from 'node:worker_threads';
 import type { Config, OutputFormat } from '../config.js';
@@ -136,11 +136,13 @@ export class Engine {
     for (const [i, sw] of (prespawned ?? spawnWorkers(this.cfg)).entries()) {
       const w = sw.worker;
       const h = new WorkerHandle(w, i);
-      sw.attach((m) => this.#onMessage(h, m));
-      w.on('error', (err) => this.#onWorkerDeath(h, err));
-      w.on('exit', (code) => {
-        if (!this.#closing) this.#onWorkerDeath(h, new Error(`pipeline worker exited with code ${code}`));
-      });
+      sw.attach(
+        (m) => this.#onMessage(h, m),
+        (err) => this.#onWorkerDeath(h, err),
+        (code) => {
+          if (!this.#closing) this.#onWorkerDeath(h, new Error(`pipeline worker exited with code ${code}`));
+        },
+      );
       this.#workers.push(h);
     }
   }
@@ -354,6 +356,8 @@ export class Engine {
   }
 
   async #deliver(run: Running, raw: Array<RawImage & { seed: number }>, times: Times): Promise<void> {
+    // Every client of the batch left while it ran: nobody to encode for.
+    if (run.tasks.every((t) => t.state === 'done')) return;
     const { format, quality } = run.output;
     const t0 = performance.now();
     const images: EncodedImage[] = await Promise.all(raw.map(async (r) => {

@@ -7,7 +7,7 @@ import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
 // The client factory of src/storage/s3.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
-// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~200 ms to import), so it loads on the first upload,
+// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~250 ms to import), so it loads on the first upload,
 // never on the cold-start path.
 import type { S3Handle } from '../storage/s3.js';
 type StorageS3 = typeof import('../storage/s3.js');

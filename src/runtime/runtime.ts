@@ -186,7 +186,7 @@ export class Runtime {
         if (tell) this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
       }
     };
-    // A committed entry starts its sessions now, while the AWS SDK loads and S3 is asked whether it is current;
+    // A committed entry starts its sessions now, while S3 is asked whether it is current;
     // the answer comes before warm-up, and a changed entry drops those sessions (below).
     const { peekCommitted, sameCommit } = await import('../storage/peek.js');
     // `main` may have looked already (and told the workers): the comparison below must use what they were told.

@@ -7,11 +7,11 @@ import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
 
-/** A worker plus the messages it sent before anyone listened (they are replayed, never lost). */
+/** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
 export interface SpawnedWorker {
   worker: Worker;
-  /** Hands the buffered and all later messages to `onMessage`. */
-  attach(onMessage: (m: FromWorker) => void): void;
+  /** Hands the buffered and all later messages, errors and the exit to the three callbacks. */
+  attach(onMessage: (m: FromWorker) => void, onError: (err: Error) => void, onExit: (code: number) => void): void;
 }
 
 /**
@@ -34,12 +34,23 @@ export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'e
     const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
     const early: FromWorker[] = [];
     let deliver: (m: FromWorker) => void = (m) => early.push(m);
+    // Until the engine attaches, an error is kept: an 'error' event with no listener would end the process.
+    let earlyError: Error | undefined;
+    let earlyExit: number | undefined;
+    let fail: (err: Error) => void = (err) => (earlyError ??= err);
+    let exit: (code: number) => void = (code) => (earlyExit = code);
     worker.on('message', (m: FromWorker) => deliver(m));
+    worker.on('error', (err) => fail(err));
+    worker.on('exit', (code) => exit(code));
     return {
       worker,
-      attach(onMessage) {
+      attach(onMessage, onError, onExit) {
         deliver = onMessage;
+        fail = onError;
+        exit = onExit;
         for (const m of early.splice(0)) onMessage(m);
+        if (earlyError) onError(earlyError);
+        if (earlyExit !== undefined) onExit(earlyExit);
       },
     };
   });

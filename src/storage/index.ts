@@ -197,6 +197,8 @@ class S3Fetch {
         return await listOnce(AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]));
       } catch (e) {
         this.signal.throwIfAborted();
+        // An answer s3-lite may have caused goes to the SDK at once (listing()); retrying would only get it again.
+        if (sdkMightDiffer(e)) throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
         const kind = classify(e);
         if (kind !== 'transient' && kind !== 'aborted') throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
         if (attempt >= attempts) throw permanentError(e, this.bucket, this.prefix || undefined, `list (${attempt} attempts)`);

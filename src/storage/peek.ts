@@ -1,6 +1,6 @@
 /**
  * @module A look at the cache without the AWS SDK: the committed entry of an S3 STORAGE_URI, if its files are all
- * on disk. The runtime starts sessions from it while the SDK loads and S3 is asked whether it is still current.
+ * on disk. The runtime starts sessions from it while S3 is asked whether it is still current.
  */
 import type { Config } from '../config.js';
 import { manifestFilesPresent, readManifest, type Manifest } from './cache.js';

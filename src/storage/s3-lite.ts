@@ -4,14 +4,14 @@
  * that proves the entry current; with this module a hit never loads the SDK, and a miss lists while the SDK loads.
  *
  * It covers the common case only. `liteTarget` returns undefined, and the SDK does the work, whenever the SDK might
- * sign or route differently: credentials from a profile, a web identity or an instance role; FIPS or dual-stack
- * endpoints; a custom endpoint addressed virtual-hosted or with a base path; AWS bucket names that are not plain DNS
- * labels; China regions. An answer that may be this module's own doing (a signature complaint, a redirect, a 400) sends
+ * sign or route differently: credentials from a profile, a web identity or an instance role; an AWS config file;
+ * FIPS or dual-stack endpoints; a custom endpoint addressed virtual-hosted or with a base path; AWS bucket names that
+ * are not plain DNS labels, directory (S3 Express) and Object Lambda buckets; China and ISO regions. An answer that may be this module's own doing (a signature complaint, a redirect, a 400) sends
  * the listing to the SDK too (sdkMightDiffer, used by S3Fetch in index.ts), so a difference in signing shows up as a
  * slower listing, never as a wrong answer.
  */
 import { createHash, createHmac } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
@@ -35,10 +35,14 @@ export interface LiteTarget {
 }
 
 /** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK lists. */
-const SDK_ONLY_ENV = ['AWS_PROFILE', 'AWS_USE_FIPS_ENDPOINT', 'AWS_USE_DUALSTACK_ENDPOINT', 'AWS_ENDPOINT_URL_S3', 'AWS_S3_US_EAST_1_REGIONAL_ENDPOINT'];
+const SDK_ONLY_ENV = ['AWS_PROFILE', 'AWS_CONFIG_FILE', 'AWS_USE_FIPS_ENDPOINT', 'AWS_USE_DUALSTACK_ENDPOINT', 'AWS_ENDPOINT_URL_S3', 'AWS_S3_US_EAST_1_REGIONAL_ENDPOINT'];
 /** A bucket name that is one DNS label, so `bucket.s3.region.amazonaws.com` matches AWS's wildcard certificate. */
 const DNS_LABEL_BUCKET = /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/;
+/** Directory (S3 Express) and Object Lambda buckets have endpoints and auth of their own. */
+const SPECIAL_BUCKET = /--(x|ol)-s3$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d+$/;
+/** China and the ISO partitions are not under amazonaws.com. */
+const OTHER_PARTITION = /^cn-|-iso[a-z]?-/;
 
 /** The target for `bucket`, or undefined when the SDK must do the listing (see the module comment). */
 export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.ProcessEnv = process.env): LiteTarget | undefined {
@@ -47,6 +51,9 @@ export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.
   // The SDK's default chain takes these two first, unless AWS_PROFILE is set (listed in SDK_ONLY_ENV).
   if (!accessKeyId || !secretAccessKey) return undefined;
   if (SDK_ONLY_ENV.some((k) => (env[k] ?? '') !== '')) return undefined;
+  // A config file may set endpoints or FIPS for the SDK; this module does not read it.
+  if (env.HOME && existsSync(`${env.HOME}/.aws/config`)) return undefined;
+  if (SPECIAL_BUCKET.test(bucket)) return undefined;
   const credentials: LiteCredentials = { accessKeyId, secretAccessKey, ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}) };
   let origin: string;
   let bucketPath: string;
@@ -56,7 +63,7 @@ export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.
     origin = u.origin;
     bucketPath = `/${encodeRfc3986(bucket)}`;
   } else {
-    if (!REGION.test(s.region) || s.region.startsWith('cn-')) return undefined;
+    if (!REGION.test(s.region) || OTHER_PARTITION.test(s.region)) return undefined;
     if (s.forcePathStyle) {
       origin = `https://s3.${s.region}.amazonaws.com`;
       bucketPath = `/${encodeRfc3986(bucket)}`;
@@ -126,8 +133,10 @@ export function signV4(r: SignInput): { headers: Record<string, string>; query: 
 export class LiteHttpError extends Error {
   readonly $metadata: { httpStatusCode: number };
   constructor(status: number, code: string | undefined) {
-    super(`S3 answered HTTP ${status}${code ? ` ${code}` : ''} to the listing`);
-    this.name = code ?? `HTTP${status}`;
+    // The code comes from the server: only a short identifier goes into messages and logs.
+    const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
+    super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the listing`);
+    this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
   }
 }
@@ -148,8 +157,12 @@ export function sdkMightDiffer(err: unknown): boolean {
 const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
 /** The five XML entities and numeric character references, as an XML parser would decode them. */
 export function xmlText(s: string): string {
-  return s.replace(/&(#x[0-9a-fA-F]+|#[0-9]+|amp|lt|gt|quot|apos);/g, (_, e: string) =>
-    e[0] === '#' ? String.fromCodePoint(e[1] === 'x' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10)) : ENTITIES[e]!);
+  return s.replace(/&(#x[0-9a-fA-F]+|#[0-9]+|amp|lt|gt|quot|apos);/g, (_, e: string) => {
+    if (e[0] !== '#') return ENTITIES[e]!;
+    const cp = e[1] === 'x' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10);
+    if (!(cp >= 0 && cp <= 0x10ffff)) throw new LiteHttpError(200, 'MalformedListing');
+    return String.fromCodePoint(cp);
+  });
 }
 
 const tag = (xml: string, name: string): string | undefined => {
@@ -184,7 +197,8 @@ function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSig
   const { headers, query: qs } = signV4({ method: 'GET', host: u.host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: new Date() });
   const secure = u.protocol === 'https:';
   const opts: https.RequestOptions = {
-    method: 'GET', hostname: u.hostname, port: u.port || (secure ? 443 : 80), path: `${t.bucketPath || '/'}?${qs}`, headers,
+    // URL keeps an IPv6 literal's brackets; the socket wants the bare address.
+    method: 'GET', hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80), path: `${t.bucketPath || '/'}?${qs}`, headers,
     ...(signal ? { signal } : {}),
     ...(secure ? { rejectUnauthorized: t.tls.rejectUnauthorized, ...(t.tls.ca ? { ca: t.tls.ca } : {}) } : {}),
   };

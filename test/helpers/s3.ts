@@ -78,8 +78,8 @@ export interface Faults {
   bytesPerSecond?: number;
   /** Hold every ListObjectsV2 request this long before forwarding it. */
   listDelayMs?: number;
-  /** Answer the next this-many ListObjectsV2 requests 403 SignatureDoesNotMatch. */
-  badSignatureLists?: number;
+  /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
+  failLists?: { count: number; status: number; code: string };
 }
 
 export interface FaultProxy {
@@ -91,7 +91,8 @@ export interface FaultProxy {
 }
 
 const DENIED = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>1</RequestId></Error>';
-const BAD_SIGNATURE = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match</Message><StringToSign>AWS4-HMAC-SHA256 secret-ish</StringToSign></Error>';
+/** An S3 error body; StringToSign stands for the fields S3 echoes that must never reach a message or log. */
+const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>${code}</Code><Message>from the fault proxy</Message><StringToSign>AWS4-HMAC-SHA256 echoed-secret</StringToSign></Error>`;
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
@@ -109,10 +110,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
     const isGet = req.method === 'GET' && !isList;
     if (isList) stats.lists++;
-    if (isList && (f.badSignatureLists ?? 0) > 0) {
-      f.badSignatureLists!--;
+    if (isList && f.failLists && f.failLists.count > 0) {
+      f.failLists.count--;
       req.resume();
-      res.writeHead(403, { 'content-type': 'application/xml' }).end(BAD_SIGNATURE);
+      res.writeHead(f.failLists.status, { 'content-type': 'application/xml' }).end(s3Error(f.failLists.code));
       return;
     }
     if (isGet) {
