@@ -31,7 +31,18 @@ export interface LiteTarget {
   bucketPath: string;
   region: string;
   credentials: LiteCredentials;
-  tls: { rejectUnauthorized: boolean; ca?: Buffer };
+  tls: TlsOptions;
+}
+
+export interface TlsOptions {
+  rejectUnauthorized: boolean;
+  ca?: Buffer;
+}
+
+/** TLS for the S3 endpoint, for this module and the SDK's agent alike (s3.ts). */
+export function tlsOptions(s: Pick<S3Settings, 'verifySsl' | 'caBundle'>): TlsOptions {
+  // S3_VERIFY_SSL=0 is KServe's switch for self-signed MinIO/ODF endpoints.
+  return { rejectUnauthorized: s.verifySsl, ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}) };
 }
 
 /** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK lists. */
@@ -75,7 +86,7 @@ export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.
   }
   return {
     origin, bucketPath, region: s.region, credentials,
-    tls: { rejectUnauthorized: s.verifySsl, ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}) },
+    tls: tlsOptions(s),
   };
 }
 
@@ -200,7 +211,7 @@ function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSig
     // URL keeps an IPv6 literal's brackets; the socket wants the bare address.
     method: 'GET', hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80), path: `${t.bucketPath || '/'}?${qs}`, headers,
     ...(signal ? { signal } : {}),
-    ...(secure ? { rejectUnauthorized: t.tls.rejectUnauthorized, ...(t.tls.ca ? { ca: t.tls.ca } : {}) } : {}),
+    ...(secure ? t.tls : {}),
   };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {

@@ -1,10 +1,10 @@
 /** @module The S3 client of the AWS SDK (socket pool sized to the concurrency, KServe-style endpoint settings) and its listing; errors are classified in s3-errors.ts. */
-import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import type { RemoteObject } from './s3-errors.js';
+import { tlsOptions } from './s3-lite.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind, type RemoteObject } from './s3-errors.js';
 
@@ -24,9 +24,7 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
   const httpAgent = new http.Agent({ keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' });
   const httpsAgent = new https.Agent({
     keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo',
-    // S3_VERIFY_SSL=0 is KServe's switch for self-signed MinIO/ODF endpoints.
-    rejectUnauthorized: s.verifySsl,
-    ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}),
+    ...tlsOptions(s),
   });
   const client = new S3Client({
     region: s.region,
