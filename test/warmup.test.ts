@@ -121,12 +121,16 @@ describe('warm-up CLI', () => {
   it('killed mid-download (SIGKILL): never serves a partial model, the next run resumes', async () => {
     const cache = path.join(tmp, 'c4');
     proxy.faults = { bytesPerSecond: 200_000 };
-    // Killed once the journal records at least 600 KB of whole parts (what a resume may keep), whatever the order.
+    // Killed once the journal records at least 600 KB that a resume keeps, whatever the order: whole files, and the
+    // done parts of files fetched in parts. A file of one part is fetched whole again unless it was completed.
+    const PART = 131072;
     const journaled = () => {
       try {
         const dir = readdirSync(cache).find((n) => !n.endsWith('.lock'));
         const j = JSON.parse(readFileSync(path.join(cache, dir!, '.progress.json'), 'utf8')) as { files: Record<string, { size: number; done: number[]; complete: boolean }> };
-        return Object.values(j.files).reduce((n, f) => n + (f.complete ? f.size : f.done.length * 131072), 0);
+        const kept = (f: { size: number; done: number[]; complete: boolean }) =>
+          f.complete ? f.size : f.size <= PART ? 0 : f.done.reduce((n, i) => n + Math.min(PART, f.size - i * PART), 0);
+        return Object.values(j.files).reduce((n, f) => n + kept(f), 0);
       } catch {
         return 0;
       }
