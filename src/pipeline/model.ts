@@ -34,17 +34,32 @@ const readJson = (file: string, what: string): Record<string, unknown> => {
 const optJson = (file: string, what: string) => (existsSync(file) ? readJson(file, what) : {});
 const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
 
-/** The model.onnx of a component folder, or undefined when the folder or file is absent. */
-export function componentOnnx(dir: string, c: Component): string | undefined {
+/**
+ * The model.onnx of a component folder, or undefined when the folder or file is absent. `listed`: the folder's
+ * relative file paths as the store listed them, for a folder whose weights are still arriving.
+ */
+export function componentOnnx(dir: string, c: Component, listed?: ReadonlySet<string>): string | undefined {
   const p = path.join(dir, c, 'model.onnx');
-  return existsSync(p) ? p : undefined;
+  return (listed ? listed.has(`${c}/model.onnx`) : existsSync(p)) ? p : undefined;
 }
 
-export function readLayout(dir: string): ModelLayout {
+/**
+ * The files readLayout reads (model_index.json, scheduler and tokenizer folders, each component's config.json):
+ * once these are whole, the layout of a folder whose weights still download can be read (readLayout's `listed`).
+ */
+export function isLayoutFile(rel: string): boolean {
+  const [top = '', ...rest] = rel.split('/');
+  if (rest.length === 0) return top === 'model_index.json';
+  if (top === 'scheduler' || /^tokenizer(_\d+)?$/.test(top)) return true;
+  return (COMPONENTS as readonly string[]).includes(top) && rest.join('/') === 'config.json';
+}
+
+/** `listed`: every relative file path of the model as listed, when its weights are not all whole yet (see isLayoutFile). */
+export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayout {
   if (!existsSync(dir)) throw new RuntimeError('STORAGE_MISSING', `model directory ${dir} does not exist`);
   const onnx: Partial<Record<Component, string>> = {};
   for (const c of COMPONENTS) {
-    const p = componentOnnx(dir, c);
+    const p = componentOnnx(dir, c, listed);
     if (p) onnx[c] = p;
   }
   const missing = REQUIRED.filter((c) => !onnx[c]);

@@ -37,6 +37,8 @@ export interface StageTimes {
   denoiseMs: number;
   vaeMs: number;
   steps: number;
+  /** Time spent waiting for sessions still being created (only a warm-up that starts during the download). */
+  sessionWaitMs?: number;
 }
 
 export interface GenerateHooks {
@@ -46,11 +48,18 @@ export interface GenerateHooks {
   cancelled?(): boolean;
 }
 
+/**
+ * A session, or the promise of one whose weights are still arriving: a warm-up that starts during the download
+ * encodes and denoises while the VAE decoder's file streams, and awaits each session where the pipeline reaches it.
+ */
+export type SessionLike = OnnxSession | Promise<OnnxSession>;
+
 export interface Sessions {
-  text_encoder: OnnxSession;
-  text_encoder_2?: OnnxSession;
-  unet: OnnxSession;
-  vae_decoder: OnnxSession;
+  text_encoder: SessionLike;
+  text_encoder_2?: SessionLike;
+  /** Awaited by create(): the model's defaults and inputs depend on it. */
+  unet: SessionLike;
+  vae_decoder: SessionLike;
 }
 
 const LATENT_CHANNELS = 4;
@@ -59,22 +68,29 @@ const f = Math.fround;
 export class Pipeline {
   private constructor(
     readonly layout: ModelLayout,
-    readonly sessions: Sessions,
+    private readonly unet: OnnxSession,
+    private readonly later: Omit<Sessions, 'unet'>,
     readonly tokenizers: ClipTokenizer[],
   ) {}
 
   /** `preloaded` maps a tokenizer folder to a load already under way (started while other files downloaded). */
   static async create(layout: ModelLayout, sessions: Sessions, preloaded?: ReadonlyMap<string, Promise<ClipTokenizer>>): Promise<Pipeline> {
-    const tokenizers = await Promise.all(layout.tokenizerDirs.map((d) => preloaded?.get(path.resolve(d)) ?? ClipTokenizer.load(d)));
-    const p = new Pipeline(layout, sessions, tokenizers);
+    const { unet, ...later } = sessions;
+    const [u, tokenizers] = await Promise.all([unet, Promise.all(layout.tokenizerDirs.map((d) => preloaded?.get(path.resolve(d)) ?? ClipTokenizer.load(d)))]);
+    const p = new Pipeline(layout, u, later, tokenizers);
     // Fail at load, not at the first request, when the scheduler config is unusable.
     createScheduler(layout.schedulerConfig, 10);
     return p;
   }
 
+  /** Resolves when every session exists (rejects with the first creation that failed). */
+  async ready(): Promise<void> {
+    await Promise.all(Object.values(this.later));
+  }
+
   /** Whether the UNet takes an LCM guidance embedding instead of classifier-free guidance. */
   get usesGuidanceEmbedding(): boolean {
-    return this.sessions.unet.has('timestep_cond');
+    return this.unet.has('timestep_cond');
   }
 
   defaults(): ModelDefaults {
@@ -105,8 +121,11 @@ export class Pipeline {
     const lcm = this.usesGuidanceEmbedding;
     const cfg = shape.guidance > 1 && !lcm;
 
+    // Sessions still being created (a warm-up during the download) are waited for here, outside the stage timers.
+    const w0 = performance.now();
+    const encoders = { text_encoder: await this.later.text_encoder, ...(this.later.text_encoder_2 ? { text_encoder_2: await this.later.text_encoder_2 } : {}) };
     const t0 = performance.now();
-    const cond = await this.#encode(items, cfg);
+    const cond = await this.#encode(items, cfg, encoders);
     const t1 = performance.now();
 
     const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
@@ -127,7 +146,7 @@ export class Pipeline {
       return out;
     };
 
-    const unet = this.sessions.unet;
+    const unet = this.unet;
     const tInfo = unet.input('timestep');
     const rows = cfg ? 2 * B : B;
     const timestepCond = lcm ? guidanceEmbedding(shape.guidance, B, Number(unet.input('timestep_cond').shape[1] ?? 256)) : undefined;
@@ -164,6 +183,8 @@ export class Pipeline {
       denoised = res.denoised;
       await hooks.onStep?.(k + 1, steps.length, latents);
     }
+    const w1 = performance.now();
+    const vae = await this.later.vae_decoder;
     const t2 = performance.now();
     // LCM decodes its last x0 prediction, everyone else the final sample.
     const final = lcm && denoised ? denoised : latents;
@@ -174,31 +195,33 @@ export class Pipeline {
       const lat = new Float32Array(per);
       for (let k = 0; k < per; k++) lat[k] = f(final[i * per + k]! * inv);
       // One latent at a time, as diffusers' ONNX pipeline decodes: bounded memory at large sizes.
-      const out = await this.sessions.vae_decoder.run({ latent_sample: { data: lat, dims: [1, LATENT_CHANNELS, h, w] } });
+      const out = await vae.run({ latent_sample: { data: lat, dims: [1, LATENT_CHANNELS, h, w] } });
       const dec = Object.values(out)[0]!;
       images.push({ rgb: toRgb(dec.data, height, width), width, height, seed: seeds[i]! });
     }
     const t3 = performance.now();
-    return { images, times: { textEncoderMs: t1 - t0, denoiseMs: t2 - t1, vaeMs: t3 - t2, steps: steps.length } };
+    const waited = t0 - w0 + (t2 - w1);
+    return { images, times: { textEncoderMs: t1 - t0, denoiseMs: w1 - t1, vaeMs: t3 - t2, steps: steps.length, ...(waited >= 1 ? { sessionWaitMs: waited } : {}) } };
   }
 
   /** Prompt embeddings [negative rows; positive rows] (or positive only), each item repeated per image. */
-  async #encode(items: JobItem[], cfg: boolean): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
+  async #encode(items: JobItem[], cfg: boolean, enc: { text_encoder: OnnxSession; text_encoder_2?: OnnxSession }): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
     const repeat = (rows: Float32Array[]) => items.flatMap((it, i) => Array.from({ length: it.numImages }, () => rows[i]!));
+    const enc1 = enc.text_encoder;
     if (!this.layout.isXL) {
-      const pos = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, items.map((it) => it.prompt), 'last_hidden_state');
+      const pos = await this.#runEncoder(enc1, this.tokenizers[0]!, items.map((it) => it.prompt), 'last_hidden_state');
       let rows = repeat(pos.rows);
       if (cfg) {
-        const neg = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, items.map((it) => it.negativePrompt ?? ''), 'last_hidden_state');
+        const neg = await this.#runEncoder(enc1, this.tokenizers[0]!, items.map((it) => it.negativePrompt ?? ''), 'last_hidden_state');
         rows = [...repeat(neg.rows), ...rows];
       }
       return { embeds: concat(...rows), seq: pos.seq, dim: pos.dim };
     }
     // SDXL: penultimate hidden states of both encoders, concatenated on the feature axis; pooled from encoder 2.
-    const enc2 = this.sessions.text_encoder_2!;
+    const enc2 = enc.text_encoder_2!;
     const tok2 = this.tokenizers[1] ?? this.tokenizers[0]!;
     const both = async (texts: string[]) => {
-      const a = await this.#runEncoder(this.sessions.text_encoder, this.tokenizers[0]!, texts, penultimate(this.sessions.text_encoder));
+      const a = await this.#runEncoder(enc1, this.tokenizers[0]!, texts, penultimate(enc1));
       const b = await this.#runEncoder(enc2, tok2, texts, penultimate(enc2), 'text_embeds');
       const rows = a.rows.map((ra, i) => interleave(ra, b.rows[i]!, a.seq, a.dim, b.dim));
       return { rows, pooled: b.pooled!, seq: a.seq, dim: a.dim + b.dim };

@@ -32,7 +32,8 @@ export type FromOptimizer =
 export type ToWorker =
   | { t: 'component'; component: string; path: string }
   | { t: 'tokenizer'; dir: string }
-  | { t: 'load'; dir: string }
+  /** `listed`: the model's relative file paths while its weights still download (a partial load, see worker.ts). */
+  | { t: 'load'; dir: string; listed?: string[] }
   /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
   | { t: 'reset' }
   | { t: 'generate'; id: number; job: Job; previewEvery: number }
@@ -54,6 +55,7 @@ export interface Times {
   denoiseMs: number;
   vaeMs: number;
   steps: number;
+  sessionWaitMs?: number;
 }
 
 export type FromWorker =

@@ -29,7 +29,8 @@ const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpTh
 void factory.prestart();
 const sessions = new Map<string, Promise<OnnxSession>>();
 const providers: Record<string, string> = {};
-let pipeline: Pipeline | undefined;
+/** `partial`: loaded from the listing while weights still download (load's `listed`); `dir` as given to load. */
+let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
 const cancelled = new Set<number>();
 // Tokenizers parse (vocab.json, merges.txt) as soon as their small files are whole, while weights still arrive.
 const tokenizers = new Map<string, Promise<ClipTokenizer>>();
@@ -37,6 +38,33 @@ let queue: Promise<void> = Promise.resolve();
 
 /** Bumped by reset(): a creation started before it reports nothing (its session is released, not used). */
 let epoch = 0;
+/** `reset` messages not yet run (they wait in the queue behind a running generation). */
+let resetsQueued = 0;
+
+/**
+ * Components whose files are whole ('component' messages), and the waits of a pipeline loaded before them (a
+ * warm-up that starts while weights download awaits its later sessions through these).
+ */
+const announced = new Map<string, string>();
+const awaiting = new Map<string, Array<{ resolve: (p: string) => void; reject: (e: unknown) => void }>>();
+
+function whenAnnounced(component: string): Promise<string> {
+  const p = announced.get(component);
+  if (p !== undefined) return Promise.resolve(p);
+  return new Promise((resolve, reject) => {
+    if (!awaiting.has(component)) awaiting.set(component, []);
+    awaiting.get(component)!.push({ resolve, reject });
+  });
+}
+
+/** A cancelled warm-up, a reset or close: whatever waits for a component that may never come gives up. */
+function abandonWaits(why: string): void {
+  const err = new RuntimeError('CANCELLED', why);
+  for (const ws of awaiting.values()) for (const w of ws) w.reject(err);
+  awaiting.clear();
+  // A pipeline that was waiting can no longer finish; the next load builds one from the files.
+  if (pipeline?.partial) pipeline = undefined;
+}
 
 function session(component: string, path: string): Promise<OnnxSession> {
   let p = sessions.get(component);
@@ -56,28 +84,66 @@ function session(component: string, path: string): Promise<OnnxSession> {
   return p;
 }
 
-async function load(dir: string): Promise<void> {
+/**
+ * Builds the pipeline of `dir`. With `listed` (the model's files as listed, weights still arriving): the layout comes
+ * from the listing and each session is awaited where a generation first needs it, so 'loaded' is sent once the UNet
+ * exists and a warm-up can encode and denoise while the rest downloads. Without it, every session first.
+ */
+async function load(dir: string, listed?: string[]): Promise<void> {
   try {
-    const layout = readLayout(dir);
+    const layout = readLayout(dir, listed ? new Set(listed) : undefined);
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
-    const got = await Promise.all(need.map((c) => session(c, layout.onnx[c]!)));
-    const byName = new Map(need.map((c, i) => [c, got[i]!] as const));
-    pipeline = await Pipeline.create(layout, {
+    const get = (c: Component): Promise<OnnxSession> => {
+      if (!listed) return session(c, layout.onnx[c]!);
+      const p = whenAnnounced(c).then((file) => session(c, file));
+      p.catch(() => {}); // awaited by generate and ready(), which report it
+      return p;
+    };
+    const byName = new Map(need.map((c) => [c, get(c)] as const));
+    if (!listed) await Promise.all(byName.values());
+    const p: NonNullable<typeof pipeline> = await Pipeline.create(layout, {
       text_encoder: byName.get('text_encoder')!,
       unet: byName.get('unet')!,
       vae_decoder: byName.get('vae_decoder')!,
       ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
     }, tokenizers);
-    const fallbackReason = factory.fallbackReason;
-    post({ t: 'loaded', defaults: pipeline.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}), optimize: factory.deferredWrites.splice(0) });
+    p.partial = listed !== undefined;
+    p.dir = dir;
+    pipeline = p;
+    postLoaded(p);
   } catch (err) {
-    post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
+    postLoadFailed(err);
   }
+}
+
+/** A partial pipeline of `dir` whose files are all whole now: 'loaded' once its last sessions exist. */
+async function complete(p: NonNullable<typeof pipeline>): Promise<void> {
+  try {
+    await p.ready();
+    p.partial = false;
+    postLoaded(p);
+  } catch (err) {
+    postLoadFailed(err);
+  }
+}
+
+function postLoaded(p: NonNullable<typeof pipeline>): void {
+  const fallbackReason = factory.fallbackReason;
+  // The writes to defer are handed over once, with the load that has every session (a partial one has not).
+  const optimize = p.partial ? [] : factory.deferredWrites.splice(0);
+  post({ t: 'loaded', defaults: p.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}), optimize });
+}
+
+function postLoadFailed(err: unknown): void {
+  post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
 }
 
 /** Forgets every session and tokenizer (the files they came from were replaced); the next load starts afresh. */
 async function reset(): Promise<void> {
+  resetsQueued--;
   epoch++;
+  abandonWaits('the model files changed');
+  announced.clear();
   const all = [...sessions.values()];
   sessions.clear();
   tokenizers.clear();
@@ -132,9 +198,12 @@ function ownBuffer(a: Uint8Array): ArrayBuffer {
 
 port.on('message', (m: ToWorker) => {
   switch (m.t) {
-    case 'component':
+    case 'component': {
+      announced.set(m.component, m.path);
+      for (const w of awaiting.get(m.component)?.splice(0) ?? []) w.resolve(m.path);
       session(m.component, m.path).catch(() => {}); // reported by load
       break;
+    }
     case 'tokenizer': {
       const dir = path.resolve(m.dir);
       if (!tokenizers.has(dir)) {
@@ -145,9 +214,12 @@ port.on('message', (m: ToWorker) => {
       break;
     }
     case 'load':
-      queue = queue.then(() => load(m.dir));
+      // The files of a partial pipeline are whole: no need to wait for the warm-up that may be running on it.
+      if (!m.listed && pipeline?.partial && path.resolve(pipeline.dir!) === path.resolve(m.dir) && resetsQueued === 0) void complete(pipeline);
+      else queue = queue.then(() => load(m.dir, m.listed));
       break;
     case 'reset':
+      resetsQueued++;
       queue = queue.then(reset);
       break;
     case 'generate':
@@ -155,8 +227,11 @@ port.on('message', (m: ToWorker) => {
       break;
     case 'cancel':
       cancelled.add(m.id);
+      // Only a warm-up started during the download can be waiting for a component: it stops now.
+      abandonWaits('generation cancelled');
       break;
     case 'close':
+      abandonWaits('the worker is closing');
       void queue.then(async () => {
         await Promise.allSettled([...sessions.values()].map(async (s) => (await s).release()));
         process.exit(0);

@@ -76,9 +76,19 @@ interface Running {
   delivery: Promise<void>;
 }
 
+interface LoadWaiter {
+  resolve: (r: LoadResult) => void;
+  reject: (e: unknown) => void;
+  left: number;
+  settled?: boolean;
+  result?: LoadResult;
+}
+
 class WorkerHandle {
   running: Running | undefined;
   loaded = false;
+  /** The loads sent to this worker and not answered yet, in order (a worker answers its loads in order). */
+  readonly loads: LoadWaiter[] = [];
   constructor(readonly worker: Worker, readonly index: number) {}
   send(m: ToWorker): void {
     this.worker.postMessage(m);
@@ -104,7 +114,6 @@ export class Engine {
   #nextId = 1;
   #closing = false;
   #windowTimer: NodeJS.Timeout | undefined;
-  #loadWaiters: Array<{ resolve: (r: LoadResult) => void; reject: (e: unknown) => void; left: number; result?: LoadResult }> = [];
   #defaults: ModelDefaults | undefined;
   readonly #labels: { model_name: string };
   #idleWaiters: Array<() => void> = [];
@@ -162,11 +171,19 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'reset' });
   }
 
-  load(dir: string): Promise<LoadResult> {
+  /**
+   * Every worker builds the pipeline of `dir`. `listed` (the model's files while its weights still download): a
+   * partial load, answered once the UNet's session exists; the other sessions are awaited where a generation needs
+   * them. A later load of the same dir without `listed` answers when they all exist.
+   */
+  load(dir: string, listed?: string[]): Promise<LoadResult> {
     this.start();
     return new Promise((resolve, reject) => {
-      this.#loadWaiters.push({ resolve, reject, left: this.#workers.length });
-      for (const w of this.#workers) w.send({ t: 'load', dir });
+      const waiter: LoadWaiter = { resolve, reject, left: this.#workers.length };
+      for (const w of this.#workers) {
+        w.loads.push(waiter);
+        w.send({ t: 'load', dir, ...(listed ? { listed } : {}) });
+      }
     });
   }
 
@@ -303,18 +320,19 @@ export class Engine {
         break;
       case 'loaded':
       case 'load-failed': {
-        const waiter = this.#loadWaiters[0];
+        const waiter = w.loads.shift();
         if (!waiter) break;
+        waiter.left--;
         if (m.t === 'load-failed') {
-          this.#loadWaiters.shift();
-          waiter.reject(new RuntimeError(m.code as never, m.message));
+          if (!waiter.settled) waiter.reject(new RuntimeError(m.code as never, m.message));
+          waiter.settled = true;
           break;
         }
         w.loaded = true;
         this.#defaults = m.defaults;
         waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
-        if (--waiter.left === 0) {
-          this.#loadWaiters.shift();
+        if (waiter.left === 0 && !waiter.settled) {
+          waiter.settled = true;
           waiter.resolve(waiter.result);
         }
         this.#pump();
@@ -404,7 +422,10 @@ export class Engine {
     w.running = undefined;
     w.loaded = false;
     if (run) for (const t of run.tasks) this.#finish(t, new RuntimeError('INTERNAL', 'the generation failed: pipeline worker died'));
-    for (const waiter of this.#loadWaiters.splice(0)) waiter.reject(new RuntimeError('INTERNAL', `pipeline worker died: ${err.message}`));
+    for (const waiter of w.loads.splice(0)) {
+      if (!waiter.settled) waiter.reject(new RuntimeError('INTERNAL', `pipeline worker died: ${err.message}`));
+      waiter.settled = true;
+    }
     this.#checkIdle();
   }
 }
