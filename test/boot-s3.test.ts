@@ -275,3 +275,107 @@ describe('boot from S3', () => {
     expect(fromS3).toBe(await image(local));
   }, 90_000);
 });
+
+describe('warm-up during the download', () => {
+  /** A model served from a local folder: the pixels the S3 path must reproduce. */
+  async function localImage(dir: string): Promise<string> {
+    const c = tempDir('dr-boot-s3-ref-');
+    dirs.push(c.cleanup);
+    const local = await serve({ STORAGE_URI: dir, MODEL_CACHE_DIR: c.dir, EXECUTION_PROVIDER: 'cpu' });
+    await local.waitReady(40_000);
+    const b64 = await image(local);
+    await local.stop('SIGTERM');
+    return b64;
+  }
+
+  /** A proxy that holds the VAE decoder's weights (not its config.json) until `release()`. */
+  async function holdingVae() {
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    const p = await startFaultProxy(s3.port, { hold: { keys: /\/vae_decoder\/model\.onnx/, release: released } });
+    return { proxy: p, release, close: async () => (release(), await p.close()) };
+  }
+
+  function env(endpoint: string, prefix: string, extra: Record<string, string> = {}) {
+    const cache = tempDir('dr-boot-s3-early-');
+    dirs.push(cache.cleanup);
+    return {
+      ...CREDS, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${prefix}`,
+      MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off', ...extra,
+    };
+  }
+  const EARLY = 'warm-up started before the fetch finished';
+
+  it('encodes and denoises while the VAE decoder downloads; ready waits for its end and the committed entry', async () => {
+    const hold = await holdingVae();
+    try {
+      const srv = await serve(env(hold.proxy.endpoint, PREFIX));
+      const started = await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      expect(started.filesPending).toBeGreaterThan(0);
+      // The generation now waits for the VAE decoder's session: neither ready nor committed while its file is held.
+      await sleep(2_000);
+      const { status, body } = await modelStatus(srv);
+      expect([status, body.state]).toEqual([503, 'fetching']);
+      expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
+      expect(srv.logs.some((l) => l.msg === 'warm-up generation done' || l.msg === 'model files ready')).toBe(false);
+      expect(hold.proxy.stats.held).toBeGreaterThan(0);
+      hold.release();
+      await srv.waitReady(40_000);
+      const at = (msg: string) => srv.logs.findIndex((l) => l.msg === msg);
+      expect(at(EARLY)).toBeLessThan(at('model files ready'));
+      expect(at('model files ready')).toBeLessThan(at('warm-up generation done'));
+      // One warm-up, which spent the hold waiting for the decoder: text encoder and UNet had run before it ended.
+      expect(srv.logs.filter((l) => l.msg === 'warm-up generation done').length).toBe(1);
+      const stages = srv.logs[at('warm-up generation done')]!.stages as Record<string, number>;
+      expect(stages.sessionWait).toBeGreaterThan(500);
+      expect(await image(srv)).toBe(await localImage(model.dir));
+    } finally {
+      await hold.close();
+    }
+  }, 90_000);
+
+  it('objects replaced mid-download: sessions and the warm-up begun on the old files start over; the new weights are served', async () => {
+    const prefix = 'demo-midswap/';
+    const build = async (seed: number) => {
+      const m = tempDir('dr-boot-s3-midswap-');
+      dirs.push(m.cleanup);
+      return buildDemoModel(m.dir, { seed });
+    };
+    const [a, b] = await Promise.all([build(0), build(1)]);
+    const upload = async (m: DemoManifest) => {
+      for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
+    };
+    await upload(a);
+    const hold = await holdingVae();
+    try {
+      const srv = await serve(env(hold.proxy.endpoint, prefix));
+      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      // The text encoder and UNet sessions of `a` exist and its warm-up is under way when `b` replaces every object.
+      await upload(b);
+      hold.release();
+      await srv.waitReady(40_000);
+      await srv.waitForLog((l) => l.msg === 'objects changed during the download; starting the sessions again');
+      const served = await image(srv);
+      const [imageA, imageB] = [await localImage(a.dir), await localImage(b.dir)];
+      expect(imageA).not.toBe(imageB);
+      expect(served).toBe(imageB);
+    } finally {
+      await hold.close();
+    }
+  }, 120_000);
+
+  it('SIGTERM while the warm-up waits for a file: the warm-up stops, the drain finishes and the exit is 0', async () => {
+    const hold = await holdingVae();
+    try {
+      const srv = await serve(env(hold.proxy.endpoint, PREFIX, { SHUTDOWN_GRACE_S: '60' }));
+      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      await sleep(500);
+      expect(await srv.stop('SIGTERM', 20_000)).toEqual({ code: 0, signal: null });
+      const down = srv.logs.find((l) => l.msg === 'shut down');
+      expect(down?.drained).toBe(true);
+      expect(srv.logs.some((l) => l.msg === 'grace period over: closing with requests still running')).toBe(false);
+    } finally {
+      await hold.close();
+    }
+  }, 60_000);
+});

@@ -10,6 +10,7 @@ import type { FetchProgress, ResolvedModel } from '../storage/index.js';
 export interface FetchHandlers {
   onListing(files: ReadonlyArray<{ relPath: string; size: number }>): void;
   onFileReady(relPath: string, absPath: string): void;
+  onRestart(): void;
   onProgress(p: FetchProgress): void;
 }
 
@@ -31,6 +32,7 @@ export async function startFetch(uri: string, cfg: Readonly<Config>, log: Logger
     cfg, log, signal: abort.signal,
     onListing: (files) => deliver((h) => h.onListing(files)),
     onFileReady: (rel, abs) => deliver((h) => h.onFileReady(rel, abs)),
+    onRestart: () => deliver((h) => h.onRestart()),
     onProgress: (p) => deliver((h) => h.onProgress(p)),
   });
   result.catch(() => undefined); // the runtime awaits it and reports the failure

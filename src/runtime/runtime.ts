@@ -19,6 +19,7 @@ import { removeWriterTemps } from '../pipeline/ortcache.js';
 import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
 import { announcement } from './announce.js';
+import { isLayoutFile } from '../pipeline/model.js';
 import type { CommittedEntry } from '../storage/peek.js';
 import type { EarlyFetch } from './early-fetch.js';
 import { checkSchedulerName, randomSeed } from './names.js';
@@ -53,6 +54,8 @@ export class Runtime {
   #inflight = 0;
   #inflightWaiters: Array<() => void> = [];
   #optimizer: { child: ChildProcess; files: string[] } | undefined;
+  /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
+  #early: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
 
   constructor(
     readonly cfg: Readonly<Config>,
@@ -116,7 +119,7 @@ export class Runtime {
       if (Object.values(loaded.providers).includes('cuda')) void this.#startGpuMetrics();
       if (this.#stopping) return;
       this.boot.to('warming');
-      await this.#warmup();
+      await this.#finishWarmup();
       if (this.#stopping) return;
       this.boot.to('ready');
       const secs = (performance.now() - started) / 1000;
@@ -131,6 +134,8 @@ export class Runtime {
         }
       }
     } catch (err) {
+      // A warm-up begun during the download may be waiting for files that will not come.
+      this.#early?.abort.abort();
       if (this.#stopping && this.#abort.signal.aborted) return;
       const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
       if (!isRuntimeError(err)) this.log.error({ err }, 'boot crashed');
@@ -168,8 +173,10 @@ export class Runtime {
     const componentFiles = new Map<string, Set<string>>();
     const ready = new Set<string>();
     const announced = new Set<string>();
+    const listed = new Set<string>();
     const onListing = (files: ReadonlyArray<{ relPath: string; size: number }>) => {
       for (const f of files) {
+        listed.add(f.relPath);
         const comp = f.relPath.split('/')[0]!;
         if (!componentFiles.has(comp)) componentFiles.set(comp, new Set());
         componentFiles.get(comp)!.add(f.relPath);
@@ -181,10 +188,17 @@ export class Runtime {
       const comp = rel.split('/')[0]!;
       const all = componentFiles.get(comp);
       // A component's session starts as soon as all of its own files are whole.
+      const dir = abs.slice(0, abs.length - rel.length);
       if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
         announced.add(comp);
-        if (tell) this.#announce(path.join(abs.slice(0, abs.length - rel.length), comp));
+        if (tell) this.#announce(path.join(dir, comp));
       }
+      this.#maybeWarmEarly(dir, listed, ready, announced);
+    };
+    // A new download round: what was announced may be replaced, so sessions and an early warm-up start over.
+    const onRestart = () => {
+      for (const s of [componentFiles, ready, announced, listed]) s.clear();
+      this.#invalidate('objects changed during the download; starting the sessions again');
     };
     // A committed entry starts its sessions now, while S3 is asked whether it is current;
     // the answer comes before warm-up, and a changed entry drops those sessions (below).
@@ -203,19 +217,67 @@ export class Runtime {
     if (this.#abort.signal.aborted) stop();
     else this.#abort.signal.addEventListener('abort', stop, { once: true });
     this.boot.to('fetching');
-    fetch.attach({ onListing, onFileReady, onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }) });
+    fetch.attach({ onListing, onFileReady, onRestart, onProgress: (p) => Object.assign(this.boot.progress, p, { phase: p.phase }) });
     const res = await fetch.result;
     if (early) {
       const now = await peekCommitted(uri, this.cfg);
       if (!now || now.dir !== res.dir || !sameCommit(early.manifest, now.manifest)) {
-        this.log.info({ dir: res.dir }, 'the cache entry changed after its sessions started; loading them again');
-        this.engine.resetSessions();
+        this.#invalidate('the cache entry changed after its sessions started; loading them again', { dir: res.dir });
       }
     }
     if (res.fromCache) this.metrics.cacheHits.inc({ model_name: this.cfg.modelName });
     else this.metrics.fetchedBytes.inc({ model_name: this.cfg.modelName }, res.bytes);
     this.log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
     return res.dir;
+  }
+
+  /** Sessions (and an early warm-up) were built from files that changed: the workers drop them before the next load. */
+  #invalidate(msg: string, fields: Record<string, unknown> = {}): void {
+    this.log.info(fields, msg);
+    this.engine.resetSessions();
+    if (this.#early) {
+      this.#early.stale = true;
+      this.#early.abort.abort();
+    }
+  }
+
+  /**
+   * Starts the warm-up before the last weights have arrived, once the layout's small files are whole and the UNet's
+   * files too: the workers load a partial pipeline from the listing, and the generation encodes and denoises while
+   * the rest streams, awaiting each session where it needs it (the VAE decoder's comes last). Ready still waits for
+   * the committed cache entry and this warm-up's end (#finishWarmup). At most once per boot.
+   */
+  #maybeWarmEarly(dir: string, listed: ReadonlySet<string>, ready: ReadonlySet<string>, announced: ReadonlySet<string>): void {
+    if (this.#early || this.#stopping || this.cfg.warmupSteps === 0 || !announced.has('unet')) return;
+    for (const f of listed) if (isLayoutFile(f) && !ready.has(f)) return;
+    const abort = new AbortController();
+    const signal = AbortSignal.any([abort.signal, this.#abort.signal]);
+    const files = [...listed];
+    const done = (async () => {
+      await this.engine.load(dir, files);
+      signal.throwIfAborted();
+      // filesPending 0: a cache hit whose entry S3 has not confirmed yet.
+      this.log.info({ filesPending: files.filter((f) => !ready.has(f)).length }, 'warm-up started before the fetch finished');
+      await this.#warmup(signal);
+    })();
+    done.catch(() => undefined); // awaited by #finishWarmup
+    this.#early = { done, abort, stale: false };
+  }
+
+  /** Awaits the warm-up begun during the download, or runs one now (none began, its files changed, or it failed). */
+  async #finishWarmup(): Promise<void> {
+    const early = this.#early;
+    if (early && !early.stale) {
+      try {
+        return await early.done;
+      } catch (err) {
+        if (this.#stopping) throw err;
+        this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'the warm-up begun during the download failed; warming up again');
+      }
+    } else if (early) {
+      await early.done.catch(() => undefined);
+    }
+    await this.#warmup();
   }
 
   /** The demo model is whole from the start: every component's session can start at once. */
@@ -231,17 +293,18 @@ export class Runtime {
   }
 
   /** One real generation at the served default resolution through the request path. */
-  async #warmup(): Promise<void> {
+  async #warmup(signal?: AbortSignal): Promise<void> {
     if (this.cfg.warmupSteps === 0) return;
     const d = this.engine.defaults!;
     const t0 = performance.now();
-    await this.engine.submit({
+    const r = await this.engine.submit({
       shape: { steps: this.cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
       items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
       output: { format: this.cfg.defaultOutputFormat, quality: undefined, uri: undefined },
       previewEvery: 0,
-    });
-    this.log.info({ ms: Math.round(performance.now() - t0), steps: this.cfg.warmupSteps, size: `${d.width}x${d.height}` }, 'warm-up generation done');
+    }, signal ? { signal } : {});
+    const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
+    this.log.info({ ms: Math.round(performance.now() - t0), steps: this.cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
   }
 
   async #generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]> {

@@ -42,6 +42,11 @@ export interface ResolveOptions {
   onListing?(files: ReadonlyArray<{ relPath: string; size: number }>): void;
   /** called once per file as soon as that file is whole and renamed into the entry dir (before the manifest) */
   onFileReady?(relPath: string, absPath: string): void;
+  /**
+   * Objects changed during the download: files reported ready so far may be replaced. onListing and onFileReady
+   * follow again for the new round (unchanged files are reported again as they are reused).
+   */
+  onRestart?(): void;
   /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
   lockStaleMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
@@ -231,6 +236,7 @@ class S3Fetch {
     let listing = initial;
     const started = performance.now();
     for (let round = 0; round < 4; round++) {
+      if (round > 0) this.o.onRestart?.();
       const reuse: RemoteObject[] = [];
       const fetch: RemoteObject[] = [];
       const keep = new Set<string>();

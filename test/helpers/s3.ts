@@ -80,12 +80,14 @@ export interface Faults {
   listDelayMs?: number;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
   failLists?: { count: number; status: number; code: string };
+  /** Hold GETs of keys matching `keys` (not forwarded, no answer) until `release` settles. */
+  hold?: { keys: RegExp; release: Promise<unknown> };
 }
 
 export interface FaultProxy {
   readonly port: number;
   readonly endpoint: string;
-  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number };
+  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; held: number };
   faults: Faults;
   close(): Promise<void>;
 }
@@ -96,7 +98,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0 };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, held: 0 };
   let concurrent = 0;
   const sockets = new Set<import('node:net').Socket>();
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
@@ -179,7 +181,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     up.on('error', () => res.destroy());
     res.on('close', () => up.destroy());
     if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
-    else req.pipe(up);
+    else if (isGet && f.hold && f.hold.keys.test(decodeURIComponent(req.url ?? ''))) {
+      stats.held++;
+      void f.hold.release.finally(() => req.pipe(up));
+    } else req.pipe(up);
   });
   server.on('connection', (s) => {
     sockets.add(s);
