@@ -16,7 +16,7 @@
  * BENCH_EP (default cpu, as bare_ms), ORT_OPTIMIZED_CACHE (default auto), THROTTLE_PROXY (proxy path).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createReadStream, existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
+import { createReadStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,7 +31,29 @@ const ROOT = process.cwd();
 const BUCKET = 'models';
 const PREFIX = 'sd-demo-300/';
 const CREDS = S3RVER_CREDS;
-const LINK = { connMbps: 15, totalMbps: 150, ttfbMs: 40 };
+/** The issue's link; BENCH_LINK_CONN_MBPS / BENCH_LINK_TOTAL_MBPS / BENCH_LINK_TTFB_MS try others (reported in the header). */
+const LINK = {
+  connMbps: Number(process.env.BENCH_LINK_CONN_MBPS ?? 15),
+  totalMbps: Number(process.env.BENCH_LINK_TOTAL_MBPS ?? 150),
+  ttfbMs: Number(process.env.BENCH_LINK_TTFB_MS ?? 40),
+};
+
+/**
+ * CPU seconds (user + system) a process has used, from /proc (Linux): `self` counts its own, `children` those of
+ * its exited, reaped children. NaN where /proc is absent. The link's servers share the machine with the runtime,
+ * so how busy they keep it decides whether a download is bound by the link or by the CPU.
+ */
+function cpuSeconds(pid: number | 'self', which: 'self' | 'children' = 'self'): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15, cutime 16, cstime 17.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const [u, s] = which === 'self' ? [f[11], f[12]] : [f[13], f[14]];
+    return (Number(u) + Number(s)) / 100; // USER_HZ is 100 on Linux
+  } catch {
+    return NaN;
+  }
+}
 const TARGETS = { liveness_ms: 150, miss_ratio: 0.8, hit_ratio: 1.15 };
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -192,7 +214,7 @@ async function timed(args: string[], env: NodeJS.ProcessEnv): Promise<{ ms: numb
 
 // ---- orchestration ---------------------------------------------------------------------------------------------
 
-interface Rep { miss: ServerRun; warmupMs: number; warmupDownloadS: number; seqHit: ServerRun; sequentialMs: number; hit: ServerRun; bareMs: number; bare: Record<string, unknown> }
+interface Rep { miss: ServerRun; warmupMs: number; warmupDownloadS: number; linkCpu: { s3rver: number; proxy: number; cli: number }; seqHit: ServerRun; sequentialMs: number; hit: ServerRun; bareMs: number; bare: Record<string, unknown> }
 
 async function main(): Promise<void> {
   const reps = Number(process.env.BENCH_REPS ?? 3);
@@ -258,7 +280,9 @@ async function main(): Promise<void> {
 
       // Sequential: the warm-up Job fills a fresh cache, then the server starts on it.
       const seqCache = path.join(tmp, `cache-seq-${i}`);
+      const cpu0 = { s3rver: cpuSeconds(s3.child.pid!), proxy: cpuSeconds(proxy.child.pid!), cli: cpuSeconds('self', 'children') };
       const w = await timed([path.join(ROOT, 'dist/warmup/main.js')], { ...env(seqCache), LOG_LEVEL: 'warn' });
+      const linkCpu = { s3rver: cpuSeconds(s3.child.pid!) - cpu0.s3rver, proxy: cpuSeconds(proxy.child.pid!) - cpu0.proxy, cli: cpuSeconds('self', 'children') - cpu0.cli };
       const wj = lastJson(w.stdout);
       if (wj.fromCache !== false) throw new Error(`the warm-up run was not a miss: ${JSON.stringify(wj)}`);
       const seqHit = await serverRun(env(seqCache));
@@ -275,7 +299,7 @@ async function main(): Promise<void> {
       const bareMs = bareRun.jsonMs; // spawn → its result line, as ready is spawn → the first ready 200
       say(`rep ${i + 1}: bare ${r0(bareMs)} ms (sessions ${String(bare.sessionsMs)} ms, warm-up ${String(bare.warmupMs)} ms)`);
       await fsp.rm(seqCache, { recursive: true, force: true });
-      runs.push({ miss, warmupMs: w.ms, warmupDownloadS: Number(wj.seconds), seqHit, sequentialMs: w.ms + seqHit.readyMs, hit, bareMs, bare });
+      runs.push({ miss, warmupMs: w.ms, warmupDownloadS: Number(wj.seconds), linkCpu, seqHit, sequentialMs: w.ms + seqHit.readyMs, hit, bareMs, bare });
     }
 
     const liveAll = runs.flatMap((x) => [x.miss.livenessMs, x.seqHit.livenessMs, x.hit.livenessMs]);
@@ -318,6 +342,12 @@ async function main(): Promise<void> {
       lines.push(`  median ${name} run, timeline (ms after spawn): ${t.timeline.map(([ms, m]) => `${ms} ${m}`).join(' | ')}`);
     }
     lines.push(`  warm-up CLI download: ${runs.map((x) => x.warmupDownloadS.toFixed(2)).join(' / ')} s in-process (${(model.totalBytes / 1e6 / median(runs.map((x) => x.warmupDownloadS))).toFixed(0)} MB/s)`);
+    const cpu = (k: 's3rver' | 'proxy' | 'cli') => median(runs.map((x) => x.linkCpu[k]));
+    const busy = (cpu('s3rver') + cpu('proxy') + cpu('cli')) / (median(runs.map((x) => x.warmupMs)) / 1000) / os.cpus().length;
+    if (Number.isFinite(busy)) {
+      lines.push(`  CPU during the warm-up CLI run: s3rver ${cpu('s3rver').toFixed(2)} s, proxy ${cpu('proxy').toFixed(2)} s, CLI ${cpu('cli').toFixed(2)} s = ${(busy * 100).toFixed(0)}% of ${os.cpus().length} cores` +
+        (busy > 0.6 ? ' (the download is bound by this machine\'s CPU more than by the link: work the runtime overlaps with it competes for the same cores)' : ''));
+    }
     process.stdout.write(`${lines.join('\n')}\n`);
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
