@@ -33,7 +33,7 @@ async function main(): Promise<void> {
   const { createLogger } = await import('./log.js');
   const log = createLogger(cfg.logLevel);
   // The S3 listing goes out now, while the runtime's code loads: without the AWS SDK where s3-lite covers the bucket
-  // (a cache hit then never loads the SDK); a miss loads the SDK for its GETs meanwhile.
+  // (then neither a hit nor a miss loads the SDK); otherwise the SDK loads meanwhile.
   const fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
   const { Runtime } = await import('./runtime/runtime.js');
   // performance.now() counts from process start, so 0 is "the process started".

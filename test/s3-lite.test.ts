@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger, type Logger } from '../src/log.js';
 import { resolveModel } from '../src/storage/index.js';
 import { createS3, listPrefix } from '../src/storage/s3.js';
-import { LiteHttpError, liteTarget, listPrefixLite, parseListPage, sdkMightDiffer, signV4, xmlText } from '../src/storage/s3-lite.js';
+import { LiteHttpError, liteTarget, listPrefixLite, objectPath, parseListPage, sdkMightDiffer, signV4, xmlText } from '../src/storage/s3-lite.js';
 import { CREDS, destroyS3, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 /** The Sha256 constructor @smithy/signature-v4 takes, on node:crypto. */
@@ -51,6 +51,8 @@ describe('SigV4 signing', () => {
       { host: '127.0.0.1:9000', path: '/models', query: [['list-type', '2'], ['max-keys', '1000'], ['prefix', 'sd 1.5/ünï&co+x=y~(1)*!\'/']], region: 'us-east-1' },
       { host: 'bucket-1.s3.eu-west-3.amazonaws.com', path: '/', query: [['list-type', '2'], ['max-keys', '1000'], ['prefix', ''], ['continuation-token', '1/ab+cd==']], region: 'eu-west-3', token: 'FwoGZXIvYXdzE//token+with/slashes=' },
       { host: 's3.us-west-2.amazonaws.com', path: '/my.bucket', query: [['prefix', 'a%b'], ['list-type', '2']], region: 'us-west-2' },
+      // A GetObject of an odd key, as getObjectLite addresses it.
+      { host: '127.0.0.1:9000', path: objectPath({ bucketPath: '/models' }, "sd 1.5/ünï&co+x=y~(1)*!'/per%cent"), query: [], region: 'us-east-1' },
     ];
     const now = new Date('2026-11-26T12:34:56Z');
     for (const c of cases) {
@@ -197,7 +199,7 @@ describe('against s3rver', () => {
     expect(sdkMightDiffer(denied)).toBe(false);
   });
 
-  it('a cache hit it checked never loads the AWS SDK', async () => {
+  it('a miss it downloads and a cache hit it checks never load the AWS SDK', async () => {
     const cache = await fsp.mkdtemp(path.join(tmp, 'hit-'));
     // Each resolution in its own process, so the SDK loaded by this test file does not count.
     const script = `
@@ -210,7 +212,7 @@ describe('against s3rver', () => {
       console.log(JSON.stringify({ fromCache: r.fromCache, stale: r.stale ?? false, sdk }));`;
     const env = { ...process.env, ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache };
     const run = async () => JSON.parse((await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { env, cwd: process.cwd() })).stdout) as Record<string, unknown>;
-    expect(await run()).toEqual({ fromCache: false, stale: false, sdk: true });
+    expect(await run()).toEqual({ fromCache: false, stale: false, sdk: false });
     expect(await run()).toEqual({ fromCache: true, stale: false, sdk: false });
   }, 30_000);
 
@@ -237,6 +239,50 @@ describe('against s3rver', () => {
     const err = await rejection(resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'deny-'))), log }));
     expect(err.code).toBe('STORAGE_DENIED');
     expect(infos.filter(([, m]) => m.startsWith('S3 refused the SDK-free listing'))).toHaveLength(2);
+    proxy.faults = {};
+  });
+
+  it('asks for each object by the path the SDK asks for it, odd keys included', async () => {
+    const paths = proxy.stats.getPaths;
+    paths.sdk.length = 0;
+    paths.lite.length = 0;
+    await resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'paths-lite-'))), log: silentLogger() });
+    process.env.AWS_CONFIG_FILE = path.join(tmp, 'aws-config');
+    await fsp.writeFile(process.env.AWS_CONFIG_FILE, '');
+    try {
+      await resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'paths-sdk-'))), log: silentLogger() });
+    } finally {
+      delete process.env.AWS_CONFIG_FILE;
+    }
+    expect(paths.lite.length).toBe(6);
+    expect([...paths.lite].sort()).toEqual([...paths.sdk].sort());
+  });
+
+  it('a GET it may have caused to fail moves that range and the rest of the download to the SDK', async () => {
+    const infos: Array<[Record<string, unknown>, string]> = [];
+    const log = { ...silentLogger(), info: (o: Record<string, unknown>, msg?: string) => void infos.push([o, String(msg)]) } as unknown as Logger;
+    // One range at a time, so every GET after the refused one is sent after the switch.
+    const cfg = testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'get-fallback-')), { S3_MAX_CONCURRENCY: '1' });
+    proxy.faults = { failGets: { count: 1, status: 403, code: 'SignatureDoesNotMatch' } };
+    const { gets, sdkGets } = proxy.stats;
+    const r = await resolveModel('s3://models/sd/', { cfg, log });
+    expect(r.fromCache).toBe(false);
+    const objs = KEYS.filter((k) => k.startsWith('sd/') && !k.endsWith('/'));
+    for (const k of objs) expect((await fsp.readFile(path.join(r.dir, k.slice('sd/'.length)))).length, k).toBe(KEYS.indexOf(k) * 7);
+    const said = infos.filter(([, m]) => m === 'S3 refused an SDK-free GET; downloading through the AWS SDK');
+    expect(said).toHaveLength(1);
+    expect(String(said[0]![0].reason)).toContain('SignatureDoesNotMatch');
+    expect(JSON.stringify(said)).not.toMatch(/echoed-secret|S3RVER/);
+    // The refused GET plus one per object, every one of those through the SDK (empty objects need no GET).
+    const nonEmpty = objs.filter((k) => KEYS.indexOf(k) > 0).length;
+    expect(proxy.stats.gets - gets).toBe(nonEmpty + 1);
+    expect(proxy.stats.sdkGets - sdkGets).toBe(nonEmpty);
+
+    // Denied for real: final, with the same error the SDK would give.
+    proxy.faults = { failGets: { count: 100, status: 403, code: 'AccessDenied' } };
+    const err = await rejection(resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'get-denied-'))), log }));
+    expect(err.code).toBe('STORAGE_DENIED');
+    expect(err.message).toMatch(/access denied to read s3:\/\/models\/sd\/.* \(AccessDenied\)/);
     proxy.faults = {};
   });
 });

@@ -54,8 +54,21 @@ afterEach(() => {
   proxy.faults = {};
 });
 
-describe('resolveModel from S3', () => {
+// Every case runs through s3-lite (what static keys get) and through the AWS SDK (what profiles and roles get;
+// an AWS config file is enough to leave the work to the SDK).
+describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (client) => {
+  beforeAll(async () => {
+    if (client === 'AWS SDK') {
+      process.env.AWS_CONFIG_FILE = path.join(tmp, 'aws-config');
+      await fsp.writeFile(process.env.AWS_CONFIG_FILE, '');
+    }
+  });
+  afterAll(() => {
+    delete process.env.AWS_CONFIG_FILE;
+  });
+
   it('downloads nested prefixes with many small files; each file is whole when announced; a second call is a hit', async () => {
+    const sdkGets = proxy.stats.sdkGets;
     const cache = await newCache();
     const ready: string[] = [];
     const phases = new Set<string>();
@@ -78,15 +91,20 @@ describe('resolveModel from S3', () => {
     const again = await resolveModel('s3://models/nested/sd/', { cfg: cfgFor(cache), log });
     expect(again).toMatchObject({ fromCache: true, dir: r.dir, files: 41 });
     expect(proxy.stats.gets).toBe(gets);
+    // The GETs went through the client this case is about.
+    expect(proxy.stats.sdkGets - sdkGets).toBe(client === 'AWS SDK' ? 41 : 0);
   });
 
   it('splits a large file into many ranges with bounded concurrency', async () => {
     const cache = await newCache();
+    // This download's own peak, above what the proxy still counts open from an earlier case's aborted ranges.
+    const open = proxy.stats.open;
+    proxy.stats.maxConcurrent = open;
     const before = { ...proxy.stats };
     const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log });
     await expectSame(r.dir, big);
     expect(proxy.stats.rangedGets - before.rangedGets).toBe(Math.ceil(BIG / 65536));
-    expect(proxy.stats.maxConcurrent).toBeLessThanOrEqual(8);
+    expect(proxy.stats.maxConcurrent - open).toBeLessThanOrEqual(8);
     expect(proxy.stats.bodyBytes - before.bodyBytes).toBe(Object.values(big).reduce((s, b) => s + b.length, 0));
   });
 

@@ -8,12 +8,12 @@ import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { GetObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
 import { type Journal, type JournalFile, PARTIAL, saveJournal } from './cache.js';
 import { backoffMs, type Part, planParts } from './plan.js';
 import { classify, permanentError, type RemoteObject } from './s3-errors.js';
+import type { GetRequest, ObjectBody } from './s3-lite.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
 export interface StorageIo {
@@ -40,7 +40,8 @@ export const defaultIo: StorageIo = {
 };
 
 export interface DownloadOptions {
-  client: S3Client;
+  /** Sends one GET (s3-lite or the SDK: see S3Fetch.fill in index.ts). */
+  get(r: GetRequest): Promise<ObjectBody>;
   bucket: string;
   entry: string;
   concurrency: number;
@@ -268,18 +269,18 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       let body: Readable | undefined;
       let progressed = false;
       try {
-        const res = await o.client.send(new GetObjectCommand({
-          Bucket: o.bucket,
-          Key: f.obj.key,
-          ...(whole && written === 0 ? {} : { Range: `bytes=${part.start + written}-${part.end}` }),
-          ...(f.obj.etag ? { IfMatch: f.obj.etag } : {}),
-        }), { abortSignal: reqSignal });
-        body = res.Body as Readable;
+        const res = await o.get({
+          key: f.obj.key,
+          ...(whole && written === 0 ? {} : { range: `bytes=${part.start + written}-${part.end}` }),
+          ...(f.obj.etag ? { ifMatch: f.obj.etag } : {}),
+          signal: reqSignal,
+        });
+        body = res.body;
         // Stores that ignore If-Match still send the ETag: compare it ourselves.
-        if (f.obj.etag && res.ETag && res.ETag !== f.obj.etag) throw new ObjectChangedError(f.obj.key);
-        if (!f.obj.etag || !res.ETag) etagsChecked = false;
-        if (res.ContentLength !== undefined && res.ContentLength !== len) {
-          throw Object.assign(new Error(`expected ${len} bytes, server announced ${res.ContentLength}`), { code: 'SHORT_READ' });
+        if (f.obj.etag && res.etag && res.etag !== f.obj.etag) throw new ObjectChangedError(f.obj.key);
+        if (!f.obj.etag || !res.etag) etagsChecked = false;
+        if (res.contentLength !== undefined && res.contentLength !== len) {
+          throw Object.assign(new Error(`expected ${len} bytes, server announced ${res.contentLength}`), { code: 'SHORT_READ' });
         }
         // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
         // While that write is pending the loop does not pull, so the socket pauses: backpressure, bounded memory.

@@ -15,7 +15,7 @@ import type { StorageIo } from './download.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError, type RemoteObject } from './s3-errors.js';
-import { liteTarget, listPrefixLite, sdkMightDiffer, type LiteTarget } from './s3-lite.js';
+import { getObjectLite, liteAgent, liteTarget, listPrefixLite, sdkMightDiffer, type GetRequest, type LiteTarget, type ObjectBody } from './s3-lite.js';
 import type { S3Handle } from './s3.js';
 import { cacheKey, containedPath, parseStorageUri } from './uri.js';
 
@@ -98,10 +98,12 @@ class S3Fetch {
   private readonly samples: Array<[number, number]> = [];
   private lastEmit = 0;
   private readonly signal: AbortSignal;
-  /** Set while listings go without the SDK (s3-lite.ts); cleared for good after an answer the SDK might not get. */
+  /** Set while listings and GETs go without the SDK (s3-lite.ts); cleared for good after an answer the SDK might not get. */
   private lite: LiteTarget | undefined;
-  /** The AWS SDK and its client, imported on first need: a cache hit whose listing s3-lite did never loads it. */
+  /** The AWS SDK and its client, imported on first need: where s3-lite covers the bucket, never. */
   private sdkClient: Promise<{ s3: typeof import('./s3.js'); handle: S3Handle }> | undefined;
+  /** s3-lite's keep-alive sockets for the ranged GETs, made on the first one. */
+  private agent: ReturnType<typeof liteAgent> | undefined;
 
   constructor(private readonly bucket: string, private readonly prefix: string, private readonly uri: string,
     private readonly o: ResolveOptions, private readonly t0: number) {
@@ -135,8 +137,8 @@ class S3Fetch {
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
-      // Filling needs the SDK for its ranged GETs: it loads while the listing is in flight.
-      this.sdk().catch(() => undefined);
+      // Without s3-lite the ranged GETs need the SDK: it loads while the listing is in flight.
+      if (!this.lite) this.sdk().catch(() => undefined);
       listing ??= await this.listing(cfg.s3.maxAttempts, 60_000);
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
@@ -171,6 +173,7 @@ class S3Fetch {
       }
       throw e;
     } finally {
+      this.agent?.destroy();
       if (this.sdkClient) (await this.sdkClient.catch(() => undefined))?.handle.destroy();
     }
   }
@@ -222,8 +225,22 @@ class S3Fetch {
 
   private async fill(initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
-    const [{ handle }, { defaultIo, downloadAll, ObjectChangedError }] = await Promise.all([this.sdk(), import('./download.js')]);
-    const client = handle.client;
+    const { defaultIo, downloadAll, ObjectChangedError } = await import('./download.js');
+    const get = async (r: GetRequest): Promise<ObjectBody> => {
+      const lite = this.lite;
+      if (lite) {
+        try {
+          return await getObjectLite(lite, (this.agent ??= liteAgent(lite, cfg.s3.maxConcurrency)), r);
+        } catch (e) {
+          // A signature complaint, a redirect or a 400 may be s3-lite's doing: this and every later range go through the SDK.
+          if (r.signal.aborted || !sdkMightDiffer(e)) throw e;
+          if (this.lite) log.info({ reason: (e as Error).message }, 'S3 refused an SDK-free GET; downloading through the AWS SDK');
+          this.lite = undefined;
+        }
+      }
+      const { s3, handle } = await this.sdk();
+      return s3.getObject(handle.client, this.bucket, r);
+    };
     await fsp.mkdir(this.entry, { recursive: true });
     const journal: Journal = await readJournal(this.entry);
     // A committed entry being refreshed: its files count as complete downloads of their ETags.
@@ -268,7 +285,7 @@ class S3Fetch {
       let report;
       try {
         report = await downloadAll(fetch, {
-          client, bucket: this.bucket, entry: this.entry, journal, log, signal,
+          get, bucket: this.bucket, entry: this.entry, journal, log, signal,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
           writeBytes: this.o.writeBytes ?? 1 << 20,
           io: { ...defaultIo, ...this.o.io },

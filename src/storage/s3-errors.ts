@@ -1,6 +1,6 @@
 /**
  * @module What an S3 failure means, without the AWS SDK: classification into retry / denied / missing / changed, and
- * the RuntimeError an operator reads. Shared by the SDK client (s3.ts) and the SDK-free listing (s3-lite.ts).
+ * the RuntimeError an operator reads. Shared by the SDK client (s3.ts) and the SDK-free listing and GETs (s3-lite.ts).
  */
 import { RuntimeError } from '../errors.js';
 import { RETRY } from './plan.js';

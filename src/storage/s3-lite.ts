@@ -1,19 +1,21 @@
 /**
- * @module ListObjectsV2 without the AWS SDK: Signature V4 over node:http(s), for static credentials from the
- * environment. Importing @aws-sdk/client-s3 costs ~250 ms of CPU, and on a cache hit the only S3 call is the listing
- * that proves the entry current; with this module a hit never loads the SDK, and a miss lists while the SDK loads.
+ * @module ListObjectsV2 and ranged GetObject without the AWS SDK: Signature V4 over node:http(s), for static
+ * credentials from the environment. Importing @aws-sdk/client-s3 costs ~250 ms of CPU, and its heap makes every
+ * garbage collection of a download dearer: with this module a hit never loads the SDK, and neither does a miss.
  *
  * It covers the common case only. `liteTarget` returns undefined, and the SDK does the work, whenever the SDK might
  * sign or route differently: credentials from a profile, a web identity or an instance role; an AWS config file;
  * FIPS or dual-stack endpoints; a custom endpoint addressed virtual-hosted or with a base path; AWS bucket names that
- * are not plain DNS labels, directory (S3 Express) and Object Lambda buckets; China and ISO regions. An answer that may be this module's own doing (a signature complaint, a redirect, a 400) sends
- * the listing to the SDK too (sdkMightDiffer, used by S3Fetch in index.ts), so a difference in signing shows up as a
- * slower listing, never as a wrong answer.
+ * are not plain DNS labels, directory (S3 Express) and Object Lambda buckets; China and ISO regions. An answer that
+ * may be this module's own doing (a signature complaint, a redirect, a 400) sends the listing, or the rest of the
+ * download, to the SDK too (sdkMightDiffer, used by S3Fetch in index.ts), so a difference in signing shows up as a
+ * slower start, never as a wrong answer.
  */
 import { createHash, createHmac } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
+import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
 import type { RemoteObject } from './s3-errors.js';
 
@@ -143,10 +145,10 @@ export function signV4(r: SignInput): { headers: Record<string, string>; query: 
 /** An error response, shaped like the SDK's service errors so s3-errors.ts classifies both alike. */
 export class LiteHttpError extends Error {
   readonly $metadata: { httpStatusCode: number };
-  constructor(status: number, code: string | undefined) {
+  constructor(status: number, code: string | undefined, what = 'listing') {
     // The code comes from the server: only a short identifier goes into messages and logs.
     const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
-    super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the listing`);
+    super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
     this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
   }
@@ -252,4 +254,71 @@ export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: Abo
   } while (token !== undefined);
   out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
   return out;
+}
+
+/** A ranged GET as the reader (download.ts) asks for it, whichever client sends it. */
+export interface GetRequest {
+  key: string;
+  /** An HTTP Range value (`bytes=a-b`); absent: the whole object. */
+  range?: string;
+  ifMatch?: string;
+  signal: AbortSignal;
+}
+
+/** The answer the reader streams: a 200/206 body and the headers it checks. */
+export interface ObjectBody {
+  body: Readable;
+  etag: string | undefined;
+  contentLength: number | undefined;
+}
+
+/** Keep-alive sockets for one download's GETs: `sockets` = the ranges in flight, so none waits for a socket. */
+export function liteAgent(t: LiteTarget, sockets: number): http.Agent {
+  const opts = { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' as const };
+  return t.origin.startsWith('https:') ? new https.Agent({ ...opts, ...t.tls }) : new http.Agent(opts);
+}
+
+/** Largest error body read (S3's are a few hundred bytes). */
+const MAX_ERROR_BYTES = 64 * 1024;
+
+/**
+ * GetObject without the SDK. Only host, x-amz-date and the payload hash are signed; Range and If-Match travel
+ * unsigned, as SigV4 allows. An error answer rejects with a LiteHttpError carrying S3's Code (classified in
+ * s3-errors.ts like the SDK's); a 200 or 206 resolves with the body unread.
+ */
+/** An object's request path: S3 signs the key as sent, each segment encoded once, the slashes kept. */
+export function objectPath(t: Pick<LiteTarget, 'bucketPath'>, key: string): string {
+  return `${t.bucketPath}/${key.split('/').map(encodeRfc3986).join('/')}`;
+}
+
+export function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): Promise<ObjectBody> {
+  const u = new URL(t.origin);
+  const keyPath = objectPath(t, r.key);
+  const { headers } = signV4({ method: 'GET', host: u.host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: new Date() });
+  if (r.range !== undefined) headers.range = r.range;
+  if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
+  const secure = u.protocol === 'https:';
+  const opts: https.RequestOptions = {
+    method: 'GET', hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80), path: keyPath, headers, agent, signal: r.signal,
+  };
+  return new Promise((resolve, reject) => {
+    const req = (secure ? https : http).request(opts, (res) => {
+      const status = res.statusCode ?? 0;
+      if (status === 200 || status === 206) {
+        const len = res.headers['content-length'];
+        resolve({ body: res, etag: res.headers.etag, contentLength: len !== undefined ? Number(len) : undefined });
+        return;
+      }
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      res.on('data', (c: Buffer) => {
+        bytes += c.length;
+        if (bytes <= MAX_ERROR_BYTES) chunks.push(c);
+      });
+      res.on('end', () => reject(new LiteHttpError(status, tag(Buffer.concat(chunks).toString('utf8'), 'Code'), 'read')));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
 }

@@ -1,10 +1,11 @@
 /** @module The S3 client of the AWS SDK (socket pool sized to the concurrency, KServe-style endpoint settings) and its listing; errors are classified in s3-errors.ts. */
 import http from 'node:http';
 import https from 'node:https';
-import { HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
+import type { Readable } from 'node:stream';
+import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import type { RemoteObject } from './s3-errors.js';
-import { tlsOptions } from './s3-lite.js';
+import { tlsOptions, type GetRequest, type ObjectBody } from './s3-lite.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind, type RemoteObject } from './s3-errors.js';
 
@@ -66,4 +67,12 @@ export async function listPrefix(client: S3Client, bucket: string, prefix: strin
 export async function headObject(client: S3Client, bucket: string, key: string, signal?: AbortSignal): Promise<{ size: number; etag: string }> {
   const h = await client.send(new HeadObjectCommand({ Bucket: bucket, Key: key }), signal ? { abortSignal: signal } : {});
   return { size: h.ContentLength ?? 0, etag: h.ETag ?? '' };
+}
+
+/** A ranged GET through the SDK, answered in the reader's terms (s3-lite's ObjectBody). */
+export async function getObject(client: S3Client, bucket: string, r: GetRequest): Promise<ObjectBody> {
+  const res = await client.send(new GetObjectCommand({
+    Bucket: bucket, Key: r.key, ...(r.range !== undefined ? { Range: r.range } : {}), ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
+  }), { abortSignal: r.signal });
+  return { body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength };
 }

@@ -80,6 +80,8 @@ export interface Faults {
   listDelayMs?: number;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
   failLists?: { count: number; status: number; code: string };
+  /** The same for the next `count` GetObject requests. */
+  failGets?: { count: number; status: number; code: string };
   /** Hold GETs of keys matching `keys` (not forwarded, no answer) until `release` settles. */
   hold?: { keys: RegExp; release: Promise<unknown> };
 }
@@ -87,7 +89,7 @@ export interface Faults {
 export interface FaultProxy {
   readonly port: number;
   readonly endpoint: string;
-  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; held: number };
+  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number; getPaths: { sdk: string[]; lite: string[] } };
   faults: Faults;
   close(): Promise<void>;
 }
@@ -98,7 +100,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, held: 0 };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] } };
   let concurrent = 0;
   const sockets = new Set<import('node:net').Socket>();
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
@@ -118,12 +120,23 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.writeHead(f.failLists.status, { 'content-type': 'application/xml' }).end(s3Error(f.failLists.code));
       return;
     }
+    if (isGet && f.failGets && f.failGets.count > 0) {
+      f.failGets.count--;
+      stats.gets++;
+      req.resume();
+      res.writeHead(f.failGets.status, { 'content-type': 'application/xml' }).end(s3Error(f.failGets.code));
+      return;
+    }
     if (isGet) {
       stats.gets++;
+      // The AWS SDK names itself; s3-lite sends no user agent.
+      const sdk = /aws-sdk/.test(req.headers['user-agent'] ?? '');
+      if (sdk) stats.sdkGets++;
+      stats.getPaths[sdk ? 'sdk' : 'lite'].push((req.url ?? '').split('?')[0]!);
       if (req.headers.range) stats.rangedGets++;
-      concurrent++;
+      stats.open = ++concurrent;
       stats.maxConcurrent = Math.max(stats.maxConcurrent, concurrent);
-      res.on('close', () => concurrent--);
+      res.on('close', () => (stats.open = --concurrent));
     }
     const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
       if (isList && f.rewriteList) {
