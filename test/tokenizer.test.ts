@@ -80,6 +80,17 @@ describe('ClipTokenizer.encode', () => {
     expect(toy.encode('abc abc abc abc abc')).toEqual([8, 7, 7, 7, 7, 9]);
   });
 
+  it('merges.txt with odd whitespace (tabs, double or trailing spaces, CRLF) ranks as the clean file does', () => {
+    const chars = ['a', 'b', 'c', 'a</w>', 'b</w>', 'c</w>'];
+    const vocab: Record<string, number> = {};
+    [...chars, 'ab', 'abc</w>', 'bc</w>', '<|startoftext|>', '<|endoftext|>'].forEach((t, i) => (vocab[t] = i));
+    const clean = ClipTokenizer.fromData(vocab, '#version: 0.2\na b\nab c</w>\nb c</w>\n');
+    for (const merges of ['#version: 0.2\na\tb\nab  c</w>\nb c</w> \n', '#version: 0.2\r\na b\r\nab c</w>\r\n b c</w>\r\n']) {
+      const odd = ClipTokenizer.fromData(vocab, merges);
+      for (const text of ['abc', 'bc', 'cab abc', 'ab']) expect(odd.tokenize(text), JSON.stringify(merges)).toEqual(clean.tokenize(text));
+    }
+  });
+
   it('special tokens in text map to their ids', () => {
     expect(tok.tokenize('a<|endoftext|>dog')).toEqual([320, 49407, 1929]);
   });
