@@ -27,7 +27,7 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   const s3 = cfg.storageUri?.startsWith('s3://') === true;
-  // A committed cache entry for an s3:// model: the workers start its tokenizers and sessions at once, before the
+  // A committed cache entry for an s3:// model: the workers start its sessions at once, before the
   // runtime and the logger load (the runtime checks the entry against S3 before warm-up).
   const early = s3 ? await announceCommitted(cfg, workers) : undefined;
   const { createLogger } = await import('./log.js');
@@ -59,8 +59,9 @@ async function announceCommitted(cfg: Readonly<Config>, workers: SpawnedWorker[]
   const early = await peekCommitted(cfg.storageUri!, cfg);
   if (early === undefined) return null;
   for (const dir of componentDirs(early.dir, early.manifest.files.map((f) => f.path))) {
+    // Sessions only: the runtime parses the tokenizers on this thread once it has loaded.
     const m = announcement(dir);
-    if (m) for (const w of workers) w.worker.postMessage(m);
+    if (m?.t === 'component') for (const w of workers) w.worker.postMessage(m);
   }
   return early;
 }

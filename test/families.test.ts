@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { readLayout } from '../src/pipeline/model.js';
 import { SessionFactory, type OnnxSession } from '../src/pipeline/onnx.js';
 import { Pipeline, type Job, type Sessions } from '../src/pipeline/pipeline.js';
+import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { fixtureModel, type DemoOptions } from './fixtures/index.js';
 
 interface UnetCall {
@@ -31,7 +32,7 @@ async function load(opts: DemoOptions) {
     return run(feeds, outputs);
   };
   const pipe = await Pipeline.create(layout, sessions as unknown as Sessions);
-  return { pipe, calls, layout };
+  return { pipe, calls, layout, sessions };
 }
 
 const job = (shape: Partial<Job['shape']>, items: Partial<Job['items'][number]>[] = [{}]): Job => ({
@@ -143,4 +144,22 @@ describe('request options', () => {
     const euler = await pipe.generate(job({ steps: 6, scheduler: 'euler_a' }));
     expect(meanAbs(pndm.images[0]!.rgb, euler.images[0]!.rgb)).toBeGreaterThan(0.1);
   });
+});
+
+describe('token ids from the engine', () => {
+  it("a job carrying ids (as the runtime tokenizes on its main thread) gives the images the pipeline's own tokenizers give, SDXL's second included", async () => {
+    for (const family of ['sd15', 'sdxl'] as const) {
+      const { pipe, layout, sessions } = await load({ family });
+      const external = await Pipeline.create(layout, sessions as unknown as Sessions, 'external');
+      const toks = await Promise.all(layout.tokenizerDirs.map((d) => ClipTokenizer.load(d)));
+      const j = job({ steps: 2 }, [{ prompt: 'a castle on a hill', negativePrompt: 'fog' }, { prompt: 'a boat', seed: 9 }]);
+      const texts = new Set(j.items.flatMap((it) => [it.prompt, it.negativePrompt ?? '']));
+      const withIds: Job = { ...j, tokens: [...texts].map((t) => [t, toks.map((tok) => tok.encode(t))]) };
+      const own = await pipe.generate(j);
+      const given = await external.generate(withIds);
+      expect(given.images.map((i) => Buffer.from(i.rgb).toString('base64')), family).toEqual(own.images.map((i) => Buffer.from(i.rgb).toString('base64')));
+      // Without ids and without tokenizers of its own, it says so rather than guessing.
+      await expect(external.generate(j)).rejects.toThrow(/no token ids/);
+    }
+  }, 60_000);
 });

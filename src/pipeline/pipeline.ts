@@ -22,6 +22,12 @@ export type JobShape = GenerationShape;
 export interface Job {
   shape: JobShape;
   items: JobItem[];
+  /**
+   * Token ids of every prompt and negative text of the job (a missing negative as ''), one id list per tokenizer of
+   * the model (tokenizer, tokenizer_2), as the engine encoded them on the main thread. Absent: the pipeline encodes
+   * with tokenizers of its own (Pipeline.create without 'external').
+   */
+  tokens?: Array<[string, number[][]]>;
 }
 
 /** One decoded image: RGB uint8, row-major HWC. */
@@ -62,6 +68,9 @@ export interface Sessions {
   vae_decoder: SessionLike;
 }
 
+/** Token ids of `text` for the model's tokenizer number `k` (padded to its max length). */
+type Tokenize = (text: string, k: number) => number[];
+
 const LATENT_CHANNELS = 4;
 const f = Math.fround;
 
@@ -73,11 +82,15 @@ export class Pipeline {
     readonly tokenizers: ClipTokenizer[],
   ) {}
 
-  /** `preloaded` maps a tokenizer folder to a load already under way (started while other files downloaded). */
-  static async create(layout: ModelLayout, sessions: Sessions, preloaded?: ReadonlyMap<string, Promise<ClipTokenizer>>): Promise<Pipeline> {
+  /**
+   * `tokenizers`: 'external' when every job brings its token ids (`Job.tokens`: the runtime's workers, whose
+   * engine tokenizes on the main thread); otherwise folders whose loads are already under way, or none.
+   */
+  static async create(layout: ModelLayout, sessions: Sessions, tokenizers?: ReadonlyMap<string, Promise<ClipTokenizer>> | 'external'): Promise<Pipeline> {
     const { unet, ...later } = sessions;
-    const [u, tokenizers] = await Promise.all([unet, Promise.all(layout.tokenizerDirs.map((d) => preloaded?.get(path.resolve(d)) ?? ClipTokenizer.load(d)))]);
-    const p = new Pipeline(layout, u, later, tokenizers);
+    const own = tokenizers === 'external' ? [] : layout.tokenizerDirs.map((d) => tokenizers?.get(path.resolve(d)) ?? ClipTokenizer.load(d));
+    const [u, toks] = await Promise.all([unet, Promise.all(own)]);
+    const p = new Pipeline(layout, u, later, toks);
     // Fail at load, not at the first request, when the scheduler config is unusable.
     createScheduler(layout.schedulerConfig, 10);
     return p;
@@ -125,7 +138,15 @@ export class Pipeline {
     const w0 = performance.now();
     const encoders = { text_encoder: await this.later.text_encoder, ...(this.later.text_encoder_2 ? { text_encoder_2: await this.later.text_encoder_2 } : {}) };
     const t0 = performance.now();
-    const cond = await this.#encode(items, cfg, encoders);
+    const given = job.tokens ? new Map(job.tokens) : undefined;
+    const tokenize = (text: string, k: number): number[] => {
+      const ids = given?.get(text)?.[k];
+      if (ids) return ids;
+      const tok = this.tokenizers[k];
+      if (!tok) throw new RuntimeError('INTERNAL', 'the job carries no token ids for one of its texts');
+      return tok.encode(text);
+    };
+    const cond = await this.#encode(items, cfg, encoders, tokenize);
     const t1 = performance.now();
 
     const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
@@ -205,24 +226,25 @@ export class Pipeline {
   }
 
   /** Prompt embeddings [negative rows; positive rows] (or positive only), each item repeated per image. */
-  async #encode(items: JobItem[], cfg: boolean, enc: { text_encoder: OnnxSession; text_encoder_2?: OnnxSession }): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
+  async #encode(items: JobItem[], cfg: boolean, enc: { text_encoder: OnnxSession; text_encoder_2?: OnnxSession }, tokenize: Tokenize): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
     const repeat = (rows: Float32Array[]) => items.flatMap((it, i) => Array.from({ length: it.numImages }, () => rows[i]!));
     const enc1 = enc.text_encoder;
     if (!this.layout.isXL) {
-      const pos = await this.#runEncoder(enc1, this.tokenizers[0]!, items.map((it) => it.prompt), 'last_hidden_state');
+      const pos = await this.#runEncoder(enc1, tokenize, 0, items.map((it) => it.prompt), 'last_hidden_state');
       let rows = repeat(pos.rows);
       if (cfg) {
-        const neg = await this.#runEncoder(enc1, this.tokenizers[0]!, items.map((it) => it.negativePrompt ?? ''), 'last_hidden_state');
+        const neg = await this.#runEncoder(enc1, tokenize, 0, items.map((it) => it.negativePrompt ?? ''), 'last_hidden_state');
         rows = [...repeat(neg.rows), ...rows];
       }
       return { embeds: concat(...rows), seq: pos.seq, dim: pos.dim };
     }
     // SDXL: penultimate hidden states of both encoders, concatenated on the feature axis; pooled from encoder 2.
     const enc2 = enc.text_encoder_2!;
-    const tok2 = this.tokenizers[1] ?? this.tokenizers[0]!;
+    // The second encoder's own tokenizer (tokenizer_2) when the export has one.
+    const k2 = this.layout.tokenizerDirs.length > 1 ? 1 : 0;
     const both = async (texts: string[]) => {
-      const a = await this.#runEncoder(enc1, this.tokenizers[0]!, texts, penultimate(enc1));
-      const b = await this.#runEncoder(enc2, tok2, texts, penultimate(enc2), 'text_embeds');
+      const a = await this.#runEncoder(enc1, tokenize, 0, texts, penultimate(enc1));
+      const b = await this.#runEncoder(enc2, tokenize, k2, texts, penultimate(enc2), 'text_embeds');
       const rows = a.rows.map((ra, i) => interleave(ra, b.rows[i]!, a.seq, a.dim, b.dim));
       return { rows, pooled: b.pooled!, seq: a.seq, dim: a.dim + b.dim };
     };
@@ -249,13 +271,15 @@ export class Pipeline {
    * encoding a dynamic batch together would make a batched image differ from the same request run alone.
    * Batch 1 is also what diffusers does for a single prompt; the encoder is a small part of a generation.
    */
-  async #runEncoder(session: OnnxSession, tok: ClipTokenizer, texts: string[], output: string, pooledName?: string) {
-    const seq = tok.maxLength;
+  async #runEncoder(session: OnnxSession, tokenize: Tokenize, k: number, texts: string[], output: string, pooledName?: string) {
+    let seq = 0;
     const names = pooledName ? [output, pooledName] : [output];
     const memo = new Map<string, { row: Float32Array; pooled: Float32Array | undefined; dim: number }>();
     for (const t of texts) {
       if (memo.has(t)) continue;
-      const out = await session.run({ input_ids: { data: tok.encode(t), dims: [1, seq] } }, names);
+      const ids = tokenize(t, k);
+      seq = ids.length;
+      const out = await session.run({ input_ids: { data: ids, dims: [1, seq] } }, names);
       const hs = out[output]!;
       const p = pooledName ? out[pooledName] : undefined;
       memo.set(t, { row: hs.data.slice(0, seq * hs.dims[2]!), pooled: p ? p.data.slice(0, p.dims[1]!) : undefined, dim: hs.dims[2]! });

@@ -31,7 +31,6 @@ export type FromOptimizer =
 
 export type ToWorker =
   | { t: 'component'; component: string; path: string }
-  | { t: 'tokenizer'; dir: string }
   /** `listed`: the model's relative file paths while its weights still download (a partial load, see worker.ts). */
   | { t: 'load'; dir: string; listed?: string[] }
   /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
@@ -64,7 +63,8 @@ export type FromWorker =
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
   | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string }
   /** `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready. */
-  | { t: 'loaded'; defaults: ModelDefaults; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
+  /** `tokenizerDirs`: the model's tokenizer folders in order (tokenizer, tokenizer_2); jobs carry ids from each. */
+  | { t: 'loaded'; defaults: ModelDefaults; tokenizerDirs: string[]; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
   | { t: 'load-failed'; code: string; message: string }
   /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
   | { t: 'progress'; id: number; step: number; of: number; previews?: RawImage[] }

@@ -1,7 +1,8 @@
 /**
  * @module Worker-thread entry: owns the ONNX sessions and runs generations. ORT's run blocks the
  * thread that calls it, so none of this may run on the main thread (liveness, probes, metrics).
- * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work.
+ * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work, and
+ * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -9,7 +10,6 @@ import { RuntimeError, isRuntimeError } from '../errors.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type OnnxSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
-import { ClipTokenizer } from './tokenizer.js';
 import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
 
 const port = parentPort;
@@ -32,8 +32,6 @@ const providers: Record<string, string> = {};
 /** `partial`: loaded from the listing while weights still download (load's `listed`); `dir` as given to load. */
 let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
 const cancelled = new Set<number>();
-// Tokenizers parse (vocab.json, merges.txt) as soon as their small files are whole, while weights still arrive.
-const tokenizers = new Map<string, Promise<ClipTokenizer>>();
 let queue: Promise<void> = Promise.resolve();
 
 /** Bumped by reset(): a creation started before it reports nothing (its session is released, not used). */
@@ -106,7 +104,7 @@ async function load(dir: string, listed?: string[]): Promise<void> {
       unet: byName.get('unet')!,
       vae_decoder: byName.get('vae_decoder')!,
       ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
-    }, tokenizers);
+    }, 'external');
     p.partial = listed !== undefined;
     p.dir = dir;
     pipeline = p;
@@ -131,7 +129,7 @@ function postLoaded(p: NonNullable<typeof pipeline>): void {
   const fallbackReason = factory.fallbackReason;
   // The writes to defer are handed over once, with the load that has every session (a partial one has not).
   const optimize = p.partial ? [] : factory.deferredWrites.splice(0);
-  post({ t: 'loaded', defaults: p.defaults(), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}), optimize });
+  post({ t: 'loaded', defaults: p.defaults(), tokenizerDirs: p.layout.tokenizerDirs.map((d) => path.resolve(d)), providers: { ...providers }, ...(fallbackReason ? { fallbackReason } : {}), optimize });
 }
 
 function postLoadFailed(err: unknown): void {
@@ -146,7 +144,6 @@ async function reset(): Promise<void> {
   announced.clear();
   const all = [...sessions.values()];
   sessions.clear();
-  tokenizers.clear();
   pipeline = undefined;
   await Promise.allSettled(all.map(async (s) => (await s).release()));
   // After the old creations have settled, so none of them puts anything back.
@@ -202,15 +199,6 @@ port.on('message', (m: ToWorker) => {
       announced.set(m.component, m.path);
       for (const w of awaiting.get(m.component)?.splice(0) ?? []) w.resolve(m.path);
       session(m.component, m.path).catch(() => {}); // reported by load
-      break;
-    }
-    case 'tokenizer': {
-      const dir = path.resolve(m.dir);
-      if (!tokenizers.has(dir)) {
-        const p = ClipTokenizer.load(dir);
-        p.catch(() => tokenizers.delete(dir)); // reported by load, which retries
-        tokenizers.set(dir, p);
-      }
       break;
     }
     case 'load':

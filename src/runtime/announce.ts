@@ -1,12 +1,14 @@
 /**
- * @module What a whole component folder lets the pipeline workers start: its ONNX session (`<comp>/model.onnx`) or
- * its tokenizer (`tokenizer`, `tokenizer_2`: vocab.json). Light on purpose: `main` uses it before the runtime is imported.
+ * @module What a whole component folder lets start: its ONNX session in the pipeline workers (`<comp>/model.onnx`),
+ * or its tokenizer's parse on the main thread (`tokenizer`, `tokenizer_2`: vocab.json). Light on purpose: `main` uses
+ * it before the runtime is imported.
  */
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import type { ToWorker } from '../pipeline/protocol.js';
 
-export function announcement(compDir: string): ToWorker | undefined {
+export type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
+
+export function announcement(compDir: string): Announcement | undefined {
   const comp = path.basename(compDir);
   const onnx = path.join(compDir, 'model.onnx');
   if (existsSync(onnx)) return { t: 'component', component: comp, path: onnx };

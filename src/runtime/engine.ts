@@ -8,12 +8,14 @@
  *                                                                                  ▼
  *                                                        sharp encodes on its own threads ──► results split per task
  */
+import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Config, OutputFormat } from '../config.js';
-import { RuntimeError } from '../errors.js';
+import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
+import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
 import { spawnWorkers, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
@@ -117,6 +119,9 @@ export class Engine {
   #defaults: ModelDefaults | undefined;
   readonly #labels: { model_name: string };
   #idleWaiters: Array<() => void> = [];
+  /** Tokenizer parses by folder (main thread), and the loaded model's tokenizers in order. */
+  readonly #tokenizers = new Map<string, Promise<ClipTokenizer>>();
+  #active: ClipTokenizer[] = [];
   /** Batches the workers have finished whose images are still being encoded here. */
   #encoding = 0;
 
@@ -161,13 +166,34 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 
-  /** A tokenizer folder is whole: the workers can parse it before the weights arrive. */
+  /**
+   * A tokenizer folder is whole: it parses here, on the main thread, while the workers create sessions (on a
+   * worker the ~150 ms parse would sit between two of its sessions); jobs then carry token ids (#dispatch).
+   */
   tokenizerReady(dir: string): void {
-    for (const w of this.#workers) w.send({ t: 'tokenizer', dir });
+    void this.#tokenizer(dir).catch(() => undefined); // reported by load
+  }
+
+  /** Resolves when every tokenizer announced so far has parsed (or failed). */
+  tokenizersSettled(): Promise<void> {
+    return Promise.allSettled([...this.#tokenizers.values()]).then(() => undefined);
+  }
+
+  #tokenizer(dir: string): Promise<ClipTokenizer> {
+    const key = path.resolve(dir);
+    let p = this.#tokenizers.get(key);
+    if (!p) {
+      p = ClipTokenizer.load(key);
+      // A failed parse is forgotten, so a later load tries again.
+      p.catch(() => this.#tokenizers.delete(key));
+      this.#tokenizers.set(key, p);
+    }
+    return p;
   }
 
   /** The files sessions were started from were replaced: every worker drops them before the next `load`. */
   resetSessions(): void {
+    this.#tokenizers.clear();
     for (const w of this.#workers) w.send({ t: 'reset' });
   }
 
@@ -299,12 +325,11 @@ export class Engine {
     worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve() };
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
-    worker.send({
-      t: 'generate',
-      id,
-      job: { shape: head.shape, items: tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages }))) },
-      previewEvery: head.previewEvery,
-    });
+    const items = tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages })));
+    // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
+    const tokens = new Map<string, number[][]>();
+    for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));
+    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens] }, previewEvery: head.previewEvery });
   }
 
   #onMessage(w: WorkerHandle, m: FromWorker): void {
@@ -322,20 +347,31 @@ export class Engine {
       case 'load-failed': {
         const waiter = w.loads.shift();
         if (!waiter) break;
-        waiter.left--;
-        if (m.t === 'load-failed') {
-          if (!waiter.settled) waiter.reject(new RuntimeError(m.code as never, m.message));
+        const fail = (err: RuntimeError) => {
+          waiter.left--;
+          if (!waiter.settled) waiter.reject(err);
           waiter.settled = true;
+        };
+        if (m.t === 'load-failed') {
+          fail(new RuntimeError(m.code as never, m.message));
           break;
         }
-        w.loaded = true;
-        this.#defaults = m.defaults;
-        waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
-        if (waiter.left === 0 && !waiter.settled) {
-          waiter.settled = true;
-          waiter.resolve(waiter.result);
-        }
-        this.#pump();
+        // The worker's pipeline is ready; jobs need the model's tokenizers here too (parsing since announced).
+        void Promise.all(m.tokenizerDirs.map((d) => this.#tokenizer(d))).then(
+          (toks) => {
+            this.#active = toks;
+            w.loaded = true;
+            this.#defaults = m.defaults;
+            waiter.left--;
+            waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
+            if (waiter.left === 0 && !waiter.settled) {
+              waiter.settled = true;
+              waiter.resolve(waiter.result);
+            }
+            this.#pump();
+          },
+          (err: unknown) => fail(isRuntimeError(err) ? err : new RuntimeError('MODEL_FORMAT', `tokenizer: ${(err as Error)?.message ?? String(err)}`)),
+        );
         break;
       }
       case 'progress': {

@@ -56,6 +56,7 @@ export class Runtime {
   #optimizer: { child: ChildProcess; files: string[] } | undefined;
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
   #early: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
+  #sharp = false;
 
   constructor(
     readonly cfg: Readonly<Config>,
@@ -109,7 +110,9 @@ export class Runtime {
   async start(): Promise<void> {
     const started = this.opts.startedAt ?? performance.now();
     this.engine.start(this.opts.workers); // workers import ORT while we resolve and fetch
-    void this.#importSharp();
+    // With a committed entry the tokenizers parse first on this thread (the warm-up needs them as soon as the
+    // sessions exist; sharp only at its end): see #resolveAndFetch. Otherwise sharp loads now.
+    if (!this.opts.early) void this.#importSharp();
     try {
       const dir = await this.#resolveAndFetch();
       if (this.#stopping) return;
@@ -151,7 +154,10 @@ export class Runtime {
    * sharp encodes every image on this thread (engine.ts): it loads now, on this thread's core, while the workers
    * import ORT and build sessions on theirs. A failure surfaces where an image is first encoded (the warm-up).
    */
-  async #importSharp(): Promise<void> {
+  async #importSharp(after?: Promise<unknown>): Promise<void> {
+    if (this.#sharp) return;
+    this.#sharp = true;
+    await after;
     const t0 = performance.now();
     try {
       await loadSharp();
@@ -182,7 +188,7 @@ export class Runtime {
         componentFiles.get(comp)!.add(f.relPath);
       }
     };
-    /** `tell` false: only the bookkeeping (the workers were told already). */
+    /** `tell` false: only the bookkeeping for sessions (`main` told the workers already); tokenizers parse here either way. */
     const onFileReady = (rel: string, abs: string, tell = true) => {
       ready.add(rel);
       const comp = rel.split('/')[0]!;
@@ -191,7 +197,7 @@ export class Runtime {
       const dir = abs.slice(0, abs.length - rel.length);
       if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
         announced.add(comp);
-        if (tell) this.#announce(path.join(dir, comp));
+        if (tell || /^tokenizer(_\d+)?$/.test(comp)) this.#announce(path.join(dir, comp));
       }
       this.#maybeWarmEarly(dir, listed, ready, announced);
     };
@@ -210,6 +216,7 @@ export class Runtime {
       onListing(early.manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
       // When `main` found the entry, it has told the workers already.
       for (const f of early.manifest.files) onFileReady(f.path, path.join(early.dir, f.path), this.opts.early === undefined);
+      void this.#importSharp(this.engine.tokenizersSettled());
     }
     // `main` usually started the fetch before the runtime loaded (see early-fetch.ts); the runtime takes it over.
     const fetch = this.opts.fetch ?? (await (await import('./early-fetch.js')).startFetch(uri, this.cfg, this.log));
