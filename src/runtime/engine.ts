@@ -2,7 +2,7 @@
  * @module The device scheduler on the main thread: pipeline workers, a bounded queue, dynamic batching.
  *
  *   submit() ──► pending (≤ MAX_QUEUE) ──► pump() ──► batch of compatible tasks (≤ MAX_BATCH_SIZE images)
- *                    │ client left: removed              │ idle worker: one generation at a time per worker
+ *                    │ client left: removed              │ texts → token ids here; idle worker: one generation at a time
  *                    ▼                                   ▼
  *               CANCELLED                       worker thread (ORT sessions) ──► raw pixels (worker free again)
  *                                                                                  ▼
