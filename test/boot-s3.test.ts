@@ -76,6 +76,20 @@ async function modelStatus(srv: ServerHandle): Promise<{ status: number; body: M
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Two demo models with the same files and other weights (seeds 0 and 1), and an upload of either under `prefix`. */
+async function twoVersions(prefix: string) {
+  const build = async (seed: number) => {
+    const m = tempDir('dr-boot-s3-versions-');
+    dirs.push(m.cleanup);
+    return buildDemoModel(m.dir, { seed });
+  };
+  const [a, b] = await Promise.all([build(0), build(1)]);
+  const upload = async (m: DemoManifest) => {
+    for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
+  };
+  return { a, b, upload };
+}
 const ORDER = ['resolving', 'fetching', 'loading', 'warming', 'ready'];
 
 /** A fixed-seed generation; PNG is lossless and deterministic, so equal pixels give equal bytes. */
@@ -159,15 +173,7 @@ describe('boot from S3', () => {
 
   it('a hit starts its sessions before S3 answers; objects replaced since then are fetched and loaded afresh', async () => {
     const prefix = 'demo-swap/';
-    const build = async (seed: number) => {
-      const m = tempDir('dr-boot-s3-swap-');
-      dirs.push(m.cleanup);
-      return buildDemoModel(m.dir, { seed });
-    };
-    const [a, b] = await Promise.all([build(0), build(1)]);
-    const upload = async (m: DemoManifest) => {
-      for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
-    };
+    const { a, b, upload } = await twoVersions(prefix);
     const cache = tempDir('dr-boot-s3-swap-cache-');
     dirs.push(cache.cleanup);
     const env = {
@@ -336,15 +342,7 @@ describe('warm-up during the download', () => {
 
   it('objects replaced mid-download: sessions and the warm-up begun on the old files start over; the new weights are served', async () => {
     const prefix = 'demo-midswap/';
-    const build = async (seed: number) => {
-      const m = tempDir('dr-boot-s3-midswap-');
-      dirs.push(m.cleanup);
-      return buildDemoModel(m.dir, { seed });
-    };
-    const [a, b] = await Promise.all([build(0), build(1)]);
-    const upload = async (m: DemoManifest) => {
-      for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
-    };
+    const { a, b, upload } = await twoVersions(prefix);
     await upload(a);
     const hold = await holdingVae();
     try {
