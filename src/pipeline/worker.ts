@@ -136,7 +136,7 @@ function postLoadFailed(err: unknown): void {
   post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
 }
 
-/** Forgets every session and tokenizer (the files they came from were replaced); the next load starts afresh. */
+/** Forgets every session (the files they came from were replaced); the next load starts afresh. */
 async function reset(): Promise<void> {
   resetsQueued--;
   epoch++;

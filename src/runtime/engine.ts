@@ -184,8 +184,11 @@ export class Engine {
     let p = this.#tokenizers.get(key);
     if (!p) {
       p = ClipTokenizer.load(key);
-      // A failed parse is forgotten, so a later load tries again.
-      p.catch(() => this.#tokenizers.delete(key));
+      // A failed parse is forgotten (unless a reset already replaced it), so a later load tries again.
+      const mine = p;
+      p.catch(() => {
+        if (this.#tokenizers.get(key) === mine) this.#tokenizers.delete(key);
+      });
       this.#tokenizers.set(key, p);
     }
     return p;

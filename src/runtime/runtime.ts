@@ -151,8 +151,9 @@ export class Runtime {
   }
 
   /**
-   * sharp encodes every image on this thread (engine.ts): it loads now, on this thread's core, while the workers
-   * import ORT and build sessions on theirs. A failure surfaces where an image is first encoded (the warm-up).
+   * sharp encodes every image on this thread (engine.ts): it loads on this thread's core while the workers import
+   * ORT and build sessions on theirs, after `after` (the tokenizers, needed earlier). Once per runtime. A failure
+   * surfaces where an image is first encoded (the warm-up).
    */
   async #importSharp(after?: Promise<unknown>): Promise<void> {
     if (this.#sharp) return;
