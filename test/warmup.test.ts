@@ -90,6 +90,19 @@ describe('warm-up CLI', () => {
     expect(JSON.parse(again.stdout)).toMatchObject({ modelDir: out.modelDir, fromCache: true });
   });
 
+  it('a fill through s3-lite never loads the AWS SDK (~250 ms of CPU); push does', async () => {
+    const hook = path.join(tmp, 'sdk-check.cjs');
+    await fsp.writeFile(hook, "process.on('exit', () => { if (Object.keys(require.cache).some((k) => k.includes('@aws-sdk/'))) process.stderr.write('AWS SDK LOADED\\n'); });\n");
+    const withHook = (e: Record<string, string>) => ({ ...e, NODE_OPTIONS: `--require ${hook}` });
+    const fill = await cli([], withHook(env(path.join(tmp, 'c-nosdk'))));
+    expect(fill.code, fill.stderr).toBe(0);
+    expect(fill.stderr).not.toContain('AWS SDK LOADED');
+    // The same check sees the SDK where it is used.
+    const pushed = await cli(['push', local, 's3://models/sd/sdk-check'], withHook(s3Env(s3.endpoint, path.join(tmp, 'unused'))));
+    expect(pushed.code, pushed.stderr).toBe(0);
+    expect(pushed.stderr).toContain('AWS SDK LOADED');
+  });
+
   it('exits non-zero with a one-line reason', async () => {
     const cache = path.join(tmp, 'c2');
     const missing = await cli([], env(cache, { STORAGE_URI: 's3://models/nothing/here' }));

@@ -6,13 +6,11 @@
  */
 import { createReadStream, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { Upload } from '@aws-sdk/lib-storage';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/index.js';
 import { walk } from '../src/storage/cache.js';
-import { createS3 } from '../src/storage/s3.js';
 import { parseStorageUri } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix';
@@ -62,6 +60,8 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
   const files = await walk(localDir);
+  // Only `push` needs the AWS SDK: a fill lists and downloads without it where s3-lite covers the bucket.
+  const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3.js')]);
   const s3 = createS3(cfg.s3);
   let bytes = 0;
   let next = 0;
