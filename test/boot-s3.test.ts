@@ -362,6 +362,24 @@ describe('warm-up during the download', () => {
     }
   }, 120_000);
 
+  it('two workers: each loads the partial pipeline, then the whole one; both serve the same pixels', async () => {
+    const hold = await holdingVae();
+    try {
+      const srv = await serve(env(hold.proxy.endpoint, PREFIX, { WORKERS: '2', MAX_BATCH_SIZE: '1' }));
+      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      hold.release();
+      await srv.waitReady(40_000);
+      const created = srv.logs.filter((l) => l.msg === 'onnx session created').map((l) => l.component).sort();
+      expect(created).toEqual(['text_encoder', 'text_encoder', 'unet', 'unet', 'vae_decoder', 'vae_decoder']);
+      // Two requests at once, with batching off: the engine hands each to an idle worker.
+      const [x, y] = await Promise.all([image(srv), image(srv)]);
+      expect(x).toBe(y);
+      expect(x).toBe(await localImage(model.dir));
+    } finally {
+      await hold.close();
+    }
+  }, 90_000);
+
   it('SIGTERM while the warm-up waits for a file: the warm-up stops, the drain finishes and the exit is 0', async () => {
     const hold = await holdingVae();
     try {
