@@ -91,6 +91,69 @@ describe('ClipTokenizer.encode', () => {
     }
   });
 
+  it('long words merge through the heap exactly as the pair rescan does (reference cases, random and pathological words)', () => {
+    const vocab = JSON.parse(readFileSync(path.join(tokDir, 'vocab.json'), 'utf8')) as Record<string, number>;
+    const merges = readFileSync(path.join(tokDir, 'merges.txt'), 'utf8');
+    const heap = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: 2 });
+    const scan = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: Infinity });
+    for (const c of ref.cases) expect(heap.tokenize(c.text), c.text).toEqual(c.ids);
+    let seed = 7;
+    const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+    const pick = (chars: string[], n: number) => Array.from({ length: n }, () => chars[Math.floor(rnd() * chars.length)]!).join('');
+    const alphabets = ['ab', 'abc', 'aeiounst', 'abcdefghijklmnopqrstuvwxyz', 'éàüøß', '一二三四五', '🙂🚀✨'].map((a) => Array.from(a));
+    const words: string[] = [];
+    for (const chars of alphabets) for (let i = 0; i < 40; i++) words.push(pick(chars, 1 + Math.floor(rnd() * 120)));
+    for (let n = 1; n <= 70; n++) words.push('a'.repeat(n));
+    words.push('ab'.repeat(40), 'ing'.repeat(30), 'supercalifragilisticexpialidocious'.repeat(3));
+    for (const w of words) expect(heap.tokenize(w), w).toEqual(scan.tokenize(w));
+  });
+
+  it("the heap follows the pair rescan even where a merged token's pair ranks before the merge that made it", () => {
+    // "xy x" ranks before "x y": the loop merges every "x y" of the word first, then looks again.
+    const tiny: Record<string, number> = {};
+    for (const t of ['x', 'y', 'q</w>', 'xy', 'xyx', '<|startoftext|>', '<|endoftext|>']) tiny[t] = Object.keys(tiny).length;
+    const tinyMerges = '#version: 0.2\nxy x\nx y\n';
+    for (const from of [2, Infinity]) {
+      expect(ClipTokenizer.fromData(tiny, tinyMerges, { heapBpeFrom: from }).tokenize('xyxyq'), String(from)).toEqual([tiny.xy, tiny.xy, tiny['q</w>']]);
+    }
+    // A hand-made merges file in random order: BPE training never writes one, but the loop's order must still win.
+    let seed = 11;
+    const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+    const tokens = ['a', 'b', 'c'];
+    const merges: string[] = [];
+    while (merges.length < 60) {
+      const l = tokens[Math.floor(rnd() * tokens.length)]!;
+      const r = tokens[Math.floor(rnd() * tokens.length)]!;
+      const pair = `${l} ${r}`;
+      if (merges.includes(pair)) continue;
+      merges.push(pair);
+      if (!tokens.includes(l + r)) tokens.push(l + r);
+    }
+    for (let i = merges.length - 1; i > 0; i--) {
+      const j = Math.floor(rnd() * (i + 1));
+      [merges[i], merges[j]] = [merges[j]!, merges[i]!];
+    }
+    // Word ends come from the same merges with </w> on the right.
+    const ends = merges.filter(() => rnd() < 0.5).map((m) => `${m}</w>`);
+    const text = `#version: 0.2\n${[...merges, ...ends].join('\n')}\n`;
+    const vocab: Record<string, number> = {};
+    for (const t of [...tokens, ...tokens.map((t) => `${t}</w>`), '<|startoftext|>', '<|endoftext|>']) vocab[t] ??= Object.keys(vocab).length;
+    const heap = ClipTokenizer.fromData(vocab, text, { heapBpeFrom: 2 });
+    const scan = ClipTokenizer.fromData(vocab, text, { heapBpeFrom: Infinity });
+    for (let i = 0; i < 300; i++) {
+      const w = Array.from({ length: 1 + Math.floor(rnd() * 60) }, () => 'abc'[Math.floor(rnd() * 3)]!).join('');
+      expect(heap.tokenize(w), w).toEqual(scan.tokenize(w));
+    }
+  });
+
+  it('a 10,000-character word tokenizes without rescanning every pair per merge (printed, not asserted)', () => {
+    const word = Array.from({ length: 10_000 }, (_, i) => 'abcdefghijklmnopqrstuvwxyz'[(i * 7919) % 26]).join('');
+    const t0 = performance.now();
+    const ids = tok.encode(word);
+    console.log(`tokenizer: a 10,000-character word in ${(performance.now() - t0).toFixed(1)} ms`);
+    expect(ids.length).toBe(77);
+  });
+
   it('special tokens in text map to their ids', () => {
     expect(tok.tokenize('a<|endoftext|>dog')).toEqual([320, 49407, 1929]);
   });
