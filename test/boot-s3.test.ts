@@ -294,12 +294,17 @@ describe('warm-up during the download', () => {
     return b64;
   }
 
-  /** A proxy that holds the VAE decoder's weights (not its config.json) until `release()`. */
-  async function holdingVae() {
+  /** Runs `body` against a proxy that holds the VAE decoder's weights (not its config.json) until `hold.release()`. */
+  async function withHeldVae(body: (hold: { proxy: FaultProxy; release: () => void }) => Promise<void>): Promise<void> {
     let release!: () => void;
     const released = new Promise<void>((r) => (release = r));
-    const p = await startFaultProxy(s3.port, { hold: { keys: /\/vae_decoder\/model\.onnx/, release: released } });
-    return { proxy: p, release, close: async () => (release(), await p.close()) };
+    const proxy = await startFaultProxy(s3.port, { hold: { keys: /\/vae_decoder\/model\.onnx/, release: released } });
+    try {
+      await body({ proxy, release });
+    } finally {
+      release();
+      await proxy.close();
+    }
   }
 
   function env(endpoint: string, prefix: string, extra: Record<string, string> = {}) {
@@ -313,8 +318,7 @@ describe('warm-up during the download', () => {
   const EARLY = 'warm-up started before the fetch finished';
 
   it('encodes and denoises while the VAE decoder downloads; ready waits for its end and the committed entry', async () => {
-    const hold = await holdingVae();
-    try {
+    await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX));
       const started = await srv.waitForLog((l) => l.msg === EARLY, 30_000);
       expect(started.filesPending).toBeGreaterThan(0);
@@ -335,17 +339,14 @@ describe('warm-up during the download', () => {
       const stages = srv.logs[at('warm-up generation done')]!.stages as Record<string, number>;
       expect(stages.sessionWait).toBeGreaterThan(500);
       expect(await image(srv)).toBe(await localImage(model.dir));
-    } finally {
-      await hold.close();
-    }
+    });
   }, 90_000);
 
   it('objects replaced mid-download: sessions and the warm-up begun on the old files start over; the new weights are served', async () => {
     const prefix = 'demo-midswap/';
     const { a, b, upload } = await twoVersions(prefix);
     await upload(a);
-    const hold = await holdingVae();
-    try {
+    await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, prefix));
       await srv.waitForLog((l) => l.msg === EARLY, 30_000);
       // The text encoder and UNet sessions of `a` exist and its warm-up is under way when `b` replaces every object.
@@ -357,14 +358,11 @@ describe('warm-up during the download', () => {
       const [imageA, imageB] = [await localImage(a.dir), await localImage(b.dir)];
       expect(imageA).not.toBe(imageB);
       expect(served).toBe(imageB);
-    } finally {
-      await hold.close();
-    }
+    });
   }, 120_000);
 
   it('two workers: each loads the partial pipeline, then the whole one; both serve the same pixels', async () => {
-    const hold = await holdingVae();
-    try {
+    await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX, { WORKERS: '2', MAX_BATCH_SIZE: '1' }));
       await srv.waitForLog((l) => l.msg === EARLY, 30_000);
       hold.release();
@@ -375,14 +373,11 @@ describe('warm-up during the download', () => {
       const [x, y] = await Promise.all([image(srv), image(srv)]);
       expect(x).toBe(y);
       expect(x).toBe(await localImage(model.dir));
-    } finally {
-      await hold.close();
-    }
+    });
   }, 90_000);
 
   it('SIGTERM while the warm-up waits for a file: the warm-up stops, the drain finishes and the exit is 0', async () => {
-    const hold = await holdingVae();
-    try {
+    await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX, { SHUTDOWN_GRACE_S: '60' }));
       await srv.waitForLog((l) => l.msg === EARLY, 30_000);
       await sleep(500);
@@ -390,8 +385,6 @@ describe('warm-up during the download', () => {
       const down = srv.logs.find((l) => l.msg === 'shut down');
       expect(down?.drained).toBe(true);
       expect(srv.logs.some((l) => l.msg === 'grace period over: closing with requests still running')).toBe(false);
-    } finally {
-      await hold.close();
-    }
+    });
   }, 60_000);
 });
