@@ -44,6 +44,15 @@ async function unetOut(s: ort.InferenceSession): Promise<Float32Array> {
   return r.out_sample!.data as Float32Array;
 }
 
+/** Moves the source's weights a minute ahead: the cache key no longer matches, so a start loads the source and defers a new copy. */
+async function expectDeferredOnceSourceChanges(model: string): Promise<void> {
+  const later = new Date(Date.now() + 60_000);
+  await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
+  const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+  expect(r.cache).toBe('deferred');
+  await r.session.release();
+}
+
 const optFiles = async (model: string) => (await readdir(path.dirname(model))).filter((f) => f.includes('.opt.')).sort();
 
 describe('optimized-model cache', () => {
@@ -80,11 +89,7 @@ describe('optimized-model cache', () => {
     const before = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
     expect(before.cache).toBe('hit');
     await before.session.release();
-    const later = new Date(Date.now() + 60_000);
-    await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
-    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
-    expect(r.cache).toBe('deferred');
-    await r.session.release();
+    await expectDeferredOnceSourceChanges(model);
   });
 
   it('a broken copy falls back to the source and drops its key', async () => {
@@ -193,11 +198,7 @@ describe('optimized-model cache', () => {
     // `always` does not time copies: the declined key is its answer too (the source has not changed).
     expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('declined');
 
-    const later = new Date(Date.now() + 60_000);
-    await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
-    const changed = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
-    expect(changed.cache).toBe('deferred');
-    await changed.session.release();
+    await expectDeferredOnceSourceChanges(model);
   });
 
   it('auto keeps the copy of a real UNet, whose optimisation takes time', async () => {
