@@ -272,10 +272,14 @@ export interface ObjectBody {
   contentLength: number | undefined;
 }
 
+/** Keep-alive agent settings for S3 (the SDK's agents and s3-lite's): `sockets` sized so no range waits for one. */
+export function agentOptions(sockets: number): http.AgentOptions {
+  return { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' };
+}
+
 /** Keep-alive sockets for one download's GETs: `sockets` = the ranges in flight, so none waits for a socket. */
 export function liteAgent(t: LiteTarget, sockets: number): http.Agent {
-  const opts = { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' as const };
-  return t.origin.startsWith('https:') ? new https.Agent({ ...opts, ...t.tls }) : new http.Agent(opts);
+  return t.origin.startsWith('https:') ? new https.Agent({ ...agentOptions(sockets), ...t.tls }) : new http.Agent(agentOptions(sockets));
 }
 
 /** Largest error body read (S3's are a few hundred bytes). */

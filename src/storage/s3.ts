@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import type { RemoteObject } from './s3-errors.js';
-import { tlsOptions, type GetRequest, type ObjectBody } from './s3-lite.js';
+import { agentOptions, tlsOptions, type GetRequest, type ObjectBody } from './s3-lite.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind, type RemoteObject } from './s3-errors.js';
 
@@ -22,11 +22,8 @@ export interface S3Handle {
  */
 export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency): S3Handle {
   const sockets = concurrency + 4; // a few spare for LIST/HEAD while every range is in flight
-  const httpAgent = new http.Agent({ keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' });
-  const httpsAgent = new https.Agent({
-    keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo',
-    ...tlsOptions(s),
-  });
+  const httpAgent = new http.Agent(agentOptions(sockets));
+  const httpsAgent = new https.Agent({ ...agentOptions(sockets), ...tlsOptions(s) });
   const client = new S3Client({
     region: s.region,
     ...(s.endpoint !== undefined ? { endpoint: s.endpoint } : {}),
