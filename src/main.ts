@@ -3,9 +3,15 @@
  * spawner and uWebSockets.js load before the socket is open; logging, metrics and the runtime are imported after.
  */
 import { ConfigError, loadConfig, type Config } from './config.js';
+import type { Logger } from './log.js';
+import type { EarlyFetch } from './runtime/early-fetch.js';
+import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import type { CommittedEntry } from './storage/peek.js';
+
+/** How long a download's first bytes may hold back the runtime's import (see main). */
+const FIRST_BYTES_WAIT_MS = 500;
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -16,6 +22,26 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);
     process.exit(2);
   }
+  // Signals are ours from the start. Before the runtime exists nothing is served: the fetch (if one started) stops,
+  // leaving its cache entry uncommitted and resumable, and the process exits 0.
+  let rt: Runtime | undefined;
+  let log: Logger | undefined;
+  let fetch: EarlyFetch | undefined;
+  let signals = 0;
+  const stop = (sig: string) => {
+    if (++signals > 1) {
+      log?.warn({ signal: sig }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    log?.info({ signal: sig }, 'signal received');
+    if (rt) void rt.close().then(() => process.exit(process.exitCode ?? 0));
+    else if (fetch) {
+      fetch.abort.abort();
+      void fetch.result.catch(() => undefined).then(() => process.exit(0));
+    } else process.exit(0);
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
   // overlaps uWebSockets.js loading and the listen here, then the imports below.
   const workers = spawnWorkers(cfg);
@@ -31,25 +57,25 @@ async function main(): Promise<void> {
   // runtime and the logger load (the runtime checks the entry against S3 before warm-up).
   const early = s3 ? await announceCommitted(cfg, workers) : undefined;
   const { createLogger } = await import('./log.js');
-  const log = createLogger(cfg.logLevel);
+  log = createLogger(cfg.logLevel);
   // The S3 listing goes out now, while the runtime's code loads: without the AWS SDK where s3-lite covers the bucket
   // (then neither a hit nor a miss loads the SDK); otherwise the SDK loads meanwhile.
-  const fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
+  fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
+  // A download: the runtime's code loads once the first bytes arrive. Imported at once, it holds this thread while the
+  // listing's answer and the first ranges wait to be read and sent (the ranges went out ~150 ms later on a 300 MB miss),
+  // and the runtime needs no file before then. At most FIRST_BYTES_WAIT_MS: a slow store still shows the fetch's state
+  // and progress on the model endpoint.
+  if (fetch && early === null) {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([fetch.flowing, new Promise((r) => (timer = setTimeout(r, FIRST_BYTES_WAIT_MS)))]);
+    clearTimeout(timer);
+  }
+  if (signals > 0) return;
   const { Runtime } = await import('./runtime/runtime.js');
+  if (signals > 0) return;
   // performance.now() counts from process start, so 0 is "the process started".
-  const rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}), ...(fetch ? { fetch } : {}) });
+  rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}), ...(fetch ? { fetch } : {}) });
   rt.attach(base);
-  let signals = 0;
-  const stop = (sig: string) => {
-    if (++signals > 1) {
-      log.warn({ signal: sig }, 'second signal: exiting now');
-      process.exit(1);
-    }
-    log.info({ signal: sig }, 'signal received');
-    void rt.close().then(() => process.exit(process.exitCode ?? 0));
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
   await rt.start();
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
 }

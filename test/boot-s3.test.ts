@@ -8,7 +8,7 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
-import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { freePort, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const BUCKET = 'models';
 const PREFIX = 'demo-pad/';
@@ -280,6 +280,49 @@ describe('boot from S3', () => {
     await local.waitReady(40_000);
     expect(fromS3).toBe(await image(local));
   }, 90_000);
+});
+
+describe('before the runtime has loaded', () => {
+  // A download's first bytes hold back the runtime's import (main.ts), for at most half a second.
+  async function withSlowListing(body: (slow: FaultProxy) => Promise<void>): Promise<void> {
+    const slow = await startFaultProxy(s3.port, { listDelayMs: 5_000 });
+    try {
+      await body(slow);
+    } finally {
+      await slow.close();
+    }
+  }
+
+  it('a listing that takes seconds: the runtime loads anyway and the model endpoint shows the fetch listing', async () => {
+    await withSlowListing(async (slow) => {
+      const srv = await s3Server({ AWS_ENDPOINT_URL: slow.endpoint });
+      let body: ModelBody = {};
+      for (const deadline = performance.now() + 3_000; performance.now() < deadline && body.state !== 'fetching'; await sleep(20)) {
+        body = (await modelStatus(srv)).body;
+      }
+      expect([body.state, body.progress?.phase]).toEqual(['fetching', 'listing']);
+      expect([slow.stats.lists, slow.stats.gets]).toEqual([1, 0]);
+      expect(await srv.stop('SIGTERM')).toEqual({ code: 0, signal: null });
+    });
+  }, 30_000);
+
+  it('SIGTERM before the runtime has loaded: exit 0, the runtime never loads and nothing is committed', async () => {
+    await withSlowListing(async (slow) => {
+      const cache = tempDir('dr-boot-s3-early-term-');
+      dirs.push(cache.cleanup);
+      const srv = await startServer({
+        ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`,
+        MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', PORT: String(await freePort()),
+      }, { live: true });
+      live.push(srv);
+      expect(await srv.stop('SIGTERM', 10_000)).toEqual({ code: 0, signal: null });
+      expect(srv.logs.some((l) => l.msg === 'listening')).toBe(false);
+      expect(srv.stderr.join('')).toBe('');
+      const entries = await fsp.readdir(cache.dir);
+      for (const e of entries) expect(existsSync(path.join(cache.dir, e, '.complete.json')), e).toBe(false);
+      expect(slow.stats.gets).toBe(0);
+    });
+  }, 30_000);
 });
 
 describe('warm-up during the download', () => {

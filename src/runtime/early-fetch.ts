@@ -20,6 +20,8 @@ export interface EarlyFetch {
   readonly abort: AbortController;
   /** Replays what happened so far, then forwards every later event. */
   attach(h: FetchHandlers): void;
+  /** Settles once the first bytes of the download have arrived, or the fetch settled without a download (a hit, a failure). */
+  readonly flowing: Promise<void>;
 }
 
 export async function startFetch(uri: string, cfg: Readonly<Config>, log: Logger): Promise<EarlyFetch> {
@@ -28,17 +30,24 @@ export async function startFetch(uri: string, cfg: Readonly<Config>, log: Logger
   const kept: Array<(h: FetchHandlers) => void> = [];
   let handlers: FetchHandlers | undefined;
   const deliver = (f: (h: FetchHandlers) => void) => (handlers ? f(handlers) : kept.push(f));
+  let flow!: () => void;
+  const flowing = new Promise<void>((r) => (flow = r));
   const result = resolveModel(uri, {
     cfg, log, signal: abort.signal,
     onListing: (files) => deliver((h) => h.onListing(files)),
     onFileReady: (rel, abs) => deliver((h) => h.onFileReady(rel, abs)),
     onRestart: () => deliver((h) => h.onRestart()),
-    onProgress: (p) => deliver((h) => h.onProgress(p)),
+    onProgress: (p) => {
+      if (p.phase === 'downloading' && p.bytesDone > 0) flow();
+      deliver((h) => h.onProgress(p));
+    },
   });
   result.catch(() => undefined); // the runtime awaits it and reports the failure
+  void result.finally(flow).catch(() => undefined);
   return {
     result,
     abort,
+    flowing,
     attach(h) {
       handlers = h;
       for (const f of kept.splice(0)) f(h);

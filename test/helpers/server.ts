@@ -1,6 +1,7 @@
 /** Starts the real built server (`node dist/src/main.js`) as a child process on an ephemeral port. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -33,7 +34,23 @@ export function sharedCacheDir(): string {
   return (sharedCache ??= mkdtempSync(path.join(os.tmpdir(), 'dr-test-cache-')));
 }
 
-export async function startServer(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number } = {}): Promise<ServerHandle> {
+/** A port free on loopback right now, for a server that must be reached before it logs its own. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * `live`: return as soon as liveness answers on env.PORT (which must be set), before the runtime has loaded and
+ * logged 'listening'.
+ */
+export async function startServer(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number; live?: boolean } = {}): Promise<ServerHandle> {
   if (!existsSync(ENTRY)) throw new Error(`${ENTRY} is missing: run \`npm run build\` (npm test does it first)`);
   const cacheDir = env.MODEL_CACHE_DIR ?? sharedCacheDir();
   const childEnv: Record<string, string> = {};
@@ -86,8 +103,7 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
     });
   };
 
-  const listening = await waitForLog((l) => l.msg === 'listening');
-  const port = Number(listening.port);
+  const port = opts.live ? await waitLive(Number(env.PORT), exited, stderr) : Number((await waitForLog((l) => l.msg === 'listening')).port);
   const url = `http://127.0.0.1:${port}`;
   const handle: ServerHandle = {
     url,
@@ -113,6 +129,18 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
   };
   if (opts.ready) await handle.waitReady();
   return handle;
+}
+
+async function waitLive(port: number, exited: Promise<unknown>, stderr: string[]): Promise<number> {
+  if (!(port > 0)) throw new Error('startServer({ live: true }) needs env.PORT');
+  let gone = false;
+  void exited.then(() => (gone = true));
+  for (;;) {
+    if (gone) throw new Error(`server exited before liveness answered; stderr: ${stderr.join('').slice(-2000)}`);
+    const ok = await fetch(`http://127.0.0.1:${port}/v2/health/live`).then((r) => r.ok, () => false);
+    if (ok) return port;
+    await new Promise((r) => setTimeout(r, 5));
+  }
 }
 
 export function tempDir(prefix = 'dr-test-'): { dir: string; cleanup: () => void } {
