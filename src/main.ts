@@ -10,8 +10,8 @@ import type { BaseServer } from './server/base.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import type { CommittedEntry } from './storage/peek.js';
 
-/** How long a download's first bytes may hold back the runtime's import (see main). */
-const FIRST_BYTES_WAIT_MS = 500;
+/** How long a download's first answer from S3 may hold back the runtime's import (see main). */
+const FIRST_ANSWER_WAIT_MS = 500;
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -61,13 +61,13 @@ async function main(): Promise<void> {
   // The S3 listing goes out now, while the runtime's code loads: without the AWS SDK where s3-lite covers the bucket
   // (then neither a hit nor a miss loads the SDK); otherwise the SDK loads meanwhile.
   fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
-  // A download: the runtime's code loads once the first bytes arrive. Imported at once, it holds this thread while the
-  // listing's answer and the first ranges wait to be read and sent (the ranges went out ~150 ms later on a 300 MB miss),
-  // and the runtime needs no file before then. At most FIRST_BYTES_WAIT_MS: a slow store still shows the fetch's state
-  // and progress on the model endpoint.
+  // A download: the runtime's code loads once S3 answers the first ranged GET. Imported at once, it holds this thread
+  // while the listing's answer and the first ranges wait to be read and sent (the ranges went out ~150 ms later on a
+  // 300 MB miss), and the runtime needs no file before then. At most FIRST_ANSWER_WAIT_MS: a slow store still shows the
+  // fetch's state and progress on the model endpoint.
   if (fetch && early === null) {
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([fetch.flowing, new Promise((r) => (timer = setTimeout(r, FIRST_BYTES_WAIT_MS)))]);
+    await Promise.race([fetch.flowing, new Promise((r) => (timer = setTimeout(r, FIRST_ANSWER_WAIT_MS)))]);
     clearTimeout(timer);
   }
   if (signals > 0) return;

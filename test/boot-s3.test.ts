@@ -283,7 +283,7 @@ describe('boot from S3', () => {
 });
 
 describe('before the runtime has loaded', () => {
-  // A download's first bytes hold back the runtime's import (main.ts), for at most half a second.
+  // A download's first answer from S3 holds back the runtime's import (main.ts), for at most half a second.
   async function withSlowListing(body: (slow: FaultProxy) => Promise<void>): Promise<void> {
     const slow = await startFaultProxy(s3.port, { listDelayMs: 5_000 });
     try {
@@ -306,7 +306,7 @@ describe('before the runtime has loaded', () => {
     });
   }, 30_000);
 
-  it('SIGTERM before the runtime has loaded: exit 0, the runtime never loads and nothing is committed', async () => {
+  it('SIGTERM while the listing is out and the runtime has not loaded: the fetch stops, exit 0, nothing committed', async () => {
     await withSlowListing(async (slow) => {
       const cache = tempDir('dr-boot-s3-early-term-');
       dirs.push(cache.cleanup);
@@ -315,8 +315,11 @@ describe('before the runtime has loaded', () => {
         MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', PORT: String(await freePort()),
       }, { live: true });
       live.push(srv);
-      expect(await srv.stop('SIGTERM', 10_000)).toEqual({ code: 0, signal: null });
+      // The fetch has started (its listing waits in the proxy) and the runtime has not loaded: the signal stops the fetch.
+      while (slow.stats.lists === 0) await sleep(5);
       expect(srv.logs.some((l) => l.msg === 'listening')).toBe(false);
+      expect(await srv.stop('SIGTERM', 10_000)).toEqual({ code: 0, signal: null });
+      expect(srv.logs.map((l) => l.msg)).toEqual(['signal received']);
       expect(srv.stderr.join('')).toBe('');
       const entries = await fsp.readdir(cache.dir);
       for (const e of entries) expect(existsSync(path.join(cache.dir, e, '.complete.json')), e).toBe(false);

@@ -72,9 +72,12 @@ describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (cli
     const cache = await newCache();
     const ready: string[] = [];
     const phases = new Set<string>();
+    // S3's first answer to a GET comes once, before any file is whole.
+    const answers: number[] = [];
     const r = await resolveModel('s3://models/nested/sd', {
       cfg: cfgFor(cache), log,
       onProgress: (p: FetchProgress) => phases.add(p.phase),
+      onFirstResponse: () => answers.push(ready.length),
       onFileReady: (rel, abs) => {
         ready.push(rel);
         expect(abs.endsWith('.partial')).toBe(false);
@@ -87,9 +90,11 @@ describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (cli
     await expectSame(r.dir, small);
     const manifest = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
     expect(manifest.files).toHaveLength(41);
+    expect(answers).toEqual([0]);
     const gets = proxy.stats.gets;
-    const again = await resolveModel('s3://models/nested/sd/', { cfg: cfgFor(cache), log });
+    const again = await resolveModel('s3://models/nested/sd/', { cfg: cfgFor(cache), log, onFirstResponse: () => answers.push(-1) });
     expect(again).toMatchObject({ fromCache: true, dir: r.dir, files: 41 });
+    expect(answers).toEqual([0]);
     expect(proxy.stats.gets).toBe(gets);
     // The GETs went through the client this case is about.
     expect(proxy.stats.sdkGets - sdkGets).toBe(client === 'AWS SDK' ? 41 : 0);

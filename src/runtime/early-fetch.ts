@@ -20,7 +20,7 @@ export interface EarlyFetch {
   readonly abort: AbortController;
   /** Replays what happened so far, then forwards every later event. */
   attach(h: FetchHandlers): void;
-  /** Settles once the first bytes of the download have arrived, or the fetch settled without a download (a hit, a failure). */
+  /** Settles once S3 has answered the download's first ranged GET, or the fetch settled without one (a hit, a failure). */
   readonly flowing: Promise<void>;
 }
 
@@ -37,10 +37,8 @@ export async function startFetch(uri: string, cfg: Readonly<Config>, log: Logger
     onListing: (files) => deliver((h) => h.onListing(files)),
     onFileReady: (rel, abs) => deliver((h) => h.onFileReady(rel, abs)),
     onRestart: () => deliver((h) => h.onRestart()),
-    onProgress: (p) => {
-      if (p.phase === 'downloading' && p.bytesDone > 0) flow();
-      deliver((h) => h.onProgress(p));
-    },
+    onProgress: (p) => deliver((h) => h.onProgress(p)),
+    onFirstResponse: () => flow(),
   });
   result.catch(() => undefined); // the runtime awaits it and reports the failure
   void result.finally(flow).catch(() => undefined);

@@ -47,6 +47,8 @@ export interface ResolveOptions {
    * follow again for the new round (unchanged files are reported again as they are reused).
    */
   onRestart?(): void;
+  /** Called once, when S3 first answers a ranged GET of this fetch: the download's first requests are out and bytes flow. */
+  onFirstResponse?(): void;
   /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
   lockStaleMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
@@ -226,7 +228,16 @@ class S3Fetch {
   private async fill(initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const { defaultIo, downloadAll, ObjectChangedError } = await import('./download.js');
+    let answered = false;
     const get = async (r: GetRequest): Promise<ObjectBody> => {
+      const res = await send(r);
+      if (!answered) {
+        answered = true;
+        this.o.onFirstResponse?.();
+      }
+      return res;
+    };
+    const send = async (r: GetRequest): Promise<ObjectBody> => {
       const lite = this.lite;
       if (lite) {
         try {

@@ -103,7 +103,9 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
     });
   };
 
-  const port = opts.live ? await waitLive(Number(env.PORT), exited, stderr) : Number((await waitForLog((l) => l.msg === 'listening')).port);
+  const port = opts.live
+    ? await waitLive(Number(env.PORT), exited, () => `last lines:\n${logs.slice(-8).map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${stderr.join('').slice(-2000)}`, opts.timeoutMs ?? 60_000)
+    : Number((await waitForLog((l) => l.msg === 'listening')).port);
   const url = `http://127.0.0.1:${port}`;
   const handle: ServerHandle = {
     url,
@@ -131,12 +133,14 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
   return handle;
 }
 
-async function waitLive(port: number, exited: Promise<unknown>, stderr: string[]): Promise<number> {
+async function waitLive(port: number, exited: Promise<unknown>, context: () => string, timeoutMs: number): Promise<number> {
   if (!(port > 0)) throw new Error('startServer({ live: true }) needs env.PORT');
   let gone = false;
   void exited.then(() => (gone = true));
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
-    if (gone) throw new Error(`server exited before liveness answered; stderr: ${stderr.join('').slice(-2000)}`);
+    if (gone) throw new Error(`server exited before liveness answered; ${context()}`);
+    if (performance.now() > deadline) throw new Error(`liveness did not answer on port ${port} within ${timeoutMs} ms; ${context()}`);
     const ok = await fetch(`http://127.0.0.1:${port}/v2/health/live`).then((r) => r.ok, () => false);
     if (ok) return port;
     await new Promise((r) => setTimeout(r, 5));
