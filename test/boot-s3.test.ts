@@ -8,7 +8,8 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
-import { freePort, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { freePort } from '../scripts/bench-common.js';
+import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const BUCKET = 'models';
 const PREFIX = 'demo-pad/';

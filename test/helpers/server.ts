@@ -1,7 +1,6 @@
 /** Starts the real built server (`node dist/src/main.js`) as a child process on an ephemeral port. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -32,18 +31,6 @@ export interface ServerHandle {
 let sharedCache: string | undefined;
 export function sharedCacheDir(): string {
   return (sharedCache ??= mkdtempSync(path.join(os.tmpdir(), 'dr-test-cache-')));
-}
-
-/** A port free on loopback right now, for a server that must be reached before it logs its own. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /**
