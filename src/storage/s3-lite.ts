@@ -205,13 +205,19 @@ export function parseListPage(xml: string): ListPage {
 /** Largest listing page read (1000 keys take ~300 KB). */
 const MAX_PAGE_BYTES = 16 * 1024 * 1024;
 
-function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
+/** Where a request to the target goes: the signed Host header, and the socket's address and port. */
+function endpoint(t: Pick<LiteTarget, 'origin'>): { secure: boolean; host: string; hostname: string; port: string | number } {
   const u = new URL(t.origin);
-  const { headers, query: qs } = signV4({ method: 'GET', host: u.host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: new Date() });
   const secure = u.protocol === 'https:';
+  // URL keeps an IPv6 literal's brackets; the socket wants the bare address.
+  return { secure, host: u.host, hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80) };
+}
+
+function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
+  const { secure, host, hostname, port } = endpoint(t);
+  const { headers, query: qs } = signV4({ method: 'GET', host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: new Date() });
   const opts: https.RequestOptions = {
-    // URL keeps an IPv6 literal's brackets; the socket wants the bare address.
-    method: 'GET', hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80), path: `${t.bucketPath || '/'}?${qs}`, headers,
+    method: 'GET', hostname, port, path: `${t.bucketPath || '/'}?${qs}`, headers,
     ...(signal ? { signal } : {}),
     ...(secure ? t.tls : {}),
   };
@@ -285,26 +291,23 @@ export function liteAgent(t: LiteTarget, sockets: number): http.Agent {
 /** Largest error body read (S3's are a few hundred bytes). */
 const MAX_ERROR_BYTES = 64 * 1024;
 
-/**
- * GetObject without the SDK. Only host, x-amz-date and the payload hash are signed; Range and If-Match travel
- * unsigned, as SigV4 allows. An error answer rejects with a LiteHttpError carrying S3's Code (classified in
- * s3-errors.ts like the SDK's); a 200 or 206 resolves with the body unread.
- */
 /** An object's request path: S3 signs the key as sent, each segment encoded once, the slashes kept. */
 export function objectPath(t: Pick<LiteTarget, 'bucketPath'>, key: string): string {
   return `${t.bucketPath}/${key.split('/').map(encodeRfc3986).join('/')}`;
 }
 
+/**
+ * GetObject without the SDK. Only host, x-amz-date and the payload hash are signed; Range and If-Match travel
+ * unsigned, as SigV4 allows. An error answer rejects with a LiteHttpError carrying S3's Code (classified in
+ * s3-errors.ts like the SDK's); a 200 or 206 resolves with the body unread.
+ */
 export function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): Promise<ObjectBody> {
-  const u = new URL(t.origin);
+  const { secure, host, hostname, port } = endpoint(t);
   const keyPath = objectPath(t, r.key);
-  const { headers } = signV4({ method: 'GET', host: u.host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: new Date() });
+  const { headers } = signV4({ method: 'GET', host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: new Date() });
   if (r.range !== undefined) headers.range = r.range;
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
-  const secure = u.protocol === 'https:';
-  const opts: https.RequestOptions = {
-    method: 'GET', hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80), path: keyPath, headers, agent, signal: r.signal,
-  };
+  const opts: https.RequestOptions = { method: 'GET', hostname, port, path: keyPath, headers, agent, signal: r.signal };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       const status = res.statusCode ?? 0;
