@@ -43,6 +43,9 @@ export function componentOnnx(dir: string, c: Component, listed?: ReadonlySet<st
   return (listed ? listed.has(`${c}/model.onnx`) : existsSync(p)) ? p : undefined;
 }
 
+/** A tokenizer folder of a diffusers export: `tokenizer`, or `tokenizer_2` and so on for a second text encoder. */
+export const isTokenizerFolder = (name: string): boolean => /^tokenizer(_\d+)?$/.test(name);
+
 /**
  * The files readLayout reads (model_index.json, scheduler and tokenizer folders, each component's config.json):
  * once these are whole, the layout of a folder whose weights still download can be read (readLayout's `listed`).
@@ -50,7 +53,7 @@ export function componentOnnx(dir: string, c: Component, listed?: ReadonlySet<st
 export function isLayoutFile(rel: string): boolean {
   const [top = '', ...rest] = rel.split('/');
   if (rest.length === 0) return top === 'model_index.json';
-  if (top === 'scheduler' || /^tokenizer(_\d+)?$/.test(top)) return true;
+  if (top === 'scheduler' || isTokenizerFolder(top)) return true;
   return (COMPONENTS as readonly string[]).includes(top) && rest.join('/') === 'config.json';
 }
 

@@ -5,6 +5,7 @@
  */
 import { existsSync } from 'node:fs';
 import path from 'node:path';
+import { isTokenizerFolder } from '../pipeline/model.js';
 
 export type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
 
@@ -12,7 +13,7 @@ export function announcement(compDir: string): Announcement | undefined {
   const comp = path.basename(compDir);
   const onnx = path.join(compDir, 'model.onnx');
   if (existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
-  if (/^tokenizer(_\d+)?$/.test(comp) && existsSync(path.join(compDir, 'vocab.json'))) return { t: 'tokenizer', dir: compDir };
+  if (isTokenizerFolder(comp) && existsSync(path.join(compDir, 'vocab.json'))) return { t: 'tokenizer', dir: compDir };
   return undefined;
 }
 

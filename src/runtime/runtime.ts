@@ -19,7 +19,7 @@ import { removeWriterTemps } from '../pipeline/ortcache.js';
 import type { GenerationRequest } from './request.js';
 import type { SpawnedWorker } from './workers.js';
 import { announcement } from './announce.js';
-import { isLayoutFile } from '../pipeline/model.js';
+import { isLayoutFile, isTokenizerFolder } from '../pipeline/model.js';
 import type { CommittedEntry } from '../storage/peek.js';
 import type { EarlyFetch } from './early-fetch.js';
 import { checkSchedulerName, randomSeed } from './names.js';
@@ -198,7 +198,7 @@ export class Runtime {
       const dir = abs.slice(0, abs.length - rel.length);
       if (all && !announced.has(comp) && [...all].every((f) => ready.has(f))) {
         announced.add(comp);
-        if (tell || /^tokenizer(_\d+)?$/.test(comp)) this.#announce(path.join(dir, comp));
+        if (tell || isTokenizerFolder(comp)) this.#announce(path.join(dir, comp));
       }
       this.#maybeWarmEarly(dir, listed, ready, announced);
     };
