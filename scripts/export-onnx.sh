@@ -2,27 +2,36 @@
 # Export a Hugging Face diffusers model to the ONNX layout diffusers-runtime serves, check the
 # layout, and optionally upload it to S3.
 #
-#   scripts/export-onnx.sh MODEL_ID OUT_DIR [--fp16] [--push s3://bucket/prefix] [--container]
-#                          [--task TASK] [-- EXTRA optimum-cli ARGS]
+#   scripts/export-onnx.sh MODEL_ID OUT_DIR [--plain] [--fp16|--fp32] [--device cuda|cpu]
+#                          [--push s3://bucket/prefix] [--container] [--task TASK] [-- EXTRA ARGS]
 #
 #   MODEL_ID     Hugging Face id (stable-diffusion-v1-5/stable-diffusion-v1-5,
 #                stabilityai/sdxl-turbo, ...) or a local diffusers folder
 #   OUT_DIR      where the export goes (model_index.json, unet/model.onnx, ...)
-#   --fp16       export in float16 (optimum: --dtype fp16 --device cuda; needs a CUDA GPU)
+#   (default)    the fused float16 export for the CUDA execution provider: scripts/export_sd.py
+#                traces float32 graphs, runs onnxruntime's transformer optimizer on each
+#                component and converts them to float16 (what stays float32 is listed in
+#                OUT_DIR/onnx_export.json). Tracing runs on the CPU too; no GPU is needed.
+#   --fp32       with the default: skip the float16 conversion (still fused, still CUDA-only)
+#   --device D   torch device for tracing (default: cuda when torch sees one, else cpu)
+#   --plain      the unfused optimum export, for the CPU execution provider (or any)
+#   --fp16       with --plain: float16 (optimum: --dtype fp16 --device cuda; needs a CUDA GPU)
 #   --push URI   then upload OUT_DIR with `node dist/warmup/main.js push OUT_DIR URI`
 #                (S3 settings from the usual env: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 #                AWS_ENDPOINT_URL / AWS_S3_ENDPOINT, AWS_REGION; run `npm run build` first)
-#   --container  run optimum in a container (docker or podman, python image) instead of a venv
-#   --task TASK  optimum task when it cannot be inferred (e.g. text-to-image)
+#   --container  run the export in a container (docker or podman, python image) instead of a venv
+#   --task TASK  with --plain: optimum task when it cannot be inferred (e.g. text-to-image)
+#   -- ARGS      passed on to scripts/export_sd.py (or to optimum-cli with --plain)
 #
 # Environment: VENV (default .venv-export), PYTHON (python3), PIP_PACKAGES (default
-# "optimum[exporters] diffusers"; use "optimum-onnx diffusers" for optimum >= 2, where the ONNX
-# exporter moved to the optimum-onnx package), HF_TOKEN (gated models), CONTAINER_ENGINE,
-# PYTHON_IMAGE (default python:3.11-slim).
+# "torch diffusers transformers onnx onnxruntime", with --plain "optimum[exporters] diffusers";
+# use "optimum-onnx diffusers" for optimum >= 2, where the ONNX exporter moved to the
+# optimum-onnx package), HF_TOKEN (gated models), CONTAINER_ENGINE, PYTHON_IMAGE (default
+# python:3.11-slim).
 set -euo pipefail
 
 die() { echo "export-onnx: $*" >&2; exit 1; }
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
 
 [[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]] && { usage; exit 0; }
 [[ $# -ge 2 ]] || { usage >&2; exit 2; }
@@ -31,6 +40,9 @@ model_id=$1
 out_dir=$2
 shift 2
 fp16=0
+fp32=0
+plain=0
+device=""
 push_uri=""
 use_container=0
 task=""
@@ -38,6 +50,9 @@ extra=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --fp16) fp16=1 ;;
+    --fp32) fp32=1 ;;
+    --plain) plain=1 ;;
+    --device) [[ $# -ge 2 ]] || die "--device needs cuda or cpu"; device=$2; shift ;;
     --push) [[ $# -ge 2 ]] || die "--push needs s3://bucket/prefix"; push_uri=$2; shift ;;
     --push=*) push_uri=${1#--push=} ;;
     --container) use_container=1 ;;
@@ -48,45 +63,81 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 if [[ -n $push_uri && ! $push_uri =~ ^s3://[^/]+ ]]; then die "--push wants s3://bucket/prefix, got '$push_uri'"; fi
+if [[ $plain == 1 ]]; then
+  [[ $fp32 == 0 ]] || die "--fp32 is for the fused export; a --plain export is float32 unless --fp16"
+  [[ -z $device ]] || die "--device is for the fused export; --plain --fp16 traces on cuda"
+else
+  [[ $fp16 == 0 ]] || die "--fp16 is for --plain; the default fused export is float16 already (--fp32 keeps float32)"
+  [[ -z $task ]] || die "--task is for --plain (optimum-cli)"
+  [[ -z $device || $device == cuda || $device == cpu ]] || die "--device must be cuda or cpu, got '$device'"
+fi
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-pip_packages=${PIP_PACKAGES:-"optimum[exporters] diffusers"}
+if [[ $plain == 1 ]]; then pip_packages=${PIP_PACKAGES:-"optimum[exporters] diffusers"}
+else pip_packages=${PIP_PACKAGES:-"torch diffusers transformers onnx onnxruntime"}; fi
 mkdir -p "$out_dir"
 out_abs=$(cd "$out_dir" && pwd)
 
-opt_args=(export onnx --model "$model_id")
-[[ $fp16 == 1 ]] && opt_args+=(--dtype fp16 --device cuda)
-[[ -n $task ]] && opt_args+=(--task "$task")
-opt_args+=("${extra[@]}")
+if [[ $plain == 1 ]]; then
+  opt_args=(export onnx --model "$model_id")
+  [[ $fp16 == 1 ]] && opt_args+=(--dtype fp16 --device cuda)
+  [[ -n $task ]] && opt_args+=(--task "$task")
+  opt_args+=("${extra[@]}")
+else
+  fused_args=("$model_id")
+  [[ $fp32 == 1 ]] && fused_args+=(--fp32)
+  [[ -n $device ]] && fused_args+=(--device "$device")
+  fused_args+=("${extra[@]}")
+fi
+
+# The fused export refuses a non-empty folder; so does a careful user: say so before any download.
+if [[ $plain == 0 && -n $(ls -A "$out_abs") ]]; then die "$out_abs is not empty"; fi
 
 if [[ $use_container == 1 ]]; then
   engine=${CONTAINER_ENGINE:-$(command -v podman || command -v docker || true)}
   [[ -n $engine ]] || die "--container needs docker or podman"
   image=${PYTHON_IMAGE:-python:3.11-slim}
   run_opts=(--rm -v "$out_abs:/out" -e HF_TOKEN -e HF_HUB_ENABLE_HF_TRANSFER)
+  gpu=0
   if [[ -d $model_id ]]; then
     run_opts+=(-v "$(cd "$model_id" && pwd):/model:ro")
-    opt_args[3]=/model
+    if [[ $plain == 1 ]]; then opt_args[3]=/model; else fused_args[0]=/model; fi
   fi
-  if [[ $fp16 == 1 ]]; then
+  [[ $plain == 1 && $fp16 == 1 ]] && gpu=1
+  [[ $plain == 0 && $device == cuda ]] && gpu=1
+  if [[ $gpu == 1 ]]; then
     if [[ $(basename "$engine") == podman ]]; then run_opts+=(--device nvidia.com/gpu=all); else run_opts+=(--gpus all); fi
   fi
   # The export runs as the image's root user; hand the files back to the caller afterwards.
-  inner="pip install --no-cache-dir $pip_packages && optimum-cli \"\$@\" /out && chown -R $(id -u):$(id -g) /out"
-  echo "export-onnx: $engine run $image: optimum-cli ${opt_args[*]} /out"
-  "$engine" run "${run_opts[@]}" "$image" bash -c "$inner" optimum-cli "${opt_args[@]}"
+  if [[ $plain == 1 ]]; then
+    inner="pip install --no-cache-dir $pip_packages && optimum-cli \"\$@\" /out && chown -R $(id -u):$(id -g) /out"
+    echo "export-onnx: $engine run $image: optimum-cli ${opt_args[*]} /out"
+    "$engine" run "${run_opts[@]}" "$image" bash -c "$inner" optimum-cli "${opt_args[@]}"
+  else
+    run_opts+=(-v "$repo_root/scripts/export_sd.py:/export_sd.py:ro")
+    inner="pip install --no-cache-dir $pip_packages && python /export_sd.py \"\${@:1:1}\" /out \"\${@:2}\" && chown -R $(id -u):$(id -g) /out"
+    echo "export-onnx: $engine run $image: export_sd.py ${fused_args[*]} /out"
+    "$engine" run "${run_opts[@]}" "$image" bash -c "$inner" export "${fused_args[@]}"
+  fi
 else
   venv=${VENV:-.venv-export}
   python=${PYTHON:-python3}
-  if [[ ! -x $venv/bin/optimum-cli ]]; then
+  if [[ $plain == 1 ]]; then ready_check=("$venv/bin/optimum-cli" --help)
+  else ready_check=("$venv/bin/python" -c "import torch, diffusers, transformers, onnx, onnxruntime.transformers.optimizer"); fi
+  if ! "${ready_check[@]}" >/dev/null 2>&1; then
     command -v "$python" >/dev/null || die "$python not found (or use --container)"
     echo "export-onnx: creating $venv and installing $pip_packages"
-    "$python" -m venv "$venv"
+    [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
     # shellcheck disable=SC2086 # the package list is meant to split into words
     "$venv/bin/pip" install --upgrade pip $pip_packages
   fi
-  echo "export-onnx: optimum-cli ${opt_args[*]} $out_abs"
-  "$venv/bin/optimum-cli" "${opt_args[@]}" "$out_abs"
+  if [[ $plain == 1 ]]; then
+    echo "export-onnx: optimum-cli ${opt_args[*]} $out_abs"
+    "$venv/bin/optimum-cli" "${opt_args[@]}" "$out_abs"
+  else
+    echo "export-onnx: export_sd.py ${fused_args[*]} $out_abs (fused float16 for CUDA; --plain for CPU serving)"
+    "$venv/bin/python" "$repo_root/scripts/export_sd.py" "${fused_args[0]}" "$out_abs" "${fused_args[@]:1}"
+  fi
 fi
 
 # The layout the runtime serves (DESIGN "Model format").

@@ -633,27 +633,27 @@ describe('scripts', () => {
     });
   });
 
-  describe('export-onnx.sh with a stub optimum-cli', () => {
+  describe('export-onnx.sh with a stub optimum-cli and a stub python', () => {
     let dir = '';
+    // Both stubs write the layout into their output folder and record how they were called.
+    const layout = [
+      'mkdir -p "$out"/{scheduler,tokenizer,text_encoder,unet,vae_decoder}',
+      'echo "{}" > "$out/model_index.json"',
+      'for f in scheduler/scheduler_config.json tokenizer/vocab.json tokenizer/merges.txt text_encoder/model.onnx unet/model.onnx; do echo x > "$out/$f"; done',
+      '[ -n "${STUB_COMPLETE:-}" ] && echo x > "$out/vae_decoder/model.onnx"',
+      'exit 0',
+      '',
+    ];
     beforeAll(() => {
       dir = mkdtempSync(path.join(os.tmpdir(), 'deploy-export-'));
       mkdirSync(path.join(dir, 'venv', 'bin'), { recursive: true });
       const stub = path.join(dir, 'venv', 'bin', 'optimum-cli');
-      writeFileSync(
-        stub,
-        [
-          '#!/usr/bin/env bash',
-          'echo "optimum-cli $*" >> "$(dirname "$0")/calls"',
-          'out="${*: -1}"',
-          'mkdir -p "$out"/{scheduler,tokenizer,text_encoder,unet,vae_decoder}',
-          'echo "{}" > "$out/model_index.json"',
-          'for f in scheduler/scheduler_config.json tokenizer/vocab.json tokenizer/merges.txt text_encoder/model.onnx unet/model.onnx; do echo x > "$out/$f"; done',
-          '[ -n "${STUB_COMPLETE:-}" ] && echo x > "$out/vae_decoder/model.onnx"',
-          'exit 0',
-          '',
-        ].join('\n'),
-      );
+      writeFileSync(stub, ['#!/usr/bin/env bash', 'echo "optimum-cli $*" >> "$(dirname "$0")/calls"', 'out="${*: -1}"', ...layout].join('\n'));
       chmodSync(stub, 0o755);
+      // `python -c "import ..."` is the venv check; `python export_sd.py SOURCE OUT ...` the export.
+      const py = path.join(dir, 'venv', 'bin', 'python');
+      writeFileSync(py, ['#!/usr/bin/env bash', '[ "$1" = -c ] && exit 0', 'echo "python $*" >> "$(dirname "$0")/calls"', 'out="$3"', ...layout].join('\n'));
+      chmodSync(py, 0o755);
     });
     afterAll(() => rmSync(dir, { recursive: true, force: true }));
     const run = (args: string[], env: Record<string, string> = {}) =>
@@ -666,14 +666,24 @@ describe('scripts', () => {
       expect(run(['m', path.join(dir, 'o0'), '--push', 'http://not-s3']).stderr).toMatch(/s3:\/\/bucket\/prefix/);
     });
 
-    it('passes --fp16 as --dtype fp16 --device cuda and verifies the layout', () => {
-      const ok = run(['org/model', path.join(dir, 'ok'), '--fp16'], { STUB_COMPLETE: '1' });
+    it('--plain: passes --fp16 as --dtype fp16 --device cuda and verifies the layout', () => {
+      const ok = run(['org/model', path.join(dir, 'ok'), '--plain', '--fp16'], { STUB_COMPLETE: '1' });
       expect(ok.status, ok.stderr).toBe(0);
       expect(ok.stdout).toMatch(/layout ok/);
       expect(readFileSync(path.join(dir, 'venv', 'bin', 'calls'), 'utf8')).toContain('export onnx --model org/model --dtype fp16 --device cuda');
-      const bad = run(['org/model', path.join(dir, 'bad')]);
+      const bad = run(['org/model', path.join(dir, 'bad'), '--plain']);
       expect(bad.status).not.toBe(0);
       expect(bad.stderr).toMatch(/incomplete, missing: vae_decoder\/model\.onnx/);
+    });
+
+    it('by default runs the fused export (scripts/export_sd.py) and refuses options that belong to --plain', () => {
+      const ok = run(['org/model', path.join(dir, 'fused'), '--device', 'cpu'], { STUB_COMPLETE: '1' });
+      expect(ok.status, ok.stderr).toBe(0);
+      expect(ok.stdout).toMatch(/fused float16 for CUDA; --plain for CPU serving/);
+      expect(readFileSync(path.join(dir, 'venv', 'bin', 'calls'), 'utf8')).toContain(`scripts/export_sd.py org/model ${path.join(dir, 'fused')} --device cpu`);
+      expect(run(['org/model', path.join(dir, 'f2'), '--fp16']).stderr).toMatch(/--fp16 is for --plain/);
+      expect(run(['org/model', path.join(dir, 'f3'), '--plain', '--fp32']).stderr).toMatch(/--fp32 is for the fused export/);
+      expect(run(['org/model', path.join(dir, 'fused')]).stderr).toMatch(/is not empty/);
     });
   });
 });

@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""Export a diffusers Stable Diffusion pipeline to the ONNX layout diffusers-runtime serves.
+
+    python3 scripts/export_sd.py SOURCE OUT_DIR [--plain] [--fp32] [--device cuda|cpu] [--no-vae-encoder]
+
+SOURCE is a Hugging Face model id or a local diffusers folder (SD 1.x, 2.x, SDXL, LCM, Turbo).
+
+Default (fused, for the CUDA execution provider): every component is exported in float32 with diffusers' plain
+attention processor (the pattern onnxruntime's fusions match), run through onnxruntime's transformer optimizer
+(UNet: MultiHeadAttention, GroupNorm/SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd; VAE: GroupNorm, NhwcConv
+and attention; CLIP: Attention, SkipLayerNormalization), then converted to float16 while keeping in float32 what
+diffusers computes in float32: the sinusoidal timestep and time-id embeddings, attention of UNets configured with
+`upcast_attention` (SD 2.x), and the VAE of SDXL pipelines whose VAE config says `force_upcast`. Inputs and
+outputs stay float32. Each component is written as model.onnx (graph) + model.onnx_data (weights), and
+onnx_export.json in OUT_DIR records what was done; the runtime reads it (a fused export needs CUDA).
+
+--plain writes the unfused graphs (diffusers' default attention, traced in the target dtype) that any execution
+provider runs, CPU included; --fp32 skips the float16 conversion.
+
+Needs torch, diffusers, transformers, onnx and onnxruntime (the Python package ships the optimizer; its CPU build
+is enough). `export_pipeline()` is the same export for a pipeline object already in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+MANIFEST = "onnx_export.json"
+FORMAT = 1
+# Ops ORT's optimizer emits that only the CUDA execution provider implements.
+CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd", "PackedMultiHeadAttention")
+# Inputs whose first layers diffusers computes in float32 whatever the model dtype (get_timestep_embedding casts
+# to float32): in float16 the sinusoid of t*freq loses a large part of a radian at t near 1000.
+FP32_EMBEDDING_INPUTS = ("timestep", "time_ids")
+LINEAR_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), "export:", *a, flush=True)
+
+
+def versions():
+    import onnx
+    import onnxruntime
+    import torch
+    out = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    for name in ("diffusers", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - version only for the manifest
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrappers with optimum's input and output names (PROTOCOLS.md 4.2), so the runtime serves the export as it serves
+# optimum's.
+
+def _wrappers():
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, m, hidden_states):
+            super().__init__()
+            self.m, self.hidden_states = m, hidden_states
+
+        def forward(self, input_ids):
+            o = self.m(input_ids=input_ids, output_hidden_states=self.hidden_states)
+            first = o.text_embeds if hasattr(o, "text_embeds") else o.pooler_output
+            out = [first, o.last_hidden_state] if hasattr(o, "text_embeds") else [o.last_hidden_state, first]
+            if self.hidden_states:
+                out.extend(o.hidden_states)
+            return tuple(out)
+
+    class Unet(torch.nn.Module):
+        def __init__(self, m, xl, lcm):
+            super().__init__()
+            self.m, self.xl, self.lcm = m, xl, lcm
+
+        def forward(self, sample, timestep, encoder_hidden_states, *extra):
+            kw = {}
+            extra = list(extra)
+            if self.xl:
+                kw["added_cond_kwargs"] = {"text_embeds": extra.pop(0), "time_ids": extra.pop(0)}
+            if self.lcm:
+                kw["timestep_cond"] = extra.pop(0)
+            return self.m(sample, timestep, encoder_hidden_states, return_dict=False, **kw)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, latent_sample):
+            return self.m.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, sample):
+            return self.m.encode(sample, return_dict=False)[0].parameters
+
+    return TextEncoder, Unet, VaeDecoder, VaeEncoder
+
+
+def _component_specs(pipe, device, dtype, want_vae_encoder):
+    """(name, module, args, input names, output names, dynamic axes, optimizer model type) per component."""
+    import torch
+    TextEncoder, Unet, VaeDecoder, VaeEncoder = _wrappers()
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    specs = []
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name, None)
+        if te is None:
+            continue
+        cfg = te.config
+        ids = torch.zeros(1, cfg.max_position_embeddings, dtype=torch.int64, device=device)
+        proj = hasattr(te, "text_projection")
+        outs = ["text_embeds", "last_hidden_state"] if proj else ["last_hidden_state", "pooler_output"]
+        if xl:
+            outs += [f"hidden_states.{i}" for i in range(cfg.num_hidden_layers + 1)]
+        axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+        for o in outs:
+            axes[o] = {0: "batch_size", 1: "sequence_length"} if o != outs[0] or not proj else {0: "batch_size"}
+        if not proj:
+            axes["pooler_output"] = {0: "batch_size"}
+        specs.append((name, TextEncoder(te, xl), (ids,), ["input_ids"], outs, axes, "clip"))
+    unet = pipe.unet
+    uc = unet.config
+    lcm = uc.time_cond_proj_dim is not None
+    size = uc.sample_size if isinstance(uc.sample_size, int) else uc.sample_size[0]
+    seq = pipe.text_encoder.config.max_position_embeddings if getattr(pipe, "text_encoder", None) is not None else 77
+    args = [torch.randn(2, uc.in_channels, size, size, device=device, dtype=dtype), torch.tensor(999.0, device=device),
+            torch.randn(2, seq, uc.cross_attention_dim, device=device, dtype=dtype)]
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    if xl:
+        pooled = pipe.text_encoder_2.config.projection_dim
+        n_ids = (uc.projection_class_embeddings_input_dim - pooled) // uc.addition_time_embed_dim
+        args += [torch.randn(2, pooled, device=device, dtype=dtype), torch.tensor([[size * 8.0, size * 8.0, 0, 0, size * 8.0, size * 8.0][:n_ids]] * 2, device=device, dtype=dtype)]
+        names += ["text_embeds", "time_ids"]
+        axes.update({"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}})
+    if lcm:
+        args.append(torch.randn(2, uc.time_cond_proj_dim, device=device, dtype=dtype))
+        names.append("timestep_cond")
+        axes["timestep_cond"] = {0: "batch_size"}
+    specs.append(("unet", Unet(unet, xl, lcm), tuple(args), names, ["out_sample"], axes, "unet"))
+    vae = pipe.vae
+    lc = vae.config.latent_channels
+    specs.append(("vae_decoder", VaeDecoder(vae), (torch.randn(1, lc, size, size, device=device, dtype=dtype),), ["latent_sample"], ["sample"],
+                  {"latent_sample": {0: "batch_size", 2: "height", 3: "width"}, "sample": {0: "batch_size", 2: "height_x8", 3: "width_x8"}}, "vae"))
+    if want_vae_encoder:
+        specs.append(("vae_encoder", VaeEncoder(vae), (torch.randn(1, vae.config.in_channels, size * 8, size * 8, device=device, dtype=dtype),), ["sample"],
+                      ["latent_parameters"], {"sample": {0: "batch_size", 2: "height", 3: "width"}, "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}, "vae"))
+    return specs
+
+
+def _torch_export(module, args, path, inames, onames, axes, opset):
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=inames, output_names=onames, dynamic_axes=axes,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _save(model_proto, folder: Path):
+    """model.onnx + one model.onnx_data beside it, whatever the size (the runtime reads graphs without weights)."""
+    import onnx
+    for f in folder.glob("model.onnx*"):
+        f.unlink()
+    onnx.save_model(model_proto, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    for f in folder.glob("model.onnx*"):
+        f.chmod(0o644)  # onnx creates the data file 0600; the serving user may not be the exporting one
+    return {f.name: f.stat().st_size for f in sorted(folder.glob("model.onnx*"))}
+
+
+def fp32_embedding_nodes(graph) -> list[str]:
+    """Names of the nodes from the timestep / time_ids inputs up to (not including) the first linear layer: the
+    sinusoidal embeddings diffusers computes in float32."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    start = [i.name for i in graph.input if i.name in FP32_EMBEDDING_INPUTS]
+    seen, blocked, todo = set(start), [], deque(start)
+    while todo:
+        for n in consumers.get(todo.popleft(), []):
+            if n.op_type in LINEAR_OPS or n.name in blocked:
+                continue
+            blocked.append(n.name)
+            for o in n.output:
+                if o not in seen:
+                    seen.add(o)
+                    todo.append(o)
+    return blocked
+
+
+def _op_counts(model_proto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model_proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _numpy2_vae_attention_shim():
+    """onnxruntime's VAE attention fusion reads the head count with int() of a one-element 1-D array, which numpy
+    2 refuses (TypeError: only 0-dimensional arrays can be converted to Python scalars). Give that one call 0-d
+    constants; everything else sees the values unchanged."""
+    import importlib
+    import numpy as np
+    import onnxruntime.transformers.optimizer  # noqa: F401 - puts the package folder on sys.path, as it imports itself
+    # The optimizer imports this module under its bare name too: patch every copy.
+    for mod in {importlib.import_module(n) for n in ("onnxruntime.transformers.fusion_attention_vae", "fusion_attention_vae")}:
+        cls = mod.FusionAttentionVae
+        orig = cls.get_num_heads_and_hidden_size
+        if getattr(orig, "_shimmed", False):
+            continue
+
+        def patched(self, reshape_q, add_q, orig=orig):
+            get = self.model.get_constant_value
+
+            def scalar_ok(name):
+                v = get(name)
+                return v.reshape(()) if isinstance(v, np.ndarray) and v.size == 1 else v
+            self.model.get_constant_value = scalar_ok
+            try:
+                return orig(self, reshape_q, add_q)
+            finally:
+                del self.model.get_constant_value
+        patched._shimmed = True
+        cls.get_num_heads_and_hidden_size = patched
+
+
+def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], report: dict):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    _numpy2_vae_attention_shim()
+
+    def run(attention: bool):
+        fo = FusionOptions(model_type)
+        if model_type == "unet":
+            # Packed QKV/KV layouts only pay (and only exist) for the float16 kernels.
+            fo.enable_packed_kv = fp16
+            fo.enable_packed_qkv = fp16
+            fo.enable_bias_add = True
+        if not attention:
+            fo.enable_attention = False
+        return optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                              optimization_options=fo, use_gpu=True, only_onnxruntime=False)
+
+    try:
+        m = run(True)
+        report["attention_fusion"] = True
+    except Exception as e:  # noqa: BLE001 - onnxruntime 1.30's VAE attention fusion raises on diffusers >= 0.30 exports
+        if model_type != "vae":
+            raise
+        log(f"{src.parent.name}: attention fusion failed ({type(e).__name__}: {str(e)[:120]}); fusing without it")
+        report["attention_fusion"] = False
+        report["attention_fusion_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        m = run(False)
+    report["fused_ops"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+    if fp16:
+        nodes = fp32_embedding_nodes(m.model.graph)
+        m.convert_float_to_float16(keep_io_types=True, op_block_list=keep_fp32_ops or None, node_block_list=nodes or None)
+        report["fp32_nodes"] = len(nodes)
+        if keep_fp32_ops:
+            report["fp32_ops"] = keep_fp32_ops
+    m.topological_sort()
+    return m.model
+
+
+def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opset=17, vae_encoder=True):
+    """Exports `pipe` (a diffusers StableDiffusion[XL]Pipeline, weights in float32 unless plain fp16) into out_dir.
+    Returns the manifest it wrote."""
+    import torch
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    t_all = time.perf_counter()
+    if fused:
+        from diffusers.models.attention_processor import AttnProcessor
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.vae.set_attn_processor(AttnProcessor())
+        for te in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")):
+            if te is not None:  # transformers' SDPA path traces to a graph the CLIP attention fusion does not match
+                te.set_attn_implementation("eager") if hasattr(te, "set_attn_implementation") else setattr(te.config, "_attn_implementation", "eager")
+        dtype = torch.float32  # fused graphs are converted to fp16 after the fusions, which match fp32 patterns
+    else:
+        dtype = torch.float16 if fp16 else torch.float32
+    for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "unet", "vae")):
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval()
+    manifest = {"format": FORMAT, "producer": "diffusers-runtime scripts/export_sd.py", "variant": "fused" if fused else "plain",
+                "target": "cuda" if fused else "any", "pipeline": type(pipe).__name__, "opset": opset, "versions": versions(), "components": {}}
+    want_encoder = vae_encoder and getattr(pipe.vae, "encoder", None) is not None
+    for name, module, args, inames, onames, axes, model_type in _component_specs(pipe, device, dtype, want_encoder):
+        t0 = time.perf_counter()
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        report = {}
+        upcast_vae = name.startswith("vae") and xl and bool(getattr(pipe.vae.config, "force_upcast", False))
+        comp_fp16 = fp16 and not upcast_vae
+        traced_fp32 = False
+        if not fused and dtype == torch.float16 and model_type == "clip":
+            # transformers' CLIP traced in float16 gives a LayerNormalization with float and float16 operands, which
+            # ONNX Runtime refuses to load; the text encoder is small, so the plain export keeps it in float32.
+            module.m.to(torch.float32)
+            traced_fp32 = True
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            raw = Path(tmp) / "model.onnx"
+            _torch_export(module, args, raw, inames, onames, axes, opset)
+            if fused:
+                keep = ["MultiHeadAttention", "Attention"] if name == "unet" and getattr(pipe.unet.config, "upcast_attention", False) else []
+                proto = _fuse(raw, model_type, comp_fp16, keep, report)
+            else:
+                import onnx
+                proto = onnx.load(str(raw), load_external_data=True)
+        report["dtype"] = "float16" if (comp_fp16 if fused else dtype == torch.float16 and not traced_fp32) else "float32"
+        if traced_fp32:
+            report["fp32_reason"] = "CLIP traced in float16 does not load in ONNX Runtime (mixed-type LayerNormalization)"
+        if upcast_vae and fp16:
+            report["fp32_reason"] = "vae config force_upcast (SDXL VAE overflows in float16)"
+        report["cuda_only_ops"] = {k: v for k, v in _op_counts(proto).items() if k in CUDA_ONLY_OPS}
+        report["files"] = _save(proto, folder)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        manifest["components"][name] = report
+        log(name, json.dumps({k: v for k, v in report.items() if k != "files"}))
+        del proto
+    _write_configs(pipe, out)
+    manifest["seconds"] = round(time.perf_counter() - t_all, 1)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _write_configs(pipe, out: Path):
+    """model_index.json, scheduler, tokenizers and each component's config.json, as optimum lays them out."""
+    def dump(cfg, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(cfg), indent=1, default=str, allow_nan=True) + "\n")
+    index = {k: v for k, v in dict(pipe.config).items() if not isinstance(v, (list, tuple)) or k.startswith("_")}
+    index["_class_name"] = type(pipe).__name__
+    dump(index, out / "model_index.json")
+    pipe.scheduler.save_pretrained(str(out / "scheduler"))
+    for t in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, t, None)
+        if tok is not None:
+            tok.save_pretrained(str(out / t))
+            _bpe_files(out / t)
+    for name, m in (("text_encoder", getattr(pipe, "text_encoder", None)), ("text_encoder_2", getattr(pipe, "text_encoder_2", None)), ("unet", pipe.unet)):
+        if m is not None:
+            dump(m.config.to_dict() if hasattr(m.config, "to_dict") else m.config, out / name / "config.json")
+    for name in ("vae_decoder", "vae_encoder"):
+        if (out / name).is_dir():
+            dump(pipe.vae.config, out / name / "config.json")
+
+
+def _bpe_files(folder: Path):
+    """vocab.json and merges.txt, which the runtime's tokenizer reads: transformers 5 saves only tokenizer.json."""
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        return
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if model.get("type") != "BPE":
+        raise SystemExit(f"export_sd: {folder.name}/tokenizer.json is not a BPE tokenizer")
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", help="Hugging Face model id or local diffusers folder")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--plain", action="store_true", help="unfused graphs for any execution provider (CPU serving)")
+    ap.add_argument("--fp32", action="store_true", help="keep float32 weights")
+    ap.add_argument("--device", default=None, help="torch device for tracing (default: cuda if available, else cpu)")
+    ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--no-vae-encoder", action="store_true", help="skip vae_encoder (text-to-image only)")
+    a = ap.parse_args(argv)
+    import torch
+    from diffusers import DiffusionPipeline
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fp16 = not a.fp32
+    if a.plain and fp16 and device != "cuda":
+        sys.exit("export_sd: a plain float16 export traces in float16 and needs --device cuda (or use --fp32)")
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"export_sd: {out} is not empty")
+    log(f"loading {a.source}")
+    # The safety checker is not part of the layout: not loading it saves memory and time.
+    pipe = DiffusionPipeline.from_pretrained(a.source, torch_dtype=torch.float32, safety_checker=None)
+    m = export_pipeline(pipe, out, fused=not a.plain, fp16=fp16, device=device, opset=a.opset, vae_encoder=not a.no_vae_encoder)
+    log(f"done in {m['seconds']} s: {out} ({m['variant']}, target {m['target']})")
+
+
+if __name__ == "__main__":
+    main()
