@@ -7,6 +7,7 @@ export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
 export type OptimizedCacheMode = 'auto' | 'always' | 'off';
+export type GraphOptimization = 'all' | 'extended' | 'basic' | 'disabled';
 
 export interface S3Settings {
   /** Endpoint URL for S3-compatible stores; undefined means AWS. */
@@ -51,6 +52,8 @@ export interface Config {
   readonly intraOpThreads: number;
   /** ORT optimized-model cache next to cached models (see src/pipeline/ortcache.ts). */
   readonly optimizedModelCache: OptimizedCacheMode;
+  /** ONNX Runtime's graph optimisation level for every session (ORT_GRAPH_OPTIMIZATION). */
+  readonly graphOptimization: GraphOptimization;
   /** Let cuBLAS/cuDNN run float32 math as TF32 on CUDA (faster fp32 models, images no longer match the reference). */
   readonly cudaTf32: boolean;
 }
@@ -68,6 +71,7 @@ const PROVIDERS: readonly ExecutionProvider[] = ['auto', 'cuda', 'cpu'];
 const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
 const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
+const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'disabled'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -172,6 +176,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
+    graphOptimization: oneOf('ORT_GRAPH_OPTIMIZATION', 'all', GRAPH_OPT),
     cudaTf32: bool('CUDA_TF32', false),
   };
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
