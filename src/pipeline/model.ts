@@ -2,6 +2,7 @@
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
+import { EXPORT_MANIFEST } from './export-info.js';
 
 export const COMPONENTS = ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder'] as const;
 export type Component = (typeof COMPONENTS)[number];
@@ -52,7 +53,7 @@ export const isTokenizerFolder = (name: string): boolean => /^tokenizer(_\d+)?$/
  */
 export function isLayoutFile(rel: string): boolean {
   const [top = '', ...rest] = rel.split('/');
-  if (rest.length === 0) return top === 'model_index.json';
+  if (rest.length === 0) return top === 'model_index.json' || top === EXPORT_MANIFEST;
   if (top === 'scheduler' || isTokenizerFolder(top)) return true;
   return (COMPONENTS as readonly string[]).includes(top) && rest.join('/') === 'config.json';
 }

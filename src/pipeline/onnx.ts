@@ -6,7 +6,10 @@ import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { probeModel } from './probe.js';
 import { createWithOptimizedCache, type CacheOutcome, type OptimizedCacheMode } from './ortcache.js';
+import { checkCuda } from './cuda.js';
+import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
 import type { OptimizeItem } from './protocol.js';
+import path from 'node:path';
 
 type Ort = typeof OrtModule;
 let ortPromise: Promise<Ort> | undefined;
@@ -37,6 +40,10 @@ export interface SessionFactoryOptions {
   intraOpThreads: number;
   deviceId?: number;
   log?: (level: 'info' | 'warn', msg: string, obj?: object) => void;
+  /** The provider another factory of this process decided already (the auxiliary thread's sessions follow it). */
+  decided?: 'cuda' | 'cpu';
+  /** ORT's graph optimisation level for every session (ORT_GRAPH_OPTIMIZATION); default `all`. */
+  graphOptimizationLevel?: GraphOptimizationLevel;
   /**
    * Keep ORT's optimised graph next to each model (`<component>/model.<ortVersion>.<provider>.opt.onnx`, see
    * ortcache.ts) and load it with optimisation off on the next start. Default `auto`: only for models in a cache
@@ -90,16 +97,34 @@ function withLoadHint(reason: string): string {
 export class SessionFactory {
   #decision: Promise<'cuda' | 'cpu'> | undefined;
   #fallbackReason: string | undefined;
-  constructor(private readonly opts: SessionFactoryOptions) {}
+  constructor(private readonly opts: SessionFactoryOptions) {
+    if (opts.decided) this.#decision = Promise.resolve(opts.decided);
+  }
 
   get fallbackReason(): string | undefined {
     return this.#fallbackReason;
   }
 
+  /**
+   * The provider every session of this process gets, deciding it first if no session or probe has (sessions created
+   * elsewhere, such as the auxiliary thread's, follow it). Throws like create() when EXECUTION_PROVIDER=cuda cannot
+   * start CUDA.
+   */
+  async provider(): Promise<'cuda' | 'cpu'> {
+    if (this.opts.ep === 'cpu') return 'cpu';
+    if (this.#decision === undefined) await this.prestart();
+    if (this.#decision === undefined) await loadOrt(); // prestart gave up only because the import failed: report it
+    const provider = await this.#decision!;
+    if (provider === 'cpu' && this.opts.ep === 'cuda') {
+      throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
+    }
+    return provider;
+  }
+
   async create(name: string, modelPath: string): Promise<CreatedSession> {
     const ort = await loadOrt();
     if (this.opts.ep === 'cpu') return this.#build(ort, name, modelPath, 'cpu');
-    if (this.#decision === undefined) {
+    if (this.#decision === undefined && !this.#noCuda()) {
       const made = await this.#decide(name, () => this.#build(ort, name, modelPath, 'cuda'));
       if (made) return made;
     }
@@ -118,6 +143,7 @@ export class SessionFactory {
    */
   async prestart(): Promise<void> {
     if (this.opts.ep === 'cpu' || this.#decision !== undefined) return;
+    if (this.#noCuda()) return;
     let ort: Ort;
     try {
       ort = await loadOrt();
@@ -126,6 +152,7 @@ export class SessionFactory {
     }
     if (this.#decision !== undefined) return;
     const options = sessionOptions('cuda', { intraOpThreads: 1, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
+    if (this.#decision !== undefined) return;
     await this.#decide('provider probe', async () => {
       const { s } = await this.#serial(() => ort.InferenceSession.create(probeModel(), options));
       try {
@@ -137,6 +164,21 @@ export class SessionFactory {
       }
       return undefined;
     }).catch(() => undefined);
+  }
+
+  /**
+   * Under `auto`, decides `cpu` without asking ORT when the CUDA provider library or a driver is missing (asking would
+   * only print a red load error on every CPU-only machine). Under `cuda` ORT is always asked: its error says what is
+   * missing.
+   */
+  #noCuda(): boolean {
+    if (this.opts.ep !== 'auto' || this.#decision !== undefined) return false;
+    const check = checkCuda();
+    if (check.ok) return false;
+    this.#fallbackReason = check.reason;
+    this.#decision = Promise.resolve('cpu');
+    this.opts.log?.('info', 'execution provider cpu: CUDA is not available', { reason: check.reason });
+    return true;
   }
 
   /** The first CUDA attempt decides for the process; concurrent creations wait for it instead of all probing CUDA. */
@@ -185,9 +227,20 @@ export class SessionFactory {
   readonly deferredWrites: OptimizeItem[] = [];
 
   async #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
-    const options = sessionOptions(provider, { intraOpThreads: this.opts.intraOpThreads, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
-    // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
-    const r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
+    const options = sessionOptions(provider, {
+      intraOpThreads: this.opts.intraOpThreads,
+      ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}),
+      ...(this.opts.graphOptimizationLevel ? { graphOptimizationLevel: this.opts.graphOptimizationLevel } : {}),
+    });
+    let r: Awaited<ReturnType<typeof createWithOptimizedCache>>;
+    try {
+      // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
+      r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
+    } catch (err) {
+      const op = provider === 'cpu' ? missingCudaOnlyKernel(String((err as Error)?.message ?? err)) : undefined;
+      if (op) throw needsCudaError(path.basename(path.dirname(modelPath)), [op], 'its graph holds onnxruntime operators fused for CUDA');
+      throw err;
+    }
     this.cacheOutcomes[modelPath] = r.cache;
     // Once per file: a session created again (after a reset) must not queue a second write of the same copy.
     if (r.cache === 'deferred' && !this.deferredWrites.some((w) => w.path === modelPath)) this.deferredWrites.push({ path: modelPath, provider, ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}) });
@@ -197,25 +250,39 @@ export class SessionFactory {
 
 const firstLine = (err: unknown): string => String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 300);
 
+/** What the pipeline needs of a session: its declared inputs and outputs, and runs with float32 results. */
+export interface ModelSession {
+  readonly name: string;
+  readonly inputs: ReadonlyMap<string, IoInfo>;
+  readonly outputs: ReadonlyMap<string, IoInfo>;
+  has(input: string): boolean;
+  input(name: string): IoInfo;
+  run(feeds: Record<string, Feed>, outputs?: string[]): Promise<Record<string, { data: Float32Array; dims: readonly number[] }>>;
+  release(): Promise<void>;
+}
+
+/** Reads IO metadata the way every session kind reports it (a remote session receives the same lists). */
+export function ioInfo(name: string, list: readonly InferenceSession.ValueMetadata[]): Map<string, IoInfo> {
+  return new Map(
+    list.map((m) => {
+      if (!m.isTensor) throw new RuntimeError('MODEL_FORMAT', `${name}: input/output "${m.name}" is not a tensor`);
+      const type = m.type as string;
+      if (!['float32', 'float16', 'int64', 'int32'].includes(type)) {
+        throw new RuntimeError('MODEL_FORMAT', `${name}: "${m.name}" has unsupported type ${type}`);
+      }
+      return [m.name, { name: m.name, type: type as TensorType, shape: m.shape }];
+    }),
+  );
+}
+
 /** A session plus its declared inputs/outputs; feeds are cast to what the model declares. */
-export class OnnxSession {
+export class OnnxSession implements ModelSession {
   readonly inputs: ReadonlyMap<string, IoInfo>;
   readonly outputs: ReadonlyMap<string, IoInfo>;
 
   constructor(readonly name: string, readonly session: InferenceSession) {
-    const meta = (list: readonly InferenceSession.ValueMetadata[]) =>
-      new Map(
-        list.map((m) => {
-          if (!m.isTensor) throw new RuntimeError('MODEL_FORMAT', `${name}: input/output "${m.name}" is not a tensor`);
-          const type = m.type as string;
-          if (!['float32', 'float16', 'int64', 'int32'].includes(type)) {
-            throw new RuntimeError('MODEL_FORMAT', `${name}: "${m.name}" has unsupported type ${type}`);
-          }
-          return [m.name, { name: m.name, type: type as TensorType, shape: m.shape }];
-        }),
-      );
-    this.inputs = meta(session.inputMetadata);
-    this.outputs = meta(session.outputMetadata);
+    this.inputs = ioInfo(name, session.inputMetadata);
+    this.outputs = ioInfo(name, session.outputMetadata);
   }
 
   has(input: string): boolean {

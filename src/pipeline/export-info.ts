@@ -1,0 +1,92 @@
+/**
+ * @module What kind of export a model folder holds: fused for CUDA (onnxruntime's transformer optimizer, float16) or
+ * plain (any provider). `scripts/export_sd.py` writes `onnx_export.json` beside model_index.json; a folder without it
+ * is judged from its graphs where they are small enough to read (weights in model.onnx_data).
+ */
+import { readFileSync, statSync } from 'node:fs';
+import path from 'node:path';
+import onnxProto from 'onnx-proto';
+import { RuntimeError } from '../errors.js';
+
+export const EXPORT_MANIFEST = 'onnx_export.json';
+
+/**
+ * Operators onnxruntime's optimizer writes that only the CUDA execution provider implements: a graph with any of
+ * them cannot run on the CPU provider.
+ */
+export const CUDA_ONLY_OPS: ReadonlySet<string> = new Set(['GroupNorm', 'SkipGroupNorm', 'NhwcConv', 'BiasSplitGelu', 'BiasAdd', 'PackedMultiHeadAttention', 'PackedAttention']);
+/** Operators that mark a graph as fused (its attention or normalisations replaced by onnxruntime's kernels). */
+const FUSED_MARKS: ReadonlySet<string> = new Set([...CUDA_ONLY_OPS, 'MultiHeadAttention']);
+
+export interface ExportInfo {
+  /** `fused`: needs CUDA; `plain`: any provider; `unknown`: no manifest and graphs too large to read cheaply. */
+  variant: 'fused' | 'plain' | 'unknown';
+  /** Where the verdict came from. */
+  source: 'manifest' | 'graph' | 'none';
+  /** Per component: the CUDA-only operators it holds, as the manifest lists them. */
+  cudaOnlyOps: Record<string, string[]>;
+}
+
+/** Graph files larger than this are not parsed to tell the kind of export (their weights are inline). */
+const MAX_GRAPH_BYTES = 64 * 1024 * 1024;
+
+/** The export manifest of `modelDir` if it has one; a manifest that cannot be read fails the boot with its reason. */
+export function readExportManifest(modelDir: string): ExportInfo | undefined {
+  const file = path.join(modelDir, EXPORT_MANIFEST);
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+  let m: { variant?: unknown; components?: Record<string, { cuda_only_ops?: Record<string, number> }> };
+  try {
+    m = JSON.parse(text) as typeof m;
+    if (typeof m !== 'object' || m === null) throw new Error('not an object');
+  } catch (err) {
+    throw new RuntimeError('MODEL_FORMAT', `${EXPORT_MANIFEST} is not valid JSON: ${(err as Error).message}`);
+  }
+  const variant = m.variant === 'fused' || m.variant === 'plain' ? m.variant : 'unknown';
+  const cudaOnlyOps: Record<string, string[]> = {};
+  for (const [c, v] of Object.entries(m.components ?? {})) cudaOnlyOps[c] = Object.keys(v?.cuda_only_ops ?? {}).filter((op) => CUDA_ONLY_OPS.has(op));
+  return { variant, source: 'manifest', cudaOnlyOps };
+}
+
+/**
+ * The operator types of a model.onnx (decoded without its weights), or undefined when the file is larger than
+ * MAX_GRAPH_BYTES or cannot be read.
+ */
+export function graphOps(modelPath: string): Set<string> | undefined {
+  try {
+    if (statSync(modelPath).size > MAX_GRAPH_BYTES) return undefined;
+    const model = onnxProto.onnx.ModelProto.decode(readFileSync(modelPath));
+    return new Set((model.graph?.node ?? []).map((n) => n.opType ?? ''));
+  } catch {
+    return undefined;
+  }
+}
+
+/** The manifest's verdict, else the UNet graph's (fused when it holds onnxruntime's fused operators). */
+export function exportInfo(modelDir: string): ExportInfo {
+  const manifest = readExportManifest(modelDir);
+  if (manifest) return manifest;
+  const ops = graphOps(path.join(modelDir, 'unet', 'model.onnx'));
+  if (!ops) return { variant: 'unknown', source: 'none', cudaOnlyOps: {} };
+  const cuda = [...ops].filter((op) => CUDA_ONLY_OPS.has(op));
+  return { variant: [...ops].some((op) => FUSED_MARKS.has(op)) ? 'fused' : 'plain', source: 'graph', cudaOnlyOps: cuda.length > 0 ? { unet: cuda } : {} };
+}
+
+/** The boot error for a CUDA-only graph on the CPU provider: what it is, and the two ways out. */
+export function needsCudaError(component: string, ops: readonly string[], why: string): RuntimeError {
+  return new RuntimeError(
+    'MODEL_FORMAT',
+    `${component} is fused for CUDA (${why}: ${ops.join(', ')} run only on the CUDA execution provider) but this process runs on the CPU provider; ` +
+      'serve it on a GPU node (EXECUTION_PROVIDER=cuda or auto), or export the model for CPU with `scripts/export-onnx.sh MODEL OUT --plain`',
+  );
+}
+
+/** ORT's message when a graph node has no kernel on the provider: "Failed to find kernel for com.microsoft.NhwcConv(1) …". */
+export function missingCudaOnlyKernel(message: string): string | undefined {
+  const m = /(?:Failed to find kernel for|Could not find an implementation for) (?:com\.microsoft\.)?(\w+)\(/.exec(message);
+  return m && CUDA_ONLY_OPS.has(m[1]!) ? m[1] : undefined;
+}

@@ -1,0 +1,118 @@
+/**
+ * The fused (CUDA) and plain exports: the manifest scripts/export_sd.py writes, the graph inspection for folders
+ * without one, the clear boot error for a fused graph on the CPU provider, and the CUDA check that keeps ONNX
+ * Runtime from printing load errors on a CPU-only machine.
+ */
+import { cpSync, mkdirSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import onnxProto from 'onnx-proto';
+import { afterAll, describe, expect, it } from 'vitest';
+import { isRuntimeError } from '../src/errors.js';
+import { checkCuda } from '../src/pipeline/cuda.js';
+import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, readExportManifest } from '../src/pipeline/export-info.js';
+import { SessionFactory } from '../src/pipeline/onnx.js';
+import { fixtureModel } from './fixtures/index.js';
+import { startServer, tempDir } from './helpers/server.js';
+
+const { onnx } = onnxProto;
+const scratch = tempDir('dr-export-kind-');
+afterAll(() => scratch.cleanup());
+
+/** A one-node graph with onnxruntime's CUDA-only GroupNorm (com.microsoft), as the transformer optimizer writes it. */
+function groupNormGraph(file: string): void {
+  const t = (name: string, dims: number[]) => ({ name, type: { tensorType: { elemType: 1, shape: { dim: dims.map((d) => ({ dimValue: d })) } } } });
+  const ones = new Float32Array(32).fill(1);
+  const model = onnx.ModelProto.create({
+    irVersion: 8,
+    opsetImport: [{ domain: '', version: 17 }, { domain: 'com.microsoft', version: 1 }],
+    graph: {
+      name: 'g',
+      node: [{ opType: 'GroupNorm', domain: 'com.microsoft', input: ['x', 'gamma', 'beta'], output: ['y'], attribute: [
+        { name: 'epsilon', type: onnx.AttributeProto.AttributeType.FLOAT, f: 1e-5 },
+        { name: 'groups', type: onnx.AttributeProto.AttributeType.INT, i: 32 },
+        { name: 'activation', type: onnx.AttributeProto.AttributeType.INT, i: 0 },
+      ] }],
+      initializer: ['gamma', 'beta'].map((name) => ({ name, dims: [32], dataType: 1, rawData: new Uint8Array(ones.buffer.slice(0)) })),
+      input: [t('x', [1, 2, 2, 32])],
+      output: [t('y', [1, 2, 2, 32])],
+    },
+  });
+  mkdirSync(path.dirname(file), { recursive: true });
+  writeFileSync(file, onnx.ModelProto.encode(model).finish());
+}
+
+const manifest = (variant: string, unetOps: Record<string, number>) =>
+  JSON.stringify({ format: 1, variant, target: variant === 'fused' ? 'cuda' : 'any', components: { unet: { dtype: 'float16', cuda_only_ops: unetOps }, text_encoder: { cuda_only_ops: {} } } });
+
+describe('export kind', () => {
+  it('reads the manifest, and judges a folder without one from its UNet graph', async () => {
+    const demo = await fixtureModel();
+    expect(readExportManifest(demo)).toBeUndefined();
+    expect(exportInfo(demo)).toEqual({ variant: 'plain', source: 'graph', cudaOnlyOps: {} });
+
+    const fused = path.join(scratch.dir, 'fused');
+    cpSync(demo, fused, { recursive: true });
+    writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('fused', { NhwcConv: 97, GroupNorm: 16, MultiHeadAttention: 32 }));
+    // MultiHeadAttention also has a CPU kernel: only the CUDA-only operators are listed.
+    expect(exportInfo(fused)).toEqual({ variant: 'fused', source: 'manifest', cudaOnlyOps: { unet: ['NhwcConv', 'GroupNorm'], text_encoder: [] } });
+
+    const inspected = path.join(scratch.dir, 'inspected');
+    cpSync(demo, inspected, { recursive: true });
+    groupNormGraph(path.join(inspected, 'unet', 'model.onnx'));
+    expect(graphOps(path.join(inspected, 'unet', 'model.onnx'))).toEqual(new Set(['GroupNorm']));
+    expect(exportInfo(inspected)).toEqual({ variant: 'fused', source: 'graph', cudaOnlyOps: { unet: ['GroupNorm'] } });
+
+    writeFileSync(path.join(inspected, EXPORT_MANIFEST), '{"variant": "fused",');
+    expect(() => readExportManifest(inspected)).toThrow(/onnx_export\.json is not valid JSON/);
+  });
+
+  it("recognises ORT's missing-kernel errors for CUDA-only operators, and only those", () => {
+    expect(missingCudaOnlyKernel("Failed to find kernel for com.microsoft.NhwcConv(1) (node:'NhwcConv_0-/m/conv_in/Conv' ep:'CPUExecutionProvider'). Kernel not found")).toBe('NhwcConv');
+    expect(missingCudaOnlyKernel('Could not find an implementation for GroupNorm(1) node with name "x"')).toBe('GroupNorm');
+    expect(missingCudaOnlyKernel("Failed to find kernel for Conv(11) (node:'c' ep:'CPUExecutionProvider')")).toBeUndefined();
+  });
+
+  it('a CUDA-only graph on the CPU provider fails with the way out, not ORT\'s kernel message', async () => {
+    const file = path.join(scratch.dir, 'gn', 'unet', 'model.onnx');
+    groupNormGraph(file);
+    const f = new SessionFactory({ ep: 'cpu', intraOpThreads: 1 });
+    const err: unknown = await f.create('unet', file).then(() => undefined, (e: unknown) => e);
+    expect(isRuntimeError(err) && err.code).toBe('MODEL_FORMAT');
+    expect((err as Error).message).toMatch(/^unet is fused for CUDA \(its graph holds onnxruntime operators fused for CUDA: GroupNorm run only on the CUDA execution provider\).*EXECUTION_PROVIDER=cuda or auto.*scripts\/export-onnx\.sh MODEL OUT --plain/);
+  });
+
+  it('a fused export fails the boot on a CPU node with one clear line; the same folder without the manifest boots', async () => {
+    const fused = path.join(scratch.dir, 'fused-boot');
+    cpSync(await fixtureModel(), fused, { recursive: true });
+    writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('fused', { NhwcConv: 97, GroupNorm: 16 }));
+    const s = await startServer({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'auto', MODEL_CACHE_DIR: path.join(scratch.dir, 'c1') });
+    try {
+      const failed = await s.waitForLog((l) => l.msg?.startsWith('boot failed') === true);
+      expect(failed.reason).toMatch(/^unet is fused for CUDA \(onnx_export\.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider\) but this process runs on the CPU provider; serve it on a GPU node/);
+      expect(s.logs.filter((l) => l.level === 'error')).toHaveLength(1);
+      const r = await fetch(`${s.url}/v1/models/model`);
+      expect(r.status).toBe(503);
+      expect(JSON.stringify(await r.json())).toContain('is fused for CUDA');
+    } finally {
+      await s.stop();
+    }
+    writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('plain', {}));
+    const ok = await startServer({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'cpu', MODEL_CACHE_DIR: path.join(scratch.dir, 'c2') }, { ready: true });
+    await ok.stop();
+  });
+});
+
+describe('CUDA check', () => {
+  const dir = '/opt/ort/bin';
+  const lib = (f: string) => path.join(dir, f);
+  const has = (...files: string[]) => (p: string) => files.includes(p);
+
+  it('needs the provider libraries beside onnxruntime and a driver on the loader path', () => {
+    const both = [lib('libonnxruntime_providers_cuda.so'), lib('libonnxruntime_providers_shared.so')];
+    expect(checkCuda({ providerDir: dir, exists: has(), ldCache: () => '', env: {} })).toMatchObject({ ok: false, reason: expect.stringMatching(/no CUDA provider library \(libonnxruntime_providers_cuda\.so, libonnxruntime_providers_shared\.so\)/) });
+    expect(checkCuda({ providerDir: dir, exists: has(...both), ldCache: () => '', env: {} })).toMatchObject({ ok: false, reason: expect.stringMatching(/^no NVIDIA driver/) });
+    expect(checkCuda({ providerDir: dir, exists: has(...both, '/drv/libcuda.so.1'), ldCache: () => '', env: { LD_LIBRARY_PATH: '/x:/drv' } }).ok).toBe(true);
+    expect(checkCuda({ providerDir: dir, exists: has(...both, '/usr/local/nvidia/lib64/libcuda.so.1'), ldCache: () => '', env: {} }).ok).toBe(true);
+    expect(checkCuda({ providerDir: dir, exists: has(...both), ldCache: () => '\0libcuda.so.1\0/usr/lib/x/libcuda.so.1', env: {} }).ok).toBe(true);
+  });
+});
