@@ -3,7 +3,7 @@ import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import type { GenerationShape, ModelDefaults } from '../runtime/request.js';
 import type { ModelLayout } from './model.js';
-import type { OnnxSession } from './onnx.js';
+import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { createScheduler } from './schedulers/index.js';
@@ -58,7 +58,7 @@ export interface GenerateHooks {
  * A session, or the promise of one whose weights are still arriving: a warm-up that starts during the download
  * encodes and denoises while the VAE decoder's file streams, and awaits each session where the pipeline reaches it.
  */
-export type SessionLike = OnnxSession | Promise<OnnxSession>;
+export type SessionLike = ModelSession | Promise<ModelSession>;
 
 export interface Sessions {
   text_encoder: SessionLike;
@@ -77,7 +77,7 @@ const f = Math.fround;
 export class Pipeline {
   private constructor(
     readonly layout: ModelLayout,
-    private readonly unet: OnnxSession,
+    private readonly unet: ModelSession,
     private readonly later: Omit<Sessions, 'unet'>,
     readonly tokenizers: ClipTokenizer[],
   ) {}
@@ -179,7 +179,7 @@ export class Pipeline {
       const t = steps[k]!;
       const doubled = cfg ? concat(latents, latents) : latents;
       const x = scheduler.scaleModelInput(doubled, t);
-      const feeds: Parameters<OnnxSession['run']>[0] = {
+      const feeds: Parameters<ModelSession['run']>[0] = {
         sample: { data: x, dims: [rows, LATENT_CHANNELS, h, w] },
         timestep: timestepFeed(tInfo.shape, t, rows),
         encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
@@ -226,7 +226,7 @@ export class Pipeline {
   }
 
   /** Prompt embeddings [negative rows; positive rows] (or positive only), each item repeated per image. */
-  async #encode(items: JobItem[], cfg: boolean, enc: { text_encoder: OnnxSession; text_encoder_2?: OnnxSession }, tokenize: Tokenize): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
+  async #encode(items: JobItem[], cfg: boolean, enc: { text_encoder: ModelSession; text_encoder_2?: ModelSession }, tokenize: Tokenize): Promise<{ embeds: Float32Array; pooled?: Float32Array; seq: number; dim: number }> {
     const repeat = (rows: Float32Array[]) => items.flatMap((it, i) => Array.from({ length: it.numImages }, () => rows[i]!));
     const enc1 = enc.text_encoder;
     if (!this.layout.isXL) {
@@ -271,7 +271,7 @@ export class Pipeline {
    * encoding a dynamic batch together would make a batched image differ from the same request run alone.
    * Batch 1 is also what diffusers does for a single prompt; the encoder is a small part of a generation.
    */
-  async #runEncoder(session: OnnxSession, tokenize: Tokenize, k: number, texts: string[], output: string, pooledName?: string) {
+  async #runEncoder(session: ModelSession, tokenize: Tokenize, k: number, texts: string[], output: string, pooledName?: string) {
     let seq = 0;
     const names = pooledName ? [output, pooledName] : [output];
     const memo = new Map<string, { row: Float32Array; pooled: Float32Array | undefined; dim: number }>();
@@ -291,7 +291,7 @@ export class Pipeline {
     return { rows, seq, dim, pooled };
   }
 
-  #timeIds(unet: OnnxSession, shape: JobShape, rows: number, cfg: boolean) {
+  #timeIds(unet: ModelSession, shape: JobShape, rows: number, cfg: boolean) {
     const n = Number(unet.input('time_ids').shape[1] ?? 6);
     const { height: H, width: W } = shape;
     // Refiner exports take an aesthetic score instead of the target size (6.0 positive, 2.5 negative).
@@ -303,7 +303,7 @@ export class Pipeline {
 }
 
 /** The highest-but-one `hidden_states.N` output: diffusers' SDXL uses the penultimate layer. */
-function penultimate(s: OnnxSession): string {
+function penultimate(s: ModelSession): string {
   const idx = [...s.outputs.keys()].map((k) => /^hidden_states\.(\d+)$/.exec(k)?.[1]).filter((x): x is string => x !== undefined).map(Number);
   if (idx.length < 2) throw new RuntimeError('MODEL_FORMAT', `${s.name} has no hidden_states.N outputs; an SDXL export needs them`);
   return `hidden_states.${Math.max(...idx) - 1}`;

@@ -2,13 +2,47 @@
 import type { ExecutionProvider, OptimizedCacheMode } from '../config.js';
 import type { ModelDefaults } from '../runtime/request.js';
 import type { Job } from './pipeline.js';
+import type { Feed, GraphOptimizationLevel } from './onnx.js';
 
 export interface WorkerInit {
   ep: ExecutionProvider;
   intraOpThreads: number;
   workerIndex: number;
   optimizedModelCache: OptimizedCacheMode;
+  graphOptimizationLevel?: GraphOptimizationLevel;
 }
+
+/** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */
+export interface AuxInit {
+  /** Which of the worker's auxiliary threads this is (for logs). */
+  name: string;
+  intraOpThreads: number;
+  optimizedModelCache: OptimizedCacheMode;
+  graphOptimizationLevel?: GraphOptimizationLevel;
+  deviceId?: number;
+}
+
+/** Session metadata as it crosses threads (onnxruntime-node's ValueMetadata, tensors only). */
+export interface IoMeta {
+  name: string;
+  isTensor: true;
+  type: string;
+  shape: Array<number | string>;
+}
+
+export type ToAux =
+  /** `prime`: run the new session once on zeros at this latent size, so its first real run pays no kernel search. */
+  | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: { latentHeight: number; latentWidth: number; vaeScale: number } }
+  | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
+  | { t: 'release'; id: number; session: number }
+  | { t: 'close' };
+
+export type FromAux =
+  | { t: 'created'; id: number; session: number; inputs: IoMeta[]; outputs: IoMeta[]; ms: number; cache: string; deferred?: OptimizeItem }
+  | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
+  | { t: 'released'; id: number }
+  | { t: 'failed'; id: number; code: string; message: string }
+  | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
 
 /** One optimised-model copy to write: the source graph and the provider its sessions run on. */
 export interface OptimizeItem {

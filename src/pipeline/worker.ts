@@ -4,11 +4,14 @@
  * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work, and
  * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
+import { AuxClient } from './aux-client.js';
+import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
-import { SessionFactory, loadOrt, type OnnxSession } from './onnx.js';
+import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
 
@@ -24,10 +27,31 @@ const importStart = performance.now();
 const imported = loadOrt().then(() => post({ t: 'imported', ms: performance.now() - importStart }));
 imported.catch(() => {}); // reported by the first session creation instead
 
-const factory = new SessionFactory({ ep: init.ep, intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>) });
+const factory = new SessionFactory({
+  ep: init.ep,
+  intraOpThreads: init.intraOpThreads,
+  optimizedModelCache: init.optimizedModelCache,
+  ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
+  log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>),
+});
 // Loads the CUDA provider and starts its context now, while the weights still download (no-op on cpu).
 void factory.prestart();
-const sessions = new Map<string, Promise<OnnxSession>>();
+const sessions = new Map<string, Promise<ModelSession>>();
+/**
+ * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread. The
+ * text encoders and the VAE get a thread each: on CUDA the VAE's first run (~1 s of cuDNN algorithm search at 512×512)
+ * must not hold up the text encoder that the warm-up needs first.
+ */
+const ON_AUX: ReadonlyMap<string, 'encode' | 'decode'> = new Map([
+  ['text_encoder', 'encode'],
+  ['text_encoder_2', 'encode'],
+  ['vae_decoder', 'decode'],
+  ['vae_encoder', 'decode'],
+] as const);
+const aux = new Map<'encode' | 'decode', AuxClient>();
+/** The export kind per model folder, read once (the manifest is a layout file, whole before any session starts). */
+const exports = new Map<string, ExportInfo>();
+let slowPathLogged = false;
 const providers: Record<string, string> = {};
 /** `partial`: loaded from the listing while weights still download (load's `listed`); `dir` as given to load. */
 let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
@@ -64,11 +88,11 @@ function abandonWaits(why: string): void {
   if (pipeline?.partial) pipeline = undefined;
 }
 
-function session(component: string, path: string): Promise<OnnxSession> {
+function session(component: string, path: string): Promise<ModelSession> {
   let p = sessions.get(component);
   if (!p) {
     const mine = epoch;
-    p = factory.create(component, path).then(({ session: s, provider, ms, cache }) => {
+    p = create(component, path).then(({ session: s, provider, ms, cache }) => {
       if (mine === epoch) {
         providers[component] = provider;
         post({ t: 'session', component, provider, ms, cache });
@@ -82,6 +106,75 @@ function session(component: string, path: string): Promise<OnnxSession> {
   return p;
 }
 
+/** One component's session: the UNet on this thread, the others on the auxiliary thread, after the export checks. */
+async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: 'cuda' | 'cpu'; ms: number; cache: string }> {
+  const provider = await factory.provider();
+  const dir = path.dirname(path.dirname(modelPath));
+  const info = exportOf(dir);
+  const cudaOnly = info.cudaOnlyOps[component] ?? [];
+  if (provider === 'cpu' && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
+    throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`);
+  }
+  const thread = ON_AUX.get(component);
+  if (thread === undefined) {
+    const made = await factory.create(component, modelPath);
+    if (provider === 'cuda' && component === 'unet') logSlowPath(info);
+    return made;
+  }
+  let client = aux.get(thread);
+  if (!client) {
+    const init_ = { intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) };
+    client = new AuxClient({ ...init_, name: thread }, log, (err) => {
+      // Its sessions died with it: this worker cannot generate any more, and the engine replaces a worker that exits.
+      log('error', 'an auxiliary session thread died; the pipeline worker exits', { thread, reason: err.message });
+      process.exit(1);
+    });
+    aux.set(thread, client);
+  }
+  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSize(dir) : undefined);
+  factory.cacheOutcomes[modelPath] = r.cache as never;
+  if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
+  return { session: r.session, provider, ms: r.ms, cache: r.cache };
+}
+
+function exportOf(dir: string): ExportInfo {
+  let info = exports.get(dir);
+  if (!info) {
+    info = exportInfo(dir);
+    // A UNet graph still downloading gives no verdict yet: ask again for the next session.
+    if (info.source !== 'none') exports.set(dir, info);
+  }
+  return info;
+}
+
+/** Once per worker: a UNet on CUDA that is not fused runs on the slow path, and the operator should know why. */
+function logSlowPath(info: ExportInfo): void {
+  if (slowPathLogged || info.variant === 'fused') return;
+  slowPathLogged = true;
+  const what = info.variant === 'plain' ? 'a plain (unfused) export' : 'an export of unknown kind (no onnx_export.json, graph too large to inspect)';
+  log('warn', 'the UNet is not fused for CUDA: slow path', {
+    export: what,
+    hint: 'scripts/export-onnx.sh writes the fused float16 export for CUDA by default (about 1.5x faster per step on an H200)',
+  });
+}
+
+/** The served latent size (the UNet config's sample_size) and the VAE's scale, for priming sessions on CUDA. */
+function primeSize(dir: string): { latentHeight: number; latentWidth: number; vaeScale: number } {
+  const json = (f: string): Record<string, unknown> => {
+    try {
+      return JSON.parse(readFileSync(path.join(dir, f), 'utf8')) as Record<string, unknown>;
+    } catch {
+      return {};
+    }
+  };
+  const unet = json('unet/config.json');
+  const vae = json('vae_decoder/config.json');
+  const xl = unet.addition_embed_type === 'text_time';
+  const size = typeof unet.sample_size === 'number' ? unet.sample_size : xl ? 128 : 64;
+  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
+  return { latentHeight: size, latentWidth: size, vaeScale: 2 ** Math.max(0, blocks - 1) };
+}
+
 /**
  * Builds the pipeline of `dir`. With `listed` (the model's files as listed, weights still arriving): the layout comes
  * from the listing and each session is awaited where a generation first needs it, so 'loaded' is sent once the UNet
@@ -91,7 +184,7 @@ async function load(dir: string, listed?: string[]): Promise<void> {
   try {
     const layout = readLayout(dir, listed ? new Set(listed) : undefined);
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
-    const get = (c: Component): Promise<OnnxSession> => {
+    const get = (c: Component): Promise<ModelSession> => {
       if (!listed) return session(c, layout.onnx[c]!);
       const p = whenAnnounced(c).then((file) => session(c, file));
       p.catch(() => {}); // awaited by generate and ready(), which report it
@@ -142,6 +235,7 @@ async function reset(): Promise<void> {
   epoch++;
   abandonWaits('the model files changed');
   announced.clear();
+  exports.clear();
   const all = [...sessions.values()];
   sessions.clear();
   pipeline = undefined;
@@ -222,6 +316,7 @@ port.on('message', (m: ToWorker) => {
       abandonWaits('the worker is closing');
       void queue.then(async () => {
         await Promise.allSettled([...sessions.values()].map(async (s) => (await s).release()));
+        await Promise.all([...aux.values()].map((a) => a.close()));
         process.exit(0);
       });
       break;

@@ -1,0 +1,128 @@
+/**
+ * @module The auxiliary session thread of a pipeline worker: it owns the text encoders and the VAE, the worker owns the
+ * UNet. ORT runs a session synchronously on the thread that calls it, so with one thread a boot creates every session
+ * in turn and a warm-up pays each first run in turn. On this thread the small sessions are created, and on CUDA run
+ * once on zeros (cuDNN's algorithm search, lazy kernel loads), while the worker still builds the UNet; the warm-up
+ * generation then only pays the UNet's first run.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { isRuntimeError } from '../errors.js';
+import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
+import type { AuxInit, FromAux, IoMeta, ToAux } from './protocol.js';
+
+const port = parentPort;
+if (!port) throw new Error('aux.ts must run in a worker thread');
+const init = workerData as AuxInit;
+const post = (m: FromAux) => port.postMessage(m);
+const log = (level: 'info' | 'warn', msg: string, obj?: object) => post({ t: 'log', level, msg, obj: { thread: init.name, ...(obj as Record<string, unknown>) } });
+
+const factories = new Map<'cuda' | 'cpu', SessionFactory>();
+const sessions = new Map<number, OnnxSession>();
+let next = 1;
+
+function factory(provider: 'cuda' | 'cpu'): SessionFactory {
+  let f = factories.get(provider);
+  if (!f) {
+    f = new SessionFactory({
+      ep: provider,
+      decided: provider,
+      intraOpThreads: init.intraOpThreads,
+      optimizedModelCache: init.optimizedModelCache,
+      ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
+      ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
+      log,
+    });
+    factories.set(provider, f);
+  }
+  return f;
+}
+
+const meta = (s: OnnxSession, which: 'inputMetadata' | 'outputMetadata'): IoMeta[] =>
+  s.session[which].map((m) => ({ name: m.name, isTensor: true, type: String((m as { type?: unknown }).type), shape: [...((m as { shape?: Array<number | string> }).shape ?? [])] }));
+
+/** Zeros at the served size for each input the component is known to take; undefined for anything else. */
+function primeFeeds(component: string, s: OnnxSession, p: NonNullable<Extract<ToAux, { t: 'create' }>['prime']>): Record<string, Feed> | undefined {
+  const dim = (name: string, i: number, dflt: number) => {
+    const d = s.inputs.get(name)?.shape[i];
+    return typeof d === 'number' && d > 0 ? d : dflt;
+  };
+  const zeros = (dims: number[]): Feed => ({ data: new Float32Array(dims.reduce((a, b) => a * b, 1)), dims });
+  if (component.startsWith('text_encoder') && s.has('input_ids')) {
+    const n = dim('input_ids', 1, 77);
+    return { input_ids: { data: new Array<number>(n).fill(0), dims: [1, n] } };
+  }
+  if (component === 'vae_decoder' && s.has('latent_sample')) return { latent_sample: zeros([1, dim('latent_sample', 1, 4), p.latentHeight, p.latentWidth]) };
+  if (component === 'vae_encoder' && s.has('sample')) return { sample: zeros([1, dim('sample', 1, 3), p.latentHeight * p.vaeScale, p.latentWidth * p.vaeScale]) };
+  return undefined;
+}
+
+const fail = (id: number, err: unknown) =>
+  post({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+
+/**
+ * Creates the session and answers at once; the priming run follows in the same turn of the queue, so the worker's
+ * load does not wait for it but this thread's next run does.
+ */
+async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
+  let made: Awaited<ReturnType<SessionFactory['create']>>;
+  try {
+    const f = factory(m.provider);
+    made = await f.create(m.component, m.path);
+    const id = next++;
+    sessions.set(id, made.session);
+    const deferred = f.deferredWrites.find((w) => w.path === m.path);
+    post({ t: 'created', id: m.id, session: id, inputs: meta(made.session, 'inputMetadata'), outputs: meta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
+  } catch (err) {
+    return fail(m.id, err);
+  }
+  const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
+  if (!feeds) return;
+  const t0 = performance.now();
+  try {
+    await made.session.run(feeds);
+    log('info', 'session primed', { component: m.component, ms: Math.round(performance.now() - t0) });
+  } catch (err) {
+    // Only the first real run gets slower; that run reports a real failure itself.
+    log('warn', 'priming run failed', { component: m.component, reason: String((err as Error)?.message ?? err).split('\n')[0] });
+  }
+}
+
+async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
+  try {
+    const s = sessions.get(m.session);
+    if (!s) throw new Error(`no session ${m.session} on the auxiliary thread`);
+    const out = await s.run(m.feeds, m.outputs);
+    post({ t: 'ran', id: m.id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+  } catch (err) {
+    fail(m.id, err);
+  }
+}
+
+async function release(m: Extract<ToAux, { t: 'release' }>): Promise<void> {
+  const s = sessions.get(m.session);
+  sessions.delete(m.session);
+  await s?.release().catch(() => undefined);
+  post({ t: 'released', id: m.id });
+}
+
+// One thing at a time, in arrival order: ORT creates and runs synchronously on this thread anyway.
+let queue: Promise<void> = Promise.resolve();
+port.on('message', (m: ToAux) => {
+  switch (m.t) {
+    case 'create':
+      queue = queue.then(() => create(m));
+      break;
+    case 'run':
+      queue = queue.then(() => run(m));
+      break;
+    case 'release':
+      queue = queue.then(() => release(m));
+      break;
+    case 'close':
+      void queue.then(async () => {
+        await Promise.allSettled([...sessions.values()].map((s) => s.release()));
+        process.exit(0);
+      });
+      break;
+  }
+});

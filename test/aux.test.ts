@@ -1,0 +1,60 @@
+/**
+ * The pipeline worker's auxiliary session threads (src/pipeline/aux.ts): a session there runs as a local one does,
+ * its priming run happens after the creation is answered and before the next run, and a dead thread is reported.
+ * The built modules are used: the thread's entry must be JavaScript.
+ */
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ROOT } from './helpers/server.js';
+import { fixtureModel } from './fixtures/index.js';
+
+type AuxModule = typeof import('../src/pipeline/aux-client.js');
+type OnnxModule = typeof import('../src/pipeline/onnx.js');
+const load = async () => ({
+  aux: (await import(path.join(ROOT, 'dist/src/pipeline/aux-client.js'))) as AuxModule,
+  onnx: (await import(path.join(ROOT, 'dist/src/pipeline/onnx.js'))) as OnnxModule,
+});
+
+describe('auxiliary session thread', () => {
+  it('runs a session as this thread would, primes it after answering the creation, before the next run', async () => {
+    const { aux, onnx } = await load();
+    const dir = await fixtureModel();
+    const logs: Array<{ msg: string; obj?: Record<string, unknown> }> = [];
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: 'off' }, (_l, msg, obj) => logs.push({ msg, ...(obj ? { obj } : {}) }), () => undefined);
+    try {
+      const file = path.join(dir, 'vae_decoder', 'model.onnx');
+      const made = await client.create('vae_decoder', file, 'cpu', { latentHeight: 8, latentWidth: 8, vaeScale: 8 });
+      expect([...made.session.inputs.keys()]).toEqual(['latent_sample']);
+      const latents = Float32Array.from({ length: 4 * 8 * 8 }, (_, i) => Math.sin(i));
+      const remote = await made.session.run({ latent_sample: { data: latents, dims: [1, 4, 8, 8] } });
+      // The run was queued behind the priming run, which logged when done.
+      expect(logs.filter((l) => l.msg === 'session primed').map((l) => [l.obj?.component, l.obj?.thread])).toEqual([['vae_decoder', 'decode']]);
+      const local = await new onnx.SessionFactory({ ep: 'cpu', intraOpThreads: 1, optimizedModelCache: 'off' }).create('vae_decoder', file);
+      const here = await local.session.run({ latent_sample: { data: latents, dims: [1, 4, 8, 8] } });
+      expect(Object.keys(remote)).toEqual(Object.keys(here));
+      for (const k of Object.keys(here)) {
+        expect(remote[k]!.dims).toEqual(here[k]!.dims);
+        expect(Buffer.from(remote[k]!.data.buffer).equals(Buffer.from(here[k]!.data.buffer))).toBe(true);
+      }
+      await local.session.release();
+      await expect(client.create('vae_decoder', path.join(dir, 'missing', 'model.onnx'), 'cpu')).rejects.toThrow(/missing/);
+    } finally {
+      await client.close();
+    }
+    await expect(client.run(1, {})).rejects.toThrow(/closed/);
+  });
+
+  it('reports a thread that dies, and fails what was waiting on it', async () => {
+    const { aux } = await load();
+    let died: Error | undefined;
+    const client = new aux.AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: 'off' }, () => undefined, (err) => (died = err));
+    // A run of a session that does not exist fails cleanly; the thread stays up.
+    await expect(client.run(42, {})).rejects.toThrow(/no session 42/);
+    const dir = await fixtureModel();
+    const made = await client.create('text_encoder', path.join(dir, 'text_encoder', 'model.onnx'), 'cpu');
+    await client.kill();
+    expect(died?.message).toMatch(/auxiliary session thread exited/);
+    await expect(made.session.run({ input_ids: { data: new Array<number>(77).fill(0), dims: [1, 77] } })).rejects.toThrow(/auxiliary session thread exited/);
+    await client.close(); // a no-op now
+  });
+});
