@@ -4,10 +4,13 @@
 # 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
 # current dist/, and the e2e reference model and cases when ../shared is beside the repository.
 #
-#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench]
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench] [--with-sd15]
 #
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
 # bench:cold-start there (BENCH=1).
+# --with-sd15 also writes gpu0/: diffusers' source (from DIFFUSERS_SRC, a checkout or a git directory) and SD 1.5's
+# tokenizer and scheduler config, for the SD 1.5-size comparison: first call `bash scripts/gpu-sd15-start.sh` with
+# carry [gpu0, gpu1], then the middle pieces as below, and last `SD15=1 bash scripts/gpu-device-run.sh gpuN`.
 # Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
 # in consecutive calls while the machine stays warm: the first runs
 #   rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/
@@ -17,12 +20,14 @@ cd "$(dirname "$0")/.."
 ARCH=90
 PIECE_MB=50
 BENCH=0
+SD15=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) ARCH="$2"; shift 2 ;;
     --piece-mb) PIECE_MB="$2"; shift 2 ;;
     --with-bench) BENCH=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --with-sd15) SD15=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -76,6 +81,16 @@ rm -rf gpu[0-9]*
 (cd "$W" && split -b "${PIECE_MB}M" -d -a 3 payload.tar.xz piece.)
 n=0
 for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
+if [ "$SD15" = 1 ]; then
+  src=${DIFFUSERS_SRC:?--with-sd15 needs DIFFUSERS_SRC: a diffusers checkout or git directory}
+  mkdir -p gpu0/ref
+  if [ -d "$src/src/diffusers" ]; then tar cf - -C "$src/src" diffusers | xz -9 > gpu0/diffusers-src.tar.xz
+  else git --git-dir="$src" archive HEAD src/diffusers | tar xf - -C "$W" && tar cf - -C "$W/src" diffusers | xz -9 > gpu0/diffusers-src.tar.xz; fi
+  REFDIR=${REFERENCE_DIR:-../shared/reference}
+  cp -r "$REFDIR/e2e/model/tokenizer" gpu0/ref/tokenizer
+  cp "$REFDIR/e2e/model/scheduler/scheduler_config.json" gpu0/ref/
+  echo "gpu-bundle: gpu0/ ($(du -sh gpu0 | cut -f1)): diffusers source and SD 1.5's tokenizer and scheduler config"
+fi
 echo "gpu-bundle: $n pieces ($(du -ch gpu[0-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[0-9]* | tr '\n' ' ')"
 echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
 [ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"

@@ -3,7 +3,8 @@
 # one in the folder given. Unpacks the payload over the working tree, then the checks whose output the closing
 # notes quote: CUDA boot and predict (gpu-check.sh), parity with diffusers with TF32 off and on, the
 # optimized-model cache on a 300 MB model, an fp16 export, and EXECUTION_PROVIDER=auto. BENCH=1 (bundle made
-# --with-bench) runs only bench:cold-start, with BENCH_EP=cuda and then cpu.
+# --with-bench) runs only bench:cold-start, with BENCH_EP=cuda and then cpu. SD15=1 (bundle made --with-sd15, first
+# call scripts/gpu-sd15-start.sh) runs the SD 1.5-size comparison: diffusers against the plain and the fused export.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAST=${1:?usage: gpu-device-run.sh LAST_PIECE_FOLDER}
@@ -17,6 +18,22 @@ export NODE=$PWD/gpu/node
 . scripts/cuda-wheel-libs.sh
 echo "CUDA provider's libraries:"
 ldd node_modules/onnxruntime-node/bin/napi-v6/linux/x64/libonnxruntime_providers_cuda.so | grep -E 'not found|cublas|cudart|libcuda'
+if [ "${SD15:-0}" = 1 ]; then
+  # The SD 1.5-size comparison (scripts/gpu-sd15-start.sh started its Python half in the first call).
+  echo "driver library: $(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | tr '\n' ' '); ld.so.cache entries: $(ldconfig -p 2>/dev/null | grep -c 'libcuda.so.1')"
+  echo "#### waiting for scripts/gpu_sd15.py (build, diffusers timing, plain and fused export)"
+  for _ in $(seq 1 "${SD15_WAIT_S:-420}"); do [ -f /root/sd15/python.rc ] && break; sleep 1; done
+  cat /root/sd15/python.log | grep -vE 'it/s\]|^\s*$' | tail -n 60
+  [ -f /root/sd15/python.rc ] || echo "gpu-device-run: gpu_sd15.py still running after ${SD15_WAIT_S:-420} s"
+  cp /root/sd15/work/python.json "${OUT:-/tmp}/python.json" 2>/dev/null || true
+  if [ -d gpu/cases ]; then
+    echo "#### parity with diffusers on CUDA (tiny e2e reference), TF32 off"
+    EXECUTION_PROVIDER=cuda $NODE dist/scripts/parity-check.js gpu/e2e-model gpu/cases
+  fi
+  echo "#### bench-gpu"
+  ORT_NODE_VERSION=$($NODE -p "require('onnxruntime-node/package.json').version") $NODE dist/scripts/bench-gpu.js /root/sd15/work --out "${OUT:-/tmp}/bench-gpu.json"
+  exit 0
+fi
 if [ "${BENCH:-0}" = 1 ]; then
   export THROTTLE_PROXY=$PWD/gpu/tools/throttle-proxy.mjs
   for ep in ${BENCH_EPS:-cuda cpu}; do

@@ -1,0 +1,271 @@
+/**
+ * @module The GPU comparison's Node half: serves the exports scripts/gpu_sd15.py made (plain and fused, SD 1.5 size)
+ * with the built runtime over HTTP, next to the diffusers timings that script measured on the same GPU, and prints one
+ * table: generation time at 50 and 20 steps, ready time and its phases, GPU memory, batch 4 against batch 1, and how
+ * far each image is from diffusers' own for the same seed.
+ *
+ *   node dist/scripts/bench-gpu.js WORK_DIR [--out FILE]        (WORK_DIR/{plain,fused,ref-seed1.png,python.json})
+ *
+ * Environment: BENCH_GPU_QUICK=1 runs each measurement once and BENCH_GPU_EP=cpu serves on the CPU (with a plain
+ * export in place of the fused one): a check of the script where no GPU is, not a measurement.
+ */
+import { spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import sharp from 'sharp';
+import { freePort } from './bench-common.js';
+import { pixelDiff } from './e2e-case.js';
+
+const MAIN = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'src', 'main.js');
+const PROMPT = 'a photo of an astronaut riding a horse';
+const QUICK = process.env.BENCH_GPU_QUICK === '1';
+const EP = process.env.BENCH_GPU_EP;
+
+interface Started {
+  label: string;
+  port: number;
+  readyMs: number;
+  phases?: Record<string, number>;
+  sessions: Record<string, number>;
+  primed: Record<string, number>;
+  warmup?: { ms: number; stages: Record<string, number> };
+  providers?: Record<string, string>;
+  gpuMemMiB?: number;
+  notes: string[];
+  stop(): Promise<void>;
+}
+
+type LogLine = Record<string, unknown> & { msg?: string };
+
+function gpuMemMiB(): number | undefined {
+  try {
+    return Number(execFileSync('nvidia-smi', ['--query-gpu=memory.used', '--format=csv,noheader,nounits'], { encoding: 'utf8', timeout: 5000 }).split('\n')[0]);
+  } catch {
+    return undefined;
+  }
+}
+
+async function start(label: string, dir: string, env: Record<string, string>): Promise<Started> {
+  const port = await freePort();
+  const cache = mkdtempSync(path.join(os.tmpdir(), 'bench-gpu-'));
+  const t0 = performance.now();
+  const child = spawn(process.execPath, [MAIN], {
+    env: { ...process.env, STORAGE_URI: dir, MODEL_CACHE_DIR: cache, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'info', EXECUTION_PROVIDER: 'cuda', RESULT_CACHE_MB: '0', ...env, ...(EP ? { EXECUTION_PROVIDER: EP } : {}) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const lines: LogLine[] = [];
+  let text = '';
+  const stop = async () => {
+    if (child.exitCode === null) {
+      child.kill('SIGTERM');
+      await new Promise((r) => child.once('exit', r));
+    }
+    rmSync(cache, { recursive: true, force: true });
+  };
+  const readyMs = await new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${label}: not ready after 240 s: ${text.slice(-600)}`)), 240_000);
+    const on = (c: Buffer) => {
+      text += String(c);
+      let i: number;
+      while ((i = text.indexOf('\n')) >= 0) {
+        const line = text.slice(0, i);
+        text = text.slice(i + 1);
+        if (!line.startsWith('{')) continue;
+        const j = JSON.parse(line) as LogLine;
+        lines.push(j);
+        if (j.msg === 'model ready') {
+          clearTimeout(timer);
+          resolve(performance.now() - t0);
+        } else if (String(j.msg).startsWith('boot failed')) {
+          clearTimeout(timer);
+          reject(new Error(`${label}: ${j.msg}`));
+        }
+      }
+    };
+    child.stdout.on('data', on);
+    child.stderr.on('data', (c: Buffer) => process.stderr.write(c));
+    child.once('exit', (code) => reject(new Error(`${label}: exited ${code} before ready`)));
+  }).catch(async (err) => {
+    await stop();
+    throw err;
+  });
+  const s: Started = { label, port, readyMs, sessions: {}, primed: {}, notes: [], stop };
+  for (const j of lines) {
+    if (j.msg === 'onnx session created') s.sessions[String(j.component)] = Number(j.ms);
+    else if (j.msg === 'session primed') s.primed[String(j.component)] = Number(j.ms);
+    else if (j.msg === 'warm-up generation done') s.warmup = { ms: Number(j.ms), stages: j.stages as Record<string, number> };
+    else if (j.msg === 'model ready') {
+      s.phases = j.phases as Record<string, number>;
+      s.providers = j.providers as Record<string, string>;
+    } else if (j.level === 40 || String(j.msg).startsWith('execution provider')) s.notes.push(`${j.msg}${j.reason ? `: ${j.reason}` : ''}`);
+  }
+  s.gpuMemMiB = gpuMemMiB();
+  process.stdout.write(`${label}: ready in ${Math.round(readyMs)} ms ${JSON.stringify({ phases: s.phases, sessions: s.sessions, primed: s.primed, warmup: s.warmup, gpuMemMiB: s.gpuMemMiB })}\n`);
+  return s;
+}
+
+async function predict(port: number, o: { steps: number; seed: number; prompt?: string }): Promise<{ ms: number; png: Buffer }> {
+  const t0 = performance.now();
+  const r = await fetch(`http://127.0.0.1:${port}/v1/models/model:predict`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ instances: [{ prompt: o.prompt ?? PROMPT, num_inference_steps: o.steps, seed: o.seed }] }),
+  });
+  const j = (await r.json()) as { predictions?: Array<{ image: { b64: string } }>; error?: string };
+  if (r.status !== 200 || !j.predictions) throw new Error(`predict: HTTP ${r.status} ${j.error ?? ''}`);
+  return { ms: performance.now() - t0, png: Buffer.from(j.predictions[0]!.image.b64, 'base64') };
+}
+
+/** inference_stage_seconds sums and counts per stage, to average the stages of a group of requests. */
+async function stageTotals(port: number): Promise<Record<string, { sum: number; count: number }>> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const out: Record<string, { sum: number; count: number }> = {};
+  for (const m of text.matchAll(/^inference_stage_seconds_(sum|count)\{([^}]*)\} ([0-9.e+-]+)$/gm)) {
+    const stage = /stage="([^"]+)"/.exec(m[2]!)?.[1] ?? '?';
+    out[stage] ??= { sum: 0, count: 0 };
+    out[stage][m[1] as 'sum' | 'count'] += Number(m[3]);
+  }
+  return out;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
+const s = (ms: number | undefined) => (ms === undefined ? '—' : `${(ms / 1000).toFixed(2)} s`);
+
+interface Timed {
+  runs50: number[];
+  runs20: number[];
+  stagesMs: Record<string, number>;
+  parity?: Record<string, number>;
+}
+
+/** The reference image's steps (gpu_sd15.py records them; 20 at full size). */
+let refSteps = 20;
+
+async function timeGenerations(st: Started, refPng: string | undefined): Promise<Timed> {
+  const before = await stageTotals(st.port);
+  const runs50: number[] = [];
+  for (const seed of QUICK ? [11] : [11, 12, 13]) runs50.push((await predict(st.port, { steps: 50, seed })).ms);
+  const after = await stageTotals(st.port);
+  const stagesMs: Record<string, number> = {};
+  for (const [k, v] of Object.entries(after)) {
+    const n = v.count - (before[k]?.count ?? 0);
+    if (n > 0) stagesMs[k] = Math.round(((v.sum - (before[k]?.sum ?? 0)) / n) * 1000);
+  }
+  const runs20: number[] = [];
+  for (const seed of QUICK ? [14] : [14, 15]) runs20.push((await predict(st.port, { steps: 20, seed })).ms);
+  const t: Timed = { runs50, runs20, stagesMs };
+  if (refPng && existsSync(refPng)) {
+    const got = await sharp((await predict(st.port, { steps: refSteps, seed: 1 })).png).removeAlpha().raw().toBuffer();
+    const want = await sharp(refPng).removeAlpha().raw().toBuffer();
+    if (got.length === want.length) {
+      const d = pixelDiff(got, want);
+      let sum = 0;
+      for (let i = 0; i < got.length; i++) sum += Math.abs(got[i]! - want[i]!);
+      t.parity = { max_abs: d.maxDiff, mean_abs: Number((sum / got.length).toFixed(3)), off_by_more_than_1_pct: Number(((100 * d.offByMore) / got.length).toFixed(2)) };
+    }
+  }
+  process.stdout.write(`${st.label}: 50 steps ${runs50.map((x) => Math.round(x)).join(', ')} ms; 20 steps ${runs20.map((x) => Math.round(x)).join(', ')} ms; stages ${JSON.stringify(stagesMs)}; parity ${JSON.stringify(t.parity)}\n`);
+  return t;
+}
+
+/** `clients` concurrent clients, each sending `rounds` requests in turn, after one untimed round (new batch shapes). */
+async function throughput(st: Started, clients: number, rounds: number, steps: number): Promise<number> {
+  const round = (seed0: number) => Promise.all(Array.from({ length: clients }, (_, c) => predict(st.port, { steps, seed: seed0 + c })));
+  await round(1000);
+  const t0 = performance.now();
+  for (let r = 0; r < rounds; r++) await Promise.all(Array.from({ length: clients }, (_, c) => predict(st.port, { steps, seed: 2000 + r * clients + c })));
+  return (clients * rounds) / ((performance.now() - t0) / 1000);
+}
+
+async function main(): Promise<void> {
+  const { positionals, values } = parseArgs({ allowPositionals: true, options: { out: { type: 'string' } } });
+  const work = positionals[0];
+  if (!work) throw new Error('usage: bench-gpu.js WORK_DIR [--out FILE]');
+  const py = existsSync(path.join(work, 'python.json')) ? (JSON.parse(readFileSync(path.join(work, 'python.json'), 'utf8')) as Record<string, any>) : {};
+  const ref = path.join(work, 'ref-seed1.png');
+  refSteps = (py.diffusers?.steps as number[] | undefined)?.[1] ?? refSteps;
+  let fused = path.join(work, 'fused');
+  const plain = path.join(work, 'plain');
+  const result: Record<string, unknown> = { python: py, errors: [] as string[] };
+  const errors = result.errors as string[];
+  const attempt = async <T>(what: string, fn: () => Promise<T>): Promise<T | undefined> => {
+    try {
+      return await fn();
+    } catch (err) {
+      errors.push(`${what}: ${(err as Error).message}`.slice(0, 600));
+      process.stdout.write(`!! ${what}: ${(err as Error).message.slice(0, 600)}\n`);
+      return undefined;
+    }
+  };
+  const startOnly = async (label: string, dir: string, env: Record<string, string>, then?: (st: Started) => Promise<unknown>) =>
+    attempt(label, async () => {
+      const st = await start(label, dir, env);
+      try {
+        const extra = then ? await then(st) : undefined;
+        return { ...st, stop: undefined, extra };
+      } finally {
+        await st.stop();
+      }
+    });
+
+  let fusedMain = await startOnly('fused', fused, {}, (st) => timeGenerations(st, ref));
+  if (!fusedMain && existsSync(path.join(plain, 'unet'))) {
+    // Whatever component failed, the fused UNet alone (beside the plain text encoder and VAE) is still worth a number.
+    fused = path.join(work, 'fused-unet-only');
+    mkdirSync(fused, { recursive: true });
+    for (const e of readdirSync(plain)) if (e !== 'unet') symlinkSync(path.join(plain, e), path.join(fused, e));
+    symlinkSync(path.join(work, 'fused', 'unet'), path.join(fused, 'unet'));
+    fusedMain = await startOnly('fused UNet only', fused, {}, (st) => timeGenerations(st, ref));
+  }
+  // EXECUTION_PROVIDER=auto must find CUDA by itself.
+  const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
+  const levels: Record<string, unknown> = {};
+  for (const level of QUICK ? [] : ['basic', 'disabled']) {
+    levels[level] = await startOnly(`fused, ORT_GRAPH_OPTIMIZATION=${level}`, fused, { ORT_GRAPH_OPTIMIZATION: level }, async (st) => (await predict(st.port, { steps: 50, seed: 11 })).ms);
+  }
+  const plainMain = await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
+  const batch: Record<string, number | undefined> = {};
+  for (const b of [1, 4]) {
+    const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
+    batch[`b${b}`] = r?.extra as number | undefined;
+  }
+  Object.assign(result, { fused: fusedMain, fusedAgain, levels, plain: plainMain, batch });
+
+  const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
+  const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
+  const row = (name: string, st: typeof fusedMain) => {
+    const t = st?.extra as Timed | undefined;
+    const m50 = t ? median(t.runs50) : undefined;
+    const ratio = m50 !== undefined && d50 ? (m50 / d50).toFixed(2) : '—';
+    const ph = st?.phases ? `${s((st.phases.loading ?? 0) * 1000)} / ${s((st.phases.warming ?? 0) * 1000)}` : '—';
+    return `| ${name} | ${s(m50)} | ${t ? s(median(t.runs20)) : '—'} | ${ratio} | ${s(st?.readyMs)} | ${ph} | ${st?.gpuMemMiB ?? '—'} MiB | ${t?.parity ? `${t.parity.max_abs} / ${t.parity.mean_abs}` : '—'} |`;
+  };
+  const lines = [
+    `GPU: ${py.gpu ?? '?'}; torch ${py.torch ?? '?'}; onnxruntime-node ${process.env.ORT_NODE_VERSION ?? '?'}; ${new Date().toISOString().slice(0, 10)}`,
+    '',
+    '| SD 1.5 size, 512×512, PNDM, CFG 7.5 | 50 steps | 20 steps | vs diffusers (50) | ready (spawn → ready) | loading / warm-up | GPU memory after ready | image vs diffusers (max / mean abs) |',
+    '|---|---|---|---|---|---|---|---|',
+    `| diffusers ${py.diffusers?.attention ?? ''} fp16, torch eager | ${s(d50)} | ${d?.runs_20_s ? s(median(d.runs_20_s) * 1000) : '—'} | 1 | — | — | ${d?.peak_mem_mib ?? '—'} MiB peak | — |`,
+    row('runtime, plain fp16 export', plainMain),
+    row('runtime, fused fp16 export (default)', fusedMain),
+    '',
+    `fused export served from: ${fused}`,
+    `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
+    ...Object.entries(levels).map(([k, v]) => {
+      const st = v as typeof fusedMain;
+      return `ORT_GRAPH_OPTIMIZATION=${k}: ready ${s(st?.readyMs)}, UNet session ${st?.sessions.unet ?? '—'} ms, 50 steps ${s(st?.extra as number | undefined)}`;
+    }),
+    `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
+    `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
+    `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
+    errors.length > 0 ? `errors: ${JSON.stringify(errors)}` : 'errors: none',
+  ];
+  process.stdout.write(`\n${lines.join('\n')}\n`);
+  if (values.out) writeFileSync(values.out, JSON.stringify(result, null, 1));
+}
+
+await main();
