@@ -7,6 +7,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
+import { parsePyJson } from './pyjson.js';
 import { HTML5_NAMED, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.js';
 
 const BOS = '<|startoftext|>';
@@ -137,7 +138,7 @@ export class ClipTokenizer {
     const read = (name: string) => readFile(path.join(dir, name), 'utf8');
     const optional = async (name: string): Promise<Record<string, unknown>> => {
       try {
-        return JSON.parse(await read(name)) as Record<string, unknown>;
+        return parsePyJson(await read(name)) as Record<string, unknown>;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
         throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${name} in ${dir}`, { cause: err });
@@ -146,7 +147,7 @@ export class ClipTokenizer {
     let vocab: unknown;
     let merges: string;
     try {
-      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => JSON.parse(s) as unknown), read('merges.txt')]);
+      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => parsePyJson(s)), read('merges.txt')]);
     } catch (err) {
       throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read vocab.json and merges.txt in ${dir}`, { cause: err });
     }

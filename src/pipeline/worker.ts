@@ -90,6 +90,7 @@ function session(component: string, path: string): Promise<OnnxSession> {
 async function load(dir: string, listed?: string[]): Promise<void> {
   try {
     const layout = readLayout(dir, listed ? new Set(listed) : undefined);
+    for (const r of layout.rewrites) log('warn', r.message, { config: r.key, from: r.from, to: r.to });
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
     const get = (c: Component): Promise<OnnxSession> => {
       if (!listed) return session(c, layout.onnx[c]!);
