@@ -8,7 +8,14 @@ import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 const casesFile = process.env.CLIP_CASES ?? path.resolve(process.cwd(), '../shared/reference/clip-tokenizer/cases.json');
 // vocab.json and merges.txt sit beside the cases unless CLIP_TOKENIZER_DIR says otherwise.
 const tokDir = process.env.CLIP_TOKENIZER_DIR ?? path.dirname(casesFile);
-const ref = JSON.parse(readFileSync(casesFile, 'utf8')) as { bos: number; eos: number; cases: { text: string; ids: number[] }[] };
+type Cases = { bos: number; eos: number; cases: { text: string; ids: number[] }[] };
+const ref = JSON.parse(readFileSync(casesFile, 'utf8')) as Cases;
+// Ids from OpenAI CLIP's own tokenizer beyond cases.json: Unicode, emoji, HTML references, whitespace and case edges
+// (test/fixtures/parity/README.md says where each file came from).
+const parity = ['clip-cases-unicode.json', 'clip-fuzz.json'].map((f) => {
+  const file = path.resolve(import.meta.dirname, 'fixtures/parity', f);
+  return { file: f, ref: JSON.parse(readFileSync(file, 'utf8')) as Cases };
+});
 
 let tok: ClipTokenizer;
 beforeAll(async () => {
@@ -28,6 +35,17 @@ describe(`CLIP tokenizer parity (${ref.cases.length} cases)`, () => {
     });
   }
 });
+
+for (const p of parity) {
+  describe(`CLIP tokenizer parity, ${p.file} (${p.ref.cases.length} cases)`, () => {
+    it('uses the same bos/eos', () => expect([tok.bosId, tok.eosId]).toEqual([p.ref.bos, p.ref.eos]));
+    for (const c of p.ref.cases) {
+      it(JSON.stringify(c.text.length > 60 ? `${c.text.slice(0, 57)}...` : c.text), () => {
+        expect(tok.tokenize(c.text)).toEqual(c.ids);
+      });
+    }
+  });
+}
 
 describe('ClipTokenizer.encode', () => {
   it('wraps in bos/eos and pads with the pad token to 77', () => {
@@ -96,7 +114,7 @@ describe('ClipTokenizer.encode', () => {
     const merges = readFileSync(path.join(tokDir, 'merges.txt'), 'utf8');
     const heap = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: 2 });
     const scan = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: Infinity });
-    for (const c of ref.cases) expect(heap.tokenize(c.text), c.text).toEqual(c.ids);
+    for (const c of [...ref.cases, ...parity.flatMap((p) => p.ref.cases)]) expect(heap.tokenize(c.text), c.text).toEqual(c.ids);
     let seed = 7;
     const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
     const pick = (chars: string[], n: number) => Array.from({ length: n }, () => chars[Math.floor(rnd() * chars.length)]!).join('');

@@ -3,6 +3,8 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { EXPORT_MANIFEST } from './export-info.js';
+import { parsePyJson } from './pyjson.js';
+import { loadedSchedulerConfig, pipelineRewrites, type ConfigRewrite } from './schedulers/index.js';
 
 export const COMPONENTS = ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder'] as const;
 export type Component = (typeof COMPONENTS)[number];
@@ -18,14 +20,18 @@ export interface ModelLayout {
   /** component → path of its model.onnx, for the components present. */
   onnx: Partial<Record<Component, string>>;
   tokenizerDirs: string[];
+  /** The scheduler config as the pipeline holds it once built: loaded by its class, then the pipeline's rewrites. */
   schedulerConfig: Record<string, unknown>;
+  /** Config values the pipeline rewrote when built (each with diffusers' deprecation message), for the log. */
+  rewrites: ConfigRewrite[];
   unet: { sampleSize: number; timeCondProjDim: number | null };
   vae: { scalingFactor: number; scaleFactor: number };
 }
 
 const readJson = (file: string, what: string): Record<string, unknown> => {
   try {
-    const v: unknown = JSON.parse(readFileSync(file, 'utf8'));
+    // diffusers writes its configs with Python's json (NaN, Infinity, -Infinity allowed).
+    const v: unknown = parsePyJson(readFileSync(file, 'utf8'));
     if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
     return v as Record<string, unknown>;
   } catch (err) {
@@ -34,6 +40,22 @@ const readJson = (file: string, what: string): Record<string, unknown> => {
 };
 const optJson = (file: string, what: string) => (existsSync(file) ? readJson(file, what) : {});
 const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
+
+/** The Stable Diffusion pipelines rewrite configs in __init__; SDXL's and LCM's do not (see docs/PARITY.md). */
+export const pipelineRewritesConfigs = (pipelineClass: string, isXL: boolean): boolean => !isXL && !pipelineClass.includes('LatentConsistency');
+
+/** A model's scheduler_config.json as the built pipeline holds it: loaded by its class, then rewritten if `rewriting`. */
+export function pipelineSchedulerConfig(file: Record<string, unknown>, rewriting: boolean): { config: Record<string, unknown>; rewrites: ConfigRewrite[] } {
+  const loaded = loadedSchedulerConfig(file);
+  return rewriting ? pipelineRewrites(loaded) : { config: loaded, rewrites: [] };
+}
+
+/** Whether a unet config was saved by diffusers before 0.9.0 (its `_diffusers_version`, pre-release tags ignored). */
+function unetBefore090(cfg: Record<string, unknown>): boolean {
+  const m = typeof cfg._diffusers_version === 'string' ? /^v?(\d+)(?:\.(\d+))?/.exec(cfg._diffusers_version) : null;
+  if (!m) return false;
+  return Number(m[1]) === 0 && Number(m[2] ?? 0) < 9;
+}
 
 /**
  * The model.onnx of a component folder, or undefined when the folder or file is absent. `listed`: the folder's
@@ -91,6 +113,26 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
   const blocks = Array.isArray(vaeCfg.block_out_channels) ? vaeCfg.block_out_channels.length : 4;
+  const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
+  const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(readJson(schedulerFile, 'scheduler config'), rewriting);
+  let sampleSize = num(unetCfg.sample_size, isXL ? 128 : 64);
+  const old = rewriting ? unetBefore090(unetCfg) : undefined;
+  if (old && Number.isInteger(unetCfg.sample_size) && sampleSize < 64) {
+    rewrites.push({
+      key: 'unet.sample_size',
+      from: sampleSize,
+      to: 64,
+      message:
+        'The configuration file of the unet has set the default `sample_size` to smaller than 64 which seems highly unlikely. If your ' +
+        'checkpoint is a fine-tuned version of any of the following: \n- CompVis/stable-diffusion-v1-4 \n- CompVis/stable-diffusion-v1-3 ' +
+        '\n- CompVis/stable-diffusion-v1-2 \n- CompVis/stable-diffusion-v1-1 \n- stable-diffusion-v1-5/stable-diffusion-v1-5 \n- ' +
+        "stable-diffusion-v1-5/stable-diffusion-inpainting \n you should change 'sample_size' to 64 in the configuration file. Please make " +
+        'sure to update the config accordingly as leaving `sample_size=32` in the config might lead to incorrect results in future ' +
+        'versions. If you have downloaded this checkpoint from the Hugging Face Hub, it would be very nice if you could open a Pull ' +
+        'request for the `unet/config.json` file',
+    });
+    sampleSize = 64;
+  }
   return {
     dir,
     pipelineClass,
@@ -99,9 +141,10 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     requiresAestheticsScore: index.requires_aesthetics_score === true,
     onnx,
     tokenizerDirs,
-    schedulerConfig: readJson(schedulerFile, 'scheduler config'),
+    schedulerConfig,
+    rewrites,
     unet: {
-      sampleSize: num(unetCfg.sample_size, isXL ? 128 : 64),
+      sampleSize,
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
     },
     vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: 2 ** Math.max(0, blocks - 1) },

@@ -1,20 +1,20 @@
 /**
- * @module CLIP byte-level BPE, as HF `CLIPTokenizer` runs it without ftfy (what diffusers pipelines load) and as
- * OpenAI CLIP's `simple_tokenizer` runs it: text clean-up, lower case, the CLIP split regex, GPT-2 byte→unicode map,
- * `</w>` word ends, and merges applied by rank.
+ * @module CLIP byte-level BPE as OpenAI CLIP's `simple_tokenizer` runs it (and HF's slow `CLIPTokenizer` with ftfy):
+ * NFC in place of ftfy, HTML unescaped twice, whitespace collapsed, lower case, the CLIP split regex, GPT-2's
+ * byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says where other tokenizers differ.
  */
 
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
+import { parsePyJson } from './pyjson.js';
+import { HTML5_NAMED, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.js';
 
 const BOS = '<|startoftext|>';
 const EOS = '<|endoftext|>';
 const DEFAULT_MAX_LENGTH = 77;
 /** HF and OpenAI read merges.txt lines [1, 49152 - 256 - 2 + 1): the rest of the file is never used. */
 const MERGE_LINES_END = 49152 - 256 - 2 + 1;
-
-const SPLIT = /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
 
 /** GPT-2's reversible byte → printable character table. */
 function bytesToUnicode(): string[] {
@@ -32,41 +32,57 @@ function bytesToUnicode(): string[] {
 }
 const BYTE_ENCODER = bytesToUnicode();
 
-const isCjk = (cp: number) =>
-  (cp >= 0x4e00 && cp <= 0x9fff) ||
-  (cp >= 0x3400 && cp <= 0x4dbf) ||
-  (cp >= 0x20000 && cp <= 0x2a6df) ||
-  (cp >= 0x2a700 && cp <= 0x2b73f) ||
-  (cp >= 0x2b740 && cp <= 0x2b81f) ||
-  (cp >= 0x2b820 && cp <= 0x2ceaf) ||
-  (cp >= 0xf900 && cp <= 0xfaff) ||
-  (cp >= 0x2f800 && cp <= 0x2fa1f);
-
-const CONTROL = /\p{C}/u;
-const SPACE_SEP = /\p{Zs}/u;
+/**
+ * The whitespace of the reference's `regex` module (`\s` in whitespace_clean and in SPLIT's last class). JS's `\s`
+ * differs: it has U+FEFF and lacks U+0085.
+ */
+const WS = '\\t\\n\\v\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000';
+const WS_RUN = new RegExp(`[${WS}]+`, 'gu');
+/** Python's `str.strip()` also strips U+001C..U+001F (`str.isspace`), which `\s` does not match. */
+const PY_STRIP = new RegExp(`^[${WS}\\x1c-\\x1f]+|[${WS}\\x1c-\\x1f]+$`, 'gu');
 const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
+/**
+ * CLIP's split pattern. The reference compiles it with IGNORECASE, which on lower-cased text changes one thing: U+0345
+ * (a combining mark that case-folds to a letter) matches neither the letter class nor the "other" class, so it is
+ * dropped. JS's `i` flag would count it a letter instead; without `i` it is left out by hand.
+ */
+const SPLIT = new RegExp(`<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^${WS}\\p{L}\\p{N}\\u0345]+`, 'gu');
+const CHARREF = /&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)/gu;
+
+/** Python's `html.unescape`: HTML5 named references (longest prefix without ';'), numeric ones with HTML5's fix-ups. */
+export function htmlUnescape(s: string): string {
+  if (!s.includes('&')) return s;
+  return s.replace(CHARREF, (whole, ref: string) => {
+    if (ref[0] === '#') {
+      const hex = ref[1] === 'x' || ref[1] === 'X';
+      const digits = ref.slice(hex ? 2 : 1).replace(/;$/, '');
+      const n = hex ? parseInt(digits, 16) : parseInt(digits, 10);
+      const fixed = INVALID_CHARREFS.get(n);
+      if (fixed !== undefined) return fixed;
+      if ((n >= 0xd800 && n <= 0xdfff) || n > 0x10ffff) return '\ufffd';
+      if (INVALID_CODEPOINTS.has(n)) return '';
+      return String.fromCodePoint(n);
+    }
+    if (Object.hasOwn(HTML5_NAMED, ref)) return HTML5_NAMED[ref]!;
+    // A name without its ';' (`&ampx`): the longest known prefix of at least two characters, rest kept.
+    const cps = Array.from(ref);
+    for (let x = cps.length - 1; x > 1; x--) {
+      const name = cps.slice(0, x).join('');
+      if (Object.hasOwn(HTML5_NAMED, name)) return HTML5_NAMED[name]! + cps.slice(x).join('');
+    }
+    return whole;
+  });
+}
 
 /**
- * HF `BasicTokenizer(strip_accents=False, do_split_on_punc=False)`, the stand-in for ftfy: drop NUL, U+FFFD and
- * control characters, turn whitespace into spaces, isolate CJK ideographs, NFC, collapse whitespace, lower case.
+ * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's repair (NFC here, see docs/PARITY.md), HTML unescaped
+ * twice, whitespace runs to one space, stripped, lower case.
  */
 export function basicClean(text: string): string {
-  // Printable ASCII (most prompts) has nothing to drop, isolate or normalise.
-  if (PRINTABLE_ASCII.test(text)) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
-  let out = '';
-  for (const ch of text) {
-    const cp = ch.codePointAt(0)!;
-    if (ch === ' ' || ch === '\t' || ch === '\n' || ch === '\r' || SPACE_SEP.test(ch)) out += ' ';
-    else if (cp === 0 || cp === 0xfffd || CONTROL.test(ch)) continue;
-    else if (isCjk(cp)) out += ` ${ch} `;
-    else out += ch;
-  }
-  return out
-    .normalize('NFC')
-    .split(/\s+/u)
-    .filter((w) => w.length > 0)
-    .map((w) => w.toLowerCase())
-    .join(' ');
+  // Printable ASCII without '&' (most prompts) has nothing to normalise or unescape.
+  if (PRINTABLE_ASCII.test(text) && !text.includes('&')) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
+  const fixed = htmlUnescape(htmlUnescape(text.normalize('NFC'))).replace(PY_STRIP, '');
+  return fixed.replace(WS_RUN, ' ').replace(PY_STRIP, '').toLowerCase();
 }
 
 export interface ClipTokenizerOptions {
@@ -122,7 +138,7 @@ export class ClipTokenizer {
     const read = (name: string) => readFile(path.join(dir, name), 'utf8');
     const optional = async (name: string): Promise<Record<string, unknown>> => {
       try {
-        return JSON.parse(await read(name)) as Record<string, unknown>;
+        return parsePyJson(await read(name)) as Record<string, unknown>;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
         throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${name} in ${dir}`, { cause: err });
@@ -131,7 +147,7 @@ export class ClipTokenizer {
     let vocab: unknown;
     let merges: string;
     try {
-      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => JSON.parse(s) as unknown), read('merges.txt')]);
+      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => parsePyJson(s)), read('merges.txt')]);
     } catch (err) {
       throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read vocab.json and merges.txt in ${dir}`, { cause: err });
     }

@@ -11,6 +11,7 @@ import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
 import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
+import { parsePyJson } from './pyjson.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
@@ -162,7 +163,7 @@ function logSlowPath(info: ExportInfo): void {
 function primeSize(dir: string): { latentHeight: number; latentWidth: number; vaeScale: number } {
   const json = (f: string): Record<string, unknown> => {
     try {
-      return JSON.parse(readFileSync(path.join(dir, f), 'utf8')) as Record<string, unknown>;
+      return parsePyJson(readFileSync(path.join(dir, f), 'utf8')) as Record<string, unknown>;
     } catch {
       return {};
     }
@@ -183,6 +184,7 @@ function primeSize(dir: string): { latentHeight: number; latentWidth: number; va
 async function load(dir: string, listed?: string[]): Promise<void> {
   try {
     const layout = readLayout(dir, listed ? new Set(listed) : undefined);
+    for (const r of layout.rewrites) log('warn', r.message, { config: r.key, from: r.from, to: r.to });
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
     const get = (c: Component): Promise<ModelSession> => {
       if (!listed) return session(c, layout.onnx[c]!);

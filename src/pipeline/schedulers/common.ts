@@ -8,6 +8,7 @@
  */
 
 import { RuntimeError } from '../../errors.js';
+import { pyRepr } from '../pyjson.js';
 import { fmaf } from '../random.js';
 
 export const f = Math.fround;
@@ -28,14 +29,16 @@ export type ResolvedConfig = Readonly<Record<string, ConfigValue>>;
  * diffusers' `extract_init_dict`: keys of the target class's `__init__` come from `overrides`, else from `config`
  * (unless listed in `_use_default_values`), else the class default. Other keys (other classes' options, `_…` keys)
  * are dropped — which is why `from_config` carries beta_*, steps_offset, timestep_spacing, prediction_type across.
+ * `honourUsedDefaults` false: the config is a built scheduler's own (every value in it is the one it runs with).
  */
 export function resolveConfig(
   className: string,
   defaults: Readonly<Record<string, ConfigValue>>,
   config: Record<string, unknown>,
   overrides: Record<string, unknown> = {},
+  honourUsedDefaults = true,
 ): ResolvedConfig {
-  const usedDefaults = new Set(Array.isArray(config._use_default_values) ? (config._use_default_values as unknown[]) : []);
+  const usedDefaults = new Set(honourUsedDefaults && Array.isArray(config._use_default_values) ? (config._use_default_values as unknown[]) : []);
   const out: Record<string, ConfigValue> = {};
   for (const [key, dflt] of Object.entries(defaults)) {
     let v: unknown = dflt;
@@ -47,15 +50,15 @@ export function resolveConfig(
 }
 
 function checkValue(className: string, key: string, v: unknown, dflt: ConfigValue): ConfigValue {
-  const bad = (want: string) =>
-    new RuntimeError('UNSUPPORTED', `${className}: scheduler config ${key} must be ${want}, got ${JSON.stringify(v)}`);
+  const bad = (want: string) => new RuntimeError('UNSUPPORTED', `${className}: scheduler config ${key} must be ${want}, got ${pyRepr(v)}`);
   if (v === null) return null; // diffusers stores None for unset optionals (trained_betas, sigma_min, variance_type)
   if (key === 'trained_betas') {
     if (!Array.isArray(v) || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) throw bad('a list of numbers');
     return v as number[];
   }
   if (typeof dflt === 'number' || (dflt === null && typeof v === 'number')) {
-    // JSON has no -inf; diffusers writes it as the string "-inf" only via custom encoders, so accept both.
+    // Python's json writes -inf as -Infinity (read by parsePyJson); a few hand-written configs say "-inf".
+    // NaN carries no meaning in any scheduler option and would silently poison every step, so it is refused.
     if (v === '-inf') return -Infinity;
     if (typeof v !== 'number' || Number.isNaN(v)) throw bad('a number');
     return v;
@@ -232,7 +235,8 @@ export function sigmaToT(sigma: number, logSigmas: Float32Array): number {
   low = Math.min(low, n - 2);
   const lo = logSigmas[low]!;
   const hi = logSigmas[low + 1]!;
-  const w = Math.min(Math.max((lo - logSigma) / (lo - hi), 0), 1);
+  // low - high subtracts two float32 scalars, so numpy rounds it to float32; low - log_sigma is float64.
+  const w = Math.min(Math.max((lo - logSigma) / f(lo - hi), 0), 1);
   return (1 - w) * low + w * (low + 1);
 }
 
@@ -242,6 +246,11 @@ export function karrasSigmas(sigmaMin: number, sigmaMax: number, n: number): num
   const minInv = sigmaMin ** (1 / rho);
   const maxInv = sigmaMax ** (1 / rho);
   return npLinspace(0, 1, n).map((r) => (maxInv + r * (minInv - maxInv)) ** rho);
+}
+
+/** diffusers `_convert_to_exponential`: `np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))`, float64. */
+export function exponentialSigmas(sigmaMin: number, sigmaMax: number, n: number): number[] {
+  return npLinspace(Math.log(sigmaMax), Math.log(sigmaMin), n).map(Math.exp);
 }
 
 /** diffusers raises when more inference steps than training steps are asked for; so do we, as a request error. */

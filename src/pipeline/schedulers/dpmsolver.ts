@@ -9,6 +9,7 @@ import {
   BETA_DEFAULTS,
   bool,
   checkSteps,
+  exponentialSigmas,
   f,
   karrasSigmas,
   npArange,
@@ -85,7 +86,7 @@ export class DPMSolverMultistep implements Scheduler {
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.#order = num(config, 'solver_order');
     if (this.#order !== 1 && this.#order !== 2) unsupported(name, `solver_order ${this.#order} (1 or 2)`);
-    for (const k of ['thresholding', 'use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+    for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
     if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
@@ -132,6 +133,10 @@ export class DPMSolverMultistep implements Scheduler {
       timesteps = sig.map((s) => sigmaToT(s, logSigmas));
       if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
       else timesteps = timesteps.map(Math.trunc); // astype(int64)
+    } else if (bool(config, 'use_exponential_sigmas')) {
+      const logSigmas = table.map(logf);
+      sig = exponentialSigmas(table[0]!, table[table.length - 1]!, numInferenceSteps);
+      timesteps = sig.map((s) => Math.trunc(sigmaToT(s, logSigmas))); // not rounded: astype(int64) truncates
     } else {
       sig = timesteps.map((t) => npInterpIndex(t, table));
     }

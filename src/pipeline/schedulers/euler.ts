@@ -6,6 +6,7 @@ import {
   BETA_DEFAULTS,
   bool,
   checkSteps,
+  exponentialSigmas,
   f,
   karrasSigmas,
   npArange,
@@ -134,7 +135,7 @@ export class EulerDiscrete extends EulerBase {
     const name = 'EulerDiscreteScheduler';
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, train);
-    if (bool(config, 'use_exponential_sigmas') || bool(config, 'use_beta_sigmas')) unsupported(name, 'use_exponential_sigmas / use_beta_sigmas');
+    if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
     oneOf(name, config, 'interpolation_type', ['linear']);
     if (str(config, 'timestep_type') === 'continuous' && str(config, 'prediction_type') === 'v_prediction') {
       unsupported(name, 'timestep_type "continuous" with v_prediction');
@@ -143,11 +144,13 @@ export class EulerDiscrete extends EulerBase {
     const { ac, sigmas: table } = eulerTables(name, config);
     let timesteps = eulerTimesteps(config, numInferenceSteps);
     let sig = timesteps.map((t) => npInterpIndex(t, table));
-    if (bool(config, 'use_karras_sigmas')) {
+    const karras = bool(config, 'use_karras_sigmas');
+    if (karras || bool(config, 'use_exponential_sigmas')) {
       const logSigmas = table.map((s) => f(Math.log(s)));
-      const sMin = (config.sigma_min as number | null) ?? f(sig[sig.length - 1]!);
-      const sMax = (config.sigma_max as number | null) ?? f(sig[0]!);
-      sig = karrasSigmas(sMin, sMax, numInferenceSteps);
+      // np.interp returns float64: the bounds are not rounded to float32 (they differ for linspace spacing).
+      const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
+      const sMax = (config.sigma_max as number | null) ?? sig[0]!;
+      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
       timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
     }
     const last = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));

@@ -1,9 +1,11 @@
 /**
- * @module Scheduler factory: a model's scheduler_config.json plus an optional per-request name, resolved the way
- * diffusers' `<Class>.from_config(model_config, **overrides)` resolves it.
+ * @module Scheduler factory: a model's scheduler config as the pipeline holds it (loaded by its class, rewritten by the
+ * pipeline's __init__), plus an optional per-request name, resolved the way diffusers'
+ * `<Class>.from_config(pipe.scheduler.config, **overrides)` resolves it.
  */
 
 import { RuntimeError } from '../../errors.js';
+import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
 import { type ConfigValue, type ResolvedConfig, resolveConfig } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
@@ -56,6 +58,88 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   ...Object.fromEntries(Object.keys(CLASSES).map((c) => [c, { className: c, overrides: {} }])),
 });
 
+/** The scheduler classes this runtime implements. */
+export const SCHEDULER_CLASSES: readonly string[] = Object.freeze(Object.keys(CLASSES));
+
+/**
+ * `pipe.scheduler.config` right after `DiffusionPipeline.from_pretrained` loaded the model's scheduler with its own
+ * class (`<Class>.from_pretrained` → `from_config`): every `__init__` option (the file's value, else the class
+ * default), `_use_default_values` naming those that came from defaults, and the file's other keys kept as they are
+ * (options of other classes, `_class_name`, `_diffusers_version`). Keys the file lists in `_use_default_values`
+ * are dropped first, as diffusers does. A class this runtime does not implement keeps the file's keys only.
+ */
+export function loadedSchedulerConfig(file: Readonly<Record<string, unknown>>): Record<string, unknown> {
+  const dropped = new Set(Array.isArray(file._use_default_values) ? (file._use_default_values as unknown[]) : []);
+  const given: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(file)) if (!dropped.has(k) && k !== '_use_default_values') given[k] = v;
+  const cls = typeof file._class_name === 'string' && Object.hasOwn(CLASSES, file._class_name) ? CLASSES[file._class_name]! : undefined;
+  if (!cls) return given;
+  const out: Record<string, unknown> = {};
+  const fromDefaults: string[] = [];
+  for (const [k, d] of Object.entries(cls.defaults)) {
+    if (Object.hasOwn(given, k)) out[k] = given[k];
+    else {
+      out[k] = d;
+      fromDefaults.push(k);
+    }
+  }
+  for (const [k, v] of Object.entries(given)) if (!Object.hasOwn(out, k)) out[k] = v;
+  if (fromDefaults.length > 0) out._use_default_values = fromDefaults;
+  return out;
+}
+
+/** One config value a pipeline rewrote when it was built, with the FutureWarning diffusers gives for it. */
+export interface ConfigRewrite {
+  readonly key: string;
+  readonly from: unknown;
+  readonly to: unknown;
+  readonly message: string;
+}
+
+const HUB_PLEA =
+  ' If you have downloaded this checkpoint from the Hugging Face Hub, it would be very nice if you could open a Pull request for the' +
+  ' `scheduler/scheduler_config.json` file';
+
+/**
+ * What `StableDiffusionPipeline.__init__` (and the ONNX, img2img and inpaint pipelines) does to the loaded scheduler
+ * config (see loadedSchedulerConfig): `steps_offset` other than 1 becomes 1 (a config without the key counts as 1),
+ * and `clip_sample: true` becomes false (one without it counts as false), each with its deprecation message. Only
+ * the values change: `_use_default_values` stays, so a later `from_config` switch still drops a rewritten key that
+ * had come from the class default, exactly as diffusers does. SDXL and LCM pipelines rewrite nothing.
+ */
+export function pipelineRewrites(loaded: Readonly<Record<string, unknown>>): { config: Record<string, unknown>; rewrites: ConfigRewrite[] } {
+  const config = { ...loaded };
+  const rewrites: ConfigRewrite[] = [];
+  const cls = String(loaded._class_name ?? 'the scheduler');
+  const offset = Object.hasOwn(config, 'steps_offset') ? config.steps_offset : 1;
+  if (offset !== 1) {
+    rewrites.push({
+      key: 'steps_offset',
+      from: offset,
+      to: 1,
+      message:
+        `The configuration file of this scheduler: ${cls} is outdated. \`steps_offset\` should be set to 1 instead of ${pyRepr(offset)}. ` +
+        'Please make sure to update the config accordingly as leaving `steps_offset` might led to incorrect results in future versions.' +
+        HUB_PLEA,
+    });
+    config.steps_offset = 1;
+  }
+  if (Object.hasOwn(config, 'clip_sample') && config.clip_sample === true) {
+    rewrites.push({
+      key: 'clip_sample',
+      from: true,
+      to: false,
+      message:
+        `The configuration file of this scheduler: ${cls} has not set the configuration \`clip_sample\`. \`clip_sample\` should be set ` +
+        'to False in the configuration file. Please make sure to update the config accordingly as not setting `clip_sample` in the config ' +
+        'might lead to incorrect results in future versions.' +
+        HUB_PLEA,
+    });
+    config.clip_sample = false;
+  }
+  return { config, rewrites };
+}
+
 export interface CreateSchedulerOptions {
   /** A request's scheduler name (a key of SCHEDULER_NAMES); absent = the model's own `_class_name`. */
   name?: string;
@@ -87,5 +171,8 @@ export function createScheduler(
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
   const cls = CLASSES[choice.className]!;
-  return cls.build(resolveConfig(choice.className, cls.defaults, config, choice.overrides), numInferenceSteps, eta);
+  // Without a name the pipeline runs its own scheduler, whose config values all apply (rewritten ones included);
+  // a name is `from_config(config, **overrides)`, which drops the keys listed in `_use_default_values`.
+  const resolved = resolveConfig(choice.className, cls.defaults, config, choice.overrides, opts.name !== undefined);
+  return cls.build(resolved, numInferenceSteps, eta);
 }

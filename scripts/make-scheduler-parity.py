@@ -1,0 +1,305 @@
+"""Writes test/fixtures/parity/schedulers/*.json: what diffusers' own code does with a model's scheduler config.
+
+    git --git-dir=<diffusers mirror> archive HEAD src/diffusers | tar x -C /tmp/diffusers-src
+    PYTHONPATH=/tmp/diffusers-src/src python scripts/make-scheduler-parity.py test/fixtures/parity/schedulers
+
+Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
+loads it with the model's scheduler class (`<Class>.from_pretrained`, as DiffusionPipeline.from_pretrained does),
+builds the model's pipeline class around it (its __init__ applies the steps_offset / clip_sample rewrites, with a
+FutureWarning), then, when the case names a request scheduler, switches with
+`<Class>.from_config(pipe.scheduler.config, **overrides)`, sets the timesteps and replays a short trajectory with
+synthetic model outputs. Every file has the fields of ../shared/reference/schedulers/*.json plus `model_config`
+(the file's text), `pipeline`, `request` and `warnings`. Needs torch and numpy; no weights.
+"""
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+import diffusers
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    OnnxStableDiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.schedulers import (
+    scheduling_ddim,
+    scheduling_dpmsolver_multistep,
+    scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+)
+
+out_dir = sys.argv[1]
+os.makedirs(out_dir, exist_ok=True)
+
+CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler]}
+# The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
+REQUEST = {
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
+
+
+def build_pipeline(name, scheduler):
+    if name == "StableDiffusionPipeline":
+        return StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=None, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    if name == "OnnxStableDiffusionPipeline":
+        return OnnxStableDiffusionPipeline(vae_encoder=None, vae_decoder=None, text_encoder=None, tokenizer=None, unet=None, scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name == "StableDiffusionXLPipeline":
+        return StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=None,
+                                         scheduler=scheduler)
+    if name == "LatentConsistencyModelPipeline":
+        return LatentConsistencyModelPipeline(vae=None, text_encoder=None, tokenizer=None, unet=None, scheduler=scheduler, safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
+    raise ValueError(name)
+
+
+class Noise:
+    """Stands in for randn_tensor inside step(): numpy draws, recorded in order."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.drawn = []
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        x = torch.from_numpy(self.rng.standard_normal(tuple(shape)).astype(np.float32))
+        self.drawn.append(as_list(x))
+        return x
+
+
+class F32(float):
+    """A float32 value, written with the fewest digits that read back to the same float32 (keeps the files small)."""
+
+    def __repr__(self):
+        return str(np.float32(self))
+
+
+def as_list(x):
+    return None if x is None else [F32(v) for v in x.flatten().tolist()]
+
+
+def exact(x):
+    """float32 values written exactly (timesteps, sigmas: compared bit for bit)."""
+    return None if x is None else [float(v) for v in x.flatten().tolist()]
+
+
+def run_case(case):
+    name = case["name"]
+    cfg = case["config"]
+    pipeline = case.get("pipeline", "StableDiffusionPipeline")
+    request = case.get("request")
+    steps = case["steps"]
+    with tempfile.TemporaryDirectory() as d:
+        text = json.dumps(cfg, indent=2, sort_keys=True)  # Python's json: -inf is written -Infinity
+        with open(os.path.join(d, "scheduler_config.json"), "w") as fh:
+            fh.write(text + "\n")
+        model_cls = CLASSES[cfg["_class_name"]]
+        sched = model_cls.from_pretrained(d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = build_pipeline(pipeline, sched)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    built = dict(pipe.scheduler.config)
+    if request is not None:
+        cls_name, overrides = REQUEST[request]
+        pipe.scheduler = CLASSES[cls_name].from_config(pipe.scheduler.config, **overrides)
+    s = pipe.scheduler
+    interp = record_interpolation(s)
+    s.set_timesteps(steps)
+    shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
+    rng = np.random.default_rng(case.get("seed", 0))
+    noise = Noise(case.get("seed", 0) + 1000)
+    for mod in (scheduling_ddim, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm):
+        mod.randn_tensor = noise
+    sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
+    initial = sample.clone()
+    eta = case.get("eta")
+    record = []
+    for t in s.timesteps:
+        scaled = s.scale_model_input(sample, t)
+        mo = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        before = len(noise.drawn)
+        kw = {"eta": eta} if eta is not None else {}
+        r = s.step(mo, t, sample, **kw)
+        drawn = noise.drawn[before:]
+        assert len(drawn) <= 1
+        denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
+        if cls_is(s, (LCMScheduler,)):
+            denoised = r.denoised
+        record.append({
+            "t": float(t),
+            "scaled_input": as_list(scaled),
+            "model_output": as_list(mo),
+            "noise": drawn[0] if drawn else None,
+            "prev_sample": as_list(r.prev_sample),
+            "denoised": as_list(denoised),
+        })
+        sample = r.prev_sample
+    sig = getattr(s, "sigmas", None)
+    resolved = {k: v for k, v in dict(s.config).items()}
+    return {
+        "name": name,
+        "scheduler": type(s).__name__,
+        "pipeline": pipeline,
+        "model_config": text,
+        "request": request,
+        "built_config": {k: built.get(k) for k in ("steps_offset", "clip_sample", "_use_default_values") if k in built},
+        "warnings": msgs,
+        "config": {k: v for k, v in resolved.items() if not k.startswith("_")},
+        "num_inference_steps": steps,
+        **({"eta": eta} if eta is not None else {}),
+        "timesteps": [float(t) for t in s.timesteps],
+        "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)) else None,
+        "init_noise_sigma": float(s.init_noise_sigma),
+        "shape": list(shape),
+        "initial_latents": as_list(initial),
+        "steps": record,
+        **({"interpolation": interp} if interp["sigma_to_t"] else {}),
+        "diffusers_version": diffusers.__version__,
+    }
+
+
+def dumps(v):
+    """json.dumps, with F32 lists written by their repr (json's encoder would write float.__repr__)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(json.dumps(k) + ": " + dumps(x) for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(dumps(x) for x in v) + "]"
+    if isinstance(v, F32):
+        return repr(v)
+    return json.dumps(v, allow_nan=True)
+
+
+def record_interpolation(s):
+    """Wraps the scheduler's own _convert_to_* and _sigma_to_t to record their inputs and outputs: with them the test
+    checks that arithmetic bit for bit, whatever this machine's float32 log and torch's pow give for the tables."""
+    rec = {"sigma_to_t": [], "log_sigmas": None, "convert": None}
+    if not hasattr(s, "_sigma_to_t"):
+        return rec
+    orig_t = s._sigma_to_t
+
+    def sigma_to_t(sigma, log_sigmas):
+        t = orig_t(sigma, log_sigmas)
+        assert log_sigmas.dtype == np.float32
+        rec["log_sigmas"] = as_list(log_sigmas)
+        rec["sigma_to_t"].append([float(sigma), float(np.asarray(t).reshape(-1)[0])])
+        return t
+
+    s._sigma_to_t = sigma_to_t
+    for kind in ("karras", "exponential"):
+        orig = getattr(s, f"_convert_to_{kind}")
+
+        def convert(in_sigmas, num_inference_steps, orig=orig, kind=kind):
+            out = orig(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps)
+            lo = getattr(s.config, "sigma_min", None)
+            hi = getattr(s.config, "sigma_max", None)
+            rec["convert"] = {
+                "kind": kind,
+                "sigma_min": lo if lo is not None else in_sigmas[-1].item(),
+                "sigma_max": hi if hi is not None else in_sigmas[0].item(),
+                "n": num_inference_steps,
+                "sigmas": [float(v) for v in out],
+            }
+            return out
+
+        setattr(s, f"_convert_to_{kind}", convert)
+    return rec
+
+
+def cls_is(s, classes):
+    return isinstance(s, classes)
+
+
+def nonfinite_json(v):
+    return json.dumps(v, indent=1, allow_nan=True)
+
+
+CASES = []
+# 3. The pipeline's rewrites. A DDIM config with neither clip_sample nor steps_offset (DDIM's defaults: true, 0).
+ddim_bare = {"_class_name": "DDIMScheduler", **SD15_BETAS, "set_alpha_to_one": False}
+for req in [None, "ddim", "euler", "pndm", "dpmpp_2m"]:
+    CASES.append({"name": f"rewrite-ddim-bare-{req or 'model'}", "config": ddim_bare, "request": req, "steps": 10})
+for pipe in ["OnnxStableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline"]:
+    CASES.append({"name": f"rewrite-ddim-bare-{pipe}", "config": ddim_bare, "pipeline": pipe, "steps": 10})
+# Written out: steps_offset 0 and clip_sample true (not defaults, so a switch keeps the rewritten values).
+ddim_explicit = {**ddim_bare, "clip_sample": True, "steps_offset": 0, "timestep_spacing": "leading"}
+for req in [None, "ddim", "euler_a"]:
+    CASES.append({"name": f"rewrite-ddim-explicit-{req or 'model'}", "config": ddim_explicit, "request": req, "steps": 8})
+CASES.append({"name": "rewrite-ddim-explicit-eta", "config": ddim_explicit, "steps": 6, "eta": 0.7})
+CASES.append({"name": "rewrite-ddim-explicit-StableDiffusionXLPipeline", "config": ddim_explicit, "pipeline": "StableDiffusionXLPipeline", "steps": 8})
+# An old PNDM config without steps_offset; and the demo's SD 1.5 PNDM config (no clip_sample) switched to DDIM.
+pndm_old = {"_class_name": "PNDMScheduler", **SD15_BETAS, "set_alpha_to_one": False, "skip_prk_steps": True}
+for req in [None, "ddim", "euler"]:
+    CASES.append({"name": f"rewrite-pndm-no-offset-{req or 'model'}", "config": pndm_old, "request": req, "steps": 10})
+pndm_sd15 = {**pndm_old, "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+CASES.append({"name": "rewrite-pndm-sd15-ddim", "config": pndm_sd15, "request": "ddim", "steps": 10})
+CASES.append({"name": "rewrite-pndm-sd15-clip-false-ddim", "config": {**pndm_sd15, "clip_sample": False}, "request": "ddim", "steps": 10})
+# An LCM model (steps_offset 0 is LCM's default) under its own pipeline and under StableDiffusionPipeline.
+lcm_cfg = {"_class_name": "LCMScheduler", **SD15_BETAS, "original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 0, "timestep_scaling": 10.0}
+CASES.append({"name": "rewrite-lcm-own-pipeline", "config": lcm_cfg, "pipeline": "LatentConsistencyModelPipeline", "steps": 4})
+CASES.append({"name": "rewrite-lcm-sd-pipeline", "config": lcm_cfg, "steps": 4})
+
+# 2. DPM-Solver as save_config writes it: lambda_min_clipped -Infinity (no clipping), and a finite one that clips.
+dpm = {"_class_name": "DPMSolverMultistepScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "leading", "lambda_min_clipped": float("-inf")}
+CASES.append({"name": "nonfinite-dpm-lambda-min-clipped-inf", "config": dpm, "steps": 12})
+CASES.append({"name": "nonfinite-dpm-lambda-min-clipped-inf-euler", "config": dpm, "request": "euler", "steps": 12})
+cos = {**dpm, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace", "lambda_min_clipped": -5.1}
+CASES.append({"name": "nonfinite-dpm-cosine-clipped", "config": cos, "steps": 15})
+CASES.append({"name": "nonfinite-dpm-cosine-unclipped", "config": {**cos, "lambda_min_clipped": float("-inf")}, "steps": 15})
+
+# 4. Karras sigmas (and the interpolation of sigma back to t) across spacings, step counts and bounds.
+euler = {"_class_name": "EulerDiscreteScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": True}
+for n in [5, 10, 20, 25, 30, 50]:
+    CASES.append({"name": f"karras-euler-leading-{n}", "config": euler, "steps": n})
+for spacing in ["linspace", "trailing"]:
+    for n in [7, 20]:
+        CASES.append({"name": f"karras-euler-{spacing}-{n}", "config": {**euler, "timestep_spacing": spacing}, "steps": n})
+CASES.append({"name": "karras-euler-sigma-bounds-15", "config": {**euler, "sigma_min": 0.05, "sigma_max": 10.0}, "steps": 15})
+CASES.append({"name": "karras-euler-vpred-linear-12", "config": {**euler, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "v_prediction"}, "steps": 12})
+CASES.append({"name": "karras-euler-request-sd15-pndm-25", "config": pndm_sd15, "request": "euler_karras", "steps": 25})
+for n in [8, 20, 30]:
+    CASES.append({"name": f"karras-dpm-{n}", "config": {**dpm, "use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}, "steps": n})
+# (Karras with the cosine schedule is left out: diffusers' own step() raises IndexError there.)
+CASES.append({"name": "karras-dpm-request-sd15-pndm-25", "config": pndm_sd15, "request": "dpmpp_2m_karras", "steps": 25})
+# Exponential sigmas (Euler and DPM-Solver).
+for n in [10, 25]:
+    CASES.append({"name": f"exponential-euler-leading-{n}", "config": {**euler, "use_karras_sigmas": False, "use_exponential_sigmas": True}, "steps": n})
+    CASES.append({"name": f"exponential-dpm-{n}", "config": {**dpm, "use_exponential_sigmas": True}, "steps": n})
+CASES.append({"name": "exponential-euler-linspace-9", "config": {**euler, "use_karras_sigmas": False, "use_exponential_sigmas": True, "timestep_spacing": "linspace"}, "steps": 9})
+
+# torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
+# betas of this torch go beside the cases: the test runs both sides from the same betas.
+betas = {}
+for sched, start, end in [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02)]:
+    s = DDIMScheduler(beta_start=start, beta_end=end, beta_schedule=sched)
+    betas[f"{sched} {start} {end}"] = [F32(v) for v in s.betas.tolist()]
+with open(os.path.join(out_dir, "..", "scheduler-betas.json"), "w") as fh:
+    fh.write(dumps({"torch": torch.__version__, "betas": betas}) + "\n")
+
+for i, case in enumerate(CASES):
+    case.setdefault("seed", i)
+    rec = run_case(case)
+    with open(os.path.join(out_dir, case["name"] + ".json"), "w") as fh:
+        fh.write(dumps(rec) + "\n")
+    print(case["name"], rec["scheduler"], rec["timesteps"][:4], rec["built_config"], len(rec["warnings"]), file=sys.stderr)

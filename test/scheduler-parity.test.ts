@@ -1,0 +1,149 @@
+/**
+ * What diffusers' own code does with a model's scheduler config (test/fixtures/parity/schedulers, made by
+ * scripts/make-scheduler-parity.py): the file read with Python's json (-Infinity included), loaded by its class,
+ * rewritten by the pipeline's __init__ (steps_offset, clip_sample, with the deprecation warning), switched by a
+ * request's scheduler name with from_config, then the timesteps, sigmas and a replayed trajectory.
+ * Criterion: the sigma interpolation bit for bit (as float32) on diffusers' own inputs; integer timesteps equal,
+ * others within 1e-6 relative, sigmas within one float32 ulp (see below why not bit for bit); every trajectory
+ * array within 1e-5 of its largest magnitude, chained through our own prev_sample.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { pipelineRewritesConfigs, pipelineSchedulerConfig } from '../src/pipeline/model.js';
+import { parsePyJson } from '../src/pipeline/pyjson.js';
+import { exponentialSigmas, karrasSigmas, sigmaToT } from '../src/pipeline/schedulers/common.js';
+import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+
+const REL_TOL = 1e-5;
+const FLOOR = 1e-6;
+/** Non-integer timesteps: the generator's tables are up to one float32 ulp off ours (see below), which the log
+ * amplifies to a few ulps of t at the smallest sigmas. */
+const TABLE_TOL = 1e-6;
+const dir = path.resolve(import.meta.dirname, 'fixtures/parity/schedulers');
+const files = readdirSync(dir).filter((f) => f.endsWith('.json')).sort();
+// The generator's torch (>= 2.1) fills torch.linspace differently from the torch whose arithmetic the runtime follows
+// (1.13, see docs/PARITY.md): a few betas differ by one ulp. Both sides run from the generator's betas here, so
+// everything after them is compared bit for bit.
+const torchBetas = (parsePyJson(readFileSync(path.resolve(dir, '../scheduler-betas.json'), 'utf8')) as { betas: Record<string, number[]> }).betas;
+
+function withGeneratorBetas(config: Record<string, unknown>): Record<string, unknown> {
+  const b = torchBetas[`${String(config.beta_schedule)} ${String(config.beta_start)} ${String(config.beta_end)}`];
+  if (!b || config.trained_betas) return config;
+  const used = ((config._use_default_values as string[] | undefined) ?? []).filter((k) => k !== 'trained_betas');
+  return { ...config, trained_betas: b, _use_default_values: used };
+}
+
+interface Case {
+  name: string;
+  scheduler: string;
+  pipeline: string;
+  model_config: string;
+  request: string | null;
+  built_config: { steps_offset?: unknown; clip_sample?: unknown; _use_default_values?: string[] };
+  warnings: string[];
+  num_inference_steps: number;
+  eta?: number;
+  timesteps: number[];
+  sigmas: number[] | null;
+  init_noise_sigma: number;
+  initial_latents: number[];
+  interpolation?: {
+    log_sigmas: number[];
+    sigma_to_t: [number, number][];
+    convert: { kind: 'karras' | 'exponential'; sigma_min: number; sigma_max: number; n: number; sigmas: number[] } | null;
+  };
+  steps: { t: number; scaled_input: number[]; model_output: number[]; noise: number[] | null; prev_sample: number[]; denoised: number[] | null }[];
+}
+
+/** Largest |ours − ref| relative to the largest |ref| of the array (elements near zero carry no relative meaning). */
+function maxRelError(got: Float32Array, ref: readonly number[]): number {
+  expect(got.length).toBe(ref.length);
+  let scale = FLOOR;
+  for (const r of ref) scale = Math.max(scale, Math.abs(r));
+  let worst = 0;
+  for (let i = 0; i < ref.length; i++) {
+    const e = Math.abs(got[i]! - ref[i]!) / scale;
+    if (!(e <= worst)) worst = e; // NaN sticks
+  }
+  return worst;
+}
+
+const f32 = (xs: readonly number[]) => Array.from(Float32Array.from(xs));
+const u32 = new Uint32Array(1);
+const asF = new Float32Array(u32.buffer);
+/** Distance in float32 units in the last place (both finite, same sign here). */
+function ulps(a: number, b: number): number {
+  asF[0] = a;
+  const ia = u32[0]!;
+  asF[0] = b;
+  return Math.abs(ia - u32[0]!);
+}
+// diffusers puts the scheduler's repr (its whole config as JSON) into the message; the runtime names the class.
+const withoutRepr = (m: string) => m.replace(/: (\w+) \{\n[\s\S]*?\n\}\n/, ': $1');
+
+describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => {
+  it('has cases', () => expect(files.length).toBeGreaterThan(30));
+
+  for (const file of files) {
+    it(file.replace(/\.json$/, ''), () => {
+      const v = parsePyJson(readFileSync(path.join(dir, file), 'utf8')) as Case;
+      const isXL = v.pipeline.includes('XL');
+      const built = pipelineSchedulerConfig(parsePyJson(v.model_config) as Record<string, unknown>, pipelineRewritesConfigs(v.pipeline, isXL));
+      // The pipeline's rewrites: values, warnings, and which keys stay marked as class defaults.
+      for (const k of ['steps_offset', 'clip_sample'] as const) {
+        if (Object.hasOwn(v.built_config, k)) expect(built.config[k], k).toEqual(v.built_config[k]);
+        else expect(Object.hasOwn(built.config, k), k).toBe(false);
+      }
+      const ours = new Set((built.config._use_default_values as string[] | undefined) ?? []);
+      const theirs = new Set(v.built_config._use_default_values ?? []);
+      for (const k of ours) expect(theirs.has(k), `${k} in _use_default_values`).toBe(true);
+      for (const k of theirs) if (Object.hasOwn(built.config, k)) expect(ours.has(k), `${k} in _use_default_values`).toBe(true);
+      expect(built.rewrites.map((r) => r.message)).toEqual(v.warnings.map(withoutRepr));
+
+      if (v.request !== null) expect(SCHEDULER_NAMES[v.request]!.className).toBe(v.scheduler);
+      const s = createScheduler(withGeneratorBetas(built.config), v.num_inference_steps, { ...(v.request !== null ? { name: v.request } : {}), ...(v.eta !== undefined ? { eta: v.eta } : {}) });
+      expect(s.name).toBe(v.scheduler);
+      if (v.interpolation) {
+        // Karras / exponential sigmas and sigma → t on diffusers' own inputs, bit for bit as the float32 the schedule
+        // keeps (the float64 intermediates may differ in their last bit: numpy's SIMD log and pow vs V8's).
+        const { log_sigmas: logSigmas, sigma_to_t: pairs, convert } = v.interpolation;
+        const table = Float32Array.from(logSigmas);
+        for (const [sigma, t] of pairs) expect(Math.fround(sigmaToT(sigma, table)), `sigma ${sigma}`).toBe(Math.fround(t));
+        if (convert) {
+          const make = convert.kind === 'karras' ? karrasSigmas : exponentialSigmas;
+          expect(f32(make(convert.sigma_min, convert.sigma_max, convert.n))).toEqual(f32(convert.sigmas));
+        }
+      }
+      // The generator's sigma table comes from its torch (>= 2.1: `** 0.5` is not sqrt) and numpy (SIMD float32
+      // log): up to one float32 ulp from the torch 1.13 tables the runtime follows (bit-exact to
+      // ../shared/reference/schedulers). So whole schedules are held to one ulp here; the arithmetic that turns
+      // them into timesteps is checked bit for bit just above.
+      expect(s.timesteps.length).toBe(v.timesteps.length);
+      s.timesteps.forEach((t, i) => {
+        const want = v.timesteps[i]!;
+        if (Number.isInteger(want)) expect(t, `timestep ${i}`).toBe(want);
+        else expect(Math.abs(t - want) / want, `timestep ${i}: ${t} vs ${want}`).toBeLessThanOrEqual(TABLE_TOL);
+      });
+      if (v.sigmas) s.sigmas!.forEach((x, i) => expect(ulps(x, v.sigmas![i]!), `sigma ${i}: ${x} vs ${v.sigmas![i]}`).toBeLessThanOrEqual(1));
+      expect(ulps(s.initNoiseSigma, v.init_noise_sigma)).toBeLessThanOrEqual(1);
+
+      let sample: Float32Array<ArrayBufferLike> = Float32Array.from(v.initial_latents);
+      let worst = 0;
+      v.steps.forEach((st, i) => {
+        worst = Math.max(worst, maxRelError(s.scaleModelInput(sample, st.t), st.scaled_input));
+        let draws = 0;
+        const r = s.step(Float32Array.from(st.model_output), st.t, sample, () => {
+          draws++;
+          if (!st.noise) throw new Error(`step ${i} drew noise but diffusers drew none`);
+          return Float32Array.from(st.noise);
+        });
+        expect(draws, `noise draws at step ${i}`).toBe(st.noise ? 1 : 0);
+        worst = Math.max(worst, maxRelError(r.prevSample, st.prev_sample));
+        if (st.denoised) worst = Math.max(worst, maxRelError(r.denoised!, st.denoised));
+        sample = r.prevSample;
+      });
+      expect(worst).toBeLessThanOrEqual(REL_TOL);
+    });
+  }
+});
