@@ -2,7 +2,8 @@
 # Packs what scripts/gpu-device-run.sh needs on a CUDA 13 machine that has NVIDIA's Python wheels but no Node and
 # no registry (../shared/reference/GPU.md): this Node binary, the production node_modules with onnxruntime-node
 # 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
-# current dist/, and the e2e reference model and cases when ../shared is beside the repository.
+# current dist/, and the e2e reference model and cases (from ../shared when it is beside the repository, else the
+# repository's own copy).
 #
 #   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench]
 #
@@ -65,6 +66,8 @@ mv "$NM" "$W/stage/node_modules"
 cp -r dist "$W/stage/dist"
 cp "$(node -p process.execPath)" "$W/stage/gpu/node"
 REF=../shared/reference/e2e
+# Without ../shared: the copy kept in the repository (test/fixtures/reference), unpacked by dist/scripts/reference.js.
+[ -d "$REF/model" ] || REF=$(node dist/scripts/reference.js e2e)
 if [ -d "$REF/model" ]; then
   cp -r "$REF/model" "$W/stage/gpu/e2e-model"
   for c in "$REF"/cases/*/; do mkdir -p "$W/stage/gpu/cases/$(basename "$c")"; cp "$c/case.json" "$c/image.png" "$W/stage/gpu/cases/$(basename "$c")/"; done
