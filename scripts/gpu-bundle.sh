@@ -42,7 +42,7 @@ cp package.json package-lock.json .npmrc "$W/prod/"
 (cd "$W/prod" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
 NM="$W/prod/node_modules"
 rm -rf "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$NM/protobufjs/cli"
-find "$NM/uWebSockets.js" -name '*.node' ! -path "*/binaries/uws_linux_x64_$ABI.node" -delete
+[ ! -d "$NM/uWebSockets.js" ] || find "$NM/uWebSockets.js" -name '*.node' ! -path "*/binaries/uws_linux_x64_$ABI.node" -delete
 mkdir -p "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$W/gpupkg"
 tar xzf "$W/onnxruntime-node-$ORT.tgz" -C "$NM/onnxruntime-node" --strip-components=1
 tar xzf "$W/onnxruntime-common-$ORT.tgz" -C "$NM/onnxruntime-common" --strip-components=1
