@@ -139,18 +139,20 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   routes.add('GET', '/', alive('{"status":"alive"}'));
   routes.add('GET', '/v2/health/live', alive('{"live":true}'));
   let fallback: RouteHandler = (_req, res) => {
-    res.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1' }).end(STARTING);
+    res.writeHead(503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(STARTING), 'retry-after': '1' }).end(STARTING);
   };
 
   const server = http.createServer(
-    { maxHeaderSize: MAX_HEADER_BYTES, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
+    { maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
-      if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) {
-        const body = JSON.stringify({ error: `too many header fields (at most ${MAX_HEADER_FIELDS})` });
-        res.writeHead(431, { 'content-type': 'application/json', connection: 'close' }).end(body);
-        return;
-      }
+      const refuse = (status: number, error: string) => {
+        const body = JSON.stringify({ error });
+        res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
+      };
+      if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse(431, `too many header fields (at most ${MAX_HEADER_FIELDS})`);
+      // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
+      if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse(400, 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
       const hit = routes.match(req.method ?? 'GET', pathOf(req.url));
       if (hit) hit.h(req, res, hit.params);
       else fallback(req, res, []);
