@@ -178,7 +178,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException) => reject(new ListenError(host, port, err));
     server.once('error', onError);
-    // Exclusive: no SO_REUSEPORT, so a second server on the same port fails here instead of sharing the traffic.
+    // Node sets no SO_REUSEPORT (uWS did), and `exclusive` keeps cluster workers from sharing the handle: a second server
+    // on the same port fails here with EADDRINUSE instead of taking part of the traffic.
     server.listen({ host, port, exclusive: true }, () => {
       server.off('error', onError);
       let open = true;

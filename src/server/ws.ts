@@ -68,6 +68,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
         if (!c.started) fail(ws, c, new RuntimeError('INVALID_INPUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`), 4408);
       }, REQUEST_WAIT_MS),
       setInterval(() => {
+        if (ws.readyState !== ws.OPEN) return;
         if (!c.alive) return void ws.terminate();
         c.alive = false;
         ws.ping();
