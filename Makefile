@@ -30,6 +30,10 @@ WARMUP_TIMEOUT ?= 2h
 # Local run: empty = the embedded demo model (no setup); or a path / s3:// URI.
 LOCAL_STORAGE_URI ?=
 LOCAL_PORT ?= 8080
+# A local server serves the runtime's default name, "model", as `npm start` does; MODEL_NAME=... on the command line
+# (or in the environment) overrides it. templates/params.env's MODEL_NAME names the InferenceService instead.
+MODEL_GIVEN := $(filter command line environment environment override,$(origin MODEL_NAME))
+LOCAL_MODEL_NAME ?= $(if $(MODEL_GIVEN),$(MODEL_NAME),model)
 
 ISVC_TEMPLATE_serverless := inference-service.yaml
 ISVC_TEMPLATE_raw := inference-service-raw.yaml
@@ -99,17 +103,18 @@ warmup: render ## Fill the PVC cache from S3 with the warm-up Job and wait for i
 	fi
 
 test-v1: ## POST scripts/v1_input.json to URL (default: the isvc URL) and check the PNG
-	@url='$(URL)'; \
+	@url='$(URL)'; model='$(if $(MODEL_GIVEN),$(MODEL_NAME),)'; \
 	if [ -z "$$url" ]; then \
 	  url=$$($(KUBECTL) get isvc $(MODEL_NAME) -n $(NAMESPACE) -o jsonpath='{.status.url}' 2>/dev/null || true); \
+	  model='$(MODEL_NAME)'; \
 	  if [ -z "$$url" ]; then echo "no URL: pass URL=http://host:port (e.g. a local server: make test-v1 URL=http://localhost:$(LOCAL_PORT)) or deploy InferenceService $(MODEL_NAME) in $(NAMESPACE)" >&2; exit 2; fi; \
 	fi; \
-	scripts/test-v1.sh "$$url" "$(MODEL_NAME)"
+	scripts/test-v1.sh "$$url" $$model
 
-run-local: ## Run the server here (npm ci/build if needed); demo model unless LOCAL_STORAGE_URI
+run-local: ## Run the server here (npm ci/build if needed); demo model unless LOCAL_STORAGE_URI; serves "model"
 	@[ -d node_modules ] || npm ci
 	@[ -f dist/src/main.js ] || npm run build
-	PORT=$(LOCAL_PORT) MODEL_NAME=$(MODEL_NAME) $(if $(LOCAL_STORAGE_URI),STORAGE_URI='$(LOCAL_STORAGE_URI)') npm start
+	PORT=$(LOCAL_PORT) MODEL_NAME=$(LOCAL_MODEL_NAME) $(if $(LOCAL_STORAGE_URI),STORAGE_URI='$(LOCAL_STORAGE_URI)') npm start
 
 test: ## Run the test suite (npm test)
 	npm test

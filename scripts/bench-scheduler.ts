@@ -4,7 +4,7 @@
  *
  *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js
  *
- * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer).
+ * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer, else the copy in test/fixtures/reference).
  */
 
 import { existsSync } from 'node:fs';
@@ -12,6 +12,7 @@ import path from 'node:path';
 import { TorchGenerator } from '../src/pipeline/random.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+import { sharedOrFixture } from './reference.js';
 
 const SD15_CONFIG = {
   _class_name: 'PNDMScheduler',
@@ -87,7 +88,7 @@ async function main(): Promise<void> {
     console.log(`${s.label.padEnd(22)}${timeMs(() => g.randn(s.n)).toFixed(3).padStart(10)}`);
   }
 
-  const dir = process.env.CLIP_TOKENIZER_DIR ?? path.resolve(process.cwd(), '../shared/reference/clip-tokenizer');
+  const dir = process.env.CLIP_TOKENIZER_DIR ?? sharedOrFixture('clip-tokenizer');
   if (!existsSync(path.join(dir, 'vocab.json'))) {
     console.log(`\ntokenizer: skipped (no vocab.json in ${dir}; set CLIP_TOKENIZER_DIR)`);
     return;

@@ -12,6 +12,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { lastJson } from './bench-common.js';
+import { sharedOrFixture } from './reference.js';
 import { buildDemoModel } from '../src/demo/index.js';
 
 const ROOT = process.cwd();
@@ -44,7 +45,7 @@ async function main(): Promise<void> {
     const models: Array<[string, string]> = [];
     const padded = await buildDemoModel(path.join(tmp, 'padded'), { padBytes: 300e6 });
     models.push([`demo padded ${(padded.totalBytes / 1e6).toFixed(0)} MB`, padded.dir]);
-    const e2e = path.resolve(ROOT, '../shared/reference/e2e/model');
+    const e2e = path.join(sharedOrFixture('e2e'), 'model');
     if (existsSync(path.join(e2e, 'model_index.json'))) models.push(['tiny real SD 1.x export', e2e]);
     else say(`${e2e} not found: the real-topology model is skipped`);
 

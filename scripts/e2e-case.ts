@@ -1,5 +1,5 @@
 /**
- * @module One diffusers reference case (../shared/reference/e2e/cases/<id>): what test/e2e.test.ts and
+ * @module One diffusers reference case (e2e/cases/<id> of the reference data: test/fixtures/reference or ../shared/reference): what test/e2e.test.ts and
  * scripts/parity-check.ts both read, ask the server for, and compare pixel by pixel.
  */
 import { readFileSync, writeFileSync } from 'node:fs';

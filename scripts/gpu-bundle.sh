@@ -2,7 +2,8 @@
 # Packs what scripts/gpu-device-run.sh needs on a CUDA 13 machine that has NVIDIA's Python wheels but no Node and
 # no registry (../shared/reference/GPU.md): this Node binary, the production node_modules with onnxruntime-node
 # 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
-# current dist/, and the e2e reference model and cases when ../shared is beside the repository.
+# current dist/, and the e2e reference model and cases (from ../shared when it is beside the repository, else the
+# repository's own copy).
 #
 #   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench] [--with-sd15]
 #
@@ -46,7 +47,7 @@ cp package.json package-lock.json .npmrc "$W/prod/"
 (cd "$W/prod" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
 NM="$W/prod/node_modules"
 rm -rf "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$NM/protobufjs/cli"
-find "$NM/uWebSockets.js" -name '*.node' ! -path "*/binaries/uws_linux_x64_$ABI.node" -delete
+[ ! -d "$NM/uWebSockets.js" ] || find "$NM/uWebSockets.js" -name '*.node' ! -path "*/binaries/uws_linux_x64_$ABI.node" -delete
 mkdir -p "$NM/onnxruntime-node" "$NM/onnxruntime-common" "$W/gpupkg"
 tar xzf "$W/onnxruntime-node-$ORT.tgz" -C "$NM/onnxruntime-node" --strip-components=1
 tar xzf "$W/onnxruntime-common-$ORT.tgz" -C "$NM/onnxruntime-common" --strip-components=1
@@ -70,6 +71,8 @@ mv "$NM" "$W/stage/node_modules"
 cp -r dist "$W/stage/dist"
 cp "$(node -p process.execPath)" "$W/stage/gpu/node"
 REF=../shared/reference/e2e
+# Without ../shared: the copy kept in the repository (test/fixtures/reference), unpacked by dist/scripts/reference.js.
+[ -d "$REF/model" ] || REF=$(node dist/scripts/reference.js e2e)
 if [ -d "$REF/model" ]; then
   cp -r "$REF/model" "$W/stage/gpu/e2e-model"
   for c in "$REF"/cases/*/; do mkdir -p "$W/stage/gpu/cases/$(basename "$c")"; cp "$c/case.json" "$c/image.png" "$W/stage/gpu/cases/$(basename "$c")/"; done

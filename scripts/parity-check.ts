@@ -1,5 +1,5 @@
 /**
- * @module Parity against the images diffusers made (../shared/reference/e2e), on whatever execution provider the
+ * @module Parity against the images diffusers made (the reference e2e cases), on whatever execution provider the
  * environment selects: `node dist/scripts/parity-check.js MODEL_DIR CASES_DIR`. For each case it boots the runtime
  * on a copy of the model with the case's scheduler config, asks for the case's image over HTTP and counts pixel
  * values that differ. The test suite (test/e2e.test.ts) does the same on CPU and fails on any difference above 1;

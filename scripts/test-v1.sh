@@ -4,7 +4,8 @@
 #   scripts/test-v1.sh URL [MODEL]
 #     URL    the model endpoint root: the InferenceService URL (`oc get isvc NAME -o
 #            jsonpath='{.status.url}'`), a Route, or a local server (http://localhost:8080)
-#     MODEL  the model name in the route (the InferenceService's name); default $MODEL_NAME or "model"
+#     MODEL  the model name in the route (the InferenceService's name); default $MODEL_NAME, else the one
+#            model URL/v1/models lists (a local `npm start` or `make run-local` serves "model")
 #
 # POSTs scripts/v1_input.json (the seed runtime's example request) to URL/v1/models/MODEL:predict,
 # checks HTTP 200, decodes predictions[0].image.b64, verifies the PNG signature and prints
@@ -18,12 +19,12 @@ set -euo pipefail
 die() { echo "test-v1: FAIL: $*" >&2; exit 1; }
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
 
 url=${1%/}
-model=${2:-${MODEL_NAME:-model}}
+model=${2:-${MODEL_NAME:-}}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 input=${INPUT:-$here/v1_input.json}
 timeout=${TIMEOUT:-900}
@@ -42,6 +43,25 @@ curl_opts=(--silent --show-error --max-time "$timeout" -o "$resp" -w '%{http_cod
 [[ -n ${TOKEN:-} ]] && curl_opts+=(-H "Authorization: Bearer $TOKEN")
 [[ ${INSECURE:-0} == 1 ]] && curl_opts+=(-k)
 
+# The names the server serves ({"models":["a","b"]}), space-separated; empty when it does not answer.
+served_names() {
+  local auth=()
+  [[ -n ${TOKEN:-} ]] && auth=(-H "Authorization: Bearer $TOKEN")
+  [[ ${INSECURE:-0} == 1 ]] && auth+=(-k)
+  curl --silent --max-time 15 "${auth[@]}" "$url/v1/models" 2>/dev/null |
+    tr -d '\n' | sed -n 's/.*"models"[[:space:]]*:[[:space:]]*\[\([^]]*\)\].*/\1/p' | tr -d '" ' | tr ',' ' ' || true
+}
+
+if [[ -z $model ]]; then
+  names=$(served_names)
+  if [[ -n $names && $names != *" "* ]]; then
+    model=$names
+    echo "model: $model (the one model $url serves)"
+  else
+    model=model
+  fi
+fi
+
 endpoint="$url/v1/models/$model:predict"
 echo "POST $endpoint ($(basename "$input"))"
 if ! result=$(curl "${curl_opts[@]}" "$endpoint"); then
@@ -53,7 +73,9 @@ if [[ $code != 200 ]]; then
   body=$(head -c 600 "$resp" 2>/dev/null || true)
   hint=""
   case $code in
-    404) hint=" (unknown model name '$model'? list them: curl $url/v1/models)" ;;
+    404)
+      names=$(served_names)
+      hint=" (unknown model name '$model'; ${names:+this server serves: $names; }list them: curl $url/v1/models)" ;;
     503) hint=" (not ready yet, or queue full: curl $url/v1/models/$model shows the boot state and progress)" ;;
     413) hint=" (request body too large: MAX_BODY_BYTES)" ;;
     000) hint=" (no HTTP response)" ;;

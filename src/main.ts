@@ -1,6 +1,6 @@
 /**
  * @module Entry: parse config, start the pipeline workers, listen, start boot. Only the config parser, the worker
- * spawner and uWebSockets.js load before the socket is open; logging, metrics and the runtime are imported after.
+ * spawner and Node's http server load before the socket is open; logging, metrics and the runtime are imported after.
  */
 import { ConfigError, loadConfig, type Config } from './config.js';
 import type { Logger } from './log.js';
@@ -42,13 +42,18 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
+  // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
+  // unless the operator set ORT_DISABLE_TELEMETRY. Set before the workers load onnxruntime-node.
+  process.env.ORT_DISABLE_TELEMETRY ??= '1';
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
-  // overlaps uWebSockets.js loading and the listen here, then the imports below.
+  // overlaps the listen here, then the imports below.
   const workers = spawnWorkers(cfg);
   let base: BaseServer;
   try {
     base = await (await import('./server/base.js')).listenBase(cfg.host, cfg.port);
   } catch (err) {
+    // One line, then a non-zero exit: a second server on a taken port never starts and shares its traffic.
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
     process.exit(1);
   }

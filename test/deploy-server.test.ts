@@ -4,12 +4,13 @@
  * and every readiness path 200 once the warm-up is done. Also: the probe port is the server's default
  * port, and the server exits 0 on SIGTERM (the image has no tini: node is PID 1).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
+import { startServer, type ServerHandle } from './helpers/server.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
@@ -143,4 +144,42 @@ describe('template probes against the real server', () => {
     const code = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('timeout'), 15_000))]);
     expect(code, `stderr: ${stderr.slice(-1000)}`).toBe(0);
   }, 20_000);
+});
+
+describe('one model name for a local user (npm start, make run-local, make test-v1)', () => {
+  const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
+  let srv: ServerHandle;
+  let input = '';
+  beforeAll(async () => {
+    srv = await startServer({ STORAGE_URI: undefined, MODEL_NAME: undefined, WARMUP_STEPS: '1' }, { ready: true });
+    input = path.join(mkdtempSync(path.join(os.tmpdir(), 'deploy-v1-')), 'small.json');
+    writeFileSync(input, JSON.stringify({ instances: [{ prompt: 'a photo of a dog', num_inference_steps: 2, height: 64, width: 64 }] }));
+  });
+  afterAll(async () => {
+    await srv?.stop();
+    rmSync(path.dirname(input), { recursive: true, force: true });
+  });
+  const env = () => {
+    const e: NodeJS.ProcessEnv = { ...process.env, INPUT: input };
+    delete e.MODEL_NAME;
+    return e;
+  };
+
+  it.skipIf(!has('make'))('make run-local serves "model" like npm start; MODEL_NAME= on the command line still wins', () => {
+    expect(spawnSync('make', ['-n', 'run-local'], { cwd: ROOT, encoding: 'utf8', env: env() }).stdout).toMatch(/PORT=8080 MODEL_NAME=model +npm start/);
+    expect(spawnSync('make', ['-n', 'run-local', 'MODEL_NAME=sdxl'], { cwd: ROOT, encoding: 'utf8', env: env() }).stdout).toMatch(/MODEL_NAME=sdxl +npm start/);
+  });
+
+  it.skipIf(!has('make') || !has('curl'))("make test-v1 URL=<a local server> (Make's own hint) passes against npm start's server", () => {
+    const r = spawnSync('make', ['-s', 'test-v1', `URL=${srv.url}`], { cwd: ROOT, encoding: 'utf8', env: env() });
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).toContain(`model: model (the one model ${srv.url} serves)`);
+    expect(r.stdout).toMatch(/OK: PNG 64x64/);
+  });
+
+  it.skipIf(!has('curl'))('test-v1.sh names the models the server serves when it gets a 404', () => {
+    const r = spawnSync('bash', [path.join(ROOT, 'scripts/test-v1.sh'), srv.url, 'stable-diffusion'], { encoding: 'utf8', env: env() });
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/FAIL: HTTP 404 .*unknown model name 'stable-diffusion'; this server serves: model; list them: curl /);
+  });
 });

@@ -234,6 +234,12 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     }
   });
 
+  it('every probe the kubelet runs (periodSeconds set) has an explicit timeoutSeconds of at least 5 s', () => {
+    const timed = allProbes().filter(({ probe }) => probe.periodSeconds !== undefined);
+    expect(timed.map(({ file, kind }) => `${file} ${kind}`)).toEqual(expect.arrayContaining(['inference-service-raw.yaml readinessProbe', 'serving-runtime.yaml livenessProbe']));
+    for (const { file, kind, probe } of timed) expect(probe.timeoutSeconds, `${file} ${kind}`).toBeGreaterThanOrEqual(5);
+  });
+
   it('every probe in every template is an HTTP probe on a route the server serves, liveness never on /v1/models/{name}', () => {
     const probes = allProbes();
     expect(probes.length).toBeGreaterThanOrEqual(2);

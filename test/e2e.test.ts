@@ -8,9 +8,9 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, describe, expect, it } from 'vitest';
 import { caseRequest, pixelDiff, readCase, writeCaseScheduler } from '../scripts/e2e-case.js';
-import { SHARED, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { REFERENCE, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
-const E2E = path.resolve(process.env.E2E_REFERENCE_DIR ?? path.join(SHARED, 'reference', 'e2e'));
+const E2E = path.resolve(process.env.E2E_REFERENCE_DIR ?? path.join(REFERENCE(), 'e2e'));
 const casesDir = path.join(E2E, 'cases');
 const cases = existsSync(casesDir) ? readdirSync(casesDir).filter((d) => existsSync(path.join(casesDir, d, 'case.json'))).sort() : [];
 

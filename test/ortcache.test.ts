@@ -11,7 +11,7 @@ import { sessionOptions } from '../src/pipeline/onnx.js';
 import { createWithOptimizedCache, optimizedPaths, removeWriterTemps, worthKeeping, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
 import { MANIFEST } from '../src/storage/cache.js';
 import { fixtureModel } from './fixtures/index.js';
-import { SHARED, tempDir } from './helpers/server.js';
+import { REFERENCE, tempDir } from './helpers/server.js';
 
 const OPTS = sessionOptions('cpu', { intraOpThreads: 1 });
 const VERSION = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
@@ -202,8 +202,8 @@ describe('optimized-model cache', () => {
   });
 
   it('auto keeps the copy of a real UNet, whose optimisation takes time', async () => {
-    // The tiny real SD 1.x export (../shared/reference/e2e): its UNet builds in ~145 ms from the source, ~85 ms from a copy.
-    const model = await entry('real-unet', path.join(SHARED, 'reference', 'e2e', 'model'));
+    // The tiny real SD 1.x export (reference e2e model): its UNet builds in ~145 ms from the source, ~85 ms from a copy.
+    const model = await entry('real-unet', path.join(REFERENCE(), 'e2e', 'model'));
     const logs: Array<[string, Record<string, unknown>]> = [];
     expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), 'auto')).toBe('written');
     const obj = logs.find(([m]) => m === 'optimized model cached for the next start')![1];

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { randomSeed, TorchGenerator } from '../src/pipeline/random.js';
+import { referenceDir } from '../scripts/reference.js';
 
 interface RandnCase {
   seed: number;
@@ -16,7 +17,7 @@ interface RandnCase {
   tail?: number[];
 }
 
-const casesFile = process.env.TORCH_RANDN_CASES ?? path.resolve(process.cwd(), '../shared/reference/torch-randn/cases.json');
+const casesFile = process.env.TORCH_RANDN_CASES ?? path.join(referenceDir(), 'torch-randn', 'cases.json');
 const ref = JSON.parse(readFileSync(casesFile, 'utf8')) as { torch_version: string; cases: RandnCase[] };
 
 const sha256 = (a: Float32Array) => createHash('sha256').update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength)).digest('hex');
@@ -58,7 +59,7 @@ function readNpyF32(file: string): Float32Array {
 }
 
 describe('one generator for latents and scheduler noise (e2e reference cases)', () => {
-  const e2e = process.env.E2E_CASES_DIR ?? path.resolve(process.cwd(), '../shared/reference/e2e/cases');
+  const e2e = process.env.E2E_CASES_DIR ?? path.join(referenceDir(), 'e2e', 'cases');
   for (const id of ['a_pndm__torch', 'b_euler_a__torch']) {
     it(id, () => {
       const c = JSON.parse(readFileSync(path.join(e2e, id, 'case.json'), 'utf8')) as {

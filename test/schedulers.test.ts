@@ -3,6 +3,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+import { referenceDir } from '../scripts/reference.js';
 
 /**
  * Replays diffusers' own trajectories. Criterion, per element of every array of every step:
@@ -33,8 +34,7 @@ interface Vector {
   }[];
 }
 
-const refRoot = path.resolve(process.cwd(), '../shared/reference');
-const vectorsDir = process.env.SCHEDULER_VECTORS_DIR ?? path.join(refRoot, 'schedulers');
+const vectorsDir = process.env.SCHEDULER_VECTORS_DIR ?? path.join(referenceDir(), 'schedulers');
 const files = readdirSync(vectorsDir).filter((x) => x.endsWith('.json')).sort();
 
 function maxRelError(got: Float32Array, ref: readonly number[]): number {
@@ -86,7 +86,7 @@ describe(`diffusers scheduler parity (${files.length} files in ${path.basename(v
 });
 
 describe('createScheduler', () => {
-  const modelConfig = JSON.parse(readFileSync(path.join(refRoot, 'e2e/model/scheduler/scheduler_config.json'), 'utf8')) as Record<
+  const modelConfig = JSON.parse(readFileSync(path.join(referenceDir(), 'e2e/model/scheduler/scheduler_config.json'), 'utf8')) as Record<
     string,
     unknown
   >;
@@ -99,7 +99,7 @@ describe('createScheduler', () => {
   });
 
   it('an override is from_config of the model config (e2e euler_a case: timesteps and sigmas)', () => {
-    const c = JSON.parse(readFileSync(path.join(refRoot, 'e2e/cases/b_euler_a__torch/case.json'), 'utf8')) as {
+    const c = JSON.parse(readFileSync(path.join(referenceDir(), 'e2e/cases/b_euler_a__torch/case.json'), 'utf8')) as {
       steps: number;
       timesteps: number[];
       sigmas: number[];
@@ -115,7 +115,7 @@ describe('createScheduler', () => {
   });
 
   it('dpmpp_2m_karras sets use_karras_sigmas on the model config (matches the DPM++ 2M Karras vectors)', () => {
-    const ref = JSON.parse(readFileSync(path.join(refRoot, 'schedulers/dpmpp2m-karras-sd15-12.json'), 'utf8')) as Vector;
+    const ref = JSON.parse(readFileSync(path.join(referenceDir(), 'schedulers/dpmpp2m-karras-sd15-12.json'), 'utf8')) as Vector;
     const s = createScheduler(modelConfig, 12, { name: 'dpmpp_2m_karras' });
     expect(s.name).toBe('DPMSolverMultistepScheduler');
     expect(s.timesteps).toEqual(ref.timesteps);

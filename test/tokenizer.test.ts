@@ -4,8 +4,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+import { referenceDir } from '../scripts/reference.js';
 
-const casesFile = process.env.CLIP_CASES ?? path.resolve(process.cwd(), '../shared/reference/clip-tokenizer/cases.json');
+const casesFile = process.env.CLIP_CASES ?? path.join(referenceDir(), 'clip-tokenizer', 'cases.json');
 // vocab.json and merges.txt sit beside the cases unless CLIP_TOKENIZER_DIR says otherwise.
 const tokDir = process.env.CLIP_TOKENIZER_DIR ?? path.dirname(casesFile);
 type Cases = { bos: number; eos: number; cases: { text: string; ids: number[] }[] };

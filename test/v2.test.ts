@@ -161,7 +161,7 @@ describe('V2 infer', () => {
     ['prompt not BYTES', { inputs: [{ name: 'prompt', shape: [1], datatype: 'INT32', data: [1] }] }, /prompt" must have datatype BYTES/],
     ['prompt element not a string', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [1] }] }, /data\[0\] must be a string/],
     ['shape mismatch', { inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['x'] }] }, /holds 2 elements but data has 1/],
-    ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /input "colour" is unknown/],
+    ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /input colour is not a known field/],
     ['unknown datatype', { inputs: [{ name: 'prompt', shape: [1], datatype: 'STRING', data: ['x'] }] }, /datatype must be one of/],
     ['FP16 in JSON', { inputs: [prompt('x'), { name: 'guidance_scale', shape: [1], datatype: 'FP16', data: [7.5] }] }, /^Receiving FP16 data via JSON is not supported\. Please use the binary data format for input guidance_scale$/],
     ['nested parameters', { inputs: [prompt('x')], parameters: { seed: { value: 1 } } }, /parameters\.seed must be a string, number or boolean/],

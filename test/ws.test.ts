@@ -1,7 +1,9 @@
 /** The WebSocket stream route over a real socket: progress, previews, result, errors, cancellation, slow readers. */
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
 import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
@@ -197,6 +199,86 @@ describe('WebSocket stream', () => {
     console.log(`slow reader: ${steps.length}/${of} progress and ${previews}/${of} previews delivered, ${dropped} dropped`);
     // Every step's two messages were either delivered or counted as dropped.
     expect(steps.length + previews + dropped).toBe(2 * of);
+  });
+});
+
+/**
+ * Node's built-in WebSocket client (undici's, as in browsers) in a child process: it answers the server's close frame and
+ * then waits for the server to end the TCP connection, as Python's websockets does. Prints one JSON line.
+ */
+function builtinClient(url: string, request: unknown): Promise<{ code: number; reason: string; resultToCloseMs: number; types: string[] }> {
+  const script = `
+    const t = () => performance.now();
+    const ws = new WebSocket(${JSON.stringify(url)});
+    const types = []; let result;
+    ws.onopen = () => ws.send(${JSON.stringify(JSON.stringify(request))});
+    ws.onmessage = (m) => { const j = JSON.parse(m.data); types.push(j.type); if (j.type === 'result') result = t(); };
+    ws.onclose = (e) => { console.log(JSON.stringify({ code: e.code, reason: e.reason, resultToCloseMs: t() - result, types })); process.exit(0); };
+    setTimeout(() => { console.log(JSON.stringify({ code: -1, reason: 'no close within 60 s', resultToCloseMs: t() - result, types })); process.exit(0); }, 60000);
+  `;
+  // Node 22 has the client built in; Node 20 behind a flag.
+  const flags = typeof (globalThis as { WebSocket?: unknown }).WebSocket === 'function' ? [] : ['--experimental-websocket'];
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [...flags, '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout!.on('data', (c: Buffer) => (out += c));
+    child.stderr!.on('data', (c: Buffer) => (err += c));
+    child.once('exit', () => {
+      try {
+        resolve(JSON.parse(out.trim().split('\n').pop()!));
+      } catch {
+        reject(new Error(`client printed ${JSON.stringify(out)}; stderr ${err.slice(-500)}`));
+      }
+    });
+  });
+}
+
+describe('WebSocket close handshake and protocol errors with real clients', () => {
+  const request = { prompt: 'close me', num_inference_steps: 2, height: 64, width: 64, seed: 11 };
+
+  it("Node's built-in client (undici) sees the close promptly after the result: the server ends TCP once answered", async () => {
+    const r = await builtinClient(`ws://127.0.0.1:${srv.port}/v1/models/model/stream`, request);
+    expect([r.types[0], r.types.at(-1)]).toEqual(['accepted', 'result']);
+    expect([r.code, r.reason]).toEqual([1000, 'done']);
+    // A hang check, not a speed target: this client waited 10-15 s for the server's FIN before the fix.
+    expect(r.resultToCloseMs).toBeLessThan(5_000);
+  });
+
+  it('the ws package client gets the result and close 1000', async () => {
+    const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/model/stream`);
+    const types: string[] = [];
+    ws.on('open', () => ws.send(JSON.stringify(request)));
+    ws.on('message', (d) => types.push((JSON.parse(String(d)) as { type: string }).type));
+    const [code, reason] = await new Promise<[number, string]>((r) => ws.on('close', (c, why) => r([c, String(why)])));
+    expect([code, reason, types.at(-1)]).toEqual([1000, 'done', 'result']);
+  });
+
+  it('closes with 1009 a message over MAX_BODY_BYTES', async () => {
+    const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/model/stream`);
+    ws.on('open', () => ws.send(JSON.stringify({ prompt: 'x'.repeat(2 * 1024 * 1024) })));
+    ws.on('error', () => {});
+    const code = await new Promise<number>((r) => ws.on('close', (c) => r(c)));
+    expect(code).toBe(1009);
+  });
+
+  const frames: Array<[string, (payload: Buffer) => Buffer]> = [
+    ['an unmasked client frame', (p) => Buffer.concat([Buffer.from([0x81, p.length]), p])],
+    ['reserved bits set', (p) => {
+      const mask = randomBytes(4);
+      return Buffer.concat([Buffer.from([0x81 | 0x40, 0x80 | p.length]), mask, Buffer.from(p.map((b, i) => b ^ mask[i % 4]!))]);
+    }],
+    ['an unknown opcode', (p) => {
+      const mask = randomBytes(4);
+      return Buffer.concat([Buffer.from([0x83, 0x80 | p.length]), mask, Buffer.from(p.map((b, i) => b ^ mask[i % 4]!))]);
+    }],
+  ];
+  it.each(frames)('closes with 1002 on %s, and the socket ends', async (_name, frame) => {
+    const ws = await stream();
+    const ended = new Promise<void>((r) => ws.sock.once('close', () => r()));
+    ws.sock.write(frame(Buffer.from(JSON.stringify({ prompt: 'x' }))));
+    expect((await ws.closed).code).toBe(1002);
+    await ended;
   });
 });
 

@@ -57,6 +57,91 @@ const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
 type Obj = Record<string, unknown>;
 const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
 
+/** Every field of an instance (V1), a WebSocket message, or a V2 input / parameter (V2 has no preview_every). */
+export const INSTANCE_FIELDS = [
+  'prompt', 'negative_prompt', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'seed', 'scheduler',
+  'num_images_per_prompt', 'eta', 'guidance_rescale', 'output_format', 'quality', 'output_uri', 'preview_every',
+] as const;
+
+/**
+ * What AUTOMATIC1111's web UI API (and clients written for it) call these fields. They are not accepted as aliases:
+ * their values differ too (sampler names such as "DPM++ 2M Karras" vs our scheduler names), so a request that uses
+ * them gets a 400 naming our field instead of silently running with defaults.
+ */
+export const A1111_NAMES: Readonly<Record<string, string>> = {
+  cfg_scale: 'guidance_scale',
+  steps: 'num_inference_steps',
+  sampler_name: 'scheduler',
+  sampler_index: 'scheduler',
+  scheduler_name: 'scheduler',
+  batch_size: 'num_images_per_prompt',
+  n_iter: 'num_images_per_prompt',
+  negative: 'negative_prompt',
+  guidance: 'guidance_scale',
+  num_steps: 'num_inference_steps',
+  sampler: 'scheduler',
+  format: 'output_format',
+};
+
+function editDistance(a: string, b: string): number {
+  const prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let diag = prev[0]!;
+    prev[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const up = prev[j]!;
+      prev[j] = Math.min(up + 1, prev[j - 1]! + 1, diag + (a[i - 1] === b[j - 1] ? 0 : 1));
+      diag = up;
+    }
+  }
+  return prev[b.length]!;
+}
+
+/** The known field a user most likely meant by `name`: AUTOMATIC1111's names first, then the closest spelling. */
+export function nearestField(name: string, known: readonly string[]): string | undefined {
+  const k = name.toLowerCase().replace(/[\s-]+/g, '_');
+  const alias = A1111_NAMES[k];
+  if (alias !== undefined && known.includes(alias)) return alias;
+  if (known.includes(k)) return k;
+  let best: string | undefined;
+  let bestD = Infinity;
+  for (const f of known) {
+    const d = editDistance(k, f);
+    if (d < bestD) [best, bestD] = [f, d];
+  }
+  // A suggestion only when it is plausibly a typo: a third of the name's length at most.
+  return best !== undefined && bestD <= Math.max(2, Math.floor(k.length / 3)) ? best : undefined;
+}
+
+/** `<where>.<key> is not a known field; did you mean …?` (the same wording in V1, V2 and the WebSocket). */
+export function unknownField(where: string, key: string, known: readonly string[]): string {
+  const near = nearestField(key, known);
+  const shown = /^[A-Za-z_][A-Za-z0-9_]{0,39}$/.test(key) ? key : JSON.stringify(key.length > 40 ? `${key.slice(0, 40)}…` : key);
+  const from = Object.hasOwn(A1111_NAMES, key.toLowerCase()) ? " (AUTOMATIC1111's name)" : '';
+  return near !== undefined ? `${where}${shown} is not a known field${from}; did you mean "${near}"?` : `${where}${shown} is not a known field; known fields: ${known.join(', ')}`;
+}
+
+/** At most this many problems are listed in one error; the rest are counted. */
+export const MAX_LISTED_PROBLEMS = 20;
+
+/** Joins problems for one error message: the first ones in full, then how many more there were. */
+export function joinProblems(bad: readonly string[]): string {
+  if (bad.length <= MAX_LISTED_PROBLEMS) return bad.join('; ');
+  return `${bad.slice(0, MAX_LISTED_PROBLEMS).join('; ')}; … and ${bad.length - MAX_LISTED_PROBLEMS} more problems`;
+}
+
+/**
+ * The size checks that come before any per-item work, so a huge list costs one comparison, not a problem per element:
+ * each instance asks for at least one image.
+ */
+export function checkInstanceCount(instances: unknown, max: number, where = 'instances'): asserts instances is unknown[] {
+  if (!Array.isArray(instances)) throw new RuntimeError('INVALID_INPUT', `"${where}" must be a list of objects`);
+  if (instances.length === 0) throw new RuntimeError('INVALID_INPUT', `"${where}" must not be empty`);
+  if (instances.length > max) {
+    throw new RuntimeError('INVALID_INPUT', `"${where}" has ${instances.length} entries; a request may ask for at most ${max} images (MAX_IMAGES_PER_REQUEST)`);
+  }
+}
+
 /** Rejects prototype-polluting keys anywhere in a parsed body. */
 export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
   if (depth > 32) throw new RuntimeError('INVALID_INPUT', `${where} is nested too deeply`);
@@ -82,8 +167,7 @@ export interface ParseContext {
  * request shape; instances with the same shape are grouped so they can share a batch.
  */
 export function parseInstances(instances: unknown, ctx: ParseContext, where = 'instances'): GenerationRequest[] {
-  if (!Array.isArray(instances)) throw new RuntimeError('INVALID_INPUT', `"${where}" must be a list of objects`);
-  if (instances.length === 0) throw new RuntimeError('INVALID_INPUT', `"${where}" must not be empty`);
+  checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
   const bad: string[] = [];
   const out: GenerationRequest[] = [];
   let images = 0;
@@ -97,7 +181,7 @@ export function parseInstances(instances: unknown, ctx: ParseContext, where = 'i
   if (bad.length === 0 && images > ctx.cfg.maxImagesPerRequest) {
     bad.push(`a request may ask for at most ${ctx.cfg.maxImagesPerRequest} images, got ${images}`);
   }
-  if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', bad.join('; '));
+  if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', joinProblems(bad));
   return out;
 }
 
@@ -107,6 +191,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     return undefined;
   }
   const { cfg, defaults } = ctx;
+  for (const k of Object.keys(inst)) if (!(INSTANCE_FIELDS as readonly string[]).includes(k)) bad.push(unknownField(`${w}.`, k, INSTANCE_FIELDS));
   const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
   const str = (k: string, required: boolean, maxLen = 10_000): string | undefined => {
     if (!has(k)) {

@@ -1,6 +1,5 @@
-/** @module The uWebSockets.js app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
-import type uWS from 'uWebSockets.js';
-import type { BaseServer } from './base.js';
+/** @module The HTTP app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
+import type { App, BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
@@ -54,7 +53,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
 }
 
 /** Protocol modules beyond V1 (V2, WebSocket) register here, so app.ts stays the one place routes are wired. */
-export type RouteRegistrar = (app: uWS.TemplatedApp, ctx: ServerContext, opts: RouteOptions) => void;
+export type RouteRegistrar = (app: App, ctx: ServerContext, opts: RouteOptions) => void;
 const extraRoutes: RouteRegistrar[] = [];
 export function addRoutes(r: RouteRegistrar): void {
   extraRoutes.push(r);

@@ -1,53 +1,220 @@
 /**
- * @module The first thing the process does: listen with liveness routes only. It imports nothing but
- * uWebSockets.js, so `/` and `/v2/health/live` answer within milliseconds of process start while the
- * runtime (logging, metrics, pipeline workers) is still being imported.
+ * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http,
+ * so `/` and `/v2/health/live` answer within milliseconds of process start while the runtime (logging, metrics,
+ * pipeline workers) is still being imported.
+ *
+ * Node's HTTP/1.1 server (llhttp) rather than uWebSockets.js: uWS 20.30 closes a keep-alive connection without an
+ * answer when a request is pipelined behind one still running ("denying async pipelining", HttpContext.h), holds a
+ * malformed request line or a NUL in a header until its 10 s idle timeout and drops oversize heads without a
+ * status. Here pipelined requests are answered in order and bad requests get 400/431/413 at once.
  */
-import uWS from 'uWebSockets.js';
+import http, { type IncomingMessage, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 
-export type RouteHandler = (res: uWS.HttpResponse, req: uWS.HttpRequest) => void;
+/** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
+export type RouteHandler = (req: IncomingMessage, res: ServerResponse, params: string[]) => void;
+/** An HTTP upgrade (WebSocket) handler for a matching path. */
+export type UpgradeHandler = (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => void;
+
+export interface App {
+  get(pattern: string, h: RouteHandler): void;
+  post(pattern: string, h: RouteHandler): void;
+  /** Upgrade requests (WebSocket) on `pattern`. */
+  upgrade(pattern: string, h: UpgradeHandler): void;
+}
 
 export interface BaseServer {
-  readonly app: uWS.TemplatedApp;
+  readonly app: App;
   readonly port: number;
-  /** Replaces the answer for every route not registered yet (before the runtime attaches: 503 starting). */
+  /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
-  /** Stops accepting connections; requests on open connections go on. Idempotent. */
+  /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
 }
 
+/** Heads are capped (kubelet and Knative send ~10 header fields, ~1 kB); above either limit: 431. */
+export const MAX_HEADER_BYTES = 16 * 1024;
+export const MAX_HEADER_FIELDS = 100;
+/** Time for a client to send a whole request head (slow-loris guard), and a whole request. */
+const HEADERS_TIMEOUT_MS = 15_000;
+const REQUEST_TIMEOUT_MS = 120_000;
+/**
+ * Idle keep-alive connections stay open this long. Longer than the usual proxy idle timeouts (60 s), so a proxy
+ * never sends a request on a connection this server is closing at that moment.
+ */
+const KEEP_ALIVE_MS = 75_000;
+
 const STARTING = '{"error":"Server is not ready.","ready":false,"state":"starting"}';
 
-export function listenBase(host: string, port: number): Promise<BaseServer> {
-  const app = uWS.App();
-  const alive = (body: string): RouteHandler => (res) => {
-    res.writeHeader('content-type', 'application/json').end(body);
-  };
-  app.get('/', alive('{"status":"alive"}'));
-  app.get('/v2/health/live', alive('{"live":true}'));
-  let fallback: RouteHandler = (res) => {
-    res.writeStatus('503 Service Unavailable').writeHeader('content-type', 'application/json').writeHeader('retry-after', '1').end(STARTING, true);
-  };
-  app.any('/*', (res, req) => fallback(res, req));
-  return new Promise((resolve, reject) => {
-    app.listen(host, port, (token) => {
-      if (!token) {
-        reject(new Error(`could not listen on ${host}:${port} (port in use or not permitted)`));
-        return;
+interface Route<H> {
+  parts: string[];
+  statics: number;
+  h: H;
+}
+
+class Router<H> {
+  #routes = new Map<string, Array<Route<H>>>();
+
+  add(method: string, pattern: string, h: H): void {
+    const parts = pattern.split('/');
+    const list = this.#routes.get(method) ?? [];
+    list.push({ parts, statics: parts.filter((p) => !p.startsWith(':')).length, h });
+    // The most specific pattern wins where two match (a static segment beats a parameter).
+    list.sort((a, b) => b.statics - a.statics);
+    this.#routes.set(method, list);
+  }
+
+  match(method: string, path: string): { h: H; params: string[] } | undefined {
+    const segs = path.split('/');
+    for (const r of this.#routes.get(method) ?? []) {
+      if (r.parts.length !== segs.length) continue;
+      const params: string[] = [];
+      let ok = true;
+      for (let i = 0; i < segs.length && ok; i++) {
+        const p = r.parts[i]!;
+        if (p.startsWith(':')) {
+          if (segs[i] === '') ok = false;
+          else params.push(segs[i]!);
+        } else ok = p === segs[i];
       }
+      if (ok) return { h: r.h, params };
+    }
+    return undefined;
+  }
+}
+
+export const pathOf = (url: string | undefined): string => {
+  const u = url ?? '/';
+  const q = u.indexOf('?');
+  return q < 0 ? u : u.slice(0, q);
+};
+
+/** Writes a whole JSON response on a raw socket (parse errors, refused upgrades), then closes it. */
+export function rawReply(socket: Duplex, status: number, text: string, body: unknown): void {
+  if (!socket.writable) return void socket.destroy();
+  const json = JSON.stringify(body);
+  socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`);
+}
+
+/** Responses not yet finished on each connection, so a parse error is answered after them, in order. */
+const pending = new WeakMap<Socket, { n: number; idle: Array<() => void> }>();
+
+function track(req: IncomingMessage, res: ServerResponse): void {
+  const socket = req.socket;
+  const p = pending.get(socket) ?? { n: 0, idle: [] };
+  pending.set(socket, p);
+  p.n++;
+  let done = false;
+  const finish = () => {
+    if (done) return;
+    done = true;
+    if (--p.n === 0) for (const f of p.idle.splice(0)) f();
+  };
+  res.once('finish', finish);
+  res.once('close', finish);
+}
+
+function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Duplex): void {
+  if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy();
+  const [status, text, msg] =
+    err.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'Request Header Fields Too Large', `request head larger than ${MAX_HEADER_BYTES} bytes`]
+      : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? [408, 'Request Timeout', 'the request did not arrive in time']
+        : [400, 'Bad Request', `malformed HTTP request (${err.reason ?? err.code ?? 'parse error'})`];
+  const answer = () => rawReply(socket, status, text, { error: msg });
+  // A pipelined request that does not parse is answered after the ones before it, never ahead of them.
+  const p = pending.get(socket as Socket);
+  if (p && p.n > 0) p.idle.push(answer);
+  else answer();
+}
+
+export function listenBase(host: string, port: number): Promise<BaseServer> {
+  const routes = new Router<RouteHandler>();
+  const upgrades = new Router<UpgradeHandler>();
+  const alive = (body: string): RouteHandler => (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body);
+  };
+  routes.add('GET', '/', alive('{"status":"alive"}'));
+  routes.add('GET', '/v2/health/live', alive('{"live":true}'));
+  let fallback: RouteHandler = (_req, res) => {
+    res.writeHead(503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(STARTING), 'retry-after': '1' }).end(STARTING);
+  };
+
+  const server = http.createServer(
+    { maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
+    (req, res) => {
+      track(req, res);
+      const refuse = (status: number, error: string) => {
+        const body = JSON.stringify({ error });
+        res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
+      };
+      if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse(431, `too many header fields (at most ${MAX_HEADER_FIELDS})`);
+      // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
+      if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse(400, 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
+      const hit = routes.match(req.method ?? 'GET', pathOf(req.url));
+      if (hit) hit.h(req, res, hit.params);
+      else fallback(req, res, []);
+    },
+  );
+  // One more than the limit is kept, so a head over the limit is seen (Node drops fields past maxHeadersCount).
+  server.maxHeadersCount = MAX_HEADER_FIELDS + 1;
+  server.on('clientError', clientError);
+  let attached = false;
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
+    if (hit) hit.h(req, socket, head, hit.params);
+    else if (!attached) rawReply(socket, 503, 'Service Unavailable', JSON.parse(STARTING));
+    else rawReply(socket, 404, 'Not Found', { error: `no WebSocket endpoint at ${pathOf(req.url)}` });
+  });
+
+  const app: App = {
+    get: (p, h) => routes.add('GET', p, h),
+    post: (p, h) => routes.add('POST', p, h),
+    upgrade: (p, h) => upgrades.add('GET', p, h),
+  };
+
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) => reject(new ListenError(host, port, err));
+    server.once('error', onError);
+    // Node sets no SO_REUSEPORT (uWS did), and `exclusive` keeps cluster workers from sharing the handle: a second server
+    // on the same port fails here with EADDRINUSE instead of taking part of the traffic.
+    server.listen({ host, port, exclusive: true }, () => {
+      server.off('error', onError);
       let open = true;
       resolve({
         app,
-        port: uWS.us_socket_local_port(token as unknown as uWS.us_socket),
+        port: (server.address() as { port: number }).port,
         setFallback: (h) => {
           fallback = h;
+          attached = true;
         },
         closeListener: () => {
           if (!open) return;
           open = false;
-          uWS.us_listen_socket_close(token);
+          // net.Server's close, not http.Server's: the latter also drops idle keep-alive connections, and a proxy
+          // holding one would see a reset instead of the 503 "shutting down" answer.
+          Object.getPrototypeOf(http.Server.prototype).close.call(server);
         },
       });
     });
   });
+}
+
+/** Why listening failed, as one line an operator can act on. */
+export class ListenError extends Error {
+  constructor(host: string, port: number, override readonly cause: NodeJS.ErrnoException) {
+    const where = `${host}:${port}`;
+    const why =
+      cause.code === 'EADDRINUSE'
+        ? `port ${port} is already in use on ${host} (another server is listening there): stop it or set PORT to a free port`
+        : cause.code === 'EACCES'
+          ? `not permitted to listen on ${where} (ports below 1024 need privileges): set PORT to 1024 or above`
+          : cause.code === 'EADDRNOTAVAIL'
+            ? `HOST ${host} is not an address of this machine`
+            : `could not listen on ${where}: ${cause.code ?? cause.message}`;
+    super(why);
+    this.name = 'ListenError';
+  }
 }

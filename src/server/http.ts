@@ -1,7 +1,8 @@
-/** @module The one way a uWebSockets.js route replies: abort-safe, corked, body-capped, errors mapped in one place. */
-import type { HttpRequest, HttpResponse } from 'uWebSockets.js';
+/** @module The one way a route replies: abort-safe, once, body-capped, errors mapped in one place. */
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
+import { pathOf } from './base.js';
 
 export interface Reply {
   status: number;
@@ -10,7 +11,7 @@ export interface Reply {
   headers?: Record<string, string>;
 }
 
-/** What a handler may read of the request: uWS's HttpRequest dies at the first await, so this is a copy. */
+/** What a handler may read of the request. */
 export interface Req {
   method: string;
   url: string;
@@ -19,16 +20,8 @@ export interface Req {
   headers: Record<string, string>;
 }
 
-const STATUS_TEXT: Record<number, string> = {
-  200: '200 OK', 400: '400 Bad Request', 404: '404 Not Found', 405: '405 Method Not Allowed',
-  413: '413 Payload Too Large', 415: '415 Unsupported Media Type', 499: '499 Client Closed Request',
-  500: '500 Internal Server Error', 501: '501 Not Implemented', 502: '502 Bad Gateway', 503: '503 Service Unavailable',
-  504: '504 Gateway Timeout',
-};
-/** Bodies above this size are streamed with backpressure instead of copied into uWS at once. */
-const STREAM_THRESHOLD = 64 * 1024;
-
-export const statusLine = (s: number): string => STATUS_TEXT[s] ?? `${s} Status`;
+/** An error body never exceeds this: a message past it is cut, saying how much was left out. */
+export const MAX_ERROR_BYTES = 64 * 1024;
 
 export const json = (status: number, value: unknown, headers?: Record<string, string>): Reply => ({
   status,
@@ -42,21 +35,28 @@ export function errorReply(err: unknown, log: Logger): Reply {
   if (isRuntimeError(err)) {
     const headers: Record<string, string> = {};
     if (err.retryAfter !== undefined) headers['retry-after'] = String(err.retryAfter);
-    return json(err.status, { error: err.message, code: err.code }, headers);
+    return json(err.status, { error: capMessage(err.message), code: err.code }, headers);
   }
   // Unknown errors are logged with their cause and answered with a bare 500: no class names, no stacks.
   log.error({ err }, 'unhandled error in request');
   return json(500, { error: 'internal error', code: 'INTERNAL' });
 }
 
-function copyReq(req: HttpRequest, paramCount: number): Req {
+/** Cuts a message to MAX_ERROR_BYTES (UTF-8), on a character boundary. */
+export function capMessage(msg: string): string {
+  if (Buffer.byteLength(msg) <= MAX_ERROR_BYTES) return msg;
+  const room = MAX_ERROR_BYTES - 64;
+  let cut = Buffer.from(msg).subarray(0, room).toString('utf8');
+  if (cut.endsWith('\uFFFD')) cut = cut.slice(0, -1);
+  return `${cut}… (${Buffer.byteLength(msg) - Buffer.byteLength(cut)} more bytes left out)`;
+}
+
+function copyReq(req: IncomingMessage, params: string[]): Req {
   const headers: Record<string, string> = {};
-  req.forEach((k, v) => {
-    headers[k] = v;
-  });
-  const params: string[] = [];
-  for (let i = 0; i < paramCount; i++) params.push(req.getParameter(i));
-  return { method: req.getMethod(), url: req.getUrl(), query: req.getQuery() ?? '', params, headers };
+  for (const [k, v] of Object.entries(req.headers)) if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
+  const url = req.url ?? '/';
+  const q = url.indexOf('?');
+  return { method: (req.method ?? 'GET').toLowerCase(), url: pathOf(url), query: q < 0 ? '' : url.slice(q + 1), params, headers };
 }
 
 /** A response guard: `send` writes at most once and never after the client left. */
@@ -64,73 +64,55 @@ export class Exchange {
   open = true;
   readonly gone = new AbortController();
   readonly started = performance.now();
-  constructor(readonly res: HttpResponse) {
-    res.onAborted(() => {
+  constructor(readonly res: ServerResponse, req: IncomingMessage) {
+    // The client left when its socket closed before this response was finished (a queued pipelined one included).
+    const onClose = () => {
+      if (!this.open || res.writableFinished || !(res.destroyed || req.socket.destroyed)) return;
       this.open = false;
       this.gone.abort();
-    });
+    };
+    res.once('close', onClose);
+    req.once('close', onClose);
   }
 
   send(out: Reply): boolean {
     if (!this.open) return false;
     this.open = false;
-    const { res } = this;
-    const body = out.body;
-    res.cork(() => {
-      res.writeStatus(statusLine(out.status));
-      if (out.contentType) res.writeHeader('content-type', out.contentType);
-      for (const [k, v] of Object.entries(out.headers ?? {})) res.writeHeader(k, v);
-      // A 413 closes the connection: the rest of the oversize body is not worth reading.
-      if (out.status === 413 || body.length < STREAM_THRESHOLD) {
-        res.end(body, out.status === 413);
-        return;
-      }
-      this.#stream(typeof body === 'string' ? Buffer.from(body) : body);
-    });
+    const headers: Record<string, string | number> = { ...out.headers, 'content-length': out.body.length === 0 ? 0 : Buffer.byteLength(out.body) };
+    if (out.contentType) headers['content-type'] = out.contentType;
+    // A 413 closes the connection: the rest of the oversize body is not worth reading.
+    if (out.status === 413) headers.connection = 'close';
+    // Node queues the bytes and writes them as the socket drains: a slow client costs one copy of the body.
+    this.res.writeHead(out.status, headers).end(out.body);
     return true;
-  }
-
-  /**
-   * Large replies (base64 images) go out with tryEnd/onWritable, so a slow client costs one copy of
-   * the body, not a growing uWS buffer: the unsent tail is resent from its offset when writable.
-   */
-  #stream(buf: Uint8Array): void {
-    const { res } = this;
-    const total = buf.byteLength;
-    const base = res.getWriteOffset();
-    const [ok, done] = res.tryEnd(buf, total);
-    if (ok || done) return;
-    res.onWritable((offset) => {
-      const [ok2] = res.tryEnd(buf.subarray(offset - base), total);
-      return ok2;
-    });
   }
 }
 
-/** Reads the body up to `limit` bytes, copying each chunk once (uWS neuters them when the callback returns). */
-export function readBody(res: HttpResponse, limit: number, declared: string): Promise<Buffer> {
+/** Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. */
+export function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const declaredLen = declared === '' ? NaN : Number(declared);
-    if (Number.isFinite(declaredLen) && declaredLen > limit) {
-      reject(new RuntimeError('BODY_TOO_LARGE', `request body of ${declaredLen} bytes exceeds the limit of ${limit} bytes`));
-      // Still attach onData so uWS has a handler; drop what arrives.
-      res.onData(() => {});
-      return;
-    }
+    const tooLarge = (what: string) => {
+      req.pause();
+      reject(new RuntimeError('BODY_TOO_LARGE', `request body ${what} exceeds the limit of ${limit} bytes (MAX_BODY_BYTES)`));
+    };
+    const declaredLen = /^\d+$/.test(declared) ? Number(declared) : NaN;
+    if (declaredLen > limit) return tooLarge(`of ${declared} bytes`);
     const parts: Buffer[] = [];
     let size = 0;
     let failed = false;
-    res.onData((chunk, isLast) => {
+    req.on('data', (chunk: Buffer) => {
       if (failed) return;
-      size += chunk.byteLength;
+      size += chunk.length;
       if (size > limit) {
         failed = true;
-        reject(new RuntimeError('BODY_TOO_LARGE', `request body exceeds the limit of ${limit} bytes`));
-        return;
+        return tooLarge('');
       }
-      parts.push(Buffer.from(chunk.slice(0)));
-      if (isLast) resolve(Buffer.concat(parts, size));
+      parts.push(chunk);
     });
+    req.once('end', () => {
+      if (!failed) resolve(Buffer.concat(parts, size));
+    });
+    req.once('error', () => reject(new RuntimeError('CANCELLED', 'the client closed the connection while sending the body')));
   });
 }
 
@@ -145,10 +127,10 @@ export interface RouteOptions {
 }
 
 /** A route without a body (GET, HEAD, or a method answered before reading). */
-export function route(fn: Handler, opts: RouteOptions, paramCount = 0) {
-  return (res: HttpResponse, req: HttpRequest): void => {
-    const r = copyReq(req, paramCount);
-    const ex = new Exchange(res);
+export function route(fn: Handler, opts: RouteOptions) {
+  return (req: IncomingMessage, res: ServerResponse, params: string[]): void => {
+    const r = copyReq(req, params);
+    const ex = new Exchange(res, req);
     let out: Reply | Promise<Reply>;
     try {
       out = fn(r, ex);
@@ -167,25 +149,28 @@ export function route(fn: Handler, opts: RouteOptions, paramCount = 0) {
  * A route with a body. `precheck` runs synchronously before the body is read (KServe refuses an
  * unknown or unready model before reading), so a refused request costs no body copy.
  */
-export function bodyRoute(fn: BodyHandler, opts: RouteOptions, paramCount = 0, precheck?: (req: Req) => void) {
-  return (res: HttpResponse, req: HttpRequest): void => {
-    const r = copyReq(req, paramCount);
-    const ex = new Exchange(res);
+export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: Req) => void) {
+  return (req: IncomingMessage, res: ServerResponse, params: string[]): void => {
+    const r = copyReq(req, params);
+    const ex = new Exchange(res, req);
     let pre: unknown;
     try {
       precheck?.(r);
     } catch (err) {
       pre = err;
     }
-    const body = readBody(res, opts.maxBodyBytes, r.headers['content-length'] ?? '');
     const finish = (o: Reply) => {
       if (ex.send(o)) opts.onReply?.(r, o, ex);
     };
     if (pre !== undefined) {
-      body.catch(() => {});
-      finish(errorReply(pre, opts.log));
+      // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
+      // limit, then the connection closes after the answer.
+      const out = errorReply(pre, opts.log);
+      const declared = Number(r.headers['content-length'] ?? 0);
+      finish(declared > opts.maxBodyBytes ? { ...out, headers: { ...out.headers, connection: 'close' } } : out);
       return;
     }
+    const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '');
     body
       .then((b) => fn(r, b, ex))
       .catch((err) => errorReply(err, opts.log))

@@ -1,8 +1,8 @@
 /** @module KServe V1: model listing, model status, readiness, and `:predict` with the seed runtime's body. */
-import type { TemplatedApp } from 'uWebSockets.js';
+import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
-import { assertSafeKeys, parseInstances } from '../runtime/request.js';
+import { assertSafeKeys, checkInstanceCount, parseInstances } from '../runtime/request.js';
 import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 
@@ -39,7 +39,7 @@ export function modelStatus(ctx: ServerContext, name: string): Reply {
   return json(503, { error: `Model with name ${name} is not ready.`, name, ready: false, ...ctx.boot.describe() }, { 'retry-after': '5' });
 }
 
-export function registerV1(app: TemplatedApp, ctx: ServerContext, opts: RouteOptions): void {
+export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): void {
   app.get('/v1/models', route(() => json(200, { models: [ctx.cfg.modelName] }), opts));
   app.get(
     '/v1/models/:name',
@@ -47,10 +47,10 @@ export function registerV1(app: TemplatedApp, ctx: ServerContext, opts: RouteOpt
       const name = r.params[0]!;
       if (name.includes(':')) throw new RuntimeError('METHOD_NOT_ALLOWED', `${r.method.toUpperCase()} is not allowed on ${r.url}; use POST`);
       return modelStatus(ctx, name);
-    }, opts, 1),
+    }, opts),
   );
   // The seed runtime's readiness probe; not a KServe route, kept for its users.
-  app.get('/v1/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts, 1));
+  app.get('/v1/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts));
 
   app.post(
     '/v1/models/:target',
@@ -62,17 +62,19 @@ export function registerV1(app: TemplatedApp, ctx: ServerContext, opts: RouteOpt
         if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
           throw new RuntimeError('INVALID_INPUT', 'the request body must be a JSON object with "instances"');
         }
-        assertSafeKeys(parsed, 'body');
         const o = parsed as Record<string, unknown>;
+        const where = Object.hasOwn(o, 'instances') ? 'instances' : 'inputs';
         const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
         if (instances === undefined) throw new RuntimeError('INVALID_INPUT', 'the request body has no "instances" list');
-        const reqs = parseInstances(instances, parseContext(ctx), Object.hasOwn(o, 'instances') ? 'instances' : 'inputs');
+        // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
+        checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
+        assertSafeKeys(parsed, 'body');
+        const reqs = parseInstances(instances, parseContext(ctx), where);
         const results = await ctx.generate(reqs, ex.gone.signal);
         void name;
         return { status: 200, body: predictionsBody(results), contentType: 'application/json' };
       },
       opts,
-      1,
       (r) => {
         const { name, verb } = splitVerb(r.params[0]!);
         if (verb === undefined) throw new RuntimeError('METHOD_NOT_ALLOWED', `POST is not allowed on ${r.url}; use /v1/models/${name}:predict`);

@@ -6,11 +6,11 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { TemplatedApp } from 'uWebSockets.js';
+import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
-import { assertSafeKeys, parseInstances } from '../runtime/request.js';
+import { assertSafeKeys, joinProblems, parseInstances, unknownField } from '../runtime/request.js';
 import { assertServable, parseContext, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { modelStatus } from './v1.js';
@@ -75,7 +75,7 @@ function packageVersion(): string {
   return '0.0.0';
 }
 
-export function registerV2(app: TemplatedApp, ctx: ServerContext, opts: RouteOptions): void {
+export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): void {
   const version = packageVersion();
   const notVersioned = () => {
     throw new RuntimeError('UNSUPPORTED', VERSIONING);
@@ -88,25 +88,24 @@ export function registerV2(app: TemplatedApp, ctx: ServerContext, opts: RouteOpt
       const name = r.params[0]!;
       if (name !== ctx.cfg.modelName) return json(404, { error: `Model with name ${name} does not exist.` });
       return json(200, modelMetadata(name));
-    }, opts, 1),
+    }, opts),
   );
-  app.get('/v2/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts, 1));
+  app.get('/v2/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts));
   app.get('/v2/models/:name/versions/:v', route(notVersioned, opts));
   app.get('/v2/models/:name/versions/:v/ready', route(notVersioned, opts));
-  app.post('/v2/models/:name/versions/:v/infer', bodyRoute(notVersioned, opts, 0, notVersioned));
+  app.post('/v2/models/:name/versions/:v/infer', bodyRoute(notVersioned, opts, notVersioned));
   app.post(
     '/v2/models/:name/infer',
     bodyRoute(
       async (r, body, ex) => {
         const name = r.params[0]!;
-        const req = parseInferRequest(r, body);
+        const req = parseInferRequest(r, body, ctx.cfg.maxImagesPerRequest);
         const instances = toInstances(req);
         const reqs = parseInstances(instances, parseContext(ctx), 'prompt');
         const results = await ctx.generate(reqs, ex.gone.signal);
         return inferReply(name, req, results);
       },
       opts,
-      1,
       (r) => assertServable(ctx, r.params[0]!),
     ),
   );
@@ -162,9 +161,11 @@ function splitBody(r: Req, body: Buffer): { header: unknown; binary: Buffer | un
   return { header, binary: body.subarray(n) };
 }
 
-export function parseInferRequest(r: Req, body: Buffer): InferRequest {
+/** `maxPrompts`: no input holds more elements than prompts a request may have (MAX_IMAGES_PER_REQUEST). */
+export function parseInferRequest(r: Req, body: Buffer, maxPrompts = Number.MAX_SAFE_INTEGER): InferRequest {
   const { header, binary } = splitBody(r, body);
   if (!isObj(header)) throw bad('the request body must be a JSON object with "inputs"');
+  checkSizes(header, maxPrompts);
   assertSafeKeys(header, 'body');
   const problems: string[] = [];
 
@@ -188,7 +189,7 @@ export function parseInferRequest(r: Req, body: Buffer): InferRequest {
     if (k === 'binary_data_output') {
       if (typeof parameters[k] !== 'boolean') problems.push('parameters.binary_data_output must be true or false');
     } else if (k === 'prompt') problems.push('prompt must be an input tensor (BYTES), not a parameter');
-    else if (!Object.hasOwn(FIELDS, k)) problems.push(`parameters.${k} is not a known field; use ${Object.keys(FIELDS).filter((f) => f !== 'prompt').join(', ')} or binary_data_output`);
+    else if (!Object.hasOwn(FIELDS, k)) problems.push(unknownField('parameters.', k, [...Object.keys(FIELDS).filter((f) => f !== 'prompt'), 'binary_data_output']));
   }
 
   const inputs: Tensor[] = [];
@@ -230,8 +231,28 @@ export function parseInferRequest(r: Req, body: Buffer): InferRequest {
       });
     }
   }
-  if (problems.length > 0) throw bad(problems.join('; '));
+  if (problems.length > 0) throw bad(joinProblems(problems));
   return { id, parameters, inputs, outputs };
+}
+
+/**
+ * Counts before any per-element work: a tensor of 500k elements is refused with one line, not decoded and checked
+ * element by element.
+ */
+function checkSizes(header: Record<string, unknown>, maxPrompts: number): void {
+  const { inputs } = header;
+  if (!Array.isArray(inputs)) return;
+  const limit = Object.keys(FIELDS).length;
+  if (inputs.length > limit) throw bad(`"inputs" has ${inputs.length} tensors; this model has ${limit} inputs`);
+  inputs.forEach((inp, i) => {
+    if (!isObj(inp)) return;
+    const name = typeof inp.name === 'string' ? `input "${inp.name.slice(0, 40)}"` : `inputs[${i}]`;
+    const n = Array.isArray(inp.shape) && inp.shape.every((d) => Number.isSafeInteger(d)) ? (inp.shape as number[]).reduce((a, b) => a * b, 1) : 0;
+    const len = Array.isArray(inp.data) ? inp.data.length : 0;
+    if (Math.max(n, len) > maxPrompts) {
+      throw bad(`${name} has ${Math.max(n, len)} elements; a request may have at most ${maxPrompts} prompts (MAX_IMAGES_PER_REQUEST), and every input 1 element or one per prompt`);
+    }
+  });
 }
 
 function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset: number, problems: string[]): { tensor: Tensor; binaryBytes: number } | undefined {
@@ -240,7 +261,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   const name = inp.name;
   if (typeof name !== 'string') return void problems.push(`${w}.name must be a string`);
   const wn = `input "${name}"`;
-  if (!Object.hasOwn(FIELDS, name)) return void problems.push(`${wn} is unknown; inputs are ${Object.keys(FIELDS).join(', ')}`);
+  if (!Object.hasOwn(FIELDS, name)) return void problems.push(unknownField('input ', name, Object.keys(FIELDS)));
   const datatype = inp.datatype;
   if (typeof datatype !== 'string' || !DATATYPES.has(datatype)) return void problems.push(`${wn}: datatype must be one of ${[...DATATYPES].join(', ')}, got ${JSON.stringify(datatype)}`);
   const shape = inp.shape;

@@ -1,5 +1,5 @@
 /**
- * @module WebSocket generation with progress: `/v1/models/{name}/stream`.
+ * @module WebSocket generation with progress: `/v1/models/{name}/stream` (the `ws` package on Node's HTTP server).
  *
  *   client ── {"prompt":…, "preview_every":k} ──►
  *          ◄── {"type":"accepted","seed":s}
@@ -7,91 +7,109 @@
  *          ◄── {"type":"preview","step":i,"png_b64":…}       (every k steps; dropped while the client is slow)
  *          ◄── {"type":"result","images":[{b64|uri,seed,format,width,height}]}   (never dropped)
  *          ◄── close 1000
- *   errors: {"type":"error","code":…,"error":…} then close 4000+HTTP status (4400, 4404, 4499, 4500, 4503).
- * Closing the socket cancels the generation: a queued request leaves the queue, a running batch stops
- * between steps once every client of it has left.
+ *   errors: {"type":"error","code":…,"error":…} then close 4000+HTTP status (4400, 4404, 4408, 4499, 4500, 4503).
+ *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009.
+ * The close handshake ends with this side closing the TCP connection as soon as the client answers the close frame
+ * (clients such as browsers, undici and Python's websockets wait for that). Closing the socket cancels the
+ * generation: a queued request leaves the queue, a running batch stops between steps once every client has left.
  */
-import type { TemplatedApp, WebSocket } from 'uWebSockets.js';
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { WebSocketServer, type RawData, type WebSocket } from 'ws';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, parseInstances } from '../runtime/request.js';
+import type { App } from './base.js';
 import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
 export const PROGRESS_BUFFER_LIMIT = 128 * 1024;
-/** uWS drops any send while more than this is buffered; results past it wait in `pending` for `drain`. */
-const MAX_BACKPRESSURE = 64 * 1024 * 1024;
+/** The request message must arrive this soon after the upgrade (close 4408 otherwise). */
+export const REQUEST_WAIT_MS = 120_000;
+/** A ping this often; a client that has not answered the previous one by then is gone. */
+const HEARTBEAT_MS = 30_000;
 
 interface Conn {
   name: string;
   closed: boolean;
+  closing: boolean;
   started: boolean;
+  alive: boolean;
   gone: AbortController;
-  /** Messages that must arrive (result, error), waiting for `drain`, in order. */
-  pending: string[];
-  closeWhenFlushed: { code: number; reason: string } | undefined;
   t0: number;
+  timers: NodeJS.Timeout[];
 }
 
-export function registerWs(app: TemplatedApp, ctx: ServerContext, opts: RouteOptions): void {
+export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): void {
   const { metrics, cfg } = ctx;
   const labels = { model_name: cfg.modelName, protocol: 'ws' };
-  app.ws<Conn>('/v1/models/:name/stream', {
-    maxPayloadLength: cfg.maxBodyBytes,
-    maxBackpressure: MAX_BACKPRESSURE,
-    idleTimeout: 120,
-    sendPingsAutomatically: true,
-    upgrade: (res, req, context) => {
-      const data: Conn = { name: req.getParameter(0) ?? '', closed: false, started: false, gone: new AbortController(), pending: [], closeWhenFlushed: undefined, t0: 0 };
-      res.upgrade(data, req.getHeader('sec-websocket-key'), req.getHeader('sec-websocket-protocol'), req.getHeader('sec-websocket-extensions'), context);
-    },
-    open: (ws) => {
-      const c = ws.getUserData();
-      try {
-        assertServable(ctx, c.name);
-      } catch (err) {
-        fail(ws, err);
-      }
-    },
-    message: (ws, message) => {
-      const c = ws.getUserData();
-      if (c.closed || c.closeWhenFlushed) return;
-      if (c.started) {
-        critical(ws, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
-        return;
-      }
-      c.started = true;
-      c.t0 = performance.now();
-      const text = Buffer.from(message).toString('utf8'); // the ArrayBuffer is neutered when this callback returns
-      void run(ws, text);
-    },
-    drain: (ws) => flush(ws),
-    close: (ws) => {
-      const c = ws.getUserData();
-      c.closed = true;
-      c.gone.abort();
-    },
+  // maxPayload: a bigger message closes with 1009. No compression: results are base64 PNGs, and inflating a client's
+  // message would be a second size to police.
+  const wss = new WebSocketServer({ noServer: true, maxPayload: cfg.maxBodyBytes, perMessageDeflate: false, clientTracking: false });
+
+  app.upgrade('/v1/models/:name/stream', (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => {
+    wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? ''));
   });
 
-  async function run(ws: WebSocket<Conn>, text: string): Promise<void> {
-    const c = ws.getUserData();
+  function open(ws: WebSocket, name: string): void {
+    const c: Conn = { name, closed: false, closing: false, started: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
+    ws.on('message', (data: RawData) => message(ws, c, data));
+    ws.on('pong', () => (c.alive = true));
+    // Protocol errors (unmasked frame, bad opcode, invalid UTF-8, oversize) arrive here; ws then closes with 1002/1007/1009.
+    ws.on('error', (err) => ctx.log.debug({ err: err.message }, 'websocket protocol error'));
+    ws.on('close', () => {
+      c.closed = true;
+      c.gone.abort();
+      for (const t of c.timers) clearTimeout(t), clearInterval(t);
+    });
+    c.timers.push(
+      setTimeout(() => {
+        if (!c.started) fail(ws, c, new RuntimeError('INVALID_INPUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`), 4408);
+      }, REQUEST_WAIT_MS),
+      setInterval(() => {
+        if (ws.readyState !== ws.OPEN) return;
+        if (!c.alive) return void ws.terminate();
+        c.alive = false;
+        ws.ping();
+      }, HEARTBEAT_MS),
+    );
+    try {
+      assertServable(ctx, name);
+    } catch (err) {
+      fail(ws, c, err);
+    }
+  }
+
+  function message(ws: WebSocket, c: Conn, data: RawData): void {
+    if (c.closed || c.closing) return;
+    if (c.started) {
+      critical(ws, c, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
+      return;
+    }
+    c.started = true;
+    c.t0 = performance.now();
+    const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer);
+    void run(ws, c, buf);
+  }
+
+  async function run(ws: WebSocket, c: Conn, body: Buffer): Promise<void> {
     let status = 200;
     try {
       assertServable(ctx, c.name);
-      const inst = parseJson(Buffer.from(text));
+      const inst = parseJson(body);
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
       const req = reqs[0]!;
-      critical(ws, JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages }));
-      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, p));
-      critical(ws, JSON.stringify({ type: 'result', images: imagesOf(results) }));
-      closeAfter(ws, 1000, 'done');
+      critical(ws, c, JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages }));
+      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p));
+      critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
+      closeWith(ws, c, 1000, 'done');
     } catch (err) {
       status = isRuntimeError(err) ? err.status : 500;
       if (c.closed && status === 499) return void record(499, c);
-      fail(ws, err);
+      fail(ws, c, err);
     }
     record(status, c);
   }
@@ -104,62 +122,35 @@ export function registerWs(app: TemplatedApp, ctx: ServerContext, opts: RouteOpt
   }
 
   /** Progress is best effort: a slow client misses steps, never the result. */
-  function progress(ws: WebSocket<Conn>, p: Progress): void {
-    const c = ws.getUserData();
-    if (c.closed || c.pending.length > 0) return;
-    ws.cork(() => {
-      for (const msg of progressMessages(p)) {
-        if (ws.getBufferedAmount() > PROGRESS_BUFFER_LIMIT) {
-          metrics.wsDropped.inc({ model_name: cfg.modelName });
-          continue;
-        }
-        ws.send(msg);
+  function progress(ws: WebSocket, c: Conn, p: Progress): void {
+    if (c.closed || c.closing) return;
+    for (const msg of progressMessages(p)) {
+      if (ws.bufferedAmount > PROGRESS_BUFFER_LIMIT) {
+        metrics.wsDropped.inc({ model_name: cfg.modelName });
+        continue;
       }
-    });
-  }
-
-  /** Sends in order; what uWS refuses (over maxBackpressure) waits for `drain`. */
-  function critical(ws: WebSocket<Conn>, msg: string): void {
-    const c = ws.getUserData();
-    if (c.closed) return;
-    if (c.pending.length > 0) return void c.pending.push(msg);
-    ws.cork(() => {
-      if (ws.send(msg) === 2) c.pending.push(msg);
-    });
-  }
-
-  function flush(ws: WebSocket<Conn>): void {
-    const c = ws.getUserData();
-    if (c.closed) return;
-    ws.cork(() => {
-      while (c.pending.length > 0) {
-        if (ws.send(c.pending[0]!) === 2) return;
-        c.pending.shift();
-      }
-    });
-    if (c.pending.length === 0 && c.closeWhenFlushed) {
-      const { code, reason } = c.closeWhenFlushed;
-      c.closed = true;
-      ws.end(code, reason);
+      ws.send(msg);
     }
   }
 
-  /** Closes once every critical message is handed to uWS (which sends the close frame after the buffered bytes). */
-  function closeAfter(ws: WebSocket<Conn>, code: number, reason: string): void {
-    const c = ws.getUserData();
-    if (c.closed) return;
-    c.closeWhenFlushed = { code, reason };
-    if (c.pending.length === 0) {
-      c.closed = true;
-      ws.cork(() => ws.end(code, reason));
-    }
+  /** Messages that must arrive (accepted, result, error): queued in order however slow the client is. */
+  function critical(ws: WebSocket, c: Conn, msg: string): void {
+    if (c.closed || c.closing) return;
+    ws.send(msg);
   }
 
-  function fail(ws: WebSocket<Conn>, err: unknown): void {
+  /** The close frame follows the queued messages; the TCP connection ends once the client answers it. */
+  function closeWith(ws: WebSocket, c: Conn, code: number, reason: string): void {
+    if (c.closed || c.closing) return;
+    c.closing = true;
+    ws.close(code, reason);
+  }
+
+  function fail(ws: WebSocket, c: Conn, err: unknown, code?: number): void {
     const out = errorReply(err, opts.log);
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
-    critical(ws, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
-    closeAfter(ws, 4000 + out.status, body.code);
+    critical(ws, c, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
+    closeWith(ws, c, code ?? 4000 + out.status, body.code);
   }
 }
 

@@ -3,10 +3,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { referenceDir } from '../../scripts/reference.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '..', '..');
 export const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
-export const SHARED = path.resolve(process.env.SHARED_DIR ?? path.join(ROOT, '..', 'shared'));
+/** The reference data: SHARED_DIR/reference when SHARED_DIR is set, else the in-repository copy (test/fixtures/reference). */
+export const REFERENCE = (): string => (process.env.SHARED_DIR ? path.resolve(process.env.SHARED_DIR, 'reference') : referenceDir());
 
 export interface LogLine {
   msg?: string;

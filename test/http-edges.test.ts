@@ -1,0 +1,264 @@
+/**
+ * What a careless or unusual client does to the HTTP server, over raw sockets: pipelined requests, malformed heads,
+ * huge declared bodies, a second server on the same port, amplifying bodies, AUTOMATIC1111 field names, and what
+ * the process leaves in $HOME and the temp folder.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../scripts/bench-common.js';
+import { ENTRY, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+
+interface RawResponse {
+  status: number;
+  headers: Record<string, string>;
+  body: Buffer;
+}
+
+/** Sends `payload` as-is and collects every response until the server closes or `idleMs` pass without more bytes. */
+function raw(port: number, payload: string | Buffer, opts: { idleMs?: number; want?: number } = {}): Promise<{ responses: RawResponse[]; closed: boolean; ms: number }> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const sock = net.connect(port, '127.0.0.1');
+    let buf = Buffer.alloc(0);
+    const responses: RawResponse[] = [];
+    let timer: NodeJS.Timeout | undefined;
+    let closed = false;
+    const done = () => {
+      clearTimeout(timer);
+      sock.destroy();
+      resolve({ responses, closed, ms: performance.now() - t0 });
+    };
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(done, opts.idleMs ?? 3000);
+    };
+    sock.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        const sep = buf.indexOf('\r\n\r\n');
+        if (sep < 0) break;
+        const lines = buf.subarray(0, sep).toString('latin1').split('\r\n');
+        const headers: Record<string, string> = {};
+        for (const l of lines.slice(1)) headers[l.slice(0, l.indexOf(':')).toLowerCase()] = l.slice(l.indexOf(':') + 1).trim();
+        const len = Number(headers['content-length'] ?? 0);
+        if (buf.length < sep + 4 + len) break;
+        responses.push({ status: Number(lines[0]!.split(' ')[1]), headers, body: buf.subarray(sep + 4, sep + 4 + len) });
+        buf = buf.subarray(sep + 4 + len);
+      }
+      if (opts.want !== undefined && responses.length >= opts.want) return done();
+      arm();
+    });
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      closed = true;
+      done();
+    });
+    sock.once('connect', () => {
+      sock.write(payload);
+      arm();
+    });
+    sock.once('error', (e) => (responses.length === 0 && !closed ? reject(e) : undefined));
+  });
+}
+
+const jsonOf = (r: RawResponse) => JSON.parse(r.body.toString()) as Record<string, unknown>;
+const post = (p: string, body: string, extra = '') =>
+  `POST ${p} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${extra}\r\n${body}`;
+const tiny = (seed: number) => JSON.stringify({ instances: [{ prompt: `pipelined ${seed}`, num_inference_steps: 1, height: 64, width: 64, seed }] });
+
+let srv: ServerHandle;
+beforeAll(async () => {
+  srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '64' }, { ready: true });
+});
+afterAll(async () => {
+  await srv?.stop();
+});
+
+describe('pipelined requests on one keep-alive connection', () => {
+  it('answers twenty pipelined predicts in the order they were sent', async () => {
+    const seeds = Array.from({ length: 20 }, (_, i) => 1000 + i);
+    const { responses } = await raw(srv.port, seeds.map((s) => post('/v1/models/model:predict', tiny(s))).join(''), { want: 20, idleMs: 60_000 });
+    expect(responses.map((r) => r.status)).toEqual(seeds.map(() => 200));
+    expect(responses.map((r) => (jsonOf(r).predictions as Array<{ seed: number }>)[0]!.seed)).toEqual(seeds);
+  });
+
+  it('keeps the order across a predict, liveness, an error and a V2 infer', async () => {
+    const v2 = JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['v2'] }, { name: 'seed', shape: [1], datatype: 'INT64', data: [7] }, { name: 'num_inference_steps', shape: [1], datatype: 'INT64', data: [1] }, { name: 'height', shape: [1], datatype: 'INT64', data: [64] }, { name: 'width', shape: [1], datatype: 'INT64', data: [64] }] });
+    const payload = post('/v1/models/model:predict', tiny(5)) + 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' + post('/v1/models/nope:predict', tiny(6)) + post('/v2/models/model/infer', v2);
+    const { responses } = await raw(srv.port, payload, { want: 4, idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 200, 404, 200]);
+    expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(5);
+    expect(jsonOf(responses[1]!)).toEqual({ status: 'alive' });
+    expect(jsonOf(responses[2]!).error).toBe('Model with name nope does not exist.');
+    expect((jsonOf(responses[3]!).outputs as Array<{ name: string; data: unknown[] }>).find((o) => o.name === 'seed')!.data).toEqual([7]);
+  });
+
+  it('answers a malformed request pipelined behind a predict after the predict, then closes', async () => {
+    const { responses, closed } = await raw(srv.port, post('/v1/models/model:predict', tiny(8)) + 'HELLO WORLD\r\n\r\n', { idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 400]);
+    expect(closed).toBe(true);
+  });
+});
+
+describe('malformed or oversize requests are answered at once', () => {
+  const cases: Array<[string, string, number, RegExp]> = [
+    ['a garbage request line', 'HELLO WORLD\r\n\r\n', 400, /malformed HTTP request/],
+    ['a NUL in a header value', 'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n', 400, /malformed HTTP request/],
+    ['HTTP/1.1 without Host', 'GET / HTTP/1.1\r\n\r\n', 400, /an HTTP\/1\.1 request needs a Host header/],
+    ['2,000 header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 2000 }, (_, i) => `X-Header-${i}: value\r\n`).join('')}\r\n`, 431, /larger than 16384 bytes/],
+    ['150 short header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 150 }, (_, i) => `h${i}: v\r\n`).join('')}\r\n`, 431, /too many header fields \(at most 100\)/],
+    ['Content-Length: 99999999999', 'POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{"instances"', 413, /99999999999 bytes exceeds the limit of 1048576 bytes/],
+    ['Content-Length: 99999999999 for an unknown model', 'POST /v1/models/nope:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{', 404, /does not exist/],
+  ];
+  it.each(cases)('%s', async (_name, payload, status, msg) => {
+    const { responses, closed, ms } = await raw(srv.port, payload, { idleMs: 15_000 });
+    expect(responses.map((r) => r.status)).toEqual([status]);
+    expect(String(jsonOf(responses[0]!).error)).toMatch(msg);
+    // Answered and closed by the server, not by the client's idle timer.
+    expect(closed).toBe(true);
+    expect(ms).toBeLessThan(10_000);
+  });
+
+  it('answers an HTTP/1.0 request without Host (valid in 1.0) and closes', async () => {
+    const { responses, closed } = await raw(srv.port, 'GET / HTTP/1.0\r\n\r\n', { idleMs: 15_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r)])).toEqual([[200, { status: 'alive' }]]);
+    expect(closed).toBe(true);
+  });
+});
+
+describe('listening', () => {
+  it('a second server on a taken port exits 1 with one line naming the port; the first keeps serving', async () => {
+    const port = await freePort();
+    const { dir, cleanup } = tempDir('dr-port-');
+    const first = await startServer({ STORAGE_URI: undefined, PORT: String(port), MODEL_CACHE_DIR: dir }, { live: true });
+    try {
+      const second = spawn(process.execPath, [ENTRY], { env: { ...process.env, PORT: String(port), HOST: '127.0.0.1', MODEL_CACHE_DIR: dir }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      second.stdout!.on('data', (c: Buffer) => (stdout += c));
+      second.stderr!.on('data', (c: Buffer) => (stderr += c));
+      const timer = setTimeout(() => second.kill('SIGKILL'), 30_000);
+      const code = await new Promise<number | null>((r) => second.once('exit', (c) => r(c)));
+      clearTimeout(timer);
+      expect(code).toBe(1);
+      expect(stderr.trim().split('\n')).toEqual([`diffusers-runtime: port ${port} is already in use on 127.0.0.1 (another server is listening there): stop it or set PORT to a free port`]);
+      expect(stdout).toBe('');
+      const live = await fetch(`http://127.0.0.1:${port}/`);
+      expect(await live.json()).toEqual({ status: 'alive' });
+    } finally {
+      await first.stop();
+      cleanup();
+    }
+  });
+});
+
+describe('error amplification', () => {
+  it('refuses a 1 MB list of 500k numbers by its length: a short 400, no per-element problems', async () => {
+    const body = `{"instances":[${Array.from({ length: 500_000 }, () => '1').join(',')}]}`;
+    expect(body.length).toBeLessThan(1024 * 1024);
+    const t0 = performance.now();
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, body);
+    const ms = performance.now() - t0;
+    expect(r.status).toBe(400);
+    expect(r.json.error).toBe('"instances" has 500000 entries; a request may ask for at most 8 images (MAX_IMAGES_PER_REQUEST)');
+    console.log(`500k-element body refused in ${ms.toFixed(0)} ms`);
+  });
+
+  it('refuses a V2 prompt tensor of 300k elements by its shape', async () => {
+    const data = Array.from({ length: 300_000 }, () => '');
+    const r = await postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [300_000], datatype: 'BYTES', data }] });
+    expect(r.status).toBe(400);
+    expect(String(r.json.error)).toMatch(/^input "prompt" has 300000 elements; a request may have at most 8 prompts/);
+    expect(JSON.stringify(r.json).length).toBeLessThan(1024);
+  });
+
+  it('lists the first 20 problems of an instance with thousands and counts the rest; the body stays under 64 KB', async () => {
+    const inst: Record<string, unknown> = { prompt: 'x' };
+    for (let i = 0; i < 5000; i++) inst[`field_number_${i}`] = i;
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
+    expect(r.status).toBe(400);
+    const msg = String(r.json.error);
+    expect(msg.split('; ').filter((p) => p.includes('is not a known field'))).toHaveLength(20);
+    expect(msg).toMatch(/; … and 4980 more problems$/);
+    expect(Buffer.byteLength(JSON.stringify(r.json))).toBeLessThan(64 * 1024);
+  });
+
+  it('answers liveness while 20 oversize-count bodies are refused', async () => {
+    const body = `{"instances":[${Array.from({ length: 500_000 }, () => '1').join(',')}]}`;
+    const pings: number[] = [];
+    let stop = false;
+    const poll = (async () => {
+      while (!stop) {
+        const t = performance.now();
+        await fetch(`${srv.url}/v2/health/live`).then((x) => x.text());
+        pings.push(performance.now() - t);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    })();
+    const rs = await Promise.all(Array.from({ length: 20 }, () => postJson(`${srv.url}/v1/models/model:predict`, body)));
+    stop = true;
+    await poll;
+    expect(rs.every((r) => r.status === 400 && JSON.stringify(r.json).length < 200)).toBe(true);
+    pings.sort((a, b) => a - b);
+    console.log(`liveness during 20 refused 1 MB bodies: ${pings.length} probes, p50 ${pings[Math.floor(pings.length / 2)]!.toFixed(1)} ms, max ${pings.at(-1)!.toFixed(1)} ms`);
+    expect(pings.length).toBeGreaterThan(0);
+  });
+});
+
+describe('AUTOMATIC1111 field names', () => {
+  const a1111 = { prompt: 'x', cfg_scale: 7, steps: 20, sampler_name: 'Euler a' };
+  const want = [
+    /cfg_scale is not a known field \(AUTOMATIC1111's name\); did you mean "guidance_scale"\?/,
+    /steps is not a known field \(AUTOMATIC1111's name\); did you mean "num_inference_steps"\?/,
+    /sampler_name is not a known field \(AUTOMATIC1111's name\); did you mean "scheduler"\?/,
+  ];
+
+  it('V1 answers 400 naming each one and the field it means', async () => {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [a1111] });
+    expect(r.status).toBe(400);
+    for (const w of want) expect(String(r.json.error)).toMatch(w);
+    expect(String(r.json.error)).toMatch(/^instances\[0\]\.cfg_scale is not a known field/);
+  });
+
+  it('V2 answers 400 with the same wording, as inputs and as parameters', async () => {
+    const inputs = [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }, { name: 'cfg_scale', shape: [1], datatype: 'FP32', data: [7] }];
+    const r1 = await postJson(`${srv.url}/v2/models/model/infer`, { inputs });
+    expect(r1.status).toBe(400);
+    expect(String(r1.json.error)).toMatch(/^input cfg_scale is not a known field \(AUTOMATIC1111's name\); did you mean "guidance_scale"\?/);
+    const r2 = await postJson(`${srv.url}/v2/models/model/infer`, { inputs: inputs.slice(0, 1), parameters: { steps: 20, sampler_name: 'Euler a' } });
+    expect(r2.status).toBe(400);
+    expect(String(r2.json.error)).toMatch(/parameters\.steps is not a known field \(AUTOMATIC1111's name\); did you mean "num_inference_steps"\?/);
+    expect(String(r2.json.error)).toMatch(/parameters\.sampler_name is not a known field \(AUTOMATIC1111's name\); did you mean "scheduler"\?/);
+  });
+
+  it('suggests the closest spelling for a typo, and lists the fields when nothing is close', async () => {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', guidance_scal: 5, colour: 'red' }] });
+    expect(r.status).toBe(400);
+    expect(String(r.json.error)).toMatch(/instances\[0\]\.guidance_scal is not a known field; did you mean "guidance_scale"\?/);
+    expect(String(r.json.error)).toMatch(/instances\[0\]\.colour is not a known field; known fields: prompt, negative_prompt, /);
+  });
+});
+
+describe('files outside the cache', () => {
+  it('writes nothing to a fresh HOME or temp folder (ONNX Runtime telemetry off)', async () => {
+    const home = mkdtempSync(path.join(os.tmpdir(), 'dr-home-'));
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'dr-tmpdir-'));
+    const { dir: cache, cleanup } = tempDir('dr-cache-');
+    try {
+      const s = await startServer({ STORAGE_URI: undefined, HOME: home, TMPDIR: tmp, MODEL_CACHE_DIR: cache, ORT_DISABLE_TELEMETRY: undefined, WARMUP_STEPS: '1' }, { ready: true });
+      const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'clean', num_inference_steps: 1, height: 64, width: 64 }] });
+      expect(r.status).toBe(200);
+      expect((await s.stop()).code).toBe(0);
+      expect(readdirSync(home, { recursive: true })).toEqual([]);
+      expect(readdirSync(tmp, { recursive: true })).toEqual([]);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+      rmSync(tmp, { recursive: true, force: true });
+      cleanup();
+    }
+  });
+});
