@@ -52,6 +52,8 @@ export interface GenerateHooks {
   onStep?(step: number, of: number, latents: Float32Array): void | Promise<void>;
   /** Checked between steps: a generation whose clients all left stops at the next step. */
   cancelled?(): boolean;
+  /** After the last UNet step, before the VAE: the UNet is free for another generation. */
+  onDenoised?(): void;
 }
 
 /**
@@ -205,6 +207,7 @@ export class Pipeline {
       await hooks.onStep?.(k + 1, steps.length, latents);
     }
     const w1 = performance.now();
+    hooks.onDenoised?.();
     const vae = await this.later.vae_decoder;
     const t2 = performance.now();
     // LCM decodes its last x0 prediction, everyone else the final sample.

@@ -102,6 +102,8 @@ export type FromWorker =
   | { t: 'load-failed'; code: string; message: string }
   /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
   | { t: 'progress'; id: number; step: number; of: number; previews?: RawImage[] }
+  /** The generation's UNet steps are done; its VAE decodes run on the decode thread, and the worker takes the next job. */
+  | { t: 'denoised'; id: number }
   | { t: 'result'; id: number; images: Array<RawImage & { seed: number }>; times: Times }
   | { t: 'error'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

@@ -247,7 +247,8 @@ async function reset(): Promise<void> {
   factory.deferredWrites.splice(0);
 }
 
-async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> {
+/** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
+async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
   try {
     if (!pipeline) throw new RuntimeError('MODEL_NOT_READY', 'the model is not loaded');
@@ -256,6 +257,10 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>): Promise<void> 
     const vsf = p.layout.vae.scaleFactor;
     const { images, times } = await p.generate(m.job, {
       cancelled: () => cancelled.has(id),
+      onDenoised: () => {
+        post({ t: 'denoised', id });
+        denoised();
+      },
       onStep: (step, of, latents) => {
         let previews: RawImage[] | undefined;
         if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
@@ -307,7 +312,13 @@ port.on('message', (m: ToWorker) => {
       queue = queue.then(reset);
       break;
     case 'generate':
-      queue = queue.then(() => generate(m));
+      // The next message waits only for this generation's UNet steps: its VAE decodes overlap what comes next.
+      queue = queue.then(
+        () =>
+          new Promise<void>((free) => {
+            void generate(m, free).finally(free);
+          }),
+      );
       break;
     case 'cancel':
       cancelled.add(m.id);

@@ -87,7 +87,10 @@ interface LoadWaiter {
 }
 
 class WorkerHandle {
+  /** The batch whose UNet steps run on the worker now. */
   running: Running | undefined;
+  /** Batches past their UNet steps whose VAE decodes run on the worker's decode thread (at most one, see #pump). */
+  decoding: Running[] = [];
   loaded = false;
   /** The loads sent to this worker and not answered yet, in order (a worker answers its loads in order). */
   readonly loads: LoadWaiter[] = [];
@@ -141,7 +144,7 @@ export class Engine {
     return this.#pending.length;
   }
   get busy(): number {
-    return this.#workers.filter((w) => w.running).length;
+    return this.#workers.filter((w) => w.running || w.decoding.length > 0).length;
   }
 
   /** Spawns the workers (unless `main` did); each starts importing onnxruntime-node at once. */
@@ -282,6 +285,7 @@ export class Engine {
       this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
       this.#checkIdle();
     } else if (task.state === 'running') {
+      // A batch already decoding has no step left to stop at: its task is just answered below.
       const w = this.#workers.find((x) => x.running?.tasks.includes(task));
       // Stop the generation at the next step only when every client of the batch has left.
       if (w?.running && w.running.tasks.every((t) => t.signal?.aborted)) {
@@ -297,7 +301,9 @@ export class Engine {
     clearTimeout(this.#windowTimer);
     this.#windowTimer = undefined;
     for (;;) {
-      const worker = this.#workers.find((w) => w.loaded && !w.running);
+      // A worker whose last batch is decoding takes the next one: its UNet steps overlap that decode. One decode
+      // ahead at most, so a slow VAE holds the queue here (where clients can still leave) rather than in the worker.
+      const worker = this.#workers.find((w) => w.loaded && !w.running && w.decoding.length < 2);
       if (!worker || this.#pending.length === 0) return;
       const head = this.#pending[0]!;
       const batch: Task[] = [head];
@@ -377,6 +383,14 @@ export class Engine {
         );
         break;
       }
+      case 'denoised': {
+        const run = w.running;
+        if (run?.id !== m.id) break;
+        w.running = undefined;
+        w.decoding.push(run);
+        this.#pump();
+        break;
+      }
       case 'progress': {
         const run = w.running;
         if (run?.id !== m.id) break;
@@ -394,10 +408,11 @@ export class Engine {
       }
       case 'result':
       case 'error': {
-        const run = w.running;
-        if (run?.id !== m.id) break;
+        const run = w.running?.id === m.id ? w.running : w.decoding.find((r) => r.id === m.id);
+        if (!run) break;
         // The worker is free for the next batch while this one's images are encoded here.
-        w.running = undefined;
+        if (w.running === run) w.running = undefined;
+        else w.decoding.splice(w.decoding.indexOf(run), 1);
         this.#encoding++;
         const settle = m.t === 'error' ? run.delivery.then(() => this.#fail(run, new RuntimeError(m.code as never, m.message))) : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
@@ -457,10 +472,10 @@ export class Engine {
 
   #onWorkerDeath(w: WorkerHandle, err: Error): void {
     this.log.error({ worker: w.index, err: err.message }, 'pipeline worker died');
-    const run = w.running;
+    const runs = [...(w.running ? [w.running] : []), ...w.decoding.splice(0)];
     w.running = undefined;
     w.loaded = false;
-    if (run) for (const t of run.tasks) this.#finish(t, new RuntimeError('INTERNAL', 'the generation failed: pipeline worker died'));
+    for (const run of runs) for (const t of run.tasks) this.#finish(t, new RuntimeError('INTERNAL', 'the generation failed: pipeline worker died'));
     for (const waiter of w.loads.splice(0)) {
       if (!waiter.settled) waiter.reject(new RuntimeError('INTERNAL', `pipeline worker died: ${err.message}`));
       waiter.settled = true;

@@ -1,0 +1,100 @@
+/**
+ * The engine's scheduling against a scripted worker (no ORT): what it sends and when, driven by the messages a
+ * pipeline worker sends back. The real worker is covered end to end by the serving tests.
+ */
+import { EventEmitter } from 'node:events';
+import type { Worker } from 'node:worker_threads';
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import { createLogger } from '../src/log.js';
+import { createMetrics } from '../src/metrics.js';
+import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
+import { Engine } from '../src/runtime/engine.js';
+import type { GenerationRequest } from '../src/runtime/request.js';
+import type { SpawnedWorker } from '../src/runtime/workers.js';
+
+/** A worker that records what it is sent and replies only when the test says so. */
+class ScriptedWorker extends EventEmitter {
+  readonly sent: ToWorker[] = [];
+  reply: (m: FromWorker) => void = () => undefined;
+  postMessage(m: ToWorker): void {
+    this.sent.push(m);
+  }
+  terminate(): Promise<number> {
+    this.emit('exit', 1);
+    return Promise.resolve(1);
+  }
+  generations(): Array<Extract<ToWorker, { t: 'generate' }>> {
+    return this.sent.filter((m): m is Extract<ToWorker, { t: 'generate' }> => m.t === 'generate');
+  }
+}
+
+function spawned(w: ScriptedWorker): SpawnedWorker {
+  return {
+    worker: w as unknown as Worker,
+    attach(onMessage, onError, onExit) {
+      w.reply = onMessage;
+      w.on('error', onError);
+      w.on('exit', onExit);
+    },
+  };
+}
+
+const request = (prompt: string): GenerationRequest => ({
+  shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+  items: [{ prompt, negativePrompt: undefined, seed: 1, seedWasGiven: true, numImages: 1 }],
+  output: { format: 'png', quality: undefined, uri: undefined },
+  previewEvery: 0,
+});
+
+const tick = () => new Promise((r) => setImmediate(r));
+const image = { rgb: new Uint8Array(64 * 64 * 3).buffer, width: 64, height: 64, seed: 1 };
+const times = { textEncoderMs: 1, denoiseMs: 2, vaeMs: 3, steps: 2 };
+
+async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine: Engine; w: ScriptedWorker }> {
+  const w = new ScriptedWorker();
+  const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), createMetrics());
+  engine.start([spawned(w)]);
+  const loaded = engine.load('/model');
+  w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
+  await loaded;
+  return { engine, w };
+}
+
+describe('engine', () => {
+  it('hands the next batch to a worker whose last batch is decoding, one decode ahead at most', async () => {
+    const { engine, w } = await loadedEngine();
+    const results = ['a', 'b', 'c'].map((p) => engine.submit(request(p)).then((r) => r.images.length, (e: Error) => e.message));
+    await tick();
+    expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['a']);
+    w.reply({ t: 'denoised', id: w.generations()[0]!.id });
+    await tick();
+    // b's UNet steps start while a decodes; c waits: a and b would both be decoding once b is denoised.
+    expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['a', 'b']);
+    const idB = w.generations()[1]!.id;
+    w.reply({ t: 'denoised', id: idB });
+    await tick();
+    expect(w.generations()).toHaveLength(2);
+    expect(engine.busy).toBe(1);
+    // a's result frees a decode slot: c goes out.
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await tick();
+    expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['a', 'b', 'c']);
+    w.reply({ t: 'result', id: idB, images: [image], times });
+    w.reply({ t: 'error', id: w.generations()[2]!.id, code: 'INVALID_INPUT', message: 'no' });
+    expect(await Promise.all(results)).toEqual([1, 1, 'no']);
+    await engine.idle();
+    expect(engine.busy).toBe(0);
+  });
+
+  it('a worker that dies fails both the batch it was stepping and the one it was decoding', async () => {
+    const { engine, w } = await loadedEngine();
+    const results = ['a', 'b'].map((p) => engine.submit(request(p)).then(() => 'ok', (e: Error) => e.message));
+    await tick();
+    w.reply({ t: 'denoised', id: w.generations()[0]!.id });
+    await tick();
+    expect(w.generations()).toHaveLength(2);
+    w.emit('exit', 1);
+    expect(await Promise.all(results)).toEqual(['the generation failed: pipeline worker died', 'the generation failed: pipeline worker died']);
+  });
+});
