@@ -5,7 +5,7 @@
 # current dist/, and the e2e reference model and cases (from ../shared when it is beside the repository, else the
 # repository's own copy).
 #
-#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 50] [--with-bench] [--with-sd15]
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 40] [--with-bench] [--with-sd15]
 #
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
 # bench:cold-start there (BENCH=1).
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=90
-PIECE_MB=50
+PIECE_MB=40
 BENCH=0
 SD15=0
 while [ $# -gt 0 ]; do
@@ -89,12 +89,17 @@ if [ "$SD15" = 1 ]; then
   mkdir -p gpu0/ref
   if [ -d "$src/src/diffusers" ]; then tar cf - -C "$src/src" diffusers | xz -9 > gpu0/diffusers-src.tar.xz
   else git --git-dir="$src" archive HEAD src/diffusers | tar xf - -C "$W" && tar cf - -C "$W/src" diffusers | xz -9 > gpu0/diffusers-src.tar.xz; fi
-  REFDIR=${REFERENCE_DIR:-../shared/reference}
-  cp -r "$REFDIR/e2e/model/tokenizer" gpu0/ref/tokenizer
-  cp "$REFDIR/e2e/model/scheduler/scheduler_config.json" gpu0/ref/
+  cp -r "$REF/model/tokenizer" gpu0/ref/tokenizer
+  cp "$REF/model/scheduler/scheduler_config.json" gpu0/ref/
+  chmod -R u+w gpu0/ref
   echo "gpu-bundle: gpu0/ ($(du -sh gpu0 | cut -f1)): diffusers source and SD 1.5's tokenizer and scheduler config"
 fi
-echo "gpu-bundle: $n pieces ($(du -ch gpu[0-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[0-9]* | tr '\n' ' ')"
-echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
+echo "gpu-bundle: $n pieces ($(du -ch gpu[1-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[1-9]* | tr '\n' ' ')(a call carries 64 MiB with the working tree)"
+if [ "$SD15" = 1 ]; then
+  echo "  call 1: bash scripts/gpu-sd15-start.sh   (carry [gpu0, gpu1]; SD15_ONLY=fused skips diffusers and the plain export)"
+else
+  echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
+fi
 [ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"
-echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"
+if [ "$SD15" = 1 ]; then echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu.log   (carry [gpu$n])"
+else echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"; fi

@@ -94,8 +94,8 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     if (torchWeights.some((f) => existsSync(path.join(dir, f)))) {
       throw new RuntimeError(
         'MODEL_FORMAT',
-        'this is a PyTorch diffusers folder, not an ONNX export; export it with `optimum-cli export onnx --model <id> out/` ' +
-          '(scripts/export-onnx.sh does this and uploads the result) and point STORAGE_URI at the export',
+        'this is a PyTorch diffusers folder, not an ONNX export; export it with `scripts/export-onnx.sh <folder or id> out/` ' +
+          '(fused float16 for CUDA; add --plain for the CPU provider) and point STORAGE_URI at the export',
       );
     }
     const present = existsSync(dir) ? readdirSync(dir).slice(0, 20).join(', ') : '';
