@@ -24,6 +24,8 @@ const MAIN = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'src'
 const PROMPT = 'a photo of an astronaut riding a horse';
 const QUICK = process.env.BENCH_GPU_QUICK === '1';
 const EP = process.env.BENCH_GPU_EP;
+/** BENCH_GPU_ONLY=fused: the fused export alone, started three times (a rerun after a change to the start path). */
+const ONLY_FUSED = process.env.BENCH_GPU_ONLY === 'fused';
 
 interface Started {
   label: string;
@@ -223,17 +225,18 @@ async function main(): Promise<void> {
   }
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
+  const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
   const levels: Record<string, unknown> = {};
-  for (const level of QUICK ? [] : ['basic', 'disabled']) {
+  for (const level of QUICK || ONLY_FUSED ? [] : ['basic', 'disabled']) {
     levels[level] = await startOnly(`fused, ORT_GRAPH_OPTIMIZATION=${level}`, fused, { ORT_GRAPH_OPTIMIZATION: level }, async (st) => (await predict(st.port, { steps: 50, seed: 11 })).ms);
   }
-  const plainMain = await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
+  const plainMain = ONLY_FUSED ? undefined : await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
   const batch: Record<string, number | undefined> = {};
   for (const b of [1, 4]) {
     const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
     batch[`b${b}`] = r?.extra as number | undefined;
   }
-  Object.assign(result, { fused: fusedMain, fusedAgain, levels, plain: plainMain, batch });
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, levels, plain: plainMain, batch });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -255,6 +258,7 @@ async function main(): Promise<void> {
     '',
     `fused export served from: ${fused}`,
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
+    ...(fusedThird ? [`third start: ready ${s(fusedThird.readyMs)} (loading ${s((fusedThird.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedThird.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedThird.sessions)}; primed ${JSON.stringify(fusedThird.primed)}`] : []),
     ...Object.entries(levels).map(([k, v]) => {
       const st = v as typeof fusedMain;
       return `ORT_GRAPH_OPTIMIZATION=${k}: ready ${s(st?.readyMs)}, UNet session ${st?.sessions.unet ?? '—'} ms, 50 steps ${s(st?.extra as number | undefined)}`;

@@ -23,6 +23,8 @@ work, ref, result_path = sys.argv[1:4]
 DEV = os.environ.get("SD15_DEVICE", "cuda")
 TINY = os.environ.get("SD15_TINY") == "1"
 SIZE, STEPS, STEPS_SHORT = (64, 3, 2) if TINY else (512, 50, 20)
+# SD15_ONLY=fused: only the fused export (a rerun whose diffusers timing and plain export are already known).
+ONLY_FUSED = os.environ.get("SD15_ONLY") == "fused"
 os.makedirs(work, exist_ok=True)
 res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else DEV, "errors": []}
 PROMPT = "a photo of an astronaut riding a horse"
@@ -83,6 +85,8 @@ def gen(steps, seed):
 
 
 try:
+    if ONLY_FUSED:
+        raise RuntimeError("skipped (SD15_ONLY=fused)")
     with torch.inference_mode():
         gen(STEPS, 0)
         runs = [gen(STEPS, s) for s in (1, 2, 3)]
@@ -102,6 +106,9 @@ except Exception as e:  # noqa: BLE001 - the exports still matter
 save()
 
 for variant, pipe, fused in (("plain", half, False), ("fused", fp32, True)):
+    if ONLY_FUSED and not fused:
+        del half
+        continue
     try:
         t = time.perf_counter()
         m = export_sd.export_pipeline(pipe, os.path.join(work, variant), fused=fused, fp16=True, device=DEV, vae_encoder=False)
