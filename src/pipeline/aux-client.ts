@@ -4,7 +4,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { RuntimeError, type ErrorCode } from '../errors.js';
-import { ioInfo, type Feed, type IoInfo, type ModelSession } from './onnx.js';
+import { ioInfo, SessionIo, type Feed, type IoInfo, type ModelSession } from './onnx.js';
 import type { InferenceSession } from 'onnxruntime-node';
 import type { AuxInit, FromAux, OptimizeItem, ToAux } from './protocol.js';
 
@@ -90,23 +90,15 @@ export class AuxClient {
 }
 
 /** A session on the auxiliary thread: the same inputs, outputs and run() as a local one. */
-export class RemoteSession implements ModelSession {
+export class RemoteSession extends SessionIo implements ModelSession {
   constructor(
-    readonly name: string,
+    name: string,
     private readonly id: number,
-    readonly inputs: ReadonlyMap<string, IoInfo>,
-    readonly outputs: ReadonlyMap<string, IoInfo>,
+    inputs: ReadonlyMap<string, IoInfo>,
+    outputs: ReadonlyMap<string, IoInfo>,
     private readonly client: AuxClient,
-  ) {}
-
-  has(input: string): boolean {
-    return this.inputs.has(input);
-  }
-
-  input(name: string): IoInfo {
-    const i = this.inputs.get(name);
-    if (!i) throw new RuntimeError('MODEL_FORMAT', `${this.name}: the model has no input "${name}" (it has ${[...this.inputs.keys()].join(', ')})`);
-    return i;
+  ) {
+    super(name, inputs, outputs);
   }
 
   run(feeds: Record<string, Feed>, outputs?: string[]): Promise<Record<string, { data: Float32Array; dims: readonly number[] }>> {

@@ -275,15 +275,13 @@ export function ioInfo(name: string, list: readonly InferenceSession.ValueMetada
   );
 }
 
-/** A session plus its declared inputs/outputs; feeds are cast to what the model declares. */
-export class OnnxSession implements ModelSession {
-  readonly inputs: ReadonlyMap<string, IoInfo>;
-  readonly outputs: ReadonlyMap<string, IoInfo>;
-
-  constructor(readonly name: string, readonly session: InferenceSession) {
-    this.inputs = ioInfo(name, session.inputMetadata);
-    this.outputs = ioInfo(name, session.outputMetadata);
-  }
+/** The declared inputs and outputs of a session, local (OnnxSession) or on another thread (RemoteSession). */
+export abstract class SessionIo {
+  constructor(
+    readonly name: string,
+    readonly inputs: ReadonlyMap<string, IoInfo>,
+    readonly outputs: ReadonlyMap<string, IoInfo>,
+  ) {}
 
   has(input: string): boolean {
     return this.inputs.has(input);
@@ -293,6 +291,16 @@ export class OnnxSession implements ModelSession {
     const i = this.inputs.get(name);
     if (!i) throw new RuntimeError('MODEL_FORMAT', `${this.name}: the model has no input "${name}" (it has ${[...this.inputs.keys()].join(', ')})`);
     return i;
+  }
+}
+
+/** A session plus its declared inputs/outputs; feeds are cast to what the model declares. */
+export class OnnxSession extends SessionIo implements ModelSession {
+  constructor(
+    name: string,
+    readonly session: InferenceSession,
+  ) {
+    super(name, ioInfo(name, session.inputMetadata), ioInfo(name, session.outputMetadata));
   }
 
   /** Runs with float32/int feeds converted to the declared dtypes; returns float32 outputs (float16 widened). */
