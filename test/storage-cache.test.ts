@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -128,6 +128,55 @@ describe('lock', () => {
     const none = await acquireLock(file, { pollMs: 20, satisfied: async () => ++polls > 2 });
     expect(none).toBeUndefined();
     await l!.release();
+  });
+
+  it('an empty lock (its creator killed before writing it) is stale once a few seconds old, not after staleMs', async () => {
+    const file = path.join(tmp, 'e.lock');
+    await fsp.writeFile(file, '');
+    const past = new Date(Date.now() - 10_000);
+    await fsp.utimes(file, past, past);
+    let t0 = Date.now();
+    const l = await acquireLock(file, { staleMs: 60_000, pollMs: 20 });
+    expect(Date.now() - t0).toBeLessThan(1_000);
+    await l!.release();
+    // A fresh empty one may be a creator of an older release still writing: waited for, but only briefly.
+    await fsp.writeFile(file, '');
+    t0 = Date.now();
+    const m = await acquireLock(file, { staleMs: 60_000, pollMs: 20, unreadableStaleMs: 400 });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(350);
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    await m!.release();
+  });
+
+  it('a lock that does not say who made it is taken over at once', async () => {
+    const file = path.join(tmp, 'f.lock');
+    for (const body of ['{"pid":"x"}', '[]', 'null', '{"host":"h","token":"t"}']) {
+      await fsp.writeFile(file, body);
+      const t0 = Date.now();
+      const l = await acquireLock(file, { staleMs: 60_000, pollMs: 20 });
+      expect(Date.now() - t0, body).toBeLessThan(1_000);
+      expect(JSON.parse(await fsp.readFile(file, 'utf8'))).toMatchObject({ pid: process.pid, host: os.hostname() });
+      await l!.release();
+    }
+  });
+
+  it('the lock file never exists without its holder written in it', async () => {
+    const file = path.join(tmp, 'g.lock');
+    const seen: string[] = [];
+    const watch = setInterval(() => {
+      try {
+        seen.push(readFileSync(file, 'utf8'));
+      } catch {
+        /* not there */
+      }
+    }, 0);
+    try {
+      for (let i = 0; i < 30; i++) await (await acquireLock(file, { pollMs: 5 }))!.release();
+    } finally {
+      clearInterval(watch);
+    }
+    expect(seen.filter((s) => !s.startsWith('{"pid":'))).toEqual([]);
+    expect(readdirSync(tmp).filter((n) => n.startsWith('g.lock'))).toEqual([]);
   });
 
   it('aborts the holder when another process steals the lock', async () => {
