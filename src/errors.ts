@@ -19,6 +19,18 @@ const STATUS = {
   STORAGE_DENIED: 500,
   STORAGE_MISSING: 500,
   STORAGE_TRANSIENT: 500,
+  /** An object key the cache cannot store as a file name (longer than the filesystem allows). */
+  STORAGE_KEY_TOO_LONG: 500,
+  /** A listing that names one key twice, or one key both as an object and as a folder of others. */
+  STORAGE_KEY_DUPLICATE: 500,
+  /** A listing that returned a key outside the prefix it was asked for. */
+  STORAGE_KEY_OUTSIDE_PREFIX: 500,
+  /** S3 refused the request time, and no Date from S3 could correct the clock offset. */
+  STORAGE_CLOCK_SKEW: 500,
+  /** Listed files were still missing or short after every download round. */
+  STORAGE_INCOMPLETE: 500,
+  /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */
+  CACHE_IO: 500,
   NO_SPACE: 500,
   MODEL_FORMAT: 500,
   PROVIDER: 500,

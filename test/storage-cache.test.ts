@@ -213,4 +213,30 @@ describe('object changed mid-download', () => {
     const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
     expect(m.files[0].size).toBe(1_400_000);
   });
+
+  it('an object that shrank answers 416 to ranges past its new end: listed again, not "missing"', async () => {
+    await s3.put('models', 'shrink/w.bin', detBytes(1_500_000, 23));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'shrink-'));
+    const smaller = detBytes(300_000, 24);
+    let release!: () => void;
+    // The first two ranges (bytes 0-524287) go through; the rest wait until the object is replaced by a shorter one.
+    proxy.faults = { hold: { keys: /shrink\/w\.bin/, range: (r) => Number(/^bytes=(\d+)/.exec(r ?? '')?.[1] ?? 0) >= 524_288, release: new Promise<void>((r) => (release = r)) } };
+    const held = proxy.stats.held;
+    const p = resolveModel('s3://models/shrink', { cfg: cfgFor(cache), log });
+    await until(() => proxy.stats.held - held >= 4);
+    await s3.put('models', 'shrink/w.bin', smaller);
+    release();
+    const r = await p;
+    expect((await fsp.readFile(path.join(r.dir, 'w.bin'))).equals(smaller)).toBe(true);
+    const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
+    expect(m.files).toEqual([expect.objectContaining({ path: 'w.bin', size: 300_000 })]);
+  });
 });
+
+async function until(cond: () => boolean, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

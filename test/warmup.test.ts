@@ -117,6 +117,23 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a pod clock 20 minutes off: S3 refuses the request time, the offset is corrected from its Date, the fill succeeds (s3-lite and the SDK)', async () => {
+    const skew = path.resolve('test/helpers/skew-clock.cjs');
+    for (const [client, extra] of [['s3-lite', {}], ['AWS SDK', { AWS_CONFIG_FILE: path.join(tmp, 'empty-aws-config') }]] as const) {
+      await fsp.writeFile(path.join(tmp, 'empty-aws-config'), '');
+      for (const minutes of [20, -20]) {
+        const sdkGets = proxy.stats.sdkGets;
+        const refused = proxy.stats.refusals.RequestTimeTooSkewed ?? 0;
+        const r = await cli([], { ...env(path.join(tmp, `skew-${client}-${minutes}`)), ...extra, NODE_OPTIONS: `--require ${skew}`, TEST_CLOCK_SKEW_MS: String(minutes * 60_000), LOG_LEVEL: 'warn' });
+        expect(r.code, `${client} ${minutes} min: ${r.stderr}`).toBe(0);
+        expect(JSON.parse(r.stdout)).toMatchObject({ bytes: TOTAL, files: 6, fromCache: false });
+        await expectModel(JSON.parse(r.stdout).modelDir);
+        expect(proxy.stats.sdkGets - sdkGets > 0).toBe(client === 'AWS SDK');
+        expect(proxy.stats.refusals.RequestTimeTooSkewed! - refused).toBe(1); // the first listing; later requests carry S3's time
+      }
+    }
+  });
+
   it('two concurrent warm-ups on one cache dir: one download, both succeed', async () => {
     const cache = path.join(tmp, 'c3');
     proxy.faults = { bytesPerSecond: 1_000_000 };
