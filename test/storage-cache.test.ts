@@ -4,7 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
-import { resolveModel } from '../src/storage/index.js';
+import { RuntimeError } from '../src/errors.js';
+import { cacheIoError, resolveModel } from '../src/storage/index.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
@@ -88,6 +89,30 @@ describe('out of disk', () => {
     expect(late.code).toBe('NO_SPACE');
     const files = (await fsp.readdir(mnt, { recursive: true })).map(String);
     expect(files.filter((f) => f.endsWith('.complete.json') || f.endsWith('.partial') || f.endsWith('.lock'))).toEqual([]);
+  });
+});
+
+describe('errors of the cache volume', () => {
+  it('name the call, the code and the file inside the entry, never a local path', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'io-'));
+    const entry = path.join(cache, 's3-models-m-0123456789abcdef');
+    await fsp.mkdir(path.join(entry, 'unet'), { recursive: true });
+    const long = 'x'.repeat(300);
+    const tooLong = cacheIoError(await fsp.open(path.join(entry, 'unet', long), 'w').catch((e: unknown) => e), cache) as RuntimeError;
+    expect([tooLong.code, tooLong.message]).toEqual(['STORAGE_KEY_TOO_LONG', `the model cache (MODEL_CACHE_DIR) refused open of "unet/${long}": ENAMETOOLONG`]);
+    const notDir = cacheIoError(await fsp.mkdir(path.join(entry, 'unet', 'a'), { recursive: true }).then(() => fsp.writeFile(path.join(entry, 'f'), '')).then(() => fsp.mkdir(path.join(entry, 'f', 'g'))).catch((e: unknown) => e), cache) as RuntimeError;
+    expect([notDir.code, notDir.message]).toEqual(['CACHE_IO', 'the model cache (MODEL_CACHE_DIR) refused mkdir of "f/g": ENOTDIR']);
+  });
+
+  it('an entry folder that is a file: a CACHE_IO failure that shows no local path', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'io-'));
+    const first = await resolveModel('s3://models/m', { cfg: cfgFor(cache), log });
+    await fsp.rm(first.dir, { recursive: true });
+    await fsp.writeFile(first.dir, 'not a folder');
+    const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache), log }));
+    expect(err.code).toBe('CACHE_IO');
+    expect(err.message).toMatch(/^the model cache \(MODEL_CACHE_DIR\) refused \w+: E[A-Z]+$/);
+    expect(err.message).not.toContain(cache);
   });
 });
 

@@ -3,6 +3,8 @@ import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs'
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { JOURNAL } from '../src/storage/cache.js';
+import { replay, spanBytes } from '../src/storage/journal.js';
 import { destroyS3, detBytes, type FaultProxy, type S3Server, s3Env, startFaultProxy, startS3 } from './helpers/s3.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
@@ -151,16 +153,12 @@ describe('warm-up CLI', () => {
   it('killed mid-download (SIGKILL): never serves a partial model, the next run resumes', async () => {
     const cache = path.join(tmp, 'c4');
     proxy.faults = { bytesPerSecond: 200_000 };
-    // Killed once the journal records at least 600 KB that a resume keeps, whatever the order: whole files, and the
-    // done parts of files fetched in parts. A file of one part is fetched whole again unless it was completed.
-    const PART = 131072;
+    // Killed once the journal records at least 600 KB that a resume keeps: whole files, and the spans of partial ones.
     const journaled = () => {
       try {
         const dir = readdirSync(cache).find((n) => !n.endsWith('.lock'));
-        const j = JSON.parse(readFileSync(path.join(cache, dir!, '.progress.json'), 'utf8')) as { files: Record<string, { size: number; done: number[]; complete: boolean }> };
-        const kept = (f: { size: number; done: number[]; complete: boolean }) =>
-          f.complete ? f.size : f.size <= PART ? 0 : f.done.reduce((n, i) => n + Math.min(PART, f.size - i * PART), 0);
-        return Object.values(j.files).reduce((n, f) => n + kept(f), 0);
+        const files = replay(readFileSync(path.join(cache, dir!, JOURNAL), 'utf8'));
+        return [...files.values()].reduce((n, f) => n + (f.complete ? f.size : spanBytes(f.spans)), 0);
       } catch {
         return 0;
       }
