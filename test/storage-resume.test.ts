@@ -10,7 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { JOURNAL, type Manifest } from '../src/storage/cache.js';
 import { cacheKey, containedPath, parseStorageUri, resolveModel } from '../src/storage/index.js';
-import { addSpan, gaps, replay } from '../src/storage/journal.js';
+import { addSpan, currentBoot, gaps, replay } from '../src/storage/journal.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
@@ -45,7 +45,8 @@ async function writeState(entry: string, files: Record<string, { whole?: boolean
     if (f.whole) await fsp.writeFile(path.join(entry, rel), model[rel]!);
     if (f.partial) await fsp.writeFile(path.join(entry, `${rel}.partial`), f.partial);
   }
-  await fsp.writeFile(path.join(entry, JOURNAL), `${['{"v":2}', ...lines.map((l) => JSON.stringify(l))].join('\n')}\n${tail}`);
+  // Written by this boot and never synced: what a process killed a moment ago leaves (the page cache has it all).
+  await fsp.writeFile(path.join(entry, JOURNAL), `${[JSON.stringify({ v: 2, boot: currentBoot() }), ...lines.map((l) => JSON.stringify(l))].join('\n')}\n${tail}`);
 }
 
 const started = (rel: string) => ({ f: rel, etag: etagOf(rel), size: model[rel]!.length });
@@ -96,9 +97,19 @@ describe('journal spans', () => {
   });
 
   it('replays up to a torn line and ignores spans that do not fit the file', () => {
-    const text = ['{"v":2}', '{"f":"a","etag":"e","size":100}', '{"f":"a","add":[[0,10],[10,20]]}', '{"f":"a","add":[[90,120]]}', '{"f":"b","add":[[0,5]]}', '{"f":"a","add":[[50,6'].join('\n');
-    expect([...replay(text)]).toEqual([['a', { etag: 'e', size: 100, spans: [[0, 20]], complete: false }]]);
-    expect(replay('{"files":{}}').size).toBe(0); // another format: nothing is trusted
+    const text = ['{"v":2,"boot":"b1"}', '{"f":"a","etag":"e","size":100}', '{"f":"a","add":[[0,10],[10,20]]}', '{"f":"a","add":[[90,120]]}', '{"f":"b","add":[[0,5]]}', '{"f":"a","add":[[50,6'].join('\n');
+    expect([...replay(text, 'b1')]).toEqual([['a', { etag: 'e', size: 100, spans: [[0, 20]], complete: false }]]);
+    expect(replay('{"files":{}}', 'b1').size).toBe(0); // another format: nothing is trusted
+  });
+
+  it('after another boot (a power cut), only the lines a sync marker vouches for count', () => {
+    const head = ['{"v":2,"boot":"b1"}', '{"f":"a","etag":"e","size":100}', '{"f":"a","add":[[0,10]]}'].join('\n') + '\n';
+    const text = `${head}{"sync":${Buffer.byteLength(head)}}\n{"f":"a","add":[[10,50]]}\n{"f":"a","complete":true}\n`;
+    expect(replay(text, 'b1').get('a')).toEqual({ etag: 'e', size: 100, spans: [[0, 50]], complete: true });
+    expect(replay(text, 'b2').get('a')).toEqual({ etag: 'e', size: 100, spans: [[0, 10]], complete: false });
+    expect(replay(text, '').get('a')).toEqual({ etag: 'e', size: 100, spans: [[0, 10]], complete: false }); // boot unknown
+    // A marker that claims more than precedes it vouches for nothing.
+    expect(replay(`${head}{"sync":100000}\n`, 'b2').size).toBe(0);
   });
 });
 

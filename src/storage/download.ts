@@ -52,8 +52,8 @@ export interface DownloadOptions {
   /** Bytes gathered from the socket before one positional write. */
   writeBytes: number;
   journal: Journal;
-  /** Least time between two journal commits (ms); each commit fdatasyncs the partials it claims, then the journal. */
-  journalGapMs?: number;
+  /** How often (ms) the partials and the journal are synced and the journal's lines marked durable (default 1 s). */
+  syncMs?: number;
   log: Logger;
   signal: AbortSignal;
   /** Aborted when another process took the cache lock over: from then on nothing is written or recorded. */
@@ -94,7 +94,7 @@ interface FileState {
   /** Ranges of this file not yet fetched. */
   left: number;
   fh?: Promise<FileHandle>;
-  /** Synced and closed by finish(): its spans are durable whatever a commit's own sync does. */
+  /** Synced and closed by finish(): its spans are durable whatever a later sync of the journal does. */
   closed?: boolean;
 }
 
@@ -186,9 +186,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   if (free < remainingBytes) {
     throw new RuntimeError('NO_SPACE', `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
   }
-  // Which version each file is being fetched at is on disk before any of its bytes: a whole file found later under
-  // its final name is then known to be that version (see S3Fetch.fill).
-  await o.journal.commit();
+  // Which version each file is being fetched at is durable before any of its bytes: a whole file found later under
+  // its final name is then known to be that version, even after a power cut (see S3Fetch.fill).
+  await o.journal.sync();
 
   const stop = new AbortController();
   const signal = AbortSignal.any([o.signal, stop.signal]);
@@ -198,11 +198,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     stop.abort(e);
   };
 
-  // Group commit: writes queue their spans; one commit at a time syncs the partials they touched, then appends the
-  // spans to the journal. The next commit starts as soon as the last ended (at least journalGapMs after its start).
-  const gapMs = o.journalGapMs ?? 20;
-  let committing = false;
-  let lastCommit = 0;
+  // Spans are appended to the journal as writes return (Journal.add); every syncMs the partials written since the
+  // last sync and then the journal are synced and marked durable, which also trickles dirty pages to disk during
+  // the download, so the final fsync of a big file is short.
   const syncData = async (rels: ReadonlySet<string>) => {
     // One file at a time: a sync can hold a libuv thread for a while, and the writes need the others.
     for (const rel of rels) {
@@ -216,24 +214,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       }
     }
   };
-  const kick = () => {
-    if (committing || lost.aborted || !o.journal.pending) return;
-    committing = true;
-    void (async () => {
-      try {
-        while (o.journal.pending && !lost.aborted) {
-          const wait = lastCommit + gapMs - performance.now();
-          if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-          lastCommit = performance.now();
-          await o.journal.commit(syncData);
-        }
-      } catch (e) {
-        o.log.warn({ reason: errName(e) }, 'could not record download progress; a restart fetches again what was not recorded');
-      } finally {
-        committing = false;
-      }
-    })();
-  };
+  let syncing = false;
+  const ticker = setInterval(() => {
+    if (syncing || lost.aborted) return;
+    syncing = true;
+    void o.journal.sync(syncData).catch(() => undefined).finally(() => (syncing = false));
+  }, o.syncMs ?? 1_000);
+  ticker.unref();
+  const halt = () => o.journal.halt();
+  lost.addEventListener('abort', halt, { once: true });
 
   const open = (f: FileState): Promise<FileHandle> => {
     f.fh ??= (async () => {
@@ -256,7 +245,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     await fh.close();
     await fsp.rename(f.partial, f.abs);
     o.journal.complete(f.obj.rel, f.obj.etag, f.obj.size);
-    kick();
     o.onFileDone(f.obj, f.abs);
   };
 
@@ -303,7 +291,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         await o.io.write(fh, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
-        kick();
         o.onBytes(n);
         progressed = true;
       };
@@ -364,7 +351,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     for (const f of files) if (f.left === 0) await finish(f);
     await Promise.all(Array.from({ length: Math.min(o.concurrency, queue.length) }, worker));
   } finally {
-    if (!lost.aborted) await o.journal.commit(syncData).catch((e) => o.log.warn({ reason: errName(e) }, 'could not record download progress'));
+    clearInterval(ticker);
+    lost.removeEventListener('abort', halt);
+    if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
     await Promise.all(files.map(async (f) => {
       if (f.closed) return;
       await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);

@@ -23,6 +23,12 @@ export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './
 export type { StorageIo } from './download.js';
 export type { Manifest } from './cache.js';
 
+/**
+ * Bytes gathered from a socket before one positional write. Memory is concurrency × this; and what a kill can lose
+ * beyond the journal is about one write per range in flight, so it stays well under a part (docs/FAULTS.md).
+ */
+export const WRITE_BYTES = 256 * 1024;
+
 export interface FetchProgress {
   phase: 'resolving' | 'listing' | 'downloading' | 'verifying' | 'done';
   bytesDone: number;
@@ -52,10 +58,10 @@ export interface ResolveOptions {
   lockStaleMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
-  /** Bytes gathered per positional write (default 1 MiB). */
+  /** Bytes gathered per positional write (default WRITE_BYTES). */
   writeBytes?: number;
-  /** Least ms between two commits of the download journal (default 20). */
-  journalGapMs?: number;
+  /** How often (ms) the download journal is synced and marked durable against power loss (default 1 s). */
+  syncMs?: number;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -270,7 +276,9 @@ class S3Fetch {
       return s3.getObject(handle.client, this.bucket, r);
     };
     await fsp.mkdir(this.entry, { recursive: true });
-    const journal = await Journal.open(this.entry);
+    const journal = await Journal.open(this.entry, {
+      onError: (e) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded'),
+    });
     try {
       return await this.rounds(initial, journal, get, signal, lost, dl);
     } finally {
@@ -287,7 +295,7 @@ class S3Fetch {
     const old = await readManifest(this.entry);
     if (old) {
       for (const f of old.files) journal.complete(f.path, f.etag, f.size);
-      await journal.commit();
+      await journal.sync();
       await uncommit(this.entry);
     }
     let listing = initial;
@@ -320,7 +328,7 @@ class S3Fetch {
       // then always the version the journal names.
       const swept = await sweep(this.entry, keep);
       if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
-      await journal.commit();
+      await journal.sync();
 
       Object.assign(this.progress, { bytesTotal: listing.reduce((s, x) => s + x.size, 0), bytesDone: 0, filesTotal: listing.length, filesDone: 0 });
       this.o.onListing?.(listing.map((o) => ({ relPath: o.rel, size: o.size })));
@@ -338,8 +346,8 @@ class S3Fetch {
         report = await downloadAll(fetch, {
           get, bucket: this.bucket, entry: this.entry, journal, log, signal, lost,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
-          writeBytes: this.o.writeBytes ?? 1 << 20,
-          ...(this.o.journalGapMs !== undefined ? { journalGapMs: this.o.journalGapMs } : {}),
+          writeBytes: this.o.writeBytes ?? WRITE_BYTES,
+          ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
           onBytes: (n) => {
             this.progress.bytesDone += n;
@@ -378,7 +386,7 @@ class S3Fetch {
       if (bad.length > 0) {
         log.warn({ files: bad.slice(0, 5), count: bad.length }, 'files missing or short after the download; fetching them again');
         for (const rel of bad) journal.drop(rel);
-        await journal.commit();
+        await journal.sync();
         why = 'incomplete';
         continue;
       }
@@ -423,7 +431,7 @@ class S3Fetch {
       if (j.complete) keep.add(rel);
       else journal.drop(rel);
     }
-    await journal.commit().catch(() => undefined);
+    await journal.sync().catch(() => undefined);
     await sweep(this.entry, keep).catch(() => undefined);
   }
 

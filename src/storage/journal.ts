@@ -1,22 +1,25 @@
 /**
  * @module The download journal of a cache entry: which byte ranges of which `*.partial` are on disk, and which files
- * are whole. An append-only log of JSON lines, so recording progress costs one small write and one fdatasync:
+ * are whole. An append-only log of JSON lines:
  *
- *   {"v":2}                                        header
- *   {"f":"unet/model.onnx_data","etag":"…","size":N} a file's download starts (forgets what was recorded before)
- *   {"f":"unet/model.onnx_data","add":[[0,1048576]]} these ranges ([start, end) bytes) of the .partial are durable
- *   {"f":"unet/model.onnx_data","complete":true}   the file is whole and renamed to its final name
- *   {"f":"unet/model.onnx_data","drop":true}       forget the file
+ *   {"v":2,"boot":"…"}                                header: the boot of the kernel that wrote what follows
+ *   {"f":"unet/model.onnx_data","etag":"…","size":N}  a file's download starts (forgets what was recorded before)
+ *   {"f":"unet/model.onnx_data","add":[[0,262144]]}   bytes [start, end) of the .partial were written
+ *   {"f":"unet/model.onnx_data","complete":true}      the file is whole and renamed to its final name
+ *   {"f":"unet/model.onnx_data","drop":true}          forget the file
+ *   {"sync":4711}                                      every line before byte 4711 of the log is durable
  *
- * Ordering is what makes it trustworthy: the data of a range is fdatasync'd before the line that claims it is
- * written (commit's `syncData`), and a line is appended only after the previous commit's fdatasync returned. A kill
- * (or a power cut) can only tear the last line, which replay ignores. Opening compacts the log into one line per
- * file, so it never grows beyond one download's worth of lines.
+ * A line is appended (one write(2) on this thread, no queue) as soon as the write it records returns, without waiting
+ * for a sync: a process killed at any moment loses at most the writes in flight. Ordering makes that safe. The data of a line is written before the
+ * line, so any reader on the same running kernel (page cache) sees both; `sync` fdatasyncs the partials and then
+ * the log before a marker vouches for the lines before it, so after a power cut (another boot) only vouched lines
+ * count, and they never claim bytes that did not reach the disk. Replay stops at a torn line. Opening the journal
+ * syncs the partials its unvouched lines name (when written by this boot), then rewrites it compacted and vouched.
  */
-import { promises as fsp } from 'node:fs';
+import { promises as fsp, readFileSync, writeSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { fsyncDir, JOURNAL } from './cache.js';
+import { fsyncDir, JOURNAL, PARTIAL } from './cache.js';
 
 /** [start, end): bytes of a file, end exclusive. */
 export type Span = [number, number];
@@ -24,17 +27,26 @@ export type Span = [number, number];
 export interface JournalFile {
   readonly etag: string;
   readonly size: number;
-  /** Sorted, merged, non-empty spans of the `.partial` that are on disk (synced before they were recorded). */
+  /** Sorted, merged, non-empty spans of the `.partial` that are on disk. */
   spans: Span[];
   /** The file is whole and was renamed to its final name. */
   complete: boolean;
 }
 
-type Line =
+type FileLine =
   | { f: string; etag: string; size: number }
   | { f: string; add: Span[] }
   | { f: string; complete: true }
   | { f: string; drop: true };
+
+/** The running kernel's boot (Linux); '' where unknown, and then unvouched lines are never trusted. */
+export function currentBoot(): string {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return '';
+  }
+}
 
 /** Adds [s, e) to sorted, merged spans (touching spans merge). */
 export function addSpan(spans: Span[], s: number, e: number): Span[] {
@@ -74,7 +86,7 @@ const validSpan = (x: unknown, size: number): x is Span =>
   Array.isArray(x) && x.length === 2 && Number.isSafeInteger(x[0]) && Number.isSafeInteger(x[1]) && x[0] >= 0 && x[0] < x[1] && x[1] <= size;
 
 /** Applies one line to the state; a line that does not fit (unknown file, bad span) is ignored. */
-function apply(files: Map<string, JournalFile>, l: Line): void {
+function apply(files: Map<string, JournalFile>, l: FileLine): void {
   if ('etag' in l) {
     if (typeof l.etag === 'string' && Number.isSafeInteger(l.size) && l.size >= 0) files.set(l.f, { etag: l.etag, size: l.size, spans: [], complete: false });
     return;
@@ -89,66 +101,117 @@ function apply(files: Map<string, JournalFile>, l: Line): void {
   else if (Array.isArray(l.add)) for (const sp of l.add) if (validSpan(sp, j.size)) j.spans = addSpan(j.spans, sp[0], sp[1]);
 }
 
-/** Replays a log; stops at the first line that does not parse (a torn tail), keeping what came before. */
-export function replay(text: string): Map<string, JournalFile> {
-  const files = new Map<string, JournalFile>();
-  const lines = text.split('\n');
-  if (lines[0]?.trim() !== '{"v":2}') return files;
-  for (const raw of lines.slice(1)) {
-    if (raw === '') continue;
-    let l: Line;
-    try {
-      l = JSON.parse(raw) as Line;
-    } catch {
-      break;
-    }
-    if (typeof l !== 'object' || l === null || typeof l.f !== 'string') break;
-    apply(files, l);
-  }
-  return files;
-}
-
-/** The lines that recreate `files`. */
-function snapshot(files: ReadonlyMap<string, JournalFile>): string {
-  const out = ['{"v":2}'];
-  for (const [f, j] of files) {
-    out.push(JSON.stringify({ f, etag: j.etag, size: j.size }));
-    if (j.spans.length > 0) out.push(JSON.stringify({ f, add: j.spans }));
-    if (j.complete) out.push(JSON.stringify({ f, complete: true }));
-  }
-  return `${out.join('\n')}\n`;
+interface Replayed {
+  files: Map<string, JournalFile>;
+  /** Files named by lines no marker vouches for (trusted because this boot wrote them): their partials need a sync. */
+  unvouched: Set<string>;
 }
 
 /**
- * One entry's journal, open for appending. Changes apply to `files` at once (this process's view) and are queued;
- * `commit` makes the queued lines durable. Commits run one at a time, in call order.
+ * Replays a log: every line a marker vouches for, and the lines after the last marker too when the log was written
+ * by the running boot (`boot`). Stops at the first line that does not parse (a torn tail).
+ */
+function replayLog(text: string, boot: string): Replayed {
+  const files = new Map<string, JournalFile>();
+  const unvouched = new Set<string>();
+  const lines: Array<{ l: FileLine; end: number }> = [];
+  let vouched = 0;
+  let writer: string | undefined;
+  const total = Buffer.byteLength(text);
+  let at = 0;
+  for (const raw of text.split('\n')) {
+    const start = at;
+    at += Buffer.byteLength(raw) + 1;
+    if (at > total) break; // no newline yet: a line cut by a kill
+    let l: unknown;
+    try {
+      l = JSON.parse(raw);
+    } catch {
+      break;
+    }
+    if (typeof l !== 'object' || l === null) break;
+    const x = l as Record<string, unknown>;
+    if (start === 0) {
+      if (x.v !== 2) return { files, unvouched };
+      writer = typeof x.boot === 'string' ? x.boot : '';
+      continue;
+    }
+    if (typeof x.sync === 'number') {
+      if (x.sync <= start) vouched = Math.max(vouched, x.sync);
+      continue;
+    }
+    if (typeof x.f !== 'string') break;
+    lines.push({ l: l as FileLine, end: at });
+  }
+  const sameBoot = boot !== '' && writer === boot;
+  for (const { l, end } of lines) {
+    if (end > vouched) {
+      if (!sameBoot) break;
+      unvouched.add(l.f);
+    }
+    apply(files, l);
+  }
+  return { files, unvouched };
+}
+
+/** The state a log describes for a reader on this boot. */
+export function replay(text: string, boot = currentBoot()): Map<string, JournalFile> {
+  return replayLog(text, boot).files;
+}
+
+/**
+ * One entry's journal, open for appending. A change applies to `files` (this process's view) and its line is appended
+ * at once; `sync` makes the lines so far durable.
  */
 export class Journal {
   readonly #file: string;
+  readonly #boot: string;
   #fh: FileHandle | undefined;
-  #queue: Line[] = [];
-  /** Files with spans queued since the last commit: their data must be synced before the lines are written. */
+  /** Bytes in the log: the offset a marker vouches up to. */
+  #size = 0;
+  /** Files with spans appended since the last sync: their data must be synced before a marker vouches for them. */
   #touched = new Set<string>();
   #chain: Promise<void> = Promise.resolve();
   #closed = false;
 
-  private constructor(readonly entry: string, readonly files: Map<string, JournalFile>) {
+  private constructor(readonly entry: string, readonly files: Map<string, JournalFile>, boot: string, private readonly onError: (e: unknown) => void) {
     this.#file = path.join(entry, JOURNAL);
+    this.#boot = boot;
   }
 
-  /** Reads the entry's journal (missing or unreadable: empty) and rewrites it compacted, durably. */
-  static async open(entry: string): Promise<Journal> {
+  /**
+   * Reads the entry's journal (missing or unreadable: empty), syncs the partials its unvouched lines name, and
+   * rewrites it compacted and vouched. `onError`: a write of the log failed (recording stops; nothing is lost but
+   * what a resume will fetch again).
+   */
+  static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void } = {}): Promise<Journal> {
+    const boot = o.boot ?? currentBoot();
     const text = await fsp.readFile(path.join(entry, JOURNAL), 'utf8').catch(() => '');
-    const j = new Journal(entry, replay(text));
+    const { files, unvouched } = replayLog(text, boot);
+    // What the last process wrote is in this kernel's page cache: on disk before the compacted log vouches for it.
+    for (const rel of unvouched) {
+      const fh = await fsp.open(path.join(entry, rel + PARTIAL), 'r+').catch(() => undefined);
+      await fh?.datasync().catch(() => undefined);
+      await fh?.close().catch(() => undefined);
+    }
+    const j = new Journal(entry, files, boot, o.onError ?? (() => undefined));
     await j.#rewrite();
     return j;
   }
 
   async #rewrite(): Promise<void> {
+    const out = [JSON.stringify({ v: 2, boot: this.#boot })];
+    for (const [f, j] of this.files) {
+      out.push(JSON.stringify({ f, etag: j.etag, size: j.size }));
+      if (j.spans.length > 0) out.push(JSON.stringify({ f, add: j.spans }));
+      if (j.complete) out.push(JSON.stringify({ f, complete: true }));
+    }
+    const body = `${out.join('\n')}\n`;
+    const text = `${body}{"sync":${Buffer.byteLength(body)}}\n`;
     const tmp = `${this.#file}.tmp.${process.pid}`;
     const fh = await fsp.open(tmp, 'w');
     try {
-      await fh.writeFile(snapshot(this.files));
+      await fh.writeFile(text);
       await fh.datasync();
     } finally {
       await fh.close();
@@ -156,14 +219,11 @@ export class Journal {
     await fsp.rename(tmp, this.#file);
     await fsyncDir(this.entry);
     this.#fh = await fsp.open(this.#file, 'a');
+    this.#size = Buffer.byteLength(text);
   }
 
   get(rel: string): JournalFile | undefined {
     return this.files.get(rel);
-  }
-
-  get pending(): boolean {
-    return this.#queue.length > 0;
   }
 
   /** A download of `rel` at this ETag and size starts from nothing. */
@@ -179,7 +239,7 @@ export class Journal {
     this.#push({ f: rel, complete: true });
   }
 
-  /** Bytes [start, end) of `rel`'s partial were written; they are claimed once a commit has synced the file. */
+  /** Bytes [start, end) of `rel`'s partial were written (the write has returned). */
   add(rel: string, start: number, end: number): void {
     if (end <= start) return;
     this.#touched.add(rel);
@@ -190,51 +250,78 @@ export class Journal {
     if (this.files.has(rel)) this.#push({ f: rel, drop: true });
   }
 
-  #push(l: Line): void {
+  #push(l: FileLine): void {
     apply(this.files, l);
-    // Consecutive spans of one file share a line.
-    const last = this.#queue.at(-1);
-    if ('add' in l && last && 'add' in last && last.f === l.f) last.add.push(...l.add);
-    else this.#queue.push(l);
+    this.#append(`${JSON.stringify(l)}\n`);
   }
 
   /**
-   * Writes the queued lines durably: first `syncData(rels)` (fdatasync the partials whose spans are claimed), then one
-   * append and an fdatasync of the log. Resolves once this call's lines are on disk.
+   * A line, appended now. Synchronous on purpose: a few dozen bytes into the page cache, with no turn of the event
+   * loop and no wait behind data writes in libuv's pool between a write's return and the line that records it.
    */
-  commit(syncData: (rels: ReadonlySet<string>) => Promise<void> = async () => undefined): Promise<void> {
+  #append(text: string): void {
+    if (this.#closed || this.#fh === undefined) return;
+    try {
+      const b = Buffer.from(text);
+      for (let done = 0; done < b.length;) done += writeSync(this.#fh.fd, b, done, b.length - done);
+      this.#size += b.length;
+    } catch (e) {
+      this.#fail(e);
+    }
+  }
+
+  /**
+   * A line that may be lost may be a file's start line: later lines could then attach to an older version of the
+   * file. Recording stops instead; a resume fetches again what was not recorded.
+   */
+  #fail(e: unknown): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.onError(e);
+  }
+
+  /**
+   * Makes every line so far durable: `syncData(rels)` fdatasyncs the partials written since the last sync, the log
+   * is fdatasync'd, then a marker vouches for the lines before it. Syncs run one at a time.
+   */
+  sync(syncData: (rels: ReadonlySet<string>) => Promise<void> = async () => undefined): Promise<void> {
     const run = this.#chain.then(async () => {
-      if (this.#closed || this.#queue.length === 0) return;
-      const lines = this.#queue;
+      if (this.#closed || this.#fh === undefined) return;
+      const upTo = this.#size;
       const touched = this.#touched;
-      this.#queue = [];
       this.#touched = new Set();
       try {
         if (touched.size > 0) await syncData(touched);
-        await this.#fh!.write(`${lines.map((l) => JSON.stringify(l)).join('\n')}\n`);
-        await this.#fh!.datasync();
+        await this.#fh.datasync();
       } catch (e) {
-        // Lines lost here may include a file's start line: later lines could then attach to an older version of it.
-        // Recording stops instead; a resume fetches again what was not recorded.
-        this.#closed = true;
+        this.#fail(e);
         throw e;
       }
+      this.#append(`{"sync":${upTo}}\n`);
     });
     this.#chain = run.catch(() => undefined);
     return run;
   }
 
-  /** Stops writing: later commits do nothing (the lock was lost, or the entry is committed). */
-  async close(): Promise<void> {
-    await this.#chain;
+  /** Stops recording at once (the cache lock was lost: the entry is another process's now). */
+  halt(): void {
     this.#closed = true;
+  }
+
+  /** Stops recording; the log stays for the next run. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    await this.#chain;
     await this.#fh?.close().catch(() => undefined);
     this.#fh = undefined;
   }
 
   /** Closes and deletes the log (the entry is committed; its manifest says everything). */
   async remove(): Promise<void> {
-    await this.close();
+    this.#closed = true;
+    await this.#chain;
+    await this.#fh?.close().catch(() => undefined);
+    this.#fh = undefined;
     await fsp.unlink(this.#file).catch(() => undefined);
   }
 }
