@@ -6,6 +6,7 @@
 import { existsSync, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { crc32 } from 'node:zlib';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { JOURNAL, type Manifest } from '../src/storage/cache.js';
@@ -179,6 +180,41 @@ describe('resume from a journal written by hand', () => {
     const r = await resolveModel(URI, { cfg: cfgFor(cache), log });
     // Everything but model_index.json (whole, its version journaled) is fetched again.
     expect(proxy.stats.bodyBytes - before).toBe(TOTAL - model['model_index.json']!.length);
+    await expectWhole(r.dir);
+  });
+
+  it('a write a kill cut off from its record is kept when its bytes are on disk (CRC-32), fetched again when not', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    const entry = entryOf(cache);
+    const big = 'unet/model.onnx_data';
+    const body = model[big]!;
+    const lines: Line[] = Object.keys(model).map(started);
+    const crc = (s: number, e: number) => crc32(body.subarray(s, e));
+    lines.push({ f: big, add: [[0, 262_144]] });
+    lines.push({ f: big, try: [262_144, 524_288], crc: crc(262_144, 524_288) }); // landed, then the kill
+    lines.push({ f: big, try: [524_288, 786_432], crc: crc(524_288, 786_432) }); // killed before it landed
+    lines.push({ f: big, try: [786_432, 1_048_576], crc: crc(786_432, 1_048_576) ^ 1 }); // torn: other bytes there
+    await writeState(entry, { [big]: { partial: partialOf(big, [[0, 524_288], [786_432, 1_000_000]]) } }, lines);
+    const before = proxy.stats.bodyBytes;
+    const r = await resolveModel(URI, { cfg: cfgFor(cache), log });
+    expect(proxy.stats.bodyBytes - before).toBe(TOTAL - 524_288);
+    await expectWhole(r.dir);
+  });
+
+  it('after another boot, a cut-off write is not read back, and unvouched lines do not count', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    const entry = entryOf(cache);
+    const big = 'unet/model.onnx_data';
+    const body = model[big]!;
+    await writeState(entry, { [big]: { partial: partialOf(big, [[0, 524_288]]) } }, [
+      started(big), { f: big, add: [[0, 262_144]] }, { f: big, try: [262_144, 524_288], crc: crc32(body.subarray(262_144, 524_288)) },
+    ]);
+    // The same lines, written by another boot: a power cut since, so the page cache they relied on is gone.
+    const file = path.join(entry, JOURNAL);
+    await fsp.writeFile(file, (await fsp.readFile(file, 'utf8')).replace(currentBoot(), 'another-boot'));
+    const before = proxy.stats.bodyBytes;
+    const r = await resolveModel(URI, { cfg: cfgFor(cache), log });
+    expect(proxy.stats.bodyBytes - before).toBe(TOTAL);
     await expectWhole(r.dir);
   });
 

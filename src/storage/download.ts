@@ -8,6 +8,7 @@ import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
 import { PARTIAL } from './cache.js';
@@ -288,6 +289,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const at = range.start + written;
         pending = [];
         pendingBytes = 0;
+        // Recorded before the write, so that a kill before its end does not lose it (Journal.open reads it back).
+        o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
         await o.io.write(fh, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);

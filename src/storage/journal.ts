@@ -2,21 +2,25 @@
  * @module The download journal of a cache entry: which byte ranges of which `*.partial` are on disk, and which files
  * are whole. An append-only log of JSON lines:
  *
- *   {"v":2,"boot":"…"}                                header: the boot of the kernel that wrote what follows
- *   {"f":"unet/model.onnx_data","etag":"…","size":N}  a file's download starts (forgets what was recorded before)
- *   {"f":"unet/model.onnx_data","add":[[0,262144]]}   bytes [start, end) of the .partial were written
- *   {"f":"unet/model.onnx_data","complete":true}      the file is whole and renamed to its final name
- *   {"f":"unet/model.onnx_data","drop":true}          forget the file
- *   {"sync":4711}                                      every line before byte 4711 of the log is durable
+ *   {"v":2,"boot":"…"}                                     header: the boot of the kernel that wrote what follows
+ *   {"f":"unet/model.onnx_data","etag":"…","size":N}       a file's download starts (forgets what came before)
+ *   {"f":"unet/model.onnx_data","try":[0,262144],"crc":C}  a write of these bytes, CRC-32 C, is about to start
+ *   {"f":"unet/model.onnx_data","add":[[0,262144]]}        bytes [start, end) of the .partial were written
+ *   {"f":"unet/model.onnx_data","complete":true}           the file is whole and renamed to its final name
+ *   {"f":"unet/model.onnx_data","drop":true}               forget the file
+ *   {"sync":4711}                                          every line before byte 4711 of the log is durable
  *
- * A line is appended (one write(2) on this thread, no queue) as soon as the write it records returns, without waiting
- * for a sync: a process killed at any moment loses at most the writes in flight. Ordering makes that safe. The data of a line is written before the
- * line, so any reader on the same running kernel (page cache) sees both; `sync` fdatasyncs the partials and then
- * the log before a marker vouches for the lines before it, so after a power cut (another boot) only vouched lines
- * count, and they never claim bytes that did not reach the disk. Replay stops at a torn line. Opening the journal
- * syncs the partials its unvouched lines name (when written by this boot), then rewrites it compacted and vouched.
+ * Lines are appended at once (one write(2) on this thread: no event-loop turn, no wait behind data writes in libuv's
+ * pool), without waiting for a sync. Ordering makes that safe. An `add` follows the write it records, so any reader
+ * on the same running kernel (the page cache) sees both. `sync` fdatasyncs the partials and then the log before a
+ * marker vouches for the lines before it, so after a power cut (another boot) only vouched lines count, and they never
+ * claim bytes that did not reach the disk. A kill between a write and its `add` leaves a `try`: on the same boot the
+ * bytes are read back and kept if their CRC-32 matches, so a kill -9 loses at most a write cut in the middle.
+ * Replay stops at a torn line. Opening the journal syncs the partials of its unvouched lines (when this boot wrote
+ * them), then rewrites it compacted and vouched.
  */
 import { promises as fsp, readFileSync, writeSync } from 'node:fs';
+import { crc32 } from 'node:zlib';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, PARTIAL } from './cache.js';
@@ -35,6 +39,7 @@ export interface JournalFile {
 
 type FileLine =
   | { f: string; etag: string; size: number }
+  | { f: string; try: Span; crc: number }
   | { f: string; add: Span[] }
   | { f: string; complete: true }
   | { f: string; drop: true };
@@ -85,8 +90,16 @@ export const spanBytes = (spans: readonly Span[]) => spans.reduce((n, [s, e]) =>
 const validSpan = (x: unknown, size: number): x is Span =>
   Array.isArray(x) && x.length === 2 && Number.isSafeInteger(x[0]) && Number.isSafeInteger(x[1]) && x[0] >= 0 && x[0] < x[1] && x[1] <= size;
 
+/** A write that began and whose end was not recorded: a file, a span, the CRC-32 of the bytes it was writing. */
+interface Try {
+  f: string;
+  span: Span;
+  crc: number;
+}
+
 /** Applies one line to the state; a line that does not fit (unknown file, bad span) is ignored. */
 function apply(files: Map<string, JournalFile>, l: FileLine): void {
+  if ('try' in l) return;
   if ('etag' in l) {
     if (typeof l.etag === 'string' && Number.isSafeInteger(l.size) && l.size >= 0) files.set(l.f, { etag: l.etag, size: l.size, spans: [], complete: false });
     return;
@@ -105,6 +118,8 @@ interface Replayed {
   files: Map<string, JournalFile>;
   /** Files named by lines no marker vouches for (trusted because this boot wrote them): their partials need a sync. */
   unvouched: Set<string>;
+  /** Writes of this boot that began and were not recorded as done (their bytes may be on disk: see Journal.open). */
+  tries: Try[];
 }
 
 /**
@@ -114,6 +129,7 @@ interface Replayed {
 function replayLog(text: string, boot: string): Replayed {
   const files = new Map<string, JournalFile>();
   const unvouched = new Set<string>();
+  const open = new Map<string, Try>();
   const lines: Array<{ l: FileLine; end: number }> = [];
   let vouched = 0;
   let writer: string | undefined;
@@ -132,7 +148,7 @@ function replayLog(text: string, boot: string): Replayed {
     if (typeof l !== 'object' || l === null) break;
     const x = l as Record<string, unknown>;
     if (start === 0) {
-      if (x.v !== 2) return { files, unvouched };
+      if (x.v !== 2) return { files, unvouched, tries: [] };
       writer = typeof x.boot === 'string' ? x.boot : '';
       continue;
     }
@@ -144,14 +160,39 @@ function replayLog(text: string, boot: string): Replayed {
     lines.push({ l: l as FileLine, end: at });
   }
   const sameBoot = boot !== '' && writer === boot;
+  const key = (f: string, sp: Span) => `${sp[0]}:${sp[1]}:${f}`;
   for (const { l, end } of lines) {
     if (end > vouched) {
       if (!sameBoot) break;
       unvouched.add(l.f);
     }
+    if ('try' in l) {
+      if (validSpan(l.try, files.get(l.f)?.size ?? 0) && Number.isSafeInteger(l.crc)) open.set(key(l.f, l.try), { f: l.f, span: l.try, crc: l.crc });
+    } else if ('add' in l && Array.isArray(l.add)) {
+      for (const sp of l.add) if (Array.isArray(sp)) open.delete(key(l.f, sp as Span));
+    } else if ('etag' in l || 'drop' in l) {
+      for (const [k, t] of open) if (t.f === l.f) open.delete(k);
+    }
     apply(files, l);
   }
-  return { files, unvouched };
+  // Only this boot's page cache can say whether a write cut by a kill landed.
+  return { files, unvouched, tries: sameBoot ? [...open.values()] : [] };
+}
+
+/** Whether the bytes of `t.span` in `file` have the CRC-32 the write recorded before it began. */
+async function landed(file: string, t: Try): Promise<boolean> {
+  const fh = await fsp.open(file, 'r').catch(() => undefined);
+  if (!fh) return false;
+  try {
+    const len = t.span[1] - t.span[0];
+    const buf = Buffer.allocUnsafe(len);
+    const { bytesRead } = await fh.read(buf, 0, len, t.span[0]);
+    return bytesRead === len && crc32(buf) === t.crc;
+  } catch {
+    return false;
+  } finally {
+    await fh.close();
+  }
 }
 
 /** The state a log describes for a reader on this boot. */
@@ -187,7 +228,16 @@ export class Journal {
   static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void } = {}): Promise<Journal> {
     const boot = o.boot ?? currentBoot();
     const text = await fsp.readFile(path.join(entry, JOURNAL), 'utf8').catch(() => '');
-    const { files, unvouched } = replayLog(text, boot);
+    const { files, unvouched, tries } = replayLog(text, boot);
+    // Writes a kill cut off from their `add`: kept if the bytes on disk are the ones the write was writing.
+    for (const t of tries) {
+      const j = files.get(t.f);
+      if (!j || j.complete) continue;
+      if (await landed(path.join(entry, t.f + PARTIAL), t)) {
+        j.spans = addSpan(j.spans, t.span[0], t.span[1]);
+        unvouched.add(t.f);
+      }
+    }
     // What the last process wrote is in this kernel's page cache: on disk before the compacted log vouches for it.
     for (const rel of unvouched) {
       const fh = await fsp.open(path.join(entry, rel + PARTIAL), 'r+').catch(() => undefined);
@@ -237,6 +287,11 @@ export class Journal {
     const j = this.files.get(rel);
     if (j === undefined || j.etag !== etag || j.size !== size) this.#push({ f: rel, etag, size });
     this.#push({ f: rel, complete: true });
+  }
+
+  /** A write of bytes [start, end) of `rel`'s partial, whose CRC-32 is `crc`, is about to start. */
+  intend(rel: string, start: number, end: number, crc: number): void {
+    if (end > start) this.#push({ f: rel, try: [start, end], crc });
   }
 
   /** Bytes [start, end) of `rel`'s partial were written (the write has returned). */
