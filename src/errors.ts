@@ -8,12 +8,16 @@ const STATUS = {
   BODY_TOO_LARGE: 413,
   UNSUPPORTED: 501,
   MODEL_NOT_READY: 503,
+  /** No pipeline worker can run a generation while one that died is started again. */
+  WORKER_RESTARTING: 503,
   BUSY: 503,
   SHUTTING_DOWN: 503,
   CANCELLED: 499,
   TIMEOUT: 504,
   UPSTREAM: 502,
   INTERNAL: 500,
+  /** The pipeline worker running a generation died; the generation is lost (the worker is started again). */
+  WORKER_DIED: 500,
   // Storage / boot outcomes (never sent as HTTP statuses of a request, but mapped for completeness).
   CONFIG: 500,
   STORAGE_DENIED: 500,
