@@ -236,6 +236,9 @@ async function kills(c: Ctx, length: number) {
     below90: rows.filter((r) => r.ratio < 0.9).map((r) => ({ at: pct(r.at), onDiskMB: mb(r.onDisk), keptMB: mb(r.kept) })),
     onDiskMBPercentiles: percentiles(rows.map((r) => r.onDisk)).map(mb),
     lostMBPercentiles: percentiles(lost).map(mb),
+    /** On disk at the kill, fetched again by the re-run: what the resume wasted. */
+    lostMB: mb(lost.reduce((a, b) => a + b, 0)),
+    cyclesLosingBytes: lost.filter((x) => x > 0).length,
     refetchedMB: mb(rows.reduce((s, r) => s + c.total - r.kept, 0)),
   };
 }
@@ -299,8 +302,10 @@ async function main(): Promise<void> {
         + `wire/model ${(warm.medianWireBytes / c.total).toFixed(3)}; ${warm.resets} resets (${warm.cutsPast1MiB} cuts past 1 MiB), ${warm.stalls} stalls, ${warm.slowDowns} SlowDown, ${warm.internalErrors} InternalError`,
       `boots from s3://      ${boot.runs} runs, ${boot.failures} failures, median ready ${boot.medianReadyS.toFixed(1)} s`,
       `kill -9 + re-run      ${kill.cycles} cycles (${kill.killedTwice} killed twice), ${kill.badCommits} committed entries short or missing a file, ${kill.rerunFailures} re-run failures; `
-        + `kept/on-disk % ${JSON.stringify(kill.keptRatioPercentiles)}; ${kill.below90.length} below 90%; re-fetched ${kill.refetchedMB} MB in all`,
-      `SIGTERM + re-run      ${term.cycles} cycles, ${term.exit143} exited 143, ${term.rerunFailures} re-run failures; fetched again beyond what was missing: max ${term.maxExtraPercentOfModel}% of the model`,
+        + `kept/on-disk % ${JSON.stringify(kill.keptRatioPercentiles)}; ${kill.below90.length} below 90%; re-fetched ${kill.refetchedMB} MB in all, `
+        + `of which ${kill.lostMB} MB had been on disk (${kill.cyclesLosingBytes} cycles)`,
+      `SIGTERM + re-run      ${term.cycles} cycles, ${term.exit143} exited 143, ${term.rerunFailures} re-run failures; fetched again beyond what was missing: max ${term.maxExtraPercentOfModel}% of the model; `
+        + `beyond what had crossed the link before the stop: max ${Math.max(...term.refetchedOfDeliveredPercent)}%`,
     ];
     process.stdout.write(`${lines.join('\n')}\n`);
     process.stdout.write(`${JSON.stringify({ bench: 'faults', seed: SEED, modelBytes: c.total, files: source.length, counts: COUNTS, baseline: base, warmups: warm, boots: boot, kill, sigterm: term, deadlineHit: overdue() })}\n`);
