@@ -8,17 +8,33 @@ const STATUS = {
   BODY_TOO_LARGE: 413,
   UNSUPPORTED: 501,
   MODEL_NOT_READY: 503,
+  /** No pipeline worker can run a generation while one that died is started again. */
+  WORKER_RESTARTING: 503,
   BUSY: 503,
   SHUTTING_DOWN: 503,
   CANCELLED: 499,
   TIMEOUT: 504,
   UPSTREAM: 502,
   INTERNAL: 500,
+  /** The pipeline worker running a generation died; the generation is lost (the worker is started again). */
+  WORKER_DIED: 500,
   // Storage / boot outcomes (never sent as HTTP statuses of a request, but mapped for completeness).
   CONFIG: 500,
   STORAGE_DENIED: 500,
   STORAGE_MISSING: 500,
   STORAGE_TRANSIENT: 500,
+  /** An object key the cache cannot store as a file name (longer than the filesystem allows). */
+  STORAGE_KEY_TOO_LONG: 500,
+  /** A listing that names one key twice, or one key both as an object and as a folder of others. */
+  STORAGE_KEY_DUPLICATE: 500,
+  /** A listing that returned a key outside the prefix it was asked for. */
+  STORAGE_KEY_OUTSIDE_PREFIX: 500,
+  /** S3 refused the request time, and no Date from S3 could correct the clock offset. */
+  STORAGE_CLOCK_SKEW: 500,
+  /** Listed files were still missing or short after every download round. */
+  STORAGE_INCOMPLETE: 500,
+  /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */
+  CACHE_IO: 500,
   NO_SPACE: 500,
   MODEL_FORMAT: 500,
   PROVIDER: 500,

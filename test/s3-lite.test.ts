@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger, type Logger } from '../src/log.js';
 import { resolveModel } from '../src/storage/index.js';
 import { createS3, listPrefix } from '../src/storage/s3.js';
-import { LiteHttpError, liteTarget, listPrefixLite, objectPath, parseListPage, sdkMightDiffer, signV4, xmlText } from '../src/storage/s3-lite.js';
+import { LiteHttpError, liteTarget, listPrefixLite, objectPath, parseListPage, sdkMightDiffer, signV4, updateClock, xmlText } from '../src/storage/s3-lite.js';
 import { CREDS, destroyS3, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 /** The Sha256 constructor @smithy/signature-v4 takes, on node:crypto. */
@@ -186,6 +186,36 @@ describe('against s3rver', () => {
     } finally {
       server.close();
     }
+  });
+
+  it('a clock off by 20 minutes: S3 refuses the request time, its Date header corrects the offset, the next request passes', async () => {
+    const cfg = testConfig(proxy.endpoint, tmp);
+    for (const skewMs of [20 * 60_000, -20 * 60_000]) {
+      const t = liteTarget(cfg.s3, 'models')!;
+      // As if this host's clock were skewMs off: every request is signed that far from S3's time.
+      t.clock.offsetMs = skewMs;
+      const refused = await listPrefixLite(t, 'sd/').then(() => undefined, (e: unknown) => e as LiteHttpError);
+      expect([refused?.name, refused?.$metadata.httpStatusCode]).toEqual(['RequestTimeTooSkewed', 403]);
+      expect(Math.abs(t.clock.offsetMs)).toBeLessThan(2_000);
+      expect((await listPrefixLite(t, 'sd/')).length).toBeGreaterThan(0);
+    }
+  });
+
+  it('learns the offset as the AWS SDK does: only past 5 minutes, never from a cached or very late answer', () => {
+    const now = Date.parse('2030-01-01T00:00:00Z');
+    const clock = { offsetMs: 0 };
+    updateClock(clock, new Date(now + 60_000).toUTCString(), undefined, now - 100, now);
+    expect(clock.offsetMs).toBe(0); // a minute: within what S3 accepts, left alone
+    updateClock(clock, new Date(now + 20 * 60_000).toUTCString(), '12', now - 100, now);
+    expect(clock.offsetMs).toBe(0); // from a cache (Age)
+    updateClock(clock, new Date(now + 20 * 60_000).toUTCString(), undefined, now - 16 * 60_000, now);
+    expect(clock.offsetMs).toBe(0); // the answer took longer than the skew it would correct
+    updateClock(clock, 'not a date', undefined, now - 100, now);
+    expect(clock.offsetMs).toBe(0);
+    updateClock(clock, new Date(now - 20 * 60_000).toUTCString(), undefined, now - 100, now);
+    expect(clock.offsetMs).toBe(-20 * 60_000);
+    updateClock(clock, new Date(now - 20 * 60_000 + 1_000).toUTCString(), undefined, now - 100, now);
+    expect(clock.offsetMs).toBe(-20 * 60_000); // corrected already: a second of Date granularity is no reason to move
   });
 
   it('maps error answers as the SDK does, without the credentials', async () => {

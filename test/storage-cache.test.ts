@@ -1,10 +1,11 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
-import { resolveModel } from '../src/storage/index.js';
+import { RuntimeError } from '../src/errors.js';
+import { cacheIoError, resolveModel } from '../src/storage/index.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
@@ -91,6 +92,30 @@ describe('out of disk', () => {
   });
 });
 
+describe('errors of the cache volume', () => {
+  it('name the call, the code and the file inside the entry, never a local path', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'io-'));
+    const entry = path.join(cache, 's3-models-m-0123456789abcdef');
+    await fsp.mkdir(path.join(entry, 'unet'), { recursive: true });
+    const long = 'x'.repeat(300);
+    const tooLong = cacheIoError(await fsp.open(path.join(entry, 'unet', long), 'w').catch((e: unknown) => e), cache) as RuntimeError;
+    expect([tooLong.code, tooLong.message]).toEqual(['STORAGE_KEY_TOO_LONG', `the model cache (MODEL_CACHE_DIR) refused open of "unet/${long}": ENAMETOOLONG`]);
+    const notDir = cacheIoError(await fsp.mkdir(path.join(entry, 'unet', 'a'), { recursive: true }).then(() => fsp.writeFile(path.join(entry, 'f'), '')).then(() => fsp.mkdir(path.join(entry, 'f', 'g'))).catch((e: unknown) => e), cache) as RuntimeError;
+    expect([notDir.code, notDir.message]).toEqual(['CACHE_IO', 'the model cache (MODEL_CACHE_DIR) refused mkdir of "f/g": ENOTDIR']);
+  });
+
+  it('an entry folder that is a file: a CACHE_IO failure that shows no local path', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'io-'));
+    const first = await resolveModel('s3://models/m', { cfg: cfgFor(cache), log });
+    await fsp.rm(first.dir, { recursive: true });
+    await fsp.writeFile(first.dir, 'not a folder');
+    const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache), log }));
+    expect(err.code).toBe('CACHE_IO');
+    expect(err.message).toMatch(/^the model cache \(MODEL_CACHE_DIR\) refused \w+: E[A-Z]+$/);
+    expect(err.message).not.toContain(cache);
+  });
+});
+
 describe('lock', () => {
   it('a second holder waits until the first releases', async () => {
     const file = path.join(tmp, 'a.lock');
@@ -130,6 +155,55 @@ describe('lock', () => {
     await l!.release();
   });
 
+  it('an empty lock (its creator killed before writing it) is stale once a few seconds old, not after staleMs', async () => {
+    const file = path.join(tmp, 'e.lock');
+    await fsp.writeFile(file, '');
+    const past = new Date(Date.now() - 10_000);
+    await fsp.utimes(file, past, past);
+    let t0 = Date.now();
+    const l = await acquireLock(file, { staleMs: 60_000, pollMs: 20 });
+    expect(Date.now() - t0).toBeLessThan(1_000);
+    await l!.release();
+    // A fresh empty one may be a creator of an older release still writing: waited for, but only briefly.
+    await fsp.writeFile(file, '');
+    t0 = Date.now();
+    const m = await acquireLock(file, { staleMs: 60_000, pollMs: 20, unreadableStaleMs: 400 });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(350);
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    await m!.release();
+  });
+
+  it('a lock that does not say who made it is taken over at once', async () => {
+    const file = path.join(tmp, 'f.lock');
+    for (const body of ['{"pid":"x"}', '[]', 'null', '{"host":"h","token":"t"}']) {
+      await fsp.writeFile(file, body);
+      const t0 = Date.now();
+      const l = await acquireLock(file, { staleMs: 60_000, pollMs: 20 });
+      expect(Date.now() - t0, body).toBeLessThan(1_000);
+      expect(JSON.parse(await fsp.readFile(file, 'utf8'))).toMatchObject({ pid: process.pid, host: os.hostname() });
+      await l!.release();
+    }
+  });
+
+  it('the lock file never exists without its holder written in it', async () => {
+    const file = path.join(tmp, 'g.lock');
+    const seen: string[] = [];
+    const watch = setInterval(() => {
+      try {
+        seen.push(readFileSync(file, 'utf8'));
+      } catch {
+        /* not there */
+      }
+    }, 0);
+    try {
+      for (let i = 0; i < 30; i++) await (await acquireLock(file, { pollMs: 5 }))!.release();
+    } finally {
+      clearInterval(watch);
+    }
+    expect(seen.filter((s) => !s.startsWith('{"pid":'))).toEqual([]);
+    expect(readdirSync(tmp).filter((n) => n.startsWith('g.lock'))).toEqual([]);
+  });
+
   it('aborts the holder when another process steals the lock', async () => {
     const file = path.join(tmp, 'd.lock');
     const l = await acquireLock(file, { heartbeatMs: 30 });
@@ -164,4 +238,30 @@ describe('object changed mid-download', () => {
     const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
     expect(m.files[0].size).toBe(1_400_000);
   });
+
+  it('an object that shrank answers 416 to ranges past its new end: listed again, not "missing"', async () => {
+    await s3.put('models', 'shrink/w.bin', detBytes(1_500_000, 23));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'shrink-'));
+    const smaller = detBytes(300_000, 24);
+    let release!: () => void;
+    // The first two ranges (bytes 0-524287) go through; the rest wait until the object is replaced by a shorter one.
+    proxy.faults = { hold: { keys: /shrink\/w\.bin/, range: (r) => Number(/^bytes=(\d+)/.exec(r ?? '')?.[1] ?? 0) >= 524_288, release: new Promise<void>((r) => (release = r)) } };
+    const held = proxy.stats.held;
+    const p = resolveModel('s3://models/shrink', { cfg: cfgFor(cache), log });
+    await until(() => proxy.stats.held - held >= 4);
+    await s3.put('models', 'shrink/w.bin', smaller);
+    release();
+    const r = await p;
+    expect((await fsp.readFile(path.join(r.dir, 'w.bin'))).equals(smaller)).toBe(true);
+    const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
+    expect(m.files).toEqual([expect.objectContaining({ path: 'w.bin', size: 300_000 })]);
+  });
 });
+
+async function until(cond: () => boolean, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

@@ -2,7 +2,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/index.js';
-import { classify } from '../src/storage/s3.js';
+import { classify, permanentError } from '../src/storage/s3.js';
 
 describe('planParts', () => {
   it('gives [] for an empty file', () => {
@@ -111,7 +111,16 @@ describe('classify', () => {
     expect(classify(sdk('TooManyRequests', 429))).toBe('transient');
     expect(classify(Object.assign(new Error('socket hang up'), { code: 'ECONNRESET' }))).toBe('transient');
     expect(classify(Object.assign(new Error('t'), { name: 'TimeoutError' }))).toBe('transient');
-    expect(classify(sdk('InvalidRange', 416))).toBe('fatal');
+    // 416 comes from a range past the end of an object that shrank since it was listed: list again.
+    expect(classify(sdk('InvalidRange', 416))).toBe('changed');
+    // The clients correct their clock from S3's Date header, so a skewed request time is retried, not denied.
+    expect(classify(sdk('RequestTimeTooSkewed', 403))).toBe('transient');
+    expect(classify(sdk('BadDigest', 400))).toBe('fatal');
+  });
+
+  it('a request time S3 kept refusing is named for what it is: the clock', () => {
+    const e = permanentError(sdk('RequestTimeTooSkewed', 403), 'models', 'sd/', 'list (8 attempts)');
+    expect([e.code, e.message]).toEqual(['STORAGE_CLOCK_SKEW', expect.stringMatching(/^S3 refused the request time to list \(8 attempts\) s3:\/\/models\/sd\/ \(RequestTimeTooSkewed\): .*time synchronisation \(NTP\)$/)]);
   });
 });
 

@@ -115,9 +115,10 @@ describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (cli
 
   it('survives connection resets mid-range, resuming from the bytes already written', async () => {
     const cache = await newCache();
-    proxy.faults = { resetAfterBytes: 20_000, resets: 12 };
+    // Past writeBytes into a range: the resumed request starts after bytes that were already written.
+    proxy.faults = { resetAfterBytes: 50_000, resets: 12 };
     const before = { ...proxy.stats };
-    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log });
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log, writeBytes: 16_384 });
     await expectSame(r.dir, big);
     expect(proxy.stats.resets - before.resets).toBe(12);
     // Resumed, not restarted: at most a little more than the model crosses the wire.
@@ -169,6 +170,31 @@ describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (cli
     expect(err.code).toBe('INVALID_INPUT');
     expect(err.message).toMatch(/\.\.\/\.\.\/escape\.json.*leave the cache/);
     expect(existsSync(path.join(cache, 'escape.json'))).toBe(false);
+  });
+
+  it('refuses listings the cache cannot hold as they are, with a named error that shows no local path and no credential', async () => {
+    const cache = await newCache();
+    const entry = (xml: string) => /<Contents>(?:(?!<\/Contents>)[\s\S])*?<Key>nested\/sd\/model_index\.json<\/Key>[\s\S]*?<\/Contents>/.exec(xml)![0];
+    const long = `w${'e'.repeat(260)}.onnx`;
+    const cases: Array<[string, (xml: string) => string, RegExp]> = [
+      ['STORAGE_KEY_TOO_LONG', (xml) => xml.replace('<Key>nested/sd/model_index.json</Key>', `<Key>nested/sd/unet/${long}</Key>`),
+        /^object key "nested\/sd\/unet\/wee+.*" cannot be cached: its name "wee+.*" has 266 bytes, and the cache stores names of up to 247 bytes; rename the object$/],
+      ['STORAGE_KEY_DUPLICATE', (xml) => xml.replace(entry(xml), entry(xml) + entry(xml)),
+        /^the listing of s3:\/\/models\/nested\/sd\/ names the key "nested\/sd\/model_index\.json" more than once/],
+      ['STORAGE_KEY_DUPLICATE', (xml) => xml.replace('<Key>nested/sd/model_index.json</Key>', '<Key>nested/sd/tokenizer/0</Key>'),
+        /^under s3:\/\/models\/nested\/sd\/, "nested\/sd\/tokenizer\/0" is an object and also a folder of "nested\/sd\/tokenizer\/0\/deep\/[xy]\/f\d+\.json"; a file and a folder cannot share a name in the cache$/],
+      ['STORAGE_KEY_OUTSIDE_PREFIX', (xml) => xml.replace('<Key>nested/sd/model_index.json</Key>', '<Key>nested/other/model_index.json</Key>'),
+        /^the listing of s3:\/\/models\/nested\/sd\/ returned the key "nested\/other\/model_index\.json", which is outside that prefix/],
+    ];
+    for (const [code, rewriteList, message] of cases) {
+      proxy.faults = { rewriteList };
+      const err = await rejection(resolveModel('s3://models/nested/sd', { cfg: cfgFor(cache), log }));
+      expect([err.code, err.message]).toEqual([code, expect.stringMatching(message)]);
+      expect(err.message).not.toContain(cache);
+      expect(err.message).not.toContain(os.tmpdir());
+      expect(err.message).not.toMatch(/S3RVER/);
+    }
+    expect((await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'))).toEqual([]);
   });
 
   it('fails clearly, without retrying, on a missing bucket, a missing prefix, bad credentials and 403s', async () => {

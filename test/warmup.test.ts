@@ -3,6 +3,8 @@ import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs'
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { JOURNAL } from '../src/storage/cache.js';
+import { replay, spanBytes } from '../src/storage/journal.js';
 import { destroyS3, detBytes, type FaultProxy, type S3Server, s3Env, startFaultProxy, startS3 } from './helpers/s3.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
@@ -117,6 +119,23 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a pod clock 20 minutes off: S3 refuses the request time, the offset is corrected from its Date, the fill succeeds (s3-lite and the SDK)', async () => {
+    const skew = path.resolve('test/helpers/skew-clock.cjs');
+    for (const [client, extra] of [['s3-lite', {}], ['AWS SDK', { AWS_CONFIG_FILE: path.join(tmp, 'empty-aws-config') }]] as const) {
+      await fsp.writeFile(path.join(tmp, 'empty-aws-config'), '');
+      for (const minutes of [20, -20]) {
+        const sdkGets = proxy.stats.sdkGets;
+        const refused = proxy.stats.refusals.RequestTimeTooSkewed ?? 0;
+        const r = await cli([], { ...env(path.join(tmp, `skew-${client}-${minutes}`)), ...extra, NODE_OPTIONS: `--require ${skew}`, TEST_CLOCK_SKEW_MS: String(minutes * 60_000), LOG_LEVEL: 'warn' });
+        expect(r.code, `${client} ${minutes} min: ${r.stderr}`).toBe(0);
+        expect(JSON.parse(r.stdout)).toMatchObject({ bytes: TOTAL, files: 6, fromCache: false });
+        await expectModel(JSON.parse(r.stdout).modelDir);
+        expect(proxy.stats.sdkGets - sdkGets > 0).toBe(client === 'AWS SDK');
+        expect(proxy.stats.refusals.RequestTimeTooSkewed! - refused).toBe(1); // the first listing; later requests carry S3's time
+      }
+    }
+  });
+
   it('two concurrent warm-ups on one cache dir: one download, both succeed', async () => {
     const cache = path.join(tmp, 'c3');
     proxy.faults = { bytesPerSecond: 1_000_000 };
@@ -134,16 +153,12 @@ describe('warm-up CLI', () => {
   it('killed mid-download (SIGKILL): never serves a partial model, the next run resumes', async () => {
     const cache = path.join(tmp, 'c4');
     proxy.faults = { bytesPerSecond: 200_000 };
-    // Killed once the journal records at least 600 KB that a resume keeps, whatever the order: whole files, and the
-    // done parts of files fetched in parts. A file of one part is fetched whole again unless it was completed.
-    const PART = 131072;
+    // Killed once the journal records at least 600 KB that a resume keeps: whole files, and the spans of partial ones.
     const journaled = () => {
       try {
         const dir = readdirSync(cache).find((n) => !n.endsWith('.lock'));
-        const j = JSON.parse(readFileSync(path.join(cache, dir!, '.progress.json'), 'utf8')) as { files: Record<string, { size: number; done: number[]; complete: boolean }> };
-        const kept = (f: { size: number; done: number[]; complete: boolean }) =>
-          f.complete ? f.size : f.size <= PART ? 0 : f.done.reduce((n, i) => n + Math.min(PART, f.size - i * PART), 0);
-        return Object.values(j.files).reduce((n, f) => n + kept(f), 0);
+        const files = replay(readFileSync(path.join(cache, dir!, JOURNAL), 'utf8'));
+        return [...files.values()].reduce((n, f) => n + (f.complete ? f.size : spanBytes(f.spans)), 0);
       } catch {
         return 0;
       }

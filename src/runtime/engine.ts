@@ -7,6 +7,11 @@
  *               CANCELLED                       worker thread (ORT sessions) ──► raw pixels (worker free again)
  *                                                                                  ▼
  *                                                        sharp encodes on its own threads ──► results split per task
+ *
+ * A worker that dies (an uncaught error, a crash of its thread) fails the generation it held (WORKER_DIED, 500) and,
+ * once it had loaded the whole model, is started again with its sessions (a load of the same folder), with a backoff
+ * when it keeps dying. While no worker can run, queued and new requests get WORKER_RESTARTING (503) and onServing
+ * tells the runtime, which reports not-ready.
  */
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
@@ -17,7 +22,7 @@ import type { Metrics } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
-import { spawnWorkers, type SpawnedWorker } from './workers.js';
+import { spawnWorker, spawnWorkers, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 
 export interface Progress {
@@ -84,6 +89,8 @@ interface LoadWaiter {
   left: number;
   settled?: boolean;
   result?: LoadResult;
+  /** A load of the whole model (no `listed`): the worker then has every session, and is worth starting again. */
+  whole: boolean;
 }
 
 class WorkerHandle {
@@ -92,6 +99,9 @@ class WorkerHandle {
   /** Batches past their UNet steps whose VAE decodes run on the worker's decode thread (at most one, see #pump). */
   decoding: Running[] = [];
   loaded = false;
+  /** Answered a load of the whole model: if it dies now, it is started again. */
+  whole = false;
+  dead = false;
   /** The loads sent to this worker and not answered yet, in order (a worker answers its loads in order). */
   readonly loads: LoadWaiter[] = [];
   constructor(readonly worker: Worker, readonly index: number) {}
@@ -111,7 +121,16 @@ export interface LoadResult {
 export interface EngineEvents {
   onSession?(component: string, provider: string, ms: number, optimizedCache: string): void;
   onImported?(ms: number): void;
+  /**
+   * Whether some worker can run a generation changed after a worker died: false (with why) while none can, true once
+   * a worker started again has loaded the model.
+   */
+  onServing?(serving: boolean, reason: string): void;
 }
+
+/** Restarts of a worker that keeps dying wait 0.5 s, 1 s, 2 s, … up to this; a worker alive this long resets it. */
+const RESPAWN_MAX_MS = 30_000;
+const RESPAWN_RESET_MS = 60_000;
 
 export class Engine {
   readonly #workers: WorkerHandle[] = [];
@@ -127,6 +146,14 @@ export class Engine {
   #active: ClipTokenizer[] = [];
   /** Batches the workers have finished whose images are still being encoded here. */
   #encoding = 0;
+  /** The folder of the last load of the whole model: what a worker started again loads. */
+  #wholeDir: string | undefined;
+  /** Workers being started again (their restart is scheduled or their load not answered yet). */
+  readonly #restarting = new Set<number>();
+  readonly #restartTimers = new Set<NodeJS.Timeout>();
+  /** Per worker index: consecutive restarts, and when the last one started. */
+  readonly #restarts = new Map<number, { n: number; at: number }>();
+  #serving = true;
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -150,18 +177,27 @@ export class Engine {
   /** Spawns the workers (unless `main` did); each starts importing onnxruntime-node at once. */
   start(prespawned?: SpawnedWorker[]): void {
     if (this.#workers.length > 0) return;
-    for (const [i, sw] of (prespawned ?? spawnWorkers(this.cfg)).entries()) {
-      const w = sw.worker;
-      const h = new WorkerHandle(w, i);
-      sw.attach(
-        (m) => this.#onMessage(h, m),
-        (err) => this.#onWorkerDeath(h, err),
-        (code) => {
-          if (!this.#closing) this.#onWorkerDeath(h, new Error(`pipeline worker exited with code ${code}`));
-        },
-      );
-      this.#workers.push(h);
-    }
+    for (const [i, sw] of (prespawned ?? spawnWorkers(this.cfg)).entries()) this.#adopt(sw, i);
+  }
+
+  /** Whether some worker has the model loaded and can run a generation. */
+  get serving(): boolean {
+    return this.loadedWorkers > 0;
+  }
+  /** Workers alive with the model loaded. */
+  get loadedWorkers(): number {
+    return this.#workers.filter((w) => w.loaded && !w.dead).length;
+  }
+
+  #adopt(sw: SpawnedWorker, index: number): WorkerHandle {
+    const h = new WorkerHandle(sw.worker, index);
+    sw.attach(
+      (m) => this.#onMessage(h, m),
+      (err) => this.#onWorkerDeath(h, err.message),
+      (code) => this.#onWorkerDeath(h, `exit code ${code}`),
+    );
+    this.#workers[index] = h;
+    return h;
   }
 
   /** A component's files are whole: its session can be created while other files still download. */
@@ -210,8 +246,9 @@ export class Engine {
    */
   load(dir: string, listed?: string[]): Promise<LoadResult> {
     this.start();
+    if (!listed) this.#wholeDir = dir;
     return new Promise((resolve, reject) => {
-      const waiter: LoadWaiter = { resolve, reject, left: this.#workers.length };
+      const waiter: LoadWaiter = { resolve, reject, left: this.#workers.length, whole: !listed };
       for (const w of this.#workers) {
         w.loads.push(waiter);
         w.send({ t: 'load', dir, ...(listed ? { listed } : {}) });
@@ -223,6 +260,7 @@ export class Engine {
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
     if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
+    if (this.#restarting.size > 0 && !this.serving) return Promise.reject(this.#restartingError());
     if (this.#pending.length >= this.cfg.maxQueue) {
       this.metrics.rejected.inc({ ...this.#labels, reason: 'queue_full' });
       return Promise.reject(new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));
@@ -254,9 +292,11 @@ export class Engine {
 
   async close(): Promise<void> {
     this.#closing = true;
+    for (const t of this.#restartTimers) clearTimeout(t);
+    this.#restartTimers.clear();
     for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down'));
     await Promise.all(
-      this.#workers.map(
+      this.#workers.filter((w) => !w.dead).map(
         (w) =>
           new Promise<void>((r) => {
             const timer = setTimeout(() => void w.worker.terminate().then(() => r()), 5_000);
@@ -365,11 +405,12 @@ export class Engine {
           fail(new RuntimeError(m.code as never, m.message));
           break;
         }
+        if (waiter.whole) w.whole = true;
         // The worker's pipeline is ready; jobs need the model's tokenizers here too (parsing since announced).
         void Promise.all(m.tokenizerDirs.map((d) => this.#tokenizer(d))).then(
           (toks) => {
             this.#active = toks;
-            w.loaded = true;
+            w.loaded = !w.dead;
             this.#defaults = m.defaults;
             waiter.left--;
             waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
@@ -377,6 +418,7 @@ export class Engine {
               waiter.settled = true;
               waiter.resolve(waiter.result);
             }
+            this.#servingChanged('a pipeline worker started again');
             this.#pump();
           },
           (err: unknown) => fail(isRuntimeError(err) ? err : new RuntimeError('MODEL_FORMAT', `tokenizer: ${(err as Error)?.message ?? String(err)}`)),
@@ -470,16 +512,81 @@ export class Engine {
     if (this.#pending.length === 0 && this.busy === 0 && this.#encoding === 0) for (const r of this.#idleWaiters.splice(0)) r();
   }
 
-  #onWorkerDeath(w: WorkerHandle, err: Error): void {
-    this.log.error({ worker: w.index, err: err.message }, 'pipeline worker died');
+  #restartingError(): RuntimeError {
+    return new RuntimeError('WORKER_RESTARTING', 'the pipeline worker stopped and is being started again; retry in a few seconds', { retryAfter: 5 });
+  }
+
+  /** Tells the runtime when being able to run a generation changed. */
+  #servingChanged(reason: string): void {
+    const now = this.serving;
+    if (now === this.#serving) return;
+    this.#serving = now;
+    this.events.onServing?.(now, reason);
+  }
+
+  #onWorkerDeath(w: WorkerHandle, why: string): void {
+    // 'error' and 'exit' both come for a thread that threw; a worker told to close exits on purpose.
+    if (w.dead) return;
+    w.dead = true;
+    w.loaded = false;
+    if (this.#closing) {
+      this.#checkIdle();
+      return;
+    }
+    this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
+    // The batch it was stepping and the one it was decoding, if any.
     const runs = [...(w.running ? [w.running] : []), ...w.decoding.splice(0)];
     w.running = undefined;
-    w.loaded = false;
-    for (const run of runs) for (const t of run.tasks) this.#finish(t, new RuntimeError('INTERNAL', 'the generation failed: pipeline worker died'));
+    if (runs.length > 0) {
+      const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why}); it is being started again`);
+      for (const run of runs) for (const t of run.tasks) this.#finish(t, err);
+    }
     for (const waiter of w.loads.splice(0)) {
-      if (!waiter.settled) waiter.reject(new RuntimeError('INTERNAL', `pipeline worker died: ${err.message}`));
+      if (!waiter.settled) waiter.reject(new RuntimeError('WORKER_DIED', `pipeline worker died: ${why}`));
       waiter.settled = true;
     }
+    // Only a worker that had the whole model is started again: one that dies while loading it would do so again.
+    if (w.whole && this.#wholeDir !== undefined) this.#restart(w.index);
+    if (!this.serving) {
+      // Nothing can run what waits: an answer now (the client may retry on another replica) beats a timeout.
+      for (const t of this.#pending.splice(0)) this.#finish(t, this.#restartingError());
+      this.metrics.queueDepth.set(this.#labels, 0);
+    }
+    this.#servingChanged(`pipeline worker ${w.index} stopped (${why}); starting it again`);
     this.#checkIdle();
+    this.#pump();
+  }
+
+  /** Starts worker `index` again and has it load the whole model; after a backoff when it keeps dying. */
+  #restart(index: number): void {
+    const prev = this.#restarts.get(index);
+    const n = prev && performance.now() - prev.at < RESPAWN_RESET_MS ? prev.n + 1 : 0;
+    const delay = n === 0 ? 0 : Math.min(RESPAWN_MAX_MS, 500 * 2 ** (n - 1));
+    this.#restarting.add(index);
+    const timer = setTimeout(() => {
+      this.#restartTimers.delete(timer);
+      if (this.#closing) return;
+      this.#restarts.set(index, { n, at: performance.now() });
+      this.log.info({ worker: index, restart: n + 1, afterMs: delay }, 'starting the pipeline worker again');
+      const h = this.#adopt(spawnWorker(this.cfg, index), index);
+      const t0 = performance.now();
+      h.loads.push({
+        left: 1, whole: true,
+        resolve: () => {
+          this.#restarting.delete(index);
+          this.log.info({ worker: index, ms: Math.round(performance.now() - t0) }, 'pipeline worker started again with its sessions');
+        },
+        reject: (e) => {
+          this.#restarting.delete(index);
+          this.log.error({ worker: index, reason: (e as Error)?.message ?? String(e) }, 'the pipeline worker started again could not load the model');
+          // Its death (below) schedules the next attempt, with a longer wait.
+          h.whole = true;
+          void h.worker.terminate();
+        },
+      });
+      h.send({ t: 'load', dir: this.#wholeDir! });
+    }, delay);
+    timer.unref();
+    this.#restartTimers.add(timer);
   }
 }

@@ -57,6 +57,8 @@ export class Runtime {
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
   #early: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
   #sharp = false;
+  /** Boot reached ready once: a later `loading` is a pipeline worker being started again. */
+  #wasReady = false;
 
   constructor(
     readonly cfg: Readonly<Config>,
@@ -71,6 +73,11 @@ export class Runtime {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
         log.info({ component, provider, ms: Math.round(ms), optimizedCache }, 'onnx session created');
+      },
+      // A pipeline worker died after ready: not ready until one started again has loaded the model.
+      onServing: (serving, reason) => {
+        if (!serving && this.boot.state === 'ready') this.boot.to('loading', reason);
+        else if (serving && this.boot.state === 'loading' && this.#wasReady) this.boot.to('ready');
       },
     });
     const labels = { model_name: cfg.modelName };
@@ -125,6 +132,7 @@ export class Runtime {
       await this.#finishWarmup();
       if (this.#stopping) return;
       this.boot.to('ready');
+      this.#wasReady = true;
       const secs = (performance.now() - started) / 1000;
       this.metrics.modelLoadTime.set({ model_name: this.cfg.modelName }, secs);
       this.log.info({ seconds: Number(secs.toFixed(3)), phases: this.boot.phases, providers: loaded.providers }, 'model ready');

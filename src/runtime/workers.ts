@@ -26,32 +26,35 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
 }
 
 export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'>): SpawnedWorker[] {
+  return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
+}
+
+/** One pipeline worker, `index` of cfg.workers (also what the engine calls to replace a worker that died). */
+export function spawnWorker(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'>, index: number): SpawnedWorker {
   applyTf32(cfg);
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
-  return Array.from({ length: cfg.workers }, (_, i) => {
-    const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: i, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization };
-    const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
-    const early: FromWorker[] = [];
-    let deliver: (m: FromWorker) => void = (m) => early.push(m);
-    // Until the engine attaches, an error is kept: an 'error' event with no listener would end the process.
-    let earlyError: Error | undefined;
-    let earlyExit: number | undefined;
-    let fail: (err: Error) => void = (err) => (earlyError ??= err);
-    let exit: (code: number) => void = (code) => (earlyExit = code);
-    worker.on('message', (m: FromWorker) => deliver(m));
-    worker.on('error', (err) => fail(err));
-    worker.on('exit', (code) => exit(code));
-    return {
-      worker,
-      attach(onMessage, onError, onExit) {
-        deliver = onMessage;
-        fail = onError;
-        exit = onExit;
-        for (const m of early.splice(0)) onMessage(m);
-        if (earlyError) onError(earlyError);
-        if (earlyExit !== undefined) onExit(earlyExit);
-      },
-    };
-  });
+  const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: index, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization };
+  const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
+  const early: FromWorker[] = [];
+  let deliver: (m: FromWorker) => void = (m) => early.push(m);
+  // Until the engine attaches, an error is kept: an 'error' event with no listener would end the process.
+  let earlyError: Error | undefined;
+  let earlyExit: number | undefined;
+  let fail: (err: Error) => void = (err) => (earlyError ??= err);
+  let exit: (code: number) => void = (code) => (earlyExit = code);
+  worker.on('message', (m: FromWorker) => deliver(m));
+  worker.on('error', (err) => fail(err));
+  worker.on('exit', (code) => exit(code));
+  return {
+    worker,
+    attach(onMessage, onError, onExit) {
+      deliver = onMessage;
+      fail = onError;
+      exit = onExit;
+      for (const m of early.splice(0)) onMessage(m);
+      if (earlyError) onError(earlyError);
+      if (earlyExit !== undefined) onExit(earlyExit);
+    },
+  };
 }

@@ -4,7 +4,7 @@
  *
  *   <cacheDir>/<key>.lock            lock file (see lock.ts), outside the entry so a sweep never touches it
  *   <cacheDir>/<key>/.complete.json  manifest, written LAST: its presence is the commit
- *   <cacheDir>/<key>/.progress.json  journal of a download in progress (parts done, files complete)
+ *   <cacheDir>/<key>/.progress.jsonl journal of a download in progress (journal.ts: spans on disk, files complete)
  *   <cacheDir>/<key>/<rel>.partial   a file being downloaded (preallocated, positional writes)
  *   <cacheDir>/<key>/<rel>           a whole file, renamed into place
  */
@@ -12,7 +12,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 
 export const MANIFEST = '.complete.json';
-export const JOURNAL = '.progress.json';
+export const JOURNAL = '.progress.jsonl';
 export const PARTIAL = '.partial';
 
 export interface ManifestFile {
@@ -27,21 +27,6 @@ export interface Manifest {
   readonly files: readonly ManifestFile[];
   readonly bytes: number;
   readonly completedAt: string;
-}
-
-export interface JournalFile {
-  etag: string;
-  size: number;
-  partSize: number;
-  /** Indexes of parts fully written (and synced before the journal was saved). */
-  done: number[];
-  /** The file is whole and renamed to its final name. */
-  complete: boolean;
-}
-
-export interface Journal {
-  version: 1;
-  files: Record<string, JournalFile>;
 }
 
 /** fsync a directory so a rename or unlink inside it survives a crash. Some filesystems refuse: that is not fatal. */
@@ -112,23 +97,6 @@ export async function uncommit(entry: string): Promise<void> {
   await fsyncDir(entry);
 }
 
-export async function readJournal(entry: string): Promise<Journal> {
-  const j = await readJson<Journal>(path.join(entry, JOURNAL));
-  return j?.version === 1 && typeof j.files === 'object' && j.files !== null ? j : { version: 1, files: {} };
-}
-
-/** Not fsync'd: the journal is an optimisation; after a crash a stale one only costs a re-download (sizes are rechecked). */
-export async function saveJournal(entry: string, j: Journal): Promise<void> {
-  const file = path.join(entry, JOURNAL);
-  const tmp = `${file}.tmp.${process.pid}`;
-  await fsp.writeFile(tmp, JSON.stringify(j));
-  await fsp.rename(tmp, file);
-}
-
-export async function removeJournal(entry: string): Promise<void> {
-  await fsp.unlink(path.join(entry, JOURNAL)).catch(() => undefined);
-}
-
 /** Every regular file under dir, as '/'-separated paths relative to it. */
 export async function walk(dir: string): Promise<string[]> {
   const out: string[] = [];
@@ -155,10 +123,14 @@ export async function walk(dir: string): Promise<string[]> {
  */
 export async function sweep(entry: string, keep: ReadonlySet<string>): Promise<string[]> {
   const removed: string[] = [];
+  const dirs = new Set<string>();
   for (const rel of await walk(entry)) {
     if (rel === MANIFEST || rel === JOURNAL || keep.has(rel)) continue;
     await fsp.unlink(path.join(entry, rel)).catch(() => undefined);
     removed.push(rel);
+    dirs.add(path.dirname(path.join(entry, rel)));
   }
+  // Durable before the caller records anything new about these names.
+  for (const d of dirs) await fsyncDir(d);
   return removed;
 }

@@ -8,9 +8,11 @@ import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
-import { type Journal, type JournalFile, PARTIAL, saveJournal } from './cache.js';
+import { PARTIAL } from './cache.js';
+import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts } from './plan.js';
 import { classify, permanentError, type RemoteObject } from './s3-errors.js';
 import type { GetRequest, ObjectBody } from './s3-lite.js';
@@ -51,8 +53,12 @@ export interface DownloadOptions {
   /** Bytes gathered from the socket before one positional write. */
   writeBytes: number;
   journal: Journal;
+  /** How often (ms) the partials and the journal are synced and the journal's lines marked durable (default 1 s). */
+  syncMs?: number;
   log: Logger;
   signal: AbortSignal;
+  /** Aborted when another process took the cache lock over: from then on nothing is written or recorded. */
+  lost?: AbortSignal;
   io: StorageIo;
   onBytes(n: number): void;
   /** The file is whole, synced and renamed to its final path. */
@@ -85,26 +91,24 @@ interface FileState {
   readonly obj: RemoteObject;
   readonly abs: string;
   readonly partial: string;
-  readonly parts: Part[];
   readonly j: JournalFile;
-  remaining: number;
+  /** Ranges of this file not yet fetched. */
+  left: number;
   fh?: Promise<FileHandle>;
+  /** Synced and closed by finish(): its spans are durable whatever a later sync of the journal does. */
+  closed?: boolean;
 }
 
 interface Task {
   readonly f: FileState;
-  /** The planned part this task belongs to (the journal's unit). */
-  readonly idx: number;
-  /** The byte range this task fetches: the whole part, or a slice of it at the tail of the queue. */
+  /** The byte range this task fetches (inclusive, as in Range). */
   readonly range: Part;
-  /** Tasks of the same part still unfinished; shared by the slices of one part. */
-  readonly left: { n: number };
 }
 
 /**
  * Splits the last `concurrency` parts of the queue into `ways` slices each. Without this the download
  * ends with up to `concurrency` full-size ranges that each run at the per-connection cap while the link
- * sits half idle; with it the tail is short. Slices of a part count as one part for the journal.
+ * sits half idle; with it the tail is short.
  */
 export function splitTail<T extends { range: Part }>(tasks: T[], concurrency: number, ways: number, minSlice: number, make: (t: T, r: Part) => T): T[] {
   const cut = Math.max(0, tasks.length - concurrency);
@@ -135,53 +139,57 @@ export function downloadOrder<T extends { size: number; rel: string }>(objects: 
 
 const cmp = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
 
-/** Downloads every object into the entry. Objects whose journal says complete are skipped by the caller. */
 export interface DownloadReport {
   /** Every response carried the listed ETag, so every byte written belongs to the listed version. */
   etagsChecked: boolean;
 }
 
+/**
+ * Downloads every object into the entry, resuming what the journal records: a file whose spans cover it is only
+ * finished (synced, renamed), and a partly fetched one fetches its gaps. Objects the caller reuses whole are not passed.
+ */
 export async function downloadAll(objects: readonly RemoteObject[], o: DownloadOptions): Promise<DownloadReport> {
   let etagsChecked = true;
+  const lost = o.lost ?? new AbortController().signal;
   const files: FileState[] = [];
+  const byRel = new Map<string, FileState>();
   const tasks: Task[] = [];
   for (const obj of downloadOrder(objects, o.partSize)) {
-    const prev = o.journal.files[obj.rel];
-    const resumable = prev !== undefined && prev.etag === obj.etag && prev.size === obj.size && prev.partSize === o.partSize && !prev.complete;
-    const j: JournalFile = resumable ? prev : { etag: obj.etag, size: obj.size, partSize: o.partSize, done: [], complete: false };
-    o.journal.files[obj.rel] = j;
-    const parts = planParts(obj.size, o.partSize);
-    const done = new Set(j.done.filter((i) => i >= 0 && i < parts.length));
     const abs = path.join(o.entry, obj.rel);
-    const f: FileState = { obj, abs, partial: abs + PARTIAL, parts, j, remaining: parts.length - done.size };
+    const partial = abs + PARTIAL;
+    const prev = o.journal.get(obj.rel);
+    let j: JournalFile | undefined = prev !== undefined && prev.etag === obj.etag && prev.size === obj.size && !prev.complete ? prev : undefined;
+    // Recorded spans count only while the partial is there with its full preallocated size.
+    if (j !== undefined && j.spans.length > 0 && (await fsp.stat(partial).catch(() => undefined))?.size !== obj.size) j = undefined;
+    if (j === undefined) {
+      await fsp.unlink(partial).catch(() => undefined);
+      j = o.journal.start(obj.rel, obj.etag, obj.size);
+    }
+    const f: FileState = { obj, abs, partial, j, left: 0 };
     files.push(f);
-    if (resumable) {
-      // The journal only counts if the partial file is still there with its full preallocated size.
-      const st = await fsp.stat(f.partial).catch(() => undefined);
-      if (st?.size !== obj.size) {
-        j.done = [];
-        done.clear();
-        f.remaining = parts.length;
+    byRel.set(obj.rel, f);
+    for (const [s, e] of gaps(j.spans, obj.size)) {
+      for (const p of planParts(e - s, o.partSize)) {
+        tasks.push({ f, range: { start: s + p.start, end: s + p.end } });
+        f.left++;
       }
-    } else {
-      await fsp.unlink(f.partial).catch(() => undefined);
     }
-    for (let i = 0; i < parts.length; i++) if (!done.has(i)) tasks.push({ f, idx: i, range: parts[i]!, left: { n: 1 } });
-    for (const i of done) {
-      const p = parts[i]!;
-      o.onBytes(p.end - p.start + 1);
-    }
+    const kept = spanBytes(j.spans);
+    if (kept > 0) o.onBytes(kept);
   }
 
   const queue = splitTail(tasks, o.concurrency, 4, 1 << 20, (t, r) => {
-    if (r.start !== t.range.start) t.left.n++;
+    if (r.start !== t.range.start) t.f.left++;
     return { ...t, range: r };
   });
   const remainingBytes = queue.reduce((s, t) => s + t.range.end - t.range.start + 1, 0);
   const free = await o.io.freeBytes(o.entry);
   if (free < remainingBytes) {
-    throw new RuntimeError('NO_SPACE', `not enough space in the model cache ${path.dirname(o.entry)}: need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
+    throw new RuntimeError('NO_SPACE', `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
   }
+  // Which version each file is being fetched at is durable before any of its bytes: a whole file found later under
+  // its final name is then known to be that version, even after a power cut (see S3Fetch.fill).
+  await o.journal.sync();
 
   const stop = new AbortController();
   const signal = AbortSignal.any([o.signal, stop.signal]);
@@ -191,29 +199,37 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     stop.abort(e);
   };
 
-  let dirty = false;
-  const openFiles = new Set<FileState>();
-  let journalChain = Promise.resolve();
-  // Data first, then the journal that claims it: a part is never recorded before its bytes are synced.
-  const flushJournal = () => (journalChain = journalChain.then(async () => {
-    if (!dirty) return;
-    dirty = false;
-    // Snapshot first: a part that completes while we sync is left for the next flush.
-    const snapshot = JSON.parse(JSON.stringify(o.journal)) as Journal;
+  // Spans are appended to the journal as writes return (Journal.add); every syncMs the partials written since the
+  // last sync and then the journal are synced and marked durable, which also trickles dirty pages to disk during
+  // the download, so the final fsync of a big file is short.
+  const syncData = async (rels: ReadonlySet<string>) => {
     // One file at a time: a sync can hold a libuv thread for a while, and the writes need the others.
-    for (const f of [...openFiles]) await (await f.fh?.catch(() => undefined))?.datasync().catch(() => undefined);
-    await saveJournal(o.entry, snapshot).catch((e) => o.log.warn({ err: String(e) }, 'could not save the download journal'));
-  }));
-  // Also trickles dirty pages to disk during the download, so the final fsync of a big file is short.
-  const ticker = setInterval(() => void flushJournal(), 500);
+    for (const rel of rels) {
+      const f = byRel.get(rel);
+      const fh = await f?.fh?.catch(() => undefined);
+      if (!f || !fh || f.closed) continue;
+      try {
+        await fh.datasync();
+      } catch (e) {
+        if (!f.closed) throw e; // closed meanwhile by finish(), which synced it first
+      }
+    }
+  };
+  let syncing = false;
+  const ticker = setInterval(() => {
+    if (syncing || lost.aborted) return;
+    syncing = true;
+    void o.journal.sync(syncData).catch(() => undefined).finally(() => (syncing = false));
+  }, o.syncMs ?? 1_000);
   ticker.unref();
+  const halt = () => o.journal.halt();
+  lost.addEventListener('abort', halt, { once: true });
 
   const open = (f: FileState): Promise<FileHandle> => {
     f.fh ??= (async () => {
       await fsp.mkdir(path.dirname(f.abs), { recursive: true });
-      const fresh = f.j.done.length === 0;
+      const fresh = f.j.spans.length === 0;
       const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
-      openFiles.add(f);
       // Preallocate (sparse on most filesystems) so every range can be written at its offset.
       if (fresh) await fh.truncate(f.obj.size);
       return fh;
@@ -226,14 +242,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const st = await fh.stat();
     if (st.size !== f.obj.size) throw new RuntimeError('STORAGE_TRANSIENT', `s3://${o.bucket}/${f.obj.key}: wrote ${st.size} bytes, expected ${f.obj.size}`);
     await fh.sync();
+    f.closed = true;
     await fh.close();
-    openFiles.delete(f);
     await fsp.rename(f.partial, f.abs);
-    f.j.complete = true;
-    f.j.done = [];
-    dirty = true;
-    // Record the whole file at once: after a kill it is reused instead of fetched again.
-    void flushJournal();
+    o.journal.complete(f.obj.rel, f.obj.etag, f.obj.size);
     o.onFileDone(f.obj, f.abs);
   };
 
@@ -243,35 +255,52 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const t = queue[next++]!;
       try {
         await fetchPart(t);
-        if (--t.left.n > 0) continue;
-        t.f.j.done.push(t.idx);
-        dirty = true;
-        if (--t.f.remaining === 0) await finish(t.f);
+        if (--t.f.left === 0) await finish(t.f);
       } catch (e) {
-        fail(isNoSpace(e) ? new RuntimeError('NO_SPACE', `no space left in the model cache ${path.dirname(o.entry)} for ${t.f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e }) : e);
+        fail(isNoSpace(e) ? new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e }) : e);
       }
     }
   };
 
   const fetchPart = async ({ f, range }: Task) => {
-    const part = range;
     const fh = await open(f);
-    const whole = part.start === 0 && part.end === f.obj.size - 1;
+    const size = range.end - range.start + 1;
+    const whole = range.start === 0 && range.end === f.obj.size - 1;
     let written = 0;
     let failures = 0;
     for (;;) {
       signal.throwIfAborted();
-      const len = part.end - part.start + 1 - written;
+      const left = size - written;
       const ac = new AbortController();
       const reqSignal = AbortSignal.any([signal, ac.signal]);
       // The watchdog covers the wait for headers too: a range that yields nothing for stallMs is abandoned.
       const watchdog = setTimeout(() => ac.abort(Object.assign(new Error('no bytes received'), { code: 'STALL' })), o.stallMs);
       let body: Readable | undefined;
       let progressed = false;
+      // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
+      // While that write is pending the loop does not pull, so the socket pauses: backpressure, bounded memory.
+      let pending: Buffer[] = [];
+      let pendingBytes = 0;
+      /** False once the answer is known not to be this range's next bytes: its pending chunks are never written. */
+      let trusted = false;
+      const flush = async () => {
+        const bufs = pending;
+        const n = pendingBytes;
+        const at = range.start + written;
+        pending = [];
+        pendingBytes = 0;
+        // Recorded before the write, so that a kill before its end does not lose it (Journal.open reads it back).
+        o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
+        await o.io.write(fh, bufs, n, at);
+        written += n;
+        o.journal.add(f.obj.rel, at, at + n);
+        o.onBytes(n);
+        progressed = true;
+      };
       try {
         const res = await o.get({
           key: f.obj.key,
-          ...(whole && written === 0 ? {} : { range: `bytes=${part.start + written}-${part.end}` }),
+          ...(whole && written === 0 ? {} : { range: `bytes=${range.start + written}-${range.end}` }),
           ...(f.obj.etag ? { ifMatch: f.obj.etag } : {}),
           signal: reqSignal,
         });
@@ -279,35 +308,27 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         // Stores that ignore If-Match still send the ETag: compare it ourselves.
         if (f.obj.etag && res.etag && res.etag !== f.obj.etag) throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
-        if (res.contentLength !== undefined && res.contentLength !== len) {
-          throw Object.assign(new Error(`expected ${len} bytes, server announced ${res.contentLength}`), { code: 'SHORT_READ' });
+        if (res.contentLength !== undefined && res.contentLength !== left) {
+          throw Object.assign(new Error(`expected ${left} bytes, server announced ${res.contentLength}`), { code: 'SHORT_READ' });
         }
-        // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
-        // While that write is pending the loop does not pull, so the socket pauses: backpressure, bounded memory.
-        let pending: Buffer[] = [];
-        let pendingBytes = 0;
-        const flush = async () => {
-          await o.io.write(fh, pending, pendingBytes, part.start + written);
-          written += pendingBytes;
-          o.onBytes(pendingBytes);
-          progressed = true;
-          pending = [];
-          pendingBytes = 0;
-        };
+        trusted = true;
         for await (const chunk of body as AsyncIterable<Buffer>) {
           watchdog.refresh();
           pending.push(chunk);
           pendingBytes += chunk.length;
-          if (pendingBytes > len - written) throw Object.assign(new Error('server sent more bytes than the range holds'), { code: 'SHORT_READ' });
+          if (written + pendingBytes > size) {
+            trusted = false;
+            throw Object.assign(new Error('server sent more bytes than the range holds'), { code: 'SHORT_READ' });
+          }
           if (pendingBytes >= o.writeBytes) await flush();
         }
         if (pendingBytes > 0) await flush();
-        if (written !== part.end - part.start + 1) {
-          throw Object.assign(new Error(`range ended after ${written} of ${part.end - part.start + 1} bytes`), { code: 'SHORT_READ' });
-        }
+        if (written !== size) throw Object.assign(new Error(`range ended after ${written} of ${size} bytes`), { code: 'SHORT_READ' });
         return;
       } catch (e) {
-        if (isNoSpace(e)) throw new RuntimeError('NO_SPACE', `no space left in the model cache ${path.dirname(o.entry)} while writing ${f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e });
+        // What arrived before a reset, a stall or a stop is this range's next bytes: write it rather than fetch it again.
+        if (trusted && pendingBytes > 0 && !lost.aborted && !isNoSpace(e)) await flush().catch(() => undefined);
+        if (isNoSpace(e)) throw new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e });
         if (e instanceof ObjectChangedError || e instanceof RuntimeError) throw e;
         if (signal.aborted) throw signal.reason;
         const stalled = ac.signal.aborted;
@@ -318,7 +339,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         failures = progressed ? 1 : failures + 1;
         if (failures >= o.maxAttempts) throw permanentError(e, o.bucket, f.obj.key, `read (${failures} attempts)`);
         const wait = backoffMs(failures - 1);
-        o.log.warn({ key: f.obj.key, range: `${part.start + written}-${part.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');
+        o.log.warn({ key: f.obj.key, range: `${range.start + written}-${range.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');
         await sleep(wait, signal);
       } finally {
         clearTimeout(watchdog);
@@ -329,17 +350,17 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   };
 
   try {
-    // Zero-byte files have no ranges.
-    for (const f of files) if (f.parts.length === 0) {
-      await open(f);
-      await finish(f);
-    }
+    // Zero-byte files, and files whose every byte the journal records (a kill came before their rename).
+    for (const f of files) if (f.left === 0) await finish(f);
     await Promise.all(Array.from({ length: Math.min(o.concurrency, queue.length) }, worker));
   } finally {
     clearInterval(ticker);
-    dirty = true;
-    await flushJournal();
-    await Promise.all([...openFiles].map(async (f) => (await f.fh?.catch(() => undefined))?.close().catch(() => undefined)));
+    lost.removeEventListener('abort', halt);
+    if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
+    await Promise.all(files.map(async (f) => {
+      if (f.closed) return;
+      await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);
+    }));
   }
   if (failure !== undefined) throw failure;
   o.signal.throwIfAborted();

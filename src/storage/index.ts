@@ -7,11 +7,10 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import {
-  type Journal, type Manifest, fsyncDir, manifestFilesPresent, readJournal, readManifest, removeJournal, saveJournal, sweep, uncommit, walk,
-  writeManifest, PARTIAL,
-} from './cache.js';
+import { type Manifest, fsyncDir, manifestFilesPresent, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import type { StorageIo } from './download.js';
+import { Journal, spanBytes } from './journal.js';
+import { checkListing } from './listing.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError, type RemoteObject } from './s3-errors.js';
@@ -23,6 +22,12 @@ export { planParts, RETRY, backoffMs, type Part } from './plan.js';
 export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './uri.js';
 export type { StorageIo } from './download.js';
 export type { Manifest } from './cache.js';
+
+/**
+ * Bytes gathered from a socket before one positional write. Memory is concurrency × this; and what a kill can lose
+ * beyond the journal is about one write per range in flight, so it stays well under a part (docs/FAULTS.md).
+ */
+export const WRITE_BYTES = 256 * 1024;
 
 export interface FetchProgress {
   phase: 'resolving' | 'listing' | 'downloading' | 'verifying' | 'done';
@@ -53,8 +58,10 @@ export interface ResolveOptions {
   lockStaleMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
-  /** Bytes gathered per positional write (default 1 MiB). */
+  /** Bytes gathered per positional write (default WRITE_BYTES). */
   writeBytes?: number;
+  /** How often (ms) the download journal is synced and marked durable against power loss (default 1 s). */
+  syncMs?: number;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -90,6 +97,22 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Prom
   return { dir, fromCache: false, bytes, files: files.length, seconds: (performance.now() - t0) / 1000, source: 'local' };
 }
 
+/**
+ * A filesystem error of the cache as an operator reads it: the code and the call, and the file relative to the cache,
+ * never a local absolute path (Node's own messages carry one, and boot reasons reach clients).
+ */
+export function cacheIoError(e: unknown, cacheDir: string): unknown {
+  const x = e as NodeJS.ErrnoException;
+  if (e instanceof RuntimeError || typeof x?.code !== 'string' || typeof x.syscall !== 'string') return e;
+  const root = path.resolve(cacheDir) + path.sep;
+  const inside = typeof x.path === 'string' && path.resolve(x.path).startsWith(root) ? path.resolve(x.path).slice(root.length) : undefined;
+  // The entry's own folder is <key>/; what follows it is the object's path.
+  const rel = inside?.split(path.sep).slice(1).join('/');
+  const what = `${x.syscall}${rel ? ` of ${JSON.stringify(rel)}` : ''}`;
+  const code = ['ENOSPC', 'EDQUOT'].includes(x.code) ? 'NO_SPACE' : x.code === 'ENAMETOOLONG' ? 'STORAGE_KEY_TOO_LONG' : 'CACHE_IO';
+  return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}`, { cause: e });
+}
+
 const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
   m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && m.files[i]?.etag === o.etag);
 
@@ -116,7 +139,7 @@ class S3Fetch {
   async run(): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     await fsp.mkdir(cfg.cacheDir, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
-      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory ${cfg.cacheDir}: ${e.code ?? e.message}`, { cause: e });
+      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${e.code ?? 'error'}`, { cause: e });
     });
     try {
       this.lite = liteTarget(cfg.s3, this.bucket);
@@ -146,7 +169,7 @@ class S3Fetch {
       if (listing.length === 0) {
         throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
       }
-      for (const obj of listing) containedPath(this.entry, obj.rel);
+      this.checkListing(listing);
       const want = listing;
       const staleMs = this.o.lockStaleMs ?? 30_000;
       let waited = false;
@@ -165,7 +188,7 @@ class S3Fetch {
       try {
         const m = await readManifest(this.entry);
         if (m && sameObjects(m, want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
-        return await this.fill(want, AbortSignal.any([this.signal, lock.lost]));
+        return await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
       } finally {
         await lock.release();
       }
@@ -173,7 +196,7 @@ class S3Fetch {
       if (this.signal.aborted && !(e instanceof RuntimeError && e.code === 'NO_SPACE')) {
         throw new RuntimeError('CANCELLED', `model fetch of ${this.uri} cancelled; the cache entry stays uncommitted and resumes next time`, { cause: e });
       }
-      throw e;
+      throw cacheIoError(e, this.o.cfg.cacheDir);
     } finally {
       this.agent?.destroy();
       if (this.sdkClient) (await this.sdkClient.catch(() => undefined))?.handle.destroy();
@@ -225,9 +248,9 @@ class S3Fetch {
     return { dir: this.entry, fromCache: true, bytes: m.bytes, files: m.files.length, seconds: this.elapsed(), source: 's3', ...(stale ? { stale } : {}) };
   }
 
-  private async fill(initial: RemoteObject[], signal: AbortSignal): Promise<ResolvedModel> {
+  private async fill(initial: RemoteObject[], signal: AbortSignal, lost: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
-    const { defaultIo, downloadAll, ObjectChangedError } = await import('./download.js');
+    const dl = await import('./download.js');
     let answered = false;
     const get = async (r: GetRequest): Promise<ObjectBody> => {
       const res = await send(r);
@@ -253,36 +276,59 @@ class S3Fetch {
       return s3.getObject(handle.client, this.bucket, r);
     };
     await fsp.mkdir(this.entry, { recursive: true });
-    const journal: Journal = await readJournal(this.entry);
-    // A committed entry being refreshed: its files count as complete downloads of their ETags.
+    const journal = await Journal.open(this.entry, {
+      onError: (e) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded'),
+    });
+    try {
+      return await this.rounds(initial, journal, get, signal, lost, dl);
+    } finally {
+      await journal.close();
+    }
+  }
+
+  /** Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. */
+  private async rounds(initial: RemoteObject[], journal: Journal, get: (r: GetRequest) => Promise<ObjectBody>, signal: AbortSignal, lost: AbortSignal,
+    dl: typeof import('./download.js')): Promise<ResolvedModel> {
+    const { cfg, log } = this.o;
+    const { downloadAll, defaultIo, ObjectChangedError } = dl;
+    // A committed entry being refreshed: its files count as whole downloads of their ETags.
     const old = await readManifest(this.entry);
     if (old) {
-      for (const f of old.files) journal.files[f.path] = { etag: f.etag, size: f.size, partSize: cfg.s3.partSize, done: [], complete: true };
-      await saveJournal(this.entry, journal);
+      for (const f of old.files) journal.complete(f.path, f.etag, f.size);
+      await journal.sync();
       await uncommit(this.entry);
     }
     let listing = initial;
     const started = performance.now();
+    let why: 'changed' | 'incomplete' = 'changed';
     for (let round = 0; round < 4; round++) {
       if (round > 0) this.o.onRestart?.();
       const reuse: RemoteObject[] = [];
       const fetch: RemoteObject[] = [];
       const keep = new Set<string>();
       for (const obj of listing) {
-        const j = journal.files[obj.rel];
-        const size = await fsp.stat(path.join(this.entry, obj.rel)).then((s) => s.size, () => -1);
-        if (j?.complete && j.etag === obj.etag && j.size === obj.size && size === obj.size) {
+        const j = journal.get(obj.rel);
+        const size = await fsp.stat(path.join(this.entry, obj.rel)).then((s) => (s.isFile() ? s.size : -1), () => -1);
+        // A file under its final name got there by a rename once it was whole, at the version the journal recorded
+        // before its first byte (downloadAll): with that version listed, it is reused, whether or not the journal
+        // heard of the rename before a kill.
+        if (j !== undefined && j.etag === obj.etag && j.size === obj.size && size === obj.size) {
+          if (!j.complete) journal.complete(obj.rel, obj.etag, obj.size);
           reuse.push(obj);
           keep.add(obj.rel);
         } else {
           fetch.push(obj);
-          if (j && !j.complete && j.etag === obj.etag) keep.add(obj.rel + PARTIAL);
-          else delete journal.files[obj.rel];
+          if (j !== undefined && !j.complete && j.etag === obj.etag && j.size === obj.size) keep.add(obj.rel + PARTIAL);
+          else journal.drop(obj.rel);
         }
       }
-      for (const rel of Object.keys(journal.files)) if (!listing.some((o) => o.rel === rel)) delete journal.files[rel];
+      const listed = new Set(listing.map((o) => o.rel));
+      for (const rel of [...journal.files.keys()]) if (!listed.has(rel)) journal.drop(rel);
+      // Stale files go (durably) before the journal names new versions: a file found later under a final name is
+      // then always the version the journal names.
       const swept = await sweep(this.entry, keep);
       if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
+      await journal.sync();
 
       Object.assign(this.progress, { bytesTotal: listing.reduce((s, x) => s + x.size, 0), bytesDone: 0, filesTotal: listing.length, filesDone: 0 });
       this.o.onListing?.(listing.map((o) => ({ relPath: o.rel, size: o.size })));
@@ -292,13 +338,16 @@ class S3Fetch {
         this.o.onFileReady?.(obj.rel, path.join(this.entry, obj.rel));
       }
       if (reuse.length > 0) log.info({ files: reuse.length }, 'reusing files already downloaded');
+      const resumed = fetch.reduce((n, x) => n + spanBytes(journal.get(x.rel)?.spans ?? []), 0);
+      if (resumed > 0) log.info({ bytes: resumed }, 'resuming partly downloaded files');
       this.emit('downloading', true);
       let report;
       try {
         report = await downloadAll(fetch, {
-          get, bucket: this.bucket, entry: this.entry, journal, log, signal,
+          get, bucket: this.bucket, entry: this.entry, journal, log, signal, lost,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
-          writeBytes: this.o.writeBytes ?? 1 << 20,
+          writeBytes: this.o.writeBytes ?? WRITE_BYTES,
+          ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
           onBytes: (n) => {
             this.progress.bytesDone += n;
@@ -314,6 +363,7 @@ class S3Fetch {
         if (e instanceof RuntimeError && e.code === 'NO_SPACE') await this.dropPartials(journal);
         if (!(e instanceof ObjectChangedError)) throw e;
         log.warn({ key: e.key }, 'object changed during the download; listing again');
+        why = 'changed';
         listing = await this.listing(cfg.s3.maxAttempts, 60_000);
         continue;
       }
@@ -326,8 +376,18 @@ class S3Fetch {
       const changed = now.length !== listing.length || now.some((x, i) => x.rel !== listing[i]!.rel || x.etag !== listing[i]!.etag || x.size !== listing[i]!.size);
       if (changed) {
         log.warn({ uri: this.uri }, 'objects changed while downloading; fetching the changes');
-        for (const x of now) containedPath(this.entry, x.rel);
+        this.checkListing(now);
+        why = 'changed';
         listing = now;
+        continue;
+      }
+      // The commit names every listed file: each must be there, whole, under its final name.
+      const bad = await this.notWhole(listing);
+      if (bad.length > 0) {
+        log.warn({ files: bad.slice(0, 5), count: bad.length }, 'files missing or short after the download; fetching them again');
+        for (const rel of bad) journal.drop(rel);
+        await journal.sync();
+        why = 'incomplete';
         continue;
       }
       log.debug({ ms: Math.round(performance.now() - started) }, 'all files whole');
@@ -338,24 +398,41 @@ class S3Fetch {
         version: 1, uri: this.uri, bytes, completedAt: new Date().toISOString(),
         files: listing.map((x) => ({ path: x.rel, size: x.size, etag: x.etag })),
       });
-      await removeJournal(this.entry);
+      await journal.remove();
       const secs = (performance.now() - started) / 1000;
       log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1) }, 'model cached');
       this.emit('done', true);
       return { dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3' };
     }
+    if (why === 'incomplete') {
+      throw new RuntimeError('STORAGE_INCOMPLETE', `files under ${this.uri} were still missing or short after 4 download rounds; check the free space and health of the cache volume`);
+    }
     throw new RuntimeError('STORAGE_TRANSIENT', `objects under ${this.uri} kept changing during the download; try again when the upload has finished`);
+  }
+
+  private checkListing(listing: readonly RemoteObject[]): void {
+    checkListing(listing, this.bucket, this.prefix, this.entry);
+  }
+
+  /** Listed files that are not a regular file of the listed size under their final name. */
+  private async notWhole(listing: readonly RemoteObject[]): Promise<string[]> {
+    const bad: string[] = [];
+    for (const x of listing) {
+      const st = await fsp.stat(path.join(this.entry, x.rel)).catch(() => undefined);
+      if (!st?.isFile() || st.size !== x.size) bad.push(x.rel);
+    }
+    return bad;
   }
 
   /** After ENOSPC: free what the partial files hold; whole files stay reusable through the journal. */
   private async dropPartials(journal: Journal): Promise<void> {
     const keep = new Set<string>();
-    for (const [rel, j] of Object.entries(journal.files)) {
+    for (const [rel, j] of journal.files) {
       if (j.complete) keep.add(rel);
-      else delete journal.files[rel];
+      else journal.drop(rel);
     }
+    await journal.sync().catch(() => undefined);
     await sweep(this.entry, keep).catch(() => undefined);
-    await saveJournal(this.entry, journal).catch(() => undefined);
   }
 
   private elapsed(): number {

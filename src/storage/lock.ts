@@ -1,8 +1,9 @@
 /**
- * @module A lock file for one cache entry that works on an RWX NFS-like PVC (no flock): created with O_EXCL,
- * holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose heartbeat is older
- * than `staleMs` (or whose pid is dead on this host) is taken over by renaming it aside first, so only one
- * of several waiters can win the takeover.
+ * @module A lock file for one cache entry that works on an RWX NFS-like PVC (no flock): written whole to a temp
+ * name, then linked to the lock's name (link never replaces a file, so exactly one creator wins, and the lock never
+ * exists without its content), holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose
+ * heartbeat is older than `staleMs`, whose pid is dead on this host, or that does not say who made it, is taken
+ * over by renaming it aside first, so only one of several waiters can win the takeover.
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
@@ -16,6 +17,11 @@ export interface LockOptions {
   staleMs?: number;
   /** How often a waiter looks again (ms). */
   pollMs?: number;
+  /**
+   * An empty or unreadable lock older than this is stale (ms): a creator that links its lock never leaves one, and
+   * one that wrote it after creating it (an older release) did so within milliseconds.
+   */
+  unreadableStaleMs?: number;
   signal?: AbortSignal;
   /** Called while waiting, once per poll, with what the lock says about its holder. */
   onWait?(holder: LockInfo | undefined): void;
@@ -37,7 +43,7 @@ export interface HeldLock {
   release(): Promise<void>;
 }
 
-const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250 };
+const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250, unreadableStaleMs: 3_000 };
 
 const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, reject) => {
   if (signal?.aborted) return reject(signal.reason);
@@ -46,11 +52,35 @@ const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, 
   signal?.addEventListener('abort', onAbort, { once: true });
 });
 
-async function readInfo(file: string): Promise<LockInfo | undefined> {
+/** What the lock says about its holder: the info, 'unreadable' (missing, empty, not JSON), or 'unknown' (JSON, but not a holder). */
+async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
+  let x: unknown;
   try {
-    return JSON.parse(await fsp.readFile(file, 'utf8')) as LockInfo;
+    x = JSON.parse(await fsp.readFile(file, 'utf8'));
   } catch {
-    return undefined; // missing, or half-written by a creator that is still writing
+    return 'unreadable';
+  }
+  const i = x as Partial<LockInfo> | null;
+  const ok = typeof i === 'object' && i !== null && Number.isSafeInteger(i.pid) && typeof i.host === 'string' && i.host !== '' && typeof i.token === 'string' && i.token !== '';
+  return ok ? (i as LockInfo) : 'unknown';
+}
+
+const holderOf = (i: Awaited<ReturnType<typeof readInfo>>): LockInfo | undefined => (typeof i === 'object' ? i : undefined);
+
+/** Creates `file` holding `me`, or fails with EEXIST. */
+async function create(file: string, me: LockInfo): Promise<void> {
+  const tmp = `${file}.new.${me.token}`;
+  try {
+    const fh = await fsp.open(tmp, 'wx');
+    try {
+      await fh.writeFile(JSON.stringify(me));
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.link(tmp, file);
+  } finally {
+    await fsp.unlink(tmp).catch(() => undefined);
   }
 }
 
@@ -68,24 +98,19 @@ function pidAlive(pid: number): boolean {
  * `satisfied()` reports that the lock is no longer needed.
  */
 export async function acquireLock(file: string, o: LockOptions = {}): Promise<HeldLock | undefined> {
-  const { heartbeatMs, staleMs, pollMs } = { ...DEFAULTS, ...o };
+  const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
   const me: LockInfo = { pid: process.pid, host: os.hostname(), token: randomBytes(8).toString('hex'), since: new Date().toISOString() };
   for (;;) {
     o.signal?.throwIfAborted();
     try {
-      const fh = await fsp.open(file, 'wx');
-      try {
-        await fh.writeFile(JSON.stringify(me));
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
+      await create(file, me);
       return hold(file, me, heartbeatMs);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
     }
     if (o.satisfied && (await o.satisfied())) return undefined;
-    const holder = await readInfo(file);
+    const info = await readInfo(file);
+    const holder = holderOf(info);
     let st;
     try {
       st = await fsp.stat(file);
@@ -94,15 +119,17 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
     }
     const age = Date.now() - st.mtimeMs;
     const deadHere = holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid);
-    if (age > staleMs || deadHere) {
+    // A lock that does not say who holds it cannot be waited for: nobody would ever release or refresh it for sure.
+    const orphan = info === 'unknown' || (info === 'unreadable' && age > unreadableStaleMs);
+    if (age > staleMs || deadHere || orphan) {
       // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
       // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
       const aside = `${file}.stale.${me.token}`;
       try {
         await fsp.rename(file, aside);
-        const moved = await readInfo(aside);
+        const moved = holderOf(await readInfo(aside));
         const movedSt = await fsp.stat(aside);
-        const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved !== undefined && moved.token === holder?.token);
+        const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved === undefined ? holder === undefined : moved.token === holder?.token);
         if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
         await fsp.unlink(aside).catch(() => undefined);
       } catch {
@@ -120,11 +147,11 @@ function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
   let released = false;
   const beat = setInterval(() => {
     void (async () => {
-      const info = await readInfo(file);
+      const info = holderOf(await readInfo(file));
       if (released) return;
       if (info?.token !== me.token) {
         clearInterval(beat);
-        lost.abort(new RuntimeError('STORAGE_TRANSIENT', `cache lock ${file} was taken over by another process (heartbeat missed?)`));
+        lost.abort(new RuntimeError('STORAGE_TRANSIENT', 'the cache lock of this model was taken over by another process (its heartbeat was missed); this fetch stops'));
         return;
       }
       const now = new Date();
@@ -139,7 +166,7 @@ function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
       if (released) return;
       released = true;
       clearInterval(beat);
-      const info = await readInfo(file);
+      const info = holderOf(await readInfo(file));
       if (info?.token === me.token) await fsp.unlink(file).catch(() => undefined);
     },
   };

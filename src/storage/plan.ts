@@ -29,6 +29,8 @@ export const RETRY = Object.freeze({
   denied: Object.freeze(['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken', 'AllAccessDisabled',
     'AccountProblem', 'InvalidBucketName', 'CredentialsProviderError', 'Forbidden']),
   missing: Object.freeze(['NoSuchBucket', 'NoSuchKey', 'NotFound']),
+  /** The request time was refused (S3 allows 15 minutes of skew): retried once the clock offset is corrected. */
+  skew: Object.freeze(['RequestTimeTooSkewed', 'RequestExpired', 'RequestInTheFuture']),
   baseMs: 200,
   maxMs: 5_000,
   factor: 2,

@@ -35,7 +35,12 @@ export function classify(err: unknown): ErrorKind {
   const code = e.code ?? e.Code ?? '';
   const status = errorStatus(err);
   if (name === 'AbortError' || code === 'ABORT_ERR') return 'aborted';
-  if (status === 412 || name === 'PreconditionFailed' || code === 'ETAG_CHANGED') return 'changed';
+  // A 403 for the request time: the clients correct their clock offset from S3's Date (s3-lite.ts, the SDK's signer),
+  // so the next attempt is signed with S3's time.
+  if (RETRY.skew.includes(name) || RETRY.skew.includes(code)) return 'transient';
+  // 416: a range past the end of the object, which only an object that shrank since it was listed gives (stores that
+  // ignore If-Match answer it where S3 would answer 412).
+  if (status === 412 || status === 416 || name === 'PreconditionFailed' || name === 'InvalidRange' || code === 'ETAG_CHANGED') return 'changed';
   if (status === 403 || RETRY.denied.includes(name) || RETRY.denied.includes(code)) return 'denied';
   if ((status === 404 && name !== 'RequestTimeout') || RETRY.missing.includes(name) || RETRY.missing.includes(code)) return 'missing';
   if ((status !== undefined && RETRY.statuses.includes(status)) || RETRY.codes.includes(name) || RETRY.codes.includes(code)) return 'transient';
@@ -59,6 +64,10 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (kind === 'missing') {
     const what = s3code === 'NoSuchBucket' ? `bucket "${bucket}" does not exist` : `${where} does not exist`;
     return new RuntimeError('STORAGE_MISSING', `cannot ${action}: ${what} (${s3code})`, { cause: err });
+  }
+  if (RETRY.skew.includes(s3code)) {
+    return new RuntimeError('STORAGE_CLOCK_SKEW', `S3 refused the request time to ${action} ${where} (${s3code}): this pod's clock differs from S3's by more than S3 allows `
+      + "(15 minutes) and S3's Date header did not correct it; fix the node's time synchronisation (NTP)", { cause: err });
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });

@@ -34,7 +34,31 @@ export interface LiteTarget {
   region: string;
   credentials: LiteCredentials;
   tls: TlsOptions;
+  /** S3's time minus this host's, learnt from S3's Date header; shared by every request to the target. */
+  clock: ClockOffset;
 }
+
+export interface ClockOffset {
+  offsetMs: number;
+}
+
+/** A skew this large is corrected (what the AWS SDK's isClockSkewed checks; S3 itself refuses past 15 minutes). */
+const SKEW_CORRECT_MS = 5 * 60_000;
+
+/**
+ * Learns S3's clock from a response's Date header, as the AWS SDK does (@aws-sdk/core, AwsSdkSigV4Signer and
+ * getUpdatedSystemClockOffset): once local time plus the offset is 5 minutes or more off, the offset becomes S3's
+ * time minus now. Skipped behind a cache (an Age header) and for answers that took over 15 minutes.
+ */
+export function updateClock(clock: ClockOffset, date: string | undefined, age: string | undefined, sentAt: number, now = Date.now()): void {
+  if (date === undefined || age !== undefined || now - sentAt > 900_000) return;
+  const server = Date.parse(date);
+  if (Number.isNaN(server)) return;
+  if (Math.abs(now + clock.offsetMs - server) >= SKEW_CORRECT_MS) clock.offsetMs = server - now;
+}
+
+/** The time to sign with: this host's, corrected by what S3's clock said. */
+export const signingTime = (clock: ClockOffset) => new Date(Date.now() + clock.offsetMs);
 
 export interface TlsOptions {
   rejectUnauthorized: boolean;
@@ -89,6 +113,7 @@ export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.
   return {
     origin, bucketPath, region: s.region, credentials,
     tls: tlsOptions(s),
+    clock: { offsetMs: 0 },
   };
 }
 
@@ -215,7 +240,8 @@ function endpoint(t: Pick<LiteTarget, 'origin'>): { secure: boolean; host: strin
 
 function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
   const { secure, host, hostname, port } = endpoint(t);
-  const { headers, query: qs } = signV4({ method: 'GET', host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: new Date() });
+  const sentAt = Date.now();
+  const { headers, query: qs } = signV4({ method: 'GET', host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
   const opts: https.RequestOptions = {
     method: 'GET', hostname, port, path: `${t.bucketPath || '/'}?${qs}`, headers,
     ...(signal ? { signal } : {}),
@@ -223,6 +249,7 @@ function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSig
   };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
+      updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       const chunks: Buffer[] = [];
       let bytes = 0;
       res.on('data', (c: Buffer) => {
@@ -304,12 +331,14 @@ export function objectPath(t: Pick<LiteTarget, 'bucketPath'>, key: string): stri
 export function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): Promise<ObjectBody> {
   const { secure, host, hostname, port } = endpoint(t);
   const keyPath = objectPath(t, r.key);
-  const { headers } = signV4({ method: 'GET', host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: new Date() });
+  const sentAt = Date.now();
+  const { headers } = signV4({ method: 'GET', host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
   if (r.range !== undefined) headers.range = r.range;
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
   const opts: https.RequestOptions = { method: 'GET', hostname, port, path: keyPath, headers, agent, signal: r.signal };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
+      updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       const status = res.statusCode ?? 0;
       if (status === 200 || status === 206) {
         const len = res.headers['content-length'];

@@ -82,14 +82,19 @@ export interface Faults {
   failLists?: { count: number; status: number; code: string };
   /** The same for the next `count` GetObject requests. */
   failGets?: { count: number; status: number; code: string };
-  /** Hold GETs of keys matching `keys` (not forwarded, no answer) until `release` settles. */
-  hold?: { keys: RegExp; release: Promise<unknown> };
+  /** Hold GETs of keys matching `keys` (and, with `range`, whose Range header it accepts) until `release` settles. */
+  hold?: { keys: RegExp; range?: (range: string | undefined) => boolean; release: Promise<unknown> };
 }
 
 export interface FaultProxy {
   readonly port: number;
   readonly endpoint: string;
-  readonly stats: { gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number; getPaths: { sdk: string[]; lite: string[] } };
+  readonly stats: {
+    gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
+    getPaths: { sdk: string[]; lite: string[] };
+    /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
+    refusals: Record<string, number>;
+  };
   faults: Faults;
   close(): Promise<void>;
 }
@@ -100,7 +105,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] } };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const sockets = new Set<import('node:net').Socket>();
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
@@ -149,6 +154,18 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         });
         return;
       }
+      if ((upRes.statusCode ?? 502) >= 300) {
+        // Only the error's Code is kept; the body is forwarded untouched.
+        const parts: Buffer[] = [];
+        upRes.on('data', (c: Buffer) => parts.push(c));
+        upRes.on('end', () => {
+          const body = Buffer.concat(parts);
+          const code = /<Code>([^<]*)<\/Code>/.exec(body.toString('utf8'))?.[1] ?? `HTTP${upRes.statusCode}`;
+          stats.refusals[code] = (stats.refusals[code] ?? 0) + 1;
+          res.writeHead(upRes.statusCode ?? 502, upRes.headers).end(body);
+        });
+        return;
+      }
       res.writeHead(upRes.statusCode ?? 502, upRes.headers);
       const body = isGet && (upRes.statusCode ?? 500) < 300;
       // A fault is armed only on bodies long enough to reach it, so counts in tests are exact.
@@ -194,7 +211,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     up.on('error', () => res.destroy());
     res.on('close', () => up.destroy());
     if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
-    else if (isGet && f.hold && f.hold.keys.test(decodeURIComponent(req.url ?? ''))) {
+    else if (isGet && f.hold && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
       stats.held++;
       void f.hold.release.finally(() => req.pipe(up));
     } else req.pipe(up);

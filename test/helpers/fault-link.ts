@@ -1,0 +1,183 @@
+/**
+ * @module A flaky S3 link on loopback, for the fault suite (test/faults.test.ts) and its soak (scripts/bench-faults.ts):
+ * an HTTP proxy in front of an S3 server that, from a seeded random stream, cuts bodies by a reset or a stall at a
+ * uniformly random offset (so past 1 MiB into 2 MiB ranges about half the time), answers bursts of 503 SlowDown and
+ * 500 InternalError, and paces bytes like a link with a per-connection and a total cap. Only node:http: the soak
+ * script imports it from dist/ without the test dependencies.
+ */
+import http from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+
+export interface LinkFaults {
+  /** Probability that a 2xx GET body is cut by a connection reset at a random offset. */
+  resetP: number;
+  /** Probability that a 2xx GET body stops at a random offset with the socket left open (a stall). */
+  stallP: number;
+  /** Probability that a request starts a burst of 503 SlowDown / 500 InternalError answers. */
+  burstP: number;
+  /** A burst answers 1 to burstMax requests in a row (GETs and listings alike). */
+  burstMax: number;
+}
+
+export interface LinkPace {
+  /** Bytes per second per connection; 0: unpaced. */
+  connBps: number;
+  /** Bytes per second for the whole link; 0: unpaced. */
+  totalBps: number;
+}
+
+export interface LinkStats {
+  requests: number;
+  gets: number;
+  lists: number;
+  /** 2xx GET body bytes sent to clients. */
+  bodyBytes: number;
+  resets: number;
+  stalls: number;
+  slowDowns: number;
+  internalErrors: number;
+  /** Offset into the body (bytes) of every reset and stall. */
+  cutOffsets: number[];
+  /** Connections open now, and GET bodies still being sent. */
+  open: number;
+}
+
+export interface FaultLink {
+  readonly port: number;
+  readonly endpoint: string;
+  readonly stats: LinkStats;
+  /** Faults from now on (undefined: none). */
+  faults: LinkFaults | undefined;
+  pace: LinkPace;
+  /** A new random stream (each run of a soak gets its own seed, printed on failure). */
+  reseed(seed: number): void;
+  /** Drops every open connection (what the client sees when the link dies). */
+  dropAll(): void;
+  close(): Promise<void>;
+}
+
+/** mulberry32: a small seeded generator, so a failing run can be replayed with its seed. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>${code}</Code><Message>from the fault link</Message><RequestId>1</RequestId></Error>`;
+
+export async function startFaultLink(upstreamPort: number, o: { seed: number; faults?: LinkFaults; pace?: Partial<LinkPace> }): Promise<FaultLink> {
+  let random = rng(o.seed);
+  const stats: LinkStats = { requests: 0, gets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, slowDowns: 0, internalErrors: 0, cutOffsets: [], open: 0 };
+  const sockets = new Set<Socket>();
+  let burstLeft = 0;
+  // The time (ms, performance.now()) at which the link is free to send the next byte.
+  let linkFree = 0;
+  const link: FaultLink = {
+    port: 0, endpoint: '', stats, faults: o.faults, pace: { connBps: o.pace?.connBps ?? 0, totalBps: o.pace?.totalBps ?? 0 },
+    reseed: (seed) => {
+      random = rng(seed);
+      burstLeft = 0;
+    },
+    dropAll: () => {
+      for (const s of sockets) s.destroy();
+    },
+    close: async () => undefined,
+  };
+
+  const server = http.createServer((req, res) => {
+    stats.requests++;
+    const f = link.faults;
+    const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
+    const isGet = req.method === 'GET' && !isList;
+    if (isList) stats.lists++;
+    if (isGet) stats.gets++;
+    if (f && (isGet || isList)) {
+      if (burstLeft === 0 && random() < f.burstP) burstLeft = 1 + Math.floor(random() * f.burstMax);
+      if (burstLeft > 0) {
+        burstLeft--;
+        const slow = random() < 0.5;
+        if (slow) stats.slowDowns++;
+        else stats.internalErrors++;
+        req.resume();
+        res.writeHead(slow ? 503 : 500, { 'content-type': 'application/xml' }).end(s3Error(slow ? 'SlowDown' : 'InternalError'));
+        return;
+      }
+    }
+    const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+      res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+      const body = isGet && (upRes.statusCode ?? 500) < 300;
+      const length = Number(upRes.headers['content-length'] ?? 0);
+      // Decided when the headers are out, from the seeded stream: which cut, and where in the body.
+      const roll = body && f && length > 1 ? random() : 1;
+      const cut = !f ? undefined : roll < f.resetP ? 'reset' : roll < f.resetP + f.stallP ? 'stall' : undefined;
+      const cutAt = cut ? Math.floor(random() * length) : Infinity;
+      if (body) stats.open++;
+      let counted = body;
+      const done = () => {
+        if (counted) stats.open--;
+        counted = false;
+      };
+      res.on('close', done);
+      let sent = 0;
+      const t0 = performance.now();
+      upRes.on('data', (chunk: Buffer) => {
+        if (sent + chunk.length > cutAt) {
+          res.write(chunk.subarray(0, cutAt - sent));
+          stats.bodyBytes += cutAt - sent;
+          stats.cutOffsets.push(cutAt);
+          upRes.destroy();
+          if (cut === 'reset') {
+            stats.resets++;
+            setTimeout(() => res.socket?.destroy(), 5);
+          } else stats.stalls++; // the client sees an open socket that sends nothing more
+          return;
+        }
+        sent += chunk.length;
+        if (body) stats.bodyBytes += chunk.length;
+        if (!res.write(chunk)) {
+          upRes.pause();
+          res.once('drain', () => upRes.resume());
+        }
+        if (!body) return;
+        const now = performance.now();
+        const { connBps, totalBps } = link.pace;
+        let due = 0;
+        if (connBps > 0) due = Math.max(due, t0 + (sent / connBps) * 1000);
+        if (totalBps > 0) {
+          linkFree = Math.max(linkFree, now) + (chunk.length / totalBps) * 1000;
+          due = Math.max(due, linkFree);
+        }
+        if (due > now) {
+          upRes.pause();
+          setTimeout(() => upRes.resume(), due - now);
+        }
+      });
+      upRes.on('end', () => {
+        if (sent < cutAt) res.end();
+      });
+      upRes.on('error', () => res.destroy());
+    });
+    up.on('error', () => res.destroy());
+    res.on('close', () => up.destroy());
+    req.pipe(up);
+  });
+  server.keepAliveTimeout = 30_000;
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  return Object.assign(link, {
+    port, endpoint: `http://127.0.0.1:${port}`,
+    close: () => new Promise<void>((r) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => r());
+    }),
+  });
+}

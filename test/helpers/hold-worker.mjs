@@ -1,0 +1,15 @@
+// A pipeline worker that loads nothing and holds every generation it is given, in JS (test/worker-restart.test.ts).
+// A real worker cannot stand in here: ending a thread while onnxruntime runs a session aborts the whole process
+// (a thrown Napi::Error), so a worker that dies holding a generation is one whose thread is in JavaScript.
+import path from 'node:path';
+import { parentPort } from 'node:worker_threads';
+
+parentPort.on('message', (m) => {
+  if (m.t === 'load') {
+    parentPort.postMessage({
+      t: 'loaded', defaults: { steps: 50, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' },
+      tokenizerDirs: [path.resolve(m.dir, 'tokenizer')], providers: { unet: 'cpu' }, optimize: [],
+    });
+  } else if (m.t === 'close') process.exit(0);
+  // 'generate': never answered.
+});
