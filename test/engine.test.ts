@@ -89,6 +89,22 @@ describe('engine', () => {
     await engine.close();
   });
 
+  it('a client that leaves while its batch decodes still stops the worker (a decode can wait for a VAE still downloading)', async () => {
+    const { engine, w } = await loadedEngine();
+    const gone = new AbortController();
+    const result = engine.submit(request('a'), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message);
+    await tick();
+    const id = w.generations()[0]!.id;
+    w.reply({ t: 'denoised', id });
+    await tick();
+    gone.abort();
+    expect(await result).toBe('the request was abandoned while generating');
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id }]);
+    w.reply({ t: 'error', id, code: 'CANCELLED', message: 'generation cancelled' });
+    await engine.idle();
+    await engine.close();
+  });
+
   it('a worker that dies fails both the batch it was stepping and the one it was decoding', async () => {
     const { engine, w } = await loadedEngine();
     const results = ['a', 'b'].map((p) => engine.submit(request(p)).then(() => 'ok', (e: Error) => e.message));

@@ -325,12 +325,13 @@ export class Engine {
       this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
       this.#checkIdle();
     } else if (task.state === 'running') {
-      // A batch already decoding has no step left to stop at: its task is just answered below.
-      const w = this.#workers.find((x) => x.running?.tasks.includes(task));
-      // Stop the generation at the next step only when every client of the batch has left.
-      if (w?.running && w.running.tasks.every((t) => t.signal?.aborted)) {
-        this.metrics.cancelled.inc(this.#labels, w.running.tasks.length);
-        w.send({ t: 'cancel', id: w.running.id });
+      // The batch may be stepping or already decoding (a decode can wait for a VAE still downloading).
+      const run = this.#workers.flatMap((x) => [...(x.running ? [x.running] : []), ...x.decoding]).find((r) => r.tasks.includes(task));
+      const w = run && this.#workers.find((x) => x.running === run || x.decoding.includes(run));
+      // Stop the generation at the next step or image only when every client of the batch has left.
+      if (w && run && run.tasks.every((t) => t.signal?.aborted)) {
+        this.metrics.cancelled.inc(this.#labels, run.tasks.length);
+        w.send({ t: 'cancel', id: run.id });
       }
       // Answer now (client gone or timed out); the batch's other requests keep their generation.
       this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
