@@ -1,5 +1,5 @@
 /** @module The environment contract, parsed once into a frozen, typed Config. */
-import { accessSync, constants, existsSync, mkdirSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -34,7 +34,10 @@ export interface Config {
   readonly cacheDir: string;
   readonly s3: S3Settings;
   readonly executionProvider: ExecutionProvider;
+  /** Pipeline workers; by default one per visible GPU (`gpus`), else 1. */
   readonly workers: number;
+  /** GPUs the workers are spread over (worker i uses device i mod gpus); 0 on the CPU provider or with none visible. */
+  readonly gpus: number;
   readonly maxBatchSize: number;
   readonly batchWindowMs: number;
   readonly maxQueue: number;
@@ -151,6 +154,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
   });
 
+  const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);
+  // GPUS: how many GPUs to spread workers over; `auto` counts the visible ones (none on the CPU provider).
+  const gpusRaw = raw('GPUS')?.toLowerCase();
+  const gpus = gpusRaw === undefined || gpusRaw === 'auto' ? (executionProvider === 'cpu' ? 0 : visibleGpus(env)) : int('GPUS', 0, 0, 64);
   const cfg: Config = {
     storageUri: raw('STORAGE_URI'),
     modelName,
@@ -158,8 +165,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     port: int('PORT', 8080, 0, 65535),
     cacheDir: raw('MODEL_CACHE_DIR') ?? defaultCacheDir(),
     s3,
-    executionProvider: oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS),
-    workers: int('WORKERS', 1, 1, 64),
+    executionProvider,
+    workers: int('WORKERS', Math.max(1, gpus), 1, 64),
+    gpus,
     maxBatchSize: int('MAX_BATCH_SIZE', 1, 1, 64),
     batchWindowMs: int('BATCH_WINDOW_MS', 20, 0, 10_000),
     maxQueue: int('MAX_QUEUE', 32, 1, 100_000),
@@ -205,4 +213,30 @@ function defaultCacheDir(): string {
 export function describeConfig(cfg: Readonly<Config>): Record<string, unknown> {
   const mask = (u: string | undefined) => u?.replace(/\/\/[^/@]*@/, '//***@');
   return { ...cfg, storageUri: mask(cfg.storageUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
+}
+
+/**
+ * How many GPUs this container sees, without asking CUDA: `CUDA_VISIBLE_DEVICES`, else `NVIDIA_VISIBLE_DEVICES` (what
+ * the NVIDIA container toolkit and the Kubernetes device plugin set), else the `/dev/nvidiaN` nodes they mount.
+ */
+export function visibleGpus(env: NodeJS.ProcessEnv = process.env, devNodes: () => string[] = listDev): number {
+  const list = (v: string) => v.split(',').map((x) => x.trim()).filter(Boolean);
+  const cuda = env.CUDA_VISIBLE_DEVICES;
+  if (cuda !== undefined) {
+    const ids = list(cuda);
+    // CUDA stops at the first invalid id ("-1", "NoDevFiles"): only the ids before it are devices.
+    const firstBad = ids.findIndex((id) => !/^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$/.test(id));
+    return firstBad < 0 ? ids.length : firstBad;
+  }
+  const nvidia = env.NVIDIA_VISIBLE_DEVICES?.trim();
+  if (nvidia !== undefined && nvidia !== 'all') return ['', 'none', 'void'].includes(nvidia) ? 0 : list(nvidia).length;
+  return devNodes().filter((n) => /^nvidia\d+$/.test(n)).length;
+}
+
+function listDev(): string[] {
+  try {
+    return readdirSync('/dev');
+  } catch {
+    return [];
+  }
 }

@@ -2,8 +2,8 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, describeConfig, loadConfig } from '../src/config.js';
-import { applyTf32 } from '../src/runtime/workers.js';
+import { ConfigError, describeConfig, loadConfig, visibleGpus } from '../src/config.js';
+import { applyTf32, workerDevice } from '../src/runtime/workers.js';
 
 describe('loadConfig', () => {
   it('gives the documented defaults', () => {
@@ -69,6 +69,31 @@ describe('CUDA_TF32', () => {
     expect(run({ EXECUTION_PROVIDER: 'cpu' })).toBeUndefined();
     expect(run({}, '1')).toBe('1');
     expect(() => loadConfig({ CUDA_TF32: 'maybe' })).toThrow(/CUDA_TF32/);
+  });
+});
+
+describe('GPUS and WORKERS', () => {
+  it('counts the GPUs a container sees from the variables the NVIDIA toolkit and device plugin set', () => {
+    const nodes = () => ['null', 'nvidia0', 'nvidia1', 'nvidia2', 'nvidiactl', 'nvidia-uvm'];
+    expect(visibleGpus({ CUDA_VISIBLE_DEVICES: '0,1' }, nodes)).toBe(2);
+    expect(visibleGpus({ CUDA_VISIBLE_DEVICES: '' }, nodes)).toBe(0);
+    expect(visibleGpus({ CUDA_VISIBLE_DEVICES: '-1' }, nodes)).toBe(0);
+    expect(visibleGpus({ CUDA_VISIBLE_DEVICES: '2,-1,3' }, nodes)).toBe(1); // CUDA stops at the first invalid id
+    expect(visibleGpus({ NVIDIA_VISIBLE_DEVICES: 'GPU-8f2a,GPU-77c1' }, nodes)).toBe(2);
+    expect(visibleGpus({ NVIDIA_VISIBLE_DEVICES: 'none' }, nodes)).toBe(0);
+    expect(visibleGpus({ NVIDIA_VISIBLE_DEVICES: 'all' }, nodes)).toBe(3);
+    expect(visibleGpus({}, nodes)).toBe(3);
+    expect(visibleGpus({}, () => [])).toBe(0);
+  });
+
+  it('one worker per GPU by default, spread in turn when WORKERS says more; none on the CPU provider', () => {
+    expect(loadConfig({ GPUS: '4', EXECUTION_PROVIDER: 'cuda' })).toMatchObject({ gpus: 4, workers: 4 });
+    expect(loadConfig({ GPUS: 'auto', EXECUTION_PROVIDER: 'cpu', CUDA_VISIBLE_DEVICES: '0,1' })).toMatchObject({ gpus: 0, workers: 1 });
+    expect(loadConfig({ EXECUTION_PROVIDER: 'auto', CUDA_VISIBLE_DEVICES: '0,1' })).toMatchObject({ gpus: 2, workers: 2 });
+    const cfg = loadConfig({ GPUS: '2', WORKERS: '3', EXECUTION_PROVIDER: 'cuda' });
+    expect([0, 1, 2].map((i) => workerDevice(cfg, i))).toEqual([0, 1, 0]);
+    expect(workerDevice(loadConfig({ GPUS: '2', EXECUTION_PROVIDER: 'cpu' }), 1)).toBeUndefined();
+    expect(() => loadConfig({ GPUS: 'many' })).toThrow(/GPUS must be an integer from 0 to 64, got "many"/);
   });
 });
 

@@ -117,3 +117,53 @@ describe('engine', () => {
     await engine.close(); // before the replacement worker the engine starts would load anything
   });
 });
+
+describe('engine with several workers (one per GPU)', () => {
+  async function twoWorkers(): Promise<{ engine: Engine; ws: ScriptedWorker[]; metrics: ReturnType<typeof createMetrics> }> {
+    const ws = [new ScriptedWorker(), new ScriptedWorker()];
+    const metrics = createMetrics();
+    const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', WORKERS: '2', GPUS: '2', EXECUTION_PROVIDER: 'cuda' }), createLogger('silent'), metrics);
+    engine.start(ws.map(spawned));
+    const loaded = engine.load('/model');
+    for (const w of ws) w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
+    await loaded;
+    return { engine, ws, metrics };
+  }
+  const prompts = (w: ScriptedWorker) => w.generations().map((g) => g.job.items[0]!.prompt);
+
+  it('sends each batch to the least busy worker and counts per device', async () => {
+    const { engine, ws, metrics } = await twoWorkers();
+    const results = ['a', 'b'].map((p) => engine.submit(request(p)).then((r) => r.images.length));
+    await tick();
+    expect(ws.map(prompts)).toEqual([['a'], ['b']]);
+    const busy = async () => (await metrics.workerBusy.get()).values.map((v) => [v.labels.device, v.value]).sort();
+    expect(await busy()).toEqual([['cuda:0', 1], ['cuda:1', 1]]);
+    // Worker 0 is decoding a, worker 1 is done with b: both could take c, worker 1 is the less busy.
+    const [a, b] = ws.map((w) => w.generations()[0]!.id);
+    ws[0]!.reply({ t: 'denoised', id: a! });
+    ws[1]!.reply({ t: 'denoised', id: b! });
+    ws[1]!.reply({ t: 'result', id: b!, images: [image], times });
+    await tick();
+    results.push(engine.submit(request('c')).then((r) => r.images.length));
+    await tick();
+    expect(ws.map(prompts)).toEqual([['a'], ['b', 'c']]);
+    ws[0]!.reply({ t: 'result', id: a!, images: [image], times });
+    ws[1]!.reply({ t: 'result', id: ws[1]!.generations()[1]!.id, images: [image], times });
+    expect(await Promise.all(results)).toEqual([1, 1, 1]);
+    const images = (await metrics.workerImages.get()).values.map((v) => [v.labels.device, v.value]).sort();
+    expect(images).toEqual([['cuda:0', 1], ['cuda:1', 2]]);
+    expect(await busy()).toEqual([['cuda:0', 0], ['cuda:1', 0]]);
+    await engine.close();
+  });
+
+  it('a task pinned to a worker (the warm-up) runs there and alone, and lets other work pass it', async () => {
+    const { engine, ws } = await twoWorkers();
+    const pinned = engine.submit(request('warm-1'), { worker: 1 });
+    const other = engine.submit(request('free'));
+    await tick();
+    expect(ws.map(prompts)).toEqual([['free'], ['warm-1']]);
+    for (const w of ws) w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await Promise.all([pinned, other]);
+    await engine.close();
+  });
+});

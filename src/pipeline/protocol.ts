@@ -10,6 +10,8 @@ export interface WorkerInit {
   workerIndex: number;
   optimizedModelCache: OptimizedCacheMode;
   graphOptimizationLevel?: GraphOptimizationLevel;
+  /** The CUDA device this worker's sessions run on (one worker per GPU); absent: device 0. */
+  deviceId?: number;
 }
 
 /** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */

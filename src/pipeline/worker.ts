@@ -21,7 +21,8 @@ if (!port) throw new Error('worker.ts must run in a worker thread');
 const init = workerData as WorkerInit;
 
 const post = (m: FromWorker, transfer: ArrayBuffer[] = []) => port.postMessage(m, transfer);
-const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => post({ t: 'log', level, msg, obj: { worker: init.workerIndex, ...obj } });
+const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) =>
+  post({ t: 'log', level, msg, obj: { worker: init.workerIndex, ...(init.deviceId !== undefined ? { device: init.deviceId } : {}), ...obj } });
 
 // ORT loads now, in parallel with whatever the main thread is fetching.
 const importStart = performance.now();
@@ -33,6 +34,7 @@ const factory = new SessionFactory({
   intraOpThreads: init.intraOpThreads,
   optimizedModelCache: init.optimizedModelCache,
   ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
+  ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
   log: (level, msg, obj) => log(level, msg, obj as Record<string, unknown>),
 });
 // Loads the CUDA provider and starts its context now, while the weights still download (no-op on cpu).
@@ -124,7 +126,12 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   }
   let client = aux.get(thread);
   if (!client) {
-    const init_ = { intraOpThreads: init.intraOpThreads, optimizedModelCache: init.optimizedModelCache, ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) };
+    const init_ = {
+      intraOpThreads: init.intraOpThreads,
+      optimizedModelCache: init.optimizedModelCache,
+      ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
+      ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
+    };
     client = new AuxClient({ ...init_, name: thread }, log, (err) => {
       // Its sessions died with it: this worker cannot generate any more, and the engine replaces a worker that exits.
       log('error', 'an auxiliary session thread died; the pipeline worker exits', { thread, reason: err.message });

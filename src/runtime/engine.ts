@@ -22,7 +22,7 @@ import type { Metrics } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
-import { spawnWorker, spawnWorkers, type SpawnedWorker } from './workers.js';
+import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 
 export interface Progress {
@@ -59,6 +59,8 @@ export interface TaskResult {
 export interface SubmitOptions {
   signal?: AbortSignal;
   onProgress?: (p: Progress) => void;
+  /** Run on this worker (its index) and alone: the warm-up of each worker. */
+  worker?: number;
 }
 
 interface Task {
@@ -72,6 +74,8 @@ interface Task {
   reject: (e: unknown) => void;
   state: 'queued' | 'running' | 'done';
   onAbort?: () => void;
+  /** Only this worker may run it (SubmitOptions.worker). */
+  pin?: number;
 }
 
 interface Running {
@@ -81,6 +85,8 @@ interface Running {
   output: GenerationRequest['output'];
   /** Previews and the result are encoded and handed out in the order the worker sent them. */
   delivery: Promise<void>;
+  /** The worker running it, as metric labels. */
+  where: { worker: string; device: string };
 }
 
 interface LoadWaiter {
@@ -104,7 +110,14 @@ class WorkerHandle {
   dead = false;
   /** The loads sent to this worker and not answered yet, in order (a worker answers its loads in order). */
   readonly loads: LoadWaiter[] = [];
-  constructor(readonly worker: Worker, readonly index: number) {}
+  /** When it was last given a batch (least-busy dispatch prefers the worker idle longest). */
+  dispatchedAt = 0;
+  constructor(
+    readonly worker: Worker,
+    readonly index: number,
+    /** Metric label: `cuda:N` or `cpu`. */
+    readonly device: string,
+  ) {}
   send(m: ToWorker): void {
     this.worker.postMessage(m);
   }
@@ -188,9 +201,20 @@ export class Engine {
   get loadedWorkers(): number {
     return this.#workers.filter((w) => w.loaded && !w.dead).length;
   }
+  /** The indexes of the workers (one per GPU by default), for work every worker must do once (the warm-up). */
+  get workerIndexes(): number[] {
+    return this.#workers.map((w) => w.index);
+  }
+
+  /** worker_busy follows whether the worker holds a batch (stepping or decoding). */
+  #deviceBusy(w: WorkerHandle): void {
+    this.metrics.workerBusy.set({ ...this.#labels, worker: String(w.index), device: w.device }, w.running || w.decoding.length > 0 ? 1 : 0);
+  }
 
   #adopt(sw: SpawnedWorker, index: number): WorkerHandle {
-    const h = new WorkerHandle(sw.worker, index);
+    const device = workerDevice(this.cfg, index);
+    const h = new WorkerHandle(sw.worker, index, device === undefined ? 'cpu' : `cuda:${device}`);
+    this.metrics.workerBusy.set({ ...this.#labels, worker: String(index), device: h.device }, 0);
     sw.attach(
       (m) => this.#onMessage(h, m),
       (err) => this.#onWorkerDeath(h, err.message),
@@ -268,7 +292,7 @@ export class Engine {
     return new Promise<TaskResult>((resolve, reject) => {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
       const key = `${shapeKey(req.shape)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}`;
-      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued' };
+      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
@@ -344,13 +368,17 @@ export class Engine {
     for (;;) {
       // A worker whose last batch is decoding takes the next one: its UNet steps overlap that decode. One decode
       // ahead at most, so a slow VAE holds the queue here (where clients can still leave) rather than in the worker.
-      const worker = this.#workers.find((w) => w.loaded && !w.running && w.decoding.length < 2);
-      if (!worker || this.#pending.length === 0) return;
-      const head = this.#pending[0]!;
+      const free = this.#workers.filter((w) => w.loaded && !w.running && w.decoding.length < 2);
+      if (free.length === 0 || this.#pending.length === 0) return;
+      // The oldest task some free worker may take; a task pinned to a busy worker lets the others pass.
+      const head = this.#pending.find((t) => t.pin === undefined || free.some((w) => w.index === t.pin));
+      if (!head) return;
+      const worker = leastBusy(head.pin === undefined ? free : free.filter((w) => w.index === head.pin));
       const batch: Task[] = [head];
       let images = head.images;
-      for (const t of this.#pending.slice(1)) {
+      for (const t of head.pin === undefined ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
         if (images >= this.cfg.maxBatchSize) break;
+        if (t.pin !== undefined) continue;
         if (t.key === head.key && images + t.images <= this.cfg.maxBatchSize) {
           batch.push(t);
           images += t.images;
@@ -358,7 +386,7 @@ export class Engine {
       }
       // Wait a short window for compatible company, unless the batch is already full.
       const waited = performance.now() - head.enqueuedAt;
-      if (this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
+      if (head.pin === undefined && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
         this.#windowTimer = setTimeout(() => this.#pump(), this.cfg.batchWindowMs - waited + 1);
         return;
       }
@@ -372,7 +400,9 @@ export class Engine {
     const id = this.#nextId++;
     const now = performance.now();
     for (const t of tasks) t.state = 'running';
-    worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve() };
+    worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device } };
+    worker.dispatchedAt = now;
+    this.#deviceBusy(worker);
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
     const items = tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages })));
@@ -456,6 +486,7 @@ export class Engine {
         // The worker is free for the next batch while this one's images are encoded here.
         if (w.running === run) w.running = undefined;
         else w.decoding.splice(w.decoding.indexOf(run), 1);
+        this.#deviceBusy(w);
         this.#encoding++;
         const settle = m.t === 'error' ? run.delivery.then(() => this.#fail(run, new RuntimeError(m.code as never, m.message))) : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
@@ -489,6 +520,7 @@ export class Engine {
     this.metrics.steps.inc(l, all.steps);
     if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));
     this.metrics.images.inc(l, images.length);
+    this.metrics.workerImages.inc({ ...l, ...run.where }, images.length);
     let o = 0;
     for (const t of run.tasks) {
       const mine = images.slice(o, o + t.images);
@@ -538,6 +570,7 @@ export class Engine {
     // The batch it was stepping and the one it was decoding, if any.
     const runs = [...(w.running ? [w.running] : []), ...w.decoding.splice(0)];
     w.running = undefined;
+    this.#deviceBusy(w);
     if (runs.length > 0) {
       const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why}); it is being started again`);
       for (const run of runs) for (const t of run.tasks) this.#finish(t, err);
@@ -590,4 +623,9 @@ export class Engine {
     timer.unref();
     this.#restartTimers.add(timer);
   }
+}
+
+/** The worker with the fewest batches decoding, then the one idle longest: spreads batches over the GPUs. */
+function leastBusy(ws: WorkerHandle[]): WorkerHandle {
+  return ws.reduce((a, b) => (b.decoding.length < a.decoding.length || (b.decoding.length === a.decoding.length && b.dispatchedAt < a.dispatchedAt) ? b : a));
 }

@@ -309,18 +309,29 @@ export class Runtime {
   }
 
   /** One real generation at the served default resolution through the request path. */
+  /**
+   * One real generation at the served default resolution through the request path, on every worker (each has its
+   * own sessions, on its own GPU): ready means any worker can take the first request.
+   */
   async #warmup(signal?: AbortSignal): Promise<void> {
     if (this.cfg.warmupSteps === 0) return;
     const d = this.engine.defaults!;
     const t0 = performance.now();
-    const r = await this.engine.submit({
-      shape: { steps: this.cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-      items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
-      output: { format: this.cfg.defaultOutputFormat, quality: undefined, uri: undefined },
-      previewEvery: 0,
-    }, signal ? { signal } : {});
-    const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
-    this.log.info({ ms: Math.round(performance.now() - t0), steps: this.cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
+    await Promise.all(
+      this.engine.workerIndexes.map(async (worker) => {
+        const r = await this.engine.submit(
+          {
+            shape: { steps: this.cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
+            output: { format: this.cfg.defaultOutputFormat, quality: undefined, uri: undefined },
+            previewEvery: 0,
+          },
+          { ...(signal ? { signal } : {}), worker },
+        );
+        const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
+        this.log.info({ ms: Math.round(performance.now() - t0), worker, steps: this.cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
+      }),
+    );
   }
 
   async #generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]> {

@@ -25,16 +25,21 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
   env.NVIDIA_TF32_OVERRIDE = '0';
 }
 
-export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'>): SpawnedWorker[] {
+export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'>): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
 }
 
+/** The CUDA device of worker `index`: workers are spread over the visible GPUs in turn; none on the CPU provider. */
+export function workerDevice(cfg: Pick<Config, 'gpus' | 'executionProvider'>, index: number): number | undefined {
+  return cfg.executionProvider === 'cpu' || cfg.gpus === 0 ? undefined : index % cfg.gpus;
+}
+
 /** One pipeline worker, `index` of cfg.workers (also what the engine calls to replace a worker that died). */
-export function spawnWorker(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'>, index: number): SpawnedWorker {
+export function spawnWorker(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'>, index: number): SpawnedWorker {
   applyTf32(cfg);
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
-  const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: index, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization };
+  const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: index, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization, ...(workerDevice(cfg, index) !== undefined ? { deviceId: workerDevice(cfg, index)! } : {}) };
   const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
   const early: FromWorker[] = [];
   let deliver: (m: FromWorker) => void = (m) => early.push(m);
