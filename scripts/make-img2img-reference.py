@@ -4,11 +4,12 @@ StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline made from them, 
 make of a few inputs (resize modes, masks) for the preprocessing tests.
 
     git --git-dir=<diffusers mirror> archive HEAD src/diffusers | tar x -C /tmp/diffusers-src
-    PYTHONPATH=/tmp/diffusers-src/src:scripts python scripts/make-img2img-reference.py TOKENIZER_DIR OUT_DIR
+    PYTHONHASHSEED=0 PYTHONPATH=/tmp/diffusers-src/src:scripts python scripts/make-img2img-reference.py TOKENIZER_DIR OUT_DIR
 
 TOKENIZER_DIR is a CLIP tokenizer folder with vocab.json and merges.txt (the e2e reference model's, unpacked:
 `node dist/scripts/reference.js e2e/model/tokenizer`). Needs torch, transformers, numpy, Pillow, onnx; CPU only, a
-minute or so. Everything is seeded: the same diffusers and torch give the same files.
+minute or so. Everything is seeded: the same diffusers and torch give the same files (PYTHONHASHSEED=0 keeps the order
+of the `_use_default_values` lists diffusers writes from sets).
 """
 import inspect
 import json
@@ -258,6 +259,9 @@ CASES = [
                                                                                          seed=31, num_images_per_prompt=2, scheduler="euler_a", height=64, width=64)),
     ("inp4_pndm_s100", "inpaint", "sd", "pic-64x64.png", "mask-64x64.png", dict(prompt="a blue door", strength=1.0, num_inference_steps=8, guidance_scale=7.5, seed=41,
                                                                               height=64, width=64)),
+    # Ancestral: the steps draw after the masked image's (unused) posterior sample, so its draw must happen.
+    ("inp4_euler_a_s100_n2", "inpaint", "sd", "pic-64x64.png", "mask-64x64.png", dict(prompt="a red kite", strength=1.0, num_inference_steps=6, guidance_scale=7.5,
+                                                                                   seed=61, num_images_per_prompt=2, scheduler="euler_a", height=64, width=64)),
     ("inp4_euler_s080", "inpaint", "sd", "pic-80x72.png", "mask-80x72.png", dict(prompt="a wooden boat", strength=0.8, num_inference_steps=10, guidance_scale=7.5, seed=51,
                                                                                scheduler="euler", height=64, width=80)),
 ]
