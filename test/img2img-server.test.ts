@@ -254,7 +254,7 @@ describe('bad image inputs answer 400 naming the field', () => {
 
   it('a model without vae_encoder takes no image', async () => {
     const r = await predict(textOnly, { ...ok, image: pic.toString('base64') });
-    expect([r.status, r.json.error]).toEqual([400, 'instances[0].image: this model has no vae_encoder, so it serves text-to-image only; export it with its VAE encoder (scripts/export-onnx.sh keeps it unless --no-vae-encoder)']);
+    expect([r.status, r.json.error]).toEqual([400, 'instances[0].image: this model has no vae_encoder, so it serves text-to-image only; export it again with its VAE encoder (scripts/export-onnx.sh and optimum write vae_encoder/ by default)']);
   });
 });
 

@@ -92,7 +92,7 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
     return undefined;
   }
   if (defaults.vaeEncoder === false) {
-    bad.push(`${w}.image: this model has no vae_encoder, so it serves text-to-image only; export it with its VAE encoder (scripts/export-onnx.sh keeps it unless --no-vae-encoder)`);
+    bad.push(`${w}.image: this model has no vae_encoder, so it serves text-to-image only; export it again with its VAE encoder (scripts/export-onnx.sh and optimum write vae_encoder/ by default)`);
     return undefined;
   }
   const mode: ImageMode = has('mask_image') ? 'inpaint' : 'img2img';
