@@ -214,6 +214,16 @@ describe('bad image inputs answer 400 naming the field', () => {
     else expect(r.json.error).toMatch(want);
   });
 
+  it("points AUTOMATIC1111's img2img names to ours", async () => {
+    const r = await predict(demo, { ...ok, init_images: [pic.toString('base64')], denoising_strength: 0.5, mask: 'x' });
+    expect(r.status).toBe(400);
+    expect(r.json.error).toBe([
+      'instances[0].init_images is not a known field (AUTOMATIC1111\'s name); did you mean "image"?',
+      'instances[0].denoising_strength is not a known field (AUTOMATIC1111\'s name); did you mean "strength"?',
+      'instances[0].mask is not a known field (AUTOMATIC1111\'s name); did you mean "mask_image"?',
+    ].join('; '));
+  });
+
   it('lists every problem of a body at once, per instance', async () => {
     const r = await predict(demo, [{ ...ok, image: 'https://x/y.png', strength: 3 }, { ...ok, image: pic.toString('base64') }, { ...ok, image: Buffer.from('GIF89a....').toString('base64') }]);
     expect(r.status).toBe(400);

@@ -18,8 +18,11 @@ export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] a
 /** diffusers' defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0. */
 export const DEFAULT_STRENGTH: Readonly<Record<ImageMode, number>> = { img2img: 0.8, inpaint: 1.0 };
 
-/** Input images are refused above this many pixels (before any resize): 50 MP, a large phone photo. */
-export const MAX_INPUT_PIXELS = 50_000_000;
+/**
+ * Input images are refused above this many pixels (before any resize): 4096 × 4096, 48 MiB of RGB that the job carries
+ * to the worker. A 12 MP phone photo fits; larger ones are downscaled by the client.
+ */
+export const MAX_INPUT_PIXELS = 4096 * 4096;
 /** An s3:// input image may have at most this many bytes. */
 export const MAX_INPUT_BYTES = 64 * 1024 * 1024;
 

@@ -89,6 +89,10 @@ export const A1111_NAMES: Readonly<Record<string, string>> = {
   num_steps: 'num_inference_steps',
   sampler: 'scheduler',
   format: 'output_format',
+  init_images: 'image',
+  init_image: 'image',
+  denoising_strength: 'strength',
+  mask: 'mask_image',
 };
 
 function editDistance(a: string, b: string): number {
