@@ -46,6 +46,9 @@ describe.each(DEMO_FAMILIES)('%s', (family) => {
     expect(a.times.vaeEncoderMs).toBeGreaterThan(0);
     expect(bytes(await p.generate(job('a lighthouse', i2i(0.75))))).toBe(bytes(a));
     expect(bytes(await p.generate(job('a meadow', i2i(0.75))))).not.toBe(bytes(a));
+    // Strength 1 runs the whole text-to-image schedule (from the image noised to the first timestep, as diffusers does).
+    const { init: _, ...text } = job('a lighthouse', i2i(1));
+    expect((await p.generate(job('a lighthouse', i2i(1)))).times.steps).toBe((await p.generate(text)).times.steps);
     const s0 = await p.generate(job('a lighthouse', i2i(0)));
     expect(s0.times.steps).toBe(0);
     expect(bytes(await p.generate(job('a meadow', i2i(0))))).toBe(bytes(s0));
