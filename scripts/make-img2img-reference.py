@@ -180,6 +180,39 @@ for name in ("pic-77x61.jpg", "pic-77x61.webp"):
     load(name).save(os.path.join(pre, f"decoded-{os.path.splitext(name)[1][1:]}.png"))
 json.dump({"diffusers": diffusers.__version__, "cases": pre_index}, open(os.path.join(pre, "index.json"), "w"), indent=1)
 
+# Pillow's Image.resize on random small images, sizes and boxes (Lanczos and bicubic, RGB and L): the resampler the
+# processors above use, on more shapes than they reach (zero-width boxes as resize_mode "fill" uses included).
+import base64  # noqa: E402
+
+rng = np.random.default_rng(7)
+rs = []
+for k in range(40):
+    w, h = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+    ow, oh = int(rng.integers(1, 48)), int(rng.integers(1, 48))
+    mode = "RGB" if k % 3 else "L"
+    arr = rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
+    if k % 2:  # smooth images stress the rounding of flat areas
+        yy, xx = np.mgrid[0:h, 0:w]
+        base_ = 128 + 120 * np.sin(xx / 5.0) * np.cos(yy / 4.0)
+        arr = np.clip(np.round((base_[..., None] if mode == "RGB" else base_) + (arr.astype(float) - 128) * 0.05), 0, 255).astype(np.uint8)
+    box = None
+    if k % 4 == 3:
+        x0, y0 = float(rng.integers(0, w)), float(rng.integers(0, h))
+        box = (x0, y0, float(rng.integers(int(x0), w + 1)), float(rng.integers(int(y0), h + 1)))
+    flt = Image.Resampling.LANCZOS if k % 5 else Image.Resampling.BICUBIC
+    resized = np.array(Image.fromarray(arr, mode).resize((ow, oh), resample=flt, box=box))
+    rs.append({"width": w, "height": h, "channels": 3 if mode == "RGB" else 1, "out_width": ow, "out_height": oh, "box": box,
+               "filter": "lanczos" if flt == Image.Resampling.LANCZOS else "bicubic", "input": base64.b64encode(arr.tobytes()).decode(),
+               "output": base64.b64encode(resized.tobytes()).decode()})
+arr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+for size, box in (((30, 5), (0, 0, 30, 0)), ((30, 5), (0, 20, 30, 20)), ((4, 20), (30, 0, 30, 20))):
+    resized = np.array(Image.fromarray(arr, "RGB").resize(size, resample=Image.Resampling.BICUBIC, box=box))
+    rs.append({"width": 30, "height": 20, "channels": 3, "out_width": size[0], "out_height": size[1], "box": box, "filter": "bicubic",
+               "input": base64.b64encode(arr.tobytes()).decode(), "output": base64.b64encode(resized.tobytes()).decode()})
+import PIL  # noqa: E402
+
+json.dump({"pillow": PIL.__version__, "cases": rs}, open(os.path.join(pre, "resample.json"), "w"))
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scheduler vectors: the schedule cut by strength (get_timesteps, set_begin_index), add_noise at the start and after
 # every step (the inpainting blend), and the steps themselves on the cut schedule, with synthetic model outputs.

@@ -87,6 +87,22 @@ describe('decoding what clients send', () => {
   });
 });
 
+describe("Pillow's Image.resize (preprocess/resample.json)", () => {
+  const { cases } = JSON.parse(readFileSync(path.join(dir, 'preprocess', 'resample.json'), 'utf8')) as {
+    cases: Array<{ width: number; height: number; channels: number; out_width: number; out_height: number; box: [number, number, number, number] | null; filter: 'lanczos' | 'bicubic'; input: string; output: string }>;
+  };
+  it(`matches byte for byte on ${cases.length} random sizes, boxes, filters and modes`, () => {
+    expect(cases.length).toBeGreaterThanOrEqual(40);
+    const bad: string[] = [];
+    for (const c of cases) {
+      const src = { data: new Uint8Array(Buffer.from(c.input, 'base64')), width: c.width, height: c.height, channels: c.channels };
+      const got = resize(src, c.out_width, c.out_height, c.filter, c.box ?? undefined);
+      if (Buffer.compare(Buffer.from(got.data), Buffer.from(c.output, 'base64')) !== 0) bad.push(`${c.width}x${c.height}→${c.out_width}x${c.out_height} ${c.filter} box ${JSON.stringify(c.box)}`);
+    }
+    expect(bad).toEqual([]);
+  });
+});
+
 describe('Pillow resampling details', () => {
   it('returns a copy when nothing changes, and luma is ITU-R 601-2 rounded', () => {
     const src = { data: Uint8Array.from([1, 2, 3, 4, 5, 6]), width: 2, height: 1, channels: 3 };
