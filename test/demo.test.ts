@@ -113,12 +113,14 @@ const VARIANTS: { label: string; opts: DemoOptions }[] = [
   { label: 'sd15 int64 timestep', opts: { family: 'sd15', timestep: 'int64-batch' } },
   { label: 'sd15 float[batch] timestep', opts: { family: 'sd15', timestep: 'float-batch' } },
   { label: 'sd15 external data + padding + vae encoder', opts: { family: 'sd15', externalData: true, padBytes: 3 << 20, withVaeEncoder: true } },
+  { label: 'sd15 inpainting', opts: { family: 'sd15', inpainting: true } },
 ];
 
 describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
   const family = opts.family ?? 'sd15';
   const fp16 = opts.fp16 ?? false;
   const ft = fp16 ? 'float16' : 'float32';
+  const C = opts.inpainting ? 9 : 4;
   let dir: string;
   let s: Record<string, ort.InferenceSession>;
   beforeAll(async () => {
@@ -137,7 +139,7 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
       'unet/config.json', 'unet/model.onnx', 'vae_decoder/config.json', 'vae_decoder/model.onnx',
     ];
     if (family === 'sdxl') expected.push(...tok('tokenizer_2'), 'text_encoder_2/config.json', 'text_encoder_2/model.onnx');
-    if (opts.withVaeEncoder) expected.push('vae_encoder/config.json', 'vae_encoder/model.onnx');
+    if (opts.withVaeEncoder || opts.inpainting) expected.push('vae_encoder/config.json', 'vae_encoder/model.onnx');
     if (opts.externalData || opts.padBytes) expected.push('unet/model.onnx_data');
     // The default split pads every component SD 1.5 keeps weights in.
     if (opts.padBytes) expected.push('text_encoder/model.onnx_data', 'vae_decoder/model.onnx_data');
@@ -157,7 +159,8 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
     expect(typeOf(s.unet!, 'encoder_hidden_states')?.shape).toEqual(['batch_size', 'sequence_length', unet.cross_attention_dim]);
     switch (family) {
       case 'sd15':
-        expect(index._class_name).toBe('StableDiffusionPipeline');
+        expect(index._class_name).toBe(opts.inpainting ? 'StableDiffusionInpaintPipeline' : 'StableDiffusionPipeline');
+        expect(unet.in_channels).toBe(C);
         expect(sched).toMatchObject({ _class_name: 'PNDMScheduler', skip_prk_steps: true, steps_offset: 1, prediction_type: 'epsilon' });
         expect([unet.sample_size, vae.scaling_factor, tc.pad_token]).toEqual([64, 0.18215, '<|endoftext|>']);
         break;
@@ -206,7 +209,7 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
     if (family === 'lcm') unetInputs.push('timestep_cond');
     expect(s.unet!.inputNames).toEqual(unetInputs);
     expect(s.unet!.outputNames).toEqual(['out_sample']);
-    expect(typeOf(s.unet!, 'sample')).toEqual({ type: ft, shape: ['batch_size', 4, 'height', 'width'] });
+    expect(typeOf(s.unet!, 'sample')).toEqual({ type: ft, shape: ['batch_size', C, 'height', 'width'] });
     expect(typeOf(s.unet!, 'out_sample')).toEqual({ type: ft, shape: ['batch_size', 4, 'height', 'width'] });
     const ts = opts.timestep ?? 'float-scalar';
     expect(typeOf(s.unet!, 'timestep')).toEqual(
@@ -235,7 +238,7 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
     expect(asF32(te.last_hidden_state!).every(Number.isFinite)).toBe(true);
 
     const feeds: Record<string, ort.Tensor> = {
-      sample: floatFeed(s.unet!, 'sample', randn(B * 4 * h * w, 1), [B, 4, h, w]),
+      sample: floatFeed(s.unet!, 'sample', randn(B * C * h * w, 1), [B, C, h, w]),
     };
     const ts = opts.timestep ?? 'float-scalar';
     feeds.timestep = floatFeed(s.unet!, 'timestep', new Float32Array(ts === 'float-scalar' ? [501] : Array(B).fill(501)), ts === 'float-scalar' ? [] : [B]);

@@ -37,6 +37,11 @@ export interface DemoOptions {
   externalData?: boolean;
   /** Also write `vae_encoder/`. */
   withVaeEncoder?: boolean;
+  /**
+   * An inpainting pipeline: the UNet takes 9 channels (latents, mask, masked-image latents) as SD inpainting exports
+   * do, `model_index.json` names StableDiffusionInpaintPipeline, and `vae_encoder/` is written.
+   */
+  inpainting?: boolean;
   /** Weight seed; the same options give byte-identical files. Default 0. */
   seed?: number;
 }
@@ -75,7 +80,8 @@ export function resolveDemoOptions(opts: DemoOptions = {}): ResolvedDemoOptions 
     padBytes: opts.padBytes ?? 0,
     padSplit: opts.padSplit ?? 'sd15',
     externalData: opts.externalData ?? false,
-    withVaeEncoder: opts.withVaeEncoder ?? false,
+    withVaeEncoder: (opts.withVaeEncoder ?? false) || (opts.inpainting ?? false),
+    inpainting: opts.inpainting ?? false,
     seed: opts.seed ?? 0,
   };
   const bad: string[] = [];
@@ -106,7 +112,8 @@ export function demoAssetsDir(): string {
  */
 export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promise<DemoManifest> {
   const o = resolveDemoOptions(opts);
-  const spec = FAMILIES[o.family];
+  const family = FAMILIES[o.family];
+  const spec = o.inpainting ? { ...family, pipelineClass: family.pipelineClass.replace(/Pipeline$/, 'InpaintPipeline'), inChannels: 9 } : family;
   const dir = path.resolve(outDir);
   const g = { seed: o.seed, fp16: o.fp16 };
   const written: string[] = [];

@@ -1,6 +1,6 @@
 /**
  * @module CLI: `node dist/src/demo/cli.js OUT_DIR [--family sd15|sd2|sdxl|lcm|turbo] [--fp16]
- * [--timestep float-scalar|int64-batch|float-batch] [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--seed N]`.
+ * [--timestep float-scalar|int64-batch|float-batch] [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--inpainting] [--seed N]`.
  */
 import { parseArgs } from 'node:util';
 import { pathToFileURL } from 'node:url';
@@ -8,7 +8,7 @@ import { buildDemoModel, type DemoOptions } from './build.js';
 
 const USAGE =
   'usage: cli.js OUT_DIR [--family sd15|sd2|sdxl|lcm|turbo] [--fp16] [--timestep float-scalar|int64-batch|float-batch]\n' +
-  '              [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--seed N]';
+  '              [--pad-mb N] [--pad-split sd15|unet] [--external-data] [--vae-encoder] [--inpainting] [--seed N]';
 
 export async function main(argv: string[]): Promise<number> {
   let parsed;
@@ -24,6 +24,7 @@ export async function main(argv: string[]): Promise<number> {
         'pad-split': { type: 'string' },
         'external-data': { type: 'boolean' },
         'vae-encoder': { type: 'boolean' },
+        inpainting: { type: 'boolean' },
         seed: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -45,6 +46,7 @@ export async function main(argv: string[]): Promise<number> {
     padSplit: values['pad-split'] as DemoOptions['padSplit'],
     externalData: values['external-data'],
     withVaeEncoder: values['vae-encoder'],
+    inpainting: values.inpainting,
     seed: values.seed !== undefined ? Number(values.seed) : undefined,
   };
   try {

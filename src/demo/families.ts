@@ -32,6 +32,8 @@ export interface FamilySpec {
   forceUpcast: boolean;
   pipelineClass: string;
   scheduler: Record<string, unknown>;
+  /** UNet input channels: 4, or 9 for an inpainting variant (latents, mask, masked-image latents). */
+  inChannels?: number;
 }
 
 const DIFFUSERS_VERSION = '0.31.0';
@@ -178,7 +180,7 @@ export function unetConfig(spec: FamilySpec): Record<string, unknown> {
     down_block_types: ['CrossAttnDownBlock2D'],
     flip_sin_to_cos: true,
     freq_shift: 0,
-    in_channels: 4,
+    in_channels: spec.inChannels ?? 4,
     layers_per_block: 1,
     mid_block_type: 'UNetMidBlock2DCrossAttn',
     norm_eps: 1e-5,

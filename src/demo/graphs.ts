@@ -140,7 +140,11 @@ function positionQueries(g: GraphBuilder, x: string, dh: number): string {
 export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: GraphOptions, padding?: string): GraphBuilder {
   const g = new GraphBuilder(`${spec.family}/unet`, opts.seed, opts.fp16);
   const C = UNET_CHANNELS, D = spec.crossAttentionDim, dh = UNET_HEAD_DIM;
-  const x = g.input('sample', 'float', ['batch_size', 4, 'height', 'width']);
+  const inChannels = spec.inChannels ?? 4;
+  const sampleIn = g.input('sample', 'float', ['batch_size', inChannels, 'height', 'width']);
+  // An inpainting UNet sees the mask and the masked image's latents too (its conv_in takes all 9 channels), but
+  // denoises only the first 4: they are the latents.
+  const x = inChannels === 4 ? sampleIn : g.op('Slice', [sampleIn, g.int64s('/latent_from', [0]), g.int64s('/latent_to', [4]), g.int64s('/latent_axis', [1])]);
   const t =
     timestep === 'float-scalar' ? g.input('timestep', 'float', [])
     : timestep === 'int64-batch' ? g.op('Cast', [g.input('timestep', 'int64', ['steps'])], { to: { i: DT.FLOAT } })
@@ -171,7 +175,7 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
   }
   const bias = g.op('Unsqueeze', [temb, g.int64s('/axes_23', [2, 3])]);
 
-  let h = conv(g, x, g.random('conv_in.weight', [C, 4, 3, 3], 1 / 6), g.random('conv_in.bias', [C], 0.1), 3);
+  let h = conv(g, sampleIn, g.random('conv_in.weight', [C, inChannels, 3, 3], 1 / 6), g.random('conv_in.bias', [C], 0.1), 3);
   h = silu(g, g.op('Add', [h, bias]));
 
   // Cross-attention: queries from latent pixels, keys and values from the text.

@@ -11,6 +11,9 @@ export type { DemoOptions, DemoManifest, DemoFile, DemoFamily, ResolvedDemoOptio
 /** Bump whenever a graph, config or asset of the demo changes, so old cached builds are not reused. */
 export const DEMO_FORMAT_VERSION = 1;
 
+/** The demo served without a model: with its VAE encoder, so image-to-image and inpainting (latent blend) work too. */
+export const SERVED_DEMO_OPTIONS = Object.freeze({ withVaeEncoder: true });
+
 /** Temp build folders older than this are left-overs of a crashed process. */
 const STALE_TEMP_MS = 60 * 60 * 1000;
 
@@ -20,12 +23,12 @@ export interface DemoLog {
 
 /** `demo-<hash>`: the hash covers the format version and the (default) options the demo is built with. */
 export function demoDirName(): string {
-  const key = JSON.stringify({ v: DEMO_FORMAT_VERSION, options: resolveDemoOptions({}) });
+  const key = JSON.stringify({ v: DEMO_FORMAT_VERSION, options: resolveDemoOptions(SERVED_DEMO_OPTIONS) });
   return `demo-${createHash('sha256').update(key).digest('hex').slice(0, 12)}`;
 }
 
 /**
- * Returns `<cacheDir>/demo-<hash>/`, building the default (sd15) demo there first if needed. The build goes to a
+ * Returns `<cacheDir>/demo-<hash>/`, building the served demo (sd15, with vae_encoder) there first if needed. The build goes to a
  * temporary sibling that is renamed into place, so the final folder is complete whenever it exists; when two
  * callers race, the loser's rename fails, it drops its copy and uses the winner's.
  */
@@ -40,7 +43,7 @@ export async function ensureDemoModel(cacheDir: string, log?: DemoLog): Promise<
   const tmp = path.join(root, `.${name}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
   const started = Date.now();
   try {
-    const manifest = await buildDemoModel(tmp);
+    const manifest = await buildDemoModel(tmp, SERVED_DEMO_OPTIONS);
     try {
       await rename(tmp, final);
       log?.info({ dir: final, bytes: manifest.totalBytes, ms: Date.now() - started }, 'built the embedded demo model');

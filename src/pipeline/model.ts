@@ -24,7 +24,8 @@ export interface ModelLayout {
   schedulerConfig: Record<string, unknown>;
   /** Config values the pipeline rewrote when built (each with diffusers' deprecation message), for the log. */
   rewrites: ConfigRewrite[];
-  unet: { sampleSize: number; timeCondProjDim: number | null };
+  /** `inChannels`: 4, or 9 for an inpainting UNet (latents, mask, masked-image latents). */
+  unet: { sampleSize: number; timeCondProjDim: number | null; inChannels: number };
   vae: { scalingFactor: number; scaleFactor: number };
 }
 
@@ -146,6 +147,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     unet: {
       sampleSize,
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
+      inChannels: num(unetCfg.in_channels, 4),
     },
     vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: 2 ** Math.max(0, blocks - 1) },
   };

@@ -1,9 +1,15 @@
-/** @module Text to image over ONNX Runtime, numerically as diffusers' pipelines do it (PROTOCOLS.md §4.3–4.5). */
+/**
+ * @module Text to image, image to image and inpainting over ONNX Runtime, numerically as diffusers' pipelines do them
+ * (PROTOCOLS.md §4.3–4.5; StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline for the image inputs).
+ */
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import type { GenerationShape, ModelDefaults } from '../runtime/request.js';
 import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
+import {
+  blendLatents, cutSchedule, fitImage, imageTensor, latentMask, maskTensor, maskedImage, posterior, sampleLatent, type ImageInit, type Posterior,
+} from './img2img.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { createScheduler } from './schedulers/index.js';
@@ -28,6 +34,8 @@ export interface Job {
    * with tokenizers of its own (Pipeline.create without 'external').
    */
   tokens?: Array<[string, number[][]]>;
+  /** Image-to-image or inpainting inputs, shared by every item of the job (requests with other inputs never batch). */
+  init?: ImageInit;
 }
 
 /** One decoded image: RGB uint8, row-major HWC. */
@@ -42,6 +50,8 @@ export interface StageTimes {
   textEncoderMs: number;
   denoiseMs: number;
   vaeMs: number;
+  /** Resizing the input image (and mask) and running the VAE encoder on it: image-to-image and inpainting only. */
+  vaeEncoderMs?: number;
   steps: number;
   /** Time spent waiting for sessions still being created (only a warm-up that starts during the download). */
   sessionWaitMs?: number;
@@ -68,6 +78,8 @@ export interface Sessions {
   /** Awaited by create(): the model's defaults and inputs depend on it. */
   unet: SessionLike;
   vae_decoder: SessionLike;
+  /** Present when the export has one: image-to-image and inpainting encode their input with it. */
+  vae_encoder?: SessionLike;
 }
 
 /** Token ids of `text` for the model's tokenizer number `k` (padded to its max length). */
@@ -103,6 +115,12 @@ export class Pipeline {
     await Promise.all(Object.values(this.later));
   }
 
+  /** The UNet's input channels: 4, or 9 for an inpainting UNet (the session's declared shape, else the config's). */
+  get unetChannels(): number {
+    const c = this.unet.input('sample').shape[1];
+    return typeof c === 'number' && c > 0 ? c : this.layout.unet.inChannels;
+  }
+
   /** Whether the UNet takes an LCM guidance embedding instead of classifier-free guidance. */
   get usesGuidanceEmbedding(): boolean {
     return this.unet.has('timestep_cond');
@@ -118,6 +136,8 @@ export class Pipeline {
       height: size,
       width: size,
       scheduler: cls,
+      vaeEncoder: this.later.vae_encoder !== undefined,
+      inpainting: this.unetChannels === 9,
     };
   }
 
@@ -157,12 +177,33 @@ export class Pipeline {
     });
     // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it.
     const gens = seeds.map((s) => new TorchGenerator(s));
-    let latents: Float32Array<ArrayBufferLike> = new Float32Array(B * per);
-    const sigma0 = f(scheduler.initNoiseSigma);
-    gens.forEach((g, i) => {
-      const d = g.randn(per);
-      for (let k = 0; k < per; k++) latents[i * per + k] = f(d[k]! * sigma0);
-    });
+    const channels = this.unetChannels;
+    if (channels !== LATENT_CHANNELS && channels !== 9) throw new RuntimeError('MODEL_FORMAT', `the UNet takes ${channels} input channels; 4 (text-to-image) or 9 (inpainting) are supported`);
+    if (channels === 9 && job.init?.mode !== 'inpaint') {
+      throw new RuntimeError('INVALID_INPUT', 'this is an inpainting model (its UNet takes 9 channels): send image and mask_image');
+    }
+    let timesteps: readonly number[] = scheduler.timesteps;
+    let begin = 0;
+    let latents: Float32Array<ArrayBufferLike>;
+    let start: InitLatents | undefined;
+    let vaeEncoderMs = 0;
+    if (job.init) {
+      const cut = cutSchedule(scheduler.timesteps.length, shape.steps, job.init.strength);
+      begin = cut.begin;
+      scheduler.setBeginIndex(begin);
+      timesteps = scheduler.timesteps.slice(begin, begin + cut.steps);
+      const e0 = performance.now();
+      start = await this.#initLatents(job, gens, scheduler, { begin, steps: cut.steps, per, channels });
+      vaeEncoderMs = performance.now() - e0;
+      latents = start.latents;
+    } else {
+      latents = new Float32Array(B * per);
+      const sigma0 = f(scheduler.initNoiseSigma);
+      gens.forEach((g, i) => {
+        const d = g.randn(per);
+        for (let k = 0; k < per; k++) latents[i * per + k] = f(d[k]! * sigma0);
+      });
+    }
     const noise = (): Float32Array => {
       const out = new Float32Array(B * per);
       gens.forEach((g, i) => out.set(g.randn(per), i * per));
@@ -175,14 +216,16 @@ export class Pipeline {
     const timestepCond = lcm ? guidanceEmbedding(shape.guidance, B, Number(unet.input('timestep_cond').shape[1] ?? 256)) : undefined;
     const g32 = f(shape.guidance);
     let denoised: Float32Array<ArrayBufferLike> | undefined;
-    const steps = scheduler.timesteps;
+    const steps = timesteps;
     for (let k = 0; k < steps.length; k++) {
       if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
       const t = steps[k]!;
       const doubled = cfg ? concat(latents, latents) : latents;
-      const x = scheduler.scaleModelInput(doubled, t);
+      const scaled = scheduler.scaleModelInput(doubled, t);
+      // The inpainting UNet also takes the mask and the masked image's latents, after the scaled latents.
+      const x = start?.conditioning ? withConditioning(scaled, rows, B, h * w, start.conditioning) : scaled;
       const feeds: Parameters<ModelSession['run']>[0] = {
-        sample: { data: x, dims: [rows, LATENT_CHANNELS, h, w] },
+        sample: { data: x, dims: [rows, channels, h, w] },
         timestep: timestepFeed(tInfo.shape, t, rows),
         encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
       };
@@ -204,14 +247,24 @@ export class Pipeline {
       const res = scheduler.step(e, t, latents, noise);
       latents = res.prevSample;
       denoised = res.denoised;
+      if (start?.blend) {
+        // A 4-channel UNet inpaints by putting the known image back outside the mask after every step, noised to the
+        // next timestep (and clean after the last one).
+        const { known, noise: n0, mask } = start.blend;
+        latents = latents.slice();
+        for (let i = 0; i < B; i++) {
+          const proper = k < steps.length - 1 ? scheduler.addNoise(known[i]!, n0[i]!, begin + k + 1) : known[i]!;
+          blendLatents(latents.subarray(i * per, (i + 1) * per), proper, mask);
+        }
+      }
       await hooks.onStep?.(k + 1, steps.length, latents);
     }
     const w1 = performance.now();
     hooks.onDenoised?.();
     const vae = await this.later.vae_decoder;
     const t2 = performance.now();
-    // LCM decodes its last x0 prediction, everyone else the final sample.
-    const final = lcm && denoised ? denoised : latents;
+    // LCM decodes its last x0 prediction, everyone else the final sample (the blended one when inpainting).
+    const final = lcm && denoised && !start?.blend ? denoised : latents;
     const images: RawImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
     for (let i = 0; i < B; i++) {
@@ -225,7 +278,63 @@ export class Pipeline {
     }
     const t3 = performance.now();
     const waited = t0 - w0 + (t2 - w1);
-    return { images, times: { textEncoderMs: t1 - t0, denoiseMs: w1 - t1, vaeMs: t3 - t2, steps: steps.length, ...(waited >= 1 ? { sessionWaitMs: waited } : {}) } };
+    const times: StageTimes = { textEncoderMs: t1 - t0, denoiseMs: w1 - t1 - vaeEncoderMs, vaeMs: t3 - t2, steps: timesteps.length, ...(waited >= 1 ? { sessionWaitMs: waited } : {}) };
+    if (job.init) times.vaeEncoderMs = vaeEncoderMs;
+    return { images, times };
+  }
+
+  /**
+   * The starting latents of an image-to-image or inpainting job, drawing from each image's generator in diffusers'
+   * order. Image-to-image (per image): the posterior sample of the encoded image, then the noise added at the first
+   * kept timestep. Inpainting (the first generator of each item draws what the item's images share, as diffusers does
+   * with a list of generators and one input image): the image's posterior sample (4-channel UNet or strength < 1), the
+   * noise of every image, then the masked image's posterior sample (drawn, and unused, for a 4-channel UNet too).
+   */
+  async #initLatents(job: Job, gens: TorchGenerator[], scheduler: Scheduler, o: { begin: number; steps: number; per: number; channels: number }): Promise<InitLatents> {
+    const init = job.init!;
+    const { height: H, width: W } = job.shape;
+    const { per } = o;
+    const vsf = this.layout.vae.scaleFactor;
+    const sf = this.layout.vae.scalingFactor;
+    if (!this.later.vae_encoder) throw new RuntimeError('INVALID_INPUT', 'this model has no vae_encoder: it serves text-to-image only');
+    const vae = await this.later.vae_encoder;
+    const encode = async (x: Float32Array): Promise<Posterior> => {
+      const out = await vae.run({ sample: { data: x, dims: [1, 3, H, W] } });
+      return posterior(Object.values(out)[0]!.data, per);
+    };
+    const B = gens.length;
+    const latents = new Float32Array(B * per);
+    const x = imageTensor(fitImage(init.image, W, H, init.resizeMode));
+    if (init.mode === 'img2img') {
+      const post = await encode(x);
+      gens.forEach((g, i) => {
+        const start = sampleLatent(post, sf, (n) => g.randn(n));
+        latents.set(o.steps > 0 ? scheduler.addNoise(start, g.randn(per), o.begin) : start, i * per);
+      });
+      return { latents };
+    }
+    // Inpainting.
+    const mask = maskTensor(fitImage(init.mask!, W, H, init.resizeMode));
+    const itemOf: number[] = job.items.flatMap((it, j) => Array.from({ length: it.numImages }, () => j));
+    const firstOf = job.items.map((_, j) => itemOf.indexOf(j));
+    const strengthMax = init.strength === 1;
+    const imagePost = o.channels === LATENT_CHANNELS || !strengthMax ? await encode(x) : undefined;
+    const known = imagePost ? firstOf.map((i) => sampleLatent(imagePost, sf, (n) => gens[i]!.randn(n))) : [];
+    const noises = gens.map((g) => g.randn(per));
+    const sigma0 = f(scheduler.initNoiseSigma);
+    noises.forEach((n, i) => {
+      if (strengthMax) for (let k = 0; k < per; k++) latents[i * per + k] = f(n[k]! * sigma0);
+      else latents.set(scheduler.addNoise(known[itemOf[i]!]!, n, o.begin), i * per);
+    });
+    const small = latentMask(mask, W, H, vsf);
+    if (o.channels === 9) {
+      const maskedPost = await encode(maskedImage(x, mask));
+      const masked = firstOf.map((i) => sampleLatent(maskedPost, sf, (n) => gens[i]!.randn(n)));
+      return { latents, conditioning: { mask: small, masked: itemOf.map((j) => masked[j]!) } };
+    }
+    // diffusers encodes the masked image even for a 4-channel UNet, which ignores it: only its draw matters here.
+    if (imagePost?.std) for (const i of firstOf) gens[i]!.randn(per);
+    return { latents, blend: { mask: small, known: itemOf.map((j) => known[j]!), noise: noises } };
   }
 
   /** Prompt embeddings [negative rows; positive rows] (or positive only), each item repeated per image. */
@@ -303,6 +412,27 @@ export class Pipeline {
     for (let r = 0; r < rows; r++) data.push(...row(cfg && r < rows / 2));
     return { data: Float32Array.from(data), dims: [rows, n] };
   }
+}
+
+/** What an image job starts from (Pipeline.#initLatents). */
+interface InitLatents {
+  latents: Float32Array;
+  /** Inpainting UNet: the mask at latent size and each image's masked-image latents, concatenated to every UNet input. */
+  conditioning?: { mask: Float32Array; masked: Float32Array[] };
+  /** 4-channel UNet inpainting: per image, the known latents and the noise they are re-noised with after each step. */
+  blend?: { mask: Float32Array; known: Float32Array[]; noise: Float32Array[] };
+}
+
+/** [rows, 4, h, w] latents → [rows, 9, h, w]: latents, mask, masked-image latents (row r is image r mod B). */
+function withConditioning(x: Float32Array, rows: number, B: number, hw: number, c: NonNullable<InitLatents['conditioning']>): Float32Array {
+  const out = new Float32Array(rows * 9 * hw);
+  for (let r = 0; r < rows; r++) {
+    const o = r * 9 * hw;
+    out.set(x.subarray(r * 4 * hw, (r + 1) * 4 * hw), o);
+    out.set(c.mask, o + 4 * hw);
+    out.set(c.masked[r % B]!, o + 5 * hw);
+  }
+  return out;
 }
 
 /** The highest-but-one `hidden_states.N` output: diffusers' SDXL uses the penultimate layer. */

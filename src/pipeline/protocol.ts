@@ -89,6 +89,8 @@ export interface Times {
   textEncoderMs: number;
   denoiseMs: number;
   vaeMs: number;
+  /** Image inputs: resizing them and the VAE encoder. */
+  vaeEncoderMs?: number;
   steps: number;
   sessionWaitMs?: number;
 }

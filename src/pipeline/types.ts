@@ -30,4 +30,15 @@ export interface Scheduler {
    * once per step, and must return a draw of the full sample size (per-image generators concatenated).
    */
   step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
+  /**
+   * Start at `timesteps[index]` instead of the first timestep (image-to-image and inpainting cut the schedule by
+   * strength): diffusers' `set_begin_index`, or for PNDM, which has none, the step counter starting at 0 on the cut list.
+   * Call before the first step.
+   */
+  setBeginIndex(index: number): void;
+  /**
+   * diffusers' `scheduler.add_noise(original, noise, timesteps[index])` for this class, at `index` of the full
+   * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM), x + σ·n (Euler family), α_t·x + σ_t·n (DPM-Solver).
+   */
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array;
 }

@@ -193,6 +193,8 @@ async function load(dir: string, listed?: string[]): Promise<void> {
     const layout = readLayout(dir, listed ? new Set(listed) : undefined);
     for (const r of layout.rewrites) log('warn', r.message, { config: r.key, from: r.from, to: r.to });
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
+    // Image-to-image and inpainting encode their input with it: ready means ready for those requests too.
+    if (layout.onnx.vae_encoder) need.push('vae_encoder');
     const get = (c: Component): Promise<ModelSession> => {
       if (!listed) return session(c, layout.onnx[c]!);
       const p = whenAnnounced(c).then((file) => session(c, file));
@@ -206,6 +208,7 @@ async function load(dir: string, listed?: string[]): Promise<void> {
       unet: byName.get('unet')!,
       vae_decoder: byName.get('vae_decoder')!,
       ...(byName.has('text_encoder_2') ? { text_encoder_2: byName.get('text_encoder_2')! } : {}),
+      ...(byName.has('vae_encoder') ? { vae_encoder: byName.get('vae_encoder')! } : {}),
     }, 'external');
     p.partial = listed !== undefined;
     p.dir = dir;

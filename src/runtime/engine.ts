@@ -24,6 +24,7 @@ import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
+import { imageKey, jobInit } from './image-request.js';
 
 export interface Progress {
   step: number;
@@ -291,7 +292,8 @@ export class Engine {
     }
     return new Promise<TaskResult>((resolve, reject) => {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
-      const key = `${shapeKey(req.shape)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}`;
+      // Requests with other image inputs (or none) never share a batch: the job carries one set of them.
+      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}`;
       const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
@@ -409,7 +411,7 @@ export class Engine {
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));
-    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens] }, previewEvery: head.previewEvery });
+    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}) }, previewEvery: head.previewEvery });
   }
 
   #onMessage(w: WorkerHandle, m: FromWorker): void {
@@ -516,6 +518,7 @@ export class Engine {
     this.metrics.stageDuration.observe({ ...l, stage: 'text_encoder' }, all.textEncoderMs / 1000);
     this.metrics.stageDuration.observe({ ...l, stage: 'denoise' }, all.denoiseMs / 1000);
     this.metrics.stageDuration.observe({ ...l, stage: 'vae_decoder' }, all.vaeMs / 1000);
+    if (all.vaeEncoderMs !== undefined) this.metrics.stageDuration.observe({ ...l, stage: 'vae_encoder' }, all.vaeEncoderMs / 1000);
     this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, all.encodeMs / 1000);
     this.metrics.steps.inc(l, all.steps);
     if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));

@@ -1,6 +1,7 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
+import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -11,6 +12,10 @@ export interface ModelDefaults {
   height: number;
   width: number;
   scheduler: string;
+  /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
+  vaeEncoder?: boolean;
+  /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
+  inpainting?: boolean;
 }
 
 /** One prompt of a request, with everything needed to generate its images. */
@@ -46,6 +51,8 @@ export interface GenerationRequest {
   output: OutputOptions;
   /** Progress previews every N steps (WebSocket only); 0 = none. */
   previewEvery: number;
+  /** Image-to-image or inpainting inputs (image-request.ts); absent for text-to-image. */
+  image?: ImageRequest;
 }
 
 export const shapeKey = (s: GenerationShape): string =>
@@ -61,6 +68,7 @@ const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !
 export const INSTANCE_FIELDS = [
   'prompt', 'negative_prompt', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'seed', 'scheduler',
   'num_images_per_prompt', 'eta', 'guidance_rescale', 'output_format', 'quality', 'output_uri', 'preview_every',
+  ...IMAGE_FIELDS,
 ] as const;
 
 /**
@@ -81,6 +89,10 @@ export const A1111_NAMES: Readonly<Record<string, string>> = {
   num_steps: 'num_inference_steps',
   sampler: 'scheduler',
   format: 'output_format',
+  init_images: 'image',
+  init_image: 'image',
+  denoising_strength: 'strength',
+  mask: 'mask_image',
 };
 
 function editDistance(a: string, b: string): number {
@@ -269,12 +281,14 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const quality = has('quality') ? int('quality', 90, 1, 100) : undefined;
   const uri = str('output_uri', false, 2048);
   if (uri !== undefined && !/^s3:\/\/[^/]+\/.+/.test(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  const image = parseImageFields(inst, w, bad, defaults, steps);
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
     items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), seedWasGiven: seedGiven, numImages }],
     output: { format, quality, uri },
     previewEvery,
+    ...(image ? { image } : {}),
   };
 }
 

@@ -4,6 +4,7 @@
  */
 import type { EncodedImage } from './engine.js';
 import type { GenerationRequest } from './request.js';
+import { imageKey } from './image-request.js';
 
 export interface ResultCache {
   /** The key of a cacheable request, or undefined (a request without an explicit seed is never cached). */
@@ -31,7 +32,7 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       return JSON.stringify([
         modelName, s.width, s.height, s.steps, s.guidance, s.scheduler ?? null, s.eta, s.guidanceRescale,
         req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
-        req.output.format, req.output.quality ?? null,
+        req.output.format, req.output.quality ?? null, imageKey(req),
       ]);
     },
     get(key) {

@@ -25,6 +25,8 @@ import type { EarlyFetch } from './early-fetch.js';
 import { checkSchedulerName, randomSeed } from './names.js';
 import { startGpuMetrics } from './gpu.js';
 import { createOutputStore, type OutputStore } from './output.js';
+import { createImageSource, type ImageSource } from './image-source.js';
+import { warmupInpaint } from './image-request.js';
 import { createResultCache, type ResultCache } from './result-cache.js';
 
 export interface RuntimeOptions {
@@ -47,6 +49,7 @@ export class Runtime {
   readonly engine: Engine;
   readonly resultCache: ResultCache;
   readonly #output: OutputStore;
+  readonly #images: ImageSource;
   #server: BaseServer | undefined;
   #stopping = false;
   #closing: Promise<void> | undefined;
@@ -84,6 +87,7 @@ export class Runtime {
     this.resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => this.metrics.resultCacheBytes.set(labels, bytes));
     this.metrics.resultCacheBytes.set(labels, 0);
     this.#output = createOutputStore(cfg.s3);
+    this.#images = createImageSource(cfg.s3);
   }
 
   context(): ServerContext {
@@ -96,6 +100,7 @@ export class Runtime {
       checkScheduler: checkSchedulerName,
       randomSeed,
       stopping: () => this.#stopping,
+      images: this.#images,
       generate: (reqs, signal, onProgress) => this.#generate(reqs, signal, onProgress),
     };
   }
@@ -325,6 +330,8 @@ export class Runtime {
             items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
             output: { format: this.cfg.defaultOutputFormat, quality: undefined, uri: undefined },
             previewEvery: 0,
+            // An inpainting model cannot run from text alone: it warms up inpainting a grey image.
+            ...(d.inpainting ? { image: warmupInpaint(d.width, d.height) } : {}),
           },
           { ...(signal ? { signal } : {}), worker },
         );
@@ -442,6 +449,7 @@ export class Runtime {
       if (!drained) this.log.warn({ inflight: this.#inflight }, 'grace period over: closing with requests still running');
       await Promise.all([this.engine.close(), this.#stopOptimizer()]);
       this.#output.destroy();
+      this.#images.destroy();
       this.log.info({ drained }, 'shut down');
     })());
   }

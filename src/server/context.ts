@@ -6,6 +6,8 @@ import type { Metrics } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
+import { resolveImages } from '../runtime/image-request.js';
+import type { ImageSource } from '../runtime/image-source.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -18,6 +20,8 @@ export interface ServerContext {
   randomSeed: () => number;
   /** True between SIGTERM and exit: readiness is false and new work gets 503. */
   stopping: () => boolean;
+  /** Reads s3:// input images (img2img, inpainting). */
+  images: ImageSource;
   /** Runs requests through the result cache and the queue; results in request order. */
   generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void) => Promise<TaskResult[]>;
 }
@@ -36,6 +40,11 @@ export function parseContext(ctx: ServerContext): ParseContext {
   const defaults = ctx.engine.defaults;
   if (!defaults) throw new RuntimeError('MODEL_NOT_READY', `Model with name ${ctx.cfg.modelName} is not ready.`, { retryAfter: 5 });
   return { cfg: ctx.cfg, defaults, checkScheduler: ctx.checkScheduler, randomSeed: ctx.randomSeed };
+}
+
+/** Reads and decodes the requests' input images (400 naming the field for anything wrong with them). */
+export function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<void> {
+  return resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images }, signal);
 }
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */

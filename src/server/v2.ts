@@ -11,7 +11,8 @@ import { RuntimeError } from '../errors.js';
 import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, joinProblems, parseInstances, unknownField } from '../runtime/request.js';
-import { assertServable, parseContext, type ServerContext } from './context.js';
+import { IMAGE_FIELDS } from '../runtime/image-request.js';
+import { assertServable, parseContext, readImages, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { modelStatus } from './v1.js';
 
@@ -19,7 +20,10 @@ export const SERVER_NAME = 'diffusers-runtime';
 export const EXTENSIONS = ['binary_tensor_data'] as const;
 const VERSIONING = 'Model versioning not supported yet.';
 
-type Kind = 'string' | 'int' | 'float';
+/** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. */
+type Kind = 'string' | 'int' | 'float' | 'image';
+/** The image fields (image-request.ts) as V2 inputs: images as BYTES, strength FP32, resize_mode BYTES. */
+const IMAGE_INPUTS: Readonly<Record<(typeof IMAGE_FIELDS)[number], Kind>> = { image: 'image', mask_image: 'image', strength: 'float', resize_mode: 'string' };
 /** Generation fields accepted as named inputs (one element, or one per prompt) or as request parameters. */
 const FIELDS: Readonly<Record<string, Kind>> = {
   prompt: 'string',
@@ -36,8 +40,9 @@ const FIELDS: Readonly<Record<string, Kind>> = {
   output_format: 'string',
   quality: 'int',
   output_uri: 'string',
+  ...IMAGE_INPUTS,
 };
-const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32' };
+const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32', image: 'BYTES' };
 const INTS = new Set(['INT8', 'INT16', 'INT32', 'INT64', 'UINT8', 'UINT16', 'UINT32', 'UINT64']);
 const FLOATS = new Set(['FP16', 'FP32', 'FP64', 'BF16']);
 const ELEMENT_BYTES: Record<string, number> = {
@@ -102,6 +107,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
         const req = parseInferRequest(r, body, ctx.cfg.maxImagesPerRequest);
         const instances = toInstances(req);
         const reqs = parseInstances(instances, parseContext(ctx), 'prompt');
+        await readImages(ctx, reqs, ex.gone.signal);
         const results = await ctx.generate(reqs, ex.gone.signal);
         return inferReply(name, req, results);
       },
@@ -119,7 +125,8 @@ interface Tensor {
   name: string;
   datatype: string;
   shape: number[];
-  values: Array<string | number>;
+  /** Buffers: image inputs sent as binary data (their bytes are the file, not text). */
+  values: Array<string | number | Buffer>;
 }
 export interface InferRequest {
   id: string;
@@ -268,13 +275,13 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) return void problems.push(`${wn}: shape must be a list of non-negative integers`);
   const count = (shape as number[]).reduce((a, b) => a * b, 1);
   const kind = FIELDS[name]!;
-  if (kind === 'string' && datatype !== 'BYTES') return void problems.push(`${wn} must have datatype BYTES, got ${datatype}`);
+  if ((kind === 'string' || kind === 'image') && datatype !== 'BYTES') return void problems.push(`${wn} must have datatype BYTES, got ${datatype}`);
   if (kind === 'int' && !INTS.has(datatype)) return void problems.push(`${wn} must have an integer datatype (INT32, INT64, …), got ${datatype}`);
   if (kind === 'float' && !INTS.has(datatype) && !FLOATS.has(datatype)) return void problems.push(`${wn} must have a numeric datatype (FP32, FP64, …), got ${datatype}`);
 
   const params = isObj(inp.parameters) ? inp.parameters : {};
   const size = params.binary_data_size;
-  let values: Array<string | number>;
+  let values: Array<string | number | Buffer>;
   let binaryBytes = 0;
   if (size !== undefined) {
     if (binary === undefined) return void problems.push("received byte inputs, but the'inference-header-content-length' header is missing.");
@@ -283,7 +290,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
     binaryBytes = size as number;
     if (offset + binaryBytes > binary.length) return void problems.push(`${wn}: binary_data_size ${binaryBytes} runs past the end of the body`);
     const bytes = binary.subarray(offset, offset + binaryBytes);
-    const decoded = decodeBinary(bytes, datatype, wn, problems);
+    const decoded = decodeBinary(bytes, datatype, wn, problems, kind === 'image');
     if (!decoded) return undefined;
     values = decoded;
   } else {
@@ -292,8 +299,9 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
     const flat = flatten(inp.data);
     if (!flat) return void problems.push(`${wn}: data must be a list (flat or nested)`);
     for (const [k, v] of flat.entries()) {
-      if (kind === 'string' ? typeof v !== 'string' : typeof v !== 'number') {
-        return void problems.push(`${wn}: data[${k}] must be ${kind === 'string' ? 'a string' : 'a number'} for datatype ${datatype}, got ${v === null ? 'null' : typeof v}`);
+      const text = kind === 'string' || kind === 'image';
+      if (text ? typeof v !== 'string' : typeof v !== 'number') {
+        return void problems.push(`${wn}: data[${k}] must be ${text ? 'a string' : 'a number'} for datatype ${datatype}, got ${v === null ? 'null' : typeof v}`);
       }
     }
     values = flat as Array<string | number>;
@@ -318,15 +326,23 @@ function flatten(v: unknown, depth = 0): unknown[] | undefined {
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-/** Binary tensor data: little-endian, row-major; each BYTES element is a uint32 LE length and the bytes. */
-function decodeBinary(b: Buffer, datatype: string, wn: string, problems: string[]): Array<string | number> | undefined {
+/**
+ * Binary tensor data: little-endian, row-major; each BYTES element is a uint32 LE length and the bytes (`raw`: kept as
+ * bytes, for image inputs; otherwise UTF-8 text).
+ */
+function decodeBinary(b: Buffer, datatype: string, wn: string, problems: string[], raw = false): Array<string | number | Buffer> | undefined {
   if (datatype === 'BYTES') {
-    const out: string[] = [];
+    const out: Array<string | Buffer> = [];
     for (let o = 0; o < b.length; ) {
       if (o + 4 > b.length) return void problems.push(`${wn}: BYTES element at byte ${o} is cut short (needs a 4-byte length)`);
       const n = b.readUInt32LE(o);
       o += 4;
       if (o + n > b.length) return void problems.push(`${wn}: BYTES element of ${n} bytes runs past its binary_data_size`);
+      if (raw) {
+        out.push(b.subarray(o, o + n));
+        o += n;
+        continue;
+      }
       try {
         out.push(utf8.decode(b.subarray(o, o + n)));
       } catch {
@@ -356,12 +372,25 @@ function decodeBinary(b: Buffer, datatype: string, wn: string, problems: string[
       }
       case 'FP16': v = fromHalfBits(b.readUInt16LE(o)); break;
       case 'BF16': v = new Float32Array(new Uint32Array([b.readUInt16LE(o) << 16]).buffer)[0]!; break;
-      case 'FP32': v = b.readFloatLE(o); break;
+      case 'FP32': v = shortestFloat32(b.readFloatLE(o)); break;
       default: v = b.readDoubleLE(o);
     }
     out.push(v);
   }
   return out;
+}
+
+/**
+ * A float32 as the shortest decimal that reads back as the same float32 (numpy prints np.float32(0.7) as 0.7): a client
+ * that sends strength 0.7 as FP32 means 0.7, and int(steps · 0.69999999) would lose a step that 0.7 keeps.
+ */
+export function shortestFloat32(v: number): number {
+  if (!Number.isFinite(v) || v === 0) return v;
+  for (let p = 1; p <= 9; p++) {
+    const d = Number(v.toPrecision(p));
+    if (Math.fround(d) === v) return d;
+  }
+  return v;
 }
 
 /** One V1-style instance per prompt: request parameters, then named inputs (one element or one per prompt). */

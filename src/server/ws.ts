@@ -20,7 +20,7 @@ import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
-import { assertServable, parseContext, parseJson, type ServerContext } from './context.js';
+import { assertServable, parseContext, parseJson, readImages, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
@@ -101,6 +101,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
+      await readImages(ctx, reqs, c.gone.signal);
       const req = reqs[0]!;
       critical(ws, c, JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages }));
       const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p));

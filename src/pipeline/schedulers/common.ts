@@ -259,3 +259,37 @@ export function checkSteps(className: string, n: number, trainSteps: number): vo
     throw new RuntimeError('INVALID_INPUT', `num_inference_steps must be an integer from 1 to ${trainSteps} for ${className}, got ${n}`);
   }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// add_noise (image-to-image and inpainting start from a noised image latent)
+
+function checkIndex(className: string, index: number, timesteps: readonly number[]): void {
+  if (!Number.isInteger(index) || index < 0 || index >= timesteps.length) {
+    throw new RangeError(`${className}: no timestep at index ${index} of ${timesteps.length}`);
+  }
+}
+
+/** DDPM-style `add_noise` (DDIM, PNDM, LCM): `ac[t] ** 0.5 * x + (1 - ac[t]) ** 0.5 * n`, float32 tensor ops. */
+export function addNoiseAlphas(className: string, ac: Float32Array, timesteps: readonly number[], index: number, x: Float32Array, n: Float32Array): Float32Array {
+  checkIndex(className, index, timesteps);
+  const a = ac[timesteps[index]!]!;
+  const sa = f(Math.sqrt(a));
+  const sb = f(Math.sqrt(f(1 - a)));
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = f(sa * x[i]!) + f(sb * n[i]!);
+  return out;
+}
+
+/** Euler-family `add_noise`: `x + n * sigma` (sigmas[step index]), float32. */
+export function addNoiseSigma(className: string, sigmas: Float32Array, timesteps: readonly number[], index: number, x: Float32Array, n: Float32Array): Float32Array {
+  checkIndex(className, index, timesteps);
+  const sigma = sigmas[index]!;
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! + f(n[i]! * sigma);
+  return out;
+}
+
+export function checkBeginIndex(className: string, index: number, timesteps: readonly number[]): void {
+  // The end is allowed: strength 0 cuts every step.
+  if (!Number.isInteger(index) || index < 0 || index > timesteps.length) throw new RangeError(`${className}: begin index ${index} outside 0..${timesteps.length}`);
+}

@@ -2,9 +2,11 @@
 
 import type { Scheduler, StepResult } from '../types.js';
 import {
+  addNoiseAlphas,
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkBeginIndex,
   checkSteps,
   f,
   npArange,
@@ -77,6 +79,15 @@ export class DDIM implements Scheduler {
 
   scaleModelInput(sample: Float32Array): Float32Array {
     return sample;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.#index = index;
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {

@@ -8,6 +8,7 @@ import {
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkBeginIndex,
   checkSteps,
   exponentialSigmas,
   f,
@@ -148,6 +149,20 @@ export class DPMSolverMultistep implements Scheduler {
 
   scaleModelInput(sample: Float32Array): Float32Array {
     return sample;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.#index = index;
+  }
+
+  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index] (`_sigma_to_alpha_sigma_t`). */
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    if (!Number.isInteger(index) || index < 0 || index >= this.timesteps.length) throw new RangeError(`${this.name}: no timestep at index ${index}`);
+    const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
+    const out = new Float32Array(original.length);
+    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
+    return out;
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {

@@ -2,9 +2,11 @@
 
 import type { Scheduler, StepResult } from '../types.js';
 import {
+  addNoiseSigma,
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkBeginIndex,
   checkSteps,
   exponentialSigmas,
   f,
@@ -118,6 +120,15 @@ abstract class EulerBase implements Scheduler {
 
   scaleModelInput(sample: Float32Array, _t: number): Float32Array {
     return scaleBySigma(sample, this.sig[this.index]!);
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.index = index;
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    return addNoiseSigma(this.name, this.sig, this.timesteps, index, original, noise);
   }
 
   abstract step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;

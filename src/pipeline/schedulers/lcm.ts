@@ -3,8 +3,10 @@
 import { RuntimeError } from '../../errors.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
+  addNoiseAlphas,
   alphasCumprod,
   bool,
+  checkBeginIndex,
   checkSteps,
   f,
   npLinspace,
@@ -66,6 +68,15 @@ export class LCM implements Scheduler {
 
   scaleModelInput(sample: Float32Array): Float32Array {
     return sample;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.#index = index;
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {

@@ -3,9 +3,11 @@
 import { RuntimeError } from '../../errors.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
+  addNoiseAlphas,
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkBeginIndex,
   checkSteps,
   f,
   npArange,
@@ -44,6 +46,8 @@ export class PNDM implements Scheduler {
   readonly #prkCount: number;
   readonly #prkTimesteps: number[];
   #counter = 0;
+  /** Where the (cut) schedule starts: diffusers' PNDM has no begin index, its counter runs from 0 on the cut list. */
+  #offset = 0;
   #ets: Float32Array[] = [];
   #curSample: Float32Array | undefined;
   #curModelOutput: Float32Array | undefined;
@@ -96,9 +100,19 @@ export class PNDM implements Scheduler {
     return sample;
   }
 
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.#offset = index;
+  }
+
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
+  }
+
   step(modelOutput: Float32Array, t: number, sample: Float32Array): StepResult {
-    if (this.#counter >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
-    t = this.timesteps[this.#counter]!;
+    const left = this.timesteps.length - this.#offset;
+    if (this.#counter >= left) throw new Error(`${this.name}: step() called more than ${left} times`);
+    t = this.timesteps[this.#offset + this.#counter]!;
     const prev = this.#counter < this.#prkCount ? this.#stepPrk(modelOutput, t, sample) : this.#stepPlms(modelOutput, t, sample);
     this.#counter++;
     return { prevSample: prev };

@@ -1,0 +1,257 @@
+/**
+ * @module The image inputs of a request (img2img `image` + `strength`, inpainting `image` + `mask_image`): checked with
+ * the other fields when the body is parsed (parseImageFields, called by request.ts), then read and decoded before the
+ * request is queued (resolveImages), so an undecodable image, a mask of another size or an unreadable s3:// object is
+ * a 400 naming the field, never a failed generation.
+ */
+import { createHash } from 'node:crypto';
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import { loadSharp } from '../pipeline/image.js';
+import { RESIZE_MODES, type ImageInit, type ImageMode, type Raster, type ResizeMode } from '../pipeline/img2img.js';
+import { parseImageUri, type ImageSource } from './image-source.js';
+import type { GenerationRequest, ModelDefaults } from './request.js';
+
+/** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
+export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
+
+/** diffusers' defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0. */
+export const DEFAULT_STRENGTH: Readonly<Record<ImageMode, number>> = { img2img: 0.8, inpaint: 1.0 };
+
+/**
+ * Input images are refused above this many pixels (before any resize): 4096 × 4096, 48 MiB of RGB that the job carries
+ * to the worker. A 12 MP phone photo fits; larger ones are downscaled by the client.
+ */
+export const MAX_INPUT_PIXELS = 4096 * 4096;
+/** An s3:// input image may have at most this many bytes. */
+export const MAX_INPUT_BYTES = 64 * 1024 * 1024;
+
+/** An input image before and after it is read: base64 text (decoded), an s3:// URI, or raw bytes (V2 binary BYTES). */
+export interface ImageInput {
+  /** The request field, for errors: `instances[0].image`. */
+  field: string;
+  source: Uint8Array | { uri: string };
+  /** Set by resolveImages: RGB pixels as decoded, and the SHA-256 of the encoded bytes (the batch and cache key). */
+  raster?: Raster;
+  digest?: string;
+}
+
+export interface ImageRequest {
+  mode: ImageMode;
+  strength: number;
+  resizeMode: ResizeMode;
+  /** The instance, for errors about its size fields: `instances[0]`. */
+  at: string;
+  /** Given in the request; otherwise the output takes the image's side, rounded down to a multiple of 8. */
+  heightGiven: boolean;
+  widthGiven: boolean;
+  image: ImageInput;
+  mask?: ImageInput;
+}
+
+type Obj = Record<string, unknown>;
+
+const typeName = (v: unknown) => (v === null ? 'null' : Array.isArray(v) ? 'a list' : typeof v === 'object' ? 'an object' : typeof v);
+const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3://bucket/key URI';
+const BASE64 = /^[A-Za-z0-9+/\-_\s]*={0,2}\s*$/;
+
+/** The bytes or URI a field's value names; problems go to `bad`. */
+function imageSource(v: unknown, field: string, bad: string[]): ImageInput['source'] | undefined {
+  if (v instanceof Uint8Array) {
+    if (v.length === 0) return void bad.push(`${field} is empty`);
+    return v;
+  }
+  if (typeof v !== 'string') return void bad.push(`${field} must be ${WANT}, got ${typeName(v)}`);
+  let s = v.trim();
+  if (s.length === 0) return void bad.push(`${field} is empty; send ${WANT}`);
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(s)?.[1]?.toLowerCase();
+  if (scheme === 's3') {
+    if (!parseImageUri(s)) return void bad.push(`${field} must look like s3://bucket/key, got ${JSON.stringify(s.slice(0, 100))}`);
+    return { uri: s };
+  }
+  if (scheme === 'data') {
+    const m = /^data:([^;,]*)((?:;[^;,]*)*),/i.exec(s);
+    if (!m || !/;base64$/i.test(m[2] ?? '')) return void bad.push(`${field}: a data: URL must be base64 (data:image/png;base64,…)`);
+    s = s.slice(m[0].length);
+  } else if (scheme !== undefined && s.length < 4096 && /^[a-z][a-z0-9+.-]*:\/\//i.test(s)) {
+    // Fetching arbitrary URLs from the server would let any client make it call its own network.
+    return void bad.push(`${field}: ${scheme}:// URLs are not fetched; send the image as base64 or as an s3:// URI`);
+  }
+  if (!BASE64.test(s)) return void bad.push(`${field} is neither base64 nor an s3:// URI; send ${WANT}`);
+  const bytes = Buffer.from(s, 'base64');
+  if (bytes.length === 0) return void bad.push(`${field} is empty; send ${WANT}`);
+  return bytes;
+}
+
+/**
+ * The image fields of one instance (V1 instance, WebSocket message, V2 prompt), or undefined for text-to-image.
+ * `w` is the instance's path; `steps` its num_inference_steps. Every problem is pushed onto `bad`.
+ */
+export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: ModelDefaults, steps: number): ImageRequest | undefined {
+  const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
+  if (!has('image')) {
+    for (const k of ['mask_image', 'strength', 'resize_mode']) if (has(k)) bad.push(`${w}.${k} needs an ${w}.image to work on`);
+    if (defaults.inpainting) bad.push(`${w}.image and ${w}.mask_image are required: this is an inpainting model (its UNet takes the mask and the masked image), it cannot generate from text alone`);
+    return undefined;
+  }
+  if (defaults.vaeEncoder === false) {
+    bad.push(`${w}.image: this model has no vae_encoder, so it serves text-to-image only; export it again with its VAE encoder (scripts/export-onnx.sh and optimum write vae_encoder/ by default)`);
+    return undefined;
+  }
+  const mode: ImageMode = has('mask_image') ? 'inpaint' : 'img2img';
+  if (mode === 'img2img' && defaults.inpainting) bad.push(`${w}.mask_image is required: this is an inpainting model (its UNet takes the mask and the masked image)`);
+  let strength = DEFAULT_STRENGTH[mode];
+  if (has('strength')) {
+    const v = inst.strength;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > 1) bad.push(`${w}.strength must be a number from 0 to 1, got ${typeof v === 'number' ? v : typeName(v)}`);
+    else strength = v;
+  }
+  // Inpainting has no "nothing to denoise" case in diffusers (it raises); image-to-image returns the image re-encoded.
+  if (mode === 'inpaint' && Math.min(Math.trunc(steps * strength), steps) < 1) {
+    bad.push(`${w}.strength ${strength} × num_inference_steps ${steps} leaves no denoising step; inpainting needs strength × num_inference_steps >= 1`);
+  }
+  let resizeMode: ResizeMode = 'default';
+  if (has('resize_mode')) {
+    const v = inst.resize_mode;
+    if (typeof v !== 'string' || !(RESIZE_MODES as readonly string[]).includes(v)) bad.push(`${w}.resize_mode must be one of ${RESIZE_MODES.join(', ')}, got ${typeof v === 'string' ? JSON.stringify(v.slice(0, 40)) : typeName(v)}`);
+    else resizeMode = v as ResizeMode;
+  }
+  const image = imageSource(inst.image, `${w}.image`, bad);
+  const mask = mode === 'inpaint' ? imageSource(inst.mask_image, `${w}.mask_image`, bad) : undefined;
+  if (!image || (mode === 'inpaint' && !mask)) return undefined;
+  return {
+    mode,
+    strength,
+    resizeMode,
+    at: w,
+    heightGiven: has('height'),
+    widthGiven: has('width'),
+    image: { field: `${w}.image`, source: image },
+    ...(mask ? { mask: { field: `${w}.mask_image`, source: mask } } : {}),
+  };
+}
+
+/** The format a file's first bytes announce. Only PNG, JPEG and WebP are decoded (no SVG, PDF, GIF or TIFF). */
+export function sniffFormat(b: Uint8Array): 'png' | 'jpeg' | 'webp' | { other: string } {
+  const ascii = (o: number, n: number) => String.fromCharCode(...b.subarray(o, o + n));
+  if (b.length >= 8 && b[0] === 0x89 && ascii(1, 3) === 'PNG') return 'png';
+  if (b.length >= 3 && b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return 'jpeg';
+  if (b.length >= 12 && ascii(0, 4) === 'RIFF' && ascii(8, 4) === 'WEBP') return 'webp';
+  if (ascii(0, 4) === 'GIF8') return { other: 'a GIF' };
+  if (ascii(0, 2) === 'BM') return { other: 'a BMP' };
+  if (ascii(0, 4) === 'II*\0' || ascii(0, 4) === 'MM\0*') return { other: 'a TIFF' };
+  if (ascii(4, 4) === 'ftyp') return { other: 'an HEIF/AVIF' };
+  if (ascii(0, 5) === '%PDF-') return { other: 'a PDF' };
+  if (/^\s*</.test(ascii(0, 64))) return { other: 'markup (SVG/HTML)' };
+  return { other: 'not an image format this server reads' };
+}
+
+/**
+ * Decodes an input image to RGB as diffusers' load_image does with Pillow: EXIF orientation applied, alpha dropped
+ * (not composited), grey and palette images expanded, the ICC profile ignored.
+ */
+export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS): Promise<Raster> {
+  const fmt = sniffFormat(bytes);
+  if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a PNG, JPEG or WebP image`);
+  const sharp = await loadSharp();
+  let out: { data: Buffer; info: { width: number; height: number; channels: number } };
+  try {
+    out = await sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true })
+      .removeAlpha()
+      .toColourspace('srgb')
+      .raw({ depth: 'uchar' })
+      .toBuffer({ resolveWithObject: true });
+  } catch (err) {
+    const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
+    if (/pixel limit/i.test(why)) throw new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
+    throw new RuntimeError('INVALID_INPUT', `${field} could not be decoded as ${fmt.toUpperCase()}: ${why}`);
+  }
+  const { data, info } = out;
+  if (info.channels !== 3) throw new RuntimeError('INVALID_INPUT', `${field} decoded to ${info.channels} channels, not RGB`);
+  // A buffer of its own: the job carries it to the worker, and cloning a view clones all of its backing store.
+  const px = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
+  return { data: px, width: info.width, height: info.height, channels: 3 };
+}
+
+export interface ImageContext {
+  cfg: Pick<Config, 'maxImageSize'>;
+  source: ImageSource;
+}
+
+/**
+ * Reads and decodes every input image of `reqs` (each distinct source once), checks mask sizes, and gives requests
+ * without height/width the image's size (rounded down to a multiple of 8, as VaeImageProcessor does). Every problem
+ * of the body is reported together as one INVALID_INPUT; storage outages and cancellation pass through.
+ */
+export async function resolveImages(reqs: readonly GenerationRequest[], ctx: ImageContext, signal?: AbortSignal): Promise<void> {
+  const withImages = reqs.filter((r) => r.image);
+  if (withImages.length === 0) return;
+  const bad: string[] = [];
+  // Each distinct image once: the same bytes in several instances (a V2 input with one element for n prompts) or the
+  // same s3:// URI.
+  const memo = new Map<string, Promise<{ raster: Raster; digest: string }>>();
+  const load = (inp: ImageInput) => {
+    const src = inp.source;
+    const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
+    const key = src instanceof Uint8Array ? `sha256:${sha(src)}` : `uri:${src.uri}`;
+    let p = memo.get(key);
+    if (!p) {
+      p = (async () => {
+        const bytes = src instanceof Uint8Array ? src : await ctx.source.read(src.uri, inp.field, MAX_INPUT_BYTES, signal);
+        return { raster: await decodeImage(bytes, inp.field), digest: key.startsWith('sha256:') ? key.slice(7) : sha(bytes) };
+      })();
+      memo.set(key, p);
+    }
+    return p;
+  };
+  const inputs = withImages.flatMap((r) => [r.image!.image, ...(r.image!.mask ? [r.image!.mask] : [])]);
+  const settled = await Promise.allSettled(inputs.map(async (inp) => Object.assign(inp, await load(inp))));
+  for (const s of settled) {
+    if (s.status === 'fulfilled') continue;
+    const err = s.reason as unknown;
+    if (err instanceof RuntimeError && err.code === 'INVALID_INPUT') bad.push(err.message);
+    else throw err;
+  }
+  for (const r of withImages) {
+    const im = r.image!;
+    const img = im.image.raster;
+    if (!img) continue;
+    const mask = im.mask?.raster;
+    if (mask && (mask.width !== img.width || mask.height !== img.height)) {
+      bad.push(`${im.mask!.field} is ${mask.width}x${mask.height} but ${im.image.field} is ${img.width}x${img.height}; they must have the same size`);
+    }
+    for (const [side, given, px] of [['height', im.heightGiven, img.height], ['width', im.widthGiven, img.width]] as const) {
+      if (given) continue;
+      const v = px - (px % 8);
+      if (v < 8) bad.push(`${im.image.field} is ${img.width}x${img.height}; an input image needs at least 8 pixels a side`);
+      else if (v > ctx.cfg.maxImageSize) {
+        bad.push(`${im.image.field} is ${img.width}x${img.height}: without ${im.at}.${side} the output takes the image's ${side} (${v}), over MAX_IMAGE_SIZE ${ctx.cfg.maxImageSize}; give ${im.at}.height and ${im.at}.width to resize it`);
+      } else r.shape[side] = v;
+    }
+  }
+  if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', [...new Set(bad)].join('; '));
+}
+
+/** What must be equal for two requests to share a generation batch (and the result cache): mode, inputs, strength. */
+export function imageKey(req: Pick<GenerationRequest, 'image'>): string {
+  const im = req.image;
+  if (!im) return 'text';
+  return `${im.mode}|${im.strength}|${im.resizeMode}|${im.image.digest ?? '?'}|${im.mask?.digest ?? ''}`;
+}
+
+/** The job's image inputs, for the worker (pixels as decoded; the worker resizes and encodes them). */
+export function jobInit(im: ImageRequest): ImageInit {
+  if (!im.image.raster || (im.mask && !im.mask.raster)) throw new RuntimeError('INTERNAL', 'an image request reached the queue before its images were read');
+  return { mode: im.mode, strength: im.strength, resizeMode: im.resizeMode, image: im.image.raster, ...(im.mask ? { mask: im.mask.raster! } : {}) };
+}
+
+/** An inpainting request on a mid-grey image with everything repainted: the warm-up of a model that can only inpaint. */
+export function warmupInpaint(width: number, height: number): ImageRequest {
+  const grey: Raster = { data: new Uint8Array(width * height * 3).fill(128), width, height, channels: 3 };
+  const white: Raster = { data: new Uint8Array(width * height * 3).fill(255), width, height, channels: 3 };
+  return {
+    mode: 'inpaint', strength: 1, resizeMode: 'default', at: 'warm-up', heightGiven: true, widthGiven: true,
+    image: { field: 'warm-up', source: grey.data, raster: grey, digest: 'warm-up-image' },
+    mask: { field: 'warm-up', source: white.data, raster: white, digest: 'warm-up-mask' },
+  };
+}

@@ -1,0 +1,114 @@
+/**
+ * Input images as diffusers prepares them (img2img/preprocess, made by diffusers' VaeImageProcessor on Pillow): decode
+ * (sharp, as load_image decodes with Pillow), resize in each resize_mode (resample.ts, Pillow's algorithm), normalise;
+ * masks resized, turned grey and binarised. Compared bit for bit.
+ */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import sharp from 'sharp';
+import { describe, expect, it } from 'vitest';
+import { fitImage, imageTensor, maskTensor, type ResizeMode } from '../src/pipeline/img2img.js';
+import { resize, toLuma } from '../src/pipeline/resample.js';
+import { decodeImage, sniffFormat } from '../src/runtime/image-request.js';
+import { RuntimeError } from '../src/errors.js';
+import { REFERENCE } from './helpers/server.js';
+
+const dir = path.join(REFERENCE(), 'img2img');
+const index = JSON.parse(readFileSync(path.join(dir, 'preprocess', 'index.json'), 'utf8')) as {
+  cases: Array<{ kind: 'image' | 'mask'; input: string; height: number | null; width: number | null; resize_mode: ResizeMode; expected: string; shape: number[] }>;
+};
+
+function readNpyF32(file: string): Float32Array {
+  const buf = readFileSync(file);
+  const headerLen = buf.readUInt16LE(8);
+  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
+  if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
+  const body = buf.subarray(10 + headerLen);
+  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
+}
+
+const input = (name: string) => decodeImage(readFileSync(path.join(dir, 'inputs', name)), 'image');
+
+describe("diffusers' image and mask processors", () => {
+  it.each(index.cases.map((c) => [`${c.kind} ${c.input} → ${c.width ?? 'own'}x${c.height ?? 'own'} ${c.resize_mode}`, c] as const))('%s', async (_n, c) => {
+    const img = await input(c.input);
+    // get_default_height_width: the image's own side rounded down to a multiple of 8 when not given.
+    const H = c.height ?? img.height - (img.height % 8);
+    const W = c.width ?? img.width - (img.width % 8);
+    expect(c.shape.slice(2)).toEqual([H, W]);
+    const fitted = fitImage(img, W, H, c.resize_mode);
+    const got = c.kind === 'image' ? imageTensor(fitted) : maskTensor(fitted);
+    const want = readNpyF32(path.join(dir, 'preprocess', c.expected));
+    expect(got.length).toBe(want.length);
+    let diff = 0;
+    for (let i = 0; i < want.length; i++) if (!Object.is(got[i], want[i]) && got[i] !== want[i]) diff++;
+    expect(diff, `${diff} of ${want.length} values differ`).toBe(0);
+  });
+
+  it.each(['jpg', 'webp'])('decodes %s to the pixels Pillow decodes', async (ext) => {
+    const got = await input(`pic-77x61.${ext}`);
+    const want = await sharp(path.join(dir, 'preprocess', `decoded-${ext}.png`)).removeAlpha().raw().toBuffer({ resolveWithObject: true });
+    expect([got.width, got.height]).toEqual([want.info.width, want.info.height]);
+    let diff = 0;
+    for (let i = 0; i < want.data.length; i++) if (got.data[i] !== want.data[i]) diff++;
+    expect(diff).toBe(0);
+  });
+});
+
+describe('decoding what clients send', () => {
+  const png = (raw: Buffer, width: number, height: number, channels: 1 | 2 | 3 | 4) => sharp(raw, { raw: { width, height, channels } }).png().toBuffer();
+
+  it('drops alpha without compositing, and expands grey to RGB (Pillow convert("RGB"))', async () => {
+    const rgba = Buffer.from([10, 20, 30, 0, 200, 100, 50, 128]);
+    expect(Array.from((await decodeImage(await png(rgba, 2, 1, 4), 'image')).data)).toEqual([10, 20, 30, 200, 100, 50]);
+    const grey = Buffer.from([7, 250]);
+    expect(Array.from((await decodeImage(await png(grey, 2, 1, 1), 'image')).data)).toEqual([7, 7, 7, 250, 250, 250]);
+  });
+
+  it('applies the EXIF orientation, as load_image does', async () => {
+    // 2x1 stored, orientation 6 (rotate 90° clockwise to view): shown 1x2.
+    const stored = await sharp(Buffer.from([255, 0, 0, 0, 0, 255]), { raw: { width: 2, height: 1, channels: 3 } }).withMetadata({ orientation: 6 }).jpeg({ quality: 100 }).toBuffer();
+    const img = await decodeImage(stored, 'image');
+    expect([img.width, img.height]).toEqual([1, 2]);
+  });
+
+  it('names the field and the format for what is not PNG, JPEG or WebP', async () => {
+    const gif = await sharp(Buffer.from([1, 2, 3]), { raw: { width: 1, height: 1, channels: 3 } }).gif().toBuffer();
+    await expect(decodeImage(gif, 'instances[0].image')).rejects.toThrow(new RuntimeError('INVALID_INPUT', 'instances[0].image is a GIF; send a PNG, JPEG or WebP image'));
+    await expect(decodeImage(Buffer.from('<svg xmlns="http://www.w3.org/2000/svg"/>'), 'x')).rejects.toThrow(/x is markup \(SVG\/HTML\)/);
+    await expect(decodeImage(Buffer.from('hello world'), 'x')).rejects.toThrow(/not an image format/);
+    expect(sniffFormat(Buffer.from('RIFF\0\0\0\0WEBPVP8 '))).toBe('webp');
+  });
+
+  it('refuses a truncated file and a decompression bomb with a 400', async () => {
+    const good = await png(Buffer.alloc(64 * 64 * 3, 9), 64, 64, 3);
+    await expect(decodeImage(good.subarray(0, good.length - 30), 'instances[0].image')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringMatching(/^instances\[0\]\.image could not be decoded as PNG/) });
+    await expect(decodeImage(good, 'f', 64 * 63)).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f has more than 4032 pixels, the most an input image may have' });
+  });
+});
+
+describe("Pillow's Image.resize (preprocess/resample.json)", () => {
+  const { cases } = JSON.parse(readFileSync(path.join(dir, 'preprocess', 'resample.json'), 'utf8')) as {
+    cases: Array<{ width: number; height: number; channels: number; out_width: number; out_height: number; box: [number, number, number, number] | null; filter: 'lanczos' | 'bicubic'; input: string; output: string }>;
+  };
+  it(`matches byte for byte on ${cases.length} random sizes, boxes, filters and modes`, () => {
+    expect(cases.length).toBeGreaterThanOrEqual(40);
+    const bad: string[] = [];
+    for (const c of cases) {
+      const src = { data: new Uint8Array(Buffer.from(c.input, 'base64')), width: c.width, height: c.height, channels: c.channels };
+      const got = resize(src, c.out_width, c.out_height, c.filter, c.box ?? undefined);
+      if (Buffer.compare(Buffer.from(got.data), Buffer.from(c.output, 'base64')) !== 0) bad.push(`${c.width}x${c.height}→${c.out_width}x${c.out_height} ${c.filter} box ${JSON.stringify(c.box)}`);
+    }
+    expect(bad).toEqual([]);
+  });
+});
+
+describe('Pillow resampling details', () => {
+  it('returns a copy when nothing changes, and luma is ITU-R 601-2 rounded', () => {
+    const src = { data: Uint8Array.from([1, 2, 3, 4, 5, 6]), width: 2, height: 1, channels: 3 };
+    const same = resize(src, 2, 1);
+    expect(same.data).toEqual(src.data);
+    expect(same.data).not.toBe(src.data);
+    expect(Array.from(toLuma({ data: Uint8Array.from([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]), width: 4, height: 1, channels: 3 }).data)).toEqual([76, 150, 29, 255]);
+  });
+});
