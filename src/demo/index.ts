@@ -9,7 +9,7 @@ export { buildDemoModel, resolveDemoOptions, demoAssetsDir, DEMO_FAMILIES } from
 export type { DemoOptions, DemoManifest, DemoFile, DemoFamily, ResolvedDemoOptions, TimestepInput } from './build.js';
 
 /** Bump whenever a graph, config or asset of the demo changes, so old cached builds are not reused. */
-export const DEMO_FORMAT_VERSION = 1;
+export const DEMO_FORMAT_VERSION = 2;
 
 /** Temp build folders older than this are left-overs of a crashed process. */
 const STALE_TEMP_MS = 60 * 60 * 1000;
