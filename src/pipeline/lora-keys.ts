@@ -99,7 +99,9 @@ export function parseAdapter(st: SafeTensors, name: string): ParsedAdapter {
       else l.up = t;
     } else if ((m = /^(.+)\.alpha$/.exec(rest))) {
       diffusersSeen = true;
-      alphas.set(`${component}:${m[1]}`, scalar(st, t, name));
+      const proc = /^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora$/.exec(m[1]!);
+      const module = proc ? `${proc[1]}.${component === 'unet' ? (proc[2] === 'to_out' ? 'to_out.0' : proc[2]!) : TE_OLD_NAMES[proc[2]!]!}` : m[1]!;
+      alphas.set(`${component}:${module}`, scalar(st, t, name));
     } else if (/\.(lora_magnitude_vector|dora_scale)/.test(rest)) {
       unsupportedKeys.push(key);
     } else {
@@ -209,8 +211,16 @@ export function resolveAdapters(
         noMap.push(l.key);
         continue;
       }
-      const module = l.kohya ? kohyaName(l.component, l.module) : l.module;
-      const param = module === undefined ? undefined : `${module}.weight`;
+      // transformers 5 dropped CLIP's `text_model.` level from module names: files and exports of either age meet.
+      const names = l.component === 'unet' ? [l.module] : [l.module, l.module.replace(/^text_model[._]/, ''), `text_model${l.kohya ? '_' : '.'}${l.module}`];
+      let param: string | undefined;
+      for (const n of names) {
+        const module = l.kohya ? kohyaName(l.component, n) : n;
+        if (module !== undefined && (map.weights[`${module}.weight`] || map.unmapped?.includes(`${module}.weight`))) {
+          param = `${module}.weight`;
+          break;
+        }
+      }
       const entry = param === undefined ? undefined : map.weights[param];
       if (!entry) {
         if (param !== undefined && map.unmapped?.includes(param)) notPatchable.push(l.key);

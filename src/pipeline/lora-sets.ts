@@ -55,18 +55,18 @@ export class AdapterSetCache<T> {
    */
   add(key: string, bytes: number, value: T): CachedSet<T>[] {
     this.#sets.set(key, { key, bytes, value, inUse: 0, lastUsed: ++this.#clock });
-    return this.evictable();
+    return this.evictable(key);
   }
 
-  /** Sets to evict now to get within the limits (removed from the cache). */
-  evictable(): CachedSet<T>[] {
+  /** Sets to evict now to get within the limits (removed from the cache); `keep` (the set just added) stays. */
+  evictable(keep?: string): CachedSet<T>[] {
     const out: CachedSet<T>[] = [];
     const order = [...this.#sets.values()].sort((a, b) => a.lastUsed - b.lastUsed);
     let count = this.#sets.size;
     let bytes = this.bytes;
     for (const s of order) {
       if (count <= this.limits.maxSets && bytes <= this.limits.maxBytes) break;
-      if (s.inUse > 0) continue;
+      if (s.inUse > 0 || s.key === keep) continue;
       this.#sets.delete(s.key);
       out.push(s);
       count--;
