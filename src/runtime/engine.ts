@@ -305,12 +305,14 @@ export class Engine {
       this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
       this.#checkIdle();
     } else if (task.state === 'running') {
-      // A batch already decoding has no step left to stop at: its task is just answered below.
-      const w = this.#workers.find((x) => x.running?.tasks.includes(task));
-      // Stop the generation at the next step only when every client of the batch has left.
-      if (w?.running && w.running.tasks.every((t) => t.signal?.aborted)) {
-        this.metrics.cancelled.inc(this.#labels, w.running.tasks.length);
-        w.send({ t: 'cancel', id: w.running.id });
+      // Stop the generation at the next step (or, once decoding, before its next image) only when every client of
+      // the batch has left. A decoding batch must hear it too: a warm-up begun during the download may be waiting for
+      // the VAE decoder's file there, and would hold the worker (and a SIGTERM drain) until that file came.
+      const w = this.#workers.find((x) => x.running?.tasks.includes(task) || x.decoding.some((r) => r.tasks.includes(task)));
+      const run = w?.running?.tasks.includes(task) ? w.running : w?.decoding.find((r) => r.tasks.includes(task));
+      if (w && run && run.tasks.every((t) => t.signal?.aborted)) {
+        this.metrics.cancelled.inc(this.#labels, run.tasks.length);
+        w.send({ t: 'cancel', id: run.id });
       }
       // Answer now (client gone or timed out); the batch's other requests keep their generation.
       this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
