@@ -181,7 +181,7 @@ describe('engine with LoRA adapter sets', () => {
 
   it('builds an evicted set again when a request needs it', async () => {
     const { engine, w } = await loadedEngine();
-    const ready = { t: 'adapters-ready', key: 'style-x:1', ms: { read: 1, merge: 1, sessions: 1, total: 3 }, bytes: 10, patchedBytes: 1, components: ['unet'], formats: {} } as const;
+    const ready: FromWorker = { t: 'adapters-ready', key: 'style-x:1', ms: { read: 1, merge: 1, sessions: 1, total: 3 }, bytes: 10, patchedBytes: 1, components: ['unet'], formats: {} };
     const one = engine.submit(withLoras('a', [{ name: 'style-x', scale: 1 }]));
     await tick();
     await tick();

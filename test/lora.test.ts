@@ -171,3 +171,47 @@ describe('adapter set cache', () => {
     expect(new AdapterSetCache({ maxSets: 0, maxBytes: 1e9 }).fits(1)).toBe(false);
   });
 });
+
+describe('merged components', () => {
+  it('a graph with external data: the linked form (hard links, patched weights only) runs like the in-memory copy', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { mergeComponent, writeMergedComponent } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const ort = await import('onnxruntime-node');
+    const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');
+    const os = await import('node:os');
+    const dir = await fixtureModel({ externalData: true });
+    const st = parseSafetensors(readFileSync(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');
+    const demoMaps = new Map<LoraComponent, LoraMap>([['unet', readLoraMap(path.join(dir, 'unet'))!]]);
+    const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 0.9 }], demoMaps);
+    const list = [...updates.values()].filter((u) => u.component === 'unet');
+    const unet = path.join(dir, 'unet', 'model.onnx');
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lora-linked-'));
+    try {
+      const linked = await writeMergedComponent(unet, list, path.join(out, 'unet'));
+      expect(linked.data).toBe('linked');
+      expect(readdirSync(path.join(out, 'unet')).sort()).toEqual(['lora.onnx_data', 'model.onnx', 'model.onnx_data']);
+      // The link is the model's own data file, not a copy of it.
+      expect(statSync(path.join(out, 'unet', 'model.onnx_data')).ino).toBe(statSync(path.join(dir, 'unet', 'model.onnx_data')).ino);
+      expect(linked.totalBytes).toBe(statSync(unet).size + statSync(path.join(dir, 'unet', 'model.onnx_data')).size);
+      const mem = await mergeComponent(unet, list);
+      const opts = { executionProviders: ['cpu'], logSeverityLevel: 3 as const };
+      const [a, b, base] = await Promise.all([
+        ort.InferenceSession.create(linked.modelPath, opts),
+        ort.InferenceSession.create(mem.model, { ...opts, externalData: mem.externalData }),
+        ort.InferenceSession.create(unet, opts),
+      ]);
+      const feeds = {
+        sample: new ort.Tensor('float32', Float32Array.from({ length: 2 * 4 * 8 * 8 }, (_, i) => Math.sin(i)), [2, 4, 8, 8]),
+        timestep: new ort.Tensor('float32', Float32Array.of(500), []),
+        encoder_hidden_states: new ort.Tensor('float32', Float32Array.from({ length: 2 * 77 * 32 }, (_, i) => Math.cos(i / 7)), [2, 77, 32]),
+      };
+      const [ra, rb, rbase] = await Promise.all([a.run(feeds), b.run(feeds), base.run(feeds)]);
+      expect([...(ra.out_sample!.data as Float32Array)]).toEqual([...(rb.out_sample!.data as Float32Array)]);
+      expect([...(ra.out_sample!.data as Float32Array)]).not.toEqual([...(rbase.out_sample!.data as Float32Array)]);
+      await Promise.all([a.release(), b.release(), base.release()]);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+});

@@ -17,6 +17,8 @@ export interface LoraInit {
   intraOpThreads: number;
   graphOptimizationLevel?: GraphOptimizationLevel;
   deviceId?: number;
+  /** This set's own folder for its merged graphs (removed when the thread ends). */
+  workDir: string;
 }
 
 export type ToLora =

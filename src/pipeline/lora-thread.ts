@@ -4,13 +4,13 @@
  * ORT does synchronously on the calling thread) never hold up the pipeline worker's base sessions, and evicting a set
  * is ending its thread.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from './lora-keys.js';
 import { readLoraMap, type LoraMap } from './lora-map.js';
-import { mergeComponent } from './lora-merge.js';
+import { writeMergedComponent } from './lora-merge.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { parseSafetensors } from './lora-safetensors.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
@@ -25,6 +25,8 @@ const factory = new SessionFactory({
   ep: init.provider,
   decided: init.provider,
   intraOpThreads: init.intraOpThreads,
+  // The merged graphs live only as long as this thread: no optimised copy is worth writing for them.
+  optimizedModelCache: 'off',
   ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
   ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
   log,
@@ -68,11 +70,13 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
   let patchedBytes = 0;
   let totalBytes = 0;
   let mergeMs = 0;
+  const data: string[] = [];
   for (const [component, list] of byComponent) {
     const m0 = performance.now();
-    const merged = await mergeComponent(m.components[component]!, list);
+    const merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component));
     mergeMs += performance.now() - m0;
-    const made = await factory.createFromBytes(component, merged.model, merged.externalData);
+    if (merged.data === 'copied') data.push(component);
+    const made = await factory.create(component, merged.modelPath);
     const id = next++;
     sessions.set(id, made.session);
     patchedBytes += merged.patchedBytes;
@@ -81,6 +85,8 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
       made.session.session[which].map((x) => ({ name: x.name, isTensor: true as const, type: String((x as { type?: unknown }).type), shape: [...((x as { shape?: Array<number | string> }).shape ?? [])] }));
     built.push({ component, session: id, inputs: meta('inputMetadata'), outputs: meta('outputMetadata'), ms: made.ms, weights: list.length });
   }
+  // A copy costs disk and time per set: say so once per set, with what to change.
+  if (data.length > 0) log('warn', 'the model\'s weights were copied for this adapter set (MODEL_CACHE_DIR is on another file system than the model, so they could not be hard-linked)', { components: data });
   post({
     t: 'built',
     id: m.id,
@@ -112,6 +118,7 @@ port.on('message', (m: ToLora) => {
     case 'close':
       void queue.then(async () => {
         await Promise.allSettled([...sessions.values()].map((s) => s.release()));
+        await rm(init.workDir, { recursive: true, force: true }).catch(() => undefined);
         process.exit(0);
       });
       break;

@@ -11,8 +11,11 @@ export interface WorkerInit {
   workerIndex: number;
   optimizedModelCache: OptimizedCacheMode;
   graphOptimizationLevel?: GraphOptimizationLevel;
-  /** LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes. */
-  lora?: { maxSets: number; maxBytes: number };
+  /**
+   * LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes, and the folder their merged
+   * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
+   */
+  lora?: { maxSets: number; maxBytes: number; workDir: string };
 }
 
 /** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */

@@ -5,6 +5,8 @@
  * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
 import { readFileSync } from 'node:fs';
+import { mkdir, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
@@ -340,7 +342,8 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
   const mine = epoch;
   const t0 = performance.now();
   const provider = await factory.provider();
-  const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
+  const workDir = await loraWorkDir();
+  const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, workDir, ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
   try {
     const layout = base.layout;
     const graphs = Object.fromEntries((['unet', 'text_encoder', 'text_encoder_2'] as const).filter((c) => layout.onnx[c] !== undefined).map((c) => [c, layout.onnx[c]!]));
@@ -372,6 +375,35 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
 }
 
 const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
+
+/**
+ * A new folder for one set's merged graphs: `<MODEL_CACHE_DIR>/.lora-sets/<host>-<pid>-w<worker>/<n>`, on the file
+ * system of the cached model, so the unchanged weights are hard links, not copies. Folders this host's processes left
+ * behind (a crash) are removed the first time; other pods' folders on a shared volume are theirs.
+ */
+let workRoot: Promise<string> | undefined;
+let workSeq = 0;
+async function loraWorkDir(): Promise<string> {
+  workRoot ??= (async () => {
+    const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora');
+    await mkdir(base, { recursive: true });
+    const host = os.hostname().replace(/[^A-Za-z0-9.-]/g, '_');
+    for (const d of await readdir(base).catch(() => [] as string[])) {
+      if (!d.startsWith(`${host}-`)) continue;
+      const pid = Number(/-(\d+)-w\d+$/.exec(d)?.[1]);
+      if (!Number.isInteger(pid) || pid === process.pid) continue;
+      try {
+        process.kill(pid, 0);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ESRCH') await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
+      }
+    }
+    const root = path.join(base, `${host}-${process.pid}-w${init.workerIndex}`);
+    await rm(root, { recursive: true, force: true });
+    return root;
+  })();
+  return path.join(await workRoot, String(++workSeq));
+}
 
 async function evict(s: CachedSet<AdapterSet>): Promise<void> {
   log('info', 'adapter set evicted', { set: s.key, mergedMB: mb(s.bytes), cached: adapterSets.size });

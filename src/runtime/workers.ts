@@ -3,6 +3,7 @@
  * workers before it even listens: their boot and onnxruntime-node import then overlap the main
  * thread's own imports instead of following them.
  */
+import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
@@ -25,13 +26,15 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
   env.NVIDIA_TF32_OVERRIDE = '0';
 }
 
-export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'> & Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb'>>): SpawnedWorker[] {
+export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization'> & Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir'>>): SpawnedWorker[] {
   applyTf32(cfg);
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
   return Array.from({ length: cfg.workers }, (_, i) => {
     const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: i, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization,
-      ...(cfg.loraMaxSets !== undefined ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20) } } : {}) };
+      ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
+        ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
+        : {}) };
     const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
     const early: FromWorker[] = [];
     let deliver: (m: FromWorker) => void = (m) => early.push(m);
