@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { parseAdapter, resolveAdapters, mergeDelta, type LoraComponent } from '../src/pipeline/lora-keys.js';
+import { parseAdapter, resolveAdapters, mergeDelta, sgmCandidates, type LoraComponent } from '../src/pipeline/lora-keys.js';
 import { checkLoraMap, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
 import { parseSafetensors, readFloats, writeSafetensors } from '../src/pipeline/lora-safetensors.js';
 import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
@@ -134,6 +134,29 @@ describe('adapter files made by diffusers and PEFT', () => {
     const db = mergeDelta([...b.updates.values()][0]!);
     expect([...db]).toEqual([...da]);
     expect([...a.updates.values()][0]!.terms[0]!.factor).toBe(0.5); // alpha 2 over rank 4
+  });
+});
+
+describe('SDXL kohya names (Stability block names)', () => {
+  const want = JSON.parse(readFileSync(path.join(FIX, 'sgm-names.json'), 'utf8')) as Record<string, string>;
+
+  it('map to the modules diffusers\' own conversion names', () => {
+    for (const [sgm, module] of Object.entries(want)) expect(sgmCandidates(sgm, 2), sgm).toContain(module.replaceAll('.', '_'));
+  });
+
+  it('resolve against an SDXL-shaped map, each to the one module the map has', () => {
+    const weights = Object.fromEntries(Object.values(want).map((m) => [`${m}.weight`, { initializer: m, shape: [2, 3], view: { shape: [2, 3], strides: [3, 1], offset: 0 } }]));
+    const sdxl = new Map<LoraComponent, LoraMap>([['unet', checkLoraMap({ format: 1, weights }, 'unet')]]);
+    const st = parseSafetensors(writeSafetensors(Object.keys(want).flatMap((k) => [
+      { name: `lora_unet_${k}.lora_down.weight`, shape: [1, 3], data: Float32Array.of(1, 2, 3) },
+      { name: `lora_unet_${k}.lora_up.weight`, shape: [2, 1], data: Float32Array.of(1, 1) },
+    ])), 'sdxl');
+    const parsed = parseAdapter(st, 'sdxl');
+    const { updates, problems } = resolveAdapters([{ parsed, st, scale: 1 }], sdxl, 2);
+    expect(problems).toEqual([]);
+    expect([...updates.values()].map((u) => u.param).sort()).toEqual(Object.values(want).map((m) => `${m}.weight`).sort());
+    // Without the UNet config's layers_per_block the names are not guessed.
+    expect(resolveAdapters([{ parsed, st, scale: 1 }], sdxl).problems.join()).toMatch(/match nothing in this model: lora_unet_input_blocks_0_0, lora_unet_input_blocks_1_0_in_layers_2/);
   });
 });
 

@@ -152,6 +152,43 @@ function metadataAlpha(meta: Record<string, unknown>, component: string, module:
   return typeof a === 'number' ? a : undefined;
 }
 
+/**
+ * The diffusers module names (underscored, as kohya writes them) an SDXL sd-scripts module name may stand for: its UNet
+ * uses Stability's original block names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_2_2_conv`), mapped
+ * here as diffusers' `_maybe_map_sgm_blocks_to_diffusers` and `_convert_unet_lora_key` map them. `layersPerBlock` is
+ * the UNet config's. Where the original index does not say which diffusers module it is (an up block's second module
+ * is an attention, or the upsampler of a block without attention), every candidate is returned and the export's map
+ * decides, since only one exists.
+ */
+export function sgmCandidates(name: string, layersPerBlock: number): string[] {
+  const L1 = layersPerBlock + 1;
+  const resnet = (rest: string) =>
+    rest.replace(/^in_layers_2/, 'conv1').replace(/^out_layers_3/, 'conv2').replace(/^emb_layers_1/, 'time_emb_proj').replace(/^skip_connection/, 'conv_shortcut');
+  const join = (...parts: string[]) => parts.filter((p) => p !== '').join('_');
+  const fixed: Record<string, string> = { input_blocks_0_0: 'conv_in', time_embed_0: 'time_embedding_linear_1', time_embed_2: 'time_embedding_linear_2', label_emb_0_0: 'add_embedding_linear_1', label_emb_0_2: 'add_embedding_linear_2', out_2: 'conv_out' };
+  if (Object.hasOwn(fixed, name)) return [fixed[name]!];
+  let m: RegExpExecArray | null;
+  if ((m = /^input_blocks_(\d+)_(\d+)_?(.*)$/.exec(name))) {
+    const i = Number(m[1]), j = Number(m[2]), rest = m[3]!;
+    if (i < 1) return [];
+    const b = Math.floor((i - 1) / L1), l = (i - 1) % L1;
+    if (rest === 'op' || rest.startsWith('op_')) return [join('down_blocks', String(b), 'downsamplers_0_conv', rest.slice(3))];
+    return j === 0 ? [join('down_blocks', String(b), 'resnets', String(l), resnet(rest))] : j === 1 ? [join('down_blocks', String(b), 'attentions', String(l), rest)] : [];
+  }
+  if ((m = /^middle_block_(\d)_?(.*)$/.exec(name))) {
+    const k = Number(m[1]), rest = m[2]!;
+    return k === 1 ? [join('mid_block_attentions_0', rest)] : k === 0 || k === 2 ? [join('mid_block_resnets', String(k / 2), resnet(rest))] : [];
+  }
+  if ((m = /^output_blocks_(\d+)_(\d+)_?(.*)$/.exec(name))) {
+    const i = Number(m[1]), j = Number(m[2]), rest = m[3]!;
+    const b = Math.floor(i / L1), l = i % L1;
+    if (j === 0) return [join('up_blocks', String(b), 'resnets', String(l), resnet(rest))];
+    const up = rest === 'conv' ? [join('up_blocks', String(b), 'upsamplers_0_conv')] : [];
+    return j === 1 ? [join('up_blocks', String(b), 'attentions', String(l), rest), ...up] : j === 2 ? up : [];
+  }
+  return [];
+}
+
 /** One weight's update: Σ over the adapters' layers on it, each `factor · up · down` (see mergeDelta). */
 export interface WeightUpdate {
   component: LoraComponent;
@@ -178,6 +215,8 @@ const listKeys = (keys: readonly string[]) => `${keys.slice(0, LISTED_KEYS).join
 export function resolveAdapters(
   adapters: ReadonlyArray<{ parsed: ParsedAdapter; st: SafeTensors; scale: number }>,
   maps: ReadonlyMap<LoraComponent, LoraMap>,
+  /** The UNet config's layers_per_block, for SDXL kohya files (sgmCandidates); without it their names match nothing. */
+  unetLayersPerBlock?: number,
 ): Resolution {
   const updates = new Map<string, WeightUpdate>();
   const problems: string[] = [];
@@ -212,7 +251,10 @@ export function resolveAdapters(
         continue;
       }
       // transformers 5 dropped CLIP's `text_model.` level from module names: files and exports of either age meet.
-      const names = l.component === 'unet' ? [l.module] : [l.module, l.module.replace(/^text_model[._]/, ''), `text_model${l.kohya ? '_' : '.'}${l.module}`];
+      const names =
+        l.component !== 'unet' ? [l.module, l.module.replace(/^text_model[._]/, ''), `text_model${l.kohya ? '_' : '.'}${l.module}`]
+        : l.kohya && unetLayersPerBlock !== undefined ? [l.module, ...sgmCandidates(l.module, unetLayersPerBlock)]
+        : [l.module];
       let param: string | undefined;
       for (const n of names) {
         const module = l.kohya ? kohyaName(l.component, n) : n;

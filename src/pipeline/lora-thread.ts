@@ -4,6 +4,7 @@
  * ORT does synchronously on the calling thread) never hold up the pipeline worker's base sessions, and evicting a set
  * is ending its thread.
  */
+import { readFileSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -13,6 +14,7 @@ import { readLoraMap, type LoraMap } from './lora-map.js';
 import { writeMergedComponent } from './lora-merge.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { parseSafetensors } from './lora-safetensors.js';
+import { parsePyJson } from './pyjson.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
 
 const port = parentPort;
@@ -58,7 +60,7 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
     const map = readLoraMap(path.dirname(p));
     if (map) maps.set(c, map);
   }
-  const { updates, problems } = resolveAdapters(adapters, maps);
+  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(m.components.unet));
   if (problems.length > 0) throw new RuntimeError('INVALID_INPUT', problems.join('; '));
   const byComponent = new Map<LoraComponent, WeightUpdate[]>();
   for (const u of updates.values()) {
@@ -96,6 +98,17 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
     ms: { read: Math.round(t1 - t0), merge: Math.round(mergeMs), sessions: Math.round(built.reduce((n, b) => n + b.ms, 0)) },
     formats: Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format])),
   });
+}
+
+/** The UNet config's layers_per_block (SDXL kohya names need it), when the config says. */
+function layersPerBlock(unetModel: string | undefined): number | undefined {
+  if (unetModel === undefined) return undefined;
+  try {
+    const v = (parsePyJson(readFileSync(path.join(path.dirname(unetModel), 'config.json'), 'utf8')) as Record<string, unknown>).layers_per_block;
+    return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 async function run(m: Extract<ToLora, { t: 'run' }>): Promise<void> {
