@@ -303,13 +303,20 @@ export function mergeDelta(u: WeightUpdate): Float64Array {
   const out = u.entry.shape[0]!;
   const inner = numel(u.entry.shape) / out;
   const acc = new Float64Array(out * inner);
+  // One output row at a time: s[i] = Σ_r up[o, r] · down[r, i], r ascending, over contiguous rows of down (the same
+  // sums as a dot product per element, in the same order, at memory speed), then acc += factor · s.
+  const s = new Float64Array(inner);
   for (const t of u.terms) {
+    const { up, down, rank, factor } = t;
     for (let o = 0; o < out; o++) {
-      for (let i = 0; i < inner; i++) {
-        let s = 0;
-        for (let r = 0; r < t.rank; r++) s += t.up[o * t.rank + r]! * t.down[r * inner + i]!;
-        acc[o * inner + i]! += t.factor * s;
+      s.fill(0);
+      for (let r = 0; r < rank; r++) {
+        const a = up[o * rank + r]!;
+        const row = r * inner;
+        for (let i = 0; i < inner; i++) s[i] += a * down[row + i]!;
       }
+      const base = o * inner;
+      for (let i = 0; i < inner; i++) acc[base + i] += factor * s[i]!;
     }
   }
   return acc;

@@ -339,6 +339,7 @@ function adapterSet(key: string, refs: AdapterRef[]): Promise<CachedSet<AdapterS
 async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<AdapterSet>> {
   const base = pipeline;
   if (!base || base.partial) throw new RuntimeError('MODEL_NOT_READY', 'the model is not loaded');
+  if (init.lora?.maxSets === 0) throw new RuntimeError('INVALID_INPUT', 'LoRA adapters are turned off on this server (LORA_MAX_SETS=0)');
   const mine = epoch;
   const t0 = performance.now();
   const provider = await factory.provider();
