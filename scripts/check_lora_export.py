@@ -111,8 +111,20 @@ from onnx import numpy_helper  # noqa: E402
 
 def mapped(folder, comp):
     m = json.load(open(os.path.join(folder, comp, "lora_map.json")))
-    model = onnx.load(os.path.join(folder, comp, "model.onnx"), load_external_data=True)
-    inits = {t.name: numpy_helper.to_array(t).reshape(-1) for t in model.graph.initializer}
+    # External data read here, not by onnx.load: onnx refuses data files with several hard links (the linked form).
+    model = onnx.load(os.path.join(folder, comp, "model.onnx"), load_external_data=False)
+    inits = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            kv = {e.key: e.value for e in t.external_data}
+            dtype = {1: np.float32, 10: np.float16}.get(t.data_type)
+            if dtype is None:
+                continue
+            with open(os.path.join(folder, comp, kv["location"]), "rb") as f:
+                f.seek(int(kv.get("offset", 0)))
+                inits[t.name] = np.frombuffer(f.read(int(kv["length"])), dtype=dtype).copy()
+        else:
+            inits[t.name] = numpy_helper.to_array(t).reshape(-1)
     out = {}
     for name, e in m["weights"].items():
         v = e["view"]
@@ -129,10 +141,13 @@ failures = []
 for variant in ("plain", "fused"):
     base_dir = os.path.join(work, f"{variant}-base")
     want_dir = os.path.join(work, f"{variant}-merged")
-    for label, file in (("diffusers", diffusers_file), ("kohya", kohya_file)):
+    # The self-contained copy (kohya file too) and the linked form adapter sets serve from (its own folder: the
+    # patched weights in lora.onnx_data, the rest through a hard link to the base export's data).
+    for label, file, linked in (("diffusers", diffusers_file, False), ("kohya", kohya_file, False), ("diffusers-linked", diffusers_file, True)):
         ours_dir = os.path.join(work, f"{variant}-ours-{label}")
         shutil.rmtree(ours_dir, ignore_errors=True)
-        r = subprocess.run(["node", os.path.join(ROOT, "dist/scripts/lora-merge.js"), base_dir, ours_dir, f"{file}:{SCALE}"], capture_output=True, text=True)
+        r = subprocess.run(["node", os.path.join(ROOT, "dist/scripts/lora-merge.js"), *(["--linked"] if linked else []), base_dir, ours_dir, f"{file}:{SCALE}"],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             failures.append(f"{variant}/{label}: lora-merge failed: {r.stderr.strip()[:500]}")
             continue

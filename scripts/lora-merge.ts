@@ -2,20 +2,22 @@
  * Merges LoRA adapters into a copy of a model's components, offline, with the runtime's own merge (the same code a
  * request's adapter set goes through), and writes each component the adapters touch as ONNX:
  *
- *   npm run lora:merge -- MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]
+ *   npm run lora:merge -- [--linked] MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]
  *
  * OUT_DIR/<component>/model.onnx (+ its external data files) and OUT_DIR/lora-merge.json (what was patched). Used by
  * scripts/check_lora_export.py to compare with diffusers' fuse_lora followed by an export, and to bake an adapter in.
+ * `--linked` writes the form adapter sets use instead (patched weights in lora.onnx_data, the model's data hard-linked).
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from '../src/pipeline/lora-keys.js';
 import { readLoraMap, type LoraMap } from '../src/pipeline/lora-map.js';
-import { mergeComponent } from '../src/pipeline/lora-merge.js';
+import { mergeComponent, writeMergedComponent } from '../src/pipeline/lora-merge.js';
 import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
 
-async function main(argv: string[]): Promise<void> {
-  const [modelDir, outDir, ...specs] = argv;
+async function main(args: string[]): Promise<void> {
+  const linked = args[0] === '--linked';
+  const [modelDir, outDir, ...specs] = linked ? args.slice(1) : args;
   if (!modelDir || !outDir || specs.length === 0) {
     console.error('usage: lora-merge MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]');
     process.exit(2);
@@ -42,12 +44,18 @@ async function main(argv: string[]): Promise<void> {
   const report: Record<string, unknown> = {};
   for (const [component, list] of by) {
     const t0 = performance.now();
-    const merged = await mergeComponent(path.join(modelDir, component, 'model.onnx'), list);
     const dir = path.join(outDir, component);
-    await mkdir(dir, { recursive: true });
-    await writeFile(path.join(dir, 'model.onnx'), merged.model);
-    for (const e of merged.externalData) await writeFile(path.join(dir, e.path), e.data);
-    report[component] = { weights: list.map((u) => u.param).sort(), patchedBytes: merged.patchedBytes, totalBytes: merged.totalBytes, ms: Math.round(performance.now() - t0) };
+    let bytes: { patchedBytes: number; totalBytes: number };
+    if (linked) {
+      bytes = await writeMergedComponent(path.join(modelDir, component, 'model.onnx'), list, dir);
+    } else {
+      const merged = await mergeComponent(path.join(modelDir, component, 'model.onnx'), list);
+      await mkdir(dir, { recursive: true });
+      await writeFile(path.join(dir, 'model.onnx'), merged.model);
+      for (const e of merged.externalData) await writeFile(path.join(dir, e.path), e.data);
+      bytes = merged;
+    }
+    report[component] = { weights: list.map((u) => u.param).sort(), patchedBytes: bytes.patchedBytes, totalBytes: bytes.totalBytes, ms: Math.round(performance.now() - t0) };
   }
   report.formats = Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format]));
   await writeFile(path.join(outDir, 'lora-merge.json'), `${JSON.stringify(report, null, 1)}\n`);

@@ -110,7 +110,7 @@ const ALIGN = 4096;
  * with the patched initializers, and a hard link (or copy) per original external data file. Each weight becomes
  * round(W + Σ factor · up · down) as in mergeComponent.
  */
-export async function writeMergedComponent(modelPath: string, updates: readonly WeightUpdate[], outDir: string): Promise<WrittenModel> {
+export async function writeMergedComponent(modelPath: string, updates: readonly WeightUpdate[], outDir: string, opts: { link?: boolean } = {}): Promise<WrittenModel> {
   const dir = path.dirname(modelPath);
   const component = path.basename(dir);
   const model = onnx.ModelProto.decode(await readFile(modelPath));
@@ -164,6 +164,7 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
   let data: WrittenModel['data'] = locations.size > 0 ? 'linked' : 'none';
   for (const l of locations) {
     try {
+      if (opts.link === false) throw new Error('copy asked for');
       await link(path.resolve(dir, l), path.join(outDir, l));
     } catch {
       // Another file system (EXDEV) or no hard links there: a copy, cloned where the file system supports it.

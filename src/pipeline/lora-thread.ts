@@ -75,10 +75,20 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
   const data: string[] = [];
   for (const [component, list] of byComponent) {
     const m0 = performance.now();
-    const merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component));
+    let merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component));
     mergeMs += performance.now() - m0;
+    let made: Awaited<ReturnType<SessionFactory['create']>>;
+    try {
+      made = await factory.create(component, merged.modelPath);
+    } catch (err) {
+      // A runtime that refuses data files with several hard links (onnx's own loader does, as a guard against link
+      // attacks) gets a copy instead.
+      if (merged.data !== 'linked') throw err;
+      log('warn', 'ONNX Runtime refused the hard-linked weights; copying them for this set', { component, reason: String((err as Error)?.message ?? err).split('\n')[0] });
+      merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component), { link: false });
+      made = await factory.create(component, merged.modelPath);
+    }
     if (merged.data === 'copied') data.push(component);
-    const made = await factory.create(component, merged.modelPath);
     const id = next++;
     sessions.set(id, made.session);
     patchedBytes += merged.patchedBytes;
