@@ -33,6 +33,8 @@ from collections import deque
 from pathlib import Path
 
 MANIFEST = "onnx_export.json"
+LORA_MAP = "lora_map.json"
+LORA_MAP_FORMAT = 1
 FORMAT = 1
 # Ops ORT's optimizer emits that only the CUDA execution provider implements.
 CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd", "PackedMultiHeadAttention")
@@ -206,6 +208,136 @@ def fp32_embedding_nodes(graph) -> list[str]:
     return blocked
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA map: where each torch Linear/Conv2d weight lives among the ONNX initializers (src/pipeline/lora-map.ts reads
+# it). Found by value: each weight is compared with the initializers of a matching size under the layouts the
+# exporters produce (same, transposed, OHWI, packed Q/K/V or K/V interleaved per head), and each match is checked
+# element for element. A weight found nowhere is listed as unmapped, so an adapter that targets it gets a clear error.
+
+def lora_targets(module) -> dict:
+    """torch parameter name -> weight (numpy, the module's dtype) of every Linear and Conv2d of `module`."""
+    import torch
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(m, "weight", None) is not None:
+            out[f"{name}.weight"] = m.weight.detach().cpu().numpy()
+    return out
+
+
+def _row_major(shape):
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.insert(0, acc)
+        acc *= d
+    return strides
+
+
+def _candidate_views(w_shape, init_shape, init_size):
+    """(view shape, strides, offset) candidates placing a torch weight of `w_shape` in an initializer."""
+    import math
+    n = math.prod(w_shape)
+    out, inner = w_shape[0], n // w_shape[0]
+    if init_size == n:
+        yield list(w_shape), _row_major(w_shape), 0  # same layout (Conv OIHW, Gemm transB)
+        yield [out, inner], [1, out], 0  # Linear -> MatMul [in, out]; a 1x1 conv as a MatMul
+        if len(w_shape) == 4:
+            o, i, kh, kw = w_shape
+            yield [o, i, kh, kw], [kh * kw * i, 1, kw * i, i], 0  # NhwcConv OHWI
+    if len(w_shape) == 2 or (len(w_shape) == 4 and w_shape[2:] == (1, 1)):
+        for k in (2, 3):
+            if init_size != k * n or len(init_shape) != 2 or init_shape[0] != inner:
+                continue
+            # onnxruntime's packed weights: [in, n_heads, k, head] (dstack of the per-head reshapes), or [in, k, out].
+            for heads in [d for d in range(1, out + 1) if out % d == 0]:
+                h = out // heads
+                for j in range(k):
+                    yield [heads, h, inner], [k * h, 1, k * out], j * h
+
+
+def build_lora_map(targets: dict, graph) -> tuple[dict, list]:
+    """Matches each target weight to an initializer of `graph` (values compared exactly, in the weight's dtype)."""
+    import math
+    import numpy as np
+    from onnx import numpy_helper
+    by_size: dict[int, list] = {}
+    arrays = {}
+    for t in graph.initializer:
+        if t.data_type not in (1, 10):  # float, float16
+            continue
+        size = math.prod(t.dims)
+        by_size.setdefault(size, []).append(t)
+    def array(t):
+        if t.name not in arrays:
+            arrays[t.name] = numpy_helper.to_array(t).reshape(-1)
+        return arrays[t.name]
+    weights, unmapped, used = {}, [], set()
+    for name, w in targets.items():
+        n = w.size
+        flat_w = w.reshape(-1)
+        found = None
+        for size in (n, 2 * n, 3 * n):
+            for t in by_size.get(size, []):
+                a = array(t)
+                if a.dtype != flat_w.dtype:
+                    continue
+                for vshape, strides, offset in _candidate_views(tuple(w.shape), tuple(t.dims), size):
+                    if (t.name, offset, tuple(strides)) in used:
+                        continue
+                    idx = np.full(vshape, offset, dtype=np.int64)
+                    for d, (dim, st) in enumerate(zip(vshape, strides)):
+                        shape = [1] * len(vshape)
+                        shape[d] = dim
+                        idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
+                    idx = idx.reshape(-1)
+                    if idx.max() < size and np.array_equal(a[idx], flat_w):
+                        found = {"initializer": t.name, "shape": list(w.shape), "view": {"shape": vshape, "strides": strides, "offset": offset}}
+                        used.add((t.name, offset, tuple(strides)))
+                        break
+                if found:
+                    break
+            if found:
+                break
+        if found:
+            weights[name] = found
+        else:
+            unmapped.append(name)
+    return weights, unmapped
+
+
+def check_lora_map(weights: dict, targets: dict, graph) -> list:
+    """After the float16 conversion: each mapped weight must still be where the map says (float16 of its value)."""
+    import numpy as np
+    from onnx import numpy_helper
+    inits = {t.name: t for t in graph.initializer}
+    bad = []
+    for name, e in weights.items():
+        t = inits.get(e["initializer"])
+        if t is None:
+            bad.append(f"{name} ({e['initializer']} is gone)")
+            continue
+        a = numpy_helper.to_array(t).reshape(-1).astype(np.float32)
+        v = e["view"]
+        idx = np.full(v["shape"], v["offset"], dtype=np.int64)
+        for d, (dim, st) in enumerate(zip(v["shape"], v["strides"])):
+            shape = [1] * len(v["shape"])
+            shape[d] = dim
+            idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
+        w = targets[name].reshape(-1)
+        if t.data_type == 10 and w.dtype != np.float16:
+            # onnxruntime's conversion, which clamps magnitudes below float16's smallest subnormal up to it.
+            from onnxruntime.transformers.float16 import convert_np_to_float16
+            w = convert_np_to_float16(w.astype(np.float32))
+        want = w.astype(np.float32)
+        if not np.array_equal(a[idx.reshape(-1)], want):
+            bad.append(f"{name} ({e['initializer']} holds other values)")
+    return bad
+
+
+def _write_lora_map(folder: Path, component: str, weights: dict, unmapped: list):
+    (folder / LORA_MAP).write_text(json.dumps({"format": LORA_MAP_FORMAT, "component": component, "producer": "diffusers-runtime scripts/export_sd.py",
+                                               "weights": weights, "unmapped": unmapped}) + "\n")
+
+
 def _op_counts(model_proto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in model_proto.graph.node:
@@ -242,7 +374,7 @@ def _numpy2_vae_attention_shim():
         cls.get_num_heads_and_hidden_size = patched
 
 
-def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], report: dict):
+def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], report: dict, targets: dict | None = None):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     _numpy2_vae_attention_shim()
@@ -270,6 +402,9 @@ def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], repo
         report["attention_fusion_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         m = run(False)
     report["fused_ops"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+    if targets is not None:
+        # Before the float16 conversion, while the fused weights still hold the traced float32 values exactly.
+        report["_lora"] = build_lora_map(targets, m.model.graph)
     if fp16:
         nodes = fp32_embedding_nodes(m.model.graph)
         m.convert_float_to_float16(keep_io_types=True, op_block_list=keep_fp32_ops or None, node_block_list=nodes or None)
@@ -320,12 +455,24 @@ def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opse
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             raw = Path(tmp) / "model.onnx"
             _torch_export(module, args, raw, inames, onames, axes, opset)
+            # LoRA adapters patch the UNet and the text encoders (diffusers' load_lora_weights targets).
+            targets = lora_targets(module.m) if name in ("unet", "text_encoder", "text_encoder_2") else None
             if fused:
                 keep = ["MultiHeadAttention", "Attention"] if name == "unet" and getattr(pipe.unet.config, "upcast_attention", False) else []
-                proto = _fuse(raw, model_type, comp_fp16, keep, report)
+                proto = _fuse(raw, model_type, comp_fp16, keep, report, targets)
+                lora = report.pop("_lora", None)
             else:
                 import onnx
                 proto = onnx.load(str(raw), load_external_data=True)
+                lora = build_lora_map(targets, proto.graph) if targets is not None else None
+            if lora is not None:
+                weights, unmapped = lora
+                moved = check_lora_map(weights, targets, proto.graph)
+                if moved:
+                    raise SystemExit(f"export_sd: {name}: {len(moved)} LoRA map entries do not hold their weights after the conversion: {moved[:5]}")
+                report["lora_map"] = {"weights": len(weights), "unmapped": len(unmapped)}
+                if unmapped:
+                    log(f"{name}: {len(unmapped)} Linear/Conv2d weights not found among the initializers (adapters cannot patch them): {unmapped[:5]}")
         report["dtype"] = "float16" if (comp_fp16 if fused else dtype == torch.float16 and not traced_fp32) else "float32"
         if traced_fp32:
             report["fp32_reason"] = "CLIP traced in float16 does not load in ONNX Runtime (mixed-type LayerNormalization)"
@@ -333,6 +480,8 @@ def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opse
             report["fp32_reason"] = "vae config force_upcast (SDXL VAE overflows in float16)"
         report["cuda_only_ops"] = {k: v for k, v in _op_counts(proto).items() if k in CUDA_ONLY_OPS}
         report["files"] = _save(proto, folder)
+        if lora is not None:
+            _write_lora_map(folder, name, *lora)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         manifest["components"][name] = report
         log(name, json.dumps({k: v for k, v in report.items() if k != "files"}))

@@ -59,6 +59,14 @@ export interface Config {
   readonly graphOptimization: GraphOptimization;
   /** Let cuBLAS/cuDNN run float32 math as TF32 on CUDA (faster fp32 models, images no longer match the reference). */
   readonly cudaTf32: boolean;
+  /** Where LoRA adapters are found besides the model's `loras/` folder: `s3://…` or a local path (docs/LORA.md). */
+  readonly loraUri: string | undefined;
+  /** Adapters one request may name. */
+  readonly maxLoras: number;
+  /** Adapter sets (merged sessions) each pipeline worker keeps, least recently used out first. */
+  readonly loraMaxSets: number;
+  /** Memory budget of those sets per worker, in MB of merged weights (what their sessions hold on the device). */
+  readonly loraCacheMb: number;
 }
 
 export class ConfigError extends Error {
@@ -186,7 +194,14 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
     graphOptimization: oneOf('ORT_GRAPH_OPTIMIZATION', 'all', GRAPH_OPT),
     cudaTf32: bool('CUDA_TF32', false),
+    loraUri: raw('LORA_URI'),
+    maxLoras: int('MAX_LORAS', 4, 0, 64),
+    loraMaxSets: int('LORA_MAX_SETS', 2, 0, 64),
+    loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
   };
+  if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
+    bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(cfg.loraUri)}`);
+  }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
@@ -212,7 +227,7 @@ function defaultCacheDir(): string {
 /** The config as one log-safe object: no credentials are part of Config, endpoint userinfo is masked. */
 export function describeConfig(cfg: Readonly<Config>): Record<string, unknown> {
   const mask = (u: string | undefined) => u?.replace(/\/\/[^/@]*@/, '//***@');
-  return { ...cfg, storageUri: mask(cfg.storageUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
+  return { ...cfg, storageUri: mask(cfg.storageUri), loraUri: mask(cfg.loraUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
 }
 
 /**

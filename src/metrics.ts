@@ -52,6 +52,13 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name', 'state'] as const,
       registers: r,
     }),
+    adapterLoad: new Histogram({
+      name: 'lora_adapter_set_load_seconds',
+      help: 'Time requests waited for a LoRA adapter set to be built (fetch, merge, sessions), per set built',
+      labelNames: ['model_name'] as const,
+      buckets: BOOT_BUCKETS,
+      registers: r,
+    }),
     sessionCreate: new Gauge({
       name: 'onnx_session_create_seconds',
       help: 'Seconds to create each ONNX Runtime session, with the execution provider it got',

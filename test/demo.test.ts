@@ -140,6 +140,9 @@ describe.each(VARIANTS)('demo model: $label', ({ opts }) => {
     ];
     if (family === 'sdxl') expected.push(...tok('tokenizer_2'), 'text_encoder_2/config.json', 'text_encoder_2/model.onnx');
     if (opts.withVaeEncoder || opts.inpainting) expected.push('vae_encoder/config.json', 'vae_encoder/model.onnx');
+    // Where each torch weight lives for LoRA merges, and the two demo adapters.
+    expected.push('unet/lora_map.json', 'text_encoder/lora_map.json', 'loras/demo-kohya.safetensors', 'loras/demo-style.safetensors');
+    if (family === 'sdxl') expected.push('text_encoder_2/lora_map.json');
     if (opts.externalData || opts.padBytes) expected.push('unet/model.onnx_data');
     // The default split pads every component SD 1.5 keeps weights in.
     if (opts.padBytes) expected.push('text_encoder/model.onnx_data', 'vae_decoder/model.onnx_data');

@@ -4,7 +4,10 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
-import { describe, expect, it } from 'vitest';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
@@ -52,11 +55,17 @@ const tick = () => new Promise((r) => setImmediate(r));
 const image = { rgb: new Uint8Array(64 * 64 * 3).buffer, width: 64, height: 64, seed: 1 };
 const times = { textEncoderMs: 1, denoiseMs: 2, vaeMs: 3, steps: 2 };
 
+/** A model folder with two adapter files (the engine only looks them up; the worker here is scripted). */
+const modelDir = mkdtempSync(path.join(os.tmpdir(), 'engine-test-'));
+mkdirSync(path.join(modelDir, 'loras'));
+for (const n of ['style-x', 'style-y']) writeFileSync(path.join(modelDir, 'loras', `${n}.safetensors`), '');
+afterAll(() => rmSync(modelDir, { recursive: true, force: true }));
+
 async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine: Engine; w: ScriptedWorker }> {
   const w = new ScriptedWorker();
   const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), createMetrics());
   engine.start([spawned(w)]);
-  const loaded = engine.load('/model');
+  const loaded = engine.load(modelDir);
   w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
   await loaded;
   return { engine, w };
@@ -166,4 +175,100 @@ describe('engine with several workers (one per GPU)', () => {
     await Promise.all([pinned, other]);
     await engine.close();
   });
+
+  it('a batch past its UNet steps whose clients all left is told to stop (a warm-up may wait there for the VAE)', async () => {
+    const { engine, w } = await loadedEngine();
+    const gone = new AbortController();
+    const result = engine.submit(request('a'), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message);
+    await tick();
+    const id = w.generations()[0]!.id;
+    w.reply({ t: 'denoised', id });
+    await tick();
+    gone.abort();
+    expect(await result).toBe('the request was abandoned while generating');
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id }]);
+    w.reply({ t: 'error', id, code: 'CANCELLED', message: 'generation cancelled' });
+    await engine.idle();
+  });
 });
+
+describe('engine with LoRA adapter sets', () => {
+  const withLoras = (prompt: string, loras?: Array<{ name: string; scale: number }>): GenerationRequest => ({ ...request(prompt), ...(loras ? { loras } : {}) });
+  const prompts = (w: ScriptedWorker) => w.generations().map((g) => g.job.items.map((i) => i.prompt).join('+'));
+
+  it('never batches different adapter sets together, and serves the base model while a set is built', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '0' });
+    const x = [{ name: 'style-x', scale: 0.8 }];
+    const y = [{ name: 'style-y', scale: 1 }];
+    const results = [
+      engine.submit(withLoras('x1', x)),
+      engine.submit(withLoras('base1')),
+      engine.submit(withLoras('x2', x)),
+      engine.submit(withLoras('y1', y)),
+      engine.submit(withLoras('base2')),
+    ].map((p) => p.then((r) => r.images.length, (e: Error) => e.message));
+    for (let i = 0; i < 5; i++) await tick();
+    // Both sets are being built; the base model serves meanwhile.
+    expect(w.sent.filter((m) => m.t === 'adapters').map((m) => (m as { key: string }).key)).toEqual(['style-x:0.8', 'style-y:1']);
+    expect(prompts(w)).toEqual(['base1']);
+    expect(w.generations()[0]!.adapters).toBeUndefined();
+    const ready = (key: string) => w.reply({ t: 'adapters-ready', key, ms: { read: 1, merge: 1, sessions: 1, total: 3 }, bytes: 10, patchedBytes: 1, components: ['unet'], formats: {} });
+    const finish = async (n: number) => {
+      const g = w.generations()[n]!;
+      w.reply({ t: 'result', id: g.id, images: g.job.items.map(() => image), times });
+      await tick();
+    };
+    ready('style-y:1');
+    await finish(0);
+    // base2 arrived before the adapter lookups of the others had finished: it is next in the queue.
+    expect(prompts(w)).toEqual(['base1', 'base2']);
+    await finish(1);
+    // y is ready, x is not: y1 goes ahead of x1 and x2 (earlier in the queue), alone, with its set.
+    expect(prompts(w)).toEqual(['base1', 'base2', 'y1']);
+    expect(w.generations()[2]!.adapters?.key).toBe('style-y:1');
+    expect(w.generations()[2]!.adapters?.refs.map((r) => [r.name, r.scale, path.basename(r.file)])).toEqual([['style-y', 1, 'style-y.safetensors']]);
+    ready('style-x:0.8');
+    await finish(2);
+    expect(prompts(w)).toEqual(['base1', 'base2', 'y1', 'x1+x2']);
+    expect(w.generations()[3]!.adapters?.key).toBe('style-x:0.8');
+    await finish(3);
+    expect(await Promise.all(results)).toEqual([1, 1, 1, 1, 1]);
+  });
+
+  it('answers 400 for unknown adapters before queueing, and fails the requests of a set that cannot be built', async () => {
+    const { engine, w } = await loadedEngine();
+    await expect(engine.submit(withLoras('a', [{ name: 'nope', scale: 1 }, { name: 'style-x', scale: 1 }]))).rejects.toThrow(/unknown LoRA adapter "nope": not found in the model's loras\/ folder; the model has style-x, style-y/);
+    expect(w.sent.filter((m) => m.t === 'adapters')).toEqual([]);
+    const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeErrorLike) => [e.status, e.message]);
+    await tick();
+    await tick();
+    w.reply({ t: 'adapters-failed', key: 'style-x:1', code: 'INVALID_INPUT', message: 'adapter "style-x" has keys that match nothing in this model: unet.foo' });
+    expect(await r).toEqual([400, 'adapter "style-x" has keys that match nothing in this model: unet.foo']);
+    expect(w.generations()).toEqual([]);
+    await engine.idle();
+  });
+
+  it('builds an evicted set again when a request needs it', async () => {
+    const { engine, w } = await loadedEngine();
+    const ready: FromWorker = { t: 'adapters-ready', key: 'style-x:1', ms: { read: 1, merge: 1, sessions: 1, total: 3 }, bytes: 10, patchedBytes: 1, components: ['unet'], formats: {} };
+    const one = engine.submit(withLoras('a', [{ name: 'style-x', scale: 1 }]));
+    await tick();
+    await tick();
+    w.reply(ready);
+    await tick();
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await one;
+    w.reply({ t: 'adapters-evicted', key: 'style-x:1' });
+    const two = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }]));
+    await tick();
+    await tick();
+    expect(w.sent.filter((m) => m.t === 'adapters')).toHaveLength(2);
+    expect(w.generations()).toHaveLength(1);
+    w.reply(ready);
+    await tick();
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [image], times });
+    expect((await two).images).toHaveLength(1);
+  });
+});
+
+type RuntimeErrorLike = Error & { status: number };

@@ -9,7 +9,9 @@ import { type ExternalChunk, type GraphBuilder, paddingStream } from './graph.js
 import {
   DEMO_FAMILIES, type DemoFamily, FAMILIES, modelIndex, specialTokensMap, textEncoderConfig, tokenizerConfig, unetConfig, vaeConfig,
 } from './families.js';
-import { type TimestepInput, textEncoderGraph, unetGraph, vaeDecoderGraph, vaeEncoderGraph } from './graphs.js';
+import { type GraphOptions, type TimestepInput, textEncoderGraph, unetGraph, vaeDecoderGraph, vaeEncoderGraph } from './graphs.js';
+import { demoLoras } from './loras.js';
+import { LORA_MAP_FILE, LORA_MAP_FORMAT } from '../pipeline/lora-map.js';
 
 export type { DemoFamily } from './families.js';
 export type { TimestepInput } from './graphs.js';
@@ -110,12 +112,12 @@ export function demoAssetsDir(): string {
  * Builds the pipeline folder in `outDir` (created if missing; existing files are replaced). Each file is written to a
  * temporary name and renamed into place, so a reader never sees half a file.
  */
-export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promise<DemoManifest> {
+export async function buildDemoModel(outDir: string, opts?: DemoOptions, hooks: { editWeight?: GraphOptions['edit'] } = {}): Promise<DemoManifest> {
   const o = resolveDemoOptions(opts);
   const family = FAMILIES[o.family];
   const spec = o.inpainting ? { ...family, pipelineClass: family.pipelineClass.replace(/Pipeline$/, 'InpaintPipeline'), inChannels: 9 } : family;
   const dir = path.resolve(outDir);
-  const g = { seed: o.seed, fp16: o.fp16 };
+  const g: GraphOptions = { seed: o.seed, fp16: o.fp16, ...(hooks.editWeight ? { edit: hooks.editWeight } : {}) };
   const written: string[] = [];
   const put = async (rel: string, data: Uint8Array | string) => {
     await writeAtomic(path.join(dir, rel), data);
@@ -132,6 +134,11 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
       written.push(`${folder}/model.onnx_data`);
     }
     await put(`${folder}/model.onnx`, s.model);
+    // Where each torch weight lives, for LoRA merges (src/pipeline/lora-map.ts); the fp16 variant casts at the graph's
+    // edges only, so its weights and their layout are the same.
+    if (Object.keys(graph.loraMap).length > 0) {
+      await json(`${folder}/${LORA_MAP_FILE}`, { format: LORA_MAP_FORMAT, component: folder, producer: 'diffusers-runtime demo', weights: graph.loraMap });
+    }
   };
 
   await mkdir(dir, { recursive: true });
@@ -155,6 +162,7 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions): Promis
     await json('vae_encoder/config.json', vaeConfig(spec));
     await model('vae_encoder', vaeEncoderGraph(spec, g));
   }
+  for (const [file, bytes] of Object.entries(demoLoras(spec))) await put(`loras/${file}`, bytes);
   // Last, so a folder with model_index.json has everything it names.
   await json('model_index.json', modelIndex(spec));
 

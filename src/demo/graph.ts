@@ -74,6 +74,10 @@ export class GraphBuilder {
   private readonly outputs: IValueInfo[] = [];
   private readonly names = new Set<string>();
   private counter = 0;
+  /** Torch weight name → where it lives, for `<component>/lora_map.json` (see src/pipeline/lora-map.ts). */
+  readonly loraMap: Record<string, { initializer: string; shape: number[]; view: { shape: number[]; strides: number[]; offset: number } }> = {};
+  /** Changes a weight's values before they are stored (tests build LoRA-merged demo graphs with it). */
+  editWeight: ((name: string, values: Float32Array, dims: readonly number[]) => void) | undefined;
 
   /**
    * @param seed global weight seed; each tensor's stream is derived from it and the tensor's name.
@@ -138,7 +142,26 @@ export class GraphBuilder {
     const arr = new Float32Array(n);
     const a = scale * Math.sqrt(3);
     for (let i = 0; i < n; i++) arr[i] = offset + (next() * 2 - 1) * a;
+    this.editWeight?.(name, arr, dims);
     return this.floats(name, dims, arr);
+  }
+
+  /**
+   * A torch Linear(inF → outF) weight stored as the MatMul initializer [inF, outF], the transpose of torch's
+   * [outF, inF] (as torch.onnx.export folds it), and listed in the LoRA map with that layout.
+   */
+  linear(name: string, inF: number, outF: number, scale: number): string {
+    const t = this.random(name, [inF, outF], scale);
+    this.loraMap[name] = { initializer: t, shape: [outF, inF], view: { shape: [outF, inF], strides: [1, outF], offset: 0 } };
+    return t;
+  }
+
+  /** A torch Conv2d weight [out, in, kh, kw], stored as it is, and listed in the LoRA map. */
+  convWeight(name: string, dims: [number, number, number, number], scale: number): string {
+    const t = this.random(name, dims, scale);
+    const [, i, kh, kw] = dims;
+    this.loraMap[name] = { initializer: t, shape: [...dims], view: { shape: [...dims], strides: [i * kh * kw, kh * kw, kw, 1], offset: 0 } };
+    return t;
   }
 
   private addInit(name: string, dims: number[], dataType: ElemType, bytes: Uint8Array): string {

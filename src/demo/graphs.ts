@@ -7,6 +7,15 @@ export type TimestepInput = 'float-scalar' | 'int64-batch' | 'float-batch';
 export interface GraphOptions {
   seed: number;
   fp16: boolean;
+  /** Changes weights before they are stored, by component folder and weight name (LoRA-merged graphs in tests). */
+  edit?: (component: string, name: string, values: Float32Array, dims: readonly number[]) => void;
+}
+
+function builder(name: string, component: string, opts: GraphOptions): GraphBuilder {
+  const g = new GraphBuilder(name, opts.seed, opts.fp16);
+  const edit = opts.edit;
+  if (edit) g.editWeight = (n, v, d) => edit(component, n, v, d);
+  return g;
 }
 
 const VOCAB = 49408;
@@ -44,7 +53,7 @@ function sinusoids(g: GraphBuilder, name: string, x: string, half: number, axis:
  * whole-sequence mean mix (no causal mask), a final LayerNorm, and the pooled row at the EOS (highest) id.
  */
 export function textEncoderGraph(spec: FamilySpec, enc: TextEncoderSpec, opts: GraphOptions, padding?: string): GraphBuilder {
-  const g = new GraphBuilder(`${spec.family}/${enc.folder}`, opts.seed, opts.fp16);
+  const g = builder(`${spec.family}/${enc.folder}`, enc.folder, opts);
   const D = enc.hidden;
   const dims = ['batch_size', 'sequence_length'];
   const ids = g.input('input_ids', 'int64', dims);
@@ -61,9 +70,9 @@ export function textEncoderGraph(spec: FamilySpec, enc: TextEncoderSpec, opts: G
     });
   for (let l = 0; l < enc.layers; l++) {
     const p = `text_model.encoder.layers.${l}`;
-    const ff = g.op('Tanh', [g.op('MatMul', [layerNorm(h, `${p}.layer_norm1`), g.random(`${p}.mlp.fc.weight`, [D, D], 1 / Math.sqrt(D))])]);
+    const ff = g.op('Tanh', [g.op('MatMul', [layerNorm(h, `${p}.layer_norm1`), g.linear(`${p}.mlp.fc.weight`, D, D, 1 / Math.sqrt(D))])]);
     const mean = g.op('ReduceMean', [h], { axes: { ints: [1] }, keepdims: { i: 1 } });
-    const mix = g.op('MatMul', [mean, g.random(`${p}.mix.weight`, [D, D], 0.5 / Math.sqrt(D))]);
+    const mix = g.op('MatMul', [mean, g.linear(`${p}.mix.weight`, D, D, 0.5 / Math.sqrt(D))]);
     h = g.op('Add', [g.op('Add', [h, ff]), mix]);
     hidden.push(h);
   }
@@ -73,7 +82,7 @@ export function textEncoderGraph(spec: FamilySpec, enc: TextEncoderSpec, opts: G
   const pooled = g.op('GatherND', [last, eos], { batch_dims: { i: 1 } });
   const seqDims = [...dims, D];
   if (enc.projection !== undefined) {
-    const proj = g.random('text_projection.weight', [D, enc.projection], 1 / Math.sqrt(D));
+    const proj = g.linear('text_projection.weight', D, enc.projection, 1 / Math.sqrt(D));
     g.output('text_embeds', g.op('MatMul', [pooled, proj]), ['batch_size', enc.projection]);
     g.output('last_hidden_state', last, seqDims);
   } else {
@@ -126,7 +135,7 @@ function positionQueries(g: GraphBuilder, x: string, dh: number): string {
     const coord = g.op('Div', [g.op('Cast', [g.op('Range', [zero, n, one])], { to: { i: DT.FLOAT } }), g.op('Cast', [n], { to: { i: DT.FLOAT } })]);
     const freqs = Float32Array.from({ length: POSITION_FREQS }, (_, k) => 2 * Math.PI * (k + 1));
     const emb = sinusoids(g, `/pos_freqs_${name}`, g.op('Unsqueeze', [coord, g.int64s(`/pos_axes_${name}`, [1])]), POSITION_FREQS, 1, [1, POSITION_FREQS], freqs);
-    return g.op('MatMul', [emb, g.random(`attn2.to_q_pos_${name}.weight`, [2 * POSITION_FREQS, dh], 2.5 / Math.sqrt(2 * POSITION_FREQS))]); // [n, dh]
+    return g.op('MatMul', [emb, g.linear(`attn2.to_q_pos_${name}.weight`, 2 * POSITION_FREQS, dh, 2.5 / Math.sqrt(2 * POSITION_FREQS))]); // [n, dh]
   };
   const qy = axis(2, 'y'), qx = axis(3, 'x');
   return g.op('Add', [g.op('Unsqueeze', [qy, g.int64s('/pos_axes_y1', [1])]), g.op('Unsqueeze', [qx, g.int64s('/pos_axes_x0', [0])])]);
@@ -138,7 +147,7 @@ function positionQueries(g: GraphBuilder, x: string, dh: number): string {
  * the structured prior mean; out_sample = cx(t)·sample + cp(t)·P (see denoiserTables).
  */
 export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: GraphOptions, padding?: string): GraphBuilder {
-  const g = new GraphBuilder(`${spec.family}/unet`, opts.seed, opts.fp16);
+  const g = builder(`${spec.family}/unet`, 'unet', opts);
   const C = UNET_CHANNELS, D = spec.crossAttentionDim, dh = UNET_HEAD_DIM;
   const inChannels = spec.inChannels ?? 4;
   const sampleIn = g.input('sample', 'float', ['batch_size', inChannels, 'height', 'width']);
@@ -157,10 +166,10 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
   let temb = sinusoids(g, '/time_freqs', g.op('Unsqueeze', [tFlat, g.int64s('/axes_1', [1])]), TIME_FEATURES / 2, 1, [1, TIME_FEATURES / 2]);
   if (spec.timeCondDim !== undefined) {
     const cond = g.input('timestep_cond', 'float', ['batch_size', spec.timeCondDim]);
-    temb = g.op('Add', [temb, g.op('MatMul', [cond, g.random('time_embedding.cond_proj.weight', [spec.timeCondDim, TIME_FEATURES], 1 / Math.sqrt(spec.timeCondDim))])]);
+    temb = g.op('Add', [temb, g.op('MatMul', [cond, g.linear('time_embedding.cond_proj.weight', spec.timeCondDim, TIME_FEATURES, 1 / Math.sqrt(spec.timeCondDim))])]);
   }
-  const l1 = g.op('Add', [g.op('MatMul', [temb, g.random('time_embedding.linear_1.weight', [TIME_FEATURES, 32], 1 / Math.sqrt(TIME_FEATURES))]), g.random('time_embedding.linear_1.bias', [32], 0.1)]);
-  temb = g.op('Add', [g.op('MatMul', [silu(g, l1), g.random('time_embedding.linear_2.weight', [32, C], 1 / Math.sqrt(32))]), g.random('time_embedding.linear_2.bias', [C], 0.1)]);
+  const l1 = g.op('Add', [g.op('MatMul', [temb, g.linear('time_embedding.linear_1.weight', TIME_FEATURES, 32, 1 / Math.sqrt(TIME_FEATURES))]), g.random('time_embedding.linear_1.bias', [32], 0.1)]);
+  temb = g.op('Add', [g.op('MatMul', [silu(g, l1), g.linear('time_embedding.linear_2.weight', 32, C, 1 / Math.sqrt(32))]), g.random('time_embedding.linear_2.bias', [C], 0.1)]);
   if (spec.pooledDim !== undefined) {
     const P = spec.pooledDim;
     const textEmbeds = g.input('text_embeds', 'float', ['batch_size', P]);
@@ -168,14 +177,14 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
     const ids = sinusoids(g, '/time_ids_freqs', g.op('Unsqueeze', [timeIds, g.int64s('/axes_2', [2])]), TIME_ID_FEATURES / 2, 2, [1, 1, TIME_ID_FEATURES / 2]);
     const idsFlat = g.op('Reshape', [ids, g.int64s('/shape_b_flat', [0, -1])]);
     const aug = g.op('Add', [
-      g.op('MatMul', [textEmbeds, g.random('add_embedding.text.weight', [P, C], 1 / Math.sqrt(P))]),
-      g.op('MatMul', [idsFlat, g.random('add_embedding.time.weight', [6 * TIME_ID_FEATURES, C], 1 / Math.sqrt(6 * TIME_ID_FEATURES))]),
+      g.op('MatMul', [textEmbeds, g.linear('add_embedding.text.weight', P, C, 1 / Math.sqrt(P))]),
+      g.op('MatMul', [idsFlat, g.linear('add_embedding.time.weight', 6 * TIME_ID_FEATURES, C, 1 / Math.sqrt(6 * TIME_ID_FEATURES))]),
     ]);
     temb = g.op('Add', [temb, aug]);
   }
   const bias = g.op('Unsqueeze', [temb, g.int64s('/axes_23', [2, 3])]);
 
-  let h = conv(g, sampleIn, g.random('conv_in.weight', [C, inChannels, 3, 3], 1 / 6), g.random('conv_in.bias', [C], 0.1), 3);
+  let h = conv(g, sampleIn, g.convWeight('conv_in.weight', [C, inChannels, 3, 3], 1 / 6), g.random('conv_in.bias', [C], 0.1), 3);
   h = silu(g, g.op('Add', [h, bias]));
 
   // Cross-attention: queries from latent pixels, keys and values from the text.
@@ -183,9 +192,9 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
   // Queries also carry the pixel's position (a few low sinusoids of y/height and x/width), so different image
   // regions attend to different tokens: the prompt lays out large shapes, not only texture.
   const qPos = g.op('Reshape', [positionQueries(g, x, dh), g.int64s('/shape_hw_dh', [-1, dh])]); // [HW, dh]
-  const q = g.op('Add', [g.op('MatMul', [hs, g.random('attn2.to_q.weight', [C, dh], 1 / Math.sqrt(C))]), qPos]);
-  const k = g.op('MatMul', [ehs, g.random('attn2.to_k.weight', [D, dh], 1 / Math.sqrt(D))]);
-  const v = g.op('MatMul', [ehs, g.random('attn2.to_v.weight', [D, C], 1 / Math.sqrt(D))]);
+  const q = g.op('Add', [g.op('MatMul', [hs, g.linear('attn2.to_q.weight', C, dh, 1 / Math.sqrt(C))]), qPos]);
+  const k = g.op('MatMul', [ehs, g.linear('attn2.to_k.weight', D, dh, 1 / Math.sqrt(D))]);
+  const v = g.op('MatMul', [ehs, g.linear('attn2.to_v.weight', D, C, 1 / Math.sqrt(D))]);
   const scores = g.op('Mul', [g.op('MatMul', [q, g.op('Transpose', [k], { perm: { ints: [0, 2, 1] } })]), g.floats('/attn_scale', [], [1 / Math.sqrt(dh)])]);
   const attn = g.op('MatMul', [g.op('Softmax', [scores], { axis: { i: -1 } }), v]); // [B, HW, C]
   const back = g.op('Reshape', [g.op('Transpose', [attn], { perm: { ints: [0, 2, 1] } }), g.op('Shape', [h])]);
@@ -193,8 +202,8 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
   if (padding) gain = g.op('Add', [gain, padTap(g, padding, x)]);
   h = g.op('Add', [h, g.op('Mul', [back, gain])]);
 
-  h = silu(g, conv(g, h, g.random('mid.conv.weight', [C, C, 3, 3], 1 / Math.sqrt(9 * C)), g.random('mid.conv.bias', [C], 0.1), 3));
-  const prior = g.op('Tanh', [conv(g, h, g.random('conv_out.weight', [4, C, 3, 3], 1.5 / Math.sqrt(9 * C)), g.random('conv_out.bias', [4], 0.2), 3)]);
+  h = silu(g, conv(g, h, g.convWeight('mid.conv.weight', [C, C, 3, 3], 1 / Math.sqrt(9 * C)), g.random('mid.conv.bias', [C], 0.1), 3));
+  const prior = g.op('Tanh', [conv(g, h, g.convWeight('conv_out.weight', [4, C, 3, 3], 1.5 / Math.sqrt(9 * C)), g.random('conv_out.bias', [4], 0.2), 3)]);
 
   // The timestep picks the denoiser coefficients too (floored and clamped: Euler timesteps are fractional).
   const idx = g.op('Cast', [g.op('Clip', [g.op('Floor', [tFlat]), g.floats('/t_min', [], [0]), g.floats('/t_max', [], [999])])], { to: { i: DT.INT64 } });
@@ -208,7 +217,7 @@ export function unetGraph(spec: FamilySpec, timestep: TimestepInput, opts: Graph
 
 /** VAE decoder: conv 3×3 → SiLU, then a smooth ×8 (linear Resize) plus an 8×8 detail (DepthToSpace), conv 3×3, tanh. */
 export function vaeDecoderGraph(spec: FamilySpec, opts: GraphOptions, padding?: string): GraphBuilder {
-  const g = new GraphBuilder(`${spec.family}/vae_decoder`, opts.seed, opts.fp16);
+  const g = builder(`${spec.family}/vae_decoder`, 'vae_decoder', opts);
   const F = 16;
   const z = g.input('latent_sample', 'float', ['batch_size', 4, 'latent_height', 'latent_width']);
   // Undo the pipeline's 1/scaling_factor so the weights see unit-scale latents.
@@ -228,7 +237,7 @@ export function vaeDecoderGraph(spec: FamilySpec, opts: GraphOptions, padding?: 
 
 /** VAE encoder: SpaceToDepth(8) → conv 1×1 → SiLU → conv 3×3 to mean ‖ logvar (8 channels). */
 export function vaeEncoderGraph(spec: FamilySpec, opts: GraphOptions): GraphBuilder {
-  const g = new GraphBuilder(`${spec.family}/vae_encoder`, opts.seed, opts.fp16);
+  const g = builder(`${spec.family}/vae_encoder`, 'vae_encoder', opts);
   const x = g.input('sample', 'float', ['batch_size', 3, 'sample_height', 'sample_width']);
   const s2d = g.op('SpaceToDepth', [x], { blocksize: { i: 8 } });
   const h = silu(g, conv(g, s2d, g.random('encoder.conv_in.weight', [16, 192, 1, 1], 1 / Math.sqrt(192)), g.random('encoder.conv_in.bias', [16], 0.1), 1));

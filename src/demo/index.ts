@@ -9,7 +9,7 @@ export { buildDemoModel, resolveDemoOptions, demoAssetsDir, DEMO_FAMILIES } from
 export type { DemoOptions, DemoManifest, DemoFile, DemoFamily, ResolvedDemoOptions, TimestepInput } from './build.js';
 
 /** Bump whenever a graph, config or asset of the demo changes, so old cached builds are not reused. */
-export const DEMO_FORMAT_VERSION = 1;
+export const DEMO_FORMAT_VERSION = 2;
 
 /** The demo served without a model: with its VAE encoder, so image-to-image and inpainting (latent blend) work too. */
 export const SERVED_DEMO_OPTIONS = Object.freeze({ withVaeEncoder: true });

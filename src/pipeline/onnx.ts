@@ -136,6 +136,25 @@ export class SessionFactory {
   }
 
   /**
+   * A session from a graph held in memory (a LoRA-merged component, lora-merge.ts), its external data files given as
+   * buffers. No optimized-model cache: the graph exists only in memory.
+   */
+  async createFromBytes(name: string, model: Uint8Array, externalData: ReadonlyArray<{ path: string; data: Uint8Array }>): Promise<CreatedSession> {
+    const ort = await loadOrt();
+    const provider = await this.provider();
+    const options: InferenceSession.SessionOptions = {
+      ...sessionOptions(provider, {
+        intraOpThreads: this.opts.intraOpThreads,
+        ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}),
+        ...(this.opts.graphOptimizationLevel ? { graphOptimizationLevel: this.opts.graphOptimizationLevel } : {}),
+      }),
+      ...(externalData.length > 0 ? { externalData: [...externalData] } : {}),
+    };
+    const { s, ms } = await this.#serial(() => ort.InferenceSession.create(model, options));
+    return { session: new OnnxSession(name, s), provider, ms, cache: 'skipped' };
+  }
+
+  /**
    * Makes the provider decision now, on a one-node probe model (probe.ts) created and run once, unless a session
    * already made it. On CUDA the first session pays for loading the provider and starting the context; the probe
    * pays it while the weights still download, instead of the first component whose files land. Never throws: a

@@ -3,6 +3,7 @@ import type { ExecutionProvider, OptimizedCacheMode } from '../config.js';
 import type { ModelDefaults } from '../runtime/request.js';
 import type { Job } from './pipeline.js';
 import type { Feed, GraphOptimizationLevel } from './onnx.js';
+import type { AdapterRef } from './lora-protocol.js';
 
 export interface WorkerInit {
   ep: ExecutionProvider;
@@ -12,6 +13,11 @@ export interface WorkerInit {
   graphOptimizationLevel?: GraphOptimizationLevel;
   /** The CUDA device this worker's sessions run on (one worker per GPU); absent: device 0. */
   deviceId?: number;
+  /**
+   * LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes, and the folder their merged
+   * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
+   */
+  lora?: { maxSets: number; maxBytes: number; workDir: string };
 }
 
 /** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */
@@ -71,7 +77,10 @@ export type ToWorker =
   | { t: 'load'; dir: string; listed?: string[] }
   /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
   | { t: 'reset' }
-  | { t: 'generate'; id: number; job: Job; previewEvery: number }
+  /** `adapters`: the LoRA set the job runs with (its key and files); built first if the worker does not hold it. */
+  | { t: 'generate'; id: number; job: Job; previewEvery: number; adapters?: { key: string; refs: AdapterRef[] } }
+  /** Build (merge, create sessions of) a LoRA adapter set now, beside the base model's sessions, which keep serving. */
+  | { t: 'adapters'; key: string; refs: AdapterRef[] }
   | { t: 'cancel'; id: number }
   | { t: 'close' };
 
@@ -110,4 +119,9 @@ export type FromWorker =
   | { t: 'denoised'; id: number }
   | { t: 'result'; id: number; images: Array<RawImage & { seed: number }>; times: Times }
   | { t: 'error'; id: number; code: string; message: string }
+  /** An adapter set is built (`ms`: read, merge, session creation; `bytes`: merged components' size). */
+  | { t: 'adapters-ready'; key: string; ms: { read: number; merge: number; sessions: number; total: number }; bytes: number; patchedBytes: number; components: string[]; formats: Record<string, string> }
+  | { t: 'adapters-failed'; key: string; code: string; message: string }
+  /** The worker dropped an adapter set (least recently used, over LORA_MAX_SETS or LORA_CACHE_MB). */
+  | { t: 'adapters-evicted'; key: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

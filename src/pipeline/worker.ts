@@ -5,6 +5,8 @@
  * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
 import { readFileSync } from 'node:fs';
+import { mkdir, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
@@ -15,6 +17,9 @@ import { parsePyJson } from './pyjson.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
+import { LoraSetThread } from './lora-client.js';
+import type { AdapterRef } from './lora-protocol.js';
+import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -60,6 +65,14 @@ const providers: Record<string, string> = {};
 let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
 const cancelled = new Set<number>();
 let queue: Promise<void> = Promise.resolve();
+
+/** LoRA adapter sets: each one's merged sessions live on a thread of its own (lora-thread.ts). */
+interface AdapterSet {
+  thread: LoraSetThread;
+  pipeline: Pipeline;
+}
+const adapterSets = new AdapterSetCache<AdapterSet>({ maxSets: init.lora?.maxSets ?? 2, maxBytes: init.lora?.maxBytes ?? 4096 * 2 ** 20 });
+const building = new Map<string, Promise<CachedSet<AdapterSet>>>();
 
 /** Bumped by reset(): a creation started before it reports nothing (its session is released, not used). */
 let epoch = 0;
@@ -251,6 +264,7 @@ async function reset(): Promise<void> {
   const all = [...sessions.values()];
   sessions.clear();
   pipeline = undefined;
+  await dropAdapterSets();
   await Promise.allSettled(all.map(async (s) => (await s).release()));
   // After the old creations have settled, so none of them puts anything back.
   for (const k of Object.keys(providers)) delete providers[k];
@@ -260,14 +274,29 @@ async function reset(): Promise<void> {
 /** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
 async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
+  let set: CachedSet<AdapterSet> | undefined;
+  const unuse = () => {
+    if (!set) return;
+    set.inUse--;
+    set = undefined;
+    // A set held over the limits by this generation can go now.
+    for (const s of adapterSets.evictable()) void evict(s);
+  };
   try {
     if (!pipeline) throw new RuntimeError('MODEL_NOT_READY', 'the model is not loaded');
-    const p = pipeline;
+    let p = pipeline;
+    if (m.adapters) {
+      // Built already, unless it was evicted after the engine was told it was ready (then it is built again here).
+      set = await adapterSet(m.adapters.key, m.adapters.refs);
+      set.inUse++;
+      p = set.value.pipeline;
+    }
     const { height, width } = m.job.shape;
     const vsf = p.layout.vae.scaleFactor;
     const { images, times } = await p.generate(m.job, {
       cancelled: () => cancelled.has(id),
       onDenoised: () => {
+        unuse();
         post({ t: 'denoised', id });
         denoised();
       },
@@ -295,8 +324,111 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     if (!isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
     post({ t: 'error', id, code, message: isRuntimeError(err) ? err.message : 'generation failed' });
   } finally {
+    unuse();
     cancelled.delete(id);
   }
+}
+
+/**
+ * The adapter set `key` of the loaded model: the cached one, the one being built, or a new build. Its sessions are the
+ * base model's except for the components the adapters touch, which are merged and created on the set's own thread.
+ */
+function adapterSet(key: string, refs: AdapterRef[]): Promise<CachedSet<AdapterSet>> {
+  const cached = adapterSets.get(key);
+  if (cached) return Promise.resolve(cached);
+  let b = building.get(key);
+  if (!b) {
+    b = buildSet(key, refs);
+    building.set(key, b);
+    const forget = () => building.delete(key);
+    b.then(forget, forget);
+  }
+  return b;
+}
+
+async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<AdapterSet>> {
+  const base = pipeline;
+  if (!base || base.partial) throw new RuntimeError('MODEL_NOT_READY', 'the model is not loaded');
+  if (init.lora?.maxSets === 0) throw new RuntimeError('INVALID_INPUT', 'LoRA adapters are turned off on this server (LORA_MAX_SETS=0)');
+  const mine = epoch;
+  const t0 = performance.now();
+  const provider = await factory.provider();
+  const workDir = await loraWorkDir();
+  const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, workDir, ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}), ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
+  try {
+    const layout = base.layout;
+    const graphs = Object.fromEntries((['unet', 'text_encoder', 'text_encoder_2'] as const).filter((c) => layout.onnx[c] !== undefined).map((c) => [c, layout.onnx[c]!]));
+    const { built, sessions: merged } = await thread.build(refs, graphs);
+    if (!adapterSets.fits(built.totalBytes)) {
+      throw new RuntimeError('INVALID_INPUT', `the adapter set ${key} needs ${mb(built.totalBytes)} MB of merged weights, more than LORA_CACHE_MB=${mb(init.lora?.maxBytes ?? 0)} allows`);
+    }
+    const own = (c: 'unet' | 'text_encoder' | 'text_encoder_2') => merged.get(c) ?? sessions.get(c);
+    const p = await Pipeline.create(layout, {
+      text_encoder: own('text_encoder')!,
+      unet: own('unet')!,
+      vae_decoder: sessions.get('vae_decoder')!,
+      ...(layout.isXL ? { text_encoder_2: own('text_encoder_2')! } : {}),
+    }, 'external');
+    // The model files changed while this set was built: it belongs to the old ones.
+    if (mine !== epoch) throw new RuntimeError('MODEL_NOT_READY', 'the model was reloaded while the adapter set was built');
+    const total = performance.now() - t0;
+    const components = built.sessions.map((s) => s.component);
+    log('info', 'adapter set built', { set: key, components, weights: built.sessions.reduce((n, s) => n + s.weights, 0), mergedMB: mb(built.totalBytes), patchedMB: mb(built.patchedBytes), formats: built.formats, ms: { ...built.ms, total: Math.round(total) } });
+    const entry = { thread, pipeline: p };
+    for (const s of adapterSets.add(key, built.totalBytes, entry)) void evict(s);
+    const cached = adapterSets.get(key)!;
+    post({ t: 'adapters-ready', key, ms: { ...built.ms, total: Math.round(total) }, bytes: built.totalBytes, patchedBytes: built.patchedBytes, components, formats: built.formats });
+    return cached;
+  } catch (err) {
+    await thread.close();
+    throw err;
+  }
+}
+
+const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
+
+/**
+ * A new folder for one set's merged graphs: `<MODEL_CACHE_DIR>/.lora-sets/<host>-<pid>-w<worker>/<n>`, on the file
+ * system of the cached model, so the unchanged weights are hard links, not copies. Folders this host's processes left
+ * behind (a crash) are removed the first time; other pods' folders on a shared volume are theirs.
+ */
+let workRoot: Promise<string> | undefined;
+let workSeq = 0;
+async function loraWorkDir(): Promise<string> {
+  workRoot ??= (async () => {
+    const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora');
+    await mkdir(base, { recursive: true });
+    const host = os.hostname().replace(/[^A-Za-z0-9.-]/g, '_');
+    for (const d of await readdir(base).catch(() => [] as string[])) {
+      if (!d.startsWith(`${host}-`)) continue;
+      const pid = Number(/-(\d+)-w\d+$/.exec(d)?.[1]);
+      if (!Number.isInteger(pid) || pid === process.pid) continue;
+      try {
+        process.kill(pid, 0);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ESRCH') await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
+      }
+    }
+    const root = path.join(base, `${host}-${process.pid}-w${init.workerIndex}`);
+    await rm(root, { recursive: true, force: true });
+    return root;
+  })();
+  return path.join(await workRoot, String(++workSeq));
+}
+
+async function evict(s: CachedSet<AdapterSet>): Promise<void> {
+  log('info', 'adapter set evicted', { set: s.key, mergedMB: mb(s.bytes), cached: adapterSets.size });
+  post({ t: 'adapters-evicted', key: s.key });
+  await s.value.thread.close();
+}
+
+async function dropAdapterSets(): Promise<void> {
+  const all = adapterSets.values();
+  for (const s of all) {
+    adapterSets.delete(s.key);
+    post({ t: 'adapters-evicted', key: s.key });
+  }
+  await Promise.allSettled(all.map((s) => s.value.thread.close()));
 }
 
 /** The bytes of `a` as a buffer of their own, so transferring it moves nothing else. */
@@ -330,6 +462,13 @@ port.on('message', (m: ToWorker) => {
           }),
       );
       break;
+    case 'adapters':
+      // Beside the queue: the base model goes on serving while the set is merged on its own thread.
+      adapterSet(m.key, m.refs).then(
+        () => undefined,
+        (err: unknown) => post({ t: 'adapters-failed', key: m.key, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: isRuntimeError(err) ? err.message : `the adapter set could not be built: ${(err as Error)?.message ?? String(err)}` }),
+      );
+      break;
     case 'cancel':
       cancelled.add(m.id);
       // Only a warm-up started during the download can be waiting for a component: it stops now.
@@ -340,6 +479,7 @@ port.on('message', (m: ToWorker) => {
       void queue.then(async () => {
         await Promise.allSettled([...sessions.values()].map(async (s) => (await s).release()));
         await Promise.all([...aux.values()].map((a) => a.close()));
+        await dropAdapterSets();
         process.exit(0);
       });
       break;

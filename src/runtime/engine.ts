@@ -23,8 +23,10 @@ import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
-import { shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
+import { lorasKey, shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
+import { AdapterSource } from './adapters.js';
+import type { AdapterRef } from '../pipeline/lora-protocol.js';
 
 export interface Progress {
   step: number;
@@ -75,6 +77,8 @@ interface Task {
   reject: (e: unknown) => void;
   state: 'queued' | 'running' | 'done';
   onAbort?: () => void;
+  /** The LoRA adapter set, when the request names adapters (its key is part of `key`: sets never share a batch). */
+  adapters?: { key: string; refs: AdapterRef[] };
   /** Only this worker may run it (SubmitOptions.worker). */
   pin?: number;
 }
@@ -106,6 +110,8 @@ class WorkerHandle {
   /** Batches past their UNet steps whose VAE decodes run on the worker's decode thread (at most one, see #pump). */
   decoding: Running[] = [];
   loaded = false;
+  /** LoRA adapter sets this worker is building or holds. */
+  readonly sets = new Map<string, 'loading' | 'ready'>();
   /** Answered a load of the whole model: if it dies now, it is started again. */
   whole = false;
   dead = false;
@@ -160,6 +166,9 @@ export class Engine {
   #active: ClipTokenizer[] = [];
   /** Batches the workers have finished whose images are still being encoded here. */
   #encoding = 0;
+  readonly #adapters: AdapterSource;
+  /** When each adapter set was first asked for, to report how long requests waited for its sessions. */
+  readonly #setAsked = new Map<string, number>();
   /** The folder of the last load of the whole model: what a worker started again loads. */
   #wholeDir: string | undefined;
   /** Workers being started again (their restart is scheduled or their load not answered yet). */
@@ -176,6 +185,7 @@ export class Engine {
     private readonly events: EngineEvents = {},
   ) {
     this.#labels = { model_name: cfg.modelName };
+    this.#adapters = new AdapterSource(cfg, log);
   }
 
   get defaults(): ModelDefaults | undefined {
@@ -271,6 +281,7 @@ export class Engine {
    */
   load(dir: string, listed?: string[]): Promise<LoadResult> {
     this.start();
+    this.#adapters.setModelDir(dir);
     if (!listed) this.#wholeDir = dir;
     return new Promise((resolve, reject) => {
       const waiter: LoadWaiter = { resolve, reject, left: this.#workers.length, whole: !listed };
@@ -281,8 +292,17 @@ export class Engine {
     });
   }
 
-  /** Queues a generation; rejects at once with BUSY when the queue is full (never an unbounded wait). */
+  /**
+   * Queues a generation; rejects at once with BUSY when the queue is full (never an unbounded wait). A request naming
+   * LoRA adapters first finds their files (a 400 names the unknown ones), then queues with its adapter set.
+   */
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
+    if (!req.loras || req.loras.length === 0) return this.#submit(req, opts, undefined);
+    if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }));
+  }
+
+  #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
     if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return Promise.reject(this.#restartingError());
@@ -292,9 +312,9 @@ export class Engine {
     }
     return new Promise<TaskResult>((resolve, reject) => {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
-      // Requests with other image inputs (or none) never share a batch: the job carries one set of them.
-      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}`;
-      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}) };
+      // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
+      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}|${adapters?.key ?? ''}`;
+      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
@@ -367,15 +387,18 @@ export class Engine {
   #pump(): void {
     clearTimeout(this.#windowTimer);
     this.#windowTimer = undefined;
+    this.#prepareSets();
     for (;;) {
       // A worker whose last batch is decoding takes the next one: its UNet steps overlap that decode. One decode
       // ahead at most, so a slow VAE holds the queue here (where clients can still leave) rather than in the worker.
       const free = this.#workers.filter((w) => w.loaded && !w.running && w.decoding.length < 2);
       if (free.length === 0 || this.#pending.length === 0) return;
-      // The oldest task some free worker may take; a task pinned to a busy worker lets the others pass.
-      const head = this.#pending.find((t) => t.pin === undefined || free.some((w) => w.index === t.pin));
+      // The oldest task some free worker may take: a task pinned to a busy worker, or whose LoRA adapter set no free
+      // worker holds yet (it is being built), lets the others pass; the base model and cached sets serve meanwhile.
+      const can = (t: Task, w: WorkerHandle) => (t.pin === undefined || w.index === t.pin) && (!t.adapters || w.sets.get(t.adapters.key) === 'ready');
+      const head = this.#pending.find((t) => free.some((w) => can(t, w)));
       if (!head) return;
-      const worker = leastBusy(head.pin === undefined ? free : free.filter((w) => w.index === head.pin));
+      const worker = leastBusy(free.filter((w) => can(head, w)));
       const batch: Task[] = [head];
       let images = head.images;
       for (const t of head.pin === undefined ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
@@ -411,7 +434,26 @@ export class Engine {
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));
-    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}) }, previewEvery: head.previewEvery });
+    const adapters = tasks[0]!.adapters;
+    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
+  }
+
+  /**
+   * Asks a worker to build each adapter set that queued tasks need and no worker holds or builds: the least busy
+   * loaded worker, which goes on serving what it can meanwhile.
+   */
+  #prepareSets(): void {
+    for (const t of this.#pending) {
+      const a = t.adapters;
+      if (!a || this.#workers.some((w) => w.sets.has(a.key))) continue;
+      const loaded = this.#workers.filter((w) => w.loaded);
+      if (loaded.length === 0) return;
+      const w = loaded.reduce((best, x) => (x.sets.size < best.sets.size ? x : best));
+      w.sets.set(a.key, 'loading');
+      this.#setAsked.set(a.key, performance.now());
+      this.log.info({ set: a.key, worker: w.index, adapters: a.refs.map((r) => r.name) }, 'building a LoRA adapter set; its requests wait for it');
+      w.send({ t: 'adapters', key: a.key, refs: a.refs });
+    }
   }
 
   #onMessage(w: WorkerHandle, m: FromWorker): void {
@@ -458,6 +500,35 @@ export class Engine {
         );
         break;
       }
+      case 'adapters-ready': {
+        w.sets.set(m.key, 'ready');
+        const asked = this.#setAsked.get(m.key);
+        this.#setAsked.delete(m.key);
+        const waited = asked === undefined ? m.ms.total : performance.now() - asked;
+        this.metrics.adapterLoad.observe(this.#labels, waited / 1000);
+        this.log.info({ set: m.key, worker: w.index, waitedMs: Math.round(waited), ms: m.ms, mergedMB: Math.round(m.bytes / 2 ** 20), components: m.components, formats: m.formats }, 'LoRA adapter set ready');
+        this.#pump();
+        break;
+      }
+      case 'adapters-failed': {
+        w.sets.delete(m.key);
+        this.#setAsked.delete(m.key);
+        this.log.warn({ set: m.key, worker: w.index, code: m.code, reason: m.message }, 'LoRA adapter set failed');
+        const err = new RuntimeError(m.code as never, m.message);
+        for (const t of [...this.#pending]) {
+          if (t.adapters?.key !== m.key) continue;
+          this.#pending.splice(this.#pending.indexOf(t), 1);
+          this.#finish(t, err);
+        }
+        this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+        this.#checkIdle();
+        this.#pump();
+        break;
+      }
+      case 'adapters-evicted':
+        w.sets.delete(m.key);
+        this.#pump();
+        break;
       case 'denoised': {
         const run = w.running;
         if (run?.id !== m.id) break;
@@ -573,6 +644,7 @@ export class Engine {
     // The batch it was stepping and the one it was decoding, if any.
     const runs = [...(w.running ? [w.running] : []), ...w.decoding.splice(0)];
     w.running = undefined;
+    w.sets.clear();
     this.#deviceBusy(w);
     if (runs.length > 0) {
       const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why}); it is being started again`);

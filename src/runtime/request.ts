@@ -53,6 +53,55 @@ export interface GenerationRequest {
   previewEvery: number;
   /** Image-to-image or inpainting inputs (image-request.ts); absent for text-to-image. */
   image?: ImageRequest;
+  /** LoRA adapters to merge, sorted by name (absent or empty: the base model). */
+  loras?: LoraRequest[];
+}
+
+/** One adapter a request names, and its scale. */
+export interface LoraRequest {
+  name: string;
+  scale: number;
+}
+
+/** Adapter names: one path segment, so a name never leaves the adapters' folder or prefix. */
+export const LORA_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Scales outside this range are refused: at such weights an adapter only destroys the image. */
+export const MAX_LORA_SCALE = 10;
+
+/** The adapter set's key: the names and scales in name order ('' for none). Requests with different keys never share a batch. */
+export const lorasKey = (loras: readonly LoraRequest[] | undefined): string => (loras ?? []).map((l) => `${l.name}:${l.scale}`).join(',');
+
+/**
+ * The `loras` field: a list of `{"name", "scale"}` (scale defaults to 1) or of names. Problems go to `bad`; the
+ * adapters come back sorted by name, so the same set in any order is one set.
+ */
+export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[]): LoraRequest[] {
+  if (v === undefined || v === null) return [];
+  if (!Array.isArray(v)) {
+    bad.push(`${w} must be a list of {"name": …, "scale": …}`);
+    return [];
+  }
+  if (v.length > maxLoras) {
+    bad.push(`${w} names ${v.length} adapters; a request may use at most ${maxLoras} (MAX_LORAS)`);
+    return [];
+  }
+  const out: LoraRequest[] = [];
+  v.forEach((x, i) => {
+    const wi = `${w}[${i}]`;
+    const o = typeof x === 'string' ? { name: x } : x;
+    if (!isObj(o)) return void bad.push(`${wi} must be an object {"name": …, "scale": …} or a name`);
+    for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') bad.push(unknownField(`${wi}.`, k, ['name', 'scale']));
+    const { name, scale = 1 } = o as { name?: unknown; scale?: unknown };
+    if (typeof name !== 'string' || !LORA_NAME.test(name)) {
+      return void bad.push(`${wi}.name must be an adapter name (letters, digits, '.', '_', '-'; up to 128), got ${show(name)}`);
+    }
+    if (typeof scale !== 'number' || !Number.isFinite(scale) || Math.abs(scale) > MAX_LORA_SCALE) {
+      return void bad.push(`${wi}.scale must be a number from -${MAX_LORA_SCALE} to ${MAX_LORA_SCALE}, got ${show(scale)}`);
+    }
+    if (out.some((l) => l.name === name)) return void bad.push(`${wi}.name "${name}" appears twice; give each adapter once with its scale`);
+    out.push({ name, scale });
+  });
+  return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
 export const shapeKey = (s: GenerationShape): string =>
@@ -67,7 +116,7 @@ const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !
 /** Every field of an instance (V1), a WebSocket message, or a V2 input / parameter (V2 has no preview_every). */
 export const INSTANCE_FIELDS = [
   'prompt', 'negative_prompt', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'seed', 'scheduler',
-  'num_images_per_prompt', 'eta', 'guidance_rescale', 'output_format', 'quality', 'output_uri', 'preview_every',
+  'num_images_per_prompt', 'eta', 'guidance_rescale', 'output_format', 'quality', 'output_uri', 'preview_every', 'loras',
   ...IMAGE_FIELDS,
 ] as const;
 
@@ -167,7 +216,7 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
 }
 
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras'>>;
   defaults: ModelDefaults;
   /** Throws RuntimeError INVALID_INPUT naming the known schedulers when the name is unknown. */
   checkScheduler: (name: string) => string;
@@ -282,6 +331,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const uri = str('output_uri', false, 2048);
   if (uri !== undefined && !/^s3:\/\/[^/]+\/.+/.test(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   const image = parseImageFields(inst, w, bad, defaults, steps);
+  const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad);
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
@@ -289,6 +339,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     output: { format, quality, uri },
     previewEvery,
     ...(image ? { image } : {}),
+    ...(loras.length > 0 ? { loras } : {}),
   };
 }
 

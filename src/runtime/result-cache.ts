@@ -3,8 +3,8 @@
  * and the same generation fields gets the same encoded bytes back without touching the device.
  */
 import type { EncodedImage } from './engine.js';
-import type { GenerationRequest } from './request.js';
 import { imageKey } from './image-request.js';
+import { lorasKey, type GenerationRequest } from './request.js';
 
 export interface ResultCache {
   /** The key of a cacheable request, or undefined (a request without an explicit seed is never cached). */
@@ -32,7 +32,7 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       return JSON.stringify([
         modelName, s.width, s.height, s.steps, s.guidance, s.scheduler ?? null, s.eta, s.guidanceRescale,
         req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
-        req.output.format, req.output.quality ?? null, imageKey(req),
+        req.output.format, req.output.quality ?? null, imageKey(req), lorasKey(req.loras),
       ]);
     },
     get(key) {

@@ -3,6 +3,7 @@
  * workers before it even listens: their boot and onnxruntime-node import then overlap the main
  * thread's own imports instead of following them.
  */
+import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
@@ -25,7 +26,10 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
   env.NVIDIA_TF32_OVERRIDE = '0';
 }
 
-export function spawnWorkers(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'>): SpawnedWorker[] {
+type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
+  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir'>>;
+
+export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
 }
 
@@ -35,11 +39,22 @@ export function workerDevice(cfg: Pick<Config, 'gpus' | 'executionProvider'>, in
 }
 
 /** One pipeline worker, `index` of cfg.workers (also what the engine calls to replace a worker that died). */
-export function spawnWorker(cfg: Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'>, index: number): SpawnedWorker {
+export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
   applyTf32(cfg);
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
-  const init: WorkerInit = { ep: cfg.executionProvider, intraOpThreads: threads, workerIndex: index, optimizedModelCache: cfg.optimizedModelCache, graphOptimizationLevel: cfg.graphOptimization, ...(workerDevice(cfg, index) !== undefined ? { deviceId: workerDevice(cfg, index)! } : {}) };
+  const device = workerDevice(cfg, index);
+  const init: WorkerInit = {
+    ep: cfg.executionProvider,
+    intraOpThreads: threads,
+    workerIndex: index,
+    optimizedModelCache: cfg.optimizedModelCache,
+    graphOptimizationLevel: cfg.graphOptimization,
+    ...(device !== undefined ? { deviceId: device } : {}),
+    ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
+      ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
+      : {}),
+  };
   const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
   const early: FromWorker[] = [];
   let deliver: (m: FromWorker) => void = (m) => early.push(m);

@@ -20,8 +20,9 @@ export const SERVER_NAME = 'diffusers-runtime';
 export const EXTENSIONS = ['binary_tensor_data'] as const;
 const VERSIONING = 'Model versioning not supported yet.';
 
-/** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. */
-type Kind = 'string' | 'int' | 'float' | 'image';
+/** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
+ * BYTES input or string parameter holding JSON (the list of LoRA adapters: V2 parameters are flat). */
+type Kind = 'string' | 'int' | 'float' | 'image' | 'json';
 /** The image fields (image-request.ts) as V2 inputs: images as BYTES, strength FP32, resize_mode BYTES. */
 const IMAGE_INPUTS: Readonly<Record<(typeof IMAGE_FIELDS)[number], Kind>> = { image: 'image', mask_image: 'image', strength: 'float', resize_mode: 'string' };
 /** Generation fields accepted as named inputs (one element, or one per prompt) or as request parameters. */
@@ -41,8 +42,9 @@ const FIELDS: Readonly<Record<string, Kind>> = {
   quality: 'int',
   output_uri: 'string',
   ...IMAGE_INPUTS,
+  loras: 'json',
 };
-const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32', image: 'BYTES' };
+const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32', image: 'BYTES', json: 'BYTES' };
 const INTS = new Set(['INT8', 'INT16', 'INT32', 'INT64', 'UINT8', 'UINT16', 'UINT32', 'UINT64']);
 const FLOATS = new Set(['FP16', 'FP32', 'FP64', 'BF16']);
 const ELEMENT_BYTES: Record<string, number> = {
@@ -188,6 +190,8 @@ export function parseInferRequest(r: Req, body: Buffer, maxPrompts = Number.MAX_
     else {
       for (const [k, v] of Object.entries(header.parameters)) {
         if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') parameters[k] = v;
+        // The one structured parameter: taken as the list it is, or as its JSON text (see v2Loras).
+        else if (k === 'loras' && Array.isArray(v)) parameters[k] = JSON.stringify(v);
         else problems.push(`parameters.${k} must be a string, number or boolean (parameters is a flat map), got ${v === null ? 'null' : Array.isArray(v) ? 'a list' : typeof v}`);
       }
     }
@@ -275,7 +279,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) return void problems.push(`${wn}: shape must be a list of non-negative integers`);
   const count = (shape as number[]).reduce((a, b) => a * b, 1);
   const kind = FIELDS[name]!;
-  if ((kind === 'string' || kind === 'image') && datatype !== 'BYTES') return void problems.push(`${wn} must have datatype BYTES, got ${datatype}`);
+  if ((kind === 'string' || kind === 'image' || kind === 'json') && datatype !== 'BYTES') return void problems.push(`${wn} must have datatype BYTES, got ${datatype}`);
   if (kind === 'int' && !INTS.has(datatype)) return void problems.push(`${wn} must have an integer datatype (INT32, INT64, …), got ${datatype}`);
   if (kind === 'float' && !INTS.has(datatype) && !FLOATS.has(datatype)) return void problems.push(`${wn} must have a numeric datatype (FP32, FP64, …), got ${datatype}`);
 
@@ -299,7 +303,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
     const flat = flatten(inp.data);
     if (!flat) return void problems.push(`${wn}: data must be a list (flat or nested)`);
     for (const [k, v] of flat.entries()) {
-      const text = kind === 'string' || kind === 'image';
+      const text = kind === 'string' || kind === 'image' || kind === 'json';
       if (text ? typeof v !== 'string' : typeof v !== 'number') {
         return void problems.push(`${wn}: data[${k}] must be ${text ? 'a string' : 'a number'} for datatype ${datatype}, got ${v === null ? 'null' : typeof v}`);
       }
@@ -408,8 +412,22 @@ export function toInstances(req: InferRequest): Array<Record<string, unknown>> {
   return prompt.values.map((_, i) => {
     const inst: Record<string, unknown> = { ...params };
     for (const t of req.inputs) inst[t.name] = t.values.length === 1 ? t.values[0] : t.values[i];
+    if (Object.hasOwn(inst, 'loras')) inst.loras = v2Loras(inst.loras);
     return inst;
   });
+}
+
+/**
+ * `loras` arrives as JSON text (a BYTES element or a string parameter): `[{"name":"style-x","scale":0.8}]`. The
+ * parsed list is checked like V1's field (parseLoras); text that is not JSON is a 400 here.
+ */
+function v2Loras(v: unknown): unknown {
+  if (typeof v !== 'string') throw bad(`loras must be JSON text such as [{"name":"style-x","scale":0.8}] (a BYTES input or a string parameter), got ${typeof v}`);
+  try {
+    return JSON.parse(v) as unknown;
+  } catch (err) {
+    throw bad(`loras is not JSON: ${(err as Error).message}; send e.g. [{"name":"style-x","scale":0.8}]`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

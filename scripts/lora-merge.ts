@@ -1,0 +1,68 @@
+/**
+ * Merges LoRA adapters into a copy of a model's components, offline, with the runtime's own merge (the same code a
+ * request's adapter set goes through), and writes each component the adapters touch as ONNX:
+ *
+ *   npm run lora:merge -- [--linked] MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]
+ *
+ * OUT_DIR/<component>/model.onnx (+ its external data files) and OUT_DIR/lora-merge.json (what was patched). Used by
+ * scripts/check_lora_export.py to compare with diffusers' fuse_lora followed by an export, and to bake an adapter in.
+ * `--linked` writes the form adapter sets use instead (patched weights in lora.onnx_data, the model's data hard-linked).
+ */
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from '../src/pipeline/lora-keys.js';
+import { readLoraMap, type LoraMap } from '../src/pipeline/lora-map.js';
+import { mergeComponent, writeMergedComponent } from '../src/pipeline/lora-merge.js';
+import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
+
+async function main(args: string[]): Promise<void> {
+  const linked = args[0] === '--linked';
+  const [modelDir, outDir, ...specs] = linked ? args.slice(1) : args;
+  if (!modelDir || !outDir || specs.length === 0) {
+    console.error('usage: lora-merge MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]');
+    process.exit(2);
+  }
+  const adapters = await Promise.all(specs.map(async (spec) => {
+    const m = /^(.*?)(?::(-?[\d.]+))?$/.exec(spec)!;
+    const file = m[1]!;
+    const name = path.basename(file).replace(/\.safetensors$/, '');
+    const st = parseSafetensors(await readFile(file), `adapter "${name}"`);
+    return { parsed: parseAdapter(st, name), st, scale: m[2] === undefined ? 1 : Number(m[2]) };
+  }));
+  const maps = new Map<LoraComponent, LoraMap>();
+  for (const c of LORA_COMPONENTS) {
+    const map = readLoraMap(path.join(modelDir, c));
+    if (map) maps.set(c, map);
+  }
+  const { updates, problems } = resolveAdapters(adapters, maps);
+  if (problems.length > 0) {
+    console.error(problems.join('\n'));
+    process.exit(1);
+  }
+  const by = new Map<LoraComponent, WeightUpdate[]>();
+  for (const u of updates.values()) by.set(u.component, [...(by.get(u.component) ?? []), u]);
+  const report: Record<string, unknown> = {};
+  for (const [component, list] of by) {
+    const t0 = performance.now();
+    const dir = path.join(outDir, component);
+    let bytes: { patchedBytes: number; totalBytes: number };
+    if (linked) {
+      bytes = await writeMergedComponent(path.join(modelDir, component, 'model.onnx'), list, dir);
+    } else {
+      const merged = await mergeComponent(path.join(modelDir, component, 'model.onnx'), list);
+      await mkdir(dir, { recursive: true });
+      await writeFile(path.join(dir, 'model.onnx'), merged.model);
+      for (const e of merged.externalData) await writeFile(path.join(dir, e.path), e.data);
+      bytes = merged;
+    }
+    report[component] = { weights: list.map((u) => u.param).sort(), patchedBytes: bytes.patchedBytes, totalBytes: bytes.totalBytes, ms: Math.round(performance.now() - t0) };
+  }
+  report.formats = Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format]));
+  await writeFile(path.join(outDir, 'lora-merge.json'), `${JSON.stringify(report, null, 1)}\n`);
+  console.log(JSON.stringify(report));
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  console.error((err as Error)?.message ?? err);
+  process.exit(1);
+});

@@ -1,0 +1,215 @@
+/**
+ * @module A component's graph with LoRA updates merged into its initializers. Two forms:
+ *
+ * - `writeMergedComponent` (what adapter sets use): a folder with a new graph file, in which each patched initializer
+ *   points into a small `lora.onnx_data` holding only the merged weights, every other initializer into the original
+ *   external data file through a hard link (ONNX Runtime refuses external data that resolves outside the graph's
+ *   folder, so a symbolic link will not do; across file systems the file is copied, as a clone where the file system
+ *   can), and inline ones stay inline. ONNX Runtime loads it from a path like any model (memory-mapping weights the
+ *   base session maps too), and creating it costs what patching the changed weights costs.
+ * - `mergeComponent`: the whole component in memory, every external file read and patched (a self-contained copy:
+ *   the lora-merge CLI writes it out; onnxruntime-node can also create a session from it with `externalData`
+ *   buffers, which docs/LORA.md measures and explains why sets do not).
+ */
+import { constants } from 'node:fs';
+import { copyFile, link, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import onnxProto from 'onnx-proto';
+import { RuntimeError } from '../errors.js';
+import { fromHalfBits, toHalfBits } from './half.js';
+import { mergeDelta, type WeightUpdate } from './lora-keys.js';
+import { viewPositions } from './lora-map.js';
+
+const { onnx } = onnxProto;
+const FLOAT = 1;
+const FLOAT16 = 10;
+const EXTERNAL = onnx.TensorProto.DataLocation.EXTERNAL;
+
+export interface MergedModel {
+  /** The graph file's bytes (re-encoded when an inline initializer changed). */
+  model: Uint8Array;
+  /** Every external data file the graph names, patched, by the location the graph names it with. */
+  externalData: Array<{ path: string; data: Uint8Array }>;
+  /** Bytes of weights patched, and of the whole component (graph + data): what a session of it holds. */
+  patchedBytes: number;
+  totalBytes: number;
+}
+
+/**
+ * Merges `updates` (all of one component) into `<componentDir>/model.onnx`. Each weight becomes
+ * round(W + Σ factor · up · down), summed in float64 (mergeDelta) and rounded once to the initializer's type (float16
+ * through float32).
+ */
+export async function mergeComponent(modelPath: string, updates: readonly WeightUpdate[]): Promise<MergedModel> {
+  const dir = path.dirname(modelPath);
+  const component = path.basename(dir);
+  const graphBytes = await readFile(modelPath);
+  const model = onnx.ModelProto.decode(graphBytes);
+  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const external = new Map<string, Buffer>();
+  const locationOf = (t: onnxProto.onnx.ITensorProto) => {
+    const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
+    return { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0), length: kv.has('length') ? Number(kv.get('length')) : undefined };
+  };
+  // Every external file, patched or not: a session created from bytes finds none of them on disk.
+  for (const t of inits.values()) {
+    if (t.dataLocation !== EXTERNAL) continue;
+    const { location } = locationOf(t);
+    if (external.has(location)) continue;
+    const file = path.resolve(dir, location);
+    if (!file.startsWith(dir + path.sep)) throw new RuntimeError('MODEL_FORMAT', `${component}: external data location ${JSON.stringify(location)} leaves the component folder`);
+    external.set(location, await readFile(file));
+  }
+  let inlineChanged = false;
+  let patchedBytes = 0;
+  for (const u of updates) {
+    const t = inits.get(u.entry.initializer);
+    if (!t) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json names initializer ${JSON.stringify(u.entry.initializer)} for ${u.param}, which the graph does not have`);
+    const type = t.dataType ?? 0;
+    if (type !== FLOAT && type !== FLOAT16) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} (${u.param}) is of ONNX type ${type}; LoRA merges float32 and float16 weights`);
+    const size = type === FLOAT ? 4 : 2;
+    const count = (t.dims ?? []).reduce((a: number, b) => a * Number(b), 1);
+    let bytes: Uint8Array;
+    if (t.dataLocation === EXTERNAL) {
+      const { location, offset, length } = locationOf(t);
+      const file = external.get(location)!;
+      if (offset + (length ?? count * size) > file.byteLength) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} lies past the end of ${location}`);
+      bytes = file.subarray(offset, offset + count * size);
+    } else if (t.rawData && t.rawData.byteLength > 0) {
+      // A copy: the decoded proto's raw data may be a view of the graph file's bytes.
+      bytes = new Uint8Array(t.rawData);
+      t.rawData = bytes;
+      inlineChanged = true;
+    } else {
+      throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} keeps its values outside raw_data; re-export the model with scripts/export_sd.py`);
+    }
+    if (bytes.byteLength !== count * size) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} holds ${bytes.byteLength} bytes for ${count} values`);
+    patchedBytes += patch(bytes, type, count, u, component);
+  }
+  const out = inlineChanged ? onnx.ModelProto.encode(model).finish() : graphBytes;
+  const externalData = [...external].map(([p, data]) => ({ path: p, data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) }));
+  return { model: out, externalData, patchedBytes, totalBytes: out.byteLength + externalData.reduce((n, e) => n + e.data.byteLength, 0) };
+}
+
+
+export interface WrittenModel {
+  /** The merged graph's path (in `outDir`), to create a session from. */
+  modelPath: string;
+  patchedBytes: number;
+  /** Bytes of the whole component's weights: what a session of it holds on the device. */
+  totalBytes: number;
+  /** How the unchanged external data got into the folder. */
+  data: 'none' | 'linked' | 'copied';
+}
+
+/** Offsets in lora.onnx_data are page aligned, so ONNX Runtime may map them as it maps other external data. */
+const ALIGN = 4096;
+
+/**
+ * Writes the merged component into `outDir` (created; anything there is replaced): `model.onnx`, `lora.onnx_data`
+ * with the patched initializers, and a hard link (or copy) per original external data file. Each weight becomes
+ * round(W + Σ factor · up · down) as in mergeComponent.
+ */
+export async function writeMergedComponent(modelPath: string, updates: readonly WeightUpdate[], outDir: string, opts: { link?: boolean } = {}): Promise<WrittenModel> {
+  const dir = path.dirname(modelPath);
+  const component = path.basename(dir);
+  const model = onnx.ModelProto.decode(await readFile(modelPath));
+  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const locations = new Set<string>();
+  for (const t of inits.values()) if (t.dataLocation === EXTERNAL) locations.add(externalOf(t).location);
+  for (const l of locations) {
+    const file = path.resolve(dir, l);
+    if (!file.startsWith(dir + path.sep) || l.includes('/') || l.includes('\\') || l === PATCH_FILE) {
+      throw new RuntimeError('MODEL_FORMAT', `${component}: external data location ${JSON.stringify(l)} is not a file beside the graph`);
+    }
+  }
+  const chunks: Uint8Array[] = [];
+  let offset = 0;
+  let patchedBytes = 0;
+  const byName = new Map(updates.map((u) => [u.entry.initializer, [] as WeightUpdate[]] as const));
+  for (const u of updates) byName.get(u.entry.initializer)!.push(u);
+  // Packed Q/K/V weights take several updates: each initializer is read, patched by all of its updates, written once.
+  for (const [name, list] of byName) {
+    const t = inits.get(name);
+    if (!t) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json names initializer ${JSON.stringify(name)} for ${list[0]!.param}, which the graph does not have`);
+    const type = t.dataType ?? 0;
+    if (type !== FLOAT && type !== FLOAT16) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} (${list[0]!.param}) is of ONNX type ${type}; LoRA merges float32 and float16 weights`);
+    const size = type === FLOAT ? 4 : 2;
+    const count = (t.dims ?? []).reduce((a: number, b) => a * Number(b), 1);
+    let bytes: Uint8Array;
+    if (t.dataLocation === EXTERNAL) {
+      const e = externalOf(t);
+      bytes = await readRange(path.join(dir, e.location), e.offset, count * size);
+    } else if (t.rawData && t.rawData.byteLength > 0) {
+      bytes = new Uint8Array(t.rawData);
+    } else {
+      throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} keeps its values outside raw_data; re-export the model with scripts/export_sd.py`);
+    }
+    if (bytes.byteLength !== count * size) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} holds ${bytes.byteLength} bytes for ${count} values`);
+    for (const u of list) patchedBytes += patch(bytes, type, count, u, component);
+    const at = Math.ceil(offset / ALIGN) * ALIGN;
+    if (at > offset) chunks.push(new Uint8Array(at - offset));
+    chunks.push(bytes);
+    offset = at + bytes.byteLength;
+    t.rawData = new Uint8Array(0);
+    t.dataLocation = EXTERNAL;
+    t.externalData = [
+      { key: 'location', value: PATCH_FILE },
+      { key: 'offset', value: String(at) },
+      { key: 'length', value: String(bytes.byteLength) },
+    ];
+  }
+  await rm(outDir, { recursive: true, force: true });
+  await mkdir(outDir, { recursive: true });
+  let data: WrittenModel['data'] = locations.size > 0 ? 'linked' : 'none';
+  for (const l of locations) {
+    try {
+      if (opts.link === false) throw new Error('copy asked for');
+      await link(path.resolve(dir, l), path.join(outDir, l));
+    } catch {
+      // Another file system (EXDEV) or no hard links there: a copy, cloned where the file system supports it.
+      await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
+      data = 'copied';
+    }
+  }
+  await writeFile(path.join(outDir, PATCH_FILE), Buffer.concat(chunks));
+  const out = path.join(outDir, 'model.onnx');
+  await writeFile(out, onnx.ModelProto.encode(model).finish());
+  let totalBytes = (await stat(modelPath)).size;
+  for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
+  return { modelPath: out, patchedBytes, totalBytes, data };
+}
+
+const PATCH_FILE = 'lora.onnx_data';
+
+function externalOf(t: onnxProto.onnx.ITensorProto): { location: string; offset: number } {
+  const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
+  return { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0) };
+}
+
+async function readRange(file: string, offset: number, length: number): Promise<Uint8Array> {
+  const { open } = await import('node:fs/promises');
+  const fh = await open(file, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    const { bytesRead } = await fh.read(buf, 0, length, offset);
+    if (bytesRead !== length) throw new RuntimeError('MODEL_FORMAT', `${path.basename(path.dirname(file))}: an initializer lies past the end of ${path.basename(file)}`);
+    return buf;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Adds one update into the initializer's bytes in place; returns the bytes it changed. */
+function patch(bytes: Uint8Array, type: number, count: number, u: WeightUpdate, component: string): number {
+  const pos = viewPositions(u.entry.view);
+  const delta = mergeDelta(u);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let i = 0; i < delta.length; i++) {
+    const p = pos[i]!;
+    if (p < 0 || p >= count) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json places ${u.param} outside initializer ${u.entry.initializer}`);
+    if (type === FLOAT) view.setFloat32(p * 4, view.getFloat32(p * 4, true) + delta[i]!, true);
+    else view.setUint16(p * 2, toHalfBits(fromHalfBits(view.getUint16(p * 2, true)) + delta[i]!), true);
+  }
+  return delta.length * (type === FLOAT ? 4 : 2);
+}

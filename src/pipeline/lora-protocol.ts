@@ -1,0 +1,43 @@
+/** @module Messages between a pipeline worker and the thread of one adapter set (lora-thread.ts). */
+import type { GraphOptimizationLevel, Feed } from './onnx.js';
+import type { IoMeta } from './protocol.js';
+import type { LoraComponent } from './lora-keys.js';
+
+/** One adapter of a set: its name, its local file, and the request's scale. */
+export interface AdapterRef {
+  name: string;
+  file: string;
+  scale: number;
+}
+
+export interface LoraInit {
+  /** The set's key (for logs). */
+  key: string;
+  provider: 'cuda' | 'cpu';
+  intraOpThreads: number;
+  graphOptimizationLevel?: GraphOptimizationLevel;
+  deviceId?: number;
+  /** This set's own folder for its merged graphs (removed when the thread ends). */
+  workDir: string;
+}
+
+export type ToLora =
+  /** `components`: the model's graph files an adapter may touch (model.onnx paths); only those touched are built. */
+  | { t: 'build'; id: number; adapters: AdapterRef[]; components: Partial<Record<LoraComponent, string>> }
+  | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
+  | { t: 'close' };
+
+export type FromLora =
+  | {
+      t: 'built';
+      id: number;
+      sessions: Array<{ component: LoraComponent; session: number; inputs: IoMeta[]; outputs: IoMeta[]; ms: number; weights: number }>;
+      /** Bytes of weights the merge changed, and of the merged components as a whole (what their sessions hold). */
+      patchedBytes: number;
+      totalBytes: number;
+      ms: { read: number; merge: number; sessions: number };
+      formats: Record<string, string>;
+    }
+  | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
+  | { t: 'failed'; id: number; code: string; message: string }
+  | { t: 'log'; level: 'info' | 'warn'; msg: string; obj?: Record<string, unknown> };

@@ -1,0 +1,126 @@
+/**
+ * @module The safetensors format, read and written without native code: an 8-byte little-endian header length, a
+ * JSON header (`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}`), then the
+ * tensors' bytes, little-endian, row-major, offsets relative to the end of the header.
+ */
+import { RuntimeError } from '../errors.js';
+import { fromHalfBits } from './half.js';
+
+/** A header bigger than this is not a LoRA file (kohya's largest SDXL LoRAs have headers of a few hundred KB). */
+export const MAX_HEADER_BYTES = 64 * 1024 * 1024;
+
+const ELEMENT_BYTES: Readonly<Record<string, number>> = {
+  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1, U16: 2, U32: 4, U64: 8,
+  F8_E4M3: 1, F8_E5M2: 1,
+};
+/** The dtypes whose values a LoRA merge can read. */
+const FLOAT_DTYPES = new Set(['F64', 'F32', 'F16', 'BF16']);
+
+export interface StTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** Byte range in the data section (after the header). */
+  begin: number;
+  end: number;
+}
+
+export interface SafeTensors {
+  tensors: Map<string, StTensor>;
+  metadata: Record<string, string>;
+  /** The file's bytes after the header. */
+  data: Uint8Array;
+}
+
+/** `what` names the file in errors (an adapter name, never a local path). */
+export function parseSafetensors(buf: Uint8Array, what: string): SafeTensors {
+  const bad = (msg: string) => new RuntimeError('INVALID_INPUT', `${what} is not a valid safetensors file: ${msg}`);
+  if (buf.byteLength < 8) throw bad(`${buf.byteLength} bytes, shorter than the 8-byte header length`);
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const n = view.getBigUint64(0, true);
+  if (n > BigInt(Math.min(MAX_HEADER_BYTES, buf.byteLength - 8))) throw bad(`header length ${n} runs past the file (${buf.byteLength} bytes) or over ${MAX_HEADER_BYTES}`);
+  const headerLen = Number(n);
+  let header: unknown;
+  try {
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(buf.subarray(8, 8 + headerLen)));
+  } catch (err) {
+    throw bad(`the header is not JSON (${(err as Error).message})`);
+  }
+  if (typeof header !== 'object' || header === null || Array.isArray(header)) throw bad('the header is not a JSON object');
+  const data = buf.subarray(8 + headerLen);
+  const tensors = new Map<string, StTensor>();
+  let metadata: Record<string, string> = {};
+  const ranges: Array<[number, number, string]> = [];
+  for (const [name, v] of Object.entries(header as Record<string, unknown>)) {
+    if (name === '__metadata__') {
+      if (typeof v !== 'object' || v === null || Array.isArray(v) || !Object.values(v).every((x) => typeof x === 'string')) throw bad('__metadata__ must map strings to strings');
+      metadata = { ...(v as Record<string, string>) };
+      continue;
+    }
+    const t = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+    if (typeof t !== 'object' || t === null) throw bad(`tensor ${JSON.stringify(name)} is not an object`);
+    const dtype = t.dtype;
+    if (typeof dtype !== 'string' || !Object.hasOwn(ELEMENT_BYTES, dtype)) throw bad(`tensor ${JSON.stringify(name)} has unknown dtype ${JSON.stringify(dtype)}`);
+    const shape = t.shape;
+    if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) throw bad(`tensor ${JSON.stringify(name)} has a bad shape`);
+    const off = t.data_offsets;
+    if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) throw bad(`tensor ${JSON.stringify(name)} has bad data_offsets`);
+    const [begin, end] = off as [number, number];
+    const count = (shape as number[]).reduce((a, b) => a * b, 1);
+    if (end < begin || end > data.byteLength) throw bad(`tensor ${JSON.stringify(name)} lies outside the data (${begin}..${end} of ${data.byteLength} bytes)`);
+    if (end - begin !== count * ELEMENT_BYTES[dtype]!) throw bad(`tensor ${JSON.stringify(name)}: ${end - begin} bytes for ${count} ${dtype} values`);
+    tensors.set(name, { name, dtype, shape: shape as number[], begin, end });
+    ranges.push([begin, end, name]);
+  }
+  ranges.sort((a, b) => a[0] - b[0]);
+  for (let i = 1; i < ranges.length; i++) {
+    if (ranges[i]![0] < ranges[i - 1]![1]) throw bad(`tensors ${JSON.stringify(ranges[i - 1]![2])} and ${JSON.stringify(ranges[i]![2])} overlap`);
+  }
+  return { tensors, metadata, data };
+}
+
+/** A tensor's values as float64 (F32, F16, BF16, F64); other dtypes are refused by name. */
+export function readFloats(st: SafeTensors, t: StTensor, what: string): Float64Array {
+  if (!FLOAT_DTYPES.has(t.dtype)) throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; LoRA weights must be F32, F16, BF16 or F64`);
+  const bytes = st.data.subarray(t.begin, t.end);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const size = ELEMENT_BYTES[t.dtype]!;
+  const n = bytes.byteLength / size;
+  const out = new Float64Array(n);
+  const u32 = new Uint32Array(1);
+  const f32 = new Float32Array(u32.buffer);
+  for (let i = 0; i < n; i++) {
+    switch (t.dtype) {
+      case 'F32': out[i] = view.getFloat32(i * 4, true); break;
+      case 'F16': out[i] = fromHalfBits(view.getUint16(i * 2, true)); break;
+      case 'BF16': u32[0] = view.getUint16(i * 2, true) << 16; out[i] = f32[0]!; break;
+      default: out[i] = view.getFloat64(i * 8, true);
+    }
+  }
+  return out;
+}
+
+/** Writes a safetensors file of float32 tensors (the demo model's adapter, tests), tensors in the order given. */
+export function writeSafetensors(tensors: ReadonlyArray<{ name: string; shape: number[]; data: Float32Array }>, metadata?: Record<string, string>): Uint8Array {
+  const header: Record<string, unknown> = {};
+  if (metadata) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const t of tensors) {
+    if (t.data.length !== t.shape.reduce((a, b) => a * b, 1)) throw new Error(`${t.name}: ${t.data.length} values for shape [${t.shape}]`);
+    header[t.name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  // The data section starts 8-byte aligned, as the reference writer pads it.
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const head = Buffer.from(json, 'utf8');
+  const out = new Uint8Array(8 + head.byteLength + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(head.byteLength), true);
+  out.set(head, 8);
+  let o = 8 + head.byteLength;
+  for (const t of tensors) {
+    out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), o);
+    o += t.data.byteLength;
+  }
+  return out;
+}

@@ -1,0 +1,149 @@
+/**
+ * @module The thread of one adapter set: it reads the adapters, merges them into copies of the components they touch
+ * (lora-merge.ts), creates those sessions and runs them. One thread per set, so merging and session creation (which
+ * ORT does synchronously on the calling thread) never hold up the pipeline worker's base sessions, and evicting a set
+ * is ending its thread.
+ */
+import { readFileSync } from 'node:fs';
+import { readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { parentPort, workerData } from 'node:worker_threads';
+import { RuntimeError, isRuntimeError } from '../errors.js';
+import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from './lora-keys.js';
+import { readLoraMap, type LoraMap } from './lora-map.js';
+import { writeMergedComponent } from './lora-merge.js';
+import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
+import { parseSafetensors } from './lora-safetensors.js';
+import { parsePyJson } from './pyjson.js';
+import { SessionFactory, type OnnxSession } from './onnx.js';
+
+const port = parentPort;
+if (!port) throw new Error('lora-thread.ts must run in a worker thread');
+const init = workerData as LoraInit;
+const post = (m: FromLora) => port.postMessage(m);
+const log = (level: 'info' | 'warn', msg: string, obj?: object) => post({ t: 'log', level, msg, obj: { set: init.key, ...(obj as Record<string, unknown>) } });
+
+const factory = new SessionFactory({
+  ep: init.provider,
+  decided: init.provider,
+  intraOpThreads: init.intraOpThreads,
+  // The merged graphs live only as long as this thread: no optimised copy is worth writing for them.
+  optimizedModelCache: 'off',
+  ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
+  ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
+  log,
+});
+const sessions = new Map<number, OnnxSession>();
+let next = 1;
+
+const fail = (id: number, err: unknown) =>
+  post({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+
+async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
+  const t0 = performance.now();
+  const adapters = await Promise.all(
+    m.adapters.map(async (a) => {
+      let bytes: Buffer;
+      try {
+        bytes = await readFile(a.file);
+      } catch {
+        throw new RuntimeError('INVALID_INPUT', `adapter "${a.name}" could not be read`);
+      }
+      const st = parseSafetensors(bytes, `adapter "${a.name}"`);
+      return { parsed: parseAdapter(st, a.name), st, scale: a.scale };
+    }),
+  );
+  const maps = new Map<LoraComponent, LoraMap>();
+  for (const c of LORA_COMPONENTS) {
+    const p = m.components[c];
+    if (p === undefined) continue;
+    const map = readLoraMap(path.dirname(p));
+    if (map) maps.set(c, map);
+  }
+  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(m.components.unet));
+  if (problems.length > 0) throw new RuntimeError('INVALID_INPUT', problems.join('; '));
+  const byComponent = new Map<LoraComponent, WeightUpdate[]>();
+  for (const u of updates.values()) {
+    if (!byComponent.has(u.component)) byComponent.set(u.component, []);
+    byComponent.get(u.component)!.push(u);
+  }
+  const t1 = performance.now();
+  const built: Extract<FromLora, { t: 'built' }>['sessions'] = [];
+  let patchedBytes = 0;
+  let totalBytes = 0;
+  let mergeMs = 0;
+  const data: string[] = [];
+  for (const [component, list] of byComponent) {
+    const m0 = performance.now();
+    let merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component));
+    mergeMs += performance.now() - m0;
+    let made: Awaited<ReturnType<SessionFactory['create']>>;
+    try {
+      made = await factory.create(component, merged.modelPath);
+    } catch (err) {
+      // A runtime that refuses data files with several hard links (onnx's own loader does, as a guard against link
+      // attacks) gets a copy instead.
+      if (merged.data !== 'linked') throw err;
+      log('warn', 'ONNX Runtime refused the hard-linked weights; copying them for this set', { component, reason: String((err as Error)?.message ?? err).split('\n')[0] });
+      merged = await writeMergedComponent(m.components[component]!, list, path.join(init.workDir, component), { link: false });
+      made = await factory.create(component, merged.modelPath);
+    }
+    if (merged.data === 'copied') data.push(component);
+    const id = next++;
+    sessions.set(id, made.session);
+    patchedBytes += merged.patchedBytes;
+    totalBytes += merged.totalBytes;
+    const meta = (which: 'inputMetadata' | 'outputMetadata') =>
+      made.session.session[which].map((x) => ({ name: x.name, isTensor: true as const, type: String((x as { type?: unknown }).type), shape: [...((x as { shape?: Array<number | string> }).shape ?? [])] }));
+    built.push({ component, session: id, inputs: meta('inputMetadata'), outputs: meta('outputMetadata'), ms: made.ms, weights: list.length });
+  }
+  // A copy costs disk and time per set: say so once per set, with what to change.
+  if (data.length > 0) log('warn', 'the model\'s weights were copied for this adapter set (MODEL_CACHE_DIR is on another file system than the model, so they could not be hard-linked)', { components: data });
+  post({
+    t: 'built',
+    id: m.id,
+    sessions: built,
+    patchedBytes,
+    totalBytes,
+    ms: { read: Math.round(t1 - t0), merge: Math.round(mergeMs), sessions: Math.round(built.reduce((n, b) => n + b.ms, 0)) },
+    formats: Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format])),
+  });
+}
+
+/** The UNet config's layers_per_block (SDXL kohya names need it), when the config says. */
+function layersPerBlock(unetModel: string | undefined): number | undefined {
+  if (unetModel === undefined) return undefined;
+  try {
+    const v = (parsePyJson(readFileSync(path.join(path.dirname(unetModel), 'config.json'), 'utf8')) as Record<string, unknown>).layers_per_block;
+    return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function run(m: Extract<ToLora, { t: 'run' }>): Promise<void> {
+  const s = sessions.get(m.session);
+  if (!s) throw new RuntimeError('INTERNAL', `no session ${m.session} on the adapter thread`);
+  const out = await s.run(m.feeds, m.outputs);
+  post({ t: 'ran', id: m.id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+}
+
+// One thing at a time: ORT creates and runs synchronously on this thread anyway.
+let queue: Promise<void> = Promise.resolve();
+port.on('message', (m: ToLora) => {
+  switch (m.t) {
+    case 'build':
+      queue = queue.then(() => build(m).catch((err) => fail(m.id, err)));
+      break;
+    case 'run':
+      queue = queue.then(() => run(m).catch((err) => fail(m.id, err)));
+      break;
+    case 'close':
+      void queue.then(async () => {
+        await Promise.allSettled([...sessions.values()].map((s) => s.release()));
+        await rm(init.workDir, { recursive: true, force: true }).catch(() => undefined);
+        process.exit(0);
+      });
+      break;
+  }
+});

@@ -1,0 +1,134 @@
+/**
+ * @module Where a LoRA adapter named in a request comes from, on the main thread: the model's own `loras/` folder
+ * (`loras/<name>.safetensors` or `loras/<name>/<one file>.safetensors`), then LORA_URI — a local folder with the same
+ * two forms, or an S3 prefix whose `<name>/` folder is fetched through the model cache (lock, parallel ranged reads,
+ * atomic commit; diffusers' `save_lora_weights` and Hugging Face LoRA repositories have that layout). A name resolves
+ * once per process; a failed lookup is forgotten, so an adapter uploaded later is found.
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+import type { Config } from '../config.js';
+import { RuntimeError, isRuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { AdapterRef } from '../pipeline/lora-protocol.js';
+import { LORA_NAME, type LoraRequest } from './request.js';
+
+export class AdapterSource {
+  #modelDir: string | undefined;
+  readonly #files = new Map<string, Promise<string>>();
+
+  constructor(
+    private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
+    private readonly log: Logger,
+  ) {}
+
+  /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
+  setModelDir(dir: string): void {
+    if (this.#modelDir !== undefined && path.resolve(dir) === path.resolve(this.#modelDir)) return;
+    this.#modelDir = dir;
+    this.#files.clear();
+  }
+
+  /** The local file of every adapter, or one 400 naming every adapter that was not found. */
+  async resolve(loras: readonly LoraRequest[], signal?: AbortSignal): Promise<AdapterRef[]> {
+    const got = await Promise.allSettled(loras.map((l) => this.#file(l.name, signal)));
+    const missing: string[] = [];
+    const other: RuntimeError[] = [];
+    got.forEach((g, i) => {
+      if (g.status === 'fulfilled') return;
+      const err = g.reason as unknown;
+      if (isRuntimeError(err) && err.code === 'NOT_FOUND') missing.push(loras[i]!.name);
+      else other.push(isRuntimeError(err) ? err : new RuntimeError('INTERNAL', `adapter "${loras[i]!.name}": ${(err as Error)?.message ?? String(err)}`));
+    });
+    if (missing.length > 0) {
+      const where = ['the model\'s loras/ folder', ...(this.cfg.loraUri !== undefined ? ['LORA_URI'] : [])].join(' or ');
+      throw new RuntimeError('INVALID_INPUT', `unknown LoRA adapter${missing.length > 1 ? 's' : ''} ${missing.map((n) => `"${n}"`).join(', ')}: not found in ${where}${this.#known()}`);
+    }
+    if (other.length > 0) throw other[0]!;
+    return loras.map((l, i) => ({ name: l.name, scale: l.scale, file: (got[i] as PromiseFulfilledResult<string>).value }));
+  }
+
+  /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
+  #known(): string {
+    const names = this.#modelDir ? localNames(path.join(this.#modelDir, 'loras')) : [];
+    return names.length > 0 ? `; the model has ${names.slice(0, 20).join(', ')}${names.length > 20 ? ', …' : ''}` : '';
+  }
+
+  #file(name: string, signal?: AbortSignal): Promise<string> {
+    if (!LORA_NAME.test(name)) return Promise.reject(new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`));
+    let p = this.#files.get(name);
+    if (!p) {
+      p = this.#lookup(name, signal);
+      this.#files.set(name, p);
+      p.catch(() => this.#files.delete(name));
+    }
+    return p;
+  }
+
+  async #lookup(name: string, signal?: AbortSignal): Promise<string> {
+    const local = this.#modelDir ? inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
+    if (local) return local;
+    const uri = this.cfg.loraUri;
+    if (uri === undefined) throw new RuntimeError('NOT_FOUND', name);
+    if (!uri.startsWith('s3://')) {
+      const dir = uri.startsWith('file://') ? new URL(uri).pathname : uri;
+      const f = inFolder(dir, name);
+      if (f) return f;
+      throw new RuntimeError('NOT_FOUND', name);
+    }
+    const t0 = performance.now();
+    const { resolveModel } = await import('../storage/index.js');
+    let dir: string;
+    try {
+      const r = await resolveModel(`${uri.replace(/\/+$/, '')}/${name}/`, { cfg: this.cfg, log: this.log, ...(signal ? { signal } : {}) });
+      dir = r.dir;
+      this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
+    } catch (err) {
+      if (isRuntimeError(err) && err.code === 'STORAGE_MISSING') throw new RuntimeError('NOT_FOUND', name);
+      const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
+      throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
+    }
+    const f = single(dir, name);
+    if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
+    return f;
+  }
+}
+
+/** `<dir>/<name>.safetensors`, or the one .safetensors file of `<dir>/<name>/`. */
+function inFolder(dir: string, name: string): string | undefined {
+  const file = path.join(dir, `${name}.safetensors`);
+  if (isFile(file)) return file;
+  const sub = path.join(dir, name);
+  return single(sub, name);
+}
+
+function single(dir: string, name: string): string | undefined {
+  let files: string[];
+  try {
+    files = readdirSync(dir).filter((f) => f.endsWith('.safetensors') && isFile(path.join(dir, f)));
+  } catch {
+    return undefined;
+  }
+  if (files.length === 1) return path.join(dir, files[0]!);
+  // diffusers' save_lora_weights name wins when a folder holds several.
+  if (files.includes('pytorch_lora_weights.safetensors')) return path.join(dir, 'pytorch_lora_weights.safetensors');
+  if (files.length > 1) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" is a folder with ${files.length} .safetensors files; keep one per adapter`);
+  return undefined;
+}
+
+function localNames(dir: string): string[] {
+  if (!existsSync(dir)) return [];
+  try {
+    return readdirSync(dir).map((f) => (f.endsWith('.safetensors') ? f.slice(0, -'.safetensors'.length) : f)).filter((n) => LORA_NAME.test(n)).sort();
+  } catch {
+    return [];
+  }
+}
+
+function isFile(p: string): boolean {
+  try {
+    return statSync(p).isFile();
+  } catch {
+    return false;
+  }
+}

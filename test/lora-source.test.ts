@@ -1,0 +1,75 @@
+/**
+ * Where adapters come from: the model's loras/ folder first, then LORA_URI — a local folder, or an S3 prefix fetched
+ * through the model cache (a real S3 server on loopback, s3rver).
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../src/log.js';
+import { AdapterSource } from '../src/runtime/adapters.js';
+import { CREDS, destroyS3, startS3, testConfig, type S3Server } from './helpers/s3.js';
+import { tempDir } from './helpers/server.js';
+
+describe('adapter source', () => {
+  let s3: S3Server;
+  const tmp = tempDir('lora-source-');
+  const model = path.join(tmp.dir, 'model');
+  const local = path.join(tmp.dir, 'local-loras');
+  const bytes = Buffer.from('not parsed here: the worker thread reads the file');
+
+  beforeAll(async () => {
+    // The S3 clients take credentials from the environment, as in a pod.
+    Object.assign(process.env, CREDS);
+    s3 = await startS3(['loras']);
+    await s3.put('loras', 'adapters/from-s3/pytorch_lora_weights.safetensors', bytes);
+    await s3.put('loras', 'adapters/two-files/a.safetensors', bytes);
+    await s3.put('loras', 'adapters/two-files/b.safetensors', bytes);
+    mkdirSync(path.join(model, 'loras'), { recursive: true });
+    writeFileSync(path.join(model, 'loras', 'in-model.safetensors'), bytes);
+    mkdirSync(local, { recursive: true });
+    writeFileSync(path.join(local, 'local-one.safetensors'), bytes);
+  });
+  afterAll(async () => {
+    await destroyS3(s3);
+    tmp.cleanup();
+  });
+
+  it('fetches an adapter folder from an S3 LORA_URI into the cache, once', async () => {
+    const cache = path.join(tmp.dir, 'cache');
+    const src = new AdapterSource(testConfig(s3.endpoint, cache, { LORA_URI: 's3://loras/adapters' }), createLogger('silent'));
+    src.setModelDir(model);
+    const [ref] = await src.resolve([{ name: 'from-s3', scale: 0.5 }]);
+    expect(ref!.name).toBe('from-s3');
+    expect(ref!.scale).toBe(0.5);
+    expect(ref!.file.startsWith(path.resolve(cache) + path.sep)).toBe(true);
+    expect(readFileSync(ref!.file)).toEqual(bytes);
+    // A committed cache entry, as for models.
+    expect(existsSync(path.join(path.dirname(ref!.file), '.complete.json'))).toBe(true);
+    // The model's own adapters come first and need no S3.
+    const [own] = await src.resolve([{ name: 'in-model', scale: 1 }]);
+    expect(own!.file).toBe(path.join(model, 'loras', 'in-model.safetensors'));
+    // Resolved once per process: S3 gone, the name still resolves.
+    await s3.stop();
+    try {
+      expect((await src.resolve([{ name: 'from-s3', scale: 1 }]))[0]!.file).toBe(ref!.file);
+    } finally {
+      await s3.restart();
+    }
+  });
+
+  it('answers 400 naming every unknown adapter, and refuses a folder with several files', async () => {
+    const src = new AdapterSource(testConfig(s3.endpoint, path.join(tmp.dir, 'cache2'), { LORA_URI: 's3://loras/adapters/' }), createLogger('silent'));
+    src.setModelDir(model);
+    await expect(src.resolve([{ name: 'nope', scale: 1 }, { name: 'in-model', scale: 1 }, { name: 'gone', scale: 1 }])).rejects.toThrow(
+      /^unknown LoRA adapters "nope", "gone": not found in the model's loras\/ folder or LORA_URI; the model has in-model$/,
+    );
+    await expect(src.resolve([{ name: 'two-files', scale: 1 }])).rejects.toThrow(/adapter "two-files" is a folder with 2 .safetensors files; keep one per adapter/);
+  });
+
+  it('reads a local LORA_URI folder', async () => {
+    const src = new AdapterSource(testConfig(s3.endpoint, path.join(tmp.dir, 'cache3'), { LORA_URI: local }), createLogger('silent'));
+    src.setModelDir(model);
+    expect((await src.resolve([{ name: 'local-one', scale: 1 }]))[0]!.file).toBe(path.join(local, 'local-one.safetensors'));
+    await expect(src.resolve([{ name: 'nope', scale: 1 }])).rejects.toThrow(/unknown LoRA adapter "nope"/);
+  });
+});

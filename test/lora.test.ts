@@ -1,0 +1,240 @@
+/**
+ * LoRA pieces on their own: the safetensors parser, both key conventions on files diffusers and PEFT made
+ * (test/fixtures/lora, see its README), the merge of a component checked against diffusers' own fuse_lora, the map's
+ * strided views, and the adapter-set cache's eviction rules.
+ */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { parseAdapter, resolveAdapters, mergeDelta, sgmCandidates, type LoraComponent } from '../src/pipeline/lora-keys.js';
+import { checkLoraMap, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
+import { parseSafetensors, readFloats, writeSafetensors } from '../src/pipeline/lora-safetensors.js';
+import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
+
+const FIX = path.join(import.meta.dirname, 'fixtures', 'lora');
+const load = (f: string) => parseSafetensors(readFileSync(path.join(FIX, f)), f);
+const maps = new Map<LoraComponent, LoraMap>(
+  (['unet', 'text_encoder'] as const).map((c) => [c, checkLoraMap(JSON.parse(readFileSync(path.join(FIX, `${c}.lora_map.json`), 'utf8')), c)]),
+);
+
+describe('safetensors', () => {
+  it('reads what it writes, metadata and dtypes included', () => {
+    const bytes = writeSafetensors([{ name: 'a', shape: [2, 2], data: Float32Array.of(1, -2, 3.5, 0) }, { name: 'b', shape: [], data: Float32Array.of(8) }], { k: 'v' });
+    const st = parseSafetensors(bytes, 'x');
+    expect(st.metadata).toEqual({ k: 'v' });
+    expect([...readFloats(st, st.tensors.get('a')!, 'x')]).toEqual([1, -2, 3.5, 0]);
+    expect(st.tensors.get('b')!.shape).toEqual([]);
+  });
+
+  it('reads F16 and BF16 tensors as safetensors stores them', () => {
+    const header = JSON.stringify({ h: { dtype: 'F16', shape: [2], data_offsets: [0, 4] }, b: { dtype: 'BF16', shape: [1], data_offsets: [4, 6] } });
+    const buf = Buffer.alloc(8 + header.length + 6);
+    buf.writeBigUInt64LE(BigInt(header.length), 0);
+    buf.write(header, 8);
+    const d = 8 + header.length;
+    buf.writeUInt16LE(0x3c00, d); // 1.0
+    buf.writeUInt16LE(0xc000, d + 2); // -2.0
+    buf.writeUInt16LE(0x3fc0, d + 4); // bf16 1.5
+    const st = parseSafetensors(buf, 'x');
+    expect([...readFloats(st, st.tensors.get('h')!, 'x')]).toEqual([1, -2]);
+    expect([...readFloats(st, st.tensors.get('b')!, 'x')]).toEqual([1.5]);
+  });
+
+  it.each([
+    ['too short', Buffer.alloc(4), /shorter than the 8-byte header length/],
+    ['a header past the end', (() => { const b = Buffer.alloc(16); b.writeBigUInt64LE(100n, 0); return b; })(), /runs past the file/],
+    ['a header that is not JSON', (() => { const b = Buffer.alloc(12); b.writeBigUInt64LE(4n, 0); b.write('{{{{', 8); return b; })(), /not JSON/],
+  ])('refuses %s with an error naming the file', (_what, buf, re) => {
+    expect(() => parseSafetensors(buf, 'adapter "x"')).toThrow(re);
+    expect(() => parseSafetensors(buf, 'adapter "x"')).toThrow(/^adapter "x" is not a valid safetensors file/);
+  });
+
+  it('refuses tensors outside the data, of the wrong size, overlapping, or of unknown dtypes', () => {
+    const file = (h: object, data: number) => {
+      const j = JSON.stringify(h);
+      const b = Buffer.alloc(8 + j.length + data);
+      b.writeBigUInt64LE(BigInt(j.length), 0);
+      b.write(j, 8);
+      return b;
+    };
+    expect(() => parseSafetensors(file({ a: { dtype: 'F32', shape: [4], data_offsets: [0, 16] } }, 8), 'x')).toThrow(/lies outside the data/);
+    expect(() => parseSafetensors(file({ a: { dtype: 'F32', shape: [3], data_offsets: [0, 16] } }, 16), 'x')).toThrow(/16 bytes for 3 F32 values/);
+    expect(() => parseSafetensors(file({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] }, b: { dtype: 'F32', shape: [2], data_offsets: [4, 12] } }, 12), 'x')).toThrow(/overlap/);
+    expect(() => parseSafetensors(file({ a: { dtype: 'Q4', shape: [2], data_offsets: [0, 2] } }, 2), 'x')).toThrow(/unknown dtype "Q4"/);
+  });
+});
+
+describe('adapter files made by diffusers and PEFT', () => {
+  const deltas = load('diffusers-deltas.safetensors');
+
+  it.each([
+    ['diffusers.safetensors', 'diffusers'],
+    ['kohya.safetensors', 'kohya'],
+  ])('%s: every layer finds its weight, and the update equals diffusers\' fuse_lora', (file, format) => {
+    const st = load(file);
+    const parsed = parseAdapter(st, file);
+    expect(parsed.format).toBe(format);
+    expect(parsed.unknownKeys).toEqual([]);
+    const { updates, problems } = resolveAdapters([{ parsed, st, scale: 1 }], maps);
+    expect(problems).toEqual([]);
+    expect(updates.size).toBe(parsed.layers.length);
+    let checked = 0;
+    for (const [key, t] of deltas.tensors) {
+      const [component, param] = key.split('/') as [LoraComponent, string];
+      const u = updates.get(`${component}:${param}`);
+      expect(u, key).toBeDefined();
+      const want = readFloats(deltas, t, 'deltas');
+      const got = mergeDelta(u!);
+      const scale = Math.max(...want.map(Math.abs));
+      let worst = 0;
+      for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i]! - want[i]!));
+      // diffusers merged in float32 (and the fixture is float32 of a difference): a few float32 units of the scale.
+      expect(worst / scale, key).toBeLessThan(1e-5);
+      checked++;
+    }
+    expect(checked).toBe(15);
+  });
+
+  it('names keys of no known form, unsupported variants, and modules the model lacks', () => {
+    const st = parseSafetensors(writeSafetensors([
+      { name: 'unet.attn9.to_q.lora_A.weight', shape: [1, 2], data: new Float32Array(2) },
+      { name: 'unet.attn9.to_q.lora_B.weight', shape: [2, 1], data: new Float32Array(2) },
+      { name: 'lora_unet_mid_block_hada_w1_a', shape: [1], data: new Float32Array(1) },
+      { name: 'lora_unet_x.hada_w1_a', shape: [1], data: new Float32Array(1) },
+      { name: 'something.else', shape: [1], data: new Float32Array(1) },
+    ]), 'x');
+    const parsed = parseAdapter(st, 'odd');
+    const { problems } = resolveAdapters([{ parsed, st, scale: 1 }], maps);
+    expect(problems.join('\n')).toMatch(/adapter "odd" has keys of no known LoRA form \(diffusers\/PEFT or kohya\): lora_unet_mid_block_hada_w1_a, something\.else/);
+    expect(problems.join('\n')).toMatch(/adapter "odd" uses LoRA variants this runtime does not merge .*: lora_unet_x\.hada_w1_a/);
+    expect(problems.join('\n')).toMatch(/adapter "odd" has keys that match nothing in this model: unet\.attn9\.to_q/);
+  });
+
+  it('reads the older diffusers forms (attention processor, lora.down/up) and a .alpha tensor', () => {
+    const A = Float32Array.from({ length: 4 * 32 }, (_, i) => Math.sin(i));
+    const B = Float32Array.from({ length: 32 * 4 }, (_, i) => Math.cos(i));
+    const mod = 'down_blocks.0.attentions.0.transformer_blocks.0.attn1';
+    const old = parseSafetensors(writeSafetensors([
+      { name: `unet.${mod}.processor.to_q_lora.down.weight`, shape: [4, 32], data: A },
+      { name: `unet.${mod}.processor.to_q_lora.up.weight`, shape: [32, 4], data: B },
+      { name: `unet.${mod}.processor.to_q_lora.alpha`, shape: [], data: Float32Array.of(2) },
+    ]), 'old');
+    const peft = parseSafetensors(writeSafetensors([
+      { name: `unet.${mod}.to_q.lora_A.weight`, shape: [4, 32], data: A },
+      { name: `unet.${mod}.to_q.lora_B.weight`, shape: [32, 4], data: B },
+      { name: `unet.${mod}.to_q.alpha`, shape: [], data: Float32Array.of(2) },
+    ]), 'peft');
+    const a = resolveAdapters([{ parsed: parseAdapter(peft, 'peft'), st: peft, scale: 1 }], maps);
+    const oldParsed = parseAdapter(old, 'old');
+    expect(oldParsed.layers.map((l) => l.module)).toEqual([`${mod}.to_q`]);
+    const b = resolveAdapters([{ parsed: oldParsed, st: old, scale: 1 }], maps);
+    expect(a.problems).toEqual([]);
+    expect(b.problems).toEqual([]);
+    const da = mergeDelta([...a.updates.values()][0]!);
+    const db = mergeDelta([...b.updates.values()][0]!);
+    expect([...db]).toEqual([...da]);
+    expect([...a.updates.values()][0]!.terms[0]!.factor).toBe(0.5); // alpha 2 over rank 4
+  });
+});
+
+describe('SDXL kohya names (Stability block names)', () => {
+  const want = JSON.parse(readFileSync(path.join(FIX, 'sgm-names.json'), 'utf8')) as Record<string, string>;
+
+  it('map to the modules diffusers\' own conversion names', () => {
+    for (const [sgm, module] of Object.entries(want)) expect(sgmCandidates(sgm, 2), sgm).toContain(module.replaceAll('.', '_'));
+  });
+
+  it('resolve against an SDXL-shaped map, each to the one module the map has', () => {
+    const weights = Object.fromEntries(Object.values(want).map((m) => [`${m}.weight`, { initializer: m, shape: [2, 3], view: { shape: [2, 3], strides: [3, 1], offset: 0 } }]));
+    const sdxl = new Map<LoraComponent, LoraMap>([['unet', checkLoraMap({ format: 1, weights }, 'unet')]]);
+    const st = parseSafetensors(writeSafetensors(Object.keys(want).flatMap((k) => [
+      { name: `lora_unet_${k}.lora_down.weight`, shape: [1, 3], data: Float32Array.of(1, 2, 3) },
+      { name: `lora_unet_${k}.lora_up.weight`, shape: [2, 1], data: Float32Array.of(1, 1) },
+    ])), 'sdxl');
+    const parsed = parseAdapter(st, 'sdxl');
+    const { updates, problems } = resolveAdapters([{ parsed, st, scale: 1 }], sdxl, 2);
+    expect(problems).toEqual([]);
+    expect([...updates.values()].map((u) => u.param).sort()).toEqual(Object.values(want).map((m) => `${m}.weight`).sort());
+    // Without the UNet config's layers_per_block the names are not guessed.
+    expect(resolveAdapters([{ parsed, st, scale: 1 }], sdxl).problems.join()).toMatch(/match nothing in this model: lora_unet_input_blocks_0_0, lora_unet_input_blocks_1_0_in_layers_2/);
+  });
+});
+
+describe('lora_map views', () => {
+  it('walks the torch order through transposed and packed per-head layouts', () => {
+    // A Linear [out 4, in 3] transposed into MatMul [3, 4].
+    expect([...viewPositions({ shape: [4, 3], strides: [1, 4], offset: 0 })]).toEqual([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
+    // K of a packed [in 2, heads 2, k|v, head 2] weight: out = heads × head.
+    expect([...viewPositions({ shape: [2, 2, 2], strides: [4, 1, 8], offset: 2 })]).toEqual([2, 10, 3, 11, 6, 14, 7, 15]);
+  });
+
+  it('refuses a malformed map by name', () => {
+    expect(() => checkLoraMap({ format: 1, weights: { w: { initializer: 'x', shape: [2, 2], view: { shape: [3], strides: [1], offset: 0 } } } }, 'unet')).toThrow(/unet\/lora_map.json: weight "w" has a malformed entry/);
+    expect(() => checkLoraMap({ format: 9, weights: {} }, 'unet')).toThrow(/format 9 is not 1/);
+  });
+});
+
+describe('adapter set cache', () => {
+  it('evicts the least recently used sets that are not in use, by count and by bytes', () => {
+    const c = new AdapterSetCache<string>({ maxSets: 2, maxBytes: 100 });
+    expect(c.add('a', 40, 'A')).toEqual([]);
+    expect(c.add('b', 40, 'B')).toEqual([]);
+    c.get('a'); // a is now more recent than b
+    expect(c.add('c', 10, 'C').map((s) => s.key)).toEqual(['b']);
+    const a = c.get('a')!;
+    a.inUse++;
+    // Over bytes: c goes (least recent not in use); a stays while in use and d was just built, so the cache is over
+    // its budget until a is released.
+    expect(c.add('d', 70, 'D').map((s) => s.key)).toEqual(['c']);
+    expect(c.keys().sort()).toEqual(['a', 'd']);
+    expect(c.bytes).toBe(110);
+    a.inUse--;
+    expect(c.evictable().map((s) => s.key)).toEqual(['a']);
+    expect(c.fits(101)).toBe(false);
+    expect(new AdapterSetCache({ maxSets: 0, maxBytes: 1e9 }).fits(1)).toBe(false);
+  });
+});
+
+describe('merged components', () => {
+  it('a graph with external data: the linked form (hard links, patched weights only) runs like the in-memory copy', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { mergeComponent, writeMergedComponent } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const ort = await import('onnxruntime-node');
+    const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');
+    const os = await import('node:os');
+    const dir = await fixtureModel({ externalData: true });
+    const st = parseSafetensors(readFileSync(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');
+    const demoMaps = new Map<LoraComponent, LoraMap>([['unet', readLoraMap(path.join(dir, 'unet'))!]]);
+    const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 0.9 }], demoMaps);
+    const list = [...updates.values()].filter((u) => u.component === 'unet');
+    const unet = path.join(dir, 'unet', 'model.onnx');
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lora-linked-'));
+    try {
+      const linked = await writeMergedComponent(unet, list, path.join(out, 'unet'));
+      expect(linked.data).toBe('linked');
+      expect(readdirSync(path.join(out, 'unet')).sort()).toEqual(['lora.onnx_data', 'model.onnx', 'model.onnx_data']);
+      // The link is the model's own data file, not a copy of it.
+      expect(statSync(path.join(out, 'unet', 'model.onnx_data')).ino).toBe(statSync(path.join(dir, 'unet', 'model.onnx_data')).ino);
+      expect(linked.totalBytes).toBe(statSync(unet).size + statSync(path.join(dir, 'unet', 'model.onnx_data')).size);
+      const mem = await mergeComponent(unet, list);
+      const opts = { executionProviders: ['cpu'], logSeverityLevel: 3 as const };
+      const [a, b, base] = await Promise.all([
+        ort.InferenceSession.create(linked.modelPath, opts),
+        ort.InferenceSession.create(mem.model, { ...opts, externalData: mem.externalData }),
+        ort.InferenceSession.create(unet, opts),
+      ]);
+      const feeds = {
+        sample: new ort.Tensor('float32', Float32Array.from({ length: 2 * 4 * 8 * 8 }, (_, i) => Math.sin(i)), [2, 4, 8, 8]),
+        timestep: new ort.Tensor('float32', Float32Array.of(500), []),
+        encoder_hidden_states: new ort.Tensor('float32', Float32Array.from({ length: 2 * 77 * 32 }, (_, i) => Math.cos(i / 7)), [2, 77, 32]),
+      };
+      const [ra, rb, rbase] = await Promise.all([a.run(feeds), b.run(feeds), base.run(feeds)]);
+      expect([...(ra.out_sample!.data as Float32Array)]).toEqual([...(rb.out_sample!.data as Float32Array)]);
+      expect([...(ra.out_sample!.data as Float32Array)]).not.toEqual([...(rbase.out_sample!.data as Float32Array)]);
+      await Promise.all([a.release(), b.release(), base.release()]);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+});
