@@ -1,8 +1,8 @@
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/index.js';
-import { classify, permanentError } from '../src/storage/s3.js';
+import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
+import { classify, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {
   it('gives [] for an empty file', () => {
