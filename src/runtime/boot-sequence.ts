@@ -49,6 +49,7 @@ export async function resolveBoot(cfg: Readonly<Config>, workers: readonly Spawn
 
 /** Every step for a runtime that already exists (tests; what `main` does in stages). Never throws. */
 export async function bootRuntime(rt: Runtime): Promise<void> {
+  rt.startWorkers(); // a committed entry's sessions are announced as the sequence is made
   const seq = new BootSequence(rt.cfg, await planBoot(rt.cfg), (m) => {
     if (m.t === 'component') rt.engine.componentReady(m.component, m.path);
   });
@@ -102,6 +103,7 @@ export class BootSequence {
   readonly #tokenizers: string[] = [];
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
   #warmEarly: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
+  #sharp = false;
 
   constructor(cfg: Readonly<Config>, readonly plan: BootPlan, early: (m: ToWorker) => void) {
     this.#cfg = cfg;
@@ -371,7 +373,6 @@ export class BootSequence {
    * and build sessions on theirs, after `after` (the tokenizers, needed earlier). Once per boot. A failure surfaces
    * where an image is first encoded (the warm-up).
    */
-  #sharp = false;
   async #importSharp(rt: Runtime, after?: Promise<unknown>): Promise<void> {
     if (this.#sharp) return;
     this.#sharp = true;
