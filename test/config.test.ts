@@ -41,6 +41,12 @@ describe('loadConfig', () => {
     expect(loadConfig({ S3_VERIFY_SSL: 'false' }).s3.verifySsl).toBe(false);
   });
 
+  it('S3_TRANSPORT: the AWS SDK unless `lite` is asked for; anything else is named', () => {
+    expect(loadConfig({}).s3.transport).toBe('sdk');
+    expect(loadConfig({ S3_TRANSPORT: 'Lite' }).s3.transport).toBe('lite');
+    expect(() => loadConfig({ S3_TRANSPORT: 'curl' })).toThrow('S3_TRANSPORT must be one of sdk, lite, got "curl"');
+  });
+
   it('masks credentials in an endpoint or URI when describing itself', () => {
     const d = describeConfig(loadConfig({ AWS_ENDPOINT_URL: 'http://user:secret@host:9000', STORAGE_URI: 's3://b/p' }));
     expect(JSON.stringify(d)).not.toContain('secret');
