@@ -13,6 +13,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger, type Logger } from '../src/log.js';
+import { chooseTransport } from '../src/storage/choose-transport.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { createS3, listPrefix } from '../src/storage/s3-sdk.js';
 import { getObjectLite, LiteHttpError, liteTarget, listPrefixLite, parseListPage, sdkMightDiffer, signV4, updateClock, xmlText } from '../src/storage/s3-lite.js';
@@ -136,6 +137,15 @@ describe('when the SDK lists instead', () => {
     expect(liteTarget({ ...aws, region: 'us-iso-east-1' }, 'models', env)).toBeUndefined();
     expect(liteTarget(aws, 'data--usw2-az1--x-s3', env)).toBeUndefined();
     expect(liteTarget(base, 'models', { ...env, AWS_CONFIG_FILE: '/etc/aws/config' })).toBeUndefined();
+  });
+
+  it('is chosen only on S3_TRANSPORT=lite, and says why it steps aside, naming no value', () => {
+    const lite = { ...base, transport: 'lite' as const };
+    expect(chooseTransport({ ...base, transport: 'sdk' }, 'models', env)).toEqual({ name: 'sdk' });
+    expect(chooseTransport(lite, 'models', env)).toMatchObject({ name: 'lite', target: { bucketPath: '/models' } });
+    expect(chooseTransport(lite, 'models', {})).toEqual({ name: 'sdk', declined: 'no static keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY' });
+    expect(chooseTransport(lite, 'models', { ...env, AWS_PROFILE: 'prod-secret-profile' })).toEqual({ name: 'sdk', declined: 'AWS_PROFILE is set' });
+    expect(chooseTransport({ ...aws, transport: 'lite' }, 'my.bucket', env)).toEqual({ name: 'sdk', declined: 'the bucket name is not one DNS label' });
   });
 });
 
