@@ -13,7 +13,8 @@
  * that lives on after ready does); its cache then serves the hit runs.
  * Prints a table, a per-phase profile from the servers' own log lines, and last one JSON line.
  * Env: BENCH_REPS, BENCH_PAD_BYTES (default 300e6), BENCH_PAD_SPLIT (sd15 | unet, default sd15: see DemoOptions),
- * BENCH_EP (default cpu, as bare_ms), ORT_OPTIMIZED_CACHE (default auto), THROTTLE_PROXY (proxy path).
+ * BENCH_EP (default cpu, as bare_ms), ORT_OPTIMIZED_CACHE (default auto), THROTTLE_PROXY (proxy path),
+ * S3_TRANSPORT (passed to the servers and the warm-up CLI: sdk, the default, or lite).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createReadStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
@@ -265,6 +266,7 @@ async function main(): Promise<void> {
       PATH: process.env.PATH, HOME: process.env.HOME, ...CREDS,
       AWS_ENDPOINT_URL: `http://127.0.0.1:${pport}`, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`,
       MODEL_CACHE_DIR: cacheDir, EXECUTION_PROVIDER: ep, LOG_LEVEL: 'info', ORT_OPTIMIZED_CACHE: optimizedCache, ...passThroughGpuEnv(),
+      ...(process.env.S3_TRANSPORT ? { S3_TRANSPORT: process.env.S3_TRANSPORT } : {}),
     });
 
     const runs: Rep[] = [];
@@ -318,7 +320,7 @@ async function main(): Promise<void> {
     const pad = (s: string | number, n: number) => String(s).padEnd(n);
     const row = (name: string, xs: number[], med: number, target: string) => `${pad(name, 16)}${pad(xs.map(r0).join(' '), 52)}${pad(r0(med), 10)}${target}`;
     const lines = [
-      `cold start, demo model ${(model.totalBytes / 1e6).toFixed(0)} MB (${padSplit} split) from s3rver via throttle proxy (${LINK.connMbps}/${LINK.totalMbps} MB/s, ${LINK.ttfbMs} ms TTFB), EP ${ep}, ${os.cpus().length} cores, ${reps} reps`,
+      `cold start, demo model ${(model.totalBytes / 1e6).toFixed(0)} MB (${padSplit} split) from s3rver via throttle proxy (${LINK.connMbps}/${LINK.totalMbps} MB/s, ${LINK.ttfbMs} ms TTFB), EP ${ep}, S3_TRANSPORT ${process.env.S3_TRANSPORT ?? 'sdk'}, ${os.cpus().length} cores, ${reps} reps`,
       `${pad('measure', 16)}${pad('runs (ms)', 52)}${pad('median', 10)}target`,
       row('liveness_ms', liveAll, result.liveness_ms, `<= ${TARGETS.liveness_ms} ${result.liveness_ms <= TARGETS.liveness_ms ? 'met' : 'MISSED'}`),
       row('ready_miss_ms', runs.map((x) => x.miss.readyMs), result.ready_miss_ms, `miss/sequential = ${result.miss_ratio} (<= ${TARGETS.miss_ratio} ${result.miss_ratio <= TARGETS.miss_ratio ? 'met' : 'MISSED'})`),

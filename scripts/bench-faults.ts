@@ -56,8 +56,8 @@ const env = (c: Ctx, cache: string, extra: Record<string, string> = {}): Record<
   ...S3RVER_CREDS, AWS_ENDPOINT_URL: c.link.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache, LOG_LEVEL: 'error',
   STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, S3_PART_SIZE: String(2 * MiB), S3_MAX_CONCURRENCY: '16', S3_STALL_TIMEOUT_S: '1', ...extra,
 });
-/** Every other run through the AWS SDK instead of s3-lite (an AWS config file is enough to hand it the work). */
-const sdkIf = (c: Ctx, on: boolean): Record<string, string> => (on ? { AWS_CONFIG_FILE: path.join(c.tmp, 'aws-config') } : {});
+/** Every other run through the AWS SDK (the default transport), the others through the opt-in SDK-free one. */
+const sdkIf = (_c: Ctx, on: boolean): Record<string, string> => ({ S3_TRANSPORT: on ? 'sdk' : 'lite' });
 const entryIn = (cache: string) => {
   const names = existsSync(cache) ? readdirSync(cache).filter((x) => x.startsWith('s3-') && !x.includes('.lock')) : [];
   return names.length === 1 ? path.join(cache, names[0]!) : undefined;
@@ -272,7 +272,6 @@ async function main(): Promise<void> {
   let link: FaultLink | undefined;
   try {
     const t0 = Date.now();
-    await fsp.writeFile(path.join(tmp, 'aws-config'), '');
     const srcDir = path.join(tmp, 'src');
     const m = await buildDemoModel(srcDir, { padBytes: n('BENCH_PAD_BYTES', 100e6) });
     const source = await Promise.all(m.files.map(async (f) => ({ rel: f.path, size: f.bytes, sha256: await sha256File(path.join(srcDir, f.path)) })));

@@ -7,7 +7,8 @@
  * Every client runs in its own process; s3rver and the proxy too. Everything lives in a temp dir removed at the end.
  * Env: BENCH_MB (default 600), BENCH_TTFBS (default "40,150"), BENCH_REPEAT (default 2: ceiling and warm-up
  * alternate, the best run of each is compared, all runs are printed), BENCH_CLIENTS (default all:
- * ceiling,naive,aws-cli,rclone,warmup), THROTTLE_PROXY (path to the proxy script).
+ * ceiling,naive,aws-cli,rclone,warmup), THROTTLE_PROXY (path to the proxy script), S3_TRANSPORT (the warm-up CLI's:
+ * sdk, the default, or lite).
  * The link is shared with s3rver and the proxy on the same cores (and with anything else running there),
  * so single runs are noisy; the ceiling is measured in the same run for that reason.
  */

@@ -8,6 +8,8 @@ export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' |
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
 export type OptimizedCacheMode = 'auto' | 'always' | 'off';
 export type GraphOptimization = 'all' | 'extended' | 'basic' | 'disabled';
+/** How a fetch speaks to S3: the AWS SDK, or the SDK-free reader where it covers the credentials (storage/s3-lite.ts). */
+export type S3TransportName = 'sdk' | 'lite';
 
 export interface S3Settings {
   /** Endpoint URL for S3-compatible stores; undefined means AWS. */
@@ -23,6 +25,8 @@ export interface S3Settings {
   /** Seconds without a byte on one range before it is aborted and retried. */
   readonly stallTimeoutS: number;
   readonly maxAttempts: number;
+  /** S3_TRANSPORT: `sdk` (the default) or the opt-in `lite`. */
+  readonly transport: S3TransportName;
 }
 
 export interface Config {
@@ -83,6 +87,7 @@ const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
 const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
 const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'disabled'];
+const TRANSPORTS: readonly S3TransportName[] = ['sdk', 'lite'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -160,6 +165,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
     stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1),
     maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
+    transport: oneOf('S3_TRANSPORT', 'sdk', TRANSPORTS),
   });
 
   const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);

@@ -1,17 +1,17 @@
 /**
- * @module Entry: parse config, start the pipeline workers, listen, start boot. Only the config parser, the worker
- * spawner and Node's http server load before the socket is open; logging, metrics and the runtime are imported after.
+ * @module The composition root: parse config, start the pipeline workers, listen, run the boot (runtime/boot-sequence.ts)
+ * and wire the runtime into the HTTP server. Only the config parser, the worker spawner and Node's http server load
+ * before the socket is open; the boot, logging, the runtime and the routes are imported after.
  */
-import { ConfigError, loadConfig, type Config } from './config.js';
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { ConfigError, describeConfig, loadConfig, type Config } from './config.js';
 import type { Logger } from './log.js';
-import type { EarlyFetch } from './runtime/early-fetch.js';
+import type { BootSequence } from './runtime/boot-sequence.js';
 import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
-import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
-import type { CommittedEntry } from './storage/peek.js';
-
-/** How long a download's first answer from S3 may hold back the runtime's import (see main). */
-const FIRST_ANSWER_WAIT_MS = 500;
+import type { ServerContext } from './server/context.js';
+import { spawnWorkers } from './runtime/workers.js';
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -26,7 +26,7 @@ async function main(): Promise<void> {
   // leaving its cache entry uncommitted and resumable, and the process exits 0.
   let rt: Runtime | undefined;
   let log: Logger | undefined;
-  let fetch: EarlyFetch | undefined;
+  let boot: BootSequence | undefined;
   let signals = 0;
   const stop = (sig: string) => {
     if (++signals > 1) {
@@ -35,10 +35,8 @@ async function main(): Promise<void> {
     }
     log?.info({ signal: sig }, 'signal received');
     if (rt) void rt.close().then(() => process.exit(process.exitCode ?? 0));
-    else if (fetch) {
-      fetch.abort.abort();
-      void fetch.result.catch(() => undefined).then(() => process.exit(0));
-    } else process.exit(0);
+    else if (boot) void boot.stop().then(() => process.exit(0));
+    else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
@@ -46,6 +44,9 @@ async function main(): Promise<void> {
   // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
   // unless the operator set ORT_DISABLE_TELEMETRY. Set before the workers load onnxruntime-node.
   process.env.ORT_DISABLE_TELEMETRY ??= '1';
+  // The AWS SDK (the default S3 transport) prints a multi-line notice about its future Node requirement to stderr when
+  // a client is made; the lockfile pins the SDK, and stderr carries only this process's own one-line errors.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
   // overlaps the listen here, then the imports below.
   const workers = spawnWorkers(cfg);
@@ -57,44 +58,69 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
     process.exit(1);
   }
-  const s3 = cfg.storageUri?.startsWith('s3://') === true;
-  // A committed cache entry for an s3:// model: the workers start its sessions at once, before the
-  // runtime and the logger load (the runtime checks the entry against S3 before warm-up).
-  const early = s3 ? await announceCommitted(cfg, workers) : undefined;
+  // Boot step 1, resolve: before the logger loads, so a committed S3 cache entry's sessions start in the workers now.
+  boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
   const { createLogger } = await import('./log.js');
   log = createLogger(cfg.logLevel);
-  // The S3 listing goes out now, while the runtime's code loads: without the AWS SDK where s3-lite covers the bucket
-  // (then neither a hit nor a miss loads the SDK); otherwise the SDK loads meanwhile.
-  fetch = s3 ? await (await import('./runtime/early-fetch.js')).startFetch(cfg.storageUri!, cfg, log) : undefined;
-  // A download: the runtime's code loads once S3 answers the first ranged GET. Imported at once, it holds this thread
-  // while the listing's answer and the first ranges wait to be read and sent (the ranges went out ~150 ms later on a
-  // 300 MB miss), and the runtime needs no file before then. At most FIRST_ANSWER_WAIT_MS: a slow store still shows the
-  // fetch's state and progress on the model endpoint.
-  if (fetch && early === null) {
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([fetch.flowing, new Promise((r) => (timer = setTimeout(r, FIRST_ANSWER_WAIT_MS)))]);
-    clearTimeout(timer);
-  }
+  // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
+  boot.fetch(log);
+  await boot.runtimeMayLoad();
   if (signals > 0) return;
-  const { Runtime } = await import('./runtime/runtime.js');
+  const [{ Runtime }, wiring] = await Promise.all([import('./runtime/runtime.js'), serverModules()]);
   if (signals > 0) return;
   // performance.now() counts from process start, so 0 is "the process started".
-  rt = new Runtime(cfg, log, { startedAt: 0, workers, ...(early !== undefined ? { early } : {}), ...(fetch ? { fetch } : {}) });
-  rt.attach(base);
-  await rt.start();
+  rt = new Runtime(cfg, log, { startedAt: 0, workers });
+  serve(base, rt, wiring);
+  // Steps 3-5: announce, load, warm.
+  await boot.run(rt);
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
 }
 
-async function announceCommitted(cfg: Readonly<Config>, workers: SpawnedWorker[]): Promise<CommittedEntry | null> {
-  const [{ peekCommitted }, { announcement, componentDirs }] = await Promise.all([import('./storage/peek.js'), import('./runtime/announce.js')]);
-  const early = await peekCommitted(cfg.storageUri!, cfg);
-  if (early === undefined) return null;
-  for (const dir of componentDirs(early.dir, early.manifest.files.map((f) => f.path))) {
-    // Sessions only: the runtime parses the tokenizers on this thread once it has loaded.
-    const m = announcement(dir);
-    if (m?.t === 'component') for (const w of workers) w.worker.postMessage(m);
-  }
-  return early;
+type Wiring = Awaited<ReturnType<typeof serverModules>>;
+const serverModules = async () => {
+  const [app, names] = await Promise.all([import('./server/app.js'), import('./runtime/names.js')]);
+  return { registerRoutes: app.registerRoutes, checkScheduler: names.checkSchedulerName, randomSeed: names.randomSeed };
+};
+
+/** Every route beyond liveness on the already-listening server, answered by `rt`; close() stops the listener first. */
+function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
+  const ctx: ServerContext = {
+    cfg: rt.cfg,
+    log: rt.log,
+    metrics: rt.metrics,
+    boot: rt.boot,
+    engine: rt.engine,
+    checkScheduler: w.checkScheduler,
+    randomSeed: w.randomSeed,
+    stopping: () => rt.stopping,
+    images: rt.images,
+    generate: (reqs, signal, onProgress) => rt.generation.generate(reqs, signal, onProgress),
+  };
+  w.registerRoutes(base, ctx);
+  rt.setListener(base);
+  rt.log.info({ port: base.port, host: rt.cfg.host, config: describeConfig(rt.cfg) }, 'listening');
+  return base.port;
 }
 
-void main();
+/** Listens on the runtime's HOST and PORT and serves it there, as `main` does; for a runtime built in-process. */
+export async function listen(rt: Runtime): Promise<number> {
+  const [{ listenBase }, wiring] = await Promise.all([import('./server/base.js'), serverModules()]);
+  return serve(await listenBase(rt.cfg.host, rt.cfg.port), rt, wiring);
+}
+
+/** True when this module is the process's entry (`node dist/src/main.js`), not an import (tests). */
+function isEntry(): boolean {
+  const arg = process.argv[1];
+  if (arg === undefined) return false;
+  const self = fileURLToPath(import.meta.url);
+  for (const p of [arg, `${arg}.js`]) {
+    try {
+      if (realpathSync(p) === self) return true;
+    } catch {
+      // not this spelling
+    }
+  }
+  return false;
+}
+
+if (isEntry()) void main();

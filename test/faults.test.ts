@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
-import { WRITE_BYTES } from '../src/storage/index.js';
+import { WRITE_BYTES } from '../src/storage/fetch.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from './helpers/fault-link.js';
 import { bytesOnDisk, entryProblems, runWarmup, sha256File, type SourceFile } from './helpers/fault-suite.js';
 import { CREDS, destroyS3, s3Env, type S3Server, startS3 } from './helpers/s3.js';
@@ -35,7 +35,8 @@ let total: number;
 const env = (cache: string, extra: Record<string, string> = {}) => s3Env(link.endpoint, cache, {
   STORAGE_URI: `s3://models/${PREFIX}`, S3_PART_SIZE: String(2 * MiB), S3_MAX_CONCURRENCY: '8', S3_STALL_TIMEOUT_S: '0.5', ...extra,
 });
-const sdk = () => ({ AWS_CONFIG_FILE: path.join(tmp, 'aws-config') });
+/** Runs alternate between the S3 transports: the opt-in SDK-free one on even runs, the AWS SDK (the default) on odd. */
+const via = (i: number) => ({ S3_TRANSPORT: i % 2 ? 'sdk' : 'lite' });
 const entryIn = (cache: string) => {
   const names = readdirSync(cache).filter((n) => n.startsWith('s3-') && !n.includes('.lock'));
   return names.length === 1 ? path.join(cache, names[0]!) : undefined;
@@ -44,7 +45,6 @@ const mb = (n: number) => (n / 1e6).toFixed(2);
 
 beforeAll(async () => {
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'faults-'));
-  await fsp.writeFile(path.join(tmp, 'aws-config'), '');
   srcDir = path.join(tmp, 'src');
   const m = await buildDemoModel(srcDir, { padBytes: 20e6 });
   source = await Promise.all(m.files.map(async (f) => ({ rel: f.path, size: f.bytes, sha256: await sha256File(path.join(srcDir, f.path)) })));
@@ -72,7 +72,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
       link.reseed(SEED + i);
       link.faults = FAULTS;
       const cache = path.join(tmp, `w${i}`);
-      const r = await runWarmup(CLI, { ...env(cache), ...(i % 2 ? sdk() : {}), LOG_LEVEL: 'error' });
+      const r = await runWarmup(CLI, { ...env(cache), ...via(i), LOG_LEVEL: 'error' });
       link.faults = undefined;
       expect(r.code, `run ${i}: ${r.stderr.slice(-600)}`).toBe(0);
       expect(JSON.parse(r.stdout)).toMatchObject({ bytes: total, files: source.length, fromCache: false });
@@ -108,7 +108,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
       link.faults = FAULTS;
       first = 0;
       const seen = firstByte(link.stats.bodyBytes);
-      await runWarmup(CLI, { ...env(cache), ...(i % 2 ? sdk() : {}) }, { killWhen: () => (seen(), first > 0 && performance.now() - first >= at * length) });
+      await runWarmup(CLI, { ...env(cache), ...via(i) }, { killWhen: () => (seen(), first > 0 && performance.now() - first >= at * length) });
       link.faults = undefined;
       const entry = entryIn(cache);
       let onDisk = 0;

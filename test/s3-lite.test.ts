@@ -1,43 +1,33 @@
 /**
- * The SDK-free listing (src/storage/s3-lite.ts): its SigV4 signature against AWS's documented example and against the
- * SDK's own signer, its XML reading, when it steps aside for the SDK, and its listings of s3rver next to the SDK's.
- * Also: a cache hit it checked never loads the AWS SDK, and an answer it may have caused moves the listing to the SDK.
+ * The SDK-free transport (src/storage/s3-lite.ts, S3_TRANSPORT=lite): its SigV4 signature against AWS's documented
+ * example and, on the wire, against an independent reading of the SigV4 spec; its XML reading, when it steps aside for
+ * the SDK, and its listings of s3rver next to the SDK's. Also: a cache hit it checked never loads the AWS SDK, and an
+ * answer it may have caused sends the fetch to the SDK. The cases both transports must pass are s3-transport.test.ts.
  */
 import { execFile } from 'node:child_process';
-import { createHash, createHmac } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { SignatureV4 } from '@smithy/signature-v4';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger, type Logger } from '../src/log.js';
-import { resolveModel } from '../src/storage/index.js';
-import { createS3, listPrefix } from '../src/storage/s3.js';
-import { LiteHttpError, liteTarget, listPrefixLite, objectPath, parseListPage, sdkMightDiffer, signV4, updateClock, xmlText } from '../src/storage/s3-lite.js';
-import { CREDS, destroyS3, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { chooseTransport } from '../src/storage/choose-transport.js';
+import { resolveModel } from '../src/storage/fetch.js';
+import { createS3, listPrefix } from '../src/storage/s3-sdk.js';
+import { getObjectLite, LiteHttpError, liteTarget, listPrefixLite, parseListPage, sdkMightDiffer, signV4, updateClock, xmlText } from '../src/storage/s3-lite.js';
+import { CREDS, destroyS3, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig as s3Config } from './helpers/s3.js';
+import { verifySigV4 } from './helpers/sigv4-reference.js';
 
-/** The Sha256 constructor @smithy/signature-v4 takes, on node:crypto. */
-class Sha256 {
-  readonly #h;
-  constructor(secret?: string | ArrayBuffer | ArrayBufferView) {
-    this.#h = secret === undefined ? createHash('sha256') : createHmac('sha256', typeof secret === 'string' ? secret : Buffer.from(secret as ArrayBuffer));
-  }
-  update(d: string | ArrayBuffer | ArrayBufferView): void {
-    this.#h.update(typeof d === 'string' ? d : ArrayBuffer.isView(d) ? Buffer.from(d.buffer, d.byteOffset, d.byteLength) : Buffer.from(d));
-  }
-  async digest(): Promise<Uint8Array> {
-    return new Uint8Array(this.#h.digest());
-  }
-}
+/** Every fetch of this file goes through the SDK-free transport, unless the SDK must serve it. */
+const testConfig = (endpoint: string, cache: string, extra: Record<string, string> = {}) => s3Config(endpoint, cache, { S3_TRANSPORT: 'lite', ...extra });
 
 const DOC_CREDS = { accessKeyId: 'AKIAIOSFODNN7EXAMPLE', secretAccessKey: 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY' };
 
 describe('SigV4 signing', () => {
-  it("matches AWS's documented example (S3 API reference, header-based auth, GET Bucket (List Objects))", () => {
-    const { headers, query } = signV4({
+  it("matches AWS's documented example (S3 API reference, header-based auth, GET Bucket (List Objects))", async () => {
+    const { headers, query } = await signV4({
       method: 'GET', host: 'examplebucket.s3.amazonaws.com', path: '/', query: [['max-keys', '2'], ['prefix', 'J']],
       region: 'us-east-1', credentials: DOC_CREDS, now: new Date('2013-05-24T00:00:00Z'),
     });
@@ -46,25 +36,48 @@ describe('SigV4 signing', () => {
       + 'SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7');
   });
 
-  it("signs what the SDK's own signer signs: odd prefixes, continuation tokens, session tokens, ports", async () => {
-    const cases: Array<{ host: string; path: string; query: Array<[string, string]>; region: string; token?: string }> = [
-      { host: '127.0.0.1:9000', path: '/models', query: [['list-type', '2'], ['max-keys', '1000'], ['prefix', 'sd 1.5/ünï&co+x=y~(1)*!\'/']], region: 'us-east-1' },
-      { host: 'bucket-1.s3.eu-west-3.amazonaws.com', path: '/', query: [['list-type', '2'], ['max-keys', '1000'], ['prefix', ''], ['continuation-token', '1/ab+cd==']], region: 'eu-west-3', token: 'FwoGZXIvYXdzE//token+with/slashes=' },
-      { host: 's3.us-west-2.amazonaws.com', path: '/my.bucket', query: [['prefix', 'a%b'], ['list-type', '2']], region: 'us-west-2' },
-      // A GetObject of an odd key, as getObjectLite addresses it.
-      { host: '127.0.0.1:9000', path: objectPath({ bucketPath: '/models' }, "sd 1.5/ünï&co+x=y~(1)*!'/per%cent"), query: [], region: 'us-east-1' },
-    ];
-    const now = new Date('2026-11-26T12:34:56Z');
-    for (const c of cases) {
-      const credentials = { ...DOC_CREDS, ...(c.token ? { sessionToken: c.token } : {}) };
-      const mine = signV4({ method: 'GET', host: c.host, path: c.path, query: c.query, region: c.region, credentials, now });
-      const sdk = new SignatureV4({ credentials, region: c.region, service: 's3', sha256: Sha256, uriEscapePath: false });
-      const signed = await sdk.sign({
-        method: 'GET', protocol: 'https:', hostname: c.host.split(':')[0]!, path: c.path, query: Object.fromEntries(c.query),
-        headers: { host: c.host, 'x-amz-content-sha256': mine.headers['x-amz-content-sha256']! },
-      }, { signingDate: now });
-      expect(mine.headers.authorization, c.host).toBe(signed.headers.authorization);
-      if (c.token) expect(mine.headers['x-amz-security-token']).toBe(c.token);
+  it('what it sends verifies on the wire: odd prefixes and keys, continuation tokens, session tokens, ports, Range unsigned', async () => {
+    // A store that recomputes each request's signature from what arrived (test/helpers/sigv4-reference.ts, the HMAC
+    // chain of AWS's docs written out), so the path and query sent must be the ones signed.
+    const seen: Array<{ url: string; check: ReturnType<typeof verifySigV4>; range?: string; token?: string }> = [];
+    const server = http.createServer((req, res) => {
+      seen.push({
+        url: req.url!, check: verifySigV4(req, DOC_CREDS.secretAccessKey),
+        ...(req.headers.range ? { range: String(req.headers.range) } : {}),
+        ...(req.headers['x-amz-security-token'] ? { token: String(req.headers['x-amz-security-token']) } : {}),
+      });
+      const u = new URL(req.url!, 'http://x');
+      if (u.searchParams.get('list-type') === '2') {
+        const token = u.searchParams.get('continuation-token');
+        res.writeHead(200).end(token === null
+          ? '<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>1/ab+cd==&amp;x</NextContinuationToken></ListBucketResult>'
+          : '<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>');
+      } else res.writeHead(206, { 'content-length': '2', etag: '"e"' }).end('ab');
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const port = (server.address() as AddressInfo).port;
+      const env = { AWS_ACCESS_KEY_ID: DOC_CREDS.accessKeyId, AWS_SECRET_ACCESS_KEY: DOC_CREDS.secretAccessKey };
+      const s3 = s3Config(`http://127.0.0.1:${port}`, '/tmp/unused', { S3_TRANSPORT: 'lite' }).s3;
+      for (const extra of [{}, { AWS_SESSION_TOKEN: 'FwoGZXIvYXdzE//token+with/slashes=' }]) {
+        const t = liteTarget(s3, 'my.models', { ...env, ...extra })!;
+        await listPrefixLite(t, "sd 1.5/ünï&co+x=y~(1)*!'/", undefined, 1);
+        const agent = new http.Agent();
+        const got = await getObjectLite(t, agent, { key: "sd 1.5/ünï&co+x=y~(1)*!'/per%cent/a b", range: 'bytes=0-1', signal: AbortSignal.timeout(5_000) });
+        got.body.resume();
+        agent.destroy();
+      }
+      expect(seen).toHaveLength(6);
+      for (const x of seen) expect(x.check.ok, `${x.url}: ${x.check.why}`).toBe(true);
+      // host, the payload hash and the date are signed, and the session token where there is one; Range is not.
+      expect(seen.map((x) => x.check.signed.join(';'))).toEqual([
+        ...Array(3).fill('host;x-amz-content-sha256;x-amz-date'), ...Array(3).fill('host;x-amz-content-sha256;x-amz-date;x-amz-security-token'),
+      ]);
+      expect(seen.filter((x) => x.token === 'FwoGZXIvYXdzE//token+with/slashes=')).toHaveLength(3);
+      expect(seen.filter((x) => x.url.includes('continuation-token=1%2Fab%2Bcd%3D%3D%26x'))).toHaveLength(2);
+      expect(seen.filter((x) => x.range === 'bytes=0-1')).toHaveLength(2);
+    } finally {
+      server.close();
     }
   });
 });
@@ -124,6 +137,15 @@ describe('when the SDK lists instead', () => {
     expect(liteTarget({ ...aws, region: 'us-iso-east-1' }, 'models', env)).toBeUndefined();
     expect(liteTarget(aws, 'data--usw2-az1--x-s3', env)).toBeUndefined();
     expect(liteTarget(base, 'models', { ...env, AWS_CONFIG_FILE: '/etc/aws/config' })).toBeUndefined();
+  });
+
+  it('is chosen only on S3_TRANSPORT=lite, and says why it steps aside, naming no value', () => {
+    const lite = { ...base, transport: 'lite' as const };
+    expect(chooseTransport({ ...base, transport: 'sdk' }, 'models', env)).toEqual({ name: 'sdk' });
+    expect(chooseTransport(lite, 'models', env)).toMatchObject({ name: 'lite', target: { bucketPath: '/models' } });
+    expect(chooseTransport(lite, 'models', {})).toEqual({ name: 'sdk', declined: 'no static keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY' });
+    expect(chooseTransport(lite, 'models', { ...env, AWS_PROFILE: 'prod-secret-profile' })).toEqual({ name: 'sdk', declined: 'AWS_PROFILE is set' });
+    expect(chooseTransport({ ...aws, transport: 'lite' }, 'my.bucket', env)).toEqual({ name: 'sdk', declined: 'the bucket name is not one DNS label' });
   });
 });
 
@@ -236,11 +258,11 @@ describe('against s3rver', () => {
       import { createRequire } from 'node:module';
       import { loadConfig } from './dist/src/config.js';
       import { silentLogger } from './dist/src/log.js';
-      import { resolveModel } from './dist/src/storage/index.js';
+      import { resolveModel } from './dist/src/storage/fetch.js';
       const r = await resolveModel('s3://models/sd/', { cfg: loadConfig(process.env), log: silentLogger() });
       const sdk = Object.keys(createRequire(import.meta.url).cache).some((k) => k.includes('@aws-sdk/client-s3'));
       console.log(JSON.stringify({ fromCache: r.fromCache, stale: r.stale ?? false, sdk }));`;
-    const env = { ...process.env, ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache };
+    const env = { ...process.env, ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache, S3_TRANSPORT: 'lite' };
     const run = async () => JSON.parse((await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { env, cwd: process.cwd() })).stdout) as Record<string, unknown>;
     expect(await run()).toEqual({ fromCache: false, stale: false, sdk: false });
     expect(await run()).toEqual({ fromCache: true, stale: false, sdk: false });

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
-import { cacheIoError, resolveModel } from '../src/storage/index.js';
+import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 

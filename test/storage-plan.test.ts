@@ -1,8 +1,9 @@
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/index.js';
-import { classify, permanentError } from '../src/storage/s3.js';
+import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
+import { parseS3Url } from '../src/storage/uri.js';
+import { classify, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {
   it('gives [] for an empty file', () => {
@@ -76,6 +77,21 @@ describe('parseStorageUri', () => {
     expect(err('s3:///p').message).toMatch(/no valid bucket/);
     expect(err('s3://b/a/../c').message).toMatch(/'\.\.'/);
     expect(err('  ').code).toBe('INVALID_INPUT');
+  });
+});
+
+describe('parseS3Url: the one reading of s3:// URLs', () => {
+  it('splits bucket and key for STORAGE_URI and output_uri alike', async () => {
+    const { parseOutputUri } = await import('../src/runtime/output.js');
+    expect(parseS3Url('s3://models/sd/v1')).toEqual({ bucket: 'models', key: 'sd/v1' });
+    expect(parseS3Url('S3://models')).toEqual({ bucket: 'models', key: '' });
+    expect(parseS3Url('s3://out/a b/c.png')).toEqual({ bucket: 'out', key: 'a b/c.png' });
+    for (const bad of ['s3:///k', 's3://bad bucket/k', 'http://b/k', 'b/k']) expect(parseS3Url(bad), bad).toBeUndefined();
+    expect(parseStorageUri('S3://models/sd')).toMatchObject({ bucket: 'models', prefix: 'sd/' });
+    expect(parseOutputUri('s3://out/run/fox.png')).toEqual({ bucket: 'out', key: 'run/fox.png' });
+    for (const bad of ['s3://out', 's3://out/', 's3:///k', 'http://elsewhere/a.png']) {
+      expect(() => parseOutputUri(bad), bad).toThrow(`output_uri must look like s3://bucket/key, got ${JSON.stringify(bad)}`);
+    }
   });
 });
 

@@ -10,7 +10,7 @@ import { crc32 } from 'node:zlib';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { JOURNAL, type Manifest } from '../src/storage/cache.js';
-import { cacheKey, containedPath, parseStorageUri, resolveModel } from '../src/storage/index.js';
+import { cacheKey, containedPath, parseStorageUri, resolveModel } from '../src/storage/fetch.js';
 import { addSpan, currentBoot, gaps, replay } from '../src/storage/journal.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 

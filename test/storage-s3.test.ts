@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
-import { type FetchProgress, resolveModel } from '../src/storage/index.js';
+import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
@@ -31,7 +31,7 @@ async function expectSame(dir: string, files: Record<string, Buffer>): Promise<v
 }
 
 const newCache = () => fsp.mkdtemp(path.join(tmp, 'cache-'));
-const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '65536', S3_MAX_CONCURRENCY: '8', ...extra });
+const cfgForAny = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '65536', S3_MAX_CONCURRENCY: '8', ...extra });
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
@@ -54,18 +54,10 @@ afterEach(() => {
   proxy.faults = {};
 });
 
-// Every case runs through s3-lite (what static keys get) and through the AWS SDK (what profiles and roles get;
-// an AWS config file is enough to leave the work to the SDK).
-describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (client) => {
-  beforeAll(async () => {
-    if (client === 'AWS SDK') {
-      process.env.AWS_CONFIG_FILE = path.join(tmp, 'aws-config');
-      await fsp.writeFile(process.env.AWS_CONFIG_FILE, '');
-    }
-  });
-  afterAll(() => {
-    delete process.env.AWS_CONFIG_FILE;
-  });
+// Every case runs through both transports: the AWS SDK (the default, and what profiles and roles always get) and the
+// opt-in SDK-free one (S3_TRANSPORT=lite with static keys).
+describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)', (client) => {
+  const cfgFor = (cache: string, extra: Record<string, string> = {}) => cfgForAny(cache, { S3_TRANSPORT: client, ...extra });
 
   it('downloads nested prefixes with many small files; each file is whole when announced; a second call is a hit', async () => {
     const sdkGets = proxy.stats.sdkGets;
@@ -97,7 +89,7 @@ describe.each(['s3-lite', 'AWS SDK'] as const)('resolveModel from S3 (%s)', (cli
     expect(answers).toEqual([0]);
     expect(proxy.stats.gets).toBe(gets);
     // The GETs went through the client this case is about.
-    expect(proxy.stats.sdkGets - sdkGets).toBe(client === 'AWS SDK' ? 41 : 0);
+    expect(proxy.stats.sdkGets - sdkGets).toBe(client === 'sdk' ? 41 : 0);
   });
 
   it('splits a large file into many ranges with bounded concurrency', async () => {

@@ -92,13 +92,17 @@ describe('warm-up CLI', () => {
     expect(JSON.parse(again.stdout)).toMatchObject({ modelDir: out.modelDir, fromCache: true });
   });
 
-  it('a fill through s3-lite never loads the AWS SDK (~250 ms of CPU); push does', async () => {
+  it('a fill through S3_TRANSPORT=lite never loads the AWS SDK (~250 ms of CPU); a default fill and push do', async () => {
     const hook = path.join(tmp, 'sdk-check.cjs');
     await fsp.writeFile(hook, "process.on('exit', () => { if (Object.keys(require.cache).some((k) => k.includes('@aws-sdk/'))) process.stderr.write('AWS SDK LOADED\\n'); });\n");
     const withHook = (e: Record<string, string>) => ({ ...e, NODE_OPTIONS: `--require ${hook}` });
-    const fill = await cli([], withHook(env(path.join(tmp, 'c-nosdk'))));
+    const fill = await cli([], withHook(env(path.join(tmp, 'c-nosdk'), { S3_TRANSPORT: 'lite' })));
     expect(fill.code, fill.stderr).toBe(0);
     expect(fill.stderr).not.toContain('AWS SDK LOADED');
+    // The AWS SDK is the default transport.
+    const sdkFill = await cli([], withHook(env(path.join(tmp, 'c-sdk'))));
+    expect(sdkFill.code, sdkFill.stderr).toBe(0);
+    expect(sdkFill.stderr).toContain('AWS SDK LOADED');
     // The same check sees the SDK where it is used.
     const pushed = await cli(['push', local, 's3://models/sd/sdk-check'], withHook(s3Env(s3.endpoint, path.join(tmp, 'unused'))));
     expect(pushed.code, pushed.stderr).toBe(0);
@@ -119,10 +123,9 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
-  it('a pod clock 20 minutes off: S3 refuses the request time, the offset is corrected from its Date, the fill succeeds (s3-lite and the SDK)', async () => {
+  it('a pod clock 20 minutes off: S3 refuses the request time, the offset is corrected from its Date, the fill succeeds (either transport)', async () => {
     const skew = path.resolve('test/helpers/skew-clock.cjs');
-    for (const [client, extra] of [['s3-lite', {}], ['AWS SDK', { AWS_CONFIG_FILE: path.join(tmp, 'empty-aws-config') }]] as const) {
-      await fsp.writeFile(path.join(tmp, 'empty-aws-config'), '');
+    for (const [client, extra] of [['s3-lite', { S3_TRANSPORT: 'lite' }], ['AWS SDK', {}]] as const) {
       for (const minutes of [20, -20]) {
         const sdkGets = proxy.stats.sdkGets;
         const refused = proxy.stats.refusals.RequestTimeTooSkewed ?? 0;

@@ -31,6 +31,8 @@ async function start(workers: number, o: { hold?: boolean } = {}): Promise<Start
   const { loadConfig } = (await import(dist('config.js'))) as typeof import('../src/config.js');
   const { silentLogger } = (await import(dist('log.js'))) as typeof import('../src/log.js');
   const { Runtime } = (await import(dist('runtime/runtime.js'))) as typeof import('../src/runtime/runtime.js');
+  const { listen } = (await import(dist('main.js'))) as typeof import('../src/main.js');
+  const { bootRuntime } = (await import(dist('runtime/boot-sequence.js'))) as typeof import('../src/runtime/boot-sequence.js');
   const { spawnWorkers } = (await import(dist('runtime/workers.js'))) as typeof import('../src/runtime/workers.js');
   const cfg = loadConfig({
     PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: tmp, EXECUTION_PROVIDER: 'cpu', WORKERS: String(workers), LOG_LEVEL: 'silent', ORT_OPTIMIZED_CACHE: 'off',
@@ -39,8 +41,8 @@ async function start(workers: number, o: { hold?: boolean } = {}): Promise<Start
   });
   const spawned = o.hold ? [holdWorker()] : spawnWorkers(cfg);
   const rt = new Runtime(cfg, silentLogger(), { workers: spawned });
-  const port = await rt.listen();
-  void rt.start();
+  const port = await listen(rt);
+  void bootRuntime(rt);
   await until(() => rt.boot.ready || rt.boot.state === 'failed', 120_000);
   expect(rt.boot.state, rt.boot.reason).toBe('ready');
   return { rt, workers: spawned, url: `http://127.0.0.1:${port}` };

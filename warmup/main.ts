@@ -9,7 +9,7 @@ import path from 'node:path';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
-import { type FetchProgress, resolveModel } from '../src/storage/index.js';
+import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { walk } from '../src/storage/cache.js';
 import { parseStorageUri } from '../src/storage/uri.js';
 
@@ -60,8 +60,8 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
   const files = await walk(localDir);
-  // Only `push` needs the AWS SDK: a fill lists and downloads without it where s3-lite covers the bucket.
-  const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3.js')]);
+  // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
+  const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js')]);
   const s3 = createS3(cfg.s3);
   let bytes = 0;
   let next = 0;
@@ -101,6 +101,9 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
 class UsageError extends Error {}
 
 async function main(): Promise<number> {
+  // The AWS SDK's multi-line notice about its future Node requirement would sit between the progress lines on stderr;
+  // the lockfile pins the SDK.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   const ac = new AbortController();
   let signalled = false;
   const onSignal = (sig: NodeJS.Signals) => {

@@ -77,7 +77,7 @@ export class AdapterSource {
       throw new RuntimeError('NOT_FOUND', name);
     }
     const t0 = performance.now();
-    const { resolveModel } = await import('../storage/index.js');
+    const { resolveModel } = await import('../storage/fetch.js');
     let dir: string;
     try {
       const r = await resolveModel(`${uri.replace(/\/+$/, '')}/${name}/`, { cfg: this.cfg, log: this.log, ...(signal ? { signal } : {}) });

@@ -21,6 +21,7 @@ export class Boot {
   #state: BootState = 'resolving';
   #since = performance.now();
   #reason: string | undefined;
+  #wasReady = false;
   readonly phases: Partial<Record<BootState, number>> = {};
   readonly progress: BootProgress = { phase: 'resolving', bytesDone: 0, bytesTotal: 0, filesDone: 0, filesTotal: 0, bytesPerSecond: 0, sessions: {} };
   readonly #labels: { model_name: string };
@@ -43,6 +44,10 @@ export class Boot {
   get ready(): boolean {
     return this.#state === 'ready';
   }
+  /** Reached ready once: a later `loading` is a pipeline worker being started again. */
+  get wasReady(): boolean {
+    return this.#wasReady;
+  }
 
   /** Moves to `next`, closing the current phase's timer. Terminal states (failed, stopping) stay terminal. */
   to(next: BootState, reason?: string): void {
@@ -57,6 +62,7 @@ export class Boot {
       this.metrics.bootPhaseHist.observe({ ...this.#labels, phase: prev }, secs);
     }
     this.#state = next;
+    if (next === 'ready') this.#wasReady = true;
     this.#since = now;
     this.progress.phase = next;
     if (reason !== undefined) this.#reason = reason;

@@ -1,14 +1,15 @@
 /**
  * @module Input images named by `s3://bucket/key` (img2img `image`, inpainting `mask_image`): read through the AWS SDK
- * client of src/storage/s3.ts (same endpoint, path-style and TLS settings as the model download and output_uri), capped
+ * client of src/storage/s3-sdk.ts (same endpoint, path-style and TLS settings as the model download and output_uri), capped
  * in size, with errors that name the field and the object, never the credentials.
  */
 import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
-import type { S3Handle } from '../storage/s3.js';
+import type { S3Handle } from '../storage/s3-sdk.js';
+import { parseS3Url } from '../storage/uri.js';
 
-type StorageS3 = typeof import('../storage/s3.js');
+type StorageS3 = typeof import('../storage/s3-sdk.js');
 
 export interface ImageSource {
   /** The object's bytes; `field` names the request field in errors (`instances[0].image`). */
@@ -16,9 +17,10 @@ export interface ImageSource {
   destroy(): void;
 }
 
+/** An s3:// input names an object: a bucket and a key. */
 export function parseImageUri(uri: string): { bucket: string; key: string } | undefined {
-  const m = /^s3:\/\/([^/]+)\/(.+)$/.exec(uri);
-  return m ? { bucket: m[1]!, key: m[2]! } : undefined;
+  const u = parseS3Url(uri);
+  return u && u.key !== '' ? u : undefined;
 }
 
 /** One S3 client for the runtime's lifetime, created on the first s3:// input (the SDK loads then, not at boot). */
@@ -29,7 +31,7 @@ export function createImageSource(s3: Readonly<S3Settings>): ImageSource {
     async read(uri, field, maxBytes, signal) {
       const loc = parseImageUri(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
-      const [storage, { GetObjectCommand }] = await (mods ??= Promise.all([import('../storage/s3.js'), import('@aws-sdk/client-s3')]));
+      const [storage, { GetObjectCommand }] = await (mods ??= Promise.all([import('../storage/s3-sdk.js'), import('@aws-sdk/client-s3')]));
       handle ??= storage.createS3(s3, 8);
       const where = `s3://${loc.bucket}/${loc.key}`;
       try {

@@ -6,11 +6,11 @@
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
-// The client factory of src/storage/s3.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
-// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~250 ms to import), so it loads on the first upload,
-// never on the cold-start path.
-import type { S3Handle } from '../storage/s3.js';
-type StorageS3 = typeof import('../storage/s3.js');
+import { parseS3Url, type S3Url } from '../storage/uri.js';
+// The client factory of src/storage/s3-sdk.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
+// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~250 ms to import), so it loads on the first upload.
+import type { S3Handle } from '../storage/s3-sdk.js';
+type StorageS3 = typeof import('../storage/s3-sdk.js');
 
 export interface OutputStore {
   /** Uploads each image and returns its `s3://` URI, in order. */
@@ -21,10 +21,11 @@ export interface OutputStore {
 const EXT: Record<EncodedImage['format'], string> = { png: 'png', jpeg: 'jpg', webp: 'webp' };
 const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
 
-export function parseS3Uri(uri: string): { bucket: string; key: string } {
-  const m = /^s3:\/\/([^/]+)\/(.+)$/.exec(uri);
-  if (!m) throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
-  return { bucket: m[1]!, key: m[2]! };
+/** output_uri as an object to write: an s3:// URL with a key (storage/uri.ts reads every s3:// URL). */
+export function parseOutputUri(uri: string): S3Url {
+  const u = parseS3Url(uri);
+  if (u === undefined || u.key === '') throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  return u;
 }
 
 /** The object keys for `n` images of `format` under the key the client gave. */
@@ -40,9 +41,9 @@ export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
   let mods: Promise<[StorageS3, typeof import('@aws-sdk/lib-storage')]> | undefined;
   return {
     async upload(uri, images, signal) {
-      const { bucket, key } = parseS3Uri(uri);
+      const { bucket, key } = parseOutputUri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
-      const [storage, { Upload }] = await (mods ??= Promise.all([import('../storage/s3.js'), import('@aws-sdk/lib-storage')]));
+      const [storage, { Upload }] = await (mods ??= Promise.all([import('../storage/s3-sdk.js'), import('@aws-sdk/lib-storage')]));
       handle ??= storage.createS3(s3, 8);
       const client = handle.client;
       await Promise.all(

@@ -14,8 +14,8 @@ import { RuntimeError } from '../errors.js';
 import { PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts } from './plan.js';
-import { classify, permanentError, type RemoteObject } from './s3-errors.js';
-import type { GetRequest, ObjectBody } from './s3-lite.js';
+import { classify, permanentError } from './s3-errors.js';
+import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
 export interface StorageIo {
@@ -42,7 +42,7 @@ export const defaultIo: StorageIo = {
 };
 
 export interface DownloadOptions {
-  /** Sends one GET (s3-lite or the SDK: see S3Fetch.fill in index.ts). */
+  /** Sends one GET through the fetch's transport. */
   get(r: GetRequest): Promise<ObjectBody>;
   bucket: string;
   entry: string;
@@ -331,6 +331,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (isNoSpace(e)) throw new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e });
         if (e instanceof ObjectChangedError || e instanceof RuntimeError) throw e;
         if (signal.aborted) throw signal.reason;
+        // Not retried here: the fetch starts over through the SDK (fetch.ts).
+        if (sdkMightDiffer(e)) throw e;
         const stalled = ac.signal.aborted;
         const kind = stalled ? 'transient' : classify(e);
         if (kind === 'changed') throw new ObjectChangedError(f.obj.key);

@@ -2,7 +2,7 @@
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { PARTIAL } from './cache.js';
-import type { RemoteObject } from './s3-errors.js';
+import type { RemoteObject } from './transport.js';
 import { containedPath } from './uri.js';
 
 /** Bytes in one file name (NAME_MAX of Linux filesystems); a file is '<name>.partial' while it downloads. */

@@ -1,6 +1,6 @@
 /**
  * @module What an S3 failure means, without the AWS SDK: classification into retry / denied / missing / changed, and
- * the RuntimeError an operator reads. Shared by the SDK client (s3.ts) and the SDK-free listing and GETs (s3-lite.ts).
+ * the RuntimeError an operator reads. Shared by both transports (s3-sdk.ts, s3-lite.ts), whose errors are shaped alike.
  */
 import { RuntimeError } from '../errors.js';
 import { RETRY } from './plan.js';
@@ -71,13 +71,4 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
-}
-
-export interface RemoteObject {
-  /** Full S3 key. */
-  readonly key: string;
-  /** Path relative to the prefix, '/'-separated. */
-  readonly rel: string;
-  readonly size: number;
-  readonly etag: string;
 }

@@ -1,23 +1,24 @@
 /**
- * @module ListObjectsV2 and ranged GetObject without the AWS SDK: Signature V4 over node:http(s), for static
- * credentials from the environment. Importing @aws-sdk/client-s3 costs ~250 ms of CPU, and its heap makes every
- * garbage collection of a download dearer: with this module a hit never loads the SDK, and neither does a miss.
+ * @module The SDK-free S3 transport, an opt-in (S3_TRANSPORT=lite): ListObjectsV2 and ranged GetObject over node:http(s),
+ * signed by the AWS SDK's own SigV4 signer (@smithy/signature-v4) but without the SDK's client, whose import costs
+ * ~250 ms of CPU and whose heap makes every garbage collection of a download dearer (docs/BENCHMARKS.md has what it
+ * saves). Static keys from the environment only.
  *
- * It covers the common case only. `liteTarget` returns undefined, and the SDK does the work, whenever the SDK might
- * sign or route differently: credentials from a profile, a web identity or an instance role; an AWS config file;
+ * It covers the common case only. `liteDeclines` names why, and the SDK does the work, whenever the SDK might sign or
+ * route differently: credentials from a profile, a web identity, pod identity or an instance role; an AWS config file;
  * FIPS or dual-stack endpoints; a custom endpoint addressed virtual-hosted or with a base path; AWS bucket names that
- * are not plain DNS labels, directory (S3 Express) and Object Lambda buckets; China and ISO regions. An answer that
- * may be this module's own doing (a signature complaint, a redirect, a 400) sends the listing, or the rest of the
- * download, to the SDK too (sdkMightDiffer, used by S3Fetch in index.ts), so a difference in signing shows up as a
- * slower start, never as a wrong answer.
+ * are not plain DNS labels, directory (S3 Express) and Object Lambda buckets; China and ISO regions. An answer that may
+ * be this module's own doing (a signature complaint, a redirect, a 400) carries `sdkMightDiffer`, and the fetch starts
+ * over through the SDK (fetch.ts), so a difference shows up as a slower start, never as a wrong answer.
  */
 import { createHash, createHmac } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
-import type { RemoteObject } from './s3-errors.js';
+import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
+
+export { sdkMightDiffer } from './transport.js';
 
 export interface LiteCredentials {
   accessKeyId: string;
@@ -60,18 +61,7 @@ export function updateClock(clock: ClockOffset, date: string | undefined, age: s
 /** The time to sign with: this host's, corrected by what S3's clock said. */
 export const signingTime = (clock: ClockOffset) => new Date(Date.now() + clock.offsetMs);
 
-export interface TlsOptions {
-  rejectUnauthorized: boolean;
-  ca?: Buffer;
-}
-
-/** TLS for the S3 endpoint, for this module and the SDK's agent alike (s3.ts). */
-export function tlsOptions(s: Pick<S3Settings, 'verifySsl' | 'caBundle'>): TlsOptions {
-  // S3_VERIFY_SSL=0 is KServe's switch for self-signed MinIO/ODF endpoints.
-  return { rejectUnauthorized: s.verifySsl, ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}) };
-}
-
-/** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK lists. */
+/** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK serves the fetch. */
 const SDK_ONLY_ENV = ['AWS_PROFILE', 'AWS_CONFIG_FILE', 'AWS_USE_FIPS_ENDPOINT', 'AWS_USE_DUALSTACK_ENDPOINT', 'AWS_ENDPOINT_URL_S3', 'AWS_S3_US_EAST_1_REGIONAL_ENDPOINT'];
 /** A bucket name that is one DNS label, so `bucket.s3.region.amazonaws.com` matches AWS's wildcard certificate. */
 const DNS_LABEL_BUCKET = /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/;
@@ -81,40 +71,49 @@ const REGION = /^[a-z]{2}(-[a-z]+)+-\d+$/;
 /** China and the ISO partitions are not under amazonaws.com. */
 const OTHER_PARTITION = /^cn-|-iso[a-z]?-/;
 
-/** The target for `bucket`, or undefined when the SDK must do the listing (see the module comment). */
-export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.ProcessEnv = process.env): LiteTarget | undefined {
-  const accessKeyId = env.AWS_ACCESS_KEY_ID;
-  const secretAccessKey = env.AWS_SECRET_ACCESS_KEY;
-  // The SDK's default chain takes these two first, unless AWS_PROFILE is set (listed in SDK_ONLY_ENV).
-  if (!accessKeyId || !secretAccessKey) return undefined;
-  if (SDK_ONLY_ENV.some((k) => (env[k] ?? '') !== '')) return undefined;
+/**
+ * Why the SDK must serve `bucket` rather than this module (see the module comment), or undefined when this module
+ * covers it. The reasons name variables and settings, never a value of them.
+ */
+export function liteDeclines(s: Readonly<S3Settings>, bucket: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  // The SDK's default chain takes these two first, unless AWS_PROFILE is set (below); without them it goes on to
+  // web identity (IRSA), pod identity, container and instance metadata: always the SDK's.
+  if (!env.AWS_ACCESS_KEY_ID || !env.AWS_SECRET_ACCESS_KEY) return 'no static keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY';
+  const set = SDK_ONLY_ENV.find((k) => (env[k] ?? '') !== '');
+  if (set !== undefined) return `${set} is set`;
   // A config file may set endpoints or FIPS for the SDK; this module does not read it.
-  if (env.HOME && existsSync(`${env.HOME}/.aws/config`)) return undefined;
-  if (SPECIAL_BUCKET.test(bucket)) return undefined;
-  const credentials: LiteCredentials = { accessKeyId, secretAccessKey, ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}) };
+  if (env.HOME && existsSync(`${env.HOME}/.aws/config`)) return '~/.aws/config exists';
+  if (SPECIAL_BUCKET.test(bucket)) return 'a directory or Object Lambda bucket';
+  if (s.endpoint !== undefined) {
+    const u = new URL(s.endpoint);
+    if (!s.forcePathStyle) return 'the endpoint is addressed virtual-hosted';
+    if ((u.pathname !== '/' && u.pathname !== '') || u.search !== '' || u.username !== '') return 'the endpoint has a path, a query or user info';
+    return undefined;
+  }
+  if (!REGION.test(s.region) || OTHER_PARTITION.test(s.region)) return `region ${JSON.stringify(s.region)} is outside the standard AWS partition`;
+  if (!s.forcePathStyle && !DNS_LABEL_BUCKET.test(bucket)) return 'the bucket name is not one DNS label';
+  return undefined;
+}
+
+/** The target for `bucket`, or undefined when the SDK must serve it (liteDeclines). Throws when AWS_CA_BUNDLE cannot be read. */
+export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.ProcessEnv = process.env): LiteTarget | undefined {
+  if (liteDeclines(s, bucket, env) !== undefined) return undefined;
+  const credentials: LiteCredentials = {
+    accessKeyId: env.AWS_ACCESS_KEY_ID!, secretAccessKey: env.AWS_SECRET_ACCESS_KEY!, ...(env.AWS_SESSION_TOKEN ? { sessionToken: env.AWS_SESSION_TOKEN } : {}),
+  };
   let origin: string;
   let bucketPath: string;
   if (s.endpoint !== undefined) {
-    const u = new URL(s.endpoint);
-    if (!s.forcePathStyle || (u.pathname !== '/' && u.pathname !== '') || u.search !== '' || u.username !== '') return undefined;
-    origin = u.origin;
+    origin = new URL(s.endpoint).origin;
+    bucketPath = `/${encodeRfc3986(bucket)}`;
+  } else if (s.forcePathStyle) {
+    origin = `https://s3.${s.region}.amazonaws.com`;
     bucketPath = `/${encodeRfc3986(bucket)}`;
   } else {
-    if (!REGION.test(s.region) || OTHER_PARTITION.test(s.region)) return undefined;
-    if (s.forcePathStyle) {
-      origin = `https://s3.${s.region}.amazonaws.com`;
-      bucketPath = `/${encodeRfc3986(bucket)}`;
-    } else {
-      if (!DNS_LABEL_BUCKET.test(bucket)) return undefined;
-      origin = `https://${bucket}.s3.${s.region}.amazonaws.com`;
-      bucketPath = '';
-    }
+    origin = `https://${bucket}.s3.${s.region}.amazonaws.com`;
+    bucketPath = '';
   }
-  return {
-    origin, bucketPath, region: s.region, credentials,
-    tls: tlsOptions(s),
-    clock: { offsetMs: 0 },
-  };
+  return { origin, bucketPath, region: s.region, credentials, tls: tlsOptions(s), clock: { offsetMs: 0 } };
 }
 
 /** RFC 3986 percent-encoding, as SigV4 wants it: everything but A-Z a-z 0-9 - _ . ~ */
@@ -122,10 +121,30 @@ export function encodeRfc3986(s: string): string {
   return encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
 }
 
-const sha256Hex = (s: string) => createHash('sha256').update(s, 'utf8').digest('hex');
-const hmac = (key: Buffer | string, s: string) => createHmac('sha256', key).update(s, 'utf8').digest();
 /** SHA-256 of an empty body: what a GET signs as its payload. */
 export const EMPTY_SHA256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
+
+/** The hash constructor the signer takes (the SDK's own is @smithy/hash-node, not a dependency of ours): node:crypto. */
+class Sha256 {
+  readonly #h;
+  constructor(secret?: string | ArrayBuffer | ArrayBufferView) {
+    this.#h = secret === undefined ? createHash('sha256') : createHmac('sha256', typeof secret === 'string' ? secret : bytes(secret));
+  }
+  update(d: string | ArrayBuffer | ArrayBufferView): void {
+    this.#h.update(typeof d === 'string' ? d : bytes(d));
+  }
+  async digest(): Promise<Uint8Array> {
+    return new Uint8Array(this.#h.digest());
+  }
+}
+const bytes = (d: ArrayBuffer | ArrayBufferView) => (ArrayBuffer.isView(d) ? Buffer.from(d.buffer, d.byteOffset, d.byteLength) : Buffer.from(d));
+
+type SignerModule = typeof import('@smithy/signature-v4');
+let signerModule: Promise<SignerModule> | undefined;
+/** The SDK's SigV4 signer, imported on first use (~100 ms of CPU), so that choosing a transport costs nothing. */
+export function loadSigner(): Promise<SignerModule> {
+  return (signerModule ??= import('@smithy/signature-v4'));
+}
 
 export interface SignInput {
   method: string;
@@ -142,54 +161,45 @@ export interface SignInput {
 }
 
 /**
- * AWS Signature Version 4 headers for a request with no body (the SigV4 "header-based auth" of S3's docs). Returns
- * the headers to send, Authorization included, and the canonical query string the path must carry.
+ * AWS Signature Version 4 headers for a request with no body (the SigV4 "header-based auth" of S3's docs), by the SDK's
+ * own signer. Signed: host, x-amz-content-sha256, x-amz-date and a session token; Range and If-Match travel unsigned,
+ * as SigV4 allows. Returns the headers to send, Authorization included, and the query string the path must carry, in
+ * the encoding the signature covers.
  */
-export function signV4(r: SignInput): { headers: Record<string, string>; query: string } {
-  const service = r.service ?? 's3';
-  const amzDate = r.now.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}/, '');
-  const day = amzDate.slice(0, 8);
-  const payload = r.payloadHash ?? EMPTY_SHA256;
-  const query = r.query
-    .map(([k, v]) => [encodeRfc3986(k), encodeRfc3986(v)] as const)
-    .sort(([ak, av], [bk, bv]) => (ak < bk ? -1 : ak > bk ? 1 : av < bv ? -1 : av > bv ? 1 : 0))
+export async function signV4(r: SignInput): Promise<{ headers: Record<string, string>; query: string }> {
+  const { SignatureV4 } = await loadSigner();
+  const signer = new SignatureV4({ credentials: r.credentials, region: r.region, service: r.service ?? 's3', sha256: Sha256, uriEscapePath: false });
+  const query = Object.fromEntries(r.query);
+  const signed = await signer.sign(
+    { method: r.method, protocol: 'https:', hostname: r.host, path: r.path || '/', query, headers: { host: r.host, 'x-amz-content-sha256': r.payloadHash ?? EMPTY_SHA256 } },
+    { signingDate: r.now },
+  );
+  const qs = Object.keys(query).map((k) => [encodeRfc3986(k), encodeRfc3986(query[k]!)] as const)
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
     .map(([k, v]) => `${k}=${v}`)
     .join('&');
-  const headers: Record<string, string> = { host: r.host, 'x-amz-content-sha256': payload, 'x-amz-date': amzDate };
-  if (r.credentials.sessionToken !== undefined) headers['x-amz-security-token'] = r.credentials.sessionToken;
-  const names = Object.keys(headers).sort();
-  const canonical = [r.method, r.path || '/', query, ...names.map((n) => `${n}:${headers[n]!.trim().replace(/\s+/g, ' ')}`), '', names.join(';'), payload].join('\n');
-  const scope = `${day}/${r.region}/${service}/aws4_request`;
-  const toSign = ['AWS4-HMAC-SHA256', amzDate, scope, sha256Hex(canonical)].join('\n');
-  const key = hmac(hmac(hmac(hmac(`AWS4${r.credentials.secretAccessKey}`, day), r.region), service), 'aws4_request');
-  const signature = createHmac('sha256', key).update(toSign, 'utf8').digest('hex');
-  headers.authorization = `AWS4-HMAC-SHA256 Credential=${r.credentials.accessKeyId}/${scope}, SignedHeaders=${names.join(';')}, Signature=${signature}`;
-  return { headers, query };
-}
-
-/** An error response, shaped like the SDK's service errors so s3-errors.ts classifies both alike. */
-export class LiteHttpError extends Error {
-  readonly $metadata: { httpStatusCode: number };
-  constructor(status: number, code: string | undefined, what = 'listing') {
-    // The code comes from the server: only a short identifier goes into messages and logs.
-    const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
-    super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
-    this.name = safe ?? `HTTP${status}`;
-    this.$metadata = { httpStatusCode: status };
-  }
+  return { headers: signed.headers as Record<string, string>, query: qs };
 }
 
 /** Answers that may come from how this module signed or addressed the request, which the SDK might not get. */
 const SDK_MIGHT_DIFFER = new Set(['SignatureDoesNotMatch', 'AuthorizationHeaderMalformed', 'PermanentRedirect', 'TemporaryRedirect', 'InvalidRequest', 'MalformedListing', 'ListingTooLarge']);
 
 /**
- * Whether the SDK should list after `err` from listPrefixLite: a redirect, a 400 or a signature complaint may be this
- * module's doing. Denied credentials, a missing bucket or a 5xx the SDK would meet as well: those are final.
+ * An error response, shaped like the SDK's service errors so s3-errors.ts classifies both transports alike. A redirect,
+ * a 400 or a signature complaint may be this module's doing: `sdkMightDiffer` (transport.ts) sends the fetch to the
+ * SDK. Denied credentials, a missing bucket or a 5xx the SDK would meet as well: those are final.
  */
-export function sdkMightDiffer(err: unknown): boolean {
-  if (!(err instanceof LiteHttpError)) return false;
-  const status = err.$metadata.httpStatusCode;
-  return status === 301 || status === 307 || status === 400 || SDK_MIGHT_DIFFER.has(err.name);
+export class LiteHttpError extends Error {
+  readonly $metadata: { httpStatusCode: number };
+  readonly sdkMightDiffer: boolean;
+  constructor(status: number, code: string | undefined, readonly what: 'listing' | 'read' = 'listing') {
+    // The code comes from the server: only a short identifier goes into messages and logs.
+    const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
+    super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
+    this.name = safe ?? `HTTP${status}`;
+    this.$metadata = { httpStatusCode: status };
+    this.sdkMightDiffer = status === 301 || status === 307 || status === 400 || SDK_MIGHT_DIFFER.has(this.name);
+  }
 }
 
 const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
@@ -238,10 +248,10 @@ function endpoint(t: Pick<LiteTarget, 'origin'>): { secure: boolean; host: strin
   return { secure, host: u.host, hostname: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: u.port || (secure ? 443 : 80) };
 }
 
-function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
+async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSignal | undefined): Promise<string> {
   const { secure, host, hostname, port } = endpoint(t);
+  const { headers, query: qs } = await signV4({ method: 'GET', host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
   const sentAt = Date.now();
-  const { headers, query: qs } = signV4({ method: 'GET', host, path: t.bucketPath || '/', query, region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
   const opts: https.RequestOptions = {
     method: 'GET', hostname, port, path: `${t.bucketPath || '/'}?${qs}`, headers,
     ...(signal ? { signal } : {}),
@@ -271,7 +281,7 @@ function getPage(t: LiteTarget, query: Array<[string, string]>, signal: AbortSig
   });
 }
 
-/** Every object under `prefix` (paginated), directory markers skipped, sorted by path: what s3.ts listPrefix returns. */
+/** Every object under `prefix` (paginated), directory markers skipped, sorted by path: what the SDK transport lists. */
 export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: AbortSignal, pageSize = 1000): Promise<RemoteObject[]> {
   const out: RemoteObject[] = [];
   let token: string | undefined;
@@ -289,28 +299,7 @@ export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: Abo
   return out;
 }
 
-/** A ranged GET as the reader (download.ts) asks for it, whichever client sends it. */
-export interface GetRequest {
-  key: string;
-  /** An HTTP Range value (`bytes=a-b`); absent: the whole object. */
-  range?: string;
-  ifMatch?: string;
-  signal: AbortSignal;
-}
-
-/** The answer the reader streams: a 200/206 body and the headers it checks. */
-export interface ObjectBody {
-  body: Readable;
-  etag: string | undefined;
-  contentLength: number | undefined;
-}
-
-/** Keep-alive agent settings for S3 (the SDK's agents and s3-lite's): `sockets` sized so no range waits for one. */
-export function agentOptions(sockets: number): http.AgentOptions {
-  return { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' };
-}
-
-/** Keep-alive sockets for one download's GETs: `sockets` = the ranges in flight, so none waits for a socket. */
+/** Keep-alive sockets for one fetch's requests: `sockets` = the ranges in flight plus a few, so none waits for one. */
 export function liteAgent(t: LiteTarget, sockets: number): http.Agent {
   return t.origin.startsWith('https:') ? new https.Agent({ ...agentOptions(sockets), ...t.tls }) : new http.Agent(agentOptions(sockets));
 }
@@ -324,17 +313,16 @@ export function objectPath(t: Pick<LiteTarget, 'bucketPath'>, key: string): stri
 }
 
 /**
- * GetObject without the SDK. Only host, x-amz-date and the payload hash are signed; Range and If-Match travel
- * unsigned, as SigV4 allows. An error answer rejects with a LiteHttpError carrying S3's Code (classified in
+ * GetObject without the SDK's client. An error answer rejects with a LiteHttpError carrying S3's Code (classified in
  * s3-errors.ts like the SDK's); a 200 or 206 resolves with the body unread.
  */
-export function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): Promise<ObjectBody> {
+export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): Promise<ObjectBody> {
   const { secure, host, hostname, port } = endpoint(t);
   const keyPath = objectPath(t, r.key);
-  const sentAt = Date.now();
-  const { headers } = signV4({ method: 'GET', host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
+  const { headers } = await signV4({ method: 'GET', host, path: keyPath, query: [], region: t.region, credentials: t.credentials, now: signingTime(t.clock) });
   if (r.range !== undefined) headers.range = r.range;
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
+  const sentAt = Date.now();
   const opts: https.RequestOptions = { method: 'GET', hostname, port, path: keyPath, headers, agent, signal: r.signal };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
@@ -357,4 +345,18 @@ export function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequest): 
     req.on('error', reject);
     req.end();
   });
+}
+
+/**
+ * The SDK-free transport for one fetch: keep-alive sockets for its GETs, one per range in flight (listings use Node's
+ * global agent), and its target's clock offset shared by every request.
+ */
+export function createLiteTransport(t: LiteTarget, s: Pick<S3Settings, 'maxConcurrency'>): S3Transport {
+  const agent = liteAgent(t, s.maxConcurrency);
+  return {
+    name: 'lite',
+    list: (r) => listPrefixLite(t, r.prefix, r.signal),
+    get: (r) => getObjectLite(t, agent, r),
+    destroy: () => agent.destroy(),
+  };
 }

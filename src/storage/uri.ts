@@ -11,6 +11,22 @@ export type StorageSource =
 // Bucket names as S3 allows them (3-63 chars); S3-compatible stores are looser, so only the charset is enforced.
 const BUCKET = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
 
+export interface S3Url {
+  readonly bucket: string;
+  /** Everything after the bucket's slash, as given ('' when there is none). */
+  readonly key: string;
+}
+
+/**
+ * The one reading of an s3:// URL, for STORAGE_URI, output_uri and the warm-up CLI's push: `s3://bucket[/key]`, the
+ * scheme in any case (RFC 3986), the bucket as S3-compatible stores name them. Undefined when `uri` is not one.
+ */
+export function parseS3Url(uri: string): S3Url | undefined {
+  const m = /^s3:\/\/([^/]*)(?:\/([\s\S]*))?$/i.exec(uri);
+  if (m === null || !BUCKET.test(m[1]!)) return undefined;
+  return { bucket: m[1]!, key: m[2] ?? '' };
+}
+
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {
   const u = uri.trim();
@@ -29,11 +45,10 @@ export function parseStorageUri(uri: string): StorageSource {
       `STORAGE_URI ${JSON.stringify(u)}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
   }
   if (scheme === 's3') {
-    const rest = u.slice('s3://'.length);
-    const slash = rest.indexOf('/');
-    const bucket = slash < 0 ? rest : rest.slice(0, slash);
-    let prefix = slash < 0 ? '' : rest.slice(slash + 1).replace(/^\/+/, '');
-    if (!BUCKET.test(bucket)) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has no valid bucket name; use s3://bucket/prefix`);
+    const s3 = parseS3Url(u);
+    if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has no valid bucket name; use s3://bucket/prefix`);
+    const { bucket } = s3;
+    let prefix = s3.key.replace(/^\/+/, '');
     if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
     if (prefix.split('/').slice(0, -1).some((s) => s === '' || s === '.' || s === '..')) {
       throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has an empty, '.' or '..' path segment`);

@@ -1,13 +1,16 @@
-/** @module The S3 client of the AWS SDK (socket pool sized to the concurrency, KServe-style endpoint settings) and its listing; errors are classified in s3-errors.ts. */
+/**
+ * @module The AWS SDK's S3 client, configured the way KServe's storage initializer reads its environment (endpoint,
+ * path-style, TLS), with a socket pool sized to the download, and the default transport of a fetch built on it.
+ * The same client serves uploads (output_uri, the warm-up CLI's push). Errors are classified in s3-errors.ts.
+ */
 import http from 'node:http';
 import https from 'node:https';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
-import type { RemoteObject } from './s3-errors.js';
-import { agentOptions, tlsOptions, type GetRequest, type ObjectBody } from './s3-lite.js';
+import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 
-export { classify, errorStatus, permanentError, type ErrorKind, type RemoteObject } from './s3-errors.js';
+export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
 
 export interface S3Handle {
   readonly client: S3Client;
@@ -66,10 +69,24 @@ export async function headObject(client: S3Client, bucket: string, key: string, 
   return { size: h.ContentLength ?? 0, etag: h.ETag ?? '' };
 }
 
-/** A ranged GET through the SDK, answered in the reader's terms (s3-lite's ObjectBody). */
+/** A ranged GET through the SDK, answered in the transport's terms. */
 export async function getObject(client: S3Client, bucket: string, r: GetRequest): Promise<ObjectBody> {
   const res = await client.send(new GetObjectCommand({
     Bucket: bucket, Key: r.key, ...(r.range !== undefined ? { Range: r.range } : {}), ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
   }), { abortSignal: r.signal });
   return { body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength };
+}
+
+/**
+ * The SDK transport for one fetch of `bucket`. The SDK's signer corrects its clock from S3's answers itself
+ * (RequestTimeTooSkewed is retried by the fetch engine, signed with S3's time).
+ */
+export function createSdkTransport(s: Readonly<S3Settings>, bucket: string): S3Transport {
+  const handle = createS3(s);
+  return {
+    name: 'sdk',
+    list: (r) => listPrefix(handle.client, bucket, r.prefix, r.signal),
+    get: (r) => getObject(handle.client, bucket, r),
+    destroy: () => handle.destroy(),
+  };
 }

@@ -1,6 +1,9 @@
 /**
- * @module Model sources for the runtime: `resolveModel(uri)` turns STORAGE_URI into a local directory —
- * a local path as is, or an S3 prefix through the PVC cache (lock, parallel ranged reader, atomic commit).
+ * @module The fetch engine: `resolveModel(uri)` turns STORAGE_URI into a local directory — a local path as is, or an
+ * S3 prefix through the PVC cache: listing, lock, the parallel ranged reader (download.ts), verification, atomic
+ * commit. A fetch speaks to S3 through one transport, chosen when it starts (choose-transport.ts); an answer the
+ * SDK-free transport may have caused starts the fetch over through the SDK, resuming what is on disk.
+ * `committedEntry` looks at the cache alone, so the boot can start sessions before S3 has answered.
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
@@ -8,15 +11,15 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { type Manifest, fsyncDir, manifestFilesPresent, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
-import { classify, permanentError, type RemoteObject } from './s3-errors.js';
-import { getObjectLite, liteAgent, liteTarget, listPrefixLite, sdkMightDiffer, type GetRequest, type LiteTarget, type ObjectBody } from './s3-lite.js';
-import type { S3Handle } from './s3.js';
-import { cacheKey, containedPath, parseStorageUri } from './uri.js';
+import { classify, permanentError } from './s3-errors.js';
+import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
+import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
 export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './uri.js';
@@ -81,7 +84,58 @@ export async function resolveModel(uri: string, opts: ResolveOptions): Promise<R
   const t0 = performance.now();
   const src = parseStorageUri(uri);
   if (src.kind === 'local') return resolveLocal(src.path, opts, t0);
-  return new S3Fetch(src.bucket, src.prefix, src.uri, opts, t0).run();
+  const choice = chooseTransport(opts.cfg.s3, src.bucket);
+  if (choice.name === 'sdk' && choice.declined !== undefined) {
+    opts.log.info({ reason: choice.declined }, 'S3_TRANSPORT=lite cannot serve this bucket; the AWS SDK reads it');
+  }
+  // The transport's code loads while the cache is looked at and locked.
+  loadTransport(choice);
+  try {
+    return await new S3Fetch(src, choice, opts, t0).run();
+  } catch (e) {
+    const refusal = choice.name === 'lite' && !opts.signal?.aborted ? refusalIn(e) : undefined;
+    if (refusal === undefined) throw e;
+    opts.log.info({ reason: refusal.message },
+      refusal.what === 'read' ? 'S3 refused an SDK-free GET; downloading through the AWS SDK' : 'S3 refused the SDK-free listing; listing through the AWS SDK');
+    return await new S3Fetch(src, { name: 'sdk' }, opts, t0).run();
+  }
+}
+
+/** The answer in `e` (or its causes) that the SDK-free transport may have caused, if any. */
+function refusalIn(e: unknown): (Error & { what?: string }) | undefined {
+  for (let x = e, depth = 0; x !== undefined && x !== null && depth < 4; x = (x as Error).cause, depth++) {
+    if (sdkMightDiffer(x)) return x as Error & { what?: string };
+  }
+  return undefined;
+}
+
+export interface CommittedEntry {
+  dir: string;
+  manifest: Manifest;
+}
+
+/**
+ * The committed cache entry of an s3:// URI with every file present, or undefined; never throws, never asks S3. The
+ * boot starts its sessions while the fetch asks S3 whether it is still current.
+ */
+export async function committedEntry(uri: string, cfg: Pick<Config, 'cacheDir' | 's3'>): Promise<CommittedEntry | undefined> {
+  try {
+    const src = parseStorageUri(uri);
+    if (src.kind !== 's3') return undefined;
+    const dir = containedPath(cfg.cacheDir, cacheKey(src, cfg.s3.endpoint));
+    const manifest = await readManifest(dir);
+    if (manifest === undefined || manifest.uri !== src.uri) return undefined;
+    // Keys were contained when the entry was written; check again, the manifest is only a file on a shared volume.
+    for (const f of manifest.files) containedPath(dir, f.path);
+    return (await manifestFilesPresent(dir, manifest)) ? { dir, manifest } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** True when two manifests describe the same committed content (same write, same objects). */
+export function sameCommit(a: Manifest, b: Manifest): boolean {
+  return a.completedAt === b.completedAt && JSON.stringify(a.files) === JSON.stringify(b.files);
 }
 
 async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
@@ -116,23 +170,23 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
 const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
   m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && m.files[i]?.etag === o.etag);
 
-/** One S3 → cache resolution; all state lives in this object so two resolutions never share any. */
+/** One S3 → cache resolution through one transport; all state lives in this object so two resolutions never share any. */
 class S3Fetch {
+  private readonly bucket: string;
+  private readonly prefix: string;
+  private readonly uri: string;
   private readonly entry: string;
   private readonly progress: FetchProgress = { phase: 'resolving', bytesDone: 0, bytesTotal: 0, filesDone: 0, filesTotal: 0, bytesPerSecond: 0 };
   private readonly samples: Array<[number, number]> = [];
   private lastEmit = 0;
   private readonly signal: AbortSignal;
-  /** Set while listings and GETs go without the SDK (s3-lite.ts); cleared for good after an answer the SDK might not get. */
-  private lite: LiteTarget | undefined;
-  /** The AWS SDK and its client, imported on first need: where s3-lite covers the bucket, never. */
-  private sdkClient: Promise<{ s3: typeof import('./s3.js'); handle: S3Handle }> | undefined;
-  /** s3-lite's keep-alive sockets for the ranged GETs, made on the first one. */
-  private agent: ReturnType<typeof liteAgent> | undefined;
+  /** Opened when the fetch starts; its code began loading in resolveModel. */
+  private transport: Promise<S3Transport> | undefined;
 
-  constructor(private readonly bucket: string, private readonly prefix: string, private readonly uri: string,
-    private readonly o: ResolveOptions, private readonly t0: number) {
-    this.entry = containedPath(o.cfg.cacheDir, cacheKey({ kind: 's3', bucket, prefix, uri }, o.cfg.s3.endpoint));
+  constructor(src: Extract<StorageSource, { kind: 's3' }>, private readonly choice: TransportChoice, private readonly o: ResolveOptions,
+    private readonly t0: number) {
+    ({ bucket: this.bucket, prefix: this.prefix, uri: this.uri } = src);
+    this.entry = containedPath(o.cfg.cacheDir, cacheKey(src, o.cfg.s3.endpoint));
     this.signal = o.signal ?? new AbortController().signal;
   }
 
@@ -141,11 +195,8 @@ class S3Fetch {
     await fsp.mkdir(cfg.cacheDir, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
       throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${e.code ?? 'error'}`, { cause: e });
     });
-    try {
-      this.lite = liteTarget(cfg.s3, this.bucket);
-    } catch {
-      this.lite = undefined; // an unreadable CA bundle: the SDK reports it
-    }
+    this.transport = openTransport(this.choice, cfg.s3, this.bucket);
+    this.transport.catch(() => undefined); // awaited by the first listing
     try {
       this.emit('resolving', true);
       let listing: RemoteObject[] | undefined;
@@ -154,7 +205,7 @@ class S3Fetch {
         try {
           listing = await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
-          if (this.signal.aborted) throw e;
+          if (this.signal.aborted || sdkMightDiffer(e)) throw e;
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
           return this.hit(cached, true);
         }
@@ -162,8 +213,6 @@ class S3Fetch {
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
-      // Without s3-lite the ranged GETs need the SDK: it loads while the listing is in flight.
-      if (!this.lite) this.sdk().catch(() => undefined);
       listing ??= await this.listing(cfg.s3.maxAttempts, 60_000);
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
@@ -198,40 +247,19 @@ class S3Fetch {
       }
       throw cacheIoError(e, this.o.cfg.cacheDir);
     } finally {
-      this.agent?.destroy();
-      if (this.sdkClient) (await this.sdkClient.catch(() => undefined))?.handle.destroy();
+      (await this.transport.catch(() => undefined))?.destroy();
     }
   }
 
-  private sdk(): Promise<{ s3: typeof import('./s3.js'); handle: S3Handle }> {
-    return (this.sdkClient ??= import('./s3.js').then((s3) => ({ s3, handle: s3.createS3(this.o.cfg.s3) })));
-  }
-
-  /** Lists through s3-lite while it covers this bucket, else through the SDK; an answer s3-lite may have caused moves it to the SDK. */
+  /** Lists the prefix, retrying what may pass; an answer the transport may have caused goes up at once (resolveModel). */
   private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
-    const lite = this.lite;
-    if (lite) {
-      try {
-        return await this.list((signal) => listPrefixLite(lite, this.prefix, signal), attempts, timeoutMs);
-      } catch (e) {
-        // Denied, missing, 5xx or no answer at all: the SDK would meet the same.
-        if (this.signal.aborted || !sdkMightDiffer((e as Error).cause)) throw e;
-        this.lite = undefined;
-        this.o.log.info({ reason: (e as Error).message }, 'S3 refused the SDK-free listing; listing through the AWS SDK');
-      }
-    }
-    const { s3, handle } = await this.sdk();
-    return this.list((signal) => s3.listPrefix(handle.client, this.bucket, this.prefix, signal), attempts, timeoutMs);
-  }
-
-  private async list(listOnce: (signal: AbortSignal) => Promise<RemoteObject[]>, attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
+    const transport = await this.transport!;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await listOnce(AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]));
+        return await transport.list({ prefix: this.prefix, signal: AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]) });
       } catch (e) {
         this.signal.throwIfAborted();
-        // An answer s3-lite may have caused goes to the SDK at once (listing()); retrying would only get it again.
-        if (sdkMightDiffer(e)) throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
+        if (sdkMightDiffer(e)) throw e;
         const kind = classify(e);
         if (kind !== 'transient' && kind !== 'aborted') throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
         if (attempt >= attempts) throw permanentError(e, this.bucket, this.prefix || undefined, `list (${attempt} attempts)`);
@@ -251,29 +279,15 @@ class S3Fetch {
   private async fill(initial: RemoteObject[], signal: AbortSignal, lost: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const dl = await import('./download.js');
+    const transport = await this.transport!;
     let answered = false;
     const get = async (r: GetRequest): Promise<ObjectBody> => {
-      const res = await send(r);
+      const res = await transport.get(r);
       if (!answered) {
         answered = true;
         this.o.onFirstResponse?.();
       }
       return res;
-    };
-    const send = async (r: GetRequest): Promise<ObjectBody> => {
-      const lite = this.lite;
-      if (lite) {
-        try {
-          return await getObjectLite(lite, (this.agent ??= liteAgent(lite, cfg.s3.maxConcurrency)), r);
-        } catch (e) {
-          // A signature complaint, a redirect or a 400 may be s3-lite's doing: this and every later range go through the SDK.
-          if (r.signal.aborted || !sdkMightDiffer(e)) throw e;
-          if (this.lite) log.info({ reason: (e as Error).message }, 'S3 refused an SDK-free GET; downloading through the AWS SDK');
-          this.lite = undefined;
-        }
-      }
-      const { s3, handle } = await this.sdk();
-      return s3.getObject(handle.client, this.bucket, r);
     };
     await fsp.mkdir(this.entry, { recursive: true });
     const journal = await Journal.open(this.entry, {

@@ -1,0 +1,407 @@
+/**
+ * @module The boot, in one place: one plan, made by `resolve`, drives five steps.
+ *
+ *   resolve   STORAGE_URI (else /mnt/models, else the embedded demo model) → a BootPlan. For s3:// a committed cache
+ *             entry's sessions start in the workers at once, and the S3 transport's code starts loading.
+ *   fetch     the fetch engine (storage/fetch.ts) fills the PVC cache, or the demo model is built. `main` starts it
+ *             before the runtime's code has loaded; what it reports meanwhile is kept here.
+ *   announce  a component whose files are whole starts its session in the workers; a tokenizer parses on this thread;
+ *             once the layout's small files and the UNet are whole, the warm-up begins while the rest downloads.
+ *   load      every worker builds the whole pipeline.
+ *   warm      one real generation on every worker (or the end of the one begun early) → ready.
+ *
+ * `main` runs resolve and fetch as soon as it listens, imports the runtime when `runtimeMayLoad()` says, and hands it
+ * to `run()` for the rest; `bootRuntime(rt)` does all of it for a runtime built in one go (tests). Boot states and
+ * their metrics are runtime/boot.ts's; this module decides when to move them.
+ */
+import { existsSync, readdirSync } from 'node:fs';
+import path from 'node:path';
+import type { Config } from '../config.js';
+import { isRuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { isLayoutFile, isTokenizerFolder } from '../pipeline/model.js';
+import type { ToWorker } from '../pipeline/protocol.js';
+import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
+import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
+import { parseStorageUri } from '../storage/uri.js';
+import type { Runtime } from './runtime.js';
+import type { SpawnedWorker } from './workers.js';
+import { warmupInpaint } from './image-request.js';
+
+/** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
+const FIRST_ANSWER_WAIT_MS = 500;
+
+/** What the boot will do, decided once, before any step runs. */
+export type BootPlan =
+  | { readonly source: 'demo' }
+  | { readonly source: 'local'; readonly uri: string }
+  /** `committed`: an entry on disk whose sessions start before S3 confirms it is current. */
+  | { readonly source: 's3'; readonly uri: string; readonly bucket: string; readonly committed: CommittedEntry | undefined }
+  /** A STORAGE_URI that cannot be read: the fetch step fails the boot with `error`, naming what is accepted. */
+  | { readonly source: 'invalid'; readonly uri: string; readonly error: unknown };
+
+/** Step 1 for `main`: the plan, with a committed entry's sessions sent straight to the workers it spawned. */
+export async function resolveBoot(cfg: Readonly<Config>, workers: readonly SpawnedWorker[]): Promise<BootSequence> {
+  const toWorkers = (m: ToWorker) => {
+    for (const w of workers) w.worker.postMessage(m);
+  };
+  return new BootSequence(cfg, await planBoot(cfg), toWorkers);
+}
+
+/** Every step for a runtime that already exists (tests; what `main` does in stages). Never throws. */
+export async function bootRuntime(rt: Runtime): Promise<void> {
+  rt.startWorkers(); // a committed entry's sessions are announced as the sequence is made
+  const seq = new BootSequence(rt.cfg, await planBoot(rt.cfg), (m) => {
+    if (m.t === 'component') rt.engine.componentReady(m.component, m.path);
+  });
+  await seq.run(rt);
+}
+
+async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
+  const uri = cfg.storageUri ?? (existsSync('/mnt/models') ? '/mnt/models' : undefined);
+  if (uri === undefined) return { source: 'demo' };
+  let src;
+  try {
+    src = parseStorageUri(uri);
+  } catch (error) {
+    return { source: 'invalid', uri, error };
+  }
+  if (src.kind === 'local') return { source: 'local', uri };
+  return { source: 's3', uri, bucket: src.bucket, committed: await committedEntry(uri, cfg) };
+}
+
+/** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
+type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
+
+function announcement(compDir: string): Announcement | undefined {
+  const comp = path.basename(compDir);
+  const onnx = path.join(compDir, 'model.onnx');
+  if (existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
+  if (isTokenizerFolder(comp) && existsSync(path.join(compDir, 'vocab.json'))) return { t: 'tokenizer', dir: compDir };
+  return undefined;
+}
+
+/** One boot of one runtime; all its state lives here. */
+export class BootSequence {
+  readonly #cfg: Readonly<Config>;
+  /** Starts a session before the runtime exists (main: straight to the workers it spawned). */
+  readonly #early: (m: ToWorker) => void;
+  #log: Logger | undefined;
+  #rt: Runtime | undefined;
+  readonly #abort = new AbortController();
+  #fetched: Promise<{ dir: string; res?: ResolvedModel }> | undefined;
+  #flow!: () => void;
+  readonly #flowing = new Promise<void>((r) => (this.#flow = r));
+  // What the fetch has reported: every listed file by component, the files whole, the components announced.
+  readonly #componentFiles = new Map<string, Set<string>>();
+  readonly #listed = new Set<string>();
+  readonly #whole = new Set<string>();
+  readonly #announced = new Set<string>();
+  /** The entry's folder, once a file in it is whole. */
+  #dir: string | undefined;
+  #progress: FetchProgress | undefined;
+  /** Tokenizer folders whole before the runtime existed: they parse once it does. */
+  readonly #tokenizers: string[] = [];
+  /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
+  #warmEarly: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
+  #sharp = false;
+
+  constructor(cfg: Readonly<Config>, readonly plan: BootPlan, early: (m: ToWorker) => void) {
+    this.#cfg = cfg;
+    this.#early = early;
+    if (plan.source !== 's3') return;
+    if (plan.committed) {
+      const { dir, manifest } = plan.committed;
+      this.#onListing(manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
+      for (const f of manifest.files) this.#onFileReady(f.path, path.join(dir, f.path));
+    }
+    // Once the committed entry's sessions are on their way: evaluating the AWS SDK holds this thread ~250 ms.
+    loadTransport(chooseTransport(cfg.s3, plan.bucket));
+  }
+
+  /** Step 2: starts the fetch (or the demo model's build). Idempotent. */
+  fetch(log: Logger): void {
+    if (this.#fetched) return;
+    this.#log = log;
+    this.#fetched = this.#fetch(log);
+    this.#fetched.catch(() => undefined); // run() awaits it and reports the failure
+    void this.#fetched.finally(() => this.#flow()).catch(() => undefined);
+  }
+
+  /**
+   * When `main` may import the runtime. At once, except on a download: then once S3 has answered the first ranged GET,
+   * for imported at once the runtime's code holds this thread while the listing's answer and the first ranges wait to
+   * be read and sent, and the runtime needs no file before then. At most FIRST_ANSWER_WAIT_MS, so a slow store still
+   * shows the fetch's state and progress on the model endpoint.
+   */
+  async runtimeMayLoad(): Promise<void> {
+    if (this.plan.source !== 's3' || this.plan.committed) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.#flowing, new Promise((r) => (timer = setTimeout(r, FIRST_ANSWER_WAIT_MS)))]);
+    clearTimeout(timer);
+  }
+
+  /** SIGTERM before the runtime exists: the fetch stops (its cache entry stays uncommitted and resumable). */
+  async stop(): Promise<void> {
+    this.#abort.abort();
+    await this.#fetched?.catch(() => undefined);
+  }
+
+  /** Steps 3-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
+  async run(rt: Runtime): Promise<void> {
+    const { cfg, log, boot, engine, metrics } = rt;
+    this.#rt = rt;
+    rt.startWorkers(); // they import ORT while the model is resolved and fetched
+    const stop = () => this.#abort.abort(rt.shutdown.reason);
+    if (rt.shutdown.aborted) stop();
+    else rt.shutdown.addEventListener('abort', stop, { once: true });
+    const plan = this.plan;
+    const committed = plan.source === 's3' ? plan.committed : undefined;
+    if (committed) {
+      log.info({ dir: committed.dir, files: committed.manifest.files.length }, 'committed cache entry found: starting sessions while S3 is checked');
+    } else {
+      void this.#importSharp(rt);
+    }
+    // Announcements go through the engine from now on; what came before it existed is announced now.
+    for (const dir of this.#tokenizers.splice(0)) engine.tokenizerReady(dir);
+    // With a committed entry the tokenizers parse first on this thread (the warm-up needs them as soon as the sessions
+    // exist), sharp after them (needed only at the warm-up's end).
+    if (committed) void this.#importSharp(rt, engine.tokenizersSettled());
+    try {
+      this.fetch(log);
+      if (plan.source !== 'demo') boot.to('fetching');
+      if (this.#progress) this.#showProgress(this.#progress);
+      if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
+      const { dir, res } = await this.#fetched!;
+      if (res) {
+        if (plan.source === 's3' && committed) {
+          const now = await committedEntry(plan.uri, cfg);
+          if (!now || now.dir !== res.dir || !sameCommit(committed.manifest, now.manifest)) {
+            this.#invalidate('the cache entry changed after its sessions started; loading them again', { dir: res.dir });
+          }
+        }
+        if (res.fromCache) metrics.cacheHits.inc({ model_name: cfg.modelName });
+        else metrics.fetchedBytes.inc({ model_name: cfg.modelName }, res.bytes);
+        log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
+      }
+      if (rt.stopping) return;
+
+      boot.to('loading');
+      const loaded = await engine.load(dir);
+      if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
+      if (Object.values(loaded.providers).includes('cuda')) void this.#startGpuMetrics(rt);
+      if (rt.stopping) return;
+
+      boot.to('warming');
+      await this.#finishWarmup(rt);
+      if (rt.stopping) return;
+
+      boot.to('ready');
+      const secs = (performance.now() - rt.startedAt) / 1000;
+      metrics.modelLoadTime.set({ model_name: cfg.modelName }, secs);
+      log.info({ seconds: Number(secs.toFixed(3)), phases: boot.phases, providers: loaded.providers }, 'model ready');
+      // After ready, in a child process: the copies this start loaded without, for later starts.
+      rt.optimizer.start(loaded.optimize);
+    } catch (err) {
+      // A warm-up begun during the download may be waiting for files that will not come.
+      this.#warmEarly?.abort.abort();
+      if (rt.stopping && rt.shutdown.aborted) return;
+      const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
+      if (!isRuntimeError(err)) log.error({ err }, 'boot crashed');
+      boot.to('failed', reason);
+      if (cfg.exitOnBootFailure) {
+        await rt.close(0);
+        process.exitCode = 1;
+      }
+    }
+  }
+
+  async #fetch(log: Logger): Promise<{ dir: string; res?: ResolvedModel }> {
+    const plan = this.plan;
+    if (plan.source === 'invalid') throw plan.error;
+    if (plan.source === 'demo') {
+      const { ensureDemoModel } = await import('../demo/index.js');
+      const dir = await ensureDemoModel(this.#cfg.cacheDir, log);
+      log.info({ dir }, 'no STORAGE_URI and no /mnt/models: serving the embedded demo model');
+      // The demo model is whole from the start: every component's session can start at once.
+      for (const comp of safeList(dir)) this.#announce(path.join(dir, comp));
+      return { dir };
+    }
+    const { resolveModel } = await import('../storage/fetch.js');
+    const res = await resolveModel(plan.uri, {
+      cfg: this.#cfg, log, signal: this.#abort.signal,
+      onListing: (files) => this.#onListing(files),
+      onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
+      onRestart: () => this.#onRestart(),
+      onProgress: (p) => this.#onProgress(p),
+      onFirstResponse: () => this.#flow(),
+    });
+    return { dir: res.dir, res };
+  }
+
+  #onListing(files: ReadonlyArray<{ relPath: string; size: number }>): void {
+    for (const f of files) {
+      this.#listed.add(f.relPath);
+      const comp = f.relPath.split('/')[0]!;
+      if (!this.#componentFiles.has(comp)) this.#componentFiles.set(comp, new Set());
+      this.#componentFiles.get(comp)!.add(f.relPath);
+    }
+  }
+
+  /** A component's session starts as soon as all of its own files are whole. */
+  #onFileReady(rel: string, abs: string): void {
+    this.#whole.add(rel);
+    const comp = rel.split('/')[0]!;
+    const all = this.#componentFiles.get(comp);
+    const dir = abs.slice(0, abs.length - rel.length);
+    this.#dir = dir;
+    if (all && !this.#announced.has(comp) && [...all].every((f) => this.#whole.has(f))) {
+      this.#announced.add(comp);
+      this.#announce(path.join(dir, comp));
+    }
+    this.#maybeWarmEarly(dir);
+  }
+
+  /** A new download round: what was announced may be replaced, so sessions and an early warm-up start over. */
+  #onRestart(): void {
+    for (const s of [this.#componentFiles, this.#whole, this.#announced, this.#listed]) s.clear();
+    this.#tokenizers.length = 0;
+    this.#invalidate('objects changed during the download; starting the sessions again');
+  }
+
+  #onProgress(p: FetchProgress): void {
+    this.#progress = p;
+    if (this.#rt) this.#showProgress(p);
+  }
+
+  #showProgress(p: FetchProgress): void {
+    Object.assign(this.#rt!.boot.progress, p, { phase: p.phase });
+  }
+
+  /** A whole component folder: its session starts in the workers, or its tokenizer parses here. */
+  #announce(compDir: string): void {
+    const m = announcement(compDir);
+    const rt = this.#rt;
+    if (m?.t === 'component') {
+      if (rt) rt.engine.componentReady(m.component, m.path);
+      else this.#early(m);
+    } else if (m?.t === 'tokenizer') {
+      if (rt) rt.engine.tokenizerReady(m.dir);
+      else this.#tokenizers.push(m.dir);
+    }
+  }
+
+  /** Sessions (and an early warm-up) were built from files that changed: the workers drop them before the next load. */
+  #invalidate(msg: string, fields: Record<string, unknown> = {}): void {
+    this.#log?.info(fields, msg);
+    if (this.#rt) this.#rt.engine.resetSessions();
+    else this.#early({ t: 'reset' });
+    if (this.#warmEarly) {
+      this.#warmEarly.stale = true;
+      this.#warmEarly.abort.abort();
+    }
+  }
+
+  /**
+   * Starts the warm-up before the last weights have arrived, once the layout's small files are whole and the UNet's
+   * files too: the workers load a partial pipeline from the listing, and the generation encodes and denoises while
+   * the rest streams, awaiting each session where it needs it (the VAE decoder's comes last). Ready still waits for
+   * the committed cache entry and this warm-up's end (#finishWarmup). At most once per boot, and only with the runtime.
+   */
+  #maybeWarmEarly(dir: string): void {
+    const rt = this.#rt;
+    if (!rt || this.#warmEarly || rt.stopping || this.#cfg.warmupSteps === 0 || !this.#announced.has('unet')) return;
+    for (const f of this.#listed) if (isLayoutFile(f) && !this.#whole.has(f)) return;
+    const abort = new AbortController();
+    const signal = AbortSignal.any([abort.signal, rt.shutdown]);
+    const files = [...this.#listed];
+    const whole = this.#whole;
+    const done = (async () => {
+      await rt.engine.load(dir, files);
+      signal.throwIfAborted();
+      // filesPending 0: a cache hit whose entry S3 has not confirmed yet.
+      rt.log.info({ filesPending: files.filter((f) => !whole.has(f)).length }, 'warm-up started before the fetch finished');
+      await this.#warmup(rt, signal);
+    })();
+    done.catch(() => undefined); // awaited by #finishWarmup
+    this.#warmEarly = { done, abort, stale: false };
+  }
+
+  /** Awaits the warm-up begun during the download, or runs one now (none began, its files changed, or it failed). */
+  async #finishWarmup(rt: Runtime): Promise<void> {
+    const early = this.#warmEarly;
+    if (early && !early.stale) {
+      try {
+        return await early.done;
+      } catch (err) {
+        if (rt.stopping) throw err;
+        rt.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'the warm-up begun during the download failed; warming up again');
+      }
+    } else if (early) {
+      await early.done.catch(() => undefined);
+    }
+    await this.#warmup(rt);
+  }
+
+  /**
+   * One real generation at the served default resolution through the request path, on every worker (each has its
+   * own sessions, on its own GPU): ready means any worker can take the first request.
+   */
+  async #warmup(rt: Runtime, signal?: AbortSignal): Promise<void> {
+    const { cfg, engine, log } = rt;
+    if (cfg.warmupSteps === 0) return;
+    const d = engine.defaults!;
+    const t0 = performance.now();
+    await Promise.all(
+      engine.workerIndexes.map(async (worker) => {
+        const r = await engine.submit(
+          {
+            shape: { steps: cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
+            output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },
+            previewEvery: 0,
+            // An inpainting model cannot run from text alone: it warms up inpainting a grey image.
+            ...(d.inpainting ? { image: warmupInpaint(d.width, d.height) } : {}),
+          },
+          { ...(signal ? { signal } : {}), worker },
+        );
+        const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
+        log.info({ ms: Math.round(performance.now() - t0), worker, steps: cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
+      }),
+    );
+  }
+
+  /**
+   * sharp encodes every image on this thread (engine.ts): it loads on this thread's core while the workers import ORT
+   * and build sessions on theirs, after `after` (the tokenizers, needed earlier). Once per boot. A failure surfaces
+   * where an image is first encoded (the warm-up).
+   */
+  async #importSharp(rt: Runtime, after?: Promise<unknown>): Promise<void> {
+    if (this.#sharp) return;
+    this.#sharp = true;
+    await after;
+    const t0 = performance.now();
+    try {
+      await (await import('../pipeline/image.js')).loadSharp();
+      rt.log.info({ ms: Math.round(performance.now() - t0) }, 'sharp imported');
+    } catch {
+      // reported by the first encode
+    }
+  }
+
+  async #startGpuMetrics(rt: Runtime): Promise<void> {
+    const { startGpuMetrics } = await import('./gpu.js');
+    const gpu = await startGpuMetrics(rt.metrics.registry, {
+      onError: (err) => rt.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'CUDA is in use but nvidia-smi gave no sample: GPU metrics stay off'),
+    });
+    if (gpu.active) rt.log.info({}, 'GPU metrics on (nvidia-smi)');
+  }
+}
+
+function safeList(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}

@@ -1,0 +1,85 @@
+/**
+ * @module A generation request's way through the runtime once parsed: its REQUEST_TIMEOUT_S, the result cache, the
+ * engine's queue, and the upload to output_uri. It counts the requests in flight, for the gauge and the SIGTERM drain.
+ */
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { Metrics } from '../metrics.js';
+import type { Engine, Progress, TaskResult } from './engine.js';
+import { createOutputStore } from './output.js';
+import type { GenerationRequest } from './request.js';
+import { createResultCache, type ResultCache } from './result-cache.js';
+
+export interface Generation {
+  /** Runs requests through the result cache and the queue; results in request order. */
+  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]>;
+  readonly resultCache: ResultCache;
+  /** Requests in flight (a request of several generations counts once). */
+  readonly inflight: number;
+  /** Resolves once no request is in flight and the engine has nothing queued, running or encoding. */
+  drained(): Promise<void>;
+  /** Closes the upload client's sockets. */
+  close(): void;
+}
+
+export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine): Generation {
+  const labels = { model_name: cfg.modelName };
+  const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => metrics.resultCacheBytes.set(labels, bytes));
+  metrics.resultCacheBytes.set(labels, 0);
+  const output = createOutputStore(cfg.s3);
+  let inflight = 0;
+  const waiters: Array<() => void> = [];
+
+  /** Result cache → queue → cache fill → optional upload to output_uri. */
+  const generateOne = async (req: GenerationRequest, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult> => {
+    const key = resultCache.keyOf(req);
+    const hit = key === undefined ? undefined : resultCache.get(key);
+    let result: TaskResult;
+    if (hit) {
+      metrics.resultCacheHits.inc(labels);
+      const images = hit.map((i) => ({ ...i, data: i.data.slice(0) }));
+      result = { images, times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
+    } else {
+      result = await engine.submit(req, { signal, ...(onProgress ? { onProgress } : {}) });
+      if (key !== undefined) resultCache.put(key, result.images);
+    }
+    if (req.output.uri !== undefined) {
+      if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
+      result.uris = await output.upload(req.output.uri, result.images, signal);
+    }
+    return result;
+  };
+
+  return {
+    resultCache,
+    get inflight() {
+      return inflight;
+    },
+    async generate(reqs, signal, onProgress) {
+      inflight++;
+      metrics.inflight.set(labels, inflight);
+      // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
+      const timeout = AbortSignal.timeout(cfg.requestTimeoutS * 1000);
+      const both = AbortSignal.any([signal, timeout]);
+      try {
+        return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress)));
+      } catch (err) {
+        if (timeout.aborted && !signal.aborted) {
+          throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });
+        }
+        throw err;
+      } finally {
+        inflight--;
+        metrics.inflight.set(labels, inflight);
+        if (inflight === 0) for (const w of waiters.splice(0)) w();
+      }
+    },
+    drained() {
+      if (inflight === 0) return engine.idle();
+      return new Promise<void>((r) => waiters.push(r)).then(() => engine.idle());
+    },
+    close() {
+      output.destroy();
+    },
+  };
+}

@@ -1,0 +1,78 @@
+/**
+ * @module The S3 seam: the two calls the fetch engine makes (list a prefix, GET a range) as one interface, and the
+ * requests and answers they speak. Two transports implement it, the AWS SDK (s3-sdk.ts) and the SDK-free reader
+ * (s3-lite.ts); choose-transport.ts picks one per fetch. Both share the socket and TLS settings below.
+ */
+import { readFileSync } from 'node:fs';
+import type http from 'node:http';
+import type { Readable } from 'node:stream';
+import type { S3Settings } from '../config.js';
+
+/** One object of a listing. */
+export interface RemoteObject {
+  /** Full S3 key. */
+  readonly key: string;
+  /** Path relative to the prefix, '/'-separated. */
+  readonly rel: string;
+  readonly size: number;
+  readonly etag: string;
+}
+
+export interface ListRequest {
+  /** '' or ends with '/'. */
+  prefix: string;
+  signal: AbortSignal;
+}
+
+/** A GET as the reader (download.ts) asks for it. */
+export interface GetRequest {
+  key: string;
+  /** An HTTP Range value (`bytes=a-b`); absent: the whole object. */
+  range?: string;
+  ifMatch?: string;
+  signal: AbortSignal;
+}
+
+/** The answer the reader streams: a 200/206 body, unread, and the headers it checks. */
+export interface ObjectBody {
+  body: Readable;
+  etag: string | undefined;
+  contentLength: number | undefined;
+}
+
+export type TransportName = 'sdk' | 'lite';
+
+/** S3 as the fetch engine sees it, for one bucket. Errors are shaped so that s3-errors.ts classifies both transports alike. */
+export interface S3Transport {
+  readonly name: TransportName;
+  /** Every object under the prefix (paginated), directory markers skipped, sorted by `rel`. */
+  list(r: ListRequest): Promise<RemoteObject[]>;
+  /** One GET: an error answer rejects, a 200 or 206 resolves with its body unread. */
+  get(r: GetRequest): Promise<ObjectBody>;
+  /** Closes idle keep-alive sockets; requests in flight go on. */
+  destroy(): void;
+}
+
+/**
+ * Whether an error is an answer the transport says another one might not get (a signature complaint, a redirect, a 400
+ * from the SDK-free reader): not retried, and the fetch starts over through the SDK (fetch.ts).
+ */
+export function sdkMightDiffer(err: unknown): boolean {
+  return (err as { sdkMightDiffer?: unknown } | undefined)?.sdkMightDiffer === true;
+}
+
+export interface TlsOptions {
+  rejectUnauthorized: boolean;
+  ca?: Buffer;
+}
+
+/** TLS for the S3 endpoint, the same for both transports. */
+export function tlsOptions(s: Pick<S3Settings, 'verifySsl' | 'caBundle'>): TlsOptions {
+  // S3_VERIFY_SSL=0 is KServe's switch for self-signed MinIO/ODF endpoints.
+  return { rejectUnauthorized: s.verifySsl, ...(s.caBundle !== undefined ? { ca: readFileSync(s.caBundle) } : {}) };
+}
+
+/** Keep-alive agent settings for S3: `sockets` sized so that no range waits for one. */
+export function agentOptions(sockets: number): http.AgentOptions {
+  return { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' };
+}
