@@ -12,11 +12,13 @@ const SRC = path.resolve('src');
 const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, config: 9, errors: 9, log: 9, metrics: 9 };
 const KNOWN = {
   arrows: [
+    'demo/build.ts -> pipeline/lora-map.ts',
+    'demo/loras.ts -> pipeline/lora-safetensors.ts',
     'pipeline/ortcache.ts -> storage/cache.ts',
     'pipeline/pipeline.ts -> runtime/request.ts',
     'pipeline/protocol.ts -> runtime/request.ts',
   ],
-  cycles: ['pipeline/onnx.ts > pipeline/pipeline.ts > pipeline/protocol.ts'],
+  cycles: ['pipeline/lora-protocol.ts > pipeline/onnx.ts > pipeline/pipeline.ts > pipeline/protocol.ts', 'runtime/image-request.ts > runtime/request.ts'],
 };
 
 function sources(dir: string): string[] {
