@@ -44,6 +44,26 @@ describe('auxiliary session thread', () => {
     await expect(client.run(1, {})).rejects.toThrow(/closed/);
   });
 
+  it('creates every session asked for before it primes any, so a load does not wait on a kernel search', async () => {
+    const { aux } = await load();
+    const dir = await fixtureModel();
+    const order: string[] = [];
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: 'off' }, (_l, msg, obj) => {
+      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
+    }, () => undefined);
+    try {
+      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
+      const created = ['vae_decoder', 'text_encoder'].map((c) => client.create(c, path.join(dir, c, 'model.onnx'), 'cpu', size).then((r) => (order.push(`created ${c}`), r)));
+      const [dec] = await Promise.all(created);
+      // A run asked for now still follows both priming runs.
+      await dec!.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
+      order.push('ran vae_decoder');
+      expect(order).toEqual(['created vae_decoder', 'created text_encoder', 'primed vae_decoder', 'primed text_encoder', 'ran vae_decoder']);
+    } finally {
+      await client.close();
+    }
+  });
+
   it('reports a thread that dies, and fails what was waiting on it', async () => {
     const { aux } = await load();
     let died: Error | undefined;

@@ -60,30 +60,37 @@ const fail = (id: number, err: unknown) =>
   post({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
 
 /**
- * Creates the session and answers at once; the priming run follows in the same turn of the queue, so the worker's
- * load does not wait for it but this thread's next run does.
+ * Creates the session and answers at once. Its priming run goes to the end of this thread's queue, behind the
+ * creations already asked for: the worker's load waits for every session to exist, not for another's kernel search,
+ * and a run asked for after the answer still finds the session primed.
  */
 async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
   let made: Awaited<ReturnType<SessionFactory['create']>>;
+  let id: number;
   try {
     const f = factory(m.provider);
     made = await f.create(m.component, m.path);
-    const id = next++;
+    id = next++;
     sessions.set(id, made.session);
+    const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
+    if (feeds) queue = queue.then(() => prime(id, m.component, feeds));
     const deferred = f.deferredWrites.find((w) => w.path === m.path);
     post({ t: 'created', id: m.id, session: id, inputs: meta(made.session, 'inputMetadata'), outputs: meta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
   } catch (err) {
     return fail(m.id, err);
   }
-  const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
-  if (!feeds) return;
+}
+
+async function prime(id: number, component: string, feeds: Record<string, Feed>): Promise<void> {
+  const s = sessions.get(id);
+  if (!s) return; // released before its turn
   const t0 = performance.now();
   try {
-    await made.session.run(feeds);
-    log('info', 'session primed', { component: m.component, ms: Math.round(performance.now() - t0) });
+    await s.run(feeds);
+    log('info', 'session primed', { component, ms: Math.round(performance.now() - t0) });
   } catch (err) {
     // Only the first real run gets slower; that run reports a real failure itself.
-    log('warn', 'priming run failed', { component: m.component, reason: String((err as Error)?.message ?? err).split('\n')[0] });
+    log('warn', 'priming run failed', { component, reason: String((err as Error)?.message ?? err).split('\n')[0] });
   }
 }
 
@@ -119,7 +126,7 @@ port.on('message', (m: ToAux) => {
       queue = queue.then(() => release(m));
       break;
     case 'close':
-      void queue.then(async () => {
+      queue = queue.then(async () => {
         await Promise.allSettled([...sessions.values()].map((s) => s.release()));
         process.exit(0);
       });
