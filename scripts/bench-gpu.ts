@@ -29,6 +29,7 @@ const ONLY_FUSED = process.env.BENCH_GPU_ONLY === 'fused';
 
 interface Started {
   label: string;
+  dir: string;
   port: number;
   readyMs: number;
   phases?: Record<string, number>;
@@ -95,7 +96,7 @@ async function start(label: string, dir: string, env: Record<string, string>): P
     await stop();
     throw err;
   });
-  const s: Started = { label, port, readyMs, sessions: {}, primed: {}, notes: [], stop };
+  const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], stop };
   for (const j of lines) {
     if (j.msg === 'onnx session created') s.sessions[String(j.component)] = Number(j.ms);
     else if (j.msg === 'session primed') s.primed[String(j.component)] = Number(j.ms);
@@ -110,12 +111,13 @@ async function start(label: string, dir: string, env: Record<string, string>): P
   return s;
 }
 
-async function predict(port: number, o: { steps: number; seed: number; prompt?: string }): Promise<{ ms: number; png: Buffer }> {
+async function predict(port: number, o: { steps: number; seed: number; prompt?: string; image?: Buffer; strength?: number }): Promise<{ ms: number; png: Buffer }> {
   const t0 = performance.now();
+  const i2i = o.image ? { image: o.image.toString('base64'), strength: o.strength ?? 0.75 } : {};
   const r = await fetch(`http://127.0.0.1:${port}/v1/models/model:predict`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ instances: [{ prompt: o.prompt ?? PROMPT, num_inference_steps: o.steps, seed: o.seed }] }),
+    body: JSON.stringify({ instances: [{ prompt: o.prompt ?? PROMPT, num_inference_steps: o.steps, seed: o.seed, ...i2i }] }),
   });
   const j = (await r.json()) as { predictions?: Array<{ image: { b64: string } }>; error?: string };
   if (r.status !== 200 || !j.predictions) throw new Error(`predict: HTTP ${r.status} ${j.error ?? ''}`);
@@ -142,6 +144,8 @@ interface Timed {
   runs20: number[];
   stagesMs: Record<string, number>;
   parity?: Record<string, number>;
+  /** Image-to-image from the first 50-step image, strength 0.75, 50 steps (38 UNet steps plus the VAE encoder). */
+  img2img?: number[];
 }
 
 /** The reference image's steps (gpu_sd15.py records them; 20 at full size). */
@@ -150,7 +154,12 @@ let refSteps = 20;
 async function timeGenerations(st: Started, refPng: string | undefined): Promise<Timed> {
   const before = await stageTotals(st.port);
   const runs50: number[] = [];
-  for (const seed of QUICK ? [11] : [11, 12, 13]) runs50.push((await predict(st.port, { steps: 50, seed })).ms);
+  let first: Buffer | undefined;
+  for (const seed of QUICK ? [11] : [11, 12, 13]) {
+    const r = await predict(st.port, { steps: 50, seed });
+    runs50.push(r.ms);
+    first ??= r.png;
+  }
   const after = await stageTotals(st.port);
   const stagesMs: Record<string, number> = {};
   for (const [k, v] of Object.entries(after)) {
@@ -160,6 +169,10 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
   const runs20: number[] = [];
   for (const seed of QUICK ? [14] : [14, 15]) runs20.push((await predict(st.port, { steps: 20, seed })).ms);
   const t: Timed = { runs50, runs20, stagesMs };
+  if (first && existsSync(path.join(st.dir, 'vae_encoder'))) {
+    t.img2img = [];
+    for (const seed of QUICK ? [21] : [21, 22, 23]) t.img2img.push((await predict(st.port, { steps: 50, seed, image: first, strength: 0.75 })).ms);
+  }
   if (refPng && existsSync(refPng)) {
     const got = await sharp((await predict(st.port, { steps: refSteps, seed: 1 })).png).removeAlpha().raw().toBuffer();
     const want = await sharp(refPng).removeAlpha().raw().toBuffer();
@@ -170,7 +183,7 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
       t.parity = { max_abs: d.maxDiff, mean_abs: Number((sum / got.length).toFixed(3)), off_by_more_than_1_pct: Number(((100 * d.offByMore) / got.length).toFixed(2)) };
     }
   }
-  process.stdout.write(`${st.label}: 50 steps ${runs50.map((x) => Math.round(x)).join(', ')} ms; 20 steps ${runs20.map((x) => Math.round(x)).join(', ')} ms; stages ${JSON.stringify(stagesMs)}; parity ${JSON.stringify(t.parity)}\n`);
+  process.stdout.write(`${st.label}: 50 steps ${runs50.map((x) => Math.round(x)).join(', ')} ms; 20 steps ${runs20.map((x) => Math.round(x)).join(', ')} ms; img2img ${t.img2img?.map((x) => Math.round(x)).join(', ') ?? '—'} ms; stages ${JSON.stringify(stagesMs)}; parity ${JSON.stringify(t.parity)}\n`);
   return t;
 }
 
@@ -226,17 +239,13 @@ async function main(): Promise<void> {
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
   const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
-  const levels: Record<string, unknown> = {};
-  for (const level of QUICK || ONLY_FUSED ? [] : ['basic', 'disabled']) {
-    levels[level] = await startOnly(`fused, ORT_GRAPH_OPTIMIZATION=${level}`, fused, { ORT_GRAPH_OPTIMIZATION: level }, async (st) => (await predict(st.port, { steps: 50, seed: 11 })).ms);
-  }
   const plainMain = ONLY_FUSED ? undefined : await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
   const batch: Record<string, number | undefined> = {};
   for (const b of [1, 4]) {
     const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
     batch[`b${b}`] = r?.extra as number | undefined;
   }
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, levels, plain: plainMain, batch });
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -259,10 +268,7 @@ async function main(): Promise<void> {
     `fused export served from: ${fused}`,
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
     ...(fusedThird ? [`third start: ready ${s(fusedThird.readyMs)} (loading ${s((fusedThird.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedThird.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedThird.sessions)}; primed ${JSON.stringify(fusedThird.primed)}`] : []),
-    ...Object.entries(levels).map(([k, v]) => {
-      const st = v as typeof fusedMain;
-      return `ORT_GRAPH_OPTIMIZATION=${k}: ready ${s(st?.readyMs)}, UNet session ${st?.sessions.unet ?? '—'} ms, 50 steps ${s(st?.extra as number | undefined)}`;
-    }),
+    `image-to-image (fused, strength 0.75, 50 steps): ${(fusedMain?.extra as Timed | undefined)?.img2img?.map((x) => s(x)).join(', ') ?? '—'}`,
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,

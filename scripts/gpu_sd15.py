@@ -111,7 +111,7 @@ for variant, pipe, fused in (("plain", half, False), ("fused", fp32, True)):
         continue
     try:
         t = time.perf_counter()
-        m = export_sd.export_pipeline(pipe, os.path.join(work, variant), fused=fused, fp16=True, device=DEV, vae_encoder=False)
+        m = export_sd.export_pipeline(pipe, os.path.join(work, variant), fused=fused, fp16=True, device=DEV, vae_encoder=True)
         res.setdefault("export", {})[variant] = {"seconds": round(time.perf_counter() - t, 1), "components": {
             c: {k: v for k, v in r.items() if k in ("dtype", "fused_ops", "fp32_nodes", "attention_fusion", "files", "seconds")} for c, r in m["components"].items()}}
         log(variant, "exported in", res["export"][variant]["seconds"], "s")
