@@ -254,8 +254,24 @@ def _candidate_views(w_shape, init_shape, init_size):
                     yield [heads, h, inner], [k * h, 1, k * out], j * h
 
 
-def build_lora_map(targets: dict, graph) -> tuple[dict, list]:
-    """Matches each target weight to an initializer of `graph` (values compared exactly, in the weight's dtype)."""
+def _view_index(vshape, strides, offset, positions=None):
+    """Flat initializer indices of a view: of every element, or of the view's flat `positions` only."""
+    import numpy as np
+    if positions is not None:
+        return offset + sum(i * st for i, st in zip(np.unravel_index(positions, vshape), strides))
+    idx = np.full(vshape, offset, dtype=np.int64)
+    for d, (dim, st) in enumerate(zip(vshape, strides)):
+        shape = [1] * len(vshape)
+        shape[d] = dim
+        idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
+    return idx.reshape(-1)
+
+
+def build_lora_map(targets: dict, graph, prefilter: bool = True) -> tuple[dict, list]:
+    """Matches each target weight to an initializer of `graph` (values compared exactly, in the weight's dtype).
+
+    A UNet has dozens of initializers of each size and each is tried under several layouts: `prefilter` compares 16
+    spread elements first and builds a candidate's full index only when they all match (the map is the same)."""
     import math
     import numpy as np
     from onnx import numpy_helper
@@ -274,6 +290,7 @@ def build_lora_map(targets: dict, graph) -> tuple[dict, list]:
     for name, w in targets.items():
         n = w.size
         flat_w = w.reshape(-1)
+        probe = np.unique(np.linspace(0, n - 1, 16).astype(np.int64))
         found = None
         for size in (n, 2 * n, 3 * n):
             for t in by_size.get(size, []):
@@ -283,12 +300,11 @@ def build_lora_map(targets: dict, graph) -> tuple[dict, list]:
                 for vshape, strides, offset in _candidate_views(tuple(w.shape), tuple(t.dims), size):
                     if (t.name, offset, tuple(strides)) in used:
                         continue
-                    idx = np.full(vshape, offset, dtype=np.int64)
-                    for d, (dim, st) in enumerate(zip(vshape, strides)):
-                        shape = [1] * len(vshape)
-                        shape[d] = dim
-                        idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
-                    idx = idx.reshape(-1)
+                    if prefilter:
+                        at = _view_index(vshape, strides, offset, probe)
+                        if at.max() >= size or not np.array_equal(a[at], flat_w[probe]):
+                            continue
+                    idx = _view_index(vshape, strides, offset)
                     if idx.max() < size and np.array_equal(a[idx], flat_w):
                         found = {"initializer": t.name, "shape": list(w.shape), "view": {"shape": vshape, "strides": strides, "offset": offset}}
                         used.add((t.name, offset, tuple(strides)))
@@ -317,18 +333,14 @@ def check_lora_map(weights: dict, targets: dict, graph) -> list:
             continue
         a = numpy_helper.to_array(t).reshape(-1).astype(np.float32)
         v = e["view"]
-        idx = np.full(v["shape"], v["offset"], dtype=np.int64)
-        for d, (dim, st) in enumerate(zip(v["shape"], v["strides"])):
-            shape = [1] * len(v["shape"])
-            shape[d] = dim
-            idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
+        idx = _view_index(v["shape"], v["strides"], v["offset"])
         w = targets[name].reshape(-1)
         if t.data_type == 10 and w.dtype != np.float16:
             # onnxruntime's conversion, which clamps magnitudes below float16's smallest subnormal up to it.
             from onnxruntime.transformers.float16 import convert_np_to_float16
             w = convert_np_to_float16(w.astype(np.float32))
         want = w.astype(np.float32)
-        if not np.array_equal(a[idx.reshape(-1)], want):
+        if not np.array_equal(a[idx], want):
             bad.append(f"{name} ({e['initializer']} holds other values)")
     return bad
 
