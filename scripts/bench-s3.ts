@@ -13,7 +13,6 @@
  * so single runs are noisy; the ceiling is measured in the same run for that reason.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { createCipheriv } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -21,6 +20,7 @@ import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { childS3rver, freePort, lastJson, S3RVER_CREDS, startChild } from './bench-common.js';
+import { type ModelFile, modelShape, writeModel } from '../test/helpers/fault-suite.js';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -29,52 +29,6 @@ const CREDS = S3RVER_CREDS;
 const MB = 1e6;
 const BUCKET = 'models';
 const PREFIX = 'sd15/';
-
-interface FileSpec { rel: string; size: number }
-
-/** 600 MB shaped like an optimum SD 1.5 export: 80% in the UNet's external weights. */
-function modelShape(totalMb: number): FileSpec[] {
-  const t = totalMb * MB;
-  const big = Math.round(t * 0.8);
-  const te = Math.round(t * (70 / 600));
-  const vae = Math.round(t * (40 / 600));
-  const smalls: FileSpec[] = [
-    { rel: 'model_index.json', size: 600 },
-    { rel: 'scheduler/scheduler_config.json', size: 500 },
-    { rel: 'tokenizer/vocab.json', size: 1_060_000 },
-    { rel: 'tokenizer/merges.txt', size: 525_000 },
-    { rel: 'tokenizer/special_tokens_map.json', size: 500 },
-    { rel: 'tokenizer/tokenizer_config.json', size: 800 },
-    { rel: 'text_encoder/config.json', size: 600 },
-    { rel: 'vae_decoder/config.json', size: 700 },
-    { rel: 'unet/config.json', size: 1_600 },
-  ];
-  const rest = t - big - te - vae - smalls.reduce((s, f) => s + f.size, 0);
-  return [
-    { rel: 'unet/model.onnx_data', size: big },
-    { rel: 'unet/model.onnx', size: Math.max(100_000, rest) },
-    { rel: 'text_encoder/model.onnx', size: te },
-    { rel: 'vae_decoder/model.onnx', size: vae },
-    ...smalls,
-  ];
-}
-
-/** Deterministic incompressible bytes: AES-CTR keystream of the file name. */
-async function generate(dir: string, files: FileSpec[]): Promise<void> {
-  for (const f of files) {
-    const abs = path.join(dir, f.rel);
-    await fsp.mkdir(path.dirname(abs), { recursive: true });
-    const key = Buffer.alloc(16);
-    key.write(f.rel.slice(-16));
-    const cipher = createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
-    const out = createWriteStream(abs);
-    const zero = Buffer.alloc(1 << 20);
-    for (let left = f.size; left > 0; left -= zero.length) {
-      if (!out.write(cipher.update(left >= zero.length ? zero : zero.subarray(0, left)))) await new Promise<void>((r) => out.once('drain', () => r()));
-    }
-    await new Promise<void>((resolve, reject) => out.end((e?: Error | null) => (e ? reject(e) : resolve())));
-  }
-}
 
 interface RunResult { code: number | null; stdout: string; stderr: string; wallS: number; peakRssMb?: number; cpuS?: number }
 
@@ -114,7 +68,7 @@ function run(cmd: string, args: string[], env: NodeJS.ProcessEnv, measureRss = f
 
 /** The link's ceiling: raw keep-alive HTTP, `conc` ranged GETs of `part` bytes in flight, bytes discarded. */
 async function childCeiling(endpoint: string, filesJson: string, conc: number, part: number): Promise<void> {
-  const files = JSON.parse(filesJson) as FileSpec[];
+  const files = JSON.parse(filesJson) as ModelFile[];
   const agent = new http.Agent({ keepAlive: true, maxSockets: conc });
   const u = new URL(endpoint);
   const ranges: Array<{ key: string; start: number; end: number }> = [];
@@ -191,11 +145,11 @@ async function main(): Promise<void> {
   });
   const rows: Row[] = [];
   try {
-    const files = modelShape(totalMb);
+    const files = modelShape(totalMb * MB);
     const total = files.reduce((s, f) => s + f.size, 0);
     process.stderr.write(`bench: generating ${(total / MB).toFixed(0)} MB model in ${tmp}\n`);
     const src = path.join(tmp, 'model');
-    await generate(src, files);
+    await writeModel(src, files);
 
     const s3d = startChild(process.execPath, [SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
     children.push(s3d.child);
