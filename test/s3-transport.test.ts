@@ -10,11 +10,11 @@ import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { chooseTransport, openTransport } from '../src/storage/choose-transport.js';
 import { classify } from '../src/storage/s3-errors.js';
 import type { S3Transport, TransportName } from '../src/storage/transport.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -32,21 +32,12 @@ const md5 = (b: Buffer) => `"${createHash('md5').update(b).digest('hex')}"`;
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 's3-transport-'));
-  s3 = await startS3(['models']);
-  proxy = await startFaultProxy(s3.port);
+  ({ s3, proxy } = await startS3WithProxy());
   for (const [k, b] of Object.entries(BODIES)) await s3.put('models', k, b);
   await s3.put('models', 'sd/folder-marker/', Buffer.alloc(0));
 });
 
-afterAll(async () => {
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  await fsp.rm(tmp, { recursive: true, force: true });
-});
-
-afterEach(() => {
-  proxy.faults = {};
-});
+cleanUpS3(() => ({ s3, proxy, tmp }));
 
 const body = async (r: Readable): Promise<Buffer> => {
   const parts: Buffer[] = [];

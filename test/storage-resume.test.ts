@@ -7,12 +7,12 @@ import { existsSync, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { JOURNAL, type Manifest } from '../src/storage/cache.js';
 import { cacheKey, containedPath, parseStorageUri, resolveModel } from '../src/storage/fetch.js';
 import { addSpan, currentBoot, gaps, replay } from '../src/storage/journal.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -70,22 +70,13 @@ function partialOf(rel: string, spans: Array<[number, number]>): Buffer {
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-resume-'));
-  s3 = await startS3(['models']);
-  proxy = await startFaultProxy(s3.port);
+  ({ s3, proxy } = await startS3WithProxy());
   for (const [rel, body] of Object.entries(model)) await s3.put('models', `resume/sd/${rel}`, body);
   const first = await resolveModel(URI, { cfg: cfgFor(path.join(tmp, 'scratch')), log });
   listed = (JSON.parse(await fsp.readFile(path.join(first.dir, '.complete.json'), 'utf8')) as Manifest).files;
 });
 
-afterAll(async () => {
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  await fsp.rm(tmp, { recursive: true, force: true });
-});
-
-afterEach(() => {
-  proxy.faults = {};
-});
+cleanUpS3(() => ({ s3, proxy, tmp }));
 
 describe('journal spans', () => {
   it('merges and complements spans', () => {

@@ -1,10 +1,10 @@
 import { promises as fsp, existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -36,23 +36,14 @@ const cfgForAny = (cache: string, extra: Record<string, string> = {}) => testCon
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-s3-'));
-  s3 = await startS3(['models']);
-  proxy = await startFaultProxy(s3.port);
+  ({ s3, proxy } = await startS3WithProxy());
   for (let i = 0; i < 40; i++) small[`tokenizer/${i % 3}/deep/${i % 2 ? 'x' : 'y'}/f${i}.json`] = detBytes(100 + i * 37, i + 1);
   small['model_index.json'] = Buffer.from('{}');
   await seed('nested/sd/', small);
   await seed('big/', big);
 });
 
-afterAll(async () => {
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  await fsp.rm(tmp, { recursive: true, force: true });
-});
-
-afterEach(() => {
-  proxy.faults = {};
-});
+cleanUpS3(() => ({ s3, proxy, tmp }));
 
 // Every case runs through both transports: the AWS SDK (the default, and what profiles and roles always get) and the
 // opt-in SDK-free one (S3_TRANSPORT=lite with static keys).

@@ -2,10 +2,10 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { JOURNAL } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
-import { destroyS3, detBytes, type FaultProxy, type S3Server, s3Env, startFaultProxy, startS3 } from './helpers/s3.js';
+import { cleanUpS3, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy } from './helpers/s3.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
 let s3: S3Server;
@@ -58,22 +58,13 @@ beforeAll(async () => {
     await fsp.mkdir(path.dirname(path.join(local, rel)), { recursive: true });
     await fsp.writeFile(path.join(local, rel), body);
   }
-  s3 = await startS3(['models']);
-  proxy = await startFaultProxy(s3.port);
+  ({ s3, proxy } = await startS3WithProxy());
   const pushed = await cli(['push', local, 's3://models/sd/v1'], s3Env(s3.endpoint, path.join(tmp, 'unused'), { S3_PART_SIZE: '65536' }));
   expect(pushed.code, pushed.stderr).toBe(0);
   expect(JSON.parse(lastLine(pushed.stdout))).toMatchObject({ uri: 's3://models/sd/v1/', bytes: TOTAL, files: 6 });
 });
 
-afterAll(async () => {
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  await fsp.rm(tmp, { recursive: true, force: true });
-});
-
-afterEach(() => {
-  proxy.faults = {};
-});
+cleanUpS3(() => ({ s3, proxy, tmp }));
 
 const env = (cache: string, extra: Record<string, string> = {}) =>
   s3Env(proxy.endpoint, cache, { STORAGE_URI: 's3://models/sd/v1', S3_PART_SIZE: '131072', S3_MAX_CONCURRENCY: '6', ...extra });

@@ -1,7 +1,8 @@
 /** @module Test helpers: a real s3rver on loopback (ephemeral port, temp dir) and a fault-injecting proxy in front of it. */
 import type { RuntimeError } from '../../src/errors.js';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import http from 'node:http';
+import { afterAll, afterEach } from 'vitest';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -228,6 +229,26 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       for (const s of sockets) s.destroy();
       server.close(() => r());
     }),
+  });
+}
+
+/** An s3rver with the fault proxy in front of it, for one test file. */
+export async function startS3WithProxy(): Promise<{ s3: S3Server; proxy: FaultProxy }> {
+  const s3 = await startS3(['models']);
+  return { s3, proxy: await startFaultProxy(s3.port) };
+}
+
+/** After each test the proxy's faults are cleared; after the file, the proxy and s3rver stop and `tmp` goes. */
+export function cleanUpS3(get: () => { s3?: S3Server; proxy?: FaultProxy; tmp?: string }): void {
+  afterEach(() => {
+    const { proxy } = get();
+    if (proxy) proxy.faults = {};
+  });
+  afterAll(async () => {
+    const { s3, proxy, tmp } = get();
+    await proxy?.close();
+    if (s3) await destroyS3(s3);
+    if (tmp) await fsp.rm(tmp, { recursive: true, force: true });
   });
 }
 
