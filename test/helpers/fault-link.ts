@@ -6,7 +6,9 @@
  * script imports it from dist/ without the test dependencies.
  */
 import http from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type { Socket } from 'node:net';
+import { mulberry32 } from '../../src/demo/graph.js';
+import { listenLoopback } from './loopback.js';
 
 export interface LinkFaults {
   /** Probability that a 2xx GET body is cut by a connection reset at a random offset. */
@@ -56,17 +58,8 @@ export interface FaultLink {
   close(): Promise<void>;
 }
 
-/** mulberry32: a small seeded generator, so a failing run can be replayed with its seed. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A small seeded generator (mulberry32), so a failing run can be replayed with its seed. */
+export const rng = mulberry32;
 
 const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>${code}</Code><Message>from the fault link</Message><RequestId>1</RequestId></Error>`;
 
@@ -167,17 +160,5 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
     req.pipe(up);
   });
   server.keepAliveTimeout = 30_000;
-  server.on('connection', (s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const port = (server.address() as AddressInfo).port;
-  return Object.assign(link, {
-    port, endpoint: `http://127.0.0.1:${port}`,
-    close: () => new Promise<void>((r) => {
-      for (const s of sockets) s.destroy();
-      server.close(() => r());
-    }),
-  });
+  return Object.assign(link, await listenLoopback(server, sockets));
 }

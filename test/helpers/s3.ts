@@ -3,6 +3,7 @@ import type { RuntimeError } from '../../src/errors.js';
 import { mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import http from 'node:http';
 import { afterAll, afterEach } from 'vitest';
+import { listenLoopback } from './loopback.js';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -108,7 +109,6 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
   const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
-  const sockets = new Set<import('node:net').Socket>();
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
     const f = p.faults;
@@ -217,19 +217,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       void f.hold.release.finally(() => req.pipe(up));
     } else req.pipe(up);
   });
-  server.on('connection', (s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const port = (server.address() as AddressInfo).port;
-  return Object.assign(p, {
-    port, endpoint: `http://127.0.0.1:${port}`,
-    close: () => new Promise<void>((r) => {
-      for (const s of sockets) s.destroy();
-      server.close(() => r());
-    }),
-  });
+  return Object.assign(p, await listenLoopback(server));
 }
 
 /** An s3rver with the fault proxy in front of it, for one test file. */
