@@ -77,3 +77,13 @@ export function sharedOrFixture(sub: string): string {
 if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   process.stdout.write(`${path.join(referenceDir(), process.argv[2] ?? '')}\n`);
 }
+
+/** A float32 little-endian C-order .npy (what the reference scripts write) as a Float32Array. */
+export function readNpyF32(file: string): Float32Array {
+  const buf = readFileSync(file);
+  const headerLen = buf.readUInt16LE(8);
+  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
+  if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
+  const body = buf.subarray(10 + headerLen);
+  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
+}

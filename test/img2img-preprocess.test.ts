@@ -12,20 +12,13 @@ import { resize, toLuma } from '../src/pipeline/resample.js';
 import { decodeImage, sniffFormat } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
 import { REFERENCE } from './helpers/server.js';
+import { readNpyF32 } from '../scripts/reference.js';
 
 const dir = path.join(REFERENCE(), 'img2img');
 const index = JSON.parse(readFileSync(path.join(dir, 'preprocess', 'index.json'), 'utf8')) as {
   cases: Array<{ kind: 'image' | 'mask'; input: string; height: number | null; width: number | null; resize_mode: ResizeMode; expected: string; shape: number[] }>;
 };
 
-function readNpyF32(file: string): Float32Array {
-  const buf = readFileSync(file);
-  const headerLen = buf.readUInt16LE(8);
-  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
-  if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
-  const body = buf.subarray(10 + headerLen);
-  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
-}
 
 const input = (name: string) => decodeImage(readFileSync(path.join(dir, 'inputs', name)), 'image');
 

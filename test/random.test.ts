@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { randomSeed, TorchGenerator } from '../src/pipeline/random.js';
-import { referenceDir } from '../scripts/reference.js';
+import { readNpyF32, referenceDir } from '../scripts/reference.js';
 
 interface RandnCase {
   seed: number;
@@ -48,15 +48,6 @@ describe(`torch.randn parity (${ref.cases.length} cases, torch ${ref.torch_versi
   }
 });
 
-/** float32 little-endian .npy → Float32Array (the e2e cases write C-order '<f4'). */
-function readNpyF32(file: string): Float32Array {
-  const buf = readFileSync(file);
-  const headerLen = buf.readUInt16LE(8);
-  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
-  if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
-  const body = buf.subarray(10 + headerLen);
-  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
-}
 
 describe('one generator for latents and scheduler noise (e2e reference cases)', () => {
   const e2e = process.env.E2E_CASES_DIR ?? path.join(referenceDir(), 'e2e', 'cases');
