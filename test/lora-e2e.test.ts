@@ -8,7 +8,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { buildDemoModel } from '../src/demo/build.js';
-import { parseSafetensors, readFloats, writeSafetensors } from '../src/pipeline/lora-safetensors.js';
+import { writeSafetensors } from '../src/demo/safetensors.js';
+import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const RANK = 4;
