@@ -46,7 +46,8 @@ function spawned(w: ScriptedWorker): SpawnedWorker {
 
 const request = (prompt: string): GenerationRequest => ({
   shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-  items: [{ prompt, negativePrompt: undefined, seed: 1, seedWasGiven: true, numImages: 1 }],
+  items: [{ prompt, negativePrompt: undefined, seed: 1, numImages: 1 }],
+  seedsGiven: true,
   output: { format: 'png', quality: undefined, uri: undefined },
   previewEvery: 0,
 });

@@ -150,7 +150,8 @@ describe('GPU metrics (nvidia-smi)', () => {
 describe('result cache (unit)', () => {
   const req = (seed: number | undefined, prompt = 'p', format: 'png' | 'webp' = 'png'): GenerationRequest => ({
     shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-    items: [{ prompt, negativePrompt: undefined, seed: seed ?? 0, seedWasGiven: seed !== undefined, numImages: 1 }],
+    items: [{ prompt, negativePrompt: undefined, seed: seed ?? 0, numImages: 1 }],
+    seedsGiven: seed !== undefined,
     output: { format, quality: undefined, uri: undefined },
     previewEvery: 0,
   });

@@ -6,7 +6,8 @@ import { Worker } from 'node:worker_threads';
 import { RuntimeError, type ErrorCode } from '../errors.js';
 import { ioInfo, SessionIo, type Feed, type IoInfo, type ModelSession } from './onnx.js';
 import type { InferenceSession } from 'onnxruntime-node';
-import type { AuxInit, FromAux, OptimizeItem, ToAux } from './protocol.js';
+import type { OptimizeItem } from './ortcache.js';
+import type { AuxInit, FromAux, ToAux } from './protocol.js';
 
 type Log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => void;
 type Reply = Exclude<FromAux, { t: 'log' }>;

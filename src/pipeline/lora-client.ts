@@ -4,7 +4,8 @@ import type { InferenceSession } from 'onnxruntime-node';
 import { RuntimeError, type ErrorCode } from '../errors.js';
 import { ioInfo, type Feed, type IoInfo, type ModelSession } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
-import type { AdapterRef, FromLora, LoraInit, ToLora } from './lora-protocol.js';
+import type { AdapterRef } from './job.js';
+import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 
 type Log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => void;
 type Reply = Exclude<FromLora, { t: 'log' }>;

@@ -357,7 +357,8 @@ export class BootSequence {
         const r = await engine.submit(
           {
             shape: { steps: cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
+            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, numImages: 1 }],
+            seedsGiven: true,
             output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },
             previewEvery: 0,
             // An inpainting model cannot run from text alone: it warms up inpainting a grey image.

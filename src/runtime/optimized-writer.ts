@@ -9,7 +9,9 @@ import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { removeWriterTemps } from '../pipeline/ortcache.js';
-import type { FromOptimizer, OptimizeItem, OptimizerInit } from '../pipeline/protocol.js';
+import type { OptimizeItem } from '../pipeline/ortcache.js';
+import { ENTRY_MARKERS } from '../storage/cache.js';
+import type { FromOptimizer, OptimizerInit } from '../pipeline/protocol.js';
 
 export interface OptimizedWriter {
   /** Starts writing the copies of `items`; a failure to start only costs later starts their gain, so it is logged. */
@@ -22,7 +24,7 @@ export function createOptimizedWriter(cfg: Readonly<Config>, log: Logger, stoppi
   let current: { child: ChildProcess; files: string[] } | undefined;
 
   const fork1 = (items: OptimizeItem[]) => {
-    const init: OptimizerInit = { items, mode: cfg.optimizedModelCache };
+    const init: OptimizerInit = { items, policy: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS } };
     const t0 = performance.now();
     log.info({ components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
     const child = fork(fileURLToPath(new URL('../pipeline/optimizer.js', import.meta.url)), [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });

@@ -1,44 +1,11 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
+import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Url } from '../storage/uri.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
-
-/** Model-dependent defaults, reported by the pipeline once the model is loaded. */
-export interface ModelDefaults {
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  scheduler: string;
-  /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
-  vaeEncoder?: boolean;
-  /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
-  inpainting?: boolean;
-}
-
-/** One prompt of a request, with everything needed to generate its images. */
-export interface GenerationItem {
-  prompt: string;
-  negativePrompt: string | undefined;
-  /** First image's seed; image i uses seed + i (one generator per image). */
-  seed: number;
-  seedWasGiven: boolean;
-  numImages: number;
-}
-
-/** The shape of a generation: requests with equal shapes can share one batch. */
-export interface GenerationShape {
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  scheduler: string | undefined;
-  eta: number;
-  guidanceRescale: number;
-}
 
 export interface OutputOptions {
   format: OutputFormat;
@@ -48,7 +15,9 @@ export interface OutputOptions {
 
 export interface GenerationRequest {
   shape: GenerationShape;
-  items: GenerationItem[];
+  items: JobItem[];
+  /** Every item's seed came with the request (none was drawn at random): the result cache may answer it. */
+  seedsGiven: boolean;
   output: OutputOptions;
   /** Progress previews every N steps (WebSocket only); 0 = none. */
   previewEvery: number;
@@ -336,7 +305,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
-    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), seedWasGiven: seedGiven, numImages }],
+    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), numImages }],
+    seedsGiven: seedGiven,
     output: { format, quality, uri },
     previewEvery,
     ...(image ? { image } : {}),
