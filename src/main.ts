@@ -78,8 +78,8 @@ async function main(): Promise<void> {
 
 type Wiring = Awaited<ReturnType<typeof serverModules>>;
 const serverModules = async () => {
-  const [app, names] = await Promise.all([import('./server/app.js'), import('./runtime/names.js')]);
-  return { registerRoutes: app.registerRoutes, checkScheduler: names.checkSchedulerName, randomSeed: names.randomSeed };
+  const [app, random] = await Promise.all([import('./server/app.js'), import('./pipeline/random.js')]);
+  return { registerRoutes: app.registerRoutes, randomSeed: random.randomSeed };
 };
 
 /** Every route beyond liveness on the already-listening server, answered by `rt`; close() stops the listener first. */
@@ -90,7 +90,6 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     metrics: rt.metrics,
     boot: rt.boot,
     engine: rt.engine,
-    checkScheduler: w.checkScheduler,
     randomSeed: w.randomSeed,
     stopping: () => rt.stopping,
     images: rt.images,

@@ -8,6 +8,13 @@ import type { Raster } from './resample.js';
 
 export type { Raster } from './resample.js';
 
+/** The num_inference_steps a scheduler accepts with this model's config; `why` names the limit that binds. */
+export interface StepRange {
+  min: number;
+  max: number;
+  why: string;
+}
+
 /** Model-dependent defaults, reported by the pipeline once the model is loaded. */
 export interface ModelDefaults {
   steps: number;
@@ -20,6 +27,11 @@ export interface ModelDefaults {
   vaeEncoder?: boolean;
   /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
   inpainting?: boolean;
+  /**
+   * Step limits by request scheduler name ('' for the model's own scheduler), so a request outside them is refused
+   * when it is parsed rather than by the worker after it waited in the queue. A name absent here is not checked early.
+   */
+  stepRanges?: Readonly<Record<string, StepRange>>;
 }
 
 /** The shape of a generation: requests with equal shapes can share one batch. */

@@ -12,7 +12,7 @@ import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
-import { createScheduler } from './schedulers/index.js';
+import { createScheduler, stepRanges } from './schedulers/index.js';
 import type { Scheduler } from './types.js';
 
 export interface GenerateHooks {
@@ -96,6 +96,7 @@ export class Pipeline {
       scheduler: cls,
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
+      stepRanges: stepRanges(this.layout.schedulerConfig),
     };
   }
 

@@ -2,6 +2,7 @@
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
+import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Url } from '../storage/uri.js';
 
@@ -188,8 +189,7 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
 export interface ParseContext {
   cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras'>>;
   defaults: ModelDefaults;
-  /** Throws RuntimeError INVALID_INPUT naming the known schedulers when the name is unknown. */
-  checkScheduler: (name: string) => string;
+  /** The seed of a request that gives none. */
   randomSeed: () => number;
 }
 
@@ -284,11 +284,15 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   let scheduler: string | undefined;
   const schedName = str('scheduler', false, 64);
   if (schedName !== undefined) {
-    try {
-      scheduler = ctx.checkScheduler(schedName);
-    } catch (err) {
-      bad.push(`${w}.scheduler: ${(err as Error).message}`);
-    }
+    const unknown = unknownSchedulerName(schedName);
+    if (unknown === undefined) scheduler = schedName;
+    else bad.push(`${w}.scheduler: ${unknown}`);
+  }
+  // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
+  // rather than in the worker after the request waited for a queue slot.
+  const range = schedName === undefined || scheduler !== undefined ? defaults.stepRanges?.[scheduler ?? ''] : undefined;
+  if (range && (steps < range.min || steps > range.max)) {
+    bad.push(`${w}.num_inference_steps must be from ${range.min} to ${range.max} for scheduler ${scheduler ?? defaults.scheduler} (${range.why}), got ${steps}`);
   }
   let format = cfg.defaultOutputFormat;
   const fmt = str('output_format', false, 16);

@@ -15,8 +15,7 @@ export interface ServerContext {
   metrics: Metrics;
   boot: Boot;
   engine: Engine;
-  /** Scheduler request names, checked at parse time (400 listing the known ones). */
-  checkScheduler: (name: string) => string;
+  /** The seed of a request that gives none. */
   randomSeed: () => number;
   /** True between SIGTERM and exit: readiness is false and new work gets 503. */
   stopping: () => boolean;
@@ -39,7 +38,7 @@ export function assertServable(ctx: ServerContext, name: string): void {
 export function parseContext(ctx: ServerContext): ParseContext {
   const defaults = ctx.engine.defaults;
   if (!defaults) throw new RuntimeError('MODEL_NOT_READY', `Model with name ${ctx.cfg.modelName} is not ready.`, { retryAfter: 5 });
-  return { cfg: ctx.cfg, defaults, checkScheduler: ctx.checkScheduler, randomSeed: ctx.randomSeed };
+  return { cfg: ctx.cfg, defaults, randomSeed: ctx.randomSeed };
 }
 
 /** Reads and decodes the requests' input images (400 naming the field for anything wrong with them). */
