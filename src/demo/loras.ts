@@ -8,8 +8,6 @@ import { writeSafetensors } from './safetensors.js';
 import { fnv1a, mulberry32 } from './graph.js';
 import { type FamilySpec, UNET_CHANNELS, UNET_HEAD_DIM } from './families.js';
 
-export const DEMO_LORAS = ['demo-style', 'demo-kohya'] as const;
-
 interface Layer {
   component: 'unet' | 'text_encoder' | 'text_encoder_2';
   /** Torch module path. */

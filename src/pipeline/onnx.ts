@@ -35,13 +35,6 @@ export interface IoMeta {
   shape: Array<number | string>;
 }
 
-export interface ProviderChoice {
-  /** What the session actually got. */
-  provider: 'cuda' | 'cpu';
-  /** Why a requested CUDA provider was not used (under `auto`), for the log. */
-  fallbackReason?: string;
-}
-
 export interface SessionFactoryOptions {
   ep: ExecutionProvider;
   intraOpThreads: number;

@@ -35,9 +35,6 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
 
-/** The scheduler classes this runtime implements. */
-export const SCHEDULER_CLASSES: readonly string[] = Object.freeze(Object.keys(CLASSES));
-
 /**
  * `pipe.scheduler.config` right after `DiffusionPipeline.from_pretrained` loaded the model's scheduler with its own
  * class (`<Class>.from_pretrained` → `from_config`): every `__init__` option (the file's value, else the class
