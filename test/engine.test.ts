@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
+import { httpStatus, type RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
@@ -240,7 +241,7 @@ describe('engine with LoRA adapter sets', () => {
     const { engine, w } = await loadedEngine();
     await expect(engine.submit(withLoras('a', [{ name: 'nope', scale: 1 }, { name: 'style-x', scale: 1 }]))).rejects.toThrow(/unknown LoRA adapter "nope": not found in the model's loras\/ folder; the model has style-x, style-y/);
     expect(w.sent.filter((m) => m.t === 'adapters')).toEqual([]);
-    const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeErrorLike) => [e.status, e.message]);
+    const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeError) => [httpStatus(e.code), e.message]);
     await tick();
     await tick();
     w.reply({ t: 'adapters-failed', key: 'style-x:1', code: 'INVALID_INPUT', message: 'adapter "style-x" has keys that match nothing in this model: unet.foo' });
@@ -272,4 +273,3 @@ describe('engine with LoRA adapter sets', () => {
   });
 });
 
-type RuntimeErrorLike = Error & { status: number };

@@ -105,19 +105,21 @@ describe('pipelined requests on one keep-alive connection', () => {
 });
 
 describe('malformed or oversize requests are answered at once', () => {
-  const cases: Array<[string, string, number, RegExp]> = [
-    ['a garbage request line', 'HELLO WORLD\r\n\r\n', 400, /malformed HTTP request/],
-    ['a NUL in a header value', 'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n', 400, /malformed HTTP request/],
-    ['HTTP/1.1 without Host', 'GET / HTTP/1.1\r\n\r\n', 400, /an HTTP\/1\.1 request needs a Host header/],
-    ['2,000 header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 2000 }, (_, i) => `X-Header-${i}: value\r\n`).join('')}\r\n`, 431, /larger than 16384 bytes/],
-    ['150 short header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 150 }, (_, i) => `h${i}: v\r\n`).join('')}\r\n`, 431, /too many header fields \(at most 100\)/],
-    ['Content-Length: 99999999999', 'POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{"instances"', 413, /99999999999 bytes exceeds the limit of 1048576 bytes/],
-    ['Content-Length: 99999999999 for an unknown model', 'POST /v1/models/nope:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{', 404, /does not exist/],
+  // Every error body carries its code, the raw answers given before a route runs included.
+  const cases: Array<[string, string, number, RegExp, string]> = [
+    ['a garbage request line', 'HELLO WORLD\r\n\r\n', 400, /malformed HTTP request/, 'INVALID_INPUT'],
+    ['a NUL in a header value', 'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n', 400, /malformed HTTP request/, 'INVALID_INPUT'],
+    ['HTTP/1.1 without Host', 'GET / HTTP/1.1\r\n\r\n', 400, /an HTTP\/1\.1 request needs a Host header/, 'INVALID_INPUT'],
+    ['2,000 header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 2000 }, (_, i) => `X-Header-${i}: value\r\n`).join('')}\r\n`, 431, /larger than 16384 bytes/, 'HEADERS_TOO_LARGE'],
+    ['150 short header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 150 }, (_, i) => `h${i}: v\r\n`).join('')}\r\n`, 431, /too many header fields \(at most 100\)/, 'HEADERS_TOO_LARGE'],
+    ['Content-Length: 99999999999', 'POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{"instances"', 413, /99999999999 bytes exceeds the limit of 1048576 bytes/, 'BODY_TOO_LARGE'],
+    ['Content-Length: 99999999999 for an unknown model', 'POST /v1/models/nope:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{', 404, /does not exist/, 'MODEL_NOT_FOUND'],
   ];
-  it.each(cases)('%s', async (_name, payload, status, msg) => {
+  it.each(cases)('%s', async (_name, payload, status, msg, code) => {
     const { responses, closed, ms } = await raw(srv.port, payload, { idleMs: 15_000 });
     expect(responses.map((r) => r.status)).toEqual([status]);
     expect(String(jsonOf(responses[0]!).error)).toMatch(msg);
+    expect(jsonOf(responses[0]!).code).toBe(code);
     // Answered and closed by the server, not by the client's idle timer.
     expect(closed).toBe(true);
     expect(ms).toBeLessThan(10_000);

@@ -33,16 +33,16 @@ describe('routes', () => {
     expect(r.status).toBe(404);
     expect(r.json.error).toBe('Model with name nope does not exist.');
     const g = await fetch(`${srv.url}/v1/models/nope`);
-    expect([g.status, await g.json()]).toEqual([404, { error: 'Model with name nope does not exist.' }]);
+    expect([g.status, await g.json()]).toEqual([404, { error: 'Model with name nope does not exist.', code: 'MODEL_NOT_FOUND' }]);
   });
 
   it('answers unknown routes with 404 and wrong methods with 405, as JSON', async () => {
     const a = await fetch(`${srv.url}/nothing/here`);
-    expect(a.status).toBe(404);
-    expect(typeof ((await a.json()) as { error: string }).error).toBe('string');
+    expect([a.status, await a.json()]).toEqual([404, { error: 'Not Found: /nothing/here', code: 'NOT_FOUND' }]);
     const b = await fetch(`${srv.url}/v1/models/model:predict`);
-    expect(b.status).toBe(405);
-    expect(typeof ((await b.json()) as { error: string }).error).toBe('string');
+    expect([b.status, await b.json()]).toEqual([405, { error: 'GET is not allowed on /v1/models/model:predict; use POST', code: 'METHOD_NOT_ALLOWED' }]);
+    const v = await fetch(`${srv.url}/v2/nothing`);
+    expect([v.status, await v.json()]).toEqual([405, { error: 'Method Not Allowed: GET /v2/nothing', code: 'METHOD_NOT_ALLOWED' }]);
     const c = await fetch(`${srv.url}/v1/models`, { method: 'DELETE' });
     expect(c.status).toBe(405);
     const d = await postJson(`${srv.url}/v1/models/model:explain`, { instances: [{ prompt: 'x' }] });

@@ -29,7 +29,7 @@ describe('V2 metadata and health', () => {
     expect([rd.status, await rd.json()]).toEqual([200, { name: 'model', ready: true }]);
     expect(await (await fetch(`${srv.url}/v2/health/ready`)).json()).toEqual({ ready: true });
     const nf = await fetch(`${srv.url}/v2/models/nope`);
-    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.' }]);
+    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.', code: 'MODEL_NOT_FOUND' }]);
     const nfr = await fetch(`${srv.url}/v2/models/nope/ready`);
     expect(nfr.status).toBe(404);
   });

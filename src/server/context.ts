@@ -8,6 +8,7 @@ import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
+import { json, type Reply } from './http.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -25,9 +26,22 @@ export interface ServerContext {
   generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void) => Promise<TaskResult[]>;
 }
 
+/** KServe's 404 for a model name this server does not serve (every route and the WebSocket). */
+export const unknownModel = (name: string): RuntimeError => new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+
+/**
+ * The model endpoint (`/v1/models/{name}`, `/v1/models/{name}/ready`, `/v2/models/{name}/ready`): 200 once ready;
+ * while booting, failed or stopping a 503 carrying the boot state and progress (DESIGN.md); 404 for another name.
+ */
+export function modelStatus(ctx: ServerContext, name: string): Reply {
+  if (name !== ctx.cfg.modelName) throw unknownModel(name);
+  if (ctx.boot.ready && !ctx.stopping()) return json(200, { name, ready: true });
+  throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.`, { retryAfter: 5, fields: { name, ready: false, ...ctx.boot.describe() } });
+}
+
 /** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
 export function assertServable(ctx: ServerContext, name: string): void {
-  if (name !== ctx.cfg.modelName) throw new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+  if (name !== ctx.cfg.modelName) throw unknownModel(name);
   if (ctx.stopping()) throw new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
   if (!ctx.boot.ready) {
     const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;

@@ -12,9 +12,8 @@ import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, joinProblems, parseInstances, unknownField } from '../runtime/request.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
-import { assertServable, parseContext, readImages, type ServerContext } from './context.js';
+import { assertServable, modelStatus, parseContext, readImages, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
-import { modelStatus } from './v1.js';
 
 export const SERVER_NAME = 'diffusers-runtime';
 export const EXTENSIONS = ['binary_tensor_data'] as const;
@@ -93,7 +92,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     '/v2/models/:name',
     route((r) => {
       const name = r.params[0]!;
-      if (name !== ctx.cfg.modelName) return json(404, { error: `Model with name ${name} does not exist.` });
+      if (name !== ctx.cfg.modelName) throw unknownModel(name);
       return json(200, modelMetadata(name));
     }, opts),
   );
