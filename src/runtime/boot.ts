@@ -1,6 +1,6 @@
 /** @module The boot state machine: resolving → fetching → loading → warming → ready, or failed; each phase timed. */
-import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
+import type { BootEvents } from './boot-events.js';
 
 export const BOOT_STATES = ['resolving', 'fetching', 'loading', 'warming', 'ready', 'failed', 'stopping'] as const;
 export type BootState = (typeof BOOT_STATES)[number];
@@ -28,7 +28,7 @@ export class Boot {
 
   constructor(
     modelName: string,
-    private readonly log: Logger,
+    private readonly events: BootEvents,
     private readonly metrics: Metrics,
   ) {
     this.#labels = { model_name: modelName };
@@ -68,8 +68,8 @@ export class Boot {
     if (reason !== undefined) this.#reason = reason;
     this.#publish();
     const line = { state: next, previous: prev, previousSeconds: Number(secs.toFixed(3)), ...(reason ? { reason } : {}) };
-    if (next === 'failed') this.log.error(line, `boot failed: ${reason ?? 'unknown reason'}`);
-    else this.log.info(line, `boot ${next}`);
+    if (next === 'failed') this.events.emit('state', line, `boot failed: ${reason ?? 'unknown reason'}`, 'error');
+    else this.events.emit('state', line, `boot ${next}`);
   }
 
   #publish(): void {

@@ -147,6 +147,8 @@ export interface EngineEvents {
    * a worker started again has loaded the model.
    */
   onServing?(serving: boolean, reason: string): void;
+  /** A worker merged an adapter set; `waitedMs` counts from the first request that asked for it. */
+  onAdapters?(d: { set: string; worker: number; waitedMs: number; ms: Record<string, number>; mergedMB: number; components: string[]; formats: Record<string, string> }): void;
 }
 
 /** Restarts of a worker that keeps dying wait 0.5 s, 1 s, 2 s, … up to this; a worker alive this long resets it. */
@@ -507,7 +509,9 @@ export class Engine {
         this.#setAsked.delete(m.key);
         const waited = asked === undefined ? m.ms.total : performance.now() - asked;
         this.metrics.adapterLoad.observe(this.#labels, waited / 1000);
-        this.log.info({ set: m.key, worker: w.index, waitedMs: Math.round(waited), ms: m.ms, mergedMB: Math.round(m.bytes / 2 ** 20), components: m.components, formats: m.formats }, 'LoRA adapter set ready');
+        const ready = { set: m.key, worker: w.index, waitedMs: Math.round(waited), ms: m.ms, mergedMB: Math.round(m.bytes / 2 ** 20), components: m.components, formats: m.formats };
+        if (this.events.onAdapters) this.events.onAdapters(ready);
+        else this.log.info(ready, 'LoRA adapter set ready');
         this.#pump();
         break;
       }

@@ -32,6 +32,8 @@ export interface BaseServer {
   setFallback(h: RouteHandler): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
+  /** Closes every connection still open (after the drain). */
+  closeConnections(): void;
 }
 
 /** Heads are capped (kubelet and Knative send ~10 header fields, ~1 kB); above either limit: 431. */
@@ -204,6 +206,7 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
           // holding one would see a reset instead of the 503 "shutting down" answer.
           Object.getPrototypeOf(http.Server.prototype).close.call(server);
         },
+        closeConnections: () => server.closeAllConnections(),
       });
     });
   });
