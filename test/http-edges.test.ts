@@ -1,7 +1,7 @@
 /**
  * What a careless or unusual client does to the HTTP server, over raw sockets: pipelined requests, malformed heads,
- * huge declared bodies, a second server on the same port, amplifying bodies, AUTOMATIC1111 field names, and what
- * the process leaves in $HOME and the temp folder.
+ * huge declared bodies, amplifying bodies, AUTOMATIC1111 field names (the runtime in-process), and, with a process of
+ * its own, a second server on the same port and what the process leaves in $HOME and the temp folder.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
@@ -10,7 +10,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
-import { ENTRY, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { ENTRY, postJson, startServer, tempDir } from './helpers/server.js';
 
 interface RawResponse {
   status: number;
@@ -70,9 +71,9 @@ const post = (p: string, body: string, extra = '') =>
   `POST ${p} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${extra}\r\n${body}`;
 const tiny = (seed: number) => JSON.stringify({ instances: [{ prompt: `pipelined ${seed}`, num_inference_steps: 1, height: 64, width: 64, seed }] });
 
-let srv: ServerHandle;
+let srv: RuntimeHandle;
 beforeAll(async () => {
-  srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '64' }, { ready: true });
+  srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '64' }, { ready: true });
 });
 afterAll(async () => {
   await srv?.stop();
@@ -207,7 +208,6 @@ describe('error amplification', () => {
     expect(rs.every((r) => r.status === 400 && JSON.stringify(r.json).length < 200)).toBe(true);
     pings.sort((a, b) => a - b);
     console.log(`liveness during 20 refused 1 MB bodies: ${pings.length} probes, p50 ${pings[Math.floor(pings.length / 2)]!.toFixed(1)} ms, max ${pings.at(-1)!.toFixed(1)} ms`);
-    expect(pings.length).toBeGreaterThan(0);
   });
 });
 
