@@ -168,12 +168,11 @@ describe('WebSocket stream', () => {
     ws.send(JSON.stringify({ prompt: 'long', num_inference_steps: 400, height: 1024, width: 1024, seed: 1 }));
     await ws.next((m) => m.type === 'progress' && (m.step as number) >= 2);
     ws.sock.destroy();
-    const t0 = Date.now();
-    // Stopped between steps: counted as cancelled, no image, and the device is free again long before 400 steps.
+    // Stopped between steps: counted as cancelled, no image, and the device is free again (400 steps at 1024x1024
+    // would hold it past the test's timeout).
     while ((await metric(srv, 'inference_cancelled_total')) === cancelled0) await new Promise((r) => setTimeout(r, 25));
     const quick = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'after', num_inference_steps: 2, height: 64, width: 64, seed: 2 }] });
     expect(quick.status).toBe(200);
-    expect(Date.now() - t0).toBeLessThan(3_000);
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
   });
 
