@@ -47,8 +47,8 @@ describe('image-to-image and inpainting match diffusers', () => {
   it.each(cases.map((c) => [c.id, c] as const))('%s', async (id, c) => {
     const srv = servers[c.model]!;
     const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [img2imgInstance(ref, c)] });
-    if (r.status !== 200) console.log(srv.logs.filter((l) => l.msg === "generation failed").slice(-3));
-    expect(r.status, JSON.stringify(r.json).slice(0, 400)).toBe(200);
+    const errors = () => srv.logs.filter((l) => l.level === 'error').slice(-3).map((l) => JSON.stringify(l)).join('\n');
+    expect(r.status, `${JSON.stringify(r.json).slice(0, 400)}\n${errors()}`).toBe(200);
     const preds = r.json.predictions as Array<{ image: { b64: string }; seed: number; width: number; height: number }>;
     expect(preds.length).toBe(c.output.length);
     for (const [k, p] of preds.entries()) {
