@@ -5,7 +5,7 @@
  * log carries the same names for a test that spawns it.
  */
 import type { Logger } from '../log.js';
-import type { BootState } from './boot.js';
+import type { BootState, StateChange } from './boot.js';
 
 export interface BootEventMap {
   /** SIGTERM or SIGINT reached the process (logged by main before or after the runtime exists). */
@@ -13,7 +13,7 @@ export interface BootEventMap {
   /** The HTTP server serves this runtime. */
   listening: { port: number; host: string; config: Record<string, unknown> };
   /** A boot state was entered (runtime/boot.ts); `previousSeconds` is the time spent in the one left. */
-  state: { state: BootState; previous: BootState; previousSeconds: number; reason?: string };
+  state: StateChange;
   /** A component's ONNX session exists in a worker. */
   session: { component: string; provider: string; ms: number; optimizedCache: string };
   /** The model's files are all on disk (fetched, from the cache, or the demo model's). */

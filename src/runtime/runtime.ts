@@ -54,7 +54,7 @@ export class Runtime {
     this.#workers = opts.workers;
     this.metrics = createMetrics();
     this.events = new BootEvents(log);
-    this.boot = new Boot(cfg.modelName, this.events, this.metrics);
+    this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
       onSession: (component, provider, ms, optimizedCache) => {
