@@ -221,25 +221,20 @@ describe('object changed mid-download', () => {
   it('refetches the new version; never commits a mix', async () => {
     await s3.put('models', 'chg/w.bin', detBytes(1_500_000, 21));
     const cache = await fsp.mkdtemp(path.join(tmp, 'chg-'));
-    proxy.faults = { bytesPerSecond: 400_000 };
     const next = detBytes(1_400_000, 22);
-    let swapped = false;
-    const r = await resolveModel('s3://models/chg', {
-      // s3rver may stop sending a body whose file was replaced under it: the stall watchdog ends that range.
-      cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '2' }), log,
-      onProgress: (p) => {
-        if (!swapped && p.bytesDone > 300_000) {
-          swapped = true;
-          // The link crawls (in place: the GET in flight reads this object) until the new version is stored, so the
-          // download cannot end before it even on a loaded machine; s3rver ignores If-Match, the listing's ETag tells.
-          const f = proxy.faults;
-          f.bytesPerSecond = 10_000;
-          void s3.put('models', 'chg/w.bin', next).then(() => (f.bytesPerSecond = 400_000));
-        }
-      },
-    });
+    // The first ranged GET (parts are 256 KiB) stops sending after 200 kB, its socket left open; the new version is
+    // stored then, and every GET meanwhile is held until it is: whatever the machine's load, the download spans the
+    // change. s3rver ignores If-Match, so a later part's ETag (or the listing after the last byte) is what tells.
+    const stalls0 = proxy.stats.stalls;
+    proxy.faults = { stallAfterBytes: 200_000, stalls: 1 };
+    const done = resolveModel('s3://models/chg', { cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '2' }), log });
+    for (let i = 0; i < 2000 && proxy.stats.stalls === stalls0; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(proxy.stats.stalls - stalls0).toBe(1);
+    const stored = s3.put('models', 'chg/w.bin', next);
+    proxy.faults = { hold: { keys: /chg\/w\.bin/, release: stored } };
+    await stored;
+    const r = await done;
     proxy.faults = {};
-    expect(swapped).toBe(true);
     expect((await fsp.readFile(path.join(r.dir, 'w.bin'))).equals(next)).toBe(true);
     const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
     expect(m.files[0].size).toBe(1_400_000);
