@@ -37,7 +37,7 @@ async function main(): Promise<void> {
   const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
   const sessions: Partial<Record<Component, OnnxSession>> = {};
   const perComponent: Record<string, number> = {};
-  const factory = values['opt-cache'] ? new SessionFactory({ ep, intraOpThreads: 0, optimizedModelCache: 'always' }) : undefined;
+  const factory = values['opt-cache'] ? new SessionFactory({ ep, intraOpThreads: 0, optimizedModelCache: { mode: 'always', entryMarkers: [] } }) : undefined;
   for (const c of need) {
     const c0 = performance.now();
     sessions[c] = factory
@@ -63,7 +63,7 @@ async function main(): Promise<void> {
   await Promise.all(Object.values(sessions).map((s) => s!.release()));
   // As the server does after ready: write the copies this run loaded without, so the next --opt-cache run hits.
   // The factory's sessions use the runtime's own options (level all, no pre-packing), whatever --level and --prepack say.
-  for (const it of factory?.deferredWrites ?? []) await writeOptimizedCopy(ort, it.path, ep, sessionOptions(ep, { intraOpThreads: 0 }), undefined, 'always');
+  for (const it of factory?.deferredWrites ?? []) await writeOptimizedCopy(ort, it.path, ep, sessionOptions(ep, { intraOpThreads: 0 }), undefined, { mode: 'always', entryMarkers: [] });
 }
 
 await main().catch((e: unknown) => {

@@ -22,6 +22,7 @@ import { readLoraMap, type LoraMap } from '../src/pipeline/lora-map.js';
 import { mergeComponent, writeMergedComponent } from '../src/pipeline/lora-merge.js';
 import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
+import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 import { freePort, startChild } from './bench-common.js';
 
 const padMb = Number(process.argv[2] ?? 256);
@@ -32,7 +33,7 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'bench-lora-'));
   try {
     await buildDemoModel(dir, { padBytes: padMb * 2 ** 20, padSplit: 'unet' });
-    const factory = new SessionFactory({ ep: 'cpu', intraOpThreads: 0, optimizedModelCache: 'off' });
+    const factory = new SessionFactory({ ep: 'cpu', intraOpThreads: 0, optimizedModelCache: NO_OPTIMIZED_CACHE });
     const unet = path.join(dir, 'unet', 'model.onnx');
     const rows: Array<Record<string, unknown>> = [];
     const time = async <T>(label: string, fn: () => Promise<T>): Promise<T> => {

@@ -13,10 +13,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import type { ExecutionProvider } from '../src/config.js';
-import type { ImageInit } from '../src/pipeline/img2img.js';
+import type { ImageInit, Job, StageTimes } from '../src/pipeline/job.js';
 import { readLayout, type Component } from '../src/pipeline/model.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
-import { Pipeline, type Job, type Sessions, type StageTimes } from '../src/pipeline/pipeline.js';
+import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import type { Raster } from '../src/pipeline/resample.js';
 
 const env = (k: string, d: number) => (process.env[k] ? Number(process.env[k]) : d);

@@ -1,60 +1,92 @@
-/** @module One error class for the whole runtime: a stable code, the HTTP status derived from it. */
+/**
+ * @module One error class for the whole runtime, with a stable code. Two kinds of code: what a request is answered
+ * with (each has its HTTP status, which the server's error boundary applies) and how the boot, the fetch engine and
+ * the cache end when they fail (reported in the boot's failed state, the warm-up CLI's exit line and the log).
+ */
 
-const STATUS = {
+/** Errors a request is answered with, and their HTTP status. */
+const HTTP_STATUS = {
   INVALID_INPUT: 400,
   MODEL_NOT_FOUND: 404,
   NOT_FOUND: 404,
   METHOD_NOT_ALLOWED: 405,
+  /** The client did not send its whole request in time. */
+  REQUEST_TIMEOUT: 408,
   BODY_TOO_LARGE: 413,
+  HEADERS_TOO_LARGE: 431,
+  CANCELLED: 499,
+  INTERNAL: 500,
+  /** The pipeline worker running a generation died; the generation is lost (the worker is started again). */
+  WORKER_DIED: 500,
   UNSUPPORTED: 501,
+  UPSTREAM: 502,
   MODEL_NOT_READY: 503,
   /** No pipeline worker can run a generation while one that died is started again. */
   WORKER_RESTARTING: 503,
   BUSY: 503,
   SHUTTING_DOWN: 503,
-  CANCELLED: 499,
+  /** The generation outlived REQUEST_TIMEOUT_S. */
   TIMEOUT: 504,
-  UPSTREAM: 502,
-  INTERNAL: 500,
-  /** The pipeline worker running a generation died; the generation is lost (the worker is started again). */
-  WORKER_DIED: 500,
-  // Storage / boot outcomes (never sent as HTTP statuses of a request, but mapped for completeness).
-  CONFIG: 500,
-  STORAGE_DENIED: 500,
-  STORAGE_MISSING: 500,
-  STORAGE_TRANSIENT: 500,
-  /** An object key the cache cannot store as a file name (longer than the filesystem allows). */
-  STORAGE_KEY_TOO_LONG: 500,
-  /** A listing that names one key twice, or one key both as an object and as a folder of others. */
-  STORAGE_KEY_DUPLICATE: 500,
-  /** A listing that returned a key outside the prefix it was asked for. */
-  STORAGE_KEY_OUTSIDE_PREFIX: 500,
-  /** S3 refused the request time, and no Date from S3 could correct the clock offset. */
-  STORAGE_CLOCK_SKEW: 500,
-  /** Listed files were still missing or short after every download round. */
-  STORAGE_INCOMPLETE: 500,
-  /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */
-  CACHE_IO: 500,
-  NO_SPACE: 500,
-  MODEL_FORMAT: 500,
-  PROVIDER: 500,
 } as const;
 
-export type ErrorCode = keyof typeof STATUS;
+/** How the boot, the fetch engine and the cache fail. A request that meets one (an output upload) is answered 500. */
+const OUTCOMES = [
+  'CONFIG',
+  'STORAGE_DENIED',
+  'STORAGE_MISSING',
+  'STORAGE_TRANSIENT',
+  /** A ranged read that received no byte for S3_STALL_TIMEOUT_S (retried). */
+  'STORAGE_STALL',
+  /** A ranged read whose length differs from the range it asked for (retried). */
+  'STORAGE_SHORT_READ',
+  /** An object key the cache cannot store as a file name (longer than the filesystem allows). */
+  'STORAGE_KEY_TOO_LONG',
+  /** A listing that names one key twice, or one key both as an object and as a folder of others. */
+  'STORAGE_KEY_DUPLICATE',
+  /** A listing that returned a key outside the prefix it was asked for. */
+  'STORAGE_KEY_OUTSIDE_PREFIX',
+  /** S3 refused the request time, and no Date from S3 could correct the clock offset. */
+  'STORAGE_CLOCK_SKEW',
+  /** Listed files were still missing or short after every download round. */
+  'STORAGE_INCOMPLETE',
+  /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */
+  'CACHE_IO',
+  'NO_SPACE',
+  'MODEL_FORMAT',
+  'PROVIDER',
+] as const;
+
+export type HttpErrorCode = keyof typeof HTTP_STATUS;
+export type OutcomeCode = (typeof OUTCOMES)[number];
+export type ErrorCode = HttpErrorCode | OutcomeCode;
+
+/**
+ * The HTTP status a request is answered with when an error of `code` reaches it: the request error's own, 500 for a
+ * boot or storage outcome, and 500 for a code this build does not know (one sent by a worker of another build).
+ */
+export function httpStatus(code: string): number {
+  return Object.hasOwn(HTTP_STATUS, code) ? HTTP_STATUS[code as HttpErrorCode] : 500;
+}
 
 const BRAND = Symbol.for('diffusers-runtime.RuntimeError');
 
-export class RuntimeError extends Error {
-  readonly status: number;
-  readonly [BRAND] = true;
+export interface RuntimeErrorOptions extends ErrorOptions {
   /** Seconds a client should wait before retrying (503s). */
   retryAfter?: number;
+  /** Fields an HTTP answer carries beside `error` and `code` (the model endpoint's boot state and progress). */
+  fields?: Record<string, unknown>;
+}
 
-  constructor(readonly code: ErrorCode, message: string, options?: ErrorOptions & { retryAfter?: number }) {
+export class RuntimeError extends Error {
+  readonly [BRAND] = true;
+  retryAfter?: number;
+  fields?: Record<string, unknown>;
+
+  constructor(readonly code: ErrorCode, message: string, options?: RuntimeErrorOptions) {
     super(message, options);
     this.name = 'RuntimeError';
-    this.status = STATUS[code];
     if (options?.retryAfter !== undefined) this.retryAfter = options.retryAfter;
+    if (options?.fields !== undefined) this.fields = options.fields;
   }
 
   // Keeps instanceof true across duplicate module copies (worker bundles, dist vs src in tests).

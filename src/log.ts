@@ -1,5 +1,5 @@
 /** @module Structured JSON logs (pino), one line per event; credentials are redacted by path. */
-import { pino, type Logger } from 'pino';
+import { pino, type DestinationStream, type Logger } from 'pino';
 
 export type { Logger };
 
@@ -9,8 +9,11 @@ const REDACT = [
   'headers.authorization', 'headers["x-amz-security-token"]',
 ];
 
-/** `fd` 2 sends the log to stderr, for tools whose stdout carries their result (the warm-up CLI). */
-export function createLogger(level: string, name = 'diffusers-runtime', fd: 1 | 2 = 1): Logger {
+/**
+ * `to` 2 sends the log to stderr, for tools whose stdout carries their result (the warm-up CLI); a stream takes the
+ * lines of a runtime embedded in another process (tests).
+ */
+export function createLogger(level: string, name = 'diffusers-runtime', to: 1 | 2 | DestinationStream = 1): Logger {
   return pino(
     {
       name,
@@ -20,7 +23,7 @@ export function createLogger(level: string, name = 'diffusers-runtime', fd: 1 | 
       redact: { paths: REDACT, censor: '***' },
       formatters: { level: (label) => ({ level: label }) },
     },
-    pino.destination({ fd, sync: true }),
+    typeof to === 'number' ? pino.destination({ fd: to, sync: true }) : to,
   );
 }
 

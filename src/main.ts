@@ -7,11 +7,12 @@ import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { ConfigError, describeConfig, loadConfig, type Config } from './config.js';
 import type { Logger } from './log.js';
+import { eventFields } from './runtime/boot-events.js';
 import type { BootSequence } from './runtime/boot-sequence.js';
 import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
 import type { ServerContext } from './server/context.js';
-import { spawnWorkers } from './runtime/workers.js';
+import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
@@ -33,20 +34,14 @@ async function main(): Promise<void> {
       log?.warn({ signal: sig }, 'second signal: exiting now');
       process.exit(1);
     }
-    log?.info({ signal: sig }, 'signal received');
+    log?.info(eventFields('signal', { signal: sig }), 'signal received');
     if (rt) void rt.close().then(() => process.exit(process.exitCode ?? 0));
     else if (boot) void boot.stop().then(() => process.exit(0));
     else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
-  // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
-  // unless the operator set ORT_DISABLE_TELEMETRY. Set before the workers load onnxruntime-node.
-  process.env.ORT_DISABLE_TELEMETRY ??= '1';
-  // The AWS SDK (the default S3 transport) prints a multi-line notice about its future Node requirement to stderr when
-  // a client is made; the lockfile pins the SDK, and stderr carries only this process's own one-line errors.
-  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+  applyProcessDefaults();
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
   // overlaps the listen here, then the imports below.
   const workers = spawnWorkers(cfg);
@@ -76,10 +71,32 @@ async function main(): Promise<void> {
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
 }
 
+/** Environment the process's libraries read themselves; set before the workers load onnxruntime-node. */
+export function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
+  // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
+  // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
+  // unless the operator set ORT_DISABLE_TELEMETRY.
+  env.ORT_DISABLE_TELEMETRY ??= '1';
+  // The AWS SDK (the default S3 transport) prints a multi-line notice about its future Node requirement to stderr when
+  // a client is made; the lockfile pins the SDK, and stderr carries only this process's own one-line errors.
+  env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+}
+
+/**
+ * A runtime built in one go inside a process that embeds it (tests, tools), where `main` builds one in stages around
+ * the listening socket: `listen(rt)` serves it, `bootRuntime(rt)` (runtime/boot-sequence.ts) boots it, `rt.close()`
+ * ends it. Its workers start when it boots, unless `workers` are given.
+ */
+export async function createRuntime(cfg: Readonly<Config>, opts: { log?: Logger; workers?: SpawnedWorker[] } = {}): Promise<Runtime> {
+  applyProcessDefaults();
+  const [{ Runtime }, { createLogger }] = await Promise.all([import('./runtime/runtime.js'), import('./log.js')]);
+  return new Runtime(cfg, opts.log ?? createLogger(cfg.logLevel), opts.workers ? { workers: opts.workers } : {});
+}
+
 type Wiring = Awaited<ReturnType<typeof serverModules>>;
 const serverModules = async () => {
-  const [app, names] = await Promise.all([import('./server/app.js'), import('./runtime/names.js')]);
-  return { registerRoutes: app.registerRoutes, checkScheduler: names.checkSchedulerName, randomSeed: names.randomSeed };
+  const [app, random] = await Promise.all([import('./server/app.js'), import('./pipeline/random.js')]);
+  return { registerRoutes: app.registerRoutes, randomSeed: random.randomSeed };
 };
 
 /** Every route beyond liveness on the already-listening server, answered by `rt`; close() stops the listener first. */
@@ -90,7 +107,6 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     metrics: rt.metrics,
     boot: rt.boot,
     engine: rt.engine,
-    checkScheduler: w.checkScheduler,
     randomSeed: w.randomSeed,
     stopping: () => rt.stopping,
     images: rt.images,
@@ -98,7 +114,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
   };
   w.registerRoutes(base, ctx);
   rt.setListener(base);
-  rt.log.info({ port: base.port, host: rt.cfg.host, config: describeConfig(rt.cfg) }, 'listening');
+  rt.events.emit('listening', { port: base.port, host: rt.cfg.host, config: describeConfig(rt.cfg) }, 'listening');
   return base.port;
 }
 

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
+import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 
 type AuxModule = typeof import('../src/pipeline/aux-client.js');
 type OnnxModule = typeof import('../src/pipeline/onnx.js');
@@ -20,7 +21,7 @@ describe('auxiliary session thread', () => {
     const { aux, onnx } = await load();
     const dir = await fixtureModel();
     const logs: Array<{ msg: string; obj?: Record<string, unknown> }> = [];
-    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: 'off' }, (_l, msg, obj) => logs.push({ msg, ...(obj ? { obj } : {}) }), () => undefined);
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => logs.push({ msg, ...(obj ? { obj } : {}) }), () => undefined);
     try {
       const file = path.join(dir, 'vae_decoder', 'model.onnx');
       const made = await client.create('vae_decoder', file, 'cpu', { latentHeight: 8, latentWidth: 8, vaeScale: 8 });
@@ -29,7 +30,7 @@ describe('auxiliary session thread', () => {
       const remote = await made.session.run({ latent_sample: { data: latents, dims: [1, 4, 8, 8] } });
       // The run was queued behind the priming run, which logged when done.
       expect(logs.filter((l) => l.msg === 'session primed').map((l) => [l.obj?.component, l.obj?.thread])).toEqual([['vae_decoder', 'decode']]);
-      const local = await new onnx.SessionFactory({ ep: 'cpu', intraOpThreads: 1, optimizedModelCache: 'off' }).create('vae_decoder', file);
+      const local = await new onnx.SessionFactory({ ep: 'cpu', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }).create('vae_decoder', file);
       const here = await local.session.run({ latent_sample: { data: latents, dims: [1, 4, 8, 8] } });
       expect(Object.keys(remote)).toEqual(Object.keys(here));
       for (const k of Object.keys(here)) {
@@ -48,7 +49,7 @@ describe('auxiliary session thread', () => {
     const { aux } = await load();
     const dir = await fixtureModel();
     const order: string[] = [];
-    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: 'off' }, (_l, msg, obj) => {
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
       if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
     }, () => undefined);
     try {
@@ -67,7 +68,7 @@ describe('auxiliary session thread', () => {
   it('reports a thread that dies, and fails what was waiting on it', async () => {
     const { aux } = await load();
     let died: Error | undefined;
-    const client = new aux.AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: 'off' }, () => undefined, (err) => (died = err));
+    const client = new aux.AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, () => undefined, (err) => (died = err));
     // A run of a session that does not exist fails cleanly; the thread stays up.
     await expect(client.run(42, {})).rejects.toThrow(/no session 42/);
     const dir = await fixtureModel();

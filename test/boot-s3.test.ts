@@ -1,6 +1,7 @@
 /**
  * Boot from S3 over real sockets: s3rver on loopback behind a throttling proxy (test/helpers/s3.ts), the built server
- * as a child process. Fetch progress while unready, failures that name the bucket and never the secret, and SIGTERM
+ * as a child process (the cold start's order, its signals and exit codes; the local references it is compared with are
+ * served in-process). Fetch progress while unready, failures that name the bucket and never the secret, and SIGTERM
  * during the fetch leaving no committed half entry, with the next start serving the same pixels as a local copy.
  */
 import { existsSync, promises as fsp } from 'node:fs';
@@ -9,7 +10,9 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { freePort } from '../scripts/bench-common.js';
-import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { startRuntime } from './helpers/runtime.js';
+import { isEvent, postJson, startServer, tempDir, type EventLine, type ServerHandle } from './helpers/server.js';
+import type { BootEventName } from '../src/runtime/boot-events.js';
 
 const BUCKET = 'models';
 const PREFIX = 'demo-pad/';
@@ -78,6 +81,9 @@ async function modelStatus(srv: ServerHandle): Promise<{ status: number; body: M
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Where event `name` (the first for which `pred` holds) is in the server's log; -1 if it is not. */
+const at = <K extends BootEventName>(srv: ServerHandle, name: K, pred?: (d: EventLine<K>) => boolean) => srv.logs.findIndex((l) => isEvent(l, name, pred));
+
 /** Two demo models with the same files and other weights (seeds 0 and 1), and an upload of either under `prefix`. */
 async function twoVersions(prefix: string) {
   const build = async (seed: number) => {
@@ -94,7 +100,7 @@ async function twoVersions(prefix: string) {
 const ORDER = ['resolving', 'fetching', 'loading', 'warming', 'ready'];
 
 /** A fixed-seed generation; PNG is lossless and deterministic, so equal pixels give equal bytes. */
-async function image(srv: ServerHandle): Promise<string> {
+async function image(srv: { url: string }): Promise<string> {
   const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a lighthouse at dusk', seed: 1234, num_inference_steps: 3 }] });
   expect(r.status).toBe(200);
   return (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
@@ -139,15 +145,13 @@ describe('boot from S3', () => {
     expect(total).toBe(model.totalBytes);
     expect(new Set(fetched).size, `bytesDone samples: ${fetched.join(',')}`).toBeGreaterThanOrEqual(3);
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
-    const files = await srv.waitForLog((l) => l.msg === 'model files ready');
+    const files = await srv.waitFor('files-ready');
     expect([files.fromCache, files.bytes]).toEqual([false, model.totalBytes]);
     // Fetch and load overlap: the largest weights come first, so the UNet's session exists while the text
     // encoder's and the VAE's weights are still arriving.
-    const at = (pred: (l: (typeof srv.logs)[number]) => boolean) => srv.logs.findIndex(pred);
-    const filesReady = at((l) => l.msg === 'model files ready');
-    const unet = at((l) => l.msg === 'onnx session created' && l.component === 'unet');
-    expect(unet).toBeGreaterThanOrEqual(0);
-    expect(unet).toBeLessThan(filesReady);
+    const unet = at(srv, 'session', (s) => s.component === 'unet');
+    expect(unet).not.toBe(-1);
+    expect(unet).toBeLessThan(at(srv, 'files-ready'));
   }, 60_000);
 
   it.each([
@@ -158,7 +162,7 @@ describe('boot from S3', () => {
     ['a store that denies', () => ({ AWS_ENDPOINT_URL: denying.endpoint, AWS_SECRET_ACCESS_KEY: SECRET }), /access denied to list s3:\/\/models\/demo-pad\/ \(AccessDenied\)/],
   ] as Array<[string, () => Record<string, string>, RegExp]>)('%s fails boot with a reason naming the bucket and no secret', async (_name, env, reason) => {
     const srv = await s3Server(env());
-    const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'), 30_000);
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed', 30_000);
     expect(String(failed.reason)).toMatch(reason);
     const { status, body, text } = await modelStatus(srv);
     expect(status).toBe(503);
@@ -192,12 +196,11 @@ describe('boot from S3', () => {
     try {
       const again = await serve({ ...env, AWS_ENDPOINT_URL: slowList.endpoint });
       await again.waitReady(40_000);
-      const order = (pred: (l: (typeof again.logs)[number]) => boolean) => again.logs.findIndex(pred);
-      const checked = order((l) => l.msg === 'model files ready');
-      const sessions = again.logs.filter((l, i) => l.msg === 'onnx session created' && i < checked).map((l) => l.component).sort();
+      const checked = at(again, 'files-ready');
+      const sessions = again.logs.filter((l, i) => isEvent(l, 'session') && i < checked).map((l) => l.component).sort();
       expect(sessions).toEqual(['text_encoder', 'unet', 'vae_decoder']);
       expect(slowList.stats.lists).toBeGreaterThanOrEqual(1);
-      expect(order((l) => l.msg === 'the cache entry changed after its sessions started; loading them again')).toBe(-1);
+      expect(again.events('sessions-reset')).toEqual([]);
       expect(await image(again)).toBe(imageA);
       await again.stop('SIGTERM');
     } finally {
@@ -208,15 +211,18 @@ describe('boot from S3', () => {
     await upload(b);
     const swapped = await serve(env);
     await swapped.waitReady(40_000);
-    await swapped.waitForLog((l) => l.msg === 'the cache entry changed after its sessions started; loading them again');
+    await swapped.waitFor('sessions-reset', (r) => r.why === 'entry-changed');
     const imageB = await image(swapped);
     expect(imageB).not.toBe(imageA);
     await swapped.stop('SIGTERM');
     const localCache = tempDir('dr-boot-s3-swap-local-');
     dirs.push(localCache.cleanup);
-    const local = await serve({ STORAGE_URI: b.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' });
-    await local.waitReady(40_000);
-    expect(await image(local)).toBe(imageB);
+    const local = await startRuntime({ STORAGE_URI: b.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
+    try {
+      expect(await image(local)).toBe(imageB);
+    } finally {
+      await local.stop();
+    }
   }, 90_000);
 
   it('SIGTERM during the fetch exits 0 with nothing half committed; the next start serves what a local copy serves', async () => {
@@ -251,23 +257,23 @@ describe('boot from S3', () => {
 
     const second = await serve(env);
     await second.waitReady(40_000);
-    const files = await second.waitForLog((l) => l.msg === 'model files ready');
+    const files = await second.waitFor('files-ready');
     expect(files.fromCache).toBe(false);
     expect(files.bytes).toBe(model.totalBytes);
     const fromS3 = await image(second);
     // After ready, the optimised graphs are written and timed in the background. The demo's graphs build in
     // milliseconds, so their copies are declined (ortcache.ts worthKeeping); a kept one would load on the next start.
-    const written = await second.waitForLog((l) => l.msg === 'optimized model cache written', 30_000);
-    const outcomes = written.outcomes as Record<string, string>;
+    const { outcomes } = await second.waitFor('optimized-cache-written', undefined, 30_000);
+    expect(second.events('optimized-cache-writing').map((d) => [...d.components].sort())).toEqual([['text_encoder', 'unet', 'vae_decoder']]);
     expect(Object.keys(outcomes).sort()).toEqual(['text_encoder', 'unet', 'vae_decoder']);
     for (const o of Object.values(outcomes)) expect(['declined', 'written']).toContain(o);
-    expect(second.logs.filter((l) => l.msg === 'onnx session created').map((l) => l.optimizedCache)).toEqual(['deferred', 'deferred', 'deferred']);
+    expect(second.events('session').map((l) => l.optimizedCache)).toEqual(['deferred', 'deferred', 'deferred']);
     await second.stop('SIGTERM');
     const third = await serve(env);
     await third.waitReady(40_000);
-    const next = Object.fromEntries(third.logs.filter((l) => l.msg === 'onnx session created').map((l) => [l.component, l.optimizedCache]));
+    const next = Object.fromEntries(third.events('session').map((l) => [l.component, l.optimizedCache]));
     expect(next).toEqual(Object.fromEntries(Object.entries(outcomes).map(([c, o]) => [c, o === 'written' ? 'hit' : 'declined'])));
-    expect(third.logs.some((l) => l.msg === 'writing the optimized model cache in the background')).toBe(false);
+    expect(third.events('optimized-cache-writing')).toEqual([]); // every copy was settled by the second start
     expect(await image(third)).toBe(fromS3);
     await third.stop('SIGTERM');
     for (const f of model.files) {
@@ -277,9 +283,12 @@ describe('boot from S3', () => {
 
     const localCache = tempDir('dr-boot-s3-local-');
     dirs.push(localCache.cleanup);
-    const local = await serve({ STORAGE_URI: model.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' });
-    await local.waitReady(40_000);
-    expect(fromS3).toBe(await image(local));
+    const local = await startRuntime({ STORAGE_URI: model.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
+    try {
+      expect(fromS3).toBe(await image(local));
+    } finally {
+      await local.stop();
+    }
   }, 90_000);
 });
 
@@ -318,9 +327,9 @@ describe('before the runtime has loaded', () => {
       live.push(srv);
       // The fetch has started (its listing waits in the proxy) and the runtime has not loaded: the signal stops the fetch.
       while (slow.stats.lists === 0) await sleep(5);
-      expect(srv.logs.some((l) => l.msg === 'listening')).toBe(false);
+      expect(srv.events('listening')).toEqual([]);
       expect(await srv.stop('SIGTERM', 10_000)).toEqual({ code: 0, signal: null });
-      expect(srv.logs.map((l) => l.msg)).toEqual(['signal received']);
+      expect(srv.logs.map((l) => l.event)).toEqual(['signal']); // its one line
       expect(srv.stderr.join('')).toBe('');
       const entries = await fsp.readdir(cache.dir);
       for (const e of entries) expect(existsSync(path.join(cache.dir, e, '.complete.json')), e).toBe(false);
@@ -330,15 +339,16 @@ describe('before the runtime has loaded', () => {
 });
 
 describe('warm-up during the download', () => {
-  /** A model served from a local folder: the pixels the S3 path must reproduce. */
+  /** A model served from a local folder (in-process): the pixels the S3 path must reproduce. */
   async function localImage(dir: string): Promise<string> {
     const c = tempDir('dr-boot-s3-ref-');
     dirs.push(c.cleanup);
-    const local = await serve({ STORAGE_URI: dir, MODEL_CACHE_DIR: c.dir, EXECUTION_PROVIDER: 'cpu' });
-    await local.waitReady(40_000);
-    const b64 = await image(local);
-    await local.stop('SIGTERM');
-    return b64;
+    const local = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: c.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
+    try {
+      return await image(local);
+    } finally {
+      await local.stop();
+    }
   }
 
   /** Runs `body` against a proxy that holds the VAE decoder's weights (not its config.json) until `hold.release()`. */
@@ -362,29 +372,27 @@ describe('warm-up during the download', () => {
       MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off', ...extra,
     };
   }
-  const EARLY = 'warm-up started before the fetch finished';
 
   it('encodes and denoises while the VAE decoder downloads; ready waits for its end and the committed entry', async () => {
     await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX));
-      const started = await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      const started = await srv.waitFor('warmup-early', undefined, 30_000);
       expect(started.filesPending).toBeGreaterThan(0);
       // The generation now waits for the VAE decoder's session: neither ready nor committed while its file is held.
       await sleep(2_000);
       const { status, body } = await modelStatus(srv);
       expect([status, body.state]).toEqual([503, 'fetching']);
       expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
-      expect(srv.logs.some((l) => l.msg === 'warm-up generation done' || l.msg === 'model files ready')).toBe(false);
+      expect([srv.events('warmup-done'), srv.events('files-ready')]).toEqual([[], []]);
       expect(hold.proxy.stats.held).toBeGreaterThan(0);
       hold.release();
       await srv.waitReady(40_000);
-      const at = (msg: string) => srv.logs.findIndex((l) => l.msg === msg);
-      expect(at(EARLY)).toBeLessThan(at('model files ready'));
-      expect(at('model files ready')).toBeLessThan(at('warm-up generation done'));
+      expect(at(srv, 'warmup-early')).toBeLessThan(at(srv, 'files-ready'));
+      expect(at(srv, 'files-ready')).toBeLessThan(at(srv, 'warmup-done'));
       // One warm-up, which spent the hold waiting for the decoder: text encoder and UNet had run before it ended.
-      expect(srv.logs.filter((l) => l.msg === 'warm-up generation done').length).toBe(1);
-      const stages = srv.logs[at('warm-up generation done')]!.stages as Record<string, number>;
-      expect(stages.sessionWait).toBeGreaterThan(500);
+      const warm = srv.events('warmup-done');
+      expect(warm).toHaveLength(1);
+      expect(warm[0]!.stages.sessionWait).toBeGreaterThan(500);
       expect(await image(srv)).toBe(await localImage(model.dir));
     });
   }, 90_000);
@@ -395,12 +403,12 @@ describe('warm-up during the download', () => {
     await upload(a);
     await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, prefix));
-      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      await srv.waitFor('warmup-early', undefined, 30_000);
       // The text encoder and UNet sessions of `a` exist and its warm-up is under way when `b` replaces every object.
       await upload(b);
       hold.release();
       await srv.waitReady(40_000);
-      await srv.waitForLog((l) => l.msg === 'objects changed during the download; starting the sessions again');
+      await srv.waitFor('sessions-reset', (r) => r.why === 'objects-changed');
       const served = await image(srv);
       const [imageA, imageB] = [await localImage(a.dir), await localImage(b.dir)];
       expect(imageA).not.toBe(imageB);
@@ -411,10 +419,10 @@ describe('warm-up during the download', () => {
   it('two workers: each loads the partial pipeline, then the whole one; both serve the same pixels', async () => {
     await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX, { WORKERS: '2', MAX_BATCH_SIZE: '1' }));
-      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      await srv.waitFor('warmup-early', undefined, 30_000);
       hold.release();
       await srv.waitReady(40_000);
-      const created = srv.logs.filter((l) => l.msg === 'onnx session created').map((l) => l.component).sort();
+      const created = srv.events('session').map((l) => l.component).sort();
       expect(created).toEqual(['text_encoder', 'text_encoder', 'unet', 'unet', 'vae_decoder', 'vae_decoder']);
       // Two requests at once, with batching off: the engine hands each to an idle worker.
       const [x, y] = await Promise.all([image(srv), image(srv)]);
@@ -426,12 +434,10 @@ describe('warm-up during the download', () => {
   it('SIGTERM while the warm-up waits for a file: the warm-up stops, the drain finishes and the exit is 0', async () => {
     await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX, { SHUTDOWN_GRACE_S: '60' }));
-      await srv.waitForLog((l) => l.msg === EARLY, 30_000);
+      await srv.waitFor('warmup-early', undefined, 30_000);
       await sleep(500);
       expect(await srv.stop('SIGTERM', 20_000)).toEqual({ code: 0, signal: null });
-      const down = srv.logs.find((l) => l.msg === 'shut down');
-      expect(down?.drained).toBe(true);
-      expect(srv.logs.some((l) => l.msg === 'grace period over: closing with requests still running')).toBe(false);
+      expect(srv.events('shut-down').map((d) => d.drained)).toEqual([true]);
     });
   }, 60_000);
 });

@@ -1,14 +1,25 @@
-/** Boot over a real socket: liveness at once, readiness only after warm-up, failures visible, EP fallback, SIGTERM drain. */
+/**
+ * Boot over a real socket: liveness at once and readiness only after warm-up (a process of its own: the cold start's
+ * order), failures visible (in-process), EP fallback (its stderr), exit codes and the SIGTERM drain (signals).
+ */
 import net from 'node:net';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { checkCuda } from '../src/pipeline/cuda.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const live: ServerHandle[] = [];
+const inProcess: RuntimeHandle[] = [];
 afterEach(async () => {
   for (const s of live.splice(0)) await s.stop('SIGKILL');
+  for (const s of inProcess.splice(0)) await s.stop(0);
 });
+const startIn = async (...a: Parameters<typeof startRuntime>) => {
+  const s = await startRuntime(...a);
+  inProcess.push(s);
+  return s;
+};
 const start = async (...a: Parameters<typeof startServer>) => {
   const s = await startServer(...a);
   live.push(s);
@@ -35,6 +46,7 @@ describe('boot', () => {
       if (route === '/v1/models/model') {
         if (res.status === 503) {
           expect(body.error).toBe('Model with name model is not ready.');
+          expect((body as { code?: string }).code).toBe('MODEL_NOT_READY');
           expect(body.progress).toBeTypeOf('object');
           states.add(body.state!);
         } else {
@@ -58,10 +70,8 @@ describe('boot', () => {
     }
     expect(states.has('warming')).toBe(true);
     expect(sawPredict503).toBe(true);
-    const warmLog = srv.logs.find((l) => l.msg === 'warm-up generation done');
-    expect(warmLog).toBeDefined();
-    const bootStates = srv.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('boot ')).map((l) => l.state);
-    expect(bootStates).toEqual(['loading', 'warming', 'ready']);
+    expect(srv.events('warmup-done')).toHaveLength(1);
+    expect(srv.events('state').map((l) => l.state)).toEqual(['loading', 'warming', 'ready']);
     const metrics = await (await fetch(`${srv.url}/metrics`)).text();
     expect(metrics).toMatch(/boot_phase_duration_seconds\{model_name="model",phase="warming"\} [0-9.]+/);
     expect(metrics).toMatch(/model_load_time_seconds\{model_name="model"\} [0-9.]+/);
@@ -70,8 +80,8 @@ describe('boot', () => {
   it('a missing model fails boot with the reason on the model endpoint, liveness still answers', async () => {
     const { dir, cleanup } = tempDir();
     try {
-      const srv = await start({ STORAGE_URI: path.join(dir, 'no-such-model') });
-      const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+      const srv = await startIn({ STORAGE_URI: path.join(dir, 'no-such-model') });
+      const failed = await srv.waitFor('state', (s) => s.state === 'failed');
       expect(String(failed.reason)).toMatch(/does not exist/);
       const m = await fetch(`${srv.url}/v1/models/model`);
       const body = (await m.json()) as { state: string; reason: string };
@@ -88,8 +98,8 @@ describe('boot', () => {
   it('a folder that is not an ONNX export fails boot with a clear reason', async () => {
     const { dir, cleanup } = tempDir();
     try {
-      const srv = await start({ STORAGE_URI: dir });
-      const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+      const srv = await startIn({ STORAGE_URI: dir });
+      const failed = await srv.waitFor('state', (s) => s.state === 'failed');
       expect(String(failed.reason)).toMatch(/not an ONNX diffusers export: missing text_encoder\/model\.onnx/);
     } finally {
       cleanup();
@@ -103,14 +113,14 @@ describe('boot', () => {
     expect(lines.map((l) => [l.level, l.msg])).toEqual([['info', 'execution provider cpu: CUDA is not available']]);
     expect(String(lines[0]!.reason)).toMatch(/no CUDA provider library \(libonnxruntime_providers_cuda\.so/);
     expect(srv.stderr.join('')).not.toMatch(/Failed to load|providers_shared|onnxruntime/i);
-    expect(srv.logs.filter((l) => l.msg === 'onnx session created').every((l) => l.provider === 'cpu')).toBe(true);
+    expect(srv.events('session').map((l) => [l.component, l.provider]).sort()).toEqual([['text_encoder', 'cpu'], ['unet', 'cpu'], ['vae_decoder', 'cpu'], ['vae_encoder', 'cpu']]);
     const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'cpu', num_inference_steps: 2, height: 64, width: 64 }] });
     expect(r.status).toBe(200);
   });
 
   it('under EXECUTION_PROVIDER=cuda without CUDA, fails boot and says why', async () => {
-    const srv = await start({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda' });
-    const failed = await srv.waitForLog((l) => typeof l.msg === 'string' && l.msg.startsWith('boot failed'));
+    const srv = await startIn({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda' });
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed');
     expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start/);
   });
 
@@ -164,7 +174,7 @@ describe('SIGTERM', () => {
     expect(finished).toBe(false);
     const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
     srv.proc.kill('SIGTERM');
-    await srv.waitForLog((l) => l.msg === 'shutting down: draining in-flight requests');
+    await srv.waitFor('draining');
     const ready = await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n');
     expect(ready.status).toBe(503);
     const body = '{"instances":[{"prompt":"late"}]}';
@@ -176,7 +186,7 @@ describe('SIGTERM', () => {
     expect(r.status).toBe(200);
     sock.destroy();
     expect(await exit).toBe(0);
-    expect(srv.logs.find((l) => l.msg === 'boot stopping')).toBeDefined();
-    expect(srv.logs.find((l) => l.msg === 'shut down')?.drained).toBe(true);
+    expect(srv.events('state').map((l) => l.state)).toContain('stopping');
+    expect(srv.events('shut-down').map((l) => l.drained)).toEqual([true]);
   });
 });

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
-import { startServer, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
@@ -79,7 +79,7 @@ describe('template probes against the real server', () => {
           try {
             const l = JSON.parse(line) as Obj;
             logs.push(l);
-            if (l.msg === 'listening') {
+            if (l.event === 'listening') {
               clearTimeout(timer);
               resolve(Number(l.port));
             }
@@ -148,10 +148,10 @@ describe('template probes against the real server', () => {
 
 describe('one model name for a local user (npm start, make run-local, make test-v1)', () => {
   const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
-  let srv: ServerHandle;
+  let srv: RuntimeHandle;
   let input = '';
   beforeAll(async () => {
-    srv = await startServer({ STORAGE_URI: undefined, MODEL_NAME: undefined, WARMUP_STEPS: '1' }, { ready: true });
+    srv = await startRuntime({ STORAGE_URI: undefined, MODEL_NAME: undefined, WARMUP_STEPS: '1' }, { ready: true });
     input = path.join(mkdtempSync(path.join(os.tmpdir(), 'deploy-v1-')), 'small.json');
     writeFileSync(input, JSON.stringify({ instances: [{ prompt: 'a photo of a dog', num_inference_steps: 2, height: 64, width: 64 }] }));
   });
@@ -164,21 +164,31 @@ describe('one model name for a local user (npm start, make run-local, make test-
     delete e.MODEL_NAME;
     return e;
   };
+  /** A client of the runtime served in this process: asynchronous, since spawnSync would stop the loop that answers it. */
+  const client = (cmd: string, args: string[], opts: { cwd?: string } = {}) =>
+    new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
+      const p = spawn(cmd, args, { ...opts, env: env(), stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      p.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
+      p.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+      p.once('close', (status) => resolve({ status, stdout, stderr }));
+    });
 
   it.skipIf(!has('make'))('make run-local serves "model" like npm start; MODEL_NAME= on the command line still wins', () => {
     expect(spawnSync('make', ['-n', 'run-local'], { cwd: ROOT, encoding: 'utf8', env: env() }).stdout).toMatch(/PORT=8080 MODEL_NAME=model +npm start/);
     expect(spawnSync('make', ['-n', 'run-local', 'MODEL_NAME=sdxl'], { cwd: ROOT, encoding: 'utf8', env: env() }).stdout).toMatch(/MODEL_NAME=sdxl +npm start/);
   });
 
-  it.skipIf(!has('make') || !has('curl'))("make test-v1 URL=<a local server> (Make's own hint) passes against npm start's server", () => {
-    const r = spawnSync('make', ['-s', 'test-v1', `URL=${srv.url}`], { cwd: ROOT, encoding: 'utf8', env: env() });
+  it.skipIf(!has('make') || !has('curl'))("make test-v1 URL=<a local server> (Make's own hint) passes against npm start's server", async () => {
+    const r = await client('make', ['-s', 'test-v1', `URL=${srv.url}`], { cwd: ROOT });
     expect(r.status, r.stdout + r.stderr).toBe(0);
     expect(r.stdout).toContain(`model: model (the one model ${srv.url} serves)`);
     expect(r.stdout).toMatch(/OK: PNG 64x64/);
   });
 
-  it.skipIf(!has('curl'))('test-v1.sh names the models the server serves when it gets a 404', () => {
-    const r = spawnSync('bash', [path.join(ROOT, 'scripts/test-v1.sh'), srv.url, 'stable-diffusion'], { encoding: 'utf8', env: env() });
+  it.skipIf(!has('curl'))('test-v1.sh names the models the server serves when it gets a 404', async () => {
+    const r = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), srv.url, 'stable-diffusion']);
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/FAIL: HTTP 404 .*unknown model name 'stable-diffusion'; this server serves: model; list them: curl /);
   });

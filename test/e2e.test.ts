@@ -1,6 +1,6 @@
 /**
  * End-to-end parity with diffusers: every case under E2E_REFERENCE_DIR/cases is generated through the
- * real server from a copy of E2E_REFERENCE_DIR/model whose scheduler config is the case's, and must
+ * runtime (in-process, over HTTP) from a copy of E2E_REFERENCE_DIR/model whose scheduler config is the case's, and must
  * equal the image diffusers made, up to off-by-one on under 1% of the values.
  */
 import { cpSync, existsSync, readdirSync } from 'node:fs';
@@ -8,14 +8,15 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, describe, expect, it } from 'vitest';
 import { caseRequest, pixelDiff, readCase, writeCaseScheduler } from '../scripts/e2e-case.js';
-import { REFERENCE, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { startRuntime } from './helpers/runtime.js';
+import { REFERENCE, postJson, startServer, tempDir } from './helpers/server.js';
 
 const E2E = path.resolve(process.env.E2E_REFERENCE_DIR ?? path.join(REFERENCE(), 'e2e'));
 const casesDir = path.join(E2E, 'cases');
 const cases = existsSync(casesDir) ? readdirSync(casesDir).filter((d) => existsSync(path.join(casesDir, d, 'case.json'))).sort() : [];
 
 const cleanups: Array<() => void> = [];
-const servers: ServerHandle[] = [];
+const servers: Array<{ stop(): Promise<unknown> }> = [];
 afterAll(async () => {
   for (const s of servers) await s.stop();
   for (const c of cleanups) c();
@@ -33,7 +34,7 @@ describe('diffusers end-to-end reference', () => {
     const model = path.join(dir, 'model');
     cpSync(path.join(E2E, 'model'), model, { recursive: true });
     writeCaseScheduler(model, c);
-    const srv = await startServer({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, 'cache'), WARMUP_STEPS: '1' }, { ready: true });
+    const srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, 'cache'), WARMUP_STEPS: '1' }, { ready: true });
     servers.push(srv);
     const r = await postJson(`${srv.url}/v1/models/model:predict`, caseRequest(c));
     expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
@@ -49,6 +50,7 @@ describe('diffusers end-to-end reference', () => {
 });
 
 describe('determinism without PyTorch', () => {
+  // Two processes of their own: nothing a process carries (its module state, its thread pool) may change the bytes.
   it('a fixed-seed generation on the demo model is byte-identical across runs and processes', async () => {
     const body = { instances: [{ prompt: 'a lighthouse at dusk', seed: 424242, num_inference_steps: 12, height: 192, width: 256, scheduler: 'euler_a' }] };
     const images: string[] = [];

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
+import { httpStatus, type RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
@@ -46,7 +47,8 @@ function spawned(w: ScriptedWorker): SpawnedWorker {
 
 const request = (prompt: string): GenerationRequest => ({
   shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-  items: [{ prompt, negativePrompt: undefined, seed: 1, seedWasGiven: true, numImages: 1 }],
+  items: [{ prompt, negativePrompt: undefined, seed: 1, numImages: 1 }],
+  seedsGiven: true,
   output: { format: 'png', quality: undefined, uri: undefined },
   previewEvery: 0,
 });
@@ -124,6 +126,110 @@ describe('engine', () => {
     w.emit('exit', 1);
     expect(await Promise.all(results)).toEqual([0, 1].map(() => expect.stringMatching(/^the generation failed: the pipeline worker running it stopped/)));
     await engine.close(); // before the replacement worker the engine starts would load anything
+  });
+});
+
+describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
+  const shaped = (prompt: string, over: Partial<GenerationRequest['shape']> = {}, numImages = 1): GenerationRequest => {
+    const r = request(prompt);
+    return { ...r, shape: { ...r.shape, ...over }, items: [{ ...r.items[0]!, numImages }] };
+  };
+  const batches = (w: ScriptedWorker) => w.generations().map((g) => g.job.items.map((i) => `${i.prompt}×${i.numImages}`));
+  const seeded = (seed: number) => ({ ...image, seed });
+  /** Polls (bounded) until the engine has sent `n` generations: the batch window's timer is the engine's own. */
+  const sent = async (w: ScriptedWorker, n: number) => {
+    for (let i = 0; i < 1000 && w.generations().length < n; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(w.generations()).toHaveLength(n);
+  };
+
+  it('holds a lone request for its window, then sends it with the compatible one that arrives: one job, results split back', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const a = engine.submit(request('a'));
+    await tick();
+    expect(w.generations()).toHaveLength(0); // waiting for company, well inside its window
+    const b = engine.submit(request('b'));
+    await tick();
+    // Full at two images: sent at once, without waiting out the window.
+    expect(batches(w)).toEqual([['a×1', 'b×1']]);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(11), seeded(22)], times });
+    const [ra, rb] = await Promise.all([a, b]);
+    expect([ra.images.map((i) => i.seed), ra.batchSize]).toEqual([[11], 2]);
+    expect([rb.images.map((i) => i.seed), rb.batchSize]).toEqual([[22], 2]);
+    await engine.close();
+  });
+
+  it('sends a partial batch when its window ends', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '30' });
+    const a = engine.submit(request('a'));
+    await sent(w, 1);
+    expect(batches(w)).toEqual([['a×1']]);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(5)], times });
+    expect((await a).images.map((i) => i.seed)).toEqual([5]);
+    await engine.close();
+  });
+
+  it('batches only requests of one shape and output, counting images (not requests) against MAX_BATCH_SIZE', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '3', BATCH_WINDOW_MS: '30' });
+    const results = [
+      engine.submit(shaped('a', {}, 2)),
+      engine.submit(shaped('big', { width: 128 })),
+      engine.submit(shaped('two', {}, 2)), // 2 + 2 > 3: waits for the next batch
+      engine.submit({ ...shaped('jpeg'), output: { format: 'jpeg', quality: undefined, uri: undefined } }),
+      engine.submit(shaped('c')), // fills the first batch: 2 + 1 = 3
+    ];
+    await tick();
+    expect(batches(w)).toEqual([['a×2', 'c×1']]);
+    // The worker takes the next batch while this one decodes: the oldest request left, alone in its shape.
+    w.reply({ t: 'denoised', id: w.generations()[0]!.id });
+    await sent(w, 2);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(1), seeded(2), seeded(3)], times });
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(4)], times });
+    await sent(w, 3);
+    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(5), seeded(6)], times });
+    await sent(w, 4);
+    w.reply({ t: 'result', id: w.generations()[3]!.id, images: [seeded(7)], times });
+    const seeds = (await Promise.all(results)).map((r) => r.images.map((i) => i.seed));
+    expect(batches(w)).toEqual([['a×2', 'c×1'], ['big×1'], ['two×2'], ['jpeg×1']]);
+    expect(seeds).toEqual([[1, 2], [4], [5, 6], [7], [3]]);
+    expect(w.generations()[1]!.job.shape.width).toBe(128);
+    await engine.close();
+  });
+
+  it('stops a batch only when all its clients have left; one that stays gets its image', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const goneA = new AbortController();
+    const goneB = new AbortController();
+    const a = engine.submit(request('a'), { signal: goneA.signal }).then((r) => r.images.length, (e: Error) => e.message);
+    const b = engine.submit(request('b'), { signal: goneB.signal }).then((r) => r.images.length, (e: Error) => e.message);
+    const c = engine.submit(request('c')).then((r) => r.images.map((i) => i.seed), (e: Error) => e.message);
+    const d = engine.submit(request('d'));
+    await tick();
+    expect(batches(w)).toEqual([['a×1', 'b×1']]);
+    goneA.abort();
+    expect(await a).toBe('the request was abandoned while generating');
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([]); // b still waits for it
+    goneB.abort();
+    expect(await b).toBe('the request was abandoned while generating');
+    const first = w.generations()[0]!.id;
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id: first }]);
+    w.reply({ t: 'error', id: first, code: 'CANCELLED', message: 'generation cancelled' });
+    await tick();
+    // The next batch: c stays, d is a plain request; a worker error fails the whole batch, a result serves it.
+    expect(batches(w)).toEqual([['a×1', 'b×1'], ['c×1', 'd×1']]);
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(8), seeded(9)], times });
+    expect(await c).toEqual([8]);
+    expect((await d).images.map((i) => i.seed)).toEqual([9]);
+    await engine.idle();
+    await engine.close();
+  });
+
+  it('a worker error fails every request of the batch with its code', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const results = ['a', 'b'].map((p) => engine.submit(request(p)).then(() => 'ok', (e: RuntimeError) => [e.code, e.message]));
+    await tick();
+    w.reply({ t: 'error', id: w.generations()[0]!.id, code: 'INVALID_INPUT', message: 'bad latents' });
+    expect(await Promise.all(results)).toEqual([['INVALID_INPUT', 'bad latents'], ['INVALID_INPUT', 'bad latents']]);
+    await engine.close();
   });
 });
 
@@ -239,7 +345,7 @@ describe('engine with LoRA adapter sets', () => {
     const { engine, w } = await loadedEngine();
     await expect(engine.submit(withLoras('a', [{ name: 'nope', scale: 1 }, { name: 'style-x', scale: 1 }]))).rejects.toThrow(/unknown LoRA adapter "nope": not found in the model's loras\/ folder; the model has style-x, style-y/);
     expect(w.sent.filter((m) => m.t === 'adapters')).toEqual([]);
-    const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeErrorLike) => [e.status, e.message]);
+    const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeError) => [httpStatus(e.code), e.message]);
     await tick();
     await tick();
     w.reply({ t: 'adapters-failed', key: 'style-x:1', code: 'INVALID_INPUT', message: 'adapter "style-x" has keys that match nothing in this model: unet.foo' });
@@ -271,4 +377,3 @@ describe('engine with LoRA adapter sets', () => {
   });
 });
 
-type RuntimeErrorLike = Error & { status: number };

@@ -12,7 +12,8 @@ import { checkCuda } from '../src/pipeline/cuda.js';
 import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, readExportManifest } from '../src/pipeline/export-info.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { fixtureModel } from './fixtures/index.js';
-import { startServer, tempDir } from './helpers/server.js';
+import { startRuntime } from './helpers/runtime.js';
+import { tempDir } from './helpers/server.js';
 
 const { onnx } = onnxProto;
 const scratch = tempDir('dr-export-kind-');
@@ -85,9 +86,9 @@ describe('export kind', () => {
     const fused = path.join(scratch.dir, 'fused-boot');
     cpSync(await fixtureModel(), fused, { recursive: true });
     writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('fused', { NhwcConv: 97, GroupNorm: 16 }));
-    const s = await startServer({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'auto', MODEL_CACHE_DIR: path.join(scratch.dir, 'c1') });
+    const s = await startRuntime({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'auto', MODEL_CACHE_DIR: path.join(scratch.dir, 'c1') });
     try {
-      const failed = await s.waitForLog((l) => l.msg?.startsWith('boot failed') === true);
+      const failed = await s.waitFor('state', (st) => st.state === 'failed');
       expect(failed.reason).toMatch(/^unet is fused for CUDA \(onnx_export\.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider\) but this process runs on the CPU provider; serve it on a GPU node/);
       expect(s.logs.filter((l) => l.level === 'error')).toHaveLength(1);
       const r = await fetch(`${s.url}/v1/models/model`);
@@ -97,7 +98,7 @@ describe('export kind', () => {
       await s.stop();
     }
     writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('plain', {}));
-    const ok = await startServer({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'cpu', MODEL_CACHE_DIR: path.join(scratch.dir, 'c2') }, { ready: true });
+    const ok = await startRuntime({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'cpu', MODEL_CACHE_DIR: path.join(scratch.dir, 'c2') }, { ready: true });
     await ok.stop();
   });
 });

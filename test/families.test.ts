@@ -6,7 +6,8 @@
 import { describe, expect, it } from 'vitest';
 import { readLayout } from '../src/pipeline/model.js';
 import { SessionFactory, type OnnxSession } from '../src/pipeline/onnx.js';
-import { Pipeline, type Job, type Sessions } from '../src/pipeline/pipeline.js';
+import type { Job } from '../src/pipeline/job.js';
+import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { fixtureModel, type DemoOptions } from './fixtures/index.js';
 

@@ -1,7 +1,7 @@
 /**
  * What a careless or unusual client does to the HTTP server, over raw sockets: pipelined requests, malformed heads,
- * huge declared bodies, a second server on the same port, amplifying bodies, AUTOMATIC1111 field names, and what
- * the process leaves in $HOME and the temp folder.
+ * huge declared bodies, amplifying bodies, AUTOMATIC1111 field names (the runtime in-process), and, with a process of
+ * its own, a second server on the same port and what the process leaves in $HOME and the temp folder.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
@@ -10,7 +10,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
-import { ENTRY, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { ENTRY, postJson, startServer, tempDir } from './helpers/server.js';
 
 interface RawResponse {
   status: number;
@@ -70,9 +71,9 @@ const post = (p: string, body: string, extra = '') =>
   `POST ${p} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n${extra}\r\n${body}`;
 const tiny = (seed: number) => JSON.stringify({ instances: [{ prompt: `pipelined ${seed}`, num_inference_steps: 1, height: 64, width: 64, seed }] });
 
-let srv: ServerHandle;
+let srv: RuntimeHandle;
 beforeAll(async () => {
-  srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '64' }, { ready: true });
+  srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '64' }, { ready: true });
 });
 afterAll(async () => {
   await srv?.stop();
@@ -105,19 +106,21 @@ describe('pipelined requests on one keep-alive connection', () => {
 });
 
 describe('malformed or oversize requests are answered at once', () => {
-  const cases: Array<[string, string, number, RegExp]> = [
-    ['a garbage request line', 'HELLO WORLD\r\n\r\n', 400, /malformed HTTP request/],
-    ['a NUL in a header value', 'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n', 400, /malformed HTTP request/],
-    ['HTTP/1.1 without Host', 'GET / HTTP/1.1\r\n\r\n', 400, /an HTTP\/1\.1 request needs a Host header/],
-    ['2,000 header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 2000 }, (_, i) => `X-Header-${i}: value\r\n`).join('')}\r\n`, 431, /larger than 16384 bytes/],
-    ['150 short header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 150 }, (_, i) => `h${i}: v\r\n`).join('')}\r\n`, 431, /too many header fields \(at most 100\)/],
-    ['Content-Length: 99999999999', 'POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{"instances"', 413, /99999999999 bytes exceeds the limit of 1048576 bytes/],
-    ['Content-Length: 99999999999 for an unknown model', 'POST /v1/models/nope:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{', 404, /does not exist/],
+  // Every error body carries its code, the raw answers given before a route runs included.
+  const cases: Array<[string, string, number, RegExp, string]> = [
+    ['a garbage request line', 'HELLO WORLD\r\n\r\n', 400, /malformed HTTP request/, 'INVALID_INPUT'],
+    ['a NUL in a header value', 'GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n', 400, /malformed HTTP request/, 'INVALID_INPUT'],
+    ['HTTP/1.1 without Host', 'GET / HTTP/1.1\r\n\r\n', 400, /an HTTP\/1\.1 request needs a Host header/, 'INVALID_INPUT'],
+    ['2,000 header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 2000 }, (_, i) => `X-Header-${i}: value\r\n`).join('')}\r\n`, 431, /larger than 16384 bytes/, 'HEADERS_TOO_LARGE'],
+    ['150 short header fields', `GET / HTTP/1.1\r\nHost: x\r\n${Array.from({ length: 150 }, (_, i) => `h${i}: v\r\n`).join('')}\r\n`, 431, /too many header fields \(at most 100\)/, 'HEADERS_TOO_LARGE'],
+    ['Content-Length: 99999999999', 'POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{"instances"', 413, /99999999999 bytes exceeds the limit of 1048576 bytes/, 'BODY_TOO_LARGE'],
+    ['Content-Length: 99999999999 for an unknown model', 'POST /v1/models/nope:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{', 404, /does not exist/, 'MODEL_NOT_FOUND'],
   ];
-  it.each(cases)('%s', async (_name, payload, status, msg) => {
+  it.each(cases)('%s', async (_name, payload, status, msg, code) => {
     const { responses, closed, ms } = await raw(srv.port, payload, { idleMs: 15_000 });
     expect(responses.map((r) => r.status)).toEqual([status]);
     expect(String(jsonOf(responses[0]!).error)).toMatch(msg);
+    expect(jsonOf(responses[0]!).code).toBe(code);
     // Answered and closed by the server, not by the client's idle timer.
     expect(closed).toBe(true);
     expect(ms).toBeLessThan(10_000);
@@ -205,7 +208,6 @@ describe('error amplification', () => {
     expect(rs.every((r) => r.status === 400 && JSON.stringify(r.json).length < 200)).toBe(true);
     pings.sort((a, b) => a - b);
     console.log(`liveness during 20 refused 1 MB bodies: ${pings.length} probes, p50 ${pings[Math.floor(pings.length / 2)]!.toFixed(1)} ms, max ${pings.at(-1)!.toFixed(1)} ms`);
-    expect(pings.length).toBeGreaterThan(0);
   });
 });
 

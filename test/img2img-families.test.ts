@@ -5,10 +5,10 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { DEMO_FAMILIES } from '../src/demo/index.js';
-import type { ImageInit } from '../src/pipeline/img2img.js';
 import { readLayout, type Component } from '../src/pipeline/model.js';
 import { SessionFactory, type ModelSession } from '../src/pipeline/onnx.js';
-import { Pipeline, type Job, type Sessions } from '../src/pipeline/pipeline.js';
+import type { ImageInit, Job } from '../src/pipeline/job.js';
+import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import { fixtureModel } from './fixtures/index.js';
 
 const W = 64;

@@ -1,5 +1,5 @@
 /**
- * Image-to-image and inpainting parity with diffusers, through the real server: every case of img2img/cases (made by
+ * Image-to-image and inpainting parity with diffusers, through the runtime (in-process, over HTTP): every case of img2img/cases (made by
  * diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline, scripts/make-img2img-reference.py) is
  * asked for over V1 from the model it was made with, and each image must equal diffusers' up to off-by-one on under
  * 1% of the values (the text-to-image bound of e2e.test.ts).
@@ -9,17 +9,18 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { pixelDiff } from '../scripts/e2e-case.js';
 import { assembleModel, img2imgInstance, readImg2imgCases, type Img2imgCase } from '../scripts/img2img-case.js';
-import { REFERENCE, postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { REFERENCE, postJson, tempDir } from './helpers/server.js';
 
 const ref = REFERENCE();
 const cases = readImg2imgCases(ref);
-const servers: Partial<Record<Img2imgCase['model'], ServerHandle>> = {};
+const servers: Partial<Record<Img2imgCase['model'], RuntimeHandle>> = {};
 const { dir, cleanup } = tempDir('dr-img2img-');
 
 beforeAll(async () => {
   await Promise.all((['sd', 'inpaint'] as const).map(async (m) => {
     const model = assembleModel(ref, m, path.join(dir, m));
-    servers[m] = await startServer({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, `cache-${m}`), WARMUP_STEPS: '1', MAX_BODY_BYTES: String(4 << 20) }, { ready: true });
+    servers[m] = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, `cache-${m}`), WARMUP_STEPS: '1', MAX_BODY_BYTES: String(4 << 20) }, { ready: true });
   }));
 });
 afterAll(async () => {
@@ -46,8 +47,8 @@ describe('image-to-image and inpainting match diffusers', () => {
   it.each(cases.map((c) => [c.id, c] as const))('%s', async (id, c) => {
     const srv = servers[c.model]!;
     const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [img2imgInstance(ref, c)] });
-    if (r.status !== 200) console.log(srv.logs.filter((l) => l.msg === "generation failed").slice(-3));
-    expect(r.status, JSON.stringify(r.json).slice(0, 400)).toBe(200);
+    const errors = () => srv.logs.filter((l) => l.level === 'error').slice(-3).map((l) => JSON.stringify(l)).join('\n');
+    expect(r.status, `${JSON.stringify(r.json).slice(0, 400)}\n${errors()}`).toBe(200);
     const preds = r.json.predictions as Array<{ image: { b64: string }; seed: number; width: number; height: number }>;
     expect(preds.length).toBe(c.output.length);
     for (const [k, p] of preds.entries()) {

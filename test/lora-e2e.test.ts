@@ -8,8 +8,10 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { buildDemoModel } from '../src/demo/build.js';
-import { parseSafetensors, readFloats, writeSafetensors } from '../src/pipeline/lora-safetensors.js';
-import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { writeSafetensors } from '../src/demo/safetensors.js';
+import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson, tempDir } from './helpers/server.js';
 
 const RANK = 4;
 /** The adapters and scales the test applies, in name order (the runtime's merge order too). */
@@ -80,7 +82,7 @@ function mergeInto(values: Float32Array, dims: readonly number[], terms: Term[])
   }
 }
 
-async function imageOf(s: ServerHandle, extra: Record<string, unknown> = {}): Promise<{ status: number; b64?: string; error?: string }> {
+async function imageOf(s: Pick<RuntimeHandle, 'url'>, extra: Record<string, unknown> = {}): Promise<{ status: number; b64?: string; error?: string }> {
   const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red fox in the snow', seed: 7, num_inference_steps: 3, height: 64, width: 64, ...extra }] });
   const p = (r.json.predictions as Array<{ image: { b64: string } }> | undefined)?.[0];
   return { status: r.status, ...(p ? { b64: p.image.b64 } : {}), ...(typeof r.json.error === 'string' ? { error: r.json.error } : {}) };
@@ -88,8 +90,8 @@ async function imageOf(s: ServerHandle, extra: Record<string, unknown> = {}): Pr
 
 describe('LoRA adapters on the demo model', () => {
   const tmp = tempDir('lora-e2e-');
-  let base: ServerHandle;
-  let merged: ServerHandle;
+  let base: RuntimeHandle;
+  let merged: RuntimeHandle;
   const baseDir = path.join(tmp.dir, 'base');
   const mergedDir = path.join(tmp.dir, 'merged');
 
@@ -121,8 +123,8 @@ describe('LoRA adapters on the demo model', () => {
     await writeFile(path.join(baseDir, 'loras', 'not-safetensors.safetensors'), 'hello');
     const env = { EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', MAX_LORAS: '3', RESULT_CACHE_MB: '0' };
     [base, merged] = await Promise.all([
-      startServer({ ...env, STORAGE_URI: baseDir }, { ready: true }),
-      startServer({ ...env, STORAGE_URI: mergedDir }, { ready: true }),
+      startRuntime({ ...env, STORAGE_URI: baseDir }, { ready: true }),
+      startRuntime({ ...env, STORAGE_URI: mergedDir }, { ready: true }),
     ]);
   }, 240_000);
 
@@ -143,7 +145,7 @@ describe('LoRA adapters on the demo model', () => {
     expect(reversed.b64).toBe(want.b64);
     // The base model is untouched by the set beside it.
     expect((await imageOf(base)).b64).toBe(plain.b64);
-    const ready = base.logs.filter((l) => l.msg === 'LoRA adapter set ready');
+    const ready = base.all('adapters-ready');
     expect(ready).toHaveLength(1); // the second order reused the set
     expect(ready[0]!.components).toEqual(expect.arrayContaining(['unet', 'text_encoder']));
     expect(ready[0]!.formats).toEqual({ 'demo-kohya': 'kohya', 'demo-style': 'diffusers' });

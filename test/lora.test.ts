@@ -7,8 +7,10 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { parseAdapter, resolveAdapters, mergeDelta, sgmCandidates, type LoraComponent } from '../src/pipeline/lora-keys.js';
-import { checkLoraMap, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
-import { parseSafetensors, readFloats, writeSafetensors } from '../src/pipeline/lora-safetensors.js';
+import * as demoBuild from '../src/demo/build.js';
+import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
+import { writeSafetensors } from '../src/demo/safetensors.js';
+import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
 import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
 
 const FIX = path.join(import.meta.dirname, 'fixtures', 'lora');
@@ -171,6 +173,10 @@ describe('lora_map views', () => {
   it('refuses a malformed map by name', () => {
     expect(() => checkLoraMap({ format: 1, weights: { w: { initializer: 'x', shape: [2, 2], view: { shape: [3], strides: [1], offset: 0 } } } }, 'unet')).toThrow(/unet\/lora_map.json: weight "w" has a malformed entry/);
     expect(() => checkLoraMap({ format: 9, weights: {} }, 'unet')).toThrow(/format 9 is not 1/);
+  });
+
+  it('the demo model writes the file name and format version the pipeline reads (the two layers share no module)', () => {
+    expect([demoBuild.LORA_MAP_FILE, demoBuild.LORA_MAP_FORMAT]).toEqual([LORA_MAP_FILE, LORA_MAP_FORMAT]);
   });
 });
 

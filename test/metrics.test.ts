@@ -4,7 +4,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
 import { createResultCache } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
-import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson } from './helpers/server.js';
 
 interface Family {
   help?: string;
@@ -74,10 +75,10 @@ export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
   websocket_messages_dropped_total: { type: 'counter', labels: ['model_name'] },
 };
 
-describe('/metrics on the real server', () => {
-  let srv: ServerHandle;
+describe('/metrics over a real socket', () => {
+  let srv: RuntimeHandle;
   beforeAll(async () => {
-    srv = await startServer({ STORAGE_URI: undefined }, { ready: true });
+    srv = await startRuntime({ STORAGE_URI: undefined }, { ready: true });
   });
   afterAll(async () => void (await srv?.stop()));
 
@@ -150,7 +151,8 @@ describe('GPU metrics (nvidia-smi)', () => {
 describe('result cache (unit)', () => {
   const req = (seed: number | undefined, prompt = 'p', format: 'png' | 'webp' = 'png'): GenerationRequest => ({
     shape: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-    items: [{ prompt, negativePrompt: undefined, seed: seed ?? 0, seedWasGiven: seed !== undefined, numImages: 1 }],
+    items: [{ prompt, negativePrompt: undefined, seed: seed ?? 0, numImages: 1 }],
+    seedsGiven: seed !== undefined,
     output: { format, quality: undefined, uri: undefined },
     previewEvery: 0,
   });

@@ -3,11 +3,12 @@
  * up before ready, requests spread over them, and each serves the same pixels for the same request.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson } from './helpers/server.js';
 
-let srv: ServerHandle;
+let srv: RuntimeHandle;
 beforeAll(async () => {
-  srv = await startServer({ WORKERS: '2', MAX_BATCH_SIZE: '1', RESULT_CACHE_MB: '0', EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1' }, { ready: true });
+  srv = await startRuntime({ WORKERS: '2', MAX_BATCH_SIZE: '1', RESULT_CACHE_MB: '0', EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1' }, { ready: true });
 }, 120_000);
 afterAll(async () => {
   await srv?.stop();
@@ -20,10 +21,9 @@ const perWorker = async (): Promise<Record<string, number>> => {
 
 describe('several workers', () => {
   it('each worker ran its own warm-up before ready', () => {
-    const warm = srv.logs.filter((l) => l.msg === 'warm-up generation done').map((l) => l.worker).sort();
-    expect(warm).toEqual([0, 1]);
-    const ready = srv.logs.findIndex((l) => l.msg === 'model ready');
-    expect(srv.logs.findLastIndex((l) => l.msg === 'warm-up generation done')).toBeLessThan(ready);
+    const order = srv.events.filter((e) => e.name === 'warmup-done' || e.name === 'ready');
+    expect(order.map((e) => e.name)).toEqual(['warmup-done', 'warmup-done', 'ready']);
+    expect(srv.all('warmup-done').map((w) => w.worker).sort()).toEqual([0, 1]);
   });
 
   it('concurrent requests go to both workers, and the same request gives the same pixels on either', async () => {

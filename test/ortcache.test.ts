@@ -8,12 +8,16 @@ import path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sessionOptions } from '../src/pipeline/onnx.js';
-import { createWithOptimizedCache, optimizedPaths, removeWriterTemps, worthKeeping, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
-import { MANIFEST } from '../src/storage/cache.js';
+import { createWithOptimizedCache, optimizedPaths, type OptimizedCacheMode, removeWriterTemps, worthKeeping, writeOptimizedCopy } from '../src/pipeline/ortcache.js';
+import { ENTRY_MARKERS, MANIFEST } from '../src/storage/cache.js';
 import { fixtureModel } from './fixtures/index.js';
 import { REFERENCE, tempDir } from './helpers/server.js';
 
 const OPTS = sessionOptions('cpu', { intraOpThreads: 1 });
+/** The policies the runtime passes: its cache entries are marked by the fetch engine's manifest or journal. */
+const policy = (mode: OptimizedCacheMode) => ({ mode, entryMarkers: ENTRY_MARKERS });
+const AUTO = policy('auto');
+const ALWAYS = policy('always');
 const VERSION = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
 let scratch: { dir: string; cleanup: () => void };
 let source: string;
@@ -48,7 +52,7 @@ async function unetOut(s: ort.InferenceSession): Promise<Float32Array> {
 async function expectDeferredOnceSourceChanges(model: string): Promise<void> {
   const later = new Date(Date.now() + 60_000);
   await utimes(path.join(path.dirname(model), 'model.onnx_data'), later, later);
-  const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+  const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
   expect(r.cache).toBe('deferred');
   await r.session.release();
 }
@@ -58,7 +62,7 @@ const optFiles = async (model: string) => (await readdir(path.dirname(model))).f
 describe('optimized-model cache', () => {
   it('defers the write at start, writes in the background, then serves later starts from the copy', async () => {
     const model = await entry('cycle');
-    const first = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const first = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(first.cache).toBe('deferred');
     // The start itself writes nothing.
     expect(await optFiles(model)).toEqual([]);
@@ -66,7 +70,7 @@ describe('optimized-model cache', () => {
     await first.session.release();
 
     const logs: string[] = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg) => logs.push(msg), 'always')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg) => logs.push(msg), ALWAYS)).toBe('written');
     expect(logs).toContain('optimized model cached for the next start');
     const files = await optFiles(model);
     const p = optimizedPaths(model, VERSION, 'cpu');
@@ -75,18 +79,18 @@ describe('optimized-model cache', () => {
     expect(files.some((f) => f.endsWith('.onnx_data'))).toBe(true);
     expect(files.some((f) => f.includes('.tmp-'))).toBe(false);
 
-    const second = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const second = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(second.cache).toBe('hit');
     expect(Buffer.from((await unetOut(second.session)).buffer).equals(Buffer.from(want.buffer))).toBe(true);
     await second.session.release();
     // Nothing more to write once the copy is there.
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('hit');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, AUTO)).toBe('hit');
   });
 
   it('a changed source invalidates the copy', async () => {
     const model = await entry('changed');
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('written');
-    const before = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, ALWAYS)).toBe('written');
+    const before = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(before.cache).toBe('hit');
     await before.session.release();
     await expectDeferredOnceSourceChanges(model);
@@ -94,11 +98,11 @@ describe('optimized-model cache', () => {
 
   it('a broken copy falls back to the source and drops its key', async () => {
     const model = await entry('broken');
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, ALWAYS)).toBe('written');
     const p = optimizedPaths(model, VERSION, 'cpu');
     await writeFile(p.onnx, 'not a protobuf');
     const warns: string[] = [];
-    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, (_l, msg) => warns.push(msg), 'auto');
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, (_l, msg) => warns.push(msg), AUTO);
     expect(r.cache).toBe('failed');
     expect(warns[0]).toMatch(/optimized model cache unusable/);
     expect(await optFiles(model)).not.toContain(path.basename(p.key));
@@ -108,7 +112,7 @@ describe('optimized-model cache', () => {
   it('a killed writer leaves nothing half-written, and a copy it committed stays', async () => {
     const model = await entry('killed');
     const announced: string[] = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always', (paths) => announced.push(...paths))).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, ALWAYS, (paths) => announced.push(...paths))).toBe('written');
     // As if a second write had started and been killed: its temp graph and weights exist, nothing refers to them.
     const dir = path.dirname(model);
     const orphans = [path.join(dir, 'model.x.cpu.opt.onnx.tmp-99-ab'), path.join(dir, 'model.x.cpu.opt.99-ab.onnx_data')];
@@ -118,7 +122,7 @@ describe('optimized-model cache', () => {
     expect(left.filter((f) => f.includes('99-ab'))).toEqual([]);
     // The committed copy (its weights among the announced files) still loads.
     expect(left.some((f) => announced.some((a) => a.endsWith(f) && f.endsWith('.onnx_data')))).toBe(true);
-    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(r.cache).toBe('hit');
     await r.session.release();
   });
@@ -128,15 +132,15 @@ describe('optimized-model cache', () => {
     await cp(path.join(source, 'unet'), outside, { recursive: true });
     const model = path.join(outside, 'model.onnx');
     for (const mode of ['auto', 'off'] as const) {
-      const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, mode);
+      const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, policy(mode));
       expect(r.cache, mode).toBe('skipped');
       await r.session.release();
-      expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, mode), mode).toBe('skipped');
+      expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, policy(mode)), mode).toBe('skipped');
     }
     const ro = await entry('read-only');
     await chmod(path.dirname(ro), 0o555);
     try {
-      const r = await createWithOptimizedCache(ort, ro, 'cpu', OPTS, undefined, 'auto');
+      const r = await createWithOptimizedCache(ort, ro, 'cpu', OPTS, undefined, AUTO);
       expect(r.cache).toBe('skipped');
       await r.session.release();
       expect(await optFiles(ro)).toEqual([]);
@@ -149,12 +153,12 @@ describe('optimized-model cache', () => {
   it('auto leaves CUDA sessions alone (slower there), always still caches them', async () => {
     // The provider argument names the cache and picks the policy; the session itself runs on CPU here.
     const model = await entry('cuda-label');
-    const auto = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, 'auto');
+    const auto = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, AUTO);
     expect(auto.cache).toBe('skipped');
     await auto.session.release();
-    expect(await writeOptimizedCopy(ort, model, 'cuda', OPTS, undefined, 'auto')).toBe('skipped');
+    expect(await writeOptimizedCopy(ort, model, 'cuda', OPTS, undefined, AUTO)).toBe('skipped');
     expect(await optFiles(model)).toEqual([]);
-    const always = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, 'always');
+    const always = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, ALWAYS);
     expect(always.cache).toBe('deferred');
     await always.session.release();
   });
@@ -173,7 +177,7 @@ describe('optimized-model cache', () => {
     // The demo UNet is a handful of nodes: its source builds in milliseconds, so a copy cannot save 20 ms.
     const model = await entry('declined');
     const logs: Array<[string, Record<string, unknown>]> = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), 'auto')).toBe('declined');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), AUTO)).toBe('declined');
     const [msg, obj] = logs.at(-1)!;
     expect(msg).toBe('optimized model not kept: it does not load faster than the source builds');
     expect(obj.sourceMs).toBeTypeOf('number');
@@ -190,13 +194,13 @@ describe('optimized-model cache', () => {
     await writeFile(orphan, 'left by a killed writer');
     const old = new Date(Date.now() - 3600_000);
     await utimes(orphan, old, old);
-    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(r.cache).toBe('declined');
     await r.session.release();
     await expect.poll(async () => (await optFiles(model)).includes(path.basename(orphan))).toBe(false);
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'auto')).toBe('declined');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, AUTO)).toBe('declined');
     // `always` does not time copies: the declined key is its answer too (the source has not changed).
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, 'always')).toBe('declined');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, ALWAYS)).toBe('declined');
 
     await expectDeferredOnceSourceChanges(model);
   });
@@ -205,10 +209,10 @@ describe('optimized-model cache', () => {
     // The tiny real SD 1.x export (reference e2e model): its UNet builds in ~145 ms from the source, ~85 ms from a copy.
     const model = await entry('real-unet', path.join(REFERENCE(), 'e2e', 'model'));
     const logs: Array<[string, Record<string, unknown>]> = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), 'auto')).toBe('written');
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), AUTO)).toBe('written');
     const obj = logs.find(([m]) => m === 'optimized model cached for the next start')![1];
     expect(Number(obj.copyMs)).toBeLessThan(Number(obj.sourceMs));
-    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, 'auto');
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(r.cache).toBe('hit');
     await r.session.release();
   });

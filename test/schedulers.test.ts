@@ -2,7 +2,8 @@ import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+import { createScheduler, SCHEDULER_NAMES, stepRange, stepRanges } from '../src/pipeline/schedulers/index.js';
+import { unknownSchedulerName } from '../src/pipeline/schedulers/names.js';
 import { referenceDir } from '../scripts/reference.js';
 
 /**
@@ -192,6 +193,40 @@ describe('createScheduler', () => {
   it('timestep spacings match numpy (trailing, linspace)', () => {
     expect(createScheduler({ ...modelConfig, timestep_spacing: 'trailing' }, 7, { name: 'ddim' }).timesteps).toEqual([999, 856, 713, 570, 428, 285, 142]);
     expect(createScheduler({ ...modelConfig, timestep_spacing: 'linspace' }, 7, { name: 'euler' }).timesteps).toEqual([999, 832.5, 666, 499.5, 333, 166.5, 0]);
+  });
+
+  it('stepRange gives exactly the step counts createScheduler accepts, for every name, without building one', () => {
+    const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
+    const configs = [modelConfig, noSkip, { ...modelConfig, num_train_timesteps: 30 }, { _class_name: 'LCMScheduler', original_inference_steps: 12 }];
+    for (const config of configs) {
+      const own = typeof config._class_name === 'string' && Object.hasOwn(SCHEDULER_NAMES, config._class_name) ? [undefined] : [];
+      for (const name of [...own, ...Object.keys(SCHEDULER_NAMES)]) {
+        const r = stepRange(config, name);
+        const build = (n: number) => createScheduler(config, n, name === undefined ? {} : { name });
+        try {
+          build(r.min);
+        } catch (err) {
+          // An option the class cannot serve (LCM's original_inference_steps above num_train_timesteps): not a step limit.
+          expect((err as RuntimeError).code, `${name}`).toBe('UNSUPPORTED');
+          continue;
+        }
+        for (const n of new Set([0, 1, 2, 3, 4, 5, r.max - 1, r.max, r.max + 1])) {
+          const inRange = n >= r.min && n <= r.max;
+          if (inRange) expect(() => build(n), `${name} ${n}`).not.toThrow();
+          else expect(() => build(n), `${name} ${n}`).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
+        }
+      }
+    }
+    expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 1000, why: 'PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000' });
+    expect(stepRange(modelConfig, 'lcm')).toEqual({ min: 1, max: 50, why: 'original_inference_steps is 50' });
+    expect(stepRanges(modelConfig)['']).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });
+    // A name the config cannot serve is left out (the worker reports why when a request asks for it).
+    expect(Object.keys(stepRanges({ ...modelConfig, num_train_timesteps: 'many' }))).toEqual([]);
+  });
+
+  it('checks a request name against the table alone', () => {
+    expect(unknownSchedulerName('euler_a')).toBeUndefined();
+    expect(unknownSchedulerName('toString')).toMatch(/^scheduler "toString" is unknown; use one of pndm, ddim, euler, /);
   });
 
   it('draws noise only where diffusers does', () => {

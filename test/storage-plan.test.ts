@@ -138,6 +138,15 @@ describe('classify', () => {
     const e = permanentError(sdk('RequestTimeTooSkewed', 403), 'models', 'sd/', 'list (8 attempts)');
     expect([e.code, e.message]).toEqual(['STORAGE_CLOCK_SKEW', expect.stringMatching(/^S3 refused the request time to list \(8 attempts\) s3:\/\/models\/sd\/ \(RequestTimeTooSkewed\): .*time synchronisation \(NTP\)$/)]);
   });
+
+  it('a stalled or short ranged read is the one error class, retried, and named by its code when the retries run out', () => {
+    for (const code of ['STORAGE_STALL', 'STORAGE_SHORT_READ'] as const) {
+      const err = new RuntimeError(code, 'range ended after 3 of 8 bytes');
+      expect(classify(err), code).toBe('transient');
+      const e = permanentError(err, 'models', 'sd/unet/model.onnx', 'read (8 attempts)');
+      expect([e.code, e.message]).toEqual(['STORAGE_TRANSIENT', `cannot read (8 attempts) s3://models/sd/unet/model.onnx: ${code} (gave up after retries)`]);
+    }
+  });
 });
 
 describe('splitTail', () => {

@@ -1,18 +1,19 @@
-/** KServe V2 / Open Inference Protocol over the real server and a real socket: metadata, infer, binary extension, errors. */
+/** KServe V2 / Open Inference Protocol over a real socket (the runtime in-process): metadata, infer, binary extension, errors. */
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { pngSize, postJson } from './helpers/server.js';
 
-let srv: ServerHandle;
+let srv: RuntimeHandle;
 const infer = (body: unknown, init: RequestInit = {}) => postJson(`${srv.url}/v2/models/model/infer`, body, init);
 const prompt = (...p: string[]) => ({ name: 'prompt', shape: [p.length], datatype: 'BYTES', data: p });
 const small = { num_inference_steps: 3, height: 64, width: 64 };
 
 beforeAll(async () => {
-  srv = await startServer({ STORAGE_URI: undefined, MAX_BODY_BYTES: '65536', MAX_IMAGE_SIZE: '1024' }, { ready: true });
+  srv = await startRuntime({ STORAGE_URI: undefined, MAX_BODY_BYTES: '65536', MAX_IMAGE_SIZE: '1024' }, { ready: true });
 });
 afterAll(async () => {
-  expect((await srv?.stop())?.code).toBe(0);
+  await srv?.stop();
 });
 
 describe('V2 metadata and health', () => {
@@ -29,7 +30,7 @@ describe('V2 metadata and health', () => {
     expect([rd.status, await rd.json()]).toEqual([200, { name: 'model', ready: true }]);
     expect(await (await fetch(`${srv.url}/v2/health/ready`)).json()).toEqual({ ready: true });
     const nf = await fetch(`${srv.url}/v2/models/nope`);
-    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.' }]);
+    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.', code: 'MODEL_NOT_FOUND' }]);
     const nfr = await fetch(`${srv.url}/v2/models/nope/ready`);
     expect(nfr.status).toBe(404);
   });
@@ -195,16 +196,17 @@ describe('V2 infer', () => {
 
 describe('V2 on a server that is not ready', () => {
   it('503s infer and readiness with Retry-After before reading the body', async () => {
-    const down = await startServer({ STORAGE_URI: '/nonexistent/model-dir' });
+    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
     try {
-      await down.waitForLog((l) => l.msg?.startsWith('boot failed') === true, 30_000);
+      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
       const r = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [prompt('x')] });
       expect(r.status).toBe(503);
       expect(r.json.error).toMatch(/^Model with name model is not ready\./);
       expect(Number(r.headers.get('retry-after'))).toBeGreaterThan(0);
       const rd = await fetch(`${down.url}/v2/models/model/ready`);
-      expect(rd.status).toBe(503);
-      expect((await fetch(`${down.url}/v2/health/ready`)).status).toBe(503);
+      expect([rd.status, await rd.json()]).toMatchObject([503, { code: 'MODEL_NOT_READY', name: 'model', ready: false, state: 'failed' }]);
+      const hr = await fetch(`${down.url}/v2/health/ready`);
+      expect([hr.status, await hr.json()]).toEqual([503, { error: 'Server is not ready.', code: 'MODEL_NOT_READY', ready: false, state: 'failed' }]);
       expect((await fetch(`${down.url}/v2/health/live`)).status).toBe(200);
       const nf = await postJson(`${down.url}/v2/models/other/infer`, { inputs: [prompt('x')] });
       expect(nf.status).toBe(404);

@@ -12,6 +12,7 @@ import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Runtime as RuntimeType } from '../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
+import { startRuntime } from './helpers/runtime.js';
 import { postJson } from './helpers/server.js';
 
 const dist = (p: string) => path.resolve('dist/src', p);
@@ -29,23 +30,14 @@ interface Started {
  */
 async function start(workers: number, o: { hold?: boolean } = {}): Promise<Started> {
   const { loadConfig } = (await import(dist('config.js'))) as typeof import('../src/config.js');
-  const { silentLogger } = (await import(dist('log.js'))) as typeof import('../src/log.js');
-  const { Runtime } = (await import(dist('runtime/runtime.js'))) as typeof import('../src/runtime/runtime.js');
-  const { listen } = (await import(dist('main.js'))) as typeof import('../src/main.js');
-  const { bootRuntime } = (await import(dist('runtime/boot-sequence.js'))) as typeof import('../src/runtime/boot-sequence.js');
   const { spawnWorkers } = (await import(dist('runtime/workers.js'))) as typeof import('../src/runtime/workers.js');
-  const cfg = loadConfig({
-    PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: tmp, EXECUTION_PROVIDER: 'cpu', WORKERS: String(workers), LOG_LEVEL: 'silent', ORT_OPTIMIZED_CACHE: 'off',
-    REQUEST_TIMEOUT_S: '120',
-    ...(o.hold ? { WARMUP_STEPS: '0' } : {}),
-  });
-  const spawned = o.hold ? [holdWorker()] : spawnWorkers(cfg);
-  const rt = new Runtime(cfg, silentLogger(), { workers: spawned });
-  const port = await listen(rt);
-  void bootRuntime(rt);
-  await until(() => rt.boot.ready || rt.boot.state === 'failed', 120_000);
-  expect(rt.boot.state, rt.boot.reason).toBe('ready');
-  return { rt, workers: spawned, url: `http://127.0.0.1:${port}` };
+  const env = {
+    MODEL_CACHE_DIR: tmp, EXECUTION_PROVIDER: 'cpu', WORKERS: String(workers), LOG_LEVEL: 'silent', ORT_OPTIMIZED_CACHE: 'off', REQUEST_TIMEOUT_S: '120',
+    STORAGE_URI: undefined, ...(o.hold ? { WARMUP_STEPS: '0' } : {}),
+  };
+  const spawned = o.hold ? [holdWorker()] : spawnWorkers(loadConfig(env));
+  const h = await startRuntime(env, { ready: true, workers: spawned });
+  return { rt: h.rt, workers: spawned, url: h.url };
 }
 
 function holdWorker(): SpawnedWorker {

@@ -4,7 +4,8 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { pngSize, postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { pngSize, postJson } from './helpers/server.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
 interface Ws {
@@ -102,19 +103,19 @@ function connect(port: number, path: string): Promise<Ws> {
   });
 }
 
-async function metric(s: ServerHandle, name: string): Promise<number> {
+async function metric(s: Pick<RuntimeHandle, 'url'>, name: string): Promise<number> {
   const text = await (await fetch(`${s.url}/metrics`)).text();
   return text.split('\n').filter((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`)).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
 }
 
-let srv: ServerHandle;
+let srv: RuntimeHandle;
 const stream = () => connect(srv.port, '/v1/models/model/stream');
 
 beforeAll(async () => {
-  srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
+  srv = await startRuntime({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
 });
 afterAll(async () => {
-  expect((await srv?.stop())?.code).toBe(0);
+  await srv?.stop();
 });
 
 describe('WebSocket stream', () => {
@@ -167,12 +168,11 @@ describe('WebSocket stream', () => {
     ws.send(JSON.stringify({ prompt: 'long', num_inference_steps: 400, height: 1024, width: 1024, seed: 1 }));
     await ws.next((m) => m.type === 'progress' && (m.step as number) >= 2);
     ws.sock.destroy();
-    const t0 = Date.now();
-    // Stopped between steps: counted as cancelled, no image, and the device is free again long before 400 steps.
+    // Stopped between steps: counted as cancelled, no image, and the device is free again (400 steps at 1024x1024
+    // would hold it past the test's timeout).
     while ((await metric(srv, 'inference_cancelled_total')) === cancelled0) await new Promise((r) => setTimeout(r, 25));
     const quick = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'after', num_inference_steps: 2, height: 64, width: 64, seed: 2 }] });
     expect(quick.status).toBe(200);
-    expect(Date.now() - t0).toBeLessThan(3_000);
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
   });
 
@@ -284,9 +284,9 @@ describe('WebSocket close handshake and protocol errors with real clients', () =
 
 describe('WebSocket on a server that is not ready', () => {
   it('sends an error and closes with 4503', async () => {
-    const down = await startServer({ STORAGE_URI: '/nonexistent/model-dir' });
+    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
     try {
-      await down.waitForLog((l) => l.msg?.startsWith('boot failed') === true, 30_000);
+      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
       const ws = await connect(down.port, '/v1/models/model/stream');
       expect((await ws.closed).code).toBe(4503);
       expect(ws.messages[0]).toMatchObject({ type: 'error', code: 'MODEL_NOT_READY', error: expect.stringMatching(/^Model with name model is not ready\./), retry_after: 60 });

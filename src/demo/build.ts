@@ -11,7 +11,10 @@ import {
 } from './families.js';
 import { type GraphOptions, type TimestepInput, textEncoderGraph, unetGraph, vaeDecoderGraph, vaeEncoderGraph } from './graphs.js';
 import { demoLoras } from './loras.js';
-import { LORA_MAP_FILE, LORA_MAP_FORMAT } from '../pipeline/lora-map.js';
+
+/** The LoRA weight map an export carries per component: its file name and format version (see pipeline/lora-map.ts). */
+export const LORA_MAP_FILE = 'lora_map.json';
+export const LORA_MAP_FORMAT = 1;
 
 export type { DemoFamily } from './families.js';
 export type { TimestepInput } from './graphs.js';
@@ -134,8 +137,9 @@ export async function buildDemoModel(outDir: string, opts?: DemoOptions, hooks: 
       written.push(`${folder}/model.onnx_data`);
     }
     await put(`${folder}/model.onnx`, s.model);
-    // Where each torch weight lives, for LoRA merges (src/pipeline/lora-map.ts); the fp16 variant casts at the graph's
-    // edges only, so its weights and their layout are the same.
+    // Where each torch weight lives, for LoRA merges (src/pipeline/lora-map.ts reads it; scripts/export_sd.py writes the
+    // same file for real exports); the fp16 variant casts at the graph's edges only, so its weights and their layout are
+    // the same.
     if (Object.keys(graph.loraMap).length > 0) {
       await json(`${folder}/${LORA_MAP_FILE}`, { format: LORA_MAP_FORMAT, component: folder, producer: 'diffusers-runtime demo', weights: graph.loraMap });
     }

@@ -4,11 +4,9 @@
  * kohya form (`lora_unet_…`, `lora_te_…`, `.alpha` tensors, a LoCon 3×3 conv). They change the image visibly, so
  * `"loras":[{"name":"demo-style"}]` can be tried on the demo model with no files of one's own.
  */
-import { writeSafetensors } from '../pipeline/lora-safetensors.js';
+import { writeSafetensors } from './safetensors.js';
 import { fnv1a, mulberry32 } from './graph.js';
 import { type FamilySpec, UNET_CHANNELS, UNET_HEAD_DIM } from './families.js';
-
-export const DEMO_LORAS = ['demo-style', 'demo-kohya'] as const;
 
 interface Layer {
   component: 'unet' | 'text_encoder' | 'text_encoder_2';

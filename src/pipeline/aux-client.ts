@@ -4,7 +4,8 @@
  */
 import type { InferenceSession } from 'onnxruntime-node';
 import { ioInfo } from './onnx.js';
-import type { AuxInit, FromAux, OptimizeItem, ToAux } from './protocol.js';
+import type { OptimizeItem } from './ortcache.js';
+import type { AuxInit, FromAux, ToAux } from './protocol.js';
 import { RemoteSession, SessionThread, type ThreadLog } from './session-thread.js';
 
 type Reply = Exclude<FromAux, { t: 'log' }>;

@@ -7,8 +7,8 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { isRuntimeError } from '../errors.js';
-import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
-import type { AuxInit, FromAux, IoMeta, ToAux } from './protocol.js';
+import { SessionFactory, type Feed, type IoMeta, type OnnxSession } from './onnx.js';
+import type { AuxInit, FromAux, ToAux } from './protocol.js';
 
 const port = parentPort;
 if (!port) throw new Error('aux.ts must run in a worker thread');

@@ -3,29 +3,8 @@
  * StableDiffusionInpaintPipeline, VaeImageProcessor): resizing (Pillow's, see resample.ts), normalisation, mask
  * binarisation, the schedule cut by strength, and the VAE posterior sampled with the request's generator.
  */
+import type { ResizeMode } from './job.js';
 import { blank, paste, resize, toLuma, type Raster } from './resample.js';
-
-export type { Raster } from './resample.js';
-
-/**
- * How an input is fitted to the output size (VaeImageProcessor `resize_mode`): `default` stretches it (diffusers'
- * img2img and inpaint pipelines), `crop` keeps the aspect ratio and crops the overflow around the centre, `fill` keeps
- * the aspect ratio and fills the margins by stretching the image's edge rows or columns.
- */
-export type ResizeMode = 'default' | 'crop' | 'fill';
-export const RESIZE_MODES: readonly ResizeMode[] = ['default', 'crop', 'fill'];
-
-export type ImageMode = 'img2img' | 'inpaint';
-
-/** The image inputs of a generation job, as decoded pixels (RGB, the source's own size). */
-export interface ImageInit {
-  mode: ImageMode;
-  strength: number;
-  resizeMode: ResizeMode;
-  image: Raster;
-  /** Inpainting: white = repaint, black = keep (same size as `image`). */
-  mask?: Raster;
-}
 
 const f = Math.fround;
 

@@ -3,7 +3,8 @@ import type { InferenceSession } from 'onnxruntime-node';
 import { RuntimeError } from '../errors.js';
 import { ioInfo, type ModelSession } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
-import type { AdapterRef, FromLora, LoraInit, ToLora } from './lora-protocol.js';
+import type { AdapterRef } from './job.js';
+import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { RemoteSession, SessionThread, type ThreadLog } from './session-thread.js';
 
 type Reply = Exclude<FromLora, { t: 'log' }>;

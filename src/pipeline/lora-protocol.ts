@@ -1,14 +1,7 @@
 /** @module Messages between a pipeline worker and the thread of one adapter set (lora-thread.ts). */
-import type { GraphOptimizationLevel, Feed } from './onnx.js';
-import type { IoMeta } from './protocol.js';
+import type { AdapterRef } from './job.js';
+import type { GraphOptimizationLevel, Feed, IoMeta } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
-
-/** One adapter of a set: its name, its local file, and the request's scale. */
-export interface AdapterRef {
-  name: string;
-  file: string;
-  scale: number;
-}
 
 export interface LoraInit {
   /** The set's key (for logs). */

@@ -1,7 +1,7 @@
 /**
- * @module The safetensors format, read and written without native code: an 8-byte little-endian header length, a
- * JSON header (`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}`), then the
- * tensors' bytes, little-endian, row-major, offsets relative to the end of the header.
+ * @module The safetensors format, read without native code: an 8-byte little-endian header length, a JSON header
+ * (`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}`), then the tensors' bytes,
+ * little-endian, row-major, offsets relative to the end of the header. (The demo model writes it: demo/safetensors.ts.)
  */
 import { RuntimeError } from '../errors.js';
 import { fromHalfBits } from './half.js';
@@ -96,31 +96,6 @@ export function readFloats(st: SafeTensors, t: StTensor, what: string): Float64A
       case 'BF16': u32[0] = view.getUint16(i * 2, true) << 16; out[i] = f32[0]!; break;
       default: out[i] = view.getFloat64(i * 8, true);
     }
-  }
-  return out;
-}
-
-/** Writes a safetensors file of float32 tensors (the demo model's adapter, tests), tensors in the order given. */
-export function writeSafetensors(tensors: ReadonlyArray<{ name: string; shape: number[]; data: Float32Array }>, metadata?: Record<string, string>): Uint8Array {
-  const header: Record<string, unknown> = {};
-  if (metadata) header.__metadata__ = metadata;
-  let offset = 0;
-  for (const t of tensors) {
-    if (t.data.length !== t.shape.reduce((a, b) => a * b, 1)) throw new Error(`${t.name}: ${t.data.length} values for shape [${t.shape}]`);
-    header[t.name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
-    offset += t.data.byteLength;
-  }
-  let json = JSON.stringify(header);
-  // The data section starts 8-byte aligned, as the reference writer pads it.
-  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
-  const head = Buffer.from(json, 'utf8');
-  const out = new Uint8Array(8 + head.byteLength + offset);
-  new DataView(out.buffer).setBigUint64(0, BigInt(head.byteLength), true);
-  out.set(head, 8);
-  let o = 8 + head.byteLength;
-  for (const t of tensors) {
-    out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), o);
-    o += t.data.byteLength;
   }
   return out;
 }

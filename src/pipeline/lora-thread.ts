@@ -16,6 +16,7 @@ import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { parseSafetensors } from './lora-safetensors.js';
 import { parsePyJson } from './pyjson.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
+import { NO_OPTIMIZED_CACHE } from './ortcache.js';
 
 const port = parentPort;
 if (!port) throw new Error('lora-thread.ts must run in a worker thread');
@@ -28,7 +29,7 @@ const factory = new SessionFactory({
   decided: init.provider,
   intraOpThreads: init.intraOpThreads,
   // The merged graphs live only as long as this thread: no optimised copy is worth writing for them.
-  optimizedModelCache: 'off',
+  optimizedModelCache: NO_OPTIMIZED_CACHE,
   ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}),
   ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}),
   log,

@@ -5,10 +5,9 @@ import { RuntimeError } from '../errors.js';
 import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { probeModel } from './probe.js';
-import { createWithOptimizedCache, type CacheOutcome, type OptimizedCacheMode } from './ortcache.js';
+import { createWithOptimizedCache, NO_OPTIMIZED_CACHE, type CacheOutcome, type OptimizedCachePolicy, type OptimizeItem } from './ortcache.js';
 import { checkCuda } from './cuda.js';
 import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
-import type { OptimizeItem } from './protocol.js';
 import path from 'node:path';
 
 type Ort = typeof OrtModule;
@@ -28,11 +27,12 @@ export interface IoInfo {
   shape: readonly (number | string)[];
 }
 
-export interface ProviderChoice {
-  /** What the session actually got. */
-  provider: 'cuda' | 'cpu';
-  /** Why a requested CUDA provider was not used (under `auto`), for the log. */
-  fallbackReason?: string;
+/** Session metadata as it crosses threads (onnxruntime-node's ValueMetadata, tensors only). */
+export interface IoMeta {
+  name: string;
+  isTensor: true;
+  type: string;
+  shape: Array<number | string>;
 }
 
 export interface SessionFactoryOptions {
@@ -46,10 +46,11 @@ export interface SessionFactoryOptions {
   graphOptimizationLevel?: GraphOptimizationLevel;
   /**
    * Keep ORT's optimised graph next to each model (`<component>/model.<ortVersion>.<provider>.opt.onnx`, see
-   * ortcache.ts) and load it with optimisation off on the next start. Default `auto`: only for models in a cache
-   * entry the runtime filled from S3; a folder that cannot be written (read-only, low disk) loads the source.
+   * ortcache.ts) and load it with optimisation off on the next start. The runtime passes `auto` with its cache
+   * entries' markers: only models in a cache entry it filled from S3; a folder that cannot be written (read-only, low
+   * disk) loads the source. Default: off.
    */
-  optimizedModelCache?: OptimizedCacheMode;
+  optimizedModelCache?: OptimizedCachePolicy;
 }
 
 export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
@@ -254,7 +255,7 @@ export class SessionFactory {
     let r: Awaited<ReturnType<typeof createWithOptimizedCache>>;
     try {
       // From a path, not a buffer: ORT resolves model.onnx_data relative to the model file.
-      r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? 'auto');
+      r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? NO_OPTIMIZED_CACHE);
     } catch (err) {
       const op = provider === 'cpu' ? missingCudaOnlyKernel(String((err as Error)?.message ?? err)) : undefined;
       if (op) throw needsCudaError(path.basename(path.dirname(modelPath)), [op], 'its graph holds onnxruntime operators fused for CUDA');

@@ -20,7 +20,7 @@ async function run(init: OptimizerInit): Promise<void> {
     const options = sessionOptions(item.provider, { intraOpThreads: 1, ...(item.deviceId !== undefined ? { deviceId: item.deviceId } : {}) });
     try {
       const log = (level: 'info' | 'warn', msg: string, obj?: object) => send({ t: 'log', level, msg, obj: obj as Record<string, unknown> });
-      outcomes[component] = await writeOptimizedCopy(ort, item.path, item.provider, options, log, init.mode, (paths) => send({ t: 'files', paths }));
+      outcomes[component] = await writeOptimizedCopy(ort, item.path, item.provider, options, log, init.policy, (paths) => send({ t: 'files', paths }));
     } catch (err) {
       // writeOptimizedCopy reports its own failures; this is only a bug's last line.
       outcomes[component] = 'failed';

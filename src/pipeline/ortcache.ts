@@ -30,7 +30,6 @@ import os from 'node:os';
 import path from 'node:path';
 import type * as OrtModule from 'onnxruntime-node';
 import type { InferenceSession } from 'onnxruntime-node';
-import { JOURNAL, MANIFEST } from '../storage/cache.js';
 
 type Ort = typeof OrtModule;
 type Log = (level: 'info' | 'warn', msg: string, obj?: object) => void;
@@ -47,6 +46,26 @@ export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'declined' | 'skippe
  */
 export type { OptimizedCacheMode } from '../config.js';
 import type { OptimizedCacheMode } from '../config.js';
+
+/**
+ * What the cache may do: the mode and, for `auto`, the names of the files whose presence at a model folder's root
+ * marks it as a cache entry the runtime filled. The runtime passes storage's manifest and journal names: which files
+ * those are is the fetch engine's business, not the pipeline's.
+ */
+export interface OptimizedCachePolicy {
+  mode: OptimizedCacheMode;
+  entryMarkers: readonly string[];
+}
+
+/** No optimised copies, read or written (LoRA sets' merged graphs, tests). */
+export const NO_OPTIMIZED_CACHE: OptimizedCachePolicy = Object.freeze({ mode: 'off', entryMarkers: [] });
+
+/** One optimised-model copy to write: the source graph and the provider its sessions run on. */
+export interface OptimizeItem {
+  path: string;
+  provider: 'cuda' | 'cpu';
+  deviceId?: number;
+}
 
 export interface CachedSession {
   session: InferenceSession;
@@ -121,10 +140,10 @@ export async function createWithOptimizedCache(
   modelPath: string,
   provider: string,
   options: InferenceSession.SessionOptions,
-  log?: Log,
-  mode: OptimizedCacheMode = 'auto',
+  log: Log | undefined,
+  policy: OptimizedCachePolicy,
 ): Promise<CachedSession> {
-  const plan = await planCache(ort, modelPath, provider, options, mode);
+  const plan = await planCache(ort, modelPath, provider, options, policy);
   if (plan.kind === 'off') return { session: await ort.InferenceSession.create(modelPath, options), cache: 'skipped' };
   const { p, key } = plan;
   const stored = await storedKey(p.key, key);
@@ -165,12 +184,13 @@ export async function writeOptimizedCopy(
   modelPath: string,
   provider: string,
   options: InferenceSession.SessionOptions,
-  log?: Log,
-  mode: OptimizedCacheMode = 'auto',
+  log: Log | undefined,
+  policy: OptimizedCachePolicy,
   /** Told the files about to be written, before ORT starts (so whoever kills the writer can remove them). */
   onFiles?: (paths: string[]) => void,
 ): Promise<CacheOutcome> {
-  const plan = await planCache(ort, modelPath, provider, options, mode);
+  const { mode } = policy;
+  const plan = await planCache(ort, modelPath, provider, options, policy);
   if (plan.kind === 'off') return 'skipped';
   const { p, key } = plan;
   const component = path.basename(p.dir);
@@ -224,10 +244,11 @@ export async function writeOptimizedCopy(
 
 type Plan = { kind: 'off' } | { kind: 'cache'; p: ReturnType<typeof optimizedPaths>; key: CacheKey };
 
-async function planCache(ort: Ort, modelPath: string, provider: string, options: InferenceSession.SessionOptions, mode: OptimizedCacheMode): Promise<Plan> {
+async function planCache(ort: Ort, modelPath: string, provider: string, options: InferenceSession.SessionOptions, policy: OptimizedCachePolicy): Promise<Plan> {
+  const { mode } = policy;
   // `auto` skips CUDA: on an H100 and an H200 starts from the copy were no faster, and its writer would hold a second
   // CUDA context and copy of the weights next to the serving one (README "Boot").
-  if (mode === 'off' || (mode === 'auto' && (provider !== 'cpu' || !(await isCacheEntry(path.dirname(path.dirname(modelPath))))))) return { kind: 'off' };
+  if (mode === 'off' || (mode === 'auto' && (provider !== 'cpu' || !(await isCacheEntry(path.dirname(path.dirname(modelPath)), policy.entryMarkers))))) return { kind: 'off' };
   const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
   const p = optimizedPaths(modelPath, ortVersion, provider);
   const key = await currentKey(p.dir, ortVersion, provider, String(options.graphOptimizationLevel ?? 'all'));
@@ -297,9 +318,9 @@ async function buildTimes(ort: Ort, modelPath: string, copyPath: string, options
 
 const round1 = (ms: number) => Math.round(ms * 10) / 10;
 
-/** A folder of the PVC cache: the S3 reader's manifest (committed) or journal (filling) sits at its root. */
-async function isCacheEntry(modelRoot: string): Promise<boolean> {
-  for (const marker of [MANIFEST, JOURNAL]) if (await fsp.access(path.join(modelRoot, marker)).then(() => true, () => false)) return true;
+/** A folder of the PVC cache: one of the fetch engine's markers (its manifest, or its journal while filling) sits at its root. */
+async function isCacheEntry(modelRoot: string, markers: readonly string[]): Promise<boolean> {
+  for (const marker of markers) if (await fsp.access(path.join(modelRoot, marker)).then(() => true, () => false)) return true;
   return false;
 }
 

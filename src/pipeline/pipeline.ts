@@ -4,58 +4,16 @@
  */
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
-import type { GenerationShape, ModelDefaults } from '../runtime/request.js';
+import {
+  blendLatents, cutSchedule, fitImage, imageTensor, latentMask, maskTensor, maskedImage, posterior, sampleLatent, type Posterior,
+} from './img2img.js';
+import type { GeneratedImage, GenerationShape, Job, JobItem, ModelDefaults, StageTimes } from './job.js';
 import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
-import {
-  blendLatents, cutSchedule, fitImage, imageTensor, latentMask, maskTensor, maskedImage, posterior, sampleLatent, type ImageInit, type Posterior,
-} from './img2img.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
-import { createScheduler } from './schedulers/index.js';
+import { createScheduler, stepRanges } from './schedulers/index.js';
 import type { Scheduler } from './types.js';
-
-export interface JobItem {
-  prompt: string;
-  negativePrompt: string | undefined;
-  seed: number;
-  numImages: number;
-}
-
-/** The shape of a generation, as the request parser produced it. */
-export type JobShape = GenerationShape;
-
-export interface Job {
-  shape: JobShape;
-  items: JobItem[];
-  /**
-   * Token ids of every prompt and negative text of the job (a missing negative as ''), one id list per tokenizer of
-   * the model (tokenizer, tokenizer_2), as the engine encoded them on the main thread. Absent: the pipeline encodes
-   * with tokenizers of its own (Pipeline.create without 'external').
-   */
-  tokens?: Array<[string, number[][]]>;
-  /** Image-to-image or inpainting inputs, shared by every item of the job (requests with other inputs never batch). */
-  init?: ImageInit;
-}
-
-/** One decoded image: RGB uint8, row-major HWC. */
-export interface RawImage {
-  rgb: Uint8Array;
-  width: number;
-  height: number;
-  seed: number;
-}
-
-export interface StageTimes {
-  textEncoderMs: number;
-  denoiseMs: number;
-  vaeMs: number;
-  /** Resizing the input image (and mask) and running the VAE encoder on it: image-to-image and inpainting only. */
-  vaeEncoderMs?: number;
-  steps: number;
-  /** Time spent waiting for sessions still being created (only a warm-up that starts during the download). */
-  sessionWaitMs?: number;
-}
 
 export interface GenerateHooks {
   /** After each step; `latents` is the current unguided latent batch [B,4,h,w]. */
@@ -138,10 +96,11 @@ export class Pipeline {
       scheduler: cls,
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
+      stepRanges: stepRanges(this.layout.schedulerConfig),
     };
   }
 
-  async generate(job: Job, hooks: GenerateHooks = {}): Promise<{ images: RawImage[]; times: StageTimes }> {
+  async generate(job: Job, hooks: GenerateHooks = {}): Promise<{ images: GeneratedImage[]; times: StageTimes }> {
     const { shape, items } = job;
     const { height, width } = shape;
     const vsf = this.layout.vae.scaleFactor;
@@ -265,7 +224,7 @@ export class Pipeline {
     const t2 = performance.now();
     // LCM decodes its last x0 prediction, everyone else the final sample (the blended one when inpainting).
     const final = lcm && denoised && !start?.blend ? denoised : latents;
-    const images: RawImage[] = [];
+    const images: GeneratedImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
     for (let i = 0; i < B; i++) {
       if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
@@ -403,7 +362,7 @@ export class Pipeline {
     return { rows, seq, dim, pooled };
   }
 
-  #timeIds(unet: ModelSession, shape: JobShape, rows: number, cfg: boolean) {
+  #timeIds(unet: ModelSession, shape: GenerationShape, rows: number, cfg: boolean) {
     const n = Number(unet.input('time_ids').shape[1] ?? 6);
     const { height: H, width: W } = shape;
     // Refiner exports take an aesthetic score instead of the target size (6.0 positive, 2.5 negative).

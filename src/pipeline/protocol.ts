@@ -1,15 +1,14 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
-import type { ExecutionProvider, OptimizedCacheMode } from '../config.js';
-import type { ModelDefaults } from '../runtime/request.js';
-import type { Job } from './pipeline.js';
-import type { Feed, GraphOptimizationLevel } from './onnx.js';
-import type { AdapterRef } from './lora-protocol.js';
+import type { ExecutionProvider } from '../config.js';
+import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
+import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
+import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
 
 export interface WorkerInit {
   ep: ExecutionProvider;
   intraOpThreads: number;
   workerIndex: number;
-  optimizedModelCache: OptimizedCacheMode;
+  optimizedModelCache: OptimizedCachePolicy;
   graphOptimizationLevel?: GraphOptimizationLevel;
   /** The CUDA device this worker's sessions run on (one worker per GPU); absent: device 0. */
   deviceId?: number;
@@ -25,17 +24,9 @@ export interface AuxInit {
   /** Which of the worker's auxiliary threads this is (for logs). */
   name: string;
   intraOpThreads: number;
-  optimizedModelCache: OptimizedCacheMode;
+  optimizedModelCache: OptimizedCachePolicy;
   graphOptimizationLevel?: GraphOptimizationLevel;
   deviceId?: number;
-}
-
-/** Session metadata as it crosses threads (onnxruntime-node's ValueMetadata, tensors only). */
-export interface IoMeta {
-  name: string;
-  isTensor: true;
-  type: string;
-  shape: Array<number | string>;
 }
 
 export type ToAux =
@@ -52,17 +43,10 @@ export type FromAux =
   | { t: 'failed'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
 
-/** One optimised-model copy to write: the source graph and the provider its sessions run on. */
-export interface OptimizeItem {
-  path: string;
-  provider: 'cuda' | 'cpu';
-  deviceId?: number;
-}
-
 /** The background optimised-model writer (optimizer.ts, a child process): what to write, and the cache mode. */
 export interface OptimizerInit {
   items: OptimizeItem[];
-  mode: OptimizedCacheMode;
+  policy: OptimizedCachePolicy;
 }
 
 export type FromOptimizer =
@@ -78,9 +62,9 @@ export type ToWorker =
   /** Drop every session and tokenizer before the next load (their files changed); queued before that load. */
   | { t: 'reset' }
   /** `adapters`: the LoRA set the job runs with (its key and files); built first if the worker does not hold it. */
-  | { t: 'generate'; id: number; job: Job; previewEvery: number; adapters?: { key: string; refs: AdapterRef[] } }
+  | { t: 'generate'; id: number; job: Job; previewEvery: number; adapters?: AdapterSet }
   /** Build (merge, create sessions of) a LoRA adapter set now, beside the base model's sessions, which keep serving. */
-  | { t: 'adapters'; key: string; refs: AdapterRef[] }
+  | { t: 'adapters'; key: string; refs: AdapterSet['refs'] }
   | { t: 'cancel'; id: number }
   | { t: 'close' };
 
@@ -88,20 +72,10 @@ export type ToWorker =
  * Pixels as the worker hands them over (transferred, not copied): RGB, 3 bytes a pixel, row by row. The main thread
  * encodes them (engine.ts), so sharp never loads in the worker and the worker starts its next generation at once.
  */
-export interface RawImage {
+export interface TransferImage {
   rgb: ArrayBuffer;
   width: number;
   height: number;
-}
-
-export interface Times {
-  textEncoderMs: number;
-  denoiseMs: number;
-  vaeMs: number;
-  /** Image inputs: resizing them and the VAE encoder. */
-  vaeEncoderMs?: number;
-  steps: number;
-  sessionWaitMs?: number;
 }
 
 export type FromWorker =
@@ -109,15 +83,17 @@ export type FromWorker =
   | { t: 'imported'; ms: number }
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
   | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string }
-  /** `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready. */
-  /** `tokenizerDirs`: the model's tokenizer folders in order (tokenizer, tokenizer_2); jobs carry ids from each. */
+  /**
+   * `tokenizerDirs`: the model's tokenizer folders in order (tokenizer, tokenizer_2); jobs carry ids from each.
+   * `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready.
+   */
   | { t: 'loaded'; defaults: ModelDefaults; tokenizerDirs: string[]; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
   | { t: 'load-failed'; code: string; message: string }
   /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
-  | { t: 'progress'; id: number; step: number; of: number; previews?: RawImage[] }
+  | { t: 'progress'; id: number; step: number; of: number; previews?: TransferImage[] }
   /** The generation's UNet steps are done; its VAE decodes run on the decode thread, and the worker takes the next job. */
   | { t: 'denoised'; id: number }
-  | { t: 'result'; id: number; images: Array<RawImage & { seed: number }>; times: Times }
+  | { t: 'result'; id: number; images: Array<TransferImage & { seed: number }>; times: StageTimes }
   | { t: 'error'; id: number; code: string; message: string }
   /** An adapter set is built (`ms`: read, merge, session creation; `bytes`: merged components' size). */
   | { t: 'adapters-ready'; key: string; ms: { read: number; merge: number; sessions: number; total: number }; bytes: number; patchedBytes: number; components: string[]; formats: Record<string, string> }

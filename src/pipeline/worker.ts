@@ -16,9 +16,9 @@ import { readLayout, type Component } from './model.js';
 import { parsePyJson } from './pyjson.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
-import type { FromWorker, RawImage, ToWorker, WorkerInit } from './protocol.js';
+import type { AdapterRef } from './job.js';
+import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LoraSetThread } from './lora-client.js';
-import type { AdapterRef } from './lora-protocol.js';
 import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
 const port = parentPort;
@@ -301,7 +301,7 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
         denoised();
       },
       onStep: (step, of, latents) => {
-        let previews: RawImage[] | undefined;
+        let previews: TransferImage[] | undefined;
         if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
           const h = height / vsf;
           const w = width / vsf;

@@ -10,7 +10,7 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { AdapterRef } from '../pipeline/lora-protocol.js';
+import type { AdapterRef } from '../pipeline/job.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
 
 export class AdapterSource {

@@ -24,6 +24,7 @@ import type { ToWorker } from '../pipeline/protocol.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
 import { parseStorageUri } from '../storage/uri.js';
+import { eventFields, type BootEventMap } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
@@ -177,12 +178,12 @@ export class BootSequence {
         if (plan.source === 's3' && committed) {
           const now = await committedEntry(plan.uri, cfg);
           if (!now || now.dir !== res.dir || !sameCommit(committed.manifest, now.manifest)) {
-            this.#invalidate('the cache entry changed after its sessions started; loading them again', { dir: res.dir });
+            this.#invalidate({ why: 'entry-changed', dir: res.dir });
           }
         }
         if (res.fromCache) metrics.cacheHits.inc({ model_name: cfg.modelName });
         else metrics.fetchedBytes.inc({ model_name: cfg.modelName }, res.bytes);
-        log.info({ dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
+        rt.events.emit('files-ready', { dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
       }
       if (rt.stopping) return;
 
@@ -199,7 +200,7 @@ export class BootSequence {
       boot.to('ready');
       const secs = (performance.now() - rt.startedAt) / 1000;
       metrics.modelLoadTime.set({ model_name: cfg.modelName }, secs);
-      log.info({ seconds: Number(secs.toFixed(3)), phases: boot.phases, providers: loaded.providers }, 'model ready');
+      rt.events.emit('ready', { seconds: Number(secs.toFixed(3)), phases: boot.phases, providers: loaded.providers }, 'model ready');
       // After ready, in a child process: the copies this start loaded without, for later starts.
       rt.optimizer.start(loaded.optimize);
     } catch (err) {
@@ -266,7 +267,7 @@ export class BootSequence {
   #onRestart(): void {
     for (const s of [this.#componentFiles, this.#whole, this.#announced, this.#listed]) s.clear();
     this.#tokenizers.length = 0;
-    this.#invalidate('objects changed during the download; starting the sessions again');
+    this.#invalidate({ why: 'objects-changed' });
   }
 
   #onProgress(p: FetchProgress): void {
@@ -292,8 +293,11 @@ export class BootSequence {
   }
 
   /** Sessions (and an early warm-up) were built from files that changed: the workers drop them before the next load. */
-  #invalidate(msg: string, fields: Record<string, unknown> = {}): void {
-    this.#log?.info(fields, msg);
+  #invalidate(data: BootEventMap['sessions-reset']): void {
+    const msg = data.why === 'entry-changed' ? 'the cache entry changed after its sessions started; loading them again' : 'objects changed during the download; starting the sessions again';
+    // Before the runtime exists there is no emitter yet, but the log line is the same.
+    if (this.#rt) this.#rt.events.emit('sessions-reset', data, msg);
+    else this.#log?.info(eventFields('sessions-reset', data), msg);
     if (this.#rt) this.#rt.engine.resetSessions();
     else this.#early({ t: 'reset' });
     if (this.#warmEarly) {
@@ -320,7 +324,7 @@ export class BootSequence {
       await rt.engine.load(dir, files);
       signal.throwIfAborted();
       // filesPending 0: a cache hit whose entry S3 has not confirmed yet.
-      rt.log.info({ filesPending: files.filter((f) => !whole.has(f)).length }, 'warm-up started before the fetch finished');
+      rt.events.emit('warmup-early', { filesPending: files.filter((f) => !whole.has(f)).length }, 'warm-up started before the fetch finished');
       await this.#warmup(rt, signal);
     })();
     done.catch(() => undefined); // awaited by #finishWarmup
@@ -357,7 +361,8 @@ export class BootSequence {
         const r = await engine.submit(
           {
             shape: { steps: cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
-            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, seedWasGiven: true, numImages: 1 }],
+            items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, numImages: 1 }],
+            seedsGiven: true,
             output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },
             previewEvery: 0,
             // An inpainting model cannot run from text alone: it warms up inpainting a grey image.
@@ -366,7 +371,7 @@ export class BootSequence {
           { ...(signal ? { signal } : {}), worker },
         );
         const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
-        log.info({ ms: Math.round(performance.now() - t0), worker, steps: cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
+        rt.events.emit('warmup-done', { ms: Math.round(performance.now() - t0), worker, steps: cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');
       }),
     );
   }

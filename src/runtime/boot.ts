@@ -1,5 +1,4 @@
 /** @module The boot state machine: resolving → fetching → loading → warming → ready, or failed; each phase timed. */
-import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 
 export const BOOT_STATES = ['resolving', 'fetching', 'loading', 'warming', 'ready', 'failed', 'stopping'] as const;
@@ -17,6 +16,15 @@ export interface BootProgress {
 
 const TIMED: ReadonlySet<BootState> = new Set(['resolving', 'fetching', 'loading', 'warming']);
 
+/** A move between states: what the runtime reports as its `state` event (boot-events.ts). */
+export interface StateChange {
+  state: BootState;
+  previous: BootState;
+  /** The time spent in the state left. */
+  previousSeconds: number;
+  reason?: string;
+}
+
 export class Boot {
   #state: BootState = 'resolving';
   #since = performance.now();
@@ -28,7 +36,8 @@ export class Boot {
 
   constructor(
     modelName: string,
-    private readonly log: Logger,
+    /** Told every move, with its log message and level. */
+    private readonly onChange: (c: StateChange, msg: string, level: 'info' | 'error') => void,
     private readonly metrics: Metrics,
   ) {
     this.#labels = { model_name: modelName };
@@ -67,9 +76,9 @@ export class Boot {
     this.progress.phase = next;
     if (reason !== undefined) this.#reason = reason;
     this.#publish();
-    const line = { state: next, previous: prev, previousSeconds: Number(secs.toFixed(3)), ...(reason ? { reason } : {}) };
-    if (next === 'failed') this.log.error(line, `boot failed: ${reason ?? 'unknown reason'}`);
-    else this.log.info(line, `boot ${next}`);
+    const change: StateChange = { state: next, previous: prev, previousSeconds: Number(secs.toFixed(3)), ...(reason ? { reason } : {}) };
+    if (next === 'failed') this.onChange(change, `boot failed: ${reason ?? 'unknown reason'}`, 'error');
+    else this.onChange(change, `boot ${next}`, 'info');
   }
 
   #publish(): void {

@@ -21,12 +21,13 @@ import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer } from '../pipeline/tokenizer.js';
-import type { FromWorker, OptimizeItem, RawImage, Times, ToWorker } from '../pipeline/protocol.js';
+import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
+import type { OptimizeItem } from '../pipeline/ortcache.js';
+import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
-import { lorasKey, shapeKey, type GenerationRequest, type ModelDefaults } from './request.js';
+import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
 import { AdapterSource } from './adapters.js';
-import type { AdapterRef } from '../pipeline/lora-protocol.js';
 
 export interface Progress {
   step: number;
@@ -43,7 +44,7 @@ export interface EncodedImage {
 }
 
 /** The worker's stage times plus the encoding of the batch's images on this thread. */
-export interface RunTimes extends Times {
+export interface RunTimes extends StageTimes {
   encodeMs: number;
 }
 
@@ -78,7 +79,7 @@ interface Task {
   state: 'queued' | 'running' | 'done';
   onAbort?: () => void;
   /** The LoRA adapter set, when the request names adapters (its key is part of `key`: sets never share a batch). */
-  adapters?: { key: string; refs: AdapterRef[] };
+  adapters?: AdapterSet;
   /** Only this worker may run it (SubmitOptions.worker). */
   pin?: number;
 }
@@ -146,6 +147,8 @@ export interface EngineEvents {
    * a worker started again has loaded the model.
    */
   onServing?(serving: boolean, reason: string): void;
+  /** A worker merged an adapter set; `waitedMs` counts from the first request that asked for it. */
+  onAdapters?(d: { set: string; worker: number; waitedMs: number; ms: Record<string, number>; mergedMB: number; components: string[]; formats: Record<string, string> }): void;
 }
 
 /** Restarts of a worker that keeps dying wait 0.5 s, 1 s, 2 s, … up to this; a worker alive this long resets it. */
@@ -430,7 +433,7 @@ export class Engine {
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
-    const items = tasks.flatMap((t) => t.req.items.map(({ prompt, negativePrompt, seed, numImages }) => ({ prompt, negativePrompt, seed, numImages })));
+    const items = tasks.flatMap((t) => t.req.items);
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));
@@ -506,7 +509,9 @@ export class Engine {
         this.#setAsked.delete(m.key);
         const waited = asked === undefined ? m.ms.total : performance.now() - asked;
         this.metrics.adapterLoad.observe(this.#labels, waited / 1000);
-        this.log.info({ set: m.key, worker: w.index, waitedMs: Math.round(waited), ms: m.ms, mergedMB: Math.round(m.bytes / 2 ** 20), components: m.components, formats: m.formats }, 'LoRA adapter set ready');
+        const ready = { set: m.key, worker: w.index, waitedMs: Math.round(waited), ms: m.ms, mergedMB: Math.round(m.bytes / 2 ** 20), components: m.components, formats: m.formats };
+        if (this.events.onAdapters) this.events.onAdapters(ready);
+        else this.log.info(ready, 'LoRA adapter set ready');
         this.#pump();
         break;
       }
@@ -574,7 +579,7 @@ export class Engine {
     }
   }
 
-  async #deliver(run: Running, raw: Array<RawImage & { seed: number }>, times: Times): Promise<void> {
+  async #deliver(run: Running, raw: Array<TransferImage & { seed: number }>, times: StageTimes): Promise<void> {
     // Every client of the batch left while it ran: nobody to encode for.
     if (run.tasks.every((t) => t.state === 'done')) return;
     const { format, quality } = run.output;

@@ -8,9 +8,8 @@ import { createHash } from 'node:crypto';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
-import { RESIZE_MODES, type ImageInit, type ImageMode, type Raster, type ResizeMode } from '../pipeline/img2img.js';
+import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseImageUri, type ImageSource } from './image-source.js';
-import type { GenerationRequest, ModelDefaults } from './request.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
 export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
@@ -173,6 +172,12 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   return { data: px, width: info.width, height: info.height, channels: 3 };
 }
 
+/** A parsed request as far as its image inputs go (runtime/request.ts's GenerationRequest). */
+export interface WithImage {
+  image?: ImageRequest;
+  shape: Pick<GenerationShape, 'height' | 'width'>;
+}
+
 export interface ImageContext {
   cfg: Pick<Config, 'maxImageSize'>;
   source: ImageSource;
@@ -183,7 +188,7 @@ export interface ImageContext {
  * without height/width the image's size (rounded down to a multiple of 8, as VaeImageProcessor does). Every problem
  * of the body is reported together as one INVALID_INPUT; storage outages and cancellation pass through.
  */
-export async function resolveImages(reqs: readonly GenerationRequest[], ctx: ImageContext, signal?: AbortSignal): Promise<void> {
+export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContext, signal?: AbortSignal): Promise<void> {
   const withImages = reqs.filter((r) => r.image);
   if (withImages.length === 0) return;
   const bad: string[] = [];
@@ -233,7 +238,7 @@ export async function resolveImages(reqs: readonly GenerationRequest[], ctx: Ima
 }
 
 /** What must be equal for two requests to share a generation batch (and the result cache): mode, inputs, strength. */
-export function imageKey(req: Pick<GenerationRequest, 'image'>): string {
+export function imageKey(req: Pick<WithImage, 'image'>): string {
   const im = req.image;
   if (!im) return 'text';
   return `${im.mode}|${im.strength}|${im.resizeMode}|${im.image.digest ?? '?'}|${im.mask?.digest ?? ''}`;

@@ -9,7 +9,10 @@ import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { removeWriterTemps } from '../pipeline/ortcache.js';
-import type { FromOptimizer, OptimizeItem, OptimizerInit } from '../pipeline/protocol.js';
+import type { OptimizeItem } from '../pipeline/ortcache.js';
+import { ENTRY_MARKERS } from '../storage/cache.js';
+import type { FromOptimizer, OptimizerInit } from '../pipeline/protocol.js';
+import type { BootEvents } from './boot-events.js';
 
 export interface OptimizedWriter {
   /** Starts writing the copies of `items`; a failure to start only costs later starts their gain, so it is logged. */
@@ -18,20 +21,25 @@ export interface OptimizedWriter {
   stop(): Promise<void>;
 }
 
-export function createOptimizedWriter(cfg: Readonly<Config>, log: Logger, stopping: () => boolean): OptimizedWriter {
+export function createOptimizedWriter(
+  cfg: Readonly<Config>,
+  log: Logger,
+  events: BootEvents,
+  stopping: () => boolean,
+): OptimizedWriter {
   let current: { child: ChildProcess; files: string[] } | undefined;
 
   const fork1 = (items: OptimizeItem[]) => {
-    const init: OptimizerInit = { items, mode: cfg.optimizedModelCache };
+    const init: OptimizerInit = { items, policy: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS } };
     const t0 = performance.now();
-    log.info({ components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
+    events.emit('optimized-cache-writing', { components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
     const child = fork(fileURLToPath(new URL('../pipeline/optimizer.js', import.meta.url)), [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });
     const o = { child, files: [] as string[] };
     current = o;
     child.on('message', (m: FromOptimizer) => {
       if (m.t === 'log') log[m.level](m.obj ?? {}, m.msg);
       else if (m.t === 'files') o.files.push(...m.paths);
-      else log.info({ outcomes: m.outcomes, ms: Math.round(performance.now() - t0) }, 'optimized model cache written');
+      else events.emit('optimized-cache-written', { outcomes: m.outcomes, ms: Math.round(performance.now() - t0) }, 'optimized model cache written');
     });
     child.on('error', (err) => log.warn({ reason: err.message }, 'the optimized model cache writer failed'));
     child.once('exit', (code, signal) => {

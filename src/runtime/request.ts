@@ -1,44 +1,12 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
+import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
+import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Url } from '../storage/uri.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
-
-/** Model-dependent defaults, reported by the pipeline once the model is loaded. */
-export interface ModelDefaults {
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  scheduler: string;
-  /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
-  vaeEncoder?: boolean;
-  /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
-  inpainting?: boolean;
-}
-
-/** One prompt of a request, with everything needed to generate its images. */
-export interface GenerationItem {
-  prompt: string;
-  negativePrompt: string | undefined;
-  /** First image's seed; image i uses seed + i (one generator per image). */
-  seed: number;
-  seedWasGiven: boolean;
-  numImages: number;
-}
-
-/** The shape of a generation: requests with equal shapes can share one batch. */
-export interface GenerationShape {
-  steps: number;
-  guidance: number;
-  height: number;
-  width: number;
-  scheduler: string | undefined;
-  eta: number;
-  guidanceRescale: number;
-}
 
 export interface OutputOptions {
   format: OutputFormat;
@@ -48,7 +16,9 @@ export interface OutputOptions {
 
 export interface GenerationRequest {
   shape: GenerationShape;
-  items: GenerationItem[];
+  items: JobItem[];
+  /** Every item's seed came with the request (none was drawn at random): the result cache may answer it. */
+  seedsGiven: boolean;
   output: OutputOptions;
   /** Progress previews every N steps (WebSocket only); 0 = none. */
   previewEvery: number;
@@ -219,8 +189,7 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
 export interface ParseContext {
   cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras'>>;
   defaults: ModelDefaults;
-  /** Throws RuntimeError INVALID_INPUT naming the known schedulers when the name is unknown. */
-  checkScheduler: (name: string) => string;
+  /** The seed of a request that gives none. */
   randomSeed: () => number;
 }
 
@@ -315,11 +284,15 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   let scheduler: string | undefined;
   const schedName = str('scheduler', false, 64);
   if (schedName !== undefined) {
-    try {
-      scheduler = ctx.checkScheduler(schedName);
-    } catch (err) {
-      bad.push(`${w}.scheduler: ${(err as Error).message}`);
-    }
+    const unknown = unknownSchedulerName(schedName);
+    if (unknown === undefined) scheduler = schedName;
+    else bad.push(`${w}.scheduler: ${unknown}`);
+  }
+  // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
+  // rather than in the worker after the request waited for a queue slot.
+  const range = schedName === undefined || scheduler !== undefined ? defaults.stepRanges?.[scheduler ?? ''] : undefined;
+  if (range && (steps < range.min || steps > range.max)) {
+    bad.push(`${w}.num_inference_steps must be from ${range.min} to ${range.max} for scheduler ${scheduler ?? defaults.scheduler} (${range.why}), got ${steps}`);
   }
   let format = cfg.defaultOutputFormat;
   const fmt = str('output_format', false, 16);
@@ -336,7 +309,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
-    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), seedWasGiven: seedGiven, numImages }],
+    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), numImages }],
+    seedsGiven: seedGiven,
     output: { format, quality, uri },
     previewEvery,
     ...(image ? { image } : {}),

@@ -26,7 +26,7 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
   const changed = () => onChange?.(total);
   return {
     keyOf(req) {
-      if (maxBytes <= 0 || !req.items.every((it) => it.seedWasGiven)) return undefined;
+      if (maxBytes <= 0 || !req.seedsGiven) return undefined;
       const s = req.shape;
       // Every field that changes the bytes: model, shape, each prompt/seed/count, and the encoding.
       return JSON.stringify([

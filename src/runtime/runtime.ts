@@ -8,6 +8,7 @@ import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createMetrics, type Metrics } from '../metrics.js';
 import { Boot } from './boot.js';
+import { BootEvents } from './boot-events.js';
 import { Engine } from './engine.js';
 import { createGeneration, type Generation } from './generation.js';
 import { createOptimizedWriter, type OptimizedWriter } from './optimized-writer.js';
@@ -21,13 +22,16 @@ export interface RuntimeOptions {
   workers?: SpawnedWorker[];
 }
 
-/** What close() stops first: the listening socket of the HTTP server `main` wired in. */
+/** The HTTP server `main` wired in: close() stops its listening socket first and its last connections at the end. */
 export interface Listener {
   closeListener(): void;
+  closeConnections(): void;
 }
 
 export class Runtime {
   readonly metrics: Metrics;
+  /** The runtime's landmarks (listening, boot states, sessions, warm-ups, ready, shutdown), each also a log line. */
+  readonly events: BootEvents;
   readonly boot: Boot;
   readonly engine: Engine;
   readonly generation: Generation;
@@ -49,14 +53,16 @@ export class Runtime {
     this.startedAt = opts.startedAt ?? performance.now();
     this.#workers = opts.workers;
     this.metrics = createMetrics();
-    this.boot = new Boot(cfg.modelName, log, this.metrics);
+    this.events = new BootEvents(log);
+    this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
       onSession: (component, provider, ms, optimizedCache) => {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
-        log.info({ component, provider, ms: Math.round(ms), optimizedCache }, 'onnx session created');
+        this.events.emit('session', { component, provider, ms: Math.round(ms), optimizedCache }, 'onnx session created');
       },
+      onAdapters: (d) => this.events.emit('adapters-ready', d, 'LoRA adapter set ready'),
       // A pipeline worker died after ready: not ready until one started again has loaded the model.
       onServing: (serving, reason) => {
         if (!serving && this.boot.state === 'ready') this.boot.to('loading', reason);
@@ -64,7 +70,7 @@ export class Runtime {
       },
     });
     this.generation = createGeneration(cfg, this.metrics, this.engine);
-    this.optimizer = createOptimizedWriter(cfg, log, () => this.#stopping);
+    this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
     this.images = createImageSource(cfg.s3);
   }
 
@@ -100,7 +106,7 @@ export class Runtime {
       this.engine.stopAccepting();
       this.#shutdown.abort(new RuntimeError('SHUTTING_DOWN', 'shutting down'));
       this.#listener?.closeListener();
-      this.log.info({ inflight: this.generation.inflight, queued: this.engine.queueDepth, graceMs, bootState: was }, 'shutting down: draining in-flight requests');
+      this.events.emit('draining', { inflight: this.generation.inflight, queued: this.engine.queueDepth, graceMs, bootState: was }, 'shutting down: draining in-flight requests');
       let timer: NodeJS.Timeout | undefined;
       const drained = await Promise.race([
         this.generation.drained().then(() => true),
@@ -111,7 +117,9 @@ export class Runtime {
       await Promise.all([this.engine.close(), this.optimizer.stop()]);
       this.generation.close();
       this.images.destroy();
-      this.log.info({ drained }, 'shut down');
+      // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
+      this.#listener?.closeConnections();
+      this.events.emit('shut-down', { drained }, 'shut down');
     })());
   }
 }

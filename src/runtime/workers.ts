@@ -7,6 +7,7 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
+import { ENTRY_MARKERS } from '../storage/cache.js';
 
 /** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
 export interface SpawnedWorker {
@@ -48,7 +49,7 @@ export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
     ep: cfg.executionProvider,
     intraOpThreads: threads,
     workerIndex: index,
-    optimizedModelCache: cfg.optimizedModelCache,
+    optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS },
     graphOptimizationLevel: cfg.graphOptimization,
     ...(device !== undefined ? { deviceId: device } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined

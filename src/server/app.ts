@@ -1,5 +1,6 @@
 /** @module The HTTP app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
-import type { App, BaseServer } from './base.js';
+import { RuntimeError } from '../errors.js';
+import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
@@ -29,7 +30,10 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   // Liveness (`/`, `/v2/health/live`) is answered by the base server from the moment it listens.
   app.get(
     '/v2/health/ready',
-    route(() => (ctx.boot.ready && !ctx.stopping() ? json(200, { ready: true }) : json(503, { error: 'Server is not ready.', ready: false, state: ctx.boot.state })), opts),
+    route(() => {
+      if (ctx.boot.ready && !ctx.stopping()) return json(200, { ready: true });
+      throw new RuntimeError('MODEL_NOT_READY', 'Server is not ready.', { fields: { ready: false, state: ctx.boot.state } });
+    }, opts),
   );
   app.get(
     '/metrics',
@@ -39,22 +43,14 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   registerV1(app, ctx, opts);
   registerV2(app, ctx, opts);
   registerWs(app, ctx, opts);
-  for (const register of extraRoutes) register(app, ctx, opts);
 
   // Known paths with the wrong method → 405; anything else → 404. JSON bodies either way.
   const known = [/^\/$/, /^\/metrics$/, /^\/v1\/models(\/[^/]+(\/ready)?)?$/, /^\/v2(\/.*)?$/];
   base.setFallback(
     route((r) => {
       const path = r.url;
-      if (known.some((k) => k.test(path))) return json(405, { error: `Method Not Allowed: ${r.method.toUpperCase()} ${path}` });
-      return json(404, { error: `Not Found: ${path}` });
+      if (known.some((k) => k.test(path))) throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`);
+      throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
     }, opts),
   );
-}
-
-/** Protocol modules beyond V1 (V2, WebSocket) register here, so app.ts stays the one place routes are wired. */
-export type RouteRegistrar = (app: App, ctx: ServerContext, opts: RouteOptions) => void;
-const extraRoutes: RouteRegistrar[] = [];
-export function addRoutes(r: RouteRegistrar): void {
-  extraRoutes.push(r);
 }

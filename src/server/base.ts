@@ -1,7 +1,7 @@
 /**
- * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http,
- * so `/` and `/v2/health/live` answer within milliseconds of process start while the runtime (logging, metrics,
- * pipeline workers) is still being imported.
+ * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http and
+ * the error codes (a module of constants), so `/` and `/v2/health/live` answer within milliseconds of process start
+ * while the runtime (logging, metrics, pipeline workers) is still being imported.
  *
  * Node's HTTP/1.1 server (llhttp) rather than uWebSockets.js: uWS 20.30 closes a keep-alive connection without an
  * answer when a request is pipelined behind one still running ("denying async pipelining", HttpContext.h), holds a
@@ -11,6 +11,7 @@
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import { httpStatus, type HttpErrorCode } from '../errors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse, params: string[]) => void;
@@ -31,6 +32,8 @@ export interface BaseServer {
   setFallback(h: RouteHandler): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
+  /** Closes every connection still open (after the drain). */
+  closeConnections(): void;
 }
 
 /** Heads are capped (kubelet and Knative send ~10 header fields, ~1 kB); above either limit: 431. */
@@ -45,7 +48,7 @@ const REQUEST_TIMEOUT_MS = 120_000;
  */
 const KEEP_ALIVE_MS = 75_000;
 
-const STARTING = '{"error":"Server is not ready.","ready":false,"state":"starting"}';
+const STARTING = '{"error":"Server is not ready.","code":"MODEL_NOT_READY","ready":false,"state":"starting"}';
 
 interface Route<H> {
   parts: string[];
@@ -90,12 +93,18 @@ export const pathOf = (url: string | undefined): string => {
   return q < 0 ? u : u.slice(0, q);
 };
 
+/** The error body every answer of this module carries: KServe's `error`, with our stable code beside it. */
+const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify({ error, code });
+
 /** Writes a whole JSON response on a raw socket (parse errors, refused upgrades), then closes it. */
-export function rawReply(socket: Duplex, status: number, text: string, body: unknown): void {
+function rawReply(socket: Duplex, status: number, json: string): void {
   if (!socket.writable) return void socket.destroy();
-  const json = JSON.stringify(body);
+  const text = http.STATUS_CODES[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`);
 }
+
+/** An error answer on a raw socket, its status from its code. */
+const rawError = (socket: Duplex, code: HttpErrorCode, error: string) => rawReply(socket, httpStatus(code), errorBody(code, error));
 
 /** Responses not yet finished on each connection, so a parse error is answered after them, in order. */
 const pending = new WeakMap<Socket, { n: number; idle: Array<() => void> }>();
@@ -117,13 +126,13 @@ function track(req: IncomingMessage, res: ServerResponse): void {
 
 function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Duplex): void {
   if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy();
-  const [status, text, msg] =
+  const [code, msg]: [HttpErrorCode, string] =
     err.code === 'HPE_HEADER_OVERFLOW'
-      ? [431, 'Request Header Fields Too Large', `request head larger than ${MAX_HEADER_BYTES} bytes`]
+      ? ['HEADERS_TOO_LARGE', `request head larger than ${MAX_HEADER_BYTES} bytes`]
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-        ? [408, 'Request Timeout', 'the request did not arrive in time']
-        : [400, 'Bad Request', `malformed HTTP request (${err.reason ?? err.code ?? 'parse error'})`];
-  const answer = () => rawReply(socket, status, text, { error: msg });
+        ? ['REQUEST_TIMEOUT', 'the request did not arrive in time']
+        : ['INVALID_INPUT', `malformed HTTP request (${err.reason ?? err.code ?? 'parse error'})`];
+  const answer = () => rawError(socket, code, msg);
   // A pipelined request that does not parse is answered after the ones before it, never ahead of them.
   const p = pending.get(socket as Socket);
   if (p && p.n > 0) p.idle.push(answer);
@@ -146,13 +155,13 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
     { maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
-      const refuse = (status: number, error: string) => {
-        const body = JSON.stringify({ error });
-        res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
+      const refuse = (code: HttpErrorCode, error: string) => {
+        const body = errorBody(code, error);
+        res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
       };
-      if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse(431, `too many header fields (at most ${MAX_HEADER_FIELDS})`);
+      if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse('HEADERS_TOO_LARGE', `too many header fields (at most ${MAX_HEADER_FIELDS})`);
       // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
-      if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse(400, 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
+      if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse('INVALID_INPUT', 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
       const hit = routes.match(req.method ?? 'GET', pathOf(req.url));
       if (hit) hit.h(req, res, hit.params);
       else fallback(req, res, []);
@@ -165,8 +174,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
     if (hit) hit.h(req, socket, head, hit.params);
-    else if (!attached) rawReply(socket, 503, 'Service Unavailable', JSON.parse(STARTING));
-    else rawReply(socket, 404, 'Not Found', { error: `no WebSocket endpoint at ${pathOf(req.url)}` });
+    else if (!attached) rawReply(socket, 503, STARTING);
+    else rawError(socket, 'NOT_FOUND', `no WebSocket endpoint at ${pathOf(req.url)}`);
   });
 
   const app: App = {
@@ -197,6 +206,7 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
           // holding one would see a reset instead of the 503 "shutting down" answer.
           Object.getPrototypeOf(http.Server.prototype).close.call(server);
         },
+        closeConnections: () => server.closeAllConnections(),
       });
     });
   });

@@ -8,6 +8,7 @@ import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
+import { json, type Reply } from './http.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -15,8 +16,7 @@ export interface ServerContext {
   metrics: Metrics;
   boot: Boot;
   engine: Engine;
-  /** Scheduler request names, checked at parse time (400 listing the known ones). */
-  checkScheduler: (name: string) => string;
+  /** The seed of a request that gives none. */
   randomSeed: () => number;
   /** True between SIGTERM and exit: readiness is false and new work gets 503. */
   stopping: () => boolean;
@@ -26,9 +26,22 @@ export interface ServerContext {
   generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void) => Promise<TaskResult[]>;
 }
 
+/** KServe's 404 for a model name this server does not serve (every route and the WebSocket). */
+export const unknownModel = (name: string): RuntimeError => new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+
+/**
+ * The model endpoint (`/v1/models/{name}`, `/v1/models/{name}/ready`, `/v2/models/{name}/ready`): 200 once ready;
+ * while booting, failed or stopping a 503 carrying the boot state and progress (DESIGN.md); 404 for another name.
+ */
+export function modelStatus(ctx: ServerContext, name: string): Reply {
+  if (name !== ctx.cfg.modelName) throw unknownModel(name);
+  if (ctx.boot.ready && !ctx.stopping()) return json(200, { name, ready: true });
+  throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.`, { retryAfter: 5, fields: { name, ready: false, ...ctx.boot.describe() } });
+}
+
 /** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
 export function assertServable(ctx: ServerContext, name: string): void {
-  if (name !== ctx.cfg.modelName) throw new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+  if (name !== ctx.cfg.modelName) throw unknownModel(name);
   if (ctx.stopping()) throw new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
   if (!ctx.boot.ready) {
     const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;
@@ -39,7 +52,7 @@ export function assertServable(ctx: ServerContext, name: string): void {
 export function parseContext(ctx: ServerContext): ParseContext {
   const defaults = ctx.engine.defaults;
   if (!defaults) throw new RuntimeError('MODEL_NOT_READY', `Model with name ${ctx.cfg.modelName} is not ready.`, { retryAfter: 5 });
-  return { cfg: ctx.cfg, defaults, checkScheduler: ctx.checkScheduler, randomSeed: ctx.randomSeed };
+  return { cfg: ctx.cfg, defaults, randomSeed: ctx.randomSeed };
 }
 
 /** Reads and decodes the requests' input images (400 naming the field for anything wrong with them). */

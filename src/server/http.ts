@@ -1,6 +1,6 @@
 /** @module The one way a route replies: abort-safe, once, body-capped, errors mapped in one place. */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { RuntimeError, isRuntimeError } from '../errors.js';
+import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { pathOf } from './base.js';
 
@@ -30,12 +30,15 @@ export const json = (status: number, value: unknown, headers?: Record<string, st
   ...(headers ? { headers } : {}),
 });
 
-/** KServe's error body, with our stable code beside it. */
+/**
+ * The error boundary: every error a route, the WebSocket or the fallback meets becomes KServe's `{"error": …}` body with
+ * our stable code beside it (and the error's own fields), its status from the code.
+ */
 export function errorReply(err: unknown, log: Logger): Reply {
   if (isRuntimeError(err)) {
     const headers: Record<string, string> = {};
     if (err.retryAfter !== undefined) headers['retry-after'] = String(err.retryAfter);
-    return json(err.status, { error: capMessage(err.message), code: err.code }, headers);
+    return json(httpStatus(err.code), { error: capMessage(err.message), code: err.code, ...err.fields }, headers);
   }
   // Unknown errors are logged with their cause and answered with a bare 500: no class names, no stacks.
   log.error({ err }, 'unhandled error in request');

@@ -3,8 +3,8 @@ import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, checkInstanceCount, parseInstances } from '../runtime/request.js';
-import { assertServable, parseContext, parseJson, readImages, type ServerContext } from './context.js';
-import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+import { assertServable, modelStatus, parseContext, parseJson, readImages, type ServerContext } from './context.js';
+import { bodyRoute, json, route, type RouteOptions } from './http.js';
 
 /**
  * The seed's `{"predictions":[{"image":{"b64":…}}]}` plus what we add (each image's seed, format and
@@ -31,12 +31,6 @@ export function predictionsBody(results: TaskResult[]): Buffer {
   for (const p of parts) o += typeof p === 'string' ? out.write(p, o, 'utf8') : out.write(p.toString('base64'), o, 'latin1');
   if (o !== size) throw new Error(`prediction body size mismatch: wrote ${o} of ${size} bytes`);
   return out;
-}
-
-export function modelStatus(ctx: ServerContext, name: string): Reply {
-  if (name !== ctx.cfg.modelName) return json(404, { error: `Model with name ${name} does not exist.` });
-  if (ctx.boot.ready && !ctx.stopping()) return json(200, { name, ready: true });
-  return json(503, { error: `Model with name ${name} is not ready.`, name, ready: false, ...ctx.boot.describe() }, { 'retry-after': '5' });
 }
 
 export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): void {

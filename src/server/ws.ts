@@ -16,7 +16,7 @@
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
-import { isRuntimeError, RuntimeError } from '../errors.js';
+import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
@@ -108,7 +108,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
       closeWith(ws, c, 1000, 'done');
     } catch (err) {
-      status = isRuntimeError(err) ? err.status : 500;
+      status = isRuntimeError(err) ? httpStatus(err.code) : 500;
       if (c.closed && status === 499) return void record(499, c);
       fail(ws, c, err);
     }

@@ -14,6 +14,8 @@ import path from 'node:path';
 export const MANIFEST = '.complete.json';
 export const JOURNAL = '.progress.jsonl';
 export const PARTIAL = '.partial';
+/** A folder holding one of these at its root is a cache entry this runtime filled (committed, or being filled). */
+export const ENTRY_MARKERS: readonly string[] = Object.freeze([MANIFEST, JOURNAL]);
 
 export interface ManifestFile {
   readonly path: string;

@@ -274,7 +274,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const ac = new AbortController();
       const reqSignal = AbortSignal.any([signal, ac.signal]);
       // The watchdog covers the wait for headers too: a range that yields nothing for stallMs is abandoned.
-      const watchdog = setTimeout(() => ac.abort(Object.assign(new Error('no bytes received'), { code: 'STALL' })), o.stallMs);
+      const watchdog = setTimeout(() => ac.abort(new RuntimeError('STORAGE_STALL', `no bytes received for ${o.stallMs} ms`)), o.stallMs);
       let body: Readable | undefined;
       let progressed = false;
       // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
@@ -309,7 +309,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (f.obj.etag && res.etag && res.etag !== f.obj.etag) throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
         if (res.contentLength !== undefined && res.contentLength !== left) {
-          throw Object.assign(new Error(`expected ${left} bytes, server announced ${res.contentLength}`), { code: 'SHORT_READ' });
+          throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);
         }
         trusted = true;
         for await (const chunk of body as AsyncIterable<Buffer>) {
@@ -318,18 +318,19 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           pendingBytes += chunk.length;
           if (written + pendingBytes > size) {
             trusted = false;
-            throw Object.assign(new Error('server sent more bytes than the range holds'), { code: 'SHORT_READ' });
+            throw new RuntimeError('STORAGE_SHORT_READ', 'server sent more bytes than the range holds');
           }
           if (pendingBytes >= o.writeBytes) await flush();
         }
         if (pendingBytes > 0) await flush();
-        if (written !== size) throw Object.assign(new Error(`range ended after ${written} of ${size} bytes`), { code: 'SHORT_READ' });
+        if (written !== size) throw new RuntimeError('STORAGE_SHORT_READ', `range ended after ${written} of ${size} bytes`);
         return;
       } catch (e) {
         // What arrived before a reset, a stall or a stop is this range's next bytes: write it rather than fetch it again.
         if (trusted && pendingBytes > 0 && !lost.aborted && !isNoSpace(e)) await flush().catch(() => undefined);
         if (isNoSpace(e)) throw new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e });
-        if (e instanceof ObjectChangedError || e instanceof RuntimeError) throw e;
+        // A stall or a short read is this range's to retry; any other RuntimeError already says what went wrong.
+        if (e instanceof ObjectChangedError || (e instanceof RuntimeError && e.code !== 'STORAGE_STALL' && e.code !== 'STORAGE_SHORT_READ')) throw e;
         if (signal.aborted) throw signal.reason;
         // Not retried here: the fetch starts over through the SDK (fetch.ts).
         if (sdkMightDiffer(e)) throw e;

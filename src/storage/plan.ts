@@ -24,7 +24,7 @@ export const RETRY = Object.freeze({
   statuses: Object.freeze([408, 429, 500, 502, 503, 504]),
   codes: Object.freeze(['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE', 'EAI_AGAIN', 'ENOTFOUND', 'ENETUNREACH', 'EHOSTUNREACH',
     'ECONNABORTED', 'UND_ERR_SOCKET', 'ERR_STREAM_PREMATURE_CLOSE', 'TimeoutError', 'RequestTimeout', 'SlowDown', 'InternalError',
-    'ServiceUnavailable', 'Throttling', 'ThrottlingException', 'RequestTimeTooSkewed', 'STALL', 'SHORT_READ']),
+    'ServiceUnavailable', 'Throttling', 'ThrottlingException', 'RequestTimeTooSkewed']),
   /** S3 error names that retrying cannot fix; they become STORAGE_DENIED / STORAGE_MISSING. */
   denied: Object.freeze(['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken', 'AllAccessDisabled',
     'AccountProblem', 'InvalidBucketName', 'CredentialsProviderError', 'Forbidden']),

@@ -26,7 +26,7 @@ export function classify(err: unknown): ErrorKind {
   if (err instanceof RuntimeError) {
     if (err.code === 'STORAGE_DENIED') return 'denied';
     if (err.code === 'STORAGE_MISSING') return 'missing';
-    if (err.code === 'STORAGE_TRANSIENT') return 'transient';
+    if (err.code === 'STORAGE_TRANSIENT' || err.code === 'STORAGE_STALL' || err.code === 'STORAGE_SHORT_READ') return 'transient';
     if (err.code === 'CANCELLED') return 'aborted';
     return 'fatal';
   }
@@ -54,7 +54,7 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   const e = (err ?? {}) as SdkLikeError;
   const kind = classify(err);
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
-  const s3code = e.name && e.name !== 'Error' ? e.name : e.code ?? `HTTP ${errorStatus(err) ?? '?'}`;
+  const s3code = err instanceof RuntimeError ? err.code : e.name && e.name !== 'Error' ? e.name : e.code ?? `HTTP ${errorStatus(err) ?? '?'}`;
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
       ? 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the data connection secret)'

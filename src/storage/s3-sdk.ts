@@ -6,7 +6,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import type { Readable } from 'node:stream';
-import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
+import { GetObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 
@@ -62,11 +62,6 @@ export async function listPrefix(client: S3Client, bucket: string, prefix: strin
   } while (token !== undefined);
   out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
   return out;
-}
-
-export async function headObject(client: S3Client, bucket: string, key: string, signal?: AbortSignal): Promise<{ size: number; etag: string }> {
-  const h = await client.send(new HeadObjectCommand({ Bucket: bucket, Key: key }), signal ? { abortSignal: signal } : {});
-  return { size: h.ContentLength ?? 0, etag: h.ETag ?? '' };
 }
 
 /** A ranged GET through the SDK, answered in the transport's terms. */

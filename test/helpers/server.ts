@@ -1,9 +1,13 @@
-/** Starts the real built server (`node dist/src/main.js`) as a child process on an ephemeral port. */
+/**
+ * Starts the real built server (`node dist/src/main.js`) as a child process on an ephemeral port: for what only a
+ * process shows (signals, exit codes, stderr, the cold start's order). Everything else runs in-process (runtime.ts).
+ */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { referenceDir } from '../../scripts/reference.js';
+import type { BootEventMap, BootEventName } from '../../src/runtime/boot-events.js';
 
 export const ROOT = path.resolve(import.meta.dirname, '..', '..');
 export const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
@@ -16,6 +20,9 @@ export interface LogLine {
   [k: string]: unknown;
 }
 
+/** A boot event as its log line carries it (src/runtime/boot-events.ts): the data, plus `event`, `msg`, `level`, … */
+export type EventLine<K extends BootEventName> = BootEventMap[K] & LogLine;
+
 export interface ServerHandle {
   url: string;
   port: number;
@@ -24,7 +31,11 @@ export interface ServerHandle {
   stderr: string[];
   cacheDir: string;
   spawnedAt: number;
-  waitForLog(pred: (l: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  /** The first event `name` (already logged, or to come) for which `pred` holds; rejects if the process exits first. */
+  waitFor<K extends BootEventName>(name: K, pred?: (d: EventLine<K>) => boolean, timeoutMs?: number): Promise<EventLine<K>>;
+  /** Every event `name` logged so far, in order. */
+  events<K extends BootEventName>(name: K): Array<EventLine<K>>;
+  /** Resolves on `ready`; rejects with the reason if the boot fails. */
   waitReady(timeoutMs?: number): Promise<void>;
   stop(signal?: NodeJS.Signals, timeoutMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
@@ -34,6 +45,13 @@ let sharedCache: string | undefined;
 export function sharedCacheDir(): string {
   return (sharedCache ??= mkdtempSync(path.join(os.tmpdir(), 'dr-test-cache-')));
 }
+
+/** Whether a log line is event `name` and `pred` holds for it. */
+export const isEvent = <K extends BootEventName>(l: LogLine, name: K, pred?: (d: EventLine<K>) => boolean): l is EventLine<K> =>
+  l.event === name && (pred === undefined || pred(l as EventLine<K>));
+
+/** A boot that ended: `ready`, or the `state` event that says it failed. */
+export const bootEnded = (l: LogLine): boolean => isEvent(l, 'ready') || isEvent(l, 'state', (d) => d.state === 'failed');
 
 /**
  * `live`: return as soon as liveness answers on env.PORT (which must be set), before the runtime has loaded and
@@ -75,26 +93,29 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
   });
   proc.stderr!.setEncoding('utf8').on('data', (c: string) => stderr.push(c));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  const context = () => `last lines:\n${logs.slice(-8).map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${stderr.join('').slice(-2000)}`;
 
-  const waitForLog = (pred: (l: LogLine) => boolean, timeoutMs = opts.timeoutMs ?? 60_000): Promise<LogLine> => {
+  const waitLine = (what: string, pred: (l: LogLine) => boolean, timeoutMs = opts.timeoutMs ?? 60_000): Promise<LogLine> => {
     const hit = logs.find(pred);
     if (hit) return Promise.resolve(hit);
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`timed out waiting for a log line; last lines:\n${logs.slice(-8).map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${stderr.join('').slice(-2000)}`)), timeoutMs);
+      const timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}; ${context()}`)), timeoutMs);
       const w = { pred, resolve: (l: LogLine) => (clearTimeout(timer), resolve(l)) };
       waiters.push(w);
       void exited.then(({ code }) => {
         if (waiters.includes(w)) {
           clearTimeout(timer);
-          reject(new Error(`server exited (code ${code}) before the expected log line; stderr: ${stderr.join('').slice(-2000)}; last: ${logs.slice(-5).map((l) => JSON.stringify(l)).join('\n')}`));
+          reject(new Error(`server exited (code ${code}) before ${what}; ${context()}`));
         }
       });
     });
   };
+  const waitFor = <K extends BootEventName>(name: K, pred?: (d: EventLine<K>) => boolean, timeoutMs?: number) =>
+    waitLine(`the "${name}" event`, (l) => isEvent(l, name, pred), timeoutMs) as Promise<EventLine<K>>;
 
   const port = opts.live
-    ? await waitLive(Number(env.PORT), exited, () => `last lines:\n${logs.slice(-8).map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${stderr.join('').slice(-2000)}`, opts.timeoutMs ?? 60_000)
-    : Number((await waitForLog((l) => l.msg === 'listening')).port);
+    ? await waitLive(Number(env.PORT), exited, context, opts.timeoutMs ?? 60_000)
+    : (await waitFor('listening')).port;
   const url = `http://127.0.0.1:${port}`;
   const handle: ServerHandle = {
     url,
@@ -104,10 +125,11 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
     stderr,
     cacheDir,
     spawnedAt,
-    waitForLog,
+    waitFor,
+    events: <K extends BootEventName>(name: K) => logs.filter((l): l is EventLine<K> => isEvent(l, name)),
     waitReady: async (timeoutMs = opts.timeoutMs ?? 120_000) => {
-      const l = await waitForLog((x) => x.msg === 'model ready' || x.msg?.startsWith('boot failed') === true, timeoutMs);
-      if (l.msg !== 'model ready') throw new Error(`boot failed: ${String(l.reason)}`);
+      const l = await waitLine('the end of the boot', bootEnded, timeoutMs);
+      if (!isEvent(l, 'ready')) throw new Error(`boot failed: ${String(l.reason)}`);
     },
     stop: async (signal = 'SIGTERM', timeoutMs = 30_000) => {
       if (proc.exitCode !== null || proc.signalCode !== null) return exited;

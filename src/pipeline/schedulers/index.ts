@@ -5,6 +5,7 @@
  */
 
 import { RuntimeError } from '../../errors.js';
+import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
 import { type ConfigValue, type ResolvedConfig, resolveConfig } from './common.js';
@@ -12,16 +13,18 @@ import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS } from './lcm.js';
+import { SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS } from './pndm.js';
 
 export type { ResolvedConfig } from './common.js';
+export { SCHEDULER_NAMES, type SchedulerChoice } from './names.js';
 
 interface SchedulerClass {
   defaults: Readonly<Record<string, ConfigValue>>;
   build(config: ResolvedConfig, steps: number, eta: number): Scheduler;
 }
 
-const CLASSES: Readonly<Record<string, SchedulerClass>> = Object.freeze({
+const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
   PNDMScheduler: { defaults: PNDM_DEFAULTS, build: (c, n) => new PNDM(c, n) },
   DDIMScheduler: { defaults: DDIM_DEFAULTS, build: (c, n, eta) => new DDIM(c, n, eta) },
   EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, build: (c, n) => new EulerDiscrete(c, n) },
@@ -30,36 +33,7 @@ const CLASSES: Readonly<Record<string, SchedulerClass>> = Object.freeze({
   LCMScheduler: { defaults: LCM_DEFAULTS, build: (c, n) => new LCM(c, n) },
 });
 
-/** A request's `scheduler` name: the diffusers class it builds and the config it forces on top of the model's. */
-export interface SchedulerChoice {
-  readonly className: string;
-  readonly overrides: Readonly<Record<string, ConfigValue>>;
-}
-
-/**
- * Request names (A1111/ComfyUI-style short names; the diffusers class names are accepted too, with no overrides).
- * `pndm` forces skip_prk_steps as every Stable Diffusion pipeline ships it; a bare `PNDMScheduler` keeps the model's.
- */
-export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object.freeze({
-  pndm: { className: 'PNDMScheduler', overrides: { skip_prk_steps: true } },
-  ddim: { className: 'DDIMScheduler', overrides: {} },
-  euler: { className: 'EulerDiscreteScheduler', overrides: {} },
-  euler_karras: { className: 'EulerDiscreteScheduler', overrides: { use_karras_sigmas: true } },
-  euler_a: { className: 'EulerAncestralDiscreteScheduler', overrides: {} },
-  dpmpp_2m: {
-    className: 'DPMSolverMultistepScheduler',
-    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: false },
-  },
-  dpmpp_2m_karras: {
-    className: 'DPMSolverMultistepScheduler',
-    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
-  },
-  lcm: { className: 'LCMScheduler', overrides: {} },
-  ...Object.fromEntries(Object.keys(CLASSES).map((c) => [c, { className: c, overrides: {} }])),
-});
-
-/** The scheduler classes this runtime implements. */
-export const SCHEDULER_CLASSES: readonly string[] = Object.freeze(Object.keys(CLASSES));
+const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
 
 /**
  * `pipe.scheduler.config` right after `DiffusionPipeline.from_pretrained` loaded the model's scheduler with its own
@@ -72,7 +46,7 @@ export function loadedSchedulerConfig(file: Readonly<Record<string, unknown>>): 
   const dropped = new Set(Array.isArray(file._use_default_values) ? (file._use_default_values as unknown[]) : []);
   const given: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(file)) if (!dropped.has(k) && k !== '_use_default_values') given[k] = v;
-  const cls = typeof file._class_name === 'string' && Object.hasOwn(CLASSES, file._class_name) ? CLASSES[file._class_name]! : undefined;
+  const cls = isClassName(file._class_name) ? CLASSES[file._class_name] : undefined;
   if (!cls) return given;
   const out: Record<string, unknown> = {};
   const fromDefaults: string[] = [];
@@ -147,32 +121,72 @@ export interface CreateSchedulerOptions {
   eta?: number;
 }
 
+/** The class (and forced options) `name` builds, else the model's own class; throws for an unusable one. */
+function choose(config: Record<string, unknown>, name: string | undefined): SchedulerChoice {
+  if (name !== undefined) {
+    const unknown = unknownSchedulerName(name);
+    if (unknown !== undefined) throw new RuntimeError('INVALID_INPUT', unknown);
+    return SCHEDULER_NAMES[name]!;
+  }
+  const cls = config._class_name;
+  if (!isClassName(cls)) {
+    throw new RuntimeError(
+      'UNSUPPORTED',
+      `scheduler class ${JSON.stringify(cls)} of the model is not supported; choose one per request (${Object.keys(SCHEDULER_NAMES).join(', ')})`,
+    );
+  }
+  return { className: cls, overrides: {} };
+}
+
+// Without a name the pipeline runs its own scheduler, whose config values all apply (rewritten ones included);
+// a name is `from_config(config, **overrides)`, which drops the keys listed in `_use_default_values`.
+const resolve = (config: Record<string, unknown>, choice: SchedulerChoice, named: boolean): ResolvedConfig =>
+  resolveConfig(choice.className, CLASSES[choice.className].defaults, config, choice.overrides, named);
+
 export function createScheduler(
   config: Record<string, unknown>,
   numInferenceSteps: number,
   opts: CreateSchedulerOptions = {},
 ): Scheduler {
-  let choice: SchedulerChoice;
-  if (opts.name !== undefined) {
-    if (!Object.hasOwn(SCHEDULER_NAMES, opts.name)) {
-      throw new RuntimeError('INVALID_INPUT', `scheduler "${opts.name}" is unknown; use one of ${Object.keys(SCHEDULER_NAMES).join(', ')}`);
-    }
-    choice = SCHEDULER_NAMES[opts.name]!;
-  } else {
-    const cls = config._class_name;
-    if (typeof cls !== 'string' || !Object.hasOwn(CLASSES, cls)) {
-      throw new RuntimeError(
-        'UNSUPPORTED',
-        `scheduler class ${JSON.stringify(cls)} of the model is not supported; choose one per request (${Object.keys(SCHEDULER_NAMES).join(', ')})`,
-      );
-    }
-    choice = { className: cls, overrides: {} };
-  }
+  const choice = choose(config, opts.name);
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
-  const cls = CLASSES[choice.className]!;
-  // Without a name the pipeline runs its own scheduler, whose config values all apply (rewritten ones included);
-  // a name is `from_config(config, **overrides)`, which drops the keys listed in `_use_default_values`.
-  const resolved = resolveConfig(choice.className, cls.defaults, config, choice.overrides, opts.name !== undefined);
-  return cls.build(resolved, numInferenceSteps, eta);
+  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta);
+}
+
+/**
+ * The num_inference_steps `createScheduler(config, n, { name })` accepts, read from the config without building a
+ * scheduler: 1 to num_train_timesteps for every class, at most original_inference_steps for LCM, at least 4 for PNDM
+ * with its Runge-Kutta warm-up (the limits the classes' constructors enforce). Throws as createScheduler does for an
+ * unusable name or config.
+ */
+export function stepRange(config: Record<string, unknown>, name?: string): StepRange {
+  const choice = choose(config, name);
+  const { className } = choice;
+  const resolved = resolve(config, choice, name !== undefined);
+  const train = resolved.num_train_timesteps as number;
+  const r: StepRange = { min: 1, max: train, why: `num_train_timesteps is ${train}` };
+  if (className === 'PNDMScheduler' && resolved.skip_prk_steps !== true) {
+    r.min = 4;
+    r.why = `${className} without skip_prk_steps needs at least 4; ${r.why}`;
+  }
+  const original = resolved.original_inference_steps;
+  if (className === 'LCMScheduler' && typeof original === 'number' && original < r.max) {
+    r.max = original;
+    r.why = `original_inference_steps is ${original}`;
+  }
+  return r;
+}
+
+/** stepRange for the model's own scheduler ('') and every request name; a name the config cannot serve is left out. */
+export function stepRanges(config: Record<string, unknown>): Record<string, StepRange> {
+  const out: Record<string, StepRange> = {};
+  for (const name of [undefined, ...Object.keys(SCHEDULER_NAMES)]) {
+    try {
+      out[name ?? ''] = stepRange(config, name);
+    } catch {
+      // createScheduler reports it (UNSUPPORTED) when a request asks for it
+    }
+  }
+  return out;
 }

@@ -1,0 +1,122 @@
+/**
+ * @module The generation contract: what a pipeline reports about its model (ModelDefaults), what one generation asks
+ * for (Job: its shape, its items, image inputs, LoRA adapters) and what it gives back (GeneratedImage, StageTimes).
+ * The request parser (runtime/request.ts) produces these types and the pipeline consumes them; types only, so either
+ * side imports it without the other.
+ */
+import type { Raster } from './resample.js';
+
+export type { Raster } from './resample.js';
+
+/** The num_inference_steps a scheduler accepts with this model's config; `why` names the limit that binds. */
+export interface StepRange {
+  min: number;
+  max: number;
+  why: string;
+}
+
+/** Model-dependent defaults, reported by the pipeline once the model is loaded. */
+export interface ModelDefaults {
+  steps: number;
+  guidance: number;
+  height: number;
+  width: number;
+  /** The model's own scheduler class (scheduler/scheduler_config.json). */
+  scheduler: string;
+  /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
+  vaeEncoder?: boolean;
+  /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
+  inpainting?: boolean;
+  /**
+   * Step limits by request scheduler name ('' for the model's own scheduler), so a request outside them is refused
+   * when it is parsed rather than by the worker after it waited in the queue. A name absent here is not checked early.
+   */
+  stepRanges?: Readonly<Record<string, StepRange>>;
+}
+
+/** The shape of a generation: requests with equal shapes can share one batch. */
+export interface GenerationShape {
+  steps: number;
+  guidance: number;
+  height: number;
+  width: number;
+  /** A request scheduler name (see pipeline/schedulers); absent: the model's own scheduler. */
+  scheduler: string | undefined;
+  eta: number;
+  guidanceRescale: number;
+}
+
+/** One prompt of a generation, with the number of images it makes. */
+export interface JobItem {
+  prompt: string;
+  negativePrompt: string | undefined;
+  /** First image's seed; image i uses seed + i (one generator per image). */
+  seed: number;
+  numImages: number;
+}
+
+/**
+ * How an input is fitted to the output size (VaeImageProcessor `resize_mode`): `default` stretches it (diffusers'
+ * img2img and inpaint pipelines), `crop` keeps the aspect ratio and crops the overflow around the centre, `fill` keeps
+ * the aspect ratio and fills the margins by stretching the image's edge rows or columns.
+ */
+export type ResizeMode = 'default' | 'crop' | 'fill';
+export const RESIZE_MODES: readonly ResizeMode[] = ['default', 'crop', 'fill'];
+
+export type ImageMode = 'img2img' | 'inpaint';
+
+/** The image inputs of a generation job, as decoded pixels (RGB, the source's own size). */
+export interface ImageInit {
+  mode: ImageMode;
+  strength: number;
+  resizeMode: ResizeMode;
+  image: Raster;
+  /** Inpainting: white = repaint, black = keep (same size as `image`). */
+  mask?: Raster;
+}
+
+/** One LoRA adapter of a set: its name, its local file, and the request's scale. */
+export interface AdapterRef {
+  name: string;
+  file: string;
+  scale: number;
+}
+
+/** The adapter set a job runs with: its key (names and scales) and its adapters. */
+export interface AdapterSet {
+  key: string;
+  refs: AdapterRef[];
+}
+
+export interface Job {
+  shape: GenerationShape;
+  items: JobItem[];
+  /**
+   * Token ids of every prompt and negative text of the job (a missing negative as ''), one id list per tokenizer of
+   * the model (tokenizer, tokenizer_2), as the engine encoded them on the main thread. Absent: the pipeline encodes
+   * with tokenizers of its own (Pipeline.create without 'external').
+   */
+  tokens?: Array<[string, number[][]]>;
+  /** Image-to-image or inpainting inputs, shared by every item of the job (requests with other inputs never batch). */
+  init?: ImageInit;
+}
+
+/** One image the pipeline made: RGB uint8, row-major HWC, and the seed it came from. */
+export interface GeneratedImage {
+  rgb: Uint8Array;
+  width: number;
+  height: number;
+  seed: number;
+}
+
+/** Where a generation's time went. */
+export interface StageTimes {
+  textEncoderMs: number;
+  denoiseMs: number;
+  vaeMs: number;
+  /** Resizing the input image (and mask) and running the VAE encoder on it: image-to-image and inpainting only. */
+  vaeEncoderMs?: number;
+  steps: number;
+  /** Time spent waiting for sessions still being created (only a warm-up that starts during the download). */
+  sessionWaitMs?: number;
+}

@@ -1,0 +1,49 @@
+/**
+ * @module The scheduler names a request may give, and the class each builds: a table with no scheduler code, so the
+ * request parser on the main thread checks a name without loading (or building) a scheduler.
+ */
+
+/** The diffusers scheduler classes this runtime implements (schedulers/index.ts builds each). */
+export const SCHEDULER_CLASS_NAMES = [
+  'PNDMScheduler',
+  'DDIMScheduler',
+  'EulerDiscreteScheduler',
+  'EulerAncestralDiscreteScheduler',
+  'DPMSolverMultistepScheduler',
+  'LCMScheduler',
+] as const;
+export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
+
+/** A request's `scheduler` name: the diffusers class it builds and the config it forces on top of the model's. */
+export interface SchedulerChoice {
+  readonly className: SchedulerClassName;
+  readonly overrides: Readonly<Record<string, string | number | boolean>>;
+}
+
+/**
+ * Request names (A1111/ComfyUI-style short names; the diffusers class names are accepted too, with no overrides).
+ * `pndm` forces skip_prk_steps as every Stable Diffusion pipeline ships it; a bare `PNDMScheduler` keeps the model's.
+ */
+export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object.freeze({
+  pndm: { className: 'PNDMScheduler', overrides: { skip_prk_steps: true } },
+  ddim: { className: 'DDIMScheduler', overrides: {} },
+  euler: { className: 'EulerDiscreteScheduler', overrides: {} },
+  euler_karras: { className: 'EulerDiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  euler_a: { className: 'EulerAncestralDiscreteScheduler', overrides: {} },
+  dpmpp_2m: {
+    className: 'DPMSolverMultistepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: false },
+  },
+  dpmpp_2m_karras: {
+    className: 'DPMSolverMultistepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
+  },
+  lcm: { className: 'LCMScheduler', overrides: {} },
+  ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
+});
+
+/** Why `name` is not a scheduler name (the message lists the known ones), or undefined when it is one. */
+export function unknownSchedulerName(name: string): string | undefined {
+  if (Object.hasOwn(SCHEDULER_NAMES, name)) return undefined;
+  return `scheduler "${name}" is unknown; use one of ${Object.keys(SCHEDULER_NAMES).join(', ')}`;
+}

@@ -1,0 +1,46 @@
+/** The request parser against the contract: scheduler names and each scheduler's step limits are checked at parse time. */
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import type { ModelDefaults } from '../src/pipeline/job.js';
+import { stepRanges } from '../src/pipeline/schedulers/index.js';
+import { parseInstances, type ParseContext } from '../src/runtime/request.js';
+
+/** SD 1.5's shipped scheduler config, as the worker reports its limits. */
+const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
+const defaults = (config: Record<string, unknown>): ModelDefaults => ({ steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: String(config._class_name), stepRanges: stepRanges(config) });
+const ctx = (d: ModelDefaults): ParseContext => ({ cfg: loadConfig({}), defaults: d, randomSeed: () => 7 });
+const parse = (inst: Record<string, unknown>, d = defaults(SD15)) => parseInstances([{ prompt: 'p', ...inst }], ctx(d));
+
+describe('parseInstances', () => {
+  it('refuses steps outside the named scheduler\'s limits, naming the field and the limit', () => {
+    expect(() => parse({ scheduler: 'lcm', num_inference_steps: 51 })).toThrow(
+      'instances[0].num_inference_steps must be from 1 to 50 for scheduler lcm (original_inference_steps is 50), got 51',
+    );
+    expect(parse({ scheduler: 'lcm', num_inference_steps: 50 })[0]!.shape).toMatchObject({ steps: 50, scheduler: 'lcm' });
+  });
+
+  it('checks the model\'s own scheduler when the request names none, its default step count included', () => {
+    const { skip_prk_steps: _drop, ...prk } = SD15;
+    expect(() => parse({ num_inference_steps: 3 }, defaults(prk))).toThrow(
+      'instances[0].num_inference_steps must be from 4 to 1000 for scheduler PNDMScheduler (PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000), got 3',
+    );
+    expect(parse({ num_inference_steps: 3 })[0]!.shape.steps).toBe(3);
+    const lcm = { _class_name: 'LCMScheduler', original_inference_steps: 8 };
+    expect(() => parse({}, { ...defaults(lcm), steps: 50 })).toThrow(/num_inference_steps must be from 1 to 8 for scheduler LCMScheduler \(original_inference_steps is 8\), got 50/);
+  });
+
+  it('reports an unknown scheduler name once, not a step limit of another scheduler as well', () => {
+    const { skip_prk_steps: _drop, ...prk } = SD15;
+    expect(() => parse({ scheduler: 'warp9', num_inference_steps: 2 }, defaults(prk))).toThrow(/^instances\[0\]\.scheduler: scheduler "warp9" is unknown; use one of pndm, ddim, /);
+    expect(() => parse({ scheduler: 'warp9', num_inference_steps: 2 }, defaults(prk))).not.toThrow(/num_inference_steps/);
+  });
+
+  it('lists a step limit with the request\'s other problems', () => {
+    expect(() => parse({ scheduler: 'lcm', num_inference_steps: 60, height: 7 })).toThrow(/num_inference_steps must be from 1 to 50 .*; instances\[0\]\.height|height.*; .*num_inference_steps must be from 1 to 50/);
+  });
+
+  it('a model that reports no limits is checked against MAX_STEPS only', () => {
+    const { stepRanges: _none, ...bare } = defaults(SD15);
+    expect(parse({ scheduler: 'lcm', num_inference_steps: 60 }, bare)[0]!.shape.steps).toBe(60);
+  });
+});

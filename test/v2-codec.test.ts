@@ -1,0 +1,98 @@
+/** The V2 tensor codec on its own (no server): binary tensor data in every datatype, problems named together, answers. */
+import { describe, expect, it } from 'vitest';
+import type { TaskResult } from '../src/runtime/engine.js';
+import { encodeInferResponse, parseInferRequest, shortestFloat32, toInstances } from '../src/server/v2-codec.js';
+
+/** A binary-extension body: the JSON header, then each input's bytes; and its headers. */
+function binaryBody(inputs: Array<{ name: string; datatype: string; shape: number[]; bytes: Buffer }>, extra: Record<string, unknown> = {}) {
+  const header = Buffer.from(JSON.stringify({ ...extra, inputs: inputs.map(({ bytes, ...t }) => ({ ...t, parameters: { binary_data_size: bytes.length } })) }));
+  return { headers: { 'inference-header-content-length': String(header.length) }, body: Buffer.concat([header, ...inputs.map((i) => i.bytes)]) };
+}
+const bytesElems = (...xs: Array<string | Buffer>) => Buffer.concat(xs.flatMap((x) => {
+  const b = typeof x === 'string' ? Buffer.from(x) : x;
+  const n = Buffer.alloc(4);
+  n.writeUInt32LE(b.length);
+  return [n, b];
+}));
+const json = (v: unknown) => Buffer.from(JSON.stringify(v));
+
+describe('V2 codec: requests', () => {
+  it('decodes binary tensor data of each kind: BYTES text, raw image bytes, INT64, FP16, BF16, FP32 as typed', () => {
+    const png = Buffer.from([0x89, 0x50, 0x4e, 0x47, 1, 2, 3]);
+    const i64 = Buffer.alloc(16);
+    i64.writeBigInt64LE(7n, 0);
+    i64.writeBigInt64LE(9n, 8);
+    const f16 = Buffer.from([0x00, 0x3c]); // 1.0
+    const bf16 = Buffer.from([0x40, 0x3f]); // 0.75
+    const f32 = Buffer.alloc(4);
+    f32.writeFloatLE(0.7);
+    const { headers, body } = binaryBody([
+      { name: 'prompt', datatype: 'BYTES', shape: [2], bytes: bytesElems('a fox', 'é') },
+      { name: 'image', datatype: 'BYTES', shape: [1], bytes: bytesElems(png) },
+      { name: 'seed', datatype: 'INT64', shape: [2], bytes: i64 },
+      { name: 'guidance_scale', datatype: 'FP16', shape: [1], bytes: f16 },
+      { name: 'eta', datatype: 'BF16', shape: [1], bytes: bf16 },
+      { name: 'strength', datatype: 'FP32', shape: [1], bytes: f32 },
+    ], { id: 'x' });
+    const req = parseInferRequest(headers, body);
+    expect(req.id).toBe('x');
+    expect(req.inputs.map((t) => [t.name, t.values])).toEqual([
+      ['prompt', ['a fox', 'é']], ['image', [png]], ['seed', [7, 9]], ['guidance_scale', [1]], ['eta', [0.75]], ['strength', [0.7]],
+    ]);
+    expect(toInstances(req)).toEqual([
+      { prompt: 'a fox', image: png, seed: 7, guidance_scale: 1, eta: 0.75, strength: 0.7 },
+      { prompt: 'é', image: png, seed: 9, guidance_scale: 1, eta: 0.75, strength: 0.7 },
+    ]);
+  });
+
+  it('names every problem of a body at once', () => {
+    const body = json({ id: 3, parameters: { steps: 4, nested: { a: 1 } }, inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['a'] }, { name: 'seed', shape: [1], datatype: 'FP32', data: [1] }] });
+    expect(() => parseInferRequest({}, body)).toThrow(
+      'id must be a string, got number; parameters.nested must be a string, number or boolean (parameters is a flat map), got object; '
+      + 'parameters.steps is not a known field (AUTOMATIC1111\'s name); did you mean "num_inference_steps"?; '
+      + 'input "prompt": shape [2] holds 2 elements but data has 1; input "seed" must have an integer datatype (INT32, INT64, …), got FP32',
+    );
+  });
+
+  it('refuses binary sizes that do not add up, and a body too short for its header length', () => {
+    const { headers, body } = binaryBody([{ name: 'prompt', datatype: 'BYTES', shape: [1], bytes: bytesElems('a') }]);
+    expect(() => parseInferRequest(headers, Buffer.concat([body, Buffer.from([0])]))).toThrow(/the binary data is 6 bytes but the inputs' binary_data_size add up to 5/);
+    expect(() => parseInferRequest({ 'inference-header-content-length': '9999' }, body)).toThrow(/inference-header-content-length must be an integer from 1 to the body length/);
+    expect(() => parseInferRequest({ 'content-type': 'application/octet-stream' }, Buffer.from([1, 2]))).toThrow("received byte inputs, but the'inference-header-content-length' header is missing.");
+  });
+
+  it('reads an FP32 as the shortest decimal that is the same float32', () => {
+    expect([shortestFloat32(Math.fround(0.7)), shortestFloat32(Math.fround(1 / 3)), shortestFloat32(0), shortestFloat32(-Infinity)]).toEqual([0.7, 0.33333334, 0, -Infinity]);
+  });
+});
+
+describe('V2 codec: answers', () => {
+  const png = (n: number) => Uint8Array.from({ length: n }, (_, i) => i).buffer;
+  const results = [{ images: [{ data: png(5), seed: 7, width: 8, height: 8, format: 'png' }, { data: png(3), seed: 8, width: 8, height: 8, format: 'png' }] }] as unknown as TaskResult[];
+
+  it('encodes JSON outputs: base64 images and seeds', () => {
+    const req = parseInferRequest({}, json({ id: 'r', inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a'] }] }));
+    const out = encodeInferResponse('model', req, results);
+    expect(out.contentType).toBe('application/json');
+    expect(out.headerLength).toBeUndefined();
+    expect(JSON.parse(String(out.body))).toEqual({
+      model_name: 'model', id: 'r',
+      outputs: [
+        { name: 'image', shape: [2], datatype: 'BYTES', data: [Buffer.from(png(5)).toString('base64'), Buffer.from(png(3)).toString('base64')] },
+        { name: 'seed', shape: [2], datatype: 'INT64', data: [7, 8] },
+      ],
+    });
+  });
+
+  it('encodes binary outputs after the JSON header, each with its binary_data_size', () => {
+    const req = parseInferRequest({}, json({ id: 'r', inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a'] }], parameters: { binary_data_output: true } }));
+    const out = encodeInferResponse('model', req, results);
+    const body = out.body as Buffer;
+    expect(out.contentType).toBe('application/octet-stream');
+    const header = JSON.parse(body.subarray(0, out.headerLength).toString()) as { outputs: Array<{ parameters: { binary_data_size: number } }> };
+    expect(header.outputs.map((o) => o.parameters.binary_data_size)).toEqual([4 + 5 + 4 + 3, 16]);
+    const rest = body.subarray(out.headerLength);
+    expect(rest.subarray(0, 16)).toEqual(bytesElems(Buffer.from(png(5)), Buffer.from(png(3))));
+    expect([rest.readBigInt64LE(16), rest.readBigInt64LE(24)]).toEqual([7n, 8n]);
+  });
+});
