@@ -281,21 +281,6 @@ describe('engine with several workers (one per GPU)', () => {
     await Promise.all([pinned, other]);
     await engine.close();
   });
-
-  it('a batch past its UNet steps whose clients all left is told to stop (a warm-up may wait there for the VAE)', async () => {
-    const { engine, w } = await loadedEngine();
-    const gone = new AbortController();
-    const result = engine.submit(request('a'), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message);
-    await tick();
-    const id = w.generations()[0]!.id;
-    w.reply({ t: 'denoised', id });
-    await tick();
-    gone.abort();
-    expect(await result).toBe('the request was abandoned while generating');
-    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id }]);
-    w.reply({ t: 'error', id, code: 'CANCELLED', message: 'generation cancelled' });
-    await engine.idle();
-  });
 });
 
 describe('engine with LoRA adapter sets', () => {
