@@ -23,7 +23,7 @@ export class AuxClient {
   /** `onDeath`: the thread ended without being closed (its sessions are gone with it). */
   constructor(init: AuxInit, log: ThreadLog, onDeath: (err: Error) => void) {
     this.#thread = new SessionThread<ToAux, Reply>(new URL('./aux.js', import.meta.url), init, log, {
-      ended: (err) => new Error(err.message === 'closed' ? 'the auxiliary session thread was closed' : `the auxiliary session thread exited (${err.message})`),
+      ended: (err, closed) => new Error(closed ? 'the auxiliary session thread was closed' : `the auxiliary session thread exited (${err.message})`, { cause: err }),
       onDeath,
     });
   }

@@ -61,22 +61,24 @@ const fail = (id: number, err: unknown) =>
 
 /**
  * Creates the session and answers at once. Its priming run goes to the end of this thread's queue, behind the
- * creations already asked for: the worker's load waits for every session to exist, not for another's kernel search,
- * and a run asked for after the answer still finds the session primed.
+ * creations already asked for (a load asks for all its sessions together): the load waits for every session to
+ * exist, not for another's kernel search, and a run asked for after the answer still finds the session primed.
  */
 async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
-  let made: Awaited<ReturnType<SessionFactory['create']>>;
-  let id: number;
+  let id: number | undefined;
   try {
     const f = factory(m.provider);
-    made = await f.create(m.component, m.path);
-    id = next++;
-    sessions.set(id, made.session);
+    const made = await f.create(m.component, m.path);
+    const sid = (id = next++);
+    sessions.set(sid, made.session);
     const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
-    if (feeds) queue = queue.then(() => prime(id, m.component, feeds));
+    if (feeds) queue = queue.then(() => prime(sid, m.component, feeds));
     const deferred = f.deferredWrites.find((w) => w.path === m.path);
-    post({ t: 'created', id: m.id, session: id, inputs: meta(made.session, 'inputMetadata'), outputs: meta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
+    post({ t: 'created', id: m.id, session: sid, inputs: meta(made.session, 'inputMetadata'), outputs: meta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
   } catch (err) {
+    // A session made before the failure is not the client's: it must not outlive the answer.
+    if (id !== undefined) await sessions.get(id)?.release().catch(() => undefined);
+    if (id !== undefined) sessions.delete(id);
     return fail(m.id, err);
   }
 }
@@ -127,7 +129,9 @@ port.on('message', (m: ToAux) => {
       break;
     case 'close':
       queue = queue.then(async () => {
-        await Promise.allSettled([...sessions.values()].map((s) => s.release()));
+        const all = [...sessions.values()];
+        sessions.clear(); // a priming run queued behind this one finds nothing to run
+        await Promise.allSettled(all.map((s) => s.release()));
         process.exit(0);
       });
       break;

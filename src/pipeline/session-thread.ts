@@ -15,8 +15,8 @@ type Failed = { t: 'failed'; id: number; code: string; message: string };
 export type Request<To> = To extends unknown ? Omit<To, 'id'> : never;
 
 export interface SessionThreadOptions {
-  /** What a request waiting on the thread (or asked after) fails with once it has ended. */
-  ended?: (err: Error) => Error;
+  /** What a request waiting on the thread (or asked after) fails with once it has ended (`closed`: by close()). */
+  ended?: (err: Error, closed: boolean) => Error;
   /** The thread ended without being closed (told what `ended` made of it). */
   onDeath?: (err: Error) => void;
 }
@@ -24,9 +24,10 @@ export interface SessionThreadOptions {
 export class SessionThread<To extends { t: string }, Reply extends { t: string; id: number }> {
   readonly #worker: Worker;
   readonly #pending = new Map<number, { resolve: (r: Reply) => void; reject: (e: unknown) => void }>();
-  readonly #ended: (err: Error) => Error;
+  readonly #ended: (err: Error, closed: boolean) => Error;
   #next = 1;
   #dead: Error | undefined;
+  #closed = false;
 
   constructor(entry: URL, workerData: unknown, log: ThreadLog, opts: SessionThreadOptions = {}) {
     this.#ended = opts.ended ?? ((err) => err);
@@ -44,13 +45,22 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
     const die = (err: Error) => {
       if (this.#dead) return;
       this.#dead = err;
-      const e = this.#ended(err);
+      const e = this.#ended(err, false);
       for (const p of this.#pending.values()) p.reject(e);
       this.#pending.clear();
       opts.onDeath?.(e);
     };
     this.#worker.on('error', die);
-    this.#worker.on('exit', (code) => die(new Error(`exit code ${code}`)));
+    this.#worker.on('exit', (code) => {
+      // Closed, but terminated before it answered everything (a run stuck in a native call): those fail now.
+      if (this.#closed) this.#rejectAll(this.#ended(this.#dead!, true));
+      die(new Error(`exit code ${code}`));
+    });
+  }
+
+  #rejectAll(e: Error): void {
+    for (const p of this.#pending.values()) p.reject(e);
+    this.#pending.clear();
   }
 
   get ended(): boolean {
@@ -59,7 +69,7 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
 
   /** Sends `m` with a fresh id; resolves with the reply that carries it. */
   ask(m: Request<To>): Promise<Reply> {
-    if (this.#dead) return Promise.reject(this.#ended(this.#dead));
+    if (this.#dead) return Promise.reject(this.#ended(this.#dead, this.#closed));
     const id = this.#next++;
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject });
@@ -86,6 +96,7 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
   close(graceMs = 5_000): Promise<void> {
     if (this.#dead) return Promise.resolve();
     this.#dead = new Error('closed');
+    this.#closed = true;
     const exited = new Promise<void>((r) => this.#worker.once('exit', () => r()));
     const timer = setTimeout(() => void this.#worker.terminate(), graceMs);
     this.#worker.postMessage({ t: 'close' });
