@@ -81,9 +81,12 @@ if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.me
 /** A float32 little-endian C-order .npy (what the reference scripts write) as a Float32Array. */
 export function readNpyF32(file: string): Float32Array {
   const buf = readFileSync(file);
-  const headerLen = buf.readUInt16LE(8);
-  const header = buf.subarray(10, 10 + headerLen).toString('latin1');
+  if (buf.toString('latin1', 0, 6) !== '\x93NUMPY') throw new Error(`${file}: not a .npy file`);
+  // Format 1.x has a 2-byte header length; 2.x and 3.x a 4-byte one.
+  const [lenBytes, headerLen] = buf[6] === 1 ? [2, buf.readUInt16LE(8)] : [4, buf.readUInt32LE(8)];
+  const start = 8 + lenBytes;
+  const header = buf.subarray(start, start + headerLen).toString('latin1');
   if (!header.includes("'<f4'") || header.includes("'fortran_order': True")) throw new Error(`${file}: not C-order float32`);
-  const body = buf.subarray(10 + headerLen);
+  const body = buf.subarray(start + headerLen);
   return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.byteLength));
 }

@@ -25,16 +25,15 @@ export class LoraSetThread {
     const r = t.expect(await t.ask({ t: 'build', adapters, components }), 'built', 'build');
     const meta = (l: Built['sessions'][number]['inputs']) => l as unknown as InferenceSession.ValueMetadata[];
     const sessions = new Map<LoraComponent, ModelSession>();
-    for (const s of r.sessions) sessions.set(s.component, new RemoteSession(s.component, s.session, ioInfo(s.component, meta(s.inputs)), ioInfo(s.component, meta(s.outputs)), this));
+    // Its sessions end with the thread (close), not one by one.
+    const host = { run: this.run.bind(this), release: async () => undefined };
+    for (const s of r.sessions) sessions.set(s.component, new RemoteSession(s.component, s.session, ioInfo(s.component, meta(s.inputs)), ioInfo(s.component, meta(s.outputs)), host));
     return { built: r, sessions };
   }
 
   run(session: number, feeds: Parameters<RemoteSession['run']>[0], outputs?: string[]): ReturnType<RemoteSession['run']> {
     return this.#thread.run(session, feeds, outputs);
   }
-
-  /** Sessions end with their thread (close). */
-  async release(): Promise<void> {}
 
   /** Releases the sessions and ends the thread (terminated after `graceMs` if stuck in a native call). */
   close(graceMs = 5_000): Promise<void> {
