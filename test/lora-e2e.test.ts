@@ -96,10 +96,10 @@ describe('LoRA adapters on the demo model', () => {
   const mergedDir = path.join(tmp.dir, 'merged');
 
   beforeAll(async () => {
-    await buildDemoModel(baseDir);
+    await buildDemoModel(baseDir, { withVaeEncoder: true });
     const terms = await offlineTerms(baseDir);
     const edited: string[] = [];
-    await buildDemoModel(mergedDir, {}, {
+    await buildDemoModel(mergedDir, { withVaeEncoder: true }, {
       editWeight: (component, name, values, dims) => {
         const t = terms.get(`${component}/${name}`);
         if (!t) return;
@@ -149,6 +149,16 @@ describe('LoRA adapters on the demo model', () => {
     expect(ready).toHaveLength(1); // the second order reused the set
     expect(ready[0]!.components).toEqual(expect.arrayContaining(['unet', 'text_encoder']));
     expect(ready[0]!.formats).toEqual({ 'demo-kohya': 'kohya', 'demo-style': 'diffusers' });
+  });
+
+  it('applies the adapters to image-to-image too, with the base model\'s VAE encoder', async () => {
+    const input = (await imageOf(base)).b64!;
+    const want = await imageOf(merged, { image: input, strength: 0.6 });
+    expect(want.status).toBe(200);
+    const got = await imageOf(base, { image: input, strength: 0.6, loras: SET });
+    expect(got.error).toBeUndefined();
+    expect(got.b64).toBe(want.b64);
+    expect(got.b64).not.toBe((await imageOf(base, { image: input, strength: 0.6 })).b64);
   });
 
   it('reads an adapter folder (diffusers save_lora_weights layout)', async () => {

@@ -68,6 +68,12 @@ export class Pipeline {
     return p;
   }
 
+  /** The same pipeline with some of its sessions replaced (an adapter set's merged UNet and text encoders). */
+  async withSessions(over: Partial<Sessions>): Promise<Pipeline> {
+    const { unet, ...later } = over;
+    return new Pipeline(this.layout, unet ? await unet : this.unet, { ...this.later, ...later }, this.tokenizers);
+  }
+
   /** Resolves when every session exists (rejects with the first creation that failed). */
   async ready(): Promise<void> {
     await Promise.all(Object.values(this.later));

@@ -18,6 +18,7 @@ import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
+import { LORA_COMPONENTS } from './lora-keys.js';
 import { LoraSetThread } from './lora-client.js';
 import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
@@ -357,18 +358,13 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
   const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, workDir, ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}), ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
   try {
     const layout = base.layout;
-    const graphs = Object.fromEntries((['unet', 'text_encoder', 'text_encoder_2'] as const).filter((c) => layout.onnx[c] !== undefined).map((c) => [c, layout.onnx[c]!]));
+    const graphs = Object.fromEntries(LORA_COMPONENTS.filter((c) => layout.onnx[c] !== undefined).map((c) => [c, layout.onnx[c]!]));
     const { built, sessions: merged } = await thread.build(refs, graphs);
     if (!adapterSets.fits(built.totalBytes)) {
       throw new RuntimeError('INVALID_INPUT', `the adapter set ${key} needs ${mb(built.totalBytes)} MB of merged weights, more than LORA_CACHE_MB=${mb(init.lora?.maxBytes ?? 0)} allows`);
     }
-    const own = (c: 'unet' | 'text_encoder' | 'text_encoder_2') => merged.get(c) ?? sessions.get(c);
-    const p = await Pipeline.create(layout, {
-      text_encoder: own('text_encoder')!,
-      unet: own('unet')!,
-      vae_decoder: sessions.get('vae_decoder')!,
-      ...(layout.isXL ? { text_encoder_2: own('text_encoder_2')! } : {}),
-    }, 'external');
+    // Every other session (the VAE decoder and encoder) is the base pipeline's.
+    const p = await base.withSessions(Object.fromEntries(merged));
     // The model files changed while this set was built: it belongs to the old ones.
     if (mine !== epoch) throw new RuntimeError('MODEL_NOT_READY', 'the model was reloaded while the adapter set was built');
     const total = performance.now() - t0;
