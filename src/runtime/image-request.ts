@@ -9,7 +9,8 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
-import { parseImageUri, type ImageSource } from './image-source.js';
+import { parseS3Object } from '../storage/uri.js';
+import type { ImageSource } from './image-source.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
 export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
@@ -65,7 +66,7 @@ function imageSource(v: unknown, field: string, bad: string[]): ImageInput['sour
   if (s.length === 0) return void bad.push(`${field} is empty; send ${WANT}`);
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(s)?.[1]?.toLowerCase();
   if (scheme === 's3') {
-    if (!parseImageUri(s)) return void bad.push(`${field} must look like s3://bucket/key, got ${JSON.stringify(s.slice(0, 100))}`);
+    if (!parseS3Object(s)) return void bad.push(`${field} must look like s3://bucket/key, got ${JSON.stringify(s.slice(0, 100))}`);
     return { uri: s };
   }
   if (scheme === 'data') {

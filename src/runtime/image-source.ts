@@ -7,7 +7,7 @@ import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { S3Handle } from '../storage/s3-sdk.js';
-import { parseS3Url } from '../storage/uri.js';
+import { parseS3Object } from '../storage/uri.js';
 
 type StorageS3 = typeof import('../storage/s3-sdk.js');
 
@@ -17,19 +17,13 @@ export interface ImageSource {
   destroy(): void;
 }
 
-/** An s3:// input names an object: a bucket and a key. */
-export function parseImageUri(uri: string): { bucket: string; key: string } | undefined {
-  const u = parseS3Url(uri);
-  return u && u.key !== '' ? u : undefined;
-}
-
 /** One S3 client for the runtime's lifetime, created on the first s3:// input (the SDK loads then, not at boot). */
 export function createImageSource(s3: Readonly<S3Settings>): ImageSource {
   let handle: S3Handle | undefined;
   let mods: Promise<[StorageS3, typeof import('@aws-sdk/client-s3')]> | undefined;
   return {
     async read(uri, field, maxBytes, signal) {
-      const loc = parseImageUri(uri);
+      const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
       const [storage, { GetObjectCommand }] = await (mods ??= Promise.all([import('../storage/s3-sdk.js'), import('@aws-sdk/client-s3')]));
       handle ??= storage.createS3(s3, 8);

@@ -6,7 +6,7 @@
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
-import { parseS3Url, type S3Url } from '../storage/uri.js';
+import { parseS3Object, type S3Url } from '../storage/uri.js';
 // The client factory of src/storage/s3-sdk.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
 // AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~250 ms to import), so it loads on the first upload.
 import type { S3Handle } from '../storage/s3-sdk.js';
@@ -23,8 +23,8 @@ const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png',
 
 /** output_uri as an object to write: an s3:// URL with a key (storage/uri.ts reads every s3:// URL). */
 export function parseOutputUri(uri: string): S3Url {
-  const u = parseS3Url(uri);
-  if (u === undefined || u.key === '') throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  const u = parseS3Object(uri);
+  if (u === undefined) throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   return u;
 }
 

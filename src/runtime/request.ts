@@ -4,7 +4,7 @@ import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
-import { parseS3Url } from '../storage/uri.js';
+import { parseS3Object } from '../storage/uri.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -303,7 +303,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const quality = has('quality') ? int('quality', 90, 1, 100) : undefined;
   const uri = str('output_uri', false, 2048);
-  if (uri !== undefined && !parseS3Url(uri)?.key) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  if (uri !== undefined && !parseS3Object(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   const image = parseImageFields(inst, w, bad, defaults, steps);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad);
   if (prompt === undefined) return undefined;

@@ -151,8 +151,7 @@ export interface DownloadReport {
 export async function downloadAll(objects: readonly RemoteObject[], o: DownloadOptions): Promise<DownloadReport> {
   let etagsChecked = true;
   const lost = o.lost ?? new AbortController().signal;
-  const files: FileState[] = [];
-  const byRel = new Map<string, FileState>();
+  const byRel = new Map<string, FileState>(); // in download order
   const tasks: Task[] = [];
   for (const obj of downloadOrder(objects, o.partSize)) {
     const abs = path.join(o.entry, obj.rel);
@@ -166,7 +165,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       j = o.journal.start(obj.rel, obj.etag, obj.size);
     }
     const f: FileState = { obj, abs, partial, j, left: 0 };
-    files.push(f);
     byRel.set(obj.rel, f);
     for (const [s, e] of gaps(j.spans, obj.size)) {
       for (const p of planParts(e - s, o.partSize)) {
@@ -354,13 +352,13 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   try {
     // Zero-byte files, and files whose every byte the journal records (a kill came before their rename).
-    for (const f of files) if (f.left === 0) await finish(f);
+    for (const f of byRel.values()) if (f.left === 0) await finish(f);
     await Promise.all(Array.from({ length: Math.min(o.concurrency, queue.length) }, worker));
   } finally {
     clearInterval(ticker);
     lost.removeEventListener('abort', halt);
     if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
-    await Promise.all(files.map(async (f) => {
+    await Promise.all([...byRel.values()].map(async (f) => {
       if (f.closed) return;
       await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);
     }));

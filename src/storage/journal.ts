@@ -373,10 +373,7 @@ export class Journal {
 
   /** Closes and deletes the log (the entry is committed; its manifest says everything). */
   async remove(): Promise<void> {
-    this.#closed = true;
-    await this.#chain;
-    await this.#fh?.close().catch(() => undefined);
-    this.#fh = undefined;
+    await this.close();
     await fsp.unlink(this.#file).catch(() => undefined);
   }
 }

@@ -27,6 +27,12 @@ export function parseS3Url(uri: string): S3Url | undefined {
   return { bucket: m[1]!, key: m[2] ?? '' };
 }
 
+/** An s3:// URL that names one object: a bucket and a non-empty key (an input image, an output_uri). */
+export function parseS3Object(uri: string): S3Url | undefined {
+  const u = parseS3Url(uri);
+  return u && u.key !== '' ? u : undefined;
+}
+
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {
   const u = uri.trim();
