@@ -17,9 +17,8 @@ import { mkdtemp, readFile, rm, writeFile, mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { buildDemoModel } from '../src/demo/build.js';
-import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent } from '../src/pipeline/lora-keys.js';
-import { readLoraMap, type LoraMap } from '../src/pipeline/lora-map.js';
-import { mergeComponent, writeMergedComponent } from '../src/pipeline/lora-merge.js';
+import { LORA_COMPONENTS, parseAdapter } from '../src/pipeline/lora-keys.js';
+import { mergeComponent, planAdapterSet, writeMergedComponent } from '../src/pipeline/lora-merge.js';
 import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
@@ -44,13 +43,8 @@ async function main(): Promise<void> {
     };
     const base = await time('base UNet session from its path', () => factory.create('unet', unet));
     const st = parseSafetensors(await readFile(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');
-    const maps = new Map<LoraComponent, LoraMap>();
-    for (const c of LORA_COMPONENTS) {
-      const m = readLoraMap(path.join(dir, c));
-      if (m) maps.set(c, m);
-    }
-    const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 1 }], maps);
-    const list = [...updates.values()].filter((u) => u.component === 'unet');
+    const graphs = Object.fromEntries(LORA_COMPONENTS.map((c) => [c, path.join(dir, c, 'model.onnx')]));
+    const list = planAdapterSet([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 1 }], graphs).byComponent.get('unet') ?? [];
     const merged = await time('merge in memory (read graph + data, patch)', () => mergeComponent(unet, list));
     const mem = await time('session from the in-memory bytes', () => factory.createFromBytes('unet', merged.model, merged.externalData));
     const copy = path.join(dir, 'merged', 'unet');

@@ -10,9 +10,8 @@
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from '../src/pipeline/lora-keys.js';
-import { readLoraMap, type LoraMap } from '../src/pipeline/lora-map.js';
-import { mergeComponent, writeMergedComponent } from '../src/pipeline/lora-merge.js';
+import { LORA_COMPONENTS, parseAdapter } from '../src/pipeline/lora-keys.js';
+import { mergeComponent, planAdapterSet, writeMergedComponent } from '../src/pipeline/lora-merge.js';
 import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
 
 async function main(args: string[]): Promise<void> {
@@ -29,18 +28,12 @@ async function main(args: string[]): Promise<void> {
     const st = parseSafetensors(await readFile(file), `adapter "${name}"`);
     return { parsed: parseAdapter(st, name), st, scale: m[2] === undefined ? 1 : Number(m[2]) };
   }));
-  const maps = new Map<LoraComponent, LoraMap>();
-  for (const c of LORA_COMPONENTS) {
-    const map = readLoraMap(path.join(modelDir, c));
-    if (map) maps.set(c, map);
-  }
-  const { updates, problems } = resolveAdapters(adapters, maps);
+  const graphs = Object.fromEntries(LORA_COMPONENTS.map((c) => [c, path.join(modelDir, c, 'model.onnx')]));
+  const { byComponent: by, problems } = planAdapterSet(adapters, graphs);
   if (problems.length > 0) {
     console.error(problems.join('\n'));
     process.exit(1);
   }
-  const by = new Map<LoraComponent, WeightUpdate[]>();
-  for (const u of updates.values()) by.set(u.component, [...(by.get(u.component) ?? []), u]);
   const report: Record<string, unknown> = {};
   for (const [component, list] of by) {
     const t0 = performance.now();

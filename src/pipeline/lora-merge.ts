@@ -17,8 +17,41 @@ import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { RuntimeError } from '../errors.js';
 import { fromHalfBits, toHalfBits } from './half.js';
-import { mergeDelta, type WeightUpdate } from './lora-keys.js';
-import { viewPositions } from './lora-map.js';
+import { readFileSync } from 'node:fs';
+import { LORA_COMPONENTS, mergeDelta, resolveAdapters, type LoraComponent, type WeightUpdate } from './lora-keys.js';
+import { readLoraMap, viewPositions, type LoraMap } from './lora-map.js';
+import { parsePyJson } from './pyjson.js';
+
+/**
+ * The adapters' weight updates by component, as an adapter set resolves them: each component's lora_map.json beside
+ * its graph (`graphs`: component → model.onnx), and the UNet config's layers_per_block (SDXL kohya names need it).
+ */
+export function planAdapterSet(
+  adapters: Parameters<typeof resolveAdapters>[0],
+  graphs: Partial<Record<LoraComponent, string>>,
+): { byComponent: Map<LoraComponent, WeightUpdate[]>; problems: string[] } {
+  const maps = new Map<LoraComponent, LoraMap>();
+  for (const c of LORA_COMPONENTS) {
+    const g = graphs[c];
+    const map = g === undefined ? undefined : readLoraMap(path.dirname(g));
+    if (map) maps.set(c, map);
+  }
+  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(graphs.unet));
+  const byComponent = new Map<LoraComponent, WeightUpdate[]>();
+  for (const u of updates.values()) byComponent.set(u.component, [...(byComponent.get(u.component) ?? []), u]);
+  return { byComponent, problems };
+}
+
+/** The UNet config's layers_per_block, when the config says. */
+function layersPerBlock(unetModel: string | undefined): number | undefined {
+  if (unetModel === undefined) return undefined;
+  try {
+    const v = (parsePyJson(readFileSync(path.join(path.dirname(unetModel), 'config.json'), 'utf8')) as Record<string, unknown>).layers_per_block;
+    return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 const { onnx } = onnxProto;
 const FLOAT = 1;

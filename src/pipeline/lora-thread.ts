@@ -4,17 +4,14 @@
  * ORT does synchronously on the calling thread) never hold up the pipeline worker's base sessions, and evicting a set
  * is ending its thread.
  */
-import { readFileSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
-import { LORA_COMPONENTS, parseAdapter, resolveAdapters, type LoraComponent, type WeightUpdate } from './lora-keys.js';
-import { readLoraMap, type LoraMap } from './lora-map.js';
-import { writeMergedComponent } from './lora-merge.js';
+import { parseAdapter } from './lora-keys.js';
+import { planAdapterSet, writeMergedComponent } from './lora-merge.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { parseSafetensors } from './lora-safetensors.js';
-import { parsePyJson } from './pyjson.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
 import { NO_OPTIMIZED_CACHE } from './ortcache.js';
 
@@ -54,20 +51,8 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
       return { parsed: parseAdapter(st, a.name), st, scale: a.scale };
     }),
   );
-  const maps = new Map<LoraComponent, LoraMap>();
-  for (const c of LORA_COMPONENTS) {
-    const p = m.components[c];
-    if (p === undefined) continue;
-    const map = readLoraMap(path.dirname(p));
-    if (map) maps.set(c, map);
-  }
-  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(m.components.unet));
+  const { byComponent, problems } = planAdapterSet(adapters, m.components);
   if (problems.length > 0) throw new RuntimeError('INVALID_INPUT', problems.join('; '));
-  const byComponent = new Map<LoraComponent, WeightUpdate[]>();
-  for (const u of updates.values()) {
-    if (!byComponent.has(u.component)) byComponent.set(u.component, []);
-    byComponent.get(u.component)!.push(u);
-  }
   const t1 = performance.now();
   const built: Extract<FromLora, { t: 'built' }>['sessions'] = [];
   let patchedBytes = 0;
@@ -109,17 +94,6 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
     ms: { read: Math.round(t1 - t0), merge: Math.round(mergeMs), sessions: Math.round(built.reduce((n, b) => n + b.ms, 0)) },
     formats: Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format])),
   });
-}
-
-/** The UNet config's layers_per_block (SDXL kohya names need it), when the config says. */
-function layersPerBlock(unetModel: string | undefined): number | undefined {
-  if (unetModel === undefined) return undefined;
-  try {
-    const v = (parsePyJson(readFileSync(path.join(path.dirname(unetModel), 'config.json'), 'utf8')) as Record<string, unknown>).layers_per_block;
-    return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 async function run(m: Extract<ToLora, { t: 'run' }>): Promise<void> {
