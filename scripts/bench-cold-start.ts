@@ -22,7 +22,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { childS3rver, freePort, lastJson, S3RVER_CREDS, startChild } from './bench-common.js';
+import { childS3rver, freePort, lastJson, median, S3RVER_CREDS, startChild } from './bench-common.js';
 import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { buildDemoModel } from '../src/demo/index.js';
 import type { PadSplit } from '../src/demo/build.js';
@@ -62,11 +62,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** What a CUDA run needs from this environment: the loader path to the CUDA libraries and the GPU selection. */
 const passThroughGpuEnv = (): NodeJS.ProcessEnv =>
   Object.fromEntries(Object.entries(process.env).filter(([k]) => k === 'LD_LIBRARY_PATH' || k === 'CUDA_VISIBLE_DEVICES' || k === 'CUDA_TF32' || k.startsWith('NVIDIA_')));
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length === 0 ? NaN : s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const r0 = (x: number) => Math.round(x);
 
 

@@ -45,3 +45,10 @@ export async function childS3rver(dir: string, bucket: string): Promise<void> {
   const a = await s.run();
   process.stdout.write(`PORT ${a.port}\n`);
 }
+
+/** The median (the mean of the middle two for an even count; NaN for none). */
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length === 0 ? NaN : s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}

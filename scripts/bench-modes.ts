@@ -18,6 +18,7 @@ import { readLayout, type Component } from '../src/pipeline/model.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import type { Raster } from '../src/pipeline/resample.js';
+import { median } from './bench-common.js';
 
 const env = (k: string, d: number) => (process.env[k] ? Number(process.env[k]) : d);
 const RUNS = env('BENCH_RUNS', 5);
@@ -25,11 +26,6 @@ const SIZE = env('BENCH_SIZE', 512);
 const STEPS = env('BENCH_STEPS', 20);
 const EP = (process.env.BENCH_EP ?? 'cpu') as ExecutionProvider;
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 async function pipeline(dir: string): Promise<Pipeline> {
   const layout = readLayout(dir);

@@ -20,6 +20,7 @@ import { encodeImage } from '../src/pipeline/image.js';
 import { readLayout } from '../src/pipeline/model.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
+import { median } from './bench-common.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const MAIN = path.resolve(HERE, '..', 'src', 'main.js');
@@ -36,11 +37,6 @@ interface AutocannonResult { requests: { average: number; total: number }; laten
 type Autocannon = (o: Record<string, unknown>) => Promise<AutocannonResult>;
 const autocannon = createRequire(import.meta.url)('autocannon') as Autocannon;
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 interface Spawned { url: string; proc: ChildProcess; stop(): Promise<void> }
 

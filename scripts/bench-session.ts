@@ -11,18 +11,13 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { lastJson } from './bench-common.js';
+import { lastJson, median } from './bench-common.js';
 import { sharedOrFixture } from './reference.js';
 import { buildDemoModel } from '../src/demo/index.js';
 
 const ROOT = process.cwd();
 const BARE = path.join(ROOT, 'dist/scripts/bench-bare-boot.js');
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 function bare(dir: string, steps: number, prepack: boolean): Promise<Record<string, unknown>> {
   return new Promise((resolve, reject) => {
