@@ -34,10 +34,8 @@ def tiny(kind):
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     torch.manual_seed(0)
-    tok_dir = os.path.join(ROOT, "..", "shared", "reference", "e2e", "model", "tokenizer")
-    if not os.path.isdir(tok_dir):
-        tok_dir = os.path.join(ROOT, ".cache", "reference", "e2e", "model", "tokenizer")
-    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    # OpenAI CLIP's vocabulary and merges, as the demo model ships them (the e2e reference tokenizer's files).
+    tok = CLIPTokenizer(os.path.join(ROOT, "src/demo/assets/vocab.json"), os.path.join(ROOT, "src/demo/assets/merges.txt"), model_max_length=77)
 
     def te(hidden=32, proj=None):
         c = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -128,12 +128,8 @@ def mapped(folder, comp):
     out = {}
     for name, e in m["weights"].items():
         v = e["view"]
-        idx = np.full(v["shape"], v["offset"], dtype=np.int64)
-        for d, (dim, st) in enumerate(zip(v["shape"], v["strides"])):
-            shape = [1] * len(v["shape"])
-            shape[d] = dim
-            idx = idx + (np.arange(dim, dtype=np.int64) * st).reshape(shape)
-        out[name] = inits[e["initializer"]][idx.reshape(-1)].reshape(e["shape"])
+        idx = export_sd._view_index(v["shape"], v["strides"], v["offset"])
+        out[name] = inits[e["initializer"]][idx].reshape(e["shape"])
     return out, m
 
 
