@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { chooseTransport, openTransport } from '../src/storage/choose-transport.js';
 import { classify } from '../src/storage/s3-errors.js';
 import type { S3Transport, TransportName } from '../src/storage/transport.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -44,7 +44,6 @@ const body = async (r: Readable): Promise<Buffer> => {
   for await (const c of r) parts.push(c as Buffer);
   return Buffer.concat(parts);
 };
-const rejection = (p: Promise<unknown>) => p.then(() => { throw new Error('expected a rejection'); }, (e: unknown) => e as Error);
 const signal = () => AbortSignal.timeout(10_000);
 
 describe.each(['sdk', 'lite'] as const)('S3Transport (%s)', (name: TransportName) => {

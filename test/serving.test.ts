@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { postJson, until } from './helpers/server.js';
 
 type Pred = { image: { b64?: string; uri?: string }; seed: number; format: string; width: number; height: number };
 const preds = (j: Record<string, unknown>) => j.predictions as Pred[];
@@ -37,14 +37,6 @@ function rawPredict(port: number, inst: Record<string, unknown>): net.Socket {
   s.on('error', () => undefined);
   return s;
 }
-
-const until = async (pred: () => Promise<boolean>, ms = 10_000) => {
-  const end = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > end) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 25));
-  }
-};
 
 describe('dynamic batching', () => {
   let srv: RuntimeHandle;
@@ -101,10 +93,10 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
 
   it('answers 503 with Retry-After when the queue is full, and keeps serving', async () => {
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
     await new Promise((r) => setTimeout(r, 100));
     const queued = predict(srv, { ...long, seed: 2, num_inference_steps: 2, height: 64, width: 64 });
-    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
     const refused = await predict(srv, { prompt: 'third', num_inference_steps: 2, height: 64, width: 64 });
     expect(refused.status).toBe(503);
     expect(refused.json).toEqual({ error: expect.stringMatching(/queue is full \(1 waiting\)/), code: 'BUSY' });
@@ -121,11 +113,11 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     const images0 = await metric(srv, 'images_generated_total');
     const cancelled0 = await metric(srv, 'inference_cancelled_total');
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
     await new Promise((r) => setTimeout(r, 100));
     // A queued request as long as the running one: if it were not removed, the next request would wait for it.
     const sock = rawPredict(srv.port, { ...long, seed: 9 });
-    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
     sock.destroy();
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 0, 2_000);
     expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(1);

@@ -8,6 +8,7 @@ import { RuntimeError } from '../src/errors.js';
 import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { until } from './helpers/server.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -228,7 +229,7 @@ describe('object changed mid-download', () => {
     const stalls0 = proxy.stats.stalls;
     proxy.faults = { stallAfterBytes: 200_000, stalls: 1 };
     const done = resolveModel('s3://models/chg', { cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '2' }), log });
-    for (let i = 0; i < 2000 && proxy.stats.stalls === stalls0; i++) await new Promise((r) => setTimeout(r, 5));
+    await until(() => proxy.stats.stalls !== stalls0, 10_000, 5);
     expect(proxy.stats.stalls - stalls0).toBe(1);
     const stored = s3.put('models', 'chg/w.bin', next);
     proxy.faults = { hold: { keys: /chg\/w\.bin/, release: stored } };
@@ -258,11 +259,3 @@ describe('object changed mid-download', () => {
     expect(m.files).toEqual([expect.objectContaining({ path: 'w.bin', size: 300_000 })]);
   });
 });
-
-async function until(cond: () => boolean, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}

@@ -6,6 +6,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { JOURNAL } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
 import { cleanUpS3, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy } from './helpers/s3.js';
+import { until } from './helpers/server.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
 let s3: S3Server;
@@ -40,14 +41,6 @@ const lastLine = (s: string) => s.trim().split('\n').filter((l) => !/NodeVersion
 
 async function expectModel(dir: string): Promise<void> {
   for (const [rel, body] of Object.entries(model)) expect((await fsp.readFile(path.join(dir, rel))).equals(body), rel).toBe(true);
-}
-
-async function until(cond: () => boolean, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 beforeAll(async () => {
@@ -158,7 +151,7 @@ describe('warm-up CLI', () => {
       }
     };
     const killed = await cli([], env(cache), (kill) => {
-      void until(() => journaled() >= 600_000).then(() => kill('SIGKILL'));
+      void until(() => journaled() >= 600_000, 20_000, 20).then(() => kill('SIGKILL'));
     });
     await new Promise((r) => setTimeout(r, 300)); // let the proxy see the dead connections
     expect(killed.signal).toBe('SIGKILL');
@@ -182,7 +175,7 @@ describe('warm-up CLI', () => {
     proxy.faults = { bytesPerSecond: 500_000 };
     const before = proxy.stats.bodyBytes;
     const r = await cli([], env(cache), (kill) => {
-      void until(() => proxy.stats.bodyBytes - before > 500_000).then(() => kill('SIGTERM'));
+      void until(() => proxy.stats.bodyBytes - before > 500_000, 20_000, 20).then(() => kill('SIGTERM'));
     });
     expect(r.code).toBe(143);
     expect(lastLine(r.stderr)).toBe('warmup: CANCELLED: stopped by signal');

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Runtime as RuntimeType } from '../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
 import { startRuntime } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { postJson, until } from './helpers/server.js';
 
 const dist = (p: string) => path.resolve('dist/src', p);
 let tmp: string;
@@ -52,14 +52,6 @@ function holdWorker(): SpawnedWorker {
   };
 }
 
-async function until(cond: () => boolean, ms = 30_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
 const ready = async (url: string) => (await fetch(`${url}/v2/health/ready`)).status;
 const predict = (url: string, body: Record<string, unknown>) => postJson(`${url}/v1/models/model:predict`, { instances: [{ prompt: 'a lighthouse at dusk', seed: 7, ...body }] });
 const image = (r: Awaited<ReturnType<typeof predict>>) => (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
@@ -77,9 +69,9 @@ describe('a pipeline worker that dies after ready', () => {
     const s = await start(1, { hold: true });
     try {
       const held = predict(s.url, { num_inference_steps: 3 });
-      await until(() => s.rt.engine.busy === 1);
+      await until(() => s.rt.engine.busy === 1, 30_000);
       const queued = predict(s.url, { num_inference_steps: 3, seed: 8 });
-      await until(() => s.rt.engine.queueDepth === 1);
+      await until(() => s.rt.engine.queueDepth === 1, 30_000);
       const states: number[] = [];
       const watch = setInterval(() => void ready(s.url).then((c) => states.push(c)), 10);
       const t0 = Date.now();

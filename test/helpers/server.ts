@@ -40,6 +40,15 @@ export interface ServerHandle {
   stop(signal?: NodeJS.Signals, timeoutMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
+/** Polls `cond` every `stepMs` until it holds; throws once `ms` have passed without. */
+export async function until(cond: () => boolean | Promise<boolean>, ms = 20_000, stepMs = 10): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, stepMs));
+  }
+}
+
 /** A shared cache dir per test process, so the demo model is generated once per test file. */
 let sharedCache: string | undefined;
 export function sharedCacheDir(): string {
