@@ -12,7 +12,7 @@
  *   buffers, which docs/LORA.md measures and explains why sets do not).
  */
 import { constants } from 'node:fs';
-import { copyFile, link, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, link, mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { RuntimeError } from '../errors.js';
@@ -221,7 +221,6 @@ function externalOf(t: onnxProto.onnx.ITensorProto): { location: string; offset:
 }
 
 async function readRange(file: string, offset: number, length: number): Promise<Uint8Array> {
-  const { open } = await import('node:fs/promises');
   const fh = await open(file, 'r');
   try {
     const buf = Buffer.alloc(length);

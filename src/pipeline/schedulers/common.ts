@@ -263,7 +263,7 @@ export function checkSteps(className: string, n: number, trainSteps: number): vo
 // ---------------------------------------------------------------------------------------------------------------
 // add_noise (image-to-image and inpainting start from a noised image latent)
 
-function checkIndex(className: string, index: number, timesteps: readonly number[]): void {
+export function checkIndex(className: string, index: number, timesteps: readonly number[]): void {
   if (!Number.isInteger(index) || index < 0 || index >= timesteps.length) {
     throw new RangeError(`${className}: no timestep at index ${index} of ${timesteps.length}`);
   }

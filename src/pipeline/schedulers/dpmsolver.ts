@@ -9,6 +9,7 @@ import {
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
+  checkIndex,
   checkSteps,
   exponentialSigmas,
   f,
@@ -158,7 +159,7 @@ export class DPMSolverMultistep implements Scheduler {
 
   /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index] (`_sigma_to_alpha_sigma_t`). */
   addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    if (!Number.isInteger(index) || index < 0 || index >= this.timesteps.length) throw new RangeError(`${this.name}: no timestep at index ${index}`);
+    checkIndex(this.name, index, this.timesteps);
     const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
     const out = new Float32Array(original.length);
     for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
