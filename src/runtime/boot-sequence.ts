@@ -95,7 +95,6 @@ export class BootSequence {
   readonly #flowing = new Promise<void>((r) => (this.#flow = r));
   // What the fetch has reported: every listed file by component, the files whole, the components announced.
   readonly #componentFiles = new Map<string, Set<string>>();
-  readonly #listed = new Set<string>();
   readonly #whole = new Set<string>();
   readonly #announced = new Set<string>();
   /** The entry's folder, once a file in it is whole. */
@@ -242,7 +241,6 @@ export class BootSequence {
 
   #onListing(files: ReadonlyArray<{ relPath: string; size: number }>): void {
     for (const f of files) {
-      this.#listed.add(f.relPath);
       const comp = f.relPath.split('/')[0]!;
       if (!this.#componentFiles.has(comp)) this.#componentFiles.set(comp, new Set());
       this.#componentFiles.get(comp)!.add(f.relPath);
@@ -265,7 +263,7 @@ export class BootSequence {
 
   /** A new download round: what was announced may be replaced, so sessions and an early warm-up start over. */
   #onRestart(): void {
-    for (const s of [this.#componentFiles, this.#whole, this.#announced, this.#listed]) s.clear();
+    for (const s of [this.#componentFiles, this.#whole, this.#announced]) s.clear();
     this.#tokenizers.length = 0;
     this.#invalidate({ why: 'objects-changed' });
   }
@@ -315,10 +313,10 @@ export class BootSequence {
   #maybeWarmEarly(dir: string): void {
     const rt = this.#rt;
     if (!rt || this.#warmEarly || rt.stopping || this.#cfg.warmupSteps === 0 || !this.#announced.has('unet')) return;
-    for (const f of this.#listed) if (isLayoutFile(f) && !this.#whole.has(f)) return;
+    const files = [...this.#componentFiles.values()].flatMap((c) => [...c]);
+    for (const f of files) if (isLayoutFile(f) && !this.#whole.has(f)) return;
     const abort = new AbortController();
     const signal = AbortSignal.any([abort.signal, rt.shutdown]);
-    const files = [...this.#listed];
     const whole = this.#whole;
     const done = (async () => {
       await rt.engine.load(dir, files);
