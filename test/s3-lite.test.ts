@@ -11,13 +11,13 @@ import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger, type Logger } from '../src/log.js';
 import { chooseTransport } from '../src/storage/choose-transport.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { createS3, listPrefix } from '../src/storage/s3-sdk.js';
 import { getObjectLite, LiteHttpError, liteTarget, listPrefixLite, parseListPage, sdkMightDiffer, signV4, updateClock, xmlText } from '../src/storage/s3-lite.js';
-import { CREDS, destroyS3, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig as s3Config } from './helpers/s3.js';
+import { cleanUpS3, CREDS, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig as s3Config } from './helpers/s3.js';
 import { verifySigV4 } from './helpers/sigv4-reference.js';
 
 /** Every fetch of this file goes through the SDK-free transport, unless the SDK must serve it. */
@@ -158,15 +158,10 @@ describe('against s3rver', () => {
   beforeAll(async () => {
     Object.assign(process.env, CREDS);
     tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 's3-lite-'));
-    s3 = await startS3(['models']);
-    proxy = await startFaultProxy(s3.port);
+    ({ s3, proxy } = await startS3WithProxy());
     for (const [i, k] of KEYS.entries()) await s3.put('models', k, Buffer.alloc(i * 7, i));
   });
-  afterAll(async () => {
-    await proxy?.close();
-    if (s3) await destroyS3(s3);
-    await fsp.rm(tmp, { recursive: true, force: true });
-  });
+  cleanUpS3(() => ({ s3, proxy, tmp }));
 
   it('lists exactly what the SDK lists, page by page', async () => {
     const cfg = testConfig(proxy.endpoint, tmp);
@@ -291,7 +286,6 @@ describe('against s3rver', () => {
     const err = await rejection(resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'deny-'))), log }));
     expect(err.code).toBe('STORAGE_DENIED');
     expect(infos.filter(([, m]) => m.startsWith('S3 refused the SDK-free listing'))).toHaveLength(2);
-    proxy.faults = {};
   });
 
   it('asks for each object by the path the SDK asks for it, odd keys included', async () => {
@@ -335,6 +329,5 @@ describe('against s3rver', () => {
     const err = await rejection(resolveModel('s3://models/sd/', { cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'get-denied-'))), log }));
     expect(err.code).toBe('STORAGE_DENIED');
     expect(err.message).toMatch(/access denied to read s3:\/\/models\/sd\/.* \(AccessDenied\)/);
-    proxy.faults = {};
   });
 });

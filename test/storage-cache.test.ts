@@ -7,7 +7,7 @@ import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
 import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock } from '../src/storage/lock.js';
-import { CREDS, destroyS3, detBytes, type FaultProxy, rejection, type S3Server, startFaultProxy, startS3, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
 
 let s3: S3Server;
@@ -19,17 +19,12 @@ const BIG = detBytes(3_000_000, 11);
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-cache-'));
-  s3 = await startS3(['models']);
-  proxy = await startFaultProxy(s3.port);
+  ({ s3, proxy } = await startS3WithProxy());
   await s3.put('models', 'm/unet/model.onnx_data', BIG);
   await s3.put('models', 'm/model_index.json', '{}');
 });
 
-afterAll(async () => {
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  await fsp.rm(tmp, { recursive: true, force: true });
-});
+cleanUpS3(() => ({ s3, proxy, tmp }));
 
 const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4', ...extra });
 
