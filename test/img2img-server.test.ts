@@ -9,7 +9,7 @@ import WebSocket from 'ws';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson } from './helpers/server.js';
 
 type Pred = { image: { b64: string }; seed: number; width: number; height: number };
@@ -32,11 +32,6 @@ async function circleMask(width: number, height: number, fill?: number): Promise
   const px = Buffer.alloc(width * height * 3);
   for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) px.fill(fill ?? ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (width / 4) ** 2 ? 255 : 0), (y * width + x) * 3, (y * width + x) * 3 + 3);
   return sharp(px, { raw: { width, height, channels: 3 } }).png().toBuffer();
-}
-
-async function metric(s: Pick<RuntimeHandle, 'url'>, name: string): Promise<number> {
-  const text = await (await fetch(`${s.url}/metrics`)).text();
-  return text.split('\n').filter((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`)).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
 }
 
 let demo: RuntimeHandle;

@@ -7,26 +7,13 @@ import { GetObjectCommand } from '@aws-sdk/client-s3';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, until } from './helpers/server.js';
 
 type Pred = { image: { b64?: string; uri?: string }; seed: number; format: string; width: number; height: number };
 const preds = (j: Record<string, unknown>) => j.predictions as Pred[];
 type Served = Pick<RuntimeHandle, 'url'>;
 const predict = (s: Served, inst: Record<string, unknown>, init: RequestInit = {}) => postJson(`${s.url}/v1/models/model:predict`, { instances: [inst] }, init);
-
-/** Sum of the samples of `name` (all label sets, or those matching `labels`) in a Prometheus text page. */
-async function metric(s: Served, name: string, labels: Record<string, string> = {}): Promise<number> {
-  const text = await (await fetch(`${s.url}/metrics`)).text();
-  let sum = 0;
-  for (const line of text.split('\n')) {
-    const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$/.exec(line);
-    if (!m || m[1] !== name) continue;
-    if (!Object.entries(labels).every(([k, v]) => (m[2] ?? '').includes(`${k}="${v}"`))) continue;
-    sum += Number(m[3]);
-  }
-  return sum;
-}
 
 /** A raw HTTP request whose socket we can drop at will. */
 function rawPredict(port: number, inst: Record<string, unknown>): net.Socket {

@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson } from './helpers/server.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
@@ -101,11 +101,6 @@ function connect(port: number, path: string): Promise<Ws> {
     });
     sock.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
   });
-}
-
-async function metric(s: Pick<RuntimeHandle, 'url'>, name: string): Promise<number> {
-  const text = await (await fetch(`${s.url}/metrics`)).text();
-  return text.split('\n').filter((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`)).reduce((n, l) => n + Number(l.split(' ').pop()), 0);
 }
 
 let srv: RuntimeHandle;

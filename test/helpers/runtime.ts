@@ -114,3 +114,16 @@ export async function startRuntime(env: Record<string, string | undefined> = {},
   }
   return handle;
 }
+
+/** Sum of the samples of `name` (all label sets, or those matching `labels`) in a Prometheus text page. */
+export async function metric(s: Pick<RuntimeHandle, 'url'>, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const text = await (await fetch(`${s.url}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    if (!Object.entries(labels).every(([k, v]) => (m[2] ?? '').includes(`${k}="${v}"`))) continue;
+    sum += Number(m[3]);
+  }
+  return sum;
+}
