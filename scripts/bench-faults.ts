@@ -17,15 +17,14 @@
  * phases are skipped, and say so, once it has passed), BENCH_PACE_MBPS (60: the link of the kill cycles).
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, promises as fsp, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { childS3rver, freePort, S3RVER_CREDS, startChild } from './bench-common.js';
-import { buildDemoModel } from '../src/demo/index.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from '../test/helpers/fault-link.js';
-import { bytesOnDisk, entryProblems, percentiles, runWarmup, sha256File, type SourceFile } from '../test/helpers/fault-suite.js';
+import { bytesOnDisk, demoSource, entryIn, entryProblems, percentiles, runWarmup, type SourceFile } from '../test/helpers/fault-suite.js';
 
 const SELF = fileURLToPath(import.meta.url);
 const ROOT = process.cwd();
@@ -58,10 +57,6 @@ const env = (c: Ctx, cache: string, extra: Record<string, string> = {}): Record<
 });
 /** Every other run through the AWS SDK (the default transport), the others through the opt-in SDK-free one. */
 const sdkIf = (_c: Ctx, on: boolean): Record<string, string> => ({ S3_TRANSPORT: on ? 'sdk' : 'lite' });
-const entryIn = (cache: string) => {
-  const names = existsSync(cache) ? readdirSync(cache).filter((x) => x.startsWith('s3-') && !x.includes('.lock')) : [];
-  return names.length === 1 ? path.join(cache, names[0]!) : undefined;
-};
 const overdue = () => Date.now() > DEADLINE;
 
 /** Runs `fn` `count` times unless the deadline passed; returns how many ran. */
@@ -273,14 +268,13 @@ async function main(): Promise<void> {
   try {
     const t0 = Date.now();
     const srcDir = path.join(tmp, 'src');
-    const m = await buildDemoModel(srcDir, { padBytes: n('BENCH_PAD_BYTES', 100e6) });
-    const source = await Promise.all(m.files.map(async (f) => ({ rel: f.path, size: f.bytes, sha256: await sha256File(path.join(srcDir, f.path)) })));
+    const { source, total } = await demoSource(srcDir, n('BENCH_PAD_BYTES', 100e6));
     const port = Number(/PORT (\d+)/.exec(await s3d.up)![1]);
     const client = new S3Client({ endpoint: `http://127.0.0.1:${port}`, region: 'us-east-1', forcePathStyle: true, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } });
     for (const f of source) await client.send(new PutObjectCommand({ Bucket: BUCKET, Key: PREFIX + f.rel, Body: await fsp.readFile(path.join(srcDir, f.rel)) }));
     client.destroy();
     link = await startFaultLink(port, { seed: SEED });
-    const c: Ctx = { tmp, srcDir, source, total: m.totalBytes, link };
+    const c: Ctx = { tmp, srcDir, source, total, link };
     process.stderr.write(`bench-faults: model ${mb(c.total)} MB in ${source.length} files, seed ${SEED}, deadline ${n('BENCH_DEADLINE_S', 3600)} s\n`);
     const phase = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
       const p0 = Date.now();

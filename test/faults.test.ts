@@ -7,14 +7,13 @@
  * after SIGTERM the re-run fetches at most 10% of the model beyond what was missing. Disk state is measured from the
  * files themselves (test/helpers/fault-suite.ts), not from the journal under test.
  */
-import { existsSync, promises as fsp, readdirSync } from 'node:fs';
+import { existsSync, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDemoModel } from '../src/demo/index.js';
 import { WRITE_BYTES } from '../src/storage/fetch.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from './helpers/fault-link.js';
-import { bytesOnDisk, entryProblems, runWarmup, sha256File, type SourceFile } from './helpers/fault-suite.js';
+import { bytesOnDisk, demoSource, entryIn, entryProblems, runWarmup, type SourceFile } from './helpers/fault-suite.js';
 import { CREDS, destroyS3, s3Env, type S3Server, startS3 } from './helpers/s3.js';
 import { startServer } from './helpers/server.js';
 
@@ -37,18 +36,12 @@ const env = (cache: string, extra: Record<string, string> = {}) => s3Env(link.en
 });
 /** Runs alternate between the S3 transports: the opt-in SDK-free one on even runs, the AWS SDK (the default) on odd. */
 const via = (i: number) => ({ S3_TRANSPORT: i % 2 ? 'sdk' : 'lite' });
-const entryIn = (cache: string) => {
-  const names = readdirSync(cache).filter((n) => n.startsWith('s3-') && !n.includes('.lock'));
-  return names.length === 1 ? path.join(cache, names[0]!) : undefined;
-};
 const mb = (n: number) => (n / 1e6).toFixed(2);
 
 beforeAll(async () => {
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'faults-'));
   srcDir = path.join(tmp, 'src');
-  const m = await buildDemoModel(srcDir, { padBytes: 20e6 });
-  source = await Promise.all(m.files.map(async (f) => ({ rel: f.path, size: f.bytes, sha256: await sha256File(path.join(srcDir, f.path)) })));
-  total = m.totalBytes;
+  ({ source, total } = await demoSource(srcDir, 20e6));
   s3 = await startS3(['models']);
   for (const f of source) await s3.put('models', PREFIX + f.rel, await fsp.readFile(path.join(srcDir, f.rel)));
   link = await startFaultLink(s3.port, { seed: SEED });

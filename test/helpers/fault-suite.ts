@@ -7,8 +7,9 @@
  */
 import { spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
-import { createReadStream, promises as fsp } from 'node:fs';
+import { createReadStream, existsSync, promises as fsp, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { buildDemoModel } from '../../src/demo/index.js';
 
 export interface ModelFile {
   rel: string;
@@ -73,6 +74,19 @@ export async function writeModel(dir: string, files: readonly ModelFile[], seed 
     out.push({ ...f, sha256: hash.digest('hex') });
   }
   return out;
+}
+
+/** The demo model under `dir`, padded to about `padBytes`, with each file's size and SHA-256: what a fill must reproduce. */
+export async function demoSource(dir: string, padBytes: number): Promise<{ source: SourceFile[]; total: number }> {
+  const m = await buildDemoModel(dir, { padBytes });
+  const source = await Promise.all(m.files.map(async (f) => ({ rel: f.path, size: f.bytes, sha256: await sha256File(path.join(dir, f.path)) })));
+  return { source, total: m.totalBytes };
+}
+
+/** The one cache entry (s3-…) a fill made under `cache`, if exactly one. */
+export function entryIn(cache: string): string | undefined {
+  const names = existsSync(cache) ? readdirSync(cache).filter((x) => x.startsWith('s3-') && !x.includes('.lock')) : [];
+  return names.length === 1 ? path.join(cache, names[0]!) : undefined;
 }
 
 export async function sha256File(file: string): Promise<string> {
