@@ -6,6 +6,7 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Metrics } from '../metrics.js';
 import type { Engine, Progress, TaskResult } from './engine.js';
+import type { RequestS3 } from '../storage/request-s3.js';
 import { createOutputStore } from './output.js';
 import type { GenerationRequest } from './request.js';
 import { createResultCache, type ResultCache } from './result-cache.js';
@@ -18,15 +19,14 @@ export interface Generation {
   readonly inflight: number;
   /** Resolves once no request is in flight and the engine has nothing queued, running or encoding. */
   drained(): Promise<void>;
-  /** Closes the upload client's sockets. */
-  close(): void;
 }
 
-export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine): Generation {
+/** `s3`: the runtime's client for the objects requests name, here for output_uri. */
+export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine, s3: RequestS3): Generation {
   const labels = { model_name: cfg.modelName };
   const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => metrics.resultCacheBytes.set(labels, bytes));
   metrics.resultCacheBytes.set(labels, 0);
-  const output = createOutputStore(cfg.s3);
+  const output = createOutputStore(s3);
   let inflight = 0;
   const waiters: Array<() => void> = [];
 
@@ -77,9 +77,6 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     drained() {
       if (inflight === 0) return engine.idle();
       return new Promise<void>((r) => waiters.push(r)).then(() => engine.idle());
-    },
-    close() {
-      output.destroy();
     },
   };
 }

@@ -1,35 +1,30 @@
 /**
- * @module Input images named by `s3://bucket/key` (img2img `image`, inpainting `mask_image`): read through the AWS SDK
- * client of src/storage/s3-sdk.ts (same endpoint, path-style and TLS settings as the model download and output_uri), capped
+ * @module Input images named by `s3://bucket/key` (img2img `image`, inpainting `mask_image`): read through the runtime's
+ * request client (storage/request-s3.ts: same endpoint, path-style and TLS settings as the model download), capped
  * in size, with errors that name the field and the object, never the credentials.
  */
 import type { Readable } from 'node:stream';
-import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
-import type { S3Handle } from '../storage/s3-sdk.js';
+import type { RequestS3 } from '../storage/request-s3.js';
+import { classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
-
-type StorageS3 = typeof import('../storage/s3-sdk.js');
 
 export interface ImageSource {
   /** The object's bytes; `field` names the request field in errors (`instances[0].image`). */
   read(uri: string, field: string, maxBytes: number, signal?: AbortSignal): Promise<Buffer>;
-  destroy(): void;
 }
 
-/** One S3 client for the runtime's lifetime, created on the first s3:// input (the SDK loads then, not at boot). */
-export function createImageSource(s3: Readonly<S3Settings>): ImageSource {
-  let handle: S3Handle | undefined;
-  let mods: Promise<[StorageS3, typeof import('@aws-sdk/client-s3')]> | undefined;
+/** Reads through the runtime's request client (created on the first s3:// input or upload). */
+export function createImageSource(s3: RequestS3): ImageSource {
+  let sdk: Promise<typeof import('@aws-sdk/client-s3')> | undefined;
   return {
     async read(uri, field, maxBytes, signal) {
       const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
-      const [storage, { GetObjectCommand }] = await (mods ??= Promise.all([import('../storage/s3-sdk.js'), import('@aws-sdk/client-s3')]));
-      handle ??= storage.createS3(s3, 8);
+      const [client, { GetObjectCommand }] = await Promise.all([s3.client(), (sdk ??= import('@aws-sdk/client-s3'))]);
       const where = `s3://${loc.bucket}/${loc.key}`;
       try {
-        const res = await handle.client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
+        const res = await client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
         if (res.ContentLength !== undefined && res.ContentLength > maxBytes) {
           (res.Body as Readable | undefined)?.destroy();
           throw new RuntimeError('INVALID_INPUT', `${field}: ${where} is ${res.ContentLength} bytes; input images may have at most ${maxBytes}`);
@@ -37,12 +32,8 @@ export function createImageSource(s3: Readonly<S3Settings>): ImageSource {
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {
         if (err instanceof RuntimeError) throw err;
-        throw readError(storage, err, field, where, loc.bucket);
+        throw readError(err, field, where, loc.bucket);
       }
-    },
-    destroy() {
-      handle?.destroy();
-      handle = undefined;
     },
   };
 }
@@ -62,9 +53,8 @@ async function readCapped(body: Readable, maxBytes: number, field: string, where
 }
 
 /** The client named the object: missing or unreadable is their input to fix (400); a flaky store is a 502. */
-function readError({ classify, errorStatus }: StorageS3, err: unknown, field: string, where: string, bucket: string): RuntimeError {
-  const e = (err ?? {}) as { name?: string; code?: string };
-  const s3code = e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
+function readError(err: unknown, field: string, where: string, bucket: string): RuntimeError {
+  const s3code = s3Code(err);
   switch (classify(err)) {
     case 'missing':
       return new RuntimeError('INVALID_INPUT', `${field}: ${s3code === 'NoSuchBucket' ? `bucket "${bucket}" does not exist` : `${where} does not exist`} (${s3code})`, { cause: err });

@@ -3,19 +3,15 @@
  * One image is written to the key as given; several go to `<stem>-<i>.<ext>` (i from 0, the key's own
  * extension dropped), e.g. `s3://b/out/fox.png` with 2 images → `out/fox-0.png`, `out/fox-1.png`.
  */
-import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
+import type { RequestS3 } from '../storage/request-s3.js';
+import { classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
-// The client factory of src/storage/s3-sdk.ts keeps the endpoint, path-style and TLS settings (S3_VERIFY_SSL,
-// AWS_CA_BUNDLE) in one place. It pulls in the AWS SDK (~250 ms to import), so it loads on the first upload.
-import type { S3Handle } from '../storage/s3-sdk.js';
-type StorageS3 = typeof import('../storage/s3-sdk.js');
 
 export interface OutputStore {
   /** Uploads each image and returns its `s3://` URI, in order. */
   upload(uri: string, images: readonly EncodedImage[], signal?: AbortSignal): Promise<string[]>;
-  destroy(): void;
 }
 
 const EXT: Record<EncodedImage['format'], string> = { png: 'png', jpeg: 'jpg', webp: 'webp' };
@@ -35,17 +31,14 @@ export function outputKeys(key: string, n: number, format: EncodedImage['format'
   return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
 }
 
-/** One S3 client for the runtime's lifetime, created on the first upload (most deployments never use it). */
-export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
-  let handle: S3Handle | undefined;
-  let mods: Promise<[StorageS3, typeof import('@aws-sdk/lib-storage')]> | undefined;
+/** Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then. */
+export function createOutputStore(s3: RequestS3): OutputStore {
+  let lib: Promise<typeof import('@aws-sdk/lib-storage')> | undefined;
   return {
     async upload(uri, images, signal) {
       const { bucket, key } = parseOutputUri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
-      const [storage, { Upload }] = await (mods ??= Promise.all([import('../storage/s3-sdk.js'), import('@aws-sdk/lib-storage')]));
-      handle ??= storage.createS3(s3, 8);
-      const client = handle.client;
+      const [client, { Upload }] = await Promise.all([s3.client(), (lib ??= import('@aws-sdk/lib-storage'))]);
       await Promise.all(
         images.map(async (img, i) => {
           const up = new Upload({
@@ -57,7 +50,7 @@ export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
           try {
             await up.done();
           } catch (err) {
-            throw uploadError(storage, err, bucket, keys[i]!);
+            throw uploadError(err, bucket, keys[i]!);
           } finally {
             signal?.removeEventListener('abort', onAbort);
           }
@@ -65,17 +58,12 @@ export function createOutputStore(s3: Readonly<S3Settings>): OutputStore {
       );
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
-    destroy() {
-      handle?.destroy();
-      handle = undefined;
-    },
   };
 }
 
 /** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
-function uploadError({ classify, errorStatus }: StorageS3, err: unknown, bucket: string, key: string): RuntimeError {
-  const e = (err ?? {}) as { name?: string; code?: string };
-  const s3code = e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
+function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
+  const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   switch (classify(err)) {
     case 'missing':

@@ -14,6 +14,7 @@ import { createGeneration, type Generation } from './generation.js';
 import { createOptimizedWriter, type OptimizedWriter } from './optimized-writer.js';
 import type { SpawnedWorker } from './workers.js';
 import { createImageSource, type ImageSource } from './image-source.js';
+import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 
 export interface RuntimeOptions {
   /** Process start, for the time-to-ready metric (performance.now() based); default: when the runtime is built. */
@@ -44,12 +45,15 @@ export class Runtime {
   #stopping = false;
   #closing: Promise<void> | undefined;
   readonly #shutdown = new AbortController();
+  /** The client for the objects requests name (input images, output_uri), made on first use. */
+  readonly #requestS3: RequestS3;
 
   constructor(
     readonly cfg: Readonly<Config>,
     readonly log: Logger,
     opts: RuntimeOptions = {},
   ) {
+    this.#requestS3 = createRequestS3(cfg.s3);
     this.startedAt = opts.startedAt ?? performance.now();
     this.#workers = opts.workers;
     this.metrics = createMetrics();
@@ -69,9 +73,9 @@ export class Runtime {
         else if (serving && this.boot.state === 'loading' && this.boot.wasReady) this.boot.to('ready');
       },
     });
-    this.generation = createGeneration(cfg, this.metrics, this.engine);
+    this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3);
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
-    this.images = createImageSource(cfg.s3);
+    this.images = createImageSource(this.#requestS3);
   }
 
   /** True from the start of close(): readiness is false and new work gets 503. */
@@ -115,8 +119,7 @@ export class Runtime {
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.generation.inflight }, 'grace period over: closing with requests still running');
       await Promise.all([this.engine.close(), this.optimizer.stop()]);
-      this.generation.close();
-      this.images.destroy();
+      this.#requestS3.destroy();
       // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
       this.#listener?.closeConnections();
       this.events.emit('shut-down', { drained }, 'shut down');

@@ -49,12 +49,18 @@ export function classify(err: unknown): ErrorKind {
   return 'transient';
 }
 
+/** The S3 error's code (NoSuchKey, AccessDenied, …), else the HTTP status: what error messages name, never credentials. */
+export function s3Code(err: unknown): string {
+  const e = (err ?? {}) as { name?: string; code?: string };
+  return e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
+}
+
 /** A RuntimeError naming bucket and key (never credentials) for an error that retrying cannot fix. */
 export function permanentError(err: unknown, bucket: string, key: string | undefined, action: string): RuntimeError {
   const e = (err ?? {}) as SdkLikeError;
   const kind = classify(err);
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
-  const s3code = err instanceof RuntimeError ? err.code : e.name && e.name !== 'Error' ? e.name : e.code ?? `HTTP ${errorStatus(err) ?? '?'}`;
+  const s3code = err instanceof RuntimeError ? err.code : s3Code(err);
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
       ? 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the data connection secret)'

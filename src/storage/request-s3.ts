@@ -1,0 +1,30 @@
+/**
+ * @module The one AWS SDK client for the objects requests name (img2img input images, output_uri), made on first
+ * use: most deployments never need it, so the SDK loads then, not at boot. Same endpoint, path-style and TLS settings
+ * as the model download.
+ */
+import type { S3Settings } from '../config.js';
+import type { S3Handle } from './s3-sdk.js';
+
+export interface RequestS3 {
+  /** The client, created (and the SDK imported) on the first call. */
+  client(): Promise<S3Handle['client']>;
+  /** Closes its idle keep-alive sockets; a later call makes a new client. */
+  destroy(): void;
+}
+
+export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): RequestS3 {
+  let handle: S3Handle | undefined;
+  let sdk: Promise<typeof import('./s3-sdk.js')> | undefined;
+  return {
+    async client() {
+      const storage = await (sdk ??= import('./s3-sdk.js'));
+      handle ??= storage.createS3(s3, concurrency);
+      return handle.client;
+    },
+    destroy() {
+      handle?.destroy();
+      handle = undefined;
+    },
+  };
+}
