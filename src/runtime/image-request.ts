@@ -11,6 +11,7 @@ import { loadSharp } from '../pipeline/image.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object } from '../storage/uri.js';
 import type { ImageSource } from './image-source.js';
+import { typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
 export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
@@ -51,7 +52,6 @@ export interface ImageRequest {
 
 type Obj = Record<string, unknown>;
 
-const typeName = (v: unknown) => (v === null ? 'null' : Array.isArray(v) ? 'a list' : typeof v === 'object' ? 'an object' : typeof v);
 const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3://bucket/key URI';
 const BASE64 = /^[A-Za-z0-9+/\-_\s]*={0,2}\s*$/;
 

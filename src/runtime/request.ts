@@ -3,6 +3,7 @@ import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
+import { show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Object } from '../storage/uri.js';
 
@@ -316,16 +317,4 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     ...(image ? { image } : {}),
     ...(loras.length > 0 ? { loras } : {}),
   };
-}
-
-function typeName(v: unknown): string {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'a list';
-  return typeof v === 'object' ? 'an object' : typeof v;
-}
-
-function show(v: unknown): string {
-  if (typeof v === 'number') return String(v);
-  if (typeof v === 'string') return JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}…` : v);
-  return typeName(v);
 }
