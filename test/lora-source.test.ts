@@ -9,6 +9,7 @@ import { createLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import { CREDS, destroyS3, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { tempDir } from './helpers/server.js';
+import { pathToFileURL } from 'node:url';
 
 describe('adapter source', () => {
   let s3: S3Server;
@@ -71,5 +72,12 @@ describe('adapter source', () => {
     src.setModelDir(model);
     expect((await src.resolve([{ name: 'local-one', scale: 1 }]))[0]!.file).toBe(path.join(local, 'local-one.safetensors'));
     await expect(src.resolve([{ name: 'nope', scale: 1 }])).rejects.toThrow(/unknown LoRA adapter "nope"/);
+    // As a file:// URL, read as STORAGE_URI is (percent-decoded): a folder with a space in its name.
+    const spaced = path.join(tmp.dir, 'lora dir');
+    mkdirSync(spaced, { recursive: true });
+    writeFileSync(path.join(spaced, 'local-two.safetensors'), bytes);
+    const byUrl = new AdapterSource(testConfig(s3.endpoint, path.join(tmp.dir, 'cache4'), { LORA_URI: pathToFileURL(spaced).href }), createLogger('silent'));
+    byUrl.setModelDir(model);
+    expect((await byUrl.resolve([{ name: 'local-two', scale: 1 }]))[0]!.file).toBe(path.join(spaced, 'local-two.safetensors'));
   });
 });

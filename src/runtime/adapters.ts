@@ -11,6 +11,7 @@ import type { Config } from '../config.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
+import { parseStorageUri } from '../storage/uri.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
 
 export class AdapterSource {
@@ -68,11 +69,16 @@ export class AdapterSource {
   async #lookup(name: string, signal?: AbortSignal): Promise<string> {
     const local = this.#modelDir ? inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
-    const uri = this.cfg.loraUri;
-    if (uri === undefined) throw new RuntimeError('NOT_FOUND', name);
-    if (!uri.startsWith('s3://')) {
-      const dir = uri.startsWith('file://') ? new URL(uri).pathname : uri;
-      const f = inFolder(dir, name);
+    if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
+    // Read as STORAGE_URI is: s3://bucket/prefix, file:///path (percent-decoded) or a path.
+    let src: ReturnType<typeof parseStorageUri>;
+    try {
+      src = parseStorageUri(this.cfg.loraUri);
+    } catch (err) {
+      throw new RuntimeError('INVALID_INPUT', `LORA_URI: ${(err as Error).message.replace(/^STORAGE_URI /, '')}`);
+    }
+    if (src.kind === 'local') {
+      const f = inFolder(src.path, name);
       if (f) return f;
       throw new RuntimeError('NOT_FOUND', name);
     }
@@ -80,7 +86,7 @@ export class AdapterSource {
     const { resolveModel } = await import('../storage/fetch.js');
     let dir: string;
     try {
-      const r = await resolveModel(`${uri.replace(/\/+$/, '')}/${name}/`, { cfg: this.cfg, log: this.log, ...(signal ? { signal } : {}) });
+      const r = await resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, { cfg: this.cfg, log: this.log, ...(signal ? { signal } : {}) });
       dir = r.dir;
       this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
     } catch (err) {
