@@ -2,8 +2,6 @@
  * @module The pipeline worker's side of its auxiliary session thread (aux.ts): sessions created and run there look
  * like local ones to the pipeline (ModelSession), and runs there overlap whatever this thread runs meanwhile.
  */
-import type { InferenceSession } from 'onnxruntime-node';
-import { ioInfo } from './onnx.js';
 import type { OptimizeItem } from './ortcache.js';
 import type { AuxInit, FromAux, ToAux } from './protocol.js';
 import { RemoteSession, SessionThread, type ThreadLog } from './session-thread.js';
@@ -31,8 +29,7 @@ export class AuxClient {
   async create(component: string, path: string, provider: 'cuda' | 'cpu', prime?: Extract<ToAux, { t: 'create' }>['prime']): Promise<AuxCreated> {
     const t = this.#thread;
     const r = t.expect(await t.ask({ t: 'create', component, path, provider, ...(prime ? { prime } : {}) }), 'created', 'create');
-    const meta = (l: typeof r.inputs) => l as unknown as InferenceSession.ValueMetadata[];
-    const session = new RemoteSession(component, r.session, ioInfo(component, meta(r.inputs)), ioInfo(component, meta(r.outputs)), this);
+    const session = RemoteSession.fromMeta(component, r.session, r.inputs, r.outputs, this);
     return { session, ms: r.ms, cache: r.cache, ...(r.deferred ? { deferred: r.deferred } : {}) };
   }
 

@@ -6,9 +6,9 @@
  * generation then only pays the UNet's first run.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { isRuntimeError } from '../errors.js';
-import { SessionFactory, type Feed, type IoMeta, type OnnxSession } from './onnx.js';
+import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
 import type { AuxInit, FromAux, ToAux } from './protocol.js';
+import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 
 const port = parentPort;
 if (!port) throw new Error('aux.ts must run in a worker thread');
@@ -37,9 +37,6 @@ function factory(provider: 'cuda' | 'cpu'): SessionFactory {
   return f;
 }
 
-const meta = (s: OnnxSession, which: 'inputMetadata' | 'outputMetadata'): IoMeta[] =>
-  s.session[which].map((m) => ({ name: m.name, isTensor: true, type: String((m as { type?: unknown }).type), shape: [...((m as { shape?: Array<number | string> }).shape ?? [])] }));
-
 /** Zeros at the served size for each input the component is known to take; undefined for anything else. */
 function primeFeeds(component: string, s: OnnxSession, p: NonNullable<Extract<ToAux, { t: 'create' }>['prime']>): Record<string, Feed> | undefined {
   const dim = (name: string, i: number, dflt: number) => {
@@ -56,8 +53,7 @@ function primeFeeds(component: string, s: OnnxSession, p: NonNullable<Extract<To
   return undefined;
 }
 
-const fail = (id: number, err: unknown) =>
-  post({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
 /**
  * Creates the session and answers at once. Its priming run goes to the end of this thread's queue, behind the
@@ -74,7 +70,7 @@ async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
     const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
     if (feeds) queue = queue.then(() => prime(sid, m.component, feeds));
     const deferred = f.deferredWrites.find((w) => w.path === m.path);
-    post({ t: 'created', id: m.id, session: sid, inputs: meta(made.session, 'inputMetadata'), outputs: meta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
+    post({ t: 'created', id: m.id, session: sid, inputs: ioMeta(made.session, 'inputMetadata'), outputs: ioMeta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
   } catch (err) {
     // A session made before the failure is not the client's: it must not outlive the answer.
     if (id !== undefined) await sessions.get(id)?.release().catch(() => undefined);
@@ -101,7 +97,7 @@ async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
     const s = sessions.get(m.session);
     if (!s) throw new Error(`no session ${m.session} on the auxiliary thread`);
     const out = await s.run(m.feeds, m.outputs);
-    post({ t: 'ran', id: m.id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+    post(ranReply(m.id, out));
   } catch (err) {
     fail(m.id, err);
   }

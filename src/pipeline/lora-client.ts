@@ -1,7 +1,6 @@
 /** @module The pipeline worker's side of an adapter set's thread (lora-thread.ts): build it, run its sessions, end it. */
-import type { InferenceSession } from 'onnxruntime-node';
 import { RuntimeError } from '../errors.js';
-import { ioInfo, type ModelSession } from './onnx.js';
+import type { ModelSession } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
 import type { AdapterRef } from './job.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
@@ -23,11 +22,10 @@ export class LoraSetThread {
   async build(adapters: AdapterRef[], components: Partial<Record<LoraComponent, string>>): Promise<{ built: Built; sessions: Map<LoraComponent, ModelSession> }> {
     const t = this.#thread;
     const r = t.expect(await t.ask({ t: 'build', adapters, components }), 'built', 'build');
-    const meta = (l: Built['sessions'][number]['inputs']) => l as unknown as InferenceSession.ValueMetadata[];
     const sessions = new Map<LoraComponent, ModelSession>();
     // Its sessions end with the thread (close), not one by one.
     const host = { run: this.run.bind(this), release: async () => undefined };
-    for (const s of r.sessions) sessions.set(s.component, new RemoteSession(s.component, s.session, ioInfo(s.component, meta(s.inputs)), ioInfo(s.component, meta(s.outputs)), host));
+    for (const s of r.sessions) sessions.set(s.component, RemoteSession.fromMeta(s.component, s.session, s.inputs, s.outputs, host));
     return { built: r, sessions };
   }
 

@@ -7,11 +7,12 @@
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
-import { RuntimeError, isRuntimeError } from '../errors.js';
+import { RuntimeError } from '../errors.js';
 import { parseAdapter } from './lora-keys.js';
 import { planAdapterSet, writeMergedComponent } from './lora-merge.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { parseSafetensors } from './lora-safetensors.js';
+import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
 import { NO_OPTIMIZED_CACHE } from './ortcache.js';
 
@@ -34,8 +35,7 @@ const factory = new SessionFactory({
 const sessions = new Map<number, OnnxSession>();
 let next = 1;
 
-const fail = (id: number, err: unknown) =>
-  post({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
 async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
   const t0 = performance.now();
@@ -79,9 +79,7 @@ async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
     sessions.set(id, made.session);
     patchedBytes += merged.patchedBytes;
     totalBytes += merged.totalBytes;
-    const meta = (which: 'inputMetadata' | 'outputMetadata') =>
-      made.session.session[which].map((x) => ({ name: x.name, isTensor: true as const, type: String((x as { type?: unknown }).type), shape: [...((x as { shape?: Array<number | string> }).shape ?? [])] }));
-    built.push({ component, session: id, inputs: meta('inputMetadata'), outputs: meta('outputMetadata'), ms: made.ms, weights: list.length });
+    built.push({ component, session: id, inputs: ioMeta(made.session, 'inputMetadata'), outputs: ioMeta(made.session, 'outputMetadata'), ms: made.ms, weights: list.length });
   }
   // A copy costs disk and time per set: say so once per set, with what to change.
   if (data.length > 0) log('warn', 'the model\'s weights were copied for this adapter set (MODEL_CACHE_DIR is on another file system than the model, so they could not be hard-linked)', { components: data });
@@ -100,7 +98,7 @@ async function run(m: Extract<ToLora, { t: 'run' }>): Promise<void> {
   const s = sessions.get(m.session);
   if (!s) throw new RuntimeError('INTERNAL', `no session ${m.session} on the adapter thread`);
   const out = await s.run(m.feeds, m.outputs);
-  post({ t: 'ran', id: m.id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+  post(ranReply(m.id, out));
 }
 
 // One thing at a time: ORT creates and runs synchronously on this thread anyway.

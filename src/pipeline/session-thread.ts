@@ -5,7 +5,8 @@
  */
 import { Worker } from 'node:worker_threads';
 import { RuntimeError, type ErrorCode } from '../errors.js';
-import { SessionIo, type Feed, type IoInfo, type ModelSession } from './onnx.js';
+import type { InferenceSession } from 'onnxruntime-node';
+import { ioInfo, SessionIo, type Feed, type IoInfo, type IoMeta, type ModelSession } from './onnx.js';
 
 export type ThreadLog = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => void;
 type Out = Record<string, { data: Float32Array; dims: readonly number[] }>;
@@ -118,6 +119,12 @@ export class RemoteSession extends SessionIo implements ModelSession {
     private readonly host: { run(session: number, feeds: Record<string, Feed>, outputs?: string[]): Promise<Out>; release(session: number): Promise<void> },
   ) {
     super(name, inputs, outputs);
+  }
+
+  /** A session the thread created, from the declared inputs and outputs it posted (thread-replies.ts ioMeta). */
+  static fromMeta(name: string, id: number, inputs: IoMeta[], outputs: IoMeta[], host: RemoteSession['host']): RemoteSession {
+    const meta = (l: IoMeta[]) => l as unknown as InferenceSession.ValueMetadata[];
+    return new RemoteSession(name, id, ioInfo(name, meta(inputs)), ioInfo(name, meta(outputs)), host);
   }
 
   run(feeds: Record<string, Feed>, outputs?: string[]): Promise<Out> {

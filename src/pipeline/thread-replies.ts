@@ -1,0 +1,15 @@
+/** @module What a session thread (aux.ts, lora-thread.ts) answers its pipeline worker: declared I/O, outputs, a failure. */
+import { isRuntimeError } from '../errors.js';
+import type { IoMeta, OnnxSession } from './onnx.js';
+
+/** A session's declared inputs or outputs, as plain data to post (session-thread.ts rebuilds them). */
+export const ioMeta = (s: OnnxSession, which: 'inputMetadata' | 'outputMetadata'): IoMeta[] =>
+  s.session[which].map((m) => ({ name: m.name, isTensor: true, type: String((m as { type?: unknown }).type), shape: [...((m as { shape?: Array<number | string> }).shape ?? [])] }));
+
+/** The answer to a run. */
+export const ranReply = (id: number, out: Record<string, { data: Float32Array; dims: readonly number[] }>) =>
+  ({ t: 'ran' as const, id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+
+/** The answer to a request that failed: its RuntimeError code, else INTERNAL. */
+export const failedReply = (id: number, err: unknown) =>
+  ({ t: 'failed' as const, id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
