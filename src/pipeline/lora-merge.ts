@@ -80,14 +80,10 @@ export async function mergeComponent(modelPath: string, updates: readonly Weight
   const model = onnx.ModelProto.decode(graphBytes);
   const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
   const external = new Map<string, Buffer>();
-  const locationOf = (t: onnxProto.onnx.ITensorProto) => {
-    const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
-    return { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0), length: kv.has('length') ? Number(kv.get('length')) : undefined };
-  };
   // Every external file, patched or not: a session created from bytes finds none of them on disk.
   for (const t of inits.values()) {
     if (t.dataLocation !== EXTERNAL) continue;
-    const { location } = locationOf(t);
+    const { location } = externalOf(t);
     if (external.has(location)) continue;
     const file = path.resolve(dir, location);
     if (!file.startsWith(dir + path.sep)) throw new RuntimeError('MODEL_FORMAT', `${component}: external data location ${JSON.stringify(location)} leaves the component folder`);
@@ -96,15 +92,10 @@ export async function mergeComponent(modelPath: string, updates: readonly Weight
   let inlineChanged = false;
   let patchedBytes = 0;
   for (const u of updates) {
-    const t = inits.get(u.entry.initializer);
-    if (!t) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json names initializer ${JSON.stringify(u.entry.initializer)} for ${u.param}, which the graph does not have`);
-    const type = t.dataType ?? 0;
-    if (type !== FLOAT && type !== FLOAT16) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} (${u.param}) is of ONNX type ${type}; LoRA merges float32 and float16 weights`);
-    const size = type === FLOAT ? 4 : 2;
-    const count = (t.dims ?? []).reduce((a: number, b) => a * Number(b), 1);
+    const { t, type, size, count } = mergeable(inits, u.entry.initializer, u.param, component);
     let bytes: Uint8Array;
     if (t.dataLocation === EXTERNAL) {
-      const { location, offset, length } = locationOf(t);
+      const { location, offset, length } = externalOf(t);
       const file = external.get(location)!;
       if (offset + (length ?? count * size) > file.byteLength) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${u.entry.initializer} lies past the end of ${location}`);
       bytes = file.subarray(offset, offset + count * size);
@@ -163,12 +154,7 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
   for (const u of updates) byName.get(u.entry.initializer)!.push(u);
   // Packed Q/K/V weights take several updates: each initializer is read, patched by all of its updates, written once.
   for (const [name, list] of byName) {
-    const t = inits.get(name);
-    if (!t) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json names initializer ${JSON.stringify(name)} for ${list[0]!.param}, which the graph does not have`);
-    const type = t.dataType ?? 0;
-    if (type !== FLOAT && type !== FLOAT16) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} (${list[0]!.param}) is of ONNX type ${type}; LoRA merges float32 and float16 weights`);
-    const size = type === FLOAT ? 4 : 2;
-    const count = (t.dims ?? []).reduce((a: number, b) => a * Number(b), 1);
+    const { t, type, size, count } = mergeable(inits, name, list[0]!.param, component);
     let bytes: Uint8Array;
     if (t.dataLocation === EXTERNAL) {
       const e = externalOf(t);
@@ -215,9 +201,18 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
 
 const PATCH_FILE = 'lora.onnx_data';
 
-function externalOf(t: onnxProto.onnx.ITensorProto): { location: string; offset: number } {
+function externalOf(t: onnxProto.onnx.ITensorProto): { location: string; offset: number; length: number | undefined } {
   const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
-  return { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0) };
+  return { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0), length: kv.has('length') ? Number(kv.get('length')) : undefined };
+}
+
+/** The initializer `name` that lora_map.json names for `param`, checked to be float32 or float16, with its size. */
+function mergeable(inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>, name: string, param: string, component: string) {
+  const t = inits.get(name);
+  if (!t) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json names initializer ${JSON.stringify(name)} for ${param}, which the graph does not have`);
+  const type = t.dataType ?? 0;
+  if (type !== FLOAT && type !== FLOAT16) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} (${param}) is of ONNX type ${type}; LoRA merges float32 and float16 weights`);
+  return { t, type, size: type === FLOAT ? 4 : 2, count: (t.dims ?? []).reduce((a: number, b) => a * Number(b), 1) };
 }
 
 async function readRange(file: string, offset: number, length: number): Promise<Uint8Array> {
