@@ -375,12 +375,15 @@ export class Engine {
       this.#checkIdle();
     } else if (task.state === 'running') {
       // The batch may be stepping or already decoding (a decode can wait for a VAE still downloading).
-      const run = this.#workers.flatMap((x) => [...(x.running ? [x.running] : []), ...x.decoding]).find((r) => r.tasks.includes(task));
-      const w = run && this.#workers.find((x) => x.running === run || x.decoding.includes(run));
-      // Stop the generation at the next step or image only when every client of the batch has left.
-      if (w && run && run.tasks.every((t) => t.signal?.aborted)) {
-        this.metrics.cancelled.inc(this.#labels, run.tasks.length);
-        w.send({ t: 'cancel', id: run.id });
+      for (const w of this.#workers) {
+        const run = runsOf(w).find((r) => r.tasks.includes(task));
+        if (!run) continue;
+        // Stop the generation at the next step or image only when every client of the batch has left.
+        if (run.tasks.every((t) => t.signal?.aborted)) {
+          this.metrics.cancelled.inc(this.#labels, run.tasks.length);
+          w.send({ t: 'cancel', id: run.id });
+        }
+        break;
       }
       // Answer now (client gone or timed out); the batch's other requests keep their generation.
       this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
@@ -647,7 +650,8 @@ export class Engine {
     }
     this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
     // The batch it was stepping and the one it was decoding, if any.
-    const runs = [...(w.running ? [w.running] : []), ...w.decoding.splice(0)];
+    const runs = runsOf(w);
+    w.decoding.length = 0;
     w.running = undefined;
     w.sets.clear();
     this.#deviceBusy(w);
@@ -703,6 +707,11 @@ export class Engine {
     timer.unref();
     this.#restartTimers.add(timer);
   }
+}
+
+/** The batches a worker holds: the one it is stepping, then those it is decoding. */
+function runsOf(w: WorkerHandle): Running[] {
+  return [...(w.running ? [w.running] : []), ...w.decoding];
 }
 
 /** The worker with the fewest batches decoding, then the one idle longest: spreads batches over the GPUs. */
