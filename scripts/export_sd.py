@@ -387,6 +387,7 @@ def _numpy2_vae_attention_shim():
 
 
 def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], report: dict, targets: dict | None = None):
+    """The optimized (and float16) graph, and the LoRA map of `targets` found in it (None without targets)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     _numpy2_vae_attention_shim()
@@ -414,9 +415,8 @@ def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], repo
         report["attention_fusion_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         m = run(False)
     report["fused_ops"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
-    if targets is not None:
-        # Before the float16 conversion, while the fused weights still hold the traced float32 values exactly.
-        report["_lora"] = build_lora_map(targets, m.model.graph)
+    # Before the float16 conversion, while the fused weights still hold the traced float32 values exactly.
+    lora = build_lora_map(targets, m.model.graph) if targets is not None else None
     if fp16:
         nodes = fp32_embedding_nodes(m.model.graph)
         m.convert_float_to_float16(keep_io_types=True, op_block_list=keep_fp32_ops or None, node_block_list=nodes or None)
@@ -424,7 +424,7 @@ def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], repo
         if keep_fp32_ops:
             report["fp32_ops"] = keep_fp32_ops
     m.topological_sort()
-    return m.model
+    return m.model, lora
 
 
 def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opset=17, vae_encoder=True):
@@ -471,8 +471,7 @@ def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opse
             targets = lora_targets(module.m) if name in ("unet", "text_encoder", "text_encoder_2") else None
             if fused:
                 keep = ["MultiHeadAttention", "Attention"] if name == "unet" and getattr(pipe.unet.config, "upcast_attention", False) else []
-                proto = _fuse(raw, model_type, comp_fp16, keep, report, targets)
-                lora = report.pop("_lora", None)
+                proto, lora = _fuse(raw, model_type, comp_fp16, keep, report, targets)
             else:
                 import onnx
                 proto = onnx.load(str(raw), load_external_data=True)
