@@ -3,9 +3,10 @@
  * its priming run happens after the creation is answered and before the next run, and a dead thread is reported.
  * The built modules are used: the thread's entry must be JavaScript.
  */
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ROOT } from './helpers/server.js';
+import { ROOT, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 
@@ -63,6 +64,62 @@ describe('auxiliary session thread', () => {
     } finally {
       await client.close();
     }
+  });
+
+  it('holds a priming run marked first-run until the thread runs a session for a request, behind that run', async () => {
+    const { aux } = await load();
+    const dir = await fixtureModel({ withVaeEncoder: true });
+    const order: string[] = [];
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
+      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
+    }, () => undefined);
+    try {
+      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
+      const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
+      await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
+      const decode = () => dec.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
+      await decode();
+      order.push('ran vae_decoder');
+      await until(() => order.includes('primed vae_encoder'), 30_000);
+      await decode();
+      order.push('ran vae_decoder again');
+      expect(order).toEqual(['primed vae_decoder', 'ran vae_decoder', 'primed vae_encoder', 'ran vae_decoder again']);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('drops a held priming run when its own session runs first: that run paid the search', async () => {
+    const { aux } = await load();
+    const dir = await fixtureModel({ withVaeEncoder: true });
+    const order: string[] = [];
+    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
+      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
+    }, () => undefined);
+    try {
+      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
+      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
+      const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
+      await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
+      order.push('ran vae_encoder');
+      // A priming run queued by the encoder's run would come before this one.
+      await dec.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
+      order.push('ran vae_decoder');
+      expect(order).toEqual(['primed vae_decoder', 'ran vae_encoder', 'ran vae_decoder']);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('primes the VAE encoder after the first run unless WARMUP_VAE_ENCODER=before-ready, at the served size', async () => {
+    const prime = (await import(path.join(ROOT, 'dist/src/pipeline/prime.js'))) as typeof import('../src/pipeline/prime.js');
+    const dir = await fixtureModel();
+    const unet = JSON.parse(readFileSync(path.join(dir, 'unet', 'config.json'), 'utf8')) as { sample_size: number };
+    const vae = JSON.parse(readFileSync(path.join(dir, 'vae_decoder', 'config.json'), 'utf8')) as { block_out_channels: number[] };
+    const size = { latentHeight: unet.sample_size, latentWidth: unet.sample_size, vaeScale: 2 ** (vae.block_out_channels.length - 1) };
+    expect(prime.primeSpec(dir, 'vae_encoder', 'after-ready')).toEqual({ ...size, after: 'first-run' });
+    expect(prime.primeSpec(dir, 'vae_encoder', 'before-ready')).toEqual(size);
+    for (const c of ['vae_decoder', 'text_encoder']) expect(prime.primeSpec(dir, c, 'after-ready')).toEqual(size);
   });
 
   it('reports a thread that dies, and fails what was waiting on it', async () => {

@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, describeConfig, loadConfig, visibleGpus } from '../src/config.js';
-import { applyTf32, workerDevice } from '../src/runtime/workers.js';
+import { applyTf32, workerDevice, workerInit } from '../src/runtime/workers.js';
 
 describe('loadConfig', () => {
   it('gives the documented defaults', () => {
@@ -45,6 +45,15 @@ describe('loadConfig', () => {
     expect(loadConfig({}).s3.transport).toBe('sdk');
     expect(loadConfig({ S3_TRANSPORT: 'Lite' }).s3.transport).toBe('lite');
     expect(() => loadConfig({ S3_TRANSPORT: 'curl' })).toThrow('S3_TRANSPORT must be one of sdk, lite, got "curl"');
+  });
+
+  it('WARMUP_VAE_ENCODER: after ready unless asked for before; the worker is told; anything else is named', () => {
+    expect(loadConfig({}).warmupVaeEncoder).toBe('after-ready');
+    const before = loadConfig({ WARMUP_VAE_ENCODER: 'before-ready' });
+    expect(before.warmupVaeEncoder).toBe('before-ready');
+    expect(workerInit(before, 0).vaeEncoderWarmup).toBe('before-ready');
+    expect(workerInit(loadConfig({}), 0).vaeEncoderWarmup).toBe('after-ready');
+    expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of after-ready, before-ready, got "never"');
   });
 
   it('masks credentials in an endpoint or URI when describing itself', () => {

@@ -3,11 +3,12 @@
  * UNet. ORT runs a session synchronously on the thread that calls it, so with one thread a boot creates every session
  * in turn and a warm-up pays each first run in turn. On this thread the small sessions are created, and on CUDA run
  * once on zeros (cuDNN's algorithm search, lazy kernel loads), while the worker still builds the UNet; the warm-up
- * generation then only pays the UNet's first run.
+ * generation then only pays the UNet's first run. A session no text-to-image request uses (the VAE encoder) can be
+ * primed after this thread's first run instead, off the path to ready.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
-import type { AuxInit, FromAux, ToAux } from './protocol.js';
+import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
 import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 
 const port = parentPort;
@@ -38,7 +39,7 @@ function factory(provider: 'cuda' | 'cpu'): SessionFactory {
 }
 
 /** Zeros at the served size for each input the component is known to take; undefined for anything else. */
-function primeFeeds(component: string, s: OnnxSession, p: NonNullable<Extract<ToAux, { t: 'create' }>['prime']>): Record<string, Feed> | undefined {
+function primeFeeds(component: string, s: OnnxSession, p: PrimeSpec): Record<string, Feed> | undefined {
   const dim = (name: string, i: number, dflt: number) => {
     const d = s.inputs.get(name)?.shape[i];
     return typeof d === 'number' && d > 0 ? d : dflt;
@@ -55,6 +56,10 @@ function primeFeeds(component: string, s: OnnxSession, p: NonNullable<Extract<To
 
 const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
+/** Priming runs held until this thread's first run for a request (`after: 'first-run'`), by session id. */
+const held = new Map<number, { component: string; feeds: Record<string, Feed> }>();
+let ranOnce = false;
+
 /**
  * Creates the session and answers at once. Its priming run goes to the end of this thread's queue, behind the
  * creations already asked for (a load asks for all its sessions together): the load waits for every session to
@@ -68,7 +73,8 @@ async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
     const sid = (id = next++);
     sessions.set(sid, made.session);
     const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
-    if (feeds) queue = queue.then(() => prime(sid, m.component, feeds));
+    if (feeds && m.prime?.after === 'first-run' && !ranOnce) held.set(sid, { component: m.component, feeds });
+    else if (feeds) queue = queue.then(() => prime(sid, m.component, feeds));
     const deferred = f.deferredWrites.find((w) => w.path === m.path);
     post({ t: 'created', id: m.id, session: sid, inputs: ioMeta(made.session, 'inputMetadata'), outputs: ioMeta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
   } catch (err) {
@@ -93,6 +99,8 @@ async function prime(id: number, component: string, feeds: Record<string, Feed>)
 }
 
 async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
+  // This run pays the session's kernel search itself: a priming run held for it would only repeat it.
+  held.delete(m.session);
   try {
     const s = sessions.get(m.session);
     if (!s) throw new Error(`no session ${m.session} on the auxiliary thread`);
@@ -101,11 +109,20 @@ async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
   } catch (err) {
     fail(m.id, err);
   }
+  if (!ranOnce && sessions.has(m.session)) {
+    ranOnce = true;
+    // Behind whatever is queued now: the request that asked for this run finishes first.
+    for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
+    held.clear();
+  }
 }
 
 async function release(m: Extract<ToAux, { t: 'release' }>): Promise<void> {
   const s = sessions.get(m.session);
   sessions.delete(m.session);
+  held.delete(m.session);
+  // Sessions made after this (a reload) wait for their own first run again.
+  if (sessions.size === 0) ranOnce = false;
   await s?.release().catch(() => undefined);
   post({ t: 'released', id: m.id });
 }
@@ -127,6 +144,7 @@ port.on('message', (m: ToAux) => {
       queue = queue.then(async () => {
         const all = [...sessions.values()];
         sessions.clear(); // a priming run queued behind this one finds nothing to run
+        held.clear();
         await Promise.allSettled(all.map((s) => s.release()));
         process.exit(0);
       });

@@ -1,5 +1,5 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
-import type { ExecutionProvider } from '../config.js';
+import type { EncoderWarmup, ExecutionProvider } from '../config.js';
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
@@ -17,6 +17,8 @@ export interface WorkerInit {
    * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
    */
   lora?: { maxSets: number; maxBytes: number; workDir: string };
+  /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: after). */
+  vaeEncoderWarmup?: EncoderWarmup;
 }
 
 /** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */
@@ -29,9 +31,21 @@ export interface AuxInit {
   deviceId?: number;
 }
 
+/** What a priming run needs: the served latent size and the VAE's scale; `after` as in ToAux's `create`. */
+export interface PrimeSpec {
+  latentHeight: number;
+  latentWidth: number;
+  vaeScale: number;
+  after?: 'first-run';
+}
+
 export type ToAux =
-  /** `prime`: run the new session once on zeros at this latent size, so its first real run pays no kernel search. */
-  | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: { latentHeight: number; latentWidth: number; vaeScale: number } }
+  /**
+   * `prime`: run the new session once on zeros at this latent size, so its first real run pays no kernel search.
+   * `after: 'first-run'` holds that priming run until this thread has run a session for a request (the warm-up's
+   * decode), so the path to ready does not wait for it; a run of the session itself before then makes it unneeded.
+   */
+  | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: PrimeSpec }
   | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
   | { t: 'release'; id: number; session: number }
   | { t: 'close' };

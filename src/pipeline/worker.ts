@@ -4,7 +4,6 @@
  * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work, and
  * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
-import { readFileSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,8 +12,8 @@ import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
 import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
-import { parsePyJson } from './pyjson.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
+import { primeSpec } from './prime.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
@@ -153,7 +152,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
     });
     aux.set(thread, client);
   }
-  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSize(dir) : undefined);
+  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'after-ready') : undefined);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
   return { session: r.session, provider, ms: r.ms, cache: r.cache };
@@ -178,23 +177,6 @@ function logSlowPath(info: ExportInfo): void {
     export: what,
     hint: 'scripts/export-onnx.sh writes the fused float16 export for CUDA by default (about 1.5x faster per step on an H200)',
   });
-}
-
-/** The served latent size (the UNet config's sample_size) and the VAE's scale, for priming sessions on CUDA. */
-function primeSize(dir: string): { latentHeight: number; latentWidth: number; vaeScale: number } {
-  const json = (f: string): Record<string, unknown> => {
-    try {
-      return parsePyJson(readFileSync(path.join(dir, f), 'utf8')) as Record<string, unknown>;
-    } catch {
-      return {};
-    }
-  };
-  const unet = json('unet/config.json');
-  const vae = json('vae_decoder/config.json');
-  const xl = unet.addition_embed_type === 'text_time';
-  const size = typeof unet.sample_size === 'number' ? unet.sample_size : xl ? 128 : 64;
-  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
-  return { latentHeight: size, latentWidth: size, vaeScale: 2 ** Math.max(0, blocks - 1) };
 }
 
 /**

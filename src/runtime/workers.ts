@@ -28,7 +28,7 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
 }
 
 type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
-  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir'>>;
+  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder'>>;
 
 export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
@@ -39,23 +39,29 @@ export function workerDevice(cfg: Pick<Config, 'gpus' | 'executionProvider'>, in
   return cfg.executionProvider === 'cpu' || cfg.gpus === 0 ? undefined : index % cfg.gpus;
 }
 
-/** One pipeline worker, `index` of cfg.workers (also what the engine calls to replace a worker that died). */
-export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
-  applyTf32(cfg);
+/** What pipeline worker `index` is started with. */
+export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
   // Several CPU workers share the cores instead of each grabbing all of them.
   const threads = cfg.intraOpThreads > 0 ? cfg.intraOpThreads : cfg.workers > 1 ? 1 : 0;
   const device = workerDevice(cfg, index);
-  const init: WorkerInit = {
+  return {
     ep: cfg.executionProvider,
     intraOpThreads: threads,
     workerIndex: index,
     optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS },
     graphOptimizationLevel: cfg.graphOptimization,
     ...(device !== undefined ? { deviceId: device } : {}),
+    ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupVaeEncoder } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
       ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
       : {}),
   };
+}
+
+/** One pipeline worker, `index` of cfg.workers (also what the engine calls to replace a worker that died). */
+export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
+  applyTf32(cfg);
+  const init = workerInit(cfg, index);
   const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
   const early: FromWorker[] = [];
   let deliver: (m: FromWorker) => void = (m) => early.push(m);

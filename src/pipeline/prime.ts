@@ -1,0 +1,28 @@
+/**
+ * @module What a session's priming run on CUDA is (aux.ts runs it): zeros at the served size, once, so its first real
+ * run pays no cuDNN algorithm search. The VAE encoder serves only image-to-image and inpainting, so by default its
+ * priming waits for its thread's first run (the warm-up's decode) and stays off the path to ready.
+ */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import type { EncoderWarmup } from '../config.js';
+import { parsePyJson } from './pyjson.js';
+import type { PrimeSpec } from './protocol.js';
+
+/** The priming run of `component` of the model in `dir`: the served latent size (the UNet config's sample_size) and the VAE's scale. */
+export function primeSpec(dir: string, component: string, encoder: EncoderWarmup): PrimeSpec {
+  const json = (f: string): Record<string, unknown> => {
+    try {
+      return parsePyJson(readFileSync(path.join(dir, f), 'utf8')) as Record<string, unknown>;
+    } catch {
+      return {};
+    }
+  };
+  const unet = json('unet/config.json');
+  const vae = json('vae_decoder/config.json');
+  const xl = unet.addition_embed_type === 'text_time';
+  const size = typeof unet.sample_size === 'number' ? unet.sample_size : xl ? 128 : 64;
+  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
+  const spec: PrimeSpec = { latentHeight: size, latentWidth: size, vaeScale: 2 ** Math.max(0, blocks - 1) };
+  return component === 'vae_encoder' && encoder === 'after-ready' ? { ...spec, after: 'first-run' } : spec;
+}
