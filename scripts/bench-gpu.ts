@@ -2,7 +2,8 @@
  * @module The GPU comparison's Node half: serves the exports scripts/gpu_sd15.py made (plain and fused, SD 1.5 size)
  * with the built runtime over HTTP, next to the diffusers timings that script measured on the same GPU, and prints one
  * table: generation time at 50 and 20 steps, ready time and its phases, GPU memory, batch 4 against batch 1, and how
- * far each image is from diffusers' own for the same seed.
+ * far each image is from diffusers' own for the same seed; then ready with WARMUP_VAE_ENCODER after-ready against
+ * before-ready, each followed at once by an image-to-image request.
  *
  *   node dist/scripts/bench-gpu.js WORK_DIR [--out FILE]        (WORK_DIR/{plain,fused,ref-seed1.png,python.json})
  *
@@ -80,10 +81,11 @@ async function start(label: string, dir: string, env: Record<string, string>): P
         if (!line.startsWith('{')) continue;
         const j = JSON.parse(line) as LogLine;
         lines.push(j);
-        if (j.msg === 'model ready') {
+        // The runtime's landmarks by their `event` field (src/runtime/boot-events.ts), not by their wording.
+        if (j.event === 'ready') {
           clearTimeout(timer);
           resolve(performance.now() - t0);
-        } else if (String(j.msg).startsWith('boot failed')) {
+        } else if (j.event === 'state' && j.state === 'failed') {
           clearTimeout(timer);
           reject(new Error(`${label}: ${j.msg}`));
         }
@@ -98,10 +100,11 @@ async function start(label: string, dir: string, env: Record<string, string>): P
   });
   const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], stop };
   for (const j of lines) {
-    if (j.msg === 'onnx session created') s.sessions[String(j.component)] = Number(j.ms);
+    if (j.event === 'session') s.sessions[String(j.component)] = Number(j.ms);
+    // A priming run is a worker thread's log line, not a runtime event.
     else if (j.msg === 'session primed') s.primed[String(j.component)] = Number(j.ms);
-    else if (j.msg === 'warm-up generation done') s.warmup = { ms: Number(j.ms), stages: j.stages as Record<string, number> };
-    else if (j.msg === 'model ready') {
+    else if (j.event === 'warmup-done') s.warmup = { ms: Number(j.ms), stages: j.stages as Record<string, number> };
+    else if (j.event === 'ready') {
       s.phases = j.phases as Record<string, number>;
       s.providers = j.providers as Record<string, string>;
     } else if (j.level === 40 || String(j.msg).startsWith('execution provider')) s.notes.push(`${j.msg}${j.reason ? `: ${j.reason}` : ''}`);
@@ -146,6 +149,8 @@ interface Timed {
   parity?: Record<string, number>;
   /** Image-to-image from the first 50-step image, strength 0.75, 50 steps (38 UNet steps plus the VAE encoder). */
   img2img?: number[];
+  /** That first image, the input of later image-to-image requests. */
+  firstPng?: Buffer;
 }
 
 /** The reference image's steps (gpu_sd15.py records them; 20 at full size). */
@@ -168,7 +173,7 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
   }
   const runs20: number[] = [];
   for (const seed of QUICK ? [14] : [14, 15]) runs20.push((await predict(st.port, { steps: 20, seed })).ms);
-  const t: Timed = { runs50, runs20, stagesMs };
+  const t: Timed = { runs50, runs20, stagesMs, ...(first ? { firstPng: first } : {}) };
   if (first && existsSync(path.join(st.dir, 'vae_encoder'))) {
     t.img2img = [];
     for (const seed of QUICK ? [21] : [21, 22, 23]) t.img2img.push((await predict(st.port, { steps: 50, seed, image: first, strength: 0.75 })).ms);
@@ -239,13 +244,25 @@ async function main(): Promise<void> {
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
   const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
+  // Ready with the VAE encoder primed after the warm-up (the default) or before ready, starts alternating, each
+  // followed at once by the request that pays for the difference: an image-to-image one.
+  const i2iInput = (fusedMain?.extra as Timed | undefined)?.firstPng;
+  const encoderWarmup: Array<{ mode: string; readyMs: number; phases?: Record<string, number>; firstImg2imgMs?: number }> = [];
+  if (existsSync(path.join(fused, 'vae_encoder'))) {
+    for (const mode of QUICK ? ['after-ready', 'before-ready'] : ['after-ready', 'before-ready', 'after-ready', 'before-ready']) {
+      const r = await startOnly(`fused, WARMUP_VAE_ENCODER=${mode}`, fused, { WARMUP_VAE_ENCODER: mode }, async (st) =>
+        i2iInput ? (await predict(st.port, { steps: 50, seed: 31, image: i2iInput, strength: 0.75 })).ms : undefined,
+      );
+      if (r) encoderWarmup.push({ mode, readyMs: r.readyMs, ...(r.phases ? { phases: r.phases } : {}), ...(r.extra !== undefined ? { firstImg2imgMs: r.extra as number } : {}) });
+    }
+  }
   const plainMain = ONLY_FUSED ? undefined : await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
   const batch: Record<string, number | undefined> = {};
   for (const b of [1, 4]) {
     const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
     batch[`b${b}`] = r?.extra as number | undefined;
   }
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch });
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -269,13 +286,15 @@ async function main(): Promise<void> {
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
     ...(fusedThird ? [`third start: ready ${s(fusedThird.readyMs)} (loading ${s((fusedThird.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedThird.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedThird.sessions)}; primed ${JSON.stringify(fusedThird.primed)}`] : []),
     `image-to-image (fused, strength 0.75, 50 steps): ${(fusedMain?.extra as Timed | undefined)?.img2img?.map((x) => s(x)).join(', ') ?? '—'}`,
+    `first 50-step request after ready (fused, VAE encoder primed after the warm-up): ${s((fusedMain?.extra as Timed | undefined)?.runs50[0])}`,
+    ...encoderWarmup.map((e) => `WARMUP_VAE_ENCODER=${e.mode}: ready ${s(e.readyMs)} (loading ${s((e.phases?.loading ?? 0) * 1000)}, warm-up ${s((e.phases?.warming ?? 0) * 1000)}), then image-to-image at once ${s(e.firstImg2imgMs)}`),
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
     errors.length > 0 ? `errors: ${JSON.stringify(errors)}` : 'errors: none',
   ];
   process.stdout.write(`\n${lines.join('\n')}\n`);
-  if (values.out) writeFileSync(values.out, JSON.stringify(result, null, 1));
+  if (values.out) writeFileSync(values.out, JSON.stringify(result, (k, v) => (k === 'firstPng' ? undefined : v), 1));
 }
 
 await main();

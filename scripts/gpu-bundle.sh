@@ -101,5 +101,5 @@ else
   echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
 fi
 [ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"
-if [ "$SD15" = 1 ]; then echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu.log   (carry [gpu$n])"
+if [ "$SD15" = 1 ]; then echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu.log   (carry [gpu$n]; with SD15_ONLY=fused in call 1, add BENCH_GPU_ONLY=fused)"
 else echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"; fi
