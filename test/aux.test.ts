@@ -17,6 +17,19 @@ const load = async () => ({
   onnx: (await import(path.join(ROOT, 'dist/src/pipeline/onnx.js'))) as OnnxModule,
 });
 
+/** The served size of the priming runs below: the demo's 8×8 latents, a VAE scale of 8. */
+const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
+
+/** A decode thread whose priming runs are recorded, in order, in `order` (a test adds its own steps). */
+async function primingClient() {
+  const { aux } = await load();
+  const order: string[] = [];
+  const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
+    if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
+  }, () => undefined);
+  return { client, order };
+}
+
 describe('auxiliary session thread', () => {
   it('runs a session as this thread would, primes it after answering the creation, before the next run', async () => {
     const { aux, onnx } = await load();
@@ -25,7 +38,7 @@ describe('auxiliary session thread', () => {
     const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => logs.push({ msg, ...(obj ? { obj } : {}) }), () => undefined);
     try {
       const file = path.join(dir, 'vae_decoder', 'model.onnx');
-      const made = await client.create('vae_decoder', file, 'cpu', { latentHeight: 8, latentWidth: 8, vaeScale: 8 });
+      const made = await client.create('vae_decoder', file, 'cpu', size);
       expect([...made.session.inputs.keys()]).toEqual(['latent_sample']);
       const latents = Float32Array.from({ length: 4 * 8 * 8 }, (_, i) => Math.sin(i));
       const remote = await made.session.run({ latent_sample: { data: latents, dims: [1, 4, 8, 8] } });
@@ -47,14 +60,9 @@ describe('auxiliary session thread', () => {
   });
 
   it('creates every session asked for before it primes any, so a load does not wait on a kernel search', async () => {
-    const { aux } = await load();
     const dir = await fixtureModel();
-    const order: string[] = [];
-    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
-      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
-    }, () => undefined);
+    const { client, order } = await primingClient();
     try {
-      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
       const created = ['vae_decoder', 'text_encoder'].map((c) => client.create(c, path.join(dir, c, 'model.onnx'), 'cpu', size).then((r) => (order.push(`created ${c}`), r)));
       const [dec] = await Promise.all(created);
       // A run asked for now still follows both priming runs.
@@ -67,14 +75,9 @@ describe('auxiliary session thread', () => {
   });
 
   it('holds a priming run marked first-run until the thread runs a session for a request, behind that run', async () => {
-    const { aux } = await load();
     const dir = await fixtureModel({ withVaeEncoder: true });
-    const order: string[] = [];
-    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
-      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
-    }, () => undefined);
+    const { client, order } = await primingClient();
     try {
-      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
       const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
       await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
       const decode = () => dec.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
@@ -90,14 +93,9 @@ describe('auxiliary session thread', () => {
   });
 
   it('drops a held priming run when its own session runs first: that run paid the search', async () => {
-    const { aux } = await load();
     const dir = await fixtureModel({ withVaeEncoder: true });
-    const order: string[] = [];
-    const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
-      if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
-    }, () => undefined);
+    const { client, order } = await primingClient();
     try {
-      const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
       const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
       const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
       await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
