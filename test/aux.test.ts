@@ -3,7 +3,8 @@
  * its priming run happens after the creation is answered and before the next run, and a dead thread is reported.
  * The built modules are used: the thread's entry must be JavaScript.
  */
-import { readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT, until } from './helpers/server.js';
@@ -109,6 +110,35 @@ describe('auxiliary session thread', () => {
     }
   });
 
+  it('keeps holding after a run at another size, for a session made again after a reload, and never for one released', async () => {
+    const dir = await fixtureModel({ withVaeEncoder: true });
+    const { client, order } = await primingClient();
+    try {
+      const file = (c: string) => path.join(dir, c, 'model.onnx');
+      const decode = (s: { run: (f: Record<string, { data: Float32Array; dims: number[] }>) => Promise<unknown> }) =>
+        s.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
+      // Released before its turn: never primed.
+      let enc = await client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'first-run' });
+      await enc.session.release();
+      let dec = await client.create('vae_decoder', file('vae_decoder'), 'cpu', size);
+      await decode(dec.session);
+      order.push('ran vae_decoder');
+      // All released, as a reload does: the next encoder waits for the next first run, which a run of its own at
+      // another size (this search does not cover the served one) is not the end of.
+      await dec.session.release();
+      enc = await client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'first-run' });
+      dec = await client.create('vae_decoder', file('vae_decoder'), 'cpu', size);
+      order.push('made again');
+      await enc.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
+      order.push('ran vae_encoder at 32x32');
+      await until(() => order.includes('primed vae_encoder'), 30_000);
+      await decode(dec.session);
+      expect(order).toEqual(['primed vae_decoder', 'ran vae_decoder', 'made again', 'primed vae_decoder', 'ran vae_encoder at 32x32', 'primed vae_encoder']);
+    } finally {
+      await client.close();
+    }
+  });
+
   it('primes the VAE encoder after the first run unless WARMUP_VAE_ENCODER=before-ready, at the served size', async () => {
     const prime = (await import(path.join(ROOT, 'dist/src/pipeline/prime.js'))) as typeof import('../src/pipeline/prime.js');
     const dir = await fixtureModel();
@@ -118,6 +148,25 @@ describe('auxiliary session thread', () => {
     expect(prime.primeSpec(dir, 'vae_encoder', 'after-ready')).toEqual({ ...size, after: 'first-run' });
     expect(prime.primeSpec(dir, 'vae_encoder', 'before-ready')).toEqual(size);
     for (const c of ['vae_decoder', 'text_encoder']) expect(prime.primeSpec(dir, c, 'after-ready')).toEqual(size);
+    // An inpainting model's warm-up encodes its image first: its encoder is primed beside the UNet's load.
+    const inpaint = await fixtureModel({ inpainting: true });
+    expect(prime.primeSpec(inpaint, 'vae_encoder', 'after-ready')).toEqual(size);
+    // The size the pipeline serves: the config's, but 64 where a config saved before diffusers 0.9 says less.
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'prime-'));
+    try {
+      const write = (unetCfg: object, blocks: number) => {
+        mkdirSync(path.join(tmp, 'unet'), { recursive: true });
+        mkdirSync(path.join(tmp, 'vae_decoder'), { recursive: true });
+        writeFileSync(path.join(tmp, 'unet', 'config.json'), JSON.stringify(unetCfg));
+        writeFileSync(path.join(tmp, 'vae_decoder', 'config.json'), JSON.stringify({ block_out_channels: Array(blocks).fill(8) }));
+      };
+      write({ sample_size: 96, _diffusers_version: '0.31.0' }, 3);
+      expect(prime.primeSpec(tmp, 'vae_decoder', 'after-ready')).toEqual({ latentHeight: 96, latentWidth: 96, vaeScale: 4 });
+      write({ sample_size: 32, _diffusers_version: '0.8.0' }, 4);
+      expect(prime.primeSpec(tmp, 'unet', 'after-ready')).toEqual({ latentHeight: 64, latentWidth: 64, vaeScale: 8 });
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
   });
 
   it('reports a thread that dies, and fails what was waiting on it', async () => {

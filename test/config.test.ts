@@ -53,6 +53,8 @@ describe('loadConfig', () => {
     expect(before.warmupVaeEncoder).toBe('before-ready');
     expect(workerInit(before, 0).vaeEncoderWarmup).toBe('before-ready');
     expect(workerInit(loadConfig({}), 0).vaeEncoderWarmup).toBe('after-ready');
+    // No warm-up, no first run to wait for: the encoder is primed with the others.
+    expect(workerInit(loadConfig({ WARMUP_STEPS: '0' }), 0).vaeEncoderWarmup).toBe('before-ready');
     expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of after-ready, before-ready, got "never"');
   });
 

@@ -99,8 +99,9 @@ async function prime(id: number, component: string, feeds: Record<string, Feed>)
 }
 
 async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
-  // This run pays the session's kernel search itself: a priming run held for it would only repeat it.
-  held.delete(m.session);
+  // A run at the priming size pays the session's kernel search itself: the priming run held for it would repeat it.
+  const h = held.get(m.session);
+  if (h && Object.entries(h.feeds).every(([k, f]) => sameDims(m.feeds[k]?.dims, f.dims))) held.delete(m.session);
   try {
     const s = sessions.get(m.session);
     if (!s) throw new Error(`no session ${m.session} on the auxiliary thread`);
@@ -111,11 +112,13 @@ async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
   }
   if (!ranOnce && sessions.has(m.session)) {
     ranOnce = true;
-    // Behind whatever is queued now: the request that asked for this run finishes first.
+    // Behind whatever is queued now (the rest of the warm-up's work on this thread).
     for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
     held.clear();
   }
 }
+
+const sameDims = (a: readonly number[] | undefined, b: readonly number[]) => a !== undefined && a.length === b.length && a.every((d, i) => d === b[i]);
 
 async function release(m: Extract<ToAux, { t: 'release' }>): Promise<void> {
   const s = sessions.get(m.session);

@@ -52,7 +52,7 @@ export function pipelineSchedulerConfig(file: Record<string, unknown>, rewriting
 }
 
 /** Whether a unet config was saved by diffusers before 0.9.0 (its `_diffusers_version`, pre-release tags ignored). */
-function unetBefore090(cfg: Record<string, unknown>): boolean {
+export function unetBefore090(cfg: Record<string, unknown>): boolean {
   const m = typeof cfg._diffusers_version === 'string' ? /^v?(\d+)(?:\.(\d+))?/.exec(cfg._diffusers_version) : null;
   if (!m) return false;
   return Number(m[1]) === 0 && Number(m[2] ?? 0) < 9;

@@ -28,7 +28,7 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
 }
 
 type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
-  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder'>>;
+  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder' | 'warmupSteps'>>;
 
 export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
@@ -51,7 +51,8 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS },
     graphOptimizationLevel: cfg.graphOptimization,
     ...(device !== undefined ? { deviceId: device } : {}),
-    ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupVaeEncoder } : {}),
+    // With no warm-up there is no first run to wait for: the encoder is primed with the others, after its load.
+    ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupSteps === 0 ? 'before-ready' : cfg.warmupVaeEncoder } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
       ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
       : {}),
