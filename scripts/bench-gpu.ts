@@ -40,6 +40,8 @@ interface Started {
   providers?: Record<string, string>;
   gpuMemMiB?: number;
   notes: string[];
+  /** Every log line so far (the list grows while the runtime runs). */
+  lines: LogLine[];
   stop(): Promise<void>;
 }
 
@@ -98,7 +100,7 @@ async function start(label: string, dir: string, env: Record<string, string>): P
     await stop();
     throw err;
   });
-  const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], stop };
+  const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], lines, stop };
   for (const j of lines) {
     if (j.event === 'session') s.sessions[String(j.component)] = Number(j.ms);
     // A priming run is a worker thread's log line, not a runtime event.
@@ -125,6 +127,17 @@ async function predict(port: number, o: { steps: number; seed: number; prompt?: 
   const j = (await r.json()) as { predictions?: Array<{ image: { b64: string } }>; error?: string };
   if (r.status !== 200 || !j.predictions) throw new Error(`predict: HTTP ${r.status} ${j.error ?? ''}`);
   return { ms: performance.now() - t0, png: Buffer.from(j.predictions[0]!.image.b64, 'base64') };
+}
+
+/** Priming runs that ended after ready (the VAE encoder's by default): how long each took, and when, counted from ready. */
+function primedAfterReady(st: Started): Array<{ component: string; ms: number; endedAfterReadyMs: number }> {
+  const ready = st.lines.findIndex((j) => j.event === 'ready');
+  if (ready < 0) return [];
+  const t0 = Date.parse(String(st.lines[ready]!.time));
+  return st.lines
+    .slice(ready + 1)
+    .filter((j) => j.msg === 'session primed')
+    .map((j) => ({ component: String(j.component), ms: Number(j.ms), endedAfterReadyMs: Date.parse(String(j.time)) - t0 }));
 }
 
 /** inference_stage_seconds sums and counts per stage, to average the stages of a group of requests. */
@@ -247,13 +260,16 @@ async function main(): Promise<void> {
   // Ready with the VAE encoder primed after the warm-up (the default) or before ready, starts alternating, each
   // followed at once by the request that pays for the difference: an image-to-image one.
   const i2iInput = (fusedMain?.extra as Timed | undefined)?.firstPng;
-  const encoderWarmup: Array<{ mode: string; readyMs: number; phases?: Record<string, number>; firstImg2imgMs?: number }> = [];
+  type EncoderRun = { mode: string; readyMs: number; phases?: Record<string, number>; firstImg2imgMs?: number; primedAfterReady: ReturnType<typeof primedAfterReady> };
+  const encoderWarmup: EncoderRun[] = [];
   if (existsSync(path.join(fused, 'vae_encoder'))) {
     for (const mode of QUICK ? ['after-ready', 'before-ready'] : ['after-ready', 'before-ready', 'after-ready', 'before-ready']) {
-      const r = await startOnly(`fused, WARMUP_VAE_ENCODER=${mode}`, fused, { WARMUP_VAE_ENCODER: mode }, async (st) =>
-        i2iInput ? (await predict(st.port, { steps: 50, seed: 31, image: i2iInput, strength: 0.75 })).ms : undefined,
-      );
-      if (r) encoderWarmup.push({ mode, readyMs: r.readyMs, ...(r.phases ? { phases: r.phases } : {}), ...(r.extra !== undefined ? { firstImg2imgMs: r.extra as number } : {}) });
+      const r = await startOnly(`fused, WARMUP_VAE_ENCODER=${mode}`, fused, { WARMUP_VAE_ENCODER: mode }, async (st) => {
+        const ms = i2iInput ? (await predict(st.port, { steps: 50, seed: 31, image: i2iInput, strength: 0.75 })).ms : undefined;
+        return { ms, primed: primedAfterReady(st) };
+      });
+      const extra = r?.extra as { ms?: number; primed: EncoderRun['primedAfterReady'] } | undefined;
+      if (r) encoderWarmup.push({ mode, readyMs: r.readyMs, ...(r.phases ? { phases: r.phases } : {}), ...(extra?.ms !== undefined ? { firstImg2imgMs: extra.ms } : {}), primedAfterReady: extra?.primed ?? [] });
     }
   }
   const plainMain = ONLY_FUSED ? undefined : await startOnly('plain', plain, {}, (st) => timeGenerations(st, ref));
@@ -286,8 +302,11 @@ async function main(): Promise<void> {
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
     ...(fusedThird ? [`third start: ready ${s(fusedThird.readyMs)} (loading ${s((fusedThird.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedThird.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedThird.sessions)}; primed ${JSON.stringify(fusedThird.primed)}`] : []),
     `image-to-image (fused, strength 0.75, 50 steps): ${(fusedMain?.extra as Timed | undefined)?.img2img?.map((x) => s(x)).join(', ') ?? '—'}`,
-    `first 50-step request after ready (fused, VAE encoder primed after the warm-up): ${s((fusedMain?.extra as Timed | undefined)?.runs50[0])}`,
-    ...encoderWarmup.map((e) => `WARMUP_VAE_ENCODER=${e.mode}: ready ${s(e.readyMs)} (loading ${s((e.phases?.loading ?? 0) * 1000)}, warm-up ${s((e.phases?.warming ?? 0) * 1000)}), then image-to-image at once ${s(e.firstImg2imgMs)}`),
+    `first 50-step request after ready (fused, WARMUP_VAE_ENCODER ${process.env.WARMUP_VAE_ENCODER ?? 'default'}): ${s((fusedMain?.extra as Timed | undefined)?.runs50[0])}`,
+    ...encoderWarmup.map(
+      (e) =>
+        `WARMUP_VAE_ENCODER=${e.mode}: ready ${s(e.readyMs)} (loading ${s((e.phases?.loading ?? 0) * 1000)}, warm-up ${s((e.phases?.warming ?? 0) * 1000)}), then image-to-image at once ${s(e.firstImg2imgMs)}; primed after ready: ${e.primedAfterReady.map((p) => `${p.component} ${p.ms} ms, ended ${p.endedAfterReadyMs} ms after ready`).join('; ') || 'none'}`,
+    ),
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
