@@ -35,6 +35,13 @@ describe('parseInstances', () => {
     expect(() => parse({ scheduler: 'warp9', num_inference_steps: 2 }, defaults(prk))).not.toThrow(/num_inference_steps/);
   });
 
+  it('refuses adapters at parse time when LORA_MAX_SETS=0, before any is looked for; a request without them is served', () => {
+    const off: ParseContext = { cfg: loadConfig({ LORA_MAX_SETS: '0' }), defaults: defaults(SD15), randomSeed: () => 7 };
+    expect(() => parseInstances([{ prompt: 'p', loras: ['style'] }], off)).toThrow('instances[0].loras: LoRA adapters are turned off on this server (LORA_MAX_SETS=0)');
+    expect(parseInstances([{ prompt: 'p', loras: [] }], off)[0]!.loras).toBeUndefined();
+    expect(parse({ loras: [{ name: 'style', scale: 0.5 }] })[0]!.loras).toEqual([{ name: 'style', scale: 0.5 }]);
+  });
+
   it('lists a step limit with the request\'s other problems', () => {
     expect(() => parse({ scheduler: 'lcm', num_inference_steps: 60, height: 7 })).toThrow(/num_inference_steps must be from 1 to 50 .*; instances\[0\]\.height|height.*; .*num_inference_steps must be from 1 to 50/);
   });

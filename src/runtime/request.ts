@@ -47,10 +47,15 @@ export const lorasKey = (loras: readonly LoraRequest[] | undefined): string => (
  * The `loras` field: a list of `{"name", "scale"}` (scale defaults to 1) or of names. Problems go to `bad`; the
  * adapters come back sorted by name, so the same set in any order is one set.
  */
-export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[]): LoraRequest[] {
+export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[], setsOff = false): LoraRequest[] {
   if (v === undefined || v === null) return [];
   if (!Array.isArray(v)) {
     bad.push(`${w} must be a list of {"name": …, "scale": …}`);
+    return [];
+  }
+  // Refused before any adapter is looked for (a LORA_URI one would be downloaded first).
+  if (setsOff && v.length > 0) {
+    bad.push(`${w}: LoRA adapters are turned off on this server (LORA_MAX_SETS=0)`);
     return [];
   }
   if (v.length > maxLoras) {
@@ -188,7 +193,7 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
 }
 
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -306,7 +311,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const uri = str('output_uri', false, 2048);
   if (uri !== undefined && !parseS3Object(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   const image = parseImageFields(inst, w, bad, defaults, steps);
-  const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad);
+  const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
