@@ -3,7 +3,8 @@
  * with the built runtime over HTTP, next to the diffusers timings that script measured on the same GPU, and prints one
  * table: generation time at 50 and 20 steps, ready time and its phases, GPU memory, batch 4 against batch 1, and how
  * far each image is from diffusers' own for the same seed; then ready with WARMUP_VAE_ENCODER after-ready against
- * before-ready, each followed at once by an image-to-image request.
+ * before-ready, each followed at once by an image-to-image request; last, ready with an empty CUDA JIT cache
+ * and with the libraries and the model out of the page cache (what a machine's first process pays).
  *
  *   node dist/scripts/bench-gpu.js WORK_DIR [--out FILE]        (WORK_DIR/{plain,fused,ref-seed1.png,python.json})
  *
@@ -12,7 +13,8 @@
  */
 import { spawn } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -128,6 +130,61 @@ async function predict(port: number, o: { steps: number; seed: number; prompt?: 
   if (r.status !== 200 || !j.predictions) throw new Error(`predict: HTTP ${r.status} ${j.error ?? ''}`);
   return { ms: performance.now() - t0, png: Buffer.from(j.predictions[0]!.image.b64, 'base64') };
 }
+
+/** Every shared library the runtime loads on CUDA (onnxruntime-node's and LD_LIBRARY_PATH's) and every file of `model`. */
+function coldFiles(model: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string, keep: (f: string) => boolean) => {
+    let entries: import('node:fs').Dirent[];
+    try {
+      entries = readdirSync(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      const f = path.join(d, e.name);
+      if (e.isDirectory()) walk(f, keep);
+      else if (e.isFile() && keep(f)) out.push(f);
+    }
+  };
+  const lib = (f: string) => /\.so(\.|$)/.test(f);
+  walk(path.join(path.dirname(createRequire(import.meta.url).resolve('onnxruntime-node/package.json')), 'bin'), lib);
+  for (const d of (process.env.LD_LIBRARY_PATH ?? '').split(':').filter(Boolean)) walk(d, lib);
+  walk(model, () => true);
+  return out;
+}
+
+/**
+ * Drops `files` from the page cache (GNU dd's `iflag=nocache count=0`, no root needed) and says how many bytes of the
+ * largest stay resident, where util-linux's fincore is there to tell.
+ */
+function evict(files: string[]): string {
+  for (const f of files) {
+    try {
+      execFileSync('dd', [`if=${f}`, 'iflag=nocache', 'count=0', 'status=none'], { timeout: 30_000 });
+    } catch {
+      // an unreadable file stays as it is
+    }
+  }
+  const largest = [...files].sort((a, b) => size(b) - size(a))[0];
+  let resident = 'fincore not available';
+  if (largest) {
+    try {
+      resident = `${execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', largest], { encoding: 'utf8', timeout: 10_000 }).trim()} of ${size(largest)} bytes resident`;
+    } catch {
+      // keep the note
+    }
+  }
+  return `${files.length} files dropped from the page cache; largest ${largest ?? '—'}: ${resident}`;
+}
+
+const size = (f: string) => {
+  try {
+    return statSync(f).size;
+  } catch {
+    return 0;
+  }
+};
 
 /** Priming runs that ended after ready (the VAE encoder's by default): how long each took, and when, counted from ready. */
 function primedAfterReady(st: Started): Array<{ component: string; ms: number; endedAfterReadyMs: number }> {
@@ -278,7 +335,20 @@ async function main(): Promise<void> {
     const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
     batch[`b${b}`] = r?.extra as number | undefined;
   }
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup });
+  // Last, as they disturb the machine: what a machine's first process pays that later ones do not. A new pod has an
+  // empty CUDA JIT cache (CUDA_CACHE_PATH lives in the container unless set) and may find the libraries and the model
+  // out of the page cache; each start has one of the two.
+  const cold: Record<string, unknown> = {};
+  {
+    const jit = mkdtempSync(path.join(os.tmpdir(), 'bench-gpu-jit-'));
+    const r = await startOnly('fused, empty CUDA JIT cache (a new pod\'s)', fused, { CUDA_CACHE_PATH: jit });
+    rmSync(jit, { recursive: true, force: true });
+    const note = evict(coldFiles(fused));
+    process.stdout.write(`${note}\n`);
+    const r2 = await startOnly('fused, libraries and model out of the page cache', fused, {});
+    Object.assign(cold, { emptyJitCache: r && { readyMs: r.readyMs, phases: r.phases, warmup: r.warmup }, pageCacheDropped: r2 && { readyMs: r2.readyMs, phases: r2.phases, warmup: r2.warmup, note } });
+  }
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, cold });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -307,6 +377,11 @@ async function main(): Promise<void> {
       (e) =>
         `WARMUP_VAE_ENCODER=${e.mode}: ready ${s(e.readyMs)} (loading ${s((e.phases?.loading ?? 0) * 1000)}, warm-up ${s((e.phases?.warming ?? 0) * 1000)}), then image-to-image at once ${s(e.firstImg2imgMs)}; primed after ready: ${e.primedAfterReady.map((p) => `${p.component} ${p.ms} ms, ended ${p.endedAfterReadyMs} ms after ready`).join('; ') || 'none'}`,
     ),
+    ...(['emptyJitCache', 'pageCacheDropped'] as const).flatMap((k) => {
+      const c = cold[k] as { readyMs: number; phases?: Record<string, number>; note?: string } | undefined;
+      const what = k === 'emptyJitCache' ? 'fused with an empty CUDA JIT cache' : 'fused with the libraries and model out of the page cache';
+      return c ? [`${what}: ready ${s(c.readyMs)} (loading ${s((c.phases?.loading ?? 0) * 1000)}, warm-up ${s((c.phases?.warming ?? 0) * 1000)})${c.note ? `; ${c.note}` : ''}`] : [];
+    }),
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
