@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
-/** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready, or after the warm-up generation. */
+/** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
 export type EncoderWarmup = 'before-ready' | 'after-ready';
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
@@ -92,7 +92,7 @@ const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
 const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
 const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'disabled'];
 const TRANSPORTS: readonly S3TransportName[] = ['sdk', 'lite'];
-const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['after-ready', 'before-ready'];
+const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -196,7 +196,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxSteps: int('MAX_STEPS', 500, 1, 10_000),
     maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),
-    warmupVaeEncoder: oneOf('WARMUP_VAE_ENCODER', 'after-ready', ENCODER_WARMUPS),
+    warmupVaeEncoder: oneOf('WARMUP_VAE_ENCODER', 'before-ready', ENCODER_WARMUPS),
     shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0),
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
     requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),

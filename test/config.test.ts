@@ -47,15 +47,15 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ S3_TRANSPORT: 'curl' })).toThrow('S3_TRANSPORT must be one of sdk, lite, got "curl"');
   });
 
-  it('WARMUP_VAE_ENCODER: after ready unless asked for before; the worker is told; anything else is named', () => {
-    expect(loadConfig({}).warmupVaeEncoder).toBe('after-ready');
-    const before = loadConfig({ WARMUP_VAE_ENCODER: 'before-ready' });
-    expect(before.warmupVaeEncoder).toBe('before-ready');
-    expect(workerInit(before, 0).vaeEncoderWarmup).toBe('before-ready');
-    expect(workerInit(loadConfig({}), 0).vaeEncoderWarmup).toBe('after-ready');
+  it('WARMUP_VAE_ENCODER: before ready unless asked for after; the worker is told; anything else is named', () => {
+    expect(loadConfig({}).warmupVaeEncoder).toBe('before-ready');
+    expect(workerInit(loadConfig({}), 0).vaeEncoderWarmup).toBe('before-ready');
+    const after = loadConfig({ WARMUP_VAE_ENCODER: 'after-ready' });
+    expect(after.warmupVaeEncoder).toBe('after-ready');
+    expect(workerInit(after, 0).vaeEncoderWarmup).toBe('after-ready');
     // No warm-up, no first run to wait for: the encoder is primed with the others.
-    expect(workerInit(loadConfig({ WARMUP_STEPS: '0' }), 0).vaeEncoderWarmup).toBe('before-ready');
-    expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of after-ready, before-ready, got "never"');
+    expect(workerInit(loadConfig({ WARMUP_VAE_ENCODER: 'after-ready', WARMUP_STEPS: '0' }), 0).vaeEncoderWarmup).toBe('before-ready');
+    expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of before-ready, after-ready, got "never"');
   });
 
   it('masks credentials in an endpoint or URI when describing itself', () => {

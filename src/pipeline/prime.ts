@@ -1,7 +1,7 @@
 /**
  * @module What a session's priming run on CUDA is (aux.ts runs it): zeros at the served size, once, so its first real
- * run pays no cuDNN algorithm search. The VAE encoder serves only image input, so by default its priming waits for its
- * thread's first run (the warm-up's decode) and stays off the path to ready.
+ * run pays no cuDNN algorithm search. The VAE encoder serves only image input: with WARMUP_VAE_ENCODER=after-ready its
+ * priming waits for its thread's first run (the warm-up's decode) and stays off the path to ready.
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';

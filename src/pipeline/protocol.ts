@@ -17,7 +17,7 @@ export interface WorkerInit {
    * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
    */
   lora?: { maxSets: number; maxBytes: number; workDir: string };
-  /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: after). */
+  /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: before). */
   vaeEncoderWarmup?: EncoderWarmup;
 }
 

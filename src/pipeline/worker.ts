@@ -152,7 +152,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
     });
     aux.set(thread, client);
   }
-  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'after-ready') : undefined);
+  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
   return { session: r.session, provider, ms: r.ms, cache: r.cache };
