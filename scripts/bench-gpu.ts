@@ -4,7 +4,9 @@
  * table: generation time at 50 and 20 steps, ready time and its phases, GPU memory, batch 4 against batch 1, and how
  * far each image is from diffusers' own for the same seed; then ready with WARMUP_VAE_ENCODER after-ready against
  * before-ready, each followed at once by an image-to-image request; last, ready with an empty CUDA JIT cache
- * and with the libraries and the model out of the page cache (what a machine's first process pays).
+ * and with the libraries and the model out of the page cache (what a machine's first process pays). Before those, a
+ * LoRA adapter written for the export (writeBenchLora) is timed: the request that builds its set,
+ * and later ones.
  *
  *   node dist/scripts/bench-gpu.js WORK_DIR [--out FILE]        (WORK_DIR/{plain,fused,ref-seed1.png,python.json})
  *
@@ -20,6 +22,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import sharp from 'sharp';
+import { writeSafetensors } from '../src/demo/safetensors.js';
+import { readLoraMap } from '../src/pipeline/lora-map.js';
 import { freePort } from './bench-common.js';
 import { pixelDiff } from './e2e-case.js';
 
@@ -118,9 +122,9 @@ async function start(label: string, dir: string, env: Record<string, string>): P
   return s;
 }
 
-async function predict(port: number, o: { steps: number; seed: number; prompt?: string; image?: Buffer; strength?: number }): Promise<{ ms: number; png: Buffer }> {
+async function predict(port: number, o: { steps: number; seed: number; prompt?: string; image?: Buffer; strength?: number; loras?: string[] }): Promise<{ ms: number; png: Buffer }> {
   const t0 = performance.now();
-  const i2i = o.image ? { image: o.image.toString('base64'), strength: o.strength ?? 0.75 } : {};
+  const i2i = { ...(o.image ? { image: o.image.toString('base64'), strength: o.strength ?? 0.75 } : {}), ...(o.loras ? { loras: o.loras } : {}) };
   const r = await fetch(`http://127.0.0.1:${port}/v1/models/model:predict`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
@@ -185,6 +189,32 @@ const size = (f: string) => {
     return 0;
   }
 };
+
+/**
+ * A LoRA adapter for the model in `dir`, written to its `loras/` folder (diffusers/PEFT key names, rank 16): every
+ * attention projection of the UNet its lora_map.json locates, as a style LoRA trains them, with small deterministic
+ * weights. Returns its name, or undefined when the export has no map.
+ */
+function writeBenchLora(dir: string): string | undefined {
+  const map = readLoraMap(path.join(dir, 'unet'));
+  if (!map) return undefined;
+  const rank = 16;
+  let seed = 12345;
+  const rand = (n: number, scale: number) => Float32Array.from({ length: n }, () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31 - 0.5) * scale);
+  const tensors: Array<{ name: string; shape: number[]; data: Float32Array }> = [];
+  for (const [name, e] of Object.entries(map.weights)) {
+    if (!/attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$/.test(name) || e.shape.length !== 2) continue;
+    const [out, inp] = e.shape as [number, number];
+    const module = name.slice(0, -'.weight'.length);
+    tensors.push({ name: `unet.${module}.lora_A.weight`, shape: [rank, inp], data: rand(rank * inp, 0.02) });
+    tensors.push({ name: `unet.${module}.lora_B.weight`, shape: [out, rank], data: rand(out * rank, 0.02) });
+  }
+  if (tensors.length === 0) return undefined;
+  mkdirSync(path.join(dir, 'loras'), { recursive: true });
+  writeFileSync(path.join(dir, 'loras', 'bench-style.safetensors'), writeSafetensors(tensors));
+  process.stdout.write(`LoRA bench-style: ${tensors.length / 2} UNet attention projections, rank ${rank}\n`);
+  return 'bench-style';
+}
 
 /** Priming runs that ended after ready (the VAE encoder's by default): how long each took, and when, counted from ready. */
 function primedAfterReady(st: Started): Array<{ component: string; ms: number; endedAfterReadyMs: number }> {
@@ -335,6 +365,19 @@ async function main(): Promise<void> {
     const r = await startOnly(`fused, MAX_BATCH_SIZE=${b}`, fused, { MAX_BATCH_SIZE: String(b), MAX_QUEUE: '64' }, (st) => throughput(st, 8, QUICK ? 1 : 3, 20));
     batch[`b${b}`] = r?.extra as number | undefined;
   }
+  // LoRA on the GPU: the first request builds the adapter set (merge, the merged UNet's session, its first run's
+  // kernel search), later ones use it; memory with the set held.
+  const loraName = writeBenchLora(fused);
+  const lora = loraName
+    ? await startOnly('fused, LoRA', fused, {}, async (st) => {
+        const base = await predict(st.port, { steps: 50, seed: 41 });
+        const first = await predict(st.port, { steps: 50, seed: 41, loras: [loraName] });
+        const again: number[] = [];
+        for (const seed of QUICK ? [42] : [42, 43, 44]) again.push((await predict(st.port, { steps: 50, seed, loras: [loraName] })).ms);
+        const built = st.lines.find((j) => j.event === 'adapters-ready');
+        return { baseMs: base.ms, firstMs: first.ms, againMs: median(again), changed: !base.png.equals(first.png), built: built && { ms: built.ms, mergedMB: built.mergedMB, waitedMs: built.waitedMs }, gpuMemMiB: gpuMemMiB() };
+      })
+    : undefined;
   // Last, as they disturb the machine: what a machine's first process pays that later ones do not. A new pod has an
   // empty CUDA JIT cache (CUDA_CACHE_PATH lives in the container unless set) and may find the libraries and the model
   // out of the page cache; each start has one of the two.
@@ -348,7 +391,8 @@ async function main(): Promise<void> {
     const r2 = await startOnly('fused, libraries and model out of the page cache', fused, {});
     Object.assign(cold, { emptyJitCache: r && { readyMs: r.readyMs, phases: r.phases, warmup: r.warmup }, pageCacheDropped: r2 && { readyMs: r2.readyMs, phases: r2.phases, warmup: r2.warmup, note } });
   }
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, cold });
+  const loraResult = lora?.extra as { baseMs: number; firstMs: number; againMs: number; changed: boolean; built?: Record<string, unknown>; gpuMemMiB?: number } | undefined;
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, cold, lora: loraResult });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -382,6 +426,7 @@ async function main(): Promise<void> {
       const what = k === 'emptyJitCache' ? 'fused with an empty CUDA JIT cache' : 'fused with the libraries and model out of the page cache';
       return c ? [`${what}: ready ${s(c.readyMs)} (loading ${s((c.phases?.loading ?? 0) * 1000)}, warm-up ${s((c.phases?.warming ?? 0) * 1000)})${c.note ? `; ${c.note}` : ''}`] : [];
     }),
+    `LoRA (fused, rank 16 on the UNet's attention, 50 steps): ${loraResult ? `without ${s(loraResult.baseMs)}; first request with it ${s(loraResult.firstMs)} (set built: ${JSON.stringify(loraResult.built)}); later ${s(loraResult.againMs)}; image changed ${loraResult.changed}; GPU memory with the set ${loraResult.gpuMemMiB ?? '—'} MiB` : '—'}`,
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
