@@ -75,77 +75,75 @@ describe('auxiliary session thread', () => {
     }
   });
 
-  it('holds a priming run marked first-run until the thread runs a session for a request, behind that run', async () => {
+  it('holds a priming run marked warm-up until told the warm-up has ended, then queues it behind what came before', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
     const { client, order } = await primingClient();
     try {
-      const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
-      await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
-      const decode = () => dec.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
-      await decode();
-      order.push('ran vae_decoder');
+      const txt = await client.create('text_encoder', path.join(dir, 'text_encoder', 'model.onnx'), 'cpu', size);
+      await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+      const encode = () => txt.session.run({ input_ids: { data: new Array<number>(77).fill(0), dims: [1, 77] } });
+      // Runs (the warm-up's own) do not release it; only the word that the warm-up has ended does.
+      await encode();
+      order.push('ran text_encoder');
+      const queued = encode().then(() => order.push('ran text_encoder again'));
+      expect(await client.primeHeld()).toBe(1);
+      await queued;
       await until(() => order.includes('primed vae_encoder'), 30_000);
-      await decode();
-      order.push('ran vae_decoder again');
-      expect(order).toEqual(['primed vae_decoder', 'ran vae_decoder', 'primed vae_encoder', 'ran vae_decoder again']);
+      expect(order).toEqual(['primed text_encoder', 'ran text_encoder', 'ran text_encoder again', 'primed vae_encoder']);
+      expect(await client.primeHeld()).toBe(0); // nothing is held any more
     } finally {
       await client.close();
     }
   });
 
-  it('drops a held priming run when its own session runs first: that run paid the search', async () => {
+  it('drops a held priming run when its own session runs at that size first: that run paid the search', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
     const { client, order } = await primingClient();
     try {
-      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'first-run' });
-      const dec = await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
+      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
       await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
       order.push('ran vae_encoder');
-      // A priming run queued by the encoder's run would come before this one.
-      await dec.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
-      order.push('ran vae_decoder');
-      expect(order).toEqual(['primed vae_decoder', 'ran vae_encoder', 'ran vae_decoder']);
+      expect(await client.primeHeld()).toBe(0);
+      expect(order).toEqual(['ran vae_encoder']);
     } finally {
       await client.close();
     }
   });
 
-  it('keeps holding after a run at another size, for a session made again after a reload, and never for one released', async () => {
+  it('keeps holding after a run at another size, holds each session made, never primes one released', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
     const { client, order } = await primingClient();
     try {
       const file = (c: string) => path.join(dir, c, 'model.onnx');
-      const decode = (s: { run: (f: Record<string, { data: Float32Array; dims: number[] }>) => Promise<unknown> }) =>
-        s.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
+      const held = () => client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'warm-up' });
       // Released before its turn: never primed.
-      let enc = await client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'first-run' });
+      await (await held()).session.release();
+      const primed = () => order.filter((o) => o === 'primed vae_encoder').length;
+      const enc = await held();
+      expect(await client.primeHeld()).toBe(1);
+      await until(() => primed() === 1, 30_000);
+      // Made again (a reload): held again; a run of its own at another size (its search does not cover the served
+      // one) does not stand in for its priming run.
       await enc.session.release();
-      let dec = await client.create('vae_decoder', file('vae_decoder'), 'cpu', size);
-      await decode(dec.session);
-      order.push('ran vae_decoder');
-      // All released, as a reload does: the next encoder waits for the next first run, which a run of its own at
-      // another size (this search does not cover the served one) is not the end of.
-      await dec.session.release();
-      enc = await client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'first-run' });
-      dec = await client.create('vae_decoder', file('vae_decoder'), 'cpu', size);
-      order.push('made again');
-      await enc.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
+      order.push('reloaded');
+      const again = await held();
+      await again.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
       order.push('ran vae_encoder at 32x32');
-      await until(() => order.includes('primed vae_encoder'), 30_000);
-      await decode(dec.session);
-      expect(order).toEqual(['primed vae_decoder', 'ran vae_decoder', 'made again', 'primed vae_decoder', 'ran vae_encoder at 32x32', 'primed vae_encoder']);
+      expect(await client.primeHeld()).toBe(1);
+      await until(() => primed() === 2, 30_000);
+      expect(order).toEqual(['primed vae_encoder', 'reloaded', 'ran vae_encoder at 32x32', 'primed vae_encoder']);
     } finally {
       await client.close();
     }
   });
 
-  it('primes the VAE encoder after the first run unless WARMUP_VAE_ENCODER=before-ready, at the served size', async () => {
+  it('holds the VAE encoder\'s priming for the warm-up\'s end only with WARMUP_VAE_ENCODER=after-ready, at the served size', async () => {
     const prime = (await import(path.join(ROOT, 'dist/src/pipeline/prime.js'))) as typeof import('../src/pipeline/prime.js');
     const dir = await fixtureModel();
     const unet = JSON.parse(readFileSync(path.join(dir, 'unet', 'config.json'), 'utf8')) as { sample_size: number };
     const vae = JSON.parse(readFileSync(path.join(dir, 'vae_decoder', 'config.json'), 'utf8')) as { block_out_channels: number[] };
     const size = { latentHeight: unet.sample_size, latentWidth: unet.sample_size, vaeScale: 2 ** (vae.block_out_channels.length - 1) };
-    expect(prime.primeSpec(dir, 'vae_encoder', 'after-ready')).toEqual({ ...size, after: 'first-run' });
+    expect(prime.primeSpec(dir, 'vae_encoder', 'after-ready')).toEqual({ ...size, after: 'warm-up' });
     expect(prime.primeSpec(dir, 'vae_encoder', 'before-ready')).toEqual(size);
     for (const c of ['vae_decoder', 'text_encoder']) expect(prime.primeSpec(dir, c, 'after-ready')).toEqual(size);
     // An inpainting model's warm-up encodes its image first: its encoder is primed beside the UNet's load.

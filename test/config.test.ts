@@ -53,7 +53,7 @@ describe('loadConfig', () => {
     const after = loadConfig({ WARMUP_VAE_ENCODER: 'after-ready' });
     expect(after.warmupVaeEncoder).toBe('after-ready');
     expect(workerInit(after, 0).vaeEncoderWarmup).toBe('after-ready');
-    // No warm-up, no first run to wait for: the encoder is primed with the others.
+    // No warm-up, no end of it to wait for: the encoder is primed with the others.
     expect(workerInit(loadConfig({ WARMUP_VAE_ENCODER: 'after-ready', WARMUP_STEPS: '0' }), 0).vaeEncoderWarmup).toBe('before-ready');
     expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of before-ready, after-ready, got "never"');
   });

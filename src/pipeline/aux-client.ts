@@ -37,6 +37,12 @@ export class AuxClient {
     return this.#thread.run(session, feeds, outputs);
   }
 
+  /** The warm-up has ended: the thread queues the priming runs it held for that; resolves with how many. */
+  async primeHeld(): Promise<number> {
+    const t = this.#thread;
+    return t.expect(await t.ask({ t: 'prime-held' }), 'prime-queued', 'prime-held').count;
+  }
+
   async release(session: number): Promise<void> {
     if (this.#thread.ended) return;
     await this.#thread.ask({ t: 'release', session }).catch(() => undefined);

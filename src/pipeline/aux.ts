@@ -4,7 +4,7 @@
  * in turn and a warm-up pays each first run in turn. On this thread the small sessions are created, and on CUDA run
  * once on zeros (cuDNN's algorithm search, lazy kernel loads), while the worker still builds the UNet; the warm-up
  * generation then only pays the UNet's first run. A session no text-to-image request uses (the VAE encoder) can be
- * primed after this thread's first run instead, off the path to ready.
+ * primed once the worker's warm-up has ended instead, off the path to ready.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
@@ -56,9 +56,8 @@ function primeFeeds(component: string, s: OnnxSession, p: PrimeSpec): Record<str
 
 const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
-/** Priming runs held until this thread's first run for a request (`after: 'first-run'`), by session id. */
+/** Priming runs held until the worker says its warm-up has ended (`after: 'warm-up'`), by session id. */
 const held = new Map<number, { component: string; feeds: Record<string, Feed> }>();
-let ranOnce = false;
 
 /**
  * Creates the session and answers at once. Its priming run goes to the end of this thread's queue, behind the
@@ -73,7 +72,7 @@ async function create(m: Extract<ToAux, { t: 'create' }>): Promise<void> {
     const sid = (id = next++);
     sessions.set(sid, made.session);
     const feeds = m.prime ? primeFeeds(m.component, made.session, m.prime) : undefined;
-    if (feeds && m.prime?.after === 'first-run' && !ranOnce) held.set(sid, { component: m.component, feeds });
+    if (feeds && m.prime?.after === 'warm-up') held.set(sid, { component: m.component, feeds });
     else if (feeds) queue = queue.then(() => prime(sid, m.component, feeds));
     const deferred = f.deferredWrites.find((w) => w.path === m.path);
     post({ t: 'created', id: m.id, session: sid, inputs: ioMeta(made.session, 'inputMetadata'), outputs: ioMeta(made.session, 'outputMetadata'), ms: made.ms, cache: made.cache, ...(deferred ? { deferred } : {}) });
@@ -110,12 +109,14 @@ async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
   } catch (err) {
     fail(m.id, err);
   }
-  if (!ranOnce && sessions.has(m.session)) {
-    ranOnce = true;
-    // Behind whatever is queued now (the rest of the warm-up's work on this thread).
-    for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
-    held.clear();
-  }
+}
+
+/** The warm-up has ended: the held priming runs go to the end of the queue, behind what was asked for before. */
+function primeHeld(m: Extract<ToAux, { t: 'prime-held' }>): void {
+  const count = held.size;
+  for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
+  held.clear();
+  post({ t: 'prime-queued', id: m.id, count });
 }
 
 const sameDims = (a: readonly number[] | undefined, b: readonly number[]) => a !== undefined && a.length === b.length && a.every((d, i) => d === b[i]);
@@ -124,8 +125,6 @@ async function release(m: Extract<ToAux, { t: 'release' }>): Promise<void> {
   const s = sessions.get(m.session);
   sessions.delete(m.session);
   held.delete(m.session);
-  // Sessions made after this (a reload) wait for their own first run again.
-  if (sessions.size === 0) ranOnce = false;
   await s?.release().catch(() => undefined);
   post({ t: 'released', id: m.id });
 }
@@ -142,6 +141,9 @@ port.on('message', (m: ToAux) => {
       break;
     case 'release':
       queue = queue.then(() => release(m));
+      break;
+    case 'prime-held':
+      queue = queue.then(() => primeHeld(m));
       break;
     case 'close':
       queue = queue.then(async () => {

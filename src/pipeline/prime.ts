@@ -1,7 +1,7 @@
 /**
  * @module What a session's priming run on CUDA is (aux.ts runs it): zeros at the served size, once, so its first real
  * run pays no cuDNN algorithm search. The VAE encoder serves only image input: with WARMUP_VAE_ENCODER=after-ready its
- * priming waits for its thread's first run (the warm-up's decode) and stays off the path to ready.
+ * priming waits for the end of the worker's warm-up generation and stays off the path to ready.
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -32,5 +32,5 @@ export function primeSpec(dir: string, component: string, encoder: EncoderWarmup
   const spec: PrimeSpec = { latentHeight: size, latentWidth: size, vaeScale: 2 ** Math.max(0, blocks - 1) };
   // An inpainting model's warm-up encodes its image first: there the priming run beside the UNet's load saves time.
   const hold = component === 'vae_encoder' && encoder === 'after-ready' && unet.in_channels !== 9;
-  return hold ? { ...spec, after: 'first-run' } : spec;
+  return hold ? { ...spec, after: 'warm-up' } : spec;
 }

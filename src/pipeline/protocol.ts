@@ -36,24 +36,27 @@ export interface PrimeSpec {
   latentHeight: number;
   latentWidth: number;
   vaeScale: number;
-  after?: 'first-run';
+  after?: 'warm-up';
 }
 
 export type ToAux =
   /**
    * `prime`: run the new session once on zeros at this latent size, so its first real run pays no kernel search.
-   * `after: 'first-run'` holds that priming run until this thread has run a session for a request (the warm-up's
-   * decode), so the path to ready does not wait for it; a run of the session itself before then makes it unneeded.
+   * `after: 'warm-up'` holds that priming run until the worker says its warm-up has ended (`prime-held`), so the
+   * path to ready does not wait for it; a run of the session itself at that size before then makes it unneeded.
    */
   | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: PrimeSpec }
   | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
   | { t: 'release'; id: number; session: number }
+  /** The warm-up has ended: queue the priming runs held for it (answered with how many). */
+  | { t: 'prime-held'; id: number }
   | { t: 'close' };
 
 export type FromAux =
   | { t: 'created'; id: number; session: number; inputs: IoMeta[]; outputs: IoMeta[]; ms: number; cache: string; deferred?: OptimizeItem }
   | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
   | { t: 'released'; id: number }
+  | { t: 'prime-queued'; id: number; count: number }
   | { t: 'failed'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
 

@@ -47,16 +47,22 @@ void factory.prestart();
 const sessions = new Map<string, Promise<ModelSession>>();
 /**
  * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread. The
- * text encoders and the VAE get a thread each: on CUDA the VAE's first run (~1 s of cuDNN algorithm search at 512×512)
- * must not hold up the text encoder that the warm-up needs first.
+ * encoders (text, and the VAE encoder for image input: both run before the UNet) and the VAE decoder get a thread
+ * each: on CUDA the decoder's first run (~1 s of cuDNN algorithm search at 512×512) must not hold up what the warm-up
+ * needs first, the decoder's priming does not wait on the encoder's, and an image request's encoding does not wait
+ * for the previous batch's decode.
  */
 const ON_AUX: ReadonlyMap<string, 'encode' | 'decode'> = new Map([
   ['text_encoder', 'encode'],
   ['text_encoder_2', 'encode'],
+  ['vae_encoder', 'encode'],
   ['vae_decoder', 'decode'],
-  ['vae_encoder', 'decode'],
 ] as const);
 const aux = new Map<'encode' | 'decode', AuxClient>();
+/** The auxiliary threads holding a priming run until the warm-up ends (WARMUP_VAE_ENCODER=after-ready). */
+const holding = new Set<AuxClient>();
+/** A generation (the first is the warm-up) has ended since these sessions were made. */
+let generated = false;
 /** The export kind per model folder, read once (the manifest is a layout file, whole before any session starts). */
 const exports = new Map<string, ExportInfo>();
 let slowPathLogged = false;
@@ -152,7 +158,11 @@ async function create(component: string, modelPath: string): Promise<{ session: 
     });
     aux.set(thread, client);
   }
-  const r = await client.create(component, modelPath, provider, provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined);
+  const prime = provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined;
+  const r = await client.create(component, modelPath, provider, prime);
+  // Made after the warm-up (its files came late): nothing to wait for.
+  if (prime?.after && generated) void client.primeHeld().catch(() => undefined);
+  else if (prime?.after) holding.add(client);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
   return { session: r.session, provider, ms: r.ms, cache: r.cache };
@@ -247,6 +257,9 @@ async function reset(): Promise<void> {
   const all = [...sessions.values()];
   sessions.clear();
   pipeline = undefined;
+  // The sessions made next wait for the next warm-up.
+  generated = false;
+  holding.clear();
   await dropAdapterSets();
   await Promise.allSettled(all.map(async (s) => (await s).release()));
   // After the old creations have settled, so none of them puts anything back.
@@ -309,6 +322,10 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
   } finally {
     unuse();
     cancelled.delete(id);
+    // The first generation is the warm-up: what waited for its end is primed now, behind this generation's work.
+    generated = true;
+    for (const c of holding) void c.primeHeld().catch(() => undefined);
+    holding.clear();
   }
 }
 

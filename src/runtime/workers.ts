@@ -51,7 +51,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS },
     graphOptimizationLevel: cfg.graphOptimization,
     ...(device !== undefined ? { deviceId: device } : {}),
-    // With no warm-up there is no first run to wait for: the encoder is primed with the others, after its load.
+    // With no warm-up there is no end of it to wait for: the encoder is primed with the others.
     ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupSteps === 0 ? 'before-ready' : cfg.warmupVaeEncoder } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
       ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
