@@ -1,6 +1,6 @@
 /**
- * @module The auxiliary session thread of a pipeline worker: it owns the text encoders and the VAE, the worker owns the
- * UNet. ORT runs a session synchronously on the thread that calls it, so with one thread a boot creates every session
+ * @module An auxiliary session thread of a pipeline worker: each owns the text encoders, the VAE encoder or the VAE
+ * decoder (worker.ts ON_AUX), the worker owns the UNet. ORT runs a session synchronously on the thread that calls it, so with one thread a boot creates every session
  * in turn and a warm-up pays each first run in turn. On this thread the small sessions are created, and on CUDA run
  * once on zeros (cuDNN's algorithm search, lazy kernel loads), while the worker still builds the UNet; the warm-up
  * generation then only pays the UNet's first run. A session no text-to-image request uses (the VAE encoder) can be

@@ -21,7 +21,7 @@ export interface WorkerInit {
   vaeEncoderWarmup?: EncoderWarmup;
 }
 
-/** The auxiliary session thread of a pipeline worker (aux.ts): it runs the text encoders and the VAE. */
+/** An auxiliary session thread of a pipeline worker (aux.ts): the text encoders, the VAE encoder or the VAE decoder. */
 export interface AuxInit {
   /** Which of the worker's auxiliary threads this is (for logs). */
   name: string;

@@ -47,18 +47,19 @@ void factory.prestart();
 const sessions = new Map<string, Promise<ModelSession>>();
 /**
  * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread. The
- * encoders (text, and the VAE encoder for image input: both run before the UNet) and the VAE decoder get a thread
- * each: on CUDA the decoder's first run (~1 s of cuDNN algorithm search at 512×512) must not hold up what the warm-up
- * needs first, the decoder's priming does not wait on the encoder's, and an image request's encoding does not wait
- * for the previous batch's decode.
+ * text encoders, the VAE encoder (image input) and the VAE decoder get a thread each, as a thread runs one thing at a
+ * time: on CUDA each one's first run is a kernel search (the decoder's ~1 s at 512×512, the encoder's ~0.6 s), and none
+ * of them may hold up another's priming or a request's run (the warm-up's text encoding, an image request's encoding
+ * behind the previous batch's decode).
  */
-const ON_AUX: ReadonlyMap<string, 'encode' | 'decode'> = new Map([
+type AuxThread = 'encode' | 'image' | 'decode';
+const ON_AUX: ReadonlyMap<string, AuxThread> = new Map([
   ['text_encoder', 'encode'],
   ['text_encoder_2', 'encode'],
-  ['vae_encoder', 'encode'],
+  ['vae_encoder', 'image'],
   ['vae_decoder', 'decode'],
 ] as const);
-const aux = new Map<'encode' | 'decode', AuxClient>();
+const aux = new Map<AuxThread, AuxClient>();
 /** The auxiliary threads holding a priming run until the warm-up ends (WARMUP_VAE_ENCODER=after-ready). */
 const holding = new Set<AuxClient>();
 /** A generation (the first is the warm-up) has ended since these sessions were made. */
