@@ -135,7 +135,7 @@ async function predict(port: number, o: { steps: number; seed: number; prompt?: 
   return { ms: performance.now() - t0, png: Buffer.from(j.predictions[0]!.image.b64, 'base64') };
 }
 
-/** Every shared library the runtime loads on CUDA (onnxruntime-node's and LD_LIBRARY_PATH's) and every file of `model`. */
+/** The shared libraries the runtime loads on CUDA (onnxruntime-node's, LD_LIBRARY_PATH's) and every file of `model`. */
 function coldFiles(model: string): string[] {
   const out: string[] = [];
   const walk = (d: string, keep: (f: string) => boolean) => {
@@ -216,7 +216,10 @@ function writeBenchLora(dir: string): string | undefined {
   return 'bench-style';
 }
 
-/** Priming runs that ended after ready (the VAE encoder's by default): how long each took, and when, counted from ready. */
+/**
+ * Priming runs that ended after ready (the VAE encoder's with WARMUP_VAE_ENCODER=after-ready): how long each took,
+ * and when, counted from ready.
+ */
 function primedAfterReady(st: Started): Array<{ component: string; ms: number; endedAfterReadyMs: number }> {
   const ready = st.lines.findIndex((j) => j.event === 'ready');
   if (ready < 0) return [];
@@ -344,7 +347,7 @@ async function main(): Promise<void> {
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
   const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
-  // Ready with the VAE encoder primed after the warm-up (the default) or before ready, starts alternating, each
+  // Ready with the VAE encoder primed after the warm-up or before ready (the default), starts alternating, each
   // followed at once by the request that pays for the difference: an image-to-image one.
   const i2iInput = (fusedMain?.extra as Timed | undefined)?.firstPng;
   type EncoderRun = { mode: string; readyMs: number; phases?: Record<string, number>; firstImg2imgMs?: number; primedAfterReady: ReturnType<typeof primedAfterReady> };

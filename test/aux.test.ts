@@ -75,22 +75,23 @@ describe('auxiliary session thread', () => {
     }
   });
 
-  it('holds a priming run marked warm-up until told the warm-up has ended, then queues it behind what came before', async () => {
+  it('settles: answers once its priming runs are done; with release, then runs the ones held for the warm-up\'s end', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
     const { client, order } = await primingClient();
     try {
-      const txt = await client.create('text_encoder', path.join(dir, 'text_encoder', 'model.onnx'), 'cpu', size);
-      await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
-      const encode = () => txt.session.run({ input_ids: { data: new Array<number>(77).fill(0), dims: [1, 77] } });
-      // Runs (the warm-up's own) do not release it; only the word that the warm-up has ended does.
-      await encode();
-      order.push('ran text_encoder');
-      const queued = encode().then(() => order.push('ran text_encoder again'));
-      expect(await client.primeHeld()).toBe(1);
-      await queued;
+      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+      await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
+      // The warm-up's end waits for the priming runs asked for before (the decoder's), not for the one held.
+      expect(await client.settle(false)).toBe(0);
+      order.push('settled');
+      // Runs (the warm-up's own, at another size) do not release it; only the word that the warm-up has ended does.
+      await enc.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
+      order.push('ran vae_encoder at 32x32');
+      expect(await client.settle(true)).toBe(1);
+      order.push('released');
       await until(() => order.includes('primed vae_encoder'), 30_000);
-      expect(order).toEqual(['primed text_encoder', 'ran text_encoder', 'ran text_encoder again', 'primed vae_encoder']);
-      expect(await client.primeHeld()).toBe(0); // nothing is held any more
+      expect(order).toEqual(['primed vae_decoder', 'settled', 'ran vae_encoder at 32x32', 'released', 'primed vae_encoder']);
+      expect(await client.settle(true)).toBe(0); // nothing is held any more
     } finally {
       await client.close();
     }
@@ -103,7 +104,7 @@ describe('auxiliary session thread', () => {
       const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
       await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
       order.push('ran vae_encoder');
-      expect(await client.primeHeld()).toBe(0);
+      expect(await client.settle(true)).toBe(0);
       expect(order).toEqual(['ran vae_encoder']);
     } finally {
       await client.close();
@@ -120,16 +121,15 @@ describe('auxiliary session thread', () => {
       await (await held()).session.release();
       const primed = () => order.filter((o) => o === 'primed vae_encoder').length;
       const enc = await held();
-      expect(await client.primeHeld()).toBe(1);
+      expect(await client.settle(true)).toBe(1);
       await until(() => primed() === 1, 30_000);
-      // Made again (a reload): held again; a run of its own at another size (its search does not cover the served
-      // one) does not stand in for its priming run.
+      // Made again (a reload): held again; a run of its own at another size does not stand in for its priming run.
       await enc.session.release();
       order.push('reloaded');
       const again = await held();
       await again.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
       order.push('ran vae_encoder at 32x32');
-      expect(await client.primeHeld()).toBe(1);
+      expect(await client.settle(true)).toBe(1);
       await until(() => primed() === 2, 30_000);
       expect(order).toEqual(['primed vae_encoder', 'reloaded', 'ran vae_encoder at 32x32', 'primed vae_encoder']);
     } finally {

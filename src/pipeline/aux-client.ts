@@ -1,6 +1,6 @@
 /**
- * @module The pipeline worker's side of its auxiliary session thread (aux.ts): sessions created and run there look
- * like local ones to the pipeline (ModelSession), and runs there overlap whatever this thread runs meanwhile.
+ * @module The pipeline worker's side of one of its auxiliary session threads (aux.ts): sessions created and run there
+ * look like local ones to the pipeline (ModelSession), and runs there overlap whatever this thread runs meanwhile.
  */
 import type { OptimizeItem } from './ortcache.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
@@ -37,10 +37,13 @@ export class AuxClient {
     return this.#thread.run(session, feeds, outputs);
   }
 
-  /** The warm-up has ended: the thread queues the priming runs it held for that; resolves with how many. */
-  async primeHeld(): Promise<number> {
+  /**
+   * Resolves once the thread has done everything asked for before (its priming runs among them). `release`: the warm-up
+   * has ended, so it then runs the priming runs it held for that; resolves with how many.
+   */
+  async settle(release: boolean): Promise<number> {
     const t = this.#thread;
-    return t.expect(await t.ask({ t: 'prime-held' }), 'prime-queued', 'prime-held').count;
+    return t.expect(await t.ask({ t: 'settle', release }), 'settled', 'settle').released;
   }
 
   async release(session: number): Promise<void> {

@@ -1,10 +1,11 @@
 /**
  * @module An auxiliary session thread of a pipeline worker: each owns the text encoders, the VAE encoder or the VAE
- * decoder (worker.ts ON_AUX), the worker owns the UNet. ORT runs a session synchronously on the thread that calls it, so with one thread a boot creates every session
- * in turn and a warm-up pays each first run in turn. On this thread the small sessions are created, and on CUDA run
- * once on zeros (cuDNN's algorithm search, lazy kernel loads), while the worker still builds the UNet; the warm-up
- * generation then only pays the UNet's first run. A session no text-to-image request uses (the VAE encoder) can be
- * primed once the worker's warm-up has ended instead, off the path to ready.
+ * decoder (worker.ts ON_AUX), the worker owns the UNet. ORT runs a session synchronously on the thread that calls it,
+ * so with one thread a boot creates every session in turn and a warm-up pays each first run in turn. On these threads
+ * the small sessions are created, and on CUDA run once on zeros (cuDNN's algorithm search, lazy kernel loads), while
+ * the worker still builds the UNet; the warm-up generation then only pays the UNet's first run. A session no
+ * text-to-image request uses (the VAE encoder) can be primed once the worker's warm-up has ended instead, off the path
+ * to ready.
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
@@ -56,7 +57,7 @@ function primeFeeds(component: string, s: OnnxSession, p: PrimeSpec): Record<str
 
 const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
-/** Priming runs held until the worker says its warm-up has ended (`after: 'warm-up'`), by session id. */
+/** Priming runs held until the worker says its warm-up has ended (`after: 'warm-up'`, `settle`), by session id. */
 const held = new Map<number, { component: string; feeds: Record<string, Feed> }>();
 
 /**
@@ -111,12 +112,14 @@ async function run(m: Extract<ToAux, { t: 'run' }>): Promise<void> {
   }
 }
 
-/** The warm-up has ended: the held priming runs go to the end of the queue, behind what was asked for before. */
-function primeHeld(m: Extract<ToAux, { t: 'prime-held' }>): void {
-  const count = held.size;
-  for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
-  held.clear();
-  post({ t: 'prime-queued', id: m.id, count });
+/** Runs in turn, so everything asked for before is done; then the held priming runs go to the end of the queue. */
+function settle(m: Extract<ToAux, { t: 'settle' }>): void {
+  const released = m.release ? held.size : 0;
+  if (m.release) {
+    for (const [sid, h] of held) queue = queue.then(() => prime(sid, h.component, h.feeds));
+    held.clear();
+  }
+  post({ t: 'settled', id: m.id, released });
 }
 
 const sameDims = (a: readonly number[] | undefined, b: readonly number[]) => a !== undefined && a.length === b.length && a.every((d, i) => d === b[i]);
@@ -142,8 +145,8 @@ port.on('message', (m: ToAux) => {
     case 'release':
       queue = queue.then(() => release(m));
       break;
-    case 'prime-held':
-      queue = queue.then(() => primeHeld(m));
+    case 'settle':
+      queue = queue.then(() => settle(m));
       break;
     case 'close':
       queue = queue.then(async () => {

@@ -40,7 +40,7 @@ export interface SessionFactoryOptions {
   intraOpThreads: number;
   deviceId?: number;
   log?: (level: 'info' | 'warn', msg: string, obj?: object) => void;
-  /** The provider another factory of this process decided already (the auxiliary thread's sessions follow it). */
+  /** The provider another factory of this process decided already (the auxiliary threads' sessions follow it). */
   decided?: 'cuda' | 'cpu';
   /** ORT's graph optimisation level for every session (ORT_GRAPH_OPTIMIZATION); default `all`. */
   graphOptimizationLevel?: GraphOptimizationLevel;
@@ -108,7 +108,7 @@ export class SessionFactory {
 
   /**
    * The provider every session of this process gets, deciding it first if no session or probe has (sessions created
-   * elsewhere, such as the auxiliary thread's, follow it). Throws like create() when EXECUTION_PROVIDER=cuda cannot
+   * elsewhere, such as the auxiliary threads', follow it). Throws like create() when EXECUTION_PROVIDER=cuda cannot
    * start CUDA.
    */
   async provider(): Promise<'cuda' | 'cpu'> {

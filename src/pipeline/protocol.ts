@@ -42,21 +42,24 @@ export interface PrimeSpec {
 export type ToAux =
   /**
    * `prime`: run the new session once on zeros at this latent size, so its first real run pays no kernel search.
-   * `after: 'warm-up'` holds that priming run until the worker says its warm-up has ended (`prime-held`), so the
-   * path to ready does not wait for it; a run of the session itself at that size before then makes it unneeded.
+   * `after: 'warm-up'` holds that priming run until the worker says its warm-up has ended (`settle` with `release`),
+   * so the path to ready does not wait for it; a run of the session itself at that size before then makes it unneeded.
    */
   | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: PrimeSpec }
   | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
   | { t: 'release'; id: number; session: number }
-  /** The warm-up has ended: queue the priming runs held for it (answered with how many). */
-  | { t: 'prime-held'; id: number }
+  /**
+   * Answered once everything asked for before is done, priming runs included (the warm-up's end waits for that);
+   * `release`: then queue the priming runs held for the warm-up's end (answered with how many).
+   */
+  | { t: 'settle'; id: number; release: boolean }
   | { t: 'close' };
 
 export type FromAux =
   | { t: 'created'; id: number; session: number; inputs: IoMeta[]; outputs: IoMeta[]; ms: number; cache: string; deferred?: OptimizeItem }
   | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
   | { t: 'released'; id: number }
-  | { t: 'prime-queued'; id: number; count: number }
+  | { t: 'settled'; id: number; released: number }
   | { t: 'failed'; id: number; code: string; message: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
 

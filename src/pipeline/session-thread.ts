@@ -1,5 +1,5 @@
 /**
- * @module The pipeline worker's side of a thread that holds ONNX sessions (the auxiliary thread, an adapter set's
+ * @module The pipeline worker's side of a thread that holds ONNX sessions (an auxiliary thread, an adapter set's
  * thread): numbered requests and their replies, the thread's logs, its death failing whatever waits on it, and its
  * close. A session there looks like a local one (RemoteSession).
  */

@@ -46,11 +46,11 @@ const factory = new SessionFactory({
 void factory.prestart();
 const sessions = new Map<string, Promise<ModelSession>>();
 /**
- * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread. The
- * text encoders, the VAE encoder (image input) and the VAE decoder get a thread each, as a thread runs one thing at a
- * time: on CUDA each one's first run is a kernel search (the decoder's ~1 s at 512×512, the encoder's ~0.6 s), and none
- * of them may hold up another's priming or a request's run (the warm-up's text encoding, an image request's encoding
- * behind the previous batch's decode).
+ * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread.
+ * The text encoders, the VAE encoder (image input) and the VAE decoder get a thread each, as a thread runs one thing
+ * at a time: on CUDA each one's first run is a kernel search (the decoder's ~1 s at 512×512, the encoder's ~0.6 s),
+ * and none of them may hold up another's priming or a request's run (the warm-up's text encoding, an image request's
+ * encoding behind the previous batch's decode).
  */
 type AuxThread = 'encode' | 'image' | 'decode';
 const ON_AUX: ReadonlyMap<string, AuxThread> = new Map([
@@ -60,10 +60,17 @@ const ON_AUX: ReadonlyMap<string, AuxThread> = new Map([
   ['vae_decoder', 'decode'],
 ] as const);
 const aux = new Map<AuxThread, AuxClient>();
-/** The auxiliary threads holding a priming run until the warm-up ends (WARMUP_VAE_ENCODER=after-ready). */
-const holding = new Set<AuxClient>();
 /** A generation (the first is the warm-up) has ended since these sessions were made. */
 let generated = false;
+
+/**
+ * Resolves once every auxiliary thread has done what it was asked for before, its priming runs among them: the warm-up
+ * (and a load whose last sessions came after it) ends only then, so ready means every session is primed. `release`: the
+ * warm-up has ended, so the priming runs held for that (WARMUP_VAE_ENCODER=after-ready) run now.
+ */
+async function settleAux(release: boolean): Promise<void> {
+  await Promise.all([...aux.values()].map((c) => c.settle(release).catch(() => 0)));
+}
 /** The export kind per model folder, read once (the manifest is a layout file, whole before any session starts). */
 const exports = new Map<string, ExportInfo>();
 let slowPathLogged = false;
@@ -129,7 +136,7 @@ function session(component: string, path: string): Promise<ModelSession> {
   return p;
 }
 
-/** One component's session: the UNet on this thread, the others on the auxiliary thread, after the export checks. */
+/** One component's session: the UNet on this thread, the others on their auxiliary thread, after the export checks. */
 async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: 'cuda' | 'cpu'; ms: number; cache: string }> {
   const provider = await factory.provider();
   const dir = path.dirname(path.dirname(modelPath));
@@ -161,9 +168,6 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   }
   const prime = provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined;
   const r = await client.create(component, modelPath, provider, prime);
-  // Made after the warm-up (its files came late): nothing to wait for.
-  if (prime?.after && generated) void client.primeHeld().catch(() => undefined);
-  else if (prime?.after) holding.add(client);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
   return { session: r.session, provider, ms: r.ms, cache: r.cache };
@@ -230,8 +234,12 @@ async function load(dir: string, listed?: string[]): Promise<void> {
 async function complete(p: NonNullable<typeof pipeline>): Promise<void> {
   try {
     await p.ready();
+    // Sessions made after a warm-up begun early are primed before the load counts as done (and ready with it); one
+    // held for the warm-up's end (its files came after it) is released once the load is reported.
+    await settleAux(false);
     p.partial = false;
     postLoaded(p);
+    if (generated) void settleAux(true);
   } catch (err) {
     postLoadFailed(err);
   }
@@ -260,7 +268,6 @@ async function reset(): Promise<void> {
   pipeline = undefined;
   // The sessions made next wait for the next warm-up.
   generated = false;
-  holding.clear();
   await dropAdapterSets();
   await Promise.allSettled(all.map(async (s) => (await s).release()));
   // After the old creations have settled, so none of them puts anything back.
@@ -271,6 +278,9 @@ async function reset(): Promise<void> {
 /** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
 async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
+  // The first generation of these sessions is the warm-up (a reset while it runs makes it another's).
+  const mine = epoch;
+  const warmUp = !generated;
   let set: CachedSet<AdapterSet> | undefined;
   const unuse = () => {
     if (!set) return;
@@ -315,6 +325,11 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
       },
     });
     const raw = images.map((img) => ({ rgb: ownBuffer(img.rgb), width: img.width, height: img.height, seed: img.seed }));
+    if (warmUp && mine === epoch) {
+      // Ready only once every session is primed; what waits for the warm-up's end is released at once.
+      generated = true;
+      await settleAux(true);
+    }
     post({ t: 'result', id, images: raw, times }, raw.map((r) => r.rgb));
   } catch (err) {
     const code = isRuntimeError(err) ? err.code : 'INTERNAL';
@@ -323,10 +338,11 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
   } finally {
     unuse();
     cancelled.delete(id);
-    // The first generation is the warm-up: what waited for its end is primed now, behind this generation's work.
-    generated = true;
-    for (const c of holding) void c.primeHeld().catch(() => undefined);
-    holding.clear();
+    // A warm-up that failed still ends: what was held for it is released.
+    if (warmUp && mine === epoch && !generated) {
+      generated = true;
+      void settleAux(true);
+    }
   }
 }
 
