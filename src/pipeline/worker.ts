@@ -278,9 +278,9 @@ async function reset(): Promise<void> {
 /** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
 async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
-  // The first generation of these sessions is the warm-up (a reset while it runs makes it another's).
+  // The first generation of these sessions to succeed is the warm-up (a reset while it runs makes it another's; one
+  // that fails leaves the part to the next, as the boot warms up again).
   const mine = epoch;
-  const warmUp = !generated;
   let set: CachedSet<AdapterSet> | undefined;
   const unuse = () => {
     if (!set) return;
@@ -325,7 +325,7 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
       },
     });
     const raw = images.map((img) => ({ rgb: ownBuffer(img.rgb), width: img.width, height: img.height, seed: img.seed }));
-    if (warmUp && mine === epoch) {
+    if (mine === epoch && !generated) {
       // Ready only once every session is primed; what waits for the warm-up's end is released at once.
       generated = true;
       await settleAux(true);
@@ -338,11 +338,6 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
   } finally {
     unuse();
     cancelled.delete(id);
-    // A warm-up that failed still ends: what was held for it is released.
-    if (warmUp && mine === epoch && !generated) {
-      generated = true;
-      void settleAux(true);
-    }
   }
 }
 
