@@ -10,8 +10,9 @@
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
 # bench:cold-start there (BENCH=1).
 # --with-sd15 also writes gpu0/: diffusers' source (from DIFFUSERS_SRC, a checkout or a git directory) and SD 1.5's
-# tokenizer and scheduler config, for the SD 1.5-size comparison: first call `bash scripts/gpu-sd15-start.sh` with
-# carry [gpu0, gpu1], then the middle pieces as below, and last `SD15=1 bash scripts/gpu-device-run.sh gpuN`.
+# tokenizer and scheduler config, for the SD 1.5-size comparison: first call `bash scripts/gpu-sd15-start.sh gpuN` with
+# carry [gpu0, gpuN] (the last piece, the smallest: gpu0/ and a full piece do not fit beside the working tree), then
+# the other pieces but one as below, and last `SD15=1 bash scripts/gpu-device-run.sh gpuN-1` (it prints the plan).
 # Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
 # in consecutive calls while the machine stays warm: the first runs
 #   rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/
@@ -95,11 +96,15 @@ if [ "$SD15" = 1 ]; then
   echo "gpu-bundle: gpu0/ ($(du -sh gpu0 | cut -f1)): diffusers source and SD 1.5's tokenizer and scheduler config"
 fi
 echo "gpu-bundle: $n pieces ($(du -ch gpu[1-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[1-9]* | tr '\n' ' ')(a call carries 64 MiB with the working tree)"
-if [ "$SD15" = 1 ]; then
-  echo "  call 1: bash scripts/gpu-sd15-start.sh   (carry [gpu0, gpu1]; SD15_ONLY=fused skips diffusers and the plain export)"
+if [ "$SD15" = 1 ] && [ "$n" -ge 2 ]; then
+  # gpu0/ and a full piece do not fit in one call beside the working tree: the last (smallest) piece goes first.
+  echo "  call 1: bash scripts/gpu-sd15-start.sh gpu$n   (carry [gpu0, gpu$n]; SD15_ONLY=fused skips diffusers and the plain export)"
+  [ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuK/p* /root/stage/ for K = 1..$((n - 2))   (carry [gpuK])"
+  echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$((n - 1)) 2>&1 | tee \$OUT/gpu.log   (carry [gpu$((n - 1))]; with SD15_ONLY=fused in call 1, add BENCH_GPU_ONLY=fused)"
 else
-  echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"
+  if [ "$SD15" = 1 ]; then echo "  call 1: bash scripts/gpu-sd15-start.sh   (carry [gpu0, gpu1])"
+  else echo "  call 1: rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/   (carry [gpu1])"; fi
+  [ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"
+  if [ "$SD15" = 1 ]; then echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu.log   (carry [gpu$n])"
+  else echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"; fi
 fi
-[ "$n" -gt 2 ] && echo "  calls 2..$((n - 1)): cp gpuN/p* /root/stage/   (carry [gpuN])"
-if [ "$SD15" = 1 ]; then echo "  call $n: SD15=1 bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu.log   (carry [gpu$n]; with SD15_ONLY=fused in call 1, add BENCH_GPU_ONLY=fused)"
-else echo "  call $n: bash scripts/gpu-device-run.sh gpu$n 2>&1 | tee \$OUT/gpu-check.log   (carry [gpu$n])"; fi
