@@ -51,8 +51,26 @@ export function pipelineSchedulerConfig(file: Record<string, unknown>, rewriting
   return rewriting ? pipelineRewrites(loaded) : { config: loaded, rewrites: [] };
 }
 
+/**
+ * The latent size the pipeline serves and the VAE's scale, from the UNet's and the VAE decoder's configs: the UNet's
+ * sample_size (default 128 for SDXL, else 64), raised to 64 where a config saved before diffusers 0.9 says less and
+ * the pipeline rewrites configs (`raisedFrom`: what the config said).
+ */
+export function servedGeometry(
+  unetCfg: Record<string, unknown>,
+  vaeCfg: Record<string, unknown>,
+  isXL: boolean,
+  rewriting: boolean,
+): { sampleSize: number; raisedFrom?: number; vaeScale: number } {
+  const configured = num(unetCfg.sample_size, isXL ? 128 : 64);
+  const blocks = Array.isArray(vaeCfg.block_out_channels) ? vaeCfg.block_out_channels.length : 4;
+  const vaeScale = 2 ** Math.max(0, blocks - 1);
+  const raise = rewriting && unetBefore090(unetCfg) && Number.isInteger(unetCfg.sample_size) && configured < 64;
+  return raise ? { sampleSize: 64, raisedFrom: configured, vaeScale } : { sampleSize: configured, vaeScale };
+}
+
 /** Whether a unet config was saved by diffusers before 0.9.0 (its `_diffusers_version`, pre-release tags ignored). */
-export function unetBefore090(cfg: Record<string, unknown>): boolean {
+function unetBefore090(cfg: Record<string, unknown>): boolean {
   const m = typeof cfg._diffusers_version === 'string' ? /^v?(\d+)(?:\.(\d+))?/.exec(cfg._diffusers_version) : null;
   if (!m) return false;
   return Number(m[1]) === 0 && Number(m[2] ?? 0) < 9;
@@ -113,15 +131,13 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
-  const blocks = Array.isArray(vaeCfg.block_out_channels) ? vaeCfg.block_out_channels.length : 4;
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
   const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(readJson(schedulerFile, 'scheduler config'), rewriting);
-  let sampleSize = num(unetCfg.sample_size, isXL ? 128 : 64);
-  const old = rewriting ? unetBefore090(unetCfg) : undefined;
-  if (old && Number.isInteger(unetCfg.sample_size) && sampleSize < 64) {
+  const { sampleSize, raisedFrom, vaeScale } = servedGeometry(unetCfg, vaeCfg, isXL, rewriting);
+  if (raisedFrom !== undefined) {
     rewrites.push({
       key: 'unet.sample_size',
-      from: sampleSize,
+      from: raisedFrom,
       to: 64,
       message:
         'The configuration file of the unet has set the default `sample_size` to smaller than 64 which seems highly unlikely. If your ' +
@@ -132,7 +148,6 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
         'versions. If you have downloaded this checkpoint from the Hugging Face Hub, it would be very nice if you could open a Pull ' +
         'request for the `unet/config.json` file',
     });
-    sampleSize = 64;
   }
   return {
     dir,
@@ -149,6 +164,6 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
       inChannels: num(unetCfg.in_channels, 4),
     },
-    vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: 2 ** Math.max(0, blocks - 1) },
+    vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: vaeScale },
   };
 }

@@ -6,13 +6,14 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { EncoderWarmup } from '../config.js';
-import { unetBefore090 } from './model.js';
+import { pipelineRewritesConfigs, servedGeometry } from './model.js';
 import { parsePyJson } from './pyjson.js';
 import type { PrimeSpec } from './protocol.js';
 
 /**
- * The priming run of `component` of the model in `dir`: the served latent size and the VAE's scale. Only the two
- * configs are read (a component's session can start before the rest of the layout has arrived).
+ * The priming run of `component` of the model in `dir`: the served latent size and the VAE's scale, as readLayout
+ * reads them. Only its layout files are read (a component's session can start before the weights have all arrived),
+ * and leniently: a bad one fails the load itself.
  */
 export function primeSpec(dir: string, component: string, encoder: EncoderWarmup): PrimeSpec {
   const json = (f: string): Record<string, unknown> => {
@@ -23,13 +24,11 @@ export function primeSpec(dir: string, component: string, encoder: EncoderWarmup
     }
   };
   const unet = json('unet/config.json');
-  const vae = json('vae_decoder/config.json');
-  const xl = unet.addition_embed_type === 'text_time';
-  let size = typeof unet.sample_size === 'number' ? unet.sample_size : xl ? 128 : 64;
-  // The pipeline serves 64 where a pre-0.9 config says less (readLayout).
-  if (!xl && size < 64 && unetBefore090(unet)) size = 64;
-  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 4;
-  const spec: PrimeSpec = { latentHeight: size, latentWidth: size, vaeScale: 2 ** Math.max(0, blocks - 1) };
+  const named = json('model_index.json')._class_name;
+  const pipelineClass = typeof named === 'string' ? named : 'StableDiffusionPipeline';
+  const isXL = unet.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
+  const { sampleSize, vaeScale } = servedGeometry(unet, json('vae_decoder/config.json'), isXL, pipelineRewritesConfigs(pipelineClass, isXL));
+  const spec: PrimeSpec = { latentHeight: sampleSize, latentWidth: sampleSize, vaeScale };
   // An inpainting model's warm-up encodes its image first: there the priming run beside the UNet's load saves time.
   const hold = component === 'vae_encoder' && encoder === 'after-ready' && unet.in_channels !== 9;
   return hold ? { ...spec, after: 'warm-up' } : spec;
