@@ -3,12 +3,13 @@
  * its priming run happens after the creation is answered and before the next run, and a dead thread is reported.
  * The built modules are used: the thread's entry must be JavaScript.
  */
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
+import { readLayout } from '../src/pipeline/model.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 
 type AuxModule = typeof import('../src/pipeline/aux-client.js');
@@ -28,7 +29,9 @@ async function primingClient() {
   const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
     if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
   }, () => undefined);
-  return { client, order };
+  /** The demo's VAE encoder in `dir` on this thread, its priming run held for the warm-up's end. */
+  const heldEncoder = (dir: string) => client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+  return { client, order, heldEncoder };
 }
 
 describe('auxiliary session thread', () => {
@@ -77,9 +80,9 @@ describe('auxiliary session thread', () => {
 
   it('settles: answers once its priming runs are done; with release, then runs the ones held for the warm-up\'s end', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order } = await primingClient();
+    const { client, order, heldEncoder } = await primingClient();
     try {
-      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+      const enc = await heldEncoder(dir);
       await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
       // The warm-up's end waits for the priming runs asked for before (the decoder's), not for the one held.
       expect(await client.settle(false)).toBe(0);
@@ -99,9 +102,9 @@ describe('auxiliary session thread', () => {
 
   it('drops a held priming run when its own session runs at that size first: that run paid the search', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order } = await primingClient();
+    const { client, order, heldEncoder } = await primingClient();
     try {
-      const enc = await client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+      const enc = await heldEncoder(dir);
       await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
       order.push('ran vae_encoder');
       expect(await client.settle(true)).toBe(0);
@@ -113,20 +116,18 @@ describe('auxiliary session thread', () => {
 
   it('keeps holding after a run at another size, holds each session made, never primes one released', async () => {
     const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order } = await primingClient();
+    const { client, order, heldEncoder } = await primingClient();
     try {
-      const file = (c: string) => path.join(dir, c, 'model.onnx');
-      const held = () => client.create('vae_encoder', file('vae_encoder'), 'cpu', { ...size, after: 'warm-up' });
       // Released before its turn: never primed.
-      await (await held()).session.release();
+      await (await heldEncoder(dir)).session.release();
       const primed = () => order.filter((o) => o === 'primed vae_encoder').length;
-      const enc = await held();
+      const enc = await heldEncoder(dir);
       expect(await client.settle(true)).toBe(1);
       await until(() => primed() === 1, 30_000);
       // Made again (a reload): held again; a run of its own at another size does not stand in for its priming run.
       await enc.session.release();
       order.push('reloaded');
-      const again = await held();
+      const again = await heldEncoder(dir);
       await again.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
       order.push('ran vae_encoder at 32x32');
       expect(await client.settle(true)).toBe(1);
@@ -164,6 +165,19 @@ describe('auxiliary session thread', () => {
       expect(prime.primeSpec(tmp, 'unet', 'after-ready')).toEqual({ latentHeight: 64, latentWidth: 64, vaeScale: 8 });
     } finally {
       rmSync(tmp, { recursive: true, force: true });
+    }
+    // The same size as the pipeline's layout, whose load logs the rewrite: a whole model with that old config.
+    const old = mkdtempSync(path.join(os.tmpdir(), 'prime-layout-'));
+    try {
+      cpSync(dir, old, { recursive: true });
+      const cfg = JSON.parse(readFileSync(path.join(old, 'unet', 'config.json'), 'utf8')) as Record<string, unknown>;
+      writeFileSync(path.join(old, 'unet', 'config.json'), JSON.stringify({ ...cfg, sample_size: 32, _diffusers_version: '0.8.0' }));
+      const layout = readLayout(old);
+      expect(layout.unet.sampleSize).toBe(64);
+      expect(layout.rewrites.find((r) => r.key === 'unet.sample_size')).toMatchObject({ from: 32, to: 64 });
+      expect(prime.primeSpec(old, 'vae_decoder', 'before-ready')).toEqual({ latentHeight: 64, latentWidth: 64, vaeScale: layout.vae.scaleFactor });
+    } finally {
+      rmSync(old, { recursive: true, force: true });
     }
   });
 
