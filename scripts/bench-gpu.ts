@@ -23,6 +23,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import sharp from 'sharp';
 import { writeSafetensors } from '../src/demo/safetensors.js';
+import { walk } from '../src/storage/cache.js';
 import { readLoraMap } from '../src/pipeline/lora-map.js';
 import { freePort } from './bench-common.js';
 import { pixelDiff } from './e2e-case.js';
@@ -136,26 +137,11 @@ async function predict(port: number, o: { steps: number; seed: number; prompt?: 
 }
 
 /** The shared libraries the runtime loads on CUDA (onnxruntime-node's, LD_LIBRARY_PATH's) and every file of `model`. */
-function coldFiles(model: string): string[] {
-  const out: string[] = [];
-  const walk = (d: string, keep: (f: string) => boolean) => {
-    let entries: import('node:fs').Dirent[];
-    try {
-      entries = readdirSync(d, { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      const f = path.join(d, e.name);
-      if (e.isDirectory()) walk(f, keep);
-      else if (e.isFile() && keep(f)) out.push(f);
-    }
-  };
+async function coldFiles(model: string): Promise<string[]> {
+  const under = async (d: string, keep: (rel: string) => boolean) => (await walk(d)).filter(keep).map((rel) => path.join(d, rel));
   const lib = (f: string) => /\.so(\.|$)/.test(f);
-  walk(path.join(path.dirname(createRequire(import.meta.url).resolve('onnxruntime-node/package.json')), 'bin'), lib);
-  for (const d of (process.env.LD_LIBRARY_PATH ?? '').split(':').filter(Boolean)) walk(d, lib);
-  walk(model, () => true);
-  return out;
+  const libDirs = [path.join(path.dirname(createRequire(import.meta.url).resolve('onnxruntime-node/package.json')), 'bin'), ...(process.env.LD_LIBRARY_PATH ?? '').split(':').filter(Boolean)];
+  return [...(await Promise.all(libDirs.map((d) => under(d, lib)))).flat(), ...(await under(model, () => true))];
 }
 
 /**
@@ -389,7 +375,7 @@ async function main(): Promise<void> {
     const jit = mkdtempSync(path.join(os.tmpdir(), 'bench-gpu-jit-'));
     const r = await startOnly('fused, empty CUDA JIT cache (a new pod\'s)', fused, { CUDA_CACHE_PATH: jit });
     rmSync(jit, { recursive: true, force: true });
-    const note = evict(coldFiles(fused));
+    const note = evict(await coldFiles(fused));
     process.stdout.write(`${note}\n`);
     const r2 = await startOnly('fused, libraries and model out of the page cache', fused, {});
     Object.assign(cold, { emptyJitCache: r && { readyMs: r.readyMs, phases: r.phases, warmup: r.warmup }, pageCacheDropped: r2 && { readyMs: r2.readyMs, phases: r2.phases, warmup: r2.warmup, note } });
