@@ -1,5 +1,8 @@
 /** @module How request validation names a bad value in its messages: its type, or the value itself when short. */
 
+/** A JSON object: not null, not a list. */
+export const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
 export function typeName(v: unknown): string {
   if (v === null) return 'null';
   if (Array.isArray(v)) return 'a list';

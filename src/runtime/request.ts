@@ -3,7 +3,7 @@ import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
-import { show, typeName } from './fields.js';
+import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Object } from '../storage/uri.js';
 
@@ -86,9 +86,6 @@ export const shapeKey = (s: GenerationShape): string =>
 
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
-
-type Obj = Record<string, unknown>;
-const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /** Every field of an instance (V1), a WebSocket message, or a V2 input / parameter (V2 has no preview_every). */
 export const INSTANCE_FIELDS = [

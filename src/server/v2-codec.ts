@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { RuntimeError } from '../errors.js';
 import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
+import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
 import { assertSafeKeys, joinProblems, unknownField } from '../runtime/request.js';
 
@@ -74,7 +75,6 @@ export interface InferRequest {
 }
 
 const bad = (msg: string) => new RuntimeError('INVALID_INPUT', msg);
-const isObj = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
 function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { header: unknown; binary: Buffer | undefined } {
@@ -345,7 +345,7 @@ export function toInstances(req: InferRequest): Array<Record<string, unknown>> {
   for (const t of req.inputs) {
     if (t.values.length !== 1 && t.values.length !== n) problems.push(`input "${t.name}" must have 1 element or one per prompt (${n}), got ${t.values.length}`);
   }
-  if (problems.length > 0) throw bad(problems.join('; '));
+  if (problems.length > 0) throw bad(joinProblems(problems));
   const params: Record<string, Scalar> = { ...req.parameters };
   delete params.binary_data_output;
   return prompt.values.map((_, i) => {
