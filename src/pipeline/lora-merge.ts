@@ -38,7 +38,11 @@ export function planAdapterSet(
   }
   const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(graphs.unet));
   const byComponent = new Map<LoraComponent, WeightUpdate[]>();
-  for (const u of updates.values()) byComponent.set(u.component, [...(byComponent.get(u.component) ?? []), u]);
+  for (const u of updates.values()) {
+    const list = byComponent.get(u.component);
+    if (list) list.push(u);
+    else byComponent.set(u.component, [u]);
+  }
   return { byComponent, problems };
 }
 
