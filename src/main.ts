@@ -72,7 +72,7 @@ async function main(): Promise<void> {
 }
 
 /** Environment the process's libraries read themselves; set before the workers load onnxruntime-node. */
-export function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
+function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
   // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
   // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
   // unless the operator set ORT_DISABLE_TELEMETRY.

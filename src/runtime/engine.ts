@@ -28,6 +28,7 @@ import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './w
 import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
 import { AdapterSource } from './adapters.js';
+import type { BootEventMap } from './boot-events.js';
 
 export interface Progress {
   step: number;
@@ -148,7 +149,7 @@ export interface EngineEvents {
    */
   onServing?(serving: boolean, reason: string): void;
   /** A worker merged an adapter set; `waitedMs` counts from the first request that asked for it. */
-  onAdapters?(d: { set: string; worker: number; waitedMs: number; ms: Record<string, number>; mergedMB: number; components: string[]; formats: Record<string, string> }): void;
+  onAdapters?(d: BootEventMap['adapters-ready']): void;
 }
 
 /** Restarts of a worker that keeps dying wait 0.5 s, 1 s, 2 s, … up to this; a worker alive this long resets it. */

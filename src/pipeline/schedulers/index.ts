@@ -17,7 +17,7 @@ import { SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type Sched
 import { PNDM, PNDM_DEFAULTS } from './pndm.js';
 
 export type { ResolvedConfig } from './common.js';
-export { SCHEDULER_NAMES, type SchedulerChoice } from './names.js';
+export { SCHEDULER_NAMES } from './names.js';
 
 interface SchedulerClass {
   defaults: Readonly<Record<string, ConfigValue>>;
