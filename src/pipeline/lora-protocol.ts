@@ -2,6 +2,7 @@
 import type { AdapterRef } from './job.js';
 import type { GraphOptimizationLevel, Feed, IoMeta } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
+import type { FailedReply, RanReply, ThreadLogMessage } from './thread-replies.js';
 
 export interface LoraInit {
   /** The set's key (for logs). */
@@ -31,6 +32,6 @@ export type FromLora =
       ms: { read: number; merge: number; sessions: number };
       formats: Record<string, string>;
     }
-  | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
-  | { t: 'failed'; id: number; code: string; message: string }
-  | { t: 'log'; level: 'info' | 'warn'; msg: string; obj?: Record<string, unknown> };
+  | RanReply
+  | FailedReply
+  | ThreadLogMessage;

@@ -3,6 +3,7 @@ import type { EncoderWarmup, ExecutionProvider } from '../config.js';
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
+import type { FailedReply, RanReply, ThreadLogMessage } from './thread-replies.js';
 
 export interface WorkerInit {
   ep: ExecutionProvider;
@@ -57,11 +58,11 @@ export type ToAux =
 
 export type FromAux =
   | { t: 'created'; id: number; session: number; inputs: IoMeta[]; outputs: IoMeta[]; ms: number; cache: string; deferred?: OptimizeItem }
-  | { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> }
+  | RanReply
   | { t: 'released'; id: number }
   | { t: 'settled'; id: number; released: number }
-  | { t: 'failed'; id: number; code: string; message: string }
-  | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
+  | FailedReply
+  | ThreadLogMessage;
 
 /** The background optimised-model writer (optimizer.ts, a child process): what to write, and the cache mode. */
 export interface OptimizerInit {

@@ -7,11 +7,10 @@ import { Worker } from 'node:worker_threads';
 import { RuntimeError, type ErrorCode } from '../errors.js';
 import type { InferenceSession } from 'onnxruntime-node';
 import { ioInfo, SessionIo, type Feed, type IoInfo, type IoMeta, type ModelSession } from './onnx.js';
+import type { FailedReply, RanReply, ThreadLogMessage } from './thread-replies.js';
 
 export type ThreadLog = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => void;
 type Out = Record<string, { data: Float32Array; dims: readonly number[] }>;
-type Ran = { t: 'ran'; id: number; out: Out };
-type Failed = { t: 'failed'; id: number; code: string; message: string };
 /** A request as its sender writes it: the id is given when it is sent. */
 export type Request<To> = To extends unknown ? Omit<To, 'id'> : never;
 
@@ -33,9 +32,9 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
   constructor(entry: URL, workerData: unknown, log: ThreadLog, opts: SessionThreadOptions = {}) {
     this.#ended = opts.ended ?? ((err) => err);
     this.#worker = new Worker(entry, { workerData });
-    this.#worker.on('message', (m: Reply | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> }) => {
+    this.#worker.on('message', (m: Reply | ThreadLogMessage) => {
       if (m.t === 'log') {
-        const l = m as { level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
+        const l = m as ThreadLogMessage;
         return log(l.level, l.msg, l.obj);
       }
       const id = (m as Reply).id;
@@ -80,7 +79,7 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
   /** The reply `t` to the request `what`, or the thread's failure as its RuntimeError. */
   expect<T extends string>(r: Reply, t: T, what: string): Extract<Reply, { t: T }> {
     if (r.t === 'failed') {
-      const f = r as unknown as Failed;
+      const f = r as unknown as FailedReply;
       throw new RuntimeError(f.code as ErrorCode, f.message);
     }
     if (r.t !== t) throw new RuntimeError('INTERNAL', `unexpected reply ${r.t} to ${what}`);
@@ -89,7 +88,7 @@ export class SessionThread<To extends { t: string }, Reply extends { t: string; 
 
   async run(session: number, feeds: Record<string, Feed>, outputs?: string[]): Promise<Out> {
     const r = await this.ask({ t: 'run', session, feeds, ...(outputs ? { outputs } : {}) } as unknown as Request<To>);
-    return (this.expect(r, 'ran', 'run') as unknown as Ran).out;
+    return (this.expect(r, 'ran', 'run') as unknown as RanReply).out;
   }
 
   /** Asks the thread to release its sessions and end; one stuck in a native call is terminated after `graceMs`. */

@@ -6,10 +6,17 @@ import type { IoMeta, OnnxSession } from './onnx.js';
 export const ioMeta = (s: OnnxSession, which: 'inputMetadata' | 'outputMetadata'): IoMeta[] =>
   s.session[which].map((m) => ({ name: m.name, isTensor: true, type: String((m as { type?: unknown }).type), shape: [...((m as { shape?: Array<number | string> }).shape ?? [])] }));
 
+/** A session thread's answer to a run. */
+export type RanReply = { t: 'ran'; id: number; out: Record<string, { data: Float32Array; dims: number[] }> };
+/** Its answer to a request that failed. */
+export type FailedReply = { t: 'failed'; id: number; code: string; message: string };
+/** A log line it sends its pipeline worker. */
+export type ThreadLogMessage = { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };
+
 /** The answer to a run. */
-export const ranReply = (id: number, out: Record<string, { data: Float32Array; dims: readonly number[] }>) =>
-  ({ t: 'ran' as const, id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
+export const ranReply = (id: number, out: Record<string, { data: Float32Array; dims: readonly number[] }>): RanReply =>
+  ({ t: 'ran', id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
 
 /** The answer to a request that failed: its RuntimeError code, else INTERNAL. */
-export const failedReply = (id: number, err: unknown) =>
-  ({ t: 'failed' as const, id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+export const failedReply = (id: number, err: unknown): FailedReply =>
+  ({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
