@@ -198,25 +198,30 @@ describe('createScheduler', () => {
   it('stepRange gives exactly the step counts createScheduler accepts, for every name, without building one', () => {
     const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
     const configs = [modelConfig, noSkip, { ...modelConfig, num_train_timesteps: 30 }, { _class_name: 'LCMScheduler', original_inference_steps: 12 }];
+    const unusable: string[] = [];
     for (const config of configs) {
       const own = typeof config._class_name === 'string' && Object.hasOwn(SCHEDULER_NAMES, config._class_name) ? [undefined] : [];
       for (const name of [...own, ...Object.keys(SCHEDULER_NAMES)]) {
-        const r = stepRange(config, name);
         const build = (n: number) => createScheduler(config, n, name === undefined ? {} : { name });
+        let r: ReturnType<typeof stepRange>;
         try {
-          build(r.min);
+          r = stepRange(config, name);
         } catch (err) {
-          // An option the class cannot serve (LCM's original_inference_steps above num_train_timesteps): not a step limit.
+          // An option the class cannot serve (LCM's original_inference_steps above num_train_timesteps) is not a step
+          // limit: the class refuses every step count, with the same error.
           expect((err as RuntimeError).code, `${name}`).toBe('UNSUPPORTED');
+          for (const n of [1, 4, 20]) expect(() => build(n), `${name} ${n}`).toThrow((err as Error).message);
+          unusable.push(`${String(config.num_train_timesteps)} ${name}`);
           continue;
         }
-        for (const n of new Set([0, 1, 2, 3, 4, 5, r.max - 1, r.max, r.max + 1])) {
-          const inRange = n >= r.min && n <= r.max;
+        for (const n of new Set([0, 1, 2, 3, 4, 5, r.max - 1, r.max, r.max + 1, 2.5])) {
+          const inRange = Number.isInteger(n) && n >= r.min && n <= r.max;
           if (inRange) expect(() => build(n), `${name} ${n}`).not.toThrow();
-          else expect(() => build(n), `${name} ${n}`).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
+          else expect(() => build(n), `${name} ${n}`).toThrow(expect.objectContaining({ code: 'INVALID_INPUT', message: expect.stringContaining(`(${r.why}), got ${n}`) }));
         }
       }
     }
+    expect(unusable.sort()).toEqual(['30 LCMScheduler', '30 lcm']);
     expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 1000, why: 'PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000' });
     expect(stepRange(modelConfig, 'lcm')).toEqual({ min: 1, max: 50, why: 'original_inference_steps is 50' });
     expect(stepRanges(modelConfig)['']).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });

@@ -8,6 +8,7 @@
  */
 
 import { RuntimeError } from '../../errors.js';
+import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import { fmaf } from '../random.js';
 
@@ -253,10 +254,20 @@ export function exponentialSigmas(sigmaMin: number, sigmaMax: number, n: number)
   return npLinspace(Math.log(sigmaMax), Math.log(sigmaMin), n).map(Math.exp);
 }
 
-/** diffusers raises when more inference steps than training steps are asked for; so do we, as a request error. */
-export function checkSteps(className: string, n: number, trainSteps: number): void {
-  if (!Number.isInteger(n) || n < 1 || n > trainSteps) {
-    throw new RuntimeError('INVALID_INPUT', `num_inference_steps must be an integer from 1 to ${trainSteps} for ${className}, got ${n}`);
+/**
+ * The num_inference_steps every class accepts: 1 to num_train_timesteps (diffusers raises above it). A class with
+ * limits of its own narrows this in its `stepRange` (PNDM, LCM); its constructor checks against the same range
+ * (checkSteps), and the request parser reads it before a request queues, so the limits are stated once.
+ */
+export function trainStepRange(config: ResolvedConfig): StepRange {
+  const train = num(config, 'num_train_timesteps');
+  return { min: 1, max: train, why: `num_train_timesteps is ${train}` };
+}
+
+/** A step count outside the class's range is the request's error. */
+export function checkSteps(className: string, n: number, range: StepRange): void {
+  if (!Number.isInteger(n) || n < range.min || n > range.max) {
+    throw new RuntimeError('INVALID_INPUT', `num_inference_steps must be an integer from ${range.min} to ${range.max} for ${className} (${range.why}), got ${n}`);
   }
 }
 

@@ -11,6 +11,7 @@ import {
   checkBeginIndex,
   checkIndex,
   checkSteps,
+  trainStepRange,
   exponentialSigmas,
   f,
   karrasSigmas,
@@ -81,7 +82,7 @@ export class DPMSolverMultistep implements Scheduler {
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, train);
+    checkSteps(name, numInferenceSteps, trainStepRange(config));
     const algorithm = oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver']);
     this.#plusPlus = algorithm === 'dpmsolver++';
     this.#heun = oneOf(name, config, 'solver_type', ['midpoint', 'heun']) === 'heun';

@@ -8,6 +8,7 @@ import {
   bool,
   checkBeginIndex,
   checkSteps,
+  trainStepRange,
   exponentialSigmas,
   f,
   karrasSigmas,
@@ -145,7 +146,7 @@ export class EulerDiscrete extends EulerBase {
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'EulerDiscreteScheduler';
     const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, train);
+    checkSteps(name, numInferenceSteps, trainStepRange(config));
     if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
     oneOf(name, config, 'interpolation_type', ['linear']);
     if (str(config, 'timestep_type') === 'continuous' && str(config, 'prediction_type') === 'v_prediction') {
@@ -188,7 +189,7 @@ export class EulerAncestralDiscrete extends EulerBase {
 
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'EulerAncestralDiscreteScheduler';
-    checkSteps(name, numInferenceSteps, num(config, 'num_train_timesteps'));
+    checkSteps(name, numInferenceSteps, trainStepRange(config));
     oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction']);
     const { sigmas: table } = eulerTables(name, config);
     const timesteps = eulerTimesteps(config, numInferenceSteps);

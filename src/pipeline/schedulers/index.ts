@@ -8,29 +8,31 @@ import { RuntimeError } from '../../errors.js';
 import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
-import { type ConfigValue, type ResolvedConfig, resolveConfig } from './common.js';
+import { type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
-import { LCM, LCM_DEFAULTS } from './lcm.js';
+import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
 import { SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
-import { PNDM, PNDM_DEFAULTS } from './pndm.js';
+import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
 
 export type { ResolvedConfig } from './common.js';
 export { SCHEDULER_NAMES } from './names.js';
 
 interface SchedulerClass {
   defaults: Readonly<Record<string, ConfigValue>>;
+  /** The step counts `build` accepts (its constructor checks against the same function). */
+  steps: (config: ResolvedConfig) => StepRange;
   build(config: ResolvedConfig, steps: number, eta: number): Scheduler;
 }
 
 const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
-  PNDMScheduler: { defaults: PNDM_DEFAULTS, build: (c, n) => new PNDM(c, n) },
-  DDIMScheduler: { defaults: DDIM_DEFAULTS, build: (c, n, eta) => new DDIM(c, n, eta) },
-  EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, build: (c, n) => new EulerDiscrete(c, n) },
-  EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, build: (c, n) => new EulerAncestralDiscrete(c, n) },
-  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, build: (c, n) => new DPMSolverMultistep(c, n) },
-  LCMScheduler: { defaults: LCM_DEFAULTS, build: (c, n) => new LCM(c, n) },
+  PNDMScheduler: { defaults: PNDM_DEFAULTS, steps: pndmStepRange, build: (c, n) => new PNDM(c, n) },
+  DDIMScheduler: { defaults: DDIM_DEFAULTS, steps: trainStepRange, build: (c, n, eta) => new DDIM(c, n, eta) },
+  EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerDiscrete(c, n) },
+  EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
+  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
+  LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -155,27 +157,12 @@ export function createScheduler(
 }
 
 /**
- * The num_inference_steps `createScheduler(config, n, { name })` accepts, read from the config without building a
- * scheduler: 1 to num_train_timesteps for every class, at most original_inference_steps for LCM, at least 4 for PNDM
- * with its Runge-Kutta warm-up (the limits the classes' constructors enforce). Throws as createScheduler does for an
- * unusable name or config.
+ * The num_inference_steps `createScheduler(config, n, { name })` accepts, from the same per-class function its
+ * constructor checks with, without building a scheduler. Throws as createScheduler does for an unusable name or config.
  */
 export function stepRange(config: Record<string, unknown>, name?: string): StepRange {
   const choice = choose(config, name);
-  const { className } = choice;
-  const resolved = resolve(config, choice, name !== undefined);
-  const train = resolved.num_train_timesteps as number;
-  const r: StepRange = { min: 1, max: train, why: `num_train_timesteps is ${train}` };
-  if (className === 'PNDMScheduler' && resolved.skip_prk_steps !== true) {
-    r.min = 4;
-    r.why = `${className} without skip_prk_steps needs at least 4; ${r.why}`;
-  }
-  const original = resolved.original_inference_steps;
-  if (className === 'LCMScheduler' && typeof original === 'number' && original < r.max) {
-    r.max = original;
-    r.why = `original_inference_steps is ${original}`;
-  }
-  return r;
+  return CLASSES[choice.className].steps(resolve(config, choice, name !== undefined));
 }
 
 /** stepRange for the model's own scheduler ('') and every request name; a name the config cannot serve is left out. */

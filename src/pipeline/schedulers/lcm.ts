@@ -1,6 +1,6 @@
 /** @module LCMScheduler (diffusers): consistency-model steps; noise on every step but the last; float32 like torch. */
 
-import { RuntimeError } from '../../errors.js';
+import type { StepRange } from '../job.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
@@ -14,6 +14,7 @@ import {
   oneOf,
   type ConfigValue,
   type ResolvedConfig,
+  trainStepRange,
   unsupported,
 } from './common.js';
 
@@ -37,6 +38,14 @@ export const LCM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   rescale_betas_zero_snr: false,
 };
 
+/** At most original_inference_steps: the schedule picks that many of the distillation's timesteps. */
+export function lcmStepRange(config: ResolvedConfig): StepRange {
+  const r = trainStepRange(config);
+  const original = num(config, 'original_inference_steps');
+  if (!Number.isInteger(original) || original < 1 || original > r.max) unsupported('LCMScheduler', `original_inference_steps ${original}`);
+  return original < r.max ? { ...r, max: original, why: `original_inference_steps is ${original}` } : r;
+}
+
 export class LCM implements Scheduler {
   readonly name = 'LCMScheduler';
   readonly timesteps: readonly number[];
@@ -50,19 +59,15 @@ export class LCM implements Scheduler {
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, train);
+    checkSteps(name, numInferenceSteps, lcmStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.#ac = alphasCumprod(name, config, true);
     this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.#ac[0]!;
     const original = num(config, 'original_inference_steps');
-    if (!Number.isInteger(original) || original < 1 || original > train) unsupported(name, `original_inference_steps ${original}`);
     const k = Math.floor(train / original);
     const origin: number[] = [];
     for (let i = original; i >= 1; i--) origin.push(i * k - 1); // already reversed
-    if (numInferenceSteps > original) {
-      throw new RuntimeError('INVALID_INPUT', `num_inference_steps must be at most original_inference_steps (${original}) for ${name}, got ${numInferenceSteps}`);
-    }
     this.timesteps = Object.freeze(npLinspace(0, origin.length, numInferenceSteps, false).map((x) => origin[Math.floor(x)]!));
   }
 

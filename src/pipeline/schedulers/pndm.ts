@@ -1,6 +1,6 @@
 /** @module PNDMScheduler (diffusers): the PRK warm-up when skip_prk_steps is false, then PLMS; float32 like torch. */
 
-import { RuntimeError } from '../../errors.js';
+import type { StepRange } from '../job.js';
 import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
@@ -18,6 +18,7 @@ import {
   type ConfigValue,
   type ResolvedConfig,
   str,
+  trainStepRange,
   unsupported,
 } from './common.js';
 
@@ -29,6 +30,12 @@ export const PNDM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   timestep_spacing: 'leading',
   steps_offset: 0,
 };
+
+/** diffusers fails below 4 steps without skip_prk_steps: the PRK warm-up needs the last 4 timesteps. */
+export function pndmStepRange(config: ResolvedConfig): StepRange {
+  const r = trainStepRange(config);
+  return bool(config, 'skip_prk_steps') ? r : { ...r, min: 4, why: `PNDMScheduler without skip_prk_steps needs at least 4; ${r.why}` };
+}
 
 const SIXTH = f(1 / 6);
 const THIRD = f(1 / 3);
@@ -55,7 +62,7 @@ export class PNDM implements Scheduler {
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, train);
+    checkSteps(name, numInferenceSteps, pndmStepRange(config));
     this.#vPred = oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction']) === 'v_prediction';
     this.#ac = alphasCumprod(name, config, false);
     this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.#ac[0]!;
@@ -80,10 +87,6 @@ export class PNDM implements Scheduler {
     if (bool(config, 'skip_prk_steps')) {
       plms = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
     } else {
-      if (numInferenceSteps < 4) {
-        // diffusers fails here too (the PRK warm-up needs the last 4 timesteps).
-        throw new RuntimeError('INVALID_INPUT', `${name} without skip_prk_steps needs at least 4 inference steps, got ${numInferenceSteps}`);
-      }
       const half = Math.floor(this.#ratio / 2);
       const rep: number[] = [];
       for (const t of base.slice(-4)) rep.push(t, t + half);
