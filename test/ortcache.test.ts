@@ -205,15 +205,21 @@ describe('optimized-model cache', () => {
     await expectDeferredOnceSourceChanges(model);
   });
 
-  it('auto keeps the copy of a real UNet, whose optimisation takes time', async () => {
-    // The tiny real SD 1.x export (reference e2e model): its UNet builds in ~145 ms from the source, ~85 ms from a copy.
+  it('auto decides on a real UNet by the build times it measured, and later starts follow the decision', async () => {
+    // The tiny real SD 1.x export (reference e2e model): its UNet builds in ~145 ms from the source and ~85 ms from a
+    // copy, so on an idle machine the copy is kept (docs/DESIGN.md). Which way it goes is a timing, and a loaded CI
+    // machine can tip it; this checks what does not depend on load: the outcome is worthKeeping of the times it
+    // logged, and the next start loads what that outcome left.
     const model = await entry('real-unet', path.join(REFERENCE(), 'e2e', 'model'));
     const logs: Array<[string, Record<string, unknown>]> = [];
-    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), AUTO)).toBe('written');
-    const obj = logs.find(([m]) => m === 'optimized model cached for the next start')![1];
-    expect(Number(obj.copyMs)).toBeLessThan(Number(obj.sourceMs));
+    const outcome = await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, obj) => logs.push([msg, obj as Record<string, unknown>]), AUTO);
+    const [, obj] = logs.at(-1)!;
+    const times = { sourceMs: Number(obj.sourceMs), copyMs: Number(obj.copyMs) };
+    expect(times.sourceMs).toBeGreaterThan(0);
+    expect(times.copyMs).toBeGreaterThan(0);
+    expect(outcome).toBe(worthKeeping(times) ? 'written' : 'declined');
     const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
-    expect(r.cache).toBe('hit');
+    expect(r.cache).toBe(outcome === 'written' ? 'hit' : 'declined');
     await r.session.release();
   });
 });
