@@ -7,7 +7,7 @@ import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { ConfigError, describeConfig, loadConfig, type Config } from './config.js';
 import type { Logger } from './log.js';
-import { eventFields } from './runtime/boot-events.js';
+import { BootEvents } from './runtime/boot-events.js';
 import type { BootSequence } from './runtime/boot-sequence.js';
 import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
@@ -27,6 +27,7 @@ async function main(): Promise<void> {
   // leaving its cache entry uncommitted and resumable, and the process exits 0.
   let rt: Runtime | undefined;
   let log: Logger | undefined;
+  let events: BootEvents | undefined;
   let boot: BootSequence | undefined;
   let signals = 0;
   const stop = (sig: string) => {
@@ -34,7 +35,7 @@ async function main(): Promise<void> {
       log?.warn({ signal: sig }, 'second signal: exiting now');
       process.exit(1);
     }
-    log?.info(eventFields('signal', { signal: sig }), 'signal received');
+    events?.emit('signal', { signal: sig }, 'signal received');
     if (rt) void rt.close().then(() => process.exit(process.exitCode ?? 0));
     else if (boot) void boot.stop().then(() => process.exit(0));
     else process.exit(0);
@@ -57,14 +58,15 @@ async function main(): Promise<void> {
   boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
   const { createLogger } = await import('./log.js');
   log = createLogger(cfg.logLevel);
+  events = new BootEvents(log);
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
-  boot.fetch(log);
+  boot.fetch(log, events);
   await boot.runtimeMayLoad();
   if (signals > 0) return;
   const [{ Runtime }, wiring] = await Promise.all([import('./runtime/runtime.js'), serverModules()]);
   if (signals > 0) return;
   // performance.now() counts from process start, so 0 is "the process started".
-  rt = new Runtime(cfg, log, { startedAt: 0, workers });
+  rt = new Runtime(cfg, log, { startedAt: 0, workers, events });
   serve(base, rt, wiring);
   // Steps 3-5: announce, load, warm.
   await boot.run(rt);

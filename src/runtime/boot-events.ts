@@ -8,7 +8,7 @@ import type { Logger } from '../log.js';
 import type { BootState, StateChange } from './boot.js';
 
 export interface BootEventMap {
-  /** SIGTERM or SIGINT reached the process (logged by main before or after the runtime exists). */
+  /** SIGTERM or SIGINT reached the process (main emits it once its logger exists, before or after the runtime does). */
   signal: { signal: string };
   /** The HTTP server serves this runtime. */
   listening: { port: number; host: string; config: Record<string, unknown> };
@@ -41,9 +41,6 @@ export interface BootEventMap {
 export type BootEventName = keyof BootEventMap;
 export type BootEvent = { [K in BootEventName]: { name: K; data: BootEventMap[K] } }[BootEventName];
 
-/** The fields of an event's log line: its data, and its name as `event`. */
-export const eventFields = <K extends BootEventName>(name: K, data: BootEventMap[K]): Record<string, unknown> => ({ event: name, ...data });
-
 export class BootEvents {
   readonly #listeners = new Set<(e: BootEvent) => void>();
 
@@ -51,7 +48,8 @@ export class BootEvents {
 
   /** Logs the event as one line (its data and `event`: its name) under `msg`, then tells the listeners. */
   emit<K extends BootEventName>(name: K, data: BootEventMap[K], msg: string, level: 'info' | 'error' = 'info'): void {
-    this.log[level](eventFields(name, data), msg);
+    const fields: Record<string, unknown> = { event: name, ...data };
+    this.log[level](fields, msg);
     const e = { name, data } as BootEvent;
     for (const fn of this.#listeners) fn(e);
   }

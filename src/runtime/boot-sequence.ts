@@ -24,7 +24,7 @@ import type { ToWorker } from '../pipeline/protocol.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
 import { parseStorageUri } from '../storage/uri.js';
-import { eventFields, type BootEventMap } from './boot-events.js';
+import type { BootEventMap, BootEvents } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
@@ -88,6 +88,7 @@ export class BootSequence {
   /** Starts a session before the runtime exists (main: straight to the workers it spawned). */
   readonly #early: (m: ToWorker) => void;
   #log: Logger | undefined;
+  #events: BootEvents | undefined;
   #rt: Runtime | undefined;
   readonly #abort = new AbortController();
   #fetched: Promise<{ dir: string; res?: ResolvedModel }> | undefined;
@@ -119,10 +120,15 @@ export class BootSequence {
     loadTransport(chooseTransport(cfg.s3, plan.bucket));
   }
 
-  /** Step 2: starts the fetch (or the demo model's build). Idempotent. */
-  fetch(log: Logger): void {
+  /**
+   * Step 2: starts the fetch (or the demo model's build). Idempotent. `events` is the emitter the runtime will carry
+   * (main makes it with the logger, before the runtime's code loads), so a landmark of the fetch reaches the same
+   * listeners whether the runtime exists yet or not.
+   */
+  fetch(log: Logger, events: BootEvents): void {
     if (this.#fetched) return;
     this.#log = log;
+    this.#events = events;
     this.#fetched = this.#fetch(log);
     this.#fetched.catch(() => undefined); // run() awaits it and reports the failure
     void this.#fetched.finally(() => this.#flow()).catch(() => undefined);
@@ -168,7 +174,7 @@ export class BootSequence {
     // exist), sharp after them (needed only at the warm-up's end).
     if (committed) void this.#importSharp(rt, engine.tokenizersSettled());
     try {
-      this.fetch(log);
+      this.fetch(log, rt.events);
       if (plan.source !== 'demo') boot.to('fetching');
       if (this.#progress) this.#showProgress(this.#progress);
       if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
@@ -293,9 +299,7 @@ export class BootSequence {
   /** Sessions (and an early warm-up) were built from files that changed: the workers drop them before the next load. */
   #invalidate(data: BootEventMap['sessions-reset']): void {
     const msg = data.why === 'entry-changed' ? 'the cache entry changed after its sessions started; loading them again' : 'objects changed during the download; starting the sessions again';
-    // Before the runtime exists there is no emitter yet, but the log line is the same.
-    if (this.#rt) this.#rt.events.emit('sessions-reset', data, msg);
-    else this.#log?.info(eventFields('sessions-reset', data), msg);
+    this.#events?.emit('sessions-reset', data, msg);
     if (this.#rt) this.#rt.engine.resetSessions();
     else this.#early({ t: 'reset' });
     if (this.#warmEarly) {

@@ -21,6 +21,8 @@ export interface RuntimeOptions {
   startedAt?: number;
   /** Workers `main` started right after listening (their heavy imports are already under way). */
   workers?: SpawnedWorker[];
+  /** The emitter `main` made with the logger, which the boot's fetch emitted on before this runtime existed. */
+  events?: BootEvents;
 }
 
 /** The HTTP server `main` wired in: close() stops its listening socket first and its last connections at the end. */
@@ -57,7 +59,7 @@ export class Runtime {
     this.startedAt = opts.startedAt ?? performance.now();
     this.#workers = opts.workers;
     this.metrics = createMetrics();
-    this.events = new BootEvents(log);
+    this.events = opts.events ?? new BootEvents(log);
     this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
