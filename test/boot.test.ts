@@ -2,9 +2,11 @@
  * Boot over a real socket: liveness at once and readiness only after warm-up (a process of its own: the cold start's
  * order), failures visible (in-process), EP fallback (its stderr), exit codes and the SIGTERM drain (signals).
  */
+import { cpSync, rmSync, truncateSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { buildDemoModel } from '../src/demo/index.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
@@ -101,6 +103,32 @@ describe('boot', () => {
       const srv = await startIn({ STORAGE_URI: dir });
       const failed = await srv.waitFor('state', (s) => s.state === 'failed');
       expect(String(failed.reason)).toMatch(/not an ONNX diffusers export: missing text_encoder\/model\.onnx/);
+    } finally {
+      cleanup();
+    }
+  });
+
+  it('a model folder with a file missing or cut short: the reason names the component and file, never the folder\'s absolute path', async () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const good = path.join(dir, 'good');
+      await buildDemoModel(good, { padBytes: 2e6 }); // padded: every component keeps its weights in model.onnx_data
+      const cases: Array<[string, (m: string) => void, RegExp]> = [
+        ['no-merges', (m) => rmSync(path.join(m, 'tokenizer', 'merges.txt')), /^not an ONNX diffusers export: missing tokenizer\/merges\.txt$/],
+        ['no-weights', (m) => rmSync(path.join(m, 'vae_decoder', 'model.onnx_data')), /^vae_decoder\/model\.onnx could not be loaded: .*"vae_decoder\/model\.onnx_data"/],
+        ['short-weights', (m) => truncateSync(path.join(m, 'unet', 'model.onnx_data'), 1000), /^unet\/model\.onnx could not be loaded: .*out of bounds/],
+      ];
+      for (const [name, spoil, reason] of cases) {
+        const m = path.join(dir, name);
+        cpSync(good, m, { recursive: true });
+        spoil(m);
+        const srv = await startIn({ STORAGE_URI: m });
+        const failed = await srv.waitFor('state', (s) => s.state === 'failed');
+        expect(String(failed.reason), name).toMatch(reason);
+        const body = await (await fetch(`${srv.url}/v1/models/model`)).text();
+        expect(body, name).not.toContain(dir);
+        await srv.stop(0);
+      }
     } finally {
       cleanup();
     }

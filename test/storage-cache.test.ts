@@ -22,6 +22,7 @@ beforeAll(async () => {
   ({ s3, proxy } = await startS3WithProxy());
   await s3.put('models', 'm/unet/model.onnx_data', BIG);
   await s3.put('models', 'm/model_index.json', '{}');
+  await s3.put('models', 'deep/a/b/c/d/e/f.bin', detBytes(10_000, 12));
 });
 
 cleanUpS3(() => ({ s3, proxy, tmp }));
@@ -75,6 +76,30 @@ describe('out of disk', () => {
   }
   afterAll(() => {
     if (mounted) execFileSync('umount', [mnt]);
+  });
+
+  // Node's recursive mkdir reports a folder it could not make on a full or read-only volume as ENOENT (nodejs/node#47098).
+  it.skipIf(!mounted)('a volume out of inodes while making folders: NO_SPACE, not "refused mkdir: ENOENT"; a read-only one says EROFS', async () => {
+    for (const inodes of [5, 6, 7, 8]) {
+      const full = `${mnt}-inodes`;
+      execFileSync('mkdir', ['-p', full]);
+      execFileSync('mount', ['-t', 'tmpfs', '-o', `size=8m,nr_inodes=${inodes}`, 'tmpfs', full]);
+      try {
+        const err = await rejection(resolveModel('s3://models/deep', { cfg: cfgFor(full), log }));
+        expect([err.code, err.message], `nr_inodes=${inodes}`).toEqual(['NO_SPACE', 'no space left in the model cache (MODEL_CACHE_DIR) for a/b/c/d/e/f.bin; enlarge the PVC or clear old entries']);
+      } finally {
+        execFileSync('umount', [full]);
+      }
+    }
+    const ro = `${mnt}-ro`;
+    execFileSync('mkdir', ['-p', ro]);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+    try {
+      const err = await rejection(resolveModel('s3://models/deep', { cfg: cfgFor(path.join(ro, 'models')), log }));
+      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', 'cannot create the model cache directory (MODEL_CACHE_DIR): EROFS']);
+    } finally {
+      execFileSync('umount', [ro]);
+    }
   });
 
   it.skipIf(!mounted)('a real 1 MiB tmpfs: refused up front, and a real ENOSPC mid-write', async () => {

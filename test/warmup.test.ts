@@ -107,6 +107,16 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
+    const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';
+    const r = await cli([], env(path.join(tmp, 'c-creds'), { STORAGE_URI: `s3://AKIAEXAMPLE:${secret}@models/sd/v1`, LOG_LEVEL: 'trace' }));
+    expect(r.code).toBe(1);
+    expect(lastLine(r.stderr)).toBe('warmup: INVALID_INPUT: STORAGE_URI "s3://***@models/sd/v1" carries credentials; ' +
+      'use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)');
+    expect(r.stderr + r.stdout).not.toContain(secret);
+    expect(r.stderr + r.stdout).not.toContain('AKIAEXAMPLE');
+  });
+
   it('a pod clock 20 minutes off: S3 refuses the request time, the offset is corrected from its Date, the fill succeeds (either transport)', async () => {
     const skew = path.resolve('test/helpers/skew-clock.cjs');
     for (const [client, extra] of [['s3-lite', { S3_TRANSPORT: 'lite' }], ['AWS SDK', {}]] as const) {

@@ -124,7 +124,13 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   const pipelineClass = typeof index._class_name === 'string' ? index._class_name : 'StableDiffusionPipeline';
   const schedulerFile = path.join(dir, 'scheduler', 'scheduler_config.json');
   if (!existsSync(schedulerFile)) throw new RuntimeError('MODEL_FORMAT', 'not an ONNX diffusers export: missing scheduler/scheduler_config.json');
-  const tokenizerDirs = ['tokenizer', 'tokenizer_2'].map((t) => path.join(dir, t)).filter((t) => existsSync(path.join(t, 'vocab.json')));
+  const tokenizerDirs: string[] = [];
+  for (const t of ['tokenizer', 'tokenizer_2']) {
+    const absent = ['vocab.json', 'merges.txt'].filter((f) => !existsSync(path.join(dir, t, f)));
+    if (absent.length === 0) tokenizerDirs.push(path.join(dir, t));
+    // Half a tokenizer is an upload that missed a file: named now, before any session is built.
+    else if (absent.length === 1) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${t}/${absent[0]}`);
+  }
   if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', 'not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt');
   const unetCfg = optJson(path.join(dir, 'unet', 'config.json'), 'unet config');
   const vaeCfg = optJson(path.join(dir, 'vae_decoder', 'config.json'), 'vae_decoder config');

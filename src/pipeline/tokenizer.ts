@@ -136,20 +136,27 @@ export class ClipTokenizer {
   /** From a folder with vocab.json, merges.txt and, when present, tokenizer_config.json / special_tokens_map.json. */
   static async load(dir: string): Promise<ClipTokenizer> {
     const read = (name: string) => readFile(path.join(dir, name), 'utf8');
+    // Boot reasons reach clients: files are named inside the model folder, never by their absolute path.
+    const shown = (name: string) => `${path.basename(dir)}/${name}`;
     const optional = async (name: string): Promise<Record<string, unknown>> => {
       try {
         return parsePyJson(await read(name)) as Record<string, unknown>;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
-        throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${name} in ${dir}`, { cause: err });
+        throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${shown(name)}`, { cause: err });
       }
     };
     let vocab: unknown;
     let merges: string;
     try {
-      [vocab, merges] = await Promise.all([read('vocab.json').then((s) => parsePyJson(s)), read('merges.txt')]);
+      vocab = await read('vocab.json').then((s) => parsePyJson(s));
     } catch (err) {
-      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read vocab.json and merges.txt in ${dir}`, { cause: err });
+      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown('vocab.json')}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
+    }
+    try {
+      merges = await read('merges.txt');
+    } catch (err) {
+      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown('merges.txt')}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
     }
     // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
     const config = { ...(await optional('tokenizer_config.json')), ...(await optional('special_tokens_map.json')) };

@@ -118,11 +118,13 @@ function abandonWaits(why: string): void {
   if (pipeline?.partial) pipeline = undefined;
 }
 
-function session(component: string, path: string): Promise<ModelSession> {
+function session(component: string, file: string): Promise<ModelSession> {
   let p = sessions.get(component);
   if (!p) {
     const mine = epoch;
-    p = create(component, path).then(({ session: s, provider, ms, cache }) => {
+    p = create(component, file).catch((err: unknown) => {
+      throw loadError(component, file, err);
+    }).then(({ session: s, provider, ms, cache }) => {
       if (mine === epoch) {
         providers[component] = provider;
         post({ t: 'session', component, provider, ms, cache });
@@ -134,6 +136,18 @@ function session(component: string, path: string): Promise<ModelSession> {
     sessions.set(component, p);
   }
   return p;
+}
+
+/**
+ * A session ONNX Runtime refused (a truncated or missing weights file, a graph it cannot parse), named by its component.
+ * ORT names files by their absolute path, and a boot reason reaches clients: the model folder is cut from the message.
+ * Our own refusals (RuntimeErrors other than a thread's INTERNAL) go up as they are.
+ */
+function loadError(component: string, modelPath: string, err: unknown): unknown {
+  if (isRuntimeError(err) && err.code !== 'INTERNAL') return err;
+  const dir = path.dirname(path.dirname(modelPath)) + path.sep;
+  const message = String((err as Error)?.message ?? err).split(dir).join('');
+  return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
 }
 
 /** One component's session: the UNet on this thread, the others on their auxiliary thread, after the export checks. */

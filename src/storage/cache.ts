@@ -44,6 +44,25 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
+/**
+ * `mkdir -p` that reports the real refusal: Node's recursive mkdir turns the EROFS or ENOSPC of a folder it could not
+ * make into ENOENT (nodejs/node#47098, #42808), so a read-only or full volume would read as a missing path.
+ */
+export async function mkdirs(dir: string): Promise<void> {
+  try {
+    await fsp.mkdir(dir, { recursive: true });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    // One level at a time from the root: the first folder that cannot be made says why.
+    const segs = path.resolve(dir).split(path.sep);
+    for (let i = 2; i <= segs.length; i++) {
+      await fsp.mkdir(segs.slice(0, i).join(path.sep)).catch((x: NodeJS.ErrnoException) => {
+        if (x.code !== 'EEXIST') throw x;
+      });
+    }
+  }
+}
+
 /** Writes a small file durably: tmp in the same directory, fsync, rename, fsync the directory. */
 export async function writeFileDurable(file: string, data: string): Promise<void> {
   const tmp = `${file}.tmp.${process.pid}`;

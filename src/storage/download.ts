@@ -11,7 +11,7 @@ import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
-import { PARTIAL } from './cache.js';
+import { mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
@@ -225,7 +225,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   const open = (f: FileState): Promise<FileHandle> => {
     f.fh ??= (async () => {
-      await fsp.mkdir(path.dirname(f.abs), { recursive: true });
+      await mkdirs(path.dirname(f.abs));
       const fresh = f.j.spans.length === 0;
       const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
       // Preallocate (sparse on most filesystems) so every range can be written at its offset.

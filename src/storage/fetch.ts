@@ -10,7 +10,7 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type Manifest, fsyncDir, manifestFilesPresent, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { type Manifest, fsyncDir, manifestFilesPresent, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, spanBytes } from './journal.js';
@@ -192,7 +192,7 @@ class S3Fetch {
 
   async run(): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
-    await fsp.mkdir(cfg.cacheDir, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
+    await mkdirs(cfg.cacheDir).catch((e: NodeJS.ErrnoException) => {
       throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${e.code ?? 'error'}`, { cause: e });
     });
     this.transport = openTransport(this.choice, cfg.s3, this.bucket);
@@ -289,7 +289,7 @@ class S3Fetch {
       }
       return res;
     };
-    await fsp.mkdir(this.entry, { recursive: true });
+    await mkdirs(this.entry);
     const journal = await Journal.open(this.entry, {
       onError: (e) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded'),
     });

@@ -33,31 +33,40 @@ export function parseS3Object(uri: string): S3Url | undefined {
   return u && u.key !== '' ? u : undefined;
 }
 
+/** `scheme://user:secret@host/…` with the user info masked, for messages: a URI may carry credentials. */
+const masked = (u: string) => u.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/@]*@/i, '$1***@');
+
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {
   const u = uri.trim();
   if (u === '') throw new RuntimeError('INVALID_INPUT', 'STORAGE_URI is empty; use s3://bucket/prefix, file:///path or a local path');
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
   if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
+  // Messages reach logs and clients (the boot reason, a LORA_URI 400): never with the URI's user info.
+  const shown = JSON.stringify(masked(u));
   if (scheme === 'file') {
     try {
       return { kind: 'local', path: path.resolve(fileURLToPath(u)) };
     } catch {
-      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} is not a valid file:// URL; use file:///absolute/path`);
+      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} is not a valid file:// URL; use file:///absolute/path`);
     }
   }
   if (scheme === 'pvc') {
     throw new RuntimeError('INVALID_INPUT',
-      `STORAGE_URI ${JSON.stringify(u)}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
+      `STORAGE_URI ${shown}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
   }
   if (scheme === 's3') {
+    if (masked(u) !== u) {
+      throw new RuntimeError('INVALID_INPUT',
+        `STORAGE_URI ${shown} carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)`);
+    }
     const s3 = parseS3Url(u);
-    if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has no valid bucket name; use s3://bucket/prefix`);
+    if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} has no valid bucket name; use s3://bucket/prefix`);
     const { bucket } = s3;
     let prefix = s3.key.replace(/^\/+/, '');
     if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
     if (prefix.split('/').slice(0, -1).some((s) => s === '' || s === '.' || s === '..')) {
-      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${JSON.stringify(u)} has an empty, '.' or '..' path segment`);
+      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} has an empty, '.' or '..' path segment`);
     }
     return { kind: 's3', bucket, prefix, uri: `s3://${bucket}/${prefix}` };
   }
