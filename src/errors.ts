@@ -35,6 +35,8 @@ const OUTCOMES = [
   'STORAGE_DENIED',
   'STORAGE_MISSING',
   'STORAGE_TRANSIENT',
+  /** The TLS handshake with the S3 endpoint failed for a reason retrying cannot fix (an untrusted certificate, plain HTTP). */
+  'STORAGE_TLS',
   /** A ranged read that received no byte for S3_STALL_TIMEOUT_S (retried). */
   'STORAGE_STALL',
   /** A ranged read whose length differs from the range it asked for (retried). */

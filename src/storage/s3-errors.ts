@@ -5,7 +5,27 @@
 import { RuntimeError } from '../errors.js';
 import { RETRY } from './plan.js';
 
-export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'fatal';
+export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'tls' | 'fatal';
+
+/** Node's codes for a server certificate this pod does not trust: the same on every attempt, so never retried. */
+const UNTRUSTED_CERT = Object.freeze([
+  'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_UNTRUSTED', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'CERT_SIGNATURE_FAILURE',
+  'ERR_TLS_CERT_ALTNAME_INVALID',
+]);
+
+/**
+ * What a failed TLS handshake with the endpoint says about the configuration: an untrusted certificate, or an endpoint
+ * that answers plain HTTP to https:// (OpenSSL's "wrong version number"). Undefined for anything else.
+ */
+function tlsProblem(err: unknown): 'untrusted' | 'plain-http' | undefined {
+  for (let e = err as (SdkLikeError & { message?: string }) | undefined, depth = 0; e && depth < 3; e = e.cause as typeof e, depth++) {
+    const code = e.code ?? '';
+    if (UNTRUSTED_CERT.includes(code)) return 'untrusted';
+    if ((code === 'EPROTO' || code === 'ERR_SSL_WRONG_VERSION_NUMBER') && /wrong version number/i.test(e.message ?? '')) return 'plain-http';
+  }
+  return undefined;
+}
 
 interface SdkLikeError {
   name?: string;
@@ -35,6 +55,7 @@ export function classify(err: unknown): ErrorKind {
   const code = e.code ?? e.Code ?? '';
   const status = errorStatus(err);
   if (name === 'AbortError' || code === 'ABORT_ERR') return 'aborted';
+  if (tlsProblem(err) !== undefined) return 'tls';
   // A 403 for the request time: the clients correct their clock offset from S3's Date (s3-lite.ts, the SDK's signer),
   // so the next attempt is signed with S3's time.
   if (RETRY.skew.includes(name) || RETRY.skew.includes(code)) return 'transient';
@@ -74,6 +95,12 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (RETRY.skew.includes(s3code)) {
     return new RuntimeError('STORAGE_CLOCK_SKEW', `S3 refused the request time to ${action} ${where} (${s3code}): this pod's clock differs from S3's by more than S3 allows `
       + "(15 minutes) and S3's Date header did not correct it; fix the node's time synchronisation (NTP)", { cause: err });
+  }
+  if (kind === 'tls') {
+    const hint = tlsProblem(err) === 'untrusted'
+      ? "the endpoint's certificate is not trusted: give its CA bundle as AWS_CA_BUNDLE (S3_VERIFY_SSL=0 skips the check)"
+      : 'the endpoint answers plain HTTP: use an http:// AWS_ENDPOINT_URL (or S3_USE_HTTPS=0 with a bare host:port)';
+    return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint failed (${s3code}); ${hint}`, { cause: err });
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
