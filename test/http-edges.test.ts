@@ -105,6 +105,31 @@ describe('pipelined requests on one keep-alive connection', () => {
   });
 });
 
+describe('requests that ask to switch protocols', () => {
+  // What `curl --http2 http://…` and Java's HttpClient send on every plain-HTTP request.
+  const h2c = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n';
+
+  it('serves an h2c upgrade request as HTTP/1.1, its body, keep-alive and pipelined requests behind it included', async () => {
+    const body = tiny(31);
+    const chunked = `POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\n${h2c}Transfer-Encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`;
+    const payload = chunked + `GET /v1/models HTTP/1.1\r\nHost: x\r\n${h2c}\r\n` + post('/v1/models/model:predict', tiny(32), h2c) + 'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n';
+    const { responses, closed } = await raw(srv.port, payload, { idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 200, 200, 200]);
+    expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(31);
+    expect(jsonOf(responses[1]!)).toEqual({ models: ['model'] });
+    expect((jsonOf(responses[2]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(32);
+    expect(responses.slice(0, 3).map((r) => r.headers.connection)).toEqual(['keep-alive', 'keep-alive', 'keep-alive']);
+    expect(closed).toBe(true);
+  });
+
+  it('still refuses a WebSocket upgrade on a path without a WebSocket endpoint', async () => {
+    const ws = 'GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n';
+    const { responses, closed } = await raw(srv.port, ws, { idleMs: 15_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r).error])).toEqual([[404, 'no WebSocket endpoint at /v1/models']]);
+    expect(closed).toBe(true);
+  });
+});
+
 describe('malformed or oversize requests are answered at once', () => {
   // Every error body carries its code, the raw answers given before a route runs included.
   const cases: Array<[string, string, number, RegExp, string]> = [

@@ -139,6 +139,42 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: D
   else answer();
 }
 
+/** Connection tokens and fields that ask for another protocol, dropped when a request is served without switching. */
+const UPGRADE_FIELDS = new Set(['upgrade', 'http2-settings']);
+
+const isWebSocketUpgrade = (req: IncomingMessage): boolean =>
+  (req.headers.upgrade ?? '').split(',').some((p) => p.trim().toLowerCase() === 'websocket');
+
+/**
+ * Any Upgrade but WebSocket (`curl --http2` and Java's HttpClient ask for h2c on every plain-HTTP request) is ignored,
+ * as RFC 9110 7.8 lets a server do: Node has already handed the socket over as an upgrade, so the request head is
+ * written again without its upgrade fields, put back in front of the unread bytes (`head`: the body and any pipelined
+ * requests) and the socket is given to the HTTP server as a new connection, which parses and answers it as usual.
+ */
+function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: Duplex, head: Buffer): void {
+  const lines = [`${req.method} ${req.url} HTTP/${req.httpVersion}`];
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    const name = req.rawHeaders[i]!;
+    let value = req.rawHeaders[i + 1]!;
+    const lower = name.toLowerCase();
+    if (UPGRADE_FIELDS.has(lower)) continue;
+    if (lower === 'connection') {
+      value = value.split(',').map((t) => t.trim()).filter((t) => t !== '' && !UPGRADE_FIELDS.has(t.toLowerCase())).join(', ');
+      if (value === '') continue;
+    }
+    lines.push(`${name}: ${value}`);
+  }
+  const serve = () => {
+    if (socket.destroyed) return;
+    socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
+    server.emit('connection', socket);
+  };
+  // Pipelined behind a request still being answered: the new connection starts once that answer is written.
+  const p = pending.get(socket as Socket);
+  if (p && p.n > 0) p.idle.push(serve);
+  else serve();
+}
+
 export function listenBase(host: string, port: number): Promise<BaseServer> {
   const routes = new Router<RouteHandler>();
   const upgrades = new Router<UpgradeHandler>();
@@ -172,6 +208,7 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   server.on('clientError', clientError);
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);
     const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
     if (hit) hit.h(req, socket, head, hit.params);
     else if (!attached) rawReply(socket, 503, STARTING);
