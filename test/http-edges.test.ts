@@ -5,6 +5,7 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -127,6 +128,51 @@ describe('requests that ask to switch protocols', () => {
     const { responses, closed } = await raw(srv.port, ws, { idleMs: 15_000 });
     expect(responses.map((r) => [r.status, jsonOf(r).error])).toEqual([[404, 'no WebSocket endpoint at /v1/models']]);
     expect(closed).toBe(true);
+  });
+});
+
+describe('methods', () => {
+  it('answers HEAD like GET without the body (curl -I), on one kept-alive connection', async () => {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const get = (method: string, p: string) =>
+      new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string; socket: unknown }>((resolve, reject) => {
+        const rq = http.request(`${srv.url}${p}`, { method, agent }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c));
+          res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body, socket: rq.socket }));
+        });
+        rq.on('error', reject).end();
+      });
+    try {
+      for (const p of ['/', '/v2/health/ready', '/v1/models/model', '/v2/models/model', '/metrics']) {
+        const g = await get('GET', p);
+        const h = await get('HEAD', p);
+        expect([p, h.status, h.headers['content-type'], h.body]).toEqual([p, 200, g.headers['content-type'], '']);
+        if (p !== '/metrics') expect(h.headers['content-length']).toBe(String(Buffer.byteLength(g.body)));
+        expect(h.socket).toBe(g.socket);
+      }
+      const missing = await get('HEAD', '/v1/models/nope');
+      expect([missing.status, missing.body]).toEqual([404, '']);
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  it('answers a path no route serves with 404 whatever the method, and a wrong method with 405 and Allow', async () => {
+    for (const [method, p] of [['GET', '/v2/nothing'], ['POST', '/v2/models/model/infer/'], ['DELETE', '/v2/x/y']] as const) {
+      const r = await fetch(`${srv.url}${p}`, { method });
+      expect([method, p, r.status, await r.json()]).toEqual([method, p, 404, { error: `Not Found: ${p}`, code: 'NOT_FOUND' }]);
+    }
+    const cases: Array<[string, string, string]> = [
+      ['DELETE', '/v1/models', 'GET, HEAD'],
+      ['PUT', '/v2/models/model/infer', 'POST'],
+      ['PUT', '/v1/models/model:predict', 'POST'],
+      ['POST', '/v2/health/live', 'GET, HEAD'],
+    ];
+    for (const [method, p, allow] of cases) {
+      const r = await fetch(`${srv.url}${p}`, { method });
+      expect([method, p, r.status, r.headers.get('allow'), ((await r.json()) as { code: string }).code]).toEqual([method, p, 405, allow, 'METHOD_NOT_ALLOWED']);
+    }
   });
 });
 

@@ -30,6 +30,8 @@ export interface BaseServer {
   readonly port: number;
   /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
+  /** The methods `path` answers (HEAD wherever GET is), for a 405's and an OPTIONS answer's `Allow`; empty if none. */
+  allowed(path: string): string[];
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
   /** Closes every connection still open (after the drain). */
@@ -66,6 +68,11 @@ class Router<H> {
     // The most specific pattern wins where two match (a static segment beats a parameter).
     list.sort((a, b) => b.statics - a.statics);
     this.#routes.set(method, list);
+  }
+
+  /** The methods with a route for `path`. */
+  methods(path: string): string[] {
+    return [...this.#routes.keys()].filter((m) => this.match(m, path) !== undefined);
   }
 
   match(method: string, path: string): { h: H; params: string[] } | undefined {
@@ -198,7 +205,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
       if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse('HEADERS_TOO_LARGE', `too many header fields (at most ${MAX_HEADER_FIELDS})`);
       // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
       if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse('INVALID_INPUT', 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
-      const hit = routes.match(req.method ?? 'GET', pathOf(req.url));
+      // RFC 9110 9.3.2: HEAD is GET without the body (Node's response writes the headers only for a HEAD request).
+      const hit = routes.match(req.method === 'HEAD' ? 'GET' : (req.method ?? 'GET'), pathOf(req.url));
       if (hit) hit.h(req, res, hit.params);
       else fallback(req, res, []);
     },
@@ -235,6 +243,10 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
         setFallback: (h) => {
           fallback = h;
           attached = true;
+        },
+        allowed: (path) => {
+          const methods = routes.methods(path);
+          return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
         },
         closeListener: () => {
           if (!open) return;
