@@ -9,6 +9,7 @@ import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -173,6 +174,37 @@ describe('methods', () => {
       const r = await fetch(`${srv.url}${p}`, { method });
       expect([method, p, r.status, r.headers.get('allow'), ((await r.json()) as { code: string }).code]).toEqual([method, p, 405, allow, 'METHOD_NOT_ALLOWED']);
     }
+  });
+});
+
+describe('compressed request bodies (Content-Encoding)', () => {
+  const send = (p: string, body: Buffer, headers: Record<string, string>) =>
+    fetch(`${srv.url}${p}`, { method: 'POST', body, headers: { 'content-type': 'application/json', ...headers } }).then(async (r) => ({ status: r.status, connection: r.headers.get('connection'), json: (await r.json()) as Record<string, unknown> }));
+  const seedOf = (j: Record<string, unknown>) => (j.predictions as Array<{ seed: number }>)[0]!.seed;
+
+  it('decodes gzip and deflate bodies (tritonclient request_compression_algorithm), V1 and V2 binary alike', async () => {
+    const body = Buffer.from(tiny(41));
+    expect(seedOf((await send('/v1/models/model:predict', zlib.gzipSync(body), { 'content-encoding': 'gzip' })).json)).toBe(41);
+    expect(seedOf((await send('/v1/models/model:predict', zlib.deflateSync(body), { 'content-encoding': 'deflate' })).json)).toBe(41);
+    expect(seedOf((await send('/v1/models/model:predict', zlib.gzipSync(zlib.deflateSync(body)), { 'content-encoding': 'deflate, gzip' })).json)).toBe(41);
+    // The binary extension's header length counts the decoded JSON header, as tritonclient sends it.
+    const header = Buffer.from(JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 6 } }, { name: 'seed', shape: [1], datatype: 'INT64', data: [42] }], parameters: { num_inference_steps: 1, height: 64, width: 64 } }));
+    const tensor = Buffer.concat([header, Buffer.from([2, 0, 0, 0]), Buffer.from('v2')]);
+    const v2 = await send('/v2/models/model/infer', zlib.gzipSync(tensor), { 'content-type': 'application/octet-stream', 'content-encoding': 'gzip', 'inference-header-content-length': String(header.length) });
+    expect([v2.status, (v2.json.outputs as Array<{ name: string; data?: number[] }>).find((o) => o.name === 'seed')!.data]).toEqual([200, [42]]);
+  });
+
+  it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {
+    const br = await send('/v1/models/model:predict', zlib.brotliCompressSync(Buffer.from(tiny(43))), { 'content-encoding': 'br' });
+    expect([br.status, br.json, br.connection]).toEqual([415, { error: 'Content-Encoding br is not supported; send the body as is, gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);
+    const corrupt = await send('/v1/models/model:predict', Buffer.from(tiny(44)), { 'content-encoding': 'gzip' });
+    expect([corrupt.status, corrupt.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(corrupt.json.error)).toMatch(/^request body is not valid gzip data \(Content-Encoding: gzip\): /);
+    // 4 MB of prompt in a ~4 KB gzip body: refused at the limit, never inflated in full.
+    const bomb = zlib.gzipSync(Buffer.from(JSON.stringify({ instances: [{ prompt: 'a'.repeat(4 << 20) }] })));
+    expect(bomb.length).toBeLessThan(64 * 1024);
+    const big = await send('/v1/models/model:predict', bomb, { 'content-encoding': 'gzip' });
+    expect([big.status, big.json, big.connection]).toEqual([413, { error: 'request body decoded from gzip exceeds the limit of 1048576 bytes (MAX_BODY_BYTES)', code: 'BODY_TOO_LARGE' }, 'close']);
   });
 });
 
