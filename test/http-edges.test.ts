@@ -177,6 +177,21 @@ describe('methods', () => {
   });
 });
 
+describe('a JSON body that starts with a UTF-8 byte order mark (Windows tools write one)', () => {
+  const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+  it('is read without it: V1, V2 JSON and the V2 binary header', async () => {
+    const v1 = await postJson(`${srv.url}/v1/models/model:predict`, Buffer.concat([BOM, Buffer.from(tiny(51))]).toString('utf8'));
+    expect([v1.status, (v1.json.predictions as Array<{ seed: number }>)?.[0]?.seed]).toEqual([200, 51]);
+    const infer = { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['bom'] }, { name: 'seed', shape: [1], datatype: 'INT64', data: [52] }], parameters: { num_inference_steps: 1, height: 64, width: 64 } };
+    const seedOut = (j: Record<string, unknown>) => (j.outputs as Array<{ name: string; data?: number[] }> | undefined)?.find((o) => o.name === 'seed')?.data;
+    const v2 = await postJson(`${srv.url}/v2/models/model/infer`, Buffer.concat([BOM, Buffer.from(JSON.stringify(infer))]).toString('utf8'));
+    expect([v2.status, seedOut(v2.json)]).toEqual([200, [52]]);
+    const header = Buffer.concat([BOM, Buffer.from(JSON.stringify({ ...infer, inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 7 } }, infer.inputs[1]] }))]);
+    const bin = await fetch(`${srv.url}/v2/models/model/infer`, { method: 'POST', body: Buffer.concat([header, Buffer.from([3, 0, 0, 0]), Buffer.from('bom')]), headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) } });
+    expect([bin.status, seedOut((await bin.json()) as Record<string, unknown>)]).toEqual([200, [52]]);
+  });
+});
+
 describe('compressed request bodies (Content-Encoding)', () => {
   const send = (p: string, body: Buffer, headers: Record<string, string>) =>
     fetch(`${srv.url}${p}`, { method: 'POST', body, headers: { 'content-type': 'application/json', ...headers } }).then(async (r) => ({ status: r.status, connection: r.headers.get('connection'), json: (await r.json()) as Record<string, unknown> }));

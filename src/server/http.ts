@@ -21,6 +21,13 @@ export interface Req {
   headers: Record<string, string>;
 }
 
+const UTF8 = new TextDecoder();
+/**
+ * A JSON body as text. A leading UTF-8 byte order mark (Windows PowerShell's `Out-File -Encoding utf8` writes one, and
+ * `curl -d @file` sends it) is dropped, as RFC 8259 8.1 lets a parser do; invalid UTF-8 becomes U+FFFD, as before.
+ */
+export const jsonText = (b: Uint8Array): string => UTF8.decode(b);
+
 /** An error body never exceeds this: a message past it is cut, saying how much was left out. */
 export const MAX_ERROR_BYTES = 64 * 1024;
 
