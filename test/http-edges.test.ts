@@ -244,6 +244,16 @@ describe('malformed or oversize requests are answered at once', () => {
     expect(ms).toBeLessThan(10_000);
   });
 
+  it('refuses a chunked body as soon as it passes MAX_BODY_BYTES, saying how much had arrived', async () => {
+    const chunk = 'a'.repeat(256 * 1024);
+    const payload = `POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n${`${chunk.length.toString(16)}\r\n${chunk}\r\n`.repeat(5)}`;
+    const { responses, closed } = await raw(srv.port, payload, { idleMs: 15_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r).code])).toEqual([[413, 'BODY_TOO_LARGE']]);
+    const m = /^request body sent so far \((\d+) bytes\) exceeds the limit of 1048576 bytes \(MAX_BODY_BYTES\)$/.exec(String(jsonOf(responses[0]!).error));
+    expect(Number(m?.[1])).toBeGreaterThan(1048576);
+    expect(closed).toBe(true);
+  });
+
   it('answers an HTTP/1.0 request without Host (valid in 1.0) and closes', async () => {
     const { responses, closed } = await raw(srv.port, 'GET / HTTP/1.0\r\n\r\n', { idleMs: 15_000 });
     expect(responses.map((r) => [r.status, jsonOf(r)])).toEqual([[200, { status: 'alive' }]]);

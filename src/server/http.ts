@@ -147,7 +147,7 @@ function readRaw(req: IncomingMessage, limit: number, declared: string): Promise
       size += chunk.length;
       if (size > limit) {
         failed = true;
-        return tooLarge('');
+        return tooLarge(`sent so far (${size} bytes)`);
       }
       parts.push(chunk);
     });
