@@ -13,6 +13,8 @@ const HTTP_STATUS = {
   /** The client did not send its whole request in time. */
   REQUEST_TIMEOUT: 408,
   BODY_TOO_LARGE: 413,
+  /** A request body in a content coding the server does not decode. */
+  UNSUPPORTED_ENCODING: 415,
   HEADERS_TOO_LARGE: 431,
   CANCELLED: 499,
   INTERNAL: 500,

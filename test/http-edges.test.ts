@@ -5,9 +5,11 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -105,6 +107,122 @@ describe('pipelined requests on one keep-alive connection', () => {
   });
 });
 
+describe('requests that ask to switch protocols', () => {
+  // What `curl --http2 http://…` and Java's HttpClient send on every plain-HTTP request.
+  const h2c = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n';
+
+  it('serves an h2c upgrade request as HTTP/1.1, its body, keep-alive and pipelined requests behind it included', async () => {
+    const body = tiny(31);
+    const chunked = `POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\n${h2c}Transfer-Encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`;
+    const payload = chunked + `GET /v1/models HTTP/1.1\r\nHost: x\r\n${h2c}\r\n` + post('/v1/models/model:predict', tiny(32), h2c) + 'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n';
+    const { responses, closed } = await raw(srv.port, payload, { idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 200, 200, 200]);
+    expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(31);
+    expect(jsonOf(responses[1]!)).toEqual({ models: ['model'] });
+    expect((jsonOf(responses[2]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(32);
+    expect(responses.slice(0, 3).map((r) => r.headers.connection)).toEqual(['keep-alive', 'keep-alive', 'keep-alive']);
+    expect(closed).toBe(true);
+  });
+
+  it('still refuses a WebSocket upgrade on a path without a WebSocket endpoint', async () => {
+    const ws = 'GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n';
+    const { responses, closed } = await raw(srv.port, ws, { idleMs: 15_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r).error])).toEqual([[404, 'no WebSocket endpoint at /v1/models']]);
+    expect(closed).toBe(true);
+  });
+});
+
+describe('methods', () => {
+  it('answers HEAD like GET without the body (curl -I), on one kept-alive connection', async () => {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const get = (method: string, p: string) =>
+      new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string; socket: unknown }>((resolve, reject) => {
+        const rq = http.request(`${srv.url}${p}`, { method, agent }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c));
+          res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body, socket: rq.socket }));
+        });
+        rq.on('error', reject).end();
+      });
+    try {
+      for (const p of ['/', '/v2/health/ready', '/v1/models/model', '/v2/models/model', '/metrics']) {
+        const g = await get('GET', p);
+        const h = await get('HEAD', p);
+        expect([p, h.status, h.headers['content-type'], h.body]).toEqual([p, 200, g.headers['content-type'], '']);
+        if (p !== '/metrics') expect(h.headers['content-length']).toBe(String(Buffer.byteLength(g.body)));
+        expect(h.socket).toBe(g.socket);
+      }
+      const missing = await get('HEAD', '/v1/models/nope');
+      expect([missing.status, missing.body]).toEqual([404, '']);
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  it('answers a path no route serves with 404 whatever the method, and a wrong method with 405 and Allow', async () => {
+    for (const [method, p] of [['GET', '/v2/nothing'], ['POST', '/v2/models/model/infer/'], ['DELETE', '/v2/x/y']] as const) {
+      const r = await fetch(`${srv.url}${p}`, { method });
+      expect([method, p, r.status, await r.json()]).toEqual([method, p, 404, { error: `Not Found: ${p}`, code: 'NOT_FOUND' }]);
+    }
+    const cases: Array<[string, string, string]> = [
+      ['DELETE', '/v1/models', 'GET, HEAD'],
+      ['PUT', '/v2/models/model/infer', 'POST'],
+      ['PUT', '/v1/models/model:predict', 'POST'],
+      ['POST', '/v2/health/live', 'GET, HEAD'],
+    ];
+    for (const [method, p, allow] of cases) {
+      const r = await fetch(`${srv.url}${p}`, { method });
+      expect([method, p, r.status, r.headers.get('allow'), ((await r.json()) as { code: string }).code]).toEqual([method, p, 405, allow, 'METHOD_NOT_ALLOWED']);
+    }
+  });
+});
+
+describe('a JSON body that starts with a UTF-8 byte order mark (Windows tools write one)', () => {
+  const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+  it('is read without it: V1, V2 JSON and the V2 binary header', async () => {
+    const v1 = await postJson(`${srv.url}/v1/models/model:predict`, Buffer.concat([BOM, Buffer.from(tiny(51))]).toString('utf8'));
+    expect([v1.status, (v1.json.predictions as Array<{ seed: number }>)?.[0]?.seed]).toEqual([200, 51]);
+    const infer = { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['bom'] }, { name: 'seed', shape: [1], datatype: 'INT64', data: [52] }], parameters: { num_inference_steps: 1, height: 64, width: 64 } };
+    const seedOut = (j: Record<string, unknown>) => (j.outputs as Array<{ name: string; data?: number[] }> | undefined)?.find((o) => o.name === 'seed')?.data;
+    const v2 = await postJson(`${srv.url}/v2/models/model/infer`, Buffer.concat([BOM, Buffer.from(JSON.stringify(infer))]).toString('utf8'));
+    expect([v2.status, seedOut(v2.json)]).toEqual([200, [52]]);
+    const header = Buffer.concat([BOM, Buffer.from(JSON.stringify({ ...infer, inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 7 } }, infer.inputs[1]] }))]);
+    const bin = await fetch(`${srv.url}/v2/models/model/infer`, { method: 'POST', body: Buffer.concat([header, Buffer.from([3, 0, 0, 0]), Buffer.from('bom')]), headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) } });
+    expect([bin.status, seedOut((await bin.json()) as Record<string, unknown>)]).toEqual([200, [52]]);
+  });
+});
+
+describe('compressed request bodies (Content-Encoding)', () => {
+  const send = (p: string, body: Buffer, headers: Record<string, string>) =>
+    fetch(`${srv.url}${p}`, { method: 'POST', body, headers: { 'content-type': 'application/json', ...headers } }).then(async (r) => ({ status: r.status, connection: r.headers.get('connection'), json: (await r.json()) as Record<string, unknown> }));
+  const seedOf = (j: Record<string, unknown>) => (j.predictions as Array<{ seed: number }>)[0]!.seed;
+
+  it('decodes gzip and deflate bodies (tritonclient request_compression_algorithm), V1 and V2 binary alike', async () => {
+    const body = Buffer.from(tiny(41));
+    expect(seedOf((await send('/v1/models/model:predict', zlib.gzipSync(body), { 'content-encoding': 'gzip' })).json)).toBe(41);
+    expect(seedOf((await send('/v1/models/model:predict', zlib.deflateSync(body), { 'content-encoding': 'deflate' })).json)).toBe(41);
+    expect(seedOf((await send('/v1/models/model:predict', zlib.gzipSync(zlib.deflateSync(body)), { 'content-encoding': 'deflate, gzip' })).json)).toBe(41);
+    // The binary extension's header length counts the decoded JSON header, as tritonclient sends it.
+    const header = Buffer.from(JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 6 } }, { name: 'seed', shape: [1], datatype: 'INT64', data: [42] }], parameters: { num_inference_steps: 1, height: 64, width: 64 } }));
+    const tensor = Buffer.concat([header, Buffer.from([2, 0, 0, 0]), Buffer.from('v2')]);
+    const v2 = await send('/v2/models/model/infer', zlib.gzipSync(tensor), { 'content-type': 'application/octet-stream', 'content-encoding': 'gzip', 'inference-header-content-length': String(header.length) });
+    expect([v2.status, (v2.json.outputs as Array<{ name: string; data?: number[] }>).find((o) => o.name === 'seed')!.data]).toEqual([200, [42]]);
+  });
+
+  it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {
+    const br = await send('/v1/models/model:predict', zlib.brotliCompressSync(Buffer.from(tiny(43))), { 'content-encoding': 'br' });
+    expect([br.status, br.json, br.connection]).toEqual([415, { error: 'Content-Encoding br is not supported; send the body as is, gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);
+    const corrupt = await send('/v1/models/model:predict', Buffer.from(tiny(44)), { 'content-encoding': 'gzip' });
+    expect([corrupt.status, corrupt.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(corrupt.json.error)).toMatch(/^request body is not valid gzip data \(Content-Encoding: gzip\): /);
+    // 4 MB of prompt in a ~4 KB gzip body: refused at the limit, never inflated in full.
+    const bomb = zlib.gzipSync(Buffer.from(JSON.stringify({ instances: [{ prompt: 'a'.repeat(4 << 20) }] })));
+    expect(bomb.length).toBeLessThan(64 * 1024);
+    const big = await send('/v1/models/model:predict', bomb, { 'content-encoding': 'gzip' });
+    expect([big.status, big.json, big.connection]).toEqual([413, { error: 'request body decoded from gzip exceeds the limit of 1048576 bytes (MAX_BODY_BYTES)', code: 'BODY_TOO_LARGE' }, 'close']);
+  });
+});
+
 describe('malformed or oversize requests are answered at once', () => {
   // Every error body carries its code, the raw answers given before a route runs included.
   const cases: Array<[string, string, number, RegExp, string]> = [
@@ -124,6 +242,16 @@ describe('malformed or oversize requests are answered at once', () => {
     // Answered and closed by the server, not by the client's idle timer.
     expect(closed).toBe(true);
     expect(ms).toBeLessThan(10_000);
+  });
+
+  it('refuses a chunked body as soon as it passes MAX_BODY_BYTES, saying how much had arrived', async () => {
+    const chunk = 'a'.repeat(256 * 1024);
+    const payload = `POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n${`${chunk.length.toString(16)}\r\n${chunk}\r\n`.repeat(5)}`;
+    const { responses, closed } = await raw(srv.port, payload, { idleMs: 15_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r).code])).toEqual([[413, 'BODY_TOO_LARGE']]);
+    const m = /^request body sent so far \((\d+) bytes\) exceeds the limit of 1048576 bytes \(MAX_BODY_BYTES\)$/.exec(String(jsonOf(responses[0]!).error));
+    expect(Number(m?.[1])).toBeGreaterThan(1048576);
+    expect(closed).toBe(true);
   });
 
   it('answers an HTTP/1.0 request without Host (valid in 1.0) and closes', async () => {

@@ -42,7 +42,7 @@ describe('routes', () => {
     const b = await fetch(`${srv.url}/v1/models/model:predict`);
     expect([b.status, await b.json()]).toEqual([405, { error: 'GET is not allowed on /v1/models/model:predict; use POST', code: 'METHOD_NOT_ALLOWED' }]);
     const v = await fetch(`${srv.url}/v2/nothing`);
-    expect([v.status, await v.json()]).toEqual([405, { error: 'Method Not Allowed: GET /v2/nothing', code: 'METHOD_NOT_ALLOWED' }]);
+    expect([v.status, await v.json()]).toEqual([404, { error: 'Not Found: /v2/nothing', code: 'NOT_FOUND' }]);
     const c = await fetch(`${srv.url}/v1/models`, { method: 'DELETE' });
     expect(c.status).toBe(405);
     const d = await postJson(`${srv.url}/v1/models/model:explain`, { instances: [{ prompt: 'x' }] });

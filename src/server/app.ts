@@ -2,12 +2,13 @@
 import { RuntimeError } from '../errors.js';
 import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
-import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
+import { errorReply, json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
 
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
+const VERB_ROUTE = /^\/v1\/models\/[^/]*:[^/]*$/;
 
 /** Adds every route beyond liveness to the already-listening base server. */
 export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
@@ -44,13 +45,16 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   registerV2(app, ctx, opts);
   registerWs(app, ctx, opts);
 
-  // Known paths with the wrong method → 405; anything else → 404. JSON bodies either way.
-  const known = [/^\/$/, /^\/metrics$/, /^\/v1\/models(\/[^/]+(\/ready)?)?$/, /^\/v2(\/.*)?$/];
+  // A path some route answers, asked with another method: 405 with the methods it takes in `Allow` (RFC 9110 15.5.6);
+  // a path no route answers: 404 whatever the method (as KServe's FastAPI server). JSON bodies either way.
   base.setFallback(
     route((r) => {
       const path = r.url;
-      if (known.some((k) => k.test(path))) throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`);
-      throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
+      // `/v1/models/{name}:verb` also matches the GET status route's pattern, which refuses it: POST only.
+      const allow = base.allowed(path).filter((m) => !(VERB_ROUTE.test(path) && (m === 'GET' || m === 'HEAD')));
+      if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
+      const out = errorReply(new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`), ctx.log);
+      return { ...out, headers: { ...out.headers, allow: allow.join(', ') } };
     }, opts),
   );
 }

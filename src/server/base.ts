@@ -30,6 +30,8 @@ export interface BaseServer {
   readonly port: number;
   /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
+  /** The methods `path` answers (HEAD wherever GET is), for a 405's and an OPTIONS answer's `Allow`; empty if none. */
+  allowed(path: string): string[];
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
   /** Closes every connection still open (after the drain). */
@@ -66,6 +68,11 @@ class Router<H> {
     // The most specific pattern wins where two match (a static segment beats a parameter).
     list.sort((a, b) => b.statics - a.statics);
     this.#routes.set(method, list);
+  }
+
+  /** The methods with a route for `path`. */
+  methods(path: string): string[] {
+    return [...this.#routes.keys()].filter((m) => this.match(m, path) !== undefined);
   }
 
   match(method: string, path: string): { h: H; params: string[] } | undefined {
@@ -139,6 +146,42 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: D
   else answer();
 }
 
+/** Connection tokens and fields that ask for another protocol, dropped when a request is served without switching. */
+const UPGRADE_FIELDS = new Set(['upgrade', 'http2-settings']);
+
+const isWebSocketUpgrade = (req: IncomingMessage): boolean =>
+  (req.headers.upgrade ?? '').split(',').some((p) => p.trim().toLowerCase() === 'websocket');
+
+/**
+ * Any Upgrade but WebSocket (`curl --http2` and Java's HttpClient ask for h2c on every plain-HTTP request) is ignored,
+ * as RFC 9110 7.8 lets a server do: Node has already handed the socket over as an upgrade, so the request head is
+ * written again without its upgrade fields, put back in front of the unread bytes (`head`: the body and any pipelined
+ * requests) and the socket is given to the HTTP server as a new connection, which parses and answers it as usual.
+ */
+function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: Duplex, head: Buffer): void {
+  const lines = [`${req.method} ${req.url} HTTP/${req.httpVersion}`];
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    const name = req.rawHeaders[i]!;
+    let value = req.rawHeaders[i + 1]!;
+    const lower = name.toLowerCase();
+    if (UPGRADE_FIELDS.has(lower)) continue;
+    if (lower === 'connection') {
+      value = value.split(',').map((t) => t.trim()).filter((t) => t !== '' && !UPGRADE_FIELDS.has(t.toLowerCase())).join(', ');
+      if (value === '') continue;
+    }
+    lines.push(`${name}: ${value}`);
+  }
+  const serve = () => {
+    if (socket.destroyed) return;
+    socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
+    server.emit('connection', socket);
+  };
+  // Pipelined behind a request still being answered: the new connection starts once that answer is written.
+  const p = pending.get(socket as Socket);
+  if (p && p.n > 0) p.idle.push(serve);
+  else serve();
+}
+
 export function listenBase(host: string, port: number): Promise<BaseServer> {
   const routes = new Router<RouteHandler>();
   const upgrades = new Router<UpgradeHandler>();
@@ -162,7 +205,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
       if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse('HEADERS_TOO_LARGE', `too many header fields (at most ${MAX_HEADER_FIELDS})`);
       // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
       if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse('INVALID_INPUT', 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
-      const hit = routes.match(req.method ?? 'GET', pathOf(req.url));
+      // RFC 9110 9.3.2: HEAD is GET without the body (Node's response writes the headers only for a HEAD request).
+      const hit = routes.match(req.method === 'HEAD' ? 'GET' : (req.method ?? 'GET'), pathOf(req.url));
       if (hit) hit.h(req, res, hit.params);
       else fallback(req, res, []);
     },
@@ -172,6 +216,7 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   server.on('clientError', clientError);
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);
     const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
     if (hit) hit.h(req, socket, head, hit.params);
     else if (!attached) rawReply(socket, 503, STARTING);
@@ -198,6 +243,10 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
         setFallback: (h) => {
           fallback = h;
           attached = true;
+        },
+        allowed: (path) => {
+          const methods = routes.methods(path);
+          return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
         },
         closeListener: () => {
           if (!open) return;

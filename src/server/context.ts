@@ -8,7 +8,7 @@ import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
-import { json, type Reply } from './http.js';
+import { json, jsonText, type Reply } from './http.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -63,7 +63,7 @@ export function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
 export function parseJson(body: Buffer): unknown {
   try {
-    return JSON.parse(body.toString('utf8'));
+    return JSON.parse(jsonText(body));
   } catch (err) {
     throw new RuntimeError('INVALID_INPUT', `Unrecognized request format: ${(err as Error).message}`);
   }

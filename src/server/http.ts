@@ -1,5 +1,6 @@
 /** @module The one way a route replies: abort-safe, once, body-capped, errors mapped in one place. */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import zlib from 'node:zlib';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { pathOf } from './base.js';
@@ -19,6 +20,13 @@ export interface Req {
   params: string[];
   headers: Record<string, string>;
 }
+
+const UTF8 = new TextDecoder();
+/**
+ * A JSON body as text. A leading UTF-8 byte order mark (Windows PowerShell's `Out-File -Encoding utf8` writes one, and
+ * `curl -d @file` sends it) is dropped, as RFC 8259 8.1 lets a parser do; invalid UTF-8 becomes U+FFFD, as before.
+ */
+export const jsonText = (b: Uint8Array): string => UTF8.decode(b);
 
 /** An error body never exceeds this: a message past it is cut, saying how much was left out. */
 export const MAX_ERROR_BYTES = 64 * 1024;
@@ -83,16 +91,47 @@ export class Exchange {
     this.open = false;
     const headers: Record<string, string | number> = { ...out.headers, 'content-length': out.body.length === 0 ? 0 : Buffer.byteLength(out.body) };
     if (out.contentType) headers['content-type'] = out.contentType;
-    // A 413 closes the connection: the rest of the oversize body is not worth reading.
-    if (out.status === 413) headers.connection = 'close';
+    // A 413 or 415 closes the connection: the rest of a body too large or in an unknown coding is not worth reading.
+    if (out.status === 413 || out.status === 415) headers.connection = 'close';
     // Node queues the bytes and writes them as the socket drains: a slow client costs one copy of the body.
     this.res.writeHead(out.status, headers).end(out.body);
     return true;
   }
 }
 
-/** Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. */
-export function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
+/** Content codings a request body may come in (tritonclient's `request_compression_algorithm`: gzip, deflate). */
+export const BODY_CODINGS = ['gzip', 'x-gzip', 'deflate'];
+
+/**
+ * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A gzip or
+ * deflate body is decoded, to at most `limit` bytes as well; another coding is a 415.
+ */
+export async function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
+  const codings = (req.headers['content-encoding'] ?? '').split(',').map((c) => c.trim().toLowerCase()).filter((c) => c !== '' && c !== 'identity');
+  const unknown = codings.filter((c) => !BODY_CODINGS.includes(c));
+  if (unknown.length > 0) {
+    throw new RuntimeError('UNSUPPORTED_ENCODING', `Content-Encoding ${unknown.join(', ')} is not supported; send the body as is, gzip or deflate`);
+  }
+  let body = await readRaw(req, limit, declared);
+  // Codings are listed in the order they were applied: undo the last first.
+  for (const c of codings.reverse()) body = await decode(body, c, limit);
+  return body;
+}
+
+function decode(body: Buffer, coding: string, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    // unzip takes gzip and zlib-wrapped deflate (what HTTP's "deflate" is) alike.
+    zlib.unzip(body, { maxOutputLength: limit }, (err, out) => {
+      if (!err) return resolve(out);
+      if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+        return reject(new RuntimeError('BODY_TOO_LARGE', `request body decoded from ${coding} exceeds the limit of ${limit} bytes (MAX_BODY_BYTES)`));
+      }
+      reject(new RuntimeError('INVALID_INPUT', `request body is not valid ${coding} data (Content-Encoding: ${coding}): ${err.message}`));
+    });
+  });
+}
+
+function readRaw(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const tooLarge = (what: string) => {
       req.pause();
@@ -108,7 +147,7 @@ export function readBody(req: IncomingMessage, limit: number, declared: string):
       size += chunk.length;
       if (size > limit) {
         failed = true;
-        return tooLarge('');
+        return tooLarge(`sent so far (${size} bytes)`);
       }
       parts.push(chunk);
     });

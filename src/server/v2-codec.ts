@@ -10,6 +10,7 @@ import type { TaskResult } from '../runtime/engine.js';
 import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
 import { assertSafeKeys, joinProblems, unknownField } from '../runtime/request.js';
+import { jsonText } from './http.js';
 
 /** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
  * BYTES input or string parameter holding JSON (the list of LoRA adapters: V2 parameters are flat). */
@@ -82,7 +83,7 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
   if (raw === undefined) {
     let header: unknown;
     try {
-      header = JSON.parse(body.toString('utf8'));
+      header = JSON.parse(jsonText(body));
     } catch (err) {
       if ((headers['content-type'] ?? '').startsWith('application/octet-stream')) {
         // KServe's wording (its typo included), so clients that match on it keep working.
@@ -98,7 +99,7 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
   }
   let header: unknown;
   try {
-    header = JSON.parse(body.subarray(0, n).toString('utf8'));
+    header = JSON.parse(jsonText(body.subarray(0, n)));
   } catch (err) {
     throw bad(`Unrecognized request format: the JSON header (the first ${n} bytes) does not parse: ${(err as Error).message}`);
   }
