@@ -168,8 +168,8 @@ describe('boot', () => {
   });
 });
 
-/** One HTTP/1.1 exchange on an already-open socket; resolves with the status code and body. */
-function exchange(sock: net.Socket, request: string): Promise<{ status: number; body: string }> {
+/** One HTTP/1.1 exchange on an already-open socket; resolves with the status code, the head and the body. */
+function exchange(sock: net.Socket, request: string): Promise<{ status: number; head: string; body: string }> {
   return new Promise((resolve, reject) => {
     let buf = Buffer.alloc(0);
     const onData = (c: Buffer) => {
@@ -180,7 +180,7 @@ function exchange(sock: net.Socket, request: string): Promise<{ status: number; 
       const len = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
       if (buf.length - sep - 4 < len) return;
       sock.off('data', onData);
-      resolve({ status: Number(head.split(' ')[1]), body: buf.subarray(sep + 4, sep + 4 + len).toString() });
+      resolve({ status: Number(head.split(' ')[1]), head, body: buf.subarray(sep + 4, sep + 4 + len).toString() });
     };
     sock.on('data', onData);
     sock.once('error', reject);
@@ -191,10 +191,14 @@ function exchange(sock: net.Socket, request: string): Promise<{ status: number; 
 describe('SIGTERM', () => {
   it('turns readiness false at once, finishes the in-flight request, refuses new work, exits 0', async () => {
     const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
-    // A keep-alive connection opened before the signal: the listener closes, this one stays.
-    const sock = net.connect(srv.port, '127.0.0.1');
-    await new Promise((r) => sock.once('connect', r));
-    expect((await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n')).status).toBe(200);
+    // Keep-alive connections opened before the signal: the listener closes, these stay until their next answer.
+    const connect = async () => {
+      const sock = net.connect(srv.port, '127.0.0.1');
+      await new Promise((r) => sock.once('connect', r));
+      expect((await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n')).head).not.toMatch(/^connection: close$/im);
+      return { sock, closed: new Promise<void>((r) => sock.once('close', () => r())) };
+    };
+    const [a, b] = [await connect(), await connect()];
     let finished = false;
     const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 400, height: 1024, width: 1024, seed: 9 }] });
     void inflight.then(() => (finished = true));
@@ -203,16 +207,21 @@ describe('SIGTERM', () => {
     const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
     srv.proc.kill('SIGTERM');
     await srv.waitFor('draining');
-    const ready = await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n');
+    // Each answer from now on closes its connection once written, so whoever holds one goes to another pod.
+    const ready = await exchange(a.sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n');
     expect(ready.status).toBe(503);
+    expect(ready.head).toMatch(/^connection: close$/im);
+    await a.closed;
     const body = '{"instances":[{"prompt":"late"}]}';
-    const late = await exchange(sock, `POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+    const late = await exchange(b.sock, `POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
     expect(late.status).toBe(503);
     expect(JSON.parse(late.body).error).toMatch(/shutting down/);
+    expect(late.head).toMatch(/^connection: close$/im);
+    await b.closed;
     expect(finished).toBe(false);
     const r = await inflight;
     expect(r.status).toBe(200);
-    sock.destroy();
+    expect(r.headers.get('connection')).toBe('close');
     expect(await exit).toBe(0);
     expect(srv.events('state').map((l) => l.state)).toContain('stopping');
     expect(srv.events('shut-down').map((l) => l.drained)).toEqual([true]);

@@ -177,6 +177,21 @@ describe('methods', () => {
   });
 });
 
+describe('request targets', () => {
+  it('serves a target in absolute form (RFC 9112 3.2.2, as proxies send it) like its path, query included', async () => {
+    const { responses } = await raw(srv.port, [
+      'GET http://model-host.example/v1/models HTTP/1.1\r\nhost: model-host.example\r\n\r\n',
+      'GET HTTP://x:8080/v2/health/ready?probe=1 HTTP/1.1\r\nhost: x\r\n\r\n',
+      'GET http://x HTTP/1.1\r\nhost: x\r\n\r\n',
+    ].join(''), { want: 3 });
+    expect(responses.map((r) => [r.status, JSON.parse(r.body.toString())])).toEqual([
+      [200, { models: ['model'] }],
+      [200, await (await fetch(`${srv.url}/v2/health/ready`)).json()],
+      [200, await (await fetch(`${srv.url}/`)).json()],
+    ]);
+  });
+});
+
 describe('a JSON body that starts with a UTF-8 byte order mark (Windows tools write one)', () => {
   const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
   it('is read without it: V1, V2 JSON and the V2 binary header', async () => {

@@ -95,7 +95,10 @@ class Router<H> {
 }
 
 export const pathOf = (url: string | undefined): string => {
-  const u = url ?? '/';
+  let u = url ?? '/';
+  // RFC 9112 3.2.2: a server must accept a target in absolute form (`GET http://host/v1/models`), as proxies send it.
+  const origin = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i.exec(u)?.[0];
+  if (origin !== undefined) u = u.slice(origin.length) || '/';
   const q = u.indexOf('?');
   return q < 0 ? u : u.slice(0, q);
 };
@@ -194,8 +197,21 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
     res.writeHead(503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(STARTING), 'retry-after': '1' }).end(STARTING);
   };
 
+  let open = true;
+  /**
+   * Once the listener is closed (SIGTERM), every answer closes its connection after it is written: a proxy or client
+   * holding a kept-alive connection gets its answer (or the 503 "shutting down") and then opens a new one, to another
+   * pod, instead of sending more to this one or meeting a reset at the exit.
+   */
+  class Response extends http.ServerResponse {
+    override writeHead(...args: unknown[]): this {
+      if (!open) this.setHeader('connection', 'close');
+      return (super.writeHead as (...a: unknown[]) => this)(...args);
+    }
+  }
+
   const server = http.createServer(
-    { maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
+    { ServerResponse: Response, maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
       const refuse = (code: HttpErrorCode, error: string) => {
@@ -236,7 +252,6 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
     // on the same port fails here with EADDRINUSE instead of taking part of the traffic.
     server.listen({ host, port, exclusive: true }, () => {
       server.off('error', onError);
-      let open = true;
       resolve({
         app,
         port: (server.address() as { port: number }).port,
