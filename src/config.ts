@@ -151,7 +151,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     try {
       const u = new URL(withScheme);
       if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new Error('scheme');
-      endpoint = withScheme.replace(/\/+$/, '');
+      // One spelling per endpoint (scheme and host lower-case, no default port, no trailing '/'): the cache key
+      // holds it, so `HTTP://Minio:80/` and `http://minio` share one cache entry instead of downloading twice.
+      endpoint = `${u.origin}${u.pathname}`.replace(/\/+$/, '');
     } catch {
       bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(endpointRaw)}`);
     }

@@ -39,6 +39,12 @@ describe('loadConfig', () => {
     expect(c.s3.forcePathStyle).toBe(true);
     expect(loadConfig({}).s3.forcePathStyle).toBe(false);
     expect(loadConfig({ S3_VERIFY_SSL: 'false' }).s3.verifySsl).toBe(false);
+    // One spelling per endpoint, so one cache entry per model whatever the spelling.
+    for (const e of ['HTTP://Minio.Example:80/', 'http://minio.example', 'http://minio.example:80//']) {
+      expect(loadConfig({ AWS_ENDPOINT_URL: e }).s3.endpoint, e).toBe('http://minio.example');
+    }
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'https://GW.example:443/S3/' }).s3.endpoint).toBe('https://gw.example/S3');
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'http://[::1]:9000' }).s3.endpoint).toBe('http://[::1]:9000');
   });
 
   it('S3_TRANSPORT: the AWS SDK unless `lite` is asked for; anything else is named', () => {

@@ -3,6 +3,9 @@
  * SD 1.x, SD 2.x (v-prediction, 768), SDXL (two encoders, pooled text_embeds, time_ids),
  * LCM (guidance embedding, no CFG), Turbo (guidance 0, no CFG), fp16 IO, int64 timesteps.
  */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readLayout } from '../src/pipeline/model.js';
 import { SessionFactory, type OnnxSession } from '../src/pipeline/onnx.js';
@@ -118,6 +121,20 @@ describe('export variants', () => {
     const { pipe, calls } = await load({ family: 'sd15', timestep: 'int64-batch' });
     await pipe.generate(job({ steps: 2 }));
     expect(calls[0]!.timestep).toHaveLength(2);
+  });
+});
+
+describe('a folder that is not an export', () => {
+  it('names what is missing and what is there, leaving out the cache entry\'s own dot-files', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'dr-layout-'));
+    try {
+      writeFileSync(path.join(dir, 'model_index.json'), '{}');
+      writeFileSync(path.join(dir, '.complete.json'), '{}');
+      writeFileSync(path.join(dir, '.progress.jsonl'), '');
+      expect(() => readLayout(dir)).toThrow('not an ONNX diffusers export: missing text_encoder/model.onnx, unet/model.onnx, vae_decoder/model.onnx (found: model_index.json)');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -117,7 +117,8 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
           '(fused float16 for CUDA; add --plain for the CPU provider) and point STORAGE_URI at the export',
       );
     }
-    const present = existsSync(dir) ? readdirSync(dir).slice(0, 20).join(', ') : '';
+    // The cache's own dot-files (its manifest, its journal) are not the user's upload.
+    const present = existsSync(dir) ? readdirSync(dir).filter((f) => !f.startsWith('.')).slice(0, 20).join(', ') : '';
     throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${present || 'nothing'})`);
   }
   const index = optJson(path.join(dir, 'model_index.json'), 'model_index.json');
