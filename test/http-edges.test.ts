@@ -192,6 +192,33 @@ describe('request targets', () => {
   });
 });
 
+describe('Expect: 100-continue (curl sends it for large bodies)', () => {
+  const head = (p: string, length: number) => `POST ${p} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: ${length}\r\n\r\n`;
+
+  it('answers a request refused by its head without a 100 first, so the client never uploads the body', async () => {
+    for (const [p, length, status] of [['/v1/models/model:predict', 5 << 20, 413], ['/v1/models/nope:predict', 1000, 404], ['/v2/models/model/infer', 5 << 20, 413]] as const) {
+      const { responses, closed } = await raw(srv.port, head(p, length), { idleMs: 15_000 });
+      expect([p, responses.map((r) => r.status)]).toEqual([p, [status]]);
+      if (status === 413) expect(closed).toBe(true);
+    }
+  });
+
+  it('tells an acceptable request to go on, then answers it', async () => {
+    const body = JSON.stringify({ instances: [{ prompt: 'continue', num_inference_steps: 1, height: 64, width: 64, seed: 3 }] });
+    const sock = net.connect(srv.port, '127.0.0.1');
+    try {
+      let got = '';
+      sock.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      sock.write(head('/v1/models/model:predict', Buffer.byteLength(body)));
+      await expect.poll(() => got, { timeout: 5000 }).toMatch(/^HTTP\/1\.1 100 Continue\r\n\r\n$/);
+      sock.write(body);
+      await expect.poll(() => got, { timeout: 30_000 }).toMatch(/\r\n\r\nHTTP\/1\.1 200 OK\r\n[\s\S]*"seed":3/);
+    } finally {
+      sock.destroy();
+    }
+  });
+});
+
 describe('a JSON body that starts with a UTF-8 byte order mark (Windows tools write one)', () => {
   const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
   it('is read without it: V1, V2 JSON and the V2 binary header', async () => {

@@ -230,6 +230,9 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   // One more than the limit is kept, so a head over the limit is seen (Node drops fields past maxHeadersCount).
   server.maxHeadersCount = MAX_HEADER_FIELDS + 1;
   server.on('clientError', clientError);
+  // Node would answer `Expect: 100-continue` with 100 before any route ran; a route with a body sends it once the
+  // request may go on (http.ts bodyRoute), so a refused one is answered without the client uploading its body first.
+  server.on('checkContinue', (req: IncomingMessage, res: http.ServerResponse) => server.emit('request', req, res));
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);
