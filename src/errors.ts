@@ -79,18 +79,22 @@ export interface RuntimeErrorOptions extends ErrorOptions {
   retryAfter?: number;
   /** Fields an HTTP answer carries beside `error` and `code` (the model endpoint's boot state and progress). */
   fields?: Record<string, unknown>;
+  /** A 405's methods the path does take, for its `Allow` header (RFC 9110 15.5.6). */
+  allow?: readonly string[];
 }
 
 export class RuntimeError extends Error {
   readonly [BRAND] = true;
   retryAfter?: number;
   fields?: Record<string, unknown>;
+  allow?: readonly string[];
 
   constructor(readonly code: ErrorCode, message: string, options?: RuntimeErrorOptions) {
     super(message, options);
     this.name = 'RuntimeError';
     if (options?.retryAfter !== undefined) this.retryAfter = options.retryAfter;
     if (options?.fields !== undefined) this.fields = options.fields;
+    if (options?.allow !== undefined) this.allow = options.allow;
   }
 
   // Keeps instanceof true across duplicate module copies (worker bundles, dist vs src in tests).

@@ -169,6 +169,9 @@ describe('methods', () => {
       ['PUT', '/v2/models/model/infer', 'POST'],
       ['PUT', '/v1/models/model:predict', 'POST'],
       ['POST', '/v2/health/live', 'GET, HEAD'],
+      // The V1 routes' own refusals: a verb path asked with GET, a model path asked with POST.
+      ['GET', '/v1/models/model:predict', 'POST'],
+      ['POST', '/v1/models/model', 'GET, HEAD'],
     ];
     for (const [method, p, allow] of cases) {
       const r = await fetch(`${srv.url}${p}`, { method });

@@ -2,7 +2,7 @@
 import { RuntimeError } from '../errors.js';
 import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
-import { errorReply, json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
+import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
@@ -53,8 +53,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
       // `/v1/models/{name}:verb` also matches the GET status route's pattern, which refuses it: POST only.
       const allow = base.allowed(path).filter((m) => !(VERB_ROUTE.test(path) && (m === 'GET' || m === 'HEAD')));
       if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
-      const out = errorReply(new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`), ctx.log);
-      return { ...out, headers: { ...out.headers, allow: allow.join(', ') } };
+      throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`, { allow });
     }, opts),
   );
 }

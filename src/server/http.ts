@@ -46,6 +46,7 @@ export function errorReply(err: unknown, log: Logger): Reply {
   if (isRuntimeError(err)) {
     const headers: Record<string, string> = {};
     if (err.retryAfter !== undefined) headers['retry-after'] = String(err.retryAfter);
+    if (err.allow !== undefined) headers.allow = err.allow.join(', ');
     return json(httpStatus(err.code), { error: capMessage(err.message), code: err.code, ...err.fields }, headers);
   }
   // Unknown errors are logged with their cause and answered with a bare 500: no class names, no stacks.

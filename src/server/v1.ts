@@ -39,7 +39,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
     '/v1/models/:name',
     route((r) => {
       const name = r.params[0]!;
-      if (name.includes(':')) throw new RuntimeError('METHOD_NOT_ALLOWED', `${r.method.toUpperCase()} is not allowed on ${r.url}; use POST`);
+      if (name.includes(':')) throw new RuntimeError('METHOD_NOT_ALLOWED', `${r.method.toUpperCase()} is not allowed on ${r.url}; use POST`, { allow: ['POST'] });
       return modelStatus(ctx, name);
     }, opts),
   );
@@ -72,7 +72,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
       opts,
       (r) => {
         const { name, verb } = splitVerb(r.params[0]!);
-        if (verb === undefined) throw new RuntimeError('METHOD_NOT_ALLOWED', `POST is not allowed on ${r.url}; use /v1/models/${name}:predict`);
+        if (verb === undefined) throw new RuntimeError('METHOD_NOT_ALLOWED', `POST is not allowed on ${r.url}; use /v1/models/${name}:predict`, { allow: ['GET', 'HEAD'] });
         if (verb !== 'predict' && verb !== 'explain') throw new RuntimeError('NOT_FOUND', `unknown verb :${verb}; use :predict`);
         assertServable(ctx, name);
         if (verb === 'explain') throw new RuntimeError('UNSUPPORTED', 'this runtime has no explainer');
