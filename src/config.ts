@@ -2,6 +2,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { maskUserInfo } from './storage/uri.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
@@ -155,7 +156,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
       // holds it, so `HTTP://Minio:80/` and `http://minio` share one cache entry instead of downloading twice.
       endpoint = `${u.origin}${u.pathname}`.replace(/\/+$/, '');
     } catch {
-      bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(endpointRaw)}`);
+      bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(maskUserInfo(endpointRaw))}`);
     }
   }
   const caBundle = raw('AWS_CA_BUNDLE');
@@ -214,7 +215,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
-    bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(cfg.loraUri)}`);
+    bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
   }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   if (bad.length > 0) throw new ConfigError(bad);
@@ -240,7 +241,7 @@ function defaultCacheDir(): string {
 
 /** The config as one log-safe object: no credentials are part of Config, endpoint userinfo is masked. */
 export function describeConfig(cfg: Readonly<Config>): Record<string, unknown> {
-  const mask = (u: string | undefined) => u?.replace(/\/\/[^/@]*@/, '//***@');
+  const mask = (u: string | undefined) => (u === undefined ? u : maskUserInfo(u));
   return { ...cfg, storageUri: mask(cfg.storageUri), loraUri: mask(cfg.loraUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
 }
 

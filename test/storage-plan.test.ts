@@ -2,7 +2,8 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
-import { parseS3Url } from '../src/storage/uri.js';
+import { maskUserInfo, parseS3Url } from '../src/storage/uri.js';
+import { describeConfig, loadConfig } from '../src/config.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {
@@ -77,6 +78,27 @@ describe('parseStorageUri', () => {
     expect(err('s3:///p').message).toMatch(/no valid bucket/);
     expect(err('s3://b/a/../c').message).toMatch(/'\.\.'/);
     expect(err('  ').code).toBe('INVALID_INPUT');
+  });
+
+  it('refuses keys in the URI without echoing them, whatever characters the secret holds', () => {
+    // AWS secret keys hold '/' and '+' about half the time; a MinIO password may hold '@' or ':'.
+    for (const secret of ['wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY', 'p@ss:w/rd', 'plain']) {
+      const uri = `s3://AKIAEXAMPLE:${secret}@models/sd`;
+      let e: RuntimeError | undefined;
+      try {
+        parseStorageUri(uri);
+      } catch (x) {
+        e = x as RuntimeError;
+      }
+      expect(e?.message, secret).toMatch(/^STORAGE_URI "s3:\/\/\*\*\*@models\/sd" carries credentials; /);
+      expect(describeConfig(loadConfig({ STORAGE_URI: uri, LORA_URI: uri })).storageUri).toBe('s3://***@models/sd');
+      expect(() => loadConfig({ LORA_URI: uri.replace('s3://', 'gs://') })).toThrow('LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got "gs://***@models/sd"');
+    }
+    // An '@' in a key is not user info.
+    expect(maskUserInfo('s3://models/team@x/sd')).toBe('s3://models/team@x/sd');
+    expect(parseStorageUri('s3://models/team@x/sd')).toMatchObject({ bucket: 'models', prefix: 'team@x/sd/' });
+    expect(maskUserInfo('http://minio:9000')).toBe('http://minio:9000');
+    expect(maskUserInfo('http://u:p@minio:9000/x')).toBe('http://***@minio:9000/x');
   });
 });
 

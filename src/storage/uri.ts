@@ -33,8 +33,19 @@ export function parseS3Object(uri: string): S3Url | undefined {
   return u && u.key !== '' ? u : undefined;
 }
 
-/** `scheme://user:secret@host/…` with the user info masked, for messages: a URI may carry credentials. */
-const masked = (u: string) => u.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/@]*@/i, '$1***@');
+/**
+ * `scheme://user:secret@host/…` with the user info masked, for messages and logs: a URI may carry credentials. A secret
+ * may hold '/' (half of AWS secret keys do) or '@' (a chosen password), so after `user:` everything up to the last '@'
+ * goes; a bucket name holds neither ':' nor '@', so an s3:// URI whose first segment has a ':' is always credentials.
+ */
+export function maskUserInfo(u: string): string {
+  const m = /^([a-z][a-z0-9+.-]*:\/\/)([^/@]*)/i.exec(u);
+  if (!m) return u;
+  const [, scheme, first] = m as unknown as [string, string, string];
+  if (first.includes(':') && u.includes('@')) return `${scheme}***${u.slice(u.lastIndexOf('@'))}`;
+  if (u.charAt(scheme.length + first.length) === '@') return `${scheme}***${u.slice(scheme.length + first.length)}`;
+  return u;
+}
 
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {
@@ -43,7 +54,7 @@ export function parseStorageUri(uri: string): StorageSource {
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
   if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
   // Messages reach logs and clients (the boot reason, a LORA_URI 400): never with the URI's user info.
-  const shown = JSON.stringify(masked(u));
+  const shown = JSON.stringify(maskUserInfo(u));
   if (scheme === 'file') {
     try {
       return { kind: 'local', path: path.resolve(fileURLToPath(u)) };
@@ -56,7 +67,7 @@ export function parseStorageUri(uri: string): StorageSource {
       `STORAGE_URI ${shown}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
   }
   if (scheme === 's3') {
-    if (masked(u) !== u) {
+    if (maskUserInfo(u) !== u) {
       throw new RuntimeError('INVALID_INPUT',
         `STORAGE_URI ${shown} carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)`);
     }
