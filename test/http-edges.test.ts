@@ -186,10 +186,12 @@ describe('request targets', () => {
       'GET http://model-host.example/v1/models HTTP/1.1\r\nhost: model-host.example\r\n\r\n',
       'GET HTTP://x:8080/v2/health/ready?probe=1 HTTP/1.1\r\nhost: x\r\n\r\n',
       'GET http://x HTTP/1.1\r\nhost: x\r\n\r\n',
-    ].join(''), { want: 3 });
+      'GET http://x?probe=1 HTTP/1.1\r\nhost: x\r\n\r\n',
+    ].join(''), { want: 4 });
     expect(responses.map((r) => [r.status, JSON.parse(r.body.toString())])).toEqual([
       [200, { models: ['model'] }],
       [200, await (await fetch(`${srv.url}/v2/health/ready`)).json()],
+      [200, await (await fetch(`${srv.url}/`)).json()],
       [200, await (await fetch(`${srv.url}/`)).json()],
     ]);
   });
@@ -199,10 +201,16 @@ describe('Expect: 100-continue (curl sends it for large bodies)', () => {
   const head = (p: string, length: number) => `POST ${p} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: ${length}\r\n\r\n`;
 
   it('answers a request refused by its head without a 100 first, so the client never uploads the body', async () => {
-    for (const [p, length, status] of [['/v1/models/model:predict', 5 << 20, 413], ['/v1/models/nope:predict', 1000, 404], ['/v2/models/model/infer', 5 << 20, 413]] as const) {
-      const { responses, closed } = await raw(srv.port, head(p, length), { idleMs: 15_000 });
+    const cases = [
+      ['/v1/models/model:predict', 5 << 20, 413, ''],
+      ['/v1/models/nope:predict', 1000, 404, ''],
+      ['/v2/models/model/infer', 5 << 20, 413, ''],
+      ['/v1/models/model:predict', 1000, 415, 'Content-Encoding: br\r\n'],
+    ] as const;
+    for (const [p, length, status, extra] of cases) {
+      const { responses, closed } = await raw(srv.port, head(p, length).replace('Expect:', `${extra}Expect:`), { idleMs: 15_000 });
       expect([p, responses.map((r) => r.status)]).toEqual([p, [status]]);
-      if (status === 413) expect(closed).toBe(true);
+      if (status === 413 || status === 415) expect(closed).toBe(true);
     }
   });
 
@@ -218,6 +226,25 @@ describe('Expect: 100-continue (curl sends it for large bodies)', () => {
       await expect.poll(() => got, { timeout: 30_000 }).toMatch(/\r\n\r\nHTTP\/1\.1 200 OK\r\n[\s\S]*"seed":3/);
     } finally {
       sock.destroy();
+    }
+  });
+});
+
+describe('shutdown with requests pipelined on one connection', () => {
+  it('answers every request already received, and closes the connection after the last', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '30' }, { ready: true });
+    try {
+      const slow = (seed: number) => post('/v1/models/model:predict', JSON.stringify({ instances: [{ prompt: 'pipelined', num_inference_steps: 200, height: 512, width: 512, seed }] }));
+      const answers = raw(own.port, slow(61) + slow(62), { idleMs: 30_000 });
+      await expect.poll(() => own.rt.generation.inflight, { timeout: 10_000 }).toBeGreaterThan(0);
+      const closing = own.stop();
+      const { responses, closed } = await answers;
+      await closing;
+      expect(responses.map((r) => [r.status, (jsonOf(r).predictions as Array<{ seed: number }>)[0]!.seed])).toEqual([[200, 61], [200, 62]]);
+      expect(responses.map((r) => r.headers.connection)).toEqual(['keep-alive', 'close']);
+      expect(closed).toBe(true);
+    } finally {
+      await own.stop(0).catch(() => undefined);
     }
   });
 });
@@ -257,6 +284,10 @@ describe('compressed request bodies (Content-Encoding)', () => {
   it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {
     const br = await send('/v1/models/model:predict', zlib.brotliCompressSync(Buffer.from(tiny(43))), { 'content-encoding': 'br' });
     expect([br.status, br.json, br.connection]).toEqual([415, { error: 'Content-Encoding br is not supported; send the body as is, gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);
+    // At most two codings: a deep stack would be inflated layer after layer up to the limit each time.
+    const thrice = zlib.gzipSync(zlib.gzipSync(zlib.gzipSync(Buffer.from(tiny(45)))));
+    const stacked = await send('/v1/models/model:predict', thrice, { 'content-encoding': 'gzip, gzip, gzip' });
+    expect([stacked.status, stacked.json, stacked.connection]).toEqual([415, { error: 'Content-Encoding gzip, gzip, gzip: at most two codings, each gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);
     const corrupt = await send('/v1/models/model:predict', Buffer.from(tiny(44)), { 'content-encoding': 'gzip' });
     expect([corrupt.status, corrupt.json.code]).toEqual([400, 'INVALID_INPUT']);
     expect(String(corrupt.json.error)).toMatch(/^request body is not valid gzip data \(Content-Encoding: gzip\): /);

@@ -161,6 +161,23 @@ describe('classify', () => {
     expect([e.code, e.message]).toEqual(['STORAGE_CLOCK_SKEW', expect.stringMatching(/^S3 refused the request time to list \(8 attempts\) s3:\/\/models\/sd\/ \(RequestTimeTooSkewed\): .*time synchronisation \(NTP\)$/)]);
   });
 
+  it('a certificate this pod refuses is named by what fixes it, and never retried', () => {
+    const tls = (code: string) => Object.assign(new Error(`certificate problem ${code}`), { code });
+    const cases: Array<[string, RegExp]> = [
+      ['SELF_SIGNED_CERT_IN_CHAIN', /is not trusted: give its CA bundle as AWS_CA_BUNDLE/],
+      ['CERT_HAS_EXPIRED', /is outside its validity dates: renew it, or check this node's clock/],
+      ['CERT_NOT_YET_VALID', /is outside its validity dates/],
+      ['ERR_TLS_CERT_ALTNAME_INVALID', /does not name the host in AWS_ENDPOINT_URL/],
+    ];
+    for (const [code, hint] of cases) {
+      expect(classify(tls(code)), code).toBe('tls');
+      const e = permanentError(tls(code), 'models', 'sd/', 'list');
+      expect([e.code, e.message], code).toEqual(['STORAGE_TLS', expect.stringMatching(new RegExp(`^cannot list s3://models/sd/: TLS to the S3 endpoint failed \\(${code}\\); the endpoint's certificate ${hint.source}`))]);
+    }
+    // A reset during a handshake is the network, not the configuration: retried.
+    expect(classify(Object.assign(new Error('Client network socket disconnected before secure TLS connection was established'), { code: 'ECONNRESET' }))).toBe('transient');
+  });
+
   it('a stalled or short ranged read is the one error class, retried, and named by its code when the retries run out', () => {
     for (const code of ['STORAGE_STALL', 'STORAGE_SHORT_READ'] as const) {
       const err = new RuntimeError(code, 'range ended after 3 of 8 bytes');

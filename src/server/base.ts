@@ -98,7 +98,10 @@ export const pathOf = (url: string | undefined): string => {
   let u = url ?? '/';
   // RFC 9112 3.2.2: a server must accept a target in absolute form (`GET http://host/v1/models`), as proxies send it.
   const origin = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i.exec(u)?.[0];
-  if (origin !== undefined) u = u.slice(origin.length) || '/';
+  if (origin !== undefined) {
+    u = u.slice(origin.length);
+    if (!u.startsWith('/')) u = `/${u}`; // an empty path is '/' (`http://x?probe=1` too)
+  }
   const q = u.indexOf('?');
   return q < 0 ? u : u.slice(0, q);
 };
@@ -176,6 +179,8 @@ function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: 
   }
   const serve = () => {
     if (socket.destroyed) return;
+    // The idle timer the old connection armed once its last answer went out would cut a long request served here.
+    (socket as Socket).setTimeout(0);
     socket.unshift(Buffer.concat([Buffer.from(`${lines.join('\r\n')}\r\n\r\n`, 'latin1'), head]));
     server.emit('connection', socket);
   };
@@ -205,7 +210,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
    */
   class Response extends http.ServerResponse {
     override writeHead(...args: unknown[]): this {
-      if (!open) this.setHeader('connection', 'close');
+      // Not while requests pipelined behind this one wait on the connection: they are answered first.
+      if (!open && (pending.get(this.req.socket)?.n ?? 0) <= 1) this.setHeader('connection', 'close');
       return (super.writeHead as (...a: unknown[]) => this)(...args);
     }
   }

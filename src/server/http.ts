@@ -104,17 +104,27 @@ export class Exchange {
 export const BODY_CODINGS = ['gzip', 'x-gzip', 'deflate'];
 
 /**
- * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A gzip or
- * deflate body is decoded, to at most `limit` bytes as well; another coding is a 415.
+ * The content codings of a request body, in the order they were applied: BODY_CODINGS only, at most two (clients apply
+ * one; each layer is inflated up to the limit again, on the thread pool the cache's I/O shares). Otherwise a 415.
  */
-export async function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
-  const codings = (req.headers['content-encoding'] ?? '').split(',').map((c) => c.trim().toLowerCase()).filter((c) => c !== '' && c !== 'identity');
+export function bodyCodings(header: string | undefined): string[] {
+  const codings = (header ?? '').split(',').map((c) => c.trim().toLowerCase()).filter((c) => c !== '' && c !== 'identity');
   const unknown = codings.filter((c) => !BODY_CODINGS.includes(c));
   if (unknown.length > 0) {
     throw new RuntimeError('UNSUPPORTED_ENCODING', `Content-Encoding ${unknown.join(', ')} is not supported; send the body as is, gzip or deflate`);
   }
+  if (codings.length > 2) throw new RuntimeError('UNSUPPORTED_ENCODING', `Content-Encoding ${codings.join(', ')}: at most two codings, each gzip or deflate`);
+  return codings;
+}
+
+/**
+ * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A gzip or
+ * deflate body is decoded, to at most `limit` bytes as well; another coding is a 415.
+ */
+export async function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
+  const codings = bodyCodings(req.headers['content-encoding']);
   let body = await readRaw(req, limit, declared);
-  // Codings are listed in the order they were applied: undo the last first.
+  // Undo the last applied first.
   for (const c of codings.reverse()) body = await decode(body, c, limit);
   return body;
 }
@@ -199,6 +209,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     let pre: unknown;
     try {
       precheck?.(r);
+      bodyCodings(r.headers['content-encoding']);
     } catch (err) {
       pre = err;
     }

@@ -7,21 +7,36 @@ import { RETRY } from './plan.js';
 
 export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'tls' | 'fatal';
 
-/** Node's codes for a server certificate this pod does not trust: the same on every attempt, so never retried. */
-const UNTRUSTED_CERT = Object.freeze([
-  'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT',
-  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'CERT_UNTRUSTED', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID', 'CERT_SIGNATURE_FAILURE',
-  'ERR_TLS_CERT_ALTNAME_INVALID',
-]);
+/** Node's codes for a server certificate this pod refuses, by what fixes it. The same on every attempt: never retried. */
+const CERT_PROBLEMS: Readonly<Record<string, 'untrusted' | 'dates' | 'name'>> = Object.freeze({
+  DEPTH_ZERO_SELF_SIGNED_CERT: 'untrusted',
+  SELF_SIGNED_CERT_IN_CHAIN: 'untrusted',
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: 'untrusted',
+  UNABLE_TO_GET_ISSUER_CERT: 'untrusted',
+  UNABLE_TO_GET_ISSUER_CERT_LOCALLY: 'untrusted',
+  CERT_UNTRUSTED: 'untrusted',
+  CERT_SIGNATURE_FAILURE: 'untrusted',
+  CERT_HAS_EXPIRED: 'dates',
+  CERT_NOT_YET_VALID: 'dates',
+  ERR_TLS_CERT_ALTNAME_INVALID: 'name',
+});
+type TlsProblem = 'untrusted' | 'dates' | 'name' | 'plain-http';
+
+const TLS_HINTS: Readonly<Record<TlsProblem, string>> = Object.freeze({
+  untrusted: "the endpoint's certificate is not trusted: give its CA bundle as AWS_CA_BUNDLE (S3_VERIFY_SSL=0 skips the check)",
+  dates: "the endpoint's certificate is outside its validity dates: renew it, or check this node's clock (NTP)",
+  name: "the endpoint's certificate does not name the host in AWS_ENDPOINT_URL: use a name the certificate lists",
+  'plain-http': 'the endpoint answers plain HTTP: use an http:// AWS_ENDPOINT_URL (or S3_USE_HTTPS=0 with a bare host:port)',
+});
 
 /**
- * What a failed TLS handshake with the endpoint says about the configuration: an untrusted certificate, or an endpoint
- * that answers plain HTTP to https:// (OpenSSL's "wrong version number"). Undefined for anything else.
+ * What a failed TLS handshake with the endpoint says about the configuration: a certificate this pod refuses, or an
+ * endpoint that answers plain HTTP to https:// (OpenSSL's "wrong version number"). Undefined for anything else.
  */
-function tlsProblem(err: unknown): 'untrusted' | 'plain-http' | undefined {
+function tlsProblem(err: unknown): TlsProblem | undefined {
   for (let e = err as (SdkLikeError & { message?: string }) | undefined, depth = 0; e && depth < 3; e = e.cause as typeof e, depth++) {
     const code = e.code ?? '';
-    if (UNTRUSTED_CERT.includes(code)) return 'untrusted';
+    if (Object.hasOwn(CERT_PROBLEMS, code)) return CERT_PROBLEMS[code];
     if ((code === 'EPROTO' || code === 'ERR_SSL_WRONG_VERSION_NUMBER') && /wrong version number/i.test(e.message ?? '')) return 'plain-http';
   }
   return undefined;
@@ -97,10 +112,7 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
       + "(15 minutes) and S3's Date header did not correct it; fix the node's time synchronisation (NTP)", { cause: err });
   }
   if (kind === 'tls') {
-    const hint = tlsProblem(err) === 'untrusted'
-      ? "the endpoint's certificate is not trusted: give its CA bundle as AWS_CA_BUNDLE (S3_VERIFY_SSL=0 skips the check)"
-      : 'the endpoint answers plain HTTP: use an http:// AWS_ENDPOINT_URL (or S3_USE_HTTPS=0 with a bare host:port)';
-    return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint failed (${s3code}); ${hint}`, { cause: err });
+    return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint failed (${s3code}); ${TLS_HINTS[tlsProblem(err)!]}`, { cause: err });
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
