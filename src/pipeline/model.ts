@@ -85,6 +85,9 @@ export function componentOnnx(dir: string, c: Component, listed?: ReadonlySet<st
   return (listed ? listed.has(`${c}/model.onnx`) : existsSync(p)) ? p : undefined;
 }
 
+/** The `tokenizers` library's file, which transformers 5 saves in place of vocab.json and merges.txt. */
+export const TOKENIZER_JSON = 'tokenizer.json';
+
 /** A tokenizer folder of a diffusers export: `tokenizer`, or `tokenizer_2` and so on for a second text encoder. */
 export const isTokenizerFolder = (name: string): boolean => /^tokenizer(_\d+)?$/.test(name);
 
@@ -127,11 +130,12 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   const tokenizerDirs: string[] = [];
   for (const t of ['tokenizer', 'tokenizer_2']) {
     const absent = ['vocab.json', 'merges.txt'].filter((f) => !existsSync(path.join(dir, t, f)));
-    if (absent.length === 0) tokenizerDirs.push(path.join(dir, t));
+    // transformers 5 saves tokenizer.json alone (see ClipTokenizer.load).
+    if (absent.length === 0 || existsSync(path.join(dir, t, TOKENIZER_JSON))) tokenizerDirs.push(path.join(dir, t));
     // Half a tokenizer is an upload that missed a file: named now, before any session is built.
     else if (absent.length === 1) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${t}/${absent[0]}`);
   }
-  if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', 'not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt');
+  if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt (or tokenizer/${TOKENIZER_JSON})`);
   const unetCfg = optJson(path.join(dir, 'unet', 'config.json'), 'unet config');
   const vaeCfg = optJson(path.join(dir, 'vae_decoder', 'config.json'), 'vae_decoder config');
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
