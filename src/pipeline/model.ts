@@ -120,6 +120,13 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
           '(fused float16 for CUDA; add --plain for the CPU provider) and point STORAGE_URI at the export',
       );
     }
+    if (!onnx.text_encoder && onnx.text_encoder_2 && onnx.unet) {
+      throw new RuntimeError(
+        'UNSUPPORTED',
+        'this export has text_encoder_2 but no text_encoder: an SDXL refiner (image-to-image with the second encoder alone), which ' +
+          'this runtime does not serve; it serves pipelines with text_encoder/ (SD 1.x, 2.x, SDXL base, LCM, Turbo)',
+      );
+    }
     const present = existsSync(dir) ? readdirSync(dir).slice(0, 20).join(', ') : '';
     throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${present || 'nothing'})`);
   }
@@ -141,6 +148,14 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
+  // SDXL pipelines denormalise latents with these before decoding (Playground v2.5's VAE has them); SD 1.x/2.x ignore them.
+  if (isXL && [vaeCfg.latents_mean, vaeCfg.latents_std].every((v) => v !== undefined && v !== null)) {
+    throw new RuntimeError(
+      'UNSUPPORTED',
+      'vae_decoder/config.json sets latents_mean and latents_std, which an SDXL pipeline applies to the latents before decoding ' +
+        '(Playground v2.5-style VAE); this runtime does not, and refuses the model rather than decode wrong images',
+    );
+  }
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
   const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(readJson(schedulerFile, 'scheduler config'), rewriting);
   const { sampleSize, raisedFrom, vaeScale } = servedGeometry(unetCfg, vaeCfg, isXL, rewriting);
