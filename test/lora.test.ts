@@ -97,6 +97,24 @@ describe('adapter files made by diffusers and PEFT', () => {
     expect(checked).toBe(15);
   });
 
+  it('scales a PEFT file saved with use_rslora by alpha / sqrt(rank), as the LoraConfig diffusers builds from its metadata does', () => {
+    // save_lora_weights stores the whole LoraConfig per component (here r 4, lora_alpha 8); PEFT's rsLoRA scaling is
+    // lora_alpha / sqrt(r) = 4, plain LoRA's lora_alpha / r = 2.
+    const factor = (rslora: boolean | undefined) => {
+      const meta = { 'unet.r': 4, 'unet.lora_alpha': 8, 'unet.use_dora': false, ...(rslora === undefined ? {} : { 'unet.use_rslora': rslora }) };
+      const st = parseSafetensors(writeSafetensors([
+        { name: 'unet.down_blocks.0.attentions.0.proj_in.lora_A.weight', shape: [4, 32], data: new Float32Array(128).fill(0.1) },
+        { name: 'unet.down_blocks.0.attentions.0.proj_in.lora_B.weight', shape: [32, 4], data: new Float32Array(128).fill(0.1) },
+      ], { lora_adapter_metadata: JSON.stringify(meta) }), 'x');
+      const { updates, problems } = resolveAdapters([{ parsed: parseAdapter(st, 'rs'), st, scale: 0.5 }], maps);
+      expect(problems).toEqual([]);
+      return [...updates.values()][0]!.terms[0]!.factor;
+    };
+    expect(factor(true)).toBe(0.5 * 4);
+    expect(factor(false)).toBe(0.5 * 2);
+    expect(factor(undefined)).toBe(0.5 * 2);
+  });
+
   it('names keys of no known form, unsupported variants, and modules the model lacks', () => {
     const st = parseSafetensors(writeSafetensors([
       { name: 'unet.attn9.to_q.lora_A.weight', shape: [1, 2], data: new Float32Array(2) },

@@ -1,8 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm, writeFile, copyFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { readLayout } from '../src/pipeline/model.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { referenceDir } from '../scripts/reference.js';
 
@@ -189,5 +190,53 @@ describe('ClipTokenizer.encode', () => {
     const t0 = performance.now();
     for (let i = 0; i < n; i++) tok.encode(text);
     console.log(`tokenizer: encode (${tok.tokenize(text).length} content tokens before truncation to 77) ${(((performance.now() - t0) / n) * 1000).toFixed(1)} µs warm`);
+  });
+});
+
+describe('a tokenizer saved by transformers 5 (tokenizer.json, no vocab.json / merges.txt)', () => {
+  // The layout transformers 5's CLIPTokenizer.save_pretrained writes (checked with transformers 5.18, tokenizers 0.23):
+  // tokenizer.json with the BPE model (merges as pairs; tokenizers before 0.20 wrote "a b" strings) beside
+  // tokenizer_config.json, and nothing else.
+  const fastFiles = (pairs: boolean) => {
+    const vocab = JSON.parse(readFileSync(path.join(tokDir, 'vocab.json'), 'utf8')) as Record<string, number>;
+    const lines = readFileSync(path.join(tokDir, 'merges.txt'), 'utf8').trim().split('\n').slice(1);
+    const special = (content: string, id: number) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: true, special: true });
+    return {
+      'tokenizer.json': JSON.stringify({
+        version: '1.0',
+        added_tokens: [special('<|startoftext|>', 49406), special('<|endoftext|>', 49407)],
+        model: { type: 'BPE', dropout: null, unk_token: '<|endoftext|>', continuing_subword_prefix: '', end_of_word_suffix: '</w>', fuse_unk: false, byte_fallback: false, ignore_merges: false, vocab, merges: pairs ? lines.map((l) => l.split(' ')) : lines },
+      }),
+      'tokenizer_config.json': JSON.stringify({ backend: 'tokenizers', bos_token: '<|startoftext|>', eos_token: '<|endoftext|>', model_max_length: 77, pad_token: '<|endoftext|>', tokenizer_class: 'CLIPTokenizer', unk_token: '<|endoftext|>' }),
+    };
+  };
+
+  it('loads from tokenizer.json and gives the reference ids, merges as pairs or as strings', async () => {
+    for (const pairs of [true, false]) {
+      const dir = await mkdtemp(path.join(tmpdir(), 'clip-fast-'));
+      try {
+        for (const [name, text] of Object.entries(fastFiles(pairs))) await writeFile(path.join(dir, name), text);
+        const fast = await ClipTokenizer.load(dir);
+        for (const c of [...ref.cases, ...parity[1]!.ref.cases]) expect(fast.tokenize(c.text), c.text).toEqual(c.ids);
+        expect(fast.encode('a dog')).toEqual(tok.encode('a dog'));
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+  });
+
+  it('a model folder whose tokenizers are tokenizer.json alone is an export the layout reader accepts', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'clip-fast-model-'));
+    try {
+      for (const c of ['text_encoder', 'unet', 'vae_decoder', 'scheduler', 'tokenizer']) await mkdir(path.join(dir, c));
+      for (const c of ['text_encoder', 'unet', 'vae_decoder']) await writeFile(path.join(dir, c, 'model.onnx'), '');
+      await writeFile(path.join(dir, 'scheduler', 'scheduler_config.json'), JSON.stringify({ _class_name: 'PNDMScheduler' }));
+      for (const [name, text] of Object.entries(fastFiles(true))) await writeFile(path.join(dir, 'tokenizer', name), text);
+      expect(readLayout(dir).tokenizerDirs).toEqual([path.join(dir, 'tokenizer')]);
+      await writeFile(path.join(dir, 'tokenizer', 'tokenizer.json'), JSON.stringify({ model: { type: 'Unigram', vocab: [] } }));
+      await expect(ClipTokenizer.load(path.join(dir, 'tokenizer'))).rejects.toThrow('tokenizer: tokenizer/tokenizer.json holds no BPE model with merges');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -30,6 +30,8 @@ export interface LoraLayer {
   down?: StTensor;
   up?: StTensor;
   alpha?: number;
+  /** PEFT's rank-stabilised LoRA (`use_rslora` in the file's metadata): the update is scaled by alpha / √rank. */
+  rsLora?: boolean;
 }
 
 export interface ParsedAdapter {
@@ -111,6 +113,8 @@ export function parseAdapter(st: SafeTensors, name: string): ParsedAdapter {
   const meta = adapterMetadata(st, name);
   for (const l of layers.values()) {
     l.alpha = alphas.get(`${l.component}:${l.module}`) ?? (l.kohya ? undefined : metadataAlpha(meta, l.component, l.module));
+    // diffusers builds PEFT's LoraConfig from this metadata, use_rslora included.
+    if (!l.kohya && meta[`${l.component}.use_rslora`] === true) l.rsLora = true;
   }
   return { name, format: kohyaSeen && diffusersSeen ? 'mixed' : kohyaSeen ? 'kohya' : 'diffusers', layers: [...layers.values()], unknownKeys, unsupportedKeys };
 }
@@ -281,7 +285,7 @@ export function resolveAdapters(
         continue;
       }
       const alpha = l.alpha ?? rank;
-      const factor = (scale * alpha) / rank;
+      const factor = (scale * alpha) / (l.rsLora ? Math.sqrt(rank) : rank);
       const id = `${l.component}:${param}`;
       let u = updates.get(id);
       if (!u) updates.set(id, (u = { component: l.component, param: param!, entry, terms: [] }));

@@ -85,6 +85,9 @@ export function componentOnnx(dir: string, c: Component, listed?: ReadonlySet<st
   return (listed ? listed.has(`${c}/model.onnx`) : existsSync(p)) ? p : undefined;
 }
 
+/** The `tokenizers` library's file, which transformers 5 saves in place of vocab.json and merges.txt. */
+export const TOKENIZER_JSON = 'tokenizer.json';
+
 /** A tokenizer folder of a diffusers export: `tokenizer`, or `tokenizer_2` and so on for a second text encoder. */
 export const isTokenizerFolder = (name: string): boolean => /^tokenizer(_\d+)?$/.test(name);
 
@@ -117,6 +120,13 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
           '(fused float16 for CUDA; add --plain for the CPU provider) and point STORAGE_URI at the export',
       );
     }
+    if (!onnx.text_encoder && onnx.text_encoder_2 && onnx.unet) {
+      throw new RuntimeError(
+        'UNSUPPORTED',
+        'this export has text_encoder_2 but no text_encoder: an SDXL refiner (image-to-image with the second encoder alone), which ' +
+          'this runtime does not serve; it serves pipelines with text_encoder/ (SD 1.x, 2.x, SDXL base, LCM, Turbo)',
+      );
+    }
     // The cache's own dot-files (its manifest, its journal) are not the user's upload.
     const present = existsSync(dir) ? readdirSync(dir).filter((f) => !f.startsWith('.')).slice(0, 20).join(', ') : '';
     throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${present || 'nothing'})`);
@@ -128,16 +138,25 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   const tokenizerDirs: string[] = [];
   for (const t of ['tokenizer', 'tokenizer_2']) {
     const absent = ['vocab.json', 'merges.txt'].filter((f) => !existsSync(path.join(dir, t, f)));
-    if (absent.length === 0) tokenizerDirs.push(path.join(dir, t));
+    // transformers 5 saves tokenizer.json alone (see ClipTokenizer.load).
+    if (absent.length === 0 || existsSync(path.join(dir, t, TOKENIZER_JSON))) tokenizerDirs.push(path.join(dir, t));
     // Half a tokenizer is an upload that missed a file: named now, before any session is built.
     else if (absent.length === 1) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${t}/${absent[0]}`);
   }
-  if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', 'not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt');
+  if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt (or tokenizer/${TOKENIZER_JSON})`);
   const unetCfg = optJson(path.join(dir, 'unet', 'config.json'), 'unet config');
   const vaeCfg = optJson(path.join(dir, 'vae_decoder', 'config.json'), 'vae_decoder config');
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
+  // SDXL pipelines denormalise latents with these before decoding (Playground v2.5's VAE has them); SD 1.x/2.x ignore them.
+  if (isXL && [vaeCfg.latents_mean, vaeCfg.latents_std].every((v) => v !== undefined && v !== null)) {
+    throw new RuntimeError(
+      'UNSUPPORTED',
+      'vae_decoder/config.json sets latents_mean and latents_std, which an SDXL pipeline applies to the latents before decoding ' +
+        '(Playground v2.5-style VAE); this runtime does not, and refuses the model rather than decode wrong images',
+    );
+  }
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
   const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(readJson(schedulerFile, 'scheduler config'), rewriting);
   const { sampleSize, raisedFrom, vaeScale } = servedGeometry(unetCfg, vaeCfg, isXL, rewriting);

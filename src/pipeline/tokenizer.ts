@@ -4,9 +4,11 @@
  * byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says where other tokenizers differ.
  */
 
+import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
+import { TOKENIZER_JSON } from './model.js';
 import { parsePyJson } from './pyjson.js';
 import { HTML5_NAMED, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.js';
 
@@ -146,17 +148,36 @@ export class ClipTokenizer {
         throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${shown(name)}`, { cause: err });
       }
     };
+    const cannotRead = (name: string, err: unknown) =>
+      new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown(name)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
     let vocab: unknown;
-    let merges: string;
-    try {
-      vocab = await read('vocab.json').then((s) => parsePyJson(s));
-    } catch (err) {
-      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown('vocab.json')}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
-    }
-    try {
-      merges = await read('merges.txt');
-    } catch (err) {
-      throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown('merges.txt')}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
+    let merges: string | string[];
+    // transformers 5 saves a CLIP tokenizer as tokenizer.json alone: its BPE model holds the vocabulary and the merges.
+    const fast = !(existsSync(path.join(dir, 'vocab.json')) && existsSync(path.join(dir, 'merges.txt'))) && existsSync(path.join(dir, TOKENIZER_JSON));
+    if (fast) {
+      let model: { type?: unknown; vocab?: unknown; merges?: unknown } | undefined;
+      try {
+        model = (parsePyJson(await read(TOKENIZER_JSON)) as { model?: typeof model }).model;
+      } catch (err) {
+        throw cannotRead(TOKENIZER_JSON, err);
+      }
+      const pairs = Array.isArray(model?.merges) ? model.merges.map((m: unknown) => (Array.isArray(m) ? m.join(' ') : m)) : undefined;
+      if (model?.type !== 'BPE' || pairs === undefined || !pairs.every((m) => typeof m === 'string')) {
+        throw new RuntimeError('MODEL_FORMAT', `tokenizer: ${shown(TOKENIZER_JSON)} holds no BPE model with merges (a CLIP tokenizer has one)`);
+      }
+      vocab = model.vocab;
+      merges = pairs as string[];
+    } else {
+      try {
+        vocab = await read('vocab.json').then((s) => parsePyJson(s));
+      } catch (err) {
+        throw cannotRead('vocab.json', err);
+      }
+      try {
+        merges = await read('merges.txt');
+      } catch (err) {
+        throw cannotRead('merges.txt', err);
+      }
     }
     // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
     const config = { ...(await optional('tokenizer_config.json')), ...(await optional('special_tokens_map.json')) };
@@ -177,11 +198,20 @@ export class ClipTokenizer {
     if (bos !== undefined) opts.bosToken = bos;
     if (eos !== undefined) opts.eosToken = eos;
     if (maxLength !== undefined) opts.maxLength = maxLength;
-    return ClipTokenizer.fromData(vocab as Record<string, number>, merges, opts);
+    return typeof merges === 'string' ? ClipTokenizer.fromData(vocab as Record<string, number>, merges, opts) : ClipTokenizer.fromPairs(vocab as Record<string, number>, merges, opts);
   }
 
   static fromData(vocab: Record<string, number>, mergesText: string, opts: ClipTokenizerOptions = {}): ClipTokenizer {
-    if (typeof vocab !== 'object' || vocab === null) throw new RuntimeError('MODEL_FORMAT', 'tokenizer: vocab.json is not an object');
+    const lines = mergesText.trim().split('\n').slice(1, MERGE_LINES_END);
+    // One scan of the whole file: without whitespace other than single spaces between tokens and newlines, every
+    // line is its own normal form, and the per-line normalisation (a third of the parse) is skipped.
+    const odd = /[^\S \n]| {2}|^ | $/m.test(mergesText);
+    return ClipTokenizer.fromPairs(vocab, odd ? lines.map((line) => (/^\S+ \S+$/.test(line) ? line : line.trim().split(/\s+/).join(' '))) : lines, opts);
+  }
+
+  /** From the merges as "first second" pairs in rank order (merges.txt without its header, or tokenizer.json's). */
+  static fromPairs(vocab: Record<string, number>, pairs: readonly string[], opts: ClipTokenizerOptions = {}): ClipTokenizer {
+    if (typeof vocab !== 'object' || vocab === null || Array.isArray(vocab)) throw new RuntimeError('MODEL_FORMAT', 'tokenizer: the vocabulary is not an object');
     // The parsed object is the lookup table (copying 49k entries into a Map costs ~90 ms of cold start);
     // ids are checked when looked up.
     const v: Lookup = {
@@ -192,17 +222,9 @@ export class ClipTokenizer {
         return id;
       },
     };
-    const lines = mergesText.trim().split('\n').slice(1, MERGE_LINES_END);
     const ranks = new Map<string, number>();
-    // One scan of the whole file: without whitespace other than single spaces between tokens and newlines, every
-    // line is its own normal form, and the per-line normalisation (a third of the parse) is skipped.
-    const odd = /[^\S \n]| {2}|^ | $/m.test(mergesText);
     // dict(zip(merges, range(n))) in Python: a repeated pair keeps its last rank.
-    for (let i = 0; i < lines.length; i++) {
-      const line = lines[i]!;
-      const pair = !odd || /^\S+ \S+$/.test(line) ? line : line.trim().split(/\s+/).join(' ');
-      if (pair.length > 0) ranks.set(pair, i);
-    }
+    for (let i = 0; i < pairs.length; i++) if (pairs[i]!.length > 0) ranks.set(pairs[i]!, i);
     return new ClipTokenizer(v, ranks, opts);
   }
 

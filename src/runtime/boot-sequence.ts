@@ -19,7 +19,7 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { isLayoutFile, isTokenizerFolder } from '../pipeline/model.js';
+import { isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/model.js';
 import type { ToWorker } from '../pipeline/protocol.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
@@ -78,7 +78,7 @@ function announcement(compDir: string): Announcement | undefined {
   const comp = path.basename(compDir);
   const onnx = path.join(compDir, 'model.onnx');
   if (existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
-  if (isTokenizerFolder(comp) && existsSync(path.join(compDir, 'vocab.json'))) return { t: 'tokenizer', dir: compDir };
+  if (isTokenizerFolder(comp) && ['vocab.json', TOKENIZER_JSON].some((f) => existsSync(path.join(compDir, f)))) return { t: 'tokenizer', dir: compDir };
   return undefined;
 }
 

@@ -13,7 +13,7 @@ import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
-import { SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
+import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
 
 export type { ResolvedConfig } from './common.js';
@@ -132,9 +132,11 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
   }
   const cls = config._class_name;
   if (!isClassName(cls)) {
+    // Pipeline.create checks the model's own scheduler, so such a model fails at load: the fix is in the file.
     throw new RuntimeError(
       'UNSUPPORTED',
-      `scheduler class ${JSON.stringify(cls)} of the model is not supported; choose one per request (${Object.keys(SCHEDULER_NAMES).join(', ')})`,
+      `the model's scheduler class ${JSON.stringify(cls)} (scheduler/scheduler_config.json) is not one this runtime implements; ` +
+        `set "_class_name" there to one of ${SCHEDULER_CLASS_NAMES.join(', ')} (a request can still name another one)`,
     );
   }
   return { className: cls, overrides: {} };

@@ -1,0 +1,79 @@
+/**
+ * Model folders as real Hugging Face repositories and their ONNX exports hold them: config files written as those
+ * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
+ * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
+ */
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
+import { createScheduler } from '../src/pipeline/schedulers/index.js';
+import { fixtureModel } from './fixtures/index.js';
+
+const work = mkdtempSync(path.join(tmpdir(), 'model-files-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** A copy of a demo model with some of its JSON files edited. */
+async function variant(name: string, family: 'sd15' | 'sdxl', edit: (dir: string) => void): Promise<string> {
+  const dir = path.join(work, name);
+  cpSync(await fixtureModel({ family }), dir, { recursive: true });
+  edit(dir);
+  return dir;
+}
+const editJson = (file: string, change: (cfg: Record<string, unknown>) => void) => {
+  const cfg = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  change(cfg);
+  writeFileSync(file, JSON.stringify(cfg, null, 2));
+};
+
+describe('scheduler classes the runtime does not implement', () => {
+  // UniPCMultistepScheduler as diffusers' save_config writes it (community SD 1.5 fine-tunes ship it).
+  const unipc = {
+    _class_name: 'UniPCMultistepScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
+    disable_corrector: [], dynamic_thresholding_ratio: 0.995, final_sigmas_type: 'zero', flow_shift: 1.0, lower_order_final: true, num_train_timesteps: 1000,
+    predict_x0: true, prediction_type: 'epsilon', rescale_betas_zero_snr: false, sample_max_value: 1.0, shift_terminal: null, sigma_max: null, sigma_min: null,
+    solver_order: 2, solver_p: null, solver_type: 'bh2', steps_offset: 1, thresholding: false, time_shift_type: 'exponential', timestep_spacing: 'linspace',
+    trained_betas: null, use_beta_sigmas: false, use_dynamic_shifting: false, use_exponential_sigmas: false, use_flow_sigmas: false, use_karras_sigmas: false,
+  };
+
+  it('fail the load with a reason that names the file and what to set there, not a per-request choice the failed boot cannot offer', () => {
+    const { config } = pipelineSchedulerConfig(unipc, true);
+    // What Pipeline.create checks when a worker loads the model.
+    expect(() => createScheduler(config, 10)).toThrow(
+      'the model\'s scheduler class "UniPCMultistepScheduler" (scheduler/scheduler_config.json) is not one this runtime implements; set "_class_name" there ' +
+        'to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler',
+    );
+    expect(createScheduler(pipelineSchedulerConfig({ ...unipc, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
+  });
+});
+
+describe('configs an SD pipeline reads but the runtime cannot follow', () => {
+  it('an SDXL VAE with latents_mean / latents_std (playgroundai/playground-v2.5-1024px-aesthetic vae/config.json) is refused, not decoded without them', async () => {
+    const playground = await variant('latents-mean', 'sdxl', (d) =>
+      editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => {
+        c.latents_mean = [-1.6574, 1.886, -1.383, 2.5155];
+        c.latents_std = [8.4927, 5.9022, 6.5498, 5.2299];
+        c.scaling_factor = 0.5;
+      }),
+    );
+    expect(() => readLayout(playground)).toThrow(/^vae_decoder\/config\.json sets latents_mean and latents_std, which an SDXL pipeline applies/);
+    // Recent diffusers saves every AutoencoderKL config with both keys null: that is the plain VAE.
+    const nulls = await variant('latents-null', 'sdxl', (d) => editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => Object.assign(c, { latents_mean: null, latents_std: null, shift_factor: null })));
+    expect(readLayout(nulls).vae.scalingFactor).toBe(0.13025);
+    // StableDiffusionPipeline never reads them.
+    const sd = await variant('latents-mean-sd', 'sd15', (d) => editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => Object.assign(c, { latents_mean: [0, 0, 0, 0], latents_std: [1, 1, 1, 1] })));
+    expect(readLayout(sd).isXL).toBe(false);
+  });
+
+  it('an SDXL refiner export (stabilityai/stable-diffusion-xl-refiner-1.0: text_encoder_2 alone) is named as such, not as a broken export', async () => {
+    const refiner = await variant('refiner', 'sdxl', (d) => {
+      rmSync(path.join(d, 'text_encoder'), { recursive: true });
+      rmSync(path.join(d, 'tokenizer'), { recursive: true });
+      editJson(path.join(d, 'model_index.json'), (c) =>
+        Object.assign(c, { _class_name: 'StableDiffusionXLImg2ImgPipeline', requires_aesthetics_score: true, force_zeros_for_empty_prompt: false, text_encoder: [null, null], tokenizer: [null, null] }),
+      );
+    });
+    expect(() => readLayout(refiner)).toThrow(/^this export has text_encoder_2 but no text_encoder: an SDXL refiner/);
+  });
+});
