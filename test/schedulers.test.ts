@@ -125,6 +125,21 @@ describe('createScheduler', () => {
     expect(plain.sigmas).not.toEqual(s.sigmas);
   });
 
+  it("a DEIS or UniPC model config switched to dpmpp_2m runs as DPM-Solver++ midpoint, as diffusers' __init__ maps it", () => {
+    const run = (config: Record<string, unknown>) => {
+      const s = createScheduler(config, 6, { name: 'dpmpp_2m' });
+      let x = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
+      for (const t of s.timesteps) x = s.step(Float32Array.from(x, (v, i) => 0.1 * v + Math.cos(i * t)), t, x, () => new Float32Array(16)).prevSample;
+      return { timesteps: s.timesteps, x };
+    };
+    const dpm = run({ ...modelConfig, _class_name: 'DPMSolverMultistepScheduler' });
+    // DEISMultistepScheduler's own options, and UniPCMultistepScheduler's solver types.
+    for (const [cls, extra] of [['DEISMultistepScheduler', { algorithm_type: 'deis', solver_type: 'logrho' }], ['UniPCMultistepScheduler', { solver_type: 'bh2' }], ['UniPCMultistepScheduler', { solver_type: 'bh1' }]] as const) {
+      expect(run({ ...modelConfig, _class_name: cls, ...extra }), `${cls} ${JSON.stringify(extra)}`).toEqual(dpm);
+    }
+    expect(() => createScheduler({ ...modelConfig, solver_type: 'euler' }, 6, { name: 'dpmpp_2m' })).toThrow(/solver_type "euler"/);
+  });
+
   it('shared fields carry over, class-specific ones take the new class defaults', () => {
     // PNDM config → DDIM: set_alpha_to_one is in both classes (false carries); clip_sample is DDIM-only (default true).
     const ddim = createScheduler(modelConfig, 10, { name: 'ddim' }) as unknown as { config: Record<string, unknown> };

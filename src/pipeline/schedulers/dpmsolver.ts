@@ -83,9 +83,11 @@ export class DPMSolverMultistep implements Scheduler {
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
-    const algorithm = oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver']);
+    // As diffusers' __init__ does, DEIS's and UniPC's options (a config `from_config` carries over) map to DPM-Solver's.
+    const algorithm = config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver']);
     this.#plusPlus = algorithm === 'dpmsolver++';
-    this.#heun = oneOf(name, config, 'solver_type', ['midpoint', 'heun']) === 'heun';
+    const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(name, config, 'solver_type', ['midpoint', 'heun']);
+    this.#heun = solver === 'heun';
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.#order = num(config, 'solver_order');
     if (this.#order !== 1 && this.#order !== 2) unsupported(name, `solver_order ${this.#order} (1 or 2)`);
