@@ -2,7 +2,6 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { maskUserInfo } from './storage/uri.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
@@ -237,6 +236,20 @@ function defaultCacheDir(): string {
     }
     return dir;
   }
+}
+
+/**
+ * `scheme://user:secret@host/…` with the user info masked, for messages and logs: a URI may carry credentials. A secret
+ * may hold '/' (half of AWS secret keys do) or '@' (a chosen password), so after `user:` everything up to the last '@'
+ * goes; a bucket name holds neither ':' nor '@', so an s3:// URI whose first segment has a ':' is always credentials.
+ */
+export function maskUserInfo(u: string): string {
+  const m = /^([a-z][a-z0-9+.-]*:\/\/)([^/@]*)/i.exec(u);
+  if (!m) return u;
+  const [, scheme, first] = m as unknown as [string, string, string];
+  if (first.includes(':') && u.includes('@')) return `${scheme}***${u.slice(u.lastIndexOf('@'))}`;
+  if (u.charAt(scheme.length + first.length) === '@') return `${scheme}***${u.slice(scheme.length + first.length)}`;
+  return u;
 }
 
 /** The config as one log-safe object: no credentials are part of Config, endpoint userinfo is masked. */

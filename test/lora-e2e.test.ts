@@ -176,7 +176,7 @@ describe('LoRA adapters on the demo model', () => {
     const keys = await imageOf(base, { loras: [{ name: 'bad-keys' }] });
     expect(keys.status).toBe(400);
     expect(keys.error).toMatch(/adapter "bad-keys" has keys that match nothing in this model: unet\.down_blocks\.0\.attentions\.0\.proj_in/);
-    expect(keys.error).toMatch(/adapter "bad-keys" has malformed layers: lora_unet_attn2_to_q/);
+    expect(keys.error).toMatch(/adapter "bad-keys" has layers whose shapes do not fit this model's weights \(a LoRA made for another base model\?\): lora_unet_attn2_to_q \(down \[4,8\] and up \[3,4\] do not fit the weight \[4,8\]\)/);
     const many = await imageOf(base, { loras: ['a', 'b', 'c', 'd'] });
     expect(many.status).toBe(400);
     expect(many.error).toMatch(/instances\[0\]\.loras names 4 adapters; a request may use at most 3 \(MAX_LORAS\)/);

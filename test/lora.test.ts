@@ -130,6 +130,21 @@ describe('adapter files made by diffusers and PEFT', () => {
     expect(problems.join('\n')).toMatch(/adapter "odd" has keys that match nothing in this model: unet\.attn9\.to_q/);
   });
 
+  it("names a LoRA made for another base model: a component this model lacks, and shapes that do not fit", () => {
+    // An SDXL kohya file on an SD 1.x model: its second text encoder, and 2048-wide cross-attention keys.
+    const st = parseSafetensors(writeSafetensors([
+      { name: 'lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight', shape: [1, 2], data: new Float32Array(2) },
+      { name: 'lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight', shape: [2, 1], data: new Float32Array(2) },
+    ]), 'xl');
+    const parsed = parseAdapter(st, 'xl-style');
+    const present = new Set(['unet', 'text_encoder'] as const);
+    expect(resolveAdapters([{ parsed, st, scale: 1 }], maps, undefined, present).problems).toEqual([
+      'adapter "xl-style" targets text_encoder_2, which this model does not have: a LoRA made for another base model (SDXL\'s on SD 1.x or 2.x?)',
+    ]);
+    // Without knowing the model's components, it can only be a missing map.
+    expect(resolveAdapters([{ parsed, st, scale: 1 }], maps).problems.join()).toMatch(/whose export has no lora_map\.json/);
+  });
+
   it('reads the older diffusers forms (attention processor, lora.down/up) and a .alpha tensor', () => {
     const A = Float32Array.from({ length: 4 * 32 }, (_, i) => Math.sin(i));
     const B = Float32Array.from({ length: 32 * 4 }, (_, i) => Math.cos(i));

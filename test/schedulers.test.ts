@@ -128,7 +128,7 @@ describe('createScheduler', () => {
   it("a DEIS or UniPC model config switched to dpmpp_2m runs as DPM-Solver++ midpoint, as diffusers' __init__ maps it", () => {
     const run = (config: Record<string, unknown>) => {
       const s = createScheduler(config, 6, { name: 'dpmpp_2m' });
-      let x = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
+      let x: Float32Array = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
       for (const t of s.timesteps) x = s.step(Float32Array.from(x, (v, i) => 0.1 * v + Math.cos(i * t)), t, x, () => new Float32Array(16)).prevSample;
       return { timesteps: s.timesteps, x };
     };

@@ -2,8 +2,8 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
-import { maskUserInfo, parseS3Url } from '../src/storage/uri.js';
-import { describeConfig, loadConfig } from '../src/config.js';
+import { parseS3Url } from '../src/storage/uri.js';
+import { describeConfig, loadConfig, maskUserInfo } from '../src/config.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {

@@ -221,6 +221,8 @@ export function resolveAdapters(
   maps: ReadonlyMap<LoraComponent, LoraMap>,
   /** The UNet config's layers_per_block, for SDXL kohya files (sgmCandidates); without it their names match nothing. */
   unetLayersPerBlock?: number,
+  /** The LoRA-patchable components the model has, when known: a layer for another one is named as such. */
+  present?: ReadonlySet<LoraComponent>,
 ): Resolution {
   const updates = new Map<string, WeightUpdate>();
   const problems: string[] = [];
@@ -244,6 +246,8 @@ export function resolveAdapters(
     const noMap: string[] = [];
     const notPatchable: string[] = [];
     const broken: string[] = [];
+    const misfit: string[] = [];
+    const absent = new Set<LoraComponent>();
     for (const l of parsed.layers) {
       const map = maps.get(l.component);
       if (!l.down || !l.up) {
@@ -251,7 +255,8 @@ export function resolveAdapters(
         continue;
       }
       if (!map) {
-        noMap.push(l.key);
+        if (present && !present.has(l.component)) absent.add(l.component);
+        else noMap.push(l.key);
         continue;
       }
       // transformers 5 dropped CLIP's `text_model.` level from module names: files and exports of either age meet.
@@ -281,7 +286,7 @@ export function resolveAdapters(
       const upOk = l.up.shape.length >= 2 && l.up.shape[0] === out && l.up.shape[1] === rank && numel(l.up.shape) === out * rank;
       const downOk = rank > 0 && numel(l.down.shape) === rank * inner;
       if (!upOk || !downOk) {
-        broken.push(`${l.key} (down [${l.down.shape}] and up [${l.up.shape}] do not fit the weight [${entry.shape}])`);
+        misfit.push(`${l.key} (down [${l.down.shape}] and up [${l.up.shape}] do not fit the weight [${entry.shape}])`);
         continue;
       }
       const alpha = l.alpha ?? rank;
@@ -295,6 +300,9 @@ export function resolveAdapters(
     if (notPatchable.length > 0) problems.push(`${who} targets weights this export cannot patch (folded by its optimizer; see docs/LORA.md): ${listKeys(notPatchable)}`);
     if (noMap.length > 0) problems.push(`${who} targets components whose export has no ${'lora_map.json'} (re-export with scripts/export_sd.py): ${listKeys(noMap)}`);
     if (broken.length > 0) problems.push(`${who} has malformed layers: ${listKeys(broken)}`);
+    // A LoRA trained on another base model (an SDXL one on SD 1.x): components this model lacks, and shapes that differ.
+    if (absent.size > 0) problems.push(`${who} targets ${[...absent].join(', ')}, which this model does not have: a LoRA made for another base model (SDXL's on SD 1.x or 2.x?)`);
+    if (misfit.length > 0) problems.push(`${who} has layers whose shapes do not fit this model's weights (a LoRA made for another base model?): ${listKeys(misfit)}`);
   }
   return { updates, problems };
 }

@@ -36,7 +36,8 @@ export function planAdapterSet(
     const map = g === undefined ? undefined : readLoraMap(path.dirname(g));
     if (map) maps.set(c, map);
   }
-  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(graphs.unet));
+  const present = new Set(LORA_COMPONENTS.filter((c) => graphs[c] !== undefined));
+  const { updates, problems } = resolveAdapters(adapters, maps, layersPerBlock(graphs.unet), present);
   const byComponent = new Map<LoraComponent, WeightUpdate[]>();
   for (const u of updates.values()) {
     const list = byComponent.get(u.component);

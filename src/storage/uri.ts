@@ -2,6 +2,7 @@
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { maskUserInfo } from '../config.js';
 import { RuntimeError } from '../errors.js';
 
 export type StorageSource =
@@ -33,19 +34,6 @@ export function parseS3Object(uri: string): S3Url | undefined {
   return u && u.key !== '' ? u : undefined;
 }
 
-/**
- * `scheme://user:secret@host/…` with the user info masked, for messages and logs: a URI may carry credentials. A secret
- * may hold '/' (half of AWS secret keys do) or '@' (a chosen password), so after `user:` everything up to the last '@'
- * goes; a bucket name holds neither ':' nor '@', so an s3:// URI whose first segment has a ':' is always credentials.
- */
-export function maskUserInfo(u: string): string {
-  const m = /^([a-z][a-z0-9+.-]*:\/\/)([^/@]*)/i.exec(u);
-  if (!m) return u;
-  const [, scheme, first] = m as unknown as [string, string, string];
-  if (first.includes(':') && u.includes('@')) return `${scheme}***${u.slice(u.lastIndexOf('@'))}`;
-  if (u.charAt(scheme.length + first.length) === '@') return `${scheme}***${u.slice(scheme.length + first.length)}`;
-  return u;
-}
 
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {
