@@ -53,7 +53,9 @@ export interface ImageRequest {
 type Obj = Record<string, unknown>;
 
 const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3://bucket/key URI';
-const BASE64 = /^[A-Za-z0-9+/\-_\s]*={0,2}\s*$/;
+// Whitespace may only follow the padding inside the optional group: a \s* after \s-accepting text would backtrack
+// quadratically (a 1 MiB run of spaces before a stray character held the event loop for minutes).
+const BASE64 = /^[A-Za-z0-9+/\-_\s]*(?:={1,2}\s*)?$/;
 
 /** The bytes or URI a field's value names; problems go to `bad`. */
 function imageSource(v: unknown, field: string, bad: string[]): ImageInput['source'] | undefined {
