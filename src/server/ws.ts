@@ -58,9 +58,16 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     ws.on('pong', () => (c.alive = true));
     // Protocol errors (unmasked frame, bad opcode, invalid UTF-8, oversize) arrive here; ws then closes with 1002/1007/1009.
     ws.on('error', (err) => ctx.log.debug({ err: err.message }, 'websocket protocol error'));
+    // SIGTERM: a socket that has sent no request yet is told to go elsewhere now (a running generation finishes, or is
+    // answered 4503 when the grace period ends), rather than meeting a bare TCP reset (1006) at the exit.
+    const onShutdown = () => {
+      if (!c.started) fail(ws, c, new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 }));
+    };
+    ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
     ws.on('close', () => {
       c.closed = true;
       c.gone.abort();
+      ctx.shutdown.removeEventListener('abort', onShutdown);
       for (const t of c.timers) clearTimeout(t), clearInterval(t);
     });
     c.timers.push(
