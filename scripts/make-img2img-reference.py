@@ -140,6 +140,12 @@ for n, im in {**PICS, **MASKS}.items():
 # Lossy formats, to check that decoding agrees with Pillow's: JPEG (4:2:0) and lossy WebP of the same picture.
 PICS["pic-77x61.png"].save(os.path.join(inputs, "pic-77x61.jpg"), quality=90)
 PICS["pic-77x61.png"].save(os.path.join(inputs, "pic-77x61.webp"), quality=80)
+# CMYK JPEGs (Adobe's inverted CMYK, as Pillow and Photoshop write it; one with EXIF orientation 6): Pillow converts
+# CMYK to RGB by a plain formula, without colour management.
+PICS["pic-77x61.png"].convert("CMYK").save(os.path.join(inputs, "pic-77x61-cmyk.jpg"), quality=90)
+_exif = Image.Exif()
+_exif[0x0112] = 6
+PICS["pic-77x61.png"].convert("CMYK").save(os.path.join(inputs, "pic-77x61-cmyk-rot6.jpg"), quality=90, exif=_exif.tobytes())
 
 
 def load(name):
@@ -176,8 +182,8 @@ for i, (kind, name, h, w, mode) in enumerate(PRE_CASES):
     save_npy(os.path.join(pre, fn), t.numpy())
     pre_index.append({"kind": kind, "input": name, "height": h, "width": w, "resize_mode": mode, "expected": fn, "shape": list(t.shape)})
 # The decoded pixels of the lossy files, as Pillow decodes them (the runtime decodes with sharp/libvips).
-for name in ("pic-77x61.jpg", "pic-77x61.webp"):
-    load(name).save(os.path.join(pre, f"decoded-{os.path.splitext(name)[1][1:]}.png"))
+for name, tag in (("pic-77x61.jpg", "jpg"), ("pic-77x61.webp", "webp"), ("pic-77x61-cmyk.jpg", "cmyk"), ("pic-77x61-cmyk-rot6.jpg", "cmyk-rot6")):
+    load(name).save(os.path.join(pre, f"decoded-{tag}.png"))
 json.dump({"diffusers": diffusers.__version__, "cases": pre_index}, open(os.path.join(pre, "index.json"), "w"), indent=1)
 
 # Pillow's Image.resize on random small images, sizes and boxes (Lanczos and bicubic, RGB and L): the resampler the

@@ -111,6 +111,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     engine: rt.engine,
     randomSeed: w.randomSeed,
     stopping: () => rt.stopping,
+    shutdown: rt.shutdown,
     images: rt.images,
     generate: (reqs, signal, onProgress) => rt.generation.generate(reqs, signal, onProgress),
   };

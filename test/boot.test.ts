@@ -5,6 +5,7 @@
 import { cpSync, rmSync, truncateSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import WebSocket from 'ws';
 import { afterEach, describe, expect, it } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
@@ -225,5 +226,47 @@ describe('SIGTERM', () => {
     expect(await exit).toBe(0);
     expect(srv.events('state').map((l) => l.state)).toContain('stopping');
     expect(srv.events('shut-down').map((l) => l.drained)).toEqual([true]);
+  });
+
+  it('answers what is still running when the grace period ends (503 / close 4503), and closes idle WebSockets with 4503 at once', async () => {
+    // The WebSocket's and the HTTP request's generations share one batch (sent within its window), so both are running.
+    const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '1000' }, { ready: true });
+    // A generation far longer than the grace period (seconds even on a fast CPU).
+    const long = { prompt: 'cut me', num_inference_steps: 500, height: 2048, width: 2048, seed: 3 };
+    const stream = (msg?: object) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/model/stream`);
+      const types: string[] = [];
+      const errors: Array<Record<string, unknown>> = [];
+      const progressed = new Promise<void>((r) => ws.on('message', (d) => {
+        const m = JSON.parse(String(d)) as Record<string, unknown>;
+        types.push(String(m.type));
+        if (m.type === 'error') errors.push(m);
+        if (m.type === 'progress') r();
+      }));
+      const opened = new Promise<void>((r) => ws.once('open', () => (msg && ws.send(JSON.stringify(msg)), r())));
+      const closed = new Promise<{ code: number; at: number }>((r) => ws.once('close', (code) => r({ code, at: Date.now() })));
+      return { opened, progressed, closed, types, errors };
+    };
+    const idle = stream();
+    const running = stream(long);
+    const http = postJson(`${srv.url}/v1/models/model:predict`, { instances: [long] });
+    await Promise.all([idle.opened, running.progressed]);
+    const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
+    srv.proc.kill('SIGTERM');
+    // The idle socket is told at once, before the grace period ends (not left to a reset, 1006, at the exit).
+    const [idleClose, runningClose] = await Promise.all([idle.closed, running.closed]);
+    expect(idleClose.code).toBe(4503);
+    expect(idleClose.at).toBeLessThan(runningClose.at);
+    expect(idle.errors).toEqual([{ type: 'error', code: 'SHUTTING_DOWN', error: 'Model with name model is not ready. The server is shutting down.', retry_after: 1 }]);
+    const cut = 'the server shut down before the generation finished (SHUTDOWN_GRACE_S); retry';
+    expect(runningClose.code).toBe(4503);
+    expect(running.errors).toEqual([{ type: 'error', code: 'SHUTTING_DOWN', error: cut, retry_after: 1 }]);
+    expect(running.types).not.toContain('result');
+    const r = await http;
+    expect(r.status).toBe(503);
+    expect(r.json).toEqual({ error: cut, code: 'SHUTTING_DOWN' });
+    expect(r.headers.get('retry-after')).toBe('1');
+    expect(await exit).toBe(0);
+    expect(srv.events('shut-down').map((l) => l.drained)).toEqual([false]);
   });
 });

@@ -210,6 +210,17 @@ describe('bad image inputs answer 400 naming the field', () => {
     else expect(r.json.error).toMatch(want);
   });
 
+  it('answers text that is almost base64 at once: a long run of whitespace before a stray character', async () => {
+    // The check must be linear: a backtracking one took over a minute on this body (and ~13 minutes on a 1 MiB one), with
+    // the event loop, health probes included, held all that time.
+    const r = await predict(demo, { ...ok, image: `A${' '.repeat(300_000)}!` });
+    expect(r.status).toBe(400);
+    expect(r.json.error).toMatch(/^instances\[0\]\.image is neither base64 nor an s3:\/\/ URI/);
+    // Padding, line breaks and the URL-safe alphabet still pass this check (and decode).
+    const wrapped = pic.toString('base64url').replace(/(.{76})/g, '$1\r\n');
+    expect((await predict(demo, { ...ok, image: `${wrapped}${'='.repeat((4 - (pic.toString('base64url').length % 4)) % 4)}\n` })).status).toBe(200);
+  }, 15_000);
+
   it("points AUTOMATIC1111's img2img names to ours", async () => {
     const r = await predict(demo, { ...ok, init_images: [pic.toString('base64')], denoising_strength: 0.5, mask: 'x' });
     expect(r.status).toBe(400);

@@ -249,6 +249,34 @@ describe('WebSocket close handshake and protocol errors with real clients', () =
     expect([code, reason, types.at(-1)]).toEqual([1000, 'done', 'result']);
   });
 
+  it('stops reading a client that pings without reading the pongs, and serves it once it reads again', async () => {
+    const ws = await stream();
+    ws.sock.pause();
+    const mask = randomBytes(4);
+    const ping = Buffer.concat([Buffer.from([0x89, 0x80 | 125]), mask, Buffer.from(randomBytes(125).map((b, i) => b ^ mask[i % 4]!))]);
+    const batch = Buffer.concat(Array<Buffer>(2000).fill(ping));
+    // Kernel buffers on loopback hold tens of MB at most (tcp_rmem's maximum is 32 MiB on common hosts); a server that
+    // reads on takes all of CAP (and holds ~3 bytes of pongs and buffers for each byte of ping).
+    const CAP = 96 * 2 ** 20;
+    const flushed = () => ws.sock.bytesWritten - ws.sock.writableLength;
+    while (flushed() < CAP) {
+      if (ws.sock.write(batch)) continue;
+      const drained = await new Promise<boolean>((r) => {
+        const t = setTimeout(() => r(false), 1000);
+        ws.sock.once('drain', () => (clearTimeout(t), r(true)));
+      });
+      if (!drained) break;
+    }
+    const stalledAt = flushed();
+    console.log(`ping flood: the server took ${(stalledAt / 2 ** 20).toFixed(1)} MiB of pings before the client stalled`);
+    expect(stalledAt).toBeLessThan(CAP);
+    // Reading again: the pongs drain, the server reads on, and the connection serves its generation.
+    ws.sock.resume();
+    ws.send(JSON.stringify({ prompt: 'after the flood', num_inference_steps: 2, height: 64, width: 64, seed: 5 }));
+    expect((await ws.next((m) => m.type === 'result')).images).toHaveLength(1);
+    expect((await ws.closed).code).toBe(1000);
+  });
+
   it('closes with 1009 a message over MAX_BODY_BYTES', async () => {
     const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/model/stream`);
     ws.on('open', () => ws.send(JSON.stringify({ prompt: 'x'.repeat(2 * 1024 * 1024) })));

@@ -344,7 +344,17 @@ export class Engine {
     this.#closing = true;
     for (const t of this.#restartTimers) clearTimeout(t);
     this.#restartTimers.clear();
-    for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down'));
+    for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    // Batches still running after the grace period stop at their next step (a worker closes only once its generation
+    // ends, and one ended by terminate() inside an ONNX Runtime call aborts the process), and their clients get an
+    // answer (503, Retry-After) now, while their connections are open, instead of a bare reset at the exit.
+    const cut = new RuntimeError('SHUTTING_DOWN', 'the server shut down before the generation finished (SHUTDOWN_GRACE_S); retry', { retryAfter: 1 });
+    for (const w of this.#workers) {
+      for (const run of runsOf(w)) {
+        if (!w.dead) w.send({ t: 'cancel', id: run.id });
+        for (const t of run.tasks) this.#finish(t, cut);
+      }
+    }
     await Promise.all(
       this.#workers.filter((w) => !w.dead).map(
         (w) =>

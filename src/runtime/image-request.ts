@@ -53,7 +53,9 @@ export interface ImageRequest {
 type Obj = Record<string, unknown>;
 
 const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3://bucket/key URI';
-const BASE64 = /^[A-Za-z0-9+/\-_\s]*={0,2}\s*$/;
+// Whitespace may only follow the padding inside the optional group: a \s* after \s-accepting text would backtrack
+// quadratically (a 1 MiB run of spaces before a stray character held the event loop for minutes).
+const BASE64 = /^[A-Za-z0-9+/\-_\s]*(?:={1,2}\s*)?$/;
 
 /** The bytes or URI a field's value names; problems go to `bad`. */
 function imageSource(v: unknown, field: string, bad: string[]): ImageInput['source'] | undefined {
@@ -148,7 +150,7 @@ export function sniffFormat(b: Uint8Array): 'png' | 'jpeg' | 'webp' | { other: s
 
 /**
  * Decodes an input image to RGB as diffusers' load_image does with Pillow: EXIF orientation applied, alpha dropped
- * (not composited), grey and palette images expanded, the ICC profile ignored.
+ * (not composited), grey and palette images expanded, CMYK converted by Pillow's formula, the ICC profile ignored.
  */
 export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS): Promise<Raster> {
   const fmt = sniffFormat(bytes);
@@ -156,11 +158,14 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   const sharp = await loadSharp();
   let out: { data: Buffer; info: { width: number; height: number; channels: number } };
   try {
-    out = await sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true })
-      .removeAlpha()
-      .toColourspace('srgb')
-      .raw({ depth: 'uchar' })
-      .toBuffer({ resolveWithObject: true });
+    const img = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
+    if (fmt === 'jpeg' && (await img.metadata()).space === 'cmyk') {
+      // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
+      const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
+      out = { data: cmykToRgb(cmyk.data), info: { ...cmyk.info, channels: 3 } };
+    } else {
+      out = await img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
+    }
   } catch (err) {
     const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
     if (/pixel limit/i.test(why)) throw new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
@@ -171,6 +176,20 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   // A buffer of its own: the job carries it to the worker, and cloning a view clones all of its backing store.
   const px = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
   return { data: px, width: info.width, height: info.height, channels: 3 };
+}
+
+/** Pillow's CMYK → RGB (Convert.c cmyk2rgb): no colour management, each channel (255 − K)(1 − C/255) in its integer rounding. */
+function cmykToRgb(cmyk: Buffer): Buffer {
+  const n = cmyk.length >> 2;
+  const rgb = Buffer.allocUnsafe(n * 3);
+  for (let i = 0; i < n; i++) {
+    const nk = 255 - cmyk[i * 4 + 3]!;
+    for (let c = 0; c < 3; c++) {
+      const t = cmyk[i * 4 + c]! * nk + 128;
+      rgb[i * 3 + c] = nk - (((t >> 8) + t) >> 8);
+    }
+  }
+  return rgb;
 }
 
 /** A parsed request as far as its image inputs go (runtime/request.ts's GenerationRequest). */

@@ -20,6 +20,8 @@ export interface ServerContext {
   randomSeed: () => number;
   /** True between SIGTERM and exit: readiness is false and new work gets 503. */
   stopping: () => boolean;
+  /** Aborted at SIGTERM: connections that wait for a request (WebSocket) are closed with 503. */
+  shutdown: AbortSignal;
   /** Reads s3:// input images (img2img, inpainting). */
   images: ImageSource;
   /** Runs requests through the result cache and the queue; results in request order. */

@@ -8,7 +8,8 @@
  *          ◄── {"type":"result","images":[{b64|uri,seed,format,width,height}]}   (never dropped)
  *          ◄── close 1000
  *   errors: {"type":"error","code":…,"error":…} then close 4000+HTTP status (4400, 4404, 4408, 4499, 4500, 4503).
- *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009.
+ *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009; pings are
+ *   answered, but not read while the answers back up (a client that pings without reading).
  * The close handshake ends with this side closing the TCP connection as soon as the client answers the close frame
  * (clients such as browsers, undici and Python's websockets wait for that). Closing the socket cancels the
  * generation: a queued request leaves the queue, a running batch stops between steps once every client has left.
@@ -56,11 +57,31 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     const c: Conn = { name, closed: false, closing: false, started: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
+    // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
+    // While this side's output is backed up, stop reading; further pings wait in the client's own buffers.
+    ws.on('ping', () => {
+      if (ws.isPaused || ws.bufferedAmount <= PROGRESS_BUFFER_LIMIT) return;
+      ws.pause();
+      const t = setInterval(() => {
+        if (ws.readyState === ws.OPEN && ws.bufferedAmount > PROGRESS_BUFFER_LIMIT / 2) return;
+        clearInterval(t);
+        c.timers.splice(c.timers.indexOf(t), 1);
+        ws.resume();
+      }, 50);
+      c.timers.push(t);
+    });
     // Protocol errors (unmasked frame, bad opcode, invalid UTF-8, oversize) arrive here; ws then closes with 1002/1007/1009.
     ws.on('error', (err) => ctx.log.debug({ err: err.message }, 'websocket protocol error'));
+    // SIGTERM: a socket that has sent no request yet is told to go elsewhere now (a running generation finishes, or is
+    // answered 4503 when the grace period ends), rather than meeting a bare TCP reset (1006) at the exit.
+    const onShutdown = () => {
+      if (!c.started) fail(ws, c, new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 }));
+    };
+    ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
     ws.on('close', () => {
       c.closed = true;
       c.gone.abort();
+      ctx.shutdown.removeEventListener('abort', onShutdown);
       for (const t of c.timers) clearTimeout(t), clearInterval(t);
     });
     c.timers.push(
