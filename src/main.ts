@@ -113,7 +113,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     stopping: () => rt.stopping,
     shutdown: rt.shutdown,
     images: rt.images,
-    generate: (reqs, signal, onProgress) => rt.generation.generate(reqs, signal, onProgress),
+    generate: (reqs, signal, onProgress, onQueued) => rt.generation.generate(reqs, signal, onProgress, onQueued),
   };
   w.registerRoutes(base, ctx);
   rt.setListener(base);

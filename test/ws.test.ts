@@ -305,6 +305,33 @@ describe('WebSocket close handshake and protocol errors with real clients', () =
   });
 });
 
+describe('WebSocket requests refused at the queue', () => {
+  it('get the refusal alone, never an accepted before it: an unknown adapter, then a full queue', async () => {
+    const ws = await stream();
+    ws.send(JSON.stringify({ prompt: 'x', num_inference_steps: 1, height: 64, width: 64, loras: ['no-such-adapter'] }));
+    expect((await ws.closed).code).toBe(4400);
+    expect(ws.messages.map((m) => [m.type, m.code])).toEqual([['error', 'INVALID_INPUT']]);
+
+    const busy = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', MAX_QUEUE: '1', MAX_BATCH_SIZE: '1', RESULT_CACHE_MB: '0' }, { ready: true });
+    try {
+      // One generation running and one waiting fill the queue.
+      const long = (seed: number) => postJson(`${busy.url}/v1/models/model:predict`, { instances: [{ prompt: 'long', num_inference_steps: 200, height: 512, width: 512, seed }] });
+      const running = [long(1)];
+      await expect.poll(() => busy.rt.engine.queueDepth, { timeout: 10_000 }).toBe(0);
+      await expect.poll(() => busy.rt.generation.inflight, { timeout: 10_000 }).toBe(1);
+      running.push(long(2));
+      await expect.poll(() => busy.rt.engine.queueDepth, { timeout: 10_000 }).toBe(1);
+      const late = await connect(busy.port, '/v1/models/model/stream');
+      late.send(JSON.stringify({ prompt: 'late', num_inference_steps: 1, height: 64, width: 64 }));
+      expect((await late.closed).code).toBe(4503);
+      expect(late.messages.map((m) => [m.type, m.code])).toEqual([['error', 'BUSY']]);
+      await Promise.all(running);
+    } finally {
+      await busy.stop();
+    }
+  });
+});
+
 describe('WebSocket on a server that is not ready', () => {
   it('sends an error and closes with 4503', async () => {
     const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });

@@ -64,6 +64,8 @@ export interface TaskResult {
 export interface SubmitOptions {
   signal?: AbortSignal;
   onProgress?: (p: Progress) => void;
+  /** The request is in the queue: it passed every check that could refuse it before its generation. */
+  onQueued?: () => void;
   /** Run on this worker (its index) and alone: the warm-up of each worker. */
   worker?: number;
 }
@@ -325,6 +327,7 @@ export class Engine {
       }
       this.#pending.push(task);
       this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      opts.onQueued?.();
       this.#pump();
     });
   }

@@ -13,7 +13,8 @@ import { createResultCache, type ResultCache } from './result-cache.js';
 
 export interface Generation {
   /** Runs requests through the result cache and the queue; results in request order. */
-  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult[]>;
+  /** `onQueued`: once per request, when it is queued (or answered from the result cache). */
+  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult[]>;
   readonly resultCache: ResultCache;
   /** Requests in flight (a request of several generations counts once). */
   readonly inflight: number;
@@ -31,16 +32,17 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   const waiters: Array<() => void> = [];
 
   /** Result cache → queue → cache fill → optional upload to output_uri. */
-  const generateOne = async (req: GenerationRequest, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<TaskResult> => {
+  const generateOne = async (req: GenerationRequest, signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     const hit = key === undefined ? undefined : resultCache.get(key);
     let result: TaskResult;
     if (hit) {
       metrics.resultCacheHits.inc(labels);
+      onQueued?.();
       const images = hit.map((i) => ({ ...i, data: i.data.slice(0) }));
       result = { images, times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
     } else {
-      result = await engine.submit(req, { signal, ...(onProgress ? { onProgress } : {}) });
+      result = await engine.submit(req, { signal, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
       if (key !== undefined) resultCache.put(key, result.images);
     }
     if (req.output.uri !== undefined) {
@@ -55,14 +57,14 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     get inflight() {
       return inflight;
     },
-    async generate(reqs, signal, onProgress) {
+    async generate(reqs, signal, onProgress, onQueued) {
       inflight++;
       metrics.inflight.set(labels, inflight);
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
       const timeout = AbortSignal.timeout(cfg.requestTimeoutS * 1000);
       const both = AbortSignal.any([signal, timeout]);
       try {
-        return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress)));
+        return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress, onQueued)));
       } catch (err) {
         if (timeout.aborted && !signal.aborted) {
           throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });

@@ -25,7 +25,7 @@ export interface ServerContext {
   /** Reads s3:// input images (img2img, inpainting). */
   images: ImageSource;
   /** Runs requests through the result cache and the queue; results in request order. */
-  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void) => Promise<TaskResult[]>;
+  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void) => Promise<TaskResult[]>;
 }
 
 /** KServe's 404 for a model name this server does not serve (every route and the WebSocket). */

@@ -124,8 +124,9 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
       await readImages(ctx, reqs, c.gone.signal);
       const req = reqs[0]!;
-      critical(ws, c, JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages }));
-      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p));
+      // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
+      const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
+      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
       critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
       closeWith(ws, c, 1000, 'done');
     } catch (err) {
