@@ -97,9 +97,18 @@ const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
   const bad: string[] = [];
+  const quoted = new Set<string>();
   const raw = (k: string): string | undefined => {
     const v = env[k]?.trim();
-    return v === undefined || v === '' ? undefined : v;
+    if (v === undefined || v === '') return undefined;
+    // `value: '"s3://b/p"'` in YAML (or a quoted line in an env file) keeps the quotes: no variable here takes them,
+    // and kept they would make a local path of a URI, a host of `"http`, a region S3 refuses to sign for.
+    if (v.length >= 2 && (v[0] === '"' || v[0] === "'") && v.at(-1) === v[0]) {
+      if (!quoted.has(k)) bad.push(`${k} is wrapped in quotes, got ${v[0]}${maskUserInfo(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
+      quoted.add(k);
+      return undefined;
+    }
+    return v;
   };
   const int = (k: string, dflt: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
     const r = raw(k);
