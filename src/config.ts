@@ -97,9 +97,18 @@ const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
   const bad: string[] = [];
+  const quoted = new Set<string>();
   const raw = (k: string): string | undefined => {
     const v = env[k]?.trim();
-    return v === undefined || v === '' ? undefined : v;
+    if (v === undefined || v === '') return undefined;
+    // `value: '"s3://b/p"'` in YAML (or a quoted line in an env file) keeps the quotes: no variable here takes them,
+    // and kept they would make a local path of a URI, a host of `"http`, a region S3 refuses to sign for.
+    if (v.length >= 2 && (v[0] === '"' || v[0] === "'") && v.at(-1) === v[0]) {
+      if (!quoted.has(k)) bad.push(`${k} is wrapped in quotes, got ${v[0]}${maskUserInfo(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
+      quoted.add(k);
+      return undefined;
+    }
+    return v;
   };
   const int = (k: string, dflt: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
     const r = raw(k);
@@ -217,8 +226,32 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
   }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
+  // Whitespace around a key is removed (trimCredentials); inside one it is a copy gone wrong. The value is never shown.
+  for (const k of CREDENTIAL_VARS) {
+    if (/[\s\x00-\x1f\x7f]/.test(env[k]?.trim() ?? '')) bad.push(`${k} has a space, line break or control character inside it; copy the key into the Secret again`);
+  }
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
+}
+
+/** The static S3 credentials: the AWS SDK and the SDK-free transport read them from the environment, never from Config. */
+const CREDENTIAL_VARS = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN'] as const;
+
+/**
+ * Removes whitespace around the S3 credentials in `env`, where both transports read them, and returns the names it
+ * changed. A Secret made with `kubectl create secret --from-file` keeps the file's last newline: in a secret key it
+ * would reach S3 as SignatureDoesNotMatch, in a key id or token as a header Node refuses to send. Keys hold none.
+ */
+export function trimCredentials(env: Env = process.env): string[] {
+  const trimmed: string[] = [];
+  for (const k of CREDENTIAL_VARS) {
+    const v = env[k];
+    if (v !== undefined && v !== v.trim()) {
+      env[k] = v.trim();
+      trimmed.push(k);
+    }
+  }
+  return trimmed;
 }
 
 /** `/mnt/cache` when it is a writable mount (the PVC), else a directory under the OS temp dir. */

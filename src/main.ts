@@ -5,7 +5,7 @@
  */
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { ConfigError, describeConfig, loadConfig, type Config } from './config.js';
+import { ConfigError, describeConfig, loadConfig, trimCredentials, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import type { BootSequence } from './runtime/boot-sequence.js';
@@ -42,7 +42,7 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  applyProcessDefaults();
+  const trimmed = applyProcessDefaults();
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
   // overlaps the listen here, then the imports below.
   const workers = spawnWorkers(cfg);
@@ -58,6 +58,7 @@ async function main(): Promise<void> {
   boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
   const { createLogger } = await import('./log.js');
   log = createLogger(cfg.logLevel);
+  logTrimmed(log, trimmed);
   events = new BootEvents(log);
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
   boot.fetch(log, events);
@@ -73,8 +74,11 @@ async function main(): Promise<void> {
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
 }
 
-/** Environment the process's libraries read themselves; set before the workers load onnxruntime-node. */
-function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
+/**
+ * Environment the process's libraries read themselves; set before the workers load onnxruntime-node. Returns the
+ * credential variables whose surrounding whitespace was removed (trimCredentials), for logTrimmed.
+ */
+function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
   // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
   // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
   // unless the operator set ORT_DISABLE_TELEMETRY.
@@ -82,6 +86,13 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
   // The AWS SDK (the default S3 transport) prints a multi-line notice about its future Node requirement to stderr when
   // a client is made; the lockfile pins the SDK, and stderr carries only this process's own one-line errors.
   env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+  return trimCredentials(env);
+}
+
+/** One warning naming (never showing) the credentials that came with whitespace around them. */
+function logTrimmed(log: Logger, variables: readonly string[]): void {
+  if (variables.length === 0) return;
+  log.warn({ variables }, 'removed whitespace around S3 credentials (a Secret made with `kubectl create secret --from-file` keeps the file\'s last newline)');
 }
 
 /**
@@ -90,9 +101,11 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): void {
  * ends it. Its workers start when it boots, unless `workers` are given.
  */
 export async function createRuntime(cfg: Readonly<Config>, opts: { log?: Logger; workers?: SpawnedWorker[] } = {}): Promise<Runtime> {
-  applyProcessDefaults();
+  const trimmed = applyProcessDefaults();
   const [{ Runtime }, { createLogger }] = await Promise.all([import('./runtime/runtime.js'), import('./log.js')]);
-  return new Runtime(cfg, opts.log ?? createLogger(cfg.logLevel), opts.workers ? { workers: opts.workers } : {});
+  const log = opts.log ?? createLogger(cfg.logLevel);
+  logTrimmed(log, trimmed);
+  return new Runtime(cfg, log, opts.workers ? { workers: opts.workers } : {});
 }
 
 type Wiring = Awaited<ReturnType<typeof serverModules>>;

@@ -64,6 +64,27 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of before-ready, after-ready, got "never"');
   });
 
+  it('values as Kubernetes hands them over: surrounding whitespace is dropped, quotes kept by YAML are named, never used', () => {
+    const c = loadConfig({ AWS_S3_ENDPOINT: 'minio.example:9000\n', S3_USE_HTTPS: ' False ', AWS_DEFAULT_REGION: 'eu-west-1\n', STORAGE_URI: 's3://models/sd\n', S3_MAX_CONCURRENCY: ' 24 ', EXIT_ON_BOOT_FAILURE: 'yes' });
+    expect([c.s3.endpoint, c.s3.region, c.storageUri, c.s3.maxConcurrency, c.exitOnBootFailure]).toEqual(['http://minio.example:9000', 'eu-west-1', 's3://models/sd', 24, true]);
+    let err: unknown;
+    try {
+      loadConfig({ STORAGE_URI: '"s3://models/sd"', AWS_S3_ENDPOINT: "'http://minio:9000'", AWS_DEFAULT_REGION: '"us-east-1"', S3_USE_HTTPS: '"0"', LORA_URI: '"s3://KEY:SECRET@b/l"' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ConfigError);
+    const hint = 'remove them (in YAML, quotes inside a quoted value are part of it)';
+    expect((err as ConfigError).problems).toEqual([
+      `AWS_S3_ENDPOINT is wrapped in quotes, got 'http://minio:9000': ${hint}`,
+      `S3_USE_HTTPS is wrapped in quotes, got "0": ${hint}`,
+      `AWS_DEFAULT_REGION is wrapped in quotes, got "us-east-1": ${hint}`,
+      `STORAGE_URI is wrapped in quotes, got "s3://models/sd": ${hint}`,
+      `LORA_URI is wrapped in quotes, got "s3://***@b/l": ${hint}`,
+    ]);
+    expect(() => loadConfig({ S3_PART_SIZE: '8Mi' })).toThrow('S3_PART_SIZE must be an integer from 65536 to 5368709120, got "8Mi"');
+  });
+
   it('masks credentials in an endpoint or URI when describing itself', () => {
     const d = describeConfig(loadConfig({ AWS_ENDPOINT_URL: 'http://user:secret@host:9000', STORAGE_URI: 's3://b/p' }));
     expect(JSON.stringify(d)).not.toContain('secret');

@@ -6,7 +6,7 @@
  */
 import { createReadStream, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { ConfigError, loadConfig } from '../src/config.js';
+import { ConfigError, loadConfig, trimCredentials } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
@@ -28,6 +28,8 @@ async function warm(signal: AbortSignal): Promise<void> {
   if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
   // stdout carries only the final JSON line; a Job log shows progress and problems, not every event.
   const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
+  const trimmed = trimCredentials();
+  if (trimmed.length > 0) log.warn({ variables: trimmed }, 'removed whitespace around S3 credentials (a Secret made with `kubectl create secret --from-file` keeps the file\'s last newline)');
   let last = 0;
   let latest: FetchProgress | undefined;
   const print = (p: FetchProgress) => process.stderr.write(`warmup: ${progressLine(p)}\n`);
@@ -54,6 +56,7 @@ async function warm(signal: AbortSignal): Promise<void> {
 async function push(localDir: string | undefined, uri: string | undefined, signal: AbortSignal): Promise<void> {
   if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
   const cfg = loadConfig();
+  trimCredentials();
   const src = parseStorageUri(uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
   const st = await fsp.stat(localDir).catch(() => undefined);
