@@ -107,6 +107,30 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('push: a cache entry pushed elsewhere serves (its bookkeeping files stay behind); an empty folder, an unfinished download and a missing bucket fail by name', async () => {
+    const first = await cli([], env(path.join(tmp, 'c-push')));
+    expect(first.code, first.stderr).toBe(0);
+    const entry = JSON.parse(first.stdout).modelDir as string;
+    const pushEnv = s3Env(s3.endpoint, path.join(tmp, 'unused'));
+    const copied = await cli(['push', entry, 's3://models/sd/copy'], pushEnv);
+    expect(copied.code, copied.stderr).toBe(0);
+    expect(JSON.parse(lastLine(copied.stdout))).toMatchObject({ bytes: TOTAL, files: 6 });
+    const fromCopy = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-copy'), { STORAGE_URI: 's3://models/sd/copy' }));
+    expect(fromCopy.code, fromCopy.stderr).toBe(0);
+    await expectModel(JSON.parse(fromCopy.stdout).modelDir);
+
+    const empty = path.join(tmp, 'empty-export');
+    await fsp.mkdir(empty, { recursive: true });
+    const none = await cli(['push', empty, 's3://models/sd/empty'], pushEnv);
+    expect([none.code, lastLine(none.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds no files to upload`]);
+    await fsp.writeFile(path.join(empty, 'model_index.json'), '{}');
+    await fsp.writeFile(path.join(empty, 'unet.partial'), '');
+    const unfinished = await cli(['push', empty, 's3://models/sd/empty'], pushEnv);
+    expect([unfinished.code, lastLine(unfinished.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds an unfinished download (unet.partial); push a complete export`]);
+    const noBucket = await cli(['push', local, 's3://no-such-bucket/sd'], pushEnv);
+    expect([noBucket.code, lastLine(noBucket.stderr)]).toEqual([1, 'warmup: STORAGE_MISSING: cannot upload: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+  });
+
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
     const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';
     const r = await cli([], env(path.join(tmp, 'c-creds'), { STORAGE_URI: `s3://AKIAEXAMPLE:${secret}@models/sd/v1`, LOG_LEVEL: 'trace' }));

@@ -10,7 +10,8 @@ import { ConfigError, loadConfig } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { walk } from '../src/storage/cache.js';
+import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
+import { permanentError } from '../src/storage/s3-errors.js';
 import { parseStorageUri } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix';
@@ -59,7 +60,13 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
-  const files = await walk(localDir);
+  const all = await walk(localDir);
+  // A cache entry (or a copy of one) holds the cache's own files: a server would refuse a prefix that has them.
+  const partial = all.find((rel) => rel.endsWith(PARTIAL));
+  if (partial !== undefined) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds an unfinished download (${partial}); push a complete export`);
+  const files = all.filter((rel) => !ENTRY_MARKERS.includes(path.posix.basename(rel)));
+  if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
+  if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
   const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js')]);
   const s3 = createS3(cfg.s3);
@@ -82,7 +89,8 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
         try {
           await up.done();
         } catch (e) {
-          throw new RuntimeError('STORAGE_TRANSIENT', `upload of ${rel} to s3://${src.bucket}/${src.prefix}${rel} failed: ${(e as Error).name}`, { cause: e });
+          if (signal.aborted) throw e;
+          throw permanentError(e, src.bucket, src.prefix + rel, 'upload');
         } finally {
           signal.removeEventListener('abort', onAbort);
         }
