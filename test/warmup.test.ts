@@ -107,6 +107,19 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a committed entry that S3 cannot confirm (denied) fails the Job; the server would serve it as is', async () => {
+    const cache = path.join(tmp, 'c-hit-check');
+    const first = await cli([], env(cache));
+    expect(first.code, first.stderr).toBe(0);
+    proxy.faults = { deny: true };
+    const denied = await cli([], env(cache));
+    expect([denied.code, denied.stdout]).toEqual([1, '']);
+    expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
+    proxy.faults = {};
+    const again = await cli([], env(cache));
+    expect([again.code, JSON.parse(again.stdout).fromCache]).toEqual([0, true]);
+  });
+
   it('push: a cache entry pushed elsewhere serves (its bookkeeping files stay behind); an empty folder, an unfinished download and a missing bucket fail by name', async () => {
     const first = await cli([], env(path.join(tmp, 'c-push')));
     expect(first.code, first.stderr).toBe(0);
@@ -204,14 +217,14 @@ describe('warm-up CLI', () => {
     expect(proxy.stats.bodyBytes - mid).toBeLessThan(TOTAL - 500_000);
   });
 
-  it('SIGTERM mid-download: exits 143, releases the lock, leaves the entry uncommitted', async () => {
-    const cache = path.join(tmp, 'c5');
+  it.each([['SIGTERM', 143], ['SIGINT', 130]] as const)('%s mid-download: exits %i, releases the lock, leaves the entry uncommitted', async (sig, status) => {
+    const cache = path.join(tmp, `c5-${sig}`);
     proxy.faults = { bytesPerSecond: 500_000 };
     const before = proxy.stats.bodyBytes;
     const r = await cli([], env(cache), (kill) => {
-      void until(() => proxy.stats.bodyBytes - before > 500_000, 20_000, 20).then(() => kill('SIGTERM'));
+      void until(() => proxy.stats.bodyBytes - before > 500_000, 20_000, 20).then(() => kill(sig));
     });
-    expect(r.code).toBe(143);
+    expect(r.code).toBe(status);
     expect(lastLine(r.stderr)).toBe('warmup: CANCELLED: stopped by signal');
     const names = await fsp.readdir(cache);
     expect(names.filter((n) => n.endsWith('.lock'))).toEqual([]);

@@ -2,9 +2,11 @@
  * @module The cache warm-up Job's CLI. `node dist/warmup/main.js` fills MODEL_CACHE_DIR from STORAGE_URI
  * (same code path as the server's boot), prints progress to stderr about once a second and one JSON line
  * on stdout; `node dist/warmup/main.js push LOCAL_DIR s3://bucket/prefix` uploads an exported model.
- * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 143 on SIGTERM.
+ * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 128 + the signal's number when
+ * stopped (143 SIGTERM, 130 SIGINT), as a shell reports a process the signal killed.
  */
 import { createReadStream, promises as fsp } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { ConfigError, loadConfig } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
@@ -36,7 +38,7 @@ async function warm(signal: AbortSignal): Promise<void> {
   timer.unref();
   try {
     const r = await resolveModel(cfg.storageUri, {
-      cfg, log, signal,
+      cfg, log, signal, requireHitCheck: true,
       onProgress: (p) => {
         latest = p;
         const now = Date.now();
@@ -113,10 +115,10 @@ async function main(): Promise<number> {
   // the lockfile pins the SDK.
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   const ac = new AbortController();
-  let signalled = false;
+  let signalled: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
-    if (signalled) process.exit(143);
-    signalled = true;
+    if (signalled) process.exit(128 + os.constants.signals[sig]);
+    signalled = sig;
     process.stderr.write(`warmup: ${sig} received; stopping (the cache stays consistent and resumes next run)\n`);
     ac.abort(new RuntimeError('CANCELLED', `stopped by ${sig}`));
   };
@@ -140,7 +142,7 @@ async function main(): Promise<number> {
     }
     if (signalled) {
       process.stderr.write('warmup: CANCELLED: stopped by signal\n');
-      return 143;
+      return 128 + os.constants.signals[signalled];
     }
     const reason = isRuntimeError(e) ? `${e.code}: ${e.message}` : `INTERNAL: ${(e as Error)?.message ?? String(e)}`;
     process.stderr.write(`warmup: ${reason.replace(/\s*\n\s*/g, ' ')}\n`);
