@@ -684,8 +684,14 @@ describe('scripts', () => {
       spawnSync('bash', [path.join(ROOT, 'scripts/export-onnx.sh'), ...args], { encoding: 'utf8', env: { ...process.env, VENV: path.join(dir, 'venv'), ...env } });
 
     it('usage: --help exits 0, missing arguments exit 2, unknown options fail', () => {
-      expect(run(['--help']).status).toBe(0);
-      expect(run([]).status).toBe(2);
+      const help = run(['--help']);
+      expect(help.status).toBe(0);
+      // The header comment and nothing of the script after it.
+      expect(help.stdout).toMatch(/^Export a Hugging Face diffusers model/);
+      expect(help.stdout.trimEnd()).toMatch(/PYTHON_IMAGE \(default\npython:3\.11-slim\)\.$/);
+      const noArgs = run([]);
+      expect(noArgs.status).toBe(2);
+      expect(noArgs.stderr).toBe(help.stdout);
       expect(run(['m', path.join(dir, 'o0'), '--bogus']).status).not.toBe(0);
       expect(run(['m', path.join(dir, 'o0'), '--push', 'http://not-s3']).stderr).toMatch(/s3:\/\/bucket\/prefix/);
     });
