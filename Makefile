@@ -43,7 +43,11 @@ ISVC_TEMPLATE = $(ISVC_TEMPLATE_$(DEPLOY_MODE))
 TEMPLATES := $(wildcard templates/*.yaml)
 # envsubst substitutes only these names: KServe's {{.Name}} and any other "$" pass through.
 ENVSUBST_VARS := $(foreach v,$(PARAM_NAMES),$${$(v)})
-PARAM_ENV = $(foreach v,$(PARAM_NAMES),$(v)='$($(v))')
+# Each value reaches the manifests as typed, a password with $ ' " or \ included: $(value) keeps make from expanding a
+# $ in it, sh_quote fits it inside '…' for the shell, and yaml_dq escapes it for the templates' double-quoted strings.
+yaml_dq = $(subst ",\",$(subst \,\\,$(1)))
+sh_quote = $(subst ','\'',$(1))
+PARAM_ENV = $(foreach v,$(PARAM_NAMES),$(v)='$(call sh_quote,$(call yaml_dq,$(value $(v))))')
 
 .PHONY: help build push render deploy undeploy secret warmup test-v1 run-local test bench lint export
 
@@ -72,7 +76,7 @@ render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests
 	@echo "rendered $(words $(TEMPLATES)) templates into $(RENDER_DIR)/ (namespace $(NAMESPACE), model $(MODEL_NAME))"
 
 secret: render ## Create/update the S3 data-connection Secret from S3_* variables
-	@if [ "$(S3_ACCESS_KEY_ID)" = CHANGE_ME ] || [ "$(S3_SECRET_ACCESS_KEY)" = CHANGE_ME ]; then \
+	@if [ $(words $(filter CHANGE_ME,$(value S3_ACCESS_KEY_ID) $(value S3_SECRET_ACCESS_KEY))) != 0 ]; then \
 	  echo "set S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, S3_ENDPOINT_URL, S3_REGION, S3_BUCKET first (or create the data connection in the OpenShift AI dashboard)" >&2; exit 1; fi
 	$(KUBECTL) apply -n $(NAMESPACE) -f $(RENDER_DIR)/s3-secret.yaml
 

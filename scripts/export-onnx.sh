@@ -31,7 +31,8 @@
 set -euo pipefail
 
 die() { echo "export-onnx: $*" >&2; exit 1; }
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block at the top of this file, without its '# ' (and nothing after it).
+usage() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 [[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]] && { usage; exit 0; }
 [[ $# -ge 2 ]] || { usage >&2; exit 2; }

@@ -165,6 +165,24 @@ describe('templates: parameters and rendering', () => {
       rmSync(out, { recursive: true, force: true });
     }
   });
+
+  it.skipIf(!has('envsubst') || !has('make'))('`make render`: a password with $ \' " \\ reaches the Secret exactly as given (command line and environment)', () => {
+    const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
+    const secret = `a$b$(shell id)'c"d\\te#f g`;
+    const key = 'AK$x"\'';
+    try {
+      for (const how of ['argv', 'env'] as const) {
+        const vars = { S3_SECRET_ACCESS_KEY: secret, S3_ACCESS_KEY_ID: key };
+        const r = spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`, ...(how === 'argv' ? Object.entries(vars).map(([k, v]) => `${k}=${v}`) : [])],
+          { cwd: ROOT, encoding: 'utf8', env: { ...process.env, ...(how === 'env' ? vars : {}) } });
+        expect(r.status, r.stderr).toBe(0);
+        const doc = YAML.parse(readFileSync(path.join(out, 's3-secret.yaml'), 'utf8')) as Obj;
+        expect(doc.stringData, how).toMatchObject({ AWS_SECRET_ACCESS_KEY: secret, AWS_ACCESS_KEY_ID: key });
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('templates: what KServe / Knative / OpenShift require', () => {
@@ -666,8 +684,14 @@ describe('scripts', () => {
       spawnSync('bash', [path.join(ROOT, 'scripts/export-onnx.sh'), ...args], { encoding: 'utf8', env: { ...process.env, VENV: path.join(dir, 'venv'), ...env } });
 
     it('usage: --help exits 0, missing arguments exit 2, unknown options fail', () => {
-      expect(run(['--help']).status).toBe(0);
-      expect(run([]).status).toBe(2);
+      const help = run(['--help']);
+      expect(help.status).toBe(0);
+      // The header comment and nothing of the script after it.
+      expect(help.stdout).toMatch(/^Export a Hugging Face diffusers model/);
+      expect(help.stdout.trimEnd()).toMatch(/PYTHON_IMAGE \(default\npython:3\.11-slim\)\.$/);
+      const noArgs = run([]);
+      expect(noArgs.status).toBe(2);
+      expect(noArgs.stderr).toBe(help.stdout);
       expect(run(['m', path.join(dir, 'o0'), '--bogus']).status).not.toBe(0);
       expect(run(['m', path.join(dir, 'o0'), '--push', 'http://not-s3']).stderr).toMatch(/s3:\/\/bucket\/prefix/);
     });

@@ -107,6 +107,43 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a committed entry that S3 cannot confirm (denied) fails the Job; the server would serve it as is', async () => {
+    const cache = path.join(tmp, 'c-hit-check');
+    const first = await cli([], env(cache));
+    expect(first.code, first.stderr).toBe(0);
+    proxy.faults = { deny: true };
+    const denied = await cli([], env(cache));
+    expect([denied.code, denied.stdout]).toEqual([1, '']);
+    expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
+    proxy.faults = {};
+    const again = await cli([], env(cache));
+    expect([again.code, JSON.parse(again.stdout).fromCache]).toEqual([0, true]);
+  });
+
+  it('push: a cache entry pushed elsewhere serves (its bookkeeping files stay behind); an empty folder, an unfinished download and a missing bucket fail by name', async () => {
+    const first = await cli([], env(path.join(tmp, 'c-push')));
+    expect(first.code, first.stderr).toBe(0);
+    const entry = JSON.parse(first.stdout).modelDir as string;
+    const pushEnv = s3Env(s3.endpoint, path.join(tmp, 'unused'));
+    const copied = await cli(['push', entry, 's3://models/sd/copy'], pushEnv);
+    expect(copied.code, copied.stderr).toBe(0);
+    expect(JSON.parse(lastLine(copied.stdout))).toMatchObject({ bytes: TOTAL, files: 6 });
+    const fromCopy = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-copy'), { STORAGE_URI: 's3://models/sd/copy' }));
+    expect(fromCopy.code, fromCopy.stderr).toBe(0);
+    await expectModel(JSON.parse(fromCopy.stdout).modelDir);
+
+    const empty = path.join(tmp, 'empty-export');
+    await fsp.mkdir(empty, { recursive: true });
+    const none = await cli(['push', empty, 's3://models/sd/empty'], pushEnv);
+    expect([none.code, lastLine(none.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds no files to upload`]);
+    await fsp.writeFile(path.join(empty, 'model_index.json'), '{}');
+    await fsp.writeFile(path.join(empty, 'unet.partial'), '');
+    const unfinished = await cli(['push', empty, 's3://models/sd/empty'], pushEnv);
+    expect([unfinished.code, lastLine(unfinished.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds an unfinished download (unet.partial); push a complete export`]);
+    const noBucket = await cli(['push', local, 's3://no-such-bucket/sd'], pushEnv);
+    expect([noBucket.code, lastLine(noBucket.stderr)]).toEqual([1, 'warmup: STORAGE_MISSING: cannot upload: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+  });
+
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
     const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';
     const r = await cli([], env(path.join(tmp, 'c-creds'), { STORAGE_URI: `s3://AKIAEXAMPLE:${secret}@models/sd/v1`, LOG_LEVEL: 'trace' }));
@@ -180,14 +217,14 @@ describe('warm-up CLI', () => {
     expect(proxy.stats.bodyBytes - mid).toBeLessThan(TOTAL - 500_000);
   });
 
-  it('SIGTERM mid-download: exits 143, releases the lock, leaves the entry uncommitted', async () => {
-    const cache = path.join(tmp, 'c5');
+  it.each([['SIGTERM', 143], ['SIGINT', 130]] as const)('%s mid-download: exits %i, releases the lock, leaves the entry uncommitted', async (sig, status) => {
+    const cache = path.join(tmp, `c5-${sig}`);
     proxy.faults = { bytesPerSecond: 500_000 };
     const before = proxy.stats.bodyBytes;
     const r = await cli([], env(cache), (kill) => {
-      void until(() => proxy.stats.bodyBytes - before > 500_000, 20_000, 20).then(() => kill('SIGTERM'));
+      void until(() => proxy.stats.bodyBytes - before > 500_000, 20_000, 20).then(() => kill(sig));
     });
-    expect(r.code).toBe(143);
+    expect(r.code).toBe(status);
     expect(lastLine(r.stderr)).toBe('warmup: CANCELLED: stopped by signal');
     const names = await fsp.readdir(cache);
     expect(names.filter((n) => n.endsWith('.lock'))).toEqual([]);

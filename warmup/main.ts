@@ -2,15 +2,18 @@
  * @module The cache warm-up Job's CLI. `node dist/warmup/main.js` fills MODEL_CACHE_DIR from STORAGE_URI
  * (same code path as the server's boot), prints progress to stderr about once a second and one JSON line
  * on stdout; `node dist/warmup/main.js push LOCAL_DIR s3://bucket/prefix` uploads an exported model.
- * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 143 on SIGTERM.
+ * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 128 + the signal's number when
+ * stopped (143 SIGTERM, 130 SIGINT), as a shell reports a process the signal killed.
  */
 import { createReadStream, promises as fsp } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { ConfigError, loadConfig, trimCredentials } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { walk } from '../src/storage/cache.js';
+import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
+import { permanentError } from '../src/storage/s3-errors.js';
 import { parseStorageUri } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix';
@@ -37,7 +40,7 @@ async function warm(signal: AbortSignal): Promise<void> {
   timer.unref();
   try {
     const r = await resolveModel(cfg.storageUri, {
-      cfg, log, signal,
+      cfg, log, signal, requireHitCheck: true,
       onProgress: (p) => {
         latest = p;
         const now = Date.now();
@@ -62,7 +65,13 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
-  const files = await walk(localDir);
+  const all = await walk(localDir);
+  // A cache entry (or a copy of one) holds the cache's own files: a server would refuse a prefix that has them.
+  const partial = all.find((rel) => rel.endsWith(PARTIAL));
+  if (partial !== undefined) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds an unfinished download (${partial}); push a complete export`);
+  const files = all.filter((rel) => !ENTRY_MARKERS.includes(path.posix.basename(rel)));
+  if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
+  if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
   const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js')]);
   const s3 = createS3(cfg.s3);
@@ -85,7 +94,8 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
         try {
           await up.done();
         } catch (e) {
-          throw new RuntimeError('STORAGE_TRANSIENT', `upload of ${rel} to s3://${src.bucket}/${src.prefix}${rel} failed: ${(e as Error).name}`, { cause: e });
+          if (signal.aborted) throw e;
+          throw permanentError(e, src.bucket, src.prefix + rel, 'upload');
         } finally {
           signal.removeEventListener('abort', onAbort);
         }
@@ -108,10 +118,10 @@ async function main(): Promise<number> {
   // the lockfile pins the SDK.
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   const ac = new AbortController();
-  let signalled = false;
+  let signalled: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
-    if (signalled) process.exit(143);
-    signalled = true;
+    if (signalled) process.exit(128 + os.constants.signals[sig]);
+    signalled = sig;
     process.stderr.write(`warmup: ${sig} received; stopping (the cache stays consistent and resumes next run)\n`);
     ac.abort(new RuntimeError('CANCELLED', `stopped by ${sig}`));
   };
@@ -135,7 +145,7 @@ async function main(): Promise<number> {
     }
     if (signalled) {
       process.stderr.write('warmup: CANCELLED: stopped by signal\n');
-      return 143;
+      return 128 + os.constants.signals[signalled];
     }
     const reason = isRuntimeError(e) ? `${e.code}: ${e.message}` : `INTERNAL: ${(e as Error)?.message ?? String(e)}`;
     process.stderr.write(`warmup: ${reason.replace(/\s*\n\s*/g, ' ')}\n`);

@@ -61,6 +61,11 @@ export interface ResolveOptions {
   lockStaleMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
+  /**
+   * A cache hit must be checked against S3, with the retries of a listing: a failed check fails the fetch instead of
+   * serving the entry as is. The warm-up Job sets it: its success means the cache holds what S3 holds.
+   */
+  requireHitCheck?: boolean;
   /** Bytes gathered per positional write (default WRITE_BYTES). */
   writeBytes?: number;
   /** How often (ms) the download journal is synced and marked durable against power loss (default 1 s). */
@@ -203,9 +208,9 @@ class S3Fetch {
       const cached = await readManifest(this.entry);
       if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
         try {
-          listing = await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
+          listing = this.o.requireHitCheck ? await this.listing(cfg.s3.maxAttempts, 60_000) : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
-          if (this.signal.aborted || sdkMightDiffer(e)) throw e;
+          if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
           return this.hit(cached, true);
         }

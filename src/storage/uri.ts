@@ -4,6 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { maskUserInfo } from '../config.js';
 import { RuntimeError } from '../errors.js';
+import { JOURNAL, MANIFEST, PARTIAL } from './cache.js';
 
 export type StorageSource =
   | { readonly kind: 'local'; readonly path: string }
@@ -96,7 +97,7 @@ export function containedPath(root: string, rel: string): string {
   const segs = rel.split('/');
   if (segs.some((s) => s === '')) bad('empty path segment');
   if (segs.some((s) => s === '.' || s === '..')) bad("'.' or '..' segment would leave the cache directory");
-  if (segs.some((s) => s.endsWith('.partial') || s.endsWith('.progress.json') || s === '.complete.json')) bad('uses a name reserved by the cache');
+  if (segs.some((s) => s.endsWith(PARTIAL) || s === JOURNAL || s === MANIFEST)) bad('uses a name reserved by the cache');
   const base = path.resolve(root);
   const p = path.resolve(base, rel);
   if (!p.startsWith(base + path.sep)) bad('leaves the cache directory');
