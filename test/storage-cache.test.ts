@@ -137,6 +137,17 @@ describe('errors of the cache volume', () => {
   });
 });
 
+describe('a MODEL_CACHE_DIR that is not a folder', () => {
+  it('is named as a file, whether it is one or lies under one', async () => {
+    const file = path.join(await fsp.mkdtemp(path.join(tmp, 'file-')), 'cache');
+    await fsp.writeFile(file, 'not a folder');
+    for (const cache of [file, path.join(file, 'models')]) {
+      const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache), log }));
+      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', 'cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file']);
+    }
+  });
+});
+
 describe('lock', () => {
   it('a second holder waits until the first releases', async () => {
     const file = path.join(tmp, 'a.lock');

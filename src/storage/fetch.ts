@@ -198,7 +198,8 @@ class S3Fetch {
   async run(): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     await mkdirs(cfg.cacheDir).catch((e: NodeJS.ErrnoException) => {
-      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${e.code ?? 'error'}`, { cause: e });
+      const why = e.code === 'EEXIST' || e.code === 'ENOTDIR' ? 'it, or a folder above it, is a file' : (e.code ?? 'error');
+      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
     });
     this.transport = openTransport(this.choice, cfg.s3, this.bucket);
     this.transport.catch(() => undefined); // awaited by the first listing
