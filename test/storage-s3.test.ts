@@ -108,6 +108,23 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect(proxy.stats.bodyBytes - before.bodyBytes).toBeLessThan(BIG + 10_000 + 100 + 12 * 65536);
   });
 
+  it('retries many ranges at once without a MaxListenersExceededWarning on stderr', async () => {
+    const cache = await newCache();
+    // 24 ranges in flight, all answered 503 once: 24 backoff waits on the download's one abort signal at a time.
+    proxy.faults = { failGets: { count: 24, status: 503, code: 'SlowDown' } };
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.name);
+    process.on('warning', onWarning);
+    try {
+      const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache, { S3_MAX_CONCURRENCY: '24' }), log });
+      await expectSame(r.dir, big);
+      await new Promise((r) => setImmediate(r));
+    } finally {
+      process.off('warning', onWarning);
+    }
+    expect(warnings).not.toContain('MaxListenersExceededWarning');
+  });
+
   it('aborts and retries a stalled range', async () => {
     const cache = await newCache();
     proxy.faults = { stallAfterBytes: 10_000, stalls: 2 };

@@ -7,6 +7,7 @@
 import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { setMaxListeners } from 'node:events';
 import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
@@ -191,6 +192,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   const stop = new AbortController();
   const signal = AbortSignal.any([o.signal, stop.signal]);
+  // Every range in flight (S3_MAX_CONCURRENCY of them) may wait on it at once, each removing its listener after: not a
+  // leak, so no MaxListenersExceededWarning on stderr.
+  setMaxListeners(0, signal);
   let failure: unknown;
   const fail = (e: unknown) => {
     failure ??= e;
