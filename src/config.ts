@@ -227,8 +227,11 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   // Whitespace around a key is removed (trimCredentials); inside one it is a copy gone wrong. The value is never shown.
+  // The key id and the token travel in headers; the secret only keys the signature, and MinIO or Ceph passwords may hold
+  // spaces, so a space is refused in the first two only.
   for (const k of CREDENTIAL_VARS) {
-    if (/[\s\x00-\x1f\x7f]/.test(env[k]?.trim() ?? '')) bad.push(`${k} has a space, line break or control character inside it; copy the key into the Secret again`);
+    const inside = k === 'AWS_SECRET_ACCESS_KEY' ? /[\x00-\x1f\x7f]/ : /[\s\x00-\x1f\x7f]/;
+    if (inside.test(env[k]?.trim() ?? '')) bad.push(`${k} has ${k === 'AWS_SECRET_ACCESS_KEY' ? 'a' : 'a space,'} line break or control character inside it; copy the key into the Secret again`);
   }
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
@@ -277,9 +280,11 @@ function defaultCacheDir(): string {
  * goes; a bucket name holds neither ':' nor '@', so an s3:// URI whose first segment has a ':' is always credentials.
  */
 export function maskUserInfo(u: string): string {
-  const m = /^([a-z][a-z0-9+.-]*:\/\/)([^/@]*)/i.exec(u);
+  // The scheme is optional: an endpoint may be a bare `user:secret@host:port`.
+  const m = /^([a-z][a-z0-9+.-]*:\/\/)?([^/@]*)/i.exec(u);
   if (!m) return u;
-  const [, scheme, first] = m as unknown as [string, string, string];
+  const scheme = m[1] ?? '';
+  const first = m[2] ?? '';
   if (first.includes(':') && u.includes('@')) return `${scheme}***${u.slice(u.lastIndexOf('@'))}`;
   if (u.charAt(scheme.length + first.length) === '@') return `${scheme}***${u.slice(scheme.length + first.length)}`;
   return u;

@@ -83,6 +83,9 @@ describe('loadConfig', () => {
       `LORA_URI is wrapped in quotes, got "s3://***@b/l": ${hint}`,
     ]);
     expect(() => loadConfig({ S3_PART_SIZE: '8Mi' })).toThrow('S3_PART_SIZE must be an integer from 65536 to 5368709120, got "8Mi"');
+    // An endpoint written without a scheme is masked as well, quoted or not.
+    expect(() => loadConfig({ AWS_S3_ENDPOINT: 'admin:s3cr3t@minio:90000' })).toThrow('AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got "***@minio:90000"');
+    expect(() => loadConfig({ AWS_S3_ENDPOINT: '"admin:s3/cr3t@minio:9000"' })).toThrow(`AWS_S3_ENDPOINT is wrapped in quotes, got "***@minio:9000": ${hint}`);
   });
 
   it('masks credentials in an endpoint or URI when describing itself', () => {

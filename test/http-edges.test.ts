@@ -247,6 +247,29 @@ describe('shutdown with requests pipelined on one connection', () => {
       await own.stop(0).catch(() => undefined);
     }
   });
+
+  it('closes after the last answer when a request arrives behind the one in flight after SIGTERM', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '30' }, { ready: true });
+    try {
+      const sock = net.connect(own.port, '127.0.0.1');
+      let got = '';
+      const closed = new Promise<void>((r) => sock.once('close', () => r()));
+      sock.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      sock.on('error', () => {});
+      sock.write(post('/v1/models/model:predict', JSON.stringify({ instances: [{ prompt: 'in flight', num_inference_steps: 200, height: 512, width: 512, seed: 71 }] })));
+      await expect.poll(() => own.rt.generation.inflight, { timeout: 10_000 }).toBeGreaterThan(0);
+      const stopping = own.stop();
+      await expect.poll(() => own.rt.stopping, { timeout: 5000 }).toBe(true);
+      sock.write('GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n');
+      await closed;
+      await stopping;
+      // Each head: its status line up to the blank line (a body runs straight into the next status line).
+      const heads = [...got.matchAll(/HTTP\/1\.1 (\d{3})[^]*?\r\n\r\n/g)].map((m) => [Number(m[1]), /^connection: (\S+)/im.exec(m[0])?.[1]]);
+      expect(heads).toEqual([[200, 'keep-alive'], [503, 'close']]);
+    } finally {
+      await own.stop(0).catch(() => undefined);
+    }
+  });
 });
 
 describe('a JSON body that starts with a UTF-8 byte order mark (Windows tools write one)', () => {

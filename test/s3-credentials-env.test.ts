@@ -117,8 +117,10 @@ describe('S3 credentials with the newline of `kubectl create secret --from-file`
     expect(err).toBeInstanceOf(ConfigError);
     expect((err as ConfigError).problems).toEqual([
       'AWS_ACCESS_KEY_ID has a space, line break or control character inside it; copy the key into the Secret again',
-      'AWS_SECRET_ACCESS_KEY has a space, line break or control character inside it; copy the key into the Secret again',
+      'AWS_SECRET_ACCESS_KEY has a line break or control character inside it; copy the key into the Secret again',
     ]);
     expect((err as Error).message).not.toMatch(/AKIA|wJalr/);
+    // A secret only keys the signature: a MinIO or Ceph password with spaces in it is a valid one.
+    expect(() => loadConfig({ AWS_ACCESS_KEY_ID: 'minio-user', AWS_SECRET_ACCESS_KEY: 'my secret pass' })).not.toThrow();
   });
 });

@@ -305,6 +305,22 @@ describe('WebSocket close handshake and protocol errors with real clients', () =
   });
 });
 
+describe('many open WebSockets', () => {
+  it('print no MaxListenersExceededWarning (each one listens for the shutdown)', async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.name);
+    process.on('warning', onWarning);
+    const open = await Promise.all(Array.from({ length: 14 }, () => stream()));
+    try {
+      await new Promise((r) => setTimeout(r, 50));
+      expect(warnings).not.toContain('MaxListenersExceededWarning');
+    } finally {
+      process.off('warning', onWarning);
+      for (const ws of open) ws.sock.destroy();
+    }
+  });
+});
+
 describe('WebSocket requests refused at the queue', () => {
   it('get the refusal alone, never an accepted before it: an unknown adapter, then a full queue', async () => {
     const ws = await stream();

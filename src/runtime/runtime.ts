@@ -3,6 +3,7 @@
  * together, and `close()`. No module-level state, so two runtimes can live in one process. `main` wires it to the
  * HTTP server and runs its boot (boot-sequence.ts).
  */
+import { setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -56,6 +57,8 @@ export class Runtime {
     opts: RuntimeOptions = {},
   ) {
     this.#requestS3 = createRequestS3(cfg.s3);
+    // Every open WebSocket listens for the shutdown (and removes its listener on close): not a leak.
+    setMaxListeners(0, this.#shutdown.signal);
     this.startedAt = opts.startedAt ?? performance.now();
     this.#workers = opts.workers;
     this.metrics = createMetrics();

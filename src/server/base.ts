@@ -121,11 +121,14 @@ const rawError = (socket: Duplex, code: HttpErrorCode, error: string) => rawRepl
 
 /** Responses not yet finished on each connection, so a parse error is answered after them, in order. */
 const pending = new WeakMap<Socket, { n: number; idle: Array<() => void> }>();
+/** The response to the last request each connection sent. */
+const latest = new WeakMap<Socket, ServerResponse>();
 
 function track(req: IncomingMessage, res: ServerResponse): void {
   const socket = req.socket;
   const p = pending.get(socket) ?? { n: 0, idle: [] };
   pending.set(socket, p);
+  latest.set(socket, res);
   p.n++;
   let done = false;
   const finish = () => {
@@ -210,8 +213,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
    */
   class Response extends http.ServerResponse {
     override writeHead(...args: unknown[]): this {
-      // Not while requests pipelined behind this one wait on the connection: they are answered first.
-      if (!open && (pending.get(this.req.socket)?.n ?? 0) <= 1) this.setHeader('connection', 'close');
+      // Only on the connection's last request: those pipelined behind this one are answered first.
+      if (!open && latest.get(this.req.socket) === this) this.setHeader('connection', 'close');
       return (super.writeHead as (...a: unknown[]) => this)(...args);
     }
   }

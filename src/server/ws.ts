@@ -89,7 +89,8 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
         if (!c.started) fail(ws, c, new RuntimeError('INVALID_INPUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`), 4408);
       }, REQUEST_WAIT_MS),
       setInterval(() => {
-        if (ws.readyState !== ws.OPEN) return;
+        // While reading is paused (ping flood), the client's pongs are unread too: not a sign it is gone.
+        if (ws.readyState !== ws.OPEN || ws.isPaused) return;
         if (!c.alive) return void ws.terminate();
         c.alive = false;
         ws.ping();
