@@ -49,6 +49,27 @@ describe('diffusers end-to-end reference', () => {
   });
 });
 
+describe('image sizes an exported UNet cannot take', () => {
+  it('are refused with a 400 naming the multiple (they failed in ONNX Runtime as a 500); an image without a size is rounded to it', async () => {
+    // The reference export's UNet has two blocks (one down-sampling): sides must be multiples of 16, not just 8.
+    const { dir, cleanup } = tempDir('dr-e2e-sizes-');
+    cleanups.push(cleanup);
+    const srv = await startRuntime({ STORAGE_URI: path.join(E2E, 'model'), MODEL_CACHE_DIR: path.join(dir, 'cache'), WARMUP_STEPS: '1' }, { ready: true });
+    servers.push(srv);
+    const ask = (extra: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', num_inference_steps: 2, seed: 1, ...extra }] });
+    const odd = await ask({ height: 72, width: 120 });
+    expect([odd.status, odd.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(odd.json.error)).toBe('instances[0].height must be a multiple of 16 for this model (its exported UNet down-samples the latents by 2), got 72; instances[0].width must be a multiple of 16 for this model (its exported UNet down-samples the latents by 2), got 120');
+    expect((await ask({ height: 80, width: 112 })).status).toBe(200);
+    // A 77x61 picture: 72x56 by VaeImageProcessor's rule, which this UNet cannot take; 64x48 by its own multiple.
+    const pic = (await sharp({ create: { width: 77, height: 61, channels: 3, background: { r: 200, g: 90, b: 40 } } }).png().toBuffer()).toString('base64');
+    const img = await ask({ image: pic, strength: 0.5 });
+    expect(img.status, JSON.stringify(img.json).slice(0, 300)).toBe(200);
+    expect((img.json.predictions as Array<{ width: number; height: number }>)[0]).toMatchObject({ width: 64, height: 48 });
+    await srv.stop();
+  });
+});
+
 describe('determinism without PyTorch', () => {
   // Two processes of their own: nothing a process carries (its module state, its thread pool) may change the bytes.
   it('a fixed-seed generation on the demo model is byte-identical across runs and processes', async () => {

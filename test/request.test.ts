@@ -19,6 +19,14 @@ describe('parseInstances', () => {
     expect(parse({ scheduler: 'lcm', num_inference_steps: 50 })[0]!.shape).toMatchObject({ steps: 50, scheduler: 'lcm' });
   });
 
+  it('refuses a size the exported UNet cannot take, naming the model\'s multiple (64 for SD 1.x)', () => {
+    const sd15 = { ...defaults(SD15), sizeMultiple: 64 };
+    expect(() => parse({ height: 520, width: 512 }, sd15)).toThrow('instances[0].height must be a multiple of 64 for this model (its exported UNet down-samples the latents by 8), got 520');
+    expect(parse({ height: 576, width: 448 }, sd15)[0]!.shape).toMatchObject({ height: 576, width: 448 });
+    // A model that does not say (or a UNet without down-sampling) takes any multiple of 8.
+    expect(parse({ height: 520, width: 8 })[0]!.shape).toMatchObject({ height: 520, width: 8 });
+  });
+
   it('checks the model\'s own scheduler when the request names none, its default step count included', () => {
     const { skip_prk_steps: _drop, ...prk } = SD15;
     expect(() => parse({ num_inference_steps: 3 }, defaults(prk))).toThrow(

@@ -27,6 +27,8 @@ export interface ModelDefaults {
   vaeEncoder?: boolean;
   /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
   inpainting?: boolean;
+  /** Image sides must be a multiple of this (8 × the UNet's down-sampling; 64 for SD 1.x/2.x, 32 for SDXL). */
+  sizeMultiple?: number;
   /**
    * Step limits by request scheduler name ('' for the model's own scheduler), so a request outside them is refused
    * when it is parsed rather than by the worker after it waited in the queue. A name absent here is not checked early.

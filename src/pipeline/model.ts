@@ -25,7 +25,11 @@ export interface ModelLayout {
   /** Config values the pipeline rewrote when built (each with diffusers' deprecation message), for the log. */
   rewrites: ConfigRewrite[];
   /** `inChannels`: 4, or 9 for an inpainting UNet (latents, mask, masked-image latents). */
-  unet: { sampleSize: number; timeCondProjDim: number | null; inChannels: number };
+  /**
+   * `sizeMultiple`: what image sides must be a multiple of (pixels). An ONNX UNet is traced at its sample size, so its
+   * up-blocks double the latents without diffusers' `upsample_size` fallback: every down-sampling must divide evenly.
+   */
+  unet: { sampleSize: number; timeCondProjDim: number | null; inChannels: number; sizeMultiple: number };
   vae: { scalingFactor: number; scaleFactor: number };
 }
 
@@ -189,6 +193,8 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
       sampleSize,
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
       inChannels: num(unetCfg.in_channels, 4),
+      // diffusers' default_overall_up_factor (2 ** num_upsamplers: one per block but the last), in pixels.
+      sizeMultiple: vaeScale * 2 ** Math.max(0, (Array.isArray(unetCfg.block_out_channels) ? unetCfg.block_out_channels.length : 4) - 1),
     },
     vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: vaeScale },
   };

@@ -102,6 +102,7 @@ export class Pipeline {
       scheduler: cls,
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
+      sizeMultiple: this.layout.unet.sizeMultiple,
       stepRanges: stepRanges(this.layout.schedulerConfig),
     };
   }

@@ -43,8 +43,10 @@ export interface ImageRequest {
   resizeMode: ResizeMode;
   /** The instance, for errors about its size fields: `instances[0]`. */
   at: string;
-  /** Given in the request; otherwise the output takes the image's side, rounded down to a multiple of 8. */
+  /** Given in the request; otherwise the output takes the image's side, rounded down to a multiple of `multiple`. */
   heightGiven: boolean;
+  /** The model's ModelDefaults.sizeMultiple (8 when it does not say). */
+  multiple: number;
   widthGiven: boolean;
   image: ImageInput;
   mask?: ImageInput;
@@ -128,6 +130,7 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
     at: w,
     heightGiven: has('height'),
     widthGiven: has('width'),
+    multiple: defaults.sizeMultiple ?? 8,
     image: { field: `${w}.image`, source: image },
     ...(mask ? { mask: { field: `${w}.mask_image`, source: mask } } : {}),
   };
@@ -247,8 +250,10 @@ export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContex
     }
     for (const [side, given, px] of [['height', im.heightGiven, img.height], ['width', im.widthGiven, img.width]] as const) {
       if (given) continue;
-      const v = px - (px % 8);
-      if (v < 8) bad.push(`${im.image.field} is ${img.width}x${img.height}; an input image needs at least 8 pixels a side`);
+      // VaeImageProcessor rounds to 8; a model whose exported UNet needs more gets its multiple, as diffusers' ONNX
+      // image-to-image pipeline rounds to 64.
+      const v = px - (px % im.multiple);
+      if (v < im.multiple) bad.push(`${im.image.field} is ${img.width}x${img.height}; an input image needs at least ${im.multiple} pixels a side for this model`);
       else if (v > ctx.cfg.maxImageSize) {
         bad.push(`${im.image.field} is ${img.width}x${img.height}: without ${im.at}.${side} the output takes the image's ${side} (${v}), over MAX_IMAGE_SIZE ${ctx.cfg.maxImageSize}; give ${im.at}.height and ${im.at}.width to resize it`);
       } else r.shape[side] = v;
@@ -275,7 +280,7 @@ export function warmupInpaint(width: number, height: number): ImageRequest {
   const grey: Raster = { data: new Uint8Array(width * height * 3).fill(128), width, height, channels: 3 };
   const white: Raster = { data: new Uint8Array(width * height * 3).fill(255), width, height, channels: 3 };
   return {
-    mode: 'inpaint', strength: 1, resizeMode: 'default', at: 'warm-up', heightGiven: true, widthGiven: true,
+    mode: 'inpaint', strength: 1, resizeMode: 'default', at: 'warm-up', heightGiven: true, widthGiven: true, multiple: 8,
     image: { field: 'warm-up', source: grey.data, raster: grey, digest: 'warm-up-image' },
     mask: { field: 'warm-up', source: white.data, raster: white, digest: 'warm-up-mask' },
   };

@@ -268,6 +268,12 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
       bad.push(`${w}.${k} must be a positive multiple of 8 up to ${cfg.maxImageSize}, got ${show(v)}`);
       return dflt;
     }
+    const m = defaults.sizeMultiple ?? 8;
+    if (v % m !== 0) {
+      // What diffusers' torch UNet pads around, an exported one cannot: a 500 from ONNX Runtime otherwise.
+      bad.push(`${w}.${k} must be a multiple of ${m} for this model (its exported UNet down-samples the latents by ${m / 8}), got ${v}`);
+      return dflt;
+    }
     return v;
   };
 
