@@ -113,6 +113,12 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
         onDisk = await bytesOnDisk(entry, srcDir, source);
       }
       link.pace = { connBps: 0, totalBps: 0 };
+      // The link still counts what it was passing to the killed process's connections for a moment: the re-run's
+      // bytes are counted from when that has stopped.
+      for (let last = -1, t0 = performance.now(); link.stats.bodyBytes !== last && performance.now() - t0 < 10_000; ) {
+        last = link.stats.bodyBytes;
+        await new Promise((r) => setTimeout(r, 300));
+      }
       const mid = link.stats.bodyBytes;
       const again = await runWarmup(CLI, { ...env(cache), LOG_LEVEL: 'error' });
       link.pace = { connBps: 0, totalBps: 30e6 };
