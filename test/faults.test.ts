@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WRITE_BYTES } from '../src/storage/fetch.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from './helpers/fault-link.js';
 import { bytesOnDisk, demoSource, entryIn, entryProblems, runWarmup, type SourceFile } from './helpers/fault-suite.js';
-import { CREDS, destroyS3, s3Env, type S3Server, startS3 } from './helpers/s3.js';
+import { CREDS, destroyS3, s3Env, settledCount, type S3Server, startS3 } from './helpers/s3.js';
 import { startServer } from './helpers/server.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
@@ -113,13 +113,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
         onDisk = await bytesOnDisk(entry, srcDir, source);
       }
       link.pace = { connBps: 0, totalBps: 0 };
-      // The link still counts what it was passing to the killed process's connections for a moment: the re-run's
-      // bytes are counted from when that has stopped.
-      for (let last = -1, t0 = performance.now(); link.stats.bodyBytes !== last && performance.now() - t0 < 10_000; ) {
-        last = link.stats.bodyBytes;
-        await new Promise((r) => setTimeout(r, 300));
-      }
-      const mid = link.stats.bodyBytes;
+      const mid = await settledCount(() => link.stats.bodyBytes);
       const again = await runWarmup(CLI, { ...env(cache), LOG_LEVEL: 'error' });
       link.pace = { connBps: 0, totalBps: 30e6 };
       expect(again.code, again.stderr.slice(-600)).toBe(0);
@@ -146,7 +140,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
       link.pace = { connBps: 0, totalBps: 0 };
       expect(stopped.code).toBe(143);
       const missing = total - (await bytesOnDisk(entryIn(cache)!, srcDir, source));
-      const mid = link.stats.bodyBytes;
+      const mid = await settledCount(() => link.stats.bodyBytes);
       const again = await runWarmup(CLI, { ...env(cache), LOG_LEVEL: 'error' });
       expect(again.code, again.stderr.slice(-600)).toBe(0);
       expect(await entryProblems(entryIn(cache)!, source)).toEqual([]);

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { JOURNAL } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
-import { cleanUpS3, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy } from './helpers/s3.js';
+import { cleanUpS3, detBytes, type FaultProxy, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
 import { until } from './helpers/server.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
@@ -200,11 +200,7 @@ describe('warm-up CLI', () => {
     const killed = await cli([], env(cache), (kill) => {
       void until(() => journaled() >= 600_000, 20_000, 20).then(() => kill('SIGKILL'));
     });
-    // The proxy counts what it was still passing to the dead process's connections: wait until that has stopped.
-    for (let last = -1, t0 = performance.now(); proxy.stats.bodyBytes !== last && performance.now() - t0 < 10_000; ) {
-      last = proxy.stats.bodyBytes;
-      await new Promise((r) => setTimeout(r, 300));
-    }
+    await settledCount(() => proxy.stats.bodyBytes);
     expect(killed.signal).toBe('SIGKILL');
     const entries = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
     expect(entries).toHaveLength(1);

@@ -271,3 +271,15 @@ export async function rejection(p: Promise<unknown>): Promise<RuntimeError> {
   }
   throw new Error('expected a rejection');
 }
+
+/**
+ * `count()` once it has stopped changing (checked every 300 ms, at most 10 s): a proxy or link still counts for a moment
+ * what it was passing to a process that was just killed, and a re-run's bytes must be counted from after that.
+ */
+export async function settledCount(count: () => number): Promise<number> {
+  for (let last = -1, t0 = performance.now(); count() !== last && performance.now() - t0 < 10_000; ) {
+    last = count();
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  return count();
+}
