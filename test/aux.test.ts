@@ -22,16 +22,27 @@ const load = async () => ({
 /** The served size of the priming runs below: the demo's 8×8 latents, a VAE scale of 8. */
 const size = { latentHeight: 8, latentWidth: 8, vaeScale: 8 };
 
-/** A decode thread whose priming runs are recorded, in order, in `order` (a test adds its own steps). */
-async function primingClient() {
+/**
+ * Runs `fn` with a decode thread whose priming runs are recorded, in order, in `order` (a test adds its own steps), on a
+ * fresh demo model made with `fixture`; the thread is closed after. `heldEncoder()`: that model's VAE encoder on the
+ * thread, its priming run held for the warm-up's end.
+ */
+async function withPrimingClient(
+  fixture: Parameters<typeof fixtureModel>[0],
+  fn: (t: { dir: string; client: InstanceType<AuxModule['AuxClient']>; order: string[]; heldEncoder: () => ReturnType<InstanceType<AuxModule['AuxClient']>['create']> }) => Promise<void>,
+): Promise<void> {
   const { aux } = await load();
+  const dir = await fixtureModel(fixture);
   const order: string[] = [];
   const client = new aux.AuxClient({ name: 'decode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, (_l, msg, obj) => {
     if (msg === 'session primed') order.push(`primed ${String(obj?.component)}`);
   }, () => undefined);
-  /** The demo's VAE encoder in `dir` on this thread, its priming run held for the warm-up's end. */
-  const heldEncoder = (dir: string) => client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
-  return { client, order, heldEncoder };
+  const heldEncoder = () => client.create('vae_encoder', path.join(dir, 'vae_encoder', 'model.onnx'), 'cpu', { ...size, after: 'warm-up' });
+  try {
+    await fn({ dir, client, order, heldEncoder });
+  } finally {
+    await client.close();
+  }
 }
 
 describe('auxiliary session thread', () => {
@@ -63,26 +74,19 @@ describe('auxiliary session thread', () => {
     await expect(client.run(1, {})).rejects.toThrow(/closed/);
   });
 
-  it('creates every session asked for before it primes any, so a load does not wait on a kernel search', async () => {
-    const dir = await fixtureModel();
-    const { client, order } = await primingClient();
-    try {
+  it('creates every session asked for before it primes any, so a load does not wait on a kernel search', () =>
+    withPrimingClient(undefined, async ({ dir, client, order }) => {
       const created = ['vae_decoder', 'text_encoder'].map((c) => client.create(c, path.join(dir, c, 'model.onnx'), 'cpu', size).then((r) => (order.push(`created ${c}`), r)));
       const [dec] = await Promise.all(created);
       // A run asked for now still follows both priming runs.
       await dec!.session.run({ latent_sample: { data: new Float32Array(4 * 8 * 8), dims: [1, 4, 8, 8] } });
       order.push('ran vae_decoder');
       expect(order).toEqual(['created vae_decoder', 'created text_encoder', 'primed vae_decoder', 'primed text_encoder', 'ran vae_decoder']);
-    } finally {
-      await client.close();
-    }
-  });
+    }));
 
-  it('settles: answers once its priming runs are done; with release, then runs the ones held for the warm-up\'s end', async () => {
-    const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order, heldEncoder } = await primingClient();
-    try {
-      const enc = await heldEncoder(dir);
+  it('settles: answers once its priming runs are done; with release, then runs the ones held for the warm-up\'s end', () =>
+    withPrimingClient({ withVaeEncoder: true }, async ({ dir, client, order, heldEncoder }) => {
+      const enc = await heldEncoder();
       await client.create('vae_decoder', path.join(dir, 'vae_decoder', 'model.onnx'), 'cpu', size);
       // The warm-up's end waits for the priming runs asked for before (the decoder's), not for the one held.
       expect(await client.settle(false)).toBe(0);
@@ -95,48 +99,35 @@ describe('auxiliary session thread', () => {
       await until(() => order.includes('primed vae_encoder'), 30_000);
       expect(order).toEqual(['primed vae_decoder', 'settled', 'ran vae_encoder at 32x32', 'released', 'primed vae_encoder']);
       expect(await client.settle(true)).toBe(0); // nothing is held any more
-    } finally {
-      await client.close();
-    }
-  });
+    }));
 
-  it('drops a held priming run when its own session runs at that size first: that run paid the search', async () => {
-    const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order, heldEncoder } = await primingClient();
-    try {
-      const enc = await heldEncoder(dir);
+  it('drops a held priming run when its own session runs at that size first: that run paid the search', () =>
+    withPrimingClient({ withVaeEncoder: true }, async ({ client, order, heldEncoder }) => {
+      const enc = await heldEncoder();
       await enc.session.run({ sample: { data: new Float32Array(3 * 64 * 64), dims: [1, 3, 64, 64] } });
       order.push('ran vae_encoder');
       expect(await client.settle(true)).toBe(0);
       expect(order).toEqual(['ran vae_encoder']);
-    } finally {
-      await client.close();
-    }
-  });
+    }));
 
-  it('keeps holding after a run at another size, holds each session made, never primes one released', async () => {
-    const dir = await fixtureModel({ withVaeEncoder: true });
-    const { client, order, heldEncoder } = await primingClient();
-    try {
+  it('keeps holding after a run at another size, holds each session made, never primes one released', () =>
+    withPrimingClient({ withVaeEncoder: true }, async ({ client, order, heldEncoder }) => {
       // Released before its turn: never primed.
-      await (await heldEncoder(dir)).session.release();
+      await (await heldEncoder()).session.release();
       const primed = () => order.filter((o) => o === 'primed vae_encoder').length;
-      const enc = await heldEncoder(dir);
+      const enc = await heldEncoder();
       expect(await client.settle(true)).toBe(1);
       await until(() => primed() === 1, 30_000);
       // Made again (a reload): held again; a run of its own at another size does not stand in for its priming run.
       await enc.session.release();
       order.push('reloaded');
-      const again = await heldEncoder(dir);
+      const again = await heldEncoder();
       await again.session.run({ sample: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
       order.push('ran vae_encoder at 32x32');
       expect(await client.settle(true)).toBe(1);
       await until(() => primed() === 2, 30_000);
       expect(order).toEqual(['primed vae_encoder', 'reloaded', 'ran vae_encoder at 32x32', 'primed vae_encoder']);
-    } finally {
-      await client.close();
-    }
-  });
+    }));
 
   it('holds the VAE encoder\'s priming for the warm-up\'s end only with WARMUP_VAE_ENCODER=after-ready, at the served size', async () => {
     const prime = (await import(path.join(ROOT, 'dist/src/pipeline/prime.js'))) as typeof import('../src/pipeline/prime.js');
