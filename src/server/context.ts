@@ -41,10 +41,14 @@ export function modelStatus(ctx: ServerContext, name: string): Reply {
   throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.`, { retryAfter: 5, fields: { name, ready: false, ...ctx.boot.describe() } });
 }
 
+/** The 503 for a request to `name` once SIGTERM has come: retry on another pod. */
+export const shuttingDown = (name: string): RuntimeError =>
+  new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
+
 /** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
 export function assertServable(ctx: ServerContext, name: string): void {
   if (name !== ctx.cfg.modelName) throw unknownModel(name);
-  if (ctx.stopping()) throw new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
+  if (ctx.stopping()) throw shuttingDown(name);
   if (!ctx.boot.ready) {
     const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;
     throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter: ctx.boot.state === 'failed' ? 60 : 5 });

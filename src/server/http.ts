@@ -216,19 +216,18 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     const finish = (o: Reply) => {
       if (ex.send(o)) opts.onReply?.(r, o, ex);
     };
+    const oversize = Number(r.headers['content-length'] ?? 0) > opts.maxBodyBytes;
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
       // limit, then the connection closes after the answer.
       const out = errorReply(pre, opts.log);
-      const declared = Number(r.headers['content-length'] ?? 0);
-      finish(declared > opts.maxBodyBytes ? { ...out, headers: { ...out.headers, connection: 'close' } } : out);
+      finish(oversize ? { ...out, headers: { ...out.headers, connection: 'close' } } : out);
       return;
     }
     // `Expect: 100-continue` (curl for large bodies): the client sends the body only once told to, here, after the
     // request passed its checks and declares a size within the limit; a refusal above goes out instead, so the client
     // sees its answer rather than a connection closed under an upload (base.ts leaves the 100 to the routes).
-    const declared = Number(r.headers['content-length'] ?? 0);
-    if (/^100-continue$/i.test(r.headers.expect ?? '') && !(declared > opts.maxBodyBytes)) res.writeContinue();
+    if (/^100-continue$/i.test(r.headers.expect ?? '') && !oversize) res.writeContinue();
     const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '');
     body
       .then((b) => fn(r, b, ex))

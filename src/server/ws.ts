@@ -21,7 +21,7 @@ import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
-import { assertServable, parseContext, parseJson, readImages, type ServerContext } from './context.js';
+import { assertServable, parseContext, parseJson, readImages, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
@@ -75,7 +75,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     // SIGTERM: a socket that has sent no request yet is told to go elsewhere now (a running generation finishes, or is
     // answered 4503 when the grace period ends), rather than meeting a bare TCP reset (1006) at the exit.
     const onShutdown = () => {
-      if (!c.started) fail(ws, c, new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 }));
+      if (!c.started) fail(ws, c, shuttingDown(name));
     };
     ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
     ws.on('close', () => {
