@@ -237,6 +237,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   return Object.freeze(cfg);
 }
 
+/** The warning a process logs with the variables trimCredentials changed: names them, never their values. */
+export const TRIMMED_CREDENTIALS = "removed whitespace around S3 credentials (a Secret made with `kubectl create secret --from-file` keeps the file's last newline)";
+
 /** The static S3 credentials: the AWS SDK and the SDK-free transport read them from the environment, never from Config. */
 const CREDENTIAL_VARS = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN'] as const;
 

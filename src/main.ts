@@ -5,7 +5,7 @@
  */
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { ConfigError, describeConfig, loadConfig, trimCredentials, type Config } from './config.js';
+import { ConfigError, describeConfig, loadConfig, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import type { BootSequence } from './runtime/boot-sequence.js';
@@ -92,7 +92,7 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
 /** One warning naming (never showing) the credentials that came with whitespace around them. */
 function logTrimmed(log: Logger, variables: readonly string[]): void {
   if (variables.length === 0) return;
-  log.warn({ variables }, 'removed whitespace around S3 credentials (a Secret made with `kubectl create secret --from-file` keeps the file\'s last newline)');
+  log.warn({ variables }, TRIMMED_CREDENTIALS);
 }
 
 /**

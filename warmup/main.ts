@@ -8,7 +8,7 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ConfigError, loadConfig, trimCredentials } from '../src/config.js';
+import { ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
@@ -32,7 +32,7 @@ async function warm(signal: AbortSignal): Promise<void> {
   // stdout carries only the final JSON line; a Job log shows progress and problems, not every event.
   const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
   const trimmed = trimCredentials();
-  if (trimmed.length > 0) log.warn({ variables: trimmed }, 'removed whitespace around S3 credentials (a Secret made with `kubectl create secret --from-file` keeps the file\'s last newline)');
+  if (trimmed.length > 0) log.warn({ variables: trimmed }, TRIMMED_CREDENTIALS);
   let last = 0;
   let latest: FetchProgress | undefined;
   const print = (p: FetchProgress) => process.stderr.write(`warmup: ${progressLine(p)}\n`);
