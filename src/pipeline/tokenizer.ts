@@ -168,16 +168,15 @@ export class ClipTokenizer {
       vocab = model.vocab;
       merges = pairs as string[];
     } else {
-      try {
-        vocab = await read('vocab.json').then((s) => parsePyJson(s));
-      } catch (err) {
-        throw cannotRead('vocab.json', err);
-      }
-      try {
-        merges = await read('merges.txt');
-      } catch (err) {
-        throw cannotRead('merges.txt', err);
-      }
+      // Both read at once (this is on the boot's path), each failure named by its file.
+      [vocab, merges] = await Promise.all([
+        read('vocab.json').then((s) => parsePyJson(s)).catch((err: unknown) => {
+          throw cannotRead('vocab.json', err);
+        }),
+        read('merges.txt').catch((err: unknown) => {
+          throw cannotRead('merges.txt', err);
+        }),
+      ]);
     }
     // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
     const config = { ...(await optional('tokenizer_config.json')), ...(await optional('special_tokens_map.json')) };
