@@ -67,11 +67,14 @@ export function servedGeometry(
   rewriting: boolean,
 ): { sampleSize: number; raisedFrom?: number; vaeScale: number } {
   const configured = num(unetCfg.sample_size, isXL ? 128 : 64);
-  const blocks = Array.isArray(vaeCfg.block_out_channels) ? vaeCfg.block_out_channels.length : 4;
-  const vaeScale = 2 ** Math.max(0, blocks - 1);
+  const vaeScale = downscale(vaeCfg);
   const raise = rewriting && unetBefore090(unetCfg) && Number.isInteger(unetCfg.sample_size) && configured < 64;
   return raise ? { sampleSize: 64, raisedFrom: configured, vaeScale } : { sampleSize: configured, vaeScale };
 }
+
+/** How much a VAE or UNet config's blocks shrink an image: one halving per block but the last (4 blocks when unsaid). */
+const downscale = (cfg: Record<string, unknown>): number =>
+  2 ** Math.max(0, (Array.isArray(cfg.block_out_channels) ? cfg.block_out_channels.length : 4) - 1);
 
 /** Whether a unet config was saved by diffusers before 0.9.0 (its `_diffusers_version`, pre-release tags ignored). */
 function unetBefore090(cfg: Record<string, unknown>): boolean {
@@ -194,7 +197,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
       inChannels: num(unetCfg.in_channels, 4),
       // diffusers' default_overall_up_factor (2 ** num_upsamplers: one per block but the last), in pixels.
-      sizeMultiple: vaeScale * 2 ** Math.max(0, (Array.isArray(unetCfg.block_out_channels) ? unetCfg.block_out_channels.length : 4) - 1),
+      sizeMultiple: vaeScale * downscale(unetCfg),
     },
     vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: vaeScale },
   };
