@@ -45,9 +45,9 @@ export interface ImageRequest {
   at: string;
   /** Given in the request; otherwise the output takes the image's side, rounded down to a multiple of `multiple`. */
   heightGiven: boolean;
+  widthGiven: boolean;
   /** The model's ModelDefaults.sizeMultiple (8 when it does not say). */
   multiple: number;
-  widthGiven: boolean;
   image: ImageInput;
   mask?: ImageInput;
 }
