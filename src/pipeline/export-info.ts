@@ -4,8 +4,8 @@
  * is judged from its graphs where they are small enough to read (weights in model.onnx_data).
  */
 import { readFileSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
-import onnxProto from 'onnx-proto';
 import { RuntimeError } from '../errors.js';
 
 export const EXPORT_MANIFEST = 'onnx_export.json';
@@ -59,7 +59,10 @@ export function readExportManifest(modelDir: string): ExportInfo | undefined {
 export function graphOps(modelPath: string): Set<string> | undefined {
   try {
     if (statSync(modelPath).size > MAX_GRAPH_BYTES) return undefined;
-    const model = onnxProto.onnx.ModelProto.decode(readFileSync(modelPath));
+    // Loaded here, not at the top: model.ts imports this module on the main thread's boot path, where the ONNX
+    // protobuf code (~50 ms) is never used.
+    const { onnx } = createRequire(import.meta.url)('onnx-proto') as typeof import('onnx-proto');
+    const model = onnx.ModelProto.decode(readFileSync(modelPath));
     return new Set((model.graph?.node ?? []).map((n) => n.opType ?? ''));
   } catch {
     return undefined;
