@@ -2,9 +2,10 @@
  * @module The boot, in one place: one plan, made by `resolve`, drives five steps.
  *
  *   resolve   STORAGE_URI (else /mnt/models, else the embedded demo model) → a BootPlan. For s3:// a committed cache
- *             entry's sessions start in the workers at once, and the S3 transport's code starts loading.
+ *             entry's sessions start in the workers at once; otherwise the S3 transport's code starts loading.
  *   fetch     the fetch engine (storage/fetch.ts) fills the PVC cache, or the demo model is built. `main` starts it
- *             before the runtime's code has loaded; what it reports meanwhile is kept here.
+ *             before the runtime's code has loaded; what it reports meanwhile is kept here. A committed entry's check
+ *             against S3 waits until its warm-up is queued (#releaseCheck).
  *   announce  a component whose files are whole starts its session in the workers; a tokenizer parses on this thread;
  *             once the layout's small files and the UNet are whole, the warm-up begins while the rest downloads.
  *   load      every worker builds the whole pipeline.
@@ -31,6 +32,8 @@ import { warmupInpaint } from './image-request.js';
 
 /** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
 const FIRST_ANSWER_WAIT_MS = 500;
+/** How long a committed entry's warm-up may hold back its check against S3 (see #releaseCheck). */
+const CHECK_WAIT_MS = 2_000;
 
 /** What the boot will do, decided once, before any step runs. */
 export type BootPlan =
@@ -92,6 +95,10 @@ export class BootSequence {
   #rt: Runtime | undefined;
   readonly #abort = new AbortController();
   #fetched: Promise<{ dir: string; res?: ResolvedModel }> | undefined;
+  /** The fetch starts once this opens: at once, except for a committed entry (#releaseCheck). */
+  #openFetch!: () => void;
+  readonly #fetchOpen = new Promise<void>((r) => (this.#openFetch = r));
+  #checkReleased = false;
   #flow!: () => void;
   readonly #flowing = new Promise<void>((r) => (this.#flow = r));
   // What the fetch has reported: every listed file by component, the files whole, the components announced.
@@ -104,20 +111,22 @@ export class BootSequence {
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
-  #warmEarly: { done: Promise<void>; abort: AbortController; stale: boolean } | undefined;
+  #warmEarly: { done: Promise<void>; /** Its generation is queued (on any worker). */ queued: Promise<void>; abort: AbortController; stale: boolean } | undefined;
   #sharp = false;
 
   constructor(cfg: Readonly<Config>, readonly plan: BootPlan, early: (m: ToWorker) => void) {
     this.#cfg = cfg;
     this.#early = early;
-    if (plan.source !== 's3') return;
-    if (plan.committed) {
+    this.#abort.signal.addEventListener('abort', () => this.#openFetch(), { once: true });
+    if (plan.source === 's3' && plan.committed) {
       const { dir, manifest } = plan.committed;
       this.#onListing(manifest.files.map((f) => ({ relPath: f.path, size: f.size })));
       for (const f of manifest.files) this.#onFileReady(f.path, path.join(dir, f.path));
+      return;
     }
-    // Once the committed entry's sessions are on their way: evaluating the AWS SDK holds this thread ~250 ms.
-    loadTransport(chooseTransport(cfg.s3, plan.bucket));
+    this.#openFetch();
+    // A download's listing waits for this code: evaluating the AWS SDK holds this thread ~250 ms.
+    if (plan.source === 's3') loadTransport(chooseTransport(cfg.s3, plan.bucket));
   }
 
   /**
@@ -129,7 +138,10 @@ export class BootSequence {
     if (this.#fetched) return;
     this.#log = log;
     this.#events = events;
-    this.#fetched = this.#fetch(log);
+    this.#fetched = this.#fetchOpen.then(() => {
+      this.#abort.signal.throwIfAborted();
+      return this.#fetch(log);
+    });
     this.#fetched.catch(() => undefined); // run() awaits it and reports the failure
     void this.#fetched.finally(() => this.#flow()).catch(() => undefined);
   }
@@ -178,6 +190,7 @@ export class BootSequence {
       if (plan.source !== 'demo') boot.to('fetching');
       if (this.#progress) this.#showProgress(this.#progress);
       if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
+      if (committed) this.#releaseCheck(rt);
       const { dir, res } = await this.#fetched!;
       if (res) {
         if (plan.source === 's3' && committed) {
@@ -322,15 +335,40 @@ export class BootSequence {
     const abort = new AbortController();
     const signal = AbortSignal.any([abort.signal, rt.shutdown]);
     const whole = this.#whole;
+    let onQueued!: () => void;
+    const queued = new Promise<void>((r) => (onQueued = r));
     const done = (async () => {
       await rt.engine.load(dir, files);
       signal.throwIfAborted();
       // filesPending 0: a cache hit whose entry S3 has not confirmed yet.
       rt.events.emit('warmup-early', { filesPending: files.filter((f) => !whole.has(f)).length }, 'warm-up started before the fetch finished');
-      await this.#warmup(rt, signal);
+      await this.#warmup(rt, signal, onQueued);
     })();
     done.catch(() => undefined); // awaited by #finishWarmup
-    this.#warmEarly = { done, abort, stale: false };
+    this.#warmEarly = { done, queued, abort, stale: false };
+  }
+
+  /**
+   * Starts a committed entry's check against S3 once its warm-up is queued (its tokenizers parsed, the UNet's session
+   * made), or once that warm-up cannot start, or after CHECK_WAIT_MS. Ready waits for both; the check then loads the
+   * S3 transport's code (the AWS SDK: ~250 ms of this thread's CPU) while the warm-up runs in the workers, instead of
+   * holding back the runtime's import, the tokenizers' parse and the warm-up's dispatch, which all run on this thread.
+   */
+  #releaseCheck(rt: Runtime): void {
+    const t0 = performance.now();
+    let timer: NodeJS.Timeout | undefined;
+    const open = (after: BootEventMap['entry-check']['after']) => {
+      if (this.#checkReleased) return;
+      this.#checkReleased = true;
+      clearTimeout(timer);
+      rt.events.emit('entry-check', { after, waitedMs: Math.round(performance.now() - t0) }, 'checking the committed cache entry against S3');
+      this.#openFetch();
+    };
+    const early = this.#warmEarly;
+    if (!early) return open('no warm-up');
+    timer = setTimeout(() => open('wait ran out'), CHECK_WAIT_MS);
+    early.queued.then(() => open('warm-up queued'), () => undefined);
+    early.done.then(() => open('warm-up queued'), () => open('warm-up failed'));
   }
 
   /** Awaits the warm-up begun during the download, or runs one now (none began, its files changed, or it failed). */
@@ -353,7 +391,7 @@ export class BootSequence {
    * One real generation at the served default resolution through the request path, on every worker (each has its
    * own sessions, on its own GPU): ready means any worker can take the first request.
    */
-  async #warmup(rt: Runtime, signal?: AbortSignal): Promise<void> {
+  async #warmup(rt: Runtime, signal?: AbortSignal, onQueued?: () => void): Promise<void> {
     const { cfg, engine, log } = rt;
     if (cfg.warmupSteps === 0) return;
     const d = engine.defaults!;
@@ -370,7 +408,7 @@ export class BootSequence {
             // An inpainting model cannot run from text alone: it warms up inpainting a grey image.
             ...(d.inpainting ? { image: warmupInpaint(d.width, d.height) } : {}),
           },
-          { ...(signal ? { signal } : {}), worker },
+          { ...(signal ? { signal } : {}), ...(onQueued ? { onQueued } : {}), worker },
         );
         const stages = Object.fromEntries(Object.entries(r.times).filter(([k]) => k.endsWith('Ms')).map(([k, v]) => [k.slice(0, -2), Math.round(v)]));
         rt.events.emit('warmup-done', { ms: Math.round(performance.now() - t0), worker, steps: cfg.warmupSteps, size: `${d.width}x${d.height}`, stages }, 'warm-up generation done');

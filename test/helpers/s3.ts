@@ -92,7 +92,10 @@ export interface FaultProxy {
   readonly port: number;
   readonly endpoint: string;
   readonly stats: {
-    gets: number; rangedGets: number; lists: number; bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
+    gets: number; rangedGets: number; lists: number;
+    /** When each ListObjectsV2 request arrived (Date.now()). */
+    listAt: number[];
+    bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
     getPaths: { sdk: string[]; lite: string[] };
     /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
     refusals: Record<string, number>;
@@ -107,7 +110,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -119,7 +122,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     }
     const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
     const isGet = req.method === 'GET' && !isList;
-    if (isList) stats.lists++;
+    if (isList) {
+      stats.lists++;
+      stats.listAt.push(Date.now());
+    }
     if (isList && f.failLists && f.failLists.count > 0) {
       f.failLists.count--;
       req.resume();
