@@ -6,6 +6,12 @@ import path from 'node:path';
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
 export type EncoderWarmup = 'before-ready' | 'after-ready';
+/**
+ * AUX_THREADS: whether a pipeline worker runs its text encoders and VAE on auxiliary threads beside the UNet's (`auto`:
+ * on CUDA, where each one's first run is a kernel search worth overlapping; not on the CPU, where the sessions share
+ * the cores anyway and the extra threads only cost a start).
+ */
+export type AuxThreads = 'auto' | 'on' | 'off';
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal' | 'silent';
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
 export type OptimizedCacheMode = 'auto' | 'always' | 'off';
@@ -55,6 +61,7 @@ export interface Config {
   readonly warmupSteps: number;
   /** On CUDA, whether ready waits for the VAE encoder's first-run kernel search (image-to-image, inpainting). */
   readonly warmupVaeEncoder: EncoderWarmup;
+  readonly auxThreads: AuxThreads;
   readonly shutdownGraceS: number;
   readonly exitOnBootFailure: boolean;
   readonly requestTimeoutS: number;
@@ -93,6 +100,7 @@ const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
 const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'disabled'];
 const TRANSPORTS: readonly S3TransportName[] = ['sdk', 'lite'];
 const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'];
+const AUX_THREADS: readonly AuxThreads[] = ['auto', 'on', 'off'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -208,6 +216,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),
     warmupVaeEncoder: oneOf('WARMUP_VAE_ENCODER', 'before-ready', ENCODER_WARMUPS),
+    auxThreads: oneOf('AUX_THREADS', 'auto', AUX_THREADS),
     shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0),
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
     requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),

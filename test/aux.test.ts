@@ -7,7 +7,8 @@ import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } f
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ROOT, until } from './helpers/server.js';
+import { startRuntime } from './helpers/runtime.js';
+import { postJson, ROOT, tempDir, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
 import { readLayout } from '../src/pipeline/model.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
@@ -185,4 +186,33 @@ describe('auxiliary session thread', () => {
     await expect(made.session.run({ input_ids: { data: new Array<number>(77).fill(0), dims: [1, 77] } })).rejects.toThrow(/auxiliary session thread exited/);
     await client.close(); // a no-op now
   });
+});
+
+describe('AUX_THREADS in a running server', () => {
+  /** One image-to-image request (text encoder, VAE encoder, UNet, VAE decoder) and where each session ran. */
+  async function serveOnce(env: Record<string, string>): Promise<{ threads: Record<string, string>; b64: string }> {
+    const dir = await fixtureModel({ withVaeEncoder: true });
+    const cache = tempDir('dr-aux-threads-');
+    const s = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off', ...env }, { ready: true });
+    try {
+      const grey = Buffer.from(new Uint8Array(64 * 64 * 3).fill(128));
+      const png = await (await import('sharp')).default(grey, { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer();
+      const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red fox', seed: 3, num_inference_steps: 4, height: 64, width: 64, image: png.toString('base64'), strength: 0.6 }] });
+      expect(r.status).toBe(200);
+      const threads = Object.fromEntries(s.all('session').map((e) => [e.component, e.thread]));
+      return { threads, b64: (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64 };
+    } finally {
+      await s.stop();
+      cache.cleanup();
+    }
+  }
+
+  it('auto on the CPU: every session on the pipeline worker; on: the text encoder and each VAE on their own thread, same image', async () => {
+    const auto = await serveOnce({});
+    expect(auto.threads).toEqual({ text_encoder: 'worker', unet: 'worker', vae_decoder: 'worker', vae_encoder: 'worker' });
+    const on = await serveOnce({ AUX_THREADS: 'on' });
+    expect(on.threads).toEqual({ text_encoder: 'encode', unet: 'worker', vae_decoder: 'decode', vae_encoder: 'image' });
+    expect(on.b64.length).toBeGreaterThan(100);
+    expect(on.b64).toBe(auto.b64);
+  }, 60_000);
 });

@@ -64,6 +64,14 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ WARMUP_VAE_ENCODER: 'never' })).toThrow('WARMUP_VAE_ENCODER must be one of before-ready, after-ready, got "never"');
   });
 
+  it('AUX_THREADS: auto unless on or off is asked for; the worker is told; anything else is named', () => {
+    expect(loadConfig({}).auxThreads).toBe('auto');
+    expect(workerInit(loadConfig({}), 0).auxThreads).toBe('auto');
+    expect(workerInit(loadConfig({ AUX_THREADS: 'on' }), 0).auxThreads).toBe('on');
+    expect(workerInit(loadConfig({ AUX_THREADS: 'OFF' }), 0).auxThreads).toBe('off');
+    expect(() => loadConfig({ AUX_THREADS: 'yes' })).toThrow('AUX_THREADS must be one of auto, on, off, got "yes"');
+  });
+
   it('values as Kubernetes hands them over: surrounding whitespace is dropped, quotes kept by YAML are named, never used', () => {
     const c = loadConfig({ AWS_S3_ENDPOINT: 'minio.example:9000\n', S3_USE_HTTPS: ' False ', AWS_DEFAULT_REGION: 'eu-west-1\n', STORAGE_URI: 's3://models/sd\n', S3_MAX_CONCURRENCY: ' 24 ', EXIT_ON_BOOT_FAILURE: 'yes' });
     expect([c.s3.endpoint, c.s3.region, c.storageUri, c.s3.maxConcurrency, c.exitOnBootFailure]).toEqual(['http://minio.example:9000', 'eu-west-1', 's3://models/sd', 24, true]);

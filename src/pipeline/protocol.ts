@@ -1,5 +1,5 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
-import type { EncoderWarmup, ExecutionProvider } from '../config.js';
+import type { AuxThreads, EncoderWarmup, ExecutionProvider } from '../config.js';
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
@@ -20,6 +20,8 @@ export interface WorkerInit {
   lora?: { maxSets: number; maxBytes: number; workDir: string };
   /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: before). */
   vaeEncoderWarmup?: EncoderWarmup;
+  /** AUX_THREADS (absent: auto). */
+  auxThreads?: AuxThreads;
 }
 
 /** An auxiliary session thread of a pipeline worker (aux.ts): the text encoders, the VAE encoder or the VAE decoder. */
@@ -103,7 +105,8 @@ export type FromWorker =
   /** onnxruntime-node has loaded in the worker. */
   | { t: 'imported'; ms: number }
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
-  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string }
+  /** `thread`: where the session runs: `worker` (the pipeline worker's own) or an auxiliary thread's name. */
+  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string; thread: string }
   /**
    * `tokenizerDirs`: the model's tokenizer folders in order (tokenizer, tokenizer_2); jobs carry ids from each.
    * `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready.

@@ -50,7 +50,8 @@ const sessions = new Map<string, Promise<ModelSession>>();
  * The text encoders, the VAE encoder (image input) and the VAE decoder get a thread each, as a thread runs one thing
  * at a time: on CUDA each one's first run is a kernel search (the decoder's ~1 s at 512×512, the encoder's ~0.6 s),
  * and none of them may hold up another's priming or a request's run (the warm-up's text encoding, an image request's
- * encoding behind the previous batch's decode).
+ * encoding behind the previous batch's decode). On the CPU (AUX_THREADS=auto) they stay on this thread: ORT's intra-op
+ * pool already spreads a run over the cores, and the threads' starts cost a 2-core boot more than they overlap.
  */
 type AuxThread = 'encode' | 'image' | 'decode';
 const ON_AUX: ReadonlyMap<string, AuxThread> = new Map([
@@ -124,10 +125,10 @@ function session(component: string, file: string): Promise<ModelSession> {
     const mine = epoch;
     p = create(component, file).catch((err: unknown) => {
       throw loadError(component, file, err);
-    }).then(({ session: s, provider, ms, cache }) => {
+    }).then(({ session: s, provider, ms, cache, thread }) => {
       if (mine === epoch) {
         providers[component] = provider;
-        post({ t: 'session', component, provider, ms, cache });
+        post({ t: 'session', component, provider, ms, cache, thread });
       }
       return s;
     });
@@ -151,7 +152,7 @@ function loadError(component: string, modelPath: string, err: unknown): unknown 
 }
 
 /** One component's session: the UNet on this thread, the others on their auxiliary thread, after the export checks. */
-async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: 'cuda' | 'cpu'; ms: number; cache: string }> {
+async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: 'cuda' | 'cpu'; ms: number; cache: string; thread: string }> {
   const provider = await factory.provider();
   const dir = path.dirname(path.dirname(modelPath));
   const info = exportOf(dir);
@@ -159,11 +160,12 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   if (provider === 'cpu' && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
     throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`);
   }
-  const thread = ON_AUX.get(component);
+  const onAux = init.auxThreads === 'on' || (init.auxThreads !== 'off' && provider === 'cuda');
+  const thread = onAux ? ON_AUX.get(component) : undefined;
   if (thread === undefined) {
     const made = await factory.create(component, modelPath);
     if (provider === 'cuda' && component === 'unet') logSlowPath(info);
-    return made;
+    return { ...made, thread: 'worker' };
   }
   let client = aux.get(thread);
   if (!client) {
@@ -184,7 +186,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   const r = await client.create(component, modelPath, provider, prime);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);
-  return { session: r.session, provider, ms: r.ms, cache: r.cache };
+  return { session: r.session, provider, ms: r.ms, cache: r.cache, thread };
 }
 
 function exportOf(dir: string): ExportInfo {

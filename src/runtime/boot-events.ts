@@ -15,7 +15,7 @@ export interface BootEventMap {
   /** A boot state was entered (runtime/boot.ts); `previousSeconds` is the time spent in the one left. */
   state: StateChange;
   /** A component's ONNX session exists in a worker. */
-  session: { component: string; provider: string; ms: number; optimizedCache: string };
+  session: { component: string; provider: string; ms: number; optimizedCache: string; /** `worker` or an auxiliary thread (AUX_THREADS). */ thread: string };
   /**
    * A committed cache entry's check against S3 begins, `after` what: its warm-up was queued, that warm-up could not
    * start, there is none (WARMUP_STEPS=0), or the wait for it ran out (`waitedMs`: since the runtime began its boot).

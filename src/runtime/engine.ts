@@ -143,7 +143,7 @@ export interface LoadResult {
 }
 
 export interface EngineEvents {
-  onSession?(component: string, provider: string, ms: number, optimizedCache: string): void;
+  onSession?(component: string, provider: string, ms: number, optimizedCache: string, thread: string): void;
   onImported?(ms: number): void;
   /**
    * Whether some worker can run a generation changed after a worker died: false (with why) while none can, true once
@@ -485,7 +485,7 @@ export class Engine {
         this.events.onImported?.(m.ms);
         break;
       case 'session':
-        this.events.onSession?.(m.component, m.provider, m.ms, m.cache);
+        this.events.onSession?.(m.component, m.provider, m.ms, m.cache, m.thread);
         break;
       case 'loaded':
       case 'load-failed': {

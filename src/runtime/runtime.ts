@@ -66,10 +66,10 @@ export class Runtime {
     this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
-      onSession: (component, provider, ms, optimizedCache) => {
+      onSession: (component, provider, ms, optimizedCache, thread) => {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
-        this.events.emit('session', { component, provider, ms: Math.round(ms), optimizedCache }, 'onnx session created');
+        this.events.emit('session', { component, provider, ms: Math.round(ms), optimizedCache, thread }, 'onnx session created');
       },
       onAdapters: (d) => this.events.emit('adapters-ready', d, 'LoRA adapter set ready'),
       // A pipeline worker died after ready: not ready until one started again has loaded the model.

@@ -28,7 +28,7 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
 }
 
 type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
-  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder' | 'warmupSteps'>>;
+  Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder' | 'warmupSteps' | 'auxThreads'>>;
 
 export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
@@ -53,6 +53,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     ...(device !== undefined ? { deviceId: device } : {}),
     // With no warm-up there is no end of it to wait for: the encoder is primed with the others.
     ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupSteps === 0 ? 'before-ready' : cfg.warmupVaeEncoder } : {}),
+    ...(cfg.auxThreads ? { auxThreads: cfg.auxThreads } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
       ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
       : {}),
