@@ -361,6 +361,7 @@ export class BootSequence {
       if (this.#checkReleased) return;
       this.#checkReleased = true;
       clearTimeout(timer);
+      if (this.#abort.signal.aborted) return; // the abort opened the fetch, which ends at once
       rt.events.emit('entry-check', { after, waitedMs: Math.round(performance.now() - t0) }, 'checking the committed cache entry against S3');
       this.#openFetch();
     };
