@@ -15,6 +15,10 @@
  * Env: BENCH_REPS, BENCH_PAD_BYTES (default 300e6), BENCH_PAD_SPLIT (sd15 | unet, default sd15: see DemoOptions),
  * BENCH_EP (default cpu, as bare_ms), ORT_OPTIMIZED_CACHE (default auto), THROTTLE_PROXY (proxy path),
  * S3_TRANSPORT (passed to the servers and the warm-up CLI: sdk, the default, or lite).
+ * BENCH_HIT_BUILDS: hits only, to compare builds side by side (a regression's hunt): comma-separated checkouts, each
+ * built (`npm run build`; `.` is this one), each optionally followed by `#VAR=value` settings for its servers
+ * (`.,.#AUX_THREADS=on,../old`). Each fills its own cache with one miss, then BENCH_REPS rounds start every build once
+ * in turn on its cache; prints each one's hits and median against the first's, and its median hit's timeline.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createReadStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
@@ -124,10 +128,10 @@ const LANDMARKS = ['listening', 'onnxruntime-node imported', 'sharp imported', '
  * queue-proxy probes about every 50 ms; a new connection every few ms would steal the 2 cores the download needs).
  * Stops it with SIGTERM once ready.
  */
-async function serverRun(env: NodeJS.ProcessEnv, opts: { waitForWriter?: boolean } = {}, timeoutMs = 180_000): Promise<ServerRun> {
+async function serverRun(env: NodeJS.ProcessEnv, opts: { waitForWriter?: boolean; root?: string } = {}, timeoutMs = 180_000): Promise<ServerRun> {
   const port = await freePort();
   const spawnedEpoch = Date.now();
-  const s = spawnLogged([path.join(ROOT, 'dist/src/main.js')], { ...env, PORT: String(port), HOST: '127.0.0.1' });
+  const s = spawnLogged([path.join(opts.root ?? ROOT, 'dist/src/main.js')], { ...env, PORT: String(port), HOST: '127.0.0.1' });
   let dead = false;
   void s.exited.then(() => (dead = true));
   const fail = (why: string) => new Error(`${why}; stderr: ${s.stderr.join('').slice(-800)}; last logs: ${s.logs.slice(-4).map((l) => JSON.stringify(l.line)).join(' | ')}`);
@@ -264,6 +268,10 @@ async function main(): Promise<void> {
       ...(process.env.S3_TRANSPORT ? { S3_TRANSPORT: process.env.S3_TRANSPORT } : {}),
     });
 
+    if (process.env.BENCH_HIT_BUILDS) {
+      await compareHits(process.env.BENCH_HIT_BUILDS, reps, (dir) => env(path.join(tmp, dir)), say);
+      return;
+    }
     const runs: Rep[] = [];
     let hitCache: string | undefined;
     for (let i = 0; i < reps; i++) {
@@ -350,6 +358,46 @@ async function main(): Promise<void> {
   } finally {
     cleanup();
   }
+}
+
+/**
+ * BENCH_HIT_BUILDS: every build fills its own cache with one miss (its own cache format, its background writer let
+ * finish), then `reps` rounds start each build once, in turn, on its cache: builds alternate, so the machine's drift
+ * falls on all of them alike.
+ */
+async function compareHits(spec: string, reps: number, envFor: (cacheDir: string) => NodeJS.ProcessEnv, say: (m: string) => void): Promise<void> {
+  const builds = spec.split(',').map((b, i) => {
+    const [dir, ...vars] = b.trim().split('#');
+    const root = path.resolve(ROOT, dir || '.');
+    if (!existsSync(path.join(root, 'dist/src/main.js'))) throw new Error(`BENCH_HIT_BUILDS: ${root} has no dist/src/main.js (run \`npm run build\` there)`);
+    const extra = Object.fromEntries(vars.map((v) => {
+      const eq = v.indexOf('=');
+      if (eq <= 0) throw new Error(`BENCH_HIT_BUILDS: ${JSON.stringify(v)} is not VAR=value`);
+      return [v.slice(0, eq), v.slice(eq + 1)];
+    }));
+    return { name: b.trim(), root, extra, cache: `cache-build-${i}`, hits: [] as ServerRun[] };
+  });
+  for (const b of builds) {
+    const miss = await serverRun({ ...envFor(b.cache), ...b.extra }, { waitForWriter: true, root: b.root });
+    say(`${b.name}: cache filled (miss ${r0(miss.readyMs)} ms)`);
+  }
+  for (let i = 0; i < reps; i++) {
+    for (const b of builds) {
+      const hit = await serverRun({ ...envFor(b.cache), ...b.extra }, { root: b.root });
+      b.hits.push(hit);
+      say(`round ${i + 1}: ${b.name} hit ${r0(hit.readyMs)} ms`);
+    }
+  }
+  const base = median(builds[0]!.hits.map((h) => h.readyMs));
+  const lines = [`cache hits, builds alternating, ${reps} rounds (ms, spawn → ready)`];
+  for (const b of builds) {
+    const med = median(b.hits.map((h) => h.readyMs));
+    const t = [...b.hits].sort((x, y) => x.readyMs - y.readyMs)[b.hits.length >> 1]!;
+    lines.push(`  ${b.name}: ${b.hits.map((h) => r0(h.readyMs)).join(' ')}; median ${r0(med)} (${(med / base).toFixed(3)} of the first)`);
+    lines.push(`    median hit: ${t.timeline.map(([ms, m]) => `${ms} ${m}`).join(' | ')}`);
+  }
+  process.stdout.write(`${lines.join('\n')}\n`);
+  process.stdout.write(`${JSON.stringify({ hits: Object.fromEntries(builds.map((b) => [b.name, r0(median(b.hits.map((h) => h.readyMs)))])) })}\n`);
 }
 
 /** Drops the optimized graphs a server start may have left, so bare_ms is plain ONNX Runtime. */
