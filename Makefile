@@ -69,6 +69,12 @@ push: ## Push IMAGE:TAG to its registry
 
 render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests)
 	@command -v envsubst >/dev/null || { echo "envsubst not found: install gettext (apt-get install gettext-base)" >&2; exit 1; }
+	@# KServe's webhook refuses an InferenceService name outside [a-z]([-a-z0-9]*[a-z0-9])?, and the warm-up Job's name
+	@# (MODEL_NAME-cache-warmup) becomes a label value, at most 63 characters: say so here, not at kubectl apply.
+	@name='$(call sh_quote,$(value MODEL_NAME))'; \
+	case "$$name" in ''|[!abcdefghijklmnopqrstuvwxyz]*|*[!abcdefghijklmnopqrstuvwxyz0123456789-]*|*-) \
+	  echo "MODEL_NAME='$$name' cannot name an InferenceService: lower-case letters, digits and '-', starting with a letter and not ending with '-' (e.g. sd-15, not sd-1.5 or SD15)" >&2; exit 2;; esac; \
+	[ $${#name} -le 50 ] || { echo "MODEL_NAME='$$name' is $${#name} characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup and a Kubernetes label value holds 63" >&2; exit 2; }
 	@mkdir -p $(RENDER_DIR)
 	@for t in $(TEMPLATES); do \
 	  env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$(RENDER_DIR)/$$(basename "$$t")"; \

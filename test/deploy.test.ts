@@ -166,6 +166,29 @@ describe('templates: parameters and rendering', () => {
     }
   });
 
+  it.skipIf(!has('make'))('`make render` refuses a MODEL_NAME KServe or the warm-up Job would refuse, naming the rule, and writes nothing', () => {
+    const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
+    const renderAs = (name: string) => spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`, `MODEL_NAME=${name}`], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, PATH: process.env.PATH } });
+    try {
+      for (const name of ['sd-1.5', 'SD15', '1sd', 'sd-', 'sd 15', "sd'15", 'sdé']) {
+        const r = renderAs(name);
+        expect(r.status, name).toBe(2);
+        expect(r.stderr, name).toContain(`MODEL_NAME='${name}' cannot name an InferenceService: lower-case letters, digits and '-'`);
+      }
+      const long = renderAs('a'.repeat(51));
+      expect(long.status).toBe(2);
+      expect(long.stderr).toContain('is 51 characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup');
+      expect(readdirSync(out)).toEqual([]);
+      if (has('envsubst')) {
+        const ok = renderAs(`sd-15-${'a'.repeat(44)}`);
+        expect(ok.status, ok.stderr).toBe(0);
+        expect(readFileSync(path.join(out, 'warmup-job.yaml'), 'utf8')).toContain(`name: "sd-15-${'a'.repeat(44)}-cache-warmup"`);
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
   it.skipIf(!has('envsubst') || !has('make'))('`make render`: a password with $ \' " \\ reaches the Secret exactly as given (command line and environment)', () => {
     const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
     const secret = `a$b$(shell id)'c"d\\te#f g`;
