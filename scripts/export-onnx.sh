@@ -3,7 +3,7 @@
 # layout, and optionally upload it to S3.
 #
 #   scripts/export-onnx.sh MODEL_ID OUT_DIR [--plain] [--fp16|--fp32] [--device cuda|cpu]
-#                          [--push s3://bucket/prefix] [--container] [--task TASK] [-- EXTRA ARGS]
+#                          [--push s3://bucket/prefix [--replace]] [--container] [--task TASK] [-- EXTRA ARGS]
 #
 #   MODEL_ID     Hugging Face id (stable-diffusion-v1-5/stable-diffusion-v1-5,
 #                stabilityai/sdxl-turbo, ...) or a local diffusers folder
@@ -16,7 +16,9 @@
 #   --device D   torch device for tracing (default: cuda when torch sees one, else cpu)
 #   --plain      the unfused optimum export, for the CPU execution provider (or any)
 #   --fp16       with --plain: float16 (optimum: --dtype fp16 --device cuda; needs a CUDA GPU)
-#   --push URI   then upload OUT_DIR with `node dist/warmup/main.js push OUT_DIR URI`
+#   --push URI   then upload OUT_DIR with `node dist/warmup/main.js push OUT_DIR URI`; a prefix
+#                holding objects the export lacks is refused (a server would load them too)
+#   --replace    with --push: delete those objects once the upload is done
 #                (S3 settings from the usual env: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 #                AWS_ENDPOINT_URL / AWS_S3_ENDPOINT, AWS_REGION; run `npm run build` first)
 #   --container  run the export in a container (docker or podman, python image) instead of a venv
@@ -45,6 +47,7 @@ fp32=0
 plain=0
 device=""
 push_uri=""
+replace=""
 use_container=0
 task=""
 extra=()
@@ -56,6 +59,7 @@ while [[ $# -gt 0 ]]; do
     --device) [[ $# -ge 2 ]] || die "--device needs cuda or cpu"; device=$2; shift ;;
     --push) [[ $# -ge 2 ]] || die "--push needs s3://bucket/prefix"; push_uri=$2; shift ;;
     --push=*) push_uri=${1#--push=} ;;
+    --replace) replace=1 ;;
     --container) use_container=1 ;;
     --task) [[ $# -ge 2 ]] || die "--task needs a value"; task=$2; shift ;;
     --) shift; extra=("$@"); break ;;
@@ -64,6 +68,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 if [[ -n $push_uri && ! $push_uri =~ ^s3://[^/]+ ]]; then die "--push wants s3://bucket/prefix, got '$push_uri'"; fi
+if [[ $replace == 1 && -z $push_uri ]]; then die "--replace goes with --push"; fi
 if [[ $plain == 1 ]]; then
   [[ $fp32 == 0 ]] || die "--fp32 is for the fused export; a --plain export is float32 unless --fp16"
   [[ -z $device ]] || die "--device is for the fused export; --plain --fp16 traces on cuda"
@@ -160,6 +165,6 @@ if [[ -n $push_uri ]]; then
   warmup_js=$repo_root/dist/warmup/main.js
   [[ -f $warmup_js ]] || die "$warmup_js not found: run 'npm ci && npm run build' first"
   echo "export-onnx: uploading to $push_uri"
-  node "$warmup_js" push "$out_abs" "$push_uri"
+  node "$warmup_js" push "$out_abs" "$push_uri" ${replace:+--replace}
   echo "export-onnx: done; serve it with STORAGE_URI=$push_uri"
 fi

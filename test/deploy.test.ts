@@ -717,6 +717,8 @@ describe('scripts', () => {
       expect(noArgs.stderr).toBe(help.stdout);
       expect(run(['m', path.join(dir, 'o0'), '--bogus']).status).not.toBe(0);
       expect(run(['m', path.join(dir, 'o0'), '--push', 'http://not-s3']).stderr).toMatch(/s3:\/\/bucket\/prefix/);
+      const alone = run(['m', path.join(dir, 'o0'), '--replace']);
+      expect([alone.status, alone.stderr]).toEqual([1, 'export-onnx: --replace goes with --push\n']);
     });
 
     it('--plain: passes --fp16 as --dtype fp16 --device cuda and verifies the layout', () => {

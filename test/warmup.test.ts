@@ -7,6 +7,7 @@ import { JOURNAL } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
 import { cleanUpS3, detBytes, type FaultProxy, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
 import { until } from './helpers/server.js';
+import { ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3';
 
 const CLI = path.resolve('dist/warmup/main.js');
 let s3: S3Server;
@@ -141,7 +142,32 @@ describe('warm-up CLI', () => {
     const unfinished = await cli(['push', empty, 's3://models/sd/empty'], pushEnv);
     expect([unfinished.code, lastLine(unfinished.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds an unfinished download (unet.partial); push a complete export`]);
     const noBucket = await cli(['push', local, 's3://no-such-bucket/sd'], pushEnv);
-    expect([noBucket.code, lastLine(noBucket.stderr)]).toEqual([1, 'warmup: STORAGE_MISSING: cannot upload: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+    expect([noBucket.code, lastLine(noBucket.stderr)]).toEqual([1, 'warmup: STORAGE_MISSING: cannot list: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+  });
+
+  it('push over a prefix holding objects the export lacks: refused by name; --replace deletes them after the upload, keeping loras/', async () => {
+    const pushEnv = s3Env(s3.endpoint, path.join(tmp, 'unused'));
+    const keys = async () => ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: 'sd/re/' }))).Contents ?? []).map((o) => o.Key!.slice('sd/re/'.length)).sort();
+    expect((await cli(['push', local, 's3://models/sd/re'], pushEnv)).code).toBe(0);
+    // What an earlier push of another export left: a VAE encoder this one lacks, and an adapter added beside the model.
+    for (const k of ['vae_encoder/model.onnx', 'vae_encoder/config.json', 'loras/style.safetensors']) {
+      await s3.client.send(new PutObjectCommand({ Bucket: 'models', Key: `sd/re/${k}`, Body: detBytes(1000, 9) }));
+    }
+    const refused = await cli(['push', local, 's3://models/sd/re'], pushEnv);
+    expect([refused.code, lastLine(refused.stderr)]).toEqual([1, 'warmup: INVALID_INPUT: s3://models/sd/re/ already holds 2 object(s) this export does not have '
+      + '(vae_encoder/config.json, vae_encoder/model.onnx); a server reads every object under the prefix and would load them with this export: '
+      + 'push to an empty prefix, or add --replace to delete them once the upload is done']);
+    expect(await keys()).toContain('vae_encoder/model.onnx');
+    const replaced = await cli(['push', local, 's3://models/sd/re', '--replace'], pushEnv);
+    expect(replaced.code, replaced.stderr).toBe(0);
+    expect(JSON.parse(lastLine(replaced.stdout))).toMatchObject({ files: 6, deleted: 2 });
+    expect(replaced.stderr).toContain('push: deleted 2 object(s) the export does not have');
+    expect(await keys()).toEqual([...Object.keys(model), 'loras/style.safetensors'].sort());
+    const fill = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-re'), { STORAGE_URI: 's3://models/sd/re' }));
+    expect(fill.code, fill.stderr).toBe(0);
+    await expectModel(JSON.parse(fill.stdout).modelDir);
+    const odd = await cli(['push', local, 's3://models/sd/re', '--delete'], pushEnv);
+    expect([odd.code, odd.stderr.split('\n')[0]]).toEqual([2, 'warmup: push: unknown option "--delete"']);
   });
 
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {

@@ -13,10 +13,11 @@ import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
-import { permanentError } from '../src/storage/s3-errors.js';
+import { backoffMs } from '../src/storage/plan.js';
+import { classify, permanentError } from '../src/storage/s3-errors.js';
 import { parseStorageUri } from '../src/storage/uri.js';
 
-const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix';
+const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]';
 
 const mb = (n: number) => (n / 1e6).toFixed(1);
 
@@ -56,8 +57,13 @@ async function warm(signal: AbortSignal): Promise<void> {
   }
 }
 
-async function push(localDir: string | undefined, uri: string | undefined, signal: AbortSignal): Promise<void> {
+async function push(args: string[], signal: AbortSignal): Promise<void> {
+  const replace = args.includes('--replace');
+  const unknown = args.find((a) => a.startsWith('--') && a !== '--replace');
+  if (unknown !== undefined) throw new UsageError(`push: unknown option ${JSON.stringify(unknown)}`);
+  const [localDir, uri, extra] = args.filter((a) => !a.startsWith('--'));
   if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
+  if (extra !== undefined) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${JSON.stringify(extra)}`);
   const cfg = loadConfig();
   trimCredentials();
   const src = parseStorageUri(uri);
@@ -73,8 +79,34 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
   if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
   if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
-  const [{ Upload }, { createS3 }] = await Promise.all([import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js')]);
+  const [{ Upload }, { createS3 }, { ListObjectsV2Command, DeleteObjectsCommand }] = await Promise.all([
+    import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js'), import('@aws-sdk/client-s3')]);
   const s3 = createS3(cfg.s3);
+  // A server reads every object under the prefix: one this export lacks would be downloaded and loaded with it (a
+  // VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the model, kept.
+  const pushing = new Set(files);
+  const stale: string[] = [];
+  try {
+    let token: string | undefined;
+    do {
+      const page = await retried(signal, () => s3.client.send(new ListObjectsV2Command({ Bucket: src.bucket, Prefix: src.prefix, ...(token ? { ContinuationToken: token } : {}) }), { abortSignal: signal }));
+      for (const o of page.Contents ?? []) {
+        const rel = (o.Key ?? '').slice(src.prefix.length);
+        if (rel !== '' && !rel.endsWith('/') && !pushing.has(rel) && !rel.startsWith('loras/')) stale.push(rel);
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  } catch (e) {
+    s3.destroy();
+    if (signal.aborted) throw e;
+    throw permanentError(e, src.bucket, undefined, 'list');
+  }
+  if (stale.length > 0 && !replace) {
+    s3.destroy();
+    const shown = stale.slice(0, 3).join(', ') + (stale.length > 3 ? `, … ${stale.length - 3} more` : '');
+    throw new RuntimeError('INVALID_INPUT', `s3://${src.bucket}/${src.prefix} already holds ${stale.length} object(s) this export does not have (${shown}); `
+      + 'a server reads every object under the prefix and would load them with this export: push to an empty prefix, or add --replace to delete them once the upload is done');
+  }
   let bytes = 0;
   let next = 0;
   const partSize = Math.max(5 * 1024 * 1024, cfg.s3.partSize);
@@ -104,11 +136,44 @@ async function push(localDir: string | undefined, uri: string | undefined, signa
         process.stderr.write(`push: ${rel} (${mb(bytes)} MB so far)\n`);
       }
     }));
+    // Only once every file is up: a failed push leaves the old objects beside the new ones, never neither.
+    for (let i = 0; i < stale.length; i += 1000) {
+      let left = stale.slice(i, i + 1000).map((rel) => src.prefix + rel);
+      try {
+        // A key S3 could not delete this time (InternalError, SlowDown) is asked for again; any other failure is final.
+        await retried(signal, async () => {
+          const r = await s3.client.send(new DeleteObjectsCommand({ Bucket: src.bucket, Delete: { Objects: left.map((Key) => ({ Key })), Quiet: true } }), { abortSignal: signal });
+          const failed = r.Errors ?? [];
+          if (failed.length === 0) return;
+          left = failed.map((f) => f.Key ?? '');
+          // Named as S3 names it (AccessDenied, InternalError, …): the first that retrying cannot fix, else the first.
+          const worst = failed.find((f) => classify({ name: f.Code }) !== 'transient') ?? failed[0]!;
+          throw Object.assign(new Error(worst.Message ?? 'delete failed'), { name: worst.Code ?? 'InternalError' });
+        });
+      } catch (e) {
+        if (signal.aborted) throw e;
+        const p = permanentError(e, src.bucket, left[0], 'delete');
+        throw new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e });
+      }
+    }
+    if (stale.length > 0) process.stderr.write(`push: deleted ${stale.length} object(s) the export does not have\n`);
   } finally {
     s3.destroy();
   }
   const seconds = (performance.now() - t0) / 1000;
-  process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, seconds: +seconds.toFixed(3) })}\n`);
+  process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, ...(replace ? { deleted: stale.length } : {}), seconds: +seconds.toFixed(3) })}\n`);
+}
+
+/** `fn` again after a transient S3 error (a 5xx, SlowDown, a reset), a few times with backoff, as a fill retries. */
+async function retried<T>(signal: AbortSignal, fn: () => Promise<T>, attempts = 5): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fn();
+    } catch (e) {
+      if (signal.aborted || classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
+      await new Promise((r) => setTimeout(r, backoffMs(attempt)));
+    }
+  }
 }
 
 class UsageError extends Error {}
@@ -130,7 +195,7 @@ async function main(): Promise<number> {
   const [cmd, ...rest] = process.argv.slice(2);
   try {
     if (cmd === undefined) await warm(ac.signal);
-    else if (cmd === 'push') await push(rest[0], rest[1], ac.signal);
+    else if (cmd === 'push') await push(rest, ac.signal);
     else if (cmd === '-h' || cmd === '--help') process.stderr.write(`${USAGE}\n`);
     else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
     return 0;
