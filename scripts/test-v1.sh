@@ -3,7 +3,8 @@
 #
 #   scripts/test-v1.sh URL [MODEL]
 #     URL    the model endpoint root: the InferenceService URL (`oc get isvc NAME -o
-#            jsonpath='{.status.url}'`), a Route, or a local server (http://localhost:8080)
+#            jsonpath='{.status.url}'`), a Route, or a local server (http://localhost:8080);
+#            a URL with its route (…/v1/models/NAME:predict) is cut to its root, NAME taken from it
 #     MODEL  the model name in the route (the InferenceService's name); default $MODEL_NAME, else the one
 #            model URL/v1/models lists (a local `npm start` or `make run-local` serves "model")
 #
@@ -19,12 +20,21 @@ set -euo pipefail
 die() { echo "test-v1: FAIL: $*" >&2; exit 1; }
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  # The comment block at the top of this file, without its '# '.
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
   [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
 
 url=${1%/}
 model=${2:-${MODEL_NAME:-}}
+# A URL copied with its route (…/v1/models/NAME:predict, …/v2/models/NAME/infer): its root, and NAME unless given.
+if [[ $url =~ ^(https?://.*)/v[12]/models/([^/:]+)(:predict|/infer|/ready)?$ ]]; then
+  url=${BASH_REMATCH[1]}
+  if [[ -z $model ]]; then model=${BASH_REMATCH[2]}; fi
+  echo "URL: $url (the root of the route given; model ${model})"
+elif [[ $url =~ ^(https?://.*)/v[12]/models$ ]]; then
+  url=${BASH_REMATCH[1]}
+fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 input=${INPUT:-$here/v1_input.json}
 timeout=${TIMEOUT:-900}

@@ -187,6 +187,16 @@ describe('one model name for a local user (npm start, make run-local, make test-
     expect(r.stdout).toMatch(/OK: PNG 64x64/);
   });
 
+  it.skipIf(!has('curl'))('test-v1.sh takes a URL copied with its route: cut to the root, the model name taken from it', async () => {
+    for (const route of ['/v1/models/model:predict', '/v1/models/model', '/v2/models/model/infer', '/v1/models/']) {
+      const r = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), `${srv.url}${route}`]);
+      expect(r.status, route + r.stderr).toBe(0);
+      expect(r.stdout, route).toMatch(/OK: PNG 64x64/);
+    }
+    const named = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), `${srv.url}/v1/models/model:predict`]);
+    expect(named.stdout).toContain(`URL: ${srv.url} (the root of the route given; model model)`);
+  });
+
   it.skipIf(!has('curl'))('test-v1.sh names the models the server serves when it gets a 404', async () => {
     const r = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), srv.url, 'stable-diffusion']);
     expect(r.status).not.toBe(0);

@@ -589,6 +589,13 @@ describe('scripts', () => {
     expect(r.status, r.stderr).toBe(0);
   });
 
+  it('test-v1.sh --help prints its header comment and nothing of the script', () => {
+    const r = spawnSync('bash', [path.join(ROOT, 'scripts/test-v1.sh'), '--help'], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/^Smoke test of a deployed/);
+    expect(r.stdout.trimEnd()).toMatch(/Needs curl, and node or base64\+od \(no python\)\.$/);
+  });
+
   it.skipIf(!has('shellcheck')).each(SCRIPTS)('%s passes shellcheck', (s) => {
     const r = spawnSync('shellcheck', [path.join(ROOT, s)], { encoding: 'utf8' });
     expect(r.status, r.stdout).toBe(0);
