@@ -216,3 +216,18 @@ describe('AUX_THREADS in a running server', () => {
     expect(on.b64).toBe(auto.b64);
   }, 60_000);
 });
+
+describe('AUX_THREADS placement', () => {
+  it('auto (or unset): the text encoders and the VAEs on their threads on CUDA, as before AUX_THREADS; none on the CPU', async () => {
+    const { auxThreadOf } = await import('../src/pipeline/aux-placement.js');
+    const comps = ['text_encoder', 'text_encoder_2', 'unet', 'vae_encoder', 'vae_decoder'];
+    const where = (provider: 'cuda' | 'cpu', mode?: 'auto' | 'on' | 'off') => comps.map((c) => auxThreadOf(c, provider, mode) ?? 'worker');
+    const threads = ['encode', 'encode', 'worker', 'image', 'decode'];
+    expect(where('cuda', 'auto')).toEqual(threads);
+    expect(where('cuda', undefined)).toEqual(threads);
+    expect(where('cpu', 'auto')).toEqual(comps.map(() => 'worker'));
+    expect(where('cpu', undefined)).toEqual(comps.map(() => 'worker'));
+    expect(where('cpu', 'on')).toEqual(threads);
+    expect(where('cuda', 'off')).toEqual(comps.map(() => 'worker'));
+  });
+});

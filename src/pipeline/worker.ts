@@ -10,6 +10,7 @@ import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
+import { auxThreadOf, type AuxThread } from './aux-placement.js';
 import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
@@ -46,20 +47,14 @@ const factory = new SessionFactory({
 void factory.prestart();
 const sessions = new Map<string, Promise<ModelSession>>();
 /**
- * Components whose sessions live on an auxiliary thread (aux.ts), and which one; the UNet stays on this thread.
+ * The auxiliary session threads (aux.ts) by name; which component goes to which, and when, is aux-placement.ts's. The
+ * UNet stays on this thread.
  * The text encoders, the VAE encoder (image input) and the VAE decoder get a thread each, as a thread runs one thing
  * at a time: on CUDA each one's first run is a kernel search (the decoder's ~1 s at 512×512, the encoder's ~0.6 s),
  * and none of them may hold up another's priming or a request's run (the warm-up's text encoding, an image request's
  * encoding behind the previous batch's decode). On the CPU (AUX_THREADS=auto) they stay on this thread: ORT's intra-op
  * pool already spreads a run over the cores, and the threads' starts cost a 2-core boot more than they overlap.
  */
-type AuxThread = 'encode' | 'image' | 'decode';
-const ON_AUX: ReadonlyMap<string, AuxThread> = new Map([
-  ['text_encoder', 'encode'],
-  ['text_encoder_2', 'encode'],
-  ['vae_encoder', 'image'],
-  ['vae_decoder', 'decode'],
-] as const);
 const aux = new Map<AuxThread, AuxClient>();
 /** A generation (the first is the warm-up) has ended since these sessions were made. */
 let generated = false;
@@ -160,8 +155,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   if (provider === 'cpu' && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
     throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`);
   }
-  const onAux = init.auxThreads === 'on' || (init.auxThreads !== 'off' && provider === 'cuda');
-  const thread = onAux ? ON_AUX.get(component) : undefined;
+  const thread = auxThreadOf(component, provider, init.auxThreads);
   if (thread === undefined) {
     const made = await factory.create(component, modelPath);
     if (provider === 'cuda' && component === 'unet') logSlowPath(info);
