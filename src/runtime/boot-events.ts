@@ -17,10 +17,11 @@ export interface BootEventMap {
   /** A component's ONNX session exists in a worker. */
   session: { component: string; provider: string; ms: number; optimizedCache: string; /** `worker` or an auxiliary thread (AUX_THREADS). */ thread: string };
   /**
-   * A committed cache entry's check against S3 begins, `after` what: its warm-up was queued, that warm-up could not
-   * start, there is none (WARMUP_STEPS=0), or the wait for it ran out (`waitedMs`: since the runtime began its boot).
+   * A committed cache entry's check against S3 begins, `after` what: its warm-up was queued, the main thread's boot
+   * work (tokenizers, sharp) was done first, that warm-up could not start, there is none (WARMUP_STEPS=0), or the wait
+   * ran out (`waitedMs`: since the runtime began its boot).
    */
-  'entry-check': { after: 'warm-up queued' | 'warm-up failed' | 'no warm-up' | 'wait ran out'; waitedMs: number };
+  'entry-check': { after: 'warm-up queued' | 'main thread free' | 'warm-up failed' | 'no warm-up' | 'wait ran out'; waitedMs: number };
   /** The model's files are all on disk (fetched, from the cache, or the demo model's). */
   'files-ready': { dir: string; fromCache: boolean; bytes: number; files: number; seconds: number };
   /** Sessions were built from files that changed: they are dropped and created again. */

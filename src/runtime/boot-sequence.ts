@@ -5,7 +5,7 @@
  *             entry's sessions start in the workers at once; otherwise the S3 transport's code starts loading.
  *   fetch     the fetch engine (storage/fetch.ts) fills the PVC cache, or the demo model is built. `main` starts it
  *             before the runtime's code has loaded; what it reports meanwhile is kept here. A committed entry's check
- *             against S3 waits until its warm-up is queued (#releaseCheck).
+ *             against S3 waits until its warm-up is queued or this thread's own boot work is done (#releaseCheck).
  *   announce  a component whose files are whole starts its session in the workers; a tokenizer parses on this thread;
  *             once the layout's small files and the UNet are whole, the warm-up begins while the rest downloads.
  *   load      every worker builds the whole pipeline.
@@ -32,7 +32,7 @@ import { warmupInpaint } from './image-request.js';
 
 /** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
 const FIRST_ANSWER_WAIT_MS = 500;
-/** How long a committed entry's warm-up may hold back its check against S3 (see #releaseCheck). */
+/** How long a committed entry's check against S3 may wait at most (see #releaseCheck). */
 const CHECK_WAIT_MS = 2_000;
 
 /** What the boot will do, decided once, before any step runs. */
@@ -184,13 +184,13 @@ export class BootSequence {
     for (const dir of this.#tokenizers.splice(0)) engine.tokenizerReady(dir);
     // With a committed entry the tokenizers parse first on this thread (the warm-up needs them as soon as the sessions
     // exist), sharp after them (needed only at the warm-up's end).
-    if (committed) void this.#importSharp(rt, engine.tokenizersSettled());
+    const mainWorkDone = committed ? this.#importSharp(rt, engine.tokenizersSettled()) : undefined;
     try {
       this.fetch(log, rt.events);
       if (plan.source !== 'demo') boot.to('fetching');
       if (this.#progress) this.#showProgress(this.#progress);
       if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
-      if (committed) this.#releaseCheck(rt);
+      if (mainWorkDone) this.#releaseCheck(rt, mainWorkDone);
       const { dir, res } = await this.#fetched!;
       if (res) {
         if (plan.source === 's3' && committed) {
@@ -349,12 +349,13 @@ export class BootSequence {
   }
 
   /**
-   * Starts a committed entry's check against S3 once its warm-up is queued (its tokenizers parsed, the UNet's session
-   * made), or once that warm-up cannot start, or after CHECK_WAIT_MS. Ready waits for both; the check then loads the
-   * S3 transport's code (the AWS SDK: ~250 ms of this thread's CPU) while the warm-up runs in the workers, instead of
-   * holding back the runtime's import, the tokenizers' parse and the warm-up's dispatch, which all run on this thread.
+   * Starts a committed entry's check against S3 (which loads the S3 transport's code: the AWS SDK costs this thread
+   * ~250 ms of CPU) once this thread has nothing more urgent: the warm-up is queued (tokenizers parsed, the UNet's
+   * session made, the job dispatched), or this thread's own boot work is done (the tokenizers and sharp: a large UNet
+   * still loading on a GPU), or that warm-up cannot start; at the latest after CHECK_WAIT_MS. Ready waits for both.
+   * Started at once, it held back the runtime's import, the tokenizers' parse and the warm-up's dispatch on two cores.
    */
-  #releaseCheck(rt: Runtime): void {
+  #releaseCheck(rt: Runtime, mainWorkDone: Promise<void>): void {
     const t0 = performance.now();
     let timer: NodeJS.Timeout | undefined;
     const open = (after: BootEventMap['entry-check']['after']) => {
@@ -370,6 +371,7 @@ export class BootSequence {
     timer = setTimeout(() => open('wait ran out'), CHECK_WAIT_MS);
     early.queued.then(() => open('warm-up queued'), () => undefined);
     early.done.then(() => open('warm-up queued'), () => open('warm-up failed'));
+    void mainWorkDone.then(() => open('main thread free'));
   }
 
   /** Awaits the warm-up begun during the download, or runs one now (none began, its files changed, or it failed). */
