@@ -75,6 +75,10 @@ render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests
 	case "$$name" in ''|[!abcdefghijklmnopqrstuvwxyz]*|*[!abcdefghijklmnopqrstuvwxyz0123456789-]*|*-) \
 	  echo "MODEL_NAME='$$name' cannot name an InferenceService: lower-case letters, digits and '-', starting with a letter and not ending with '-' (e.g. sd-15, not sd-1.5 or SD15)" >&2; exit 2;; esac; \
 	[ $${#name} -le 50 ] || { echo "MODEL_NAME='$$name' is $${#name} characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup and a Kubernetes label value holds 63" >&2; exit 2; }
+	@# The manifests name the image IMAGE:TAG: a tag or digest inside IMAGE would make an invalid reference.
+	@image='$(call sh_quote,$(value IMAGE))'; base=$${image##*/}; \
+	case "$$base" in *@*|*:*) \
+	  echo "IMAGE='$$image' holds a tag or digest, and the manifests add :TAG to it: give the repository alone (IMAGE=$${image%"$$base"}$${base%%[:@]*}) and the rest as TAG (a digest: TAG=0.1.0@sha256:...)" >&2; exit 2;; esac
 	@mkdir -p $(RENDER_DIR)
 	@for t in $(TEMPLATES); do \
 	  env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$(RENDER_DIR)/$$(basename "$$t")"; \

@@ -189,6 +189,26 @@ describe('templates: parameters and rendering', () => {
     }
   });
 
+  it.skipIf(!has('make'))('`make render` takes a digest in TAG and refuses a tag or digest inside IMAGE, naming the split', () => {
+    const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
+    const renderWith = (...vars: string[]) => spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`, ...vars], { cwd: ROOT, encoding: 'utf8' });
+    try {
+      for (const [image, repo] of [['quay.io/acme/rt@sha256:0a1b', 'quay.io/acme/rt'], ['registry.local:5000/rt:1.2', 'registry.local:5000/rt']]) {
+        const r = renderWith(`IMAGE=${image}`);
+        expect(r.status, image).toBe(2);
+        expect(r.stderr, image).toContain(`IMAGE='${image}' holds a tag or digest, and the manifests add :TAG to it: give the repository alone (IMAGE=${repo}) and the rest as TAG`);
+      }
+      expect(readdirSync(out)).toEqual([]);
+      if (has('envsubst')) {
+        const pinned = renderWith('IMAGE=registry.local:5000/acme/rt', 'TAG=0.1.0@sha256:0a1b');
+        expect(pinned.status, pinned.stderr).toBe(0);
+        for (const f of ['serving-runtime.yaml', 'warmup-job.yaml']) expect(readFileSync(path.join(out, f), 'utf8'), f).toContain('image: "registry.local:5000/acme/rt:0.1.0@sha256:0a1b"');
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
   it.skipIf(!has('envsubst') || !has('make'))('`make render`: a password with $ \' " \\ reaches the Secret exactly as given (command line and environment)', () => {
     const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
     const secret = `a$b$(shell id)'c"d\\te#f g`;
