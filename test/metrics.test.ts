@@ -118,6 +118,26 @@ describe('/metrics over a real socket', () => {
   });
 });
 
+describe('/metrics on a server that cannot serve', () => {
+  it('counts each not-ready refusal in inference_rejected_total{reason="not_ready"}, and a wrong name not at all', async () => {
+    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+    try {
+      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
+      const v1 = await postJson(`${down.url}/v1/models/model:predict`, { instances: [{ prompt: 'x' }] });
+      const v2 = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }] });
+      const other = await postJson(`${down.url}/v1/models/other:predict`, { instances: [{ prompt: 'x' }] });
+      expect([v1.status, v2.status, other.status]).toEqual([503, 503, 404]);
+      const fams = parseExposition(await (await fetch(`${down.url}/metrics`)).text());
+      const rejected = fams.get('inference_rejected_total')!.samples.map((s) => [s.labels.reason, s.value]);
+      expect(rejected).toEqual([['not_ready', 2]]);
+      const requests = fams.get('inference_request_count')!.samples.map((s) => [s.labels.protocol, s.labels.status, s.value]);
+      expect(requests).toEqual(expect.arrayContaining([['v1', '503', 1], ['v2', '503', 1], ['v1', '404', 1]]));
+    } finally {
+      await down.stop();
+    }
+  });
+});
+
 describe('GPU metrics (nvidia-smi)', () => {
   it('parses nvidia-smi csv output, with and without the index column, skipping N/A values', () => {
     expect(parseNvidiaSmi('0, 1234, 56\n1, 80000, 100\n')).toEqual([
