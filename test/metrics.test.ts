@@ -4,8 +4,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
 import { createResultCache } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { ensureDemoModel } from '../src/demo/index.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson, sharedCacheDir } from './helpers/server.js';
 
 interface Family {
   help?: string;
@@ -115,6 +116,20 @@ describe('/metrics over a real socket', () => {
     // This machine has no CUDA in use: the GPU gauges are absent, not zero.
     expect(fams.has('gpu_memory_usage_bytes')).toBe(false);
     expect(fams.has('gpu_utilization_percent')).toBe(false);
+  });
+});
+
+describe('/metrics of a model served from a local folder', () => {
+  it('counts no downloaded bytes: nothing came from object storage', async () => {
+    const dir = await ensureDemoModel(sharedCacheDir());
+    const local = await startRuntime({ STORAGE_URI: dir }, { ready: true });
+    try {
+      expect((await local.waitFor('files-ready')).fromCache).toBe(false);
+      expect(await metric(local, 'model_download_bytes_total')).toBe(0);
+      expect(await metric(local, 'model_cache_hits_total')).toBe(0);
+    } finally {
+      await local.stop();
+    }
   });
 });
 
