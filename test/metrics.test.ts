@@ -117,6 +117,19 @@ describe('/metrics over a real socket', () => {
     expect(fams.has('gpu_memory_usage_bytes')).toBe(false);
     expect(fams.has('gpu_utilization_percent')).toBe(false);
   });
+
+  it('writes a NaN value as NaN, the spelling of the text format (prom-client writes Nan)', async () => {
+    // The event-loop lag gauges are NaN until their first sample; any gauge can be.
+    srv.rt.metrics.stepsPerSecond.set({ model_name: 'other' }, NaN);
+    try {
+      const text = await (await fetch(`${srv.url}/metrics`)).text();
+      expect(text).toMatch(/^denoising_steps_per_second\{model_name="other"\} NaN$/m);
+      expect(text).not.toMatch(/ Nan$/m);
+      parseExposition(text);
+    } finally {
+      srv.rt.metrics.stepsPerSecond.remove({ model_name: 'other' });
+    }
+  });
 });
 
 describe('/metrics of a model served from a local folder', () => {
