@@ -7,6 +7,15 @@ const BOOT_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300,
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
+/**
+ * The registry's text for GET /metrics. prom-client writes a NaN value as `Nan` (the event-loop lag gauges are NaN
+ * until their first sample, a gauge can be set to one): Go's ParseFloat takes it, but the format (and OpenMetrics,
+ * and stricter parsers) spell it `NaN`. prom-client writes no timestamps, so the value ends the line.
+ */
+export async function exposition(registry: Registry): Promise<string> {
+  return (await registry.metrics()).replace(/ Nan$/gm, ' NaN');
+}
+
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
   const r = [registry];

@@ -10,7 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { freePort } from '../scripts/bench-common.js';
-import { startRuntime } from './helpers/runtime.js';
+import { metric, startRuntime } from './helpers/runtime.js';
 import { isEvent, postJson, startServer, tempDir, type EventLine, type ServerHandle } from './helpers/server.js';
 import type { BootEventName } from '../src/runtime/boot-events.js';
 
@@ -111,6 +111,7 @@ describe('boot from S3', () => {
     const srv = await s3Server({ WARMUP_STEPS: '4' });
     const seen: string[] = [];
     const fetched: number[] = [];
+    const counted: number[] = [];
     let total = 0;
     const deadline = performance.now() + 40_000;
     for (;;) {
@@ -131,6 +132,8 @@ describe('boot from S3', () => {
           total = body.progress!.bytesTotal;
           fetched.push(body.progress!.bytesDone);
         }
+        // The download counter grows with the bytes, not once at the end.
+        counted.push(await metric(srv, 'model_download_bytes_total'));
         // Readiness stays false on every route while the model downloads.
         const [r1, r2] = await Promise.all([fetch(`${srv.url}/v2/health/ready`), fetch(`${srv.url}/v1/models/model/ready`)]);
         expect([r1.status, r2.status]).toEqual([503, 503]);
@@ -147,6 +150,9 @@ describe('boot from S3', () => {
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
     const files = await srv.waitFor('files-ready');
     expect([files.fromCache, files.bytes]).toEqual([false, model.totalBytes]);
+    expect(counted).toEqual([...counted].sort((a, b) => a - b));
+    expect(counted.filter((n) => n > 0 && n < model.totalBytes).length, `counter samples: ${counted.join(',')}`).toBeGreaterThanOrEqual(2);
+    expect(await metric(srv, 'model_download_bytes_total')).toBe(model.totalBytes);
     // Fetch and load overlap: the largest weights come first, so the UNet's session exists while the text
     // encoder's and the VAE's weights are still arriving.
     const unet = at(srv, 'session', (s) => s.component === 'unet');

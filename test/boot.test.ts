@@ -199,7 +199,7 @@ describe('SIGTERM', () => {
       expect((await exchange(sock, 'GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n')).head).not.toMatch(/^connection: close$/im);
       return { sock, closed: new Promise<void>((r) => sock.once('close', () => r())) };
     };
-    const [a, b] = [await connect(), await connect()];
+    const [a, b, c] = [await connect(), await connect(), await connect()];
     let finished = false;
     const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 400, height: 1024, width: 1024, seed: 9 }] });
     void inflight.then(() => (finished = true));
@@ -219,6 +219,10 @@ describe('SIGTERM', () => {
     expect(JSON.parse(late.body).error).toMatch(/shutting down/);
     expect(late.head).toMatch(/^connection: close$/im);
     await b.closed;
+    // The refusal is counted by its reason, for whoever scrapes during the drain.
+    const scrape = await exchange(c.sock, 'GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n');
+    expect(scrape.body).toMatch(/^inference_rejected_total\{model_name="model",reason="shutting_down"\} 1$/m);
+    await c.closed;
     expect(finished).toBe(false);
     const r = await inflight;
     expect(r.status).toBe(200);

@@ -4,8 +4,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
 import { createResultCache } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { ensureDemoModel } from '../src/demo/index.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson, sharedCacheDir } from './helpers/server.js';
 
 interface Family {
   help?: string;
@@ -115,6 +116,53 @@ describe('/metrics over a real socket', () => {
     // This machine has no CUDA in use: the GPU gauges are absent, not zero.
     expect(fams.has('gpu_memory_usage_bytes')).toBe(false);
     expect(fams.has('gpu_utilization_percent')).toBe(false);
+  });
+
+  it('writes a NaN value as NaN, the spelling of the text format (prom-client writes Nan)', async () => {
+    // The event-loop lag gauges are NaN until their first sample; any gauge can be.
+    srv.rt.metrics.stepsPerSecond.set({ model_name: 'other' }, NaN);
+    try {
+      const text = await (await fetch(`${srv.url}/metrics`)).text();
+      expect(text).toMatch(/^denoising_steps_per_second\{model_name="other"\} NaN$/m);
+      expect(text).not.toMatch(/ Nan$/m);
+      parseExposition(text);
+    } finally {
+      srv.rt.metrics.stepsPerSecond.remove({ model_name: 'other' });
+    }
+  });
+});
+
+describe('/metrics of a model served from a local folder', () => {
+  it('counts no downloaded bytes: nothing came from object storage', async () => {
+    const dir = await ensureDemoModel(sharedCacheDir());
+    const local = await startRuntime({ STORAGE_URI: dir }, { ready: true });
+    try {
+      expect((await local.waitFor('files-ready')).fromCache).toBe(false);
+      expect(await metric(local, 'model_download_bytes_total')).toBe(0);
+      expect(await metric(local, 'model_cache_hits_total')).toBe(0);
+    } finally {
+      await local.stop();
+    }
+  });
+});
+
+describe('/metrics on a server that cannot serve', () => {
+  it('counts each not-ready refusal in inference_rejected_total{reason="not_ready"}, and a wrong name not at all', async () => {
+    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+    try {
+      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
+      const v1 = await postJson(`${down.url}/v1/models/model:predict`, { instances: [{ prompt: 'x' }] });
+      const v2 = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }] });
+      const other = await postJson(`${down.url}/v1/models/other:predict`, { instances: [{ prompt: 'x' }] });
+      expect([v1.status, v2.status, other.status]).toEqual([503, 503, 404]);
+      const fams = parseExposition(await (await fetch(`${down.url}/metrics`)).text());
+      const rejected = fams.get('inference_rejected_total')!.samples.map((s) => [s.labels.reason, s.value]);
+      expect(rejected).toEqual([['not_ready', 2]]);
+      const requests = fams.get('inference_request_count')!.samples.map((s) => [s.labels.protocol, s.labels.status, s.value]);
+      expect(requests).toEqual(expect.arrayContaining([['v1', '503', 1], ['v2', '503', 1], ['v1', '404', 1]]));
+    } finally {
+      await down.stop();
+    }
   });
 });
 

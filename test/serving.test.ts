@@ -108,6 +108,9 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     sock.destroy();
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 0, 2_000);
     expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(1);
+    // Counted and logged as a 499 (client closed the request), as the WebSocket counts a client that leaves.
+    await until(async () => (await metric(srv, 'inference_request_count', { protocol: 'v1', status: '499' })) === 1, 2_000);
+    expect(srv.logs.filter((l) => l.msg === 'inference request' && l.status === 499)).toHaveLength(1);
     const next = predict(srv, { prompt: 'next', num_inference_steps: 2, height: 64, width: 64, seed: 3 });
     const [first, n] = await Promise.all([running, next]);
     expect([first.status, n.status]).toEqual([200, 200]);

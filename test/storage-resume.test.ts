@@ -148,9 +148,12 @@ describe('resume from a journal written by hand', () => {
       [big]: { partial: partialOf(big, spans) },
     }, lines);
     const before = proxy.stats.bodyBytes;
-    const r = await resolveModel(URI, { cfg: cfgFor(cache), log });
+    let downloaded = 0;
+    const r = await resolveModel(URI, { cfg: cfgFor(cache), log, onDownloaded: (n) => (downloaded += n) });
     const kept = spans.reduce((n, [s, e]) => n + e - s, 0);
     expect(proxy.stats.bodyBytes - before).toBe(model['text_encoder/model.onnx']!.length + model[big]!.length - kept);
+    // What model_download_bytes_total adds: the bytes that came over the wire, not the files and spans kept.
+    expect(downloaded).toBe(proxy.stats.bodyBytes - before);
     await expectWhole(r.dir);
   });
 

@@ -141,6 +141,8 @@ describe('WebSocket stream', () => {
   });
 
   it('answers bad input and an unknown model with an error message and a close code', async () => {
+    const count = (status: string) => metric(srv, 'inference_request_count', { protocol: 'ws', status });
+    const [bad0, unknown0] = [await count('400'), await count('404')];
     const ws = await stream();
     ws.send(JSON.stringify({ prompt: 1, height: 7 }));
     expect(await ws.closed).toEqual({ code: 4400, reason: 'INVALID_INPUT' });
@@ -154,6 +156,9 @@ describe('WebSocket stream', () => {
     const unknown = await connect(srv.port, '/v1/models/nope/stream');
     expect(await unknown.closed).toEqual({ code: 4404, reason: 'MODEL_NOT_FOUND' });
     expect(unknown.messages).toEqual([{ type: 'error', code: 'MODEL_NOT_FOUND', error: 'Model with name nope does not exist.' }]);
+    // Each answer is one inference_request_count, whether refused at the upgrade or after the message.
+    expect([(await count('400')) - bad0, (await count('404')) - unknown0]).toEqual([2, 1]);
+    expect(srv.logs.filter((l) => l.msg === 'inference request' && l.route === '/v1/models/nope/stream').map((l) => l.status)).toEqual([404]);
   });
 
   it('cancels the generation when the client closes the socket', async () => {
@@ -356,6 +361,8 @@ describe('WebSocket on a server that is not ready', () => {
       const ws = await connect(down.port, '/v1/models/model/stream');
       expect((await ws.closed).code).toBe(4503);
       expect(ws.messages[0]).toMatchObject({ type: 'error', code: 'MODEL_NOT_READY', error: expect.stringMatching(/^Model with name model is not ready\./), retry_after: 60 });
+      expect(await metric(down, 'inference_request_count', { protocol: 'ws', status: '503' })).toBe(1);
+      expect(await metric(down, 'inference_rejected_total', { reason: 'not_ready' })).toBe(1);
     } finally {
       await down.stop();
     }

@@ -22,7 +22,7 @@ export interface BootEventMap {
    * ran out (`waitedMs`: since the runtime began its boot).
    */
   'entry-check': { after: 'warm-up queued' | 'main thread free' | 'warm-up failed' | 'no warm-up' | 'wait ran out'; waitedMs: number };
-  /** The model's files are all on disk (fetched, from the cache, or the demo model's). */
+  /** The model's files are all on disk: fetched, from the cache, or a local folder (not for the embedded demo model). */
   'files-ready': { dir: string; fromCache: boolean; bytes: number; files: number; seconds: number };
   /** Sessions were built from files that changed: they are dropped and created again. */
   'sessions-reset': { why: 'entry-changed' | 'objects-changed'; dir?: string };

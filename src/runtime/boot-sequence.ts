@@ -108,6 +108,8 @@ export class BootSequence {
   /** The entry's folder, once a file in it is whole. */
   #dir: string | undefined;
   #progress: FetchProgress | undefined;
+  /** Bytes received from S3 not yet added to model_download_bytes_total (the runtime did not exist yet). */
+  #downloaded = 0;
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
@@ -169,6 +171,7 @@ export class BootSequence {
   async run(rt: Runtime): Promise<void> {
     const { cfg, log, boot, engine, metrics } = rt;
     this.#rt = rt;
+    this.#countDownloaded();
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const stop = () => this.#abort.abort(rt.shutdown.reason);
     if (rt.shutdown.aborted) stop();
@@ -200,7 +203,6 @@ export class BootSequence {
           }
         }
         if (res.fromCache) metrics.cacheHits.inc({ model_name: cfg.modelName });
-        else metrics.fetchedBytes.inc({ model_name: cfg.modelName }, res.bytes);
         rt.events.emit('files-ready', { dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
       }
       if (rt.stopping) return;
@@ -253,6 +255,7 @@ export class BootSequence {
       onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
       onRestart: () => this.#onRestart(),
       onProgress: (p) => this.#onProgress(p),
+      onDownloaded: (n) => this.#onDownloaded(n),
       onFirstResponse: () => this.#flow(),
     });
     return { dir: res.dir, res };
@@ -285,6 +288,23 @@ export class BootSequence {
     for (const s of [this.#componentFiles, this.#whole, this.#announced]) s.clear();
     this.#tokenizers.length = 0;
     this.#invalidate({ why: 'objects-changed' });
+  }
+
+  /**
+   * model_download_bytes_total grows as bytes arrive (a long download shows its rate), and counts only what came from
+   * S3 this time: not a local model folder, not files or spans kept from an earlier run. Bytes that arrive before the
+   * runtime (and its metrics) exist are added when it attaches.
+   */
+  #onDownloaded(n: number): void {
+    this.#downloaded += n;
+    this.#countDownloaded();
+  }
+
+  #countDownloaded(): void {
+    const rt = this.#rt;
+    if (!rt || this.#downloaded === 0) return;
+    rt.metrics.fetchedBytes.inc({ model_name: rt.cfg.modelName }, this.#downloaded);
+    this.#downloaded = 0;
   }
 
   #onProgress(p: FetchProgress): void {

@@ -303,15 +303,21 @@ export class Engine {
    * LoRA adapters first finds their files (a 400 names the unknown ones), then queues with its adapter set.
    */
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
-    if (!req.loras || req.loras.length === 0) return this.#submit(req, opts, undefined);
-    if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    // Closing: #submit refuses (and counts) it before any adapter is looked up.
+    if (!req.loras || req.loras.length === 0 || this.#closing) return this.#submit(req, opts, undefined);
     return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }));
   }
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
-    if (this.#closing) return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    if (this.#closing) {
+      this.metrics.rejected.inc({ ...this.#labels, reason: 'shutting_down' });
+      return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    }
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
-    if (this.#restarting.size > 0 && !this.serving) return Promise.reject(this.#restartingError());
+    if (this.#restarting.size > 0 && !this.serving) {
+      this.metrics.rejected.inc({ ...this.#labels, reason: 'not_ready' });
+      return Promise.reject(this.#restartingError());
+    }
     if (this.#pending.length >= this.cfg.maxQueue) {
       this.metrics.rejected.inc({ ...this.#labels, reason: 'queue_full' });
       return Promise.reject(new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));

@@ -1,5 +1,6 @@
 /** @module The HTTP app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
 import { RuntimeError } from '../errors.js';
+import { exposition } from '../metrics.js';
 import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
@@ -38,7 +39,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   );
   app.get(
     '/metrics',
-    route(async () => ({ status: 200, body: await ctx.metrics.registry.metrics(), contentType: ctx.metrics.registry.contentType }), opts),
+    route(async () => ({ status: 200, body: await exposition(ctx.metrics.registry), contentType: ctx.metrics.registry.contentType }), opts),
   );
 
   registerV1(app, ctx, opts);

@@ -46,12 +46,17 @@ export const shuttingDown = (name: string): RuntimeError =>
   new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
 
 /** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
+/** Counted in `inference_rejected_total` by reason: an unknown model is a 404, not a refusal. */
 export function assertServable(ctx: ServerContext, name: string): void {
   if (name !== ctx.cfg.modelName) throw unknownModel(name);
-  if (ctx.stopping()) throw shuttingDown(name);
+  const refuse = (reason: 'not_ready' | 'shutting_down', err: RuntimeError): RuntimeError => {
+    ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason });
+    return err;
+  };
+  if (ctx.stopping()) throw refuse('shutting_down', shuttingDown(name));
   if (!ctx.boot.ready) {
     const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;
-    throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter: ctx.boot.state === 'failed' ? 60 : 5 });
+    throw refuse('not_ready', new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter: ctx.boot.state === 'failed' ? 60 : 5 }));
   }
 }
 

@@ -179,6 +179,15 @@ export interface RouteOptions {
   onReply?: (req: Req, out: Reply, ex: Exchange) => void;
 }
 
+/** What onReply sees for a request whose client left before its answer: nginx's 499, as the WebSocket records it. */
+const CLIENT_LEFT: Reply = json(499, { error: 'the client closed the connection before the answer', code: 'CANCELLED' });
+
+/** onReply for every request: with its answer once written, or with CLIENT_LEFT (the answer had nowhere to go). */
+function replied(r: Req, o: Reply, ex: Exchange, opts: RouteOptions): void {
+  if (ex.send(o)) opts.onReply?.(r, o, ex);
+  else opts.onReply?.(r, CLIENT_LEFT, ex);
+}
+
 /** A route without a body (GET, HEAD, or a method answered before reading). */
 export function route(fn: Handler, opts: RouteOptions) {
   return (req: IncomingMessage, res: ServerResponse, params: string[]): void => {
@@ -190,9 +199,7 @@ export function route(fn: Handler, opts: RouteOptions) {
     } catch (err) {
       out = errorReply(err, opts.log);
     }
-    const finish = (o: Reply) => {
-      if (ex.send(o)) opts.onReply?.(r, o, ex);
-    };
+    const finish = (o: Reply) => replied(r, o, ex, opts);
     if (out instanceof Promise) out.catch((err) => errorReply(err, opts.log)).then(finish);
     else finish(out);
   };
@@ -213,9 +220,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     } catch (err) {
       pre = err;
     }
-    const finish = (o: Reply) => {
-      if (ex.send(o)) opts.onReply?.(r, o, ex);
-    };
+    const finish = (o: Reply) => replied(r, o, ex, opts);
     const oversize = Number(r.headers['content-length'] ?? 0) > opts.maxBodyBytes;
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the

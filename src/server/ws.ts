@@ -99,7 +99,10 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     try {
       assertServable(ctx, name);
     } catch (err) {
+      // Refused at the upgrade (404, 503): counted and logged as HTTP counts the same refusal before its body.
+      c.t0 = performance.now();
       fail(ws, c, err);
+      record(isRuntimeError(err) ? httpStatus(err.code) : 500, c);
     }
   }
 

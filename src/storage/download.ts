@@ -61,7 +61,10 @@ export interface DownloadOptions {
   /** Aborted when another process took the cache lock over: from then on nothing is written or recorded. */
   lost?: AbortSignal;
   io: StorageIo;
+  /** Bytes of the model on disk: kept from an earlier run (resumed spans) or just received. */
   onBytes(n: number): void;
+  /** Bytes received from the store in this run (not those kept from an earlier one). */
+  onReceived?(n: number): void;
   /** The file is whole, synced and renamed to its final path. */
   onFileDone(obj: RemoteObject, abs: string): void;
 }
@@ -297,6 +300,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
         o.onBytes(n);
+        o.onReceived?.(n);
         progressed = true;
       };
       try {

@@ -55,6 +55,8 @@ export interface ResolveOptions {
    * follow again for the new round (unchanged files are reported again as they are reused).
    */
   onRestart?(): void;
+  /** Bytes received from S3, as they are written (not files reused or spans resumed from an earlier run). */
+  onDownloaded?(bytes: number): void;
   /** Called once, when S3 first answers a ranged GET of this fetch: the download's first requests are out and bytes flow. */
   onFirstResponse?(): void;
   /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
@@ -373,6 +375,7 @@ class S3Fetch {
             this.progress.bytesDone += n;
             this.emit('downloading', false);
           },
+          onReceived: (n) => this.o.onDownloaded?.(n),
           onFileDone: (obj, abs) => {
             this.progress.filesDone++;
             this.emit('downloading', true);
