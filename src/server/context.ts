@@ -45,8 +45,10 @@ export function modelStatus(ctx: ServerContext, name: string): Reply {
 export const shuttingDown = (name: string): RuntimeError =>
   new RuntimeError('SHUTTING_DOWN', `Model with name ${name} is not ready. The server is shutting down.`, { retryAfter: 1 });
 
-/** KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. */
-/** Counted in `inference_rejected_total` by reason: an unknown model is a 404, not a refusal. */
+/**
+ * KServe's checks before reading a body: unknown model 404, not ready (or stopping) 503 with Retry-After. A 503 is
+ * counted in `inference_rejected_total` by reason; an unknown model is a 404, not a refusal.
+ */
 export function assertServable(ctx: ServerContext, name: string): void {
   if (name !== ctx.cfg.modelName) throw unknownModel(name);
   const refuse = (reason: 'not_ready' | 'shutting_down', err: RuntimeError): RuntimeError => {
