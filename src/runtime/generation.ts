@@ -2,6 +2,7 @@
  * @module A generation request's way through the runtime once parsed: its REQUEST_TIMEOUT_S, the result cache, the
  * engine's queue, and the upload to output_uri. It counts the requests in flight, for the gauge and the SIGTERM drain.
  */
+import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Metrics } from '../metrics.js';
@@ -63,6 +64,9 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
       const timeout = AbortSignal.timeout(cfg.requestTimeoutS * 1000);
       const both = AbortSignal.any([signal, timeout]);
+      // Each generation of the request listens on it while queued or running, and each image while uploading: up to
+      // MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no warning for it.
+      setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both);
       try {
         return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress, onQueued)));
       } catch (err) {
