@@ -15,7 +15,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     // The seed runtime's names.
     requests: new Counter({
       name: 'inference_request_count',
-      help: 'Inference requests answered, by model, protocol and HTTP status code',
+      help: 'Inference requests answered, by model, protocol and HTTP status code (499: the client left before the answer)',
       labelNames: ['model_name', 'protocol', 'status'] as const,
       registers: r,
     }),

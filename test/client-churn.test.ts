@@ -1,10 +1,12 @@
 /**
  * What a long-running server meets from its clients, kept short, on the built server process (its stderr is what a
  * pod's log shows): a request with more instances than Node's default listener limit must not print a
- * MaxListenersExceededWarning, which reads as a leak.
+ * MaxListenersExceededWarning, which reads as a leak; a V1 client that leaves is counted (499), as a WebSocket one is.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+import net from 'node:net';
+import { metric } from './helpers/runtime.js';
+import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
 describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
   let srv: ServerHandle;
@@ -24,5 +26,22 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
     await fetch(`${srv.url}/`);
     await new Promise((res) => setTimeout(res, 100));
     expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
+  });
+
+  it('counts a V1 client that leaves mid-generation as 499 in inference_request_count, as the WebSocket route does', async () => {
+    const v1 = { model_name: 'model', protocol: 'v1' };
+    const before = { gone: await metric(srv, 'inference_request_count', { ...v1, status: '499' }), all: await metric(srv, 'inference_request_count', v1) };
+    const body = JSON.stringify({ instances: [{ prompt: 'left', num_inference_steps: 400, height: 1024, width: 1024, seed: 7 }] });
+    const sock = net.connect(srv.port, '127.0.0.1', () => {
+      sock.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    });
+    sock.on('error', () => undefined);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
+    sock.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0, 10_000, 25);
+    expect((await metric(srv, 'inference_request_count', { ...v1, status: '499' })) - before.gone).toBe(1);
+    expect((await metric(srv, 'inference_request_count', v1)) - before.all).toBe(1);
+    // The access log names it too.
+    await until(() => srv.logs.some((l) => l.msg === 'inference request' && l.status === 499), 5_000, 25);
   });
 });

@@ -179,6 +179,15 @@ export interface RouteOptions {
   onReply?: (req: Req, out: Reply, ex: Exchange) => void;
 }
 
+/**
+ * Sends the answer and reports it. A client that left first is reported as 499 (what the WebSocket route records too),
+ * so every request shows in the request counts and the access log, not only those whose answer went out.
+ */
+function replied(r: Req, out: Reply, ex: Exchange, opts: RouteOptions): void {
+  if (ex.send(out)) opts.onReply?.(r, out, ex);
+  else if (ex.gone.signal.aborted) opts.onReply?.(r, { status: httpStatus('CANCELLED'), body: '' }, ex);
+}
+
 /** A route without a body (GET, HEAD, or a method answered before reading). */
 export function route(fn: Handler, opts: RouteOptions) {
   return (req: IncomingMessage, res: ServerResponse, params: string[]): void => {
@@ -190,9 +199,7 @@ export function route(fn: Handler, opts: RouteOptions) {
     } catch (err) {
       out = errorReply(err, opts.log);
     }
-    const finish = (o: Reply) => {
-      if (ex.send(o)) opts.onReply?.(r, o, ex);
-    };
+    const finish = (o: Reply) => replied(r, o, ex, opts);
     if (out instanceof Promise) out.catch((err) => errorReply(err, opts.log)).then(finish);
     else finish(out);
   };
@@ -213,9 +220,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     } catch (err) {
       pre = err;
     }
-    const finish = (o: Reply) => {
-      if (ex.send(o)) opts.onReply?.(r, o, ex);
-    };
+    const finish = (o: Reply) => replied(r, o, ex, opts);
     const oversize = Number(r.headers['content-length'] ?? 0) > opts.maxBodyBytes;
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
