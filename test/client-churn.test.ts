@@ -1,19 +1,31 @@
 /**
  * What a long-running server meets from its clients, kept short, on the built server process (its stderr is what a
- * pod's log shows): a request with more instances than Node's default listener limit must not print a
- * MaxListenersExceededWarning, which reads as a leak; a V1 client that leaves is counted (499), as a WebSocket one is.
+ * pod's log shows): a request with more instances, or more s3:// input images, than Node's default listener limit must
+ * not print a MaxListenersExceededWarning, which reads as a leak; a V1 client that leaves is counted (499), as a WebSocket one is.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import net from 'node:net';
+import sharp from 'sharp';
+import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
 describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
   let srv: ServerHandle;
+  let s3: S3Server;
   beforeAll(async () => {
-    srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGES_PER_REQUEST: '16', MAX_BATCH_SIZE: '4', RESULT_CACHE_MB: '0' }, { ready: true });
+    s3 = await startS3(['inputs']);
+    // Twelve distinct input images: each is read from S3 once, all at the same time.
+    for (let i = 0; i < 12; i++) {
+      const png = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 20 * i, g: 100, b: 200 - 10 * i } } }).png().toBuffer();
+      await s3.put('inputs', `in-${i}.png`, png);
+    }
+    srv = await startServer({ STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', MAX_IMAGES_PER_REQUEST: '16', MAX_BATCH_SIZE: '4', RESULT_CACHE_MB: '0' }, { ready: true });
   });
-  afterAll(async () => void (await srv?.stop()));
+  afterAll(async () => {
+    await srv?.stop();
+    if (s3) await destroyS3(s3);
+  });
 
   it('answers 16 instances, each its own seed, twice, without a MaxListenersExceededWarning', async () => {
     for (const round of [0, 1]) {
@@ -23,6 +35,16 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
       expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual(instances.map((i) => i.seed));
     }
     // A warning is written on a later tick than the answer; the liveness round trip gives it time to arrive.
+    await fetch(`${srv.url}/`);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
+  });
+
+  it('reads twelve s3:// input images of one request at once without a MaxListenersExceededWarning', async () => {
+    const instances = Array.from({ length: 12 }, (_, i) => ({ prompt: `in ${i}`, image: `s3://inputs/in-${i}.png`, strength: 0.5, num_inference_steps: 2, seed: i }));
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances });
+    expect(r.status).toBe(200);
+    expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual(instances.map((i) => i.seed));
     await fetch(`${srv.url}/`);
     await new Promise((res) => setTimeout(res, 100));
     expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
