@@ -1,7 +1,8 @@
 /**
  * What a long-running server meets from its clients, kept short, on the built server process (its stderr is what a
  * pod's log shows): a request with more instances, or more s3:// input images, than Node's default listener limit must
- * not print a MaxListenersExceededWarning, which reads as a leak; a V1 client that leaves is counted (499), as a WebSocket one is.
+ * not print a MaxListenersExceededWarning, which reads as a leak; a V1 client that leaves is counted (499), as a WebSocket
+ * one is, and the requests it pipelined are cancelled with it.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import net from 'node:net';
@@ -65,5 +66,22 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
     expect((await metric(srv, 'inference_request_count', v1)) - before.all).toBe(1);
     // The access log names it too.
     await until(() => srv.logs.some((l) => l.msg === 'inference request' && l.status === 499), 5_000, 25);
+  });
+
+  it('cancels requests pipelined behind a running one when their client leaves: queue and in-flight back to 0', async () => {
+    const cancelled0 = await metric(srv, 'inference_cancelled_total');
+    // Step counts differ so that they never share a batch (MAX_BATCH_SIZE=4): one runs, two wait.
+    const post = (seed: number) => {
+      const body = JSON.stringify({ instances: [{ prompt: 'pipelined', num_inference_steps: 500 - seed, height: 1024, width: 1024, seed }] });
+      return `POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+    };
+    const sock = net.connect(srv.port, '127.0.0.1', () => sock.write(post(1) + post(2) + post(3)));
+    sock.on('error', () => undefined);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 2, 10_000, 25);
+    sock.destroy();
+    // Each of the three would run for seconds; left to run, the two behind would hold the queue and the device.
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0, 1_500, 25);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(0);
+    expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(3);
   });
 });
