@@ -130,7 +130,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     cancelled: new Counter({
       name: 'inference_cancelled_total',
-      help: 'Requests whose client left (or whose REQUEST_TIMEOUT_S passed) before the answer: removed from the queue, or left their batch (which stops between steps once all its clients have left)',
+      help: 'Requests whose client left before the answer (or whose REQUEST_TIMEOUT_S passed, or another instance of whose request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

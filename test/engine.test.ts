@@ -14,6 +14,8 @@ import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
 import { Engine } from '../src/runtime/engine.js';
+import { createGeneration } from '../src/runtime/generation.js';
+import type { RequestS3 } from '../src/storage/request-s3.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
 
@@ -397,3 +399,22 @@ describe('engine with LoRA adapter sets', () => {
   });
 });
 
+describe('generation of a request of several instances', () => {
+  it('a generation refused (queue full) takes its queued siblings out of the queue: none runs for nobody', async () => {
+    const { engine, w } = await loadedEngine({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' });
+    const gen = createGeneration(loadConfig({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' }), createMetrics(), engine, {} as RequestS3);
+    const running = engine.submit(request('running'));
+    await tick();
+    expect(w.generations()).toHaveLength(1);
+    // a and b fill the queue, c is refused: the request is answered 503 …
+    const refused = await gen.generate(['a', 'b', 'c', 'd'].map(request), new AbortController().signal).then(() => 'ok', (e: RuntimeError) => e.code);
+    expect(refused).toBe('BUSY');
+    // … and a and b are no longer waiting.
+    expect(engine.queueDepth).toBe(0);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await running;
+    await engine.idle();
+    expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['running']);
+    await engine.close();
+  });
+});
