@@ -24,7 +24,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     // The seed runtime's names.
     requests: new Counter({
       name: 'inference_request_count',
-      help: 'Inference requests answered, by model, protocol and HTTP status code',
+      help: 'Inference requests answered, by model, protocol and HTTP status code (499: the client left before the answer)',
       labelNames: ['model_name', 'protocol', 'status'] as const,
       registers: r,
     }),
@@ -139,7 +139,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     cancelled: new Counter({
       name: 'inference_cancelled_total',
-      help: 'Requests whose client left before the answer (removed from the queue or stopped between steps)',
+      help: 'Requests whose client left before the answer (or whose REQUEST_TIMEOUT_S passed, or another instance of whose request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

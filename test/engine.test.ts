@@ -14,6 +14,8 @@ import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
 import { Engine } from '../src/runtime/engine.js';
+import { createGeneration } from '../src/runtime/generation.js';
+import type { RequestS3 } from '../src/storage/request-s3.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
 
@@ -63,14 +65,15 @@ mkdirSync(path.join(modelDir, 'loras'));
 for (const n of ['style-x', 'style-y']) writeFileSync(path.join(modelDir, 'loras', `${n}.safetensors`), '');
 afterAll(() => rmSync(modelDir, { recursive: true, force: true }));
 
-async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine: Engine; w: ScriptedWorker }> {
+async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine: Engine; w: ScriptedWorker; metrics: ReturnType<typeof createMetrics> }> {
   const w = new ScriptedWorker();
-  const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), createMetrics());
+  const metrics = createMetrics();
+  const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), metrics);
   engine.start([spawned(w)]);
   const loaded = engine.load(modelDir);
   w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
   await loaded;
-  return { engine, w };
+  return { engine, w, metrics };
 }
 
 describe('engine', () => {
@@ -223,6 +226,40 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
+  it('counts each client that leaves a running batch once, and cancels the batch once', async () => {
+    const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '10000' });
+    const cancelled = async () => (await metrics.cancelled.get()).values.reduce((n, v) => n + v.value, 0);
+    // One client with three generations (a V1 request of three instances shares one signal), and one that stays.
+    const gone = new AbortController();
+    const left = ['a', 'b', 'c'].map((p) => engine.submit(request(p), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message));
+    const stays = new AbortController();
+    const kept = engine.submit(request('d'), { signal: stays.signal });
+    await tick();
+    expect(batches(w)).toEqual([['a×1', 'b×1', 'c×1', 'd×1']]);
+    gone.abort();
+    expect(await Promise.all(left)).toEqual(Array(3).fill('the request was abandoned while generating'));
+    // Three generations whose client left, though their batch runs on for d.
+    expect(await cancelled()).toBe(3);
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([]);
+    const id = w.generations()[0]!.id;
+    w.reply({ t: 'result', id, images: [seeded(1), seeded(2), seeded(3), seeded(4)], times });
+    expect((await kept).images.map((i) => i.seed)).toEqual([4]);
+    expect(await cancelled()).toBe(3);
+
+    // A batch whose only client (four generations, one signal) leaves: stopped once, each generation counted once.
+    const gone2 = new AbortController();
+    const all = ['e', 'f', 'g', 'h'].map((p) => engine.submit(request(p), { signal: gone2.signal }).then(() => 'ok', (e: Error) => e.message));
+    await sent(w, 2);
+    gone2.abort();
+    await Promise.all(all);
+    const second = w.generations()[1]!.id;
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id: second }]);
+    expect(await cancelled()).toBe(7);
+    w.reply({ t: 'error', id: second, code: 'CANCELLED', message: 'generation cancelled' });
+    await engine.idle();
+    await engine.close();
+  });
+
   it('a worker error fails every request of the batch with its code', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
     const results = ['a', 'b'].map((p) => engine.submit(request(p)).then(() => 'ok', (e: RuntimeError) => [e.code, e.message]));
@@ -362,3 +399,22 @@ describe('engine with LoRA adapter sets', () => {
   });
 });
 
+describe('generation of a request of several instances', () => {
+  it('a generation refused (queue full) takes its queued siblings out of the queue: none runs for nobody', async () => {
+    const { engine, w } = await loadedEngine({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' });
+    const gen = createGeneration(loadConfig({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' }), createMetrics(), engine, {} as RequestS3);
+    const running = engine.submit(request('running'));
+    await tick();
+    expect(w.generations()).toHaveLength(1);
+    // a and b fill the queue, c is refused: the request is answered 503 …
+    const refused = await gen.generate(['a', 'b', 'c', 'd'].map(request), new AbortController().signal).then(() => 'ok', (e: RuntimeError) => e.code);
+    expect(refused).toBe('BUSY');
+    // … and a and b are no longer waiting.
+    expect(engine.queueDepth).toBe(0);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await running;
+    await engine.idle();
+    expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['running']);
+    await engine.close();
+  });
+});

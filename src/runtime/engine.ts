@@ -96,6 +96,8 @@ interface Running {
   delivery: Promise<void>;
   /** The worker running it, as metric labels. */
   where: { worker: string; device: string };
+  /** Every client left and the worker was told to stop it. */
+  cancelled?: boolean;
 }
 
 interface LoadWaiter {
@@ -398,14 +400,17 @@ export class Engine {
       for (const w of this.#workers) {
         const run = runsOf(w).find((r) => r.tasks.includes(task));
         if (!run) continue;
-        // Stop the generation at the next step or image only when every client of the batch has left.
-        if (run.tasks.every((t) => t.signal?.aborted)) {
-          this.metrics.cancelled.inc(this.#labels, run.tasks.length);
+        // Stop the generation at the next step or image only when every client of the batch has left; once: the
+        // tasks of one request share its signal, and each of them comes here.
+        if (!run.cancelled && run.tasks.every((t) => t.signal?.aborted)) {
+          run.cancelled = true;
           w.send({ t: 'cancel', id: run.id });
         }
         break;
       }
-      // Answer now (client gone or timed out); the batch's other requests keep their generation.
+      // Answer now (client gone or timed out); the batch's other requests keep their generation. Counted here, once
+      // per task, whether or not its batch stops.
+      this.metrics.cancelled.inc(this.#labels);
       this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
   }

@@ -2,6 +2,7 @@
  * @module A generation request's way through the runtime once parsed: its REQUEST_TIMEOUT_S, the result cache, the
  * engine's queue, and the upload to output_uri. It counts the requests in flight, for the gauge and the SIGTERM drain.
  */
+import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Metrics } from '../metrics.js';
@@ -62,10 +63,17 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       metrics.inflight.set(labels, inflight);
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
       const timeout = AbortSignal.timeout(cfg.requestTimeoutS * 1000);
-      const both = AbortSignal.any([signal, timeout]);
+      // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
+      // nobody, holding queue slots that other clients are refused for.
+      const failed = new AbortController();
+      const both = AbortSignal.any([signal, timeout, failed.signal]);
+      // Each generation of the request listens on it while queued or running, and each image while uploading: up to
+      // MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no warning for it.
+      setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both);
       try {
         return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress, onQueued)));
       } catch (err) {
+        failed.abort();
         if (timeout.aborted && !signal.aborted) {
           throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });
         }

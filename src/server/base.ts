@@ -119,8 +119,11 @@ function rawReply(socket: Duplex, status: number, json: string): void {
 /** An error answer on a raw socket, its status from its code. */
 const rawError = (socket: Duplex, code: HttpErrorCode, error: string) => rawReply(socket, httpStatus(code), errorBody(code, error));
 
-/** Responses not yet finished on each connection, so a parse error is answered after them, in order. */
-const pending = new WeakMap<Socket, { n: number; idle: Array<() => void> }>();
+/**
+ * Responses not yet finished on each connection, so a parse error is answered after them, in order: each waiter runs
+ * once at most `left` of them remain.
+ */
+const pending = new WeakMap<Socket, { n: number; idle: Array<{ left: number; run: () => void }> }>();
 /** The response to the last request each connection sent. */
 const latest = new WeakMap<Socket, ServerResponse>();
 
@@ -134,7 +137,11 @@ function track(req: IncomingMessage, res: ServerResponse): void {
   const finish = () => {
     if (done) return;
     done = true;
-    if (--p.n === 0) for (const f of p.idle.splice(0)) f();
+    p.n--;
+    for (const w of p.idle.filter((x) => x.left >= p.n)) {
+      p.idle.splice(p.idle.indexOf(w), 1);
+      w.run();
+    }
   };
   res.once('finish', finish);
   res.once('close', finish);
@@ -147,11 +154,18 @@ function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: D
       ? ['HEADERS_TOO_LARGE', `request head larger than ${MAX_HEADER_BYTES} bytes`]
       : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? ['REQUEST_TIMEOUT', 'the request did not arrive in time']
-        : ['INVALID_INPUT', `malformed HTTP request (${err.reason ?? err.code ?? 'parse error'})`];
+        : err.code === 'HPE_INVALID_EOF_STATE'
+          ? ['INVALID_INPUT', 'the connection was closed before the whole request body arrived']
+          : ['INVALID_INPUT', `malformed HTTP request (${err.reason ?? err.code ?? 'parse error'})`];
   const answer = () => rawError(socket, code, msg);
-  // A pipelined request that does not parse is answered after the ones before it, never ahead of them.
+  // A pipelined request that does not parse is answered after the ones before it, never ahead of them. The error may
+  // also be in the body of the request being read (a bad chunk, the client closing or stalling mid-body): its route
+  // waits for a body that will never end, so only the answers before it are waited for; closing the connection then
+  // ends that request (its route sees the client gone) and frees the socket.
   const p = pending.get(socket as Socket);
-  if (p && p.n > 0) p.idle.push(answer);
+  const last = latest.get(socket as Socket);
+  const reading = last !== undefined && !last.req.complete && !last.writableEnded ? 1 : 0;
+  if (p && p.n > reading) p.idle.push({ left: reading, run: answer });
   else answer();
 }
 
@@ -189,7 +203,7 @@ function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: 
   };
   // Pipelined behind a request still being answered: the new connection starts once that answer is written.
   const p = pending.get(socket as Socket);
-  if (p && p.n > 0) p.idle.push(serve);
+  if (p && p.n > 0) p.idle.push({ left: 0, run: serve });
   else serve();
 }
 

@@ -1,4 +1,5 @@
 /** @module What every protocol handler (V1, V2, WebSocket) shares: readiness checks, parsing, generation. */
+import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -70,6 +71,9 @@ export function parseContext(ctx: ServerContext): ParseContext {
 
 /** Reads and decodes the requests' input images (400 naming the field for anything wrong with them). */
 export function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<void> {
+  // The distinct s3:// inputs (an image and a mask per instance) are read at once, each read listening on the
+  // request's signal until it ends: more than Node's 10 is no leak, so no warning for it.
+  if (signal) setMaxListeners(Math.max(defaultMaxListeners, 2 * reqs.length + 1), signal);
   return resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images }, signal);
 }
 

@@ -1,5 +1,6 @@
 /** @module The one way a route replies: abort-safe, once, body-capped, errors mapped in one place. */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import zlib from 'node:zlib';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -71,6 +72,24 @@ function copyReq(req: IncomingMessage, params: string[]): Req {
   return { method: (req.method ?? 'GET').toLowerCase(), url: pathOf(url), query: q < 0 ? '' : url.slice(q + 1), params, headers };
 }
 
+/** The exchanges open on each connection, told when it closes: one listener per socket however many are pipelined. */
+const onConnection = new WeakMap<Socket, Set<() => void>>();
+function onSocketClose(socket: Socket, f: () => void): () => void {
+  let set = onConnection.get(socket);
+  if (!set) {
+    const fs = new Set<() => void>();
+    set = fs;
+    onConnection.set(socket, fs);
+    socket.once('close', () => {
+      onConnection.delete(socket);
+      for (const g of fs) g();
+    });
+  }
+  set.add(f);
+  const mine = set;
+  return () => void mine.delete(f);
+}
+
 /** A response guard: `send` writes at most once and never after the client left. */
 export class Exchange {
   open = true;
@@ -85,6 +104,11 @@ export class Exchange {
     };
     res.once('close', onClose);
     req.once('close', onClose);
+    // A request pipelined behind another gets neither event when the connection drops (Node closes only the response
+    // on the socket, and the request's own 'close' came when its body was read): the socket's close tells it.
+    const off = onSocketClose(req.socket, onClose);
+    res.once('finish', off);
+    res.once('close', off);
   }
 
   send(out: Reply): boolean {
@@ -179,13 +203,13 @@ export interface RouteOptions {
   onReply?: (req: Req, out: Reply, ex: Exchange) => void;
 }
 
-/** What onReply sees for a request whose client left before its answer: nginx's 499, as the WebSocket records it. */
-const CLIENT_LEFT: Reply = json(499, { error: 'the client closed the connection before the answer', code: 'CANCELLED' });
-
-/** onReply for every request: with its answer once written, or with CLIENT_LEFT (the answer had nowhere to go). */
-function replied(r: Req, o: Reply, ex: Exchange, opts: RouteOptions): void {
-  if (ex.send(o)) opts.onReply?.(r, o, ex);
-  else opts.onReply?.(r, CLIENT_LEFT, ex);
+/**
+ * Sends the answer and reports it. A client that left first is reported as 499 (what the WebSocket route records too),
+ * so every request shows in the request counts and the access log, not only those whose answer went out.
+ */
+function replied(r: Req, out: Reply, ex: Exchange, opts: RouteOptions): void {
+  if (ex.send(out)) opts.onReply?.(r, out, ex);
+  else if (ex.gone.signal.aborted) opts.onReply?.(r, { status: httpStatus('CANCELLED'), body: '' }, ex);
 }
 
 /** A route without a body (GET, HEAD, or a method answered before reading). */
