@@ -28,27 +28,25 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
     if (s3) await destroyS3(s3);
   });
 
-  it('answers 16 instances, each its own seed, twice, without a MaxListenersExceededWarning', async () => {
-    for (const round of [0, 1]) {
-      const instances = Array.from({ length: 16 }, (_, i) => ({ prompt: `many ${i}`, num_inference_steps: 1, height: 64, width: 64, seed: 100 * round + i }));
-      const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances });
-      expect(r.status).toBe(200);
-      expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual(instances.map((i) => i.seed));
-    }
+  /** One V1 request of these instances: each answered with its own seed, in order, and no warning on stderr. */
+  async function predictsWithoutWarning(instances: Array<{ seed: number } & Record<string, unknown>>): Promise<void> {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances });
+    expect(r.status).toBe(200);
+    expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual(instances.map((i) => i.seed));
     // A warning is written on a later tick than the answer; the liveness round trip gives it time to arrive.
     await fetch(`${srv.url}/`);
     await new Promise((res) => setTimeout(res, 100));
     expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
+  }
+
+  it('answers 16 instances, each its own seed, twice, without a MaxListenersExceededWarning', async () => {
+    for (const round of [0, 1]) {
+      await predictsWithoutWarning(Array.from({ length: 16 }, (_, i) => ({ prompt: `many ${i}`, num_inference_steps: 1, height: 64, width: 64, seed: 100 * round + i })));
+    }
   });
 
   it('reads twelve s3:// input images of one request at once without a MaxListenersExceededWarning', async () => {
-    const instances = Array.from({ length: 12 }, (_, i) => ({ prompt: `in ${i}`, image: `s3://inputs/in-${i}.png`, strength: 0.5, num_inference_steps: 2, seed: i }));
-    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances });
-    expect(r.status).toBe(200);
-    expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual(instances.map((i) => i.seed));
-    await fetch(`${srv.url}/`);
-    await new Promise((res) => setTimeout(res, 100));
-    expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
+    await predictsWithoutWarning(Array.from({ length: 12 }, (_, i) => ({ prompt: `in ${i}`, image: `s3://inputs/in-${i}.png`, strength: 0.5, num_inference_steps: 2, seed: i })));
   });
 
   it('counts a V1 client that leaves mid-generation as 499 in inference_request_count, as the WebSocket route does', async () => {
