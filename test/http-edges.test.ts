@@ -195,6 +195,19 @@ describe('request targets', () => {
       [200, await (await fetch(`${srv.url}/`)).json()],
     ]);
   });
+
+  it('matches percent-encoded path segments decoded, as KServe does (a client that escapes the colon before the verb)', async () => {
+    const body = { instances: [{ prompt: 'escaped', num_inference_steps: 2, height: 64, width: 64, seed: 5 }] };
+    const plain = await postJson(`${srv.url}/v1/models/model:predict`, body);
+    const escaped = await postJson(`${srv.url}/v1/models/model%3Apredict`, body);
+    expect([plain.status, escaped.status]).toEqual([200, 200]);
+    expect(escaped.json.predictions).toEqual(plain.json.predictions);
+    expect((await fetch(`${srv.url}/v2/models/mo%64el/ready`)).status).toBe(200);
+    expect(await (await fetch(`${srv.url}/v1/models/mo%64el`)).json()).toEqual(await (await fetch(`${srv.url}/v1/models/model`)).json());
+    // Not valid percent-encoding: matched as sent, so an unknown model (404), never a crash.
+    const bad = await fetch(`${srv.url}/v1/models/mo%ZZel`);
+    expect(bad.status).toBe(404);
+  });
 });
 
 describe('Expect: 100-continue (curl sends it for large bodies)', () => {

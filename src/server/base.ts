@@ -76,7 +76,8 @@ class Router<H> {
   }
 
   match(method: string, path: string): { h: H; params: string[] } | undefined {
-    const segs = path.split('/');
+    // Segments are matched decoded, as KServe's server (Starlette) matches them: `model%3Apredict` is `model:predict`.
+    const segs = path.split('/').map(decodeSegment);
     for (const r of this.#routes.get(method) ?? []) {
       if (r.parts.length !== segs.length) continue;
       const params: string[] = [];
@@ -91,6 +92,16 @@ class Router<H> {
       if (ok) return { h: r.h, params };
     }
     return undefined;
+  }
+}
+
+/** A path segment with its %XX escapes decoded; one that is not valid percent-encoded UTF-8 stays as sent. */
+function decodeSegment(seg: string): string {
+  if (!seg.includes('%')) return seg;
+  try {
+    return decodeURIComponent(seg);
+  } catch {
+    return seg;
   }
 }
 
