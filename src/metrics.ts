@@ -174,5 +174,11 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name', 'worker', 'device'] as const,
       registers: r,
     }),
+    workerDeaths: new Counter({
+      name: 'worker_deaths_total',
+      help: 'Pipeline workers that stopped while serving (a crash, out of memory), by worker and device; each is started again',
+      labelNames: ['model_name', 'worker', 'device'] as const,
+      registers: r,
+    }),
   };
 }

@@ -12,7 +12,7 @@ import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Runtime as RuntimeType } from '../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
-import { startRuntime } from './helpers/runtime.js';
+import { metric, startRuntime } from './helpers/runtime.js';
 import { postJson, until } from './helpers/server.js';
 
 const dist = (p: string) => path.resolve('dist/src', p);
@@ -104,9 +104,13 @@ describe('a pipeline worker that dies after ready', () => {
     try {
       const before = await predict(s.url, { num_inference_steps: 3 });
       expect(before.status).toBe(200);
+      const deaths = () => metric(s, 'worker_deaths_total', { worker: '0', device: 'cpu' });
+      expect(await deaths()).toBe(0);
       await s.workers[0]!.worker.terminate();
       await until(() => !s.rt.boot.ready, 5_000);
       expect(await ready(s.url)).toBe(503);
+      // Counted once, so an alert can see a worker that keeps crashing.
+      expect(await deaths()).toBe(1);
       await until(() => s.rt.boot.ready, 60_000);
       const after = await predict(s.url, { num_inference_steps: 3 });
       expect(after.status).toBe(200);

@@ -674,6 +674,7 @@ export class Engine {
       return;
     }
     this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
+    this.metrics.workerDeaths.inc({ ...this.#labels, worker: String(w.index), device: w.device });
     // The batch it was stepping and the one it was decoding, if any.
     const runs = runsOf(w);
     w.decoding.length = 0;
