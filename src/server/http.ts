@@ -142,11 +142,10 @@ export function bodyCodings(header: string | undefined): string[] {
 }
 
 /**
- * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A gzip or
- * deflate body is decoded, to at most `limit` bytes as well; another coding is a 415.
+ * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A body in
+ * `codings` (bodyCodings of its Content-Encoding) is decoded, to at most `limit` bytes as well.
  */
-export async function readBody(req: IncomingMessage, limit: number, declared: string): Promise<Buffer> {
-  const codings = bodyCodings(req.headers['content-encoding']);
+export async function readBody(req: IncomingMessage, limit: number, declared: string, codings: string[]): Promise<Buffer> {
   let body = await readRaw(req, limit, declared);
   // Undo the last applied first.
   for (const c of codings.reverse()) body = await decode(body, c, limit);
@@ -238,9 +237,10 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     const r = copyReq(req, params);
     const ex = new Exchange(res, req);
     let pre: unknown;
+    let codings: string[] = [];
     try {
       precheck?.(r);
-      bodyCodings(r.headers['content-encoding']);
+      codings = bodyCodings(r.headers['content-encoding']);
     } catch (err) {
       pre = err;
     }
@@ -257,7 +257,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     // request passed its checks and declares a size within the limit; a refusal above goes out instead, so the client
     // sees its answer rather than a connection closed under an upload (base.ts leaves the 100 to the routes).
     if (/^100-continue$/i.test(r.headers.expect ?? '') && !oversize) res.writeContinue();
-    const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '');
+    const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '', codings);
     body
       .then((b) => fn(r, b, ex))
       .catch((err) => errorReply(err, opts.log))
