@@ -311,18 +311,16 @@ export class Engine {
   }
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
-    if (this.#closing) {
-      this.metrics.rejected.inc({ ...this.#labels, reason: 'shutting_down' });
-      return Promise.reject(new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
-    }
+    // Refused before queueing: counted in inference_rejected_total by reason.
+    const refuse = (reason: 'shutting_down' | 'not_ready' | 'queue_full', err: RuntimeError): Promise<never> => {
+      this.metrics.rejected.inc({ ...this.#labels, reason });
+      return Promise.reject(err);
+    };
+    if (this.#closing) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
-    if (this.#restarting.size > 0 && !this.serving) {
-      this.metrics.rejected.inc({ ...this.#labels, reason: 'not_ready' });
-      return Promise.reject(this.#restartingError());
-    }
+    if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     if (this.#pending.length >= this.cfg.maxQueue) {
-      this.metrics.rejected.inc({ ...this.#labels, reason: 'queue_full' });
-      return Promise.reject(new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));
+      return refuse('queue_full', new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));
     }
     return new Promise<TaskResult>((resolve, reject) => {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
