@@ -79,23 +79,16 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
   if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
-  const [{ Upload }, { createS3 }, { ListObjectsV2Command, DeleteObjectsCommand }] = await Promise.all([
+  const [{ Upload }, { createS3, listPrefix }, { DeleteObjectsCommand }] = await Promise.all([
     import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js'), import('@aws-sdk/client-s3')]);
   const s3 = createS3(cfg.s3);
   // A server reads every object under the prefix: one this export lacks would be downloaded and loaded with it (a
   // VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the model, kept.
   const pushing = new Set(files);
-  const stale: string[] = [];
+  let stale: string[];
   try {
-    let token: string | undefined;
-    do {
-      const page = await retried(signal, () => s3.client.send(new ListObjectsV2Command({ Bucket: src.bucket, Prefix: src.prefix, ...(token ? { ContinuationToken: token } : {}) }), { abortSignal: signal }));
-      for (const o of page.Contents ?? []) {
-        const rel = (o.Key ?? '').slice(src.prefix.length);
-        if (rel !== '' && !rel.endsWith('/') && !pushing.has(rel) && !rel.startsWith('loras/')) stale.push(rel);
-      }
-      token = page.IsTruncated ? page.NextContinuationToken : undefined;
-    } while (token);
+    const listed = await retried(signal, () => listPrefix(s3.client, src.bucket, src.prefix, signal));
+    stale = listed.map((o) => o.rel).filter((rel) => !pushing.has(rel) && !rel.startsWith('loras/'));
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
