@@ -139,8 +139,8 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     cancelled: new Counter({
       name: 'inference_cancelled_total',
-      help: 'Requests whose client left before the answer (or whose REQUEST_TIMEOUT_S passed, or another instance of whose request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',
-      labelNames: ['model_name'] as const,
+      help: 'Generations abandoned before their answer, by reason (client_left, timeout: REQUEST_TIMEOUT_S passed, request_failed: another instance of the request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',
+      labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),
     resultCacheHits: new Counter({

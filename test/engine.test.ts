@@ -401,7 +401,7 @@ describe('engine with LoRA adapter sets', () => {
 
 describe('generation of a request of several instances', () => {
   it('a generation refused (queue full) takes its queued siblings out of the queue: none runs for nobody', async () => {
-    const { engine, w } = await loadedEngine({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' });
+    const { engine, w, metrics } = await loadedEngine({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' });
     const gen = createGeneration(loadConfig({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' }), createMetrics(), engine, {} as RequestS3);
     const running = engine.submit(request('running'));
     await tick();
@@ -409,8 +409,10 @@ describe('generation of a request of several instances', () => {
     // a and b fill the queue, c is refused: the request is answered 503 …
     const refused = await gen.generate(['a', 'b', 'c', 'd'].map(request), new AbortController().signal).then(() => 'ok', (e: RuntimeError) => e.code);
     expect(refused).toBe('BUSY');
-    // … and a and b are no longer waiting.
+    // … and a and b are no longer waiting, counted as taken out for their request's failure.
     expect(engine.queueDepth).toBe(0);
+    const cancelled = (await metrics.cancelled.get()).values;
+    expect(cancelled.map((v) => [v.labels.reason, v.value])).toEqual([['request_failed', 2]]);
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
     await running;
     await engine.idle();

@@ -70,7 +70,7 @@ export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
   inference_requests_in_flight: { type: 'gauge', labels: ['model_name'] },
   inference_batch_size: { type: 'histogram', labels: ['model_name'] },
   inference_rejected_total: { type: 'counter', labels: ['model_name', 'reason'] },
-  inference_cancelled_total: { type: 'counter', labels: ['model_name'] },
+  inference_cancelled_total: { type: 'counter', labels: ['model_name', 'reason'] },
   result_cache_hits_total: { type: 'counter', labels: ['model_name'] },
   result_cache_bytes: { type: 'gauge', labels: ['model_name'] },
   websocket_messages_dropped_total: { type: 'counter', labels: ['model_name'] },

@@ -2,7 +2,7 @@
 import net from 'node:net';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson } from './helpers/server.js';
 
 let srv: RuntimeHandle;
@@ -215,6 +215,9 @@ describe('REQUEST_TIMEOUT_S', () => {
       const r = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'slow', num_inference_steps: 500, height: 1024, width: 1024, seed: 2 }] });
       expect(r.status).toBe(504);
       expect(r.json.error).toMatch(/REQUEST_TIMEOUT_S=1s/);
+      // Counted as a timeout, not as a client that left.
+      expect(await metric(t, 'inference_cancelled_total', { reason: 'timeout' })).toBe(1);
+      expect(await metric(t, 'inference_cancelled_total')).toBe(1);
       expect(performance.now() - t0).toBeLessThan(10_000);
       const ok = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'quick', num_inference_steps: 2, height: 64, width: 64 }] });
       expect(ok.status).toBe(200);

@@ -99,6 +99,7 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
   it('removes a queued request whose client left: cancelled counted, depth back to 0, never generated', async () => {
     const images0 = await metric(srv, 'images_generated_total');
     const cancelled0 = await metric(srv, 'inference_cancelled_total');
+    const left0 = await metric(srv, 'inference_cancelled_total', { reason: 'client_left' });
     const running = predict(srv, long);
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
     await new Promise((r) => setTimeout(r, 100));
@@ -108,6 +109,7 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     sock.destroy();
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 0, 2_000);
     expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(1);
+    expect((await metric(srv, 'inference_cancelled_total', { reason: 'client_left' })) - left0).toBe(1);
     // Counted and logged as a 499 (client closed the request), as the WebSocket counts a client that leaves.
     await until(async () => (await metric(srv, 'inference_request_count', { protocol: 'v1', status: '499' })) === 1, 2_000);
     expect(srv.logs.filter((l) => l.msg === 'inference request' && l.status === 499)).toHaveLength(1);

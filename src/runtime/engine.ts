@@ -386,11 +386,12 @@ export class Engine {
   #lastGenSeconds = 5;
 
   #abandon(task: Task): void {
+    const counted = { ...this.#labels, reason: cancelReason(task.signal?.reason) };
     if (task.state === 'queued') {
       const i = this.#pending.indexOf(task);
       if (i >= 0) this.#pending.splice(i, 1);
       this.metrics.queueDepth.set(this.#labels, this.#pending.length);
-      this.metrics.cancelled.inc(this.#labels);
+      this.metrics.cancelled.inc(counted);
       this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
       this.#checkIdle();
     } else if (task.state === 'running') {
@@ -408,7 +409,7 @@ export class Engine {
       }
       // Answer now (client gone or timed out); the batch's other requests keep their generation. Counted here, once
       // per task, whether or not its batch stops.
-      this.metrics.cancelled.inc(this.#labels);
+      this.metrics.cancelled.inc(counted);
       this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
   }
@@ -734,6 +735,15 @@ export class Engine {
 }
 
 /** The batches a worker holds: the one it is stepping, then those it is decoding. */
+/**
+ * Why a task's signal fired, for inference_cancelled_total: REQUEST_TIMEOUT_S's AbortSignal.timeout, the error that
+ * failed another instance of the request (generation.ts aborts with it), or else its client leaving.
+ */
+export function cancelReason(reason: unknown): 'client_left' | 'timeout' | 'request_failed' {
+  if (reason instanceof DOMException) return reason.name === 'TimeoutError' ? 'timeout' : 'client_left';
+  return reason instanceof Error ? 'request_failed' : 'client_left';
+}
+
 function runsOf(w: WorkerHandle): Running[] {
   return [...(w.running ? [w.running] : []), ...w.decoding];
 }

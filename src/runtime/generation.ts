@@ -73,7 +73,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       try {
         return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress, onQueued)));
       } catch (err) {
-        failed.abort();
+        // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
+        failed.abort(err instanceof Error ? err : new Error(String(err)));
         if (timeout.aborted && !signal.aborted) {
           throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });
         }
