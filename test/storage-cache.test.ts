@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -288,5 +289,37 @@ describe('object changed mid-download', () => {
     expect((await fsp.readFile(path.join(r.dir, 'w.bin'))).equals(smaller)).toBe(true);
     const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
     expect(m.files).toEqual([expect.objectContaining({ path: 'w.bin', size: 300_000 })]);
+  });
+
+  it.each(['sdk', 'lite'])('an object deleted after the listing (a push --replace removing an old file) answers 404: listed again, committed without it (%s)', async (transport) => {
+    await s3.put('models', `gone-${transport}/keep.bin`, detBytes(200_000, 25));
+    await s3.put('models', `gone-${transport}/old.bin`, detBytes(1_500_000, 26));
+    const cache = await fsp.mkdtemp(path.join(tmp, `gone-${transport}-`));
+    let release!: () => void;
+    // old.bin's first two ranges go through; the rest wait until it is deleted.
+    proxy.faults = { hold: { keys: new RegExp(`gone-${transport}/old\\.bin`), range: (r) => Number(/^bytes=(\d+)/.exec(r ?? '')?.[1] ?? 0) >= 524_288, release: new Promise<void>((r) => (release = r)) } };
+    const held = proxy.stats.held;
+    const p = resolveModel(`s3://models/gone-${transport}`, { cfg: cfgFor(cache, { S3_TRANSPORT: transport }), log });
+    await until(() => proxy.stats.held - held >= 2);
+    await s3.client.send(new DeleteObjectCommand({ Bucket: 'models', Key: `gone-${transport}/old.bin` }));
+    release();
+    const r = await p;
+    proxy.faults = {};
+    expect(readdirSync(r.dir).filter((f) => !f.startsWith('.'))).toEqual(['keep.bin']);
+    const m = JSON.parse(await fsp.readFile(path.join(r.dir, '.complete.json'), 'utf8'));
+    expect(m.files).toEqual([expect.objectContaining({ path: 'keep.bin', size: 200_000 })]);
+  });
+
+  it('an object still listed that every GET answers 404 fails by its key as missing, after one listing more', async () => {
+    await s3.put('models', 'ghost/w.bin', detBytes(100_000, 27));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'ghost-'));
+    const lists = proxy.stats.lists;
+    proxy.faults = { failGets: { count: 1_000, status: 404, code: 'NoSuchKey' } };
+    const err = await rejection(resolveModel('s3://models/ghost', { cfg: cfgFor(cache), log }));
+    proxy.faults = {};
+    expect(err).toBeInstanceOf(RuntimeError);
+    expect((err as RuntimeError).code).toBe('STORAGE_MISSING');
+    expect((err as RuntimeError).message).toContain('s3://models/ghost/w.bin');
+    expect(proxy.stats.lists - lists).toBe(2);
   });
 });

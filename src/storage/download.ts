@@ -69,10 +69,14 @@ export interface DownloadOptions {
   onFileDone(obj: RemoteObject, abs: string): void;
 }
 
-/** Thrown when an object's ETag differs from the listing: the caller re-lists and runs another round. */
+/**
+ * Thrown when an object's ETag differs from the listing, or when S3 says a listed object does not exist (deleted since
+ * the listing, as `push --replace` does with files the new export lacks): the caller re-lists and runs another round.
+ */
 export class ObjectChangedError extends Error {
-  constructor(readonly key: string) {
-    super(`object ${key} changed during the download`);
+  /** @param missing S3's "no such key" answer, for an object that was gone rather than changed. */
+  constructor(readonly key: string, readonly missing?: unknown) {
+    super(`object ${key} ${missing === undefined ? 'changed' : 'was deleted'} during the download`);
     this.name = 'ObjectChangedError';
   }
 }
@@ -343,6 +347,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const stalled = ac.signal.aborted;
         const kind = stalled ? 'transient' : classify(e);
         if (kind === 'changed') throw new ObjectChangedError(f.obj.key);
+        if (kind === 'missing') throw new ObjectChangedError(f.obj.key, e);
         if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read');
         // An attempt that moved bytes forward does not count against the limit: a slow, flaky link still finishes.
         failures = progressed ? 1 : failures + 1;

@@ -385,9 +385,13 @@ class S3Fetch {
       } catch (e) {
         if (e instanceof RuntimeError && e.code === 'NO_SPACE') await this.dropPartials(journal);
         if (!(e instanceof ObjectChangedError)) throw e;
-        log.warn({ key: e.key }, 'object changed during the download; listing again');
+        log.warn({ key: e.key }, e.missing === undefined ? 'object changed during the download; listing again' : 'object deleted during the download; listing again');
         why = 'changed';
+        const before = listing.find((x) => x.key === e.key);
         listing = await this.listing(cfg.s3.maxAttempts, 60_000);
+        // Still listed as it was, yet S3 says it does not exist: no round will fetch it.
+        const still = listing.find((x) => x.key === e.key);
+        if (e.missing !== undefined && still && before && still.etag === before.etag && still.size === before.size) throw permanentError(e.missing, this.bucket, e.key, 'read');
         continue;
       }
       // Sizes were checked per file and every response's ETag against the listing. A fresh listing after the
