@@ -297,8 +297,9 @@ async function main(): Promise<void> {
   const py = existsSync(path.join(work, 'python.json')) ? (JSON.parse(readFileSync(path.join(work, 'python.json'), 'utf8')) as Record<string, any>) : {};
   const ref = path.join(work, 'ref-seed1.png');
   refSteps = (py.diffusers?.steps as number[] | undefined)?.[1] ?? refSteps;
-  let fused = path.join(work, 'fused');
   const plain = path.join(work, 'plain');
+  // A fused export refuses the CPU provider, so a check of this script on the CPU serves the plain one in its rows.
+  let fused = EP === 'cpu' ? plain : path.join(work, 'fused');
   const result: Record<string, unknown> = { python: py, errors: [] as string[] };
   const errors = result.errors as string[];
   const attempt = async <T>(what: string, fn: () => Promise<T>): Promise<T | undefined> => {
