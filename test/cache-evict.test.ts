@@ -9,6 +9,7 @@ import { Writable } from 'node:stream';
 import pino from 'pino';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
+import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { MANIFEST } from '../src/storage/cache.js';
 import { listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
 import { committedEntry, resolveModel, type ResolveOptions } from '../src/storage/fetch.js';
@@ -97,11 +98,11 @@ function capture() {
   return { log: pino({ level: 'info' }, sink), lines };
 }
 
-/** Nothing half: every folder under the cache is a whole committed entry, a lease folder, or nothing of ours. */
+/** Nothing half: every folder under the cache is a whole committed entry or the leases' folder; no trash is left. */
 async function expectNoHalfEntry(cache: string): Promise<void> {
   for (const n of readdirSync(cache)) {
     expect(n.startsWith('.evicting-'), n).toBe(false);
-    if (n.endsWith('.leases') || n.endsWith('.lock')) continue;
+    if (n === '.leases' || n.endsWith('.lock')) continue;
     const c = await committedEntry(`s3://models/sd/v${/-sd-v(\d)-/.exec(n)![1]}`, cfgFor(cache));
     expect(c, `${n} is committed with every file`).toBeDefined();
   }
@@ -300,5 +301,19 @@ describe('eviction against a start of the same entry at that moment', () => {
       else expect(existsSync(r.dir)).toBe(false); // evicted after the fill committed: gone whole
       await expectNoHalfEntry(cache);
     }
+  });
+});
+
+describe('a server', () => {
+  it('leases its entry at its first step, before it looks at it, and releases it when it stops', async () => {
+    const cache = await cacheWith(1);
+    const seq = await resolveBoot(cfgFor(cache, { STORAGE_URI: 's3://models/sd/v1' }), []);
+    const leases = leasesDir(path.join(cache, keyOf(1)));
+    expect(seq.plan).toMatchObject({ source: 's3', committed: { dir: path.join(cache, keyOf(1)) } });
+    expect(readdirSync(leases).filter((n) => n.endsWith('.lease'))).toEqual([expect.stringMatching(new RegExp(`-${process.pid}-[0-9a-f]{16}\\.lease$`))]);
+    expect(await removeEntry(cache, keyOf(1))).toEqual({ removed: false, why: 'in use' });
+    await seq.stop();
+    expect(readdirSync(leases)).toEqual([LAST_USED]);
+    expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
   });
 });

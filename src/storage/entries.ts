@@ -86,7 +86,7 @@ export async function listEntries(cacheDir: string, o: EntryOptions = {}): Promi
   const ents = await fsp.readdir(cacheDir, { withFileTypes: true }).catch(() => []);
   const out: CacheEntry[] = [];
   for (const e of ents) {
-    if (!e.isDirectory() || e.name.startsWith('.') || e.name.endsWith('.leases')) continue;
+    if (!e.isDirectory() || e.name.startsWith('.')) continue;
     const x = await inspectEntry(cacheDir, e.name, o);
     if (x) out.push(x);
   }

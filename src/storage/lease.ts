@@ -2,11 +2,12 @@
  * @module Leases: a serving process marks the cache entry it serves from as in use for as long as it runs, so that an
  * eviction (entries.ts) on any pod of an RWX PVC never removes it.
  *
- *   <cacheDir>/<key>.leases/<host>-<pid>-<token>.lease   one per process: the lock's holder record (lock.ts), written
+ *   <cacheDir>/.leases/<key>/<host>-<pid>-<token>.lease   one per process: the lock's holder record (lock.ts), written
  *                                                         whole and linked into place, its mtime a heartbeat
- *   <cacheDir>/<key>.leases/last-used                     touched when a lease ends: the entry's last use, for LRU
+ *   <cacheDir>/.leases/<key>/last-used                     touched when a lease ends: the entry's last use, for LRU
  *
- * Beside the entry, like its lock, so a sweep of the entry never touches them. A lease counts while its heartbeat is
+ * Outside the entry, so a sweep of the entry never touches them, and in one hidden folder, so the cache's top level
+ * still holds only entries (and their locks while held). A lease counts while its heartbeat is
  * fresh and its pid is alive on this host: the lock's rule (lock.ts isStale), with minutes instead of seconds, since a
  * server holds one for days and pays one small write per heartbeat, off the request path.
  *
@@ -21,7 +22,8 @@ import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { createHolderFile, hold, holderInfo, inspectHolder, type HeldLock, type LockInfo } from './lock.js';
 
-export const LEASES_SUFFIX = '.leases';
+/** The folder, under the cache, of every entry's leases. */
+export const LEASES = '.leases';
 export const LAST_USED = 'last-used';
 const LEASE_EXT = '.lease';
 
@@ -44,7 +46,7 @@ export interface EntryLease {
   release(): Promise<void>;
 }
 
-export const leasesDir = (entryDir: string): string => `${entryDir}${LEASES_SUFFIX}`;
+export const leasesDir = (entryDir: string): string => path.join(path.dirname(entryDir), LEASES, path.basename(entryDir));
 
 export interface LeaseState {
   /** Live leases: who serves from the entry now. */
