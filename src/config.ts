@@ -18,6 +18,8 @@ export type OptimizedCacheMode = 'auto' | 'always' | 'off';
 export type GraphOptimization = 'all' | 'extended' | 'basic' | 'disabled';
 /** How a fetch speaks to S3: the AWS SDK, or the SDK-free reader where it covers the credentials (storage/s3-lite.ts). */
 export type S3TransportName = 'sdk' | 'lite';
+/** CACHE_EVICT: when a download finds too little space, remove least recently used cache entries nobody uses (`lru`), or fail (`off`). */
+export type CacheEvict = 'lru' | 'off';
 
 export interface S3Settings {
   /** Endpoint URL for S3-compatible stores; undefined means AWS. */
@@ -44,6 +46,7 @@ export interface Config {
   readonly host: string;
   readonly port: number;
   readonly cacheDir: string;
+  readonly cacheEvict: CacheEvict;
   readonly s3: S3Settings;
   readonly executionProvider: ExecutionProvider;
   /** Pipeline workers; by default one per visible GPU (`gpus`), else 1. */
@@ -101,6 +104,7 @@ const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'di
 const TRANSPORTS: readonly S3TransportName[] = ['sdk', 'lite'];
 const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'];
 const AUX_THREADS: readonly AuxThreads[] = ['auto', 'on', 'off'];
+const CACHE_EVICT: readonly CacheEvict[] = ['lru', 'off'];
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
@@ -202,6 +206,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     host: raw('HOST') ?? '0.0.0.0',
     port: int('PORT', 8080, 0, 65535),
     cacheDir: raw('MODEL_CACHE_DIR') ?? defaultCacheDir(),
+    cacheEvict: oneOf('CACHE_EVICT', 'lru', CACHE_EVICT),
     s3,
     executionProvider,
     workers: int('WORKERS', Math.max(1, gpus), 1, 64),

@@ -80,6 +80,18 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    cacheEvictions: new Counter({
+      name: 'model_cache_evictions_total',
+      help: 'Other cache entries this process removed (least recently used, not in use) to make room for its download',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    cacheEvictedBytes: new Counter({
+      name: 'model_cache_evicted_bytes_total',
+      help: 'Bytes those evicted cache entries occupied',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
     cacheHits: new Counter({
       name: 'model_cache_hits_total',
       help: 'Model boots served from a committed cache entry without downloading',

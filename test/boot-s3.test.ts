@@ -263,7 +263,8 @@ describe('boot from S3', () => {
     expect(await first.stop('SIGTERM', 20_000)).toEqual({ code: 0, signal: null });
 
     // No entry may claim to be complete; whatever is committed must be whole.
-    const entries = (await fsp.readdir(cache.dir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => path.join(cache.dir, e.name));
+    // Hidden folders are the cache's own bookkeeping (the servers' leases), not entries.
+    const entries = (await fsp.readdir(cache.dir, { withFileTypes: true })).filter((e) => e.isDirectory() && !e.name.startsWith('.')).map((e) => path.join(cache.dir, e.name));
     expect(entries.length).toBe(1);
     const manifest = path.join(entries[0]!, '.complete.json');
     if (existsSync(manifest)) {

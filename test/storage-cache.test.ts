@@ -87,7 +87,7 @@ describe('out of disk', () => {
       execFileSync('mount', ['-t', 'tmpfs', '-o', `size=8m,nr_inodes=${inodes}`, 'tmpfs', full]);
       try {
         const err = await rejection(resolveModel('s3://models/deep', { cfg: cfgFor(full), log }));
-        expect([err.code, err.message], `nr_inodes=${inodes}`).toEqual(['NO_SPACE', 'no space left in the model cache (MODEL_CACHE_DIR) for a/b/c/d/e/f.bin; enlarge the PVC or clear old entries']);
+        expect([err.code, err.message], `nr_inodes=${inodes}`).toEqual(['NO_SPACE', 'no space left in the model cache (MODEL_CACHE_DIR) for a/b/c/d/e/f.bin; the cache holds no other entry; enlarge the PVC or remove entries not in use (warmup cache prune)']);
       } finally {
         execFileSync('umount', [full]);
       }

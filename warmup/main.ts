@@ -1,7 +1,8 @@
 /**
  * @module The cache warm-up Job's CLI. `node dist/warmup/main.js` fills MODEL_CACHE_DIR from STORAGE_URI
  * (same code path as the server's boot), prints progress to stderr about once a second and one JSON line
- * on stdout; `node dist/warmup/main.js push LOCAL_DIR s3://bucket/prefix` uploads an exported model.
+ * on stdout; `node dist/warmup/main.js push LOCAL_DIR s3://bucket/prefix` uploads an exported model; `cache list` and
+ * `cache prune` show and remove MODEL_CACHE_DIR's entries (storage/entries.ts), one JSON line per entry.
  * Exit status: 0 done, 1 failed (one-line reason on stderr), 2 usage/config error, 128 + the signal's number when
  * stopped (143 SIGTERM, 130 SIGINT), as a shell reports a process the signal killed.
  */
@@ -15,9 +16,11 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
-import { parseStorageUri } from '../src/storage/uri.js';
+import { inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 
-const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]';
+const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
+  + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
 
 const mb = (n: number) => (n / 1e6).toFixed(1);
 
@@ -157,6 +160,92 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, ...(replace ? { deleted: stale.length } : {}), seconds: +seconds.toFixed(3) })}\n`);
 }
 
+/** One JSON line per entry on stdout; names as the cache names them (never a local path). */
+const entryLine = (e: CacheEntry, extra: Record<string, unknown> = {}) => JSON.stringify({
+  ...extra, entry: e.name, ...(e.uri ? { uri: e.uri } : {}), state: e.state, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), inUse: inUse(e),
+  ...(e.users.length > 0 ? { users: e.users } : {}), ...(e.locked ? { locked: e.locked } : {}),
+});
+
+/** `7d`, `12h`, `30m`, `90s` → ms. */
+function parseAge(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)(d|h|m|s)$/.exec(v.trim());
+  if (!m) throw new UsageError(`--older-than takes a number with a unit (d, h, m or s), like 7d or 12h; got ${JSON.stringify(v)}`);
+  return Number(m[1]) * { d: 86_400_000, h: 3_600_000, m: 60_000, s: 1_000 }[m[2] as 'd' | 'h' | 'm' | 's'];
+}
+
+/**
+ * `cache list`: every entry, least recently used first. `cache prune`: removes every entry no process fills or serves
+ * from, except those kept (--keep-uri) or used within --older-than; --dry-run only says what would go.
+ */
+async function cache(args: string[]): Promise<void> {
+  const [sub, ...rest] = args;
+  const cfg = loadConfig();
+  const summary = (entries: readonly CacheEntry[]) => `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, ${mb(entries.reduce((n, e) => n + e.bytes, 0))} MB, ${entries.filter(inUse).length} in use`;
+  if (sub === 'list') {
+    if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${JSON.stringify(rest[0])}`);
+    const entries = await listEntries(cfg.cacheDir);
+    for (const e of entries) process.stdout.write(`${entryLine(e)}\n`);
+    process.stderr.write(`cache: ${summary(entries)}\n`);
+    return;
+  }
+  if (sub !== 'prune') throw new UsageError(sub === undefined ? 'cache needs list or prune' : `unknown cache command ${JSON.stringify(sub)}`);
+  const keep = new Set<string>();
+  let olderThan: number | undefined;
+  let dryRun = false;
+  for (let i = 0; i < rest.length; i++) {
+    const a = rest[i]!;
+    const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const value = () => {
+      const v = inline ?? rest[++i];
+      if (v === undefined) throw new UsageError(`${flag} needs a value`);
+      return v;
+    };
+    if (flag === '--dry-run' && inline === undefined) dryRun = true;
+    else if (flag === '--older-than') olderThan = parseAge(value());
+    else if (flag === '--keep-uri') {
+      const v = value();
+      let src;
+      try {
+        src = parseStorageUri(v);
+      } catch (e) {
+        throw new UsageError(`--keep-uri: ${(e as Error).message}`);
+      }
+      if (src.kind !== 's3') throw new UsageError(`--keep-uri takes s3://bucket/prefix, got ${JSON.stringify(v)}`);
+      keep.add(cacheKey(src, cfg.s3.endpoint));
+      keep.add(src.uri);
+    } else throw new UsageError(`cache prune: unknown argument ${JSON.stringify(a)}`);
+  }
+  const now = Date.now();
+  const entries = await listEntries(cfg.cacheDir);
+  let freed = 0;
+  let removed = 0;
+  for (const e of entries) {
+    const kept = keep.has(e.name) || (e.uri !== undefined && keep.has(e.uri)) ? 'kept'
+      : inUse(e) ? 'in use'
+        : olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined;
+    if (kept !== undefined) {
+      process.stdout.write(`${entryLine(e, { action: 'keep', reason: kept })}\n`);
+      continue;
+    }
+    if (dryRun) {
+      process.stdout.write(`${entryLine(e, { action: 'would-remove' })}\n`);
+      freed += e.bytes;
+      removed++;
+      continue;
+    }
+    // Checked again under the entry's lock: a pod may have started on it since the listing.
+    const r = await removeEntry(cfg.cacheDir, e.name);
+    if (r.removed) {
+      freed += r.bytes;
+      removed++;
+      process.stdout.write(`${entryLine({ ...e, bytes: r.bytes }, { action: 'removed' })}\n`);
+    } else {
+      process.stdout.write(`${entryLine(e, { action: 'keep', reason: r.why === 'gone' ? 'gone' : r.why === 'locked' ? 'being filled' : 'in use' })}\n`);
+    }
+  }
+  process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed)} MB${dryRun ? ' (dry run)' : ''}\n`);
+}
+
 /** `fn` again after a transient S3 error (a 5xx, SlowDown, a reset), a few times with backoff, as a fill retries. */
 async function retried<T>(signal: AbortSignal, fn: () => Promise<T>, attempts = 5): Promise<T> {
   for (let attempt = 0; ; attempt++) {
@@ -189,6 +278,7 @@ async function main(): Promise<number> {
   try {
     if (cmd === undefined) await warm(ac.signal);
     else if (cmd === 'push') await push(rest, ac.signal);
+    else if (cmd === 'cache') await cache(rest);
     else if (cmd === '-h' || cmd === '--help') process.stderr.write(`${USAGE}\n`);
     else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
     return 0;

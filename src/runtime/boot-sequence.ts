@@ -24,7 +24,8 @@ import { isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/mod
 import type { ToWorker } from '../pipeline/protocol.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
-import { parseStorageUri } from '../storage/uri.js';
+import type { EntryLease } from '../storage/lease.js';
+import { cacheKey, containedPath, parseStorageUri } from '../storage/uri.js';
 import type { BootEventMap, BootEvents } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { SpawnedWorker } from './workers.js';
@@ -39,8 +40,12 @@ const CHECK_WAIT_MS = 2_000;
 export type BootPlan =
   | { readonly source: 'demo' }
   | { readonly source: 'local'; readonly uri: string }
-  /** `committed`: an entry on disk whose sessions start before S3 confirms it is current. */
-  | { readonly source: 's3'; readonly uri: string; readonly bucket: string; readonly committed: CommittedEntry | undefined }
+  /**
+   * `committed`: an entry on disk whose sessions start before S3 confirms it is current. `lease`: this process's mark
+   * on the entry, taken before the entry is looked at, so no eviction removes it while the process runs (storage/lease.ts).
+   */
+  | { readonly source: 's3'; readonly uri: string; readonly bucket: string; readonly committed: CommittedEntry | undefined;
+    readonly lease: EntryLease | undefined; readonly leaseError?: unknown }
   /** A STORAGE_URI that cannot be read: the fetch step fails the boot with `error`, naming what is accepted. */
   | { readonly source: 'invalid'; readonly uri: string; readonly error: unknown };
 
@@ -71,7 +76,16 @@ async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
     return { source: 'invalid', uri, error };
   }
   if (src.kind === 'local') return { source: 'local', uri };
-  return { source: 's3', uri, bucket: src.bucket, committed: await committedEntry(uri, cfg) };
+  let lease: EntryLease | undefined;
+  let leaseError: unknown;
+  try {
+    const { leaseEntry } = await import('../storage/lease.js');
+    lease = await leaseEntry(containedPath(cfg.cacheDir, cacheKey(src, cfg.s3.endpoint)));
+  } catch (e) {
+    // A cache that cannot be written to fails the fetch with its own reason; the boot goes on without a lease.
+    leaseError = e;
+  }
+  return { source: 's3', uri, bucket: src.bucket, committed: await committedEntry(uri, cfg), lease, ...(leaseError !== undefined ? { leaseError } : {}) };
 }
 
 /** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
@@ -110,6 +124,8 @@ export class BootSequence {
   #progress: FetchProgress | undefined;
   /** Bytes received from S3 not yet added to model_download_bytes_total (the runtime did not exist yet). */
   #downloaded = 0;
+  /** Bytes of each entry evicted for this download, not yet counted in the metrics. */
+  readonly #evicted: number[] = [];
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
@@ -165,6 +181,7 @@ export class BootSequence {
   async stop(): Promise<void> {
     this.#abort.abort();
     await this.#fetched?.catch(() => undefined);
+    if (this.plan.source === 's3') await this.plan.lease?.release();
   }
 
   /** Steps 3-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
@@ -173,6 +190,11 @@ export class BootSequence {
     this.#rt = rt;
     this.#countDownloaded();
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
+    const s3 = this.plan.source === 's3' ? this.plan : undefined;
+    const lease = s3?.lease;
+    if (lease) rt.atClose(() => lease.release());
+    if (s3?.leaseError !== undefined) log.warn({ reason: (s3.leaseError as Error)?.message ?? String(s3.leaseError) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
+    this.#countEvictions();
     const stop = () => this.#abort.abort(rt.shutdown.reason);
     if (rt.shutdown.aborted) stop();
     else rt.shutdown.addEventListener('abort', stop, { once: true });
@@ -256,6 +278,10 @@ export class BootSequence {
       onRestart: () => this.#onRestart(),
       onProgress: (p) => this.#onProgress(p),
       onDownloaded: (n) => this.#onDownloaded(n),
+      onEvicted: (e) => {
+        this.#evicted.push(e.bytes);
+        this.#countEvictions();
+      },
       onFirstResponse: () => this.#flow(),
     });
     return { dir: res.dir, res };
@@ -298,6 +324,16 @@ export class BootSequence {
   #onDownloaded(n: number): void {
     this.#downloaded += n;
     this.#countDownloaded();
+  }
+
+  /** model_cache_evictions_total and its bytes; evictions before the runtime (and its metrics) existed count when it attaches. */
+  #countEvictions(): void {
+    const rt = this.#rt;
+    if (!rt) return;
+    for (const bytes of this.#evicted.splice(0)) {
+      rt.metrics.cacheEvictions.inc({ model_name: rt.cfg.modelName });
+      rt.metrics.cacheEvictedBytes.inc({ model_name: rt.cfg.modelName }, bytes);
+    }
   }
 
   #countDownloaded(): void {

@@ -48,6 +48,8 @@ export class Runtime {
   #stopping = false;
   #closing: Promise<void> | undefined;
   readonly #shutdown = new AbortController();
+  /** Run at the end of close(), once the workers are closed (the cache entry's lease). */
+  readonly #atClose: Array<() => Promise<void>> = [];
   /** The client for the objects requests name (input images, output_uri), made on first use. */
   readonly #requestS3: RequestS3;
 
@@ -98,6 +100,11 @@ export class Runtime {
     this.engine.start(this.#workers);
   }
 
+  /** `fn` runs at the end of close(), after the workers stopped reading the model's files. */
+  atClose(fn: () => Promise<void>): void {
+    this.#atClose.push(fn);
+  }
+
   /** The listening socket close() stops accepting on. */
   setListener(l: Listener): void {
     this.#listener = l;
@@ -124,6 +131,7 @@ export class Runtime {
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.generation.inflight }, 'grace period over: closing with requests still running');
       await Promise.all([this.engine.close(), this.optimizer.stop()]);
+      await Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined)));
       this.#requestS3.destroy();
       // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
       this.#listener?.closeConnections();

@@ -61,6 +61,11 @@ export interface DownloadOptions {
   /** Aborted when another process took the cache lock over: from then on nothing is written or recorded. */
   lost?: AbortSignal;
   io: StorageIo;
+  /**
+   * Called when less is free than is left to download: frees space (by eviction), resolving to the bytes freed, or
+   * throws the NO_SPACE error that says what fills the cache. Without it the shortfall is a plain NO_SPACE.
+   */
+  makeRoom?(need: number, free: number): Promise<number>;
   /** Bytes of the model on disk: kept from an earlier run (resumed spans) or just received. */
   onBytes(n: number): void;
   /** Bytes received from the store in this run (not those kept from an earlier one). */
@@ -189,7 +194,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     return { ...t, range: r };
   });
   const remainingBytes = queue.reduce((s, t) => s + t.range.end - t.range.start + 1, 0);
-  const free = await o.io.freeBytes(o.entry);
+  let free = await o.io.freeBytes(o.entry);
+  if (free < remainingBytes && o.makeRoom) free += await o.makeRoom(remainingBytes, free);
   if (free < remainingBytes) {
     throw new RuntimeError('NO_SPACE', `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
   }

@@ -15,6 +15,7 @@ import { chooseTransport, loadTransport, openTransport, type TransportChoice } f
 import type { StorageIo } from './download.js';
 import { Journal, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
+import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
@@ -25,6 +26,7 @@ export { planParts, RETRY, backoffMs, type Part } from './plan.js';
 export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './uri.js';
 export type { StorageIo } from './download.js';
 export type { Manifest } from './cache.js';
+export type { CacheEntry } from './entries.js';
 
 /**
  * Bytes gathered from a socket before one positional write. Memory is concurrency × this; and what a kill can lose
@@ -72,6 +74,10 @@ export interface ResolveOptions {
   writeBytes?: number;
   /** How often (ms) the download journal is synced and marked durable against power loss (default 1 s). */
   syncMs?: number;
+  /** Called for each other cache entry removed to make room for this download (CACHE_EVICT=lru). */
+  onEvicted?(e: CacheEntry): void;
+  /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
+  leaseStaleMs?: number;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -323,6 +329,7 @@ class S3Fetch {
     let listing = initial;
     const started = performance.now();
     let why: 'changed' | 'incomplete' = 'changed';
+    let evictedAfterRefusal = false;
     for (let round = 0; round < 4; round++) {
       if (round > 0) this.o.onRestart?.();
       const reuse: RemoteObject[] = [];
@@ -371,6 +378,7 @@ class S3Fetch {
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
+          makeRoom: (need, free) => this.roomFor(need - free, `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(need)} MB more, ${mb(free)} MB free`, true),
           onBytes: (n) => {
             this.progress.bytesDone += n;
             this.emit('downloading', false);
@@ -383,7 +391,18 @@ class S3Fetch {
           },
         });
       } catch (e) {
-        if (e instanceof RuntimeError && e.code === 'NO_SPACE') await this.dropPartials(journal);
+        if (e instanceof RuntimeError && e.code === 'NO_SPACE') {
+          await this.dropPartials(journal);
+          // The volume refused a write although statfs said there was room (a quota, another writer): its figure is not
+          // trusted, so what is evicted must itself add up to what is left to fetch. Once: a second refusal is final.
+          if (e.cause !== undefined) {
+            const left = fetch.filter((x) => !journal.get(x.rel)?.complete).reduce((n, x) => n + x.size, 0);
+            await this.roomFor(left, e.message.replace(/; enlarge the PVC or clear old entries$/, ''), !evictedAfterRefusal, e);
+            evictedAfterRefusal = true;
+            log.warn({ uri: this.uri }, 'the cache volume refused a write; made room and downloading the rest again');
+            continue;
+          }
+        }
         if (!(e instanceof ObjectChangedError)) throw e;
         log.warn({ key: e.key }, e.missing === undefined ? 'object changed during the download; listing again' : 'object deleted during the download; listing again');
         why = 'changed';
@@ -437,6 +456,36 @@ class S3Fetch {
     throw new RuntimeError('STORAGE_TRANSIENT', `objects under ${this.uri} kept changing during the download; try again when the upload has finished`);
   }
 
+  /**
+   * Frees `shortfall` bytes by evicting least recently used entries nobody fills or serves from (CACHE_EVICT=lru, and
+   * `evict`), resolving to the bytes freed; otherwise throws NO_SPACE: `head`, then what the cache holds.
+   */
+  private async roomFor(shortfall: number, head: string, evict: boolean, cause?: unknown): Promise<number> {
+    const { cfg, log } = this.o;
+    const self = path.basename(this.entry);
+    const opts = { exclude: self, lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
+    const lru = evict && cfg.cacheEvict === 'lru';
+    const r = lru
+      ? await makeRoom(cfg.cacheDir, shortfall, {
+        ...opts,
+        onEvicted: (e) => {
+          log.warn({ entry: e.name, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), for: self }, 'cache entry evicted');
+          this.o.onEvicted?.(e);
+        },
+      })
+      : { freed: 0, left: (await listEntries(cfg.cacheDir, opts)).filter((e) => e.name !== self) };
+    if (r.freed >= shortfall) return r.freed;
+    const idle = r.left.filter((e) => !inUse(e)).reduce((n, e) => n + e.bytes, 0);
+    const why = cfg.cacheEvict === 'off' ? 'CACHE_EVICT=off'
+      : !lru ? 'entries were evicted for this download already'
+        : idle > 0 ? `removing every entry not in use would free only ${mb(idle + r.freed)} MB, so none was` : 'none of them can be evicted';
+    log.warn({ entry: self, needBytes: shortfall, entries: r.left.map((e) => ({ entry: e.name, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), inUse: inUse(e) })) },
+      'model cache full');
+    const held = r.left.length === 0 ? 'the cache holds no other entry' : `${describeEntries(r.left)} (${why})`;
+    throw new RuntimeError('NO_SPACE', `${head}; ${held}; enlarge the PVC or remove entries not in use (warmup cache prune)`,
+      cause !== undefined ? { cause } : undefined);
+  }
+
   private checkListing(listing: readonly RemoteObject[]): void {
     checkListing(listing, this.bucket, this.prefix, this.entry);
   }
@@ -479,3 +528,5 @@ class S3Fetch {
     this.o.onProgress?.({ ...this.progress });
   }
 }
+
+const mb = (n: number) => (n / 1e6).toFixed(1);

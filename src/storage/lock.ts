@@ -27,6 +27,10 @@ export interface LockOptions {
   onWait?(holder: LockInfo | undefined): void;
   /** Checked on every poll: when it returns true the caller no longer needs the lock (e.g. the entry got committed). */
   satisfied?(): Promise<boolean>;
+  /** false: resolve to `undefined` at once when a live process holds the lock (a stale one is still taken over). */
+  wait?: boolean;
+  /** Why the lock is held, written into it for others to read (`evict`: the entry is about to be removed, see lease.ts). */
+  purpose?: string;
 }
 
 export interface LockInfo {
@@ -34,6 +38,7 @@ export interface LockInfo {
   host: string;
   token: string;
   since: string;
+  purpose?: string;
 }
 
 export interface HeldLock {
@@ -53,7 +58,7 @@ const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, 
 });
 
 /** What the lock says about its holder: the info, 'unreadable' (missing, empty, not JSON), or 'unknown' (JSON, but not a holder). */
-async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
+export async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
   let x: unknown;
   try {
     x = JSON.parse(await fsp.readFile(file, 'utf8'));
@@ -65,10 +70,36 @@ async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknow
   return ok ? (i as LockInfo) : 'unknown';
 }
 
-const holderOf = (i: Awaited<ReturnType<typeof readInfo>>): LockInfo | undefined => (typeof i === 'object' ? i : undefined);
+export const holderOf = (i: Awaited<ReturnType<typeof readInfo>>): LockInfo | undefined => (typeof i === 'object' ? i : undefined);
+
+/** A holder record for this process: pid, host, a fresh random token, now. */
+export function holderInfo(purpose?: string): LockInfo {
+  return { pid: process.pid, host: os.hostname(), token: randomBytes(8).toString('hex'), since: new Date().toISOString(), ...(purpose ? { purpose } : {}) };
+}
+
+/**
+ * Whether a holder file no longer counts: its heartbeat (mtime) is older than `staleMs`, its pid is dead on this host,
+ * it names no holder, or it is unreadable and older than `unreadableStaleMs`. The lock and the entry leases share it.
+ */
+export function isStale(info: Awaited<ReturnType<typeof readInfo>>, ageMs: number, o: { staleMs: number; unreadableStaleMs: number }): boolean {
+  const holder = holderOf(info);
+  const deadHere = holder !== undefined && holder.host === os.hostname() && holder.pid !== process.pid && !pidAlive(holder.pid);
+  // A lock that does not say who holds it cannot be waited for: nobody would ever release or refresh it for sure.
+  const orphan = info === 'unknown' || (info === 'unreadable' && ageMs > o.unreadableStaleMs);
+  return ageMs > o.staleMs || deadHere || orphan;
+}
+
+/** The holder of a lock or lease file and whether it still counts; undefined when there is no such file. */
+export async function inspectHolder(file: string, o: { staleMs?: number; unreadableStaleMs?: number } = {}): Promise<{ holder: LockInfo | undefined; mtimeMs: number; live: boolean } | undefined> {
+  const info = await readInfo(file);
+  const st = await fsp.stat(file).catch(() => undefined);
+  if (st === undefined) return undefined;
+  const live = !isStale(info, Date.now() - st.mtimeMs, { staleMs: o.staleMs ?? DEFAULTS.staleMs, unreadableStaleMs: o.unreadableStaleMs ?? DEFAULTS.unreadableStaleMs });
+  return { holder: holderOf(info), mtimeMs: st.mtimeMs, live };
+}
 
 /** Creates `file` holding `me`, or fails with EEXIST. */
-async function create(file: string, me: LockInfo): Promise<void> {
+export async function createHolderFile(file: string, me: LockInfo): Promise<void> {
   const tmp = `${file}.new.${me.token}`;
   try {
     const fh = await fsp.open(tmp, 'wx');
@@ -99,11 +130,11 @@ function pidAlive(pid: number): boolean {
  */
 export async function acquireLock(file: string, o: LockOptions = {}): Promise<HeldLock | undefined> {
   const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
-  const me: LockInfo = { pid: process.pid, host: os.hostname(), token: randomBytes(8).toString('hex'), since: new Date().toISOString() };
+  const me = holderInfo(o.purpose);
   for (;;) {
     o.signal?.throwIfAborted();
     try {
-      await create(file, me);
+      await createHolderFile(file, me);
       return hold(file, me, heartbeatMs);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
@@ -117,11 +148,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
     } catch {
       continue; // released between our open and stat: try again at once
     }
-    const age = Date.now() - st.mtimeMs;
-    const deadHere = holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid);
-    // A lock that does not say who holds it cannot be waited for: nobody would ever release or refresh it for sure.
-    const orphan = info === 'unknown' || (info === 'unreadable' && age > unreadableStaleMs);
-    if (age > staleMs || deadHere || orphan) {
+    if (isStale(info, Date.now() - st.mtimeMs, { staleMs, unreadableStaleMs })) {
       // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
       // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
       const aside = `${file}.stale.${me.token}`;
@@ -137,12 +164,14 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
       }
       continue;
     }
+    if (o.wait === false) return undefined;
     o.onWait?.(holder);
     await sleep(pollMs, o.signal);
   }
 }
 
-function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
+/** Keeps `file` (holding `me`) fresh by touching its mtime every `heartbeatMs`; `lost` aborts once it no longer holds `me`. */
+export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
   const lost = new AbortController();
   let released = false;
   const beat = setInterval(() => {

@@ -1,0 +1,186 @@
+/**
+ * @module The cache's entries as an operator sees them (name, size, last use, who uses them) and their removal: the
+ * eviction of least recently used entries when a download finds too little space (CACHE_EVICT=lru), and the warm-up
+ * CLI's `cache list` / `cache prune`.
+ *
+ * An entry is removed only under its lock (purpose `evict`, taken without waiting: a live filler keeps it), after
+ * checking under that lock that no live lease names it (lease.ts explains why a lease taken at that moment is seen or
+ * withdraws), and by renaming it to a trash name first and deleting that: a reader never sees half an entry, and a new
+ * fill of the same key can start as soon as the lock is released.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { fsyncDir, JOURNAL, MANIFEST, readManifest } from './cache.js';
+import { leaseState, leasesDir, LEASE_STALE_MS } from './lease.js';
+import { acquireLock, inspectHolder } from './lock.js';
+
+/** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
+const TRASH_PREFIX = '.evicting-';
+
+export interface CacheEntry {
+  /** The entry's folder name under MODEL_CACHE_DIR, as the cache names it. */
+  readonly name: string;
+  /** The source URI its manifest records (committed entries). */
+  readonly uri?: string;
+  /** `committed`: a whole model; `partial`: a download in progress or abandoned. */
+  readonly state: 'committed' | 'partial';
+  /** Bytes it occupies on disk (allocated blocks: a preallocated partial counts what it holds). */
+  readonly bytes: number;
+  readonly lastUsed: Date;
+  /** Processes serving from it now (live leases), as `host/pid`. */
+  readonly users: readonly string[];
+  /** A live process holding its lock (filling it, or evicting it), as `host/pid`. */
+  readonly locked?: string;
+}
+
+export const inUse = (e: CacheEntry): boolean => e.users.length > 0 || e.locked !== undefined;
+
+export interface EntryOptions {
+  /** A lease heartbeat older than this does not count (default LEASE_STALE_MS). */
+  leaseStaleMs?: number;
+  /** A lock heartbeat older than this does not count (default 30 s, as the fetch's lock). */
+  lockStaleMs?: number;
+}
+
+async function allocated(dir: string): Promise<number> {
+  let total = 0;
+  const go = async (d: string): Promise<void> => {
+    const ents = await fsp.readdir(d, { withFileTypes: true }).catch(() => []);
+    for (const e of ents) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) await go(p);
+      else {
+        const st = await fsp.lstat(p).catch(() => undefined);
+        if (st) total += st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
+      }
+    }
+  };
+  await go(dir);
+  return total;
+}
+
+/** One entry's record, or undefined when `name` is not an entry (no manifest and no journal at its root). */
+export async function inspectEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<CacheEntry | undefined> {
+  const dir = path.join(cacheDir, name);
+  const [mst, jst] = await Promise.all([MANIFEST, JOURNAL].map((m) => fsp.stat(path.join(dir, m)).catch(() => undefined)));
+  if (mst === undefined && jst === undefined) return undefined;
+  const manifest = mst ? await readManifest(dir) : undefined;
+  const [bytes, leases, lock] = await Promise.all([
+    allocated(dir), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000 })]);
+  // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
+  const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
+  return {
+    name,
+    ...(manifest?.uri ? { uri: manifest.uri } : {}),
+    state: manifest ? 'committed' : 'partial',
+    bytes,
+    lastUsed: new Date(lastUsedMs),
+    users: leases.live.map((h) => `${h.host}/${h.pid}`),
+    ...(lock?.live ? { locked: lock.holder ? `${lock.holder.host}/${lock.holder.pid}` : 'unknown' } : {}),
+  };
+}
+
+/** Every entry under the cache, least recently used first. Never throws on a missing cache folder. */
+export async function listEntries(cacheDir: string, o: EntryOptions = {}): Promise<CacheEntry[]> {
+  const ents = await fsp.readdir(cacheDir, { withFileTypes: true }).catch(() => []);
+  const out: CacheEntry[] = [];
+  for (const e of ents) {
+    if (!e.isDirectory() || e.name.startsWith('.')) continue;
+    const x = await inspectEntry(cacheDir, e.name, o);
+    if (x) out.push(x);
+  }
+  return out.sort((a, b) => a.lastUsed.getTime() - b.lastUsed.getTime() || (a.name < b.name ? -1 : 1));
+}
+
+export type EvictOutcome = { removed: true; bytes: number } | { removed: false; why: 'locked' | 'in use' | 'gone' };
+
+/** Removes one entry if nobody fills or serves from it, safely against both starting now (see the module's note). */
+export async function removeEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<EvictOutcome> {
+  const dir = path.join(cacheDir, name);
+  const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000 });
+  if (lock === undefined) return { removed: false, why: 'locked' };
+  let trash: string;
+  let bytes: number;
+  try {
+    if ((await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) return { removed: false, why: 'in use' };
+    const now = await inspectEntry(cacheDir, name, o);
+    if (now === undefined) return { removed: false, why: 'gone' };
+    bytes = now.bytes;
+    trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);
+    await fsp.rename(dir, trash);
+    await fsyncDir(cacheDir);
+    // Stale leases go with the entry; a lease being taken now sees this lock and takes itself again afterwards.
+    await fsp.rm(leasesDir(dir), { recursive: true, force: true }).catch(() => undefined);
+  } finally {
+    await lock.release();
+  }
+  await fsp.rm(trash, { recursive: true, force: true });
+  return { removed: true, bytes };
+}
+
+/** Deletes what evictions that died midway left (their folders were already out of any entry's name). */
+export async function emptyTrash(cacheDir: string): Promise<number> {
+  const ents = await fsp.readdir(cacheDir).catch(() => [] as string[]);
+  let bytes = 0;
+  for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
+    const p = path.join(cacheDir, n);
+    bytes += await allocated(p);
+    await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
+  }
+  return bytes;
+}
+
+export interface MakeRoomOptions extends EntryOptions {
+  /** The entry being downloaded: never a candidate. */
+  exclude: string;
+  /** Called after each removal. */
+  onEvicted?(e: CacheEntry): void;
+}
+
+export interface RoomResult {
+  /** Bytes the removed entries occupied (and trash left by an earlier eviction). */
+  freed: number;
+  evicted: CacheEntry[];
+  /** The entries that stayed (for the NO_SPACE message), least recently used first. */
+  left: CacheEntry[];
+}
+
+/**
+ * Removes least recently used entries that nobody fills or serves from until `need` bytes (beyond what is free) are
+ * freed. When removing every such entry would not be enough, none is removed: the download fails either way.
+ */
+export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOptions): Promise<RoomResult> {
+  let freed = need > 0 ? await emptyTrash(cacheDir) : 0;
+  const all = await listEntries(cacheDir, o);
+  const candidates = all.filter((e) => e.name !== o.exclude && !inUse(e));
+  const evicted: CacheEntry[] = [];
+  if (freed < need && freed + candidates.reduce((s, e) => s + e.bytes, 0) >= need) {
+    for (const e of candidates) {
+      if (freed >= need) break;
+      const r = await removeEntry(cacheDir, e.name, o);
+      if (!r.removed) continue;
+      freed += r.bytes;
+      const gone = { ...e, bytes: r.bytes };
+      evicted.push(gone);
+      o.onEvicted?.(gone);
+    }
+  }
+  const gone = new Set(evicted.map((e) => e.name));
+  return { freed, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude) };
+}
+
+const mb = (n: number) => (n / 1e6).toFixed(1);
+/** Minutes are enough to tell entries apart, and keep the line short. */
+export const shortTime = (d: Date): string => `${d.toISOString().slice(0, 16)}Z`;
+
+/** The other entries, as one clause of a NO_SPACE message: names, sizes, last use, in use or not; at most `max`. */
+export function describeEntries(entries: readonly CacheEntry[], max = 8): string {
+  if (entries.length === 0) return 'the cache holds no other entry';
+  const shown = entries.slice(0, max).map((e) => {
+    const use = e.users.length > 0 ? ', in use' : e.locked !== undefined ? ', being filled' : '';
+    return `${e.name} (${mb(e.bytes)} MB${e.state === 'partial' ? ' partial' : ''}, last used ${shortTime(e.lastUsed)}${use})`;
+  });
+  const more = entries.length > max ? `, and ${entries.length - max} more` : '';
+  return `the cache also holds ${shown.join(', ')}${more}`;
+}

@@ -1,0 +1,157 @@
+/**
+ * @module Leases: a serving process marks the cache entry it serves from as in use for as long as it runs, so that an
+ * eviction (entries.ts) on any pod of an RWX PVC never removes it.
+ *
+ *   <cacheDir>/.leases/<key>/<host>-<pid>-<token>.lease   one per process: the lock's holder record (lock.ts), written
+ *                                                         whole and linked into place, its mtime a heartbeat
+ *   <cacheDir>/.leases/<key>/last-used                     touched when a lease ends: the entry's last use, for LRU
+ *
+ * Outside the entry, so a sweep of the entry never touches them, and in one hidden folder, so the cache's top level
+ * still holds only entries (and their locks while held). A lease counts while its heartbeat is
+ * fresh and its pid is alive on this host: the lock's rule (lock.ts isStale), with minutes instead of seconds, since a
+ * server holds one for days and pays one small write per heartbeat, off the request path.
+ *
+ * Against an eviction that starts at the same moment, a lease is taken as in Dekker's algorithm: publish the lease,
+ * then read the entry's lock; an evictor takes the lock (purpose `evict`), then reads the leases. One of the two sees
+ * the other: the evictor skips an entry with a live lease, and a new lease that sees a live `evict` lock withdraws and
+ * waits for it to go. A lease whose file vanished meanwhile (an evictor removes the leases with the entry) is taken
+ * again. So once leaseEntry returns, the entry is not evicted until release().
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { ENTRY_MARKERS, mkdirs } from './cache.js';
+import { createHolderFile, hold, holderInfo, inspectHolder, type HeldLock, type LockInfo } from './lock.js';
+
+/** The folder, under the cache, of every entry's leases. */
+export const LEASES = '.leases';
+export const LAST_USED = 'last-used';
+const LEASE_EXT = '.lease';
+
+/** A serving process's heartbeat and the age after which its lease no longer counts. */
+export const LEASE_HEARTBEAT_MS = 30_000;
+export const LEASE_STALE_MS = 180_000;
+
+export interface LeaseOptions {
+  heartbeatMs?: number;
+  /** How often a lease that met an eviction in progress looks again (ms). */
+  pollMs?: number;
+  signal?: AbortSignal;
+  /** The lease file vanished while held (its heartbeat was missed for LEASE_STALE_MS and an eviction ran). */
+  onLost?(entryGone: boolean): void;
+}
+
+export interface EntryLease {
+  /** The lease file (inside the cache). */
+  readonly path: string;
+  release(): Promise<void>;
+}
+
+export const leasesDir = (entryDir: string): string => path.join(path.dirname(entryDir), LEASES, path.basename(entryDir));
+
+export interface LeaseState {
+  /** Live leases: who serves from the entry now. */
+  live: LockInfo[];
+  /** The newest heartbeat or end of any lease, stale ones included (undefined: never leased). */
+  lastUsedMs: number | undefined;
+}
+
+/** Who holds a lease on the entry, and when it was last used by a lease. Never throws. */
+export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS): Promise<LeaseState> {
+  const dir = leasesDir(entryDir);
+  const names = await fsp.readdir(dir).catch(() => [] as string[]);
+  const live: LockInfo[] = [];
+  let lastUsedMs: number | undefined;
+  const seen = (ms: number) => (lastUsedMs = Math.max(lastUsedMs ?? 0, ms));
+  for (const n of names) {
+    if (n === LAST_USED) {
+      const st = await fsp.stat(path.join(dir, n)).catch(() => undefined);
+      if (st) seen(st.mtimeMs);
+      continue;
+    }
+    if (!n.endsWith(LEASE_EXT)) continue;
+    // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
+    const h = await inspectHolder(path.join(dir, n), { staleMs });
+    if (h === undefined) continue;
+    seen(h.mtimeMs);
+    if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
+  }
+  return { live, lastUsedMs };
+}
+
+const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, reject) => {
+  if (signal?.aborted) return reject(signal.reason);
+  const t = setTimeout(() => { signal?.removeEventListener('abort', onAbort); resolve(); }, ms);
+  const onAbort = () => { clearTimeout(t); reject(signal?.reason); };
+  signal?.addEventListener('abort', onAbort, { once: true });
+});
+
+const exists = (p: string) => fsp.stat(p).then(() => true, () => false);
+
+async function isEntry(entryDir: string): Promise<boolean> {
+  for (const m of ENTRY_MARKERS) if (await exists(path.join(entryDir, m))) return true;
+  return false;
+}
+
+/**
+ * Marks the entry at `entryDir` in use by this process until release(). Take it before reading the entry (or filling
+ * it): whatever was there when it returns stays there. The entry need not exist yet.
+ */
+export async function leaseEntry(entryDir: string, o: LeaseOptions = {}): Promise<EntryLease> {
+  const dir = leasesDir(entryDir);
+  const heartbeatMs = o.heartbeatMs ?? LEASE_HEARTBEAT_MS;
+  for (;;) {
+    o.signal?.throwIfAborted();
+    const me = holderInfo();
+    const file = path.join(dir, `${me.host.replace(/[^A-Za-z0-9._-]+/g, '-').slice(0, 64)}-${me.pid}-${me.token}${LEASE_EXT}`);
+    await mkdirs(dir);
+    try {
+      await createHolderFile(file, me);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue; // the folder went with an evicted entry: again
+      throw e;
+    }
+    const lock = await inspectHolder(`${entryDir}.lock`);
+    if (lock?.live && lock.holder?.purpose === 'evict') {
+      await fsp.unlink(file).catch(() => undefined);
+      await sleep(o.pollMs ?? 250, o.signal);
+      continue;
+    }
+    if (!(await exists(file))) continue;
+    return keep(entryDir, file, me, heartbeatMs, o);
+  }
+}
+
+function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number, o: LeaseOptions): EntryLease {
+  let released = false;
+  let held: HeldLock;
+  const watch = () => {
+    held = hold(file, me, heartbeatMs);
+    held.lost.addEventListener('abort', () => void (async () => {
+      if (released) return;
+      // Only an eviction removes a lease; it judged this one stale (a heartbeat missed for minutes). The entry is taken
+      // again if it is still there, so the next one skips it.
+      const gone = !(await isEntry(entryDir));
+      o.onLost?.(gone);
+      if (gone || released) return;
+      try {
+        await mkdirs(path.dirname(file));
+        await createHolderFile(file, me);
+      } catch {
+        /* the next heartbeat tries again */
+      }
+      if (!released) watch();
+    })(), { once: true });
+  };
+  watch();
+  return {
+    path: file,
+    async release() {
+      if (released) return;
+      released = true;
+      // The last use is recorded before the lease goes, so the entry's last use never moves back.
+      const stamp = path.join(path.dirname(file), LAST_USED);
+      await fsp.writeFile(stamp, new Date().toISOString()).catch(() => undefined);
+      await held.release();
+    },
+  };
+}

@@ -1,0 +1,104 @@
+// `warmup cache list` and `warmup cache prune` as an operator runs them: the built CLI in a child process, on a cache
+// filled from a real S3 (s3rver), with one entry leased by another live process.
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { existsSync, promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { silentLogger } from '../src/log.js';
+import { MANIFEST } from '../src/storage/cache.js';
+import { resolveModel } from '../src/storage/fetch.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
+import { cleanUpS3, CREDS, detBytes, s3Env, type S3Server, startS3, testConfig } from './helpers/s3.js';
+
+const CLI = path.resolve('dist/warmup/main.js');
+const LEASE_JS = path.resolve('dist/src/storage/lease.js');
+let s3: S3Server;
+let tmp: string;
+let cache: string;
+let holder: ChildProcess;
+
+const keyOf = (v: number) => cacheKey(parseStorageUri(`s3://models/m/v${v}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
+
+function cli(args: string[]): Promise<{ code: number | null; out: Array<Record<string, unknown>>; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CLI, 'cache', ...args], { env: { PATH: process.env.PATH ?? '', ...s3Env(s3.endpoint, cache) }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('close', (code) => {
+      const out = stdout.trim() === '' ? [] : stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      resolve({ code, out, stdout, stderr });
+    });
+  });
+}
+
+beforeAll(async () => {
+  if (!existsSync(CLI)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'cache-cli-'));
+  cache = path.join(tmp, 'cache');
+  s3 = await startS3();
+  for (const v of [1, 2, 3]) {
+    await s3.put('models', `m/v${v}/model_index.json`, '{}');
+    await s3.put('models', `m/v${v}/unet/model.onnx`, detBytes(200_000, v));
+    await resolveModel(`s3://models/m/v${v}`, { cfg: testConfig(s3.endpoint, cache), log: silentLogger() });
+    // v1 used 30 days ago, v2 10 days ago, v3 an hour ago.
+    const t = new Date(Date.now() - [30 * 24, 10 * 24, 1][v - 1]! * 3_600_000);
+    await fsp.utimes(path.join(cache, keyOf(v), MANIFEST), t, t);
+  }
+  // A serving process on v1: it stays whatever prune is asked.
+  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); await leaseEntry(process.argv[1]); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
+  holder = spawn(process.execPath, ['--input-type=module', '-e', script, path.join(cache, keyOf(1))], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((r) => holder.stdout!.on('data', (c) => String(c).includes('leased') && r()));
+});
+
+afterAll(() => void holder?.kill('SIGKILL'));
+cleanUpS3(() => ({ s3, tmp }));
+
+describe('warmup cache', () => {
+  it('list: one JSON line per entry, least recently used first, with size, last use and who uses it; no local path', async () => {
+    const r = await cli(['list']);
+    expect(r.code, r.stderr).toBe(0);
+    // v1 was committed first, but a process serves from it: its lease's heartbeat makes it the most recently used.
+    expect(r.out.map((e) => e.entry)).toEqual([keyOf(2), keyOf(3), keyOf(1)]);
+    expect(r.out[2]).toMatchObject({ uri: 's3://models/m/v1/', state: 'committed', inUse: true, users: [`${os.hostname()}/${holder.pid}`] });
+    expect(r.out[0]).toMatchObject({ uri: 's3://models/m/v2/', inUse: false, lastUsed: expect.stringMatching(/^\d{4}-\d\d-\d\dT/) });
+    for (const e of r.out) expect(e.bytes as number).toBeGreaterThanOrEqual(200_000);
+    expect(r.stdout + r.stderr).not.toContain(tmp);
+    expect(r.stderr).toMatch(/^cache: 3 entries, 0\.\d MB, 1 in use\n$/);
+  });
+
+  it('prune --dry-run says what would go and removes nothing; --older-than and --keep-uri keep what they name', async () => {
+    const dry = await cli(['prune', '--dry-run']);
+    expect(dry.code, dry.stderr).toBe(0);
+    expect(dry.out.map((e) => [e.entry, e.action, e.reason])).toEqual([[keyOf(2), 'would-remove', undefined], [keyOf(3), 'would-remove', undefined], [keyOf(1), 'keep', 'in use']]);
+    expect(dry.stderr).toMatch(/would remove 2 of 3 entries, 0\.\d MB \(dry run\)/);
+    for (const v of [1, 2, 3]) expect(existsSync(path.join(cache, keyOf(v)))).toBe(true);
+
+    const old = await cli(['prune', '--older-than', '7d', '--keep-uri', 's3://models/m/v2', '--dry-run']);
+    expect(old.out.map((e) => [e.action, e.reason])).toEqual([['keep', 'kept'], ['keep', 'recently used'], ['keep', 'in use']]);
+
+    const r = await cli(['prune', '--older-than=2d']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.out.map((e) => [e.entry, e.action])).toEqual([[keyOf(2), 'removed'], [keyOf(3), 'keep'], [keyOf(1), 'keep']]);
+    expect(existsSync(path.join(cache, keyOf(2)))).toBe(false);
+    expect(existsSync(path.join(cache, keyOf(1), 'unet/model.onnx'))).toBe(true);
+    expect((await fsp.readdir(cache)).filter((n) => n.startsWith('.evicting-') || n.startsWith(keyOf(2)))).toEqual([]);
+    const left = await cli(['list']);
+    expect(left.out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
+  });
+
+  it('bad arguments: exit 2 with one line that says what is accepted', async () => {
+    for (const [args, msg] of [
+      [['prune', '--older-than', 'week'], '--older-than takes a number with a unit (d, h, m or s), like 7d or 12h; got "week"'],
+      [['prune', '--keep-uri', '/mnt/models'], '--keep-uri takes s3://bucket/prefix, got "/mnt/models"'],
+      [['prune', '--force'], 'cache prune: unknown argument "--force"'],
+      [['tidy'], 'unknown cache command "tidy"'],
+    ] as const) {
+      const r = await cli([...args]);
+      expect([r.code, r.stderr.split('\n')[0]]).toEqual([2, `warmup: ${msg}`]);
+    }
+  });
+});

@@ -1,0 +1,319 @@
+// The cache's entries, leases and eviction: real files in a temp dir, a real S3 (s3rver), real child processes for
+// leases held by another process. A "full disk" is the fetch's own free-space seam (io.freeBytes) and write seam
+// (io.write) measuring what the cache folder really occupies against a capacity.
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { existsSync, promises as fsp, readdirSync, statSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import pino from 'pino';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { silentLogger } from '../src/log.js';
+import { resolveBoot } from '../src/runtime/boot-sequence.js';
+import { MANIFEST } from '../src/storage/cache.js';
+import { listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
+import { committedEntry, resolveModel, type ResolveOptions } from '../src/storage/fetch.js';
+import { LAST_USED, leaseEntry, leasesDir } from '../src/storage/lease.js';
+import { acquireLock } from '../src/storage/lock.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
+import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
+
+const LEASE_JS = path.resolve('dist/src/storage/lease.js');
+let s3: S3Server;
+let tmp: string;
+const log = silentLogger();
+const MB = 1_000_000;
+
+beforeAll(async () => {
+  // The child processes run the built lease module: build it when it is missing or older than its sources.
+  const age = (f: string) => (existsSync(f) ? statSync(f).mtimeMs : 0);
+  const srcs = ['lease', 'lock', 'cache'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
+  if (age(LEASE_JS) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'cache-evict-'));
+  s3 = await startS3();
+  for (const v of [1, 2, 3, 4]) {
+    await s3.put('models', `sd/v${v}/model_index.json`, '{}');
+    await s3.put('models', `sd/v${v}/unet/model.onnx`, detBytes(MB, v));
+  }
+  await s3.put('models', 'sd/v5/model_index.json', '{}');
+  await s3.put('models', 'sd/v5/unet/model.onnx', detBytes(2.5 * MB, 5));
+});
+
+cleanUpS3(() => ({ s3, tmp }));
+
+/** What the folder occupies on disk (allocated blocks, as the eviction counts them). */
+async function used(dir: string): Promise<number> {
+  let n = 0;
+  for (const rel of await fsp.readdir(dir, { recursive: true }).catch(() => [] as string[])) {
+    const st = await fsp.lstat(path.join(dir, String(rel))).catch(() => undefined);
+    if (st?.isFile()) n += st.blocks * 512;
+  }
+  return n;
+}
+
+/** A volume of `capacity` bytes holding the cache folder: statfs's answer is what the folder leaves free. */
+const disk = (cache: string, capacity: number): NonNullable<ResolveOptions['io']> => ({ freeBytes: async () => Math.max(0, capacity - (await used(cache))) });
+
+const keyOf = (v: number) => cacheKey(parseStorageUri(`s3://models/sd/v${v}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
+const cfgFor = (cache: string, extra: Record<string, string> = {}) => testConfig(s3.endpoint, cache, { S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4', ...extra });
+
+async function fill(cache: string, v: number, o: Partial<ResolveOptions> & { env?: Record<string, string> } = {}) {
+  return resolveModel(`s3://models/sd/v${v}`, { cfg: cfgFor(cache, o.env), log, ...o });
+}
+
+/** Sets when an entry was last used, as an entry made before leases existed records it: its manifest's mtime. */
+async function usedAt(cache: string, v: number, minutesAgo: number): Promise<void> {
+  const t = new Date(Date.now() - minutesAgo * 60_000);
+  await fsp.utimes(path.join(cache, keyOf(v), MANIFEST), t, t);
+}
+
+/** A cache with v1..vn committed, v1 the least recently used. */
+async function cacheWith(n: number): Promise<string> {
+  const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+  for (let v = 1; v <= n; v++) {
+    await fill(cache, v);
+    await usedAt(cache, v, 60 - v);
+  }
+  return cache;
+}
+
+/** A process other than this one that leases the entry, as a serving pod does. */
+async function leaseInChild(entryDir: string): Promise<ChildProcess> {
+  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
+    process.on('SIGTERM', async () => { await l.release(); process.exit(0); }); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (c) => String(c).includes('leased') && resolve());
+    child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
+  });
+  return child;
+}
+
+const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
+
+function capture() {
+  const lines: Array<Record<string, unknown>> = [];
+  const sink = new Writable({ write(c, _e, cb) { for (const l of String(c).split('\n').filter(Boolean)) lines.push(JSON.parse(l)); cb(); } });
+  return { log: pino({ level: 'info' }, sink), lines };
+}
+
+/** Nothing half: every folder under the cache is a whole committed entry or the leases' folder; no trash is left. */
+async function expectNoHalfEntry(cache: string): Promise<void> {
+  for (const n of readdirSync(cache)) {
+    expect(n.startsWith('.evicting-'), n).toBe(false);
+    if (n === '.leases' || n.endsWith('.lock')) continue;
+    const c = await committedEntry(`s3://models/sd/v${/-sd-v(\d)-/.exec(n)![1]}`, cfgFor(cache));
+    expect(c, `${n} is committed with every file`).toBeDefined();
+  }
+}
+
+describe('eviction when a download finds too little space', () => {
+  it('removes the least recently used entry, only as many as needed, and logs and reports each', async () => {
+    const cache = await cacheWith(3);
+    const cap = (await used(cache)) + 0.5 * MB; // room for half a model
+    const { log: cap_log, lines } = capture();
+    const evicted: string[] = [];
+    const r = await fill(cache, 4, { log: cap_log, io: disk(cache, cap), onEvicted: (e) => evicted.push(e.name) });
+    expect(r.fromCache).toBe(false);
+    expect(evicted).toEqual([keyOf(1)]);
+    expect(existsSync(path.join(cache, keyOf(1)))).toBe(false);
+    expect((await listEntries(cache)).map((e) => e.name).sort()).toEqual([keyOf(2), keyOf(3), keyOf(4)].sort());
+    const line = lines.find((l) => l.msg === 'cache entry evicted')!;
+    expect(line).toMatchObject({ entry: keyOf(1), lastUsed: expect.stringMatching(/^\d{4}-/), for: keyOf(4) });
+    expect(line.bytes as number).toBeGreaterThanOrEqual(MB);
+    expect(JSON.stringify(lines)).not.toContain(tmp);
+    await expectNoHalfEntry(cache);
+  });
+
+  it('LRU order follows leases: an entry a server used recently outlives one committed later but never used', async () => {
+    const cache = await cacheWith(2);
+    // v1 is older by its manifest, but a server held it until a moment ago.
+    const lease = await leaseEntry(path.join(cache, keyOf(1)));
+    await lease.release();
+    expect(existsSync(path.join(leasesDir(path.join(cache, keyOf(1))), LAST_USED))).toBe(true);
+    const order = (await listEntries(cache)).map((e) => e.name);
+    expect(order).toEqual([keyOf(2), keyOf(1)]);
+    expect((await makeRoom(cache, 1, { exclude: keyOf(3) })).evicted.map((e) => e.name)).toEqual([keyOf(2)]);
+    // The entry a download is for is never a candidate, even unlocked and least recently used.
+    await fill(cache, 2);
+    await usedAt(cache, 2, 300);
+    expect((await makeRoom(cache, 1, { exclude: keyOf(2) })).evicted.map((e) => e.name)).toEqual([keyOf(1)]);
+  });
+
+  it('never removes an entry a live process leases, nor one a live filler locks; a dead or silent holder does not count', async () => {
+    const cache = await cacheWith(3);
+    const child = await leaseInChild(path.join(cache, keyOf(1)));
+    const filler = await acquireLock(path.join(cache, `${keyOf(2)}.lock`));
+    try {
+      const cap = (await used(cache)) + 0.5 * MB;
+      const evicted: string[] = [];
+      await fill(cache, 4, { io: disk(cache, cap), onEvicted: (e) => evicted.push(e.name) });
+      expect(evicted).toEqual([keyOf(3)]); // v1 and v2 are older, but in use
+      const listed = await listEntries(cache);
+      expect(listed.find((e) => e.name === keyOf(1))).toMatchObject({ users: [`${os.hostname()}/${child.pid}`] });
+      expect(listed.find((e) => e.name === keyOf(2))!.locked).toBe(`${os.hostname()}/${process.pid}`);
+    } finally {
+      await filler!.release();
+    }
+    // Killed without releasing: its lease file stays, but its pid is dead on this host.
+    child.kill('SIGKILL');
+    await exited(child);
+    expect(readdirSync(leasesDir(path.join(cache, keyOf(1)))).filter((n) => n.endsWith('.lease'))).toHaveLength(1);
+    expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
+    // A lease from another host whose heartbeat stopped minutes ago does not count either; a fresh one does.
+    const dir = leasesDir(path.join(cache, keyOf(2)));
+    await fsp.mkdir(dir, { recursive: true });
+    const other = path.join(dir, 'pod-b-7-abc.lease');
+    await fsp.writeFile(other, JSON.stringify({ pid: 7, host: 'pod-b', token: 'abc', since: '' }));
+    expect(await removeEntry(cache, keyOf(2))).toEqual({ removed: false, why: 'in use' });
+    const old = new Date(Date.now() - 10 * 60_000);
+    await fsp.utimes(other, old, old);
+    expect(await removeEntry(cache, keyOf(2))).toMatchObject({ removed: true });
+    expect(existsSync(dir)).toBe(false);
+  });
+
+  it('never evicts the entry being downloaded, even when its abandoned partial is the oldest', async () => {
+    const cache = await cacheWith(2);
+    // An earlier fill of v3 killed halfway: a journal and a partial file, older than everything else.
+    const dir = path.join(cache, keyOf(3));
+    await fsp.mkdir(path.join(dir, 'unet'), { recursive: true });
+    await fsp.writeFile(path.join(dir, '.progress.jsonl'), '');
+    await fsp.writeFile(path.join(dir, 'unet/model.onnx.partial'), detBytes(300_000, 9));
+    const t = new Date(Date.now() - 120 * 60_000);
+    await fsp.utimes(path.join(dir, '.progress.jsonl'), t, t);
+    expect((await listEntries(cache))[0]).toMatchObject({ name: keyOf(3), state: 'partial' });
+    const cap = (await used(cache)) + 0.4 * MB;
+    const evicted: string[] = [];
+    const r = await fill(cache, 3, { io: disk(cache, cap), onEvicted: (e) => evicted.push(e.name) });
+    expect(r.dir).toBe(dir);
+    expect(evicted).toEqual([keyOf(1)]);
+    expect(await committedEntry('s3://models/sd/v3', cfgFor(cache))).toBeDefined();
+  });
+
+  it('a NO_SPACE eviction cannot cure names every entry (size, last use, in use), removes nothing and shows no local path', async () => {
+    const cache = await cacheWith(2);
+    const child = await leaseInChild(path.join(cache, keyOf(2)));
+    try {
+      // v5 is 2.5 MB: removing v1 (the only entry not in use, 1 MB) would not make room.
+      const cap = (await used(cache)) + 0.2 * MB;
+      const { log: l, lines } = capture();
+      const err = await rejection(fill(cache, 5, { log: l, io: disk(cache, cap) }));
+      expect(err.code).toBe('NO_SPACE');
+      expect(err.message).toMatch(new RegExp(`^not enough space in the model cache \\(MODEL_CACHE_DIR\\): need 2\\.5 MB more, 0\\.2 MB free; the cache also holds `
+        + `${keyOf(1)} \\(1\\.\\d MB, last used \\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\dZ\\), ${keyOf(2)} \\(1\\.\\d MB, last used [^)]*, in use\\) `
+        + `\\(removing every entry not in use would free only 1\\.\\d MB, so none was\\); enlarge the PVC or remove entries not in use \\(warmup cache prune\\)$`));
+      expect(err.message).not.toContain(tmp);
+      expect(lines.find((x) => x.msg === 'model cache full')).toMatchObject({ entry: keyOf(5), entries: [{ entry: keyOf(1), inUse: false }, { entry: keyOf(2), inUse: true }] });
+      expect((await listEntries(cache)).filter((e) => e.state === 'committed').map((e) => e.name)).toEqual([keyOf(1), keyOf(2)]);
+      // With CACHE_EVICT=off nothing is evicted even where it would help, and the message says why.
+      const off = await rejection(fill(cache, 3, { env: { CACHE_EVICT: 'off' }, io: disk(cache, (await used(cache)) + 0.5 * MB) }));
+      expect(off.message).toMatch(/ \(CACHE_EVICT=off\); enlarge the PVC/);
+      expect((await listEntries(cache)).filter((e) => e.state === 'committed').map((e) => e.name)).toEqual([keyOf(1), keyOf(2)]);
+    } finally {
+      child.kill('SIGTERM');
+      await exited(child);
+    }
+    // A clean exit releases the lease.
+    expect(readdirSync(leasesDir(path.join(cache, keyOf(2))))).toEqual([LAST_USED]);
+  });
+
+  it('a write the volume refuses although statfs said there was room: evicts what is left to fetch and finishes', async () => {
+    const cache = await cacheWith(2);
+    const cap = (await used(cache)) + 0.5 * MB;
+    const evicted: string[] = [];
+    const r = await fill(cache, 3, {
+      onEvicted: (e) => evicted.push(e.name),
+      io: {
+        freeBytes: async () => Number.MAX_SAFE_INTEGER,
+        write: async (fh, bufs, len, pos) => {
+          if ((await used(cache)) + len > cap) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+          return fh.writev(bufs, pos);
+        },
+      },
+    });
+    expect(evicted).toEqual([keyOf(1)]);
+    expect(r.fromCache).toBe(false);
+    await expectNoHalfEntry(cache);
+  });
+});
+
+describe('eviction against a start of the same entry at that moment', () => {
+  it('a server starting on the entry either keeps it whole or finds it gone, never half', async () => {
+    const cache = await cacheWith(1);
+    const dir = path.join(cache, keyOf(1));
+    const outcomes = { kept: 0, gone: 0 };
+    for (let i = 0; i < 25; i++) {
+      if (!existsSync(dir)) await fill(cache, 1);
+      // The server's order (boot-sequence planBoot): lease first, then look at the entry.
+      const server = (async () => {
+        await new Promise((r) => setTimeout(r, i % 5));
+        const lease = await leaseEntry(dir, { pollMs: 5 });
+        return { lease, entry: await committedEntry('s3://models/sd/v1', cfgFor(cache)) };
+      })();
+      const [{ lease, entry }, evicted] = await Promise.all([server, removeEntry(cache, keyOf(1))]);
+      if (entry) {
+        // What the server found stays there, every file of it, while it holds its lease.
+        expect(evicted.removed, `round ${i}`).toBe(false);
+        for (const f of entry.manifest.files) expect(existsSync(path.join(dir, f.path))).toBe(true);
+        expect((await removeEntry(cache, keyOf(1))).removed).toBe(false);
+        outcomes.kept++;
+      } else {
+        expect(evicted.removed, `round ${i}`).toBe(true);
+        expect(existsSync(dir)).toBe(false);
+        outcomes.gone++;
+      }
+      await lease.release();
+      await expectNoHalfEntry(cache);
+    }
+    expect(outcomes.kept + outcomes.gone).toBe(25);
+  });
+
+  it('a lease that meets an eviction under way withdraws and waits for it; an eviction under way sees a lease taken before it', async () => {
+    const cache = await cacheWith(1);
+    const dir = path.join(cache, keyOf(1));
+    // The moment between an evictor's lock and its rename, held open: the evictor's side of the handshake.
+    const evictor = await acquireLock(`${dir}.lock`, { purpose: 'evict' });
+    let leased = false;
+    const taking = leaseEntry(dir, { pollMs: 10 }).then((l) => ((leased = true), l));
+    await new Promise((r) => setTimeout(r, 200));
+    expect(leased).toBe(false);
+    expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toEqual([]); // withdrawn while it waits
+    await evictor!.release();
+    const lease = await taking;
+    expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toHaveLength(1);
+    // A fill's lock does not hold a lease back: a server may start on an entry another pod refreshes.
+    const filler = await acquireLock(`${dir}.lock`);
+    const second = await leaseEntry(dir, { pollMs: 10 });
+    await filler!.release();
+    expect(await removeEntry(cache, keyOf(1))).toEqual({ removed: false, why: 'in use' });
+    await lease.release();
+    await second.release();
+    expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
+  });
+
+  it('a fill of the same entry racing an eviction ends with the entry whole', async () => {
+    const cache = await cacheWith(1);
+    for (let i = 0; i < 10; i++) {
+      const [r] = await Promise.all([fill(cache, 1), removeEntry(cache, keyOf(1))]);
+      const c = await committedEntry('s3://models/sd/v1', cfgFor(cache));
+      if (c) expect(c.dir).toBe(r.dir);
+      else expect(existsSync(r.dir)).toBe(false); // evicted after the fill committed: gone whole
+      await expectNoHalfEntry(cache);
+    }
+  });
+});
+
+describe('a server', () => {
+  it('leases its entry at its first step, before it looks at it, and releases it when it stops', async () => {
+    const cache = await cacheWith(1);
+    const seq = await resolveBoot(cfgFor(cache, { STORAGE_URI: 's3://models/sd/v1' }), []);
+    const leases = leasesDir(path.join(cache, keyOf(1)));
+    expect(seq.plan).toMatchObject({ source: 's3', committed: { dir: path.join(cache, keyOf(1)) } });
+    expect(readdirSync(leases).filter((n) => n.endsWith('.lease'))).toEqual([expect.stringMatching(new RegExp(`-${process.pid}-[0-9a-f]{16}\\.lease$`))]);
+    expect(await removeEntry(cache, keyOf(1))).toEqual({ removed: false, why: 'in use' });
+    await seq.stop();
+    expect(readdirSync(leases)).toEqual([LAST_USED]);
+    expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
+  });
+});
