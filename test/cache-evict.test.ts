@@ -17,6 +17,7 @@ import { LAST_USED, leaseEntry, leasesDir } from '../src/storage/lease.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
+import { until } from './helpers/server.js';
 
 const LEASE_JS = path.resolve('dist/src/storage/lease.js');
 let s3: S3Server;
@@ -275,10 +276,11 @@ describe('eviction against a start of the same entry at that moment', () => {
     // The moment between an evictor's lock and its rename, held open: the evictor's side of the handshake.
     const evictor = await acquireLock(`${dir}.lock`, { purpose: 'evict' });
     let leased = false;
-    const taking = leaseEntry(dir, { pollMs: 10 }).then((l) => ((leased = true), l));
+    // A poll slow enough that, once withdrawn, the lease is not written again before the lock goes (under load too).
+    const taking = leaseEntry(dir, { pollMs: 1_000 }).then((l) => ((leased = true), l));
     await new Promise((r) => setTimeout(r, 200));
+    await until(() => existsSync(leasesDir(dir)) && readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease')).length === 0, 5_000, 10); // withdrawn while it waits
     expect(leased).toBe(false);
-    expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toEqual([]); // withdrawn while it waits
     await evictor!.release();
     const lease = await taking;
     expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toHaveLength(1);
