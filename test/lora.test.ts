@@ -355,6 +355,32 @@ describe('merged components', () => {
   });
 });
 
+describe('a merge that fails part-way', () => {
+  it('leaves no half-written folder (patched weights written so far, links or copies of the data)', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { writeMergedComponent, writeMergedCopy } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const { mkdtempSync, rmSync, existsSync } = await import('node:fs');
+    const os = await import('node:os');
+    const dir = await fixtureModel({ externalData: true });
+    const list = demoStyleUpdates(dir, readLoraMap(path.join(dir, 'unet'))!);
+    expect(list.length).toBeGreaterThan(1);
+    // The last update's map entry points past its initializer: the weights before it are patched and written first.
+    const last = list.at(-1)!;
+    const broken = [...list.slice(0, -1), { ...last, entry: { ...last.entry, view: { ...last.entry.view, offset: 1e9 } } }];
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lora-fail-'));
+    try {
+      for (const [name, write] of [['linked', writeMergedComponent], ['copy', writeMergedCopy]] as const) {
+        const target = path.join(out, name, 'unet');
+        await expect(write(path.join(dir, 'unet', 'model.onnx'), broken, target)).rejects.toThrow(/places .* outside initializer/);
+        expect(existsSync(target), name).toBe(false);
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+});
+
 /** The demo-style adapter's UNet updates at scale 0.9 against the map `map`. */
 function demoStyleUpdates(dir: string, map: LoraMap) {
   const st = parseSafetensors(readFileSync(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');

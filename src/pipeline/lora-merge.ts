@@ -151,6 +151,20 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
   const locations = externalLocations(inits, dir, component);
   await rm(outDir, { recursive: true, force: true });
   await mkdir(outDir, { recursive: true });
+  return removedOnFailure(outDir, () => writeLinked(modelPath, model, inits, locations, updates, outDir, opts));
+}
+
+async function writeLinked(
+  modelPath: string,
+  model: onnxProto.onnx.ModelProto,
+  inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>,
+  locations: ReadonlySet<string>,
+  updates: readonly WeightUpdate[],
+  outDir: string,
+  opts: { link?: boolean },
+): Promise<WrittenModel> {
+  const dir = path.dirname(modelPath);
+  const component = path.basename(dir);
   let data: WrittenModel['data'] = locations.size > 0 ? 'linked' : 'none';
   for (const l of locations) {
     try {
@@ -205,26 +219,38 @@ export async function writeMergedCopy(modelPath: string, updates: readonly Weigh
   const locations = externalLocations(inits, dir, component);
   await rm(outDir, { recursive: true, force: true });
   await mkdir(outDir, { recursive: true });
-  for (const l of locations) await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
-  let inlineChanged = false;
-  const patchedBytes = await patchEach(inits, updates, component, (e, n) => readRange(path.join(outDir, e.location), e.offset, n), async (t, bytes, e) => {
-    if (e) {
-      const fh = await open(path.join(outDir, e.location), 'r+');
-      try {
-        await writeAll(fh, bytes, e.offset);
-      } finally {
-        await fh.close();
+  return removedOnFailure(outDir, async () => {
+    for (const l of locations) await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
+    let inlineChanged = false;
+    const patchedBytes = await patchEach(inits, updates, component, (e, n) => readRange(path.join(outDir, e.location), e.offset, n), async (t, bytes, e) => {
+      if (e) {
+        const fh = await open(path.join(outDir, e.location), 'r+');
+        try {
+          await writeAll(fh, bytes, e.offset);
+        } finally {
+          await fh.close();
+        }
+      } else {
+        t.rawData = bytes;
+        inlineChanged = true;
       }
-    } else {
-      t.rawData = bytes;
-      inlineChanged = true;
-    }
+    });
+    const out = path.join(outDir, 'model.onnx');
+    await writeFile(out, inlineChanged ? onnx.ModelProto.encode(model).finish() : graphBytes);
+    let totalBytes = graphBytes.byteLength;
+    for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
+    return { modelPath: out, patchedBytes, totalBytes, data: locations.size > 0 ? 'copied' : 'none' };
   });
-  const out = path.join(outDir, 'model.onnx');
-  await writeFile(out, inlineChanged ? onnx.ModelProto.encode(model).finish() : graphBytes);
-  let totalBytes = graphBytes.byteLength;
-  for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
-  return { modelPath: out, patchedBytes, totalBytes, data: locations.size > 0 ? 'copied' : 'none' };
+}
+
+/** Runs `write`; if it fails, `outDir` goes (a half-written merge holds up to a whole component's bytes). */
+async function removedOnFailure<T>(outDir: string, write: () => Promise<T>): Promise<T> {
+  try {
+    return await write();
+  } catch (err) {
+    await rm(outDir, { recursive: true, force: true }).catch(() => undefined);
+    throw err;
+  }
 }
 
 /** The external data files a graph names, each checked to be a plain file name beside the graph. */
