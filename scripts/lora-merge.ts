@@ -11,7 +11,7 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { LORA_COMPONENTS, parseAdapter } from '../src/pipeline/lora-keys.js';
-import { mergeComponent, planAdapterSet, writeMergedComponent } from '../src/pipeline/lora-merge.js';
+import { planAdapterSet, writeMergedComponent, writeMergedCopy } from '../src/pipeline/lora-merge.js';
 import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
 
 async function main(args: string[]): Promise<void> {
@@ -39,18 +39,12 @@ async function main(args: string[]): Promise<void> {
     const t0 = performance.now();
     const dir = path.join(outDir, component);
     let bytes: { patchedBytes: number; totalBytes: number };
-    if (linked) {
-      bytes = await writeMergedComponent(path.join(modelDir, component, 'model.onnx'), list, dir);
-    } else {
-      const merged = await mergeComponent(path.join(modelDir, component, 'model.onnx'), list);
-      await mkdir(dir, { recursive: true });
-      await writeFile(path.join(dir, 'model.onnx'), merged.model);
-      for (const e of merged.externalData) await writeFile(path.join(dir, e.path), e.data);
-      bytes = merged;
-    }
+    // Both stream: one initializer in memory at a time, whatever the size of the model's data files.
+    bytes = await (linked ? writeMergedComponent : writeMergedCopy)(path.join(modelDir, component, 'model.onnx'), list, dir);
     report[component] = { weights: list.map((u) => u.param).sort(), patchedBytes: bytes.patchedBytes, totalBytes: bytes.totalBytes, ms: Math.round(performance.now() - t0) };
   }
   report.formats = Object.fromEntries(adapters.map((a) => [a.parsed.name, a.parsed.format]));
+  await mkdir(outDir, { recursive: true });
   await writeFile(path.join(outDir, 'lora-merge.json'), `${JSON.stringify(report, null, 1)}\n`);
   console.log(JSON.stringify(report));
 }

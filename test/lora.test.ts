@@ -276,4 +276,114 @@ describe('merged components', () => {
       rmSync(out, { recursive: true, force: true });
     }
   });
+  it('the self-contained copy the lora-merge CLI bakes holds what the in-memory merge holds, and leaves the model as it was', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { mergeComponent, writeMergedCopy } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const { mkdtempSync, rmSync, readdirSync } = await import('node:fs');
+    const os = await import('node:os');
+    const dir = await fixtureModel({ externalData: true });
+    const list = demoStyleUpdates(dir, readLoraMap(path.join(dir, 'unet'))!);
+    const unet = path.join(dir, 'unet', 'model.onnx');
+    const before = readFileSync(path.join(dir, 'unet', 'model.onnx_data'));
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lora-copy-'));
+    try {
+      const copy = await writeMergedCopy(unet, list, path.join(out, 'unet'));
+      const mem = await mergeComponent(unet, list);
+      expect(copy.patchedBytes).toBe(mem.patchedBytes);
+      expect(copy.patchedBytes).toBeGreaterThan(0);
+      expect(readdirSync(path.join(out, 'unet')).sort()).toEqual(['model.onnx', 'model.onnx_data']);
+      expect(Buffer.compare(readFileSync(copy.modelPath), Buffer.from(mem.model))).toBe(0);
+      expect(mem.externalData.map((e) => e.path)).toEqual(['model.onnx_data']);
+      const patched = readFileSync(path.join(out, 'unet', 'model.onnx_data'));
+      expect(Buffer.compare(patched, Buffer.from(mem.externalData[0]!.data))).toBe(0);
+      expect(Buffer.compare(patched, before)).not.toBe(0);
+      expect(Buffer.compare(readFileSync(path.join(dir, 'unet', 'model.onnx_data')), before)).toBe(0);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
+  it('weights past 4 GiB of a data file (sparse, 5 GiB) merge as the same weights at its start do, reading only what is patched', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { writeMergedComponent } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const { mkdtempSync, rmSync, statSync, copyFileSync, mkdirSync, openSync, writeSync, closeSync, ftruncateSync, writeFileSync } = await import('node:fs');
+    const os = await import('node:os');
+    const { onnx } = (await import('onnx-proto')).default;
+    const dir = await fixtureModel({ externalData: true });
+    const map = readLoraMap(path.join(dir, 'unet'))!;
+    const list = demoStyleUpdates(dir, map);
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'lora-5g-'));
+    try {
+      // The fixture's UNet with its data file's bytes moved to 5 GiB - their length: every external offset past 4 GiB.
+      const big = path.join(tmp, 'model', 'unet');
+      mkdirSync(big, { recursive: true });
+      const data = readFileSync(path.join(dir, 'unet', 'model.onnx_data'));
+      const shift = 5 * 2 ** 30 - data.byteLength;
+      const fd = openSync(path.join(big, 'model.onnx_data'), 'w');
+      ftruncateSync(fd, shift + data.byteLength);
+      writeSync(fd, data, 0, data.byteLength, shift);
+      closeSync(fd);
+      const model = onnx.ModelProto.decode(readFileSync(path.join(dir, 'unet', 'model.onnx')));
+      let moved = 0;
+      for (const t of model.graph!.initializer!) {
+        for (const e of t.externalData ?? []) {
+          if (e.key !== 'offset') continue;
+          e.value = String(Number(e.value) + shift);
+          moved++;
+        }
+        if (t.dataLocation === onnx.TensorProto.DataLocation.EXTERNAL && !(t.externalData ?? []).some((e) => e.key === 'offset')) {
+          t.externalData!.push({ key: 'offset', value: String(shift) });
+          moved++;
+        }
+      }
+      expect(moved).toBeGreaterThan(0);
+      writeFileSync(path.join(big, 'model.onnx'), onnx.ModelProto.encode(model).finish());
+      copyFileSync(path.join(dir, 'unet', 'lora_map.json'), path.join(big, 'lora_map.json'));
+      expect(statSync(path.join(big, 'model.onnx_data')).blocks * 512).toBeLessThan(64 * 2 ** 20);
+      const small = await writeMergedComponent(path.join(dir, 'unet', 'model.onnx'), list, path.join(tmp, 'small'));
+      const rss0 = process.memoryUsage().rss;
+      const large = await writeMergedComponent(path.join(big, 'model.onnx'), list, path.join(tmp, 'large'));
+      expect(process.memoryUsage().rss - rss0).toBeLessThan(512 * 2 ** 20);
+      expect(large.patchedBytes).toBe(small.patchedBytes);
+      expect(large.totalBytes).toBe(statSync(path.join(big, 'model.onnx')).size + 5 * 2 ** 30);
+      expect(Buffer.compare(readFileSync(path.join(tmp, 'large', 'lora.onnx_data')), readFileSync(path.join(tmp, 'small', 'lora.onnx_data')))).toBe(0);
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+  });
 });
+
+describe('a merge that fails part-way', () => {
+  it('leaves no half-written folder (patched weights written so far, links or copies of the data)', async () => {
+    const { fixtureModel } = await import('./fixtures/index.js');
+    const { writeMergedComponent, writeMergedCopy } = await import('../src/pipeline/lora-merge.js');
+    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
+    const { mkdtempSync, rmSync, existsSync } = await import('node:fs');
+    const os = await import('node:os');
+    const dir = await fixtureModel({ externalData: true });
+    const list = demoStyleUpdates(dir, readLoraMap(path.join(dir, 'unet'))!);
+    expect(list.length).toBeGreaterThan(1);
+    // The last update's map entry points past its initializer: the weights before it are patched and written first.
+    const last = list.at(-1)!;
+    const broken = [...list.slice(0, -1), { ...last, entry: { ...last.entry, view: { ...last.entry.view, offset: 1e9 } } }];
+    const out = mkdtempSync(path.join(os.tmpdir(), 'lora-fail-'));
+    try {
+      for (const [name, write] of [['linked', writeMergedComponent], ['copy', writeMergedCopy]] as const) {
+        const target = path.join(out, name, 'unet');
+        await expect(write(path.join(dir, 'unet', 'model.onnx'), broken, target)).rejects.toThrow(/places .* outside initializer/);
+        expect(existsSync(target), name).toBe(false);
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+});
+
+/** The demo-style adapter's UNet updates at scale 0.9 against the map `map`. */
+function demoStyleUpdates(dir: string, map: LoraMap) {
+  const st = parseSafetensors(readFileSync(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');
+  const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 0.9 }], new Map<LoraComponent, LoraMap>([['unet', map]]));
+  return [...updates.values()].filter((u) => u.component === 'unet');
+}

@@ -7,12 +7,14 @@
  *   folder, so a symbolic link will not do; across file systems the file is copied, as a clone where the file system
  *   can), and inline ones stay inline. ONNX Runtime loads it from a path like any model (memory-mapping weights the
  *   base session maps too), and creating it costs what patching the changed weights costs.
- * - `mergeComponent`: the whole component in memory, every external file read and patched (a self-contained copy:
- *   the lora-merge CLI writes it out; onnxruntime-node can also create a session from it with `externalData`
- *   buffers, which docs/LORA.md measures and explains why sets do not).
+ * - `writeMergedCopy` (what the lora-merge CLI bakes): a self-contained copy, every file copied and the patched
+ *   initializers rewritten in place.
+ * - `mergeComponent`: the whole component in memory, every external file read and patched (onnxruntime-node can
+ *   create a session from it with `externalData` buffers, which docs/LORA.md measures and explains why sets do not).
+ *   Node reads no file over 2 GiB whole, so it is for models below that (scripts/bench-lora.ts).
  */
 import { constants } from 'node:fs';
-import { copyFile, link, mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, type FileHandle, link, mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { RuntimeError } from '../errors.js';
@@ -137,54 +139,32 @@ const ALIGN = 4096;
 /**
  * Writes the merged component into `outDir` (created; anything there is replaced): `model.onnx`, `lora.onnx_data`
  * with the patched initializers, and a hard link (or copy) per original external data file. Each weight becomes
- * round(W + Σ factor · up · down) as in mergeComponent.
+ * round(W + Σ factor · up · down) as in mergeComponent. Each patched initializer is written as soon as it is patched,
+ * so memory holds one initializer at a time whatever the adapter patches (a LoRA on every layer of a UNet patches
+ * nearly all of its weights: 3.4 GB in SD 1.5's float32, more than a Buffer holds in SDXL's).
  */
 export async function writeMergedComponent(modelPath: string, updates: readonly WeightUpdate[], outDir: string, opts: { link?: boolean } = {}): Promise<WrittenModel> {
   const dir = path.dirname(modelPath);
   const component = path.basename(dir);
   const model = onnx.ModelProto.decode(await readFile(modelPath));
   const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
-  const locations = new Set<string>();
-  for (const t of inits.values()) if (t.dataLocation === EXTERNAL) locations.add(externalOf(t).location);
-  for (const l of locations) {
-    const file = path.resolve(dir, l);
-    if (!file.startsWith(dir + path.sep) || l.includes('/') || l.includes('\\') || l === PATCH_FILE) {
-      throw new RuntimeError('MODEL_FORMAT', `${component}: external data location ${JSON.stringify(l)} is not a file beside the graph`);
-    }
-  }
-  const chunks: Uint8Array[] = [];
-  let offset = 0;
-  let patchedBytes = 0;
-  const byName = new Map(updates.map((u) => [u.entry.initializer, [] as WeightUpdate[]] as const));
-  for (const u of updates) byName.get(u.entry.initializer)!.push(u);
-  // Packed Q/K/V weights take several updates: each initializer is read, patched by all of its updates, written once.
-  for (const [name, list] of byName) {
-    const { t, type, size, count } = mergeable(inits, name, list[0]!.param, component);
-    let bytes: Uint8Array;
-    if (t.dataLocation === EXTERNAL) {
-      const e = externalOf(t);
-      bytes = await readRange(path.join(dir, e.location), e.offset, count * size);
-    } else if (t.rawData && t.rawData.byteLength > 0) {
-      bytes = new Uint8Array(t.rawData);
-    } else {
-      throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} keeps its values outside raw_data; re-export the model with scripts/export_sd.py`);
-    }
-    if (bytes.byteLength !== count * size) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} holds ${bytes.byteLength} bytes for ${count} values`);
-    for (const u of list) patchedBytes += patch(bytes, type, count, u, component);
-    const at = Math.ceil(offset / ALIGN) * ALIGN;
-    if (at > offset) chunks.push(new Uint8Array(at - offset));
-    chunks.push(bytes);
-    offset = at + bytes.byteLength;
-    t.rawData = new Uint8Array(0);
-    t.dataLocation = EXTERNAL;
-    t.externalData = [
-      { key: 'location', value: PATCH_FILE },
-      { key: 'offset', value: String(at) },
-      { key: 'length', value: String(bytes.byteLength) },
-    ];
-  }
+  const locations = externalLocations(inits, dir, component);
   await rm(outDir, { recursive: true, force: true });
   await mkdir(outDir, { recursive: true });
+  return removedOnFailure(outDir, () => writeLinked(modelPath, model, inits, locations, updates, outDir, opts));
+}
+
+async function writeLinked(
+  modelPath: string,
+  model: onnxProto.onnx.ModelProto,
+  inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>,
+  locations: ReadonlySet<string>,
+  updates: readonly WeightUpdate[],
+  outDir: string,
+  opts: { link?: boolean },
+): Promise<WrittenModel> {
+  const dir = path.dirname(modelPath);
+  const component = path.basename(dir);
   let data: WrittenModel['data'] = locations.size > 0 ? 'linked' : 'none';
   for (const l of locations) {
     try {
@@ -196,12 +176,135 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
       data = 'copied';
     }
   }
-  await writeFile(path.join(outDir, PATCH_FILE), Buffer.concat(chunks));
+  const fh = await open(path.join(outDir, PATCH_FILE), 'w');
+  let patchedBytes: number;
+  try {
+    let offset = 0;
+    patchedBytes = await patchEach(inits, updates, component, (e, n) => readRange(path.join(dir, e.location), e.offset, n), async (t, bytes) => {
+      const at = Math.ceil(offset / ALIGN) * ALIGN;
+      await writeAll(fh, bytes, at);
+      offset = at + bytes.byteLength;
+      t.rawData = new Uint8Array(0);
+      t.dataLocation = EXTERNAL;
+      t.externalData = [
+        { key: 'location', value: PATCH_FILE },
+        { key: 'offset', value: String(at) },
+        { key: 'length', value: String(bytes.byteLength) },
+      ];
+    });
+    // The alignment gap before the last initializer is a hole until written: the file ends where its bytes end.
+    await fh.truncate(offset);
+  } finally {
+    await fh.close();
+  }
   const out = path.join(outDir, 'model.onnx');
   await writeFile(out, onnx.ModelProto.encode(model).finish());
   let totalBytes = (await stat(modelPath)).size;
   for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
   return { modelPath: out, patchedBytes, totalBytes, data };
+}
+
+/**
+ * Writes the merged component into `outDir` as a self-contained copy (what the lora-merge CLI bakes): the graph and
+ * each external data file copied under its own name (cloned where the file system can), then each patched
+ * initializer read from the copy, patched and written back in place. Memory holds one initializer at a time, so a
+ * data file of any size merges (Node reads no file over 2 GiB whole, and holds no Buffer over 4 GiB).
+ */
+export async function writeMergedCopy(modelPath: string, updates: readonly WeightUpdate[], outDir: string): Promise<WrittenModel> {
+  const dir = path.dirname(modelPath);
+  const component = path.basename(dir);
+  const graphBytes = await readFile(modelPath);
+  const model = onnx.ModelProto.decode(graphBytes);
+  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const locations = externalLocations(inits, dir, component);
+  await rm(outDir, { recursive: true, force: true });
+  await mkdir(outDir, { recursive: true });
+  return removedOnFailure(outDir, async () => {
+    for (const l of locations) await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
+    let inlineChanged = false;
+    const patchedBytes = await patchEach(inits, updates, component, (e, n) => readRange(path.join(outDir, e.location), e.offset, n), async (t, bytes, e) => {
+      if (e) {
+        const fh = await open(path.join(outDir, e.location), 'r+');
+        try {
+          await writeAll(fh, bytes, e.offset);
+        } finally {
+          await fh.close();
+        }
+      } else {
+        t.rawData = bytes;
+        inlineChanged = true;
+      }
+    });
+    const out = path.join(outDir, 'model.onnx');
+    await writeFile(out, inlineChanged ? onnx.ModelProto.encode(model).finish() : graphBytes);
+    let totalBytes = graphBytes.byteLength;
+    for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
+    return { modelPath: out, patchedBytes, totalBytes, data: locations.size > 0 ? 'copied' : 'none' };
+  });
+}
+
+/** Runs `write`; if it fails, `outDir` goes (a half-written merge holds up to a whole component's bytes). */
+async function removedOnFailure<T>(outDir: string, write: () => Promise<T>): Promise<T> {
+  try {
+    return await write();
+  } catch (err) {
+    await rm(outDir, { recursive: true, force: true }).catch(() => undefined);
+    throw err;
+  }
+}
+
+/** The external data files a graph names, each checked to be a plain file name beside the graph. */
+function externalLocations(inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>, dir: string, component: string): Set<string> {
+  const locations = new Set<string>();
+  for (const t of inits.values()) if (t.dataLocation === EXTERNAL) locations.add(externalOf(t).location);
+  for (const l of locations) {
+    const file = path.resolve(dir, l);
+    if (!file.startsWith(dir + path.sep) || l.includes('/') || l.includes('\\') || l === PATCH_FILE) {
+      throw new RuntimeError('MODEL_FORMAT', `${component}: external data location ${JSON.stringify(l)} is not a file beside the graph`);
+    }
+  }
+  return locations;
+}
+
+/**
+ * Reads, patches and hands to `done` each initializer the updates name, one at a time (packed Q/K/V weights take
+ * several updates: each initializer is read, patched by all of its updates, handed over once). Returns the bytes
+ * patched.
+ */
+async function patchEach(
+  inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>,
+  updates: readonly WeightUpdate[],
+  component: string,
+  readExternal: (e: ReturnType<typeof externalOf>, length: number) => Promise<Uint8Array>,
+  done: (t: onnxProto.onnx.ITensorProto, bytes: Uint8Array, external: ReturnType<typeof externalOf> | undefined) => Promise<void>,
+): Promise<number> {
+  let patchedBytes = 0;
+  const byName = new Map(updates.map((u) => [u.entry.initializer, [] as WeightUpdate[]] as const));
+  for (const u of updates) byName.get(u.entry.initializer)!.push(u);
+  for (const [name, list] of byName) {
+    const { t, type, size, count } = mergeable(inits, name, list[0]!.param, component);
+    let bytes: Uint8Array;
+    let e: ReturnType<typeof externalOf> | undefined;
+    if (t.dataLocation === EXTERNAL) {
+      e = externalOf(t);
+      bytes = await readExternal(e, count * size);
+    } else if (t.rawData && t.rawData.byteLength > 0) {
+      // A copy: the decoded proto's raw data may be a view of the graph file's bytes.
+      bytes = new Uint8Array(t.rawData);
+    } else {
+      throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} keeps its values outside raw_data; re-export the model with scripts/export_sd.py`);
+    }
+    if (bytes.byteLength !== count * size) throw new RuntimeError('MODEL_FORMAT', `${component}: initializer ${name} holds ${bytes.byteLength} bytes for ${count} values`);
+    for (const u of list) patchedBytes += patch(bytes, type, count, u, component);
+    await done(t, bytes, e);
+  }
+  return patchedBytes;
+}
+
+/** Writes all of `bytes` at `position` (a single write may be short for large buffers). */
+async function writeAll(fh: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
+  let done = 0;
+  while (done < bytes.byteLength) done += (await fh.write(bytes, done, bytes.byteLength - done, position + done)).bytesWritten;
 }
 
 const PATCH_FILE = 'lora.onnx_data';
@@ -223,8 +326,10 @@ function mergeable(inits: ReadonlyMap<string, onnxProto.onnx.ITensorProto>, name
 async function readRange(file: string, offset: number, length: number): Promise<Uint8Array> {
   const fh = await open(file, 'r');
   try {
-    const buf = Buffer.alloc(length);
-    const { bytesRead } = await fh.read(buf, 0, length, offset);
+    const buf = Buffer.allocUnsafe(length);
+    // A single read returns at most ~2 GiB on Linux: read until the range is whole or the file ends.
+    let bytesRead = 0;
+    for (let n = -1; bytesRead < length && n !== 0; bytesRead += n) n = (await fh.read(buf, bytesRead, length - bytesRead, offset + bytesRead)).bytesRead;
     if (bytesRead !== length) throw new RuntimeError('MODEL_FORMAT', `${path.basename(path.dirname(file))}: an initializer lies past the end of ${path.basename(file)}`);
     return buf;
   } finally {
