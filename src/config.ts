@@ -73,6 +73,8 @@ export interface Config {
   readonly intraOpThreads: number;
   /** ORT optimized-model cache next to cached models (see src/pipeline/ortcache.ts). */
   readonly optimizedModelCache: OptimizedCacheMode;
+  /** ORT_OPTIMIZED_CACHE_MAX_MB: components larger than this get no optimized copy. */
+  readonly optimizedCacheMaxMb: number;
   /** ONNX Runtime's graph optimisation level for every session (ORT_GRAPH_OPTIMIZATION). */
   readonly graphOptimization: GraphOptimization;
   /** Let cuBLAS/cuDNN run float32 math as TF32 on CUDA (faster fp32 models, images no longer match the reference). */
@@ -229,6 +231,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
+    optimizedCacheMaxMb: num('ORT_OPTIMIZED_CACHE_MAX_MB', 512, 0),
     graphOptimization: oneOf('ORT_GRAPH_OPTIMIZATION', 'all', GRAPH_OPT),
     cudaTf32: bool('CUDA_TF32', false),
     loraUri: raw('LORA_URI'),

@@ -108,6 +108,12 @@ describe('ORT_OPTIMIZED_CACHE', () => {
     expect(loadConfig({ ORT_OPTIMIZED_CACHE: 'off' }).optimizedModelCache).toBe('off');
     expect(() => loadConfig({ ORT_OPTIMIZED_CACHE: 'sometimes' })).toThrow(/ORT_OPTIMIZED_CACHE must be one of auto, always, off/);
   });
+
+  it('ORT_OPTIMIZED_CACHE_MAX_MB: components up to 512 MB by default, raised for a UNet by the operator', () => {
+    expect(loadConfig({}).optimizedCacheMaxMb).toBe(512);
+    expect(loadConfig({ ORT_OPTIMIZED_CACHE_MAX_MB: '4096' }).optimizedCacheMaxMb).toBe(4096);
+    expect(() => loadConfig({ ORT_OPTIMIZED_CACHE_MAX_MB: 'lots' })).toThrow(/ORT_OPTIMIZED_CACHE_MAX_MB must be a number >= 0/);
+  });
 });
 
 describe('CUDA_TF32', () => {

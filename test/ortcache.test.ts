@@ -150,6 +150,23 @@ describe('optimized-model cache', () => {
     }
   });
 
+  it('copies no component larger than the policy\'s size cap (ORT_OPTIMIZED_CACHE_MAX_MB), and copies it once the cap is above it', async () => {
+    const model = await entry('size-cap');
+    const { stat } = await import('node:fs/promises');
+    const bytes = (await stat(model)).size + (await stat(path.join(path.dirname(model), 'model.onnx_data'))).size;
+    const capped = { ...ALWAYS, maxSourceBytes: bytes - 1 };
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, capped);
+    expect(r.cache).toBe('skipped');
+    await r.session.release();
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, capped)).toBe('skipped');
+    expect(await optFiles(model)).toEqual([]);
+    const raised = { ...ALWAYS, maxSourceBytes: bytes };
+    const again = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, raised);
+    expect(again.cache).toBe('deferred');
+    await again.session.release();
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, undefined, raised)).toBe('written');
+  });
+
   it('auto leaves CUDA sessions alone (slower there), always still caches them', async () => {
     // The provider argument names the cache and picks the policy; the session itself runs on CPU here.
     const model = await entry('cuda-label');

@@ -55,6 +55,8 @@ import type { OptimizedCacheMode } from '../config.js';
 export interface OptimizedCachePolicy {
   mode: OptimizedCacheMode;
   entryMarkers: readonly string[];
+  /** Sources larger than this (all files of the component) are not copied; MAX_SOURCE_BYTES when absent. */
+  maxSourceBytes?: number;
 }
 
 /** No optimised copies, read or written (LoRA sets' merged graphs, tests). */
@@ -113,8 +115,10 @@ export function worthKeeping(t: BuildTimes): boolean {
 }
 
 /**
- * Sources larger than this are not copied: a multi-GB UNet would double its space on the PVC, and the background
- * write holds a second session of it (GPU memory on CUDA) while it runs.
+ * Sources larger than this are not copied by default (ORT_OPTIMIZED_CACHE_MAX_MB raises it): a multi-GB UNet would
+ * double its space on the PVC, and the background write holds a second session of it (GPU memory on CUDA, ~2.7 GiB
+ * of RAM for SD 1.5's on the CPU) while it runs. On the CPU its copy would save its source build (26-46 s per start
+ * for SD 1.5: docs/BENCHMARKS.md, "SD 1.5 size on the CPU").
  */
 export const MAX_SOURCE_BYTES = 512 * 1024 * 1024;
 /** Weights of the optimised copy must fit this many times over in the free space, so the cache never fills the PVC. */
@@ -170,7 +174,7 @@ export async function createWithOptimizedCache(
     return { session, cache: 'failed' };
   }
   const session = await ort.InferenceSession.create(modelPath, options);
-  return { session, cache: (await worthWriting(key, p.dir)) ? 'deferred' : 'skipped' };
+  return { session, cache: (await worthWriting(key, p.dir, policy)) ? 'deferred' : 'skipped' };
 }
 
 /**
@@ -196,7 +200,7 @@ export async function writeOptimizedCopy(
   const component = path.basename(p.dir);
   const stored = await storedKey(p.key, key);
   if (stored !== 'none') return stored === 'copy' ? 'hit' : 'declined'; // another process decided meanwhile
-  if (!(await worthWriting(key, p.dir))) return 'skipped';
+  if (!(await worthWriting(key, p.dir, policy))) return 'skipped';
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const tmpOnnx = path.join(p.dir, `${p.stem}.onnx.tmp-${tag}`);
   const dataName = `${p.stem}.${tag}.onnx_data`;
@@ -255,9 +259,9 @@ async function planCache(ort: Ort, modelPath: string, provider: string, options:
   return key === undefined ? { kind: 'off' } : { kind: 'cache', p, key };
 }
 
-async function worthWriting(key: CacheKey, dir: string): Promise<boolean> {
+async function worthWriting(key: CacheKey, dir: string, policy: OptimizedCachePolicy): Promise<boolean> {
   const sourceBytes = key.sources.reduce((s, f) => s + f.size, 0);
-  return sourceBytes <= MAX_SOURCE_BYTES && (await canWrite(dir, sourceBytes));
+  return sourceBytes <= (policy.maxSourceBytes ?? MAX_SOURCE_BYTES) && (await canWrite(dir, sourceBytes));
 }
 
 /** The key for the component folder as it is now: every source file (not ours, not temps, not configs). */

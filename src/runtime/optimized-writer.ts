@@ -30,7 +30,7 @@ export function createOptimizedWriter(
   let current: { child: ChildProcess; files: string[] } | undefined;
 
   const fork1 = (items: OptimizeItem[]) => {
-    const init: OptimizerInit = { items, policy: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS } };
+    const init: OptimizerInit = { items, policy: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS, maxSourceBytes: cfg.optimizedCacheMaxMb * 2 ** 20 } };
     const t0 = performance.now();
     events.emit('optimized-cache-writing', { components: items.map((i) => path.basename(path.dirname(i.path))) }, 'writing the optimized model cache in the background');
     const child = fork(fileURLToPath(new URL('../pipeline/optimizer.js', import.meta.url)), [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });

@@ -27,7 +27,7 @@ export function applyTf32(cfg: Pick<Config, 'cudaTf32' | 'executionProvider'>, e
   env.NVIDIA_TF32_OVERRIDE = '0';
 }
 
-type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
+type WorkerConfig = Pick<Config, 'workers' | 'intraOpThreads' | 'executionProvider' | 'optimizedModelCache' | 'optimizedCacheMaxMb' | 'cudaTf32' | 'graphOptimization' | 'gpus'> &
   Partial<Pick<Config, 'loraMaxSets' | 'loraCacheMb' | 'cacheDir' | 'warmupVaeEncoder' | 'warmupSteps' | 'auxThreads'>>;
 
 export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
@@ -48,7 +48,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     ep: cfg.executionProvider,
     intraOpThreads: threads,
     workerIndex: index,
-    optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS },
+    optimizedModelCache: { mode: cfg.optimizedModelCache, entryMarkers: ENTRY_MARKERS, maxSourceBytes: cfg.optimizedCacheMaxMb * 2 ** 20 },
     graphOptimizationLevel: cfg.graphOptimization,
     ...(device !== undefined ? { deviceId: device } : {}),
     // With no warm-up there is no end of it to wait for: the encoder is primed with the others.
