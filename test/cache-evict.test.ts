@@ -91,6 +91,20 @@ async function leaseInChild(entryDir: string): Promise<ChildProcess> {
   return child;
 }
 
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */
+function canUnshare(): boolean {
+  return process.platform === 'linux' && spawnSync('unshare', ['-r', '--pid', '--fork', '--mount-proc', 'sh', '-c', 'echo 99 > /proc/sys/kernel/ns_last_pid'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
+}
+
 const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
 
 function capture() {
@@ -172,6 +186,32 @@ describe('eviction when a download finds too little space', () => {
     await fsp.utimes(other, old, old);
     expect(await removeEntry(cache, keyOf(2))).toMatchObject({ removed: true });
     expect(existsSync(dir)).toBe(false);
+  });
+
+  // Two containers on one host see the same hostname (hostNetwork pods share the node's; a pod template's `hostname`
+  // names every replica alike) but number their processes each in their own pid namespace: a server's pid there may be
+  // dead here. Its lease must count by its heartbeat. A real process in a new pid namespace (unshare, where allowed).
+  it.skipIf(!canUnshare())('keeps an entry a server in another pid namespace on this host leases, though its pid is dead here', async () => {
+    const cache = await cacheWith(1);
+    // Its pid in its namespace: one that no process of this namespace has.
+    let pid = 20_000 + Math.floor(Math.random() * 10_000);
+    while (alive(pid + 1)) pid++;
+    const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); await leaseEntry(process.argv[1]);
+      process.stdout.write('leased ' + process.pid + '\\n'); setInterval(() => {}, 60_000);`;
+    const child = spawn('unshare', ['-r', '--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', `echo ${pid} > /proc/sys/kernel/ns_last_pid; "$0" --input-type=module -e "$1" "$2"`,
+      process.execPath, script, path.join(cache, keyOf(1))], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const inner = await new Promise<number>((resolve, reject) => {
+        child.stdout!.on('data', (c) => { const m = /leased (\d+)/.exec(String(c)); if (m) resolve(Number(m[1])); });
+        child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
+      });
+      expect(alive(inner)).toBe(false);
+      expect((await listEntries(cache))[0]).toMatchObject({ name: keyOf(1), users: [`${os.hostname()}/${inner}`] });
+      expect(await removeEntry(cache, keyOf(1))).toEqual({ removed: false, why: 'in use' });
+    } finally {
+      child.kill('SIGKILL');
+      await exited(child);
+    }
   });
 
   it('never evicts the entry being downloaded, even when its abandoned partial is the oldest', async () => {

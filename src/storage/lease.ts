@@ -8,7 +8,7 @@
  *
  * Outside the entry, so a sweep of the entry never touches them, and in one hidden folder, so the cache's top level
  * still holds only entries (and their locks while held). A lease counts while its heartbeat is
- * fresh and its pid is alive on this host: the lock's rule (lock.ts isStale), with minutes instead of seconds, since a
+ * fresh and its pid is alive (when it is in this process's pid namespace): the lock's rule (lock.ts isStale), with minutes instead of seconds, since a
  * server holds one for days and pays one small write per heartbeat, off the request path.
  *
  * Against an eviction that starts at the same moment, a lease is taken as in Dekker's algorithm: publish the lease,

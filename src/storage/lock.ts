@@ -2,11 +2,11 @@
  * @module A lock file for one cache entry that works on an RWX NFS-like PVC (no flock): written whole to a temp
  * name, then linked to the lock's name (link never replaces a file, so exactly one creator wins, and the lock never
  * exists without its content), holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose
- * heartbeat is older than `staleMs`, whose pid is dead on this host, or that does not say who made it, is taken
+ * heartbeat is older than `staleMs`, whose pid is dead in this pid namespace, or that does not say who made it, is taken
  * over by renaming it aside first, so only one of several waiters can win the takeover.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { promises as fsp, readFileSync, readlinkSync } from 'node:fs';
 import os from 'node:os';
 import { RuntimeError } from '../errors.js';
 
@@ -36,6 +36,8 @@ export interface LockOptions {
 export interface LockInfo {
   pid: number;
   host: string;
+  /** The holder's pid namespace (the kernel's boot and the namespace's inode): where `pid` means that process. */
+  pidns?: string;
   token: string;
   since: string;
   purpose?: string;
@@ -72,18 +74,33 @@ export async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 
 
 export const holderOf = (i: Awaited<ReturnType<typeof readInfo>>): LockInfo | undefined => (typeof i === 'object' ? i : undefined);
 
-/** A holder record for this process: pid, host, a fresh random token, now. */
+/**
+ * This process's pid namespace, as `<boot id>/pid:[<inode>]` (Linux; undefined elsewhere). A hostname does not tell
+ * whose pids a holder's are: pods with hostNetwork share their node's, a pod template's `hostname` names every
+ * replica alike, and each container numbers its processes from 1 in its own namespace.
+ */
+export const PID_NS: string | undefined = (() => {
+  try {
+    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`;
+  } catch {
+    return undefined;
+  }
+})();
+
+/** A holder record for this process: pid, host, pid namespace, a fresh random token, now. */
 export function holderInfo(purpose?: string): LockInfo {
-  return { pid: process.pid, host: os.hostname(), token: randomBytes(8).toString('hex'), since: new Date().toISOString(), ...(purpose ? { purpose } : {}) };
+  return { pid: process.pid, host: os.hostname(), ...(PID_NS ? { pidns: PID_NS } : {}), token: randomBytes(8).toString('hex'), since: new Date().toISOString(), ...(purpose ? { purpose } : {}) };
 }
 
 /**
- * Whether a holder file no longer counts: its heartbeat (mtime) is older than `staleMs`, its pid is dead on this host,
- * it names no holder, or it is unreadable and older than `unreadableStaleMs`. The lock and the entry leases share it.
+ * Whether a holder file no longer counts: its heartbeat (mtime) is older than `staleMs`, its pid is dead in this
+ * process's pid namespace (same host, same namespace: a pid from another container's namespace says nothing here, and
+ * a holder that did not record its namespace is judged by its heartbeat alone), it names no holder, or it is
+ * unreadable and older than `unreadableStaleMs`. The lock and the entry leases share it.
  */
 export function isStale(info: Awaited<ReturnType<typeof readInfo>>, ageMs: number, o: { staleMs: number; unreadableStaleMs: number }): boolean {
   const holder = holderOf(info);
-  const deadHere = holder !== undefined && holder.host === os.hostname() && holder.pid !== process.pid && !pidAlive(holder.pid);
+  const deadHere = holder !== undefined && holder.host === os.hostname() && holder.pidns === PID_NS && holder.pid !== process.pid && !pidAlive(holder.pid);
   // A lock that does not say who holds it cannot be waited for: nobody would ever release or refresh it for sure.
   const orphan = info === 'unknown' || (info === 'unreadable' && ageMs > o.unreadableStaleMs);
   return ageMs > o.staleMs || deadHere || orphan;
