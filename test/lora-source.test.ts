@@ -7,6 +7,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
+import { removeEntry } from '../src/storage/entries.js';
 import { CREDS, destroyS3, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { tempDir } from './helpers/server.js';
 import { pathToFileURL } from 'node:url';
@@ -56,6 +57,10 @@ describe('adapter source', () => {
     } finally {
       await s3.restart();
     }
+    // Its entry evicted to make room (adapter entries are not leased): the next request fetches it again.
+    expect(await removeEntry(cache, path.basename(path.dirname(ref!.file)))).toMatchObject({ removed: true });
+    const [again] = await src.resolve([{ name: 'from-s3', scale: 1 }]);
+    expect(readFileSync(again!.file)).toEqual(bytes);
   });
 
   it('answers 400 naming every unknown adapter, and refuses a folder with several files', async () => {

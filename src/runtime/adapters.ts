@@ -3,7 +3,8 @@
  * (`loras/<name>.safetensors` or `loras/<name>/<one file>.safetensors`), then LORA_URI — a local folder with the same
  * two forms, or an S3 prefix whose `<name>/` folder is fetched through the model cache (lock, parallel ranged reads,
  * atomic commit; diffusers' `save_lora_weights` and Hugging Face LoRA repositories have that layout). A name resolves
- * once per process; a failed lookup is forgotten, so an adapter uploaded later is found.
+ * once per process; a failed lookup is forgotten, so an adapter uploaded later is found, and so is a resolved file that
+ * is gone (its cache entry evicted), so it is fetched again.
  */
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
@@ -17,6 +18,8 @@ import { LORA_NAME, type LoraRequest } from './request.js';
 export class AdapterSource {
   #modelDir: string | undefined;
   readonly #files = new Map<string, Promise<string>>();
+  /** The file each settled lookup gave: an S3 adapter's cache entry may since have been evicted (storage/entries.ts). */
+  readonly #found = new Map<string, string>();
 
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
@@ -28,6 +31,7 @@ export class AdapterSource {
     if (this.#modelDir !== undefined && path.resolve(dir) === path.resolve(this.#modelDir)) return;
     this.#modelDir = dir;
     this.#files.clear();
+    this.#found.clear();
   }
 
   /** The local file of every adapter, or one 400 naming every adapter that was not found. */
@@ -58,10 +62,18 @@ export class AdapterSource {
   #file(name: string, signal?: AbortSignal): Promise<string> {
     if (!LORA_NAME.test(name)) return Promise.reject(new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`));
     let p = this.#files.get(name);
+    // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again.
+    const found = this.#found.get(name);
+    if (p && found !== undefined && !isFile(found)) {
+      this.log.info({ adapter: name }, 'LoRA adapter no longer in the cache (evicted); fetching it again');
+      p = undefined;
+    }
     if (!p) {
-      p = this.#lookup(name, signal);
-      this.#files.set(name, p);
-      p.catch(() => this.#files.delete(name));
+      const q = this.#lookup(name, signal);
+      p = q;
+      this.#files.set(name, q);
+      this.#found.delete(name);
+      q.then((f) => this.#files.get(name) === q && this.#found.set(name, f), () => this.#files.get(name) === q && this.#files.delete(name));
     }
     return p;
   }
