@@ -90,6 +90,23 @@ describe('warmup cache', () => {
     expect(left.out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
   });
 
+  it('a removal killed between its rename and its delete: list shows what it left, prune deletes it', async () => {
+    // What entries.ts removeEntry leaves when killed after renaming an entry aside: the renamed folder, whole or half deleted.
+    const trash = path.join(cache, `.evicting-${keyOf(4)}-0badc0de`);
+    await fsp.mkdir(path.join(trash, 'unet'), { recursive: true });
+    await fsp.writeFile(path.join(trash, 'unet', 'model.onnx'), Buffer.alloc(300_000, 1));
+    const list = await cli(['list']);
+    expect(list.stderr).toMatch(/; 0\.3 MB left by an interrupted removal \(prune deletes it\)/);
+    const dry = await cli(['prune', '--keep-uri', 's3://models/m/v3', '--dry-run']);
+    expect(dry.stderr).toMatch(/would remove 0 of 2 entries, 0\.3 MB \(0\.3 MB of it left by an interrupted removal\) \(dry run\)/);
+    expect(existsSync(trash)).toBe(true);
+    const r = await cli(['prune', '--keep-uri', 's3://models/m/v3']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/removed 0 of 2 entries, 0\.3 MB \(0\.3 MB of it left by an interrupted removal\)/);
+    expect(existsSync(trash)).toBe(false);
+    expect((await cli(['list'])).out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
+  });
+
   it('bad arguments: exit 2 with one line that says what is accepted', async () => {
     for (const [args, msg] of [
       [['prune', '--older-than', 'week'], '--older-than takes a number with a unit (d, h, m or s), like 7d or 12h; got "week"'],

@@ -16,7 +16,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
-import { inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
@@ -185,7 +185,8 @@ async function cache(args: string[]): Promise<void> {
     if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${JSON.stringify(rest[0])}`);
     const entries = await listEntries(cfg.cacheDir);
     for (const e of entries) process.stdout.write(`${entryLine(e)}\n`);
-    process.stderr.write(`cache: ${summary(entries)}\n`);
+    const trash = await emptyTrash(cfg.cacheDir, { dryRun: true });
+    process.stderr.write(`cache: ${summary(entries)}${trash > 0 ? `; ${mb(trash)} MB left by an interrupted removal (prune deletes it)` : ''}\n`);
     return;
   }
   if (sub !== 'prune') throw new UsageError(sub === undefined ? 'cache needs list or prune' : `unknown cache command ${JSON.stringify(sub)}`);
@@ -243,7 +244,9 @@ async function cache(args: string[]): Promise<void> {
       process.stdout.write(`${entryLine(e, { action: 'keep', reason: r.why === 'gone' ? 'gone' : r.why === 'locked' ? 'being filled' : 'in use' })}\n`);
     }
   }
-  process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed)} MB${dryRun ? ' (dry run)' : ''}\n`);
+  // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
+  const trash = await emptyTrash(cfg.cacheDir, { dryRun });
+  process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash)} MB${trash > 0 ? ` (${mb(trash)} MB of it left by an interrupted removal)` : ''}${dryRun ? ' (dry run)' : ''}\n`);
 }
 
 /** `fn` again after a transient S3 error (a 5xx, SlowDown, a reset), a few times with backoff, as a fill retries. */

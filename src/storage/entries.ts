@@ -119,14 +119,17 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   return { removed: true, bytes };
 }
 
-/** Deletes what evictions that died midway left (their folders were already out of any entry's name). */
-export async function emptyTrash(cacheDir: string): Promise<number> {
+/**
+ * Deletes what evictions that died midway left (their folders were already out of any entry's name); `dryRun`: only
+ * measures it. Resolves to the bytes it occupied.
+ */
+export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {}): Promise<number> {
   const ents = await fsp.readdir(cacheDir).catch(() => [] as string[]);
   let bytes = 0;
   for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
     const p = path.join(cacheDir, n);
     bytes += await allocated(p);
-    await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
+    if (!o.dryRun) await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
   }
   return bytes;
 }
