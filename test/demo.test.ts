@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, DEMO_FAMILIES, type DemoOptions } from '../src/demo/build.js';
 import { main as cliMain } from '../src/demo/cli.js';
 import { demoDirName, ensureDemoModel } from '../src/demo/index.js';
+import { float16Bits, float16Tensor } from '../src/pipeline/onnx.js';
 import { fixtureModel } from './fixtures/index.js';
 
 const BOS = 49406, EOS = 49407;
@@ -55,12 +56,12 @@ function fromHalf(h: number): number {
 function floatFeed(session: ort.InferenceSession, name: string, data: Float32Array, dims: number[]): ort.Tensor {
   const meta = session.inputMetadata.find((m) => m.name === name);
   if (!meta || !meta.isTensor) throw new Error(`no tensor input ${name}`);
-  if (meta.type === 'float16') return new ort.Tensor('float16', Uint16Array.from(data, toHalf), dims);
+  if (meta.type === 'float16') return float16Tensor(ort, Uint16Array.from(data, toHalf), dims);
   if (meta.type === 'int64') return new ort.Tensor('int64', BigInt64Array.from(data, (v) => BigInt(Math.floor(v))), dims);
   return new ort.Tensor('float32', data, dims);
 }
 function asF32(t: ort.Tensor): Float32Array {
-  if (t.type === 'float16') return Float32Array.from(t.data as Uint16Array, fromHalf);
+  if (t.type === 'float16') return Float32Array.from(float16Bits(t), fromHalf);
   expect(t.type).toBe('float32');
   return t.data as Float32Array;
 }

@@ -519,10 +519,10 @@ describe('docker/Dockerfile', () => {
   const envText = (s: Stage) => s.instrs.filter((i) => i.cmd === 'ENV').map((i) => i.args).join(' ');
   const workdir = (s: Stage) => s.instrs.filter((i) => i.cmd === 'WORKDIR').at(-1)?.args.trim() ?? '/';
 
-  it('is multi-stage: a Node 20 build stage and a CUDA 12 + cuDNN runtime stage on Ubuntu 22.04', () => {
+  it('is multi-stage: a Node 24 build stage and a CUDA 12 + cuDNN runtime stage on Ubuntu 22.04', () => {
     expect(stages.length).toBeGreaterThanOrEqual(2);
     expect(build.name).toBeTruthy();
-    expect(build.from).toMatch(/^node:20(\.|-|$)/);
+    expect(build.from).toMatch(/^node:24(\.|-|$)/);
     expect(final.from).toMatch(/^nvidia\/cuda:12\.\d+(\.\d+)?-cudnn(9)?-runtime-ubuntu22\.04$/);
   });
 
@@ -546,7 +546,7 @@ describe('docker/Dockerfile', () => {
 
   it('every COPY source exists in the build context (not .dockerignored) or in the build stage output', () => {
     const buildWd = workdir(build);
-    const fromBaseImage = new Set(['/usr/local/bin/node']); // the Node binary of the node:20 build image
+    const fromBaseImage = new Set(['/usr/local/bin/node']); // the Node binary of the node:24 build image
     for (const s of stages) {
       for (const i of s.instrs.filter((x) => x.cmd === 'COPY' || x.cmd === 'ADD')) {
         expect(i.cmd, 'use COPY, not ADD').toBe('COPY');

@@ -354,7 +354,7 @@ function toTensor(ort: Ort, info: IoInfo, f: Feed): Tensor {
     case 'float32':
       return new ort.Tensor('float32', f.data instanceof Float32Array ? f.data : Float32Array.from(f.data as ArrayLike<number>, Number), f.dims);
     case 'float16':
-      return new ort.Tensor('float16', f32ToF16(f.data instanceof Float32Array ? f.data : Float32Array.from(f.data as ArrayLike<number>, Number)), f.dims);
+      return float16Tensor(ort, f32ToF16(f.data instanceof Float32Array ? f.data : Float32Array.from(f.data as ArrayLike<number>, Number)), f.dims);
     case 'int64':
       return new ort.Tensor('int64', f.data instanceof BigInt64Array ? f.data : BigInt64Array.from(f.data as ArrayLike<number>, (v) => BigInt(Math.trunc(Number(v)))), f.dims);
     case 'int32':
@@ -362,12 +362,30 @@ function toTensor(ort: Ort, info: IoInfo, f: Feed): Tensor {
   }
 }
 
+/**
+ * A float16 tensor from IEEE binary16 bits that onnxruntime-node can read on every Node. Where the engine has
+ * Float16Array (Node >= 24), onnxruntime-common keeps float16 data as a Float16Array view, whose byte length the
+ * 1.30 binding reads as 0 ("not enough space: expected N, got 0"; microsoft/onnxruntime#32323): the tensor's
+ * `data`, which the binding reads, is then the Uint16Array view of the same bytes.
+ */
+export function float16Tensor(ort: Ort, bits: Uint16Array, dims: readonly number[]): Tensor {
+  const t = new ort.Tensor('float16', bits, dims);
+  if (!(t.data instanceof Uint16Array)) Object.defineProperty(t, 'data', { value: bits, enumerable: true });
+  return t;
+}
+
+/** The binary16 bits of a float16 tensor: its data is a Uint16Array on Node 20, a Float16Array (values) on Node >= 24. */
+export function float16Bits(t: Tensor): Uint16Array {
+  const d = t.data as Uint16Array | (ArrayBufferView & { readonly length: number });
+  return d instanceof Uint16Array ? d : new Uint16Array(d.buffer, d.byteOffset, d.length);
+}
+
 function toF32(t: Tensor): Float32Array {
   switch (t.type) {
     case 'float32':
       return t.data as Float32Array;
     case 'float16':
-      return f16ToF32(t.data as Uint16Array);
+      return f16ToF32(float16Bits(t));
     default:
       return Float32Array.from(t.data as ArrayLike<number | bigint>, Number);
   }
