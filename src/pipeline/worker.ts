@@ -20,7 +20,8 @@ import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
 import { LoraSetThread } from './lora-client.js';
-import { AdapterSetCache, type CachedSet } from './lora-sets.js';
+import { AdapterSetCache, loraWorkLeftBehind, loraWorkName, type CachedSet } from './lora-sets.js';
+import { PID_NS, pidAlive } from '../storage/lock.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -405,9 +406,9 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
 const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
 
 /**
- * A new folder for one set's merged graphs: `<MODEL_CACHE_DIR>/.lora-sets/<host>-<pid>-w<worker>/<n>`, on the file
+ * A new folder for one set's merged graphs: `<MODEL_CACHE_DIR>/.lora-sets/<host>-<pidns>-<pid>-w<worker>/<n>`, on the file
  * system of the cached model, so the unchanged weights are hard links, not copies. Folders this host's processes left
- * behind (a crash) are removed the first time; other pods' folders on a shared volume are theirs.
+ * behind (a crash) are removed the first time (loraWorkLeftBehind); other pods' folders on a shared volume are theirs.
  */
 let workRoot: Promise<string> | undefined;
 let workSeq = 0;
@@ -415,18 +416,11 @@ async function loraWorkDir(): Promise<string> {
   workRoot ??= (async () => {
     const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora');
     await mkdir(base, { recursive: true });
-    const host = os.hostname().replace(/[^A-Za-z0-9.-]/g, '_');
-    for (const d of await readdir(base).catch(() => [] as string[])) {
-      if (!d.startsWith(`${host}-`)) continue;
-      const pid = Number(/-(\d+)-w\d+$/.exec(d)?.[1]);
-      if (!Number.isInteger(pid) || pid === process.pid) continue;
-      try {
-        process.kill(pid, 0);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'ESRCH') await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
-      }
+    const me = { host: os.hostname(), pidns: PID_NS, pid: process.pid };
+    for (const d of loraWorkLeftBehind(await readdir(base).catch(() => [] as string[]), me, pidAlive)) {
+      await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
     }
-    const root = path.join(base, `${host}-${process.pid}-w${init.workerIndex}`);
+    const root = path.join(base, loraWorkName(me.host, me.pidns, me.pid, init.workerIndex));
     await rm(root, { recursive: true, force: true });
     return root;
   })();
