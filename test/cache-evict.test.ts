@@ -334,6 +334,20 @@ describe('eviction against a start of the same entry at that moment', () => {
     expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
   });
 
+  it('a lease judged stale and removed by an eviction tells its holder, which learns whether the entry went', async () => {
+    const cache = await cacheWith(1);
+    const dir = path.join(cache, keyOf(1));
+    const lease = await leaseEntry(dir, { heartbeatMs: 50 });
+    const told: boolean[] = [];
+    lease.onLost((gone) => told.push(gone));
+    // Any heartbeat counts as stale here: as if this process had missed its heartbeats for minutes.
+    await new Promise((r) => setTimeout(r, 20));
+    expect((await removeEntry(cache, keyOf(1), { leaseStaleMs: 1 })).removed).toBe(true);
+    await until(() => told.length > 0, 5_000, 10);
+    expect(told).toEqual([true]);
+    await lease.release();
+  });
+
   it('a fill of the same entry racing an eviction ends with the entry whole', async () => {
     const cache = await cacheWith(1);
     for (let i = 0; i < 10; i++) {

@@ -192,7 +192,13 @@ export class BootSequence {
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const s3 = this.plan.source === 's3' ? this.plan : undefined;
     const lease = s3?.lease;
-    if (lease) rt.atClose(() => lease.release());
+    if (lease) {
+      rt.atClose(() => lease.release());
+      // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
+      lease.onLost((gone) => log.warn({ entryGone: gone }, gone
+        ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
+        : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
+    }
     if (s3?.leaseError !== undefined) log.warn({ reason: (s3.leaseError as Error)?.message ?? String(s3.leaseError) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
     this.#countEvictions();
     const stop = () => this.#abort.abort(rt.shutdown.reason);

@@ -43,6 +43,8 @@ export interface LeaseOptions {
 export interface EntryLease {
   /** The lease file (inside the cache). */
   readonly path: string;
+  /** Replaces LeaseOptions.onLost (a lease taken before a logger existed gets one later). */
+  onLost(fn: (entryGone: boolean) => void): void;
   release(): Promise<void>;
 }
 
@@ -123,6 +125,7 @@ export async function leaseEntry(entryDir: string, o: LeaseOptions = {}): Promis
 
 function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number, o: LeaseOptions): EntryLease {
   let released = false;
+  let lost = o.onLost;
   let held: HeldLock;
   const watch = () => {
     held = hold(file, me, heartbeatMs);
@@ -131,7 +134,7 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
       // Only an eviction removes a lease; it judged this one stale (a heartbeat missed for minutes). The entry is taken
       // again if it is still there, so the next one skips it.
       const gone = !(await isEntry(entryDir));
-      o.onLost?.(gone);
+      lost?.(gone);
       if (gone || released) return;
       try {
         await mkdirs(path.dirname(file));
@@ -145,6 +148,9 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
   watch();
   return {
     path: file,
+    onLost(fn) {
+      lost = fn;
+    },
     async release() {
       if (released) return;
       released = true;
