@@ -2,8 +2,12 @@
 """Export a diffusers Stable Diffusion pipeline to the ONNX layout diffusers-runtime serves.
 
     python3 scripts/export_sd.py SOURCE OUT_DIR [--plain] [--fp32] [--device cuda|cpu] [--no-vae-encoder]
+                                 [--config DIFFUSERS_FOLDER_OR_ID] [--allow-pickle]
 
-SOURCE is a Hugging Face model id or a local diffusers folder (SD 1.x, 2.x, SDXL, LCM, Turbo).
+SOURCE is a Hugging Face model id or a local diffusers folder (SD 1.x, 2.x, SDXL, LCM, Turbo), or a single-file
+checkpoint in the original layout (.safetensors; .ckpt only with --allow-pickle), loaded with diffusers'
+`from_single_file`: the pipeline class is inferred from the checkpoint's keys as diffusers infers it, or taken from
+--config (a diffusers folder or hub id of the same architecture, whose configs, tokenizers and scheduler are used).
 
 Default (fused, for the CUDA execution provider): every component is exported in float32 with diffusers' plain
 attention processor (the pattern onnxruntime's fusions match), run through onnxruntime's transformer optimizer
@@ -427,8 +431,9 @@ def _fuse(src: Path, model_type: str, fp16: bool, keep_fp32_ops: list[str], repo
     return m.model, lora
 
 
-def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opset=17, vae_encoder=True):
+def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opset=17, vae_encoder=True, source=None):
     """Exports `pipe` (a diffusers StableDiffusion[XL]Pipeline, weights in float32 unless plain fp16) into out_dir.
+    `source`, where given, is recorded in the manifest (what a single-file checkpoint was loaded as).
     Returns the manifest it wrote."""
     import torch
     out = Path(out_dir)
@@ -450,6 +455,8 @@ def export_pipeline(pipe, out_dir, *, fused=True, fp16=True, device="cuda", opse
             m.to(device=device, dtype=dtype).eval()
     manifest = {"format": FORMAT, "producer": "diffusers-runtime scripts/export_sd.py", "variant": "fused" if fused else "plain",
                 "target": "cuda" if fused else "any", "pipeline": type(pipe).__name__, "opset": opset, "versions": versions(), "components": {}}
+    if source:
+        manifest["source"] = source
     want_encoder = vae_encoder and getattr(pipe.vae, "encoder", None) is not None
     for name, module, args, inames, onames, axes, model_type in _component_specs(pipe, device, dtype, want_encoder):
         t0 = time.perf_counter()
@@ -507,7 +514,9 @@ def _write_configs(pipe, out: Path):
     """model_index.json, scheduler, tokenizers and each component's config.json, as optimum lays them out."""
     def dump(cfg, path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(cfg), indent=1, default=str, allow_nan=True) + "\n")
+        # _name_or_path is where the source was loaded from (a local path on the exporting machine): not the export's.
+        cfg = {k: v for k, v in dict(cfg).items() if k != "_name_or_path"}
+        path.write_text(json.dumps(cfg, indent=1, default=str, allow_nan=True) + "\n")
     index = {k: v for k, v in dict(pipe.config).items() if not isinstance(v, (list, tuple)) or k.startswith("_")}
     index["_class_name"] = type(pipe).__name__
     dump(index, out / "model_index.json")
@@ -537,16 +546,190 @@ def _bpe_files(folder: Path):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints (the original CompVis / SGM layout: model.diffusion_model.*, first_stage_model.*,
+# cond_stage_model.* or conditioner.embedders.*), loaded with diffusers' from_single_file.
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+# diffusers' model type (infer_diffusers_model_type) -> the pipeline class that serves it here.
+SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline", "inpainting": "StableDiffusionInpaintPipeline",
+                     "inpainting_v2": "StableDiffusionInpaintPipeline", "xl_base": "StableDiffusionXLPipeline",
+                     "xl_inpaint": "StableDiffusionXLInpaintPipeline"}
+# Pipeline classes a --config may name: the families the runtime serves.
+SINGLE_FILE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "LatentConsistencyModelPipeline",
+                       "LatentConsistencyModelImg2ImgPipeline")
+# What diffusers' from_single_file fetches of a hub config (single_file.py, _download_diffusers_model_config_from_hub).
+CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+LAYOUT_HELP = ("a single-file Stable Diffusion checkpoint in the original layout: model.diffusion_model.* (UNet), first_stage_model.* (VAE) "
+               "and cond_stage_model.* (SD 1.x/2.x) or conditioner.embedders.* (SDXL) (text encoders)")
+
+
+class SourceError(SystemExit):
+    def __init__(self, msg):
+        super().__init__(f"export_sd: {msg}")
+
+
+def is_single_file(source: str) -> bool:
+    return source.lower().endswith(SAFETENSORS_EXT + PICKLE_EXT) or os.path.isfile(source)
+
+
+def checkpoint_shapes(path: str, allow_pickle: bool) -> dict:
+    """key -> shape of every tensor in the checkpoint, read without loading a safetensors file's weights."""
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise SourceError(f"{path} is not a file (a diffusers folder needs model_index.json; a single-file checkpoint is one .safetensors file)")
+    lower = name.lower()
+    if lower.endswith(PICKLE_EXT):
+        if not allow_pickle:
+            raise SourceError(f"{name} is a Python pickle: loading a pickle can run code hidden in the file. Prefer the model's .safetensors "
+                              "file; if you trust this one, pass --allow-pickle (it is then read with torch.load(weights_only=True), as "
+                              "diffusers reads it, which refuses objects other than tensors and plain containers)")
+        import pickle
+        import zipfile
+        import torch
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            raise SourceError(f"{name}: torch's weights-only loader refused it ({str(e).splitlines()[0][:200]}): it holds objects other "
+                              "than tensors (training state). Convert it to .safetensors where you trust it, and export that") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
+            raise SourceError(f"{name} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:160]}); expected {LAYOUT_HELP}") from None
+        while isinstance(sd, dict) and "state_dict" in sd:  # as diffusers' load_single_file_checkpoint unwraps it
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise SourceError(f"{name} holds a {type(sd).__name__}, not a state dict; expected {LAYOUT_HELP}")
+        return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        kind = "" if lower.endswith(SAFETENSORS_EXT) else " (single-file checkpoints are .safetensors, or .ckpt with --allow-pickle)"
+        raise SourceError(f"{name} is not a safetensors file{kind}: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def check_layout(name: str, shapes: dict):
+    """The original layout's three parts, or an error saying what the file looks like instead."""
+    keys = list(shapes)
+    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
+    sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    if not has("model.diffusion_model."):
+        if any("lora" in k.lower() for k in keys):
+            what = " It looks like a LoRA adapter: serve it on its base model (docs/LORA.md)."
+        elif has("down_blocks.", "encoder.down_blocks.", "decoder.up_blocks.", "text_model.", "embeddings."):
+            what = " It looks like one diffusers component's weights: export the whole diffusers folder (model_index.json beside it)."
+        elif has("encoder.down.", "decoder.up."):
+            what = " It looks like a VAE on its own: such a file replaces a model's VAE; it is not a model."
+        else:
+            what = ""
+        raise SourceError(f"{name} is not {LAYOUT_HELP}; it has {len(keys)} tensors ({sample or 'none'}).{what}")
+    missing = [part for part, pre in (("first_stage_model.* (VAE)", ("first_stage_model.",)),
+                                      ("cond_stage_model.* or conditioner.embedders.* (text encoders)", ("cond_stage_model.", "conditioner.embedders.")))
+               if not has(*pre)]
+    if missing:
+        raise SourceError(f"{name} has a UNet (model.diffusion_model.*) but no {' and no '.join(missing)}: a UNet-only file. Export needs "
+                          "the whole pipeline in one file, or a diffusers folder")
+
+
+def infer_model_type(shapes: dict) -> str | None:
+    """diffusers' model type for the checkpoint, or None where diffusers would only guess: its inference falls back to
+    'v1' for any layout it does not recognise, so 'v1' counts only with SD 1.x's UNet (its last output block)."""
+    import torch
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    t = infer_diffusers_model_type(meta)
+    if t == "v1" and CHECKPOINT_KEY_NAMES["v1"] not in shapes:
+        return None
+    return t
+
+
+def _is_xl_layout(shapes: dict) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in shapes)
+
+
+def _config_dir(config: str, why: str) -> str:
+    """A local folder holding the configs of `config` (a folder, or a hub id fetched as diffusers fetches it)."""
+    if os.path.isdir(config):
+        if not os.path.isfile(os.path.join(config, "model_index.json")):
+            raise SourceError(f"--config {os.path.basename(os.path.normpath(config))}: no model_index.json there; --config wants a diffusers "
+                              "folder (model_index.json, scheduler/, tokenizer*/, unet/config.json, ...; weights are not needed) or a hub id")
+        return config
+    if config.count("/") != 1 or config.startswith((".", "/")):
+        raise SourceError(f"--config {config}: neither a local folder nor a Hugging Face id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(config, allow_patterns=CONFIG_PATTERNS)
+    except Exception as e:  # noqa: BLE001 - offline, unreachable, gated, unknown: all end the same way
+        raise SourceError(f"the configs of {config} ({why}) could not be fetched from the Hugging Face Hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else ''}). Pass --config a local diffusers folder of the same "
+                          f"architecture (a copy of {config} without its weights is enough: model_index.json and the json/txt files "
+                          "of its subfolders)") from None
+
+
+def load_single_file(path: str, config: str | None = None, allow_pickle: bool = False):
+    """The pipeline of a single-file checkpoint, in float32, and what was inferred (for the manifest)."""
+    import diffusers
+    import torch
+    name = os.path.basename(path)
+    shapes = checkpoint_shapes(path, allow_pickle)
+    check_layout(name, shapes)
+    model_type = infer_model_type(shapes)
+    xl = _is_xl_layout(shapes)
+    if config is None:
+        if model_type is None:
+            family = "SDXL-like (conditioner.embedders.*)" if xl else "SD 1.x/2.x-like (cond_stage_model.*)"
+            raise SourceError(f"cannot infer the model type of {name} without --config: its layout is {family} but not one diffusers "
+                              "recognises by its keys (a non-standard architecture). Pass --config a diffusers folder or hub id of the "
+                              "same architecture")
+        if model_type not in SINGLE_FILE_TYPES:
+            raise SourceError(f"{name} is a '{model_type}' checkpoint (as diffusers infers it); the runtime serves SD 1.x/2.x, SDXL base and "
+                              f"their inpainting variants ({', '.join(SINGLE_FILE_TYPES)})")
+        from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+        hub_id = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+        cfg_dir = _config_dir(hub_id, f"diffusers' layout of a '{model_type}' checkpoint, which {name} was inferred to be")
+        cls_name = SINGLE_FILE_TYPES[model_type]
+        config_label = hub_id
+    else:
+        cfg_dir = _config_dir(config, "given with --config")
+        config_label = config if not os.path.isdir(config) else "a local folder"
+        index = json.loads(Path(cfg_dir, "model_index.json").read_text())
+        cls_name = index.get("_class_name", "")
+        if cls_name not in SINGLE_FILE_CLASSES:
+            raise SourceError(f"--config is a {cls_name or 'pipeline without _class_name'}; the runtime serves {', '.join(SINGLE_FILE_CLASSES)}")
+        if index.get("text_encoder", [None])[0] is None:
+            raise SourceError("--config has no text_encoder: an SDXL refiner, which the runtime does not serve")
+        if ("XL" in cls_name) != xl:
+            raise SourceError(f"--config is a {cls_name} but {name} has the {'SDXL' if xl else 'SD 1.x/2.x'} layout "
+                              f"({'conditioner.embedders.*' if xl else 'cond_stage_model.*'}): pass a config of the same architecture")
+    log(f"{name}: {'model type ' + model_type if model_type else 'model type not inferred'}; {cls_name} with the configs of {config_label}")
+    cls = getattr(diffusers, cls_name)
+    try:
+        pipe = cls.from_single_file(path, config=cfg_dir, torch_dtype=torch.float32, safety_checker=None)
+    except Exception as e:  # noqa: BLE001 - shape mismatches, missing components: diffusers raises several kinds
+        raise SourceError(f"{name} does not load as a {cls_name} with the configs of {config_label} ({type(e).__name__}: "
+                          f"{str(e)[:300]}): is --config of the same architecture?") from None
+    return pipe, {"single_file": name, "model_type": model_type, "pipeline_class": cls_name, "config": config_label}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", help="Hugging Face model id or local diffusers folder")
+    ap.add_argument("source", help="Hugging Face model id, local diffusers folder, or single-file checkpoint (.safetensors, .ckpt)")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--plain", action="store_true", help="unfused graphs for any execution provider (CPU serving)")
     ap.add_argument("--fp32", action="store_true", help="keep float32 weights")
     ap.add_argument("--device", default=None, help="torch device for tracing (default: cuda if available, else cpu)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--no-vae-encoder", action="store_true", help="skip vae_encoder (text-to-image only)")
+    ap.add_argument("--config", default=None, help="single file: diffusers folder or hub id of the same architecture (configs, tokenizers, scheduler)")
+    ap.add_argument("--allow-pickle", action="store_true", help="single file: accept a .ckpt (a pickle; loading one can run code)")
     a = ap.parse_args(argv)
+    single = is_single_file(a.source)
+    if not single and (a.config or a.allow_pickle):
+        sys.exit("export_sd: --config and --allow-pickle are for single-file checkpoints (.safetensors, .ckpt)")
     import torch
     from diffusers import DiffusionPipeline
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -557,9 +740,13 @@ def main(argv=None):
     if out.exists() and any(out.iterdir()):
         sys.exit(f"export_sd: {out} is not empty")
     log(f"loading {a.source}")
-    # The safety checker is not part of the layout: not loading it saves memory and time.
-    pipe = DiffusionPipeline.from_pretrained(a.source, torch_dtype=torch.float32, safety_checker=None)
-    m = export_pipeline(pipe, out, fused=not a.plain, fp16=fp16, device=device, opset=a.opset, vae_encoder=not a.no_vae_encoder)
+    source = None
+    if single:
+        pipe, source = load_single_file(a.source, a.config, a.allow_pickle)
+    else:
+        # The safety checker is not part of the layout: not loading it saves memory and time.
+        pipe = DiffusionPipeline.from_pretrained(a.source, torch_dtype=torch.float32, safety_checker=None)
+    m = export_pipeline(pipe, out, fused=not a.plain, fp16=fp16, device=device, opset=a.opset, vae_encoder=not a.no_vae_encoder, source=source)
     log(f"done in {m['seconds']} s: {out} ({m['variant']}, target {m['target']})")
 
 
