@@ -113,3 +113,13 @@ export function loraWorkLeftBehind(names: readonly string[], me: { host: string;
     return Number.isInteger(pid) && pid !== me.pid && !alive(pid);
   });
 }
+
+/** Whether a process of this pid namespace runs with that pid (EPERM: it does, as another user). */
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

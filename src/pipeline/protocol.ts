@@ -17,7 +17,7 @@ export interface WorkerInit {
    * LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes, and the folder their merged
    * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
    */
-  lora?: { maxSets: number; maxBytes: number; workDir: string };
+  lora?: { maxSets: number; maxBytes: number; workDir: string; /** This process's pid namespace (storage/lock.ts PID_NS), naming the work folders. */ pidns?: string };
   /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: before). */
   vaeEncoderWarmup?: EncoderWarmup;
   /** AUX_THREADS (absent: auto). */

@@ -20,8 +20,7 @@ import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
 import { LoraSetThread } from './lora-client.js';
-import { AdapterSetCache, loraWorkLeftBehind, loraWorkName, type CachedSet } from './lora-sets.js';
-import { PID_NS, pidAlive } from '../storage/lock.js';
+import { AdapterSetCache, loraWorkLeftBehind, loraWorkName, pidAlive, type CachedSet } from './lora-sets.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -416,7 +415,7 @@ async function loraWorkDir(): Promise<string> {
   workRoot ??= (async () => {
     const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora');
     await mkdir(base, { recursive: true });
-    const me = { host: os.hostname(), pidns: PID_NS, pid: process.pid };
+    const me = { host: os.hostname(), pidns: init.lora?.pidns, pid: process.pid };
     for (const d of loraWorkLeftBehind(await readdir(base).catch(() => [] as string[]), me, pidAlive)) {
       await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
     }

@@ -8,6 +8,7 @@ import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
 import { ENTRY_MARKERS } from '../storage/cache.js';
+import { PID_NS } from '../storage/lock.js';
 
 /** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
 export interface SpawnedWorker {
@@ -55,7 +56,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupSteps === 0 ? 'before-ready' : cfg.warmupVaeEncoder } : {}),
     ...(cfg.auxThreads ? { auxThreads: cfg.auxThreads } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
-      ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets') } }
+      ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets'), ...(PID_NS ? { pidns: PID_NS } : {}) } }
       : {}),
   };
 }

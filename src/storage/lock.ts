@@ -132,7 +132,7 @@ export async function createHolderFile(file: string, me: LockInfo): Promise<void
   }
 }
 
-export function pidAlive(pid: number): boolean {
+function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
