@@ -14,7 +14,7 @@
  *   Node reads no file over 2 GiB whole, so it is for models below that (scripts/bench-lora.ts).
  */
 import { constants } from 'node:fs';
-import { copyFile, type FileHandle, link, mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, type FileHandle, link, mkdir, open, readFile, realpath, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { RuntimeError } from '../errors.js';
@@ -149,8 +149,7 @@ export async function writeMergedComponent(modelPath: string, updates: readonly 
   const model = onnx.ModelProto.decode(await readFile(modelPath));
   const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
   const locations = externalLocations(inits, dir, component);
-  await rm(outDir, { recursive: true, force: true });
-  await mkdir(outDir, { recursive: true });
+  await freshOutDir(dir, outDir, component);
   return removedOnFailure(outDir, () => writeLinked(modelPath, model, inits, locations, updates, outDir, opts));
 }
 
@@ -217,8 +216,7 @@ export async function writeMergedCopy(modelPath: string, updates: readonly Weigh
   const model = onnx.ModelProto.decode(graphBytes);
   const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
   const locations = externalLocations(inits, dir, component);
-  await rm(outDir, { recursive: true, force: true });
-  await mkdir(outDir, { recursive: true });
+  await freshOutDir(dir, outDir, component);
   return removedOnFailure(outDir, async () => {
     for (const l of locations) await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
     let inlineChanged = false;
@@ -241,6 +239,28 @@ export async function writeMergedCopy(modelPath: string, updates: readonly Weigh
     for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
     return { modelPath: out, patchedBytes, totalBytes, data: locations.size > 0 ? 'copied' : 'none' };
   });
+}
+
+/**
+ * Empties `outDir` for a merge of the component in `modelDir`, refusing an `outDir` that is that folder or holds it
+ * (through links too): emptying it would delete the model before it is read (`lora:merge MODEL_DIR MODEL_DIR ...`).
+ */
+async function freshOutDir(modelDir: string, outDir: string, component: string): Promise<void> {
+  const real = async (p: string): Promise<string> => {
+    try {
+      return await realpath(p);
+    } catch {
+      const parent = path.dirname(p);
+      return parent === p ? p : path.join(await real(parent), path.basename(p));
+    }
+  };
+  const [model, out] = await Promise.all([real(modelDir), real(outDir)]);
+  const rel = path.relative(out, model);
+  if (rel === '' || (rel !== '..' && !rel.startsWith(`..${path.sep}`) && !path.isAbsolute(rel))) {
+    throw new RuntimeError('INVALID_INPUT', `${component}: the output folder is the model's own folder (or holds it); write the merge to another folder`);
+  }
+  await rm(outDir, { recursive: true, force: true });
+  await mkdir(outDir, { recursive: true });
 }
 
 /** Runs `write`; if it fails, `outDir` goes (a half-written merge holds up to a whole component's bytes). */
