@@ -340,9 +340,10 @@ describe('eviction against a start of the same entry at that moment', () => {
     const lease = await leaseEntry(dir, { heartbeatMs: 50 });
     const told: boolean[] = [];
     lease.onLost((gone) => told.push(gone));
-    // Any heartbeat counts as stale here: as if this process had missed its heartbeats for minutes.
+    // Any heartbeat counts as stale here, even one just written (a 1 ms limit is not: a delayed timer can land the
+    // eviction's look within 1 ms of a 50 ms heartbeat): as if this process had missed its heartbeats for minutes.
     await new Promise((r) => setTimeout(r, 20));
-    expect((await removeEntry(cache, keyOf(1), { leaseStaleMs: 1 })).removed).toBe(true);
+    expect((await removeEntry(cache, keyOf(1), { leaseStaleMs: -60_000 })).removed).toBe(true);
     await until(() => told.length > 0, 5_000, 10);
     expect(told).toEqual([true]);
     await lease.release();
