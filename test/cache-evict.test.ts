@@ -349,6 +349,22 @@ describe('eviction against a start of the same entry at that moment', () => {
     await lease.release();
   });
 
+  it('an evicted entry whose trash cannot be deleted yet still counts as removed; a later eviction deletes it', async () => {
+    const cache = await cacheWith(1);
+    const stuck = path.join(cache, keyOf(1), 'model_index.json');
+    // An undeletable file stands for an NFS client's .nfs file of a file still open (root on ext4 can pin one).
+    if (spawnSync('chattr', ['+i', stuck]).status !== 0) return;
+    try {
+      expect(await removeEntry(cache, keyOf(1))).toMatchObject({ removed: true });
+      expect(existsSync(path.join(cache, keyOf(1)))).toBe(false);
+      expect(readdirSync(cache).filter((n) => n.startsWith('.evicting-'))).toHaveLength(1);
+    } finally {
+      for (const n of readdirSync(cache).filter((x) => x.startsWith('.evicting-'))) spawnSync('chattr', ['-i', path.join(cache, n, 'model_index.json')]);
+    }
+    await makeRoom(cache, 1, { exclude: 'none' });
+    expect(readdirSync(cache).filter((n) => n.startsWith('.evicting-'))).toEqual([]);
+  });
+
   it('a fill of the same entry racing an eviction ends with the entry whole', async () => {
     const cache = await cacheWith(1);
     for (let i = 0; i < 10; i++) {

@@ -142,7 +142,9 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
       } catch {
         /* the next heartbeat tries again */
       }
-      if (!released) watch();
+      // Released while the file was being written again: no heartbeat will keep it, so it must not stay.
+      if (released) await fsp.unlink(file).catch(() => undefined);
+      else watch();
     })(), { once: true });
   };
   watch();
