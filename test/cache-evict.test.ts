@@ -13,7 +13,7 @@ import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { MANIFEST } from '../src/storage/cache.js';
 import { listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
 import { committedEntry, resolveModel, type ResolveOptions } from '../src/storage/fetch.js';
-import { LAST_USED, leaseEntry, leasesDir } from '../src/storage/lease.js';
+import { LAST_USED, leaseEntry, leasesDir, sweepUnleased } from '../src/storage/lease.js';
 import { acquireLock } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
@@ -388,5 +388,33 @@ describe('a server', () => {
     await seq.stop();
     expect(readdirSync(leases)).toEqual([LAST_USED]);
     expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
+  });
+});
+
+describe('adapter-set work folders (.lora-sets/)', () => {
+  it('a sweep removes the folders no live process leases, keeps a leased one, and waits a day for folders named before leases', async () => {
+    const base = await fsp.mkdtemp(path.join(tmp, 'lora-sets-'));
+    const mk = async (name: string, file = 'lora.onnx_data') => {
+      await fsp.mkdir(path.join(base, name, 'w0', '1'), { recursive: true });
+      await fsp.writeFile(path.join(base, name, 'w0', '1', file), 'x');
+    };
+    // A live process elsewhere (its own pid, its own lease), as another pod on the volume.
+    await mk('pod-a-100-aaaa');
+    const child = await leaseInChild(path.join(base, 'pod-a-100-aaaa'));
+    try {
+      await mk('pod-b-1-bbbb'); // a crashed container's: its lease went stale, or it never had one
+      const stale = await leaseEntry(path.join(base, 'pod-c-1-cccc'));
+      await mk('pod-c-1-cccc');
+      await stale.release(); // a released lease no longer counts
+      await mk('node-a-1-w0'); // named before leases: recent, so perhaps a live older server's
+      await mk('node-a-2-w0');
+      const old = new Date(Date.now() - 2 * 86_400_000);
+      await fsp.utimes(path.join(base, 'node-a-2-w0'), old, old);
+      expect((await sweepUnleased(base)).sort()).toEqual(['node-a-2-w0', 'pod-b-1-bbbb', 'pod-c-1-cccc']);
+      expect(readdirSync(base).filter((n) => !n.startsWith('.')).sort()).toEqual(['node-a-1-w0', 'pod-a-100-aaaa']);
+      expect(existsSync(path.join(base, 'pod-a-100-aaaa', 'w0', '1', 'lora.onnx_data'))).toBe(true);
+    } finally {
+      child.kill('SIGKILL');
+    }
   });
 });

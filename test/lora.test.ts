@@ -11,7 +11,7 @@ import * as demoBuild from '../src/demo/build.js';
 import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
 import { writeSafetensors } from '../src/demo/safetensors.js';
 import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
-import { AdapterSetCache, loraWorkLeftBehind, loraWorkName } from '../src/pipeline/lora-sets.js';
+import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
 
 const FIX = path.join(import.meta.dirname, 'fixtures', 'lora');
 const load = (f: string) => parseSafetensors(readFileSync(path.join(FIX, f)), f);
@@ -387,25 +387,3 @@ function demoStyleUpdates(dir: string, map: LoraMap) {
   const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 0.9 }], new Map<LoraComponent, LoraMap>([['unet', map]]));
   return [...updates.values()].filter((u) => u.component === 'unet');
 }
-
-describe('adapter set work folders left by a crash', () => {
-  const me = { host: 'node-a', pidns: 'boot-1/pid:[4026531836]', pid: 7 };
-  const alive = (pid: number) => pid === 7 || pid === 12; // 7 is this process, 12 another live one here
-
-  it('removes only its own pid namespace\'s folders whose process is gone', () => {
-    const names = [
-      loraWorkName('node-a', me.pidns, 7, 0), // this process
-      loraWorkName('node-a', me.pidns, 12, 0), // alive here
-      loraWorkName('node-a', me.pidns, 30, 1), // gone: a crash
-      // Another container with the same host name (hostNetwork pods): its pid 30 means nothing here.
-      loraWorkName('node-a', 'boot-1/pid:[4026532999]', 30, 0),
-      loraWorkName('node-b', me.pidns, 30, 0),
-      'node-a-30-w0', // named before namespaces were recorded: whose it is cannot be told
-    ];
-    expect(loraWorkLeftBehind(names, me, alive)).toEqual([loraWorkName('node-a', me.pidns, 30, 1)]);
-  });
-
-  it('removes nothing where the pid namespace is unknown', () => {
-    expect(loraWorkLeftBehind([loraWorkName('node-a', undefined, 30, 0)], { ...me, pidns: undefined }, () => false)).toEqual([]);
-  });
-});

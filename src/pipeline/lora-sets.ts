@@ -3,7 +3,6 @@
  * (LORA_MAX_SETS) and by the bytes their merged sessions hold (LORA_CACHE_MB). A set in use (a generation between
  * its start and its last UNet step) is never evicted; the base model's sessions are not counted and never evicted.
  */
-import { createHash } from 'node:crypto';
 
 export interface SetLimits {
   maxSets: number;
@@ -84,42 +83,5 @@ export class AdapterSetCache<T> {
 
   values(): CachedSet<T>[] {
     return [...this.#sets.values()];
-  }
-}
-
-/**
- * The work folder of one worker's adapter sets under `.lora-sets/`: host, pid namespace (a short hash of lock.ts's
- * PID_NS; `nons` where there is none) and pid. A host name alone does not say whose pids they are: pods with
- * hostNetwork share their node's name, and every container numbers its processes from 1.
- */
-export function loraWorkName(host: string, pidns: string | undefined, pid: number, worker: number): string {
-  return `${loraWorkPrefix(host, pidns)}${pid}-w${worker}`;
-}
-
-const loraWorkPrefix = (host: string, pidns: string | undefined) =>
-  `${host.replace(/[^A-Za-z0-9.-]/g, '_')}-${pidns ? createHash('sha256').update(pidns).digest('hex').slice(0, 8) : 'nons'}-`;
-
-/**
- * The work folders a crash left behind that this process may remove: those of its own host and pid namespace whose
- * process is gone. Another namespace's folders (another container with the same host name) and folders named before
- * namespaces were recorded are left alone: their pids mean nothing here.
- */
-export function loraWorkLeftBehind(names: readonly string[], me: { host: string; pidns: string | undefined; pid: number }, alive: (pid: number) => boolean): string[] {
-  if (me.pidns === undefined) return [];
-  const prefix = loraWorkPrefix(me.host, me.pidns);
-  return names.filter((d) => {
-    if (!d.startsWith(prefix)) return false;
-    const pid = Number(/^(\d+)-w\d+$/.exec(d.slice(prefix.length))?.[1]);
-    return Number.isInteger(pid) && pid !== me.pid && !alive(pid);
-  });
-}
-
-/** Whether a process of this pid namespace runs with that pid (EPERM: it does, as another user). */
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -14,10 +14,10 @@ export interface WorkerInit {
   /** The CUDA device this worker's sessions run on (one worker per GPU); absent: device 0. */
   deviceId?: number;
   /**
-   * LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes, and the folder their merged
-   * graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
+   * LoRA adapter sets kept per worker (lora-sets.ts): LORA_MAX_SETS, LORA_CACHE_MB in bytes, and this process's folder their
+   * merged graphs go to (under MODEL_CACHE_DIR, the file system the model's weights are on, so they can be hard-linked).
    */
-  lora?: { maxSets: number; maxBytes: number; workDir: string; /** This process's pid namespace (storage/lock.ts PID_NS), naming the work folders. */ pidns?: string };
+  lora?: { maxSets: number; maxBytes: number; workDir: string };
   /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready or after the warm-up (absent: before). */
   vaeEncoderWarmup?: EncoderWarmup;
   /** AUX_THREADS (absent: auto). */

@@ -4,7 +4,7 @@
  * Images leave as raw pixels; the main thread encodes them (engine.ts), so sharp is not this thread's work, and
  * prompts arrive as token ids the main thread encoded, so neither is the tokenizer (it parsed there meanwhile).
  */
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -20,7 +20,7 @@ import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
 import { LoraSetThread } from './lora-client.js';
-import { AdapterSetCache, loraWorkLeftBehind, loraWorkName, pidAlive, type CachedSet } from './lora-sets.js';
+import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -405,22 +405,19 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
 const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
 
 /**
- * A new folder for one set's merged graphs: `<MODEL_CACHE_DIR>/.lora-sets/<host>-<pidns>-<pid>-w<worker>/<n>`, on the file
- * system of the cached model, so the unchanged weights are hard links, not copies. Folders this host's processes left
- * behind (a crash) are removed the first time (loraWorkLeftBehind); other pods' folders on a shared volume are theirs.
+ * A new folder for one set's merged graphs: `<workDir>/w<worker>/<n>`, where workDir is this process's folder under
+ * `<MODEL_CACHE_DIR>/.lora-sets/` (the runtime leases it and sweeps the folders of processes gone: runtime/workers.ts),
+ * on the file system of the cached model, so the unchanged weights are hard links, not copies. A worker started again
+ * in the same process clears what its predecessor left.
  */
 let workRoot: Promise<string> | undefined;
 let workSeq = 0;
 async function loraWorkDir(): Promise<string> {
   workRoot ??= (async () => {
-    const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora');
-    await mkdir(base, { recursive: true });
-    const me = { host: os.hostname(), pidns: init.lora?.pidns, pid: process.pid };
-    for (const d of loraWorkLeftBehind(await readdir(base).catch(() => [] as string[]), me, pidAlive)) {
-      await rm(path.join(base, d), { recursive: true, force: true }).catch(() => undefined);
-    }
-    const root = path.join(base, loraWorkName(me.host, me.pidns, me.pid, init.workerIndex));
+    const base = init.lora?.workDir ?? path.join(os.tmpdir(), 'diffusers-runtime-lora', String(process.pid));
+    const root = path.join(base, `w${init.workerIndex}`);
     await rm(root, { recursive: true, force: true });
+    await mkdir(root, { recursive: true });
     return root;
   })();
   return path.join(await workRoot, String(++workSeq));

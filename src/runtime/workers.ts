@@ -3,12 +3,13 @@
  * workers before it even listens: their boot and onnxruntime-node import then overlap the main
  * thread's own imports instead of following them.
  */
+import { randomBytes } from 'node:crypto';
+import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
 import { ENTRY_MARKERS } from '../storage/cache.js';
-import { PID_NS } from '../storage/lock.js';
 
 /** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
 export interface SpawnedWorker {
@@ -35,6 +36,34 @@ export function spawnWorkers(cfg: WorkerConfig): SpawnedWorker[] {
   return Array.from({ length: cfg.workers }, (_, i) => spawnWorker(cfg, i));
 }
 
+/** This process's folder under `.lora-sets/`, its workers' adapter sets each in `w<k>/` inside. */
+const LORA_WORK = `${os.hostname().replace(/[^A-Za-z0-9.-]/g, '_').slice(0, 64)}-${process.pid}-${randomBytes(4).toString('hex')}`;
+/** After the boot, so the sweep never competes with a start. */
+const LORA_SWEEP_DELAY_MS = 60_000;
+let loraLeased: string | undefined;
+
+/** `<cacheDir>/.lora-sets/<this process>`: its workers' adapter sets, each worker's in `w<k>/` inside. */
+function loraWorkDir(cacheDir: string): string {
+  return path.join(cacheDir, '.lora-sets', LORA_WORK);
+}
+
+/**
+ * Leases this process's adapter-set folder (storage/lease.ts) before any worker can write in it; a minute later the
+ * folders no live process leases (a crash's, an OOM-killed pod's: up to a patched UNet's weights each) are removed.
+ * A pid cannot tell whose a folder is: a restarted container has a new pid namespace, and hostNetwork pods share a
+ * host name.
+ */
+function leaseLoraWork(dir: string): void {
+  if (loraLeased === dir) return;
+  loraLeased = dir;
+  void import('../storage/lease.js')
+    .then(async ({ leaseEntry, sweepUnleased }) => {
+      await leaseEntry(dir);
+      setTimeout(() => void sweepUnleased(path.dirname(dir)).catch(() => undefined), LORA_SWEEP_DELAY_MS).unref();
+    })
+    .catch(() => undefined); // an unwritable cache fails the sets' own writes, with their own message
+}
+
 /** The CUDA device of worker `index`: workers are spread over the visible GPUs in turn; none on the CPU provider. */
 export function workerDevice(cfg: Pick<Config, 'gpus' | 'executionProvider'>, index: number): number | undefined {
   return cfg.executionProvider === 'cpu' || cfg.gpus === 0 ? undefined : index % cfg.gpus;
@@ -56,7 +85,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
     ...(cfg.warmupVaeEncoder ? { vaeEncoderWarmup: cfg.warmupSteps === 0 ? 'before-ready' : cfg.warmupVaeEncoder } : {}),
     ...(cfg.auxThreads ? { auxThreads: cfg.auxThreads } : {}),
     ...(cfg.loraMaxSets !== undefined && cfg.cacheDir !== undefined
-      ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: path.join(cfg.cacheDir, '.lora-sets'), ...(PID_NS ? { pidns: PID_NS } : {}) } }
+      ? { lora: { maxSets: cfg.loraMaxSets, maxBytes: Math.floor((cfg.loraCacheMb ?? 4096) * 2 ** 20), workDir: loraWorkDir(cfg.cacheDir) } }
       : {}),
   };
 }
@@ -65,6 +94,7 @@ export function workerInit(cfg: WorkerConfig, index: number): WorkerInit {
 export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
   applyTf32(cfg);
   const init = workerInit(cfg, index);
+  if (init.lora) leaseLoraWork(init.lora.workDir);
   const worker = new Worker(new URL('../pipeline/worker.js', import.meta.url), { workerData: init });
   const early: FromWorker[] = [];
   let deliver: (m: FromWorker) => void = (m) => early.push(m);

@@ -163,3 +163,27 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
     },
   };
 }
+
+/**
+ * Removes the folders under `base` that no live process leases (a crash's, or a killed pod's, left behind), and their
+ * stale leases. Folders named before leases existed (`<host>-<pid>-w<k>`, `<host>-<ns>-<pid>-w<k>`) carry none: they go
+ * once untouched for `legacyMaxAgeMs`. Returns the names removed. For folders a process creates only after it leases
+ * them (the adapter sets' work folders), so one without a live lease is nobody's.
+ */
+export async function sweepUnleased(base: string, o: { legacyMaxAgeMs?: number; staleMs?: number } = {}): Promise<string[]> {
+  const removed: string[] = [];
+  for (const name of await fsp.readdir(base).catch(() => [] as string[])) {
+    if (name.startsWith('.')) continue;
+    const dir = path.join(base, name);
+    const st = await fsp.stat(dir).catch(() => undefined);
+    if (!st?.isDirectory()) continue;
+    const gone = /-\d+-w\d+$/.test(name)
+      ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000)
+      : (await leaseState(dir, o.staleMs ?? LEASE_STALE_MS)).live.length === 0;
+    if (!gone) continue;
+    await fsp.rm(dir, { recursive: true, force: true }).catch(() => undefined);
+    await fsp.rm(leasesDir(dir), { recursive: true, force: true }).catch(() => undefined);
+    removed.push(name);
+  }
+  return removed;
+}
