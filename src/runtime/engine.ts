@@ -734,7 +734,6 @@ export class Engine {
   }
 }
 
-/** The batches a worker holds: the one it is stepping, then those it is decoding. */
 /**
  * Why a task's signal fired, for inference_cancelled_total: REQUEST_TIMEOUT_S's AbortSignal.timeout, the error that
  * failed another instance of the request (generation.ts aborts with it), or else its client leaving.
@@ -744,6 +743,7 @@ export function cancelReason(reason: unknown): 'client_left' | 'timeout' | 'requ
   return reason instanceof Error ? 'request_failed' : 'client_left';
 }
 
+/** The batches a worker holds: the one it is stepping, then those it is decoding. */
 function runsOf(w: WorkerHandle): Running[] {
   return [...(w.running ? [w.running] : []), ...w.decoding];
 }
