@@ -13,7 +13,7 @@ import { ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '.
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { ENTRY_MARKERS, PARTIAL, walk } from '../src/storage/cache.js';
+import { ENTRY_MARKERS, mb, PARTIAL, walk } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
@@ -22,7 +22,6 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
 
-const mb = (n: number) => (n / 1e6).toFixed(1);
 
 function progressLine(p: FetchProgress): string {
   const pct = p.bytesTotal > 0 ? ((100 * p.bytesDone) / p.bytesTotal).toFixed(1) : '0.0';

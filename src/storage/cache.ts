@@ -155,3 +155,6 @@ export async function sweep(entry: string, keep: ReadonlySet<string>): Promise<s
   for (const d of dirs) await fsyncDir(d);
   return removed;
 }
+
+/** Bytes as megabytes with one decimal, as the cache's messages and logs print sizes. */
+export const mb = (n: number): string => (n / 1e6).toFixed(1);

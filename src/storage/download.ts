@@ -12,7 +12,7 @@ import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
 import { RuntimeError } from '../errors.js';
-import { mkdirs, PARTIAL } from './cache.js';
+import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
@@ -387,7 +387,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   return { etagsChecked };
 }
 
-const mb = (n: number) => (n / 1e6).toFixed(1);
 const errName = (e: unknown) => {
   const x = e as { name?: string; code?: string };
   return x?.code ?? x?.name ?? 'error';

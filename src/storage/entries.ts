@@ -11,7 +11,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { fsyncDir, JOURNAL, MANIFEST, readManifest } from './cache.js';
+import { fsyncDir, JOURNAL, MANIFEST, mb, readManifest } from './cache.js';
 import { leaseState, leasesDir, LEASE_STALE_MS } from './lease.js';
 import { acquireLock, inspectHolder } from './lock.js';
 
@@ -175,7 +175,6 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
   return { freed, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude) };
 }
 
-const mb = (n: number) => (n / 1e6).toFixed(1);
 /** Minutes are enough to tell entries apart, and keep the line short. */
 export const shortTime = (d: Date): string => `${d.toISOString().slice(0, 16)}Z`;
 

@@ -10,7 +10,7 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type Manifest, fsyncDir, manifestFilesPresent, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { type Manifest, fsyncDir, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, spanBytes } from './journal.js';
@@ -529,4 +529,3 @@ class S3Fetch {
   }
 }
 
-const mb = (n: number) => (n / 1e6).toFixed(1);
