@@ -63,9 +63,10 @@ export interface DownloadOptions {
   io: StorageIo;
   /**
    * Called when less is free than is left to download: frees space (by eviction), resolving to the bytes freed, or
-   * throws the NO_SPACE error that says what fills the cache. Without it the shortfall is a plain NO_SPACE.
+   * throws the NO_SPACE error that says what fills the cache, beginning with `head` (what is short). Without it the
+   * shortfall is a plain NO_SPACE.
    */
-  makeRoom?(need: number, free: number): Promise<number>;
+  makeRoom?(need: number, free: number, head: string): Promise<number>;
   /** Bytes of the model on disk: kept from an earlier run (resumed spans) or just received. */
   onBytes(n: number): void;
   /** Bytes received from the store in this run (not those kept from an earlier one). */
@@ -84,6 +85,19 @@ export class ObjectChangedError extends Error {
     super(`object ${key} ${missing === undefined ? 'changed' : 'was deleted'} during the download`);
     this.name = 'ObjectChangedError';
   }
+}
+
+/** The advice a NO_SPACE error ends with where nothing better is known (fetch.ts names the cache's entries instead). */
+const NO_SPACE_ADVICE = 'enlarge the PVC or clear old entries';
+
+/** A NO_SPACE error: `head` says what was short, `cause` is the volume's own refusal (ENOSPC, EDQUOT). */
+function noSpace(head: string, cause?: unknown): RuntimeError {
+  return new RuntimeError('NO_SPACE', `${head}; ${NO_SPACE_ADVICE}`, cause !== undefined ? { cause } : undefined);
+}
+
+/** What a NO_SPACE error of this module says was short, without its advice. */
+export function noSpaceHead(e: RuntimeError): string {
+  return e.message.endsWith(`; ${NO_SPACE_ADVICE}`) ? e.message.slice(0, -(NO_SPACE_ADVICE.length + 2)) : e.message;
 }
 
 const isNoSpace = (e: unknown) => ['ENOSPC', 'EDQUOT'].includes((e as NodeJS.ErrnoException)?.code ?? '');
@@ -195,10 +209,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   });
   const remainingBytes = queue.reduce((s, t) => s + t.range.end - t.range.start + 1, 0);
   let free = await o.io.freeBytes(o.entry);
-  if (free < remainingBytes && o.makeRoom) free += await o.makeRoom(remainingBytes, free);
-  if (free < remainingBytes) {
-    throw new RuntimeError('NO_SPACE', `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(free)} MB free; enlarge the PVC or clear old entries`);
-  }
+  const short = (f: number) => `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(f)} MB free`;
+  if (free < remainingBytes && o.makeRoom) free += await o.makeRoom(remainingBytes, free, short(free));
+  if (free < remainingBytes) throw noSpace(short(free));
   // Which version each file is being fetched at is durable before any of its bytes: a whole file found later under
   // its final name is then known to be that version, even after a power cut (see S3Fetch.fill).
   await o.journal.sync();
@@ -272,7 +285,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         await fetchPart(t);
         if (--t.f.left === 0) await finish(t.f);
       } catch (e) {
-        fail(isNoSpace(e) ? new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e }) : e);
+        fail(isNoSpace(e) ? noSpace(`no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}`, e) : e);
       }
     }
   };
@@ -344,7 +357,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       } catch (e) {
         // What arrived before a reset, a stall or a stop is this range's next bytes: write it rather than fetch it again.
         if (trusted && pendingBytes > 0 && !lost.aborted && !isNoSpace(e)) await flush().catch(() => undefined);
-        if (isNoSpace(e)) throw new RuntimeError('NO_SPACE', `no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}; enlarge the PVC or clear old entries`, { cause: e });
+        if (isNoSpace(e)) throw noSpace(`no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}`, e);
         // A stall or a short read is this range's to retry; any other RuntimeError already says what went wrong.
         if (e instanceof ObjectChangedError || (e instanceof RuntimeError && e.code !== 'STORAGE_STALL' && e.code !== 'STORAGE_SHORT_READ')) throw e;
         if (signal.aborted) throw signal.reason;

@@ -378,7 +378,7 @@ class S3Fetch {
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
-          makeRoom: (need, free) => this.roomFor(need - free, `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(need)} MB more, ${mb(free)} MB free`, true),
+          makeRoom: (need, free, head) => this.roomFor(need - free, head, true),
           onBytes: (n) => {
             this.progress.bytesDone += n;
             this.emit('downloading', false);
@@ -397,7 +397,7 @@ class S3Fetch {
           // trusted, so what is evicted must itself add up to what is left to fetch. Once: a second refusal is final.
           if (e.cause !== undefined) {
             const left = fetch.filter((x) => !journal.get(x.rel)?.complete).reduce((n, x) => n + x.size, 0);
-            await this.roomFor(left, e.message.replace(/; enlarge the PVC or clear old entries$/, ''), !evictedAfterRefusal, e);
+            await this.roomFor(left, dl.noSpaceHead(e), !evictedAfterRefusal, e);
             evictedAfterRefusal = true;
             log.warn({ uri: this.uri }, 'the cache volume refused a write; made room and downloading the rest again');
             continue;
