@@ -16,6 +16,9 @@ export async function exposition(registry: Registry): Promise<string> {
   return (await registry.metrics()).replace(/ Nan$/gm, ' NaN');
 }
 
+/** Why a request was refused before running: the `reason` of inference_rejected_total (engine and server alike). */
+export type RejectReason = 'queue_full' | 'not_ready' | 'shutting_down';
+
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
   const r = [registry];

@@ -18,7 +18,7 @@ import type { Worker } from 'node:worker_threads';
 import type { Config, OutputFormat } from '../config.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { Metrics } from '../metrics.js';
+import type { Metrics, RejectReason } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
@@ -312,7 +312,7 @@ export class Engine {
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
     // Refused before queueing: counted in inference_rejected_total by reason.
-    const refuse = (reason: 'shutting_down' | 'not_ready' | 'queue_full', err: RuntimeError): Promise<never> => {
+    const refuse = (reason: RejectReason, err: RuntimeError): Promise<never> => {
       this.metrics.rejected.inc({ ...this.#labels, reason });
       return Promise.reject(err);
     };

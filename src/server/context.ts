@@ -3,7 +3,7 @@ import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { Metrics } from '../metrics.js';
+import type { Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
@@ -52,7 +52,7 @@ export const shuttingDown = (name: string): RuntimeError =>
  */
 export function assertServable(ctx: ServerContext, name: string): void {
   if (name !== ctx.cfg.modelName) throw unknownModel(name);
-  const refuse = (reason: 'not_ready' | 'shutting_down', err: RuntimeError): RuntimeError => {
+  const refuse = (reason: RejectReason, err: RuntimeError): RuntimeError => {
     ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason });
     return err;
   };
