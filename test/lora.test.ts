@@ -3,15 +3,22 @@
  * (test/fixtures/lora, see its README), the merge of a component checked against diffusers' own fuse_lora, the map's
  * strided views, and the adapter-set cache's eviction rules.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import * as ort from 'onnxruntime-node';
+import onnxProto from 'onnx-proto';
 import { describe, expect, it } from 'vitest';
 import { parseAdapter, resolveAdapters, mergeDelta, sgmCandidates, type LoraComponent } from '../src/pipeline/lora-keys.js';
 import * as demoBuild from '../src/demo/build.js';
-import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
+import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, readLoraMap, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
+import { mergeComponent, writeMergedComponent, writeMergedCopy } from '../src/pipeline/lora-merge.js';
+import { fixtureModel } from './fixtures/index.js';
 import { writeSafetensors } from '../src/demo/safetensors.js';
 import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
 import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
+
+const { onnx } = onnxProto;
 
 const FIX = path.join(import.meta.dirname, 'fixtures', 'lora');
 const load = (f: string) => parseSafetensors(readFileSync(path.join(FIX, f)), f);
@@ -236,12 +243,6 @@ describe('adapter set cache', () => {
 
 describe('merged components', () => {
   it('a graph with external data: the linked form (hard links, patched weights only) runs like the in-memory copy', async () => {
-    const { fixtureModel } = await import('./fixtures/index.js');
-    const { mergeComponent, writeMergedComponent } = await import('../src/pipeline/lora-merge.js');
-    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
-    const ort = await import('onnxruntime-node');
-    const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');
-    const os = await import('node:os');
     const dir = await fixtureModel({ externalData: true });
     const st = parseSafetensors(readFileSync(path.join(dir, 'loras', 'demo-style.safetensors')), 'demo-style');
     const demoMaps = new Map<LoraComponent, LoraMap>([['unet', readLoraMap(path.join(dir, 'unet'))!]]);
@@ -277,11 +278,6 @@ describe('merged components', () => {
     }
   });
   it('the self-contained copy the lora-merge CLI bakes holds what the in-memory merge holds, and leaves the model as it was', async () => {
-    const { fixtureModel } = await import('./fixtures/index.js');
-    const { mergeComponent, writeMergedCopy } = await import('../src/pipeline/lora-merge.js');
-    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
-    const { mkdtempSync, rmSync, readdirSync } = await import('node:fs');
-    const os = await import('node:os');
     const dir = await fixtureModel({ externalData: true });
     const list = demoStyleUpdates(dir, readLoraMap(path.join(dir, 'unet'))!);
     const unet = path.join(dir, 'unet', 'model.onnx');
@@ -305,12 +301,6 @@ describe('merged components', () => {
   });
 
   it('weights past 4 GiB of a data file (sparse, 5 GiB) merge as the same weights at its start do, reading only what is patched', async () => {
-    const { fixtureModel } = await import('./fixtures/index.js');
-    const { writeMergedComponent } = await import('../src/pipeline/lora-merge.js');
-    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
-    const { mkdtempSync, rmSync, statSync, copyFileSync, mkdirSync, openSync, writeSync, closeSync, ftruncateSync, writeFileSync } = await import('node:fs');
-    const os = await import('node:os');
-    const { onnx } = (await import('onnx-proto')).default;
     const dir = await fixtureModel({ externalData: true });
     const map = readLoraMap(path.join(dir, 'unet'))!;
     const list = demoStyleUpdates(dir, map);
@@ -357,11 +347,6 @@ describe('merged components', () => {
 
 describe('a merge that fails part-way', () => {
   it('leaves no half-written folder (patched weights written so far, links or copies of the data)', async () => {
-    const { fixtureModel } = await import('./fixtures/index.js');
-    const { writeMergedComponent, writeMergedCopy } = await import('../src/pipeline/lora-merge.js');
-    const { readLoraMap } = await import('../src/pipeline/lora-map.js');
-    const { mkdtempSync, rmSync, existsSync } = await import('node:fs');
-    const os = await import('node:os');
     const dir = await fixtureModel({ externalData: true });
     const list = demoStyleUpdates(dir, readLoraMap(path.join(dir, 'unet'))!);
     expect(list.length).toBeGreaterThan(1);
