@@ -14,7 +14,7 @@ import { MANIFEST } from '../src/storage/cache.js';
 import { listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
 import { committedEntry, resolveModel, type ResolveOptions } from '../src/storage/fetch.js';
 import { LAST_USED, leaseEntry, leasesDir, sweepUnleased } from '../src/storage/lease.js';
-import { acquireLock } from '../src/storage/lock.js';
+import { acquireLock, pidAlive as alive } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
@@ -89,15 +89,6 @@ async function leaseInChild(entryDir: string): Promise<ChildProcess> {
     child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
   });
   return child;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */

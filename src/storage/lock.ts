@@ -132,7 +132,8 @@ export async function createHolderFile(file: string, me: LockInfo): Promise<void
   }
 }
 
-function pidAlive(pid: number): boolean {
+/** Whether a process with this pid runs in this pid namespace (EPERM: it does, as another user). */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
