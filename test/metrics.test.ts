@@ -5,7 +5,7 @@ import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
 import { createResultCache } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import { ensureDemoModel } from '../src/demo/index.js';
-import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, sharedCacheDir } from './helpers/server.js';
 
 interface Family {
@@ -148,9 +148,8 @@ describe('/metrics of a model served from a local folder', () => {
 
 describe('/metrics on a server that cannot serve', () => {
   it('counts each not-ready refusal in inference_rejected_total{reason="not_ready"}, and a wrong name not at all', async () => {
-    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+    const down = await startFailedRuntime();
     try {
-      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
       const v1 = await postJson(`${down.url}/v1/models/model:predict`, { instances: [{ prompt: 'x' }] });
       const v2 = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }] });
       const other = await postJson(`${down.url}/v1/models/other:predict`, { instances: [{ prompt: 'x' }] });

@@ -1,7 +1,7 @@
 /** KServe V2 / Open Inference Protocol over a real socket (the runtime in-process): metadata, infer, binary extension, errors. */
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson } from './helpers/server.js';
 
 let srv: RuntimeHandle;
@@ -196,9 +196,8 @@ describe('V2 infer', () => {
 
 describe('V2 on a server that is not ready', () => {
   it('503s infer and readiness with Retry-After before reading the body', async () => {
-    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+    const down = await startFailedRuntime();
     try {
-      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
       const r = await postJson(`${down.url}/v2/models/model/infer`, { inputs: [prompt('x')] });
       expect(r.status).toBe(503);
       expect(r.json.error).toMatch(/^Model with name model is not ready\./);

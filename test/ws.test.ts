@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson } from './helpers/server.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
@@ -355,9 +355,8 @@ describe('WebSocket requests refused at the queue', () => {
 
 describe('WebSocket on a server that is not ready', () => {
   it('sends an error and closes with 4503', async () => {
-    const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+    const down = await startFailedRuntime();
     try {
-      await down.waitFor('state', (s) => s.state === 'failed', 30_000);
       const ws = await connect(down.port, '/v1/models/model/stream');
       expect((await ws.closed).code).toBe(4503);
       expect(ws.messages[0]).toMatchObject({ type: 'error', code: 'MODEL_NOT_READY', error: expect.stringMatching(/^Model with name model is not ready\./), retry_after: 60 });

@@ -115,6 +115,18 @@ export async function startRuntime(env: Record<string, string | undefined> = {},
   return handle;
 }
 
+/** A runtime whose boot failed (its STORAGE_URI names no folder), once it says so: what refusals are tested on. */
+export async function startFailedRuntime(): Promise<RuntimeHandle> {
+  const down = await startRuntime({ STORAGE_URI: '/nonexistent/model-dir' });
+  try {
+    await down.waitFor('state', (s) => s.state === 'failed', 30_000);
+  } catch (err) {
+    await down.stop();
+    throw err;
+  }
+  return down;
+}
+
 /** Sum of the samples of `name` (all label sets, or those matching `labels`) in a Prometheus text page. */
 export async function metric(s: Pick<RuntimeHandle, 'url'>, name: string, labels: Record<string, string> = {}): Promise<number> {
   const text = await (await fetch(`${s.url}/metrics`)).text();
