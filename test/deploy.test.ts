@@ -12,6 +12,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
+import { loadConfig } from '../src/config.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const TEMPLATES = path.join(ROOT, 'templates');
@@ -258,11 +259,25 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
         expect(text, `${name} should be documented in a comment`).toContain(name);
       } else if (name === 'PORT') {
         expect(env.has('PORT'), 'Knative rejects a user-set PORT').toBe(false);
+      } else if (name === 'WORKERS') {
+        // Unset, it is one worker per GPU the pod gets; a fixed value would leave the other GPUs of a multi-GPU pod idle.
+        expect(env.has('WORKERS'), 'WORKERS in env would pin the worker count whatever nvidia.com/gpu says').toBe(false);
+        expect(text, 'WORKERS should be documented in a comment').toContain('WORKERS');
       } else {
         expect(env.has(name), `${name} missing from the ServingRuntime env`).toBe(true);
       }
     }
     for (const e of env.values()) expect(typeof e.value === 'string' || e.valueFrom !== undefined, `${e.name}: env values must be strings`).toBe(true);
+  });
+
+  it('ServingRuntime env, as the runtime parses it: a pod given N GPUs runs N pipeline workers (docs/OPERATIONS.md)', () => {
+    // What the kserve-container sees: the runtime's env with {{.Name}} rendered by KServe, plus the device plugin's
+    // NVIDIA_VISIBLE_DEVICES for `nvidia.com/gpu: 2` on the InferenceService.
+    const env: Record<string, string> = {};
+    for (const e of container().env as Obj[]) env[e.name] = String(e.value).replace('{{.Name}}', params.get('MODEL_NAME')!);
+    const cfg = loadConfig({ ...env, NVIDIA_VISIBLE_DEVICES: 'GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001,GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000002' });
+    expect([cfg.gpus, cfg.workers]).toEqual([2, 2]);
+    expect(loadConfig({ ...env, NVIDIA_VISIBLE_DEVICES: 'GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001' }).workers).toBe(1);
   });
 
   it('ServingRuntime container: one port 8080, GPU, cache PVC + /tmp mounts, read-only root filesystem', () => {
