@@ -280,6 +280,31 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect(loadConfig({ ...env, NVIDIA_VISIBLE_DEVICES: 'GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001' }).workers).toBe(1);
   });
 
+  it("the README's Knative patch enables every Knative feature the Serverless pod specs use (upstream defaults: off)", () => {
+    // knative/serving pkg/apis/config/features.go: tolerations, PVCs and PVC writes are Disabled by default, and its
+    // webhook refuses a Service whose pod spec uses one (`must not set the field(s)`). KServe puts the ServingRuntime's
+    // tolerations and volumes and the InferenceService's volumes into the Knative Service's pod spec.
+    const readme = read('README.md');
+    const patch = /oc patch knativeserving[^`]*'(\{[^']*\})'/.exec(readme);
+    expect(patch, 'README: the oc patch knativeserving command').not.toBeNull();
+    const features = JSON.parse(patch![1]!).spec.config.features as Record<string, string>;
+    const pods: Obj[] = [runtime().spec, ...renderedDocs('inference-service.yaml').map((d) => d.spec.predictor)];
+    const needed = new Set<string>();
+    for (const p of pods) {
+      if ((p.tolerations ?? []).length > 0) needed.add('kubernetes.podspec-tolerations');
+      if ((p.affinity ?? undefined) !== undefined) needed.add('kubernetes.podspec-affinity');
+      if ((p.nodeSelector ?? undefined) !== undefined) needed.add('kubernetes.podspec-nodeselector');
+      for (const v of (p.volumes ?? []) as Obj[]) {
+        if (v.persistentVolumeClaim) {
+          needed.add('kubernetes.podspec-persistent-volume-claim');
+          if (!v.persistentVolumeClaim.readOnly) needed.add('kubernetes.podspec-persistent-volume-write');
+        }
+      }
+    }
+    expect(needed.size).toBeGreaterThanOrEqual(3);
+    for (const f of needed) expect(features[f], `README's patch should enable ${f}`).toBe('enabled');
+  });
+
   it('ServingRuntime container: one port 8080, GPU, cache PVC + /tmp mounts, read-only root filesystem', () => {
     const sr = runtime();
     const c = container();
