@@ -104,7 +104,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     // Serving.
     stageDuration: new Histogram({
       name: 'inference_stage_seconds',
-      help: 'Time spent in each stage of a generation (text_encoder, denoise, vae_decoder, encode)',
+      help: 'Time spent in each stage of a generation (text_encoder, vae_encoder for image inputs, denoise, vae_decoder, encode)',
       labelNames: ['model_name', 'stage'] as const,
       buckets: REQUEST_BUCKETS,
       registers: r,

@@ -115,9 +115,9 @@ describe('boot', () => {
       const good = path.join(dir, 'good');
       await buildDemoModel(good, { padBytes: 2e6 }); // padded: every component keeps its weights in model.onnx_data
       const cases: Array<[string, (m: string) => void, RegExp]> = [
-        ['no-merges', (m) => rmSync(path.join(m, 'tokenizer', 'merges.txt')), /^not an ONNX diffusers export: missing tokenizer\/merges\.txt$/],
-        ['no-weights', (m) => rmSync(path.join(m, 'vae_decoder', 'model.onnx_data')), /^vae_decoder\/model\.onnx could not be loaded: .*"vae_decoder\/model\.onnx_data"/],
-        ['short-weights', (m) => truncateSync(path.join(m, 'unet', 'model.onnx_data'), 1000), /^unet\/model\.onnx could not be loaded: .*out of bounds/],
+        ['no-merges', (m) => rmSync(path.join(m, 'tokenizer', 'merges.txt')), /^MODEL_FORMAT: not an ONNX diffusers export: missing tokenizer\/merges\.txt$/],
+        ['no-weights', (m) => rmSync(path.join(m, 'vae_decoder', 'model.onnx_data')), /^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: .*"vae_decoder\/model\.onnx_data"/],
+        ['short-weights', (m) => truncateSync(path.join(m, 'unet', 'model.onnx_data'), 1000), /^MODEL_FORMAT: unet\/model\.onnx could not be loaded: .*out of bounds/],
       ];
       for (const [name, spoil, reason] of cases) {
         const m = path.join(dir, name);

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
+import { loadConfig } from '../src/config.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const TEMPLATES = path.join(ROOT, 'templates');
@@ -258,11 +259,50 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
         expect(text, `${name} should be documented in a comment`).toContain(name);
       } else if (name === 'PORT') {
         expect(env.has('PORT'), 'Knative rejects a user-set PORT').toBe(false);
+      } else if (name === 'WORKERS') {
+        // Unset, it is one worker per GPU the pod gets; a fixed value would leave the other GPUs of a multi-GPU pod idle.
+        expect(env.has('WORKERS'), 'WORKERS in env would pin the worker count whatever nvidia.com/gpu says').toBe(false);
+        expect(text, 'WORKERS should be documented in a comment').toContain('WORKERS');
       } else {
         expect(env.has(name), `${name} missing from the ServingRuntime env`).toBe(true);
       }
     }
     for (const e of env.values()) expect(typeof e.value === 'string' || e.valueFrom !== undefined, `${e.name}: env values must be strings`).toBe(true);
+  });
+
+  it('ServingRuntime env, as the runtime parses it: a pod given N GPUs runs N pipeline workers (docs/OPERATIONS.md)', () => {
+    // What the kserve-container sees: the runtime's env with {{.Name}} rendered by KServe, plus the device plugin's
+    // NVIDIA_VISIBLE_DEVICES for `nvidia.com/gpu: 2` on the InferenceService.
+    const env: Record<string, string> = {};
+    for (const e of container().env as Obj[]) env[e.name] = String(e.value).replace('{{.Name}}', params.get('MODEL_NAME')!);
+    const cfg = loadConfig({ ...env, NVIDIA_VISIBLE_DEVICES: 'GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001,GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000002' });
+    expect([cfg.gpus, cfg.workers]).toEqual([2, 2]);
+    expect(loadConfig({ ...env, NVIDIA_VISIBLE_DEVICES: 'GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001' }).workers).toBe(1);
+  });
+
+  it("the README's Knative patch enables every Knative feature the Serverless pod specs use (upstream defaults: off)", () => {
+    // knative/serving pkg/apis/config/features.go: tolerations, PVCs and PVC writes are Disabled by default, and its
+    // webhook refuses a Service whose pod spec uses one (`must not set the field(s)`). KServe puts the ServingRuntime's
+    // tolerations and volumes and the InferenceService's volumes into the Knative Service's pod spec.
+    const readme = read('README.md');
+    const patch = /oc patch knativeserving[^`]*'(\{[^']*\})'/.exec(readme);
+    expect(patch, 'README: the oc patch knativeserving command').not.toBeNull();
+    const features = JSON.parse(patch![1]!).spec.config.features as Record<string, string>;
+    const pods: Obj[] = [runtime().spec, ...renderedDocs('inference-service.yaml').map((d) => d.spec.predictor)];
+    const needed = new Set<string>();
+    for (const p of pods) {
+      if ((p.tolerations ?? []).length > 0) needed.add('kubernetes.podspec-tolerations');
+      if ((p.affinity ?? undefined) !== undefined) needed.add('kubernetes.podspec-affinity');
+      if ((p.nodeSelector ?? undefined) !== undefined) needed.add('kubernetes.podspec-nodeselector');
+      for (const v of (p.volumes ?? []) as Obj[]) {
+        if (v.persistentVolumeClaim) {
+          needed.add('kubernetes.podspec-persistent-volume-claim');
+          if (!v.persistentVolumeClaim.readOnly) needed.add('kubernetes.podspec-persistent-volume-write');
+        }
+      }
+    }
+    expect(needed.size).toBeGreaterThanOrEqual(3);
+    for (const f of needed) expect(features[f], `README's patch should enable ${f}`).toBe('enabled');
   });
 
   it('ServingRuntime container: one port 8080, GPU, cache PVC + /tmp mounts, read-only root filesystem', () => {

@@ -89,7 +89,7 @@ describe('export kind', () => {
     const s = await startRuntime({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'auto', MODEL_CACHE_DIR: path.join(scratch.dir, 'c1') });
     try {
       const failed = await s.waitFor('state', (st) => st.state === 'failed');
-      expect(failed.reason).toMatch(/^unet is fused for CUDA \(onnx_export\.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider\) but this process runs on the CPU provider; serve it on a GPU node/);
+      expect(failed.reason).toMatch(/^MODEL_FORMAT: unet is fused for CUDA \(onnx_export\.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider\) but this process runs on the CPU provider; serve it on a GPU node/);
       expect(s.logs.filter((l) => l.level === 'error')).toHaveLength(1);
       const r = await fetch(`${s.url}/v1/models/model`);
       expect(r.status).toBe(503);

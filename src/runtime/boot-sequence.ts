@@ -255,7 +255,8 @@ export class BootSequence {
       // A warm-up begun during the download may be waiting for files that will not come.
       this.#warmEarly?.abort.abort();
       if (rt.stopping && rt.shutdown.aborted) return;
-      const reason = isRuntimeError(err) ? err.message : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
+      // The stable code first, as the warm-up CLI prints it: runbooks and alerts key on `NO_SPACE`, `STORAGE_TLS`, …
+      const reason = isRuntimeError(err) ? `${err.code}: ${err.message}` : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
       if (!isRuntimeError(err)) log.error({ err }, 'boot crashed');
       boot.to('failed', reason);
       if (cfg.exitOnBootFailure) {

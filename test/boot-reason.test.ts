@@ -1,0 +1,29 @@
+/**
+ * @module A failed boot names its stable code (docs/OPERATIONS.md: "the boot fails with `NO_SPACE` …", README:
+ * "fails the boot at once as `STORAGE_TLS`"): on the model endpoint's 503 and in the `state` event / log line, in the
+ * warm-up CLI's `CODE: reason` form.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+
+describe('a failed boot', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'boot-reason-'));
+  let h: RuntimeHandle | undefined;
+  afterAll(async () => {
+    await h?.stop(0);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('shows its code before the reason, on /v1/models/{name} and in the state event', async () => {
+    h = await startRuntime({ STORAGE_URI: path.join(dir, 'no-such-model'), MODEL_CACHE_DIR: path.join(dir, 'cache') }, { ready: false });
+    const failed = await h.waitFor('state', (s) => s.state === 'failed');
+    expect(String(failed.reason)).toMatch(/^STORAGE_MISSING: .*does not exist/);
+    const res = await fetch(`${h.url}/v1/models/model`);
+    const body = (await res.json()) as { code: string; state: string; reason: string };
+    expect([res.status, body.code, body.state]).toEqual([503, 'MODEL_NOT_READY', 'failed']);
+    expect(body.reason).toMatch(/^STORAGE_MISSING: .*does not exist/);
+  });
+});
