@@ -4,8 +4,8 @@
  * the cache end when they fail (reported in the boot's failed state, the warm-up CLI's exit line and the log).
  */
 
-/** Errors a request is answered with, and their HTTP status. */
-const HTTP_STATUS = {
+/** Errors a request is answered with, and their HTTP status (docs/OPERATIONS.md "Error codes" lists each). */
+export const HTTP_STATUS = {
   INVALID_INPUT: 400,
   MODEL_NOT_FOUND: 404,
   NOT_FOUND: 404,
@@ -32,7 +32,7 @@ const HTTP_STATUS = {
 } as const;
 
 /** How the boot, the fetch engine and the cache fail. A request that meets one (an output upload) is answered 500. */
-const OUTCOMES = [
+export const OUTCOMES = [
   'CONFIG',
   'STORAGE_DENIED',
   'STORAGE_MISSING',

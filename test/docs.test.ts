@@ -1,11 +1,13 @@
 /**
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
- * runtime registers (and no other), each with its type, its labels and the values the code gives those labels.
+ * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
+ * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status.
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { Registry } from 'prom-client';
+import { type Metric, Registry } from 'prom-client';
 import { describe, expect, it } from 'vitest';
+import { HTTP_STATUS, OUTCOMES } from '../src/errors.js';
 import { createMetrics } from '../src/metrics.js';
 import { startGpuMetrics } from '../src/runtime/gpu.js';
 
@@ -14,18 +16,22 @@ const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8')
 
 interface Row { name: string; type: string; labels: string; meaning: string }
 
-/** The rows of the table headed `| name | type | labels | meaning |` in docs/OPERATIONS.md. */
-function metricsTable(): Row[] {
+/** The cells of each row of the docs/OPERATIONS.md table whose header line is `header`. */
+function table(header: string): string[][] {
   const lines = read('docs/OPERATIONS.md').split('\n');
-  const start = lines.findIndex((l) => /^\| name \| type \| labels \| meaning \|$/.test(l.trim()));
-  expect(start, 'docs/OPERATIONS.md: the metrics table').toBeGreaterThan(0);
-  const rows: Row[] = [];
+  const start = lines.findIndex((l) => l.trim() === header);
+  expect(start, `docs/OPERATIONS.md: the table headed ${header}`).toBeGreaterThan(0);
+  const rows: string[][] = [];
   for (const l of lines.slice(start + 2)) {
     if (!l.startsWith('|')) break;
-    const [name, type, labels, meaning] = l.split('|').slice(1, -1).map((c) => c.trim());
-    rows.push({ name: name!, type: type!, labels: labels!, meaning: meaning! });
+    rows.push(l.split('|').slice(1, -1).map((c) => c.trim()));
   }
   return rows;
+}
+
+/** The rows of the table headed `| name | type | labels | meaning |` in docs/OPERATIONS.md. */
+function metricsTable(): Row[] {
+  return table('| name | type | labels | meaning |').map(([name, type, labels, meaning]) => ({ name: name!, type: type!, labels: labels!, meaning: meaning! }));
 }
 
 interface Registered { name: string; type: string; labelNames: readonly string[]; help: string }
@@ -37,7 +43,7 @@ async function registered(): Promise<Registered[]> {
   const gpu = await startGpuMetrics(registry, { run: async () => '0, 1024, 50\n' });
   expect(gpu.active).toBe(true);
   return Promise.all(registry.getMetricsAsArray().map(async (m) => {
-    const { type } = await m.get();
+    const { type } = await (m as unknown as Metric).get();
     return { name: m.name, type: String(type), labelNames: (m as unknown as { labelNames: readonly string[] }).labelNames, help: m.help };
   }));
 }
@@ -79,5 +85,22 @@ describe('docs/OPERATIONS.md metrics table', () => {
   it("the stage histogram's HELP names every stage too (what a Prometheus user reads)", async () => {
     const help = (await registered()).find((m) => m.name === 'inference_stage_seconds')!.help;
     for (const s of literals(read('src/runtime/engine.ts'), /stageDuration\.observe\(\{ \.\.\.l, stage: '([a-z_]+)' \}/g)) expect(help, s).toContain(s);
+  });
+});
+
+describe('docs/OPERATIONS.md error codes', () => {
+  /** The `CODE`s a cell names (one, or several separated by commas). */
+  const codes = (cell: string): string[] => [...cell.matchAll(/`([A-Z_]+)`/g)].map((m) => m[1]!);
+
+  it('lists every code a request is answered with, each with its HTTP status, and no other', () => {
+    const rows = table('| code | status | when | what a client does |');
+    const documented = new Map(rows.flatMap(([code, status]) => codes(code!).map((c) => [c, Number(status)] as const)));
+    expect([...documented.keys()].sort()).toEqual(Object.keys(HTTP_STATUS).sort());
+    for (const [code, status] of Object.entries(HTTP_STATUS)) expect(documented.get(code), code).toBe(status);
+  });
+
+  it('lists every code a boot, a fetch or the cache ends with, and no other', () => {
+    const rows = table('| code | when | what to do |');
+    expect(rows.flatMap(([code]) => codes(code!)).sort()).toEqual([...OUTCOMES].sort());
   });
 });
