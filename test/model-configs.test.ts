@@ -7,7 +7,10 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { referenceDir } from '../scripts/reference.js';
+import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
+import { checkModelScheduler, createScheduler } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+import { fixtureModel } from './fixtures/index.js';
 
 const FIX = path.resolve(import.meta.dirname, 'fixtures/model-configs');
 const work = mkdtempSync(path.join(tmpdir(), 'model-configs-'));
@@ -52,5 +55,79 @@ describe('tokenizer config files: the ids transformers gives for them (scripts/m
     writeFileSync(path.join(dir, 'tokenizer_config.json'), '{}');
     writeFileSync(path.join(dir, 'added_tokens.json'), JSON.stringify({ '<t>': 'one' }));
     await expect(ClipTokenizer.load(dir)).rejects.toThrow(/added_tokens\.json gives "<t>" an id that is not an integer/);
+  });
+});
+
+/** A copy of a demo model of the family with some of its config files replaced by real ones (paths in FIX). */
+async function modelWith(name: string, family: 'sd15' | 'sdxl', files: Record<string, string>, edit?: (dir: string) => void): Promise<string> {
+  const dir = path.join(work, name);
+  cpSync(await fixtureModel({ family }), dir, { recursive: true });
+  for (const [to, from] of Object.entries(files)) copyFileSync(path.join(FIX, from), path.join(dir, to));
+  edit?.(dir);
+  return dir;
+}
+const editJson = (file: string, change: (cfg: Record<string, unknown>) => void) => {
+  const cfg = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  change(cfg);
+  writeFileSync(file, JSON.stringify(cfg, null, 2));
+};
+
+describe('model_index.json', () => {
+  it('SDXL: force_zeros_for_empty_prompt as the file says, true where it is absent (StableDiffusionXLPipeline\'s default)', async () => {
+    const real = await modelWith('xl-index', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' });
+    expect(readLayout(real).forceZerosForEmptyPrompt).toBe(true);
+    const absent = await modelWith('xl-index-absent', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => delete c.force_zeros_for_empty_prompt),
+    );
+    expect(readLayout(absent).forceZerosForEmptyPrompt).toBe(true);
+    const off = await modelWith('xl-index-off', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.force_zeros_for_empty_prompt = false)),
+    );
+    expect(readLayout(off).forceZerosForEmptyPrompt).toBe(false);
+  });
+
+  it('old ONNX exports (StableDiffusionOnnxPipeline, safety_checker, requires_safety_checker, vae_encoder) load as SD 1.x with the rewrites', async () => {
+    for (const from of ['sd14-onnx/model_index.json', 'meinamix-onnx/model_index.json']) {
+      const dir = await modelWith(from.split('/')[0]!, 'sd15', { 'model_index.json': from, 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' });
+      const layout = readLayout(dir);
+      expect(layout.isXL).toBe(false);
+      expect(layout.forceZerosForEmptyPrompt).toBe(false);
+      // The PNDM config has no clip_sample: the SD pipeline's rewrite leaves nothing to log; steps_offset is already 1.
+      expect(layout.rewrites).toEqual([]);
+      expect(createScheduler(layout.schedulerConfig, 50).timesteps.slice(0, 3)).toEqual([981, 961, 961]);
+    }
+  });
+});
+
+describe('scheduler_config.json', () => {
+  it('each real config builds its class with the file\'s values', async () => {
+    const cases: [string, string, number[]][] = [
+      ['sd14-onnx/scheduler/scheduler_config.json', 'PNDMScheduler', [901, 801, 801, 701]],
+      ['sd21-base/scheduler/scheduler_config.json', 'PNDMScheduler', [901, 801, 801, 701]],
+      ['sdxl/scheduler/scheduler_config.json', 'EulerDiscreteScheduler', [901, 801, 701, 601]],
+    ];
+    for (const [file, cls, head] of cases) {
+      const config = JSON.parse(readFileSync(path.join(FIX, file), 'utf8')) as Record<string, unknown>;
+      const s = createScheduler(pipelineSchedulerConfig(config, !file.startsWith('sdxl')).config, 10);
+      expect(s.name, file).toBe(cls);
+      expect(s.timesteps.slice(0, 4), file).toEqual(head);
+    }
+  });
+
+  it('an option the runtime does not implement fails the load naming the file, the key and what is supported', () => {
+    const sdxl = JSON.parse(readFileSync(path.join(FIX, 'sdxl/scheduler/scheduler_config.json'), 'utf8')) as Record<string, unknown>;
+    const { config } = pipelineSchedulerConfig({ ...sdxl, interpolation_type: 'log_linear' }, false);
+    expect(() => checkModelScheduler(config)).toThrow(
+      'scheduler/scheduler_config.json: EulerDiscreteScheduler: interpolation_type "log_linear" is not supported (supported: linear)',
+    );
+    const typo = pipelineSchedulerConfig({ ...sdxl, steps_offset: '1' }, false).config;
+    expect(() => checkModelScheduler(typo)).toThrow('scheduler/scheduler_config.json: EulerDiscreteScheduler: scheduler config steps_offset must be a number, got "1"');
+  });
+
+  it('an LCM config distilled for fewer than 10 steps loads (the load-time check stays within its step range)', () => {
+    const lcm = { _class_name: 'LCMScheduler', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085, original_inference_steps: 8, timestep_scaling: 10.0 };
+    const { config } = pipelineSchedulerConfig(lcm, false);
+    expect(() => checkModelScheduler(config)).not.toThrow();
+    expect(() => createScheduler(config, 9)).toThrow(/num_inference_steps must be an integer from 1 to 8 for LCMScheduler/);
   });
 });

@@ -186,7 +186,9 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     dir,
     pipelineClass,
     isXL,
-    forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt === true,
+    // StableDiffusionXLPipeline's __init__ defaults it to True (optimum's ORT pipeline too): a model_index.json
+    // without the key zeroes the negative embeddings; one that says null or false does not.
+    forceZerosForEmptyPrompt: Object.hasOwn(index, 'force_zeros_for_empty_prompt') ? Boolean(index.force_zeros_for_empty_prompt) : isXL,
     requiresAestheticsScore: index.requires_aesthetics_score === true,
     onnx,
     tokenizerDirs,
