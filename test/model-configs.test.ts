@@ -99,6 +99,34 @@ describe('model_index.json', () => {
   });
 });
 
+describe('the scheduler class: model_index.json\'s "scheduler" entry, as diffusers\' from_pretrained loads it', () => {
+  it('wins over scheduler_config.json\'s _class_name when they differ, and the difference is logged', async () => {
+    // The SD 1.4 ONNX model_index.json lists PNDMScheduler; the SDXL scheduler config says EulerDiscreteScheduler.
+    const dir = await modelWith('listed-class', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sdxl/scheduler/scheduler_config.json' });
+    const layout = readLayout(dir);
+    expect(layout.schedulerConfig._class_name).toBe('PNDMScheduler');
+    expect(layout.rewrites[0]).toMatchObject({ key: '_class_name', from: 'EulerDiscreteScheduler', to: 'PNDMScheduler' });
+    // PNDM built from the Euler file's values (leading spacing, steps_offset 1, skip_prk_steps): PLMS's repeated step.
+    expect(createScheduler(layout.schedulerConfig, 10).timesteps.slice(0, 4)).toEqual([901, 801, 801, 701]);
+  });
+
+  it('a listed class the runtime does not implement fails the load naming both places', async () => {
+    const dir = await modelWith('listed-unipc', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = ['diffusers', 'UniPCMultistepScheduler'])),
+    );
+    expect(() => checkModelScheduler(readLayout(dir).schedulerConfig)).toThrow(
+      /^the model's scheduler class "UniPCMultistepScheduler" \(model_index\.json "scheduler", else scheduler\/scheduler_config\.json "_class_name"\) is not one/,
+    );
+  });
+
+  it('without a listed class ([null, null], or no model_index.json entry) the config\'s _class_name is used', async () => {
+    const dir = await modelWith('unlisted', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sdxl/scheduler/scheduler_config.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = [null, null])),
+    );
+    expect(readLayout(dir).schedulerConfig._class_name).toBe('EulerDiscreteScheduler');
+  });
+});
+
 describe('scheduler_config.json', () => {
   it('each real config builds its class with the file\'s values', async () => {
     const cases: [string, string, number[]][] = [

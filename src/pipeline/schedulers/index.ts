@@ -135,8 +135,8 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
     // Pipeline.create checks the model's own scheduler, so such a model fails at load: the fix is in the file.
     throw new RuntimeError(
       'UNSUPPORTED',
-      `the model's scheduler class ${JSON.stringify(cls)} (${SCHEDULER_CONFIG_FILE}) is not one this runtime implements; ` +
-        `set "_class_name" there to one of ${SCHEDULER_CLASS_NAMES.join(', ')} (a request can still name another one)`,
+      `the model's scheduler class ${JSON.stringify(cls)} (model_index.json "scheduler", else ${SCHEDULER_CONFIG_FILE} "_class_name") is not one ` +
+        `this runtime implements; set both to one of ${SCHEDULER_CLASS_NAMES.join(', ')} (a request can still name another one)`,
     );
   }
   return { className: cls, overrides: {} };
