@@ -2,7 +2,7 @@
  * @module One diffusers reference case (e2e/cases/<id> of the reference data: test/fixtures/reference or ../shared/reference): what test/e2e.test.ts and
  * scripts/parity-check.ts both read, ask the server for, and compare pixel by pixel.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 export interface E2eCase {
@@ -20,9 +20,16 @@ export interface E2eCase {
 
 export const readCase = (casesDir: string, id: string): E2eCase => JSON.parse(readFileSync(path.join(casesDir, id, 'case.json'), 'utf8')) as E2eCase;
 
-/** Gives a copy of the reference model the case's scheduler, as diffusers built it. */
+/**
+ * Gives a copy of the reference model the case's scheduler, as diffusers built it: its config, and its class in
+ * model_index.json too (the class a pipeline loads is the one listed there, as `save_pretrained` writes it).
+ */
 export function writeCaseScheduler(modelDir: string, c: E2eCase): void {
   writeFileSync(path.join(modelDir, 'scheduler', 'scheduler_config.json'), JSON.stringify({ ...c.scheduler.config, _class_name: c.scheduler.class }, null, 2));
+  const indexFile = path.join(modelDir, 'model_index.json');
+  if (!existsSync(indexFile)) return;
+  const index = JSON.parse(readFileSync(indexFile, 'utf8')) as Record<string, unknown>;
+  writeFileSync(indexFile, JSON.stringify({ ...index, scheduler: ['diffusers', c.scheduler.class] }, null, 2));
 }
 
 /** The V1 predict body that asks for the case's image. */

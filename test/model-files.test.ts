@@ -41,8 +41,8 @@ describe('scheduler classes the runtime does not implement', () => {
     const { config } = pipelineSchedulerConfig(unipc, true);
     // What Pipeline.create checks when a worker loads the model.
     expect(() => createScheduler(config, 10)).toThrow(
-      'the model\'s scheduler class "UniPCMultistepScheduler" (scheduler/scheduler_config.json) is not one this runtime implements; set "_class_name" there ' +
-        'to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler',
+      'the model\'s scheduler class "UniPCMultistepScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
+        'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler',
     );
     expect(createScheduler(pipelineSchedulerConfig({ ...unipc, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });

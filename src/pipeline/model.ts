@@ -56,6 +56,28 @@ export function pipelineSchedulerConfig(file: Record<string, unknown>, rewriting
 }
 
 /**
+ * The scheduler class diffusers builds: the one model_index.json lists under "scheduler" (`DiffusionPipeline` and
+ * optimum's ORT pipelines load that class, then read scheduler_config.json into it), else the config's own
+ * `_class_name`. Where the two differ, the listed class is used and the difference is returned for the log.
+ */
+export function listedSchedulerClass(index: Record<string, unknown>, file: Record<string, unknown>): { file: Record<string, unknown>; rewrite?: ConfigRewrite } {
+  const entry = index.scheduler;
+  const listed = Array.isArray(entry) && typeof entry[1] === 'string' ? entry[1] : undefined;
+  if (listed === undefined || listed === file._class_name) return { file };
+  return {
+    file: { ...file, _class_name: listed },
+    rewrite: {
+      key: '_class_name',
+      from: file._class_name,
+      to: listed,
+      message:
+        `model_index.json lists the scheduler as ${listed} while scheduler/scheduler_config.json says _class_name ${JSON.stringify(file._class_name)}; ` +
+        `diffusers builds the class model_index.json lists, and so does this runtime (set both to change the scheduler)`,
+    },
+  };
+}
+
+/**
  * The latent size the pipeline serves and the VAE's scale, from the UNet's and the VAE decoder's configs: the UNet's
  * sample_size (default 128 for SDXL, else 64), raised to 64 where a config saved before diffusers 0.9 says less and
  * the pipeline rewrites configs (`raisedFrom`: what the config said).
@@ -165,7 +187,9 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     );
   }
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
-  const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(readJson(schedulerFile, 'scheduler config'), rewriting);
+  const { file: schedulerJson, rewrite: classRewrite } = listedSchedulerClass(index, readJson(schedulerFile, 'scheduler config'));
+  const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(schedulerJson, rewriting);
+  if (classRewrite) rewrites.unshift(classRewrite);
   const { sampleSize, raisedFrom, vaeScale } = servedGeometry(unetCfg, vaeCfg, isXL, rewriting);
   if (raisedFrom !== undefined) {
     rewrites.push({
@@ -186,7 +210,9 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     dir,
     pipelineClass,
     isXL,
-    forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt === true,
+    // StableDiffusionXLPipeline's __init__ defaults it to True (optimum's ORT pipeline too): a model_index.json
+    // without the key zeroes the negative embeddings; one that says null or false does not.
+    forceZerosForEmptyPrompt: Object.hasOwn(index, 'force_zeros_for_empty_prompt') ? Boolean(index.force_zeros_for_empty_prompt) : isXL,
     requiresAestheticsScore: index.requires_aesthetics_score === true,
     onnx,
     tokenizerDirs,

@@ -12,7 +12,7 @@ import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
-import { createScheduler, stepRanges } from './schedulers/index.js';
+import { checkModelScheduler, createScheduler, stepRanges } from './schedulers/index.js';
 import type { Scheduler } from './types.js';
 
 export interface GenerateHooks {
@@ -64,7 +64,7 @@ export class Pipeline {
     const [u, toks] = await Promise.all([unet, Promise.all(own)]);
     const p = new Pipeline(layout, u, later, toks);
     // Fail at load, not at the first request, when the scheduler config is unusable.
-    createScheduler(layout.schedulerConfig, 10);
+    checkModelScheduler(layout.schedulerConfig);
     return p;
   }
 

@@ -95,6 +95,12 @@ export interface ClipTokenizerOptions {
   bosToken?: string;
   eosToken?: string;
   /**
+   * Tokens split out of the raw text before cleaning and BPE, each with its id: the special tokens of the tokenizer's
+   * config files and its added tokens, as transformers' tokenizer does (its trie, leftmost-longest). The start- and
+   * end-of-text tokens are left to the CLIP split pattern, which gives them the same ids.
+   */
+  addedTokens?: ReadonlyMap<string, number>;
+  /**
    * Words of at least this many characters merge through a heap (O(n log n)) instead of rescanning every pair per
    * merge (O(n²)); both give the same tokens. Only tests change it. Default 32.
    */
@@ -104,6 +110,45 @@ export interface ClipTokenizerOptions {
 /** What the tokenizer needs of its vocabulary: a read-only lookup. */
 interface Lookup {
   get(token: string): number | undefined;
+}
+
+const listed = (v: unknown, text: (x: unknown) => string | undefined): (string | undefined)[] => (Array.isArray(v) ? v.map(text) : []);
+
+/**
+ * The tokens transformers' tokenizer splits out of a prompt before BPE, with their ids: every special token of the
+ * config files (transformers adds each to its added tokens; SD 2.x's and SDXL's second tokenizer pad with "!", so a
+ * "!" in a prompt becomes id 0 there, not BPE's "!</w>"), the entries of tokenizer_config.json's
+ * `added_tokens_decoder` and of added_tokens.json (ids as listed), and tokenizer.json's `added_tokens`.
+ */
+function addedTokens(
+  vocab: unknown,
+  src: { special: (string | undefined)[]; decoder: unknown; file: Record<string, unknown>; fast: unknown; shown: (name: string) => string },
+): Map<string, number> {
+  const out = new Map<string, number>();
+  const bad = (file: string, what: string) => new RuntimeError('MODEL_FORMAT', `tokenizer: ${src.shown(file)} ${what}`);
+  if (src.decoder !== undefined && src.decoder !== null) {
+    if (typeof src.decoder !== 'object' || Array.isArray(src.decoder)) throw bad('tokenizer_config.json', 'added_tokens_decoder is not an object of id → token');
+    for (const [id, t] of Object.entries(src.decoder as Record<string, unknown>)) {
+      const content = typeof t === 'object' && t !== null ? (t as { content?: unknown }).content : undefined;
+      if (!/^\d+$/.test(id) || typeof content !== 'string') throw bad('tokenizer_config.json', `added_tokens_decoder entry ${JSON.stringify(id)} is not an id with a "content" string`);
+      out.set(content, Number(id));
+    }
+  }
+  for (const [content, id] of Object.entries(src.file)) {
+    if (!Number.isInteger(id)) throw bad('added_tokens.json', `gives ${JSON.stringify(content)} an id that is not an integer`);
+    out.set(content, id as number);
+  }
+  if (Array.isArray(src.fast)) {
+    for (const t of src.fast as { id?: unknown; content?: unknown }[]) {
+      if (typeof t?.content === 'string' && Number.isInteger(t.id)) out.set(t.content, t.id as number);
+    }
+  }
+  const table = typeof vocab === 'object' && vocab !== null ? (vocab as Record<string, unknown>) : {};
+  for (const t of src.special) {
+    // A special token the vocabulary lacks fails the load where it matters (bos, eos, pad); others are left out.
+    if (t !== undefined && !out.has(t) && Object.hasOwn(table, t) && Number.isInteger(table[t])) out.set(t, table[t] as number);
+  }
+  return out;
 }
 
 export class ClipTokenizer {
@@ -116,6 +161,9 @@ export class ClipTokenizer {
   readonly #cache = new Map<string, number[]>();
   readonly #heapFrom: number;
   readonly #unkId: number;
+  /** Matches the added tokens (longest first, so the leftmost-longest one wins), or undefined when there are none. */
+  readonly #addedPattern: RegExp | undefined;
+  readonly #addedIds: ReadonlyMap<string, number>;
 
   private constructor(vocab: Lookup, ranks: Map<string, number>, opts: ClipTokenizerOptions) {
     this.#vocab = vocab;
@@ -133,6 +181,10 @@ export class ClipTokenizer {
     if (!Number.isInteger(max) || max < 2) throw new RuntimeError('MODEL_FORMAT', `tokenizer: model_max_length must be an integer >= 2, got ${max}`);
     this.maxLength = max;
     this.#heapFrom = opts.heapBpeFrom ?? 32;
+    const added = new Map([...(opts.addedTokens ?? new Map<string, number>())].filter(([t]) => t.length > 0 && t !== BOS && t !== EOS));
+    this.#addedIds = added;
+    this.#addedPattern =
+      added.size > 0 ? new RegExp([...added.keys()].sort((a, b) => b.length - a.length).map((t) => t.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&')).join('|'), 'gu') : undefined;
   }
 
   /** From a folder with vocab.json, merges.txt and, when present, tokenizer_config.json / special_tokens_map.json. */
@@ -152,12 +204,15 @@ export class ClipTokenizer {
       new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown(name)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
     let vocab: unknown;
     let merges: string | string[];
+    let fastAdded: unknown;
     // transformers 5 saves a CLIP tokenizer as tokenizer.json alone: its BPE model holds the vocabulary and the merges.
     const fast = !(existsSync(path.join(dir, 'vocab.json')) && existsSync(path.join(dir, 'merges.txt'))) && existsSync(path.join(dir, TOKENIZER_JSON));
     if (fast) {
       let model: { type?: unknown; vocab?: unknown; merges?: unknown } | undefined;
+      let parsed: unknown;
       try {
-        model = (parsePyJson(await read(TOKENIZER_JSON)) as { model?: typeof model }).model;
+        parsed = parsePyJson(await read(TOKENIZER_JSON));
+        model = (parsed as { model?: typeof model }).model;
       } catch (err) {
         throw cannotRead(TOKENIZER_JSON, err);
       }
@@ -167,6 +222,7 @@ export class ClipTokenizer {
       }
       vocab = model.vocab;
       merges = pairs as string[];
+      fastAdded = (parsed as { added_tokens?: unknown }).added_tokens;
     } else {
       // Both read at once (this is on the boot's path), each failure named by its file.
       [vocab, merges] = await Promise.all([
@@ -179,13 +235,15 @@ export class ClipTokenizer {
       ]);
     }
     // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
-    const config = { ...(await optional('tokenizer_config.json')), ...(await optional('special_tokens_map.json')) };
-    const token = (k: string): string | undefined => {
-      const v = config[k];
+    const tokenizerConfig = await optional('tokenizer_config.json');
+    const config = { ...tokenizerConfig, ...(await optional('special_tokens_map.json')) };
+    // A token is written as its text, or as an AddedToken object ({"content": …, "lstrip": …}).
+    const text = (v: unknown): string | undefined => {
       if (typeof v === 'string') return v;
       if (v && typeof v === 'object' && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
       return undefined;
     };
+    const token = (k: string): string | undefined => text(config[k]);
     const m = config.model_max_length;
     // transformers writes a huge sentinel (1e30) when no length is known.
     const maxLength = typeof m === 'number' && Number.isInteger(m) && m >= 2 && m <= 1_000_000 ? m : undefined;
@@ -197,6 +255,13 @@ export class ClipTokenizer {
     if (bos !== undefined) opts.bosToken = bos;
     if (eos !== undefined) opts.eosToken = eos;
     if (maxLength !== undefined) opts.maxLength = maxLength;
+    opts.addedTokens = addedTokens(vocab, {
+      special: [...['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'].map(token), ...listed(config.additional_special_tokens, text)],
+      decoder: tokenizerConfig.added_tokens_decoder,
+      file: await optional('added_tokens.json'),
+      fast: fastAdded,
+      shown,
+    });
     return typeof merges === 'string' ? ClipTokenizer.fromData(vocab as Record<string, number>, merges, opts) : ClipTokenizer.fromPairs(vocab as Record<string, number>, merges, opts);
   }
 
@@ -229,6 +294,21 @@ export class ClipTokenizer {
 
   /** Content token ids, without bos/eos, untruncated. */
   tokenize(text: string): number[] {
+    const pattern = this.#addedPattern;
+    if (!pattern) return this.#tokenizeClean(text);
+    // transformers splits the added tokens out of the raw text first; each piece between them is cleaned on its own.
+    const ids: number[] = [];
+    let at = 0;
+    for (const m of text.matchAll(pattern)) {
+      if (m.index > at) ids.push(...this.#tokenizeClean(text.slice(at, m.index)));
+      ids.push(this.#addedIds.get(m[0])!);
+      at = m.index + m[0].length;
+    }
+    if (at < text.length) ids.push(...this.#tokenizeClean(text.slice(at)));
+    return ids;
+  }
+
+  #tokenizeClean(text: string): number[] {
     const ids: number[] = [];
     for (const m of basicClean(text).matchAll(SPLIT)) {
       const word = m[0];

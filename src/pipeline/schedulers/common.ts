@@ -82,7 +82,7 @@ export function unsupported(className: string, what: string): never {
 
 export function oneOf(className: string, c: ResolvedConfig, key: string, allowed: readonly string[]): string {
   const v = str(c, key);
-  if (!allowed.includes(v)) unsupported(className, `${key} "${v}" (supported: ${allowed.join(', ')})`);
+  if (!allowed.includes(v)) throw new RuntimeError('UNSUPPORTED', `${className}: ${key} "${v}" is not supported (supported: ${allowed.join(', ')})`);
   return v;
 }
 

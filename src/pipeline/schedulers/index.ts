@@ -135,8 +135,8 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
     // Pipeline.create checks the model's own scheduler, so such a model fails at load: the fix is in the file.
     throw new RuntimeError(
       'UNSUPPORTED',
-      `the model's scheduler class ${JSON.stringify(cls)} (scheduler/scheduler_config.json) is not one this runtime implements; ` +
-        `set "_class_name" there to one of ${SCHEDULER_CLASS_NAMES.join(', ')} (a request can still name another one)`,
+      `the model's scheduler class ${JSON.stringify(cls)} (model_index.json "scheduler", else ${SCHEDULER_CONFIG_FILE} "_class_name") is not one ` +
+        `this runtime implements; set both to one of ${SCHEDULER_CLASS_NAMES.join(', ')} (a request can still name another one)`,
     );
   }
   return { className: cls, overrides: {} };
@@ -156,6 +156,23 @@ export function createScheduler(
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
   return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta);
+}
+
+export const SCHEDULER_CONFIG_FILE = 'scheduler/scheduler_config.json';
+
+/**
+ * What a load checks of the model's own scheduler: that it builds (at 10 steps, or fewer where its class allows no
+ * more). At load only the file's values are in play, so a refusal names the file.
+ */
+export function checkModelScheduler(config: Record<string, unknown>): void {
+  try {
+    createScheduler(config, Math.min(10, stepRange(config).max));
+  } catch (err) {
+    if (err instanceof RuntimeError && !err.message.includes(SCHEDULER_CONFIG_FILE)) {
+      throw new RuntimeError(err.code === 'INVALID_INPUT' ? 'MODEL_FORMAT' : err.code, `${SCHEDULER_CONFIG_FILE}: ${err.message}`, { cause: err });
+    }
+    throw err;
+  }
 }
 
 /**

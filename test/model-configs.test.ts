@@ -1,0 +1,161 @@
+/**
+ * Config files as real repositories ship them (test/fixtures/model-configs, each file's source in its README), read
+ * the way a boot reads them, and compared with what diffusers and transformers make of the same files.
+ */
+import { copyFileSync, cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { referenceDir } from '../scripts/reference.js';
+import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
+import { checkModelScheduler, createScheduler } from '../src/pipeline/schedulers/index.js';
+import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+import { fixtureModel } from './fixtures/index.js';
+
+const FIX = path.resolve(import.meta.dirname, 'fixtures/model-configs');
+const work = mkdtempSync(path.join(tmpdir(), 'model-configs-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+interface TokenizerCases {
+  transformers: string;
+  folders: Record<string, { files: string[]; pad_token_id: number; model_max_length: number; cases: { text: string; ids: number[] }[] }>;
+}
+
+/** A tokenizer folder: the CLIP vocabulary with the given config files beside it. */
+function tokenizerFolder(name: string, files: readonly string[]): string {
+  const dir = path.join(work, name.replace(/[^\w-]+/g, '_'));
+  const vocab = path.join(referenceDir(), 'clip-tokenizer');
+  cpSync(vocab, dir, { recursive: true, filter: (src) => src === vocab || /\/(vocab\.json|merges\.txt)$/.test(src) });
+  for (const f of files) copyFileSync(path.join(FIX, f), path.join(dir, path.basename(f)));
+  return dir;
+}
+
+describe('tokenizer config files: the ids transformers gives for them (scripts/make-tokenizer-config-cases.py)', () => {
+  const ref = JSON.parse(readFileSync(path.join(FIX, 'tokenizer-cases.json'), 'utf8')) as TokenizerCases;
+  for (const [name, folder] of Object.entries(ref.folders)) {
+    it(`${name} (${folder.files.map((f) => path.basename(f)).join(', ')})`, async () => {
+      const tok = await ClipTokenizer.load(tokenizerFolder(name, folder.files));
+      expect(tok.padId).toBe(folder.pad_token_id);
+      expect(tok.maxLength).toBe(folder.model_max_length);
+      for (const c of folder.cases) expect(tok.encode(c.text), JSON.stringify(c.text)).toEqual(c.ids);
+    });
+  }
+
+  it('a "!" in a prompt is the pad token where the config pads with "!" (SD 2.x, SDXL tokenizer_2), BPE\'s "!</w>" elsewhere', async () => {
+    const two = await ClipTokenizer.load(tokenizerFolder('xl2', ['sdxl/tokenizer_2/tokenizer_config.json', 'sdxl/tokenizer_2/special_tokens_map.json']));
+    const one = await ClipTokenizer.load(tokenizerFolder('xl1', ['sdxl/tokenizer/tokenizer_config.json', 'sdxl/tokenizer/special_tokens_map.json']));
+    expect(two.tokenize('a cat!')).toEqual([320, 2368, 0]);
+    expect(one.tokenize('a cat!')).toEqual([320, 2368, 256]);
+  });
+
+  it('an added_tokens_decoder or added_tokens.json that cannot be read fails the load naming the file', async () => {
+    const dir = tokenizerFolder('bad-added', []);
+    writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({ added_tokens_decoder: { x: { content: '<t>' } } }));
+    await expect(ClipTokenizer.load(dir)).rejects.toThrow(/tokenizer_config\.json added_tokens_decoder entry "x" is not an id/);
+    writeFileSync(path.join(dir, 'tokenizer_config.json'), '{}');
+    writeFileSync(path.join(dir, 'added_tokens.json'), JSON.stringify({ '<t>': 'one' }));
+    await expect(ClipTokenizer.load(dir)).rejects.toThrow(/added_tokens\.json gives "<t>" an id that is not an integer/);
+  });
+});
+
+/** A copy of a demo model of the family with some of its config files replaced by real ones (paths in FIX). */
+async function modelWith(name: string, family: 'sd15' | 'sdxl', files: Record<string, string>, edit?: (dir: string) => void): Promise<string> {
+  const dir = path.join(work, name);
+  cpSync(await fixtureModel({ family }), dir, { recursive: true });
+  for (const [to, from] of Object.entries(files)) copyFileSync(path.join(FIX, from), path.join(dir, to));
+  edit?.(dir);
+  return dir;
+}
+const editJson = (file: string, change: (cfg: Record<string, unknown>) => void) => {
+  const cfg = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  change(cfg);
+  writeFileSync(file, JSON.stringify(cfg, null, 2));
+};
+
+describe('model_index.json', () => {
+  it('SDXL: force_zeros_for_empty_prompt as the file says, true where it is absent (StableDiffusionXLPipeline\'s default)', async () => {
+    const real = await modelWith('xl-index', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' });
+    expect(readLayout(real).forceZerosForEmptyPrompt).toBe(true);
+    const absent = await modelWith('xl-index-absent', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => delete c.force_zeros_for_empty_prompt),
+    );
+    expect(readLayout(absent).forceZerosForEmptyPrompt).toBe(true);
+    const off = await modelWith('xl-index-off', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.force_zeros_for_empty_prompt = false)),
+    );
+    expect(readLayout(off).forceZerosForEmptyPrompt).toBe(false);
+  });
+
+  it('old ONNX exports (StableDiffusionOnnxPipeline, safety_checker, requires_safety_checker, vae_encoder) load as SD 1.x with the rewrites', async () => {
+    for (const from of ['sd14-onnx/model_index.json', 'meinamix-onnx/model_index.json']) {
+      const dir = await modelWith(from.split('/')[0]!, 'sd15', { 'model_index.json': from, 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' });
+      const layout = readLayout(dir);
+      expect(layout.isXL).toBe(false);
+      expect(layout.forceZerosForEmptyPrompt).toBe(false);
+      // The PNDM config has no clip_sample: the SD pipeline's rewrite leaves nothing to log; steps_offset is already 1.
+      expect(layout.rewrites).toEqual([]);
+      expect(createScheduler(layout.schedulerConfig, 50).timesteps.slice(0, 3)).toEqual([981, 961, 961]);
+    }
+  });
+});
+
+describe('the scheduler class: model_index.json\'s "scheduler" entry, as diffusers\' from_pretrained loads it', () => {
+  it('wins over scheduler_config.json\'s _class_name when they differ, and the difference is logged', async () => {
+    // The SD 1.4 ONNX model_index.json lists PNDMScheduler; the SDXL scheduler config says EulerDiscreteScheduler.
+    const dir = await modelWith('listed-class', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sdxl/scheduler/scheduler_config.json' });
+    const layout = readLayout(dir);
+    expect(layout.schedulerConfig._class_name).toBe('PNDMScheduler');
+    expect(layout.rewrites[0]).toMatchObject({ key: '_class_name', from: 'EulerDiscreteScheduler', to: 'PNDMScheduler' });
+    // PNDM built from the Euler file's values (leading spacing, steps_offset 1, skip_prk_steps): PLMS's repeated step.
+    expect(createScheduler(layout.schedulerConfig, 10).timesteps.slice(0, 4)).toEqual([901, 801, 801, 701]);
+  });
+
+  it('a listed class the runtime does not implement fails the load naming both places', async () => {
+    const dir = await modelWith('listed-unipc', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = ['diffusers', 'UniPCMultistepScheduler'])),
+    );
+    expect(() => checkModelScheduler(readLayout(dir).schedulerConfig)).toThrow(
+      /^the model's scheduler class "UniPCMultistepScheduler" \(model_index\.json "scheduler", else scheduler\/scheduler_config\.json "_class_name"\) is not one/,
+    );
+  });
+
+  it('without a listed class ([null, null], or no model_index.json entry) the config\'s _class_name is used', async () => {
+    const dir = await modelWith('unlisted', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sdxl/scheduler/scheduler_config.json' }, (d) =>
+      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = [null, null])),
+    );
+    expect(readLayout(dir).schedulerConfig._class_name).toBe('EulerDiscreteScheduler');
+  });
+});
+
+describe('scheduler_config.json', () => {
+  it('each real config builds its class with the file\'s values', async () => {
+    const cases: [string, string, number[]][] = [
+      ['sd14-onnx/scheduler/scheduler_config.json', 'PNDMScheduler', [901, 801, 801, 701]],
+      ['sd21-base/scheduler/scheduler_config.json', 'PNDMScheduler', [901, 801, 801, 701]],
+      ['sdxl/scheduler/scheduler_config.json', 'EulerDiscreteScheduler', [901, 801, 701, 601]],
+    ];
+    for (const [file, cls, head] of cases) {
+      const config = JSON.parse(readFileSync(path.join(FIX, file), 'utf8')) as Record<string, unknown>;
+      const s = createScheduler(pipelineSchedulerConfig(config, !file.startsWith('sdxl')).config, 10);
+      expect(s.name, file).toBe(cls);
+      expect(s.timesteps.slice(0, 4), file).toEqual(head);
+    }
+  });
+
+  it('an option the runtime does not implement fails the load naming the file, the key and what is supported', () => {
+    const sdxl = JSON.parse(readFileSync(path.join(FIX, 'sdxl/scheduler/scheduler_config.json'), 'utf8')) as Record<string, unknown>;
+    const { config } = pipelineSchedulerConfig({ ...sdxl, interpolation_type: 'log_linear' }, false);
+    expect(() => checkModelScheduler(config)).toThrow(
+      'scheduler/scheduler_config.json: EulerDiscreteScheduler: interpolation_type "log_linear" is not supported (supported: linear)',
+    );
+    const typo = pipelineSchedulerConfig({ ...sdxl, steps_offset: '1' }, false).config;
+    expect(() => checkModelScheduler(typo)).toThrow('scheduler/scheduler_config.json: EulerDiscreteScheduler: scheduler config steps_offset must be a number, got "1"');
+  });
+
+  it('an LCM config distilled for fewer than 10 steps loads (the load-time check stays within its step range)', () => {
+    const lcm = { _class_name: 'LCMScheduler', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085, original_inference_steps: 8, timestep_scaling: 10.0 };
+    const { config } = pipelineSchedulerConfig(lcm, false);
+    expect(() => checkModelScheduler(config)).not.toThrow();
+    expect(() => createScheduler(config, 9)).toThrow(/num_inference_steps must be an integer from 1 to 8 for LCMScheduler/);
+  });
+});
