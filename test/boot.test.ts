@@ -91,6 +91,8 @@ describe('boot', () => {
       expect(m.status).toBe(503);
       expect(body.state).toBe('failed');
       expect(body.reason).toMatch(/does not exist/);
+      // A client-facing reason names the setting, never the local path behind it.
+      expect(body.reason).not.toContain(dir);
       expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
       expect((await fetch(`${srv.url}/`)).status).toBe(200);
     } finally {

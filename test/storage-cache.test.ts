@@ -41,7 +41,7 @@ describe('local sources', () => {
     expect(r).toMatchObject({ dir, fromCache: false, bytes: 5, files: 2, source: 'local' });
     expect(ready).toEqual(['model_index.json', 'unet/model.onnx']);
     const err = await rejection(resolveModel(path.join(tmp, 'absent'), { cfg: cfgFor(tmp), log }));
-    expect([err.code, err.message]).toEqual(['STORAGE_MISSING', `model directory ${path.join(tmp, 'absent')} does not exist; check STORAGE_URI and the volume mount`]);
+    expect([err.code, err.message]).toEqual(['STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount']);
   });
 });
 

@@ -133,7 +133,7 @@ export function isLayoutFile(rel: string): boolean {
 
 /** `listed`: every relative file path of the model as listed, when its weights are not all whole yet (see isLayoutFile). */
 export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayout {
-  if (!existsSync(dir)) throw new RuntimeError('STORAGE_MISSING', `model directory ${dir} does not exist`);
+  if (!existsSync(dir)) throw new RuntimeError('STORAGE_MISSING', 'the model folder does not exist');
   const onnx: Partial<Record<Component, string>> = {};
   for (const c of COMPONENTS) {
     const p = componentOnnx(dir, c, listed);

@@ -153,8 +153,9 @@ export function sameCommit(a: Manifest, b: Manifest): boolean {
 
 async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
   const st = await fsp.stat(dir).catch(() => undefined);
-  if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `model directory ${dir} does not exist; check STORAGE_URI and the volume mount`);
-  if (!st.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI ${dir} is not a directory; point it at the exported model folder`);
+  // The reason reaches clients (the model endpoint), so it names the setting, not the local path it holds.
+  if (st === undefined) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
+  if (!st.isDirectory()) throw new RuntimeError('STORAGE_MISSING', 'STORAGE_URI names a file, not a folder; point it at the exported model folder');
   const files = await walk(dir);
   const sizes = await Promise.all(files.map(async (rel) => (await fsp.stat(path.join(dir, rel))).size));
   const bytes = sizes.reduce((a, b) => a + b, 0);
