@@ -126,11 +126,16 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
-      await readImages(ctx, reqs, c.gone.signal);
+      const release = await readImages(ctx, reqs, c.gone.signal);
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
-      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
+      let results;
+      try {
+        results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
+      } finally {
+        release();
+      }
       critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
       closeWith(ws, c, 1000, 'done');
     } catch (err) {
