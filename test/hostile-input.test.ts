@@ -5,7 +5,10 @@
  * from either.
  */
 import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import type { ModelDefaults } from '../src/pipeline/job.js';
 import { basicClean } from '../src/pipeline/tokenizer.js';
+import { parseInstances } from '../src/runtime/request.js';
 
 /** Milliseconds `f` takes. */
 const timed = (f: () => void): number => {
@@ -29,5 +32,31 @@ describe('CLIP text cleaning is linear in the prompt', () => {
       const ms = timed(() => expect(basicClean(inside).length).toBeGreaterThan(1));
       expect(ms, `a run of ${n} ${JSON.stringify(ws)}`).toBeLessThan(2_000);
     }
+  });
+});
+
+const SD: ModelDefaults = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler' };
+
+describe('output_uri never names what the server loads', () => {
+  const parse = (env: Record<string, string>, uri: string) =>
+    parseInstances([{ prompt: 'p', output_uri: uri }], { cfg: loadConfig(env), defaults: SD, randomSeed: () => 7 });
+  const served = { STORAGE_URI: 's3://models/sd15', LORA_URI: 's3://shared/loras/' };
+
+  it('refuses an object under the model (STORAGE_URI) or the adapters (LORA_URI), however the key is spelled', () => {
+    // Written with the server's own credentials, these would replace a model file (the next boot downloads an image as
+    // the UNet) or put a key in the listing that fails every later boot (`sd15//x`, `sd15/./x`).
+    for (const uri of ['s3://models/sd15/unet/model.onnx', 's3://models/sd15//x.png', 's3://models/sd15/./x.png', 's3://MODELS/sd15/model_index.json']) {
+      expect(() => parse(served, uri), uri).toThrow(`instances[0].output_uri ${JSON.stringify(uri)} lies under the model (STORAGE_URI) this server loads; write images elsewhere`);
+    }
+    expect(() => parse(served, 's3://shared/loras/style/pytorch_lora_weights.safetensors')).toThrow(/lies under the LoRA adapters \(LORA_URI\)/);
+    // A whole bucket as the model: every key of it.
+    expect(() => parse({ STORAGE_URI: 's3://models' }, 's3://models/out.png')).toThrow(/lies under the model \(STORAGE_URI\)/);
+  });
+
+  it('accepts everything beside them', () => {
+    for (const uri of ['s3://models/sd15.png', 's3://models/sd15-out/x.png', 's3://outputs/sd15/x.png', 's3://shared/loras.png', 's3://shared/out/x.png']) {
+      expect(parse(served, uri)[0]!.output.uri, uri).toBe(uri);
+    }
+    expect(parse({ STORAGE_URI: '/mnt/models' }, 's3://models/x.png')[0]!.output.uri).toBe('s3://models/x.png');
   });
 });

@@ -5,7 +5,7 @@ import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
-import { parseS3Object } from '../storage/uri.js';
+import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -189,8 +189,27 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
   }
 }
 
+/**
+ * What `loc` would overwrite of what this server loads: the model (STORAGE_URI) or the LoRA adapters (LORA_URI), when
+ * they come from S3 (output_uri is written with the same endpoint and credentials). Any key under the prefix counts,
+ * `prefix//x` and `prefix/./x` included: a listing holding such a key fails the next boot.
+ */
+function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUri'>>): string | undefined {
+  for (const [uri, what] of [[cfg.storageUri, 'model (STORAGE_URI)'], [cfg.loraUri, 'LoRA adapters (LORA_URI)']] as const) {
+    if (uri === undefined) continue;
+    let src;
+    try {
+      src = parseStorageUri(uri);
+    } catch {
+      continue;
+    }
+    if (src.kind === 's3' && src.bucket.toLowerCase() === loc.bucket.toLowerCase() && loc.key.startsWith(src.prefix)) return what;
+  }
+  return undefined;
+}
+
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -312,7 +331,12 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const quality = has('quality') ? int('quality', 90, 1, 100) : undefined;
   const uri = str('output_uri', false, 2048);
-  if (uri !== undefined && !parseS3Object(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  const out = uri === undefined ? undefined : parseS3Object(uri);
+  if (uri !== undefined && !out) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  else if (out) {
+    const served = servedFrom(out, cfg);
+    if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
+  }
   const image = parseImageFields(inst, w, bad, defaults, steps);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);
   if (prompt === undefined) return undefined;
