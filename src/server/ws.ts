@@ -36,6 +36,8 @@ interface Conn {
   closed: boolean;
   closing: boolean;
   started: boolean;
+  /** A message after the request was answered with an error (once). */
+  toldOne: boolean;
   alive: boolean;
   gone: AbortController;
   t0: number;
@@ -54,7 +56,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   });
 
   function open(ws: WebSocket, name: string): void {
-    const c: Conn = { name, closed: false, closing: false, started: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
+    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
     // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
@@ -109,7 +111,10 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   function message(ws: WebSocket, c: Conn, data: RawData): void {
     if (c.closed || c.closing) return;
     if (c.started) {
-      critical(ws, c, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
+      // Told once: an answer to every further message would let a client that sends without reading make this side
+      // buffer without bound (4 M one-byte messages held ~0.9 GB).
+      if (!c.toldOne) critical(ws, c, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
+      c.toldOne = true;
       return;
     }
     c.started = true;
