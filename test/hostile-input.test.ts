@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { ModelDefaults } from '../src/pipeline/job.js';
 import { basicClean } from '../src/pipeline/tokenizer.js';
-import { parseInstances } from '../src/runtime/request.js';
+import { MAX_LISTED_PROBLEMS, parseInstances, pushUnknownField } from '../src/runtime/request.js';
 
 /** Milliseconds `f` takes. */
 const timed = (f: () => void): number => {
@@ -58,5 +58,26 @@ describe('output_uri never names what the server loads', () => {
       expect(parse(served, uri)[0]!.output.uri, uri).toBe(uri);
     }
     expect(parse({ STORAGE_URI: '/mnt/models' }, 's3://models/x.png')[0]!.output.uri).toBe('s3://models/x.png');
+  });
+});
+
+describe('unknown fields cost no more than the problems an error shows', () => {
+  const parse = (inst: Record<string, unknown>) => parseInstances([{ prompt: 'p', ...inst }], { cfg: loadConfig({}), defaults: SD, randomSeed: () => 7 });
+
+  it('suggests a spelling for the problems listed, and adds a plain line past them', () => {
+    const bad: string[] = [];
+    for (let i = 0; i < MAX_LISTED_PROBLEMS + 2; i++) pushUnknownField(bad, 'instances[0].', i < MAX_LISTED_PROBLEMS ? 'promt' : `x${'y'.repeat(60)}`, ['prompt', 'seed']);
+    expect(bad[0]).toBe('instances[0].promt is not a known field; did you mean "prompt"?');
+    expect(bad.at(-1)).toBe(`instances[0].${JSON.stringify(`x${'y'.repeat(39)}`)} is not a known field`);
+    // 70,000 of them (a 1 MB body) still list the first ones with suggestions.
+    const many = Object.fromEntries(Array.from({ length: 70_000 }, (_, i) => [`promt${i}`, 1]));
+    expect(() => parse(many)).toThrow(/^instances\[0\]\.promt0 is not a known field; did you mean "prompt"\?; .* and 69980 more problems$/);
+  });
+
+  it('a key far longer than any field is not compared letter by letter', () => {
+    // The edit distance of a 20 MB key to each of the ~20 fields took ~15 s; the length difference rules it out.
+    const ms = timed(() => expect(() => parse({ ['k'.repeat(20_000_000)]: 1 })).toThrow(/is not a known field; known fields: prompt/));
+    expect(ms).toBeLessThan(2_000);
+    expect(() => parse({ negative_promtp: 1 })).toThrow('instances[0].negative_promtp is not a known field; did you mean "negative_prompt"?');
   });
 });

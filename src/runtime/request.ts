@@ -67,7 +67,7 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
     const wi = `${w}[${i}]`;
     const o = typeof x === 'string' ? { name: x } : x;
     if (!isObj(o)) return void bad.push(`${wi} must be an object {"name": …, "scale": …} or a name`);
-    for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') bad.push(unknownField(`${wi}.`, k, ['name', 'scale']));
+    for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') pushUnknownField(bad, `${wi}.`, k, ['name', 'scale']);
     const { name, scale = 1 } = o as { name?: unknown; scale?: unknown };
     if (typeof name !== 'string' || !LORA_NAME.test(name)) {
       return void bad.push(`${wi}.name must be an adapter name (letters, digits, '.', '_', '-'; up to 128), got ${show(name)}`);
@@ -138,14 +138,18 @@ export function nearestField(name: string, known: readonly string[]): string | u
   const alias = A1111_NAMES[k];
   if (alias !== undefined && known.includes(alias)) return alias;
   if (known.includes(k)) return k;
+  // A suggestion only when it is plausibly a typo: a third of the name's length at most.
+  const most = Math.max(2, Math.floor(k.length / 3));
   let best: string | undefined;
   let bestD = Infinity;
   for (const f of known) {
+    // The length difference is a lower bound of the distance: a name far longer than every field (a 1 MB key) costs
+    // no O(length × field) table.
+    if (Math.abs(k.length - f.length) > most) continue;
     const d = editDistance(k, f);
     if (d < bestD) [best, bestD] = [f, d];
   }
-  // A suggestion only when it is plausibly a typo: a third of the name's length at most.
-  return best !== undefined && bestD <= Math.max(2, Math.floor(k.length / 3)) ? best : undefined;
+  return best !== undefined && bestD <= most ? best : undefined;
 }
 
 /** `<where>.<key> is not a known field; did you mean …?` (the same wording in V1, V2 and the WebSocket). */
@@ -158,6 +162,14 @@ export function unknownField(where: string, key: string, known: readonly string[
 
 /** At most this many problems are listed in one error; the rest are counted. */
 export const MAX_LISTED_PROBLEMS = 20;
+
+/**
+ * Adds unknownField's problem to `bad`. Past the problems an error lists, only a short line that is never shown: a 1 MB
+ * body of 70,000 unknown keys cost 1.5 s of the main thread in spelling suggestions.
+ */
+export function pushUnknownField(bad: string[], where: string, key: string, known: readonly string[]): void {
+  bad.push(bad.length < MAX_LISTED_PROBLEMS ? unknownField(where, key, known) : `${where}${JSON.stringify(key.slice(0, 40))} is not a known field`);
+}
 
 /** Joins problems for one error message: the first ones in full, then how many more there were. */
 export function joinProblems(bad: readonly string[]): string {
@@ -244,7 +256,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     return undefined;
   }
   const { cfg, defaults } = ctx;
-  for (const k of Object.keys(inst)) if (!(INSTANCE_FIELDS as readonly string[]).includes(k)) bad.push(unknownField(`${w}.`, k, INSTANCE_FIELDS));
+  for (const k of Object.keys(inst)) if (!(INSTANCE_FIELDS as readonly string[]).includes(k)) pushUnknownField(bad, `${w}.`, k, INSTANCE_FIELDS);
   const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
   const str = (k: string, required: boolean, maxLen = 10_000): string | undefined => {
     if (!has(k)) {
