@@ -66,3 +66,18 @@ describe('WebSocket', () => {
     expect(msgs.map((m) => m.type)).toContain('result');
   }, 60_000);
 });
+
+describe('V2 tensors', () => {
+  it('a nested data list of any length is checked against its shape (400), never a stack overflow (500)', async () => {
+    for (const inner of [Array<number>(200_000).fill(1), Array<string>(150_000).fill('a')]) {
+      const res = await fetch(`${rt.url}/v2/models/model/infer`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [inner] }] }),
+      });
+      const body = (await res.json()) as { code: string; error: string };
+      expect(res.status, body.error).toBe(400);
+      expect(body.code).toBe('INVALID_INPUT');
+    }
+  });
+});
