@@ -10,7 +10,7 @@ import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object } from '../storage/uri.js';
-import type { ImageSource } from './image-source.js';
+import type { ImageSource, InputHold } from './image-source.js';
 import { typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
@@ -67,13 +67,6 @@ export class InputBudget {
       },
     };
   }
-}
-
-export interface InputHold {
-  readonly bytes: number;
-  /** Reserves `n` more bytes for `field`: INVALID_INPUT when the request alone cannot fit, BUSY when others fill it now. */
-  take(n: number, field: string): void;
-  release(): void;
 }
 
 /** An input image before and after it is read: base64 text (decoded), an s3:// URI, or raw bytes (V2 binary BYTES). */

@@ -8,7 +8,14 @@ import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
-import type { InputHold } from './image-request.js';
+
+/** A request's share of the input images' budget (image-request.ts InputBudget). */
+export interface InputHold {
+  readonly bytes: number;
+  /** Reserves `n` more bytes for `field`: INVALID_INPUT when the request alone cannot fit, BUSY when others fill it now. */
+  take(n: number, field: string): void;
+  release(): void;
+}
 
 export interface ImageSource {
   /** The object's bytes; `field` names the request field in errors (`instances[0].image`). */
