@@ -61,6 +61,8 @@ export interface Config {
   readonly maxImageSize: number;
   readonly maxSteps: number;
   readonly maxImagesPerRequest: number;
+  /** INPUT_IMAGES_MB: what the input images of all requests in flight may hold at once (decoded pixels, s3:// bytes). */
+  readonly inputImagesMb: number;
   readonly warmupSteps: number;
   /** On CUDA, whether ready waits for the VAE encoder's first-run kernel search (image-to-image, inpainting). */
   readonly warmupVaeEncoder: EncoderWarmup;
@@ -221,6 +223,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
     maxSteps: int('MAX_STEPS', 500, 1, 10_000),
     maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
+    inputImagesMb: int('INPUT_IMAGES_MB', 512, 64, 1024 * 1024),
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),
     warmupVaeEncoder: oneOf('WARMUP_VAE_ENCODER', 'before-ready', ENCODER_WARMUPS),
     auxThreads: oneOf('AUX_THREADS', 'auto', AUX_THREADS),

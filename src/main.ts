@@ -126,6 +126,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     stopping: () => rt.stopping,
     shutdown: rt.shutdown,
     images: rt.images,
+    inputBudget: rt.inputBudget,
     generate: (reqs, signal, onProgress, onQueued) => rt.generation.generate(reqs, signal, onProgress, onQueued),
   };
   w.registerRoutes(base, ctx);

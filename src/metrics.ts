@@ -17,7 +17,7 @@ export async function exposition(registry: Registry): Promise<string> {
 }
 
 /** Why a request was refused before running: the `reason` of inference_rejected_total (engine and server alike). */
-export type RejectReason = 'queue_full' | 'not_ready' | 'shutting_down';
+export type RejectReason = 'queue_full' | 'input_budget' | 'not_ready' | 'shutting_down';
 
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
@@ -148,7 +148,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     rejected: new Counter({
       name: 'inference_rejected_total',
-      help: 'Requests refused before running, by reason (queue_full, not_ready, shutting_down)',
+      help: 'Requests refused before running, by reason (queue_full, input_budget, not_ready, shutting_down)',
       labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),

@@ -75,7 +75,7 @@ describe('docs/OPERATIONS.md metrics table', () => {
     expect(stages.length).toBeGreaterThanOrEqual(4);
     for (const s of stages) expect(`${row('inference_stage_seconds').labels} ${row('inference_stage_seconds').meaning}`, `stage ${s}`).toContain(s);
     const rejects = literals(/export type RejectReason = ([^;]+);/.exec(read('src/metrics.ts'))![1]!, /'([a-z_]+)'/g);
-    expect(rejects.length).toBe(3);
+    expect(rejects.length).toBe(4);
     for (const r of rejects) expect(row('inference_rejected_total').labels, `reason ${r}`).toContain(r);
     const cancels = literals(/export function cancelReason\(reason: unknown\): ([^{]+)\{/.exec(read('src/runtime/engine.ts'))![1]!, /'([a-z_]+)'/g);
     expect(cancels.length).toBe(3);

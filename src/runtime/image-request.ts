@@ -10,7 +10,7 @@ import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object } from '../storage/uri.js';
-import type { ImageSource } from './image-source.js';
+import type { ImageSource, InputHold } from './image-source.js';
 import { typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
@@ -26,6 +26,48 @@ export const DEFAULT_STRENGTH: Readonly<Record<ImageMode, number>> = { img2img: 
 export const MAX_INPUT_PIXELS = 4096 * 4096;
 /** An s3:// input image may have at most this many bytes. */
 export const MAX_INPUT_BYTES = 64 * 1024 * 1024;
+
+/**
+ * What the input images of all requests in flight may hold at once, in bytes: decoded RGB pixels and s3:// objects read.
+ * An image costs its pixels, not its encoded size (a 33 KB lossless WebP decodes to 48 MiB), so without it a request
+ * of a few hundred KB held ~800 MB until it finished, and a few such requests at once exhausted the pod's memory. A
+ * request's images are reserved before they are read or decoded, and given back when the request ends.
+ */
+export class InputBudget {
+  #used = 0;
+  constructor(readonly limit: number) {}
+  get used(): number {
+    return this.#used;
+  }
+  /** A reservation for one request: `take` adds to it, `release` gives all of it back (once). */
+  hold(): InputHold {
+    let held = 0;
+    let released = false;
+    const mb = (n: number) => `${Math.ceil(n / (1024 * 1024))} MB`;
+    return {
+      get bytes() {
+        return held;
+      },
+      take: (n: number, field: string) => {
+        if (released) throw new RuntimeError('INTERNAL', 'an input image was read after its request ended');
+        if (held + n > this.limit) {
+          throw new RuntimeError('INVALID_INPUT', `${field}: this request's input images need ${mb(held + n)} (decoded pixels and s3:// bytes), over the ${mb(this.limit)} the server holds for the input images of all requests (INPUT_IMAGES_MB); send smaller images or fewer per request`);
+        }
+        if (this.#used + n > this.limit) {
+          throw new RuntimeError('BUSY', `the input images of requests in progress fill the server's ${mb(this.limit)} for them (INPUT_IMAGES_MB); retry later`, { retryAfter: 5 });
+        }
+        this.#used += n;
+        held += n;
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.#used -= held;
+        held = 0;
+      },
+    };
+  }
+}
 
 /** An input image before and after it is read: base64 text (decoded), an s3:// URI, or raw bytes (V2 binary BYTES). */
 export interface ImageInput {
@@ -155,13 +197,20 @@ export function sniffFormat(b: Uint8Array): 'png' | 'jpeg' | 'webp' | { other: s
  * Decodes an input image to RGB as diffusers' load_image does with Pillow: EXIF orientation applied, alpha dropped
  * (not composited), grey and palette images expanded, CMYK converted by Pillow's formula, the ICC profile ignored.
  */
-export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS): Promise<Raster> {
+export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold): Promise<Raster> {
   const fmt = sniffFormat(bytes);
   if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a PNG, JPEG or WebP image`);
   const sharp = await loadSharp();
   let out: { data: Buffer; info: { width: number; height: number; channels: number } };
   try {
     const img = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
+    if (hold) {
+      // The header's size, reserved before the pixels exist (one frame: an animated image decodes its first only).
+      const meta = await img.metadata();
+      const px = (meta.width ?? 0) * (meta.pageHeight ?? meta.height ?? 0);
+      if (px > maxPixels) throw new Error('Input image exceeds pixel limit');
+      hold.take(px * 3, field);
+    }
     if (fmt === 'jpeg' && (await img.metadata()).space === 'cmyk') {
       // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
       const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
@@ -170,6 +219,7 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
       out = await img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
     }
   } catch (err) {
+    if (err instanceof RuntimeError) throw err;
     const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
     if (/pixel limit/i.test(why)) throw new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
     throw new RuntimeError('INVALID_INPUT', `${field} could not be decoded as ${fmt.toUpperCase()}: ${why}`);
@@ -204,6 +254,8 @@ export interface WithImage {
 export interface ImageContext {
   cfg: Pick<Config, 'maxImageSize'>;
   source: ImageSource;
+  /** The request's share of the InputBudget: every image's bytes are taken from it before they are read or decoded. */
+  hold?: InputHold;
 }
 
 /**
@@ -225,8 +277,8 @@ export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContex
     let p = memo.get(key);
     if (!p) {
       p = (async () => {
-        const bytes = src instanceof Uint8Array ? src : await ctx.source.read(src.uri, inp.field, MAX_INPUT_BYTES, signal);
-        return { raster: await decodeImage(bytes, inp.field), digest: key.startsWith('sha256:') ? key.slice(7) : sha(bytes) };
+        const bytes = src instanceof Uint8Array ? src : await ctx.source.read(src.uri, inp.field, MAX_INPUT_BYTES, signal, ctx.hold);
+        return { raster: await decodeImage(bytes, inp.field, MAX_INPUT_PIXELS, ctx.hold), digest: key.startsWith('sha256:') ? key.slice(7) : sha(bytes) };
       })();
       memo.set(key, p);
     }

@@ -9,16 +9,25 @@ import type { RequestS3 } from '../storage/request-s3.js';
 import { classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
 
+/** A request's share of the input images' budget (image-request.ts InputBudget). */
+export interface InputHold {
+  readonly bytes: number;
+  /** Reserves `n` more bytes for `field`: INVALID_INPUT when the request alone cannot fit, BUSY when others fill it now. */
+  take(n: number, field: string): void;
+  release(): void;
+}
+
 export interface ImageSource {
   /** The object's bytes; `field` names the request field in errors (`instances[0].image`). */
-  read(uri: string, field: string, maxBytes: number, signal?: AbortSignal): Promise<Buffer>;
+  /** `hold`: the object's size is taken from the request's InputBudget before its body is read. */
+  read(uri: string, field: string, maxBytes: number, signal?: AbortSignal, hold?: InputHold): Promise<Buffer>;
 }
 
 /** Reads through the runtime's request client (created on the first s3:// input or upload). */
 export function createImageSource(s3: RequestS3): ImageSource {
   let sdk: Promise<typeof import('@aws-sdk/client-s3')> | undefined;
   return {
-    async read(uri, field, maxBytes, signal) {
+    async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
       const [client, { GetObjectCommand }] = await Promise.all([s3.client(), (sdk ??= import('@aws-sdk/client-s3'))]);
@@ -28,6 +37,12 @@ export function createImageSource(s3: RequestS3): ImageSource {
         if (res.ContentLength !== undefined && res.ContentLength > maxBytes) {
           (res.Body as Readable | undefined)?.destroy();
           throw new RuntimeError('INVALID_INPUT', `${field}: ${where} is ${res.ContentLength} bytes; input images may have at most ${maxBytes}`);
+        }
+        try {
+          hold?.take(res.ContentLength ?? maxBytes, field);
+        } catch (err) {
+          (res.Body as Readable | undefined)?.destroy();
+          throw err;
         }
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {

@@ -5,7 +5,7 @@ import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
-import { parseS3Object } from '../storage/uri.js';
+import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -67,7 +67,7 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
     const wi = `${w}[${i}]`;
     const o = typeof x === 'string' ? { name: x } : x;
     if (!isObj(o)) return void bad.push(`${wi} must be an object {"name": …, "scale": …} or a name`);
-    for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') bad.push(unknownField(`${wi}.`, k, ['name', 'scale']));
+    for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') pushUnknownField(bad, `${wi}.`, k, ['name', 'scale']);
     const { name, scale = 1 } = o as { name?: unknown; scale?: unknown };
     if (typeof name !== 'string' || !LORA_NAME.test(name)) {
       return void bad.push(`${wi}.name must be an adapter name (letters, digits, '.', '_', '-'; up to 128), got ${show(name)}`);
@@ -138,14 +138,18 @@ export function nearestField(name: string, known: readonly string[]): string | u
   const alias = A1111_NAMES[k];
   if (alias !== undefined && known.includes(alias)) return alias;
   if (known.includes(k)) return k;
+  // A suggestion only when it is plausibly a typo: a third of the name's length at most.
+  const most = Math.max(2, Math.floor(k.length / 3));
   let best: string | undefined;
   let bestD = Infinity;
   for (const f of known) {
+    // The length difference is a lower bound of the distance: a name far longer than every field (a 1 MB key) costs
+    // no O(length × field) table.
+    if (Math.abs(k.length - f.length) > most) continue;
     const d = editDistance(k, f);
     if (d < bestD) [best, bestD] = [f, d];
   }
-  // A suggestion only when it is plausibly a typo: a third of the name's length at most.
-  return best !== undefined && bestD <= Math.max(2, Math.floor(k.length / 3)) ? best : undefined;
+  return best !== undefined && bestD <= most ? best : undefined;
 }
 
 /** `<where>.<key> is not a known field; did you mean …?` (the same wording in V1, V2 and the WebSocket). */
@@ -158,6 +162,14 @@ export function unknownField(where: string, key: string, known: readonly string[
 
 /** At most this many problems are listed in one error; the rest are counted. */
 export const MAX_LISTED_PROBLEMS = 20;
+
+/**
+ * Adds unknownField's problem to `bad`. Past the problems an error lists, only a short line that is never shown: a 1 MB
+ * body of 70,000 unknown keys cost 1.5 s of the main thread in spelling suggestions.
+ */
+export function pushUnknownField(bad: string[], where: string, key: string, known: readonly string[]): void {
+  bad.push(bad.length < MAX_LISTED_PROBLEMS ? unknownField(where, key, known) : `${where}${JSON.stringify(key.slice(0, 40))} is not a known field`);
+}
 
 /** Joins problems for one error message: the first ones in full, then how many more there were. */
 export function joinProblems(bad: readonly string[]): string {
@@ -189,8 +201,27 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
   }
 }
 
+/**
+ * What `loc` would overwrite of what this server loads: the model (STORAGE_URI) or the LoRA adapters (LORA_URI), when
+ * they come from S3 (output_uri is written with the same endpoint and credentials). Any key under the prefix counts,
+ * `prefix//x` and `prefix/./x` included: a listing holding such a key fails the next boot.
+ */
+function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUri'>>): string | undefined {
+  for (const [uri, what] of [[cfg.storageUri, 'model (STORAGE_URI)'], [cfg.loraUri, 'LoRA adapters (LORA_URI)']] as const) {
+    if (uri === undefined) continue;
+    let src;
+    try {
+      src = parseStorageUri(uri);
+    } catch {
+      continue;
+    }
+    if (src.kind === 's3' && src.bucket.toLowerCase() === loc.bucket.toLowerCase() && loc.key.startsWith(src.prefix)) return what;
+  }
+  return undefined;
+}
+
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -225,7 +256,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     return undefined;
   }
   const { cfg, defaults } = ctx;
-  for (const k of Object.keys(inst)) if (!(INSTANCE_FIELDS as readonly string[]).includes(k)) bad.push(unknownField(`${w}.`, k, INSTANCE_FIELDS));
+  for (const k of Object.keys(inst)) if (!(INSTANCE_FIELDS as readonly string[]).includes(k)) pushUnknownField(bad, `${w}.`, k, INSTANCE_FIELDS);
   const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
   const str = (k: string, required: boolean, maxLen = 10_000): string | undefined => {
     if (!has(k)) {
@@ -312,7 +343,12 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const quality = has('quality') ? int('quality', 90, 1, 100) : undefined;
   const uri = str('output_uri', false, 2048);
-  if (uri !== undefined && !parseS3Object(uri)) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  const out = uri === undefined ? undefined : parseS3Object(uri);
+  if (uri !== undefined && !out) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
+  else if (out) {
+    const served = servedFrom(out, cfg);
+    if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
+  }
   const image = parseImageFields(inst, w, bad, defaults, steps);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);
   if (prompt === undefined) return undefined;

@@ -15,6 +15,7 @@ import { createGeneration, type Generation } from './generation.js';
 import { createOptimizedWriter, type OptimizedWriter } from './optimized-writer.js';
 import type { SpawnedWorker } from './workers.js';
 import { createImageSource, type ImageSource } from './image-source.js';
+import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 
 export interface RuntimeOptions {
@@ -42,6 +43,8 @@ export class Runtime {
   readonly optimizer: OptimizedWriter;
   /** Reads requests' s3:// input images (img2img, inpainting). */
   readonly images: ImageSource;
+  /** What the input images of all requests in flight may hold at once (INPUT_IMAGES_MB). */
+  readonly inputBudget: InputBudget;
   readonly startedAt: number;
   readonly #workers: SpawnedWorker[] | undefined;
   #listener: Listener | undefined;
@@ -83,6 +86,7 @@ export class Runtime {
     this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3);
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
     this.images = createImageSource(this.#requestS3);
+    this.inputBudget = new InputBudget(cfg.inputImagesMb * 1024 * 1024);
   }
 
   /** True from the start of close(): readiness is false and new work gets 503. */

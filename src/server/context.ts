@@ -7,7 +7,7 @@ import type { Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
-import { resolveImages } from '../runtime/image-request.js';
+import { resolveImages, type InputBudget } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
 import { json, jsonText, type Reply } from './http.js';
 
@@ -25,6 +25,8 @@ export interface ServerContext {
   shutdown: AbortSignal;
   /** Reads s3:// input images (img2img, inpainting). */
   images: ImageSource;
+  /** What the input images of all requests in flight may hold at once (INPUT_IMAGES_MB). */
+  inputBudget: InputBudget;
   /** Runs requests through the result cache and the queue; results in request order. */
   generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void) => Promise<TaskResult[]>;
 }
@@ -69,12 +71,23 @@ export function parseContext(ctx: ServerContext): ParseContext {
   return { cfg: ctx.cfg, defaults, randomSeed: ctx.randomSeed };
 }
 
-/** Reads and decodes the requests' input images (400 naming the field for anything wrong with them). */
-export function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<void> {
+/**
+ * Reads and decodes the requests' input images (400 naming the field for anything wrong with them), their bytes taken
+ * from the input budget. Returns what gives them back: call it once the request has ended, whatever its outcome.
+ */
+export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<() => void> {
   // The distinct s3:// inputs (an image and a mask per instance) are read at once, each read listening on the
   // request's signal until it ends: more than Node's 10 is no leak, so no warning for it.
   if (signal) setMaxListeners(Math.max(defaultMaxListeners, 2 * reqs.length + 1), signal);
-  return resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images }, signal);
+  const hold = ctx.inputBudget.hold();
+  try {
+    await resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images, hold }, signal);
+  } catch (err) {
+    hold.release();
+    if (err instanceof RuntimeError && err.code === 'BUSY') ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason: 'input_budget' });
+    throw err;
+  }
+  return hold.release;
 }
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */

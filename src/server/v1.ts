@@ -64,8 +64,13 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
         assertSafeKeys(parsed, 'body');
         const reqs = parseInstances(instances, parseContext(ctx), where);
-        await readImages(ctx, reqs, ex.gone.signal);
-        const results = await ctx.generate(reqs, ex.gone.signal);
+        const release = await readImages(ctx, reqs, ex.gone.signal);
+        let results;
+        try {
+          results = await ctx.generate(reqs, ex.gone.signal);
+        } finally {
+          release();
+        }
         void name;
         return { status: 200, body: predictionsBody(results), contentType: 'application/json' };
       },

@@ -9,7 +9,7 @@ import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
-import { assertSafeKeys, joinProblems, unknownField } from '../runtime/request.js';
+import { assertSafeKeys, joinProblems, pushUnknownField } from '../runtime/request.js';
 import { jsonText } from './http.js';
 
 /** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
@@ -140,7 +140,7 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
     if (k === 'binary_data_output') {
       if (typeof parameters[k] !== 'boolean') problems.push('parameters.binary_data_output must be true or false');
     } else if (k === 'prompt') problems.push('prompt must be an input tensor (BYTES), not a parameter');
-    else if (!Object.hasOwn(FIELDS, k)) problems.push(unknownField('parameters.', k, [...Object.keys(FIELDS).filter((f) => f !== 'prompt'), 'binary_data_output']));
+    else if (!Object.hasOwn(FIELDS, k)) pushUnknownField(problems, 'parameters.', k, [...Object.keys(FIELDS).filter((f) => f !== 'prompt'), 'binary_data_output']);
   }
 
   const inputs: Tensor[] = [];
@@ -212,7 +212,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   const name = inp.name;
   if (typeof name !== 'string') return void problems.push(`${w}.name must be a string`);
   const wn = `input "${name}"`;
-  if (!Object.hasOwn(FIELDS, name)) return void problems.push(unknownField('input ', name, Object.keys(FIELDS)));
+  if (!Object.hasOwn(FIELDS, name)) return void pushUnknownField(problems, 'input ', name, Object.keys(FIELDS));
   const datatype = inp.datatype;
   if (typeof datatype !== 'string' || !DATATYPES.has(datatype)) return void problems.push(`${wn}: datatype must be one of ${[...DATATYPES].join(', ')}, got ${JSON.stringify(datatype)}`);
   const shape = inp.shape;
@@ -262,7 +262,8 @@ function flatten(v: unknown, depth = 0): unknown[] | undefined {
     if (Array.isArray(x)) {
       const inner = flatten(x, depth + 1);
       if (!inner) return undefined;
-      out.push(...inner);
+      // One at a time: spread as arguments, a list of ~150,000 overflows the stack (a 500 instead of a 400).
+      for (const y of inner) out.push(y);
     } else out.push(x);
   }
   return out;

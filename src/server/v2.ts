@@ -58,8 +58,12 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
         const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest);
         const instances = toInstances(req);
         const reqs = parseInstances(instances, parseContext(ctx), 'prompt');
-        await readImages(ctx, reqs, ex.gone.signal);
-        return inferReply(encodeInferResponse(name, req, await ctx.generate(reqs, ex.gone.signal)));
+        const release = await readImages(ctx, reqs, ex.gone.signal);
+        try {
+          return inferReply(encodeInferResponse(name, req, await ctx.generate(reqs, ex.gone.signal)));
+        } finally {
+          release();
+        }
       },
       opts,
       (r) => assertServable(ctx, r.params[0]!),

@@ -36,6 +36,8 @@ interface Conn {
   closed: boolean;
   closing: boolean;
   started: boolean;
+  /** A message after the request was answered with an error (once). */
+  toldOne: boolean;
   alive: boolean;
   gone: AbortController;
   t0: number;
@@ -54,7 +56,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   });
 
   function open(ws: WebSocket, name: string): void {
-    const c: Conn = { name, closed: false, closing: false, started: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
+    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
     // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
@@ -109,7 +111,10 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   function message(ws: WebSocket, c: Conn, data: RawData): void {
     if (c.closed || c.closing) return;
     if (c.started) {
-      critical(ws, c, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
+      // Told once: an answer to every further message would let a client that sends without reading make this side
+      // buffer without bound (4 M one-byte messages held ~0.9 GB).
+      if (!c.toldOne) critical(ws, c, JSON.stringify({ type: 'error', code: 'INVALID_INPUT', error: 'one generation per connection: open a new socket for the next one' }));
+      c.toldOne = true;
       return;
     }
     c.started = true;
@@ -126,11 +131,16 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
-      await readImages(ctx, reqs, c.gone.signal);
+      const release = await readImages(ctx, reqs, c.gone.signal);
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
-      const results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
+      let results;
+      try {
+        results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
+      } finally {
+        release();
+      }
       critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
       closeWith(ws, c, 1000, 'done');
     } catch (err) {

@@ -1,0 +1,83 @@
+/**
+ * Hostile input that costs the server more than its size: each case is the worst input found for one parser or limit
+ * (docs/FAULTS.md, "Hostile input"), and asserts the bound holds. Complexity checks use inputs for which the unbounded
+ * code takes seconds to minutes and the bounded code milliseconds, so their time limits are orders of magnitude away
+ * from either.
+ */
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import type { ModelDefaults } from '../src/pipeline/job.js';
+import { basicClean } from '../src/pipeline/tokenizer.js';
+import { MAX_LISTED_PROBLEMS, parseInstances, pushUnknownField } from '../src/runtime/request.js';
+
+/** Milliseconds `f` takes. */
+const timed = (f: () => void): number => {
+  const t = performance.now();
+  f();
+  return performance.now() - t;
+};
+
+describe('CLIP text cleaning is linear in the prompt', () => {
+  it('strips as Python does: the whitespace of `regex`, plus U+001C..U+001F', () => {
+    expect(basicClean('\x1c\u3000 A\u0085b \x1f')).toBe('a b');
+    expect(basicClean('\x1c\x1d\x1e\x1f')).toBe('');
+    expect(basicClean('a\x1cb')).toBe('a\x1cb');
+  });
+
+  it('a long whitespace run inside a prompt costs no more than one at its end', () => {
+    // `[\s…]+$` tried from every position of the run: 150,000 characters took ~45 s; a scan takes milliseconds.
+    const n = 150_000;
+    for (const ws of ['\x1c', '\u3000', '\t']) {
+      const inside = `x${ws.repeat(n)}x`;
+      const ms = timed(() => expect(basicClean(inside).length).toBeGreaterThan(1));
+      expect(ms, `a run of ${n} ${JSON.stringify(ws)}`).toBeLessThan(2_000);
+    }
+  });
+});
+
+const SD: ModelDefaults = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler' };
+
+describe('output_uri never names what the server loads', () => {
+  const parse = (env: Record<string, string>, uri: string) =>
+    parseInstances([{ prompt: 'p', output_uri: uri }], { cfg: loadConfig(env), defaults: SD, randomSeed: () => 7 });
+  const served = { STORAGE_URI: 's3://models/sd15', LORA_URI: 's3://shared/loras/' };
+
+  it('refuses an object under the model (STORAGE_URI) or the adapters (LORA_URI), however the key is spelled', () => {
+    // Written with the server's own credentials, these would replace a model file (the next boot downloads an image as
+    // the UNet) or put a key in the listing that fails every later boot (`sd15//x`, `sd15/./x`).
+    for (const uri of ['s3://models/sd15/unet/model.onnx', 's3://models/sd15//x.png', 's3://models/sd15/./x.png', 's3://MODELS/sd15/model_index.json']) {
+      expect(() => parse(served, uri), uri).toThrow(`instances[0].output_uri ${JSON.stringify(uri)} lies under the model (STORAGE_URI) this server loads; write images elsewhere`);
+    }
+    expect(() => parse(served, 's3://shared/loras/style/pytorch_lora_weights.safetensors')).toThrow(/lies under the LoRA adapters \(LORA_URI\)/);
+    // A whole bucket as the model: every key of it.
+    expect(() => parse({ STORAGE_URI: 's3://models' }, 's3://models/out.png')).toThrow(/lies under the model \(STORAGE_URI\)/);
+  });
+
+  it('accepts everything beside them', () => {
+    for (const uri of ['s3://models/sd15.png', 's3://models/sd15-out/x.png', 's3://outputs/sd15/x.png', 's3://shared/loras.png', 's3://shared/out/x.png']) {
+      expect(parse(served, uri)[0]!.output.uri, uri).toBe(uri);
+    }
+    expect(parse({ STORAGE_URI: '/mnt/models' }, 's3://models/x.png')[0]!.output.uri).toBe('s3://models/x.png');
+  });
+});
+
+describe('unknown fields cost no more than the problems an error shows', () => {
+  const parse = (inst: Record<string, unknown>) => parseInstances([{ prompt: 'p', ...inst }], { cfg: loadConfig({}), defaults: SD, randomSeed: () => 7 });
+
+  it('suggests a spelling for the problems listed, and adds a plain line past them', () => {
+    const bad: string[] = [];
+    for (let i = 0; i < MAX_LISTED_PROBLEMS + 2; i++) pushUnknownField(bad, 'instances[0].', i < MAX_LISTED_PROBLEMS ? 'promt' : `x${'y'.repeat(60)}`, ['prompt', 'seed']);
+    expect(bad[0]).toBe('instances[0].promt is not a known field; did you mean "prompt"?');
+    expect(bad.at(-1)).toBe(`instances[0].${JSON.stringify(`x${'y'.repeat(39)}`)} is not a known field`);
+    // 70,000 of them (a 1 MB body) still list the first ones with suggestions.
+    const many = Object.fromEntries(Array.from({ length: 70_000 }, (_, i) => [`promt${i}`, 1]));
+    expect(() => parse(many)).toThrow(/^instances\[0\]\.promt0 is not a known field; did you mean "prompt"\?; .* and 69980 more problems$/);
+  });
+
+  it('a key far longer than any field is not compared letter by letter', () => {
+    // The edit distance of a 20 MB key to each of the ~20 fields took ~15 s; the length difference rules it out.
+    const ms = timed(() => expect(() => parse({ ['k'.repeat(20_000_000)]: 1 })).toThrow(/is not a known field; known fields: prompt/));
+    expect(ms).toBeLessThan(2_000);
+    expect(() => parse({ negative_promtp: 1 })).toThrow('instances[0].negative_promtp is not a known field; did you mean "negative_prompt"?');
+  });
+});

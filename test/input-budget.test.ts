@@ -1,0 +1,74 @@
+/**
+ * INPUT_IMAGES_MB through the real server: an image costs its decoded pixels, not its encoded size (a lossless WebP of
+ * a few KB decodes to tens of MB), so what the input images of all requests in flight hold is bounded. A request that
+ * alone needs more is a 400 naming the limit; one that meets others holding it is a 503 BUSY with Retry-After; what a
+ * request held is given back when it ends, the client's leaving included.
+ */
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson, until } from './helpers/server.js';
+
+const MB = 1024 * 1024;
+/** A flat lossless WebP of `side`² pixels, one pixel set to `n` so that each is a distinct input. */
+async function flat(side: number, n: number): Promise<string> {
+  const px = Buffer.alloc(side * side * 3, 128);
+  px[0] = n;
+  return (await sharp(px, { raw: { width: side, height: side, channels: 3 } }).webp({ lossless: true, effort: 0 }).toBuffer()).toString('base64');
+}
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let rt: RuntimeHandle;
+const predict = (instances: Array<Record<string, unknown>>, init: RequestInit = {}) => postJson(`${rt.url}/v1/models/model:predict`, { instances }, init);
+const inst = (image: string) => ({ prompt: 'p', image, height: 64, width: 64, num_inference_steps: 1, seed: 1 });
+
+beforeAll(async () => {
+  s3 = await startS3(['inputs']);
+  await s3.put('inputs', 'big.webp', Buffer.alloc(40 * MB, 1));
+  proxy = await startFaultProxy(s3.port);
+  // The served demo (no STORAGE_URI) has a vae_encoder.
+  rt = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', INPUT_IMAGES_MB: '64', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0' }, { ready: true });
+}, 120_000);
+
+afterAll(async () => {
+  await rt?.stop();
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+});
+
+describe('INPUT_IMAGES_MB', () => {
+  it('a request whose images alone decode past the budget is a 400 naming it, and holds nothing after', async () => {
+    // Three 3000² images: 27 MB each decoded (81 MB), from about 2 KB each of WebP.
+    const images = await Promise.all([1, 2, 3].map((n) => flat(3000, n)));
+    expect(images.every((b) => b.length < 64 * 1024)).toBe(true);
+    const r = await predict(images.map(inst));
+    expect(r.status).toBe(400);
+    expect(r.json).toMatchObject({ code: 'INVALID_INPUT', error: expect.stringMatching(/^instances\[\d\]\.image: this request's input images need \d+ MB .* over the 64 MB .*\(INPUT_IMAGES_MB\)/) });
+    expect(rt.rt.inputBudget.used).toBe(0);
+  }, 60_000);
+
+  it('a request meeting others that fill the budget is a 503 BUSY; once they end it is served', async () => {
+    // A: a 40 MB s3:// input whose body stalls after its first bytes: its size is held while it is read.
+    proxy.faults.stallAfterBytes = 1024;
+    proxy.faults.stalls = 1;
+    const gone = new AbortController();
+    const a = predict([inst('s3://inputs/big.webp')], { signal: gone.signal }).catch((err: Error) => err);
+    await until(() => rt.rt.inputBudget.used >= 40 * MB, 20_000);
+    const before = await metric(rt, 'inference_rejected_total', { reason: 'input_budget' });
+    const b = await flat(3000, 9);
+    const busy = await predict([inst(b)]);
+    expect(busy.status).toBe(503);
+    expect(busy.headers.get('retry-after')).toBe('5');
+    expect(busy.json).toMatchObject({ code: 'BUSY', error: expect.stringContaining('INPUT_IMAGES_MB') });
+    expect(await metric(rt, 'inference_rejected_total', { reason: 'input_budget' })).toBe(before + 1);
+    // The client of A leaves: its read is cancelled and what it held is given back.
+    gone.abort();
+    expect(await a).toBeInstanceOf(Error);
+    await until(() => rt.rt.inputBudget.used === 0, 20_000);
+    const ok = await predict([inst(b)]);
+    expect(ok.status).toBe(200);
+    expect(rt.rt.inputBudget.used).toBe(0);
+  }, 60_000);
+});
