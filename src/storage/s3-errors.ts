@@ -96,6 +96,8 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   const e = (err ?? {}) as SdkLikeError;
   const kind = classify(err);
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
+  // Already says what is wrong and what to do (s3-compat.ts): kept as it is.
+  if (err instanceof RuntimeError && kind === 'fatal') return err;
   const s3code = err instanceof RuntimeError ? err.code : s3Code(err);
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
