@@ -64,7 +64,8 @@ const awsUrlEncode = (s: string) => encodeURIComponent(s).replace(/%20/g, '+').r
 const etagOf = (b: Buffer) => `"${createHash('md5').update(b).digest('hex')}"`;
 const errorXml = (code: string, extra = '') => `<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>${code}</Code><Message>from the dialect store</Message>${extra}<RequestId>1</RequestId></Error>`;
 
-export async function startDialectStore(bucket: string, dialect: Dialect = {}): Promise<DialectStore> {
+/** Listens on `::1` (the endpoint an IPv6 literal) instead of 127.0.0.1 where `ipv6`. */
+export async function startDialectStore(bucket: string, dialect: Dialect = {}, ipv6 = false): Promise<DialectStore> {
   const objects = new Map<string, Buffer>();
   const seen: DialectStore['seen'] = [];
   const store = { dialect, objects, seen, put: (k: string, b: Buffer | string) => void objects.set(k, Buffer.from(b)) } as DialectStore & { port: number; endpoint: string; close(): Promise<void> };
@@ -132,7 +133,22 @@ export async function startDialectStore(bucket: string, dialect: Dialect = {}): 
     res.writeHead(206, { 'content-length': String(end - start + 1), 'content-range': `bytes ${start}-${end}/${obj.length}`, etag, 'content-type': 'application/octet-stream' })
       .end(obj.subarray(start, end + 1));
   });
-  Object.assign(store, await listenLoopback(server));
+  if (ipv6) {
+    const sockets = new Set<import('node:net').Socket>();
+    server.on('connection', (c) => {
+      sockets.add(c);
+      c.on('close', () => sockets.delete(c));
+    });
+    await new Promise<void>((r) => server.listen(0, '::1', r));
+    const port = (server.address() as import('node:net').AddressInfo).port;
+    Object.assign(store, {
+      port, endpoint: `http://[::1]:${port}`,
+      close: () => new Promise<void>((r) => {
+        for (const c of sockets) c.destroy();
+        server.close(() => r());
+      }),
+    });
+  } else Object.assign(store, await listenLoopback(server));
   if (store.dialect.basePath) Object.defineProperty(store, 'endpoint', { value: `${store.endpoint}${store.dialect.basePath}` });
   return store;
 }
