@@ -6,6 +6,7 @@
  * elsewhere, a bucket in another region, an endpoint with a path or an IPv6 literal. docs/DESIGN.md ("S3-compatible
  * stores") says which store each behaviour comes from.
  */
+import { spawn } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -174,5 +175,46 @@ describe.each(['sdk', 'lite'] as const)('an S3-compatible store, through S3_TRAN
     await readAll((await fetchFrom(s, transport)).dir, files);
     expect(s.seen.filter((x) => !x.signed)).toEqual([]);
     expect(s.seen.filter((x) => x.range !== undefined).length).toBeGreaterThan(1);
+  });
+});
+
+describe('warmup push', () => {
+  const CLI = path.resolve('dist/warmup/main.js');
+  const push = (args: string[], e: Record<string, string>) => new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+    const child = spawn(process.execPath, [CLI, 'push', ...args], { env: { PATH: process.env.PATH ?? '', ...e }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+
+  it('uploads each file under the key a fill reads it back from, odd names and symlinked files included, through both transports', async () => {
+    const names: Record<string, Buffer> = {
+      'model_index.json': Buffer.from('{}'), 'a b+c%41#h?q=1&x.json': Buffer.from('odd'), 'caf\u00e9/cafe\u0301.bin': detBytes(3_000, 8),
+      'trailing .txt ': Buffer.from('sp'), 'Case.json': Buffer.from('U'), 'case.json': Buffer.from('l'), 'unet/model.onnx_data': detBytes(400_000, 9),
+    };
+    const local = await fsp.mkdtemp(path.join(tmp, 'export-'));
+    for (const [rel, b] of Object.entries(names)) {
+      await fsp.mkdir(path.dirname(path.join(local, rel)), { recursive: true });
+      await fsp.writeFile(path.join(local, rel), b);
+    }
+    // A Hugging Face cache snapshot holds symlinks into blobs/: each is pushed as the file it points at.
+    const blobs = await fsp.mkdtemp(path.join(tmp, 'blobs-'));
+    await fsp.writeFile(path.join(blobs, 'abc123'), detBytes(5_000, 10));
+    await fsp.mkdir(path.join(local, 'vae_decoder'));
+    await fsp.symlink(path.join(blobs, 'abc123'), path.join(local, 'vae_decoder', 'model.onnx'));
+    names['vae_decoder/model.onnx'] = detBytes(5_000, 10);
+    const s = await store({}, {});
+    const cache = await fsp.mkdtemp(path.join(tmp, 'unused-'));
+    const r = await push([local, 's3://models/sd/'], env(s.endpoint, cache));
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout.trim().split('\n').at(-1)!)).toMatchObject({ files: Object.keys(names).length });
+    expect(s.seen.filter((x) => !x.signed)).toEqual([]);
+    expect([...s.objects.keys()].sort()).toEqual(Object.keys(names).map((k) => `sd/${k}`).sort());
+    for (const transport of ['sdk', 'lite']) {
+      const got = await fetchFrom(s, transport);
+      for (const [rel, b] of Object.entries(names)) expect((await fsp.readFile(path.join(got.dir, rel))).equals(b), `${transport} ${rel}`).toBe(true);
+    }
   });
 });

@@ -115,6 +115,17 @@ export async function startDialectStore(bucket: string, dialect: Dialect = {}, i
     } catch {
       return send(400, errorXml('InvalidURI'));
     }
+    if (req.method === 'PUT' && !params.has('uploadId') && !params.has('partNumber')) {
+      const parts: Buffer[] = [];
+      req.removeAllListeners('data');
+      req.on('data', (c: Buffer) => parts.push(c));
+      req.on('end', () => {
+        objects.set(key, Buffer.concat(parts));
+        res.writeHead(200, { etag: etagOf(objects.get(key)!), 'content-length': '0' }).end();
+      });
+      req.resume();
+      return;
+    }
     const obj = objects.get(key);
     if (req.method !== 'GET' || obj === undefined) return send(404, errorXml('NoSuchKey'));
     const etag = etagOf(obj);
