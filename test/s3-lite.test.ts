@@ -91,7 +91,7 @@ describe('reading ListBucketResult', () => {
 <Contents><Key>p/&#252;n&#xEF;.json</Key><Size>0</Size></Contents></ListBucketResult>`);
     expect(page.objects).toEqual([{ key: 'p/a & b<c>.bin', size: 42, etag: '"abc"' }, { key: 'p/ünï.json', size: 0, etag: '' }]);
     expect(page.nextToken).toBe('tok&en/1=');
-    expect(parseListPage('<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>')).toEqual({ objects: [], nextToken: undefined });
+    expect(parseListPage('<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>')).toEqual({ objects: [], truncated: false, urlEncoded: false, nextToken: undefined });
     expect(xmlText('&amp;lt;')).toBe('&lt;');
   });
 

@@ -13,7 +13,7 @@ import { ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '.
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { ENTRY_MARKERS, mb, PARTIAL, walk } from '../src/storage/cache.js';
+import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
@@ -59,6 +59,31 @@ async function warm(signal: AbortSignal): Promise<void> {
   }
 }
 
+/**
+ * Every file under `dir`, '/'-separated and sorted, as push uploads them: a symlink counts as what it points at (a
+ * Hugging Face cache snapshot is all symlinks into blobs/), a folder reached twice through links once, and a link
+ * that points nowhere is an error rather than a file silently left out of the model.
+ */
+async function exportFiles(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  const seen = new Set<string>();
+  const go = async (d: string, rel: string): Promise<void> => {
+    const real = await fsp.realpath(d);
+    if (seen.has(real)) return;
+    seen.add(real);
+    for (const e of await fsp.readdir(d, { withFileTypes: true })) {
+      const r = rel === '' ? e.name : `${rel}/${e.name}`;
+      const abs = path.join(d, e.name);
+      const st = e.isSymbolicLink() ? await fsp.stat(abs).catch(() => undefined) : e;
+      if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `${r} under the folder to push is a symlink to nothing; fix or remove it`);
+      if (st.isDirectory()) await go(abs, r);
+      else if (st.isFile()) out.push(r);
+    }
+  };
+  await go(dir, '');
+  return out.sort();
+}
+
 async function push(args: string[], signal: AbortSignal): Promise<void> {
   const replace = args.includes('--replace');
   const unknown = args.find((a) => a.startsWith('--') && a !== '--replace');
@@ -73,7 +98,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
-  const all = await walk(localDir);
+  const all = await exportFiles(localDir);
   // A cache entry (or a copy of one) holds the cache's own files: a server would refuse a prefix that has them.
   const partial = all.find((rel) => rel.endsWith(PARTIAL));
   if (partial !== undefined) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds an unfinished download (${partial}); push a complete export`);

@@ -15,6 +15,7 @@ import { RuntimeError } from '../errors.js';
 import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts } from './plan.js';
+import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -327,15 +328,17 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         progressed = true;
       };
       try {
+        const asked = whole && written === 0 ? undefined : { start: range.start + written, end: range.end };
         const res = await o.get({
           key: f.obj.key,
-          ...(whole && written === 0 ? {} : { range: `bytes=${range.start + written}-${range.end}` }),
+          ...(asked === undefined ? {} : { range: `bytes=${asked.start}-${asked.end}` }),
           ...(f.obj.etag ? { ifMatch: f.obj.etag } : {}),
           signal: reqSignal,
         });
         body = res.body;
         // Stores that ignore If-Match still send the ETag: compare it ourselves.
-        if (f.obj.etag && res.etag && res.etag !== f.obj.etag) throw new ObjectChangedError(f.obj.key);
+        if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
+        if (checkRangeAnswer(res, asked, f.obj.size, `s3://${o.bucket}/${f.obj.key}`) === 'changed') throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
         if (res.contentLength !== undefined && res.contentLength !== left) {
           throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { PARTIAL } from './cache.js';
 import type { RemoteObject } from './transport.js';
+import { showKey } from './s3-compat.js';
 import { containedPath } from './uri.js';
 
 /** Bytes in one file name (NAME_MAX of Linux filesystems); a file is '<name>.partial' while it downloads. */
@@ -10,8 +11,7 @@ export const NAME_MAX = 255;
 /** Bytes in a path passed to the kernel (PATH_MAX, with its NUL). */
 export const PATH_MAX = 4096;
 
-/** A key as messages show it: quoted, and shortened in the middle when long. */
-export const showKey = (k: string) => JSON.stringify(k.length > 120 ? `${k.slice(0, 70)}…${k.slice(-40)}` : k);
+export { showKey } from './s3-compat.js';
 
 /**
  * Refuses a listing the cache cannot hold as it is: a key outside `prefix` (the store answered another request),
@@ -52,3 +52,4 @@ export function checkListing(listing: readonly RemoteObject[], bucket: string, p
     }
   }
 }
+

@@ -51,6 +51,20 @@ interface SdkLikeError {
   cause?: unknown;
 }
 
+/** What region names look like; anything else a store sends in their place is not echoed. */
+const REGION_NAME = /^[a-z0-9][a-z0-9-]{1,40}$/;
+
+/**
+ * The bucket's region, where a refusal names it: AWS S3 answers a request signed for another region 301
+ * PermanentRedirect with an `x-amz-bucket-region` header, or 400 AuthorizationHeaderMalformed with `<Region>` in the
+ * body (as MinIO does when its configured region differs).
+ */
+export function bucketRegion(err: unknown): string | undefined {
+  const e = err as { Region?: unknown; $response?: { headers?: Record<string, unknown> } } | undefined;
+  const r = e?.Region ?? e?.$response?.headers?.['x-amz-bucket-region'];
+  return typeof r === 'string' && REGION_NAME.test(r) ? r : undefined;
+}
+
 export function errorStatus(err: unknown): number | undefined {
   const e = err as SdkLikeError | undefined;
   return e?.$metadata?.httpStatusCode ?? e?.$response?.statusCode;
@@ -71,6 +85,9 @@ export function classify(err: unknown): ErrorKind {
   const status = errorStatus(err);
   if (name === 'AbortError' || code === 'ABORT_ERR') return 'aborted';
   if (tlsProblem(err) !== undefined) return 'tls';
+  // A redirect (a bucket in another region or behind another endpoint) and a refusal that names the bucket's region
+  // answer every retry alike.
+  if ((status !== undefined && status >= 300 && status < 400) || (bucketRegion(err) !== undefined && (status === 400 || name === 'AuthorizationHeaderMalformed'))) return 'fatal';
   // A 403 for the request time: the clients correct their clock offset from S3's Date (s3-lite.ts, the SDK's signer),
   // so the next attempt is signed with S3's time.
   if (RETRY.skew.includes(name) || RETRY.skew.includes(code)) return 'transient';
@@ -96,7 +113,18 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   const e = (err ?? {}) as SdkLikeError;
   const kind = classify(err);
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
+  // Already says what is wrong and what to do (s3-compat.ts): kept as it is.
+  if (err instanceof RuntimeError && kind === 'fatal') return err;
   const s3code = err instanceof RuntimeError ? err.code : s3Code(err);
+  const region = bucketRegion(err);
+  if (region !== undefined && kind === 'fatal') {
+    return new RuntimeError('CONFIG', `cannot ${action} ${where}: the bucket is in region ${region}, and requests were signed for another (${s3code}); `
+      + `set AWS_REGION=${region} (AWS_REGION, else AWS_DEFAULT_REGION as the OpenShift AI data connection sets it, else us-east-1 is used)`, { cause: err });
+  }
+  if (kind === 'fatal' && errorStatus(err) !== undefined && errorStatus(err)! >= 300 && errorStatus(err)! < 400) {
+    return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${errorStatus(err)}): the bucket is served by another endpoint or region; `
+      + 'check AWS_REGION and AWS_ENDPOINT_URL', { cause: err });
+  }
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
       ? 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the data connection secret)'

@@ -16,6 +16,7 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
+import { listedKey, nextToken, quotedEtag } from './s3-compat.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
@@ -30,6 +31,7 @@ export interface LiteCredentials {
 export interface LiteTarget {
   /** scheme://host[:port] */
   origin: string;
+  bucket: string;
   /** The bucket's path under the origin: `/bucket` (path-style) or '' (virtual-hosted). */
   bucketPath: string;
   region: string;
@@ -113,7 +115,7 @@ export function liteTarget(s: Readonly<S3Settings>, bucket: string, env: NodeJS.
     origin = `https://${bucket}.s3.${s.region}.amazonaws.com`;
     bucketPath = '';
   }
-  return { origin, bucketPath, region: s.region, credentials, tls: tlsOptions(s), clock: { offsetMs: 0 } };
+  return { origin, bucket, bucketPath, region: s.region, credentials, tls: tlsOptions(s), clock: { offsetMs: 0 } };
 }
 
 /** RFC 3986 percent-encoding, as SigV4 wants it: everything but A-Z a-z 0-9 - _ . ~ */
@@ -219,7 +221,11 @@ const tag = (xml: string, name: string): string | undefined => {
 };
 
 export interface ListPage {
+  /** Keys as the page wrote them: url-encoded where `urlEncoded` (listing.ts listedKey decodes them). */
   objects: Array<{ key: string; size: number; etag: string }>;
+  truncated: boolean;
+  /** The page says `<EncodingType>url</EncodingType>`: the store url-encoded its keys as asked. */
+  urlEncoded: boolean;
   nextToken: string | undefined;
 }
 
@@ -234,7 +240,8 @@ export function parseListPage(xml: string): ListPage {
     objects.push({ key, size: Number(tag(c, 'Size') ?? 0), etag: tag(c, 'ETag') ?? '' });
   }
   const truncated = tag(xml, 'IsTruncated') === 'true';
-  return { objects, nextToken: truncated ? tag(xml, 'NextContinuationToken') : undefined };
+  const urlEncoded = tag(xml, 'EncodingType')?.toLowerCase() === 'url';
+  return { objects, truncated, urlEncoded, nextToken: truncated ? tag(xml, 'NextContinuationToken') : undefined };
 }
 
 /** Largest listing page read (1000 keys take ~300 KB). */
@@ -284,16 +291,19 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
 /** Every object under `prefix` (paginated), directory markers skipped, sorted by path: what the SDK transport lists. */
 export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: AbortSignal, pageSize = 1000): Promise<RemoteObject[]> {
   const out: RemoteObject[] = [];
+  const seen = new Set<string>();
   let token: string | undefined;
   do {
-    const query: Array<[string, string]> = [['list-type', '2'], ['max-keys', String(pageSize)], ['prefix', prefix]];
+    // encoding-type=url: XML 1.0 cannot carry every character a key may hold (AWS's ListObjectsV2 reference).
+    const query: Array<[string, string]> = [['list-type', '2'], ['encoding-type', 'url'], ['max-keys', String(pageSize)], ['prefix', prefix]];
     if (token !== undefined) query.push(['continuation-token', token]);
     const page = parseListPage(await getPage(t, query, signal));
     for (const o of page.objects) {
-      if (o.key.endsWith('/')) continue;
-      out.push({ key: o.key, rel: o.key.slice(prefix.length), size: o.size, etag: o.etag });
+      const key = listedKey(o.key, page.urlEncoded);
+      if (key.endsWith('/')) continue;
+      out.push({ key, rel: key.slice(prefix.length), size: o.size, etag: quotedEtag(o.etag) });
     }
-    token = page.nextToken;
+    token = nextToken(`s3://${t.bucket}/${prefix}`, page.truncated, page.nextToken, seen);
   } while (token !== undefined);
   out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
   return out;
@@ -330,7 +340,8 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
       const status = res.statusCode ?? 0;
       if (status === 200 || status === 206) {
         const len = res.headers['content-length'];
-        resolve({ body: res, etag: res.headers.etag, contentLength: len !== undefined ? Number(len) : undefined });
+        const range = res.headers['content-range'];
+        resolve({ body: res, etag: res.headers.etag, contentLength: len !== undefined ? Number(len) : undefined, status, ...(range !== undefined ? { contentRange: range } : {}) });
         return;
       }
       const chunks: Buffer[] = [];

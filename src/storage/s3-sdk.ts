@@ -8,6 +8,7 @@ import https from 'node:https';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
+import { listedKey, nextToken, quotedEtag } from './s3-compat.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
@@ -50,15 +51,21 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
 /** Lists every object under the prefix (paginated), skipping directory markers. */
 export async function listPrefix(client: S3Client, bucket: string, prefix: string, signal?: AbortSignal): Promise<RemoteObject[]> {
   const out: RemoteObject[] = [];
+  const seen = new Set<string>();
   let token: string | undefined;
   do {
-    const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token, MaxKeys: 1000 }),
+    // encoding-type=url: XML 1.0 cannot carry every character a key may hold, and the SDK's XML parser turns a raw
+    // carriage return into a line feed (what s3rver and stores that only XML-escape keys send).
+    const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token, MaxKeys: 1000, EncodingType: 'url' }),
       signal ? { abortSignal: signal } : {});
+    const urlEncoded = page.EncodingType?.toLowerCase() === 'url';
     for (const o of page.Contents ?? ([] as _Object[])) {
-      if (o.Key === undefined || o.Key.endsWith('/')) continue;
-      out.push({ key: o.Key, rel: o.Key.slice(prefix.length), size: o.Size ?? 0, etag: o.ETag ?? '' });
+      if (o.Key === undefined) continue;
+      const key = listedKey(o.Key, urlEncoded);
+      if (key.endsWith('/')) continue;
+      out.push({ key, rel: key.slice(prefix.length), size: o.Size ?? 0, etag: quotedEtag(o.ETag ?? '') });
     }
-    token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    token = nextToken(`s3://${bucket}/${prefix}`, page.IsTruncated === true, page.NextContinuationToken, seen);
   } while (token !== undefined);
   out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
   return out;
@@ -69,7 +76,10 @@ export async function getObject(client: S3Client, bucket: string, r: GetRequest)
   const res = await client.send(new GetObjectCommand({
     Bucket: bucket, Key: r.key, ...(r.range !== undefined ? { Range: r.range } : {}), ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
   }), { abortSignal: r.signal });
-  return { body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength };
+  return {
+    body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength, status: res.$metadata.httpStatusCode,
+    ...(res.ContentRange !== undefined ? { contentRange: res.ContentRange } : {}),
+  };
 }
 
 /**

@@ -38,6 +38,10 @@ export interface ObjectBody {
   body: Readable;
   etag: string | undefined;
   contentLength: number | undefined;
+  /** 200 or 206: a store or proxy that ignores Range answers a ranged GET 200, with the whole object. */
+  status?: number | undefined;
+  /** The Content-Range header of a 206 (`bytes a-b/size`), where the store sent one. */
+  contentRange?: string;
 }
 
 export type TransportName = 'sdk' | 'lite';
