@@ -76,6 +76,7 @@ export function parseContext(ctx: ServerContext): ParseContext {
  * from the input budget. Returns what gives them back: call it once the request has ended, whatever its outcome.
  */
 export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<() => void> {
+  if (!reqs.some((r) => r.image)) return () => undefined;
   // REQUEST_TIMEOUT_S bounds the reads too: an s3:// input the store stalls would otherwise hold its share of the
   // budget for as long as its client waits.
   const timeout = AbortSignal.timeout(ctx.cfg.requestTimeoutS * 1000);
