@@ -41,6 +41,9 @@ PROMPTS = [
     "don't stop!now",
     "ÉCOLE! café!",
     "a<|endoftext|>b! c",
+    "hi!<|endoftext|>",
+    "a !<|endoftext|>! b",
+    "(cat:1.2)!<|startoftext|>dog",
     "",
     "a very long prompt! " * 30,
 ]

@@ -6,7 +6,9 @@
  */
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { parseInstances } from '../src/runtime/request.js';
+import { parseContext, readImages, type ServerContext } from '../src/server/context.js';
+import { CREDS, destroyS3, rejection, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, until } from './helpers/server.js';
 
@@ -71,4 +73,19 @@ describe('INPUT_IMAGES_MB', () => {
     expect(ok.status).toBe(200);
     expect(rt.rt.inputBudget.used).toBe(0);
   }, 60_000);
+
+  it('REQUEST_TIMEOUT_S bounds reading the input images: an s3:// input the store stalls gives its share back, a 504', async () => {
+    // Before, only the generation counted: a read stalled after its headers held its 40 MB for as long as the client
+    // waited, and a few such requests left every later image request a 503.
+    proxy.faults.stallAfterBytes = 1024;
+    proxy.faults.stalls = 1;
+    const r = rt.rt;
+    const ctx = { cfg: { ...r.cfg, requestTimeoutS: 1 }, images: r.images, inputBudget: r.inputBudget, metrics: r.metrics, engine: r.engine, randomSeed: () => 1 } as unknown as ServerContext;
+    const reqs = parseInstances([inst('s3://inputs/big.webp')], parseContext(ctx), 'instances');
+    const hung = new Promise<never>((_, no) => setTimeout(() => no(new Error('still reading after 15 s')), 15_000).unref());
+    const err = await rejection(Promise.race([readImages(ctx, reqs), hung]));
+    expect(err.code).toBe('TIMEOUT');
+    expect(err.message).toMatch(/REQUEST_TIMEOUT_S=1s/);
+    await until(() => r.inputBudget.used === 0, 10_000);
+  }, 30_000);
 });

@@ -131,6 +131,30 @@ describe.each(['sdk', 'lite'] as const)('an S3-compatible store, through S3_TRAN
     await readAll(r.dir, files);
   });
 
+  it('a cache entry whose manifest holds ETags without quotes (a release before listed ETags were quoted) is still a hit, and a refresh keeps its unchanged files', async () => {
+    // A store that never quotes ETags: the releases before listed ETags were quoted wrote them bare into the manifest.
+    const files: Record<string, Buffer | string> = { 'sd/model_index.json': '{}', 'sd/unet/model.onnx_data': detBytes(300_000, 3), 'sd/vae/model.onnx': detBytes(100_000, 5) };
+    const s = await store({ bareListEtags: true, bareGetEtags: true }, files);
+    const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
+    const cfg = loadConfig(env(s.endpoint, cache, { S3_TRANSPORT: transport }));
+    const first = await resolveModel('s3://models/sd/', { cfg, log: silentLogger() });
+    expect(first.fromCache).toBe(false);
+    const manifest = path.join(first.dir, '.complete.json');
+    const m = JSON.parse(await fsp.readFile(manifest, 'utf8')) as { files: Array<{ etag: string }> };
+    for (const f of m.files) f.etag = f.etag.replace(/^"(.*)"$/, '$1');
+    await fsp.writeFile(manifest, JSON.stringify(m, null, 1));
+    const again = await resolveModel('s3://models/sd/', { cfg, log: silentLogger() });
+    expect(again.fromCache).toBe(true);
+    // One object replaced: only it is read again.
+    s.put('sd/vae/model.onnx', detBytes(100_000, 6));
+    const seen = s.seen.length;
+    const refreshed = await resolveModel('s3://models/sd/', { cfg, log: silentLogger() });
+    expect(refreshed.fromCache).toBe(false);
+    const gets = s.seen.slice(seen).filter((x) => x.method === 'GET' && !x.url.includes('list-type=2')).map((x) => decodeURIComponent(x.url.split('?')[0]!));
+    expect(new Set(gets)).toEqual(new Set(['/models/sd/vae/model.onnx']));
+    await readAll(refreshed.dir, { ...files, 'sd/vae/model.onnx': detBytes(100_000, 6) });
+  });
+
   it('a ranged GET answered 200 with the whole object is refused at once, no wrong byte kept', async () => {
     const files = { 'sd/model_index.json': '{}', 'sd/unet/model.onnx_data': detBytes(500_000, 4) };
     const s = await store({ ignoreRange: true }, files);

@@ -110,8 +110,8 @@ export interface ClipTokenizerOptions {
   eosToken?: string;
   /**
    * Tokens split out of the raw text before cleaning and BPE, each with its id: the special tokens of the tokenizer's
-   * config files and its added tokens, as transformers' tokenizer does (its trie, leftmost-longest). The start- and
-   * end-of-text tokens are left to the CLIP split pattern, which gives them the same ids.
+   * config files and its added tokens, as transformers' tokenizer does (its trie, leftmost-longest). The bos and eos
+   * tokens are always among them.
    */
   addedTokens?: ReadonlyMap<string, number>;
   /**
@@ -195,7 +195,10 @@ export class ClipTokenizer {
     if (!Number.isInteger(max) || max < 2) throw new RuntimeError('MODEL_FORMAT', `tokenizer: model_max_length must be an integer >= 2, got ${max}`);
     this.maxLength = max;
     this.#heapFrom = opts.heapBpeFrom ?? 32;
-    const added = new Map([...(opts.addedTokens ?? new Map<string, number>())].filter(([t]) => t.length > 0 && t !== BOS && t !== EOS));
+    const added = new Map([...(opts.addedTokens ?? new Map<string, number>())].filter(([t]) => t.length > 0));
+    // bos and eos are split out first too, as transformers does with every special token: left to the CLIP pattern,
+    // punctuation before them takes their '<|' ("hi!<|endoftext|>" gave BPE pieces, not eos).
+    for (const [t, i] of [[opts.bosToken ?? BOS, this.bosId], [opts.eosToken ?? EOS, this.eosId]] as const) if (!added.has(t)) added.set(t, i);
     this.#addedIds = added;
     this.#addedPattern =
       added.size > 0 ? new RegExp([...added.keys()].sort((a, b) => b.length - a.length).map((t) => t.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&')).join('|'), 'gu') : undefined;

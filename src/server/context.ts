@@ -76,15 +76,23 @@ export function parseContext(ctx: ServerContext): ParseContext {
  * from the input budget. Returns what gives them back: call it once the request has ended, whatever its outcome.
  */
 export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<() => void> {
+  if (!reqs.some((r) => r.image)) return () => undefined;
+  // REQUEST_TIMEOUT_S bounds the reads too: an s3:// input the store stalls would otherwise hold its share of the
+  // budget for as long as its client waits.
+  const timeout = AbortSignal.timeout(ctx.cfg.requestTimeoutS * 1000);
+  const both = signal ? AbortSignal.any([signal, timeout]) : timeout;
   // The distinct s3:// inputs (an image and a mask per instance) are read at once, each read listening on the
   // request's signal until it ends: more than Node's 10 is no leak, so no warning for it.
-  if (signal) setMaxListeners(Math.max(defaultMaxListeners, 2 * reqs.length + 1), signal);
+  setMaxListeners(Math.max(defaultMaxListeners, 2 * reqs.length + 1), both);
   const hold = ctx.inputBudget.hold();
   try {
-    await resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images, hold }, signal);
+    await resolveImages(reqs, { cfg: ctx.cfg, source: ctx.images, hold }, both);
   } catch (err) {
     hold.release();
     if (err instanceof RuntimeError && err.code === 'BUSY') ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason: 'input_budget' });
+    if (timeout.aborted && !signal?.aborted) {
+      throw new RuntimeError('TIMEOUT', `reading the input images took longer than REQUEST_TIMEOUT_S=${ctx.cfg.requestTimeoutS}s and was stopped`, { cause: err });
+    }
     throw err;
   }
   return hold.release;

@@ -185,7 +185,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const abs = path.join(o.entry, obj.rel);
     const partial = abs + PARTIAL;
     const prev = o.journal.get(obj.rel);
-    let j: JournalFile | undefined = prev !== undefined && prev.etag === obj.etag && prev.size === obj.size && !prev.complete ? prev : undefined;
+    let j: JournalFile | undefined = prev !== undefined && sameEtag(prev.etag, obj.etag) && prev.size === obj.size && !prev.complete ? prev : undefined;
     // Recorded spans count only while the partial is there with its full preallocated size.
     if (j !== undefined && j.spans.length > 0 && (await fsp.stat(partial).catch(() => undefined))?.size !== obj.size) j = undefined;
     if (j === undefined) {

@@ -15,6 +15,7 @@ import { chooseTransport, loadTransport, openTransport, type TransportChoice } f
 import type { StorageIo } from './download.js';
 import { Journal, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
+import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock } from './lock.js';
 import { backoffMs } from './plan.js';
@@ -181,8 +182,10 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
   return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}`, { cause: e });
 }
 
+// sameEtag: entries written before listed ETags were quoted hold them as the store listed them (bare, on stores that
+// never quote them); read as changed, every such entry was fetched again after an upgrade.
 const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
-  m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && m.files[i]?.etag === o.etag);
+  m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && sameEtag(m.files[i]?.etag ?? '', o.etag));
 
 /** One S3 → cache resolution through one transport; all state lives in this object so two resolutions never share any. */
 class S3Fetch {
@@ -342,13 +345,13 @@ class S3Fetch {
         // A file under its final name got there by a rename once it was whole, at the version the journal recorded
         // before its first byte (downloadAll): with that version listed, it is reused, whether or not the journal
         // heard of the rename before a kill.
-        if (j !== undefined && j.etag === obj.etag && j.size === obj.size && size === obj.size) {
+        if (j !== undefined && sameEtag(j.etag, obj.etag) && j.size === obj.size && size === obj.size) {
           if (!j.complete) journal.complete(obj.rel, obj.etag, obj.size);
           reuse.push(obj);
           keep.add(obj.rel);
         } else {
           fetch.push(obj);
-          if (j !== undefined && !j.complete && j.etag === obj.etag && j.size === obj.size) keep.add(obj.rel + PARTIAL);
+          if (j !== undefined && !j.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size) keep.add(obj.rel + PARTIAL);
           else journal.drop(obj.rel);
         }
       }

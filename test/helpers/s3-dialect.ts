@@ -30,6 +30,8 @@ export interface Dialect {
   ignoreToken?: boolean;
   /** ETags in the listing without their quotes (NetApp ONTAP S3, some Ceph RGW versions); GET headers keep them. */
   bareListEtags?: boolean;
+  /** ETags without their quotes in GET answers too (with bareListEtags: a store that never quotes them). */
+  bareGetEtags?: boolean;
   /** A UTF-8 byte-order mark before the listing's XML. */
   bom?: boolean;
   /** Ranged GETs answered 200 with the whole object (a proxy that drops Range; GCS decompressive transcoding). */
@@ -128,7 +130,7 @@ export async function startDialectStore(bucket: string, dialect: Dialect = {}, i
     }
     const obj = objects.get(key);
     if (req.method !== 'GET' || obj === undefined) return send(404, errorXml('NoSuchKey'));
-    const etag = etagOf(obj);
+    const etag = d.bareGetEtags ? etagOf(obj).slice(1, -1) : etagOf(obj);
     const m = /^bytes=(\d+)-(\d+)$/.exec(String(req.headers.range ?? ''));
     if (m === null || d.ignoreRange) {
       res.writeHead(200, { 'content-length': String(obj.length), etag, 'content-type': 'application/octet-stream' }).end(obj);
