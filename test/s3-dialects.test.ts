@@ -12,6 +12,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
+import { createImageSource } from '../src/runtime/image-source.js';
+import type { EncodedImage } from '../src/runtime/engine.js';
+import { createOutputStore } from '../src/runtime/output.js';
+import { createRequestS3 } from '../src/storage/request-s3.js';
 import { silentLogger } from '../src/log.js';
 import { chooseTransport, openTransport } from '../src/storage/choose-transport.js';
 import { resolveModel } from '../src/storage/fetch.js';
@@ -239,6 +243,35 @@ describe('warmup push', () => {
     for (const transport of ['sdk', 'lite']) {
       const got = await fetchFrom(s, transport);
       for (const [rel, b] of Object.entries(names)) expect((await fsp.readFile(path.join(got.dir, rel))).equals(b), `${transport} ${rel}`).toBe(true);
+    }
+  });
+});
+
+describe('s3:// input images and output_uri', () => {
+  it.each(['aws', 'minio'] as const)('in a bucket of another region (%s answer) are the request\'s to fix (400 naming the region), not a 502 to retry', async (wrongRegion) => {
+    const s = await store({ region: 'eu-west-1', wrongRegion }, { 'in/cat.png': detBytes(1000, 7) });
+    const requestS3 = createRequestS3(loadConfig(env(s.endpoint, tmp, { S3_MAX_ATTEMPTS: '1' })).s3);
+    try {
+      const err = await rejection(createImageSource(requestS3).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000));
+      expect(err.code).toBe('INVALID_INPUT');
+      expect(err.message).toMatch(/^instances\[0\]\.image: bucket "models" is in region eu-west-1/);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
+  it.each(['aws', 'minio'] as const)('output_uri in a bucket of another region (%s answer) is a 400 naming the region, not a transient failure', async (wrongRegion) => {
+    const s = await store({ region: 'eu-west-1', wrongRegion }, {});
+    const requestS3 = createRequestS3(loadConfig(env(s.endpoint, tmp, { S3_MAX_ATTEMPTS: '1' })).s3);
+    try {
+      const png = detBytes(100, 8);
+      const image: EncodedImage = { data: png.buffer.slice(png.byteOffset, png.byteOffset + png.byteLength) as ArrayBuffer, seed: 1, width: 8, height: 8, format: 'png' };
+      const err = await rejection(createOutputStore(requestS3).upload('s3://models/out/cat.png', [image]));
+      expect(err.code).toBe('INVALID_INPUT');
+      expect(err.message).toMatch(/^output_uri: cannot write s3:\/\/models\/out\/cat\.png: bucket "models" is in region eu-west-1/);
+      expect(s.objects.has('out/cat.png')).toBe(false);
+    } finally {
+      requestS3.destroy();
     }
   });
 });

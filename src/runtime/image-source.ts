@@ -6,7 +6,7 @@
 import type { Readable } from 'node:stream';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { classify, s3Code } from '../storage/s3-errors.js';
+import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
 
 /** A request's share of the input images' budget (image-request.ts InputBudget). */
@@ -77,6 +77,12 @@ function readError(err: unknown, field: string, where: string, bucket: string): 
       return new RuntimeError('INVALID_INPUT', `${field}: the server's S3 credentials may not read ${where} (${s3code})`, { cause: err });
     case 'aborted':
       return new RuntimeError('CANCELLED', `${field}: reading ${where} was cancelled`, { cause: err });
+    case 'fatal': {
+      // A bucket in another region (or behind another endpoint): a retry meets the same answer, so it is the request's to fix.
+      const region = bucketRegion(err);
+      if (region !== undefined) return new RuntimeError('INVALID_INPUT', `${field}: bucket "${bucket}" is in region ${region}, and this server reads S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
+      return new RuntimeError('UPSTREAM', `${field}: reading ${where} failed (${s3code}); retry later`, { cause: err });
+    }
     default:
       return new RuntimeError('UPSTREAM', `${field}: reading ${where} failed (${s3code}); retry later`, { cause: err });
   }

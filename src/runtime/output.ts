@@ -6,7 +6,7 @@
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { classify, s3Code } from '../storage/s3-errors.js';
+import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 
 export interface OutputStore {
@@ -73,6 +73,11 @@ function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
       return new RuntimeError('STORAGE_DENIED', `output_uri: access denied writing ${where} (${s3code}); check the server's S3 credentials and the bucket policy`, { cause: err });
     case 'aborted':
       return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
+    case 'fatal': {
+      const region = bucketRegion(err);
+      if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
+      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
+    }
     default:
       return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
   }
