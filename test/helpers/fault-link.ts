@@ -118,6 +118,13 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
       res.on('close', done);
       let sent = 0;
       const t0 = performance.now();
+      // The upstream reads on only once both the client has drained and the pace allows: a pacing timer that resumed
+      // it while the client was still backed up added a 'drain' listener per chunk (MaxListenersExceededWarning).
+      let waitDrain = false;
+      let waitPace = false;
+      const resume = () => {
+        if (!waitDrain && !waitPace) upRes.resume();
+      };
       upRes.on('data', (chunk: Buffer) => {
         if (sent + chunk.length > cutAt) {
           res.write(chunk.subarray(0, cutAt - sent));
@@ -132,9 +139,13 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
         }
         sent += chunk.length;
         if (body) stats.bodyBytes += chunk.length;
-        if (!res.write(chunk)) {
+        if (!res.write(chunk) && !waitDrain) {
+          waitDrain = true;
           upRes.pause();
-          res.once('drain', () => upRes.resume());
+          res.once('drain', () => {
+            waitDrain = false;
+            resume();
+          });
         }
         if (!body) return;
         const now = performance.now();
@@ -145,9 +156,13 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
           linkFree = Math.max(linkFree, now) + (chunk.length / totalBps) * 1000;
           due = Math.max(due, linkFree);
         }
-        if (due > now) {
+        if (due > now && !waitPace) {
+          waitPace = true;
           upRes.pause();
-          setTimeout(() => upRes.resume(), due - now);
+          setTimeout(() => {
+            waitPace = false;
+            resume();
+          }, due - now);
         }
       });
       upRes.on('end', () => {
