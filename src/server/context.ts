@@ -98,6 +98,19 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
   return hold.release;
 }
 
+/**
+ * Every route's request: its input images read (readImages), then generated; the images' share of the input budget
+ * is given back once the generation has ended, whatever its outcome.
+ */
+export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult[]> {
+  const release = await readImages(ctx, reqs, signal);
+  try {
+    return await ctx.generate(reqs, signal, onProgress, onQueued);
+  } finally {
+    release();
+  }
+}
+
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
 export function parseJson(body: Buffer): unknown {
   try {

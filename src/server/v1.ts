@@ -3,7 +3,7 @@ import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, checkInstanceCount, parseInstances } from '../runtime/request.js';
-import { assertServable, modelStatus, parseContext, parseJson, readImages, type ServerContext } from './context.js';
+import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type RouteOptions } from './http.js';
 
 /**
@@ -64,13 +64,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
         assertSafeKeys(parsed, 'body');
         const reqs = parseInstances(instances, parseContext(ctx), where);
-        const release = await readImages(ctx, reqs, ex.gone.signal);
-        let results;
-        try {
-          results = await ctx.generate(reqs, ex.gone.signal);
-        } finally {
-          release();
-        }
+        const results = await generateWithImages(ctx, reqs, ex.gone.signal);
         void name;
         return { status: 200, body: predictionsBody(results), contentType: 'application/json' };
       },

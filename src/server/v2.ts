@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { RuntimeError } from '../errors.js';
 import { parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
-import { assertServable, modelStatus, parseContext, readImages, unknownModel, type ServerContext } from './context.js';
+import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 import { encodeInferResponse, modelMetadata, parseInferRequest, toInstances, type InferResponse } from './v2-codec.js';
 
@@ -58,12 +58,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
         const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest);
         const instances = toInstances(req);
         const reqs = parseInstances(instances, parseContext(ctx), 'prompt');
-        const release = await readImages(ctx, reqs, ex.gone.signal);
-        try {
-          return inferReply(encodeInferResponse(name, req, await ctx.generate(reqs, ex.gone.signal)));
-        } finally {
-          release();
-        }
+        return inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal)));
       },
       opts,
       (r) => assertServable(ctx, r.params[0]!),

@@ -21,7 +21,7 @@ import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeKeys, parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
-import { assertServable, parseContext, parseJson, readImages, shuttingDown, type ServerContext } from './context.js';
+import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
@@ -131,16 +131,10 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
       const reqs = parseInstances([inst], parseContext(ctx), 'message');
-      const release = await readImages(ctx, reqs, c.gone.signal);
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
-      let results;
-      try {
-        results = await ctx.generate(reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
-      } finally {
-        release();
-      }
+      const results = await generateWithImages(ctx, reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
       critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
       closeWith(ws, c, 1000, 'done');
     } catch (err) {
