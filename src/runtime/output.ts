@@ -65,7 +65,11 @@ export function createOutputStore(s3: RequestS3): OutputStore {
 function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
-  switch (classify(err)) {
+  const kind = classify(err);
+  // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
+  const region = kind === 'fatal' ? bucketRegion(err) : undefined;
+  if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
+  switch (kind) {
     case 'missing':
       // The client named the bucket: a missing one is their input to fix.
       return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" does not exist (${s3code})`, { cause: err });
@@ -73,11 +77,6 @@ function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
       return new RuntimeError('STORAGE_DENIED', `output_uri: access denied writing ${where} (${s3code}); check the server's S3 credentials and the bucket policy`, { cause: err });
     case 'aborted':
       return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
-    case 'fatal': {
-      const region = bucketRegion(err);
-      if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
-      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
-    }
     default:
       return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
   }

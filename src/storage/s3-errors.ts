@@ -121,8 +121,9 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
     return new RuntimeError('CONFIG', `cannot ${action} ${where}: the bucket is in region ${region}, and requests were signed for another (${s3code}); `
       + `set AWS_REGION=${region} (AWS_REGION, else AWS_DEFAULT_REGION as the OpenShift AI data connection sets it, else us-east-1 is used)`, { cause: err });
   }
-  if (kind === 'fatal' && errorStatus(err) !== undefined && errorStatus(err)! >= 300 && errorStatus(err)! < 400) {
-    return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${errorStatus(err)}): the bucket is served by another endpoint or region; `
+  const status = errorStatus(err);
+  if (kind === 'fatal' && status !== undefined && status >= 300 && status < 400) {
+    return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${status}): the bucket is served by another endpoint or region; `
       + 'check AWS_REGION and AWS_ENDPOINT_URL', { cause: err });
   }
   if (kind === 'denied') {
