@@ -204,14 +204,15 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   let out: { data: Buffer; info: { width: number; height: number; channels: number } };
   try {
     const img = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
+    // The header, read once: its size is reserved before the pixels exist, and a JPEG's colour space chooses the path.
+    const meta = hold || fmt === 'jpeg' ? await img.metadata() : undefined;
     if (hold) {
-      // The header's size, reserved before the pixels exist (one frame: an animated image decodes its first only).
-      const meta = await img.metadata();
-      const px = (meta.width ?? 0) * (meta.pageHeight ?? meta.height ?? 0);
+      // One frame: an animated image decodes its first only.
+      const px = (meta!.width ?? 0) * (meta!.pageHeight ?? meta!.height ?? 0);
       if (px > maxPixels) throw new Error('Input image exceeds pixel limit');
       hold.take(px * 3, field);
     }
-    if (fmt === 'jpeg' && (await img.metadata()).space === 'cmyk') {
+    if (fmt === 'jpeg' && meta!.space === 'cmyk') {
       // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
       const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
       out = { data: cmykToRgb(cmyk.data), info: { ...cmyk.info, channels: 3 } };
