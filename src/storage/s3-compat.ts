@@ -5,6 +5,7 @@
  * purpose (the SDK-free transport imports it before the boot has loaded anything else).
  */
 import { RuntimeError } from '../errors.js';
+import type { RemoteObject } from './transport.js';
 
 /** A key as messages show it: quoted, and shortened in the middle when long. */
 export const showKey = (k: string) => JSON.stringify(k.length > 120 ? `${k.slice(0, 70)}…${k.slice(-40)}` : k);
@@ -14,7 +15,7 @@ export const showKey = (k: string) => JSON.stringify(k.length > 120 ? `${k.slice
  * space, as AWS S3 and MinIO encode) only when the page says `<EncodingType>url</EncodingType>`. A store that ignores
  * the parameter sends raw keys and says nothing, and its keys are used as they are: never decoded twice.
  */
-export function listedKey(key: string, urlEncoded: boolean): string {
+function listedKey(key: string, urlEncoded: boolean): string {
   if (!urlEncoded) return key;
   try {
     return decodeURIComponent(key.replace(/\+/g, ' '));
@@ -28,12 +29,29 @@ export function listedKey(key: string, urlEncoded: boolean): string {
  * An ETag as S3 writes it: quoted. NetApp ONTAP and some Ceph RGW versions list ETags without their quotes while
  * their GETs send them quoted (RFC 9110); quoting the listed one makes both compare equal and If-Match well formed.
  */
-export function quotedEtag(etag: string): string {
+function quotedEtag(etag: string): string {
   return etag === '' || etag.startsWith('"') || etag.startsWith('W/') ? etag : `"${etag}"`;
 }
 
 /** Whether two ETags name the same version, however each was quoted. */
 export const sameEtag = (a: string, b: string): boolean => a.replace(/^"(.*)"$/, '$1') === b.replace(/^"(.*)"$/, '$1');
+
+/**
+ * One listing page's objects as the cache lists them, appended to `out`: keys decoded where the store encoded them,
+ * folder markers (keys ending in '/') skipped, ETags quoted, paths relative to `prefix`. Both transports list so.
+ */
+export function addListed(out: RemoteObject[], objects: Iterable<{ key: string; size: number; etag: string }>, urlEncoded: boolean, prefix: string): void {
+  for (const o of objects) {
+    const key = listedKey(o.key, urlEncoded);
+    if (key.endsWith('/')) continue;
+    out.push({ key, rel: key.slice(prefix.length), size: o.size, etag: quotedEtag(o.etag) });
+  }
+}
+
+/** A whole listing in path order, as the cache's manifest and journal compare it. */
+export function sortListing(out: RemoteObject[]): RemoteObject[] {
+  return out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
+}
 
 /** Pages one listing may take: 10 million keys at S3's 1000 a page, far past any model. */
 const MAX_PAGES = 10_000;

@@ -16,7 +16,7 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
-import { listedKey, nextToken, quotedEtag } from './s3-compat.js';
+import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
@@ -221,7 +221,7 @@ const tag = (xml: string, name: string): string | undefined => {
 };
 
 export interface ListPage {
-  /** Keys as the page wrote them: url-encoded where `urlEncoded` (listing.ts listedKey decodes them). */
+  /** Keys as the page wrote them: url-encoded where `urlEncoded` (s3-compat.ts addListed decodes them). */
   objects: Array<{ key: string; size: number; etag: string }>;
   truncated: boolean;
   /** The page says `<EncodingType>url</EncodingType>`: the store url-encoded its keys as asked. */
@@ -298,15 +298,10 @@ export async function listPrefixLite(t: LiteTarget, prefix: string, signal?: Abo
     const query: Array<[string, string]> = [['list-type', '2'], ['encoding-type', 'url'], ['max-keys', String(pageSize)], ['prefix', prefix]];
     if (token !== undefined) query.push(['continuation-token', token]);
     const page = parseListPage(await getPage(t, query, signal));
-    for (const o of page.objects) {
-      const key = listedKey(o.key, page.urlEncoded);
-      if (key.endsWith('/')) continue;
-      out.push({ key, rel: key.slice(prefix.length), size: o.size, etag: quotedEtag(o.etag) });
-    }
+    addListed(out, page.objects, page.urlEncoded, prefix);
     token = nextToken(`s3://${t.bucket}/${prefix}`, page.truncated, page.nextToken, seen);
   } while (token !== undefined);
-  out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
-  return out;
+  return sortListing(out);
 }
 
 /** Keep-alive sockets for one fetch's requests: `sockets` = the ranges in flight plus a few, so none waits for one. */

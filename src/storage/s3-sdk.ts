@@ -8,7 +8,7 @@ import https from 'node:https';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
-import { listedKey, nextToken, quotedEtag } from './s3-compat.js';
+import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
@@ -58,17 +58,11 @@ export async function listPrefix(client: S3Client, bucket: string, prefix: strin
     // carriage return into a line feed (what s3rver and stores that only XML-escape keys send).
     const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token, MaxKeys: 1000, EncodingType: 'url' }),
       signal ? { abortSignal: signal } : {});
-    const urlEncoded = page.EncodingType?.toLowerCase() === 'url';
-    for (const o of page.Contents ?? ([] as _Object[])) {
-      if (o.Key === undefined) continue;
-      const key = listedKey(o.Key, urlEncoded);
-      if (key.endsWith('/')) continue;
-      out.push({ key, rel: key.slice(prefix.length), size: o.Size ?? 0, etag: quotedEtag(o.ETag ?? '') });
-    }
+    const objects = (page.Contents ?? ([] as _Object[])).flatMap((o) => (o.Key === undefined ? [] : [{ key: o.Key, size: o.Size ?? 0, etag: o.ETag ?? '' }]));
+    addListed(out, objects, page.EncodingType?.toLowerCase() === 'url', prefix);
     token = nextToken(`s3://${bucket}/${prefix}`, page.IsTruncated === true, page.NextContinuationToken, seen);
   } while (token !== undefined);
-  out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));
-  return out;
+  return sortListing(out);
 }
 
 /** A ranged GET through the SDK, answered in the transport's terms. */
