@@ -175,8 +175,8 @@ export class ClipTokenizer {
   readonly #cache = new Map<string, number[]>();
   readonly #heapFrom: number;
   readonly #unkId: number;
-  /** Matches the added tokens (longest first, so the leftmost-longest one wins), or undefined when there are none. */
-  readonly #addedPattern: RegExp | undefined;
+  /** Matches the added tokens, bos and eos among them (longest first, so the leftmost-longest one wins). */
+  readonly #addedPattern: RegExp;
   readonly #addedIds: ReadonlyMap<string, number>;
 
   private constructor(vocab: Lookup, ranks: Map<string, number>, opts: ClipTokenizerOptions) {
@@ -200,8 +200,7 @@ export class ClipTokenizer {
     // punctuation before them takes their '<|' ("hi!<|endoftext|>" gave BPE pieces, not eos).
     for (const [t, i] of [[opts.bosToken ?? BOS, this.bosId], [opts.eosToken ?? EOS, this.eosId]] as const) if (!added.has(t)) added.set(t, i);
     this.#addedIds = added;
-    this.#addedPattern =
-      added.size > 0 ? new RegExp([...added.keys()].sort((a, b) => b.length - a.length).map((t) => t.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&')).join('|'), 'gu') : undefined;
+    this.#addedPattern = new RegExp([...added.keys()].sort((a, b) => b.length - a.length).map((t) => t.replace(/[\\^$.*+?()[\]{}|]/g, '\\$&')).join('|'), 'gu');
   }
 
   /** From a folder with vocab.json, merges.txt and, when present, tokenizer_config.json / special_tokens_map.json. */
@@ -311,12 +310,10 @@ export class ClipTokenizer {
 
   /** Content token ids, without bos/eos, untruncated. */
   tokenize(text: string): number[] {
-    const pattern = this.#addedPattern;
-    if (!pattern) return this.#tokenizeClean(text);
     // transformers splits the added tokens out of the raw text first; each piece between them is cleaned on its own.
     const ids: number[] = [];
     let at = 0;
-    for (const m of text.matchAll(pattern)) {
+    for (const m of text.matchAll(this.#addedPattern)) {
       if (m.index > at) ids.push(...this.#tokenizeClean(text.slice(at, m.index)));
       ids.push(this.#addedIds.get(m[0])!);
       at = m.index + m[0].length;
