@@ -22,7 +22,6 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
 
-
 function progressLine(p: FetchProgress): string {
   const pct = p.bytesTotal > 0 ? ((100 * p.bytesDone) / p.bytesTotal).toFixed(1) : '0.0';
   const eta = p.bytesPerSecond > 0 ? `${Math.ceil((p.bytesTotal - p.bytesDone) / p.bytesPerSecond)}s` : '?';

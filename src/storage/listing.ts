@@ -11,8 +11,6 @@ export const NAME_MAX = 255;
 /** Bytes in a path passed to the kernel (PATH_MAX, with its NUL). */
 export const PATH_MAX = 4096;
 
-export { showKey } from './s3-compat.js';
-
 /**
  * Refuses a listing the cache cannot hold as it is: a key outside `prefix` (the store answered another request),
  * a key that leaves the entry or uses a reserved name (containedPath), a name longer than the filesystem allows,
@@ -52,4 +50,3 @@ export function checkListing(listing: readonly RemoteObject[], bucket: string, p
     }
   }
 }
-
