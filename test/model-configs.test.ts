@@ -10,7 +10,7 @@ import { referenceDir } from '../scripts/reference.js';
 import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { checkModelScheduler, createScheduler } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
-import { fixtureModel } from './fixtures/index.js';
+import { editJson, fixtureVariant } from './fixtures/index.js';
 
 const FIX = path.resolve(import.meta.dirname, 'fixtures/model-configs');
 const work = mkdtempSync(path.join(tmpdir(), 'model-configs-'));
@@ -59,18 +59,12 @@ describe('tokenizer config files: the ids transformers gives for them (scripts/m
 });
 
 /** A copy of a demo model of the family with some of its config files replaced by real ones (paths in FIX). */
-async function modelWith(name: string, family: 'sd15' | 'sdxl', files: Record<string, string>, edit?: (dir: string) => void): Promise<string> {
-  const dir = path.join(work, name);
-  cpSync(await fixtureModel({ family }), dir, { recursive: true });
-  for (const [to, from] of Object.entries(files)) copyFileSync(path.join(FIX, from), path.join(dir, to));
-  edit?.(dir);
-  return dir;
+function modelWith(name: string, family: 'sd15' | 'sdxl', files: Record<string, string>, edit?: (dir: string) => void): Promise<string> {
+  return fixtureVariant(path.join(work, name), { family }, (dir) => {
+    for (const [to, from] of Object.entries(files)) copyFileSync(path.join(FIX, from), path.join(dir, to));
+    edit?.(dir);
+  });
 }
-const editJson = (file: string, change: (cfg: Record<string, unknown>) => void) => {
-  const cfg = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
-  change(cfg);
-  writeFileSync(file, JSON.stringify(cfg, null, 2));
-};
 
 describe('model_index.json', () => {
   it('SDXL: force_zeros_for_empty_prompt as the file says, true where it is absent (StableDiffusionXLPipeline\'s default)', async () => {

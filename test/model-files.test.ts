@@ -3,29 +3,19 @@
  * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
  * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
  */
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { createScheduler } from '../src/pipeline/schedulers/index.js';
-import { fixtureModel } from './fixtures/index.js';
+import { editJson, fixtureVariant } from './fixtures/index.js';
 
 const work = mkdtempSync(path.join(tmpdir(), 'model-files-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 
 /** A copy of a demo model with some of its JSON files edited. */
-async function variant(name: string, family: 'sd15' | 'sdxl', edit: (dir: string) => void): Promise<string> {
-  const dir = path.join(work, name);
-  cpSync(await fixtureModel({ family }), dir, { recursive: true });
-  edit(dir);
-  return dir;
-}
-const editJson = (file: string, change: (cfg: Record<string, unknown>) => void) => {
-  const cfg = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
-  change(cfg);
-  writeFileSync(file, JSON.stringify(cfg, null, 2));
-};
+const variant = (name: string, family: 'sd15' | 'sdxl', edit: (dir: string) => void): Promise<string> => fixtureVariant(path.join(work, name), { family }, edit);
 
 describe('scheduler classes the runtime does not implement', () => {
   // UniPCMultistepScheduler as diffusers' save_config writes it (community SD 1.5 fine-tunes ship it).
