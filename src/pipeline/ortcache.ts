@@ -57,6 +57,8 @@ export interface OptimizedCachePolicy {
   entryMarkers: readonly string[];
   /** Sources larger than this (all files of the component) are not copied; MAX_SOURCE_BYTES when absent. */
   maxSourceBytes?: number;
+  /** Under `auto`, whether a timed copy is kept; worthKeeping when absent (tests fix the decision, not the timing). */
+  keep?: (t: BuildTimes) => boolean;
 }
 
 /** No optimised copies, read or written (LoRA sets' merged graphs, tests). */
@@ -226,7 +228,7 @@ export async function writeOptimizedCopy(
     const times = mode === 'always' ? undefined : await buildTimes(ort, modelPath, tmpOnnx, options);
     // The source may have been replaced while ORT read it: then this copy belongs to no key.
     if (JSON.stringify(await currentKey(p.dir, key.ort, key.provider, key.level)) !== JSON.stringify(key)) throw new Error('the source changed while it was optimised');
-    if (times && !worthKeeping(times)) {
+    if (times && !(policy.keep ?? worthKeeping)(times)) {
       await removeQuietly(tmpOnnx, path.join(p.dir, dataName));
       // Another replica on a shared volume may have committed a copy for this key meanwhile: it stays.
       if ((await storedKey(p.key, key)) === 'copy') return 'hit';
