@@ -334,6 +334,17 @@ async function main(): Promise<void> {
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
   const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
+  // cuDNN's convolution algorithm search: ONNX Runtime's default (exhaustive: the first run of each convolution shape
+  // times every algorithm, which is most of the warm-up) against its heuristic choice, set through
+  // CUDA_PROVIDER_OPTIONS; starts alternating, each timed as the main row (speed and parity with diffusers).
+  type SearchRun = { mode: string; readyMs: number; phases?: Record<string, number>; m50?: number; m20?: number; parity?: Record<string, number>; applied?: unknown };
+  const convSearch: SearchRun[] = [];
+  for (const mode of QUICK ? ['HEURISTIC'] : ['HEURISTIC', 'EXHAUSTIVE', 'HEURISTIC', 'EXHAUSTIVE']) {
+    const r = await startOnly(`fused, cudnn_conv_algo_search=${mode}`, fused, { CUDA_PROVIDER_OPTIONS: `cudnn_conv_algo_search=${mode}` }, (st) => timeGenerations(st, ref));
+    const t = r?.extra as Timed | undefined;
+    const applied = r?.lines.find((j) => j.msg === 'execution provider cuda started')?.providerOptions;
+    if (r) convSearch.push({ mode, readyMs: r.readyMs, ...(r.phases ? { phases: r.phases } : {}), ...(t ? { m50: median(t.runs50), m20: median(t.runs20) } : {}), ...(t?.parity ? { parity: t.parity } : {}), applied });
+  }
   // Ready with the VAE encoder primed after the warm-up or before ready (the default), starts alternating, each
   // followed at once by the request that pays for the difference: an image-to-image one.
   const i2iInput = (fusedMain?.extra as Timed | undefined)?.firstPng;
@@ -382,7 +393,7 @@ async function main(): Promise<void> {
     Object.assign(cold, { emptyJitCache: r && { readyMs: r.readyMs, phases: r.phases, warmup: r.warmup }, pageCacheDropped: r2 && { readyMs: r2.readyMs, phases: r2.phases, warmup: r2.warmup, note } });
   }
   const loraResult = lora?.extra as { baseMs: number; firstMs: number; againMs: number; changed: boolean; built?: Record<string, unknown>; gpuMemMiB?: number } | undefined;
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, cold, lora: loraResult });
+  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, convSearch, cold, lora: loraResult });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -410,6 +421,10 @@ async function main(): Promise<void> {
     ...encoderWarmup.map(
       (e) =>
         `WARMUP_VAE_ENCODER=${e.mode}: ready ${s(e.readyMs)} (loading ${s((e.phases?.loading ?? 0) * 1000)}, warm-up ${s((e.phases?.warming ?? 0) * 1000)}), then image-to-image at once ${s(e.firstImg2imgMs)}; primed after ready: ${e.primedAfterReady.map((p) => `${p.component} ${p.ms} ms, ended ${p.endedAfterReadyMs} ms after ready`).join('; ') || 'none'}`,
+    ),
+    ...convSearch.map(
+      (c) =>
+        `cudnn_conv_algo_search=${c.mode} (CUDA_PROVIDER_OPTIONS, applied: ${JSON.stringify(c.applied)}): ready ${s(c.readyMs)} (loading ${s((c.phases?.loading ?? 0) * 1000)}, warm-up ${s((c.phases?.warming ?? 0) * 1000)}); 50 steps ${s(c.m50)}, 20 steps ${s(c.m20)}; image vs diffusers ${c.parity ? `${c.parity.max_abs} / ${c.parity.mean_abs}` : '—'}`,
     ),
     ...(['emptyJitCache', 'pageCacheDropped'] as const).flatMap((k) => {
       const c = cold[k] as { readyMs: number; phases?: Record<string, number>; note?: string } | undefined;

@@ -13,7 +13,7 @@ PIECES=$(ls /root/stage/p* 2>/dev/null | sort -V)
 [ -n "$PIECES" ] || { echo "gpu-device-run: no payload pieces in /root/stage" >&2; exit 3; }
 t0=$(date +%s)
 cat $PIECES | xz -dc | tar x || { echo "gpu-device-run: could not unpack the payload ($(echo $PIECES | wc -w) pieces; were the earlier ones copied?)" >&2; exit 3; }
-echo "unpacked in $(( $(date +%s) - t0 )) s"
+echo "unpacked in $(( $(date +%s) - t0 )) s; $(ldd --version 2>&1 | head -1)"
 export NODE=$PWD/gpu/node
 . scripts/cuda-wheel-libs.sh
 echo "CUDA provider's libraries:"

@@ -81,6 +81,11 @@ export interface Config {
   readonly graphOptimization: GraphOptimization;
   /** Let cuBLAS/cuDNN run float32 math as TF32 on CUDA (faster fp32 models, images no longer match the reference). */
   readonly cudaTf32: boolean;
+  /**
+   * CUDA_PROVIDER_OPTIONS: ONNX Runtime CUDA provider options (`key=value` pairs, e.g. cudnn_conv_algo_search=HEURISTIC)
+   * that onnxruntime-node's binding cannot pass; applied by native/cuda-provider-options.c. Empty when unset.
+   */
+  readonly cudaProviderOptions: ReadonlyArray<readonly [string, string]>;
   /** Where LoRA adapters are found besides the model's `loras/` folder: `s3://…` or a local path (docs/LORA.md). */
   readonly loraUri: string | undefined;
   /** Adapters one request may name. */
@@ -237,6 +242,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     optimizedCacheMaxMb: num('ORT_OPTIMIZED_CACHE_MAX_MB', 512, 0),
     graphOptimization: oneOf('ORT_GRAPH_OPTIMIZATION', 'all', GRAPH_OPT),
     cudaTf32: bool('CUDA_TF32', false),
+    cudaProviderOptions: providerOptions('CUDA_PROVIDER_OPTIONS', raw('CUDA_PROVIDER_OPTIONS'), bad),
     loraUri: raw('LORA_URI'),
     maxLoras: int('MAX_LORAS', 4, 0, 64),
     loraMaxSets: int('LORA_MAX_SETS', 2, 0, 64),
@@ -255,6 +261,27 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
+}
+
+/**
+ * `key=value` pairs separated by `,` or `;`, as native/cuda-provider-options.c reads them. ONNX Runtime checks the names
+ * and values when the first CUDA session is made; device_id is the runtime's (one GPU per worker, GPUS).
+ */
+function providerOptions(name: string, value: string | undefined, bad: string[]): Array<[string, string]> {
+  if (value === undefined) return [];
+  const pairs: Array<[string, string]> = [];
+  for (const entry of value.split(/[,;]/).map((e) => e.trim()).filter((e) => e !== '')) {
+    const m = /^([a-z][a-z0-9_]*)=([^=\s]+)$/i.exec(entry);
+    if (!m) {
+      bad.push(`${name} entries must be key=value (separated by commas), got ${JSON.stringify(entry.slice(0, 80))}`);
+      continue;
+    }
+    if (m[1]!.toLowerCase() === 'device_id') bad.push(`${name} must not set device_id: each worker's GPU is the runtime's (GPUS, WORKERS)`);
+    else pairs.push([m[1]!, m[2]!]);
+  }
+  if (pairs.length > 32) bad.push(`${name} has ${pairs.length} entries; at most 32`);
+  if (value.length > 2047) bad.push(`${name} is longer than 2047 characters`);
+  return pairs;
 }
 
 /** The warning a process logs with the variables trimCredentials changed: names them, never their values. */

@@ -1,12 +1,13 @@
 /** @module Every onnxruntime-node import lives here: lazy loading, execution-provider choice, dtype-correct feeds. */
 import type * as OrtModule from 'onnxruntime-node';
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
-import { RuntimeError } from '../errors.js';
+import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { probeModel } from './probe.js';
 import { createWithOptimizedCache, NO_OPTIMIZED_CACHE, type CacheOutcome, type OptimizedCachePolicy, type OptimizeItem } from './ortcache.js';
 import { checkCuda } from './cuda.js';
+import { loadProviderOptions, providerOptionsStats } from './provider-options.js';
 import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
 import path from 'node:path';
 
@@ -15,7 +16,10 @@ let ortPromise: Promise<Ort> | undefined;
 
 /** onnxruntime-node is heavy (native library, ~100 MB): it is imported once, after the server listens. */
 export function loadOrt(): Promise<Ort> {
-  return (ortPromise ??= import('onnxruntime-node'));
+  return (ortPromise ??= (async () => {
+    loadProviderOptions(); // before the binding binds ONNX Runtime's API (provider-options.ts)
+    return import('onnxruntime-node');
+  })());
 }
 
 export type TensorType = 'float32' | 'float16' | 'int64' | 'int32';
@@ -72,8 +76,8 @@ export function sessionOptions(
     // CPU: no pre-packing of MatMul/Gemm weights. Packing copies every such weight at session creation (1.2 s and
     // +130 MB peak RSS for the 300 MB benchmark model) and bought no run-time speed (npm run bench:session).
     ...(provider === 'cpu' ? { extra: { session: { disable_prepacking: '1' } } } : {}),
-    // onnxruntime-node 1.30 passes only deviceId to the CUDA provider (its binding reads no other
-    // key), so cuDNN's conv algorithm search keeps ORT's default; the warm-up generation pays it once.
+    // onnxruntime-node 1.30 passes only deviceId to the CUDA provider (its binding reads no other key); other CUDA
+    // provider options come from CUDA_PROVIDER_OPTIONS (provider-options.ts).
   };
 }
 
@@ -98,6 +102,8 @@ function withLoadHint(reason: string): string {
 export class SessionFactory {
   #decision: Promise<'cuda' | 'cpu'> | undefined;
   #fallbackReason: string | undefined;
+  /** A failure no provider choice gets past (CUDA_PROVIDER_OPTIONS refused): every later session fails with it. */
+  #fatal: RuntimeError | undefined;
   constructor(private readonly opts: SessionFactoryOptions) {
     if (opts.decided) this.#decision = Promise.resolve(opts.decided);
   }
@@ -116,6 +122,7 @@ export class SessionFactory {
     if (this.#decision === undefined) await this.prestart();
     if (this.#decision === undefined) await loadOrt(); // prestart gave up only because the import failed: report it
     const provider = await this.#decision!;
+    if (this.#fatal) throw this.#fatal;
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
     }
@@ -130,6 +137,7 @@ export class SessionFactory {
       if (made) return made;
     }
     const provider = await this.#decision;
+    if (this.#fatal) throw this.#fatal;
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
     }
@@ -207,13 +215,21 @@ export class SessionFactory {
     this.#decision = new Promise((r) => (resolveDecision = r));
     try {
       const made = await attempt();
+      const options = providerOptionsStats();
+      if (options && options.applied === 0) {
+        // onnxruntime-node was loaded before the module could hook it: the sessions would run without the options.
+        throw new RuntimeError('CONFIG', `CUDA_PROVIDER_OPTIONS were not applied (${options.lastError || 'the CUDA provider was appended without them'})`);
+      }
       resolveDecision('cuda');
-      this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0' });
+      this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0', ...(options ? { providerOptions: options.options } : {}) });
       return made;
     } catch (err) {
       const reason = withLoadHint(firstLine(err));
       this.#fallbackReason = reason;
       resolveDecision('cpu');
+      // Options ONNX Runtime refused fail the boot under `auto` too: falling back to the CPU would hide a typo.
+      if (isRuntimeError(err) && err.code === 'CONFIG') throw (this.#fatal = err);
+      if (/^CUDA_PROVIDER_OPTIONS: /.test(reason) && !/Failed to load/i.test(reason)) throw (this.#fatal = new RuntimeError('CONFIG', reason, { cause: err }));
       if (this.opts.ep === 'cuda') throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
       this.opts.log?.('warn', 'execution provider cuda unavailable, falling back to cpu', { reason });
       return undefined;

@@ -1,0 +1,114 @@
+/**
+ * CUDA_PROVIDER_OPTIONS: the config check, and native/cuda-provider-options.c hooked into the real onnxruntime-node
+ * of this machine (CPU only: ONNX Runtime answers the options call by trying to load its CUDA provider library, which
+ * is what tells that the hook calls the right entries). Runs in child processes: the module stays in the process.
+ */
+import { execFile } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
+import { afterAll, describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import { checkCuda } from '../src/pipeline/cuda.js';
+import { postJson, startServer, tempDir } from './helpers/server.js';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+const DIST = path.join(ROOT, 'dist', 'src', 'pipeline');
+const execFileP = promisify(execFile);
+const tmp = tempDir('dr-provopt-');
+afterAll(() => tmp.cleanup());
+
+/** Runs `body` (an ES module's top level; `po`, `ort` loader and `probeModel` in scope) in a fresh node, env added. */
+async function inChild(body: string, env: Record<string, string> = {}): Promise<Record<string, unknown>> {
+  const file = path.join(tmp.dir, `child-${Math.random().toString(36).slice(2)}.mjs`);
+  const url = (f: string) => JSON.stringify(pathToFileURL(path.join(DIST, f)).href);
+  writeFileSync(file, [
+    `const po = await import(${url('provider-options.js')});`,
+    `const { loadOrt } = await import(${url('onnx.js')});`,
+    `const { probeModel } = await import(${url('probe.js')});`,
+    `const out = {};`,
+    body,
+    `console.log(JSON.stringify(out));`,
+  ].join('\n'));
+  const r = await execFileP(process.execPath, [file], { cwd: ROOT, env: { ...process.env, ...env }, timeout: 60_000 });
+  return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Record<string, unknown>;
+}
+
+/** A CUDA session attempt (fails here: no GPU), then a CPU session that must run as ever, the probe's y = x·I. */
+const ATTEMPT = `
+const ort = await loadOrt();
+try {
+  await ort.InferenceSession.create(probeModel(), { executionProviders: [{ name: 'cuda', deviceId: 1 }, 'cpu'] });
+  out.cuda = 'created';
+} catch (e) { out.cuda = String(e.message); }
+const s = await ort.InferenceSession.create(probeModel(), { executionProviders: ['cpu'] });
+const r = await s.run({ x: new ort.Tensor('float32', Float32Array.from([1, 2, 3, 4]), [1, 4]) });
+out.cpu = Array.from(Object.values(r)[0].data);
+out.stats = po.providerOptionsStats() ?? null;
+`;
+
+describe('CUDA_PROVIDER_OPTIONS', () => {
+  it('config: key=value pairs separated by commas or semicolons; device_id and malformed entries are refused by name', () => {
+    expect(loadConfig({}).cudaProviderOptions).toEqual([]);
+    expect(loadConfig({ CUDA_PROVIDER_OPTIONS: ' cudnn_conv_algo_search=HEURISTIC, prefer_nhwc=1;cudnn_conv_use_max_workspace=0 ' }).cudaProviderOptions)
+      .toEqual([['cudnn_conv_algo_search', 'HEURISTIC'], ['prefer_nhwc', '1'], ['cudnn_conv_use_max_workspace', '0']]);
+    expect(() => loadConfig({ CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search' })).toThrow('CUDA_PROVIDER_OPTIONS entries must be key=value (separated by commas), got "cudnn_conv_algo_search"');
+    expect(() => loadConfig({ CUDA_PROVIDER_OPTIONS: 'a=b=c' })).toThrow(/entries must be key=value/);
+    expect(() => loadConfig({ CUDA_PROVIDER_OPTIONS: 'device_id=1' })).toThrow("CUDA_PROVIDER_OPTIONS must not set device_id: each worker's GPU is the runtime's (GPUS, WORKERS)");
+    expect(() => loadConfig({ CUDA_PROVIDER_OPTIONS: Array.from({ length: 33 }, (_, i) => `k${i}=1`).join(',') })).toThrow(/has 33 entries; at most 32/);
+  });
+
+  it('npm run build made the native module', () => {
+    expect(existsSync(path.join(ROOT, 'dist', 'native', 'cuda-provider-options.node')), 'scripts/build-native.sh needs a C compiler (cc)').toBe(true);
+  });
+
+  it("hooks the binding's CUDA append: the options reach ONNX Runtime's options call, every other call is untouched", async () => {
+    expect(checkCuda().ok).toBe(false); // the CUDA provider library is absent here, so ONNX Runtime's answer names it
+    const hooked = await inChild(ATTEMPT, { CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search=HEURISTIC' });
+    // UpdateCUDAProviderOptions loads the CUDA provider's libraries first: the failure to load them is its answer here.
+    expect(hooked.cuda).toMatch(/^CUDA_PROVIDER_OPTIONS: .*Failed to load library .*libonnxruntime_providers_shared\.so/);
+    expect(hooked.stats).toMatchObject({ patched: true, appends: 1, applied: 0, options: '' });
+    expect(String((hooked.stats as Record<string, unknown>).lastError).trim()).toBe(String(hooked.cuda).trim());
+    expect(hooked.cpu).toEqual([1, 2, 3, 4]);
+
+    // Without the variable the module is not loaded and the binding's own append answers (another message).
+    const plain = await inChild(ATTEMPT);
+    expect(plain.stats).toBeNull();
+    expect(plain.cuda).not.toMatch(/CUDA_PROVIDER_OPTIONS/);
+    expect(plain.cuda).toMatch(/Failed to load shared library/);
+    expect(plain.cpu).toEqual([1, 2, 3, 4]);
+  });
+
+  it('entries the config check would refuse are refused by the module too, before ONNX Runtime sees them', async () => {
+    const r = await inChild(ATTEMPT, { CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search' });
+    expect(r.cuda).toBe('CUDA_PROVIDER_OPTIONS: each entry must be key=value');
+    expect(r.stats).toMatchObject({ patched: true, appends: 1, applied: 0 });
+  });
+
+  it('set, with no native module in the build: the import fails with CONFIG naming the variable', async () => {
+    const r = await inChild(`
+try { po.loadProviderOptions(process.env, ${JSON.stringify(path.join(tmp.dir, 'absent.node'))}); out.loaded = true; }
+catch (e) { out.code = e.code; out.message = e.message; }`, { CUDA_PROVIDER_OPTIONS: 'prefer_nhwc=1' });
+    expect(r.code).toBe('CONFIG');
+    expect(r.message).toMatch(/^CUDA_PROVIDER_OPTIONS is set, but this build has no native\/cuda-provider-options module/);
+  });
+
+  it('the server: under cuda the boot fails naming the variable; under auto on a CPU-only machine it serves on the CPU', async () => {
+    const cuda = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda', CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search=HEURISTIC' });
+    try {
+      const failed = await cuda.waitFor('state', (s) => s.state === 'failed');
+      expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: CUDA_PROVIDER_OPTIONS: .*Failed to load library/);
+    } finally {
+      await cuda.stop();
+    }
+    const auto = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'auto', WARMUP_STEPS: '1', CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search=HEURISTIC' }, { ready: true });
+    try {
+      const r = await postJson(`${auto.url}/v1/models/model:predict`, { instances: [{ prompt: 'cpu', num_inference_steps: 2, height: 64, width: 64 }] });
+      expect(r.status).toBe(200);
+    } finally {
+      await auto.stop();
+    }
+    await expect(startServer({ CUDA_PROVIDER_OPTIONS: 'device_id=0' }, { timeoutMs: 5_000 })).rejects.toThrow(/CUDA_PROVIDER_OPTIONS must not set device_id/);
+  });
+});
