@@ -74,7 +74,9 @@ render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests
 	@name='$(call sh_quote,$(value MODEL_NAME))'; \
 	case "$$name" in ''|[!abcdefghijklmnopqrstuvwxyz]*|*[!abcdefghijklmnopqrstuvwxyz0123456789-]*|*-) \
 	  echo "MODEL_NAME='$$name' cannot name an InferenceService: lower-case letters, digits and '-', starting with a letter and not ending with '-' (e.g. sd-15, not sd-1.5 or SD15)" >&2; exit 2;; esac; \
-	[ $${#name} -le 50 ] || { echo "MODEL_NAME='$$name' is $${#name} characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup and a Kubernetes label value holds 63" >&2; exit 2; }
+	[ $${#name} -le 50 ] || { echo "MODEL_NAME='$$name' is $${#name} characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup and a Kubernetes label value holds 63" >&2; exit 2; }; \
+	ns='$(call sh_quote,$(value NAMESPACE))'; \
+	[ $$(( $${#name} + $${#ns} )) -le 52 ] || echo "warning: MODEL_NAME and NAMESPACE are $$(( $${#name} + $${#ns} )) characters together, over 52: on OpenShift the hosts <name>-predictor-<namespace> (Serverless) and <name>-<namespace> (route.yaml) must fit one 63-character DNS label; shorten one or give the Route a host" >&2
 	@# The manifests name the image IMAGE:TAG: a tag or digest inside IMAGE would make an invalid reference.
 	@image='$(call sh_quote,$(value IMAGE))'; base=$${image##*/}; \
 	case "$$base" in *@*|*:*) \

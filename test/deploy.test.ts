@@ -184,6 +184,10 @@ describe('templates: parameters and rendering', () => {
         const ok = renderAs(`sd-15-${'a'.repeat(44)}`);
         expect(ok.status, ok.stderr).toBe(0);
         expect(readFileSync(path.join(out, 'warmup-job.yaml'), 'utf8')).toContain(`name: "sd-15-${'a'.repeat(44)}-cache-warmup"`);
+        // Valid for KServe, but OpenShift's generated hosts would not fit one DNS label: rendered, with a warning.
+        expect(ok.stderr).toContain('warning: MODEL_NAME and NAMESPACE are 59 characters together, over 52: on OpenShift the hosts <name>-predictor-<namespace> (Serverless)');
+        const fits = renderAs(`sd-15-${'a'.repeat(37)}`);
+        expect([fits.status, fits.stderr]).toEqual([0, '']);
       }
     } finally {
       rmSync(out, { recursive: true, force: true });
