@@ -12,6 +12,7 @@
  * Node-API functions are resolved from the node binary at load time.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -56,6 +57,7 @@ static AppendCudaV2Fn real_append;
 static unsigned appends, applied;
 static char last_error[1024];
 static char last_options[2048];
+static char last_pairs[2048];       /* the pairs as parsed (key=value,...), whether or not ONNX Runtime took them */
 
 static const OrtApiBase *real_api_base(void) {
   if (real_base) return real_base;
@@ -77,9 +79,28 @@ static OrtStatus *error_status(const OrtFn *api, int code, const char *what, con
   return ((CreateStatusFn)api[API_CREATE_STATUS])(code, msg);
 }
 
+static char *trim(char *s) {
+  while (isspace((unsigned char)*s)) s++;
+  char *e = s + strlen(s);
+  while (e > s && isspace((unsigned char)e[-1])) *--e = '\0';
+  return s;
+}
+
+/* ONNX Runtime's messages read "<source file>:<line> <C++ signature> [ONNXRuntimeError] : 1 : FAIL : <message>":
+ * only the message is the user's business (and the rest would run past a boot reason's length). */
+static const char *ort_message(const char *m) {
+  const char *p = strstr(m, "[ONNXRuntimeError] : ");
+  if (!p) return m;
+  for (int i = 0; i < 3 && p; i++) {
+    p = strstr(p, " : ");
+    if (p) p += 3;
+  }
+  return p && *p ? p : m;
+}
+
 /*
- * key=value pairs separated by ',' or ';' (the runtime's config check refuses anything else before ONNX Runtime loads).
- * device_id comes from the options the binding made, so a worker's GPU stays its own.
+ * key=value pairs separated by ',' or ';', whitespace around keys and values ignored: the same rule as the runtime's
+ * config check (src/config.ts), which refuses anything else before ONNX Runtime loads.
  */
 static OrtStatus *append_cuda_v2(void *session_options, const void *cuda_options) {
   const OrtFn *api = table;
@@ -88,53 +109,85 @@ static OrtStatus *append_cuda_v2(void *session_options, const void *cuda_options
   appends++;
   pthread_mutex_unlock(&lock);
   if (env && *env) {
-    char buf[2048], device[16];
-    const char *keys[MAX_OPTIONS + 1], *values[MAX_OPTIONS + 1];
+    char buf[2048], pairs[2048] = "";
+    const char *keys[MAX_OPTIONS], *values[MAX_OPTIONS];
     size_t n = 0;
-    if (strlen(env) >= sizeof buf) return error_status(api, 2, ENV_NAME, "longer than 2047 characters");
+    if (strlen(env) >= sizeof buf) return error_status(api, 2, ENV_NAME, "longer than 2047 bytes");
     strcpy(buf, env);
-    for (char *save = NULL, *pair = strtok_r(buf, ",;", &save); pair; pair = strtok_r(NULL, ",;", &save)) {
-      while (*pair == ' ') pair++;
-      if (*pair == '\0') continue;
-      char *eq = strchr(pair, '=');
-      if (!eq || eq == pair || eq[1] == '\0') return error_status(api, 2, ENV_NAME, "each entry must be key=value");
-      if (n == MAX_OPTIONS) return error_status(api, 2, ENV_NAME, "more than 32 entries");
+    for (char *save = NULL, *entry = strtok_r(buf, ",;", &save); entry; entry = strtok_r(NULL, ",;", &save)) {
+      entry = trim(entry);
+      if (*entry == '\0') continue;
+      char *eq = strchr(entry, '=');
+      if (!eq) return error_status(api, 2, ENV_NAME, "each entry must be key=value");
       *eq = '\0';
-      keys[n] = pair;
-      values[n] = eq + 1;
+      char *key = trim(entry), *value = trim(eq + 1);
+      if (*key == '\0' || *value == '\0') return error_status(api, 2, ENV_NAME, "each entry must be key=value");
+      if (n == MAX_OPTIONS) return error_status(api, 2, ENV_NAME, "more than 32 entries");
+      keys[n] = key;
+      values[n] = value;
       n++;
-    }
-    snprintf(device, sizeof device, "%d", *(const int *)cuda_options); /* device_id: the struct's first field */
-    keys[n] = "device_id";
-    values[n] = device;
-    OrtStatus *st = ((UpdateCudaOptionsFn)api[API_UPDATE_CUDA_OPTIONS])((void *)cuda_options, keys, values, n + 1);
-    if (st) {
-      int code = ((GetErrorCodeFn)api[API_GET_ERROR_CODE])(st);
-      OrtStatus *out = error_status(api, code, ENV_NAME, ((GetErrorMessageFn)api[API_GET_ERROR_MESSAGE])(st));
-      ((ReleaseStatusFn)api[API_RELEASE_STATUS])(st);
-      return out;
+      size_t used = strlen(pairs);
+      snprintf(pairs + used, sizeof pairs - used, "%s%s=%s", used ? "," : "", key, value);
     }
     pthread_mutex_lock(&lock);
-    applied++;
-    snprintf(last_options, sizeof last_options, "%s", env);
+    snprintf(last_pairs, sizeof last_pairs, "%s", pairs);
     pthread_mutex_unlock(&lock);
+    if (n > 0) {
+      /* device_id is the binding's (the struct's first field: the binding writes it there). It is not passed along:
+       * the option's parser starts CUDA (cudaGetDeviceCount), so a driver problem would read as an options error. The
+       * call resets every field it is not given to its default, device_id included, so it is put back after. */
+      const int device = *(const int *)cuda_options;
+      OrtStatus *st = ((UpdateCudaOptionsFn)api[API_UPDATE_CUDA_OPTIONS])((void *)cuda_options, keys, values, n);
+      if (st) {
+        int code = ((GetErrorCodeFn)api[API_GET_ERROR_CODE])(st);
+        OrtStatus *out = error_status(api, code, ENV_NAME, ort_message(((GetErrorMessageFn)api[API_GET_ERROR_MESSAGE])(st)));
+        ((ReleaseStatusFn)api[API_RELEASE_STATUS])(st);
+        return out;
+      }
+      *(int *)cuda_options = device;
+      pthread_mutex_lock(&lock);
+      applied++;
+      snprintf(last_options, sizeof last_options, "%s", pairs);
+      pthread_mutex_unlock(&lock);
+    }
   }
   return real_append(session_options, cuda_options);
 }
 
-/* The table lives in ONNX Runtime's read-only data: the one entry is swapped in place, with the page made writable
- * for the moment. */
+/* The protection of the mapping holding `addr` (PROT_* bits), from /proc/self/maps; -1 if not found. */
+static int protection_of(const void *addr) {
+  FILE *f = fopen("/proc/self/maps", "r");
+  if (!f) return -1;
+  char line[512];
+  int prot = -1;
+  while (fgets(line, sizeof line, f)) {
+    unsigned long lo, hi;
+    char perms[5];
+    if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) != 3) continue;
+    if ((uintptr_t)addr >= lo && (uintptr_t)addr < hi) {
+      prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) | (perms[2] == 'x' ? PROT_EXEC : 0);
+      break;
+    }
+  }
+  fclose(f);
+  return prot;
+}
+
+/* The table lives in ONNX Runtime's read-only data (RELRO): the one entry is swapped in place, with its page made
+ * writable for the moment and then given back the protection it had. */
 static void patch(const OrtFn *api) {
   pthread_mutex_lock(&lock);
   if (table == NULL) {
     long page = sysconf(_SC_PAGESIZE);
     OrtFn *slot = (OrtFn *)&api[API_APPEND_CUDA_V2];
     void *start = (void *)((uintptr_t)slot & ~(uintptr_t)(page - 1));
-    size_t len = (size_t)page * (((uintptr_t)slot + sizeof *slot > (uintptr_t)start + (uintptr_t)page) ? 2 : 1);
-    if (mprotect(start, len, PROT_READ | PROT_WRITE) == 0) {
+    int prot = protection_of(slot);
+    if (prot < 0 || (prot & PROT_EXEC) || !(prot & PROT_READ)) {
+      snprintf(last_error, sizeof last_error, "could not patch ONNX Runtime's API table (its page is not plain data)");
+    } else if ((prot & PROT_WRITE) || mprotect(start, (size_t)page, prot | PROT_WRITE) == 0) {
       real_append = (AppendCudaV2Fn)*slot;
       *slot = (OrtFn)append_cuda_v2;
-      mprotect(start, len, PROT_READ);
+      if (!(prot & PROT_WRITE)) mprotect(start, (size_t)page, prot);
       table = api;
     } else {
       snprintf(last_error, sizeof last_error, "could not patch ONNX Runtime's API table (mprotect failed)");
@@ -197,6 +250,7 @@ static napi_value stats(napi_env env, napi_callback_info info) {
   set_u32(env, obj, "applied", applied);
   set_str(env, obj, "lastError", last_error);
   set_str(env, obj, "options", last_options);
+  set_str(env, obj, "pairs", last_pairs);
   pthread_mutex_unlock(&lock);
   return obj;
 }

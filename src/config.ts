@@ -264,23 +264,56 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
 }
 
 /**
- * `key=value` pairs separated by `,` or `;`, as native/cuda-provider-options.c reads them. ONNX Runtime checks the names
- * and values when the first CUDA session is made; device_id is the runtime's (one GPU per worker, GPUS).
+ * The CUDA provider options CUDA_PROVIDER_OPTIONS may set, with the values ONNX Runtime's CUDA provider parses. Not
+ * here: device_id (each worker's, GPUS), use_tf32 (CUDA_TF32's), the options that take pointers (a wrong value crashes
+ * the process) and those ONNX Runtime accepts but never applies (tunable_op_*).
+ */
+const CUDA_OPTIONS: Record<string, RegExp> = {
+  cudnn_conv_algo_search: /^(EXHAUSTIVE|HEURISTIC|DEFAULT)$/,
+  cudnn_conv_use_max_workspace: /^[01]$/,
+  cudnn_conv1d_pad_to_nc1d: /^[01]$/,
+  prefer_nhwc: /^[01]$/,
+  do_copy_in_default_stream: /^[01]$/,
+  fuse_conv_bias: /^[01]$/,
+  enable_skip_layer_norm_strict_mode: /^[01]$/,
+  gpu_mem_limit: /^[1-9][0-9]{0,19}$/,
+  arena_extend_strategy: /^(kNextPowerOfTwo|kSameAsRequested)$/,
+  sdpa_kernel: /^[0-9]{1,4}$/,
+};
+
+/**
+ * `key=value` pairs separated by `,` or `;`, whitespace around keys and values ignored: what
+ * native/cuda-provider-options.c applies (its `pairs` must equal these; test/provider-options.test.ts compares them).
  */
 function providerOptions(name: string, value: string | undefined, bad: string[]): Array<[string, string]> {
   if (value === undefined) return [];
+  // eslint-disable-next-line no-control-regex
+  if (/[^\x20-\x7e\t\n\r]/.test(value)) {
+    bad.push(`${name} must be ASCII text (key=value pairs separated by commas)`);
+    return [];
+  }
+  if (Buffer.byteLength(value) > 2047) bad.push(`${name} is longer than 2047 characters`);
   const pairs: Array<[string, string]> = [];
   for (const entry of value.split(/[,;]/).map((e) => e.trim()).filter((e) => e !== '')) {
-    const m = /^([a-z][a-z0-9_]*)=([^=\s]+)$/i.exec(entry);
-    if (!m) {
+    const eq = entry.indexOf('=');
+    const key = entry.slice(0, eq).trim();
+    const val = entry.slice(eq + 1).trim();
+    if (eq < 0 || key === '' || val === '' || val.includes('=')) {
       bad.push(`${name} entries must be key=value (separated by commas), got ${JSON.stringify(entry.slice(0, 80))}`);
-      continue;
+    } else if (key === 'device_id') {
+      bad.push(`${name} must not set device_id: each worker's GPU is the runtime's (GPUS, WORKERS)`);
+    } else if (key === 'use_tf32') {
+      bad.push(`${name} must not set use_tf32: TF32 is CUDA_TF32's`);
+    } else if (!(key in CUDA_OPTIONS)) {
+      bad.push(`${name}: ${JSON.stringify(key.slice(0, 80))} is not an option the runtime passes; one of ${Object.keys(CUDA_OPTIONS).join(', ')}`);
+    } else if (!CUDA_OPTIONS[key]!.test(val)) {
+      bad.push(`${name}: ${key}=${JSON.stringify(val.slice(0, 80))} is not a value ONNX Runtime takes (${CUDA_OPTIONS[key]!.source.replace(/^\^|\$$/g, '')})`);
+    } else if (pairs.some(([k]) => k === key)) {
+      bad.push(`${name} sets ${key} twice`);
+    } else {
+      pairs.push([key, val]);
     }
-    if (m[1]!.toLowerCase() === 'device_id') bad.push(`${name} must not set device_id: each worker's GPU is the runtime's (GPUS, WORKERS)`);
-    else pairs.push([m[1]!, m[2]!]);
   }
-  if (pairs.length > 32) bad.push(`${name} has ${pairs.length} entries; at most 32`);
-  if (value.length > 2047) bad.push(`${name} is longer than 2047 characters`);
   return pairs;
 }
 

@@ -6,7 +6,7 @@ import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { probeModel } from './probe.js';
 import { createWithOptimizedCache, NO_OPTIMIZED_CACHE, type CacheOutcome, type OptimizedCachePolicy, type OptimizeItem } from './ortcache.js';
-import { checkCuda } from './cuda.js';
+import { checkCuda, ortBinaryDir } from './cuda.js';
 import { loadProviderOptions, providerOptionsStats } from './provider-options.js';
 import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
 import path from 'node:path';
@@ -90,7 +90,7 @@ export interface CreatedSession {
 
 /** ORT's exception only says a library failed to load; the library's own name went to stderr just before. */
 function withLoadHint(reason: string): string {
-  if (!/Failed to load shared library/i.test(reason)) return reason;
+  if (!/Failed to load (shared )?library/i.test(reason)) return reason;
   return `${reason} (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")`;
 }
 
@@ -224,12 +224,16 @@ export class SessionFactory {
       this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0', ...(options ? { providerOptions: options.options } : {}) });
       return made;
     } catch (err) {
-      const reason = withLoadHint(firstLine(err));
+      // A boot reason reaches clients: onnxruntime-node's install folder is cut from ONNX Runtime's library paths.
+      const reason = withLoadHint(firstLine(String((err as Error)?.message ?? err).split(ortBinaryDir() + path.sep).join('')));
       this.#fallbackReason = reason;
       resolveDecision('cpu');
       // Options ONNX Runtime refused fail the boot under `auto` too: falling back to the CPU would hide a typo.
       if (isRuntimeError(err) && err.code === 'CONFIG') throw (this.#fatal = err);
-      if (/^CUDA_PROVIDER_OPTIONS: /.test(reason) && !/Failed to load/i.test(reason)) throw (this.#fatal = new RuntimeError('CONFIG', reason, { cause: err }));
+      // ONNX Runtime refused an option (not: the CUDA provider cannot load here, where `auto` falls back as ever).
+      if (/^CUDA_PROVIDER_OPTIONS: /.test(reason) && !/Failed to load|Provider not available|not enabled in this build/i.test(reason)) {
+        throw (this.#fatal = new RuntimeError('CONFIG', reason, { cause: err }));
+      }
       if (this.opts.ep === 'cuda') throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: ${reason}`, { cause: err });
       this.opts.log?.('warn', 'execution provider cuda unavailable, falling back to cpu', { reason });
       return undefined;
