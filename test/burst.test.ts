@@ -193,6 +193,7 @@ describe('replicas starting together on one empty cache', () => {
     const cache = tempDir('dr-burst-cache-');
     dirs.push(cache.cleanup);
     const before = bytesByFile();
+    const lists = proxy.stats.lists;
     const held = proxy.stats.held;
     const open1 = gate(1);
     const srvs = await burst(3, cache.dir);
@@ -234,11 +235,11 @@ describe('replicas starting together on one empty cache', () => {
     await settledCount(sentTotal);
     const after = bytesByFile();
     for (const f of model.files) expect(after.get(f.path)! - before.get(f.path)!, f.path).toBe(f.bytes);
+    // One listing per server, plus the holder's check after its last byte; a waiter lists nothing after the commit.
+    expect(proxy.stats.lists - lists).toBe(srvs.length + 1);
     expect(existsSync(path.join(entryDir(cache.dir), '.complete.json'))).toBe(true);
     const pixels = await Promise.all(srvs.map(image));
     expect(new Set(pixels).size).toBe(1);
-    const readyAt = srvs.map((s) => s.spawnedAt + (s.events('ready')[0]!.seconds as number) * 1000);
-    console.log('ready gaps (ms)', readyAt.map((t) => Math.round(t - readyAt[srvs.indexOf(holder)]!)));
   }, 60_000);
   it('the holder killed (SIGKILL) mid-download: a waiter takes over at once, resumes from the journal, both survivors serve', async () => {
     const cache = tempDir('dr-burst-kill-');
@@ -253,12 +254,10 @@ describe('replicas starting together on one empty cache', () => {
     await until(() => proxy.stats.held > held, 20_000, 20);
     for (const w of waiters) await until(async () => (await modelBody(w)).body.progress?.phase === 'waiting', 20_000, 20);
     const atKill = await settledCount(sentTotal) - before;
-    const killedAt = performance.now();
     await holder.stop('SIGKILL');
     open();
     // Its pid is dead in this pid namespace: no heartbeat has to go stale (that would take 30 s, past this test's end).
     await until(() => waiters.some((w) => w.proc.pid === lockHolder(cache.dir)), 10_000, 5);
-    const takeoverMs = performance.now() - killedAt;
     await Promise.all(waiters.map((w) => w.waitReady(30_000)));
     const files = waiters.map((w) => w.events('files-ready')[0]!);
     expect(files.map((f) => f.fromCache).sort()).toEqual([false, true]);
@@ -267,7 +266,6 @@ describe('replicas starting together on one empty cache', () => {
     await expectModelFiles(cache.dir);
     const total = (await settledCount(sentTotal)) - before;
     expectResumed(atKill, total);
-    console.log(`takeover after SIGKILL: ${Math.round(takeoverMs)} ms; sent ${(total / model.totalBytes).toFixed(2)}x the model`);
   }, 60_000);
 
   const ns = canUnshare();
@@ -288,19 +286,16 @@ describe('replicas starting together on one empty cache', () => {
     expect(theirs.pidns).not.toBe(PID_NS);
     expect(alive(theirs.pid)).toBe(false);
     const atKill = (await settledCount(sentTotal)) - before;
-    const stoppedAt = performance.now();
     process.kill(pod.hostPid(), 'SIGTERM');
     // unshare exits with its child's status (signalling unshare itself would kill the server at once).
     expect(await exitOf(pod.srv)).toEqual({ code: 0, signal: null });
     open();
     await until(() => lockInfo(cache.dir)?.pid === waiter.proc.pid, 10_000, 5);
-    const takeoverMs = performance.now() - stoppedAt;
     await waiter.waitReady(30_000);
     expect(waiter.events('files-ready')[0]!.fromCache).toBe(false);
     const total = (await settledCount(sentTotal)) - before;
     expectResumed(atKill, total);
     await expectModelFiles(cache.dir);
-    console.log(`takeover after SIGTERM of a holder in another pid namespace: ${Math.round(takeoverMs)} ms (incl. its exit); sent ${(total / model.totalBytes).toFixed(2)}x`);
   }, 60_000);
 
   it.skipIf(!ns)('a holder in another pid namespace killed (SIGKILL): the waiter waits for its heartbeat to go stale, then takes over and resumes', async () => {
