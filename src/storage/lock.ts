@@ -191,6 +191,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
       }
       standing = true;
       if (o.wait === false) return undefined;
+      wake.arm();
       await o.onWait?.(holder);
       await wake.sleep(pollMs, o.signal);
     }
@@ -213,7 +214,6 @@ class Wake {
   constructor(private readonly file: string) {}
 
   sleep(ms: number, signal?: AbortSignal): Promise<void> {
-    this.#watch();
     if (this.#pending) {
       this.#pending = false;
       return Promise.resolve();
@@ -232,7 +232,8 @@ class Wake {
     });
   }
 
-  #watch(): void {
+  /** Starts watching (once): a change from now on ends the next sleep. */
+  arm(): void {
     if (this.#tried) return;
     this.#tried = true;
     const name = path.basename(this.file);
