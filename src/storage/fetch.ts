@@ -13,11 +13,11 @@ import type { Logger } from '../log.js';
 import { type Manifest, fsyncDir, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
-import { Journal, spanBytes } from './journal.js';
+import { Journal, JournalTail, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
 import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
-import { acquireLock } from './lock.js';
+import { acquireLock, type LockInfo } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
@@ -35,8 +35,12 @@ export type { CacheEntry } from './entries.js';
  */
 export const WRITE_BYTES = 256 * 1024;
 
+/** A download, or a wait for another process's, logs its progress this often (ms): a minute of silence looks hung. */
+export const PROGRESS_LOG_MS = 10_000;
+
 export interface FetchProgress {
-  phase: 'resolving' | 'listing' | 'downloading' | 'verifying' | 'done';
+  /** `waiting`: another process holds the entry's lock and downloads; the counts are what it has on disk so far. */
+  phase: 'resolving' | 'listing' | 'waiting' | 'downloading' | 'verifying' | 'done';
   bytesDone: number;
   bytesTotal: number;
   filesDone: number;
@@ -64,6 +68,8 @@ export interface ResolveOptions {
   onFirstResponse?(): void;
   /** A lock heartbeat older than this is taken over (default 30 s). Holders touch it every staleMs/15. */
   lockStaleMs?: number;
+  /** How often a long download, or a wait for another process's, logs its progress (default PROGRESS_LOG_MS). */
+  progressLogMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
   /**
@@ -196,6 +202,8 @@ class S3Fetch {
   private readonly progress: FetchProgress = { phase: 'resolving', bytesDone: 0, bytesTotal: 0, filesDone: 0, filesTotal: 0, bytesPerSecond: 0 };
   private readonly samples: Array<[number, number]> = [];
   private lastEmit = 0;
+  /** When the download's progress was last logged (undefined: not downloading). */
+  private lastLog: number | undefined;
   private readonly signal: AbortSignal;
   /** Opened when the fetch starts; its code began loading in resolveModel. */
   private transport: Promise<S3Transport> | undefined;
@@ -239,18 +247,19 @@ class S3Fetch {
       this.checkListing(listing);
       const want = listing;
       const staleMs = this.o.lockStaleMs ?? 30_000;
-      let waited = false;
+      const wait = new HolderWatch(this.entry, want);
       const lock = await acquireLock(`${this.entry}.lock`, {
         staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
-        onWait: (h) => {
-          if (!waited) log.info({ holder: h ? `${h.host}/${h.pid}` : 'unknown' }, 'another process is filling this cache entry; waiting for it');
-          waited = true;
-        },
+        onWait: (h) => this.waiting(wait, h),
         satisfied: async () => {
           const m = await readManifest(this.entry);
           return m !== undefined && sameObjects(m, want);
         },
       });
+      if (wait.since !== undefined) {
+        log.info({ waitedMs: Math.round(performance.now() - wait.since), filesSeenWhole: wait.announced.size },
+          lock === undefined ? 'the other process committed the cache entry; serving from it' : 'the other process left the cache entry unfinished; this one fills it');
+      }
       if (lock === undefined) return this.hit((await readManifest(this.entry))!, false);
       try {
         const m = await readManifest(this.entry);
@@ -266,6 +275,51 @@ class S3Fetch {
       throw cacheIoError(e, this.o.cfg.cacheDir);
     } finally {
       (await this.transport.catch(() => undefined))?.destroy();
+    }
+  }
+
+  /**
+   * One poll of a wait for another process filling this entry (`h`: what its lock says): the progress it has made on
+   * disk goes to the model endpoint, to the log every progressLogMs, and each file it has made whole (under its final
+   * name, at the version this process listed) is announced, so sessions and an early warm-up start here as they do
+   * there, instead of after its commit.
+   */
+  private async waiting(w: HolderWatch, h: LockInfo | undefined): Promise<void> {
+    const { log } = this.o;
+    const holder = h ? `${h.host}/${h.pid}` : 'unknown';
+    const now = performance.now();
+    if (w.since === undefined) {
+      w.since = now;
+      w.lastLog = now;
+      log.info({ holder }, 'another process is filling this cache entry; waiting for it');
+    }
+    const seen = await w.tail.read().catch(() => new Map<string, never>());
+    let bytes = 0;
+    let files = 0;
+    for (const obj of w.want) {
+      const j = seen.get(obj.rel);
+      if (j === undefined || !sameEtag(j.etag, obj.etag) || j.size !== obj.size) continue;
+      if (!j.complete) {
+        bytes += spanBytes(j.spans);
+        continue;
+      }
+      bytes += obj.size;
+      files++;
+      // An evictor's lock (lease.ts): the entry is about to go, nothing in it is announced.
+      if (w.announced.has(obj.rel) || h?.purpose === 'evict') continue;
+      const abs = path.join(this.entry, obj.rel);
+      const st = await fsp.stat(abs).catch(() => undefined);
+      if (!st?.isFile() || st.size !== obj.size) continue;
+      if (w.announced.size === 0) this.o.onListing?.(w.want.map((o) => ({ relPath: o.rel, size: o.size })));
+      w.announced.add(obj.rel);
+      this.o.onFileReady?.(obj.rel, abs);
+    }
+    Object.assign(this.progress, { bytesTotal: w.bytesTotal, bytesDone: bytes, filesTotal: w.want.length, filesDone: files });
+    this.emit('waiting', true);
+    if (now - w.lastLog >= (this.o.progressLogMs ?? PROGRESS_LOG_MS)) {
+      w.lastLog = now;
+      log.info({ holder, mbDone: +mb(bytes), mbTotal: +mb(w.bytesTotal), filesDone: files, filesTotal: w.want.length, mbps: +mb(this.progress.bytesPerSecond),
+        waitedS: Math.round((now - w.since) / 1000) }, 'waiting for another process filling this cache entry');
     }
   }
 
@@ -530,6 +584,32 @@ class S3Fetch {
     const [t, b] = this.samples[0]!;
     this.progress.bytesPerSecond = now - t > 0 ? Math.max(0, ((this.progress.bytesDone - b) * 1000) / (now - t)) : 0;
     this.o.onProgress?.({ ...this.progress });
+    if (phase !== 'downloading') {
+      this.lastLog = undefined;
+      return;
+    }
+    this.lastLog ??= now;
+    if (now - this.lastLog < (this.o.progressLogMs ?? PROGRESS_LOG_MS)) return;
+    this.lastLog = now;
+    const p = this.progress;
+    this.o.log.info({ mbDone: +mb(p.bytesDone), mbTotal: +mb(p.bytesTotal), filesDone: p.filesDone, filesTotal: p.filesTotal, mbps: +mb(p.bytesPerSecond) },
+      'downloading the model into the cache');
+  }
+}
+
+/** What a process waiting for another one's fill of the entry keeps between polls. */
+class HolderWatch {
+  readonly tail: JournalTail;
+  readonly bytesTotal: number;
+  /** Files announced (onFileReady) while waiting. */
+  readonly announced = new Set<string>();
+  /** When the wait began (performance.now()); undefined: the lock was free. */
+  since: number | undefined;
+  lastLog = 0;
+
+  constructor(entry: string, readonly want: readonly RemoteObject[]) {
+    this.tail = new JournalTail(entry);
+    this.bytesTotal = want.reduce((n, o) => n + o.size, 0);
   }
 }
 

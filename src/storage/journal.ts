@@ -377,3 +377,58 @@ export class Journal {
     await fsp.unlink(this.#file).catch(() => undefined);
   }
 }
+
+/**
+ * Another process's journal, followed by a reader that only waits (a replica waiting for the holder of the entry's
+ * lock): each read() takes only the bytes appended since the last one, so following a download of gigabytes reads
+ * its journal once in total, not once per poll. A journal rewritten meanwhile (a new holder compacts it on open: a new
+ * file) or gone is read again from its start. What it shows is what the holder has written so far, synced or not: for
+ * progress and for files whole under their final names, never for a resume (Journal.open is that).
+ */
+export class JournalTail {
+  readonly #file: string;
+  #files = new Map<string, JournalFile>();
+  #ino = -1;
+  #offset = 0;
+
+  constructor(entry: string) {
+    this.#file = path.join(entry, JOURNAL);
+  }
+
+  async read(): Promise<ReadonlyMap<string, JournalFile>> {
+    const fh = await fsp.open(this.#file, 'r').catch(() => undefined);
+    if (fh === undefined) {
+      this.#reset(-1);
+      return this.#files;
+    }
+    try {
+      const st = await fh.stat();
+      if (st.ino !== this.#ino || st.size < this.#offset) this.#reset(st.ino);
+      if (st.size <= this.#offset) return this.#files;
+      const buf = Buffer.allocUnsafe(st.size - this.#offset);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, this.#offset);
+      // Whole lines only: one still being appended is read next time.
+      const end = buf.lastIndexOf(0x0a, bytesRead - 1) + 1;
+      for (const raw of buf.subarray(0, end).toString('utf8').split('\n')) {
+        if (raw === '') continue;
+        let l: unknown;
+        try {
+          l = JSON.parse(raw);
+        } catch {
+          continue;
+        }
+        if (typeof l === 'object' && l !== null && typeof (l as { f?: unknown }).f === 'string') apply(this.#files, l as FileLine);
+      }
+      this.#offset += end;
+      return this.#files;
+    } finally {
+      await fh.close().catch(() => undefined);
+    }
+  }
+
+  #reset(ino: number): void {
+    this.#files = new Map();
+    this.#ino = ino;
+    this.#offset = 0;
+  }
+}

@@ -4,10 +4,16 @@
  * exists without its content), holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose
  * heartbeat is older than `staleMs`, whose pid is dead in this pid namespace, or that does not say who made it, is taken
  * over by renaming it aside first, so only one of several waiters can win the takeover.
+ *
+ * A waiter writes nothing while the lock stands: each poll reads the lock and stats it (and whatever `satisfied` reads),
+ * and a new lock is written only once the old one is gone or stale, so N replicas waiting on an NFS volume cost it a few
+ * metadata reads each per poll, not N file creations with an fsync. On the holder's own node, inotify (fs.watch on the
+ * lock's folder) ends a wait as soon as the lock is removed; elsewhere the poll does.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp, readFileSync, readlinkSync } from 'node:fs';
+import { promises as fsp, readFileSync, readlinkSync, watch, type FSWatcher } from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 
 export interface LockOptions {
@@ -23,8 +29,8 @@ export interface LockOptions {
    */
   unreadableStaleMs?: number;
   signal?: AbortSignal;
-  /** Called while waiting, once per poll, with what the lock says about its holder. */
-  onWait?(holder: LockInfo | undefined): void;
+  /** Called while waiting, once per poll, with what the lock says about its holder; a promise it returns is awaited. */
+  onWait?(holder: LockInfo | undefined): unknown;
   /** Checked on every poll: when it returns true the caller no longer needs the lock (e.g. the entry got committed). */
   satisfied?(): Promise<boolean>;
   /** false: resolve to `undefined` at once when a live process holds the lock (a stale one is still taken over). */
@@ -51,13 +57,6 @@ export interface HeldLock {
 }
 
 const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250, unreadableStaleMs: 3_000 };
-
-const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, reject) => {
-  if (signal?.aborted) return reject(signal.reason);
-  const t = setTimeout(() => { signal?.removeEventListener('abort', onAbort); resolve(); }, ms);
-  const onAbort = () => { clearTimeout(t); reject(signal?.reason); };
-  signal?.addEventListener('abort', onAbort, { once: true });
-});
 
 /** What the lock says about its holder: the info, 'unreadable' (missing, empty, not JSON), or 'unknown' (JSON, but not a holder). */
 export async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
@@ -149,42 +148,110 @@ export function pidAlive(pid: number): boolean {
 export async function acquireLock(file: string, o: LockOptions = {}): Promise<HeldLock | undefined> {
   const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
   const me = holderInfo(o.purpose);
-  for (;;) {
-    o.signal?.throwIfAborted();
-    try {
-      await createHolderFile(file, me);
-      return hold(file, me, heartbeatMs);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-    if (o.satisfied && (await o.satisfied())) return undefined;
-    const info = await readInfo(file);
-    const holder = holderOf(info);
-    let st;
-    try {
-      st = await fsp.stat(file);
-    } catch {
-      continue; // released between our open and stat: try again at once
-    }
-    if (isStale(info, Date.now() - st.mtimeMs, { staleMs, unreadableStaleMs })) {
-      // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
-      // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
-      const aside = `${file}.stale.${me.token}`;
-      try {
-        await fsp.rename(file, aside);
-        const moved = holderOf(await readInfo(aside));
-        const movedSt = await fsp.stat(aside);
-        const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved === undefined ? holder === undefined : moved.token === holder?.token);
-        if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
-        await fsp.unlink(aside).catch(() => undefined);
-      } catch {
-        /* another waiter moved it first */
+  const wake = new Wake(file);
+  try {
+    // The lock stood at the last look: no new one is written (a create, an fsync, a link) until it is gone or stale.
+    let standing = false;
+    for (;;) {
+      o.signal?.throwIfAborted();
+      if (!standing) {
+        try {
+          await createHolderFile(file, me);
+          return hold(file, me, heartbeatMs);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
       }
-      continue;
+      if (o.satisfied && (await o.satisfied())) return undefined;
+      const info = await readInfo(file);
+      const holder = holderOf(info);
+      let st;
+      try {
+        st = await fsp.stat(file);
+      } catch {
+        standing = false;
+        continue; // released between our open and stat: try again at once
+      }
+      if (isStale(info, Date.now() - st.mtimeMs, { staleMs, unreadableStaleMs })) {
+        // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
+        // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
+        const aside = `${file}.stale.${me.token}`;
+        try {
+          await fsp.rename(file, aside);
+          const moved = holderOf(await readInfo(aside));
+          const movedSt = await fsp.stat(aside);
+          const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved === undefined ? holder === undefined : moved.token === holder?.token);
+          if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
+          await fsp.unlink(aside).catch(() => undefined);
+        } catch {
+          /* another waiter moved it first */
+        }
+        standing = false;
+        continue;
+      }
+      standing = true;
+      if (o.wait === false) return undefined;
+      wake.arm();
+      await o.onWait?.(holder);
+      await wake.sleep(pollMs, o.signal);
     }
-    if (o.wait === false) return undefined;
-    o.onWait?.(holder);
-    await sleep(pollMs, o.signal);
+  } finally {
+    wake.close();
+  }
+}
+
+/**
+ * Ends a waiter's sleep early when the lock file is created, removed or renamed (a release, a commit, a takeover),
+ * through inotify on the lock's folder. Only where the change is made by this kernel: an NFS client sees no events
+ * for another node's changes, so the poll stays the bound there. A heartbeat (utimes) is a `change`, not a wake-up.
+ */
+class Wake {
+  #watcher: FSWatcher | undefined;
+  #tried = false;
+  #pending = false;
+  #wake: (() => void) | undefined;
+
+  constructor(private readonly file: string) {}
+
+  sleep(ms: number, signal?: AbortSignal): Promise<void> {
+    if (this.#pending) {
+      this.#pending = false;
+      return Promise.resolve();
+    }
+    return new Promise<void>((resolve, reject) => {
+      if (signal?.aborted) return reject(signal.reason);
+      const done = () => {
+        clearTimeout(t);
+        signal?.removeEventListener('abort', onAbort);
+        this.#wake = undefined;
+      };
+      const t = setTimeout(() => (done(), resolve()), ms);
+      const onAbort = () => (done(), reject(signal?.reason));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.#wake = () => (done(), this.#pending = false, resolve());
+    });
+  }
+
+  /** Starts watching (once): a change from now on ends the next sleep. */
+  arm(): void {
+    if (this.#tried) return;
+    this.#tried = true;
+    const name = path.basename(this.file);
+    try {
+      this.#watcher = watch(path.dirname(this.file), { persistent: false }, (type, f) => {
+        if (type !== 'rename' || (f !== null && f.toString() !== name)) return;
+        this.#pending = true;
+        this.#wake?.();
+      });
+      this.#watcher.on('error', () => this.close());
+    } catch {
+      /* no inotify here (or its limit reached): the poll alone */
+    }
+  }
+
+  close(): void {
+    this.#watcher?.close();
+    this.#watcher = undefined;
   }
 }
 

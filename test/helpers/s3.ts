@@ -78,6 +78,11 @@ export interface Faults {
   rewriteList?: (xml: string) => string;
   /** Slow every GET body to about this many bytes per second per connection. */
   bytesPerSecond?: number;
+  /**
+   * Hold bytesPerSecond exactly: without it a socket that drains resumes the body before its pacing delay is over,
+   * so on loopback the rate is only a rough brake (several times faster); the tests written against that keep it.
+   */
+  exactPace?: boolean;
   /** Hold every ListObjectsV2 request this long before forwarding it. */
   listDelayMs?: number;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
@@ -96,6 +101,8 @@ export interface FaultProxy {
     /** When each ListObjectsV2 request arrived (Date.now()). */
     listAt: number[];
     bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
+    /** 2xx GET body bytes sent, by request path (`/<bucket>/<key>`, URL-decoded). */
+    bytesByPath: Record<string, number>;
     getPaths: { sdk: string[]; lite: string[] };
     /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
     refusals: Record<string, number>;
@@ -110,7 +117,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -182,6 +189,8 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       if (reset) f.resets!--;
       if (stall) f.stalls!--;
       let sent = 0;
+      let pacing = false;
+      let draining = false;
       const t0 = Date.now();
       upRes.on('data', (chunk: Buffer) => {
         if (reset && sent + chunk.length > f.resetAfterBytes!) {
@@ -198,16 +207,28 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
           return;
         }
         sent += chunk.length;
-        if (body) stats.bodyBytes += chunk.length;
+        if (body) {
+          stats.bodyBytes += chunk.length;
+          const key = decodeURIComponent((req.url ?? '').split('?')[0]!);
+          stats.bytesByPath[key] = (stats.bytesByPath[key] ?? 0) + chunk.length;
+        }
         if (!res.write(chunk)) {
           upRes.pause();
-          res.once('drain', () => upRes.resume());
+          draining = true;
+          res.once('drain', () => {
+            draining = false;
+            if (!pacing || !f.exactPace) upRes.resume();
+          });
         }
         if (body && f.bytesPerSecond) {
           const due = t0 + (sent / f.bytesPerSecond) * 1000 - Date.now();
           if (due > 0) {
             upRes.pause();
-            setTimeout(() => upRes.resume(), due);
+            pacing = true;
+            setTimeout(() => {
+              pacing = false;
+              if (!draining || !f.exactPace) upRes.resume();
+            }, due);
           }
         }
       });

@@ -66,7 +66,8 @@ export const bootEnded = (l: LogLine): boolean => isEvent(l, 'ready') || isEvent
  * `live`: return as soon as liveness answers on env.PORT (which must be set), before the runtime has loaded and
  * logged 'listening'.
  */
-export async function startServer(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number; live?: boolean } = {}): Promise<ServerHandle> {
+export async function startServer(env: Record<string, string | undefined> = {},
+  opts: { ready?: boolean; timeoutMs?: number; live?: boolean; /** A command the server runs under (`unshare …`): node and the entry are its last arguments. */ prefix?: readonly string[] } = {}): Promise<ServerHandle> {
   if (!existsSync(ENTRY)) throw new Error(`${ENTRY} is missing: run \`npm run build\` (npm test does it first)`);
   const cacheDir = env.MODEL_CACHE_DIR ?? sharedCacheDir();
   const childEnv: Record<string, string> = {};
@@ -74,7 +75,8 @@ export async function startServer(env: Record<string, string | undefined> = {}, 
     if (v !== undefined) childEnv[k] = v;
   }
   const spawnedAt = performance.now();
-  const proc = spawn(process.execPath, [ENTRY], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  const [file, ...args] = [...(opts.prefix ?? []), process.execPath, ENTRY];
+  const proc = spawn(file!, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
   const logs: LogLine[] = [];
   const stderr: string[] = [];
   const waiters: Array<{ pred: (l: LogLine) => boolean; resolve: (l: LogLine) => void }> = [];
