@@ -58,7 +58,7 @@ async function main(): Promise<void> {
   boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
   const { createLogger } = await import('./log.js');
   log = createLogger(cfg.logLevel);
-  logTrimmed(log, trimmed);
+  logStartWarnings(log, trimmed, cfg);
   events = new BootEvents(log);
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
   boot.fetch(log, events);
@@ -89,10 +89,10 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
   return trimCredentials(env);
 }
 
-/** One warning naming (never showing) the credentials that came with whitespace around them. */
-function logTrimmed(log: Logger, variables: readonly string[]): void {
-  if (variables.length === 0) return;
-  log.warn({ variables }, TRIMMED_CREDENTIALS);
+/** One warning naming (never showing) the credentials that came with whitespace around them; settings that do nothing. */
+function logStartWarnings(log: Logger, variables: readonly string[], cfg: Readonly<Config>): void {
+  if (variables.length > 0) log.warn({ variables }, TRIMMED_CREDENTIALS);
+  if (cfg.executionProvider === 'cpu' && cfg.cudaProviderOptions.length > 0) log.warn('CUDA_PROVIDER_OPTIONS has no effect with EXECUTION_PROVIDER=cpu');
 }
 
 /**
@@ -104,7 +104,7 @@ export async function createRuntime(cfg: Readonly<Config>, opts: { log?: Logger;
   const trimmed = applyProcessDefaults();
   const [{ Runtime }, { createLogger }] = await Promise.all([import('./runtime/runtime.js'), import('./log.js')]);
   const log = opts.log ?? createLogger(cfg.logLevel);
-  logTrimmed(log, trimmed);
+  logStartWarnings(log, trimmed, cfg);
   return new Runtime(cfg, log, opts.workers ? { workers: opts.workers } : {});
 }
 

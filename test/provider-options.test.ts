@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
-import { postJson, startServer, tempDir } from './helpers/server.js';
+import { postJson, startServer, tempDir, until } from './helpers/server.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const DIST = path.join(ROOT, 'dist', 'src', 'pipeline');
@@ -120,7 +120,7 @@ catch (e) { out.code = e.code; out.message = e.message; }`, { CUDA_PROVIDER_OPTI
     expect(r.message).toMatch(/^CUDA_PROVIDER_OPTIONS is set, but this build has no native\/cuda-provider-options module/);
   });
 
-  it('the server: under cuda the boot fails naming the variable; under auto on a CPU-only machine it serves on the CPU', async () => {
+  it('the server: under cuda the boot fails naming the variable; under auto on a CPU-only machine it serves on the CPU; under cpu it warns the variable does nothing', async () => {
     const cuda = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda', CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search=HEURISTIC' });
     try {
       const failed = await cuda.waitFor('state', (s) => s.state === 'failed');
@@ -135,6 +135,12 @@ catch (e) { out.code = e.code; out.message = e.message; }`, { CUDA_PROVIDER_OPTI
       expect(r.status).toBe(200);
     } finally {
       await auto.stop();
+    }
+    const cpu = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', CUDA_PROVIDER_OPTIONS: 'prefer_nhwc=1' });
+    try {
+      await until(() => cpu.logs.some((l) => l.msg === 'CUDA_PROVIDER_OPTIONS has no effect with EXECUTION_PROVIDER=cpu' && l.level === 'warn'));
+    } finally {
+      await cpu.stop();
     }
     await expect(startServer({ CUDA_PROVIDER_OPTIONS: 'device_id=0' }, { timeoutMs: 5_000 })).rejects.toThrow(/CUDA_PROVIDER_OPTIONS must not set device_id/);
   });
