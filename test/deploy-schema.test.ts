@@ -10,33 +10,17 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import YAML from 'yaml';
+import { loadParams, render, TEMPLATES } from './helpers/templates.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const TEMPLATES = path.join(ROOT, 'templates');
 const SCHEMAS = path.join(ROOT, 'test', 'fixtures', 'k8s-schemas');
 
 type Obj = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
 type Schema = Obj;
 
 // ---------------------------------------------------------------------------------------------
-// Rendering: the same rules as test/deploy.test.ts (envsubst restricted to the names in params.env), which also
-// proves that `make render` produces exactly this.
-
-function loadParams(): Map<string, string> {
-  const params = new Map<string, string>();
-  for (const line of readFileSync(path.join(TEMPLATES, 'params.env'), 'utf8').split('\n')) {
-    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line);
-    if (m) params.set(m[1]!, m[2]!);
-  }
-  return params;
-}
-
-function render(text: string, params: Map<string, string>): string {
-  return text.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)/g, (all, a?: string, b?: string) => {
-    const name = (a ?? b)!;
-    return params.has(name) ? params.get(name)! : all;
-  });
-}
+// Rendering: test/helpers/templates.ts (envsubst restricted to the names in params.env); test/deploy.test.ts proves
+// that `make render` produces exactly this.
 
 function parseDocs(text: string, where: string): Obj[] {
   const docs = YAML.parseAllDocuments(text);

@@ -12,10 +12,10 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
+import { loadParams, render, TEMPLATES } from './helpers/templates.js';
 import { loadConfig } from '../src/config.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
-const TEMPLATES = path.join(ROOT, 'templates');
 const execFileP = promisify(execFile);
 
 type Obj = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
@@ -24,25 +24,7 @@ const has = (cmd: string): boolean => spawnSync('sh', ['-c', `command -v ${cmd}`
 const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8');
 
 // ---------------------------------------------------------------------------------------------
-// Parameters and rendering: envsubst restricted to the names in templates/params.env.
-
-/** templates/params.env: NAME=value lines (no quotes), comments and blank lines ignored. */
-function loadParams(): Map<string, string> {
-  const params = new Map<string, string>();
-  for (const line of readFileSync(path.join(TEMPLATES, 'params.env'), 'utf8').split('\n')) {
-    const m = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(line);
-    if (m) params.set(m[1]!, m[2]!);
-  }
-  return params;
-}
-
-/** envsubst 'SHELL-FORMAT' semantics: `${NAME}` and `$NAME` for listed names only; all else verbatim. */
-function render(text: string, params: Map<string, string>): string {
-  return text.replace(/\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)/g, (all, a?: string, b?: string) => {
-    const name = (a ?? b)!;
-    return params.has(name) ? params.get(name)! : all;
-  });
-}
+// Parameters and rendering: envsubst restricted to the names in templates/params.env (test/helpers/templates.ts).
 
 const templateFiles = (): string[] => readdirSync(TEMPLATES).filter((f) => f.endsWith('.yaml')).sort();
 
