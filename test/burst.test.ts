@@ -269,8 +269,9 @@ describe('replicas starting together on one empty cache', () => {
   }, 60_000);
 
   const ns = canUnshare();
-  it.skipIf(!ns)('a holder in another pid namespace (another pod) stopped by SIGTERM releases the lock: the waiter takes over at once', async () => {
-    const cache = tempDir('dr-burst-term-');
+  /** A holder in a pid namespace of its own (another pod) filling a fresh cache, its ranges held, and one server waiting on it. */
+  async function podAndWaiter(prefix: string) {
+    const cache = tempDir(prefix);
     dirs.push(cache.cleanup);
     const before = sentTotal();
     const held = proxy.stats.held;
@@ -281,6 +282,11 @@ describe('replicas starting together on one empty cache', () => {
     const waiter = (await burst(1, cache.dir))[0]!;
     await until(() => proxy.stats.held > held, 20_000, 20);
     await until(async () => (await modelBody(waiter)).body.progress?.phase === 'waiting', 10_000, 20);
+    return { cache, before, open, pod, theirs, waiter };
+  }
+
+  it.skipIf(!ns)('a holder in another pid namespace (another pod) stopped by SIGTERM releases the lock: the waiter takes over at once', async () => {
+    const { cache, before, open, pod, theirs, waiter } = await podAndWaiter('dr-burst-term-');
     // The holder's pid means nothing here: its lock names a pid namespace that is not this one, and a pid dead here.
     expect(theirs.pidns).toBeDefined();
     expect(theirs.pidns).not.toBe(PID_NS);
@@ -299,17 +305,7 @@ describe('replicas starting together on one empty cache', () => {
   }, 60_000);
 
   it.skipIf(!ns)('a holder in another pid namespace killed (SIGKILL): the waiter waits for its heartbeat to go stale, then takes over and resumes', async () => {
-    const cache = tempDir('dr-burst-podkill-');
-    dirs.push(cache.cleanup);
-    const before = sentTotal();
-    const held = proxy.stats.held;
-    const open = gate();
-    const pod = await podServer(cache.dir);
-    await until(() => lockInfo(cache.dir) !== undefined, 20_000);
-    const theirs = lockInfo(cache.dir)!;
-    const waiter = (await burst(1, cache.dir))[0]!;
-    await until(() => proxy.stats.held > held, 20_000, 20);
-    await until(async () => (await modelBody(waiter)).body.progress?.phase === 'waiting', 10_000, 20);
+    const { cache, before, open, pod, theirs, waiter } = await podAndWaiter('dr-burst-podkill-');
     process.kill(pod.hostPid(), 'SIGKILL');
     await exitOf(pod.srv);
     open();
