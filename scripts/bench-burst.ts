@@ -13,12 +13,11 @@
  * rep, each on a fresh cache: medians side by side, and each against the first. BENCH_REPS (default 3).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createReadStream, existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
-import { childS3rver, freePort, median, S3RVER_CREDS, startChild } from './bench-common.js';
+import { childS3rver, freePort, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
 import { buildDemoModel } from '../src/demo/index.js';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -95,16 +94,8 @@ async function main(): Promise<void> {
   const say = (m: string) => process.stderr.write(`bench: ${m}\n`);
   try {
     const model = await buildDemoModel(path.join(tmp, 'model'), { padBytes });
-    const s3 = startChild(process.execPath, [SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
-    children.push(s3.child);
-    const s3port = Number(/PORT (\d+)/.exec(await s3.up)![1]);
-    const up = new S3Client({ endpoint: `http://127.0.0.1:${s3port}`, region: CREDS.AWS_REGION, forcePathStyle: true,
-      credentials: { accessKeyId: CREDS.AWS_ACCESS_KEY_ID, secretAccessKey: CREDS.AWS_SECRET_ACCESS_KEY },
-      requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED' });
-    for (const f of model.files) {
-      await up.send(new PutObjectCommand({ Bucket: BUCKET, Key: PREFIX + f.path, Body: createReadStream(path.join(model.dir, f.path)), ContentLength: f.bytes }));
-    }
-    up.destroy();
+    const s3 = await s3rverWithModel(SELF, path.join(tmp, 's3rver'), BUCKET, PREFIX, model, children);
+    const s3port = s3.port;
     const pport = await freePort();
     const proxy = startChild(process.execPath, [proxyScript, '--listen', String(pport), '--upstream', `127.0.0.1:${s3port}`,
       '--conn-mbps', String(link.conn), '--total-mbps', String(link.total), '--ttfb-ms', String(link.ttfb)], /throttle-proxy on/);

@@ -21,13 +21,12 @@
  * in turn on its cache; prints each one's hits and median against the first's, and its median hit's timeline.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createReadStream, existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, promises as fsp, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { childS3rver, freePort, lastJson, median, S3RVER_CREDS, startChild } from './bench-common.js';
-import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { childS3rver, freePort, lastJson, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
 import { buildDemoModel } from '../src/demo/index.js';
 import type { PadSplit } from '../src/demo/build.js';
 
@@ -242,16 +241,8 @@ async function main(): Promise<void> {
     const model = await buildDemoModel(path.join(tmp, 'model'), { padBytes, padSplit });
     say(`demo model with ${(padBytes / 1e6).toFixed(0)} MB padding (${padSplit} split): ${(model.totalBytes / 1e6).toFixed(1)} MB in ${model.files.length} files`);
 
-    const s3 = startChild(process.execPath, [SELF, 's3rver', path.join(tmp, 's3rver')], /PORT \d+/);
-    children.push(s3.child);
-    const s3port = Number(/PORT (\d+)/.exec(await s3.up)![1]);
-    const up = new S3Client({ endpoint: `http://127.0.0.1:${s3port}`, region: CREDS.AWS_REGION, forcePathStyle: true,
-      credentials: { accessKeyId: CREDS.AWS_ACCESS_KEY_ID, secretAccessKey: CREDS.AWS_SECRET_ACCESS_KEY },
-      requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED' });
-    for (const f of model.files) {
-      await up.send(new PutObjectCommand({ Bucket: BUCKET, Key: PREFIX + f.path, Body: createReadStream(path.join(model.dir, f.path)), ContentLength: f.bytes }));
-    }
-    up.destroy();
+    const s3 = await s3rverWithModel(SELF, path.join(tmp, 's3rver'), BUCKET, PREFIX, model, children);
+    const s3port = s3.port;
     await fsp.rm(model.dir, { recursive: true });
 
     const pport = await freePort();

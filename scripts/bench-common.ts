@@ -1,5 +1,6 @@
 /** Helpers the benchmarks share: child processes, ports, s3rver in its own process, result parsing. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createReadStream } from 'node:fs';
 import { createRequire } from 'node:module';
 import net, { type AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -48,6 +49,25 @@ export async function childS3rver(dir: string, bucket: string): Promise<void> {
   const s = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: dir, configureBuckets: [{ name: bucket }] });
   const a = await s.run();
   process.stdout.write(`PORT ${a.port}\n`);
+}
+
+/**
+ * s3rver in a child process (`self` runs childS3rver when given `s3rver DIR`), holding the model's files under
+ * bucket/prefix; resolves its port and process, which also joins `children` (the caller stops them).
+ */
+export async function s3rverWithModel(self: string, dir: string, bucket: string, prefix: string, model: { dir: string; files: ReadonlyArray<{ path: string; bytes: number }> }, children: ChildProcess[]): Promise<{ port: number; child: ChildProcess }> {
+  const s3 = startChild(process.execPath, [self, 's3rver', dir], /PORT \d+/);
+  children.push(s3.child);
+  const port = Number(/PORT (\d+)/.exec(await s3.up)![1]);
+  const { PutObjectCommand, S3Client } = await import('@aws-sdk/client-s3');
+  const up = new S3Client({ endpoint: `http://127.0.0.1:${port}`, region: S3RVER_CREDS.AWS_REGION, forcePathStyle: true,
+    credentials: { accessKeyId: S3RVER_CREDS.AWS_ACCESS_KEY_ID, secretAccessKey: S3RVER_CREDS.AWS_SECRET_ACCESS_KEY },
+    requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED' });
+  for (const f of model.files) {
+    await up.send(new PutObjectCommand({ Bucket: bucket, Key: prefix + f.path, Body: createReadStream(path.join(model.dir, f.path)), ContentLength: f.bytes }));
+  }
+  up.destroy();
+  return { port, child: s3.child };
 }
 
 /** The median (the mean of the middle two for an even count; NaN for none). */
