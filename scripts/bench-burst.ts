@@ -17,7 +17,7 @@ import { existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { childS3rver, freePort, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
+import { benchEntry, freePort, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
 import { buildDemoModel } from '../src/demo/index.js';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -131,11 +131,4 @@ async function main(): Promise<void> {
   }
 }
 
-const [mode, ...args] = process.argv.slice(2);
-if (mode === 's3rver') await childS3rver(args[0]!, BUCKET);
-else {
-  await main().catch((e: unknown) => {
-    process.stderr.write(`bench: ${(e as Error).stack ?? String(e)}\n`);
-    process.exitCode = 1;
-  });
-}
+await benchEntry(main, BUCKET);

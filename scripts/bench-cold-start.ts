@@ -26,7 +26,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { childS3rver, freePort, lastJson, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
+import { benchEntry, freePort, lastJson, median, s3rverWithModel, S3RVER_CREDS, startChild } from './bench-common.js';
 import { buildDemoModel } from '../src/demo/index.js';
 import type { PadSplit } from '../src/demo/build.js';
 
@@ -399,11 +399,4 @@ async function removeOptimized(modelDir: string): Promise<void> {
   }
 }
 
-const [mode, ...args] = process.argv.slice(2);
-if (mode === 's3rver') await childS3rver(args[0]!, BUCKET);
-else {
-  await main().catch((e: unknown) => {
-    process.stderr.write(`bench: ${(e as Error).stack ?? String(e)}\n`);
-    process.exitCode = 1;
-  });
-}
+await benchEntry(main, BUCKET);

@@ -70,6 +70,16 @@ export async function s3rverWithModel(self: string, dir: string, bucket: string,
   return { port, child: s3.child };
 }
 
+/** A benchmark's entry: `s3rver DIR` as arguments runs its s3rver child (childS3rver); else the benchmark, a failure exiting 1. */
+export async function benchEntry(main: () => Promise<void>, bucket: string): Promise<void> {
+  const [mode, ...args] = process.argv.slice(2);
+  if (mode === 's3rver') return childS3rver(args[0]!, bucket);
+  await main().catch((e: unknown) => {
+    process.stderr.write(`bench: ${(e as Error).stack ?? String(e)}\n`);
+    process.exitCode = 1;
+  });
+}
+
 /** The median (the mean of the middle two for an even count; NaN for none). */
 export function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
