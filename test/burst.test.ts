@@ -337,24 +337,31 @@ describe('the wait, in one process', () => {
     return { log: pino({ level: 'info' }, sink), lines };
   };
 
-  it('a waiter writes nothing while the lock stands (no new lock file per poll)', async () => {
-    const { dir, cleanup } = tempDir('dr-burst-lock-');
+  /** A lock held in a fresh folder, and a second acquireLock waiting on it (stopped by `stop`), its polls counted. */
+  async function heldAndWaiting(prefix: string, pollMs: number) {
+    const { dir, cleanup } = tempDir(prefix);
     dirs.push(cleanup);
     const file = path.join(dir, 'entry.lock');
     const held = (await acquireLock(file))!;
     const stop = new AbortController();
-    let polls = 0;
-    const waiting = acquireLock(file, { pollMs: 10, signal: stop.signal, onWait: () => void polls++ });
-    waiting.catch(() => undefined);
+    const w = { dir, held, stop, polls: 0, waiting: undefined as unknown as ReturnType<typeof acquireLock> };
+    w.waiting = acquireLock(file, { pollMs, signal: stop.signal, onWait: () => void w.polls++ });
+    w.waiting.catch(() => undefined);
+    return w;
+  }
+
+  it('a waiter writes nothing while the lock stands (no new lock file per poll)', async () => {
+    const w0 = await heldAndWaiting('dr-burst-lock-', 10);
+    const { dir, held, stop } = w0;
     // Its first look tries to create the lock (and finds it taken); the polls after it only read.
-    await until(() => polls >= 1, 10_000, 2);
+    await until(() => w0.polls >= 1, 10_000, 2);
     const created: string[] = [];
     const w = watch(dir, (type, f) => {
       if (type === 'rename' && f !== null) created.push(f.toString());
     });
     try {
-      const from = polls;
-      await until(() => polls >= from + 10, 10_000, 2);
+      const from = w0.polls;
+      await until(() => w0.polls >= from + 10, 10_000, 2);
       expect(created).toEqual([]);
     } finally {
       w.close();
@@ -364,22 +371,16 @@ describe('the wait, in one process', () => {
   });
 
   it('the release ends a wait at once on this host (inotify), without waiting for the next poll', async () => {
-    const { dir, cleanup } = tempDir('dr-burst-wake-');
-    dirs.push(cleanup);
-    const file = path.join(dir, 'entry.lock');
-    const held = (await acquireLock(file))!;
-    const stop = new AbortController();
-    let polls = 0;
     // A poll a minute: within this test only the release, seen through inotify, can end the wait.
-    const waiting = acquireLock(file, { pollMs: 60_000, signal: stop.signal, onWait: () => void polls++ });
-    waiting.catch(() => undefined);
+    const w = await heldAndWaiting('dr-burst-wake-', 60_000);
+    const { held, stop, waiting } = w;
     try {
-      await until(() => polls >= 1, 10_000, 2);
+      await until(() => w.polls >= 1, 10_000, 2);
       await held.release();
       const got = await Promise.race([waiting, new Promise<'none'>((r) => setTimeout(() => r('none'), 10_000))]);
       expect(got).not.toBe('none');
       await (got as Awaited<typeof waiting>)?.release();
-      expect(polls).toBe(1);
+      expect(w.polls).toBe(1);
     } finally {
       stop.abort();
     }
