@@ -269,6 +269,15 @@ describe('replicas starting together on one empty cache', () => {
   }, 60_000);
 
   const ns = canUnshare();
+  /** The waiter took the lock and finished the download (no cache hit), fetching only what was missing (bytes counted from `before`); the files are whole. */
+  async function expectTakenOver(dir: string, waiter: ServerHandle, atKill: number, before: number): Promise<void> {
+    await until(() => lockInfo(dir)?.pid === waiter.proc.pid, 10_000, 5);
+    await waiter.waitReady(30_000);
+    expect(waiter.events('files-ready')[0]!.fromCache).toBe(false);
+    expectResumed(atKill, sentTotal() - before);
+    await expectModelFiles(dir);
+  }
+
   /** A holder in a pid namespace of its own (another pod) filling a fresh cache, its ranges held, and one server waiting on it. */
   async function podAndWaiter(prefix: string) {
     const cache = tempDir(prefix);
@@ -296,12 +305,7 @@ describe('replicas starting together on one empty cache', () => {
     // unshare exits with its child's status (signalling unshare itself would kill the server at once).
     expect(await exitOf(pod.srv)).toEqual({ code: 0, signal: null });
     open();
-    await until(() => lockInfo(cache.dir)?.pid === waiter.proc.pid, 10_000, 5);
-    await waiter.waitReady(30_000);
-    expect(waiter.events('files-ready')[0]!.fromCache).toBe(false);
-    const total = sentTotal() - before;
-    expectResumed(atKill, total);
-    await expectModelFiles(cache.dir);
+    await expectTakenOver(cache.dir, waiter, atKill, before);
   }, 60_000);
 
   it.skipIf(!ns)('a holder in another pid namespace killed (SIGKILL): the waiter waits for its heartbeat to go stale, then takes over and resumes', async () => {
@@ -320,12 +324,7 @@ describe('replicas starting together on one empty cache', () => {
     // 30 s later its heartbeat is stale: the lock's mtime set back by that much plays the wait.
     const old = new Date(Date.now() - 31_000);
     utimesSync(lockFile(cache.dir), old, old);
-    await until(() => lockInfo(cache.dir)?.pid === waiter.proc.pid, 10_000, 5);
-    await waiter.waitReady(30_000);
-    expect(waiter.events('files-ready')[0]!.fromCache).toBe(false);
-    const total = sentTotal() - before;
-    expectResumed(atKill, total);
-    await expectModelFiles(cache.dir);
+    await expectTakenOver(cache.dir, waiter, atKill, before);
   }, 60_000);
 });
 
