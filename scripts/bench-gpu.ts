@@ -32,7 +32,7 @@ const MAIN = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'src'
 const PROMPT = 'a photo of an astronaut riding a horse';
 const QUICK = process.env.BENCH_GPU_QUICK === '1';
 const EP = process.env.BENCH_GPU_EP;
-/** BENCH_GPU_ONLY=fused: the fused export alone, started three times (a rerun after a change to the start path). */
+/** BENCH_GPU_ONLY=fused: the fused export alone (a rerun after a change to the start path; the search rows start it four more times). */
 const ONLY_FUSED = process.env.BENCH_GPU_ONLY === 'fused';
 
 interface Started {
@@ -333,7 +333,6 @@ async function main(): Promise<void> {
   }
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
   const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
-  const fusedThird = ONLY_FUSED ? await startOnly('fused, third start', fused, {}) : undefined;
   // cuDNN's convolution algorithm search: ONNX Runtime's default (exhaustive: the first run of each convolution shape
   // times every algorithm, which is most of the warm-up) against its heuristic choice, set through
   // CUDA_PROVIDER_OPTIONS; starts alternating, each timed as the main row (speed and parity with diffusers).
@@ -393,7 +392,7 @@ async function main(): Promise<void> {
     Object.assign(cold, { emptyJitCache: r && { readyMs: r.readyMs, phases: r.phases, warmup: r.warmup }, pageCacheDropped: r2 && { readyMs: r2.readyMs, phases: r2.phases, warmup: r2.warmup, note } });
   }
   const loraResult = lora?.extra as { baseMs: number; firstMs: number; againMs: number; changed: boolean; built?: Record<string, unknown>; gpuMemMiB?: number } | undefined;
-  Object.assign(result, { fused: fusedMain, fusedAgain, fusedThird, plain: plainMain, batch, encoderWarmup, convSearch, cold, lora: loraResult });
+  Object.assign(result, { fused: fusedMain, fusedAgain, plain: plainMain, batch, encoderWarmup, convSearch, cold, lora: loraResult });
 
   const d = py.diffusers as { median_50_s?: number; runs_50_s?: number[]; runs_20_s?: number[]; peak_mem_mib?: number } | undefined;
   const d50 = d?.median_50_s !== undefined ? d.median_50_s * 1000 : undefined;
@@ -415,7 +414,6 @@ async function main(): Promise<void> {
     '',
     `fused export served from: ${fused}`,
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
-    ...(fusedThird ? [`third start: ready ${s(fusedThird.readyMs)} (loading ${s((fusedThird.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedThird.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedThird.sessions)}; primed ${JSON.stringify(fusedThird.primed)}`] : []),
     `image-to-image (fused, strength 0.75, 50 steps): ${(fusedMain?.extra as Timed | undefined)?.img2img?.map((x) => s(x)).join(', ') ?? '—'}`,
     `first 50-step request after ready (fused, WARMUP_VAE_ENCODER ${process.env.WARMUP_VAE_ENCODER ?? 'default'}): ${s((fusedMain?.extra as Timed | undefined)?.runs50[0])}`,
     ...encoderWarmup.map(
