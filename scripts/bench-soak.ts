@@ -137,6 +137,7 @@ const METRICS = {
   lagMax: 'process_runtime_nodejs_eventloop_lag_max_seconds',
   lagP99: 'process_runtime_nodejs_eventloop_lag_p99_seconds',
   resultCache: 'result_cache_bytes',
+  adapterSetsBuilt: 'lora_adapter_set_load_seconds_count',
   inflight: 'inference_requests_in_flight',
   queue: 'inference_queue_depth',
 } as const;
@@ -764,6 +765,7 @@ function summary(r: RunResult) {
     fdsAddedAtIdle: fdDiff(first, r.idle),
     diskMB: { start: +first.diskMB.toFixed(1), max: +Math.max(...s.map((x) => x.diskMB)).toFixed(1), idle: +r.idle.diskMB.toFixed(1), filesStart: first.diskFiles, filesIdle: r.idle.diskFiles },
     afterIdle: { inflight: r.idle.metrics.inflight, queue: r.idle.metrics.queue },
+    adapterSetsBuilt: r.idle.metrics.adapterSetsBuilt ?? 0,
     eventLoopLagMs: { maxOfMax: +Math.max(...lag).toFixed(1), medianOfMax: +median(lag).toFixed(1), medianP99: +median(lagP99).toFixed(1) },
     probeMs: r.probeMs,
     outcomes: r.outcomes, unexpected: r.unexpected, examples: r.examples, exit: r.exit,
@@ -793,6 +795,7 @@ async function main(): Promise<void> {
       row('fds start / max / end / idle', (x) => `${x.fds.start} / ${x.fds.max} / ${x.fds.end} / ${x.fds.idle}`),
       row('sockets start / max / end / idle (after s)', (x) => `${x.sockets.start} / ${x.sockets.max} / ${x.sockets.end} / ${x.sockets.idle} (${x.sockets.idleAfterS})`),
       row('fds added at idle (by kind)', (x) => Object.entries(x.fdsAddedAtIdle).map(([k, v]) => `${path.basename(k)} ${v > 0 ? '+' : ''}${v}`).join(', ') || 'none'),
+      row('LoRA adapter sets built', (x) => x.adapterSetsBuilt),
       row('cache dir MB start / max / idle', (x) => `${x.diskMB.start} / ${x.diskMB.max} / ${x.diskMB.idle}`),
       row('threads start / max / idle', (x) => `${x.threads.start} / ${x.threads.max} / ${x.threads.idle}`),
       row('active handles start / max / idle', (x) => `${x.handles.start} / ${x.handles.max} / ${x.handles.idle}`),
