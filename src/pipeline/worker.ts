@@ -10,6 +10,7 @@ import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
+import { Cancels } from './cancels.js';
 import { auxThreadOf, type AuxThread } from './aux-placement.js';
 import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
@@ -73,7 +74,7 @@ let slowPathLogged = false;
 const providers: Record<string, string> = {};
 /** `partial`: loaded from the listing while weights still download (load's `listed`); `dir` as given to load. */
 let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
-const cancelled = new Set<number>();
+const cancels = new Cancels();
 let queue: Promise<void> = Promise.resolve();
 
 /** LoRA adapter sets: each one's merged sessions live on a thread of its own (lora-thread.ts). */
@@ -311,7 +312,7 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     const { height, width } = m.job.shape;
     const vsf = p.layout.vae.scaleFactor;
     const { images, times } = await p.generate(m.job, {
-      cancelled: () => cancelled.has(id),
+      cancelled: () => cancels.has(id),
       onDenoised: () => {
         unuse();
         post({ t: 'denoised', id });
@@ -347,7 +348,7 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     post({ t: 'error', id, code, message: isRuntimeError(err) ? err.message : 'generation failed' });
   } finally {
     unuse();
-    cancelled.delete(id);
+    cancels.end(id);
   }
 }
 
@@ -461,6 +462,8 @@ port.on('message', (m: ToWorker) => {
       queue = queue.then(reset);
       break;
     case 'generate':
+      // Held from now: a cancel while it waits behind another generation stops it before its first step.
+      cancels.begin(m.id);
       // The next message waits only for this generation's UNet steps: its VAE decodes overlap what comes next.
       queue = queue.then(
         () =>
@@ -477,7 +480,7 @@ port.on('message', (m: ToWorker) => {
       );
       break;
     case 'cancel':
-      cancelled.add(m.id);
+      cancels.cancel(m.id);
       // Only a warm-up started during the download can be waiting for a component: it stops now.
       abandonWaits('generation cancelled');
       break;

@@ -196,7 +196,8 @@ export function npLinspace(start: number, stop: number, n: number, endpoint = tr
   const div = endpoint ? n - 1 : n;
   const step = (stop - start) / div;
   const out: number[] = [];
-  for (let i = 0; i < n; i++) out.push(div > 0 && step !== 0 ? i * step + start : (i / div) * (stop - start) + start);
+  // One point with the endpoint (div 0) has no step: numpy multiplies by the span instead, so it is `start`, not 0/0.
+  for (let i = 0; i < n; i++) out.push(div <= 0 ? i * (stop - start) + start : step !== 0 ? i * step + start : (i / div) * (stop - start) + start);
   if (endpoint && n > 1) out[n - 1] = stop;
   return out;
 }
