@@ -117,11 +117,37 @@ export class Exchange {
     const headers: Record<string, string | number> = { ...out.headers, 'content-length': out.body.length === 0 ? 0 : Buffer.byteLength(out.body) };
     if (out.contentType) headers['content-type'] = out.contentType;
     // A 413 or 415 closes the connection: the rest of a body too large or in an unknown coding is not worth reading.
-    if (out.status === 413 || out.status === 415) headers.connection = 'close';
+    if (out.status === 413 || out.status === 415) {
+      headers.connection = 'close';
+      lingerOnClose(this.res);
+    }
     // Node queues the bytes and writes them as the socket drains: a slow client costs one copy of the body.
     this.res.writeHead(out.status, headers).end(out.body);
     return true;
   }
+}
+
+/** How long a connection closed on a refused body still takes (and drops) what the client sends. */
+const LINGER_MS = 2000;
+
+/**
+ * Closing a socket with the client's bytes still unread makes the kernel answer with a reset, which can reach the
+ * client before it has read the answer: a client that writes a whole oversize body before reading lost its 413 about
+ * one time in seven. So, as web servers do ("lingering close"), the answer goes out with our FIN and the server reads
+ * and drops what still comes until the client closes, for LINGER_MS at most, before it lets the socket go.
+ */
+function lingerOnClose(res: ServerResponse): void {
+  const socket = res.socket as (Socket & { destroySoon?: () => void }) | null;
+  if (!socket || typeof socket.destroySoon !== 'function') return;
+  // Node's server ends a `Connection: close` exchange with destroySoon(): end(), then destroy() once it is written.
+  socket.destroySoon = () => {
+    socket.end();
+    res.req?.resume(); // the body's rest is read and dropped, not buffered
+    const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+    timer.unref();
+    socket.once('close', () => clearTimeout(timer));
+    socket.once('end', () => socket.destroy());
+  };
 }
 
 /** Content codings a request body may come in (tritonclient's `request_compression_algorithm`: gzip, deflate). */
