@@ -19,6 +19,11 @@ export interface LinkFaults {
   burstP: number;
   /** A burst answers 1 to burstMax requests in a row (GETs and listings alike). */
   burstMax: number;
+  /**
+   * The first GET body longer than this many bytes while these faults apply is reset past it, at a random offset,
+   * whatever the roll: a suite that must meet a cut deep into a range meets one with every seed and timing.
+   */
+  deepCutPast?: number;
 }
 
 export interface LinkPace {
@@ -68,6 +73,8 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
   const stats: LinkStats = { requests: 0, gets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, slowDowns: 0, internalErrors: 0, cutOffsets: [], open: 0 };
   const sockets = new Set<Socket>();
   let burstLeft = 0;
+  /** The faults whose deep cut (deepCutPast) was made. */
+  let deepCutFor: LinkFaults | undefined;
   // The time (ms, performance.now()) at which the link is free to send the next byte.
   let linkFree = 0;
   const link: FaultLink = {
@@ -106,9 +113,11 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
       const body = isGet && (upRes.statusCode ?? 500) < 300;
       const length = Number(upRes.headers['content-length'] ?? 0);
       // Decided when the headers are out, from the seeded stream: which cut, and where in the body.
+      const deep = body && f?.deepCutPast !== undefined && length > f.deepCutPast + 1 && deepCutFor !== f ? f.deepCutPast : undefined;
+      if (deep !== undefined) deepCutFor = f;
       const roll = body && f && length > 1 ? random() : 1;
-      const cut = !f ? undefined : roll < f.resetP ? 'reset' : roll < f.resetP + f.stallP ? 'stall' : undefined;
-      const cutAt = cut ? Math.floor(random() * length) : Infinity;
+      const cut = !f ? undefined : deep !== undefined || roll < f.resetP ? 'reset' : roll < f.resetP + f.stallP ? 'stall' : undefined;
+      const cutAt = !cut ? Infinity : deep !== undefined ? deep + 1 + Math.floor(random() * (length - deep - 1)) : Math.floor(random() * length);
       if (body) stats.open++;
       let counted = body;
       const done = () => {
