@@ -80,6 +80,67 @@ export async function benchEntry(main: () => Promise<void>, bucket: string): Pro
   });
 }
 
+/** A number from the environment, `d` when the variable is unset or empty. */
+export const envNumber = (k: string, d: number): number => (process.env[k] ? Number(process.env[k]) : d);
+
+/** The built server (`dist/src/main.js`), started by startBenchServer. */
+export interface BenchServer {
+  url: string;
+  port: number;
+  proc: ChildProcess;
+  /** SIGTERM (SIGKILL after 30 s), then how it exited. */
+  stop(): Promise<{ code: number | null; signal: string | null }>;
+}
+
+/**
+ * Starts the built server with `env` on an ephemeral loopback port and resolves once it logs "model ready" (rejects
+ * on a failed boot, an exit, or `timeoutMs`). Its stderr goes to this process's; its later log lines are read and
+ * dropped, so a long run costs no parsing here.
+ */
+export function startBenchServer(env: NodeJS.ProcessEnv, timeoutMs = 180_000): Promise<BenchServer> {
+  const main = path.resolve(import.meta.dirname, '..', 'src', 'main.js');
+  const proc = spawn(process.execPath, [main], { env: { ...env, PORT: '0', HOST: '127.0.0.1' }, stdio: ['ignore', 'pipe', 'inherit'] });
+  const exited = new Promise<{ code: number | null; signal: string | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  return new Promise((resolve, reject) => {
+    let port = 0;
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`the server was not ready in ${timeoutMs / 1000} s`)), timeoutMs);
+    void exited.then(({ code }) => reject(new Error(`the server exited (${code}) before it was ready`)));
+    const onData = (c: string) => {
+      buf += c;
+      let i: number;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        let l: { msg?: string; port?: number };
+        try {
+          l = JSON.parse(line) as typeof l;
+        } catch {
+          continue;
+        }
+        if (l.msg === 'listening') port = Number(l.port);
+        if (l.msg?.startsWith('boot failed')) reject(new Error(l.msg));
+        if (l.msg === 'model ready') {
+          clearTimeout(timer);
+          proc.stdout!.off('data', onData);
+          proc.stdout!.resume();
+          resolve({
+            url: `http://127.0.0.1:${port}`, port, proc,
+            stop: async () => {
+              if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+              const kill = setTimeout(() => proc.kill('SIGKILL'), 30_000);
+              const r = await exited;
+              clearTimeout(kill);
+              return r;
+            },
+          });
+        }
+      }
+    };
+    proc.stdout!.setEncoding('utf8').on('data', onData);
+  });
+}
+
 /** The median (the mean of the middle two for an even count; NaN for none). */
 export function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);

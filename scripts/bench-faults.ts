@@ -22,7 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
-import { childS3rver, freePort, S3RVER_CREDS, startChild } from './bench-common.js';
+import { childS3rver, envNumber, freePort, S3RVER_CREDS, startChild } from './bench-common.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from '../test/helpers/fault-link.js';
 import { bytesOnDisk, demoSource, entryIn, entryProblems, percentiles, runWarmup, type SourceFile } from '../test/helpers/fault-suite.js';
 
@@ -34,7 +34,7 @@ const BUCKET = 'models';
 const PREFIX = 'soak/sd/';
 const MiB = 1 << 20;
 const FAULTS: LinkFaults = { resetP: 0.15, stallP: 0.04, burstP: 0.03, burstMax: 5 };
-const n = (k: string, d: number) => (process.env[k] !== undefined && process.env[k] !== '' ? Number(process.env[k]) : d);
+const n = envNumber;
 const COUNTS = { baseline: n('BENCH_BASELINE', 3), warmups: n('BENCH_WARMUPS', 50), boots: n('BENCH_BOOTS', 10), kills: n('BENCH_KILLS', 100), terms: n('BENCH_TERMS', 10) };
 const SEED = n('BENCH_SEED', Math.floor(Math.random() * 2 ** 31));
 const DEADLINE = Date.now() + n('BENCH_DEADLINE_S', 3600) * 1000;

@@ -18,9 +18,9 @@ import { readLayout, type Component } from '../src/pipeline/model.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import type { Raster } from '../src/pipeline/resample.js';
-import { median } from './bench-common.js';
+import { envNumber, median } from './bench-common.js';
 
-const env = (k: string, d: number) => (process.env[k] ? Number(process.env[k]) : d);
+const env = envNumber;
 const RUNS = env('BENCH_RUNS', 5);
 const SIZE = env('BENCH_SIZE', 512);
 const STEPS = env('BENCH_STEPS', 20);

@@ -9,22 +9,19 @@
  * BENCH_BATCH_SIZE_PX (256), BENCH_ORDER (interleaved | blocks). Servers run with EXECUTION_PROVIDER=cpu, like the in-process side. Prints a table, then one JSON line with every number.
  * Everything shares the machine's cores; run it on an otherwise idle machine for stable numbers.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { ensureDemoModel } from '../src/demo/index.js';
 import { encodeImage } from '../src/pipeline/image.js';
 import { readLayout } from '../src/pipeline/model.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
-import { median } from './bench-common.js';
+import { envNumber, median, startBenchServer } from './bench-common.js';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const MAIN = path.resolve(HERE, '..', 'src', 'main.js');
-const env = (k: string, d: number) => (process.env[k] ? Number(process.env[k]) : d);
+const env = envNumber;
 const RUNS = env('BENCH_RUNS', 10);
 const SIZE = env('BENCH_SIZE', 512);
 const STEPS = env('BENCH_STEPS', 20);
@@ -38,45 +35,9 @@ type Autocannon = (o: Record<string, unknown>) => Promise<AutocannonResult>;
 const autocannon = createRequire(import.meta.url)('autocannon') as Autocannon;
 
 
-interface Spawned { url: string; proc: ChildProcess; stop(): Promise<void> }
-
-/** Starts `node dist/src/main.js` on an ephemeral port and waits for "model ready". */
-function startServer(extra: Record<string, string>, cacheDir: string): Promise<Spawned> {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [MAIN], {
-      env: { ...process.env, STORAGE_URI: '', EXECUTION_PROVIDER: 'cpu', PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', MODEL_CACHE_DIR: cacheDir, RESULT_CACHE_MB: '0', ...extra },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let port = 0;
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error('server did not get ready in 180 s')), 180_000);
-    proc.stdout!.setEncoding('utf8').on('data', (c: string) => {
-      buf += c;
-      let i: number;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        let l: { msg?: string; port?: number };
-        try {
-          l = JSON.parse(line) as typeof l;
-        } catch {
-          continue;
-        }
-        if (l.msg === 'listening') port = Number(l.port);
-        if (l.msg === 'model ready') {
-          clearTimeout(timer);
-          resolve({
-            url: `http://127.0.0.1:${port}`,
-            proc,
-            stop: () => new Promise<void>((r) => (proc.exitCode !== null ? r() : (proc.once('exit', () => r()), proc.kill('SIGTERM')))),
-          });
-        }
-        if (l.msg?.startsWith('boot failed')) reject(new Error(l.msg));
-      }
-    });
-    proc.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-}
+/** The built server on the CPU with the demo model, no result cache, and `extra`. */
+const startServer = (extra: Record<string, string>, cacheDir: string) =>
+  startBenchServer({ ...process.env, STORAGE_URI: '', EXECUTION_PROVIDER: 'cpu', LOG_LEVEL: 'info', MODEL_CACHE_DIR: cacheDir, RESULT_CACHE_MB: '0', ...extra });
 
 /** A plain node:http server in its own process answering {"live":true}: the floor for (b). */
 function startPlainHttp(): Promise<{ url: string; stop(): void }> {

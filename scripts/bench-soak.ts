@@ -26,19 +26,17 @@
  * thread to compare; NODE_OPTIONS reaches the servers).
  * Prints a table, then one JSON line.
  */
-import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
 import WebSocket from 'ws';
 import { rng } from '../test/helpers/fault-link.js';
-import { median, startChild } from './bench-common.js';
+import { envNumber, median, startBenchServer, type BenchServer } from './bench-common.js';
 
-const n = (k: string, d: number) => (process.env[k] !== undefined && process.env[k] !== '' ? Number(process.env[k]) : d);
+const n = envNumber;
 const REQUESTS = n('BENCH_SOAK_REQUESTS', 3000);
 const CLIENTS = n('BENCH_SOAK_CLIENTS', 3);
 const EVERY = n('BENCH_SOAK_SAMPLE_EVERY', 100);
@@ -47,7 +45,6 @@ const CACHE_MB = n('BENCH_SOAK_CACHE_MB', 8);
 const DEADLINE_S = n('BENCH_SOAK_DEADLINE_S', 1800);
 const SEED = n('BENCH_SEED', Math.floor(Math.random() * 2 ** 31));
 const RUNS = (process.env.BENCH_SOAK_RUNS ?? 'plain,mixed').split(',').map((s) => s.trim()).filter(Boolean) as Array<'plain' | 'mixed'>;
-const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', 'src', 'main.js');
 /** Only these actions of the mix (names as in the outcome table, comma-separated): to look at one kind of traffic. */
 const ONLY = process.env.BENCH_SOAK_ONLY ? process.env.BENCH_SOAK_ONLY.split(',').map((x) => x.trim()) : undefined;
 /**
@@ -65,43 +62,10 @@ const SERVER_ENV = {
   REQUEST_TIMEOUT_S: String(TIMEOUT_S), RESULT_CACHE_MB: String(CACHE_MB), MAX_BODY_BYTES: String(MAX_BODY), LORA_MAX_SETS: '2', LOG_LEVEL: 'info',
 };
 
-interface Server {
-  url: string;
-  port: number;
-  proc: ChildProcess;
-  stop(): Promise<{ code: number | null; signal: string | null }>;
-}
+type Server = BenchServer;
 
-/** `node dist/src/main.js` on an ephemeral port, once its log says the model is ready. */
-async function startServer(cacheDir: string): Promise<Server> {
-  const { child, up } = startChild(process.execPath, [MAIN], /"msg":"model ready"/, { ...process.env, ...SERVER_ENV, PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: cacheDir });
-  const exited = new Promise<{ code: number | null; signal: string | null }>((r) => child.once('exit', (code, signal) => r({ code, signal })));
-  const log = await Promise.race([up, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('the server was not ready in 180 s')), 180_000))]);
-  // The request log lines that follow are read and dropped.
-  child.stdout!.removeAllListeners('data');
-  child.stderr!.removeAllListeners('data');
-  child.stdout!.resume();
-  child.stderr!.on('data', (d: Buffer) => process.stderr.write(d));
-  const listening = log.split('\n').map((l) => {
-    try {
-      return JSON.parse(l) as { msg?: string; port?: number };
-    } catch {
-      return {};
-    }
-  }).find((l) => l.msg === 'listening');
-  const port = Number(listening?.port);
-  if (!(port > 0)) throw new Error(`no port in the server's log: ${log.slice(-400)}`);
-  return {
-    url: `http://127.0.0.1:${port}`, port, proc: child,
-    stop: async () => {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-      const r = await exited;
-      clearTimeout(timer);
-      return r;
-    },
-  };
-}
+/** `node dist/src/main.js` with SERVER_ENV, once its log says the model is ready. */
+const startServer = (cacheDir: string): Promise<Server> => startBenchServer({ ...process.env, ...SERVER_ENV, MODEL_CACHE_DIR: cacheDir });
 
 // ---------------------------------------------------------------------------------------------------------------
 // Sampling
