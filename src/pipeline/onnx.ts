@@ -121,7 +121,11 @@ export class SessionFactory {
     if (this.opts.ep === 'cpu') return 'cpu';
     if (this.#decision === undefined) await this.prestart();
     if (this.#decision === undefined) await loadOrt(); // prestart gave up only because the import failed: report it
-    const provider = await this.#decision!;
+    return this.#usable(await this.#decision!);
+  }
+
+  /** The decided provider, unless the decision failed for good (#fatal) or left the CPU where CUDA is required. */
+  #usable(provider: 'cuda' | 'cpu'): 'cuda' | 'cpu' {
     if (this.#fatal) throw this.#fatal;
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
@@ -136,12 +140,7 @@ export class SessionFactory {
       const made = await this.#decide(name, () => this.#build(ort, name, modelPath, 'cuda'));
       if (made) return made;
     }
-    const provider = await this.#decision;
-    if (this.#fatal) throw this.#fatal;
-    if (provider === 'cpu' && this.opts.ep === 'cuda') {
-      throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
-    }
-    return this.#build(ort, name, modelPath, provider!);
+    return this.#build(ort, name, modelPath, this.#usable((await this.#decision)!));
   }
 
   /**
