@@ -194,10 +194,11 @@ export function npArange(start: number, stop: number, step: number): number[] {
 /** `np.linspace(start, stop, num, endpoint)` in float64. */
 export function npLinspace(start: number, stop: number, n: number, endpoint = true): number[] {
   const div = endpoint ? n - 1 : n;
+  // One point with the endpoint (div 0) has no step: numpy gives `start`, not 0/0.
+  if (div <= 0) return n > 0 ? [start] : [];
   const step = (stop - start) / div;
   const out: number[] = [];
-  // One point with the endpoint (div 0) has no step: numpy multiplies by the span instead, so it is `start`, not 0/0.
-  for (let i = 0; i < n; i++) out.push(div <= 0 ? i * (stop - start) + start : step !== 0 ? i * step + start : (i / div) * (stop - start) + start);
+  for (let i = 0; i < n; i++) out.push(step !== 0 ? i * step + start : (i / div) * (stop - start) + start);
   if (endpoint && n > 1) out[n - 1] = stop;
   return out;
 }
