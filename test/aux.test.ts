@@ -12,6 +12,7 @@ import { postJson, ROOT, tempDir, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
 import { readLayout } from '../src/pipeline/model.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
+import type { SessionProvider } from '../src/pipeline/provider.js';
 
 type AuxModule = typeof import('../src/pipeline/aux-client.js');
 type OnnxModule = typeof import('../src/pipeline/onnx.js');
@@ -221,7 +222,7 @@ describe('AUX_THREADS placement', () => {
   it('auto (or unset): the text encoders and the VAEs on their threads on CUDA, as before AUX_THREADS; none on the CPU', async () => {
     const { auxThreadOf } = await import('../src/pipeline/aux-placement.js');
     const comps = ['text_encoder', 'text_encoder_2', 'unet', 'vae_encoder', 'vae_decoder'];
-    const where = (provider: 'cuda' | 'cpu', mode?: 'auto' | 'on' | 'off') => comps.map((c) => auxThreadOf(c, provider, mode) ?? 'worker');
+    const where = (provider: SessionProvider, mode?: 'auto' | 'on' | 'off') => comps.map((c) => auxThreadOf(c, provider, mode) ?? 'worker');
     const threads = ['encode', 'encode', 'worker', 'image', 'decode'];
     expect(where('cuda', 'auto')).toEqual(threads);
     expect(where('cuda', undefined)).toEqual(threads);

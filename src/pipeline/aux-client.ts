@@ -4,6 +4,7 @@
  */
 import type { OptimizeItem } from './ortcache.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
+import type { SessionProvider } from './provider.js';
 import { RemoteSession, SessionThread, type ThreadLog } from './session-thread.js';
 
 type Reply = Exclude<FromAux, { t: 'log' }>;
@@ -26,7 +27,7 @@ export class AuxClient {
     });
   }
 
-  async create(component: string, path: string, provider: 'cuda' | 'cpu', prime?: PrimeSpec): Promise<AuxCreated> {
+  async create(component: string, path: string, provider: SessionProvider, prime?: PrimeSpec): Promise<AuxCreated> {
     const t = this.#thread;
     const r = t.expect(await t.ask({ t: 'create', component, path, provider, ...(prime ? { prime } : {}) }), 'created', 'create');
     const session = RemoteSession.fromMeta(component, r.session, r.inputs, r.outputs, this);

@@ -10,6 +10,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
+import type { SessionProvider } from './provider.js';
 import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 
 const port = parentPort;
@@ -18,11 +19,11 @@ const init = workerData as AuxInit;
 const post = (m: FromAux) => port.postMessage(m);
 const log = (level: 'info' | 'warn', msg: string, obj?: object) => post({ t: 'log', level, msg, obj: { thread: init.name, ...(obj as Record<string, unknown>) } });
 
-const factories = new Map<'cuda' | 'cpu', SessionFactory>();
+const factories = new Map<SessionProvider, SessionFactory>();
 const sessions = new Map<number, OnnxSession>();
 let next = 1;
 
-function factory(provider: 'cuda' | 'cpu'): SessionFactory {
+function factory(provider: SessionProvider): SessionFactory {
   let f = factories.get(provider);
   if (!f) {
     f = new SessionFactory({

@@ -2,12 +2,13 @@
 import type { AdapterRef } from './job.js';
 import type { GraphOptimizationLevel, Feed, IoMeta } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
+import type { SessionProvider } from './provider.js';
 import type { FailedReply, RanReply, ThreadLogMessage } from './thread-replies.js';
 
 export interface LoraInit {
   /** The set's key (for logs). */
   key: string;
-  provider: 'cuda' | 'cpu';
+  provider: SessionProvider;
   intraOpThreads: number;
   graphOptimizationLevel?: GraphOptimizationLevel;
   deviceId?: number;

@@ -10,6 +10,7 @@ import { checkCuda, ortBinaryDir } from './cuda.js';
 import { loadProviderOptions, providerOptionsStats } from './provider-options.js';
 import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
 import path from 'node:path';
+import { ortProviders, type SessionProvider } from './provider.js';
 
 type Ort = typeof OrtModule;
 let ortPromise: Promise<Ort> | undefined;
@@ -45,7 +46,7 @@ export interface SessionFactoryOptions {
   deviceId?: number;
   log?: (level: 'info' | 'warn', msg: string, obj?: object) => void;
   /** The provider another factory of this process decided already (the auxiliary threads' sessions follow it). */
-  decided?: 'cuda' | 'cpu';
+  decided?: SessionProvider;
   /** ORT's graph optimisation level for every session (ORT_GRAPH_OPTIMIZATION); default `all`. */
   graphOptimizationLevel?: GraphOptimizationLevel;
   /**
@@ -65,11 +66,11 @@ export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
  * sessions no faster and ran no faster; the optimized-model cache removes the optimisers from later starts anyway.
  */
 export function sessionOptions(
-  provider: 'cuda' | 'cpu',
+  provider: SessionProvider,
   o: { intraOpThreads: number; deviceId?: number; graphOptimizationLevel?: GraphOptimizationLevel },
 ): InferenceSession.SessionOptions {
   return {
-    executionProviders: provider === 'cuda' ? [{ name: 'cuda', deviceId: o.deviceId ?? 0 }, 'cpu'] : ['cpu'],
+    executionProviders: ortProviders(provider, o.deviceId),
     graphOptimizationLevel: o.graphOptimizationLevel ?? 'all',
     logSeverityLevel: 3,
     ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
@@ -83,7 +84,7 @@ export function sessionOptions(
 
 export interface CreatedSession {
   session: OnnxSession;
-  provider: 'cuda' | 'cpu';
+  provider: SessionProvider;
   ms: number;
   cache: CacheOutcome;
 }
@@ -100,7 +101,7 @@ function withLoadHint(reason: string): string {
  * CUDA costs one failed try.
  */
 export class SessionFactory {
-  #decision: Promise<'cuda' | 'cpu'> | undefined;
+  #decision: Promise<SessionProvider> | undefined;
   #fallbackReason: string | undefined;
   /** A failure no provider choice gets past (CUDA_PROVIDER_OPTIONS refused): every later session fails with it. */
   #fatal: RuntimeError | undefined;
@@ -117,7 +118,7 @@ export class SessionFactory {
    * elsewhere, such as the auxiliary threads', follow it). Throws like create() when EXECUTION_PROVIDER=cuda cannot
    * start CUDA.
    */
-  async provider(): Promise<'cuda' | 'cpu'> {
+  async provider(): Promise<SessionProvider> {
     if (this.opts.ep === 'cpu') return 'cpu';
     if (this.#decision === undefined) await this.prestart();
     if (this.#decision === undefined) await loadOrt(); // prestart gave up only because the import failed: report it
@@ -125,7 +126,7 @@ export class SessionFactory {
   }
 
   /** The decided provider, unless the decision failed for good (#fatal) or left the CPU where CUDA is required. */
-  #usable(provider: 'cuda' | 'cpu'): 'cuda' | 'cpu' {
+  #usable(provider: SessionProvider): SessionProvider {
     if (this.#fatal) throw this.#fatal;
     if (provider === 'cpu' && this.opts.ep === 'cuda') {
       throw new RuntimeError('PROVIDER', `EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start${this.#fallbackReason ? `: ${this.#fallbackReason}` : ''}`);
@@ -210,7 +211,7 @@ export class SessionFactory {
 
   /** The first CUDA attempt decides for the process; concurrent creations wait for it instead of all probing CUDA. */
   async #decide<T>(name: string, attempt: () => Promise<T>): Promise<T | undefined> {
-    let resolveDecision!: (p: 'cuda' | 'cpu') => void;
+    let resolveDecision!: (p: SessionProvider) => void;
     this.#decision = new Promise((r) => (resolveDecision = r));
     try {
       const made = await attempt();
@@ -240,7 +241,7 @@ export class SessionFactory {
   }
 
   /** One session, created in turn (see #serial), with its own time and what the optimized-model cache did. */
-  async #build(ort: Ort, name: string, modelPath: string, provider: 'cuda' | 'cpu'): Promise<CreatedSession> {
+  async #build(ort: Ort, name: string, modelPath: string, provider: SessionProvider): Promise<CreatedSession> {
     const { s, ms } = await this.#serial(() => this.#make(ort, modelPath, provider));
     return { session: new OnnxSession(name, s), provider, ms, cache: this.cacheOutcomes[modelPath] ?? 'skipped' };
   }
@@ -265,7 +266,7 @@ export class SessionFactory {
   /** Sessions loaded from a source whose optimised copy is worth writing after ready (see optimizer.ts). */
   readonly deferredWrites: OptimizeItem[] = [];
 
-  async #make(ort: Ort, modelPath: string, provider: 'cuda' | 'cpu'): Promise<InferenceSession> {
+  async #make(ort: Ort, modelPath: string, provider: SessionProvider): Promise<InferenceSession> {
     const options = sessionOptions(provider, {
       intraOpThreads: this.opts.intraOpThreads,
       ...(this.opts.deviceId !== undefined ? { deviceId: this.opts.deviceId } : {}),

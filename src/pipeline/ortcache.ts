@@ -46,6 +46,7 @@ export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'declined' | 'skippe
  */
 export type { OptimizedCacheMode } from '../config.js';
 import type { OptimizedCacheMode } from '../config.js';
+import { onGpu, type SessionProvider } from './provider.js';
 
 /**
  * What the cache may do: the mode and, for `auto`, the names of the files whose presence at a model folder's root
@@ -67,7 +68,7 @@ export const NO_OPTIMIZED_CACHE: OptimizedCachePolicy = Object.freeze({ mode: 'o
 /** One optimised-model copy to write: the source graph and the provider its sessions run on. */
 export interface OptimizeItem {
   path: string;
-  provider: 'cuda' | 'cpu';
+  provider: SessionProvider;
   deviceId?: number;
 }
 
@@ -85,7 +86,7 @@ interface SourceFile {
 interface CacheKey {
   version: 1;
   ort: string;
-  provider: string;
+  provider: SessionProvider;
   level: string;
   cpu: string;
   sources: SourceFile[];
@@ -144,7 +145,7 @@ export function optimizedPaths(modelPath: string, ortVersion: string, provider: 
 export async function createWithOptimizedCache(
   ort: Ort,
   modelPath: string,
-  provider: string,
+  provider: SessionProvider,
   options: InferenceSession.SessionOptions,
   log: Log | undefined,
   policy: OptimizedCachePolicy,
@@ -188,7 +189,7 @@ export async function createWithOptimizedCache(
 export async function writeOptimizedCopy(
   ort: Ort,
   modelPath: string,
-  provider: string,
+  provider: SessionProvider,
   options: InferenceSession.SessionOptions,
   log: Log | undefined,
   policy: OptimizedCachePolicy,
@@ -250,11 +251,11 @@ export async function writeOptimizedCopy(
 
 type Plan = { kind: 'off' } | { kind: 'cache'; p: ReturnType<typeof optimizedPaths>; key: CacheKey };
 
-async function planCache(ort: Ort, modelPath: string, provider: string, options: InferenceSession.SessionOptions, policy: OptimizedCachePolicy): Promise<Plan> {
+async function planCache(ort: Ort, modelPath: string, provider: SessionProvider, options: InferenceSession.SessionOptions, policy: OptimizedCachePolicy): Promise<Plan> {
   const { mode } = policy;
   // `auto` skips CUDA: on an H100 and an H200 starts from the copy were no faster, and its writer would hold a second
   // CUDA context and copy of the weights next to the serving one (README "Boot").
-  if (mode === 'off' || (mode === 'auto' && (provider !== 'cpu' || !(await isCacheEntry(path.dirname(path.dirname(modelPath)), policy.entryMarkers))))) return { kind: 'off' };
+  if (mode === 'off' || (mode === 'auto' && (onGpu(provider) || !(await isCacheEntry(path.dirname(path.dirname(modelPath)), policy.entryMarkers))))) return { kind: 'off' };
   const ortVersion = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
   const p = optimizedPaths(modelPath, ortVersion, provider);
   const key = await currentKey(p.dir, ortVersion, provider, String(options.graphOptimizationLevel ?? 'all'));
@@ -267,7 +268,7 @@ async function worthWriting(key: CacheKey, dir: string, policy: OptimizedCachePo
 }
 
 /** The key for the component folder as it is now: every source file (not ours, not temps, not configs). */
-async function currentKey(dir: string, ort: string, provider: string, level: string): Promise<CacheKey | undefined> {
+async function currentKey(dir: string, ort: string, provider: SessionProvider, level: string): Promise<CacheKey | undefined> {
   let names: string[];
   try {
     names = (await fsp.readdir(dir, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
@@ -284,8 +285,8 @@ async function currentKey(dir: string, ort: string, provider: string, level: str
 }
 
 /** CPU graphs at level `all` depend on the vector width; a GPU graph does not depend on the host CPU. */
-function cpuTag(provider: string): string {
-  if (provider !== 'cpu') return '';
+function cpuTag(provider: SessionProvider): string {
+  if (onGpu(provider)) return '';
   const c = os.cpus()[0];
   return `${process.arch} ${c?.model ?? 'unknown'}`;
 }

@@ -3,6 +3,7 @@ import type { AuxThreads, EncoderWarmup, ExecutionProvider } from '../config.js'
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
+import type { SessionProvider } from './provider.js';
 import type { FailedReply, RanReply, ThreadLogMessage } from './thread-replies.js';
 
 export interface WorkerInit {
@@ -48,7 +49,7 @@ export type ToAux =
    * `after: 'warm-up'` holds that priming run until the worker says its warm-up has ended (`settle` with `release`),
    * so the path to ready does not wait for it; a run of the session itself at that size before then makes it unneeded.
    */
-  | { t: 'create'; id: number; component: string; path: string; provider: 'cuda' | 'cpu'; prime?: PrimeSpec }
+  | { t: 'create'; id: number; component: string; path: string; provider: SessionProvider; prime?: PrimeSpec }
   | { t: 'run'; id: number; session: number; feeds: Record<string, Feed>; outputs?: string[] }
   | { t: 'release'; id: number; session: number }
   /**
@@ -106,12 +107,12 @@ export type FromWorker =
   | { t: 'imported'; ms: number }
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
   /** `thread`: where the session runs: `worker` (the pipeline worker's own) or an auxiliary thread's name. */
-  | { t: 'session'; component: string; provider: 'cuda' | 'cpu'; ms: number; cache: string; thread: string }
+  | { t: 'session'; component: string; provider: SessionProvider; ms: number; cache: string; thread: string }
   /**
    * `tokenizerDirs`: the model's tokenizer folders in order (tokenizer, tokenizer_2); jobs carry ids from each.
    * `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready.
    */
-  | { t: 'loaded'; defaults: ModelDefaults; tokenizerDirs: string[]; providers: Record<string, string>; fallbackReason?: string; optimize: OptimizeItem[] }
+  | { t: 'loaded'; defaults: ModelDefaults; tokenizerDirs: string[]; providers: Record<string, SessionProvider>; fallbackReason?: string; optimize: OptimizeItem[] }
   | { t: 'load-failed'; code: string; message: string }
   /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
   | { t: 'progress'; id: number; step: number; of: number; previews?: TransferImage[] }

@@ -16,6 +16,7 @@ import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { primeSpec } from './prime.js';
+import { onGpu, type SessionProvider } from './provider.js';
 import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
@@ -71,7 +72,7 @@ async function settleAux(release: boolean): Promise<void> {
 /** The export kind per model folder, read once (the manifest is a layout file, whole before any session starts). */
 const exports = new Map<string, ExportInfo>();
 let slowPathLogged = false;
-const providers: Record<string, string> = {};
+const providers: Record<string, SessionProvider> = {};
 /** `partial`: loaded from the listing while weights still download (load's `listed`); `dir` as given to load. */
 let pipeline: (Pipeline & { partial?: boolean; dir?: string }) | undefined;
 const cancels = new Cancels();
@@ -148,18 +149,18 @@ function loadError(component: string, modelPath: string, err: unknown): unknown 
 }
 
 /** One component's session: the UNet on this thread, the others on their auxiliary thread, after the export checks. */
-async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: 'cuda' | 'cpu'; ms: number; cache: string; thread: string }> {
+async function create(component: string, modelPath: string): Promise<{ session: ModelSession; provider: SessionProvider; ms: number; cache: string; thread: string }> {
   const provider = await factory.provider();
   const dir = path.dirname(path.dirname(modelPath));
   const info = exportOf(dir);
   const cudaOnly = info.cudaOnlyOps[component] ?? [];
-  if (provider === 'cpu' && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
+  if (!onGpu(provider) && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
     throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`);
   }
   const thread = auxThreadOf(component, provider, init.auxThreads);
   if (thread === undefined) {
     const made = await factory.create(component, modelPath);
-    if (provider === 'cuda' && component === 'unet') logSlowPath(info);
+    if (onGpu(provider) && component === 'unet') logSlowPath(info);
     return { ...made, thread: 'worker' };
   }
   let client = aux.get(thread);
@@ -177,7 +178,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
     });
     aux.set(thread, client);
   }
-  const prime = provider === 'cuda' ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined;
+  const prime = onGpu(provider) ? primeSpec(dir, component, init.vaeEncoderWarmup ?? 'before-ready') : undefined;
   const r = await client.create(component, modelPath, provider, prime);
   factory.cacheOutcomes[modelPath] = r.cache as never;
   if (r.deferred && !factory.deferredWrites.some((w) => w.path === modelPath)) factory.deferredWrites.push(r.deferred);

@@ -6,6 +6,7 @@
  */
 import type { Logger } from '../log.js';
 import type { BootState, StateChange } from './boot.js';
+import type { SessionProvider } from '../pipeline/provider.js';
 
 export interface BootEventMap {
   /** SIGTERM or SIGINT reached the process (main emits it once its logger exists, before or after the runtime does). */
@@ -31,7 +32,7 @@ export interface BootEventMap {
   /** One worker's warm-up generation finished. */
   'warmup-done': { ms: number; worker: number; steps: number; size: string; stages: Record<string, number> };
   /** Ready: every worker has warmed up. */
-  ready: { seconds: number; phases: Partial<Record<BootState, number>>; providers: Record<string, string> };
+  ready: { seconds: number; phases: Partial<Record<BootState, number>>; providers: Record<string, SessionProvider> };
   /** After ready, the background writer started on the copies of these components (none left to write: no writer). */
   'optimized-cache-writing': { components: string[] };
   /** The background writer has written (or declined) the optimized-model copies. */

@@ -22,6 +22,7 @@ import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/model.js';
 import type { ToWorker } from '../pipeline/protocol.js';
+import { onGpu } from '../pipeline/provider.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
 import type { EntryLease } from '../storage/lease.js';
@@ -238,7 +239,7 @@ export class BootSequence {
       boot.to('loading');
       const loaded = await engine.load(dir);
       if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
-      if (Object.values(loaded.providers).includes('cuda')) void this.#startGpuMetrics(rt);
+      if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
       if (rt.stopping) return;
 
       boot.to('warming');

@@ -24,6 +24,7 @@ import { ClipTokenizer } from '../pipeline/tokenizer.js';
 import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
 import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
+import type { SessionProvider } from '../pipeline/provider.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
@@ -138,7 +139,7 @@ class WorkerHandle {
 
 export interface LoadResult {
   defaults: ModelDefaults;
-  providers: Record<string, string>;
+  providers: Record<string, SessionProvider>;
   fallbackReason?: string;
   /** Optimised-model copies worth writing after ready (the first worker's list; every worker loads the same files). */
   optimize: OptimizeItem[];
