@@ -30,7 +30,7 @@ export interface BaseServer {
   readonly port: number;
   /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
-  /** The methods `path` answers (HEAD wherever GET is), for a 405's and an OPTIONS answer's `Allow`; empty if none. */
+  /** The methods `path` answers (HEAD wherever GET is), for a 405's `Allow` (OPTIONS is a 405 too); empty if none. */
   allowed(path: string): string[];
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
