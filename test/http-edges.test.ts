@@ -408,6 +408,21 @@ describe('malformed or oversize requests are answered at once', () => {
     expect(responses.map((r) => [r.status, jsonOf(r)])).toEqual([[200, { status: 'alive' }]]);
     expect(closed).toBe(true);
   });
+
+  it('answers a head that never ends with 408 about 15 s after it began, not at the next of Node\'s 30 s sweeps', async () => {
+    // Two heads 3 s apart: with Node's default 30 s connection sweep at most one of them could be cut within 2 s of
+    // its 15 s, so both answered on time shows the sweep runs often enough, whatever its phase.
+    const slow = 'GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n';
+    const first = raw(srv.port, slow, { idleMs: 25_000 });
+    await new Promise((r) => setTimeout(r, 3_000));
+    const second = raw(srv.port, slow, { idleMs: 25_000 });
+    for (const { responses, closed, ms } of await Promise.all([first, second])) {
+      expect(responses.map((r) => [r.status, jsonOf(r).code])).toEqual([[408, 'REQUEST_TIMEOUT']]);
+      expect(closed).toBe(true);
+      expect(ms).toBeGreaterThan(14_900);
+      expect(ms).toBeLessThan(17_000);
+    }
+  }, 40_000);
 });
 
 describe('listening', () => {
@@ -519,6 +534,16 @@ describe('AUTOMATIC1111 field names', () => {
     expect(r.status).toBe(400);
     expect(String(r.json.error)).toMatch(/instances\[0\]\.guidance_scal is not a known field; did you mean "guidance_scale"\?/);
     expect(String(r.json.error)).toMatch(/instances\[0\]\.colour is not a known field; known fields: prompt, negative_prompt, /);
+  });
+});
+
+describe('fields of one protocol', () => {
+  it('V1 refuses preview_every, which only the WebSocket stream answers, instead of rendering previews nobody gets', async () => {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', num_inference_steps: 2, height: 64, width: 64, preview_every: 1 }] });
+    expect([r.status, r.json]).toEqual([400, {
+      error: 'instances[0].preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews',
+      code: 'INVALID_INPUT',
+    }]);
   });
 });
 

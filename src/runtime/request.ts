@@ -229,15 +229,16 @@ export interface ParseContext {
 
 /**
  * Turns `instances` (V1) or the equivalent V2 fields into generation requests. Each instance is one
- * request shape; instances with the same shape are grouped so they can share a batch.
+ * request shape; instances with the same shape are grouped so they can share a batch. `previews`: the caller streams
+ * them (the WebSocket); elsewhere `preview_every` is refused rather than rendered for nobody.
  */
-export function parseInstances(instances: unknown, ctx: ParseContext, where = 'instances'): GenerationRequest[] {
+export function parseInstances(instances: unknown, ctx: ParseContext, where = 'instances', previews = false): GenerationRequest[] {
   checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
   const bad: string[] = [];
   const out: GenerationRequest[] = [];
   let images = 0;
   instances.forEach((inst, i) => {
-    const r = parseInstance(inst, ctx, `${where}[${i}]`, bad);
+    const r = parseInstance(inst, ctx, `${where}[${i}]`, bad, previews);
     if (r) {
       images += r.items.reduce((n, it) => n + it.numImages, 0);
       out.push(r);
@@ -250,7 +251,7 @@ export function parseInstances(instances: unknown, ctx: ParseContext, where = 'i
   return out;
 }
 
-function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[]): GenerationRequest | undefined {
+function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[], previews: boolean): GenerationRequest | undefined {
   if (!isObj(inst)) {
     bad.push(`${w} must be an object with a "prompt"`);
     return undefined;
@@ -318,6 +319,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const guidanceRescale = num('guidance_rescale', 0, 0, 1);
   const numImages = int('num_images_per_prompt', 1, 1, cfg.maxImagesPerRequest);
   const previewEvery = int('preview_every', 0, 0, cfg.maxSteps);
+  if (!previews && has('preview_every')) {
+    bad.push(`${w}.preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews`);
+  }
   const seedGiven = has('seed');
   const seed = int('seed', 0, 0, MAX_SEED);
   if (seedGiven && seed + numImages - 1 > MAX_SEED) bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED}`);

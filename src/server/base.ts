@@ -30,7 +30,7 @@ export interface BaseServer {
   readonly port: number;
   /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
-  /** The methods `path` answers (HEAD wherever GET is), for a 405's and an OPTIONS answer's `Allow`; empty if none. */
+  /** The methods `path` answers (HEAD wherever GET is), for a 405's `Allow` (OPTIONS is a 405 too); empty if none. */
   allowed(path: string): string[];
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
@@ -44,6 +44,8 @@ export const MAX_HEADER_FIELDS = 100;
 /** Time for a client to send a whole request head (slow-loris guard), and a whole request. */
 const HEADERS_TIMEOUT_MS = 15_000;
 const REQUEST_TIMEOUT_MS = 120_000;
+/** How often Node sweeps the connections for those two timeouts (its default, 30 s, cut a slow head at 15-45 s). */
+const TIMEOUT_SWEEP_MS = 1_000;
 /**
  * Idle keep-alive connections stay open this long. Longer than the usual proxy idle timeouts (60 s), so a proxy
  * never sends a request on a connection this server is closing at that moment.
@@ -245,7 +247,8 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   }
 
   const server = http.createServer(
-    { ServerResponse: Response, maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_MS },
+    { ServerResponse: Response, maxHeaderSize: MAX_HEADER_BYTES, requireHostHeader: false, headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS,
+      connectionsCheckingInterval: TIMEOUT_SWEEP_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
       const refuse = (code: HttpErrorCode, error: string) => {

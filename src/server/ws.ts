@@ -130,7 +130,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       const inst = parseJson(body);
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
-      const reqs = parseInstances([inst], parseContext(ctx), 'message');
+      const reqs = parseInstances([inst], parseContext(ctx), 'message', true);
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
