@@ -544,6 +544,8 @@ describe('fields of one protocol', () => {
       error: 'instances[0].preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews',
       code: 'INVALID_INPUT',
     }]);
+    const none = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', num_inference_steps: 2, height: 64, width: 64, preview_every: 0 }] });
+    expect(none.status).toBe(200);
   });
 });
 

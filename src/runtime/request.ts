@@ -319,7 +319,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const guidanceRescale = num('guidance_rescale', 0, 0, 1);
   const numImages = int('num_images_per_prompt', 1, 1, cfg.maxImagesPerRequest);
   const previewEvery = int('preview_every', 0, 0, cfg.maxSteps);
-  if (!previews && has('preview_every')) {
+  // 0 (no previews) is what this answer gives anyway: a body shared with the WebSocket client may carry it.
+  if (!previews && previewEvery > 0) {
     bad.push(`${w}.preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews`);
   }
   const seedGiven = has('seed');
