@@ -32,12 +32,17 @@ export interface S3Server {
   restart(): Promise<void>;
 }
 
-export async function startS3(buckets: readonly string[] = ['models']): Promise<S3Server> {
+/**
+ * `serviceEndpoint`: the domain s3rver reads virtual-hosted requests under (`<bucket>.s3.<serviceEndpoint>`; its default
+ * is amazonaws.com). Path-style requests to 127.0.0.1 work either way.
+ */
+export async function startS3(buckets: readonly string[] = ['models'], opts: { serviceEndpoint?: string } = {}): Promise<S3Server> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 's3rver-'));
   let server: S3rverInstance;
   let port = 0;
   const boot = async () => {
-    server = new S3rver({ address: '127.0.0.1', port, silent: true, directory: dir, configureBuckets: buckets.map((name) => ({ name })) });
+    server = new S3rver({ address: '127.0.0.1', port, silent: true, directory: dir, configureBuckets: buckets.map((name) => ({ name })),
+      ...(opts.serviceEndpoint !== undefined ? { serviceEndpoint: opts.serviceEndpoint } : {}) });
     const addr = await server.run();
     port = addr.port;
   };

@@ -1,0 +1,168 @@
+/**
+ * S3_USER_VIRTUAL_BUCKET=1 end to end: a custom endpoint addressed virtual-hosted (`http://<bucket>.s3.test:<port>/<key>`),
+ * as Alibaba OSS and some AWS setups need. The spawned server and warm-up CLI get a preload (helpers/wildcard-dns.cjs)
+ * that resolves `s3.test` and every name under it to 127.0.0.1, as a wildcard DNS record would; the real AWS SDK and
+ * real sockets do the rest. A front (helpers/host-front.ts) records the Host header and path of every request, and
+ * s3rver reads the bucket from the Host header (`serviceEndpoint: 'test'`).
+ */
+import { spawn } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
+import { startHostFront, type HostFront, type SeenRequest } from './helpers/host-front.js';
+import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+
+const ZONE = 's3.test';
+const DNS_HOOK = path.join(ROOT, 'test', 'helpers', 'wildcard-dns.cjs');
+const CLI = path.join(ROOT, 'dist', 'warmup', 'main.js');
+const PREFIX = 'demo/';
+
+let s3: S3Server;
+let front: HostFront;
+let model: DemoManifest;
+const dirs: Array<() => void> = [];
+const live: ServerHandle[] = [];
+
+beforeAll(async () => {
+  const m = tempDir('dr-vhost-model-');
+  dirs.push(m.cleanup);
+  model = await buildDemoModel(m.dir, { withVaeEncoder: true });
+  s3 = await startS3(['models', 'my.models'], { serviceEndpoint: 'test' });
+  for (const bucket of ['models', 'my.models']) {
+    for (const f of model.files) await s3.put(bucket, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
+  }
+  front = await startHostFront(s3.port);
+}, 60_000);
+
+afterEach(async () => {
+  for (const s of live.splice(0)) await s.stop('SIGKILL');
+  delete front.virtualOnly;
+});
+
+afterAll(async () => {
+  await front?.close();
+  if (s3) await destroyS3(s3);
+  for (const c of dirs) c();
+});
+
+/** What a pod with a wildcard DNS name for the store gets: the endpoint by name, resolved to loopback. */
+function env(extra: Record<string, string | undefined> = {}): Record<string, string | undefined> {
+  const cache = tempDir('dr-vhost-cache-');
+  dirs.push(cache.cleanup);
+  return {
+    ...CREDS, AWS_ENDPOINT_URL: `http://${ZONE}:${front.port}`, S3_USE_HTTPS: '0', S3_USER_VIRTUAL_BUCKET: '1',
+    STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu',
+    NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require=${DNS_HOOK}`.trim(), TEST_DNS_ZONE: ZONE, ...extra,
+  };
+}
+
+async function serve(e: Record<string, string | undefined>): Promise<ServerHandle> {
+  const s = await startServer(e);
+  live.push(s);
+  return s;
+}
+
+/** The requests the front saw from here on. */
+function mark(): () => SeenRequest[] {
+  const from = front.seen.length;
+  return () => front.seen.slice(from);
+}
+
+const virtualHosted = (bucket: string) => (r: SeenRequest) => r.host === `${bucket}.${ZONE}:${front.port}` && !r.path.startsWith(`/${bucket}/`);
+const pathStyle = (bucket: string) => (r: SeenRequest) => r.host === `${ZONE}:${front.port}` && r.path.startsWith(`/${bucket}/`);
+/** ListObjectsV2 and the model's GETs, as the front saw them. */
+const lists = (seen: SeenRequest[]) => seen.filter((r) => r.method === 'GET' && /(^|&)list-type=2(&|$)/.test(r.query));
+const gets = (seen: SeenRequest[]) => seen.filter((r) => r.method === 'GET' && !/(^|&)list-type=2(&|$)/.test(r.query));
+
+interface Run { code: number | null; stdout: string; stderr: string }
+function cli(args: string[], e: Record<string, string | undefined>): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const childEnv: Record<string, string> = { PATH: process.env.PATH ?? '' };
+    for (const [k, v] of Object.entries(e)) if (v !== undefined) childEnv[k] = v;
+    const child = spawn(process.execPath, [CLI, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+    child.on('error', reject);
+    child.on('close', (code) => (clearTimeout(timer), resolve({ code, stdout, stderr })));
+  });
+}
+
+async function predict(srv: ServerHandle, instance: Record<string, unknown>) {
+  return postJson(`${srv.url}/v1/models/model:predict`, { instances: [instance] });
+}
+
+describe('S3_USER_VIRTUAL_BUCKET=1 with a custom endpoint', () => {
+  it('boots, serves, uploads output_uri and reads an s3:// input all virtual-hosted; without it, path-style', async () => {
+    const seen = mark();
+    const srv = await serve(env());
+    await srv.waitReady();
+    const boot = seen();
+    expect(lists(boot).length).toBeGreaterThan(0);
+    expect(gets(boot).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(boot.filter((r) => !virtualHosted('models')(r)), 'every request virtual-hosted').toEqual([]);
+
+    const inst = { prompt: 'a lighthouse at dusk', seed: 7, num_inference_steps: 2, height: 64, width: 64 };
+    const plain = await predict(srv, inst);
+    expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+    const png = (plain.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+
+    const up = mark();
+    const stored = await predict(srv, { ...inst, output_uri: 's3://models/out/lighthouse.png' });
+    expect(stored.status, JSON.stringify(stored.json)).toBe(200);
+    expect((stored.json.predictions as Array<{ image: unknown }>)[0]!.image).toEqual({ uri: 's3://models/out/lighthouse.png' });
+    const put = up().filter((r) => r.method === 'PUT');
+    expect(put.map((r) => [r.host, r.path])).toEqual([[`models.${ZONE}:${front.port}`, '/out/lighthouse.png']]);
+    const body = await s3.client.send(new GetObjectCommand({ Bucket: 'models', Key: 'out/lighthouse.png' }));
+    expect(Buffer.from(await body.Body!.transformToByteArray()).toString('base64') === png).toBe(true);
+
+    const read = mark();
+    const img2img = await predict(srv, { ...inst, image: 's3://models/out/lighthouse.png', strength: 0.5 });
+    expect(img2img.status, JSON.stringify(img2img.json)).toBe(200);
+    expect(read().filter((r) => r.method === 'GET').map((r) => [r.host, r.path])).toEqual([[`models.${ZONE}:${front.port}`, '/out/lighthouse.png']]);
+
+    // The control: the same endpoint without S3_USER_VIRTUAL_BUCKET is addressed path-style.
+    const control = mark();
+    const pathSrv = await serve(env({ S3_USER_VIRTUAL_BUCKET: undefined }));
+    await pathSrv.waitReady();
+    expect(gets(control()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(control().filter((r) => !pathStyle('models')(r)), 'every request path-style').toEqual([]);
+  }, 60_000);
+
+  it('S3_TRANSPORT=lite steps aside (one log line saying why) and the AWS SDK boots it virtual-hosted', async () => {
+    const seen = mark();
+    const srv = await serve(env({ S3_TRANSPORT: 'lite' }));
+    await srv.waitReady();
+    const aside = srv.logs.filter((l) => l.msg === 'S3_TRANSPORT=lite cannot serve this bucket; the AWS SDK reads it');
+    expect(aside.map((l) => l.reason)).toEqual(['the endpoint is addressed virtual-hosted']);
+    expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(seen().filter((r) => !(virtualHosted('models')(r) && r.sdk))).toEqual([]);
+  }, 30_000);
+
+  it('the warm-up CLI pushes and fills through the virtual-hosted endpoint', async () => {
+    const seen = mark();
+    const pushed = await cli(['push', model.dir, 's3://models/pushed'], env());
+    expect(pushed.code, pushed.stderr).toBe(0);
+    const puts = seen().filter((r) => r.method === 'PUT');
+    expect(puts.length).toBe(model.files.length);
+    expect(puts.filter((r) => !virtualHosted('models')(r))).toEqual([]);
+
+    const fill = mark();
+    const e = env({ STORAGE_URI: 's3://models/pushed' });
+    const r = await cli([], e);
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim()) as { modelDir: string; files: number; fromCache: boolean };
+    expect(out).toMatchObject({ files: model.files.length, fromCache: false });
+    for (const f of model.files) {
+      expect((await fsp.readFile(path.join(out.modelDir, f.path))).equals(await fsp.readFile(path.join(model.dir, f.path))), f.path).toBe(true);
+    }
+    expect(gets(fill()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(fill().filter((r) => !virtualHosted('models')(r))).toEqual([]);
+  }, 30_000);
+});
+
