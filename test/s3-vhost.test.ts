@@ -13,6 +13,9 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { startHostFront, type HostFront, type SeenRequest } from './helpers/host-front.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { loadConfig } from '../src/config.js';
+import { VIRTUAL_HOSTED_FALLBACK } from '../src/storage/fetch.js';
+import { virtualHostedFallback } from '../src/storage/transport.js';
 import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const ZONE = 's3.test';
@@ -166,3 +169,54 @@ describe('S3_USER_VIRTUAL_BUCKET=1 with a custom endpoint', () => {
   }, 30_000);
 });
 
+/** The JSON log lines a process wrote among its other output. */
+const logLines = (text: string) => text.split('\n').flatMap((l) => {
+  try {
+    const v = JSON.parse(l) as unknown;
+    return typeof v === 'object' && v !== null ? [v as Record<string, unknown>] : [];
+  } catch {
+    return [];
+  }
+});
+const FALLBACK = VIRTUAL_HOSTED_FALLBACK;
+
+describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET=1', () => {
+  it('says when the AWS SDK will fall back to path-style, as its endpoint rules do', () => {
+    const s3 = (endpoint: string, extra: Record<string, string> = {}) =>
+      loadConfig({ AWS_ENDPOINT_URL: endpoint, S3_USER_VIRTUAL_BUCKET: '1', ...extra }).s3;
+    const named = s3('http://s3.test:9000');
+    expect(virtualHostedFallback(named, 'models')?.reason).toBeUndefined();
+    expect(virtualHostedFallback(named, 'a-b-9')?.reason).toBeUndefined();
+    for (const b of ['my.models', 'Models', 'my_models', 'ab', 'x'.repeat(64), '-models', 'models-']) {
+      expect(virtualHostedFallback(named, b)?.reason, b).toContain(`bucket ${JSON.stringify(b)} is not one DNS label`);
+    }
+    expect(virtualHostedFallback(s3('http://10.0.0.5:9000'), 'models')?.reason).toMatch(/^the endpoint's host is an IP address/);
+    expect(virtualHostedFallback(s3('http://[fd00::5]:9000'), 'models')?.reason).toMatch(/^the endpoint's host is an IP address/);
+    // Path-style asked for, or AWS's own endpoints (the SDK-free transport's rules cover those): nothing to say.
+    expect(virtualHostedFallback(s3('http://s3.test:9000', { S3_USER_VIRTUAL_BUCKET: '0' }), 'my.models')).toBeUndefined();
+    expect(virtualHostedFallback(loadConfig({}).s3, 'my.models')).toBeUndefined();
+  });
+
+  it('is read path-style, as the AWS SDK falls back, with one warning naming why', async () => {
+    const seen = mark();
+    const r = await cli([], env({ STORAGE_URI: `s3://my.models/${PREFIX}` }));
+    expect(r.code, r.stderr).toBe(0);
+    expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(seen().filter((x) => !pathStyle('my.models')(x)), 'every request path-style').toEqual([]);
+    const warned = logLines(r.stderr).filter((l) => l.msg === FALLBACK);
+    expect(warned.map((l) => [l.level, l.reason])).toEqual([['warn', expect.stringMatching(/^bucket "my\.models" is not one DNS label/)]]);
+  }, 30_000);
+
+  it('a store that serves virtual-hosted requests only: the boot and the warm-up CLI name the cause', async () => {
+    front.virtualOnly = { zone: ZONE };
+    const cause = /\(SecondLevelDomainForbidden\).*; requests for it went path-style although virtual-hosted addressing is on \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\): bucket "my\.models" is not one DNS label.*; read it path-style/;
+    const r = await cli([], env({ STORAGE_URI: `s3://my.models/${PREFIX}` }));
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n').at(-1)).toMatch(cause);
+
+    const srv = await serve(env({ STORAGE_URI: `s3://my.models/${PREFIX}` }));
+    const failed = await srv.waitReady().then(() => 'ready', (e: Error) => e.message);
+    expect(failed).toMatch(cause);
+    expect(srv.logs.filter((l) => l.msg === FALLBACK)).toHaveLength(1);
+  }, 30_000);
+});

@@ -20,7 +20,7 @@ import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from '
 import { acquireLock, type LockInfo } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
-import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
+import { sdkMightDiffer, virtualHostedFallback, type AddressingFallback, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
@@ -108,17 +108,36 @@ export async function resolveModel(uri: string, opts: ResolveOptions): Promise<R
   if (choice.name === 'sdk' && choice.declined !== undefined) {
     opts.log.info({ reason: choice.declined }, 'S3_TRANSPORT=lite cannot serve this bucket; the AWS SDK reads it');
   }
+  const fallback = virtualHostedFallback(opts.cfg.s3, src.bucket);
+  if (fallback !== undefined) opts.log.warn({ ...fallback }, VIRTUAL_HOSTED_FALLBACK);
   // The transport's code loads while the cache is looked at and locked.
   loadTransport(choice);
   try {
     return await new S3Fetch(src, choice, opts, t0).run();
   } catch (e) {
     const refusal = choice.name === 'lite' && !opts.signal?.aborted ? refusalIn(e) : undefined;
-    if (refusal === undefined) throw e;
+    if (refusal === undefined) throw explainFallback(e, fallback);
     opts.log.info({ reason: refusal.message },
       refusal.what === 'read' ? 'S3 refused an SDK-free GET; downloading through the AWS SDK' : 'S3 refused the SDK-free listing; listing through the AWS SDK');
-    return await new S3Fetch(src, { name: 'sdk' }, opts, t0).run();
+    return await new S3Fetch(src, { name: 'sdk' }, opts, t0).run().catch((e2: unknown) => {
+      throw explainFallback(e2, fallback);
+    });
   }
+}
+
+export const VIRTUAL_HOSTED_FALLBACK = 'S3_USER_VIRTUAL_BUCKET=1 cannot apply to this bucket; the AWS SDK addresses it path-style';
+
+/**
+ * A storage failure of a bucket that went path-style though virtual-hosted addressing was asked for, with that said:
+ * a store that serves virtual-hosted requests only answers such a request with a denial or a missing bucket, which
+ * alone would send the operator to the credentials.
+ */
+function explainFallback(e: unknown, fallback: AddressingFallback | undefined): unknown {
+  if (fallback === undefined || !(e instanceof RuntimeError) || !(e.code.startsWith('STORAGE_') || e.code === 'CONFIG')) return e;
+  const note = `; requests for it went path-style although virtual-hosted addressing is on (S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0): ${fallback.reason}; ${fallback.advice}`;
+  return new RuntimeError(e.code, `${e.message}${note}`, {
+    cause: e, ...(e.retryAfter !== undefined ? { retryAfter: e.retryAfter } : {}), ...(e.fields !== undefined ? { fields: e.fields } : {}),
+  });
 }
 
 /** The answer in `e` (or its causes) that the SDK-free transport may have caused, if any. */

@@ -17,7 +17,7 @@ import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
-import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
+import { agentOptions, DNS_LABEL_BUCKET, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
 
@@ -65,8 +65,6 @@ export const signingTime = (clock: ClockOffset) => new Date(Date.now() + clock.o
 
 /** Variables that change how the SDK picks credentials or endpoints: with any of them set, the SDK serves the fetch. */
 const SDK_ONLY_ENV = ['AWS_PROFILE', 'AWS_CONFIG_FILE', 'AWS_USE_FIPS_ENDPOINT', 'AWS_USE_DUALSTACK_ENDPOINT', 'AWS_ENDPOINT_URL_S3', 'AWS_S3_US_EAST_1_REGIONAL_ENDPOINT'];
-/** A bucket name that is one DNS label, so `bucket.s3.region.amazonaws.com` matches AWS's wildcard certificate. */
-const DNS_LABEL_BUCKET = /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/;
 /** Directory (S3 Express) and Object Lambda buckets have endpoints and auth of their own. */
 const SPECIAL_BUCKET = /--(x|ol)-s3$/;
 const REGION = /^[a-z]{2}(-[a-z]+)+-\d+$/;
@@ -93,6 +91,7 @@ export function liteDeclines(s: Readonly<S3Settings>, bucket: string, env: NodeJ
     return undefined;
   }
   if (!REGION.test(s.region) || OTHER_PARTITION.test(s.region)) return `region ${JSON.stringify(s.region)} is outside the standard AWS partition`;
+  // One DNS label, so `bucket.s3.region.amazonaws.com` matches AWS's wildcard certificate.
   if (!s.forcePathStyle && !DNS_LABEL_BUCKET.test(bucket)) return 'the bucket name is not one DNS label';
   return undefined;
 }
