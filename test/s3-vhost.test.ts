@@ -55,10 +55,13 @@ afterAll(async () => {
 function env(extra: Record<string, string | undefined> = {}): Record<string, string | undefined> {
   const cache = tempDir('dr-vhost-cache-');
   dirs.push(cache.cleanup);
+  // Nothing of this machine's own AWS setup (a profile, a config file, FIPS, another endpoint) may reach the child.
+  const inherited = Object.fromEntries(Object.keys(process.env).filter((k) => /^(AWS|S3)_/.test(k)).map((k) => [k, undefined]));
   return {
+    ...inherited, HOME: cache.dir,
     ...CREDS, AWS_ENDPOINT_URL: `http://${ZONE}:${front.port}`, S3_USE_HTTPS: '0', S3_USER_VIRTUAL_BUCKET: '1',
     STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu',
-    NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require=${DNS_HOOK}`.trim(), TEST_DNS_ZONE: ZONE, ...extra,
+    NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require=${JSON.stringify(DNS_HOOK)}`.trim(), TEST_DNS_ZONE: ZONE, ...extra,
   };
 }
 
@@ -109,6 +112,7 @@ describe('S3_USER_VIRTUAL_BUCKET=1 with a custom endpoint', () => {
     expect(lists(boot).length).toBeGreaterThan(0);
     expect(gets(boot).length).toBeGreaterThanOrEqual(model.files.length);
     expect(boot.filter((r) => !virtualHosted('models')(r)), 'every request virtual-hosted').toEqual([]);
+    expect(srv.logs.filter((l) => l.msg === VIRTUAL_HOSTED_FALLBACK)).toEqual([]);
 
     const inst = { prompt: 'a lighthouse at dusk', seed: 7, num_inference_steps: 2, height: 64, width: 64 };
     const plain = await predict(srv, inst);
