@@ -223,4 +223,22 @@ describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET
     expect(failed).toMatch(cause);
     expect(srv.logs.filter((l) => l.msg === FALLBACK)).toHaveLength(1);
   }, 30_000);
+
+  it('output_uri and s3:// inputs in such a bucket: the 400 names the path-style fallback, not only the denial', async () => {
+    const srv = await serve(env());
+    await srv.waitReady();
+    front.virtualOnly = { zone: ZONE };
+    const inst = { prompt: 'a lighthouse at dusk', seed: 7, num_inference_steps: 2, height: 64, width: 64 };
+    const note = /\(SecondLevelDomainForbidden\)(; check the server's S3 credentials and the bucket policy)?; requests for it went path-style although virtual-hosted addressing is on \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\): bucket "my\.models" is not one DNS label.*; read it path-style/;
+    const out = await predict(srv, { ...inst, output_uri: 's3://my.models/out/x.png' });
+    expect([out.status, out.json.code]).toEqual([500, 'STORAGE_DENIED']);
+    expect(String(out.json.error)).toMatch(/^output_uri: access denied writing s3:\/\/my\.models\/out\/x\.png /);
+    expect(String(out.json.error)).toMatch(note);
+    const read = await predict(srv, { ...inst, image: `s3://my.models/${PREFIX}${model.files[0]!.path}`, strength: 0.5 });
+    expect([read.status, read.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(read.json.error)).toMatch(note);
+    // A bucket that is one DNS label, through the same store, carries no such note.
+    const fine = await predict(srv, { ...inst, output_uri: 's3://models/out/y.png' });
+    expect(fine.status, JSON.stringify(fine.json)).toBe(200);
+  }, 30_000);
 });

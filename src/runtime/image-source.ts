@@ -47,7 +47,7 @@ export function createImageSource(s3: RequestS3): ImageSource {
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {
         if (err instanceof RuntimeError) throw err;
-        throw readError(err, field, where, loc.bucket);
+        throw readError(err, field, where, loc.bucket, s3.addressingNote(loc.bucket));
       }
     },
   };
@@ -68,7 +68,7 @@ async function readCapped(body: Readable, maxBytes: number, field: string, where
 }
 
 /** The client named the object: missing or unreadable is their input to fix (400); a flaky store is a 502. */
-function readError(err: unknown, field: string, where: string, bucket: string): RuntimeError {
+function readError(err: unknown, field: string, where: string, bucket: string, note: string): RuntimeError {
   const s3code = s3Code(err);
   const kind = classify(err);
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
@@ -76,9 +76,9 @@ function readError(err: unknown, field: string, where: string, bucket: string): 
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `${field}: bucket "${bucket}" is in region ${region}, and this server reads S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
   switch (kind) {
     case 'missing':
-      return new RuntimeError('INVALID_INPUT', `${field}: ${s3code === 'NoSuchBucket' ? `bucket "${bucket}" does not exist` : `${where} does not exist`} (${s3code})`, { cause: err });
+      return new RuntimeError('INVALID_INPUT', `${field}: ${s3code === 'NoSuchBucket' ? `bucket "${bucket}" does not exist` : `${where} does not exist`} (${s3code})${note}`, { cause: err });
     case 'denied':
-      return new RuntimeError('INVALID_INPUT', `${field}: the server's S3 credentials may not read ${where} (${s3code})`, { cause: err });
+      return new RuntimeError('INVALID_INPUT', `${field}: the server's S3 credentials may not read ${where} (${s3code})${note}`, { cause: err });
     case 'aborted':
       return new RuntimeError('CANCELLED', `${field}: reading ${where} was cancelled`, { cause: err });
     default:

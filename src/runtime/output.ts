@@ -50,7 +50,7 @@ export function createOutputStore(s3: RequestS3): OutputStore {
           try {
             await up.done();
           } catch (err) {
-            throw uploadError(err, bucket, keys[i]!);
+            throw uploadError(err, bucket, keys[i]!, s3.addressingNote(bucket));
           } finally {
             signal?.removeEventListener('abort', onAbort);
           }
@@ -62,7 +62,7 @@ export function createOutputStore(s3: RequestS3): OutputStore {
 }
 
 /** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
-function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
+function uploadError(err: unknown, bucket: string, key: string, note: string): RuntimeError {
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   const kind = classify(err);
@@ -72,9 +72,9 @@ function uploadError(err: unknown, bucket: string, key: string): RuntimeError {
   switch (kind) {
     case 'missing':
       // The client named the bucket: a missing one is their input to fix.
-      return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" does not exist (${s3code})`, { cause: err });
+      return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" does not exist (${s3code})${note}`, { cause: err });
     case 'denied':
-      return new RuntimeError('STORAGE_DENIED', `output_uri: access denied writing ${where} (${s3code}); check the server's S3 credentials and the bucket policy`, { cause: err });
+      return new RuntimeError('STORAGE_DENIED', `output_uri: access denied writing ${where} (${s3code}); check the server's S3 credentials and the bucket policy${note}`, { cause: err });
     case 'aborted':
       return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
     default:

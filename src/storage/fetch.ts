@@ -20,7 +20,7 @@ import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from '
 import { acquireLock, type LockInfo } from './lock.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
-import { sdkMightDiffer, virtualHostedFallback, type AddressingFallback, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
+import { fallbackNote, sdkMightDiffer, virtualHostedFallback, type AddressingFallback, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
@@ -134,8 +134,7 @@ export const VIRTUAL_HOSTED_FALLBACK = 'S3_USER_VIRTUAL_BUCKET=1 cannot apply to
  */
 function explainFallback(e: unknown, fallback: AddressingFallback | undefined): unknown {
   if (fallback === undefined || !(e instanceof RuntimeError) || !(e.code.startsWith('STORAGE_') || e.code === 'CONFIG')) return e;
-  const note = `; requests for it went path-style although virtual-hosted addressing is on (S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0): ${fallback.reason}; ${fallback.advice}`;
-  return new RuntimeError(e.code, `${e.message}${note}`, {
+  return new RuntimeError(e.code, `${e.message}${fallbackNote(fallback)}`, {
     cause: e, ...(e.retryAfter !== undefined ? { retryAfter: e.retryAfter } : {}), ...(e.fields !== undefined ? { fields: e.fields } : {}),
   });
 }

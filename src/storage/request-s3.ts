@@ -5,12 +5,18 @@
  */
 import type { S3Settings } from '../config.js';
 import type { S3Handle } from './s3-sdk.js';
+import { fallbackNote, virtualHostedFallback } from './transport.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
   client(): Promise<S3Handle['client']>;
   /** Closes its idle keep-alive sockets; a later call makes a new client. */
   destroy(): void;
+  /**
+   * What to add to a denial or a missing bucket when `bucket` went path-style though virtual-hosted addressing is on
+   * (transport.ts virtualHostedFallback): a store that serves only virtual-hosted requests answers so. '' otherwise.
+   */
+  addressingNote(bucket: string): string;
 }
 
 export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): RequestS3 {
@@ -25,6 +31,10 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): Requ
     destroy() {
       handle?.destroy();
       handle = undefined;
+    },
+    addressingNote(bucket) {
+      const f = virtualHostedFallback(s3, bucket);
+      return f ? fallbackNote(f) : '';
     },
   };
 }

@@ -114,3 +114,8 @@ export function virtualHostedFallback(s: Pick<S3Settings, 'endpoint' | 'forcePat
   }
   return undefined;
 }
+
+/** The end of an error message about a bucket that went path-style (virtualHostedFallback): what happened and what to do. */
+export function fallbackNote(f: AddressingFallback): string {
+  return `; requests for it went path-style although virtual-hosted addressing is on (S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0): ${f.reason}; ${f.advice}`;
+}
