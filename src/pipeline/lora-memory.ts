@@ -21,17 +21,17 @@ export interface TrimReport {
 }
 
 /**
- * How often to trim. A trim gives back every free page, and the builds after it fault back in the pages they reuse
- * (each set's thread takes one of up to eight arenas per core, so a trim is paid for by several builds), so trimming
- * after every eviction slows builds down where sets switch often. After a set's thread ends the runtime trims at once
- * when the last trim began `minIntervalMs` ago or more, else once that has passed: at most one trim per interval, and
- * one within an interval of the last eviction.
+ * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile). A trim
+ * gives back every free page, and while sets keep switching the next builds fault most of them straight back in (each
+ * set's thread takes one of the arenas; on the demo model 4,000–6,000 more page faults per set built, +30–45 % build
+ * time on the 2-core machine of docs/BENCHMARKS.md), so trims while sets switch cost speed and hold RSS down only
+ * for moments; once they stop, one trim gives the memory back for as long as they stay stopped.
  */
 export interface TrimPolicy {
-  minIntervalMs: number;
+  quietMs: number;
 }
 
-export const TRIM_POLICY: TrimPolicy = Object.freeze({ minIntervalMs: 10_000 });
+export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000 });
 
 export interface MemoryTrimmer {
   /** Why trims do nothing in this process (no module, no malloc_trim), once the first trim has looked; else undefined. */
@@ -45,8 +45,8 @@ export interface MemoryTrimmer {
    */
   trim(): Promise<TrimReport | undefined>;
   /**
-   * An adapter set's thread has ended: trims now or later as the policy says. Resolves with the trim that covers it
-   * (now or deferred), undefined when none can run here.
+   * An adapter set's thread has ended: trims once no other has ended for the policy's quiet time. Resolves with that
+   * trim's report (shared by every thread it covers), undefined when none can run here.
    */
   threadEnded(): Promise<TrimReport | undefined>;
 }
@@ -66,8 +66,7 @@ interface NativeTrim {
 export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): MemoryTrimmer {
   const file = opts.file ?? MALLOC_TRIM_MODULE;
   const policy = opts.policy ?? TRIM_POLICY;
-  let lastStart = -Infinity;
-  let deferred: Promise<TrimReport | undefined> | undefined;
+  let quiet: { timer: NodeJS.Timeout; done: Promise<TrimReport | undefined> } | undefined;
   let native: NativeTrim | undefined;
   let unavailable: string | undefined;
   let loaded = false;
@@ -103,7 +102,6 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
   const run = async (): Promise<TrimReport | undefined> => {
     if (!loaded) load();
     if (!native) return undefined;
-    lastStart = performance.now();
     try {
       const r = await native.trim!();
       runs++;
@@ -137,15 +135,19 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
   };
 
   const threadEnded = (): Promise<TrimReport | undefined> => {
-    if (deferred) return deferred;
-    const wait = lastStart + policy.minIntervalMs - performance.now();
-    if (wait <= 0) return logged(trim());
-    // Unreferenced: a worker that is shutting down does not wait for it.
-    deferred = new Promise<void>((r) => setTimeout(r, wait).unref()).then(() => {
-      deferred = undefined;
+    if (loaded && !native) return Promise.resolve(undefined);
+    if (quiet) {
+      quiet.timer.refresh();
+      return quiet.done;
+    }
+    let fire!: () => void;
+    const done = new Promise<void>((r) => (fire = r)).then(() => {
+      quiet = undefined;
       return logged(trim());
     });
-    return deferred;
+    // Unreferenced: a worker that is shutting down does not wait for it.
+    quiet = { timer: setTimeout(() => fire(), policy.quietMs).unref(), done };
+    return done;
   };
 
   return {
