@@ -5,7 +5,7 @@
  * An adapter set's thread allocates in an arena of its own (merge buffers, ONNX Runtime's session and its thread
  * pool's memory); when the thread ends, that memory is free but stays resident, scattered through the arena, and the
  * next threads fragment it further (docs/BENCHMARKS.md, "Long serving"). src/pipeline/lora-memory.ts calls trim()
- * after such a thread has ended.
+ * once such threads have stopped ending for a while.
  *
  * trim() runs on libuv's thread pool (it takes each arena's lock in turn and walks its free chunks: tens of
  * milliseconds on a busy arena, which the calling thread's event loop should not wait for) and resolves to

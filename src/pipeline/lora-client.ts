@@ -41,7 +41,7 @@ export class LoraSetThread {
 
   /**
    * Releases the sessions and ends the thread (terminated after `graceMs` if stuck in a native call); resolves once it
-   * has ended. The memory it leaves in its malloc arena is then given back (`trimmed`), off this thread's event loop.
+   * has ended. The memory it leaves in its malloc arena is given back once sets stop switching (lora-memory.ts).
    */
   close(graceMs = 5_000): Promise<void> {
     return (this.#closing ??= this.#thread.close(graceMs).then(() => {

@@ -2,8 +2,8 @@
  * @module Giving back the memory an ended adapter set's thread leaves behind. Each set's thread allocates in a glibc
  * malloc arena of its own (merge buffers, ONNX Runtime's sessions and their thread pool); when the thread ends that
  * memory is free but stays resident, scattered through the arena, which the next set's thread reuses and fragments
- * further, so RSS climbed with every set built and evicted (docs/BENCHMARKS.md, "Long serving"). After such a thread
- * has ended, native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool.
+ * further, so RSS climbed with every set built and evicted (docs/BENCHMARKS.md, "Long serving"). Once sets stop
+ * switching (TRIM_POLICY), native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool.
  */
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -22,10 +22,9 @@ export interface TrimReport {
 
 /**
  * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile). A trim
- * gives back every free page, and while sets keep switching the next builds fault most of them straight back in (each
- * set's thread takes one of the arenas; on the demo model 4,000–6,000 more page faults per set built, +30–45 % build
- * time on the 2-core machine of docs/BENCHMARKS.md), so trims while sets switch cost speed and hold RSS down only
- * for moments; once they stop, one trim gives the memory back for as long as they stay stopped.
+ * gives back every free page; while sets keep switching, the next builds fault most of them straight back in, so
+ * trims then slow builds down and hold RSS down only for moments (docs/BENCHMARKS.md, "Long serving"). Once sets stop
+ * switching, one trim gives the memory back for as long as they stay stopped.
  */
 export interface TrimPolicy {
   quietMs: number;
