@@ -1,0 +1,153 @@
+/*
+ * Gives the free memory of glibc's malloc arenas back to the operating system: malloc_trim(0), which, unlike the
+ * trimming free() does on its own, also releases the free pages inside an arena, not just at its top.
+ *
+ * An adapter set's thread allocates in an arena of its own (merge buffers, ONNX Runtime's session and its thread
+ * pool's memory); when the thread ends, that memory is free but stays resident, scattered through the arena, and the
+ * next threads fragment it further (docs/BENCHMARKS.md, "Long serving"). src/pipeline/lora-memory.ts calls trim()
+ * once such threads have stopped ending for a while.
+ *
+ * trim() runs on libuv's thread pool (it takes each arena's lock in turn and walks its free chunks: tens of
+ * milliseconds on a busy arena, which the calling thread's event loop should not wait for) and resolves to
+ * { released, rssBefore, rssAfter, ms }: malloc_trim's answer (1 when it gave memory back), the process's resident
+ * bytes before and after (/proc/self/statm), and how long it took. malloc_trim is looked up at load time, so the
+ * module also loads on a C library without it (musl): `available` is then false and trim() is not exported.
+ *
+ * No headers: the few Node-API declarations used are written out here (as in cuda-provider-options.c); the symbols
+ * are resolved from the node binary at load time.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int (*MallocTrimFn)(size_t pad);
+static MallocTrimFn malloc_trim_fn;
+
+typedef struct napi_env__ *napi_env;
+typedef struct napi_value__ *napi_value;
+typedef struct napi_callback_info__ *napi_callback_info;
+typedef struct napi_deferred__ *napi_deferred;
+typedef struct napi_async_work__ *napi_async_work;
+typedef int napi_status;
+typedef napi_value (*napi_callback)(napi_env, napi_callback_info);
+typedef void (*napi_async_execute_callback)(napi_env, void *);
+typedef void (*napi_async_complete_callback)(napi_env, napi_status, void *);
+extern napi_status napi_create_object(napi_env, napi_value *);
+extern napi_status napi_create_double(napi_env, double, napi_value *);
+extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
+extern napi_status napi_get_boolean(napi_env, _Bool, napi_value *);
+extern napi_status napi_set_named_property(napi_env, napi_value, const char *, napi_value);
+extern napi_status napi_create_function(napi_env, const char *, size_t, napi_callback, void *, napi_value *);
+extern napi_status napi_create_promise(napi_env, napi_deferred *, napi_value *);
+extern napi_status napi_resolve_deferred(napi_env, napi_deferred, napi_value);
+extern napi_status napi_reject_deferred(napi_env, napi_deferred, napi_value);
+extern napi_status napi_create_async_work(napi_env, napi_value, napi_value, napi_async_execute_callback,
+                                          napi_async_complete_callback, void *, napi_async_work *);
+extern napi_status napi_queue_async_work(napi_env, napi_async_work);
+extern napi_status napi_delete_async_work(napi_env, napi_async_work);
+extern napi_status napi_throw_error(napi_env, const char *, const char *);
+#define NAPI_OK 0
+#define NAPI_AUTO_LENGTH SIZE_MAX
+
+typedef struct {
+  napi_deferred deferred;
+  napi_async_work work;
+  int released;
+  double rss_before, rss_after, ms;
+} Trim;
+
+/* Resident bytes of the process (all threads): the second field of /proc/self/statm, in pages; -1 if unreadable. */
+static double resident_bytes(void) {
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (!f) return -1;
+  unsigned long size = 0, resident = 0;
+  int n = fscanf(f, "%lu %lu", &size, &resident);
+  fclose(f);
+  return n == 2 ? (double)resident * (double)sysconf(_SC_PAGESIZE) : -1;
+}
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void execute(napi_env env, void *data) {
+  (void)env;
+  Trim *t = data;
+  t->rss_before = resident_bytes();
+  double t0 = now_ms();
+  t->released = malloc_trim_fn(0);
+  t->ms = now_ms() - t0;
+  t->rss_after = resident_bytes();
+}
+
+static void set_number(napi_env env, napi_value obj, const char *key, double v) {
+  napi_value x;
+  napi_create_double(env, v, &x);
+  napi_set_named_property(env, obj, key, x);
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  Trim *t = data;
+  napi_value result;
+  if (status != NAPI_OK) {
+    napi_value msg;
+    napi_create_string_utf8(env, "malloc_trim was not run (its work was cancelled)", NAPI_AUTO_LENGTH, &msg);
+    napi_reject_deferred(env, t->deferred, msg);
+  } else {
+    napi_value b;
+    napi_create_object(env, &result);
+    napi_get_boolean(env, t->released != 0, &b);
+    napi_set_named_property(env, result, "released", b);
+    set_number(env, result, "rssBefore", t->rss_before);
+    set_number(env, result, "rssAfter", t->rss_after);
+    set_number(env, result, "ms", t->ms);
+    napi_resolve_deferred(env, t->deferred, result);
+  }
+  napi_delete_async_work(env, t->work);
+  free(t);
+}
+
+static napi_value trim(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value promise, name;
+  Trim *t = calloc(1, sizeof *t);
+  if (!t) {
+    napi_throw_error(env, NULL, "malloc-trim: out of memory");
+    return NULL;
+  }
+  if (napi_create_promise(env, &t->deferred, &promise) != NAPI_OK) {
+    free(t);
+    napi_throw_error(env, NULL, "malloc-trim: could not create a promise");
+    return NULL;
+  }
+  napi_create_string_utf8(env, "malloc_trim", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, execute, complete, t, &t->work) != NAPI_OK ||
+      napi_queue_async_work(env, t->work) != NAPI_OK) {
+    napi_value msg;
+    napi_create_string_utf8(env, "malloc_trim could not be queued on libuv's thread pool", NAPI_AUTO_LENGTH, &msg);
+    napi_reject_deferred(env, t->deferred, msg);
+    if (t->work) napi_delete_async_work(env, t->work);
+    free(t);
+  }
+  return promise;
+}
+
+napi_value napi_register_module_v1(napi_env env, napi_value exports) {
+  if (!malloc_trim_fn) malloc_trim_fn = (MallocTrimFn)dlsym(RTLD_DEFAULT, "malloc_trim");
+  napi_value available;
+  napi_get_boolean(env, malloc_trim_fn != NULL, &available);
+  napi_set_named_property(env, exports, "available", available);
+  if (malloc_trim_fn) {
+    napi_value fn;
+    napi_create_function(env, "trim", NAPI_AUTO_LENGTH, trim, NULL, &fn);
+    napi_set_named_property(env, exports, "trim", fn);
+  }
+  return exports;
+}

@@ -1,0 +1,171 @@
+/**
+ * @module Giving back the memory an ended adapter set's thread leaves behind. Each set's thread allocates in a glibc
+ * malloc arena of its own (merge buffers, ONNX Runtime's sessions and their thread pool); when the thread ends that
+ * memory is free but stays resident, scattered through the arena, which the next set's thread reuses and fragments
+ * further, so RSS climbed with every set built and evicted (docs/BENCHMARKS.md, "Long serving"). Once sets stop
+ * switching (TRIM_POLICY), native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool.
+ */
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import type { ThreadLog } from './session-thread.js';
+
+/** dist/native/, where `npm run build` puts the module (scripts/build-native.sh). */
+export const MALLOC_TRIM_MODULE = fileURLToPath(new URL('../../native/malloc-trim.node', import.meta.url));
+
+/** One malloc_trim(0): whether it gave memory back, the process's resident bytes around it, and its duration. */
+export interface TrimReport {
+  released: boolean;
+  rssBefore: number;
+  rssAfter: number;
+  ms: number;
+}
+
+/**
+ * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile). A trim
+ * gives back every free page; while sets keep switching, the next builds fault most of them straight back in, so
+ * trims then slow builds down and hold RSS down only for moments (docs/BENCHMARKS.md, "Long serving"). Once sets stop
+ * switching, one trim gives the memory back for as long as they stay stopped.
+ */
+export interface TrimPolicy {
+  quietMs: number;
+}
+
+export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000 });
+
+export interface MemoryTrimmer {
+  /** Why trims do nothing in this process (no module, no malloc_trim), once the first trim has looked; else undefined. */
+  readonly unavailable: string | undefined;
+  /** Trims that ran. */
+  readonly runs: number;
+  /**
+   * Trims once every thread that ended before the call is gone: a caller that comes while a trim runs gets the next
+   * one (that run may have walked the arenas before its thread's memory was free). Never rejects: undefined when no
+   * trim can run here (logged once) or it failed (logged).
+   */
+  trim(): Promise<TrimReport | undefined>;
+  /**
+   * An adapter set's thread has ended: trims once no other has ended for the policy's quiet time. Resolves with that
+   * trim's report (shared by every thread it covers), undefined when none can run here.
+   */
+  threadEnded(): Promise<TrimReport | undefined>;
+}
+
+export interface TrimmerOptions {
+  /** The native module (default: the build's). */
+  file?: string;
+  policy?: TrimPolicy;
+}
+
+interface NativeTrim {
+  available: boolean;
+  trim?: () => Promise<TrimReport>;
+}
+
+/** A trimmer that loads `file` on its first trim; without it (no C compiler at build, not glibc) one line says so. */
+export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): MemoryTrimmer {
+  const file = opts.file ?? MALLOC_TRIM_MODULE;
+  const policy = opts.policy ?? TRIM_POLICY;
+  let quiet: { timer: NodeJS.Timeout; done: Promise<TrimReport | undefined> } | undefined;
+  let native: NativeTrim | undefined;
+  let unavailable: string | undefined;
+  let loaded = false;
+  let runs = 0;
+  let running: Promise<TrimReport | undefined> | undefined;
+  let next: Promise<TrimReport | undefined> | undefined;
+  let failures = 0;
+
+  const load = (): void => {
+    loaded = true;
+    const what = 'memory that ended LoRA adapter set threads leave is not given back to the OS';
+    if (!existsSync(file)) {
+      unavailable = 'this build has no native/malloc-trim module (npm run build makes it where a C compiler is installed; the image has it)';
+      log('info', `${what}: ${unavailable}`);
+      return;
+    }
+    try {
+      const m = { exports: {} as NativeTrim };
+      process.dlopen(m, file);
+      native = m.exports;
+    } catch (err) {
+      unavailable = `native/malloc-trim did not load: ${String((err as Error)?.message ?? err).split('\n')[0]}`;
+      log('warn', `${what}: ${unavailable}`);
+      return;
+    }
+    if (!native.available || typeof native.trim !== 'function') {
+      unavailable = 'the C library has no malloc_trim (not glibc)';
+      native = undefined;
+      log('info', `${what}: ${unavailable}`);
+    }
+  };
+
+  const run = async (): Promise<TrimReport | undefined> => {
+    if (!loaded) load();
+    if (!native) return undefined;
+    try {
+      const r = await native.trim!();
+      runs++;
+      return r;
+    } catch (err) {
+      // Once is enough to tell: the same cause would repeat on every eviction.
+      if (failures++ === 0) log('warn', 'malloc_trim failed', { reason: String((err as Error)?.message ?? err) });
+      return undefined;
+    }
+  };
+
+  const trim = (): Promise<TrimReport | undefined> => {
+    if (!running) {
+      const r = run().finally(() => {
+        running = undefined;
+      });
+      running = r;
+      return r;
+    }
+    next ??= running.then(() => {
+      next = undefined;
+      return trim();
+    });
+    return next;
+  };
+
+  const logged = async (p: Promise<TrimReport | undefined>): Promise<TrimReport | undefined> => {
+    const r = await p;
+    if (r) log('info', 'memory of ended LoRA adapter set threads given back', { rssMB: mb(r.rssAfter), returnedMB: mb(r.rssBefore - r.rssAfter), ms: Math.round(r.ms) });
+    return r;
+  };
+
+  const threadEnded = (): Promise<TrimReport | undefined> => {
+    if (loaded && !native) return Promise.resolve(undefined);
+    if (quiet) {
+      quiet.timer.refresh();
+      return quiet.done;
+    }
+    let fire!: () => void;
+    const done = new Promise<void>((r) => (fire = r)).then(() => {
+      quiet = undefined;
+      return logged(trim());
+    });
+    // Unreferenced: a worker that is shutting down does not wait for it.
+    quiet = { timer: setTimeout(() => fire(), policy.quietMs).unref(), done };
+    return done;
+  };
+
+  return {
+    threadEnded,
+    get unavailable() {
+      return unavailable;
+    },
+    get runs() {
+      return runs;
+    },
+    trim,
+  };
+}
+
+let threadTrimmer: MemoryTrimmer | undefined;
+
+/** This thread's trimmer (each pipeline worker has one): the adapter sets it ends share it, so trims coalesce. */
+const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
+
+export function sharedMemoryTrimmer(log: ThreadLog): MemoryTrimmer {
+  return (threadTrimmer ??= createMemoryTrimmer(log));
+}
