@@ -161,11 +161,11 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
   };
 }
 
+const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
+
 let threadTrimmer: MemoryTrimmer | undefined;
 
 /** This thread's trimmer (each pipeline worker has one): the adapter sets it ends share it, so trims coalesce. */
-const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
-
 export function sharedMemoryTrimmer(log: ThreadLog): MemoryTrimmer {
   return (threadTrimmer ??= createMemoryTrimmer(log));
 }
