@@ -8,14 +8,13 @@
 import { spawn } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { GetObjectCommand } from '@aws-sdk/client-s3';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { GetObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { startHostFront, type HostFront, type SeenRequest } from './helpers/host-front.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { loadConfig } from '../src/config.js';
-import { VIRTUAL_HOSTED_FALLBACK } from '../src/storage/fetch.js';
-import { virtualHostedFallback } from '../src/storage/transport.js';
+import { VIRTUAL_HOSTED_FALLBACK, virtualHostedFallback } from '../src/storage/addressing.js';
 import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
 const ZONE = 's3.test';
@@ -33,8 +32,8 @@ beforeAll(async () => {
   const m = tempDir('dr-vhost-model-');
   dirs.push(m.cleanup);
   model = await buildDemoModel(m.dir, { withVaeEncoder: true });
-  s3 = await startS3(['models', 'my.models'], { serviceEndpoint: 'test' });
-  for (const bucket of ['models', 'my.models']) {
+  s3 = await startS3(['models', 'my.models', 'team.models'], { serviceEndpoint: 'test' });
+  for (const bucket of ['models', 'my.models', 'team.models']) {
     for (const f of model.files) await s3.put(bucket, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
   }
   front = await startHostFront(s3.port);
@@ -185,21 +184,91 @@ const logLines = (text: string) => text.split('\n').flatMap((l) => {
 const FALLBACK = VIRTUAL_HOSTED_FALLBACK;
 
 describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET=1', () => {
-  it('says when the AWS SDK will fall back to path-style, as its endpoint rules do', () => {
-    const s3 = (endpoint: string, extra: Record<string, string> = {}) =>
-      loadConfig({ AWS_ENDPOINT_URL: endpoint, S3_USER_VIRTUAL_BUCKET: '1', ...extra }).s3;
-    const named = s3('http://s3.test:9000');
-    expect(virtualHostedFallback(named, 'models')?.reason).toBeUndefined();
-    expect(virtualHostedFallback(named, 'a-b-9')?.reason).toBeUndefined();
-    for (const b of ['my.models', 'Models', 'my_models', 'ab', 'x'.repeat(64), '-models', 'models-']) {
-      expect(virtualHostedFallback(named, b)?.reason, b).toContain(`bucket ${JSON.stringify(b)} is not one DNS label`);
+  it('follows the AWS SDK\'s own endpoint rules, as a real S3Client resolves them (no request sent)', async () => {
+    /** Where the SDK sends a listing of `bucket`: virtual-hosted, path-style, or nowhere (it builds an invalid URL). */
+    const sdkAddressing = async (endpoint: string, bucket: string, forcePathStyle = false): Promise<string> => {
+      const c = new S3Client({ endpoint, forcePathStyle, region: 'us-east-1', maxAttempts: 1, credentials: { accessKeyId: 'a', secretAccessKey: 'b' } });
+      c.middlewareStack.add(() => async (args) => {
+        const r = args.request as { hostname: string; path: string };
+        throw Object.assign(new Error('resolved'), { to: r.hostname.startsWith(`${bucket}.`) ? 'virtual' : r.path.startsWith(`/${bucket}`) ? 'path' : `? ${r.hostname}${r.path}` });
+      }, { step: 'finalizeRequest' });
+      try {
+        await c.send(new ListObjectsV2Command({ Bucket: bucket }));
+        return 'sent';
+      } catch (e) {
+        return (e as { to?: string }).to ?? `invalid (${(e as Error).name})`;
+      } finally {
+        c.destroy();
+      }
+    };
+    const quiet = vi.spyOn(console, 'error').mockImplementation(() => undefined); // the SDK prints the URL it cannot build
+    try {
+      const buckets = ['models', 'a-b-9', 'team.models', 'models.prod.eu1', 'my.models', 'a.b.c', 'x..y', 'Models', 'my_models', 'ab',
+        'x'.repeat(63), 'x'.repeat(64), '-models', 'models-', '192.168.1.1'];
+      const endpoints = ['http://s3.test:9000', 'https://s3.test:9000', 'http://10.0.0.5:9000', 'https://10.0.0.5:9000', 'http://[fd00::5]:9000'];
+      const seen = new Set<string>();
+      for (const endpoint of endpoints) {
+        for (const env of [{ S3_USER_VIRTUAL_BUCKET: '1' }, { S3_FORCE_PATH_STYLE: '0' }]) {
+          const settings = loadConfig({ AWS_ENDPOINT_URL: endpoint, ...env }).s3;
+          expect(settings.forcePathStyle).toBe(false);
+          for (const bucket of buckets) {
+            const sdk = await sdkAddressing(endpoint, bucket);
+            const f = virtualHostedFallback(settings, bucket);
+            const ours = f === undefined ? 'virtual' : f.unaddressable ? 'invalid' : 'path';
+            expect(`${endpoint} ${bucket}: ${ours}`).toBe(`${endpoint} ${bucket}: ${sdk.startsWith('invalid') ? 'invalid' : sdk}`);
+            seen.add(ours);
+          }
+        }
+      }
+      expect([...seen].sort()).toEqual(['invalid', 'path', 'virtual']);
+      // Path-style asked for, or no custom endpoint (the SDK-free transport's rules cover AWS's own): nothing to say.
+      expect(await sdkAddressing('http://s3.test:9000', 'team.models', true)).toBe('path');
+      expect(virtualHostedFallback(loadConfig({ AWS_ENDPOINT_URL: 'http://s3.test:9000' }).s3, 'my.models')).toBeUndefined();
+      expect(virtualHostedFallback(loadConfig({}).s3, 'my.models')).toBeUndefined();
+    } finally {
+      quiet.mockRestore();
     }
-    expect(virtualHostedFallback(s3('http://10.0.0.5:9000'), 'models')?.reason).toMatch(/^the endpoint's host is an IP address/);
-    expect(virtualHostedFallback(s3('http://[fd00::5]:9000'), 'models')?.reason).toMatch(/^the endpoint's host is an IP address/);
-    // Path-style asked for, or AWS's own endpoints (the SDK-free transport's rules cover those): nothing to say.
-    expect(virtualHostedFallback(s3('http://s3.test:9000', { S3_USER_VIRTUAL_BUCKET: '0' }), 'my.models')).toBeUndefined();
-    expect(virtualHostedFallback(loadConfig({}).s3, 'my.models')).toBeUndefined();
-  });
+    const reason = (endpoint: string, bucket: string) => virtualHostedFallback(loadConfig({ AWS_ENDPOINT_URL: endpoint, S3_USER_VIRTUAL_BUCKET: '1' }).s3, bucket)?.reason;
+    expect(reason('http://s3.test:9000', 'my.models')).toBe('bucket "my.models" is not a host name (3-63 lower-case letters, digits and hyphens, or such parts joined by dots)');
+    expect(reason('https://s3.test:9000', 'team.models')).toBe('bucket "team.models" has dots, which over https cannot match the store\'s wildcard certificate');
+    expect(reason('http://10.0.0.5:9000', 'models')).toBe("the endpoint's host is an IP address");
+    expect(reason('http://10.0.0.5:9000', 'team.models')).toMatch(/^bucket "team\.models" has dots and the endpoint's host is an IP address: /);
+  }, 30_000);
+
+  it('a dotted bucket over http is virtual-hosted, as the SDK addresses it, with no warning', async () => {
+    front.virtualOnly = { zone: ZONE };
+    const seen = mark();
+    const r = await cli([], env({ STORAGE_URI: `s3://team.models/${PREFIX}` }));
+    expect(r.code, r.stderr).toBe(0);
+    expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(seen().filter((x) => !virtualHosted('team.models')(x)), 'every request virtual-hosted').toEqual([]);
+    expect(logLines(r.stderr).filter((l) => l.msg === FALLBACK)).toEqual([]);
+  }, 30_000);
+
+  it('a dotted bucket on an IP-address endpoint over http, which the SDK cannot address: refused at once, no request', async () => {
+    const seen = mark();
+    const r = await cli([], env({ STORAGE_URI: `s3://team.models/${PREFIX}`, AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n').at(-1)).toMatch(/CONFIG: s3:\/\/team\.models\/: bucket "team\.models" has dots and the endpoint's host is an IP address: .*; give AWS_ENDPOINT_URL as a DNS name, or read it path-style/);
+    expect(seen()).toEqual([]);
+    const pushed = await cli(['push', model.dir, 's3://team.models/pushed'], env({ AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
+    expect(pushed.code).toBe(1);
+    expect(pushed.stderr).toMatch(/CONFIG: s3:\/\/team\.models\/pushed\/: bucket "team\.models" has dots and the endpoint's host is an IP address/);
+    expect(seen()).toEqual([]);
+
+    // A server on that endpoint (its own bucket, path-style) refuses such an output_uri or input before generating.
+    const srv = await serve(env({ AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
+    await srv.waitReady();
+    const before = mark();
+    const inst = { prompt: 'a lighthouse at dusk', seed: 7, num_inference_steps: 2, height: 64, width: 64 };
+    const out = await predict(srv, { ...inst, output_uri: 's3://team.models/out/x.png' });
+    expect([out.status, out.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(out.json.error)).toMatch(/^instances\[0\]\.output_uri: bucket "team\.models" has dots and the endpoint's host is an IP address: /);
+    const read = await predict(srv, { ...inst, image: 's3://team.models/demo/x.png', strength: 0.5 });
+    expect([read.status, read.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(read.json.error)).toMatch(/^instances\[0\]\.image: bucket "team\.models" has dots and the endpoint's host is an IP address: /);
+    expect(before()).toEqual([]);
+  }, 30_000);
 
   it('is read path-style, as the AWS SDK falls back, with one warning naming why', async () => {
     const seen = mark();
@@ -208,12 +277,12 @@ describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET
     expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
     expect(seen().filter((x) => !pathStyle('my.models')(x)), 'every request path-style').toEqual([]);
     const warned = logLines(r.stderr).filter((l) => l.msg === FALLBACK);
-    expect(warned.map((l) => [l.level, l.reason])).toEqual([['warn', expect.stringMatching(/^bucket "my\.models" is not one DNS label/)]]);
+    expect(warned.map((l) => [l.level, l.reason])).toEqual([['warn', expect.stringMatching(/^bucket "my\.models" is not a host name/)]]);
   }, 30_000);
 
   it('a store that serves virtual-hosted requests only: the boot and the warm-up CLI name the cause', async () => {
     front.virtualOnly = { zone: ZONE };
-    const cause = /\(SecondLevelDomainForbidden\).*; requests for it went path-style although virtual-hosted addressing is on \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\): bucket "my\.models" is not one DNS label.*; read it path-style/;
+    const cause = /\(SecondLevelDomainForbidden\).*; requests for it went path-style although virtual-hosted addressing \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\) is on: bucket "my\.models" is not a host name.*; read it path-style/;
     const r = await cli([], env({ STORAGE_URI: `s3://my.models/${PREFIX}` }));
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n').at(-1)).toMatch(cause);
@@ -222,14 +291,19 @@ describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET
     const failed = await srv.waitReady().then(() => 'ready', (e: Error) => e.message);
     expect(failed).toMatch(cause);
     expect(srv.logs.filter((l) => l.msg === FALLBACK)).toHaveLength(1);
+
+    const pushed = await cli(['push', model.dir, 's3://my.models/pushed'], env());
+    expect(pushed.code).toBe(1);
+    expect(pushed.stderr).toMatch(cause);
+    expect(pushed.stderr).toContain(`push: ${FALLBACK}: bucket "my.models" is not a host name`);
   }, 30_000);
 
-  it('output_uri and s3:// inputs in such a bucket: the 400 names the path-style fallback, not only the denial', async () => {
+  it('output_uri and s3:// inputs in such a bucket: their errors name the path-style fallback, not only the denial', async () => {
     const srv = await serve(env());
     await srv.waitReady();
     front.virtualOnly = { zone: ZONE };
     const inst = { prompt: 'a lighthouse at dusk', seed: 7, num_inference_steps: 2, height: 64, width: 64 };
-    const note = /\(SecondLevelDomainForbidden\)(; check the server's S3 credentials and the bucket policy)?; requests for it went path-style although virtual-hosted addressing is on \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\): bucket "my\.models" is not one DNS label.*; read it path-style/;
+    const note = /\(SecondLevelDomainForbidden\)(; check the server's S3 credentials and the bucket policy)?; requests for it went path-style although virtual-hosted addressing \(S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0\) is on: bucket "my\.models" is not a host name.*; read it path-style/;
     const out = await predict(srv, { ...inst, output_uri: 's3://my.models/out/x.png' });
     expect([out.status, out.json.code]).toEqual([500, 'STORAGE_DENIED']);
     expect(String(out.json.error)).toMatch(/^output_uri: access denied writing s3:\/\/my\.models\/out\/x\.png /);

@@ -16,6 +16,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
+import { checkAddressing, explainFallback } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 
@@ -94,6 +95,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   trimCredentials();
   const src = parseStorageUri(uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
+  const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${msg}: ${f.reason}\n`));
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
@@ -118,7 +120,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
-    throw permanentError(e, src.bucket, undefined, 'list');
+    throw explainFallback(permanentError(e, src.bucket, undefined, 'list'), fallback);
   }
   if (stale.length > 0 && !replace) {
     s3.destroy();
@@ -146,7 +148,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           await up.done();
         } catch (e) {
           if (signal.aborted) throw e;
-          throw permanentError(e, src.bucket, src.prefix + rel, 'upload');
+          throw explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
         } finally {
           signal.removeEventListener('abort', onAbort);
         }
@@ -172,7 +174,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
       } catch (e) {
         if (signal.aborted) throw e;
         const p = permanentError(e, src.bucket, left[0], 'delete');
-        throw new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e });
+        throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
       }
     }
     if (stale.length > 0) process.stderr.write(`push: deleted ${stale.length} object(s) the export does not have\n`);

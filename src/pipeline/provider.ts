@@ -18,5 +18,15 @@ export function onGpu(provider: SessionProvider): boolean {
  * the few operators a GPU provider has no kernel for (ONNX Runtime places those on the CPU).
  */
 export function ortProviders(provider: SessionProvider, deviceId = 0): Array<'cpu' | { name: 'cuda'; deviceId: number }> {
-  return provider === 'cuda' ? [{ name: 'cuda', deviceId }, 'cpu'] : ['cpu'];
+  switch (provider) {
+    case 'cuda':
+      return [{ name: 'cuda', deviceId }, 'cpu'];
+    case 'cpu':
+      return ['cpu'];
+    default: {
+      // A provider added to SessionProvider must say here what ONNX Runtime is asked for, or this does not compile.
+      const unknown: never = provider;
+      throw new Error(`no ONNX Runtime providers for ${String(unknown)}`);
+    }
+  }
 }

@@ -30,6 +30,7 @@ export function createImageSource(s3: RequestS3): ImageSource {
     async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
+      const note = s3.addressing(loc.bucket, field);
       const [client, { GetObjectCommand }] = await Promise.all([s3.client(), (sdk ??= import('@aws-sdk/client-s3'))]);
       const where = `s3://${loc.bucket}/${loc.key}`;
       try {
@@ -47,7 +48,7 @@ export function createImageSource(s3: RequestS3): ImageSource {
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {
         if (err instanceof RuntimeError) throw err;
-        throw readError(err, field, where, loc.bucket, s3.addressingNote(loc.bucket));
+        throw readError(err, field, where, loc.bucket, note);
       }
     },
   };

@@ -38,6 +38,7 @@ export function createOutputStore(s3: RequestS3): OutputStore {
     async upload(uri, images, signal) {
       const { bucket, key } = parseOutputUri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
+      const note = s3.addressing(bucket, 'output_uri');
       const [client, { Upload }] = await Promise.all([s3.client(), (lib ??= import('@aws-sdk/lib-storage'))]);
       await Promise.all(
         images.map(async (img, i) => {
@@ -50,7 +51,7 @@ export function createOutputStore(s3: RequestS3): OutputStore {
           try {
             await up.done();
           } catch (err) {
-            throw uploadError(err, bucket, keys[i]!, s3.addressingNote(bucket));
+            throw uploadError(err, bucket, keys[i]!, note);
           } finally {
             signal?.removeEventListener('abort', onAbort);
           }

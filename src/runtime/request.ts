@@ -6,6 +6,7 @@ import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
+import { virtualHostedFallback } from '../storage/addressing.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -221,7 +222,7 @@ function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUr
 }
 
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -353,6 +354,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   else if (out) {
     const served = servedFrom(out, cfg);
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
+    // Refused before the generation, not after it: the upload could not be sent at all.
+    const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
+    if (f?.unaddressable) bad.push(`${w}.output_uri: ${f.reason}; ${f.advice}`);
   }
   const image = parseImageFields(inst, w, bad, defaults, steps);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);

@@ -18,9 +18,10 @@ import { checkListing } from './listing.js';
 import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock, type LockInfo } from './lock.js';
+import { checkAddressing, explainFallback } from './addressing.js';
 import { backoffMs } from './plan.js';
 import { classify, permanentError } from './s3-errors.js';
-import { fallbackNote, sdkMightDiffer, virtualHostedFallback, type AddressingFallback, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
+import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
@@ -108,8 +109,7 @@ export async function resolveModel(uri: string, opts: ResolveOptions): Promise<R
   if (choice.name === 'sdk' && choice.declined !== undefined) {
     opts.log.info({ reason: choice.declined }, 'S3_TRANSPORT=lite cannot serve this bucket; the AWS SDK reads it');
   }
-  const fallback = virtualHostedFallback(opts.cfg.s3, src.bucket);
-  if (fallback !== undefined) opts.log.warn({ ...fallback }, VIRTUAL_HOSTED_FALLBACK);
+  const fallback = checkAddressing(opts.cfg.s3, src.bucket, `s3://${src.bucket}/`, (fields, msg) => opts.log.warn(fields, msg));
   // The transport's code loads while the cache is looked at and locked.
   loadTransport(choice);
   try {
@@ -123,20 +123,6 @@ export async function resolveModel(uri: string, opts: ResolveOptions): Promise<R
       throw explainFallback(e2, fallback);
     });
   }
-}
-
-export const VIRTUAL_HOSTED_FALLBACK = 'S3_USER_VIRTUAL_BUCKET=1 cannot apply to this bucket; the AWS SDK addresses it path-style';
-
-/**
- * A storage failure of a bucket that went path-style though virtual-hosted addressing was asked for, with that said:
- * a store that serves virtual-hosted requests only answers such a request with a denial or a missing bucket, which
- * alone would send the operator to the credentials.
- */
-function explainFallback(e: unknown, fallback: AddressingFallback | undefined): unknown {
-  if (fallback === undefined || !(e instanceof RuntimeError) || !(e.code.startsWith('STORAGE_') || e.code === 'CONFIG')) return e;
-  return new RuntimeError(e.code, `${e.message}${fallbackNote(fallback)}`, {
-    cause: e, ...(e.retryAfter !== undefined ? { retryAfter: e.retryAfter } : {}), ...(e.fields !== undefined ? { fields: e.fields } : {}),
-  });
 }
 
 /** The answer in `e` (or its causes) that the SDK-free transport may have caused, if any. */

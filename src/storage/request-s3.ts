@@ -5,7 +5,8 @@
  */
 import type { S3Settings } from '../config.js';
 import type { S3Handle } from './s3-sdk.js';
-import { fallbackNote, virtualHostedFallback } from './transport.js';
+import { RuntimeError } from '../errors.js';
+import { fallbackNote, virtualHostedFallback } from './addressing.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
@@ -13,10 +14,12 @@ export interface RequestS3 {
   /** Closes its idle keep-alive sockets; a later call makes a new client. */
   destroy(): void;
   /**
-   * What to add to a denial or a missing bucket when `bucket` went path-style though virtual-hosted addressing is on
-   * (transport.ts virtualHostedFallback): a store that serves only virtual-hosted requests answers so. '' otherwise.
+   * Checks that `bucket` can be addressed as the S3 settings ask (addressing.ts), before any request: a bucket the SDK
+   * cannot address at all is the request's 400, naming `field`. Returns what to add to a denial or a missing bucket
+   * when it goes path-style though virtual-hosted addressing is on (a store that serves only virtual-hosted requests
+   * answers so), else ''.
    */
-  addressingNote(bucket: string): string;
+  addressing(bucket: string, field: string): string;
 }
 
 export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): RequestS3 {
@@ -32,8 +35,9 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): Requ
       handle?.destroy();
       handle = undefined;
     },
-    addressingNote(bucket) {
+    addressing(bucket, field) {
       const f = virtualHostedFallback(s3, bucket);
+      if (f?.unaddressable) throw new RuntimeError('INVALID_INPUT', `${field}: ${f.reason}; ${f.advice}`);
       return f ? fallbackNote(f) : '';
     },
   };

@@ -17,7 +17,8 @@ import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
-import { agentOptions, DNS_LABEL_BUCKET, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
+import { DNS_LABEL_BUCKET } from './addressing.js';
+import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
 

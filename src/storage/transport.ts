@@ -5,7 +5,6 @@
  */
 import { readFileSync } from 'node:fs';
 import type http from 'node:http';
-import { isIP } from 'node:net';
 import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
 
@@ -80,42 +79,4 @@ export function tlsOptions(s: Pick<S3Settings, 'verifySsl' | 'caBundle'>): TlsOp
 /** Keep-alive agent settings for S3: `sockets` sized so that no range waits for one. */
 export function agentOptions(sockets: number): http.AgentOptions {
   return { keepAlive: true, maxSockets: sockets, keepAliveMsecs: 10_000, scheduling: 'lifo' };
-}
-
-/**
- * A bucket name that can be one host-name label: 3-63 lower-case letters, digits and hyphens, a letter or digit at
- * each end (the AWS SDK's isVirtualHostableS3Bucket; dots are left out, as the SDK leaves them out for custom endpoints).
- */
-export const DNS_LABEL_BUCKET = /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/;
-
-export interface AddressingFallback {
-  /** Why the bucket cannot be addressed virtual-hosted. */
-  reason: string;
-  /** What makes virtual-hosted addressing possible. */
-  advice: string;
-}
-
-/**
- * Why `bucket` on a custom endpoint that is to be addressed virtual-hosted (S3_USER_VIRTUAL_BUCKET=1, or
- * S3_FORCE_PATH_STYLE=0) cannot be: the AWS SDK's endpoint rules then address it path-style without a word, which a
- * store that serves virtual-hosted requests only (Alibaba OSS) refuses. Undefined when nothing stands in the way, or
- * when path-style was asked for.
- */
-export function virtualHostedFallback(s: Pick<S3Settings, 'endpoint' | 'forcePathStyle'>, bucket: string): AddressingFallback | undefined {
-  if (s.endpoint === undefined || s.forcePathStyle) return undefined;
-  if (isIP(new URL(s.endpoint).hostname.replace(/^\[(.*)\]$/, '$1')) !== 0) {
-    return { reason: "the endpoint's host is an IP address", advice: 'give AWS_ENDPOINT_URL as a DNS name under which every bucket is a subdomain' };
-  }
-  if (!DNS_LABEL_BUCKET.test(bucket)) {
-    return {
-      reason: `bucket ${JSON.stringify(bucket)} is not one DNS label (3-63 lower-case letters, digits and hyphens), so it cannot be a host name`,
-      advice: 'read it path-style (without S3_USER_VIRTUAL_BUCKET) or copy the model to a bucket whose name is one DNS label',
-    };
-  }
-  return undefined;
-}
-
-/** The end of an error message about a bucket that went path-style (virtualHostedFallback): what happened and what to do. */
-export function fallbackNote(f: AddressingFallback): string {
-  return `; requests for it went path-style although virtual-hosted addressing is on (S3_USER_VIRTUAL_BUCKET=1 or S3_FORCE_PATH_STYLE=0): ${f.reason}; ${f.advice}`;
 }
