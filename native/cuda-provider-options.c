@@ -214,18 +214,7 @@ const OrtApiBase *OrtGetApiBase(void) {
 
 /* ---- Node-API: stats() for the runtime's log and the tests --------------------------------------------------- */
 
-typedef struct napi_env__ *napi_env;
-typedef struct napi_value__ *napi_value;
-typedef struct napi_callback_info__ *napi_callback_info;
-typedef int napi_status;
-typedef napi_value (*napi_callback)(napi_env, napi_callback_info);
-extern napi_status napi_create_object(napi_env, napi_value *);
-extern napi_status napi_create_uint32(napi_env, uint32_t, napi_value *);
-extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
-extern napi_status napi_get_boolean(napi_env, _Bool, napi_value *);
-extern napi_status napi_set_named_property(napi_env, napi_value, const char *, napi_value);
-extern napi_status napi_create_function(napi_env, const char *, size_t, napi_callback, void *, napi_value *);
-#define NAPI_AUTO_LENGTH SIZE_MAX
+#include "napi-min.h"
 
 static void set_u32(napi_env env, napi_value obj, const char *key, uint32_t v) {
   napi_value x;

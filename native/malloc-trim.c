@@ -13,8 +13,8 @@
  * bytes before and after (/proc/self/statm), and how long it took. malloc_trim is looked up at load time, so the
  * module also loads on a C library without it (musl): `available` is then false and trim() is not exported.
  *
- * No headers: the few Node-API declarations used are written out here (as in cuda-provider-options.c); the symbols
- * are resolved from the node binary at load time.
+ * No Node headers: napi-min.h writes out the few Node-API declarations used; the symbols are resolved from the node
+ * binary at load time.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -28,31 +28,7 @@
 typedef int (*MallocTrimFn)(size_t pad);
 static MallocTrimFn malloc_trim_fn;
 
-typedef struct napi_env__ *napi_env;
-typedef struct napi_value__ *napi_value;
-typedef struct napi_callback_info__ *napi_callback_info;
-typedef struct napi_deferred__ *napi_deferred;
-typedef struct napi_async_work__ *napi_async_work;
-typedef int napi_status;
-typedef napi_value (*napi_callback)(napi_env, napi_callback_info);
-typedef void (*napi_async_execute_callback)(napi_env, void *);
-typedef void (*napi_async_complete_callback)(napi_env, napi_status, void *);
-extern napi_status napi_create_object(napi_env, napi_value *);
-extern napi_status napi_create_double(napi_env, double, napi_value *);
-extern napi_status napi_create_string_utf8(napi_env, const char *, size_t, napi_value *);
-extern napi_status napi_get_boolean(napi_env, _Bool, napi_value *);
-extern napi_status napi_set_named_property(napi_env, napi_value, const char *, napi_value);
-extern napi_status napi_create_function(napi_env, const char *, size_t, napi_callback, void *, napi_value *);
-extern napi_status napi_create_promise(napi_env, napi_deferred *, napi_value *);
-extern napi_status napi_resolve_deferred(napi_env, napi_deferred, napi_value);
-extern napi_status napi_reject_deferred(napi_env, napi_deferred, napi_value);
-extern napi_status napi_create_async_work(napi_env, napi_value, napi_value, napi_async_execute_callback,
-                                          napi_async_complete_callback, void *, napi_async_work *);
-extern napi_status napi_queue_async_work(napi_env, napi_async_work);
-extern napi_status napi_delete_async_work(napi_env, napi_async_work);
-extern napi_status napi_throw_error(napi_env, const char *, const char *);
-#define NAPI_OK 0
-#define NAPI_AUTO_LENGTH SIZE_MAX
+#include "napi-min.h"
 
 typedef struct {
   napi_deferred deferred;
