@@ -15,7 +15,7 @@ import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, readLoraMap, viewPosition
 import { mergeComponent, writeMergedComponent, writeMergedCopy } from '../src/pipeline/lora-merge.js';
 import { fixtureModel } from './fixtures/index.js';
 import { writeSafetensors } from '../src/demo/safetensors.js';
-import { parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
+import { openSafetensors, parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
 import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
 
 const { onnx } = onnxProto;
@@ -56,6 +56,51 @@ describe('safetensors', () => {
   ])('refuses %s with an error naming the file', (_what, buf, re) => {
     expect(() => parseSafetensors(buf, 'adapter "x"')).toThrow(re);
     expect(() => parseSafetensors(buf, 'adapter "x"')).toThrow(/^adapter "x" is not a valid safetensors file/);
+  });
+
+  it('reads a file on disk by ranges as it reads it in memory, and past 2 GiB, which no whole read of it can', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'dr-st-'));
+    try {
+      for (const f of readdirSync(FIX).filter((n) => n.endsWith('.safetensors'))) {
+        const whole = load(f);
+        const st = await openSafetensors(path.join(FIX, f), f);
+        try {
+          expect(st.metadata, f).toEqual(whole.metadata);
+          expect([...st.tensors.keys()], f).toEqual([...whole.tensors.keys()]);
+          for (const t of st.tensors.values()) expect(readFloats(st, t, f), `${f} ${t.name}`).toEqual(readFloats(whole, whole.tensors.get(t.name)!, f));
+        } finally {
+          await st.close();
+        }
+      }
+      // A sparse file of 2.2 GB: one tensor at its very end, after a gap the header leaves (sparse: no disk used).
+      const header = JSON.stringify({ w: { dtype: 'F32', shape: [2], data_offsets: [2_200_000_000, 2_200_000_008] } });
+      const big = path.join(dir, 'big.safetensors');
+      const fd = openSync(big, 'w');
+      const head = Buffer.alloc(8 + header.length);
+      head.writeBigUInt64LE(BigInt(header.length), 0);
+      head.write(header, 8);
+      writeSync(fd, head, 0, head.length, 0);
+      writeSync(fd, Buffer.from(Float32Array.of(1.5, -3).buffer), 0, 8, head.length + 2_200_000_000);
+      closeSync(fd);
+      expect(() => readFileSync(big)).toThrow(/ERR_FS_FILE_TOO_LARGE|File size .* is greater than 2 GiB/);
+      const st = await openSafetensors(big, 'adapter "big"');
+      expect([...readFloats(st, st.tensors.get('w')!, 'big')]).toEqual([1.5, -3]);
+      await st.close();
+      // Cut short after it was opened: the read names the adapter, never the path.
+      const cut = path.join(dir, 'cut.safetensors');
+      copyFileSync(path.join(FIX, readdirSync(FIX).find((n) => n.endsWith('.safetensors'))!), cut);
+      const opened = await openSafetensors(cut, 'adapter "cut"');
+      const last = [...opened.tensors.values()].sort((a, b) => b.end - a.end)[0]!;
+      const cfd = openSync(cut, 'r+');
+      ftruncateSync(cfd, statSync(cut).size - 1);
+      closeSync(cfd);
+      expect(() => readFloats(opened, last, 'cut')).toThrow(/^adapter "cut" could not be read: it ends at byte \d+, before the tensor it lists$/);
+      await opened.close();
+      await expect(openSafetensors(cut, 'adapter "cut"')).rejects.toThrow(/^adapter "cut" is not a valid safetensors file: tensor .* lies outside the data/);
+      await expect(openSafetensors(path.join(dir, 'missing.safetensors'), 'adapter "gone"')).rejects.toThrow(/^adapter "gone" could not be read$/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('refuses tensors outside the data, of the wrong size, overlapping, or of unknown dtypes', () => {

@@ -3,7 +3,9 @@
  * (`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}`), then the tensors' bytes,
  * little-endian, row-major, offsets relative to the end of the header. (The demo model writes it: demo/safetensors.ts.)
  */
-import { RuntimeError } from '../errors.js';
+import { open } from 'node:fs/promises';
+import { readSync } from 'node:fs';
+import { isRuntimeError, RuntimeError } from '../errors.js';
 import { fromHalfBits } from './half.js';
 
 /** A header bigger than this is not a LoRA file (kohya's largest SDXL LoRAs have headers of a few hundred KB). */
@@ -28,26 +30,75 @@ export interface StTensor {
 export interface SafeTensors {
   tensors: Map<string, StTensor>;
   metadata: Record<string, string>;
-  /** The file's bytes after the header. */
-  data: Uint8Array;
+  /** Bytes [begin, end) of the data section (after the header). */
+  read(begin: number, end: number): Uint8Array;
 }
 
-/** `what` names the file in errors (an adapter name, never a local path). */
+/** A safetensors file read by ranges (openSafetensors): close it once its tensors have been read. */
+export interface SafeTensorsFile extends SafeTensors {
+  close(): Promise<void>;
+}
+
+const invalid = (what: string, msg: string) => new RuntimeError('INVALID_INPUT', `${what} is not a valid safetensors file: ${msg}`);
+
+/** The header length the first 8 bytes give, checked against a file of `size` bytes. */
+function headerLength(first8: Uint8Array, size: number, what: string): number {
+  if (size < 8) throw invalid(what, `${size} bytes, shorter than the 8-byte header length`);
+  const n = new DataView(first8.buffer, first8.byteOffset, 8).getBigUint64(0, true);
+  if (n > BigInt(Math.min(MAX_HEADER_BYTES, size - 8))) throw invalid(what, `header length ${n} runs past the file (${size} bytes) or over ${MAX_HEADER_BYTES}`);
+  return Number(n);
+}
+
+/** A file in memory. `what` names the file in errors (an adapter name, never a local path). */
 export function parseSafetensors(buf: Uint8Array, what: string): SafeTensors {
-  const bad = (msg: string) => new RuntimeError('INVALID_INPUT', `${what} is not a valid safetensors file: ${msg}`);
-  if (buf.byteLength < 8) throw bad(`${buf.byteLength} bytes, shorter than the 8-byte header length`);
-  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const n = view.getBigUint64(0, true);
-  if (n > BigInt(Math.min(MAX_HEADER_BYTES, buf.byteLength - 8))) throw bad(`header length ${n} runs past the file (${buf.byteLength} bytes) or over ${MAX_HEADER_BYTES}`);
-  const headerLen = Number(n);
+  const headerLen = headerLength(buf, buf.byteLength, what);
+  const data = buf.subarray(8 + headerLen);
+  return { ...parseHeader(buf.subarray(8, 8 + headerLen), data.byteLength, what), read: (begin, end) => data.subarray(begin, end) };
+}
+
+/**
+ * A file on disk, read by ranges: the header now, each tensor when it is read. An adapter's bytes are never held whole
+ * (kohya's SDXL adapters reach hundreds of MB, and Node reads no file over 2 GiB whole).
+ */
+export async function openSafetensors(file: string, what: string): Promise<SafeTensorsFile> {
+  let fh: Awaited<ReturnType<typeof open>>;
+  try {
+    fh = await open(file, 'r');
+  } catch {
+    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`);
+  }
+  try {
+    const size = (await fh.stat()).size;
+    const at = (pos: number, len: number): Uint8Array => {
+      const out = new Uint8Array(len);
+      // One read returns at most ~2 GiB on Linux, and less if the file shrank: read until the range is whole.
+      for (let got = 0; got < len;) {
+        const n = readSync(fh.fd, out, got, len - got, pos + got);
+        if (n === 0) throw new RuntimeError('INVALID_INPUT', `${what} could not be read: it ends at byte ${pos + got}, before the tensor it lists`);
+        got += n;
+      }
+      return out;
+    };
+    const headerLen = headerLength(at(0, Math.min(8, size)), size, what);
+    const base = 8 + headerLen;
+    const parsed = parseHeader(at(8, headerLen), size - base, what);
+    return { ...parsed, read: (begin, end) => at(base + begin, end - begin), close: () => fh.close() };
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    if (isRuntimeError(err)) throw err;
+    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`);
+  }
+}
+
+function parseHeader(bytes: Uint8Array, dataLength: number, what: string): Pick<SafeTensors, 'tensors' | 'metadata'> {
+  const bad = (msg: string) => invalid(what, msg);
   let header: unknown;
   try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(buf.subarray(8, 8 + headerLen)));
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch (err) {
     throw bad(`the header is not JSON (${(err as Error).message})`);
   }
   if (typeof header !== 'object' || header === null || Array.isArray(header)) throw bad('the header is not a JSON object');
-  const data = buf.subarray(8 + headerLen);
   const tensors = new Map<string, StTensor>();
   let metadata: Record<string, string> = {};
   const ranges: Array<[number, number, string]> = [];
@@ -67,7 +118,7 @@ export function parseSafetensors(buf: Uint8Array, what: string): SafeTensors {
     if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) throw bad(`tensor ${JSON.stringify(name)} has bad data_offsets`);
     const [begin, end] = off as [number, number];
     const count = (shape as number[]).reduce((a, b) => a * b, 1);
-    if (end < begin || end > data.byteLength) throw bad(`tensor ${JSON.stringify(name)} lies outside the data (${begin}..${end} of ${data.byteLength} bytes)`);
+    if (end < begin || end > dataLength) throw bad(`tensor ${JSON.stringify(name)} lies outside the data (${begin}..${end} of ${dataLength} bytes)`);
     if (end - begin !== count * ELEMENT_BYTES[dtype]!) throw bad(`tensor ${JSON.stringify(name)}: ${end - begin} bytes for ${count} ${dtype} values`);
     tensors.set(name, { name, dtype, shape: shape as number[], begin, end });
     ranges.push([begin, end, name]);
@@ -76,13 +127,13 @@ export function parseSafetensors(buf: Uint8Array, what: string): SafeTensors {
   for (let i = 1; i < ranges.length; i++) {
     if (ranges[i]![0] < ranges[i - 1]![1]) throw bad(`tensors ${JSON.stringify(ranges[i - 1]![2])} and ${JSON.stringify(ranges[i]![2])} overlap`);
   }
-  return { tensors, metadata, data };
+  return { tensors, metadata };
 }
 
 /** A tensor's values as float64 (F32, F16, BF16, F64); other dtypes are refused by name. */
 export function readFloats(st: SafeTensors, t: StTensor, what: string): Float64Array {
   if (!FLOAT_DTYPES.has(t.dtype)) throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; LoRA weights must be F32, F16, BF16 or F64`);
-  const bytes = st.data.subarray(t.begin, t.end);
+  const bytes = st.read(t.begin, t.end);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const size = ELEMENT_BYTES[t.dtype]!;
   const n = bytes.byteLength / size;

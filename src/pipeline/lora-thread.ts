@@ -4,14 +4,14 @@
  * ORT does synchronously on the calling thread) never hold up the pipeline worker's base sessions, and evicting a set
  * is ending its thread.
  */
-import { readFile, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError } from '../errors.js';
 import { parseAdapter } from './lora-keys.js';
 import { planAdapterSet, writeMergedComponent } from './lora-merge.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
-import { parseSafetensors } from './lora-safetensors.js';
+import { openSafetensors, type SafeTensorsFile } from './lora-safetensors.js';
 import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 import { SessionFactory, type OnnxSession } from './onnx.js';
 import { NO_OPTIMIZED_CACHE } from './ortcache.js';
@@ -38,16 +38,21 @@ let next = 1;
 const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
 async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
+  // Each adapter file stays open, read tensor by tensor, until the set's components are merged.
+  const open: SafeTensorsFile[] = [];
+  try {
+    await buildFrom(m, open);
+  } finally {
+    await Promise.allSettled(open.map((st) => st.close()));
+  }
+}
+
+async function buildFrom(m: Extract<ToLora, { t: 'build' }>, open: SafeTensorsFile[]): Promise<void> {
   const t0 = performance.now();
   const adapters = await Promise.all(
     m.adapters.map(async (a) => {
-      let bytes: Buffer;
-      try {
-        bytes = await readFile(a.file);
-      } catch {
-        throw new RuntimeError('INVALID_INPUT', `adapter "${a.name}" could not be read`);
-      }
-      const st = parseSafetensors(bytes, `adapter "${a.name}"`);
+      const st = await openSafetensors(a.file, `adapter "${a.name}"`);
+      open.push(st);
       return { parsed: parseAdapter(st, a.name), st, scale: a.scale };
     }),
   );
