@@ -3,7 +3,7 @@
  * and kohya form) must give exactly the image of a demo model whose weights the test merged itself, offline, at build
  * time (an implementation of its own: the demo graph's layouts, not the runtime's lora_map.json or merge code).
  */
-import { copyFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
@@ -82,6 +82,25 @@ function mergeInto(values: Float32Array, dims: readonly number[], terms: Term[])
   }
 }
 
+/** `src` with a 2.2 GB hole before its tensors' bytes (a sparse file: no disk used), offsets shifted to match. */
+async function writeSparseCopy(src: string, dst: string): Promise<void> {
+  const GAP = 2_200_000_000;
+  const buf = await readFile(src);
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { data_offsets?: [number, number] }>;
+  for (const [k, v] of Object.entries(header)) if (k !== '__metadata__') v.data_offsets = [v.data_offsets![0] + GAP, v.data_offsets![1] + GAP];
+  const head = Buffer.from(JSON.stringify(header));
+  const out = await open(dst, 'w');
+  try {
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(head.length), 0);
+    await out.write(Buffer.concat([len, head]), 0, 8 + head.length, 0);
+    await out.write(buf.subarray(8 + n), 0, buf.length - 8 - n, 8 + head.length + GAP);
+  } finally {
+    await out.close();
+  }
+}
+
 async function imageOf(s: Pick<RuntimeHandle, 'url'>, extra: Record<string, unknown> = {}): Promise<{ status: number; b64?: string; error?: string }> {
   const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red fox in the snow', seed: 7, num_inference_steps: 3, height: 64, width: 64, ...extra }] });
   const p = (r.json.predictions as Array<{ image: { b64: string } }> | undefined)?.[0];
@@ -121,6 +140,7 @@ describe('LoRA adapters on the demo model', () => {
       { name: 'lora_unet_attn2_to_q.lora_up.weight', shape: [3, RANK], data: new Float32Array(3 * RANK) },
     ]));
     await writeFile(path.join(baseDir, 'loras', 'not-safetensors.safetensors'), 'hello');
+    await writeSparseCopy(path.join(baseDir, 'loras', 'demo-style.safetensors'), path.join(baseDir, 'loras', 'demo-style-big.safetensors'));
     const env = { EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', MAX_LORAS: '3', RESULT_CACHE_MB: '0' };
     [base, merged] = await Promise.all([
       startRuntime({ ...env, STORAGE_URI: baseDir }, { ready: true }),
@@ -159,6 +179,13 @@ describe('LoRA adapters on the demo model', () => {
     expect(got.error).toBeUndefined();
     expect(got.b64).toBe(want.b64);
     expect(got.b64).not.toBe((await imageOf(base, { image: input, strength: 0.6 })).b64);
+  });
+
+  it('reads an adapter over 2 GiB (read by ranges: Node reads no file that big whole)', async () => {
+    const one = await imageOf(base, { loras: [{ name: 'demo-style', scale: 0.5 }] });
+    const big = await imageOf(base, { loras: [{ name: 'demo-style-big', scale: 0.5 }] });
+    expect(big.error).toBeUndefined();
+    expect(big.b64).toBe(one.b64);
   });
 
   it('reads an adapter folder (diffusers save_lora_weights layout)', async () => {
