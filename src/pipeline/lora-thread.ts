@@ -38,24 +38,19 @@ let next = 1;
 const fail = (id: number, err: unknown) => post(failedReply(id, err));
 
 async function build(m: Extract<ToLora, { t: 'build' }>): Promise<void> {
+  const t0 = performance.now();
   // Each adapter file stays open, read tensor by tensor, until the set's components are merged.
-  const open: SafeTensorsFile[] = [];
+  const opening = m.adapters.map((a) => openSafetensors(a.file, `adapter "${a.name}"`));
   try {
-    await buildFrom(m, open);
+    await buildFrom(m, await Promise.all(opening), t0);
   } finally {
-    await Promise.allSettled(open.map((st) => st.close()));
+    // Every file that opened, those that opened after another had failed included.
+    await Promise.allSettled(opening.map((p) => p.then((st) => st.close())));
   }
 }
 
-async function buildFrom(m: Extract<ToLora, { t: 'build' }>, open: SafeTensorsFile[]): Promise<void> {
-  const t0 = performance.now();
-  const adapters = await Promise.all(
-    m.adapters.map(async (a) => {
-      const st = await openSafetensors(a.file, `adapter "${a.name}"`);
-      open.push(st);
-      return { parsed: parseAdapter(st, a.name), st, scale: a.scale };
-    }),
-  );
+async function buildFrom(m: Extract<ToLora, { t: 'build' }>, files: SafeTensorsFile[], t0: number): Promise<void> {
+  const adapters = m.adapters.map((a, i) => ({ parsed: parseAdapter(files[i]!, a.name), st: files[i]!, scale: a.scale }));
   const { byComponent, problems } = planAdapterSet(adapters, m.components);
   if (problems.length > 0) throw new RuntimeError('INVALID_INPUT', problems.join('; '));
   const t1 = performance.now();
