@@ -110,6 +110,25 @@ describe('native/malloc-trim and its trimmer', () => {
     expect(t.runs).toBe(2);
   });
 
+  it('sets that never stop switching still get a trim once the first pending end is maxDelayMs old', async () => {
+    const { log } = logsOf();
+    const t = createMemoryTrimmer(log, { file: MODULE, policy: { quietMs: 300, maxDelayMs: 600 } });
+    const t0 = performance.now();
+    const first = t.threadEnded();
+    let firstAt = 0;
+    void first.then(() => (firstAt = performance.now() - t0));
+    // An end every 100 ms for 2.5 s: never 300 ms of quiet (without the cap the trim would come at ~2.8 s).
+    while (performance.now() - t0 < 2_500) {
+      await new Promise((r) => setTimeout(r, 100));
+      void t.threadEnded();
+    }
+    expect(await first).toBeDefined();
+    // The last refresh before 600 ms holds it to about 600 + 300 ms.
+    expect(firstAt).toBeGreaterThanOrEqual(600);
+    expect(firstAt).toBeLessThan(2_400);
+    expect(t.runs).toBeGreaterThanOrEqual(1);
+  });
+
   it('without the module (no C compiler at build): one info line, no trim, no failure', async () => {
     const { lines, log } = logsOf();
     const t = createMemoryTrimmer(log, { file: path.join(tmp.dir, 'no-such', 'malloc-trim.node'), policy: { quietMs: 0 } });

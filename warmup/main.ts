@@ -95,7 +95,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   trimCredentials();
   const src = parseStorageUri(uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
-  const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${msg}: ${f.reason}\n`));
+  const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${msg}: ${f.reason}; ${f.advice}\n`));
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();

@@ -24,13 +24,15 @@ export interface TrimReport {
  * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile). A trim
  * gives back every free page; while sets keep switching, the next builds fault most of them straight back in, so
  * trims then slow builds down and hold RSS down only for moments (docs/BENCHMARKS.md, "Long serving"). Once sets stop
- * switching, one trim gives the memory back for as long as they stay stopped.
+ * switching, one trim gives the memory back for as long as they stay stopped. Sets that never stop switching still get
+ * one trim every `maxDelayMs` at most, so the arenas' free memory cannot pile up for ever (one slower build each time).
  */
 export interface TrimPolicy {
   quietMs: number;
+  maxDelayMs?: number;
 }
 
-export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000 });
+export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000, maxDelayMs: 300_000 });
 
 export interface MemoryTrimmer {
   /** Why trims do nothing in this process (no module, no malloc_trim), once the first trim has looked; else undefined. */
@@ -65,7 +67,7 @@ interface NativeTrim {
 export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): MemoryTrimmer {
   const file = opts.file ?? MALLOC_TRIM_MODULE;
   const policy = opts.policy ?? TRIM_POLICY;
-  let quiet: { timer: NodeJS.Timeout; done: Promise<TrimReport | undefined> } | undefined;
+  let quiet: { timer: NodeJS.Timeout; done: Promise<TrimReport | undefined>; since: number } | undefined;
   let native: NativeTrim | undefined;
   let unavailable: string | undefined;
   let loaded = false;
@@ -136,7 +138,7 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
   const threadEnded = (): Promise<TrimReport | undefined> => {
     if (loaded && !native) return Promise.resolve(undefined);
     if (quiet) {
-      quiet.timer.refresh();
+      if (performance.now() - quiet.since < (policy.maxDelayMs ?? Infinity)) quiet.timer.refresh();
       return quiet.done;
     }
     let fire!: () => void;
@@ -145,7 +147,7 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
       return logged(trim());
     });
     // Unreferenced: a worker that is shutting down does not wait for it.
-    quiet = { timer: setTimeout(() => fire(), policy.quietMs).unref(), done };
+    quiet = { timer: setTimeout(() => fire(), policy.quietMs).unref(), done, since: performance.now() };
     return done;
   };
 
