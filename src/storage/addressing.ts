@@ -6,6 +6,7 @@
  * so. test/s3-vhost.test.ts checks these rules against the SDK's own resolution.
  */
 import { isIP } from 'node:net';
+import { domainToASCII } from 'node:url';
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
 
@@ -40,9 +41,19 @@ export function virtualHostedFallback(s: Pick<S3Settings, 'endpoint' | 'forcePat
   const ip = isIP(url.hostname.replace(/^\[(.*)\]$/, '$1')) !== 0;
   const http = url.protocol === 'http:';
   const oneLabel = DNS_LABEL_BUCKET.test(bucket);
-  const labels = bucket.includes('.') && bucket.split('.').every((l) => DNS_LABEL_BUCKET.test(l));
-  if (!ip && (oneLabel || (http && labels))) return undefined;
+  // A dotted name that starts like an IPv4 address is never put in a host name (S3 forbids such bucket names).
+  const labels = bucket.includes('.') && bucket.split('.').every((l) => DNS_LABEL_BUCKET.test(l)) && !/^\d+\.\d+\.\d+\.\d+(\.|$)/.test(bucket);
   const name = JSON.stringify(bucket);
+  const intoHost = ip ? http && labels : oneLabel || (http && labels);
+  // An `xn--` label that is no valid punycode: the URL the SDK builds with it in the host does not parse.
+  if (intoHost && bucket.split('.').some((l) => domainToASCII(l) === '')) {
+    return {
+      reason: `bucket ${name} has a label that is not valid punycode ("xn--…"): the AWS SDK would put it in a host name, which is no valid URL`,
+      advice: `${PATH_STYLE}, or copy the model to a bucket with a plain name`,
+      unaddressable: true,
+    };
+  }
+  if (!ip && intoHost) return undefined;
   if (ip && http && labels) {
     return {
       reason: `bucket ${name} has dots and the endpoint's host is an IP address: the AWS SDK would put the bucket in front of the address, which is no valid URL`,
