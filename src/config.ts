@@ -2,7 +2,6 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { virtualHostedFallback } from './storage/addressing.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
@@ -251,13 +250,6 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
     bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
-  }
-  // A bucket the AWS SDK could not address at all under these S3 settings (storage/addressing.ts): said now, not as a
-  // boot failure or an adapter's 502 after every request.
-  for (const [name, uri] of [['STORAGE_URI', cfg.storageUri], ['LORA_URI', cfg.loraUri]] as const) {
-    const bucket = uri === undefined ? undefined : /^s3:\/\/([^/@]+)(\/|$)/.exec(uri)?.[1];
-    const f = bucket === undefined ? undefined : virtualHostedFallback(cfg.s3, bucket);
-    if (f?.unaddressable) bad.push(`${name}: ${f.reason}; ${f.advice}`);
   }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   // Whitespace around a key is removed (trimCredentials); inside one it is a copy gone wrong. The value is never shown.

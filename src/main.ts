@@ -13,11 +13,14 @@ import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
 import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
+import { unaddressableUris } from './storage/addressing.js';
 
 async function main(): Promise<void> {
   let cfg: Readonly<Config>;
   try {
     cfg = loadConfig(process.env);
+    const unaddressable = unaddressableUris(cfg);
+    if (unaddressable.length > 0) throw new ConfigError(unaddressable);
   } catch (err) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
     process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);

@@ -5,7 +5,7 @@
  * real sockets do the rest. A front (helpers/host-front.ts) records the Host header and path of every request, and
  * s3rver reads the bucket from the Host header (`serviceEndpoint: 'test'`).
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { GetObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
@@ -252,9 +252,12 @@ describe('a bucket name that cannot be a host name, under S3_USER_VIRTUAL_BUCKET
     const r = await cli([], env({ STORAGE_URI: `s3://team.models/${PREFIX}`, AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/CONFIG: STORAGE_URI: bucket "team\.models" has dots and the endpoint's host is an IP address: .*; give AWS_ENDPOINT_URL as a DNS name, or read it path-style/);
-    const lora = await cli([], env({ LORA_URI: 's3://team.models/loras/', AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
-    expect(lora.code).toBe(2);
-    expect(lora.stderr).toMatch(/CONFIG: LORA_URI: bucket "team\.models" has dots and the endpoint's host is an IP address/);
+    // The server says so for LORA_URI too, at start, as for any bad variable.
+    const childEnv: Record<string, string> = { PATH: process.env.PATH ?? '' };
+    for (const [k, v] of Object.entries(env({ LORA_URI: 's3://team.models/loras/', AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}`, PORT: '0' }))) if (v !== undefined) childEnv[k] = v;
+    const server = spawnSync(process.execPath, [path.join(ROOT, 'dist', 'src', 'main.js')], { env: childEnv, encoding: 'utf8', timeout: 20_000 });
+    expect(server.status).toBe(2);
+    expect(server.stderr.trim()).toMatch(/^diffusers-runtime: invalid configuration: LORA_URI: bucket "team\.models" has dots and the endpoint's host is an IP address/);
     expect(seen()).toEqual([]);
     const pushed = await cli(['push', model.dir, 's3://team.models/pushed'], env({ AWS_ENDPOINT_URL: `http://127.0.0.1:${front.port}` }));
     expect(pushed.code).toBe(1);

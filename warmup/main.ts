@@ -16,7 +16,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
-import { checkAddressing, explainFallback } from '../src/storage/addressing.js';
+import { checkAddressing, explainFallback, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 
@@ -32,6 +32,8 @@ function progressLine(p: FetchProgress): string {
 async function warm(signal: AbortSignal): Promise<void> {
   const cfg = loadConfig();
   if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
+  const unaddressable = unaddressableUris(cfg);
+  if (unaddressable.length > 0) throw new ConfigError(unaddressable);
   // stdout carries only the final JSON line; a Job log shows progress and problems, not every event.
   const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
   const trimmed = trimCredentials();

@@ -114,3 +114,17 @@ export function checkAddressing(s: Pick<S3Settings, 'endpoint' | 'forcePathStyle
   }
   return f;
 }
+
+/**
+ * STORAGE_URI's and LORA_URI's buckets that the SDK could not address at all under these S3 settings, as problems of
+ * the configuration: said at start, not as a boot failure or an adapter's 502 after every request.
+ */
+export function unaddressableUris(cfg: { s3: Pick<S3Settings, 'endpoint' | 'forcePathStyle'>; storageUri?: string | undefined; loraUri?: string | undefined }): string[] {
+  const problems: string[] = [];
+  for (const [name, uri] of [['STORAGE_URI', cfg.storageUri], ['LORA_URI', cfg.loraUri]] as const) {
+    const bucket = uri === undefined ? undefined : /^s3:\/\/([^/@]+)(\/|$)/.exec(uri)?.[1];
+    const f = bucket === undefined ? undefined : virtualHostedFallback(cfg.s3, bucket);
+    if (f?.unaddressable) problems.push(`${name}: ${f.reason}; ${f.advice}`);
+  }
+  return problems;
+}
