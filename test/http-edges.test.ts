@@ -541,7 +541,7 @@ describe('fields of one protocol', () => {
   it('V1 refuses preview_every, which only the WebSocket stream answers, instead of rendering previews nobody gets', async () => {
     const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', num_inference_steps: 2, height: 64, width: 64, preview_every: 1 }] });
     expect([r.status, r.json]).toEqual([400, {
-      error: 'instances[0].preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews',
+      error: 'instances[0].preview_every is for the WebSocket stream only (/v1/models/model/stream): this answer carries no previews',
       code: 'INVALID_INPUT',
     }]);
     const none = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', num_inference_steps: 2, height: 64, width: 64, preview_every: 0 }] });

@@ -222,7 +222,7 @@ function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUr
 }
 
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3' | 'modelName'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -322,7 +322,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const previewEvery = int('preview_every', 0, 0, cfg.maxSteps);
   // 0 (no previews) is what this answer gives anyway: a body shared with the WebSocket client may carry it.
   if (!previews && previewEvery > 0) {
-    bad.push(`${w}.preview_every is for the WebSocket stream only (/v1/models/{name}/stream): this answer carries no previews`);
+    bad.push(`${w}.preview_every is for the WebSocket stream only (/v1/models/${cfg.modelName ?? '{name}'}/stream): this answer carries no previews`);
   }
   const seedGiven = has('seed');
   const seed = int('seed', 0, 0, MAX_SEED);
