@@ -12,6 +12,7 @@ import { GetObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/clien
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { startHostFront, type HostFront, type SeenRequest } from './helpers/host-front.js';
+import { TLS_FIXTURES, tlsFront, type TlsFront } from './helpers/tls-front.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { loadConfig } from '../src/config.js';
 import { VIRTUAL_HOSTED_FALLBACK, virtualHostedFallback } from '../src/storage/addressing.js';
@@ -24,6 +25,8 @@ const PREFIX = 'demo/';
 
 let s3: S3Server;
 let front: HostFront;
+/** HTTPS before the recording front, with a certificate for s3.test and *.s3.test from the test CA. */
+let https: TlsFront;
 let model: DemoManifest;
 const dirs: Array<() => void> = [];
 const live: ServerHandle[] = [];
@@ -37,6 +40,7 @@ beforeAll(async () => {
     for (const f of model.files) await s3.put(bucket, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
   }
   front = await startHostFront(s3.port);
+  https = await tlsFront(front.port, 'vhost');
 }, 60_000);
 
 afterEach(async () => {
@@ -45,6 +49,7 @@ afterEach(async () => {
 });
 
 afterAll(async () => {
+  await https?.close();
   await front?.close();
   if (s3) await destroyS3(s3);
   for (const c of dirs) c();
@@ -148,6 +153,22 @@ describe('S3_USER_VIRTUAL_BUCKET=1 with a custom endpoint', () => {
     expect(aside.map((l) => l.reason)).toEqual(['the endpoint is addressed virtual-hosted']);
     expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
     expect(seen().filter((r) => !(virtualHosted('models')(r) && r.sdk))).toEqual([]);
+  }, 30_000);
+
+  it('over HTTPS with an internal CA: a wildcard certificate serves every bucket; a dotted one goes path-style, as the SDK says', async () => {
+    const tlsEnv = { AWS_ENDPOINT_URL: `https://${ZONE}:${https.port}`, S3_USE_HTTPS: '1', AWS_CA_BUNDLE: path.join(TLS_FIXTURES, 'ca.pem') };
+    const seen = mark();
+    const r = await cli([], env(tlsEnv));
+    expect(r.code, r.stderr).toBe(0);
+    expect(gets(seen()).length).toBeGreaterThanOrEqual(model.files.length);
+    expect(seen().filter((x) => x.host !== `models.${ZONE}:${https.port}` || x.path.startsWith('/models/')), 'every request virtual-hosted').toEqual([]);
+    expect(logLines(r.stderr).filter((l) => l.msg === FALLBACK)).toEqual([]);
+
+    const dotted = mark();
+    const d = await cli([], env({ ...tlsEnv, STORAGE_URI: `s3://team.models/${PREFIX}` }));
+    expect(d.code, d.stderr).toBe(0);
+    expect(dotted().filter((x) => x.host !== `${ZONE}:${https.port}` || !x.path.startsWith('/team.models/')), 'every request path-style').toEqual([]);
+    expect(logLines(d.stderr).filter((l) => l.msg === FALLBACK).map((l) => l.reason)).toEqual(['bucket "team.models" has dots, which over https cannot match the store\'s wildcard certificate']);
   }, 30_000);
 
   it('the warm-up CLI pushes and fills through the virtual-hosted endpoint', async () => {

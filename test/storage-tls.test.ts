@@ -4,56 +4,23 @@
  * both transports; an untrusted certificate or an https:// endpoint that speaks plain HTTP fails at once with
  * STORAGE_TLS saying what to set, instead of eight retries ending in "gave up".
  */
-import { promises as fsp, readFileSync } from 'node:fs';
-import net from 'node:net';
+import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
+import { TLS_FIXTURES, tlsFront, type TlsFront } from './helpers/tls-front.js';
 
-const FIXTURES = path.join(import.meta.dirname, 'fixtures', 'tls');
-const CA = path.join(FIXTURES, 'ca.pem');
+const CA = path.join(TLS_FIXTURES, 'ca.pem');
 const log = silentLogger();
 const files: Record<string, Buffer> = { 'model_index.json': Buffer.from('{}'), 'unet/model.onnx': detBytes(300_000, 7) };
 
 let s3: S3Server;
 let tmp: string;
-let front: { port: number; connections: () => number; close(): Promise<void> };
-
-/** TLS in front of s3rver's plain port, counting connections: a refused certificate must not be retried. */
-async function tlsFront(target: number): Promise<typeof front> {
-  const sockets = new Set<net.Socket>();
-  let connections = 0;
-  const server = tls.createServer({ key: readFileSync(path.join(FIXTURES, 'server.key')), cert: readFileSync(path.join(FIXTURES, 'server.pem')) }, (client) => {
-    const up = net.connect(target, '127.0.0.1');
-    sockets.add(up);
-    client.pipe(up).pipe(client);
-    const end = () => {
-      client.destroy();
-      up.destroy();
-    };
-    client.on('error', end).on('close', end);
-    up.on('error', end).on('close', end);
-  });
-  server.on('connection', (s: net.Socket) => {
-    connections++;
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    connections: () => connections,
-    close: () =>
-      new Promise<void>((r) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => r());
-      }),
-  };
-}
+// A refused certificate must not be retried: the front counts connections.
+let front: TlsFront;
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
