@@ -52,7 +52,8 @@ export async function until(cond: () => boolean | Promise<boolean>, ms = 20_000,
 /** A shared cache dir per test process, so the demo model is generated once per test file. */
 let sharedCache: string | undefined;
 export function sharedCacheDir(): string {
-  return (sharedCache ??= mkdtempSync(path.join(os.tmpdir(), 'dr-test-cache-')));
+  // Under the run's folder (test/global-setup.ts), which the run removes.
+  return (sharedCache ??= mkdtempSync(path.join(process.env.DR_TEST_RUN_DIR ?? os.tmpdir(), 'dr-test-cache-')));
 }
 
 /** Whether a log line is event `name` and `pred` holds for it. */
