@@ -9,6 +9,7 @@ import { isIP } from 'node:net';
 import { domainToASCII } from 'node:url';
 import type { S3Settings } from '../config.js';
 import { RuntimeError } from '../errors.js';
+import { parseStorageUri, type StorageSource } from './uri.js';
 
 /**
  * A bucket name (or one dot-separated part of one) that can be a host-name label: 3-63 lower-case letters, digits and
@@ -122,8 +123,13 @@ export function checkAddressing(s: Pick<S3Settings, 'endpoint' | 'forcePathStyle
 export function unaddressableUris(cfg: { s3: Pick<S3Settings, 'endpoint' | 'forcePathStyle'>; storageUri?: string | undefined; loraUri?: string | undefined }): string[] {
   const problems: string[] = [];
   for (const [name, uri] of [['STORAGE_URI', cfg.storageUri], ['LORA_URI', cfg.loraUri]] as const) {
-    const bucket = uri === undefined ? undefined : /^s3:\/\/([^/@]+)(\/|$)/.exec(uri)?.[1];
-    const f = bucket === undefined ? undefined : virtualHostedFallback(cfg.s3, bucket);
+    let src: StorageSource | undefined;
+    try {
+      src = uri === undefined ? undefined : parseStorageUri(uri);
+    } catch {
+      // A URI of the wrong form is the boot's (or the adapter lookup's) to report, with its own message.
+    }
+    const f = src?.kind === 's3' ? virtualHostedFallback(cfg.s3, src.bucket) : undefined;
     if (f?.unaddressable) problems.push(`${name}: ${f.reason}; ${f.advice}`);
   }
   return problems;
