@@ -56,6 +56,11 @@ export interface Config {
   readonly maxBatchSize: number;
   readonly batchWindowMs: number;
   readonly maxQueue: number;
+  /**
+   * MAX_CONNECTIONS: client connections served at once; beyond it health is still answered and anything else gets 503
+   * (src/server/base.ts). 0: no cap; undefined (`auto`, the default): the descriptor limit less a reserve.
+   */
+  readonly maxConnections: number | undefined;
   readonly logLevel: LogLevel;
   readonly maxBodyBytes: number;
   readonly maxImageSize: number;
@@ -223,6 +228,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxBatchSize: int('MAX_BATCH_SIZE', 1, 1, 64),
     batchWindowMs: int('BATCH_WINDOW_MS', 20, 0, 10_000),
     maxQueue: int('MAX_QUEUE', 32, 1, 100_000),
+    maxConnections: maxConnections(raw('MAX_CONNECTIONS'), bad),
     logLevel: oneOf('LOG_LEVEL', 'info', LEVELS),
     maxBodyBytes: int('MAX_BODY_BYTES', 1024 * 1024, 1024, 1024 * 1024 * 1024),
     maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
@@ -261,6 +267,15 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
+}
+
+/** MAX_CONNECTIONS: `auto` (or unset) is undefined, for the descriptor limit less a reserve; else 0 (no cap) or a count. */
+function maxConnections(value: string | undefined, bad: string[]): number | undefined {
+  if (value === undefined || value.toLowerCase() === 'auto') return undefined;
+  const v = /^\+?\d+$/.test(value) ? Number(value) : NaN;
+  if (Number.isSafeInteger(v) && v <= 10_000_000) return v;
+  bad.push(`MAX_CONNECTIONS must be auto, 0 (no cap) or a number of connections up to 10000000, got ${JSON.stringify(value)}`);
+  return undefined;
 }
 
 /**

@@ -176,6 +176,25 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    // Client connections (src/server/base.ts), read from the server at scrape time.
+    connectionsOpen: new Gauge({
+      name: 'http_connections_open',
+      help: 'Client connections open (HTTP and WebSocket), by whether they are within MAX_CONNECTIONS (within) or beyond it (beyond: one answer, then closed)',
+      labelNames: ['model_name', 'state'] as const,
+      registers: r,
+    }),
+    connectionsMax: new Gauge({
+      name: 'http_connections_max',
+      help: 'The connection cap in force (MAX_CONNECTIONS, or the descriptor limit less a reserve); 0 when there is none',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    connectionsRefused: new Counter({
+      name: 'http_connections_refused_total',
+      help: 'Connections not served as usual, by reason: over_limit (a request beyond MAX_CONNECTIONS answered 503), dropped (beyond it, closed without a request in time), accept_failed (accept failed, e.g. EMFILE at the open-file limit)',
+      labelNames: ['model_name', 'reason'] as const,
+      registers: r,
+    }),
     // Per pipeline worker, one per GPU (device cuda:N) or cpu.
     workerBusy: new Gauge({
       name: 'worker_busy',

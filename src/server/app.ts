@@ -11,6 +11,25 @@ import { registerWs } from './ws.js';
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
 const VERB_ROUTE = /^\/v1\/models\/[^/]*:[^/]*$/;
 
+/** Copies the server's connection counts into the metrics; called at each scrape. */
+function connectionMetrics(base: BaseServer, ctx: ServerContext): () => void {
+  const m = ctx.metrics;
+  const l = { model_name: ctx.cfg.modelName };
+  const c = base.connections;
+  const seen = { over_limit: 0, dropped: 0, accept_failed: 0 };
+  m.connectionsMax.set(l, c.max);
+  for (const reason of Object.keys(seen)) m.connectionsRefused.inc({ ...l, reason }, 0);
+  return () => {
+    m.connectionsOpen.set({ ...l, state: 'within' }, c.open);
+    m.connectionsOpen.set({ ...l, state: 'beyond' }, c.overflow);
+    const now = { over_limit: c.overLimit, dropped: c.dropped, accept_failed: c.acceptFailed };
+    for (const [reason, n] of Object.entries(now) as Array<[keyof typeof seen, number]>) {
+      if (n > seen[reason]) m.connectionsRefused.inc({ ...l, reason }, n - seen[reason]);
+      seen[reason] = n;
+    }
+  };
+}
+
 /** Adds every route beyond liveness to the already-listening base server. */
 export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   const { app } = base;
@@ -37,9 +56,15 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
       throw new RuntimeError('MODEL_NOT_READY', 'Server is not ready.', { fields: { ready: false, state: ctx.boot.state } });
     }, opts),
   );
+  // Overload warnings (connection cap reached, accepts failing) go to the runtime's log from now on.
+  base.setWarn((fields, msg) => ctx.log.warn(fields, msg));
+  const syncConnections = connectionMetrics(base, ctx);
   app.get(
     '/metrics',
-    route(async () => ({ status: 200, body: await exposition(ctx.metrics.registry), contentType: ctx.metrics.registry.contentType }), opts),
+    route(async () => {
+      syncConnections();
+      return { status: 200, body: await exposition(ctx.metrics.registry), contentType: ctx.metrics.registry.contentType };
+    }, opts),
   );
 
   registerV1(app, ctx, opts);

@@ -8,6 +8,7 @@
  * malformed request line or a NUL in a header until its 10 s idle timeout and drops oversize heads without a
  * status. Here pipelined requests are answered in order and bad requests get 400/431/413 at once.
  */
+import { readFileSync } from 'node:fs';
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -27,6 +28,8 @@ export interface App {
 
 export interface BaseServer {
   readonly app: App;
+  /** Node's server underneath (tests, embedding). */
+  readonly server: http.Server;
   readonly port: number;
   /** Replaces the answer for every request no route matches (before the runtime attaches: 503 starting). */
   setFallback(h: RouteHandler): void;
@@ -36,7 +39,39 @@ export interface BaseServer {
   closeListener(): void;
   /** Closes every connection still open (after the drain). */
   closeConnections(): void;
+  /** Connection counts, live (metrics read them at scrape time). */
+  readonly connections: ConnectionStats;
+  /** Where the overload warnings go (the runtime's logger once it exists; one JSON line on stderr before). */
+  setWarn(w: Warn): void;
 }
+
+export interface ListenOptions {
+  /**
+   * MAX_CONNECTIONS: connections served as usual at once. A connection opened beyond it may still ask for health
+   * (answered) and is then closed; any other request on it is answered 503. 0: no cap. Unset: the descriptor limit less
+   * a reserve (autoMaxConnections).
+   */
+  maxConnections?: number | undefined;
+}
+
+export interface ConnectionStats {
+  /** Connections open now within the cap (WebSocket ones included). */
+  readonly open: number;
+  /** Connections open now beyond it (waiting for their one request, or being answered). */
+  readonly overflow: number;
+  /** The cap in force; 0 when there is none. */
+  readonly max: number;
+  /** The process's open-file limit (RLIMIT_NOFILE, soft), when known. */
+  readonly descriptorLimit: number | undefined;
+  /** Requests and upgrades beyond the cap answered 503. */
+  readonly overLimit: number;
+  /** Connections beyond the cap closed without an answer (no request in time, or pushed out by newer ones). */
+  readonly dropped: number;
+  /** Accepts that failed and reached the server (EMFILE, ENFILE, …): those connections were closed unanswered. */
+  readonly acceptFailed: number;
+}
+
+export type Warn = (fields: Record<string, unknown>, msg: string) => void;
 
 /** Heads are capped (kubelet and Knative send ~10 header fields, ~1 kB); above either limit: 431. */
 export const MAX_HEADER_BYTES = 16 * 1024;
@@ -51,6 +86,15 @@ const TIMEOUT_SWEEP_MS = 1_000;
  * never sends a request on a connection this server is closing at that moment.
  */
 const KEEP_ALIVE_MS = 75_000;
+
+/** Connections beyond the cap waiting for their request at once; a newer one pushes the oldest out. */
+const OVERFLOW_SLOTS = 32;
+/** How long a connection beyond the cap has to send its request head (a probe sends it at once). */
+const OVERFLOW_HEAD_MS = 2_000;
+/** One overload warning of each kind per this many ms, with the counts since the last one. */
+const WARN_EVERY_MS = 60_000;
+/** Paths answered on a connection beyond the cap: kubelet's probes must not fail because clients hold connections. */
+const HEALTH_PATHS = new Set(['/', '/v2/health/live', '/v2/health/ready']);
 
 const STARTING = '{"error":"Server is not ready.","code":"MODEL_NOT_READY","ready":false,"state":"starting"}';
 
@@ -123,10 +167,10 @@ export const pathOf = (url: string | undefined): string => {
 const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify({ error, code });
 
 /** Writes a whole JSON response on a raw socket (parse errors, refused upgrades), then closes it. */
-function rawReply(socket: Duplex, status: number, json: string): void {
+function rawReply(socket: Duplex, status: number, json: string, extra = ''): void {
   if (!socket.writable) return void socket.destroy();
   const text = http.STATUS_CODES[status] ?? 'Error';
-  socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`);
+  socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n${extra}connection: close\r\n\r\n${json}`);
 }
 
 /** An error answer on a raw socket, its status from its code. */
@@ -220,7 +264,32 @@ function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: 
   else serve();
 }
 
-export function listenBase(host: string, port: number): Promise<BaseServer> {
+/** RLIMIT_NOFILE's soft value, from /proc/self/limits (Linux; `text` for tests); undefined elsewhere or when unlimited. */
+export function descriptorLimit(text?: string): number | undefined {
+  let t = text;
+  if (t === undefined) {
+    try {
+      t = readFileSync('/proc/self/limits', 'utf8');
+    } catch {
+      return undefined;
+    }
+  }
+  const m = /^Max open files\s+(\d+|unlimited)\s/m.exec(t);
+  return m && m[1] !== 'unlimited' ? Number(m[1]) : undefined;
+}
+
+/**
+ * The cap when MAX_CONNECTIONS is unset: the descriptor limit less a reserve (an eighth, at least 256) for what else
+ * needs descriptors (model and cache files, S3 sockets, adapter reads, ORT's optimized-model writer, the workers' pipes,
+ * connections beyond the cap asking for health). Node raises the soft limit to the hard one at start, so this is the
+ * hard limit in practice. No cap where the limit is unknown.
+ */
+export const autoMaxConnections = (limit: number | undefined): number =>
+  limit === undefined ? 0 : Math.max(64, limit - Math.max(256, Math.floor(limit / 8)));
+
+const writeWarn: Warn = (fields, msg) => void process.stderr.write(`${JSON.stringify({ level: 'warn', msg, ...fields })}\n`);
+
+export function listenBase(host: string, port: number, opts: ListenOptions = {}): Promise<BaseServer> {
   const routes = new Router<RouteHandler>();
   const upgrades = new Router<UpgradeHandler>();
   const alive = (body: string): RouteHandler => (_req, res) => {
@@ -233,6 +302,30 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   };
 
   let open = true;
+
+  const fdLimit = descriptorLimit();
+  const maxConnections = opts.maxConnections ?? autoMaxConnections(fdLimit);
+  let within = 0;
+  let overflowOpen = 0;
+  const counts = { overLimit: 0, dropped: 0, acceptFailed: 0 };
+  /** Sockets already counted: one given back to the server as a new connection (serveWithoutUpgrade) is not counted twice. */
+  const counted = new WeakSet<Socket>();
+  /** Connections opened beyond the cap; they get one answer, then close. */
+  const beyond = new WeakSet<Socket>();
+  /** Those still waiting for their request, oldest first. */
+  const waiting = new Set<Socket>();
+  let warn = writeWarn;
+  const lastWarn = new Map<string, { at: number; suppressed: number }>();
+  /** One warning of each kind per WARN_EVERY_MS; the next one says how many were not logged in between. */
+  const warnEvery = (kind: string, fields: () => Record<string, unknown>, msg: () => string): void => {
+    const now = Date.now();
+    const last = lastWarn.get(kind);
+    if (last && now - last.at < WARN_EVERY_MS) return void last.suppressed++;
+    lastWarn.set(kind, { at: now, suppressed: 0 });
+    warn({ ...fields(), ...(last ? { suppressed: last.suppressed } : {}) }, msg());
+  };
+  const overflowFields = () => ({ maxConnections, open: within, beyond: overflowOpen, descriptorLimit: fdLimit ?? null });
+
   /**
    * Once the listener is closed (SIGTERM), every answer closes its connection after it is written: a proxy or client
    * holding a kept-alive connection gets its answer (or the 503 "shutting down") and then opens a new one, to another
@@ -240,8 +333,9 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
    */
   class Response extends http.ServerResponse {
     override writeHead(...args: unknown[]): this {
-      // Only on the connection's last request: those pipelined behind this one are answered first.
-      if (!open && latest.get(this.req.socket) === this) this.setHeader('connection', 'close');
+      // Only on the connection's last request: those pipelined behind this one are answered first. A connection beyond
+      // the cap gets one answer.
+      if ((!open && latest.get(this.req.socket) === this) || beyond.has(this.req.socket)) this.setHeader('connection', 'close');
       return (super.writeHead as (...a: unknown[]) => this)(...args);
     }
   }
@@ -251,10 +345,18 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
       connectionsCheckingInterval: TIMEOUT_SWEEP_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
-      const refuse = (code: HttpErrorCode, error: string) => {
+      const refuse = (code: HttpErrorCode, error: string, headers: Record<string, string> = {}) => {
         const body = errorBody(code, error);
-        res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), connection: 'close' }).end(body);
+        res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers, connection: 'close' }).end(body);
       };
+      if (beyond.has(req.socket)) {
+        waiting.delete(req.socket);
+        if (!((req.method === 'GET' || req.method === 'HEAD') && HEALTH_PATHS.has(pathOf(req.url)))) {
+          counts.overLimit++;
+          req.resume(); // a body still arriving is read and dropped, so the answer is not lost to a reset
+          return refuse('BUSY', overLimitMessage(maxConnections), { 'retry-after': '1' });
+        }
+      }
       if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse('HEADERS_TOO_LARGE', `too many header fields (at most ${MAX_HEADER_FIELDS})`);
       // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
       if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse('INVALID_INPUT', 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
@@ -275,10 +377,50 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);
+    if (beyond.has(socket as Socket)) {
+      waiting.delete(socket as Socket);
+      counts.overLimit++;
+      return void rawReply(socket, 503, errorBody('BUSY', overLimitMessage(maxConnections)), 'retry-after: 1\r\n');
+    }
     const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
     if (hit) hit.h(req, socket, head, hit.params);
     else if (!attached) rawReply(socket, 503, STARTING);
     else rawError(socket, 'NOT_FOUND', `no WebSocket endpoint at ${pathOf(req.url)}`);
+  });
+
+  // Counted after Node's own listener has set the connection up. Within the cap a connection is served as usual;
+  // beyond it, it waits for its one request (health is answered, anything else 503) for OVERFLOW_HEAD_MS at most, and
+  // at most OVERFLOW_SLOTS such connections wait at once: a newer one pushes the oldest out, so a flood of idle
+  // connections cannot keep a probe from being answered.
+  server.on('connection', (socket: Socket) => {
+    if (counted.has(socket)) return;
+    counted.add(socket);
+    if (maxConnections === 0 || within < maxConnections) {
+      within++;
+      socket.once('close', () => within--);
+      return;
+    }
+    overflowOpen++;
+    beyond.add(socket);
+    warnEvery('over-limit', overflowFields, () => `connection limit reached (MAX_CONNECTIONS=${maxConnections}): new connections get health answers and 503 for anything else until some close`);
+    if (waiting.size >= OVERFLOW_SLOTS) {
+      const oldest = waiting.values().next().value!;
+      waiting.delete(oldest);
+      counts.dropped++;
+      oldest.destroy();
+    }
+    waiting.add(socket);
+    const timer = setTimeout(() => {
+      if (!waiting.delete(socket)) return;
+      counts.dropped++;
+      socket.destroy();
+    }, OVERFLOW_HEAD_MS);
+    timer.unref();
+    socket.once('close', () => {
+      overflowOpen--;
+      waiting.delete(socket);
+      clearTimeout(timer);
+    });
   });
 
   const app: App = {
@@ -294,7 +436,19 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
     // on the same port fails here with EADDRINUSE instead of taking part of the traffic.
     server.listen({ host, port, exclusive: true }, () => {
       server.off('error', onError);
+      // From here on net.Server emits the accepts that failed: libuv closes the connections waiting in the backlog when
+      // the process is out of descriptors (EMFILE) and says nothing, but where that fails (another thread took the
+      // descriptor it freed) the error comes here, and without a listener it would end the process.
+      server.on('error', (err: NodeJS.ErrnoException) => {
+        counts.acceptFailed++;
+        const atLimit = err.code === 'EMFILE' || err.code === 'ENFILE';
+        warnEvery(`accept-${err.code}`, () => ({ code: err.code ?? null, syscall: err.syscall ?? null, ...overflowFields() }), () =>
+          atLimit
+            ? `accepting a connection failed (${err.code}): the process is at its open-file limit (${err.code === 'ENFILE' ? 'the system-wide table' : fdLimit ?? 'unknown'}); new connections are closed unanswered until descriptors are freed`
+            : `accepting a connection failed (${err.code ?? err.message}); that connection was closed unanswered`);
+      });
       resolve({
+        server,
         app,
         port: (server.address() as { port: number }).port,
         setFallback: (h) => {
@@ -313,10 +467,35 @@ export function listenBase(host: string, port: number): Promise<BaseServer> {
           Object.getPrototypeOf(http.Server.prototype).close.call(server);
         },
         closeConnections: () => server.closeAllConnections(),
+        connections: {
+          get open() {
+            return within;
+          },
+          get overflow() {
+            return overflowOpen;
+          },
+          max: maxConnections,
+          descriptorLimit: fdLimit,
+          get overLimit() {
+            return counts.overLimit;
+          },
+          get dropped() {
+            return counts.dropped;
+          },
+          get acceptFailed() {
+            return counts.acceptFailed;
+          },
+        },
+        setWarn: (w) => {
+          warn = w;
+        },
       });
     });
   });
 }
+
+const overLimitMessage = (max: number): string =>
+  `too many open connections (MAX_CONNECTIONS=${max}): retry shortly, or reuse a kept-alive connection`;
 
 /** Why listening failed, as one line an operator can act on. */
 export class ListenError extends Error {

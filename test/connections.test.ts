@@ -1,0 +1,234 @@
+/**
+ * Connection overload and the open-file limit, over real sockets on loopback. The built server under a low descriptor
+ * limit (`ulimit -n`) with more idle connections held than the limit allows: it stays up, probes are answered, other
+ * requests get 503 + Retry-After, one warning names the limit, and it serves again once the connections close. The
+ * cap itself (MAX_CONNECTIONS) on the in-process runtime. Long measurements: `npm run bench:connections`.
+ */
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { autoMaxConnections, descriptorLimit, listenBase, type BaseServer } from '../src/server/base.js';
+import { loadConfig } from '../src/config.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { startServer, until, type ServerHandle } from './helpers/server.js';
+
+/** Opens `n` TCP connections that send nothing; resolves once each is connected or closed. */
+async function holdIdle(port: number, n: number): Promise<{ socks: net.Socket[]; closed: () => number; release: () => void }> {
+  const socks: net.Socket[] = [];
+  let closed = 0;
+  await Promise.all(
+    Array.from({ length: n }, () => new Promise<void>((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => resolve());
+      s.on('error', () => undefined);
+      s.on('close', () => (closed++, resolve()));
+      socks.push(s);
+    })),
+  );
+  return { socks, closed: () => closed, release: () => socks.forEach((s) => s.destroy()) };
+}
+
+interface Answer { status: number; headers: Record<string, string>; body: string }
+
+/**
+ * One request on a connection of its own, closed after the answer (as kubelet's probes): a client pool's kept-alive
+ * connections would count against the cap. Resolves with the answer, or `{ error }` if none came within 5 s.
+ */
+function ask(port: number, method: string, path: string, body?: string): Promise<Answer | { error: string }> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1', () => {
+      const head = `${method} ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n${body === undefined ? '' : `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n`}\r\n`;
+      s.write(head + (body ?? ''));
+    });
+    const chunks: Buffer[] = [];
+    const timer = setTimeout(() => (s.destroy(), resolve({ error: 'timeout' })), 5000);
+    s.on('data', (d: Buffer) => chunks.push(d));
+    s.on('error', (err: NodeJS.ErrnoException) => (clearTimeout(timer), resolve({ error: err.code ?? err.message })));
+    s.on('close', () => {
+      clearTimeout(timer);
+      const text = Buffer.concat(chunks).toString('utf8');
+      const m = /^HTTP\/1\.1 (\d{3})[^\r]*\r\n([\s\S]*?)\r\n\r\n([\s\S]*)$/.exec(text);
+      if (!m) return resolve({ error: text === '' ? 'closed without an answer' : 'not HTTP' });
+      const headers: Record<string, string> = {};
+      for (const line of m[2]!.split('\r\n')) headers[line.slice(0, line.indexOf(':')).toLowerCase()] = line.slice(line.indexOf(':') + 1).trim();
+      resolve({ status: Number(m[1]), headers, body: m[3]! });
+    });
+  });
+}
+
+/** A metric's value (summed over the series that have `labels`), read on a connection of its own. */
+async function scrape(port: number, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const r = await ask(port, 'GET', '/metrics');
+  if (!('status' in r)) throw new Error(`GET /metrics: ${r.error}`);
+  let sum = 0;
+  for (const line of r.body.split('\n')) {
+    const m = /^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$/.exec(line);
+    if (m && m[1] === name && Object.entries(labels).every(([k, v]) => (m[2] ?? '').includes(`${k}="${v}"`))) sum += Number(m[3]);
+  }
+  return sum;
+}
+
+const PREDICT = (steps = 1) => JSON.stringify({ instances: [{ prompt: 'fd', num_inference_steps: steps, height: 64, width: 64, seed: 1 }] });
+const PREDICT_PATH = '/v1/models/model:predict';
+
+/** A WebSocket upgrade request on a raw socket; resolves with the status line of the answer. */
+function upgrade(port: number): Promise<string> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1', () =>
+      s.write('GET /v1/models/model/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n'));
+    let got = '';
+    s.on('data', (d: Buffer) => {
+      got += d.toString('latin1');
+      if (got.includes('\r\n')) (resolve(got.slice(0, got.indexOf('\r\n'))), s.destroy());
+    });
+    s.on('error', () => resolve('error'));
+    s.on('close', () => resolve(got === '' ? 'closed' : got.slice(0, got.indexOf('\r\n'))));
+  });
+}
+
+describe('at the open-file limit (ulimit -n 320, more idle connections than descriptors)', () => {
+  const LIMIT = 320;
+  let srv: ServerHandle;
+  beforeAll(async () => {
+    // The boot needs some 25 descriptors (measured): 320 leaves it room, and MAX_CONNECTIONS unset gives the automatic cap.
+    srv = await startServer({ STORAGE_URI: undefined, MAX_CONNECTIONS: undefined }, { ready: true, prefix: ['sh', '-c', `ulimit -n ${LIMIT} && exec "$0" "$@"`] });
+  });
+  afterAll(async () => {
+    await srv?.stop();
+  });
+
+  it('stays up, answers probes, refuses other requests with 503 + Retry-After, warns once, and serves again after', async () => {
+    const cap = autoMaxConnections(LIMIT);
+    const port = srv.port;
+    expect(await scrape(port, 'process_runtime_process_max_fds')).toBe(LIMIT);
+    expect(await scrape(port, 'http_connections_max')).toBe(cap);
+    // A request in flight on a connection opened before the flood is answered.
+    const inflight = ask(port, 'POST', PREDICT_PATH, PREDICT(400));
+    await until(async () => (await scrape(port, 'inference_requests_in_flight')) === 1, 10_000, 10);
+    const idle = await holdIdle(port, LIMIT + 80);
+    try {
+      for (const path of ['/v2/health/live', '/v2/health/ready']) {
+        const r = await ask(port, 'GET', path);
+        expect(r, path).toMatchObject({ status: 200, headers: { connection: 'close' } });
+      }
+      const refused = await ask(port, 'POST', PREDICT_PATH, PREDICT());
+      expect(refused).toMatchObject({ status: 503, headers: { 'retry-after': '1', connection: 'close' } });
+      expect(JSON.parse((refused as Answer).body)).toMatchObject({ code: 'BUSY', error: expect.stringContaining(`MAX_CONNECTIONS=${cap}`) });
+      expect(await upgrade(port)).toBe('HTTP/1.1 503 Service Unavailable');
+      expect(await inflight).toMatchObject({ status: 200 });
+      expect(srv.proc.exitCode).toBeNull();
+    } finally {
+      idle.release();
+    }
+    await until(async () => (await scrape(port, 'http_connections_open', { state: 'within' })) <= 1, 10_000, 50);
+    expect(await ask(port, 'POST', PREDICT_PATH, PREDICT())).toMatchObject({ status: 200 });
+    expect(await ask(port, 'GET', '/v2/health/ready')).toMatchObject({ status: 200 });
+    // One warning for the whole flood, naming the cap and the descriptor limit.
+    const warnings = srv.logs.filter((l) => l.level === 'warn' && String(l.msg).startsWith('connection limit reached'));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatchObject({ maxConnections: cap, descriptorLimit: LIMIT });
+    expect(await scrape(port, 'http_connections_refused_total', { reason: 'over_limit' })).toBe(2);
+    expect(await scrape(port, 'http_connections_refused_total', { reason: 'dropped' })).toBeGreaterThan(0);
+    expect(srv.stderr.join('')).toBe('');
+  });
+});
+
+describe('MAX_CONNECTIONS on the runtime', () => {
+  let rt: RuntimeHandle;
+  beforeAll(async () => {
+    rt = await startRuntime({ STORAGE_URI: undefined, MAX_CONNECTIONS: '4' }, { ready: true });
+  });
+  afterAll(async () => {
+    await rt?.stop();
+  });
+
+  it('serves four connections; a fifth gets health, 503 for the rest; room again once one closes', async () => {
+    const port = rt.port;
+    const held = await holdIdle(port, 4);
+    try {
+      expect(await ask(port, 'GET', '/v2/health/live')).toMatchObject({ status: 200 });
+      expect(await ask(port, 'HEAD', '/')).toMatchObject({ status: 200 });
+      expect(await ask(port, 'GET', '/v1/models/model')).toMatchObject({ status: 503, headers: { 'retry-after': '1' } });
+      // Kept-alive connections within the cap go on serving.
+      held.socks[0]!.write('GET /v1/models/model HTTP/1.1\r\nHost: x\r\n\r\n');
+      const answer = await new Promise<string>((resolve) => held.socks[0]!.once('data', (d: Buffer) => resolve(d.toString('latin1'))));
+      expect(answer).toMatch(/^HTTP\/1\.1 200 /);
+      held.socks[1]!.destroy();
+      await until(async () => ((await ask(port, 'GET', '/v1/models/model')) as Answer).status === 200, 5_000, 25);
+    } finally {
+      held.release();
+    }
+  });
+
+  it('closes a connection beyond the cap that sends no request within 2 s, and lets a newer one push the oldest out', async () => {
+    const port = rt.port;
+    const held = await holdIdle(port, 4);
+    try {
+      // 40 beyond the cap: 32 may wait at once, so 8 are pushed out at once, the others after 2 s.
+      const beyond = await holdIdle(port, 40);
+      await until(() => beyond.closed() >= 8, 2_000, 10);
+      expect(beyond.closed()).toBeLessThan(40);
+      // A probe among them is still answered.
+      expect(await ask(port, 'GET', '/v2/health/ready')).toMatchObject({ status: 200 });
+      await until(() => beyond.closed() === 40, 5_000, 25);
+      // The held ones are within the cap: still open.
+      expect(held.closed()).toBe(0);
+    } finally {
+      held.release();
+    }
+    await until(async () => ((await ask(port, 'GET', '/v1/models/model')) as Answer).status === 200, 5_000, 25);
+    // 8 pushed out, 32 timed out; the probe and the scrape beyond the cap were answered.
+    expect(await scrape(port, 'http_connections_refused_total', { reason: 'dropped' })).toBe(40);
+  });
+});
+
+describe('accept failures that reach the server', () => {
+  let base: BaseServer;
+  const warnings: Array<{ fields: Record<string, unknown>; msg: string }> = [];
+  beforeAll(async () => {
+    base = await listenBase('127.0.0.1', 0);
+    base.setWarn((fields, msg) => warnings.push({ fields, msg }));
+  });
+  afterAll(() => {
+    base.closeListener();
+    base.closeConnections();
+  });
+
+  it('are counted and warned about once, not thrown: the process goes on serving', async () => {
+    // What net.js's onconnection does when libuv reports a failed accept (its reserve-descriptor trick lost the race
+    // to another thread): without a listener on 'error' this throws, and the process ends.
+    const emfile = Object.assign(new Error('accept EMFILE'), { code: 'EMFILE', errno: -24, syscall: 'accept' });
+    expect(() => {
+      (base.server as EventEmitter).emit('error', emfile);
+      (base.server as EventEmitter).emit('error', emfile);
+    }).not.toThrow();
+    expect(base.connections.acceptFailed).toBe(2);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]!.msg).toContain('open-file limit');
+    expect(warnings[0]!.fields).toMatchObject({ code: 'EMFILE' });
+    expect((await fetch(`http://127.0.0.1:${base.port}/v2/health/live`)).status).toBe(200);
+  });
+});
+
+describe('MAX_CONNECTIONS and the descriptor limit', () => {
+  it('reads the soft limit from /proc/self/limits', () => {
+    const text = 'Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n';
+    expect(descriptorLimit(text)).toBe(1024);
+    expect(descriptorLimit(text.replace('1024 ', 'unlimited '))).toBeUndefined();
+    if (process.platform === 'linux') expect(descriptorLimit()).toBeGreaterThan(0);
+  });
+
+  it('keeps a reserve below the limit: an eighth, at least 256', () => {
+    expect(autoMaxConnections(undefined)).toBe(0);
+    expect(autoMaxConnections(1024)).toBe(768);
+    expect(autoMaxConnections(1_048_576)).toBe(917_504);
+    expect(autoMaxConnections(300)).toBe(64);
+  });
+
+  it('parses auto, 0 and a count, and names a bad value', () => {
+    expect(loadConfig({}).maxConnections).toBeUndefined();
+    expect(loadConfig({ MAX_CONNECTIONS: 'AUTO' }).maxConnections).toBeUndefined();
+    expect(loadConfig({ MAX_CONNECTIONS: '0' }).maxConnections).toBe(0);
+    expect(loadConfig({ MAX_CONNECTIONS: '5000' }).maxConnections).toBe(5000);
+    for (const bad of ['-1', '1.5', 'many', '20000000']) expect(() => loadConfig({ MAX_CONNECTIONS: bad })).toThrow(/MAX_CONNECTIONS must be auto, 0 \(no cap\) or a number/);
+  });
+});
