@@ -232,3 +232,28 @@ describe('MAX_CONNECTIONS and the descriptor limit', () => {
     for (const bad of ['-1', '1.5', 'many', '20000000']) expect(() => loadConfig({ MAX_CONNECTIONS: bad })).toThrow(/MAX_CONNECTIONS must be auto, 0 \(no cap\) or a number/);
   });
 });
+
+describe('a client that is answered on the raw socket and never reads', () => {
+  let base: BaseServer;
+  beforeAll(async () => {
+    base = await listenBase('127.0.0.1', 0, { maxConnections: 0 });
+  });
+  afterAll(() => {
+    base.closeListener();
+    base.closeConnections();
+  });
+
+  it('does not keep its descriptor: the socket is destroyed within seconds of the answer', async () => {
+    // A malformed request is answered 400 on the raw socket, as a head that never finishes is answered 408 after 15 s.
+    const socks = await Promise.all(Array.from({ length: 5 }, () => new Promise<net.Socket>((resolve) => {
+      const s = net.connect(base.port, '127.0.0.1', () => (s.pause(), s.write('NOT HTTP\r\n\r\n'), resolve(s)));
+      s.on('error', () => undefined);
+    })));
+    try {
+      await until(() => base.connections.open === 5, 2_000, 10);
+      await until(() => base.connections.open === 0, 4_000, 50);
+    } finally {
+      socks.forEach((s) => s.destroy());
+    }
+  });
+});

@@ -166,11 +166,21 @@ export const pathOf = (url: string | undefined): string => {
 /** The error body every answer of this module carries: KServe's `error`, with our stable code beside it. */
 const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify({ error, code });
 
-/** Writes a whole JSON response on a raw socket (parse errors, refused upgrades), then closes it. */
+/** How long a socket answered by rawReply waits for the client to close its side before it is destroyed. */
+const RAW_LINGER_MS = 2_000;
+
+/**
+ * Writes a whole JSON response on a raw socket (parse errors, timeouts, refused upgrades), then closes it. end() only
+ * half-closes (the HTTP server allows half-open sockets): a client that never reads nor closes (a slow-loris one
+ * answered 408) would hold the descriptor for good, so the socket is destroyed RAW_LINGER_MS later at the latest.
+ */
 function rawReply(socket: Duplex, status: number, json: string, extra = ''): void {
   if (!socket.writable) return void socket.destroy();
   const text = http.STATUS_CODES[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n${extra}connection: close\r\n\r\n${json}`);
+  const timer = setTimeout(() => socket.destroy(), RAW_LINGER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
 }
 
 /** An error answer on a raw socket, its status from its code. */
