@@ -1,7 +1,7 @@
 /**
- * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http and
- * the error codes (a module of constants), so `/` and `/v2/health/live` answer within milliseconds of process start
- * while the runtime (logging, metrics, pipeline workers) is still being imported.
+ * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http, fs
+ * (one read of the open-file limit) and the error codes (a module of constants), so `/` and `/v2/health/live` answer
+ * within milliseconds of process start while the runtime (logging, metrics, pipeline workers) is still being imported.
  *
  * Node's HTTP/1.1 server (llhttp) rather than uWebSockets.js: uWS 20.30 closes a keep-alive connection without an
  * answer when a request is pipelined behind one still running ("denying async pipelining", HttpContext.h), holds a
