@@ -28,12 +28,25 @@ const WAIT_CLOSE = process.env.BENCH_WAIT_CLOSE !== '0';
 
 interface Server { port: number; proc: ChildProcess; log: () => string; stop(): Promise<void> }
 
+/** Servers running now: a benchmark stopped by a signal (a timeout, Ctrl-C) stops them too instead of leaving them behind. */
+const running = new Set<ChildProcess>();
+const cacheDir = mkdtempSync(path.join(os.tmpdir(), 'bench-conn-'));
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    for (const p of running) p.kill('SIGKILL');
+    rmSync(cacheDir, { recursive: true, force: true });
+    process.exit(130);
+  });
+}
+
 /** The built server on the demo model, under `ulimit -n nofile` when given; resolves once it is ready. */
 async function startServer(env: Record<string, string>, cacheDir: string, nofile?: number): Promise<Server> {
   const [cmd, args] = nofile === undefined ? [process.execPath, [MAIN]] : ['sh', ['-c', `ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, MAIN]];
   const childEnv: NodeJS.ProcessEnv = { ...process.env, PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: cacheDir, LOG_LEVEL: 'info', ...env };
   delete childEnv.STORAGE_URI;
   const proc = spawn(cmd as string, args as string[], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  running.add(proc);
+  proc.once('exit', () => running.delete(proc));
   let out = '';
   proc.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
   proc.stderr!.setEncoding('utf8').on('data', (c: string) => (out += c));
@@ -219,7 +232,6 @@ async function atLimit(cacheDir: string, maxConnections: string | undefined): Pr
 }
 
 async function main(): Promise<void> {
-  const cacheDir = mkdtempSync(path.join(os.tmpdir(), 'bench-conn-'));
   try {
     const { rows, closes } = await loadPhases(cacheDir);
     console.log(`\nprobes: ${PROBES} each of /v2/health/live and /v2/health/ready, a new connection each (ms); server RSS and open descriptors`);
