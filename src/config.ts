@@ -191,13 +191,16 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const caBundle = raw('AWS_CA_BUNDLE');
   if (caBundle !== undefined && !existsSync(caBundle)) bad.push(`AWS_CA_BUNDLE names a file that does not exist: ${JSON.stringify(caBundle)}`);
 
+  // Read whatever else is set, so a bad value is named even where it does not apply (no endpoint, or
+  // S3_FORCE_PATH_STYLE given): a pod fails at start, not once someone adds the endpoint.
+  const virtualBucket = bool('S3_USER_VIRTUAL_BUCKET', false);
   const s3: S3Settings = Object.freeze({
     endpoint,
     region: raw('AWS_REGION') ?? raw('AWS_DEFAULT_REGION') ?? 'us-east-1',
     useHttps,
     verifySsl: bool('S3_VERIFY_SSL', true),
     caBundle,
-    forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !bool('S3_USER_VIRTUAL_BUCKET', false)),
+    forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !virtualBucket),
     maxConcurrency: int('S3_MAX_CONCURRENCY', 24, 1, 512),
     partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
     stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1),
@@ -208,7 +211,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);
   // GPUS: how many GPUs to spread workers over; `auto` counts the visible ones (none on the CPU provider).
   const gpusRaw = raw('GPUS')?.toLowerCase();
-  const gpus = gpusRaw === undefined || gpusRaw === 'auto' ? (executionProvider === 'cpu' ? 0 : visibleGpus(env)) : int('GPUS', 0, 0, 64);
+  let gpus = 0;
+  if (gpusRaw === undefined || gpusRaw === 'auto') gpus = executionProvider === 'cpu' ? 0 : visibleGpus(env);
+  else if (/^[+-]?\d+$/.test(gpusRaw) && Number(gpusRaw) >= 0 && Number(gpusRaw) <= 64) gpus = Number(gpusRaw);
+  else bad.push(`GPUS must be auto or an integer from 0 to 64, got ${JSON.stringify(env.GPUS)}`);
   const cfg: Config = {
     storageUri: raw('STORAGE_URI'),
     modelName,

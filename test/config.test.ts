@@ -31,6 +31,14 @@ describe('loadConfig', () => {
     expect((err as ConfigError).problems).toHaveLength(4);
   });
 
+  it('names a bad S3_USER_VIRTUAL_BUCKET even with no endpoint, or with S3_FORCE_PATH_STYLE set, where it does not apply', () => {
+    for (const env of [{}, { S3_FORCE_PATH_STYLE: '1', AWS_ENDPOINT_URL: 'http://minio:9000' }, { AWS_ENDPOINT_URL: 'http://minio:9000' }]) {
+      expect(() => loadConfig({ ...env, S3_USER_VIRTUAL_BUCKET: 'maybe' })).toThrow('S3_USER_VIRTUAL_BUCKET must be true or false (1/0), got "maybe"');
+    }
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000', S3_USER_VIRTUAL_BUCKET: 'yes' }).s3.forcePathStyle).toBe(false);
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000' }).s3.forcePathStyle).toBe(true);
+  });
+
   it('reads the S3 endpoint the way KServe does', () => {
     expect(loadConfig({ S3_ENDPOINT: 'minio:9000', S3_USE_HTTPS: '0' }).s3.endpoint).toBe('http://minio:9000');
     expect(loadConfig({ AWS_S3_ENDPOINT: 'https://s3.example.com/' }).s3.endpoint).toBe('https://s3.example.com');
@@ -154,7 +162,10 @@ describe('GPUS and WORKERS', () => {
     const cfg = loadConfig({ GPUS: '2', WORKERS: '3', EXECUTION_PROVIDER: 'cuda' });
     expect([0, 1, 2].map((i) => workerDevice(cfg, i))).toEqual([0, 1, 0]);
     expect(workerDevice(loadConfig({ GPUS: '2', EXECUTION_PROVIDER: 'cpu' }), 1)).toBeUndefined();
-    expect(() => loadConfig({ GPUS: 'many' })).toThrow(/GPUS must be an integer from 0 to 64, got "many"/);
+    // The message names every accepted form, `auto` (the default) included.
+    expect(() => loadConfig({ GPUS: 'many' })).toThrow('GPUS must be auto or an integer from 0 to 64, got "many"');
+    expect(() => loadConfig({ GPUS: '-1' })).toThrow('GPUS must be auto or an integer from 0 to 64, got "-1"');
+    expect(loadConfig({ GPUS: ' AUTO ', EXECUTION_PROVIDER: 'cpu' })).toMatchObject({ gpus: 0 });
   });
 });
 
