@@ -158,6 +158,10 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['__proto__ key', '{"instances":[{"prompt":"x","__proto__":{"admin":true}}]}', 400, /forbidden key/],
     ['bad output format', { instances: [{ prompt: 'x', output_format: 'bmp' }] }, 400, /output_format/],
     ['several problems at once', { instances: [{ prompt: 1, height: 7 }] }, 400, /prompt.*; .*height/],
+    // Top-level fields were ignored without a word: `parameters` (as other V1 servers take them) gave 50-step images.
+    ['top-level parameters', { instances: [{ prompt: 'x' }], parameters: { num_inference_steps: 2 } }, 400,
+      /^"parameters" is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance/],
+    ['instances and inputs together', { instances: [{ prompt: 'x' }], inputs: [{ prompt: 'y' }] }, 400, /^the body has both "instances" and "inputs"; send one of them$/],
   ];
   it.each(cases)('%s', async (_name, body, status, pattern) => {
     const r = await postJson(predictUrl(), body);
