@@ -1,4 +1,5 @@
 /** The environment contract: defaults, every bad variable named at once, frozen result, masked description. */
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -186,5 +187,24 @@ describe('README', () => {
     // S3_USER_VIRTUAL_BUCKET is documented with the other S3 details in docs/DESIGN.md.
     expect(missing.filter((n) => n !== 'S3_USER_VIRTUAL_BUCKET')).toEqual([]);
     expect(readFileSync(path.join(root, 'docs', 'DESIGN.md'), 'utf8')).toContain('| `S3_TRANSPORT` |');
+  });
+});
+
+describe('the server command line', () => {
+  const entry = path.join(import.meta.dirname, '..', 'dist', 'src', 'main.js');
+  const run = (args: string[]) => spawnSync(process.execPath, [entry, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, PORT: '0', HOST: '127.0.0.1' } });
+
+  it('--help prints the usage and exits 0 without starting a server', () => {
+    const r = run(['--help']);
+    expect([r.status, r.stderr]).toEqual([0, '']);
+    expect(r.stdout).toMatch(/^usage: node dist\/src\/main\.js {3}\(no arguments: configured by environment variables\)\n/);
+    expect(r.stdout).toContain('README.md, "Configuration"');
+  });
+
+  it('refuses arguments in one line, naming the variable for a KServe flag, instead of ignoring them', () => {
+    const r = run(['--model_name=sd', '--http_port', '8080']);
+    expect([r.status, r.stdout]).toEqual([2, '']);
+    expect(r.stderr).toBe('diffusers-runtime: takes no command-line arguments, got "--model_name=sd" "--http_port" "8080"; '
+      + 'it is configured by environment variables (set MODEL_NAME, PORT instead); --help lists the main ones\n');
   });
 });
