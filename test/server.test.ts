@@ -161,6 +161,11 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     // Top-level fields were ignored without a word: `parameters` (as other V1 servers take them) gave 50-step images.
     ['top-level parameters', { instances: [{ prompt: 'x' }], parameters: { num_inference_steps: 2 } }, 400,
       /^"parameters" is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance/],
+    // AUTOMATIC1111's adapter tag was read as prompt text: an image without the adapter, and no word about it.
+    ['A1111 <lora:…> tag in the prompt', { instances: [{ prompt: 'a castle, <lora:demo-style:0.8>', seed: 1 }] }, 400,
+      /^instances\[0\]\.prompt holds "<lora:demo-style:0\.8>", AUTOMATIC1111's LoRA syntax, .*; remove it and send instances\[0\]\.loras: \[\{"name":"demo-style","scale":0\.8\}\]$/],
+    ['A1111 <lyco:…> tag in the negative prompt', { instances: [{ prompt: 'x', negative_prompt: 'blur <LYCO:detail>' }] }, 400,
+      /^instances\[0\]\.negative_prompt holds "<LYCO:detail>", .*\[\{"name":"detail","scale":1\}\]$/],
     ['instances and inputs together', { instances: [{ prompt: 'x' }], inputs: [{ prompt: 'y' }] }, 400, /^the body has both "instances" and "inputs"; send one of them$/],
   ];
   it.each(cases)('%s', async (_name, body, status, pattern) => {
