@@ -242,7 +242,8 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
     requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),
     resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
-    defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
+    // `jpg` as a request's output_format takes it.
+    defaultOutputFormat: raw('OUTPUT_FORMAT')?.toLowerCase() === 'jpg' ? 'jpeg' : oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
     optimizedCacheMaxMb: num('ORT_OPTIMIZED_CACHE_MAX_MB', 512, 0),

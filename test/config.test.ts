@@ -40,6 +40,12 @@ describe('loadConfig', () => {
     expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000' }).s3.forcePathStyle).toBe(true);
   });
 
+  it('OUTPUT_FORMAT takes jpg for jpeg, as a request\'s output_format does (it exited 2 while requests took it)', () => {
+    expect(loadConfig({ OUTPUT_FORMAT: 'jpg' }).defaultOutputFormat).toBe('jpeg');
+    expect(loadConfig({ OUTPUT_FORMAT: ' JPG ' }).defaultOutputFormat).toBe('jpeg');
+    expect(() => loadConfig({ OUTPUT_FORMAT: 'gif' })).toThrow('OUTPUT_FORMAT must be one of png, jpeg, webp, got "gif"');
+  });
+
   it('reads the S3 endpoint the way KServe does', () => {
     expect(loadConfig({ S3_ENDPOINT: 'minio:9000', S3_USE_HTTPS: '0' }).s3.endpoint).toBe('http://minio:9000');
     expect(loadConfig({ AWS_S3_ENDPOINT: 'https://s3.example.com/' }).s3.endpoint).toBe('https://s3.example.com');
