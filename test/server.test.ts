@@ -142,6 +142,9 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['instances not a list', { instances: { prompt: 'x' } }, 400, /list/],
     ['missing prompt', { instances: [{}] }, 400, /instances\[0\]\.prompt is required/],
     ['prompt not a string', { instances: [{ prompt: 42 }] }, 400, /instances\[0\]\.prompt must be a string/],
+    // diffusers' list of prompts, as a seed-runtime user may send it: the answer shows the V1 way.
+    ['prompt a list', { instances: [{ prompt: ['a', 'b'] }] }, 400,
+      /^instances\[0\]\.prompt must be a string, got a list \(one prompt per instance: \{"instances":\[\{"prompt":"a"\},\{"prompt":"b"\}\]\}\)$/],
     ['prompt an object', { instances: [{ prompt: { a: 1 } }] }, 400, /prompt must be a string, got an object/],
     ['steps zero', { instances: [{ prompt: 'x', num_inference_steps: 0 }] }, 400, /num_inference_steps/],
     ['steps too many', { instances: [{ prompt: 'x', num_inference_steps: 501 }] }, 400, /num_inference_steps/],

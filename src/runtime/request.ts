@@ -267,7 +267,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     }
     const v = inst[k];
     if (typeof v !== 'string') {
-      bad.push(`${w}.${k} must be a string, got ${typeName(v)}`);
+      // diffusers takes a list of prompts in one call; here each prompt is its own instance.
+      const hint = Array.isArray(v) && (k === 'prompt' || k === 'negative_prompt') && w.startsWith('instances[')
+        ? ' (one prompt per instance: {"instances":[{"prompt":"a"},{"prompt":"b"}]})' : '';
+      bad.push(`${w}.${k} must be a string, got ${typeName(v)}${hint}`);
       return undefined;
     }
     if (v.length > maxLen) {
