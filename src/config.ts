@@ -196,13 +196,16 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const caBundle = raw('AWS_CA_BUNDLE');
   if (caBundle !== undefined && !existsSync(caBundle)) bad.push(`AWS_CA_BUNDLE names a file that does not exist: ${JSON.stringify(caBundle)}`);
 
+  // Read whatever else is set, so a bad value is named even where it does not apply (no endpoint, or
+  // S3_FORCE_PATH_STYLE given): a pod fails at start, not once someone adds the endpoint.
+  const virtualBucket = bool('S3_USER_VIRTUAL_BUCKET', false);
   const s3: S3Settings = Object.freeze({
     endpoint,
     region: raw('AWS_REGION') ?? raw('AWS_DEFAULT_REGION') ?? 'us-east-1',
     useHttps,
     verifySsl: bool('S3_VERIFY_SSL', true),
     caBundle,
-    forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !bool('S3_USER_VIRTUAL_BUCKET', false)),
+    forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !virtualBucket),
     maxConcurrency: int('S3_MAX_CONCURRENCY', 24, 1, 512),
     partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
     stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1),
@@ -213,7 +216,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);
   // GPUS: how many GPUs to spread workers over; `auto` counts the visible ones (none on the CPU provider).
   const gpusRaw = raw('GPUS')?.toLowerCase();
-  const gpus = gpusRaw === undefined || gpusRaw === 'auto' ? (executionProvider === 'cpu' ? 0 : visibleGpus(env)) : int('GPUS', 0, 0, 64);
+  let gpus = 0;
+  if (gpusRaw === undefined || gpusRaw === 'auto') gpus = executionProvider === 'cpu' ? 0 : visibleGpus(env);
+  else if (/^[+-]?\d+$/.test(gpusRaw) && Number(gpusRaw) >= 0 && Number(gpusRaw) <= 64) gpus = Number(gpusRaw);
+  else bad.push(`GPUS must be auto or an integer from 0 to 64, got ${JSON.stringify(env.GPUS)}`);
   const cfg: Config = {
     storageUri: raw('STORAGE_URI'),
     modelName,
@@ -242,7 +248,8 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
     requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),
     resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
-    defaultOutputFormat: oneOf('OUTPUT_FORMAT', 'png', FORMATS),
+    // `jpg` as a request's output_format takes it.
+    defaultOutputFormat: raw('OUTPUT_FORMAT')?.toLowerCase() === 'jpg' ? 'jpeg' : oneOf('OUTPUT_FORMAT', 'png', FORMATS),
     intraOpThreads: int('ORT_INTRA_OP_THREADS', 0, 0, 1024),
     optimizedModelCache: oneOf('ORT_OPTIMIZED_CACHE', 'auto', OPT_CACHE),
     optimizedCacheMaxMb: num('ORT_OPTIMIZED_CACHE_MAX_MB', 512, 0),

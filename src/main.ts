@@ -15,7 +15,34 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 
+/** The flags KServe's Python servers take, and the variable that does their work here. */
+const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
+
+const USAGE = `usage: node dist/src/main.js   (no arguments: configured by environment variables)
+  STORAGE_URI   s3://bucket/prefix, file:///path or a path (default: /mnt/models if it exists, else the embedded demo model)
+  MODEL_NAME    the model's name in every route (default: model)
+  PORT, HOST    where it listens (default: 8080, 0.0.0.0)
+Every variable, its default and the values it takes: README.md, "Configuration". The cache CLI: node dist/warmup/main.js --help
+`;
+
+/**
+ * Arguments are not read: a `--help` gets the usage, anything else (a ServingRuntime's `args` copied from a Python
+ * runtime) is refused with the variable to use instead of being ignored. Exits when there are any.
+ */
+function checkArgs(args: readonly string[]): void {
+  if (args.length === 0) return;
+  if (args.some((a) => a === '--help' || a === '-h')) {
+    process.stdout.write(USAGE);
+    process.exit(0);
+  }
+  const hints = args.map((a) => FLAG_VARS[a.replace(/^--?/, '').split('=')[0]!.replace(/-/g, '_')]).filter((v) => v !== undefined);
+  const hint = hints.length > 0 ? ` (set ${[...new Set(hints)].join(', ')} instead)` : '';
+  process.stderr.write(`diffusers-runtime: takes no command-line arguments, got ${args.map((a) => JSON.stringify(a)).join(' ')}; it is configured by environment variables${hint}; --help lists the main ones\n`);
+  process.exit(2);
+}
+
 async function main(): Promise<void> {
+  checkArgs(process.argv.slice(2));
   let cfg: Readonly<Config>;
   try {
     cfg = loadConfig(process.env);

@@ -3,7 +3,7 @@
  * "fails the boot at once as `STORAGE_TLS`"): on the model endpoint's 503 and in the `state` event / log line, in the
  * warm-up CLI's `CODE: reason` form.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -25,5 +25,16 @@ describe('a failed boot', () => {
     const body = (await res.json()) as { code: string; state: string; reason: string };
     expect([res.status, body.code, body.state]).toEqual([503, 'MODEL_NOT_READY', 'failed']);
     expect(body.reason).toMatch(/^STORAGE_MISSING: .*does not exist/);
+  });
+
+  it('the demo model on a MODEL_CACHE_DIR that cannot be a folder: CACHE_IO, no local path (it was "unexpected error: … mkdir \'/abs/…\'")', async () => {
+    await h?.stop(0);
+    const file = path.join(dir, 'a-file');
+    writeFileSync(file, '');
+    h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: path.join(file, 'cache') }, { ready: false });
+    const failed = await h.waitFor('state', (s) => s.state === 'failed');
+    expect(failed.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: ENOTDIR');
+    const body = (await (await fetch(`${h.url}/v1/models/model`)).json()) as { reason: string };
+    expect(body.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: ENOTDIR');
   });
 });

@@ -107,6 +107,14 @@ describe('warmup cache', () => {
     expect((await cli(['list'])).out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
   });
 
+  it('--help anywhere (and `help`): the usage on stdout, exit 0, nothing touched; it was "unknown argument" and exit 2 after a command', () => {
+    for (const args of [['--help'], ['-h'], ['help'], ['cache', '--help'], ['cache', 'prune', '--help'], ['cache', 'list', '-h'], ['push', '--help']]) {
+      const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { PATH: process.env.PATH ?? '', MODEL_CACHE_DIR: cache } });
+      expect([r.status, r.stderr], args.join(' ')).toEqual([0, '']);
+      expect(r.stdout, args.join(' ')).toMatch(/^usage: warmup {23}\(fills the cache from STORAGE_URI\)\n(.*\n)*\s+warmup cache prune \[--keep-uri/);
+    }
+  });
+
   it('bad arguments: exit 2 with one line that says what is accepted', async () => {
     for (const [args, msg] of [
       [['prune', '--older-than', 'week'], '--older-than takes a number with a unit (d, h, m or s), like 7d or 12h; got "week"'],

@@ -1,4 +1,5 @@
 /** The environment contract: defaults, every bad variable named at once, frozen result, masked description. */
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -29,6 +30,20 @@ describe('loadConfig', () => {
     const msg = (err as Error).message;
     for (const k of ['PORT', 'MAX_BATCH_SIZE', 'EXECUTION_PROVIDER', 'S3_VERIFY_SSL']) expect(msg).toContain(k);
     expect((err as ConfigError).problems).toHaveLength(4);
+  });
+
+  it('names a bad S3_USER_VIRTUAL_BUCKET even with no endpoint, or with S3_FORCE_PATH_STYLE set, where it does not apply', () => {
+    for (const env of [{}, { S3_FORCE_PATH_STYLE: '1', AWS_ENDPOINT_URL: 'http://minio:9000' }, { AWS_ENDPOINT_URL: 'http://minio:9000' }]) {
+      expect(() => loadConfig({ ...env, S3_USER_VIRTUAL_BUCKET: 'maybe' })).toThrow('S3_USER_VIRTUAL_BUCKET must be true or false (1/0), got "maybe"');
+    }
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000', S3_USER_VIRTUAL_BUCKET: 'yes' }).s3.forcePathStyle).toBe(false);
+    expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000' }).s3.forcePathStyle).toBe(true);
+  });
+
+  it('OUTPUT_FORMAT takes jpg for jpeg, as a request\'s output_format does (it exited 2 while requests took it)', () => {
+    expect(loadConfig({ OUTPUT_FORMAT: 'jpg' }).defaultOutputFormat).toBe('jpeg');
+    expect(loadConfig({ OUTPUT_FORMAT: ' JPG ' }).defaultOutputFormat).toBe('jpeg');
+    expect(() => loadConfig({ OUTPUT_FORMAT: 'gif' })).toThrow('OUTPUT_FORMAT must be one of png, jpeg, webp, got "gif"');
   });
 
   it('reads the S3 endpoint the way KServe does', () => {
@@ -154,7 +169,10 @@ describe('GPUS and WORKERS', () => {
     const cfg = loadConfig({ GPUS: '2', WORKERS: '3', EXECUTION_PROVIDER: 'cuda' });
     expect([0, 1, 2].map((i) => workerDevice(cfg, i))).toEqual([0, 1, 0]);
     expect(workerDevice(loadConfig({ GPUS: '2', EXECUTION_PROVIDER: 'cpu' }), 1)).toBeUndefined();
-    expect(() => loadConfig({ GPUS: 'many' })).toThrow(/GPUS must be an integer from 0 to 64, got "many"/);
+    // The message names every accepted form, `auto` (the default) included.
+    expect(() => loadConfig({ GPUS: 'many' })).toThrow('GPUS must be auto or an integer from 0 to 64, got "many"');
+    expect(() => loadConfig({ GPUS: '-1' })).toThrow('GPUS must be auto or an integer from 0 to 64, got "-1"');
+    expect(loadConfig({ GPUS: ' AUTO ', EXECUTION_PROVIDER: 'cpu' })).toMatchObject({ gpus: 0 });
   });
 });
 
@@ -175,5 +193,24 @@ describe('README', () => {
     // S3_USER_VIRTUAL_BUCKET is documented with the other S3 details in docs/DESIGN.md.
     expect(missing.filter((n) => n !== 'S3_USER_VIRTUAL_BUCKET')).toEqual([]);
     expect(readFileSync(path.join(root, 'docs', 'DESIGN.md'), 'utf8')).toContain('| `S3_TRANSPORT` |');
+  });
+});
+
+describe('the server command line', () => {
+  const entry = path.join(import.meta.dirname, '..', 'dist', 'src', 'main.js');
+  const run = (args: string[]) => spawnSync(process.execPath, [entry, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, PORT: '0', HOST: '127.0.0.1' } });
+
+  it('--help prints the usage and exits 0 without starting a server', () => {
+    const r = run(['--help']);
+    expect([r.status, r.stderr]).toEqual([0, '']);
+    expect(r.stdout).toMatch(/^usage: node dist\/src\/main\.js {3}\(no arguments: configured by environment variables\)\n/);
+    expect(r.stdout).toContain('README.md, "Configuration"');
+  });
+
+  it('refuses arguments in one line, naming the variable for a KServe flag, instead of ignoring them', () => {
+    const r = run(['--model_name=sd', '--http_port', '8080']);
+    expect([r.status, r.stdout]).toEqual([2, '']);
+    expect(r.stderr).toBe('diffusers-runtime: takes no command-line arguments, got "--model_name=sd" "--http_port" "8080"; '
+      + 'it is configured by environment variables (set MODEL_NAME, PORT instead); --help lists the main ones\n');
   });
 });

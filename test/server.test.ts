@@ -142,6 +142,9 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['instances not a list', { instances: { prompt: 'x' } }, 400, /list/],
     ['missing prompt', { instances: [{}] }, 400, /instances\[0\]\.prompt is required/],
     ['prompt not a string', { instances: [{ prompt: 42 }] }, 400, /instances\[0\]\.prompt must be a string/],
+    // diffusers' list of prompts, as a seed-runtime user may send it: the answer shows the V1 way.
+    ['prompt a list', { instances: [{ prompt: ['a', 'b'] }] }, 400,
+      /^instances\[0\]\.prompt must be a string, got a list \(one prompt per instance: \{"instances":\[\{"prompt":"a"\},\{"prompt":"b"\}\]\}\)$/],
     ['prompt an object', { instances: [{ prompt: { a: 1 } }] }, 400, /prompt must be a string, got an object/],
     ['steps zero', { instances: [{ prompt: 'x', num_inference_steps: 0 }] }, 400, /num_inference_steps/],
     ['steps too many', { instances: [{ prompt: 'x', num_inference_steps: 501 }] }, 400, /num_inference_steps/],
@@ -158,6 +161,15 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['__proto__ key', '{"instances":[{"prompt":"x","__proto__":{"admin":true}}]}', 400, /forbidden key/],
     ['bad output format', { instances: [{ prompt: 'x', output_format: 'bmp' }] }, 400, /output_format/],
     ['several problems at once', { instances: [{ prompt: 1, height: 7 }] }, 400, /prompt.*; .*height/],
+    // Top-level fields were ignored without a word: `parameters` (as other V1 servers take them) gave 50-step images.
+    ['top-level parameters', { instances: [{ prompt: 'x' }], parameters: { num_inference_steps: 2 } }, 400,
+      /^"parameters" is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance/],
+    // AUTOMATIC1111's adapter tag was read as prompt text: an image without the adapter, and no word about it.
+    ['A1111 <lora:…> tag in the prompt', { instances: [{ prompt: 'a castle, <lora:demo-style:0.8>', seed: 1 }] }, 400,
+      /^instances\[0\]\.prompt holds "<lora:demo-style:0\.8>", AUTOMATIC1111's LoRA syntax, .*; remove it and send instances\[0\]\.loras: \[\{"name":"demo-style","scale":0\.8\}\]$/],
+    ['A1111 <lyco:…> tag in the negative prompt', { instances: [{ prompt: 'x', negative_prompt: 'blur <LYCO:detail>' }] }, 400,
+      /^instances\[0\]\.negative_prompt holds "<LYCO:detail>", .*\[\{"name":"detail","scale":1\}\]$/],
+    ['instances and inputs together', { instances: [{ prompt: 'x' }], inputs: [{ prompt: 'y' }] }, 400, /^the body has both "instances" and "inputs"; send one of them$/],
   ];
   it.each(cases)('%s', async (_name, body, status, pattern) => {
     const r = await postJson(predictUrl(), body);

@@ -97,7 +97,7 @@ describe('out of disk', () => {
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
     try {
       const err = await rejection(resolveModel('s3://models/deep', { cfg: cfgFor(path.join(ro, 'models')), log }));
-      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', 'cannot create the model cache directory (MODEL_CACHE_DIR): EROFS']);
+      expect([err.code, err.message]).toEqual(['CACHE_IO', 'cannot create the model cache directory (MODEL_CACHE_DIR): EROFS']);
     } finally {
       execFileSync('umount', [ro]);
     }
@@ -144,7 +144,7 @@ describe('a MODEL_CACHE_DIR that is not a folder', () => {
     await fsp.writeFile(file, 'not a folder');
     for (const cache of [file, path.join(file, 'models')]) {
       const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache), log }));
-      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', 'cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file']);
+      expect([err.code, err.message]).toEqual(['CACHE_IO', 'cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file']);
     }
   });
 });

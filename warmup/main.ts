@@ -305,11 +305,15 @@ async function main(): Promise<number> {
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
   const [cmd, ...rest] = process.argv.slice(2);
+  // `--help` anywhere (`warmup cache prune --help`) is a question, not a mistake: the usage on stdout, exit 0.
+  if (process.argv.slice(2).some((a) => a === '-h' || a === '--help') || cmd === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
   try {
     if (cmd === undefined) await warm(ac.signal);
     else if (cmd === 'push') await push(rest, ac.signal);
     else if (cmd === 'cache') await cache(rest);
-    else if (cmd === '-h' || cmd === '--help') process.stderr.write(`${USAGE}\n`);
     else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
     return 0;
   } catch (e) {

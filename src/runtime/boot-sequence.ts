@@ -272,7 +272,11 @@ export class BootSequence {
     if (plan.source === 'invalid') throw plan.error;
     if (plan.source === 'demo') {
       const { ensureDemoModel } = await import('../demo/index.js');
-      const dir = await ensureDemoModel(this.#cfg.cacheDir, log);
+      // The cache folder's errors as the S3 path reports them (CACHE_IO, relative names): Node's own carry the
+      // absolute path, and boot reasons reach clients.
+      const dir = await ensureDemoModel(this.#cfg.cacheDir, log).catch(async (e: unknown) => {
+        throw (await import('../storage/fetch.js')).cacheIoError(e, this.#cfg.cacheDir);
+      });
       log.info({ dir }, 'no STORAGE_URI and no /mnt/models: serving the embedded demo model');
       // The demo model is whole from the start: every component's session can start at once.
       for (const comp of safeList(dir)) this.#announce(path.join(dir, comp));

@@ -11,7 +11,7 @@ import { loadSharp } from '../pipeline/image.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
-import { typeName } from './fields.js';
+import { show, typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
 export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
@@ -149,7 +149,7 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
   let strength = DEFAULT_STRENGTH[mode];
   if (has('strength')) {
     const v = inst.strength;
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > 1) bad.push(`${w}.strength must be a number from 0 to 1, got ${typeof v === 'number' ? v : typeName(v)}`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > 1) bad.push(`${w}.strength must be a number from 0 to 1, got ${show(v)}`);
     else strength = v;
   }
   // Inpainting has no "nothing to denoise" case in diffusers (it raises); image-to-image returns the image re-encoded.

@@ -267,7 +267,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     }
     const v = inst[k];
     if (typeof v !== 'string') {
-      bad.push(`${w}.${k} must be a string, got ${typeName(v)}`);
+      // diffusers takes a list of prompts in one call; here each prompt is its own instance.
+      const hint = Array.isArray(v) && (k === 'prompt' || k === 'negative_prompt') && w.startsWith('instances[')
+        ? ' (one prompt per instance: {"instances":[{"prompt":"a"},{"prompt":"b"}]})' : '';
+      bad.push(`${w}.${k} must be a string, got ${typeName(v)}${hint}`);
       return undefined;
     }
     if (v.length > maxLen) {
@@ -312,6 +315,15 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
 
   const prompt = str('prompt', true);
   const negativePrompt = str('negative_prompt', false);
+  // AUTOMATIC1111 takes adapters out of the prompt; here CLIP would read `<lora:x:0.8>` as words and the image would
+  // come without the adapter, so the tag is named with the field that does it.
+  for (const [k, text] of [['prompt', prompt], ['negative_prompt', negativePrompt]] as const) {
+    const tag = text === undefined ? null : /<(?:lora|lyco):([^:<>\s]{1,128})(?::([-+]?[0-9.]{1,16}))?[^<>]{0,64}>/i.exec(text);
+    if (tag === null) continue;
+    const scale = tag[2] !== undefined && Number.isFinite(Number(tag[2])) ? Number(tag[2]) : 1;
+    bad.push(`${w}.${k} holds ${JSON.stringify(tag[0])}, AUTOMATIC1111's LoRA syntax, which this runtime does not read from a prompt (it would be prompt text); `
+      + `remove it and send ${w}.loras: [{"name":${JSON.stringify(tag[1])},"scale":${scale}}]`);
+  }
   const steps = int('num_inference_steps', defaults.steps, 1, cfg.maxSteps);
   const guidance = num('guidance_scale', defaults.guidance, 0, 100);
   const height = size('height', defaults.height);

@@ -223,7 +223,7 @@ class S3Fetch {
     const { cfg, log } = this.o;
     await mkdirs(cfg.cacheDir).catch((e: NodeJS.ErrnoException) => {
       const why = e.code === 'EEXIST' || e.code === 'ENOTDIR' ? 'it, or a folder above it, is a file' : (e.code ?? 'error');
-      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'STORAGE_DENIED', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
+      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
     });
     this.transport = openTransport(this.choice, cfg.s3, this.bucket);
     this.transport.catch(() => undefined); // awaited by the first listing
