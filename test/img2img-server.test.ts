@@ -250,7 +250,18 @@ describe('bad image inputs answer 400 naming the field', () => {
       inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [1], data: ['p'] }, { name: 'image', datatype: 'BYTES', shape: [1], data: [pic.toString('base64')] }],
       parameters: { strength: -1 },
     });
-    expect([v2b.status, v2b.json.error]).toEqual([400, 'prompt[0].strength must be a number from 0 to 1, got -1']);
+    expect([v2b.status, v2b.json.error]).toEqual([400, 'parameters.strength must be a number from 0 to 1, got -1']);
+    // A problem found once the images are read names the input tensor and its element too.
+    const v2gif = await postJson(`${demo.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [2], data: ['p', 'q'] },
+        { name: 'image', datatype: 'BYTES', shape: [2], data: [pic.toString('base64'), Buffer.from('GIF89a....').toString('base64')] }],
+      parameters: { num_inference_steps: 2 },
+    });
+    expect([v2gif.status, v2gif.json.error]).toEqual([400, 'input "image" data[1] is a GIF; send a PNG, JPEG or WebP image']);
+    const v2mask = await postJson(`${demo.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [1], data: ['p'] }, { name: 'mask_image', datatype: 'BYTES', shape: [1], data: [mask.toString('base64')] }],
+    });
+    expect([v2mask.status, v2mask.json.error]).toEqual([400, 'input "mask_image" needs an image to work on']);
     const meta = await (await fetch(`${demo.url}/v2/models/model`)).json() as { inputs: Array<{ name: string; datatype: string }> };
     expect(meta.inputs.filter((i) => ['image', 'mask_image', 'strength', 'resize_mode'].includes(i.name))).toEqual([
       { name: 'image', datatype: 'BYTES', shape: [-1] }, { name: 'mask_image', datatype: 'BYTES', shape: [-1] },

@@ -184,6 +184,36 @@ describe('V2 infer', () => {
     expect(JSON.stringify(r.json)).not.toMatch(/at .*\.js:\d+|TypeError|SyntaxError:|detail/);
   });
 
+  it('400s a top-level key the protocol does not have, naming it, rather than ignoring it', async () => {
+    const steps = await infer({ inputs: [prompt('x')], num_inference_steps: 4, model_name: 'model' });
+    expect([steps.status, steps.json.error]).toEqual([400,
+      '"num_inference_steps" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}}); '
+      + '"model_name" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})']);
+    const v1 = await infer({ instances: [{ prompt: 'x' }] });
+    expect([v1.status, v1.json.error]).toEqual([400, '"instances" is V1\'s body (POST /v1/models/{name}:predict); a V2 request holds "id", "parameters", "inputs", "outputs"; the request has no "inputs" list']);
+    // The four keys, null ones included, are still taken.
+    const ok = await infer({ id: null, inputs: [prompt('a red fox')], outputs: null, parameters: { ...small, seed: 7 } });
+    expect(ok.status).toBe(200);
+  });
+
+  it('names a bad value where the client put it: the parameter, or the input tensor and its element', async () => {
+    const two = (params: object, ...inputs: object[]) => infer({ inputs: [prompt('a', 'b'), ...inputs], parameters: { ...small, ...params } });
+    const param = await two({ num_inference_steps: 'x' });
+    // One problem for the parameter both prompts share, not one per prompt.
+    expect([param.status, param.json.error]).toEqual([400, 'parameters.num_inference_steps must be an integer from 1 to 500, got "x"']);
+    const perPrompt = await two({}, { name: 'guidance_scale', shape: [2], datatype: 'FP32', data: [7, 200] });
+    expect(perPrompt.json.error).toBe('input "guidance_scale" data[1] must be a number from 0 to 100, got 200');
+    // A named input wins over the parameter of the same name, and is what the message names.
+    const shared = await two({ eta: 0.5 }, { name: 'eta', shape: [1], datatype: 'FP32', data: [3] });
+    expect(shared.json.error).toBe('input "eta" must be a number from 0 to 1, got 3');
+    const tag = await infer({ inputs: [prompt('a', 'b <lora:x:0.5>')], parameters: small });
+    expect(tag.json.error).toBe('input "prompt" data[1] holds "<lora:x:0.5>", AUTOMATIC1111\'s LoRA syntax, which this runtime does not read from a prompt (it would be prompt text); remove it and send loras: [{"name":"x","scale":0.5}]');
+    const loras = await two({ loras: '[{' });
+    expect(loras.json.error).toMatch(/^parameters\.loras is not JSON: /);
+    const several = await two({ output_format: 'gif' }, { name: 'seed', shape: [2], datatype: 'INT64', data: [1, -1] });
+    expect(several.json.error).toBe(`parameters.output_format must be one of png, jpeg, webp, got "gif"; input "seed" data[1] must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got -1`);
+  });
+
   it('404s an unknown model and 413s an oversize body', async () => {
     const r = await postJson(`${srv.url}/v2/models/nope/infer`, { inputs: [prompt('x')] });
     expect([r.status, r.json.error]).toEqual([404, 'Model with name nope does not exist.']);

@@ -231,15 +231,18 @@ export interface ParseContext {
 /**
  * Turns `instances` (V1) or the equivalent V2 fields into generation requests. Each instance is one
  * request shape; instances with the same shape are grouped so they can share a batch. `previews`: the caller streams
- * them (the WebSocket); elsewhere `preview_every` is refused rather than rendered for nobody.
+ * them (the WebSocket); elsewhere `preview_every` is refused rather than rendered for nobody. `relabel`: rewrites each
+ * problem of instance `index` to name where the client put the value (V2: a parameter or an input tensor).
  */
-export function parseInstances(instances: unknown, ctx: ParseContext, where = 'instances', previews = false): GenerationRequest[] {
+export function parseInstances(instances: unknown, ctx: ParseContext, where = 'instances', previews = false, relabel?: (problem: string, index: number) => string): GenerationRequest[] {
   checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
-  const bad: string[] = [];
+  let bad: string[] = [];
   const out: GenerationRequest[] = [];
   let images = 0;
   instances.forEach((inst, i) => {
+    const from = bad.length;
     const r = parseInstance(inst, ctx, `${where}[${i}]`, bad, previews);
+    if (relabel) for (let j = from; j < bad.length; j++) bad[j] = relabel(bad[j]!, i);
     if (r) {
       images += r.items.reduce((n, it) => n + it.numImages, 0);
       out.push(r);
@@ -248,6 +251,8 @@ export function parseInstances(instances: unknown, ctx: ParseContext, where = 'i
   if (bad.length === 0 && images > ctx.cfg.maxImagesPerRequest) {
     bad.push(`a request may ask for at most ${ctx.cfg.maxImagesPerRequest} images, got ${images}`);
   }
+  // Relabelled, a value every instance shares (V2's parameters) is one problem, not one per instance.
+  if (relabel) bad = [...new Set(bad)];
   if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', joinProblems(bad));
   return out;
 }

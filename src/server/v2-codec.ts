@@ -44,6 +44,8 @@ const ELEMENT_BYTES: Record<string, number> = {
 };
 const DATATYPES = new Set([...Object.keys(ELEMENT_BYTES), 'BYTES']);
 const OUTPUTS = ['image', 'seed'] as const;
+/** The keys of an Open Inference Protocol inference request. */
+const REQUEST_KEYS = ['id', 'parameters', 'inputs', 'outputs'] as const;
 type OutputName = (typeof OUTPUTS)[number];
 
 /** Model metadata: what `/infer` accepts. Variable dims are -1. */
@@ -117,6 +119,15 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
   checkSizes(header, maxPrompts);
   assertSafeKeys(header, 'body');
   const problems: string[] = [];
+  // The Open Inference Protocol's request has these four keys; another one (a V1 `instances`, generation fields at the
+  // top level) would otherwise be ignored without a word, and the images made with the defaults.
+  for (const k of Object.keys(header).filter((k) => !(REQUEST_KEYS as readonly string[]).includes(k)).slice(0, 20)) {
+    const shown = JSON.stringify(k.length > 40 ? `${k.slice(0, 40)}…` : k);
+    problems.push(k === 'instances'
+      ? `"instances" is V1's body (POST /v1/models/{name}:predict); a V2 request holds ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}`
+      : `${shown} is not a known top-level field; a V2 request holds only ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}`
+        + ` (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})`);
+  }
 
   let id: string = randomUUID();
   if (Object.hasOwn(header, 'id') && header.id !== null) {
@@ -353,21 +364,39 @@ export function toInstances(req: InferRequest): Array<Record<string, unknown>> {
   return prompt.values.map((_, i) => {
     const inst: Record<string, unknown> = { ...params };
     for (const t of req.inputs) inst[t.name] = t.values.length === 1 ? t.values[0] : t.values[i];
-    if (Object.hasOwn(inst, 'loras')) inst.loras = v2Loras(inst.loras);
+    if (Object.hasOwn(inst, 'loras')) inst.loras = v2Loras(inst.loras, fieldSource(req, i, 'loras') ?? 'loras');
     return inst;
   });
 }
 
 /**
- * `loras` arrives as JSON text (a BYTES element or a string parameter): `[{"name":"style-x","scale":0.8}]`. The
- * parsed list is checked like V1's field (parseLoras); text that is not JSON is a 400 here.
+ * Where the client put `field` of prompt `i` (toInstances' precedence: a named input over a parameter): `input "seed"`
+ * for a one-element tensor, `input "seed" data[1]` for a per-prompt one, `parameters.seed`; undefined when not sent.
  */
-function v2Loras(v: unknown): unknown {
-  if (typeof v !== 'string') throw bad(`loras must be JSON text such as [{"name":"style-x","scale":0.8}] (a BYTES input or a string parameter), got ${typeof v}`);
+export function fieldSource(req: InferRequest, i: number, field: string): string | undefined {
+  const t = req.inputs.find((x) => x.name === field);
+  if (t) return t.values.length === 1 ? `input "${field}"` : `input "${field}" data[${i}]`;
+  return Object.hasOwn(req.parameters, field) ? `parameters.${field}` : undefined;
+}
+
+/**
+ * parseInstances' relabel for the instances of toInstances (parsed with where `prompt`): each `prompt[i].<field>` as
+ * fieldSource names it, a field the client did not send (a default, a missing image) by its bare name.
+ */
+export function v2Relabel(req: InferRequest): (problem: string, i: number) => string {
+  return (problem, i) => problem.replace(new RegExp(`\\bprompt\\[${i}\\]\\.([a-z_]+)`, 'g'), (_, f: string) => fieldSource(req, i, f) ?? f);
+}
+
+/**
+ * `loras` arrives as JSON text (a BYTES element or a string parameter): `[{"name":"style-x","scale":0.8}]`. The
+ * parsed list is checked like V1's field (parseLoras); text that is not JSON is a 400 here. `at`: where it was sent.
+ */
+function v2Loras(v: unknown, at: string): unknown {
+  if (typeof v !== 'string') throw bad(`${at} must be JSON text such as [{"name":"style-x","scale":0.8}] (a BYTES input or a string parameter), got ${typeof v}`);
   try {
     return JSON.parse(v) as unknown;
   } catch (err) {
-    throw bad(`loras is not JSON: ${(err as Error).message}; send e.g. [{"name":"style-x","scale":0.8}]`);
+    throw bad(`${at} is not JSON: ${(err as Error).message}; send e.g. [{"name":"style-x","scale":0.8}]`);
   }
 }
 

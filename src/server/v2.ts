@@ -10,7 +10,7 @@ import { parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
-import { encodeInferResponse, modelMetadata, parseInferRequest, toInstances, type InferResponse } from './v2-codec.js';
+import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
 
 export const SERVER_NAME = 'diffusers-runtime';
 const EXTENSIONS = ['binary_tensor_data'] as const;
@@ -57,7 +57,15 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
         const name = r.params[0]!;
         const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest);
         const instances = toInstances(req);
-        const reqs = parseInstances(instances, parseContext(ctx), 'prompt');
+        // Problems name where the client put each value (a parameter, an input tensor and its element), not the
+        // per-prompt instance toInstances made of them.
+        const reqs = parseInstances(instances, parseContext(ctx), 'prompt', false, v2Relabel(req));
+        reqs.forEach((g, i) => {
+          if (!g.image) return;
+          // Image errors found once the images are read (a GIF, sizes that differ) name the input too.
+          for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
+          g.image.at = 'parameters';
+        });
         return inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal)));
       },
       opts,
