@@ -148,6 +148,17 @@ describe('WebSocket stream', () => {
     expect(await ws.closed).toEqual({ code: 4400, reason: 'INVALID_INPUT' });
     expect(ws.messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: expect.stringMatching(/message\[0\]\.prompt must be a string.*height/) }]);
 
+    // A V1 or V2 body sent as the message is named as such, not as an unknown field of an instance.
+    for (const [body, error] of [
+      [{ instances: [{ prompt: 'x' }] }, 'the stream takes one instance\'s fields directly: send {"prompt": …} itself, not {"instances": [...]} (a V1 request body): one message is one instance, one generation per connection'],
+      [{ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }], parameters: {} }, 'the stream takes one instance\'s fields directly: send {"prompt": …} itself, not {"inputs": [...]} (a V1 or V2 request body): one message is one instance, one generation per connection'],
+    ] as const) {
+      const whole = await stream();
+      whole.send(JSON.stringify(body));
+      expect(await whole.closed).toEqual({ code: 4400, reason: 'INVALID_INPUT' });
+      expect(whole.messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error }]);
+    }
+
     const junk = await stream();
     junk.send('{not json');
     expect((await junk.closed).code).toBe(4400);
@@ -157,7 +168,7 @@ describe('WebSocket stream', () => {
     expect(await unknown.closed).toEqual({ code: 4404, reason: 'MODEL_NOT_FOUND' });
     expect(unknown.messages).toEqual([{ type: 'error', code: 'MODEL_NOT_FOUND', error: 'Model with name nope does not exist.' }]);
     // Each answer is one inference_request_count, whether refused at the upgrade or after the message.
-    expect([(await count('400')) - bad0, (await count('404')) - unknown0]).toEqual([2, 1]);
+    expect([(await count('400')) - bad0, (await count('404')) - unknown0]).toEqual([4, 1]);
     expect(srv.logs.filter((l) => l.msg === 'inference request' && l.route === '/v1/models/nope/stream').map((l) => l.status)).toEqual([404]);
   });
 

@@ -130,6 +130,12 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       const inst = parseJson(body);
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
       assertSafeKeys(inst, 'message');
+      // A V1 or V2 body sent as it is: named as such, not as an unknown field of an instance.
+      const whole = ['instances', 'inputs'].filter((k) => Object.hasOwn(inst, k));
+      if (whole.length > 0) {
+        throw new RuntimeError('INVALID_INPUT', `the stream takes one instance's fields directly: send {"prompt": …} itself, not {${whole.map((k) => `"${k}": [...]`).join(', ')}}`
+          + ` (a ${whole.includes('instances') ? 'V1' : 'V1 or V2'} request body): one message is one instance, one generation per connection`);
+      }
       const reqs = parseInstances([inst], parseContext(ctx), 'message', true);
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
