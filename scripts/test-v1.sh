@@ -74,8 +74,19 @@ fi
 
 endpoint="$url/v1/models/$model:predict"
 echo "POST $endpoint ($(basename "$input"))"
-if ! result=$(curl "${curl_opts[@]}" "$endpoint"); then
-  die "request failed (curl could not complete it within ${timeout}s): $endpoint"
+start=$SECONDS
+rc=0
+result=$(curl "${curl_opts[@]}" "$endpoint") || rc=$?
+if [[ $rc != 0 ]]; then
+  # curl's exit status says how it failed; only 28 is the time limit running out.
+  case $rc in
+    6) die "could not resolve the host of $url (curl exit 6): check the URL" ;;
+    7) die "could not reach the server at $url (curl exit 7, connection refused or no route, after $((SECONDS - start))s): is it running and listening there (make run-local; oc get isvc)?" ;;
+    28) die "no answer within ${timeout}s (TIMEOUT; curl exit 28): $endpoint" ;;
+    35 | 60) die "TLS with $url failed (curl exit $rc); a self-signed route needs INSECURE=1" ;;
+    52 | 56) die "the server at $url closed the connection without an answer (curl exit $rc): $endpoint" ;;
+    *) die "request failed (curl exit $rc after $((SECONDS - start))s): $endpoint" ;;
+  esac
 fi
 read -r code seconds <<<"$result"
 

@@ -6,6 +6,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -165,9 +166,9 @@ describe('one model name for a local user (npm start, make run-local, make test-
     return e;
   };
   /** A client of the runtime served in this process: asynchronous, since spawnSync would stop the loop that answers it. */
-  const client = (cmd: string, args: string[], opts: { cwd?: string } = {}) =>
+  const client = (cmd: string, args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}) =>
     new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(cmd, args, { ...opts, env: env(), stdio: ['ignore', 'pipe', 'pipe'] });
+      const p = spawn(cmd, args, { cwd: opts.cwd, env: { ...env(), ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       p.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
@@ -195,6 +196,31 @@ describe('one model name for a local user (npm start, make run-local, make test-
     }
     const named = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), `${srv.url}/v1/models/model:predict`]);
     expect(named.stdout).toContain(`URL: ${srv.url} (the root of the route given; model model)`);
+  });
+
+  it.skipIf(!has('curl'))('test-v1.sh tells a refused connection (at once) from a timeout (TIMEOUT)', async () => {
+    // A loopback port nothing listens on, then one that accepts and never answers.
+    const closed = net.createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const port = (closed.address() as net.AddressInfo).port;
+    await new Promise((resolve) => closed.close(resolve));
+    const refused = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), `http://127.0.0.1:${port}`, 'model']);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr).toContain(`test-v1: FAIL: could not reach the server at http://127.0.0.1:${port} (curl exit 7, connection refused or no route, after 0s)`);
+    expect(refused.stderr).not.toMatch(/within/);
+
+    const sockets = new Set<net.Socket>();
+    const silent = net.createServer((s) => void sockets.add(s.on('error', () => {})));
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${(silent.address() as net.AddressInfo).port}`;
+      const slow = await client('bash', [path.join(ROOT, 'scripts/test-v1.sh'), url, 'model'], { env: { TIMEOUT: '1' } });
+      expect(slow.status).toBe(1);
+      expect(slow.stderr).toContain(`test-v1: FAIL: no answer within 1s (TIMEOUT; curl exit 28): ${url}/v1/models/model:predict`);
+    } finally {
+      for (const s of sockets) s.destroy();
+      await new Promise((resolve) => silent.close(resolve));
+    }
   });
 
   it.skipIf(!has('curl'))('test-v1.sh names the models the server serves when it gets a 404', async () => {
