@@ -1,7 +1,7 @@
 /** The V2 tensor codec on its own (no server): binary tensor data in every datatype, problems named together, answers. */
 import { describe, expect, it } from 'vitest';
 import type { TaskResult } from '../src/runtime/engine.js';
-import { encodeInferResponse, parseInferRequest, shortestFloat32, toInstances } from '../src/server/v2-codec.js';
+import { encodeInferResponse, fieldSource, parseInferRequest, shortestFloat32, toInstances, v2Relabel } from '../src/server/v2-codec.js';
 
 /** A binary-extension body: the JSON header, then each input's bytes; and its headers. */
 function binaryBody(inputs: Array<{ name: string; datatype: string; shape: number[]; bytes: Buffer }>, extra: Record<string, unknown> = {}) {
@@ -52,6 +52,30 @@ describe('V2 codec: requests', () => {
       + 'parameters.steps is not a known field (AUTOMATIC1111\'s name); did you mean "num_inference_steps"?; '
       + 'input "prompt": shape [2] holds 2 elements but data has 1; input "seed" must have an integer datatype (INT32, INT64, …), got FP32',
     );
+  });
+
+  it('names a top-level key the protocol does not have along with the other problems', () => {
+    const body = json({ id: 3, instances: [{ prompt: 'a' }], seed: 1, inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a'] }] });
+    expect(() => parseInferRequest({}, body)).toThrow(
+      '"instances" is V1\'s body (POST /v1/models/{name}:predict); a V2 request holds "id", "parameters", "inputs", "outputs"; '
+      + '"seed" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}}); '
+      + 'id must be a string, got number',
+    );
+  });
+
+  it('says where each per-prompt field came from: a one-element input, an element of a per-prompt one, a parameter', () => {
+    const req = parseInferRequest({}, json({
+      inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['a', 'b'] }, { name: 'seed', shape: [1], datatype: 'INT64', data: [1] }, { name: 'eta', shape: [2], datatype: 'FP32', data: [0, 2] }],
+      parameters: { seed: 5, guidance_scale: 'x' },
+    }));
+    expect([0, 1].map((i) => ['prompt', 'seed', 'eta', 'guidance_scale', 'width'].map((f) => fieldSource(req, i, f)))).toEqual([
+      ['input "prompt" data[0]', 'input "seed"', 'input "eta" data[0]', 'parameters.guidance_scale', undefined],
+      ['input "prompt" data[1]', 'input "seed"', 'input "eta" data[1]', 'parameters.guidance_scale', undefined],
+    ]);
+    const relabel = v2Relabel(req);
+    expect(relabel('prompt[1].eta must be a number from 0 to 1, got 2', 1)).toBe('input "eta" data[1] must be a number from 0 to 1, got 2');
+    expect(relabel('prompt[0].mask_image needs an prompt[0].image to work on', 0)).toBe('mask_image needs an image to work on');
+    expect(relabel('prompt[0].loras[1].scale must be a number', 0)).toBe('loras[1].scale must be a number');
   });
 
   it('refuses binary sizes that do not add up, and a body too short for its header length', () => {
