@@ -4,9 +4,15 @@
  * memory is free but stays resident, scattered through the arena, which the next set's thread reuses and fragments
  * further, so RSS climbed with every set built and evicted (docs/BENCHMARKS.md, "Long serving"). Once sets stop
  * switching (TRIM_POLICY), native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool.
+ *
+ * malloc_trim works on the whole process, so there is one policy per process, in the main thread: pipeline workers
+ * tell it when one of their sets' threads has ended (threadEndSink, relayed by runtime/workers.ts), and it trims once
+ * no worker's set thread has ended for the quiet time. A worker's own timer would trim while another worker is still
+ * switching sets, slowing that worker's builds for nothing.
  */
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { isMainThread, parentPort } from 'node:worker_threads';
 import type { ThreadLog } from './session-thread.js';
 
 /** dist/native/, where `npm run build` puts the module (scripts/build-native.sh). */
@@ -21,7 +27,8 @@ export interface TrimReport {
 }
 
 /**
- * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile). A trim
+ * When to trim: once adapter sets have stopped switching for `quietMs` (no set's thread ended meanwhile, in any of
+ * the process's pipeline workers). A trim
  * gives back every free page; while sets keep switching, the next builds fault most of them straight back in, so
  * trims then slow builds down and hold RSS down only for moments (docs/BENCHMARKS.md, "Long serving"). Once sets stop
  * switching, one trim gives the memory back for as long as they stay stopped. Sets that never stop switching still get
@@ -165,9 +172,49 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
 
 const mb = (bytes: number) => Math.round((bytes / 2 ** 20) * 10) / 10;
 
-let threadTrimmer: MemoryTrimmer | undefined;
+/** Where an adapter set's thread reports its end: the process's policy (or, in tests, a trimmer of their own). */
+export type ThreadEndSink = Pick<MemoryTrimmer, 'threadEnded'>;
 
-/** This thread's trimmer (each pipeline worker has one): the adapter sets it ends share it, so trims coalesce. */
-export function sharedMemoryTrimmer(log: ThreadLog): MemoryTrimmer {
-  return (threadTrimmer ??= createMemoryTrimmer(log));
+/** What a pipeline worker posts to the main thread when one of its sets' threads has ended. */
+export interface ThreadEndedNote {
+  t: 'lora-thread-ended';
+}
+
+export const isThreadEndedNote = (m: unknown): m is ThreadEndedNote => (m as ThreadEndedNote | null)?.t === 'lora-thread-ended';
+
+let processTrimmer: MemoryTrimmer | undefined;
+let processPolicy: TrimPolicy = TRIM_POLICY;
+let processLog: ThreadLog | undefined;
+
+/**
+ * The process's one trimmer (main thread). Its lines go to the last `log` given (runtime/workers.ts passes the
+ * engine's log through the worker that reported the end), or nowhere before one is given.
+ */
+export function processMemoryTrimmer(log?: ThreadLog): MemoryTrimmer {
+  if (log) processLog = log;
+  return (processTrimmer ??= createMemoryTrimmer((level, msg, obj) => processLog?.(level, msg, obj), { policy: processPolicy }));
+}
+
+/**
+ * Sets the process's policy (tests shrink it to seconds); the trimmer made with the old one, if any, is dropped with
+ * its pending timer (unreferenced) and the next end starts the new one.
+ */
+export function setProcessTrimPolicy(policy: TrimPolicy = TRIM_POLICY): void {
+  processPolicy = policy;
+  processTrimmer = undefined;
+}
+
+/**
+ * Where this thread's adapter set threads report their ends: in a pipeline worker, a note to the main thread, whose
+ * policy decides (resolves at once, undefined: the trim's report is logged there); in the main thread, its policy.
+ */
+export function threadEndSink(log: ThreadLog): ThreadEndSink {
+  if (isMainThread || !parentPort) return processMemoryTrimmer(processLog ? undefined : log);
+  const port = parentPort;
+  return {
+    threadEnded: () => {
+      port.postMessage({ t: 'lora-thread-ended' } satisfies ThreadEndedNote);
+      return Promise.resolve(undefined);
+    },
+  };
 }
