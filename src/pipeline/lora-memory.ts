@@ -3,7 +3,9 @@
  * malloc arena of its own (merge buffers, ONNX Runtime's sessions and their thread pool); when the thread ends that
  * memory is free but stays resident, scattered through the arena, which the next set's thread reuses and fragments
  * further, so RSS climbed with every set built and evicted (docs/BENCHMARKS.md, "Long serving"). Once sets stop
- * switching (TRIM_POLICY), native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool.
+ * switching (TRIM_POLICY), native/malloc-trim.c runs malloc_trim(0) on libuv's thread pool. Before any set's thread
+ * starts, the process's mmap threshold is fixed (MMAP_THRESHOLD_BYTES), so that large buffers are mapped and unmapped
+ * instead of left in the arenas: with it, RSS stays level while sets keep switching.
  *
  * malloc_trim works on the whole process, so there is one policy per process, in the main thread: pipeline workers
  * tell it when one of their sets' threads has ended (threadEndSink, relayed by runtime/workers.ts), and it trims once
@@ -41,6 +43,15 @@ export interface TrimPolicy {
 
 export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000, maxDelayMs: 300_000 });
 
+/**
+ * glibc's own initial mmap threshold, fixed: buffers from this size up are mapped, and unmapped when freed. Left
+ * dynamic, glibc raises it (up to 32 MiB) whenever a mapped buffer is freed; from then on such buffers (merge buffers,
+ * tensors, ONNX Runtime's arena extensions) are carved from the malloc arenas and stay there, fragmented, after the
+ * set's thread has ended. Measured in docs/BENCHMARKS.md ("Long serving"): with sets switching without pause, RSS
+ * ~340 MB instead of ~800 MB.
+ */
+export const MMAP_THRESHOLD_BYTES = 128 * 1024;
+
 export interface MemoryTrimmer {
   /** Why trims do nothing in this process (no module, no malloc_trim), once the first trim has looked; else undefined. */
   readonly unavailable: string | undefined;
@@ -57,6 +68,11 @@ export interface MemoryTrimmer {
    * trim's report (shared by every thread it covers), undefined when none can run here.
    */
   threadEnded(): Promise<TrimReport | undefined>;
+  /**
+   * Fixes glibc's mmap threshold at MMAP_THRESHOLD_BYTES (once per trimmer): 'fixed', 'operator' when the environment
+   * sets it already (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES: theirs stays), undefined when the module cannot here.
+   */
+  fixMmapThreshold(env?: NodeJS.ProcessEnv): 'fixed' | 'operator' | undefined;
 }
 
 export interface TrimmerOptions {
@@ -68,6 +84,7 @@ export interface TrimmerOptions {
 interface NativeTrim {
   available: boolean;
   trim?: () => Promise<TrimReport>;
+  setMmapThreshold?: (bytes: number) => boolean;
 }
 
 /** A trimmer that loads `file` on its first trim; without it (no C compiler at build, not glibc) one line says so. */
@@ -158,7 +175,21 @@ export function createMemoryTrimmer(log: ThreadLog, opts: TrimmerOptions = {}): 
     return done;
   };
 
+  let threshold: 'fixed' | 'operator' | undefined;
+  let thresholdAsked = false;
+  const fixMmapThreshold = (env: NodeJS.ProcessEnv = process.env): 'fixed' | 'operator' | undefined => {
+    if (thresholdAsked) return threshold;
+    thresholdAsked = true;
+    if (env.MALLOC_MMAP_THRESHOLD_ !== undefined || /glibc\.malloc\.mmap_threshold/.test(env.GLIBC_TUNABLES ?? '')) return (threshold = 'operator');
+    if (!loaded) load();
+    if (!native?.setMmapThreshold) return undefined;
+    if (native.setMmapThreshold(MMAP_THRESHOLD_BYTES)) return (threshold = 'fixed');
+    log('warn', 'glibc did not take the mmap threshold for LoRA adapter sets (mallopt); their memory may stay resident while sets switch');
+    return undefined;
+  };
+
   return {
+    fixMmapThreshold,
     threadEnded,
     get unavailable() {
       return unavailable;
