@@ -15,7 +15,8 @@
  * Every BENCH_SOAK_SAMPLE_EVERY requests it samples the server's VmRSS and VmHWM (/proc/<pid>/status), the RSS of its
  * process tree (children such as the optimized-model writer), its open fds and sockets (/proc/<pid>/fd), threads, and
  * what its /metrics says (process RSS, main-thread heap and external memory, active handles, event-loop lag since the
- * last scrape, the number of metric series, result-cache bytes). Growth is the least-squares slope over the second
+ * last scrape, the number of metric series, result-cache bytes), and the resident MB of glibc's malloc arenas (smaps).
+ * The server's trims of ended adapter set threads' memory are read from its log. Growth is the least-squares slope over the second
  * half of the run (after warm-up effects), in MB per 1000 requests. A probe loop times /v2/health/live all along.
  * After the traffic, an idle wait: fds and sockets must come back to what they were before it.
  * Env: BENCH_SOAK_REQUESTS (3000 per run), BENCH_SOAK_CLIENTS (3 concurrent), BENCH_SOAK_SAMPLE_EVERY (100),

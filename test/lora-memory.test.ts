@@ -35,8 +35,8 @@ describe('memory of evicted LoRA adapter sets', () => {
    */
   const BOUND_MB = 40;
   /**
-   * RSS may be this much above that level while sets still switch, before any trim. Measured the same way: with the
-   * fixed mmap threshold +28 MB (24 sets built); with glibc's dynamic one +167 and +250 MB.
+   * RSS may be this much above that level while sets still switch, before any trim. Measured the same way (24 sets
+   * built): with the fixed mmap threshold (1 MiB) +13 and +18 MB; with glibc's dynamic one +167 and +250 MB.
    */
   const SWITCHING_BOUND_MB = 80;
   let srv: ServerHandle | undefined;
@@ -142,10 +142,10 @@ describe('native/malloc-trim and its trimmer', () => {
     expect(t.runs).toBeGreaterThanOrEqual(1);
   });
 
-  it("fixes glibc's mmap threshold once (buffers from 128 KiB up mapped, not left in the arenas); an operator's setting stays", () => {
+  it("fixes glibc's mmap threshold once (buffers from 1 MiB up mapped, not left in the arenas); an operator's setting stays", () => {
     const { lines, log } = logsOf();
     const t = createMemoryTrimmer(log, { file: MODULE });
-    expect(MMAP_THRESHOLD_BYTES).toBe(128 * 1024);
+    expect(MMAP_THRESHOLD_BYTES).toBe(1024 * 1024);
     expect(t.fixMmapThreshold({})).toBe('fixed');
     expect(t.fixMmapThreshold({})).toBe('fixed');
     expect(createMemoryTrimmer(log, { file: MODULE }).fixMmapThreshold({ MALLOC_MMAP_THRESHOLD_: '65536' })).toBe('operator');

@@ -44,13 +44,14 @@ export interface TrimPolicy {
 export const TRIM_POLICY: TrimPolicy = Object.freeze({ quietMs: 10_000, maxDelayMs: 300_000 });
 
 /**
- * glibc's own initial mmap threshold, fixed: buffers from this size up are mapped, and unmapped when freed. Left
- * dynamic, glibc raises it (up to 32 MiB) whenever a mapped buffer is freed; from then on such buffers (merge buffers,
- * tensors, ONNX Runtime's arena extensions) are carved from the malloc arenas and stay there, fragmented, after the
- * set's thread has ended. Measured in docs/BENCHMARKS.md ("Long serving"): with sets switching without pause, RSS
- * ~340 MB instead of ~800 MB.
+ * glibc's mmap threshold, fixed: buffers from this size up are mapped, and unmapped when freed. Left dynamic, glibc
+ * raises it (up to 32 MiB) whenever a mapped buffer is freed; from then on such buffers (merge buffers, ONNX Runtime's
+ * arena extensions) are carved from the malloc arenas and stay there, fragmented, after the set's thread has ended.
+ * Measured in docs/BENCHMARKS.md ("Long serving"): with sets switching without pause, RSS ~390 MB and level instead of
+ * 740-870 MB and rising; set builds 13-33 % slower where page faults are as dear as on that machine. 128 KiB (glibc's
+ * own starting value) kept RSS lower still but slowed base requests too.
  */
-export const MMAP_THRESHOLD_BYTES = 128 * 1024;
+export const MMAP_THRESHOLD_BYTES = 1024 * 1024;
 
 export interface MemoryTrimmer {
   /** Why trims do nothing in this process (no module, no malloc_trim), once the first trim has looked; else undefined. */
