@@ -27,6 +27,10 @@
 
 typedef int (*MallocTrimFn)(size_t pad);
 static MallocTrimFn malloc_trim_fn;
+typedef int (*MalloptFn)(int param, int value);
+static MalloptFn mallopt_fn;
+/* glibc's M_MMAP_THRESHOLD (malloc.h), written out so that the module builds without glibc's headers too. */
+#define MMAP_THRESHOLD_PARAM (-3)
 
 #include "napi-min.h"
 
@@ -115,8 +119,27 @@ static napi_value trim(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+/*
+ * setMmapThreshold(bytes): mallopt(M_MMAP_THRESHOLD, bytes); true when glibc took it. A fixed threshold also turns
+ * off glibc's dynamic one, which otherwise rises (up to 32 MiB) each time a mapped chunk is freed, after which
+ * buffers of that size are carved from the arenas instead of mapped, and stay there, fragmented, when freed.
+ */
+static napi_value set_mmap_threshold(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], result;
+  double bytes = -1;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != NAPI_OK || argc < 1 || napi_get_value_double(env, argv[0], &bytes) != NAPI_OK ||
+      !(bytes >= 0 && bytes <= 32.0 * 1024 * 1024)) {
+    napi_throw_error(env, NULL, "setMmapThreshold: bytes must be a number from 0 to 33554432");
+    return NULL;
+  }
+  napi_get_boolean(env, mallopt_fn(MMAP_THRESHOLD_PARAM, (int)bytes) == 1, &result);
+  return result;
+}
+
 napi_value napi_register_module_v1(napi_env env, napi_value exports) {
   if (!malloc_trim_fn) malloc_trim_fn = (MallocTrimFn)dlsym(RTLD_DEFAULT, "malloc_trim");
+  if (!mallopt_fn) mallopt_fn = (MalloptFn)dlsym(RTLD_DEFAULT, "mallopt");
   napi_value available;
   napi_get_boolean(env, malloc_trim_fn != NULL, &available);
   napi_set_named_property(env, exports, "available", available);
@@ -124,6 +147,11 @@ napi_value napi_register_module_v1(napi_env env, napi_value exports) {
     napi_value fn;
     napi_create_function(env, "trim", NAPI_AUTO_LENGTH, trim, NULL, &fn);
     napi_set_named_property(env, exports, "trim", fn);
+  }
+  if (malloc_trim_fn && mallopt_fn) {
+    napi_value fn;
+    napi_create_function(env, "setMmapThreshold", NAPI_AUTO_LENGTH, set_mmap_threshold, NULL, &fn);
+    napi_set_named_property(env, exports, "setMmapThreshold", fn);
   }
   return exports;
 }

@@ -33,6 +33,8 @@ extern napi_status napi_create_async_work(napi_env, napi_value, napi_value, napi
 extern napi_status napi_queue_async_work(napi_env, napi_async_work);
 extern napi_status napi_delete_async_work(napi_env, napi_async_work);
 extern napi_status napi_throw_error(napi_env, const char *, const char *);
+extern napi_status napi_get_cb_info(napi_env, napi_callback_info, size_t *, napi_value *, napi_value *, void **);
+extern napi_status napi_get_value_double(napi_env, napi_value, double *);
 
 #define NAPI_OK 0
 #define NAPI_AUTO_LENGTH SIZE_MAX

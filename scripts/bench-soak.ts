@@ -15,7 +15,8 @@
  * Every BENCH_SOAK_SAMPLE_EVERY requests it samples the server's VmRSS and VmHWM (/proc/<pid>/status), the RSS of its
  * process tree (children such as the optimized-model writer), its open fds and sockets (/proc/<pid>/fd), threads, and
  * what its /metrics says (process RSS, main-thread heap and external memory, active handles, event-loop lag since the
- * last scrape, the number of metric series, result-cache bytes). Growth is the least-squares slope over the second
+ * last scrape, the number of metric series, result-cache bytes), and the resident MB of glibc's malloc arenas (smaps).
+ * The server's trims of ended adapter set threads' memory are read from its log. Growth is the least-squares slope over the second
  * half of the run (after warm-up effects), in MB per 1000 requests. A probe loop times /v2/health/live all along.
  * After the traffic, an idle wait: fds and sockets must come back to what they were before it.
  * Env: BENCH_SOAK_REQUESTS (3000 per run), BENCH_SOAK_CLIENTS (3 concurrent), BENCH_SOAK_SAMPLE_EVERY (100),
@@ -88,6 +89,8 @@ interface Sample {
   fdKinds?: Record<string, number>;
   diskMB: number;
   diskFiles: number;
+  /** Resident MB of glibc's malloc arenas (smaps): the main arena's `[heap]`, and the other arenas' heaps. */
+  arenaMB: { main: number; others: number; heaps: number };
 }
 
 const METRICS = {
@@ -170,6 +173,39 @@ function diskUse(dir: string): { bytes: number; files: number } {
   return { bytes, files };
 }
 
+/**
+ * glibc's arenas in /proc/<pid>/smaps: `[heap]` is the main arena; every other arena is made of heaps that glibc maps
+ * at 64 MiB-aligned addresses (HEAP_MAX_SIZE on 64-bit), anonymous and read-write where in use. Their resident bytes
+ * are what ended adapter set threads leave free but resident (docs/BENCHMARKS.md, "Long serving").
+ */
+function arenas(pid: number): Sample['arenaMB'] {
+  let main = 0;
+  let others = 0;
+  let heaps = 0;
+  let kind: 'main' | 'other' | undefined;
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/smaps`, 'utf8');
+  } catch {
+    return { main: NaN, others: NaN, heaps: NaN };
+  }
+  for (const line of text.split('\n')) {
+    const head = /^([0-9a-f]+)-[0-9a-f]+ (\S+) \S+ \S+ (\d+)\s*(.*)$/.exec(line);
+    if (head) {
+      const [, start, perms, inode, name] = head;
+      kind = name === '[heap]' ? 'main' : name === '' && inode === '0' && perms!.startsWith('rw') && BigInt(`0x${start}`) % (64n << 20n) === 0n ? 'other' : undefined;
+      if (kind === 'other') heaps++;
+      continue;
+    }
+    if (kind && line.startsWith('Rss:')) {
+      const b = kB(line);
+      if (kind === 'main') main += b;
+      else others += b;
+    }
+  }
+  return { main: main / MB, others: others / MB, heaps };
+}
+
 /** GET on a connection of its own, closed after the answer: the measurement holds no socket of the server's open. */
 function getOnce(url: string): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -214,7 +250,7 @@ async function sample(srv: Server, req: number, t0: number, cacheDir: string): P
   const sockets = fdKinds.socket ?? 0;
   const disk = diskUse(cacheDir);
   return {
-    fdKinds, diskMB: disk.bytes / MB, diskFiles: disk.files,
+    fdKinds, diskMB: disk.bytes / MB, diskFiles: disk.files, arenaMB: arenas(pid),
     req, t: (performance.now() - t0) / 1000, rssMB: st.rss / MB, hwmMB: st.hwm / MB, treeRssMB: (st.rss + kidsRss) / MB, children: kids.length,
     threads: st.threads, fds, sockets, metrics: m.values, series: m.series, keys: m.keys,
   };
@@ -577,11 +613,30 @@ interface RunResult {
   probeMs: { p50: number; p99: number; max: number; count: number };
   examples: Record<string, number>;
   exit: { code: number | null; signal: string | null };
+  /** The server's trims (log `memory of ended LoRA adapter set threads given back`): seconds in, requests done, MB. */
+  trims: Array<{ t: number; req: number; rssMB: number; returnedMB: number }>;
 }
 
 async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['images']): Promise<RunResult> {
   const srv = await startServer(cacheDir);
   examples.clear();
+  // The server's trims of ended adapter set threads' memory (lora-memory.ts): when, and what each gave back.
+  const trims: RunResult['trims'] = [];
+  let logTail = '';
+  let completedNow = 0;
+  srv.proc.stdout!.on('data', (chunk: string | Buffer) => {
+    const lines = (logTail + String(chunk)).split('\n');
+    logTail = lines.pop()!;
+    for (const line of lines) {
+      if (!line.includes('adapter set threads given back')) continue;
+      try {
+        const l = JSON.parse(line) as { rssMB?: number; returnedMB?: number };
+        trims.push({ t: +((performance.now() - t0) / 1000).toFixed(1), req: completedNow, rssMB: l.rssMB ?? NaN, returnedMB: l.returnedMB ?? NaN });
+      } catch {
+        // not a log line
+      }
+    }
+  });
   const c: Ctx = { url: srv.url, port: srv.port, r: rng(SEED + (kind === 'plain' ? 1 : 2)), images, slowloris: [] };
   const t0 = performance.now();
   const deadline = Date.now() + DEADLINE_S * 1000;
@@ -628,7 +683,7 @@ async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['image
         nextSample += EVERY;
         if (samples.length % 10 === 1) {
           const s = samples.at(-1)!;
-          process.stderr.write(`bench-soak ${kind}: ${s.req} requests, ${s.t.toFixed(0)} s, RSS ${s.rssMB.toFixed(1)} MB, heap ${((s.metrics.heapUsed ?? 0) / MB).toFixed(1)} MB, fds ${s.fds}\n`);
+          process.stderr.write(`bench-soak ${kind}: ${s.req} requests, ${s.t.toFixed(0)} s, RSS ${s.rssMB.toFixed(1)} MB, heap ${((s.metrics.heapUsed ?? 0) / MB).toFixed(1)} MB, arenas ${s.arenaMB.main.toFixed(0)}+${s.arenaMB.others.toFixed(0)} MB, fds ${s.fds}, trims ${trims.length}\n`);
         }
       } else await new Promise((r) => setTimeout(r, 20));
     }
@@ -641,6 +696,7 @@ async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['image
       const out = await a.run(c);
       for (const o of Array.isArray(out) ? out : [out]) note(a, o);
       completed += k;
+      completedNow = completed;
     }
   };
   await Promise.all(Array.from({ length: CLIENTS }, client));
@@ -674,7 +730,7 @@ async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['image
   return {
     kind, requests: completed, seconds, deadlineHit: Date.now() >= deadline, samples, idle, idleS, outcomes, unexpected,
     probeMs: { p50: +median(ps).toFixed(1), p99: +(ps[Math.floor(ps.length * 0.99)] ?? NaN).toFixed(1), max: +(ps.at(-1) ?? NaN).toFixed(1), count: ps.length },
-    examples: Object.fromEntries(examples), exit: { code: exit.code, signal: exit.signal },
+    examples: Object.fromEntries(examples), exit: { code: exit.code, signal: exit.signal }, trims,
   };
 }
 
@@ -733,6 +789,10 @@ function summary(r: RunResult) {
     eventLoopLagMs: { maxOfMax: +Math.max(...lag).toFixed(1), medianOfMax: +median(lag).toFixed(1), medianP99: +median(lagP99).toFixed(1) },
     probeMs: r.probeMs,
     outcomes: r.outcomes, unexpected: r.unexpected, examples: r.examples, exit: r.exit,
+    arenaMB: { start: first.arenaMB, end: last.arenaMB, idle: r.idle.arenaMB },
+    trims: r.trims,
+    /** RSS and the other arenas' resident MB at each sample: the curve. */
+    curve: s.map((x) => [x.req, +x.t.toFixed(0), +x.rssMB.toFixed(1), +x.arenaMB.others.toFixed(1)]),
   };
 }
 
@@ -767,6 +827,9 @@ async function main(): Promise<void> {
       row('event-loop lag ms: max, median max, p99', (x) => `${x.eventLoopLagMs.maxOfMax}, ${x.eventLoopLagMs.medianOfMax}, ${x.eventLoopLagMs.medianP99}`),
       row('/v2/health/live ms p50 / p99 / max', (x) => `${x.probeMs.p50} / ${x.probeMs.p99} / ${x.probeMs.max}`),
       row('unexpected outcomes', (x) => Object.values(x.unexpected).reduce((s, o) => s + Object.values(o).reduce((a, b) => a + b, 0), 0)),
+      row('malloc arenas MB main+others (heaps) end', (x) => `${x.arenaMB.end.main.toFixed(0)}+${x.arenaMB.end.others.toFixed(0)} (${x.arenaMB.end.heaps})`),
+      row('malloc arenas MB main+others idle', (x) => `${x.arenaMB.idle.main.toFixed(0)}+${x.arenaMB.idle.others.toFixed(0)} (${x.arenaMB.idle.heaps})`),
+      row('trims (RSS after, MB returned)', (x) => x.trims.map((t) => `${t.rssMB}/${t.returnedMB}`).join(' ') || 'none'),
       row('exit after SIGTERM', (x) => x.exit.code),
     ];
     if (results.plain && results.mixed) {

@@ -1,14 +1,15 @@
 /**
  * The memory of evicted LoRA adapter sets comes back: the built server serving a set per request in turn (more sets
  * than LORA_MAX_SETS, so each request builds one and evicts another) ends near the RSS it had after its first
- * evictions, and native/malloc-trim.c (what gives it back) does what it reports: loaded from the build, on libuv's
- * thread pool, coalesced, paced by the policy, and one line (no failure) where the module is missing.
+ * evictions (and stays near it while sets still switch, before any trim: the fixed mmap threshold), and
+ * native/malloc-trim.c (what gives it back) does what it reports: loaded from the build, on libuv's thread pool,
+ * coalesced, paced by the policy, and one line (no failure) where the module is missing.
  */
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { createMemoryTrimmer } from '../src/pipeline/lora-memory.js';
+import { createMemoryTrimmer, MMAP_THRESHOLD_BYTES } from '../src/pipeline/lora-memory.js';
 import { buildDemoModel } from '../src/demo/build.js';
 import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
@@ -33,6 +34,11 @@ describe('memory of evicted LoRA adapter sets', () => {
    * the trim 20-55 MB below it.
    */
   const BOUND_MB = 40;
+  /**
+   * RSS may be this much above that level while sets still switch, before any trim. Measured the same way (24 sets
+   * built): with the fixed mmap threshold (1 MiB) +13 and +18 MB; with glibc's dynamic one +167 and +250 MB.
+   */
+  const SWITCHING_BOUND_MB = 80;
   let srv: ServerHandle | undefined;
   afterAll(async () => srv?.stop());
 
@@ -50,7 +56,14 @@ describe('memory of evicted LoRA adapter sets', () => {
       }
     };
     await Promise.all([client(), client()]);
+    // While sets switch (no trim yet: none has come before the quiet time), the fixed mmap threshold keeps the sets'
+    // buffers out of the arenas.
+    const switching = rssOf(pid);
+    const trimmedEarly = srv.logs.some((l) => l.msg === 'memory of ended LoRA adapter set threads given back');
     const built = srv.logs.filter((l) => l.msg === 'adapter set built').length;
+    const during = `RSS ${Math.round(level / MB)} MB after 6 requests, ${Math.round(switching / MB)} MB after ${built} sets built, before any trim`;
+    expect(trimmedEarly, 'a trim came while sets still switched').toBe(false);
+    expect(switching / MB, during).toBeLessThanOrEqual(level / MB + SWITCHING_BOUND_MB);
     expect(built).toBeGreaterThanOrEqual(12);
     // The trim comes once no set's thread has ended for TRIM_POLICY.quietMs (10 s); a build without it never comes.
     const TRIMMED = 'memory of ended LoRA adapter set threads given back';
@@ -129,12 +142,25 @@ describe('native/malloc-trim and its trimmer', () => {
     expect(t.runs).toBeGreaterThanOrEqual(1);
   });
 
+  it("fixes glibc's mmap threshold once (buffers from 1 MiB up mapped, not left in the arenas); an operator's setting stays", () => {
+    const { lines, log } = logsOf();
+    const t = createMemoryTrimmer(log, { file: MODULE });
+    expect(MMAP_THRESHOLD_BYTES).toBe(1024 * 1024);
+    expect(t.fixMmapThreshold({})).toBe('fixed');
+    expect(t.fixMmapThreshold({})).toBe('fixed');
+    expect(createMemoryTrimmer(log, { file: MODULE }).fixMmapThreshold({ MALLOC_MMAP_THRESHOLD_: '65536' })).toBe('operator');
+    expect(createMemoryTrimmer(log, { file: MODULE }).fixMmapThreshold({ GLIBC_TUNABLES: 'glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536' })).toBe('operator');
+    expect(createMemoryTrimmer(log, { file: MODULE }).fixMmapThreshold({ GLIBC_TUNABLES: 'glibc.malloc.arena_max=2' })).toBe('fixed');
+    expect(lines).toEqual([]);
+  });
+
   it('without the module (no C compiler at build): one info line, no trim, no failure', async () => {
     const { lines, log } = logsOf();
     const t = createMemoryTrimmer(log, { file: path.join(tmp.dir, 'no-such', 'malloc-trim.node'), policy: { quietMs: 0 } });
     expect(await t.threadEnded()).toBeUndefined();
     expect(await t.threadEnded()).toBeUndefined();
     expect(await t.trim()).toBeUndefined();
+    expect(t.fixMmapThreshold({})).toBeUndefined();
     expect(t.runs).toBe(0);
     expect(t.unavailable).toMatch(/no native\/malloc-trim module/);
     expect(lines).toEqual([['info', expect.stringMatching(/^memory that ended LoRA adapter set threads leave is not given back to the OS: this build has no native\/malloc-trim module/), undefined]]);

@@ -5,19 +5,22 @@ import type { LoraComponent } from './lora-keys.js';
 import type { AdapterRef } from './job.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { RemoteSession, SessionThread, type ThreadLog } from './session-thread.js';
-import { sharedMemoryTrimmer, type MemoryTrimmer, type TrimReport } from './lora-memory.js';
+import { threadEndSink, type ThreadEndSink, type TrimReport } from './lora-memory.js';
 
 type Reply = Exclude<FromLora, { t: 'log' }>;
 export type Built = Extract<FromLora, { t: 'built' }>;
 
 export class LoraSetThread {
   readonly #thread: SessionThread<ToLora, Reply>;
-  readonly #trimmer: MemoryTrimmer;
+  readonly #trimmer: ThreadEndSink;
   #closing: Promise<void> | undefined;
-  /** Set by close once the thread has ended: the trim that ran then (lora-memory.ts policy), else undefined. */
+  /**
+   * Set by close once the thread has ended: the trim that covered it, where the trimmer given runs in this thread;
+   * undefined in a pipeline worker, whose ends go to the main thread's policy (lora-memory.ts).
+   */
   trimmed: Promise<TrimReport | undefined> | undefined;
 
-  constructor(init: LoraInit, log: ThreadLog, trimmer: MemoryTrimmer = sharedMemoryTrimmer(log)) {
+  constructor(init: LoraInit, log: ThreadLog, trimmer: ThreadEndSink = threadEndSink(log)) {
     this.#trimmer = trimmer;
     this.#thread = new SessionThread<ToLora, Reply>(new URL('./lora-thread.js', import.meta.url), init, log, {
       ended: (err) => new RuntimeError('INTERNAL', `the adapter set's thread ended: ${err.message}`),
@@ -41,7 +44,7 @@ export class LoraSetThread {
 
   /**
    * Releases the sessions and ends the thread (terminated after `graceMs` if stuck in a native call); resolves once it
-   * has ended. The memory it leaves in its malloc arena is given back once sets stop switching (lora-memory.ts).
+   * has ended. The memory it leaves in its malloc arena is given back once the process's sets stop switching (lora-memory.ts).
    */
   close(graceMs = 5_000): Promise<void> {
     return (this.#closing ??= this.#thread.close(graceMs).then(() => {

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
+import { isThreadEndedNote, processMemoryTrimmer, type ThreadEndedNote } from '../pipeline/lora-memory.js';
 import { ENTRY_MARKERS } from '../storage/cache.js';
 
 /** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
@@ -103,7 +104,16 @@ export function spawnWorker(cfg: WorkerConfig, index: number): SpawnedWorker {
   let earlyExit: number | undefined;
   let fail: (err: Error) => void = (err) => (earlyError ??= err);
   let exit: (code: number) => void = (code) => (earlyExit = code);
-  worker.on('message', (m: FromWorker) => deliver(m));
+  const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string, unknown>) => deliver({ t: 'log', level, msg, ...(obj ? { obj } : {}) });
+  // Before any adapter set's thread allocates: glibc's dynamic mmap threshold would leave their buffers in the malloc
+  // arenas (lora-memory.ts, MMAP_THRESHOLD_BYTES).
+  if (init.lora && init.lora.maxSets > 0) processMemoryTrimmer(log).fixMmapThreshold();
+  worker.on('message', (m: FromWorker | ThreadEndedNote) => {
+    // An adapter set's thread ended in this worker: the process's one trim policy (lora-memory.ts) decides, and its
+    // line goes to the engine's log like the worker's own.
+    if (isThreadEndedNote(m)) void processMemoryTrimmer(log).threadEnded();
+    else deliver(m);
+  });
   worker.on('error', (err) => fail(err));
   worker.on('exit', (code) => exit(code));
   return {
