@@ -110,6 +110,11 @@ describe('predict', () => {
     expect((r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)).toEqual([100, 101, 5]);
   });
 
+  it("takes TensorFlow Serving's default signature_name beside instances", async () => {
+    const r = await postJson(predictUrl(), { signature_name: 'serving_default', instances: [{ prompt: 'one', num_inference_steps: 3, height: 64, width: 64, seed: 9 }] });
+    expect([r.status, (r.json.predictions as Array<{ seed: number }>).map((p) => p.seed)]).toEqual([200, [9]]);
+  });
+
   it('keeps answering liveness while a long generation runs', async () => {
     const long = postJson(predictUrl(), { instances: [{ prompt: 'long', num_inference_steps: 500, height: 1024, width: 1024, seed: 1 }] });
     const started = performance.now();
@@ -169,6 +174,9 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
       /^instances\[0\]\.prompt holds "<lora:demo-style:0\.8>", AUTOMATIC1111's LoRA syntax, .*; remove it and send instances\[0\]\.loras: \[\{"name":"demo-style","scale":0\.8\}\]$/],
     ['A1111 <lyco:…> tag in the negative prompt', { instances: [{ prompt: 'x', negative_prompt: 'blur <LYCO:detail>' }] }, 400,
       /^instances\[0\]\.negative_prompt holds "<LYCO:detail>", .*\[\{"name":"detail","scale":1\}\]$/],
+    // TensorFlow Serving's signature_name: the default one is served (below), another is named.
+    ['another signature', { signature_name: 'predict_v2', instances: [{ prompt: 'x' }] }, 400,
+      /^signature_name: this model has one signature, "serving_default"; leave signature_name out or send that$/],
     ['instances and inputs together', { instances: [{ prompt: 'x' }], inputs: [{ prompt: 'y' }] }, 400, /^the body has both "instances" and "inputs"; send one of them$/],
   ];
   it.each(cases)('%s', async (_name, body, status, pattern) => {

@@ -187,8 +187,15 @@ describe('V2 infer', () => {
   it('400s a top-level key the protocol does not have, naming it, rather than ignoring it', async () => {
     const steps = await infer({ inputs: [prompt('x')], num_inference_steps: 4, model_name: 'model' });
     expect([steps.status, steps.json.error]).toEqual([400,
-      '"num_inference_steps" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}}); '
-      + '"model_name" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})']);
+      '"num_inference_steps" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})']);
+    // KServe's Python client (InferRequest.to_rest) sends the model's name beside id and inputs: taken when it is this
+    // model, named when it is another; a version is refused as the versioned path is.
+    const other = await infer({ inputs: [prompt('x')], model_name: 'sdxl', model_version: '2' });
+    expect([other.status, other.json.error]).toEqual([400,
+      'model_name "sdxl" is not the model this route serves ("model"); send the request to /v2/models/sdxl/infer or leave model_name out; '
+      + 'model_version "2": this server has no model versions; leave model_version out (or empty)']);
+    const sdk = await infer({ id: 'sdk-1', model_name: 'model', model_version: null, inputs: [prompt('a red fox')], parameters: { ...small, seed: 7 } });
+    expect([sdk.status, sdk.json.id, sdk.json.model_name]).toEqual([200, 'sdk-1', 'model']);
     const v1 = await infer({ instances: [{ prompt: 'x' }] });
     expect([v1.status, v1.json.error]).toEqual([400, '"instances" is V1\'s body (POST /v1/models/{name}:predict); a V2 request holds "id", "parameters", "inputs", "outputs"; the request has no "inputs" list']);
     // The four keys, null ones included, are still taken.

@@ -62,12 +62,15 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         if (instances === undefined) throw new RuntimeError('INVALID_INPUT', 'the request body has no "instances" list');
         // Fields go in each instance; a top-level one (`parameters`, as other V1 servers take them) would otherwise be
         // ignored without a word, and the images made with the defaults.
-        const extra = Object.keys(o).filter((k) => k !== 'instances' && k !== 'inputs').slice(0, 20);
+        // TensorFlow Serving's REST body, which V1 follows, may name its signature: only the default one is served.
+        const extra = Object.keys(o).filter((k) => k !== 'instances' && k !== 'inputs' && !(k === 'signature_name' && o[k] === 'serving_default')).slice(0, 20);
         if (Object.hasOwn(o, 'instances') && Object.hasOwn(o, 'inputs')) extra.unshift('inputs');
         if (extra.length > 0) {
           throw new RuntimeError('INVALID_INPUT', extra.map((k) => k === 'inputs'
             ? 'the body has both "instances" and "inputs"; send one of them'
-            : `${JSON.stringify(k)} is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance ({"instances":[{"prompt":…,"num_inference_steps":…}]})`).join('; '));
+            : k === 'signature_name'
+              ? 'signature_name: this model has one signature, "serving_default"; leave signature_name out or send that'
+              : `${JSON.stringify(k)} is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance ({"instances":[{"prompt":…,"num_inference_steps":…}]})`).join('; '));
         }
         // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
         checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);

@@ -78,6 +78,11 @@ export interface InferRequest {
 }
 
 const bad = (msg: string) => new RuntimeError('INVALID_INPUT', msg);
+/** A client's value in a message: JSON, at most 60 characters of it. */
+const brief = (v: unknown): string => {
+  const j = JSON.stringify(v) ?? typeof v;
+  return j.length > 60 ? `${j.slice(0, 60)}…` : j;
+};
 
 /** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
 function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { header: unknown; binary: Buffer | undefined } {
@@ -113,7 +118,7 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
  * case) as tensors, every problem named at once. `maxPrompts`: no input holds more elements than prompts a request
  * may have (MAX_IMAGES_PER_REQUEST).
  */
-export function parseInferRequest(headers: Readonly<Record<string, string>>, body: Buffer, maxPrompts = Number.MAX_SAFE_INTEGER): InferRequest {
+export function parseInferRequest(headers: Readonly<Record<string, string>>, body: Buffer, maxPrompts = Number.MAX_SAFE_INTEGER, modelName?: string): InferRequest {
   const { header, binary } = splitBody(headers, body);
   if (!isObj(header)) throw bad('the request body must be a JSON object with "inputs"');
   checkSizes(header, maxPrompts);
@@ -121,7 +126,14 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
   const problems: string[] = [];
   // The Open Inference Protocol's request has these four keys; another one (a V1 `instances`, generation fields at the
   // top level) would otherwise be ignored without a word, and the images made with the defaults.
-  for (const k of Object.keys(header).filter((k) => !(REQUEST_KEYS as readonly string[]).includes(k)).slice(0, 20)) {
+  // KServe's own clients (InferRequest.to_rest) also send the model's name and version: taken when they name this model.
+  if (Object.hasOwn(header, 'model_name') && header.model_name !== null && header.model_name !== modelName) {
+    problems.push(`model_name ${brief(header.model_name)} is not the model this route serves (${JSON.stringify(modelName)}); send the request to /v2/models/${typeof header.model_name === 'string' && /^[A-Za-z0-9_.-]{1,100}$/.test(header.model_name) ? header.model_name : '{name}'}/infer or leave model_name out`);
+  }
+  if (Object.hasOwn(header, 'model_version') && header.model_version !== null && header.model_version !== '') {
+    problems.push(`model_version ${brief(header.model_version)}: this server has no model versions; leave model_version out (or empty)`);
+  }
+  for (const k of Object.keys(header).filter((k) => !(REQUEST_KEYS as readonly string[]).includes(k) && k !== 'model_name' && k !== 'model_version').slice(0, 20)) {
     const shown = JSON.stringify(k.length > 40 ? `${k.slice(0, 40)}…` : k);
     problems.push(k === 'instances'
       ? `"instances" is V1's body (POST /v1/models/{name}:predict); a V2 request holds ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}`

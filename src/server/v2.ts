@@ -55,7 +55,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     bodyRoute(
       async (r, body, ex) => {
         const name = r.params[0]!;
-        const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest);
+        const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest, name);
         const instances = toInstances(req);
         // Problems name where the client put each value (a parameter, an input tensor and its element), not the
         // per-prompt instance toInstances made of them.
