@@ -191,7 +191,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     connectionsRefused: new Counter({
       name: 'http_connections_refused_total',
-      help: 'Connections not served as usual, by reason: over_limit (a request beyond MAX_CONNECTIONS answered 503), dropped (beyond it, closed without a request in time), accept_failed (accept failed, e.g. EMFILE at the open-file limit)',
+      help: 'Connections not served as usual, by reason: over_limit (a request beyond MAX_CONNECTIONS answered 503), dropped (beyond it, closed without a request in time or pushed out by newer ones), accept_failed (accept failed, e.g. EMFILE at the open-file limit)',
       labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),

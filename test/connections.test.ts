@@ -147,6 +147,9 @@ describe('MAX_CONNECTIONS on the runtime', () => {
     try {
       expect(await ask(port, 'GET', '/v2/health/live')).toMatchObject({ status: 200 });
       expect(await ask(port, 'HEAD', '/')).toMatchObject({ status: 200 });
+      // The per-model readiness routes are probes too (README); the model's status is not.
+      expect(await ask(port, 'GET', '/v2/models/model/ready')).toMatchObject({ status: 200 });
+      expect(await ask(port, 'GET', '/v1/models/model/ready')).toMatchObject({ status: 200 });
       expect(await ask(port, 'GET', '/v1/models/model')).toMatchObject({ status: 503, headers: { 'retry-after': '1' } });
       // Kept-alive connections within the cap go on serving.
       held.socks[0]!.write('GET /v1/models/model HTTP/1.1\r\nHost: x\r\n\r\n');
@@ -161,6 +164,9 @@ describe('MAX_CONNECTIONS on the runtime', () => {
 
   it('closes a connection beyond the cap that sends no request within 2 s, and lets a newer one push the oldest out', async () => {
     const port = rt.port;
+    // The server counts a connection closed a loop turn or two after its client closed it: wait until only this
+    // scrape's own connection is open, so the four below are all within the cap.
+    await until(async () => (await scrape(port, 'http_connections_open', { state: 'within' })) <= 1, 5_000, 25);
     const held = await holdIdle(port, 4);
     try {
       // 40 beyond the cap: 32 may wait at once, so 8 are pushed out at once, the others after 2 s.

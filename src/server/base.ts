@@ -67,7 +67,7 @@ export interface ConnectionStats {
   readonly overLimit: number;
   /** Connections beyond the cap closed without an answer (no request in time, or pushed out by newer ones). */
   readonly dropped: number;
-  /** Accepts that failed and reached the server (EMFILE, ENFILE, …): those connections were closed unanswered. */
+  /** Accepts that failed and reached the server (EMFILE, ENFILE, …): those connections could not be accepted then. */
   readonly acceptFailed: number;
 }
 
@@ -95,6 +95,9 @@ const OVERFLOW_HEAD_MS = 2_000;
 const WARN_EVERY_MS = 60_000;
 /** Paths answered on a connection beyond the cap: kubelet's probes must not fail because clients hold connections. */
 const HEALTH_PATHS = new Set(['/', '/v2/health/live', '/v2/health/ready']);
+/** The per-model readiness routes, which the README offers as readiness probes too. */
+const MODEL_READY = /^\/v[12]\/models\/[^/]+\/ready$/;
+const isHealth = (path: string): boolean => HEALTH_PATHS.has(path) || MODEL_READY.test(path);
 
 const STARTING = '{"error":"Server is not ready.","code":"MODEL_NOT_READY","ready":false,"state":"starting"}';
 
@@ -322,6 +325,8 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   const counted = new WeakSet<Socket>();
   /** Connections opened beyond the cap; they get one answer, then close. */
   const beyond = new WeakSet<Socket>();
+  /** Those that have had their request (a later one pipelined behind it gets no answer). */
+  const answeredBeyond = new WeakSet<Socket>();
   /** Those still waiting for their request, oldest first. */
   const waiting = new Set<Socket>();
   let warn = writeWarn;
@@ -361,8 +366,12 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       };
       if (beyond.has(req.socket)) {
         waiting.delete(req.socket);
-        if (!((req.method === 'GET' || req.method === 'HEAD') && HEALTH_PATHS.has(pathOf(req.url)))) {
-          counts.overLimit++;
+        // Only the connection's first answer is written (it closes the connection): one pipelined behind it is not
+        // counted as refused, since no 503 reaches its client.
+        const first = !answeredBeyond.has(req.socket);
+        answeredBeyond.add(req.socket);
+        if (!((req.method === 'GET' || req.method === 'HEAD') && isHealth(pathOf(req.url)))) {
+          if (first) counts.overLimit++;
           req.resume(); // a body still arriving is read and dropped, so the answer is not lost to a reset
           return refuse('BUSY', overLimitMessage(maxConnections), { 'retry-after': '1' });
         }
@@ -454,8 +463,8 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
         const atLimit = err.code === 'EMFILE' || err.code === 'ENFILE';
         warnEvery(`accept-${err.code}`, () => ({ code: err.code ?? null, syscall: err.syscall ?? null, ...overflowFields() }), () =>
           atLimit
-            ? `accepting a connection failed (${err.code}): the process is at its open-file limit (${err.code === 'ENFILE' ? 'the system-wide table' : fdLimit ?? 'unknown'}); new connections are closed unanswered until descriptors are freed`
-            : `accepting a connection failed (${err.code ?? err.message}); that connection was closed unanswered`);
+            ? `accepting a connection failed (${err.code}): the process is at its open-file limit (${err.code === 'ENFILE' ? 'the system-wide table' : fdLimit ?? 'unknown'}); new connections cannot be accepted until descriptors are freed`
+            : `accepting a connection failed (${err.code ?? err.message}); that connection could not be accepted`);
       });
       resolve({
         server,
