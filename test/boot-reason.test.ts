@@ -33,8 +33,8 @@ describe('a failed boot', () => {
     writeFileSync(file, '');
     h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: path.join(file, 'cache') }, { ready: false });
     const failed = await h.waitFor('state', (s) => s.state === 'failed');
-    expect(failed.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: ENOTDIR');
+    expect(failed.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
     const body = (await (await fetch(`${h.url}/v1/models/model`)).json()) as { reason: string };
-    expect(body.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: ENOTDIR');
+    expect(body.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
   });
 });

@@ -185,11 +185,18 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
   if (e instanceof RuntimeError || typeof x?.code !== 'string' || typeof x.syscall !== 'string') return e;
   const root = path.resolve(cacheDir) + path.sep;
   const inside = typeof x.path === 'string' && path.resolve(x.path).startsWith(root) ? path.resolve(x.path).slice(root.length) : undefined;
+  if (x.syscall === 'mkdir' && inside === undefined) return cacheDirError(x);
   // The entry's own folder is <key>/; what follows it is the object's path.
   const rel = inside?.split(path.sep).slice(1).join('/');
   const what = `${x.syscall}${rel ? ` of ${JSON.stringify(rel)}` : ''}`;
   const code = ['ENOSPC', 'EDQUOT'].includes(x.code) ? 'NO_SPACE' : x.code === 'ENAMETOOLONG' ? 'STORAGE_KEY_TOO_LONG' : 'CACHE_IO';
   return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}`, { cause: e });
+}
+
+/** MODEL_CACHE_DIR itself could not be made: one message whichever path (the S3 fetch, the demo model) made it. */
+function cacheDirError(e: NodeJS.ErrnoException): RuntimeError {
+  const why = e.code === 'EEXIST' || e.code === 'ENOTDIR' ? 'it, or a folder above it, is a file' : (e.code ?? 'error');
+  return new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
 }
 
 // sameEtag: entries written before listed ETags were quoted hold them as the store listed them (bare, on stores that
@@ -222,8 +229,7 @@ class S3Fetch {
   async run(): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     await mkdirs(cfg.cacheDir).catch((e: NodeJS.ErrnoException) => {
-      const why = e.code === 'EEXIST' || e.code === 'ENOTDIR' ? 'it, or a folder above it, is a file' : (e.code ?? 'error');
-      throw new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
+      throw cacheDirError(e);
     });
     this.transport = openTransport(this.choice, cfg.s3, this.bucket);
     this.transport.catch(() => undefined); // awaited by the first listing
