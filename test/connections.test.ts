@@ -224,6 +224,40 @@ describe('MAX_CONNECTIONS on the runtime', () => {
   });
 });
 
+describe('a request past the cap with a body', () => {
+  let rt: RuntimeHandle;
+  beforeAll(async () => {
+    rt = await startRuntime({ STORAGE_URI: undefined, MAX_CONNECTIONS: '1' }, { ready: true });
+  });
+  afterAll(async () => {
+    await rt?.stop();
+  });
+
+  it('gets its 503 when the client writes the whole body before reading, never a reset', async () => {
+    const port = rt.port;
+    await until(async () => (await scrape(port, 'http_connections_open', { state: 'within' })) <= 1, 5_000, 25);
+    await new Promise((r) => setTimeout(r, 100));
+    const held = await holdIdle(port, 1);
+    // Closing with the body's rest unread makes the kernel reset the connection, which can beat the answer.
+    const body = 'a'.repeat(4 * 1024 * 1024);
+    const once = () => new Promise<string>((resolve) => {
+      const sock = net.connect(port, '127.0.0.1', () => sock.write(`POST ${PREDICT_PATH} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`));
+      let got = '';
+      let error: string | undefined;
+      sock.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      sock.on('error', (e: NodeJS.ErrnoException) => (error = e.code));
+      sock.on('close', () => resolve(error ?? got.split('\r\n')[0]!));
+    });
+    try {
+      const runs: string[] = [];
+      for (let i = 0; i < 20; i++) runs.push(await once());
+      expect(runs.filter((r) => r !== 'HTTP/1.1 503 Service Unavailable')).toEqual([]);
+    } finally {
+      held.release();
+    }
+  }, 60_000);
+});
+
 describe('accept failures that reach the server', () => {
   let base: BaseServer;
   const warnings: Array<{ fields: Record<string, unknown>; msg: string }> = [];

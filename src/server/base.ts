@@ -169,19 +169,39 @@ export const pathOf = (url: string | undefined): string => {
 /** The error body every answer of this module carries: KServe's `error`, with our stable code beside it. */
 const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify({ error, code });
 
-/** How long a socket answered by rawReply waits for the client to close its side before it is destroyed. */
-const RAW_LINGER_MS = 2_000;
+/** How long a connection closed after an answer still takes (and drops) what the client sends. */
+const LINGER_MS = 2000;
+
+/**
+ * Closing a socket with the client's bytes still unread makes the kernel answer with a reset, which can reach the
+ * client before it has read the answer: a client that writes a whole oversize body before reading lost its 413 about
+ * one time in seven. So, as web servers do ("lingering close"), the answer goes out with our FIN and the server reads
+ * and drops what still comes until the client closes, for LINGER_MS at most, before it lets the socket go.
+ */
+export function lingerOnClose(res: ServerResponse): void {
+  const socket = res.socket as (Socket & { destroySoon?: () => void }) | null;
+  if (!socket || typeof socket.destroySoon !== 'function') return;
+  // Node's server ends a `Connection: close` exchange with destroySoon(): end(), then destroy() once it is written.
+  socket.destroySoon = () => {
+    socket.end();
+    res.req?.resume(); // the body's rest is read and dropped, not buffered
+    const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+    timer.unref();
+    socket.once('close', () => clearTimeout(timer));
+    socket.once('end', () => socket.destroy());
+  };
+}
 
 /**
  * Writes a whole JSON response on a raw socket (parse errors, timeouts, refused upgrades), then closes it. end() only
  * half-closes (the HTTP server allows half-open sockets): a client that never reads nor closes (a slow-loris one
- * answered 408) would hold the descriptor for good, so the socket is destroyed RAW_LINGER_MS later at the latest.
+ * answered 408) would hold the descriptor for good, so the socket is destroyed LINGER_MS later at the latest.
  */
 function rawReply(socket: Duplex, status: number, json: string, extra = ''): void {
   if (!socket.writable) return void socket.destroy();
   const text = http.STATUS_CODES[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n${extra}connection: close\r\n\r\n${json}`);
-  const timer = setTimeout(() => socket.destroy(), RAW_LINGER_MS);
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
   timer.unref();
   socket.once('close', () => clearTimeout(timer));
 }
@@ -372,7 +392,9 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
         answeredBeyond.add(req.socket);
         if (!((req.method === 'GET' || req.method === 'HEAD') && isHealth(pathOf(req.url)))) {
           if (first) counts.overLimit++;
-          req.resume(); // a body still arriving is read and dropped, so the answer is not lost to a reset
+          // A body still arriving is read and dropped, and the connection lingers, so the answer is not lost to a reset.
+          req.resume();
+          lingerOnClose(res);
           return refuse('BUSY', overLimitMessage(maxConnections), { 'retry-after': '1' });
         }
       }

@@ -4,7 +4,7 @@ import type { Socket } from 'node:net';
 import zlib from 'node:zlib';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { pathOf } from './base.js';
+import { lingerOnClose, pathOf } from './base.js';
 
 export interface Reply {
   status: number;
@@ -125,29 +125,6 @@ export class Exchange {
     this.res.writeHead(out.status, headers).end(out.body);
     return true;
   }
-}
-
-/** How long a connection closed on a refused body still takes (and drops) what the client sends. */
-const LINGER_MS = 2000;
-
-/**
- * Closing a socket with the client's bytes still unread makes the kernel answer with a reset, which can reach the
- * client before it has read the answer: a client that writes a whole oversize body before reading lost its 413 about
- * one time in seven. So, as web servers do ("lingering close"), the answer goes out with our FIN and the server reads
- * and drops what still comes until the client closes, for LINGER_MS at most, before it lets the socket go.
- */
-function lingerOnClose(res: ServerResponse): void {
-  const socket = res.socket as (Socket & { destroySoon?: () => void }) | null;
-  if (!socket || typeof socket.destroySoon !== 'function') return;
-  // Node's server ends a `Connection: close` exchange with destroySoon(): end(), then destroy() once it is written.
-  socket.destroySoon = () => {
-    socket.end();
-    res.req?.resume(); // the body's rest is read and dropped, not buffered
-    const timer = setTimeout(() => socket.destroy(), LINGER_MS);
-    timer.unref();
-    socket.once('close', () => clearTimeout(timer));
-    socket.once('end', () => socket.destroy());
-  };
 }
 
 /** Content codings a request body may come in (tritonclient's `request_compression_algorithm`: gzip, deflate). */
