@@ -136,14 +136,24 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     }
     return v;
   };
+  /** `r` as an integer from min to max, else undefined. */
+  const intIn = (r: string, min: number, max: number): number | undefined => {
+    const v = /^[+-]?\d+$/.test(r) ? Number(r) : NaN;
+    return Number.isSafeInteger(v) && v >= min && v <= max ? v : undefined;
+  };
   const int = (k: string, dflt: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {
     const r = raw(k);
     if (r === undefined) return dflt;
-    const v = /^[+-]?\d+$/.test(r) ? Number(r) : NaN;
-    if (!Number.isSafeInteger(v) || v < min || v > max) {
-      bad.push(`${k} must be an integer from ${min} to ${max}, got ${JSON.stringify(env[k])}`);
-      return dflt;
-    }
+    const v = intIn(r, min, max);
+    if (v === undefined) bad.push(`${k} must be an integer from ${min} to ${max}, got ${JSON.stringify(env[k])}`);
+    return v ?? dflt;
+  };
+  /** An integer that may also be `auto` (any case): undefined when unset or auto. `allowed` says both in the error. */
+  const autoOrInt = (k: string, min: number, max: number, allowed = `auto or an integer from ${min} to ${max}`): number | undefined => {
+    const r = raw(k);
+    if (r === undefined || r.toLowerCase() === 'auto') return undefined;
+    const v = intIn(r, min, max);
+    if (v === undefined) bad.push(`${k} must be ${allowed}, got ${JSON.stringify(env[k])}`);
     return v;
   };
   const num = (k: string, dflt: number, min: number): number => {
@@ -215,11 +225,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
 
   const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);
   // GPUS: how many GPUs to spread workers over; `auto` counts the visible ones (none on the CPU provider).
-  const gpusRaw = raw('GPUS')?.toLowerCase();
-  let gpus = 0;
-  if (gpusRaw === undefined || gpusRaw === 'auto') gpus = executionProvider === 'cpu' ? 0 : visibleGpus(env);
-  else if (/^[+-]?\d+$/.test(gpusRaw) && Number(gpusRaw) >= 0 && Number(gpusRaw) <= 64) gpus = Number(gpusRaw);
-  else bad.push(`GPUS must be auto or an integer from 0 to 64, got ${JSON.stringify(env.GPUS)}`);
+  const gpus = autoOrInt('GPUS', 0, 64) ?? (executionProvider === 'cpu' ? 0 : visibleGpus(env));
   const cfg: Config = {
     storageUri: raw('STORAGE_URI'),
     modelName,
@@ -234,7 +240,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxBatchSize: int('MAX_BATCH_SIZE', 1, 1, 64),
     batchWindowMs: int('BATCH_WINDOW_MS', 20, 0, 10_000),
     maxQueue: int('MAX_QUEUE', 32, 1, 100_000),
-    maxConnections: maxConnections(raw('MAX_CONNECTIONS'), bad),
+    maxConnections: autoOrInt('MAX_CONNECTIONS', 0, 10_000_000, 'auto, 0 (no cap) or a number of connections up to 10000000'),
     logLevel: oneOf('LOG_LEVEL', 'info', LEVELS),
     maxBodyBytes: int('MAX_BODY_BYTES', 1024 * 1024, 1024, 1024 * 1024 * 1024),
     maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
@@ -274,15 +280,6 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   }
   if (bad.length > 0) throw new ConfigError(bad);
   return Object.freeze(cfg);
-}
-
-/** MAX_CONNECTIONS: `auto` (or unset) is undefined, for the descriptor limit less a reserve; else 0 (no cap) or a count. */
-function maxConnections(value: string | undefined, bad: string[]): number | undefined {
-  if (value === undefined || value.toLowerCase() === 'auto') return undefined;
-  const v = /^\+?\d+$/.test(value) ? Number(value) : NaN;
-  if (Number.isSafeInteger(v) && v <= 10_000_000) return v;
-  bad.push(`MAX_CONNECTIONS must be auto, 0 (no cap) or a number of connections up to 10000000, got ${JSON.stringify(value)}`);
-  return undefined;
 }
 
 /**
