@@ -16,7 +16,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
-import { checkAddressing, explainFallback, unaddressableUris } from '../src/storage/addressing.js';
+import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 
@@ -97,7 +97,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   trimCredentials();
   const src = parseStorageUri(uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
-  const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${msg}: ${f.reason}; ${f.advice}\n`));
+  const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${fallbackProblem(msg, f)}\n`));
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();

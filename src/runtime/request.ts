@@ -6,7 +6,7 @@ import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
-import { virtualHostedFallback } from '../storage/addressing.js';
+import { fallbackProblem, virtualHostedFallback } from '../storage/addressing.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
 
@@ -373,7 +373,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
     // Refused before the generation, not after it: the upload could not be sent at all.
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
-    if (f?.unaddressable) bad.push(`${w}.output_uri: ${f.reason}; ${f.advice}`);
+    if (f?.unaddressable) bad.push(fallbackProblem(`${w}.output_uri`, f));
   }
   const image = parseImageFields(inst, w, bad, defaults, steps);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);

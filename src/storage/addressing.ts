@@ -92,9 +92,12 @@ export function explainFallback(e: unknown, fallback: AddressingFallback | undef
   });
 }
 
+/** `what` (a variable, a request field, a URI) with why its bucket is not addressed virtual-hosted and what to do. */
+export const fallbackProblem = (what: string, f: AddressingFallback): string => `${what}: ${f.reason}; ${f.advice}`;
+
 /** The error for a bucket the SDK cannot address at all, before any request. */
 export function unaddressable(what: string, f: AddressingFallback): RuntimeError {
-  return new RuntimeError('CONFIG', `${what}: ${f.reason}; ${f.advice}`);
+  return new RuntimeError('CONFIG', fallbackProblem(what, f));
 }
 
 const warned = new Set<string>();
@@ -130,7 +133,7 @@ export function unaddressableUris(cfg: { s3: Pick<S3Settings, 'endpoint' | 'forc
       // A URI of the wrong form is the boot's (or the adapter lookup's) to report, with its own message.
     }
     const f = src?.kind === 's3' ? virtualHostedFallback(cfg.s3, src.bucket) : undefined;
-    if (f?.unaddressable) problems.push(`${name}: ${f.reason}; ${f.advice}`);
+    if (f?.unaddressable) problems.push(fallbackProblem(name, f));
   }
   return problems;
 }

@@ -6,7 +6,7 @@
 import type { S3Settings } from '../config.js';
 import type { S3Handle } from './s3-sdk.js';
 import { RuntimeError } from '../errors.js';
-import { fallbackNote, virtualHostedFallback } from './addressing.js';
+import { fallbackNote, fallbackProblem, virtualHostedFallback } from './addressing.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
@@ -37,7 +37,7 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): Requ
     },
     addressing(bucket, field) {
       const f = virtualHostedFallback(s3, bucket);
-      if (f?.unaddressable) throw new RuntimeError('INVALID_INPUT', `${field}: ${f.reason}; ${f.advice}`);
+      if (f?.unaddressable) throw new RuntimeError('INVALID_INPUT', fallbackProblem(field, f));
       return f ? fallbackNote(f) : '';
     },
   };
