@@ -172,6 +172,13 @@ const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify
 /** How long a connection closed after an answer still takes (and drops) what the client sends. */
 const LINGER_MS = 2000;
 
+/** Destroys `socket` LINGER_MS from now, unless it has closed by then. */
+function destroyLater(socket: Duplex): void {
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once('close', () => clearTimeout(timer));
+}
+
 /**
  * Closing a socket with the client's bytes still unread makes the kernel answer with a reset, which can reach the
  * client before it has read the answer: a client that writes a whole oversize body before reading lost its 413 about
@@ -185,9 +192,7 @@ export function lingerOnClose(res: ServerResponse): void {
   socket.destroySoon = () => {
     socket.end();
     res.req?.resume(); // the body's rest is read and dropped, not buffered
-    const timer = setTimeout(() => socket.destroy(), LINGER_MS);
-    timer.unref();
-    socket.once('close', () => clearTimeout(timer));
+    destroyLater(socket);
     socket.once('end', () => socket.destroy());
   };
 }
@@ -201,9 +206,7 @@ function rawReply(socket: Duplex, status: number, json: string, extra = ''): voi
   if (!socket.writable) return void socket.destroy();
   const text = http.STATUS_CODES[status] ?? 'Error';
   socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n${extra}connection: close\r\n\r\n${json}`);
-  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
-  timer.unref();
-  socket.once('close', () => clearTimeout(timer));
+  destroyLater(socket);
 }
 
 /** An error answer on a raw socket, its status from its code. */
