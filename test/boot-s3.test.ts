@@ -8,7 +8,7 @@ import { existsSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
-import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server, putFolder } from './helpers/s3.js';
 import { freePort } from '../scripts/bench-common.js';
 import { metric, startRuntime } from './helpers/runtime.js';
 import { isEvent, postJson, startServer, tempDir, type EventLine, type ServerHandle } from './helpers/server.js';
@@ -33,7 +33,7 @@ beforeAll(async () => {
   dirs.push(m.cleanup);
   model = await buildDemoModel(m.dir, { padBytes: PAD_BYTES });
   s3 = await startS3([BUCKET]);
-  for (const f of model.files) await s3.put(BUCKET, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
+  await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
   proxy = await startFaultProxy(s3.port, { bytesPerSecond: 2.5e6 });
   denying = await startFaultProxy(s3.port, { deny: true });
 }, 60_000);
@@ -93,7 +93,7 @@ async function twoVersions(prefix: string) {
   };
   const [a, b] = await Promise.all([build(0), build(1)]);
   const upload = async (m: DemoManifest) => {
-    for (const f of m.files) await s3.put(BUCKET, prefix + f.path, await fsp.readFile(path.join(m.dir, f.path)));
+    await putFolder(s3, BUCKET, prefix, m.dir, m.files.map((f) => f.path));
   };
   return { a, b, upload };
 }

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
-import { CREDS, destroyS3, settledCount, startFaultProxy, startS3, testConfig, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, settledCount, startFaultProxy, startS3, testConfig, type FaultProxy, type S3Server, putFolder } from './helpers/s3.js';
 import { resolveModel, cacheKey, containedPath, parseStorageUri, type FetchProgress } from '../src/storage/fetch.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
@@ -38,7 +38,7 @@ beforeAll(async () => {
   dirs.push(m.cleanup);
   model = await buildDemoModel(m.dir, { padBytes: PAD_BYTES });
   s3 = await startS3([BUCKET]);
-  for (const f of model.files) await s3.put(BUCKET, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
+  await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
   proxy = await startFaultProxy(s3.port, { bytesPerSecond: LINK_BPS, exactPace: true });
 }, 60_000);
 

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WRITE_BYTES } from '../src/storage/fetch.js';
 import { type FaultLink, type LinkFaults, rng, startFaultLink } from './helpers/fault-link.js';
 import { bytesOnDisk, demoSource, entryIn, entryProblems, runWarmup, type SourceFile } from './helpers/fault-suite.js';
-import { CREDS, destroyS3, s3Env, settledCount, type S3Server, startS3 } from './helpers/s3.js';
+import { CREDS, destroyS3, s3Env, settledCount, type S3Server, startS3, putFolder } from './helpers/s3.js';
 import { startServer } from './helpers/server.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
@@ -45,7 +45,7 @@ beforeAll(async () => {
   srcDir = path.join(tmp, 'src');
   ({ source, total } = await demoSource(srcDir, 20e6));
   s3 = await startS3(['models']);
-  for (const f of source) await s3.put('models', PREFIX + f.rel, await fsp.readFile(path.join(srcDir, f.rel)));
+  await putFolder(s3, 'models', PREFIX, srcDir, source.map((f) => f.rel));
   link = await startFaultLink(s3.port, { seed: SEED });
 }, 120_000);
 

@@ -13,7 +13,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { startHostFront, type HostFront, type SeenRequest } from './helpers/host-front.js';
 import { TLS_FIXTURES, tlsFront, type TlsFront } from './helpers/tls-front.js';
-import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, startS3, type S3Server, putFolder } from './helpers/s3.js';
 import { loadConfig } from '../src/config.js';
 import { VIRTUAL_HOSTED_FALLBACK, virtualHostedFallback } from '../src/storage/addressing.js';
 import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
@@ -37,7 +37,7 @@ beforeAll(async () => {
   model = await buildDemoModel(m.dir, { withVaeEncoder: true });
   s3 = await startS3(['models', 'my.models', 'team.models'], { serviceEndpoint: 'test' });
   for (const bucket of ['models', 'my.models', 'team.models']) {
-    for (const f of model.files) await s3.put(bucket, PREFIX + f.path, await fsp.readFile(path.join(model.dir, f.path)));
+    await putFolder(s3, bucket, PREFIX, model.dir, model.files.map((f) => f.path));
   }
   front = await startHostFront(s3.port);
   https = await tlsFront(front.port, 'vhost');

@@ -32,6 +32,11 @@ export interface S3Server {
   restart(): Promise<void>;
 }
 
+/** Uploads the files `rels` (paths relative to `dir`, as a model folder lists them) to `bucket` under `prefix`. */
+export async function putFolder(s3: S3Server, bucket: string, prefix: string, dir: string, rels: readonly string[]): Promise<void> {
+  for (const rel of rels) await s3.put(bucket, prefix + rel, await fsp.readFile(path.join(dir, rel)));
+}
+
 /**
  * `serviceEndpoint`: the domain s3rver reads virtual-hosted requests under (`<bucket>.s3.<serviceEndpoint>`; its default
  * is amazonaws.com). Path-style requests to 127.0.0.1 work either way.
