@@ -88,18 +88,34 @@ export interface BenchServer {
   url: string;
   port: number;
   proc: ChildProcess;
+  /** Its stdout so far (the log lines) with `keepLog`, else ''. */
+  log(): string;
   /** SIGTERM (SIGKILL after 30 s), then how it exited. */
   stop(): Promise<{ code: number | null; signal: string | null }>;
+}
+
+export interface BenchServerOptions {
+  timeoutMs?: number;
+  /** Runs the server under `ulimit -n nofile`. */
+  nofile?: number;
+  /** Keeps its log lines for `log()` instead of dropping them once it is ready. */
+  keepLog?: boolean;
+  /** Called with the process as soon as it is spawned (a benchmark that stops its servers on a signal). */
+  spawned?: (proc: ChildProcess) => void;
 }
 
 /**
  * Starts the built server with `env` on an ephemeral loopback port and resolves once it logs "model ready" (rejects
  * on a failed boot, an exit, or `timeoutMs`). Its stderr goes to this process's; its later log lines are read and
- * dropped, so a long run costs no parsing here.
+ * dropped (unless `keepLog`), so a long run costs no parsing here.
  */
-export function startBenchServer(env: NodeJS.ProcessEnv, timeoutMs = 180_000): Promise<BenchServer> {
+export function startBenchServer(env: NodeJS.ProcessEnv, opts: BenchServerOptions = {}): Promise<BenchServer> {
+  const { timeoutMs = 180_000, nofile, keepLog = false } = opts;
   const main = path.resolve(import.meta.dirname, '..', 'src', 'main.js');
-  const proc = spawn(process.execPath, [main], { env: { ...env, PORT: '0', HOST: '127.0.0.1' }, stdio: ['ignore', 'pipe', 'inherit'] });
+  const [cmd, args] = nofile === undefined ? [process.execPath, [main]] : ['sh', ['-c', `ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, main]];
+  const proc = spawn(cmd, args, { env: { ...env, PORT: '0', HOST: '127.0.0.1' }, stdio: ['ignore', 'pipe', 'inherit'] });
+  opts.spawned?.(proc);
+  let kept = '';
   const exited = new Promise<{ code: number | null; signal: string | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
   return new Promise((resolve, reject) => {
     let port = 0;
@@ -107,6 +123,7 @@ export function startBenchServer(env: NodeJS.ProcessEnv, timeoutMs = 180_000): P
     const timer = setTimeout(() => reject(new Error(`the server was not ready in ${timeoutMs / 1000} s`)), timeoutMs);
     void exited.then(({ code }) => reject(new Error(`the server exited (${code}) before it was ready`)));
     const onData = (c: string) => {
+      if (keepLog) kept += c;
       buf += c;
       let i: number;
       while ((i = buf.indexOf('\n')) >= 0) {
@@ -123,9 +140,10 @@ export function startBenchServer(env: NodeJS.ProcessEnv, timeoutMs = 180_000): P
         if (l.msg === 'model ready') {
           clearTimeout(timer);
           proc.stdout!.off('data', onData);
-          proc.stdout!.resume();
+          if (keepLog) proc.stdout!.on('data', (d: string) => (kept += d));
+          else proc.stdout!.resume();
           resolve({
-            url: `http://127.0.0.1:${port}`, port, proc,
+            url: `http://127.0.0.1:${port}`, port, proc, log: () => kept,
             stop: async () => {
               if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
               const kill = setTimeout(() => proc.kill('SIGKILL'), 30_000);

@@ -11,22 +11,19 @@
  * BENCH_NOFILE + 500 silent connections, once with MAX_CONNECTIONS=0 (no cap: the behaviour before the cap) and once
  * with the default cap, probes and a prediction side by side. A table, then one JSON line.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { envNumber, median } from './bench-common.js';
+import { envNumber, median, startBenchServer, type BenchServer } from './bench-common.js';
 
-const MAIN = path.resolve(import.meta.dirname, '..', 'src', 'main.js');
 const IDLE = envNumber('BENCH_IDLE', 5000);
 const TRICKLE = envNumber('BENCH_TRICKLE', 500);
 const WS = envNumber('BENCH_WS', 1000);
 const PROBES = envNumber('BENCH_PROBES', 30);
 const NOFILE = envNumber('BENCH_NOFILE', 1024);
 const WAIT_CLOSE = process.env.BENCH_WAIT_CLOSE !== '0';
-
-interface Server { port: number; proc: ChildProcess; log: () => string; stop(): Promise<void> }
 
 /** Servers running now: a benchmark stopped by a signal (a timeout, Ctrl-C) stops them too instead of leaving them behind. */
 const running = new Set<ChildProcess>();
@@ -40,34 +37,11 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
 }
 
 /** The built server on the demo model, under `ulimit -n nofile` when given; resolves once it is ready. */
-async function startServer(env: Record<string, string>, cacheDir: string, nofile?: number): Promise<Server> {
-  const [cmd, args] = nofile === undefined ? [process.execPath, [MAIN]] : ['sh', ['-c', `ulimit -n ${nofile} && exec "$0" "$@"`, process.execPath, MAIN]];
-  const childEnv: NodeJS.ProcessEnv = { ...process.env, PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: cacheDir, LOG_LEVEL: 'info', ...env };
-  delete childEnv.STORAGE_URI;
-  const proc = spawn(cmd as string, args as string[], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-  running.add(proc);
-  proc.once('exit', () => running.delete(proc));
-  let out = '';
-  proc.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
-  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (out += c));
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-  const deadline = Date.now() + 180_000;
-  while (!out.includes('"msg":"model ready"')) {
-    if (proc.exitCode !== null || Date.now() > deadline) throw new Error(`the server did not get ready: ${out.slice(-600)}`);
-    await sleep(50);
-  }
-  const port = Number(/"msg":"listening"/.test(out) ? /"port":(\d+)[^\n]*"msg":"listening"/.exec(out)![1] : NaN);
-  return {
-    port,
-    proc,
-    log: () => out,
-    stop: async () => {
-      proc.kill('SIGTERM');
-      const kill = setTimeout(() => proc.kill('SIGKILL'), 30_000);
-      await exited;
-      clearTimeout(kill);
-    },
-  };
+function startServer(env: Record<string, string>, cacheDir: string, nofile?: number): Promise<BenchServer> {
+  return startBenchServer({ ...process.env, STORAGE_URI: '', MODEL_CACHE_DIR: cacheDir, LOG_LEVEL: 'info', ...env }, {
+    ...(nofile !== undefined ? { nofile } : {}), keepLog: true,
+    spawned: (proc) => (running.add(proc), proc.once('exit', () => running.delete(proc))),
+  });
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
