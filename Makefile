@@ -47,6 +47,7 @@ ENVSUBST_VARS := $(foreach v,$(PARAM_NAMES),$${$(v)})
 # $ in it, sh_quote fits it inside '…' for the shell, and yaml_dq escapes it for the templates' double-quoted strings.
 yaml_dq = $(subst ",\",$(subst \,\\,$(1)))
 sh_quote = $(subst ','\'',$(1))
+CHECKED_PARAMS := MODEL_NAME NAMESPACE IMAGE EXECUTION_PROVIDER CACHE_SIZE CPU_REQUEST CPU_LIMIT MEMORY_REQUEST MEMORY_LIMIT
 PARAM_ENV = $(foreach v,$(PARAM_NAMES),$(v)='$(call sh_quote,$(call yaml_dq,$(value $(v))))')
 
 .PHONY: help build push render deploy undeploy secret warmup test-v1 run-local test bench lint export
@@ -69,18 +70,8 @@ push: ## Push IMAGE:TAG to its registry
 
 render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests)
 	@command -v envsubst >/dev/null || { echo "envsubst not found: install gettext (apt-get install gettext-base)" >&2; exit 1; }
-	@# KServe's webhook refuses an InferenceService name outside [a-z]([-a-z0-9]*[a-z0-9])?, and the warm-up Job's name
-	@# (MODEL_NAME-cache-warmup) becomes a label value, at most 63 characters: say so here, not at kubectl apply.
-	@name='$(call sh_quote,$(value MODEL_NAME))'; \
-	case "$$name" in ''|[!abcdefghijklmnopqrstuvwxyz]*|*[!abcdefghijklmnopqrstuvwxyz0123456789-]*|*-) \
-	  echo "MODEL_NAME='$$name' cannot name an InferenceService: lower-case letters, digits and '-', starting with a letter and not ending with '-' (e.g. sd-15, not sd-1.5 or SD15)" >&2; exit 2;; esac; \
-	[ $${#name} -le 50 ] || { echo "MODEL_NAME='$$name' is $${#name} characters: at most 50, as the warm-up Job is named MODEL_NAME-cache-warmup and a Kubernetes label value holds 63" >&2; exit 2; }; \
-	ns='$(call sh_quote,$(value NAMESPACE))'; \
-	[ $$(( $${#name} + $${#ns} )) -le 52 ] || echo "warning: MODEL_NAME and NAMESPACE are $$(( $${#name} + $${#ns} )) characters together, over 52: on OpenShift the hosts <name>-predictor-<namespace> (Serverless) and <name>-<namespace> (route.yaml) must fit one 63-character DNS label; shorten one or give the Route a host" >&2
-	@# The manifests name the image IMAGE:TAG: a tag or digest inside IMAGE would make an invalid reference.
-	@image='$(call sh_quote,$(value IMAGE))'; base=$${image##*/}; \
-	case "$$base" in *@*|*:*) \
-	  echo "IMAGE='$$image' holds a tag or digest, and the manifests add :TAG to it: give the repository alone (IMAGE=$${image%"$$base"}$${base%%[:@]*}) and the rest as TAG (a digest: TAG=0.1.0@sha256:...)" >&2; exit 2;; esac
+	@# What the cluster or the pods would refuse is named here, not at `oc apply` or in a CrashLoopBackOff.
+	@env $(foreach v,$(CHECKED_PARAMS),$(v)='$(call sh_quote,$(value $(v)))') bash scripts/check-params.sh
 	@mkdir -p $(RENDER_DIR)
 	@for t in $(TEMPLATES); do \
 	  env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$(RENDER_DIR)/$$(basename "$$t")"; \

@@ -196,6 +196,46 @@ describe('templates: parameters and rendering', () => {
     }
   });
 
+  it.skipIf(!has('make'))('`make render` refuses a provider the runtime would refuse, quantities Kubernetes would refuse and a request over its limit, every one in its own line', () => {
+    const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
+    const renderWith = (...vars: string[]) => spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`, ...vars], { cwd: ROOT, encoding: 'utf8' });
+    try {
+      const refused: [string[], string][] = [
+        [['EXECUTION_PROVIDER=gpu'], "EXECUTION_PROVIDER='gpu' must be auto, cuda or cpu: the runtime would refuse it"],
+        [['CACHE_SIZE=50GB'], "CACHE_SIZE='50GB' is not a Kubernetes quantity: e.g. 8Gi (binary) or 8G (decimal)"],
+        [['CACHE_SIZE=50 Gi'], "CACHE_SIZE='50 Gi' is not a Kubernetes quantity"],
+        [['MEMORY_LIMIT=24m', 'MEMORY_REQUEST=8Mi'], "MEMORY_LIMIT='24m' is 24 thousandths (or less) of a byte: did you mean 24Mi?"],
+        [['CPU_LIMIT=two'], "CPU_LIMIT='two' is not a Kubernetes quantity: e.g. 2 or 500m"],
+        [['CPU_REQUEST='], 'CPU_REQUEST is empty: give a Kubernetes quantity (e.g. 2 or 500m)'],
+        [['MEMORY_REQUEST=0'], "MEMORY_REQUEST='0' must be more than zero"],
+        [['CPU_REQUEST=10'], "CPU_REQUEST='10' is over CPU_LIMIT='8': Kubernetes refuses a pod whose request is over its limit"],
+        [['MEMORY_REQUEST=25Gi'], "MEMORY_REQUEST='25Gi' is over MEMORY_LIMIT='24Gi'"],
+        // Amounts compared, not digits: 25000Mi is over 24Gi (24576Mi), 1.6 is over 1500m.
+        [['MEMORY_REQUEST=25000Mi'], "MEMORY_REQUEST='25000Mi' is over MEMORY_LIMIT='24Gi'"],
+        [['CPU_REQUEST=1.6', 'CPU_LIMIT=1500m'], "CPU_REQUEST='1.6' is over CPU_LIMIT='1500m'"],
+      ];
+      for (const [vars, message] of refused) {
+        const r = renderWith(...vars);
+        expect(r.status, vars.join(' ')).toBe(2);
+        expect(r.stderr, vars.join(' ')).toContain(message);
+      }
+      // All problems at once, one line each.
+      const many = renderWith('EXECUTION_PROVIDER=gpu', 'CACHE_SIZE=50GB', 'MEMORY_REQUEST=30Gi');
+      expect(many.stderr.split('\n').filter((l) => /^(EXECUTION_PROVIDER|CACHE_SIZE|MEMORY_REQUEST)=/.test(l))).toHaveLength(3);
+      expect(readdirSync(out)).toEqual([]);
+      if (has('envsubst')) {
+        // What the runtime and Kubernetes accept renders without a word: the runtime's any-case provider, decimal and
+        // binary units, millicores, exponents, a request equal to its limit in other units.
+        const ok = renderWith('EXECUTION_PROVIDER=CUDA', 'CACHE_SIZE=1.5Ti', 'CPU_REQUEST=1500m', 'CPU_LIMIT=1.5', 'MEMORY_REQUEST=24576Mi', 'MEMORY_LIMIT=24Gi');
+        expect([ok.status, ok.stderr]).toEqual([0, '']);
+        expect(readFileSync(path.join(out, 'pvc.yaml'), 'utf8')).toContain('storage: "1.5Ti"');
+        expect([renderWith('MEMORY_LIMIT=2.4e10').status, renderWith('CACHE_SIZE=50G').status]).toEqual([0, 0]);
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
   it.skipIf(!has('envsubst') || !has('make'))('`make render`: a password with $ \' " \\ reaches the Secret exactly as given (command line and environment)', () => {
     const out = mkdtempSync(path.join(os.tmpdir(), 'deploy-render-'));
     const secret = `a$b$(shell id)'c"d\\te#f g`;
