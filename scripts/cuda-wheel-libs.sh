@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by gpu-check.sh and gpu-device-run.sh: puts the lib folders of NVIDIA's Python wheels (site-packages
 # nvidia/*/lib: cuBLAS, cudart, cuDNN, ...) in front of LD_LIBRARY_PATH, once, when python3 has them.
 if command -v python3 >/dev/null 2>&1; then

@@ -6,7 +6,7 @@
 # --with-bench) runs only bench:cold-start, with BENCH_EP=cuda and then cpu. SD15=1 (bundle made --with-sd15, first
 # call scripts/gpu-sd15-start.sh) runs the SD 1.5-size comparison: diffusers against the plain and the fused export.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 LAST=${1:?usage: gpu-device-run.sh LAST_PIECE_FOLDER}
 mkdir -p /root/stage && cp "$LAST"/p* /root/stage/
 PIECES=$(ls /root/stage/p* 2>/dev/null | sort -V)
@@ -42,7 +42,7 @@ if [ "${BENCH:-0}" = 1 ]; then
   done
   exit 0
 fi
-bash scripts/gpu-check.sh $( [ -d gpu/e2e-model ] && echo gpu/e2e-model ) --ep cuda
+if [ -d gpu/e2e-model ]; then bash scripts/gpu-check.sh gpu/e2e-model --ep cuda; else bash scripts/gpu-check.sh --ep cuda; fi
 if [ -d gpu/cases ]; then
   echo "#### parity with diffusers on CUDA, defaults (TF32 off)"
   EXECUTION_PROVIDER=cuda $NODE dist/scripts/parity-check.js gpu/e2e-model gpu/cases
