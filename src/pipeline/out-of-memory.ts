@@ -1,0 +1,38 @@
+/**
+ * @module Whether a failed generation ran out of memory: ONNX Runtime's allocation failures, as onnxruntime-node
+ * hands them to JS. The binding (js/node/src/inference_session_wrap.cc, Run) catches ORT's C++ exception and throws
+ * a JS Error whose message is its what(): the status text, inside the executor's wrapper when a kernel failed
+ * (onnxruntime/core/framework/sequential_executor.cc: "Non-zero status code returned while running <Op> node.
+ * Name:'<node>' Status Message: <text>"). The texts below are ORT's own (microsoft/onnxruntime, the files named);
+ * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
+ */
+
+const SIGNS: readonly RegExp[] = [
+  // BFCArena::Extend (onnxruntime/core/framework/bfc_arena.cc), CPU and CUDA arenas alike: the allocator (malloc,
+  // cudaMalloc) failed even after backing off, or the arena's own limit (CUDA's gpu_mem_limit) is reached.
+  /Failed to allocate memory for requested buffer of size \d+/,
+  /Available memory of \d+ is smaller than requested bytes of \d+/,
+  // CudaCall (onnxruntime/core/providers/cuda/cuda_call.cc): "<lib> failure <code>: <text> ; GPU=… ; hostname=… ;
+  // file=… ; line=… ; expr=…"; cudaErrorMemoryAllocation (2) reads "out of memory" (cudaGetErrorString).
+  /\bCUDA failure 2: out of memory\b/,
+  // CudaKernel::Compute (onnxruntime/core/providers/cuda/cuda_kernel.h): "CUDA error <name>:<text>".
+  /\bcudaErrorMemoryAllocation\b/,
+  // The same CudaCall for cuBLAS, cuDNN and cuFFT handles and workspaces (their status names, as printed there);
+  // cuDNN 9 (what CUDA 12 builds of ORT load) splits cuDNN 8's ALLOC_FAILED into host and device allocations.
+  /\bCUBLAS_STATUS_ALLOC_FAILED\b/,
+  /\bCUDNN_STATUS_(?:ALLOC_FAILED|INTERNAL_ERROR_(?:HOST|DEVICE)_ALLOCATION_FAILED)\b/,
+  /\bCUFFT_ALLOC_FAILED\b/,
+  // A C++ allocation that threw inside a kernel or the default CPU allocator without an arena (AllocatorDefaultAlloc,
+  // onnxruntime/core/framework/allocator.cc: ORT_THROW_EX(std::bad_alloc)); libstdc++'s what() is "std::bad_alloc".
+  /\bstd::bad_alloc\b/,
+  // V8 could not allocate a typed array's memory (the pipeline's latents and pixels): RangeError, same cause.
+  /^Array buffer allocation failed$/,
+];
+
+/** The failure's text when `err` says the generation ran out of memory (for the log), else undefined. */
+export function outOfMemory(err: unknown): string | undefined {
+  const message = String((err as Error)?.message ?? err);
+  if (!SIGNS.some((re) => re.test(message))) return undefined;
+  // The first line: ORT's messages end with a blank line, and the stack adds nothing to an allocation failure.
+  return message.split('\n')[0]!.trim();
+}
