@@ -29,6 +29,11 @@ export const HTTP_STATUS = {
   SHUTTING_DOWN: 503,
   /** The generation outlived REQUEST_TIMEOUT_S. */
   TIMEOUT: 504,
+  /**
+   * The generation ran out of device (or host) memory even alone. 507: the server lacks the room this request needs,
+   * and the same request would fail again here; not 503, whose retries would repeat it, nor a 4xx, as it is valid.
+   */
+  OUT_OF_MEMORY: 507,
 } as const;
 
 /** How the boot, the fetch engine and the cache fail. A request that meets one (an output upload) is answered 500. */

@@ -152,6 +152,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),
+    outOfMemory: new Counter({
+      name: 'inference_out_of_memory_total',
+      help: 'Generations that ran out of memory, by outcome (split: a batch of several requests, each run again alone; failed: a request alone, answered 507 OUT_OF_MEMORY)',
+      labelNames: ['model_name', 'outcome'] as const,
+      registers: r,
+    }),
     cancelled: new Counter({
       name: 'inference_cancelled_total',
       help: 'Generations abandoned before their answer, by reason (client_left, timeout: REQUEST_TIMEOUT_S passed, request_failed: another instance of the request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',

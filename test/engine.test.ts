@@ -268,6 +268,35 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     expect(await Promise.all(results)).toEqual([['INVALID_INPUT', 'bad latents'], ['INVALID_INPUT', 'bad latents']]);
     await engine.close();
   });
+
+  it('runs a batch that ran out of memory again one request at a time, ahead of the queue; only a request alone fails', async () => {
+    const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '30' });
+    const outcome = (p: Promise<unknown>) => p.then(() => 'ok', (e: RuntimeError) => [e.code, httpStatus(e.code), e.message]);
+    const gone = new AbortController();
+    const a = outcome(engine.submit(shaped('a', {}, 2)));
+    const b = outcome(engine.submit(shaped('b'), { signal: gone.signal }));
+    const c = outcome(engine.submit(shaped('c')));
+    await tick();
+    const d = outcome(engine.submit(shaped('d')));
+    expect(batches(w)).toEqual([['a×2', 'b×1', 'c×1']]);
+    // b's client leaves: the batch runs on for a and c, and b is not run again.
+    gone.abort();
+    const oom = (i: number) => w.reply({ t: 'error', id: w.generations()[i]!.id, code: 'OUT_OF_MEMORY', message: 'the generation ran out of memory', detail: 'Failed to allocate memory for requested buffer of size 1' });
+    oom(0);
+    // Before d, each in a batch of its own (c and d would fit together), without waiting for company.
+    await sent(w, 2);
+    oom(1);
+    expect(await a).toEqual(['OUT_OF_MEMORY', 507, "out of memory: 2 images of 64x64 (height x width) do not fit in this server's memory, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU"]);
+    await sent(w, 3);
+    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(3)], times });
+    await sent(w, 4);
+    w.reply({ t: 'result', id: w.generations()[3]!.id, images: [seeded(4)], times });
+    expect(await Promise.all([b, c, d])).toEqual([['CANCELLED', 499, 'the request was abandoned while generating'], 'ok', 'ok']);
+    expect(batches(w)).toEqual([['a×2', 'b×1', 'c×1'], ['a×2'], ['c×1'], ['d×1']]);
+    const counted = Object.fromEntries((await metrics.outOfMemory.get()).values.map((v) => [v.labels.outcome, v.value]));
+    expect(counted).toEqual({ split: 1, failed: 1 });
+    await engine.close();
+  });
 });
 
 describe('engine with several workers (one per GPU)', () => {

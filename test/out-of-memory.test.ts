@@ -1,7 +1,17 @@
-/** ONNX Runtime's allocation failures told apart from other errors (the texts onnxruntime-node rejects with). */
-import { describe, expect, it } from 'vitest';
+/**
+ * A generation that runs out of memory: ONNX Runtime's allocation failures told apart from other errors (the texts
+ * onnxruntime-node rejects with), and the built server answering one with 507 OUT_OF_MEMORY, running a batch that ran
+ * out of memory again one request at a time, and serving on. The memory runs out for real: the server's address space
+ * is capped (prlimit --as) once it is ready, and the demo model's UNet asks for more than is left.
+ */
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { outOfMemory } from '../src/pipeline/out-of-memory.js';
+import { metric } from './helpers/runtime.js';
+import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
 /**
  * Allocation failures as onnxruntime-node's run() rejects with them (Error.message: the binding throws ORT's what()).
@@ -39,4 +49,90 @@ describe('outOfMemory: allocation failures told apart from other errors', () => 
     expect(outOfMemory(new RuntimeError('INTERNAL', text))).toBe(first);
   });
   it.each(NOT_OOM)('not %s', (_, text) => expect(outOfMemory(new Error(text))).toBeUndefined());
+});
+
+const canLimit = process.platform === 'linux' && (() => {
+  try {
+    execFileSync('prlimit', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * Measured on 2 cores (onnxruntime-node 1.30.0): after a 1024x1024 image the server's address space grows by ~0.4 GB
+ * and stays there (ORT's arenas keep what they took); 63 images at 1024x1024 need one 636 MB buffer in the UNet's
+ * attention (126 rows × 128² pixels × 77 tokens × 4 bytes) on top of ~0.3 GB the arena took before it, and fail
+ * within 3 s. 640 MB above the primed server leaves room for that 0.3 GB and for 1-image requests after it, never for
+ * the 636 MB: the failure is ONNX Runtime's, not V8's or a thread's.
+ */
+const SIZE = 1024;
+const BIG = 63;
+const MARGIN_MB = 640;
+
+describe.skipIf(!canLimit)('a generation out of memory (the built server, address space capped with prlimit --as)', () => {
+  let srv: ServerHandle;
+  const predict = (inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
+  const big = { prompt: 'big', num_inference_steps: 1, height: SIZE, width: SIZE, num_images_per_prompt: BIG, seed: 7 };
+  const small = { prompt: 'small', num_inference_steps: 1, height: SIZE, width: SIZE, seed: 9 };
+  const normal = { prompt: 'normal', num_inference_steps: 2, height: 64, width: 64, seed: 3 };
+  let smallAlone: string;
+  const b64 = (r: { json: Record<string, unknown> }) => (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+  const logged = (msg: string) => srv.logs.filter((l) => l.msg === msg);
+
+  beforeAll(async () => {
+    // MAX_BATCH_SIZE 64: the big request and the small one fill one batch together.
+    srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: String(SIZE), MAX_IMAGES_PER_REQUEST: String(BIG), MAX_BATCH_SIZE: '64', RESULT_CACHE_MB: '0' }, { ready: true });
+    // Each shape the tests serve once, before the cap: what they need again comes from the arenas.
+    const primed = await predict(small);
+    expect(primed.status).toBe(200);
+    smallAlone = b64(primed);
+    expect((await predict(normal)).status).toBe(200);
+    const vmKb = Number(/^VmSize:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${srv.proc.pid}/status`, 'utf8'))![1]);
+    execFileSync('prlimit', [`--pid=${srv.proc.pid}`, `--as=${(vmKb + MARGIN_MB * 1024) * 1024}`]);
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('answers 507 OUT_OF_MEMORY naming what was asked and what to do, logs and counts it once, and serves on', async () => {
+    const r = await predict(big);
+    expect([r.status, r.json]).toEqual([507, {
+      error: `out of memory: ${BIG} images of ${SIZE}x${SIZE} (height x width) do not fit in this server's memory, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU`,
+      code: 'OUT_OF_MEMORY',
+    }]);
+    expect(await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' })).toBe(1);
+    expect(await metric(srv, 'inference_request_count', { status: '507' })).toBe(1);
+    const lines = logged('a generation ran out of memory: answered OUT_OF_MEMORY');
+    expect(lines).toEqual([expect.objectContaining({ level: 'warn', height: SIZE, width: SIZE, images: BIG, requests: 1, device: 'cpu', reason: expect.stringMatching(/Failed to allocate memory for requested buffer of size \d+$/) })]);
+    expect(logged('generation failed')).toEqual([]);
+    // The worker serves on: a request of another shape, and one image of this one.
+    expect((await predict(normal)).status).toBe(200);
+    const again = await predict(small);
+    expect(again.status).toBe(200);
+    expect(b64(again) === smallAlone).toBe(true);
+  }, 120_000);
+
+  it('runs a batch that ran out of memory again one request at a time: the small request batched with the big one succeeds', async () => {
+    const split0 = await metric(srv, 'inference_out_of_memory_total', { outcome: 'split' });
+    const failed0 = await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' });
+    // A generation of another shape holds the worker while both queue; its client leaving then frees it.
+    const body = JSON.stringify({ instances: [{ prompt: 'hold', num_inference_steps: 500, height: 512, width: 512 }] });
+    const hold = net.connect(srv.port, '127.0.0.1', () => hold.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
+    hold.on('error', () => undefined);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 30_000, 25);
+    const answers = Promise.all([predict(big), predict(small)]);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 2, 30_000, 25);
+    hold.destroy();
+    const [b, s] = await answers;
+    expect(s.status).toBe(200);
+    expect([b.status, b.json.code]).toEqual([507, 'OUT_OF_MEMORY']);
+    // Run alone, the small request's image is the one it gets alone.
+    expect(b64(s) === smallAlone).toBe(true);
+    const split = logged('a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
+    expect(split).toEqual([expect.objectContaining({ height: SIZE, width: SIZE, images: BIG + 1, requests: 2 })]);
+    expect((await metric(srv, 'inference_out_of_memory_total', { outcome: 'split' })) - split0).toBe(1);
+    // The big request alone, again.
+    expect((await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' })) - failed0).toBe(1);
+    expect((await predict(normal)).status).toBe(200);
+  }, 120_000);
 });

@@ -119,7 +119,8 @@ export type FromWorker =
   /** The generation's UNet steps are done; its VAE decodes run on the decode thread, and the worker takes the next job. */
   | { t: 'denoised'; id: number }
   | { t: 'result'; id: number; images: Array<TransferImage & { seed: number }>; times: StageTimes }
-  | { t: 'error'; id: number; code: string; message: string }
+  /** `detail`: with OUT_OF_MEMORY, ONNX Runtime's text of the failed allocation, for the log (never a client's answer). */
+  | { t: 'error'; id: number; code: string; message: string; detail?: string }
   /** An adapter set is built (`ms`: read, merge, session creation; `bytes`: merged components' size). */
   | { t: 'adapters-ready'; key: string; ms: { read: number; merge: number; sessions: number; total: number }; bytes: number; patchedBytes: number; components: string[]; formats: Record<string, string> }
   | { t: 'adapters-failed'; key: string; code: string; message: string }

@@ -21,6 +21,7 @@ import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
+import { outOfMemory } from './out-of-memory.js';
 import { LoraSetThread } from './lora-client.js';
 import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
@@ -344,9 +345,13 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     }
     post({ t: 'result', id, images: raw, times }, raw.map((r) => r.rgb));
   } catch (err) {
-    const code = isRuntimeError(err) ? err.code : 'INTERNAL';
-    if (!isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
-    post({ t: 'error', id, code, message: isRuntimeError(err) ? err.message : 'generation failed' });
+    // An allocation failure, here or on an auxiliary thread (which answers it as INTERNAL): the engine reruns a batch
+    // of several requests one by one, and logs it once with the shape (engine.ts).
+    const oom = !isRuntimeError(err) || err.code === 'INTERNAL' ? outOfMemory(err) : undefined;
+    const code = oom ? 'OUT_OF_MEMORY' : isRuntimeError(err) ? err.code : 'INTERNAL';
+    if (!oom && !isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
+    const message = oom ? 'the generation ran out of memory' : isRuntimeError(err) ? err.message : 'generation failed';
+    post({ t: 'error', id, code, message, ...(oom ? { detail: oom } : {}) });
   } finally {
     unuse();
     cancels.end(id);

@@ -86,6 +86,8 @@ interface Task {
   adapters?: AdapterSet;
   /** Only this worker may run it (SubmitOptions.worker). */
   pin?: number;
+  /** Runs in a batch of its own: the batch it shared ran out of memory. */
+  alone?: boolean;
 }
 
 interface Running {
@@ -432,9 +434,9 @@ export class Engine {
       const worker = leastBusy(free.filter((w) => can(head, w)));
       const batch: Task[] = [head];
       let images = head.images;
-      for (const t of head.pin === undefined ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
+      for (const t of head.pin === undefined && !head.alone ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
         if (images >= this.cfg.maxBatchSize) break;
-        if (t.pin !== undefined) continue;
+        if (t.pin !== undefined || t.alone) continue;
         if (t.key === head.key && images + t.images <= this.cfg.maxBatchSize) {
           batch.push(t);
           images += t.images;
@@ -442,7 +444,7 @@ export class Engine {
       }
       // Wait a short window for compatible company, unless the batch is already full.
       const waited = performance.now() - head.enqueuedAt;
-      if (head.pin === undefined && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
+      if (head.pin === undefined && !head.alone && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
         this.#windowTimer = setTimeout(() => this.#pump(), this.cfg.batchWindowMs - waited + 1);
         return;
       }
@@ -593,8 +595,16 @@ export class Engine {
         if (w.running === run) w.running = undefined;
         else w.decoding.splice(w.decoding.indexOf(run), 1);
         this.#deviceBusy(w);
+        const oom = m.t === 'error' && m.code === 'OUT_OF_MEMORY';
+        if (oom && this.#outOfMemory(run, m.detail)) {
+          this.#pump();
+          break;
+        }
         this.#encoding++;
-        const settle = m.t === 'error' ? run.delivery.then(() => this.#fail(run, new RuntimeError(m.code as never, m.message))) : run.delivery.then(() => this.#deliver(run, m.images, m.times));
+        // A request that ran out of memory alone is told what it asked for (a batch of several runs again, above).
+        const settle = m.t === 'error'
+          ? run.delivery.then(() => this.#fail(run, oom ? outOfMemoryError(run.tasks[0]!.req, w.device) : new RuntimeError(m.code as never, m.message)))
+          : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
           .catch((err: unknown) => this.#fail(run, new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
           .finally(() => {
@@ -634,6 +644,31 @@ export class Engine {
       o += t.images;
       this.#finish(t, { images: mine, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt });
     }
+  }
+
+  /**
+   * A generation ran out of memory; logged once with its shape and counted. A batch of several requests goes back to
+   * the head of the queue, each request to run in a batch of its own: a small request never fails for the big one it
+   * shared a batch with (true). A request that ran alone is answered OUT_OF_MEMORY by the caller (false).
+   */
+  #outOfMemory(run: Running, detail: string | undefined): boolean {
+    const live = run.tasks.filter((t) => t.state === 'running');
+    const split = run.tasks.length > 1 && live.length > 0;
+    const { height, width } = run.tasks[0]!.req.shape;
+    const shape = { height, width, images: run.tasks.reduce((n, t) => n + t.images, 0), requests: run.tasks.length };
+    this.metrics.outOfMemory.inc({ ...this.#labels, outcome: split ? 'split' : 'failed' });
+    if (!split) {
+      this.log.warn({ ...run.where, ...shape, reason: detail }, 'a generation ran out of memory: answered OUT_OF_MEMORY');
+      return false;
+    }
+    this.log.warn({ ...run.where, ...shape, reason: detail }, 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
+    for (const t of live) {
+      t.state = 'queued';
+      t.alone = true;
+    }
+    this.#pending.unshift(...live);
+    this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+    return true;
   }
 
   #fail(run: Running, err: Error): void {
@@ -742,6 +777,14 @@ export class Engine {
 export function cancelReason(reason: unknown): 'client_left' | 'timeout' | 'request_failed' {
   if (reason instanceof DOMException) return reason.name === 'TimeoutError' ? 'timeout' : 'client_left';
   return reason instanceof Error ? 'request_failed' : 'client_left';
+}
+
+/** The answer to a request that ran out of memory in a batch of its own: what it asked for, and what would fit. */
+function outOfMemoryError(req: GenerationRequest, device: string): RuntimeError {
+  const images = req.items.reduce((n, it) => n + it.numImages, 0);
+  const what = images === 1 ? '1 image' : `${images} images`;
+  const where = device === 'cpu' ? "this server's memory" : `the memory of this server's GPU (${device})`;
+  return new RuntimeError('OUT_OF_MEMORY', `out of memory: ${what} of ${req.shape.height}x${req.shape.width} (height x width) ${images === 1 ? 'does' : 'do'} not fit in ${where}, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU`);
 }
 
 /** The batches a worker holds: the one it is stepping, then those it is decoding. */
