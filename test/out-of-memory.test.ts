@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { outOfMemory } from '../src/pipeline/out-of-memory.js';
+import { failureReply, outOfMemory } from '../src/pipeline/out-of-memory.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
@@ -49,6 +49,29 @@ describe('outOfMemory: allocation failures told apart from other errors', () => 
     expect(outOfMemory(new RuntimeError('INTERNAL', text))).toBe(first);
   });
   it.each(NOT_OOM)('not %s', (_, text) => expect(outOfMemory(new Error(text))).toBeUndefined());
+
+});
+
+describe('failureReply: what a client is told of a failed generation or adapter set build', () => {
+  const reply = (err: unknown) => failureReply(err, 'generation failed', 'the generation ran out of memory');
+  it('passes the runtime\'s own refusals on as they are', () => {
+    expect(reply(new RuntimeError('INVALID_INPUT', 'instances[0].image does not decode'))).toEqual({ code: 'INVALID_INPUT', message: 'instances[0].image does not decode' });
+  });
+  it.each(OOM)('answers OUT_OF_MEMORY for %s, ORT\'s text for the log only', (_, text) => {
+    for (const err of [new Error(text), new RuntimeError('INTERNAL', text)]) {
+      const r = reply(err);
+      expect([r.code, r.message, r.detail]).toEqual(['OUT_OF_MEMORY', 'the generation ran out of memory', text.split('\n')[0]!.trim()]);
+    }
+  });
+  it.each(NOT_OOM)('answers %s as a defect, without its text', (_, text) => {
+    // An auxiliary session thread's failure arrives as an INTERNAL RuntimeError carrying ORT's text (build paths, the
+    // node's host name): the client is told the generation failed, the log gets the text.
+    for (const err of [new Error(text), new RuntimeError('INTERNAL', text)]) {
+      const r = reply(err);
+      expect([r.code, r.message]).toEqual(['INTERNAL', 'generation failed']);
+      expect(r.detail).toContain(text);
+    }
+  });
 });
 
 const canLimit = process.platform === 'linux' && (() => {

@@ -7,6 +7,8 @@
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
+import { isRuntimeError } from '../errors.js';
+
 const SIGNS: readonly RegExp[] = [
   // BFCArena::Extend (onnxruntime/core/framework/bfc_arena.cc), CPU and CUDA arenas alike: the allocator (malloc,
   // cudaMalloc) failed even after backing off, or the arena's own limit (CUDA's gpu_mem_limit) is reached.
@@ -35,4 +37,17 @@ export function outOfMemory(err: unknown): string | undefined {
   if (!SIGNS.some((re) => re.test(message))) return undefined;
   // The first line: ORT's messages end with a blank line, and the stack adds nothing to an allocation failure.
   return message.split('\n')[0]!.trim();
+}
+
+/**
+ * What the worker answers for a generation or an adapter set build that failed: our own refusals as they are; an
+ * allocation failure as OUT_OF_MEMORY with `oom`; anything else, a defect, as INTERNAL with `defect`. ORT's text goes
+ * in `detail`, for the log only: it names ORT's build paths and, from CUDA, the node's host name, and an auxiliary
+ * session thread passes it on inside an INTERNAL RuntimeError.
+ */
+export function failureReply(err: unknown, defect: string, oom: string): { code: string; message: string; detail?: string } {
+  if (isRuntimeError(err) && err.code !== 'INTERNAL') return { code: err.code, message: err.message };
+  const allocation = outOfMemory(err);
+  if (allocation) return { code: 'OUT_OF_MEMORY', message: oom, detail: allocation };
+  return { code: 'INTERNAL', message: defect, detail: String((err as Error)?.stack ?? (err as Error)?.message ?? err) };
 }

@@ -123,7 +123,8 @@ export type FromWorker =
   | { t: 'error'; id: number; code: string; message: string; detail?: string }
   /** An adapter set is built (`ms`: read, merge, session creation; `bytes`: merged components' size). */
   | { t: 'adapters-ready'; key: string; ms: { read: number; merge: number; sessions: number; total: number }; bytes: number; patchedBytes: number; components: string[]; formats: Record<string, string> }
-  | { t: 'adapters-failed'; key: string; code: string; message: string }
+  /** `detail`: ORT's text of a failure that is not the runtime's own refusal, for the log (never a client's answer). */
+  | { t: 'adapters-failed'; key: string; code: string; message: string; detail?: string }
   /** The worker dropped an adapter set (least recently used, over LORA_MAX_SETS or LORA_CACHE_MB). */
   | { t: 'adapters-evicted'; key: string }
   | { t: 'log'; level: 'info' | 'warn' | 'error'; msg: string; obj?: Record<string, unknown> };

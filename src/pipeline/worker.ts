@@ -21,7 +21,7 @@ import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
-import { outOfMemory } from './out-of-memory.js';
+import { failureReply } from './out-of-memory.js';
 import { LoraSetThread } from './lora-client.js';
 import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
@@ -346,12 +346,10 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     post({ t: 'result', id, images: raw, times }, raw.map((r) => r.rgb));
   } catch (err) {
     // An allocation failure, here or on an auxiliary thread (which answers it as INTERNAL): the engine reruns a batch
-    // of several requests one by one, and logs it once with the shape (engine.ts).
-    const oom = !isRuntimeError(err) || err.code === 'INTERNAL' ? outOfMemory(err) : undefined;
-    const code = oom ? 'OUT_OF_MEMORY' : isRuntimeError(err) ? err.code : 'INTERNAL';
-    if (!oom && !isRuntimeError(err)) log('error', 'generation failed', { err: String((err as Error)?.stack ?? err) });
-    const message = oom ? 'the generation ran out of memory' : isRuntimeError(err) ? err.message : 'generation failed';
-    post({ t: 'error', id, code, message, ...(oom ? { detail: oom } : {}) });
+    // of several requests one by one, and logs it once with the shape (engine.ts). A defect is logged here.
+    const { code, message, detail } = failureReply(err, 'generation failed', 'the generation ran out of memory');
+    if (code === 'INTERNAL') log('error', 'generation failed', { err: detail });
+    post({ t: 'error', id, code, message, ...(code === 'OUT_OF_MEMORY' ? { detail } : {}) });
   } finally {
     unuse();
     cancels.end(id);
@@ -482,7 +480,11 @@ port.on('message', (m: ToWorker) => {
       // Beside the queue: the base model goes on serving while the set is merged on its own thread.
       adapterSet(m.key, m.refs).then(
         () => undefined,
-        (err: unknown) => post({ t: 'adapters-failed', key: m.key, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: isRuntimeError(err) ? err.message : `the adapter set could not be built: ${(err as Error)?.message ?? String(err)}` }),
+        (err: unknown) => post({
+          t: 'adapters-failed',
+          key: m.key,
+          ...failureReply(err, 'the adapter set could not be built', 'out of memory while the LoRA adapter set was built (its merged weights and sessions): hold fewer sets (LORA_MAX_SETS) or use a bigger GPU'),
+        }),
       );
       break;
     case 'cancel':

@@ -548,7 +548,7 @@ export class Engine {
       case 'adapters-failed': {
         w.sets.delete(m.key);
         this.#setAsked.delete(m.key);
-        this.log.warn({ set: m.key, worker: w.index, code: m.code, reason: m.message }, 'LoRA adapter set failed');
+        this.log.warn({ set: m.key, worker: w.index, code: m.code, reason: m.detail ?? m.message }, 'LoRA adapter set failed');
         const err = new RuntimeError(m.code as never, m.message);
         for (const t of [...this.#pending]) {
           if (t.adapters?.key !== m.key) continue;
