@@ -64,6 +64,8 @@ export const OUTCOMES = [
   'CACHE_IO',
   'NO_SPACE',
   'MODEL_FORMAT',
+  /** A session could not be created for want of memory (a request's code too: HTTP_STATUS). */
+  'OUT_OF_MEMORY',
   'PROVIDER',
 ] as const;
 

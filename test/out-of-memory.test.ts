@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { failureReply, outOfMemory } from '../src/pipeline/out-of-memory.js';
+import { allocationText, failureReply, loadError, outOfMemory } from '../src/pipeline/failures.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
@@ -50,6 +50,29 @@ describe('outOfMemory: allocation failures told apart from other errors', () => 
   });
   it.each(NOT_OOM)('not %s', (_, text) => expect(outOfMemory(new Error(text))).toBeUndefined());
 
+});
+
+describe('loadError: a session that could not be created, as the boot reason says it', () => {
+  const model = '/mnt/cache/entries/abc123/files/unet/model.onnx';
+  it.each(OOM.filter(([what]) => !what.startsWith('V8')))('OUT_OF_MEMORY for %s, with the allocation alone', (_, text) => {
+    const err = loadError('unet', model, new Error(text)) as RuntimeError;
+    expect(err.code).toBe('OUT_OF_MEMORY');
+    expect(err.message).toMatch(/^unet\/model\.onnx could not be loaded: out of memory while its session was created \(.+\); it needs a GPU \(or a memory limit\) with more room/);
+    // What the allocation was, never where in ORT's sources it failed nor the node's host name.
+    expect(err.message).toContain(allocationText(text.split('\n')[0]!));
+    for (const leak of ['/onnxruntime_src', 'hostname=', 'GPU=0', 'Status Message']) expect(err.message).not.toContain(leak);
+  });
+  it('names the allocation', () => {
+    expect(allocationText(OOM[0]![1].split('\n')[0]!)).toBe('Failed to allocate memory for requested buffer of size 635830272');
+    expect(allocationText(OOM[3]![1])).toBe('CUDA failure 2: out of memory');
+    expect(allocationText(OOM[6]![1])).toBe('CUDNN failure 4004: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED');
+  });
+  it('MODEL_FORMAT for anything else, without the model folder', () => {
+    const err = loadError('unet', model, new Error(`Load model from ${model} failed:Protobuf parsing failed.`)) as RuntimeError;
+    expect([err.code, err.message]).toEqual(['MODEL_FORMAT', 'unet/model.onnx could not be loaded: Load model from unet/model.onnx failed:Protobuf parsing failed.']);
+    const own = new RuntimeError('PROVIDER', 'the CUDA execution provider did not start');
+    expect(loadError('unet', model, own)).toBe(own);
+  });
 });
 
 describe('failureReply: what a client is told of a failed generation or adapter set build', () => {

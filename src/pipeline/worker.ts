@@ -21,7 +21,7 @@ import { Pipeline, latentPreview } from './pipeline.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
-import { failureReply } from './out-of-memory.js';
+import { failureReply, loadError } from './failures.js';
 import { LoraSetThread } from './lora-client.js';
 import { AdapterSetCache, type CachedSet } from './lora-sets.js';
 
@@ -135,18 +135,6 @@ function session(component: string, file: string): Promise<ModelSession> {
     sessions.set(component, p);
   }
   return p;
-}
-
-/**
- * A session ONNX Runtime refused (a truncated or missing weights file, a graph it cannot parse), named by its component.
- * ORT names files by their absolute path, and a boot reason reaches clients: the model folder is cut from the message.
- * Our own refusals (RuntimeErrors other than a thread's INTERNAL) go up as they are.
- */
-function loadError(component: string, modelPath: string, err: unknown): unknown {
-  if (isRuntimeError(err) && err.code !== 'INTERNAL') return err;
-  const dir = path.dirname(path.dirname(modelPath)) + path.sep;
-  const message = String((err as Error)?.message ?? err).split(dir).join('');
-  return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
 }
 
 /** One component's session: the UNet on this thread, the others on their auxiliary thread, after the export checks. */

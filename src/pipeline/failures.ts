@@ -1,13 +1,15 @@
 /**
- * @module Whether a failed generation ran out of memory: ONNX Runtime's allocation failures, as onnxruntime-node
- * hands them to JS. The binding (js/node/src/inference_session_wrap.cc, Run) catches ORT's C++ exception and throws
+ * @module What the pipeline tells of ONNX Runtime's failures: whether one ran out of memory (its allocation failures,
+ * as onnxruntime-node hands them to JS), what a client is told of a failed generation, a failed adapter set build or
+ * a session that could not be created. The binding (js/node/src/inference_session_wrap.cc, Run) catches ORT's C++ exception and throws
  * a JS Error whose message is its what(): the status text, inside the executor's wrapper when a kernel failed
  * (onnxruntime/core/framework/sequential_executor.cc: "Non-zero status code returned while running <Op> node.
  * Name:'<node>' Status Message: <text>"). The texts below are ORT's own (microsoft/onnxruntime, the files named);
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
-import { isRuntimeError } from '../errors.js';
+import path from 'node:path';
+import { isRuntimeError, RuntimeError } from '../errors.js';
 
 const SIGNS: readonly RegExp[] = [
   // BFCArena::Extend (onnxruntime/core/framework/bfc_arena.cc), CPU and CUDA arenas alike: the allocator (malloc,
@@ -50,4 +52,29 @@ export function failureReply(err: unknown, defect: string, oom: string): { code:
   const allocation = outOfMemory(err);
   if (allocation) return { code: 'OUT_OF_MEMORY', message: oom, detail: allocation };
   return { code: 'INTERNAL', message: defect, detail: String((err as Error)?.stack ?? (err as Error)?.message ?? err) };
+}
+
+/**
+ * The allocation failure alone, for a boot reason: without the executor's wrapper, ORT's source location and what
+ * CudaCall appends (" ; GPU=… ; hostname=… ; file=…").
+ */
+export const allocationText = (allocation: string): string =>
+  allocation.replace(/^.*Status Message: /, '').replace(/^\/\S+ .*?\) /, '').split(' ; ')[0]!.trim();
+
+/**
+ * A session ONNX Runtime could not create (a truncated or missing weights file, a graph it cannot parse, no room for
+ * its weights), named by its component. ORT names files by their absolute path, and a boot reason reaches clients:
+ * the model folder is cut from the message. Our own refusals (RuntimeErrors other than a thread's INTERNAL) go up as
+ * they are.
+ */
+export function loadError(component: string, modelPath: string, err: unknown): unknown {
+  if (isRuntimeError(err) && err.code !== 'INTERNAL') return err;
+  const allocation = outOfMemory(err);
+  if (allocation) {
+    // Not MODEL_FORMAT: re-exporting the same model does not help, room does.
+    return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(allocation)}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
+  }
+  const dir = path.dirname(path.dirname(modelPath)) + path.sep;
+  const message = String((err as Error)?.message ?? err).split(dir).join('');
+  return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
 }
