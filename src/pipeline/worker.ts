@@ -8,6 +8,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
+import { asShortage, REQUEST_ADVICE } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
 import { Cancels } from './cancels.js';
@@ -477,7 +478,10 @@ port.on('message', (m: ToWorker) => {
       // Beside the queue: the base model goes on serving while the set is merged on its own thread.
       adapterSet(m.key, m.refs).then(
         () => undefined,
-        (err: unknown) => post({ t: 'adapters-failed', key: m.key, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: isRuntimeError(err) ? err.message : `the adapter set could not be built: ${(err as Error)?.message ?? String(err)}` }),
+        (failure: unknown) => {
+          const err = asShortage(failure, 'the adapter set could not be built', REQUEST_ADVICE);
+          post({ t: 'adapters-failed', key: m.key, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: isRuntimeError(err) ? err.message : `the adapter set could not be built: ${(err as Error)?.message ?? String(err)}` });
+        },
       );
       break;
     case 'cancel':

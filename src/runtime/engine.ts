@@ -602,7 +602,8 @@ export class Engine {
         this.#encoding++;
         const settle = m.t === 'error' ? run.delivery.then(() => this.#fail(run, new RuntimeError(m.code as never, m.message))) : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
-          .catch((err: unknown) => this.#fail(run, new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
+          // Ours already say what is wrong (sharp not loaded for want of descriptors, 503).
+          .catch((err: unknown) => this.#fail(run, isRuntimeError(err) ? err : new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
           .finally(() => {
             this.#encoding--;
             this.#checkIdle();
