@@ -27,6 +27,8 @@ export const HTTP_STATUS = {
   WORKER_RESTARTING: 503,
   BUSY: 503,
   SHUTTING_DOWN: 503,
+  /** The process ran out of file descriptors (EMFILE, ENFILE); also how a boot, a fill or a push ends for it. */
+  TOO_MANY_OPEN_FILES: 503,
   /** The generation outlived REQUEST_TIMEOUT_S. */
   TIMEOUT: 504,
   /**
@@ -36,7 +38,10 @@ export const HTTP_STATUS = {
   OUT_OF_MEMORY: 507,
 } as const;
 
-/** How the boot, the fetch engine and the cache fail. A request that meets one (an output upload) is answered 500. */
+/**
+ * How the boot, the fetch engine and the cache fail. A request that meets one (an output upload) is answered 500, except
+ * TOO_MANY_OPEN_FILES, a request code too (503).
+ */
 export const OUTCOMES = [
   'CONFIG',
   'STORAGE_DENIED',
@@ -63,6 +68,8 @@ export const OUTCOMES = [
   /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */
   'CACHE_IO',
   'NO_SPACE',
+  /** The process ran out of file descriptors while filling the cache (the message names the limit and what to change). */
+  'TOO_MANY_OPEN_FILES',
   'MODEL_FORMAT',
   /** A session could not be created for want of memory (a request's code too: HTTP_STATUS). */
   'OUT_OF_MEMORY',

@@ -5,6 +5,7 @@
  */
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
 import { ConfigError, describeConfig, loadConfig, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
@@ -186,4 +187,13 @@ function isEntry(): boolean {
   return false;
 }
 
-if (isEntry()) void main();
+if (isEntry()) {
+  main().catch((err: unknown) => {
+    // Code that failed to load stays failed in this process (descriptors.ts firstUse): one line, and a restart, whose
+    // download resumes from the cache entry's journal.
+    const why = shortage(err);
+    if (why === undefined) throw err;
+    process.stderr.write(`diffusers-runtime: TOO_MANY_OPEN_FILES: ${shortageError("the runtime's code could not be loaded", why, `${S3_ADVICE}; a download in progress resumes at the next start`).message}\n`);
+    process.exit(1);
+  });
+}

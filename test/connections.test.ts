@@ -7,7 +7,8 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { autoMaxConnections, descriptorLimit, listenBase, type BaseServer } from '../src/server/base.js';
+import { descriptorLimit } from '../src/descriptors.js';
+import { autoMaxConnections, listenBase, type BaseServer } from '../src/server/base.js';
 import { loadConfig } from '../src/config.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { startServer, until, type ServerHandle } from './helpers/server.js';

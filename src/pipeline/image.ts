@@ -1,9 +1,9 @@
 /** @module Image encoding with sharp (imported lazily: it is a heavy native module). */
 import type { OutputFormat } from '../config.js';
+import { firstUse } from '../descriptors.js';
 
-type Sharp = (typeof import('sharp'))['default'];
-let sharpPromise: Promise<Sharp> | undefined;
-export const loadSharp = (): Promise<Sharp> => (sharpPromise ??= import('sharp').then((m) => m.default));
+/** sharp, imported once: at boot, while the model loads, and never while the process is out of descriptors (firstUse). */
+export const loadSharp = firstUse('the image encoder (sharp)', async () => (await import('sharp')).default);
 
 /** Encodes RGB uint8 HWC pixels. PNG is lossless and deterministic: same pixels, same bytes. */
 export async function encodeImage(rgb: Uint8Array, width: number, height: number, format: OutputFormat, quality?: number): Promise<Buffer> {

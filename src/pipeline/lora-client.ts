@@ -1,4 +1,5 @@
 /** @module The pipeline worker's side of an adapter set's thread (lora-thread.ts): build it, run its sessions, end it. */
+import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { ModelSession } from './onnx.js';
 import type { LoraComponent } from './lora-keys.js';
@@ -23,7 +24,11 @@ export class LoraSetThread {
   constructor(init: LoraInit, log: ThreadLog, trimmer: ThreadEndSink = threadEndSink(log)) {
     this.#trimmer = trimmer;
     this.#thread = new SessionThread<ToLora, Reply>(new URL('./lora-thread.js', import.meta.url), init, log, {
-      ended: (err) => new RuntimeError('INTERNAL', `the adapter set's thread ended: ${err.message}`),
+      ended: (err) => {
+        // Its thread could not start (no descriptor for its event loop): over once others are freed.
+        const why = shortage(err);
+        return why ? shortageError("the adapter set's thread could not start", why, REQUEST_ADVICE, err) : new RuntimeError('INTERNAL', `the adapter set's thread ended: ${err.message}`);
+      },
     });
   }
 

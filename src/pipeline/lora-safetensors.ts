@@ -5,6 +5,7 @@
  */
 import { open } from 'node:fs/promises';
 import { readSync } from 'node:fs';
+import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import { fromHalfBits } from './half.js';
 
@@ -64,7 +65,9 @@ export async function openSafetensors(file: string, what: string): Promise<SafeT
   let fh: Awaited<ReturnType<typeof open>>;
   try {
     fh = await open(file, 'r');
-  } catch {
+  } catch (err) {
+    const why = shortage(err);
+    if (why) throw shortageError(`${what} could not be read`, why, REQUEST_ADVICE, err);
     throw new RuntimeError('INVALID_INPUT', `${what} could not be read`);
   }
   try {

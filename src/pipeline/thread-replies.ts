@@ -1,4 +1,5 @@
 /** @module What a session thread (aux.ts, lora-thread.ts) answers its pipeline worker: declared I/O, outputs, a failure. */
+import { asShortage, REQUEST_ADVICE } from '../descriptors.js';
 import { isRuntimeError } from '../errors.js';
 import type { IoMeta, OnnxSession } from './onnx.js';
 
@@ -17,6 +18,8 @@ export type ThreadLogMessage = { t: 'log'; level: 'info' | 'warn' | 'error'; msg
 export const ranReply = (id: number, out: Record<string, { data: Float32Array; dims: readonly number[] }>): RanReply =>
   ({ t: 'ran', id, out: Object.fromEntries(Object.entries(out).map(([k, v]) => [k, { data: v.data, dims: [...v.dims] }])) });
 
-/** The answer to a request that failed: its RuntimeError code, else INTERNAL. */
-export const failedReply = (id: number, err: unknown): FailedReply =>
-  ({ t: 'failed', id, code: isRuntimeError(err) ? err.code : 'INTERNAL', message: String((err as Error)?.message ?? err) });
+/** The answer to a request that failed: its RuntimeError code (a file the thread ran out of descriptors for too), else INTERNAL. */
+export const failedReply = (id: number, err: unknown): FailedReply => {
+  const e = asShortage(err, 'a file could not be opened', REQUEST_ADVICE);
+  return { t: 'failed', id, code: isRuntimeError(e) ? e.code : 'INTERNAL', message: String((e as Error)?.message ?? e) };
+};

@@ -8,6 +8,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
+import { asShortage, REQUEST_ADVICE } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
 import { Cancels } from './cancels.js';
@@ -468,10 +469,11 @@ port.on('message', (m: ToWorker) => {
       // Beside the queue: the base model goes on serving while the set is merged on its own thread.
       adapterSet(m.key, m.refs).then(
         () => undefined,
-        (err: unknown) => post({
+        (failure: unknown) => post({
           t: 'adapters-failed',
           key: m.key,
-          ...failureReply(err, 'the adapter set could not be built', 'out of memory while the LoRA adapter set was built (its merged weights and sessions): hold fewer sets (LORA_MAX_SETS) or use a bigger GPU'),
+          ...failureReply(asShortage(failure, 'the adapter set could not be built', REQUEST_ADVICE), 'the adapter set could not be built',
+            'out of memory while the LoRA adapter set was built (its merged weights and sessions): hold fewer sets (LORA_MAX_SETS) or use a bigger GPU'),
         }),
       );
       break;

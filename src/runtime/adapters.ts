@@ -9,6 +9,7 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import type { Config } from '../config.js';
+import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
@@ -103,6 +104,10 @@ export class AdapterSource {
       this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
     } catch (err) {
       if (isRuntimeError(err) && err.code === 'STORAGE_MISSING') throw new RuntimeError('NOT_FOUND', name);
+      // Not the store's fault, and over once descriptors are free: the request is answered 503, the next one fetches.
+      if (isRuntimeError(err) && err.code === 'TOO_MANY_OPEN_FILES') {
+        throw new RuntimeError(err.code, `adapter "${name}" could not be fetched from LORA_URI: ${err.message}`, { cause: err, retryAfter: SHORTAGE_RETRY_AFTER });
+      }
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
     }
@@ -124,7 +129,10 @@ function single(dir: string, name: string): string | undefined {
   let files: string[];
   try {
     files = readdirSync(dir).filter((f) => f.endsWith('.safetensors') && isFile(path.join(dir, f)));
-  } catch {
+  } catch (err) {
+    // A folder that could not be read for want of a descriptor is not a missing adapter.
+    const why = shortage(err);
+    if (why) throw shortageError(`adapter "${name}" could not be looked up`, why, REQUEST_ADVICE, err);
     return undefined;
   }
   if (files.length === 1) return path.join(dir, files[0]!);

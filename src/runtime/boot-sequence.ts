@@ -17,6 +17,7 @@
  */
 import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -36,6 +37,9 @@ import { warmupInpaint } from './image-request.js';
 const FIRST_ANSWER_WAIT_MS = 500;
 /** How long a committed entry's check against S3 may wait at most (see #releaseCheck). */
 const CHECK_WAIT_MS = 2_000;
+/** A fetch that ran out of file descriptors is tried this often in all, after 1, 2, 4, 8 s: some 15 s for them to free. */
+const SHORTAGE_ATTEMPTS = 5;
+const SHORTAGE_WAIT_MS = 1_000;
 
 /** What the boot will do, decided once, before any step runs. */
 export type BootPlan =
@@ -283,20 +287,32 @@ export class BootSequence {
       return { dir };
     }
     const { resolveModel } = await import('../storage/fetch.js');
-    const res = await resolveModel(plan.uri, {
-      cfg: this.#cfg, log, signal: this.#abort.signal,
-      onListing: (files) => this.#onListing(files),
-      onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
-      onRestart: () => this.#onRestart(),
-      onProgress: (p) => this.#onProgress(p),
-      onDownloaded: (n) => this.#onDownloaded(n),
-      onEvicted: (e) => {
-        this.#evicted.push(e.bytes);
-        this.#countEvictions();
-      },
-      onFirstResponse: () => this.#flow(),
-    });
-    return { dir: res.dir, res };
+    const signal = this.#abort.signal;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const res = await resolveModel(plan.uri, {
+          cfg: this.#cfg, log, signal,
+          onListing: (files) => this.#onListing(files),
+          onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
+          onRestart: () => this.#onRestart(),
+          onProgress: (p) => this.#onProgress(p),
+          onDownloaded: (n) => this.#onDownloaded(n),
+          onEvicted: (e) => {
+            this.#evicted.push(e.bytes);
+            this.#countEvictions();
+          },
+          onFirstResponse: () => this.#flow(),
+        });
+        return { dir: res.dir, res };
+      } catch (e) {
+        // Out of descriptors (connections took them, with MAX_CONNECTIONS=0): over once they close, and the fetch
+        // resumes what is on disk. Its announcements come again and are taken once.
+        if (!isRuntimeError(e) || e.code !== 'TOO_MANY_OPEN_FILES' || attempt >= SHORTAGE_ATTEMPTS || signal.aborted) throw e;
+        const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
+        log.warn({ attempt, waitMs, reason: e.message }, 'the model fetch ran out of file descriptors; trying again');
+        await sleep(waitMs, undefined, { signal });
+      }
+    }
   }
 
   #onListing(files: ReadonlyArray<{ relPath: string; size: number }>): void {

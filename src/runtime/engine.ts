@@ -16,6 +16,7 @@
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Config, OutputFormat } from '../config.js';
+import { LIMIT_ADVICE, shortage, shortageError, type Shortage } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics, RejectReason } from '../metrics.js';
@@ -124,6 +125,8 @@ class WorkerHandle {
   /** Answered a load of the whole model: if it dies now, it is started again. */
   whole = false;
   dead = false;
+  /** Why it died: what a load sent to it after its death fails with. */
+  death: RuntimeError | undefined;
   /** The loads sent to this worker and not answered yet, in order (a worker answers its loads in order). */
   readonly loads: LoadWaiter[] = [];
   /** When it was last given a batch (least-busy dispatch prefers the worker idle longest). */
@@ -239,7 +242,7 @@ export class Engine {
     this.metrics.workerBusy.set({ ...this.#labels, worker: String(index), device: h.device }, 0);
     sw.attach(
       (m) => this.#onMessage(h, m),
-      (err) => this.#onWorkerDeath(h, err.message),
+      (err) => this.#onWorkerDeath(h, err.message, shortage(err)),
       (code) => this.#onWorkerDeath(h, `exit code ${code}`),
     );
     this.#workers[index] = h;
@@ -294,6 +297,9 @@ export class Engine {
     this.start();
     this.#adapters.setModelDir(dir);
     if (!listed) this.#wholeDir = dir;
+    // A worker that died before this load (before it could even load its code) would never answer it.
+    const dead = this.#workers.find((w) => w.dead && !this.#restarting.has(w.index));
+    if (dead) return Promise.reject(dead.death);
     return new Promise((resolve, reject) => {
       const waiter: LoadWaiter = { resolve, reject, left: this.#workers.length, whole: !listed };
       for (const w of this.#workers) {
@@ -606,7 +612,8 @@ export class Engine {
           ? run.delivery.then(() => this.#fail(run, oom ? outOfMemoryError(run.tasks[0]!.req, w.device) : new RuntimeError(m.code as never, m.message)))
           : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
-          .catch((err: unknown) => this.#fail(run, new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
+          // Ours already say what is wrong (sharp not loaded for want of descriptors, 503).
+          .catch((err: unknown) => this.#fail(run, isRuntimeError(err) ? err : new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
           .finally(() => {
             this.#encoding--;
             this.#checkIdle();
@@ -699,10 +706,13 @@ export class Engine {
     this.events.onServing?.(now, reason);
   }
 
-  #onWorkerDeath(w: WorkerHandle, why: string): void {
+  #onWorkerDeath(w: WorkerHandle, message: string, short?: Shortage): void {
     // 'error' and 'exit' both come for a thread that threw; a worker told to close exits on purpose.
     if (w.dead) return;
+    // Node's message for a file it could not open names the file's local path: not for clients.
+    const why = short ? shortageError('it could not open a file', short, LIMIT_ADVICE).message : message;
     w.dead = true;
+    w.death = short ? shortageError(`pipeline worker ${w.index} stopped`, short, LIMIT_ADVICE) : new RuntimeError('WORKER_DIED', `pipeline worker ${w.index} died: ${why}`);
     w.loaded = false;
     if (this.#closing) {
       this.#checkIdle();
@@ -721,7 +731,7 @@ export class Engine {
       for (const run of runs) for (const t of run.tasks) this.#finish(t, err);
     }
     for (const waiter of w.loads.splice(0)) {
-      if (!waiter.settled) waiter.reject(new RuntimeError('WORKER_DIED', `pipeline worker died: ${why}`));
+      if (!waiter.settled) waiter.reject(w.death);
       waiter.settled = true;
     }
     // Only a worker that had the whole model is started again: one that dies while loading it would do so again.

@@ -4,6 +4,7 @@
  * in size, with errors that name the field and the object, never the credentials.
  */
 import type { Readable } from 'node:stream';
+import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
@@ -25,13 +26,15 @@ export interface ImageSource {
 
 /** Reads through the runtime's request client (created on the first s3:// input or upload). */
 export function createImageSource(s3: RequestS3): ImageSource {
-  let sdk: Promise<typeof import('@aws-sdk/client-s3')> | undefined;
   return {
     async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
       const note = s3.addressing(loc.bucket, field);
-      const [client, { GetObjectCommand }] = await Promise.all([s3.client(), (sdk ??= import('@aws-sdk/client-s3'))]);
+      // The client first: it loads the SDK (never while the process is out of descriptors), so the command's import
+      // below reads no file.
+      const client = await s3.client();
+      const { GetObjectCommand } = await import('@aws-sdk/client-s3');
       const where = `s3://${loc.bucket}/${loc.key}`;
       try {
         const res = await client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
@@ -72,6 +75,8 @@ async function readCapped(body: Readable, maxBytes: number, field: string, where
 function readError(err: unknown, field: string, where: string, bucket: string, note: string): RuntimeError {
   const s3code = s3Code(err);
   const kind = classify(err);
+  const short = shortage(err);
+  if (short) return shortageError(`${field}: reading ${where} failed`, short, REQUEST_ADVICE, err);
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
   const region = kind === 'fatal' ? bucketRegion(err) : undefined;
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `${field}: bucket "${bucket}" is in region ${region}, and this server reads S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });

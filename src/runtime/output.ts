@@ -3,6 +3,7 @@
  * One image is written to the key as given; several go to `<stem>-<i>.<ext>` (i from 0, the key's own
  * extension dropped), e.g. `s3://b/out/fox.png` with 2 images → `out/fox-0.png`, `out/fox-1.png`.
  */
+import { firstUse, REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
@@ -31,15 +32,17 @@ export function outputKeys(key: string, n: number, format: EncodedImage['format'
   return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
 }
 
+const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => import('@aws-sdk/lib-storage'));
+
 /** Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then. */
 export function createOutputStore(s3: RequestS3): OutputStore {
-  let lib: Promise<typeof import('@aws-sdk/lib-storage')> | undefined;
   return {
     async upload(uri, images, signal) {
       const { bucket, key } = parseOutputUri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
       const note = s3.addressing(bucket, 'output_uri');
-      const [client, { Upload }] = await Promise.all([s3.client(), (lib ??= import('@aws-sdk/lib-storage'))]);
+      const client = await s3.client();
+      const { Upload } = await loadUpload();
       await Promise.all(
         images.map(async (img, i) => {
           const up = new Upload({
@@ -67,6 +70,8 @@ function uploadError(err: unknown, bucket: string, key: string, note: string): R
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   const kind = classify(err);
+  const short = shortage(err);
+  if (short) return shortageError(`output_uri: upload to ${where} failed; the images were generated but not stored`, short, REQUEST_ADVICE, err);
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
   const region = kind === 'fatal' ? bucketRegion(err) : undefined;
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });

@@ -1,6 +1,6 @@
 /**
- * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http, fs
- * (one read of the open-file limit) and the error codes (a module of constants), so `/` and `/v2/health/live` answer
+ * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http, the
+ * open-file limit's reader (descriptors.ts) and the error codes (a module of constants), so `/` and `/v2/health/live` answer
  * within milliseconds of process start while the runtime (logging, metrics, pipeline workers) is still being imported.
  *
  * Node's HTTP/1.1 server (llhttp) rather than uWebSockets.js: uWS 20.30 closes a keep-alive connection without an
@@ -8,10 +8,10 @@
  * malformed request line or a NUL in a header until its 10 s idle timeout and drops oversize heads without a
  * status. Here pipelined requests are answered in order and bad requests get 400/431/413 at once.
  */
-import { readFileSync } from 'node:fs';
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import { descriptorLimit } from '../descriptors.js';
 import { httpStatus, type HttpErrorCode } from '../errors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
@@ -298,20 +298,6 @@ function serveWithoutUpgrade(server: http.Server, req: IncomingMessage, socket: 
   const p = pending.get(socket as Socket);
   if (p && p.n > 0) p.idle.push({ left: 0, run: serve });
   else serve();
-}
-
-/** RLIMIT_NOFILE's soft value, from /proc/self/limits (Linux; `text` for tests); undefined elsewhere or when unlimited. */
-export function descriptorLimit(text?: string): number | undefined {
-  let t = text;
-  if (t === undefined) {
-    try {
-      t = readFileSync('/proc/self/limits', 'utf8');
-    } catch {
-      return undefined;
-    }
-  }
-  const m = /^Max open files\s+(\d+|unlimited)\s/m.exec(t);
-  return m && m[1] !== 'unlimited' ? Number(m[1]) : undefined;
 }
 
 /**

@@ -2,6 +2,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import zlib from 'node:zlib';
+import { SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { lingerOnClose, pathOf } from './base.js';
@@ -46,7 +47,9 @@ export const json = (status: number, value: unknown, headers?: Record<string, st
 export function errorReply(err: unknown, log: Logger): Reply {
   if (isRuntimeError(err)) {
     const headers: Record<string, string> = {};
-    if (err.retryAfter !== undefined) headers['retry-after'] = String(err.retryAfter);
+    // A shortage reported by a worker thread comes back as its code and message alone.
+    const retryAfter = err.retryAfter ?? (err.code === 'TOO_MANY_OPEN_FILES' ? SHORTAGE_RETRY_AFTER : undefined);
+    if (retryAfter !== undefined) headers['retry-after'] = String(retryAfter);
     if (err.allow !== undefined) headers.allow = err.allow.join(', ');
     return json(httpStatus(err.code), { error: capMessage(err.message), code: err.code, ...err.fields }, headers);
   }

@@ -5,6 +5,7 @@
  * before the runtime's code has loaded, to start the chosen transport's import early.
  */
 import type { S3Settings } from '../config.js';
+import { firstUse } from '../descriptors.js';
 import { createLiteTransport, liteDeclines, liteTarget, loadSigner, type LiteTarget } from './s3-lite.js';
 import type { S3Transport } from './transport.js';
 
@@ -25,18 +26,21 @@ export function chooseTransport(s: Readonly<S3Settings>, bucket: string, env: No
   }
 }
 
+/** The AWS SDK's client and transport (s3-sdk.ts), imported once for fetches, input images and uploads alike. */
+export const loadSdk = firstUse('the S3 client (AWS SDK)', () => import('./s3-sdk.js'));
+
 /**
  * Starts loading the chosen transport's code (the AWS SDK takes ~250 ms of CPU to import, the SDK-free reader's
  * signer ~100 ms): the boot calls this as soon as STORAGE_URI is known to be s3://.
  */
 export function loadTransport(choice: TransportChoice): void {
-  const p = choice.name === 'sdk' ? import('./s3-sdk.js') : loadSigner();
+  const p = choice.name === 'sdk' ? loadSdk() : loadSigner();
   p.catch(() => undefined); // reported by openTransport
 }
 
 /** The transport of one fetch of `bucket`. */
 export async function openTransport(choice: TransportChoice, s: Readonly<S3Settings>, bucket: string): Promise<S3Transport> {
   if (choice.name === 'lite') return createLiteTransport(choice.target, s);
-  const { createSdkTransport } = await import('./s3-sdk.js');
+  const { createSdkTransport } = await loadSdk();
   return createSdkTransport(s, bucket);
 }

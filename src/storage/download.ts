@@ -11,10 +11,11 @@ import { setMaxListeners } from 'node:events';
 import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
+import { descriptorLimit, openDescriptors, S3_ADVICE, shortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
-import { backoffMs, type Part, planParts } from './plan.js';
+import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
@@ -133,6 +134,11 @@ interface Task {
   readonly range: Part;
 }
 
+/** A range its worker hands back, unfinished, for want of a descriptor: another worker fetches the rest. */
+class HandBack {
+  constructor(readonly task: Task, readonly why: 'EMFILE' | 'ENFILE') {}
+}
+
 /**
  * Splits the last `concurrency` parts of the queue into `ways` slices each. Without this the download
  * ends with up to `concurrency` full-size ranges that each run at the per-connection cap while the link
@@ -204,7 +210,16 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     if (kept > 0) o.onBytes(kept);
   }
 
-  const queue = splitTail(tasks, o.concurrency, 4, 1 << 20, (t, r) => {
+  // Each range holds a socket and a file: S3_MAX_CONCURRENCY of them must fit in the open-file limit beside the rest
+  // of the process, or the first descriptor refused may be the one a module or a session needed (docs/FAULTS.md).
+  const limit = descriptorLimit();
+  const inUse = openDescriptors();
+  const concurrency = rangesInFlight(o.concurrency, limit, inUse);
+  if (concurrency < Math.min(o.concurrency, tasks.length)) {
+    o.log.warn({ ranges: concurrency, maxConcurrency: o.concurrency, descriptorLimit: limit, openDescriptors: inUse },
+      `the open-file limit (${limit}) leaves room for ${concurrency} ranges in flight, not S3_MAX_CONCURRENCY=${o.concurrency}; ${S3_ADVICE}`);
+  }
+  const queue = splitTail(tasks, concurrency, 4, 1 << 20, (t, r) => {
     if (r.start !== t.range.start) t.f.left++;
     return { ...t, range: r };
   });
@@ -255,14 +270,19 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   lost.addEventListener('abort', halt, { once: true });
 
   const open = (f: FileState): Promise<FileHandle> => {
-    f.fh ??= (async () => {
-      await mkdirs(path.dirname(f.abs));
-      const fresh = f.j.spans.length === 0;
-      const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
-      // Preallocate (sparse on most filesystems) so every range can be written at its offset.
-      if (fresh) await fh.truncate(f.obj.size);
-      return fh;
-    })();
+    if (f.fh === undefined) {
+      const p = (async () => {
+        await mkdirs(path.dirname(f.abs));
+        const fresh = f.j.spans.length === 0;
+        const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
+        // Preallocate (sparse on most filesystems) so every range can be written at its offset.
+        if (fresh) await fh.truncate(f.obj.size);
+        return fh;
+      })();
+      f.fh = p;
+      // Not opened (no descriptor left): the next range of the file opens it again.
+      p.catch(() => f.fh === p && (f.fh = undefined));
+    }
     return f.fh;
   };
 
@@ -279,20 +299,42 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   };
 
   let next = 0;
+  /** Ranges handed back for want of a descriptor, fetched before the queue's next. */
+  const handedBack: Task[] = [];
+  /** Workers taking ranges: one that runs out of descriptors stops while others run, so the limit sets how many. */
+  let running = 0;
+  let shrunk = false;
   const worker = async () => {
-    while (!signal.aborted && next < queue.length) {
-      const t = queue[next++]!;
-      try {
-        await fetchPart(t);
-        if (--t.f.left === 0) await finish(t.f);
-      } catch (e) {
-        fail(isNoSpace(e) ? noSpace(`no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}`, e) : e);
+    running++;
+    let handedOver = false;
+    try {
+      while (!signal.aborted) {
+        const t = handedBack.pop() ?? queue[next++];
+        if (t === undefined) return;
+        try {
+          await fetchPart(t);
+          if (--t.f.left === 0) await finish(t.f);
+        } catch (e) {
+          if (e instanceof HandBack) {
+            handedOver = true;
+            handedBack.push(e.task);
+            if (!shrunk) {
+              shrunk = true;
+              o.log.warn({ reason: e.why, ranges: running, descriptorLimit: descriptorLimit() ?? null },
+                `out of file descriptors (${e.why}): fewer ranges in flight from now on; ${S3_ADVICE}`);
+            }
+            return;
+          }
+          fail(isNoSpace(e) ? noSpace(`no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}`, e) : e);
+        }
       }
+    } finally {
+      if (!handedOver) running--;
     }
   };
 
   const fetchPart = async ({ f, range }: Task) => {
-    const fh = await open(f);
+    let fh: FileHandle | undefined;
     const size = range.end - range.start + 1;
     const whole = range.start === 0 && range.end === f.obj.size - 1;
     let written = 0;
@@ -320,7 +362,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         pendingBytes = 0;
         // Recorded before the write, so that a kill before its end does not lose it (Journal.open reads it back).
         o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
-        await o.io.write(fh, bufs, n, at);
+        await o.io.write(fh!, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
         o.onBytes(n);
@@ -328,6 +370,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         progressed = true;
       };
       try {
+        fh ??= await open(f);
         const asked = whole && written === 0 ? undefined : { start: range.start + written, end: range.end };
         const res = await o.get({
           key: f.obj.key,
@@ -360,10 +403,19 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       } catch (e) {
         // What arrived before a reset, a stall or a stop is this range's next bytes: write it rather than fetch it again.
         if (trusted && pendingBytes > 0 && !lost.aborted && !isNoSpace(e)) await flush().catch(() => undefined);
-        if (isNoSpace(e)) throw noSpace(`no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}`, e);
+        // Not opened (its folder could not be made): the worker names the file.
+        if (isNoSpace(e)) throw fh === undefined ? e : noSpace(`no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}`, e);
         // A stall or a short read is this range's to retry; any other RuntimeError already says what went wrong.
         if (e instanceof ObjectChangedError || (e instanceof RuntimeError && e.code !== 'STORAGE_STALL' && e.code !== 'STORAGE_SHORT_READ')) throw e;
         if (signal.aborted) throw signal.reason;
+        // No descriptor for the socket or the file: while other ranges run, the rest of this one goes to them and its
+        // worker stops; the last one retries it as it would a reset.
+        // Counted out here, at once: two ranges failing together must not both leave the last one's work to nobody.
+        const short = shortage(e);
+        if (short && running > 1) {
+          running--;
+          throw new HandBack({ f, range: { start: range.start + written, end: range.end } }, short);
+        }
         // Not retried here: the fetch starts over through the SDK (fetch.ts).
         if (sdkMightDiffer(e)) throw e;
         const stalled = ac.signal.aborted;
@@ -388,7 +440,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   try {
     // Zero-byte files, and files whose every byte the journal records (a kill came before their rename).
     for (const f of byRel.values()) if (f.left === 0) await finish(f);
-    await Promise.all(Array.from({ length: Math.min(o.concurrency, queue.length) }, worker));
+    await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, worker));
+    // A range handed back just as the last other worker found nothing left to take: fetched here, by one worker.
+    while (handedBack.length > 0 && !signal.aborted) await worker();
   } finally {
     clearInterval(ticker);
     lost.removeEventListener('abort', halt);

@@ -8,6 +8,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { Config } from '../config.js';
+import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { type Manifest, fsyncDir, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
@@ -35,6 +36,9 @@ export type { CacheEntry } from './entries.js';
  * beyond the journal is about one write per range in flight, so it stays well under a part (docs/FAULTS.md).
  */
 export const WRITE_BYTES = 256 * 1024;
+
+/** The ranged reader, loaded by the first fetch that downloads (a committed entry needs none of it). */
+const loadDownload = firstUse('the model downloader', () => import('./download.js'));
 
 /** A download, or a wait for another process's, logs its progress this often (ms): a minute of silence looks hung. */
 export const PROGRESS_LOG_MS = 10_000;
@@ -189,6 +193,8 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
   // The entry's own folder is <key>/; what follows it is the object's path.
   const rel = inside?.split(path.sep).slice(1).join('/');
   const what = `${x.syscall}${rel ? ` of ${JSON.stringify(rel)}` : ''}`;
+  const short = shortage(e);
+  if (short) return shortageError(`${what}${inside !== undefined ? ' in the model cache (MODEL_CACHE_DIR)' : ''} failed`, short, S3_ADVICE, e);
   const code = ['ENOSPC', 'EDQUOT'].includes(x.code) ? 'NO_SPACE' : x.code === 'ENAMETOOLONG' ? 'STORAGE_KEY_TOO_LONG' : 'CACHE_IO';
   return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}`, { cause: e });
 }
@@ -360,7 +366,7 @@ class S3Fetch {
 
   private async fill(initial: RemoteObject[], signal: AbortSignal, lost: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
-    const dl = await import('./download.js');
+    const dl = await loadDownload();
     const transport = await this.transport!;
     let answered = false;
     const get = async (r: GetRequest): Promise<ObjectBody> => {

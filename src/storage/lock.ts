@@ -14,6 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fsp, readFileSync, readlinkSync, watch, type FSWatcher } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { shortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 
 export interface LockOptions {
@@ -59,11 +60,13 @@ export interface HeldLock {
 const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250, unreadableStaleMs: 3_000 };
 
 /** What the lock says about its holder: the info, 'unreadable' (missing, empty, not JSON), or 'unknown' (JSON, but not a holder). */
-export async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
+export async function readInfo(file: string, opts: { throwShortage?: boolean } = {}): Promise<LockInfo | 'unreadable' | 'unknown'> {
   let x: unknown;
   try {
     x = JSON.parse(await fsp.readFile(file, 'utf8'));
-  } catch {
+  } catch (e) {
+    // No descriptor to read it with says nothing about the file.
+    if (opts.throwShortage && shortage(e)) throw e;
     return 'unreadable';
   }
   const i = x as Partial<LockInfo> | null;
@@ -261,8 +264,10 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
   let released = false;
   const beat = setInterval(() => {
     void (async () => {
-      const info = holderOf(await readInfo(file));
-      if (released) return;
+      // Out of descriptors: not read, so not judged; the next beat does (a heartbeat lasts staleMs).
+      const read = await readInfo(file, { throwShortage: true }).catch(() => undefined);
+      if (released || read === undefined) return;
+      const info = holderOf(read);
       if (info?.token !== me.token) {
         clearInterval(beat);
         lost.abort(new RuntimeError('STORAGE_TRANSIENT', 'the cache lock of this model was taken over by another process (its heartbeat was missed); this fetch stops'));

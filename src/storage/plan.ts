@@ -41,3 +41,21 @@ export function backoffMs(attempt: number, random: () => number = Math.random, p
   const cap = Math.min(policy.maxMs, policy.baseMs * policy.factor ** Math.max(0, attempt));
   return Math.max(20, Math.floor(random() * cap));
 }
+
+/** What one range in flight may hold open: its socket, and its file (each file is opened once, but ranges may be of as many files). */
+export const DESCRIPTORS_PER_RANGE = 2;
+/**
+ * Descriptors a download leaves the rest of the process: code loading on first use, ONNX Runtime reading the model while
+ * it arrives, the journal, lock and lease, a listing's socket, probes. A server booting from S3 used some 35 at most
+ * with one range in flight (demo model, measured).
+ */
+export const DESCRIPTOR_RESERVE = 32;
+
+/**
+ * Ranges in flight: `wanted` (S3_MAX_CONCURRENCY), fewer where the open-file limit leaves no room for them beside the
+ * `open` descriptors and the reserve; at least 1. `wanted` where the limit or the count is unknown.
+ */
+export function rangesInFlight(wanted: number, limit: number | undefined, open: number | undefined): number {
+  if (limit === undefined || open === undefined) return wanted;
+  return Math.max(1, Math.min(wanted, Math.floor((limit - open - DESCRIPTOR_RESERVE) / DESCRIPTORS_PER_RANGE)));
+}

@@ -6,6 +6,7 @@
 import type { S3Settings } from '../config.js';
 import type { S3Handle } from './s3-sdk.js';
 import { RuntimeError } from '../errors.js';
+import { loadSdk } from './choose-transport.js';
 import { fallbackNote, fallbackProblem, virtualHostedFallback } from './addressing.js';
 
 export interface RequestS3 {
@@ -24,10 +25,9 @@ export interface RequestS3 {
 
 export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): RequestS3 {
   let handle: S3Handle | undefined;
-  let sdk: Promise<typeof import('./s3-sdk.js')> | undefined;
   return {
     async client() {
-      const storage = await (sdk ??= import('./s3-sdk.js'));
+      const storage = await loadSdk();
       handle ??= storage.createS3(s3, concurrency);
       return handle.client;
     },

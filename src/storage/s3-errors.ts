@@ -2,6 +2,7 @@
  * @module What an S3 failure means, without the AWS SDK: classification into retry / denied / missing / changed, and
  * the RuntimeError an operator reads. Shared by both transports (s3-sdk.ts, s3-lite.ts), whose errors are shaped alike.
  */
+import { shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { RETRY } from './plan.js';
 
@@ -140,6 +141,9 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
     return new RuntimeError('STORAGE_CLOCK_SKEW', `S3 refused the request time to ${action} ${where} (${s3code}): this pod's clock differs from S3's by more than S3 allows `
       + "(15 minutes) and S3's Date header did not correct it; fix the node's time synchronisation (NTP)", { cause: err });
   }
+  // No descriptor for a socket: the limit's to raise, or the ranges in flight to lower; never the store's fault.
+  const short = shortage(err);
+  if (short) return shortageError(`cannot ${action} ${where}`, short, S3_ADVICE, err);
   if (kind === 'tls') {
     return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint failed (${s3code}); ${TLS_HINTS[tlsProblem(err)!]}`, { cause: err });
   }

@@ -16,6 +16,7 @@ import { existsSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import type { S3Settings } from '../config.js';
+import { firstUse } from '../descriptors.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
 import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
@@ -141,12 +142,8 @@ class Sha256 {
 }
 const bytes = (d: ArrayBuffer | ArrayBufferView) => (ArrayBuffer.isView(d) ? Buffer.from(d.buffer, d.byteOffset, d.byteLength) : Buffer.from(d));
 
-type SignerModule = typeof import('@smithy/signature-v4');
-let signerModule: Promise<SignerModule> | undefined;
 /** The SDK's SigV4 signer, imported on first use (~100 ms of CPU), so that choosing a transport costs nothing. */
-export function loadSigner(): Promise<SignerModule> {
-  return (signerModule ??= import('@smithy/signature-v4'));
-}
+export const loadSigner = firstUse('the S3 request signer', () => import('@smithy/signature-v4'));
 
 export interface SignInput {
   method: string;

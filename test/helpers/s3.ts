@@ -95,6 +95,8 @@ export interface Faults {
   exactPace?: boolean;
   /** Hold every ListObjectsV2 request this long before forwarding it. */
   listDelayMs?: number;
+  /** Hold every ListObjectsV2 request until this settles. */
+  holdLists?: Promise<unknown>;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
   failLists?: { count: number; status: number; code: string };
   /** The same for the next `count` GetObject requests. */
@@ -248,7 +250,8 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     });
     up.on('error', () => res.destroy());
     res.on('close', () => up.destroy());
-    if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
+    if (isList && f.holdLists) void f.holdLists.finally(() => req.pipe(up));
+    else if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
     else if (isGet && f.hold && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
       stats.held++;
       void f.hold.release.finally(() => req.pipe(up));

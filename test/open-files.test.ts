@@ -1,0 +1,317 @@
+/**
+ * Out of file descriptors beyond accepting connections (those: connections.test.ts). The built server and the warm-up
+ * CLI under a low open-file limit (`ulimit -n`), s3rver on loopback: a boot from s3:// onto an empty cache and the
+ * warm-up keep their ranges in flight within the limit, say so once, and commit what the bucket holds; a download whose
+ * descriptors run out midway goes on with fewer ranges, and a boot whose fetch meets the shortage fetches again. With
+ * every descriptor held by idle connections (MAX_CONNECTIONS=0), an adapter, an s3:// input image and an output_uri
+ * upload are answered 503 TOO_MANY_OPEN_FILES with Retry-After, and served once the connections close (the code they
+ * load on first use is not left failed for the rest of the process).
+ */
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { promises as fsp, readdirSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { ListObjectsV2Command } from '@aws-sdk/client-s3';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
+import { shortage } from '../src/descriptors.js';
+import { rangesInFlight } from '../src/storage/plan.js';
+import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type S3Server } from './helpers/s3.js';
+import { ROOT, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
+
+const BUCKET = 'models';
+const PREFIX = 'many/';
+const under = (n: number) => ['sh', '-c', `ulimit -n ${n} && exec "$0" "$@"`];
+const sha = async (file: string) => createHash('sha256').update(await fsp.readFile(file)).digest('hex');
+const LINK = { S3_MAX_CONCURRENCY: '24', S3_PART_SIZE: String(256 * 1024) };
+
+let s3: S3Server;
+let model: DemoManifest;
+const dirs: Array<() => void> = [];
+const newDir = (prefix: string) => {
+  const d = tempDir(prefix);
+  dirs.push(d.cleanup);
+  return d.dir;
+};
+
+beforeAll(async () => {
+  // 21 files, the largest in 256 KiB ranges: more than 24 ranges (a socket and a file each) wait from the start.
+  model = await buildDemoModel(newDir('dr-fd-model-'), { padBytes: 3e6, withVaeEncoder: true });
+  s3 = await startS3([BUCKET, 'loras', 'inputs', 'outputs']);
+  await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
+}, 60_000);
+
+afterAll(async () => {
+  if (s3) await destroyS3(s3);
+  for (const c of dirs) c();
+});
+
+const s3Env = (cacheDir: string) => ({ ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cacheDir, STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, ...LINK });
+
+/** Every file of the committed entry equals the source's. */
+async function expectCommitted(cacheDir: string): Promise<void> {
+  const entry = readdirSync(cacheDir).find((d) => d.startsWith(`s3-${BUCKET}-`))!;
+  const manifest = JSON.parse(await fsp.readFile(path.join(cacheDir, entry, '.complete.json'), 'utf8')) as { files: Array<{ path: string }> };
+  expect(manifest.files.map((f) => f.path).sort()).toEqual(model.files.map((f) => f.path).sort());
+  for (const f of model.files) expect(await sha(path.join(cacheDir, entry, f.path)), f.path).toBe(await sha(path.join(model.dir, f.path)));
+}
+
+const rangeWarnings = (lines: LogLine[]) => lines.filter((l) => l.msg === 'range failed; resuming');
+
+describe('a download at a low open-file limit', () => {
+  it('boots from s3:// with as many ranges in flight as the limit leaves room for, says so once, and commits the source', async () => {
+    const cache = newDir('dr-fd-cache-');
+    // Some 25 descriptors are open when the download starts, and S3_MAX_CONCURRENCY=24 ranges would want 48 more.
+    // Before, the first one refused was a range's (CACHE_IO, the boot failed), a module the runtime still had to load
+    // (the process ended with a stack trace), or nothing with luck: never this, and never without retried ranges.
+    const srv = await startServer({ ...s3Env(cache), EXECUTION_PROVIDER: 'cpu' }, { prefix: under(48) });
+    try {
+      await srv.waitReady(60_000);
+      const bounded = srv.logs.filter((l) => String(l.msg).startsWith('the open-file limit (48) leaves room for'));
+      expect(bounded).toHaveLength(1);
+      expect(bounded[0]).toMatchObject({ level: 'warn', maxConcurrency: 24, descriptorLimit: 48 });
+      expect(bounded[0]!.msg).toMatch(/ranges in flight, not S3_MAX_CONCURRENCY=24; raise the pod's open-file limit \(nofile\) or lower S3_MAX_CONCURRENCY$/);
+      expect(rangeWarnings(srv.logs)).toEqual([]);
+      expect(srv.logs.filter((l) => l.level === 'error')).toEqual([]);
+      await expectCommitted(cache);
+    } finally {
+      await srv.stop();
+    }
+    expect(srv.stderr.join('')).toBe('');
+  });
+
+  it('the warm-up CLI does too, and exits 0', async () => {
+    const cache = newDir('dr-fd-warm-');
+    const run = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+      const [sh, ...args] = under(40);
+      const child = spawn(sh!, [...args, process.execPath, path.join(ROOT, 'dist', 'warmup', 'main.js')],
+        { env: { PATH: process.env.PATH ?? '', ...s3Env(cache) }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (c) => (stdout += c));
+      child.stderr.on('data', (c) => (stderr += c));
+      child.on('close', (code) => resolve({ code, stdout, stderr }));
+    });
+    // Before: exit 1 with `warmup: CACHE_IO: the model cache (MODEL_CACHE_DIR) refused open of "….partial": EMFILE`, or
+    // 0 after dozens of ranges retried.
+    expect(run.code, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout)).toMatchObject({ files: model.files.length, fromCache: false });
+    const warnings = run.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as LogLine);
+    expect(warnings.map((w) => w.msg)).toEqual([expect.stringMatching(/^the open-file limit \(40\) leaves room for \d+ ranges? in flight, not S3_MAX_CONCURRENCY=24; /)]);
+    await expectCommitted(cache);
+  });
+
+  it('fetches again when connections took every descriptor meanwhile (MAX_CONNECTIONS=0), and gets ready once they close', async () => {
+    const LIMIT = 128;
+    let answerList!: () => void;
+    const proxy = await startFaultProxy(s3.port, { holdLists: new Promise<void>((r) => (answerList = r)) });
+    const cache = newDir('dr-fd-again-');
+    const srv = await startServer({ ...s3Env(cache), AWS_ENDPOINT_URL: proxy.endpoint, EXECUTION_PROVIDER: 'cpu', MAX_CONNECTIONS: '0' }, { prefix: under(LIMIT) });
+    let release: (() => void) | undefined;
+    try {
+      // The runtime is loaded ('listening'), and so is sharp (code caught loading by the flood would stay failed:
+      // descriptors.ts firstUse); the listing is held, and answered once every descriptor is taken.
+      await until(() => srv.logs.some((l) => l.msg === 'sharp imported'), 10_000, 10);
+      release = await holdIdle(srv.port, LIMIT + 40);
+      delete proxy.faults.holdLists;
+      answerList();
+      const again = 'the model fetch ran out of file descriptors; trying again';
+      await until(() => srv.logs.some((l) => l.msg === again), 15_000, 20);
+      release();
+      // Before: failed for good (`CACHE_IO: … refused open: EMFILE`).
+      await srv.waitReady(60_000);
+      const retried = srv.logs.filter((l) => l.msg === again);
+      expect(retried[0]).toMatchObject({ level: 'warn', attempt: 1, reason: expect.stringMatching(/: too many open files \(EMFILE\): the process is at its open-file limit \(128\); /) });
+      expect(srv.logs.filter((l) => l.level === 'error')).toEqual([]);
+      await expectCommitted(cache);
+    } finally {
+      release?.();
+      await srv.stop();
+      await proxy.close();
+    }
+  });
+
+  it('goes on with fewer ranges when descriptors run out during the download, and commits the source', async () => {
+    const cache = newDir('dr-fd-hog-');
+    // The process takes every descriptor it has left once S3 first answers: ranges that need a new socket or file
+    // meet EMFILE. Before: the first file that could not be opened failed the download (CACHE_IO).
+    const out = await new Promise<string>((resolve) => {
+      const [sh, ...args] = under(256);
+      const child = spawn(sh!, [...args, process.execPath, path.join(ROOT, 'test', 'helpers', 'hog-fetch.mjs')],
+        { env: { PATH: process.env.PATH ?? '', ...s3Env(cache), S3_MAX_ATTEMPTS: '4' }, stdio: ['ignore', 'pipe', 'inherit'] });
+      let stdout = '';
+      child.stdout.on('data', (c) => (stdout += c));
+      child.on('close', () => resolve(stdout));
+    });
+    const r = JSON.parse(out) as { ok: boolean; message?: string; held: number; lines: LogLine[] };
+    expect(r.held).toBeGreaterThan(0);
+    expect(r.ok, r.message).toBe(true);
+    const fewer = r.lines.filter((l) => String(l.msg).startsWith('out of file descriptors'));
+    expect(fewer).toEqual([expect.objectContaining({ level: 'warn', reason: 'EMFILE', descriptorLimit: 256,
+      msg: "out of file descriptors (EMFILE): fewer ranges in flight from now on; raise the pod's open-file limit (nofile) or lower S3_MAX_CONCURRENCY" })]);
+    await expectCommitted(cache);
+  });
+
+  it('plans the ranges from the limit, the descriptors open and a reserve', () => {
+    expect(rangesInFlight(24, undefined, 30)).toBe(24);
+    expect(rangesInFlight(24, 1_048_576, 30)).toBe(24);
+    expect(rangesInFlight(24, 1024, 30)).toBe(24);
+    expect(rangesInFlight(24, 100, 26)).toBe(21);
+    expect(rangesInFlight(24, 48, 26)).toBe(1);
+    expect(rangesInFlight(24, 20, 26)).toBe(1);
+  });
+});
+
+/** One request on a connection opened before (a new one could not be accepted); resolves with its whole answer. */
+function ask(sock: net.Socket, body: unknown): Promise<{ status: number; headers: Record<string, string>; json: Record<string, unknown> }> {
+  return new Promise((resolve, reject) => {
+    let got = Buffer.alloc(0);
+    const onData = (d: Buffer) => {
+      got = Buffer.concat([got, d]);
+      const text = got.toString('latin1');
+      const end = text.indexOf('\r\n\r\n');
+      const length = /\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end))?.[1];
+      if (end < 0 || length === undefined || got.length < end + 4 + Number(length)) return;
+      sock.off('data', onData).off('close', onClose);
+      const headers: Record<string, string> = {};
+      for (const line of text.slice(0, end).split('\r\n').slice(1)) headers[line.slice(0, line.indexOf(':')).toLowerCase()] = line.slice(line.indexOf(':') + 1).trim();
+      resolve({ status: Number(text.slice(9, 12)), headers, json: JSON.parse(got.subarray(end + 4).toString('utf8')) as Record<string, unknown> });
+    };
+    const onClose = () => reject(new Error('closed before the whole answer'));
+    sock.on('data', onData).on('close', onClose);
+    const b = JSON.stringify(body);
+    sock.write(`POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(b)}\r\n\r\n${b}`);
+  });
+}
+
+const connect = (port: number) => new Promise<net.Socket>((resolve, reject) => {
+  const s = net.connect(port, '127.0.0.1', () => resolve(s)).on('error', reject);
+});
+
+/** `n` connections that send nothing, until released: each one the server accepted holds one of its descriptors. */
+async function holdIdle(port: number, n: number): Promise<() => void> {
+  const socks: net.Socket[] = [];
+  await Promise.all(Array.from({ length: n }, () => new Promise<void>((resolve) => {
+    const s = net.connect(port, '127.0.0.1', () => resolve());
+    s.on('error', () => resolve()).on('close', () => resolve());
+    socks.push(s);
+  })));
+  // Past the limit libuv accepts and closes at once what waits; a moment for those closes to land.
+  await new Promise((r) => setTimeout(r, 300));
+  return () => socks.forEach((s) => s.destroy());
+}
+
+const instance = (extra: Record<string, unknown>) => ({ instances: [{ prompt: 'fd', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...extra }] });
+
+describe('requests while every descriptor is taken (MAX_CONNECTIONS=0, ulimit -n 128)', () => {
+  const LIMIT = 128;
+  let srv: ServerHandle;
+  let cache: string;
+  beforeAll(async () => {
+    const kohya = await fsp.readFile(path.join(model.dir, 'loras', 'demo-kohya.safetensors'));
+    await s3.put('loras', 'adapters/from-s3/pytorch_lora_weights.safetensors', kohya);
+    await s3.put('loras', 'adapters/later/pytorch_lora_weights.safetensors', kohya);
+    const png = (r: number) => sharp({ create: { width: 64, height: 64, channels: 3, background: { r, g: 40, b: 90 } } }).png().toBuffer();
+    await s3.put('inputs', 'a.png', await png(200));
+    await s3.put('inputs', 'b.png', await png(20));
+    cache = newDir('dr-fd-serve-');
+    srv = await startServer({
+      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model.dir, MODEL_CACHE_DIR: cache, EXECUTION_PROVIDER: 'cpu',
+      LORA_URI: 's3://loras/adapters/', MAX_CONNECTIONS: '0', WARMUP_STEPS: '1',
+    }, { ready: true, prefix: under(LIMIT) });
+  });
+  afterAll(async () => {
+    await srv?.stop();
+  });
+
+  /** Sends each request on a connection opened before `LIMIT` more are held, then again once they are let go. */
+  async function starved(reqs: Record<string, unknown>): Promise<{ during: Record<string, Awaited<ReturnType<typeof ask>>>; after: Record<string, Awaited<ReturnType<typeof ask>>> }> {
+    const socks = Object.fromEntries(await Promise.all(Object.keys(reqs).map(async (k) => [k, await connect(srv.port)] as const)));
+    const release = await holdIdle(srv.port, LIMIT);
+    const during: Record<string, Awaited<ReturnType<typeof ask>>> = {};
+    try {
+      // In turn: each waits for its own answer.
+      for (const [k, body] of Object.entries(reqs)) during[k] = await ask(socks[k]!, body);
+    } finally {
+      release();
+    }
+    // Room again once the server has closed its side of the held connections.
+    await until(async () => (await fetch(`${srv.url}/v2/health/live`).then((r) => r.ok, () => false)), 10_000, 50);
+    await new Promise((r) => setTimeout(r, 300));
+    const after: Record<string, Awaited<ReturnType<typeof ask>>> = {};
+    for (const [k, body] of Object.entries(reqs)) {
+      const s = await connect(srv.port);
+      after[k] = await ask(s, body);
+      s.destroy();
+    }
+    for (const s of Object.values(socks)) s.destroy();
+    return { during, after };
+  }
+
+  const refused = (what: RegExp) => ({
+    status: 503,
+    headers: expect.objectContaining({ 'retry-after': '5' }),
+    json: { code: 'TOO_MANY_OPEN_FILES', error: expect.stringMatching(new RegExp(`${what.source}.*: too many open files \\(EMFILE\\): the process is at its open-file limit \\(${LIMIT}\\); `)) },
+  });
+
+  it('answers an adapter, an s3:// input and an output_uri 503 with Retry-After, and serves them once descriptors are back', async () => {
+    const reqs = {
+      folder: instance({ loras: [{ name: 'demo-style', scale: 1 }] }),
+      loraUri: instance({ loras: [{ name: 'from-s3', scale: 1 }] }),
+      input: instance({ image: 's3://inputs/a.png', strength: 0.5 }),
+      output: instance({ output_uri: 's3://outputs/first.png' }),
+      plain: instance({ seed: 2 }),
+    };
+    const { during, after } = await starved(reqs);
+    // Before: 500 INTERNAL (the adapter thread could not start), 502 UPSTREAM "…refused open: EMFILE", 500 "internal
+    // error" twice; and the last three stayed so for the life of the process (a failed import is never tried again).
+    expect(during.folder).toMatchObject(refused(/^the adapter set's thread could not start/));
+    expect(during.loraUri).toMatchObject(refused(/^adapter "from-s3" could not be looked up/));
+    expect(during.input).toMatchObject(refused(/^the S3 client \(AWS SDK\) could not be loaded/));
+    expect(during.output).toMatchObject(refused(/^the S3 client \(AWS SDK\) could not be loaded/));
+    // What needs no new descriptor is served all along.
+    expect(during.plain!.status).toBe(200);
+    for (const [k, r] of Object.entries(after)) expect(r.status, `${k}: ${JSON.stringify(r.json)}`).toBe(200);
+    expect(after.output!.json.predictions).toEqual([expect.objectContaining({ image: { uri: 's3://outputs/first.png' } })]);
+    // The adapter's cache entry is committed whole, from the request that could fetch it.
+    const entry = readdirSync(cache).find((d) => d.startsWith('s3-loras-adapters-from-s3-'))!;
+    expect(readdirSync(path.join(cache, entry)).sort()).toEqual(['.complete.json', 'pytorch_lora_weights.safetensors']);
+    expect(await sha(path.join(cache, entry, 'pytorch_lora_weights.safetensors'))).toBe(await sha(path.join(model.dir, 'loras', 'demo-kohya.safetensors')));
+    expect(srv.proc.exitCode).toBeNull();
+  });
+
+  it('the same once their code is loaded: a socket to S3 that cannot be opened is a 503 too, and nothing is stored', async () => {
+    // Closing s3rver's side of the request client's kept-alive sockets: the next request to S3 needs a new one.
+    await s3.stop();
+    await s3.restart();
+    const reqs = {
+      input: instance({ image: 's3://inputs/b.png', strength: 0.5 }),
+      output: instance({ output_uri: 's3://outputs/second.png' }),
+      loraUri: instance({ loras: [{ name: 'later', scale: 1 }] }),
+      // Built above and kept (LORA_MAX_SETS): its sessions need no descriptor.
+      cachedSet: instance({ loras: [{ name: 'demo-style', scale: 1 }] }),
+    };
+    const stored = async () => ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'outputs' }))).Contents ?? []).map((o) => o.Key).sort();
+    const { during, after } = await starved(reqs);
+    expect(during.input).toMatchObject(refused(/^instances\[0\]\.image: reading s3:\/\/inputs\/b\.png failed/));
+    expect(during.output).toMatchObject(refused(/^output_uri: upload to s3:\/\/outputs\/second\.png failed; the images were generated but not stored/));
+    expect(during.loraUri).toMatchObject(refused(/^adapter "later" could not be looked up/));
+    expect(during.cachedSet!.status).toBe(200);
+    for (const [k, r] of Object.entries(after)) expect(r.status, `${k}: ${JSON.stringify(r.json)}`).toBe(200);
+    expect(await stored()).toEqual(['first.png', 'second.png']);
+    expect(srv.stderr.join('')).toBe('');
+  });
+});
+
+describe('what counts as running out of descriptors', () => {
+  it('EMFILE and ENFILE, also inside a cause and in a worker thread that could not start; nothing else', () => {
+    expect(shortage(Object.assign(new Error('x'), { code: 'EMFILE' }))).toBe('EMFILE');
+    expect(shortage(new Error('wrapped', { cause: Object.assign(new Error('x'), { code: 'ENFILE' }) }))).toBe('ENFILE');
+    expect(shortage(Object.assign(new Error('Worker initialization failure: EMFILE'), { code: 'ERR_WORKER_INIT_FAILED' }))).toBe('EMFILE');
+    expect(shortage(Object.assign(new Error('Worker initialization failure: ENOMEM'), { code: 'ERR_WORKER_INIT_FAILED' }))).toBeUndefined();
+    expect(shortage(Object.assign(new Error('x'), { code: 'ENOENT' }))).toBeUndefined();
+    expect(shortage(undefined)).toBeUndefined();
+  });
+});
