@@ -156,7 +156,7 @@ if [[ $use_container == 1 ]]; then
   fi
   if [[ -n $config && -d $config ]]; then
     run_opts+=(-v "$(cd "$config" && pwd):/config:ro")
-    for i in "${!fused_args[@]}"; do [[ ${fused_args[$i]} == --config ]] && fused_args[$((i + 1))]=/config; done
+    for i in "${!fused_args[@]}"; do [[ ${fused_args[$i]} == --config ]] && fused_args[i + 1]=/config; done
   fi
   [[ $plain == 1 && $fp16 == 1 ]] && gpu=1
   [[ $plain == 0 && $device == cuda ]] && gpu=1

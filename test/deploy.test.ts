@@ -668,7 +668,7 @@ describe('docker/Dockerfile', () => {
 
 // ---------------------------------------------------------------------------------------------
 describe('scripts', () => {
-  const SCRIPTS = ['scripts/test-v1.sh', 'scripts/export-onnx.sh'];
+  const SCRIPTS = ['scripts/test-v1.sh', 'scripts/export-onnx.sh', 'scripts/check-params.sh'];
 
   it.each(SCRIPTS)('%s passes bash -n', (s) => {
     const r = spawnSync('bash', ['-n', path.join(ROOT, s)], { encoding: 'utf8' });

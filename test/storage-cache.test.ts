@@ -136,6 +136,25 @@ describe('errors of the cache volume', () => {
     expect(err.message).toMatch(/^the model cache \(MODEL_CACHE_DIR\) refused \w+: E[A-Z]+$/);
     expect(err.message).not.toContain(cache);
   });
+
+  it.skipIf(process.getuid?.() !== 0)('a folder the download cannot write in: CACHE_IO at once, not retried as an S3 failure', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'io-'));
+    const first = await resolveModel('s3://models/m', { cfg: cfgFor(cache), log });
+    const rel = (readdirSync(first.dir, { recursive: true }) as string[]).find((f) => f.includes('/') && !f.startsWith('.'))!;
+    await fsp.rm(first.dir, { recursive: true });
+    // The file's folder read-only (a volume mounted so, or one owned by another uid under a non-root pod): its
+    // partial's open fails with EROFS, as EACCES or EIO would.
+    const folder = path.join(first.dir, path.dirname(rel));
+    await fsp.mkdir(folder, { recursive: true });
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', folder]);
+    try {
+      const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache, { S3_MAX_ATTEMPTS: '2' }), log }));
+      // Before: STORAGE_TRANSIENT "cannot read (2 attempts) s3://models/m/…: EROFS", after the retries' backoff.
+      expect([err.code, err.message]).toEqual(['CACHE_IO', `the model cache (MODEL_CACHE_DIR) refused open of "${rel}.partial": EROFS`]);
+    } finally {
+      execFileSync('umount', [folder]);
+    }
+  });
 });
 
 describe('a MODEL_CACHE_DIR that is not a folder', () => {

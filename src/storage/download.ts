@@ -405,6 +405,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (trusted && pendingBytes > 0 && !lost.aborted && !isNoSpace(e)) await flush().catch(() => undefined);
         // Not opened (its folder could not be made): the worker names the file.
         if (isNoSpace(e)) throw fh === undefined ? e : noSpace(`no space left in the model cache (MODEL_CACHE_DIR) while writing ${f.obj.rel}`, e);
+        // The partial file refused for another reason (EACCES, EISDIR, EIO): the volume's to fix, not S3's to retry.
+        if (fh === undefined && !shortage(e)) throw e;
         // A stall or a short read is this range's to retry; any other RuntimeError already says what went wrong.
         if (e instanceof ObjectChangedError || (e instanceof RuntimeError && e.code !== 'STORAGE_STALL' && e.code !== 'STORAGE_SHORT_READ')) throw e;
         if (signal.aborted) throw signal.reason;
