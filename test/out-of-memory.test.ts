@@ -65,7 +65,19 @@ describe('loadError: a session that could not be created, as the boot reason say
   it('names the allocation', () => {
     expect(allocationText(OOM[0]![1].split('\n')[0]!)).toBe('Failed to allocate memory for requested buffer of size 635830272');
     expect(allocationText(OOM[3]![1])).toBe('CUDA failure 2: out of memory');
-    expect(allocationText(OOM[6]![1])).toBe('CUDNN failure 4004: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED');
+    expect(allocationText(OOM[6]![1])).toBe('CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED');
+  });
+  it.each([
+    // Measured: onnxruntime-node 1.30.0 creating a session under prlimit --as (the model's path is the binding's).
+    [`Load model from ${model} failed:std::bad_alloc`],
+    ['Exception during initialization: std::bad_alloc'],
+    // ORT's CUDA_CALL_THROW (cuda_call.cc): its source location and template arguments come first.
+    ['/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:129 std::conditional_t<THRW, void, onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError; std::conditional_t<THRW, void, onnxruntime::common::Status> = void] /onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:121 std::conditional_t<THRW, void, onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError; std::conditional_t<THRW, void, onnxruntime::common::Status> = void] CUDA failure 2: out of memory ; GPU=0 ; hostname=sd-predictor-00001 ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_allocator.cc ; line=51 ; expr=cudaMalloc((void**)&p, size); '],
+  ])('a session creation that ran out: %s', (text) => {
+    const err = loadError('unet', model, new Error(text)) as RuntimeError;
+    expect(err.code).toBe('OUT_OF_MEMORY');
+    expect(err.message).toMatch(/^unet\/model\.onnx could not be loaded: out of memory while its session was created \((std::bad_alloc|CUDA failure 2: out of memory)\); /);
+    for (const leak of ['/mnt/cache', '/onnxruntime_src', 'hostname=', 'ERRTYPE']) expect(err.message).not.toContain(leak);
   });
   it('MODEL_FORMAT for anything else, without the model folder', () => {
     const err = loadError('unet', model, new Error(`Load model from ${model} failed:Protobuf parsing failed.`)) as RuntimeError;

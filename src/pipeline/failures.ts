@@ -55,11 +55,17 @@ export function failureReply(err: unknown, defect: string, oom: string): { code:
 }
 
 /**
- * The allocation failure alone, for a boot reason: without the executor's wrapper, ORT's source location and what
- * CudaCall appends (" ; GPU=… ; hostname=… ; file=…").
+ * The allocation failure alone, for a boot reason: what ORT's text says ran out (the arena's request and its size,
+ * CUDA's status, std::bad_alloc), without the model's path, ORT's source locations and templates, or what CudaCall
+ * appends (" ; GPU=… ; hostname=… ; file=…").
  */
-export const allocationText = (allocation: string): string =>
-  allocation.replace(/^.*Status Message: /, '').replace(/^\/\S+ .*?\) /, '').split(' ; ')[0]!.trim();
+export function allocationText(text: string): string {
+  for (const re of SIGNS) {
+    const m = re.exec(text);
+    if (m) return m[0];
+  }
+  return 'out of memory';
+}
 
 /**
  * A session ONNX Runtime could not create (a truncated or missing weights file, a graph it cannot parse, no room for
@@ -69,10 +75,9 @@ export const allocationText = (allocation: string): string =>
  */
 export function loadError(component: string, modelPath: string, err: unknown): unknown {
   if (isRuntimeError(err) && err.code !== 'INTERNAL') return err;
-  const allocation = outOfMemory(err);
-  if (allocation) {
+  if (outOfMemory(err)) {
     // Not MODEL_FORMAT: re-exporting the same model does not help, room does.
-    return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(allocation)}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
+    return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
   const dir = path.dirname(path.dirname(modelPath)) + path.sep;
   const message = String((err as Error)?.message ?? err).split(dir).join('');
