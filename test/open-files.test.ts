@@ -315,3 +315,61 @@ describe('what counts as running out of descriptors', () => {
     expect(shortage(undefined)).toBeUndefined();
   });
 });
+
+/**
+ * The cache's locks and leases read while the process has no descriptor left, in a child process under `ulimit -n 64`
+ * (this test's own process keeps its descriptors). A lease or lock file that cannot be read says nothing about it.
+ */
+describe('cache locks and leases out of descriptors', () => {
+  const script = `
+    import { closeSync, openSync, readdirSync, utimesSync, existsSync } from 'node:fs';
+    import { promises as fsp } from 'node:fs';
+    import os from 'node:os';
+    import path from 'node:path';
+    const { leaseEntry, leaseState, leasesDir } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/storage/lease.js'))});
+    const { acquireLock } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/storage/lock.js'))});
+    const hog = [];
+    const starve = () => { try { for (;;) hog.push(openSync('/dev/null', 'r')); } catch {} };
+    const free = () => { for (const fd of hog.splice(0)) closeSync(fd); };
+    const cache = await fsp.mkdtemp(path.join(os.tmpdir(), 'dr-fd-lease-'));
+    const entry = path.join(cache, 's3-models-m-0123');
+    await fsp.mkdir(entry);
+    const lease = await leaseEntry(entry, { heartbeatMs: 60_000 });
+    // Past the unreadable-file grace, well within a lease's life.
+    const file = path.join(leasesDir(entry), readdirSync(leasesDir(entry)).find((n) => n.endsWith('.lease')));
+    const ago = new Date(Date.now() - 20_000);
+    utimesSync(file, ago, ago);
+    const out = { live: (await leaseState(entry)).live.length };
+    starve();
+    out.starved = await leaseState(entry).then((s) => 'live ' + s.live.length, (e) => e.code);
+    free();
+    await lease.release();
+    const lockFile = path.join(cache, 'entry.lock');
+    const lock = await acquireLock(lockFile, { heartbeatMs: 100, staleMs: 3000, pollMs: 50 });
+    starve();
+    await lock.release();
+    free();
+    out.lockLeft = existsSync(lockFile);
+    const t0 = Date.now();
+    const again = await acquireLock(lockFile, { heartbeatMs: 100, staleMs: 3000, pollMs: 50 });
+    out.reacquireMs = Date.now() - t0;
+    await again.release();
+    await fsp.rm(cache, { recursive: true });
+    console.log(JSON.stringify(out));
+  `;
+
+  it('an evictor counts a lease it cannot read as a refusal, not as no lease; a lock released without a descriptor is still removed', async () => {
+    const child = spawn(under(64)[0]!, [...under(64).slice(1), process.execPath, '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => (stdout += b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b));
+    const code = await new Promise((r) => child.on('exit', r));
+    expect(code, stderr).toBe(0);
+    const out = JSON.parse(stdout.trim().split('\n').pop()!) as { live: number; starved: string; lockLeft: boolean; reacquireMs: number };
+    // Before: 'live 0' (the lease folder unread, so the entry looked unused and evictable) and the lock file left
+    // behind, the next acquire waiting ~3 s (staleMs) on this very process.
+    expect(out).toEqual({ live: 1, starved: 'EMFILE', lockLeft: false, reacquireMs: expect.any(Number) });
+    expect(out.reacquireMs).toBeLessThan(2_000);
+  }, 30_000);
+});

@@ -20,6 +20,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
+import { shortage } from '../descriptors.js';
 import { createHolderFile, hold, holderInfo, inspectHolder, type HeldLock, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
@@ -57,10 +58,16 @@ export interface LeaseState {
   lastUsedMs: number | undefined;
 }
 
-/** Who holds a lease on the entry, and when it was last used by a lease. Never throws. */
+/**
+ * Who holds a lease on the entry, and when it was last used by a lease. Throws only when out of descriptors (EMFILE,
+ * ENFILE): an unread lease folder or lease would count as none, and its entry could be evicted while a pod serves it.
+ */
 export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS): Promise<LeaseState> {
   const dir = leasesDir(entryDir);
-  const names = await fsp.readdir(dir).catch(() => [] as string[]);
+  const names = await fsp.readdir(dir).catch((e: unknown) => {
+    if (shortage(e)) throw e;
+    return [] as string[];
+  });
   const live: LockInfo[] = [];
   let lastUsedMs: number | undefined;
   const seen = (ms: number) => (lastUsedMs = Math.max(lastUsedMs ?? 0, ms));

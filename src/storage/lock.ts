@@ -60,13 +60,13 @@ export interface HeldLock {
 const DEFAULTS = { heartbeatMs: 2_000, staleMs: 30_000, pollMs: 250, unreadableStaleMs: 3_000 };
 
 /** What the lock says about its holder: the info, 'unreadable' (missing, empty, not JSON), or 'unknown' (JSON, but not a holder). */
-export async function readInfo(file: string, opts: { throwShortage?: boolean } = {}): Promise<LockInfo | 'unreadable' | 'unknown'> {
+export async function readInfo(file: string): Promise<LockInfo | 'unreadable' | 'unknown'> {
   let x: unknown;
   try {
     x = JSON.parse(await fsp.readFile(file, 'utf8'));
   } catch (e) {
-    // No descriptor to read it with says nothing about the file.
-    if (opts.throwShortage && shortage(e)) throw e;
+    // No descriptor to read it with says nothing about the file: never judged unreadable (and so stale) for that.
+    if (shortage(e)) throw e;
     return 'unreadable';
   }
   const i = x as Partial<LockInfo> | null;
@@ -264,16 +264,17 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
   let released = false;
   const beat = setInterval(() => {
     void (async () => {
-      // Out of descriptors: not read, so not judged; the next beat does (a heartbeat lasts staleMs).
-      const read = await readInfo(file, { throwShortage: true }).catch(() => undefined);
-      if (released || read === undefined) return;
+      // Out of descriptors: not read, so not judged, but kept fresh (utimes needs no descriptor); the next beat judges.
+      const read = await readInfo(file).catch(() => undefined);
+      if (released) return;
+      const now = new Date();
+      if (read === undefined) return void (await fsp.utimes(file, now, now).catch(() => undefined));
       const info = holderOf(read);
       if (info?.token !== me.token) {
         clearInterval(beat);
         lost.abort(new RuntimeError('STORAGE_TRANSIENT', 'the cache lock of this model was taken over by another process (its heartbeat was missed); this fetch stops'));
         return;
       }
-      const now = new Date();
       await fsp.utimes(file, now, now).catch(() => undefined);
     })();
   }, heartbeatMs);
@@ -285,8 +286,10 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
       if (released) return;
       released = true;
       clearInterval(beat);
-      const info = holderOf(await readInfo(file));
-      if (info?.token === me.token) await fsp.unlink(file).catch(() => undefined);
+      // Unread for want of a descriptor, it is still ours unless a beat saw it taken: left behind, it would hold every
+      // waiter (this process's next fetch included) until it went stale.
+      const read = await readInfo(file).catch(() => undefined);
+      if (read === undefined ? !lost.signal.aborted : holderOf(read)?.token === me.token) await fsp.unlink(file).catch(() => undefined);
     },
   };
 }
