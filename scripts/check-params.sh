@@ -46,7 +46,7 @@ to_base() {
     f = 1
     for (i = 1; i <= 6; i++) { if (s == b[i]) f = 1024 ^ i; if (s == d[i]) f = 1000 ^ i }
     if (s == "n") f = 1e-9; if (s == "u") f = 1e-6; if (s == "m") f = 1e-3
-    if (s ~ /^[eE]/) f = 10 ^ substr(s, 2)
+    if (s ~ /^[eE][-+]?[0-9]+$/) f = 10 ^ substr(s, 2)
     printf "%.6f\n", n * f
   }'
 }

@@ -213,6 +213,8 @@ describe('templates: parameters and rendering', () => {
         // Amounts compared, not digits: 25000Mi is over 24Gi (24576Mi), 1.6 is over 1500m.
         [['MEMORY_REQUEST=25000Mi'], "MEMORY_REQUEST='25000Mi' is over MEMORY_LIMIT='24Gi'"],
         [['CPU_REQUEST=1.6', 'CPU_LIMIT=1500m'], "CPU_REQUEST='1.6' is over CPU_LIMIT='1500m'"],
+        // E is exa, not an exponent: 1E (10^18 bytes) is over 2Gi.
+        [['MEMORY_REQUEST=1E'], "MEMORY_REQUEST='1E' is over MEMORY_LIMIT='24Gi'"],
       ];
       for (const [vars, message] of refused) {
         const r = renderWith(...vars);
