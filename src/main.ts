@@ -189,11 +189,11 @@ function isEntry(): boolean {
 
 if (isEntry()) {
   main().catch((err: unknown) => {
-    // Code that failed to load stays failed in this process (descriptors.ts firstUse): one line, and a restart, whose
-    // download resumes from the cache entry's journal.
+    // Out of descriptors before the server could serve (most often its code could not be loaded, which stays failed in
+    // this process: descriptors.ts firstUse): one line, and a restart, whose download resumes from the entry's journal.
     const why = shortage(err);
     if (why === undefined) throw err;
-    process.stderr.write(`diffusers-runtime: TOO_MANY_OPEN_FILES: ${shortageError("the runtime's code could not be loaded", why, `${S3_ADVICE}; a download in progress resumes at the next start`).message}\n`);
+    process.stderr.write(`diffusers-runtime: TOO_MANY_OPEN_FILES: ${shortageError('the server could not start', why, `${S3_ADVICE}; a download in progress resumes at the next start`).message}\n`);
     process.exit(1);
   });
 }

@@ -273,7 +273,8 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '30' });
     const outcome = (p: Promise<unknown>) => p.then(() => 'ok', (e: RuntimeError) => [e.code, httpStatus(e.code), e.message]);
     const gone = new AbortController();
-    const a = outcome(engine.submit(shaped('a', {}, 2)));
+    const steps: number[] = [];
+    const a = outcome(engine.submit(shaped('a', {}, 2), { onProgress: (p) => steps.push(p.step) }));
     const b = outcome(engine.submit(shaped('b'), { signal: gone.signal }));
     const c = outcome(engine.submit(shaped('c')));
     await tick();
@@ -282,9 +283,12 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     // b's client leaves: the batch runs on for a and c, and b is not run again.
     gone.abort();
     const oom = (i: number) => w.reply({ t: 'error', id: w.generations()[i]!.id, code: 'OUT_OF_MEMORY', message: 'the generation ran out of memory', detail: 'Failed to allocate memory for requested buffer of size 1' });
+    // A step of the batch that runs out: its progress, handed out once a runs again alone, is not a's any more.
+    w.reply({ t: 'progress', id: w.generations()[0]!.id, step: 7, of: 20 });
     oom(0);
     // Before d, each in a batch of its own (c and d would fit together), without waiting for company.
     await sent(w, 2);
+    w.reply({ t: 'progress', id: w.generations()[1]!.id, step: 1, of: 20 });
     oom(1);
     expect(await a).toEqual(['OUT_OF_MEMORY', 507, "out of memory: 2 images of 64x64 (height x width) do not fit in this server's memory, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU"]);
     await sent(w, 3);
@@ -293,6 +297,7 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     w.reply({ t: 'result', id: w.generations()[3]!.id, images: [seeded(4)], times });
     expect(await Promise.all([b, c, d])).toEqual([['CANCELLED', 499, 'the request was abandoned while generating'], 'ok', 'ok']);
     expect(batches(w)).toEqual([['a×2', 'b×1', 'c×1'], ['a×2'], ['c×1'], ['d×1']]);
+    expect(steps).toEqual([1]);
     const counted = Object.fromEntries((await metrics.outOfMemory.get()).values.map((v) => [v.labels.outcome, v.value]));
     expect(counted).toEqual({ split: 1, failed: 1 });
     await engine.close();

@@ -89,6 +89,8 @@ interface Task {
   pin?: number;
   /** Runs in a batch of its own: the batch it shared ran out of memory. */
   alone?: boolean;
+  /** The run it is (or was last) part of: a batch run again leaves the previews the failed run had queued behind. */
+  runId?: number;
 }
 
 interface Running {
@@ -131,6 +133,8 @@ class WorkerHandle {
   readonly loads: LoadWaiter[] = [];
   /** When it was last given a batch (least-busy dispatch prefers the worker idle longest). */
   dispatchedAt = 0;
+  /** Its UNet's provider since its last load: a CPU fallback's memory is the host's, not the GPU's. */
+  provider: SessionProvider | undefined;
   constructor(
     readonly worker: Worker,
     readonly index: number,
@@ -463,7 +467,10 @@ export class Engine {
   #dispatch(worker: WorkerHandle, tasks: Task[]): void {
     const id = this.#nextId++;
     const now = performance.now();
-    for (const t of tasks) t.state = 'running';
+    for (const t of tasks) {
+      t.state = 'running';
+      t.runId = id;
+    }
     worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device } };
     worker.dispatchedAt = now;
     this.#deviceBusy(worker);
@@ -525,6 +532,7 @@ export class Engine {
           (toks) => {
             this.#active = toks;
             w.loaded = !w.dead;
+            w.provider = m.providers.unet;
             this.#defaults = m.defaults;
             waiter.left--;
             waiter.result = { defaults: m.defaults, providers: m.providers, ...(m.fallbackReason ? { fallbackReason: m.fallbackReason } : {}), optimize: waiter.result?.optimize ?? m.optimize };
@@ -588,7 +596,7 @@ export class Engine {
           for (const t of run.tasks) {
             const preview = pngs?.[item];
             item += t.req.items.length;
-            if (t.state === 'running') t.onProgress?.({ step, of, ...(preview ? { preview } : {}) });
+            if (t.state === 'running' && t.runId === run.id) t.onProgress?.({ step, of, ...(preview ? { preview } : {}) });
           }
         }).catch((err: unknown) => this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not encode a preview'));
         break;
@@ -609,7 +617,7 @@ export class Engine {
         this.#encoding++;
         // A request that ran out of memory alone is told what it asked for (a batch of several runs again, above).
         const settle = m.t === 'error'
-          ? run.delivery.then(() => this.#fail(run, oom ? outOfMemoryError(run.tasks[0]!.req, w.device) : new RuntimeError(m.code as never, m.message)))
+          ? run.delivery.then(() => this.#fail(run, oom ? outOfMemoryError(run.tasks[0]!.req, w.provider === 'cpu' ? 'cpu' : w.device) : new RuntimeError(m.code as never, m.message)))
           : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
           // Ours already say what is wrong (sharp not loaded for want of descriptors, 503).
@@ -665,7 +673,7 @@ export class Engine {
     const shape = { height, width, images: run.tasks.reduce((n, t) => n + t.images, 0), requests: run.tasks.length };
     this.metrics.outOfMemory.inc({ ...this.#labels, outcome: split ? 'split' : 'failed' });
     if (!split) {
-      this.log.warn({ ...run.where, ...shape, reason: detail }, 'a generation ran out of memory: answered OUT_OF_MEMORY');
+      this.log.warn({ ...run.where, ...shape, reason: detail }, live.length > 0 ? 'a generation ran out of memory: answered OUT_OF_MEMORY' : 'a generation ran out of memory; its clients had left');
       return false;
     }
     this.log.warn({ ...run.where, ...shape, reason: detail }, 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
