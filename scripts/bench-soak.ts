@@ -16,7 +16,7 @@
  * process tree (children such as the optimized-model writer), its open fds and sockets (/proc/<pid>/fd), threads, and
  * what its /metrics says (process RSS, main-thread heap and external memory, active handles, event-loop lag since the
  * last scrape, the number of metric series, result-cache bytes), and the resident MB of glibc's malloc arenas (smaps).
- * The server's trims of ended adapter set threads' memory are read from its log. Growth is the least-squares slope over the second
+ * The server's trims of ended adapter set threads' memory, and its adapter set build times, are read from its log. Growth is the least-squares slope over the second
  * half of the run (after warm-up effects), in MB per 1000 requests. A probe loop times /v2/health/live all along.
  * After the traffic, an idle wait: fds and sockets must come back to what they were before it.
  * Env: BENCH_SOAK_REQUESTS (3000 per run), BENCH_SOAK_CLIENTS (3 concurrent), BENCH_SOAK_SAMPLE_EVERY (100),
@@ -615,6 +615,8 @@ interface RunResult {
   exit: { code: number | null; signal: string | null };
   /** The server's trims (log `memory of ended LoRA adapter set threads given back`): seconds in, requests done, MB. */
   trims: Array<{ t: number; req: number; rssMB: number; returnedMB: number }>;
+  /** The server's adapter set builds (log `adapter set built`, its `ms.total`): requests done, ms. */
+  builds: Array<{ req: number; ms: number }>;
 }
 
 async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['images']): Promise<RunResult> {
@@ -622,12 +624,21 @@ async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['image
   examples.clear();
   // The server's trims of ended adapter set threads' memory (lora-memory.ts): when, and what each gave back.
   const trims: RunResult['trims'] = [];
+  const builds: RunResult['builds'] = [];
   let logTail = '';
   let completedNow = 0;
   srv.proc.stdout!.on('data', (chunk: string | Buffer) => {
     const lines = (logTail + String(chunk)).split('\n');
     logTail = lines.pop()!;
     for (const line of lines) {
+      if (line.includes('"adapter set built"')) {
+        try {
+          builds.push({ req: completedNow, ms: Number((JSON.parse(line) as { ms?: { total?: number } }).ms?.total) });
+        } catch {
+          // not a log line
+        }
+        continue;
+      }
       if (!line.includes('adapter set threads given back')) continue;
       try {
         const l = JSON.parse(line) as { rssMB?: number; returnedMB?: number };
@@ -730,7 +741,7 @@ async function run(kind: 'plain' | 'mixed', cacheDir: string, images: Ctx['image
   return {
     kind, requests: completed, seconds, deadlineHit: Date.now() >= deadline, samples, idle, idleS, outcomes, unexpected,
     probeMs: { p50: +median(ps).toFixed(1), p99: +(ps[Math.floor(ps.length * 0.99)] ?? NaN).toFixed(1), max: +(ps.at(-1) ?? NaN).toFixed(1), count: ps.length },
-    examples: Object.fromEntries(examples), exit: { code: exit.code, signal: exit.signal }, trims,
+    examples: Object.fromEntries(examples), exit: { code: exit.code, signal: exit.signal }, trims, builds,
   };
 }
 
@@ -763,6 +774,11 @@ function summary(r: RunResult) {
   const m = (x: Sample, k: keyof typeof METRICS) => +((x.metrics[k] ?? NaN) / MB).toFixed(2);
   const g = (y: (x: Sample) => number) => growth(s, r.requests, y);
   const lag = s.slice(1).map((x) => (x.metrics.lagMax ?? NaN) * 1000).filter(Number.isFinite);
+  const buildMs = (from: number) => {
+    const ms = r.builds.filter((b) => b.req >= from && Number.isFinite(b.ms)).map((b) => b.ms).sort((a, b) => a - b);
+    return { count: ms.length, median: +median(ms).toFixed(0), p90: ms[Math.floor(ms.length * 0.9)] ?? NaN };
+  };
+  const late = s.filter((x) => x.req >= r.requests / 2).map((x) => x.rssMB).sort((a, b) => a - b);
   const lagP99 = s.slice(1).map((x) => (x.metrics.lagP99 ?? NaN) * 1000).filter(Number.isFinite);
   return {
     requests: r.requests, seconds: +r.seconds.toFixed(1), requestsPerS: +(r.requests / r.seconds).toFixed(1), samples: s.length, deadlineHit: r.deadlineHit,
@@ -771,6 +787,8 @@ function summary(r: RunResult) {
       external: g((x) => (x.metrics.external ?? NaN) / MB), resultCache: g((x) => (x.metrics.resultCache ?? NaN) / MB),
     },
     slopePer1k: { fds: g((x) => x.fds), sockets: g((x) => x.sockets), handles: g((x) => x.metrics.handles ?? NaN), series: g((x) => x.series) },
+    /** RSS over the samples of the run's second half: the level while the traffic goes on. */
+    rssLateMB: { min: +(late[0] ?? NaN).toFixed(1), median: +median(late).toFixed(1), max: +(late.at(-1) ?? NaN).toFixed(1) },
     rssMB: { start: +first.rssMB.toFixed(1), half: +(s.find((x) => x.req >= r.requests / 2)?.rssMB ?? NaN).toFixed(1), end: +last.rssMB.toFixed(1), idle: +r.idle.rssMB.toFixed(1), hwm: +r.idle.hwmMB.toFixed(1) },
     treeRssMB: { start: +first.treeRssMB.toFixed(1), end: +last.treeRssMB.toFixed(1), children: Math.max(...s.map((x) => x.children)) },
     heapUsedMB: { start: m(first, 'heapUsed'), end: m(last, 'heapUsed'), max: +Math.max(...s.map((x) => (x.metrics.heapUsed ?? 0) / MB)).toFixed(2) },
@@ -786,6 +804,8 @@ function summary(r: RunResult) {
     diskMB: { start: +first.diskMB.toFixed(1), max: +Math.max(...s.map((x) => x.diskMB)).toFixed(1), idle: +r.idle.diskMB.toFixed(1), filesStart: first.diskFiles, filesIdle: r.idle.diskFiles },
     afterIdle: { inflight: r.idle.metrics.inflight, queue: r.idle.metrics.queue },
     adapterSetsBuilt: r.idle.metrics.adapterSetsBuilt ?? 0,
+    /** Adapter set build times (ms), over the run and over its second half. */
+    setBuildMs: { all: buildMs(0), late: buildMs(r.requests / 2) },
     eventLoopLagMs: { maxOfMax: +Math.max(...lag).toFixed(1), medianOfMax: +median(lag).toFixed(1), medianP99: +median(lagP99).toFixed(1) },
     probeMs: r.probeMs,
     outcomes: r.outcomes, unexpected: r.unexpected, examples: r.examples, exit: r.exit,
@@ -809,6 +829,7 @@ async function main(): Promise<void> {
       `${''.padEnd(44)}${cols.map((k) => `  ${k.padStart(32)}`).join('')}`,
       row('requests (req/s)', (x) => `${x.requests} (${x.requestsPerS})`),
       row('RSS MB start / half / end / idle', (x) => `${x.rssMB.start} / ${x.rssMB.half} / ${x.rssMB.end} / ${x.rssMB.idle}`),
+      row('RSS MB 2nd half min / median / max', (x) => `${x.rssLateMB.min} / ${x.rssLateMB.median} / ${x.rssLateMB.max}`),
       row('VmHWM MB', (x) => x.rssMB.hwm),
       row('slope RSS, MB/1k req (2nd half)', (x) => x.slopeMBPer1k.rss),
       row('slope RSS of process tree, MB/1k req', (x) => x.slopeMBPer1k.treeRss),
@@ -820,6 +841,7 @@ async function main(): Promise<void> {
       row('sockets start / max / end / idle (after s)', (x) => `${x.sockets.start} / ${x.sockets.max} / ${x.sockets.end} / ${x.sockets.idle} (${x.sockets.idleAfterS})`),
       row('fds added at idle (by kind)', (x) => Object.entries(x.fdsAddedAtIdle).map(([k, v]) => `${path.basename(k)} ${v > 0 ? '+' : ''}${v}`).join(', ') || 'none'),
       row('LoRA adapter sets built', (x) => x.adapterSetsBuilt),
+      row('set build ms median / p90 (2nd half)', (x) => `${x.setBuildMs.all.median} / ${x.setBuildMs.all.p90} (${x.setBuildMs.late.median} / ${x.setBuildMs.late.p90})`),
       row('cache dir MB start / max / idle', (x) => `${x.diskMB.start} / ${x.diskMB.max} / ${x.diskMB.idle}`),
       row('threads start / max / idle', (x) => `${x.threads.start} / ${x.threads.max} / ${x.threads.idle}`),
       row('active handles start / max / idle', (x) => `${x.handles.start} / ${x.handles.max} / ${x.handles.idle}`),
