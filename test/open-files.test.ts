@@ -133,26 +133,33 @@ describe('a download at a low open-file limit', () => {
     }
   });
 
-  it('goes on with fewer ranges when descriptors run out during the download, and commits the source', async () => {
+  it('goes on with fewer ranges when descriptors run out during the download, takes them up again once they are free, and commits the source', async () => {
     const cache = newDir('dr-fd-hog-');
-    // The process takes every descriptor it has left once S3 first answers: ranges that need a new socket or file
-    // meet EMFILE. Before: the first file that could not be opened failed the download (CACHE_IO).
+    // Paced, so the download outlasts the shortage and the workers' first look for free descriptors (after 1 s).
+    const proxy = await startFaultProxy(s3.port, { bytesPerSecond: 100_000, exactPace: true });
+    // The process takes every descriptor it has left once S3 first answers, and frees them once the download says it
+    // goes on with fewer ranges: ranges that need a new socket or file meet EMFILE. Before: the first file that could
+    // not be opened failed the download (CACHE_IO).
     const out = await new Promise<string>((resolve) => {
       const [sh, ...args] = under(256);
       const child = spawn(sh!, [...args, process.execPath, path.join(ROOT, 'test', 'helpers', 'hog-fetch.mjs')],
-        { env: { PATH: process.env.PATH ?? '', ...s3Env(cache), S3_MAX_ATTEMPTS: '4' }, stdio: ['ignore', 'pipe', 'inherit'] });
+        { env: { PATH: process.env.PATH ?? '', ...s3Env(cache), AWS_ENDPOINT_URL: proxy.endpoint, S3_MAX_ATTEMPTS: '4' }, stdio: ['ignore', 'pipe', 'inherit'] });
       let stdout = '';
       child.stdout.on('data', (c) => (stdout += c));
       child.on('close', () => resolve(stdout));
-    });
+    }).finally(() => proxy.close());
     const r = JSON.parse(out) as { ok: boolean; message?: string; held: number; lines: LogLine[] };
     expect(r.held).toBeGreaterThan(0);
     expect(r.ok, r.message).toBe(true);
     const fewer = r.lines.filter((l) => String(l.msg).startsWith('out of file descriptors'));
     expect(fewer).toEqual([expect.objectContaining({ level: 'warn', reason: 'EMFILE', descriptorLimit: 256,
-      msg: "out of file descriptors (EMFILE): fewer ranges in flight from now on; raise the pod's open-file limit (nofile) or lower S3_MAX_CONCURRENCY" })]);
+      msg: "out of file descriptors (EMFILE): fewer ranges in flight until descriptors are free again; raise the pod's open-file limit (nofile) or lower S3_MAX_CONCURRENCY" })]);
+    // Before: the ranges left stayed with the one or two workers that had their descriptors.
+    const again = r.lines.filter((l) => String(l.msg).startsWith('file descriptors free again'));
+    expect(again.length).toBeGreaterThan(0);
+    expect(Math.max(...again.map((l) => Number(l.ranges)))).toBeGreaterThan(Number(fewer[0]!.ranges) / 2);
     await expectCommitted(cache);
-  });
+  }, 60_000);
 
   it('plans the ranges from the limit, the descriptors open and a reserve', () => {
     expect(rangesInFlight(24, undefined, 30)).toBe(24);

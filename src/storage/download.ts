@@ -11,7 +11,7 @@ import { setMaxListeners } from 'node:events';
 import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
-import { descriptorLimit, openDescriptors, S3_ADVICE, shortage } from '../descriptors.js';
+import { descriptorLimit, openDescriptors, S3_ADVICE, shortage, spareShortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
@@ -101,6 +101,12 @@ function noSpace(head: string, cause?: unknown): RuntimeError {
 export function noSpaceHead(e: RuntimeError): string {
   return e.message.endsWith(`; ${NO_SPACE_ADVICE}`) ? e.message.slice(0, -(NO_SPACE_ADVICE.length + 2)) : e.message;
 }
+
+/** A worker that handed its range back looks for free descriptors this many times, after 1, 2, 4, 8, 16 s. */
+const REJOIN_PAUSES = 5;
+const REJOIN_MS = 1_000;
+/** Free descriptors a worker wants before it takes ranges again: a socket and a file, and room for others. */
+const REJOIN_SPARE = 8;
 
 const isNoSpace = (e: unknown) => ['ENOSPC', 'EDQUOT'].includes((e as NodeJS.ErrnoException)?.code ?? '');
 
@@ -304,25 +310,47 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   /** Workers taking ranges: one that runs out of descriptors stops while others run, so the limit sets how many. */
   let running = 0;
   let shrunk = false;
+  const drained = new AbortController();
+  /** The most ranges in flight since descriptors came back, for its log line. */
+  let rejoinedTo = 0;
   const worker = async () => {
     running++;
     let handedOver = false;
+    let pauses = 0;
     try {
       while (!signal.aborted) {
         const t = handedBack.pop() ?? queue[next++];
-        if (t === undefined) return;
+        if (t === undefined) {
+          // Nothing left to take: a worker pausing for descriptors has nothing to come back for.
+          drained.abort();
+          return;
+        }
         try {
           await fetchPart(t);
           if (--t.f.left === 0) await finish(t.f);
         } catch (e) {
           if (e instanceof HandBack) {
-            handedOver = true;
             handedBack.push(e.task);
             if (!shrunk) {
               shrunk = true;
               o.log.warn({ reason: e.why, ranges: running, descriptorLimit: descriptorLimit() ?? null },
-                `out of file descriptors (${e.why}): fewer ranges in flight from now on; ${S3_ADVICE}`);
+                `out of file descriptors (${e.why}): fewer ranges in flight until descriptors are free again; ${S3_ADVICE}`);
             }
+            // A shortage often passes (connections close, another thread's files): this worker looks again after a
+            // pause, doubled each time, and takes ranges again once descriptors are free, so one spike does not leave
+            // a long download on a range or two.
+            if (pauses < REJOIN_PAUSES) {
+              await sleep(REJOIN_MS * 2 ** pauses++, AbortSignal.any([signal, drained.signal]));
+              if (!signal.aborted && (handedBack.length > 0 || next < queue.length) && spareShortage(REJOIN_SPARE) === undefined) {
+                running++;
+                if (running > rejoinedTo) {
+                  rejoinedTo = running;
+                  o.log.info({ ranges: running }, `file descriptors free again: ${running} ranges in flight`);
+                }
+                continue;
+              }
+            }
+            handedOver = true;
             return;
           }
           fail(isNoSpace(e) ? noSpace(`no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}`, e) : e);
