@@ -311,8 +311,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   let running = 0;
   let shrunk = false;
   const drained = new AbortController();
-  /** The most ranges in flight since descriptors came back, for its log line. */
-  let rejoinedTo = 0;
+  let rejoined = false;
   const worker = async () => {
     running++;
     let handedOver = false;
@@ -343,10 +342,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
               await sleep(REJOIN_MS * 2 ** pauses++, AbortSignal.any([signal, drained.signal]));
               if (!signal.aborted && (handedBack.length > 0 || next < queue.length) && spareShortage(REJOIN_SPARE) === undefined) {
                 running++;
-                if (running > rejoinedTo) {
-                  rejoinedTo = running;
-                  o.log.info({ ranges: running }, `file descriptors free again: ${running} ranges in flight`);
-                }
+                if (!rejoined) o.log.info({ ranges: running }, 'file descriptors free again: taking more ranges in flight');
+                else if (running === concurrency) o.log.info({ ranges: running }, `all ${concurrency} ranges in flight again`);
+                rejoined = true;
                 continue;
               }
             }
