@@ -86,6 +86,11 @@ export function spareShortage(n: number): Shortage | undefined {
   }
 }
 
+/** The first code firstUse could not load for good in this process: liveness then fails, so the pod is restarted. */
+let unloaded: string | undefined;
+/** What could not be loaded for good (and needs a restart of the process), if anything. */
+export const unloadedCode = (): string | undefined => unloaded;
+
 /** Free descriptors firstUse wants before it loads code: importing the AWS SDK kept 2 files open at once (measured). */
 const SPARE_FOR_CODE = 8;
 
@@ -105,6 +110,7 @@ export function firstUse<T>(what: string, load: () => Promise<T>): () => Promise
     loaded = load().catch((e: unknown) => {
       const why = shortage(e);
       if (why === undefined) throw e;
+      unloaded ??= what;
       throw new RuntimeError('INTERNAL', `${what} could not be loaded: the process ran out of descriptors (${why}) while loading it, and Node does not load it again; restart the server`, { cause: e });
     });
     return loaded;

@@ -16,7 +16,8 @@ import { ListObjectsV2Command } from '@aws-sdk/client-s3';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
-import { shortage } from '../src/descriptors.js';
+import { firstUse, shortage } from '../src/descriptors.js';
+import { listenBase } from '../src/server/base.js';
 import { rangesInFlight } from '../src/storage/plan.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type S3Server } from './helpers/s3.js';
 import { ROOT, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
@@ -378,4 +379,28 @@ describe('cache locks and leases out of descriptors', () => {
     expect(out).toEqual({ live: 1, starved: 'EMFILE', lockLeft: false, reacquireMs: expect.any(Number) });
     expect(out.reacquireMs).toBeLessThan(2_000);
   }, 30_000);
+});
+
+describe('code that could not be loaded for good', () => {
+  it('fails liveness once an import ran out of descriptors midway (Node keeps the failure): the kubelet restarts the pod', async () => {
+    const base = await listenBase('127.0.0.1', 0);
+    const live = async () => {
+      const r = await fetch(`http://127.0.0.1:${base.port}/v2/health/live`);
+      return [r.status, await r.json()];
+    };
+    try {
+      expect(await live()).toEqual([200, { live: true }]);
+      // An import that met EMFILE partway (firstUse found descriptors free, another thread took them meanwhile).
+      const emfile = Object.assign(new Error("EMFILE: too many open files, open '/app/node_modules/sharp/package.json'"), { code: 'EMFILE' });
+      const load = firstUse('sharp', () => Promise.reject(emfile));
+      await expect(load()).rejects.toMatchObject({ code: 'INTERNAL', message: expect.stringContaining('restart the server') });
+      // Before: {"live":true} for good, and every generation failed at its PNG until someone restarted the pod.
+      expect(await live()).toEqual([503, { live: false, error: 'sharp could not be loaded (the process ran out of file descriptors while loading it) and cannot be loaded again in this process: restart it' }]);
+      const root = await fetch(`http://127.0.0.1:${base.port}/`);
+      expect(root.status).toBe(503);
+    } finally {
+      base.closeListener();
+      base.closeConnections();
+    }
+  });
 });

@@ -11,7 +11,7 @@
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { descriptorLimit } from '../descriptors.js';
+import { descriptorLimit, unloadedCode } from '../descriptors.js';
 import { httpStatus, type HttpErrorCode } from '../errors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
@@ -315,7 +315,10 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   const routes = new Router<RouteHandler>();
   const upgrades = new Router<UpgradeHandler>();
   const alive = (body: string): RouteHandler => (_req, res) => {
-    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body);
+    // Code that could not be loaded stays so in this process (descriptors.ts firstUse): only a restart serves again.
+    const broken = unloadedCode();
+    const out = broken === undefined ? body : JSON.stringify({ live: false, error: `${broken} could not be loaded (the process ran out of file descriptors while loading it) and cannot be loaded again in this process: restart it` });
+    res.writeHead(broken === undefined ? 200 : 503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(out) }).end(out);
   };
   routes.add('GET', '/', alive('{"status":"alive"}'));
   routes.add('GET', '/v2/health/live', alive('{"live":true}'));
