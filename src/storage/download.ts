@@ -11,7 +11,7 @@ import { setMaxListeners } from 'node:events';
 import type { Readable } from 'node:stream';
 import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
-import { descriptorLimit, openDescriptors, S3_ADVICE, shortage, spareShortage } from '../descriptors.js';
+import { descriptorLimit, openDescriptors, S3_ADVICE, shortage, spareShortage, type Shortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
@@ -142,7 +142,7 @@ interface Task {
 
 /** A range its worker hands back, unfinished, for want of a descriptor: another worker fetches the rest. */
 class HandBack {
-  constructor(readonly task: Task, readonly why: 'EMFILE' | 'ENFILE') {}
+  constructor(readonly task: Task, readonly why: Shortage) {}
 }
 
 /**
@@ -312,6 +312,16 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   let shrunk = false;
   const drained = new AbortController();
   let rejoined = false;
+  /**
+   * After handing a range back: a shortage often passes (connections close, another thread's files), so the worker
+   * looks again after a pause (its `pause`-th, doubled each time) and takes ranges again if descriptors are free and
+   * work is left; one spike does not leave a long download on a range or two.
+   */
+  const rejoin = async (pause: number): Promise<boolean> => {
+    if (pause >= REJOIN_PAUSES) return false;
+    await sleep(REJOIN_MS * 2 ** pause, AbortSignal.any([signal, drained.signal]));
+    return !signal.aborted && (handedBack.length > 0 || next < queue.length) && spareShortage(REJOIN_SPARE) === undefined;
+  };
   const worker = async () => {
     running++;
     let handedOver = false;
@@ -335,21 +345,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
               o.log.warn({ reason: e.why, ranges: running, descriptorLimit: descriptorLimit() ?? null },
                 `out of file descriptors (${e.why}): fewer ranges in flight until descriptors are free again; ${S3_ADVICE}`);
             }
-            // A shortage often passes (connections close, another thread's files): this worker looks again after a
-            // pause, doubled each time, and takes ranges again once descriptors are free, so one spike does not leave
-            // a long download on a range or two.
-            if (pauses < REJOIN_PAUSES) {
-              await sleep(REJOIN_MS * 2 ** pauses++, AbortSignal.any([signal, drained.signal]));
-              if (!signal.aborted && (handedBack.length > 0 || next < queue.length) && spareShortage(REJOIN_SPARE) === undefined) {
-                running++;
-                if (!rejoined) o.log.info({ ranges: running }, 'file descriptors free again: taking more ranges in flight');
-                else if (running === concurrency) o.log.info({ ranges: running }, `all ${concurrency} ranges in flight again`);
-                rejoined = true;
-                continue;
-              }
+            if (!(await rejoin(pauses++))) {
+              handedOver = true;
+              return;
             }
-            handedOver = true;
-            return;
+            running++;
+            if (!rejoined) o.log.info({ ranges: running }, 'file descriptors free again: taking more ranges in flight');
+            else if (running === concurrency) o.log.info({ ranges: running }, `all ${concurrency} ranges in flight again`);
+            rejoined = true;
+            continue;
           }
           fail(isNoSpace(e) ? noSpace(`no space left in the model cache (MODEL_CACHE_DIR) for ${t.f.obj.rel}`, e) : e);
         }
