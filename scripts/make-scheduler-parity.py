@@ -1,7 +1,11 @@
 """Writes test/fixtures/parity/schedulers/*.json: what diffusers' own code does with a model's scheduler config.
 
     git --git-dir=<diffusers mirror> archive HEAD src/diffusers | tar x -C /tmp/diffusers-src
-    PYTHONPATH=/tmp/diffusers-src/src python scripts/make-scheduler-parity.py test/fixtures/parity/schedulers
+    PYTHONPATH=/tmp/diffusers-src/src python scripts/make-scheduler-parity.py test/fixtures/parity/schedulers [--only P1,P2]
+
+`--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
+with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
+python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them).
 
 Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
 loads it with the model's scheduler class (`<Class>.from_pretrained`, as DiffusionPipeline.from_pretrained does),
@@ -20,6 +24,17 @@ import warnings
 import numpy as np
 import torch
 
+if not hasattr(torch, "xpu"):
+    # torch 1.13 lacks the device modules diffusers' utils name at import; no scheduler uses them.
+    import types
+
+    for _dev in ("xpu", "mps", "mtia"):
+        if not hasattr(torch, _dev):
+            setattr(torch, _dev, types.SimpleNamespace(empty_cache=lambda: None, device_count=lambda: 0, is_available=lambda: False,
+                                                       synchronize=lambda *a, **k: None, manual_seed=lambda *a: None,
+                                                       reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 0,
+                                                       current_device=lambda: 0))
+
 import diffusers
 from diffusers import (
     DDIMScheduler,
@@ -28,10 +43,12 @@ from diffusers import (
     EulerDiscreteScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
+    LMSDiscreteScheduler,
     OnnxStableDiffusionPipeline,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers import (
     scheduling_ddim,
@@ -41,9 +58,11 @@ from diffusers.schedulers import (
 )
 
 out_dir = sys.argv[1]
+ONLY = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--only" else None
 os.makedirs(out_dir, exist_ok=True)
 
-CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler]}
+CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
+                                    UniPCMultistepScheduler, LMSDiscreteScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -54,6 +73,9 @@ REQUEST = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -116,17 +138,28 @@ def run_case(case):
             fh.write(text + "\n")
         model_cls = CLASSES[cfg["_class_name"]]
         sched = model_cls.from_pretrained(d)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe = build_pipeline(pipeline, sched)
-    msgs = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
-    built = dict(pipe.scheduler.config)
+    if pipeline is None:
+        # The scheduler as its class loads it, no pipeline around it (so no rewrites): what the runtime does with a
+        # config the pipeline's __init__ leaves as it is.
+        msgs = []
+        built = dict(sched.config)
+        s = sched
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = build_pipeline(pipeline, sched)
+        msgs = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+        built = dict(pipe.scheduler.config)
+        s = pipe.scheduler
     if request is not None:
         cls_name, overrides = REQUEST[request]
-        pipe.scheduler = CLASSES[cls_name].from_config(pipe.scheduler.config, **overrides)
-    s = pipe.scheduler
+        s = CLASSES[cls_name].from_config(s.config, **overrides)
     interp = record_interpolation(s)
     s.set_timesteps(steps)
+    begin = case.get("begin_index")
+    if begin is not None:
+        # image-to-image: the schedule cut by strength, started at begin (order 1 for the classes cut so here)
+        s.set_begin_index(begin)
     shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
@@ -136,7 +169,7 @@ def run_case(case):
     initial = sample.clone()
     eta = case.get("eta")
     record = []
-    for t in s.timesteps:
+    for t in s.timesteps[begin or 0:]:
         scaled = s.scale_model_input(sample, t)
         mo = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
         before = len(noise.drawn)
@@ -147,6 +180,8 @@ def run_case(case):
         denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
+        if cls_is(s, (LMSDiscreteScheduler,)):
+            denoised = r.pred_original_sample
         record.append({
             "t": float(t),
             "scaled_input": as_list(scaled),
@@ -169,14 +204,18 @@ def run_case(case):
         "config": {k: v for k, v in resolved.items() if not k.startswith("_")},
         "num_inference_steps": steps,
         **({"eta": eta} if eta is not None else {}),
+        **({"begin_index": begin} if begin is not None else {}),
         "timesteps": [float(t) for t in s.timesteps],
-        "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)) else None,
+        "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+                                                                UniPCMultistepScheduler, LMSDiscreteScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
         "steps": record,
         **({"interpolation": interp} if interp["sigma_to_t"] else {}),
         "diffusers_version": diffusers.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
     }
 
 
@@ -210,8 +249,13 @@ def record_interpolation(s):
     for kind in ("karras", "exponential"):
         orig = getattr(s, f"_convert_to_{kind}")
 
-        def convert(in_sigmas, num_inference_steps, orig=orig, kind=kind):
-            out = orig(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps)
+        def convert(in_sigmas, num_inference_steps=None, orig=orig, kind=kind):
+            # LMS's _convert_to_karras takes no step count (it reads its own)
+            if num_inference_steps is None:
+                num_inference_steps = s.num_inference_steps
+                out = orig(in_sigmas=in_sigmas)
+            else:
+                out = orig(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps)
             lo = getattr(s.config, "sigma_min", None)
             hi = getattr(s.config, "sigma_max", None)
             rec["convert"] = {
@@ -288,17 +332,75 @@ for n in [10, 25]:
     CASES.append({"name": f"exponential-dpm-{n}", "config": {**dpm, "use_exponential_sigmas": True}, "steps": n})
 CASES.append({"name": "exponential-euler-linspace-9", "config": {**euler, "use_karras_sigmas": False, "use_exponential_sigmas": True, "timestep_spacing": "linspace"}, "steps": 9})
 
+# 5. UniPC and LMS, with no pipeline around them (they run where transformers is missing: see the header). A UniPC
+# config as diffusers' save_config writes it, as community SD 1.5 fine-tunes ship it.
+unipc = {"_class_name": "UniPCMultistepScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace", "solver_order": 2,
+         "solver_type": "bh2", "predict_x0": True, "lower_order_final": True, "disable_corrector": [], "final_sigmas_type": "zero",
+         "prediction_type": "epsilon", "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None, "solver_p": None}
+for n in [1, 2, 3, 10, 20, 25]:
+    CASES.append({"name": f"unipc-sd15-{n}", "config": unipc, "pipeline": None, "steps": n})
+CASES.append({"name": "unipc-order1-12", "config": {**unipc, "solver_order": 1}, "pipeline": None, "steps": 12})
+for n in [4, 12, 30]:
+    CASES.append({"name": f"unipc-order3-{n}", "config": {**unipc, "solver_order": 3}, "pipeline": None, "steps": n})
+# bh1 ends in NaN with the final sigma 0 (B(h) = h is infinite there, times a zero correction): docs/PARITY.md.
+CASES.append({"name": "unipc-bh1-sigma-min-8", "config": {**unipc, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 8})
+CASES.append({"name": "unipc-bh1-order3-sigma-min-10", "config": {**unipc, "solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "unipc-noise-sigma-min-10", "config": {**unipc, "predict_x0": False, "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "unipc-noise-order3-sigma-min-9", "config": {**unipc, "predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 9})
+CASES.append({"name": "unipc-no-lower-order-final-sigma-min-8", "config": {**unipc, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 8})
+CASES.append({"name": "unipc-disable-corrector-10", "config": {**unipc, "disable_corrector": [0, 1, 5]}, "pipeline": None, "steps": 10})
+CASES.append({"name": "unipc-leading-15", "config": {**unipc, "timestep_spacing": "leading"}, "pipeline": None, "steps": 15})
+vpred = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction"}
+CASES.append({"name": "unipc-vpred-trailing-12", "config": {**unipc, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 12})
+CASES.append({"name": "unipc-vpred-zero-snr-trailing-10", "config": {**unipc, **vpred, "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}, "pipeline": None, "steps": 10})
+CASES.append({"name": "unipc-sample-linear-10", "config": {**unipc, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "pipeline": None, "steps": 10})
+CASES.append({"name": "unipc-cosine-12", "config": {**unipc, "beta_schedule": "squaredcos_cap_v2"}, "pipeline": None, "steps": 12})
+for n in [8, 20]:
+    CASES.append({"name": f"unipc-karras-{n}", "config": {**unipc, "use_karras_sigmas": True}, "pipeline": None, "steps": n})
+CASES.append({"name": "unipc-karras-sigma-min-bounds-15", "config": {**unipc, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "sigma_min": 0.05, "sigma_max": 10.0}, "pipeline": None, "steps": 15})
+CASES.append({"name": "unipc-exponential-12", "config": {**unipc, "use_exponential_sigmas": True}, "pipeline": None, "steps": 12})
+CASES.append({"name": "unipc-img2img-begin-6-of-20", "config": unipc, "pipeline": None, "steps": 20, "begin_index": 6})
+CASES.append({"name": "unipc-img2img-begin-9-of-10", "config": unipc, "pipeline": None, "steps": 10, "begin_index": 9})
+CASES.append({"name": "unipc-request-from-pndm-sd15-25", "config": pndm_sd15, "pipeline": None, "request": "unipc", "steps": 25})
+CASES.append({"name": "unipc-request-from-dpm-karras-20", "config": {**dpm, "use_karras_sigmas": True, "solver_type": "midpoint"}, "pipeline": None, "request": "unipc", "steps": 20})
+CASES.append({"name": "unipc-request-from-euler-vpred-10", "config": {"_class_name": "EulerDiscreteScheduler", **SD15_BETAS, "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, "pipeline": None, "request": "unipc", "steps": 10})
+CASES.append({"name": "unipc-model-request-dpmpp-2m-15", "config": unipc, "pipeline": None, "request": "dpmpp_2m", "steps": 15})
+CASES.append({"name": "unipc-model-request-euler-a-10", "config": unipc, "pipeline": None, "request": "euler_a", "steps": 10})
+# LMS: the class CompVis' first Stable Diffusion examples ran with, and A1111's "LMS" / "LMS Karras".
+lms = {"_class_name": "LMSDiscreteScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "leading"}
+for n in [1, 2, 3, 4, 5, 10, 25]:
+    CASES.append({"name": f"lms-sd15-leading-{n}", "config": lms, "pipeline": None, "steps": n})
+CASES.append({"name": "lms-linspace-12", "config": {**lms, "timestep_spacing": "linspace"}, "pipeline": None, "steps": 12})
+CASES.append({"name": "lms-vpred-trailing-10", "config": {**lms, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "lms-sample-linear-8", "config": {**lms, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "pipeline": None, "steps": 8})
+CASES.append({"name": "lms-cosine-10", "config": {**lms, "beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace"}, "pipeline": None, "steps": 10})
+for n in [7, 20]:
+    CASES.append({"name": f"lms-karras-{n}", "config": {**lms, "use_karras_sigmas": True}, "pipeline": None, "steps": n})
+CASES.append({"name": "lms-karras-linspace-15", "config": {**lms, "use_karras_sigmas": True, "timestep_spacing": "linspace"}, "pipeline": None, "steps": 15})
+CASES.append({"name": "lms-exponential-12", "config": {**lms, "use_exponential_sigmas": True}, "pipeline": None, "steps": 12})
+CASES.append({"name": "lms-img2img-begin-7-of-20", "config": lms, "pipeline": None, "steps": 20, "begin_index": 7})
+CASES.append({"name": "lms-img2img-begin-2-of-10", "config": lms, "pipeline": None, "steps": 10, "begin_index": 2})
+CASES.append({"name": "lms-request-from-pndm-sd15-20", "config": pndm_sd15, "pipeline": None, "request": "lms", "steps": 20})
+CASES.append({"name": "lms-request-karras-from-pndm-sd15-20", "config": pndm_sd15, "pipeline": None, "request": "lms_karras", "steps": 20})
+CASES.append({"name": "lms-request-from-euler-karras-15", "config": euler, "pipeline": None, "request": "lms", "steps": 15})
+CASES.append({"name": "lms-model-request-unipc-10", "config": lms, "pipeline": None, "request": "unipc", "steps": 10})
+CASES.append({"name": "lms-request-karras-from-pndm-sd15-1", "config": pndm_sd15, "pipeline": None, "request": "lms_karras", "steps": 1})
+CASES.append({"name": "unipc-karras-1", "config": {**unipc, "use_karras_sigmas": True}, "pipeline": None, "steps": 1})
+
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.
 betas = {}
 for sched, start, end in [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02)]:
     s = DDIMScheduler(beta_start=start, beta_end=end, beta_schedule=sched)
     betas[f"{sched} {start} {end}"] = [F32(v) for v in s.betas.tolist()]
-with open(os.path.join(out_dir, "..", "scheduler-betas.json"), "w") as fh:
-    fh.write(dumps({"torch": torch.__version__, "betas": betas}) + "\n")
+if ONLY is None:
+    with open(os.path.join(out_dir, "..", "scheduler-betas.json"), "w") as fh:
+        fh.write(dumps({"torch": torch.__version__, "betas": betas}) + "\n")
 
 for i, case in enumerate(CASES):
     case.setdefault("seed", i)
+    if ONLY is not None and not any(case["name"].startswith(p) for p in ONLY):
+        continue
     rec = run_case(case)
     with open(os.path.join(out_dir, case["name"] + ".json"), "w") as fh:
         fh.write(dumps(rec) + "\n")

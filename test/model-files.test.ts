@@ -17,7 +17,7 @@ afterAll(() => rmSync(work, { recursive: true, force: true }));
 /** A copy of a demo model with some of its JSON files edited. */
 const variant = (name: string, family: 'sd15' | 'sdxl', edit: (dir: string) => void): Promise<string> => fixtureVariant(path.join(work, name), { family }, edit);
 
-describe('scheduler classes the runtime does not implement', () => {
+describe('scheduler classes community models ship', () => {
   // UniPCMultistepScheduler as diffusers' save_config writes it (community SD 1.5 fine-tunes ship it).
   const unipc = {
     _class_name: 'UniPCMultistepScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
@@ -27,14 +27,29 @@ describe('scheduler classes the runtime does not implement', () => {
     trained_betas: null, use_beta_sigmas: false, use_dynamic_shifting: false, use_exponential_sigmas: false, use_flow_sigmas: false, use_karras_sigmas: false,
   };
 
-  it('fail the load with a reason that names the file and what to set there, not a per-request choice the failed boot cannot offer', () => {
+  it('a UniPC model config (every key save_config writes, nulls and the empty list included) builds its class', () => {
     const { config } = pipelineSchedulerConfig(unipc, true);
+    const s = createScheduler(config, 20);
+    expect(s.name).toBe('UniPCMultistepScheduler');
+    // diffusers: UniPCMultistepScheduler.from_pretrained(...).set_timesteps(20) on this file
+    expect(s.timesteps.slice(0, 4)).toEqual([999, 949, 899, 849]);
+  });
+
+  it('a class the runtime does not implement fails the load with a reason that names the file and what to set there', () => {
+    // HeunDiscreteScheduler as save_config writes it: two UNet runs per step, which this runtime has no schedule for.
+    const heun = {
+      _class_name: 'HeunDiscreteScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
+      clip_sample: false, clip_sample_range: 1.0, num_train_timesteps: 1000, prediction_type: 'epsilon', steps_offset: 1, timestep_spacing: 'linspace',
+      trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_karras_sigmas: false,
+    };
+    const { config } = pipelineSchedulerConfig(heun, true);
     // What Pipeline.create checks when a worker loads the model.
     expect(() => createScheduler(config, 10)).toThrow(
-      'the model\'s scheduler class "UniPCMultistepScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
-        'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler',
+      'the model\'s scheduler class "HeunDiscreteScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
+        'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
+        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler',
     );
-    expect(createScheduler(pipelineSchedulerConfig({ ...unipc, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
+    expect(createScheduler(pipelineSchedulerConfig({ ...heun, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });
 });
 

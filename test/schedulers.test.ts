@@ -3,7 +3,10 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { createScheduler, SCHEDULER_NAMES, stepRange, stepRanges } from '../src/pipeline/schedulers/index.js';
+import { alphaSigmaLambda } from '../src/pipeline/schedulers/common.js';
+import { lmsCoefficient } from '../src/pipeline/schedulers/lms.js';
 import { unknownSchedulerName } from '../src/pipeline/schedulers/names.js';
+import { solveF32 } from '../src/pipeline/schedulers/unipc.js';
 import { referenceDir } from '../scripts/reference.js';
 
 /**
@@ -160,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'EulerDiscreteScheduler', 'LCMScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -268,5 +271,65 @@ describe('createScheduler', () => {
     expect(count('ddim', 0.5)).toBe(4);
     expect(count('euler')).toBe(0);
     expect(count('dpmpp_2m')).toBe(0);
+    expect(count('unipc')).toBe(0);
+    expect(count('lms')).toBe(0);
+  });
+});
+
+describe('UniPC and LMS beyond the diffusers vectors', () => {
+  const unipc = { _class_name: 'UniPCMultistepScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', steps_offset: 1 };
+
+  it("UniPC bh1 ending at sigma 0 gives the last step's x0 prediction, where diffusers gives NaN (0 times an infinite B(h))", () => {
+    for (const solver of ['bh1', 'bh2']) {
+      const s = createScheduler({ ...unipc, solver_type: solver }, 6);
+      const sigmas = s.sigmas!;
+      let x: Float32Array<ArrayBufferLike> = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
+      let x0 = x;
+      for (const t of s.timesteps) {
+        const m = Float32Array.from({ length: 16 }, (_, i) => Math.cos(i * t));
+        // The last step's x0 prediction, (x - sigma_s·eps) / alpha_s of its input, float32.
+        const [alpha, sigma] = alphaSigmaLambda(sigmas[sigmas.length - 2]!);
+        x0 = x.map((v, i) => Math.fround(Math.fround(v - Math.fround(sigma * m[i]!)) / alpha));
+        x = s.step(m, t, x, () => new Float32Array(16)).prevSample;
+      }
+      // At sigma 0 (alpha_t = 1, sigma_t = 0) the first-order update is x0 itself.
+      expect(sigmas[sigmas.length - 1]).toBe(0);
+      expect(Array.from(x), solver).toEqual(Array.from(x0));
+    }
+  });
+
+  it('refuses the options it does not implement, naming them', () => {
+    const refused: [Record<string, unknown>, RegExp][] = [
+      [{ solver_order: 4 }, /UniPCMultistepScheduler: solver_order 4 \(1 to 3\) is not supported/],
+      [{ thresholding: true }, /UniPCMultistepScheduler: thresholding is not supported/],
+      [{ use_flow_sigmas: true }, /UniPCMultistepScheduler: use_flow_sigmas is not supported/],
+      [{ prediction_type: 'flow_prediction' }, /prediction_type "flow_prediction" is not supported/],
+      [{ disable_corrector: 'all' }, /scheduler config disable_corrector must be a list of integers, got .all.$/],
+      [{ solver_type: 'bh3' }, /solver_type "bh3" is not supported \(supported: bh1, bh2\)/],
+    ];
+    for (const [extra, message] of refused) {
+      expect(() => createScheduler({ ...unipc, ...extra }, 10)).toThrow(message);
+    }
+    const lms = { ...unipc, _class_name: 'LMSDiscreteScheduler' };
+    expect(() => createScheduler({ ...lms, use_karras_sigmas: true, use_exponential_sigmas: true }, 10)).toThrow(/LMSDiscreteScheduler: use_karras_sigmas with use_exponential_sigmas is not supported/);
+    expect(() => createScheduler({ ...lms, use_beta_sigmas: true }, 10)).toThrow(/LMSDiscreteScheduler: use_beta_sigmas is not supported/);
+  });
+
+  it('LMS coefficients integrate the Lagrange basis exactly: they sum to the interval, and order 1 is Euler', () => {
+    const sig = [14.6, 9.7, 6.3, 4.1, 2.6, 0];
+    for (let t = 0; t < 5; t++) {
+      const order = Math.min(t + 1, 4);
+      let sum = 0;
+      for (let j = 0; j < order; j++) sum += lmsCoefficient(sig, order, t, j);
+      // The basis polynomials sum to 1, so their integrals sum to sigma[t + 1] - sigma[t].
+      expect(sum).toBeCloseTo(sig[t + 1]! - sig[t]!, 12);
+    }
+    expect(lmsCoefficient(sig, 1, 2, 0)).toBeCloseTo(sig[3]! - sig[2]!, 14);
+  });
+
+  it('solveF32 solves a pivoting system as LAPACK does, to float32 precision', () => {
+    const x = solveF32([[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]], [0.4, 0.1, 0.05]);
+    const a = [[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]];
+    a.forEach((row, i) => expect(row.reduce((acc, v, k) => acc + v * x[k]!, 0)).toBeCloseTo([0.4, 0.1, 0.05][i]!, 6));
   });
 });

@@ -57,6 +57,21 @@ describe('dynamic batching', () => {
     expect(b64(ra) === b64(rb)).toBe(false);
   });
 
+  it('serves the multistep schedulers (unipc, lms_karras) batched, each image byte-equal to its run alone', async () => {
+    for (const scheduler of ['unipc', 'lms_karras']) {
+      const a = { prompt: 'a red fox in the snow', num_inference_steps: 9, height: 64, width: 64, seed: 5, scheduler };
+      const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 9, height: 64, width: 64, seed: 6, scheduler };
+      const count0 = await metric(srv, 'inference_batch_size_count');
+      const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+      expect([ra.status, rb.status], scheduler).toEqual([200, 200]);
+      expect((await metric(srv, 'inference_batch_size_count')) - count0, scheduler).toBe(1);
+      const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+      expect(b64(ra) === b64(await predict(srv, a)), scheduler).toBe(true);
+      expect(b64(rb) === b64(await predict(srv, b)), scheduler).toBe(true);
+      expect(b64(ra) === b64(await predict(srv, { ...a, scheduler: 'pndm' })), scheduler).toBe(false);
+    }
+  });
+
   it('does not batch requests of different shapes together', async () => {
     const count0 = await metric(srv, 'inference_batch_size_count');
     const sum0 = await metric(srv, 'inference_batch_size_sum');

@@ -57,6 +57,11 @@ function checkValue(className: string, key: string, v: unknown, dflt: ConfigValu
     if (!Array.isArray(v) || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) throw bad('a list of numbers');
     return v as number[];
   }
+  if (Array.isArray(dflt)) {
+    // UniPC's disable_corrector: step indices
+    if (!Array.isArray(v) || !v.every((x) => Number.isInteger(x))) throw bad('a list of integers');
+    return v as number[];
+  }
   if (typeof dflt === 'number' || (dflt === null && typeof v === 'number')) {
     // Python's json writes -inf as -Infinity (read by parsePyJson); a few hand-written configs say "-inf".
     // NaN carries no meaning in any scheduler option and would silently poison every step, so it is refused.
@@ -170,6 +175,16 @@ export function alphasCumprod(className: string, c: ResolvedConfig, withZeroSnr:
   }
   if (withZeroSnr && c.rescale_betas_zero_snr === true) betas = rescaleZeroTerminalSnr(betas);
   return torchCumprodF32(betas.map((b) => f(1 - b)));
+}
+
+/**
+ * `_sigma_to_alpha_sigma_t` of the multistep solvers (DPM-Solver, UniPC): alpha_t = 1/sqrt(sigma² + 1),
+ * sigma_t = sigma·alpha_t, and lambda = log alpha_t − log sigma_t (float32).
+ */
+export function alphaSigmaLambda(sigma: number): [number, number, number] {
+  const alpha = f(1 / f(Math.sqrt(f(f(sigma * sigma) + 1))));
+  const sig = f(sigma * alpha);
+  return [alpha, sig, f(f(Math.log(alpha)) - f(Math.log(sig)))];
 }
 
 /** `((1 - ac) / ac) ** 0.5` as a float32 tensor expression. */

@@ -5,6 +5,7 @@
 
 import type { Scheduler, StepResult } from '../types.js';
 import {
+  alphaSigmaLambda,
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
@@ -57,13 +58,6 @@ export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 };
 
 const logf = (x: number) => f(Math.log(x));
-
-/** alpha_t = 1/sqrt(sigma² + 1), sigma_t = sigma·alpha_t, lambda = log alpha_t − log sigma_t (float32). */
-function alphaSigmaLambda(sigma: number): [number, number, number] {
-  const alpha = f(1 / f(Math.sqrt(f(f(sigma * sigma) + 1))));
-  const sig = f(sigma * alpha);
-  return [alpha, sig, f(logf(alpha) - logf(sig))];
-}
 
 export class DPMSolverMultistep implements Scheduler {
   readonly name = 'DPMSolverMultistepScheduler';

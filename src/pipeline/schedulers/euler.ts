@@ -54,8 +54,8 @@ export const EULER_ANCESTRAL_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   rescale_betas_zero_snr: false,
 };
 
-/** Euler-family timesteps (float32, not rounded for linspace). */
-function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
+/** Euler-family timesteps (float32, not rounded for linspace); LMS's too. */
+export function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
   const train = num(c, 'num_train_timesteps');
   switch (str(c, 'timestep_spacing')) {
     case 'linspace':
@@ -71,7 +71,7 @@ function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
   }
 }
 
-function eulerTables(name: string, c: ResolvedConfig): { ac: Float32Array; sigmas: Float32Array } {
+export function eulerTables(name: string, c: ResolvedConfig): { ac: Float32Array; sigmas: Float32Array } {
   const ac = alphasCumprod(name, c, true);
   // Close to 0 without being 0 so the first sigma is finite (as diffusers does).
   if (c.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
@@ -87,7 +87,7 @@ function scaleBySigma(sample: Float32Array, sigma: number): Float32Array {
 }
 
 /** pred_original_sample of the Euler family, written into `out`. */
-function predictX0(prediction: string, m: Float32Array, s: Float32Array, sigma: number, out: Float32Array): void {
+export function predictX0(prediction: string, m: Float32Array, s: Float32Array, sigma: number, out: Float32Array): void {
   if (prediction === 'epsilon') {
     for (let i = 0; i < s.length; i++) out[i] = s[i]! - f(sigma * m[i]!);
   } else if (prediction === 'v_prediction') {
@@ -99,7 +99,8 @@ function predictX0(prediction: string, m: Float32Array, s: Float32Array, sigma: 
   }
 }
 
-abstract class EulerBase implements Scheduler {
+/** What the sigma-based discrete schedulers share (Euler, Euler ancestral, LMS): schedule, input scaling, noising. */
+export abstract class EulerBase implements Scheduler {
   abstract readonly name: string;
   readonly timesteps: readonly number[];
   readonly sigmas: readonly number[];

@@ -13,8 +13,10 @@ import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
+import { LMS_DEFAULTS, LMSDiscrete } from './lms.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
+import { UNIPC_DEFAULTS, UniPCMultistep } from './unipc.js';
 
 export type { ResolvedConfig } from './common.js';
 export { SCHEDULER_NAMES } from './names.js';
@@ -33,6 +35,8 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
   DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
   LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
+  UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
+  LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

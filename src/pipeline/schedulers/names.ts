@@ -11,6 +11,8 @@ export const SCHEDULER_CLASS_NAMES = [
   'EulerAncestralDiscreteScheduler',
   'DPMSolverMultistepScheduler',
   'LCMScheduler',
+  'UniPCMultistepScheduler',
+  'LMSDiscreteScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -39,6 +41,9 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
     overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
   },
   lcm: { className: 'LCMScheduler', overrides: {} },
+  unipc: { className: 'UniPCMultistepScheduler', overrides: {} },
+  lms: { className: 'LMSDiscreteScheduler', overrides: {} },
+  lms_karras: { className: 'LMSDiscreteScheduler', overrides: { use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 

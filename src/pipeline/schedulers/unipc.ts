@@ -1,0 +1,317 @@
+/**
+ * @module UniPCMultistepScheduler (diffusers): the UniP predictor and UniC corrector, orders 1–3, bh1/bh2, on x0 or
+ * on the noise; float32 like torch.
+ */
+
+import type { Scheduler, StepResult } from '../types.js';
+import {
+  alphaSigmaLambda,
+  alphasCumprod,
+  BETA_DEFAULTS,
+  bool,
+  checkBeginIndex,
+  checkIndex,
+  checkSteps,
+  exponentialSigmas,
+  f,
+  karrasSigmas,
+  npArange,
+  npInterpIndex,
+  npLinspace,
+  npRound,
+  num,
+  oneOf,
+  type ConfigValue,
+  type ResolvedConfig,
+  sigmasFromAlphas,
+  sigmaToT,
+  str,
+  trainStepRange,
+  unsupported,
+} from './common.js';
+
+export const UNIPC_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  ...BETA_DEFAULTS,
+  solver_order: 2,
+  prediction_type: 'epsilon',
+  thresholding: false,
+  dynamic_thresholding_ratio: 0.995,
+  sample_max_value: 1.0,
+  predict_x0: true,
+  solver_type: 'bh2',
+  lower_order_final: true,
+  disable_corrector: [],
+  solver_p: null,
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+  use_flow_sigmas: false,
+  flow_shift: 1.0,
+  timestep_spacing: 'linspace',
+  steps_offset: 0,
+  final_sigmas_type: 'zero',
+  rescale_betas_zero_snr: false,
+  use_dynamic_shifting: false,
+  time_shift_type: 'exponential',
+  sigma_min: null,
+  sigma_max: null,
+  shift_terminal: null,
+};
+
+const MAX_ORDER = 3;
+
+/**
+ * `torch.linalg.solve(A, b)` for the small systems UniPC builds (at most 3×3), in float32 as LAPACK's sgetrf/sgetrs
+ * do it: LU with partial pivoting (column scaled by the pivot's reciprocal), then the two triangular solves.
+ */
+export function solveF32(a: readonly (readonly number[])[], b: readonly number[]): number[] {
+  const n = b.length;
+  const m = a.map((row) => row.map(f));
+  const x = b.map(f);
+  const perm: number[] = [];
+  for (let j = 0; j < n; j++) {
+    let p = j;
+    for (let i = j + 1; i < n; i++) if (Math.abs(m[i]![j]!) > Math.abs(m[p]![j]!)) p = i;
+    perm.push(p);
+    if (p !== j) [m[p], m[j]] = [m[j]!, m[p]!];
+    const inv = f(1 / m[j]![j]!);
+    for (let i = j + 1; i < n; i++) m[i]![j] = f(m[i]![j]! * inv);
+    for (let i = j + 1; i < n; i++) for (let k = j + 1; k < n; k++) m[i]![k] = f(m[i]![k]! - f(m[i]![j]! * m[j]![k]!));
+  }
+  perm.forEach((p, j) => {
+    if (p !== j) [x[p], x[j]] = [x[j]!, x[p]!];
+  });
+  for (let k = 0; k < n; k++) for (let i = k + 1; i < n; i++) x[i] = f(x[i]! - f(x[k]! * m[i]![k]!));
+  for (let k = n - 1; k >= 0; k--) {
+    x[k] = f(x[k]! / m[k]![k]!);
+    for (let i = 0; i < k; i++) x[i] = f(x[i]! - f(x[k]! * m[i]![k]!));
+  }
+  return x;
+}
+
+/** Σ_k w[k]·d[k] (einsum "k,bkc->bc"), float32. */
+function weighted(w: readonly number[], d: readonly Float32Array[], n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    let acc = f(w[0]! * d[0]![i]!);
+    for (let k = 1; k < d.length; k++) acc = f(acc + f(w[k]! * d[k]![i]!));
+    out[i] = acc;
+  }
+  return out;
+}
+
+export class UniPCMultistep implements Scheduler {
+  readonly name = 'UniPCMultistepScheduler';
+  readonly timesteps: readonly number[];
+  readonly sigmas: readonly number[];
+  readonly initNoiseSigma = 1;
+  readonly #sig: Float32Array;
+  readonly #order: number;
+  readonly #prediction: string;
+  readonly #predictX0: boolean;
+  readonly #bh1: boolean;
+  readonly #disabled: ReadonlySet<number>;
+  /** Converted model outputs of the last steps, oldest first (diffusers' `model_outputs` without its leading Nones). */
+  #outputs: Float32Array[] = [];
+  #lastSample: Float32Array | undefined;
+  #thisOrder = 0;
+  #lowerOrderNums = 0;
+  #index = 0;
+
+  constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    const name = this.name;
+    const train = num(config, 'num_train_timesteps');
+    checkSteps(name, numInferenceSteps, trainStepRange(config));
+    // As diffusers' __init__ does, DPM-Solver's solver types (a config `from_config` carries over) become bh2.
+    const solver = ['midpoint', 'heun', 'logrho'].includes(String(config.solver_type)) ? 'bh2' : oneOf(name, config, 'solver_type', ['bh1', 'bh2']);
+    this.#bh1 = solver === 'bh1';
+    this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
+    this.#predictX0 = bool(config, 'predict_x0');
+    this.#order = num(config, 'solver_order');
+    if (!Number.isInteger(this.#order) || this.#order < 1 || this.#order > MAX_ORDER) unsupported(name, `solver_order ${this.#order} (1 to ${MAX_ORDER})`);
+    for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+      if (bool(config, k)) unsupported(name, k);
+    }
+    if (config.solver_p !== null) unsupported(name, 'solver_p');
+    if (config.shift_terminal !== null) unsupported(name, 'shift_terminal');
+    this.#disabled = new Set(config.disable_corrector as number[]);
+    const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
+
+    const ac = alphasCumprod(name, config, true);
+    if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
+    let timesteps: number[];
+    switch (str(config, 'timestep_spacing')) {
+      case 'linspace':
+        timesteps = npLinspace(0, train - 1, numInferenceSteps + 1).map(npRound).reverse().slice(0, -1);
+        break;
+      case 'leading': {
+        const ratio = Math.floor(train / (numInferenceSteps + 1));
+        timesteps = npArange(0, numInferenceSteps + 1, 1).map((i) => i * ratio).reverse().slice(0, -1);
+        timesteps = timesteps.map((t) => t + num(config, 'steps_offset'));
+        break;
+      }
+      case 'trailing':
+        timesteps = npArange(train, 0, -train / numInferenceSteps).map((t) => npRound(t) - 1);
+        break;
+      default:
+        unsupported(name, `timestep_spacing "${str(config, 'timestep_spacing')}"`);
+    }
+    const table = sigmasFromAlphas(ac);
+    let sig: number[];
+    let last: number;
+    const karras = bool(config, 'use_karras_sigmas');
+    if (karras || bool(config, 'use_exponential_sigmas')) {
+      const logSigmas = table.map((s) => f(Math.log(s)));
+      // On the flipped table: in_sigmas[-1] is the smallest sigma, in_sigmas[0] the largest.
+      const sMin = (config.sigma_min as number | null) ?? table[0]!;
+      const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
+      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
+      // Karras timesteps are rounded; exponential ones truncated by the cast to int64.
+      timesteps = sig.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : Math.trunc(sigmaToT(s, logSigmas))));
+      last = finalType === 'zero' ? 0 : sig[sig.length - 1]!;
+    } else {
+      sig = timesteps.map((t) => npInterpIndex(t, table));
+      last = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
+    }
+    this.#sig = Float32Array.from([...sig, last]);
+    this.sigmas = Object.freeze(Array.from(this.#sig));
+    this.timesteps = Object.freeze(timesteps);
+  }
+
+  scaleModelInput(sample: Float32Array): Float32Array {
+    return sample;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.#index = index;
+  }
+
+  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index]. */
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    checkIndex(this.name, index, this.timesteps);
+    const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
+    const out = new Float32Array(original.length);
+    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
+    return out;
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
+    const i = this.#index;
+    const nSteps = this.timesteps.length;
+    if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
+    const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
+    let x = sample;
+    if (i > 0 && !this.#disabled.has(i - 1) && this.#lastSample !== undefined) x = this.#correct(converted, this.#lastSample, x, this.#thisOrder);
+    this.#outputs.push(converted);
+    if (this.#outputs.length > this.#order) this.#outputs.shift();
+    const order = bool(this.config, 'lower_order_final') ? Math.min(this.#order, nSteps - i) : this.#order;
+    this.#thisOrder = Math.min(order, this.#lowerOrderNums + 1);
+    this.#lastSample = x;
+    const prev = this.#predict(x, this.#thisOrder);
+    if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
+    this.#index++;
+    return { prevSample: prev };
+  }
+
+  /** diffusers `convert_model_output`: x0 when predict_x0, else the noise. */
+  #convert(m: Float32Array, s: Float32Array, sigma: number): Float32Array {
+    const [alpha, sig] = alphaSigmaLambda(sigma);
+    const n = m.length;
+    const out = new Float32Array(n);
+    const p = this.#prediction;
+    if (this.#predictX0) {
+      if (p === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
+      else if (p === 'sample') out.set(m);
+      else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
+    } else {
+      if (p === 'epsilon') out.set(m);
+      else if (p === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
+      else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
+    }
+    return out;
+  }
+
+  /**
+   * What the predictor and the corrector share, for the update from sigmas[from] to sigmas[to]: the coefficients of
+   * x and m0, the B(h) the differences are scaled by, the ratios r_k of the earlier points (sigmas[from - k]) and
+   * the right-hand side b of the order conditions.
+   */
+  #terms(from: number, to: number, order: number): { a: number; c0: number; bh: number; rks: number[]; rhs: number[] } {
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[to]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[from]!);
+    const h = f(lambdaT - lambdaS0);
+    const rks: number[] = [];
+    for (let k = 1; k < order; k++) rks.push(f(f(alphaSigmaLambda(this.#sig[from - k]!)[2] - lambdaS0) / h));
+    rks.push(1);
+    const hh = this.#predictX0 ? -h : h;
+    const hPhi1 = f(Math.expm1(hh));
+    let hPhiK = f(f(hPhi1 / hh) - 1);
+    let factorial = 1;
+    const bh = this.#bh1 ? hh : f(Math.expm1(hh));
+    const rhs: number[] = [];
+    for (let k = 1; k <= order; k++) {
+      rhs.push(f(f(hPhiK * factorial) / bh));
+      factorial *= k + 1;
+      hPhiK = f(f(hPhiK / hh) - f(1 / factorial));
+    }
+    const [outer, a] = this.#predictX0 ? [alphaT, f(sigmaT / sigmaS0)] : [sigmaT, f(alphaT / alphaS0)];
+    return { a, c0: f(outer * hPhi1), bh: f(outer * bh), rks, rhs };
+  }
+
+  /** The order conditions' matrix: row k holds r^k for every point (the last point's r is 1). */
+  #matrix(rks: readonly number[], n: number): number[][] {
+    const rows: number[][] = [];
+    for (let k = 0; k < n; k++) rows.push(rks.slice(0, n).map((r) => (k === 0 ? 1 : k === 1 ? r : f(r * r))));
+    return rows;
+  }
+
+  /** Differences to m0 of the earlier outputs (newest first), divided by their r. */
+  #differences(m0: Float32Array, rks: readonly number[], order: number, skip: number): Float32Array[] {
+    const out: Float32Array[] = [];
+    for (let k = 1; k < order; k++) {
+      const mk = this.#outputs[this.#outputs.length - 1 - k - skip]!;
+      const d = new Float32Array(m0.length);
+      for (let j = 0; j < d.length; j++) d[j] = f(f(mk[j]! - m0[j]!) / rks[k - 1]!);
+      out.push(d);
+    }
+    return out;
+  }
+
+  /** `multistep_uni_p_bh_update`: from sigmas[i] to sigmas[i + 1]; this step's converted output is the newest. */
+  #predict(x: Float32Array, order: number): Float32Array {
+    const i = this.#index;
+    const m0 = this.#outputs[this.#outputs.length - 1]!;
+    const { a, c0, bh, rks, rhs } = this.#terms(i, i + 1, order);
+    const d = this.#differences(m0, rks, order, 0);
+    const n = x.length;
+    const out = new Float32Array(n);
+    for (let j = 0; j < n; j++) out[j] = f(f(a * x[j]!) - f(c0 * m0[j]!));
+    if (d.length === 0) return out;
+    const rhos = order === 2 ? [0.5] : solveF32(this.#matrix(rks, order - 1), rhs.slice(0, order - 1));
+    const res = weighted(rhos, d, n);
+    for (let j = 0; j < n; j++) out[j] = f(out[j]! - f(bh * res[j]!));
+    return out;
+  }
+
+  /**
+   * `multistep_uni_c_bh_update`: corrects this step's sample, which the last step predicted from `last`, with this
+   * step's converted output; the stored outputs (newest first) end at the last step's.
+   */
+  #correct(mt: Float32Array, last: Float32Array, x: Float32Array, order: number): Float32Array {
+    const i = this.#index;
+    const m0 = this.#outputs[this.#outputs.length - 1]!;
+    const { a, c0, bh, rks, rhs } = this.#terms(i - 1, i, order);
+    const d = this.#differences(m0, rks, order, 0);
+    const rhos = order === 1 ? [0.5] : solveF32(this.#matrix(rks, order), rhs);
+    const corr = d.length > 0 ? weighted(rhos.slice(0, -1), d, x.length) : undefined;
+    const rLast = rhos[rhos.length - 1]!;
+    const out = new Float32Array(x.length);
+    for (let j = 0; j < x.length; j++) {
+      const dt = f(mt[j]! - m0[j]!);
+      const sum = corr ? f(corr[j]! + f(rLast * dt)) : f(rLast * dt);
+      out[j] = f(f(f(a * last[j]!) - f(c0 * m0[j]!)) - f(bh * sum));
+    }
+    return out;
+  }
+}
