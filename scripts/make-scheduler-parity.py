@@ -38,6 +38,7 @@ if not hasattr(torch, "xpu"):
 import diffusers
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -52,6 +53,7 @@ from diffusers import (
 )
 from diffusers.schedulers import (
     scheduling_ddim,
+    scheduling_ddpm,
     scheduling_dpmsolver_multistep,
     scheduling_euler_ancestral_discrete,
     scheduling_lcm,
@@ -62,7 +64,7 @@ ONLY = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--only" e
 os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                                    UniPCMultistepScheduler, LMSDiscreteScheduler]}
+                                    UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -76,6 +78,7 @@ REQUEST = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "ddpm": ("DDPMScheduler", {}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -158,12 +161,14 @@ def run_case(case):
     s.set_timesteps(steps)
     begin = case.get("begin_index")
     if begin is not None:
-        # image-to-image: the schedule cut by strength, started at begin (order 1 for the classes cut so here)
-        s.set_begin_index(begin)
+        # image-to-image: the schedule cut by strength, started at begin (order 1 for the classes cut so here); the
+        # pipelines call set_begin_index where the class has one (DDPM steps by the timestep it is given)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(begin)
     shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
-    for mod in (scheduling_ddim, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm):
+    for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -180,7 +185,7 @@ def run_case(case):
         denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
-        if cls_is(s, (LMSDiscreteScheduler,)):
+        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
@@ -386,6 +391,21 @@ CASES.append({"name": "lms-request-from-euler-karras-15", "config": euler, "pipe
 CASES.append({"name": "lms-model-request-unipc-10", "config": lms, "pipeline": None, "request": "unipc", "steps": 10})
 CASES.append({"name": "lms-request-karras-from-pndm-sd15-1", "config": pndm_sd15, "pipeline": None, "request": "lms_karras", "steps": 1})
 CASES.append({"name": "unipc-karras-1", "config": {**unipc, "use_karras_sigmas": True}, "pipeline": None, "steps": 1})
+# DDPM, as DreamBooth fine-tunes saved by some training scripts ship it (github.com/jartemio/The_Owl_Characters_V2).
+ddpm = {"_class_name": "DDPMScheduler", **SD15_BETAS, "clip_sample": False, "clip_sample_range": 1.0, "prediction_type": "epsilon",
+        "set_alpha_to_one": False, "steps_offset": 1, "variance_type": "fixed_small"}
+for n in [1, 2, 10, 25]:
+    CASES.append({"name": f"ddpm-dreambooth-{n}", "config": ddpm, "pipeline": None, "steps": n})
+CASES.append({"name": "ddpm-linspace-8", "config": {**ddpm, "timestep_spacing": "linspace"}, "pipeline": None, "steps": 8})
+CASES.append({"name": "ddpm-trailing-vpred-zero-snr-6", "config": {**ddpm, **vpred, "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}, "pipeline": None, "steps": 6})
+CASES.append({"name": "ddpm-clip-sample-10", "config": {**ddpm, "clip_sample": True, "clip_sample_range": 0.8}, "pipeline": None, "steps": 10})
+CASES.append({"name": "ddpm-sample-linear-7", "config": {**ddpm, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "pipeline": None, "steps": 7})
+CASES.append({"name": "ddpm-small-log-9", "config": {**ddpm, "variance_type": "fixed_small_log"}, "pipeline": None, "steps": 9})
+CASES.append({"name": "ddpm-large-9", "config": {**ddpm, "variance_type": "fixed_large"}, "pipeline": None, "steps": 9})
+CASES.append({"name": "ddpm-cosine-10", "config": {**ddpm, "beta_schedule": "squaredcos_cap_v2"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "ddpm-img2img-begin-4-of-12", "config": ddpm, "pipeline": None, "steps": 12, "begin_index": 4})
+CASES.append({"name": "ddpm-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "ddpm", "steps": 12})
+CASES.append({"name": "ddpm-model-request-unipc-10", "config": ddpm, "pipeline": None, "request": "unipc", "steps": 10})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -104,6 +104,19 @@ describe('the scheduler class: model_index.json\'s "scheduler" entry, as diffuse
     expect(createScheduler(layout.schedulerConfig, 10).timesteps.slice(0, 4)).toEqual([901, 801, 801, 701]);
   });
 
+  it('a DreamBooth fine-tune that ships DDPMScheduler (its model_index.json and scheduler config) loads and runs DDPM', async () => {
+    const dir = await modelWith('owl-ddpm', 'sd15', {
+      'model_index.json': 'owl-dreambooth/model_index.json',
+      'scheduler/scheduler_config.json': 'owl-dreambooth/scheduler/scheduler_config.json',
+    });
+    const layout = readLayout(dir);
+    expect(layout.schedulerConfig._class_name).toBe('DDPMScheduler');
+    expect(() => checkModelScheduler(layout.schedulerConfig)).not.toThrow();
+    // diffusers: DDPMScheduler.from_pretrained(this folder).set_timesteps(10) (leading spacing, steps_offset 1)
+    const s = createScheduler(layout.schedulerConfig, 10);
+    expect([s.name, s.timesteps]).toEqual(['DDPMScheduler', [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]]);
+  });
+
   it('a listed class the runtime does not implement fails the load naming both places', async () => {
     const dir = await modelWith('listed-heun', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' }, (d) =>
       editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = ['diffusers', 'HeunDiscreteScheduler'])),

@@ -13,6 +13,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'LCMScheduler',
   'UniPCMultistepScheduler',
   'LMSDiscreteScheduler',
+  'DDPMScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -44,6 +45,7 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   unipc: { className: 'UniPCMultistepScheduler', overrides: {} },
   lms: { className: 'LMSDiscreteScheduler', overrides: {} },
   lms_karras: { className: 'LMSDiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  ddpm: { className: 'DDPMScheduler', overrides: {} },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
