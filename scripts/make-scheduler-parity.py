@@ -39,6 +39,7 @@ import diffusers
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -64,7 +65,7 @@ ONLY = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--only" e
 os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                                    UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler]}
+                                    UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -79,6 +80,7 @@ REQUEST = {
     "lms": ("LMSDiscreteScheduler", {}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "ddpm": ("DDPMScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -212,7 +214,7 @@ def run_case(case):
         **({"begin_index": begin} if begin is not None else {}),
         "timesteps": [float(t) for t in s.timesteps],
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-                                                                UniPCMultistepScheduler, LMSDiscreteScheduler)) else None,
+                                                                UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -406,6 +408,28 @@ CASES.append({"name": "ddpm-cosine-10", "config": {**ddpm, "beta_schedule": "squ
 CASES.append({"name": "ddpm-img2img-begin-4-of-12", "config": ddpm, "pipeline": None, "steps": 12, "begin_index": 4})
 CASES.append({"name": "ddpm-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "ddpm", "steps": 12})
 CASES.append({"name": "ddpm-model-request-unipc-10", "config": ddpm, "pipeline": None, "request": "unipc", "steps": 10})
+# DEIS, which DreamShaper 8's model card runs (DEISMultistepScheduler.from_config(pipe.scheduler.config)).
+deis = {"_class_name": "DEISMultistepScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace", "solver_order": 2}
+for n in [1, 2, 3, 10, 14, 15, 25]:
+    CASES.append({"name": f"deis-sd15-{n}", "config": deis, "pipeline": None, "steps": n})
+for n in [3, 4, 12, 20]:
+    CASES.append({"name": f"deis-order3-{n}", "config": {**deis, "solver_order": 3}, "pipeline": None, "steps": n})
+CASES.append({"name": "deis-order1-8", "config": {**deis, "solver_order": 1}, "pipeline": None, "steps": 8})
+CASES.append({"name": "deis-no-lower-order-final-10", "config": {**deis, "lower_order_final": False}, "pipeline": None, "steps": 10})
+CASES.append({"name": "deis-leading-12", "config": {**deis, "timestep_spacing": "leading"}, "pipeline": None, "steps": 12})
+CASES.append({"name": "deis-vpred-trailing-10", "config": {**deis, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "deis-sample-linear-9", "config": {**deis, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "pipeline": None, "steps": 9})
+CASES.append({"name": "deis-cosine-12", "config": {**deis, "beta_schedule": "squaredcos_cap_v2"}, "pipeline": None, "steps": 12})
+for n in [1, 8, 20]:
+    CASES.append({"name": f"deis-karras-{n}", "config": {**deis, "use_karras_sigmas": True}, "pipeline": None, "steps": n})
+CASES.append({"name": "deis-exponential-12", "config": {**deis, "use_exponential_sigmas": True}, "pipeline": None, "steps": 12})
+CASES.append({"name": "deis-img2img-begin-5-of-20", "config": deis, "pipeline": None, "steps": 20, "begin_index": 5})
+CASES.append({"name": "deis-order3-img2img-begin-3-of-12", "config": {**deis, "solver_order": 3}, "pipeline": None, "steps": 12, "begin_index": 3})
+CASES.append({"name": "deis-request-from-pndm-sd15-25", "config": pndm_sd15, "pipeline": None, "request": "deis", "steps": 25})
+CASES.append({"name": "deis-request-from-dpm-karras-20", "config": {**dpm, "use_karras_sigmas": True}, "pipeline": None, "request": "deis", "steps": 20})
+CASES.append({"name": "deis-request-from-unipc-bh1-12", "config": {**unipc, "solver_type": "bh1"}, "pipeline": None, "request": "deis", "steps": 12})
+CASES.append({"name": "deis-model-request-dpmpp-2m-15", "config": deis, "pipeline": None, "request": "dpmpp_2m", "steps": 15})
+CASES.append({"name": "deis-model-request-unipc-15", "config": deis, "pipeline": None, "request": "unipc", "steps": 15})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -47,7 +47,7 @@ describe('scheduler classes community models ship', () => {
     expect(() => createScheduler(config, 10)).toThrow(
       'the model\'s scheduler class "HeunDiscreteScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
-        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler',
+        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler',
     );
     expect(createScheduler(pipelineSchedulerConfig({ ...heun, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });

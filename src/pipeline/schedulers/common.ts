@@ -272,6 +272,42 @@ export function exponentialSigmas(sigmaMin: number, sigmaMax: number, n: number)
 }
 
 /**
+ * The integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS) before any sigma conversion: linspace and
+ * leading over n + 1 points less the last, trailing over n. `last` is where the schedule ends (DPM-Solver's
+ * lambda_min_clipped cuts it short).
+ */
+export function multistepTimesteps(className: string, c: ResolvedConfig, n: number, last = num(c, 'num_train_timesteps')): number[] {
+  const train = num(c, 'num_train_timesteps');
+  switch (str(c, 'timestep_spacing')) {
+    case 'linspace':
+      return npLinspace(0, last - 1, n + 1).map(npRound).reverse().slice(0, -1);
+    case 'leading': {
+      const ratio = Math.floor(last / (n + 1));
+      return npArange(0, n + 1, 1).map((i) => i * ratio).reverse().slice(0, -1).map((t) => t + num(c, 'steps_offset'));
+    }
+    case 'trailing':
+      return npArange(last, 0, -train / n).map((t) => npRound(t) - 1);
+    default:
+      return unsupported(className, `timestep_spacing "${str(c, 'timestep_spacing')}"`);
+  }
+}
+
+/**
+ * UniPC's and DEIS's Karras / exponential schedule: the sigmas from the bounds (the config's sigma_min / sigma_max,
+ * else the table's ends) and the timesteps back from them (Karras rounded, exponential truncated by the int64 cast).
+ */
+export function convertedSigmas(c: ResolvedConfig, table: Float32Array, n: number): { sigmas: number[]; timesteps: number[] } {
+  const karras = bool(c, 'use_karras_sigmas');
+  const logSigmas = table.map((s) => f(Math.log(s)));
+  // On the flipped table: in_sigmas[-1] is the smallest sigma, in_sigmas[0] the largest.
+  const sMin = (c.sigma_min as number | null | undefined) ?? table[0]!;
+  const sMax = (c.sigma_max as number | null | undefined) ?? table[table.length - 1]!;
+  const sigmas = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
+  const timesteps = sigmas.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : Math.trunc(sigmaToT(s, logSigmas))));
+  return { sigmas, timesteps };
+}
+
+/**
  * The num_inference_steps every class accepts: 1 to num_train_timesteps (diffusers raises above it). A class with
  * limits of its own narrows this in its `stepRange` (PNDM, LCM); its constructor checks against the same range
  * (checkSteps), and the request parser reads it before a request queues, so the limits are stated once.

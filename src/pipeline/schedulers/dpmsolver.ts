@@ -5,28 +5,27 @@
 
 import type { Scheduler, StepResult } from '../types.js';
 import {
-  alphaSigmaLambda,
   alphasCumprod,
+  alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
   checkIndex,
   checkSteps,
-  trainStepRange,
+  type ConfigValue,
   exponentialSigmas,
   f,
   karrasSigmas,
-  npArange,
+  multistepTimesteps,
   npInterpIndex,
-  npLinspace,
   npRound,
   num,
   oneOf,
-  type ConfigValue,
   type ResolvedConfig,
-  sigmaToT,
   sigmasFromAlphas,
+  sigmaToT,
   str,
+  trainStepRange,
   unsupported,
 } from './common.js';
 
@@ -105,24 +104,7 @@ export class DPMSolverMultistep implements Scheduler {
       if (lambda < clip) clippedIdx++;
       else break;
     }
-    const last = train - clippedIdx;
-    let timesteps: number[];
-    switch (str(config, 'timestep_spacing')) {
-      case 'linspace':
-        timesteps = npLinspace(0, last - 1, numInferenceSteps + 1).map(npRound).reverse().slice(0, -1);
-        break;
-      case 'leading': {
-        const ratio = Math.floor(last / (numInferenceSteps + 1));
-        timesteps = npArange(0, numInferenceSteps + 1, 1).map((i) => i * ratio).reverse().slice(0, -1);
-        timesteps = timesteps.map((t) => t + num(config, 'steps_offset'));
-        break;
-      }
-      case 'trailing':
-        timesteps = npArange(last, 0, -train / numInferenceSteps).map((t) => npRound(t) - 1);
-        break;
-      default:
-        unsupported(name, `timestep_spacing "${str(config, 'timestep_spacing')}"`);
-    }
+    let timesteps = multistepTimesteps(name, config, numInferenceSteps, train - clippedIdx);
     const table = sigmasFromAlphas(ac);
     let sig: number[];
     if (bool(config, 'use_karras_sigmas')) {

@@ -11,6 +11,7 @@ import type { Scheduler } from '../types.js';
 import { type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
+import { DEIS_DEFAULTS, DEISMultistep } from './deis.js';
 import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
@@ -39,6 +40,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
   LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
   DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DDPM(c, n) },
+  DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

@@ -14,6 +14,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'UniPCMultistepScheduler',
   'LMSDiscreteScheduler',
   'DDPMScheduler',
+  'DEISMultistepScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -46,6 +47,7 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   lms: { className: 'LMSDiscreteScheduler', overrides: {} },
   lms_karras: { className: 'LMSDiscreteScheduler', overrides: { use_karras_sigmas: true } },
   ddpm: { className: 'DDPMScheduler', overrides: {} },
+  deis: { className: 'DEISMultistepScheduler', overrides: {} },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 

@@ -5,27 +5,22 @@
 
 import type { Scheduler, StepResult } from '../types.js';
 import {
-  alphaSigmaLambda,
   alphasCumprod,
+  alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
   checkIndex,
   checkSteps,
-  exponentialSigmas,
+  type ConfigValue,
+  convertedSigmas,
   f,
-  karrasSigmas,
-  npArange,
+  multistepTimesteps,
   npInterpIndex,
-  npLinspace,
-  npRound,
   num,
   oneOf,
-  type ConfigValue,
   type ResolvedConfig,
   sigmasFromAlphas,
-  sigmaToT,
-  str,
   trainStepRange,
   unsupported,
 } from './common.js';
@@ -139,35 +134,12 @@ export class UniPCMultistep implements Scheduler {
 
     const ac = alphasCumprod(name, config, true);
     if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
-    let timesteps: number[];
-    switch (str(config, 'timestep_spacing')) {
-      case 'linspace':
-        timesteps = npLinspace(0, train - 1, numInferenceSteps + 1).map(npRound).reverse().slice(0, -1);
-        break;
-      case 'leading': {
-        const ratio = Math.floor(train / (numInferenceSteps + 1));
-        timesteps = npArange(0, numInferenceSteps + 1, 1).map((i) => i * ratio).reverse().slice(0, -1);
-        timesteps = timesteps.map((t) => t + num(config, 'steps_offset'));
-        break;
-      }
-      case 'trailing':
-        timesteps = npArange(train, 0, -train / numInferenceSteps).map((t) => npRound(t) - 1);
-        break;
-      default:
-        unsupported(name, `timestep_spacing "${str(config, 'timestep_spacing')}"`);
-    }
+    let timesteps = multistepTimesteps(name, config, numInferenceSteps);
     const table = sigmasFromAlphas(ac);
     let sig: number[];
     let last: number;
-    const karras = bool(config, 'use_karras_sigmas');
-    if (karras || bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map((s) => f(Math.log(s)));
-      // On the flipped table: in_sigmas[-1] is the smallest sigma, in_sigmas[0] the largest.
-      const sMin = (config.sigma_min as number | null) ?? table[0]!;
-      const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
-      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
-      // Karras timesteps are rounded; exponential ones truncated by the cast to int64.
-      timesteps = sig.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : Math.trunc(sigmaToT(s, logSigmas))));
+    if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
+      ({ sigmas: sig, timesteps } = convertedSigmas(config, table, numInferenceSteps));
       last = finalType === 'zero' ? 0 : sig[sig.length - 1]!;
     } else {
       sig = timesteps.map((t) => npInterpIndex(t, table));
