@@ -394,6 +394,9 @@ lms_bounds = {"sigma_min": 0.1, "sigma_max": 8.0}
 CASES.append({"name": "lms-exponential-bounds-own-12", "config": {**lms, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
 CASES.append({"name": "lms-exponential-bounds-from-euler-12", "config": {**euler, "use_karras_sigmas": False, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "request": "lms", "steps": 12})
 CASES.append({"name": "lms-exponential-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "lms_karras", "steps": 12})
+# DPM-Solver's Karras and exponential ramps read the same hidden keys.
+CASES.append({"name": "dpm-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "dpmpp_2m_karras", "steps": 12})
+CASES.append({"name": "dpm-bounds-exponential-own-12", "config": {**dpm, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

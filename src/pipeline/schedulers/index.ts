@@ -10,7 +10,7 @@ import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
 import { type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
-import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
+import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
@@ -39,7 +39,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   DDIMScheduler: { defaults: DDIM_DEFAULTS, steps: trainStepRange, build: (c, n, eta) => new DDIM(c, n, eta) },
   EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerDiscrete(c, n) },
   EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
-  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
+  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
   LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
   UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
   LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, hidden: LMS_HIDDEN, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
