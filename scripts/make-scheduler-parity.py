@@ -258,13 +258,15 @@ def record_interpolation(s):
 
         def convert(in_sigmas, num_inference_steps=None, orig=orig, kind=kind):
             # LMS's _convert_to_karras takes no step count (it reads its own)
-            if num_inference_steps is None:
+            own_steps = num_inference_steps is None
+            if own_steps:
                 num_inference_steps = s.num_inference_steps
                 out = orig(in_sigmas=in_sigmas)
             else:
                 out = orig(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps)
-            lo = getattr(s.config, "sigma_min", None)
-            hi = getattr(s.config, "sigma_max", None)
+            # (LMS's _convert_to_karras reads no bounds from the config, even where it carries them)
+            lo = getattr(s.config, "sigma_min", None) if not own_steps else None
+            hi = getattr(s.config, "sigma_max", None) if not own_steps else None
             rec["convert"] = {
                 "kind": kind,
                 "sigma_min": lo if lo is not None else in_sigmas[-1].item(),
@@ -393,6 +395,15 @@ CASES.append({"name": "lms-request-from-euler-karras-15", "config": euler, "pipe
 CASES.append({"name": "lms-model-request-unipc-10", "config": lms, "pipeline": None, "request": "unipc", "steps": 10})
 CASES.append({"name": "lms-request-karras-from-pndm-sd15-1", "config": pndm_sd15, "pipeline": None, "request": "lms_karras", "steps": 1})
 CASES.append({"name": "unipc-karras-1", "config": {**unipc, "use_karras_sigmas": True}, "pipeline": None, "steps": 1})
+# LMS's exponential ramp takes sigma_min / sigma_max from its config though its __init__ has neither: a file's own
+# keys, or an Euler config's carried over by from_config (hidden keys). Its Karras ramp ignores them.
+lms_bounds = {"sigma_min": 0.1, "sigma_max": 8.0}
+CASES.append({"name": "lms-exponential-bounds-own-12", "config": {**lms, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
+CASES.append({"name": "lms-exponential-bounds-from-euler-12", "config": {**euler, "use_karras_sigmas": False, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "request": "lms", "steps": 12})
+CASES.append({"name": "lms-exponential-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "lms_karras", "steps": 12})
+# DPM-Solver's Karras and exponential ramps read the same hidden keys.
+CASES.append({"name": "dpm-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "dpmpp_2m_karras", "steps": 12})
+CASES.append({"name": "dpm-bounds-exponential-own-12", "config": {**dpm, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
 # DDPM, as DreamBooth fine-tunes saved by some training scripts ship it (github.com/jartemio/The_Owl_Characters_V2).
 ddpm = {"_class_name": "DDPMScheduler", **SD15_BETAS, "clip_sample": False, "clip_sample_range": 1.0, "prediction_type": "epsilon",
         "set_alpha_to_one": False, "steps_offset": 1, "variance_type": "fixed_small"}
@@ -430,6 +441,9 @@ CASES.append({"name": "deis-request-from-dpm-karras-20", "config": {**dpm, "use_
 CASES.append({"name": "deis-request-from-unipc-bh1-12", "config": {**unipc, "solver_type": "bh1"}, "pipeline": None, "request": "deis", "steps": 12})
 CASES.append({"name": "deis-model-request-dpmpp-2m-15", "config": deis, "pipeline": None, "request": "dpmpp_2m", "steps": 15})
 CASES.append({"name": "deis-model-request-unipc-15", "config": deis, "pipeline": None, "request": "unipc", "steps": 15})
+# DEIS's Karras and exponential ramps read the same hidden keys.
+CASES.append({"name": "deis-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "deis", "steps": 12})
+CASES.append({"name": "deis-bounds-exponential-own-12", "config": {**deis, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -301,6 +301,21 @@ describe('UniPC and LMS beyond the diffusers vectors', () => {
     }
   });
 
+  it('UniPC on the noise (predict_x0 false) ending at sigma 0 steps to the x0 prediction, where diffusers gives NaN', () => {
+    // One step (no corrector): from sigma_s straight to 0, the x0 prediction of the input itself.
+    const one = createScheduler({ ...unipc, predict_x0: false }, 1);
+    const x = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
+    const m = Float32Array.from({ length: 16 }, (_, i) => Math.cos(i));
+    const [alpha, sigma] = alphaSigmaLambda(one.sigmas![0]!);
+    const out = one.step(m, one.timesteps[0]!, x, () => new Float32Array(16)).prevSample;
+    out.forEach((v, i) => expect(Math.abs(v - (x[i]! - sigma * m[i]!) / alpha)).toBeLessThanOrEqual(1e-6 * Math.max(1, Math.abs(v))));
+    // A whole schedule stays finite to the end.
+    const s = createScheduler({ ...unipc, predict_x0: false }, 6);
+    let y: Float32Array<ArrayBufferLike> = x;
+    for (const t of s.timesteps) y = s.step(Float32Array.from({ length: 16 }, (_, i) => Math.cos(i * t)), t, y, () => new Float32Array(16)).prevSample;
+    expect(y.every(Number.isFinite)).toBe(true);
+  });
+
   it('refuses the options it does not implement, naming them', () => {
     const refused: [Record<string, unknown>, RegExp][] = [
       [{ solver_order: 4 }, /UniPCMultistepScheduler: solver_order 4 \(1 to 3\) is not supported/],
@@ -309,6 +324,7 @@ describe('UniPC and LMS beyond the diffusers vectors', () => {
       [{ prediction_type: 'flow_prediction' }, /prediction_type "flow_prediction" is not supported/],
       [{ disable_corrector: 'all' }, /scheduler config disable_corrector must be a list of integers, got .all.$/],
       [{ solver_type: 'bh3' }, /solver_type "bh3" is not supported \(supported: bh1, bh2\)/],
+      [{ lower_order_final: false }, /lower_order_final false with final_sigmas_type "zero" and solver_order above 1 \(the last step ends in NaN; use "sigma_min"\) is not supported/],
     ];
     for (const [extra, message] of refused) {
       expect(() => createScheduler({ ...unipc, ...extra }, 10)).toThrow(message);

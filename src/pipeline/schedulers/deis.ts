@@ -46,6 +46,12 @@ export const DEIS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   time_shift_type: 'exponential',
 };
 
+/**
+ * Not `__init__` options, but `_convert_to_karras` / `_convert_to_exponential` take their bounds from the config when
+ * it has them: a file's own keys, or an Euler or UniPC config's carried over by a request's switch.
+ */
+export const DEIS_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
+
 const logf = (x: number) => f(Math.log(x));
 
 /** The second-order coefficient's antiderivative (diffusers' `ind_fn` with three points), float32. */
@@ -93,7 +99,7 @@ export class DEISMultistep implements Scheduler {
     let sig: number[];
     let last: number;
     if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
-      // This class has no sigma_min / sigma_max: the table's ends bound the schedule, whose last sigma is repeated.
+      // Bounded by the config's sigma_min / sigma_max (DEIS_HIDDEN), else the table's ends; the last sigma is repeated.
       ({ sigmas: sig, timesteps } = convertedSigmas(config, table, numInferenceSteps));
       last = sig[sig.length - 1]!;
     } else {

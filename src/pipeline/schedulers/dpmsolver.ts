@@ -56,6 +56,12 @@ export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   time_shift_type: 'exponential',
 };
 
+/**
+ * Not `__init__` options, but `_convert_to_karras` / `_convert_to_exponential` take their bounds from the config when
+ * it has them: a file's own keys, or an Euler or UniPC config's carried over by a request's switch.
+ */
+export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
+
 const logf = (x: number) => f(Math.log(x));
 
 export class DPMSolverMultistep implements Scheduler {
@@ -107,16 +113,19 @@ export class DPMSolverMultistep implements Scheduler {
     let timesteps = multistepTimesteps(name, config, numInferenceSteps, train - clippedIdx);
     const table = sigmasFromAlphas(ac);
     let sig: number[];
+    const sMin = (config.sigma_min as number | null) ?? table[0]!;
+    const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
     if (bool(config, 'use_karras_sigmas')) {
       const logSigmas = table.map(logf);
-      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] (this class has no config for them).
-      sig = karrasSigmas(table[0]!, table[table.length - 1]!, numInferenceSteps);
+      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] unless the config carries
+      // bounds (DPM_HIDDEN).
+      sig = karrasSigmas(sMin, sMax, numInferenceSteps);
       timesteps = sig.map((s) => sigmaToT(s, logSigmas));
       if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
       else timesteps = timesteps.map(Math.trunc); // astype(int64)
     } else if (bool(config, 'use_exponential_sigmas')) {
       const logSigmas = table.map(logf);
-      sig = exponentialSigmas(table[0]!, table[table.length - 1]!, numInferenceSteps);
+      sig = exponentialSigmas(sMin, sMax, numInferenceSteps);
       timesteps = sig.map((s) => Math.trunc(sigmaToT(s, logSigmas))); // not rounded: astype(int64) truncates
     } else {
       sig = timesteps.map((t) => npInterpIndex(t, table));

@@ -11,11 +11,11 @@ import type { Scheduler } from '../types.js';
 import { type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
-import { DEIS_DEFAULTS, DEISMultistep } from './deis.js';
-import { DPM_DEFAULTS, DPMSolverMultistep } from './dpmsolver.js';
+import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
+import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
-import { LMS_DEFAULTS, LMSDiscrete } from './lms.js';
+import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
 import { UNIPC_DEFAULTS, UniPCMultistep } from './unipc.js';
@@ -25,6 +25,12 @@ export { SCHEDULER_NAMES } from './names.js';
 
 interface SchedulerClass {
   defaults: Readonly<Record<string, ConfigValue>>;
+  /**
+   * Keys the class reads from its config (`hasattr(self.config, …)`) though its `__init__` takes no such option: a
+   * file's own key, or one `from_config` carried over from another class, is kept in the config as a hidden key.
+   * Not a default: a loaded config does not gain them (nor `_use_default_values` entries for them).
+   */
+  hidden?: Readonly<Record<string, ConfigValue>>;
   /** The step counts `build` accepts (its constructor checks against the same function). */
   steps: (config: ResolvedConfig) => StepRange;
   build(config: ResolvedConfig, steps: number, eta: number): Scheduler;
@@ -35,12 +41,12 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   DDIMScheduler: { defaults: DDIM_DEFAULTS, steps: trainStepRange, build: (c, n, eta) => new DDIM(c, n, eta) },
   EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerDiscrete(c, n) },
   EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
-  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
+  DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
   LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
   UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
-  LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
+  LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, hidden: LMS_HIDDEN, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
   DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DDPM(c, n) },
-  DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
+  DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, hidden: DEIS_HIDDEN, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -152,8 +158,10 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
 
 // Without a name the pipeline runs its own scheduler, whose config values all apply (rewritten ones included);
 // a name is `from_config(config, **overrides)`, which drops the keys listed in `_use_default_values`.
-const resolve = (config: Record<string, unknown>, choice: SchedulerChoice, named: boolean): ResolvedConfig =>
-  resolveConfig(choice.className, CLASSES[choice.className].defaults, config, choice.overrides, named);
+const resolve = (config: Record<string, unknown>, choice: SchedulerChoice, named: boolean): ResolvedConfig => {
+  const cls = CLASSES[choice.className];
+  return resolveConfig(choice.className, { ...cls.defaults, ...cls.hidden }, config, choice.overrides, named);
+};
 
 export function createScheduler(
   config: Record<string, unknown>,

@@ -31,6 +31,12 @@ export const LMS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   steps_offset: 0,
 };
 
+/**
+ * Not `__init__` options, but `_convert_to_exponential` takes its bounds from the config when it has them: a file's
+ * own keys, or an Euler config's carried over by a request's switch.
+ */
+export const LMS_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
+
 /** diffusers' `step(order=4)`, the order every pipeline runs it with. */
 const ORDER = 4;
 
@@ -78,10 +84,13 @@ export class LMSDiscrete extends EulerBase {
     let sig = timesteps.map((t) => npInterpIndex(t, table));
     if (karras || bool(config, 'use_exponential_sigmas')) {
       const logSigmas = table.map((s) => f(Math.log(s)));
-      // This class has no sigma_min / sigma_max: the bounds are the interpolated schedule's own (float64).
+      // The bounds are the interpolated schedule's own (float64); only the exponential ramp reads a config's
+      // sigma_min / sigma_max (LMS_HIDDEN), the Karras one never does.
       const sMin = sig[sig.length - 1]!;
       const sMax = sig[0]!;
-      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
+      sig = karras
+        ? karrasSigmas(sMin, sMax, numInferenceSteps)
+        : exponentialSigmas((config.sigma_min as number | null) ?? sMin, (config.sigma_max as number | null) ?? sMax, numInferenceSteps);
       timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
     }
     super(config, timesteps, Float32Array.from([...sig, 0]), name);

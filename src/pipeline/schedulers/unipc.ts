@@ -131,6 +131,10 @@ export class UniPCMultistep implements Scheduler {
     if (config.shift_terminal !== null) unsupported(name, 'shift_terminal');
     this.#disabled = new Set(config.disable_corrector as number[]);
     const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
+    if (finalType === 'zero' && !bool(config, 'lower_order_final') && this.#order > 1) {
+      // The last step would weigh earlier outputs by (lambda_s - lambda_s0) / h with h infinite: NaN (diffusers too).
+      unsupported(name, 'lower_order_final false with final_sigmas_type "zero" and solver_order above 1 (the last step ends in NaN; use "sigma_min")');
+    }
 
     const ac = alphasCumprod(name, config, true);
     if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
@@ -228,7 +232,10 @@ export class UniPCMultistep implements Scheduler {
       hPhiK = f(f(hPhiK / hh) - f(1 / factorial));
     }
     const [outer, a] = this.#predictX0 ? [alphaT, f(sigmaT / sigmaS0)] : [sigmaT, f(alphaT / alphaS0)];
-    return { a, c0: f(outer * hPhi1), bh: f(outer * bh), rks, rhs };
+    // On the noise, the step to sigma 0 is 0·∞ in diffusers (NaN); sigma_t·(e^h − 1) tends to alpha_t·sigma_s0/alpha_s0,
+    // which makes the step the x0 prediction, as on x0.
+    const c0 = !this.#predictX0 && sigmaT === 0 ? f(f(alphaT * sigmaS0) / alphaS0) : f(outer * hPhi1);
+    return { a, c0, bh: f(outer * bh), rks, rhs };
   }
 
   /** The order conditions' matrix: row k holds r^k for every point (the last point's r is 1). */
