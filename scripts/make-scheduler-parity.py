@@ -75,6 +75,8 @@ REQUEST = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
@@ -441,6 +443,19 @@ CASES.append({"name": "deis-request-from-dpm-karras-20", "config": {**dpm, "use_
 CASES.append({"name": "deis-request-from-unipc-bh1-12", "config": {**unipc, "solver_type": "bh1"}, "pipeline": None, "request": "deis", "steps": 12})
 CASES.append({"name": "deis-model-request-dpmpp-2m-15", "config": deis, "pipeline": None, "request": "dpmpp_2m", "steps": 15})
 CASES.append({"name": "deis-model-request-unipc-15", "config": deis, "pipeline": None, "request": "unipc", "steps": 15})
+# DPM-Solver's SDE variants (A1111's "DPM++ 2M SDE" and "... Karras"): fresh noise on every step.
+for n in [1, 2, 10, 14, 25]:
+    CASES.append({"name": f"dpm-sde-request-from-pndm-sd15-{n}", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_2m_sde", "steps": n})
+CASES.append({"name": "dpm-sde-karras-request-from-pndm-sd15-20", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_2m_sde_karras", "steps": 20})
+sde = {**dpm, "algorithm_type": "sde-dpmsolver++"}
+CASES.append({"name": "dpm-sde-heun-12", "config": {**sde, "solver_type": "heun"}, "pipeline": None, "steps": 12})
+CASES.append({"name": "dpm-sde-order1-8", "config": {**sde, "solver_order": 1}, "pipeline": None, "steps": 8})
+CASES.append({"name": "dpm-sde-vpred-trailing-sigma-min-10", "config": {**sde, **vpred, "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 10})
+CASES.append({"name": "dpm-sde-exponential-12", "config": {**sde, "use_exponential_sigmas": True}, "pipeline": None, "steps": 12})
+CASES.append({"name": "dpm-sde-img2img-begin-6-of-20", "config": sde, "pipeline": None, "steps": 20, "begin_index": 6})
+sde_old = {**dpm, "algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}
+CASES.append({"name": "dpm-sde-plain-midpoint-10", "config": sde_old, "pipeline": None, "steps": 10})
+CASES.append({"name": "dpm-sde-plain-heun-10", "config": {**sde_old, "solver_type": "heun"}, "pipeline": None, "steps": 10})
 # DEIS's Karras and exponential ramps read the same hidden keys.
 CASES.append({"name": "deis-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "deis", "steps": 12})
 CASES.append({"name": "deis-bounds-exponential-own-12", "config": {**deis, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})

@@ -73,6 +73,8 @@ export class DPMSolverMultistep implements Scheduler {
   readonly #order: number;
   readonly #prediction: string;
   readonly #plusPlus: boolean;
+  /** The SDE variants: fresh noise on every step. */
+  readonly #sde: boolean;
   readonly #heun: boolean;
   #outputs: Float32Array[] = [];
   #lowerOrderNums = 0;
@@ -83,8 +85,10 @@ export class DPMSolverMultistep implements Scheduler {
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     // As diffusers' __init__ does, DEIS's and UniPC's options (a config `from_config` carries over) map to DPM-Solver's.
-    const algorithm = config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver']);
-    this.#plusPlus = algorithm === 'dpmsolver++';
+    const algorithm =
+      config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver']);
+    this.#plusPlus = algorithm.endsWith('++');
+    this.#sde = algorithm.startsWith('sde-');
     const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(name, config, 'solver_type', ['midpoint', 'heun']);
     this.#heun = solver === 'heun';
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
@@ -96,7 +100,7 @@ export class DPMSolverMultistep implements Scheduler {
     if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
     const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
     if (!this.#plusPlus && finalType === 'zero') {
-      unsupported(name, 'final_sigmas_type "zero" with algorithm_type "dpmsolver" (diffusers refuses it too; use "sigma_min")');
+      unsupported(name, `final_sigmas_type "zero" with algorithm_type "${algorithm}" (diffusers refuses it too; use "sigma_min")`);
     }
 
     const ac = alphasCumprod(name, config, true);
@@ -154,7 +158,7 @@ export class DPMSolverMultistep implements Scheduler {
     return out;
   }
 
-  step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
     const i = this.#index;
     const nSteps = this.timesteps.length;
     if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
@@ -165,9 +169,11 @@ export class DPMSolverMultistep implements Scheduler {
     const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
+    // The SDE variants draw on every step, the last included, as diffusers does.
+    const z = this.#sde ? noise() : undefined;
     let prev: Float32Array;
-    if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = this.#firstOrder(converted, sample);
-    else prev = this.#secondOrder(sample);
+    if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = z ? this.#sdeUpdate(sample, 1, z) : this.#firstOrder(converted, sample);
+    else prev = z ? this.#sdeUpdate(sample, 2, z) : this.#secondOrder(sample);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.#index++;
     return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
@@ -239,6 +245,48 @@ export class DPMSolverMultistep implements Scheduler {
     for (let k = 0; k < s.length; k++) {
       const d1 = f(invR0 * f(m0[k]! - m1[k]!));
       out[k] = f(f(a * s[k]!) - f(b * m0[k]!)) - f(c * d1);
+    }
+    return out;
+  }
+
+  /**
+   * The first- and second-order updates of `sde-dpmsolver++` and `sde-dpmsolver`:
+   * x_t = a·sample + b·D0 + c·D1 + d·z, signs folded into the coefficients, D1 = (1/r0)·(m0 − m1).
+   */
+  #sdeUpdate(s: Float32Array, order: 1 | 2, z: Float32Array): Float32Array {
+    const i = this.#index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[i]!);
+    const h = f(lambdaT - lambdaS0);
+    const m0 = this.#outputs[this.#outputs.length - 1]!;
+    let a: number;
+    let b: number;
+    let c = 0;
+    let d: number;
+    if (this.#plusPlus) {
+      const em2 = f(1 - f(Math.exp(f(-2 * h))));
+      a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
+      b = f(alphaT * em2);
+      if (order === 2) c = this.#heun ? f(alphaT * f(f(em2 / f(-2 * h)) + 1)) : f(0.5 * b);
+      d = f(sigmaT * f(Math.sqrt(em2)));
+    } else {
+      const ep1 = f(f(Math.exp(h)) - 1);
+      a = f(alphaT / alphaS0);
+      b = -f(2 * f(sigmaT * ep1));
+      if (order === 2) c = this.#heun ? -f(2 * f(sigmaT * f(f(ep1 / h) - 1))) : -f(sigmaT * ep1);
+      d = f(sigmaT * f(Math.sqrt(f(f(Math.exp(f(2 * h))) - 1))));
+    }
+    const out = new Float32Array(s.length);
+    if (order === 1) {
+      for (let k = 0; k < s.length; k++) out[k] = f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(d * z[k]!));
+      return out;
+    }
+    const [, , lambdaS1] = alphaSigmaLambda(this.#sig[i - 1]!);
+    const m1 = this.#outputs[this.#outputs.length - 2]!;
+    const invR0 = f(1 / f(f(lambdaS0 - lambdaS1) / h));
+    for (let k = 0; k < s.length; k++) {
+      const d1 = f(invR0 * f(m0[k]! - m1[k]!));
+      out[k] = f(f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(c * d1)) + f(d * z[k]!));
     }
     return out;
   }
