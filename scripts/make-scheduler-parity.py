@@ -43,6 +43,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     LMSDiscreteScheduler,
@@ -65,7 +66,8 @@ ONLY = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--only" e
 os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                                    UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler]}
+                                    UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
+                                    HeunDiscreteScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -83,6 +85,7 @@ REQUEST = {
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "ddpm": ("DDPMScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -189,7 +192,7 @@ def run_case(case):
         denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
-        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler)):
+        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
@@ -216,7 +219,8 @@ def run_case(case):
         **({"begin_index": begin} if begin is not None else {}),
         "timesteps": [float(t) for t in s.timesteps],
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
-                                                                UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler)) else None,
+                                                                UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
+                                                                HeunDiscreteScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -459,6 +463,21 @@ CASES.append({"name": "dpm-sde-plain-heun-10", "config": {**sde_old, "solver_typ
 # DEIS's Karras and exponential ramps read the same hidden keys.
 CASES.append({"name": "deis-bounds-karras-from-euler-12", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "deis", "steps": 12})
 CASES.append({"name": "deis-bounds-exponential-own-12", "config": {**deis, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 12})
+
+# Heun: two UNet runs per step (order 2); image-to-image starts at t_start·2.
+heun = {"_class_name": "HeunDiscreteScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace"}
+for n in [1, 2, 3, 10, 25]:
+    CASES.append({"name": f"heun-sd15-{n}", "config": heun, "pipeline": None, "steps": n})
+CASES.append({"name": "heun-leading-8", "config": {**heun, "timestep_spacing": "leading"}, "pipeline": None, "steps": 8})
+CASES.append({"name": "heun-vpred-trailing-8", "config": {**heun, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 8})
+CASES.append({"name": "heun-sample-clip-7", "config": {**heun, "prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.9}, "pipeline": None, "steps": 7})
+CASES.append({"name": "heun-karras-12", "config": {**heun, "use_karras_sigmas": True}, "pipeline": None, "steps": 12})
+CASES.append({"name": "heun-exponential-9", "config": {**heun, "use_exponential_sigmas": True}, "pipeline": None, "steps": 9})
+CASES.append({"name": "heun-img2img-begin-8-of-10", "config": heun, "pipeline": None, "steps": 10, "begin_index": 8})
+CASES.append({"name": "heun-img2img-begin-2-of-6", "config": heun, "pipeline": None, "steps": 6, "begin_index": 2})
+CASES.append({"name": "heun-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "heun", "steps": 12})
+CASES.append({"name": "heun-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "heun", "steps": 10})
+CASES.append({"name": "heun-model-request-euler-a-10", "config": heun, "pipeline": None, "request": "euler_a", "steps": 10})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

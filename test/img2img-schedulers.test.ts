@@ -42,6 +42,13 @@ function relErr(got: Float32Array, want: readonly number[]): number {
 }
 
 describe('schedules cut by strength, as diffusers runs them', () => {
+  it("cuts at t_start · order (diffusers' get_timesteps): a Heun schedule of 2n − 1 runs starts at an even index", () => {
+    expect(cutSchedule(11, 10, 0.7)).toEqual({ begin: 3, steps: 8 }); // PNDM: 10 steps are 11 timesteps
+    expect(cutSchedule(19, 10, 0.6, 2)).toEqual({ begin: 8, steps: 11 });
+    expect(cutSchedule(19, 10, 1, 2)).toEqual({ begin: 0, steps: 19 });
+    expect(cutSchedule(19, 10, 0, 2)).toEqual({ begin: 19, steps: 0 });
+  });
+
   it('has cases for every scheduler class', () => {
     expect(new Set(cases.map((c) => c.scheduler)).size).toBeGreaterThanOrEqual(6);
   });

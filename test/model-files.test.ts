@@ -36,20 +36,21 @@ describe('scheduler classes community models ship', () => {
   });
 
   it('a class the runtime does not implement fails the load with a reason that names the file and what to set there', () => {
-    // HeunDiscreteScheduler as save_config writes it: two UNet runs per step, which this runtime has no schedule for.
-    const heun = {
-      _class_name: 'HeunDiscreteScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
-      clip_sample: false, clip_sample_range: 1.0, num_train_timesteps: 1000, prediction_type: 'epsilon', steps_offset: 1, timestep_spacing: 'linspace',
-      trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_karras_sigmas: false,
+    // DPMSolverSDEScheduler as save_config writes it: its noise comes from torchsde's Brownian tree, not a generator's
+    // draws, so this runtime cannot reproduce it.
+    const sde = {
+      _class_name: 'DPMSolverSDEScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
+      noise_sampler_seed: null, num_train_timesteps: 1000, prediction_type: 'epsilon', steps_offset: 1, timestep_spacing: 'linspace',
+      trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_karras_sigmas: true,
     };
-    const { config } = pipelineSchedulerConfig(heun, true);
+    const { config } = pipelineSchedulerConfig(sde, true);
     // What Pipeline.create checks when a worker loads the model.
     expect(() => createScheduler(config, 10)).toThrow(
-      'the model\'s scheduler class "HeunDiscreteScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
+      'the model\'s scheduler class "DPMSolverSDEScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
-        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler',
+        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler',
     );
-    expect(createScheduler(pipelineSchedulerConfig({ ...heun, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
+    expect(createScheduler(pipelineSchedulerConfig({ ...sde, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });
 });
 

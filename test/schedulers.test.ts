@@ -163,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'heun', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -277,6 +277,7 @@ describe('createScheduler', () => {
     expect(count('ddpm')).toBe(4);
     expect(count('deis')).toBe(0);
     expect(count('dpmpp_2m_sde')).toBe(4);
+    expect(count('heun')).toBe(0);
   });
 });
 

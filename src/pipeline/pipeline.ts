@@ -154,7 +154,7 @@ export class Pipeline {
     let start: InitLatents | undefined;
     let vaeEncoderMs = 0;
     if (job.init) {
-      const cut = cutSchedule(scheduler.timesteps.length, shape.steps, job.init.strength);
+      const cut = cutSchedule(scheduler.timesteps.length, shape.steps, job.init.strength, scheduler.order);
       begin = cut.begin;
       scheduler.setBeginIndex(begin);
       timesteps = scheduler.timesteps.slice(begin, begin + cut.steps);

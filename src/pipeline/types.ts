@@ -18,6 +18,11 @@ export interface StepResult {
  */
 export interface Scheduler {
   readonly name: string;
+  /**
+   * diffusers' `order`: UNet runs per step of the schedule the request names (2 for Heun and KDPM2, whose timesteps
+   * list each but the first twice; absent = 1). Image-to-image cuts the schedule at t_start·order.
+   */
+  readonly order?: number;
   /** Timesteps the UNet sees, in order (PNDM with skip_prk_steps repeats one). Floats for Euler-family. */
   readonly timesteps: readonly number[];
   /** Sigmas where the scheduler has them (Euler family, DPM++), with the trailing 0. */

@@ -13,6 +13,7 @@ import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
 import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
+import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
@@ -47,6 +48,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, hidden: LMS_HIDDEN, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
   DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DDPM(c, n) },
   DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, hidden: DEIS_HIDDEN, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
+  HeunDiscreteScheduler: { defaults: HEUN_DEFAULTS, hidden: HEUN_HIDDEN, steps: trainStepRange, build: (c, n) => new HeunDiscrete(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

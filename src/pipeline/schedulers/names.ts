@@ -15,6 +15,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'LMSDiscreteScheduler',
   'DDPMScheduler',
   'DEISMultistepScheduler',
+  'HeunDiscreteScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -56,6 +57,7 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   lms_karras: { className: 'LMSDiscreteScheduler', overrides: { use_karras_sigmas: true } },
   ddpm: { className: 'DDPMScheduler', overrides: {} },
   deis: { className: 'DEISMultistepScheduler', overrides: {} },
+  heun: { className: 'HeunDiscreteScheduler', overrides: {} },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 

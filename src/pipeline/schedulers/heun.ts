@@ -1,0 +1,111 @@
+/**
+ * @module HeunDiscreteScheduler (diffusers): Heun's second-order method on the sigma schedule, two UNet runs per step
+ * (an Euler predictor, then the corrector at the next sigma), float32 like torch.
+ */
+
+import type { StepResult } from '../types.js';
+import {
+  bool,
+  checkSteps,
+  exponentialSigmas,
+  f,
+  karrasSigmas,
+  npInterpIndex,
+  num,
+  oneOf,
+  type ConfigValue,
+  type ResolvedConfig,
+  sigmaToT,
+  trainStepRange,
+  unsupported,
+} from './common.js';
+import { EulerBase, eulerTables, eulerTimesteps, predictX0 } from './euler.js';
+
+export const HEUN_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  num_train_timesteps: 1000,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  beta_schedule: 'linear',
+  trained_betas: null,
+  prediction_type: 'epsilon',
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+  clip_sample: false,
+  clip_sample_range: 1.0,
+  timestep_spacing: 'linspace',
+  steps_offset: 0,
+};
+
+/** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
+export const HEUN_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
+
+/** Every timestep but the first twice, every sigma but the first and the final 0 twice (diffusers' repeat_interleave). */
+function doubled(xs: readonly number[]): number[] {
+  return [xs[0]!, ...xs.slice(1).flatMap((x) => [x, x])];
+}
+
+export class HeunDiscrete extends EulerBase {
+  readonly name = 'HeunDiscreteScheduler';
+  readonly order = 2;
+  /** Set between the predictor and the corrector: the step size, the first derivative and the sample it left from. */
+  #pending: { dt: number; derivative: Float32Array; sample: Float32Array } | undefined;
+
+  constructor(config: ResolvedConfig, numInferenceSteps: number) {
+    const name = 'HeunDiscreteScheduler';
+    checkSteps(name, numInferenceSteps, trainStepRange(config));
+    oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction', 'sample']);
+    if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
+    const karras = bool(config, 'use_karras_sigmas');
+    if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
+    const { sigmas: table } = eulerTables(name, config);
+    let timesteps = eulerTimesteps(config, numInferenceSteps);
+    let sig = timesteps.map((t) => npInterpIndex(t, table));
+    if (karras || bool(config, 'use_exponential_sigmas')) {
+      const logSigmas = table.map((s) => f(Math.log(s)));
+      const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
+      const sMax = (config.sigma_max as number | null) ?? sig[0]!;
+      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
+      timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
+    }
+    const s32 = Array.from(Float32Array.from([...sig, 0]));
+    super(config, doubled(timesteps), Float32Array.from([...doubled(s32.slice(0, -1)), 0]), name);
+  }
+
+  override setBeginIndex(index: number): void {
+    super.setBeginIndex(index);
+    this.#pending = undefined;
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
+    if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+    const first = this.#pending === undefined;
+    const i = this.index;
+    const sigma = first ? this.sig[i]! : this.sig[i - 1]!;
+    const sigmaNext = first ? this.sig[i + 1]! : this.sig[i]!;
+    const n = sample.length;
+    const pred = new Float32Array(n);
+    predictX0(this.prediction, modelOutput, sample, first ? sigma : sigmaNext, pred);
+    if (bool(this.config, 'clip_sample')) {
+      const r = f(num(this.config, 'clip_sample_range'));
+      for (let k = 0; k < n; k++) pred[k] = Math.min(Math.max(pred[k]!, -r), r);
+    }
+    const out = new Float32Array(n);
+    if (first) {
+      const derivative = new Float32Array(n);
+      for (let k = 0; k < n; k++) derivative[k] = f(f(sample[k]! - pred[k]!) / sigma);
+      const dt = f(sigmaNext - sigma);
+      for (let k = 0; k < n; k++) out[k] = f(sample[k]! + f(derivative[k]! * dt));
+      this.#pending = { dt, derivative, sample };
+    } else {
+      const { dt, derivative: d0, sample: from } = this.#pending!;
+      for (let k = 0; k < n; k++) {
+        const d = f(f(f(d0[k]! + f(f(sample[k]! - pred[k]!) / sigmaNext)) / 2));
+        out[k] = f(from[k]! + f(d * dt));
+      }
+      this.#pending = undefined;
+    }
+    this.index++;
+    return { prevSample: out, denoised: pred };
+  }
+}
