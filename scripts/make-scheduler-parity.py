@@ -44,6 +44,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     LMSDiscreteScheduler,
@@ -58,6 +60,7 @@ from diffusers.schedulers import (
     scheduling_ddpm,
     scheduling_dpmsolver_multistep,
     scheduling_euler_ancestral_discrete,
+    scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
 )
 
@@ -67,7 +70,7 @@ os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
-                                    HeunDiscreteScheduler]}
+                                    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -86,6 +89,10 @@ REQUEST = {
     "ddpm": ("DDPMScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -175,7 +182,8 @@ def run_case(case):
     shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
-    for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm):
+    for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
+                scheduling_k_dpm_2_ancestral_discrete):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -192,7 +200,7 @@ def run_case(case):
         denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
-        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler)):
+        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
@@ -220,7 +228,7 @@ def run_case(case):
         "timesteps": [float(t) for t in s.timesteps],
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
-                                                                HeunDiscreteScheduler)) else None,
+                                                                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -253,6 +261,9 @@ def record_interpolation(s):
 
     def sigma_to_t(sigma, log_sigmas):
         t = orig_t(sigma, log_sigmas)
+        if isinstance(log_sigmas, torch.Tensor):
+            # KDPM2's interpolated sigmas: float32 tensors all through (the test replays the whole schedule instead)
+            return t
         assert log_sigmas.dtype == np.float32
         rec["log_sigmas"] = as_list(log_sigmas)
         rec["sigma_to_t"].append([float(sigma), float(np.asarray(t).reshape(-1)[0])])
@@ -478,6 +489,21 @@ CASES.append({"name": "heun-img2img-begin-2-of-6", "config": heun, "pipeline": N
 CASES.append({"name": "heun-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "heun", "steps": 12})
 CASES.append({"name": "heun-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "heun", "steps": 10})
 CASES.append({"name": "heun-model-request-euler-a-10", "config": heun, "pipeline": None, "request": "euler_a", "steps": 10})
+
+# KDPM2 and KDPM2 ancestral (A1111's DPM2 and DPM2 a): a half step to an interpolated sigma, then the full step.
+kdpm2 = {"_class_name": "KDPM2DiscreteScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace"}
+kdpm2a = {**kdpm2, "_class_name": "KDPM2AncestralDiscreteScheduler"}
+for cfg, tag in [(kdpm2, "kdpm2"), (kdpm2a, "kdpm2a")]:
+    for n in [1, 2, 3, 10, 25]:
+        CASES.append({"name": f"{tag}-sd15-{n}", "config": cfg, "pipeline": None, "steps": n})
+    CASES.append({"name": f"{tag}-leading-8", "config": {**cfg, "timestep_spacing": "leading"}, "pipeline": None, "steps": 8})
+    CASES.append({"name": f"{tag}-vpred-trailing-8", "config": {**cfg, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 8})
+    CASES.append({"name": f"{tag}-karras-12", "config": {**cfg, "use_karras_sigmas": True}, "pipeline": None, "steps": 12})
+    CASES.append({"name": f"{tag}-exponential-9", "config": {**cfg, "use_exponential_sigmas": True}, "pipeline": None, "steps": 9})
+    CASES.append({"name": f"{tag}-img2img-begin-6-of-10", "config": cfg, "pipeline": None, "steps": 10, "begin_index": 6})
+    CASES.append({"name": f"{tag}-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "dpm2_karras" if tag == "kdpm2" else "dpm2_a_karras", "steps": 10})
+CASES.append({"name": "kdpm2-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "dpm2", "steps": 12})
+CASES.append({"name": "kdpm2a-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "dpm2_a", "steps": 12})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

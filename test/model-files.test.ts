@@ -48,7 +48,8 @@ describe('scheduler classes community models ship', () => {
     expect(() => createScheduler(config, 10)).toThrow(
       'the model\'s scheduler class "DPMSolverSDEScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
-        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler',
+        'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler, ' +
+        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler',
     );
     expect(createScheduler(pipelineSchedulerConfig({ ...sde, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });

@@ -14,6 +14,7 @@ import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
 import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
+import { KDPM2_DEFAULTS, KDPM2_HIDDEN, KDPM2AncestralDiscrete, KDPM2Discrete } from './kdpm2.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
@@ -49,6 +50,13 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DDPM(c, n) },
   DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, hidden: DEIS_HIDDEN, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
   HeunDiscreteScheduler: { defaults: HEUN_DEFAULTS, hidden: HEUN_HIDDEN, steps: trainStepRange, build: (c, n) => new HeunDiscrete(c, n) },
+  KDPM2DiscreteScheduler: { defaults: KDPM2_DEFAULTS, hidden: KDPM2_HIDDEN, steps: trainStepRange, build: (c, n) => new KDPM2Discrete(c, n) },
+  KDPM2AncestralDiscreteScheduler: {
+    defaults: KDPM2_DEFAULTS,
+    hidden: KDPM2_HIDDEN,
+    steps: trainStepRange,
+    build: (c, n) => new KDPM2AncestralDiscrete(c, n),
+  },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

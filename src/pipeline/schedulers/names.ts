@@ -16,6 +16,8 @@ export const SCHEDULER_CLASS_NAMES = [
   'DDPMScheduler',
   'DEISMultistepScheduler',
   'HeunDiscreteScheduler',
+  'KDPM2DiscreteScheduler',
+  'KDPM2AncestralDiscreteScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -58,6 +60,10 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   ddpm: { className: 'DDPMScheduler', overrides: {} },
   deis: { className: 'DEISMultistepScheduler', overrides: {} },
   heun: { className: 'HeunDiscreteScheduler', overrides: {} },
+  dpm2: { className: 'KDPM2DiscreteScheduler', overrides: {} },
+  dpm2_karras: { className: 'KDPM2DiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  dpm2_a: { className: 'KDPM2AncestralDiscreteScheduler', overrides: {} },
+  dpm2_a_karras: { className: 'KDPM2AncestralDiscreteScheduler', overrides: { use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 

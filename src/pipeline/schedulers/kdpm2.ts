@@ -1,0 +1,231 @@
+/**
+ * @module KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler (diffusers; k-diffusion's DPM2 and DPM2 a): a
+ * half step to an interpolated sigma, then the full step with the derivative there, two UNet runs per step; float32
+ * like torch.
+ */
+
+import type { StepResult } from '../types.js';
+import {
+  bool,
+  checkSteps,
+  exponentialSigmas,
+  f,
+  karrasSigmas,
+  npInterpIndex,
+  npRound,
+  oneOf,
+  type ConfigValue,
+  type ResolvedConfig,
+  sigmaToT,
+  trainStepRange,
+  unsupported,
+} from './common.js';
+import { EulerBase, eulerTables, eulerTimesteps, predictX0 } from './euler.js';
+
+export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  num_train_timesteps: 1000,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  beta_schedule: 'linear',
+  trained_betas: null,
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+  prediction_type: 'epsilon',
+  timestep_spacing: 'linspace',
+  steps_offset: 0,
+};
+
+/** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
+export const KDPM2_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
+
+const logf = (x: number) => f(Math.log(x));
+
+/** torch's float32 `lerp(a, b, 0.5)`: `b − (b − a)·0.5` (its formula for weights ≥ 0.5). */
+const lerpHalf = (a: number, b: number) => f(b - f(f(b - a) * 0.5));
+
+/** Every value but the first and the last twice (diffusers' `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`). */
+const repeated = (xs: ArrayLike<number>): number[] => {
+  const a = Array.from(xs);
+  return [a[0]!, ...a.slice(1).flatMap((x) => [x, x]), a[a.length - 1]!];
+};
+
+/**
+ * `_sigma_to_t` as these classes call it, on a float32 tensor sigma against float32 log-sigmas: numpy then computes
+ * the log and the weight in float32 (the other classes pass float64 sigmas).
+ */
+function sigmaToT32(sigma: number, logSigmas: Float32Array): number {
+  const logSigma = logf(Math.max(sigma, f(1e-10)));
+  let low = 0;
+  let count = 0;
+  let best = -1;
+  for (let i = 0; i < logSigmas.length; i++) {
+    if (f(logSigma - logSigmas[i]!) >= 0) count++;
+    if (count > best) {
+      best = count;
+      low = i;
+    }
+  }
+  low = Math.min(low, logSigmas.length - 2);
+  const lo = logSigmas[low]!;
+  const w = Math.min(Math.max(f(f(lo - logSigma) / f(lo - logSigmas[low + 1]!)), 0), 1);
+  return f(1 - w) * low + w * (low + 1);
+}
+
+interface Schedule {
+  /** The n timesteps before interleaving: float32, or float64 after a Karras / exponential conversion (not cast). */
+  timesteps: number[];
+  float32: boolean;
+  /** n sigmas and the final 0, float32. */
+  sigmas: Float32Array;
+  logSigmas: Float32Array;
+}
+
+function schedule(name: string, config: ResolvedConfig, n: number): Schedule {
+  checkSteps(name, n, trainStepRange(config));
+  // diffusers raises NotImplementedError for `sample`
+  oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction']);
+  if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
+  const karras = bool(config, 'use_karras_sigmas');
+  if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
+  const { sigmas: table } = eulerTables(name, config);
+  const logSigmas = table.map(logf);
+  let timesteps = eulerTimesteps(config, n);
+  let sig = timesteps.map((t) => npInterpIndex(t, table));
+  const converted = karras || bool(config, 'use_exponential_sigmas');
+  if (converted) {
+    const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
+    const sMax = (config.sigma_max as number | null) ?? sig[0]!;
+    sig = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
+    timesteps = sig.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : sigmaToT(s, logSigmas)));
+  }
+  return { timesteps, float32: !converted, sigmas: Float32Array.from([...sig, 0]), logSigmas };
+}
+
+/** The shared state machine: the first UNet run of a step goes to the interpolated sigma, the second completes it. */
+abstract class KDPM2Base extends EulerBase {
+  readonly order = 2;
+  protected readonly interpol: Float32Array;
+  /** The sample the step started from, between its two runs. */
+  protected pending: Float32Array | undefined;
+
+  constructor(config: ResolvedConfig, s: Schedule, interpol: ArrayLike<number>, interleaved: number[], name: string) {
+    super(config, [s.timesteps[0]!, ...interleaved], Float32Array.from(repeated(s.sigmas)), name);
+    this.interpol = Float32Array.from(repeated(interpol));
+  }
+
+  override setBeginIndex(index: number): void {
+    super.setBeginIndex(index);
+    this.pending = undefined;
+  }
+
+  /** x0 from the model output at `sigmaInput`, and the derivative (x − x0)/`over`. */
+  protected derivative(modelOutput: Float32Array, sample: Float32Array, sigmaInput: number, over: number): { pred: Float32Array; d: Float32Array } {
+    const pred = new Float32Array(sample.length);
+    predictX0(this.prediction, modelOutput, sample, sigmaInput, pred);
+    const d = new Float32Array(sample.length);
+    for (let k = 0; k < d.length; k++) d[k] = f(f(sample[k]! - pred[k]!) / over);
+    return { pred, d };
+  }
+
+  protected checkIndex(): void {
+    if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+  }
+}
+
+export class KDPM2Discrete extends KDPM2Base {
+  readonly name = 'KDPM2DiscreteScheduler';
+
+  constructor(config: ResolvedConfig, numInferenceSteps: number) {
+    const name = 'KDPM2DiscreteScheduler';
+    const s = schedule(name, config, numInferenceSteps);
+    // Geometric midpoints: exp(lerp(log sigma_j, log sigma_{j-1}, 0.5)); the first is NaN (never used), the last 0.
+    const logs = Array.from(s.sigmas, logf);
+    const interpol = logs.map((l, j) => f(Math.exp(lerpHalf(l, logs[(j + logs.length - 1) % logs.length]!))));
+    const ti = interpol.map((x) => sigmaToT32(x, s.logSigmas)).map((t) => (s.float32 ? f(t) : t));
+    const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k + 1]!, t]);
+    super(config, s, interpol, interleaved, name);
+  }
+
+  override scaleModelInput(sample: Float32Array, _t: number): Float32Array {
+    const sigma = this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index]!;
+    const denom = f(Math.sqrt(f(f(sigma * sigma) + 1)));
+    return sample.map((x) => f(x / denom));
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
+    this.checkIndex();
+    const i = this.index;
+    const first = this.pending === undefined;
+    const sigma = first ? this.sig[i]! : this.sig[i - 1]!;
+    const sigmaInterpol = first ? this.interpol[i + 1]! : this.interpol[i]!;
+    const sigmaNext = first ? this.sig[i + 1]! : this.sig[i]!;
+    const { pred, d } = this.derivative(modelOutput, sample, first ? sigma : sigmaInterpol, first ? sigma : sigmaInterpol);
+    const dt = first ? f(sigmaInterpol - sigma) : f(sigmaNext - sigma);
+    const from = first ? sample : this.pending!;
+    this.pending = first ? sample : undefined;
+    const out = new Float32Array(sample.length);
+    for (let k = 0; k < out.length; k++) out[k] = f(from[k]! + f(d[k]! * dt));
+    this.index++;
+    return { prevSample: out, denoised: pred };
+  }
+}
+
+export class KDPM2AncestralDiscrete extends KDPM2Base {
+  readonly name = 'KDPM2AncestralDiscreteScheduler';
+  readonly #up: Float32Array;
+  readonly #down: Float32Array;
+
+  constructor(config: ResolvedConfig, numInferenceSteps: number) {
+    const name = 'KDPM2AncestralDiscreteScheduler';
+    const s = schedule(name, config, numInferenceSteps);
+    const n = s.sigmas.length;
+    const up = new Float32Array(n);
+    const down = new Float32Array(n);
+    for (let j = 0; j < n; j++) {
+      const sj2 = f(s.sigmas[j]! * s.sigmas[j]!);
+      const next = j + 1 < n ? s.sigmas[j + 1]! : 0;
+      const nx2 = f(next * next);
+      up[j] = f(Math.sqrt(f(f(nx2 * f(sj2 - nx2)) / sj2)));
+      down[j] = j === n - 1 ? 0 : f(Math.sqrt(f(nx2 - f(up[j]! * up[j]!))));
+    }
+    // exp(lerp(log sigma_j, log sigma_down_j, 0.5)), the last two set to 0.
+    const interpol = Array.from(s.sigmas, (x, j) => (j >= n - 2 ? 0 : f(Math.exp(lerpHalf(logf(x), logf(down[j]!))))));
+    const ti = interpol.slice(0, n - 2).map((x) => sigmaToT32(x, s.logSigmas)).map((t) => (s.float32 ? f(t) : t));
+    const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k]!, t]);
+    super(config, s, interpol, interleaved, name);
+    this.#up = Float32Array.from(repeated(up));
+    this.#down = Float32Array.from(repeated(down));
+  }
+
+  override scaleModelInput(sample: Float32Array, _t: number): Float32Array {
+    const sigma = this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index - 1]!;
+    const denom = f(Math.sqrt(f(f(sigma * sigma) + 1)));
+    return sample.map((x) => f(x / denom));
+  }
+
+  step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
+    this.checkIndex();
+    const i = this.index;
+    const first = this.pending === undefined;
+    const at = first ? i : i - 1;
+    const sigma = this.sig[at]!;
+    const sigmaInterpol = this.interpol[at]!;
+    const { pred, d } = this.derivative(modelOutput, sample, first ? sigma : sigmaInterpol, first ? sigma : sigmaInterpol);
+    const out = new Float32Array(sample.length);
+    if (first) {
+      const dt = f(sigmaInterpol - sigma);
+      for (let k = 0; k < out.length; k++) out[k] = f(sample[k]! + f(d[k]! * dt));
+      this.pending = sample;
+    } else {
+      const dt = f(this.#down[i - 1]! - sigma);
+      const from = this.pending!;
+      const z = noise();
+      const up = this.#up[i - 1]!;
+      for (let k = 0; k < out.length; k++) out[k] = f(f(from[k]! + f(d[k]! * dt)) + f(z[k]! * up));
+      this.pending = undefined;
+    }
+    this.index++;
+    return { prevSample: out, denoised: pred };
+  }
+}
