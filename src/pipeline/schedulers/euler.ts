@@ -79,7 +79,7 @@ export function eulerTables(name: string, c: ResolvedConfig): { ac: Float32Array
 }
 
 /** sample / sqrt(sigma² + 1), float32. */
-function scaleBySigma(sample: Float32Array, sigma: number): Float32Array {
+export function scaleBySigma(sample: Float32Array, sigma: number): Float32Array {
   const denom = f(Math.sqrt(f(f(sigma * sigma) + 1)));
   const out = new Float32Array(sample.length);
   for (let i = 0; i < sample.length; i++) out[i] = sample[i]! / denom;

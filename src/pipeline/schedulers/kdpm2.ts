@@ -20,7 +20,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { EulerBase, eulerTables, eulerTimesteps, predictX0 } from './euler.js';
+import { EulerBase, eulerTables, eulerTimesteps, predictX0, scaleBySigma } from './euler.js';
 
 export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
@@ -148,9 +148,7 @@ export class KDPM2Discrete extends KDPM2Base {
   }
 
   override scaleModelInput(sample: Float32Array, _t: number): Float32Array {
-    const sigma = this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index]!;
-    const denom = f(Math.sqrt(f(f(sigma * sigma) + 1)));
-    return sample.map((x) => f(x / denom));
+    return scaleBySigma(sample, this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index]!);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
@@ -199,9 +197,7 @@ export class KDPM2AncestralDiscrete extends KDPM2Base {
   }
 
   override scaleModelInput(sample: Float32Array, _t: number): Float32Array {
-    const sigma = this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index - 1]!;
-    const denom = f(Math.sqrt(f(f(sigma * sigma) + 1)));
-    return sample.map((x) => f(x / denom));
+    return scaleBySigma(sample, this.pending === undefined ? this.sig[this.index]! : this.interpol[this.index - 1]!);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {

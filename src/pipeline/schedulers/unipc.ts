@@ -84,17 +84,6 @@ export function solveF32(a: readonly (readonly number[])[], b: readonly number[]
   return x;
 }
 
-/** Σ_k w[k]·d[k] (einsum "k,bkc->bc"), float32. */
-function weighted(w: readonly number[], d: readonly Float32Array[], n: number): Float32Array {
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    let acc = f(w[0]! * d[0]![i]!);
-    for (let k = 1; k < d.length; k++) acc = f(acc + f(w[k]! * d[k]![i]!));
-    out[i] = acc;
-  }
-  return out;
-}
-
 export class UniPCMultistep implements Scheduler {
   readonly name = 'UniPCMultistepScheduler';
   readonly timesteps: readonly number[];
@@ -245,15 +234,10 @@ export class UniPCMultistep implements Scheduler {
     return rows;
   }
 
-  /** Differences to m0 of the earlier outputs (newest first), divided by their r. */
-  #differences(m0: Float32Array, rks: readonly number[], order: number, skip: number): Float32Array[] {
+  /** The earlier outputs the update weighs against m0 (newest first), `order − 1` of them. */
+  #earlier(order: number): Float32Array[] {
     const out: Float32Array[] = [];
-    for (let k = 1; k < order; k++) {
-      const mk = this.#outputs[this.#outputs.length - 1 - k - skip]!;
-      const d = new Float32Array(m0.length);
-      for (let j = 0; j < d.length; j++) d[j] = f(f(mk[j]! - m0[j]!) / rks[k - 1]!);
-      out.push(d);
-    }
+    for (let k = 1; k < order; k++) out.push(this.#outputs[this.#outputs.length - 1 - k]!);
     return out;
   }
 
@@ -262,14 +246,21 @@ export class UniPCMultistep implements Scheduler {
     const i = this.#index;
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     const { a, c0, bh, rks, rhs } = this.#terms(i, i + 1, order);
-    const d = this.#differences(m0, rks, order, 0);
+    const ms = this.#earlier(order);
+    const rhos = order === 2 ? [0.5] : order > 2 ? solveF32(this.#matrix(rks, order - 1), rhs.slice(0, order - 1)) : [];
     const n = x.length;
     const out = new Float32Array(n);
-    for (let j = 0; j < n; j++) out[j] = f(f(a * x[j]!) - f(c0 * m0[j]!));
-    if (d.length === 0) return out;
-    const rhos = order === 2 ? [0.5] : solveF32(this.#matrix(rks, order - 1), rhs.slice(0, order - 1));
-    const res = weighted(rhos, d, n);
-    for (let j = 0; j < n; j++) out[j] = f(out[j]! - f(bh * res[j]!));
+    // One pass, no temporaries: D1_k = (m_k − m0)/r_k and the einsum Σ rho_k·D1_k, in the order torch computes them.
+    for (let j = 0; j < n; j++) {
+      const base = m0[j]!;
+      let v = f(f(a * x[j]!) - f(c0 * base));
+      if (ms.length > 0) {
+        let acc = f(rhos[0]! * f(f(ms[0]![j]! - base) / rks[0]!));
+        for (let k = 1; k < ms.length; k++) acc = f(acc + f(rhos[k]! * f(f(ms[k]![j]! - base) / rks[k]!)));
+        v = f(v - f(bh * acc));
+      }
+      out[j] = v;
+    }
     return out;
   }
 
@@ -281,15 +272,20 @@ export class UniPCMultistep implements Scheduler {
     const i = this.#index;
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     const { a, c0, bh, rks, rhs } = this.#terms(i - 1, i, order);
-    const d = this.#differences(m0, rks, order, 0);
+    const ms = this.#earlier(order);
     const rhos = order === 1 ? [0.5] : solveF32(this.#matrix(rks, order), rhs);
-    const corr = d.length > 0 ? weighted(rhos.slice(0, -1), d, x.length) : undefined;
     const rLast = rhos[rhos.length - 1]!;
     const out = new Float32Array(x.length);
     for (let j = 0; j < x.length; j++) {
-      const dt = f(mt[j]! - m0[j]!);
-      const sum = corr ? f(corr[j]! + f(rLast * dt)) : f(rLast * dt);
-      out[j] = f(f(f(a * last[j]!) - f(c0 * m0[j]!)) - f(bh * sum));
+      const base = m0[j]!;
+      const dt = f(mt[j]! - base);
+      let sum = f(rLast * dt);
+      if (ms.length > 0) {
+        let acc = f(rhos[0]! * f(f(ms[0]![j]! - base) / rks[0]!));
+        for (let k = 1; k < ms.length; k++) acc = f(acc + f(rhos[k]! * f(f(ms[k]![j]! - base) / rks[k]!)));
+        sum = f(acc + sum);
+      }
+      out[j] = f(f(f(a * last[j]!) - f(c0 * base)) - f(bh * sum));
     }
     return out;
   }
