@@ -213,6 +213,16 @@ describe('createScheduler', () => {
     expect(createScheduler({ ...modelConfig, timestep_spacing: 'linspace' }, 7, { name: 'euler' }).timesteps).toEqual([999, 832.5, 666, 499.5, 333, 166.5, 0]);
   });
 
+  it("DPM2's and DPM2 a's interpolated timesteps are float32 as torch computes _sigma_to_t on tensors, with Karras sigmas too", () => {
+    // diffusers' values (torch 1.13) where its float32 logs round as V8's do: each of (1 − w)·low and w·high is
+    // rounded, then their sum; and the result stays float32 beside the float64 Karras timesteps.
+    const dpm2 = { _class_name: 'KDPM2DiscreteScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear' };
+    expect(createScheduler(dpm2, 12).timesteps[1]).toBe(955.0712890625);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_karras' }).timesteps[3]).toBe(894.57763671875);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_a' }).timesteps[1]).toBe(908.18212890625);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_a_karras' }).timesteps[11]).toBe(345.42279052734375);
+  });
+
   it('DDIM, DDPM and PNDM stop below the step count whose leading timesteps start past the table (diffusers raises IndexError there)', () => {
     // SD 1.5's config (leading, steps_offset 1) at 1000 steps starts at timestep 1000 of alphas_cumprod[0..999].
     for (const name of ['ddim', 'ddpm', 'pndm']) {
