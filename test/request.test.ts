@@ -30,7 +30,8 @@ describe('parseInstances', () => {
   it('checks the model\'s own scheduler when the request names none, its default step count included', () => {
     const { skip_prk_steps: _drop, ...prk } = SD15;
     expect(() => parse({ num_inference_steps: 3 }, defaults(prk))).toThrow(
-      'instances[0].num_inference_steps must be from 4 to 1000 for scheduler PNDMScheduler (PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000), got 3',
+      'instances[0].num_inference_steps must be from 4 to 999 for scheduler PNDMScheduler (PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000; ' +
+        'timestep_spacing "leading" with steps_offset 1 would start 1000 steps at timestep 1000, past the last (999)), got 3',
     );
     expect(parse({ num_inference_steps: 3 })[0]!.shape.steps).toBe(3);
     const lcm = { _class_name: 'LCMScheduler', original_inference_steps: 8 };

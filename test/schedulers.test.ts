@@ -213,6 +213,33 @@ describe('createScheduler', () => {
     expect(createScheduler({ ...modelConfig, timestep_spacing: 'linspace' }, 7, { name: 'euler' }).timesteps).toEqual([999, 832.5, 666, 499.5, 333, 166.5, 0]);
   });
 
+  it("DPM2's and DPM2 a's interpolated timesteps are float32 as torch computes _sigma_to_t on tensors, with Karras sigmas too", () => {
+    // diffusers' values (torch 1.13) where its float32 logs round as V8's do: each of (1 − w)·low and w·high is
+    // rounded, then their sum; and the result stays float32 beside the float64 Karras timesteps.
+    const dpm2 = { _class_name: 'KDPM2DiscreteScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear' };
+    expect(createScheduler(dpm2, 12).timesteps[1]).toBe(955.0712890625);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_karras' }).timesteps[3]).toBe(894.57763671875);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_a' }).timesteps[1]).toBe(908.18212890625);
+    expect(createScheduler(dpm2, 12, { name: 'dpm2_a_karras' }).timesteps[11]).toBe(345.42279052734375);
+  });
+
+  it('DDIM, DDPM and PNDM stop below the step count whose leading timesteps start past the table (diffusers raises IndexError there)', () => {
+    // SD 1.5's config (leading, steps_offset 1) at 1000 steps starts at timestep 1000 of alphas_cumprod[0..999].
+    for (const name of ['ddim', 'ddpm', 'pndm']) {
+      expect(() => createScheduler(modelConfig, 1000, { name }), name).toThrow(
+        expect.objectContaining({ code: 'INVALID_INPUT', message: expect.stringContaining('past the last (999)), got 1000') }),
+      );
+      const s = createScheduler(modelConfig, 999, { name });
+      expect(s.timesteps[0], name).toBe(999);
+      let x: Float32Array = new Float32Array(16).fill(1);
+      for (const t of s.timesteps.slice(0, 3)) x = s.step(new Float32Array(16).fill(0.1), t, x, () => new Float32Array(16).fill(0.5)).prevSample;
+      expect(x.every(Number.isFinite), name).toBe(true);
+      // Other spacings end at timestep 999 whatever the offset.
+      expect(createScheduler({ ...modelConfig, timestep_spacing: 'trailing' }, 1000, { name }).timesteps[0], name).toBe(999);
+    }
+    expect(stepRange({ ...modelConfig, steps_offset: 0 }, 'ddim').max).toBe(1000);
+  });
+
   it('stepRange gives exactly the step counts createScheduler accepts, for every name, without building one', () => {
     const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
     const configs = [modelConfig, noSkip, { ...modelConfig, num_train_timesteps: 30 }, { _class_name: 'LCMScheduler', original_inference_steps: 12 }];
@@ -240,9 +267,11 @@ describe('createScheduler', () => {
       }
     }
     expect(unusable.sort()).toEqual(['30 LCMScheduler', '30 lcm']);
-    expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 1000, why: 'PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000' });
+    const pastTable = 'timestep_spacing "leading" with steps_offset 1 would start 1000 steps at timestep 1000, past the last (999)';
+    expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 999, why: `PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000; ${pastTable}` });
     expect(stepRange(modelConfig, 'lcm')).toEqual({ min: 1, max: 50, why: 'original_inference_steps is 50' });
-    expect(stepRanges(modelConfig)['']).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });
+    expect(stepRanges(modelConfig)['']).toEqual({ min: 1, max: 999, why: `num_train_timesteps is 1000; ${pastTable}` });
+    expect(stepRanges(modelConfig).euler).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });
     // A name the config cannot serve is left out (the worker reports why when a request asks for it).
     expect(Object.keys(stepRanges({ ...modelConfig, num_train_timesteps: 'many' }))).toEqual([]);
   });

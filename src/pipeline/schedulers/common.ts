@@ -317,6 +317,24 @@ export function trainStepRange(config: ResolvedConfig): StepRange {
   return { min: 1, max: train, why: `num_train_timesteps is ${train}` };
 }
 
+/**
+ * The step counts of the classes that look each timestep up in alphas_cumprod (DDIM, DDPM, PNDM). Leading spacing
+ * adds steps_offset after spacing the steps, so from some count on the first timestep lies past the table (at
+ * num_train_timesteps steps with steps_offset 1: timestep 1000 of 0–999), where diffusers raises IndexError; the
+ * range stops below the first such count.
+ */
+export function alphasStepRange(config: ResolvedConfig): StepRange {
+  const r = trainStepRange(config);
+  const offset = num(config, 'steps_offset');
+  if (str(config, 'timestep_spacing') !== 'leading' || !(offset > 0)) return r;
+  const train = r.max;
+  const first = (n: number) => (n - 1) * Math.floor(train / n) + offset;
+  let max = 0;
+  while (max < train && first(max + 1) < train) max++;
+  if (max === train) return r;
+  return { min: 1, max, why: `${r.why}; timestep_spacing "leading" with steps_offset ${offset} would start ${max + 1} steps at timestep ${first(max + 1)}, past the last (${train - 1})` };
+}
+
 /** A step count outside the class's range is the request's error. */
 export function checkSteps(className: string, n: number, range: StepRange): void {
   if (!Number.isInteger(n) || n < range.min || n > range.max) {

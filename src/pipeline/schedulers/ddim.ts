@@ -4,11 +4,11 @@ import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
   alphasCumprod,
+  alphasStepRange,
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
   checkSteps,
-  trainStepRange,
   f,
   npArange,
   npLinspace,
@@ -67,7 +67,7 @@ export class DDIM implements Scheduler {
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number, eta = 0) {
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, trainStepRange(config));
+    checkSteps(name, numInferenceSteps, alphasStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     if (!(eta >= 0)) unsupported(name, `eta ${eta}`);
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);

@@ -7,6 +7,7 @@ import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
   alphasCumprod,
+  alphasStepRange,
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
@@ -16,7 +17,6 @@ import {
   oneOf,
   type ConfigValue,
   type ResolvedConfig,
-  trainStepRange,
   unsupported,
 } from './common.js';
 import { ddimTimesteps } from './ddim.js';
@@ -47,7 +47,7 @@ export class DDPM implements Scheduler {
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     const name = this.name;
-    checkSteps(name, numInferenceSteps, trainStepRange(config));
+    checkSteps(name, numInferenceSteps, alphasStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     // fixed_large_log takes the square root of a log below 0 in diffusers (NaN); learned* need a UNet that predicts

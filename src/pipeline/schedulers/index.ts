@@ -8,7 +8,7 @@ import { RuntimeError } from '../../errors.js';
 import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
-import { type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
+import { alphasStepRange, type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
@@ -40,14 +40,14 @@ interface SchedulerClass {
 
 const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
   PNDMScheduler: { defaults: PNDM_DEFAULTS, steps: pndmStepRange, build: (c, n) => new PNDM(c, n) },
-  DDIMScheduler: { defaults: DDIM_DEFAULTS, steps: trainStepRange, build: (c, n, eta) => new DDIM(c, n, eta) },
+  DDIMScheduler: { defaults: DDIM_DEFAULTS, steps: alphasStepRange, build: (c, n, eta) => new DDIM(c, n, eta) },
   EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerDiscrete(c, n) },
   EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
   DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
   LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
   UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
   LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, hidden: LMS_HIDDEN, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
-  DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new DDPM(c, n) },
+  DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: alphasStepRange, build: (c, n) => new DDPM(c, n) },
   DEISMultistepScheduler: { defaults: DEIS_DEFAULTS, hidden: DEIS_HIDDEN, steps: trainStepRange, build: (c, n) => new DEISMultistep(c, n) },
   HeunDiscreteScheduler: { defaults: HEUN_DEFAULTS, hidden: HEUN_HIDDEN, steps: trainStepRange, build: (c, n) => new HeunDiscrete(c, n) },
   KDPM2DiscreteScheduler: { defaults: KDPM2_DEFAULTS, hidden: KDPM2_HIDDEN, steps: trainStepRange, build: (c, n) => new KDPM2Discrete(c, n) },

@@ -51,8 +51,10 @@ const repeated = (xs: ArrayLike<number>): number[] => {
 };
 
 /**
- * `_sigma_to_t` as these classes call it, on a float32 tensor sigma against float32 log-sigmas: numpy then computes
- * the log and the weight in float32 (the other classes pass float64 sigmas).
+ * `_sigma_to_t` as these classes call it, on a float32 tensor sigma against the float32 log-sigma tensor: numpy
+ * takes the log in float32, and the weight and `(1 − w)·low + w·high` are float32 tensor arithmetic, each product
+ * and the sum rounded (the other classes pass float64 sigmas to numpy). So the interpolated timesteps are float32
+ * values even where the schedule's own are float64 (Karras, exponential).
  */
 function sigmaToT32(sigma: number, logSigmas: Float32Array): number {
   const logSigma = logf(Math.max(sigma, f(1e-10)));
@@ -69,13 +71,12 @@ function sigmaToT32(sigma: number, logSigmas: Float32Array): number {
   low = Math.min(low, logSigmas.length - 2);
   const lo = logSigmas[low]!;
   const w = Math.min(Math.max(f(f(lo - logSigma) / f(lo - logSigmas[low + 1]!)), 0), 1);
-  return f(1 - w) * low + w * (low + 1);
+  return f(f(f(1 - w) * low) + f(w * (low + 1)));
 }
 
 interface Schedule {
   /** The n timesteps before interleaving: float32, or float64 after a Karras / exponential conversion (not cast). */
   timesteps: number[];
-  float32: boolean;
   /** n sigmas and the final 0, float32. */
   sigmas: Float32Array;
   logSigmas: Float32Array;
@@ -99,7 +100,7 @@ function schedule(name: string, config: ResolvedConfig, n: number): Schedule {
     sig = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
     timesteps = sig.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : sigmaToT(s, logSigmas)));
   }
-  return { timesteps, float32: !converted, sigmas: Float32Array.from([...sig, 0]), logSigmas };
+  return { timesteps, sigmas: Float32Array.from([...sig, 0]), logSigmas };
 }
 
 /** The shared state machine: the first UNet run of a step goes to the interpolated sigma, the second completes it. */
@@ -142,7 +143,7 @@ export class KDPM2Discrete extends KDPM2Base {
     // Geometric midpoints: exp(lerp(log sigma_j, log sigma_{j-1}, 0.5)); the first is NaN (never used), the last 0.
     const logs = Array.from(s.sigmas, logf);
     const interpol = logs.map((l, j) => f(Math.exp(lerpHalf(l, logs[(j + logs.length - 1) % logs.length]!))));
-    const ti = interpol.map((x) => sigmaToT32(x, s.logSigmas)).map((t) => (s.float32 ? f(t) : t));
+    const ti = interpol.map((x) => sigmaToT32(x, s.logSigmas));
     const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k + 1]!, t]);
     super(config, s, interpol, interleaved, name);
   }
@@ -189,7 +190,7 @@ export class KDPM2AncestralDiscrete extends KDPM2Base {
     }
     // exp(lerp(log sigma_j, log sigma_down_j, 0.5)), the last two set to 0.
     const interpol = Array.from(s.sigmas, (x, j) => (j >= n - 2 ? 0 : f(Math.exp(lerpHalf(logf(x), logf(down[j]!))))));
-    const ti = interpol.slice(0, n - 2).map((x) => sigmaToT32(x, s.logSigmas)).map((t) => (s.float32 ? f(t) : t));
+    const ti = interpol.slice(0, n - 2).map((x) => sigmaToT32(x, s.logSigmas));
     const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k]!, t]);
     super(config, s, interpol, interleaved, name);
     this.#up = Float32Array.from(repeated(up));

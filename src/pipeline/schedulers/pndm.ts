@@ -5,6 +5,7 @@ import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
   alphasCumprod,
+  alphasStepRange,
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
@@ -18,7 +19,6 @@ import {
   type ConfigValue,
   type ResolvedConfig,
   str,
-  trainStepRange,
   unsupported,
 } from './common.js';
 
@@ -33,7 +33,7 @@ export const PNDM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 
 /** diffusers fails below 4 steps without skip_prk_steps: the PRK warm-up needs the last 4 timesteps. */
 export function pndmStepRange(config: ResolvedConfig): StepRange {
-  const r = trainStepRange(config);
+  const r = alphasStepRange(config);
   return bool(config, 'skip_prk_steps') ? r : { ...r, min: 4, why: `PNDMScheduler without skip_prk_steps needs at least 4; ${r.why}` };
 }
 
