@@ -3,14 +3,12 @@
  * torch.
  */
 
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
   alphaSigmaLambda,
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
-  checkBeginIndex,
-  checkIndex,
   checkSteps,
   convertedSigmas,
   f,
@@ -24,6 +22,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
+import { MultistepSchedule } from './multistep.js';
 
 export const DEIS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -66,20 +65,16 @@ function ind3(t: number, b: number, c: number, d: number): number {
   return f(f(t * inner) / f(f(lb - lc) * f(lb - ld)));
 }
 
-export class DEISMultistep implements Scheduler {
+export class DEISMultistep extends MultistepSchedule {
   readonly name = 'DEISMultistepScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas: readonly number[];
-  readonly initNoiseSigma = 1;
-  readonly #sig: Float32Array;
   readonly #order: number;
   readonly #prediction: string;
   /** Converted model outputs of the last steps, oldest first. */
   #outputs: Float32Array[] = [];
   #lowerOrderNums = 0;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    super();
     const name = this.name;
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     // As diffusers' __init__ does, DPM-Solver's and UniPC's options (a config `from_config` carries over) map to DEIS's.
@@ -106,35 +101,14 @@ export class DEISMultistep implements Scheduler {
       sig = timesteps.map((t) => npInterpIndex(t, table));
       last = f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
     }
-    this.#sig = Float32Array.from([...sig, last]);
-    this.sigmas = Object.freeze(Array.from(this.#sig));
-    this.timesteps = Object.freeze(timesteps);
-  }
-
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index]. */
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    checkIndex(this.name, index, this.timesteps);
-    const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
-    const out = new Float32Array(original.length);
-    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
-    return out;
+    this.schedule(timesteps, Float32Array.from([...sig, last]));
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
-    const i = this.#index;
+    const i = this.current();
     const nSteps = this.timesteps.length;
-    if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
     const lowerFinal = bool(this.config, 'lower_order_final') && nSteps < 15;
-    const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
+    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     let prev: Float32Array;
@@ -142,7 +116,7 @@ export class DEISMultistep implements Scheduler {
     else if (this.#order === 2 || this.#lowerOrderNums < 2 || (lowerFinal && i === nSteps - 2)) prev = this.#higherOrder(sample, 2);
     else prev = this.#higherOrder(sample, 3);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
-    this.#index++;
+    this.index++;
     return { prevSample: prev };
   }
 
@@ -162,9 +136,9 @@ export class DEISMultistep implements Scheduler {
   }
 
   #firstOrder(m: Float32Array, s: Float32Array): Float32Array {
-    const i = this.#index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
-    const [alphaS, , lambdaS] = alphaSigmaLambda(this.#sig[i]!);
+    const i = this.index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
+    const [alphaS, , lambdaS] = alphaSigmaLambda(this.sig[i]!);
     const h = f(lambdaT - lambdaS);
     const a = f(alphaT / alphaS);
     const b = f(sigmaT * f(f(Math.exp(h)) - 1));
@@ -175,9 +149,9 @@ export class DEISMultistep implements Scheduler {
 
   /** `multistep_deis_{second,third}_order_update`: x_t = alpha_t·(x/alpha_s0 + Σ coef_k·m_k). */
   #higherOrder(s: Float32Array, order: 2 | 3): Float32Array {
-    const i = this.#index;
+    const i = this.index;
     const rhoAlpha = (j: number): [number, number] => {
-      const [alpha, sigma] = alphaSigmaLambda(this.#sig[j]!);
+      const [alpha, sigma] = alphaSigmaLambda(this.sig[j]!);
       return [f(sigma / alpha), alpha];
     };
     const [rt, alphaT] = rhoAlpha(i + 1);

@@ -3,14 +3,12 @@
  * optional Karras sigmas; float32 like torch.
  */
 
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
   alphasCumprod,
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
-  checkBeginIndex,
-  checkIndex,
   checkSteps,
   type ConfigValue,
   exponentialSigmas,
@@ -28,6 +26,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
+import { MultistepSchedule } from './multistep.js';
 
 export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -64,12 +63,8 @@ export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: nu
 
 const logf = (x: number) => f(Math.log(x));
 
-export class DPMSolverMultistep implements Scheduler {
+export class DPMSolverMultistep extends MultistepSchedule {
   readonly name = 'DPMSolverMultistepScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas: readonly number[];
-  readonly initNoiseSigma = 1;
-  readonly #sig: Float32Array;
   readonly #order: number;
   readonly #prediction: string;
   readonly #plusPlus: boolean;
@@ -78,9 +73,9 @@ export class DPMSolverMultistep implements Scheduler {
   readonly #heun: boolean;
   #outputs: Float32Array[] = [];
   #lowerOrderNums = 0;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    super();
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
@@ -135,38 +130,17 @@ export class DPMSolverMultistep implements Scheduler {
       sig = timesteps.map((t) => npInterpIndex(t, table));
     }
     const lastSigma = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
-    this.#sig = Float32Array.from([...sig, lastSigma]);
-    this.sigmas = Object.freeze(Array.from(this.#sig));
-    this.timesteps = Object.freeze(timesteps);
-  }
-
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index] (`_sigma_to_alpha_sigma_t`). */
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    checkIndex(this.name, index, this.timesteps);
-    const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
-    const out = new Float32Array(original.length);
-    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
-    return out;
+    this.schedule(timesteps, Float32Array.from([...sig, lastSigma]));
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
-    const i = this.#index;
+    const i = this.current();
     const nSteps = this.timesteps.length;
-    if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
     const c = this.config;
     const lowerOrderFinal =
       i === nSteps - 1 &&
       (bool(c, 'euler_at_final') || (bool(c, 'lower_order_final') && nSteps < 15) || str(c, 'final_sigmas_type') === 'zero');
-    const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
+    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     // The SDE variants draw on every step, the last included, as diffusers does.
@@ -175,7 +149,7 @@ export class DPMSolverMultistep implements Scheduler {
     if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = z ? this.#sdeUpdate(sample, 1, z) : this.#firstOrder(converted, sample);
     else prev = z ? this.#sdeUpdate(sample, 2, z) : this.#secondOrder(sample);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
-    this.#index++;
+    this.index++;
     return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
   }
 
@@ -198,9 +172,9 @@ export class DPMSolverMultistep implements Scheduler {
   }
 
   #firstOrder(m: Float32Array, s: Float32Array): Float32Array {
-    const i = this.#index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
-    const [alphaS, sigmaS, lambdaS] = alphaSigmaLambda(this.#sig[i]!);
+    const i = this.index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
+    const [alphaS, sigmaS, lambdaS] = alphaSigmaLambda(this.sig[i]!);
     const h = f(lambdaT - lambdaS);
     let a: number;
     let b: number;
@@ -217,10 +191,10 @@ export class DPMSolverMultistep implements Scheduler {
   }
 
   #secondOrder(s: Float32Array): Float32Array {
-    const i = this.#index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[i]!);
-    const [, , lambdaS1] = alphaSigmaLambda(this.#sig[i - 1]!);
+    const i = this.index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
+    const [, , lambdaS1] = alphaSigmaLambda(this.sig[i - 1]!);
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     const m1 = this.#outputs[this.#outputs.length - 2]!;
     const h = f(lambdaT - lambdaS0);
@@ -254,9 +228,9 @@ export class DPMSolverMultistep implements Scheduler {
    * x_t = a·sample + b·D0 + c·D1 + d·z, signs folded into the coefficients, D1 = (1/r0)·(m0 − m1).
    */
   #sdeUpdate(s: Float32Array, order: 1 | 2, z: Float32Array): Float32Array {
-    const i = this.#index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[i]!);
+    const i = this.index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
     const h = f(lambdaT - lambdaS0);
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     let a: number;
@@ -281,7 +255,7 @@ export class DPMSolverMultistep implements Scheduler {
       for (let k = 0; k < s.length; k++) out[k] = f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(d * z[k]!));
       return out;
     }
-    const [, , lambdaS1] = alphaSigmaLambda(this.#sig[i - 1]!);
+    const [, , lambdaS1] = alphaSigmaLambda(this.sig[i - 1]!);
     const m1 = this.#outputs[this.#outputs.length - 2]!;
     const invR0 = f(1 / f(f(lambdaS0 - lambdaS1) / h));
     for (let k = 0; k < s.length; k++) {

@@ -3,14 +3,12 @@
  * on the noise; float32 like torch.
  */
 
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
   alphasCumprod,
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
-  checkBeginIndex,
-  checkIndex,
   checkSteps,
   type ConfigValue,
   convertedSigmas,
@@ -24,6 +22,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
+import { MultistepSchedule } from './multistep.js';
 
 export const UNIPC_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -84,12 +83,8 @@ export function solveF32(a: readonly (readonly number[])[], b: readonly number[]
   return x;
 }
 
-export class UniPCMultistep implements Scheduler {
+export class UniPCMultistep extends MultistepSchedule {
   readonly name = 'UniPCMultistepScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas: readonly number[];
-  readonly initNoiseSigma = 1;
-  readonly #sig: Float32Array;
   readonly #order: number;
   readonly #prediction: string;
   readonly #predictX0: boolean;
@@ -100,9 +95,9 @@ export class UniPCMultistep implements Scheduler {
   #lastSample: Float32Array | undefined;
   #thisOrder = 0;
   #lowerOrderNums = 0;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    super();
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
@@ -138,34 +133,13 @@ export class UniPCMultistep implements Scheduler {
       sig = timesteps.map((t) => npInterpIndex(t, table));
       last = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
     }
-    this.#sig = Float32Array.from([...sig, last]);
-    this.sigmas = Object.freeze(Array.from(this.#sig));
-    this.timesteps = Object.freeze(timesteps);
-  }
-
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index]. */
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    checkIndex(this.name, index, this.timesteps);
-    const [alpha, sigma] = alphaSigmaLambda(this.#sig[index]!);
-    const out = new Float32Array(original.length);
-    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
-    return out;
+    this.schedule(timesteps, Float32Array.from([...sig, last]));
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
-    const i = this.#index;
+    const i = this.current();
     const nSteps = this.timesteps.length;
-    if (i >= nSteps) throw new Error(`${this.name}: step() called more than ${nSteps} times`);
-    const converted = this.#convert(modelOutput, sample, this.#sig[i]!);
+    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
     let x = sample;
     if (i > 0 && !this.#disabled.has(i - 1) && this.#lastSample !== undefined) x = this.#correct(converted, this.#lastSample, x, this.#thisOrder);
     this.#outputs.push(converted);
@@ -175,7 +149,7 @@ export class UniPCMultistep implements Scheduler {
     this.#lastSample = x;
     const prev = this.#predict(x, this.#thisOrder);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
-    this.#index++;
+    this.index++;
     return { prevSample: prev };
   }
 
@@ -203,11 +177,11 @@ export class UniPCMultistep implements Scheduler {
    * the right-hand side b of the order conditions.
    */
   #terms(from: number, to: number, order: number): { a: number; c0: number; bh: number; rks: number[]; rhs: number[] } {
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.#sig[to]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.#sig[from]!);
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[to]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[from]!);
     const h = f(lambdaT - lambdaS0);
     const rks: number[] = [];
-    for (let k = 1; k < order; k++) rks.push(f(f(alphaSigmaLambda(this.#sig[from - k]!)[2] - lambdaS0) / h));
+    for (let k = 1; k < order; k++) rks.push(f(f(alphaSigmaLambda(this.sig[from - k]!)[2] - lambdaS0) / h));
     rks.push(1);
     const hh = this.#predictX0 ? -h : h;
     const hPhi1 = f(Math.expm1(hh));
@@ -243,7 +217,7 @@ export class UniPCMultistep implements Scheduler {
 
   /** `multistep_uni_p_bh_update`: from sigmas[i] to sigmas[i + 1]; this step's converted output is the newest. */
   #predict(x: Float32Array, order: number): Float32Array {
-    const i = this.#index;
+    const i = this.index;
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     const { a, c0, bh, rks, rhs } = this.#terms(i, i + 1, order);
     const ms = this.#earlier(order);
@@ -269,7 +243,7 @@ export class UniPCMultistep implements Scheduler {
    * step's converted output; the stored outputs (newest first) end at the last step's.
    */
   #correct(mt: Float32Array, last: Float32Array, x: Float32Array, order: number): Float32Array {
-    const i = this.#index;
+    const i = this.index;
     const m0 = this.#outputs[this.#outputs.length - 1]!;
     const { a, c0, bh, rks, rhs } = this.#terms(i - 1, i, order);
     const ms = this.#earlier(order);
