@@ -99,6 +99,37 @@ export function predictX0(prediction: string, m: Float32Array, s: Float32Array, 
   }
 }
 
+/**
+ * The schedule of the k-diffusion style classes (LMS, Heun, KDPM2 and its ancestral form): checks shared by their
+ * constructors, the Euler timesteps, sigmas interpolated on the table, then a Karras / exponential ramp between the
+ * config's sigma_min / sigma_max (hidden keys; LMS's Karras ramp ignores them) or the schedule's own ends, with the
+ * timesteps back from those sigmas: float64, neither rounded nor cast (each class does that its own way).
+ */
+export function discreteSchedule(
+  name: string,
+  config: ResolvedConfig,
+  n: number,
+  predictions: readonly string[],
+  karrasReadsBounds = true,
+): { timesteps: number[]; sigmas: number[]; logSigmas: Float32Array; converted: 'karras' | 'exponential' | undefined } {
+  checkSteps(name, n, trainStepRange(config));
+  oneOf(name, config, 'prediction_type', predictions);
+  if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
+  const karras = bool(config, 'use_karras_sigmas');
+  if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
+  const { sigmas: table } = eulerTables(name, config);
+  const logSigmas = table.map((s) => f(Math.log(s)));
+  const timesteps = eulerTimesteps(config, n);
+  const sigmas = timesteps.map((t) => npInterpIndex(t, table));
+  const converted = karras ? 'karras' : bool(config, 'use_exponential_sigmas') ? 'exponential' : undefined;
+  if (!converted) return { timesteps, sigmas, logSigmas, converted };
+  const bounds = !karras || karrasReadsBounds;
+  const sMin = (bounds ? (config.sigma_min as number | null | undefined) : undefined) ?? sigmas[sigmas.length - 1]!;
+  const sMax = (bounds ? (config.sigma_max as number | null | undefined) : undefined) ?? sigmas[0]!;
+  const ramp = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
+  return { timesteps: ramp.map((s) => sigmaToT(s, logSigmas)), sigmas: ramp, logSigmas, converted };
+}
+
 /** What the sigma-based discrete schedulers share (Euler, Euler ancestral, LMS): schedule, input scaling, noising. */
 export abstract class EulerBase implements Scheduler {
   abstract readonly name: string;

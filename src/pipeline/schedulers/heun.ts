@@ -6,20 +6,12 @@
 import type { StepResult } from '../types.js';
 import {
   bool,
-  checkSteps,
-  exponentialSigmas,
   f,
-  karrasSigmas,
-  npInterpIndex,
   num,
-  oneOf,
   type ConfigValue,
   type ResolvedConfig,
-  sigmaToT,
-  trainStepRange,
-  unsupported,
 } from './common.js';
-import { EulerBase, eulerTables, eulerTimesteps, predictX0 } from './euler.js';
+import { discreteSchedule, EulerBase, predictX0 } from './euler.js';
 
 export const HEUN_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
@@ -53,21 +45,8 @@ export class HeunDiscrete extends EulerBase {
 
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'HeunDiscreteScheduler';
-    checkSteps(name, numInferenceSteps, trainStepRange(config));
-    oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction', 'sample']);
-    if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
-    const karras = bool(config, 'use_karras_sigmas');
-    if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
-    const { sigmas: table } = eulerTables(name, config);
-    let timesteps = eulerTimesteps(config, numInferenceSteps);
-    let sig = timesteps.map((t) => npInterpIndex(t, table));
-    if (karras || bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map((s) => f(Math.log(s)));
-      const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
-      const sMax = (config.sigma_max as number | null) ?? sig[0]!;
-      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
-      timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
-    }
+    const { timesteps: raw, sigmas: sig, converted } = discreteSchedule(name, config, numInferenceSteps, ['epsilon', 'v_prediction', 'sample']);
+    const timesteps = converted ? raw.map(f) : raw;
     const s32 = Array.from(Float32Array.from([...sig, 0]));
     super(config, doubled(timesteps), Float32Array.from([...doubled(s32.slice(0, -1)), 0]), name);
   }

@@ -6,21 +6,12 @@
 
 import type { StepResult } from '../types.js';
 import {
-  bool,
-  checkSteps,
-  exponentialSigmas,
   f,
-  karrasSigmas,
-  npInterpIndex,
   npRound,
-  oneOf,
   type ConfigValue,
   type ResolvedConfig,
-  sigmaToT,
-  trainStepRange,
-  unsupported,
 } from './common.js';
-import { EulerBase, eulerTables, eulerTimesteps, predictX0, scaleBySigma } from './euler.js';
+import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
 
 export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
@@ -83,24 +74,10 @@ interface Schedule {
 }
 
 function schedule(name: string, config: ResolvedConfig, n: number): Schedule {
-  checkSteps(name, n, trainStepRange(config));
   // diffusers raises NotImplementedError for `sample`
-  oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction']);
-  if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
-  const karras = bool(config, 'use_karras_sigmas');
-  if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
-  const { sigmas: table } = eulerTables(name, config);
-  const logSigmas = table.map(logf);
-  let timesteps = eulerTimesteps(config, n);
-  let sig = timesteps.map((t) => npInterpIndex(t, table));
-  const converted = karras || bool(config, 'use_exponential_sigmas');
-  if (converted) {
-    const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
-    const sMax = (config.sigma_max as number | null) ?? sig[0]!;
-    sig = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
-    timesteps = sig.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : sigmaToT(s, logSigmas)));
-  }
-  return { timesteps, sigmas: Float32Array.from([...sig, 0]), logSigmas };
+  const { timesteps, sigmas, logSigmas, converted } = discreteSchedule(name, config, n, ['epsilon', 'v_prediction']);
+  // Karras timesteps are rounded; neither is cast to float32 (the tensor keeps numpy's float64)
+  return { timesteps: converted === 'karras' ? timesteps.map(npRound) : timesteps, sigmas: Float32Array.from([...sigmas, 0]), logSigmas };
 }
 
 /** The shared state machine: the first UNet run of a step goes to the interpolated sigma, the second completes it. */

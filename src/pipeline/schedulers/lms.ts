@@ -2,20 +2,11 @@
 
 import type { StepResult } from '../types.js';
 import {
-  bool,
-  checkSteps,
-  exponentialSigmas,
   f,
-  karrasSigmas,
-  npInterpIndex,
-  oneOf,
   type ConfigValue,
   type ResolvedConfig,
-  sigmaToT,
-  trainStepRange,
-  unsupported,
 } from './common.js';
-import { EulerBase, eulerTables, eulerTimesteps, predictX0 } from './euler.js';
+import { discreteSchedule, EulerBase, predictX0 } from './euler.js';
 
 export const LMS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
@@ -74,26 +65,9 @@ export class LMSDiscrete extends EulerBase {
 
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'LMSDiscreteScheduler';
-    checkSteps(name, numInferenceSteps, trainStepRange(config));
-    oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction', 'sample']);
-    if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
-    const karras = bool(config, 'use_karras_sigmas');
-    if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
-    const { sigmas: table } = eulerTables(name, config);
-    let timesteps = eulerTimesteps(config, numInferenceSteps);
-    let sig = timesteps.map((t) => npInterpIndex(t, table));
-    if (karras || bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map((s) => f(Math.log(s)));
-      // The bounds are the interpolated schedule's own (float64); only the exponential ramp reads a config's
-      // sigma_min / sigma_max (LMS_HIDDEN), the Karras one never does.
-      const sMin = sig[sig.length - 1]!;
-      const sMax = sig[0]!;
-      sig = karras
-        ? karrasSigmas(sMin, sMax, numInferenceSteps)
-        : exponentialSigmas((config.sigma_min as number | null) ?? sMin, (config.sigma_max as number | null) ?? sMax, numInferenceSteps);
-      timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
-    }
-    super(config, timesteps, Float32Array.from([...sig, 0]), name);
+    // The exponential ramp reads a config's sigma_min / sigma_max (LMS_HIDDEN); the Karras one never does.
+    const { timesteps, sigmas: sig, converted } = discreteSchedule(name, config, numInferenceSteps, ['epsilon', 'v_prediction', 'sample'], false);
+    super(config, converted ? timesteps.map(f) : timesteps, Float32Array.from([...sig, 0]), name);
   }
 
   override setBeginIndex(index: number): void {
