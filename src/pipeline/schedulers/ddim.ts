@@ -1,13 +1,11 @@
 /** @module DDIMScheduler (diffusers), float32 like torch; eta > 0 draws noise through the step callback. */
 
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
-  addNoiseAlphas,
   alphasCumprod,
   alphasStepRange,
   BETA_DEFAULTS,
   bool,
-  checkBeginIndex,
   checkSteps,
   f,
   npArange,
@@ -20,6 +18,7 @@ import {
   str,
   unsupported,
 } from './common.js';
+import { AlphaSchedule } from './base.js';
 
 export const DDIM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -52,51 +51,34 @@ export function ddimTimesteps(className: string, c: ResolvedConfig, n: number): 
   }
 }
 
-export class DDIM implements Scheduler {
+export class DDIM extends AlphaSchedule {
   readonly name = 'DDIMScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas = undefined;
-  readonly initNoiseSigma = 1;
-  readonly #ac: Float32Array;
   readonly #finalAc: number;
   readonly #ratio: number;
   readonly #prediction: string;
   readonly #eta: number;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number, eta = 0) {
+    super();
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, alphasStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     if (!(eta >= 0)) unsupported(name, `eta ${eta}`);
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
-    this.#ac = alphasCumprod(name, config, true);
-    this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.#ac[0]!;
+    this.ac = alphasCumprod(name, config, true);
+    this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.ac[0]!;
     this.#ratio = Math.floor(train / numInferenceSteps);
     this.#eta = eta;
     this.timesteps = Object.freeze(ddimTimesteps(name, config, numInferenceSteps));
   }
 
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
-  }
-
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
-    if (this.#index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
-    const t = this.timesteps[this.#index++]!;
+    const t = this.timesteps[this.current()]!;
+    this.index++;
     const prevT = t - this.#ratio;
-    const at = this.#ac[t]!;
-    const ap = prevT >= 0 ? this.#ac[prevT]! : this.#finalAc;
+    const at = this.ac[t]!;
+    const ap = prevT >= 0 ? this.ac[prevT]! : this.#finalAc;
     const bt = f(1 - at);
     const sqA = f(Math.sqrt(at));
     const sqB = f(Math.sqrt(bt));

@@ -3,14 +3,12 @@
  * DreamBooth fine-tunes saved by some training scripts ship it as their scheduler.
  */
 
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
-  addNoiseAlphas,
   alphasCumprod,
   alphasStepRange,
   BETA_DEFAULTS,
   bool,
-  checkBeginIndex,
   checkSteps,
   f,
   num,
@@ -19,6 +17,7 @@ import {
   type ResolvedConfig,
   unsupported,
 } from './common.js';
+import { AlphaSchedule } from './base.js';
 import { ddimTimesteps } from './ddim.js';
 
 export const DDPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
@@ -35,17 +34,13 @@ export const DDPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   rescale_betas_zero_snr: false,
 };
 
-export class DDPM implements Scheduler {
+export class DDPM extends AlphaSchedule {
   readonly name = 'DDPMScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas = undefined;
-  readonly initNoiseSigma = 1;
-  readonly #ac: Float32Array;
   readonly #prediction: string;
   readonly #variance: string;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    super();
     const name = this.name;
     checkSteps(name, numInferenceSteps, alphasStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
@@ -53,32 +48,18 @@ export class DDPM implements Scheduler {
     // fixed_large_log takes the square root of a log below 0 in diffusers (NaN); learned* need a UNet that predicts
     // its variance (8 output channels), which Stable Diffusion's do not.
     this.#variance = oneOf(name, config, 'variance_type', ['fixed_small', 'fixed_small_log', 'fixed_large']);
-    this.#ac = alphasCumprod(name, config, true);
+    this.ac = alphasCumprod(name, config, true);
     this.timesteps = Object.freeze(ddimTimesteps(name, config, numInferenceSteps));
   }
 
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
-  }
-
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
-    const i = this.#index;
-    if (i >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
-    this.#index++;
+    const i = this.current();
+    this.index++;
     const t = this.timesteps[i]!;
     // previous_timestep: the next one of the schedule, -1 after the last.
     const prevT = i + 1 < this.timesteps.length ? this.timesteps[i + 1]! : -1;
-    const at = this.#ac[t]!;
-    const ap = prevT >= 0 ? this.#ac[prevT]! : 1;
+    const at = this.ac[t]!;
+    const ap = prevT >= 0 ? this.ac[prevT]! : 1;
     const bt = f(1 - at);
     const bp = f(1 - ap);
     const ca = f(at / ap);

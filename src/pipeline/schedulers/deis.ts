@@ -22,7 +22,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { MultistepSchedule } from './multistep.js';
+import { MultistepSchedule } from './base.js';
 
 export const DEIS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,

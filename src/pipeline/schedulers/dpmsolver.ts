@@ -26,7 +26,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { MultistepSchedule } from './multistep.js';
+import { convertModelOutput, MultistepSchedule } from './base.js';
 
 export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -140,7 +140,7 @@ export class DPMSolverMultistep extends MultistepSchedule {
     const lowerOrderFinal =
       i === nSteps - 1 &&
       (bool(c, 'euler_at_final') || (bool(c, 'lower_order_final') && nSteps < 15) || str(c, 'final_sigmas_type') === 'zero');
-    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
+    const converted = convertModelOutput(modelOutput, sample, this.sig[i]!, this.#prediction, this.#plusPlus);
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     // The SDE variants draw on every step, the last included, as diffusers does.
@@ -151,24 +151,6 @@ export class DPMSolverMultistep extends MultistepSchedule {
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.index++;
     return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
-  }
-
-  /** diffusers `convert_model_output`: x0 for DPM-Solver++, epsilon for DPM-Solver. */
-  #convert(m: Float32Array, s: Float32Array, sigma: number): Float32Array {
-    const [alpha, sig] = alphaSigmaLambda(sigma);
-    const n = m.length;
-    const out = new Float32Array(n);
-    const p = this.#prediction;
-    if (this.#plusPlus) {
-      if (p === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
-      else if (p === 'sample') out.set(m);
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
-    } else {
-      if (p === 'epsilon') out.set(m);
-      else if (p === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
-    }
-    return out;
   }
 
   #firstOrder(m: Float32Array, s: Float32Array): Float32Array {

@@ -1,12 +1,10 @@
 /** @module LCMScheduler (diffusers): consistency-model steps; noise on every step but the last; float32 like torch. */
 
 import type { StepRange } from '../job.js';
-import type { Scheduler, StepResult } from '../types.js';
+import type { StepResult } from '../types.js';
 import {
-  addNoiseAlphas,
   alphasCumprod,
   bool,
-  checkBeginIndex,
   checkSteps,
   f,
   npLinspace,
@@ -17,6 +15,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
+import { AlphaSchedule } from './base.js';
 
 export const LCM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
@@ -46,24 +45,20 @@ export function lcmStepRange(config: ResolvedConfig): StepRange {
   return original < r.max ? { ...r, max: original, why: `original_inference_steps is ${original}` } : r;
 }
 
-export class LCM implements Scheduler {
+export class LCM extends AlphaSchedule {
   readonly name = 'LCMScheduler';
-  readonly timesteps: readonly number[];
-  readonly sigmas = undefined;
-  readonly initNoiseSigma = 1;
-  readonly #ac: Float32Array;
   readonly #finalAc: number;
   readonly #prediction: string;
-  #index = 0;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    super();
     const name = this.name;
     const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, lcmStepRange(config));
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
-    this.#ac = alphasCumprod(name, config, true);
-    this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.#ac[0]!;
+    this.ac = alphasCumprod(name, config, true);
+    this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.ac[0]!;
     const original = num(config, 'original_inference_steps');
     const k = Math.floor(train / original);
     const origin: number[] = [];
@@ -71,27 +66,13 @@ export class LCM implements Scheduler {
     this.timesteps = Object.freeze(npLinspace(0, origin.length, numInferenceSteps, false).map((x) => origin[Math.floor(x)]!));
   }
 
-  scaleModelInput(sample: Float32Array): Float32Array {
-    return sample;
-  }
-
-  setBeginIndex(index: number): void {
-    checkBeginIndex(this.name, index, this.timesteps);
-    this.#index = index;
-  }
-
-  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
-    return addNoiseAlphas(this.name, this.#ac, this.timesteps, index, original, noise);
-  }
-
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
-    const i = this.#index;
+    const i = this.current();
     const steps = this.timesteps.length;
-    if (i >= steps) throw new Error(`${this.name}: step() called more than ${steps} times`);
     const t = this.timesteps[i]!;
     const prevT = i + 1 < steps ? this.timesteps[i + 1]! : t;
-    const at = this.#ac[t]!;
-    const ap = prevT >= 0 ? this.#ac[prevT]! : this.#finalAc;
+    const at = this.ac[t]!;
+    const ap = prevT >= 0 ? this.ac[prevT]! : this.#finalAc;
     const sqA = f(Math.sqrt(at));
     const sqB = f(Math.sqrt(f(1 - at)));
     // Boundary-condition scalings with sigma_data = 0.5 (timestep tensor × Python float → float32).
@@ -112,7 +93,7 @@ export class LCM implements Scheduler {
       x0 = Math.min(Math.max(x0, -clip), clip);
       denoised[j] = f(cOut * x0) + f(cSkip * s);
     }
-    this.#index++;
+    this.index++;
     if (i === steps - 1) return { prevSample: denoised, denoised };
     const z = noise();
     const sqAp = f(Math.sqrt(ap));

@@ -22,7 +22,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { MultistepSchedule } from './multistep.js';
+import { convertModelOutput, MultistepSchedule } from './base.js';
 
 export const UNIPC_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -139,7 +139,7 @@ export class UniPCMultistep extends MultistepSchedule {
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
     const i = this.current();
     const nSteps = this.timesteps.length;
-    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
+    const converted = convertModelOutput(modelOutput, sample, this.sig[i]!, this.#prediction, this.#predictX0);
     let x = sample;
     if (i > 0 && !this.#disabled.has(i - 1) && this.#lastSample !== undefined) x = this.#correct(converted, this.#lastSample, x, this.#thisOrder);
     this.#outputs.push(converted);
@@ -151,24 +151,6 @@ export class UniPCMultistep extends MultistepSchedule {
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.index++;
     return { prevSample: prev };
-  }
-
-  /** diffusers `convert_model_output`: x0 when predict_x0, else the noise. */
-  #convert(m: Float32Array, s: Float32Array, sigma: number): Float32Array {
-    const [alpha, sig] = alphaSigmaLambda(sigma);
-    const n = m.length;
-    const out = new Float32Array(n);
-    const p = this.#prediction;
-    if (this.#predictX0) {
-      if (p === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
-      else if (p === 'sample') out.set(m);
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
-    } else {
-      if (p === 'epsilon') out.set(m);
-      else if (p === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
-    }
-    return out;
   }
 
   /**

@@ -1,0 +1,84 @@
+/**
+ * @module What the schedulers with unscaled model input share: the step index (set by image-to-image's begin index),
+ * and the noising of their schedule — DDPM-style on alphas_cumprod (DDIM, DDPM, LCM) or `alpha_t·x + sigma_t·n` on
+ * the sigma schedule of the multistep solvers (DPM-Solver, UniPC, DEIS).
+ */
+
+import type { Scheduler, StepResult } from '../types.js';
+import { addNoiseAlphas, alphaSigmaLambda, checkBeginIndex, checkIndex, f } from './common.js';
+
+abstract class UnscaledSchedule implements Scheduler {
+  abstract readonly name: string;
+  abstract readonly sigmas: readonly number[] | undefined;
+  timesteps: readonly number[] = [];
+  readonly initNoiseSigma = 1;
+  protected index = 0;
+
+  scaleModelInput(sample: Float32Array): Float32Array {
+    return sample;
+  }
+
+  setBeginIndex(index: number): void {
+    checkBeginIndex(this.name, index, this.timesteps);
+    this.index = index;
+  }
+
+  /** The index of the step about to run; throws past the schedule's end. */
+  protected current(): number {
+    if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+    return this.index;
+  }
+
+  abstract addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array;
+  abstract step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
+}
+
+/** DDIM, DDPM, LCM: integer timesteps into alphas_cumprod. */
+export abstract class AlphaSchedule extends UnscaledSchedule {
+  readonly sigmas = undefined;
+  protected ac: Float32Array<ArrayBufferLike> = new Float32Array(0);
+
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    return addNoiseAlphas(this.name, this.ac, this.timesteps, index, original, noise);
+  }
+}
+
+/** DPM-Solver, UniPC, DEIS: a sigma per timestep and a final one. */
+export abstract class MultistepSchedule extends UnscaledSchedule {
+  sigmas: readonly number[] = [];
+  /** The sigmas of the timesteps and the final one (float32). */
+  protected sig: Float32Array<ArrayBufferLike> = new Float32Array(0);
+
+  /** Called once at the end of a subclass's constructor, with the n timesteps and the n + 1 sigmas. */
+  protected schedule(timesteps: number[], sig: Float32Array): void {
+    this.sig = sig;
+    this.sigmas = Object.freeze(Array.from(sig));
+    this.timesteps = Object.freeze(timesteps);
+  }
+
+  /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index] (`_sigma_to_alpha_sigma_t`). */
+  addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
+    checkIndex(this.name, index, this.timesteps);
+    const [alpha, sigma] = alphaSigmaLambda(this.sig[index]!);
+    const out = new Float32Array(original.length);
+    for (let i = 0; i < original.length; i++) out[i] = f(alpha * original[i]!) + f(sigma * noise[i]!);
+    return out;
+  }
+}
+
+/** diffusers' `convert_model_output` of DPM-Solver and UniPC: the x0 prediction (`toX0`), else the noise. */
+export function convertModelOutput(m: Float32Array, s: Float32Array, sigma: number, prediction: string, toX0: boolean): Float32Array {
+  const [alpha, sig] = alphaSigmaLambda(sigma);
+  const n = m.length;
+  const out = new Float32Array(n);
+  if (toX0) {
+    if (prediction === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
+    else if (prediction === 'sample') out.set(m);
+    else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
+  } else {
+    if (prediction === 'epsilon') out.set(m);
+    else if (prediction === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
+    else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
+  }
+  return out;
+}
