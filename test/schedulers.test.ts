@@ -350,6 +350,20 @@ describe('UniPC and LMS beyond the diffusers vectors', () => {
     expect(y.every(Number.isFinite)).toBe(true);
   });
 
+  it("DPM-Solver's heun solver type through a repeated last sigma (Karras, sigma_min, 15+ steps) stays finite, where diffusers gives NaN", () => {
+    for (const algorithm of ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver']) {
+      const s = createScheduler(
+        { ...unipc, _class_name: 'DPMSolverMultistepScheduler', algorithm_type: algorithm, solver_type: 'heun', use_karras_sigmas: true, final_sigmas_type: 'sigma_min' },
+        20,
+      );
+      const sigmas = s.sigmas!;
+      expect(sigmas[sigmas.length - 1], algorithm).toBe(sigmas[sigmas.length - 2]); // the zero step
+      let x: Float32Array<ArrayBufferLike> = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i + 1));
+      for (const t of s.timesteps) x = s.step(Float32Array.from({ length: 16 }, (_, i) => Math.cos(i * t)), t, x, () => new Float32Array(16).fill(0.5)).prevSample;
+      expect(x.every(Number.isFinite), algorithm).toBe(true);
+    }
+  });
+
   it('refuses the options it does not implement, naming them', () => {
     const refused: [Record<string, unknown>, RegExp][] = [
       [{ solver_order: 4 }, /UniPCMultistepScheduler: solver_order 4 \(1 to 3\) is not supported/],

@@ -63,6 +63,12 @@ export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: nu
 
 const logf = (x: number) => f(Math.log(x));
 
+/**
+ * The heun solver type's `(e^x − 1)/x`-like ratios as float32 divisions, and at a zero step their limit: a Karras
+ * schedule ending at sigma_min repeats its last sigma, where diffusers divides 0 by 0 and returns NaN.
+ */
+const ratio = (num: number, den: number, limit: number) => (den === 0 ? limit : f(num / den));
+
 export class DPMSolverMultistep extends MultistepSchedule {
   readonly name = 'DPMSolverMultistepScheduler';
   readonly #order: number;
@@ -190,12 +196,12 @@ export class DPMSolverMultistep extends MultistepSchedule {
       const em1 = f(f(Math.exp(-h)) - 1);
       a = f(sigmaT / sigmaS0);
       b = f(alphaT * em1);
-      c = this.#heun ? -f(alphaT * f(f(em1 / h) + 1)) : f(0.5 * f(alphaT * em1));
+      c = this.#heun ? -f(alphaT * f(ratio(em1, h, -1) + 1)) : f(0.5 * f(alphaT * em1));
     } else {
       const ep1 = f(f(Math.exp(h)) - 1);
       a = f(alphaT / alphaS0);
       b = f(sigmaT * ep1);
-      c = this.#heun ? f(sigmaT * f(f(ep1 / h) - 1)) : f(0.5 * f(sigmaT * ep1));
+      c = this.#heun ? f(sigmaT * f(ratio(ep1, h, 1) - 1)) : f(0.5 * f(sigmaT * ep1));
     }
     const out = new Float32Array(s.length);
     for (let k = 0; k < s.length; k++) {
@@ -223,13 +229,13 @@ export class DPMSolverMultistep extends MultistepSchedule {
       const em2 = f(1 - f(Math.exp(f(-2 * h))));
       a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
       b = f(alphaT * em2);
-      if (order === 2) c = this.#heun ? f(alphaT * f(f(em2 / f(-2 * h)) + 1)) : f(0.5 * b);
+      if (order === 2) c = this.#heun ? f(alphaT * f(ratio(em2, f(-2 * h), -1) + 1)) : f(0.5 * b);
       d = f(sigmaT * f(Math.sqrt(em2)));
     } else {
       const ep1 = f(f(Math.exp(h)) - 1);
       a = f(alphaT / alphaS0);
       b = -f(2 * f(sigmaT * ep1));
-      if (order === 2) c = this.#heun ? -f(2 * f(sigmaT * f(f(ep1 / h) - 1))) : -f(sigmaT * ep1);
+      if (order === 2) c = this.#heun ? -f(2 * f(sigmaT * f(ratio(ep1, h, 1) - 1))) : -f(sigmaT * ep1);
       d = f(sigmaT * f(Math.sqrt(f(f(Math.exp(f(2 * h))) - 1))));
     }
     const out = new Float32Array(s.length);
