@@ -13,6 +13,7 @@ import type { Job } from '../src/pipeline/job.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { fixtureModel, type DemoOptions } from './fixtures/index.js';
+import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
 
 interface UnetCall {
   sample: readonly number[];
@@ -161,6 +162,22 @@ describe('request options', () => {
     const pndm = await pipe.generate(job({ steps: 6 }));
     const euler = await pipe.generate(job({ steps: 6, scheduler: 'euler_a' }));
     expect(meanAbs(pndm.images[0]!.rgb, euler.images[0]!.rgb)).toBeGreaterThan(0.1);
+  });
+});
+
+describe('every scheduler name on every family', () => {
+  // The schedulers' arithmetic is checked against diffusers in scheduler-parity.test.ts; this runs each one through the
+  // real pipeline: v-prediction (SD 2.x), SDXL's extra inputs, one UNet run per timestep (2n − 1 for Heun and DPM2).
+  const names = Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler') && n !== 'lcm');
+  it.each(['sd15', 'sd2', 'sdxl'] as const)('%s: an image from each, one UNet run per timestep', async (family) => {
+    const { pipe, calls, layout } = await load({ family });
+    for (const name of names) {
+      calls.length = 0;
+      const out = await pipe.generate(job({ steps: 3, scheduler: name }));
+      const runs = createScheduler(layout.schedulerConfig, 3, { name }).timesteps.length;
+      expect(calls.length, name).toBe(runs);
+      expect(std(out.images[0]!.rgb), name).toBeGreaterThan(0);
+    }
   });
 });
 
