@@ -279,6 +279,16 @@ describe('createScheduler', () => {
   it('checks a request name against the table alone', () => {
     expect(unknownSchedulerName('euler_a')).toBeUndefined();
     expect(unknownSchedulerName('toString')).toMatch(/^scheduler "toString" is unknown; use one of pndm, ddim, euler, /);
+    // Sampler labels as AUTOMATIC1111 and ComfyUI users type them get the request name, never an alias.
+    for (const [label, meant] of [
+      ['DPM++ 2M Karras', 'dpmpp_2m_karras'], ['Euler a', 'euler_a'], ['UniPC', 'unipc'], ['DPM2 a Karras', 'dpm2_a_karras'], ['PLMS', 'pndm'],
+      ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'],
+    ] as const) {
+      expect(unknownSchedulerName(label), label).toMatch(new RegExp(`^scheduler "${label.replace(/[+]/g, '\\+')}" is unknown; did you mean "${meant}"\\?; use one of pndm, `));
+    }
+    // No guess for a sampler the runtime lacks (a Brownian-tree SDE), nor for a class name in other case.
+    expect(unknownSchedulerName('DPM++ SDE Karras')).toMatch(/^scheduler "DPM\+\+ SDE Karras" is unknown; use one of /);
+    expect(unknownSchedulerName('ddimscheduler')).toMatch(/^scheduler "ddimscheduler" is unknown; use one of /);
   });
 
   it('draws noise only where diffusers does', () => {

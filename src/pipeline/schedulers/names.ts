@@ -67,8 +67,20 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
+/**
+ * The request name a sampler label from AUTOMATIC1111 or ComfyUI spells ("DPM++ 2M Karras", "Euler a", "UniPC",
+ * "dpmpp-2m-sde"): lower case, `++` as `pp`, spaces and dashes as `_`, PLMS as pndm. Only ever a suggestion: those
+ * tools' samplers are not always diffusers' classes, so such a label is never taken silently.
+ */
+function suggestion(name: string): string | undefined {
+  const n = name.trim().toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s-]+/g, '_');
+  const guess = n === 'plms' ? 'pndm' : n;
+  return guess !== name && Object.hasOwn(SCHEDULER_NAMES, guess) && !guess.endsWith('scheduler') ? guess : undefined;
+}
+
 /** Why `name` is not a scheduler name (the message lists the known ones), or undefined when it is one. */
 export function unknownSchedulerName(name: string): string | undefined {
   if (Object.hasOwn(SCHEDULER_NAMES, name)) return undefined;
-  return `scheduler "${name}" is unknown; use one of ${Object.keys(SCHEDULER_NAMES).join(', ')}`;
+  const meant = suggestion(name);
+  return `scheduler "${name}" is unknown${meant ? `; did you mean "${meant}"?` : ''}; use one of ${Object.keys(SCHEDULER_NAMES).join(', ')}`;
 }
