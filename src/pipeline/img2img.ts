@@ -69,9 +69,10 @@ export function maskTensor(mask: Raster): Float32Array {
 
 /**
  * diffusers' get_timesteps: `init_timestep = min(int(steps · strength), steps)`, the schedule starts at index
- * `t_start · order` with `t_start = steps − init_timestep` (order 2 for Heun, whose schedule runs each step but the
- * first twice). `total` is the schedule's length (PNDM's is one longer: its first timestep repeats). With no step left (strength 0, or steps · strength < 1) nothing is denoised:
- * the image is encoded and decoded (diffusers would noise at a timestep that is not there).
+ * `t_start · order` with `t_start = steps − init_timestep` (order 2 for Heun, DPM2 and DPM2 a, whose schedules run
+ * each step but the first twice). `total` is the schedule's length (PNDM's is one longer: its first timestep repeats).
+ * With no step left (strength 0, or steps · strength < 1) nothing is denoised: the image is encoded and decoded
+ * (diffusers would noise at a timestep that is not there).
  */
 export function cutSchedule(total: number, steps: number, strength: number, order = 1): { begin: number; steps: number } {
   const init = Math.min(Math.trunc(steps * strength), steps);

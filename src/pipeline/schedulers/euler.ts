@@ -54,8 +54,8 @@ export const EULER_ANCESTRAL_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   rescale_betas_zero_snr: false,
 };
 
-/** Euler-family timesteps (float32, not rounded for linspace); LMS's too. */
-export function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
+/** Euler-family timesteps (float32, not rounded for linspace), discreteSchedule's too. */
+function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
   const train = num(c, 'num_train_timesteps');
   switch (str(c, 'timestep_spacing')) {
     case 'linspace':
@@ -71,7 +71,7 @@ export function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
   }
 }
 
-export function eulerTables(name: string, c: ResolvedConfig): { ac: Float32Array; sigmas: Float32Array } {
+function eulerTables(name: string, c: ResolvedConfig): { ac: Float32Array; sigmas: Float32Array } {
   const ac = alphasCumprod(name, c, true);
   // Close to 0 without being 0 so the first sigma is finite (as diffusers does).
   if (c.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
@@ -130,7 +130,7 @@ export function discreteSchedule(
   return { timesteps: ramp.map((s) => sigmaToT(s, logSigmas)), sigmas: ramp, logSigmas, converted };
 }
 
-/** What the sigma-based discrete schedulers share (Euler, Euler ancestral, LMS): schedule, input scaling, noising. */
+/** What the sigma-based discrete schedulers share (Euler, Euler ancestral, LMS, Heun, DPM2, DPM2 a): schedule, input scaling, noising. */
 export abstract class EulerBase implements Scheduler {
   abstract readonly name: string;
   readonly timesteps: readonly number[];
@@ -166,8 +166,13 @@ export abstract class EulerBase implements Scheduler {
 
   abstract step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
 
-  protected nextSigma(): [number, number] {
+  /** Throws past the schedule's end. */
+  protected checkIndex(): void {
     if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+  }
+
+  protected nextSigma(): [number, number] {
+    this.checkIndex();
     return [this.sig[this.index]!, this.sig[this.index + 1]!];
   }
 }
@@ -177,7 +182,6 @@ export class EulerDiscrete extends EulerBase {
 
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'EulerDiscreteScheduler';
-    const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
     oneOf(name, config, 'interpolation_type', ['linear']);

@@ -57,7 +57,7 @@ export class HeunDiscrete extends EulerBase {
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
-    if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
+    this.checkIndex();
     const first = this.#pending === undefined;
     const i = this.index;
     const sigma = first ? this.sig[i]! : this.sig[i - 1]!;

@@ -105,10 +105,6 @@ abstract class KDPM2Base extends EulerBase {
     for (let k = 0; k < d.length; k++) d[k] = f(f(sample[k]! - pred[k]!) / over);
     return { pred, d };
   }
-
-  protected checkIndex(): void {
-    if (this.index >= this.timesteps.length) throw new Error(`${this.name}: step() called more than ${this.timesteps.length} times`);
-  }
 }
 
 export class KDPM2Discrete extends KDPM2Base {

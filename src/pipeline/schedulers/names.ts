@@ -75,7 +75,7 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
 function suggestion(name: string): string | undefined {
   const n = name.trim().toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s-]+/g, '_');
   const guess = n === 'plms' ? 'pndm' : n;
-  return guess !== name && Object.hasOwn(SCHEDULER_NAMES, guess) && !guess.endsWith('scheduler') ? guess : undefined;
+  return guess !== name && Object.hasOwn(SCHEDULER_NAMES, guess) ? guess : undefined;
 }
 
 /** Why `name` is not a scheduler name (the message lists the known ones), or undefined when it is one. */

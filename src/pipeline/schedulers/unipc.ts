@@ -99,7 +99,6 @@ export class UniPCMultistep extends MultistepSchedule {
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     super();
     const name = this.name;
-    const train = num(config, 'num_train_timesteps');
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     // As diffusers' __init__ does, DPM-Solver's solver types (a config `from_config` carries over) become bh2.
     const solver = ['midpoint', 'heun', 'logrho'].includes(String(config.solver_type)) ? 'bh2' : oneOf(name, config, 'solver_type', ['bh1', 'bh2']);
