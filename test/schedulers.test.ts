@@ -388,8 +388,22 @@ describe('UniPC and LMS beyond the diffusers vectors', () => {
       expect(() => createScheduler({ ...unipc, ...extra }, 10)).toThrow(message);
     }
     const lms = { ...unipc, _class_name: 'LMSDiscreteScheduler' };
-    expect(() => createScheduler({ ...lms, use_karras_sigmas: true, use_exponential_sigmas: true }, 10)).toThrow(/LMSDiscreteScheduler: use_karras_sigmas with use_exponential_sigmas is not supported/);
     expect(() => createScheduler({ ...lms, use_beta_sigmas: true }, 10)).toThrow(/LMSDiscreteScheduler: use_beta_sigmas is not supported/);
+  });
+
+  it("refuses Karras and exponential sigmas together in every class that has both, as diffusers' __init__ raises", () => {
+    const classes = ['EulerDiscreteScheduler', 'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'LMSDiscreteScheduler',
+      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler'];
+    for (const cls of classes) {
+      expect(() => createScheduler({ ...unipc, _class_name: cls, use_karras_sigmas: true, use_exponential_sigmas: true }, 10), cls).toThrow(
+        expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)` }),
+      );
+      expect(createScheduler({ ...unipc, _class_name: cls, use_exponential_sigmas: true }, 10).timesteps.length, cls).toBeGreaterThan(0);
+    }
+    // A request for a Karras name on a model whose config asks for exponential sigmas: from_config raises the same.
+    expect(() => createScheduler({ ...unipc, _class_name: 'EulerDiscreteScheduler', use_exponential_sigmas: true }, 10, { name: 'euler_karras' })).toThrow(
+      /EulerDiscreteScheduler: use_karras_sigmas with use_exponential_sigmas/,
+    );
   });
 
   it('LMS coefficients integrate the Lagrange basis exactly: they sum to the interval, and order 1 is Euler', () => {

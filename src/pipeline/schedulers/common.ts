@@ -85,6 +85,13 @@ export function unsupported(className: string, what: string): never {
   throw new RuntimeError('UNSUPPORTED', `${className}: ${what} is not supported`);
 }
 
+/** diffusers' `__init__` raises when a config asks for more than one sigma ramp (use_beta_sigmas is refused on its own). */
+export function checkOneRamp(className: string, c: ResolvedConfig): void {
+  if (c.use_karras_sigmas === true && c.use_exponential_sigmas === true) {
+    throw new RuntimeError('UNSUPPORTED', `${className}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)`);
+  }
+}
+
 export function oneOf(className: string, c: ResolvedConfig, key: string, allowed: readonly string[]): string {
   const v = str(c, key);
   if (!allowed.includes(v)) throw new RuntimeError('UNSUPPORTED', `${className}: ${key} "${v}" is not supported (supported: ${allowed.join(', ')})`);

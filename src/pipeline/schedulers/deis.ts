@@ -9,6 +9,7 @@ import {
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkOneRamp,
   checkSteps,
   convertedSigmas,
   f,
@@ -86,7 +87,7 @@ export class DEISMultistep extends MultistepSchedule {
     for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
-    if (bool(config, 'use_karras_sigmas') && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
+    checkOneRamp(name, config);
 
     const ac = alphasCumprod(name, config, false);
     let timesteps = multistepTimesteps(name, config, numInferenceSteps);

@@ -9,6 +9,7 @@ import {
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
+  checkOneRamp,
   checkSteps,
   type ConfigValue,
   exponentialSigmas,
@@ -98,6 +99,7 @@ export class DPMSolverMultistep extends MultistepSchedule {
     for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
+    checkOneRamp(name, config);
     if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
     const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
     if (!this.#plusPlus && finalType === 'zero') {

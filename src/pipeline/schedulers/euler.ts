@@ -7,6 +7,7 @@ import {
   BETA_DEFAULTS,
   bool,
   checkBeginIndex,
+  checkOneRamp,
   checkSteps,
   trainStepRange,
   exponentialSigmas,
@@ -115,8 +116,8 @@ export function discreteSchedule(
   checkSteps(name, n, trainStepRange(config));
   oneOf(name, config, 'prediction_type', predictions);
   if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
+  checkOneRamp(name, config);
   const karras = bool(config, 'use_karras_sigmas');
-  if (karras && bool(config, 'use_exponential_sigmas')) unsupported(name, 'use_karras_sigmas with use_exponential_sigmas');
   const { sigmas: table } = eulerTables(name, config);
   const logSigmas = table.map((s) => f(Math.log(s)));
   const timesteps = eulerTimesteps(config, n);
@@ -184,6 +185,7 @@ export class EulerDiscrete extends EulerBase {
     const name = 'EulerDiscreteScheduler';
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
+    checkOneRamp(name, config);
     oneOf(name, config, 'interpolation_type', ['linear']);
     if (str(config, 'timestep_type') === 'continuous' && str(config, 'prediction_type') === 'v_prediction') {
       unsupported(name, 'timestep_type "continuous" with v_prediction');

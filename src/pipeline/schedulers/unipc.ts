@@ -9,6 +9,7 @@ import {
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
+  checkOneRamp,
   checkSteps,
   type ConfigValue,
   convertedSigmas,
@@ -110,6 +111,7 @@ export class UniPCMultistep extends MultistepSchedule {
     for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
+    checkOneRamp(name, config);
     if (config.solver_p !== null) unsupported(name, 'solver_p');
     if (config.shift_terminal !== null) unsupported(name, 'shift_terminal');
     this.#disabled = new Set(config.disable_corrector as number[]);
