@@ -323,7 +323,7 @@ describe('createScheduler', () => {
   });
 });
 
-describe('UniPC and LMS beyond the diffusers vectors', () => {
+describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vectors', () => {
   const unipc = { _class_name: 'UniPCMultistepScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', steps_offset: 1 };
 
   it("UniPC bh1 ending at sigma 0 gives the last step's x0 prediction, where diffusers gives NaN (0 times an infinite B(h))", () => {
@@ -418,7 +418,7 @@ describe('UniPC and LMS beyond the diffusers vectors', () => {
     expect(lmsCoefficient(sig, 1, 2, 0)).toBeCloseTo(sig[3]! - sig[2]!, 14);
   });
 
-  it('solveF32 solves a pivoting system as LAPACK does, to float32 precision', () => {
+  it('solveF32 solves a system that needs row pivoting, to float32 precision', () => {
     const x = solveF32([[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]], [0.4, 0.1, 0.05]);
     const a = [[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]];
     a.forEach((row, i) => expect(row.reduce((acc, v, k) => acc + v * x[k]!, 0)).toBeCloseTo([0.4, 0.1, 0.05][i]!, 6));
