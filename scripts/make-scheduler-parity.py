@@ -5,16 +5,22 @@
 
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
-python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them).
+python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde and dpm-bounds cases were made (test/fixtures/parity/README.md); each
+file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas.
 
 Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
 loads it with the model's scheduler class (`<Class>.from_pretrained`, as DiffusionPipeline.from_pretrained does),
 builds the model's pipeline class around it (its __init__ applies the steps_offset / clip_sample rewrites, with a
-FutureWarning), then, when the case names a request scheduler, switches with
-`<Class>.from_config(pipe.scheduler.config, **overrides)`, sets the timesteps and replays a short trajectory with
-synthetic model outputs. Every file has the fields of ../shared/reference/schedulers/*.json plus `model_config`
-(the file's text), `pipeline`, `request` and `warnings`. Needs torch and numpy; no weights.
+FutureWarning; `"pipeline": None` skips that), then, when the case names a request scheduler, switches with
+`<Class>.from_config(pipe.scheduler.config, **overrides)`, sets the timesteps, starts at `begin_index` where the case
+cuts the schedule as image-to-image does, and replays a short trajectory with synthetic model outputs; the noise a
+step draws comes from numpy and is recorded. Each case's seed is its position in CASES, so new cases go at the end of
+their group's list to leave the committed ones reproducible. Every file has the fields of
+../shared/reference/schedulers/*.json plus `model_config` (the file's text), `pipeline`, `request`, `warnings`,
+`torch` and `numpy` (and `begin_index`, `eta` where set). Needs torch and numpy; no weights.
 """
+import argparse
 import json
 import os
 import sys
@@ -24,16 +30,16 @@ import warnings
 import numpy as np
 import torch
 
-if not hasattr(torch, "xpu"):
-    # torch 1.13 lacks the device modules diffusers' utils name at import; no scheduler uses them.
-    import types
+# torch 1.13 lacks device modules that diffusers' utils name at import (no scheduler uses them): a stand-in for each
+# one missing, none for those a torch 2.x has.
+for _dev in ("xpu", "mps", "mtia"):
+    if not hasattr(torch, _dev):
+        import types
 
-    for _dev in ("xpu", "mps", "mtia"):
-        if not hasattr(torch, _dev):
-            setattr(torch, _dev, types.SimpleNamespace(empty_cache=lambda: None, device_count=lambda: 0, is_available=lambda: False,
-                                                       synchronize=lambda *a, **k: None, manual_seed=lambda *a: None,
-                                                       reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 0,
-                                                       current_device=lambda: 0))
+        setattr(torch, _dev, types.SimpleNamespace(empty_cache=lambda: None, device_count=lambda: 0, is_available=lambda: False,
+                                                   synchronize=lambda *a, **k: None, manual_seed=lambda *a: None,
+                                                   reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 0,
+                                                   current_device=lambda: 0))
 
 import diffusers
 from diffusers import (
@@ -64,8 +70,14 @@ from diffusers.schedulers import (
     scheduling_lcm,
 )
 
-out_dir = sys.argv[1]
-ONLY = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[2] == "--only" else None
+_args = argparse.ArgumentParser(description="Writes the scheduler parity cases into OUT_DIR.")
+_args.add_argument("out_dir")
+_args.add_argument("--only", help="comma-separated name prefixes: write just those cases (and not scheduler-betas.json)")
+_opts = _args.parse_args()
+out_dir = _opts.out_dir
+ONLY = [p for p in _opts.only.split(",") if p] if _opts.only is not None else None
+if ONLY is not None and not ONLY:
+    _args.error("--only needs at least one prefix")
 os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
@@ -175,8 +187,9 @@ def run_case(case):
     s.set_timesteps(steps)
     begin = case.get("begin_index")
     if begin is not None:
-        # image-to-image: the schedule cut by strength, started at begin (order 1 for the classes cut so here); the
-        # pipelines call set_begin_index where the class has one (DDPM steps by the timestep it is given)
+        # image-to-image: the schedule cut by strength, started at begin (t_start · order, as get_timesteps gives it:
+        # even for Heun and KDPM2); the pipelines call set_begin_index where the class has one (DDPM steps by the
+        # timestep it is given)
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(begin)
     shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
@@ -197,7 +210,7 @@ def run_case(case):
         r = s.step(mo, t, sample, **kw)
         drawn = noise.drawn[before:]
         assert len(drawn) <= 1
-        denoised = getattr(r, "pred_original_sample", None) if cls_is(s, (LCMScheduler,)) else None
+        denoised = None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
         if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
@@ -515,6 +528,7 @@ if ONLY is None:
     with open(os.path.join(out_dir, "..", "scheduler-betas.json"), "w") as fh:
         fh.write(dumps({"torch": torch.__version__, "betas": betas}) + "\n")
 
+written = 0
 for i, case in enumerate(CASES):
     case.setdefault("seed", i)
     if ONLY is not None and not any(case["name"].startswith(p) for p in ONLY):
@@ -522,4 +536,7 @@ for i, case in enumerate(CASES):
     rec = run_case(case)
     with open(os.path.join(out_dir, case["name"] + ".json"), "w") as fh:
         fh.write(dumps(rec) + "\n")
+    written += 1
     print(case["name"], rec["scheduler"], rec["timesteps"][:4], rec["built_config"], len(rec["warnings"]), file=sys.stderr)
+if written == 0:
+    sys.exit(f"--only {','.join(ONLY or [])}: no case name starts with any of these")
