@@ -94,6 +94,8 @@ REQUEST = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": False}),
+    "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
@@ -517,6 +519,18 @@ for cfg, tag in [(kdpm2, "kdpm2"), (kdpm2a, "kdpm2a")]:
     CASES.append({"name": f"{tag}-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "pipeline": None, "request": "dpm2_karras" if tag == "kdpm2" else "dpm2_a_karras", "steps": 10})
 CASES.append({"name": "kdpm2-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "dpm2", "steps": 12})
 CASES.append({"name": "kdpm2a-request-from-pndm-sd15-12", "config": pndm_sd15, "pipeline": None, "request": "dpm2_a", "steps": 12})
+
+# DPM-Solver order 3: dpmsolver++, dpmsolver and sde-dpmsolver++ (A1111's DPM++ 3M SDE), around the 15-step limit of
+# lower_order_final (below it the last two steps drop to orders 1 and 2).
+for n in [3, 4, 10, 14, 15, 30]:
+    CASES.append({"name": f"dpm3-plusplus-{n}", "config": {**dpm, "solver_order": 3}, "pipeline": None, "steps": n})
+CASES.append({"name": "dpm3-plain-sigma-min-20", "config": {**dpm, "solver_order": 3, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "pipeline": None, "steps": 20})
+CASES.append({"name": "dpm3-plusplus-vpred-trailing-16", "config": {**dpm, **vpred, "solver_order": 3, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 16})
+CASES.append({"name": "dpm3-plusplus-karras-25", "config": {**dpm, "solver_order": 3, "use_karras_sigmas": True}, "pipeline": None, "steps": 25})
+CASES.append({"name": "dpm3-plusplus-img2img-begin-5-of-20", "config": {**dpm, "solver_order": 3}, "pipeline": None, "steps": 20, "begin_index": 5})
+for n in [3, 12, 20]:
+    CASES.append({"name": f"dpm3-sde-request-from-pndm-sd15-{n}", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde", "steps": n})
+CASES.append({"name": "dpm3-sde-karras-request-from-pndm-sd15-25", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde_karras", "steps": 25})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -163,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -316,6 +316,7 @@ describe('createScheduler', () => {
     expect(count('ddpm')).toBe(4);
     expect(count('deis')).toBe(0);
     expect(count('dpmpp_2m_sde')).toBe(4);
+    expect(count('dpmpp_3m_sde')).toBe(4);
     expect(count('heun')).toBe(0);
     expect(count('dpm2')).toBe(0);
     // DPM2 a draws once per step, on its second UNet run: 4 steps are 7 runs and 3 draws (its first step is one run)

@@ -95,7 +95,9 @@ export class DPMSolverMultistep extends MultistepSchedule {
     this.#heun = solver === 'heun';
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.#order = num(config, 'solver_order');
-    if (this.#order !== 1 && this.#order !== 2) unsupported(name, `solver_order ${this.#order} (1 or 2)`);
+    if (![1, 2, 3].includes(this.#order)) unsupported(name, `solver_order ${this.#order} (1 to 3)`);
+    // diffusers has no third-order update for it (its step fails)
+    if (this.#order === 3 && algorithm === 'sde-dpmsolver') unsupported(name, 'solver_order 3 with algorithm_type "sde-dpmsolver" (use "sde-dpmsolver++")');
     for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
@@ -153,9 +155,11 @@ export class DPMSolverMultistep extends MultistepSchedule {
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     // The SDE variants draw on every step, the last included, as diffusers does.
     const z = this.#sde ? noise() : undefined;
+    const lowerOrderSecond = i === nSteps - 2 && bool(c, 'lower_order_final') && nSteps < 15;
     let prev: Float32Array;
     if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = z ? this.#sdeUpdate(sample, 1, z) : this.#firstOrder(converted, sample);
-    else prev = z ? this.#sdeUpdate(sample, 2, z) : this.#secondOrder(sample);
+    else if (this.#order === 2 || this.#lowerOrderNums < 2 || lowerOrderSecond) prev = z ? this.#sdeUpdate(sample, 2, z) : this.#secondOrder(sample);
+    else prev = this.#thirdOrder(sample, z);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.index++;
     return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
@@ -251,6 +255,64 @@ export class DPMSolverMultistep extends MultistepSchedule {
     for (let k = 0; k < s.length; k++) {
       const d1 = f(invR0 * f(m0[k]! - m1[k]!));
       out[k] = f(f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(c * d1)) + f(d * z[k]!));
+    }
+    return out;
+  }
+
+  /**
+   * `multistep_dpm_solver_third_order_update` (dpmsolver++, dpmsolver, sde-dpmsolver++): the last three outputs give
+   * D0, D1 (a first difference extrapolated) and D2 (a second difference); x_t = a·x + b·D0 + c·D1 + d·D2 [+ e·z].
+   */
+  #thirdOrder(s: Float32Array, z: Float32Array | undefined): Float32Array {
+    const i = this.index;
+    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
+    const lambdaS1 = alphaSigmaLambda(this.sig[i - 1]!)[2];
+    const lambdaS2 = alphaSigmaLambda(this.sig[i - 2]!)[2];
+    const n = this.#outputs.length;
+    const [m0, m1, m2] = [this.#outputs[n - 1]!, this.#outputs[n - 2]!, this.#outputs[n - 3]!];
+    const h = f(lambdaT - lambdaS0);
+    const r0 = f(f(lambdaS0 - lambdaS1) / h);
+    const r1 = f(f(lambdaS1 - lambdaS2) / h);
+    const inv0 = f(1 / r0);
+    const inv1 = f(1 / r1);
+    const w = f(r0 / f(r0 + r1));
+    const inv01 = f(1 / f(r0 + r1));
+    let a: number;
+    let b: number;
+    let c: number;
+    let d: number;
+    let e = 0;
+    if (this.#sde) {
+      const em2 = f(1 - f(Math.exp(f(-2 * h))));
+      a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
+      b = f(alphaT * em2);
+      c = f(alphaT * f(f(em2 / f(-2 * h)) + 1));
+      d = f(alphaT * f(f(f(em2 - f(2 * h)) / f(f(2 * h) * f(2 * h))) - 0.5));
+      e = f(sigmaT * f(Math.sqrt(em2)));
+    } else if (this.#plusPlus) {
+      const em1 = f(f(Math.exp(-h)) - 1);
+      a = f(sigmaT / sigmaS0);
+      b = -f(alphaT * em1);
+      c = f(alphaT * f(f(em1 / h) + 1));
+      d = -f(alphaT * f(f(f(em1 + h) / f(h * h)) - 0.5));
+    } else {
+      const ep1 = f(f(Math.exp(h)) - 1);
+      a = f(alphaT / alphaS0);
+      b = -f(sigmaT * ep1);
+      c = -f(sigmaT * f(f(ep1 / h) - 1));
+      d = -f(sigmaT * f(f(f(ep1 - h) / f(h * h)) - 0.5));
+    }
+    const out = new Float32Array(s.length);
+    for (let k = 0; k < s.length; k++) {
+      const d10 = f(inv0 * f(m0[k]! - m1[k]!));
+      const d11 = f(inv1 * f(m1[k]! - m2[k]!));
+      const diff = f(d10 - d11);
+      const D1 = f(d10 + f(w * diff));
+      const D2 = f(inv01 * diff);
+      let v = f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(c * D1));
+      v = f(v + f(d * D2));
+      out[k] = z ? f(v + f(e * z[k]!)) : v;
     }
     return out;
   }

@@ -53,6 +53,14 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
     className: 'DPMSolverMultistepScheduler',
     overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 2, use_karras_sigmas: true },
   },
+  dpmpp_3m_sde: {
+    className: 'DPMSolverMultistepScheduler',
+    overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 3, use_karras_sigmas: false },
+  },
+  dpmpp_3m_sde_karras: {
+    className: 'DPMSolverMultistepScheduler',
+    overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 3, use_karras_sigmas: true },
+  },
   lcm: { className: 'LCMScheduler', overrides: {} },
   unipc: { className: 'UniPCMultistepScheduler', overrides: {} },
   lms: { className: 'LMSDiscreteScheduler', overrides: {} },
