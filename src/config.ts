@@ -65,6 +65,12 @@ export interface Config {
   readonly maxBodyBytes: number;
   readonly maxImageSize: number;
   readonly maxSteps: number;
+  /**
+   * DEFAULT_SCHEDULER / DEFAULT_STEPS: what a request that names no scheduler / no num_inference_steps runs, instead
+   * of the model's own scheduler and step count. The name is checked against the model once it is loaded (the boot).
+   */
+  readonly defaultScheduler: string | undefined;
+  readonly defaultSteps: number | undefined;
   readonly maxImagesPerRequest: number;
   /** INPUT_IMAGES_MB: what the input images of all requests in flight may hold at once (decoded pixels, s3:// bytes). */
   readonly inputImagesMb: number;
@@ -182,6 +188,12 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     return dflt;
   };
 
+  const maxSteps = int('MAX_STEPS', 500, 1, 10_000);
+  const defaultScheduler = raw('DEFAULT_SCHEDULER');
+  if (defaultScheduler !== undefined && !/^[A-Za-z0-9_]{1,64}$/.test(defaultScheduler)) {
+    bad.push(`DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras (letters, digits and '_'), got ${JSON.stringify(env.DEFAULT_SCHEDULER)}`);
+  }
+
   const modelName = raw('MODEL_NAME') ?? 'model';
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(modelName)) {
     bad.push(`MODEL_NAME must be 1-128 characters of letters, digits, '.', '_' or '-', got ${JSON.stringify(env.MODEL_NAME)}`);
@@ -244,7 +256,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     logLevel: oneOf('LOG_LEVEL', 'info', LEVELS),
     maxBodyBytes: int('MAX_BODY_BYTES', 1024 * 1024, 1024, 1024 * 1024 * 1024),
     maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
-    maxSteps: int('MAX_STEPS', 500, 1, 10_000),
+    maxSteps,
+    defaultScheduler,
+    defaultSteps: raw('DEFAULT_STEPS') === undefined ? undefined : int('DEFAULT_STEPS', 1, 1, maxSteps),
     maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
     inputImagesMb: int('INPUT_IMAGES_MB', 512, 64, 1024 * 1024),
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),

@@ -40,6 +40,14 @@ describe('loadConfig', () => {
     expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000' }).s3.forcePathStyle).toBe(true);
   });
 
+  it('DEFAULT_SCHEDULER is a name (checked against the model at boot), DEFAULT_STEPS at most MAX_STEPS', () => {
+    expect(loadConfig({ DEFAULT_SCHEDULER: 'dpmpp_2m_karras', DEFAULT_STEPS: '25' })).toMatchObject({ defaultScheduler: 'dpmpp_2m_karras', defaultSteps: 25 });
+    expect(loadConfig({})).toMatchObject({ defaultScheduler: undefined, defaultSteps: undefined });
+    expect(() => loadConfig({ DEFAULT_SCHEDULER: 'DPM++ 2M Karras' })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras \(letters, digits and '_'\), got "DPM\+\+ 2M Karras"/);
+    expect(() => loadConfig({ DEFAULT_STEPS: '600' })).toThrow(/DEFAULT_STEPS must be an integer from 1 to 500, got "600"/);
+    expect(loadConfig({ DEFAULT_STEPS: '600', MAX_STEPS: '1000' }).defaultSteps).toBe(600);
+  });
+
   it('OUTPUT_FORMAT takes jpg for jpeg, as a request\'s output_format does (it exited 2 while requests took it)', () => {
     expect(loadConfig({ OUTPUT_FORMAT: 'jpg' }).defaultOutputFormat).toBe('jpeg');
     expect(loadConfig({ OUTPUT_FORMAT: ' JPG ' }).defaultOutputFormat).toBe('jpeg');

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { ModelDefaults } from '../src/pipeline/job.js';
 import { stepRanges } from '../src/pipeline/schedulers/index.js';
-import { parseInstances, type ParseContext } from '../src/runtime/request.js';
+import { checkServerDefaults, parseInstances, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
 const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
@@ -58,5 +58,32 @@ describe('parseInstances', () => {
   it('a model that reports no limits is checked against MAX_STEPS only', () => {
     const { stepRanges: _none, ...bare } = defaults(SD15);
     expect(parse({ scheduler: 'lcm', num_inference_steps: 60 }, bare)[0]!.shape.steps).toBe(60);
+  });
+});
+
+describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
+  const withDefaults = (env: Record<string, string>, d = defaults(SD15)): ParseContext => ({ cfg: loadConfig(env), defaults: d, randomSeed: () => 7 });
+
+  it('stand for what a request leaves out; a request that names them wins', () => {
+    const c = withDefaults({ DEFAULT_SCHEDULER: 'dpmpp_2m_karras', DEFAULT_STEPS: '25' });
+    expect(parseInstances([{ prompt: 'p' }], c)[0]!.shape).toMatchObject({ scheduler: 'dpmpp_2m_karras', steps: 25 });
+    expect(parseInstances([{ prompt: 'p', scheduler: 'euler_a', num_inference_steps: 9 }], c)[0]!.shape).toMatchObject({ scheduler: 'euler_a', steps: 9 });
+    // Unset: the model's own scheduler and step count.
+    expect(parse({})[0]!.shape).toMatchObject({ scheduler: undefined, steps: 50 });
+  });
+
+  it('are checked against the loaded model at boot: an unknown name, one its config cannot build, steps outside the range', () => {
+    const d = defaults(SD15);
+    expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'dpmpp_2m_karras', DEFAULT_STEPS: '25' }), d)).not.toThrow();
+    expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'Euler_A' }), d)).toThrow(/^DEFAULT_SCHEDULER: scheduler "Euler_A" is unknown; did you mean "euler_a"\?/);
+    // lcm takes at most original_inference_steps (50) steps, and PNDM's Runge-Kutta warm-up needs at least 4 …
+    expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'lcm', DEFAULT_STEPS: '60' }), d)).toThrow(
+      /^DEFAULT_STEPS must be from 1 to 50 for scheduler lcm \(original_inference_steps is 50\), got 60$/,
+    );
+    const prk = defaults({ ...SD15, skip_prk_steps: false });
+    expect(() => checkServerDefaults(loadConfig({ DEFAULT_STEPS: '3' }), prk)).toThrow(/^DEFAULT_STEPS must be from 4 to \d+ for scheduler PNDMScheduler/);
+    // … and a name the model's config cannot build at all (here a config with no beta schedule the classes know).
+    const odd = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler', stepRanges: { '': { min: 1, max: 1000, why: 'x' } } };
+    expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'unipc' }), odd)).toThrow(/^DEFAULT_SCHEDULER=unipc cannot run from this model's scheduler\/scheduler_config\.json/);
   });
 });

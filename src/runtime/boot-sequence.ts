@@ -32,6 +32,7 @@ import type { BootEventMap, BootEvents } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
+import { checkServerDefaults } from './request.js';
 
 /** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
 const FIRST_ANSWER_WAIT_MS = 500;
@@ -242,6 +243,7 @@ export class BootSequence {
 
       boot.to('loading');
       const loaded = await engine.load(dir);
+      checkServerDefaults(cfg, loaded.defaults);
       if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
       if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
       if (rt.stopping) return;

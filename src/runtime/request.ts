@@ -221,8 +221,29 @@ function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUr
   return undefined;
 }
 
+/**
+ * Whether DEFAULT_SCHEDULER and DEFAULT_STEPS can serve the loaded model (its scheduler config, that scheduler's step
+ * limits): checked once at boot, a CONFIG failure naming the variable, rather than a 400 on every request naming neither.
+ */
+export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defaultSteps'>, defaults: ModelDefaults): void {
+  const name = cfg.defaultScheduler;
+  if (name !== undefined) {
+    const unknown = unknownSchedulerName(name);
+    if (unknown !== undefined) throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER: ${unknown}`);
+    if (defaults.stepRanges && !defaults.stepRanges[name]) {
+      throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER=${name} cannot run from this model's scheduler/scheduler_config.json (a request naming it gets the reason); unset it or name another scheduler`);
+    }
+  }
+  const range = defaults.stepRanges?.[name ?? ''];
+  const steps = cfg.defaultSteps;
+  if (steps !== undefined && range && (steps < range.min || steps > range.max)) {
+    throw new RuntimeError('CONFIG', `DEFAULT_STEPS must be from ${range.min} to ${range.max} for scheduler ${name ?? defaults.scheduler} (${range.why}), got ${steps}`);
+  }
+}
+
 export interface ParseContext {
-  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> & Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3' | 'modelName'>>;
+  cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> &
+    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -329,7 +350,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     bad.push(`${w}.${k} holds ${JSON.stringify(tag[0])}, AUTOMATIC1111's LoRA syntax, which this runtime does not read from a prompt (it would be prompt text); `
       + `remove it and send ${w}.loras: [{"name":${JSON.stringify(tag[1])},"scale":${scale}}]`);
   }
-  const steps = int('num_inference_steps', defaults.steps, 1, cfg.maxSteps);
+  const steps = int('num_inference_steps', cfg.defaultSteps ?? defaults.steps, 1, cfg.maxSteps);
   const guidance = num('guidance_scale', defaults.guidance, 0, 100);
   const height = size('height', defaults.height);
   const width = size('width', defaults.width);
@@ -345,7 +366,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const seed = int('seed', 0, 0, MAX_SEED);
   if (seedGiven && seed + numImages - 1 > MAX_SEED) bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED}`);
   let scheduler: string | undefined;
-  const schedName = str('scheduler', false, 64);
+  // DEFAULT_SCHEDULER stands for a scheduler the request does not name (checked against the model at boot).
+  const schedName = str('scheduler', false, 64) ?? cfg.defaultScheduler;
   if (schedName !== undefined) {
     const unknown = unknownSchedulerName(schedName);
     if (unknown === undefined) scheduler = schedName;
