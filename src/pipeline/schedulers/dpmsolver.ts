@@ -157,104 +157,59 @@ export class DPMSolverMultistep extends MultistepSchedule {
     const z = this.#sde ? noise() : undefined;
     const lowerOrderSecond = i === nSteps - 2 && bool(c, 'lower_order_final') && nSteps < 15;
     let prev: Float32Array;
-    if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = z ? this.#sdeUpdate(sample, 1, z) : this.#firstOrder(converted, sample);
-    else if (this.#order === 2 || this.#lowerOrderNums < 2 || lowerOrderSecond) prev = z ? this.#sdeUpdate(sample, 2, z) : this.#secondOrder(sample);
+    if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = this.#update(sample, 1, z);
+    else if (this.#order === 2 || this.#lowerOrderNums < 2 || lowerOrderSecond) prev = this.#update(sample, 2, z);
     else prev = this.#thirdOrder(sample, z);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.index++;
     return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
   }
 
-  #firstOrder(m: Float32Array, s: Float32Array): Float32Array {
-    const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
-    const [alphaS, sigmaS, lambdaS] = alphaSigmaLambda(this.sig[i]!);
-    const h = f(lambdaT - lambdaS);
-    let a: number;
-    let b: number;
-    if (this.#plusPlus) {
-      a = f(sigmaT / sigmaS);
-      b = f(alphaT * f(f(Math.exp(-h)) - 1));
-    } else {
-      a = f(alphaT / alphaS);
-      b = f(sigmaT * f(f(Math.exp(h)) - 1));
-    }
-    const out = new Float32Array(s.length);
-    for (let k = 0; k < s.length; k++) out[k] = f(a * s[k]!) - f(b * m[k]!);
-    return out;
-  }
-
-  #secondOrder(s: Float32Array): Float32Array {
-    const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
-    const [, , lambdaS1] = alphaSigmaLambda(this.sig[i - 1]!);
-    const m0 = this.#outputs[this.#outputs.length - 1]!;
-    const m1 = this.#outputs[this.#outputs.length - 2]!;
-    const h = f(lambdaT - lambdaS0);
-    const h0 = f(lambdaS0 - lambdaS1);
-    const invR0 = f(1 / f(h0 / h));
-    // x_t = a·sample − b·D0 − c·D1 (the sign of c is folded in), D1 = (1/r0)·(m0 − m1).
-    let a: number;
-    let b: number;
-    let c: number;
-    if (this.#plusPlus) {
-      const em1 = f(f(Math.exp(-h)) - 1);
-      a = f(sigmaT / sigmaS0);
-      b = f(alphaT * em1);
-      c = this.#heun ? -f(alphaT * f(ratio(em1, h, -1) + 1)) : f(0.5 * f(alphaT * em1));
-    } else {
-      const ep1 = f(f(Math.exp(h)) - 1);
-      a = f(alphaT / alphaS0);
-      b = f(sigmaT * ep1);
-      c = this.#heun ? f(sigmaT * f(ratio(ep1, h, 1) - 1)) : f(0.5 * f(sigmaT * ep1));
-    }
-    const out = new Float32Array(s.length);
-    for (let k = 0; k < s.length; k++) {
-      const d1 = f(invR0 * f(m0[k]! - m1[k]!));
-      out[k] = f(f(a * s[k]!) - f(b * m0[k]!)) - f(c * d1);
-    }
-    return out;
-  }
-
   /**
-   * The first- and second-order updates of `sde-dpmsolver++` and `sde-dpmsolver`:
-   * x_t = a·sample + b·D0 + c·D1 + d·z, signs folded into the coefficients, D1 = (1/r0)·(m0 − m1).
+   * diffusers' first- and second-order updates, all four algorithm types: x_t = a·x + b·D0 [+ c·D1] [+ d·z] with the
+   * signs folded into the coefficients (x − y and x + (−y) round alike), D0 = m0, D1 = (1/r0)·(m0 − m1).
    */
-  #sdeUpdate(s: Float32Array, order: 1 | 2, z: Float32Array): Float32Array {
+  #update(s: Float32Array, order: 1 | 2, z: Float32Array | undefined): Float32Array {
     const i = this.index;
     const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
     const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
     const h = f(lambdaT - lambdaS0);
-    const m0 = this.#outputs[this.#outputs.length - 1]!;
     let a: number;
     let b: number;
     let c = 0;
-    let d: number;
-    if (this.#plusPlus) {
+    let d = 0;
+    if (this.#sde && this.#plusPlus) {
       const em2 = f(1 - f(Math.exp(f(-2 * h))));
       a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
       b = f(alphaT * em2);
       if (order === 2) c = this.#heun ? f(alphaT * f(ratio(em2, f(-2 * h), -1) + 1)) : f(0.5 * b);
       d = f(sigmaT * f(Math.sqrt(em2)));
-    } else {
+    } else if (this.#sde) {
       const ep1 = f(f(Math.exp(h)) - 1);
       a = f(alphaT / alphaS0);
       b = -f(2 * f(sigmaT * ep1));
       if (order === 2) c = this.#heun ? -f(2 * f(sigmaT * f(ratio(ep1, h, 1) - 1))) : -f(sigmaT * ep1);
       d = f(sigmaT * f(Math.sqrt(f(f(Math.exp(f(2 * h))) - 1))));
+    } else if (this.#plusPlus) {
+      const em1 = f(f(Math.exp(-h)) - 1);
+      a = f(sigmaT / sigmaS0);
+      b = -f(alphaT * em1);
+      if (order === 2) c = this.#heun ? f(alphaT * f(ratio(em1, h, -1) + 1)) : -f(0.5 * f(alphaT * em1));
+    } else {
+      const ep1 = f(f(Math.exp(h)) - 1);
+      a = f(alphaT / alphaS0);
+      b = -f(sigmaT * ep1);
+      if (order === 2) c = this.#heun ? -f(sigmaT * f(ratio(ep1, h, 1) - 1)) : -f(0.5 * f(sigmaT * ep1));
     }
+    const n = this.#outputs.length;
+    const m0 = this.#outputs[n - 1]!;
+    const m1 = order === 2 ? this.#outputs[n - 2]! : undefined;
+    const invR0 = m1 ? f(1 / f(f(lambdaS0 - alphaSigmaLambda(this.sig[i - 1]!)[2]) / h)) : 0;
     const out = new Float32Array(s.length);
-    if (order === 1) {
-      for (let k = 0; k < s.length; k++) out[k] = f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(d * z[k]!));
-      return out;
-    }
-    const [, , lambdaS1] = alphaSigmaLambda(this.sig[i - 1]!);
-    const m1 = this.#outputs[this.#outputs.length - 2]!;
-    const invR0 = f(1 / f(f(lambdaS0 - lambdaS1) / h));
     for (let k = 0; k < s.length; k++) {
-      const d1 = f(invR0 * f(m0[k]! - m1[k]!));
-      out[k] = f(f(f(f(a * s[k]!) + f(b * m0[k]!)) + f(c * d1)) + f(d * z[k]!));
+      let v = f(f(a * s[k]!) + f(b * m0[k]!));
+      if (m1) v = f(v + f(c * f(invR0 * f(m0[k]! - m1[k]!))));
+      out[k] = z ? f(v + f(d * z[k]!)) : v;
     }
     return out;
   }
