@@ -84,6 +84,16 @@ export function solveF32(a: readonly (readonly number[])[], b: readonly number[]
   return x;
 }
 
+/**
+ * The einsum Σ rho_k·D1_k of the predictor and the corrector at element j, D1_k = (m_k − m0)/r_k, in the order torch
+ * computes them: one pass over the latents, no temporaries.
+ */
+function weighed(rhos: readonly number[], ms: readonly Float32Array[], rks: readonly number[], base: number, j: number): number {
+  let acc = f(rhos[0]! * f(f(ms[0]![j]! - base) / rks[0]!));
+  for (let k = 1; k < ms.length; k++) acc = f(acc + f(rhos[k]! * f(f(ms[k]![j]! - base) / rks[k]!)));
+  return acc;
+}
+
 export class UniPCMultistep extends MultistepSchedule {
   readonly name = 'UniPCMultistepScheduler';
   readonly #order: number;
@@ -207,15 +217,10 @@ export class UniPCMultistep extends MultistepSchedule {
     const rhos = order === 2 ? [0.5] : order > 2 ? solveF32(this.#matrix(rks, order - 1), rhs.slice(0, order - 1)) : [];
     const n = x.length;
     const out = new Float32Array(n);
-    // One pass, no temporaries: D1_k = (m_k − m0)/r_k and the einsum Σ rho_k·D1_k, in the order torch computes them.
     for (let j = 0; j < n; j++) {
       const base = m0[j]!;
       let v = f(f(a * x[j]!) - f(c0 * base));
-      if (ms.length > 0) {
-        let acc = f(rhos[0]! * f(f(ms[0]![j]! - base) / rks[0]!));
-        for (let k = 1; k < ms.length; k++) acc = f(acc + f(rhos[k]! * f(f(ms[k]![j]! - base) / rks[k]!)));
-        v = f(v - f(bh * acc));
-      }
+      if (ms.length > 0) v = f(v - f(bh * weighed(rhos, ms, rks, base, j)));
       out[j] = v;
     }
     return out;
@@ -237,11 +242,7 @@ export class UniPCMultistep extends MultistepSchedule {
       const base = m0[j]!;
       const dt = f(mt[j]! - base);
       let sum = f(rLast * dt);
-      if (ms.length > 0) {
-        let acc = f(rhos[0]! * f(f(ms[0]![j]! - base) / rks[0]!));
-        for (let k = 1; k < ms.length; k++) acc = f(acc + f(rhos[k]! * f(f(ms[k]![j]! - base) / rks[k]!)));
-        sum = f(acc + sum);
-      }
+      if (ms.length > 0) sum = f(weighed(rhos, ms, rks, base, j) + sum);
       out[j] = f(f(f(a * last[j]!) - f(c0 * base)) - f(bh * sum));
     }
     return out;
