@@ -5,7 +5,18 @@
  */
 
 import type { Scheduler, StepResult } from '../types.js';
-import { addNoiseAlphas, alphaSigmaLambda, checkBeginIndex, checkIndex, f } from './common.js';
+import {
+  addNoiseAlphas,
+  alphaSigmaLambda,
+  bool,
+  checkBeginIndex,
+  checkIndex,
+  convertedSigmas,
+  f,
+  npInterpIndex,
+  type ResolvedConfig,
+  sigmasFromAlphas,
+} from './common.js';
 
 abstract class UnscaledSchedule implements Scheduler {
   abstract readonly name: string;
@@ -54,6 +65,22 @@ export abstract class MultistepSchedule extends UnscaledSchedule {
     this.sig = sig;
     this.sigmas = Object.freeze(Array.from(sig));
     this.timesteps = Object.freeze(timesteps);
+  }
+
+  /**
+   * UniPC's and DEIS's schedule from its timesteps: the sigmas interpolated on the table, or a Karras / exponential ramp
+   * with its own timesteps; then the final sigma, 0 (`final_sigmas_type: zero`) or the ramp's last, else the table's
+   * first (`sigma_min`).
+   */
+  protected sigmaSchedule(config: ResolvedConfig, ac: Float32Array, timesteps: number[], n: number, finalZero: boolean): void {
+    const table = sigmasFromAlphas(ac);
+    if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
+      const ramp = convertedSigmas(config, table, n);
+      this.schedule(ramp.timesteps, Float32Array.from([...ramp.sigmas, finalZero ? 0 : ramp.sigmas[ramp.sigmas.length - 1]!]));
+    } else {
+      const last = finalZero ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
+      this.schedule(timesteps, Float32Array.from([...timesteps.map((t) => npInterpIndex(t, table)), last]));
+    }
   }
 
   /** `alpha_t * x + sigma_t * n` with alpha_t, sigma_t from sigmas[index] (`_sigma_to_alpha_sigma_t`). */

@@ -11,15 +11,12 @@ import {
   bool,
   checkOneRamp,
   checkSteps,
-  convertedSigmas,
   f,
   multistepTimesteps,
-  npInterpIndex,
   num,
   oneOf,
   type ConfigValue,
   type ResolvedConfig,
-  sigmasFromAlphas,
   trainStepRange,
   unsupported,
 } from './common.js';
@@ -90,19 +87,8 @@ export class DEISMultistep extends MultistepSchedule {
     checkOneRamp(name, config);
 
     const ac = alphasCumprod(name, config, false);
-    let timesteps = multistepTimesteps(name, config, numInferenceSteps);
-    const table = sigmasFromAlphas(ac);
-    let sig: number[];
-    let last: number;
-    if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
-      // Bounded by the config's sigma_min / sigma_max (DEIS_HIDDEN), else the table's ends; the last sigma is repeated.
-      ({ sigmas: sig, timesteps } = convertedSigmas(config, table, numInferenceSteps));
-      last = sig[sig.length - 1]!;
-    } else {
-      sig = timesteps.map((t) => npInterpIndex(t, table));
-      last = f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
-    }
-    this.schedule(timesteps, Float32Array.from([...sig, last]));
+    // A ramp is bounded by the config's sigma_min / sigma_max (DEIS_HIDDEN), else the table's ends; DEIS has no final 0.
+    this.sigmaSchedule(config, ac, multistepTimesteps(name, config, numInferenceSteps), numInferenceSteps, false);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {

@@ -12,14 +12,11 @@ import {
   checkOneRamp,
   checkSteps,
   type ConfigValue,
-  convertedSigmas,
   f,
   multistepTimesteps,
-  npInterpIndex,
   num,
   oneOf,
   type ResolvedConfig,
-  sigmasFromAlphas,
   trainStepRange,
   unsupported,
 } from './common.js';
@@ -133,18 +130,7 @@ export class UniPCMultistep extends MultistepSchedule {
 
     const ac = alphasCumprod(name, config, true);
     if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
-    let timesteps = multistepTimesteps(name, config, numInferenceSteps);
-    const table = sigmasFromAlphas(ac);
-    let sig: number[];
-    let last: number;
-    if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
-      ({ sigmas: sig, timesteps } = convertedSigmas(config, table, numInferenceSteps));
-      last = finalType === 'zero' ? 0 : sig[sig.length - 1]!;
-    } else {
-      sig = timesteps.map((t) => npInterpIndex(t, table));
-      last = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
-    }
-    this.schedule(timesteps, Float32Array.from([...sig, last]));
+    this.sigmaSchedule(config, ac, multistepTimesteps(name, config, numInferenceSteps), numInferenceSteps, finalType === 'zero');
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
