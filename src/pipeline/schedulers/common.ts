@@ -242,16 +242,19 @@ export function npInterpIndex(x: number, fp: ArrayLike<number>): number {
   return slope * (x - j) + fp[j]!;
 }
 
-/** diffusers `_sigma_to_t` (numpy: log_sigmas is a float32 array, the rest float64). */
-export function sigmaToT(sigma: number, logSigmas: Float32Array): number {
-  const logSigma = Math.log(Math.max(sigma, 1e-10));
+/** diffusers `_sigma_to_t` (numpy: log_sigmas is a float32 array, the rest float64, or float32 on `tensors`). */
+export function sigmaToT(sigma: number, logSigmas: Float32Array, tensors = false): number {
+  // On a float32 tensor sigma (KDPM2's interpolated ones) numpy takes the log, the distances, the weight and
+  // `(1 − w)·low + w·high` in float32, each product and the sum rounded.
+  const r = tensors ? f : (x: number) => x;
+  const logSigma = tensors ? f(Math.log(Math.max(sigma, f(1e-10)))) : Math.log(Math.max(sigma, 1e-10));
   const n = logSigmas.length;
   // argmax of cumsum(dists >= 0): the last index whose log_sigma is <= logSigma (0 when none), clipped to n-2.
   let low = 0;
   let count = 0;
   let best = -1;
   for (let i = 0; i < n; i++) {
-    if (logSigma - logSigmas[i]! >= 0) count++;
+    if (r(logSigma - logSigmas[i]!) >= 0) count++;
     if (count > best) {
       best = count;
       low = i;
@@ -260,9 +263,9 @@ export function sigmaToT(sigma: number, logSigmas: Float32Array): number {
   low = Math.min(low, n - 2);
   const lo = logSigmas[low]!;
   const hi = logSigmas[low + 1]!;
-  // low - high subtracts two float32 scalars, so numpy rounds it to float32; low - log_sigma is float64.
-  const w = Math.min(Math.max((lo - logSigma) / f(lo - hi), 0), 1);
-  return (1 - w) * low + w * (low + 1);
+  // low - high subtracts two float32 scalars, so numpy rounds it to float32; low - log_sigma is float64 (but on tensors).
+  const w = Math.min(Math.max(r(r(lo - logSigma) / f(lo - hi)), 0), 1);
+  return tensors ? f(f(f(1 - w) * low) + f(w * (low + 1))) : (1 - w) * low + w * (low + 1);
 }
 
 /** diffusers `_convert_to_karras` (float64, rho 7). */

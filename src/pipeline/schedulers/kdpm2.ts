@@ -10,6 +10,7 @@ import {
   npRound,
   type ConfigValue,
   type ResolvedConfig,
+  sigmaToT,
 } from './common.js';
 import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
 
@@ -40,30 +41,6 @@ const repeated = (xs: ArrayLike<number>): number[] => {
   const a = Array.from(xs);
   return [a[0]!, ...a.slice(1).flatMap((x) => [x, x]), a[a.length - 1]!];
 };
-
-/**
- * `_sigma_to_t` as these classes call it, on a float32 tensor sigma against the float32 log-sigma tensor: numpy
- * takes the log in float32, and the weight and `(1 − w)·low + w·high` are float32 tensor arithmetic, each product
- * and the sum rounded (the other classes pass float64 sigmas to numpy). So the interpolated timesteps are float32
- * values even where the schedule's own are float64 (Karras, exponential).
- */
-function sigmaToT32(sigma: number, logSigmas: Float32Array): number {
-  const logSigma = logf(Math.max(sigma, f(1e-10)));
-  let low = 0;
-  let count = 0;
-  let best = -1;
-  for (let i = 0; i < logSigmas.length; i++) {
-    if (f(logSigma - logSigmas[i]!) >= 0) count++;
-    if (count > best) {
-      best = count;
-      low = i;
-    }
-  }
-  low = Math.min(low, logSigmas.length - 2);
-  const lo = logSigmas[low]!;
-  const w = Math.min(Math.max(f(f(lo - logSigma) / f(lo - logSigmas[low + 1]!)), 0), 1);
-  return f(f(f(1 - w) * low) + f(w * (low + 1)));
-}
 
 interface Schedule {
   /** The n timesteps before interleaving: float32, or float64 after a Karras / exponential conversion (not cast). */
@@ -116,7 +93,7 @@ export class KDPM2Discrete extends KDPM2Base {
     // Geometric midpoints: exp(lerp(log sigma_j, log sigma_{j-1}, 0.5)); the first is NaN (never used), the last 0.
     const logs = Array.from(s.sigmas, logf);
     const interpol = logs.map((l, j) => f(Math.exp(lerpHalf(l, logs[(j + logs.length - 1) % logs.length]!))));
-    const ti = interpol.map((x) => sigmaToT32(x, s.logSigmas));
+    const ti = interpol.map((x) => sigmaToT(x, s.logSigmas, true));
     const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k + 1]!, t]);
     super(config, s, interpol, interleaved, name);
   }
@@ -163,7 +140,7 @@ export class KDPM2AncestralDiscrete extends KDPM2Base {
     }
     // exp(lerp(log sigma_j, log sigma_down_j, 0.5)), the last two set to 0.
     const interpol = Array.from(s.sigmas, (x, j) => (j >= n - 2 ? 0 : f(Math.exp(lerpHalf(logf(x), logf(down[j]!))))));
-    const ti = interpol.slice(0, n - 2).map((x) => sigmaToT32(x, s.logSigmas));
+    const ti = interpol.slice(0, n - 2).map((x) => sigmaToT(x, s.logSigmas, true));
     const interleaved = s.timesteps.slice(1).flatMap((t, k) => [ti[k]!, t]);
     super(config, s, interpol, interleaved, name);
     this.#up = Float32Array.from(repeated(up));
