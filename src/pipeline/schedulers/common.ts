@@ -13,6 +13,8 @@ import { pyRepr } from '../pyjson.js';
 import { fmaf } from '../random.js';
 
 export const f = Math.fround;
+/** torch's / numpy's float32 log. */
+export const logf = (x: number): number => f(Math.log(x));
 
 export type ConfigValue = number | string | boolean | null | number[];
 
@@ -191,7 +193,7 @@ export function alphasCumprod(className: string, c: ResolvedConfig, withZeroSnr:
 export function alphaSigmaLambda(sigma: number): [number, number, number] {
   const alpha = f(1 / f(Math.sqrt(f(f(sigma * sigma) + 1))));
   const sig = f(sigma * alpha);
-  return [alpha, sig, f(f(Math.log(alpha)) - f(Math.log(sig)))];
+  return [alpha, sig, f(logf(alpha) - logf(sig))];
 }
 
 /** `((1 - ac) / ac) ** 0.5` as a float32 tensor expression. */
@@ -308,7 +310,7 @@ export function multistepTimesteps(className: string, c: ResolvedConfig, n: numb
  */
 export function convertedSigmas(c: ResolvedConfig, table: Float32Array, n: number): { sigmas: number[]; timesteps: number[] } {
   const karras = bool(c, 'use_karras_sigmas');
-  const logSigmas = table.map((s) => f(Math.log(s)));
+  const logSigmas = table.map(logf);
   // On the flipped table: in_sigmas[-1] is the smallest sigma, in_sigmas[0] the largest.
   const sMin = (c.sigma_min as number | null | undefined) ?? table[0]!;
   const sMax = (c.sigma_max as number | null | undefined) ?? table[table.length - 1]!;

@@ -19,6 +19,7 @@ import {
   type ResolvedConfig,
   trainStepRange,
   unsupported,
+  logf,
 } from './common.js';
 import { MultistepSchedule } from './base.js';
 
@@ -49,7 +50,6 @@ export const DEIS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
  */
 export const DEIS_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
-const logf = (x: number) => f(Math.log(x));
 
 /** The second-order coefficient's antiderivative (diffusers' `ind_fn` with three points), float32. */
 function ind2(t: number, b: number, c: number): number {

@@ -26,6 +26,7 @@ import {
   str,
   trainStepRange,
   unsupported,
+  logf,
 } from './common.js';
 import { convertModelOutput, MultistepSchedule } from './base.js';
 
@@ -62,7 +63,6 @@ export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
  */
 export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
-const logf = (x: number) => f(Math.log(x));
 
 /**
  * The heun solver type's `(e^x − 1)/x`-like ratios as float32 divisions, and at a zero step their limit: a Karras

@@ -25,6 +25,7 @@ import {
   sigmasFromAlphas,
   str,
   unsupported,
+  logf,
 } from './common.js';
 
 export const EULER_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
@@ -119,7 +120,7 @@ export function discreteSchedule(
   checkOneRamp(name, config);
   const karras = bool(config, 'use_karras_sigmas');
   const { sigmas: table } = eulerTables(name, config);
-  const logSigmas = table.map((s) => f(Math.log(s)));
+  const logSigmas = table.map(logf);
   const timesteps = eulerTimesteps(config, n);
   const sigmas = timesteps.map((t) => npInterpIndex(t, table));
   const converted = karras ? 'karras' : bool(config, 'use_exponential_sigmas') ? 'exponential' : undefined;
@@ -196,7 +197,7 @@ export class EulerDiscrete extends EulerBase {
     let sig = timesteps.map((t) => npInterpIndex(t, table));
     const karras = bool(config, 'use_karras_sigmas');
     if (karras || bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map((s) => f(Math.log(s)));
+      const logSigmas = table.map(logf);
       // np.interp returns float64: the bounds are not rounded to float32 (they differ for linspace spacing).
       const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
       const sMax = (config.sigma_max as number | null) ?? sig[0]!;

@@ -11,6 +11,7 @@ import {
   type ConfigValue,
   type ResolvedConfig,
   sigmaToT,
+  logf,
 } from './common.js';
 import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
 
@@ -31,7 +32,6 @@ export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 /** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
 export const KDPM2_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
-const logf = (x: number) => f(Math.log(x));
 
 /** torch's float32 `lerp(a, b, 0.5)`: `b − (b − a)·0.5` (its formula for weights ≥ 0.5). */
 const lerpHalf = (a: number, b: number) => f(b - f(f(b - a) * 0.5));
