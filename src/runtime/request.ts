@@ -234,11 +234,15 @@ export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defa
       throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER=${name} cannot run from this model's scheduler/scheduler_config.json (a request naming it gets the reason); unset it or name another scheduler`);
     }
   }
+  const outside = cfg.defaultSteps === undefined ? undefined : stepsOutside(cfg.defaultSteps, name, defaults);
+  if (outside !== undefined) throw new RuntimeError('CONFIG', `DEFAULT_STEPS ${outside}`);
+}
+
+/** Why `steps` is outside what scheduler `name` (undefined: the model's own) takes, or undefined when it is not. */
+function stepsOutside(steps: number, name: string | undefined, defaults: ModelDefaults): string | undefined {
   const range = defaults.stepRanges?.[name ?? ''];
-  const steps = cfg.defaultSteps;
-  if (steps !== undefined && range && (steps < range.min || steps > range.max)) {
-    throw new RuntimeError('CONFIG', `DEFAULT_STEPS must be from ${range.min} to ${range.max} for scheduler ${name ?? defaults.scheduler} (${range.why}), got ${steps}`);
-  }
+  if (!range || (steps >= range.min && steps <= range.max)) return undefined;
+  return `must be from ${range.min} to ${range.max} for scheduler ${name ?? defaults.scheduler} (${range.why}), got ${steps}`;
 }
 
 export interface ParseContext {
@@ -375,10 +379,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
   // rather than in the worker after the request waited for a queue slot.
-  const range = schedName === undefined || scheduler !== undefined ? defaults.stepRanges?.[scheduler ?? ''] : undefined;
-  if (range && (steps < range.min || steps > range.max)) {
-    bad.push(`${w}.num_inference_steps must be from ${range.min} to ${range.max} for scheduler ${scheduler ?? defaults.scheduler} (${range.why}), got ${steps}`);
-  }
+  const outside = schedName === undefined || scheduler !== undefined ? stepsOutside(steps, scheduler, defaults) : undefined;
+  if (outside !== undefined) bad.push(`${w}.num_inference_steps ${outside}`);
   let format = cfg.defaultOutputFormat;
   const fmt = str('output_format', false, 16);
   if (fmt !== undefined) {
