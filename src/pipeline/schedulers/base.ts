@@ -22,7 +22,7 @@ abstract class UnscaledSchedule implements Scheduler {
   abstract readonly name: string;
   abstract readonly sigmas: readonly number[] | undefined;
   timesteps: readonly number[] = [];
-  readonly initNoiseSigma = 1;
+  readonly initNoiseSigma: number = 1;
   protected index = 0;
 
   scaleModelInput(sample: Float32Array): Float32Array {

@@ -70,77 +70,43 @@ export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: nu
  */
 const ratio = (num: number, den: number, limit: number) => (den === 0 ? limit : f(num / den));
 
-export class DPMSolverMultistep extends MultistepSchedule {
-  readonly name = 'DPMSolverMultistepScheduler';
-  readonly #order: number;
-  readonly #prediction: string;
-  readonly #plusPlus: boolean;
+/** Which of diffusers' DPM-Solver updates a scheduler runs. */
+export interface DPMSolverKind {
+  readonly order: number;
+  /** dpmsolver++ / sde-dpmsolver++: the model output converted to x0 (else to the noise). */
+  readonly plusPlus: boolean;
   /** The SDE variants: fresh noise on every step. */
+  readonly sde: boolean;
+  readonly heun: boolean;
+}
+
+/**
+ * The multistep updates of DPMSolverMultistepScheduler and EDMDPMSolverMultistepScheduler: the two classes differ in
+ * their schedule, in how a model output becomes x0 (`convert`) and in alpha_t, sigma_t, lambda_t of a sigma (`asl`).
+ */
+export abstract class DPMSolverSteps extends MultistepSchedule {
+  abstract readonly config: ResolvedConfig;
+  readonly #order: number;
+  readonly #plusPlus: boolean;
   readonly #sde: boolean;
   readonly #heun: boolean;
   #outputs: Float32Array[] = [];
   #lowerOrderNums = 0;
 
-  constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+  constructor(kind: DPMSolverKind) {
     super();
-    const name = this.name;
-    const train = num(config, 'num_train_timesteps');
-    checkSteps(name, numInferenceSteps, trainStepRange(config));
-    // As diffusers' __init__ does, DEIS's and UniPC's options (a config `from_config` carries over) map to DPM-Solver's.
-    const algorithm =
-      config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver']);
-    this.#plusPlus = algorithm.endsWith('++');
-    this.#sde = algorithm.startsWith('sde-');
-    const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(name, config, 'solver_type', ['midpoint', 'heun']);
-    this.#heun = solver === 'heun';
-    this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
-    this.#order = num(config, 'solver_order');
-    if (![1, 2, 3].includes(this.#order)) unsupported(name, `solver_order ${this.#order} (1 to 3)`);
-    // diffusers has no third-order update for it (its step fails)
-    if (this.#order === 3 && algorithm === 'sde-dpmsolver') unsupported(name, 'solver_order 3 with algorithm_type "sde-dpmsolver" (use "sde-dpmsolver++")');
-    for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
-      if (bool(config, k)) unsupported(name, k);
-    }
-    checkOneRamp(name, config);
-    if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
-    const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
-    if (!this.#plusPlus && finalType === 'zero') {
-      unsupported(name, `final_sigmas_type "zero" with algorithm_type "${algorithm}" (diffusers refuses it too; use "sigma_min")`);
-    }
+    this.#order = kind.order;
+    this.#plusPlus = kind.plusPlus;
+    this.#sde = kind.sde;
+    this.#heun = kind.heun;
+  }
 
-    const ac = alphasCumprod(name, config, true);
-    if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
-    // lambda_min_clipped cuts the schedule where lambda(t) falls below it (searchsorted on the flipped lambdas).
-    const clip = num(config, 'lambda_min_clipped');
-    let clippedIdx = 0;
-    for (let i = ac.length - 1; i >= 0; i--) {
-      const a = ac[i]!;
-      const lambda = f(logf(f(Math.sqrt(a))) - logf(f(Math.sqrt(f(1 - a)))));
-      if (lambda < clip) clippedIdx++;
-      else break;
-    }
-    let timesteps = multistepTimesteps(name, config, numInferenceSteps, train - clippedIdx);
-    const table = sigmasFromAlphas(ac);
-    let sig: number[];
-    const sMin = (config.sigma_min as number | null) ?? table[0]!;
-    const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
-    if (bool(config, 'use_karras_sigmas')) {
-      const logSigmas = table.map(logf);
-      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] unless the config carries
-      // bounds (DPM_HIDDEN).
-      sig = karrasSigmas(sMin, sMax, numInferenceSteps);
-      timesteps = sig.map((s) => sigmaToT(s, logSigmas));
-      if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
-      else timesteps = timesteps.map(Math.trunc); // astype(int64)
-    } else if (bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map(logf);
-      sig = exponentialSigmas(sMin, sMax, numInferenceSteps);
-      timesteps = sig.map((s) => Math.trunc(sigmaToT(s, logSigmas))); // not rounded: astype(int64) truncates
-    } else {
-      sig = timesteps.map((t) => npInterpIndex(t, table));
-    }
-    const lastSigma = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
-    this.schedule(timesteps, Float32Array.from([...sig, lastSigma]));
+  /** `convert_model_output`: x0 (dpmsolver++) or the noise, at sigma. */
+  protected abstract convert(modelOutput: Float32Array, sample: Float32Array, sigma: number): Float32Array;
+
+  /** `_sigma_to_alpha_sigma_t` and lambda = log alpha_t − log sigma_t (float32). */
+  protected asl(sigma: number): [number, number, number] {
+    return alphaSigmaLambda(sigma);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
@@ -150,7 +116,7 @@ export class DPMSolverMultistep extends MultistepSchedule {
     const lowerOrderFinal =
       i === nSteps - 1 &&
       (bool(c, 'euler_at_final') || (bool(c, 'lower_order_final') && nSteps < 15) || str(c, 'final_sigmas_type') === 'zero');
-    const converted = convertModelOutput(modelOutput, sample, this.sig[i]!, this.#prediction, this.#plusPlus);
+    const converted = this.convert(modelOutput, sample, this.sig[i]!);
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     // The SDE variants draw on every step, the last included, as diffusers does.
@@ -171,8 +137,8 @@ export class DPMSolverMultistep extends MultistepSchedule {
    */
   #update(s: Float32Array, order: 1 | 2, z: Float32Array | undefined): Float32Array {
     const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
+    const [alphaT, sigmaT, lambdaT] = this.asl(this.sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = this.asl(this.sig[i]!);
     const h = f(lambdaT - lambdaS0);
     let a: number;
     let b: number;
@@ -204,7 +170,7 @@ export class DPMSolverMultistep extends MultistepSchedule {
     const n = this.#outputs.length;
     const m0 = this.#outputs[n - 1]!;
     const m1 = order === 2 ? this.#outputs[n - 2]! : undefined;
-    const invR0 = m1 ? f(1 / f(f(lambdaS0 - alphaSigmaLambda(this.sig[i - 1]!)[2]) / h)) : 0;
+    const invR0 = m1 ? f(1 / f(f(lambdaS0 - this.asl(this.sig[i - 1]!)[2]) / h)) : 0;
     const out = new Float32Array(s.length);
     for (let k = 0; k < s.length; k++) {
       let v = f(f(a * s[k]!) + f(b * m0[k]!));
@@ -220,10 +186,10 @@ export class DPMSolverMultistep extends MultistepSchedule {
    */
   #thirdOrder(s: Float32Array, z: Float32Array | undefined): Float32Array {
     const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = alphaSigmaLambda(this.sig[i]!);
-    const lambdaS1 = alphaSigmaLambda(this.sig[i - 1]!)[2];
-    const lambdaS2 = alphaSigmaLambda(this.sig[i - 2]!)[2];
+    const [alphaT, sigmaT, lambdaT] = this.asl(this.sig[i + 1]!);
+    const [alphaS0, sigmaS0, lambdaS0] = this.asl(this.sig[i]!);
+    const lambdaS1 = this.asl(this.sig[i - 1]!)[2];
+    const lambdaS2 = this.asl(this.sig[i - 2]!)[2];
     const n = this.#outputs.length;
     const [m0, m1, m2] = [this.#outputs[n - 1]!, this.#outputs[n - 2]!, this.#outputs[n - 3]!];
     const h = f(lambdaT - lambdaS0);
@@ -270,5 +236,86 @@ export class DPMSolverMultistep extends MultistepSchedule {
       out[k] = z ? f(v + f(e * z[k]!)) : v;
     }
     return out;
+  }
+}
+
+const DPM_NAME = 'DPMSolverMultistepScheduler';
+
+/** A DPMSolverMultistepScheduler config's solver options, checked (the step count first, as diffusers fails). */
+function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolverKind & { prediction: string } {
+  const name = DPM_NAME;
+  checkSteps(name, numInferenceSteps, trainStepRange(config));
+  // As diffusers' __init__ does, DEIS's and UniPC's options (a config `from_config` carries over) map to DPM-Solver's.
+  const algorithm =
+    config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver']);
+  const plusPlus = algorithm.endsWith('++');
+  const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(name, config, 'solver_type', ['midpoint', 'heun']);
+  const prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
+  const order = num(config, 'solver_order');
+  if (![1, 2, 3].includes(order)) unsupported(name, `solver_order ${order} (1 to 3)`);
+  // diffusers has no third-order update for it (its step fails)
+  if (order === 3 && algorithm === 'sde-dpmsolver') unsupported(name, 'solver_order 3 with algorithm_type "sde-dpmsolver" (use "sde-dpmsolver++")');
+  for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+    if (bool(config, k)) unsupported(name, k);
+  }
+  checkOneRamp(name, config);
+  if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
+  const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
+  if (!plusPlus && finalType === 'zero') {
+    unsupported(name, `final_sigmas_type "zero" with algorithm_type "${algorithm}" (diffusers refuses it too; use "sigma_min")`);
+  }
+  return { order, plusPlus, sde: algorithm.startsWith('sde-'), heun: solver === 'heun', prediction };
+}
+
+export class DPMSolverMultistep extends DPMSolverSteps {
+  readonly name = DPM_NAME;
+  readonly #prediction: string;
+  readonly #toX0: boolean;
+
+  constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+    const options = dpmOptions(config, numInferenceSteps);
+    super(options);
+    this.#prediction = options.prediction;
+    this.#toX0 = options.plusPlus;
+    const name = this.name;
+    const train = num(config, 'num_train_timesteps');
+    const finalType = str(config, 'final_sigmas_type');
+    const ac = alphasCumprod(name, config, true);
+    if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
+    // lambda_min_clipped cuts the schedule where lambda(t) falls below it (searchsorted on the flipped lambdas).
+    const clip = num(config, 'lambda_min_clipped');
+    let clippedIdx = 0;
+    for (let i = ac.length - 1; i >= 0; i--) {
+      const a = ac[i]!;
+      const lambda = f(logf(f(Math.sqrt(a))) - logf(f(Math.sqrt(f(1 - a)))));
+      if (lambda < clip) clippedIdx++;
+      else break;
+    }
+    let timesteps = multistepTimesteps(name, config, numInferenceSteps, train - clippedIdx);
+    const table = sigmasFromAlphas(ac);
+    let sig: number[];
+    const sMin = (config.sigma_min as number | null) ?? table[0]!;
+    const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
+    if (bool(config, 'use_karras_sigmas')) {
+      const logSigmas = table.map(logf);
+      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] unless the config carries
+      // bounds (DPM_HIDDEN).
+      sig = karrasSigmas(sMin, sMax, numInferenceSteps);
+      timesteps = sig.map((s) => sigmaToT(s, logSigmas));
+      if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
+      else timesteps = timesteps.map(Math.trunc); // astype(int64)
+    } else if (bool(config, 'use_exponential_sigmas')) {
+      const logSigmas = table.map(logf);
+      sig = exponentialSigmas(sMin, sMax, numInferenceSteps);
+      timesteps = sig.map((s) => Math.trunc(sigmaToT(s, logSigmas))); // not rounded: astype(int64) truncates
+    } else {
+      sig = timesteps.map((t) => npInterpIndex(t, table));
+    }
+    const lastSigma = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
+    this.schedule(timesteps, Float32Array.from([...sig, lastSigma]));
+  }
+
+  protected convert(modelOutput: Float32Array, sample: Float32Array, sigma: number): Float32Array {
+    return convertModelOutput(modelOutput, sample, sigma, this.#prediction, this.#toX0);
   }
 }
