@@ -25,6 +25,9 @@ const SD15_CONFIG = {
   steps_offset: 1,
   timestep_spacing: 'leading',
 };
+/** Playground v2.5's scheduler: the EDM names run only on a model trained that way. */
+const EDM_CONFIG = { _class_name: 'EDMDPMSolverMultistepScheduler', sigma_min: 0.002, sigma_max: 80.0, sigma_data: 0.5, solver_order: 2 };
+const configFor = (name: string) => (name.startsWith('edm_') ? EDM_CONFIG : SD15_CONFIG);
 /** Every request name (the diffusers class names build the same classes). */
 const NAMES = Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler'));
 const SHAPES = [
@@ -52,19 +55,19 @@ const stepsFor = (name: string) => (name === 'lcm' ? 4 : 20);
 
 /** createScheduler alone (tables, timesteps), ms. */
 function benchCreate(name: string): number {
-  return timeMs(() => createScheduler(SD15_CONFIG, stepsFor(name), { name }));
+  return timeMs(() => createScheduler(configFor(name), stepsFor(name), { name }));
 }
 
 /** One scale_model_input + step, ms: a whole run minus its creation, over the UNet runs (2n − 1 for Heun and DPM2). */
 function benchStep(name: string, n: number, createMs: number): number {
   const steps = stepsFor(name);
-  const runs = createScheduler(SD15_CONFIG, steps, { name }).timesteps.length;
+  const runs = createScheduler(configFor(name), steps, { name }).timesteps.length;
   const gen = new TorchGenerator(1);
   const modelOutput = gen.randn(n);
   const noise = gen.randn(n);
   const init = gen.randn(n);
   const perRun = timeMs(() => {
-    const s = createScheduler(SD15_CONFIG, steps, { name });
+    const s = createScheduler(configFor(name), steps, { name });
     let x = init;
     for (const t of s.timesteps) {
       s.scaleModelInput(x, t);
@@ -76,7 +79,7 @@ function benchStep(name: string, n: number, createMs: number): number {
 
 async function main(): Promise<void> {
   console.log(`node ${process.version}; schedulers known: ${Object.keys(SCHEDULER_NAMES).length} names`);
-  console.log('\nscheduler cost per UNet run (scale_model_input + step, ms; SD 1.5 config, 20 steps, lcm 4), and createScheduler:');
+  console.log('\nscheduler cost per UNet run (scale_model_input + step, ms; SD 1.5 config, edm_* on Playground v2.5s; 20 steps, lcm 4), and createScheduler:');
   console.log(['scheduler'.padEnd(18), ...SHAPES.map((s) => s.label.padStart(20)), 'create'.padStart(12)].join(''));
   for (const name of NAMES) {
     const createMs = benchCreate(name);

@@ -47,6 +47,8 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -65,6 +67,8 @@ from diffusers.schedulers import (
     scheduling_ddim,
     scheduling_ddpm,
     scheduling_dpmsolver_multistep,
+    scheduling_edm_dpmsolver_multistep,
+    scheduling_edm_euler,
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
@@ -82,7 +86,8 @@ os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
-                                    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler]}
+                                    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                                    EDMEulerScheduler, EDMDPMSolverMultistepScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -107,6 +112,9 @@ REQUEST = {
     "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "edm_euler": ("EDMEulerScheduler", {}),
+    "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "edm_dpmpp_2m_sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -198,7 +206,7 @@ def run_case(case):
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
-                scheduling_k_dpm_2_ancestral_discrete):
+                scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -215,7 +223,8 @@ def run_case(case):
         denoised = None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
-        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
+        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                      EDMEulerScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
@@ -243,7 +252,8 @@ def run_case(case):
         "timesteps": [float(t) for t in s.timesteps],
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
-                                                                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)) else None,
+                                                                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                                                                EDMEulerScheduler, EDMDPMSolverMultistepScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -270,7 +280,8 @@ def record_interpolation(s):
     """Wraps the scheduler's own _convert_to_* and _sigma_to_t to record their inputs and outputs: with them the test
     checks that arithmetic bit for bit, whatever this machine's float32 log and torch's pow give for the tables."""
     rec = {"sigma_to_t": [], "log_sigmas": None, "convert": None}
-    if not hasattr(s, "_sigma_to_t"):
+    # (the EDM classes have a _sigma_to_t they never call, and no _convert_to_*: their ramps are checked whole)
+    if not hasattr(s, "_sigma_to_t") or not hasattr(s, "_convert_to_karras"):
         return rec
     orig_t = s._sigma_to_t
 
@@ -531,6 +542,42 @@ CASES.append({"name": "dpm3-plusplus-img2img-begin-5-of-20", "config": {**dpm, "
 for n in [3, 12, 20]:
     CASES.append({"name": f"dpm3-sde-request-from-pndm-sd15-{n}", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde", "steps": n})
 CASES.append({"name": "dpm3-sde-karras-request-from-pndm-sd15-25", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde_karras", "steps": 25})
+
+# EDM (Playground v2.5): sigmas from sigma_min/sigma_max, c_noise timesteps, c_in / c_skip / c_out preconditioning.
+# Explicit seeds (9000 on), so cases added elsewhere in the list leave these files as they are.
+edm_dpm = {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "prediction_type": "epsilon",
+           "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "final_sigmas_type": "zero", "lower_order_final": True,
+           "euler_at_final": False, "num_train_timesteps": 1000, "rho": 7.0, "sigma_schedule": "karras", "thresholding": False}
+edm_euler = {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "prediction_type": "epsilon"}
+EDM_CASES = []
+for n in [1, 2, 3, 10, 15, 16, 25, 50]:
+    EDM_CASES.append({"name": f"edm-dpm-{n}", "config": edm_dpm, "steps": n})
+for n in [1, 2, 10, 17, 30]:
+    EDM_CASES.append({"name": f"edm-euler-{n}", "config": edm_euler, "steps": n})
+EDM_CASES += [
+    {"name": "edm-dpm-sde-12", "config": {**edm_dpm, "algorithm_type": "sde-dpmsolver++"}, "steps": 12},
+    {"name": "edm-dpm-sde-heun-20", "config": {**edm_dpm, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "steps": 20},
+    {"name": "edm-dpm-heun-20", "config": {**edm_dpm, "solver_type": "heun"}, "steps": 20},
+    {"name": "edm-dpm-order3-20", "config": {**edm_dpm, "solver_order": 3}, "steps": 20},
+    {"name": "edm-dpm-order1-8", "config": {**edm_dpm, "solver_order": 1}, "steps": 8},
+    {"name": "edm-dpm-sigma-min-14", "config": {**edm_dpm, "final_sigmas_type": "sigma_min"}, "steps": 14},
+    {"name": "edm-dpm-euler-at-final-20", "config": {**edm_dpm, "euler_at_final": True}, "steps": 20},
+    {"name": "edm-dpm-exponential-24", "config": {**edm_dpm, "sigma_schedule": "exponential"}, "steps": 24},
+    {"name": "edm-dpm-vpred-18", "config": {**edm_dpm, "prediction_type": "v_prediction"}, "steps": 18},
+    {"name": "edm-dpm-sigma-data-1-rho-5-12", "config": {**edm_dpm, "sigma_data": 1.0, "rho": 5.0, "sigma_max": 120.0}, "steps": 12},
+    {"name": "edm-dpm-img2img-begin-6-of-20", "config": edm_dpm, "steps": 20, "begin_index": 6},
+    {"name": "edm-euler-vpred-12", "config": {**edm_euler, "prediction_type": "v_prediction"}, "steps": 12},
+    {"name": "edm-euler-exponential-16", "config": {**edm_euler, "sigma_schedule": "exponential"}, "steps": 16},
+    {"name": "edm-euler-sigma-min-9", "config": {**edm_euler, "final_sigmas_type": "sigma_min"}, "steps": 9},
+    {"name": "edm-euler-img2img-begin-4-of-10", "config": edm_euler, "steps": 10, "begin_index": 4},
+    {"name": "edm-request-euler-from-dpm-20", "config": edm_dpm, "request": "edm_euler", "steps": 20},
+    {"name": "edm-request-dpm-from-euler-20", "config": edm_euler, "request": "edm_dpmpp_2m", "steps": 20},
+    {"name": "edm-request-dpm-sde-from-dpm-order3-25", "config": {**edm_dpm, "solver_order": 3}, "request": "edm_dpmpp_2m_sde", "steps": 25},
+]
+for k, case in enumerate(EDM_CASES):
+    case.setdefault("pipeline", None)
+    case["seed"] = 9000 + k
+CASES += EDM_CASES
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -244,6 +244,7 @@ describe('createScheduler', () => {
     const { skip_prk_steps: _drop, ...noSkip } = modelConfig;
     const configs = [modelConfig, noSkip, { ...modelConfig, num_train_timesteps: 30 }, { _class_name: 'LCMScheduler', original_inference_steps: 12 }];
     const unusable: string[] = [];
+    const otherFamily = new Set<string>();
     for (const config of configs) {
       const own = typeof config._class_name === 'string' && Object.hasOwn(SCHEDULER_NAMES, config._class_name) ? [undefined] : [];
       for (const name of [...own, ...Object.keys(SCHEDULER_NAMES)]) {
@@ -252,6 +253,13 @@ describe('createScheduler', () => {
         try {
           r = stepRange(config, name);
         } catch (err) {
+          if ((err as Error).message.includes('cannot run this model')) {
+            // A name of the other family (EDM or discrete-time) is the request's error, at every step count.
+            expect((err as RuntimeError).code, `${name}`).toBe('INVALID_INPUT');
+            for (const n of [1, 4, 20]) expect(() => build(n), `${name} ${n}`).toThrow((err as Error).message);
+            otherFamily.add(name!);
+            continue;
+          }
           // An option the class cannot serve (LCM's original_inference_steps above num_train_timesteps) is not a step
           // limit: the class refuses every step count, with the same error.
           expect((err as RuntimeError).code, `${name}`).toBe('UNSUPPORTED');
@@ -267,6 +275,7 @@ describe('createScheduler', () => {
       }
     }
     expect(unusable.sort()).toEqual(['30 LCMScheduler', '30 lcm']);
+    expect([...otherFamily].sort()).toEqual(['EDMDPMSolverMultistepScheduler', 'EDMEulerScheduler', 'edm_dpmpp_2m', 'edm_dpmpp_2m_sde', 'edm_euler']);
     const pastTable = 'timestep_spacing "leading" with steps_offset 1 would start 1000 steps at timestep 1000, past the last (999)';
     expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 999, why: `PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000; ${pastTable}` });
     expect(stepRange(modelConfig, 'lcm')).toEqual({ min: 1, max: 50, why: 'original_inference_steps is 50' });
@@ -423,5 +432,54 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
     const x = solveF32([[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]], [0.4, 0.1, 0.05]);
     const a = [[1, 1, 1], [-2.5, -1.2, 1], [6.25, 1.44, 1]];
     a.forEach((row, i) => expect(row.reduce((acc, v, k) => acc + v * x[k]!, 0)).toBeCloseTo([0.4, 0.1, 0.05][i]!, 6));
+  });
+});
+
+describe('EDM schedulers (Playground v2.5)', () => {
+  const edm = { _class_name: 'EDMDPMSolverMultistepScheduler', sigma_min: 0.002, sigma_max: 80.0, sigma_data: 0.5, prediction_type: 'epsilon' };
+  const sd15 = { _class_name: 'EulerDiscreteScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', steps_offset: 1 };
+
+  it('a model trained in the EDM formulation takes only the EDM names, and other models only the others', () => {
+    for (const name of ['edm_euler', 'edm_dpmpp_2m', 'edm_dpmpp_2m_sde', 'EDMEulerScheduler']) expect(createScheduler(edm, 12, { name }).timesteps).toHaveLength(12);
+    expect(() => createScheduler(edm, 12, { name: 'euler' })).toThrow(
+      expect.objectContaining({
+        code: 'INVALID_INPUT',
+        message:
+          'scheduler "euler" cannot run this model: this model\'s scheduler is EDMDPMSolverMultistepScheduler: it is trained in the EDM formulation ' +
+          '(sigma_data preconditioning, as Playground v2.5 is), which EulerDiscreteScheduler does not apply; use one of edm_euler, edm_dpmpp_2m, ' +
+          'edm_dpmpp_2m_sde, EDMEulerScheduler, EDMDPMSolverMultistepScheduler',
+      }),
+    );
+    expect(() => createScheduler(sd15, 12, { name: 'edm_dpmpp_2m' })).toThrow(
+      /^scheduler "edm_dpmpp_2m" cannot run this model: EDMDPMSolverMultistepScheduler is for models trained in the EDM formulation \(as Playground v2\.5 is\); this model's scheduler is EulerDiscreteScheduler; use one of pndm, ddim, /,
+    );
+  });
+
+  it('feeds the UNet c_noise = ln(sigma)/4 and c_in·x, and starts from noise of sigma sqrt(sigma_max² + 1)', () => {
+    const s = createScheduler(edm, 3);
+    // (sigma_max^(1/7))^7 in float32, as diffusers' float32 ramp gives it
+    expect(s.sigmas![0]).toBeCloseTo(80, 4);
+    expect(s.sigmas![3]).toBe(0);
+    expect(s.timesteps[0]).toBe(Math.fround(Math.fround(Math.log(s.sigmas![0]!)) / 4));
+    expect(s.initNoiseSigma).toBeCloseTo(Math.sqrt(6401), 12);
+    const x = Float32Array.of(1, -2);
+    const cIn = Math.fround(1 / Math.fround(Math.sqrt(Math.fround(Math.fround(s.sigmas![0]! ** 2) + 0.25))));
+    expect(Array.from(s.scaleModelInput(x, s.timesteps[0]!))).toEqual([cIn, Math.fround(-2 * cIn)]);
+  });
+
+  it('refuses what diffusers cannot run, naming it', () => {
+    const cases: [Record<string, unknown>, string][] = [
+      [{ prediction_type: 'sample' }, 'prediction_type "sample"'],
+      [{ solver_order: 3, algorithm_type: 'sde-dpmsolver++' }, 'solver_order 3 with algorithm_type "sde-dpmsolver++"'],
+      [{ algorithm_type: 'dpmsolver' }, 'algorithm_type "dpmsolver"'],
+      [{ thresholding: true }, 'thresholding'],
+      [{ sigma_schedule: 'linear' }, 'sigma_schedule "linear"'],
+      [{ sigma_min: 90 }, 'sigma_min not below sigma_max'],
+      [{ sigma_data: 0 }, 'sigma_data 0 (it must be > 0)'],
+    ];
+    for (const [extra, what] of cases) {
+      expect(() => createScheduler({ ...edm, ...extra }, 10), what).toThrow(expect.objectContaining({ code: 'UNSUPPORTED', message: expect.stringContaining(what) }));
+    }
+    expect(() => createScheduler({ ...edm, _class_name: 'EDMEulerScheduler', prediction_type: 'sample' }, 10)).toThrow(/EDMEulerScheduler: prediction_type "sample"/);
   });
 });

@@ -16,6 +16,7 @@ import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
 import { KDPM2_DEFAULTS, KDPM2_HIDDEN, KDPM2AncestralDiscrete, KDPM2Discrete } from './kdpm2.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
+import { EDM_CLASSES, EDM_DPM_DEFAULTS, EDM_EULER_DEFAULTS, EDMDPMSolverMultistep, EDMEuler } from './edm.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
@@ -57,6 +58,8 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
     steps: trainStepRange,
     build: (c, n) => new KDPM2AncestralDiscrete(c, n),
   },
+  EDMEulerScheduler: { defaults: EDM_EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMEuler(c, n) },
+  EDMDPMSolverMultistepScheduler: { defaults: EDM_DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMDPMSolverMultistep(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -152,7 +155,9 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
   if (name !== undefined) {
     const unknown = unknownSchedulerName(name);
     if (unknown !== undefined) throw new RuntimeError('INVALID_INPUT', unknown);
-    return SCHEDULER_NAMES[name]!;
+    const choice = SCHEDULER_NAMES[name]!;
+    checkFamily(config._class_name, name, choice.className);
+    return choice;
   }
   const cls = config._class_name;
   if (!isClassName(cls)) {
@@ -164,6 +169,20 @@ function choose(config: Record<string, unknown>, name: string | undefined): Sche
     );
   }
   return { className: cls, overrides: {} };
+}
+
+/**
+ * A model trained in the EDM formulation (its own class an EDM one) takes only the EDM classes, and other models
+ * only the others: diffusers would switch either way and denoise with the wrong preconditioning, so the request is
+ * refused instead of answered with noise.
+ */
+function checkFamily(own: unknown, name: string, className: SchedulerClassName): void {
+  if (!isClassName(own) || EDM_CLASSES.has(own) === EDM_CLASSES.has(className)) return;
+  const fits = Object.keys(SCHEDULER_NAMES).filter((n) => EDM_CLASSES.has(SCHEDULER_NAMES[n]!.className) === EDM_CLASSES.has(own));
+  const why = EDM_CLASSES.has(own)
+    ? `this model's scheduler is ${own}: it is trained in the EDM formulation (sigma_data preconditioning, as Playground v2.5 is), which ${className} does not apply`
+    : `${className} is for models trained in the EDM formulation (as Playground v2.5 is); this model's scheduler is ${own}`;
+  throw new RuntimeError('INVALID_INPUT', `scheduler "${name}" cannot run this model: ${why}; use one of ${fits.join(', ')}`);
 }
 
 // Without a name the pipeline runs its own scheduler, whose config values all apply (rewritten ones included);

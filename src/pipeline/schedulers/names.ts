@@ -18,6 +18,8 @@ export const SCHEDULER_CLASS_NAMES = [
   'HeunDiscreteScheduler',
   'KDPM2DiscreteScheduler',
   'KDPM2AncestralDiscreteScheduler',
+  'EDMEulerScheduler',
+  'EDMDPMSolverMultistepScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -72,6 +74,10 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   dpm2_karras: { className: 'KDPM2DiscreteScheduler', overrides: { use_karras_sigmas: true } },
   dpm2_a: { className: 'KDPM2AncestralDiscreteScheduler', overrides: {} },
   dpm2_a_karras: { className: 'KDPM2AncestralDiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  // Only for models trained in the EDM formulation (Playground v2.5), and only those take them: see index.ts.
+  edm_euler: { className: 'EDMEulerScheduler', overrides: {} },
+  edm_dpmpp_2m: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'dpmsolver++', solver_order: 2 } },
+  edm_dpmpp_2m_sde: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 2 } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
