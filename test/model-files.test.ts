@@ -56,7 +56,7 @@ describe('scheduler classes community models ship', () => {
 });
 
 describe('configs an SD pipeline reads but the runtime cannot follow', () => {
-  it('an SDXL VAE with latents_mean / latents_std (playgroundai/playground-v2.5-1024px-aesthetic vae/config.json) is refused, not decoded without them', async () => {
+  it('an SDXL VAE with latents_mean / latents_std (playgroundai/playground-v2.5-1024px-aesthetic vae/config.json) loads with them; malformed ones are named', async () => {
     const playground = await variant('latents-mean', 'sdxl', (d) =>
       editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => {
         c.latents_mean = [-1.6574, 1.886, -1.383, 2.5155];
@@ -64,7 +64,21 @@ describe('configs an SD pipeline reads but the runtime cannot follow', () => {
         c.scaling_factor = 0.5;
       }),
     );
-    expect(() => readLayout(playground)).toThrow(/^vae_decoder\/config\.json sets latents_mean and latents_std, which an SDXL pipeline applies/);
+    const vae = readLayout(playground).vae;
+    expect([vae.scalingFactor, Array.from(vae.latentsStd!)]).toEqual([0.5, [8.4927, 5.9022, 6.5498, 5.2299].map(Math.fround)]);
+    for (const [bad, why] of [
+      [{ latents_mean: [0, 0, 0] }, 'latents_mean must be 4 finite numbers (one per latent channel), got [0,0,0]'],
+      [{ latents_std: [1, 0, 1, 1] }, 'latents_std must be 4 finite numbers, none zero (one per latent channel), got [1,0,1,1]'],
+      [{ latents_mean: '0,0,0,0' }, 'latents_mean must be 4 finite numbers (one per latent channel), got "0,0,0,0"'],
+    ] as const) {
+      const dir = await variant(`latents-bad-${Object.keys(bad)[0]}-${why.length}`, 'sdxl', (d) =>
+        editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => Object.assign(c, { latents_mean: [0, 0, 0, 0], latents_std: [1, 1, 1, 1] }, bad)),
+      );
+      expect(() => readLayout(dir)).toThrow(expect.objectContaining({ code: 'MODEL_FORMAT', message: `vae_decoder/config.json: ${why}` }));
+    }
+    // One without the other is ignored, as diffusers' pipelines ignore it.
+    const half = await variant('latents-half', 'sdxl', (d) => editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => Object.assign(c, { latents_mean: [0, 0, 0, 0] })));
+    expect(readLayout(half).vae.latentsMean).toBeUndefined();
     // Recent diffusers saves every AutoencoderKL config with both keys null: that is the plain VAE.
     const nulls = await variant('latents-null', 'sdxl', (d) => editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => Object.assign(c, { latents_mean: null, latents_std: null, shift_factor: null })));
     expect(readLayout(nulls).vae.scalingFactor).toBe(0.13025);

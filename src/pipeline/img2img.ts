@@ -100,17 +100,31 @@ export function posterior(params: Float32Array, per: number): Posterior {
   return { mean, std };
 }
 
-/** `scaling_factor · latent_dist.sample(generator)` = sf · (mean + std · randn): the draw is `per` values of `randn`. */
-export function sampleLatent(p: Posterior, scalingFactor: number, randn: (n: number) => Float32Array): Float32Array {
+/** A VAE's per-channel latent statistics (SDXL `latents_mean` / `latents_std`). */
+export interface LatentStats {
+  readonly mean: Float32Array;
+  readonly std: Float32Array;
+}
+
+/**
+ * `scaling_factor · latent_dist.sample(generator)` = sf · (mean + std · randn): the draw is `per` values of `randn`.
+ * With `stats` (SDXL image-to-image only; its inpainting ignores them, as diffusers does): (x − μ_c) · sf / σ_c.
+ */
+export function sampleLatent(p: Posterior, scalingFactor: number, randn: (n: number) => Float32Array, stats?: LatentStats): Float32Array {
   const per = p.mean.length;
   const sf = f(scalingFactor);
   const out = new Float32Array(per);
-  if (!p.std) {
-    for (let i = 0; i < per; i++) out[i] = f(sf * p.mean[i]!);
+  const x = p.std ? randn(per).map((s, i) => f(p.mean[i]! + f(p.std![i]! * s))) : p.mean;
+  if (!stats) {
+    for (let i = 0; i < per; i++) out[i] = f(sf * x[i]!);
     return out;
   }
-  const s = randn(per);
-  for (let i = 0; i < per; i++) out[i] = f(sf * f(p.mean[i]! + f(p.std[i]! * s[i]!)));
+  // SDXL image-to-image with per-channel statistics: (x - mean) * scaling_factor / std.
+  const plane = per / stats.mean.length;
+  for (let i = 0; i < per; i++) {
+    const c = Math.floor(i / plane);
+    out[i] = f(f(f(x[i]! - stats.mean[c]!) * sf) / stats.std[c]!);
+  }
   return out;
 }
 

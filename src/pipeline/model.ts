@@ -30,7 +30,27 @@ export interface ModelLayout {
    * up-blocks double the latents without diffusers' `upsample_size` fallback: every down-sampling must divide evenly.
    */
   unet: { sampleSize: number; timeCondProjDim: number | null; inChannels: number; sizeMultiple: number };
-  vae: { scalingFactor: number; scaleFactor: number };
+  /**
+   * `latentsMean` / `latentsStd` (4 channels each): an SDXL VAE configured with them (Playground v2.5's) takes latents
+   * denormalised per channel before decoding, and image-to-image normalises the encoded image with them.
+   */
+  vae: { scalingFactor: number; scaleFactor: number; latentsMean?: Float32Array; latentsStd?: Float32Array };
+}
+
+/**
+ * `latents_mean` and `latents_std` of an SDXL VAE config, as float32 (`torch.tensor(list)`): both or neither apply,
+ * as in diffusers (one alone is ignored). Four finite values each, the std ones non-zero, else the file is wrong.
+ */
+function latentsStats(vaeCfg: Record<string, unknown>): { latentsMean: Float32Array; latentsStd: Float32Array } | undefined {
+  const { latents_mean: mean, latents_std: std } = vaeCfg;
+  if (mean === undefined || mean === null || std === undefined || std === null) return undefined;
+  const read = (v: unknown, key: string, nonZero: boolean): Float32Array => {
+    if (!Array.isArray(v) || v.length !== 4 || !v.every((x) => typeof x === 'number' && Number.isFinite(x) && (!nonZero || x !== 0))) {
+      throw new RuntimeError('MODEL_FORMAT', `vae_decoder/config.json: ${key} must be 4 finite numbers${nonZero ? ', none zero' : ''} (one per latent channel), got ${JSON.stringify(v)}`);
+    }
+    return Float32Array.from(v as number[]);
+  };
+  return { latentsMean: read(mean, 'latents_mean', false), latentsStd: read(std, 'latents_std', true) };
 }
 
 const readJson = (file: string, what: string): Record<string, unknown> => {
@@ -179,13 +199,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
   // SDXL pipelines denormalise latents with these before decoding (Playground v2.5's VAE has them); SD 1.x/2.x ignore them.
-  if (isXL && [vaeCfg.latents_mean, vaeCfg.latents_std].every((v) => v !== undefined && v !== null)) {
-    throw new RuntimeError(
-      'UNSUPPORTED',
-      'vae_decoder/config.json sets latents_mean and latents_std, which an SDXL pipeline applies to the latents before decoding ' +
-        '(Playground v2.5-style VAE); this runtime does not, and refuses the model rather than decode wrong images',
-    );
-  }
+  const latentStats = isXL ? latentsStats(vaeCfg) : undefined;
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
   const { file: schedulerJson, rewrite: classRewrite } = listedSchedulerClass(index, readJson(schedulerFile, 'scheduler config'));
   const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(schedulerJson, rewriting);
@@ -225,6 +239,6 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
       // diffusers' default_overall_up_factor (2 ** num_upsamplers: one per block but the last), in pixels.
       sizeMultiple: vaeScale * downscale(unetCfg),
     },
-    vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: vaeScale },
+    vae: { scalingFactor: num(vaeCfg.scaling_factor, isXL ? 0.13025 : 0.18215), scaleFactor: vaeScale, ...latentStats },
   };
 }

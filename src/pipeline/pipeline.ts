@@ -12,6 +12,7 @@ import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
+import { EDM_CLASSES } from './schedulers/edm.js';
 import { checkModelScheduler, createScheduler, stepRanges } from './schedulers/index.js';
 import type { Scheduler } from './types.js';
 
@@ -65,6 +66,15 @@ export class Pipeline {
     const p = new Pipeline(layout, u, later, toks);
     // Fail at load, not at the first request, when the scheduler config is unusable.
     checkModelScheduler(layout.schedulerConfig);
+    const cls = String(layout.schedulerConfig._class_name);
+    const tType = u.input('timestep').type;
+    if (EDM_CLASSES.has(cls) && (tType === 'int64' || tType === 'int32')) {
+      // c_noise = ln(sigma)/4 lies between about -1.6 and 1.1: an integer input would truncate every step to -1, 0 or 1.
+      throw new RuntimeError(
+        'MODEL_FORMAT',
+        `the UNet takes an ${tType} timestep, but ${cls} feeds it fractional values (c_noise = ln(sigma)/4); export the UNet with a float timestep (scripts/export-onnx.sh does)`,
+      );
+    }
     return p;
   }
 
@@ -233,10 +243,19 @@ export class Pipeline {
     const final = lcm && denoised && !start?.blend ? denoised : latents;
     const images: GeneratedImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
+    const { latentsMean: mean, latentsStd: std } = this.layout.vae;
+    const sf = f(this.layout.vae.scalingFactor);
+    const plane = h * w;
     for (let i = 0; i < B; i++) {
       if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
       const lat = new Float32Array(per);
-      for (let k = 0; k < per; k++) lat[k] = f(final[i * per + k]! * inv);
+      if (mean && std) {
+        // SDXL with per-channel statistics: latents * std / scaling_factor + mean (diffusers divides here).
+        for (let k = 0; k < per; k++) {
+          const c = Math.floor(k / plane);
+          lat[k] = f(f(f(final[i * per + k]! * std[c]!) / sf) + mean[c]!);
+        }
+      } else for (let k = 0; k < per; k++) lat[k] = f(final[i * per + k]! * inv);
       // One latent at a time, as diffusers' ONNX pipeline decodes: bounded memory at large sizes.
       const out = await vae.run({ latent_sample: { data: lat, dims: [1, LATENT_CHANNELS, h, w] } });
       const dec = Object.values(out)[0]!;
@@ -273,8 +292,10 @@ export class Pipeline {
     const x = imageTensor(fitImage(init.image, W, H, init.resizeMode));
     if (init.mode === 'img2img') {
       const post = await encode(x);
+      const { latentsMean: mean, latentsStd: std } = this.layout.vae;
+      const stats = mean && std ? { mean, std } : undefined;
       gens.forEach((g, i) => {
-        const start = sampleLatent(post, sf, (n) => g.randn(n));
+        const start = sampleLatent(post, sf, (n) => g.randn(n), stats);
         latents.set(o.steps > 0 ? scheduler.addNoise(start, g.randn(per), o.begin) : start, i * per);
       });
       return { latents };
