@@ -51,23 +51,25 @@ function timeMs(fn: () => void): number {
   return best;
 }
 
-const stepsFor = (name: string) => (name === 'lcm' ? 4 : 20);
+const stepsFor = (name: string) => (name === 'lcm' || name === 'tcd' ? 4 : 20);
+/** TCD at its model cards' gamma 0.3 (eta 0 skips its noise step); DDIM at the pipelines' default 0. */
+const opts = (name: string) => ({ name, ...(name === 'tcd' ? { eta: 0.3 } : {}) });
 
 /** createScheduler alone (tables, timesteps), ms. */
 function benchCreate(name: string): number {
-  return timeMs(() => createScheduler(configFor(name), stepsFor(name), { name }));
+  return timeMs(() => createScheduler(configFor(name), stepsFor(name), opts(name)));
 }
 
 /** One scale_model_input + step, ms: a whole run minus its creation, over the UNet runs (2n − 1 for Heun and DPM2). */
 function benchStep(name: string, n: number, createMs: number): number {
   const steps = stepsFor(name);
-  const runs = createScheduler(configFor(name), steps, { name }).timesteps.length;
+  const runs = createScheduler(configFor(name), steps, opts(name)).timesteps.length;
   const gen = new TorchGenerator(1);
   const modelOutput = gen.randn(n);
   const noise = gen.randn(n);
   const init = gen.randn(n);
   const perRun = timeMs(() => {
-    const s = createScheduler(configFor(name), steps, { name });
+    const s = createScheduler(configFor(name), steps, opts(name));
     let x = init;
     for (const t of s.timesteps) {
       s.scaleModelInput(x, t);
@@ -79,7 +81,7 @@ function benchStep(name: string, n: number, createMs: number): number {
 
 async function main(): Promise<void> {
   console.log(`node ${process.version}; schedulers known: ${Object.keys(SCHEDULER_NAMES).length} names`);
-  console.log('\nscheduler cost per UNet run (scale_model_input + step, ms; SD 1.5 config, edm_* on Playground v2.5s; 20 steps, lcm 4), and createScheduler:');
+  console.log('\nscheduler cost per UNet run (scale_model_input + step, ms; SD 1.5 config, edm_* on Playground v2.5s; 20 steps, lcm and tcd 4 (tcd at eta 0.3)), and createScheduler:');
   console.log(['scheduler'.padEnd(18), ...SHAPES.map((s) => s.label.padStart(20)), 'create'.padStart(12)].join(''));
   for (const name of NAMES) {
     const createMs = benchCreate(name);

@@ -6,7 +6,7 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde and dpm-bounds cases were made (test/fixtures/parity/README.md); each
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds and tcd cases were made (test/fixtures/parity/README.md); each
 file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas.
 
 Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
@@ -61,6 +61,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers import (
@@ -72,6 +73,7 @@ from diffusers.schedulers import (
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
+    scheduling_tcd,
 )
 
 _args = argparse.ArgumentParser(description="Writes the scheduler parity cases into OUT_DIR.")
@@ -87,7 +89,7 @@ os.makedirs(out_dir, exist_ok=True)
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
                                     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                                    EDMEulerScheduler, EDMDPMSolverMultistepScheduler]}
+                                    EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -115,6 +117,7 @@ REQUEST = {
     "edm_euler": ("EDMEulerScheduler", {}),
     "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "edm_dpmpp_2m_sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -206,7 +209,7 @@ def run_case(case):
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
-                scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler):
+                scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, scheduling_tcd):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -223,6 +226,8 @@ def run_case(case):
         denoised = None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
+        if cls_is(s, (TCDScheduler,)):
+            denoised = r.pred_noised_sample  # the second output, what the LCM pipeline decodes
         if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                       EDMEulerScheduler)):
             denoised = r.pred_original_sample
@@ -578,6 +583,46 @@ for k, case in enumerate(EDM_CASES):
     case.setdefault("pipeline", None)
     case["seed"] = 9000 + k
 CASES += EDM_CASES
+
+# TCDScheduler (request name tcd; the TCD LoRAs' sampler). Every case gives eta: the Stable Diffusion pipelines pass
+# their own eta (default 0) to a step that takes one, where step()'s own default would be 0.3. Seeds 6000 on.
+tcd = {"_class_name": "TCDScheduler", **SD15_BETAS, "original_inference_steps": 50, "clip_sample": False, "set_alpha_to_one": True,
+       "steps_offset": 0, "prediction_type": "epsilon", "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False}
+sdxl_euler = {"_class_name": "EulerDiscreteScheduler", **SD15_BETAS, "clip_sample": False, "interpolation_type": "linear", "prediction_type": "epsilon",
+              "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+              "use_karras_sigmas": False}
+_tcd = []
+for n in [1, 2, 4, 8]:
+    for eta in [0.0, 0.3]:
+        _tcd.append({"name": f"tcd-sd15-{n}-eta-{eta:g}", "config": tcd, "steps": n, "eta": eta})
+for n in [4, 8]:
+    _tcd.append({"name": f"tcd-sd15-{n}-eta-1", "config": tcd, "steps": n, "eta": 1.0})
+_tcd.append({"name": "tcd-sd15-6-eta-0.5", "config": tcd, "steps": 6, "eta": 0.5})
+_tcd.append({"name": "tcd-sd15-50-eta-0.3", "config": tcd, "steps": 50, "eta": 0.3})
+_tcd.append({"name": "tcd-original-100-8-eta-0.3", "config": {**tcd, "original_inference_steps": 100}, "steps": 8, "eta": 0.3})
+# 0.1 as float32 times 890, floored, is 89 in torch; float64 arithmetic would give 88.
+_tcd.append({"name": "tcd-original-30-8-eta-0.9", "config": {**tcd, "original_inference_steps": 30}, "steps": 8, "eta": 0.9})
+_tcd.append({"name": "tcd-original-1000-10-eta-0.3", "config": {**tcd, "original_inference_steps": 1000}, "steps": 10, "eta": 0.3})
+_tcd.append({"name": "tcd-original-12-12-eta-0.3", "config": {**tcd, "original_inference_steps": 12}, "steps": 12, "eta": 0.3})
+_tcd.append({"name": "tcd-vpred-4-eta-0.3", "config": {**tcd, **vpred}, "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-vpred-zero-snr-4-eta-0.3", "config": {**tcd, **vpred, "rescale_betas_zero_snr": True}, "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-sample-linear-6-eta-0.3", "config": {**tcd, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "steps": 6, "eta": 0.3})
+_tcd.append({"name": "tcd-cosine-6-eta-0.3", "config": {**tcd, "beta_schedule": "squaredcos_cap_v2"}, "steps": 6, "eta": 0.3})
+# Options TCD's step never reads (diffusers' neither): clip_sample, thresholding, set_alpha_to_one, timestep_scaling.
+_tcd.append({"name": "tcd-unread-options-4-eta-0.3", "config": {**tcd, "clip_sample": True, "clip_sample_range": 0.5, "thresholding": True,
+                                                                 "set_alpha_to_one": False, "timestep_scaling": 3.0, "steps_offset": 1}, "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-img2img-begin-2-of-8-eta-0.3", "config": tcd, "steps": 8, "begin_index": 2, "eta": 0.3})
+_tcd.append({"name": "tcd-img2img-begin-3-of-4-eta-0.3", "config": tcd, "steps": 4, "begin_index": 3, "eta": 0.3})
+_tcd.append({"name": "tcd-img2img-begin-4-of-8-eta-0", "config": tcd, "steps": 8, "begin_index": 4, "eta": 0.0})
+_tcd.append({"name": "tcd-request-from-pndm-sd15-4-eta-0.3", "config": pndm_sd15, "request": "tcd", "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-request-from-pndm-sd15-8-eta-0", "config": pndm_sd15, "request": "tcd", "steps": 8, "eta": 0.0})
+_tcd.append({"name": "tcd-request-from-sdxl-euler-4-eta-0.3", "config": sdxl_euler, "request": "tcd", "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-request-from-sdxl-euler-1-eta-0", "config": sdxl_euler, "request": "tcd", "steps": 1, "eta": 0.0})
+_tcd.append({"name": "tcd-request-from-sd2-euler-vpred-4-eta-0.3", "config": {**sdxl_euler, **vpred}, "request": "tcd", "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-request-from-lcm-4-eta-0.3", "config": lcm_cfg, "request": "tcd", "steps": 4, "eta": 0.3})
+_tcd.append({"name": "tcd-model-request-lcm-4", "config": tcd, "request": "lcm", "steps": 4})
+for _i, _c in enumerate(_tcd):
+    CASES.append({**_c, "pipeline": None, "seed": 6000 + _i})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

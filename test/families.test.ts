@@ -98,6 +98,12 @@ describe('model families', () => {
     expect(calls.map((c) => Number(c.timestep[0]))).toEqual([999, 759, 499, 259]);
     const b = await pipe.generate(job({ steps: 4, guidance: 3 }));
     expect(meanAbs(a.images[0]!.rgb, b.images[0]!.rgb)).toBeGreaterThan(0.1);
+    // TCD on an LCM UNet: the same timesteps and guidance embedding, its own steps (eta its gamma).
+    calls.length = 0;
+    const tcd = await pipe.generate(job({ steps: 4, guidance: 8.5, scheduler: 'tcd', eta: 0.3 }));
+    expect(calls.map((c) => Number(c.timestep[0]))).toEqual([999, 759, 499, 259]);
+    expect(calls[0]!.inputs).toContain('timestep_cond');
+    expect(meanAbs(a.images[0]!.rgb, tcd.images[0]!.rgb)).toBeGreaterThan(0.1);
   });
 
   it('Turbo: guidance 0 skips the unconditional batch; one trailing step at t=999', async () => {

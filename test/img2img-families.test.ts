@@ -56,3 +56,16 @@ describe.each(DEMO_FAMILIES)('%s', (family) => {
     expect(bytes(kept)).toBe(bytes(s0));
   });
 });
+
+it("sd15: TCD (eta 0.3, its gamma) cuts the schedule as every class does and draws each step's noise from the image's seed", async () => {
+  const p = await open('sd15');
+  const job = (eta: number, strength: number): Job => ({
+    shape: { steps: 8, guidance: 1.5, height: H, width: W, scheduler: 'tcd', eta, guidanceRescale: 0 },
+    items: [{ prompt: 'a lighthouse', negativePrompt: undefined, seed: 3, numImages: 1 }],
+    init: { mode: 'img2img', strength, resizeMode: 'default', image: picture },
+  });
+  const a = await p.generate(job(0.3, 0.5));
+  expect(a.times.steps).toBe(4);
+  expect(bytes(await p.generate(job(0.3, 0.5)))).toBe(bytes(a));
+  expect(bytes(await p.generate(job(0, 0.5)))).not.toBe(bytes(a));
+});

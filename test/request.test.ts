@@ -19,6 +19,15 @@ describe('parseInstances', () => {
     expect(parse({ scheduler: 'lcm', num_inference_steps: 50 })[0]!.shape).toMatchObject({ steps: 50, scheduler: 'lcm' });
   });
 
+  it("takes tcd with eta as its gamma (0 to 1, diffusers' assertion) and its step limit, at parse time", () => {
+    expect(parse({ scheduler: 'tcd', num_inference_steps: 4, eta: 0.3 })[0]!.shape).toMatchObject({ steps: 4, scheduler: 'tcd', eta: 0.3 });
+    expect(parse({ scheduler: 'tcd', num_inference_steps: 4 })[0]!.shape.eta).toBe(0);
+    expect(() => parse({ scheduler: 'tcd', num_inference_steps: 4, eta: 1.5 })).toThrow(/instances\[0\]\.eta must be .*1.*got 1\.5/);
+    expect(() => parse({ scheduler: 'tcd', num_inference_steps: 51 })).toThrow(
+      'instances[0].num_inference_steps must be from 1 to 50 for scheduler tcd (original_inference_steps is 50), got 51',
+    );
+  });
+
   it('refuses a size the exported UNet cannot take, naming the model\'s multiple (64 for SD 1.x)', () => {
     const sd15 = { ...defaults(SD15), sizeMultiple: 64 };
     expect(() => parse({ height: 520, width: 512 }, sd15)).toThrow('instances[0].height must be a multiple of 64 for this model (its exported UNet down-samples the latents by 8), got 520');

@@ -163,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -190,6 +190,22 @@ describe('createScheduler', () => {
   it('rejects bad step counts and eta as INVALID_INPUT', () => {
     for (const n of [0, 1.5, 1001]) expect(() => createScheduler(modelConfig, n)).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
     expect(() => createScheduler(modelConfig, 10, { name: 'ddim', eta: -1 })).toThrow(expect.objectContaining({ code: 'INVALID_INPUT' }));
+    // TCD's gamma: diffusers asserts 0 <= eta <= 1 in its step; DDIM takes any eta >= 0.
+    for (const eta of [0, 0.3, 1]) expect(() => createScheduler(modelConfig, 4, { name: 'tcd', eta })).not.toThrow();
+    expect(() => createScheduler(modelConfig, 4, { name: 'tcd', eta: 1.5 })).toThrow(
+      expect.objectContaining({ code: 'INVALID_INPUT', message: "TCDScheduler: eta (TCD's gamma) must be from 0 to 1, got 1.5" }),
+    );
+    expect(() => createScheduler(modelConfig, 4, { name: 'ddim', eta: 1.5 })).not.toThrow();
+  });
+
+  it("TCD runs LCM's timesteps (original_inference_steps and its step limit) whatever the spacing and offset", () => {
+    for (const config of [modelConfig, { ...modelConfig, original_inference_steps: 30, timestep_spacing: 'trailing' }]) {
+      for (const n of [1, 4, 8, 30]) {
+        expect(createScheduler(config, n, { name: 'tcd' }).timesteps, `${n}`).toEqual(createScheduler(config, n, { name: 'lcm' }).timesteps);
+      }
+      expect(stepRange(config, 'tcd')).toEqual(stepRange(config, 'lcm'));
+    }
+    expect(createScheduler(modelConfig, 4, { name: 'tcd' }).timesteps).toEqual([999, 759, 499, 259]);
   });
 
   it('PNDM without skip_prk_steps runs the Runge-Kutta warm-up (diffusers timesteps)', () => {
@@ -274,7 +290,7 @@ describe('createScheduler', () => {
         }
       }
     }
-    expect(unusable.sort()).toEqual(['30 LCMScheduler', '30 lcm']);
+    expect(unusable.sort()).toEqual(['30 LCMScheduler', '30 TCDScheduler', '30 lcm', '30 tcd']);
     expect([...otherFamily].sort()).toEqual(['EDMDPMSolverMultistepScheduler', 'EDMEulerScheduler', 'edm_dpmpp_2m', 'edm_dpmpp_2m_sde', 'edm_euler']);
     const pastTable = 'timestep_spacing "leading" with steps_offset 1 would start 1000 steps at timestep 1000, past the last (999)';
     expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 999, why: `PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000; ${pastTable}` });
@@ -291,7 +307,7 @@ describe('createScheduler', () => {
     // Sampler labels as AUTOMATIC1111 and ComfyUI users type them get the request name, never an alias.
     for (const [label, meant] of [
       ['DPM++ 2M Karras', 'dpmpp_2m_karras'], ['Euler a', 'euler_a'], ['UniPC', 'unipc'], ['DPM2 a Karras', 'dpm2_a_karras'], ['PLMS', 'pndm'],
-      ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'],
+      ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'], ['TCD', 'tcd'],
     ] as const) {
       expect(unknownSchedulerName(label), label).toMatch(new RegExp(`^scheduler "${label.replace(/[+]/g, '\\+')}" is unknown; did you mean "${meant}"\\?; use one of pndm, `));
     }
@@ -330,6 +346,10 @@ describe('createScheduler', () => {
     expect(count('dpm2')).toBe(0);
     // DPM2 a draws once per step, on its second UNet run: 4 steps are 7 runs and 3 draws (its first step is one run)
     expect(count('dpm2_a')).toBe(3);
+    // TCD: none at eta 0 (the pipelines' default), else on every step but the last
+    expect(count('tcd')).toBe(0);
+    expect(count('tcd', 0.3)).toBe(3);
+    expect(count('tcd', 1)).toBe(3);
   });
 });
 

@@ -72,6 +72,21 @@ describe('dynamic batching', () => {
     }
   });
 
+  it("serves tcd with eta 0.3 (its gamma: noise per image) batched, each image byte-equal to its run alone; eta 0 is another image", async () => {
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, guidance_scale: 1.5, height: 64, width: 64, seed: 5, scheduler: 'tcd', eta: 0.3 };
+    const b = { ...a, prompt: 'a lighthouse at dusk', seed: 6 };
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+    expect([ra.status, rb.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+    const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
+    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+    expect(b64(ra) === b64(await predict(srv, { ...a, eta: 0 }))).toBe(false);
+    const over = await predict(srv, { ...a, num_inference_steps: 51 });
+    expect([over.status, over.json]).toEqual([400, { error: 'instances[0].num_inference_steps must be from 1 to 50 for scheduler tcd (original_inference_steps is 50), got 51', code: 'INVALID_INPUT' }]);
+  });
+
   it('does not batch requests of different shapes together', async () => {
     const count0 = await metric(srv, 'inference_batch_size_count');
     const sum0 = await metric(srv, 'inference_batch_size_sum');

@@ -31,7 +31,7 @@ export interface Scheduler {
   /** Whether the UNet needs an LCM guidance embedding (`timestep_cond`) — decided by the model, not here. */
   scaleModelInput(sample: Float32Array, t: number): Float32Array;
   /**
-   * One denoising step. `noise` is called only by stochastic schedulers (ancestral, DDIM eta>0, LCM),
+   * One denoising step. `noise` is called only by stochastic schedulers (ancestral, DDIM eta>0, LCM, TCD eta>0),
    * once per step, and must return a draw of the full sample size (per-image generators concatenated).
    */
   step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
@@ -43,7 +43,7 @@ export interface Scheduler {
   setBeginIndex(index: number): void;
   /**
    * diffusers' `scheduler.add_noise(original, noise, timesteps[index])` for this class, at `index` of the full
-   * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM), x + σ·n (Euler family), α_t·x + σ_t·n (DPM-Solver).
+   * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM, TCD), x + σ·n (Euler family), α_t·x + σ_t·n (DPM-Solver).
    */
   addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array;
 }

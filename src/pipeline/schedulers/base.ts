@@ -1,6 +1,6 @@
 /**
  * @module What the schedulers with unscaled model input share: the step index (set by image-to-image's begin index),
- * and the noising of their schedule — DDPM-style on alphas_cumprod (DDIM, DDPM, LCM) or `alpha_t·x + sigma_t·n` on
+ * and the noising of their schedule — DDPM-style on alphas_cumprod (DDIM, DDPM, LCM, TCD) or `alpha_t·x + sigma_t·n` on
  * the sigma schedule of the multistep solvers (DPM-Solver, UniPC, DEIS).
  */
 
@@ -44,7 +44,7 @@ abstract class UnscaledSchedule implements Scheduler {
   abstract step(modelOutput: Float32Array, t: number, sample: Float32Array, noise: () => Float32Array): StepResult;
 }
 
-/** DDIM, DDPM, LCM: integer timesteps into alphas_cumprod. */
+/** DDIM, DDPM, LCM, TCD: integer timesteps into alphas_cumprod. */
 export abstract class AlphaSchedule extends UnscaledSchedule {
   readonly sigmas = undefined;
   protected ac: Float32Array<ArrayBufferLike> = new Float32Array(0);
@@ -52,6 +52,29 @@ export abstract class AlphaSchedule extends UnscaledSchedule {
   addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array {
     return addNoiseAlphas(this.name, this.ac, this.timesteps, index, original, noise);
   }
+}
+
+/**
+ * DDIM's and TCD's `pred_original_sample` and `pred_epsilon` from the model output, given √ᾱ_t and √(1 − ᾱ_t)
+ * (float32 tensor ops as torch does them; the branch on the prediction type outside the loops).
+ */
+export function x0AndEpsilon(prediction: string, sqA: number, sqB: number, sample: Float32Array, m: Float32Array): { x0: Float32Array; eps: Float32Array } {
+  const n = sample.length;
+  const x0 = new Float32Array(n);
+  const eps = new Float32Array(n);
+  if (prediction === 'epsilon') {
+    for (let i = 0; i < n; i++) x0[i] = f(sample[i]! - f(sqB * m[i]!)) / sqA;
+    eps.set(m);
+  } else if (prediction === 'sample') {
+    x0.set(m);
+    for (let i = 0; i < n; i++) eps[i] = f(sample[i]! - f(sqA * m[i]!)) / sqB;
+  } else {
+    for (let i = 0; i < n; i++) {
+      x0[i] = f(sqA * sample[i]!) - f(sqB * m[i]!);
+      eps[i] = f(sqA * m[i]!) + f(sqB * sample[i]!);
+    }
+  }
+  return { x0, eps };
 }
 
 /** DPM-Solver, UniPC, DEIS: a sigma per timestep and a final one. */

@@ -18,7 +18,7 @@ import {
   str,
   unsupported,
 } from './common.js';
-import { AlphaSchedule } from './base.js';
+import { AlphaSchedule, x0AndEpsilon } from './base.js';
 
 export const DDIM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   ...BETA_DEFAULTS,
@@ -83,22 +83,7 @@ export class DDIM extends AlphaSchedule {
     const sqA = f(Math.sqrt(at));
     const sqB = f(Math.sqrt(bt));
     const n = sample.length;
-    const x0 = new Float32Array(n);
-    const eps = new Float32Array(n);
-    for (let i = 0; i < n; i++) {
-      const s = sample[i]!;
-      const m = modelOutput[i]!;
-      if (this.#prediction === 'epsilon') {
-        x0[i] = f(s - f(sqB * m)) / sqA;
-        eps[i] = m;
-      } else if (this.#prediction === 'sample') {
-        x0[i] = m;
-        eps[i] = f(s - f(sqA * m)) / sqB;
-      } else {
-        x0[i] = f(sqA * s) - f(sqB * m);
-        eps[i] = f(sqA * m) + f(sqB * s);
-      }
-    }
+    const { x0, eps } = x0AndEpsilon(this.#prediction, sqA, sqB, sample, modelOutput);
     if (bool(this.config, 'clip_sample')) {
       const r = f(num(this.config, 'clip_sample_range'));
       for (let i = 0; i < n; i++) x0[i] = Math.min(Math.max(x0[i]!, -r), r);

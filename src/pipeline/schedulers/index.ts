@@ -17,7 +17,7 @@ import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
 import { KDPM2_DEFAULTS, KDPM2_HIDDEN, KDPM2AncestralDiscrete, KDPM2Discrete } from './kdpm2.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
 import { EDM_CLASSES, EDM_DPM_DEFAULTS, EDM_EULER_DEFAULTS, EDMDPMSolverMultistep, EDMEuler } from './edm.js';
-import { LCM, LCM_DEFAULTS, lcmStepRange } from './lcm.js';
+import { LCM, LCM_DEFAULTS, lcmStepRange, TCD, TCD_DEFAULTS } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
@@ -60,6 +60,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   },
   EDMEulerScheduler: { defaults: EDM_EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMEuler(c, n) },
   EDMDPMSolverMultistepScheduler: { defaults: EDM_DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMDPMSolverMultistep(c, n) },
+  TCDScheduler: { defaults: TCD_DEFAULTS, steps: (c) => lcmStepRange(c, 'TCDScheduler'), build: (c, n, eta) => new TCD(c, n, eta) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -146,7 +147,10 @@ export function pipelineRewrites(loaded: Readonly<Record<string, unknown>>): { c
 export interface CreateSchedulerOptions {
   /** A request's scheduler name (a key of SCHEDULER_NAMES); absent = the model's own `_class_name`. */
   name?: string;
-  /** DDIM's eta (noise weight, 0 = deterministic); other schedulers ignore it, as diffusers' pipeline does. */
+  /**
+   * DDIM's eta (noise weight) and TCD's gamma (0 = deterministic, as the pipelines' default): diffusers' pipelines
+   * pass their `eta` to every scheduler whose step takes one; the others ignore it.
+   */
   eta?: number;
 }
 

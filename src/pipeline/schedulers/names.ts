@@ -20,6 +20,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'KDPM2AncestralDiscreteScheduler',
   'EDMEulerScheduler',
   'EDMDPMSolverMultistepScheduler',
+  'TCDScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -78,6 +79,7 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   edm_euler: { className: 'EDMEulerScheduler', overrides: {} },
   edm_dpmpp_2m: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'dpmsolver++', solver_order: 2 } },
   edm_dpmpp_2m_sde: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 2 } },
+  tcd: { className: 'TCDScheduler', overrides: {} },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
