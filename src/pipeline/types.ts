@@ -43,7 +43,7 @@ export interface Scheduler {
   setBeginIndex(index: number): void;
   /**
    * diffusers' `scheduler.add_noise(original, noise, timesteps[index])` for this class, at `index` of the full
-   * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM, TCD), x + σ·n (Euler family), α_t·x + σ_t·n (DPM-Solver).
+   * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM, TCD), x + σ·n (Euler family, EDM), α_t·x + σ_t·n (DPM-Solver).
    */
   addNoise(original: Float32Array, noise: Float32Array, index: number): Float32Array;
 }
