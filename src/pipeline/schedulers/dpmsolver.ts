@@ -30,10 +30,9 @@ import {
 } from './common.js';
 import { convertModelOutput, MultistepSchedule } from './base.js';
 
-export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  ...BETA_DEFAULTS,
+/** The solver options DPMSolverMultistepScheduler and EDMDPMSolverMultistepScheduler share, with their defaults. */
+export const DPM_SOLVER_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   solver_order: 2,
-  prediction_type: 'epsilon',
   thresholding: false,
   dynamic_thresholding_ratio: 0.995,
   sample_max_value: 1.0,
@@ -41,6 +40,12 @@ export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   solver_type: 'midpoint',
   lower_order_final: true,
   euler_at_final: false,
+};
+
+export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
+  ...BETA_DEFAULTS,
+  ...DPM_SOLVER_DEFAULTS,
+  prediction_type: 'epsilon',
   use_karras_sigmas: false,
   use_exponential_sigmas: false,
   use_beta_sigmas: false,

@@ -21,7 +21,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { DPMSolverSteps } from './dpmsolver.js';
+import { DPM_SOLVER_DEFAULTS, DPMSolverSteps } from './dpmsolver.js';
 import { MultistepSchedule } from './base.js';
 
 const EDM_COMMON: Readonly<Record<string, ConfigValue>> = {
@@ -36,18 +36,7 @@ const EDM_COMMON: Readonly<Record<string, ConfigValue>> = {
 
 export const EDM_EULER_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...EDM_COMMON, final_sigmas_type: 'zero' };
 
-export const EDM_DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  ...EDM_COMMON,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
-  algorithm_type: 'dpmsolver++',
-  solver_type: 'midpoint',
-  lower_order_final: true,
-  euler_at_final: false,
-  final_sigmas_type: 'zero',
-};
+export const EDM_DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...EDM_COMMON, ...DPM_SOLVER_DEFAULTS, final_sigmas_type: 'zero' };
 
 /** The two classes; a request may switch only between them on a model trained this way (see index.ts). */
 export const EDM_CLASSES: ReadonlySet<string> = new Set(['EDMEulerScheduler', 'EDMDPMSolverMultistepScheduler']);
