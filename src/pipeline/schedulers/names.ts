@@ -18,6 +18,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'HeunDiscreteScheduler',
   'KDPM2DiscreteScheduler',
   'KDPM2AncestralDiscreteScheduler',
+  'DPMSolverSinglestepScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -72,6 +73,14 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   dpm2_karras: { className: 'KDPM2DiscreteScheduler', overrides: { use_karras_sigmas: true } },
   dpm2_a: { className: 'KDPM2AncestralDiscreteScheduler', overrides: {} },
   dpm2_a_karras: { className: 'KDPM2AncestralDiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  dpmpp_2s: {
+    className: 'DPMSolverSinglestepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: false },
+  },
+  dpmpp_2s_karras: {
+    className: 'DPMSolverSinglestepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
+  },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
