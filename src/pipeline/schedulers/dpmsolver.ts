@@ -125,7 +125,12 @@ export interface DpmForm {
  * (x − y and x + (−y) round alike). The multistep solver steps from its last sigma, the singlestep one from the
  * start of its group; the formulas are the same.
  */
-export function lowOrderCoefficients(form: DpmForm, t: readonly number[], s: readonly number[], order: 1 | 2): { a: number; b: number; c: number; d: number; h: number } {
+export function lowOrderCoefficients(
+  form: DpmForm,
+  t: readonly number[],
+  s: readonly number[],
+  order: 1 | 2,
+): { a: number; b: number; c: number; d: number; h: number } {
   const [alphaT, sigmaT, lambdaT] = t as [number, number, number];
   const [alphaS, sigmaS, lambdaS] = s as [number, number, number];
   const h = f(lambdaT - lambdaS);
