@@ -49,6 +49,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -70,6 +71,7 @@ from diffusers.schedulers import (
     scheduling_dpmsolver_multistep,
     scheduling_edm_dpmsolver_multistep,
     scheduling_edm_euler,
+    scheduling_dpmsolver_singlestep,
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
@@ -89,7 +91,8 @@ os.makedirs(out_dir, exist_ok=True)
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
                                     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                                    EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler]}
+                                    EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler,
+                                    DPMSolverSinglestepScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -118,6 +121,8 @@ REQUEST = {
     "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "edm_dpmpp_2m_sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "tcd": ("TCDScheduler", {}),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2s_karras": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -209,7 +214,8 @@ def run_case(case):
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
-                scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, scheduling_tcd):
+                scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, scheduling_tcd,
+                scheduling_dpmsolver_singlestep):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -258,7 +264,8 @@ def run_case(case):
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
                                                                 HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                                                                EDMEulerScheduler, EDMDPMSolverMultistepScheduler)) else None,
+                                                                EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
+                                                                DPMSolverSinglestepScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -623,6 +630,49 @@ _tcd.append({"name": "tcd-request-from-lcm-4-eta-0.3", "config": lcm_cfg, "reque
 _tcd.append({"name": "tcd-model-request-lcm-4", "config": tcd, "request": "lcm", "steps": 4})
 for _i, _c in enumerate(_tcd):
     CASES.append({**_c, "pipeline": None, "seed": 6000 + _i})
+
+# DPM-Solver singlestep (request names dpmpp_2s, dpmpp_2s_karras; not A1111's ancestral "DPM++ 2S a"): each group of
+# orders 1, 2[, 3] from get_order_list steps from the sample at its start. Its defaults (lower_order_final false,
+# final sigma 0) end every schedule in a shortened group; uneven and tiny step counts shorten it further.
+dpmss = {"_class_name": "DPMSolverSinglestepScheduler", **SD15_BETAS}
+dpmss_cases = []
+for n in [1, 2, 3, 4, 5, 7, 10]:
+    dpmss_cases.append({"name": f"dpmss-order2-{n}", "config": dpmss, "steps": n})
+for n in [1, 2, 3, 4, 5, 7, 12]:
+    dpmss_cases.append({"name": f"dpmss-order3-{n}", "config": {**dpmss, "solver_order": 3}, "steps": n})
+dpmss_cases.append({"name": "dpmss-order1-6", "config": {**dpmss, "solver_order": 1}, "steps": 6})
+# lower_order_final stays off only with sigma_min and a step count the order divides: full groups to the end.
+dpmss_min = {**dpmss, "final_sigmas_type": "sigma_min"}
+dpmss_cases.append({"name": "dpmss-sigma-min-no-lower-final-8", "config": dpmss_min, "steps": 8})
+dpmss_cases.append({"name": "dpmss-order3-sigma-min-no-lower-final-9", "config": {**dpmss_min, "solver_order": 3}, "steps": 9})
+dpmss_cases.append({"name": "dpmss-sigma-min-lower-final-8", "config": {**dpmss_min, "lower_order_final": True}, "steps": 8})
+dpmss_cases.append({"name": "dpmss-plain-sigma-min-9", "config": {**dpmss_min, "algorithm_type": "dpmsolver"}, "steps": 9})
+dpmss_cases.append({"name": "dpmss-plain-order3-heun-sigma-min-10", "config": {**dpmss_min, "algorithm_type": "dpmsolver", "solver_order": 3, "solver_type": "heun"}, "steps": 10})
+dpmss_cases.append({"name": "dpmss-heun-10", "config": {**dpmss, "solver_type": "heun"}, "steps": 10})
+dpmss_cases.append({"name": "dpmss-order3-heun-12", "config": {**dpmss, "solver_order": 3, "solver_type": "heun"}, "steps": 12})
+dpmss_cases.append({"name": "dpmss-sde-10", "config": {**dpmss, "algorithm_type": "sde-dpmsolver++"}, "steps": 10})
+dpmss_cases.append({"name": "dpmss-sde-order3-heun-9", "config": {**dpmss, "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, "steps": 9})
+dpmss_cases.append({"name": "dpmss-sde-order3-11", "config": {**dpmss, "algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "steps": 11})
+dpmss_cases.append({"name": "dpmss-karras-15", "config": {**dpmss, "use_karras_sigmas": True}, "steps": 15})
+dpmss_cases.append({"name": "dpmss-order3-karras-sigma-min-12", "config": {**dpmss_min, "solver_order": 3, "use_karras_sigmas": True}, "steps": 12})
+dpmss_cases.append({"name": "dpmss-exponential-10", "config": {**dpmss, "use_exponential_sigmas": True}, "steps": 10})
+# The class has no timestep_spacing: a v-prediction config's "trailing" is dropped (linspace timesteps).
+dpmss_cases.append({"name": "dpmss-vpred-trailing-9", "config": {**dpmss, **vpred, "timestep_spacing": "trailing"}, "steps": 9})
+dpmss_cases.append({"name": "dpmss-sample-linear-8", "config": {**dpmss, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "steps": 8})
+dpmss_cases.append({"name": "dpmss-cosine-clipped-12", "config": {**dpmss, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, "steps": 12})
+# Image-to-image starts inside a group (order 1 here, so at t_start): its first steps drop to the orders they can take.
+dpmss_cases.append({"name": "dpmss-img2img-begin-3-of-10", "config": dpmss, "steps": 10, "begin_index": 3})
+dpmss_cases.append({"name": "dpmss-order3-img2img-begin-4-of-12", "config": {**dpmss, "solver_order": 3}, "steps": 12, "begin_index": 4})
+dpmss_cases.append({"name": "dpmss-order3-img2img-begin-5-of-12", "config": {**dpmss, "solver_order": 3}, "steps": 12, "begin_index": 5})
+for n in [7, 20]:
+    dpmss_cases.append({"name": f"dpmss-request-from-pndm-sd15-{n}", "config": pndm_sd15, "request": "dpmpp_2s", "steps": n})
+for n in [3, 20]:
+    dpmss_cases.append({"name": f"dpmss-karras-request-from-pndm-sd15-{n}", "config": pndm_sd15, "request": "dpmpp_2s_karras", "steps": n})
+dpmss_cases.append({"name": "dpmss-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "request": "dpmpp_2s_karras", "steps": 10})
+dpmss_cases.append({"name": "dpmss-request-from-deis-12", "config": deis, "request": "dpmpp_2s", "steps": 12})
+dpmss_cases.append({"name": "dpmss-model-request-dpmpp-2m-10", "config": dpmss, "request": "dpmpp_2m", "steps": 10})
+for seed, case in enumerate(dpmss_cases, start=5000):
+    CASES.append({**case, "pipeline": None, "seed": seed})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

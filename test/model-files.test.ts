@@ -49,7 +49,7 @@ describe('scheduler classes community models ship', () => {
       'the model\'s scheduler class "DPMSolverSDEScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
         'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler, ' +
-        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler',
+        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler, DPMSolverSinglestepScheduler',
     );
     expect(createScheduler(pipelineSchedulerConfig({ ...sde, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });

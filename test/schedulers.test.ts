@@ -163,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'dpmpp_2s', 'dpmpp_2s_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler', 'DPMSolverSinglestepScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -313,6 +313,8 @@ describe('createScheduler', () => {
     }
     // No guess for a sampler the runtime lacks (a Brownian-tree SDE), nor for a class name in other case.
     expect(unknownSchedulerName('DPM++ SDE Karras')).toMatch(/^scheduler "DPM\+\+ SDE Karras" is unknown; use one of /);
+    // A1111's "DPM++ 2S a" is ancestral (noise on every step), which dpmpp_2s is not.
+    expect(unknownSchedulerName('DPM++ 2S a Karras')).toMatch(/^scheduler "DPM\+\+ 2S a Karras" is unknown; use one of /);
     expect(unknownSchedulerName('ddimscheduler')).toMatch(/^scheduler "ddimscheduler" is unknown; use one of /);
   });
 
@@ -350,6 +352,8 @@ describe('createScheduler', () => {
     expect(count('tcd')).toBe(0);
     expect(count('tcd', 0.3)).toBe(3);
     expect(count('tcd', 1)).toBe(3);
+    expect(count('dpmpp_2s')).toBe(0);
+    expect(count('dpmpp_2s_karras')).toBe(0);
   });
 });
 
@@ -423,7 +427,7 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
 
   it("refuses Karras and exponential sigmas together in every class that has both, as diffusers' __init__ raises", () => {
     const classes = ['EulerDiscreteScheduler', 'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'LMSDiscreteScheduler',
-      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler'];
+      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'DPMSolverSinglestepScheduler'];
     for (const cls of classes) {
       expect(() => createScheduler({ ...unipc, _class_name: cls, use_karras_sigmas: true, use_exponential_sigmas: true }, 10), cls).toThrow(
         expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)` }),
@@ -501,5 +505,77 @@ describe('EDM schedulers (Playground v2.5)', () => {
       expect(() => createScheduler({ ...edm, ...extra }, 10), what).toThrow(expect.objectContaining({ code: 'UNSUPPORTED', message: expect.stringContaining(what) }));
     }
     expect(() => createScheduler({ ...edm, _class_name: 'EDMEulerScheduler', prediction_type: 'sample' }, 10)).toThrow(/EDMEulerScheduler: prediction_type "sample"/);
+  });
+});
+
+describe('DPM-Solver singlestep', () => {
+  const ss = { _class_name: 'DPMSolverSinglestepScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear' };
+
+  it("takes the orders of diffusers' get_order_list after set_timesteps, tiny and uneven step counts included", () => {
+    // DPMSolverSinglestepScheduler(solver_order, lower_order_final, final_sigmas_type).set_timesteps(n).order_list for
+    // n = 1..7, printed by the class itself (a fresh scheduler per n: set_timesteps rewrites lower_order_final).
+    const want: [number, boolean, string, string[]][] = [
+      [1, false, 'zero', ['1', '11', '111', '1111', '11111', '111111', '1111111']],
+      [1, true, 'sigma_min', ['1', '11', '111', '1111', '11111', '111111', '1111111']],
+      [2, false, 'zero', ['1', '11', '121', '1211', '12121', '121211', '1212121']],
+      [2, false, 'sigma_min', ['1', '12', '121', '1212', '12121', '121212', '1212121']],
+      [2, true, 'zero', ['1', '11', '121', '1211', '12121', '121211', '1212121']],
+      [2, true, 'sigma_min', ['1', '11', '121', '1211', '12121', '121211', '1212121']],
+      [3, false, 'zero', ['1', '11', '121', '1231', '12311', '123121', '1231231']],
+      [3, false, 'sigma_min', ['1', '12', '123', '1231', '12312', '123123', '1231231']],
+      [3, true, 'zero', ['1', '11', '121', '1231', '12311', '123121', '1231231']],
+      [3, true, 'sigma_min', ['1', '12', '121', '1231', '12312', '123121', '1231231']],
+    ];
+    for (const [order, lof, fin, lists] of want) {
+      lists.forEach((list, k) => {
+        const s = createScheduler({ ...ss, solver_order: order, lower_order_final: lof, final_sigmas_type: fin }, k + 1) as unknown as { orders: number[] };
+        expect(s.orders.join(''), `order ${order} lower_order_final ${lof} ${fin}, ${k + 1} steps`).toBe(list);
+      });
+    }
+  });
+
+  it('has no timestep_spacing: a config\'s "trailing" or "leading" is dropped, as from_config drops it', () => {
+    for (const spacing of ['leading', 'trailing', 'linspace']) {
+      expect(createScheduler({ ...ss, timestep_spacing: spacing, steps_offset: 1 }, 7).timesteps).toEqual([999, 856, 714, 571, 428, 285, 143]);
+    }
+  });
+
+  it('refuses the options it does not implement, and what diffusers refuses, naming them', () => {
+    const refused: [Record<string, unknown>, string][] = [
+      [{ solver_order: 4 }, 'solver_order 4 (1 to 3) is not supported'],
+      [{ thresholding: true }, 'thresholding is not supported'],
+      [{ use_beta_sigmas: true }, 'use_beta_sigmas is not supported'],
+      [{ use_flow_sigmas: true }, 'use_flow_sigmas is not supported'],
+      [{ use_dynamic_shifting: true }, 'use_dynamic_shifting is not supported'],
+      [{ variance_type: 'learned_range' }, 'variance_type "learned_range" is not supported'],
+      [{ prediction_type: 'flow_prediction' }, 'prediction_type "flow_prediction" is not supported (supported: epsilon, sample, v_prediction)'],
+      [{ algorithm_type: 'sde-dpmsolver' }, 'algorithm_type "sde-dpmsolver" is not supported (supported: dpmsolver++, dpmsolver, sde-dpmsolver++)'],
+      [{ solver_type: 'bh3' }, 'solver_type "bh3" is not supported (supported: midpoint, heun)'],
+      [{ algorithm_type: 'dpmsolver' }, 'final_sigmas_type "zero" with algorithm_type "dpmsolver" (diffusers refuses it too; use "sigma_min") is not supported'],
+      // diffusers checks the algorithm_type it was given before mapping DEIS's to dpmsolver++
+      [{ algorithm_type: 'deis' }, 'final_sigmas_type "zero" with algorithm_type "deis" (diffusers refuses it too; use "sigma_min") is not supported'],
+    ];
+    for (const [extra, message] of refused) {
+      expect(() => createScheduler({ ...ss, ...extra }, 10), JSON.stringify(extra)).toThrow(
+        expect.objectContaining({ code: 'UNSUPPORTED', message: `DPMSolverSinglestepScheduler: ${message}` }),
+      );
+    }
+    // DEIS's and UniPC's own options map as diffusers maps them; a request name forces dpmsolver++.
+    expect(createScheduler({ ...ss, algorithm_type: 'deis', solver_type: 'logrho', final_sigmas_type: 'sigma_min' }, 10).timesteps).toHaveLength(10);
+    expect(createScheduler({ ...ss, _class_name: 'DEISMultistepScheduler', algorithm_type: 'deis' }, 10, { name: 'dpmpp_2s' }).name).toBe('DPMSolverSinglestepScheduler');
+  });
+
+  it('the SDE form draws noise on every step, the last included', () => {
+    const s = createScheduler({ ...ss, algorithm_type: 'sde-dpmsolver++', solver_order: 3 }, 5);
+    let n = 0;
+    let x: Float32Array = new Float32Array(16).fill(1);
+    for (const t of s.timesteps) {
+      x = s.step(new Float32Array(16).fill(0.1), t, x, () => {
+        n++;
+        return new Float32Array(16).fill(0.5);
+      }).prevSample;
+    }
+    expect(n).toBe(5);
+    expect(x.every(Number.isFinite)).toBe(true);
   });
 });

@@ -330,6 +330,11 @@ export function exponentialSigmas(sigmaMin: number, sigmaMax: number, n: number)
   return npLinspace(Math.log(sigmaMax), Math.log(sigmaMin), n).map(Math.exp);
 }
 
+/** `np.linspace(0, last - 1, n + 1).round()[::-1][:-1]`: the linspace spacing (DPM-Solver singlestep's only one). */
+export function linspaceTimesteps(n: number, last: number): number[] {
+  return npLinspace(0, last - 1, n + 1).map(npRound).reverse().slice(0, -1);
+}
+
 /**
  * The integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS) before any sigma conversion: linspace and
  * leading over n + 1 points less the last, trailing over n. `last` is where the schedule ends (DPM-Solver's
@@ -339,7 +344,7 @@ export function multistepTimesteps(className: string, c: ResolvedConfig, n: numb
   const train = num(c, 'num_train_timesteps');
   switch (str(c, 'timestep_spacing')) {
     case 'linspace':
-      return npLinspace(0, last - 1, n + 1).map(npRound).reverse().slice(0, -1);
+      return linspaceTimesteps(n, last);
     case 'leading': {
       const ratio = Math.floor(last / (n + 1));
       return npArange(0, n + 1, 1).map((i) => i * ratio).reverse().slice(0, -1).map((t) => t + num(c, 'steps_offset'));

@@ -75,14 +75,125 @@ export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: nu
  */
 const ratio = (num: number, den: number, limit: number) => (den === 0 ? limit : f(num / den));
 
-/** Which of diffusers' DPM-Solver updates a scheduler runs. */
-export interface DPMSolverKind {
-  readonly order: number;
-  /** dpmsolver++ / sde-dpmsolver++: the model output converted to x0 (else to the noise). */
+/** `lambda_min_clipped`: how many of the last training timesteps have lambda(t) below it (torch.searchsorted on the flipped lambdas). */
+export function lambdaClipped(ac: Float32Array, clip: number): number {
+  let clipped = 0;
+  for (let i = ac.length - 1; i >= 0; i--) {
+    const a = ac[i]!;
+    const lambda = f(logf(f(Math.sqrt(a))) - logf(f(Math.sqrt(f(1 - a)))));
+    if (lambda < clip) clipped++;
+    else break;
+  }
+  return clipped;
+}
+
+/**
+ * DPM-Solver's schedule (multistep and singlestep) from its integer timesteps: the sigmas interpolated on the table, or
+ * a Karras / exponential ramp (bounds from the config's hidden sigma_min / sigma_max, else the table's ends) with its
+ * timesteps back from it (Karras rounded where `roundKarras`, else truncated as exponential's are by the int64 cast);
+ * then the final sigma, 0 or the table's first (`sigma_min`) — the table's even after a ramp, unlike UniPC's.
+ */
+export function dpmSigmaSchedule(
+  config: ResolvedConfig,
+  ac: Float32Array,
+  timesteps: number[],
+  n: number,
+  finalZero: boolean,
+  roundKarras: boolean,
+): { timesteps: number[]; sig: Float32Array } {
+  const table = sigmasFromAlphas(ac);
+  let sig: number[];
+  const sMin = (config.sigma_min as number | null | undefined) ?? table[0]!;
+  const sMax = (config.sigma_max as number | null | undefined) ?? table[table.length - 1]!;
+  const karras = bool(config, 'use_karras_sigmas');
+  if (karras || bool(config, 'use_exponential_sigmas')) {
+    const logSigmas = table.map(logf);
+    sig = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
+    timesteps = sig.map((s) => (karras && roundKarras ? npRound : Math.trunc)(sigmaToT(s, logSigmas)));
+  } else {
+    sig = timesteps.map((t) => npInterpIndex(t, table));
+  }
+  const last = finalZero ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
+  return { timesteps, sig: Float32Array.from([...sig, last]) };
+}
+
+/** Which DPM-Solver: on the x0 prediction (`++`) or the noise, an SDE (fresh noise every step), the heun solver type. */
+export interface DpmForm {
   readonly plusPlus: boolean;
-  /** The SDE variants: fresh noise on every step. */
   readonly sde: boolean;
   readonly heun: boolean;
+}
+
+/**
+ * The coefficients of diffusers' first- and second-order DPM-Solver updates from s to t (`t`, `s`: alphaSigmaLambda of
+ * their sigmas), all four algorithm types: x_t = a·x + b·D0 [+ c·D1] [+ d·z], the signs folded into the coefficients
+ * (x − y and x + (−y) round alike). The multistep solver steps from its last sigma, the singlestep one from the
+ * start of its group; the formulas are the same.
+ */
+export function lowOrderCoefficients(
+  form: DpmForm,
+  t: readonly number[],
+  s: readonly number[],
+  order: 1 | 2,
+): { a: number; b: number; c: number; d: number; h: number } {
+  const [alphaT, sigmaT, lambdaT] = t as [number, number, number];
+  const [alphaS, sigmaS, lambdaS] = s as [number, number, number];
+  const h = f(lambdaT - lambdaS);
+  let a: number;
+  let b: number;
+  let c = 0;
+  let d = 0;
+  if (form.sde && form.plusPlus) {
+    const em2 = f(1 - f(Math.exp(f(-2 * h))));
+    a = f(f(sigmaT / sigmaS) * f(Math.exp(-h)));
+    b = f(alphaT * em2);
+    if (order === 2) c = form.heun ? f(alphaT * f(ratio(em2, f(-2 * h), -1) + 1)) : f(0.5 * b);
+    d = f(sigmaT * f(Math.sqrt(em2)));
+  } else if (form.sde) {
+    const ep1 = f(f(Math.exp(h)) - 1);
+    a = f(alphaT / alphaS);
+    b = -f(2 * f(sigmaT * ep1));
+    if (order === 2) c = form.heun ? -f(2 * f(sigmaT * f(ratio(ep1, h, 1) - 1))) : -f(sigmaT * ep1);
+    d = f(sigmaT * f(Math.sqrt(f(f(Math.exp(f(2 * h))) - 1))));
+  } else if (form.plusPlus) {
+    const em1 = f(f(Math.exp(-h)) - 1);
+    a = f(sigmaT / sigmaS);
+    b = -f(alphaT * em1);
+    if (order === 2) c = form.heun ? f(alphaT * f(ratio(em1, h, -1) + 1)) : -f(0.5 * f(alphaT * em1));
+  } else {
+    const ep1 = f(f(Math.exp(h)) - 1);
+    a = f(alphaT / alphaS);
+    b = -f(sigmaT * ep1);
+    if (order === 2) c = form.heun ? -f(sigmaT * f(ratio(ep1, h, 1) - 1)) : -f(0.5 * f(sigmaT * ep1));
+  }
+  return { a, b, c, d, h };
+}
+
+/**
+ * x_t = a·x + b·D0 [+ c·D1] [+ d·z] elementwise as torch evaluates it, D1 = (1/r0)·(m0 − m1) where `m1` is given
+ * (second order). The multistep solver's D0 is m0, the singlestep one's m1.
+ */
+export function lowOrderUpdate(
+  k: { a: number; b: number; c: number; d: number },
+  x: Float32Array,
+  D0: Float32Array,
+  m0: Float32Array,
+  m1: Float32Array | undefined,
+  invR0: number,
+  z: Float32Array | undefined,
+): Float32Array {
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) {
+    let v = f(f(k.a * x[i]!) + f(k.b * D0[i]!));
+    if (m1) v = f(v + f(k.c * f(invR0 * f(m0[i]! - m1[i]!))));
+    out[i] = z ? f(v + f(k.d * z[i]!)) : v;
+  }
+  return out;
+}
+
+/** Which of diffusers' multistep DPM-Solver updates a scheduler runs: its form and its order. */
+export interface DPMSolverKind extends DpmForm {
+  readonly order: number;
 }
 
 /**
@@ -92,18 +203,14 @@ export interface DPMSolverKind {
 export abstract class DPMSolverSteps extends MultistepSchedule {
   abstract readonly config: ResolvedConfig;
   readonly #order: number;
-  readonly #plusPlus: boolean;
-  readonly #sde: boolean;
-  readonly #heun: boolean;
+  readonly #form: DpmForm;
   #outputs: Float32Array[] = [];
   #lowerOrderNums = 0;
 
   constructor(kind: DPMSolverKind) {
     super();
     this.#order = kind.order;
-    this.#plusPlus = kind.plusPlus;
-    this.#sde = kind.sde;
-    this.#heun = kind.heun;
+    this.#form = { plusPlus: kind.plusPlus, sde: kind.sde, heun: kind.heun };
   }
 
   /** `convert_model_output`: x0 (dpmsolver++) or the noise, at sigma. */
@@ -125,7 +232,7 @@ export abstract class DPMSolverSteps extends MultistepSchedule {
     this.#outputs.push(converted);
     if (this.#outputs.length > this.#order) this.#outputs.shift();
     // The SDE variants draw on every step, the last included, as diffusers does.
-    const z = this.#sde ? noise() : undefined;
+    const z = this.#form.sde ? noise() : undefined;
     const lowerOrderSecond = i === nSteps - 2 && bool(c, 'lower_order_final') && nSteps < 15;
     let prev: Float32Array;
     if (this.#order === 1 || this.#lowerOrderNums < 1 || lowerOrderFinal) prev = this.#update(sample, 1, z);
@@ -133,56 +240,19 @@ export abstract class DPMSolverSteps extends MultistepSchedule {
     else prev = this.#thirdOrder(sample, z);
     if (this.#lowerOrderNums < this.#order) this.#lowerOrderNums++;
     this.index++;
-    return { prevSample: prev, ...(this.#plusPlus ? { denoised: converted } : {}) };
+    return { prevSample: prev, ...(this.#form.plusPlus ? { denoised: converted } : {}) };
   }
 
-  /**
-   * diffusers' first- and second-order updates, all four algorithm types: x_t = a·x + b·D0 [+ c·D1] [+ d·z] with the
-   * signs folded into the coefficients (x − y and x + (−y) round alike), D0 = m0, D1 = (1/r0)·(m0 − m1).
-   */
+  /** diffusers' first- and second-order multistep updates: from the last sigma, D0 = m0, D1 = (1/r0)·(m0 − m1). */
   #update(s: Float32Array, order: 1 | 2, z: Float32Array | undefined): Float32Array {
     const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = this.asl(this.sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = this.asl(this.sig[i]!);
-    const h = f(lambdaT - lambdaS0);
-    let a: number;
-    let b: number;
-    let c = 0;
-    let d = 0;
-    if (this.#sde && this.#plusPlus) {
-      const em2 = f(1 - f(Math.exp(f(-2 * h))));
-      a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
-      b = f(alphaT * em2);
-      if (order === 2) c = this.#heun ? f(alphaT * f(ratio(em2, f(-2 * h), -1) + 1)) : f(0.5 * b);
-      d = f(sigmaT * f(Math.sqrt(em2)));
-    } else if (this.#sde) {
-      const ep1 = f(f(Math.exp(h)) - 1);
-      a = f(alphaT / alphaS0);
-      b = -f(2 * f(sigmaT * ep1));
-      if (order === 2) c = this.#heun ? -f(2 * f(sigmaT * f(ratio(ep1, h, 1) - 1))) : -f(sigmaT * ep1);
-      d = f(sigmaT * f(Math.sqrt(f(f(Math.exp(f(2 * h))) - 1))));
-    } else if (this.#plusPlus) {
-      const em1 = f(f(Math.exp(-h)) - 1);
-      a = f(sigmaT / sigmaS0);
-      b = -f(alphaT * em1);
-      if (order === 2) c = this.#heun ? f(alphaT * f(ratio(em1, h, -1) + 1)) : -f(0.5 * f(alphaT * em1));
-    } else {
-      const ep1 = f(f(Math.exp(h)) - 1);
-      a = f(alphaT / alphaS0);
-      b = -f(sigmaT * ep1);
-      if (order === 2) c = this.#heun ? -f(sigmaT * f(ratio(ep1, h, 1) - 1)) : -f(0.5 * f(sigmaT * ep1));
-    }
+    const s0 = this.asl(this.sig[i]!);
+    const k = lowOrderCoefficients(this.#form, this.asl(this.sig[i + 1]!), s0, order);
     const n = this.#outputs.length;
     const m0 = this.#outputs[n - 1]!;
     const m1 = order === 2 ? this.#outputs[n - 2]! : undefined;
-    const invR0 = m1 ? f(1 / f(f(lambdaS0 - this.asl(this.sig[i - 1]!)[2]) / h)) : 0;
-    const out = new Float32Array(s.length);
-    for (let k = 0; k < s.length; k++) {
-      let v = f(f(a * s[k]!) + f(b * m0[k]!));
-      if (m1) v = f(v + f(c * f(invR0 * f(m0[k]! - m1[k]!))));
-      out[k] = z ? f(v + f(d * z[k]!)) : v;
-    }
-    return out;
+    const invR0 = m1 ? f(1 / f(f(s0[2] - this.asl(this.sig[i - 1]!)[2]) / k.h)) : 0;
+    return lowOrderUpdate(k, s, m0, m0, m1, invR0, z);
   }
 
   /**
@@ -209,14 +279,14 @@ export abstract class DPMSolverSteps extends MultistepSchedule {
     let c: number;
     let d: number;
     let e = 0;
-    if (this.#sde) {
+    if (this.#form.sde) {
       const em2 = f(1 - f(Math.exp(f(-2 * h))));
       a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
       b = f(alphaT * em2);
       c = f(alphaT * f(f(em2 / f(-2 * h)) + 1));
       d = f(alphaT * f(f(f(em2 - f(2 * h)) / f(f(2 * h) * f(2 * h))) - 0.5));
       e = f(sigmaT * f(Math.sqrt(em2)));
-    } else if (this.#plusPlus) {
+    } else if (this.#form.plusPlus) {
       const em1 = f(f(Math.exp(-h)) - 1);
       a = f(sigmaT / sigmaS0);
       b = -f(alphaT * em1);
@@ -253,8 +323,8 @@ function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolve
   // As diffusers' __init__ does, DEIS's and UniPC's options (a config `from_config` carries over) map to DPM-Solver's.
   const algorithm =
     config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(name, config, 'algorithm_type', ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver']);
-  const plusPlus = algorithm.endsWith('++');
   const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(name, config, 'solver_type', ['midpoint', 'heun']);
+  const form = { plusPlus: algorithm.endsWith('++'), sde: algorithm.startsWith('sde-'), heun: solver === 'heun' };
   const prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
   const order = num(config, 'solver_order');
   if (![1, 2, 3].includes(order)) unsupported(name, `solver_order ${order} (1 to 3)`);
@@ -266,10 +336,10 @@ function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolve
   checkOneRamp(name, config);
   if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
   const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
-  if (!plusPlus && finalType === 'zero') {
+  if (!form.plusPlus && finalType === 'zero') {
     unsupported(name, `final_sigmas_type "zero" with algorithm_type "${algorithm}" (diffusers refuses it too; use "sigma_min")`);
   }
-  return { order, plusPlus, sde: algorithm.startsWith('sde-'), heun: solver === 'heun', prediction };
+  return { order, ...form, prediction };
 }
 
 export class DPMSolverMultistep extends DPMSolverSteps {
@@ -287,37 +357,10 @@ export class DPMSolverMultistep extends DPMSolverSteps {
     const finalType = str(config, 'final_sigmas_type');
     const ac = alphasCumprod(name, config, true);
     if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
-    // lambda_min_clipped cuts the schedule where lambda(t) falls below it (searchsorted on the flipped lambdas).
-    const clip = num(config, 'lambda_min_clipped');
-    let clippedIdx = 0;
-    for (let i = ac.length - 1; i >= 0; i--) {
-      const a = ac[i]!;
-      const lambda = f(logf(f(Math.sqrt(a))) - logf(f(Math.sqrt(f(1 - a)))));
-      if (lambda < clip) clippedIdx++;
-      else break;
-    }
-    let timesteps = multistepTimesteps(name, config, numInferenceSteps, train - clippedIdx);
-    const table = sigmasFromAlphas(ac);
-    let sig: number[];
-    const sMin = (config.sigma_min as number | null) ?? table[0]!;
-    const sMax = (config.sigma_max as number | null) ?? table[table.length - 1]!;
-    if (bool(config, 'use_karras_sigmas')) {
-      const logSigmas = table.map(logf);
-      // _convert_to_karras on the flipped table: sigma_min = table[0], sigma_max = table[-1] unless the config carries
-      // bounds (DPM_HIDDEN).
-      sig = karrasSigmas(sMin, sMax, numInferenceSteps);
-      timesteps = sig.map((s) => sigmaToT(s, logSigmas));
-      if (str(config, 'beta_schedule') !== 'squaredcos_cap_v2') timesteps = timesteps.map(npRound);
-      else timesteps = timesteps.map(Math.trunc); // astype(int64)
-    } else if (bool(config, 'use_exponential_sigmas')) {
-      const logSigmas = table.map(logf);
-      sig = exponentialSigmas(sMin, sMax, numInferenceSteps);
-      timesteps = sig.map((s) => Math.trunc(sigmaToT(s, logSigmas))); // not rounded: astype(int64) truncates
-    } else {
-      sig = timesteps.map((t) => npInterpIndex(t, table));
-    }
-    const lastSigma = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
-    this.schedule(timesteps, Float32Array.from([...sig, lastSigma]));
+    const timesteps = multistepTimesteps(name, config, numInferenceSteps, train - lambdaClipped(ac, num(config, 'lambda_min_clipped')));
+    // diffusers leaves the Karras timesteps of the cosine schedule unrounded (then cast to int64, which truncates).
+    const s = dpmSigmaSchedule(config, ac, timesteps, numInferenceSteps, finalType === 'zero', str(config, 'beta_schedule') !== 'squaredcos_cap_v2');
+    this.schedule(s.timesteps, s.sig);
   }
 
   protected convert(modelOutput: Float32Array, sample: Float32Array, sigma: number): Float32Array {

@@ -13,6 +13,7 @@ import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
 import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
+import { DPMSolverSinglestep, DPMSS_DEFAULTS } from './dpmsolver-singlestep.js';
 import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
 import { KDPM2_DEFAULTS, KDPM2_HIDDEN, KDPM2AncestralDiscrete, KDPM2Discrete } from './kdpm2.js';
 import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, EulerDiscrete } from './euler.js';
@@ -61,6 +62,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   EDMEulerScheduler: { defaults: EDM_EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMEuler(c, n) },
   EDMDPMSolverMultistepScheduler: { defaults: EDM_DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMDPMSolverMultistep(c, n) },
   TCDScheduler: { defaults: TCD_DEFAULTS, steps: (c) => lcmStepRange(c, 'TCDScheduler'), build: (c, n, eta) => new TCD(c, n, eta) },
+  DPMSolverSinglestepScheduler: { defaults: DPMSS_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverSinglestep(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

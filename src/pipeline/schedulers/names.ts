@@ -21,6 +21,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'EDMEulerScheduler',
   'EDMDPMSolverMultistepScheduler',
   'TCDScheduler',
+  'DPMSolverSinglestepScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -80,6 +81,14 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   edm_dpmpp_2m: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'dpmsolver++', solver_order: 2 } },
   edm_dpmpp_2m_sde: { className: 'EDMDPMSolverMultistepScheduler', overrides: { algorithm_type: 'sde-dpmsolver++', solver_order: 2 } },
   tcd: { className: 'TCDScheduler', overrides: {} },
+  dpmpp_2s: {
+    className: 'DPMSolverSinglestepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: false },
+  },
+  dpmpp_2s_karras: {
+    className: 'DPMSolverSinglestepScheduler',
+    overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
+  },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
