@@ -47,6 +47,7 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -65,6 +66,7 @@ from diffusers.schedulers import (
     scheduling_ddim,
     scheduling_ddpm,
     scheduling_dpmsolver_multistep,
+    scheduling_dpmsolver_sde,
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
@@ -82,7 +84,7 @@ os.makedirs(out_dir, exist_ok=True)
 
 CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler,
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
-                                    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler]}
+                                    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DPMSolverSDEScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -107,6 +109,8 @@ REQUEST = {
     "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -139,6 +143,21 @@ class Noise:
         x = torch.from_numpy(self.rng.standard_normal(tuple(shape)).astype(np.float32))
         self.drawn.append(as_list(x))
         return x
+
+
+class RecordingBrownianSampler(scheduling_dpmsolver_sde.BrownianTreeNoiseSampler):
+    """DPMSolverSDEScheduler's own noise sampler (torchsde's BrownianInterval, seeded by noise_sampler_seed), its
+    draws recorded, not replaced: the runtime must make the same Brownian noise."""
+
+    drawn = []
+
+    def __call__(self, sigma, sigma_next):
+        out = super().__call__(sigma, sigma_next)
+        RecordingBrownianSampler.drawn.append(as_list(out))
+        return out
+
+
+scheduling_dpmsolver_sde.BrownianTreeNoiseSampler = RecordingBrownianSampler
 
 
 class F32(float):
@@ -194,7 +213,7 @@ def run_case(case):
         # timestep it is given)
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(begin)
-    shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
+    shape = tuple(case.get("shape", (1, 4, 2, 2)))  # the schedulers are elementwise: 16 values show every path
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
@@ -204,24 +223,29 @@ def run_case(case):
     initial = sample.clone()
     eta = case.get("eta")
     record = []
+    RecordingBrownianSampler.drawn = []
     for t in s.timesteps[begin or 0:]:
         scaled = s.scale_model_input(sample, t)
         mo = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
         before = len(noise.drawn)
+        before_brownian = len(RecordingBrownianSampler.drawn)
         kw = {"eta": eta} if eta is not None else {}
         r = s.step(mo, t, sample, **kw)
         drawn = noise.drawn[before:]
-        assert len(drawn) <= 1
+        brownian = RecordingBrownianSampler.drawn[before_brownian:]
+        assert len(drawn) <= 1 and len(brownian) <= 1 and not (drawn and brownian)
         denoised = None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
-        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
+        if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                      DPMSolverSDEScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
             "scaled_input": as_list(scaled),
             "model_output": as_list(mo),
             "noise": drawn[0] if drawn else None,
+            **({"brownian_noise": brownian[0]} if brownian else {}),
             "prev_sample": as_list(r.prev_sample),
             "denoised": as_list(denoised),
         })
@@ -243,7 +267,8 @@ def run_case(case):
         "timesteps": [float(t) for t in s.timesteps],
         "sigmas": exact(sig) if sig is not None and cls_is(s, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
-                                                                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)) else None,
+                                                                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                                                                DPMSolverSDEScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -531,6 +556,30 @@ CASES.append({"name": "dpm3-plusplus-img2img-begin-5-of-20", "config": {**dpm, "
 for n in [3, 12, 20]:
     CASES.append({"name": f"dpm3-sde-request-from-pndm-sd15-{n}", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde", "steps": n})
 CASES.append({"name": "dpm3-sde-karras-request-from-pndm-sd15-25", "config": pndm_sd15, "pipeline": None, "request": "dpmpp_3m_sde_karras", "steps": 25})
+
+# DPMSolverSDE (A1111's DPM++ SDE / DPM++ SDE Karras): two UNet runs per step but the last, its noise from torchsde's
+# Brownian tree seeded by noise_sampler_seed (the only reproducible setting in diffusers; a list is one tree per image).
+dpmsde = {"_class_name": "DPMSolverSDEScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace", "noise_sampler_seed": 7000}
+for k, n in enumerate([1, 2, 5, 10, 25]):
+    CASES.append({"name": f"dpmsde-sd15-{n}", "config": {**dpmsde, "noise_sampler_seed": 7000 + k}, "pipeline": None, "steps": n, "seed": 7000 + k})
+CASES.append({"name": "dpmsde-linspace-20", "config": dpmsde, "pipeline": None, "steps": 20, "seed": 7005})
+CASES.append({"name": "dpmsde-leading-10", "config": {**dpmsde, "timestep_spacing": "leading"}, "pipeline": None, "steps": 10, "seed": 7006})
+CASES.append({"name": "dpmsde-vpred-trailing-8", "config": {**dpmsde, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 8, "seed": 7007})
+CASES.append({"name": "dpmsde-karras-12", "config": {**dpmsde, "use_karras_sigmas": True}, "pipeline": None, "steps": 12, "seed": 7008})
+CASES.append({"name": "dpmsde-exponential-9", "config": {**dpmsde, "use_exponential_sigmas": True}, "pipeline": None, "steps": 9, "seed": 7009})
+CASES.append({"name": "dpmsde-img2img-begin-6-of-10", "config": dpmsde, "pipeline": None, "steps": 10, "begin_index": 6, "seed": 7010})
+CASES.append({"name": "dpmsde-8x8-10", "config": {**dpmsde, "noise_sampler_seed": 7011}, "pipeline": None, "steps": 10, "shape": (1, 4, 8, 8), "seed": 7011})
+CASES.append({"name": "dpmsde-batch2-list-seeds-8x8-6", "config": {**dpmsde, "noise_sampler_seed": [7012, 7013]}, "pipeline": None, "steps": 6,
+              "shape": (2, 4, 8, 8), "seed": 7012})
+CASES.append({"name": "dpmsde-seed-above-32-bits-10", "config": {**dpmsde, "noise_sampler_seed": 2**40 + 7}, "pipeline": None, "steps": 10, "seed": 7013})
+CASES.append({"name": "dpmsde-request-from-pndm-sd15-20", "config": {**pndm_sd15, "noise_sampler_seed": 7014}, "pipeline": None, "request": "dpmpp_sde",
+              "steps": 20, "seed": 7014})
+CASES.append({"name": "dpmsde-karras-request-from-pndm-sd15-15", "config": {**pndm_sd15, "noise_sampler_seed": 7015}, "pipeline": None,
+              "request": "dpmpp_sde_karras", "steps": 15, "seed": 7015})
+CASES.append({"name": "dpmsde-karras-request-bounds-from-euler-10", "config": {**euler, **lms_bounds, "noise_sampler_seed": 7016}, "pipeline": None,
+              "request": "dpmpp_sde_karras", "steps": 10, "seed": 7016})
+CASES.append({"name": "dpmsde-exponential-bounds-own-12", "config": {**dpmsde, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None,
+              "steps": 12, "seed": 7017})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -108,8 +108,12 @@ export function pyRound(x: number, ndigits: number): number {
 /** diffusers' BatchedBrownianTree arguments to torchsde.BrownianInterval. */
 const TOL_DIGITS = 6; // tol=1e-6: torchsde rounds every time to -int(log10(tol)) = 6 decimals
 const POOL_SIZE = 24;
-/** Nodes whose increments are kept (torchsde keeps 45); values do not depend on it. */
-const CACHE_NODES = 64;
+/**
+ * Nodes whose increments are kept (torchsde keeps 45); values do not depend on it. A scheduler step reads about three
+ * root-to-leaf paths of ~24 levels (two children each): 160 keeps them, halving the randn draws of a 25-step run
+ * against 64 (1000 instead of 2000 draws of the latent's size); more gains nothing.
+ */
+const CACHE_NODES = 160;
 
 const round = (x: number) => pyRound(x, TOL_DIGITS);
 

@@ -140,6 +140,7 @@ export class Pipeline {
     const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
       ...(shape.scheduler !== undefined ? { name: shape.scheduler } : {}),
       eta: shape.eta,
+      seeds,
     });
     // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it.
     const gens = seeds.map((s) => new TorchGenerator(s));

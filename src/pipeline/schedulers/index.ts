@@ -12,6 +12,7 @@ import { alphasStepRange, type ConfigValue, type ResolvedConfig, resolveConfig, 
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
+import { DPMSDE_DEFAULTS, DPMSDE_HIDDEN, DPMSolverSDE } from './dpmsde.js';
 import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
 import { KDPM2_DEFAULTS, KDPM2_HIDDEN, KDPM2AncestralDiscrete, KDPM2Discrete } from './kdpm2.js';
@@ -35,7 +36,7 @@ interface SchedulerClass {
   hidden?: Readonly<Record<string, ConfigValue>>;
   /** The step counts `build` accepts (its constructor checks against the same function). */
   steps: (config: ResolvedConfig) => StepRange;
-  build(config: ResolvedConfig, steps: number, eta: number): Scheduler;
+  build(config: ResolvedConfig, steps: number, eta: number, seeds: readonly number[] | undefined): Scheduler;
 }
 
 const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
@@ -57,6 +58,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
     steps: trainStepRange,
     build: (c, n) => new KDPM2AncestralDiscrete(c, n),
   },
+  DPMSolverSDEScheduler: { defaults: DPMSDE_DEFAULTS, hidden: DPMSDE_HIDDEN, steps: trainStepRange, build: (c, n, _eta, seeds) => new DPMSolverSDE(c, n, seeds) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -145,6 +147,11 @@ export interface CreateSchedulerOptions {
   name?: string;
   /** DDIM's eta (noise weight, 0 = deterministic); other schedulers ignore it, as diffusers' pipeline does. */
   eta?: number;
+  /**
+   * The seed of each image of the batch (the pipeline's seed + i). DPMSolverSDEScheduler seeds image i's Brownian
+   * tree with it where its config has no noise_sampler_seed; the other schedulers draw from the images' generators.
+   */
+  seeds?: readonly number[];
 }
 
 /** The class (and forced options) `name` builds, else the model's own class; throws for an unusable one. */
@@ -181,7 +188,7 @@ export function createScheduler(
   const choice = choose(config, opts.name);
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
-  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta);
+  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta, opts.seeds);
 }
 
 export const SCHEDULER_CONFIG_FILE = 'scheduler/scheduler_config.json';

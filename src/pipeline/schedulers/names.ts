@@ -18,6 +18,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'HeunDiscreteScheduler',
   'KDPM2DiscreteScheduler',
   'KDPM2AncestralDiscreteScheduler',
+  'DPMSolverSDEScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -72,6 +73,8 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   dpm2_karras: { className: 'KDPM2DiscreteScheduler', overrides: { use_karras_sigmas: true } },
   dpm2_a: { className: 'KDPM2AncestralDiscreteScheduler', overrides: {} },
   dpm2_a_karras: { className: 'KDPM2AncestralDiscreteScheduler', overrides: { use_karras_sigmas: true } },
+  dpmpp_sde: { className: 'DPMSolverSDEScheduler', overrides: {} },
+  dpmpp_sde_karras: { className: 'DPMSolverSDEScheduler', overrides: { use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
