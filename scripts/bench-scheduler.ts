@@ -2,7 +2,9 @@
  * @module Prints the per-step CPU cost of each scheduler (scale_model_input + step) on 512px and 1024px latents,
  * the torch.randn draw of one latent, and the warm tokenizer time for a full 77-token prompt.
  *
- *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js
+ *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js [request names…]
+ *
+ * Names given: only those schedulers (and no randn / tokenizer lines).
  *
  * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer, else the copy in test/fixtures/reference).
  */
@@ -25,8 +27,11 @@ const SD15_CONFIG = {
   steps_offset: 1,
   timestep_spacing: 'leading',
 };
-/** Every request name (the diffusers class names build the same classes). */
-const NAMES = Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler'));
+/** Every request name (the diffusers class names build the same classes), or those named on the command line. */
+const ONLY = process.argv.slice(2);
+const NAMES = ONLY.length > 0 ? ONLY : Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler'));
+/** One image, seed 1: DPM++ SDE seeds its Brownian tree with it, as the pipeline does. */
+const OPTS = { seeds: [1] };
 const SHAPES = [
   { label: '4x64x64 (512px)', n: 4 * 64 * 64 },
   { label: '4x128x128 (1024px)', n: 4 * 128 * 128 },
@@ -52,19 +57,19 @@ const stepsFor = (name: string) => (name === 'lcm' ? 4 : 20);
 
 /** createScheduler alone (tables, timesteps), ms. */
 function benchCreate(name: string): number {
-  return timeMs(() => createScheduler(SD15_CONFIG, stepsFor(name), { name }));
+  return timeMs(() => createScheduler(SD15_CONFIG, stepsFor(name), { name, ...OPTS }));
 }
 
 /** One scale_model_input + step, ms: a whole run minus its creation, over the UNet runs (2n − 1 for Heun and DPM2). */
 function benchStep(name: string, n: number, createMs: number): number {
   const steps = stepsFor(name);
-  const runs = createScheduler(SD15_CONFIG, steps, { name }).timesteps.length;
+  const runs = createScheduler(SD15_CONFIG, steps, { name, ...OPTS }).timesteps.length;
   const gen = new TorchGenerator(1);
   const modelOutput = gen.randn(n);
   const noise = gen.randn(n);
   const init = gen.randn(n);
   const perRun = timeMs(() => {
-    const s = createScheduler(SD15_CONFIG, steps, { name });
+    const s = createScheduler(SD15_CONFIG, steps, { name, ...OPTS });
     let x = init;
     for (const t of s.timesteps) {
       s.scaleModelInput(x, t);
@@ -83,6 +88,7 @@ async function main(): Promise<void> {
     const row = SHAPES.map((s) => benchStep(name, s.n, createMs).toFixed(3).padStart(20));
     console.log([name.padEnd(18), ...row, createMs.toFixed(3).padStart(12)].join(''));
   }
+  if (ONLY.length > 0) return;
 
   console.log('\ntorch.randn of one latent (ms):');
   for (const s of SHAPES) {

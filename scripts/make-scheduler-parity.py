@@ -6,8 +6,10 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde and dpm-bounds cases were made (test/fixtures/parity/README.md); each
-file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas.
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds and dpmsde cases were made (test/fixtures/parity/README.md); each
+file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
+cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
+`trampoline` package torchsde imports, and the package metadata diffusers looks for).
 
 Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
 loads it with the model's scheduler class (`<Class>.from_pretrained`, as DiffusionPipeline.from_pretrained does),
@@ -15,7 +17,8 @@ builds the model's pipeline class around it (its __init__ applies the steps_offs
 FutureWarning; `"pipeline": None` skips that), then, when the case names a request scheduler, switches with
 `<Class>.from_config(pipe.scheduler.config, **overrides)`, sets the timesteps, starts at `begin_index` where the case
 cuts the schedule as image-to-image does, and replays a short trajectory with synthetic model outputs; the noise a
-step draws comes from numpy and is recorded. Each case's seed is its position in CASES, so new cases go at the end of
+step draws comes from numpy and is recorded (DPMSolverSDEScheduler's comes from its own torchsde sampler, recorded as
+`brownian_noise`, never replaced). Each case's seed is its position in CASES, so new cases go at the end of
 their group's list to leave the committed ones reproducible. Every file has the fields of
 ../shared/reference/schedulers/*.json plus `model_config` (the file's text), `pipeline`, `request`, `warnings`,
 `torch` and `numpy` (and `begin_index`, `eta` where set). Needs torch and numpy; no weights.

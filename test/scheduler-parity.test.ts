@@ -6,7 +6,8 @@
  * replayed trajectory (from `begin_index` when the case cuts the schedule as image-to-image does).
  * Criterion: the sigma interpolation bit for bit (as float32) on diffusers' own inputs; integer timesteps equal,
  * others within 1e-6 relative, sigmas within one float32 ulp (see below why not bit for bit); every trajectory
- * array within 1e-5 of its largest magnitude, chained through our own prev_sample.
+ * array within 1e-5 of its largest magnitude, chained through our own prev_sample. DPMSolverSDEScheduler, whose noise
+ * is torchsde's Brownian tree (recorded, not replaced), is held bit for bit: noise, scaled input, x0 and sample.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
