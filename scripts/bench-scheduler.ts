@@ -2,7 +2,9 @@
  * @module Prints the per-step CPU cost of each scheduler (scale_model_input + step) on 512px and 1024px latents,
  * the torch.randn draw of one latent, and the warm tokenizer time for a full 77-token prompt.
  *
- *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js
+ *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js [request names…]
+ *
+ * Names given: only those schedulers (and no randn / tokenizer lines).
  *
  * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer, else the copy in test/fixtures/reference).
  */
@@ -28,8 +30,11 @@ const SD15_CONFIG = {
 /** Playground v2.5's scheduler: the EDM names run only on a model trained that way. */
 const EDM_CONFIG = { _class_name: 'EDMDPMSolverMultistepScheduler', sigma_min: 0.002, sigma_max: 80.0, sigma_data: 0.5, solver_order: 2 };
 const configFor = (name: string) => (name.startsWith('edm_') ? EDM_CONFIG : SD15_CONFIG);
-/** Every request name (the diffusers class names build the same classes). */
-const NAMES = Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler'));
+/** Every request name (the diffusers class names build the same classes), or those named on the command line. */
+const ONLY = process.argv.slice(2);
+const NAMES = ONLY.length > 0 ? ONLY : Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler'));
+/** One image, seed 1: DPM++ SDE seeds its Brownian tree with it, as the pipeline does. */
+const OPTS = { seeds: [1] };
 const SHAPES = [
   { label: '4x64x64 (512px)', n: 4 * 64 * 64 },
   { label: '4x128x128 (1024px)', n: 4 * 128 * 128 },
@@ -53,7 +58,7 @@ function timeMs(fn: () => void): number {
 
 const stepsFor = (name: string) => (name === 'lcm' || name === 'tcd' ? 4 : 20);
 /** TCD at its model cards' gamma 0.3 (eta 0 skips its noise step); DDIM at the pipelines' default 0. */
-const opts = (name: string) => ({ name, ...(name === 'tcd' ? { eta: 0.3 } : {}) });
+const opts = (name: string) => ({ name, ...OPTS, ...(name === 'tcd' ? { eta: 0.3 } : {}) });
 
 /** createScheduler alone (tables, timesteps), ms. */
 function benchCreate(name: string): number {
@@ -88,6 +93,7 @@ async function main(): Promise<void> {
     const row = SHAPES.map((s) => benchStep(name, s.n, createMs).toFixed(3).padStart(20));
     console.log([name.padEnd(18), ...row, createMs.toFixed(3).padStart(12)].join(''));
   }
+  if (ONLY.length > 0) return;
 
   console.log('\ntorch.randn of one latent (ms):');
   for (const s of SHAPES) {

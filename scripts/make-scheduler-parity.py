@@ -6,8 +6,10 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds and tcd cases were made (test/fixtures/parity/README.md); each
-file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas.
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm and dpmsde cases were made (test/fixtures/parity/README.md); each
+file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
+cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
+`trampoline` package torchsde imports, and the package metadata diffusers looks for).
 
 Each case writes a scheduler_config.json the way a model ships it (Python's json, so -Infinity stays -Infinity),
 loads it with the model's scheduler class (`<Class>.from_pretrained`, as DiffusionPipeline.from_pretrained does),
@@ -15,7 +17,8 @@ builds the model's pipeline class around it (its __init__ applies the steps_offs
 FutureWarning; `"pipeline": None` skips that), then, when the case names a request scheduler, switches with
 `<Class>.from_config(pipe.scheduler.config, **overrides)`, sets the timesteps, starts at `begin_index` where the case
 cuts the schedule as image-to-image does, and replays a short trajectory with synthetic model outputs; the noise a
-step draws comes from numpy and is recorded. Each case's seed is its position in CASES, so new cases go at the end of
+step draws comes from numpy and is recorded (DPMSolverSDEScheduler's comes from its own torchsde sampler, recorded as
+`brownian_noise`, never replaced). Each case's seed is its position in CASES, so new cases go at the end of
 their group's list to leave the committed ones reproducible. Every file has the fields of
 ../shared/reference/schedulers/*.json plus `model_config` (the file's text), `pipeline`, `request`, `warnings`,
 `torch` and `numpy` (and `begin_index`, `eta` where set). Needs torch and numpy; no weights.
@@ -50,6 +53,7 @@ from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     DPMSolverSinglestepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -72,6 +76,7 @@ from diffusers.schedulers import (
     scheduling_edm_dpmsolver_multistep,
     scheduling_edm_euler,
     scheduling_dpmsolver_singlestep,
+    scheduling_dpmsolver_sde,
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
@@ -92,7 +97,7 @@ CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, E
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
                                     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                     EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler,
-                                    DPMSolverSinglestepScheduler]}
+                                    DPMSolverSinglestepScheduler, DPMSolverSDEScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -123,6 +128,8 @@ REQUEST = {
     "tcd": ("TCDScheduler", {}),
     "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpmpp_2s_karras": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -155,6 +162,21 @@ class Noise:
         x = torch.from_numpy(self.rng.standard_normal(tuple(shape)).astype(np.float32))
         self.drawn.append(as_list(x))
         return x
+
+
+class RecordingBrownianSampler(scheduling_dpmsolver_sde.BrownianTreeNoiseSampler):
+    """DPMSolverSDEScheduler's own noise sampler (torchsde's BrownianInterval, seeded by noise_sampler_seed), its
+    draws recorded, not replaced: the runtime must make the same Brownian noise."""
+
+    drawn = []
+
+    def __call__(self, sigma, sigma_next):
+        out = super().__call__(sigma, sigma_next)
+        RecordingBrownianSampler.drawn.append(as_list(out))
+        return out
+
+
+scheduling_dpmsolver_sde.BrownianTreeNoiseSampler = RecordingBrownianSampler
 
 
 class F32(float):
@@ -210,7 +232,7 @@ def run_case(case):
         # timestep it is given)
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(begin)
-    shape = (1, 4, 2, 2)  # the schedulers are elementwise: 16 values show every path
+    shape = tuple(case.get("shape", (1, 4, 2, 2)))  # the schedulers are elementwise: 16 values show every path
     rng = np.random.default_rng(case.get("seed", 0))
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
@@ -221,27 +243,31 @@ def run_case(case):
     initial = sample.clone()
     eta = case.get("eta")
     record = []
+    RecordingBrownianSampler.drawn = []
     for t in s.timesteps[begin or 0:]:
         scaled = s.scale_model_input(sample, t)
         mo = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
         before = len(noise.drawn)
+        before_brownian = len(RecordingBrownianSampler.drawn)
         kw = {"eta": eta} if eta is not None else {}
         r = s.step(mo, t, sample, **kw)
         drawn = noise.drawn[before:]
-        assert len(drawn) <= 1
+        brownian = RecordingBrownianSampler.drawn[before_brownian:]
+        assert len(drawn) <= 1 and len(brownian) <= 1 and not (drawn and brownian)
         denoised = None
         if cls_is(s, (LCMScheduler,)):
             denoised = r.denoised
         if cls_is(s, (TCDScheduler,)):
             denoised = r.pred_noised_sample  # the second output, what the LCM pipeline decodes
         if cls_is(s, (LMSDiscreteScheduler, DDPMScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                      EDMEulerScheduler)):
+                      EDMEulerScheduler, DPMSolverSDEScheduler)):
             denoised = r.pred_original_sample
         record.append({
             "t": float(t),
             "scaled_input": as_list(scaled),
             "model_output": as_list(mo),
             "noise": drawn[0] if drawn else None,
+            **({"brownian_noise": brownian[0]} if brownian else {}),
             "prev_sample": as_list(r.prev_sample),
             "denoised": as_list(denoised),
         })
@@ -265,7 +291,7 @@ def run_case(case):
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
                                                                 HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                                                 EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
-                                                                DPMSolverSinglestepScheduler)) else None,
+                                                                DPMSolverSinglestepScheduler, DPMSolverSDEScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
@@ -673,6 +699,30 @@ dpmss_cases.append({"name": "dpmss-request-from-deis-12", "config": deis, "reque
 dpmss_cases.append({"name": "dpmss-model-request-dpmpp-2m-10", "config": dpmss, "request": "dpmpp_2m", "steps": 10})
 for seed, case in enumerate(dpmss_cases, start=5000):
     CASES.append({**case, "pipeline": None, "seed": seed})
+
+# DPMSolverSDE (A1111's DPM++ SDE / DPM++ SDE Karras): two UNet runs per step but the last, its noise from torchsde's
+# Brownian tree seeded by noise_sampler_seed (the only reproducible setting in diffusers; a list is one tree per image).
+dpmsde = {"_class_name": "DPMSolverSDEScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace", "noise_sampler_seed": 7000}
+for k, n in enumerate([1, 2, 5, 10, 25]):
+    CASES.append({"name": f"dpmsde-sd15-{n}", "config": {**dpmsde, "noise_sampler_seed": 7000 + k}, "pipeline": None, "steps": n, "seed": 7000 + k})
+CASES.append({"name": "dpmsde-linspace-20", "config": dpmsde, "pipeline": None, "steps": 20, "seed": 7005})
+CASES.append({"name": "dpmsde-leading-10", "config": {**dpmsde, "timestep_spacing": "leading"}, "pipeline": None, "steps": 10, "seed": 7006})
+CASES.append({"name": "dpmsde-vpred-trailing-8", "config": {**dpmsde, **vpred, "timestep_spacing": "trailing"}, "pipeline": None, "steps": 8, "seed": 7007})
+CASES.append({"name": "dpmsde-karras-12", "config": {**dpmsde, "use_karras_sigmas": True}, "pipeline": None, "steps": 12, "seed": 7008})
+CASES.append({"name": "dpmsde-exponential-9", "config": {**dpmsde, "use_exponential_sigmas": True}, "pipeline": None, "steps": 9, "seed": 7009})
+CASES.append({"name": "dpmsde-img2img-begin-6-of-10", "config": dpmsde, "pipeline": None, "steps": 10, "begin_index": 6, "seed": 7010})
+CASES.append({"name": "dpmsde-8x8-10", "config": {**dpmsde, "noise_sampler_seed": 7011}, "pipeline": None, "steps": 10, "shape": (1, 4, 8, 8), "seed": 7011})
+CASES.append({"name": "dpmsde-batch2-list-seeds-8x8-6", "config": {**dpmsde, "noise_sampler_seed": [7012, 7013]}, "pipeline": None, "steps": 6,
+              "shape": (2, 4, 8, 8), "seed": 7012})
+CASES.append({"name": "dpmsde-seed-above-32-bits-10", "config": {**dpmsde, "noise_sampler_seed": 2**40 + 7}, "pipeline": None, "steps": 10, "seed": 7013})
+CASES.append({"name": "dpmsde-request-from-pndm-sd15-20", "config": {**pndm_sd15, "noise_sampler_seed": 7014}, "pipeline": None, "request": "dpmpp_sde",
+              "steps": 20, "seed": 7014})
+CASES.append({"name": "dpmsde-karras-request-from-pndm-sd15-15", "config": {**pndm_sd15, "noise_sampler_seed": 7015}, "pipeline": None,
+              "request": "dpmpp_sde_karras", "steps": 15, "seed": 7015})
+CASES.append({"name": "dpmsde-karras-request-bounds-from-euler-10", "config": {**euler, **lms_bounds, "noise_sampler_seed": 7016}, "pipeline": None,
+              "request": "dpmpp_sde_karras", "steps": 10, "seed": 7016})
+CASES.append({"name": "dpmsde-exponential-bounds-own-12", "config": {**dpmsde, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None,
+              "steps": 12, "seed": 7017})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.

@@ -173,11 +173,13 @@ describe('request options', () => {
 
 describe('every scheduler name on every family', () => {
   // The schedulers' arithmetic is checked against diffusers in scheduler-parity.test.ts; this runs each one through the
-  // real pipeline: v-prediction (SD 2.x), SDXL's extra inputs, one UNet run per timestep (2n − 1 for Heun and DPM2).
+  // real pipeline: v-prediction (SD 2.x), SDXL's extra inputs, one UNet run per timestep (2n − 1 for Heun, DPM2 and
+  // DPM++ SDE).
   // (the EDM names run only on a model trained that way: test/edm.test.ts)
   const names = Object.keys(SCHEDULER_NAMES).filter((n) => !n.endsWith('Scheduler') && n !== 'lcm' && !n.startsWith('edm_'));
-  // UNet runs for 3 steps: PLMS repeats its first timestep, Heun and DPM2 run every step but the first twice.
-  const runsFor = (name: string) => (name === 'pndm' ? 4 : name === 'heun' || name.startsWith('dpm2') ? 5 : 3);
+  // UNet runs for 3 steps: PLMS repeats its first timestep, Heun and DPM2 run every step but the first twice, DPM++ SDE
+  // every step but the last.
+  const runsFor = (name: string) => (name === 'pndm' ? 4 : name === 'heun' || name.startsWith('dpm2') || name.startsWith('dpmpp_sde') ? 5 : 3);
   it.each(['sd15', 'sd2', 'sdxl'] as const)('%s: an image from each, one UNet run per timestep', async (family) => {
     const { pipe, calls, layout } = await load({ family });
     for (const name of names) {

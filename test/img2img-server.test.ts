@@ -160,18 +160,20 @@ describe('image-to-image on the demo model', () => {
     expect((result.images as Array<{ b64: string }>).map((i) => i.b64)).toEqual(want);
   });
 
-  it('cuts a two-runs-per-step schedule (heun) at t_start·2, as diffusers does: progress counts the UNet runs left', async () => {
-    const messages: Array<Record<string, unknown>> = [];
-    const ws = new WebSocket(`ws://127.0.0.1:${demo.port}/v1/models/model/stream`);
-    await new Promise<void>((resolve, reject) => {
-      ws.on('open', () => ws.send(JSON.stringify({ ...base, num_inference_steps: 5, scheduler: 'heun', image: pic.toString('base64'), strength: 0.6 })));
-      ws.on('message', (m) => messages.push(JSON.parse(String(m)) as Record<string, unknown>));
-      ws.on('close', () => resolve());
-      ws.on('error', reject);
-    });
-    // 5 Heun steps are 9 UNet runs; int(5 · 0.6) = 3 steps kept, t_start = 2, so the schedule starts at index 4: 5 runs.
-    expect(messages.filter((m) => m.type === 'progress').map((m) => [m.step, m.of])).toEqual(Array.from({ length: 5 }, (_, k) => [k + 1, 5]));
-    expect(messages.at(-1)!.type).toBe('result');
+  it('cuts a two-runs-per-step schedule (heun, dpmpp_sde) at t_start·2, as diffusers does: progress counts the UNet runs left', async () => {
+    for (const scheduler of ['heun', 'dpmpp_sde']) {
+      const messages: Array<Record<string, unknown>> = [];
+      const ws = new WebSocket(`ws://127.0.0.1:${demo.port}/v1/models/model/stream`);
+      await new Promise<void>((resolve, reject) => {
+        ws.on('open', () => ws.send(JSON.stringify({ ...base, num_inference_steps: 5, scheduler, image: pic.toString('base64'), strength: 0.6 })));
+        ws.on('message', (m) => messages.push(JSON.parse(String(m)) as Record<string, unknown>));
+        ws.on('close', () => resolve());
+        ws.on('error', reject);
+      });
+      // 5 steps are 9 UNet runs; int(5 · 0.6) = 3 steps kept, t_start = 2, so the schedule starts at index 4: 5 runs.
+      expect(messages.filter((m) => m.type === 'progress').map((m) => [m.step, m.of]), scheduler).toEqual(Array.from({ length: 5 }, (_, k) => [k + 1, 5]));
+      expect(messages.at(-1)!.type, scheduler).toBe('result');
+    }
   });
 
   it('never batches requests with different inputs, and a batch gives each request the image it gets alone', async () => {

@@ -35,23 +35,31 @@ describe('scheduler classes community models ship', () => {
     expect(s.timesteps.slice(0, 4)).toEqual([999, 949, 899, 849]);
   });
 
-  it('a class the runtime does not implement fails the load with a reason that names the file and what to set there', () => {
-    // DPMSolverSDEScheduler as save_config writes it: its noise comes from torchsde's Brownian tree, not a generator's
-    // draws, so this runtime cannot reproduce it.
-    const sde = {
-      _class_name: 'DPMSolverSDEScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
-      noise_sampler_seed: null, num_train_timesteps: 1000, prediction_type: 'epsilon', steps_offset: 1, timestep_spacing: 'linspace',
-      trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_karras_sigmas: true,
-    };
+  // DPMSolverSDEScheduler as save_config writes it (realism fine-tunes ship it as "DPM++ SDE Karras").
+  const sde = {
+    _class_name: 'DPMSolverSDEScheduler', _diffusers_version: '0.40.0.dev0', beta_end: 0.012, beta_schedule: 'scaled_linear', beta_start: 0.00085,
+    noise_sampler_seed: null, num_train_timesteps: 1000, prediction_type: 'epsilon', steps_offset: 1, timestep_spacing: 'linspace',
+    trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_karras_sigmas: true,
+  };
+
+  it('a DPMSolverSDEScheduler model config builds its class; with no noise_sampler_seed each image seeds its own Brownian tree', () => {
     const { config } = pipelineSchedulerConfig(sde, true);
+    const s = createScheduler(config, 10, { seeds: [3] });
+    expect([s.name, s.timesteps.length, s.order]).toEqual(['DPMSolverSDEScheduler', 19, 2]);
+  });
+
+  it('a class the runtime does not implement fails the load with a reason that names the file and what to set there', () => {
+    // SASolverScheduler (SA-Solver): not implemented.
+    const sa = { ...sde, _class_name: 'SASolverScheduler' };
+    const { config } = pipelineSchedulerConfig(sa, true);
     // What Pipeline.create checks when a worker loads the model.
     expect(() => createScheduler(config, 10)).toThrow(
-      'the model\'s scheduler class "DPMSolverSDEScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
+      'the model\'s scheduler class "SASolverScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
         'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler, ' +
-        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler, DPMSolverSinglestepScheduler',
+        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler, DPMSolverSinglestepScheduler, DPMSolverSDEScheduler',
     );
-    expect(createScheduler(pipelineSchedulerConfig({ ...sde, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
+    expect(createScheduler(pipelineSchedulerConfig({ ...sa, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });
 });
 

@@ -6,7 +6,8 @@
  * replayed trajectory (from `begin_index` when the case cuts the schedule as image-to-image does).
  * Criterion: the sigma interpolation bit for bit (as float32) on diffusers' own inputs; integer timesteps equal,
  * others within 1e-6 relative, sigmas within one float32 ulp (see below why not bit for bit); every trajectory
- * array within 1e-5 of its largest magnitude, chained through our own prev_sample.
+ * array within 1e-5 of its largest magnitude, chained through our own prev_sample. DPMSolverSDEScheduler, whose noise
+ * is torchsde's Brownian tree (recorded, not replaced), is held bit for bit: noise, scaled input, x0 and sample.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -58,7 +59,16 @@ interface Case {
     sigma_to_t: [number, number][];
     convert: { kind: 'karras' | 'exponential'; sigma_min: number; sigma_max: number; n: number; sigmas: number[] } | null;
   };
-  steps: { t: number; scaled_input: number[]; model_output: number[]; noise: number[] | null; prev_sample: number[]; denoised: number[] | null }[];
+  steps: {
+    t: number;
+    scaled_input: number[];
+    model_output: number[];
+    noise: number[] | null;
+    /** DPMSolverSDEScheduler: the draw of its own noise sampler (torchsde's Brownian tree), recorded, not replaced. */
+    brownian_noise?: number[];
+    prev_sample: number[];
+    denoised: number[] | null;
+  }[];
 }
 
 /** Largest |ours − ref| relative to the largest |ref| of the array (elements near zero carry no relative meaning). */
@@ -84,6 +94,8 @@ function ulps(a: number, b: number): number {
   asF[0] = b;
   return Math.abs(ia - u32[0]!);
 }
+/** float32 bit patterns (-0 and NaN compared exactly). */
+const bits = (xs: ArrayLike<number>) => Array.from(new Int32Array(Float32Array.from(xs).buffer));
 // diffusers puts the scheduler's repr (its whole config as JSON) into the message; the runtime names the class.
 const withoutRepr = (m: string) => m.replace(/: (\w+) \{\n[\s\S]*?\n\}\n/, ': $1');
 
@@ -107,8 +119,16 @@ describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => 
       expect(built.rewrites.map((r) => r.message)).toEqual(v.warnings.map(withoutRepr));
 
       if (v.request !== null) expect(SCHEDULER_NAMES[v.request]!.className).toBe(v.scheduler);
-      const betas = v.torch?.startsWith('1.') ? built.config : withGeneratorBetas(built.config);
-      const s = createScheduler(betas, v.num_inference_steps, { ...(v.request !== null ? { name: v.request } : {}), ...(v.eta !== undefined ? { eta: v.eta } : {}) });
+      // DPMSolverSDE with a list of noise seeds (one Brownian tree per image) is what the runtime does with each
+      // image's own seed when the config sets none: the list becomes the images' seeds.
+      const listSeeds = Array.isArray(built.config.noise_sampler_seed) ? (built.config.noise_sampler_seed as number[]) : undefined;
+      const config = listSeeds ? { ...built.config, noise_sampler_seed: null } : built.config;
+      const betas = v.torch?.startsWith('1.') ? config : withGeneratorBetas(config);
+      const s = createScheduler(betas, v.num_inference_steps, {
+        ...(v.request !== null ? { name: v.request } : {}),
+        ...(v.eta !== undefined ? { eta: v.eta } : {}),
+        ...(listSeeds ? { seeds: listSeeds } : {}),
+      });
       expect(s.name).toBe(v.scheduler);
       if (v.interpolation) {
         // Karras / exponential sigmas and sigma → t on diffusers' own inputs, bit for bit as the float32 the schedule
@@ -145,7 +165,8 @@ describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => 
       let worst = 0;
       v.steps.forEach((st, i) => {
         expect(st.t, `step ${i}`).toBe(v.timesteps[begin + i]);
-        worst = Math.max(worst, maxRelError(s.scaleModelInput(sample, st.t), st.scaled_input));
+        const scaled = s.scaleModelInput(sample, st.t);
+        worst = Math.max(worst, maxRelError(scaled, st.scaled_input));
         let draws = 0;
         const r = s.step(Float32Array.from(st.model_output), st.t, sample, () => {
           draws++;
@@ -153,7 +174,15 @@ describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => 
           return Float32Array.from(st.noise);
         });
         expect(draws, `noise draws at step ${i}`).toBe(st.noise ? 1 : 0);
+        // Brownian noise: bit for bit (a time one ulp off reads another node of the tree, other noise altogether)
+        if (st.brownian_noise) expect(bits(r.noise!), `Brownian noise at step ${i}`).toEqual(bits(st.brownian_noise));
+        else expect(r.noise, `Brownian noise at step ${i}`).toBeUndefined();
         worst = Math.max(worst, maxRelError(r.prevSample, st.prev_sample));
+        if (v.scheduler === 'DPMSolverSDEScheduler') {
+          expect(bits(scaled), `scaled input at step ${i}`).toEqual(bits(st.scaled_input));
+          expect(bits(r.prevSample), `prev_sample at step ${i}`).toEqual(bits(st.prev_sample));
+          expect(bits(r.denoised!), `denoised at step ${i}`).toEqual(bits(st.denoised!));
+        }
         if (st.denoised) worst = Math.max(worst, maxRelError(r.denoised!, st.denoised));
         sample = r.prevSample;
       });

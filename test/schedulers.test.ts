@@ -163,7 +163,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'dpmpp_2s', 'dpmpp_2s_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler', 'DPMSolverSinglestepScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'dpmpp_2s', 'dpmpp_2s_karras', 'dpmpp_sde', 'dpmpp_sde_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler', 'DPMSolverSinglestepScheduler', 'DPMSolverSDEScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -308,19 +308,19 @@ describe('createScheduler', () => {
     for (const [label, meant] of [
       ['DPM++ 2M Karras', 'dpmpp_2m_karras'], ['Euler a', 'euler_a'], ['UniPC', 'unipc'], ['DPM2 a Karras', 'dpm2_a_karras'], ['PLMS', 'pndm'],
       ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'], ['TCD', 'tcd'],
+      ['DPM++ SDE Karras', 'dpmpp_sde_karras'], ['DPM++ SDE', 'dpmpp_sde'],
     ] as const) {
       expect(unknownSchedulerName(label), label).toMatch(new RegExp(`^scheduler "${label.replace(/[+]/g, '\\+')}" is unknown; did you mean "${meant}"\\?; use one of pndm, `));
     }
-    // No guess for a sampler the runtime lacks (a Brownian-tree SDE), nor for a class name in other case.
-    expect(unknownSchedulerName('DPM++ SDE Karras')).toMatch(/^scheduler "DPM\+\+ SDE Karras" is unknown; use one of /);
-    // A1111's "DPM++ 2S a" is ancestral (noise on every step), which dpmpp_2s is not.
+    // No guess for a sampler the runtime lacks, nor for a class name in other case: A1111's "DPM++ 2S a" is ancestral
+    // (noise on every step), which dpmpp_2s is not.
     expect(unknownSchedulerName('DPM++ 2S a Karras')).toMatch(/^scheduler "DPM\+\+ 2S a Karras" is unknown; use one of /);
     expect(unknownSchedulerName('ddimscheduler')).toMatch(/^scheduler "ddimscheduler" is unknown; use one of /);
   });
 
   it('draws noise only where diffusers does', () => {
     const count = (name: string, eta = 0) => {
-      const s = createScheduler(modelConfig, 4, { name, eta });
+      const s = createScheduler(modelConfig, 4, { name, eta, seeds: [42] });
       let n = 0;
       let x: Float32Array = new Float32Array(16).fill(1);
       for (const t of s.timesteps) {
@@ -354,6 +354,57 @@ describe('createScheduler', () => {
     expect(count('tcd', 1)).toBe(3);
     expect(count('dpmpp_2s')).toBe(0);
     expect(count('dpmpp_2s_karras')).toBe(0);
+    // DPM++ SDE reads its own Brownian noise (seeded by the image seed), never the image's generator
+    expect(count('dpmpp_sde')).toBe(0);
+  });
+});
+
+describe('DPMSolverSDEScheduler beyond the diffusers vectors', () => {
+  const modelConfig = JSON.parse(readFileSync(path.join(referenceDir(), 'e2e/model/scheduler/scheduler_config.json'), 'utf8')) as Record<string, unknown>;
+  const run = (config: Record<string, unknown>, seeds: number[] | undefined, per: number, steps = 5) => {
+    const s = createScheduler(config, steps, { name: 'dpmpp_sde_karras', ...(seeds ? { seeds } : {}) });
+    const images = seeds?.length ?? 1;
+    let x: Float32Array = Float32Array.from({ length: images * per }, (_, i) => Math.sin(i % per) * 14);
+    for (const t of s.timesteps) {
+      const m = Float32Array.from({ length: images * per }, (_, i) => Math.cos((i % per) * 0.3 + t));
+      x = s.step(m, t, s.scaleModelInput(x, t), () => {
+        throw new Error('drew from the image generator');
+      }).prevSample;
+    }
+    return x;
+  };
+  const bits = (xs: Float32Array) => Array.from(new Int32Array(xs.slice().buffer));
+
+  it('seeds image i with seeds[i] (no noise_sampler_seed): each image of a batch is bit-equal to its run alone', () => {
+    const per = 64;
+    const batch = run(modelConfig, [5, 6, 7], per);
+    for (const [i, seed] of [5, 6, 7].entries()) expect(bits(batch.subarray(i * per, (i + 1) * per)), `image ${i}`).toEqual(bits(run(modelConfig, [seed], per)));
+    // and the seed matters
+    expect(bits(run(modelConfig, [5], per))).not.toEqual(bits(run(modelConfig, [6], per)));
+  });
+
+  it("uses the config's noise_sampler_seed for every image where it is set", () => {
+    const per = 32;
+    const seeded = { ...modelConfig, noise_sampler_seed: 99 };
+    const batch = run(seeded, [5, 6], per);
+    const alone = bits(run(seeded, [1234], per));
+    expect(bits(batch.subarray(0, per))).toEqual(alone);
+    expect(bits(batch.subarray(per))).toEqual(alone);
+    expect(alone).toEqual(bits(run({ ...modelConfig, noise_sampler_seed: 99 }, undefined, per)));
+  });
+
+  it('refuses what diffusers cannot run or the runtime does not take, naming it', () => {
+    const bad = (over: Record<string, unknown>, re: RegExp) =>
+      expect(() => createScheduler({ ...modelConfig, ...over }, 10, { name: 'dpmpp_sde' })).toThrow(expect.objectContaining({ code: 'UNSUPPORTED', message: expect.stringMatching(re) }));
+    bad({ noise_sampler_seed: [1, 2] }, /DPMSolverSDEScheduler: scheduler config noise_sampler_seed must be null or an integer from 0 to 9007199254740991, got \[1,2\]/);
+    bad({ noise_sampler_seed: -3 }, /noise_sampler_seed must be null or an integer/);
+    bad({ noise_sampler_seed: 1.5 }, /noise_sampler_seed must be null or an integer/);
+    bad({ prediction_type: 'sample' }, /DPMSolverSDEScheduler: prediction_type "sample" is not supported \(supported: epsilon, v_prediction\)/);
+    bad({ use_beta_sigmas: true }, /DPMSolverSDEScheduler: use_beta_sigmas is not supported/);
+  });
+
+  it('says so when it has no seed at all (no image seeds given, none in the config)', () => {
+    expect(() => run(modelConfig, undefined, 16)).toThrow(/DPMSolverSDEScheduler: no noise_sampler_seed in the config and no image seed/);
   });
 });
 

@@ -150,8 +150,10 @@ export class Pipeline {
     const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
       ...(shape.scheduler !== undefined ? { name: shape.scheduler } : {}),
       eta: shape.eta,
+      seeds,
     });
-    // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it.
+    // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it (DPM++ SDE
+    // reads a Brownian tree seeded with the image's seed instead: `seeds` above).
     const gens = seeds.map((s) => new TorchGenerator(s));
     const channels = this.unetChannels;
     if (channels !== LATENT_CHANNELS && channels !== 9) throw new RuntimeError('MODEL_FORMAT', `the UNet takes ${channels} input channels; 4 (text-to-image) or 9 (inpainting) are supported`);

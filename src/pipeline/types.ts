@@ -10,6 +10,8 @@ export interface StepResult {
   prevSample: Float32Array;
   /** The model's prediction of x0 where the scheduler returns it (LCM decodes from this on the last step). */
   denoised?: Float32Array;
+  /** The unit noise the step added where the scheduler makes its own instead of calling `noise` (DPMSolverSDE). */
+  noise?: Float32Array;
 }
 
 /**

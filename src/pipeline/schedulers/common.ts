@@ -55,6 +55,11 @@ export function resolveConfig(
 function checkValue(className: string, key: string, v: unknown, dflt: ConfigValue): ConfigValue {
   const bad = (want: string) => new RuntimeError('UNSUPPORTED', `${className}: scheduler config ${key} must be ${want}, got ${pyRepr(v)}`);
   if (v === null) return null; // diffusers stores None for unset optionals (trained_betas, sigma_min, variance_type)
+  if (key === 'noise_sampler_seed') {
+    // diffusers also takes a list (one tree per image of a batch): the runtime seeds each image itself (see dpmsde.ts)
+    if (!Number.isSafeInteger(v) || (v as number) < 0) throw bad(`null or an integer from 0 to ${Number.MAX_SAFE_INTEGER}`);
+    return v as number;
+  }
   if (key === 'trained_betas') {
     if (!Array.isArray(v) || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) throw bad('a list of numbers');
     return v as number[];

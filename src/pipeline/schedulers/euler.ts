@@ -56,12 +56,17 @@ export const EULER_ANCESTRAL_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   rescale_betas_zero_snr: false,
 };
 
-/** Euler-family timesteps (float32, not rounded for linspace), discreteSchedule's too. */
-function eulerTimesteps(c: ResolvedConfig, n: number): number[] {
+/**
+ * Euler-family timesteps (float32, not rounded for linspace), discreteSchedule's too. `linspace64`: linspace kept in
+ * float64, as DPMSolverSDEScheduler makes it (`dtype=float`; the others ask numpy for float32).
+ */
+function eulerTimesteps(c: ResolvedConfig, n: number, linspace64 = false): number[] {
   const train = num(c, 'num_train_timesteps');
   switch (str(c, 'timestep_spacing')) {
-    case 'linspace':
-      return npLinspace(0, train - 1, n).reverse().map(f);
+    case 'linspace': {
+      const ts = npLinspace(0, train - 1, n).reverse();
+      return linspace64 ? ts : ts.map(f);
+    }
     case 'leading': {
       const ratio = Math.floor(train / n);
       return npArange(0, n, 1).map((i) => f(f(npRound(i * ratio)) + num(c, 'steps_offset'))).reverse();
@@ -113,6 +118,7 @@ export function discreteSchedule(
   n: number,
   predictions: readonly string[],
   karrasReadsBounds = true,
+  linspace64 = false,
 ): { timesteps: number[]; sigmas: number[]; logSigmas: Float32Array; converted: 'karras' | 'exponential' | undefined } {
   checkSteps(name, n, trainStepRange(config));
   oneOf(name, config, 'prediction_type', predictions);
@@ -121,7 +127,7 @@ export function discreteSchedule(
   const karras = bool(config, 'use_karras_sigmas');
   const { sigmas: table } = eulerTables(name, config);
   const logSigmas = table.map(logf);
-  const timesteps = eulerTimesteps(config, n);
+  const timesteps = eulerTimesteps(config, n, linspace64);
   const sigmas = timesteps.map((t) => npInterpIndex(t, table));
   const converted = karras ? 'karras' : bool(config, 'use_exponential_sigmas') ? 'exponential' : undefined;
   if (!converted) return { timesteps, sigmas, logSigmas, converted };

@@ -12,6 +12,7 @@ import { alphasStepRange, type ConfigValue, type ResolvedConfig, resolveConfig, 
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
+import { DPMSDE_DEFAULTS, DPMSDE_HIDDEN, DPMSolverSDE } from './dpmsde.js';
 import { DPM_DEFAULTS, DPM_HIDDEN, DPMSolverMultistep } from './dpmsolver.js';
 import { DPMSolverSinglestep, DPMSS_DEFAULTS } from './dpmsolver-singlestep.js';
 import { HEUN_DEFAULTS, HEUN_HIDDEN, HeunDiscrete } from './heun.js';
@@ -37,7 +38,7 @@ interface SchedulerClass {
   hidden?: Readonly<Record<string, ConfigValue>>;
   /** The step counts `build` accepts (its constructor checks against the same function). */
   steps: (config: ResolvedConfig) => StepRange;
-  build(config: ResolvedConfig, steps: number, eta: number): Scheduler;
+  build(config: ResolvedConfig, steps: number, eta: number, seeds: readonly number[] | undefined): Scheduler;
 }
 
 const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
@@ -63,6 +64,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   EDMDPMSolverMultistepScheduler: { defaults: EDM_DPM_DEFAULTS, steps: trainStepRange, build: (c, n) => new EDMDPMSolverMultistep(c, n) },
   TCDScheduler: { defaults: TCD_DEFAULTS, steps: (c) => lcmStepRange(c, 'TCDScheduler'), build: (c, n, eta) => new TCD(c, n, eta) },
   DPMSolverSinglestepScheduler: { defaults: DPMSS_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverSinglestep(c, n) },
+  DPMSolverSDEScheduler: { defaults: DPMSDE_DEFAULTS, hidden: DPMSDE_HIDDEN, steps: trainStepRange, build: (c, n, _eta, seeds) => new DPMSolverSDE(c, n, seeds) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);
@@ -154,6 +156,11 @@ export interface CreateSchedulerOptions {
    * pass their `eta` to every scheduler whose step takes one; the others ignore it.
    */
   eta?: number;
+  /**
+   * The seed of each image of the batch (the pipeline's seed + i). DPMSolverSDEScheduler seeds image i's Brownian
+   * tree with it where its config has no noise_sampler_seed; the other schedulers draw from the images' generators.
+   */
+  seeds?: readonly number[];
 }
 
 /** The class (and forced options) `name` builds, else the model's own class; throws for an unusable one. */
@@ -206,7 +213,7 @@ export function createScheduler(
   const choice = choose(config, opts.name);
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
-  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta);
+  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta, opts.seeds);
 }
 
 export const SCHEDULER_CONFIG_FILE = 'scheduler/scheduler_config.json';

@@ -22,6 +22,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'EDMDPMSolverMultistepScheduler',
   'TCDScheduler',
   'DPMSolverSinglestepScheduler',
+  'DPMSolverSDEScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -89,6 +90,8 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
     className: 'DPMSolverSinglestepScheduler',
     overrides: { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
   },
+  dpmpp_sde: { className: 'DPMSolverSDEScheduler', overrides: {} },
+  dpmpp_sde_karras: { className: 'DPMSolverSDEScheduler', overrides: { use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
