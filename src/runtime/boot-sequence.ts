@@ -30,6 +30,7 @@ import type { EntryLease } from '../storage/lease.js';
 import { cacheKey, containedPath, parseStorageUri } from '../storage/uri.js';
 import type { BootEventMap, BootEvents } from './boot-events.js';
 import type { Runtime } from './runtime.js';
+import type { LoadResult } from './engine.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
 import { checkServerDefaults } from './request.js';
@@ -242,7 +243,7 @@ export class BootSequence {
       if (rt.stopping) return;
 
       boot.to('loading');
-      const loaded = await engine.load(dir);
+      const loaded = await this.#load(rt, dir);
       checkServerDefaults(cfg, loaded.defaults);
       if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
       if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
@@ -313,6 +314,23 @@ export class BootSequence {
         const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
         log.warn({ attempt, waitMs, reason: e.message }, 'the model fetch ran out of file descriptors; trying again');
         await sleep(waitMs, undefined, { signal });
+      }
+    }
+  }
+
+  /**
+   * The whole model's load. A worker that ran out of descriptors (while the download held them) is started again by
+   * the next load, so a shortage is waited out as the fetch waits it out; any other failure is the boot's.
+   */
+  async #load(rt: Runtime, dir: string): Promise<LoadResult> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await rt.engine.load(dir);
+      } catch (e) {
+        if (!isRuntimeError(e) || e.code !== 'TOO_MANY_OPEN_FILES' || attempt >= SHORTAGE_ATTEMPTS || rt.stopping) throw e;
+        const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
+        rt.log.warn({ attempt, waitMs, reason: e.message }, 'loading the model ran out of file descriptors; trying again');
+        await sleep(waitMs, undefined, { signal: rt.shutdown });
       }
     }
   }

@@ -181,6 +181,8 @@ export class Engine {
   #idleWaiters: Array<() => void> = [];
   /** Tokenizer parses by folder (main thread), and the loaded model's tokenizers in order. */
   readonly #tokenizers = new Map<string, Promise<ClipTokenizer>>();
+  /** Components announced whole since the last reset (componentReady), for a worker started again mid-boot. */
+  readonly #components = new Map<string, string>();
   #active: ClipTokenizer[] = [];
   /** Batches the workers have finished whose images are still being encoded here. */
   #encoding = 0;
@@ -255,6 +257,7 @@ export class Engine {
 
   /** A component's files are whole: its session can be created while other files still download. */
   componentReady(component: string, path: string): void {
+    this.#components.set(component, path);
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 
@@ -289,6 +292,7 @@ export class Engine {
   /** The files sessions were started from were replaced: every worker drops them before the next `load`. */
   resetSessions(): void {
     this.#tokenizers.clear();
+    this.#components.clear();
     for (const w of this.#workers) w.send({ t: 'reset' });
   }
 
@@ -301,7 +305,17 @@ export class Engine {
     this.start();
     this.#adapters.setModelDir(dir);
     if (!listed) this.#wholeDir = dir;
-    // A worker that died before this load (before it could even load its code) would never answer it.
+    // A worker that ran out of descriptors before it had the whole model (its code and a download's ranges opening
+    // files at once, under a tight open-file limit) starts again for this load: the shortage was the process's, not
+    // the model's. One that died otherwise before this load (before it could even load its code) would never answer.
+    for (const w of this.#workers) {
+      if (w.dead && !this.#restarting.has(w.index) && w.death?.code === 'TOO_MANY_OPEN_FILES' && !this.#closing) {
+        this.log.info({ worker: w.index }, 'starting the pipeline worker again: it had run out of file descriptors');
+        const h = this.#adopt(spawnWorker(this.cfg, w.index), w.index);
+        // What the one it replaces was told: a partial load waits for these before it creates those sessions.
+        for (const [component, dir] of this.#components) h.send({ t: 'component', component, path: dir });
+      }
+    }
     const dead = this.#workers.find((w) => w.dead && !this.#restarting.has(w.index));
     if (dead) return Promise.reject(dead.death);
     return new Promise((resolve, reject) => {
@@ -726,7 +740,9 @@ export class Engine {
       this.#checkIdle();
       return;
     }
-    this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
+    // Out of descriptors the worker is started again (below, or by the next load): a warning, not an error.
+    if (short) this.log.warn({ worker: w.index, reason: why }, 'pipeline worker stopped: out of file descriptors');
+    else this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
     this.metrics.workerDeaths.inc({ ...this.#labels, worker: String(w.index), device: w.device });
     // The batch it was stepping and the one it was decoding, if any.
     const runs = runsOf(w);
