@@ -11,7 +11,7 @@
 
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { TorchGenerator } from '../src/pipeline/random.js';
+import { nativeRandn, TorchGenerator } from '../src/pipeline/random.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { sharedOrFixture } from './reference.js';
@@ -95,10 +95,13 @@ async function main(): Promise<void> {
   }
   if (ONLY.length > 0) return;
 
-  console.log('\ntorch.randn of one latent (ms):');
+  console.log(`\ntorch.randn of one latent (ms): native/torch-randn.c${nativeRandn ? '' : ' (not built: both columns are JavaScript)'} beside the JavaScript path, same process:`);
   for (const s of SHAPES) {
-    const g = new TorchGenerator(42);
-    console.log(`${s.label.padEnd(22)}${timeMs(() => g.randn(s.n)).toFixed(3).padStart(10)}`);
+    const native = new TorchGenerator(42);
+    const js = new TorchGenerator(42, { native: false });
+    const a = timeMs(() => native.randn(s.n));
+    const b = timeMs(() => js.randn(s.n));
+    console.log(`${s.label.padEnd(22)}${a.toFixed(3).padStart(10)}${b.toFixed(3).padStart(10)}   ×${(b / a).toFixed(1)}`);
   }
 
   const dir = process.env.CLIP_TOKENIZER_DIR ?? sharedOrFixture('clip-tokenizer');

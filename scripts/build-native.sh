@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 CC=${CC:-cc}
 if ! command -v "$CC" >/dev/null 2>&1; then
-  echo "build-native: no C compiler ($CC): dist/native/*.node not built; CUDA_PROVIDER_OPTIONS will be refused and ended LoRA adapter set threads' memory is not trimmed" >&2
+  echo "build-native: no C compiler ($CC): dist/native/*.node not built; CUDA_PROVIDER_OPTIONS will be refused, ended LoRA adapter set threads' memory is not trimmed and torch.randn runs in JavaScript (the same values, slower)" >&2
   exit 0
 fi
 mkdir -p dist/native
@@ -16,3 +16,8 @@ for name in cuda-provider-options malloc-trim; do
     -o "$out.tmp" "native/$name.c" -ldl -lpthread
   mv "$out.tmp" "$out"
 done
+# Float arithmetic exactly as written (torch's values bit for bit): no contraction into FMAs but the fmaf() calls.
+out=dist/native/torch-randn.node
+"$CC" -std=c11 -O2 -ffp-contract=off -fno-fast-math -Wall -Wextra -fPIC -shared -fvisibility=default \
+  -o "$out.tmp" native/torch-randn.c -lm
+mv "$out.tmp" "$out"

@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { randomSeed, TorchGenerator } from '../src/pipeline/random.js';
+import { nativeRandn, randomSeed, TorchGenerator } from '../src/pipeline/random.js';
 import { readNpyF32, referenceDir } from '../scripts/reference.js';
 
 interface RandnCase {
@@ -22,12 +22,13 @@ const ref = JSON.parse(readFileSync(casesFile, 'utf8')) as { torch_version: stri
 
 const sha256 = (a: Float32Array) => createHash('sha256').update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength)).digest('hex');
 
-describe(`torch.randn parity (${ref.cases.length} cases, torch ${ref.torch_version})`, () => {
+// Both paths where the build made the native one (native/torch-randn.c); the JavaScript one always.
+describe.each(nativeRandn ? ['native', 'JavaScript'] : ['JavaScript'])(`torch.randn parity (${ref.cases.length} cases, torch ${ref.torch_version}), %s`, (kind) => {
   it('has cases', () => expect(ref.cases.length).toBeGreaterThan(0));
 
   for (const c of ref.cases) {
     it(`seed ${c.seed} shape [${c.shape.join(',')}]`, () => {
-      const got = new TorchGenerator(c.seed).randn(c.count);
+      const got = new TorchGenerator(c.seed, { native: kind === 'native' }).randn(c.count);
       expect(got.length).toBe(c.count);
       if (c.values) {
         expect(got).toEqual(Float32Array.from(c.values));
@@ -68,6 +69,25 @@ describe('one generator for latents and scheduler noise (e2e reference cases)', 
       }
     });
   }
+});
+
+describe('the native fill (native/torch-randn.c)', () => {
+  it('loads wherever the build made it', () => {
+    expect(nativeRandn).toBe(existsSync(path.resolve(import.meta.dirname, '../dist/native/torch-randn.node')));
+  });
+
+  it.runIf(nativeRandn)("gives the JavaScript path's values bit for bit, and leaves the generator where it does", () => {
+    const sizes = [16, 17, 31, 32, 100, 623, 624, 625, 1248, 3, 16384, 5, 4 * 128 * 128 + 7];
+    for (const seed of [0, 1, 42, 2 ** 32 + 5, 2 ** 53 - 1]) {
+      const a = new TorchGenerator(seed);
+      const b = new TorchGenerator(seed, { native: false });
+      for (const n of sizes) {
+        const x = a.randn(n);
+        const y = b.randn(n);
+        expect(Buffer.from(x.buffer).equals(Buffer.from(y.buffer)), `seed ${seed}, ${n} values`).toBe(true);
+      }
+    }
+  });
 });
 
 describe('TorchGenerator stream', () => {

@@ -13,6 +13,8 @@
  */
 
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { RuntimeError } from '../errors.js';
 import type { NoiseSource } from './types.js';
 
@@ -22,24 +24,25 @@ const f = Math.fround;
 
 /** torch's at::mt19937 (the reference MT19937 with Cokus' layout; same output stream). */
 class Mt19937 {
-  readonly #s = new Uint32Array(N);
-  #next = 0;
-  #left = 1;
+  /** The 624 words, then `next` and `left`: one array, so the native fill (native/torch-randn.c) steps it in place. */
+  readonly state = new Uint32Array(N + 2);
 
   constructor(seed32: number) {
-    const s = this.#s;
+    const s = this.state;
     s[0] = seed32 >>> 0;
     for (let j = 1; j < N; j++) {
       const p = s[j - 1]! ^ (s[j - 1]! >>> 30);
       s[j] = (Math.imul(1812433253, p) + j) >>> 0;
     }
+    s[N] = 0;
+    s[N + 1] = 1;
   }
 
   /** d[from..to) = 24-bit uniforms `(random() & 0xffffff) * 2^-24`, as at::uniform_real_distribution<float>. */
   fillUniform24(d: Float32Array, from: number, to: number): void {
-    const s = this.#s;
-    let next = this.#next;
-    let left = this.#left;
+    const s = this.state;
+    let next = s[N]!;
+    let left = s[N + 1]!;
     for (let i = from; i < to; i++) {
       if (--left === 0) {
         this.#twist();
@@ -53,13 +56,17 @@ class Mt19937 {
       y ^= y >>> 18;
       d[i] = (y & 0xffffff) * 5.9604644775390625e-8; // 2^-24
     }
-    this.#next = next;
-    this.#left = left;
+    s[N] = next;
+    s[N + 1] = left;
   }
 
   next(): number {
-    if (--this.#left === 0) this.#twist();
-    let y = this.#s[this.#next++]!;
+    const s = this.state;
+    s[N + 1] = s[N + 1]! - 1;
+    if (s[N + 1] === 0) this.#twist();
+    const at = s[N]!;
+    s[N] = at + 1;
+    let y = s[at]!;
     y ^= y >>> 11;
     y ^= (y << 7) & 0x9d2c5680;
     y ^= (y << 15) & 0xefc60000;
@@ -68,9 +75,9 @@ class Mt19937 {
   }
 
   #twist(): void {
-    const s = this.#s;
-    this.#left = N;
-    this.#next = 0;
+    const s = this.state;
+    s[N + 1] = N;
+    s[N] = 0;
     let k = 0;
     for (; k < N - M; k++) {
       const y = (s[k]! & 0x80000000) | (s[k + 1]! & 0x7fffffff);
@@ -180,6 +187,33 @@ function normalFill16(d: Float32Array, o: number): void {
   }
 }
 
+/** native/torch-randn.c's fill: the vectorised path below, the same values ~20 times faster (DPM++ SDE draws 40 a step). */
+interface NativeFill {
+  fill(state: Uint32Array, out: Float32Array): void;
+}
+
+/**
+ * dist/native/torch-randn.node, where `npm run build` puts it (scripts/build-native.sh; from the source tree, as the
+ * tests run it, the built one beside it); undefined without a C compiler at build time: the JavaScript path then.
+ */
+const NATIVE: NativeFill | undefined = (() => {
+  for (const rel of ['../../native/torch-randn.node', '../../dist/native/torch-randn.node']) {
+    const file = fileURLToPath(new URL(rel, import.meta.url));
+    if (!existsSync(file)) continue;
+    try {
+      const m = { exports: {} as NativeFill };
+      process.dlopen(m, file);
+      if (typeof m.exports.fill === 'function') return m.exports;
+    } catch {
+      // an unloadable build (another platform's): the JavaScript path gives the same values
+    }
+  }
+  return undefined;
+})();
+
+/** Whether TorchGenerator's vectorised path runs in native code in this process. */
+export const nativeRandn = NATIVE !== undefined;
+
 const MAX_SEED = 2n ** 64n - 1n;
 
 /** `torch.Generator("cpu").manual_seed(seed)`: every `randn(n)` continues the stream like successive `torch.randn` calls. */
@@ -189,7 +223,10 @@ export class TorchGenerator implements NoiseSource {
   /** The second Box-Muller value of the scalar (numel < 16) path, kept by torch's generator between calls. */
   #nextDouble: number | undefined;
 
-  constructor(seed: number | bigint) {
+  readonly #native: NativeFill | undefined;
+
+  /** `native: false` keeps the JavaScript path even where the native fill loaded (benchmarks, tests comparing them). */
+  constructor(seed: number | bigint, opts: { native?: boolean } = {}) {
     let s: bigint;
     if (typeof seed === 'bigint') s = seed;
     else if (Number.isSafeInteger(seed)) s = BigInt(seed);
@@ -197,6 +234,7 @@ export class TorchGenerator implements NoiseSource {
     if (s < 0n || s > MAX_SEED) throw new RuntimeError('INVALID_INPUT', `seed must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got ${seed}`);
     this.seed = s;
     this.#mt = new Mt19937(Number(s & 0xffffffffn));
+    this.#native = opts.native === false ? undefined : NATIVE;
   }
 
   randn(count: number): Float32Array {
@@ -214,6 +252,10 @@ export class TorchGenerator implements NoiseSource {
   }
 
   #fillVectorised(d: Float32Array): void {
+    if (this.#native) {
+      this.#native.fill(this.#mt.state, d);
+      return;
+    }
     const n = d.length;
     this.#mt.fillUniform24(d, 0, n);
     for (let i = 0; i + 16 <= n; i += 16) normalFill16(d, i);
