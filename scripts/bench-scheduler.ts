@@ -95,7 +95,7 @@ async function main(): Promise<void> {
   }
   if (ONLY.length > 0) return;
 
-  console.log(`\ntorch.randn of one latent (ms): native/torch-randn.c${nativeRandn ? '' : ' (not built: both columns are JavaScript)'} beside the JavaScript path, same process:`);
+  console.log(`\ntorch.randn of one latent (ms): native/torch-randn.c (${nativeRandn ? `${nativeRandn.path} block` : 'not built: both columns are JavaScript'}) beside the JavaScript path, same process:`);
   for (const s of SHAPES) {
     const native = new TorchGenerator(42);
     const js = new TorchGenerator(42, { native: false });

@@ -72,14 +72,17 @@ describe('one generator for latents and scheduler noise (e2e reference cases)', 
 });
 
 describe('the native fill (native/torch-randn.c)', () => {
-  it('loads wherever the build made it', () => {
-    expect(nativeRandn).toBe(existsSync(path.resolve(import.meta.dirname, '../dist/native/torch-randn.node')));
+  it('loads wherever the build made it, with the block this CPU runs best', () => {
+    expect(nativeRandn !== undefined).toBe(existsSync(path.resolve(import.meta.dirname, '../dist/native/torch-randn.node')));
+    if (nativeRandn) expect(['avx2', 'fma', 'generic']).toContain(nativeRandn.path);
   });
 
-  it.runIf(nativeRandn)("gives the JavaScript path's values bit for bit, and leaves the generator where it does", () => {
+  // Every block this CPU can run (AVX2's 8 lanes, one lane with the FMA instruction, one with libm's fmaf).
+  const blocks = nativeRandn ? Object.entries({ avx2: nativeRandn.fillAvx2, fma: nativeRandn.fillFma, generic: nativeRandn.fillGeneric }).filter(([, f]) => f) : [];
+  it.runIf(blocks.length > 0).each(blocks)("the %s block gives the JavaScript path's values bit for bit, and leaves the generator where it does", (_, fill) => {
     const sizes = [16, 17, 31, 32, 100, 623, 624, 625, 1248, 3, 16384, 5, 4 * 128 * 128 + 7];
     for (const seed of [0, 1, 42, 2 ** 32 + 5, 2 ** 53 - 1]) {
-      const a = new TorchGenerator(seed);
+      const a = new TorchGenerator(seed, { native: fill! });
       const b = new TorchGenerator(seed, { native: false });
       for (const n of sizes) {
         const x = a.randn(n);

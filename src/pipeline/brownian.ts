@@ -111,9 +111,13 @@ const POOL_SIZE = 24;
 /**
  * Nodes whose increments are kept (torchsde keeps 45); values do not depend on it. A scheduler step reads about three
  * root-to-leaf paths of ~24 levels (two children each): 160 keeps them, halving the randn draws of a 25-step run
- * against 64 (1000 instead of 2000 draws of the latent's size); more gains nothing.
+ * against 64 (1000 instead of 2000 draws of the latent's size); more gains nothing. Each node holds a latent, so a
+ * large one keeps fewer (CACHE_BYTES per tree, one tree per image: 32 MiB keeps 128 nodes of a 1024 px latent, 32 of a
+ * 2048 px one), never fewer than MIN_CACHE_NODES.
  */
 const CACHE_NODES = 160;
+const CACHE_BYTES = 32 * 2 ** 20;
+const MIN_CACHE_NODES = 32;
 
 const round = (x: number) => pyRound(x, TOL_DIGITS);
 
@@ -141,10 +145,12 @@ export class BrownianInterval {
   readonly #entropy: bigint;
   readonly #cache = new Map<Node, Float32Array>();
   readonly #rootW: Float32Array;
+  readonly #cacheNodes: number;
 
   constructor(t0: number, t1: number, numel: number, entropy: bigint | number) {
     if (!(t0 <= t1)) throw new RuntimeError('INTERNAL', `Brownian interval: t0 ${t0} must not exceed t1 ${t1}`);
     this.#numel = numel;
+    this.#cacheNodes = Math.max(MIN_CACHE_NODES, Math.min(CACHE_NODES, Math.floor(CACHE_BYTES / (4 * numel))));
     this.#entropy = BigInt(entropy);
     words(this.#entropy); // refuses a negative seed, as numpy does
     this.#root = { start: round(t0), end: round(t1), parent: undefined, isLeft: false };
@@ -256,6 +262,6 @@ export class BrownianInterval {
   #remember(node: Node, w: Float32Array): void {
     this.#cache.delete(node);
     this.#cache.set(node, w);
-    if (this.#cache.size > CACHE_NODES) this.#cache.delete(this.#cache.keys().next().value!);
+    if (this.#cache.size > this.#cacheNodes) this.#cache.delete(this.#cache.keys().next().value!);
   }
 }

@@ -187,9 +187,18 @@ function normalFill16(d: Float32Array, o: number): void {
   }
 }
 
-/** native/torch-randn.c's fill: the vectorised path below, the same values ~20 times faster (DPM++ SDE draws 40 a step). */
-interface NativeFill {
-  fill(state: Uint32Array, out: Float32Array): void;
+type Fill = (state: Uint32Array, out: Float32Array) => void;
+
+/**
+ * native/torch-randn.c: the vectorised path below, the same values ~30 times faster (DPM++ SDE draws 40 latents a
+ * step). `fill` runs the block this CPU runs best (`path`); the others it can run are there for the tests.
+ */
+export interface NativeFill {
+  readonly path: 'avx2' | 'fma' | 'generic';
+  fill: Fill;
+  fillGeneric: Fill;
+  fillFma?: Fill;
+  fillAvx2?: Fill;
 }
 
 /**
@@ -203,7 +212,7 @@ const NATIVE: NativeFill | undefined = (() => {
     try {
       const m = { exports: {} as NativeFill };
       process.dlopen(m, file);
-      if (typeof m.exports.fill === 'function') return m.exports;
+      if (typeof m.exports.fill === 'function' && typeof m.exports.fillGeneric === 'function') return m.exports;
     } catch {
       // an unloadable build (another platform's): the JavaScript path gives the same values
     }
@@ -211,8 +220,8 @@ const NATIVE: NativeFill | undefined = (() => {
   return undefined;
 })();
 
-/** Whether TorchGenerator's vectorised path runs in native code in this process. */
-export const nativeRandn = NATIVE !== undefined;
+/** The native module where it loaded (TorchGenerator uses its `fill`), for logs and tests. */
+export const nativeRandn: NativeFill | undefined = NATIVE;
 
 const MAX_SEED = 2n ** 64n - 1n;
 
@@ -223,10 +232,13 @@ export class TorchGenerator implements NoiseSource {
   /** The second Box-Muller value of the scalar (numel < 16) path, kept by torch's generator between calls. */
   #nextDouble: number | undefined;
 
-  readonly #native: NativeFill | undefined;
+  readonly #native: Fill | undefined;
 
-  /** `native: false` keeps the JavaScript path even where the native fill loaded (benchmarks, tests comparing them). */
-  constructor(seed: number | bigint, opts: { native?: boolean } = {}) {
+  /**
+   * `native: false` keeps the JavaScript path even where the native fill loaded; a function is a fill of its own
+   * (benchmarks and tests comparing them).
+   */
+  constructor(seed: number | bigint, opts: { native?: boolean | Fill } = {}) {
     let s: bigint;
     if (typeof seed === 'bigint') s = seed;
     else if (Number.isSafeInteger(seed)) s = BigInt(seed);
@@ -234,7 +246,7 @@ export class TorchGenerator implements NoiseSource {
     if (s < 0n || s > MAX_SEED) throw new RuntimeError('INVALID_INPUT', `seed must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got ${seed}`);
     this.seed = s;
     this.#mt = new Mt19937(Number(s & 0xffffffffn));
-    this.#native = opts.native === false ? undefined : NATIVE;
+    this.#native = opts.native === false ? undefined : typeof opts.native === 'function' ? opts.native : NATIVE?.fill;
   }
 
   randn(count: number): Float32Array {
@@ -253,7 +265,7 @@ export class TorchGenerator implements NoiseSource {
 
   #fillVectorised(d: Float32Array): void {
     if (this.#native) {
-      this.#native.fill(this.#mt.state, d);
+      this.#native(this.#mt.state, d);
       return;
     }
     const n = d.length;

@@ -135,6 +135,8 @@ export class BootSequence {
   readonly #evicted: number[] = [];
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
+  /** Components the prespawned workers were told of before the runtime existed: the engine learns them once it does. */
+  readonly #earlyComponents: Array<{ component: string; path: string }> = [];
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
   #warmEarly: { done: Promise<void>; /** Its generation is queued (on any worker). */ queued: Promise<void>; abort: AbortController; stale: boolean } | undefined;
   #sharp = false;
@@ -220,6 +222,7 @@ export class BootSequence {
     }
     // Announcements go through the engine from now on; what came before it existed is announced now.
     for (const dir of this.#tokenizers.splice(0)) engine.tokenizerReady(dir);
+    for (const c of this.#earlyComponents.splice(0)) engine.componentAnnounced(c.component, c.path);
     // With a committed entry the tokenizers parse first on this thread (the warm-up needs them as soon as the sessions
     // exist), sharp after them (needed only at the warm-up's end).
     const mainWorkDone = committed ? this.#importSharp(rt, engine.tokenizersSettled()) : undefined;
@@ -361,6 +364,7 @@ export class BootSequence {
   #onRestart(): void {
     for (const s of [this.#componentFiles, this.#whole, this.#announced]) s.clear();
     this.#tokenizers.length = 0;
+    this.#earlyComponents.length = 0;
     this.#invalidate({ why: 'objects-changed' });
   }
 
@@ -406,7 +410,10 @@ export class BootSequence {
     const rt = this.#rt;
     if (m?.t === 'component') {
       if (rt) rt.engine.componentReady(m.component, m.path);
-      else this.#early(m);
+      else {
+        this.#early(m);
+        this.#earlyComponents.push({ component: m.component, path: m.path });
+      }
     } else if (m?.t === 'tokenizer') {
       if (rt) rt.engine.tokenizerReady(m.dir);
       else this.#tokenizers.push(m.dir);

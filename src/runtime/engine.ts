@@ -261,6 +261,11 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 
+  /** A component the workers were told of before this engine adopted them: kept for a worker started again. */
+  componentAnnounced(component: string, path: string): void {
+    this.#components.set(component, path);
+  }
+
   /**
    * A tokenizer folder is whole: it parses here, on the main thread, while the workers create sessions (on a
    * worker the ~150 ms parse would sit between two of its sessions); jobs then carry token ids (#dispatch).

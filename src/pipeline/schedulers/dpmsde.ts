@@ -96,10 +96,14 @@ export class DPMSolverSDE extends EulerBase {
       hi = Math.max(hi, s);
     }
     const own = this.config.noise_sampler_seed as number | null;
+    // Images of one seed (the config's for all of them, or a request's repeated seed) share one tree: the same noise.
+    const bySeed = new Map<number, BrownianInterval>();
     return Array.from({ length: images }, (_, i) => {
       const seed = own ?? this.#seeds?.[i];
       if (seed === undefined) throw new RuntimeError('INTERNAL', `${NAME}: no noise_sampler_seed in the config and no image seed`);
-      return new BrownianInterval(lo, hi, length / images, seed);
+      let tree = bySeed.get(seed);
+      if (!tree) bySeed.set(seed, (tree = new BrownianInterval(lo, hi, length / images, seed)));
+      return tree;
     });
   }
 
@@ -111,8 +115,10 @@ export class DPMSolverSDE extends EulerBase {
     const denom = f(Math.sqrt(Math.abs(f(tb - ta))));
     const out = new Float32Array(length);
     const per = length / trees.length;
+    const done = new Map<BrownianInterval, Float32Array>();
     trees.forEach((tree, i) => {
-      const w = ta < tb ? tree.increment(ta, tb) : tree.increment(tb, ta);
+      let w = done.get(tree);
+      if (!w) done.set(tree, (w = ta < tb ? tree.increment(ta, tb) : tree.increment(tb, ta)));
       for (let k = 0; k < per; k++) out[i * per + k] = f((sign * w[k]!) / denom);
     });
     return out;
