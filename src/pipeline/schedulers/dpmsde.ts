@@ -16,21 +16,9 @@ import { expf, expm1f, logf as torchLogf } from '../torchmath.js';
 import type { StepResult } from '../types.js';
 import { f, type ConfigValue, type ResolvedConfig, sigmaToT } from './common.js';
 import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
+import { KDPM2_DEFAULTS } from './kdpm2.js';
 
-export const DPMSDE_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  num_train_timesteps: 1000,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  beta_schedule: 'linear',
-  trained_betas: null,
-  prediction_type: 'epsilon',
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
-  noise_sampler_seed: null,
-  timestep_spacing: 'linspace',
-  steps_offset: 0,
-};
+export const DPMSDE_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...KDPM2_DEFAULTS, noise_sampler_seed: null };
 
 /** Read by `_convert_to_exponential` where the config has them (hidden keys, see index.ts); its Karras ramp ignores them. */
 export const DPMSDE_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };

@@ -12,22 +12,9 @@ import {
   type ResolvedConfig,
 } from './common.js';
 import { discreteSchedule, EulerBase, predictX0 } from './euler.js';
+import { KDPM2_DEFAULTS } from './kdpm2.js';
 
-export const HEUN_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
-  num_train_timesteps: 1000,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  beta_schedule: 'linear',
-  trained_betas: null,
-  prediction_type: 'epsilon',
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
-  clip_sample: false,
-  clip_sample_range: 1.0,
-  timestep_spacing: 'linspace',
-  steps_offset: 0,
-};
+export const HEUN_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...KDPM2_DEFAULTS, clip_sample: false, clip_sample_range: 1.0 };
 
 /** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
 export const HEUN_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };

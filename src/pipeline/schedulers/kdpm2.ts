@@ -15,6 +15,7 @@ import {
 } from './common.js';
 import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
 
+/** The options KDPM2, KDPM2 ancestral, Heun and DPM++ SDE share (k-diffusion's samplers in diffusers), with their defaults. */
 export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   num_train_timesteps: 1000,
   beta_start: 0.00085,
