@@ -14,28 +14,14 @@ import sys
 import numpy as np
 import torch
 import torchsde
+from parity_json import F32, dumps
 
 out_path = sys.argv[1]
 rng = np.random.default_rng(20261205)
 
 
-class F32(float):
-    def __repr__(self):
-        return str(np.float32(self))
-
-
 def f32_list(t):
     return [F32(v) for v in t.flatten().tolist()]
-
-
-def dumps(v):
-    if isinstance(v, dict):
-        return "{" + ", ".join(json.dumps(k) + ": " + dumps(x) for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ", ".join(dumps(x) for x in v) + "]"
-    if isinstance(v, F32):
-        return repr(v)
-    return json.dumps(v)
 
 
 # 1. SeedSequence: entropies of 1-3 words (seeds up to 2**53 - 1 reach two), with and without spawn keys.

@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 import torch
+from parity_json import F32, dumps
 
 # torch 1.13 lacks device modules that diffusers' utils name at import (no scheduler uses them): a stand-in for each
 # one missing, none for those a torch 2.x has.
@@ -179,13 +180,6 @@ class RecordingBrownianSampler(scheduling_dpmsolver_sde.BrownianTreeNoiseSampler
 scheduling_dpmsolver_sde.BrownianTreeNoiseSampler = RecordingBrownianSampler
 
 
-class F32(float):
-    """A float32 value, written with the fewest digits that read back to the same float32 (keeps the files small)."""
-
-    def __repr__(self):
-        return str(np.float32(self))
-
-
 def as_list(x):
     return None if x is None else [F32(v) for v in x.flatten().tolist()]
 
@@ -301,17 +295,6 @@ def run_case(case):
         "torch": torch.__version__,
         "numpy": np.__version__,
     }
-
-
-def dumps(v):
-    """json.dumps, with F32 lists written by their repr (json's encoder would write float.__repr__)."""
-    if isinstance(v, dict):
-        return "{" + ", ".join(json.dumps(k) + ": " + dumps(x) for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ", ".join(dumps(x) for x in v) + "]"
-    if isinstance(v, F32):
-        return repr(v)
-    return json.dumps(v, allow_nan=True)
 
 
 def record_interpolation(s):
