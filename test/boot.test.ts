@@ -9,6 +9,7 @@ import WebSocket from 'ws';
 import { afterEach, describe, expect, it } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
+import { nativeRandn } from '../src/pipeline/random.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
@@ -145,6 +146,9 @@ describe('boot', () => {
     expect(String(lines[0]!.reason)).toMatch(/no CUDA provider library \(libonnxruntime_providers_cuda\.so/);
     expect(srv.stderr.join('')).not.toMatch(/Failed to load|providers_shared|onnxruntime/i);
     expect(srv.events('session').map((l) => [l.component, l.provider]).sort()).toEqual([['text_encoder', 'cpu'], ['unet', 'cpu'], ['vae_decoder', 'cpu'], ['vae_encoder', 'cpu']]);
+    // and which torch.randn the worker runs: the native block the build made (as this process loads it), else JavaScript
+    const imported = srv.logs.filter((l) => l.msg === 'onnxruntime-node imported');
+    expect(imported.map((l) => l.randn)).toEqual([nativeRandn?.path ?? 'javascript']);
     const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'cpu', num_inference_steps: 2, height: 64, width: 64 }] });
     expect(r.status).toBe(200);
   });

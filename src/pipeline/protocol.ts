@@ -104,7 +104,7 @@ export interface TransferImage {
 
 export type FromWorker =
   /** onnxruntime-node has loaded in the worker. */
-  | { t: 'imported'; ms: number }
+  | { t: 'imported'; ms: number; /** torch.randn's path: the native block (avx2, fma, generic) or javascript. */ randn: string }
   /** `cache`: what the optimized-model cache did for this session (ortcache.ts). */
   /** `thread`: where the session runs: `worker` (the pipeline worker's own) or an auxiliary thread's name. */
   | { t: 'session'; component: string; provider: SessionProvider; ms: number; cache: string; thread: string }

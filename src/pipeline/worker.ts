@@ -19,6 +19,7 @@ import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { primeSpec } from './prime.js';
 import { onGpu, type SessionProvider } from './provider.js';
 import { Pipeline, latentPreview } from './pipeline.js';
+import { nativeRandn } from './random.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
 import { LORA_COMPONENTS } from './lora-keys.js';
@@ -36,7 +37,7 @@ const log = (level: 'info' | 'warn' | 'error', msg: string, obj?: Record<string,
 
 // ORT loads now, in parallel with whatever the main thread is fetching.
 const importStart = performance.now();
-const imported = loadOrt().then(() => post({ t: 'imported', ms: performance.now() - importStart }));
+const imported = loadOrt().then(() => post({ t: 'imported', ms: performance.now() - importStart, randn: nativeRandn?.path ?? 'javascript' }));
 imported.catch(() => {}); // reported by the first session creation instead
 
 const factory = new SessionFactory({

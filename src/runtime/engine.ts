@@ -156,7 +156,7 @@ export interface LoadResult {
 
 export interface EngineEvents {
   onSession?(component: string, provider: string, ms: number, optimizedCache: string, thread: string): void;
-  onImported?(ms: number): void;
+  onImported?(ms: number, randn: string): void;
   /**
    * Whether some worker can run a generation changed after a worker died: false (with why) while none can, true once
    * a worker started again has loaded the model.
@@ -527,7 +527,7 @@ export class Engine {
         this.log[m.level](m.obj ?? {}, m.msg);
         break;
       case 'imported':
-        this.events.onImported?.(m.ms);
+        this.events.onImported?.(m.ms, m.randn);
         break;
       case 'session':
         this.events.onSession?.(m.component, m.provider, m.ms, m.cache, m.thread);

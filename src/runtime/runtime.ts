@@ -70,7 +70,7 @@ export class Runtime {
     this.events = opts.events ?? new BootEvents(log);
     this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
     this.engine = new Engine(cfg, log, this.metrics, {
-      onImported: (ms) => log.info({ ms: Math.round(ms) }, 'onnxruntime-node imported'),
+      onImported: (ms, randn) => log.info({ ms: Math.round(ms), randn }, 'onnxruntime-node imported'),
       onSession: (component, provider, ms, optimizedCache, thread) => {
         this.boot.progress.sessions[component] = provider;
         this.metrics.sessionCreate.set({ model_name: cfg.modelName, component, provider }, ms / 1000);
