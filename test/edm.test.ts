@@ -13,6 +13,7 @@ import type { ImageInit, Job } from '../src/pipeline/job.js';
 import { Pipeline, type Sessions } from '../src/pipeline/pipeline.js';
 import { createScheduler } from '../src/pipeline/schedulers/index.js';
 import { editJson, fixtureModel, fixtureVariant, type DemoOptions } from './fixtures/index.js';
+import { postJson, startServer } from './helpers/server.js';
 
 const work = mkdtempSync(path.join(tmpdir(), 'edm-'));
 const opened: ModelSession[] = [];
@@ -131,6 +132,29 @@ describe('Playground v2.5-style SDXL export (EDM scheduler, VAE latent statistic
     // Image-to-image runs the EDM schedule from the image noised to the first kept sigma.
     expect((await stats.pipe.generate(job({}, { ...init, strength: 0.6 }))).times.steps).toBe(3);
   });
+
+  it('over HTTP: an EDM name generates, another scheduler is a 400 naming the EDM ones, and DEFAULT_SCHEDULER=euler fails the boot (CONFIG)', async () => {
+    const dir = await playground('http');
+    const srv = await startServer({ STORAGE_URI: dir, WARMUP_STEPS: '1', EXECUTION_PROVIDER: 'cpu', RESULT_CACHE_MB: '0' }, { ready: true });
+    try {
+      const predict = (scheduler: string) =>
+        postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a lighthouse at dusk', seed: 3, height: 64, width: 64, num_inference_steps: 3, scheduler }] });
+      const ok = await predict('edm_dpmpp_2m_sde');
+      expect(ok.status, JSON.stringify(ok.json).slice(0, 300)).toBe(200);
+      const bad = await predict('euler');
+      expect(bad.status).toBe(400);
+      expect(JSON.stringify(bad.json)).toMatch(/scheduler \\"euler\\" cannot run this model: this model's scheduler is EDMDPMSolverMultistepScheduler.*use one of edm_euler, edm_dpmpp_2m, edm_dpmpp_2m_sde/);
+    } finally {
+      await srv.stop();
+    }
+    const failing = await startServer({ STORAGE_URI: dir, EXECUTION_PROVIDER: 'cpu', DEFAULT_SCHEDULER: 'euler' });
+    try {
+      const failed = await failing.waitFor('state', (st) => st.state === 'failed');
+      expect(String(failed.reason)).toMatch(/^CONFIG: DEFAULT_SCHEDULER=euler cannot run from this model's scheduler\/scheduler_config\.json \(a request naming it gets the reason\)/);
+    } finally {
+      await failing.stop();
+    }
+  }, 120_000);
 
   it('refuses a UNet exported with an integer timestep, which would truncate c_noise', async () => {
     const dir = await playground('int64', { timestep: 'int64-batch' });
