@@ -34,6 +34,11 @@ export interface ModelDefaults {
    * when it is parsed rather than by the worker after it waited in the queue. A name absent here is not checked early.
    */
   stepRanges?: Readonly<Record<string, StepRange>>;
+  /**
+   * Request names this model's scheduler config cannot serve (absent from stepRanges), with the worker's error: the
+   * request's own mistakes (INVALID_INPUT: an EDM name on another model, or the reverse) are refused when parsed.
+   */
+  schedulerRefusals?: Readonly<Record<string, { readonly code: string; readonly message: string }>>;
 }
 
 /** The shape of a generation: requests with equal shapes can share one batch. */

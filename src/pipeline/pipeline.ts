@@ -13,7 +13,7 @@ import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { EDM_CLASSES } from './schedulers/edm.js';
-import { checkModelScheduler, createScheduler, stepRanges } from './schedulers/index.js';
+import { checkModelScheduler, createScheduler, schedulerLimits } from './schedulers/index.js';
 import type { Scheduler } from './types.js';
 
 export interface GenerateHooks {
@@ -101,6 +101,7 @@ export class Pipeline {
   }
 
   defaults(): ModelDefaults {
+    const limits = schedulerLimits(this.layout.schedulerConfig);
     const size = this.layout.unet.sampleSize * this.layout.vae.scaleFactor;
     const cls = String(this.layout.schedulerConfig._class_name ?? '');
     const lcm = this.usesGuidanceEmbedding || cls === 'LCMScheduler';
@@ -113,7 +114,8 @@ export class Pipeline {
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
       sizeMultiple: this.layout.unet.sizeMultiple,
-      stepRanges: stepRanges(this.layout.schedulerConfig),
+      stepRanges: limits.ranges,
+      schedulerRefusals: limits.refused,
     };
   }
 

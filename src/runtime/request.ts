@@ -231,7 +231,8 @@ export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defa
     const unknown = unknownSchedulerName(name);
     if (unknown !== undefined) throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER: ${unknown}`);
     if (defaults.stepRanges && !defaults.stepRanges[name]) {
-      throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER=${name} cannot run from this model's scheduler/scheduler_config.json (a request naming it gets the reason); unset it or name another scheduler`);
+      const why = defaults.schedulerRefusals?.[name]?.message ?? 'a request naming it gets the reason';
+      throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER=${name} cannot run from this model's scheduler/scheduler_config.json (${why}); unset it or name another scheduler`);
     }
   }
   const outside = cfg.defaultSteps === undefined ? undefined : stepsOutside(cfg.defaultSteps, name, defaults);
@@ -376,6 +377,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const unknown = unknownSchedulerName(schedName);
     if (unknown === undefined) scheduler = schedName;
     else bad.push(`${w}.scheduler: ${unknown}`);
+    // The request's own mistake for this model (another family's name): refused here, not after a queue slot.
+    const refused = scheduler === undefined ? undefined : defaults.schedulerRefusals?.[scheduler];
+    if (refused?.code === 'INVALID_INPUT') bad.push(`${w}.scheduler: ${refused.message}`);
   }
   // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
   // rather than in the worker after the request waited for a queue slot.

@@ -244,13 +244,26 @@ export function stepRange(config: Record<string, unknown>, name?: string): StepR
 
 /** stepRange for the model's own scheduler ('') and every request name; a name the config cannot serve is left out. */
 export function stepRanges(config: Record<string, unknown>): Record<string, StepRange> {
-  const out: Record<string, StepRange> = {};
+  return schedulerLimits(config).ranges;
+}
+
+/** Why a request name cannot run from this config: createScheduler's error, whatever the step count. */
+export interface SchedulerRefusal {
+  readonly code: string;
+  readonly message: string;
+}
+
+/** stepRanges, and for each request name the config cannot serve (left out of them), why. */
+export function schedulerLimits(config: Record<string, unknown>): { ranges: Record<string, StepRange>; refused: Record<string, SchedulerRefusal> } {
+  const ranges: Record<string, StepRange> = {};
+  const refused: Record<string, SchedulerRefusal> = {};
   for (const name of [undefined, ...Object.keys(SCHEDULER_NAMES)]) {
     try {
-      out[name ?? ''] = stepRange(config, name);
-    } catch {
-      // createScheduler reports it (UNSUPPORTED) when a request asks for it
+      ranges[name ?? ''] = stepRange(config, name);
+    } catch (err) {
+      // createScheduler reports the same when a request asks for it
+      if (name !== undefined && err instanceof RuntimeError) refused[name] = { code: err.code, message: err.message };
     }
   }
-  return out;
+  return { ranges, refused };
 }
