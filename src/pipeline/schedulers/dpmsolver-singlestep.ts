@@ -22,7 +22,7 @@ import {
   unsupported,
 } from './common.js';
 import { convertModelOutput, MultistepSchedule } from './base.js';
-import { dpmSigmaSchedule, type DpmForm, lambdaClipped, lowOrderCoefficients, lowOrderUpdate } from './dpmsolver.js';
+import { dpmSigmaSchedule, type DpmForm, lambdaClipped, lowOrderCoefficients, lowOrderUpdate, thirdOrderCoefficients } from './dpmsolver.js';
 
 /** diffusers' `__init__` options of the class (lower_order_final defaults to false here, unlike the multistep one). */
 export const DPMSS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
@@ -143,43 +143,16 @@ export class DPMSolverSinglestep extends MultistepSchedule {
    */
   #thirdOrder(m0: Float32Array, m1: Float32Array, m2: Float32Array, z: Float32Array | undefined): Float32Array {
     const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = alphaSigmaLambda(this.sig[i + 1]!);
     const lambdaS0 = alphaSigmaLambda(this.sig[i]!)[2];
     const lambdaS1 = alphaSigmaLambda(this.sig[i - 1]!)[2];
-    const [alphaS2, sigmaS2, lambdaS2] = alphaSigmaLambda(this.sig[i - 2]!);
-    const h = f(lambdaT - lambdaS2);
-    const r0 = f(f(lambdaS0 - lambdaS2) / h);
-    const r1 = f(f(lambdaS1 - lambdaS2) / h);
+    const s2 = alphaSigmaLambda(this.sig[i - 2]!);
+    const { a, b, c, d, e, h } = thirdOrderCoefficients(this.#form, alphaSigmaLambda(this.sig[i + 1]!), s2);
+    const r0 = f(f(lambdaS0 - s2[2]) / h);
+    const r1 = f(f(lambdaS1 - s2[2]) / h);
     const inv0 = f(1 / r0);
     const inv1 = f(1 / r1);
     const dr = f(r0 - r1);
     const heun = this.#form.heun;
-    let a: number;
-    let b: number;
-    let c: number;
-    let d = 0;
-    let e = 0;
-    if (this.#form.sde) {
-      const em2 = f(1 - f(Math.exp(f(-2 * h))));
-      const m2h = f(-2 * h);
-      a = f(f(sigmaT / sigmaS2) * f(Math.exp(-h)));
-      b = f(alphaT * em2);
-      c = f(alphaT * f(f(em2 / m2h) + 1));
-      if (heun) d = f(alphaT * f(f(f(em2 + m2h) / f(m2h * m2h)) - 0.5));
-      e = f(sigmaT * f(Math.sqrt(em2)));
-    } else if (this.#form.plusPlus) {
-      const em1 = f(f(Math.exp(-h)) - 1);
-      a = f(sigmaT / sigmaS2);
-      b = -f(alphaT * em1);
-      c = f(alphaT * f(f(em1 / h) + 1));
-      if (heun) d = -f(alphaT * f(f(f(em1 + h) / f(h * h)) - 0.5));
-    } else {
-      const ep1 = f(f(Math.exp(h)) - 1);
-      a = f(alphaT / alphaS2);
-      b = -f(sigmaT * ep1);
-      c = -f(sigmaT * f(f(ep1 / h) - 1));
-      if (heun) d = -f(sigmaT * f(f(f(ep1 - h) / f(h * h)) - 0.5));
-    }
     const x = this.#start;
     const out = new Float32Array(x.length);
     for (let k = 0; k < x.length; k++) {

@@ -197,6 +197,49 @@ export interface DPMSolverKind extends DpmForm {
 }
 
 /**
+ * The coefficients of diffusers' third-order DPM-Solver updates from s to t (multistep: from its last sigma;
+ * singlestep: from the start of its group), x_t = a·x + b·D0 + c·D1 + d·D2 [+ e·z], the signs folded into them: the
+ * three algorithm types with a third-order form (dpmsolver++, dpmsolver, sde-dpmsolver++).
+ */
+export function thirdOrderCoefficients(form: DpmForm, t: readonly number[], s: readonly number[]): { a: number; b: number; c: number; d: number; e: number; h: number } {
+  const [alphaT, sigmaT, lambdaT] = t as [number, number, number];
+  const [alphaS, sigmaS, lambdaS] = s as [number, number, number];
+  const h = f(lambdaT - lambdaS);
+  if (form.sde) {
+    const em2 = f(1 - f(Math.exp(f(-2 * h))));
+    const m2h = f(-2 * h);
+    return {
+      a: f(f(sigmaT / sigmaS) * f(Math.exp(-h))),
+      b: f(alphaT * em2),
+      c: f(alphaT * f(f(em2 / m2h) + 1)),
+      d: f(alphaT * f(f(f(em2 + m2h) / f(m2h * m2h)) - 0.5)),
+      e: f(sigmaT * f(Math.sqrt(em2))),
+      h,
+    };
+  }
+  if (form.plusPlus) {
+    const em1 = f(f(Math.exp(-h)) - 1);
+    return {
+      a: f(sigmaT / sigmaS),
+      b: -f(alphaT * em1),
+      c: f(alphaT * f(f(em1 / h) + 1)),
+      d: -f(alphaT * f(f(f(em1 + h) / f(h * h)) - 0.5)),
+      e: 0,
+      h,
+    };
+  }
+  const ep1 = f(f(Math.exp(h)) - 1);
+  return {
+    a: f(alphaT / alphaS),
+    b: -f(sigmaT * ep1),
+    c: -f(sigmaT * f(f(ep1 / h) - 1)),
+    d: -f(sigmaT * f(f(f(ep1 - h) / f(h * h)) - 0.5)),
+    e: 0,
+    h,
+  };
+}
+
+/**
  * The multistep updates of DPMSolverMultistepScheduler and EDMDPMSolverMultistepScheduler: the two classes differ in
  * their schedule, in how a model output becomes x0 (`convert`) and in alpha_t, sigma_t, lambda_t of a sigma (`asl`).
  */
@@ -261,44 +304,18 @@ export abstract class DPMSolverSteps extends MultistepSchedule {
    */
   #thirdOrder(s: Float32Array, z: Float32Array | undefined): Float32Array {
     const i = this.index;
-    const [alphaT, sigmaT, lambdaT] = this.asl(this.sig[i + 1]!);
-    const [alphaS0, sigmaS0, lambdaS0] = this.asl(this.sig[i]!);
+    const s0 = this.asl(this.sig[i]!);
     const lambdaS1 = this.asl(this.sig[i - 1]!)[2];
     const lambdaS2 = this.asl(this.sig[i - 2]!)[2];
     const n = this.#outputs.length;
     const [m0, m1, m2] = [this.#outputs[n - 1]!, this.#outputs[n - 2]!, this.#outputs[n - 3]!];
-    const h = f(lambdaT - lambdaS0);
-    const r0 = f(f(lambdaS0 - lambdaS1) / h);
+    const { a, b, c, d, e, h } = thirdOrderCoefficients(this.#form, this.asl(this.sig[i + 1]!), s0);
+    const r0 = f(f(s0[2] - lambdaS1) / h);
     const r1 = f(f(lambdaS1 - lambdaS2) / h);
     const inv0 = f(1 / r0);
     const inv1 = f(1 / r1);
     const w = f(r0 / f(r0 + r1));
     const inv01 = f(1 / f(r0 + r1));
-    let a: number;
-    let b: number;
-    let c: number;
-    let d: number;
-    let e = 0;
-    if (this.#form.sde) {
-      const em2 = f(1 - f(Math.exp(f(-2 * h))));
-      a = f(f(sigmaT / sigmaS0) * f(Math.exp(-h)));
-      b = f(alphaT * em2);
-      c = f(alphaT * f(f(em2 / f(-2 * h)) + 1));
-      d = f(alphaT * f(f(f(em2 - f(2 * h)) / f(f(2 * h) * f(2 * h))) - 0.5));
-      e = f(sigmaT * f(Math.sqrt(em2)));
-    } else if (this.#form.plusPlus) {
-      const em1 = f(f(Math.exp(-h)) - 1);
-      a = f(sigmaT / sigmaS0);
-      b = -f(alphaT * em1);
-      c = f(alphaT * f(f(em1 / h) + 1));
-      d = -f(alphaT * f(f(f(em1 + h) / f(h * h)) - 0.5));
-    } else {
-      const ep1 = f(f(Math.exp(h)) - 1);
-      a = f(alphaT / alphaS0);
-      b = -f(sigmaT * ep1);
-      c = -f(sigmaT * f(f(ep1 / h) - 1));
-      d = -f(sigmaT * f(f(f(ep1 - h) / f(h * h)) - 0.5));
-    }
     const out = new Float32Array(s.length);
     for (let k = 0; k < s.length; k++) {
       const d10 = f(inv0 * f(m0[k]! - m1[k]!));
