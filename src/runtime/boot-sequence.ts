@@ -39,9 +39,23 @@ import { checkServerDefaults } from './request.js';
 const FIRST_ANSWER_WAIT_MS = 500;
 /** How long a committed entry's check against S3 may wait at most (see #releaseCheck). */
 const CHECK_WAIT_MS = 2_000;
-/** A fetch that ran out of file descriptors is tried this often in all, after 1, 2, 4, 8 s: some 15 s for them to free. */
+/** A fetch or load that ran out of file descriptors is tried this often in all, after 1, 2, 4, 8 s: some 15 s for them to free. */
 const SHORTAGE_ATTEMPTS = 5;
 const SHORTAGE_WAIT_MS = 1_000;
+
+/** `run`, again while it fails for want of file descriptors (TOO_MANY_OPEN_FILES); any other failure, or a stop, ends it. */
+async function waitingOutShortage<T>(run: () => Promise<T>, what: string, log: Logger, signal: AbortSignal): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run();
+    } catch (e) {
+      if (!isRuntimeError(e) || e.code !== 'TOO_MANY_OPEN_FILES' || attempt >= SHORTAGE_ATTEMPTS || signal.aborted) throw e;
+      const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
+      log.warn({ attempt, waitMs, reason: e.message }, `${what} ran out of file descriptors; trying again`);
+      await sleep(waitMs, undefined, { signal });
+    }
+  }
+}
 
 /** What the boot will do, decided once, before any step runs. */
 export type BootPlan =
@@ -294,9 +308,11 @@ export class BootSequence {
     }
     const { resolveModel } = await import('../storage/fetch.js');
     const signal = this.#abort.signal;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        const res = await resolveModel(plan.uri, {
+    // Out of descriptors (connections took them, with MAX_CONNECTIONS=0): over once they close, and the fetch resumes
+    // what is on disk. Its announcements come again and are taken once.
+    const res = await waitingOutShortage(
+      () =>
+        resolveModel(plan.uri, {
           cfg: this.#cfg, log, signal,
           onListing: (files) => this.#onListing(files),
           onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
@@ -308,34 +324,20 @@ export class BootSequence {
             this.#countEvictions();
           },
           onFirstResponse: () => this.#flow(),
-        });
-        return { dir: res.dir, res };
-      } catch (e) {
-        // Out of descriptors (connections took them, with MAX_CONNECTIONS=0): over once they close, and the fetch
-        // resumes what is on disk. Its announcements come again and are taken once.
-        if (!isRuntimeError(e) || e.code !== 'TOO_MANY_OPEN_FILES' || attempt >= SHORTAGE_ATTEMPTS || signal.aborted) throw e;
-        const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
-        log.warn({ attempt, waitMs, reason: e.message }, 'the model fetch ran out of file descriptors; trying again');
-        await sleep(waitMs, undefined, { signal });
-      }
-    }
+        }),
+      'the model fetch',
+      log,
+      signal,
+    );
+    return { dir: res.dir, res };
   }
 
   /**
    * The whole model's load. A worker that ran out of descriptors (while the download held them) is started again by
    * the next load, so a shortage is waited out as the fetch waits it out; any other failure is the boot's.
    */
-  async #load(rt: Runtime, dir: string): Promise<LoadResult> {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await rt.engine.load(dir);
-      } catch (e) {
-        if (!isRuntimeError(e) || e.code !== 'TOO_MANY_OPEN_FILES' || attempt >= SHORTAGE_ATTEMPTS || rt.stopping) throw e;
-        const waitMs = SHORTAGE_WAIT_MS * 2 ** (attempt - 1);
-        rt.log.warn({ attempt, waitMs, reason: e.message }, 'loading the model ran out of file descriptors; trying again');
-        await sleep(waitMs, undefined, { signal: rt.shutdown });
-      }
-    }
+  #load(rt: Runtime, dir: string): Promise<LoadResult> {
+    return waitingOutShortage(() => rt.engine.load(dir), 'loading the model', rt.log, rt.shutdown);
   }
 
   #onListing(files: ReadonlyArray<{ relPath: string; size: number }>): void {
