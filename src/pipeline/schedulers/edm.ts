@@ -41,20 +41,47 @@ export const EDM_DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...EDM_
 /** The two classes; a request may switch only between them on a model trained this way (see index.ts). */
 export const EDM_CLASSES: ReadonlySet<string> = new Set(['EDMEulerScheduler', 'EDMDPMSolverMultistepScheduler']);
 
-/** c_in, c_skip, c_out of a float32 sigma (`python_scalar / tensor` is `tensor.reciprocal() * scalar` in torch). */
-function preconditioning(sigma: number, sigmaData: number, vPrediction: boolean): { cIn: number; cSkip: number; cOut: number } {
-  const sd2 = f(sigmaData * sigmaData);
-  const den = f(f(sigma * sigma) + sd2);
-  const root = f(Math.sqrt(den));
-  return {
-    cIn: f(1 / root),
-    cSkip: f(f(1 / den) * sd2),
-    cOut: f(f((vPrediction ? -sigma : sigma) * f(sigmaData)) / root),
-  };
+/**
+ * The preconditioning both classes apply, from sigma_data and the prediction type: c_in, c_skip, c_out of a float32
+ * sigma (`python_scalar / tensor` is `tensor.reciprocal() * scalar` in torch).
+ */
+class Preconditioning {
+  constructor(
+    readonly sigmaData: number,
+    readonly vPrediction: boolean,
+  ) {}
+
+  #c(sigma: number): { cIn: number; cSkip: number; cOut: number } {
+    const sd2 = f(this.sigmaData * this.sigmaData);
+    const den = f(f(sigma * sigma) + sd2);
+    const root = f(Math.sqrt(den));
+    return {
+      cIn: f(1 / root),
+      cSkip: f(f(1 / den) * sd2),
+      cOut: f(f((this.vPrediction ? -sigma : sigma) * f(this.sigmaData)) / root),
+    };
+  }
+
+  /** `precondition_inputs`: c_in·x, what the UNet sees. */
+  inputs(sample: Float32Array, sigma: number): Float32Array {
+    const { cIn } = this.#c(sigma);
+    return sample.map((x) => f(x * cIn));
+  }
+
+  /** `precondition_outputs`: x0 = c_skip·x + c_out·F(x). */
+  outputs(sample: Float32Array, m: Float32Array, sigma: number): Float32Array {
+    const { cSkip, cOut } = this.#c(sigma);
+    const out = new Float32Array(sample.length);
+    for (let k = 0; k < out.length; k++) out[k] = f(f(cSkip * sample[k]!) + f(cOut * m[k]!));
+    return out;
+  }
 }
 
-/** The options both classes check alike; returns whether the model predicts v (else the noise). */
-function edmOptions(name: string, config: ResolvedConfig, n: number): boolean {
+/** `init_noise_sigma`: (sigma_max² + 1) ** 0.5, in Python's float64. */
+const initNoise = (config: ResolvedConfig) => Math.sqrt(num(config, 'sigma_max') ** 2 + 1);
+
+/** The options both classes check alike; returns their preconditioning. */
+function edmOptions(name: string, config: ResolvedConfig, n: number): Preconditioning {
   checkSteps(name, n, trainStepRange(config));
   oneOf(name, config, 'sigma_schedule', ['karras', 'exponential']);
   oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
@@ -64,7 +91,7 @@ function edmOptions(name: string, config: ResolvedConfig, n: number): boolean {
     if (!(num(config, k) > 0)) unsupported(name, `${k} ${num(config, k)} (it must be > 0)`);
   }
   if (!(num(config, 'sigma_min') < num(config, 'sigma_max'))) unsupported(name, 'sigma_min not below sigma_max');
-  return prediction === 'v_prediction';
+  return new Preconditioning(num(config, 'sigma_data'), prediction === 'v_prediction');
 }
 
 /** `_compute_exponential_sigmas`: a float32 linspace of the log bounds, exp'd, largest first (both classes). */
@@ -87,14 +114,12 @@ const cNoise = (sigma: number) => f(0.25 * logf(sigma));
 export class EDMEuler extends MultistepSchedule {
   readonly name = 'EDMEulerScheduler';
   override readonly initNoiseSigma: number;
-  readonly #v: boolean;
-  readonly #sigmaData: number;
+  readonly #pre: Preconditioning;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
     super();
-    this.#v = edmOptions(this.name, config, numInferenceSteps);
-    this.#sigmaData = num(config, 'sigma_data');
-    this.initNoiseSigma = Math.sqrt(num(config, 'sigma_max') ** 2 + 1);
+    this.#pre = edmOptions(this.name, config, numInferenceSteps);
+    this.initNoiseSigma = initNoise(config);
     // Karras on a float64 ramp (its set_timesteps asks for float64 off MPS); exponential's own linspace is float32.
     const sig =
       config.sigma_schedule === 'karras' ? karrasEdm(config, torchLinspaceF64(0, 1, numInferenceSteps), (x) => x) : exponentialEdm(config, numInferenceSteps);
@@ -103,15 +128,14 @@ export class EDMEuler extends MultistepSchedule {
   }
 
   override scaleModelInput(sample: Float32Array): Float32Array {
-    const { cIn } = preconditioning(this.sig[this.current()]!, this.#sigmaData, this.#v);
-    return sample.map((x) => f(x * cIn));
+    return this.#pre.inputs(sample, this.sig[this.current()]!);
   }
 
   /** The pipeline passes no s_churn, so gamma is 0: sigma_hat is sigma and no noise is drawn. */
   step(modelOutput: Float32Array, _t: number, sample: Float32Array): StepResult {
     const i = this.current();
     const sigma = this.sig[i]!;
-    const x0 = preconditionOutputs(sample, modelOutput, sigma, this.#sigmaData, this.#v);
+    const x0 = this.#pre.outputs(sample, modelOutput, sigma);
     const dt = f(this.sig[i + 1]! - sigma);
     const out = new Float32Array(sample.length);
     for (let k = 0; k < out.length; k++) out[k] = f(sample[k]! + f(f(f(sample[k]! - x0[k]!) / sigma) * dt));
@@ -124,24 +148,15 @@ export class EDMEuler extends MultistepSchedule {
   }
 }
 
-/** `precondition_outputs`: x0 = c_skip·x + c_out·F(x). */
-function preconditionOutputs(sample: Float32Array, m: Float32Array, sigma: number, sigmaData: number, v: boolean): Float32Array {
-  const { cSkip, cOut } = preconditioning(sigma, sigmaData, v);
-  const out = new Float32Array(sample.length);
-  for (let k = 0; k < out.length; k++) out[k] = f(f(cSkip * sample[k]!) + f(cOut * m[k]!));
-  return out;
-}
-
 const EDM_DPM = 'EDMDPMSolverMultistepScheduler';
 
 export class EDMDPMSolverMultistep extends DPMSolverSteps {
   readonly name = EDM_DPM;
   override readonly initNoiseSigma: number;
-  readonly #v: boolean;
-  readonly #sigmaData: number;
+  readonly #pre: Preconditioning;
 
   constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
-    const v = edmOptions(EDM_DPM, config, numInferenceSteps);
+    const pre = edmOptions(EDM_DPM, config, numInferenceSteps);
     // As its __init__ does, DEIS's and UniPC's options (carried over by from_config) map to DPM-Solver++'s.
     const algorithm = config.algorithm_type === 'deis' ? 'dpmsolver++' : oneOf(EDM_DPM, config, 'algorithm_type', ['dpmsolver++', 'sde-dpmsolver++']);
     const solver = ['logrho', 'bh1', 'bh2'].includes(String(config.solver_type)) ? 'midpoint' : oneOf(EDM_DPM, config, 'solver_type', ['midpoint', 'heun']);
@@ -151,9 +166,8 @@ export class EDMDPMSolverMultistep extends DPMSolverSteps {
     if (order === 3 && algorithm === 'sde-dpmsolver++') unsupported(EDM_DPM, 'solver_order 3 with algorithm_type "sde-dpmsolver++"');
     if (bool(config, 'thresholding')) unsupported(EDM_DPM, 'thresholding');
     super({ order, plusPlus: true, sde: algorithm === 'sde-dpmsolver++', heun: solver === 'heun' });
-    this.#v = v;
-    this.#sigmaData = num(config, 'sigma_data');
-    this.initNoiseSigma = Math.sqrt(num(config, 'sigma_max') ** 2 + 1);
+    this.#pre = pre;
+    this.initNoiseSigma = initNoise(config);
     const sig =
       config.sigma_schedule === 'karras' ? karrasEdm(config, torchLinspaceF32(0, 1, numInferenceSteps), f) : exponentialEdm(config, numInferenceSteps);
     const last = config.final_sigmas_type === 'zero' ? 0 : f(num(config, 'sigma_min'));
@@ -161,12 +175,11 @@ export class EDMDPMSolverMultistep extends DPMSolverSteps {
   }
 
   override scaleModelInput(sample: Float32Array): Float32Array {
-    const { cIn } = preconditioning(this.sig[this.current()]!, this.#sigmaData, this.#v);
-    return sample.map((x) => f(x * cIn));
+    return this.#pre.inputs(sample, this.sig[this.current()]!);
   }
 
   protected convert(modelOutput: Float32Array, sample: Float32Array, sigma: number): Float32Array {
-    return preconditionOutputs(sample, modelOutput, sigma, this.#sigmaData, this.#v);
+    return this.#pre.outputs(sample, modelOutput, sigma);
   }
 
   /** The inputs are scaled before the UNet, so alpha_t is 1: lambda = −ln σ (∞ at the final 0). */
