@@ -2,12 +2,12 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { ModelDefaults } from '../src/pipeline/job.js';
-import { stepRanges } from '../src/pipeline/schedulers/index.js';
+import { schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { checkServerDefaults, parseInstances, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
 const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
-const defaults = (config: Record<string, unknown>): ModelDefaults => ({ steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: String(config._class_name), stepRanges: stepRanges(config) });
+const defaults = (config: Record<string, unknown>): ModelDefaults => ({ steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: String(config._class_name), stepRanges: schedulerLimits(config).ranges });
 const ctx = (d: ModelDefaults): ParseContext => ({ cfg: loadConfig({}), defaults: d, randomSeed: () => 7 });
 const parse = (inst: Record<string, unknown>, d = defaults(SD15)) => parseInstances([{ prompt: 'p', ...inst }], ctx(d));
 

@@ -2,7 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { createScheduler, SCHEDULER_NAMES, stepRange, stepRanges } from '../src/pipeline/schedulers/index.js';
+import { createScheduler, SCHEDULER_NAMES, stepRange, schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { alphaSigmaLambda } from '../src/pipeline/schedulers/common.js';
 import { lmsCoefficient } from '../src/pipeline/schedulers/lms.js';
 import { unknownSchedulerName } from '../src/pipeline/schedulers/names.js';
@@ -295,10 +295,10 @@ describe('createScheduler', () => {
     const pastTable = 'timestep_spacing "leading" with steps_offset 1 would start 1000 steps at timestep 1000, past the last (999)';
     expect(stepRange(noSkip, 'PNDMScheduler')).toEqual({ min: 4, max: 999, why: `PNDMScheduler without skip_prk_steps needs at least 4; num_train_timesteps is 1000; ${pastTable}` });
     expect(stepRange(modelConfig, 'lcm')).toEqual({ min: 1, max: 50, why: 'original_inference_steps is 50' });
-    expect(stepRanges(modelConfig)['']).toEqual({ min: 1, max: 999, why: `num_train_timesteps is 1000; ${pastTable}` });
-    expect(stepRanges(modelConfig).euler).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });
+    expect(schedulerLimits(modelConfig).ranges['']).toEqual({ min: 1, max: 999, why: `num_train_timesteps is 1000; ${pastTable}` });
+    expect(schedulerLimits(modelConfig).ranges.euler).toEqual({ min: 1, max: 1000, why: 'num_train_timesteps is 1000' });
     // A name the config cannot serve is left out (the worker reports why when a request asks for it).
-    expect(Object.keys(stepRanges({ ...modelConfig, num_train_timesteps: 'many' }))).toEqual([]);
+    expect(Object.keys(schedulerLimits({ ...modelConfig, num_train_timesteps: 'many' }).ranges)).toEqual([]);
   });
 
   it('checks a request name against the table alone', () => {

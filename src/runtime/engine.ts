@@ -257,7 +257,7 @@ export class Engine {
 
   /** A component's files are whole: its session can be created while other files still download. */
   componentReady(component: string, path: string): void {
-    this.#components.set(component, path);
+    this.componentAnnounced(component, path);
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 

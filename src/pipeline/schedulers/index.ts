@@ -242,18 +242,16 @@ export function stepRange(config: Record<string, unknown>, name?: string): StepR
   return CLASSES[choice.className].steps(resolve(config, choice, name !== undefined));
 }
 
-/** stepRange for the model's own scheduler ('') and every request name; a name the config cannot serve is left out. */
-export function stepRanges(config: Record<string, unknown>): Record<string, StepRange> {
-  return schedulerLimits(config).ranges;
-}
-
 /** Why a request name cannot run from this config: createScheduler's error, whatever the step count. */
 export interface SchedulerRefusal {
   readonly code: string;
   readonly message: string;
 }
 
-/** stepRanges, and for each request name the config cannot serve (left out of them), why. */
+/**
+ * stepRange for the model's own scheduler ('') and every request name (`ranges`; a name the config cannot serve is
+ * left out), and for each name left out, why (`refused`).
+ */
 export function schedulerLimits(config: Record<string, unknown>): { ranges: Record<string, StepRange>; refused: Record<string, SchedulerRefusal> } {
   const ranges: Record<string, StepRange> = {};
   const refused: Record<string, SchedulerRefusal> = {};
