@@ -8,7 +8,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { referenceDir } from '../scripts/reference.js';
 import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
-import { checkModelScheduler, createScheduler } from '../src/pipeline/schedulers/index.js';
+import { checkModelScheduler, createScheduler, schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { editJson, fixtureVariant } from './fixtures/index.js';
 
@@ -59,8 +59,14 @@ describe('tokenizer config files: the ids transformers gives for them (scripts/m
 });
 
 /** A copy of a demo model of the family with some of its config files replaced by real ones (paths in FIX). */
-function modelWith(name: string, family: 'sd15' | 'sdxl', files: Record<string, string>, edit?: (dir: string) => void): Promise<string> {
-  return fixtureVariant(path.join(work, name), { family }, (dir) => {
+function modelWith(
+  name: string,
+  family: 'sd15' | 'sd2' | 'sdxl',
+  files: Record<string, string>,
+  edit?: (dir: string) => void,
+  opts: { inpainting?: boolean } = {},
+): Promise<string> {
+  return fixtureVariant(path.join(work, name), { family, ...opts }, (dir) => {
     for (const [to, from] of Object.entries(files)) copyFileSync(path.join(FIX, from), path.join(dir, to));
     edit?.(dir);
   });
@@ -164,5 +170,134 @@ describe('scheduler_config.json', () => {
     const { config } = pipelineSchedulerConfig(lcm, false);
     expect(() => checkModelScheduler(config)).not.toThrow();
     expect(() => createScheduler(config, 9)).toThrow(/num_inference_steps must be an integer from 1 to 8 for LCMScheduler/);
+  });
+});
+
+describe('the model kinds users serve, from their repositories\' own files', () => {
+  it('SD 2.1 768 (v-prediction DDIM of diffusers 0.10, sample_size 96): 768 px by default, v-prediction, nothing rewritten', async () => {
+    const dir = await modelWith('sd21-768', 'sd2', {
+      'model_index.json': 'sd21-768/model_index.json',
+      'scheduler/scheduler_config.json': 'sd21-768/scheduler/scheduler_config.json',
+      'unet/config.json': 'sd21-768/unet/config.json',
+      'vae_decoder/config.json': 'sd21-768/vae/config.json',
+    });
+    const layout = readLayout(dir);
+    expect([layout.isXL, layout.pipelineClass, layout.rewrites]).toEqual([false, 'StableDiffusionPipeline', []]);
+    // sample_size 96 × the VAE's 8 (its config has no scaling_factor: 0.18215, as diffusers' default)
+    expect(layout.unet).toMatchObject({ sampleSize: 96, inChannels: 4, timeCondProjDim: null, sizeMultiple: 64 });
+    expect(layout.vae).toEqual({ scalingFactor: 0.18215, scaleFactor: 8 });
+    const cfg = layout.schedulerConfig;
+    expect([cfg._class_name, cfg.prediction_type, cfg.timestep_spacing, cfg.steps_offset, cfg.trained_betas]).toEqual(['DDIMScheduler', 'v_prediction', 'leading', 1, null]);
+    // Keys the 0.10 file did not have come from DDIMScheduler's defaults, and are listed as such.
+    expect(cfg._use_default_values).toEqual(expect.arrayContaining(['timestep_spacing', 'rescale_betas_zero_snr', 'thresholding', 'clip_sample_range']));
+    // diffusers: DDIMScheduler.from_pretrained(this folder).set_timesteps(10)
+    expect(createScheduler(cfg, 10).timesteps).toEqual([901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+  });
+
+  it('SD 2.1\'s tokenizer files: special_tokens_map.json\'s pad "!" wins over tokenizer_config.json\'s, with AddedToken dicts saved "normalized": true', async () => {
+    const tok = await ClipTokenizer.load(tokenizerFolder('sd21-768', ['sd21-768/tokenizer/tokenizer_config.json', 'sd21-768/tokenizer/special_tokens_map.json']));
+    expect([tok.padId, tok.maxLength]).toEqual([0, 77]);
+    // The same special tokens as sd21-base/tokenizer+rege/tokenizer, whose ids transformers gave (tokenizer-cases.json).
+    const ref = (JSON.parse(readFileSync(path.join(FIX, 'tokenizer-cases.json'), 'utf8')) as TokenizerCases).folders['sd21-base/tokenizer+rege/tokenizer']!;
+    for (const c of ref.cases) expect(tok.encode(c.text), JSON.stringify(c.text)).toEqual(c.ids);
+  });
+
+  it('SD 1.5 inpainting (diffusers 0.6: DDIM without prediction_type or timestep_spacing, a 9-channel UNet) loads as an inpainting model', async () => {
+    const dir = await modelWith(
+      'sd15-inpainting',
+      'sd15',
+      {
+        'model_index.json': 'sd15-inpainting/model_index.json',
+        'scheduler/scheduler_config.json': 'sd15-inpainting/scheduler/scheduler_config.json',
+        'unet/config.json': 'sd15-inpainting/unet/config.json',
+        'vae_decoder/config.json': 'sd15-inpainting/vae/config.json',
+      },
+      undefined,
+      { inpainting: true },
+    );
+    const layout = readLayout(dir);
+    expect([layout.pipelineClass, layout.isXL, layout.rewrites]).toEqual(['StableDiffusionInpaintPipeline', false, []]);
+    expect(layout.unet).toMatchObject({ sampleSize: 64, inChannels: 9, sizeMultiple: 64 });
+    expect(layout.vae.scalingFactor).toBe(0.18215);
+    const cfg = layout.schedulerConfig;
+    // Absent keys take DDIMScheduler's defaults: epsilon, leading; the file's skip_prk_steps (a PNDM key) is kept, unused.
+    expect([cfg.prediction_type, cfg.timestep_spacing, cfg.skip_prk_steps]).toEqual(['epsilon', 'leading', true]);
+    expect(cfg._use_default_values).toEqual(expect.arrayContaining(['prediction_type', 'timestep_spacing']));
+    expect(() => checkModelScheduler(cfg)).not.toThrow();
+    expect(createScheduler(cfg, 10).timesteps.slice(0, 3)).toEqual([901, 801, 701]);
+  });
+
+  it('SDXL base with its ONNX export (vae_decoder/config.json, add_watermarker null): 1024 px, scaling 0.13025, no latent statistics', async () => {
+    const dir = await modelWith('sdxl-base-onnx', 'sdxl', {
+      'model_index.json': 'sdxl-base-onnx/model_index.json',
+      'unet/config.json': 'sdxl-base-onnx/unet/config.json',
+      'vae_decoder/config.json': 'sdxl-base-onnx/vae_decoder/config.json',
+    });
+    const layout = readLayout(dir);
+    expect([layout.isXL, layout.forceZerosForEmptyPrompt, layout.requiresAestheticsScore, layout.rewrites]).toEqual([true, true, false, []]);
+    // Three UNet blocks (two down-samplings) × the VAE's 8: sides in multiples of 32.
+    expect(layout.unet).toMatchObject({ sampleSize: 128, inChannels: 4, timeCondProjDim: null, sizeMultiple: 32 });
+    expect(layout.vae).toEqual({ scalingFactor: 0.13025, scaleFactor: 8 });
+  });
+
+  it('SDXL-Turbo with its ONNX export (Euler a, trailing spacing, sample_size 64): 512 px, one step from t = 999 at sigma_max', async () => {
+    const dir = await modelWith('sdxl-turbo', 'sdxl', {
+      'model_index.json': 'sdxl-turbo-onnx/model_index.json',
+      'scheduler/scheduler_config.json': 'sdxl-turbo-onnx/scheduler/scheduler_config.json',
+      'unet/config.json': 'sdxl-turbo-onnx/unet/config.json',
+      'vae_decoder/config.json': 'sdxl-turbo-onnx/vae_decoder/config.json',
+    });
+    const layout = readLayout(dir);
+    expect([layout.isXL, layout.forceZerosForEmptyPrompt, layout.rewrites]).toEqual([true, true, []]);
+    expect(layout.unet.sampleSize * layout.vae.scaleFactor).toBe(512);
+    const cfg = layout.schedulerConfig;
+    expect([cfg._class_name, cfg.timestep_spacing, cfg.steps_offset]).toEqual(['EulerAncestralDiscreteScheduler', 'trailing', 1]);
+    // diffusers: trailing spacing starts at the last training step, whatever the count; with trailing (or linspace)
+    // init_noise_sigma is sigma_max itself, not sqrt(sigma_max² + 1).
+    const one = createScheduler(cfg, 1);
+    expect(one.timesteps).toEqual([999]);
+    expect(one.initNoiseSigma).toBeCloseTo(14.6146, 3);
+    expect(createScheduler(cfg, 4).timesteps).toEqual([999, 749, 499, 249]);
+  });
+
+  it('Playground v2 (Euler a with Euler\'s sigma_min / sigma_max null and use_karras_sigmas): null is "unset" for a request that switches to Karras sigmas', async () => {
+    const dir = await modelWith('playground-v2', 'sdxl', {
+      'model_index.json': 'playground-v2/model_index.json',
+      'scheduler/scheduler_config.json': 'playground-v2/scheduler/scheduler_config.json',
+      'unet/config.json': 'playground-v2/unet/config.json',
+      'vae_decoder/config.json': 'playground-v2/vae/config.json',
+    });
+    const layout = readLayout(dir);
+    expect([layout.isXL, layout.schedulerConfig._class_name, layout.unet.sampleSize, layout.vae.scalingFactor]).toEqual([true, 'EulerAncestralDiscreteScheduler', 128, 0.13025]);
+    const cfg = layout.schedulerConfig;
+    expect(() => checkModelScheduler(cfg)).not.toThrow();
+    expect(createScheduler(cfg, 10).timesteps.slice(0, 3)).toEqual([901, 801, 701]);
+    const unset = Object.fromEntries(Object.entries(cfg).filter(([k]) => k !== 'sigma_min' && k !== 'sigma_max'));
+    for (const name of ['euler_karras', 'dpmpp_2m_karras', 'lms_karras']) {
+      const [s, u] = [createScheduler(cfg, 10, { name }), createScheduler(unset, 10, { name })];
+      expect([s.timesteps, s.initNoiseSigma], name).toEqual([u.timesteps, u.initNoiseSigma]);
+    }
+    expect(schedulerLimits(cfg).refused).not.toHaveProperty('euler_karras');
+  });
+
+  it('an SDXL refiner export (model_index.json with text_encoder [null, null], requires_aesthetics_score) is refused, saying what it is and what is served', async () => {
+    const dir = await modelWith(
+      'sdxl-refiner',
+      'sdxl',
+      {
+        'model_index.json': 'sdxl-refiner/model_index.json',
+        'scheduler/scheduler_config.json': 'sdxl-refiner/scheduler/scheduler_config.json',
+        'unet/config.json': 'sdxl-refiner/unet/config.json',
+      },
+      (d) => rmSync(path.join(d, 'text_encoder'), { recursive: true }),
+    );
+    let err: unknown;
+    try {
+      readLayout(dir);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toMatchObject({ code: 'UNSUPPORTED' });
+    expect((err as Error).message).toMatch(/text_encoder_2 but no text_encoder: an SDXL refiner .* which this runtime does not serve; it serves pipelines with text_encoder\//);
   });
 });
