@@ -280,6 +280,23 @@ describe('the model kinds users serve, from their repositories\' own files', () 
     expect(schedulerLimits(cfg).refused).not.toHaveProperty('euler_karras');
   });
 
+  it('an InstructPix2Pix export (its model_index.json, an 8-channel UNet) is refused at load, naming the key, the pipeline and what is served', async () => {
+    const dir = await modelWith('instruct-pix2pix', 'sd15', { 'model_index.json': 'instruct-pix2pix/model_index.json' }, (d) =>
+      editJson(path.join(d, 'unet', 'config.json'), (c) => (c.in_channels = 8)),
+    );
+    let err: unknown;
+    try {
+      readLayout(dir);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toMatchObject({ code: 'UNSUPPORTED' });
+    expect((err as Error).message).toBe(
+      'unet/config.json: in_channels 8 (model_index.json: StableDiffusionInstructPix2PixPipeline) is not a UNet this runtime serves; it serves ' +
+        '4 input channels (text-to-image, image-to-image) and 9 (inpainting), as the Stable Diffusion, SDXL, LCM and Turbo pipelines have',
+    );
+  });
+
   it('an SDXL refiner export (model_index.json with text_encoder [null, null], requires_aesthetics_score) is refused, saying what it is and what is served', async () => {
     const dir = await modelWith(
       'sdxl-refiner',

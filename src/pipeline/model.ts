@@ -195,6 +195,16 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt (or tokenizer/${TOKENIZER_JSON})`);
   const unetCfg = optJson(path.join(dir, 'unet', 'config.json'), 'unet config');
   const vaeCfg = optJson(path.join(dir, 'vae_decoder', 'config.json'), 'vae_decoder config');
+  const inChannels = num(unetCfg.in_channels, 4);
+  if (inChannels !== 4 && inChannels !== 9) {
+    // Other UNets condition on inputs these pipelines do not make (InstructPix2Pix's image latents: 8 channels,
+    // depth-to-image: 5, the x4 upscaler: 7): refused at load rather than failing every request.
+    throw new RuntimeError(
+      'UNSUPPORTED',
+      `unet/config.json: in_channels ${inChannels}${typeof index._class_name === 'string' ? ` (model_index.json: ${pipelineClass})` : ''} is not a UNet this runtime serves; it serves ` +
+        '4 input channels (text-to-image, image-to-image) and 9 (inpainting), as the Stable Diffusion, SDXL, LCM and Turbo pipelines have',
+    );
+  }
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
   if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
@@ -235,7 +245,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     unet: {
       sampleSize,
       timeCondProjDim: typeof unetCfg.time_cond_proj_dim === 'number' ? unetCfg.time_cond_proj_dim : null,
-      inChannels: num(unetCfg.in_channels, 4),
+      inChannels,
       // diffusers' default_overall_up_factor (2 ** num_upsamplers: one per block but the last), in pixels.
       sizeMultiple: vaeScale * downscale(unetCfg),
     },
