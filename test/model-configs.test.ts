@@ -280,6 +280,26 @@ describe('the model kinds users serve, from their repositories\' own files', () 
     expect(schedulerLimits(cfg).refused).not.toHaveProperty('euler_karras');
   });
 
+  it('a fine-tune saved by diffusers 0.2.4 (DDIM without steps_offset, timestep_values: null; UNet sample_size 32): the SD pipeline\'s rewrites, logged', async () => {
+    const dir = await modelWith('waifu-0.2', 'sd15', {
+      'model_index.json': 'waifu-diffusion-0.2/model_index.json',
+      'scheduler/scheduler_config.json': 'waifu-diffusion-0.2/scheduler/scheduler_config.json',
+      'unet/config.json': 'waifu-diffusion-0.2/unet/config.json',
+      'vae_decoder/config.json': 'waifu-diffusion-0.2/vae/config.json',
+    });
+    const layout = readLayout(dir);
+    // DDIMScheduler's default steps_offset 0 becomes 1 (StableDiffusionPipeline.__init__); sample_size 32 becomes 64.
+    expect(layout.rewrites.map((r) => [r.key, r.from, r.to])).toEqual([
+      ['steps_offset', 0, 1],
+      ['unet.sample_size', 32, 64],
+    ]);
+    expect(layout.rewrites[0]!.message).toMatch(/^The configuration file of this scheduler: DDIMScheduler is outdated\. `steps_offset` should be set to 1 instead of 0\./);
+    expect(layout.unet.sampleSize * layout.vae.scaleFactor).toBe(512);
+    const cfg = layout.schedulerConfig;
+    expect([cfg.steps_offset, cfg.prediction_type, cfg.timestep_values]).toEqual([1, 'epsilon', null]);
+    expect(createScheduler(cfg, 10).timesteps).toEqual([901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+  });
+
   it('an InstructPix2Pix export (its model_index.json, an 8-channel UNet) is refused at load, naming the key, the pipeline and what is served', async () => {
     const dir = await modelWith('instruct-pix2pix', 'sd15', { 'model_index.json': 'instruct-pix2pix/model_index.json' }, (d) =>
       editJson(path.join(d, 'unet', 'config.json'), (c) => (c.in_channels = 8)),
