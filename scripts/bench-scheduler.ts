@@ -1,16 +1,19 @@
 /**
  * @module Prints the per-step CPU cost of each scheduler (scale_model_input + step) on 512px and 1024px latents,
- * the torch.randn draw of one latent, and the warm tokenizer time for a full 77-token prompt.
+ * the torch.randn draw of one latent, what DPM++ SDE's noise adds to a UNet run made on the worker against on an
+ * auxiliary thread, and the warm tokenizer time for a full 77-token prompt.
  *
  *   npx tsc -p tsconfig.build.json && node dist/scripts/bench-scheduler.js [request names…]
  *
- * Names given: only those schedulers (and no randn / tokenizer lines).
+ * Names given: only those schedulers (and no randn / tokenizer lines; the DPM++ SDE noise lines where one is dpmpp_sde*).
  *
  * CLIP_TOKENIZER_DIR names a folder with vocab.json + merges.txt (default ../shared/reference/clip-tokenizer, else the copy in test/fixtures/reference).
  */
 
 import { existsSync } from 'node:fs';
 import path from 'node:path';
+import { AuxClient } from '../src/pipeline/aux-client.js';
+import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 import { nativeRandn, TorchGenerator } from '../src/pipeline/random.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
@@ -84,6 +87,55 @@ function benchStep(name: string, n: number, createMs: number): number {
   return Math.max(0, perRun - createMs) / runs;
 }
 
+/** What a GPU UNet run is to this thread: ORT holds it, synchronously, until the run ends. */
+function hold(ms: number): void {
+  const end = performance.now() + ms;
+  while (performance.now() < end);
+}
+
+/**
+ * DPM++ SDE's noise made on the worker after each UNet run, against made on an auxiliary thread (aux.ts, as a worker
+ * with AUX_THREADS does) during it: a 20-step run at `n` values per image, each UNet run standing in as `unetMs` of this
+ * thread held. Returns ms per UNet run beyond `unetMs`, the best of 3 runs.
+ */
+async function sdeOverhead(images: number, n: number, unetMs: number, client?: AuxClient): Promise<number> {
+  const seeds = Array.from({ length: images }, (_, i) => 1 + i);
+  const gen = new TorchGenerator(1);
+  const modelOutput = gen.randn(images * n);
+  let best = Infinity;
+  for (let rep = 0; rep < 3; rep++) {
+    const s = createScheduler(SD15_CONFIG, 20, { name: 'dpmpp_sde_karras', seeds });
+    let x = gen.randn(images * n);
+    const t0 = performance.now();
+    for (const t of s.timesteps) {
+      const q = client ? s.nextNoise!(x.length) : undefined;
+      const made = q ? client!.noise(q) : undefined;
+      hold(unetMs);
+      if (made) s.giveNoise!(q!, await made);
+      x = s.step(modelOutput, t, s.scaleModelInput(x, t), () => new Float32Array(0)).prevSample;
+    }
+    await client?.forgetNoise();
+    best = Math.min(best, (performance.now() - t0) / s.timesteps.length - unetMs);
+  }
+  return best;
+}
+
+async function benchNoiseAhead(): Promise<void> {
+  const unetMs = Number(process.env.BENCH_UNET_MS ?? 20);
+  const client = new AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, () => undefined, () => undefined);
+  console.log(`
+DPM++ SDE Karras, 20 steps: ms per UNet run beyond the run itself (${unetMs} ms of this thread held, as ORT holds it on a GPU; BENCH_UNET_MS), noise made on the worker after the run against on an auxiliary thread during it (AUX_THREADS):`);
+  try {
+    for (const [label, images, n] of [['512px, 1 image', 1, SHAPES[0]!.n], ['512px, 4 images', 4, SHAPES[0]!.n], ['1024px, 1 image', 1, SHAPES[1]!.n]] as const) {
+      const here = await sdeOverhead(images, n, unetMs);
+      const there = await sdeOverhead(images, n, unetMs, client);
+      console.log(`${label.padEnd(22)}${here.toFixed(3).padStart(10)}${there.toFixed(3).padStart(10)}   ×${(here / Math.max(there, 1e-3)).toFixed(1)}`);
+    }
+  } finally {
+    await client.close();
+  }
+}
+
 async function main(): Promise<void> {
   console.log(`node ${process.version}; schedulers known: ${Object.keys(SCHEDULER_NAMES).length} names`);
   console.log('\nscheduler cost per UNet run (scale_model_input + step, ms; SD 1.5 config, edm_* on Playground v2.5s; 20 steps, lcm and tcd 4 (tcd at eta 0.3)), and createScheduler:');
@@ -93,7 +145,10 @@ async function main(): Promise<void> {
     const row = SHAPES.map((s) => benchStep(name, s.n, createMs).toFixed(3).padStart(20));
     console.log([name.padEnd(18), ...row, createMs.toFixed(3).padStart(12)].join(''));
   }
-  if (ONLY.length > 0) return;
+  if (ONLY.length > 0) {
+    if (ONLY.some((n) => n.startsWith('dpmpp_sde'))) await benchNoiseAhead();
+    return;
+  }
 
   console.log(`\ntorch.randn of one latent (ms): native/torch-randn.c (${nativeRandn ? `${nativeRandn.path} block` : 'not built: both columns are JavaScript'}) beside the JavaScript path, same process:`);
   for (const s of SHAPES) {
@@ -103,6 +158,8 @@ async function main(): Promise<void> {
     const b = timeMs(() => js.randn(s.n));
     console.log(`${s.label.padEnd(22)}${a.toFixed(3).padStart(10)}${b.toFixed(3).padStart(10)}   ×${(b / a).toFixed(1)}`);
   }
+
+  await benchNoiseAhead();
 
   const dir = process.env.CLIP_TOKENIZER_DIR ?? sharedOrFixture('clip-tokenizer');
   if (!existsSync(path.join(dir, 'vocab.json'))) {

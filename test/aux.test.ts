@@ -174,6 +174,43 @@ describe('auxiliary session thread', () => {
     }
   });
 
+  it("makes DPM++ SDE's noise as the worker would: each read bit-equal, batches in turn, a bad read failing clearly", async () => {
+    const { aux } = await load();
+    const { createScheduler } = await import('../src/pipeline/schedulers/index.js');
+    const { BrownianNoise } = await import('../src/pipeline/brownian.js');
+    const config = JSON.parse(readFileSync(path.join(ROOT, 'test/fixtures/reference/e2e/model/scheduler/scheduler_config.json'), 'utf8')) as Record<string, unknown>;
+    /** The reads a 6-step run of `seeds` makes, at `per` values an image (the scheduler is stepped on made-up outputs). */
+    const readsOf = (seeds: number[], per: number) => {
+      const s = createScheduler(config, 6, { name: 'dpmpp_sde_karras', seeds });
+      let x = new Float32Array(seeds.length * per).fill(1);
+      const out = [];
+      for (const t of s.timesteps) {
+        const q = s.nextNoise!(x.length);
+        if (q) out.push(q);
+        x = s.step(x.map((v, i) => Math.cos(i + t)), t, x, () => new Float32Array(0)).prevSample;
+      }
+      return out;
+    };
+    const client = new aux.AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, () => undefined, () => undefined);
+    try {
+      const a = readsOf([5, 6], 300);
+      const b = readsOf([9], 1000);
+      const bits = (z: Float32Array) => Buffer.from(z.buffer, z.byteOffset, z.byteLength);
+      const here = new Map([a, b].map((r) => [r, new BrownianNoise(r[0]!.spec)]));
+      // A's first reads, then all of B's (the thread drops A's motion), then A's again from the start
+      for (const q of [...a.slice(0, 3), ...b, ...a]) {
+        const z = await client.noise(q);
+        expect(z.length).toBe(q.spec.perImage * q.spec.seeds.length);
+        expect(bits(z).equals(bits(here.get(a.includes(q) ? a : b)!.noise(q.ta, q.tb)))).toBe(true);
+      }
+      await expect(client.noise({ ...a[0]!, spec: { ...a[0]!.spec, seeds: [-1, 2] } })).rejects.toThrow(/SeedSequence entropy must be a non-negative integer, got -1/);
+      await client.forgetNoise();
+      expect(bits(await client.noise(b[2]!)).equals(bits(here.get(b)!.noise(b[2]!.ta, b[2]!.tb)))).toBe(true);
+    } finally {
+      await client.close();
+    }
+  });
+
   it('reports a thread that dies, and fails what was waiting on it', async () => {
     const { aux } = await load();
     let died: Error | undefined;
@@ -215,6 +252,36 @@ describe('AUX_THREADS in a running server', () => {
     expect(on.threads).toEqual({ text_encoder: 'encode', unet: 'worker', vae_decoder: 'decode', vae_encoder: 'image' });
     expect(on.b64.length).toBeGreaterThan(100);
     expect(on.b64).toBe(auto.b64);
+  }, 60_000);
+});
+
+describe("DPM++ SDE's noise on the text encoders' thread", () => {
+  /** Two images of dpmpp_sde_karras in one request: their images, and whether the log says the thread made the noise. */
+  async function serveSde(env: Record<string, string>): Promise<{ b64: string[]; onThread: boolean; warned: boolean }> {
+    const dir = await fixtureModel();
+    const cache = tempDir('dr-aux-noise-');
+    const s = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off', ...env }, { ready: true });
+    try {
+      const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red fox', seed: 3, num_inference_steps: 6, height: 64, width: 64, num_images_per_prompt: 2, scheduler: 'dpmpp_sde_karras' }] });
+      expect(r.status).toBe(200);
+      const b64 = (r.json.predictions as Array<{ image: { b64: string } }>).map((p) => p.image.b64);
+      const logged = (msg: string) => s.logs.some((l) => l.msg === msg);
+      return { b64, onThread: logged('DPM++ SDE noise is made on an auxiliary thread during the UNet runs'), warned: logged('the auxiliary thread could not make DPM++ SDE noise; the worker makes it') };
+    } finally {
+      await s.stop();
+      cache.cleanup();
+    }
+  }
+
+  it('is made there with AUX_THREADS=on, on the worker without the thread: the same images, byte for byte', async () => {
+    const here = await serveSde({});
+    const there = await serveSde({ AUX_THREADS: 'on' });
+    expect(here.onThread).toBe(false);
+    expect(there.onThread).toBe(true);
+    expect(there.warned || here.warned).toBe(false);
+    expect(here.b64).toHaveLength(2);
+    expect(here.b64[0]).not.toBe(here.b64[1]);
+    expect(there.b64).toEqual(here.b64);
   }, 60_000);
 });
 

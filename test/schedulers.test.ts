@@ -2,6 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
+import { BrownianNoise, type BrownianQuery } from '../src/pipeline/brownian.js';
 import { createScheduler, SCHEDULER_NAMES, stepRange, schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { alphaSigmaLambda } from '../src/pipeline/schedulers/common.js';
 import { lmsCoefficient } from '../src/pipeline/schedulers/lms.js';
@@ -381,6 +382,63 @@ describe('DPMSolverSDEScheduler beyond the diffusers vectors', () => {
     for (const [i, seed] of [5, 6, 7].entries()) expect(bits(batch.subarray(i * per, (i + 1) * per)), `image ${i}`).toEqual(bits(run(modelConfig, [seed], per)));
     // and the seed matters
     expect(bits(run(modelConfig, [5], per))).not.toEqual(bits(run(modelConfig, [6], per)));
+  });
+
+  it('names each read of its motion before the step (nextNoise); uses noise given for exactly that read, and only that', () => {
+    const per = 48;
+    const seeds = [5, 6];
+    const model = (t: number) => Float32Array.from({ length: seeds.length * per }, (_, i) => Math.cos((i % per) * 0.3 + t));
+    type Give = (q: BrownianQuery, k: number) => [BrownianQuery, Float32Array] | undefined;
+    /** A run where `give` hands noise over before each step; the reads it named, and the noise each step added. */
+    const runWith = (give: Give, img2img: boolean) => {
+      const s = createScheduler(modelConfig, 6, { name: 'dpmpp_sde_karras', seeds });
+      if (img2img) s.setBeginIndex(4); // image-to-image cuts at t_start·order: a step's first run
+      const reads: BrownianQuery[] = [];
+      const added: Array<Float32Array | undefined> = [];
+      let x: Float32Array = Float32Array.from({ length: seeds.length * per }, (_, i) => Math.sin(i % per) * 14);
+      const ts = s.timesteps.slice(img2img ? 4 : 0);
+      ts.forEach((t, k) => {
+        const q = s.nextNoise!(x.length);
+        if (q) reads.push(q);
+        const given = q && give(q, k);
+        if (given) s.giveNoise!(...given);
+        const r = s.step(model(t), t, s.scaleModelInput(x, t), () => {
+          throw new Error('drew from the image generator');
+        });
+        added.push(r.noise);
+        x = r.prevSample;
+      });
+      return { x, reads, added, runs: ts.length };
+    };
+    for (const img2img of [false, true]) {
+      const own = runWith(() => undefined, img2img);
+      // every run but the last (to sigma 0) reads the motion, and adds what it named; the spec is the batch's
+      expect(own.reads.length).toBe(own.runs - 1);
+      expect(own.added.at(-1)).toBeUndefined();
+      own.reads.forEach((q, k) => expect(bits(own.added[k]!), `read ${k}`).toEqual(bits(new BrownianNoise(q.spec).noise(q.ta, q.tb))));
+      expect(own.reads[0]!.spec).toMatchObject({ perImage: per, seeds });
+      // Made elsewhere (a motion of its own, as another thread holds): the same run, bit for bit.
+      const elsewhere = new Map<string, BrownianNoise>();
+      const made = runWith((q) => {
+        const key = JSON.stringify(q.spec);
+        if (!elsewhere.has(key)) elsewhere.set(key, new BrownianNoise(q.spec));
+        return [q, elsewhere.get(key)!.noise(q.ta, q.tb)];
+      }, img2img);
+      expect(bits(made.x)).toEqual(bits(own.x));
+      // Given noise is what the step adds: other noise for the right read changes the result...
+      const other = (q: BrownianQuery): [BrownianQuery, Float32Array] => [q, new BrownianNoise({ ...q.spec, seeds: [8, 9] }).noise(q.ta, q.tb)];
+      const changed = runWith(other, img2img);
+      changed.reads.forEach((q, k) => expect(bits(changed.added[k]!)).toEqual(bits(other(q)[1])));
+      expect(bits(changed.x)).not.toEqual(bits(own.x));
+      // ...and noise given for another read, another batch or at another size is not used
+      const stray: Give = (q, k) => {
+        const full = new Float32Array(q.spec.perImage * q.spec.seeds.length).fill(7);
+        if (k % 3 === 0) return [{ ...q, tb: q.tb * 1.01 }, full];
+        if (k % 3 === 1) return [{ ...q, spec: { ...q.spec, seeds: [5, 7] } }, full];
+        return [q, new Float32Array(5)];
+      };
+      expect(bits(runWith(stray, img2img).x)).toEqual(bits(own.x));
+    }
   });
 
   it("uses the config's noise_sampler_seed for every image where it is set", () => {

@@ -2,6 +2,7 @@
  * @module The pipeline worker's side of one of its auxiliary session threads (aux.ts): sessions created and run there
  * look like local ones to the pipeline (ModelSession), and runs there overlap whatever this thread runs meanwhile.
  */
+import type { BrownianQuery } from './brownian.js';
 import type { OptimizeItem } from './ortcache.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
 import type { SessionProvider } from './provider.js';
@@ -45,6 +46,18 @@ export class AuxClient {
   async settle(release: boolean): Promise<number> {
     const t = this.#thread;
     return t.expect(await t.ask({ t: 'settle', release }), 'settled', 'settle').released;
+  }
+
+  /** DPM++ SDE's noise for `query`, made on the thread (it fails as a RuntimeError, and with the thread). */
+  async noise(query: BrownianQuery): Promise<Float32Array> {
+    const t = this.#thread;
+    return t.expect(await t.ask({ t: 'noise', query }), 'noise', 'noise').z;
+  }
+
+  /** The thread can drop the Brownian motion it keeps for the last batch. */
+  async forgetNoise(): Promise<void> {
+    if (this.#thread.ended) return;
+    await this.#thread.ask({ t: 'forget-noise' }).catch(() => undefined);
   }
 
   async release(session: number): Promise<void> {

@@ -7,7 +7,8 @@
  * text-to-image request uses (the VAE encoder) can be primed once the worker's warm-up has ended instead, off the path
  * to ready.
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort, workerData, type TransferListItem } from 'node:worker_threads';
+import { BrownianNoise, sameSpec } from './brownian.js';
 import { SessionFactory, type Feed, type OnnxSession } from './onnx.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
 import type { SessionProvider } from './provider.js';
@@ -16,7 +17,7 @@ import { failedReply, ioMeta, ranReply } from './thread-replies.js';
 const port = parentPort;
 if (!port) throw new Error('aux.ts must run in a worker thread');
 const init = workerData as AuxInit;
-const post = (m: FromAux) => port.postMessage(m);
+const post = (m: FromAux, transfer: TransferListItem[] = []) => port.postMessage(m, transfer);
 const log = (level: 'info' | 'warn', msg: string, obj?: object) => post({ t: 'log', level, msg, obj: { thread: init.name, ...(obj as Record<string, unknown>) } });
 
 const factories = new Map<SessionProvider, SessionFactory>();
@@ -133,6 +134,20 @@ async function release(m: Extract<ToAux, { t: 'release' }>): Promise<void> {
   post({ t: 'released', id: m.id });
 }
 
+/** The Brownian motion of the batch whose noise was asked for last (its trees keep the nodes the next reads share). */
+let motion: BrownianNoise | undefined;
+
+function noise(m: Extract<ToAux, { t: 'noise' }>): void {
+  try {
+    const { spec, ta, tb } = m.query;
+    if (!motion || !sameSpec(motion.spec, spec)) motion = new BrownianNoise(spec);
+    const z = motion.noise(ta, tb);
+    post({ t: 'noise', id: m.id, z }, [z.buffer]);
+  } catch (err) {
+    fail(m.id, err);
+  }
+}
+
 // One thing at a time, in arrival order: ORT creates and runs synchronously on this thread anyway.
 let queue: Promise<void> = Promise.resolve();
 port.on('message', (m: ToAux) => {
@@ -148,6 +163,15 @@ port.on('message', (m: ToAux) => {
       break;
     case 'settle':
       queue = queue.then(() => settle(m));
+      break;
+    case 'noise':
+      queue = queue.then(() => noise(m));
+      break;
+    case 'forget-noise':
+      queue = queue.then(() => {
+        motion = undefined;
+        post({ t: 'forgot-noise', id: m.id });
+      });
       break;
     case 'close':
       queue = queue.then(async () => {

@@ -265,3 +265,63 @@ export class BrownianInterval {
     if (this.#cache.size > this.#cacheNodes) this.#cache.delete(this.#cache.keys().next().value!);
   }
 }
+
+/**
+ * What a batch's Brownian noise depends on, and all it depends on: the interval [lo, hi] (the schedule's smallest
+ * sigma above 0 and its largest), the values per image, and each image's seed. Plain data, so another thread can make
+ * the same noise (aux.ts).
+ */
+export interface BrownianSpec {
+  readonly lo: number;
+  readonly hi: number;
+  readonly perImage: number;
+  readonly seeds: readonly number[];
+}
+
+/** Whether two specs describe the same motion. */
+export function sameSpec(a: BrownianSpec, b: BrownianSpec): boolean {
+  return a.lo === b.lo && a.hi === b.hi && a.perImage === b.perImage && a.seeds.length === b.seeds.length && a.seeds.every((x, i) => x === b.seeds[i]);
+}
+
+/** One read of a batch's motion between two times (either order). */
+export interface BrownianQuery {
+  readonly spec: BrownianSpec;
+  readonly ta: number;
+  readonly tb: number;
+}
+
+/**
+ * diffusers' BrownianTreeNoiseSampler over a batch: one BrownianInterval per image (images of one seed share one, so
+ * they get the same noise), read as W(ta, tb)/√|tb − ta| with torchsde's sign, images concatenated.
+ */
+export class BrownianNoise {
+  readonly spec: BrownianSpec;
+  readonly #trees: BrownianInterval[];
+
+  constructor(spec: BrownianSpec) {
+    if (spec.seeds.length === 0) throw new RuntimeError('INTERNAL', 'Brownian noise: no image seeds');
+    this.spec = spec;
+    const bySeed = new Map<number, BrownianInterval>();
+    this.#trees = spec.seeds.map((seed) => {
+      let tree = bySeed.get(seed);
+      if (!tree) bySeed.set(seed, (tree = new BrownianInterval(spec.lo, spec.hi, spec.perImage, seed)));
+      return tree;
+    });
+  }
+
+  noise(ta: number, tb: number): Float32Array<ArrayBuffer> {
+    const trees = this.#trees;
+    // BatchedBrownianTree.sort, of the query and (once) of the tree's own interval
+    const sign = (ta < tb ? 1 : -1) * (trees[0]!.start < trees[0]!.end ? 1 : -1);
+    const denom = f(Math.sqrt(Math.abs(f(tb - ta))));
+    const per = this.spec.perImage;
+    const out = new Float32Array(per * trees.length);
+    const done = new Map<BrownianInterval, Float32Array>();
+    trees.forEach((tree, i) => {
+      let w = done.get(tree);
+      if (!w) done.set(tree, (w = ta < tb ? tree.increment(ta, tb) : tree.increment(tb, ta)));
+      for (let k = 0; k < per; k++) out[i * per + k] = f((sign * w[k]!) / denom);
+    });
+    return out;
+  }
+}

@@ -14,6 +14,7 @@ import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { EDM_CLASSES } from './schedulers/edm.js';
 import { checkModelScheduler, createScheduler, schedulerLimits } from './schedulers/index.js';
+import type { BrownianQuery } from './brownian.js';
 import type { Scheduler } from './types.js';
 
 export interface GenerateHooks {
@@ -23,6 +24,19 @@ export interface GenerateHooks {
   cancelled?(): boolean;
   /** After the last UNet step, before the VAE: the UNet is free for another generation. */
   onDenoised?(): void;
+  /** Makes a scheduler's noise that does not depend on the model output elsewhere, during the UNet run. */
+  noise?: NoiseMaker;
+}
+
+/**
+ * Another thread that makes DPM++ SDE's Brownian noise (aux.ts): ORT runs the UNet synchronously on this thread, so
+ * noise made here waits for it, and noise made there overlaps it.
+ */
+export interface NoiseMaker {
+  /** The noise of `query`, or undefined where it could not be made (the step then makes it itself). */
+  make(query: BrownianQuery): Promise<Float32Array | undefined>;
+  /** The generation read its last noise (or failed): what was kept for its queries can go. */
+  done(): void;
 }
 
 /**
@@ -197,47 +211,55 @@ export class Pipeline {
     const g32 = f(shape.guidance);
     let denoised: Float32Array<ArrayBufferLike> | undefined;
     const steps = timesteps;
-    for (let k = 0; k < steps.length; k++) {
-      if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
-      const t = steps[k]!;
-      const doubled = cfg ? concat(latents, latents) : latents;
-      const scaled = scheduler.scaleModelInput(doubled, t);
-      // The inpainting UNet also takes the mask and the masked image's latents, after the scaled latents.
-      const x = start?.conditioning ? withConditioning(scaled, rows, B, h * w, start.conditioning) : scaled;
-      const feeds: Parameters<ModelSession['run']>[0] = {
-        sample: { data: x, dims: [rows, channels, h, w] },
-        timestep: timestepFeed(tInfo.shape, t, rows),
-        encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
-      };
-      if (cond.pooled) feeds.text_embeds = { data: cond.pooled, dims: [rows, cond.pooled.length / rows] };
-      if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, rows, cfg);
-      if (timestepCond) feeds.timestep_cond = { data: timestepCond, dims: [B, timestepCond.length / B] };
-      const out = await unet.run(feeds, ['out_sample']);
-      let e = out.out_sample!.data;
-      if (cfg) {
-        const n = B * per;
-        const guided = new Float32Array(n);
-        for (let i = 0; i < n; i++) {
-          const u = e[i]!;
-          guided[i] = f(u + f(g32 * f(e[n + i]! - u)));
+    try {
+      for (let k = 0; k < steps.length; k++) {
+        if (hooks.cancelled?.()) throw new RuntimeError('CANCELLED', 'generation cancelled: every client left');
+        const t = steps[k]!;
+        const doubled = cfg ? concat(latents, latents) : latents;
+        const scaled = scheduler.scaleModelInput(doubled, t);
+        // The inpainting UNet also takes the mask and the masked image's latents, after the scaled latents.
+        const x = start?.conditioning ? withConditioning(scaled, rows, B, h * w, start.conditioning) : scaled;
+        const feeds: Parameters<ModelSession['run']>[0] = {
+          sample: { data: x, dims: [rows, channels, h, w] },
+          timestep: timestepFeed(tInfo.shape, t, rows),
+          encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
+        };
+        if (cond.pooled) feeds.text_embeds = { data: cond.pooled, dims: [rows, cond.pooled.length / rows] };
+        if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, rows, cfg);
+        if (timestepCond) feeds.timestep_cond = { data: timestepCond, dims: [B, timestepCond.length / B] };
+        const ahead = hooks.noise ? scheduler.nextNoise?.(latents.length) : undefined;
+        const made = ahead ? hooks.noise!.make(ahead) : undefined;
+        const out = await unet.run(feeds, ['out_sample']);
+        let e = out.out_sample!.data;
+        if (cfg) {
+          const n = B * per;
+          const guided = new Float32Array(n);
+          for (let i = 0; i < n; i++) {
+            const u = e[i]!;
+            guided[i] = f(u + f(g32 * f(e[n + i]! - u)));
+          }
+          if (shape.guidanceRescale > 0) rescaleNoiseCfg(guided, e.subarray(n), B, per, shape.guidanceRescale);
+          e = guided;
         }
-        if (shape.guidanceRescale > 0) rescaleNoiseCfg(guided, e.subarray(n), B, per, shape.guidanceRescale);
-        e = guided;
-      }
-      const res = scheduler.step(e, t, latents, noise);
-      latents = res.prevSample;
-      denoised = res.denoised;
-      if (start?.blend) {
-        // A 4-channel UNet inpaints by putting the known image back outside the mask after every step, noised to the
-        // next timestep (and clean after the last one).
-        const { known, noise: n0, mask } = start.blend;
-        latents = latents.slice();
-        for (let i = 0; i < B; i++) {
-          const proper = k < steps.length - 1 ? scheduler.addNoise(known[i]!, n0[i]!, begin + k + 1) : known[i]!;
-          blendLatents(latents.subarray(i * per, (i + 1) * per), proper, mask);
+        const z = await made;
+        if (z) scheduler.giveNoise?.(ahead!, z);
+        const res = scheduler.step(e, t, latents, noise);
+        latents = res.prevSample;
+        denoised = res.denoised;
+        if (start?.blend) {
+          // A 4-channel UNet inpaints by putting the known image back outside the mask after every step, noised to the
+          // next timestep (and clean after the last one).
+          const { known, noise: n0, mask } = start.blend;
+          latents = latents.slice();
+          for (let i = 0; i < B; i++) {
+            const proper = k < steps.length - 1 ? scheduler.addNoise(known[i]!, n0[i]!, begin + k + 1) : known[i]!;
+            blendLatents(latents.subarray(i * per, (i + 1) * per), proper, mask);
+          }
         }
+        await hooks.onStep?.(k + 1, steps.length, latents);
       }
-      await hooks.onStep?.(k + 1, steps.length, latents);
+    } finally {
+      hooks.noise?.done();
     }
     const w1 = performance.now();
     hooks.onDenoised?.();

@@ -1,5 +1,6 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
 import type { AuxThreads, EncoderWarmup, ExecutionProvider } from '../config.js';
+import type { BrownianQuery } from './brownian.js';
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';
@@ -57,6 +58,12 @@ export type ToAux =
    * `release`: then queue the priming runs held for the warm-up's end (answered with how many).
    */
   | { t: 'settle'; id: number; release: boolean }
+  /**
+   * DPM++ SDE's noise for one read of a batch's Brownian motion (brownian.ts), made here while the worker runs the
+   * UNet; the thread keeps the motion of the last batch asked for until `forget-noise`.
+   */
+  | { t: 'noise'; id: number; query: BrownianQuery }
+  | { t: 'forget-noise'; id: number }
   | { t: 'close' };
 
 export type FromAux =
@@ -64,6 +71,8 @@ export type FromAux =
   | RanReply
   | { t: 'released'; id: number }
   | { t: 'settled'; id: number; released: number }
+  | { t: 'noise'; id: number; z: Float32Array }
+  | { t: 'forgot-noise'; id: number }
   | FailedReply
   | ThreadLogMessage;
 

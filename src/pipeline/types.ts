@@ -1,4 +1,5 @@
 /** @module Types shared by the pipeline pieces (tokenizer, random, schedulers, pipeline). */
+import type { BrownianQuery } from './brownian.js';
 
 /** A source of N(0,1) float32 draws (torch-compatible for a seeded generator). */
 export interface NoiseSource {
@@ -43,6 +44,13 @@ export interface Scheduler {
    * Call before the first step.
    */
   setBeginIndex(index: number): void;
+  /**
+   * The noise read the next step() makes that does not depend on the model output (DPM++ SDE's Brownian motion), for
+   * a sample of `length` values; undefined when it makes none. The pipeline has it made on another thread during the
+   * UNet run and hands it over with giveNoise; step() uses what it is given only for exactly that read.
+   */
+  nextNoise?(length: number): BrownianQuery | undefined;
+  giveNoise?(query: BrownianQuery, z: Float32Array): void;
   /**
    * diffusers' `scheduler.add_noise(original, noise, timesteps[index])` for this class, at `index` of the full
    * schedule: √ᾱ·x + √(1−ᾱ)·n (DDIM, PNDM, LCM, TCD), x + σ·n (Euler family, EDM), α_t·x + σ_t·n (DPM-Solver).

@@ -18,7 +18,7 @@ import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { primeSpec } from './prime.js';
 import { onGpu, type SessionProvider } from './provider.js';
-import { Pipeline, latentPreview } from './pipeline.js';
+import { Pipeline, latentPreview, type NoiseMaker } from './pipeline.js';
 import { nativeRandn } from './random.js';
 import type { AdapterRef } from './job.js';
 import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol.js';
@@ -279,6 +279,39 @@ async function reset(): Promise<void> {
 }
 
 /** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
+let noiseLogged = false;
+
+/**
+ * DPM++ SDE's Brownian noise is made on the text encoders' thread, where there is one (AUX_THREADS), during each UNet
+ * run: that thread is idle while this one denoises, and the noise costs milliseconds of CPU per run and image. A
+ * failure there only moves the work back here, for the rest of the generation.
+ */
+function noiseMaker(): NoiseMaker | undefined {
+  const client = aux.get('encode');
+  if (!client) return undefined;
+  let asked = false;
+  let failed = false;
+  return {
+    make: async (query) => {
+      if (failed) return undefined;
+      asked = true;
+      try {
+        const z = await client.noise(query);
+        if (!noiseLogged) log('info', 'DPM++ SDE noise is made on an auxiliary thread during the UNet runs', { thread: 'encode' });
+        noiseLogged = true;
+        return z;
+      } catch (err) {
+        failed = true;
+        log('warn', 'the auxiliary thread could not make DPM++ SDE noise; the worker makes it', { reason: String((err as Error)?.message ?? err) });
+        return undefined;
+      }
+    },
+    done: () => {
+      if (asked) void client.forgetNoise();
+    },
+  };
+}
+
 async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
   // The first generation of these sessions to succeed is the warm-up (a reset while it runs makes it another's; one
@@ -303,7 +336,9 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     }
     const { height, width } = m.job.shape;
     const vsf = p.layout.vae.scaleFactor;
+    const noise = noiseMaker();
     const { images, times } = await p.generate(m.job, {
+      ...(noise ? { noise } : {}),
       cancelled: () => cancels.has(id),
       onDenoised: () => {
         unuse();

@@ -11,7 +11,7 @@
  */
 
 import { RuntimeError } from '../../errors.js';
-import { BrownianInterval } from '../brownian.js';
+import { BrownianNoise, sameSpec, type BrownianQuery, type BrownianSpec } from '../brownian.js';
 import { expf, expm1f, logf as torchLogf } from '../torchmath.js';
 import type { StepResult } from '../types.js';
 import { f, type ConfigValue, type ResolvedConfig, sigmaToT } from './common.js';
@@ -42,8 +42,11 @@ export class DPMSolverSDE extends EulerBase {
   readonly name = NAME;
   readonly order = 2;
   readonly #seeds: readonly number[] | undefined;
-  /** One tree per image, made at the first step (diffusers makes its sampler there, from the sample's shape). */
-  #trees: BrownianInterval[] | undefined;
+  /** The batch's motion, made at the first step that reads it in place (diffusers makes its sampler there too). */
+  #motion: BrownianNoise | undefined;
+  #motionSpec: BrownianSpec | undefined;
+  /** Noise made elsewhere for the next step's query (giveNoise). */
+  #given: { query: BrownianQuery; z: Float32Array } | undefined;
   /** Between a step's two UNet runs: the sample it left from and the midpoint sigma the second run sees. */
   #pending: { sample: Float32Array; midSigma: number } | undefined;
 
@@ -73,8 +76,9 @@ export class DPMSolverSDE extends EulerBase {
     return scaleBySigma(sample, this.#pending === undefined ? this.sig[this.index]! : this.#pending.midSigma);
   }
 
-  /** diffusers' BrownianTreeNoiseSampler(sample, min sigma > 0, max sigma, seed), per image. */
-  #makeTrees(length: number): BrownianInterval[] {
+  /** diffusers' BrownianTreeNoiseSampler(sample, min sigma > 0, max sigma, seed) for a sample of `length` values. */
+  #spec(length: number): BrownianSpec {
+    if (this.#motionSpec?.perImage === length / (this.#seeds?.length ?? 1)) return this.#motionSpec;
     const images = this.#seeds?.length ?? 1;
     if (length % images !== 0) throw new RuntimeError('INTERNAL', `${NAME}: a sample of ${length} values is not ${images} images`);
     let lo = Infinity;
@@ -84,43 +88,51 @@ export class DPMSolverSDE extends EulerBase {
       hi = Math.max(hi, s);
     }
     const own = this.config.noise_sampler_seed as number | null;
-    // Images of one seed (the config's for all of them, or a request's repeated seed) share one tree: the same noise.
-    const bySeed = new Map<number, BrownianInterval>();
-    return Array.from({ length: images }, (_, i) => {
+    const seeds = Array.from({ length: images }, (_, i) => {
       const seed = own ?? this.#seeds?.[i];
       if (seed === undefined) throw new RuntimeError('INTERNAL', `${NAME}: no noise_sampler_seed in the config and no image seed`);
-      let tree = bySeed.get(seed);
-      if (!tree) bySeed.set(seed, (tree = new BrownianInterval(lo, hi, length / images, seed)));
-      return tree;
+      return seed;
     });
+    return (this.#motionSpec = { lo, hi, perImage: length / images, seeds });
   }
 
-  /** The sampler's draw between two times: W(ta, tb)/√|tb − ta|, sign included, images concatenated. */
-  #noise(ta: number, tb: number, length: number): Float32Array {
-    const trees = (this.#trees ??= this.#makeTrees(length));
-    // BatchedBrownianTree.sort, of the query and (once) of the tree's own interval
-    const sign = (ta < tb ? 1 : -1) * (trees[0]!.start < trees[0]!.end ? 1 : -1);
-    const denom = f(Math.sqrt(Math.abs(f(tb - ta))));
-    const out = new Float32Array(length);
-    const per = length / trees.length;
-    const done = new Map<BrownianInterval, Float32Array>();
-    trees.forEach((tree, i) => {
-      let w = done.get(tree);
-      if (!w) done.set(tree, (w = ta < tb ? tree.increment(ta, tb) : tree.increment(tb, ta)));
-      for (let k = 0; k < per; k++) out[i * per + k] = f((sign * w[k]!) / denom);
-    });
-    return out;
-  }
-
-  step(modelOutput: Float32Array, _t: number, sampleIn: Float32Array): StepResult {
-    this.checkIndex();
+  /** The step at the current index: its sigmas and times (the second run of a step goes from the step's start again). */
+  #plan() {
     const i = this.index;
     const first = this.#pending === undefined;
     const sigma = first ? this.sig[i]! : this.sig[i - 1]!;
     const sigmaNext = first ? this.sig[i + 1]! : this.sig[i]!;
     const t = tOf(sigma);
-    let tNext = tOf(sigmaNext);
-    const tProposed = f(t + f(f(tNext - t) * 0.5));
+    const tFull = tOf(sigmaNext);
+    const tProposed = f(t + f(f(tFull - t) * 0.5));
+    return { first, sigma, sigmaNext, t, tProposed, tNext: first ? tProposed : tFull };
+  }
+
+  /** The motion's read the next step makes from a sample of `length` values; none on the last step (to sigma 0). */
+  nextNoise(length: number): BrownianQuery | undefined {
+    if (this.index >= this.timesteps.length) return undefined;
+    const p = this.#plan();
+    if (p.sigmaNext === 0) return undefined;
+    return { spec: this.#spec(length), ta: sigmaOf(p.t), tb: sigmaOf(p.tNext) };
+  }
+
+  giveNoise(query: BrownianQuery, z: Float32Array): void {
+    this.#given = { query, z };
+  }
+
+  /** W(from, to) of the batch's motion: what giveNoise handed over for exactly this read, else made here. */
+  #noise(from: number, to: number, length: number): Float32Array {
+    const given = this.#given;
+    this.#given = undefined;
+    if (given && given.query.ta === from && given.query.tb === to && given.z.length === length) {
+      if (sameSpec(given.query.spec, this.#spec(length))) return given.z;
+    }
+    return (this.#motion ??= new BrownianNoise(this.#spec(length))).noise(from, to);
+  }
+
+  step(modelOutput: Float32Array, _t: number, sampleIn: Float32Array): StepResult {
+    this.checkIndex();
+    const { first, sigma, sigmaNext, t, tProposed, tNext } = this.#plan();
     const n = sampleIn.length;
     const pred = new Float32Array(n);
     predictX0(this.prediction, modelOutput, sampleIn, first ? sigma : sigmaOf(tProposed), pred);
@@ -130,7 +142,6 @@ export class DPMSolverSDE extends EulerBase {
       const dt = f(sigmaNext - sigma);
       for (let k = 0; k < n; k++) out[k] = f(sampleIn[k]! + f(f(f(sampleIn[k]! - pred[k]!) / sigma) * dt));
     } else {
-      if (first) tNext = tProposed;
       const sample = first ? sampleIn : this.#pending!.sample;
       const from = sigmaOf(t);
       const to = sigmaOf(tNext);
