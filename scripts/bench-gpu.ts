@@ -123,9 +123,9 @@ async function start(label: string, dir: string, env: Record<string, string>): P
   return s;
 }
 
-async function predict(port: number, o: { steps: number; seed: number; prompt?: string; image?: Buffer; strength?: number; loras?: string[] }): Promise<{ ms: number; png: Buffer }> {
+async function predict(port: number, o: { steps: number; seed: number; prompt?: string; image?: Buffer; strength?: number; loras?: string[]; scheduler?: string }): Promise<{ ms: number; png: Buffer }> {
   const t0 = performance.now();
-  const i2i = { ...(o.image ? { image: o.image.toString('base64'), strength: o.strength ?? 0.75 } : {}), ...(o.loras ? { loras: o.loras } : {}) };
+  const i2i = { ...(o.image ? { image: o.image.toString('base64'), strength: o.strength ?? 0.75 } : {}), ...(o.loras ? { loras: o.loras } : {}), ...(o.scheduler ? { scheduler: o.scheduler } : {}) };
   const r = await fetch(`http://127.0.0.1:${port}/v1/models/model:predict`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
@@ -332,7 +332,16 @@ async function main(): Promise<void> {
     fusedMain = await startOnly('fused UNet only', fused, {}, (st) => timeGenerations(st, ref));
   }
   // EXECUTION_PROVIDER=auto must find CUDA by itself.
-  const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, (st) => predict(st.port, { steps: 20, seed: 7 }).then((r) => r.ms));
+  // Then DPM++ SDE against Heun (both two UNet runs a step; Heun's step costs ~0.1 ms of CPU): what the Brownian noise,
+  // made on the text encoders' thread during each UNet run (AUX_THREADS auto), still adds to a request. Alternating.
+  const fusedAgain = await startOnly('fused, second start, EXECUTION_PROVIDER=auto', fused, { EXECUTION_PROVIDER: 'auto' }, async (st) => {
+    const ms = (await predict(st.port, { steps: 20, seed: 7 })).ms;
+    const sde: Record<string, number[]> = { heun: [], dpmpp_sde_karras: [] };
+    for (let r = 0; r < (QUICK ? 1 : 3); r++) for (const scheduler of Object.keys(sde)) sde[scheduler]!.push((await predict(st.port, { steps: 20, seed: 8 + r, scheduler })).ms);
+    process.stdout.write(`fused, 20 steps (39 UNet runs): heun ${sde.heun!.map((x) => Math.round(x)).join(', ')} ms; dpmpp_sde_karras ${sde.dpmpp_sde_karras!.map((x) => Math.round(x)).join(', ')} ms\n`);
+    return { ms, sde };
+  });
+  const sdeRuns = (fusedAgain?.extra as { sde?: Record<string, number[]> } | undefined)?.sde;
   // cuDNN's convolution algorithm search: ONNX Runtime's default (exhaustive: the first run of each convolution shape
   // times every algorithm, which is most of the warm-up) against its heuristic choice, set through
   // CUDA_PROVIDER_OPTIONS; starts alternating, each timed as the main row (speed and parity with diffusers).
@@ -414,6 +423,7 @@ async function main(): Promise<void> {
     '',
     `fused export served from: ${fused}`,
     `second start of the fused export (EXECUTION_PROVIDER=auto, providers ${JSON.stringify(fusedAgain?.providers)}): ready ${s(fusedAgain?.readyMs)} (loading ${s((fusedAgain?.phases?.loading ?? 0) * 1000)}, warm-up ${s((fusedAgain?.phases?.warming ?? 0) * 1000)}); sessions ${JSON.stringify(fusedAgain?.sessions)}; primed ${JSON.stringify(fusedAgain?.primed)}; warm-up stages ${JSON.stringify(fusedAgain?.warmup)}`,
+    `DPM++ SDE Karras against Heun (fused, 20 steps, 39 UNet runs each, medians): ${sdeRuns ? `${s(median(sdeRuns.dpmpp_sde_karras!))} vs ${s(median(sdeRuns.heun!))}` : '—'}`,
     `image-to-image (fused, strength 0.75, 50 steps): ${(fusedMain?.extra as Timed | undefined)?.img2img?.map((x) => s(x)).join(', ') ?? '—'}`,
     `first 50-step request after ready (fused, WARMUP_VAE_ENCODER ${process.env.WARMUP_VAE_ENCODER ?? 'default'}): ${s((fusedMain?.extra as Timed | undefined)?.runs50[0])}`,
     ...encoderWarmup.map(
