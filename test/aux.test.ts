@@ -182,7 +182,7 @@ describe('auxiliary session thread', () => {
     /** The reads a 6-step run of `seeds` makes, at `per` values an image (the scheduler is stepped on made-up outputs). */
     const readsOf = (seeds: number[], per: number) => {
       const s = createScheduler(config, 6, { name: 'dpmpp_sde_karras', seeds });
-      let x = new Float32Array(seeds.length * per).fill(1);
+      let x: Float32Array = new Float32Array(seeds.length * per).fill(1);
       const out = [];
       for (const t of s.timesteps) {
         const q = s.nextNoise!(x.length);
