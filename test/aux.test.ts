@@ -10,7 +10,10 @@ import { describe, expect, it } from 'vitest';
 import { startRuntime } from './helpers/runtime.js';
 import { postJson, ROOT, tempDir, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
-import { readLayout } from '../src/pipeline/model.js';
+import type { ImageInit, Job } from '../src/pipeline/job.js';
+import { readLayout, type Component } from '../src/pipeline/model.js';
+import { SessionFactory, type ModelSession } from '../src/pipeline/onnx.js';
+import { Pipeline, type NoiseMaker, type Sessions } from '../src/pipeline/pipeline.js';
 import { NO_OPTIMIZED_CACHE } from '../src/pipeline/ortcache.js';
 import type { SessionProvider } from '../src/pipeline/provider.js';
 
@@ -182,7 +185,7 @@ describe('auxiliary session thread', () => {
     /** The reads a 6-step run of `seeds` makes, at `per` values an image (the scheduler is stepped on made-up outputs). */
     const readsOf = (seeds: number[], per: number) => {
       const s = createScheduler(config, 6, { name: 'dpmpp_sde_karras', seeds });
-      let x = new Float32Array(seeds.length * per).fill(1);
+      let x: Float32Array = new Float32Array(seeds.length * per).fill(1);
       const out = [];
       for (const t of s.timesteps) {
         const q = s.nextNoise!(x.length);
@@ -282,6 +285,60 @@ describe("DPM++ SDE's noise on the text encoders' thread", () => {
     expect(here.b64).toHaveLength(2);
     expect(here.b64[0]).not.toBe(here.b64[1]);
     expect(there.b64).toEqual(here.b64);
+  }, 60_000);
+
+  it("is what the pipeline's steps add, across cuts, guidance and repeated seeds; the thread forgets it once per generation, cancelled too", async () => {
+    const { aux } = await load();
+    const dir = await fixtureModel({ withVaeEncoder: true });
+    const layout = readLayout(dir);
+    const factory = new SessionFactory({ ep: 'cpu', intraOpThreads: 1 });
+    const sessions: Partial<Record<Component, ModelSession>> = {};
+    for (const c of Object.keys(layout.onnx) as Component[]) sessions[c] = (await factory.create(c, layout.onnx[c]!)).session;
+    const client = new aux.AuxClient({ name: 'encode', intraOpThreads: 1, optimizedModelCache: NO_OPTIMIZED_CACHE }, () => undefined, () => undefined);
+    try {
+      const p = await Pipeline.create(layout, sessions as unknown as Sessions);
+      let asked = 0;
+      let forgot = 0;
+      const thread: NoiseMaker = { make: async (q) => (asked++, client.noise(q)), done: () => void (forgot++, client.forgetNoise()) };
+      // Noise of the right size that is not the motion's: an image made with it differs only if the steps add it.
+      const other: NoiseMaker = { make: async (q) => new Float32Array(q.spec.perImage * q.spec.seeds.length).fill(0.5), done: () => undefined };
+      const W = 64;
+      const H = 48;
+      const picture = { data: Uint8Array.from({ length: W * H * 3 }, (_, i) => (i * 37) % 251), width: W, height: H, channels: 3 };
+      const mask = { data: Uint8Array.from({ length: W * H * 3 }, (_, i) => (Math.floor(i / 3) % W < W / 2 ? 255 : 0)), width: W, height: H, channels: 3 };
+      const job = (guidance: number, init?: ImageInit): Job => ({
+        shape: { steps: 5, guidance, height: H, width: W, scheduler: 'dpmpp_sde_karras', eta: 0, guidanceRescale: 0 },
+        // the second item repeats the first's seed: its image shares the first image's tree
+        items: [{ prompt: 'a red fox', negativePrompt: undefined, seed: 3, numImages: 2 }, { prompt: 'a cat', negativePrompt: undefined, seed: 3, numImages: 1 }],
+        ...(init ? { init } : {}),
+      });
+      const bytes = (r: Awaited<ReturnType<typeof p.generate>>) => r.images.map((i) => Buffer.from(i.rgb).toString('base64'));
+      const cases: Array<[string, Job]> = [
+        ['text-to-image with guidance', job(7.5)],
+        ['text-to-image without', job(1)],
+        ['image-to-image', job(7.5, { mode: 'img2img', strength: 0.6, resizeMode: 'default', image: picture })],
+        ['inpainting (the latent blend)', job(7.5, { mode: 'inpaint', strength: 0.8, resizeMode: 'default', image: picture, mask })],
+      ];
+      for (const [what, j] of cases) {
+        const own = await p.generate(j);
+        asked = 0;
+        forgot = 0;
+        const there = await p.generate(j, { noise: thread });
+        // every UNet run but the last (to sigma 0) reads the motion
+        expect(asked, what).toBe(own.times.steps - 1);
+        expect(forgot, what).toBe(1);
+        expect(bytes(there), what).toEqual(bytes(own));
+        expect(bytes(await p.generate(j, { noise: other })), what).not.toEqual(bytes(own));
+      }
+      // Cancelled after two runs: the thread is told to forget, once
+      asked = 0;
+      forgot = 0;
+      await expect(p.generate(job(7.5), { noise: thread, cancelled: () => asked >= 2 })).rejects.toMatchObject({ code: 'CANCELLED' });
+      expect([asked, forgot]).toEqual([2, 1]);
+    } finally {
+      await client.close();
+      for (const s of Object.values(sessions)) await s!.release();
+    }
   }, 60_000);
 });
 

@@ -278,7 +278,6 @@ async function reset(): Promise<void> {
   factory.deferredWrites.splice(0);
 }
 
-/** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
 let noiseLogged = false;
 
 /**
@@ -312,6 +311,7 @@ function noiseMaker(): NoiseMaker | undefined {
   };
 }
 
+/** `denoised`: called once the UNet is free (after its last step, or when the generation ends before that). */
 async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () => void): Promise<void> {
   const { id } = m;
   // The first generation of these sessions to succeed is the warm-up (a reset while it runs makes it another's; one
