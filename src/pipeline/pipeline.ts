@@ -228,7 +228,8 @@ export class Pipeline {
         if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, rows, cfg);
         if (timestepCond) feeds.timestep_cond = { data: timestepCond, dims: [B, timestepCond.length / B] };
         const ahead = hooks.noise ? scheduler.nextNoise?.(latents.length) : undefined;
-        const made = ahead ? hooks.noise!.make(ahead) : undefined;
+        // make() answers undefined for a failure; the catch keeps a UNet run that throws first from leaving it unhandled
+        const made = ahead ? hooks.noise!.make(ahead).catch(() => undefined) : undefined;
         const out = await unet.run(feeds, ['out_sample']);
         let e = out.out_sample!.data;
         if (cfg) {
