@@ -369,7 +369,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const seedGiven = has('seed');
   const seed = int('seed', 0, 0, MAX_SEED);
-  if (seedGiven && seed + numImages - 1 > MAX_SEED) bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED}`);
+  // Not `seed + numImages - 1 > MAX_SEED`: past 2^53 that sum rounds (2^53 - 1 + 2 - 1 gives 2^53 - 1).
+  if (seedGiven && seed > MAX_SEED - (numImages - 1)) {
+    bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED} (image i uses seed + i), got ${seed} with ${numImages} images`);
+  }
   let scheduler: string | undefined;
   // DEFAULT_SCHEDULER stands for a scheduler the request does not name (checked against the model at boot).
   const schedName = str('scheduler', false, 64) ?? cfg.defaultScheduler;
