@@ -387,7 +387,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
   // rather than in the worker after the request waited for a queue slot.
   const outside = schedName === undefined || scheduler !== undefined ? stepsOutside(steps, scheduler, defaults) : undefined;
-  if (outside !== undefined) bad.push(`${w}.num_inference_steps ${outside}`);
+  // A value the client did not send is named as the default it is, not taken for the client's own.
+  const whose = has('num_inference_steps') ? '' : ` (not sent: the ${cfg.defaultSteps !== undefined ? "server's default, DEFAULT_STEPS" : "model's default"}; send num_inference_steps)`;
+  if (outside !== undefined) bad.push(`${w}.num_inference_steps ${outside}${whose}`);
   let format = cfg.defaultOutputFormat;
   const fmt = str('output_format', false, 16);
   if (fmt !== undefined) {
