@@ -88,7 +88,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     });
     c.timers.push(
       setTimeout(() => {
-        if (!c.started) fail(ws, c, new RuntimeError('INVALID_INPUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`), 4408);
+        if (!c.started) fail(ws, c, new RuntimeError('REQUEST_TIMEOUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`));
       }, REQUEST_WAIT_MS),
       setInterval(() => {
         // While reading is paused (ping flood), the client's pongs are unread too: not a sign it is gone.
