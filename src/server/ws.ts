@@ -183,11 +183,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     ws.close(code, reason);
   }
 
-  function fail(ws: WebSocket, c: Conn, err: unknown, code?: number): void {
+  function fail(ws: WebSocket, c: Conn, err: unknown): void {
     const out = errorReply(err, opts.log);
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
     critical(ws, c, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
-    closeWith(ws, c, code ?? 4000 + out.status, body.code);
+    closeWith(ws, c, 4000 + out.status, body.code);
   }
 }
 
