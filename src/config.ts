@@ -126,6 +126,9 @@ const ENCODER_WARMUPS: readonly EncoderWarmup[] = ['before-ready', 'after-ready'
 const AUX_THREADS: readonly AuxThreads[] = ['auto', 'on', 'off'];
 const CACHE_EVICT: readonly CacheEvict[] = ['lru', 'off'];
 
+/** Seconds a Node timer can wait: a longer one fires at once (TimeoutOverflowWarning), so every request would time out. */
+const MAX_TIMER_S = Math.floor((2 ** 31 - 1) / 1000);
+
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
   const bad: string[] = [];
@@ -162,12 +165,12 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     if (v === undefined) bad.push(`${k} must be ${allowed}, got ${JSON.stringify(env[k])}`);
     return v;
   };
-  const num = (k: string, dflt: number, min: number): number => {
+  const num = (k: string, dflt: number, min: number, max = Infinity): number => {
     const r = raw(k);
     if (r === undefined) return dflt;
     const v = Number(r);
-    if (!Number.isFinite(v) || v < min) {
-      bad.push(`${k} must be a number >= ${min}, got ${JSON.stringify(env[k])}`);
+    if (!Number.isFinite(v) || v < min || v > max) {
+      bad.push(`${k} must be a number ${max === Infinity ? `>= ${min}` : `from ${min} to ${max}`}, got ${JSON.stringify(env[k])}`);
       return dflt;
     }
     return v;
@@ -230,7 +233,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     forcePathStyle: bool('S3_FORCE_PATH_STYLE', endpoint !== undefined && !virtualBucket),
     maxConcurrency: int('S3_MAX_CONCURRENCY', 24, 1, 512),
     partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
-    stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1),
+    stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1, MAX_TIMER_S),
     maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
     transport: oneOf('S3_TRANSPORT', 'sdk', TRANSPORTS),
   });
@@ -264,9 +267,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),
     warmupVaeEncoder: oneOf('WARMUP_VAE_ENCODER', 'before-ready', ENCODER_WARMUPS),
     auxThreads: oneOf('AUX_THREADS', 'auto', AUX_THREADS),
-    shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0),
+    shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0, MAX_TIMER_S),
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
-    requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1),
+    requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1, MAX_TIMER_S),
     resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
     // `jpg` as a request's output_format takes it.
     defaultOutputFormat: raw('OUTPUT_FORMAT')?.toLowerCase() === 'jpg' ? 'jpeg' : oneOf('OUTPUT_FORMAT', 'png', FORMATS),

@@ -121,6 +121,8 @@ describe('boot', () => {
         ['no-merges', (m) => rmSync(path.join(m, 'tokenizer', 'merges.txt')), /^MODEL_FORMAT: not an ONNX diffusers export: missing tokenizer\/merges\.txt$/],
         ['no-weights', (m) => rmSync(path.join(m, 'vae_decoder', 'model.onnx_data')), /^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: .*"vae_decoder\/model\.onnx_data"/],
         ['short-weights', (m) => truncateSync(path.join(m, 'unet', 'model.onnx_data'), 1000), /^MODEL_FORMAT: unet\/model\.onnx could not be loaded: .*out of bounds/],
+        ['empty-graph', (m) => truncateSync(path.join(m, 'text_encoder', 'model.onnx'), 0),
+          /^MODEL_FORMAT: text_encoder\/model\.onnx could not be loaded: Load model from text_encoder\/model\.onnx failed:ModelProto does not have a graph\.$/],
       ];
       for (const [name, spoil, reason] of cases) {
         const m = path.join(dir, name);
@@ -131,6 +133,8 @@ describe('boot', () => {
         expect(String(failed.reason), name).toMatch(reason);
         const body = await (await fetch(`${srv.url}/v1/models/model`)).text();
         expect(body, name).not.toContain(dir);
+        // Nor ONNX Runtime's source locations and C++ signatures (its build machine's paths).
+        expect(body, name).not.toMatch(/onnxruntime_src|onnxruntime::/);
         await srv.stop(0);
       }
     } finally {

@@ -215,6 +215,14 @@ describe('the server command line', () => {
     expect(r.stdout).toContain('README.md, "Configuration"');
   });
 
+  it('refuses a timer variable past what a Node timer can wait (every request answered 504 at once otherwise)', () => {
+    const r = spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000,
+      env: { ...process.env, PORT: '0', HOST: '127.0.0.1', REQUEST_TIMEOUT_S: '3000000', SHUTDOWN_GRACE_S: '1e9', S3_STALL_TIMEOUT_S: '2147484' } });
+    expect([r.status, r.stdout]).toEqual([2, '']);
+    expect(r.stderr).toBe('diffusers-runtime: invalid configuration: S3_STALL_TIMEOUT_S must be a number from 0.1 to 2147483, got "2147484"; '
+      + 'SHUTDOWN_GRACE_S must be a number from 0 to 2147483, got "1e9"; REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "3000000"\n');
+  });
+
   it('refuses arguments in one line, naming the variable for a KServe flag, instead of ignoring them', () => {
     const r = run(['--model_name=sd', '--http_port', '8080']);
     expect([r.status, r.stdout]).toEqual([2, '']);

@@ -196,6 +196,14 @@ describe('request targets', () => {
     ]);
   });
 
+  it('answers CONNECT (a client whose HTTPS_PROXY names this server) with 405 saying so, instead of closing without a word', async () => {
+    const { responses, closed } = await raw(srv.port, 'CONNECT s3.example:443 HTTP/1.1\r\nhost: s3.example:443\r\n\r\n');
+    expect(responses.map((r) => [r.status, r.headers.allow, jsonOf(r)])).toEqual([[405, 'GET, HEAD, POST', {
+      error: "CONNECT s3.example:443 is not served: this is a model server, not a proxy (check the client's HTTPS_PROXY)", code: 'METHOD_NOT_ALLOWED' }]]);
+    expect(closed).toBe(true);
+    expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
+  });
+
   it('matches percent-encoded path segments decoded, as KServe does (a client that escapes the colon before the verb)', async () => {
     const body = { instances: [{ prompt: 'escaped', num_inference_steps: 2, height: 64, width: 64, seed: 5 }] };
     const plain = await postJson(`${srv.url}/v1/models/model:predict`, body);

@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { allocationText, failureReply, loadError, outOfMemory } from '../src/pipeline/failures.js';
+import { allocationText, failureReply, loadError, outOfMemory, withoutSourceLocations } from '../src/pipeline/failures.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
@@ -82,6 +82,16 @@ describe('loadError: a session that could not be created, as the boot reason say
   it('MODEL_FORMAT for anything else, without the model folder', () => {
     const err = loadError('unet', model, new Error(`Load model from ${model} failed:Protobuf parsing failed.`)) as RuntimeError;
     expect([err.code, err.message]).toEqual(['MODEL_FORMAT', 'unet/model.onnx could not be loaded: Load model from unet/model.onnx failed:Protobuf parsing failed.']);
+    // Measured (a weights file cut short): ORT's source location and the throwing constructor's signature go.
+    const short = loadError('unet', model, new Error('Exception during initialization: /onnxruntime_src/onnxruntime/core/optimizer/initializer.cc:79 '
+      + 'onnxruntime::Initializer::Initializer(const onnxruntime::Graph&, const onnx::TensorProto&, const std::filesystem::__cxx11::path&, bool) '
+      + '[ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.')) as RuntimeError;
+    expect(short.message).toBe('unet/model.onnx could not be loaded: Exception during initialization: [ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 '
+      + 'GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.');
+    // A lambda's signature, and text that only looks like a location, kept.
+    expect(withoutSourceLocations('/onnxruntime_src/onnxruntime/core/session/inference_session.cc:2200 onnxruntime::common::Status '
+      + 'onnxruntime::InferenceSession::Initialize()::<lambda()> const [ONNXRuntimeError] : 1 : FAIL : x')).toBe('[ONNXRuntimeError] : 1 : FAIL : x');
+    expect(withoutSourceLocations('/onnxruntime_src/a.cc:1 no signature (here')).toBe('/onnxruntime_src/a.cc:1 no signature (here');
     const own = new RuntimeError('PROVIDER', 'the CUDA execution provider did not start');
     expect(loadError('unet', model, own)).toBe(own);
   });

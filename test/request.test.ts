@@ -44,7 +44,7 @@ describe('parseInstances', () => {
     );
     expect(parse({ num_inference_steps: 3 })[0]!.shape.steps).toBe(3);
     const lcm = { _class_name: 'LCMScheduler', original_inference_steps: 8 };
-    expect(() => parse({}, { ...defaults(lcm), steps: 50 })).toThrow(/num_inference_steps must be from 1 to 8 for scheduler LCMScheduler \(original_inference_steps is 8\), got 50/);
+    expect(() => parse({}, { ...defaults(lcm), steps: 50 })).toThrow(/num_inference_steps must be from 1 to 8 for scheduler LCMScheduler \(original_inference_steps is 8\), got 50 \(not sent: the model's default; send num_inference_steps\)$/);
   });
 
   it('reports an unknown scheduler name once, not a step limit of another scheduler as well', () => {

@@ -41,6 +41,17 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     expect(messages.filter((m) => m.type === 'progress').map((m) => m.of)).toEqual(Array(7).fill(7));
   });
 
+  it('a request whose scheduler cannot run DEFAULT_STEPS is told the steps are the server\'s default, not its own', async () => {
+    const srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', DEFAULT_STEPS: '60' }, { ready: true });
+    servers.push(srv);
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', scheduler: 'lcm', height: 64, width: 64 }] });
+    expect([r.status, r.json]).toEqual([400, { code: 'INVALID_INPUT', error: 'instances[0].num_inference_steps must be from 1 to 50 for scheduler lcm '
+      + "(original_inference_steps is 50), got 60 (not sent: the server's default, DEFAULT_STEPS; send num_inference_steps)" }]);
+    // Sent, the same value is the client's own.
+    const sent = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'x', scheduler: 'lcm', num_inference_steps: 60, height: 64, width: 64 }] });
+    expect(sent.json.error).toBe('instances[0].num_inference_steps must be from 1 to 50 for scheduler lcm (original_inference_steps is 50), got 60');
+  });
+
   it('a default the model cannot run fails the boot with a CONFIG reason naming the variable', async () => {
     const srv = await startServer({ STORAGE_URI: undefined, DEFAULT_SCHEDULER: 'lcm', DEFAULT_STEPS: '60' });
     servers.push(srv);

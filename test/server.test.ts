@@ -162,6 +162,9 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['overflowing number', '{"instances":[{"prompt":"x","guidance_scale":1e999}]}', 400, /guidance_scale/],
     ['negative seed', { instances: [{ prompt: 'x', seed: -1 }] }, 400, /seed/],
     ['seed too large', { instances: [{ prompt: 'x', seed: 2 ** 60 }] }, 400, /seed/],
+    // 2^53 - 1 + 2 - 1 rounds to 2^53 - 1 in doubles: the check passed and the worker refused seed + 1 under no field's name.
+    ['seed + images past 2^53 - 1', { instances: [{ prompt: 'x', seed: 2 ** 53 - 1, num_images_per_prompt: 2, num_inference_steps: 1, height: 64, width: 64 }] }, 400,
+      /^instances\[0\]\.seed \+ num_images_per_prompt - 1 must be at most 9007199254740991 \(image i uses seed \+ i\), got 9007199254740991 with 2 images$/],
     ['unknown scheduler', { instances: [{ prompt: 'x', scheduler: 'warp9' }] }, 400, /scheduler.*euler/i],
     ['__proto__ key', '{"instances":[{"prompt":"x","__proto__":{"admin":true}}]}', 400, /forbidden key/],
     ['bad output format', { instances: [{ prompt: 'x', output_format: 'bmp' }] }, 400, /output_format/],

@@ -2,10 +2,11 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson } from './helpers/server.js';
+import { REQUEST_WAIT_MS } from '../src/server/ws.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
 interface Ws {
@@ -170,6 +171,20 @@ describe('WebSocket stream', () => {
     // Each answer is one inference_request_count, whether refused at the upgrade or after the message.
     expect([(await count('400')) - bad0, (await count('404')) - unknown0]).toEqual([4, 1]);
     expect(srv.logs.filter((l) => l.msg === 'inference request' && l.route === '/v1/models/nope/stream').map((l) => l.status)).toEqual([404]);
+  });
+
+  it('closes a socket that sends no request within 120 s with REQUEST_TIMEOUT and 4408, the code and status of a request too slow to arrive', async () => {
+    // The server's 120 s wait runs on the test's clock: only setTimeout is faked, and only while the wait is armed and run.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    let ws: Ws;
+    try {
+      ws = await stream();
+      await vi.advanceTimersByTimeAsync(REQUEST_WAIT_MS);
+    } finally {
+      vi.useRealTimers();
+    }
+    expect(await ws.closed).toEqual({ code: 4408, reason: 'REQUEST_TIMEOUT' });
+    expect(ws.messages).toEqual([{ type: 'error', code: 'REQUEST_TIMEOUT', error: 'no request message within 120 s of the upgrade' }]);
   });
 
   it('cancels the generation when the client closes the socket', async () => {

@@ -68,6 +68,34 @@ export function allocationText(text: string): string {
 }
 
 /**
+ * ORT's text without the source locations its C++ exceptions carry (ORT_WHERE: the build machine's
+ * `/onnxruntime_src/…/model.cc:187`, then the throwing function's signature, templates included): a boot reason reaches
+ * clients, and neither is about their model.
+ */
+export function withoutSourceLocations(text: string): string {
+  const at = /\/onnxruntime_src\/\S*:\d+ /g;
+  let out = '';
+  let from = 0;
+  for (let m = at.exec(text); m !== null; m = at.exec(text)) {
+    // The signature (`__PRETTY_FUNCTION__`) ends at the first space outside brackets once its parameter list closed:
+    // `void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*)`, `…Initialize()::<lambda()>`.
+    let i = m.index + m[0].length;
+    let depth = 0;
+    let closed = false;
+    for (; i < text.length && !(closed && depth === 0 && text[i] === ' '); i++) {
+      if (text[i] === '(' || text[i] === '<') depth++;
+      else if (text[i] === ')' || text[i] === '>') depth--;
+      if (text[i] === ')' && depth === 0) closed = true;
+    }
+    if (!closed) break; // not a signature after all: the rest is kept as it is
+    out += text.slice(from, m.index);
+    from = i + /^ ?(?:const )?(?:\[with [^\]]*\] ?)?/.exec(text.slice(i))![0].length;
+    at.lastIndex = from;
+  }
+  return out + text.slice(from);
+}
+
+/**
  * A session ONNX Runtime could not create (a truncated or missing weights file, a graph it cannot parse, no room for
  * its weights), named by its component. ORT names files by their absolute path, and a boot reason reaches clients:
  * the model folder is cut from the message. Our own refusals (RuntimeErrors other than a thread's INTERNAL) go up as
@@ -80,6 +108,6 @@ export function loadError(component: string, modelPath: string, err: unknown): u
     return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
   const dir = path.dirname(path.dirname(modelPath)) + path.sep;
-  const message = String((err as Error)?.message ?? err).split(dir).join('');
+  const message = withoutSourceLocations(String((err as Error)?.message ?? err).split(dir).join('')).trim();
   return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
 }

@@ -369,7 +369,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const seedGiven = has('seed');
   const seed = int('seed', 0, 0, MAX_SEED);
-  if (seedGiven && seed + numImages - 1 > MAX_SEED) bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED}`);
+  // Not `seed + numImages - 1 > MAX_SEED`: past 2^53 that sum rounds (2^53 - 1 + 2 - 1 gives 2^53 - 1).
+  if (seedGiven && seed > MAX_SEED - (numImages - 1)) {
+    bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED} (image i uses seed + i), got ${seed} with ${numImages} images`);
+  }
   let scheduler: string | undefined;
   // DEFAULT_SCHEDULER stands for a scheduler the request does not name (checked against the model at boot).
   const schedName = str('scheduler', false, 64) ?? cfg.defaultScheduler;
@@ -384,7 +387,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   // The scheduler's own limits (num_train_timesteps, LCM's original_inference_steps, PNDM's Runge-Kutta warm-up), here
   // rather than in the worker after the request waited for a queue slot.
   const outside = schedName === undefined || scheduler !== undefined ? stepsOutside(steps, scheduler, defaults) : undefined;
-  if (outside !== undefined) bad.push(`${w}.num_inference_steps ${outside}`);
+  // A value the client did not send is named as the default it is, not taken for the client's own.
+  const whose = has('num_inference_steps') ? '' : ` (not sent: the ${cfg.defaultSteps !== undefined ? "server's default, DEFAULT_STEPS" : "model's default"}; send num_inference_steps)`;
+  if (outside !== undefined) bad.push(`${w}.num_inference_steps ${outside}${whose}`);
   let format = cfg.defaultOutputFormat;
   const fmt = str('output_format', false, 16);
   if (fmt !== undefined) {

@@ -407,6 +407,9 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   // Node would answer `Expect: 100-continue` with 100 before any route ran; a route with a body sends it once the
   // request may go on (http.ts bodyRoute), so a refused one is answered without the client uploading its body first.
   server.on('checkContinue', (req: IncomingMessage, res: http.ServerResponse) => server.emit('request', req, res));
+  // CONNECT comes from a client whose HTTPS_PROXY names this server; without a listener Node closes the socket unanswered.
+  server.on('connect', (req: IncomingMessage, socket: Duplex) => rawReply(socket, 405, errorBody('METHOD_NOT_ALLOWED',
+    `CONNECT ${req.url ?? ''} is not served: this is a model server, not a proxy (check the client's HTTPS_PROXY)`), 'allow: GET, HEAD, POST\r\n'));
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);

@@ -88,7 +88,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     });
     c.timers.push(
       setTimeout(() => {
-        if (!c.started) fail(ws, c, new RuntimeError('INVALID_INPUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`), 4408);
+        if (!c.started) fail(ws, c, new RuntimeError('REQUEST_TIMEOUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`));
       }, REQUEST_WAIT_MS),
       setInterval(() => {
         // While reading is paused (ping flood), the client's pongs are unread too: not a sign it is gone.
@@ -183,11 +183,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     ws.close(code, reason);
   }
 
-  function fail(ws: WebSocket, c: Conn, err: unknown, code?: number): void {
+  function fail(ws: WebSocket, c: Conn, err: unknown): void {
     const out = errorReply(err, opts.log);
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
     critical(ws, c, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
-    closeWith(ws, c, code ?? 4000 + out.status, body.code);
+    closeWith(ws, c, 4000 + out.status, body.code);
   }
 }
 
