@@ -42,6 +42,9 @@ function checkArgs(args: readonly string[]): void {
   process.exit(2);
 }
 
+/** A signal this soon after the first is the same stop delivered twice, not a second one. */
+const REPEAT_SIGNAL_MS = 1000;
+
 async function main(): Promise<void> {
   checkArgs(process.argv.slice(2));
   let cfg: Readonly<Config>;
@@ -60,15 +63,26 @@ async function main(): Promise<void> {
   let log: Logger | undefined;
   let events: BootEvents | undefined;
   let boot: BootSequence | undefined;
-  let signals = 0;
+  let firstSignalAt: number | undefined;
+  let forced = 0;
   const stop = (sig: string) => {
-    if (++signals > 1) {
+    if (firstSignalAt !== undefined) {
+      // Ctrl-C under `npm start` (and any signal sent to a process group) arrives twice at once: that is one stop,
+      // not a second asking to skip the drain.
+      if (performance.now() - firstSignalAt < REPEAT_SIGNAL_MS) return void log?.info({ signal: sig }, 'signal repeated at once: still draining (a later one exits now)');
+      // process.exit() while a worker is inside an ONNX Runtime call aborts the process (its static destructors run
+      // under the call): the second signal ends the drain instead, which stops the generations at their next step.
+      // A third one does not wait for that.
+      if (++forced > 1) process.kill(process.pid, 'SIGKILL');
       log?.warn({ signal: sig }, 'second signal: exiting now');
-      process.exit(1);
+      rt?.endGrace();
+      return;
     }
+    firstSignalAt = performance.now();
     events?.emit('signal', { signal: sig }, 'signal received');
-    if (rt) void rt.close().then(() => process.exit(process.exitCode ?? 0));
-    else if (boot) void boot.stop().then(() => process.exit(0));
+    const exit = (code: number) => process.exit(forced > 0 ? 1 : code);
+    if (rt) void rt.close().then(() => exit(Number(process.exitCode ?? 0)));
+    else if (boot) void boot.stop().then(() => exit(0));
     else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
@@ -94,9 +108,9 @@ async function main(): Promise<void> {
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
   boot.fetch(log, events);
   await boot.runtimeMayLoad();
-  if (signals > 0) return;
+  if (firstSignalAt !== undefined) return;
   const [{ Runtime }, wiring] = await Promise.all([import('./runtime/runtime.js'), serverModules()]);
-  if (signals > 0) return;
+  if (firstSignalAt !== undefined) return;
   // performance.now() counts from process start, so 0 is "the process started".
   rt = new Runtime(cfg, log, { startedAt: 0, workers, events });
   serve(base, rt, wiring);

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson, startServer, until, type LogLine } from './helpers/server.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
@@ -145,6 +146,40 @@ describe('template probes against the real server', () => {
     const code = await Promise.race([exited, new Promise<string>((r) => setTimeout(() => r('timeout'), 15_000))]);
     expect(code, `stderr: ${stderr.slice(-1000)}`).toBe(0);
   }, 20_000);
+});
+
+describe('a stop signal delivered twice (Ctrl-C under npm start reaches npm and node; a process-group kill)', () => {
+  /** A server with a long generation in flight, sent SIGINT, then SIGINT again `gapMs` later: the request's answer and the exit code. */
+  async function stopDuring(gapMs: number): Promise<{ status: number | string; code: number | null; logs: LogLine[] }> {
+    const srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
+    try {
+      const answer = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'in flight', num_inference_steps: 500, height: 512, width: 512, seed: 5, num_images_per_prompt: 2 }] }).then((r) => r.status, (e: Error) => `failed: ${e.message}`);
+      const inflight = async () => /^inference_requests_in_flight(?:\{[^}]*\})? 1$/m.test(await (await fetch(`${srv.url}/metrics`)).text());
+      await until(inflight, 20_000, 20);
+      srv.proc.kill('SIGINT');
+      await new Promise((r) => setTimeout(r, gapMs));
+      srv.proc.kill('SIGINT');
+      const status = await answer;
+      // stop() would kill a server still draining: wait for it to exit by itself
+      const code = await new Promise<number | null>((resolve) => (srv.proc.exitCode !== null ? resolve(srv.proc.exitCode) : srv.proc.once("exit", (c) => resolve(c))));
+      return { status, code, logs: srv.logs };
+    } finally {
+      await srv.stop('SIGKILL').catch(() => undefined);
+    }
+  }
+
+  it('at once: one stop, the request in flight still answered, exit 0; a second signal a while later ends the drain: 503, exit 1', async () => {
+    const twice = await stopDuring(20);
+    expect(twice.status).toBe(200);
+    expect(twice.code).toBe(0);
+    expect(twice.logs.some((l) => l.msg === 'signal repeated at once: still draining (a later one exits now)')).toBe(true);
+    // Stopped at its next step, as when the grace runs out: answered 503, and the process exits 1, not aborted by
+    // an exit under a running ONNX Runtime call
+    const later = await stopDuring(1500);
+    expect(later.status).toBe(503);
+    expect(later.code).toBe(1);
+    expect(later.logs.some((l) => l.msg === 'second signal: exiting now')).toBe(true);
+  }, 90_000);
 });
 
 describe('one model name for a local user (npm start, make run-local, make test-v1)', () => {

@@ -50,6 +50,7 @@ export class Runtime {
   #listener: Listener | undefined;
   #stopping = false;
   #closing: Promise<void> | undefined;
+  #endGrace: (() => void) | undefined;
   readonly #shutdown = new AbortController();
   /** Run at the end of close(), once the workers are closed (the cache entry's lease). */
   readonly #atClose: Array<() => Promise<void>> = [];
@@ -118,6 +119,14 @@ export class Runtime {
    * SIGTERM: readiness false at once, no new connections, in-flight requests finish within the grace
    * period, then the workers close. Idempotent.
    */
+  /**
+   * Ends the grace period of a close under way now (a second stop signal): what still runs is stopped as when the
+   * grace runs out. Before a close, or after its drain, nothing.
+   */
+  endGrace(): void {
+    this.#endGrace?.();
+  }
+
   close(graceMs = this.cfg.shutdownGraceS * 1000): Promise<void> {
     return (this.#closing ??= (async () => {
       this.#stopping = true;
@@ -130,7 +139,10 @@ export class Runtime {
       let timer: NodeJS.Timeout | undefined;
       const drained = await Promise.race([
         this.generation.drained().then(() => true),
-        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), graceMs))),
+        new Promise<boolean>((r) => {
+          timer = setTimeout(() => r(false), graceMs);
+          this.#endGrace = () => r(false);
+        }),
       ]);
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.generation.inflight }, 'grace period over: closing with requests still running');
