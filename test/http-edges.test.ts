@@ -325,6 +325,29 @@ describe('compressed request bodies (Content-Encoding)', () => {
     expect([v2.status, (v2.json.outputs as Array<{ name: string; data?: number[] }>).find((o) => o.name === 'seed')!.data]).toEqual([200, [42]]);
   });
 
+  it('refuses a transfer coding other than chunked (Transfer-Encoding: gzip, chunked) with 501 naming it, then closes', async () => {
+    const gz = zlib.gzipSync(Buffer.from(tiny(46)));
+    const chunked = `${gz.length.toString(16)}\r\n${gz.toString('latin1')}\r\n0\r\n\r\n`;
+    const head = (te: string) => `POST /v1/models/model:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: ${te}\r\n\r\n`;
+    const { responses, closed } = await raw(srv.port, Buffer.from(head('gzip, chunked') + chunked, 'latin1'), { idleMs: 10_000 });
+    expect(responses.map((r) => [r.status, jsonOf(r), r.headers.connection])).toEqual([
+      [501, { error: 'Transfer-Encoding gzip is not supported; send the body chunked or with a Content-Length (a compressed body with Content-Encoding: gzip or deflate)', code: 'UNSUPPORTED' }, 'close'],
+    ]);
+    expect(closed).toBe(true);
+    // chunked alone is read as ever
+    const plain = Buffer.from(tiny(47));
+    const ok = await raw(srv.port, Buffer.from(head('chunked') + `${plain.length.toString(16)}\r\n${plain.toString('latin1')}\r\n0\r\n\r\n`, 'latin1'), { want: 1, idleMs: 30_000 });
+    expect((jsonOf(ok.responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(47);
+  });
+
+  it('a body that is not JSON (here gzip sent without Content-Encoding): 400 whose message escapes its control bytes', async () => {
+    const r = await send('/v1/models/model:predict', zlib.gzipSync(Buffer.from(tiny(48))), {});
+    expect([r.status, r.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(r.json.error)).toMatch(/^Unrecognized request format: /);
+    expect(String(r.json.error)).toContain('\\x1f');
+    expect(String(r.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+  });
+
   it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {
     const br = await send('/v1/models/model:predict', zlib.brotliCompressSync(Buffer.from(tiny(43))), { 'content-encoding': 'br' });
     expect([br.status, br.json, br.connection]).toEqual([415, { error: 'Content-Encoding br is not supported; send the body as is, gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);

@@ -111,11 +111,15 @@ export async function generateWithImages(ctx: ServerContext, reqs: GenerationReq
   }
 }
 
+/** `s` with control characters (C0, DEL, C1) written as \xNN. */
+export const printable = (s: string): string => s.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
 export function parseJson(body: Buffer): unknown {
   try {
     return JSON.parse(jsonText(body));
   } catch (err) {
-    throw new RuntimeError('INVALID_INPUT', `Unrecognized request format: ${(err as Error).message}`);
+    // V8's message quotes the body's first characters: a binary body's control bytes are escaped, not echoed
+    throw new RuntimeError('INVALID_INPUT', `Unrecognized request format: ${printable((err as Error).message)}`);
   }
 }

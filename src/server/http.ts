@@ -148,6 +148,16 @@ export function bodyCodings(header: string | undefined): string[] {
 }
 
 /**
+ * A Transfer-Encoding other than chunked (`gzip, chunked`): Node undoes only the chunking and would hand on a body
+ * still compressed, so it is refused (RFC 9112: 501), pointing to Content-Encoding, which is decoded.
+ */
+export function transferCodingError(header: string | undefined): RuntimeError | undefined {
+  const other = (header ?? '').split(',').map((c) => c.trim().toLowerCase()).filter((c) => c !== '' && c !== 'chunked' && c !== 'identity');
+  if (other.length === 0) return undefined;
+  return new RuntimeError('UNSUPPORTED', `Transfer-Encoding ${other.join(', ')} is not supported; send the body chunked or with a Content-Length (a compressed body with Content-Encoding: gzip or deflate)`);
+}
+
+/**
  * Reads the body up to `limit` bytes; a declared or actual size above it is a 413 before more is read. A body in
  * `codings` (bodyCodings of its Content-Encoding) is decoded, to at most `limit` bytes as well.
  */
@@ -244,14 +254,17 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     const ex = new Exchange(res, req);
     let pre: unknown;
     let codings: string[] = [];
+    const unreadable = transferCodingError(r.headers['transfer-encoding']);
     try {
+      if (unreadable) throw unreadable;
       precheck?.(r);
       codings = bodyCodings(r.headers['content-encoding']);
     } catch (err) {
       pre = err;
     }
     const finish = (o: Reply) => replied(r, o, ex, opts);
-    const oversize = Number(r.headers['content-length'] ?? 0) > opts.maxBodyBytes;
+    // A body in a transfer coding Node does not undo is not worth reading either.
+    const oversize = Number(r.headers['content-length'] ?? 0) > opts.maxBodyBytes || unreadable !== undefined;
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
       // limit, then the connection closes after the answer.
