@@ -38,6 +38,17 @@ const FIELDS: Readonly<Record<string, Kind>> = {
 };
 const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32', image: 'BYTES', json: 'BYTES' };
 const INTS = new Set(['INT8', 'INT16', 'INT32', 'INT64', 'UINT8', 'UINT16', 'UINT32', 'UINT64']);
+/** What a JSON number in an integer tensor may hold (64-bit ones: what a double holds exactly). */
+const INT_RANGES: Readonly<Record<string, readonly [number, number]>> = {
+  INT8: [-128, 127],
+  UINT8: [0, 255],
+  INT16: [-32768, 32767],
+  UINT16: [0, 65535],
+  INT32: [-(2 ** 31), 2 ** 31 - 1],
+  UINT32: [0, 2 ** 32 - 1],
+  INT64: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
+  UINT64: [0, Number.MAX_SAFE_INTEGER],
+};
 const FLOATS = new Set(['FP16', 'FP32', 'FP64', 'BF16']);
 const ELEMENT_BYTES: Record<string, number> = {
   BOOL: 1, INT8: 1, UINT8: 1, INT16: 2, UINT16: 2, FP16: 2, BF16: 2, INT32: 4, UINT32: 4, FP32: 4, INT64: 8, UINT64: 8, FP64: 8,
@@ -269,6 +280,11 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
       const text = kind === 'string' || kind === 'image' || kind === 'json';
       if (text ? typeof v !== 'string' : typeof v !== 'number') {
         return void problems.push(`${wn}: data[${k}] must be ${text ? 'a string' : 'a number'} for datatype ${datatype}, got ${v === null ? 'null' : typeof v}`);
+      }
+      const range = INT_RANGES[datatype];
+      if (range && !Number.isInteger(v)) return void problems.push(`${wn}: data[${k}] must be an integer for datatype ${datatype}, got ${String(v)}`);
+      if (range && ((v as number) < range[0] || (v as number) > range[1])) {
+        return void problems.push(`${wn}: data[${k}] ${String(v)} is outside ${datatype}'s range, ${range[0]} to ${range[1]}${datatype.endsWith('64') ? ' (as a JSON number)' : ''}`);
       }
     }
     values = flat as Array<string | number>;
