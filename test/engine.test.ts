@@ -171,29 +171,32 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
-  it('batches only requests of one shape and output, counting images (not requests) against MAX_BATCH_SIZE', async () => {
+  it('batches only requests of one shape, counting images (not requests) against MAX_BATCH_SIZE; each encoded in its own format', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '3', BATCH_WINDOW_MS: '30' });
     const results = [
       engine.submit(shaped('a', {}, 2)),
       engine.submit(shaped('big', { width: 128 })),
       engine.submit(shaped('two', {}, 2)), // 2 + 2 > 3: waits for the next batch
-      engine.submit({ ...shaped('jpeg'), output: { format: 'jpeg', quality: undefined, uri: undefined } }),
-      engine.submit(shaped('c')), // fills the first batch: 2 + 1 = 3
+      engine.submit({ ...shaped('jpeg'), output: { format: 'jpeg', quality: 60, uri: undefined } }), // fills the first batch: 2 + 1 = 3
+      engine.submit(shaped('c')),
     ];
     await tick();
-    expect(batches(w)).toEqual([['a×2', 'c×1']]);
+    expect(batches(w)).toEqual([['a×2', 'jpeg×1']]);
     // The worker takes the next batch while this one decodes: the oldest request left, alone in its shape.
     w.reply({ t: 'denoised', id: w.generations()[0]!.id });
     await sent(w, 2);
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(1), seeded(2), seeded(3)], times });
     w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(4)], times });
     await sent(w, 3);
-    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(5), seeded(6)], times });
-    await sent(w, 4);
-    w.reply({ t: 'result', id: w.generations()[3]!.id, images: [seeded(7)], times });
-    const seeds = (await Promise.all(results)).map((r) => r.images.map((i) => i.seed));
-    expect(batches(w)).toEqual([['a×2', 'c×1'], ['big×1'], ['two×2'], ['jpeg×1']]);
-    expect(seeds).toEqual([[1, 2], [4], [5, 6], [7], [3]]);
+    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(5), seeded(6), seeded(7)], times });
+    const out = await Promise.all(results);
+    expect(batches(w)).toEqual([['a×2', 'jpeg×1'], ['big×1'], ['two×2', 'c×1']]);
+    expect(out.map((r) => r.images.map((i) => i.seed))).toEqual([[1, 2], [4], [5, 6], [3], [7]]);
+    // the bytes are what each request asked for: PNG's signature, JPEG's SOI marker
+    const magic = (i: { data: ArrayBuffer }) => Buffer.from(i.data).subarray(0, 2).toString('hex');
+    expect(out.map((r) => r.images.map((i) => [i.format, magic(i)]))).toEqual([
+      [['png', '8950'], ['png', '8950']], [['png', '8950']], [['png', '8950'], ['png', '8950']], [['jpeg', 'ffd8']], [['png', '8950']],
+    ]);
     expect(w.generations()[1]!.job.shape.width).toBe(128);
     await engine.close();
   });

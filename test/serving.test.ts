@@ -57,6 +57,19 @@ describe('dynamic batching', () => {
     expect(b64(ra) === b64(rb)).toBe(false);
   });
 
+  it('batches requests of other output formats together, each image encoded as its request asked', async () => {
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 43, output_format: 'jpeg', quality: 70 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 44 };
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+    expect([ra.status, rb.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+    const meta = async (r: { json: Record<string, unknown> }) => (await sharp(Buffer.from(preds(r.json)[0]!.image.b64!, 'base64')).metadata()).format;
+    expect([preds(ra.json)[0]!.format, await meta(ra), preds(rb.json)[0]!.format, await meta(rb)]).toEqual(['jpeg', 'jpeg', 'png', 'png']);
+    // the PNG is the one its request makes alone
+    expect(preds(rb.json)[0]!.image.b64 === preds((await predict(srv, b)).json)[0]!.image.b64).toBe(true);
+  });
+
   it('serves the added schedulers (unipc, lms_karras, deis, heun, dpmpp_2s_karras; ddpm, dpmpp_2m_sde_karras, dpmpp_3m_sde and dpm2_a_karras: noise per image; dpmpp_sde_karras: a Brownian tree per image) batched, each image byte-equal to its run alone', async () => {
     for (const scheduler of ['unipc', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'heun', 'dpm2_a_karras', 'dpmpp_2s_karras', 'dpmpp_sde_karras']) {
       const a = { prompt: 'a red fox in the snow', num_inference_steps: 9, height: 64, width: 64, seed: 5, scheduler };
@@ -194,6 +207,14 @@ describe('formats, result cache, output_uri', () => {
     await predict(srv, unseeded);
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(3);
     expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(1);
+    // What changes no byte changes no key: a quality with PNG (lossless), JPEG's default quality sent or not.
+    const png = await predict(srv, { ...inst, quality: 40 });
+    expect(preds(png.json)[0]!.image.b64 === preds(first.json)[0]!.image.b64).toBe(true);
+    const jpeg = await predict(srv, { ...inst, output_format: 'jpeg' });
+    const jpeg90 = await predict(srv, { ...inst, output_format: 'jpeg', quality: 90 });
+    expect(preds(jpeg90.json)[0]!.image.b64 === preds(jpeg.json)[0]!.image.b64).toBe(true);
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(4);
+    expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(3);
   });
 
   it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {

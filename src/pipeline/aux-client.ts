@@ -2,7 +2,7 @@
  * @module The pipeline worker's side of one of its auxiliary session threads (aux.ts): sessions created and run there
  * look like local ones to the pipeline (ModelSession), and runs there overlap whatever this thread runs meanwhile.
  */
-import type { BrownianQuery } from './brownian.js';
+import type { BrownianQuery } from './types.js';
 import type { OptimizeItem } from './ortcache.js';
 import type { AuxInit, FromAux, PrimeSpec, ToAux } from './protocol.js';
 import type { SessionProvider } from './provider.js';

@@ -13,6 +13,7 @@
 
 import { RuntimeError } from '../errors.js';
 import { TorchGenerator } from './random.js';
+import type { BrownianQuery, BrownianSpec } from './types.js';
 
 const f = Math.fround;
 
@@ -266,29 +267,11 @@ export class BrownianInterval {
   }
 }
 
-/**
- * What a batch's Brownian noise depends on, and all it depends on: the interval [lo, hi] (the schedule's smallest
- * sigma above 0 and its largest), the values per image, and each image's seed. Plain data, so another thread can make
- * the same noise (aux.ts).
- */
-export interface BrownianSpec {
-  readonly lo: number;
-  readonly hi: number;
-  readonly perImage: number;
-  readonly seeds: readonly number[];
-}
-
 /** Whether two specs describe the same motion. */
 export function sameSpec(a: BrownianSpec, b: BrownianSpec): boolean {
   return a.lo === b.lo && a.hi === b.hi && a.perImage === b.perImage && a.seeds.length === b.seeds.length && a.seeds.every((x, i) => x === b.seeds[i]);
 }
 
-/** One read of a batch's motion between two times (either order). */
-export interface BrownianQuery {
-  readonly spec: BrownianSpec;
-  readonly ta: number;
-  readonly tb: number;
-}
 
 /**
  * diffusers' BrownianTreeNoiseSampler over a batch: one BrownianInterval per image (images of one seed share one, so

@@ -14,8 +14,7 @@ import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { EDM_CLASSES } from './schedulers/edm.js';
 import { checkModelScheduler, createScheduler, schedulerLimits } from './schedulers/index.js';
-import type { BrownianQuery } from './brownian.js';
-import type { Scheduler } from './types.js';
+import type { BrownianQuery, Scheduler } from './types.js';
 
 export interface GenerateHooks {
   /** After each step; `latents` is the current unguided latent batch [B,4,h,w]. */

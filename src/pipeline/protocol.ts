@@ -1,6 +1,6 @@
 /** @module Messages between the main thread (HTTP, queue, metrics) and a pipeline worker thread. */
 import type { AuxThreads, EncoderWarmup, ExecutionProvider } from '../config.js';
-import type { BrownianQuery } from './brownian.js';
+import type { BrownianQuery } from './types.js';
 import type { AdapterSet, Job, ModelDefaults, StageTimes } from './job.js';
 import type { Feed, GraphOptimizationLevel, IoMeta } from './onnx.js';
 import type { OptimizedCachePolicy, OptimizeItem } from './ortcache.js';

@@ -1,10 +1,28 @@
 /** @module Types shared by the pipeline pieces (tokenizer, random, schedulers, pipeline). */
-import type { BrownianQuery } from './brownian.js';
 
 /** A source of N(0,1) float32 draws (torch-compatible for a seeded generator). */
 export interface NoiseSource {
   /** `count` float32 draws, exactly as `torch.randn(count)` would make them from this generator's state. */
   randn(count: number): Float32Array;
+}
+
+/**
+ * What a batch's Brownian noise depends on, and all it depends on: the interval [lo, hi] (the schedule's smallest
+ * sigma above 0 and its largest), the values per image, and each image's seed. Plain data, so another thread can make
+ * the same noise (aux.ts; brownian.ts makes it).
+ */
+export interface BrownianSpec {
+  readonly lo: number;
+  readonly hi: number;
+  readonly perImage: number;
+  readonly seeds: readonly number[];
+}
+
+/** One read of a batch's motion between two times (either order). */
+export interface BrownianQuery {
+  readonly spec: BrownianSpec;
+  readonly ta: number;
+  readonly tb: number;
 }
 
 export interface StepResult {

@@ -97,7 +97,6 @@ interface Running {
   id: number;
   tasks: Task[];
   startedAt: number;
-  output: GenerationRequest['output'];
   /** Previews and the result are encoded and handed out in the order the worker sent them. */
   delivery: Promise<void>;
   /** The worker running it, as metric labels. */
@@ -357,7 +356,8 @@ export class Engine {
     return new Promise<TaskResult>((resolve, reject) => {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
-      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.output.format}|${req.output.quality ?? ''}|${req.previewEvery}|${adapters?.key ?? ''}`;
+      // Output formats may differ: each request's images are encoded as it asked.
+      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
       const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
@@ -490,7 +490,7 @@ export class Engine {
       t.state = 'running';
       t.runId = id;
     }
-    worker.running = { id, tasks, startedAt: now, output: tasks[0]!.req.output, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device } };
+    worker.running = { id, tasks, startedAt: now, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device } };
     worker.dispatchedAt = now;
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
@@ -654,11 +654,16 @@ export class Engine {
   async #deliver(run: Running, raw: Array<TransferImage & { seed: number }>, times: StageTimes): Promise<void> {
     // Every client of the batch left while it ran: nobody to encode for.
     if (run.tasks.every((t) => t.state === 'done')) return;
-    const { format, quality } = run.output;
     const t0 = performance.now();
-    const images: EncodedImage[] = await Promise.all(raw.map(async (r) => {
-      const buf = await encodeImage(new Uint8Array(r.rgb), r.width, r.height, format, quality);
-      return { data: buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer, seed: r.seed, width: r.width, height: r.height, format };
+    // Each request's images in its own format; none for a request whose client left while it ran.
+    const starts = run.tasks.map((_, k) => run.tasks.slice(0, k).reduce((n, t) => n + t.images, 0));
+    const encoded: EncodedImage[][] = await Promise.all(run.tasks.map((t, k) => {
+      if (t.state === 'done') return [];
+      const { format, quality } = t.req.output;
+      return Promise.all(raw.slice(starts[k], starts[k]! + t.images).map(async (r) => {
+        const buf = await encodeImage(new Uint8Array(r.rgb), r.width, r.height, format, quality);
+        return { data: buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer, seed: r.seed, width: r.width, height: r.height, format };
+      }));
     }));
     const all: RunTimes = { ...times, encodeMs: performance.now() - t0 };
     this.#lastGenSeconds = (performance.now() - run.startedAt) / 1000;
@@ -670,14 +675,9 @@ export class Engine {
     this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, all.encodeMs / 1000);
     this.metrics.steps.inc(l, all.steps);
     if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));
-    this.metrics.images.inc(l, images.length);
-    this.metrics.workerImages.inc({ ...l, ...run.where }, images.length);
-    let o = 0;
-    for (const t of run.tasks) {
-      const mine = images.slice(o, o + t.images);
-      o += t.images;
-      this.#finish(t, { images: mine, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt });
-    }
+    this.metrics.images.inc(l, raw.length);
+    this.metrics.workerImages.inc({ ...l, ...run.where }, raw.length);
+    run.tasks.forEach((t, k) => this.#finish(t, { images: encoded[k]!, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt }));
   }
 
   /**

@@ -2,6 +2,7 @@
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
+import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
@@ -397,7 +398,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     if ((FORMATS as readonly string[]).includes(f)) format = f as OutputFormat;
     else bad.push(`${w}.output_format must be one of ${FORMATS.join(', ')}, got ${JSON.stringify(fmt)}`);
   }
-  const quality = has('quality') ? int('quality', 90, 1, 100) : undefined;
+  const q = has('quality') ? int('quality', DEFAULT_QUALITY, 1, 100) : undefined;
+  // Bytes the encoder makes alike get one batch and result-cache key: PNG takes no quality, a lossy format's is 90 unsent.
+  const quality = format === 'png' ? undefined : (q ?? DEFAULT_QUALITY);
   const uri = str('output_uri', false, 2048);
   const out = uri === undefined ? undefined : parseS3Object(uri);
   if (uri !== undefined && !out) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);

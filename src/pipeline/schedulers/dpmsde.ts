@@ -11,9 +11,9 @@
  */
 
 import { RuntimeError } from '../../errors.js';
-import { BrownianNoise, sameSpec, type BrownianQuery, type BrownianSpec } from '../brownian.js';
+import { BrownianNoise, sameSpec } from '../brownian.js';
 import { expf, expm1f, logf as torchLogf } from '../torchmath.js';
-import type { StepResult } from '../types.js';
+import type { BrownianQuery, BrownianSpec, StepResult } from '../types.js';
 import { f, type ConfigValue, type ResolvedConfig, sigmaToT } from './common.js';
 import { discreteSchedule, EulerBase, predictX0, scaleBySigma } from './euler.js';
 import { KDPM2_DEFAULTS } from './kdpm2.js';
