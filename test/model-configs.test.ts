@@ -2,7 +2,7 @@
  * Config files as real repositories ship them (test/fixtures/model-configs, each file's source in its README), read
  * the way a boot reads them, and compared with what diffusers and transformers make of the same files.
  */
-import { copyFileSync, cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -72,6 +72,24 @@ function modelWith(
   });
 }
 
+/**
+ * Where a fixture folder's config files go in a model: each of model_index.json, the scheduler's and the UNet's the
+ * folder has, and its VAE decoder's (a diffusers folder's `vae/`, an ONNX export's `vae_decoder/`).
+ */
+function repoFiles(folder: string): Record<string, string> {
+  const files: Record<string, string> = {};
+  for (const [to, from] of [
+    ['model_index.json', 'model_index.json'],
+    ['scheduler/scheduler_config.json', 'scheduler/scheduler_config.json'],
+    ['unet/config.json', 'unet/config.json'],
+    ['vae_decoder/config.json', 'vae/config.json'],
+    ['vae_decoder/config.json', 'vae_decoder/config.json'],
+  ]) {
+    if (existsSync(path.join(FIX, folder, from!))) files[to!] = `${folder}/${from}`;
+  }
+  return files;
+}
+
 describe('model_index.json', () => {
   it('SDXL: force_zeros_for_empty_prompt as the file says, true where it is absent (StableDiffusionXLPipeline\'s default)', async () => {
     const real = await modelWith('xl-index', 'sdxl', { 'model_index.json': 'sdxl/model_index.json' });
@@ -111,10 +129,7 @@ describe('the scheduler class: model_index.json\'s "scheduler" entry, as diffuse
   });
 
   it('a DreamBooth fine-tune that ships DDPMScheduler (its model_index.json and scheduler config) loads and runs DDPM', async () => {
-    const dir = await modelWith('owl-ddpm', 'sd15', {
-      'model_index.json': 'owl-dreambooth/model_index.json',
-      'scheduler/scheduler_config.json': 'owl-dreambooth/scheduler/scheduler_config.json',
-    });
+    const dir = await modelWith('owl-ddpm', 'sd15', repoFiles('owl-dreambooth'));
     const layout = readLayout(dir);
     expect(layout.schedulerConfig._class_name).toBe('DDPMScheduler');
     expect(() => checkModelScheduler(layout.schedulerConfig)).not.toThrow();
@@ -175,12 +190,7 @@ describe('scheduler_config.json', () => {
 
 describe('the model kinds users serve, from their repositories\' own files', () => {
   it('SD 2.1 768 (v-prediction DDIM of diffusers 0.10, sample_size 96): 768 px by default, v-prediction, nothing rewritten', async () => {
-    const dir = await modelWith('sd21-768', 'sd2', {
-      'model_index.json': 'sd21-768/model_index.json',
-      'scheduler/scheduler_config.json': 'sd21-768/scheduler/scheduler_config.json',
-      'unet/config.json': 'sd21-768/unet/config.json',
-      'vae_decoder/config.json': 'sd21-768/vae/config.json',
-    });
+    const dir = await modelWith('sd21-768', 'sd2', repoFiles('sd21-768'));
     const layout = readLayout(dir);
     expect([layout.isXL, layout.pipelineClass, layout.rewrites]).toEqual([false, 'StableDiffusionPipeline', []]);
     // sample_size 96 × the VAE's 8 (its config has no scaling_factor: 0.18215, as diffusers' default)
@@ -206,12 +216,7 @@ describe('the model kinds users serve, from their repositories\' own files', () 
     const dir = await modelWith(
       'sd15-inpainting',
       'sd15',
-      {
-        'model_index.json': 'sd15-inpainting/model_index.json',
-        'scheduler/scheduler_config.json': 'sd15-inpainting/scheduler/scheduler_config.json',
-        'unet/config.json': 'sd15-inpainting/unet/config.json',
-        'vae_decoder/config.json': 'sd15-inpainting/vae/config.json',
-      },
+      repoFiles('sd15-inpainting'),
       undefined,
       { inpainting: true },
     );
@@ -228,11 +233,7 @@ describe('the model kinds users serve, from their repositories\' own files', () 
   });
 
   it('SDXL base with its ONNX export (vae_decoder/config.json, add_watermarker null): 1024 px, scaling 0.13025, no latent statistics', async () => {
-    const dir = await modelWith('sdxl-base-onnx', 'sdxl', {
-      'model_index.json': 'sdxl-base-onnx/model_index.json',
-      'unet/config.json': 'sdxl-base-onnx/unet/config.json',
-      'vae_decoder/config.json': 'sdxl-base-onnx/vae_decoder/config.json',
-    });
+    const dir = await modelWith('sdxl-base-onnx', 'sdxl', repoFiles('sdxl-base-onnx'));
     const layout = readLayout(dir);
     expect([layout.isXL, layout.forceZerosForEmptyPrompt, layout.requiresAestheticsScore, layout.rewrites]).toEqual([true, true, false, []]);
     // Three UNet blocks (two down-samplings) × the VAE's 8: sides in multiples of 32.
@@ -241,12 +242,7 @@ describe('the model kinds users serve, from their repositories\' own files', () 
   });
 
   it('SDXL-Turbo with its ONNX export (Euler a, trailing spacing, sample_size 64): 512 px, one step from t = 999 at sigma_max', async () => {
-    const dir = await modelWith('sdxl-turbo', 'sdxl', {
-      'model_index.json': 'sdxl-turbo-onnx/model_index.json',
-      'scheduler/scheduler_config.json': 'sdxl-turbo-onnx/scheduler/scheduler_config.json',
-      'unet/config.json': 'sdxl-turbo-onnx/unet/config.json',
-      'vae_decoder/config.json': 'sdxl-turbo-onnx/vae_decoder/config.json',
-    });
+    const dir = await modelWith('sdxl-turbo', 'sdxl', repoFiles('sdxl-turbo-onnx'));
     const layout = readLayout(dir);
     expect([layout.isXL, layout.forceZerosForEmptyPrompt, layout.rewrites]).toEqual([true, true, []]);
     expect(layout.unet.sampleSize * layout.vae.scaleFactor).toBe(512);
@@ -261,12 +257,7 @@ describe('the model kinds users serve, from their repositories\' own files', () 
   });
 
   it('Playground v2 (Euler a with Euler\'s sigma_min / sigma_max null and use_karras_sigmas): null is "unset" for a request that switches to Karras sigmas', async () => {
-    const dir = await modelWith('playground-v2', 'sdxl', {
-      'model_index.json': 'playground-v2/model_index.json',
-      'scheduler/scheduler_config.json': 'playground-v2/scheduler/scheduler_config.json',
-      'unet/config.json': 'playground-v2/unet/config.json',
-      'vae_decoder/config.json': 'playground-v2/vae/config.json',
-    });
+    const dir = await modelWith('playground-v2', 'sdxl', repoFiles('playground-v2'));
     const layout = readLayout(dir);
     expect([layout.isXL, layout.schedulerConfig._class_name, layout.unet.sampleSize, layout.vae.scalingFactor]).toEqual([true, 'EulerAncestralDiscreteScheduler', 128, 0.13025]);
     const cfg = layout.schedulerConfig;
@@ -281,12 +272,7 @@ describe('the model kinds users serve, from their repositories\' own files', () 
   });
 
   it('a fine-tune saved by diffusers 0.2.4 (DDIM without steps_offset, timestep_values: null; UNet sample_size 32): the SD pipeline\'s rewrites, logged', async () => {
-    const dir = await modelWith('waifu-0.2', 'sd15', {
-      'model_index.json': 'waifu-diffusion-0.2/model_index.json',
-      'scheduler/scheduler_config.json': 'waifu-diffusion-0.2/scheduler/scheduler_config.json',
-      'unet/config.json': 'waifu-diffusion-0.2/unet/config.json',
-      'vae_decoder/config.json': 'waifu-diffusion-0.2/vae/config.json',
-    });
+    const dir = await modelWith('waifu-0.2', 'sd15', repoFiles('waifu-diffusion-0.2'));
     const layout = readLayout(dir);
     // DDIMScheduler's default steps_offset 0 becomes 1 (StableDiffusionPipeline.__init__); sample_size 32 becomes 64.
     expect(layout.rewrites.map((r) => [r.key, r.from, r.to])).toEqual([
@@ -304,37 +290,18 @@ describe('the model kinds users serve, from their repositories\' own files', () 
     const dir = await modelWith('instruct-pix2pix', 'sd15', { 'model_index.json': 'instruct-pix2pix/model_index.json' }, (d) =>
       editJson(path.join(d, 'unet', 'config.json'), (c) => (c.in_channels = 8)),
     );
-    let err: unknown;
-    try {
-      readLayout(dir);
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toMatchObject({ code: 'UNSUPPORTED' });
-    expect((err as Error).message).toBe(
-      'unet/config.json: in_channels 8 (model_index.json: StableDiffusionInstructPix2PixPipeline) is not a UNet this runtime serves; it serves ' +
+    expect(() => readLayout(dir)).toThrow(expect.objectContaining({
+      code: 'UNSUPPORTED',
+      message: 'unet/config.json: in_channels 8 (model_index.json: StableDiffusionInstructPix2PixPipeline) is not a UNet this runtime serves; it serves ' +
         '4 input channels (text-to-image, image-to-image) and 9 (inpainting), as the Stable Diffusion, SDXL, LCM and Turbo pipelines have',
-    );
+    }));
   });
 
   it('an SDXL refiner export (model_index.json with text_encoder [null, null], requires_aesthetics_score) is refused, saying what it is and what is served', async () => {
-    const dir = await modelWith(
-      'sdxl-refiner',
-      'sdxl',
-      {
-        'model_index.json': 'sdxl-refiner/model_index.json',
-        'scheduler/scheduler_config.json': 'sdxl-refiner/scheduler/scheduler_config.json',
-        'unet/config.json': 'sdxl-refiner/unet/config.json',
-      },
-      (d) => rmSync(path.join(d, 'text_encoder'), { recursive: true }),
-    );
-    let err: unknown;
-    try {
-      readLayout(dir);
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toMatchObject({ code: 'UNSUPPORTED' });
-    expect((err as Error).message).toMatch(/text_encoder_2 but no text_encoder: an SDXL refiner .* which this runtime does not serve; it serves pipelines with text_encoder\//);
+    const dir = await modelWith('sdxl-refiner', 'sdxl', repoFiles('sdxl-refiner'), (d) => rmSync(path.join(d, 'text_encoder'), { recursive: true }));
+    expect(() => readLayout(dir)).toThrow(expect.objectContaining({
+      code: 'UNSUPPORTED',
+      message: expect.stringMatching(/text_encoder_2 but no text_encoder: an SDXL refiner .* which this runtime does not serve; it serves pipelines with text_encoder\//),
+    }));
   });
 });
