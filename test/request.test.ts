@@ -12,6 +12,14 @@ const ctx = (d: ModelDefaults): ParseContext => ({ cfg: loadConfig({}), defaults
 const parse = (inst: Record<string, unknown>, d = defaults(SD15)) => parseInstances([{ prompt: 'p', ...inst }], ctx(d));
 
 describe('parseInstances', () => {
+  it('draws a seed that leaves room for the images (image i uses seed + i), as a given seed must', () => {
+    const top: ParseContext = { cfg: loadConfig({}), defaults: defaults(SD15), randomSeed: () => Number.MAX_SAFE_INTEGER };
+    const [req] = parseInstances([{ prompt: 'p', num_images_per_prompt: 3 }], top);
+    expect(req!.items[0]!.seed + 2).toBe(Number.MAX_SAFE_INTEGER);
+    expect(req!.seedsGiven).toBe(false);
+    expect(parseInstances([{ prompt: 'p' }], top)[0]!.items[0]!.seed).toBe(Number.MAX_SAFE_INTEGER);
+  });
+
   it('refuses steps outside the named scheduler\'s limits, naming the field and the limit', () => {
     expect(() => parse({ scheduler: 'lcm', num_inference_steps: 51 })).toThrow(
       'instances[0].num_inference_steps must be from 1 to 50 for scheduler lcm (original_inference_steps is 50), got 51',

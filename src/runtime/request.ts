@@ -416,7 +416,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   if (prompt === undefined) return undefined;
   return {
     shape: { steps, guidance, height, width, scheduler, eta, guidanceRescale },
-    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : ctx.randomSeed(), numImages }],
+    // A drawn seed leaves room for the request's images as a given one must (image i uses seed + i).
+    items: [{ prompt, negativePrompt, seed: seedGiven ? seed : Math.min(ctx.randomSeed(), MAX_SEED - (numImages - 1)), numImages }],
     seedsGiven: seedGiven,
     output: { format, quality, uri },
     previewEvery,
