@@ -133,6 +133,6 @@ lint: ## shellcheck the scripts, hadolint the Dockerfile (each when installed)
 	@if command -v shellcheck >/dev/null; then shellcheck --severity=warning scripts/*.sh && echo "shellcheck: ok"; else echo "shellcheck not installed, skipped"; fi
 	@if command -v hadolint >/dev/null; then hadolint $(DOCKERFILE) && echo "hadolint: ok"; else echo "hadolint not installed, skipped"; fi
 
-export: ## Export a Hugging Face model to ONNX: make export HF_MODEL=... OUT=... [EXPORT_ARGS=--fp16]
-	@test -n "$(HF_MODEL)" -a -n "$(OUT)" || { echo "usage: make export HF_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 OUT=./sd15-onnx [EXPORT_ARGS='--fp16 --push s3://bucket/prefix']" >&2; exit 2; }
+export: ## Export a Hugging Face model to ONNX: make export HF_MODEL=... OUT=... [EXPORT_ARGS=--plain]
+	@test -n "$(HF_MODEL)" -a -n "$(OUT)" || { echo "usage: make export HF_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 OUT=./sd15-onnx [EXPORT_ARGS='--push s3://bucket/prefix'] (fused float16 for CUDA; --plain for the CPU)" >&2; exit 2; }
 	scripts/export-onnx.sh "$(HF_MODEL)" "$(OUT)" $(EXPORT_ARGS)

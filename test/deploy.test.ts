@@ -835,5 +835,18 @@ describe('scripts', () => {
       expect(run(['org/model', path.join(dir, 'f3'), '--plain', '--fp32']).stderr).toMatch(/--fp32 is for the fused export/);
       expect(run(['org/model', path.join(dir, 'fused')]).stderr).toMatch(/is not empty/);
     });
+
+    it("the Makefile's EXPORT_ARGS examples (`make help`, the export target's usage) are options the script takes", () => {
+      const line = read('Makefile').split('\n').find((l) => l.startsWith('export:'))!;
+      const usage = read('Makefile').split('\n').find((l) => l.includes('usage: make export'))!;
+      const examples = [...`${line}\n${usage}`.matchAll(/EXPORT_ARGS=(?:'([^']*)'|(\S+?)\])/g)].map((m) => (m[1] ?? m[2])!);
+      expect(examples.length).toBe(2);
+      examples.forEach((ex, i) => {
+        // --push uploads after the export (to S3, not here): the options that shape the export are what is checked.
+        const args = ex.split(/\s+/).filter((a, j, all) => a !== '--push' && all[j - 1] !== '--push');
+        const r = run(['org/model', path.join(dir, `make-example-${i}`), ...args], { STUB_COMPLETE: '1' });
+        expect(r.status, `EXPORT_ARGS=${ex}: ${r.stderr}`).toBe(0);
+      });
+    });
   });
 });
