@@ -348,6 +348,25 @@ describe('compressed request bodies (Content-Encoding)', () => {
     expect(String(r.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
   });
 
+  it('the same on V2: a body, or the JSON header of a binary request, that is not JSON gets a 400 with its control bytes escaped', async () => {
+    const gz = zlib.gzipSync(Buffer.from(JSON.stringify({ inputs: [] })));
+    const json = await send('/v2/models/model/infer', gz, {});
+    const header = await send('/v2/models/model/infer', Buffer.concat([Buffer.from([1, 2]), gz]), { 'content-type': 'application/octet-stream', 'inference-header-content-length': '5' });
+    for (const r of [json, header]) {
+      expect([r.status, r.json.code]).toEqual([400, 'INVALID_INPUT']);
+      expect(String(r.json.error)).toMatch(/^Unrecognized request format: /);
+      expect(String(r.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+    }
+    expect(String(json.json.error)).toContain('\\x1f');
+    expect(String(header.json.error)).toContain('the JSON header (the first 5 bytes) does not parse: ');
+    expect(String(header.json.error)).toContain('\\x01\\x02');
+    // JSON text inside a valid request (the loras parameter) is quoted the same way
+    const loras = await send('/v2/models/model/infer', Buffer.from(JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }], parameters: { loras: '\u0001[' } })), {});
+    expect([loras.status, loras.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(loras.json.error)).toMatch(/^parameters\.loras is not JSON: .*\\x01/);
+    expect(String(loras.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+  });
+
   it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {
     const br = await send('/v1/models/model:predict', zlib.brotliCompressSync(Buffer.from(tiny(43))), { 'content-encoding': 'br' });
     expect([br.status, br.json, br.connection]).toEqual([415, { error: 'Content-Encoding br is not supported; send the body as is, gzip or deflate', code: 'UNSUPPORTED_ENCODING' }, 'close']);
