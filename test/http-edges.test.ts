@@ -204,6 +204,13 @@ describe('request targets', () => {
     expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
   });
 
+  it('answers a CONNECT pipelined behind a predict after the predict, not in its place', async () => {
+    const { responses, closed } = await raw(srv.port, post('/v1/models/model:predict', tiny(9)) + 'CONNECT s3.example:443 HTTP/1.1\r\nhost: s3.example:443\r\n\r\n', { idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 405]);
+    expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(9);
+    expect(closed).toBe(true);
+  });
+
   it('matches percent-encoded path segments decoded, as KServe does (a client that escapes the colon before the verb)', async () => {
     const body = { instances: [{ prompt: 'escaped', num_inference_steps: 2, height: 64, width: 64, seed: 5 }] };
     const plain = await postJson(`${srv.url}/v1/models/model:predict`, body);
