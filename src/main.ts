@@ -63,24 +63,28 @@ async function main(): Promise<void> {
   let log: Logger | undefined;
   let events: BootEvents | undefined;
   let boot: BootSequence | undefined;
-  let firstSignalAt: number | undefined;
-  let forced = 0;
+  let signals = 0;
+  /** When the last signal that counted arrived. */
+  let countedAt = -Infinity;
   const stop = (sig: string) => {
-    if (firstSignalAt !== undefined) {
-      // Ctrl-C under `npm start` (and any signal sent to a process group) arrives twice at once: that is one stop,
-      // not a second asking to skip the drain.
-      if (performance.now() - firstSignalAt < REPEAT_SIGNAL_MS) return void log?.info({ signal: sig }, 'signal repeated at once: still draining (a later one exits now)');
+    // Ctrl-C under `npm start` (and any signal sent to a process group) arrives twice at once, each time it is pressed:
+    // that is one signal, not the next one (a second press read as two would kill at once).
+    const now = performance.now();
+    if (now - countedAt < REPEAT_SIGNAL_MS) {
+      return void log?.info({ signal: sig }, signals === 1 ? 'signal repeated at once: still draining (a later one exits now)' : 'signal repeated at once: taken as one');
+    }
+    countedAt = now;
+    if (++signals > 1) {
       // process.exit() while a worker is inside an ONNX Runtime call aborts the process (its static destructors run
       // under the call): the second signal ends the drain instead, which stops the generations at their next step.
       // A third one does not wait for that.
-      if (++forced > 1) process.kill(process.pid, 'SIGKILL');
+      if (signals > 2) process.kill(process.pid, 'SIGKILL');
       log?.warn({ signal: sig }, 'second signal: exiting now');
       rt?.endGrace();
       return;
     }
-    firstSignalAt = performance.now();
     events?.emit('signal', { signal: sig }, 'signal received');
-    const exit = (code: number) => process.exit(forced > 0 ? 1 : code);
+    const exit = (code: number) => process.exit(signals > 1 ? 1 : code);
     if (rt) void rt.close().then(() => exit(Number(process.exitCode ?? 0)));
     else if (boot) void boot.stop().then(() => exit(0));
     else process.exit(0);
@@ -108,9 +112,9 @@ async function main(): Promise<void> {
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
   boot.fetch(log, events);
   await boot.runtimeMayLoad();
-  if (firstSignalAt !== undefined) return;
+  if (signals > 0) return;
   const [{ Runtime }, wiring] = await Promise.all([import('./runtime/runtime.js'), serverModules()]);
-  if (firstSignalAt !== undefined) return;
+  if (signals > 0) return;
   // performance.now() counts from process start, so 0 is "the process started".
   rt = new Runtime(cfg, log, { startedAt: 0, workers, events });
   serve(base, rt, wiring);

@@ -149,20 +149,26 @@ describe('template probes against the real server', () => {
 });
 
 describe('a stop signal delivered twice (Ctrl-C under npm start reaches npm and node; a process-group kill)', () => {
-  /** A server with a long generation in flight, sent SIGINT, then SIGINT again `gapMs` later: the request's answer and the exit code. */
-  async function stopDuring(gapMs: number): Promise<{ status: number | string; code: number | null; logs: LogLine[] }> {
+  /**
+   * A server with a long generation in flight, sent SIGINT, then SIGINT again after each of `gapsMs`: the request's
+   * answer and how the process ended.
+   */
+  async function stopDuring(...gapsMs: number[]): Promise<{ status: number | string; code: number | null; signal: string | null; logs: LogLine[] }> {
     const srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
     try {
       const answer = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'in flight', num_inference_steps: 500, height: 512, width: 512, seed: 5, num_images_per_prompt: 2 }] }).then((r) => r.status, (e: Error) => `failed: ${e.message}`);
       const inflight = async () => /^inference_requests_in_flight(?:\{[^}]*\})? 1$/m.test(await (await fetch(`${srv.url}/metrics`)).text());
       await until(inflight, 20_000, 20);
       srv.proc.kill('SIGINT');
-      await new Promise((r) => setTimeout(r, gapMs));
-      srv.proc.kill('SIGINT');
+      for (const gap of gapsMs) {
+        if (gap > 0) await new Promise((r) => setTimeout(r, gap));
+        srv.proc.kill('SIGINT');
+      }
       const status = await answer;
       // stop() would kill a server still draining: wait for it to exit by itself
-      const code = await new Promise<number | null>((resolve) => (srv.proc.exitCode !== null ? resolve(srv.proc.exitCode) : srv.proc.once("exit", (c) => resolve(c))));
-      return { status, code, logs: srv.logs };
+      const { code, signal } = await new Promise<{ code: number | null; signal: string | null }>((resolve) =>
+        srv.proc.exitCode !== null || srv.proc.signalCode !== null ? resolve({ code: srv.proc.exitCode, signal: srv.proc.signalCode }) : srv.proc.once('exit', (c, s) => resolve({ code: c, signal: s })));
+      return { status, code, signal, logs: srv.logs };
     } finally {
       await srv.stop('SIGKILL').catch(() => undefined);
     }
@@ -180,6 +186,12 @@ describe('a stop signal delivered twice (Ctrl-C under npm start reaches npm and 
     expect(later.code).toBe(1);
     expect(later.logs.some((l) => l.msg === 'second signal: exiting now')).toBe(true);
   }, 90_000);
+
+  it('a second Ctrl-C under npm start (delivered twice as well) is one second signal: 503, exit 1, not a third that kills', async () => {
+    const twiceTwice = await stopDuring(20, 1500, 0);
+    expect([twiceTwice.status, twiceTwice.code, twiceTwice.signal]).toEqual([503, 1, null]);
+    expect(twiceTwice.logs.filter((l) => l.msg === 'second signal: exiting now')).toHaveLength(1);
+  }, 60_000);
 });
 
 describe('one model name for a local user (npm start, make run-local, make test-v1)', () => {

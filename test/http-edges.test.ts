@@ -204,6 +204,13 @@ describe('request targets', () => {
     expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
   });
 
+  it('answers a CONNECT pipelined behind a predict after the predict, not in its place', async () => {
+    const { responses, closed } = await raw(srv.port, post('/v1/models/model:predict', tiny(9)) + 'CONNECT s3.example:443 HTTP/1.1\r\nhost: s3.example:443\r\n\r\n', { idleMs: 30_000 });
+    expect(responses.map((r) => r.status)).toEqual([200, 405]);
+    expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(9);
+    expect(closed).toBe(true);
+  });
+
   it('matches percent-encoded path segments decoded, as KServe does (a client that escapes the colon before the verb)', async () => {
     const body = { instances: [{ prompt: 'escaped', num_inference_steps: 2, height: 64, width: 64, seed: 5 }] };
     const plain = await postJson(`${srv.url}/v1/models/model:predict`, body);
@@ -346,6 +353,25 @@ describe('compressed request bodies (Content-Encoding)', () => {
     expect(String(r.json.error)).toMatch(/^Unrecognized request format: /);
     expect(String(r.json.error)).toContain('\\x1f');
     expect(String(r.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+  });
+
+  it('the same on V2: a body, or the JSON header of a binary request, that is not JSON gets a 400 with its control bytes escaped', async () => {
+    const gz = zlib.gzipSync(Buffer.from(JSON.stringify({ inputs: [] })));
+    const json = await send('/v2/models/model/infer', gz, {});
+    const header = await send('/v2/models/model/infer', Buffer.concat([Buffer.from([1, 2]), gz]), { 'content-type': 'application/octet-stream', 'inference-header-content-length': '5' });
+    for (const r of [json, header]) {
+      expect([r.status, r.json.code]).toEqual([400, 'INVALID_INPUT']);
+      expect(String(r.json.error)).toMatch(/^Unrecognized request format: /);
+      expect(String(r.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+    }
+    expect(String(json.json.error)).toContain('\\x1f');
+    expect(String(header.json.error)).toContain('the JSON header (the first 5 bytes) does not parse: ');
+    expect(String(header.json.error)).toContain('\\x01\\x02');
+    // JSON text inside a valid request (the loras parameter) is quoted the same way
+    const loras = await send('/v2/models/model/infer', Buffer.from(JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }], parameters: { loras: '\u0001[' } })), {});
+    expect([loras.status, loras.json.code]).toEqual([400, 'INVALID_INPUT']);
+    expect(String(loras.json.error)).toMatch(/^parameters\.loras is not JSON: .*\\x01/);
+    expect(String(loras.json.error)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
   });
 
   it('answers a coding it does not decode with 415, a corrupt body with 400, and one decoding past MAX_BODY_BYTES with 413', async () => {

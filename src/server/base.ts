@@ -408,8 +408,14 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   // request may go on (http.ts bodyRoute), so a refused one is answered without the client uploading its body first.
   server.on('checkContinue', (req: IncomingMessage, res: http.ServerResponse) => server.emit('request', req, res));
   // CONNECT comes from a client whose HTTPS_PROXY names this server; without a listener Node closes the socket unanswered.
-  server.on('connect', (req: IncomingMessage, socket: Duplex) => rawReply(socket, 405, errorBody('METHOD_NOT_ALLOWED',
-    `CONNECT ${req.url ?? ''} is not served: this is a model server, not a proxy (check the client's HTTPS_PROXY)`), 'allow: GET, HEAD, POST\r\n'));
+  server.on('connect', (req: IncomingMessage, socket: Duplex) => {
+    const answer = () => rawReply(socket, 405, errorBody('METHOD_NOT_ALLOWED',
+      `CONNECT ${req.url ?? ''} is not served: this is a model server, not a proxy (check the client's HTTPS_PROXY)`), 'allow: GET, HEAD, POST\r\n');
+    // Pipelined behind requests still being answered: after them, not in the place of the first.
+    const p = pending.get(socket as Socket);
+    if (p && p.n > 0) p.idle.push({ left: 0, run: answer });
+    else answer();
+  });
   let attached = false;
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!isWebSocketUpgrade(req)) return void serveWithoutUpgrade(server, req, socket, head);

@@ -9,7 +9,7 @@ import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages, type InputBudget } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
-import { json, jsonText, type Reply } from './http.js';
+import { json, jsonText, printable, type Reply } from './http.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -110,9 +110,6 @@ export async function generateWithImages(ctx: ServerContext, reqs: GenerationReq
     release();
   }
 }
-
-/** `s` with control characters (C0, DEL, C1) written as \xNN. */
-export const printable = (s: string): string => s.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
 export function parseJson(body: Buffer): unknown {

@@ -30,6 +30,9 @@ const UTF8 = new TextDecoder();
  */
 export const jsonText = (b: Uint8Array): string => UTF8.decode(b);
 
+/** `s` with control characters (C0, DEL, C1) written as \xNN: V8's JSON.parse message quotes the body's first characters. */
+export const printable = (s: string): string => s.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+
 /** An error body never exceeds this: a message past it is cut, saying how much was left out. */
 export const MAX_ERROR_BYTES = 64 * 1024;
 

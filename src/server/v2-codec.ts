@@ -10,7 +10,7 @@ import type { TaskResult } from '../runtime/engine.js';
 import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
 import { assertSafeKeys, joinProblems, pushUnknownField } from '../runtime/request.js';
-import { jsonText } from './http.js';
+import { jsonText, printable } from './http.js';
 
 /** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
  * BYTES input or string parameter holding JSON (the list of LoRA adapters: V2 parameters are flat). */
@@ -107,7 +107,7 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
         // KServe's wording (its typo included), so clients that match on it keep working.
         throw bad("received byte inputs, but the'inference-header-content-length' header is missing.");
       }
-      throw bad(`Unrecognized request format: ${(err as Error).message}`);
+      throw bad(`Unrecognized request format: ${printable((err as Error).message)}`);
     }
     return { header, binary: undefined };
   }
@@ -119,7 +119,7 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
   try {
     header = JSON.parse(jsonText(body.subarray(0, n)));
   } catch (err) {
-    throw bad(`Unrecognized request format: the JSON header (the first ${n} bytes) does not parse: ${(err as Error).message}`);
+    throw bad(`Unrecognized request format: the JSON header (the first ${n} bytes) does not parse: ${printable((err as Error).message)}`);
   }
   return { header, binary: body.subarray(n) };
 }
@@ -424,7 +424,7 @@ function v2Loras(v: unknown, at: string): unknown {
   try {
     return JSON.parse(v) as unknown;
   } catch (err) {
-    throw bad(`${at} is not JSON: ${(err as Error).message}; send e.g. [{"name":"style-x","scale":0.8}]`);
+    throw bad(`${at} is not JSON: ${printable((err as Error).message)}; send e.g. [{"name":"style-x","scale":0.8}]`);
   }
 }
 
