@@ -79,7 +79,7 @@ async function main(): Promise<void> {
       // under the call): the second signal ends the drain instead, which stops the generations at their next step.
       // A third one does not wait for that.
       if (signals > 2) process.kill(process.pid, 'SIGKILL');
-      log?.warn({ signal: sig }, 'second signal: exiting now');
+      log?.warn({ signal: sig }, 'second signal: ending the drain now (generations stop at their next step; exit 1)');
       rt?.endGrace();
       return;
     }

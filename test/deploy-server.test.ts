@@ -184,13 +184,13 @@ describe('a stop signal delivered twice (Ctrl-C under npm start reaches npm and 
     const later = await stopDuring(1500);
     expect(later.status).toBe(503);
     expect(later.code).toBe(1);
-    expect(later.logs.some((l) => l.msg === 'second signal: exiting now')).toBe(true);
+    expect(later.logs.some((l) => l.msg === 'second signal: ending the drain now (generations stop at their next step; exit 1)')).toBe(true);
   }, 90_000);
 
   it('a second Ctrl-C under npm start (delivered twice as well) is one second signal: 503, exit 1, not a third that kills', async () => {
     const twiceTwice = await stopDuring(20, 1500, 0);
     expect([twiceTwice.status, twiceTwice.code, twiceTwice.signal]).toEqual([503, 1, null]);
-    expect(twiceTwice.logs.filter((l) => l.msg === 'second signal: exiting now')).toHaveLength(1);
+    expect(twiceTwice.logs.filter((l) => l.msg === 'second signal: ending the drain now (generations stop at their next step; exit 1)')).toHaveLength(1);
   }, 60_000);
 });
 
