@@ -106,6 +106,24 @@ describe('model families', () => {
     expect(meanAbs(a.images[0]!.rgb, tcd.images[0]!.rgb)).toBeGreaterThan(0.1);
   });
 
+  it('a batch mixing guidance scales guides each image by its own (item.guidance): each image is its run alone, bit for bit', async () => {
+    const eq = (a: Uint8Array, b: Uint8Array) => Buffer.from(a).equals(Buffer.from(b));
+    for (const [family, scales] of [['sd15', [7.5, 3, 12]], ['lcm', [8.5, 2, 1]]] as const) {
+      const { pipe } = await load({ family });
+      const steps = family === 'lcm' ? 4 : 3;
+      // the shape carries the first request's scale, as the engine's batch does; each item its own
+      const mixed = await pipe.generate(job({ steps, guidance: scales[0] }, scales.map((guidance, i) => ({ seed: 20 + i, guidance }))));
+      for (const [i, guidance] of scales.entries()) {
+        const alone = await pipe.generate(job({ steps, guidance }, [{ seed: 20 + i }]));
+        expect(eq(mixed.images[i]!.rgb, alone.images[0]!.rgb), `${family} guidance ${guidance}`).toBe(true);
+      }
+      expect(eq(mixed.images[0]!.rgb, (await pipe.generate(job({ steps, guidance: scales[1] }, [{ seed: 20 }]))).images[0]!.rgb)).toBe(false);
+    }
+    // An unconditional pass for some images and not others cannot share a UNet batch: the engine never sends one.
+    const { pipe } = await load({ family: 'sd15' });
+    await expect(pipe.generate(job({ guidance: 7.5 }, [{ guidance: 7.5 }, { guidance: 1 }]))).rejects.toThrow(/a batch mixes guidance scales above and at or below 1/);
+  });
+
   it('Turbo: guidance 0 skips the unconditional batch; one trailing step at t=999', async () => {
     const { pipe, calls } = await load({ family: 'turbo' });
     const r = await pipe.generate(job({ steps: 1, guidance: 0 }));

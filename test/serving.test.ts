@@ -57,6 +57,23 @@ describe('dynamic batching', () => {
     expect(b64(ra) === b64(rb)).toBe(false);
   });
 
+  it('batches requests of other guidance scales together (each image guided by its own), not with and without an unconditional pass', async () => {
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 45, guidance_scale: 7.5 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 46, guidance_scale: 4 };
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+    expect([ra.status, rb.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+    const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
+    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+    // guidance 1 has no unconditional pass: its own batch
+    const count1 = await metric(srv, 'inference_batch_size_count');
+    const [rc, rd] = await Promise.all([predict(srv, { ...a, seed: 47 }), predict(srv, { ...b, seed: 48, guidance_scale: 1 })]);
+    expect([rc.status, rd.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count1).toBe(2);
+  });
+
   it('batches requests of other output formats together, each image encoded as its request asked', async () => {
     const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 43, output_format: 'jpeg', quality: 70 };
     const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 44 };

@@ -60,6 +60,8 @@ export interface JobItem {
   /** First image's seed; image i uses seed + i (one generator per image). */
   seed: number;
   numImages: number;
+  /** This item's guidance scale, where a batch mixes requests of several (the engine sets each); else the shape's. */
+  guidance?: number;
 }
 
 /**

@@ -206,8 +206,12 @@ export class Pipeline {
     const unet = this.unet;
     const tInfo = unet.input('timestep');
     const rows = cfg ? 2 * B : B;
-    const timestepCond = lcm ? guidanceEmbedding(shape.guidance, B, Number(unet.input('timestep_cond').shape[1] ?? 256)) : undefined;
-    const g32 = f(shape.guidance);
+    // Per image: a batch may mix requests of several guidance scales (each image's math is its run alone's).
+    const guidances = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidance ?? shape.guidance));
+    const condDim = lcm ? Number(unet.input('timestep_cond').shape[1] ?? 256) : 0;
+    const timestepCond = lcm ? concat(...guidances.map((g) => guidanceEmbedding(g, 1, condDim))) : undefined;
+    const g32 = guidances.map(f);
+    if (!lcm && guidances.some((g) => g > 1 !== cfg)) throw new RuntimeError('INTERNAL', 'a batch mixes guidance scales above and at or below 1 (with and without an unconditional pass)');
     let denoised: Float32Array<ArrayBufferLike> | undefined;
     const steps = timesteps;
     try {
@@ -234,9 +238,12 @@ export class Pipeline {
         if (cfg) {
           const n = B * per;
           const guided = new Float32Array(n);
-          for (let i = 0; i < n; i++) {
-            const u = e[i]!;
-            guided[i] = f(u + f(g32 * f(e[n + i]! - u)));
+          for (let b = 0; b < B; b++) {
+            const g = g32[b]!;
+            for (let i = b * per; i < (b + 1) * per; i++) {
+              const u = e[i]!;
+              guided[i] = f(u + f(g * f(e[n + i]! - u)));
+            }
           }
           if (shape.guidanceRescale > 0) rescaleNoiseCfg(guided, e.subarray(n), B, per, shape.guidanceRescale);
           e = guided;
