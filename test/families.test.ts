@@ -86,6 +86,11 @@ describe('model families', () => {
     // An explicit negative prompt is encoded instead of zeros, so the image changes.
     const withNeg = await pipe.generate(job({ height: 128, width: 96 }, [{ negativePrompt: 'blurry' }]));
     expect(meanAbs(zeroNeg.images[0]!.rgb, withNeg.images[0]!.rgb)).toBeGreaterThan(0.1);
+    // Batched together (the batch key ignores negative prompts), each keeps its own: zeros for the one without.
+    const mixed = await pipe.generate(job({ height: 128, width: 96 }, [{}, { negativePrompt: 'blurry' }]));
+    const eq = (a: Uint8Array, b: Uint8Array) => Buffer.from(a).equals(Buffer.from(b));
+    expect(eq(mixed.images[0]!.rgb, zeroNeg.images[0]!.rgb)).toBe(true);
+    expect(eq(mixed.images[1]!.rgb, withNeg.images[0]!.rgb)).toBe(true);
   });
 
   it('LCM: guidance enters as timestep_cond, no unconditional batch, 4-step default', async () => {

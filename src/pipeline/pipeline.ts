@@ -384,15 +384,14 @@ export class Pipeline {
     let rows = repeat(pos.rows);
     let pooled = repeat(pos.pooled);
     if (cfg) {
-      const zeros = items.every((it) => it.negativePrompt === undefined) && this.layout.forceZerosForEmptyPrompt;
-      if (zeros) {
-        rows = [...rows.map((r) => new Float32Array(r.length)), ...rows];
-        pooled = [...pooled.map((p) => new Float32Array(p.length)), ...pooled];
-      } else {
-        const neg = await both(items.map((it) => it.negativePrompt ?? ''));
-        rows = [...repeat(neg.rows), ...rows];
-        pooled = [...repeat(neg.pooled), ...pooled];
-      }
+      // Zeros per item, not per batch: a batch may join requests with and without a negative prompt.
+      const encoded = items.filter((it) => it.negativePrompt !== undefined || !this.layout.forceZerosForEmptyPrompt);
+      const neg = encoded.length > 0 ? await both(encoded.map((it) => it.negativePrompt ?? '')) : undefined;
+      const at = items.map((it) => encoded.indexOf(it));
+      const negRows = at.map((j, i) => (j >= 0 ? neg!.rows[j]! : new Float32Array(pos.rows[i]!.length)));
+      const negPooled = at.map((j, i) => (j >= 0 ? neg!.pooled[j]! : new Float32Array(pos.pooled[i]!.length)));
+      rows = [...repeat(negRows), ...rows];
+      pooled = [...repeat(negPooled), ...pooled];
     }
     return { embeds: concat(...rows), pooled: concat(...pooled), seq: pos.seq, dim: pos.dim };
   }
