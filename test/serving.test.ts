@@ -32,6 +32,18 @@ describe('dynamic batching', () => {
   });
   afterAll(async () => void (await srv?.stop()));
 
+  const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+  /** Sends a and b at once: one batch, and each image byte-equal to its request's run alone. */
+  async function oneBatchAsAlone(a: Record<string, unknown>, b: Record<string, unknown>) {
+    const count0 = await metric(srv, 'inference_batch_size_count');
+    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+    expect([ra.status, rb.status]).toEqual([200, 200]);
+    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
+    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+    return [ra, rb] as const;
+  }
+
   it('runs two concurrent compatible requests as ONE batch, each image byte-equal to its unbatched run', async () => {
     const a = { prompt: 'a red fox in the snow', negative_prompt: 'blurry', num_inference_steps: 12, height: 128, width: 128, seed: 41 };
     const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 12, height: 128, width: 128, seed: 42 };
@@ -60,13 +72,7 @@ describe('dynamic batching', () => {
   it('batches requests of other guidance scales together (each image guided by its own), not with and without an unconditional pass', async () => {
     const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 45, guidance_scale: 7.5 };
     const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 46, guidance_scale: 4 };
-    const count0 = await metric(srv, 'inference_batch_size_count');
-    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
-    expect([ra.status, rb.status]).toEqual([200, 200]);
-    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
-    const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
-    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
-    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+    await oneBatchAsAlone(a, b);
     // guidance 1 has no unconditional pass: its own batch
     const count1 = await metric(srv, 'inference_batch_size_count');
     const [rc, rd] = await Promise.all([predict(srv, { ...a, seed: 47 }), predict(srv, { ...b, seed: 48, guidance_scale: 1 })]);
@@ -105,13 +111,7 @@ describe('dynamic batching', () => {
   it("serves tcd with eta 0.3 (its gamma: noise per image) batched, each image byte-equal to its run alone; eta 0 is another image", async () => {
     const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, guidance_scale: 1.5, height: 64, width: 64, seed: 5, scheduler: 'tcd', eta: 0.3 };
     const b = { ...a, prompt: 'a lighthouse at dusk', seed: 6 };
-    const count0 = await metric(srv, 'inference_batch_size_count');
-    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
-    expect([ra.status, rb.status]).toEqual([200, 200]);
-    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
-    const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
-    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
-    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+    const [ra] = await oneBatchAsAlone(a, b);
     expect(b64(ra) === b64(await predict(srv, { ...a, eta: 0 }))).toBe(false);
     const over = await predict(srv, { ...a, num_inference_steps: 51 });
     expect([over.status, over.json]).toEqual([400, { error: 'instances[0].num_inference_steps must be from 1 to 50 for scheduler tcd (original_inference_steps is 50), got 51', code: 'INVALID_INPUT' }]);
