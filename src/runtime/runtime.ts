@@ -119,14 +119,6 @@ export class Runtime {
    * SIGTERM: readiness false at once, no new connections, in-flight requests finish within the grace
    * period, then the workers close. Idempotent.
    */
-  /**
-   * Ends the grace period of a close under way now (a second stop signal): what still runs is stopped as when the
-   * grace runs out. Before a close, or after its drain, nothing.
-   */
-  endGrace(): void {
-    this.#endGrace?.();
-  }
-
   close(graceMs = this.cfg.shutdownGraceS * 1000): Promise<void> {
     return (this.#closing ??= (async () => {
       this.#stopping = true;
@@ -153,5 +145,13 @@ export class Runtime {
       this.#listener?.closeConnections();
       this.events.emit('shut-down', { drained }, 'shut down');
     })());
+  }
+
+  /**
+   * Ends the grace period of a close under way now (a second stop signal): what still runs is stopped as when the
+   * grace runs out. Before a close, or after its drain, nothing.
+   */
+  endGrace(): void {
+    this.#endGrace?.();
   }
 }
