@@ -656,12 +656,14 @@ export class Engine {
     // Every client of the batch left while it ran: nobody to encode for.
     if (run.tasks.every((t) => t.state === 'done')) return;
     const t0 = performance.now();
-    // Each request's images in its own format; none for a request whose client left while it ran.
-    const starts = run.tasks.map((_, k) => run.tasks.slice(0, k).reduce((n, t) => n + t.images, 0));
-    const encoded: EncodedImage[][] = await Promise.all(run.tasks.map((t, k) => {
+    // Each request's images (its slice of the batch, in task order) in its own format; none for a request whose client
+    // left while it ran.
+    let o = 0;
+    const encoded: EncodedImage[][] = await Promise.all(run.tasks.map((t) => {
+      const mine = raw.slice(o, (o += t.images));
       if (t.state === 'done') return [];
       const { format, quality } = t.req.output;
-      return Promise.all(raw.slice(starts[k], starts[k]! + t.images).map(async (r) => {
+      return Promise.all(mine.map(async (r) => {
         const buf = await encodeImage(new Uint8Array(r.rgb), r.width, r.height, format, quality);
         return { data: buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer, seed: r.seed, width: r.width, height: r.height, format };
       }));
