@@ -209,7 +209,7 @@ export class Pipeline {
     // Per image: a batch may mix requests of several guidance scales (each image's math is its run alone's).
     const guidances = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidance ?? shape.guidance));
     const condDim = lcm ? Number(unet.input('timestep_cond').shape[1] ?? 256) : 0;
-    const timestepCond = lcm ? concat(...guidances.map((g) => guidanceEmbedding(g, 1, condDim))) : undefined;
+    const timestepCond = lcm ? concat(...guidances.map((g) => guidanceEmbedding(g, condDim))) : undefined;
     const g32 = guidances.map(f);
     if (!lcm && guidances.some((g) => g > 1 !== cfg)) throw new RuntimeError('INTERNAL', 'a batch mixes guidance scales above and at or below 1 (with and without an unconditional pass)');
     let denoised: Float32Array<ArrayBufferLike> | undefined;
@@ -488,19 +488,19 @@ function timestepFeed(shape: readonly (number | string)[], t: number, rows: numb
   return { data: new Array<number>(n).fill(t), dims: [n] };
 }
 
-/** LCM's guidance embedding: w = (g - 1)·1000, sinusoidal with `dim` features (diffusers get_guidance_scale_embedding). */
-export function guidanceEmbedding(guidance: number, batch: number, dim: number): Float32Array {
+/**
+ * LCM's guidance embedding of one image: w = (g - 1)·1000, sinusoidal with `dim` features (diffusers
+ * get_guidance_scale_embedding).
+ */
+export function guidanceEmbedding(guidance: number, dim: number): Float32Array {
   const w = f(f(guidance - 1) * 1000);
   const half = dim / 2;
   const k = f(Math.log(10000) / (half - 1));
-  const out = new Float32Array(batch * dim);
+  const out = new Float32Array(dim);
   for (let i = 0; i < half; i++) {
-    const freq = f(Math.exp(f(-k * i)));
-    const e = f(w * freq);
-    for (let b = 0; b < batch; b++) {
-      out[b * dim + i] = f(Math.sin(e));
-      out[b * dim + half + i] = f(Math.cos(e));
-    }
+    const e = f(w * f(Math.exp(f(-k * i))));
+    out[i] = f(Math.sin(e));
+    out[half + i] = f(Math.cos(e));
   }
   return out;
 }
