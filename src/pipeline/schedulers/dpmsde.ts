@@ -78,8 +78,8 @@ export class DPMSolverSDE extends EulerBase {
 
   /** diffusers' BrownianTreeNoiseSampler(sample, min sigma > 0, max sigma, seed) for a sample of `length` values. */
   #spec(length: number): BrownianSpec {
-    if (this.#motionSpec?.perImage === length / (this.#seeds?.length ?? 1)) return this.#motionSpec;
     const images = this.#seeds?.length ?? 1;
+    if (this.#motionSpec?.perImage === length / images) return this.#motionSpec;
     if (length % images !== 0) throw new RuntimeError('INTERNAL', `${NAME}: a sample of ${length} values is not ${images} images`);
     let lo = Infinity;
     let hi = 0;
