@@ -6,6 +6,7 @@
 import { execFile, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
+import { createRequire } from 'node:module';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -599,6 +600,26 @@ describe('docker/Dockerfile', () => {
     expect(runText(build)).toMatch(/npm ci\b/);
     expect(runText(build)).toMatch(/npm run build\b/);
     expect(runText(build)).toMatch(/npm prune --omit=dev\b/);
+  });
+
+  it("CUDA providers: onnxruntime-node's install script is run by name, since npm is told not to run it", () => {
+    const run = runText(build);
+    // npm 11.19 obeys allowScripts' false and npm 12 runs no script it is not told to: `npm rebuild` would skip it.
+    expect(run).not.toMatch(/npm rebuild/);
+    expect(run).toMatch(/npm ci --ignore-scripts[\s\S]*node node_modules\/onnxruntime-node\/script\/install\.js[\s\S]*libonnxruntime_providers_cuda\.so/);
+    const ort = path.join(ROOT, 'node_modules/onnxruntime-node/script');
+    expect(existsSync(path.join(ort, 'install.js')), 'onnxruntime-node moved its install script').toBe(true);
+    // The value the image sets names a manifest of this onnxruntime-node, and that manifest brings the file checked for.
+    const meta = createRequire(import.meta.url)(path.join(ort, 'install-metadata.js')) as {
+      requirements: Record<string, string[]>; manifests: Record<string, Record<string, unknown>>;
+    };
+    const flag = /ONNXRUNTIME_NODE_INSTALL=(\S+)/.exec(envText(build))![1]!;
+    expect(meta.requirements['linux/x64']).toContain(flag);
+    expect(Object.keys(meta.manifests[`linux/x64:${flag}`]!)).toContain('./libonnxruntime_providers_cuda.so');
+    // Without a GPU, `npm ci` must not download: denied in package.json, skipped by .npmrc where npm ignores allowScripts.
+    const pkg = JSON.parse(read('package.json')) as { allowScripts?: Record<string, boolean> };
+    expect(pkg.allowScripts?.['onnxruntime-node']).toBe(false);
+    expect(read('.npmrc')).toMatch(/^onnxruntime-node-install=skip$/m);
   });
 
   it('runtime stage: non-root uid 1001, group-0 writable cache, HOME under /tmp, port 8080, exec-form node entrypoint', () => {
