@@ -48,18 +48,34 @@ describe('scheduler classes community models ship', () => {
     expect([s.name, s.timesteps.length, s.order]).toEqual(['DPMSolverSDEScheduler', 19, 2]);
   });
 
+  // SASolverScheduler as save_config writes it (tau_func, a Python callable, is written null).
+  const sasolver = {
+    _class_name: 'SASolverScheduler', _diffusers_version: '0.40.0.dev0', algorithm_type: 'data_prediction', beta_end: 0.012, beta_schedule: 'scaled_linear',
+    beta_start: 0.00085, corrector_order: 2, dynamic_thresholding_ratio: 0.995, flow_shift: 1.0, lambda_min_clipped: -Infinity, lower_order_final: true,
+    num_train_timesteps: 1000, prediction_type: 'epsilon', predictor_order: 2, sample_max_value: 1.0, steps_offset: 1, tau_func: null, thresholding: false,
+    timestep_spacing: 'linspace', trained_betas: null, use_beta_sigmas: false, use_exponential_sigmas: false, use_flow_sigmas: false, use_karras_sigmas: false,
+    variance_type: null,
+  };
+
+  it('a SASolverScheduler model config builds its class', () => {
+    const { config } = pipelineSchedulerConfig(sasolver, true);
+    const s = createScheduler(config, 20);
+    // diffusers: SASolverScheduler.from_pretrained(...).set_timesteps(20) on this file
+    expect([s.name, s.timesteps.slice(0, 4)]).toEqual(['SASolverScheduler', [999, 949, 899, 849]]);
+  });
+
   it('a class the runtime does not implement fails the load with a reason that names the file and what to set there', () => {
-    // SASolverScheduler (SA-Solver): not implemented.
-    const sa = { ...sde, _class_name: 'SASolverScheduler' };
-    const { config } = pipelineSchedulerConfig(sa, true);
+    // IPNDMScheduler: not implemented.
+    const ipndm = { ...sde, _class_name: 'IPNDMScheduler' };
+    const { config } = pipelineSchedulerConfig(ipndm, true);
     // What Pipeline.create checks when a worker loads the model.
     expect(() => createScheduler(config, 10)).toThrow(
-      'the model\'s scheduler class "SASolverScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
+      'the model\'s scheduler class "IPNDMScheduler" (model_index.json "scheduler", else scheduler/scheduler_config.json "_class_name") is not one ' +
         'this runtime implements; set both to one of PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, ' +
         'LCMScheduler, UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler, HeunDiscreteScheduler, ' +
-        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler, DPMSolverSinglestepScheduler, DPMSolverSDEScheduler',
+        'KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler, DPMSolverSinglestepScheduler, DPMSolverSDEScheduler, SASolverScheduler',
     );
-    expect(createScheduler(pipelineSchedulerConfig({ ...sa, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
+    expect(createScheduler(pipelineSchedulerConfig({ ...ipndm, _class_name: 'EulerDiscreteScheduler' }, true).config, 10).timesteps).toHaveLength(10);
   });
 });
 

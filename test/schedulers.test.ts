@@ -165,7 +165,7 @@ describe('createScheduler', () => {
   });
 
   it('accepts every listed name and the diffusers class names', () => {
-    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'dpmpp_2s', 'dpmpp_2s_karras', 'dpmpp_sde', 'dpmpp_sde_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler', 'DPMSolverSinglestepScheduler', 'DPMSolverSDEScheduler']) {
+    for (const name of ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_karras', 'lcm', 'unipc', 'lms', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'dpm2', 'dpm2_karras', 'dpm2_a', 'dpm2_a_karras', 'tcd', 'dpmpp_2s', 'dpmpp_2s_karras', 'dpmpp_sde', 'dpmpp_sde_karras', 'sa_solver', 'sa_solver_karras', 'EulerDiscreteScheduler', 'LCMScheduler', 'UniPCMultistepScheduler', 'LMSDiscreteScheduler', 'DDPMScheduler', 'DEISMultistepScheduler', 'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'TCDScheduler', 'DPMSolverSinglestepScheduler', 'DPMSolverSDEScheduler', 'SASolverScheduler']) {
       expect(Object.hasOwn(SCHEDULER_NAMES, name), name).toBe(true);
       const s = createScheduler(modelConfig, 8, { name });
       expect(s.timesteps.length).toBeGreaterThan(0);
@@ -310,7 +310,7 @@ describe('createScheduler', () => {
     for (const [label, meant] of [
       ['DPM++ 2M Karras', 'dpmpp_2m_karras'], ['Euler a', 'euler_a'], ['UniPC', 'unipc'], ['DPM2 a Karras', 'dpm2_a_karras'], ['PLMS', 'pndm'],
       ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'], ['TCD', 'tcd'],
-      ['DPM++ SDE Karras', 'dpmpp_sde_karras'], ['DPM++ SDE', 'dpmpp_sde'],
+      ['DPM++ SDE Karras', 'dpmpp_sde_karras'], ['DPM++ SDE', 'dpmpp_sde'], ['SA-Solver', 'sa_solver'],
     ] as const) {
       expect(unknownSchedulerName(label), label).toMatch(new RegExp(`^scheduler "${label.replace(/[+]/g, '\\+')}" is unknown; did you mean "${meant}"\\?; use one of pndm, `));
     }
@@ -358,6 +358,9 @@ describe('createScheduler', () => {
     expect(count('dpmpp_2s_karras')).toBe(0);
     // DPM++ SDE reads its own Brownian noise (seeded by the image seed), never the image's generator
     expect(count('dpmpp_sde')).toBe(0);
+    // SA-Solver draws on every step, whether its tau makes use of the draw or not
+    expect(count('sa_solver')).toBe(4);
+    expect(count('sa_solver_karras')).toBe(4);
   });
 });
 
@@ -537,7 +540,7 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
 
   it("refuses Karras and exponential sigmas together in every class that has both, as diffusers' __init__ raises", () => {
     const classes = ['EulerDiscreteScheduler', 'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'LMSDiscreteScheduler',
-      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'DPMSolverSinglestepScheduler'];
+      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'DPMSolverSinglestepScheduler', 'SASolverScheduler'];
     for (const cls of classes) {
       expect(() => createScheduler({ ...unipc, _class_name: cls, use_karras_sigmas: true, use_exponential_sigmas: true }, 10), cls).toThrow(
         expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)` }),
@@ -687,5 +690,60 @@ describe('DPM-Solver singlestep', () => {
     }
     expect(n).toBe(5);
     expect(x.every(Number.isFinite)).toBe(true);
+  });
+});
+
+describe('SA-Solver', () => {
+  const sa = { _class_name: 'SASolverScheduler', beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', steps_offset: 1 };
+  /** Each step's prev_sample, the step drawing `fill` as its noise. */
+  const run = (config: Record<string, unknown>, n: number, fill: number) => {
+    const s = createScheduler(config, n);
+    let x: Float32Array = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i) * 3);
+    return s.timesteps.map((t) => (x = s.step(Float32Array.from({ length: 16 }, (_, i) => Math.cos(i + t)), t, x, () => new Float32Array(16).fill(fill)).prevSample));
+  };
+
+  it("uses the noise only where diffusers' default tau is 1 (timesteps 200 to 800), in the predictor and in the corrector after it", () => {
+    // 10 steps: 999, 899, 799, ..., 99. The first two steps (tau 0, and the second's corrector redoing the first) ignore
+    // the draw; the third's predictor (799) takes it.
+    for (const algorithm_type of ['data_prediction', 'noise_prediction']) {
+      const [a, b] = [run({ ...sa, algorithm_type }, 10, 0), run({ ...sa, algorithm_type }, 10, 1)];
+      expect(a.map((x, k) => x.every((v, i) => v === b[k]![i])), algorithm_type).toEqual([true, true, false, false, false, false, false, false, false, false]);
+    }
+    // Two trailing steps are 999 and 499: the second takes the draw; one step (999) never does.
+    expect(run({ ...sa, timestep_spacing: 'trailing' }, 2, 0)[1]).not.toEqual(run({ ...sa, timestep_spacing: 'trailing' }, 2, 1)[1]);
+    expect(run(sa, 1, 0)).toEqual(run(sa, 1, 1));
+  });
+
+  it('refuses the options it does not implement, and what diffusers refuses, naming them', () => {
+    const refused: [Record<string, unknown>, string][] = [
+      [{ predictor_order: 5 }, 'predictor_order 5 (1 to 4) is not supported'],
+      [{ corrector_order: 0 }, 'corrector_order 0 (1 to 4) is not supported'],
+      [{ predictor_order: 2.5 }, 'predictor_order 2.5 (1 to 4) is not supported'],
+      [{ thresholding: true }, 'thresholding is not supported'],
+      [{ use_beta_sigmas: true }, 'use_beta_sigmas is not supported'],
+      [{ use_flow_sigmas: true }, 'use_flow_sigmas is not supported'],
+      [{ variance_type: 'learned_range' }, 'variance_type "learned_range" is not supported'],
+      [{ prediction_type: 'flow_prediction' }, 'prediction_type "flow_prediction" is not supported (supported: epsilon, sample, v_prediction)'],
+      [{ algorithm_type: 'dpmsolver++' }, 'algorithm_type "dpmsolver++" is not supported (supported: data_prediction, noise_prediction)'],
+      [{ tau_func: 'lambda t: 1' }, "tau_func (a Python callable; the runtime runs diffusers' default, 1 for timesteps 200 to 800, else 0) is not supported"],
+    ];
+    for (const [extra, message] of refused) {
+      expect(() => createScheduler({ ...sa, ...extra }, 10), JSON.stringify(extra)).toThrow(
+        expect.objectContaining({ code: 'UNSUPPORTED', message: `SASolverScheduler: ${message}` }),
+      );
+    }
+  });
+
+  it("the request names replace a DPM-Solver config's algorithm_type, which the class name carries over and refuses as diffusers does", () => {
+    const dpm = { ...sa, _class_name: 'DPMSolverMultistepScheduler', algorithm_type: 'dpmsolver++', solver_order: 2 };
+    for (const name of ['sa_solver', 'sa_solver_karras']) expect(createScheduler(dpm, 10, { name }).name).toBe('SASolverScheduler');
+    expect(() => createScheduler(dpm, 10, { name: 'SASolverScheduler' })).toThrow(
+      expect.objectContaining({ code: 'UNSUPPORTED', message: 'SASolverScheduler: algorithm_type "dpmsolver++" is not supported (supported: data_prediction, noise_prediction)' }),
+    );
+    // A SA-Solver model's own noise_prediction: kept by the class name, replaced by the short names.
+    const noise = { ...sa, algorithm_type: 'noise_prediction' };
+    expect(run(noise, 6, 0.5)).not.toEqual(run(sa, 6, 0.5));
+    const viaName = createScheduler(noise, 6, { name: 'sa_solver' }) as unknown as { config: Record<string, unknown> };
+    expect(viaName.config.algorithm_type).toBe('data_prediction');
   });
 });

@@ -23,6 +23,7 @@ import { LCM, LCM_DEFAULTS, lcmStepRange, TCD, TCD_DEFAULTS } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
+import { SASolver, SASOLVER_DEFAULTS, SASOLVER_HIDDEN } from './sasolver.js';
 import { UNIPC_DEFAULTS, UniPCMultistep } from './unipc.js';
 
 export type { ResolvedConfig } from './common.js';
@@ -65,6 +66,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   TCDScheduler: { defaults: TCD_DEFAULTS, steps: (c) => lcmStepRange(c, 'TCDScheduler'), build: (c, n, eta) => new TCD(c, n, eta) },
   DPMSolverSinglestepScheduler: { defaults: DPMSS_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverSinglestep(c, n) },
   DPMSolverSDEScheduler: { defaults: DPMSDE_DEFAULTS, hidden: DPMSDE_HIDDEN, steps: trainStepRange, build: (c, n, _eta, seeds) => new DPMSolverSDE(c, n, seeds) },
+  SASolverScheduler: { defaults: SASOLVER_DEFAULTS, hidden: SASOLVER_HIDDEN, steps: trainStepRange, build: (c, n) => new SASolver(c, n) },
 });
 
 const isClassName = (c: unknown): c is SchedulerClassName => typeof c === 'string' && Object.hasOwn(CLASSES, c);

@@ -23,6 +23,7 @@ export const SCHEDULER_CLASS_NAMES = [
   'TCDScheduler',
   'DPMSolverSinglestepScheduler',
   'DPMSolverSDEScheduler',
+  'SASolverScheduler',
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
@@ -92,6 +93,10 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   },
   dpmpp_sde: { className: 'DPMSolverSDEScheduler', overrides: {} },
   dpmpp_sde_karras: { className: 'DPMSolverSDEScheduler', overrides: { use_karras_sigmas: true } },
+  // The class's own algorithm: a DPM-Solver or DEIS config's algorithm_type, which from_config carries over, is not one
+  // of SA-Solver's (diffusers raises for it).
+  sa_solver: { className: 'SASolverScheduler', overrides: { algorithm_type: 'data_prediction' } },
+  sa_solver_karras: { className: 'SASolverScheduler', overrides: { algorithm_type: 'data_prediction', use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
 
