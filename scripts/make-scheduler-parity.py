@@ -6,7 +6,7 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm and dpmsde cases were made (test/fixtures/parity/README.md); each
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde and sasolver cases were made (test/fixtures/parity/README.md); each
 file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
 cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
 `trampoline` package torchsde imports, and the package metadata diffusers looks for).
@@ -65,6 +65,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     OnnxStableDiffusionPipeline,
     PNDMScheduler,
+    SASolverScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TCDScheduler,
@@ -81,6 +82,7 @@ from diffusers.schedulers import (
     scheduling_euler_ancestral_discrete,
     scheduling_k_dpm_2_ancestral_discrete,
     scheduling_lcm,
+    scheduling_sasolver,
     scheduling_tcd,
 )
 
@@ -98,7 +100,7 @@ CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, E
                                     UniPCMultistepScheduler, LMSDiscreteScheduler, DDPMScheduler, DEISMultistepScheduler,
                                     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                     EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler,
-                                    DPMSolverSinglestepScheduler, DPMSolverSDEScheduler]}
+                                    DPMSolverSinglestepScheduler, DPMSolverSDEScheduler, SASolverScheduler]}
 # The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
@@ -131,6 +133,8 @@ REQUEST = {
     "dpmpp_2s_karras": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "sa_solver": ("SASolverScheduler", {"algorithm_type": "data_prediction"}),
+    "sa_solver_karras": ("SASolverScheduler", {"algorithm_type": "data_prediction", "use_karras_sigmas": True}),
 }
 
 SD15_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "trained_betas": None}
@@ -215,7 +219,8 @@ def run_case(case):
         built = dict(pipe.scheduler.config)
         s = pipe.scheduler
     if request is not None:
-        cls_name, overrides = REQUEST[request]
+        # a class name is a request name too, with no overrides (as the runtime takes it)
+        cls_name, overrides = REQUEST[request] if request in REQUEST else (request, {})
         s = CLASSES[cls_name].from_config(s.config, **overrides)
     interp = record_interpolation(s)
     s.set_timesteps(steps)
@@ -231,7 +236,7 @@ def run_case(case):
     noise = Noise(case.get("seed", 0) + 1000)
     for mod in (scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm,
                 scheduling_k_dpm_2_ancestral_discrete, scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, scheduling_tcd,
-                scheduling_dpmsolver_singlestep):
+                scheduling_dpmsolver_singlestep, scheduling_sasolver):
         mod.randn_tensor = noise
     sample = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) * s.init_noise_sigma
     initial = sample.clone()
@@ -266,6 +271,15 @@ def run_case(case):
             "denoised": as_list(denoised),
         })
         sample = r.prev_sample
+    added = None
+    if case.get("add_noise"):
+        # add_noise at every index from the first kept one, as image-to-image (begin) and the inpainting blend (each
+        # later one) call it: its own rng, so the trajectory's draws stay as they are
+        add_rng = np.random.default_rng(case.get("seed", 0) + 2000)
+        original = torch.from_numpy(add_rng.standard_normal(shape).astype(np.float32))
+        add_n = torch.from_numpy(add_rng.standard_normal(shape).astype(np.float32))
+        added = {"original": as_list(original), "noise": as_list(add_n),
+                 "noised": [as_list(s.add_noise(original, add_n, s.timesteps[k:k + 1])) for k in range(begin or 0, len(s.timesteps))]}
     sig = getattr(s, "sigmas", None)
     resolved = {k: v for k, v in dict(s.config).items()}
     return {
@@ -285,12 +299,13 @@ def run_case(case):
                                                                 UniPCMultistepScheduler, LMSDiscreteScheduler, DEISMultistepScheduler,
                                                                 HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                                                 EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
-                                                                DPMSolverSinglestepScheduler, DPMSolverSDEScheduler)) else None,
+                                                                DPMSolverSinglestepScheduler, DPMSolverSDEScheduler, SASolverScheduler)) else None,
         "init_noise_sigma": float(s.init_noise_sigma),
         "shape": list(shape),
         "initial_latents": as_list(initial),
         "steps": record,
         **({"interpolation": interp} if interp["sigma_to_t"] else {}),
+        **({"add_noise": added} if added is not None else {}),
         "diffusers_version": diffusers.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -706,6 +721,52 @@ CASES.append({"name": "dpmsde-karras-request-bounds-from-euler-10", "config": {*
               "request": "dpmpp_sde_karras", "steps": 10, "seed": 7016})
 CASES.append({"name": "dpmsde-exponential-bounds-own-12", "config": {**dpmsde, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None,
               "steps": 12, "seed": 7017})
+
+# SA-Solver (SASolverScheduler; request names sa_solver, sa_solver_karras): a stochastic predictor and corrector
+# with diffusers' default tau (1 for timesteps 200-800, else 0) and a draw on every step, tau 0 or not. Each case also
+# records add_noise at every index from its first (image-to-image and the inpainting blend). Seeds 8000 on.
+sa = {"_class_name": "SASolverScheduler", **SD15_BETAS, "steps_offset": 1, "timestep_spacing": "linspace"}
+sa_cases = []
+for n in [1, 2, 3, 10, 20, 25]:
+    sa_cases.append({"name": f"sasolver-sd15-{n}", "config": sa, "steps": n})
+for p_, c_ in [(1, 1), (3, 3), (4, 4), (3, 2), (2, 4), (1, 3), (4, 1)]:
+    sa_cases.append({"name": f"sasolver-p{p_}-c{c_}-14", "config": {**sa, "predictor_order": p_, "corrector_order": c_}, "steps": 14})
+sa_cases.append({"name": "sasolver-p4-c4-5", "config": {**sa, "predictor_order": 4, "corrector_order": 4}, "steps": 5})
+sa_cases.append({"name": "sasolver-noise-12", "config": {**sa, "algorithm_type": "noise_prediction"}, "steps": 12})
+for p_, c_ in [(1, 1), (3, 3), (4, 4), (2, 4)]:
+    sa_cases.append({"name": f"sasolver-noise-p{p_}-c{c_}-12", "config": {**sa, "algorithm_type": "noise_prediction", "predictor_order": p_, "corrector_order": c_}, "steps": 12})
+sa_cases.append({"name": "sasolver-no-lower-order-final-10", "config": {**sa, "lower_order_final": False}, "steps": 10})
+sa_cases.append({"name": "sasolver-p3-c4-no-lower-order-final-9", "config": {**sa, "lower_order_final": False, "predictor_order": 3, "corrector_order": 4}, "steps": 9})
+sa_cases.append({"name": "sasolver-leading-12", "config": {**sa, "timestep_spacing": "leading"}, "steps": 12})
+sa_cases.append({"name": "sasolver-vpred-trailing-10", "config": {**sa, **vpred, "timestep_spacing": "trailing"}, "steps": 10})
+sa_cases.append({"name": "sasolver-noise-vpred-trailing-10", "config": {**sa, **vpred, "timestep_spacing": "trailing", "algorithm_type": "noise_prediction"}, "steps": 10})
+sa_cases.append({"name": "sasolver-sample-linear-9", "config": {**sa, "prediction_type": "sample", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "steps": 9})
+sa_cases.append({"name": "sasolver-noise-sample-linear-9", "config": {**sa, "prediction_type": "sample", "algorithm_type": "noise_prediction", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, "steps": 9})
+sa_cases.append({"name": "sasolver-cosine-clipped-12", "config": {**sa, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, "steps": 12})
+for n in [1, 12, 20]:
+    sa_cases.append({"name": f"sasolver-karras-{n}", "config": {**sa, "use_karras_sigmas": True}, "steps": n})
+# The Karras ramp ends on a repeated sigma: with lower_order_final off the last step is second order over h = 0.
+sa_cases.append({"name": "sasolver-karras-no-lower-order-final-10", "config": {**sa, "use_karras_sigmas": True, "lower_order_final": False}, "steps": 10})
+sa_cases.append({"name": "sasolver-exponential-12", "config": {**sa, "use_exponential_sigmas": True}, "steps": 12})
+sa_cases.append({"name": "sasolver-karras-bounds-own-12", "config": {**sa, "use_karras_sigmas": True, **lms_bounds}, "steps": 12})
+sa_cases.append({"name": "sasolver-img2img-begin-6-of-20", "config": sa, "steps": 20, "begin_index": 6})
+sa_cases.append({"name": "sasolver-img2img-begin-9-of-10", "config": sa, "steps": 10, "begin_index": 9})
+sa_cases.append({"name": "sasolver-p3-c4-img2img-begin-3-of-12", "config": {**sa, "predictor_order": 3, "corrector_order": 4}, "steps": 12, "begin_index": 3})
+sa_cases.append({"name": "sasolver-karras-img2img-begin-4-of-12", "config": {**sa, "use_karras_sigmas": True}, "steps": 12, "begin_index": 4})
+for n in [10, 25]:
+    sa_cases.append({"name": f"sasolver-request-from-pndm-sd15-{n}", "config": pndm_sd15, "request": "sa_solver", "steps": n})
+sa_cases.append({"name": "sasolver-karras-request-from-pndm-sd15-20", "config": pndm_sd15, "request": "sa_solver_karras", "steps": 20})
+# A DPM-Solver config that writes its algorithm_type out: from_config would carry "dpmsolver++" over, which the
+# request names replace with SA-Solver's own.
+sa_cases.append({"name": "sasolver-request-from-dpm-explicit-algorithm-15", "config": {**dpm, "algorithm_type": "dpmsolver++", "solver_order": 2}, "request": "sa_solver", "steps": 15})
+sa_cases.append({"name": "sasolver-karras-request-bounds-from-euler-10", "config": {**euler, **lms_bounds}, "request": "sa_solver_karras", "steps": 10})
+sa_cases.append({"name": "sasolver-request-from-sd2-euler-vpred-10", "config": {**sdxl_euler, **vpred}, "request": "sa_solver", "steps": 10})
+sa_cases.append({"name": "sasolver-model-request-dpmpp-2m-10", "config": sa, "request": "dpmpp_2m", "steps": 10})
+sa_cases.append({"name": "sasolver-noise-model-request-class-10", "config": {**sa, "algorithm_type": "noise_prediction", "predictor_order": 3}, "request": "SASolverScheduler", "steps": 10})
+sa_cases.append({"name": "sasolver-8x8-15", "config": sa, "steps": 15, "shape": (1, 4, 8, 8)})
+sa_cases.append({"name": "sasolver-batch2-8x8-8", "config": sa, "steps": 8, "shape": (2, 4, 8, 8)})
+for seed, case in enumerate(sa_cases, start=8000):
+    CASES.append({**case, "pipeline": None, "seed": seed, "add_noise": True})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.
