@@ -176,6 +176,18 @@ describe('image-to-image on the demo model', () => {
     }
   });
 
+  it('runs a stochastic scheduler (sa_solver: a draw every step) on a cut schedule, inpainting too: a seed gives one image, another seed another', async () => {
+    for (const extra of [{ strength: 0.6 }, { mask_image: mask.toString('base64') }]) {
+      const inst = { ...base, num_inference_steps: 8, scheduler: 'sa_solver', image: pic.toString('base64'), ...extra };
+      const [a, again, other] = [await predict(demo, inst), await predict(demo, inst), await predict(demo, { ...inst, seed: 22 })];
+      expect([a.status, again.status, other.status], JSON.stringify(a.json)).toEqual([200, 200, 200]);
+      const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+      expect(b64(again) === b64(a)).toBe(true);
+      expect(b64(other) === b64(a)).toBe(false);
+      expect(b64(a) === b64(await predict(demo, { ...inst, scheduler: 'unipc' }))).toBe(false);
+    }
+  });
+
   it('never batches requests with different inputs, and a batch gives each request the image it gets alone', async () => {
     const insts = [
       { ...base, seed: 11 },

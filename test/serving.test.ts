@@ -93,8 +93,8 @@ describe('dynamic batching', () => {
     expect(preds(rb.json)[0]!.image.b64 === preds((await predict(srv, b)).json)[0]!.image.b64).toBe(true);
   });
 
-  it('serves the added schedulers (unipc, lms_karras, deis, heun, dpmpp_2s_karras; ddpm, dpmpp_2m_sde_karras, dpmpp_3m_sde and dpm2_a_karras: noise per image; dpmpp_sde_karras: a Brownian tree per image) batched, each image byte-equal to its run alone', async () => {
-    for (const scheduler of ['unipc', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'heun', 'dpm2_a_karras', 'dpmpp_2s_karras', 'dpmpp_sde_karras']) {
+  it('serves the added schedulers (unipc, lms_karras, deis, heun, dpmpp_2s_karras; ddpm, dpmpp_2m_sde_karras, dpmpp_3m_sde, dpm2_a_karras and sa_solver: noise per image; dpmpp_sde_karras: a Brownian tree per image) batched, each image byte-equal to its run alone', async () => {
+    for (const scheduler of ['unipc', 'lms_karras', 'ddpm', 'deis', 'dpmpp_2m_sde_karras', 'dpmpp_3m_sde', 'heun', 'dpm2_a_karras', 'dpmpp_2s_karras', 'dpmpp_sde_karras', 'sa_solver']) {
       const a = { prompt: 'a red fox in the snow', num_inference_steps: 9, height: 64, width: 64, seed: 5, scheduler };
       const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 9, height: 64, width: 64, seed: 6, scheduler };
       const count0 = await metric(srv, 'inference_batch_size_count');
