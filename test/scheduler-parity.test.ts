@@ -7,7 +7,8 @@
  * Criterion: the sigma interpolation bit for bit (as float32) on diffusers' own inputs; integer timesteps equal,
  * others within 1e-6 relative, sigmas within one float32 ulp (see below why not bit for bit); every trajectory
  * array within 1e-5 of its largest magnitude, chained through our own prev_sample. DPMSolverSDEScheduler, whose noise
- * is torchsde's Brownian tree (recorded, not replaced), is held bit for bit: noise, scaled input, x0 and sample.
+ * is torchsde's Brownian tree (recorded, not replaced), is held bit for bit: noise, scaled input, x0 and sample;
+ * SASolverScheduler too (scaled input and sample), and its add_noise at every index from the first step's.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
