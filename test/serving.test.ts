@@ -25,6 +25,19 @@ function rawPredict(port: number, inst: Record<string, unknown>): net.Socket {
   return s;
 }
 
+const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
+
+/** Sends a and b at once: one batch, and each image byte-equal to its request's run alone. */
+async function oneBatchAsAloneOn(srv: RuntimeHandle, a: Record<string, unknown>, b: Record<string, unknown>) {
+  const count0 = await metric(srv, 'inference_batch_size_count');
+  const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+  expect([ra.status, rb.status]).toEqual([200, 200]);
+  expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
+  expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
+  expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
+  return [ra, rb] as const;
+}
+
 describe('dynamic batching', () => {
   let srv: RuntimeHandle;
   beforeAll(async () => {
@@ -32,17 +45,7 @@ describe('dynamic batching', () => {
   });
   afterAll(async () => void (await srv?.stop()));
 
-  const b64 = (r: { json: Record<string, unknown> }) => preds(r.json)[0]!.image.b64;
-  /** Sends a and b at once: one batch, and each image byte-equal to its request's run alone. */
-  async function oneBatchAsAlone(a: Record<string, unknown>, b: Record<string, unknown>) {
-    const count0 = await metric(srv, 'inference_batch_size_count');
-    const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
-    expect([ra.status, rb.status]).toEqual([200, 200]);
-    expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(1);
-    expect(b64(ra) === b64(await predict(srv, a))).toBe(true);
-    expect(b64(rb) === b64(await predict(srv, b))).toBe(true);
-    return [ra, rb] as const;
-  }
+  const oneBatchAsAlone = (a: Record<string, unknown>, b: Record<string, unknown>) => oneBatchAsAloneOn(srv, a, b);
 
   it('runs two concurrent compatible requests as ONE batch, each image byte-equal to its unbatched run', async () => {
     const a = { prompt: 'a red fox in the snow', negative_prompt: 'blurry', num_inference_steps: 12, height: 128, width: 128, seed: 41 };
@@ -78,6 +81,16 @@ describe('dynamic batching', () => {
     const [rc, rd] = await Promise.all([predict(srv, { ...a, seed: 47 }), predict(srv, { ...b, seed: 48, guidance_scale: 1 })]);
     expect([rc.status, rd.status]).toEqual([200, 200]);
     expect((await metric(srv, 'inference_batch_size_count')) - count1).toBe(2);
+  });
+
+  it('batches requests of other guidance_rescale values together (each image rescaled by its own, per image as diffusers does), each byte-equal to its run alone', async () => {
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 49, guidance_rescale: 0.7 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 50, guidance_scale: 4 };
+    const [ra, rb] = await oneBatchAsAlone(a, b);
+    // the rescale changes the image, so each image of the batch did take its own value (b: none)
+    expect(b64(ra) === b64(await predict(srv, { ...a, guidance_rescale: 0 }))).toBe(false);
+    expect(b64(rb) === b64(await predict(srv, { ...b, guidance_rescale: 0.7 }))).toBe(false);
+    await oneBatchAsAlone({ ...a, guidance_rescale: 0.3 }, { ...b, guidance_rescale: 1 });
   });
 
   it('batches requests of other output formats together, each image encoded as its request asked', async () => {

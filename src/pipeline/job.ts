@@ -62,6 +62,8 @@ export interface JobItem {
   numImages: number;
   /** This item's guidance scale, where a batch mixes requests of several (the engine sets each); else the shape's. */
   guidance?: number;
+  /** This item's guidance_rescale, where a batch mixes requests of several (the engine sets each); else the shape's. */
+  guidanceRescale?: number;
 }
 
 /**

@@ -206,11 +206,12 @@ export class Pipeline {
     const unet = this.unet;
     const tInfo = unet.input('timestep');
     const rows = cfg ? 2 * B : B;
-    // Per image: a batch may mix requests of several guidance scales (each image's math is its run alone's).
+    // Per image: a batch may mix requests of several guidance scales and guidance_rescale values (each image's math is its run alone's).
     const guidances = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidance ?? shape.guidance));
     const condDim = lcm ? Number(unet.input('timestep_cond').shape[1] ?? 256) : 0;
     const timestepCond = lcm ? concat(...guidances.map((g) => guidanceEmbedding(g, condDim))) : undefined;
     const g32 = guidances.map(f);
+    const rescales = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidanceRescale ?? shape.guidanceRescale));
     if (!lcm && guidances.some((g) => g > 1 !== cfg)) throw new RuntimeError('INTERNAL', 'a batch mixes guidance scales above and at or below 1 (with and without an unconditional pass)');
     let denoised: Float32Array<ArrayBufferLike> | undefined;
     const steps = timesteps;
@@ -245,7 +246,7 @@ export class Pipeline {
               guided[i] = f(u + f(g * f(e[n + i]! - u)));
             }
           }
-          if (shape.guidanceRescale > 0) rescaleNoiseCfg(guided, e.subarray(n), B, per, shape.guidanceRescale);
+          rescaleNoiseCfg(guided, e.subarray(n), per, rescales);
           e = guided;
         }
         const z = await made;
@@ -505,8 +506,11 @@ export function guidanceEmbedding(guidance: number, dim: number): Float32Array {
   return out;
 }
 
-/** diffusers' rescale_noise_cfg: match the guided prediction's std to the text prediction's, per sample. */
-function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, B: number, per: number, phi: number): void {
+/**
+ * diffusers' rescale_noise_cfg: match the guided prediction's std to the text prediction's, per sample (its std is over
+ * every dim but the batch's), so each image takes its own factor; one of 0 is skipped, as the pipeline skips it.
+ */
+function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, per: number, phis: readonly number[]): void {
   const std = (a: Float32Array, o: number) => {
     let m = 0;
     for (let i = 0; i < per; i++) m += a[o + i]!;
@@ -515,7 +519,8 @@ function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, B: number, pe
     for (let i = 0; i < per; i++) v += (a[o + i]! - m) ** 2;
     return Math.sqrt(v / (per - 1));
   };
-  for (let b = 0; b < B; b++) {
+  for (const [b, phi] of phis.entries()) {
+    if (!(phi > 0)) continue;
     const o = b * per;
     const ratio = std(text, o) / std(guided, o);
     for (let i = 0; i < per; i++) {

@@ -495,8 +495,9 @@ export class Engine {
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
-    // Each image guided by its own request's scale (the batch key only holds whether there is an unconditional pass).
-    const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance })));
+    // Each image guided and rescaled by its own request's values (the batch key only holds whether there is an
+    // unconditional pass).
+    const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance, guidanceRescale: t.req.shape.guidanceRescale })));
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));

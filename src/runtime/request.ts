@@ -84,11 +84,12 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
 }
 
 /**
- * What requests of one batch must share. Not the guidance scale itself: each image is guided by its own request's
- * (JobItem.guidance), so only whether there is an unconditional pass (guidance above 1) splits batches.
+ * What requests of one batch must share. Not the guidance scale nor guidance_rescale: each image is guided and
+ * rescaled by its own request's (JobItem), per image, so only whether there is an unconditional pass (guidance above
+ * 1) splits batches.
  */
 export const shapeKey = (s: GenerationShape): string =>
-  `${s.width}x${s.height}|${s.steps}|${s.guidance > 1 ? 'cfg' : 'no-cfg'}|${s.scheduler ?? ''}|${s.eta}|${s.guidanceRescale}`;
+  `${s.width}x${s.height}|${s.steps}|${s.guidance > 1 ? 'cfg' : 'no-cfg'}|${s.scheduler ?? ''}|${s.eta}`;
 
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
