@@ -1,9 +1,9 @@
 /** The request parser against the contract: scheduler names and each scheduler's step limits are checked at parse time. */
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
-import type { ModelDefaults } from '../src/pipeline/job.js';
+import type { GenerationShape, ModelDefaults } from '../src/pipeline/job.js';
 import { schedulerLimits } from '../src/pipeline/schedulers/index.js';
-import { checkServerDefaults, parseInstances, type ParseContext } from '../src/runtime/request.js';
+import { checkServerDefaults, parseInstances, shapeKey, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
 const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
@@ -102,5 +102,25 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     // … and a name the model's config cannot build at all (here a config with no beta schedule the classes know).
     const odd = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler', stepRanges: { '': { min: 1, max: 1000, why: 'x' } } };
     expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'unipc' }), odd)).toThrow(/^DEFAULT_SCHEDULER=unipc cannot run from this model's scheduler\/scheduler_config\.json/);
+  });
+});
+
+describe('shapeKey (what requests of one batch must share)', () => {
+  const shape = (s: Partial<GenerationShape>): GenerationShape => ({ steps: 4, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0, ...s });
+  const same = (a: Partial<GenerationShape>, b: Partial<GenerationShape>, model: Pick<ModelDefaults, 'scheduler'> | undefined) =>
+    shapeKey(shape(a), model) === shapeKey(shape(b), model);
+  const pndm = { scheduler: 'PNDMScheduler' };
+  const ddim = { scheduler: 'DDIMScheduler' };
+
+  it("keeps eta only where the class the request runs takes it (DDIM, TCD): its name's class, else the model's own", () => {
+    expect(same({ eta: 0 }, { eta: 0.5 }, pndm)).toBe(true);
+    expect(same({ eta: 0 }, { eta: 0.5 }, ddim)).toBe(false);
+    expect(same({ scheduler: 'euler_a', eta: 0 }, { scheduler: 'euler_a', eta: 0.5 }, ddim)).toBe(true);
+    expect(same({ scheduler: 'ddim', eta: 0 }, { scheduler: 'ddim', eta: 0.5 }, pndm)).toBe(false);
+    expect(same({ scheduler: 'tcd', eta: 0 }, { scheduler: 'tcd', eta: 0.5 }, pndm)).toBe(false);
+    // no model loaded yet: eta counts
+    expect(same({ eta: 0 }, { eta: 0.5 }, undefined)).toBe(false);
+    // the scheduler name still splits
+    expect(same({ scheduler: 'euler_a' }, { scheduler: 'euler' }, pndm)).toBe(false);
   });
 });

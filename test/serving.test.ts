@@ -38,6 +38,15 @@ async function oneBatchAsAloneOn(srv: RuntimeHandle, a: Record<string, unknown>,
   return [ra, rb] as const;
 }
 
+/** Sends a and b at once: two batches, each a 200. */
+async function twoBatchesOn(srv: RuntimeHandle, a: Record<string, unknown>, b: Record<string, unknown>) {
+  const count0 = await metric(srv, 'inference_batch_size_count');
+  const [ra, rb] = await Promise.all([predict(srv, a), predict(srv, b)]);
+  expect([ra.status, rb.status]).toEqual([200, 200]);
+  expect((await metric(srv, 'inference_batch_size_count')) - count0).toBe(2);
+  return [ra, rb] as const;
+}
+
 describe('dynamic batching', () => {
   let srv: RuntimeHandle;
   beforeAll(async () => {
@@ -91,6 +100,15 @@ describe('dynamic batching', () => {
     expect(b64(ra) === b64(await predict(srv, { ...a, guidance_rescale: 0 }))).toBe(false);
     expect(b64(rb) === b64(await predict(srv, { ...b, guidance_rescale: 0.7 }))).toBe(false);
     await oneBatchAsAlone({ ...a, guidance_rescale: 0.3 }, { ...b, guidance_rescale: 1 });
+  });
+
+  it("batches requests of other etas together where their scheduler ignores eta (the model's own, euler_a), not for ddim, whose step takes it", async () => {
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 4, height: 64, width: 64, seed: 51, eta: 0.5 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 4, height: 64, width: 64, seed: 52 };
+    await oneBatchAsAlone(a, b);
+    await oneBatchAsAlone({ ...a, scheduler: 'euler_a' }, { ...b, scheduler: 'euler_a', eta: 1 });
+    const [ra] = await twoBatchesOn(srv, { ...a, scheduler: 'ddim' }, { ...b, scheduler: 'ddim' });
+    expect(b64(ra) === b64(await predict(srv, { ...a, scheduler: 'ddim', eta: 0 }))).toBe(false);
   });
 
   it('batches requests of other output formats together, each image encoded as its request asked', async () => {

@@ -357,7 +357,7 @@ export class Engine {
       const images = req.items.reduce((n, it) => n + it.numImages, 0);
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
       // Output formats may differ: each request's images are encoded as it asked.
-      const key = `${shapeKey(req.shape)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
+      const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
       const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
@@ -496,7 +496,7 @@ export class Engine {
     const head = tasks[0]!.req;
     this.metrics.batchSize.observe(this.#labels, tasks.length);
     // Each image guided and rescaled by its own request's values (the batch key only holds whether there is an
-    // unconditional pass).
+    // unconditional pass); the job's shape is the first request's, eta included where its scheduler ignores eta.
     const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance, guidanceRescale: t.req.shape.guidanceRescale })));
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();

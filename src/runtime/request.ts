@@ -3,7 +3,7 @@ import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
-import { unknownSchedulerName } from '../pipeline/schedulers/names.js';
+import { ETA_CLASSES, schedulerClassOf, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
@@ -84,12 +84,16 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
 }
 
 /**
- * What requests of one batch must share. Not the guidance scale nor guidance_rescale: each image is guided and
- * rescaled by its own request's (JobItem), per image, so only whether there is an unconditional pass (guidance above
- * 1) splits batches.
+ * What requests of one batch must share: size, steps, scheduler name, whether there is an unconditional pass
+ * (guidance above 1), and eta where the scheduler class the request runs takes it (ETA_CLASSES; no name: the model's
+ * own class). Not the guidance scale nor guidance_rescale: each image is guided and rescaled by its own request's
+ * (JobItem), per image. `model` undefined (no model loaded): eta always counts.
  */
-export const shapeKey = (s: GenerationShape): string =>
-  `${s.width}x${s.height}|${s.steps}|${s.guidance > 1 ? 'cfg' : 'no-cfg'}|${s.scheduler ?? ''}|${s.eta}`;
+export const shapeKey = (s: GenerationShape, model: Pick<ModelDefaults, 'scheduler'> | undefined): string => {
+  const cls = schedulerClassOf(s.scheduler, model?.scheduler);
+  const eta = cls !== undefined && !ETA_CLASSES.has(cls) ? '' : s.eta;
+  return `${s.width}x${s.height}|${s.steps}|${s.guidance > 1 ? 'cfg' : 'no-cfg'}|${s.scheduler ?? ''}|${eta}`;
+};
 
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];

@@ -21,7 +21,7 @@ import { EULER_ANCESTRAL_DEFAULTS, EULER_DEFAULTS, EulerAncestralDiscrete, Euler
 import { EDM_CLASSES, EDM_DPM_DEFAULTS, EDM_EULER_DEFAULTS, EDMDPMSolverMultistep, EDMEuler } from './edm.js';
 import { LCM, LCM_DEFAULTS, lcmStepRange, TCD, TCD_DEFAULTS } from './lcm.js';
 import { LMS_DEFAULTS, LMS_HIDDEN, LMSDiscrete } from './lms.js';
-import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
+import { ETA_CLASSES, SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES, unknownSchedulerName, type SchedulerChoice, type SchedulerClassName } from './names.js';
 import { PNDM, PNDM_DEFAULTS, pndmStepRange } from './pndm.js';
 import { SASolver, SASOLVER_DEFAULTS, SASOLVER_HIDDEN } from './sasolver.js';
 import { UNIPC_DEFAULTS, UniPCMultistep } from './unipc.js';
@@ -155,7 +155,8 @@ export interface CreateSchedulerOptions {
   name?: string;
   /**
    * DDIM's eta (noise weight) and TCD's gamma (0 = deterministic, as the pipelines' default): diffusers' pipelines
-   * pass their `eta` to every scheduler whose step takes one; the others ignore it.
+   * pass their `eta` to every scheduler whose step takes one; the others ignore it (names.ts ETA_CLASSES lists those
+   * that take it).
    */
   eta?: number;
   /**
@@ -215,7 +216,10 @@ export function createScheduler(
   const choice = choose(config, opts.name);
   const eta = opts.eta ?? 0;
   if (!Number.isFinite(eta) || eta < 0) throw new RuntimeError('INVALID_INPUT', `eta must be a number >= 0, got ${eta}`);
-  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, eta, opts.seeds);
+  // Only ETA_CLASSES see eta, the classes the batch key keeps it for: a class that reads eta but is missing there gets 0
+  // (and fails its own eta tests) rather than sharing a batch with images of another eta.
+  const given = ETA_CLASSES.has(choice.className) ? eta : 0;
+  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, given, opts.seeds);
 }
 
 export const SCHEDULER_CONFIG_FILE = 'scheduler/scheduler_config.json';

@@ -27,6 +27,12 @@ export const SCHEDULER_CLASS_NAMES = [
 ] as const;
 export type SchedulerClassName = (typeof SCHEDULER_CLASS_NAMES)[number];
 
+/**
+ * The classes whose step takes the request's eta (DDIM's eta, TCD's gamma). createScheduler gives every other class
+ * 0, so for those eta cannot change an image and need not split a batch.
+ */
+export const ETA_CLASSES: ReadonlySet<string> = new Set<SchedulerClassName>(['DDIMScheduler', 'TCDScheduler']);
+
 /** A request's `scheduler` name: the diffusers class it builds and the config it forces on top of the model's. */
 export interface SchedulerChoice {
   readonly className: SchedulerClassName;
@@ -99,6 +105,10 @@ export const SCHEDULER_NAMES: Readonly<Record<string, SchedulerChoice>> = Object
   sa_solver_karras: { className: 'SASolverScheduler', overrides: { algorithm_type: 'data_prediction', use_karras_sigmas: true } },
   ...Object.fromEntries(SCHEDULER_CLASS_NAMES.map((c) => [c, { className: c, overrides: {} }])),
 });
+
+/** The class a request's scheduler name builds; no name: the model's own class (ModelDefaults.scheduler). */
+export const schedulerClassOf = (name: string | undefined, own: string | undefined): string | undefined =>
+  name === undefined ? own : Object.hasOwn(SCHEDULER_NAMES, name) ? SCHEDULER_NAMES[name]!.className : undefined;
 
 /**
  * The request name a sampler label from AUTOMATIC1111 or ComfyUI spells ("DPM++ 2M Karras", "Euler a", "UniPC",
