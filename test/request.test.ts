@@ -107,7 +107,7 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
 
 describe('shapeKey (what requests of one batch must share)', () => {
   const shape = (s: Partial<GenerationShape>): GenerationShape => ({ steps: 4, guidance: 7.5, height: 64, width: 64, scheduler: undefined, eta: 0, guidanceRescale: 0, ...s });
-  const same = (a: Partial<GenerationShape>, b: Partial<GenerationShape>, model: Pick<ModelDefaults, 'scheduler'> | undefined) =>
+  const same = (a: Partial<GenerationShape>, b: Partial<GenerationShape>, model: Pick<ModelDefaults, 'scheduler' | 'guidanceEmbedding'> | undefined) =>
     shapeKey(shape(a), model) === shapeKey(shape(b), model);
   const pndm = { scheduler: 'PNDMScheduler' };
   const ddim = { scheduler: 'DDIMScheduler' };
@@ -122,5 +122,14 @@ describe('shapeKey (what requests of one batch must share)', () => {
     expect(same({ eta: 0 }, { eta: 0.5 }, undefined)).toBe(false);
     // the scheduler name still splits
     expect(same({ scheduler: 'euler_a' }, { scheduler: 'euler' }, pndm)).toBe(false);
+  });
+
+  it("splits with and without an unconditional pass by the pipeline's rule (none on a UNet that embeds guidance); not by guidance_rescale", () => {
+    expect(same({ guidance: 7.5 }, { guidance: 2 }, pndm)).toBe(true);
+    expect(same({ guidance: 7.5 }, { guidance: 1 }, pndm)).toBe(false);
+    expect(same({ guidance: 8.5 }, { guidance: 1 }, { scheduler: 'LCMScheduler', guidanceEmbedding: true })).toBe(true);
+    expect(same({ guidance: 8.5 }, { guidance: 1 }, { scheduler: 'LCMScheduler', guidanceEmbedding: false })).toBe(false);
+    expect(same({ guidance: 8.5 }, { guidance: 1 }, undefined)).toBe(false);
+    expect(same({ guidanceRescale: 0 }, { guidanceRescale: 0.7 }, pndm)).toBe(true);
   });
 });

@@ -1,8 +1,8 @@
 /**
  * @module The generation contract: what a pipeline reports about its model (ModelDefaults), what one generation asks
  * for (Job: its shape, its items, image inputs, LoRA adapters) and what it gives back (GeneratedImage, StageTimes).
- * The request parser (runtime/request.ts) produces these types and the pipeline consumes them; types only, so either
- * side imports it without the other.
+ * The request parser (runtime/request.ts) produces these types and the pipeline consumes them; types only, and one
+ * rule both sides apply (unconditionalPass), so either side imports it without the other.
  */
 import type { Raster } from './resample.js';
 
@@ -23,6 +23,8 @@ export interface ModelDefaults {
   width: number;
   /** The model's own scheduler class (scheduler/scheduler_config.json). */
   scheduler: string;
+  /** The UNet embeds the guidance scale (an LCM-distilled one's timestep_cond input): see unconditionalPass. */
+  guidanceEmbedding?: boolean;
   /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
   vaeEncoder?: boolean;
   /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */
@@ -41,7 +43,7 @@ export interface ModelDefaults {
   schedulerRefusals?: Readonly<Record<string, { readonly code: string; readonly message: string }>>;
 }
 
-/** The shape of a generation: requests with equal shapes can share one batch. */
+/** The shape of a generation: requests share a batch where runtime/request.ts shapeKey says they can. */
 export interface GenerationShape {
   steps: number;
   guidance: number;
@@ -65,6 +67,13 @@ export interface JobItem {
   /** This item's guidance_rescale, where a batch mixes requests of several (the engine sets each); else the shape's. */
   guidanceRescale?: number;
 }
+
+/**
+ * Whether a generation runs an unconditional UNet pass beside the text one (classifier-free guidance): for guidance
+ * above 1, unless the UNet embeds the guidance scale instead (LCM-distilled). The pipeline runs by it and the engine
+ * batches by it, so images with and without that pass never share a UNet batch.
+ */
+export const unconditionalPass = (guidance: number, guidanceEmbedding: boolean): boolean => guidance > 1 && !guidanceEmbedding;
 
 /**
  * How an input is fitted to the output size (VaeImageProcessor `resize_mode`): `default` stretches it (diffusers'

@@ -7,7 +7,7 @@ import { RuntimeError } from '../errors.js';
 import {
   blendLatents, cutSchedule, fitImage, imageTensor, latentMask, maskTensor, maskedImage, posterior, sampleLatent, type Posterior,
 } from './img2img.js';
-import type { GeneratedImage, GenerationShape, Job, JobItem, ModelDefaults, StageTimes } from './job.js';
+import { unconditionalPass, type GeneratedImage, type GenerationShape, type Job, type JobItem, type ModelDefaults, type StageTimes } from './job.js';
 import type { ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
@@ -124,6 +124,7 @@ export class Pipeline {
       height: size,
       width: size,
       scheduler: cls,
+      guidanceEmbedding: this.usesGuidanceEmbedding,
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
       sizeMultiple: this.layout.unet.sizeMultiple,
@@ -145,7 +146,7 @@ export class Pipeline {
     const seeds = items.flatMap((it) => Array.from({ length: it.numImages }, (_, i) => it.seed + i));
     const B = seeds.length;
     const lcm = this.usesGuidanceEmbedding;
-    const cfg = shape.guidance > 1 && !lcm;
+    const cfg = unconditionalPass(shape.guidance, lcm);
 
     // Sessions still being created (a warm-up during the download) are waited for here, outside the stage timers.
     const w0 = performance.now();
@@ -212,7 +213,7 @@ export class Pipeline {
     const timestepCond = lcm ? concat(...guidances.map((g) => guidanceEmbedding(g, condDim))) : undefined;
     const g32 = guidances.map(f);
     const rescales = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidanceRescale ?? shape.guidanceRescale));
-    if (!lcm && guidances.some((g) => g > 1 !== cfg)) throw new RuntimeError('INTERNAL', 'a batch mixes guidance scales above and at or below 1 (with and without an unconditional pass)');
+    if (guidances.some((g) => unconditionalPass(g, lcm) !== cfg)) throw new RuntimeError('INTERNAL', 'a batch mixes guidance scales above and at or below 1 (with and without an unconditional pass)');
     let denoised: Float32Array<ArrayBufferLike> | undefined;
     const steps = timesteps;
     try {

@@ -1,7 +1,7 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
-import type { GenerationShape, JobItem, ModelDefaults } from '../pipeline/job.js';
+import { unconditionalPass, type GenerationShape, type JobItem, type ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
@@ -85,14 +85,16 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
 
 /**
  * What requests of one batch must share: size, steps, scheduler name, whether there is an unconditional pass
- * (guidance above 1), and eta where the scheduler class the request runs takes it (ETA_CLASSES; no name: the model's
- * own class). Not the guidance scale nor guidance_rescale: each image is guided and rescaled by its own request's
- * (JobItem), per image. `model` undefined (no model loaded): eta always counts.
+ * (unconditionalPass, the pipeline's own rule: never on a UNet that embeds the guidance scale), and eta where the
+ * scheduler class the request runs takes it (ETA_CLASSES; no name: the model's own class). Not the guidance scale
+ * nor guidance_rescale: each image is guided and rescaled by its own request's (JobItem), per image. `model`
+ * undefined (no model loaded): eta always counts and guidance above 1 is taken for an unconditional pass.
  */
-export const shapeKey = (s: GenerationShape, model: Pick<ModelDefaults, 'scheduler'> | undefined): string => {
+export const shapeKey = (s: GenerationShape, model: Pick<ModelDefaults, 'scheduler' | 'guidanceEmbedding'> | undefined): string => {
   const cls = schedulerClassOf(s.scheduler, model?.scheduler);
   const eta = cls !== undefined && !ETA_CLASSES.has(cls) ? '' : s.eta;
-  return `${s.width}x${s.height}|${s.steps}|${s.guidance > 1 ? 'cfg' : 'no-cfg'}|${s.scheduler ?? ''}|${eta}`;
+  const cfg = unconditionalPass(s.guidance, model?.guidanceEmbedding === true) ? 'cfg' : 'no-cfg';
+  return `${s.width}x${s.height}|${s.steps}|${cfg}|${s.scheduler ?? ''}|${eta}`;
 };
 
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
