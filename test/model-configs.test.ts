@@ -140,10 +140,10 @@ describe('the scheduler class: model_index.json\'s "scheduler" entry, as diffuse
 
   it('a listed class the runtime does not implement fails the load naming both places', async () => {
     const dir = await modelWith('listed-sde', 'sd15', { 'model_index.json': 'sd14-onnx/model_index.json', 'scheduler/scheduler_config.json': 'sd14-onnx/scheduler/scheduler_config.json' }, (d) =>
-      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = ['diffusers', 'SASolverScheduler'])),
+      editJson(path.join(d, 'model_index.json'), (c) => (c.scheduler = ['diffusers', 'IPNDMScheduler'])),
     );
     expect(() => checkModelScheduler(readLayout(dir).schedulerConfig)).toThrow(
-      /^the model's scheduler class "SASolverScheduler" \(model_index\.json "scheduler", else scheduler\/scheduler_config\.json "_class_name"\) is not one/,
+      /^the model's scheduler class "IPNDMScheduler" \(model_index\.json "scheduler", else scheduler\/scheduler_config\.json "_class_name"\) is not one/,
     );
   });
 
