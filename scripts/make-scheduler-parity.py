@@ -768,6 +768,19 @@ sa_cases.append({"name": "sasolver-batch2-8x8-8", "config": sa, "steps": 8, "sha
 for seed, case in enumerate(sa_cases, start=8000):
     CASES.append({**case, "pipeline": None, "seed": seed, "add_noise": True})
 
+# The DreamBooth DDPM config above (variance_type "fixed_small", which from_config carries over and the DPM-Solver
+# family and SA-Solver ignore) switched to those, and a DPM-Solver config written with "variance_type": null switched to
+# DDPM (whose _get_variance then takes fixed_small's variance). Seeds 9500 on.
+var_cases = [
+    {"name": "variance-ddpm-request-dpmpp-2m-karras-20", "config": ddpm, "request": "dpmpp_2m_karras", "steps": 20},
+    {"name": "variance-ddpm-request-dpmpp-2m-sde-12", "config": ddpm, "request": "dpmpp_2m_sde", "steps": 12},
+    {"name": "variance-ddpm-request-dpmpp-2s-10", "config": ddpm, "request": "dpmpp_2s", "steps": 10},
+    {"name": "variance-ddpm-request-sa-solver-10", "config": ddpm, "request": "sa_solver", "steps": 10},
+    {"name": "variance-dpm-null-request-ddpm-10", "config": {**dpm, "variance_type": None}, "request": "ddpm", "steps": 10},
+]
+for seed, case in enumerate(var_cases, start=9500):
+    CASES.append({**case, "pipeline": None, "seed": seed})
+
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.
 betas = {}

@@ -92,6 +92,20 @@ export function unsupported(className: string, what: string): never {
   throw new RuntimeError('UNSUPPORTED', `${className}: ${what} is not supported`);
 }
 
+/**
+ * The DPM-Solver family and SA-Solver read `variance_type` only to drop a learned variance's output channels: a fixed
+ * one (a DDPM config's "fixed_small", which from_config carries over) is ignored, as diffusers ignores it. A learned one
+ * needs a UNet that predicts its variance (8 output channels), which Stable Diffusion's do not.
+ */
+export function checkIgnoredVariance(className: string, c: ResolvedConfig): void {
+  const v = c.variance_type;
+  if (v === null || (typeof v === 'string' && FIXED_VARIANCES.includes(v))) return;
+  throw new RuntimeError('UNSUPPORTED', `${className}: variance_type "${String(v)}" is not supported (a learned variance needs a UNet with 8 output channels; supported: ${FIXED_VARIANCES.join(', ')} or none)`);
+}
+
+/** DDPM's fixed variance types (diffusers' `_get_variance`). */
+export const FIXED_VARIANCES: readonly string[] = ['fixed_small', 'fixed_small_log', 'fixed_large', 'fixed_large_log'];
+
 /** diffusers' `__init__` raises when a config asks for more than one sigma ramp (use_beta_sigmas is refused on its own). */
 export function checkOneRamp(className: string, c: ResolvedConfig): void {
   if (c.use_karras_sigmas === true && c.use_exponential_sigmas === true) {

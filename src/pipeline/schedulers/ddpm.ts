@@ -46,8 +46,9 @@ export class DDPM extends AlphaSchedule {
     if (bool(config, 'thresholding')) unsupported(name, 'thresholding');
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     // fixed_large_log takes the square root of a log below 0 in diffusers (NaN); learned* need a UNet that predicts
-    // its variance (8 output channels), which Stable Diffusion's do not.
-    this.#variance = oneOf(name, config, 'variance_type', ['fixed_small', 'fixed_small_log', 'fixed_large']);
+    // its variance (8 output channels), which Stable Diffusion's do not. None (a DPM-Solver config's, carried over by
+    // from_config) falls through every branch of diffusers' _get_variance: fixed_small's variance.
+    this.#variance = config.variance_type === null ? 'fixed_small' : oneOf(name, config, 'variance_type', ['fixed_small', 'fixed_small_log', 'fixed_large']);
     this.ac = alphasCumprod(name, config, true);
     this.timesteps = Object.freeze(ddimTimesteps(name, config, numInferenceSteps));
   }

@@ -10,6 +10,7 @@ import {
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
+  checkIgnoredVariance,
   checkOneRamp,
   checkSteps,
   type ConfigValue,
@@ -93,7 +94,7 @@ export class DPMSolverSinglestep extends MultistepSchedule {
       if (bool(config, k)) unsupported(name, k);
     }
     checkOneRamp(name, config);
-    if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
+    checkIgnoredVariance(name, config);
     const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
     // diffusers checks the algorithm_type it was given, so DEIS's "deis" is refused here too
     if (given !== 'dpmsolver++' && given !== 'sde-dpmsolver++' && finalType === 'zero') {

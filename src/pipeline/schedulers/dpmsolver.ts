@@ -9,6 +9,7 @@ import {
   alphaSigmaLambda,
   BETA_DEFAULTS,
   bool,
+  checkIgnoredVariance,
   checkOneRamp,
   checkSteps,
   type ConfigValue,
@@ -351,7 +352,7 @@ function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolve
     if (bool(config, k)) unsupported(name, k);
   }
   checkOneRamp(name, config);
-  if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
+  checkIgnoredVariance(name, config);
   const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
   if (!form.plusPlus && finalType === 'zero') {
     unsupported(name, `final_sigmas_type "zero" with algorithm_type "${algorithm}" (diffusers refuses it too; use "sigma_min")`);

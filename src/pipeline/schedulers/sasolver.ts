@@ -13,6 +13,7 @@ import {
   alphasCumprod,
   BETA_DEFAULTS,
   bool,
+  checkIgnoredVariance,
   checkOneRamp,
   checkSteps,
   type ConfigValue,
@@ -140,7 +141,7 @@ export class SASolver extends MultistepSchedule {
     this.#lowerOrderFinal = bool(config, 'lower_order_final');
     for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas']) if (bool(config, k)) unsupported(name, k);
     checkOneRamp(name, config);
-    if (config.variance_type !== null) unsupported(name, `variance_type "${String(config.variance_type)}"`);
+    checkIgnoredVariance(name, config);
     // A callable in diffusers, which no JSON config can hold: the runtime runs its default.
     if (config.tau_func !== null) unsupported(name, 'tau_func (a Python callable; the runtime runs diffusers\' default, 1 for timesteps 200 to 800, else 0)');
 
