@@ -609,7 +609,8 @@ describe('docker/Dockerfile', () => {
     expect(run).toMatch(/npm ci --ignore-scripts[\s\S]*node node_modules\/onnxruntime-node\/script\/install\.js[\s\S]*libonnxruntime_providers_cuda\.so/);
     const ort = path.join(ROOT, 'node_modules/onnxruntime-node/script');
     expect(existsSync(path.join(ort, 'install.js')), 'onnxruntime-node moved its install script').toBe(true);
-    // The value the image sets names a manifest of this onnxruntime-node, and that manifest brings the file checked for.
+    // What the script fetches on linux/x64 with no `skip` (the manifest the image's value names; onnxruntime-node 1.30
+    // reads any value but `skip` as the default) brings the file the Dockerfile checks for.
     const meta = createRequire(import.meta.url)(path.join(ort, 'install-metadata.js')) as {
       requirements: Record<string, string[]>; manifests: Record<string, Record<string, unknown>>;
     };
