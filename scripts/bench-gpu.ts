@@ -80,7 +80,7 @@ async function start(label: string, dir: string, env: Record<string, string>): P
     rmSync(cache, { recursive: true, force: true });
   };
   const readyMs = await new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${label}: not ready after 240 s: ${text.slice(-600)}`)), 240_000);
+    const timer = setTimeout(() => reject(new Error(`not ready after 240 s; last log lines: ${lines.slice(-3).map((j) => j.msg).join(' | ')}`)), 240_000);
     const on = (c: Buffer) => {
       text += String(c);
       let i: number;
@@ -88,7 +88,12 @@ async function start(label: string, dir: string, env: Record<string, string>): P
         const line = text.slice(0, i);
         text = text.slice(i + 1);
         if (!line.startsWith('{')) continue;
-        const j = JSON.parse(line) as LogLine;
+        let j: LogLine;
+        try {
+          j = JSON.parse(line) as LogLine;
+        } catch {
+          continue; // not a log line: it must not end the whole bench
+        }
         lines.push(j);
         // The runtime's landmarks by their `event` field (src/runtime/boot-events.ts), not by their wording.
         if (j.event === 'ready') {
@@ -96,13 +101,13 @@ async function start(label: string, dir: string, env: Record<string, string>): P
           resolve(performance.now() - t0);
         } else if (j.event === 'state' && j.state === 'failed') {
           clearTimeout(timer);
-          reject(new Error(`${label}: ${j.msg}`));
+          reject(new Error(String(j.msg)));
         }
       }
     };
     child.stdout.on('data', on);
     child.stderr.on('data', (c: Buffer) => process.stderr.write(c));
-    child.once('exit', (code) => reject(new Error(`${label}: exited ${code} before ready`)));
+    child.once('exit', (code) => reject(new Error(`exited ${code} before ready`)));
   }).catch(async (err) => {
     await stop();
     throw err;
@@ -134,6 +139,15 @@ async function predict(port: number, o: { steps: number; seed: number; prompt?: 
   const j = (await r.json()) as { predictions?: Array<{ image: { b64: string } }>; error?: string };
   if (r.status !== 200 || !j.predictions) throw new Error(`predict: HTTP ${r.status} ${j.error ?? ''}`);
   return { ms: performance.now() - t0, png: Buffer.from(j.predictions[0]!.image.b64, 'base64') };
+}
+
+/** The onnxruntime-node the runtime loads (ORT_NODE_VERSION where the caller says). */
+function ortNodeVersion(): string {
+  try {
+    return process.env.ORT_NODE_VERSION ?? String((createRequire(import.meta.url)('onnxruntime-node/package.json') as { version: string }).version);
+  } catch {
+    return '?';
+  }
 }
 
 /** The shared libraries the runtime loads on CUDA (onnxruntime-node's, LD_LIBRARY_PATH's) and every file of `model`. */
@@ -326,6 +340,8 @@ async function main(): Promise<void> {
   if (!fusedMain && existsSync(path.join(plain, 'unet'))) {
     // Whatever component failed, the fused UNet alone (beside the plain text encoder and VAE) is still worth a number.
     fused = path.join(work, 'fused-unet-only');
+    // A rerun on the same WORK_DIR finds the links of the last one (and its LoRA); rm removes links, not their targets.
+    rmSync(fused, { recursive: true, force: true });
     mkdirSync(fused, { recursive: true });
     for (const e of readdirSync(plain)) if (e !== 'unet') symlinkSync(path.join(plain, e), path.join(fused, e));
     symlinkSync(path.join(work, 'fused', 'unet'), path.join(fused, 'unet'));
@@ -413,7 +429,7 @@ async function main(): Promise<void> {
     return `| ${name} | ${s(m50)} | ${t ? s(median(t.runs20)) : '—'} | ${ratio} | ${s(st?.readyMs)} | ${ph} | ${st?.gpuMemMiB ?? '—'} MiB | ${t?.parity ? `${t.parity.max_abs} / ${t.parity.mean_abs}` : '—'} |`;
   };
   const lines = [
-    `GPU: ${py.gpu ?? '?'}; torch ${py.torch ?? '?'}; onnxruntime-node ${process.env.ORT_NODE_VERSION ?? '?'}; ${new Date().toISOString().slice(0, 10)}`,
+    `GPU: ${py.gpu ?? '?'}; torch ${py.torch ?? '?'}; onnxruntime-node ${ortNodeVersion()}; Node ${process.version}; ${new Date().toISOString().slice(0, 10)}`,
     '',
     '| SD 1.5 size, 512×512, PNDM, CFG 7.5 | 50 steps | 20 steps | vs diffusers (50) | ready (spawn → ready) | loading / warm-up | GPU memory after ready | image vs diffusers (max / mean abs) |',
     '|---|---|---|---|---|---|---|---|',
