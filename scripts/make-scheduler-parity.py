@@ -101,7 +101,8 @@ CLASSES = {c.__name__: c for c in [DDIMScheduler, DPMSolverMultistepScheduler, E
                                     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                     EDMEulerScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler,
                                     DPMSolverSinglestepScheduler, DPMSolverSDEScheduler, SASolverScheduler]}
-# The runtime's request names (src/pipeline/schedulers/index.ts SCHEDULER_NAMES); the test checks they agree.
+# The runtime's request names (src/pipeline/schedulers/names.ts SCHEDULER_NAMES), one entry a line: the test reads
+# this table and checks it matches, classes and overrides.
 REQUEST = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "ddim": ("DDIMScheduler", {}),

@@ -17,6 +17,7 @@ import { pipelineRewritesConfigs, pipelineSchedulerConfig } from '../src/pipelin
 import { parsePyJson } from '../src/pipeline/pyjson.js';
 import { exponentialSigmas, karrasSigmas, sigmaToT } from '../src/pipeline/schedulers/common.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
+import { SCHEDULER_CLASS_NAMES } from '../src/pipeline/schedulers/names.js';
 
 const REL_TOL = 1e-5;
 const FLOOR = 1e-6;
@@ -107,8 +108,35 @@ const bits = (xs: ArrayLike<number>) => Array.from(new Int32Array(Float32Array.f
 // diffusers puts the scheduler's repr (its whole config as JSON) into the message; the runtime names the class.
 const withoutRepr = (m: string) => m.replace(/: (\w+) \{\n[\s\S]*?\n\}\n/, ': $1');
 
+/**
+ * The generator's REQUEST table (request name → class and the overrides it passes to from_config), read from the
+ * script's text: each entry one line, `"name": ("Class", {json with True/False}),`.
+ */
+function generatorRequestTable(): Record<string, { className: string; overrides: Record<string, unknown> }> {
+  const text = readFileSync(path.resolve(import.meta.dirname, '../scripts/make-scheduler-parity.py'), 'utf8');
+  const block = /^REQUEST = \{\n([\s\S]*?)^\}$/m.exec(text);
+  if (!block) throw new Error('no REQUEST table in scripts/make-scheduler-parity.py');
+  const table: Record<string, { className: string; overrides: Record<string, unknown> }> = {};
+  for (const line of block[1]!.split('\n').filter((l) => l.trim() !== '')) {
+    const m = /^\s*"(\w+)": \("(\w+)", (\{.*\})\),$/.exec(line);
+    if (!m) throw new Error(`unreadable REQUEST entry: ${line}`);
+    table[m[1]!] = { className: m[2]!, overrides: JSON.parse(m[3]!.replace(/\bTrue\b/g, 'true').replace(/\bFalse\b/g, 'false')) };
+  }
+  return table;
+}
+
 describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => {
   it('has cases', () => expect(files.length).toBeGreaterThan(30));
+
+  it("the generator's request names are the runtime's, with the same class and overrides", () => {
+    // (a class name is a request name with no overrides on both sides)
+    const ours = Object.fromEntries(
+      Object.entries(SCHEDULER_NAMES)
+        .filter(([name]) => !(SCHEDULER_CLASS_NAMES as readonly string[]).includes(name))
+        .map(([name, c]) => [name, { className: c.className, overrides: { ...c.overrides } }]),
+    );
+    expect(generatorRequestTable()).toEqual(ours);
+  });
 
   for (const file of files) {
     it(file.replace(/\.json$/, ''), () => {
