@@ -6,7 +6,7 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde and sasolver cases were made (test/fixtures/parity/README.md); each
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde, sasolver, variance and realcfg cases were made (test/fixtures/parity/README.md); each
 file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
 cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
 `trampoline` package torchsde imports, and the package metadata diffusers looks for).
@@ -780,6 +780,40 @@ var_cases = [
     {"name": "variance-dpm-null-request-ddpm-10", "config": {**dpm, "variance_type": None}, "request": "ddpm", "steps": 10},
 ]
 for seed, case in enumerate(var_cases, start=9500):
+    CASES.append({**case, "pipeline": None, "seed": seed})
+
+# Real models' scheduler configs (test/fixtures/model-configs, as their repositories ship them) switched by request
+# names across families, with the keys from_config carries over from each (Euler a's null sigma bounds and trailing
+# spacing, DDIM's v-prediction, a DDIM config without steps_offset). A cross-check of every such config × request name
+# × 1/4/20/50 steps found the runtime in step with diffusers wherever both run (docs/PARITY.md); these pin a sample. No pipeline (the
+# SD 1.x/2.x rewrites change none of these files but waifu-diffusion's steps_offset; the other cases cover those).
+# DPMSolverSDEScheduler is left out: with no noise_sampler_seed in the file diffusers seeds it at random. Seeds 9600 on.
+_real_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test", "fixtures", "model-configs")
+
+
+def real_config(model):
+    with open(os.path.join(_real_dir, model, "scheduler", "scheduler_config.json")) as fh:
+        return json.load(fh)
+
+
+real_cases = [
+    {"name": "realcfg-sdxl-turbo-request-dpmpp-2m-karras-4", "config": real_config("sdxl-turbo-onnx"), "request": "dpmpp_2m_karras", "steps": 4},
+    {"name": "realcfg-sdxl-turbo-request-tcd-4-eta-0.3", "config": real_config("sdxl-turbo-onnx"), "request": "tcd", "steps": 4, "eta": 0.3},
+    {"name": "realcfg-sdxl-turbo-request-sa-solver-4", "config": real_config("sdxl-turbo-onnx"), "request": "sa_solver", "steps": 4},
+    {"name": "realcfg-playground-v2-request-euler-karras-20", "config": real_config("playground-v2"), "request": "euler_karras", "steps": 20},
+    {"name": "realcfg-playground-v2-request-dpmpp-2m-sde-karras-20", "config": real_config("playground-v2"), "request": "dpmpp_2m_sde_karras", "steps": 20},
+    {"name": "realcfg-sd21-768-request-dpmpp-3m-sde-karras-20", "config": real_config("sd21-768"), "request": "dpmpp_3m_sde_karras", "steps": 20},
+    {"name": "realcfg-sd21-768-request-sa-solver-karras-12", "config": real_config("sd21-768"), "request": "sa_solver_karras", "steps": 12},
+    {"name": "realcfg-sd21-768-request-unipc-20", "config": real_config("sd21-768"), "request": "unipc", "steps": 20},
+    {"name": "realcfg-sdxl-refiner-request-dpm2-a-karras-10", "config": real_config("sdxl-refiner"), "request": "dpm2_a_karras", "steps": 10},
+    {"name": "realcfg-waifu-0.2-request-euler-a-20", "config": real_config("waifu-diffusion-0.2"), "request": "euler_a", "steps": 20},
+    {"name": "realcfg-sd15-inpainting-request-heun-10", "config": real_config("sd15-inpainting"), "request": "heun", "steps": 10},
+    {"name": "realcfg-sd14-onnx-request-lms-karras-25", "config": real_config("sd14-onnx"), "request": "lms_karras", "steps": 25},
+    {"name": "realcfg-sdxl-request-dpmpp-2s-karras-20", "config": real_config("sdxl"), "request": "dpmpp_2s_karras", "steps": 20},
+    {"name": "realcfg-owl-dreambooth-request-deis-20", "config": real_config("owl-dreambooth"), "request": "deis", "steps": 20},
+    {"name": "realcfg-owl-dreambooth-request-dpmpp-3m-sde-karras-20", "config": real_config("owl-dreambooth"), "request": "dpmpp_3m_sde_karras", "steps": 20},
+]
+for seed, case in enumerate(real_cases, start=9600):
     CASES.append({**case, "pipeline": None, "seed": seed})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
