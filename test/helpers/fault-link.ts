@@ -134,8 +134,13 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
       const resume = () => {
         if (!waitDrain && !waitPace) upRes.resume();
       };
+      let cutMade = false;
       upRes.on('data', (chunk: Buffer) => {
+        // destroy() below does not stop the chunks already in upRes's buffer (Node 24's larger buffers often hold
+        // some): written, they would follow the cut with bytes from further on, a skip that no real link makes.
+        if (cutMade) return;
         if (sent + chunk.length > cutAt) {
+          cutMade = true;
           res.write(chunk.subarray(0, cutAt - sent));
           stats.bodyBytes += cutAt - sent;
           stats.cutOffsets.push(cutAt);
