@@ -25,7 +25,7 @@ import {
   trainStepRange,
   unsupported,
 } from './common.js';
-import { MultistepSchedule } from './base.js';
+import { convertModelOutput, MultistepSchedule } from './base.js';
 import { lambdaClipped } from './dpmsolver.js';
 
 export const SASOLVER_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
@@ -165,7 +165,7 @@ export class SASolver extends MultistepSchedule {
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
     const i = this.current();
     const nSteps = this.timesteps.length;
-    const converted = this.#convert(modelOutput, sample, this.sig[i]!);
+    const converted = convertModelOutput(modelOutput, sample, this.sig[i]!, this.#prediction, this.#x0);
     let x = sample;
     const last = this.#last;
     if (i > 0 && last !== undefined) {
@@ -185,25 +185,6 @@ export class SASolver extends MultistepSchedule {
     if (this.#lowerOrderNums < this.#kept) this.#lowerOrderNums++;
     this.index++;
     return { prevSample: prev };
-  }
-
-  /** `convert_model_output`: x0 (data_prediction) or the noise (noise_prediction), at sigma. */
-  #convert(m: Float32Array, s: Float32Array, sigma: number): Float32Array {
-    const alpha = f(1 / f(Math.sqrt(f(f(sigma * sigma) + 1))));
-    const sig = f(sigma * alpha);
-    const n = m.length;
-    const out = new Float32Array(n);
-    const p = this.#prediction;
-    if (this.#x0) {
-      if (p === 'epsilon') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(sig * m[k]!)) / alpha;
-      else if (p === 'sample') out.set(m);
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * s[k]!) - f(sig * m[k]!);
-    } else {
-      if (p === 'epsilon') out.set(m);
-      else if (p === 'sample') for (let k = 0; k < n; k++) out[k] = f(s[k]! - f(alpha * m[k]!)) / sig;
-      else for (let k = 0; k < n; k++) out[k] = f(alpha * m[k]!) + f(sig * s[k]!);
-    }
-    return out;
   }
 
   /**
