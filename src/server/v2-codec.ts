@@ -37,7 +37,6 @@ const FIELDS: Readonly<Record<string, Kind>> = {
   loras: 'json',
 };
 const DATATYPE_OF: Record<Kind, string> = { string: 'BYTES', int: 'INT64', float: 'FP32', image: 'BYTES', json: 'BYTES' };
-const INTS = new Set(['INT8', 'INT16', 'INT32', 'INT64', 'UINT8', 'UINT16', 'UINT32', 'UINT64']);
 /** What a JSON number in an integer tensor may hold (64-bit ones: what a double holds exactly). */
 const INT_RANGES: Readonly<Record<string, readonly [number, number]>> = {
   INT8: [-128, 127],
@@ -49,6 +48,7 @@ const INT_RANGES: Readonly<Record<string, readonly [number, number]>> = {
   INT64: [Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
   UINT64: [0, Number.MAX_SAFE_INTEGER],
 };
+const INTS: ReadonlySet<string> = new Set(Object.keys(INT_RANGES));
 const FLOATS = new Set(['FP16', 'FP32', 'FP64', 'BF16']);
 const ELEMENT_BYTES: Record<string, number> = {
   BOOL: 1, INT8: 1, UINT8: 1, INT16: 2, UINT16: 2, FP16: 2, BF16: 2, INT32: 4, UINT32: 4, FP32: 4, INT64: 8, UINT64: 8, FP64: 8,
