@@ -272,7 +272,6 @@ export function sameSpec(a: BrownianSpec, b: BrownianSpec): boolean {
   return a.lo === b.lo && a.hi === b.hi && a.perImage === b.perImage && a.seeds.length === b.seeds.length && a.seeds.every((x, i) => x === b.seeds[i]);
 }
 
-
 /**
  * diffusers' BrownianTreeNoiseSampler over a batch: one BrownianInterval per image (images of one seed share one, so
  * they get the same noise), read as W(ta, tb)/√|tb − ta| with torchsde's sign, images concatenated.
