@@ -62,17 +62,22 @@ async function expectCommitted(cacheDir: string): Promise<void> {
 const rangeWarnings = (lines: LogLine[]) => lines.filter((l) => l.msg === 'range failed; resuming');
 
 describe('a download at a low open-file limit', () => {
+  const LOW = 56;
   it('boots from s3:// with as many ranges in flight as the limit leaves room for, says so once, and commits the source', async () => {
     const cache = newDir('dr-fd-cache-');
     // Some 25 descriptors are open when the download starts, and S3_MAX_CONCURRENCY=24 ranges would want 48 more.
     // Before, the first one refused was a range's (CACHE_IO, the boot failed), a module the runtime still had to load
     // (the process ended with a stack trace), or nothing with luck: never this, and never without retried ranges.
-    const srv = await startServer({ ...s3Env(cache), EXECUTION_PROVIDER: 'cpu' }, { prefix: under(48) });
+    // The limit leaves the start itself room: before it listens, the process briefly holds ~41 (worker threads' event
+    // loops and pipes, module files read side by side), and at 48 a loaded machine's start sometimes hit EMFILE.
+    const srv = await startServer({ ...s3Env(cache), EXECUTION_PROVIDER: 'cpu' }, { prefix: under(LOW) });
     try {
       await srv.waitReady(60_000);
-      const bounded = srv.logs.filter((l) => String(l.msg).startsWith('the open-file limit (48) leaves room for'));
+      const bounded = srv.logs.filter((l) => String(l.msg).startsWith(`the open-file limit (${LOW}) leaves room for`));
       expect(bounded).toHaveLength(1);
-      expect(bounded[0]).toMatchObject({ level: 'warn', maxConcurrency: 24, descriptorLimit: 48 });
+      expect(bounded[0]).toMatchObject({ level: 'warn', maxConcurrency: 24, descriptorLimit: LOW });
+      // Fewer ranges than asked for, as the limit allows.
+      expect(bounded[0]!.ranges).toBeLessThan(24);
       expect(bounded[0]!.msg).toMatch(/ranges in flight, not S3_MAX_CONCURRENCY=24; raise the pod's open-file limit \(nofile\) or lower S3_MAX_CONCURRENCY$/);
       expect(rangeWarnings(srv.logs)).toEqual([]);
       expect(srv.logs.filter((l) => l.level === 'error')).toEqual([]);
