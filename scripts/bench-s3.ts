@@ -7,7 +7,8 @@
  * Every client runs in its own process; s3rver and the proxy too. Everything lives in a temp dir removed at the end.
  * Env: BENCH_MB (default 600), BENCH_TTFBS (default "40,150"), BENCH_REPEAT (default 2: ceiling and warm-up
  * alternate, the best run of each is compared, all runs are printed), BENCH_CLIENTS (default all:
- * ceiling,naive,aws-cli,rclone,warmup), THROTTLE_PROXY (path to the proxy script), S3_TRANSPORT (the warm-up CLI's:
+ * ceiling,naive,aws-cli,rclone,warmup; `warmup-unchecked` adds a cold warm-up with S3_VERIFY_CONTENT=0 after each checked
+ * one, and a line with what the content check costs), THROTTLE_PROXY (path to the proxy script), S3_TRANSPORT (the warm-up CLI's:
  * sdk, the default, or lite).
  * The link is shared with s3rver and the proxy on the same cores (and with anything else running there),
  * so single runs are noisy; the ceiling is measured in the same run for that reason.
@@ -199,14 +200,20 @@ async function main(): Promise<void> {
         check('ceiling', ceil);
         row('ceiling', ceil, Number(lastJson(ceil.stdout).seconds));
       };
-      const warmupRun = async (rep: number) => {
+      const warmupRun = async (rep: number, verify = true) => {
         const cache = path.join(tmp, `cache-${ttfb}-${rep}`);
-        const wenv = { ...baseEnv, STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache, LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'warn' };
+        const wenv = { ...baseEnv, STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: cache, LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'warn',
+          S3_VERIFY_CONTENT: verify ? '1' : '0' };
         const cold = await run(process.execPath, [warmupCli], wenv, true);
         if (process.env.BENCH_LOG_LEVEL) process.stderr.write(cold.stderr.split('\n').filter((l) => l.startsWith('{')).join('\n') + '\n');
         check('warmup (cold)', cold);
         const cj = lastJson(cold.stdout);
         if (cj.fromCache !== false || cj.bytes !== total) throw new Error(`warm-up cold run reported ${JSON.stringify(cj)}`);
+        if (!verify) {
+          row('warmup cold, unchecked', cold, Number(cj.seconds));
+          await fsp.rm(cache, { recursive: true, force: true });
+          return;
+        }
         row('warmup cold', cold, Number(cj.seconds));
         const hit = await run(process.execPath, [warmupCli], wenv, true);
         check('warmup (hit)', hit);
@@ -218,6 +225,7 @@ async function main(): Promise<void> {
       for (let rep = 0; rep < repeat; rep++) {
         if (want('ceiling')) await ceilingRun();
         if (want('warmup')) await warmupRun(rep);
+        if (want('warmup-unchecked')) await warmupRun(rep, false);
       }
 
       if (want('naive')) {
@@ -274,6 +282,13 @@ async function main(): Promise<void> {
         allRuns: rows.filter((x) => x.ttfbMs === t && (x.client === 'ceiling' || x.client === 'warmup cold')).map((x) => `${x.client}:${x.mbps}`).join(' '), hitSeconds: get('warmup hit')?.seconds, hitWallS: get('warmup hit')?.wallS,
       };
     });
+    for (const t of ttfbs) {
+      const [c, u] = [best('warmup cold', t), best('warmup cold, unchecked', t)];
+      if (c && u) {
+        const cpu = (x: Row) => rows.filter((r) => r.ttfbMs === t && r.client === x.client).map((r) => r.cpuS).join(', ');
+        lines.push(`ttfb ${t}ms: content check: checked ${c.mbps} MB/s vs unchecked ${u.mbps} MB/s = ${(c.mbps / u.mbps).toFixed(3)}; client CPU-s checked ${cpu(c)}, unchecked ${cpu(u)}`);
+      }
+    }
     for (const s of summary) {
       lines.push(`ttfb ${s.ttfbMs}ms: warmup/ceiling = ${s.ratioToCeiling} (target >= 0.92), warmup/${s.bestPeer} = ${s.ratioToBestPeer}x, peak RSS ${s.warmupPeakRssMb} MB (target <= 200), hit ${s.hitSeconds}s in-process / ${s.hitWallS}s with Node start (target < 1 s); runs: ${s.allRuns}`);
     }

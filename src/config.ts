@@ -37,6 +37,8 @@ export interface S3Settings {
   readonly maxAttempts: number;
   /** S3_TRANSPORT: `sdk` (the default) or the opt-in `lite`. */
   readonly transport: S3TransportName;
+  /** S3_VERIFY_CONTENT: each downloaded file's MD5 is checked against its ETag where that is an MD5. */
+  readonly verifyContent: boolean;
 }
 
 export interface Config {
@@ -236,6 +238,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1, MAX_TIMER_S),
     maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
     transport: oneOf('S3_TRANSPORT', 'sdk', TRANSPORTS),
+    verifyContent: bool('S3_VERIFY_CONTENT', true),
   });
 
   const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);

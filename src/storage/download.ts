@@ -17,6 +17,7 @@ import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
+import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, md5Etag, partSizeFrom, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -75,6 +76,8 @@ export interface DownloadOptions {
   onReceived?(n: number): void;
   /** The file is whole, synced and renamed to its final path. */
   onFileDone(obj: RemoteObject, abs: string): void;
+  /** Checks each file's content against its ETag before its rename (S3_VERIFY_CONTENT); absent: not checked. */
+  check?: ContentCheckOptions;
 }
 
 /**
@@ -132,6 +135,13 @@ interface FileState {
   fh?: Promise<FileHandle>;
   /** Synced and closed by finish(): its spans are durable whatever a later sync of the journal does. */
   closed?: boolean;
+  /** The MD5 its ETag names, where its content is checked. */
+  expect?: Md5Etag;
+  /** The hashing of its written prefix, once started (undefined inside: not checked, the reason recorded). */
+  hashing?: Promise<Hashing | undefined>;
+  hashed?: Hashing;
+  /** How the store said it is encrypted: with KMS or a customer key its ETag is not an MD5. */
+  encryption?: string;
 }
 
 interface Task {
@@ -205,6 +215,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       j = o.journal.start(obj.rel, obj.etag, obj.size);
     }
     const f: FileState = { obj, abs, partial, j, left: 0 };
+    if (o.check) {
+      const expect = md5Etag(obj.etag);
+      if (expect) f.expect = expect;
+      else o.check.state.unchecked.set(obj.rel, 'its ETag is not an MD5');
+    }
     byRel.set(obj.rel, f);
     for (const [s, e] of gaps(j.spans, obj.size)) {
       for (const p of planParts(e - s, o.partSize)) {
@@ -283,6 +298,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
         // Preallocate (sparse on most filesystems) so every range can be written at its offset.
         if (fresh) await fh.truncate(f.obj.size);
+        startCheck(f);
         return fh;
       })();
       f.fh = p;
@@ -292,10 +308,84 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     return f.fh;
   };
 
+  // The content check (content-check.ts): a file's written prefix is hashed as it grows, and its digest is compared
+  // with the ETag's before the rename, so a file under its final name is always one whose content was checked.
+  let hasher: Hasher | undefined;
+  const check = o.check;
+  const unchecked = (f: FileState, why: string) => {
+    check?.state.unchecked.set(f.obj.rel, why);
+    f.expect = undefined;
+    f.hashed?.drop();
+  };
+  /** Bytes [0, n) of the file are on disk. */
+  const prefix = (f: FileState) => {
+    const s0 = o.journal.get(f.obj.rel)?.spans[0];
+    return s0 !== undefined && s0[0] === 0 ? s0[1] : 0;
+  };
+  const startCheck = (f: FileState) => {
+    if (!check || !f.expect || f.hashing) return;
+    const expect = f.expect;
+    f.hashing = (async () => {
+      let partSize = 0;
+      if (expect.parts > 0) {
+        const a = await check.headPart({ key: f.obj.key, partNumber: 1, ...(f.obj.etag ? { ifMatch: f.obj.etag } : {}), signal })
+          .catch(() => undefined);
+        if (etagNotMd5(a?.encryption)) f.encryption = a!.encryption;
+        const p = a && partSizeFrom(a, f.obj.size, expect.parts);
+        if (p === undefined) {
+          unchecked(f, 'the store gave no part size (HEAD partNumber=1)');
+          return undefined;
+        }
+        partSize = p;
+      }
+      if (!f.expect || signal.aborted) return undefined;
+      hasher ??= new Hasher();
+      const h = hasher.open(f.partial, f.obj.size, partSize);
+      h.upto(prefix(f));
+      f.hashed = h;
+      return h;
+    })();
+  };
+  /**
+   * Throws ContentMismatchError (the caller fetches the file again) where the content is not the ETag's, and
+   * STORAGE_CORRUPT where it was not the last time either.
+   */
+  const checkContent = async (f: FileState) => {
+    if (!check || !f.expect) return;
+    startCheck(f);
+    const h = await f.hashing;
+    if (etagNotMd5(f.encryption)) return unchecked(f, `encrypted (${f.encryption}): its ETag is not an MD5`);
+    if (h === undefined || !f.expect) return;
+    let got: string;
+    try {
+      got = await h.digest();
+    } catch (e) {
+      o.log.warn({ file: f.obj.rel, reason: (e as Error).message }, 'could not hash the file; its content is not checked');
+      return unchecked(f, 'hashing failed');
+    }
+    const want = etagDigest(f.expect);
+    if (got === want) {
+      check.state.checked.add(f.obj.rel);
+      return;
+    }
+    const before = check.state.mismatched.get(f.obj.rel);
+    if (before !== undefined) {
+      const where = `s3://${o.bucket}/${f.obj.key}`;
+      throw new RuntimeError('STORAGE_CORRUPT', before === got
+        ? `${where}: two downloads agree with each other but not with the object's ETag (MD5 ${want}): the store holds content its ETag does not ` +
+          'describe (damaged at rest, or a store whose ETags are not MD5s of the content); check the object, or set S3_VERIFY_CONTENT=0 to serve it unchecked'
+        : `${where}: the content differed from its ETag (MD5 ${want}) in two downloads, and differently each time: ` +
+          'something between S3 and this pod damages data (a proxy, the network, the cache volume)');
+    }
+    check.state.mismatched.set(f.obj.rel, got);
+    throw new ContentMismatchError(f.obj.key, f.obj.rel, want, got);
+  };
+
   const finish = async (f: FileState) => {
     const fh = await open(f);
     const st = await fh.stat();
     if (st.size !== f.obj.size) throw new RuntimeError('STORAGE_TRANSIENT', `s3://${o.bucket}/${f.obj.key}: wrote ${st.size} bytes, expected ${f.obj.size}`);
+    await checkContent(f);
     await fh.sync();
     f.closed = true;
     await fh.close();
@@ -395,6 +485,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         await o.io.write(fh!, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
+        f.hashed?.upto(prefix(f));
         o.onBytes(n);
         o.onReceived?.(n);
         progressed = true;
@@ -413,6 +504,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
         if (checkRangeAnswer(res, asked, f.obj.size, `s3://${o.bucket}/${f.obj.key}`) === 'changed') throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
+        if (etagNotMd5(res.encryption) && f.expect) {
+          f.encryption = res.encryption;
+          unchecked(f, `encrypted (${res.encryption}): its ETag is not an MD5`);
+        }
         if (res.contentLength !== undefined && res.contentLength !== left) {
           throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);
         }
@@ -483,6 +578,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       if (f.closed) return;
       await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);
     }));
+    await hasher?.close();
   }
   if (failure !== undefined) throw failure;
   o.signal.throwIfAborted();

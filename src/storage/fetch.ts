@@ -16,6 +16,7 @@ import { chooseTransport, loadTransport, openTransport, type TransportChoice } f
 import type { StorageIo } from './download.js';
 import { Journal, JournalTail, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
+import { ContentMismatchError, newContentCheckState, type ContentCheckState } from './content-check.js';
 import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock, type LockInfo } from './lock.js';
@@ -403,6 +404,10 @@ class S3Fetch {
     let listing = initial;
     const started = performance.now();
     let why: 'changed' | 'incomplete' = 'changed';
+    const transport = await this.transport!;
+    // Directory buckets' (S3 Express One Zone) ETags are random strings, not MD5s.
+    const directoryBucket = /--x-s3$/.test(this.bucket);
+    const checkState = cfg.s3.verifyContent && !directoryBucket ? newContentCheckState() : undefined;
     let evictedAfterRefusal = false;
     for (let round = 0; round < 4; round++) {
       if (round > 0) this.o.onRestart?.();
@@ -452,6 +457,7 @@ class S3Fetch {
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
+          ...(checkState ? { check: { state: checkState, headPart: (r) => transport.headPart(r) } } : {}),
           makeRoom: (need, free, head) => this.roomFor(need - free, head, true),
           onBytes: (n) => {
             this.progress.bytesDone += n;
@@ -476,6 +482,14 @@ class S3Fetch {
             log.warn({ uri: this.uri }, 'the cache volume refused a write; made room and downloading the rest again');
             continue;
           }
+        }
+        if (e instanceof ContentMismatchError) {
+          // Which bytes are damaged is not known: the whole file is fetched again, once (download.ts decides after that).
+          log.warn({ file: e.rel, etag: e.expected, md5: e.got }, 'the content of a downloaded file differs from its ETag; fetching the file again');
+          journal.drop(e.rel);
+          await journal.sync();
+          why = 'changed';
+          continue;
         }
         if (!(e instanceof ObjectChangedError)) throw e;
         log.warn({ key: e.key }, e.missing === undefined ? 'object changed during the download; listing again' : 'object deleted during the download; listing again');
@@ -520,7 +534,8 @@ class S3Fetch {
       });
       await journal.remove();
       const secs = (performance.now() - started) / 1000;
-      log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1) }, 'model cached');
+      log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1), ...contentChecked(checkState, listing, directoryBucket) },
+        'model cached');
       this.emit('done', true);
       return { dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3' };
     }
@@ -611,6 +626,18 @@ class S3Fetch {
     this.o.log.info({ mbDone: +mb(p.bytesDone), mbTotal: +mb(p.bytesTotal), filesDone: p.filesDone, filesTotal: p.filesTotal, mbps: +mb(p.bytesPerSecond) },
       'downloading the model into the cache');
   }
+}
+
+/**
+ * The commit's account of the content check: files checked against their ETags in this fill, and why others were not
+ * (files reused whole from an earlier run were checked then, or before the check existed: neither is counted).
+ */
+function contentChecked(state: ContentCheckState | undefined, listing: readonly RemoteObject[], directoryBucket: boolean): Record<string, unknown> {
+  if (state === undefined) return { contentCheck: directoryBucket ? 'not in a directory bucket (its ETags are not MD5s)' : 'off' };
+  const listed = new Set(listing.map((x) => x.rel));
+  const why: Record<string, number> = {};
+  for (const [rel, reason] of state.unchecked) if (listed.has(rel) && !state.checked.has(rel)) why[reason] = (why[reason] ?? 0) + 1;
+  return { contentChecked: [...state.checked].filter((r) => listed.has(r)).length, ...(Object.keys(why).length > 0 ? { contentNotChecked: why } : {}) };
 }
 
 /** What a process waiting for another one's fill of the entry keeps between polls. */

@@ -19,7 +19,7 @@ import type { S3Settings } from '../config.js';
 import { firstUse } from '../descriptors.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
-import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
+import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type PartAnswer, type PartRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
 
@@ -333,7 +333,10 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
       if (status === 200 || status === 206) {
         const len = res.headers['content-length'];
         const range = res.headers['content-range'];
-        resolve({ body: res, etag: res.headers.etag, contentLength: len !== undefined ? Number(len) : undefined, status, ...(range !== undefined ? { contentRange: range } : {}) });
+        resolve({
+          body: res, etag: res.headers.etag, contentLength: len !== undefined ? Number(len) : undefined, status,
+          ...(range !== undefined ? { contentRange: range } : {}), ...encryptionHeader(res.headers),
+        });
         return;
       }
       const chunks: Buffer[] = [];
@@ -350,6 +353,36 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
   });
 }
 
+function encryptionHeader(h: http.IncomingHttpHeaders): { encryption?: string } {
+  const encryption = encryptionOf(h['x-amz-server-side-encryption'] as string | undefined, h['x-amz-server-side-encryption-customer-algorithm'] as string | undefined);
+  return encryption !== undefined ? { encryption } : {};
+}
+
+/** HeadObject of one part (`?partNumber=`) without the SDK's client; an error answer rejects as getObjectLite's do. */
+export async function headPartLite(t: LiteTarget, agent: http.Agent, r: PartRequest): Promise<PartAnswer> {
+  const { secure, host, hostname, port } = endpoint(t);
+  const keyPath = objectPath(t, r.key);
+  const { headers, query } = await signV4({
+    method: 'HEAD', host, path: keyPath, query: [['partNumber', String(r.partNumber)]], region: t.region, credentials: t.credentials, now: signingTime(t.clock),
+  });
+  if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
+  const sentAt = Date.now();
+  const opts: https.RequestOptions = { method: 'HEAD', hostname, port, path: `${keyPath}?${query}`, headers, agent, signal: r.signal };
+  return new Promise((resolve, reject) => {
+    const req = (secure ? https : http).request(opts, (res) => {
+      updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
+      res.resume();
+      const status = res.statusCode ?? 0;
+      // A HEAD carries no error body: the status alone says what went wrong.
+      if (status !== 200 && status !== 206) return reject(new LiteHttpError(status, undefined, 'read'));
+      const num = (v: string | string[] | undefined) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : undefined);
+      resolve({ contentLength: num(res.headers['content-length']), partsCount: num(res.headers['x-amz-mp-parts-count']), etag: res.headers.etag, ...encryptionHeader(res.headers) });
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 /**
  * The SDK-free transport for one fetch: keep-alive sockets for its GETs, one per range in flight (listings use Node's
  * global agent), and its target's clock offset shared by every request.
@@ -360,6 +393,7 @@ export function createLiteTransport(t: LiteTarget, s: Pick<S3Settings, 'maxConcu
     name: 'lite',
     list: (r) => listPrefixLite(t, r.prefix, r.signal),
     get: (r) => getObjectLite(t, agent, r),
+    headPart: (r) => headPartLite(t, agent, r),
     destroy: () => agent.destroy(),
   };
 }

@@ -6,10 +6,10 @@
 import http from 'node:http';
 import https from 'node:https';
 import type { Readable } from 'node:stream';
-import { GetObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
+import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
-import { agentOptions, tlsOptions, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
+import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type PartAnswer, type PartRequest, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
 
@@ -73,7 +73,21 @@ export async function getObject(client: S3Client, bucket: string, r: GetRequest)
   return {
     body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength, status: res.$metadata.httpStatusCode,
     ...(res.ContentRange !== undefined ? { contentRange: res.ContentRange } : {}),
+    ...sse(res),
   };
+}
+
+const sse = (res: { ServerSideEncryption?: string | undefined; SSECustomerAlgorithm?: string | undefined }) => {
+  const encryption = encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm);
+  return encryption !== undefined ? { encryption } : {};
+};
+
+/** A HEAD of one part through the SDK. */
+export async function headPart(client: S3Client, bucket: string, r: PartRequest): Promise<PartAnswer> {
+  const res = await client.send(new HeadObjectCommand({
+    Bucket: bucket, Key: r.key, PartNumber: r.partNumber, ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
+  }), { abortSignal: r.signal });
+  return { contentLength: res.ContentLength, partsCount: res.PartsCount, etag: res.ETag, ...sse(res) };
 }
 
 /**
@@ -86,6 +100,7 @@ export function createSdkTransport(s: Readonly<S3Settings>, bucket: string): S3T
     name: 'sdk',
     list: (r) => listPrefix(handle.client, bucket, r.prefix, r.signal),
     get: (r) => getObject(handle.client, bucket, r),
+    headPart: (r) => headPart(handle.client, bucket, r),
     destroy: () => handle.destroy(),
   };
 }

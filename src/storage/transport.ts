@@ -42,6 +42,33 @@ export interface ObjectBody {
   status?: number | undefined;
   /** The Content-Range header of a 206 (`bytes a-b/size`), where the store sent one. */
   contentRange?: string;
+  /**
+   * How the store says the object is encrypted at rest: x-amz-server-side-encryption (`AES256`, `aws:kms`, …), or
+   * `SSE-C` for a customer key. With KMS or a customer key, S3's ETag is not the MD5 of the content (content-check.ts).
+   */
+  encryption?: string;
+}
+
+/** A HEAD of one part of a multipart upload (`?partNumber=`): where S3 and most compatible stores give the part's size. */
+export interface PartRequest {
+  key: string;
+  partNumber: number;
+  ifMatch?: string;
+  signal: AbortSignal;
+}
+
+export interface PartAnswer {
+  /** The part's size (Content-Length). */
+  contentLength: number | undefined;
+  /** x-amz-mp-parts-count; absent where the store ignored partNumber and described the whole object. */
+  partsCount: number | undefined;
+  etag: string | undefined;
+  encryption?: string;
+}
+
+/** The `encryption` of an answer, from S3's headers (both transports). */
+export function encryptionOf(sse: string | undefined, customerAlgorithm: string | undefined): string | undefined {
+  return customerAlgorithm ? 'SSE-C' : sse || undefined;
 }
 
 export type TransportName = 'sdk' | 'lite';
@@ -53,6 +80,8 @@ export interface S3Transport {
   list(r: ListRequest): Promise<RemoteObject[]>;
   /** One GET: an error answer rejects, a 200 or 206 resolves with its body unread. */
   get(r: GetRequest): Promise<ObjectBody>;
+  /** One HEAD of a part: the content check's way to learn a multipart upload's part size. */
+  headPart(r: PartRequest): Promise<PartAnswer>;
   /** Closes idle keep-alive sockets; requests in flight go on. */
   destroy(): void;
 }

@@ -103,6 +103,18 @@ export interface Faults {
   failGets?: { count: number; status: number; code: string };
   /** Hold GETs of keys matching `keys` (and, with `range`, whose Range header it accepts) until `release` settles. */
   hold?: { keys: RegExp; range?: (range: string | undefined) => boolean; release: Promise<unknown> };
+  /**
+   * Damage the body of the next `count` 2xx GETs of keys matching `keys` (a link that damages data): one byte of each
+   * body's first chunk is flipped, the n-th damage flipping byte n - 1, so no two damaged bodies are alike.
+   */
+  corrupt?: { keys: RegExp; count: number };
+  /**
+   * Objects served as a store that keeps multipart uploads would: by key, the ETag listings, GETs and HEADs carry, and
+   * the part size a HEAD with partNumber=1 answers (`partSize` undefined: the store ignores partNumber, as s3rver does).
+   */
+  objects?: Record<string, { etag: string; partSize?: number; parts?: number }>;
+  /** Headers added to every 2xx GET and HEAD answer (e.g. x-amz-server-side-encryption). */
+  addHeaders?: Record<string, string>;
 }
 
 export interface FaultProxy {
@@ -115,6 +127,10 @@ export interface FaultProxy {
     bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
     /** 2xx GET body bytes sent, by request path (`/<bucket>/<key>`, URL-decoded). */
     bytesByPath: Record<string, number>;
+    /** HEAD requests with a partNumber, answered by the proxy from `faults.objects`. */
+    partHeads: number;
+    /** Bodies damaged by `faults.corrupt`. */
+    damaged: number;
     getPaths: { sdk: string[]; lite: string[] };
     /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
     refusals: Record<string, number>;
@@ -129,7 +145,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -141,6 +157,15 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     }
     const isList = req.method === 'GET' && /[?&]list-type=2/.test(req.url ?? '');
     const isGet = req.method === 'GET' && !isList;
+    // `/<bucket>/<key>` → key, as `faults.objects` names it.
+    const objectKey = decodeURIComponent((req.url ?? '').split('?')[0]!).split('/').slice(2).join('/');
+    const sim = f.objects?.[objectKey];
+    if (req.method === 'HEAD' && /[?&]partNumber=/.test(req.url ?? '') && sim?.partSize !== undefined) {
+      stats.partHeads++;
+      req.resume();
+      res.writeHead(206, { etag: sim.etag, 'content-length': String(sim.partSize), 'x-amz-mp-parts-count': String(sim.parts ?? 1), ...f.addHeaders }).end();
+      return;
+    }
     if (isList) {
       stats.lists++;
       stats.listAt.push(Date.now());
@@ -169,12 +194,18 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       stats.maxConcurrent = Math.max(stats.maxConcurrent, concurrent);
       res.on('close', () => (stats.open = --concurrent));
     }
-    const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
-      if (isList && f.rewriteList) {
+    // The store's part numbers are the proxy's to answer (above): s3rver would describe the whole object.
+    const upPath = sim ? (req.url ?? '').replace(/[?&]partNumber=\d+/, '') : req.url;
+    const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: upPath, headers: req.headers }, (upRes) => {
+      if (isList && (f.rewriteList || f.objects)) {
         const parts: Buffer[] = [];
         upRes.on('data', (c: Buffer) => parts.push(c));
         upRes.on('end', () => {
-          const xml = f.rewriteList!(Buffer.concat(parts).toString('utf8'));
+          let xml = Buffer.concat(parts).toString('utf8');
+          for (const [key, o] of Object.entries(f.objects ?? {})) {
+            xml = xml.replace(new RegExp(`(<Key>${key}</Key>(?:(?!</Contents>)[\\s\\S])*?<ETag>)[^<]*(</ETag>)`), `$1${o.etag.replace(/"/g, '&quot;')}$2`);
+          }
+          if (f.rewriteList) xml = f.rewriteList(xml);
           const headers = { ...upRes.headers, 'content-length': String(Buffer.byteLength(xml)) };
           res.writeHead(upRes.statusCode ?? 502, headers).end(xml);
         });
@@ -192,8 +223,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         });
         return;
       }
-      res.writeHead(upRes.statusCode ?? 502, upRes.headers);
-      const body = isGet && (upRes.statusCode ?? 500) < 300;
+      const ok = (upRes.statusCode ?? 500) < 300;
+      res.writeHead(upRes.statusCode ?? 502, { ...upRes.headers, ...(ok && sim ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}) });
+      const body = isGet && ok;
+      const damage = body && f.corrupt !== undefined && f.corrupt.count > 0 && f.corrupt.keys.test(objectKey);
+      if (damage) f.corrupt!.count--;
+      let damaged = false;
       // A fault is armed only on bodies long enough to reach it, so counts in tests are exact.
       const length = Number(upRes.headers['content-length'] ?? 0);
       const reset = body && (f.resets ?? 0) > 0 && f.resetAfterBytes !== undefined && length > f.resetAfterBytes;
@@ -217,6 +252,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
           stats.stalls++;
           upRes.destroy(); // the client sees an open socket that never sends another byte
           return;
+        }
+        if (damage && !damaged && chunk.length > 0) {
+          damaged = true;
+          chunk = Buffer.from(chunk);
+          const at = stats.damaged++ % chunk.length;
+          chunk[at] = chunk[at]! ^ 0xff;
         }
         sent += chunk.length;
         if (body) {

@@ -1,0 +1,222 @@
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../src/log.js';
+import { Hasher, md5Etag, partSizeFrom } from '../src/storage/content-check.js';
+import { resolveModel } from '../src/storage/fetch.js';
+import { readManifest } from '../src/storage/cache.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+
+const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
+/** S3's ETag of a multipart upload (AWS's "Checking object integrity"): the MD5 of the parts' binary MD5s, then `-parts`. */
+function multipartEtag(body: Buffer, partSize: number): string {
+  const digests: Buffer[] = [];
+  for (let at = 0; at < body.length; at += partSize) digests.push(createHash('md5').update(body.subarray(at, at + partSize)).digest());
+  return `"${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${digests.length}"`;
+}
+
+const BIG = 2 * 1024 * 1024 + 777;
+const files: Record<string, Buffer> = {
+  'unet/model.onnx_data': detBytes(BIG, 21),
+  'unet/model.onnx': detBytes(30_000, 22),
+  'model_index.json': Buffer.from('{"_class_name":"StableDiffusionPipeline"}'),
+  'empty.txt': Buffer.alloc(0),
+};
+const PART = 512 * 1024 + 3; // not a power of two: the hasher's part boundaries do not fall on its read blocks
+
+/** A logger whose lines the test reads. */
+function recorder() {
+  const lines: Array<Record<string, unknown>> = [];
+  const stream = new Writable({
+    write(chunk, _enc, cb) {
+      for (const l of String(chunk).split('\n')) if (l.trim()) lines.push(JSON.parse(l) as Record<string, unknown>);
+      cb();
+    },
+  });
+  return { log: createLogger('info', 'test', stream), lines, line: (msg: string | RegExp) => lines.find((l) => (typeof msg === 'string' ? l.msg === msg : msg.test(String(l.msg)))) };
+}
+
+async function expectSame(dir: string): Promise<void> {
+  for (const [rel, body] of Object.entries(files)) expect((await fsp.readFile(path.join(dir, rel))).equals(body), rel).toBe(true);
+}
+
+const newCache = () => fsp.mkdtemp(path.join(tmp, 'cache-'));
+
+beforeAll(async () => {
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'content-check-'));
+  ({ s3, proxy } = await startS3WithProxy());
+  for (const [rel, body] of Object.entries(files)) await s3.put('models', `sd/${rel}`, body);
+});
+
+cleanUpS3(() => ({ s3, proxy, tmp }));
+
+describe('ETags as MD5s', () => {
+  it('reads single-part and multipart ETags, quoted or not, and nothing else', () => {
+    expect(md5Etag('"0123456789ABCDEF0123456789abcdef"')).toEqual({ hex: '0123456789abcdef0123456789abcdef', parts: 0 });
+    expect(md5Etag('0123456789abcdef0123456789abcdef-12')).toEqual({ hex: '0123456789abcdef0123456789abcdef', parts: 12 });
+    for (const e of ['', 'W/"0123456789abcdef0123456789abcdef"', '"0123456789abcdef0123456789abcde"', '"0123456789abcdef0123456789abcdef-0"',
+      '"0123456789abcdef0123456789abcdef-10001"', '"x123456789abcdef0123456789abcdef"', '"3858f62230ac3c915f300c664312c63f:1"']) expect(md5Etag(e), e).toBeUndefined();
+  });
+
+  it('takes a part size from a HEAD of part 1 only where it fits the object', () => {
+    expect(partSizeFrom({ contentLength: 8, partsCount: 3, etag: undefined }, 20, 3)).toBe(8);
+    expect(partSizeFrom({ contentLength: 10, partsCount: 2, etag: undefined }, 20, 2)).toBe(10);
+    // The store ignored partNumber and described the whole object.
+    expect(partSizeFrom({ contentLength: 20, partsCount: undefined, etag: undefined }, 20, 3)).toBeUndefined();
+    expect(partSizeFrom({ contentLength: 5, partsCount: 3, etag: undefined }, 20, 3)).toBeUndefined(); // 3 × 5 < 20
+    expect(partSizeFrom({ contentLength: 10, partsCount: 3, etag: undefined }, 20, 3)).toBeUndefined(); // 2 × 10 = 20: two parts
+    expect(partSizeFrom({ contentLength: 20, partsCount: 1, etag: undefined }, 20, 1)).toBe(20);
+  });
+
+  it('hashes a file as its written prefix grows, in any order of writes, whole or by parts', async () => {
+    const body = detBytes(3 * 1024 * 1024 + 5, 3);
+    const file = path.join(tmp, 'hash-me');
+    const fh = await fsp.open(file, 'w');
+    await fh.truncate(body.length);
+    const hasher = new Hasher();
+    const whole = hasher.open(file, body.length, 0);
+    const parts = hasher.open(file, body.length, PART);
+    // Blocks written back to front: the prefix stays empty until the first block lands, then is whole at once.
+    const block = 300_001;
+    for (let at = Math.floor((body.length - 1) / block) * block; at >= 0; at -= block) {
+      await fh.write(body, at, Math.min(block, body.length - at), at);
+      if (at === 0) for (const h of [whole, parts]) h.upto(body.length);
+    }
+    await fh.close();
+    expect(await whole.digest()).toBe(md5(body));
+    expect(`"${await parts.digest()}"`).toBe(multipartEtag(body, PART));
+    // An empty file, and a one-part upload (the MD5 of one MD5).
+    await fsp.writeFile(file, Buffer.alloc(0));
+    expect(await hasher.open(file, 0, 0).digest()).toBe(md5(Buffer.alloc(0)));
+    await fsp.writeFile(file, body.subarray(0, 1000));
+    expect(`"${await hasher.open(file, 1000, 1000).digest()}"`).toBe(multipartEtag(body.subarray(0, 1000), 1000));
+    await hasher.close();
+  });
+});
+
+describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPORT=%s)', (transport) => {
+  const cfgFor = (cache: string, extra: Record<string, string> = {}) =>
+    testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '65536', S3_MAX_CONCURRENCY: '8', S3_TRANSPORT: transport, ...extra });
+  const multipart = (): Record<string, { etag: string; partSize?: number; parts: number }> => Object.fromEntries(Object.entries(files).filter(([, b]) => b.length > PART)
+    .map(([rel, b]) => [`sd/${rel}`, { etag: multipartEtag(b, PART), partSize: PART, parts: Math.ceil(b.length / PART) }]));
+
+  it('checks every file whose ETag is an MD5, and says so when it commits', async () => {
+    const r = recorder();
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
+    await expectSame(res.dir);
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 4 });
+    expect(r.line('model cached')).not.toHaveProperty('contentNotChecked');
+  });
+
+  it('fetches a file whose bytes were damaged on the way again, and commits only the right bytes', async () => {
+    const r = recorder();
+    const before = proxy.stats.bodyBytes;
+    proxy.faults = { corrupt: { keys: /onnx_data$/, count: 1 } };
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
+    await expectSame(res.dir);
+    expect(r.line(/differs from its ETag; fetching the file again/)).toMatchObject({ level: 'warn', file: 'unet/model.onnx_data' });
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 4 });
+    // The damaged file once more; the others were not fetched again.
+    const sum = Object.values(files).reduce((n, b) => n + b.length, 0);
+    expect(proxy.stats.bodyBytes - before).toBeGreaterThan(sum + BIG - 1);
+    expect(proxy.stats.bodyBytes - before).toBeLessThan(sum + BIG + 8 * 65_536);
+  });
+
+  it('fails with STORAGE_CORRUPT, naming the object and committing nothing, when every download is damaged differently', async () => {
+    const cache = await newCache();
+    // The 30 kB graph is one range: both of its downloads are damaged, each at another byte.
+    proxy.faults = { corrupt: { keys: /model\.onnx$/, count: 2 } };
+    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log }));
+    expect(err.code).toBe('STORAGE_CORRUPT');
+    expect(err.message).toMatch(/^s3:\/\/models\/sd\/unet\/model\.onnx: the content differed from its ETag \(MD5 [0-9a-f]{32}\) in two downloads/);
+    expect(err.message).not.toContain(cache);
+    const entries = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
+    for (const e of entries) expect(await readManifest(path.join(cache, e))).toBeUndefined();
+  });
+
+  it('with S3_VERIFY_CONTENT=0 the damage goes through: the check is what catches it', async () => {
+    const r = recorder();
+    proxy.faults = { corrupt: { keys: /model_index\.json$/, count: 1 } };
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache(), { S3_VERIFY_CONTENT: '0' }), log: r.log });
+    const got = await fsp.readFile(path.join(res.dir, 'model_index.json'));
+    const want = files['model_index.json']!;
+    expect(got.length).toBe(want.length);
+    expect([...got].filter((x, i) => x !== want[i]).length).toBe(1);
+    expect(r.line('model cached')).toMatchObject({ contentCheck: 'off' });
+  });
+
+  it('checks multipart ETags by the part size a HEAD of part 1 gives, and catches damage in them', async () => {
+    const r = recorder();
+    const heads = proxy.stats.partHeads;
+    proxy.faults = { objects: multipart(), corrupt: { keys: /onnx_data$/, count: 1 } };
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
+    await expectSame(res.dir);
+    expect(r.line(/differs from its ETag/)).toMatchObject({ file: 'unet/model.onnx_data', etag: multipartEtag(files['unet/model.onnx_data']!, PART).slice(1, -1) });
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 4 });
+    expect(proxy.stats.partHeads - heads).toBe(2); // the big file twice (fetched again), nothing else is multipart
+  });
+
+  it('leaves a multipart file unchecked where the store gives no part size, and objects encrypted with KMS', async () => {
+    const r = recorder();
+    proxy.faults = { objects: Object.fromEntries(Object.entries(multipart()).map(([k, o]) => [k, { etag: o.etag, parts: o.parts }])) };
+    await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log })).dir);
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 3, contentNotChecked: { 'the store gave no part size (HEAD partNumber=1)': 1 } });
+
+    // SSE-KMS: the ETag is not the content's MD5 (here: no MD5 of anything), and nothing is fetched twice for it.
+    const k = recorder();
+    const before = proxy.stats.bodyBytes;
+    proxy.faults = { objects: { 'sd/model_index.json': { etag: `"${'0'.repeat(32)}"` } }, addHeaders: { 'x-amz-server-side-encryption': 'aws:kms' } };
+    await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: k.log })).dir);
+    // The empty file is never fetched, so no answer says it is encrypted: its (right) MD5 is checked.
+    expect(k.line('model cached')).toMatchObject({ contentChecked: 1, contentNotChecked: { 'encrypted (aws:kms): its ETag is not an MD5': 3 } });
+    expect(proxy.stats.bodyBytes - before).toBe(Object.values(files).reduce((n, b) => n + b.length, 0));
+  });
+
+  it('content that differs from its ETag the same way twice is refused too, with the way to serve it unchecked', async () => {
+    const cache = await newCache();
+    proxy.faults = { objects: { 'sd/unet/model.onnx': { etag: `"${'a'.repeat(32)}"` } } };
+    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log }));
+    expect([err.code, err.message]).toEqual(['STORAGE_CORRUPT', expect.stringMatching(
+      /^s3:\/\/models\/sd\/unet\/model\.onnx: two downloads agree with each other but not with the object's ETag \(MD5 a{32}\).*S3_VERIFY_CONTENT=0/)]);
+    // With the check off, the same store serves.
+    proxy.faults = { objects: { 'sd/unet/model.onnx': { etag: `"${'a'.repeat(32)}"` } } };
+    await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(cache, { S3_VERIFY_CONTENT: '0' }), log: recorder().log })).dir);
+  });
+
+  it('hashes what an earlier run left on disk: damage in a resumed partial is caught and fetched again', async () => {
+    const cache = await newCache();
+    const ac = new AbortController();
+    // Slow the big file down and stop the fill once about half of it is on disk.
+    proxy.faults = { bytesPerSecond: 400_000, exactPace: true };
+    let got = 0;
+    await rejection(resolveModel('s3://models/sd', {
+      cfg: cfgFor(cache), log: recorder().log, signal: ac.signal,
+      onDownloaded: (n) => {
+        got += n;
+        if (got > BIG / 2) ac.abort();
+      },
+    }));
+    proxy.faults = {};
+    const [entry] = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
+    const partial = path.join(cache, entry!, 'unet/model.onnx_data.partial');
+    // Damage the first byte of the partial, which the journal records as written (the first range is done by now).
+    const fh = await fsp.open(partial, 'r+');
+    const b = Buffer.alloc(1);
+    await fh.read(b, 0, 1, 0);
+    await fh.write(Buffer.from([b[0]! ^ 0xff]), 0, 1, 0);
+    await fh.close();
+    const r = recorder();
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: r.log });
+    await expectSame(res.dir);
+    expect(r.line(/resuming partly downloaded files/)).toBeDefined();
+    expect(r.line(/differs from its ETag; fetching the file again/)).toMatchObject({ file: 'unet/model.onnx_data' });
+  });
+});
