@@ -3,7 +3,7 @@
  * ETag is an MD5: of the whole object (one PUT), or `<MD5 of the parts' MD5s>-<parts>` (a multipart upload, whose part
  * size a HEAD with partNumber=1 gives). A file's bytes are hashed in order as its written prefix grows, read back from
  * the page cache on a thread of their own, so the check ends soon after its last byte and the download's thread does
- * no hashing. Objects encrypted with SSE-KMS or a customer key have ETags that are not MD5s: not checked.
+ * no hashing; it reads through the download's own descriptor, so it needs none of its own. Objects encrypted with SSE-KMS or a customer key have ETags that are not MD5s: not checked.
  */
 import { Worker } from 'node:worker_threads';
 import type { PartAnswer, PartRequest } from './transport.js';
@@ -51,26 +51,24 @@ export const etagNotMd5 = (encryption: string | undefined) => encryption !== und
 const THREAD = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
-const { openSync, readSync, closeSync } = require('node:fs');
+const { readSync } = require('node:fs');
 const BLOCK = 1 << 20;
 const buf = Buffer.allocUnsafe(BLOCK);
 const files = new Map();
 let queued = false;
 const kick = () => { if (!queued) { queued = true; setImmediate(step); } };
-const end = (id, f, reply) => { try { closeSync(f.fd); } catch {} files.delete(id); parentPort.postMessage({ id, ...reply }); };
+const end = (id, reply) => { files.delete(id); parentPort.postMessage({ id, ...reply }); };
 parentPort.on('message', (m) => {
   const f = files.get(m.id);
   if (m.t === 'open') {
-    try {
-      files.set(m.id, { fd: openSync(m.path, 'r'), size: m.size, partSize: m.partSize || Infinity, multipart: m.partSize > 0,
-        at: 0, upto: 0, inPart: 0, hash: createHash('md5'), parts: [], want: false });
-    } catch (e) { parentPort.postMessage({ id: m.id, error: String(e && e.code || e) }); }
+    files.set(m.id, { fd: m.fd, size: m.size, partSize: m.partSize || Infinity, multipart: m.partSize > 0,
+      at: 0, upto: 0, inPart: 0, hash: createHash('md5'), parts: [], want: false });
   } else if (f === undefined) {
     if (m.t === 'digest') parentPort.postMessage({ id: m.id, error: 'not open' });
     return;
   } else if (m.t === 'upto') f.upto = Math.min(f.size, Math.max(f.upto, m.end));
   else if (m.t === 'digest') { f.upto = f.size; f.want = true; }
-  else if (m.t === 'drop') { try { closeSync(f.fd); } catch {} files.delete(m.id); }
+  else if (m.t === 'drop') files.delete(m.id);
   kick();
 });
 function step() {
@@ -88,13 +86,13 @@ function step() {
       }
       if (f.at < f.upto) more = true;
       else if (f.want) {
-        if (!f.multipart) end(id, f, { digest: f.hash.digest('hex') });
+        if (!f.multipart) end(id, { digest: f.hash.digest('hex') });
         else {
           if (f.inPart > 0) f.parts.push(f.hash.digest());
-          end(id, f, { digest: createHash('md5').update(Buffer.concat(f.parts)).digest('hex') + '-' + f.parts.length });
+          end(id, { digest: createHash('md5').update(Buffer.concat(f.parts)).digest('hex') + '-' + f.parts.length });
         }
       }
-    } catch (e) { end(id, f, { error: String(e && e.message || e) }); }
+    } catch (e) { end(id, { error: String(e && e.message || e) }); }
   }
   if (more) kick();
 }
@@ -139,11 +137,14 @@ export class Hasher {
     return w;
   }
 
-  /** Starts hashing `file` (`size` bytes) as written; `partSize` > 0 hashes it as a multipart upload's parts. */
-  open(file: string, size: number, partSize: number): Hashing {
+  /**
+   * Starts hashing a file of `size` bytes as written, read through `fd` (opened for reading; the caller closes it only
+   * once the digest came, the hashing was dropped, or close() returned); `partSize` > 0 hashes a multipart upload's parts.
+   */
+  open(fd: number, size: number, partSize: number): Hashing {
     const id = this.#next++;
     const w = this.#thread();
-    w.postMessage({ t: 'open', id, path: file, size, partSize });
+    w.postMessage({ t: 'open', id, fd, size, partSize });
     let told = 0;
     let done = false;
     return {

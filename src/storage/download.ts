@@ -295,10 +295,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const p = (async () => {
         await mkdirs(path.dirname(f.abs));
         const fresh = f.j.spans.length === 0;
-        const fh = await fsp.open(f.partial, fresh ? 'w' : 'r+');
+        // Readable too: the content check reads the written prefix back through this descriptor.
+        const fh = await fsp.open(f.partial, fresh ? 'w+' : 'r+');
         // Preallocate (sparse on most filesystems) so every range can be written at its offset.
         if (fresh) await fh.truncate(f.obj.size);
-        startCheck(f);
+        startCheck(f, fh.fd);
         return fh;
       })();
       f.fh = p;
@@ -322,7 +323,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const s0 = o.journal.get(f.obj.rel)?.spans[0];
     return s0 !== undefined && s0[0] === 0 ? s0[1] : 0;
   };
-  const startCheck = (f: FileState) => {
+  const startCheck = (f: FileState, fd: number) => {
     if (!check || !f.expect || f.hashing) return;
     const expect = f.expect;
     f.hashing = (async () => {
@@ -340,7 +341,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       }
       if (!f.expect || signal.aborted) return undefined;
       hasher ??= new Hasher();
-      const h = hasher.open(f.partial, f.obj.size, partSize);
+      const h = hasher.open(fd, f.obj.size, partSize);
       h.upto(prefix(f));
       f.hashed = h;
       return h;
@@ -352,7 +353,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
    */
   const checkContent = async (f: FileState) => {
     if (!check || !f.expect) return;
-    startCheck(f);
     const h = await f.hashing;
     if (etagNotMd5(f.encryption)) return unchecked(f, `encrypted (${f.encryption}): its ETag is not an MD5`);
     if (h === undefined || !f.expect) return;
@@ -574,11 +574,12 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     clearInterval(ticker);
     lost.removeEventListener('abort', halt);
     if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
+    // The hashing thread reads through the files' descriptors: it stops before they close.
+    await hasher?.close();
     await Promise.all([...byRel.values()].map(async (f) => {
       if (f.closed) return;
       await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);
     }));
-    await hasher?.close();
   }
   if (failure !== undefined) throw failure;
   o.signal.throwIfAborted();
