@@ -63,7 +63,7 @@ export const OUTCOMES = [
   'STORAGE_CLOCK_SKEW',
   /** Listed files were still missing or short after every download round. */
   'STORAGE_INCOMPLETE',
-  /** A file's content differed from its ETag's MD5 in two downloads, each time differently (S3_VERIFY_CONTENT). */
+  /** A file's content differed from its ETag's MD5 in two downloads, or files kept arriving damaged (S3_VERIFY_CONTENT). */
   'STORAGE_CORRUPT',
   /** The store answers in a way no retry changes and the cache cannot use (a listing that cannot be paged, a Range ignored). */
   'STORAGE_UNSUPPORTED',

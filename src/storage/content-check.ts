@@ -40,6 +40,36 @@ export function partSizeFrom(a: PartAnswer, size: number, parts: number): number
   return (parts - 1) * p < size && size <= parts * p ? p : undefined;
 }
 
+/** What a multipart upload's parts are, as far as the check can tell: one size for all but the last, or why not. */
+export type PartLayout = { partSize: number; encryption?: string } | { why: string; encryption?: string };
+
+/**
+ * Asks the store for a multipart upload's part size: HEADs of part 1 and of the last part (S3 does not require parts
+ * of one size; the uploaders users run make them so, and a last part of another size than the rest implies shows an
+ * upload that did not). Each HEAD is tried twice, `timeoutMs` each; an abort rejects.
+ */
+export async function partLayout(head: (r: PartRequest) => Promise<PartAnswer>, key: string, etag: string, size: number, parts: number,
+  signal: AbortSignal, timeoutMs: number): Promise<PartLayout> {
+  const ask = async (partNumber: number): Promise<PartAnswer | undefined> => {
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        return await head({ key, partNumber, ...(etag ? { ifMatch: etag } : {}), signal: AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]) });
+      } catch {
+        signal.throwIfAborted();
+      }
+    }
+    return undefined;
+  };
+  const [first, last] = await Promise.all([ask(1), parts > 1 ? ask(parts) : undefined]);
+  const encryption = first?.encryption ?? last?.encryption;
+  const enc = encryption !== undefined ? { encryption } : {};
+  if (first === undefined) return { why: 'the store did not answer a HEAD of its first part', ...enc };
+  const p = partSizeFrom(first, size, parts);
+  if (p === undefined) return { why: 'the store gave no part size (HEAD partNumber=1)', ...enc };
+  if (parts > 1 && last?.contentLength !== size - (parts - 1) * p) return { why: 'its parts are not all of one size', ...enc };
+  return { partSize: p, ...enc };
+}
+
 /** With KMS or a customer key, S3's ETag is not the MD5 of the content. */
 export const etagNotMd5 = (encryption: string | undefined) => encryption !== undefined && (encryption === 'SSE-C' || encryption.startsWith('aws:kms'));
 
@@ -112,6 +142,9 @@ export interface Hashing {
 export class Hasher {
   #worker: Worker | undefined;
   #failed: Error | undefined;
+  #closed = false;
+  /** Errors the thread reported for a file before its digest was asked for. */
+  readonly #errors = new Map<number, string>();
   #next = 1;
   readonly #waiting = new Map<number, { resolve: (d: string) => void; reject: (e: Error) => void }>();
 
@@ -121,7 +154,10 @@ export class Hasher {
     const w = new Worker(THREAD, { eval: true });
     w.on('message', (m: { id: number; digest?: string; error?: string }) => {
       const p = this.#waiting.get(m.id);
-      if (!p) return;
+      if (!p) {
+        if (m.error !== undefined) this.#errors.set(m.id, m.error);
+        return;
+      }
       this.#waiting.delete(m.id);
       if (m.digest !== undefined) p.resolve(m.digest);
       else p.reject(new Error(`hashing failed: ${m.error ?? 'no reason given'}`));
@@ -142,6 +178,7 @@ export class Hasher {
    * once the digest came, the hashing was dropped, or close() returned); `partSize` > 0 hashes a multipart upload's parts.
    */
   open(fd: number, size: number, partSize: number): Hashing {
+    if (this.#closed) throw new Error('the hashing thread was closed');
     const id = this.#next++;
     const w = this.#thread();
     w.postMessage({ t: 'open', id, fd, size, partSize });
@@ -155,6 +192,8 @@ export class Hasher {
       },
       digest: () => {
         if (this.#failed) return Promise.reject(this.#failed);
+        const early = this.#errors.get(id);
+        if (early !== undefined) return Promise.reject(new Error(`hashing failed: ${early}`));
         done = true;
         return new Promise<string>((resolve, reject) => {
           this.#waiting.set(id, { resolve, reject });
@@ -171,6 +210,7 @@ export class Hasher {
 
   /** Ends the thread; digests not yet given are refused. */
   async close(): Promise<void> {
+    this.#closed = true;
     const w = this.#worker;
     this.#worker = undefined;
     if (w) await w.terminate();
@@ -180,14 +220,17 @@ export class Hasher {
 /** What a fetch's content check knows across its download rounds (fetch.ts holds it). */
 export interface ContentCheckState {
   /**
-   * A file's digest the last time its content differed from its ETag: a second difference is final, and the same
-   * digest twice says the store itself holds that content (the error says which).
+   * A file's digest the last time its content differed from its ETag, by `mismatchKey`: a second difference is final,
+   * and the same digest twice says the store itself holds that content (the error says which).
    */
   readonly mismatched: Map<string, string>;
   /** Files whose content matched its ETag, and files not checked, by why (counted for the commit's log line). */
   readonly checked: Set<string>;
   readonly unchecked: Map<string, string>;
 }
+
+/** A version of a file: a mismatch of an object since replaced does not count against the new one. */
+export const mismatchKey = (rel: string, etag: string) => `${rel}\n${etag}`;
 
 export const newContentCheckState = (): ContentCheckState => ({ mismatched: new Map(), checked: new Set(), unchecked: new Map() });
 
@@ -198,8 +241,8 @@ export interface ContentCheckOptions {
 }
 
 /**
- * Thrown by the download when a file's content differs from its ETag: the caller drops the file and fetches it again,
- * once; a second difference is STORAGE_CORRUPT.
+ * Thrown by the download when a file's content differs from its ETag (the download has dropped it from the journal):
+ * the caller fetches it again, once; a second difference is STORAGE_CORRUPT.
  */
 export class ContentMismatchError extends Error {
   constructor(readonly key: string, readonly rel: string, readonly expected: string, readonly got: string) {

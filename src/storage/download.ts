@@ -17,7 +17,7 @@ import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
-import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, md5Etag, partSizeFrom, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
+import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, md5Etag, mismatchKey, partLayout, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -217,8 +217,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const f: FileState = { obj, abs, partial, j, left: 0 };
     if (o.check) {
       const expect = md5Etag(obj.etag);
-      if (expect) f.expect = expect;
-      else o.check.state.unchecked.set(obj.rel, 'its ETag is not an MD5');
+      // An empty file has no bytes to damage, and under SSE-KMS its ETag is no MD5 either, with no GET to say so.
+      if (expect && obj.size > 0) f.expect = expect;
+      else o.check.state.unchecked.set(obj.rel, obj.size === 0 ? 'empty' : 'its ETag is not an MD5');
     }
     byRel.set(obj.rel, f);
     for (const [s, e] of gaps(j.spans, obj.size)) {
@@ -312,6 +313,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   // The content check (content-check.ts): a file's written prefix is hashed as it grows, and its digest is compared
   // with the ETag's before the rename, so a file under its final name is always one whose content was checked.
   let hasher: Hasher | undefined;
+  let hasherClosed = false;
   const check = o.check;
   const unchecked = (f: FileState, why: string) => {
     check?.state.unchecked.set(f.obj.rel, why);
@@ -329,23 +331,24 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     f.hashing = (async () => {
       let partSize = 0;
       if (expect.parts > 0) {
-        const a = await check.headPart({ key: f.obj.key, partNumber: 1, ...(f.obj.etag ? { ifMatch: f.obj.etag } : {}), signal })
-          .catch(() => undefined);
-        if (etagNotMd5(a?.encryption)) f.encryption = a!.encryption;
-        const p = a && partSizeFrom(a, f.obj.size, expect.parts);
-        if (p === undefined) {
-          unchecked(f, 'the store gave no part size (HEAD partNumber=1)');
+        const l = await partLayout(check.headPart, f.obj.key, f.obj.etag, f.obj.size, expect.parts, signal, o.stallMs);
+        if (etagNotMd5(l.encryption)) f.encryption = l.encryption;
+        if ('why' in l) {
+          unchecked(f, l.why);
           return undefined;
         }
-        partSize = p;
+        partSize = l.partSize;
       }
-      if (!f.expect || signal.aborted) return undefined;
+      // The download ended meanwhile (a failure elsewhere, a stop): checkContent refuses to rename without a check.
+      if (!f.expect || hasherClosed) return undefined;
       hasher ??= new Hasher();
       const h = hasher.open(fd, f.obj.size, partSize);
       h.upto(prefix(f));
       f.hashed = h;
       return h;
     })();
+    // Seen by checkContent; a rejection here is an abort, which the download meets on its own.
+    f.hashing.catch(() => undefined);
   };
   /**
    * Throws ContentMismatchError (the caller fetches the file again) where the content is not the ETag's, and
@@ -355,6 +358,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     if (!check || !f.expect) return;
     const h = await f.hashing;
     if (etagNotMd5(f.encryption)) return unchecked(f, `encrypted (${f.encryption}): its ETag is not an MD5`);
+    // Not hashed because the download is stopping: the file stays a partial, checked by the run that resumes it.
+    signal.throwIfAborted();
+    if (h === undefined && f.expect) throw new Error(`the content check of ${f.obj.rel} did not start`);
     if (h === undefined || !f.expect) return;
     let got: string;
     try {
@@ -368,7 +374,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       check.state.checked.add(f.obj.rel);
       return;
     }
-    const before = check.state.mismatched.get(f.obj.rel);
+    const key = mismatchKey(f.obj.rel, f.obj.etag);
+    const before = check.state.mismatched.get(key);
+    // Multipart, the same digest twice: the parts are most likely not of the sizes the HEADs implied (S3 allows
+    // uneven inner parts), rather than the store holding other content than it was sent.
+    if (before === got && f.expect.parts > 0) {
+      o.log.warn({ file: f.obj.rel, etag: want, md5: got },
+        'two downloads of this file agree with each other but not with its multipart ETag: its parts are likely not all of one size; serving it unchecked');
+      return unchecked(f, 'its parts are not all of one size');
+    }
     if (before !== undefined) {
       const where = `s3://${o.bucket}/${f.obj.key}`;
       throw new RuntimeError('STORAGE_CORRUPT', before === got
@@ -377,7 +391,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         : `${where}: the content differed from its ETag (MD5 ${want}) in two downloads, and differently each time: ` +
           'something between S3 and this pod damages data (a proxy, the network, the cache volume)');
     }
-    check.state.mismatched.set(f.obj.rel, got);
+    check.state.mismatched.set(key, got);
+    // Dropped here, not only by the caller: another file of this round may fail it first, and this one must still
+    // be fetched again rather than resumed whole.
+    o.journal.drop(f.obj.rel);
     throw new ContentMismatchError(f.obj.key, f.obj.rel, want, got);
   };
 
@@ -575,6 +592,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     lost.removeEventListener('abort', halt);
     if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
     // The hashing thread reads through the files' descriptors: it stops before they close.
+    hasherClosed = true;
     await hasher?.close();
     await Promise.all([...byRel.values()].map(async (f) => {
       if (f.closed) return;

@@ -403,7 +403,7 @@ class S3Fetch {
     }
     let listing = initial;
     const started = performance.now();
-    let why: 'changed' | 'incomplete' = 'changed';
+    let why: 'changed' | 'incomplete' | 'damaged' = 'changed';
     const transport = await this.transport!;
     // Directory buckets' (S3 Express One Zone) ETags are random strings, not MD5s.
     const directoryBucket = /--x-s3$/.test(this.bucket);
@@ -488,7 +488,7 @@ class S3Fetch {
           log.warn({ file: e.rel, etag: e.expected, md5: e.got }, 'the content of a downloaded file differs from its ETag; fetching the file again');
           journal.drop(e.rel);
           await journal.sync();
-          why = 'changed';
+          why = 'damaged';
           continue;
         }
         if (!(e instanceof ObjectChangedError)) throw e;
@@ -538,6 +538,10 @@ class S3Fetch {
         'model cached');
       this.emit('done', true);
       return { dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3' };
+    }
+    if (why === 'damaged') {
+      throw new RuntimeError('STORAGE_CORRUPT', `files under ${this.uri} kept arriving with content that differs from their ETags, in 4 download rounds: ` +
+        'something between S3 and this pod damages data (a proxy, the network, the cache volume)');
     }
     if (why === 'incomplete') {
       throw new RuntimeError('STORAGE_INCOMPLETE', `files under ${this.uri} were still missing or short after 4 download rounds; check the free space and health of the cache volume`);

@@ -110,9 +110,10 @@ export interface Faults {
   corrupt?: { keys: RegExp; count: number };
   /**
    * Objects served as a store that keeps multipart uploads would: by key, the ETag listings, GETs and HEADs carry, and
-   * the part size a HEAD with partNumber=1 answers (`partSize` undefined: the store ignores partNumber, as s3rver does).
+   * the size of each part, which a HEAD with partNumber=k answers (`partSizes` undefined: the store ignores partNumber
+   * and describes the whole object, as s3rver does).
    */
-  objects?: Record<string, { etag: string; partSize?: number; parts?: number }>;
+  objects?: Record<string, { etag: string; partSizes?: number[] }>;
   /** Headers added to every 2xx GET and HEAD answer (e.g. x-amz-server-side-encryption). */
   addHeaders?: Record<string, string>;
 }
@@ -160,10 +161,13 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     // `/<bucket>/<key>` → key, as `faults.objects` names it.
     const objectKey = decodeURIComponent((req.url ?? '').split('?')[0]!).split('/').slice(2).join('/');
     const sim = f.objects?.[objectKey];
-    if (req.method === 'HEAD' && /[?&]partNumber=/.test(req.url ?? '') && sim?.partSize !== undefined) {
+    const partNumber = Number(/[?&]partNumber=(\d+)/.exec(req.url ?? '')?.[1] ?? 0);
+    if (req.method === 'HEAD' && partNumber > 0 && sim?.partSizes !== undefined) {
       stats.partHeads++;
       req.resume();
-      res.writeHead(206, { etag: sim.etag, 'content-length': String(sim.partSize), 'x-amz-mp-parts-count': String(sim.parts ?? 1), ...f.addHeaders }).end();
+      const size = sim.partSizes[partNumber - 1];
+      if (size === undefined) res.writeHead(416).end();
+      else res.writeHead(206, { etag: sim.etag, 'content-length': String(size), 'x-amz-mp-parts-count': String(sim.partSizes.length), ...f.addHeaders }).end();
       return;
     }
     if (isList) {
