@@ -61,11 +61,12 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
     expect(total).toBeGreaterThan(20e6);
   });
 
-  it('warm-ups through resets, stalls (past 1 MiB into ranges too) and 500/503 bursts exit 0 with the source\'s SHA-256 (s3-lite and the SDK)', async () => {
+  it('warm-ups through resets, stalls (past 1 MiB into ranges too), 500/503 bursts and a damaged byte exit 0 with the source\'s SHA-256 (s3-lite and the SDK)', async () => {
     const before = { ...link.stats, cutOffsets: link.stats.cutOffsets.length };
     for (let i = 0; i < 4; i++) {
       link.reseed(SEED + i);
-      link.faults = DEEP;
+      // A faults object of its own each run: each run meets its own flipped byte.
+      link.faults = { ...DEEP, flipPast: 0 };
       const cache = path.join(tmp, `w${i}`);
       const r = await runWarmup(CLI, { ...env(cache), ...via(i), LOG_LEVEL: 'error' });
       link.faults = undefined;
@@ -79,6 +80,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
     expect(link.stats.stalls - before.stalls).toBeGreaterThan(0);
     expect(link.stats.slowDowns - before.slowDowns + link.stats.internalErrors - before.internalErrors).toBeGreaterThan(0);
     expect(cuts.filter((o) => o > MiB).length).toBeGreaterThan(0);
+    expect(link.stats.flips - before.flips).toBe(4);
   }, 120_000);
 
   it('kill -9 at random moments: nothing committed is ever short, and each re-run keeps >= 90% of the bytes on disk', async () => {

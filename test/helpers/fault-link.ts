@@ -2,7 +2,7 @@
  * @module A flaky S3 link on loopback, for the fault suite (test/faults.test.ts) and its soak (scripts/bench-faults.ts):
  * an HTTP proxy in front of an S3 server that, from a seeded random stream, cuts bodies by a reset or a stall at a
  * uniformly random offset (so past 1 MiB into 2 MiB ranges about half the time), answers bursts of 503 SlowDown and
- * 500 InternalError, and paces bytes like a link with a per-connection and a total cap. Only node:http: the soak
+ * 500 InternalError, flips a byte of one body where asked, and paces bytes like a link with a per-connection and a total cap. Only node:http: the soak
  * script imports it from dist/ without the test dependencies.
  */
 import http from 'node:http';
@@ -24,6 +24,11 @@ export interface LinkFaults {
    * whatever the roll: a suite that must meet a cut deep into a range meets one with every seed and timing.
    */
   deepCutPast?: number;
+  /**
+   * One byte of the first GET body longer than this while these faults apply is flipped (at a random offset past it;
+   * a body cut before it passes the flip on to the next one): damage that only a check of the content catches.
+   */
+  flipPast?: number;
 }
 
 export interface LinkPace {
@@ -45,6 +50,8 @@ export interface LinkStats {
   internalErrors: number;
   /** Offset into the body (bytes) of every reset and stall. */
   cutOffsets: number[];
+  /** Bytes flipped (flipPast). */
+  flips: number;
   /** Connections open now, and GET bodies still being sent. */
   open: number;
 }
@@ -70,11 +77,13 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 export async function startFaultLink(upstreamPort: number, o: { seed: number; faults?: LinkFaults; pace?: Partial<LinkPace> }): Promise<FaultLink> {
   let random = rng(o.seed);
-  const stats: LinkStats = { requests: 0, gets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, slowDowns: 0, internalErrors: 0, cutOffsets: [], open: 0 };
+  const stats: LinkStats = { requests: 0, gets: 0, lists: 0, bodyBytes: 0, resets: 0, stalls: 0, slowDowns: 0, internalErrors: 0, cutOffsets: [], flips: 0, open: 0 };
   const sockets = new Set<Socket>();
   let burstLeft = 0;
   /** The faults whose deep cut (deepCutPast) was made. */
   let deepCutFor: LinkFaults | undefined;
+  /** The faults whose flip (flipPast) was sent. */
+  let flipFor: LinkFaults | undefined;
   // The time (ms, performance.now()) at which the link is free to send the next byte.
   let linkFree = 0;
   const link: FaultLink = {
@@ -118,6 +127,7 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
       const roll = body && f && length > 1 ? random() : 1;
       const cut = !f ? undefined : deep !== undefined || roll < f.resetP ? 'reset' : roll < f.resetP + f.stallP ? 'stall' : undefined;
       const cutAt = !cut ? Infinity : deep !== undefined ? deep + 1 + Math.floor(random() * (length - deep - 1)) : Math.floor(random() * length);
+      const flipAt = body && f?.flipPast !== undefined && length > f.flipPast + 1 && flipFor !== f ? f.flipPast + Math.floor(random() * (length - f.flipPast)) : Infinity;
       if (body) stats.open++;
       let counted = body;
       const done = () => {
@@ -150,6 +160,12 @@ export async function startFaultLink(upstreamPort: number, o: { seed: number; fa
             setTimeout(() => res.socket?.destroy(), 5);
           } else stats.stalls++; // the client sees an open socket that sends nothing more
           return;
+        }
+        if (flipAt >= sent && flipAt < sent + chunk.length && flipFor !== f) {
+          flipFor = f;
+          stats.flips++;
+          chunk = Buffer.from(chunk);
+          chunk[flipAt - sent] = chunk[flipAt - sent]! ^ 0xff;
         }
         sent += chunk.length;
         if (body) stats.bodyBytes += chunk.length;
