@@ -83,6 +83,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    damagedFiles: new Counter({
+      name: 'model_download_damaged_files_total',
+      help: 'Downloaded model files whose content differed from their S3 ETag (S3_VERIFY_CONTENT): each is fetched again once',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
     cacheEvictions: new Counter({
       name: 'model_cache_evictions_total',
       help: 'Other cache entries this process removed (least recently used, not in use) to make room for its download',

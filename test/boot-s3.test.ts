@@ -434,6 +434,19 @@ describe('warm-up during the download', () => {
     });
   }, 120_000);
 
+  it('UNet weights damaged on the way are fetched again before they enter the cache: the local model\'s pixels, the damage counted', async () => {
+    const damaging = await startFaultProxy(s3.port, { corrupt: { keys: /unet\//, count: 1 } });
+    try {
+      const srv = await serve(env(damaging.endpoint, PREFIX));
+      await srv.waitReady(40_000);
+      expect(damaging.stats.damaged).toBe(1);
+      expect(await metric(srv, 'model_download_damaged_files_total')).toBe(1);
+      expect(await image(srv)).toBe(await localImage(model.dir));
+    } finally {
+      await damaging.close();
+    }
+  }, 90_000);
+
   it('two workers: each loads the partial pipeline, then the whole one; both serve the same pixels', async () => {
     await withHeldVae(async (hold) => {
       const srv = await serve(env(hold.proxy.endpoint, PREFIX, { WORKERS: '2', MAX_BATCH_SIZE: '1' }));

@@ -61,6 +61,7 @@ export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
   boot_state: { type: 'gauge', labels: ['model_name', 'state'] },
   onnx_session_create_seconds: { type: 'gauge', labels: ['model_name', 'component', 'provider'] },
   model_download_bytes_total: { type: 'counter', labels: ['model_name'] },
+  model_download_damaged_files_total: { type: 'counter', labels: ['model_name'] },
   model_cache_hits_total: { type: 'counter', labels: ['model_name'] },
   inference_stage_seconds: { type: 'histogram', labels: ['model_name', 'stage'] },
   denoising_steps_total: { type: 'counter', labels: ['model_name'] },

@@ -147,6 +147,8 @@ export class BootSequence {
   #downloaded = 0;
   /** Bytes of each entry evicted for this download, not yet counted in the metrics. */
   readonly #evicted: number[] = [];
+  /** Files that arrived damaged, not yet counted in the metrics (the runtime did not exist yet). */
+  #damaged = 0;
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** Components the prespawned workers were told of before the runtime existed: the engine learns them once it does. */
@@ -223,7 +225,7 @@ export class BootSequence {
         : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
     }
     if (s3?.leaseError !== undefined) log.warn({ reason: (s3.leaseError as Error)?.message ?? String(s3.leaseError) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
-    this.#countEvictions();
+    this.#countFetchEvents();
     const stop = () => this.#abort.abort(rt.shutdown.reason);
     if (rt.shutdown.aborted) stop();
     else rt.shutdown.addEventListener('abort', stop, { once: true });
@@ -321,9 +323,13 @@ export class BootSequence {
           onDownloaded: (n) => this.#onDownloaded(n),
           onEvicted: (e) => {
             this.#evicted.push(e.bytes);
-            this.#countEvictions();
+            this.#countFetchEvents();
           },
           onFirstResponse: () => this.#flow(),
+          onContentMismatch: () => {
+            this.#damaged++;
+            this.#countFetchEvents();
+          },
         }),
       'the model fetch',
       log,
@@ -380,10 +386,15 @@ export class BootSequence {
     this.#countDownloaded();
   }
 
-  /** model_cache_evictions_total and its bytes; evictions before the runtime (and its metrics) existed count when it attaches. */
-  #countEvictions(): void {
+  /**
+   * model_cache_evictions_total and its bytes, and model_download_damaged_files_total; what happened before the runtime
+   * (and its metrics) existed counts when it attaches.
+   */
+  #countFetchEvents(): void {
     const rt = this.#rt;
     if (!rt) return;
+    if (this.#damaged > 0) rt.metrics.damagedFiles.inc({ model_name: rt.cfg.modelName }, this.#damaged);
+    this.#damaged = 0;
     for (const bytes of this.#evicted.splice(0)) {
       rt.metrics.cacheEvictions.inc({ model_name: rt.cfg.modelName });
       rt.metrics.cacheEvictedBytes.inc({ model_name: rt.cfg.modelName }, bytes);

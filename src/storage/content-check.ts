@@ -238,6 +238,8 @@ export const newContentCheckState = (): ContentCheckState => ({ mismatched: new 
 export interface ContentCheckOptions {
   state: ContentCheckState;
   headPart(r: PartRequest): Promise<PartAnswer>;
+  /** A downloaded file's content differed from its ETag (it is fetched again, or the fetch fails). */
+  onMismatch?(rel: string): void;
 }
 
 /**

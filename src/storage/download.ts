@@ -376,6 +376,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     }
     const key = mismatchKey(f.obj.rel, f.obj.etag);
     const before = check.state.mismatched.get(key);
+    check.onMismatch?.(f.obj.rel);
     // Multipart, the same digest twice: the parts are most likely not of the sizes the HEADs implied (S3 allows
     // uneven inner parts), rather than the store holding other content than it was sent.
     if (before === got && f.expect.parts > 0) {
