@@ -14,7 +14,8 @@
  *   SIGTERM      the same with SIGTERM: bytes fetched again beyond those missing at the stop
  * Prints a table, then one JSON line. Bounded: BENCH_WARMUPS (50), BENCH_BOOTS (10), BENCH_KILLS (100),
  * BENCH_TERMS (10), BENCH_BASELINE (3), BENCH_PAD_BYTES (100e6), BENCH_SEED (random), BENCH_DEADLINE_S (3600: later
- * phases are skipped, and say so, once it has passed), BENCH_PACE_MBPS (60: the link of the kill cycles).
+ * phases are skipped, and say so, once it has passed), BENCH_PACE_MBPS (60: the link of the kill cycles), BENCH_FLIPS (1:
+ * each warm-up also meets one body with a byte flipped, which the content check must catch; 0: none).
  */
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, promises as fsp, rmSync } from 'node:fs';
@@ -39,6 +40,7 @@ const COUNTS = { baseline: n('BENCH_BASELINE', 3), warmups: n('BENCH_WARMUPS', 5
 const SEED = n('BENCH_SEED', Math.floor(Math.random() * 2 ** 31));
 const DEADLINE = Date.now() + n('BENCH_DEADLINE_S', 3600) * 1000;
 const PACE = n('BENCH_PACE_MBPS', 60) * 1e6;
+const FLIPS = n('BENCH_FLIPS', 1) > 0;
 const mb = (x: number) => +(x / 1e6).toFixed(2);
 const pct = (x: number) => +(x * 100).toFixed(1);
 const median = (xs: number[]) => percentiles(xs, [0.5])[0]!;
@@ -85,7 +87,8 @@ async function warmups(c: Ctx) {
   await loop(COUNTS.warmups, async (i) => {
     const cache = path.join(c.tmp, `warm${i}`);
     c.link.reseed(SEED + i);
-    c.link.faults = FAULTS;
+    // A faults object of its own per run: each run meets its own flipped byte.
+    c.link.faults = FLIPS ? { ...FAULTS, flipPast: 0 } : FAULTS;
     const before = c.link.stats.bodyBytes;
     const r = await runWarmup(CLI, env(c, cache, sdkIf(c, i % 2 === 1)), { timeoutMs: 300_000 });
     c.link.faults = undefined;
@@ -101,6 +104,7 @@ async function warmups(c: Ctx) {
     extraBytes: rows.reduce((s, r) => s + r.wire, 0) - rows.length * c.total,
     resets: c.link.stats.resets - s0.resets, stalls: c.link.stats.stalls - s0.stalls, cutsPast1MiB: cuts.filter((o) => o > MiB).length,
     slowDowns: c.link.stats.slowDowns - s0.slowDowns, internalErrors: c.link.stats.internalErrors - s0.internalErrors,
+    flips: c.link.stats.flips - s0.flips,
   };
 }
 
@@ -292,7 +296,7 @@ async function main(): Promise<void> {
       `model ${mb(c.total)} MB, ${source.length} files; seed ${SEED}; ${((Date.now() - t0) / 60_000).toFixed(1)} min; cores ${os.cpus().length}`,
       `baseline (no faults)  ${base.runs} runs, median ${base.medianS.toFixed(2)} s, ${mb(base.wireBytes)} MB on the wire`,
       `warm-ups (faults)     ${warm.runs} runs, ${warm.failures} failures, median ${warm.medianS.toFixed(2)} s (x${(warm.medianS / base.medianS).toFixed(2)} of baseline), `
-        + `wire/model ${(warm.medianWireBytes / c.total).toFixed(3)}; ${warm.resets} resets (${warm.cutsPast1MiB} cuts past 1 MiB), ${warm.stalls} stalls, ${warm.slowDowns} SlowDown, ${warm.internalErrors} InternalError`,
+        + `wire/model ${(warm.medianWireBytes / c.total).toFixed(3)}; ${warm.resets} resets (${warm.cutsPast1MiB} cuts past 1 MiB), ${warm.stalls} stalls, ${warm.slowDowns} SlowDown, ${warm.internalErrors} InternalError, ${warm.flips} flipped bytes`,
       `boots from s3://      ${boot.runs} runs, ${boot.failures} failures, median ready ${boot.medianReadyS.toFixed(1)} s`,
       `kill -9 + re-run      ${kill.cycles} cycles (${kill.killedTwice} killed twice), ${kill.badCommits} committed entries short or missing a file, ${kill.rerunFailures} re-run failures; `
         + `kept/on-disk % ${JSON.stringify(kill.keptRatioPercentiles)}; ${kill.below90.length} below 90%; re-fetched ${kill.refetchedMB} MB in all, `
