@@ -1,11 +1,16 @@
 /**
  * @module The content check (S3_VERIFY_CONTENT): each downloaded file's MD5 against the ETag S3 listed, where that
  * ETag is an MD5: of the whole object (one PUT), or `<MD5 of the parts' MD5s>-<parts>` (a multipart upload, whose part
- * size a HEAD with partNumber=1 gives). A file's bytes are hashed in order as its written prefix grows, read back from
- * the page cache on a thread of their own, so the check ends soon after its last byte and the download's thread does
- * no hashing; it reads through the download's own descriptor, so it needs none of its own. Objects encrypted with SSE-KMS or a customer key have ETags that are not MD5s: not checked.
+ * size HEADs of its parts give). A whole object's bytes are hashed in order as its written prefix grows, a multipart
+ * upload's parts each once it is written, read back from the page cache on threads of their own: the check ends soon
+ * after the last byte, the download's thread does no hashing, and the threads read through the download's own
+ * descriptors, so they need none of their own. Objects encrypted with SSE-KMS or a customer key have ETags that are
+ * not MD5s: not checked.
  */
+import { createHash } from 'node:crypto';
+import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import type { Span } from './journal.js';
 import type { PartAnswer, PartRequest } from './transport.js';
 
 /** What an ETag promises: the MD5 of the content (`parts` 0), or of its `parts` parts' MD5s. */
@@ -74,9 +79,10 @@ export async function partLayout(head: (r: PartRequest) => Promise<PartAnswer>, 
 export const etagNotMd5 = (encryption: string | undefined) => encryption !== undefined && (encryption === 'SSE-C' || encryption.startsWith('aws:kms'));
 
 /**
- * The hashing thread. It runs from this string (eval) so that it needs no file of its own beside the module, whether
- * the module runs built or from its source. Per file: reads [hashed, upto) in 1 MiB blocks, 4 MiB per turn so that new
- * frontiers and digest requests are read between turns; multipart: one MD5 per part, then the MD5 of their digests.
+ * A hashing thread. It runs from this string (eval) so that it needs no file of its own beside the module, whether the
+ * module runs built or from its source. Two kinds of job, read in 1 MiB blocks, 4 MiB per job per turn so that new
+ * frontiers and new jobs are read between turns: a whole file hashed in order as its written prefix grows (`open`,
+ * `upto`, `digest`), and one range whose bytes are all written (`range`: a multipart upload's part).
  */
 const THREAD = `
 const { parentPort } = require('node:worker_threads');
@@ -84,44 +90,34 @@ const { createHash } = require('node:crypto');
 const { readSync } = require('node:fs');
 const BLOCK = 1 << 20;
 const buf = Buffer.allocUnsafe(BLOCK);
-const files = new Map();
+const jobs = new Map();
 let queued = false;
 const kick = () => { if (!queued) { queued = true; setImmediate(step); } };
-const end = (id, reply) => { files.delete(id); parentPort.postMessage({ id, ...reply }); };
+const end = (id, reply) => { jobs.delete(id); parentPort.postMessage({ id, ...reply }); };
 parentPort.on('message', (m) => {
-  const f = files.get(m.id);
-  if (m.t === 'open') {
-    files.set(m.id, { fd: m.fd, size: m.size, partSize: m.partSize || Infinity, multipart: m.partSize > 0,
-      at: 0, upto: 0, inPart: 0, hash: createHash('md5'), parts: [], want: false });
-  } else if (f === undefined) {
-    if (m.t === 'digest') parentPort.postMessage({ id: m.id, error: 'not open' });
-    return;
-  } else if (m.t === 'upto') f.upto = Math.min(f.size, Math.max(f.upto, m.end));
-  else if (m.t === 'digest') { f.upto = f.size; f.want = true; }
-  else if (m.t === 'drop') files.delete(m.id);
+  const j = jobs.get(m.id);
+  if (m.t === 'open') jobs.set(m.id, { fd: m.fd, size: m.size, at: 0, upto: 0, hash: createHash('md5'), want: false });
+  else if (m.t === 'range') jobs.set(m.id, { fd: m.fd, size: m.end, at: m.start, upto: m.end, hash: createHash('md5'), want: true });
+  else if (j === undefined) return;
+  else if (m.t === 'upto') j.upto = Math.min(j.size, Math.max(j.upto, m.end));
+  else if (m.t === 'digest') { j.upto = j.size; j.want = true; }
+  else if (m.t === 'drop') jobs.delete(m.id);
   kick();
 });
 function step() {
   queued = false;
   let more = false;
-  for (const [id, f] of files) {
+  for (const [id, j] of jobs) {
     try {
       let budget = 4 * BLOCK;
-      while (f.at < f.upto && budget > 0) {
-        const n = readSync(f.fd, buf, 0, Math.min(BLOCK, f.upto - f.at, f.partSize - f.inPart), f.at);
-        if (n <= 0) throw new Error('the file ended at ' + f.at);
-        f.hash.update(buf.subarray(0, n));
-        f.at += n; f.inPart += n; budget -= n;
-        if (f.inPart === f.partSize) { f.parts.push(f.hash.digest()); f.hash = createHash('md5'); f.inPart = 0; }
+      while (j.at < j.upto && budget > 0) {
+        const n = readSync(j.fd, buf, 0, Math.min(BLOCK, j.upto - j.at), j.at);
+        if (n <= 0) throw new Error('the file ended at ' + j.at);
+        j.hash.update(buf.subarray(0, n));
+        j.at += n; budget -= n;
       }
-      if (f.at < f.upto) more = true;
-      else if (f.want) {
-        if (!f.multipart) end(id, { digest: f.hash.digest('hex') });
-        else {
-          if (f.inPart > 0) f.parts.push(f.hash.digest());
-          end(id, { digest: createHash('md5').update(Buffer.concat(f.parts)).digest('hex') + '-' + f.parts.length });
-        }
-      }
+      if (j.at < j.upto) more = true;
+      else if (j.want) end(id, { digest: j.hash.digest('hex') });
     } catch (e) { end(id, { error: String(e && e.message || e) }); }
   }
   if (more) kick();
@@ -130,29 +126,40 @@ function step() {
 
 /** One file being hashed. */
 export interface Hashing {
-  /** Bytes [0, end) of the file are written: hash them. */
-  upto(end: number): void;
+  /** Bytes [start, end) of the file were just written (the spans the hasher reads say what is on disk). */
+  written(start: number, end: number): void;
   /** The file is whole: its digest, as `etagDigest` writes one. */
   digest(): Promise<string>;
   /** Stops hashing it (the file is fetched again, or the download ends). */
   drop(): void;
 }
 
-/** The hashing thread of one download, started by the first file it hashes and ended by close(). */
+/**
+ * Hashing threads for one download: one to start with, more (up to `max`) while every one has work. A whole-object
+ * MD5 is one sequence, hashed by one thread; a multipart upload's parts are independent, hashed on any thread once
+ * each part is written, so a file of many parts is hashed as fast as the threads allow (one MD5 thread: ~700 MB/s).
+ */
 export class Hasher {
-  #worker: Worker | undefined;
+  readonly #max: number;
+  readonly #threads: Array<{ worker: Worker; load: number }> = [];
   #failed: Error | undefined;
   #closed = false;
-  /** Errors the thread reported for a file before its digest was asked for. */
+  /** Errors a thread reported for a job before its digest was asked for. */
   readonly #errors = new Map<number, string>();
   #next = 1;
   readonly #waiting = new Map<number, { resolve: (d: string) => void; reject: (e: Error) => void }>();
 
-  #thread(): Worker {
-    if (this.#worker) return this.#worker;
+  /** `max`: threads at most (default: the cores but one, 1 to 4). */
+  constructor(max = Math.max(1, Math.min(4, availableParallelism() - 1))) {
+    this.#max = max;
+  }
+
+  #spawn(): { worker: Worker; load: number } {
     // Not unref'd: a digest awaited after the last range must keep the process alive until it comes.
-    const w = new Worker(THREAD, { eval: true });
-    w.on('message', (m: { id: number; digest?: string; error?: string }) => {
+    const worker = new Worker(THREAD, { eval: true });
+    const t = { worker, load: 0 };
+    worker.on('message', (m: { id: number; digest?: string; error?: string }) => {
+      t.load--;
       const p = this.#waiting.get(m.id);
       if (!p) {
         if (m.error !== undefined) this.#errors.set(m.id, m.error);
@@ -167,53 +174,120 @@ export class Hasher {
       for (const p of this.#waiting.values()) p.reject(e);
       this.#waiting.clear();
     };
-    w.on('error', die);
-    w.on('exit', (code) => die(new Error(`the hashing thread ended (exit code ${code})`)));
-    this.#worker = w;
-    return w;
+    worker.on('error', die);
+    worker.on('exit', (code) => die(new Error(`a hashing thread ended (exit code ${code})`)));
+    this.#threads.push(t);
+    return t;
+  }
+
+  /** The least busy thread, or a new one where every thread has work and there is room for one. */
+  #pick(): { worker: Worker; load: number } {
+    if (this.#closed) throw new Error('the hashing threads were closed');
+    let best = this.#threads[0];
+    for (const t of this.#threads) if (t.load < best!.load) best = t;
+    if (best === undefined || (best.load > 0 && this.#threads.length < this.#max)) best = this.#spawn();
+    best.load++;
+    return best;
+  }
+
+  #await(id: number): Promise<string> {
+    if (this.#failed) return Promise.reject(this.#failed);
+    const early = this.#errors.get(id);
+    if (early !== undefined) return Promise.reject(new Error(`hashing failed: ${early}`));
+    return new Promise<string>((resolve, reject) => this.#waiting.set(id, { resolve, reject }));
+  }
+
+  /** The MD5 of bytes [start, end) of the file, all written. */
+  #range(fd: number, start: number, end: number): Promise<Buffer> {
+    const id = this.#next++;
+    const t = this.#pick();
+    const p = this.#await(id);
+    t.worker.postMessage({ t: 'range', id, fd, start, end });
+    return p.then((hex) => Buffer.from(hex, 'hex'));
   }
 
   /**
-   * Starts hashing a file of `size` bytes as written, read through `fd` (opened for reading; the caller closes it only
-   * once the digest came, the hashing was dropped, or close() returned); `partSize` > 0 hashes a multipart upload's parts.
+   * Starts hashing a file of `size` bytes as it is written, read through `fd` (opened for reading; the caller closes
+   * it only once the digest came, the hashing was dropped, or close() returned). `spans()`: what of the file is on
+   * disk (sorted, merged). `partSize` > 0 hashes a multipart upload's parts, each once it is whole.
    */
-  open(fd: number, size: number, partSize: number): Hashing {
-    if (this.#closed) throw new Error('the hashing thread was closed');
+  open(fd: number, size: number, partSize: number, spans: () => readonly Span[]): Hashing {
+    return partSize > 0 ? this.#parts(fd, size, partSize, spans) : this.#whole(fd, size, spans);
+  }
+
+  #whole(fd: number, size: number, spans: () => readonly Span[]): Hashing {
     const id = this.#next++;
-    const w = this.#thread();
-    w.postMessage({ t: 'open', id, fd, size, partSize });
+    const t = this.#pick();
+    t.worker.postMessage({ t: 'open', id, fd, size });
     let told = 0;
     let done = false;
+    const tell = () => {
+      const s0 = spans()[0];
+      const end = s0 !== undefined && s0[0] === 0 ? s0[1] : 0;
+      if (done || end <= told) return;
+      told = end;
+      t.worker.postMessage({ t: 'upto', id, end });
+    };
+    tell();
     return {
-      upto: (end) => {
-        if (done || end <= told) return;
-        told = end;
-        w.postMessage({ t: 'upto', id, end });
-      },
+      written: tell,
       digest: () => {
-        if (this.#failed) return Promise.reject(this.#failed);
-        const early = this.#errors.get(id);
-        if (early !== undefined) return Promise.reject(new Error(`hashing failed: ${early}`));
+        const p = this.#await(id);
         done = true;
-        return new Promise<string>((resolve, reject) => {
-          this.#waiting.set(id, { resolve, reject });
-          w.postMessage({ t: 'digest', id });
-        });
+        t.worker.postMessage({ t: 'digest', id });
+        return p;
       },
       drop: () => {
         if (done) return;
         done = true;
-        w.postMessage({ t: 'drop', id });
+        t.load--;
+        t.worker.postMessage({ t: 'drop', id });
       },
     };
   }
 
-  /** Ends the thread; digests not yet given are refused. */
+  #parts(fd: number, size: number, partSize: number, spans: () => readonly Span[]): Hashing {
+    const count = Math.ceil(size / partSize);
+    const parts: Array<Promise<Buffer> | undefined> = new Array(count);
+    let dropped = false;
+    const bounds = (k: number): Span => [k * partSize, Math.min(size, (k + 1) * partSize)];
+    const covered = (k: number) => {
+      const [ps, pe] = bounds(k);
+      return spans().some(([s, e]) => s <= ps && e >= pe);
+    };
+    const send = (k: number) => {
+      const [ps, pe] = bounds(k);
+      const p = this.#range(fd, ps, pe);
+      // Awaited by digest(); a dropped file's jobs may fail once its descriptor closes, unheard.
+      p.catch(() => undefined);
+      parts[k] = p;
+    };
+    const check = (k: number) => {
+      if (!dropped && parts[k] === undefined && covered(k)) send(k);
+    };
+    for (let k = 0; k < count; k++) check(k);
+    return {
+      written: (start, end) => {
+        if (end <= start) return;
+        for (let k = Math.floor(start / partSize); k <= Math.floor((end - 1) / partSize) && k < count; k++) check(k);
+      },
+      digest: async () => {
+        if (this.#failed) throw this.#failed;
+        for (let k = 0; k < count; k++) if (parts[k] === undefined) send(k);
+        const digests = await Promise.all(parts as Array<Promise<Buffer>>);
+        return `${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${count}`;
+      },
+      drop: () => {
+        dropped = true;
+      },
+    };
+  }
+
+  /** Ends the threads; digests not yet given are refused. */
   async close(): Promise<void> {
     this.#closed = true;
-    const w = this.#worker;
-    this.#worker = undefined;
-    if (w) await w.terminate();
+    const threads = this.#threads.splice(0);
+    await Promise.all(threads.map((t) => t.worker.terminate()));
   }
 }
 

@@ -310,7 +310,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     return f.fh;
   };
 
-  // The content check (content-check.ts): a file's written prefix is hashed as it grows, and its digest is compared
+  // The content check (content-check.ts): a file's bytes are hashed as they are written, and its digest is compared
   // with the ETag's before the rename, so a file under its final name is always one whose content was checked.
   let hasher: Hasher | undefined;
   let hasherClosed = false;
@@ -319,11 +319,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     check?.state.unchecked.set(f.obj.rel, why);
     f.expect = undefined;
     f.hashed?.drop();
-  };
-  /** Bytes [0, n) of the file are on disk. */
-  const prefix = (f: FileState) => {
-    const s0 = o.journal.get(f.obj.rel)?.spans[0];
-    return s0 !== undefined && s0[0] === 0 ? s0[1] : 0;
   };
   const startCheck = (f: FileState, fd: number) => {
     if (!check || !f.expect || f.hashing) return;
@@ -342,8 +337,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       // The download ended meanwhile (a failure elsewhere, a stop): checkContent refuses to rename without a check.
       if (!f.expect || hasherClosed) return undefined;
       hasher ??= new Hasher();
-      const h = hasher.open(fd, f.obj.size, partSize);
-      h.upto(prefix(f));
+      const h = hasher.open(fd, f.obj.size, partSize, () => o.journal.get(f.obj.rel)?.spans ?? []);
       f.hashed = h;
       return h;
     })();
@@ -503,7 +497,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         await o.io.write(fh!, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
-        f.hashed?.upto(prefix(f));
+        f.hashed?.written(at, at + n);
         o.onBytes(n);
         o.onReceived?.(n);
         progressed = true;
