@@ -137,7 +137,7 @@ interface FileState {
   closed?: boolean;
   /** The MD5 its ETag names, where its content is checked. */
   expect?: Md5Etag;
-  /** The hashing of its written prefix, once started (undefined inside: not checked, the reason recorded). */
+  /** Its hashing, once started (undefined inside: not checked, the reason recorded). */
   hashing?: Promise<Hashing | undefined>;
   hashed?: Hashing;
   /** How the store said it is encrypted: with KMS or a customer key its ETag is not an MD5. */
@@ -296,7 +296,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const p = (async () => {
         await mkdirs(path.dirname(f.abs));
         const fresh = f.j.spans.length === 0;
-        // Readable too: the content check reads the written prefix back through this descriptor.
+        // Readable too: the content check reads what was written back through this descriptor.
         const fh = await fsp.open(f.partial, fresh ? 'w+' : 'r+');
         // Preallocate (sparse on most filesystems) so every range can be written at its offset.
         if (fresh) await fh.truncate(f.obj.size);
@@ -586,7 +586,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     clearInterval(ticker);
     lost.removeEventListener('abort', halt);
     if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
-    // The hashing thread reads through the files' descriptors: it stops before they close.
+    // The hashing threads read through the files' descriptors: they stop before those close.
     hasherClosed = true;
     await hasher?.close();
     await Promise.all([...byRel.values()].map(async (f) => {
