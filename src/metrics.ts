@@ -85,7 +85,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     damagedFiles: new Counter({
       name: 'model_download_damaged_files_total',
-      help: 'Downloaded model files whose content differed from their S3 ETag (S3_VERIFY_CONTENT): each is fetched again once',
+      help: 'Downloads of model files damaged on their way: content that differed from the S3 ETag where another download of the file did not, or differed otherwise (S3_VERIFY_CONTENT)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

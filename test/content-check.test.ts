@@ -129,6 +129,10 @@ describe('ETags as MD5s', () => {
       await f1.close();
     }
     await hasher.close();
+    // Closed: a new file's digest is refused, never thrown at the writer that told of its bytes.
+    const late = hasher.open(0, 10, 4, () => [[0, 10]]);
+    late.written(0, 10);
+    await expect(late.digest()).rejects.toThrow(/closed/);
   });
 });
 
@@ -151,8 +155,10 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const r = recorder();
     const before = proxy.stats.bodyBytes;
     proxy.faults = { corrupt: { keys: /onnx_data$/, count: 1 } };
-    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
+    const damaged: string[] = [];
+    const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log, onDamaged: (rel) => damaged.push(rel) });
     await expectSame(res.dir);
+    expect(damaged).toEqual(['unet/model.onnx_data']);
     expect(r.line(/differs from its ETag; fetching the file again/)).toMatchObject({ level: 'warn', file: 'unet/model.onnx_data' });
     expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
     // The damaged file once more; the others were not fetched again.
@@ -175,7 +181,9 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const cache = await newCache();
     // The 30 kB graph is one range: both of its downloads are damaged, each at another byte.
     proxy.faults = { corrupt: { keys: /model\.onnx$/, count: 2 } };
-    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log }));
+    const damaged: string[] = [];
+    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log, onDamaged: (rel) => damaged.push(rel) }));
+    expect(damaged).toEqual(['unet/model.onnx', 'unet/model.onnx']);
     expect(err.code).toBe('STORAGE_CORRUPT');
     expect(err.message).toMatch(/^s3:\/\/models\/sd\/unet\/model\.onnx: the content differed from its ETag \(MD5 [0-9a-f]{32}\) in two downloads/);
     expect(err.message).not.toContain(cache);
@@ -238,7 +246,10 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const innerOff = [even[0]!, even[1]! - 1000, even[2]! + 1000, ...even.slice(3)];
     const w = recorder();
     proxy.faults = { objects: { 'sd/unet/model.onnx_data': { etag: multipartEtag(big, innerOff), partSizes: innerOff } } };
-    await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: w.log })).dir);
+    const damaged: string[] = [];
+    await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: w.log, onDamaged: (rel) => damaged.push(rel) })).dir);
+    // Intact data: not counted as damage (model_download_damaged_files_total), though it was fetched twice.
+    expect(damaged).toEqual([]);
     expect(w.line(/agree with each other but not with its multipart ETag/)).toMatchObject({ level: 'warn', file: 'unet/model.onnx_data' });
     expect(w.line('model cached')).toMatchObject({ contentChecked: 2, contentNotChecked: { 'its parts are not all of one size': 1, empty: 1 } });
   });
@@ -246,7 +257,10 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
   it('content that differs from its ETag the same way twice is refused too, with the way to serve it unchecked', async () => {
     const cache = await newCache();
     proxy.faults = { objects: { 'sd/unet/model.onnx': { etag: `"${'a'.repeat(32)}"` } } };
-    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log }));
+    const damaged: string[] = [];
+    const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log, onDamaged: (rel) => damaged.push(rel) }));
+    // Nothing was damaged on the way: the store serves this content every time.
+    expect(damaged).toEqual([]);
     expect([err.code, err.message]).toEqual(['STORAGE_CORRUPT', expect.stringMatching(
       /^s3:\/\/models\/sd\/unet\/model\.onnx: two downloads agree with each other but not with the object's ETag \(MD5 a{32}\).*S3_VERIFY_CONTENT=0/)]);
     // With the check off, the same store serves.

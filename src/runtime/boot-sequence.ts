@@ -326,7 +326,7 @@ export class BootSequence {
             this.#countFetchEvents();
           },
           onFirstResponse: () => this.#flow(),
-          onContentMismatch: () => {
+          onDamaged: () => {
             this.#damaged++;
             this.#countFetchEvents();
           },

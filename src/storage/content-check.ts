@@ -4,7 +4,7 @@
  * size HEADs of its parts give). A whole object's bytes are hashed in order as its written prefix grows, a multipart
  * upload's parts each once it is written, read back from the page cache on threads of their own: the check ends soon
  * after the last byte, the download's thread does no hashing, and the threads read through the download's own
- * descriptors, so they need none of their own. Objects encrypted with SSE-KMS or a customer key have ETags that are
+ * descriptors (each thread holds a few of its own, for its event loop). Objects encrypted with SSE-KMS or a customer key have ETags that are
  * not MD5s: not checked.
  */
 import { createHash } from 'node:crypto';
@@ -140,70 +140,83 @@ export interface Hashing {
  * each part is written, so a file of many parts is hashed as fast as the threads allow (one MD5 thread: ~700 MB/s).
  */
 export class Hasher {
-  readonly #max: number;
-  readonly #threads: Array<{ worker: Worker; load: number }> = [];
+  #max: number;
+  readonly #threads: Thread[] = [];
   #failed: Error | undefined;
   #closed = false;
-  /** Errors a thread reported for a job before its digest was asked for. */
-  readonly #errors = new Map<number, string>();
   #next = 1;
-  readonly #waiting = new Map<number, { resolve: (d: string) => void; reject: (e: Error) => void }>();
+  /** Jobs not yet answered nor dropped, with their thread; `reply` once a digest is asked for. */
+  readonly #jobs = new Map<number, Job>();
 
   /** `max`: threads at most (default: the cores but one, 1 to 4). */
   constructor(max = Math.max(1, Math.min(4, availableParallelism() - 1))) {
     this.#max = max;
   }
 
-  #spawn(): { worker: Worker; load: number } {
+  #spawn(): Thread {
     // Not unref'd: a digest awaited after the last range must keep the process alive until it comes.
-    const worker = new Worker(THREAD, { eval: true });
-    const t = { worker, load: 0 };
-    worker.on('message', (m: { id: number; digest?: string; error?: string }) => {
-      t.load--;
-      const p = this.#waiting.get(m.id);
-      if (!p) {
-        if (m.error !== undefined) this.#errors.set(m.id, m.error);
-        return;
-      }
-      this.#waiting.delete(m.id);
-      if (m.digest !== undefined) p.resolve(m.digest);
-      else p.reject(new Error(`hashing failed: ${m.error ?? 'no reason given'}`));
+    const t: Thread = { worker: new Worker(THREAD, { eval: true }), load: 0 };
+    t.worker.on('message', (m: { id: number; digest?: string; error?: string }) => {
+      const j = this.#jobs.get(m.id);
+      if (!j) return;
+      this.#end(m.id, j);
+      j.answer = m.digest !== undefined ? { digest: m.digest } : { error: new Error(`hashing failed: ${m.error ?? 'no reason given'}`) };
+      j.reply?.(j.answer);
     });
+    // A thread that fails (to start, for want of a descriptor or memory) fails its own jobs, and the pool stops growing;
+    // the jobs of the other threads go on.
     const die = (e: Error) => {
-      this.#failed ??= e;
-      for (const p of this.#waiting.values()) p.reject(e);
-      this.#waiting.clear();
+      const at = this.#threads.indexOf(t);
+      if (at === -1) return;
+      this.#threads.splice(at, 1);
+      this.#max = Math.max(1, this.#threads.length);
+      if (this.#threads.length === 0) this.#failed ??= e;
+      for (const [id, j] of this.#jobs) {
+        if (j.thread !== t) continue;
+        this.#end(id, j);
+        j.answer = { error: e };
+        j.reply?.(j.answer);
+      }
     };
-    worker.on('error', die);
-    worker.on('exit', (code) => die(new Error(`a hashing thread ended (exit code ${code})`)));
+    t.worker.on('error', die);
+    t.worker.on('exit', (code) => die(new Error(`a hashing thread ended (exit code ${code})`)));
     this.#threads.push(t);
     return t;
   }
 
-  /** The least busy thread, or a new one where every thread has work and there is room for one. */
-  #pick(): { worker: Worker; load: number } {
-    if (this.#closed) throw new Error('the hashing threads were closed');
-    let best = this.#threads[0];
-    for (const t of this.#threads) if (t.load < best!.load) best = t;
-    if (best === undefined || (best.load > 0 && this.#threads.length < this.#max)) best = this.#spawn();
-    best.load++;
-    return best;
+  #end(id: number, j: Job): void {
+    if (this.#jobs.delete(id) && j.thread) j.thread.load--;
   }
 
-  #await(id: number): Promise<string> {
-    if (this.#failed) return Promise.reject(this.#failed);
-    const early = this.#errors.get(id);
-    if (early !== undefined) return Promise.reject(new Error(`hashing failed: ${early}`));
-    return new Promise<string>((resolve, reject) => this.#waiting.set(id, { resolve, reject }));
-  }
-
-  /** The MD5 of bytes [start, end) of the file, all written. */
-  #range(fd: number, start: number, end: number): Promise<Buffer> {
+  /** A new job on the least busy thread, or on a new one where every thread has work and there is room for one. */
+  #start(message: (id: number) => object): { id: number; job: Job } {
+    // No thread left (every one failed, or closed): the job fails at once, and the file goes unchecked with a warning.
+    const failure = this.#closed ? new Error('the hashing threads were closed') : this.#failed;
+    if (failure) return { id: 0, job: { answer: { error: failure } } };
+    let thread = this.#threads[0];
+    for (const t of this.#threads) if (t.load < thread!.load) thread = t;
+    if (thread === undefined || (thread.load > 0 && this.#threads.length < this.#max)) thread = this.#spawn();
     const id = this.#next++;
-    const t = this.#pick();
-    const p = this.#await(id);
-    t.worker.postMessage({ t: 'range', id, fd, start, end });
-    return p.then((hex) => Buffer.from(hex, 'hex'));
+    const job: Job = { thread };
+    this.#jobs.set(id, job);
+    thread.load++;
+    thread.worker.postMessage(message(id));
+    return { id, job };
+  }
+
+  /** The job's answer, once it comes. */
+  #answer(job: Job): Promise<string> {
+    return new Promise<string>((resolve, reject) => {
+      job.reply = (a) => ('digest' in a ? resolve(a.digest) : reject(a.error));
+      if (job.answer) job.reply(job.answer);
+    });
+  }
+
+  /** Stops a job its caller no longer wants: its thread forgets it before reading any more of it. */
+  #drop(id: number, job: Job): void {
+    if (!this.#jobs.has(id)) return;
+    this.#end(id, job);
+    job.thread?.worker.postMessage({ t: 'drop', id });
   }
 
   /**
@@ -216,39 +229,34 @@ export class Hasher {
   }
 
   #whole(fd: number, size: number, spans: () => readonly Span[]): Hashing {
-    const id = this.#next++;
-    const t = this.#pick();
-    t.worker.postMessage({ t: 'open', id, fd, size });
+    const { id, job } = this.#start((id) => ({ t: 'open', id, fd, size }));
     let told = 0;
     let done = false;
     const tell = () => {
       const s0 = spans()[0];
       const end = s0 !== undefined && s0[0] === 0 ? s0[1] : 0;
-      if (done || end <= told) return;
+      if (done || end <= told || !this.#jobs.has(id)) return;
       told = end;
-      t.worker.postMessage({ t: 'upto', id, end });
+      job.thread?.worker.postMessage({ t: 'upto', id, end });
     };
     tell();
     return {
       written: tell,
       digest: () => {
-        const p = this.#await(id);
         done = true;
-        t.worker.postMessage({ t: 'digest', id });
-        return p;
+        if (this.#jobs.has(id)) job.thread?.worker.postMessage({ t: 'digest', id });
+        return this.#answer(job);
       },
       drop: () => {
-        if (done) return;
         done = true;
-        t.load--;
-        t.worker.postMessage({ t: 'drop', id });
+        this.#drop(id, job);
       },
     };
   }
 
   #parts(fd: number, size: number, partSize: number, spans: () => readonly Span[]): Hashing {
     const count = Math.ceil(size / partSize);
-    const parts: Array<Promise<Buffer> | undefined> = new Array(count);
+    const parts: Array<{ id: number; job: Job; digest: Promise<Buffer> } | undefined> = new Array(count);
     let dropped = false;
     const bounds = (k: number): Span => [k * partSize, Math.min(size, (k + 1) * partSize)];
     const covered = (k: number) => {
@@ -256,14 +264,19 @@ export class Hasher {
       return spans().some(([s, e]) => s <= ps && e >= pe);
     };
     const send = (k: number) => {
-      const [ps, pe] = bounds(k);
-      const p = this.#range(fd, ps, pe);
-      // Awaited by digest(); a dropped file's jobs may fail once its descriptor closes, unheard.
-      p.catch(() => undefined);
-      parts[k] = p;
+      const [start, end] = bounds(k);
+      const { id, job } = this.#start((id) => ({ t: 'range', id, fd, start, end }));
+      const digest = this.#answer(job).then((hex) => Buffer.from(hex, 'hex'));
+      // Awaited by digest(); a failure of a dropped file's part is nobody's to hear.
+      digest.catch(() => undefined);
+      parts[k] = { id, job, digest };
     };
     const check = (k: number) => {
       if (!dropped && parts[k] === undefined && covered(k)) send(k);
+    };
+    const drop = () => {
+      dropped = true;
+      for (const p of parts) if (p) this.#drop(p.id, p.job);
     };
     for (let k = 0; k < count; k++) check(k);
     return {
@@ -272,14 +285,17 @@ export class Hasher {
         for (let k = Math.floor(start / partSize); k <= Math.floor((end - 1) / partSize) && k < count; k++) check(k);
       },
       digest: async () => {
-        if (this.#failed) throw this.#failed;
         for (let k = 0; k < count; k++) if (parts[k] === undefined) send(k);
-        const digests = await Promise.all(parts as Array<Promise<Buffer>>);
-        return `${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${count}`;
+        try {
+          const digests = await Promise.all(parts.map((p) => p!.digest));
+          return `${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${count}`;
+        } catch (e) {
+          // The other parts stop reading before the caller closes the descriptor.
+          drop();
+          throw e;
+        }
       },
-      drop: () => {
-        dropped = true;
-      },
+      drop,
     };
   }
 
@@ -289,6 +305,21 @@ export class Hasher {
     const threads = this.#threads.splice(0);
     await Promise.all(threads.map((t) => t.worker.terminate()));
   }
+}
+
+interface Thread {
+  readonly worker: Worker;
+  /** Jobs not yet answered nor dropped. */
+  load: number;
+}
+
+type Answer = { digest: string } | { error: Error };
+
+interface Job {
+  /** Absent: no thread could take it, and `answer` says why. */
+  readonly thread?: Thread;
+  answer?: Answer;
+  reply?: (a: Answer) => void;
 }
 
 /** What a fetch's content check knows across its download rounds (fetch.ts holds it). */
@@ -312,8 +343,11 @@ export const newContentCheckState = (): ContentCheckState => ({ mismatched: new 
 export interface ContentCheckOptions {
   state: ContentCheckState;
   headPart(r: PartRequest): Promise<PartAnswer>;
-  /** A downloaded file's content differed from its ETag (it is fetched again, or the fetch fails). */
-  onMismatch?(rel: string): void;
+  /**
+   * A download of the file was damaged on its way: its content differed from the ETag, and another download's did
+   * not, or differed otherwise. Called once the second download shows it (not for two downloads that agree).
+   */
+  onDamaged?(rel: string): void;
 }
 
 /**

@@ -327,7 +327,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       let partSize = 0;
       if (expect.parts > 0) {
         const l = await partLayout(check.headPart, f.obj.key, f.obj.etag, f.obj.size, expect.parts, signal, o.stallMs);
-        if (etagNotMd5(l.encryption)) f.encryption = l.encryption;
+        if (etagNotMd5(l.encryption)) {
+          f.encryption = l.encryption;
+          return undefined; // checkContent records why
+        }
         if ('why' in l) {
           unchecked(f, l.why);
           return undefined;
@@ -364,19 +367,24 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       return unchecked(f, 'hashing failed');
     }
     const want = etagDigest(f.expect);
+    const key = mismatchKey(f.obj.rel, f.obj.etag);
+    const before = check.state.mismatched.get(key);
     if (got === want) {
+      // The earlier download that differed was damaged on its way: counted now that this one shows it.
+      if (before !== undefined) check.onDamaged?.(f.obj.rel);
       check.state.checked.add(f.obj.rel);
       return;
     }
-    const key = mismatchKey(f.obj.rel, f.obj.etag);
-    const before = check.state.mismatched.get(key);
-    check.onMismatch?.(f.obj.rel);
     // Multipart, the same digest twice: the parts are most likely not of the sizes the HEADs implied (S3 allows
     // uneven inner parts), rather than the store holding other content than it was sent.
     if (before === got && f.expect.parts > 0) {
       o.log.warn({ file: f.obj.rel, etag: want, md5: got },
         'two downloads of this file agree with each other but not with its multipart ETag: its parts are likely not all of one size; serving it unchecked');
       return unchecked(f, 'its parts are not all of one size');
+    }
+    if (before !== undefined && before !== got) {
+      check.onDamaged?.(f.obj.rel);
+      check.onDamaged?.(f.obj.rel);
     }
     if (before !== undefined) {
       const where = `s3://${o.bucket}/${f.obj.key}`;

@@ -89,8 +89,8 @@ export interface ResolveOptions {
   syncMs?: number;
   /** Called for each other cache entry removed to make room for this download (CACHE_EVICT=lru). */
   onEvicted?(e: CacheEntry): void;
-  /** Called for each downloaded file whose content differed from its ETag (S3_VERIFY_CONTENT). */
-  onContentMismatch?(rel: string): void;
+  /** Called for each download of a file that was damaged on its way (S3_VERIFY_CONTENT; content-check.ts, onDamaged). */
+  onDamaged?(rel: string): void;
   /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
   leaseStaleMs?: number;
   /** Fault injection for tests. */
@@ -459,7 +459,7 @@ class S3Fetch {
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
-          ...(checkState ? { check: { state: checkState, headPart: (r) => transport.headPart(r), onMismatch: (rel) => this.o.onContentMismatch?.(rel) } } : {}),
+          ...(checkState ? { check: { state: checkState, headPart: (r) => transport.headPart(r), onDamaged: (rel) => this.o.onDamaged?.(rel) } } : {}),
           makeRoom: (need, free, head) => this.roomFor(need - free, head, true),
           onBytes: (n) => {
             this.progress.bytesDone += n;
