@@ -139,6 +139,12 @@ export interface Hashing {
  * MD5 is one sequence, hashed by one thread; a multipart upload's parts are independent, hashed on any thread once
  * each part is written, so a file of many parts is hashed as fast as the threads allow (one MD5 thread: ~700 MB/s).
  */
+/** Hashing threads a download starts at most: the cores but one, 1 to 4. */
+export const hashThreads = () => Math.max(1, Math.min(4, availableParallelism() - 1));
+
+/** Descriptors a Node worker thread holds while it runs (its event loop's), measured on Node 20 and 24. */
+export const THREAD_DESCRIPTORS = 4;
+
 export class Hasher {
   #max: number;
   readonly #threads: Thread[] = [];
@@ -148,8 +154,8 @@ export class Hasher {
   /** Jobs not yet answered nor dropped, with their thread; `reply` once a digest is asked for. */
   readonly #jobs = new Map<number, Job>();
 
-  /** `max`: threads at most (default: the cores but one, 1 to 4). */
-  constructor(max = Math.max(1, Math.min(4, availableParallelism() - 1))) {
+  /** `max`: threads at most (default hashThreads()). */
+  constructor(max = hashThreads()) {
     this.#max = max;
   }
 

@@ -17,7 +17,7 @@ import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
-import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, md5Etag, mismatchKey, partLayout, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
+import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, hashThreads, md5Etag, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -235,7 +235,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   // Each range holds a socket and a file: S3_MAX_CONCURRENCY of them must fit in the open-file limit beside the rest
   // of the process, or the first descriptor refused may be the one a module or a session needed (docs/FAULTS.md).
   const limit = descriptorLimit();
-  const inUse = openDescriptors();
+  // The content check's threads hold descriptors of their own (content-check.ts): counted as in use from the start.
+  const opened = openDescriptors();
+  const inUse = opened === undefined ? undefined : opened + (o.check ? hashThreads() * THREAD_DESCRIPTORS : 0);
   const concurrency = rangesInFlight(o.concurrency, limit, inUse);
   if (concurrency < Math.min(o.concurrency, tasks.length)) {
     o.log.warn({ ranges: concurrency, maxConcurrency: o.concurrency, descriptorLimit: limit, openDescriptors: inUse },
