@@ -225,4 +225,25 @@ describe('result cache (unit)', () => {
     expect(c.entries).toBe(2);
     expect(createResultCache('m', 0).keyOf(req(1))).toBeUndefined();
   });
+
+  it('leaves out what the images do not depend on: eta where the scheduler ignores it, guidance without an unconditional pass', () => {
+    const withShape = (shape: Partial<GenerationRequest['shape']>) => ({ ...req(1), shape: { ...req(1).shape, ...shape } });
+    const pndm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'PNDMScheduler' }));
+    const lcm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'LCMScheduler', guidanceEmbedding: true }));
+    const same = (c: ReturnType<typeof createResultCache>, a: Partial<GenerationRequest['shape']>, b: Partial<GenerationRequest['shape']>) =>
+      c.keyOf(withShape(a)) === c.keyOf(withShape(b));
+    // eta: PNDM ignores it, DDIM reads it (ETA_CLASSES).
+    expect(same(pndm, { eta: 0 }, { eta: 0.7 })).toBe(true);
+    expect(same(pndm, { eta: 0, scheduler: 'ddim' }, { eta: 0.7, scheduler: 'ddim' })).toBe(false);
+    // With an unconditional pass, the scale and guidance_rescale count; without one, neither does.
+    expect(same(pndm, { guidance: 7.5 }, { guidance: 5 })).toBe(false);
+    expect(same(pndm, { guidanceRescale: 0 }, { guidanceRescale: 0.7 })).toBe(false);
+    expect(same(pndm, { guidance: 1, guidanceRescale: 0 }, { guidance: 0.5, guidanceRescale: 0.7 })).toBe(true);
+    expect(same(pndm, { guidance: 1 }, { guidance: 1.5 })).toBe(false);
+    // An LCM UNet embeds the scale: it counts, though no unconditional pass runs; guidance_rescale does not.
+    expect(same(lcm, { guidance: 1 }, { guidance: 0.5 })).toBe(false);
+    expect(same(lcm, { guidance: 8.5, guidanceRescale: 0 }, { guidance: 8.5, guidanceRescale: 0.7 })).toBe(true);
+    // No model loaded: every field counts.
+    expect(same(createResultCache('m', 1000), { eta: 0 }, { eta: 0.7 })).toBe(false);
+  });
 });

@@ -290,6 +290,14 @@ describe('formats, result cache, output_uri', () => {
     expect(preds(jpeg90.json)[0]!.image.b64 === preds(jpeg.json)[0]!.image.b64).toBe(true);
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(4);
     expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(3);
+    // Nor does a field the scheduler ignores: the model's PNDM takes no eta. What the hit serves is what a generation
+    // with that eta gives (the scheduler named, so a miss, and generated).
+    const eta = await predict(srv, { ...inst, eta: 0.7 });
+    expect(preds(eta.json)[0]!.image.b64 === preds(first.json)[0]!.image.b64).toBe(true);
+    expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(4);
+    const generated = await predict(srv, { ...inst, eta: 0.7, scheduler: 'pndm' });
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(5);
+    expect(preds(generated.json)[0]!.image.b64 === preds(first.json)[0]!.image.b64).toBe(true);
   });
 
   it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {

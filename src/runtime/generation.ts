@@ -26,7 +26,8 @@ export interface Generation {
 /** `s3`: the runtime's client for the objects requests name, here for output_uri. */
 export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine, s3: RequestS3): Generation {
   const labels = { model_name: cfg.modelName };
-  const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => metrics.resultCacheBytes.set(labels, bytes));
+  const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => metrics.resultCacheBytes.set(labels, bytes),
+    () => engine.defaults);
   metrics.resultCacheBytes.set(labels, 0);
   const output = createOutputStore(s3);
   let inflight = 0;

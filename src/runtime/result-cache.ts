@@ -2,9 +2,10 @@
  * @module The result cache (the seed's lru_cache, bounded in bytes): a repeated request with the same seed
  * and the same generation fields gets the same encoded bytes back without touching the device.
  */
+import { unconditionalPass, type ModelDefaults } from '../pipeline/job.js';
 import type { EncodedImage } from './engine.js';
 import { imageKey } from './image-request.js';
-import { lorasKey, type GenerationRequest } from './request.js';
+import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
 
 export interface ResultCache {
   /** The key of a cacheable request, or undefined (a request without an explicit seed is never cached). */
@@ -18,9 +19,11 @@ export interface ResultCache {
 /**
  * An LRU over a Map (insertion order = recency): get() moves the entry to the end, put() evicts from the
  * front until the total fits. `maxBytes` 0 disables the cache; an entry larger than the whole cache is
- * not stored (it would evict everything and still not fit).
+ * not stored (it would evict everything and still not fit). `defaults()`: the loaded model's, which say which
+ * fields its images do not depend on.
  */
-export function createResultCache(modelName: string, maxBytes: number, onChange?: (bytes: number) => void): ResultCache {
+export function createResultCache(modelName: string, maxBytes: number, onChange?: (bytes: number) => void,
+  defaults?: () => Pick<ModelDefaults, 'scheduler' | 'guidanceEmbedding'> | undefined): ResultCache {
   const map = new Map<string, { images: EncodedImage[]; bytes: number }>();
   let total = 0;
   const changed = () => onChange?.(total);
@@ -28,9 +31,13 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
     keyOf(req) {
       if (maxBytes <= 0 || !req.seedsGiven) return undefined;
       const s = req.shape;
-      // Every field that changes the bytes: model, shape, each prompt/seed/count, and the encoding.
+      const d = defaults?.();
+      // Every field that changes the bytes: model, shape, each prompt/seed/count, and the encoding. Not those the
+      // images do not depend on (the batch key's rule, shapeKey): eta where the scheduler class ignores it, and without
+      // an unconditional pass guidance_rescale, and the guidance scale unless the UNet embeds it.
+      const cfg = unconditionalPass(s.guidance, d?.guidanceEmbedding === true);
       return JSON.stringify([
-        modelName, s.width, s.height, s.steps, s.guidance, s.scheduler ?? null, s.eta, s.guidanceRescale,
+        modelName, shapeKey(s, d), cfg || d?.guidanceEmbedding === true ? s.guidance : null, cfg ? s.guidanceRescale : null,
         req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
         req.output.format, req.output.quality ?? null, imageKey(req), lorasKey(req.loras),
       ]);
