@@ -55,7 +55,10 @@ async function warm(signal: AbortSignal): Promise<void> {
         }
       },
     });
-    process.stdout.write(`${JSON.stringify({ modelDir: r.dir, bytes: r.bytes, files: r.files, seconds: +r.seconds.toFixed(3), fromCache: r.fromCache })}\n`);
+    process.stdout.write(`${JSON.stringify({
+      modelDir: r.dir, bytes: r.bytes, files: r.files, seconds: +r.seconds.toFixed(3), fromCache: r.fromCache,
+      ...(r.contentChecked !== undefined ? { contentChecked: r.contentChecked } : {}), ...(r.contentNotChecked ? { contentNotChecked: r.contentNotChecked } : {}),
+    })}\n`);
   } finally {
     clearInterval(timer);
   }

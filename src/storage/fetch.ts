@@ -106,6 +106,12 @@ export interface ResolvedModel {
   source: 'local' | 's3';
   /** The entry was served without checking S3 (it was unreachable or refused the listing). */
   stale?: boolean;
+  /**
+   * A fill's content check (S3_VERIFY_CONTENT): files whose MD5 matched their ETag, and the others by why they were
+   * not checked; `'off'` where the check did not run.
+   */
+  contentChecked?: number | 'off';
+  contentNotChecked?: Record<string, number>;
 }
 
 export async function resolveModel(uri: string, opts: ResolveOptions): Promise<ResolvedModel> {
@@ -536,10 +542,13 @@ class S3Fetch {
       });
       await journal.remove();
       const secs = (performance.now() - started) / 1000;
-      log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1), ...contentChecked(checkState, listing, directoryBucket) },
-        'model cached');
+      const checked = contentChecked(checkState, listing, directoryBucket);
+      log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1), ...checked }, 'model cached');
       this.emit('done', true);
-      return { dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3' };
+      return {
+        dir: this.entry, fromCache: false, bytes, files: listing.length, seconds: this.elapsed(), source: 's3',
+        contentChecked: checked.contentChecked ?? 'off', ...(checked.contentNotChecked ? { contentNotChecked: checked.contentNotChecked } : {}),
+      };
     }
     if (why === 'damaged') {
       throw new RuntimeError('STORAGE_CORRUPT', `files under ${this.uri} kept arriving with content that differs from their ETags, in 4 download rounds: ` +
@@ -638,7 +647,8 @@ class S3Fetch {
  * The commit's account of the content check: files checked against their ETags in this fill, and why others were not
  * (files reused whole from an earlier run were checked then, or before the check existed: neither is counted).
  */
-function contentChecked(state: ContentCheckState | undefined, listing: readonly RemoteObject[], directoryBucket: boolean): Record<string, unknown> {
+function contentChecked(state: ContentCheckState | undefined, listing: readonly RemoteObject[], directoryBucket: boolean):
+  { contentCheck?: string; contentChecked?: number; contentNotChecked?: Record<string, number> } {
   if (state === undefined) return { contentCheck: directoryBucket ? 'not in a directory bucket (its ETags are not MD5s)' : 'off' };
   const listed = new Set(listing.map((x) => x.rel));
   const why: Record<string, number> = {};
