@@ -4,8 +4,8 @@
  * size HEADs of its parts give). A whole object's bytes are hashed in order as its written prefix grows, a multipart
  * upload's parts each once it is written, read back from the page cache on threads of their own: the check ends soon
  * after the last byte, the download's thread does no hashing, and the threads read through the download's own
- * descriptors (each thread holds a few of its own, for its event loop). Objects encrypted with SSE-KMS or a customer key have ETags that are
- * not MD5s: not checked.
+ * descriptors (each thread holds a few of its own, for its event loop). Objects encrypted with SSE-KMS or a customer
+ * key have ETags that are not MD5s: not checked.
  */
 import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';

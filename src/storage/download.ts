@@ -140,8 +140,6 @@ interface FileState {
   /** Its hashing, once started (undefined inside: not checked, the reason recorded). */
   hashing?: Promise<Hashing | undefined>;
   hashed?: Hashing;
-  /** How the store said it is encrypted: with KMS or a customer key its ETag is not an MD5. */
-  encryption?: string;
 }
 
 interface Task {
@@ -314,13 +312,19 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   // The content check (content-check.ts): a file's bytes are hashed as they are written, and its digest is compared
   // with the ETag's before the rename, so a file under its final name is always one whose content was checked.
-  let hasher: Hasher | undefined;
-  let hasherClosed = false;
+  // Its threads start with the first file hashed; once closed (the download's end) it starts none.
+  const hasher = o.check ? new Hasher() : undefined;
   const check = o.check;
   const unchecked = (f: FileState, why: string) => {
     check?.state.unchecked.set(f.obj.rel, why);
     f.expect = undefined;
     f.hashed?.drop();
+  };
+  /** With KMS or a customer key, as the store's answer says, the ETag is not an MD5: the file is not checked. */
+  const encrypted = (f: FileState, encryption: string | undefined) => {
+    if (!etagNotMd5(encryption)) return false;
+    unchecked(f, `encrypted (${encryption}): its ETag is not an MD5`);
+    return true;
   };
   const startCheck = (f: FileState, fd: number) => {
     if (!check || !f.expect || f.hashing) return;
@@ -329,20 +333,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       let partSize = 0;
       if (expect.parts > 0) {
         const l = await partLayout(check.headPart, f.obj.key, f.obj.etag, f.obj.size, expect.parts, signal, o.stallMs);
-        if (etagNotMd5(l.encryption)) {
-          f.encryption = l.encryption;
-          return undefined; // checkContent records why
-        }
+        if (encrypted(f, l.encryption)) return undefined;
         if ('why' in l) {
           unchecked(f, l.why);
           return undefined;
         }
         partSize = l.partSize;
       }
-      // The download ended meanwhile (a failure elsewhere, a stop): checkContent refuses to rename without a check.
-      if (!f.expect || hasherClosed) return undefined;
-      hasher ??= new Hasher();
-      const h = hasher.open(fd, f.obj.size, partSize, () => o.journal.get(f.obj.rel)?.spans ?? []);
+      if (!f.expect) return undefined;
+      const h = hasher!.open(fd, f.obj.size, partSize, () => o.journal.get(f.obj.rel)?.spans ?? []);
       f.hashed = h;
       return h;
     })();
@@ -356,10 +355,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   const checkContent = async (f: FileState) => {
     if (!check || !f.expect) return;
     const h = await f.hashing;
-    if (etagNotMd5(f.encryption)) return unchecked(f, `encrypted (${f.encryption}): its ETag is not an MD5`);
-    // Not hashed because the download is stopping: the file stays a partial, checked by the run that resumes it.
+    // The download is stopping: the file stays a partial, checked by the run that resumes it.
     signal.throwIfAborted();
-    if (h === undefined && f.expect) throw new Error(`the content check of ${f.obj.rel} did not start`);
+    // Not hashed: unchecked() recorded why.
     if (h === undefined || !f.expect) return;
     let got: string;
     try {
@@ -526,10 +524,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
         if (checkRangeAnswer(res, asked, f.obj.size, `s3://${o.bucket}/${f.obj.key}`) === 'changed') throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
-        if (etagNotMd5(res.encryption) && f.expect) {
-          f.encryption = res.encryption;
-          unchecked(f, `encrypted (${res.encryption}): its ETag is not an MD5`);
-        }
+        if (f.expect) encrypted(f, res.encryption);
         if (res.contentLength !== undefined && res.contentLength !== left) {
           throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);
         }
@@ -597,7 +592,6 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     lost.removeEventListener('abort', halt);
     if (!lost.aborted) await o.journal.sync(syncData).catch(() => undefined);
     // The hashing threads read through the files' descriptors: they stop before those close.
-    hasherClosed = true;
     await hasher?.close();
     await Promise.all([...byRel.values()].map(async (f) => {
       if (f.closed) return;

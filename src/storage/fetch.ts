@@ -492,9 +492,9 @@ class S3Fetch {
           }
         }
         if (e instanceof ContentMismatchError) {
-          // Which bytes are damaged is not known: the whole file is fetched again, once (download.ts decides after that).
+          // Which bytes are damaged is not known: download.ts dropped the file from the journal, so it is fetched again
+          // whole, once (download.ts decides after that).
           log.warn({ file: e.rel, etag: e.expected, md5: e.got }, 'the content of a downloaded file differs from its ETag; fetching the file again');
-          journal.drop(e.rel);
           await journal.sync();
           why = 'damaged';
           continue;

@@ -353,10 +353,8 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
   });
 }
 
-function encryptionHeader(h: http.IncomingHttpHeaders): { encryption?: string } {
-  const encryption = encryptionOf(h['x-amz-server-side-encryption'] as string | undefined, h['x-amz-server-side-encryption-customer-algorithm'] as string | undefined);
-  return encryption !== undefined ? { encryption } : {};
-}
+const encryptionHeader = (h: http.IncomingHttpHeaders) =>
+  encryptionOf(h['x-amz-server-side-encryption'] as string | undefined, h['x-amz-server-side-encryption-customer-algorithm'] as string | undefined);
 
 /** HeadObject of one part (`?partNumber=`) without the SDK's client; an error answer rejects as getObjectLite's do. */
 export async function headPartLite(t: LiteTarget, agent: http.Agent, r: PartRequest): Promise<PartAnswer> {

@@ -73,21 +73,16 @@ export async function getObject(client: S3Client, bucket: string, r: GetRequest)
   return {
     body: res.Body as Readable, etag: res.ETag, contentLength: res.ContentLength, status: res.$metadata.httpStatusCode,
     ...(res.ContentRange !== undefined ? { contentRange: res.ContentRange } : {}),
-    ...sse(res),
+    ...encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm),
   };
 }
-
-const sse = (res: { ServerSideEncryption?: string | undefined; SSECustomerAlgorithm?: string | undefined }) => {
-  const encryption = encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm);
-  return encryption !== undefined ? { encryption } : {};
-};
 
 /** A HEAD of one part through the SDK. */
 export async function headPart(client: S3Client, bucket: string, r: PartRequest): Promise<PartAnswer> {
   const res = await client.send(new HeadObjectCommand({
     Bucket: bucket, Key: r.key, PartNumber: r.partNumber, ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
   }), { abortSignal: r.signal });
-  return { contentLength: res.ContentLength, partsCount: res.PartsCount, etag: res.ETag, ...sse(res) };
+  return { contentLength: res.ContentLength, partsCount: res.PartsCount, etag: res.ETag, ...encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm) };
 }
 
 /**

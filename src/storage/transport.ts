@@ -66,9 +66,10 @@ export interface PartAnswer {
   encryption?: string;
 }
 
-/** The `encryption` of an answer, from S3's headers (both transports). */
-export function encryptionOf(sse: string | undefined, customerAlgorithm: string | undefined): string | undefined {
-  return customerAlgorithm ? 'SSE-C' : sse || undefined;
+/** The `encryption` of an answer, from S3's headers (both transports), to spread into it. */
+export function encryptionOf(sse: string | undefined, customerAlgorithm: string | undefined): { encryption?: string } {
+  const encryption = customerAlgorithm ? 'SSE-C' : sse || undefined;
+  return encryption !== undefined ? { encryption } : {};
 }
 
 export type TransportName = 'sdk' | 'lite';
