@@ -5,7 +5,8 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
-import { Hasher, md5Etag, partSizeFrom, type Hashing } from '../src/storage/content-check.js';
+import { newDigest, type Algorithm } from '../src/storage/checksums.js';
+import { Hasher, partSizeFrom, type Hashing } from '../src/storage/content-check.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { readManifest } from '../src/storage/cache.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
@@ -15,6 +16,11 @@ let proxy: FaultProxy;
 let tmp: string;
 
 const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
+const oneDigest = (alg: Algorithm, b: Buffer) => {
+  const d = newDigest(alg);
+  d.update(b);
+  return d.digest();
+};
 /** The sizes of the parts of an upload of `size` bytes in parts of `partSize` (the last one shorter). */
 const evenParts = (size: number, partSize: number) => Array.from({ length: Math.ceil(size / partSize) }, (_, i) => Math.min(partSize, size - i * partSize));
 /** S3's ETag of a multipart upload (AWS's "Checking object integrity"): the MD5 of the parts' binary MD5s, then `-parts`. */
@@ -65,14 +71,7 @@ beforeAll(async () => {
 
 cleanUpS3(() => ({ s3, proxy, tmp }));
 
-describe('ETags as MD5s', () => {
-  it('reads single-part and multipart ETags, quoted or not, and nothing else', () => {
-    expect(md5Etag('"0123456789ABCDEF0123456789abcdef"')).toEqual({ hex: '0123456789abcdef0123456789abcdef', parts: 0 });
-    expect(md5Etag('0123456789abcdef0123456789abcdef-12')).toEqual({ hex: '0123456789abcdef0123456789abcdef', parts: 12 });
-    for (const e of ['', 'W/"0123456789abcdef0123456789abcdef"', '"0123456789abcdef0123456789abcde"', '"0123456789abcdef0123456789abcdef-0"',
-      '"0123456789abcdef0123456789abcdef-10001"', '"x123456789abcdef0123456789abcdef"', '"3858f62230ac3c915f300c664312c63f:1"']) expect(md5Etag(e), e).toBeUndefined();
-  });
-
+describe('the hashing', () => {
   it('takes a part size from a HEAD of part 1 only where it fits the object', () => {
     expect(partSizeFrom({ contentLength: 8, partsCount: 3, etag: undefined }, 20, 3)).toBe(8);
     expect(partSizeFrom({ contentLength: 10, partsCount: 2, etag: undefined }, 20, 2)).toBe(10);
@@ -83,13 +82,13 @@ describe('ETags as MD5s', () => {
     expect(partSizeFrom({ contentLength: 20, partsCount: 1, etag: undefined }, 20, 1)).toBe(20);
   });
 
-  it('hashes a file as it is written, in any order of writes: a whole object by its prefix, a multipart one part by part', async () => {
+  it('hashes a file as it is written, in any order of writes: a whole object by its prefix or in CRC pieces, a multipart one part by part', async () => {
     const body = detBytes(3 * 1024 * 1024 + 5, 3);
     const file = path.join(tmp, 'hash-me');
     const fh = await fsp.open(file, 'w+');
     await fh.truncate(body.length);
-    // Two threads, so parts go to both.
-    const hasher = new Hasher(2);
+    // Two threads, so parts go to both; CRC pieces that do not fall on the writes' blocks either.
+    const hasher = new Hasher(2, 700_001);
     let spans: Array<[number, number]> = [];
     const add = (s: number, e: number) => {
       spans = [...spans, [s, e] as [number, number]].sort((x, y) => x[0] - y[0])
@@ -108,29 +107,38 @@ describe('ETags as MD5s', () => {
       await new Promise((r) => setTimeout(r, 3));
     };
     const block = 300_001;
+    // What each plan must give: the digest in one pass, or the digest of the parts' digests.
+    const plans: Array<{ alg: Algorithm; partSize: number }> = [
+      { alg: 'md5', partSize: 0 }, { alg: 'md5', partSize: PART }, { alg: 'crc64nvme', partSize: 0 }, { alg: 'crc32', partSize: 0 },
+      { alg: 'crc32c', partSize: 0 }, { alg: 'sha256', partSize: 0 }, { alg: 'crc32', partSize: PART }, { alg: 'sha1', partSize: PART },
+    ];
+    const want = plans.map(({ alg, partSize }) => {
+      if (partSize === 0) return oneDigest(alg, body);
+      return oneDigest(alg, Buffer.concat(evenParts(body.length, partSize).map((_, k) => oneDigest(alg, body.subarray(k * partSize, (k + 1) * partSize)))));
+    });
+    expect(want[1]!.toString('hex')).toBe(multipartEtag(body, PART).slice(1, -3));
     for (const order of ['back to front', 'front to back', 'odd blocks first'] as const) {
       await fh.truncate(0);
       await fh.truncate(body.length);
       spans = [];
-      const hs = [hasher.open(fh.fd, body.length, 0, () => spans), hasher.open(fh.fd, body.length, PART, () => spans)];
+      const hs = plans.map((plan) => hasher.open(fh.fd, body.length, plan, () => spans));
       const starts = Array.from({ length: Math.ceil(body.length / block) }, (_, i) => i * block);
       const seq = order === 'back to front' ? [...starts].reverse() : order === 'front to back' ? starts : [...starts.filter((_, i) => i % 2), ...starts.filter((_, i) => !(i % 2))];
       for (const at of seq) await write(hs, at, Math.min(block, body.length - at));
-      expect(await hs[0]!.digest(), order).toBe(md5(body));
-      expect(`"${await hs[1]!.digest()}"`, order).toBe(multipartEtag(body, PART));
+      for (const [k, h] of hs.entries()) expect((await h.digest()).toString('hex'), `${order}: ${JSON.stringify(plans[k])}`).toBe(want[k]!.toString('hex'));
     }
     await fh.close();
     // An empty file, and a one-part upload (the MD5 of one MD5).
     for (const [body1, partSize] of [[Buffer.alloc(0), 0], [body.subarray(0, 1000), 1000]] as const) {
       await fsp.writeFile(file, body1);
       const f1 = await fsp.open(file, 'r');
-      const d = await hasher.open(f1.fd, body1.length, partSize, () => [[0, body1.length]]).digest();
-      expect(partSize === 0 ? d : `"${d}"`).toBe(partSize === 0 ? md5(body1) : multipartEtag(body1, partSize));
+      const d = (await hasher.open(f1.fd, body1.length, { alg: 'md5', partSize }, () => [[0, body1.length]]).digest()).toString('hex');
+      expect(partSize === 0 ? d : `"${d}-1"`).toBe(partSize === 0 ? md5(body1) : multipartEtag(body1, partSize));
       await f1.close();
     }
     await hasher.close();
     // Closed: a new file's digest is refused, never thrown at the writer that told of its bytes.
-    const late = hasher.open(0, 10, 4, () => [[0, 10]]);
+    const late = hasher.open(0, 10, { alg: 'md5', partSize: 4 }, () => [[0, 10]]);
     late.written(0, 10);
     await expect(late.digest()).rejects.toThrow(/closed/);
   });
@@ -185,7 +193,7 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: recorder().log, onDamaged: (rel) => damaged.push(rel) }));
     expect(damaged).toEqual(['unet/model.onnx', 'unet/model.onnx']);
     expect(err.code).toBe('STORAGE_CORRUPT');
-    expect(err.message).toMatch(/^s3:\/\/models\/sd\/unet\/model\.onnx: the content differed from its ETag \(MD5 [0-9a-f]{32}\) in two downloads/);
+    expect(err.message).toMatch(/^s3:\/\/models\/sd\/unet\/model\.onnx: the content differed from the object's ETag \(MD5 [0-9a-f]{32}\) in two downloads/);
     expect(err.message).not.toContain(cache);
     const entries = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
     for (const e of entries) expect(await readManifest(path.join(cache, e))).toBeUndefined();
@@ -208,7 +216,7 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     proxy.faults = { objects: multipart(), corrupt: { keys: /onnx_data$/, count: 1 } };
     const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
     await expectSame(res.dir);
-    expect(r.line(/differs from its ETag/)).toMatchObject({ file: 'unet/model.onnx_data', etag: multipartEtag(files['unet/model.onnx_data']!, PART).slice(1, -1) });
+    expect(r.line(/differs from its ETag/)).toMatchObject({ file: 'unet/model.onnx_data', against: 'ETag', expected: `MD5 ${multipartEtag(files['unet/model.onnx_data']!, PART).slice(1, -1)}` });
     expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
     // Its first and last parts, for each of the big file's two downloads; nothing else is multipart.
     expect(proxy.stats.partHeads - heads).toBe(4);
@@ -218,14 +226,14 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const r = recorder();
     proxy.faults = { objects: Object.fromEntries(Object.entries(multipart()).map(([k, o]) => [k, { etag: o.etag }])) };
     await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log })).dir);
-    expect(r.line('model cached')).toMatchObject({ contentChecked: 2, contentNotChecked: { 'the store gave no part size (HEAD partNumber=1)': 1, empty: 1 } });
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 2, contentNotChecked: { 'the store gave no part size (HEAD partNumber=1); the store gave no checksum': 1, empty: 1 } });
 
     // SSE-KMS: the ETag is not the content's MD5 (here: no MD5 of anything), and nothing is fetched twice for it.
     const k = recorder();
     const before = proxy.stats.bodyBytes;
     proxy.faults = { objects: { 'sd/model_index.json': { etag: `"${'0'.repeat(32)}"` } }, addHeaders: { 'x-amz-server-side-encryption': 'aws:kms' } };
     await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: k.log })).dir);
-    expect(k.line('model cached')).toMatchObject({ contentChecked: 0, contentNotChecked: { 'encrypted (aws:kms): its ETag is not an MD5': 3, empty: 1 } });
+    expect(k.line('model cached')).toMatchObject({ contentChecked: 0, contentNotChecked: { 'encrypted (aws:kms): its ETag is not an MD5; the store gave no checksum': 3, empty: 1 } });
     expect(proxy.stats.bodyBytes - before).toBe(Object.values(files).reduce((n, b) => n + b.length, 0));
   });
 
@@ -238,7 +246,7 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const before = proxy.stats.bodyBytes;
     proxy.faults = { objects: { 'sd/unet/model.onnx_data': { etag: multipartEtag(big, lastOff), partSizes: lastOff } } };
     await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log })).dir);
-    expect(r.line('model cached')).toMatchObject({ contentChecked: 2, contentNotChecked: { 'its parts are not all of one size': 1, empty: 1 } });
+    expect(r.line('model cached')).toMatchObject({ contentChecked: 2, contentNotChecked: { 'its parts are not all of one size; the store gave no checksum': 1, empty: 1 } });
     expect(proxy.stats.bodyBytes - before).toBe(Object.values(files).reduce((n, b) => n + b.length, 0));
 
     // Inner parts of other sizes, the first and last as even parts would be: the ETag differs from the digest of even
@@ -266,6 +274,91 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     // With the check off, the same store serves.
     proxy.faults = { objects: { 'sd/unet/model.onnx': { etag: `"${'a'.repeat(32)}"` } } };
     await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(cache, { S3_VERIFY_CONTENT: '0' }), log: recorder().log })).dir);
+  });
+
+  describe('by the checksum a HEAD with checksum mode gives, where the ETag is no MD5', () => {
+    const KMS = { 'x-amz-server-side-encryption': 'aws:kms' };
+    const b64 = (alg: Algorithm, b: Buffer) => oneDigest(alg, b).toString('base64');
+    const nonEmpty = () => Object.entries(files).filter(([, b]) => b.length > 0);
+    /** Every file's full-object CRC64NVME, the checksum S3 keeps for objects uploaded without one. */
+    const fullCrc = () => Object.fromEntries(nonEmpty().map(([rel, b]) => [`sd/${rel}`, { 'x-amz-checksum-crc64nvme': b64('crc64nvme', b), 'x-amz-checksum-type': 'FULL_OBJECT' }]));
+    /** ETags as KMS makes them: 32 hex digits, no MD5 of the content. */
+    const kmsEtags = () => Object.fromEntries(Object.keys(files).map((rel, i) => [`sd/${rel}`, { etag: `"${'0123456789'[i]!.repeat(32)}"` }]));
+    const total = Object.values(files).reduce((n, b) => n + b.length, 0);
+
+    it('checks objects encrypted with KMS by their CRC64NVME, and catches damage in them', async () => {
+      const r = recorder();
+      const [heads, before] = [proxy.stats.checksumHeads, proxy.stats.bodyBytes];
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, checksums: fullCrc(), corrupt: { keys: /onnx_data$/, count: 1 } };
+      const damaged: string[] = [];
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log, onDamaged: (rel) => damaged.push(rel) })).dir);
+      expect(r.line(/differs from its checksum; fetching the file again/)).toMatchObject({
+        level: 'warn', file: 'unet/model.onnx_data', against: 'checksum', expected: `CRC64NVME ${b64('crc64nvme', files['unet/model.onnx_data']!)}`,
+      });
+      expect(damaged).toEqual(['unet/model.onnx_data']);
+      expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
+      // One HEAD per file and download: the three files, then the damaged one again.
+      expect(proxy.stats.checksumHeads - heads).toBe(4);
+      expect(proxy.stats.bodyBytes - before).toBe(total + BIG);
+    });
+
+    it('content damaged on the way twice is STORAGE_CORRUPT, naming the checksum', async () => {
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, checksums: fullCrc(), corrupt: { keys: /model\.onnx$/, count: 2 } };
+      const err = await rejection(resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: recorder().log }));
+      expect([err.code, err.message]).toEqual(['STORAGE_CORRUPT', expect.stringMatching(
+        /^s3:\/\/models\/sd\/unet\/model\.onnx: the content differed from the object's checksum \(CRC64NVME [A-Za-z0-9+/]{11}=\) in two downloads, and differently each time/)]);
+    });
+
+    it('ETags of no MD5 (a directory bucket\'s, a store\'s own): full-object CRC32C, and a multipart upload\'s COMPOSITE CRC32 by its part size', async () => {
+      const big = files['unet/model.onnx_data']!;
+      const sizes = evenParts(big.length, PART);
+      const composite = b64('crc32', Buffer.concat(sizes.map((n, k) => oneDigest('crc32', big.subarray(k * PART, k * PART + n)))));
+      const checksums = Object.fromEntries(nonEmpty().map(([rel, b]) => [`sd/${rel}`, rel === 'unet/model.onnx_data'
+        ? { 'x-amz-checksum-crc32': `${composite}-${sizes.length}`, 'x-amz-checksum-type': 'COMPOSITE' }
+        : { 'x-amz-checksum-crc32c': b64('crc32c', b), 'x-amz-checksum-type': 'FULL_OBJECT' }]));
+      const objects = Object.fromEntries(Object.keys(files).map((rel, i) => [`sd/${rel}`, rel === 'unet/model.onnx_data'
+        ? { etag: `"opaque-${i}"`, partSizes: sizes } : { etag: `"opaque-${i}"` }]));
+      const r = recorder();
+      const parts = proxy.stats.partHeads;
+      proxy.faults = { objects, checksums, corrupt: { keys: /onnx_data$/, count: 1 } };
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log })).dir);
+      expect(r.line(/differs from its checksum/)).toMatchObject({ file: 'unet/model.onnx_data', expected: `CRC32 ${composite}-${sizes.length}` });
+      expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
+      // Its first and last parts, for each of its two downloads.
+      expect(proxy.stats.partHeads - parts).toBe(4);
+
+      // A store that keeps no checksum: nothing to check these against.
+      const n = recorder();
+      proxy.faults = { objects };
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: n.log })).dir);
+      expect(n.line('model cached')).toMatchObject({ contentChecked: 0, contentNotChecked: { 'its ETag is not an MD5; the store gave no checksum': 3, empty: 1 } });
+    });
+
+    it('a file an earlier run left whole on disk, encrypted with KMS, is checked by its checksum rather than fetched again', async () => {
+      const cache = await newCache();
+      const ac = new AbortController();
+      // Every byte arrives; no checksum does, so nothing is renamed before the stop.
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
+      let got = 0;
+      await rejection(resolveModel('s3://models/sd', {
+        cfg: cfgFor(cache), log: recorder().log, signal: ac.signal,
+        onDownloaded: (n) => {
+          got += n;
+          if (got === total) setTimeout(() => ac.abort(), 50);
+        },
+      }));
+      const [entry] = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
+      expect(await fsp.stat(path.join(cache, entry!, 'unet/model.onnx_data.partial'))).toBeDefined();
+      const r = recorder();
+      const before = proxy.stats.bodyBytes;
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, checksums: fullCrc() };
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(cache), log: r.log })).dir);
+      expect(proxy.stats.bodyBytes - before).toBe(0);
+      expect(r.line(/differs from its/)).toBeUndefined();
+      // The empty file was committed by the first run.
+      expect(r.line('model cached')).toMatchObject({ contentChecked: 3 });
+      expect(r.line('model cached')).not.toHaveProperty('contentNotChecked');
+    });
   });
 
   it('hashes what an earlier run left on disk: damage in a resumed partial is caught and fetched again', async () => {

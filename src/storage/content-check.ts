@@ -1,44 +1,24 @@
 /**
- * @module The content check (S3_VERIFY_CONTENT): each downloaded file's MD5 against the ETag S3 listed, where that
- * ETag is an MD5: of the whole object (one PUT), or `<MD5 of the parts' MD5s>-<parts>` (a multipart upload, whose part
- * size HEADs of its parts give). A whole object's bytes are hashed in order as its written prefix grows, a multipart
- * upload's parts each once it is written, read back from the page cache on threads of their own: the check ends soon
- * after the last byte, the download's thread does no hashing, and the threads read through the download's own
- * descriptors (each thread holds a few of its own, for its event loop). Objects encrypted with SSE-KMS or a customer
- * key have ETags that are not MD5s: not checked.
+ * @module The content check (S3_VERIFY_CONTENT): each downloaded file's digest against what S3 says it is. First the
+ * ETag S3 listed, where that ETag is an MD5: of the whole object (one PUT), or `<MD5 of the parts' MD5s>-<parts>` (a
+ * multipart upload, whose part size HEADs of its parts give). Where it is not (SSE-KMS, a customer key, a directory
+ * bucket, a store's own scheme) or the part sizes are not to be had, the object's additional checksum, from a HEAD with
+ * checksum mode (checksums.ts). A whole object's MD5 or SHA is hashed in order as its written prefix grows; parts, and
+ * pieces of a whole-object CRC, each once written, read back from the page cache on threads of their own: the check
+ * ends soon after the last byte, the download's thread does no hashing, and the threads read through the download's
+ * own descriptors (each thread holds a few of its own, for its event loop).
  */
-import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import { checksumExpected, CRC_SOURCE, crcCombine, describeExpected, isCrc, newDigest, type Algorithm, type Expected } from './checksums.js';
 import type { Span } from './journal.js';
-import type { PartAnswer, PartRequest } from './transport.js';
-
-/** What an ETag promises: the MD5 of the content (`parts` 0), or of its `parts` parts' MD5s. */
-export interface Md5Etag {
-  readonly hex: string;
-  readonly parts: number;
-}
-
-/** S3 allows at most this many parts. */
-const MAX_PARTS = 10_000;
-
-/** The MD5 an ETag names, or undefined where it names none (a weak ETag, a store's own scheme). */
-export function md5Etag(etag: string): Md5Etag | undefined {
-  const m = /^"?([0-9a-fA-F]{32})(?:-(\d{1,5}))?"?$/.exec(etag);
-  if (m === null) return undefined;
-  const parts = m[2] === undefined ? 0 : Number(m[2]);
-  if (m[2] !== undefined && (parts < 1 || parts > MAX_PARTS)) return undefined;
-  return { hex: m[1]!.toLowerCase(), parts };
-}
-
-/** An ETag as the check compares it: lower-case hex, `-parts` where multipart, no quotes. */
-export const etagDigest = (e: Md5Etag) => (e.parts === 0 ? e.hex : `${e.hex}-${e.parts}`);
+import type { HeadAnswer, HeadRequest } from './transport.js';
 
 /**
  * The part size of a multipart upload of `size` bytes in `parts` parts, from S3's answer to a HEAD of part 1: the
  * first part's size, where it fits (every part but the last has it). Undefined where the store ignored partNumber.
  */
-export function partSizeFrom(a: PartAnswer, size: number, parts: number): number | undefined {
+export function partSizeFrom(a: HeadAnswer, size: number, parts: number): number | undefined {
   const p = a.contentLength;
   if (p === undefined || a.partsCount !== parts || p <= 0) return undefined;
   if (parts === 1) return p === size ? p : undefined;
@@ -53,18 +33,9 @@ export type PartLayout = { partSize: number; encryption?: string } | { why: stri
  * of one size; the uploaders users run make them so, and a last part of another size than the rest implies shows an
  * upload that did not). Each HEAD is tried twice, `timeoutMs` each; an abort rejects.
  */
-export async function partLayout(head: (r: PartRequest) => Promise<PartAnswer>, key: string, etag: string, size: number, parts: number,
+export async function partLayout(head: Head, key: string, etag: string, size: number, parts: number,
   signal: AbortSignal, timeoutMs: number): Promise<PartLayout> {
-  const ask = async (partNumber: number): Promise<PartAnswer | undefined> => {
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        return await head({ key, partNumber, ...(etag ? { ifMatch: etag } : {}), signal: AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]) });
-      } catch {
-        signal.throwIfAborted();
-      }
-    }
-    return undefined;
-  };
+  const ask = (partNumber: number) => headTwice(head, { key, partNumber, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs);
   const [first, last] = await Promise.all([ask(1), parts > 1 ? ask(parts) : undefined]);
   const encryption = first?.encryption ?? last?.encryption;
   const enc = encryption !== undefined ? { encryption } : {};
@@ -75,6 +46,33 @@ export async function partLayout(head: (r: PartRequest) => Promise<PartAnswer>, 
   return { partSize: p, ...enc };
 }
 
+type Head = (r: HeadRequest) => Promise<HeadAnswer>;
+
+/** A HEAD, tried twice, `timeoutMs` each: undefined where neither got an answer. An abort rejects. */
+async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number): Promise<HeadAnswer | undefined> {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      return await head({ ...r, signal: AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]) });
+    } catch {
+      signal.throwIfAborted();
+    }
+  }
+  return undefined;
+}
+
+/** What a HEAD with checksum mode says of an object: what its content must hash to, or why nothing; and its encryption. */
+export type ChecksumLookup = ({ expected: Expected } | { why: string }) & { encryption?: string };
+
+/** Asks the store for an object's additional checksum (HEAD with x-amz-checksum-mode: ENABLED, tried twice). */
+export async function lookUpChecksum(head: Head, key: string, etag: string, signal: AbortSignal, timeoutMs: number): Promise<ChecksumLookup> {
+  const a = await headTwice(head, { key, checksums: true, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs);
+  const enc = a?.encryption !== undefined ? { encryption: a.encryption } : {};
+  if (a === undefined) return { why: 'the store did not answer a HEAD for its checksum' };
+  if (a.checksum === undefined) return { why: 'the store gave no checksum', ...enc };
+  const e = checksumExpected(a.checksum);
+  return 'why' in e ? { why: e.why, ...enc } : { expected: e, ...enc };
+}
+
 /** With KMS or a customer key, S3's ETag is not the MD5 of the content. */
 export const etagNotMd5 = (encryption: string | undefined) => encryption !== undefined && (encryption === 'SSE-C' || encryption.startsWith('aws:kms'));
 
@@ -82,12 +80,15 @@ export const etagNotMd5 = (encryption: string | undefined) => encryption !== und
  * A hashing thread. It runs from this string (eval) so that it needs no file of its own beside the module, whether the
  * module runs built or from its source. Two kinds of job, read in 1 MiB blocks, 4 MiB per job per turn so that new
  * frontiers and new jobs are read between turns: a whole file hashed in order as its written prefix grows (`open`,
- * `upto`, `digest`), and one range whose bytes are all written (`range`: a multipart upload's part).
+ * `upto`, `digest`), and one range whose bytes are all written (`range`: a multipart upload's part, a piece of a CRC).
+ * A digest comes back as hex.
  */
 const THREAD = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
 const { readSync } = require('node:fs');
+const zlibCrc32 = require('node:zlib').crc32;
+${CRC_SOURCE}
 const BLOCK = 1 << 20;
 const buf = Buffer.allocUnsafe(BLOCK);
 const jobs = new Map();
@@ -96,12 +97,14 @@ const kick = () => { if (!queued) { queued = true; setImmediate(step); } };
 const end = (id, reply) => { jobs.delete(id); parentPort.postMessage({ id, ...reply }); };
 parentPort.on('message', (m) => {
   const j = jobs.get(m.id);
-  if (m.t === 'open') jobs.set(m.id, { fd: m.fd, size: m.size, at: 0, upto: 0, hash: createHash('md5'), want: false });
-  else if (m.t === 'range') jobs.set(m.id, { fd: m.fd, size: m.end, at: m.start, upto: m.end, hash: createHash('md5'), want: true });
-  else if (j === undefined) return;
-  else if (m.t === 'upto') j.upto = Math.min(j.size, Math.max(j.upto, m.end));
-  else if (m.t === 'digest') { j.upto = j.size; j.want = true; }
-  else if (m.t === 'drop') jobs.delete(m.id);
+  try {
+    if (m.t === 'open') jobs.set(m.id, { fd: m.fd, size: m.size, at: 0, upto: 0, hash: makeDigest(m.alg, createHash, zlibCrc32), want: false });
+    else if (m.t === 'range') jobs.set(m.id, { fd: m.fd, size: m.end, at: m.start, upto: m.end, hash: makeDigest(m.alg, createHash, zlibCrc32), want: true });
+    else if (j === undefined) return;
+    else if (m.t === 'upto') j.upto = Math.min(j.size, Math.max(j.upto, m.end));
+    else if (m.t === 'digest') { j.upto = j.size; j.want = true; }
+    else if (m.t === 'drop') jobs.delete(m.id);
+  } catch (e) { return end(m.id, { error: String(e && e.message || e) }); }
   kick();
 });
 function step() {
@@ -117,34 +120,44 @@ function step() {
         j.at += n; budget -= n;
       }
       if (j.at < j.upto) more = true;
-      else if (j.want) end(id, { digest: j.hash.digest('hex') });
+      else if (j.want) end(id, { digest: j.hash.digest().toString('hex') });
     } catch (e) { end(id, { error: String(e && e.message || e) }); }
   }
   if (more) kick();
 }
 `;
 
+/** How a whole-object CRC is split among threads: pieces of this size, combined (checksums.ts crcCombine). */
+export const CRC_PIECE = 8 << 20;
+
+/** What to compute of a file: `alg` of the whole (`partSize` 0), or of the digests of its parts of `partSize` bytes. */
+export interface HashPlan {
+  readonly alg: Algorithm;
+  readonly partSize: number;
+}
+
 /** One file being hashed. */
 export interface Hashing {
   /** Bytes [start, end) of the file were just written (the spans the hasher reads say what is on disk). */
   written(start: number, end: number): void;
-  /** The file is whole: its digest, as `etagDigest` writes one. */
-  digest(): Promise<string>;
+  /** The file is whole: its digest (of its parts' digests, where the plan has parts), raw. */
+  digest(): Promise<Buffer>;
   /** Stops hashing it (the file is fetched again, or the download ends). */
   drop(): void;
 }
 
-/**
- * Hashing threads for one download: one to start with, more (up to `max`) while every one has work. A whole-object
- * MD5 is one sequence, hashed by one thread; a multipart upload's parts are independent, hashed on any thread once
- * each part is written, so a file of many parts is hashed as fast as the threads allow (one MD5 thread: ~700 MB/s).
- */
 /** Hashing threads a download starts at most: the cores but one, 1 to 4. */
 export const hashThreads = () => Math.max(1, Math.min(4, availableParallelism() - 1));
 
 /** Descriptors a Node worker thread holds while it runs (its event loop's), measured on Node 20 and 24. */
 export const THREAD_DESCRIPTORS = 4;
 
+/**
+ * Hashing threads for one download: one to start with, more (up to `max`) while every one has work. A whole-object
+ * MD5 or SHA is one sequence, hashed by one thread; a multipart upload's parts, and the pieces of a whole-object CRC,
+ * are independent, hashed on any thread once each is written, so such a file is hashed as fast as the threads allow
+ * (one thread: ~600 MB/s of MD5 or CRC64NVME).
+ */
 export class Hasher {
   #max: number;
   readonly #threads: Thread[] = [];
@@ -154,9 +167,12 @@ export class Hasher {
   /** Jobs not yet answered nor dropped, with their thread; `reply` once a digest is asked for. */
   readonly #jobs = new Map<number, Job>();
 
-  /** `max`: threads at most (default hashThreads()). */
-  constructor(max = hashThreads()) {
+  readonly #crcPiece: number;
+
+  /** `max`: threads at most (default hashThreads()); `crcPiece`: the pieces a whole-object CRC is split into. */
+  constructor(max = hashThreads(), crcPiece = CRC_PIECE) {
     this.#max = max;
+    this.#crcPiece = crcPiece;
   }
 
   #spawn(): Thread {
@@ -211,9 +227,9 @@ export class Hasher {
   }
 
   /** The job's answer, once it comes. */
-  #answer(job: Job): Promise<string> {
-    return new Promise<string>((resolve, reject) => {
-      job.reply = (a) => ('digest' in a ? resolve(a.digest) : reject(a.error));
+  #answer(job: Job): Promise<Buffer> {
+    return new Promise<Buffer>((resolve, reject) => {
+      job.reply = (a) => ('digest' in a ? resolve(Buffer.from(a.digest, 'hex')) : reject(a.error));
       if (job.answer) job.reply(job.answer);
     });
   }
@@ -228,14 +244,28 @@ export class Hasher {
   /**
    * Starts hashing a file of `size` bytes as it is written, read through `fd` (opened for reading; the caller closes
    * it only once the digest came, the hashing was dropped, or close() returned). `spans()`: what of the file is on
-   * disk (sorted, merged). `partSize` > 0 hashes a multipart upload's parts, each once it is whole.
+   * disk (sorted, merged). A plan with parts hashes each part once it is whole, and a whole-object CRC its pieces.
    */
-  open(fd: number, size: number, partSize: number, spans: () => readonly Span[]): Hashing {
-    return partSize > 0 ? this.#parts(fd, size, partSize, spans) : this.#whole(fd, size, spans);
+  open(fd: number, size: number, plan: HashPlan, spans: () => readonly Span[]): Hashing {
+    if (plan.partSize > 0) {
+      const count = Math.ceil(size / plan.partSize);
+      // The digest of the parts' digests, as S3 makes a multipart ETag or a COMPOSITE checksum.
+      return this.#pieces(fd, size, plan.alg, plan.partSize, spans, (digests) => {
+        const d = newDigest(plan.alg);
+        d.update(Buffer.concat(digests));
+        return d.digest();
+      }, count);
+    }
+    const piece = this.#crcPiece;
+    if (isCrc(plan.alg) && size > piece) {
+      return this.#pieces(fd, size, plan.alg, piece, spans, (digests) =>
+        digests.reduce((acc, d, k) => crcCombine(plan.alg, acc, d, Math.min(piece, size - k * piece))));
+    }
+    return this.#whole(fd, size, plan.alg, spans);
   }
 
-  #whole(fd: number, size: number, spans: () => readonly Span[]): Hashing {
-    const { id, job } = this.#start((id) => ({ t: 'open', id, fd, size }));
+  #whole(fd: number, size: number, alg: Algorithm, spans: () => readonly Span[]): Hashing {
+    const { id, job } = this.#start((id) => ({ t: 'open', id, fd, size, alg }));
     let told = 0;
     let done = false;
     const tell = () => {
@@ -260,43 +290,42 @@ export class Hasher {
     };
   }
 
-  #parts(fd: number, size: number, partSize: number, spans: () => readonly Span[]): Hashing {
-    const count = Math.ceil(size / partSize);
-    const parts: Array<{ id: number; job: Job; digest: Promise<Buffer> } | undefined> = new Array(count);
+  /** Ranges of `piece` bytes hashed each once written, on any thread; `join` makes the file's digest of theirs. */
+  #pieces(fd: number, size: number, alg: Algorithm, piece: number, spans: () => readonly Span[], join: (digests: Buffer[]) => Buffer, count = Math.ceil(size / piece)): Hashing {
+    const pieces: Array<{ id: number; job: Job; digest: Promise<Buffer> } | undefined> = new Array(count);
     let dropped = false;
-    const bounds = (k: number): Span => [k * partSize, Math.min(size, (k + 1) * partSize)];
+    const bounds = (k: number): Span => [k * piece, Math.min(size, (k + 1) * piece)];
     const covered = (k: number) => {
       const [ps, pe] = bounds(k);
       return spans().some(([s, e]) => s <= ps && e >= pe);
     };
     const send = (k: number) => {
       const [start, end] = bounds(k);
-      const { id, job } = this.#start((id) => ({ t: 'range', id, fd, start, end }));
-      const digest = this.#answer(job).then((hex) => Buffer.from(hex, 'hex'));
-      // Awaited by digest(); a failure of a dropped file's part is nobody's to hear.
+      const { id, job } = this.#start((id) => ({ t: 'range', id, fd, start, end, alg }));
+      const digest = this.#answer(job);
+      // Awaited by digest(); a failure of a dropped file's piece is nobody's to hear.
       digest.catch(() => undefined);
-      parts[k] = { id, job, digest };
+      pieces[k] = { id, job, digest };
     };
     const check = (k: number) => {
-      if (!dropped && parts[k] === undefined && covered(k)) send(k);
+      if (!dropped && pieces[k] === undefined && covered(k)) send(k);
     };
     const drop = () => {
       dropped = true;
-      for (const p of parts) if (p) this.#drop(p.id, p.job);
+      for (const p of pieces) if (p) this.#drop(p.id, p.job);
     };
     for (let k = 0; k < count; k++) check(k);
     return {
       written: (start, end) => {
         if (end <= start) return;
-        for (let k = Math.floor(start / partSize); k <= Math.floor((end - 1) / partSize) && k < count; k++) check(k);
+        for (let k = Math.floor(start / piece); k <= Math.floor((end - 1) / piece) && k < count; k++) check(k);
       },
       digest: async () => {
-        for (let k = 0; k < count; k++) if (parts[k] === undefined) send(k);
+        for (let k = 0; k < count; k++) if (pieces[k] === undefined) send(k);
         try {
-          const digests = await Promise.all(parts.map((p) => p!.digest));
-          return `${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${count}`;
+          return join(await Promise.all(pieces.map((p) => p!.digest)));
         } catch (e) {
-          // The other parts stop reading before the caller closes the descriptor.
+          // The other pieces stop reading before the caller closes the descriptor.
           drop();
           throw e;
         }
@@ -331,38 +360,47 @@ interface Job {
 /** What a fetch's content check knows across its download rounds (fetch.ts holds it). */
 export interface ContentCheckState {
   /**
-   * A file's digest the last time its content differed from its ETag, by `mismatchKey`: a second difference is final,
-   * and the same digest twice says the store itself holds that content (the error says which).
+   * A file's digest the last time its content differed from its ETag or checksum, by `mismatchKey`: a second difference
+   * is final, and the same digest twice says the store itself holds that content (the error says which).
    */
   readonly mismatched: Map<string, string>;
-  /** Files whose content matched its ETag, and files not checked, by why (counted for the commit's log line). */
+  /** Files whose content matched, and files not checked, by why (counted for the commit's log line). */
   readonly checked: Set<string>;
   readonly unchecked: Map<string, string>;
 }
 
-/** A version of a file: a mismatch of an object since replaced does not count against the new one. */
-export const mismatchKey = (rel: string, etag: string) => `${rel}\n${etag}`;
+/**
+ * A version of a file, and what it was checked against: a mismatch of an object since replaced does not count against
+ * the new one, nor an MD5 against a checksum.
+ */
+export const mismatchKey = (rel: string, etag: string, e: Expected) => `${rel}\n${etag}\n${e.source} ${e.alg}`;
 
 export const newContentCheckState = (): ContentCheckState => ({ mismatched: new Map(), checked: new Set(), unchecked: new Map() });
 
-/** What the download needs to check content: the state, and a HEAD of a part for multipart part sizes. */
+/** What the download needs to check content: the state, and HEADs (part sizes, checksums). */
 export interface ContentCheckOptions {
   state: ContentCheckState;
-  headPart(r: PartRequest): Promise<PartAnswer>;
+  head: Head;
+  /** False where the store's ETags are never MD5s (a directory bucket): checksums only. */
+  etagsAreMd5?: boolean;
   /**
-   * A download of the file was damaged on its way: its content differed from the ETag, and another download's did
+   * A download of the file was damaged on its way: its content differed from the ETag or checksum, and another download's did
    * not, or differed otherwise. Called once the second download shows it (not for two downloads that agree).
    */
   onDamaged?(rel: string): void;
 }
 
 /**
- * Thrown by the download when a file's content differs from its ETag (the download has dropped it from the journal):
- * the caller fetches it again, once; a second difference is STORAGE_CORRUPT.
+ * Thrown by the download when a file's content differs from its ETag or checksum (the download has dropped it from the
+ * journal): the caller fetches it again, once; a second difference is STORAGE_CORRUPT.
  */
 export class ContentMismatchError extends Error {
-  constructor(readonly key: string, readonly rel: string, readonly expected: string, readonly got: string) {
-    super(`the content of ${rel} differs from its ETag (MD5 ${got}, ETag ${expected})`);
+  readonly against: Expected['source'];
+  readonly expected: string;
+  constructor(readonly key: string, readonly rel: string, e: Expected, readonly got: string) {
+    super(`the content of ${rel} differs from its ${e.source} (${describeExpected(e, got)}, expected ${describeExpected(e)})`);
     this.name = 'ContentMismatchError';
+    this.against = e.source;
+    this.expected = describeExpected(e);
   }
 }

@@ -17,7 +17,8 @@ import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
-import { ContentMismatchError, etagDigest, etagNotMd5, Hasher, hashThreads, md5Etag, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ContentCheckOptions, type Hashing, type Md5Etag } from './content-check.js';
+import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
+import { ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -135,11 +136,23 @@ interface FileState {
   fh?: Promise<FileHandle>;
   /** Synced and closed by finish(): its spans are durable whatever a later sync of the journal does. */
   closed?: boolean;
-  /** The MD5 its ETag names, where its content is checked. */
-  expect?: Md5Etag;
-  /** Its hashing, once started (undefined inside: not checked, the reason recorded). */
-  hashing?: Promise<Hashing | undefined>;
+  /** Its content is checked (S3_VERIFY_CONTENT, and not empty). */
+  checked?: boolean;
+  /** Its ETag may be an MD5 of its content: not once the store said it is encrypted with KMS or a customer key. */
+  etagTrusted?: boolean;
+  /** A GET of it was answered in this round (which says how it is encrypted). */
+  answered?: boolean;
+  /** How the store said it is encrypted, where that makes its ETag no MD5. */
+  encryption?: string;
+  /** Its descriptor, for the hashing threads. */
+  fd?: number;
+  /** Plans made for it (startHashing): one superseded by a later one opens nothing. */
+  plans: number;
+  /** Its hashing, once started (undefined inside: not checked, the reason recorded); replaced when its plan changes. */
+  hashing?: Promise<{ h: Hashing; expected: Expected } | undefined>;
   hashed?: Hashing;
+  /** Its checksum, asked for once. */
+  lookup?: Promise<ChecksumLookup>;
 }
 
 interface Task {
@@ -212,12 +225,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       await fsp.unlink(partial).catch(() => undefined);
       j = o.journal.start(obj.rel, obj.etag, obj.size);
     }
-    const f: FileState = { obj, abs, partial, j, left: 0 };
+    const f: FileState = { obj, abs, partial, j, left: 0, plans: 0 };
     if (o.check) {
-      const expect = md5Etag(obj.etag);
       // An empty file has no bytes to damage, and under SSE-KMS its ETag is no MD5 either, with no GET to say so.
-      if (expect && obj.size > 0) f.expect = expect;
-      else o.check.state.unchecked.set(obj.rel, obj.size === 0 ? 'empty' : 'its ETag is not an MD5');
+      if (obj.size > 0) Object.assign(f, { checked: true, etagTrusted: o.check.etagsAreMd5 !== false });
+      else o.check.state.unchecked.set(obj.rel, 'empty');
     }
     byRel.set(obj.rel, f);
     for (const [s, e] of gaps(j.spans, obj.size)) {
@@ -317,57 +329,107 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   const check = o.check;
   const unchecked = (f: FileState, why: string) => {
     check?.state.unchecked.set(f.obj.rel, why);
-    f.expect = undefined;
+    f.checked = false;
     f.hashed?.drop();
   };
-  /** With KMS or a customer key, as the store's answer says, the ETag is not an MD5: the file is not checked. */
-  const encrypted = (f: FileState, encryption: string | undefined) => {
-    if (!etagNotMd5(encryption)) return false;
-    unchecked(f, `encrypted (${encryption}): its ETag is not an MD5`);
-    return true;
+  const checksumOf = (f: FileState) => (f.lookup ??= lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs));
+  /**
+   * What the file's content must hash to: the MD5 its ETag names, while the ETag can be one and its parts' size is
+   * known; else its checksum (a composite one by the parts' size); else why it is not checked.
+   */
+  const planFor = async (f: FileState): Promise<{ expected: Expected; partSize: number } | { why: string }> => {
+    const encrypted = (encryption: string | undefined) => {
+      if (etagNotMd5(encryption)) Object.assign(f, { etagTrusted: false, encryption });
+      return !f.etagTrusted;
+    };
+    const notMd5 = () => (f.encryption ? `encrypted (${f.encryption}): its ETag is not an MD5` : 'its ETag is not an MD5');
+    const fromEtag = f.etagTrusted ? md5Etag(f.obj.etag) : undefined;
+    let why = notMd5();
+    let layout: { parts: number; l: Promise<PartLayout> } | undefined;
+    const layoutOf = (parts: number) => {
+      if (layout?.parts !== parts) layout = { parts, l: partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs) };
+      return layout.l;
+    };
+    if (fromEtag !== undefined && fromEtag.parts === 0) return { expected: fromEtag, partSize: 0 };
+    if (fromEtag !== undefined) {
+      const l = await layoutOf(fromEtag.parts);
+      if (encrypted(l.encryption)) why = notMd5();
+      else if ('partSize' in l) return { expected: fromEtag, partSize: l.partSize };
+      else why = l.why;
+    }
+    const c = await checksumOf(f);
+    if ('why' in c) return { why: `${why}; ${c.why}` };
+    if (c.expected.parts === 0) return { expected: c.expected, partSize: 0 };
+    const l = await layoutOf(c.expected.parts);
+    return 'partSize' in l ? { expected: c.expected, partSize: l.partSize } : { why: `${why}; its checksum is of parts, and ${l.why}` };
   };
-  const startCheck = (f: FileState, fd: number) => {
-    if (!check || !f.expect || f.hashing) return;
-    const expect = f.expect;
+  /** Starts (or starts over) the file's hashing by its plan; a plan superseded meanwhile opens nothing. */
+  const startHashing = (f: FileState) => {
+    f.hashed?.drop();
+    f.hashed = undefined;
+    const gen = ++f.plans;
     f.hashing = (async () => {
-      let partSize = 0;
-      if (expect.parts > 0) {
-        const l = await partLayout(check.headPart, f.obj.key, f.obj.etag, f.obj.size, expect.parts, signal, o.stallMs);
-        if (encrypted(f, l.encryption)) return undefined;
-        if ('why' in l) {
-          unchecked(f, l.why);
-          return undefined;
-        }
-        partSize = l.partSize;
+      const plan = await planFor(f);
+      if (gen !== f.plans || !f.checked) return undefined;
+      if ('why' in plan) {
+        unchecked(f, plan.why);
+        return undefined;
       }
-      if (!f.expect) return undefined;
-      const h = hasher!.open(fd, f.obj.size, partSize, () => o.journal.get(f.obj.rel)?.spans ?? []);
+      const h = hasher!.open(f.fd!, f.obj.size, { alg: plan.expected.alg, partSize: plan.partSize }, () => o.journal.get(f.obj.rel)?.spans ?? []);
       f.hashed = h;
-      return h;
+      return { h, expected: plan.expected };
     })();
     // Seen by checkContent; a rejection here is an abort, which the download meets on its own.
     f.hashing.catch(() => undefined);
   };
+  const startCheck = (f: FileState, fd: number) => {
+    if (!check || !f.checked || f.hashing) return;
+    f.fd = fd;
+    startHashing(f);
+  };
+  /** The store's answer says how the object is encrypted: with KMS or a customer key its ETag is no MD5, and the plan changes. */
+  const learnEncryption = (f: FileState, encryption: string | undefined) => {
+    f.answered = true;
+    if (!f.checked || !f.etagTrusted || !etagNotMd5(encryption)) return;
+    f.etagTrusted = false;
+    f.encryption = encryption;
+    if (f.hashing) startHashing(f);
+  };
   /**
-   * Throws ContentMismatchError (the caller fetches the file again) where the content is not the ETag's, and
+   * Throws ContentMismatchError (the caller fetches the file again) where the content is not what the store says, and
    * STORAGE_CORRUPT where it was not the last time either.
    */
-  const checkContent = async (f: FileState) => {
-    if (!check || !f.expect) return;
-    const h = await f.hashing;
+  const checkContent = async (f: FileState): Promise<void> => {
+    if (!check || !f.checked) return;
+    let r: Awaited<NonNullable<FileState['hashing']>>;
+    for (let p = f.hashing; ; p = f.hashing) {
+      r = await p;
+      if (p === f.hashing) break;
+    }
     // The download is stopping: the file stays a partial, checked by the run that resumes it.
     signal.throwIfAborted();
     // Not hashed: unchecked() recorded why.
-    if (h === undefined || !f.expect) return;
-    let got: string;
+    if (r === undefined || !f.checked) return;
+    let raw: Buffer;
     try {
-      got = await h.digest();
+      raw = await r.h.digest();
     } catch (e) {
       o.log.warn({ file: f.obj.rel, reason: (e as Error).message }, 'could not hash the file; its content is not checked');
       return unchecked(f, 'hashing failed');
     }
-    const want = etagDigest(f.expect);
-    const key = mismatchKey(f.obj.rel, f.obj.etag);
+    const e = r.expected;
+    const got = formatDigest(e, raw);
+    const want = expectedDigest(e);
+    // A file resumed whole was not fetched in this round: no answer said whether it is encrypted, which makes its ETag
+    // no MD5. Its checksum's HEAD says; where it is encrypted, it is checked by its checksum instead.
+    if (got !== want && e.source === 'ETag' && !f.answered && f.etagTrusted) {
+      const c = await checksumOf(f);
+      if (etagNotMd5(c.encryption)) {
+        learnEncryption(f, c.encryption);
+        return checkContent(f);
+      }
+    }
+    const key = mismatchKey(f.obj.rel, f.obj.etag, e);
     const before = check.state.mismatched.get(key);
     if (got === want) {
       // The earlier download that differed was damaged on its way: counted now that this one shows it.
@@ -375,11 +437,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       check.state.checked.add(f.obj.rel);
       return;
     }
-    // Multipart, the same digest twice: the parts are most likely not of the sizes the HEADs implied (S3 allows
-    // uneven inner parts), rather than the store holding other content than it was sent.
-    if (before === got && f.expect.parts > 0) {
-      o.log.warn({ file: f.obj.rel, etag: want, md5: got },
-        'two downloads of this file agree with each other but not with its multipart ETag: its parts are likely not all of one size; serving it unchecked');
+    // Of parts, the same digest twice: the parts are most likely not of the sizes the HEADs implied (S3 allows uneven
+    // inner parts), rather than the store holding other content than it was sent.
+    if (before === got && e.parts > 0) {
+      o.log.warn({ file: f.obj.rel, against: e.source, expected: describeExpected(e), got: describeExpected(e, got) },
+        `two downloads of this file agree with each other but not with its multipart ${e.source}: its parts are likely not all of one size; serving it unchecked`);
       return unchecked(f, 'its parts are not all of one size');
     }
     if (before !== undefined && before !== got) {
@@ -388,17 +450,18 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     }
     if (before !== undefined) {
       const where = `s3://${o.bucket}/${f.obj.key}`;
+      const what = `the object's ${e.source} (${describeExpected(e)})`;
       throw new RuntimeError('STORAGE_CORRUPT', before === got
-        ? `${where}: two downloads agree with each other but not with the object's ETag (MD5 ${want}): the store holds content its ETag does not ` +
-          'describe (damaged at rest, or a store whose ETags are not MD5s of the content); check the object, or set S3_VERIFY_CONTENT=0 to serve it unchecked'
-        : `${where}: the content differed from its ETag (MD5 ${want}) in two downloads, and differently each time: ` +
+        ? `${where}: two downloads agree with each other but not with ${what}: the store holds content its ${e.source} does not describe (damaged at rest` +
+          `${e.source === 'ETag' ? ', or a store whose ETags are not MD5s of the content' : ''}); check the object, or set S3_VERIFY_CONTENT=0 to serve it unchecked`
+        : `${where}: the content differed from ${what} in two downloads, and differently each time: ` +
           'something between S3 and this pod damages data (a proxy, the network, the cache volume)');
     }
     check.state.mismatched.set(key, got);
     // Dropped here, not only by the caller: another file of this round may fail it first, and this one must still
     // be fetched again rather than resumed whole.
     o.journal.drop(f.obj.rel);
-    throw new ContentMismatchError(f.obj.key, f.obj.rel, want, got);
+    throw new ContentMismatchError(f.obj.key, f.obj.rel, e, got);
   };
 
   const finish = async (f: FileState) => {
@@ -524,7 +587,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
         if (checkRangeAnswer(res, asked, f.obj.size, `s3://${o.bucket}/${f.obj.key}`) === 'changed') throw new ObjectChangedError(f.obj.key);
         if (!f.obj.etag || !res.etag) etagsChecked = false;
-        if (f.expect) encrypted(f, res.encryption);
+        learnEncryption(f, res.encryption);
         if (res.contentLength !== undefined && res.contentLength !== left) {
           throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);
         }

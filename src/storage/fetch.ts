@@ -413,9 +413,9 @@ class S3Fetch {
     const started = performance.now();
     let why: 'changed' | 'incomplete' | 'damaged' = 'changed';
     const transport = await this.transport!;
-    // Directory buckets' (S3 Express One Zone) ETags are random strings, not MD5s.
+    // Directory buckets' (S3 Express One Zone) ETags are random strings, not MD5s: checked by their checksums alone.
     const directoryBucket = /--x-s3$/.test(this.bucket);
-    const checkState = cfg.s3.verifyContent && !directoryBucket ? newContentCheckState() : undefined;
+    const checkState = cfg.s3.verifyContent ? newContentCheckState() : undefined;
     let evictedAfterRefusal = false;
     for (let round = 0; round < 4; round++) {
       if (round > 0) this.o.onRestart?.();
@@ -465,7 +465,7 @@ class S3Fetch {
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },
-          ...(checkState ? { check: { state: checkState, headPart: (r) => transport.headPart(r), onDamaged: (rel) => this.o.onDamaged?.(rel) } } : {}),
+          ...(checkState ? { check: { state: checkState, head: (r) => transport.head(r), etagsAreMd5: !directoryBucket, onDamaged: (rel) => this.o.onDamaged?.(rel) } } : {}),
           makeRoom: (need, free, head) => this.roomFor(need - free, head, true),
           onBytes: (n) => {
             this.progress.bytesDone += n;
@@ -494,7 +494,7 @@ class S3Fetch {
         if (e instanceof ContentMismatchError) {
           // Which bytes are damaged is not known: download.ts dropped the file from the journal, so it is fetched again
           // whole, once (download.ts decides after that).
-          log.warn({ file: e.rel, etag: e.expected, md5: e.got }, 'the content of a downloaded file differs from its ETag; fetching the file again');
+          log.warn({ file: e.rel, against: e.against, expected: e.expected, got: e.got }, `the content of a downloaded file differs from its ${e.against}; fetching the file again`);
           await journal.sync();
           why = 'damaged';
           continue;
@@ -542,7 +542,7 @@ class S3Fetch {
       });
       await journal.remove();
       const secs = (performance.now() - started) / 1000;
-      const checked = contentChecked(checkState, listing, directoryBucket);
+      const checked = contentChecked(checkState, listing);
       log.info({ uri: this.uri, bytes, files: listing.length, seconds: +secs.toFixed(2), mbps: +(bytes / 1e6 / secs).toFixed(1), ...checked }, 'model cached');
       this.emit('done', true);
       return {
@@ -644,12 +644,12 @@ class S3Fetch {
 }
 
 /**
- * The commit's account of the content check: files checked against their ETags in this fill, and why others were not
+ * The commit's account of the content check: files checked in this fill (by ETag or checksum), and why others were not
  * (files reused whole from an earlier run were checked then, or before the check existed: neither is counted).
  */
-function contentChecked(state: ContentCheckState | undefined, listing: readonly RemoteObject[], directoryBucket: boolean):
+function contentChecked(state: ContentCheckState | undefined, listing: readonly RemoteObject[]):
   { contentCheck?: string; contentChecked?: number; contentNotChecked?: Record<string, number> } {
-  if (state === undefined) return { contentCheck: directoryBucket ? 'not in a directory bucket (its ETags are not MD5s)' : 'off' };
+  if (state === undefined) return { contentCheck: 'off' };
   const listed = new Set(listing.map((x) => x.rel));
   const why: Record<string, number> = {};
   for (const [rel, reason] of state.unchecked) if (listed.has(rel) && !state.checked.has(rel)) why[reason] = (why[reason] ?? 0) + 1;

@@ -19,7 +19,8 @@ import type { S3Settings } from '../config.js';
 import { firstUse } from '../descriptors.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
-import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type PartAnswer, type PartRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
+import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
+import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
 
@@ -157,11 +158,13 @@ export interface SignInput {
   credentials: LiteCredentials;
   now: Date;
   payloadHash?: string;
+  /** Headers to sign and send beside those signV4 adds (lower-case names). */
+  headers?: Readonly<Record<string, string>>;
 }
 
 /**
  * AWS Signature Version 4 headers for a request with no body (the SigV4 "header-based auth" of S3's docs), by the SDK's
- * own signer. Signed: host, x-amz-content-sha256, x-amz-date and a session token; Range and If-Match travel unsigned,
+ * own signer. Signed: host, x-amz-content-sha256, x-amz-date, a session token and `headers`; Range and If-Match travel unsigned,
  * as SigV4 allows. Returns the headers to send, Authorization included, and the query string the path must carry, in
  * the encoding the signature covers.
  */
@@ -170,7 +173,7 @@ export async function signV4(r: SignInput): Promise<{ headers: Record<string, st
   const signer = new SignatureV4({ credentials: r.credentials, region: r.region, service: r.service ?? 's3', sha256: Sha256, uriEscapePath: false });
   const query = Object.fromEntries(r.query);
   const signed = await signer.sign(
-    { method: r.method, protocol: 'https:', hostname: r.host, path: r.path || '/', query, headers: { host: r.host, 'x-amz-content-sha256': r.payloadHash ?? EMPTY_SHA256 } },
+    { method: r.method, protocol: 'https:', hostname: r.host, path: r.path || '/', query, headers: { ...r.headers, host: r.host, 'x-amz-content-sha256': r.payloadHash ?? EMPTY_SHA256 } },
     { signingDate: r.now },
   );
   const qs = Object.keys(query).map((k) => [encodeRfc3986(k), encodeRfc3986(query[k]!)] as const)
@@ -356,16 +359,20 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
 const encryptionHeader = (h: http.IncomingHttpHeaders) =>
   encryptionOf(h['x-amz-server-side-encryption'] as string | undefined, h['x-amz-server-side-encryption-customer-algorithm'] as string | undefined);
 
-/** HeadObject of one part (`?partNumber=`) without the SDK's client; an error answer rejects as getObjectLite's do. */
-export async function headPartLite(t: LiteTarget, agent: http.Agent, r: PartRequest): Promise<PartAnswer> {
+/**
+ * HeadObject without the SDK's client: of one part (`?partNumber=`), or with the object's checksum (the checksum mode
+ * header is signed, as S3 wants every x-amz-* header). An error answer rejects as getObjectLite's do.
+ */
+export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRequest): Promise<HeadAnswer> {
   const { secure, host, hostname, port } = endpoint(t);
   const keyPath = objectPath(t, r.key);
   const { headers, query } = await signV4({
-    method: 'HEAD', host, path: keyPath, query: [['partNumber', String(r.partNumber)]], region: t.region, credentials: t.credentials, now: signingTime(t.clock),
+    method: 'HEAD', host, path: keyPath, query: r.partNumber !== undefined ? [['partNumber', String(r.partNumber)]] : [], region: t.region,
+    credentials: t.credentials, now: signingTime(t.clock), ...(r.checksums ? { headers: { 'x-amz-checksum-mode': 'ENABLED' } } : {}),
   });
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
   const sentAt = Date.now();
-  const opts: https.RequestOptions = { method: 'HEAD', hostname, port, path: `${keyPath}?${query}`, headers, agent, signal: r.signal };
+  const opts: https.RequestOptions = { method: 'HEAD', hostname, port, path: query ? `${keyPath}?${query}` : keyPath, headers, agent, signal: r.signal };
   return new Promise((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
@@ -373,8 +380,14 @@ export async function headPartLite(t: LiteTarget, agent: http.Agent, r: PartRequ
       const status = res.statusCode ?? 0;
       // A HEAD carries no error body: the status alone says what went wrong.
       if (status !== 200 && status !== 206) return reject(new LiteHttpError(status, undefined, 'read'));
+      const h = res.headers;
       const num = (v: string | string[] | undefined) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : undefined);
-      resolve({ contentLength: num(res.headers['content-length']), partsCount: num(res.headers['x-amz-mp-parts-count']), etag: res.headers.etag, ...encryptionHeader(res.headers) });
+      const str = (v: string | string[] | undefined) => (typeof v === 'string' ? v : undefined);
+      const checksum = r.checksums ? checksumFrom(Object.fromEntries(CHECKSUM_HEADERS.map(([alg, name]) => [alg, str(h[name])])), str(h['x-amz-checksum-type'])) : undefined;
+      resolve({
+        contentLength: num(h['content-length']), partsCount: num(h['x-amz-mp-parts-count']), etag: h.etag, ...encryptionHeader(h),
+        ...(checksum ? { checksum } : {}),
+      });
     });
     req.on('error', reject);
     req.end();
@@ -391,7 +404,7 @@ export function createLiteTransport(t: LiteTarget, s: Pick<S3Settings, 'maxConcu
     name: 'lite',
     list: (r) => listPrefixLite(t, r.prefix, r.signal),
     get: (r) => getObjectLite(t, agent, r),
-    headPart: (r) => headPartLite(t, agent, r),
+    head: (r) => headObjectLite(t, agent, r),
     destroy: () => agent.destroy(),
   };
 }

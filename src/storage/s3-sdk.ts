@@ -9,7 +9,8 @@ import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
-import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type PartAnswer, type PartRequest, type RemoteObject, type S3Transport } from './transport.js';
+import { checksumFrom } from './checksums.js';
+import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
 
@@ -77,12 +78,19 @@ export async function getObject(client: S3Client, bucket: string, r: GetRequest)
   };
 }
 
-/** A HEAD of one part through the SDK. */
-export async function headPart(client: S3Client, bucket: string, r: PartRequest): Promise<PartAnswer> {
+/** A HEAD through the SDK: of a part, or of the object with its checksum. */
+export async function headObject(client: S3Client, bucket: string, r: HeadRequest): Promise<HeadAnswer> {
   const res = await client.send(new HeadObjectCommand({
-    Bucket: bucket, Key: r.key, PartNumber: r.partNumber, ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
+    Bucket: bucket, Key: r.key, ...(r.partNumber !== undefined ? { PartNumber: r.partNumber } : {}), ...(r.checksums ? { ChecksumMode: 'ENABLED' } : {}),
+    ...(r.ifMatch !== undefined ? { IfMatch: r.ifMatch } : {}),
   }), { abortSignal: r.signal });
-  return { contentLength: res.ContentLength, partsCount: res.PartsCount, etag: res.ETag, ...encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm) };
+  const checksum = checksumFrom({
+    crc64nvme: res.ChecksumCRC64NVME, crc32c: res.ChecksumCRC32C, crc32: res.ChecksumCRC32, sha256: res.ChecksumSHA256, sha1: res.ChecksumSHA1,
+  }, res.ChecksumType);
+  return {
+    contentLength: res.ContentLength, partsCount: res.PartsCount, etag: res.ETag, ...encryptionOf(res.ServerSideEncryption, res.SSECustomerAlgorithm),
+    ...(checksum ? { checksum } : {}),
+  };
 }
 
 /**
@@ -95,7 +103,7 @@ export function createSdkTransport(s: Readonly<S3Settings>, bucket: string): S3T
     name: 'sdk',
     list: (r) => listPrefix(handle.client, bucket, r.prefix, r.signal),
     get: (r) => getObject(handle.client, bucket, r),
-    headPart: (r) => headPart(handle.client, bucket, r),
+    head: (r) => headObject(handle.client, bucket, r),
     destroy: () => handle.destroy(),
   };
 }

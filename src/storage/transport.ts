@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import type http from 'node:http';
 import type { Readable } from 'node:stream';
 import type { S3Settings } from '../config.js';
+import type { ChecksumAnswer } from './checksums.js';
 
 /** One object of a listing. */
 export interface RemoteObject {
@@ -49,21 +50,27 @@ export interface ObjectBody {
   encryption?: string;
 }
 
-/** A HEAD of one part of a multipart upload (`?partNumber=`): where S3 and most compatible stores give the part's size. */
-export interface PartRequest {
+/**
+ * A HEAD, for the content check: of one part of a multipart upload (`?partNumber=`), where S3 and most compatible
+ * stores give the part's size; or of the object with `x-amz-checksum-mode: ENABLED`, for its additional checksum.
+ */
+export interface HeadRequest {
   key: string;
-  partNumber: number;
+  partNumber?: number;
+  checksums?: boolean;
   ifMatch?: string;
   signal: AbortSignal;
 }
 
-export interface PartAnswer {
-  /** The part's size (Content-Length). */
+export interface HeadAnswer {
+  /** The part's size (Content-Length), or the object's. */
   contentLength: number | undefined;
   /** x-amz-mp-parts-count; absent where the store ignored partNumber and described the whole object. */
   partsCount: number | undefined;
   etag: string | undefined;
   encryption?: string;
+  /** The object's checksum, where asked for and the store keeps one (checksums.ts). */
+  checksum?: ChecksumAnswer;
 }
 
 /** The `encryption` of an answer, from S3's headers (both transports), to spread into it. */
@@ -81,8 +88,8 @@ export interface S3Transport {
   list(r: ListRequest): Promise<RemoteObject[]>;
   /** One GET: an error answer rejects, a 200 or 206 resolves with its body unread. */
   get(r: GetRequest): Promise<ObjectBody>;
-  /** One HEAD of a part: the content check's way to learn a multipart upload's part size. */
-  headPart(r: PartRequest): Promise<PartAnswer>;
+  /** One HEAD: the content check's way to learn a multipart upload's part size, or an object's checksum. */
+  head(r: HeadRequest): Promise<HeadAnswer>;
   /** Closes idle keep-alive sockets; requests in flight go on. */
   destroy(): void;
 }

@@ -116,6 +116,13 @@ export interface Faults {
   objects?: Record<string, { etag: string; partSizes?: number[] }>;
   /** Headers added to every 2xx GET and HEAD answer (e.g. x-amz-server-side-encryption). */
   addHeaders?: Record<string, string>;
+  /**
+   * Checksum headers (x-amz-checksum-crc64nvme, x-amz-checksum-type, …) by key, added to a 2xx answer to a HEAD of the
+   * object with `x-amz-checksum-mode: ENABLED`, as S3 answers only those.
+   */
+  checksums?: Record<string, Record<string, string>>;
+  /** Never answer a HEAD with checksum mode (a store that hangs on it); the sockets close with the proxy. */
+  holdChecksumHeads?: boolean;
 }
 
 export interface FaultProxy {
@@ -130,6 +137,8 @@ export interface FaultProxy {
     bytesByPath: Record<string, number>;
     /** HEAD requests with a partNumber, answered by the proxy from `faults.objects`. */
     partHeads: number;
+    /** HEAD requests of an object with checksum mode. */
+    checksumHeads: number;
     /** Bodies damaged by `faults.corrupt`. */
     damaged: number;
     getPaths: { sdk: string[]; lite: string[] };
@@ -146,7 +155,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -169,6 +178,14 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       if (size === undefined) res.writeHead(416).end();
       else res.writeHead(206, { etag: sim.etag, 'content-length': String(size), 'x-amz-mp-parts-count': String(sim.partSizes.length), ...f.addHeaders }).end();
       return;
+    }
+    const wantsChecksum = req.method === 'HEAD' && partNumber === 0 && req.headers['x-amz-checksum-mode'] === 'ENABLED';
+    if (wantsChecksum) {
+      stats.checksumHeads++;
+      if (f.holdChecksumHeads) {
+        req.resume();
+        return;
+      }
     }
     if (isList) {
       stats.lists++;
@@ -228,7 +245,9 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         return;
       }
       const ok = (upRes.statusCode ?? 500) < 300;
-      res.writeHead(upRes.statusCode ?? 502, { ...upRes.headers, ...(ok && sim ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}) });
+      res.writeHead(upRes.statusCode ?? 502, {
+        ...upRes.headers, ...(ok && sim ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
+      });
       const body = isGet && ok;
       const damage = body && f.corrupt !== undefined && f.corrupt.count > 0 && f.corrupt.keys.test(objectKey);
       if (damage) f.corrupt!.count--;
