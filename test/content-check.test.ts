@@ -313,9 +313,9 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       const big = files['unet/model.onnx_data']!;
       const sizes = evenParts(big.length, PART);
       const composite = b64('crc32', Buffer.concat(sizes.map((n, k) => oneDigest('crc32', big.subarray(k * PART, k * PART + n)))));
-      const checksums = Object.fromEntries(nonEmpty().map(([rel, b]) => [`sd/${rel}`, rel === 'unet/model.onnx_data'
+      const checksums: Record<string, Record<string, string>> = Object.fromEntries(nonEmpty().map(([rel, b]) => [`sd/${rel}`, rel === 'unet/model.onnx_data'
         ? { 'x-amz-checksum-crc32': `${composite}-${sizes.length}`, 'x-amz-checksum-type': 'COMPOSITE' }
-        : { 'x-amz-checksum-crc32c': b64('crc32c', b), 'x-amz-checksum-type': 'FULL_OBJECT' }]));
+        : { 'x-amz-checksum-crc32c': b64('crc32c', b), 'x-amz-checksum-type': 'FULL_OBJECT' }] as [string, Record<string, string>]));
       const objects = Object.fromEntries(Object.keys(files).map((rel, i) => [`sd/${rel}`, rel === 'unet/model.onnx_data'
         ? { etag: `"opaque-${i}"`, partSizes: sizes } : { etag: `"opaque-${i}"` }]));
       const r = recorder();
