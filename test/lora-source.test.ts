@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import { removeEntry } from '../src/storage/entries.js';
-import { CREDS, destroyS3, startS3, testConfig, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, rejection, startFaultProxy, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { tempDir } from './helpers/server.js';
 import { pathToFileURL } from 'node:url';
 
@@ -85,4 +85,48 @@ describe('adapter source', () => {
     byUrl.setModelDir(model);
     expect((await byUrl.resolve([{ name: 'local-two', scale: 1 }]))[0]!.file).toBe(path.join(spaced, 'local-two.safetensors'));
   });
+
+  it('one request that leaves while an S3 adapter downloads fails only itself: another waiting for it gets it', async () => {
+    await s3.put('loras', 'adapters/shared/pytorch_lora_weights.safetensors', bytes);
+    let release!: () => void;
+    const proxy = await startFaultProxy(s3.port, { hold: { keys: /adapters\/shared\//, release: new Promise<void>((r) => (release = r)) } });
+    try {
+      const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp.dir, 'cache5'), { LORA_URI: 's3://loras/adapters' }), createLogger('silent'));
+      src.setModelDir(model);
+      const leaves = new AbortController();
+      const a = src.resolve([{ name: 'shared', scale: 1 }], leaves.signal);
+      const b = src.resolve([{ name: 'shared', scale: 0.5 }], new AbortController().signal);
+      await until(() => proxy.stats.held > 0);
+      leaves.abort();
+      release();
+      const [left, stayed] = await Promise.allSettled([a, b]);
+      expect(stayed.status === 'fulfilled' && readFileSync(stayed.value[0]!.file)).toEqual(bytes);
+      // The request that left is told so (not that S3 failed it), as soon as it leaves.
+      expect(left.status === 'rejected' && [left.reason.code, left.reason.message]).toEqual(['CANCELLED', 'the client left']);
+
+      // When every request waiting for a download has left, it stops: the next request for the name fetches it afresh.
+      await s3.put('loras', 'adapters/alone/pytorch_lora_weights.safetensors', bytes);
+      let again!: () => void;
+      proxy.faults.hold = { keys: /adapters\/alone\//, release: new Promise<void>((r) => (again = r)) };
+      const held = proxy.stats.held;
+      const only = new AbortController();
+      const first = src.resolve([{ name: 'alone', scale: 1 }], only.signal);
+      await until(() => proxy.stats.held > held);
+      only.abort();
+      expect((await rejection(first)).code).toBe('CANCELLED');
+      const next = src.resolve([{ name: 'alone', scale: 1 }], new AbortController().signal);
+      await until(() => proxy.stats.held > held + 1);
+      again();
+      expect(readFileSync((await next)[0]!.file)).toEqual(bytes);
+    } finally {
+      release();
+      await proxy.close();
+    }
+  });
 });
+
+async function until(ok: () => boolean): Promise<void> {
+  for (const t0 = Date.now(); !ok(); await new Promise((r) => setTimeout(r, 20))) {
+    if (Date.now() - t0 > 10_000) throw new Error('timed out waiting');
+  }
+}

@@ -18,7 +18,11 @@ import { LORA_NAME, type LoraRequest } from './request.js';
 
 export class AdapterSource {
   #modelDir: string | undefined;
-  readonly #files = new Map<string, Promise<string>>();
+  /**
+   * Lookups in flight or done, by name. Several requests may wait for one (an S3 fetch): each waits with its own
+   * signal, and the fetch stops only once every request waiting for it has left.
+   */
+  readonly #files = new Map<string, Lookup>();
   /** The file each settled lookup gave: an S3 adapter's cache entry may since have been evicted (storage/entries.ts). */
   readonly #found = new Map<string, string>();
 
@@ -62,21 +66,54 @@ export class AdapterSource {
 
   #file(name: string, signal?: AbortSignal): Promise<string> {
     if (!LORA_NAME.test(name)) return Promise.reject(new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`));
-    let p = this.#files.get(name);
+    if (signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
+    let l = this.#files.get(name);
     // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again.
     const found = this.#found.get(name);
-    if (p && found !== undefined && !isFile(found)) {
+    if (l && found !== undefined && !isFile(found)) {
       this.log.info({ adapter: name }, 'LoRA adapter no longer in the cache (evicted); fetching it again');
-      p = undefined;
+      l = undefined;
     }
-    if (!p) {
-      const q = this.#lookup(name, signal);
-      p = q;
-      this.#files.set(name, q);
+    if (!l) {
+      const stop = new AbortController();
+      const q = this.#lookup(name, stop.signal);
+      const lookup: Lookup = { file: q, waiting: 0, settled: false, stop };
+      l = lookup;
+      this.#files.set(name, lookup);
       this.#found.delete(name);
-      q.then((f) => this.#files.get(name) === q && this.#found.set(name, f), () => this.#files.get(name) === q && this.#files.delete(name));
+      q.then((f) => {
+        lookup.settled = true;
+        if (this.#files.get(name) === lookup) this.#found.set(name, f);
+      }, () => {
+        lookup.settled = true;
+        if (this.#files.get(name) === lookup) this.#files.delete(name);
+      });
     }
-    return p;
+    const lookup = l;
+    lookup.waiting++;
+    return new Promise<string>((resolve, reject) => {
+      let waits = true;
+      const stopWaiting = () => {
+        const was = waits;
+        waits = false;
+        signal?.removeEventListener('abort', left);
+        if (was) lookup.waiting--;
+        return was;
+      };
+      const left = () => {
+        if (!stopWaiting()) return;
+        reject(new RuntimeError('CANCELLED', 'the client left'));
+        if (lookup.waiting > 0 || lookup.settled) return;
+        // Nobody waits for it any more: the fetch stops, and the next request for the name looks it up afresh.
+        if (this.#files.get(name) === lookup) this.#files.delete(name);
+        lookup.stop.abort();
+      };
+      signal?.addEventListener('abort', left, { once: true });
+      lookup.file.then(
+        (f) => stopWaiting() && resolve(f),
+        (err: unknown) => stopWaiting() && reject(err),
+      );
+    });
   }
 
   async #lookup(name: string, signal?: AbortSignal): Promise<string> {
@@ -115,6 +152,14 @@ export class AdapterSource {
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
     return f;
   }
+}
+
+interface Lookup {
+  file: Promise<string>;
+  /** Requests waiting for it. */
+  waiting: number;
+  settled: boolean;
+  stop: AbortController;
 }
 
 /** `<dir>/<name>.safetensors`, or the one .safetensors file of `<dir>/<name>/`. */
