@@ -4,8 +4,10 @@
  * strided views, and the adapter-set cache's eviction rules.
  */
 import { closeSync, copyFileSync, existsSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import * as ort from 'onnxruntime-node';
 import onnxProto from 'onnx-proto';
 import { describe, expect, it } from 'vitest';
@@ -417,3 +419,71 @@ function demoStyleUpdates(dir: string, map: LoraMap) {
   const { updates } = resolveAdapters([{ parsed: parseAdapter(st, 'demo-style'), st, scale: 0.9 }], new Map<LoraComponent, LoraMap>([['unet', map]]));
   return [...updates.values()].filter((u) => u.component === 'unet');
 }
+
+describe('a large adapter', () => {
+  it("is read a weight's layers at a time while it merges, not held whole as float64 (an SDXL rank-128 file is ~900 MB of float16)", async () => {
+    const dir = await fixtureModel({ externalData: true });
+    const map = readLoraMap(path.join(dir, 'unet'))!;
+    const tmp = mkdtempSync(path.join(os.tmpdir(), 'lora-big-'));
+    try {
+      // kohya form, float16, ~12.8 MB per weight over every weight of the demo UNet (its weights are tiny, so the ranks
+      // are huge): 128 MB of float16, 512 MB as float64.
+      const header: Record<string, unknown> = {};
+      let offset = 0;
+      const add = (name: string, shape: number[]) => {
+        const bytes = shape.reduce((a, b) => a * b, 1) * 2;
+        header[name] = { dtype: 'F16', shape, data_offsets: [offset, offset + bytes] };
+        offset += bytes;
+      };
+      for (const [param, e] of Object.entries(map.weights)) {
+        const [out, ...rest] = e.shape as [number, ...number[]];
+        const inner = rest.reduce((a, b) => a * b, 1);
+        const rank = Math.floor(12.8e6 / 2 / (out + inner));
+        const key = `lora_unet_${param.slice(0, -'.weight'.length).replaceAll('.', '_')}`;
+        add(`${key}.lora_down.weight`, [rank, ...rest]);
+        add(`${key}.lora_up.weight`, rest.length > 1 ? [out, rank, 1, 1] : [out, rank]);
+        add(`${key}.alpha`, []);
+      }
+      let json = JSON.stringify(header);
+      json += ' '.repeat((8 - ((8 + json.length) % 8)) % 8);
+      const file = path.join(tmp, 'big.safetensors');
+      const fd = openSync(file, 'w');
+      const head = Buffer.alloc(8 + json.length);
+      head.writeBigUInt64LE(BigInt(json.length), 0);
+      head.write(json, 8);
+      writeSync(fd, head);
+      // Small values (float16 2^-10 · (1 + k/1024)) and alpha 1 where a scalar goes: the update stays finite.
+      const chunk = Buffer.alloc(1 << 20);
+      for (let i = 0; i < chunk.length; i += 2) chunk.writeUInt16LE(0x1800 + ((i >> 1) & 0x3ff), i);
+      for (let done = 0; done < offset; done += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, offset - done));
+      for (const t of Object.values(header) as Array<{ shape: number[]; data_offsets: [number, number] }>) {
+        if (t.shape.length === 0) writeSync(fd, Buffer.from([0x00, 0x3c]), 0, 2, head.length + t.data_offsets[0]);
+      }
+      closeSync(fd);
+      expect(statSync(file).size).toBeGreaterThan(120e6);
+      // As an adapter set's thread builds it (lora-thread.ts), in a process of its own so its peak is its own.
+      const url = (f: string) => JSON.stringify(pathToFileURL(path.join(import.meta.dirname, '..', 'dist', 'src', 'pipeline', f)).href);
+      const script = `
+        const { openSafetensors } = await import(${url('lora-safetensors.js')});
+        const { parseAdapter } = await import(${url('lora-keys.js')});
+        const { planAdapterSet, writeMergedComponent } = await import(${url('lora-merge.js')});
+        const st = await openSafetensors(${JSON.stringify(file)}, 'adapter "big"');
+        const before = process.memoryUsage().rss;
+        const { byComponent, problems } = planAdapterSet([{ parsed: parseAdapter(st, 'big'), st, scale: 1 }], { unet: ${JSON.stringify(path.join(dir, 'unet', 'model.onnx'))} });
+        if (problems.length > 0) throw new Error(problems.join('; '));
+        const w = await writeMergedComponent(${JSON.stringify(path.join(dir, 'unet', 'model.onnx'))}, byComponent.get('unet'), ${JSON.stringify(path.join(tmp, 'out'))});
+        await st.close();
+        console.log(JSON.stringify({ grewMB: (process.resourceUsage().maxRSS * 1024 - before) / 2 ** 20, weights: byComponent.get('unet').length, patchedBytes: w.patchedBytes }));`;
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 120_000 });
+      expect(r.stderr).toBe('');
+      const got = JSON.parse(r.stdout) as { grewMB: number; weights: number; patchedBytes: number };
+      expect(got.weights).toBe(Object.keys(map.weights).length);
+      expect(got.patchedBytes).toBeGreaterThan(0);
+      // Held whole it grows by 4× the file (512 MB) and more; a weight's layers at a time, by a few weights' worth (~50 MB
+      // each as float64), ~140 MB here.
+      expect(got.grewMB).toBeLessThan(256);
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+  }, 180_000);
+});

@@ -15,7 +15,7 @@
  */
 import { RuntimeError } from '../errors.js';
 import { numel, type LoraMap, type MapEntry } from './lora-map.js';
-import { readFloats, type SafeTensors, type StTensor } from './lora-safetensors.js';
+import { checkFloats, readFloats, type SafeTensors, type StTensor } from './lora-safetensors.js';
 
 export type LoraComponent = 'unet' | 'text_encoder' | 'text_encoder_2';
 export const LORA_COMPONENTS: readonly LoraComponent[] = ['unet', 'text_encoder', 'text_encoder_2'];
@@ -193,12 +193,16 @@ export function sgmCandidates(name: string, layersPerBlock: number): string[] {
   return [];
 }
 
-/** One weight's update: Σ over the adapters' layers on it, each `factor · up · down` (see mergeDelta). */
+/**
+ * One weight's update: Σ over the adapters' layers on it, each `factor · up · down` (see mergeDelta). The layers'
+ * tensors stay in their files until the weight is merged: an adapter's values as float64 are four times its float16
+ * file, and SDXL adapters reach hundreds of MB.
+ */
 export interface WeightUpdate {
   component: LoraComponent;
   param: string;
   entry: MapEntry;
-  terms: Array<{ adapter: string; factor: number; up: Float64Array; down: Float64Array; rank: number }>;
+  terms: Array<{ adapter: string; factor: number; st: SafeTensors; up: StTensor; down: StTensor; rank: number }>;
 }
 
 export interface Resolution {
@@ -212,9 +216,9 @@ const LISTED_KEYS = 8;
 const listKeys = (keys: readonly string[]) => `${keys.slice(0, LISTED_KEYS).join(', ')}${keys.length > LISTED_KEYS ? ` and ${keys.length - LISTED_KEYS} more` : ''}`;
 
 /**
- * Matches every layer of every adapter to a weight of the export's maps and reads its tensors. `scales` per adapter
- * name. Problems (keys of no known form, unsupported variants, modules the model does not have, shapes that do not
- * fit) are collected for all adapters at once.
+ * Matches every layer of every adapter to a weight of the export's maps; its tensors are read when the weight is
+ * merged (mergeDelta). `scales` per adapter name. Problems (keys of no known form, unsupported variants, modules the
+ * model does not have, shapes that do not fit) are collected for all adapters at once.
  */
 export function resolveAdapters(
   adapters: ReadonlyArray<{ parsed: ParsedAdapter; st: SafeTensors; scale: number }>,
@@ -278,8 +282,8 @@ export function resolveAdapters(
         else nothing.push(l.key);
         continue;
       }
-      const down = readFloats(st, l.down, who);
-      const up = readFloats(st, l.up, who);
+      checkFloats(l.down, who);
+      checkFloats(l.up, who);
       const rank = l.down.shape[0] ?? 0;
       const out = entry.shape[0]!;
       const inner = numel(entry.shape) / out;
@@ -294,7 +298,7 @@ export function resolveAdapters(
       const id = `${l.component}:${param}`;
       let u = updates.get(id);
       if (!u) updates.set(id, (u = { component: l.component, param: param!, entry, terms: [] }));
-      u.terms.push({ adapter: parsed.name, factor, up, down, rank });
+      u.terms.push({ adapter: parsed.name, factor, st, up: l.up, down: l.down, rank });
     }
     if (nothing.length > 0) problems.push(`${who} has keys that match nothing in this model: ${listKeys(nothing)}`);
     if (notPatchable.length > 0) problems.push(`${who} targets weights this export cannot patch (folded by its optimizer; see docs/LORA.md): ${listKeys(notPatchable)}`);
@@ -309,7 +313,8 @@ export function resolveAdapters(
 
 /**
  * The update of one weight in the torch element order: Σ_adapters factor · Σ_r up[o, r] · down[r, i], in float64
- * (adapters in the order given, r ascending), to be added to the weight and rounded once.
+ * (adapters in the order given, r ascending), to be added to the weight and rounded once. Reads the layers' tensors
+ * from their files (open until the set is merged), one term at a time.
  */
 export function mergeDelta(u: WeightUpdate): Float64Array {
   const out = u.entry.shape[0]!;
@@ -319,7 +324,10 @@ export function mergeDelta(u: WeightUpdate): Float64Array {
   // sums as a dot product per element, in the same order, at memory speed), then acc += factor · s.
   const s = new Float64Array(inner);
   for (const t of u.terms) {
-    const { up, down, rank, factor } = t;
+    const { rank, factor } = t;
+    const who = `adapter "${t.adapter}"`;
+    const up = readFloats(t.st, t.up, who);
+    const down = readFloats(t.st, t.down, who);
     for (let o = 0; o < out; o++) {
       s.fill(0);
       for (let r = 0; r < rank; r++) {

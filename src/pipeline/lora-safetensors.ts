@@ -133,9 +133,14 @@ function parseHeader(bytes: Uint8Array, dataLength: number, what: string): Pick<
   return { tensors, metadata };
 }
 
+/** Refuses, by name, a tensor whose dtype readFloats cannot read. */
+export function checkFloats(t: StTensor, what: string): void {
+  if (!FLOAT_DTYPES.has(t.dtype)) throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; LoRA weights must be F32, F16, BF16 or F64`);
+}
+
 /** A tensor's values as float64 (F32, F16, BF16, F64); other dtypes are refused by name. */
 export function readFloats(st: SafeTensors, t: StTensor, what: string): Float64Array {
-  if (!FLOAT_DTYPES.has(t.dtype)) throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; LoRA weights must be F32, F16, BF16 or F64`);
+  checkFloats(t, what);
   const bytes = st.read(t.begin, t.end);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const size = ELEMENT_BYTES[t.dtype]!;
