@@ -9,7 +9,7 @@ import sharp from 'sharp';
 import { describe, expect, it } from 'vitest';
 import { fitImage, imageTensor, maskTensor } from '../src/pipeline/img2img.js';
 import type { ResizeMode } from '../src/pipeline/job.js';
-import { resize, toLuma } from '../src/pipeline/resample.js';
+import { blank, paste, resize, toLuma, type Raster } from '../src/pipeline/resample.js';
 import { decodeImage, sniffFormat } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
 import { REFERENCE } from './helpers/server.js';
@@ -105,5 +105,56 @@ describe('Pillow resampling details', () => {
     expect(same.data).toEqual(src.data);
     expect(same.data).not.toBe(src.data);
     expect(Array.from(toLuma({ data: Uint8Array.from([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]), width: 4, height: 1, channels: 3 }).data)).toEqual([76, 150, 29, 255]);
+  });
+});
+
+describe('resizing only part of the output', () => {
+  // A small deterministic generator: the cases are the same on every run.
+  let state = 12345;
+  const rand = (n: number) => {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    return state % n;
+  };
+  const crop = (r: Raster, x: number, y: number, w: number, h: number) => {
+    const out = blank(w, h, r.channels);
+    paste(out, r, -x, -y);
+    return out;
+  };
+
+  it('gives the pixels of the same window of the whole resize (both filters, boxes, tall images, no-op sizes)', () => {
+    const bad: string[] = [];
+    for (let i = 0; i < 300; i++) {
+      const ch = rand(2) === 0 ? 1 : 3;
+      const tall = i % 10 === 0;
+      const w = 1 + rand(tall ? 3 : 40);
+      const h = tall ? 101 * w + rand(300) : 1 + rand(40);
+      const src = { data: Uint8Array.from({ length: w * h * ch }, () => rand(256)), width: w, height: h, channels: ch };
+      const same = i % 7 === 0;
+      const outW = same ? w : 1 + rand(60);
+      const outH = same ? h : 1 + rand(tall ? 400 : 60);
+      const box = rand(3) === 0 ? ([rand(w), rand(h), w, h] as const) : undefined;
+      const filter = rand(2) === 0 ? 'lanczos' : 'bicubic';
+      const x = rand(outW);
+      const y = rand(outH);
+      const win = { x, y, width: 1 + rand(outW - x), height: 1 + rand(outH - y) };
+      const whole = resize(src, outW, outH, filter, box);
+      const part = resize(src, outW, outH, filter, box, win);
+      const want = crop(whole, win.x, win.y, win.width, win.height);
+      if ([part.width, part.height].join() !== [win.width, win.height].join() || Buffer.compare(Buffer.from(part.data), Buffer.from(want.data)) !== 0) {
+        bad.push(`${w}x${h}x${ch} → ${outW}x${outH} ${filter} box ${JSON.stringify(box)} window ${JSON.stringify(win)}`);
+      }
+    }
+    expect(bad).toEqual([]);
+  });
+
+  it('resize_mode crop of an elongated image costs the output, not the scaled image (4096x2 → 1024x1024 scales it to 2097152x1024)', () => {
+    const img = { data: Uint8Array.from({ length: 4096 * 2 * 3 }, (_, i) => (i * 7919) % 251), width: 4096, height: 2, channels: 3 };
+    // Whole, the scaled image was 6 GB: its allocation failed, a 500 (a 4096x4 image's would take 3 GB).
+    const out = fitImage(img, 1024, 1024, 'crop');
+    expect([out.width, out.height]).toEqual([1024, 1024]);
+    // The centre of the whole scaled image, as diffusers pastes it: checked on a size whose whole resize is cheap.
+    const small = { ...img, data: img.data.subarray(0, 256 * 2 * 3), width: 256 };
+    const whole = resize(small, 256 * 48 / 2, 48);
+    expect(Buffer.from(fitImage(small, 40, 48, 'crop').data)).toEqual(Buffer.from(crop(whole, whole.width / 2 - 20, 0, 40, 48).data));
   });
 });

@@ -79,6 +79,14 @@ describe('image-to-image on the demo model', () => {
     expect(preds(sized.json).map((p) => [p.width, p.height])).toEqual([[48, 32]]);
   });
 
+  it('resize_mode crop of an elongated image: the centre of its scaled copy, computed alone (whole, 6 GB: a 500)', async () => {
+    // 65535x2 covering 256x256 is scaled to 8388480x256 before the crop.
+    const strip = await sharp(Buffer.alloc(65535 * 2 * 3, 90), { raw: { width: 65535, height: 2, channels: 3 } }).png().toBuffer();
+    const r = await predict(demo, { ...base, num_inference_steps: 2, image: strip.toString('base64'), height: 256, width: 256, resize_mode: 'crop' });
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    expect(preds(r.json).map((p) => [p.width, p.height])).toEqual([[256, 256]]);
+  });
+
   it('strength 0 returns the input encoded and decoded, whatever the prompt and guidance', async () => {
     const a = await predict(demo, { ...base, image: pic.toString('base64'), strength: 0 });
     const b = await predict(demo, { ...base, prompt: 'something else entirely', guidance_scale: 2, scheduler: 'euler_a', image: pic.toString('base64'), strength: 0 });
@@ -226,6 +234,9 @@ describe('bad image inputs answer 400 naming the field', () => {
     ['an unknown resize_mode', () => ({ ...ok, image: pic.toString('base64'), resize_mode: 'stretch' }), 'instances[0].resize_mode must be one of default, crop, fill, got "stretch"'],
     ['inpainting with no step left', () => ({ ...ok, image: pic.toString('base64'), mask_image: mask.toString('base64'), strength: 0.2 }),
       'instances[0].strength 0.2 × num_inference_steps 4 leaves no denoising step; inpainting needs strength × num_inference_steps >= 1'],
+    // Pillow cannot resize to a side of 0 (diffusers raises): was a 500 from the worker.
+    ['resize_mode fill of an image more elongated than the output', async () => ({ ...ok, image: (await picture(600, 1)).toString('base64'), height: 64, width: 64, resize_mode: 'fill' }),
+      'instances[0].image is 600x1: resize_mode "fill" would scale it to 64x0 to fit 64x64; use resize_mode "crop" or "default", or a less elongated image'],
     ['a missing s3:// object', () => ({ ...ok, image: 's3://inputs/nope.png' }), /^instances\[0\]\.image: s3:\/\/inputs\/nope\.png does not exist \(NoSuchKey\)$/],
     ['an s3:// object that is not an image', () => ({ ...ok, image: 's3://inputs/not-an-image.txt' }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG or WebP image'],
   ];

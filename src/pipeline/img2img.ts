@@ -11,21 +11,34 @@ const f = Math.fround;
 /** Python's floor division. */
 const floorDiv = (a: number, b: number) => Math.floor(a / b);
 
+/**
+ * The size VaeImageProcessor.resize scales a `imgW` × `imgH` image to in `mode`, before `crop` crops it to width × height
+ * (it covers it) or `fill` centres it and fills the margins (it fits inside): Python's floor division, as diffusers
+ * computes it. A side of 0 (`fill` of an image more elongated than the output's side in pixels) is what Pillow refuses.
+ */
+export function scaledSize(imgW: number, imgH: number, width: number, height: number, mode: ResizeMode): { width: number; height: number } {
+  if (mode === 'default') return { width, height };
+  const ratio = width / height;
+  const srcRatio = imgW / imgH;
+  if (mode === 'crop') {
+    return { width: ratio > srcRatio ? width : floorDiv(imgW * height, imgH), height: ratio <= srcRatio ? height : floorDiv(imgH * width, imgW) };
+  }
+  return { width: ratio < srcRatio ? width : floorDiv(imgW * height, imgH), height: ratio >= srcRatio ? height : floorDiv(imgH * width, imgW) };
+}
+
 /** VaeImageProcessor.resize for a PIL image: to width × height in the given mode (Lanczos; bicubic fill bands). */
 export function fitImage(img: Raster, width: number, height: number, mode: ResizeMode): Raster {
   if (mode === 'default') return resize(img, width, height, 'lanczos');
+  const { width: srcW, height: srcH } = scaledSize(img.width, img.height, width, height, mode);
+  if (srcW < 1 || srcH < 1) throw new RangeError(`resize_mode ${mode} scales a ${img.width}x${img.height} image to ${srcW}x${srcH}`);
+  if (mode === 'crop') {
+    // The scaled image covers width × height and is pasted centred, so only its middle is kept: only that is computed
+    // (the same pixels). Scaling all of an elongated image took its length times the output's other side (4096x4 to
+    // 1024x1024: a 1048576x1024 image, 3 GB).
+    return resize(img, srcW, srcH, 'lanczos', undefined, { x: floorDiv(srcW, 2) - floorDiv(width, 2), y: floorDiv(srcH, 2) - floorDiv(height, 2), width, height });
+  }
   const ratio = width / height;
   const srcRatio = img.width / img.height;
-  if (mode === 'crop') {
-    const srcW = ratio > srcRatio ? width : floorDiv(img.width * height, img.height);
-    const srcH = ratio <= srcRatio ? height : floorDiv(img.height * width, img.width);
-    const resized = resize(img, srcW, srcH, 'lanczos');
-    const out = blank(width, height, img.channels);
-    paste(out, resized, floorDiv(width, 2) - floorDiv(srcW, 2), floorDiv(height, 2) - floorDiv(srcH, 2));
-    return out;
-  }
-  const srcW = ratio < srcRatio ? width : floorDiv(img.width * height, img.height);
-  const srcH = ratio >= srcRatio ? height : floorDiv(img.height * width, img.width);
   const resized = resize(img, srcW, srcH, 'lanczos');
   const out = blank(width, height, img.channels);
   paste(out, resized, floorDiv(width, 2) - floorDiv(srcW, 2), floorDiv(height, 2) - floorDiv(srcH, 2));

@@ -50,19 +50,22 @@ interface Coeffs {
   kk: Int32Array;
 }
 
-/** `precompute_coeffs` + `normalize_coeffs_8bpc`. `in0`/`in1` are C floats (the box), the rest doubles. */
-function coeffs(inSize: number, in0: number, in1: number, outSize: number, filter: Filter): Coeffs {
+/**
+ * `precompute_coeffs` + `normalize_coeffs_8bpc` for output pixels `from` … `from + count − 1` of `outSize` (each pixel's
+ * weights depend on its own position only). `in0`/`in1` are C floats (the box), the rest doubles.
+ */
+function coeffs(inSize: number, in0: number, in1: number, outSize: number, filter: Filter, from = 0, count = outSize): Coeffs {
   const { support: base, fn } = FILTERS[filter];
   const scale = f(f(in1) - f(in0)) / outSize;
   const filterscale = scale < 1 ? 1 : scale;
   const support = base * filterscale;
   const ksize = Math.ceil(support) * 2 + 1;
-  const bounds = new Int32Array(outSize * 2);
-  const kk = new Int32Array(outSize * ksize);
+  const bounds = new Int32Array(count * 2);
+  const kk = new Int32Array(count * ksize);
   const k = new Float64Array(ksize);
   const start = f(in0);
-  for (let xx = 0; xx < outSize; xx++) {
-    const center = start + (xx + 0.5) * scale;
+  for (let xx = 0; xx < count; xx++) {
+    const center = start + (xx + from + 0.5) * scale;
     const ss = 1 / filterscale;
     // C's (int) truncates toward zero.
     let xmin = Math.trunc(center - support + 0.5);
@@ -134,36 +137,59 @@ function vertical(src: Raster, outH: number, c: Coeffs, shift: number): Raster {
   return { data: out, width: w, height: outH, channels: ch };
 }
 
-/** `ImagingResampleInner`. */
-function resampleInner(src: Raster, outW: number, outH: number, box: readonly [number, number, number, number], filter: Filter): Raster {
+/** The part of a resize's output that is computed: columns x … x + width − 1, rows y … y + height − 1. */
+export interface Window {
+  x: number;
+  y: number;
+  width: number;
+  height: number;
+}
+
+/** A copy of rows `y` … `y + h − 1` and columns `x` … `x + w − 1` of `src`. */
+function crop(src: Raster, x: number, y: number, w: number, h: number): Raster {
+  const ch = src.channels;
+  const out = new Uint8Array(w * h * ch);
+  for (let yy = 0; yy < h; yy++) out.set(src.data.subarray(((y + yy) * src.width + x) * ch, ((y + yy) * src.width + x + w) * ch), yy * w * ch);
+  return { data: out, width: w, height: h, channels: ch };
+}
+
+/** `ImagingResampleInner`, computing only the window `win` of its outW × outH output. */
+function resampleInner(src: Raster, outW: number, outH: number, box: readonly [number, number, number, number], filter: Filter, win: Window): Raster {
   // Pillow compares box[2] with the output width (and box[3] with the output height): kept as it is.
   const needH = outW !== src.width || box[0] !== 0 || box[2] !== outW;
   const needV = outH !== src.height || box[1] !== 0 || box[3] !== outH;
-  const cv = coeffs(src.height, box[1], box[3], outH, filter);
-  const yFirst = cv.bounds[0]!;
-  const yLast = cv.bounds[outH * 2 - 2]! + cv.bounds[outH * 2 - 1]!;
-  let img = src;
-  let shift = 0;
-  if (needH) {
-    img = horizontal(src, yFirst, yLast - yFirst, outW, coeffs(src.width, box[0], box[2], outW, filter));
-    shift = yFirst;
-  }
-  if (needV) img = vertical(img, outH, cv, shift);
-  return img === src ? { ...src, data: src.data.slice() } : img;
+  // The source rows the window needs: those its vertical weights reach, or its own rows when nothing is resized
+  // vertically (then the output rows are the source rows).
+  const cv = needV ? coeffs(src.height, box[1], box[3], outH, filter, win.y, win.height) : undefined;
+  const yFirst = cv ? cv.bounds[0]! : win.y;
+  const yLast = cv ? cv.bounds[win.height * 2 - 2]! + cv.bounds[win.height * 2 - 1]! : win.y + win.height;
+  let img = needH
+    ? horizontal(src, yFirst, yLast - yFirst, win.width, coeffs(src.width, box[0], box[2], outW, filter, win.x, win.width))
+    : crop(src, win.x, yFirst, win.width, yLast - yFirst);
+  if (cv) img = vertical(img, win.height, cv, yFirst);
+  return img;
 }
 
-/** `Image.resize((outW, outH), filter, box)` for an 8-bit L or RGB image. */
-export function resize(src: Raster, outW: number, outH: number, filter: Filter = 'lanczos', box?: readonly [number, number, number, number]): Raster {
+/**
+ * `Image.resize((outW, outH), filter, box)` for an 8-bit L or RGB image. `win`: only that part of the output is
+ * computed (the same pixels as a crop of the whole), so a resize whose result is mostly cropped away costs the part kept.
+ */
+export function resize(src: Raster, outW: number, outH: number, filter: Filter = 'lanczos', box?: readonly [number, number, number, number], win?: Window): Raster {
   const b = box ?? ([0, 0, src.width, src.height] as const);
+  const w = win ?? { x: 0, y: 0, width: outW, height: outH };
+  if (!(w.width > 0 && w.height > 0 && w.x >= 0 && w.y >= 0 && w.x + w.width <= outW && w.y + w.height <= outH)) {
+    throw new RangeError(`resize window ${JSON.stringify(w)} is not inside ${outW}x${outH}`);
+  }
   if (outW === src.width && outH === src.height && b[0] === 0 && b[1] === 0 && b[2] === src.width && b[3] === src.height) {
-    return { ...src, data: src.data.slice() };
+    return crop(src, w.x, w.y, w.width, w.height);
   }
   if (src.height > src.width * 100 && outH < src.height) {
     // Very tall images: Pillow resizes the height first, on the full width.
-    const tall = resampleInner(src, src.width, outH, [0, b[1], src.width, b[3]], filter);
-    return resampleInner(tall, outW, outH, [b[0], 0, b[2], outH], filter);
+    const tall = resampleInner(src, src.width, outH, [0, b[1], src.width, b[3]], filter, { x: 0, y: w.y, width: src.width, height: w.height });
+    // The window's rows of that outH-high image: the second resize is horizontal only.
+    return resampleInner(tall, outW, w.height, [b[0], 0, b[2], w.height], filter, { x: w.x, y: 0, width: w.width, height: w.height });
   }
-  return resampleInner(src, outW, outH, b, filter);
+  return resampleInner(src, outW, outH, b, filter, w);
 }
 
 /** A black image of this size (`Image.new(mode, size)`). */

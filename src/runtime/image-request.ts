@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
+import { scaledSize } from '../pipeline/img2img.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
@@ -301,15 +302,22 @@ export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContex
     if (mask && (mask.width !== img.width || mask.height !== img.height)) {
       bad.push(`${im.mask!.field} is ${mask.width}x${mask.height} but ${im.image.field} is ${img.width}x${img.height}; they must have the same size`);
     }
+    let sized = true;
     for (const [side, given, px] of [['height', im.heightGiven, img.height], ['width', im.widthGiven, img.width]] as const) {
       if (given) continue;
       // VaeImageProcessor rounds to 8; a model whose exported UNet needs more gets its multiple, as diffusers' ONNX
       // image-to-image pipeline rounds to 64.
       const v = px - (px % im.multiple);
+      sized &&= v >= im.multiple && v <= ctx.cfg.maxImageSize;
       if (v < im.multiple) bad.push(`${im.image.field} is ${img.width}x${img.height}; an input image needs at least ${im.multiple} pixels a side for this model`);
       else if (v > ctx.cfg.maxImageSize) {
         bad.push(`${im.image.field} is ${img.width}x${img.height}: without ${im.at}.${side} the output takes the image's ${side} (${v}), over MAX_IMAGE_SIZE ${ctx.cfg.maxImageSize}; give ${im.at}.height and ${im.at}.width to resize it`);
       } else r.shape[side] = v;
+    }
+    // Pillow refuses to resize to a side of 0 (diffusers raises): "fill" of an image more elongated than the output.
+    const fit = scaledSize(img.width, img.height, r.shape.width, r.shape.height, im.resizeMode);
+    if (sized && (fit.width < 1 || fit.height < 1)) {
+      bad.push(`${im.image.field} is ${img.width}x${img.height}: resize_mode "fill" would scale it to ${fit.width}x${fit.height} to fit ${r.shape.width}x${r.shape.height}; use resize_mode "crop" or "default", or a less elongated image`);
     }
   }
   if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', [...new Set(bad)].join('; '));
