@@ -237,6 +237,9 @@ describe('bad image inputs answer 400 naming the field', () => {
     // Pillow cannot resize to a side of 0 (diffusers raises): was a 500 from the worker.
     ['resize_mode fill of an image more elongated than the output', async () => ({ ...ok, image: (await picture(600, 1)).toString('base64'), height: 64, width: 64, resize_mode: 'fill' }),
       'instances[0].image is 600x1: resize_mode "fill" would scale it to 64x0 to fit 64x64; use resize_mode "crop" or "default", or a less elongated image'],
+    // Its resize weights alone took 400 MB of the worker at 16777216x1.
+    ['an image longer than 65535 pixels', async () => ({ ...ok, image: (await picture(65536, 1)).toString('base64'), height: 64, width: 64 }),
+      'instances[0].image is 65536x1; an input image may have at most 65535 pixels a side'],
     ['a missing s3:// object', () => ({ ...ok, image: 's3://inputs/nope.png' }), /^instances\[0\]\.image: s3:\/\/inputs\/nope\.png does not exist \(NoSuchKey\)$/],
     ['an s3:// object that is not an image', () => ({ ...ok, image: 's3://inputs/not-an-image.txt' }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG or WebP image'],
   ];

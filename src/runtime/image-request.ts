@@ -25,6 +25,12 @@ export const DEFAULT_STRENGTH: Readonly<Record<ImageMode, number>> = { img2img: 
  * to the worker. A 12 MP phone photo fits; larger ones are downscaled by the client.
  */
 export const MAX_INPUT_PIXELS = 4096 * 4096;
+/**
+ * Input images may have at most this many pixels a side: the largest a JPEG can have. Resizing reads a filter window
+ * per output pixel as long as the scale factor, so its weights take ~24 bytes per pixel of the input's side: a PNG of
+ * 16777216x1 (within MAX_INPUT_PIXELS, 48 KB compressed) made the pipeline worker allocate 400 MB for them.
+ */
+export const MAX_INPUT_SIDE = 65535;
 /** An s3:// input image may have at most this many bytes. */
 export const MAX_INPUT_BYTES = 64 * 1024 * 1024;
 
@@ -228,6 +234,9 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   }
   const { data, info } = out;
   if (info.channels !== 3) throw new RuntimeError('INVALID_INPUT', `${field} decoded to ${info.channels} channels, not RGB`);
+  if (Math.max(info.width, info.height) > MAX_INPUT_SIDE) {
+    throw new RuntimeError('INVALID_INPUT', `${field} is ${info.width}x${info.height}; an input image may have at most ${MAX_INPUT_SIDE} pixels a side`);
+  }
   // A buffer of its own: the job carries it to the worker, and cloning a view clones all of its backing store.
   const px = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
   return { data: px, width: info.width, height: info.height, channels: 3 };
