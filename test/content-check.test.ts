@@ -334,6 +334,23 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       expect(n.line('model cached')).toMatchObject({ contentChecked: 0, contentNotChecked: { 'its ETag is not an MD5; the store gave no checksum': 3, empty: 1 } });
     });
 
+    it('a multipart upload encrypted with KMS: its COMPOSITE checksum by the part sizes its HEADs gave, each asked once', async () => {
+      const big = files['unet/model.onnx_data']!;
+      const sizes = evenParts(big.length, PART);
+      const composite = b64('sha256', Buffer.concat(sizes.map((n, k) => oneDigest('sha256', big.subarray(k * PART, k * PART + n)))));
+      const r = recorder();
+      const [parts, heads] = [proxy.stats.partHeads, proxy.stats.checksumHeads];
+      proxy.faults = {
+        // A KMS multipart ETag: `<32 hex>-<parts>`, no MD5 of anything.
+        objects: { 'sd/unet/model.onnx_data': { etag: `"${'7'.repeat(32)}-${sizes.length}"`, partSizes: sizes } },
+        addHeaders: KMS,
+        checksums: { ...fullCrc(), 'sd/unet/model.onnx_data': { 'x-amz-checksum-sha256': `${composite}-${sizes.length}`, 'x-amz-checksum-type': 'COMPOSITE' } },
+      };
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log })).dir);
+      expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
+      expect([proxy.stats.partHeads - parts, proxy.stats.checksumHeads - heads]).toEqual([2, 3]);
+    });
+
     it('a file an earlier run left whole on disk, encrypted with KMS, is checked by its checksum rather than fetched again', async () => {
       const cache = await newCache();
       const ac = new AbortController();

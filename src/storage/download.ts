@@ -151,8 +151,9 @@ interface FileState {
   /** Its hashing, once started (undefined inside: not checked, the reason recorded); replaced when its plan changes. */
   hashing?: Promise<{ h: Hashing; expected: Expected } | undefined>;
   hashed?: Hashing;
-  /** Its checksum, asked for once. */
+  /** Its checksum, and its part sizes by part count, asked for once. */
   lookup?: Promise<ChecksumLookup>;
+  readonly layouts: Map<number, Promise<PartLayout>>;
 }
 
 interface Task {
@@ -225,7 +226,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       await fsp.unlink(partial).catch(() => undefined);
       j = o.journal.start(obj.rel, obj.etag, obj.size);
     }
-    const f: FileState = { obj, abs, partial, j, left: 0, plans: 0 };
+    const f: FileState = { obj, abs, partial, j, left: 0, plans: 0, layouts: new Map() };
     if (o.check) {
       // An empty file has no bytes to damage, and under SSE-KMS its ETag is no MD5 either, with no GET to say so.
       if (obj.size > 0) Object.assign(f, { checked: true, etagTrusted: o.check.etagsAreMd5 !== false });
@@ -345,10 +346,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const notMd5 = () => (f.encryption ? `encrypted (${f.encryption}): its ETag is not an MD5` : 'its ETag is not an MD5');
     const fromEtag = f.etagTrusted ? md5Etag(f.obj.etag) : undefined;
     let why = notMd5();
-    let layout: { parts: number; l: Promise<PartLayout> } | undefined;
+    // Asked once per part count: a plan started over (the store said the object is encrypted) asks no HEAD again.
     const layoutOf = (parts: number) => {
-      if (layout?.parts !== parts) layout = { parts, l: partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs) };
-      return layout.l;
+      let l = f.layouts.get(parts);
+      if (l === undefined) f.layouts.set(parts, (l = partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs)));
+      return l;
     };
     if (fromEtag !== undefined && fromEtag.parts === 0) return { expected: fromEtag, partSize: 0 };
     if (fromEtag !== undefined) {
