@@ -351,6 +351,19 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       expect([proxy.stats.partHeads - parts, proxy.stats.checksumHeads - heads]).toEqual([2, 3]);
     });
 
+    it('a store that leaves HEADs for checksums unanswered costs one file\'s two tries, not every file\'s', async () => {
+      // One range at a time: each file is opened after the one before it is finished.
+      const r = recorder();
+      const heads = proxy.stats.checksumHeads;
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache(), { S3_MAX_CONCURRENCY: '1', S3_STALL_TIMEOUT_S: '0.5' }), log: r.log })).dir);
+      expect(proxy.stats.checksumHeads - heads).toBe(2);
+      expect(r.line(/did not answer a HEAD for an object's checksum/)).toMatchObject({ level: 'warn', file: 'model_index.json', stallTimeoutS: 0.5 });
+      expect(r.line('model cached')).toMatchObject({
+        contentChecked: 0, contentNotChecked: { 'encrypted (aws:kms): its ETag is not an MD5; the store did not answer a HEAD for its checksum': 3, empty: 1 },
+      });
+    });
+
     it('a file an earlier run left whole on disk, encrypted with KMS, is checked by its checksum rather than fetched again', async () => {
       const cache = await newCache();
       const ac = new AbortController();

@@ -60,14 +60,20 @@ async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: Abo
   return undefined;
 }
 
-/** What a HEAD with checksum mode says of an object: what its content must hash to, or why nothing; and its encryption. */
-export type ChecksumLookup = ({ expected: Expected } | { why: string }) & { encryption?: string };
+/**
+ * What a HEAD with checksum mode says of an object: what its content must hash to, or why nothing; and its encryption.
+ * `unanswered`: neither try got an answer.
+ */
+export type ChecksumLookup = ({ expected: Expected } | { why: string; unanswered?: true }) & { encryption?: string };
+
+/** The lookup of a store that left a HEAD for a checksum unanswered: not asked again in the same download. */
+export const CHECKSUM_UNANSWERED: ChecksumLookup = { why: 'the store did not answer a HEAD for its checksum', unanswered: true };
 
 /** Asks the store for an object's additional checksum (HEAD with x-amz-checksum-mode: ENABLED, tried twice). */
 export async function lookUpChecksum(head: Head, key: string, etag: string, signal: AbortSignal, timeoutMs: number): Promise<ChecksumLookup> {
   const a = await headTwice(head, { key, checksums: true, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs);
   const enc = a?.encryption !== undefined ? { encryption: a.encryption } : {};
-  if (a === undefined) return { why: 'the store did not answer a HEAD for its checksum' };
+  if (a === undefined) return CHECKSUM_UNANSWERED;
   if (a.checksum === undefined) return { why: 'the store gave no checksum', ...enc };
   const e = checksumExpected(a.checksum);
   return 'why' in e ? { why: e.why, ...enc } : { expected: e, ...enc };

@@ -18,7 +18,7 @@ import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
-import { ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
+import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
 import { classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -333,7 +333,21 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     f.checked = false;
     f.hashed?.drop();
   };
-  const checksumOf = (f: FileState) => (f.lookup ??= lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs));
+  /**
+   * Once the store left a file's HEAD for its checksum unanswered twice, the files after it do not ask: each would hold
+   * its worker (or, resumed whole, the start of the download) for two stall timeouts more.
+   */
+  let checksumHeadsUnanswered = false;
+  const checksumOf = (f: FileState) => (f.lookup ??= checksumHeadsUnanswered
+    ? Promise.resolve(CHECKSUM_UNANSWERED)
+    : lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs).then((c) => {
+      if ('unanswered' in c && !checksumHeadsUnanswered) {
+        checksumHeadsUnanswered = true;
+        o.log.warn({ file: f.obj.rel, stallTimeoutS: o.stallMs / 1000 },
+          'the store did not answer a HEAD for an object\'s checksum (x-amz-checksum-mode), twice: the files after it that need one are not checked in this download');
+      }
+      return c;
+    }));
   /**
    * What the file's content must hash to: the MD5 its ETag names, while the ETag can be one and its parts' size is
    * known; else its checksum (a composite one by the parts' size); else why it is not checked.
