@@ -389,6 +389,31 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       expect(r.line('model cached')).toMatchObject({ contentChecked: 3 });
       expect(r.line('model cached')).not.toHaveProperty('contentNotChecked');
     });
+
+    it('files an earlier run left whole, whose checksum HEADs go unanswered, are all fetched again in one round, not one a round', async () => {
+      const cache = await newCache();
+      const ac = new AbortController();
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
+      let got = 0;
+      await rejection(resolveModel('s3://models/sd', {
+        cfg: cfgFor(cache), log: recorder().log, signal: ac.signal,
+        onDownloaded: (n) => {
+          got += n;
+          if (got === total) setTimeout(() => ac.abort(), 50);
+        },
+      }));
+      // No HEAD says they are encrypted: each differs from its ETag, and is fetched again. With four such files the
+      // rounds ran out, one file a round, as STORAGE_CORRUPT.
+      const r = recorder();
+      const before = proxy.stats.bodyBytes;
+      let restarts = 0;
+      await expectSame((await resolveModel('s3://models/sd', { cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '0.5' }), log: r.log, onRestart: () => restarts++ })).dir);
+      expect(restarts).toBe(1);
+      expect(proxy.stats.bodyBytes - before).toBe(total);
+      expect(r.line('model cached')).toMatchObject({
+        contentChecked: 0, contentNotChecked: { 'encrypted (aws:kms): its ETag is not an MD5; the store did not answer a HEAD for its checksum': 3 },
+      });
+    });
   });
 
   it('hashes what an earlier run left on disk: damage in a resumed partial is caught and fetched again', async () => {

@@ -660,9 +660,21 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     }
   };
 
+  /** The first file an earlier run left whole whose content differed: thrown once the round has fetched the rest. */
+  let resumedMismatch: ContentMismatchError | undefined;
   try {
-    // Zero-byte files, and files whose every byte the journal records (a kill came before their rename).
-    for (const f of byRel.values()) if (f.left === 0) await finish(f);
+    // Zero-byte files, and files whose every byte the journal records (a kill came before their rename). One that
+    // differs (dropped from the journal) does not end the round: the next fetches every such file at once, rather
+    // than one a round until the rounds run out.
+    for (const f of byRel.values()) {
+      if (f.left > 0) continue;
+      try {
+        await finish(f);
+      } catch (e) {
+        if (!(e instanceof ContentMismatchError)) throw e;
+        resumedMismatch ??= e;
+      }
+    }
     await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, worker));
     // A range handed back just as the last other worker found nothing left to take: fetched here, by one worker.
     while (handedBack.length > 0 && !signal.aborted) await worker();
@@ -679,6 +691,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   }
   if (failure !== undefined) throw failure;
   o.signal.throwIfAborted();
+  if (resumedMismatch !== undefined) throw resumedMismatch;
   return { etagsChecked };
 }
 
