@@ -673,6 +673,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       } catch (e) {
         if (!(e instanceof ContentMismatchError)) throw e;
         resumedMismatch ??= e;
+        // Its descriptor is not held while the round goes on: the file is fetched again whole.
+        f.hashed?.drop();
+        f.closed = true;
+        await (await f.fh)?.close().catch(() => undefined);
       }
     }
     await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, worker));
