@@ -74,6 +74,13 @@ describe('what a checksum answer promises', () => {
     }
   });
 
+  it('of a multipart upload, a value with neither a part count nor a type may be of its parts: not used, but a CRC64NVME (whole-object only)', () => {
+    expect(checksumExpected({ alg: 'crc32', value: 'i9aeUg==' }, true)).toHaveProperty('why', expect.stringContaining('may be of its parts'));
+    expect(checksumExpected({ alg: 'crc32', value: 'i9aeUg==', type: 'FULL_OBJECT' }, true)).toMatchObject({ parts: 0 });
+    expect(checksumExpected({ alg: 'crc64nvme', value: 'OOJZ0D8xKts=' }, true)).toMatchObject({ parts: 0 });
+    expect(checksumExpected({ alg: 'crc32', value: 'i9aeUg==' }, false)).toMatchObject({ parts: 0 });
+  });
+
   it('MD5 ETags, single-part and multipart, quoted or not, and nothing else', () => {
     expect(md5Etag('"0123456789ABCDEF0123456789abcdef"')).toEqual({ alg: 'md5', value: '0123456789abcdef0123456789abcdef', parts: 0, source: 'ETag' });
     expect(md5Etag('0123456789abcdef0123456789abcdef-12')).toMatchObject({ value: '0123456789abcdef0123456789abcdef', parts: 12 });

@@ -62,15 +62,20 @@ export interface ChecksumAnswer {
 
 /**
  * What a checksum answer promises, or why it promises nothing usable: a value that is not base64 of the algorithm's
- * length, a COMPOSITE checksum without its part count.
+ * length, a COMPOSITE checksum without its part count. `multipart`: the object's ETag says it was uploaded in parts;
+ * a value with neither a part count nor a type may then be of its parts (MinIO answered so until 2023), which only a
+ * CRC64NVME (whole-object only) cannot be.
  */
-export function checksumExpected(a: ChecksumAnswer): Expected | { why: string } {
+export function checksumExpected(a: ChecksumAnswer, multipart = false): Expected | { why: string } {
   const m = /^([A-Za-z0-9+/]+={0,2})(?:-(\d{1,5}))?$/.exec(a.value.trim());
   const parts = m?.[2] === undefined ? 0 : Number(m[2]);
   if (m === null || Buffer.from(m[1]!, 'base64').length !== DIGEST_BYTES[a.alg] || (m[2] !== undefined && (parts < 1 || parts > MAX_PARTS))) {
     return { why: `its ${NAMES[a.alg]} checksum is not one this runtime reads` };
   }
   if (parts === 0 && a.type?.toUpperCase() === 'COMPOSITE') return { why: `its ${NAMES[a.alg]} checksum is COMPOSITE without a part count` };
+  if (parts === 0 && multipart && a.type === undefined && a.alg !== 'crc64nvme') {
+    return { why: `its ${NAMES[a.alg]} checksum may be of its parts (the store gave neither a part count nor a checksum type)` };
+  }
   return { alg: a.alg, value: Buffer.from(m[1]!, 'base64').toString('base64'), parts, source: 'checksum' };
 }
 

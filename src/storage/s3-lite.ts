@@ -395,11 +395,12 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
 }
 
 /**
- * The SDK-free transport for one fetch: keep-alive sockets for its GETs, one per range in flight (listings use Node's
- * global agent), and its target's clock offset shared by every request.
+ * The SDK-free transport for one fetch: keep-alive sockets for its GETs, one per range in flight, and a few spare for
+ * the content check's HEADs, so that none waits behind the ranges (listings use Node's global agent); and its
+ * target's clock offset shared by every request.
  */
 export function createLiteTransport(t: LiteTarget, s: Pick<S3Settings, 'maxConcurrency'>): S3Transport {
-  const agent = liteAgent(t, s.maxConcurrency);
+  const agent = liteAgent(t, s.maxConcurrency + 4);
   return {
     name: 'lite',
     list: (r) => listPrefixLite(t, r.prefix, r.signal),
