@@ -2,6 +2,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { parseS3Prefix, type S3Prefix } from './storage/uri.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */
@@ -107,6 +108,12 @@ export interface Config {
   readonly loraMaxSets: number;
   /** Memory budget of those sets per worker, in MB of merged weights (what their sessions hold on the device). */
   readonly loraCacheMb: number;
+  /**
+   * INPUT_URI_PREFIXES: where `s3://` input images (img2img `image`, inpainting `mask_image`) may be read from, with
+   * the server's credentials. Empty (unset): s3:// inputs are refused, so a client cannot make the server read
+   * whatever its credentials can.
+   */
+  readonly inputUriPrefixes: readonly S3Prefix[];
 }
 
 export class ConfigError extends Error {
@@ -286,6 +293,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxLoras: int('MAX_LORAS', 4, 0, 64),
     loraMaxSets: int('LORA_MAX_SETS', 2, 0, 64),
     loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
+    inputUriPrefixes: inputPrefixes('INPUT_URI_PREFIXES', raw('INPUT_URI_PREFIXES'), bad),
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
     bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
@@ -354,6 +362,18 @@ function providerOptions(name: string, value: string | undefined, bad: string[])
     }
   }
   return pairs;
+}
+
+/** Comma-separated `s3://bucket[/prefix]` entries; each bad one is named. */
+function inputPrefixes(name: string, value: string | undefined, bad: string[]): S3Prefix[] {
+  if (value === undefined) return [];
+  const out: S3Prefix[] = [];
+  for (const entry of value.split(',').map((e) => e.trim())) {
+    const p = parseS3Prefix(entry);
+    if (typeof p === 'string') bad.push(`${name} entry ${JSON.stringify(maskUserInfo(entry).slice(0, 200))} ${p}`);
+    else out.push(p);
+  }
+  return out;
 }
 
 /** The warning a process logs with the variables trimCredentials changed: names them, never their values. */

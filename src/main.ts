@@ -9,6 +9,7 @@ import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
 import { ConfigError, describeConfig, loadConfig, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
+import { servedFrom } from './runtime/input-uris.js';
 import type { BootSequence } from './runtime/boot-sequence.js';
 import type { Runtime } from './runtime/runtime.js';
 import type { BaseServer } from './server/base.js';
@@ -142,6 +143,10 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
 function logStartWarnings(log: Logger, variables: readonly string[], cfg: Readonly<Config>): void {
   if (variables.length > 0) log.warn({ variables }, TRIMMED_CREDENTIALS);
   if (cfg.executionProvider === 'cpu' && cfg.cudaProviderOptions.length > 0) log.warn('CUDA_PROVIDER_OPTIONS has no effect with EXECUTION_PROVIDER=cpu');
+  for (const p of cfg.inputUriPrefixes) {
+    const served = servedFrom({ bucket: p.bucket, key: p.key === '' || p.key.endsWith('/') ? p.key : `${p.key}/` }, cfg);
+    if (served !== undefined) log.warn(`INPUT_URI_PREFIXES entry ${p.uri} lies under the ${served}: no input image is read from there`);
+  }
 }
 
 /**

@@ -21,7 +21,7 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
       const png = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 20 * i, g: 100, b: 200 - 10 * i } } }).png().toBuffer();
       await s3.put('inputs', `in-${i}.png`, png);
     }
-    srv = await startServer({ STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', MAX_IMAGES_PER_REQUEST: '16', MAX_BATCH_SIZE: '4', RESULT_CACHE_MB: '0' }, { ready: true });
+    srv = await startServer({ STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', INPUT_URI_PREFIXES: 's3://inputs', MAX_IMAGES_PER_REQUEST: '16', MAX_BATCH_SIZE: '4', RESULT_CACHE_MB: '0' }, { ready: true });
   });
   afterAll(async () => {
     await srv?.stop();

@@ -119,6 +119,27 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ AWS_S3_ENDPOINT: '"admin:s3/cr3t@minio:9000"' })).toThrow(`AWS_S3_ENDPOINT is wrapped in quotes, got "***@minio:9000": ${hint}`);
   });
 
+  it('INPUT_URI_PREFIXES: none by default (s3:// inputs refused); s3://bucket[/prefix] entries; every bad one named at boot', () => {
+    expect(loadConfig({}).inputUriPrefixes).toEqual([]);
+    const c = loadConfig({ INPUT_URI_PREFIXES: ' s3://inputs/team-a/ , s3://shared,S3://Pics/in ' });
+    expect(c.inputUriPrefixes.map((p) => [p.bucket, p.key])).toEqual([['inputs', 'team-a/'], ['shared', ''], ['Pics', 'in']]);
+    let err: unknown;
+    try {
+      loadConfig({ INPUT_URI_PREFIXES: 's3://ok/in/,https://b/x,s3://b/a/../c,s3://b/%2e%2e/c,s3://b//x,,s3://KEY:SECRET@b/in,s3://*' });
+    } catch (e) {
+      err = e;
+    }
+    expect((err as ConfigError).problems).toEqual([
+      'INPUT_URI_PREFIXES entry "https://b/x" must be s3://bucket or s3://bucket/prefix',
+      `INPUT_URI_PREFIXES entry "s3://b/a/../c" has an empty, '.' or '..' path segment; write the prefix as the keys begin (s3://bucket/inputs/)`,
+      `INPUT_URI_PREFIXES entry "s3://b/%2e%2e/c" has an empty, '.' or '..' path segment once percent-decoded; write the prefix as the keys begin (s3://bucket/inputs/)`,
+      `INPUT_URI_PREFIXES entry "s3://b//x" has an empty, '.' or '..' path segment; write the prefix as the keys begin (s3://bucket/inputs/)`,
+      'INPUT_URI_PREFIXES entry "" must be s3://bucket or s3://bucket/prefix',
+      'INPUT_URI_PREFIXES entry "s3://***@b/in" must be s3://bucket or s3://bucket/prefix',
+      'INPUT_URI_PREFIXES entry "s3://*" must be s3://bucket or s3://bucket/prefix',
+    ]);
+  });
+
   it('masks credentials in an endpoint or URI when describing itself', () => {
     const d = describeConfig(loadConfig({ AWS_ENDPOINT_URL: 'http://user:secret@host:9000', STORAGE_URI: 's3://b/p' }));
     expect(JSON.stringify(d)).not.toContain('secret');

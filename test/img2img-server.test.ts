@@ -55,7 +55,7 @@ beforeAll(async () => {
   const common = { WARMUP_STEPS: '1', RESULT_CACHE_MB: '0' };
   [demo, inpaintDemo, textOnly, batcher] = await Promise.all([
     // The served demo (no STORAGE_URI) has a vae_encoder.
-    startRuntime({ ...common, STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0' }, { ready: true }),
+    startRuntime({ ...common, STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', INPUT_URI_PREFIXES: 's3://inputs' }, { ready: true }),
     startRuntime({ ...common, STORAGE_URI: inpaintModel, RESULT_CACHE_MB: '4' }, { ready: true }),
     startRuntime({ ...common, STORAGE_URI: textModel }, { ready: true }),
     // Batches of up to 4 images gather within a long window.

@@ -31,7 +31,7 @@ beforeAll(async () => {
   await s3.put('inputs', 'big.webp', Buffer.alloc(40 * MB, 1));
   proxy = await startFaultProxy(s3.port);
   // The served demo (no STORAGE_URI) has a vae_encoder.
-  rt = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', INPUT_IMAGES_MB: '64', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0' }, { ready: true });
+  rt = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', INPUT_IMAGES_MB: '64', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', INPUT_URI_PREFIXES: 's3://inputs' }, { ready: true });
 }, 120_000);
 
 afterAll(async () => {

@@ -231,7 +231,7 @@ describe('requests while every descriptor is taken (MAX_CONNECTIONS=0, ulimit -n
     cache = newDir('dr-fd-serve-');
     srv = await startServer({
       ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model.dir, MODEL_CACHE_DIR: cache, EXECUTION_PROVIDER: 'cpu',
-      LORA_URI: 's3://loras/adapters/', MAX_CONNECTIONS: '0', WARMUP_STEPS: '1',
+      LORA_URI: 's3://loras/adapters/', INPUT_URI_PREFIXES: 's3://inputs', MAX_CONNECTIONS: '0', WARMUP_STEPS: '1',
     }, { ready: true, prefix: under(LIMIT) });
   });
   afterAll(async () => {

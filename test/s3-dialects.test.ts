@@ -250,9 +250,10 @@ describe('warmup push', () => {
 describe('s3:// input images and output_uri', () => {
   it.each(['aws', 'minio'] as const)('in a bucket of another region (%s answer) are the request\'s to fix (400 naming the region), not a 502 to retry', async (wrongRegion) => {
     const s = await store({ region: 'eu-west-1', wrongRegion }, { 'in/cat.png': detBytes(1000, 7) });
-    const requestS3 = createRequestS3(loadConfig(env(s.endpoint, tmp, { S3_MAX_ATTEMPTS: '1' })).s3);
+    const cfg = loadConfig(env(s.endpoint, tmp, { S3_MAX_ATTEMPTS: '1', INPUT_URI_PREFIXES: 's3://models/in/' }));
+    const requestS3 = createRequestS3(cfg.s3);
     try {
-      const err = await rejection(createImageSource(requestS3).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000));
+      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000));
       expect(err.code).toBe('INVALID_INPUT');
       expect(err.message).toMatch(/^instances\[0\]\.image: bucket "models" is in region eu-west-1/);
     } finally {

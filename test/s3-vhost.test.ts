@@ -65,6 +65,7 @@ function env(extra: Record<string, string | undefined> = {}): Record<string, str
     ...inherited, HOME: cache.dir,
     ...CREDS, AWS_ENDPOINT_URL: `http://${ZONE}:${front.port}`, S3_USE_HTTPS: '0', S3_USER_VIRTUAL_BUCKET: '1',
     STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu',
+    INPUT_URI_PREFIXES: 's3://models/out/,s3://team.models,s3://my.models',
     NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require=${JSON.stringify(DNS_HOOK)}`.trim(), TEST_DNS_ZONE: ZONE, ...extra,
   };
 }

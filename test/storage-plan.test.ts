@@ -2,7 +2,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
-import { parseS3Url } from '../src/storage/uri.js';
+import { keyProblem, parseS3Prefix, parseS3Url, underS3Prefix, type S3Prefix } from '../src/storage/uri.js';
 import { describeConfig, loadConfig, maskUserInfo } from '../src/config.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 
@@ -113,6 +113,29 @@ describe('parseS3Url: the one reading of s3:// URLs', () => {
     expect(parseOutputUri('s3://out/run/fox.png')).toEqual({ bucket: 'out', key: 'run/fox.png' });
     for (const bad of ['s3://out', 's3://out/', 's3:///k', 'http://elsewhere/a.png']) {
       expect(() => parseOutputUri(bad), bad).toThrow(`output_uri must look like s3://bucket/key, got ${JSON.stringify(bad)}`);
+    }
+  });
+});
+
+describe('INPUT_URI_PREFIXES entries: a bucket, a folder, or a key and its folder', () => {
+  const under = (prefix: string, uri: string) => underS3Prefix(parseS3Url(uri)!, parseS3Prefix(prefix) as S3Prefix);
+  it('match at a \'/\' boundary or the key as given, the bucket exactly', () => {
+    const cases: Array<[string, string, boolean]> = [
+      ['s3://in', 's3://in/a.png', true], ['s3://in/', 's3://in/x/a.png', true], ['s3://in', 's3://In/a.png', false], ['s3://in', 's3://in2/a.png', false],
+      ['s3://in/team/', 's3://in/team/a.png', true], ['s3://in/team/', 's3://in/team', false], ['s3://in/team/', 's3://in/team-b/a.png', false],
+      ['s3://in/team', 's3://in/team', true], ['s3://in/team', 's3://in/team/a.png', true], ['s3://in/team', 's3://in/teamb/a.png', false],
+      ['s3://in/Team/', 's3://in/team/a.png', false], ['s3://in/a.png', 's3://in/a.png', true], ['s3://in/a.png', 's3://in/a.png.bak', false],
+    ];
+    for (const [p, u, want] of cases) expect(under(p, u), `${p} ∋ ${u}`).toBe(want);
+  });
+  it('keys that a layer in front of S3 could resolve elsewhere are named', () => {
+    for (const ok of ['a.png', 'team/a b.png', 'x/..a/b.png', '50%25 off.png', '100%.png']) expect(keyProblem(ok), ok).toBeUndefined();
+    for (const [k, why] of [['a/../b', "has an empty, '.' or '..' path segment"], ['./a', "has an empty, '.' or '..' path segment"], ['a//b', "has an empty, '.' or '..' path segment"],
+      ['/a', "has an empty, '.' or '..' path segment"], ['a/', "has an empty, '.' or '..' path segment"], ['a\\b', 'has a backslash'], ['a\nb', 'has a control character'],
+      ['a/%2E%2E/b', "has an empty, '.' or '..' path segment once percent-decoded"], ['a%2f..%2fb', "has an empty, '.' or '..' path segment once percent-decoded"],
+      ['a/%25252e%25252e/b', "has an empty, '.' or '..' path segment once percent-decoded"], ['a%5cb', 'has a backslash once percent-decoded'],
+      ['a%00b', 'has a control character once percent-decoded']] as const) {
+      expect(keyProblem(k), k).toBe(why);
     }
   });
 });

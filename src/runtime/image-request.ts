@@ -10,7 +10,7 @@ import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { scaledSize } from '../pipeline/img2img.js';
 import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
-import { parseS3Object } from '../storage/uri.js';
+import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { show, typeName } from './fields.js';
 
@@ -108,8 +108,11 @@ const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3
 // quadratically (a 1 MiB run of spaces before a stray character held the event loop for minutes).
 const BASE64 = /^[A-Za-z0-9+/\-_\s]*(?:={1,2}\s*)?$/;
 
+/** Why an s3:// input may not be read (input-uris.ts inputRefusal), or undefined; `shown` names it in the message. */
+export type S3InputCheck = (loc: S3Url, shown: string) => string | undefined;
+
 /** The bytes or URI a field's value names; problems go to `bad`. */
-function imageSource(v: unknown, field: string, bad: string[]): ImageInput['source'] | undefined {
+function imageSource(v: unknown, field: string, bad: string[], checkS3: S3InputCheck): ImageInput['source'] | undefined {
   if (v instanceof Uint8Array) {
     if (v.length === 0) return void bad.push(`${field} is empty`);
     return v;
@@ -119,7 +122,11 @@ function imageSource(v: unknown, field: string, bad: string[]): ImageInput['sour
   if (s.length === 0) return void bad.push(`${field} is empty; send ${WANT}`);
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(s)?.[1]?.toLowerCase();
   if (scheme === 's3') {
-    if (!parseS3Object(s)) return void bad.push(`${field} must look like s3://bucket/key, got ${JSON.stringify(s.slice(0, 100))}`);
+    const loc = parseS3Object(s);
+    if (!loc) return void bad.push(`${field} must look like s3://bucket/key, got ${JSON.stringify(s.slice(0, 100))}`);
+    // Before the request is queued and before anything is sent to S3.
+    const refused = checkS3(loc, JSON.stringify(s.slice(0, 200)));
+    if (refused !== undefined) return void bad.push(`${field}: ${refused}`);
     return { uri: s };
   }
   if (scheme === 'data') {
@@ -140,7 +147,7 @@ function imageSource(v: unknown, field: string, bad: string[]): ImageInput['sour
  * The image fields of one instance (V1 instance, WebSocket message, V2 prompt), or undefined for text-to-image.
  * `w` is the instance's path; `steps` its num_inference_steps. Every problem is pushed onto `bad`.
  */
-export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: ModelDefaults, steps: number): ImageRequest | undefined {
+export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: ModelDefaults, steps: number, checkS3: S3InputCheck): ImageRequest | undefined {
   const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
   if (!has('image')) {
     for (const k of ['mask_image', 'strength', 'resize_mode']) if (has(k)) bad.push(`${w}.${k} needs an ${w}.image to work on`);
@@ -169,8 +176,8 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
     if (typeof v !== 'string' || !(RESIZE_MODES as readonly string[]).includes(v)) bad.push(`${w}.resize_mode must be one of ${RESIZE_MODES.join(', ')}, got ${typeof v === 'string' ? JSON.stringify(v.slice(0, 40)) : typeName(v)}`);
     else resizeMode = v as ResizeMode;
   }
-  const image = imageSource(inst.image, `${w}.image`, bad);
-  const mask = mode === 'inpaint' ? imageSource(inst.mask_image, `${w}.mask_image`, bad) : undefined;
+  const image = imageSource(inst.image, `${w}.image`, bad, checkS3);
+  const mask = mode === 'inpaint' ? imageSource(inst.mask_image, `${w}.mask_image`, bad, checkS3) : undefined;
   if (!image || (mode === 'inpaint' && !mask)) return undefined;
   return {
     mode,

@@ -1,14 +1,16 @@
 /**
- * @module Input images named by `s3://bucket/key` (img2img `image`, inpainting `mask_image`): read through the runtime's
- * request client (storage/request-s3.ts: same endpoint, path-style and TLS settings as the model download), capped
- * in size, with errors that name the field and the object, never the credentials.
+ * @module Input images named by `s3://bucket/key` (img2img `image`, inpainting `mask_image`), under INPUT_URI_PREFIXES:
+ * read through the runtime's request client (storage/request-s3.ts: same endpoint, path-style and TLS settings as the
+ * model download), capped in size, with errors that name the field and the object, never the credentials.
  */
 import type { Readable } from 'node:stream';
+import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
+import { inputRefusal } from './input-uris.js';
 
 /** A request's share of the input images' budget (image-request.ts InputBudget). */
 export interface InputHold {
@@ -24,12 +26,17 @@ export interface ImageSource {
   read(uri: string, field: string, maxBytes: number, signal?: AbortSignal, hold?: InputHold): Promise<Buffer>;
 }
 
-/** Reads through the runtime's request client (created on the first s3:// input or upload). */
-export function createImageSource(s3: RequestS3): ImageSource {
+/**
+ * Reads through the runtime's request client (created on the first s3:// input or upload), only what `cfg` allows
+ * (input-uris.ts): requests are checked when parsed, and again here so that no path reaches S3 unchecked.
+ */
+export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inputUriPrefixes' | 'storageUri' | 'loraUri'>>): ImageSource {
   return {
     async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
       if (!loc) throw new RuntimeError('INVALID_INPUT', `${field} must look like s3://bucket/key, got ${JSON.stringify(uri.slice(0, 200))}`);
+      const refused = inputRefusal(loc, JSON.stringify(uri.slice(0, 200)), cfg);
+      if (refused !== undefined) throw new RuntimeError('INVALID_INPUT', `${field}: ${refused}`);
       const note = s3.addressing(loc.bucket, field);
       // The client first: it loads the SDK (never while the process is out of descriptors), so the command's import
       // below reads no file.

@@ -6,7 +6,8 @@ import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
-import { parseS3Object, parseStorageUri, type S3Url } from '../storage/uri.js';
+import { parseS3Object } from '../storage/uri.js';
+import { inputRefusal, servedFrom } from './input-uris.js';
 import { fallbackProblem, virtualHostedFallback } from '../storage/addressing.js';
 
 export const MAX_SEED = Number.MAX_SAFE_INTEGER; // 2^53 - 1
@@ -215,25 +216,6 @@ export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
 }
 
 /**
- * What `loc` would overwrite of what this server loads: the model (STORAGE_URI) or the LoRA adapters (LORA_URI), when
- * they come from S3 (output_uri is written with the same endpoint and credentials). Any key under the prefix counts,
- * `prefix//x` and `prefix/./x` included: a listing holding such a key fails the next boot.
- */
-function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUri'>>): string | undefined {
-  for (const [uri, what] of [[cfg.storageUri, 'model (STORAGE_URI)'], [cfg.loraUri, 'LoRA adapters (LORA_URI)']] as const) {
-    if (uri === undefined) continue;
-    let src;
-    try {
-      src = parseStorageUri(uri);
-    } catch {
-      continue;
-    }
-    if (src.kind === 's3' && src.bucket.toLowerCase() === loc.bucket.toLowerCase() && loc.key.startsWith(src.prefix)) return what;
-  }
-  return undefined;
-}
-
-/**
  * Whether DEFAULT_SCHEDULER and DEFAULT_STEPS can serve the loaded model (its scheduler config, that scheduler's step
  * limits): checked once at boot, a CONFIG failure naming the variable, rather than a 400 on every request naming neither.
  */
@@ -260,7 +242,7 @@ function stepsOutside(steps: number, name: string | undefined, defaults: ModelDe
 
 export interface ParseContext {
   cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> &
-    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps'>>;
+    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 'inputUriPrefixes' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -422,7 +404,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
     if (f?.unaddressable) bad.push(fallbackProblem(`${w}.output_uri`, f));
   }
-  const image = parseImageFields(inst, w, bad, defaults, steps);
+  const image = parseImageFields(inst, w, bad, defaults, steps, (loc, shown) => inputRefusal(loc, shown, cfg));
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);
   if (prompt === undefined) return undefined;
   return {

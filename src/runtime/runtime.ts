@@ -86,7 +86,7 @@ export class Runtime {
     });
     this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3);
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
-    this.images = createImageSource(this.#requestS3);
+    this.images = createImageSource(this.#requestS3, cfg);
     this.inputBudget = new InputBudget(cfg.inputImagesMb * 1024 * 1024);
   }
 

@@ -35,6 +35,62 @@ export function parseS3Object(uri: string): S3Url | undefined {
   return u && u.key !== '' ? u : undefined;
 }
 
+/**
+ * Why an object key may not be matched against a prefix (an s3:// input, an INPUT_URI_PREFIXES entry), or undefined.
+ * S3 keys are literal, but an HTTP layer or a store in front of S3 may resolve `a/../b` or decode `%2e%2e`, so the key
+ * read would no longer be the key checked: empty, '.' and '..' segments, backslashes and control characters are
+ * refused, raw or after percent-decoding (repeated, for double encoding).
+ */
+export function keyProblem(key: string): string | undefined {
+  let k = key;
+  for (let round = 0; round < 4; round++) {
+    const how = round === 0 ? '' : ' once percent-decoded';
+    // eslint-disable-next-line no-control-regex
+    if (/[\x00-\x1f\x7f]/.test(k)) return `has a control character${how}`;
+    if (k.includes('\\')) return `has a backslash${how}`;
+    if (k.split('/').some((s) => s === '' || s === '.' || s === '..')) return `has an empty, '.' or '..' path segment${how}`;
+    let next: string;
+    try {
+      next = decodeURIComponent(k);
+    } catch {
+      return undefined;
+    }
+    if (next === k) return undefined;
+    k = next;
+  }
+  return 'is percent-encoded too many times';
+}
+
+/** An INPUT_URI_PREFIXES entry: a whole bucket (`key` ''), a folder (`key` ending in '/'), or a key and its folder. */
+export interface S3Prefix {
+  readonly bucket: string;
+  /** As given after the bucket's slash: '' for the whole bucket. */
+  readonly key: string;
+  /** As the operator wrote it, for messages. */
+  readonly uri: string;
+}
+
+/** `s3://bucket`, `s3://bucket/` or `s3://bucket/some/prefix[/]`; a string saying what is wrong otherwise. */
+export function parseS3Prefix(uri: string): S3Prefix | string {
+  const u = parseS3Url(uri);
+  if (u === undefined) return 'must be s3://bucket or s3://bucket/prefix';
+  const bare = u.key.endsWith('/') ? u.key.slice(0, -1) : u.key;
+  const why = bare === '' ? undefined : keyProblem(bare);
+  if (why !== undefined) return `${why}; write the prefix as the keys begin (s3://bucket/inputs/)`;
+  return { bucket: u.bucket, key: bare === '' ? '' : u.key, uri };
+}
+
+/**
+ * Whether `loc` lies under `p`: the same bucket (exact: S3 names are case-sensitive), and a key under the folder
+ * `inputs/`, or for `inputs` that key itself or one under `inputs/` (never `inputs-private/a.png`). Keys are taken as
+ * given; callers refuse unsafe ones first (keyProblem).
+ */
+export function underS3Prefix(loc: S3Url, p: S3Prefix): boolean {
+  if (loc.bucket !== p.bucket) return false;
+  if (p.key === '' || p.key.endsWith('/')) return loc.key.startsWith(p.key);
+  return loc.key === p.key || loc.key.startsWith(`${p.key}/`);
+}
+
 
 /** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
 export function parseStorageUri(uri: string): StorageSource {

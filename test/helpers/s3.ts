@@ -129,6 +129,8 @@ export interface FaultProxy {
   readonly port: number;
   readonly endpoint: string;
   readonly stats: {
+    /** Every request the proxy received, whatever its method or fate. */
+    requests: number;
     gets: number; rangedGets: number; lists: number;
     /** When each ListObjectsV2 request arrived (Date.now()). */
     listAt: number[];
@@ -155,10 +157,11 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
+    stats.requests++;
     const f = p.faults;
     if (f.deny) {
       req.resume();
