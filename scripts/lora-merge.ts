@@ -8,11 +8,11 @@
  * scripts/check_lora_export.py to compare with diffusers' fuse_lora followed by an export, and to bake an adapter in.
  * `--linked` writes the form adapter sets use instead (patched weights in lora.onnx_data, the model's data hard-linked).
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { LORA_COMPONENTS, parseAdapter } from '../src/pipeline/lora-keys.js';
 import { planAdapterSet, writeMergedComponent, writeMergedCopy } from '../src/pipeline/lora-merge.js';
-import { parseSafetensors } from '../src/pipeline/lora-safetensors.js';
+import { openSafetensors, type SafeTensorsFile } from '../src/pipeline/lora-safetensors.js';
 
 async function main(args: string[]): Promise<void> {
   const linked = args[0] === '--linked';
@@ -21,13 +21,26 @@ async function main(args: string[]): Promise<void> {
     console.error('usage: lora-merge MODEL_DIR OUT_DIR ADAPTER.safetensors[:SCALE] [...]');
     process.exit(2);
   }
-  const adapters = await Promise.all(specs.map(async (spec) => {
+  const parsedSpecs = specs.map((spec) => {
     const m = /^(.*?)(?::(-?[\d.]+))?$/.exec(spec)!;
-    const file = m[1]!;
-    const name = path.basename(file).replace(/\.safetensors$/, '');
-    const st = parseSafetensors(await readFile(file), `adapter "${name}"`);
-    return { parsed: parseAdapter(st, name), st, scale: m[2] === undefined ? 1 : Number(m[2]) };
+    return { file: m[1]!, name: path.basename(m[1]!).replace(/\.safetensors$/, ''), scale: m[2] === undefined ? 1 : Number(m[2]) };
+  });
+  // Read by ranges as a request's adapter set is (lora-thread.ts): the header now, each tensor when its weight is merged,
+  // so no adapter is held whole (Node reads no file over 2 GiB whole).
+  const opening = parsedSpecs.map((a) => openSafetensors(a.file, `adapter "${a.name}"`).catch((err: unknown) => {
+    const code = (err as { cause?: { code?: unknown } })?.cause?.code;
+    throw new Error(`${a.file}: ${(err as Error).message}${typeof code === 'string' ? ` (${code})` : ''}`);
   }));
+  try {
+    await merge(linked, modelDir, outDir, parsedSpecs, await Promise.all(opening));
+  } finally {
+    // Every file that opened, those that opened after another had failed included.
+    await Promise.allSettled(opening.map((p) => p.then((st) => st.close())));
+  }
+}
+
+async function merge(linked: boolean, modelDir: string, outDir: string, specs: ReadonlyArray<{ name: string; scale: number }>, files: SafeTensorsFile[]): Promise<void> {
+  const adapters = specs.map((a, i) => ({ parsed: parseAdapter(files[i]!, a.name), st: files[i]!, scale: a.scale }));
   const graphs = Object.fromEntries(LORA_COMPONENTS.map((c) => [c, path.join(modelDir, c, 'model.onnx')]));
   const { byComponent: by, problems } = planAdapterSet(adapters, graphs);
   if (problems.length > 0) {

@@ -16,6 +16,7 @@ import * as demoBuild from '../src/demo/build.js';
 import { checkLoraMap, LORA_MAP_FILE, LORA_MAP_FORMAT, readLoraMap, viewPositions, type LoraMap } from '../src/pipeline/lora-map.js';
 import { mergeComponent, writeMergedComponent, writeMergedCopy } from '../src/pipeline/lora-merge.js';
 import { fixtureModel } from './fixtures/index.js';
+import { writeKohyaAdapter } from './helpers/big-adapter.js';
 import { writeSafetensors } from '../src/demo/safetensors.js';
 import { openSafetensors, parseSafetensors, readFloats } from '../src/pipeline/lora-safetensors.js';
 import { AdapterSetCache } from '../src/pipeline/lora-sets.js';
@@ -428,38 +429,8 @@ describe('a large adapter', () => {
     try {
       // kohya form, float16, ~12.8 MB per weight over every weight of the demo UNet (its weights are tiny, so the ranks
       // are huge): 128 MB of float16, 512 MB as float64.
-      const header: Record<string, unknown> = {};
-      let offset = 0;
-      const add = (name: string, shape: number[]) => {
-        const bytes = shape.reduce((a, b) => a * b, 1) * 2;
-        header[name] = { dtype: 'F16', shape, data_offsets: [offset, offset + bytes] };
-        offset += bytes;
-      };
-      for (const [param, e] of Object.entries(map.weights)) {
-        const [out, ...rest] = e.shape as [number, ...number[]];
-        const inner = rest.reduce((a, b) => a * b, 1);
-        const rank = Math.floor(12.8e6 / 2 / (out + inner));
-        const key = `lora_unet_${param.slice(0, -'.weight'.length).replaceAll('.', '_')}`;
-        add(`${key}.lora_down.weight`, [rank, ...rest]);
-        add(`${key}.lora_up.weight`, rest.length > 1 ? [out, rank, 1, 1] : [out, rank]);
-        add(`${key}.alpha`, []);
-      }
-      let json = JSON.stringify(header);
-      json += ' '.repeat((8 - ((8 + json.length) % 8)) % 8);
       const file = path.join(tmp, 'big.safetensors');
-      const fd = openSync(file, 'w');
-      const head = Buffer.alloc(8 + json.length);
-      head.writeBigUInt64LE(BigInt(json.length), 0);
-      head.write(json, 8);
-      writeSync(fd, head);
-      // Small values (float16 2^-10 · (1 + k/1024)) and alpha 1 where a scalar goes: the update stays finite.
-      const chunk = Buffer.alloc(1 << 20);
-      for (let i = 0; i < chunk.length; i += 2) chunk.writeUInt16LE(0x1800 + ((i >> 1) & 0x3ff), i);
-      for (let done = 0; done < offset; done += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, offset - done));
-      for (const t of Object.values(header) as Array<{ shape: number[]; data_offsets: [number, number] }>) {
-        if (t.shape.length === 0) writeSync(fd, Buffer.from([0x00, 0x3c]), 0, 2, head.length + t.data_offsets[0]);
-      }
-      closeSync(fd);
+      writeKohyaAdapter(file, map, 12.8e6);
       expect(statSync(file).size).toBeGreaterThan(120e6);
       // As an adapter set's thread builds it (lora-thread.ts), in a process of its own so its peak is its own.
       const url = (f: string) => JSON.stringify(pathToFileURL(path.join(import.meta.dirname, '..', 'dist', 'src', 'pipeline', f)).href);

@@ -68,7 +68,7 @@ export async function openSafetensors(file: string, what: string): Promise<SafeT
   } catch (err) {
     const why = shortage(err);
     if (why) throw shortageError(`${what} could not be read`, why, REQUEST_ADVICE, err);
-    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`);
+    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`, { cause: err });
   }
   try {
     const size = (await fh.stat()).size;
@@ -89,7 +89,7 @@ export async function openSafetensors(file: string, what: string): Promise<SafeT
   } catch (err) {
     await fh.close().catch(() => undefined);
     if (isRuntimeError(err)) throw err;
-    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`);
+    throw new RuntimeError('INVALID_INPUT', `${what} could not be read`, { cause: err });
   }
 }
 
