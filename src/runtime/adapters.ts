@@ -145,6 +145,11 @@ export class AdapterSource {
       if (isRuntimeError(err) && err.code === 'TOO_MANY_OPEN_FILES') {
         throw new RuntimeError(err.code, `adapter "${name}" could not be fetched from LORA_URI: ${err.message}`, { cause: err, retryAfter: SHORTAGE_RETRY_AFTER });
       }
+      // The cache volume full or failing is the operator's to fix, not S3's: its own code (500, as storage outcomes are
+      // answered), with fetch.ts's message, which names MODEL_CACHE_DIR and never its local path.
+      if (isRuntimeError(err) && (err.code === 'NO_SPACE' || err.code === 'CACHE_IO')) {
+        throw new RuntimeError(err.code, `adapter "${name}" from LORA_URI could not be stored: ${err.message}`, { cause: err });
+      }
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
     }
