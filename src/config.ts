@@ -2,7 +2,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseS3Prefix, type S3Prefix } from './storage/uri.js';
+import { parseS3Prefix, type S3Prefix } from './s3-url.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
 /** WARMUP_VAE_ENCODER: on CUDA, prime the VAE encoder before ready (the default), or after the warm-up generation. */

@@ -371,10 +371,10 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
       let got = 0;
       await rejection(resolveModel('s3://models/sd', {
-        cfg: cfgFor(cache), log: recorder().log, signal: ac.signal,
+        cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '10' }), log: recorder().log, signal: ac.signal,
         onDownloaded: (n) => {
           got += n;
-          if (got === total) setTimeout(() => ac.abort(), 50);
+          if (got >= total && !ac.signal.aborted) setTimeout(() => ac.abort(), 50);
         },
       }));
       const [entry] = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
@@ -396,10 +396,10 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
       proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
       let got = 0;
       await rejection(resolveModel('s3://models/sd', {
-        cfg: cfgFor(cache), log: recorder().log, signal: ac.signal,
+        cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '10' }), log: recorder().log, signal: ac.signal,
         onDownloaded: (n) => {
           got += n;
-          if (got === total) setTimeout(() => ac.abort(), 50);
+          if (got >= total && !ac.signal.aborted) setTimeout(() => ac.abort(), 50);
         },
       }));
       // No HEAD says they are encrypted: each differs from its ETag, and is fetched again. With four such files the
