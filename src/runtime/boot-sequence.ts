@@ -217,6 +217,9 @@ export class BootSequence {
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const s3 = this.plan.source === 's3' ? this.plan : undefined;
     const lease = s3?.lease;
+    // A stop during the fetch: the process exits only once the fetch has stopped, its journal saved and its lock
+    // released, or a waiter elsewhere waits for the lock's heartbeat to go stale rather than taking over at once.
+    rt.atClose(async () => void (await this.#fetched?.catch(() => undefined)));
     if (lease) {
       rt.atClose(() => lease.release());
       // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
