@@ -324,7 +324,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   };
 
   // The content check (content-check.ts): a file's bytes are hashed as they are written, and its digest is compared
-  // with the ETag's before the rename, so a file under its final name is always one whose content was checked.
+  // with its ETag's MD5 or its checksum before the rename, so a file under its final name is one whose content was
+  // checked (or whose reason not to be is recorded).
   // Its threads start with the first file hashed; once closed (the download's end) it starts none.
   const hasher = o.check ? new Hasher() : undefined;
   const check = o.check;
