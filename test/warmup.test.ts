@@ -173,6 +173,22 @@ describe('warm-up CLI', () => {
     expect([odd.code, odd.stderr.split('\n')[0]]).toEqual([2, 'warmup: push: unknown option "--delete"']);
   });
 
+  it('push follows symlinks: a folder linked under a second name is uploaded under both, a link to a folder above it is no loop', async () => {
+    const dir = path.join(tmp, 'linked-export');
+    await fsp.cp(local, dir, { recursive: true });
+    // Links sort before (`a_text_encoder`) and after (`vae_encoder`) the folder they name; readdir order is the file system's.
+    await fsp.symlink('text_encoder', path.join(dir, 'a_text_encoder'));
+    await fsp.symlink('vae_decoder', path.join(dir, 'vae_encoder'));
+    await fsp.symlink('..', path.join(dir, 'unet', 'up'));
+    const r = await cli(['push', dir, 's3://models/sd/linked'], s3Env(s3.endpoint, path.join(tmp, 'unused')));
+    expect(r.code, r.stderr).toBe(0);
+    const listed = ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: 'sd/linked/' }))).Contents ?? []).map((o) => o.Key!.slice('sd/linked/'.length)).sort();
+    expect(listed).toEqual([...Object.keys(model), 'a_text_encoder/model.onnx', 'vae_encoder/model.onnx'].sort());
+    const fill = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-linked'), { STORAGE_URI: 's3://models/sd/linked' }));
+    expect(fill.code, fill.stderr).toBe(0);
+    await expectModel(JSON.parse(fill.stdout).modelDir);
+  });
+
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
     const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';
     const r = await cli([], env(path.join(tmp, 'c-creds'), { STORAGE_URI: `s3://AKIAEXAMPLE:${secret}@models/sd/v1`, LOG_LEVEL: 'trace' }));

@@ -66,26 +66,27 @@ async function warm(signal: AbortSignal): Promise<void> {
 
 /**
  * Every file under `dir`, '/'-separated and sorted, as push uploads them: a symlink counts as what it points at (a
- * Hugging Face cache snapshot is all symlinks into blobs/), a folder reached twice through links once, and a link
- * that points nowhere is an error rather than a file silently left out of the model.
+ * Hugging Face cache snapshot is all symlinks into blobs/), a folder linked under two names is uploaded under both
+ * (a server reads each name), a link to a folder that holds it is skipped (a loop), and a link that points nowhere
+ * is an error rather than a file silently left out of the model.
  */
 async function exportFiles(dir: string): Promise<string[]> {
   const out: string[] = [];
-  const seen = new Set<string>();
-  const go = async (d: string, rel: string): Promise<void> => {
+  // Only the folders above: a folder seen elsewhere before (`text_encoder_2 -> text_encoder`) is no loop.
+  const go = async (d: string, rel: string, above: ReadonlySet<string>): Promise<void> => {
     const real = await fsp.realpath(d);
-    if (seen.has(real)) return;
-    seen.add(real);
+    if (above.has(real)) return;
+    const chain = new Set(above).add(real);
     for (const e of await fsp.readdir(d, { withFileTypes: true })) {
       const r = rel === '' ? e.name : `${rel}/${e.name}`;
       const abs = path.join(d, e.name);
       const st = e.isSymbolicLink() ? await fsp.stat(abs).catch(() => undefined) : e;
       if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `${r} under the folder to push is a symlink to nothing; fix or remove it`);
-      if (st.isDirectory()) await go(abs, r);
+      if (st.isDirectory()) await go(abs, r, chain);
       else if (st.isFile()) out.push(r);
     }
   };
-  await go(dir, '');
+  await go(dir, '', new Set());
   return out.sort();
 }
 
