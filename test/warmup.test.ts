@@ -189,6 +189,28 @@ describe('warm-up CLI', () => {
     await expectModel(JSON.parse(fill.stdout).modelDir);
   });
 
+  it('push of a file rewritten while it uploads: fails naming it and deletes the object, which would mix both versions', async () => {
+    const dir = path.join(tmp, 'changing-export');
+    await fsp.cp(local, dir, { recursive: true });
+    const big = path.join(dir, 'unet/model.onnx_data');
+    await fsp.writeFile(big, detBytes(11 << 20, 21)); // three 5 MiB parts
+    let release!: () => void;
+    const held = proxy.stats.held;
+    // S3_MAX_CONCURRENCY=1: one part read and sent at a time, so the rest of the file is read after the first part.
+    proxy.faults = { hold: { method: 'PUT', keys: /\/sd\/changing\/unet\/model\.onnx_data\?.*partNumber=1(&|$)/, release: new Promise<void>((r) => (release = r)) } };
+    const run = cli(['push', dir, 's3://models/sd/changing'], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '1' }));
+    await until(() => proxy.stats.held > held, 20_000, 20);
+    await fsp.writeFile(big, detBytes(11 << 20, 22)); // the export writes its next version over it
+    release();
+    const r = await run;
+    proxy.faults = {};
+    expect([r.code, lastLine(r.stderr)]).toEqual([1, 'warmup: INVALID_INPUT: unet/model.onnx_data changed while it was uploaded (is the export still being written?); '
+      + 'its object was deleted; push again once the folder is final']);
+    expect(r.stdout).toBe('');
+    const keys = ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: 'sd/changing/' }))).Contents ?? []).map((o) => o.Key!);
+    expect(keys).not.toContain('sd/changing/unet/model.onnx_data');
+  });
+
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
     const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';
     const r = await cli([], env(path.join(tmp, 'c-creds'), { STORAGE_URI: `s3://AKIAEXAMPLE:${secret}@models/sd/v1`, LOG_LEVEL: 'trace' }));

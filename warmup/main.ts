@@ -113,7 +113,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
   if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
-  const [{ Upload }, { createS3, listPrefix }, { DeleteObjectsCommand }] = await Promise.all([
+  const [{ Upload }, { createS3, listPrefix }, { DeleteObjectCommand, DeleteObjectsCommand }] = await Promise.all([
     import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js'), import('@aws-sdk/client-s3')]);
   const s3 = createS3(cfg.s3);
   // A server reads every object under the prefix: one this export lacks would be downloaded and loaded with it (a
@@ -146,6 +146,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         signal.throwIfAborted();
         const rel = files[next++]!;
         const abs = path.join(localDir, rel);
+        const before = await fsp.stat(abs);
         const up = new Upload({ client: s3.client, queueSize, partSize, leavePartsOnError: false,
           params: { Bucket: src.bucket, Key: src.prefix + rel, Body: createReadStream(abs) } });
         const onAbort = () => void up.abort();
@@ -158,8 +159,15 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         } finally {
           signal.removeEventListener('abort', onAbort);
         }
-        const size = (await fsp.stat(abs)).size; // not `bytes += await …`: that reads `bytes` before the await
-        bytes += size;
+        // A file written while it was read (an export still running) uploads as a mix of two versions whose ETag
+        // matches it, so a fill would load it as sound: such an object is deleted and the push fails.
+        const after = await fsp.stat(abs).catch(() => undefined);
+        if (after?.size !== before.size || after.mtimeMs !== before.mtimeMs || after.ino !== before.ino) {
+          const deleted = await s3.client.send(new DeleteObjectCommand({ Bucket: src.bucket, Key: src.prefix + rel }), { abortSignal: signal }).then(() => true, () => false);
+          throw new RuntimeError('INVALID_INPUT', `${rel} changed while it was uploaded (is the export still being written?); `
+            + `${deleted ? 'its object was deleted' : `delete s3://${src.bucket}/${src.prefix}${rel}, which may mix both versions,`}; push again once the folder is final`);
+        }
+        bytes += before.size;
         process.stderr.write(`push: ${rel} (${mb(bytes)} MB so far)\n`);
       }
     }));

@@ -101,8 +101,11 @@ export interface Faults {
   failLists?: { count: number; status: number; code: string };
   /** The same for the next `count` GetObject requests. */
   failGets?: { count: number; status: number; code: string };
-  /** Hold GETs of keys matching `keys` (and, with `range`, whose Range header it accepts) until `release` settles. */
-  hold?: { keys: RegExp; range?: (range: string | undefined) => boolean; release: Promise<unknown> };
+  /**
+   * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
+   * Range header it accepts) until `release` settles.
+   */
+  hold?: { keys: RegExp; range?: (range: string | undefined) => boolean; release: Promise<unknown>; method?: string };
   /**
    * Damage the body of the next `count` 2xx GETs of keys matching `keys` (a link that damages data): one byte of each
    * body's first chunk is flipped, the n-th damage flipping byte n - 1, so no two damaged bodies are alike.
@@ -319,7 +322,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     res.on('close', () => up.destroy());
     if (isList && f.holdLists) void f.holdLists.finally(() => req.pipe(up));
     else if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
-    else if (isGet && f.hold && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
+    else if (f.hold && !isList && req.method === (f.hold.method ?? 'GET') && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
       stats.held++;
       void f.hold.release.finally(() => req.pipe(up));
     } else req.pipe(up);
