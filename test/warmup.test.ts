@@ -173,6 +173,20 @@ describe('warm-up CLI', () => {
     expect([odd.code, odd.stderr.split('\n')[0]]).toEqual([2, 'warmup: push: unknown option "--delete"']);
   });
 
+  it('push to a malformed target: a usage error (exit 2) that names the argument, not STORAGE_URI, and never echoes keys', async () => {
+    const pushEnv = s3Env(s3.endpoint, path.join(tmp, 'unused'));
+    for (const [target, msg] of [
+      ['s3://', 'push target: "s3://" has no valid bucket name; use s3://bucket/prefix'],
+      ['s3://models/sd/../v1', `push target: "s3://models/sd/../v1" has an empty, '.' or '..' path segment`],
+      ['s3://AKIAEXAMPLE:not-for-logs@models/sd', 'push target: "s3://***@models/sd" carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)'],
+      ['/mnt/models', 'push target must be s3://bucket/prefix, got "/mnt/models"'],
+    ]) {
+      const r = await cli(['push', local, target!], pushEnv);
+      expect([r.code, r.stderr.split('\n')[0], r.stdout], target).toEqual([2, `warmup: ${msg}`, '']);
+      expect(r.stderr).not.toMatch(/AKIAEXAMPLE|not-for-logs/);
+    }
+  });
+
   it('push follows symlinks: a folder linked under a second name is uploaded under both, a link to a folder above it is no loop', async () => {
     const dir = path.join(tmp, 'linked-export');
     await fsp.cp(local, dir, { recursive: true });

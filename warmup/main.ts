@@ -18,7 +18,7 @@ import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
-import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
+import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -99,7 +99,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   if (extra !== undefined) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${JSON.stringify(extra)}`);
   const cfg = loadConfig();
   trimCredentials();
-  const src = parseStorageUri(uri);
+  const src = argUri('push target', uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
   const fallback = checkAddressing(cfg.s3, src.bucket, src.uri, (f, msg) => process.stderr.write(`push: ${fallbackProblem(msg, f)}\n`));
   const st = await fsp.stat(localDir).catch(() => undefined);
@@ -244,12 +244,7 @@ async function cache(args: string[]): Promise<void> {
     else if (flag === '--older-than') olderThan = parseAge(value());
     else if (flag === '--keep-uri') {
       const v = value();
-      let src;
-      try {
-        src = parseStorageUri(v);
-      } catch (e) {
-        throw new UsageError(`--keep-uri: ${(e as Error).message}`);
-      }
+      const src = argUri('--keep-uri', v);
       if (src.kind !== 's3') throw new UsageError(`--keep-uri takes s3://bucket/prefix, got ${JSON.stringify(v)}`);
       keep.add(cacheKey(src, cfg.s3.endpoint));
       keep.add(src.uri);
@@ -301,6 +296,15 @@ async function retried<T>(signal: AbortSignal, fn: () => Promise<T>, attempts = 
 }
 
 class UsageError extends Error {}
+
+/** A URI given as an argument: a bad one is a usage error (exit 2) named as that argument, not as STORAGE_URI. */
+function argUri(what: string, v: string): StorageSource {
+  try {
+    return parseStorageUri(v);
+  } catch (e) {
+    throw new UsageError(`${what}: ${(e as Error).message.replace(/^STORAGE_URI /, '')}`);
+  }
+}
 
 async function main(): Promise<number> {
   // The AWS SDK's multi-line notice about its future Node requirement would sit between the progress lines on stderr;
