@@ -103,10 +103,18 @@ warmup: render ## Fill the PVC cache from S3 with the warm-up Job and wait for i
 	$(KUBECTL) delete -n $(NAMESPACE) --ignore-not-found -f $(RENDER_DIR)/warmup-job.yaml
 	$(KUBECTL) apply -n $(NAMESPACE) -f $(RENDER_DIR)/warmup-job.yaml
 	@echo "waiting up to $(WARMUP_TIMEOUT) for job/$(MODEL_NAME)-cache-warmup ..."
-	@if $(KUBECTL) wait -n $(NAMESPACE) --for=condition=complete --timeout=$(WARMUP_TIMEOUT) job/$(MODEL_NAME)-cache-warmup; then \
-	  $(KUBECTL) logs -n $(NAMESPACE) job/$(MODEL_NAME)-cache-warmup --tail=20; \
+	@# Complete or Failed, whichever comes first: waiting for Complete alone would sit out WARMUP_TIMEOUT on a failed Job.
+	@job=job/$(MODEL_NAME)-cache-warmup; \
+	$(KUBECTL) wait -n $(NAMESPACE) --for=condition=complete --timeout=$(WARMUP_TIMEOUT) $$job & done_pid=$$!; \
+	$(KUBECTL) wait -n $(NAMESPACE) --for=condition=failed --timeout=$(WARMUP_TIMEOUT) $$job >/dev/null 2>&1 & failed_pid=$$!; \
+	while kill -0 $$done_pid 2>/dev/null && kill -0 $$failed_pid 2>/dev/null; do sleep 1; done; \
+	if kill -0 $$done_pid 2>/dev/null && wait $$failed_pid; then kill $$done_pid; ok=failed; \
+	else kill $$failed_pid 2>/dev/null; wait $$done_pid && ok=done || ok=; fi; \
+	if [ "$$ok" = done ]; then \
+	  $(KUBECTL) logs -n $(NAMESPACE) $$job --tail=20; \
 	else \
-	  $(KUBECTL) logs -n $(NAMESPACE) job/$(MODEL_NAME)-cache-warmup --tail=50 || true; exit 1; \
+	  [ "$$ok" != failed ] || echo "$$job failed (backoffLimit reached):" >&2; \
+	  $(KUBECTL) logs -n $(NAMESPACE) $$job --tail=50 || true; exit 1; \
 	fi
 
 test-v1: ## POST scripts/v1_input.json to URL (default: the isvc URL) and check the PNG

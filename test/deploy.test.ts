@@ -516,6 +516,44 @@ describe('Makefile', () => {
     expect(make('-n', 'bench').stdout).toContain('npm run bench:s3 && npm run bench:cold-start && npm run bench:serve');
     expect(make('-n', 'test-v1', 'URL=http://h:1').stdout).toContain('scripts/test-v1.sh');
   });
+
+  // A stand-in for oc/kubectl that keeps the Job's state in a file: `wait --for=condition=X` returns once the state is X,
+  // or fails at its --timeout, as kubectl does.
+  it.skipIf(!has('make') || !has('envsubst'))('warmup: returns as soon as the Job completes or fails, with its log; a failed Job does not wait out WARMUP_TIMEOUT', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'make-warmup-'));
+    try {
+      const stub = path.join(dir, 'kubectl');
+      writeFileSync(stub, `#!/bin/sh
+case "$1" in
+  wait)
+    for a; do case "$a" in --for=condition=*) want=\${a#--for=condition=};; --timeout=*) t=\${a#--timeout=}; t=\${t%s};; esac; done
+    end=$(( $(date +%s) + t ))
+    while [ "$(date +%s)" -lt "$end" ]; do [ "$(cat "$STUB_STATE")" = "$want" ] && { echo "job.batch/x condition met"; exit 0; }; sleep 0.1; done
+    echo "error: timed out waiting for the condition on jobs/x" >&2; exit 1;;
+  logs) echo "warmup: log of a $(cat "$STUB_STATE") Job";;
+esac
+`);
+      chmodSync(stub, 0o755);
+      const state = path.join(dir, 'state');
+      const run = (initial: string, later?: string) => {
+        writeFileSync(state, initial);
+        if (later !== undefined) setTimeout(() => writeFileSync(state, later), 1_500);
+        const t0 = Date.now();
+        return promisify(execFile)('make', ['-s', 'warmup', `KUBECTL=${stub}`, 'WARMUP_TIMEOUT=60s', `RENDER_DIR=${path.join(dir, 'out')}`],
+          { cwd: ROOT, env: { ...process.env, STUB_STATE: state } }).then((r) => ({ code: 0, ...r }), (e: { code: number; stdout: string; stderr: string }) => e)
+          .then((r) => ({ code: r.code, stdout: r.stdout, stderr: r.stderr, seconds: (Date.now() - t0) / 1000 }));
+      };
+      const failed = await run('running', 'failed');
+      expect([failed.code, failed.stdout.trim().split('\n').at(-1)]).toEqual([2, 'warmup: log of a failed Job']);
+      expect(failed.stderr).toMatch(/^job\/stable-diffusion-cache-warmup failed \(backoffLimit reached\):\nmake: \*\*\* \[Makefile:\d+: warmup\] Error 1\n$/);
+      expect(failed.seconds).toBeLessThan(20);
+      const done = await run('running', 'complete');
+      expect([done.code, done.stdout.trim().split('\n').slice(-2), done.stderr]).toEqual([0, ['job.batch/x condition met', 'warmup: log of a complete Job'], '']);
+      expect(done.seconds).toBeLessThan(20);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 90_000);
 });
 
 // ---------------------------------------------------------------------------------------------
