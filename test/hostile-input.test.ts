@@ -49,6 +49,11 @@ describe('output_uri never names what the server loads', () => {
       expect(() => parse(served, uri), uri).toThrow(`instances[0].output_uri ${JSON.stringify(uri)} lies under the model (STORAGE_URI) this server loads; write images elsewhere`);
     }
     expect(() => parse(served, 's3://shared/loras/style/pytorch_lora_weights.safetensors')).toThrow(/lies under the LoRA adapters \(LORA_URI\)/);
+    // A store that resolves dot segments (s3rver does) would write these into the model: refused, as inputs' keys are.
+    for (const uri of ['s3://models/out/../sd15/model_index.json', 's3://models/out/%2e%2e/sd15/unet/model.onnx', 's3://models/out//x.png', 's3://models/out/']) {
+      expect(() => parse(served, uri), uri).toThrow(/^instances\[0\]\.output_uri: the key has an empty, '\.' or '\.\.' path segment( once percent-decoded)?; name the object by its plain key$/);
+    }
+    expect(() => parse(served, 's3://outputs/a\\b.png')).toThrow('instances[0].output_uri: the key has a backslash; name the object by its plain key');
     // A whole bucket as the model: every key of it.
     expect(() => parse({ STORAGE_URI: 's3://models' }, 's3://models/out.png')).toThrow(/lies under the model \(STORAGE_URI\)/);
   });

@@ -244,7 +244,7 @@ describe('formats, result cache, output_uri', () => {
   let s3: S3Server;
   beforeAll(async () => {
     s3 = await startS3(['out']);
-    srv = await startRuntime({ STORAGE_URI: undefined, ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4' }, { ready: true });
+    srv = await startRuntime({ STORAGE_URI: undefined, LORA_URI: 's3://out/loras/', ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4' }, { ready: true });
   });
   afterAll(async () => {
     await srv?.stop();
@@ -312,6 +312,17 @@ describe('formats, result cache, output_uri', () => {
     const many = await predict(srv, { ...inst, num_images_per_prompt: 2, output_format: 'webp', output_uri: 's3://out/run/many.webp' });
     expect(preds(many.json).map((p) => [p.image.uri, p.seed])).toEqual([['s3://out/run/many-0.webp', 8], ['s3://out/run/many-1.webp', 9]]);
     expect((await sharp(await get('run/many-1.webp')).metadata()).format).toBe('webp');
+  });
+
+  it('never writes through a key with dot segments: s3rver resolves out/../loras/x to loras/x, an adapter of LORA_URI', async () => {
+    const key = 'loras/style/pytorch_lora_weights.safetensors';
+    await s3.put('out', key, 'ADAPTER');
+    for (const uri of [`s3://out/run/../${key}`, `s3://out/run/./../${key}`]) {
+      const r = await predict(srv, { prompt: 'x', num_inference_steps: 2, height: 64, width: 64, seed: 1, output_uri: uri });
+      expect([r.status, r.json.error], uri).toEqual([400, "instances[0].output_uri: the key has an empty, '.' or '..' path segment; name the object by its plain key"]);
+    }
+    const kept = await s3.client.send(new GetObjectCommand({ Bucket: 'out', Key: key }));
+    expect(await kept.Body!.transformToString()).toBe('ADAPTER');
   });
 
   it('answers a clear error without secrets when the upload fails', async () => {

@@ -6,7 +6,7 @@ import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
-import { parseS3Object } from '../storage/uri.js';
+import { keyProblem, parseS3Object } from '../storage/uri.js';
 import { inputRefusal, servedFrom } from './input-uris.js';
 import { fallbackProblem, virtualHostedFallback } from '../storage/addressing.js';
 
@@ -399,7 +399,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   if (uri !== undefined && !out) bad.push(`${w}.output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   else if (out) {
     const served = servedFrom(out, cfg);
+    // A store that resolves dot segments writes `out/../sd15/x` to sd15/x, past servedFrom: keys are checked as inputs' are.
+    const unsafe = keyProblem(out.key);
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
+    else if (unsafe !== undefined) bad.push(`${w}.output_uri: the key ${unsafe}; name the object by its plain key`);
     // Refused before the generation, not after it: the upload could not be sent at all.
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
     if (f?.unaddressable) bad.push(fallbackProblem(`${w}.output_uri`, f));
