@@ -36,12 +36,9 @@ export function keyProblem(key: string): string | undefined {
     if (/[\x00-\x1f\x7f]/.test(k)) return `has a control character${how}`;
     if (k.includes('\\')) return `has a backslash${how}`;
     if (k.split('/').some((s) => s === '' || s === '.' || s === '..')) return `has an empty, '.' or '..' path segment${how}`;
-    let next: string;
-    try {
-      next = decodeURIComponent(k);
-    } catch {
-      return undefined;
-    }
+    // Only ASCII escapes can spell what is checked, and each is decoded on its own: a decoder that leaves a malformed
+    // escape as it is (`%zz`) still decodes the `%2e%2e` beside it, where decodeURIComponent throws for the whole key.
+    const next = k.replace(/%([0-7][0-9a-f])/gi, (_, h: string) => String.fromCharCode(parseInt(h, 16)));
     if (next === k) return undefined;
     k = next;
   }

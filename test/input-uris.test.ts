@@ -86,6 +86,9 @@ describe('INPUT_URI_PREFIXES', () => {
     ['a percent-encoded \'..\'', 's3://inputs/team-a/%2e%2e/pic.png', (u: string) => unsafe(u, "has an empty, '.' or '..' path segment once percent-decoded")],
     ['an encoded \'/..\'', 's3://inputs/team-a/x%2F..%2Fpic.png', (u: string) => unsafe(u, "has an empty, '.' or '..' path segment once percent-decoded")],
     ['a double-encoded \'..\'', 's3://inputs/team-a/%252e%252e/pic.png', (u: string) => unsafe(u, "has an empty, '.' or '..' path segment once percent-decoded")],
+    // A store's decoder that keeps a malformed escape as it is still turns the %2e%2e beside it into '..'.
+    ['an encoded \'..\' beside a malformed escape', 's3://inputs/team-a/%2e%2e/pic%zz.png', (u: string) => unsafe(u, "has an empty, '.' or '..' path segment once percent-decoded")],
+    ['an encoded control character beside a malformed escape', 's3://inputs/team-a/%0a%E0.png', (u: string) => unsafe(u, 'has a control character once percent-decoded')],
     ['an empty segment', 's3://inputs/team-a//pic.png', (u: string) => unsafe(u, "has an empty, '.' or '..' path segment")],
     ['a backslash', 's3://inputs/team-a/..\\pic.png', (u: string) => unsafe(u, 'has a backslash')],
     ['the model\'s own files (STORAGE_URI), inside an allowed prefix', 's3://models/sd/in/pic.png', (u: string) => served(u, 'model (STORAGE_URI)')],
