@@ -25,6 +25,10 @@ export class AdapterSource {
   readonly #files = new Map<string, Lookup>();
   /** The file each settled lookup gave: an S3 adapter's cache entry may since have been evicted (storage/entries.ts). */
   readonly #found = new Map<string, string>();
+  /** Lookups not settled yet, those nobody waits for any more included: close() stops them and waits for them. */
+  readonly #running = new Set<Lookup>();
+  /** Aborted by close(): every request still waiting is answered SHUTTING_DOWN. */
+  readonly #closed = new AbortController();
 
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
@@ -58,6 +62,18 @@ export class AdapterSource {
     return loras.map((l, i) => ({ name: l.name, scale: l.scale, file: (got[i] as PromiseFulfilledResult<string>).value }));
   }
 
+  /**
+   * The server stops (after its grace period): the requests still waiting are answered 503, and every fetch stops and
+   * is waited for, so none outlives the process holding its cache entry's lock (the next process would wait for the
+   * lock's heartbeat to go stale: it has this one's host name, and in a container often its pid).
+   */
+  async close(): Promise<void> {
+    this.#closed.abort();
+    const running = [...this.#running];
+    for (const l of running) l.stop.abort();
+    await Promise.allSettled(running.map((l) => l.file));
+  }
+
   /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
   #known(): string {
     const names = this.#modelDir ? localNames(path.join(this.#modelDir, 'loras')) : [];
@@ -67,6 +83,7 @@ export class AdapterSource {
   #file(name: string, signal?: AbortSignal): Promise<string> {
     if (!LORA_NAME.test(name)) return Promise.reject(new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`));
     if (signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
+    if (this.#closed.signal.aborted) return Promise.reject(shuttingDown());
     let l = this.#files.get(name);
     // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again.
     const found = this.#found.get(name);
@@ -80,12 +97,15 @@ export class AdapterSource {
       const lookup: Lookup = { file: q, waiting: 0, settled: false, stop };
       l = lookup;
       this.#files.set(name, lookup);
+      this.#running.add(lookup);
       this.#found.delete(name);
       q.then((f) => {
         lookup.settled = true;
+        this.#running.delete(lookup);
         if (this.#files.get(name) === lookup) this.#found.set(name, f);
       }, () => {
         lookup.settled = true;
+        this.#running.delete(lookup);
         if (this.#files.get(name) === lookup) this.#files.delete(name);
       });
     }
@@ -97,9 +117,11 @@ export class AdapterSource {
         const was = waits;
         waits = false;
         signal?.removeEventListener('abort', left);
+        this.#closed.signal.removeEventListener('abort', closed);
         if (was) lookup.waiting--;
         return was;
       };
+      const closed = () => stopWaiting() && reject(shuttingDown());
       const left = () => {
         if (!stopWaiting()) return;
         reject(new RuntimeError('CANCELLED', 'the client left'));
@@ -109,6 +131,7 @@ export class AdapterSource {
         lookup.stop.abort();
       };
       signal?.addEventListener('abort', left, { once: true });
+      this.#closed.signal.addEventListener('abort', closed, { once: true });
       lookup.file.then(
         (f) => stopWaiting() && resolve(f),
         (err: unknown) => stopWaiting() && reject(err),
@@ -158,6 +181,8 @@ export class AdapterSource {
     return f;
   }
 }
+
+const shuttingDown = () => new RuntimeError('SHUTTING_DOWN', 'the server shut down while the request waited for a LoRA adapter\'s fetch; retry', { retryAfter: 1 });
 
 interface Lookup {
   file: Promise<string>;

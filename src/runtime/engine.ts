@@ -386,6 +386,8 @@ export class Engine {
     for (const t of this.#restartTimers) clearTimeout(t);
     this.#restartTimers.clear();
     for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    // Adapter fetches still running (LORA_URI) stop, and are waited for below: none may leave its cache lock behind.
+    const adapters = this.#adapters.close();
     // Batches still running after the grace period stop at their next step (a worker closes only once its generation
     // ends, and one ended by terminate() inside an ONNX Runtime call aborts the process), and their clients get an
     // answer (503, Retry-After) now, while their connections are open, instead of a bare reset at the exit.
@@ -409,6 +411,7 @@ export class Engine {
           }),
       ),
     );
+    await adapters;
   }
 
   #retryAfter(): number {
