@@ -29,20 +29,35 @@ export function parseS3Url(uri: string): S3Url | undefined {
  * refused, raw or after percent-decoding (repeated, for double encoding).
  */
 export function keyProblem(key: string): string | undefined {
-  let k = key;
-  for (let round = 0; round < 4; round++) {
+  const forms = keyForms(key);
+  for (const [round, k] of forms.entries()) {
     const how = round === 0 ? '' : ' once percent-decoded';
     // eslint-disable-next-line no-control-regex
     if (/[\x00-\x1f\x7f]/.test(k)) return `has a control character${how}`;
     if (k.includes('\\')) return `has a backslash${how}`;
     if (k.split('/').some((s) => s === '' || s === '.' || s === '..')) return `has an empty, '.' or '..' path segment${how}`;
-    // Only ASCII escapes can spell what is checked, and each is decoded on its own: a decoder that leaves a malformed
-    // escape as it is (`%zz`) still decodes the `%2e%2e` beside it, where decodeURIComponent throws for the whole key.
-    const next = k.replace(/%([0-7][0-9a-f])/gi, (_, h: string) => String.fromCharCode(parseInt(h, 16)));
-    if (next === k) return undefined;
-    k = next;
   }
-  return 'is percent-encoded too many times';
+  return forms.length > KEY_DECODES ? 'is percent-encoded too many times' : undefined;
+}
+
+/** How many times a key is percent-decoded to see what a store that decodes it would read. */
+const KEY_DECODES = 3;
+
+/**
+ * A key as given, then as each round of percent-decoding makes it, while it changes (KEY_DECODES rounds; one more form
+ * says it changes still). Only ASCII escapes are decoded, and each on its own: a decoder that leaves a malformed
+ * escape as it is (`%zz`) still decodes the `%2e%2e` beside it, where decodeURIComponent throws for the whole key;
+ * and only ASCII can spell a dot, a slash, a backslash or a control character.
+ */
+export function keyForms(key: string): string[] {
+  const forms = [key];
+  for (let round = 0; round <= KEY_DECODES; round++) {
+    const k = forms.at(-1)!;
+    const next = k.replace(/%([0-7][0-9a-f])/gi, (_, h: string) => String.fromCharCode(parseInt(h, 16)));
+    if (next === k) break;
+    forms.push(next);
+  }
+  return forms;
 }
 
 /** An INPUT_URI_PREFIXES entry: a whole bucket (`key` ''), a folder (`key` ending in '/'), or a key and its folder. */

@@ -49,6 +49,10 @@ describe('output_uri never names what the server loads', () => {
       expect(() => parse(served, uri), uri).toThrow(`instances[0].output_uri ${JSON.stringify(uri)} lies under the model (STORAGE_URI) this server loads; write images elsewhere`);
     }
     expect(() => parse(served, 's3://shared/loras/style/pytorch_lora_weights.safetensors')).toThrow(/lies under the LoRA adapters \(LORA_URI\)/);
+    // As a store that decodes keys, or ignores their case, would read them.
+    for (const uri of ['s3://models/%73d15/unet/model.onnx', 's3://models/%2573d15/x.png', 's3://models/SD15/x.png']) {
+      expect(() => parse(served, uri), uri).toThrow(/lies under the model \(STORAGE_URI\)/);
+    }
     // A store that resolves dot segments (s3rver does) would write these into the model: refused, as inputs' keys are.
     for (const uri of ['s3://models/out/../sd15/model_index.json', 's3://models/out/%2e%2e/sd15/unet/model.onnx', 's3://models/out//x.png', 's3://models/out/']) {
       expect(() => parse(served, uri), uri).toThrow(/^instances\[0\]\.output_uri: the key has an empty, '\.' or '\.\.' path segment( once percent-decoded)?; name the object by its plain key$/);

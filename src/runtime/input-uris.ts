@@ -4,12 +4,12 @@
  * anything those credentials reach: inputs only under INPUT_URI_PREFIXES, neither under what the server loads.
  */
 import type { Config } from '../config.js';
-import { keyProblem, parseStorageUri, underS3Prefix, type S3Url } from '../storage/uri.js';
+import { keyForms, keyProblem, parseStorageUri, underS3Prefix, type S3Url } from '../storage/uri.js';
 
 /**
  * What of this server's own `loc` lies under: the model (STORAGE_URI) or the LoRA adapters (LORA_URI), when they come
- * from S3. The bucket is compared in any case and any key under the prefix counts (`prefix//x`, `prefix/./x`): a
- * refusal that errs wide.
+ * from S3. The bucket and key are compared in any case, the key also percent-decoded, and any key under the prefix
+ * counts (`prefix//x`, `prefix/./x`): a refusal that errs wide.
  */
 export function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 'loraUri'>>): string | undefined {
   for (const [uri, what] of [[cfg.storageUri, 'model (STORAGE_URI)'], [cfg.loraUri, 'LoRA adapters (LORA_URI)']] as const) {
@@ -20,7 +20,10 @@ export function servedFrom(loc: S3Url, cfg: Partial<Pick<Config, 'storageUri' | 
     } catch {
       continue;
     }
-    if (src.kind === 's3' && src.bucket.toLowerCase() === loc.bucket.toLowerCase() && loc.key.startsWith(src.prefix)) return what;
+    if (src.kind !== 's3' || src.bucket.toLowerCase() !== loc.bucket.toLowerCase()) continue;
+    // The key as a store that decodes it or ignores case would read it too.
+    const prefix = src.prefix.toLowerCase();
+    if (keyForms(loc.key).some((k) => k.toLowerCase().startsWith(prefix))) return what;
   }
   return undefined;
 }

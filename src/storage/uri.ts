@@ -11,7 +11,7 @@ export type StorageSource =
   | { readonly kind: 'local'; readonly path: string }
   | { readonly kind: 's3'; readonly bucket: string; /** '' or ends with '/' */ readonly prefix: string; readonly uri: string };
 
-export { keyProblem, parseS3Prefix, parseS3Url, type S3Prefix, type S3Url } from '../s3-url.js';
+export { keyForms, keyProblem, parseS3Prefix, parseS3Url, type S3Prefix, type S3Url } from '../s3-url.js';
 
 /** An s3:// URL that names one object: a bucket and a non-empty key (an input image, an output_uri). */
 export function parseS3Object(uri: string): S3Url | undefined {
