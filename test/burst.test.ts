@@ -16,6 +16,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, settledCount, startFaultProxy, startS3, testConfig, type FaultProxy, type S3Server, putFolder } from './helpers/s3.js';
 import { resolveModel, cacheKey, containedPath, parseStorageUri, type FetchProgress } from '../src/storage/fetch.js';
+import { pidBehindLast } from './helpers/pidns.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
 
@@ -116,8 +117,7 @@ const alive = (pid: number) => {
  * a waiter here that judged it as its own would find it dead at once. Returns the server and its pid as seen here.
  */
 async function podServer(cache: string): Promise<{ srv: ServerHandle; hostPid: () => number }> {
-  let pid = 20_000 + Math.floor(Math.random() * 10_000);
-  while (alive(pid + 1)) pid++;
+  const pid = pidBehindLast();
   const srv = await startServer(cacheEnv(cache), {
     prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', `echo ${pid} > /proc/sys/kernel/ns_last_pid; "$0" "$1"`],
   });

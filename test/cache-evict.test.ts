@@ -17,6 +17,7 @@ import { LAST_USED, leaseEntry, leasesDir, sweepUnleased } from '../src/storage/
 import { acquireLock, pidAlive as alive } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
+import { pidBehindLast } from './helpers/pidns.js';
 import { until } from './helpers/server.js';
 
 const LEASE_JS = path.resolve('dist/src/storage/lease.js');
@@ -186,11 +187,10 @@ describe('eviction when a download finds too little space', () => {
     const cache = await cacheWith(1);
     const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); await leaseEntry(process.argv[1]);
       process.stdout.write('leased ' + process.pid + '\\n'); setInterval(() => {}, 60_000);`;
-    // Its pid in its namespace: one that no process of this namespace has. This namespace's pids wrap through the whole
-    // range on a busy machine, so one may take it meanwhile: then another is tried.
+    // Its pid in its namespace: one that no process of this namespace has (pidBehindLast). Should one take it meanwhile
+    // all the same, another is tried.
     const start = async () => {
-      let pid = 20_000 + Math.floor(Math.random() * 10_000);
-      while (alive(pid + 1)) pid++;
+      const pid = pidBehindLast();
       const c = spawn('unshare', ['-r', '--pid', '--fork', '--kill-child', '--mount-proc', 'sh', '-c', `echo ${pid} > /proc/sys/kernel/ns_last_pid; "$0" --input-type=module -e "$1" "$2"`,
         process.execPath, script, path.join(cache, keyOf(1))], { stdio: ['ignore', 'pipe', 'inherit'] });
       const inner = await new Promise<number>((resolve, reject) => {
