@@ -286,6 +286,25 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     const kmsEtags = () => Object.fromEntries(Object.keys(files).map((rel, i) => [`sd/${rel}`, { etag: `"${'0123456789'[i]!.repeat(32)}"` }]));
     const total = Object.values(files).reduce((n, b) => n + b.length, 0);
 
+    /**
+     * A cache where a first run on a KMS bucket received every byte and stopped before any rename: its checksum HEADs
+     * went unanswered (10 s stall timeout, so a stop that never comes fails the run rather than the test's time).
+     */
+    const leftWhole = async () => {
+      const cache = await newCache();
+      const ac = new AbortController();
+      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
+      let got = 0;
+      await rejection(resolveModel('s3://models/sd', {
+        cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '10' }), log: recorder().log, signal: ac.signal,
+        onDownloaded: (n) => {
+          got += n;
+          if (got >= total && !ac.signal.aborted) setTimeout(() => ac.abort(), 50);
+        },
+      }));
+      return cache;
+    };
+
     it('checks objects encrypted with KMS by their CRC64NVME, and catches damage in them', async () => {
       const r = recorder();
       const [heads, before] = [proxy.stats.checksumHeads, proxy.stats.bodyBytes];
@@ -365,18 +384,7 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     });
 
     it('a file an earlier run left whole on disk, encrypted with KMS, is checked by its checksum rather than fetched again', async () => {
-      const cache = await newCache();
-      const ac = new AbortController();
-      // Every byte arrives; no checksum does, so nothing is renamed before the stop.
-      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
-      let got = 0;
-      await rejection(resolveModel('s3://models/sd', {
-        cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '10' }), log: recorder().log, signal: ac.signal,
-        onDownloaded: (n) => {
-          got += n;
-          if (got >= total && !ac.signal.aborted) setTimeout(() => ac.abort(), 50);
-        },
-      }));
+      const cache = await leftWhole();
       const [entry] = (await fsp.readdir(cache)).filter((x) => !x.endsWith('.lock'));
       expect(await fsp.stat(path.join(cache, entry!, 'unet/model.onnx_data.partial'))).toBeDefined();
       const r = recorder();
@@ -391,17 +399,7 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
     });
 
     it('files an earlier run left whole, whose checksum HEADs go unanswered, are all fetched again in one round, not one a round', async () => {
-      const cache = await newCache();
-      const ac = new AbortController();
-      proxy.faults = { objects: kmsEtags(), addHeaders: KMS, holdChecksumHeads: true };
-      let got = 0;
-      await rejection(resolveModel('s3://models/sd', {
-        cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '10' }), log: recorder().log, signal: ac.signal,
-        onDownloaded: (n) => {
-          got += n;
-          if (got >= total && !ac.signal.aborted) setTimeout(() => ac.abort(), 50);
-        },
-      }));
+      const cache = await leftWhole();
       // No HEAD says they are encrypted: each differs from its ETag, and is fetched again. With four such files the
       // rounds ran out, one file a round, as STORAGE_CORRUPT.
       const r = recorder();

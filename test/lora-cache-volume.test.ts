@@ -5,12 +5,11 @@
  * cache folder must be (anywhere), and a real tmpfs, full then read-only (where this test may mount one).
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readLoraMap } from '../src/pipeline/lora-map.js';
 import { fixtureModel } from './fixtures/index.js';
-import { writeKohyaAdapter } from './helpers/big-adapter.js';
+import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
 
@@ -22,9 +21,7 @@ beforeAll(async () => {
   model = await fixtureModel();
   s3 = await startS3(['loras']);
   // A valid kohya adapter of ~3 MB: more than a 1 MiB volume holds.
-  const file = path.join(tmp.dir, 'style.safetensors');
-  writeKohyaAdapter(file, readLoraMap(path.join(model, 'unet'))!, 300e3);
-  await s3.put('loras', 'adapters/style/pytorch_lora_weights.safetensors', readFileSync(file));
+  await putStyleAdapter(s3, model, tmp.dir);
 }, 60_000);
 
 afterAll(async () => {

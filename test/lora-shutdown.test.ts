@@ -4,12 +4,11 @@
  * one's host name and often its pid, takes it at once rather than after 30 s of stale heartbeat), and the request is
  * answered 503 SHUTTING_DOWN, as a generation cut by the grace is. A real server process, s3rver behind the fault proxy.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { readLoraMap } from '../src/pipeline/lora-map.js';
 import { fixtureModel } from './fixtures/index.js';
-import { writeKohyaAdapter } from './helpers/big-adapter.js';
+import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until } from './helpers/server.js';
 
@@ -22,9 +21,7 @@ let release!: () => void;
 beforeAll(async () => {
   model = await fixtureModel();
   s3 = await startS3(['loras']);
-  const file = path.join(tmp.dir, 'style.safetensors');
-  writeKohyaAdapter(file, readLoraMap(path.join(model, 'unet'))!, 300e3);
-  await s3.put('loras', 'adapters/style/pytorch_lora_weights.safetensors', readFileSync(file));
+  await putStyleAdapter(s3, model, tmp.dir);
   proxy = await startFaultProxy(s3.port, { hold: { keys: /adapters\/style\//, release: new Promise<void>((r) => (release = r)) } });
 }, 60_000);
 

@@ -1,6 +1,7 @@
 /** @module Large LoRA adapters written by tests, for what only size shows (memory held, offsets past 2 GiB). */
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
-import type { LoraMap } from '../../src/pipeline/lora-map.js';
+import path from 'node:path';
+import { readLoraMap, type LoraMap } from '../../src/pipeline/lora-map.js';
 
 /**
  * A kohya-form float16 adapter on every weight of `map`'s component (the UNet: `lora_unet_*`), each weight's down and
@@ -64,4 +65,14 @@ export function writeSparseCopy(src: string, dst: string, gap: number): { start:
     closeSync(fd);
   }
   return { start: 8 + head.length + gap, end: 8 + head.length + gap + buf.length - 8 - n };
+}
+
+/**
+ * A kohya adapter of ~3 MB for the model at `model` (every weight of its UNet's map), written under `dir` and put at
+ * s3://loras/adapters/style/pytorch_lora_weights.safetensors: one adapter, "style", from an S3 LORA_URI.
+ */
+export async function putStyleAdapter(s3: { put(bucket: string, key: string, body: Buffer): Promise<unknown> }, model: string, dir: string): Promise<void> {
+  const file = path.join(dir, 'style.safetensors');
+  writeKohyaAdapter(file, readLoraMap(path.join(model, 'unet'))!, 300e3);
+  await s3.put('loras', 'adapters/style/pytorch_lora_weights.safetensors', readFileSync(file));
 }
