@@ -85,6 +85,22 @@ describe('V2 codec: requests', () => {
     expect(() => parseInferRequest({ 'content-type': 'application/octet-stream' }, Buffer.from([1, 2]))).toThrow("received byte inputs, but the'inference-header-content-length' header is missing.");
   });
 
+  it('refuses binary data holding more elements than the shape by its size, without decoding them one by one', () => {
+    // 16 MB: 4 M FP32 values (decoded one by one, ~4 s of a blocked event loop), 4 M empty BYTES elements.
+    const f32 = Buffer.alloc(16 * 1024 * 1024);
+    for (let o = 0; o < f32.length; o += 4) f32.writeFloatLE(0.3 + o / 1e9, o);
+    const prompt = { name: 'prompt', datatype: 'BYTES', shape: [1], bytes: bytesElems('a') };
+    const floats = binaryBody([prompt, { name: 'eta', datatype: 'FP32', shape: [1], bytes: f32 }]);
+    const empties = binaryBody([{ ...prompt, bytes: Buffer.alloc(16 * 1024 * 1024) }]);
+    const t0 = performance.now();
+    expect(() => parseInferRequest(floats.headers, floats.body)).toThrow('input "eta": shape [1] holds 1 elements (4 bytes of FP32) but binary_data_size is 16777216 (4194304 elements)');
+    expect(() => parseInferRequest(empties.headers, empties.body)).toThrow('input "prompt": shape [1] holds 1 elements but its binary data has more (16777212 bytes left after element 1)');
+    expect(performance.now() - t0).toBeLessThan(1000);
+    // Fewer elements than the shape: named as before.
+    const short = binaryBody([{ ...prompt, shape: [2] }]);
+    expect(() => parseInferRequest(short.headers, short.body)).toThrow('input "prompt": shape [2] holds 2 elements but data has 1');
+  });
+
   it('reads an FP32 as the shortest decimal that is the same float32', () => {
     expect([shortestFloat32(Math.fround(0.7)), shortestFloat32(Math.fround(1 / 3)), shortestFloat32(0), shortestFloat32(-Infinity)]).toEqual([0.7, 0.33333334, 0, -Infinity]);
   });

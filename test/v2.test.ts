@@ -153,6 +153,21 @@ describe('V2 infer', () => {
     expect(j.outputs[1]!.data).toEqual([7]);
   });
 
+  it('400s binary data that holds more elements than its shape, naming both sizes', async () => {
+    const p = Buffer.from([1, 0, 0, 0, 0x78]);
+    const eta = Buffer.alloc(60_000);
+    const header = Buffer.from(JSON.stringify({
+      inputs: [
+        { name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: p.length } },
+        { name: 'eta', shape: [1], datatype: 'FP32', parameters: { binary_data_size: eta.length } },
+      ],
+    }));
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, {
+      method: 'POST', headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) }, body: Buffer.concat([header, p, eta]),
+    });
+    expect([res.status, await res.json()]).toEqual([400, { code: 'INVALID_INPUT', error: 'input "eta": shape [1] holds 1 elements (4 bytes of FP32) but binary_data_size is 60000 (15000 elements)' }]);
+  });
+
   const cases: Array<[string, string | object, RegExp, Record<string, string>?]> = [
     ['malformed JSON', '{"inputs": [', /^Unrecognized request format/],
     ['not an object', '[1]', /JSON object/],
