@@ -177,6 +177,7 @@ describe('V2 infer', () => {
     ['prompt not BYTES', { inputs: [{ name: 'prompt', shape: [1], datatype: 'INT32', data: [1] }] }, /prompt" must have datatype BYTES/],
     ['prompt element not a string', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [1] }] }, /data\[0\] must be a string/],
     ['shape mismatch', { inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['x'] }] }, /holds 2 elements but data has 1/],
+    ['negative dims', { inputs: [{ name: 'prompt', shape: [-10, -10], datatype: 'BYTES', data: ['x'] }] }, /^input "prompt": shape must be a list of non-negative integers$/],
     ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /input colour is not a known field/],
     ['unknown datatype', { inputs: [{ name: 'prompt', shape: [1], datatype: 'STRING', data: ['x'] }] }, /datatype must be one of/],
     ['a value outside its integer datatype', { inputs: [prompt('x'), { name: 'num_inference_steps', shape: [1], datatype: 'INT8', data: [200] }] }, /^input "num_inference_steps": data\[0\] 200 is outside INT8's range, -128 to 127$/],

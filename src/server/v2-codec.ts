@@ -232,7 +232,8 @@ function checkSizes(header: Record<string, unknown>, maxPrompts: number): void {
   inputs.forEach((inp, i) => {
     if (!isObj(inp)) return;
     const name = typeof inp.name === 'string' ? `input "${inp.name.slice(0, 40)}"` : `inputs[${i}]`;
-    const n = Array.isArray(inp.shape) && inp.shape.every((d) => Number.isSafeInteger(d)) ? (inp.shape as number[]).reduce((a, b) => a * b, 1) : 0;
+    // A shape with a negative dim is left to parseTensor to name: [-10, -10] does not hold 100 elements.
+    const n = Array.isArray(inp.shape) && inp.shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0) ? (inp.shape as number[]).reduce((a, b) => a * b, 1) : 0;
     const len = Array.isArray(inp.data) ? inp.data.length : 0;
     if (Math.max(n, len) > maxPrompts) {
       throw bad(`${name} has ${Math.max(n, len)} elements; a request may have at most ${maxPrompts} prompts (MAX_IMAGES_PER_REQUEST), and every input 1 element or one per prompt`);
