@@ -190,6 +190,7 @@ describe('V2 infer', () => {
     ['per-prompt count mismatch', { inputs: [prompt('a', 'b', 'c'), { name: 'seed', shape: [2], datatype: 'INT64', data: [1, 2] }] }, /"seed" must have 1 element or one per prompt \(3\)/],
     ['id not a string', { id: 5, inputs: [prompt('x')] }, /id must be a string/],
     ['unknown output', { inputs: [prompt('x')], outputs: [{ name: 'latents' }] }, /outputs\[0\]\.name "latents" is unknown/],
+    ['an output requested twice', { inputs: [prompt('x')], outputs: [{ name: 'seed' }, { name: 'image' }, { name: 'seed', parameters: { binary_data: true } }] }, /^outputs\[2\]: output "seed" is requested twice$/],
     ['binary input without the header', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: 5 } }] }, /inference-header-content-length' header is missing/],
     ['octet-stream without the header', 'not json at all', /inference-header-content-length' header is missing/, { 'content-type': 'application/octet-stream' }],
     ['bad header length', '{"inputs":[]}', /inference-header-content-length must be an integer/, { 'inference-header-content-length': '999' }],

@@ -205,6 +205,8 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
       header.outputs.forEach((o, i) => {
         if (!isObj(o) || typeof o.name !== 'string') return void problems.push(`outputs[${i}] must be an object with a "name"`);
         if (!(OUTPUTS as readonly string[]).includes(o.name)) return void problems.push(`outputs[${i}].name "${o.name}" is unknown; this model has ${OUTPUTS.join(', ')}`);
+        // Once each (as Triton: "output already requested"): the answer would hold two tensors of one name.
+        if (outputs.some((x) => x.name === o.name)) return void problems.push(`outputs[${i}]: output "${o.name}" is requested twice`);
         let bin = binaryAll;
         if (o.parameters !== undefined && o.parameters !== null) {
           if (!isObj(o.parameters)) return void problems.push(`outputs[${i}].parameters must be an object`);
