@@ -168,6 +168,23 @@ describe('V2 infer', () => {
     expect([res.status, await res.json()]).toEqual([400, { code: 'INVALID_INPUT', error: 'input "eta": shape [1] holds 1 elements (4 bytes of FP32) but binary_data_size is 60000 (15000 elements)' }]);
   });
 
+  it('reads a BYTES element as its bytes: a leading U+FEFF is kept, as the same element in JSON keeps it', async () => {
+    const text = '\ufeffa red fox';
+    const p = Buffer.concat([Buffer.alloc(4), Buffer.from(text)]);
+    p.writeUInt32LE(p.length - 4);
+    const header = Buffer.from(JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: p.length } }], parameters: { ...small, seed: 7 } }));
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, {
+      method: 'POST', headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) }, body: Buffer.concat([header, p]),
+    });
+    const bin = (await res.json()) as { outputs: Array<{ data: unknown[] }> };
+    const ref = await infer({ inputs: [prompt(text)], parameters: { ...small, seed: 7 } });
+    const plain = await infer({ inputs: [prompt('a red fox')], parameters: { ...small, seed: 7 } });
+    const image = (j: { outputs: Array<{ data: unknown[] }> }) => j.outputs[0]!.data[0];
+    // The mark is a token of its own: the images differ, so the comparison below can tell the two apart.
+    expect(image(ref.json as typeof bin)).not.toEqual(image(plain.json as typeof bin));
+    expect(image(bin)).toEqual(image(ref.json as typeof bin));
+  });
+
   const cases: Array<[string, string | object, RegExp, Record<string, string>?]> = [
     ['malformed JSON', '{"inputs": [', /^Unrecognized request format/],
     ['not an object', '[1]', /JSON object/],

@@ -311,7 +311,8 @@ function flatten(v: unknown, depth = 0): unknown[] | undefined {
   return out;
 }
 
-const utf8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM: a BYTES element is its bytes; a leading U+FEFF is text the prompt has (as in JSON mode), not a mark to drop.
+const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 
 /**
  * Binary tensor data: little-endian, row-major; each BYTES element is a uint32 LE length and the bytes (`raw`: kept as
