@@ -101,6 +101,29 @@ describe('V2 codec: requests', () => {
     expect(() => parseInferRequest(short.headers, short.body)).toThrow('input "prompt": shape [2] holds 2 elements but data has 1');
   });
 
+  it('reads each binary input from its own bytes when an input before it is refused (no problem named for a good one)', () => {
+    const f32 = Buffer.alloc(4);
+    f32.writeFloatLE(20);
+    const prompt = { name: 'prompt', datatype: 'BYTES', shape: [1], bytes: bytesElems('a fox') };
+    const cases: Array<[{ name: string; datatype: string; shape: number[] }, string | RegExp]> = [
+      [{ name: 'num_inference_steps', datatype: 'FP32', shape: [1] }, 'input "num_inference_steps" must have an integer datatype (INT32, INT64, …), got FP32'],
+      [{ name: 'seed', datatype: 'INT32', shape: [2] }, 'input "seed": shape [2] holds 2 elements (8 bytes of INT32) but binary_data_size is 4 (1 elements)'],
+      [{ name: 'stepz', datatype: 'INT32', shape: [1] }, /^input stepz is not a known field; known fields: [a-z_, ]+$/],
+    ];
+    for (const [first, problem] of cases) {
+      const { headers, body } = binaryBody([{ ...first, bytes: f32 }, prompt]);
+      let message = '';
+      try {
+        parseInferRequest(headers, body);
+      } catch (err) {
+        message = (err as Error).message;
+      }
+      // The prompt's 4-byte length would otherwise be read from the refused input's bytes (20 as FP32: 1101004800).
+      if (problem instanceof RegExp) expect(message).toMatch(problem);
+      else expect(message).toBe(problem);
+    }
+  });
+
   it('reads an FP32 as the shortest decimal that is the same float32', () => {
     expect([shortestFloat32(Math.fround(0.7)), shortestFloat32(Math.fround(1 / 3)), shortestFloat32(0), shortestFloat32(-Infinity)]).toEqual([0.7, 0.33333334, 0, -Infinity]);
   });

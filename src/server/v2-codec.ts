@@ -185,11 +185,13 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
     const seen = new Set<string>();
     header.inputs.forEach((inp, i) => {
       const t = parseTensor(inp, i, binary, offset, problems);
+      // Past this input's bytes even when it is refused: the next input is read from its own bytes, not named for a
+      // problem of this one.
+      offset += declaredBytes(inp);
       if (!t) return;
-      offset += t.binaryBytes;
-      if (seen.has(t.tensor.name)) problems.push(`inputs[${i}]: input "${t.tensor.name}" appears twice`);
-      seen.add(t.tensor.name);
-      inputs.push(t.tensor);
+      if (seen.has(t.name)) problems.push(`inputs[${i}]: input "${t.name}" appears twice`);
+      seen.add(t.name);
+      inputs.push(t);
     });
     if (binary !== undefined && problems.length === 0 && offset !== binary.length) {
       problems.push(`the binary data is ${binary.length} bytes but the inputs' binary_data_size add up to ${offset}`);
@@ -243,7 +245,13 @@ function checkSizes(header: Record<string, unknown>, maxPrompts: number): void {
   });
 }
 
-function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset: number, problems: string[]): { tensor: Tensor; binaryBytes: number } | undefined {
+/** The binary_data_size an input declares, when it is one (0 otherwise: parseTensor names the problem). */
+function declaredBytes(inp: unknown): number {
+  const size = isObj(inp) && isObj(inp.parameters) ? inp.parameters.binary_data_size : undefined;
+  return Number.isSafeInteger(size) && (size as number) >= 0 ? (size as number) : 0;
+}
+
+function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset: number, problems: string[]): Tensor | undefined {
   const w = `inputs[${i}]`;
   if (!isObj(inp)) return void problems.push(`${w} must be an object with name, shape, datatype and data`);
   const name = inp.name;
@@ -263,12 +271,11 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   const params = isObj(inp.parameters) ? inp.parameters : {};
   const size = params.binary_data_size;
   let values: Array<string | number | Buffer>;
-  let binaryBytes = 0;
   if (size !== undefined) {
     if (binary === undefined) return void problems.push("received byte inputs, but the'inference-header-content-length' header is missing.");
     if (!Number.isSafeInteger(size) || (size as number) < 0) return void problems.push(`${wn}: parameters.binary_data_size must be a non-negative integer`);
     if (Object.hasOwn(inp, 'data')) return void problems.push(`${wn} has both data and binary_data_size; send one`);
-    binaryBytes = size as number;
+    const binaryBytes = size as number;
     if (offset + binaryBytes > binary.length) return void problems.push(`${wn}: binary_data_size ${binaryBytes} runs past the end of the body`);
     const bytes = binary.subarray(offset, offset + binaryBytes);
     const decoded = decodeBinary(bytes, datatype, count, shape as number[], wn, problems, kind === 'image');
@@ -294,7 +301,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   }
   if (values.length !== count) return void problems.push(`${wn}: shape ${JSON.stringify(shape)} holds ${count} elements but data has ${values.length}`);
   if (values.length === 0) return void problems.push(`${wn} is empty`);
-  return { tensor: { name, datatype, shape: shape as number[], values }, binaryBytes };
+  return { name, datatype, shape: shape as number[], values };
 }
 
 function flatten(v: unknown, depth = 0): unknown[] | undefined {
