@@ -82,6 +82,9 @@ describe('V2 infer', () => {
   it('returns only the requested outputs', async () => {
     const r = await infer({ inputs: [prompt('x')], parameters: { ...small, seed: 1 }, outputs: [{ name: 'seed' }] });
     expect(r.json.outputs).toEqual([{ name: 'seed', shape: [1], datatype: 'INT64', data: [1] }]);
+    // An empty list is every output (as Triton reads it), not an answer without the image that was made.
+    const all = await infer({ inputs: [prompt('x')], parameters: { ...small, seed: 1 }, outputs: [] });
+    expect((all.json.outputs as Array<{ name: string }>).map((o) => o.name)).toEqual(['image', 'seed']);
   });
 
   it('encodes jpeg and webp on request', async () => {

@@ -200,7 +200,8 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
 
   const binaryAll = parameters.binary_data_output === true;
   let outputs: InferRequest['outputs'] = OUTPUTS.map((name) => ({ name, binary: binaryAll }));
-  if (Object.hasOwn(header, 'outputs') && header.outputs !== null) {
+  // An empty list asks for every output, as an absent one does (Triton's reading), not for an answer without any.
+  if (Object.hasOwn(header, 'outputs') && header.outputs !== null && !(Array.isArray(header.outputs) && header.outputs.length === 0)) {
     if (!Array.isArray(header.outputs)) problems.push('"outputs" must be a list of {"name"}');
     else {
       outputs = [];
