@@ -184,7 +184,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     resultCacheBytes: new Gauge({
       name: 'result_cache_bytes',
-      help: 'Bytes of encoded images held by the result cache',
+      help: 'Bytes held by the result cache: its encoded images and each entry\'s bookkeeping (RESULT_CACHE_MB bounds it)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

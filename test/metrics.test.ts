@@ -2,7 +2,7 @@
 import { Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
-import { createResultCache } from '../src/runtime/result-cache.js';
+import { createResultCache, ENTRY_BYTES, IMAGE_BYTES } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import { ensureDemoModel } from '../src/demo/index.js';
 import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -208,7 +208,9 @@ describe('result cache (unit)', () => {
 
   it('keys on every generation field, skips unseeded requests, evicts least recently used by bytes', () => {
     let bytes = -1;
-    const c = createResultCache('m', 250, (b) => (bytes = b));
+    // An entry of one 100-byte image, with its bookkeeping: room for two.
+    const one = ENTRY_BYTES + IMAGE_BYTES + 100;
+    const c = createResultCache('m', 2.5 * one, (b) => (bytes = b));
     expect(c.keyOf(req(undefined))).toBeUndefined();
     expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(2)));
     expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(1, 'p', 'webp')));
@@ -216,12 +218,12 @@ describe('result cache (unit)', () => {
     const [k1, k2, k3] = [c.keyOf(req(1))!, c.keyOf(req(2))!, c.keyOf(req(3))!];
     c.put(k1, img(100));
     c.put(k2, img(100));
-    expect(bytes).toBe(200);
+    expect(bytes).toBe(2 * one);
     c.get(k1); // k1 is now the most recent: k2 goes first
     c.put(k3, img(100));
     expect([c.get(k1) !== undefined, c.get(k2) !== undefined, c.get(k3) !== undefined]).toEqual([true, false, true]);
-    expect(c.bytes).toBe(200);
-    c.put(c.keyOf(req(4))!, img(300)); // larger than the whole cache: not stored
+    expect(c.bytes).toBe(2 * one);
+    c.put(c.keyOf(req(4))!, img(3 * one)); // larger than the whole cache: not stored
     expect(c.entries).toBe(2);
     expect(createResultCache('m', 0).keyOf(req(1))).toBeUndefined();
   });

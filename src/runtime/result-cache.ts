@@ -2,10 +2,19 @@
  * @module The result cache (the seed's lru_cache, bounded in bytes): a repeated request with the same seed
  * and the same generation fields gets the same encoded bytes back without touching the device.
  */
+import { createHash } from 'node:crypto';
 import { unconditionalPass, type ModelDefaults } from '../pipeline/job.js';
 import type { EncodedImage } from './engine.js';
 import { imageKey } from './image-request.js';
 import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
+
+/**
+ * What an entry holds besides its encoded bytes, counted against RESULT_CACHE_MB: the entry (its hashed key, the Map
+ * slot, its record) and each image's record and ArrayBuffer. Measured on Node 20: ~210 bytes an entry, ~160 an image.
+ * Left out, 64 MB of 306-byte images (64x64, JPEG) held another 80 MB.
+ */
+export const ENTRY_BYTES = 256;
+export const IMAGE_BYTES = 160;
 
 export interface ResultCache {
   /** The key of a cacheable request, or undefined (a request without an explicit seed is never cached). */
@@ -36,11 +45,13 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       // images do not depend on (the batch key's rule, shapeKey): eta where the scheduler class ignores it, and without
       // an unconditional pass guidance_rescale, and the guidance scale unless the UNet embeds it.
       const cfg = unconditionalPass(s.guidance, d?.guidanceEmbedding === true);
-      return JSON.stringify([
+      // Hashed: the fields hold up to 20,000 characters of prompts, which as the key itself outweighed the small
+      // images they index (306-byte JPEGs: 64 MB of images held 4 GB of keys).
+      return createHash('sha256').update(JSON.stringify([
         modelName, shapeKey(s, d), cfg || d?.guidanceEmbedding === true ? s.guidance : null, cfg ? s.guidanceRescale : null,
         req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
         req.output.format, req.output.quality ?? null, imageKey(req), lorasKey(req.loras),
-      ]);
+      ])).digest('hex');
     },
     get(key) {
       const e = map.get(key);
@@ -50,7 +61,7 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       return e.images;
     },
     put(key, images) {
-      const bytes = images.reduce((n, i) => n + i.data.byteLength, 0);
+      const bytes = ENTRY_BYTES + images.reduce((n, i) => n + IMAGE_BYTES + i.data.byteLength, 0);
       if (maxBytes <= 0 || bytes > maxBytes) return;
       const old = map.get(key);
       if (old) {
