@@ -2,6 +2,8 @@ import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { readLayout } from '../src/pipeline/model.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
@@ -172,6 +174,26 @@ describe('ClipTokenizer.encode', () => {
     const ids = tok.encode(word);
     console.log(`tokenizer: a 10,000-character word in ${(performance.now() - t0).toFixed(1)} ms`);
     expect(ids.length).toBe(77);
+  });
+
+  it('keeps no long word: 300 distinct 10,000-character words leave the heap as it was', () => {
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    const heap = () => (gc(), process.memoryUsage().heapUsed);
+    const t = ClipTokenizer.fromData(JSON.parse(readFileSync(path.join(tokDir, 'vocab.json'), 'utf8')) as Record<string, number>, readFileSync(path.join(tokDir, 'merges.txt'), 'utf8'));
+    // Letters from a linear congruential generator seeded with n: one word, distinct for each n.
+    const word = (n: number) => {
+      let x = n;
+      return Array.from({ length: 10_000 }, () => 'abcdefghijklmnopqrstuvwxyz'[(x = (Math.imul(x, 1103515245) + 12345) >>> 0) % 26]).join('');
+    };
+    const first = t.encode(word(0));
+    const before = heap();
+    for (let n = 1; n <= 300; n++) t.encode(word(n));
+    const grown = heap() - before;
+    // Kept, they held 51 KB each: 15 MB here.
+    expect(grown, `${(grown / 1048576).toFixed(1)} MB kept`).toBeLessThan(2 * 1048576);
+    expect(t.encode(word(0))).toEqual(first);
+    expect(t.encode('a photo of a cat')).toEqual(tok.encode('a photo of a cat'));
   });
 
   it('special tokens in text map to their ids', () => {
