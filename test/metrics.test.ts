@@ -228,7 +228,7 @@ describe('result cache (unit)', () => {
     expect(createResultCache('m', 0).keyOf(req(1))).toBeUndefined();
   });
 
-  it('leaves out what the images do not depend on: eta where the scheduler ignores it, guidance without an unconditional pass', () => {
+  it('leaves out what the images do not depend on: eta where the scheduler ignores it, guidance and the negative prompt without an unconditional pass', () => {
     const withShape = (shape: Partial<GenerationRequest['shape']>) => ({ ...req(1), shape: { ...req(1).shape, ...shape } });
     const pndm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'PNDMScheduler' }));
     const lcm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'LCMScheduler', guidanceEmbedding: true }));
@@ -245,6 +245,15 @@ describe('result cache (unit)', () => {
     // An LCM UNet embeds the scale: it counts, though no unconditional pass runs; guidance_rescale does not.
     expect(same(lcm, { guidance: 1 }, { guidance: 0.5 })).toBe(false);
     expect(same(lcm, { guidance: 8.5, guidanceRescale: 0 }, { guidance: 8.5, guidanceRescale: 0.7 })).toBe(true);
+    // The negative prompt only with an unconditional pass (an LCM UNet never runs one).
+    const neg = (c: ReturnType<typeof createResultCache>, guidance: number, a: string | undefined, b: string | undefined) => {
+      const r = (n: string | undefined) => ({ ...withShape({ guidance }), items: [{ ...req(1).items[0]!, negativePrompt: n }] });
+      return c.keyOf(r(a)) === c.keyOf(r(b));
+    };
+    expect(neg(pndm, 7.5, undefined, 'blurry')).toBe(false);
+    expect(neg(pndm, 7.5, '', 'blurry')).toBe(false);
+    expect(neg(pndm, 1, undefined, 'blurry')).toBe(true);
+    expect(neg(lcm, 8.5, '', 'blurry')).toBe(true);
     // No model loaded: every field counts.
     expect(same(createResultCache('m', 1000), { eta: 0 }, { eta: 0.7 })).toBe(false);
   });

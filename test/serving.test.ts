@@ -298,6 +298,15 @@ describe('formats, result cache, output_uri', () => {
     const generated = await predict(srv, { ...inst, eta: 0.7, scheduler: 'pndm' });
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(5);
     expect(preds(generated.json)[0]!.image.b64 === preds(first.json)[0]!.image.b64).toBe(true);
+    // Nor the negative prompt where no unconditional pass reads it (guidance ≤ 1): a hit, and what a generation gives.
+    const plain = await predict(srv, { ...inst, guidance_scale: 1 });
+    const hits1 = await metric(srv, 'result_cache_hits_total');
+    const negative = await predict(srv, { ...inst, guidance_scale: 1, negative_prompt: 'blurry' });
+    expect((await metric(srv, 'result_cache_hits_total')) - hits1).toBe(1);
+    const made = await predict(srv, { ...inst, guidance_scale: 1, negative_prompt: 'blurry', scheduler: 'pndm' });
+    expect((await metric(srv, 'result_cache_hits_total')) - hits1).toBe(1);
+    expect(preds(negative.json)[0]!.image.b64 === preds(plain.json)[0]!.image.b64).toBe(true);
+    expect(preds(made.json)[0]!.image.b64 === preds(negative.json)[0]!.image.b64).toBe(true);
   });
 
   it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {

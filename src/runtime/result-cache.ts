@@ -43,13 +43,14 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       const d = defaults?.();
       // Every field that changes the bytes: model, shape, each prompt/seed/count, and the encoding. Not those the
       // images do not depend on (the batch key's rule, shapeKey): eta where the scheduler class ignores it, and without
-      // an unconditional pass guidance_rescale, and the guidance scale unless the UNet embeds it.
+      // an unconditional pass guidance_rescale, the negative prompt, and the guidance scale unless the UNet embeds it.
       const cfg = unconditionalPass(s.guidance, d?.guidanceEmbedding === true);
       // Hashed: the fields hold up to 20,000 characters of prompts, which as the key itself outweighed the small
       // images they index (306-byte JPEGs: 64 MB of images held 4 GB of keys).
       return createHash('sha256').update(JSON.stringify([
         modelName, shapeKey(s, d), cfg || d?.guidanceEmbedding === true ? s.guidance : null, cfg ? s.guidanceRescale : null,
-        req.items.map((it) => [it.prompt, it.negativePrompt ?? null, it.seed, it.numImages]),
+        // The negative prompt is read by the unconditional pass alone.
+        req.items.map((it) => [it.prompt, cfg ? (it.negativePrompt ?? null) : null, it.seed, it.numImages]),
         req.output.format, req.output.quality ?? null, imageKey(req), lorasKey(req.loras),
       ])).digest('hex');
     },
