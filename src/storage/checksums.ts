@@ -79,18 +79,22 @@ export function checksumExpected(a: ChecksumAnswer, multipart = false): Expected
   return { alg: a.alg, value: Buffer.from(m[1]!, 'base64').toString('base64'), parts, source: 'checksum' };
 }
 
+/** The CRCs' polynomials, reflected: written into CRC_SOURCE, and used by crcCombine. */
+const POLY: Readonly<Record<string, bigint>> = { crc32: 0xedb88320n, crc32c: 0x82f63b78n, crc64nvme: 0x9a6c9329ac4bc9b5n };
+
 /**
  * The CRCs, reflected, in plain JavaScript (no imports): CRC32 (zlib's), CRC32C, CRC64NVME, slicing by 8 bytes. A state
  * is [low 32 bits, high 32 bits] of the CRC register, started at all ones; the digest is the register's complement,
  * big-endian, as S3 encodes it. `makeDigest(alg, createHash, zlibCrc32)`: `{ update(buf), digest() }` for any algorithm.
  */
 export const CRC_SOURCE = `
+const CRC_POLYS = { ${Object.entries(POLY).map(([alg, p]) => `${alg}: 0x${p.toString(16)}n`).join(', ')} };
 const CRC_TABLES = new Map();
 function crcTables(alg) {
   let t = CRC_TABLES.get(alg);
   if (t !== undefined) return t;
   const wide = alg === 'crc64nvme';
-  const poly = wide ? 0x9a6c9329ac4bc9b5n : BigInt(alg === 'crc32' ? 0xedb88320 : 0x82f63b78);
+  const poly = CRC_POLYS[alg];
   const lo = new Uint32Array(8 * 256);
   const hi = new Uint32Array(8 * 256);
   const base = [];
@@ -166,8 +170,6 @@ const run = new Function('Buffer', `${CRC_SOURCE}\nreturn makeDigest;`)(Buffer) 
 export const newDigest = (alg: Algorithm): Digest => run(alg, createHash, zlib.crc32);
 
 export const isCrc = (alg: Algorithm) => alg === 'crc32' || alg === 'crc32c' || alg === 'crc64nvme';
-
-const POLY: Readonly<Record<string, bigint>> = { crc32: 0xedb88320n, crc32c: 0x82f63b78n, crc64nvme: 0x9a6c9329ac4bc9b5n };
 
 /**
  * The CRC of A followed by B from the CRCs of A and B and B's length: A's CRC times x^(8·|B|) modulo the polynomial,
