@@ -349,15 +349,18 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       }
       return c;
     }));
+  /** With KMS or a customer key, as `encryption` says, the file's ETag is no MD5: true where that is news. */
+  const distrustEtag = (f: FileState, encryption: string | undefined) => {
+    if (!f.etagTrusted || !etagNotMd5(encryption)) return false;
+    f.etagTrusted = false;
+    f.encryption = encryption;
+    return true;
+  };
   /**
    * What the file's content must hash to: the MD5 its ETag names, while the ETag can be one and its parts' size is
    * known; else its checksum (a composite one by the parts' size); else why it is not checked.
    */
   const planFor = async (f: FileState): Promise<{ expected: Expected; partSize: number } | { why: string }> => {
-    const encrypted = (encryption: string | undefined) => {
-      if (etagNotMd5(encryption)) Object.assign(f, { etagTrusted: false, encryption });
-      return !f.etagTrusted;
-    };
     const notMd5 = () => (f.encryption ? `encrypted (${f.encryption}): its ETag is not an MD5` : 'its ETag is not an MD5');
     const fromEtag = f.etagTrusted ? md5Etag(f.obj.etag) : undefined;
     let why = notMd5();
@@ -370,7 +373,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     if (fromEtag !== undefined && fromEtag.parts === 0) return { expected: fromEtag, partSize: 0 };
     if (fromEtag !== undefined) {
       const l = await layoutOf(fromEtag.parts);
-      if (encrypted(l.encryption)) why = notMd5();
+      distrustEtag(f, l.encryption);
+      if (!f.etagTrusted) why = notMd5();
       else if ('partSize' in l) return { expected: fromEtag, partSize: l.partSize };
       else why = l.why;
     }
@@ -407,10 +411,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   /** The store's answer says how the object is encrypted: with KMS or a customer key its ETag is no MD5, and the plan changes. */
   const learnEncryption = (f: FileState, encryption: string | undefined) => {
     f.answered = true;
-    if (!f.checked || !f.etagTrusted || !etagNotMd5(encryption)) return;
-    f.etagTrusted = false;
-    f.encryption = encryption;
-    if (f.hashing) startHashing(f);
+    if (f.checked && distrustEtag(f, encryption) && f.hashing) startHashing(f);
   };
   /**
    * Throws ContentMismatchError (the caller fetches the file again) where the content is not what the store says, and
