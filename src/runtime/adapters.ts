@@ -94,17 +94,15 @@ export class AdapterSource {
     if (!l) {
       const stop = new AbortController();
       const q = this.#lookup(name, stop.signal);
-      const lookup: Lookup = { file: q, waiting: 0, settled: false, stop };
+      const lookup: Lookup = { file: q, waiting: 0, stop };
       l = lookup;
       this.#files.set(name, lookup);
       this.#running.add(lookup);
       this.#found.delete(name);
       q.then((f) => {
-        lookup.settled = true;
         this.#running.delete(lookup);
         if (this.#files.get(name) === lookup) this.#found.set(name, f);
       }, () => {
-        lookup.settled = true;
         this.#running.delete(lookup);
         if (this.#files.get(name) === lookup) this.#files.delete(name);
       });
@@ -125,7 +123,8 @@ export class AdapterSource {
       const left = () => {
         if (!stopWaiting()) return;
         reject(new RuntimeError('CANCELLED', 'the client left'));
-        if (lookup.waiting > 0 || lookup.settled) return;
+        // Others still wait for it, or it has settled (no longer running): nothing to stop.
+        if (lookup.waiting > 0 || !this.#running.has(lookup)) return;
         // Nobody waits for it any more: the fetch stops, and the next request for the name looks it up afresh.
         if (this.#files.get(name) === lookup) this.#files.delete(name);
         lookup.stop.abort();
@@ -188,7 +187,6 @@ interface Lookup {
   file: Promise<string>;
   /** Requests waiting for it. */
   waiting: number;
-  settled: boolean;
   stop: AbortController;
 }
 
