@@ -300,9 +300,9 @@ class UsageError extends Error {}
 /** A URI given as an argument: a bad one is a usage error (exit 2) named as that argument, not as STORAGE_URI. */
 function argUri(what: string, v: string): StorageSource {
   try {
-    return parseStorageUri(v);
+    return parseStorageUri(v, `${what}:`);
   } catch (e) {
-    throw new UsageError(`${what}: ${(e as Error).message.replace(/^STORAGE_URI /, '')}`);
+    throw new UsageError((e as Error).message);
   }
 }
 

@@ -31,10 +31,13 @@ export function underS3Prefix(loc: S3Url, p: S3Prefix): boolean {
 }
 
 
-/** `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is accepted. */
-export function parseStorageUri(uri: string): StorageSource {
+/**
+ * `s3://bucket/prefix`, `file:///abs/path`, or a plain path. Anything else is an INVALID_INPUT error that says what is
+ * accepted, naming the URI as `name` (the variable or argument it came from).
+ */
+export function parseStorageUri(uri: string, name = 'STORAGE_URI'): StorageSource {
   const u = uri.trim();
-  if (u === '') throw new RuntimeError('INVALID_INPUT', 'STORAGE_URI is empty; use s3://bucket/prefix, file:///path or a local path');
+  if (u === '') throw new RuntimeError('INVALID_INPUT', `${name} is empty; use s3://bucket/prefix, file:///path or a local path`);
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
   if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
   // Messages reach logs and clients (the boot reason, a LORA_URI 400): never with the URI's user info.
@@ -43,30 +46,30 @@ export function parseStorageUri(uri: string): StorageSource {
     try {
       return { kind: 'local', path: path.resolve(fileURLToPath(u)) };
     } catch {
-      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} is not a valid file:// URL; use file:///absolute/path`);
+      throw new RuntimeError('INVALID_INPUT', `${name} ${shown} is not a valid file:// URL; use file:///absolute/path`);
     }
   }
   if (scheme === 'pvc') {
     throw new RuntimeError('INVALID_INPUT',
-      `STORAGE_URI ${shown}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
+      `${name} ${shown}: pvc:// is mounted by KServe at /mnt/models; set STORAGE_URI to the mounted path (e.g. /mnt/models/<sub-path>) instead`);
   }
   if (scheme === 's3') {
     if (maskUserInfo(u) !== u) {
       throw new RuntimeError('INVALID_INPUT',
-        `STORAGE_URI ${shown} carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)`);
+        `${name} ${shown} carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)`);
     }
     const s3 = parseS3Url(u);
-    if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} has no valid bucket name; use s3://bucket/prefix`);
+    if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `${name} ${shown} has no valid bucket name; use s3://bucket/prefix`);
     const { bucket } = s3;
     let prefix = s3.key.replace(/^\/+/, '');
     if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
     if (prefix.split('/').slice(0, -1).some((s) => s === '' || s === '.' || s === '..')) {
-      throw new RuntimeError('INVALID_INPUT', `STORAGE_URI ${shown} has an empty, '.' or '..' path segment`);
+      throw new RuntimeError('INVALID_INPUT', `${name} ${shown} has an empty, '.' or '..' path segment`);
     }
     return { kind: 's3', bucket, prefix, uri: `s3://${bucket}/${prefix}` };
   }
   throw new RuntimeError('INVALID_INPUT',
-    `STORAGE_URI scheme "${scheme}://" is not supported; use s3://bucket/prefix, file:///path or a local path (gs://, https:// and hf:// are not handled by this runtime)`);
+    `${name} scheme "${scheme}://" is not supported; use s3://bucket/prefix, file:///path or a local path (gs://, https:// and hf:// are not handled by this runtime)`);
 }
 
 /** A directory name for the cache entry of a source: readable, sanitised, with a hash suffix so distinct URIs never collide. */
