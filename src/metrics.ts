@@ -85,7 +85,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     damagedFiles: new Counter({
       name: 'model_download_damaged_files_total',
-      help: 'Downloads of model files damaged on their way: content that differed from the S3 ETag where another download of the file did not, or differed otherwise (S3_VERIFY_CONTENT)',
+      help: 'Downloads of model files damaged on their way: content that differed from the S3 ETag or checksum where another download of the file did not, or differed otherwise (S3_VERIFY_CONTENT)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

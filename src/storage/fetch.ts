@@ -107,8 +107,8 @@ export interface ResolvedModel {
   /** The entry was served without checking S3 (it was unreachable or refused the listing). */
   stale?: boolean;
   /**
-   * A fill's content check (S3_VERIFY_CONTENT): files whose MD5 matched their ETag, and the others by why they were
-   * not checked; `'off'` where the check did not run.
+   * A fill's content check (S3_VERIFY_CONTENT): files whose MD5 matched their ETag or whose checksum matched, and the
+   * others by why they were not checked; `'off'` where the check did not run.
    */
   contentChecked?: number | 'off';
   contentNotChecked?: Record<string, number>;
@@ -551,7 +551,7 @@ class S3Fetch {
       };
     }
     if (why === 'damaged') {
-      throw new RuntimeError('STORAGE_CORRUPT', `files under ${this.uri} kept arriving with content that differs from their ETags, in 4 download rounds: ` +
+      throw new RuntimeError('STORAGE_CORRUPT', `files under ${this.uri} kept arriving with content that differs from their ETags or checksums, in 4 download rounds: ` +
         'something between S3 and this pod damages data (a proxy, the network, the cache volume)');
     }
     if (why === 'incomplete') {
