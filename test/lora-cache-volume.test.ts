@@ -12,6 +12,7 @@ import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { tmpfsForTests } from './helpers/tmpfs.js';
 
 const tmp = tempDir('lora-cache-volume-');
 let s3: S3Server;
@@ -58,19 +59,8 @@ describe('an S3 adapter the cache volume cannot take', () => {
   }, 120_000);
 
   const mnt = path.join(tmp.dir, 'volume');
-  let mounted = false;
-  try {
-    if (process.getuid?.() === 0) {
-      mkdirSync(mnt, { recursive: true });
-      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { stdio: 'ignore' });
-      mounted = true;
-    }
-  } catch {
-    /* not allowed here (no CAP_SYS_ADMIN): the test above still runs */
-  }
-  afterAll(() => {
-    if (mounted) execFileSync('umount', [mnt]);
-  });
+  // Where a tmpfs cannot be mounted (no CAP_SYS_ADMIN) the test above still runs.
+  const mounted = tmpfsForTests(mnt, '1m');
 
   it.skipIf(!mounted)('a real 1 MiB tmpfs: 500 NO_SPACE; remounted read-only: 500 CACHE_IO (EROFS); enlarged: served', async () => {
     const srv = await serve(mnt);

@@ -3,12 +3,13 @@ import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
 import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { tmpfsForTests } from './helpers/tmpfs.js';
 import { until } from './helpers/server.js';
 
 let s3: S3Server;
@@ -65,19 +66,8 @@ describe('out of disk', () => {
   });
 
   const mnt = path.join(os.tmpdir(), `storage-tmpfs-${process.pid}`);
-  let mounted = false;
-  try {
-    if (process.getuid?.() === 0) {
-      execFileSync('mkdir', ['-p', mnt]);
-      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt], { stdio: 'ignore' });
-      mounted = true;
-    }
-  } catch {
-    /* not allowed here (no CAP_SYS_ADMIN): the injected ENOSPC test above still runs */
-  }
-  afterAll(() => {
-    if (mounted) execFileSync('umount', [mnt]);
-  });
+  // Where a tmpfs cannot be mounted (no CAP_SYS_ADMIN) the injected ENOSPC test above still runs.
+  const mounted = tmpfsForTests(mnt, '1m');
 
   // Node's recursive mkdir reports a folder it could not make on a full or read-only volume as ENOENT (nodejs/node#47098).
   it.skipIf(!mounted)('a volume out of inodes while making folders: NO_SPACE, not "refused mkdir: ENOENT"; a read-only one says EROFS', async () => {
