@@ -10,7 +10,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 const SRC = path.resolve('src');
-const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10 };
+const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10, deadline: 10 };
 function sources(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
     const p = path.join(dir, e.name);

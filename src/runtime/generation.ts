@@ -4,6 +4,7 @@
  */
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
+import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Metrics } from '../metrics.js';
 import type { Engine, Progress, TaskResult } from './engine.js';
@@ -63,11 +64,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       inflight++;
       metrics.inflight.set(labels, inflight);
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
-      const timeout = AbortSignal.timeout(cfg.requestTimeoutS * 1000);
+      const timeout = deadline(signal, cfg.requestTimeoutS * 1000);
       // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
-      const both = AbortSignal.any([signal, timeout, failed.signal]);
+      const both = AbortSignal.any([timeout.signal, failed.signal]);
       // Each generation of the request listens on it while queued or running, and each image while uploading: up to
       // MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no warning for it.
       setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both);
@@ -76,11 +77,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
-        if (timeout.aborted && !signal.aborted) {
+        if (timeout.timedOut && !signal.aborted) {
           throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });
         }
         throw err;
       } finally {
+        timeout.clear();
         inflight--;
         metrics.inflight.set(labels, inflight);
         if (inflight === 0) for (const w of waiters.splice(0)) w();

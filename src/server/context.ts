@@ -1,6 +1,7 @@
 /** @module What every protocol handler (V1, V2, WebSocket) shares: readiness checks, parsing, generation. */
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
+import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics, RejectReason } from '../metrics.js';
@@ -79,8 +80,8 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
   if (!reqs.some((r) => r.image)) return () => undefined;
   // REQUEST_TIMEOUT_S bounds the reads too: an s3:// input the store stalls would otherwise hold its share of the
   // budget for as long as its client waits.
-  const timeout = AbortSignal.timeout(ctx.cfg.requestTimeoutS * 1000);
-  const both = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  const timeout = deadline(signal, ctx.cfg.requestTimeoutS * 1000);
+  const both = timeout.signal;
   // The distinct s3:// inputs (an image and a mask per instance) are read at once, each read listening on the
   // request's signal until it ends: more than Node's 10 is no leak, so no warning for it.
   setMaxListeners(Math.max(defaultMaxListeners, 2 * reqs.length + 1), both);
@@ -90,10 +91,12 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
   } catch (err) {
     hold.release();
     if (err instanceof RuntimeError && err.code === 'BUSY') ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason: 'input_budget' });
-    if (timeout.aborted && !signal?.aborted) {
+    if (timeout.timedOut && !signal?.aborted) {
       throw new RuntimeError('TIMEOUT', `reading the input images took longer than REQUEST_TIMEOUT_S=${ctx.cfg.requestTimeoutS}s and was stopped`, { cause: err });
     }
     throw err;
+  } finally {
+    timeout.clear();
   }
   return hold.release;
 }

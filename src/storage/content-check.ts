@@ -10,6 +10,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import { deadline } from '../deadline.js';
 import { checksumExpected, CRC_SOURCE, crcCombine, describeExpected, isCrc, newDigest, type Algorithm, type Expected } from './checksums.js';
 import type { Span } from './journal.js';
 import type { HeadAnswer, HeadRequest } from './transport.js';
@@ -51,10 +52,13 @@ type Head = (r: HeadRequest) => Promise<HeadAnswer>;
 /** A HEAD, tried twice, `timeoutMs` each: undefined where neither got an answer. An abort rejects. */
 async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number): Promise<HeadAnswer | undefined> {
   for (let attempt = 0; attempt < 2; attempt++) {
+    const d = deadline(signal, timeoutMs);
     try {
-      return await head({ ...r, signal: AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]) });
+      return await head({ ...r, signal: d.signal });
     } catch {
       signal.throwIfAborted();
+    } finally {
+      d.clear();
     }
   }
   return undefined;

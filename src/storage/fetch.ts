@@ -9,6 +9,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js';
+import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { type Manifest, fsyncDir, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
@@ -352,8 +353,9 @@ class S3Fetch {
   private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
     const transport = await this.transport!;
     for (let attempt = 1; ; attempt++) {
+      const d = deadline(this.signal, timeoutMs);
       try {
-        return await transport.list({ prefix: this.prefix, signal: AbortSignal.any([this.signal, AbortSignal.timeout(timeoutMs)]) });
+        return await transport.list({ prefix: this.prefix, signal: d.signal });
       } catch (e) {
         this.signal.throwIfAborted();
         if (sdkMightDiffer(e)) throw e;
@@ -361,6 +363,8 @@ class S3Fetch {
         if (kind !== 'transient' && kind !== 'aborted') throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
         if (attempt >= attempts) throw permanentError(e, this.bucket, this.prefix || undefined, `list (${attempt} attempts)`);
         await new Promise((r) => setTimeout(r, backoffMs(attempt - 1)));
+      } finally {
+        d.clear();
       }
     }
   }

@@ -1,0 +1,39 @@
+/**
+ * @module A signal that aborts with its parent or once a time has passed. Not `AbortSignal.any([s,
+ * AbortSignal.timeout(ms)])`: on Node 20 nothing holds that timeout signal but its weak timer, and a garbage collection
+ * before it fires loses it, so the wait it should bound never ends (nodejs/node#57736: a HEAD or LIST the store left
+ * unanswered held the download for good).
+ */
+
+export interface Deadline {
+  readonly signal: AbortSignal;
+  /** The time ran out (not the parent's abort). */
+  readonly timedOut: boolean;
+  /** Drops the timer and the listener on the parent: call it once the wait is over. */
+  clear(): void;
+}
+
+/** `parent`'s abort, or a TimeoutError (as AbortSignal.timeout's) once `ms` have passed. */
+export function deadline(parent: AbortSignal | undefined, ms: number): Deadline {
+  const ac = new AbortController();
+  let timedOut = false;
+  const onAbort = () => ac.abort(parent!.reason);
+  const timer = setTimeout(() => {
+    timedOut = true;
+    ac.abort(new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
+  }, ms);
+  // Like AbortSignal.timeout's: the wait it bounds keeps the process alive, not the timer.
+  timer.unref();
+  if (parent?.aborted) onAbort();
+  else parent?.addEventListener('abort', onAbort, { once: true });
+  return {
+    signal: ac.signal,
+    get timedOut() {
+      return timedOut;
+    },
+    clear() {
+      clearTimeout(timer);
+      parent?.removeEventListener('abort', onAbort);
+    },
+  };
+}
