@@ -397,7 +397,9 @@ describe('warm-up during the download', () => {
       const started = await srv.waitFor('warmup-early', undefined, 30_000);
       expect(started.filesPending).toBeGreaterThan(0);
       // The generation now waits for the VAE decoder's session: neither ready nor committed while its file is held.
-      await sleep(2_000);
+      // Held 3 s, so the wait asserted below (> 500 ms) outlasts a slow denoise: with 2 s, loaded runs waited 1.5-2.1 s
+      // after denoising for 0.2-0.8 s (no event marks the denoise's end).
+      await sleep(3_000);
       const { status, body } = await modelStatus(srv);
       expect([status, body.state]).toEqual([503, 'fetching']);
       expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
