@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
-import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -81,6 +81,7 @@ describe('out of disk', () => {
       } finally {
         execFileSync('umount', [full]);
       }
+      rmdirSync(full);
     }
     const ro = `${mnt}-ro`;
     execFileSync('mkdir', ['-p', ro]);
@@ -90,6 +91,7 @@ describe('out of disk', () => {
       expect([err.code, err.message]).toEqual(['CACHE_IO', 'cannot create the model cache directory (MODEL_CACHE_DIR): EROFS']);
     } finally {
       execFileSync('umount', [ro]);
+      rmdirSync(ro);
     }
   });
 

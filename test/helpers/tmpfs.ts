@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, rmdirSync } from 'node:fs';
 import { afterAll } from 'vitest';
 
 /**
@@ -19,7 +19,10 @@ export function tmpfsForTests(dir: string, size: string): boolean {
     /* not allowed here (no CAP_SYS_ADMIN) */
   }
   afterAll(() => {
-    if (mounted) execFileSync('umount', [dir]);
+    if (!mounted) return;
+    execFileSync('umount', [dir]);
+    // The mount point too: left in os.tmpdir() it piled up, one per run.
+    rmdirSync(dir);
   });
   return mounted;
 }
