@@ -347,8 +347,10 @@ describe('compressed request bodies (Content-Encoding)', () => {
     expect((jsonOf(ok.responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(47);
   });
 
-  it('a body that is not JSON (here gzip sent without Content-Encoding): 400 whose message escapes its control bytes', async () => {
-    const r = await send('/v1/models/model:predict', zlib.gzipSync(Buffer.from(tiny(48))), {});
+  it('a body that is not JSON: 400 whose message escapes its control bytes; gzip sent without Content-Encoding is named', async () => {
+    const gz = await send('/v1/models/model:predict', zlib.gzipSync(Buffer.from(tiny(48))), {});
+    expect([gz.status, gz.json]).toEqual([400, { error: 'Unrecognized request format: invalid UTF-8 at byte 1 (0x8b 0x08 0x00 0x00): the body is gzip data; send it with Content-Encoding: gzip', code: 'INVALID_INPUT' }]);
+    const r = await send('/v1/models/model:predict', Buffer.concat([Buffer.from([0x1f, 0x01]), Buffer.from(tiny(48))]), {});
     expect([r.status, r.json.code]).toEqual([400, 'INVALID_INPUT']);
     expect(String(r.json.error)).toMatch(/^Unrecognized request format: /);
     expect(String(r.json.error)).toContain('\\x1f');
@@ -356,7 +358,7 @@ describe('compressed request bodies (Content-Encoding)', () => {
   });
 
   it('the same on V2: a body, or the JSON header of a binary request, that is not JSON gets a 400 with its control bytes escaped', async () => {
-    const gz = zlib.gzipSync(Buffer.from(JSON.stringify({ inputs: [] })));
+    const gz = Buffer.concat([Buffer.from([0x1f, 0x01]), Buffer.from(JSON.stringify({ inputs: [] }))]);
     const json = await send('/v2/models/model/infer', gz, {});
     const header = await send('/v2/models/model/infer', Buffer.concat([Buffer.from([1, 2]), gz]), { 'content-type': 'application/octet-stream', 'inference-header-content-length': '5' });
     for (const r of [json, header]) {

@@ -203,16 +203,31 @@ export function checkInstanceCount(instances: unknown, max: number, where = 'ins
   }
 }
 
-/** Rejects prototype-polluting keys anywhere in a parsed body. */
-export function assertSafeKeys(v: unknown, where: string, depth = 0): void {
+/**
+ * Rejects, anywhere in a parsed body, prototype-polluting keys and text that is not Unicode: a lone surrogate escape
+ * ("\ud800" without its pair) parses to a string that UTF-8 cannot hold, and the tokenizer would read it as U+FFFD.
+ */
+export function assertSafeJson(v: unknown, where: string, depth = 0): void {
   if (depth > 32) throw new RuntimeError('INVALID_INPUT', `${where} is nested too deeply`);
-  if (Array.isArray(v)) v.forEach((x, i) => assertSafeKeys(x, `${where}[${i}]`, depth + 1));
+  if (typeof v === 'string') {
+    if (!(v as WellFormed).isWellFormed()) throw new RuntimeError('INVALID_INPUT', `${where} holds ${loneSurrogate(v)}, which is not a character; send the character itself, or both halves of its surrogate pair`);
+  } else if (Array.isArray(v)) v.forEach((x, i) => assertSafeJson(x, `${where}[${i}]`, depth + 1));
   else if (isObj(v)) {
     for (const k of Object.keys(v)) {
       if (FORBIDDEN_KEYS.has(k)) throw new RuntimeError('INVALID_INPUT', `${where} has a forbidden key ${JSON.stringify(k)}`);
-      assertSafeKeys(v[k], `${where}.${k}`, depth + 1);
+      if (!(k as WellFormed).isWellFormed()) throw new RuntimeError('INVALID_INPUT', `${where} has a key that holds ${loneSurrogate(k)}, which is not a character`);
+      assertSafeJson(v[k], `${where}.${k}`, depth + 1);
     }
   }
+}
+
+// ES2024's String.prototype.isWellFormed (Node 20+); the project's lib is ES2023.
+type WellFormed = string & { isWellFormed(): boolean };
+
+/** The first lone surrogate of `s` and where it is: `a lone surrogate "\ud800" (index 4 of the string)`. */
+function loneSurrogate(s: string): string {
+  const m = /\p{Cs}/u.exec(s)!;
+  return `a lone surrogate "\\u${m[0].charCodeAt(0).toString(16)}" (index ${m.index} of the string)`;
 }
 
 /**

@@ -23,12 +23,57 @@ export interface Req {
   headers: Record<string, string>;
 }
 
-const UTF8 = new TextDecoder();
+// fatal: a byte that is not UTF-8 is refused, not read as U+FFFD (which changed a prompt without a word).
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
 /**
  * A JSON body as text. A leading UTF-8 byte order mark (Windows PowerShell's `Out-File -Encoding utf8` writes one, and
- * `curl -d @file` sends it) is dropped, as RFC 8259 8.1 lets a parser do; invalid UTF-8 becomes U+FFFD, as before.
+ * `curl -d @file` sends it) is dropped, as RFC 8259 8.1 lets a parser do. Bytes that are not UTF-8 throw a SyntaxError
+ * naming the first bad byte's offset, for the caller to word as it words a body that does not parse.
  */
-export const jsonText = (b: Uint8Array): string => UTF8.decode(b);
+export function jsonText(b: Uint8Array): string {
+  try {
+    return UTF8.decode(b);
+  } catch {
+    const at = firstInvalidUtf8(b);
+    const bytes = [...b.subarray(at, at + 4)].map((x) => `0x${x.toString(16).padStart(2, '0')}`).join(' ');
+    // The two bodies a client sends by mistake most: a file saved as UTF-16 (PowerShell 5's default), gzip without its header.
+    const why = (b[0] === 0xff && b[1] === 0xfe) || (b[0] === 0xfe && b[1] === 0xff)
+      ? 'the body starts with a UTF-16 byte order mark; send the JSON as UTF-8'
+      : b[0] === 0x1f && b[1] === 0x8b ? 'the body is gzip data; send it with Content-Encoding: gzip' : 'send the JSON as UTF-8';
+    throw new SyntaxError(`invalid UTF-8 at byte ${at} (${bytes}): ${why}`);
+  }
+}
+
+/**
+ * Offset of the first byte that does not begin a well-formed UTF-8 sequence (Unicode 3.9 table 3-7: no overlong form,
+ * no surrogate, nothing past U+10FFFF), or of a sequence cut short; only run once the decoder has refused the body.
+ */
+export function firstInvalidUtf8(b: Uint8Array): number {
+  for (let i = 0; i < b.length; ) {
+    const x = b[i]!;
+    if (x < 0x80) {
+      i++;
+      continue;
+    }
+    let n: number, lo = 0x80, hi = 0xbf;
+    if (x >= 0xc2 && x <= 0xdf) n = 1;
+    else if (x >= 0xe0 && x <= 0xef) {
+      n = 2;
+      if (x === 0xe0) lo = 0xa0;
+      else if (x === 0xed) hi = 0x9f;
+    } else if (x >= 0xf0 && x <= 0xf4) {
+      n = 3;
+      if (x === 0xf0) lo = 0x90;
+      else if (x === 0xf4) hi = 0x8f;
+    } else return i;
+    for (let k = 1; k <= n; k++) {
+      const c = b[i + k];
+      if (c === undefined || c < (k === 1 ? lo : 0x80) || c > (k === 1 ? hi : 0xbf)) return i;
+    }
+    i += n + 1;
+  }
+  return b.length;
+}
 
 /** `s` with control characters (C0, DEL, C1) written as \xNN: V8's JSON.parse message quotes the body's first characters. */
 export const printable = (s: string): string => s.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);

@@ -2,7 +2,7 @@
 import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
-import { assertSafeKeys, checkInstanceCount, parseInstances } from '../runtime/request.js';
+import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/request.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type RouteOptions } from './http.js';
 
@@ -74,7 +74,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         }
         // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
         checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
-        assertSafeKeys(parsed, 'body');
+        assertSafeJson(parsed, 'body');
         const reqs = parseInstances(instances, parseContext(ctx), where);
         const results = await generateWithImages(ctx, reqs, ex.gone.signal);
         void name;

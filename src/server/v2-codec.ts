@@ -9,7 +9,7 @@ import { fromHalfBits } from '../pipeline/half.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
-import { assertSafeKeys, joinProblems, pushUnknownField } from '../runtime/request.js';
+import { assertSafeJson, joinProblems, pushUnknownField } from '../runtime/request.js';
 import { jsonText, printable } from './http.js';
 
 /** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
@@ -133,7 +133,7 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
   const { header, binary } = splitBody(headers, body);
   if (!isObj(header)) throw bad('the request body must be a JSON object with "inputs"');
   checkSizes(header, maxPrompts);
-  assertSafeKeys(header, 'body');
+  assertSafeJson(header, 'body');
   const problems: string[] = [];
   // The Open Inference Protocol's request has these four keys; another one (a V1 `instances`, generation fields at the
   // top level) would otherwise be ignored without a word, and the images made with the defaults.

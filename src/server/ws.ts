@@ -19,7 +19,7 @@ import type { Duplex } from 'node:stream';
 import { WebSocketServer, type RawData, type WebSocket } from 'ws';
 import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
-import { assertSafeKeys, parseInstances } from '../runtime/request.js';
+import { assertSafeJson, parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
@@ -129,7 +129,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       assertServable(ctx, c.name);
       const inst = parseJson(body);
       if (typeof inst !== 'object' || inst === null || Array.isArray(inst)) throw new RuntimeError('INVALID_INPUT', 'send one JSON object with a "prompt" (the fields of a V1 instance)');
-      assertSafeKeys(inst, 'message');
+      assertSafeJson(inst, 'message');
       // A V1 or V2 body sent as it is: named as such, not as an unknown field of an instance.
       const whole = ['instances', 'inputs'].filter((k) => Object.hasOwn(inst, k));
       if (whole.length > 0) {
