@@ -1,11 +1,12 @@
 /**
  * Bodies that decode to something other than what the client sent, over a real socket (the built runtime in-process):
- * bytes that are not UTF-8, lone surrogate escapes. Each is a 400 naming where it is wrong, never a prompt quietly
- * changed.
+ * bytes that are not UTF-8, lone surrogate escapes, V2 `data` nested otherwise than its shape. Each is a 400 naming
+ * where it is wrong, never a prompt or tensor quietly changed.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson } from './helpers/server.js';
 
 let srv: RuntimeHandle;
 beforeAll(async () => {
@@ -15,6 +16,7 @@ afterAll(async () => {
   await srv?.stop();
 });
 
+const small = { num_inference_steps: 1, height: 64, width: 64 };
 const post = async (p: string, body: Buffer | string, headers: Record<string, string> = { 'content-type': 'application/json' }) => {
   const r = await fetch(`${srv.url}${p}`, { method: 'POST', body, headers });
   return [r.status, (await r.json()) as Record<string, unknown>] as const;
@@ -98,5 +100,36 @@ describe('a lone surrogate escape ("\\ud800" without its pair)', () => {
   it('a key that holds one is named as such', async () => {
     expect(await post('/v1/models/model:predict', '{"instances":[{"prompt":"fox","\\ud800":1}]}')).toEqual(
       bad('body.instances[0] has a key that holds a lone surrogate "\\ud800" (index 0 of the string), which is not a character'));
+  });
+});
+
+describe('V2 data nested otherwise than its shape', () => {
+  const prompts = { name: 'prompt', shape: [4], datatype: 'BYTES', data: ['a', 'b', 'c', 'd'] };
+  const seeds = (data: unknown) => ({ inputs: [prompts, { name: 'seed', shape: [2, 2], datatype: 'INT64', data }], parameters: small });
+  const fix = 'nested data must follow the shape, or send the 4 elements flat, in row-major order';
+
+  it('is a 400 naming the input, the element and the shape, even when the element count is right', async () => {
+    for (const [data, where] of [
+      [[[1], [2, 3, 4]], 'data[0] has 1 element, but shape [2,2] says 2'],
+      [[[1, 2], [3], [4]], 'data has 3 elements, but shape [2,2] says 2'],
+      [[[1, 2], [3, [4]]], 'data[1][1] is a list, but shape [2,2] has 2 dimensions'],
+      [[[1, 2], 3, 4], 'data has 3 elements, but shape [2,2] says 2'],
+      [[[1, 2, 3, 4]], 'data has 1 element, but shape [2,2] says 2'],
+      [[1, [2, 3], 4], 'data has 3 elements, but shape [2,2] says 2'],
+      [[[1, 2], 34], 'data[1] is 34, not a list of 2 as shape [2,2] says'],
+    ] as const) {
+      const r = await postJson(`${srv.url}/v2/models/model/infer`, seeds(data));
+      expect([r.status, r.json], JSON.stringify(data)).toEqual(bad(`input "seed": ${where} (${fix})`));
+    }
+  });
+
+  it('takes flat data of the shape\'s count, and nested data of the shape itself', async () => {
+    const seedsOut = (j: Record<string, unknown>) => (j.outputs as Array<{ name: string; data: number[] }>).find((o) => o.name === 'seed')!.data;
+    for (const data of [[11, 12, 13, 14], [[11, 12], [13, 14]]]) {
+      const r = await postJson(`${srv.url}/v2/models/model/infer`, seeds(data));
+      expect([r.status, seedsOut(r.json)], JSON.stringify(r.json.error)).toEqual([200, [11, 12, 13, 14]]);
+    }
+    const one = await postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1, 1], datatype: 'BYTES', data: [['fox']] }], parameters: small });
+    expect(one.status).toBe(200);
   });
 });

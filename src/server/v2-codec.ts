@@ -287,6 +287,8 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
     if (datatype === 'FP16') return void problems.push(`Receiving FP16 data via JSON is not supported. Please use the binary data format for input ${name}`);
     const flat = flatten(inp.data);
     if (!flat) return void problems.push(`${wn}: data must be a list (flat or nested)`);
+    const ragged = nestingProblem(inp.data as unknown[], shape as number[], count);
+    if (ragged) return void problems.push(`${wn}: ${ragged}`);
     for (const [k, v] of flat.entries()) {
       const text = kind === 'string' || kind === 'image' || kind === 'json';
       if (text ? typeof v !== 'string' : typeof v !== 'number') {
@@ -303,6 +305,28 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   if (values.length !== count) return void problems.push(`${wn}: shape ${JSON.stringify(shape)} holds ${count} elements but data has ${values.length}`);
   if (values.length === 0) return void problems.push(`${wn} is empty`);
   return { name, datatype, shape: shape as number[], values };
+}
+
+/**
+ * Where nested `data` departs from `shape`, if it does. Nested data is the tensor in its natural multi-dimensional form
+ * (the Open Inference Protocol's words), so it must be that shape exactly: counting its elements alone took rows of 1
+ * and 3 values for shape [2, 2]. Flat data is left to the count check.
+ */
+function nestingProblem(data: unknown[], shape: number[], count: number): string | undefined {
+  if (!data.some((x) => Array.isArray(x))) return undefined;
+  const dims = JSON.stringify(shape);
+  const fix = `nested data must follow the shape, or send the ${count} elements flat, in row-major order`;
+  const walk = (v: unknown, d: number, at: string): string | undefined => {
+    if (d === shape.length) return Array.isArray(v) ? `${at} is a list, but shape ${dims} has ${shape.length} dimension${shape.length === 1 ? '' : 's'} (${fix})` : undefined;
+    if (!Array.isArray(v)) return `${at} is ${brief(v)}, not a list of ${shape[d]} as shape ${dims} says (${fix})`;
+    if (v.length !== shape[d]) return `${at} has ${v.length} element${v.length === 1 ? '' : 's'}, but shape ${dims} says ${shape[d]} (${fix})`;
+    for (let i = 0; i < v.length; i++) {
+      const p = walk(v[i], d + 1, `${at}[${i}]`);
+      if (p) return p;
+    }
+    return undefined;
+  };
+  return walk(data, 0, 'data');
 }
 
 function flatten(v: unknown, depth = 0): unknown[] | undefined {
