@@ -172,6 +172,12 @@ export class AdapterSource {
       if (isRuntimeError(err) && (err.code === 'NO_SPACE' || err.code === 'CACHE_IO')) {
         throw new RuntimeError(err.code, `adapter "${name}" from LORA_URI could not be stored: ${err.message}`, { cause: err });
       }
+      // A key in the adapter's folder that the cache cannot store as a file (a name over the filesystem's limit, a name
+      // the cache reserves): nothing failed upstream, and every request for it would fail alike, as for a folder
+      // holding several .safetensors files. The message names the key and the limit.
+      if (isRuntimeError(err) && (err.code === 'STORAGE_KEY_TOO_LONG' || err.code === 'INVALID_INPUT')) {
+        throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI cannot be cached: ${err.message}`, { cause: err });
+      }
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
     }
