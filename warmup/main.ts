@@ -9,13 +9,14 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
+import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { backoffMs } from '../src/storage/plan.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
+import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
@@ -140,24 +141,29 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // A few files at once, each with a few parts in flight: about S3_MAX_CONCURRENCY requests in total.
   const filesAtOnce = Math.max(1, Math.min(4, Math.floor(cfg.s3.maxConcurrency / 4)));
   const queueSize = Math.max(1, Math.floor(cfg.s3.maxConcurrency / filesAtOnce));
+  const uploads = trackUploads(s3.client);
+  // One file failing, or a signal, stops the others' uploads too: each would go on sending parts.
+  const halt = new AbortController();
+  const onSignal = () => halt.abort(signal.reason);
+  signal.addEventListener('abort', onSignal, { once: true });
+  let failure: { error: unknown } | undefined;
   try {
     await Promise.all(Array.from({ length: Math.min(filesAtOnce, files.length) }, async () => {
-      while (next < files.length) {
-        signal.throwIfAborted();
+      while (next < files.length && !halt.signal.aborted) {
         const rel = files[next++]!;
         const abs = path.join(localDir, rel);
         const before = await fsp.stat(abs);
         const up = new Upload({ client: s3.client, queueSize, partSize, leavePartsOnError: false,
           params: { Bucket: src.bucket, Key: src.prefix + rel, Body: createReadStream(abs) } });
-        const onAbort = () => void up.abort();
-        signal.addEventListener('abort', onAbort, { once: true });
+        const onHalt = () => void up.abort();
+        halt.signal.addEventListener('abort', onHalt, { once: true });
         try {
           await up.done();
         } catch (e) {
-          if (signal.aborted) throw e;
+          if (halt.signal.aborted) throw e;
           throw explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
         } finally {
-          signal.removeEventListener('abort', onAbort);
+          halt.signal.removeEventListener('abort', onHalt);
         }
         // A file written while it was read (an export still running) uploads as a mix of two versions whose ETag
         // matches it, so a fill would load it as sound: such an object is deleted and the push fails.
@@ -170,7 +176,18 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         bytes += before.size;
         process.stderr.write(`push: ${rel} (${mb(bytes)} MB so far)\n`);
       }
-    }));
+    }).map((w) => w.catch((e: unknown) => {
+      failure ??= { error: e };
+      halt.abort(e);
+    })));
+  } finally {
+    signal.removeEventListener('abort', onSignal);
+  }
+  if (halt.signal.aborted) {
+    await abortUnfinished(cfg, src, uploads, s3);
+    throw signal.aborted ? signal.reason : failure!.error;
+  }
+  try {
     // Only once every file is up: a failed push leaves the old objects beside the new ones, never neither.
     for (let i = 0; i < stale.length; i += 1000) {
       let left = stale.slice(i, i + 1000).map((rel) => src.prefix + rel);
@@ -281,6 +298,42 @@ async function cache(args: string[]): Promise<void> {
   // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
   process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash)} MB${trash > 0 ? ` (${mb(trash)} MB of it left by an interrupted removal)` : ''}${dryRun ? ' (dry run)' : ''}\n`);
+}
+
+/** How long a stopped push may spend aborting the multipart uploads it leaves unfinished (a Job's grace period is 30 s). */
+const ABORT_MS = 10_000;
+
+/**
+ * Aborts the multipart uploads a push that stopped part-way leaves unfinished (their parts are billed until aborted,
+ * and no listing shows them), within ABORT_MS, and says so on stderr. Nothing more is sent for the uploads first, and
+ * the parts in flight are cut (`uploads`' client destroyed), so no part lands after its upload is aborted.
+ */
+async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 's3' }>, uploads: UploadTracker, s3: { destroy(): void }): Promise<void> {
+  await uploads.stop(2_000);
+  s3.destroy();
+  const open = [...uploads.open].sort((a, b) => (a[1] < b[1] ? -1 : 1));
+  if (open.length === 0) return;
+  const [{ AbortMultipartUploadCommand }, { createS3 }] = await Promise.all([import('@aws-sdk/client-s3'), import('../src/storage/s3-sdk.js')]);
+  const client = createS3(cfg.s3, open.length);
+  const deadline = AbortSignal.timeout(ABORT_MS);
+  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retried(deadline, () =>
+    client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: AbortSignal.any([deadline, AbortSignal.timeout(5_000)]) })
+      // Gone already: completed just before the push stopped, or aborted by the SDK itself.
+      .catch((e: unknown) => {
+        if ((e as Error)?.name !== 'NoSuchUpload') throw e;
+      }), 8)));
+  client.destroy();
+  const names = (which: 'fulfilled' | 'rejected') => open.filter((_, i) => got[i]!.status === which).map(([, key]) => key.slice(src.prefix.length));
+  const shown = (rels: string[]) => rels.slice(0, 5).join(', ') + (rels.length > 5 ? `, … ${rels.length - 5} more` : '');
+  const done = names('fulfilled');
+  const left = names('rejected');
+  if (done.length > 0) process.stderr.write(`push: aborted the unfinished multipart uploads of ${done.length} file(s) (${shown(done)})\n`);
+  if (left.length > 0) {
+    const why = (got.find((g) => g.status === 'rejected') as PromiseRejectedResult).reason as Error;
+    process.stderr.write(`push: could not abort the multipart uploads of ${left.length} file(s) under s3://${src.bucket}/${src.prefix} (${shown(left)}): `
+      + `${why?.name ?? 'Error'}; their parts are billed until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule `
+      + '(AbortIncompleteMultipartUpload) removes them\n');
+  }
 }
 
 /** `fn` again after a transient S3 error (a 5xx, SlowDown, a reset), a few times with backoff, as a fill retries. */

@@ -16,7 +16,7 @@ export { classify, errorStatus, permanentError, type ErrorKind } from './s3-erro
 
 export interface S3Handle {
   readonly client: S3Client;
-  /** Closes idle keep-alive sockets; in-flight requests are not interrupted. */
+  /** Closes the agents' sockets, those of requests in flight too (http.Agent.destroy). */
   destroy(): void;
 }
 

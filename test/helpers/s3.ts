@@ -126,6 +126,18 @@ export interface Faults {
   checksums?: Record<string, Record<string, string>>;
   /** Never answer a HEAD with checksum mode (a store that hangs on it); the sockets close with the proxy. */
   holdChecksumHeads?: boolean;
+  /**
+   * Answer every UploadPart of a key matching `keys` with this status and S3 error code (a store failing one file's
+   * upload), once `after` settles.
+   */
+  failParts?: { keys: RegExp; status: number; code: string; after?: Promise<unknown> };
+  /**
+   * Answer AbortMultipartUpload 204 as S3 does, counted in stats.multipart (s3rver has no such route: it answers 405).
+   * Its parts stay in s3rver's folder, which no listing shows.
+   */
+  abortUploads?: boolean;
+  /** With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in trouble). */
+  failAborts?: { count: number };
 }
 
 export interface FaultProxy {
@@ -149,6 +161,11 @@ export interface FaultProxy {
     getPaths: { sdk: string[]; lite: string[] };
     /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
     refusals: Record<string, number>;
+    /**
+     * Multipart uploads: every UploadId the store created (with its key), and those completed or aborted (a 2xx answer).
+     * One created and neither completed nor aborted is what ListMultipartUploads would still show.
+     */
+    multipart: { created: Record<string, string>; completed: string[]; aborted: string[] };
   };
   faults: Faults;
   close(): Promise<void>;
@@ -160,7 +177,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number> };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] } };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -197,6 +214,25 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       stats.lists++;
       stats.listAt.push(Date.now());
     }
+    const uploadId = /[?&]uploadId=([^&]*)/.exec(req.url ?? '')?.[1];
+    const isCreate = req.method === 'POST' && /[?&]uploads(=|&|$)/.test(req.url ?? '');
+    if (uploadId !== undefined && req.method === 'DELETE' && f.abortUploads) {
+      req.resume();
+      if (f.failAborts && f.failAborts.count > 0) {
+        f.failAborts.count--;
+        res.writeHead(500, { 'content-type': 'application/xml' }).end(s3Error('InternalError'));
+        return;
+      }
+      stats.multipart.aborted.push(decodeURIComponent(uploadId));
+      res.writeHead(204).end();
+      return;
+    }
+    const failPart = uploadId !== undefined && req.method === 'PUT' && f.failParts?.keys.test(objectKey) ? f.failParts : undefined;
+    if (failPart) {
+      req.resume();
+      void Promise.resolve(failPart.after).finally(() => res.writeHead(failPart.status, { 'content-type': 'application/xml' }).end(s3Error(failPart.code)));
+      return;
+    }
     if (isList && f.failLists && f.failLists.count > 0) {
       f.failLists.count--;
       req.resume();
@@ -224,6 +260,19 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     // The store's part numbers are the proxy's to answer (above): s3rver would describe the whole object.
     const upPath = sim ? (req.url ?? '').replace(/[?&]partNumber=\d+/, '') : req.url;
     const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: upPath, headers: req.headers }, (upRes) => {
+      const ok = (upRes.statusCode ?? 500) < 300;
+      if (ok && uploadId !== undefined && req.method === 'POST') stats.multipart.completed.push(decodeURIComponent(uploadId));
+      if (ok && isCreate) {
+        const parts: Buffer[] = [];
+        upRes.on('data', (c: Buffer) => parts.push(c));
+        upRes.on('end', () => {
+          const body = Buffer.concat(parts);
+          const id = /<UploadId>([^<]*)<\/UploadId>/.exec(body.toString('utf8'))?.[1];
+          if (id !== undefined) stats.multipart.created[id] = objectKey;
+          res.writeHead(upRes.statusCode ?? 502, upRes.headers).end(body);
+        });
+        return;
+      }
       if (isList && (f.rewriteList || f.objects)) {
         const parts: Buffer[] = [];
         upRes.on('data', (c: Buffer) => parts.push(c));
@@ -250,7 +299,6 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         });
         return;
       }
-      const ok = (upRes.statusCode ?? 500) < 300;
       res.writeHead(upRes.statusCode ?? 502, {
         ...upRes.headers, ...(ok && sim ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
       });
@@ -337,6 +385,12 @@ export async function startS3WithProxy(): Promise<{ s3: S3Server; proxy: FaultPr
 }
 
 /** After each test the proxy's faults are cleared; after the file, the proxy and s3rver stop and `tmp` goes. */
+/** UploadIds the store created that were neither completed nor aborted (what ListMultipartUploads would list), with their keys. */
+export function unfinishedUploads(p: FaultProxy): Record<string, string> {
+  const { created, completed, aborted } = p.stats.multipart;
+  return Object.fromEntries(Object.entries(created).filter(([id]) => !completed.includes(id) && !aborted.includes(id)));
+}
+
 export function cleanUpS3(get: () => { s3?: S3Server; proxy?: FaultProxy; tmp?: string }): void {
   afterEach(() => {
     const { proxy } = get();

@@ -1,0 +1,52 @@
+/**
+ * @module The multipart uploads an S3 client starts and has not finished, so that a push which stops part-way can
+ * abort them: an upload neither completed nor aborted keeps its parts, billed, until a lifecycle rule removes them,
+ * and no listing of the prefix shows it.
+ */
+import type { S3Client } from '@aws-sdk/client-s3';
+
+export interface UploadTracker {
+  /** Uploads the store created and that were neither completed nor aborted through this client: key by UploadId. */
+  readonly open: ReadonlyMap<string, string>;
+  /**
+   * From now on the client sends nothing (a request fails before it is sent, so no part follows); resolves once no
+   * CreateMultipartUpload is in flight, whose UploadId would otherwise be unknown, or after `ms`.
+   */
+  stop(ms: number): Promise<void>;
+}
+
+export function trackUploads(client: S3Client): UploadTracker {
+  const open = new Map<string, string>();
+  let stopped = false;
+  let creating = 0;
+  let idle: (() => void) | undefined;
+  client.middlewareStack.add((next, context) => async (args) => {
+    if (stopped) throw Object.assign(new Error('the upload was stopped'), { name: 'AbortError' });
+    const input = args.input as { Key?: string; UploadId?: string };
+    const create = context.commandName === 'CreateMultipartUploadCommand';
+    if (create) creating++;
+    try {
+      const out = await next(args);
+      const id = create ? (out.output as { UploadId?: string }).UploadId : input.UploadId;
+      if (create && id !== undefined) open.set(id, input.Key ?? '');
+      else if (id !== undefined && /^(Complete|Abort)MultipartUploadCommand$/.test(context.commandName ?? '')) open.delete(id);
+      return out;
+    } finally {
+      if (create && --creating === 0) idle?.();
+    }
+  }, { step: 'initialize', name: 'trackMultipartUploads' });
+  return {
+    open,
+    stop(ms) {
+      stopped = true;
+      if (creating === 0) return Promise.resolve();
+      return new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, ms);
+        idle = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+    },
+  };
+}
