@@ -80,7 +80,8 @@ describe('a push that fails part-way', () => {
     expect(left(prefix)).toEqual([]);
     // a's own abort (the SDK's, as its upload failed) was refused: the push aborted it again.
     expect(r.stderr).toContain('push: aborted the unfinished multipart uploads of 4 file(s) (a.bin, b.bin, c.bin, d.bin)\n');
-    expect(r.ms).toBeLessThan(15_000);
+    // Bounded: the held parts never finish; the aborts take at most 10 s after the stop (measured 3.8 s idle, 10.6 s loaded).
+    expect(r.ms).toBeLessThan(25_000);
     expect(r.stdout).toBe('');
     expect(await keys(prefix)).toEqual([]);
   }, 60_000);
