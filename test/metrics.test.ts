@@ -210,7 +210,7 @@ describe('result cache (unit)', () => {
     let bytes = -1;
     // An entry of one 100-byte image, with its bookkeeping: room for two.
     const one = ENTRY_BYTES + IMAGE_BYTES + 100;
-    const c = createResultCache('m', 2.5 * one, (b) => (bytes = b));
+    const c = createResultCache('m', 2.5 * one, { onChange: (b) => (bytes = b) });
     expect(c.keyOf(req(undefined))).toBeUndefined();
     expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(2)));
     expect(c.keyOf(req(1))).not.toBe(c.keyOf(req(1, 'p', 'webp')));
@@ -230,8 +230,8 @@ describe('result cache (unit)', () => {
 
   it('leaves out what the images do not depend on: eta where the scheduler ignores it, guidance and the negative prompt without an unconditional pass', () => {
     const withShape = (shape: Partial<GenerationRequest['shape']>) => ({ ...req(1), shape: { ...req(1).shape, ...shape } });
-    const pndm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'PNDMScheduler' }));
-    const lcm = createResultCache('m', 1000, undefined, () => ({ scheduler: 'LCMScheduler', guidanceEmbedding: true }));
+    const pndm = createResultCache('m', 1000, { defaults: () => ({ scheduler: 'PNDMScheduler' }) });
+    const lcm = createResultCache('m', 1000, { defaults: () => ({ scheduler: 'LCMScheduler', guidanceEmbedding: true }) });
     const same = (c: ReturnType<typeof createResultCache>, a: Partial<GenerationRequest['shape']>, b: Partial<GenerationRequest['shape']>) =>
       c.keyOf(withShape(a)) === c.keyOf(withShape(b));
     // eta: PNDM ignores it, DDIM reads it (ETA_CLASSES).

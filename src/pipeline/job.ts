@@ -25,6 +25,11 @@ export interface ModelDefaults {
   scheduler: string;
   /** The UNet embeds the guidance scale (an LCM-distilled one's timestep_cond input): see unconditionalPass. */
   guidanceEmbedding?: boolean;
+  /**
+   * A missing negative prompt's embeddings are zeros, not those of '' (SDXL's force_zeros_for_empty_prompt): there a
+   * missing and an empty negative prompt give different images.
+   */
+  zerosForMissingNegative?: boolean;
   /** The model has a vae_encoder: it takes input images (img2img, inpainting). */
   vaeEncoder?: boolean;
   /** The UNet is an inpainting one (9 input channels): every request needs an image and a mask. */

@@ -125,6 +125,8 @@ export class Pipeline {
       width: size,
       scheduler: cls,
       guidanceEmbedding: this.usesGuidanceEmbedding,
+      // #encode reads the flag on SDXL only.
+      zerosForMissingNegative: this.layout.isXL && this.layout.forceZerosForEmptyPrompt,
       vaeEncoder: this.later.vae_encoder !== undefined,
       inpainting: this.unetChannels === 9,
       sizeMultiple: this.layout.unet.sizeMultiple,

@@ -165,6 +165,12 @@ export interface EngineEvents {
   onAdapters?(d: BootEventMap['adapters-ready']): void;
 }
 
+/**
+ * Texts whose token ids Engine.encodeText keeps (a default queue's 32 requests, prompt and negative, twice over); one
+ * evicted before its dispatch is encoded again. At most ~2.5 MB of 10,000-character prompts.
+ */
+const ENCODED_TEXTS = 128;
+
 /** Restarts of a worker that keeps dying wait 0.5 s, 1 s, 2 s, … up to this; a worker alive this long resets it. */
 const RESPAWN_MAX_MS = 30_000;
 const RESPAWN_RESET_MS = 60_000;
@@ -183,6 +189,11 @@ export class Engine {
   /** Components announced whole since the last reset (componentReady), for a worker started again mid-boot. */
   readonly #components = new Map<string, string>();
   #active: ClipTokenizer[] = [];
+  /**
+   * The latest texts' ids (encodeText): a seeded request is encoded for its result-cache key, then again when its batch
+   * is dispatched. A 10,000-character word takes ~10 ms per tokenizer, and SDXL encodes prompt and negative with two.
+   */
+  #encoded = new Map<string, number[][]>();
   /** Batches the workers have finished whose images are still being encoded here. */
   #encoding = 0;
   readonly #adapters: AdapterSource;
@@ -271,6 +282,21 @@ export class Engine {
    */
   tokenizerReady(dir: string): void {
     void this.#tokenizer(dir).catch(() => undefined); // reported by load
+  }
+
+  /**
+   * `text`'s token ids for each of the loaded model's tokenizers (tokenizer, tokenizer_2): what a job carries to the
+   * text encoders, and what the result cache keys on. Undefined before the model has loaded.
+   */
+  encodeText(text: string): number[][] | undefined {
+    if (this.#active.length === 0) return undefined;
+    let ids = this.#encoded.get(text);
+    if (!ids) {
+      ids = this.#active.map((tok) => tok.encode(text));
+      if (this.#encoded.size >= ENCODED_TEXTS) this.#encoded.delete(this.#encoded.keys().next().value!);
+      this.#encoded.set(text, ids);
+    }
+    return ids;
   }
 
   /** Resolves when every tokenizer announced so far has parsed (or failed). */
@@ -503,7 +529,7 @@ export class Engine {
     const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance, guidanceRescale: t.req.shape.guidanceRescale })));
     // Every text of the batch, encoded once by each of the model's tokenizers (a missing negative prompt is '').
     const tokens = new Map<string, number[][]>();
-    for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.#active.map((tok) => tok.encode(text)));
+    for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.encodeText(text) ?? []);
     const adapters = tasks[0]!.adapters;
     worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
   }
@@ -554,6 +580,7 @@ export class Engine {
         // The worker's pipeline is ready; jobs need the model's tokenizers here too (parsing since announced).
         void Promise.all(m.tokenizerDirs.map((d) => this.#tokenizer(d))).then(
           (toks) => {
+            if (toks.length !== this.#active.length || toks.some((t, i) => t !== this.#active[i])) this.#encoded = new Map();
             this.#active = toks;
             w.loaded = !w.dead;
             w.provider = m.providers.unet;

@@ -27,8 +27,11 @@ export interface Generation {
 /** `s3`: the runtime's client for the objects requests name, here for output_uri. */
 export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine, s3: RequestS3): Generation {
   const labels = { model_name: cfg.modelName };
-  const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), (bytes) => metrics.resultCacheBytes.set(labels, bytes),
-    () => engine.defaults);
+  const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), {
+    onChange: (bytes) => metrics.resultCacheBytes.set(labels, bytes),
+    defaults: () => engine.defaults,
+    encode: (text) => engine.encodeText(text),
+  });
   metrics.resultCacheBytes.set(labels, 0);
   const output = createOutputStore(s3);
   let inflight = 0;

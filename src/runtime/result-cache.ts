@@ -25,14 +25,25 @@ export interface ResultCache {
   readonly entries: number;
 }
 
+export interface ResultCacheOptions {
+  /** Called with the bytes held after each change (the result_cache_bytes gauge). */
+  onChange?: (bytes: number) => void;
+  /** The loaded model's defaults, which say which fields its images do not depend on; undefined before the load. */
+  defaults?: () => Pick<ModelDefaults, 'scheduler' | 'guidanceEmbedding' | 'zerosForMissingNegative'> | undefined;
+  /**
+   * A text's token ids for each of the model's tokenizers, exactly as the text encoders are fed them (Engine.encodeText);
+   * undefined while no tokenizer is loaded, and the text itself keys instead.
+   */
+  encode?: (text: string) => number[][] | undefined;
+}
+
 /**
  * An LRU over a Map (insertion order = recency): get() moves the entry to the end, put() evicts from the
  * front until the total fits. `maxBytes` 0 disables the cache; an entry larger than the whole cache is
- * not stored (it would evict everything and still not fit). `defaults()`: the loaded model's, which say which
- * fields its images do not depend on.
+ * not stored (it would evict everything and still not fit).
  */
-export function createResultCache(modelName: string, maxBytes: number, onChange?: (bytes: number) => void,
-  defaults?: () => Pick<ModelDefaults, 'scheduler' | 'guidanceEmbedding'> | undefined): ResultCache {
+export function createResultCache(modelName: string, maxBytes: number, opts: ResultCacheOptions = {}): ResultCache {
+  const { onChange, defaults, encode } = opts;
   const map = new Map<string, { images: EncodedImage[]; bytes: number }>();
   let total = 0;
   const changed = () => onChange?.(total);
@@ -45,12 +56,22 @@ export function createResultCache(modelName: string, maxBytes: number, onChange?
       // images do not depend on (the batch key's rule, shapeKey): eta where the scheduler class ignores it, and without
       // an unconditional pass guidance_rescale, the negative prompt, and the guidance scale unless the UNet embeds it.
       const cfg = unconditionalPass(s.guidance, d?.guidanceEmbedding === true);
+      // A text as the text encoders see it: only its token ids reach them, so prompts that differ in case, whitespace,
+      // Unicode form, HTML entities or past the 75-token cut give the same image and share an entry.
+      const text = (t: string) => encode?.(t) ?? t;
+      // The negative prompt is read by the unconditional pass alone. A missing one is '' to the encoder, except where
+      // the model zeroes its embeddings instead (SDXL's force_zeros_for_empty_prompt): there '' is not missing.
+      // Without the model's defaults that is unknown, and the text keys as sent.
+      const negative = (n: string | undefined) => {
+        if (!cfg) return null;
+        if (n === undefined && d?.zerosForMissingNegative === true) return 0;
+        return (d && encode?.(n ?? '')) ?? n ?? null;
+      };
       // Hashed: the fields hold up to 20,000 characters of prompts, which as the key itself outweighed the small
       // images they index (306-byte JPEGs: 64 MB of images held 4 GB of keys).
       return createHash('sha256').update(JSON.stringify([
         modelName, shapeKey(s, d), cfg || d?.guidanceEmbedding === true ? s.guidance : null, cfg ? s.guidanceRescale : null,
-        // The negative prompt is read by the unconditional pass alone.
-        req.items.map((it) => [it.prompt, cfg ? (it.negativePrompt ?? null) : null, it.seed, it.numImages]),
+        req.items.map((it) => [text(it.prompt), negative(it.negativePrompt), it.seed, it.numImages]),
         req.output.format, req.output.quality ?? null, imageKey(req), lorasKey(req.loras),
       ])).digest('hex');
     },
