@@ -191,7 +191,7 @@ export class Engine {
   #active: ClipTokenizer[] = [];
   /**
    * The latest texts' ids (encodeText): a seeded request is encoded for its result-cache key, then again when its batch
-   * is dispatched. A 10,000-character word takes ~10 ms per tokenizer, and SDXL encodes prompt and negative with two.
+   * is dispatched. A 10,000-character word takes 10–50 ms per tokenizer (BENCHMARKS.md), and SDXL has two.
    */
   #encoded = new Map<string, number[][]>();
   /** Batches the workers have finished whose images are still being encoded here. */
