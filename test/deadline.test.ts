@@ -4,7 +4,7 @@
  * download for good, seen as a content-check test that hung one run in three on a loaded machine. Real s3rver behind
  * the fault proxy, which leaves such requests unanswered.
  */
-import { promises as fsp } from 'node:fs';
+import { promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setFlagsFromString } from 'node:v8';
@@ -61,6 +61,14 @@ describe('a deadline', () => {
     d.clear();
     // Already aborted: so is the deadline, at once.
     expect(deadline(parent.signal, 60_000).signal.reason).toBe(parent.signal.reason);
+  });
+
+  it('is what the project bounds its waits with: no AbortSignal.timeout in its code', () => {
+    const root = path.join(import.meta.dirname, '..');
+    const code = ['src', 'warmup', 'scripts'].flatMap((d) => (readdirSync(path.join(root, d), { recursive: true }) as string[])
+      .filter((f) => f.endsWith('.ts') && `${d}/${f}` !== 'src/deadline.ts').map((f) => path.join(d, f)));
+    expect(code.length).toBeGreaterThan(50);
+    expect(code.filter((f) => /AbortSignal\.timeout\(/.test(readFileSync(path.join(root, f), 'utf8')))).toEqual([]);
   });
 
   it('once cleared, neither fires nor keeps a listener on its parent', async () => {

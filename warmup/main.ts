@@ -10,6 +10,7 @@ import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
+import { deadline } from '../src/deadline.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
@@ -315,13 +316,19 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
   if (open.length === 0) return;
   const [{ AbortMultipartUploadCommand }, { createS3 }] = await Promise.all([import('@aws-sdk/client-s3'), import('../src/storage/s3-sdk.js')]);
   const client = createS3(cfg.s3, open.length);
-  const deadline = AbortSignal.timeout(ABORT_MS);
-  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retried(deadline, () =>
-    client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: AbortSignal.any([deadline, AbortSignal.timeout(5_000)]) })
+  const total = deadline(undefined, ABORT_MS);
+  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retried(total.signal, async () => {
+    const one = deadline(total.signal, 5_000);
+    try {
+      await client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: one.signal });
+    } catch (e) {
       // Gone already: completed just before the push stopped, or aborted by the SDK itself.
-      .catch((e: unknown) => {
-        if ((e as Error)?.name !== 'NoSuchUpload') throw e;
-      }), 8)));
+      if ((e as Error)?.name !== 'NoSuchUpload') throw e;
+    } finally {
+      one.clear();
+    }
+  }, 8)));
+  total.clear();
   client.destroy();
   const names = (which: 'fulfilled' | 'rejected') => open.filter((_, i) => got[i]!.status === which).map(([, key]) => key.slice(src.prefix.length));
   const shown = (rels: string[]) => rels.slice(0, 5).join(', ') + (rels.length > 5 ? `, … ${rels.length - 5} more` : '');

@@ -844,7 +844,7 @@ export class Engine {
 }
 
 /**
- * Why a task's signal fired, for inference_cancelled_total: REQUEST_TIMEOUT_S's AbortSignal.timeout, the error that
+ * Why a task's signal fired, for inference_cancelled_total: REQUEST_TIMEOUT_S's deadline (a TimeoutError), the error that
  * failed another instance of the request (generation.ts aborts with it), or else its client leaving.
  */
 export function cancelReason(reason: unknown): 'client_left' | 'timeout' | 'request_failed' {
