@@ -84,6 +84,6 @@ function uploadError(err: unknown, bucket: string, key: string, note: string): R
     case 'aborted':
       return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
     default:
-      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${s3code}); the images were generated but not stored`, { cause: err });
+      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${err instanceof RuntimeError ? err.message : s3code}); the images were generated but not stored`, { cause: err });
   }
 }

@@ -10,6 +10,7 @@ import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, ty
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { checksumFrom } from './checksums.js';
+import { retryUploads } from './upload-retry.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
@@ -23,7 +24,8 @@ export interface S3Handle {
 /**
  * One client per download: keep-alive agents with maxSockets = concurrency, so the pool never queues
  * ranged GETs behind each other (the SDK default is 50 sockets, but an unsized pool hides the limit).
- * The SDK's own retries are off: the reader retries ranges itself and resumes from the bytes it has.
+ * The SDK's own retries are off: the reader retries ranges itself and resumes from the bytes it has. Upload requests
+ * (output_uri, push) are retried by upload-retry.ts, only they.
  */
 export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency): S3Handle {
   const sockets = concurrency + 4; // a few spare for LIST/HEAD while every range is in flight
@@ -39,6 +41,7 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
     responseChecksumValidation: 'WHEN_REQUIRED',
     requestHandler: { httpAgent, httpsAgent, connectionTimeout: 10_000 },
   });
+  retryUploads(client);
   return {
     client,
     destroy() {

@@ -1,0 +1,71 @@
+/**
+ * @module Retries of the requests an upload sends (PutObject, CreateMultipartUpload, UploadPart,
+ * CompleteMultipartUpload) after a transient S3 error: a 5xx, SlowDown, a reset. The client's own retries stay off
+ * (s3-sdk.ts: the download retries ranges itself, from the bytes it has), so one 500 on one part of a multi-GB push
+ * would otherwise fail the push.
+ */
+import { createHash } from 'node:crypto';
+import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
+import { RuntimeError } from '../errors.js';
+import { backoffMs } from './plan.js';
+import { classify } from './s3-errors.js';
+
+/** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
+export const UPLOAD_ATTEMPTS = 5;
+
+const UPLOAD_COMMANDS: ReadonlySet<string> = new Set(['PutObjectCommand', 'CreateMultipartUploadCommand', 'UploadPartCommand', 'CompleteMultipartUploadCommand']);
+
+interface CompleteInput { Bucket?: string; Key?: string; MultipartUpload?: { Parts?: { ETag?: string }[] } }
+
+/**
+ * S3's ETag of an object completed from these parts: the MD5 of their MD5s, then `-` and their count. Undefined where a
+ * part's ETag is no MD5 (SSE-KMS, some stores).
+ */
+export function multipartEtag(partEtags: readonly (string | undefined)[]): string | undefined {
+  const md5s = partEtags.map((e) => e?.replace(/"/g, '').toLowerCase());
+  if (md5s.length === 0 || md5s.some((m) => m === undefined || !/^[0-9a-f]{32}$/.test(m))) return undefined;
+  const h = createHash('md5');
+  for (const m of md5s) h.update(Buffer.from(m!, 'hex'));
+  return `"${h.digest('hex')}-${md5s.length}"`;
+}
+
+/**
+ * Makes `client` send each upload request up to `attempts` times, with the fill's full-jitter backoff; every other
+ * command keeps its single attempt. Only errors classify() calls transient are retried: a denial or a missing bucket
+ * fails at once. It wraps every other middleware of the initialize step, so each attempt is signed afresh and
+ * passes trackUploads (multipart.ts), whose stop ends the retries too.
+ */
+export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void {
+  client.middlewareStack.add((next, context) => async (args) => {
+    const command = context.commandName ?? '';
+    if (!UPLOAD_COMMANDS.has(command)) return next(args);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await next(args);
+      } catch (e) {
+        // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
+        if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
+          return { output: await completedAlready(client, args.input as CompleteInput, e), response: undefined };
+        }
+        if (classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
+        await new Promise((r) => setTimeout(r, backoffMs(attempt)));
+      }
+    }
+  }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
+}
+
+/**
+ * The object a retried Complete found gone, if the first attempt made it: its ETag is the one S3 gives an object
+ * completed from these parts. Otherwise (another ETag, or parts whose ETags are no MD5) the upload may or may not be
+ * the object now there, and the caller is told to upload again.
+ */
+async function completedAlready(client: S3Client, input: CompleteInput, err: unknown) {
+  const expected = multipartEtag((input.MultipartUpload?.Parts ?? []).map((p) => p.ETag));
+  const head = expected === undefined ? undefined
+    : await client.send(new HeadObjectCommand({ Bucket: input.Bucket, Key: input.Key })).catch(() => undefined);
+  if (head?.ETag !== undefined && head.ETag === expected) {
+    return { $metadata: head.$metadata, Bucket: input.Bucket, Key: input.Key, ETag: head.ETag };
+  }
+  throw new RuntimeError('STORAGE_INCOMPLETE', `s3://${input.Bucket}/${input.Key}: CompleteMultipartUpload was retried after an answer was lost, and S3 no longer `
+    + 'knows the upload (NoSuchUpload) nor holds an object of its parts; upload it again', { cause: err });
+}
