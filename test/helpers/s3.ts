@@ -138,7 +138,20 @@ export interface Faults {
   abortUploads?: boolean;
   /** With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in trouble). */
   failAborts?: { count: number };
+  /**
+   * PUTs of objects and parts whose key matches `keys`, numbered from 1 as they arrive (retries too): the n-th is
+   * answered as `at[n]` says, every one as `every` says: a status with an S3 error code, or 'reset' (the body read,
+   * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults.
+   */
+  failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault };
+  /**
+   * The next `count` CompleteMultipartUploads are carried out by the store, then their sockets destroyed unanswered; a
+   * Complete of an upload already completed is answered 404 NoSuchUpload, as S3 does.
+   */
+  loseCompletes?: { count: number };
 }
+
+export type PutFault = { status: number; code: string } | 'reset';
 
 export interface FaultProxy {
   readonly port: number;
@@ -166,6 +179,8 @@ export interface FaultProxy {
      * One created and neither completed nor aborted is what ListMultipartUploads would still show.
      */
     multipart: { created: Record<string, string>; completed: string[]; aborted: string[] };
+    /** PUTs matched by faults.failPuts, and those it failed. */
+    puts: number; putFaults: number;
   };
   faults: Faults;
   close(): Promise<void>;
@@ -177,7 +192,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] } };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -233,6 +248,23 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       void Promise.resolve(failPart.after).finally(() => res.writeHead(failPart.status, { 'content-type': 'application/xml' }).end(s3Error(failPart.code)));
       return;
     }
+    const putFault = req.method === 'PUT' && f.failPuts?.keys.test(objectKey) ? (f.failPuts.at?.[stats.puts + 1] ?? f.failPuts.every) : undefined;
+    if (req.method === 'PUT' && f.failPuts?.keys.test(objectKey)) stats.puts++;
+    if (putFault !== undefined) {
+      stats.putFaults++;
+      if (putFault === 'reset') req.resume().on('end', () => req.socket.destroy());
+      else {
+        req.resume();
+        res.writeHead(putFault.status, { 'content-type': 'application/xml' }).end(s3Error(putFault.code));
+      }
+      return;
+    }
+    // As S3 answers it (s3rver fails reading the parts it removed: 500 InternalError).
+    if (f.loseCompletes && uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
+      req.resume();
+      res.writeHead(404, { 'content-type': 'application/xml' }).end(s3Error('NoSuchUpload'));
+      return;
+    }
     if (isList && f.failLists && f.failLists.count > 0) {
       f.failLists.count--;
       req.resume();
@@ -258,10 +290,16 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.on('close', () => (stats.open = --concurrent));
     }
     // The store's part numbers are the proxy's to answer (above): s3rver would describe the whole object.
-    const upPath = sim ? (req.url ?? '').replace(/[?&]partNumber=\d+/, '') : req.url;
+    const reading = sim !== undefined && (req.method === 'GET' || req.method === 'HEAD');
+    const upPath = reading ? (req.url ?? '').replace(/[?&]partNumber=\d+/, '') : req.url;
     const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: upPath, headers: req.headers }, (upRes) => {
       const ok = (upRes.statusCode ?? 500) < 300;
       if (ok && uploadId !== undefined && req.method === 'POST') stats.multipart.completed.push(decodeURIComponent(uploadId));
+      if (ok && uploadId !== undefined && req.method === 'POST' && f.loseCompletes && f.loseCompletes.count > 0) {
+        f.loseCompletes.count--;
+        upRes.resume().on('end', () => res.socket?.destroy());
+        return;
+      }
       if (ok && isCreate) {
         const parts: Buffer[] = [];
         upRes.on('data', (c: Buffer) => parts.push(c));
@@ -300,7 +338,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         return;
       }
       res.writeHead(upRes.statusCode ?? 502, {
-        ...upRes.headers, ...(ok && sim ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
+        ...upRes.headers, ...(ok && reading ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
       });
       const body = isGet && ok;
       const damage = body && f.corrupt !== undefined && f.corrupt.count > 0 && f.corrupt.keys.test(objectKey);

@@ -1,0 +1,190 @@
+/**
+ * Uploads ride out a transient S3 error (a 500, a 503 SlowDown, a reset) on one of their requests: the warm-up CLI's
+ * push (a real CLI process) and output_uri (the runtime's request client and output store), through the fault proxy in
+ * front of a real s3rver on loopback, which counts every PUT. Refusals still fail at once, a store that keeps failing
+ * fails after a bounded number of attempts, and downloads (an s3:// input image) keep their single attempt.
+ */
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { GetObjectCommand } from '@aws-sdk/client-s3';
+import type { EncodedImage } from '../src/runtime/engine.js';
+import { createImageSource } from '../src/runtime/image-source.js';
+import { createOutputStore } from '../src/runtime/output.js';
+import { createRequestS3 } from '../src/storage/request-s3.js';
+import { multipartEtag, UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
+import { CREDS, cleanUpS3, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
+
+const CLI = path.resolve('dist/warmup/main.js');
+const MiB = 1 << 20;
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+let local: string;
+const saved: Record<string, string | undefined> = {};
+/** Two files of three 5 MiB parts (5, 5, 1 MiB) and one small enough for a single PutObject. */
+const FILES: Record<string, Buffer> = { 'a.bin': detBytes(11 * MiB, 1), 'b.bin': detBytes(11 * MiB, 2), 'c.json': detBytes(1000, 3) };
+
+interface Run { code: number | null; stdout: string; stderr: string; ms: number }
+
+function cli(args: string[], env: Record<string, string>): Promise<Run> {
+  const t0 = performance.now();
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('close', (code) => resolve({ code, stdout, stderr, ms: performance.now() - t0 }));
+  });
+}
+
+beforeAll(async () => {
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'upload-retry-'));
+  local = path.join(tmp, 'export');
+  await fsp.mkdir(local);
+  for (const [f, b] of Object.entries(FILES)) await fsp.writeFile(path.join(local, f), b);
+  ({ s3, proxy } = await startS3WithProxy());
+  // The request client (output_uri, input images) takes its credentials from the environment, as in a pod.
+  for (const [k, v] of Object.entries(CREDS)) {
+    saved[k] = process.env[k];
+    process.env[k] = v;
+  }
+});
+
+afterAll(() => {
+  for (const [k, v] of Object.entries(saved)) {
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
+});
+
+cleanUpS3(() => ({ s3, proxy, tmp }));
+beforeEach(() => {
+  proxy.stats.puts = 0;
+  proxy.stats.putFaults = 0;
+});
+
+// S3_MAX_CONCURRENCY=4: one file at a time, its three 5 MiB parts in flight together.
+const push = (prefix: string) => cli(['push', local, `s3://models/${prefix}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '4', S3_PART_SIZE: String(5 * MiB) }));
+const object = async (key: string) => Buffer.from(await (await s3.client.send(new GetObjectCommand({ Bucket: 'models', Key: key }))).Body!.transformToByteArray());
+const left = (prefix: string) => Object.values(unfinishedUploads(proxy)).filter((k) => k.startsWith(prefix));
+const png = (seed: number): EncodedImage => {
+  const b = detBytes(3000, seed);
+  return { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed, width: 8, height: 8, format: 'png' };
+};
+
+describe('push', () => {
+  it('two parts answered 500 and one reset, once each: the push succeeds and every object equals its file', async () => {
+    const prefix = 'sd/flaky/';
+    proxy.faults = { abortUploads: true, failPuts: { keys: new RegExp(`^${prefix}`), at: { 2: { status: 500, code: 'InternalError' }, 5: 'reset', 6: { status: 500, code: 'InternalError' } } } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(0);
+    expect(proxy.stats.putFaults).toBe(3);
+    // Three parts of each .bin and c.json's PutObject, each once, and one more for each failure.
+    expect(proxy.stats.puts).toBe(3 + 3 + 1 + 3);
+    for (const [f, b] of Object.entries(FILES)) expect((await object(prefix + f)).equals(b), f).toBe(true);
+    expect(left(prefix)).toEqual([]);
+  }, 60_000);
+
+  it('a store that answers every part 500: fails naming the file after the bounded attempts, leaving no upload unfinished', async () => {
+    const prefix = 'sd/down/';
+    proxy.faults = { abortUploads: true, failPuts: { keys: new RegExp(`^${prefix}a\\.bin$`), every: { status: 500, code: 'InternalError' } } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toContain(`warmup: STORAGE_TRANSIENT: cannot upload s3://models/${prefix}a.bin: InternalError (gave up after retries)`);
+    // Each of the three parts in flight tried UPLOAD_ATTEMPTS times at most; full-jitter backoff of 3 s at most.
+    expect(proxy.stats.puts).toBeGreaterThanOrEqual(UPLOAD_ATTEMPTS);
+    expect(proxy.stats.puts).toBeLessThanOrEqual(3 * UPLOAD_ATTEMPTS);
+    expect(r.ms).toBeLessThan(20_000);
+    expect(left(prefix)).toEqual([]);
+    expect(r.stderr).not.toContain('echoed-secret');
+  }, 60_000);
+
+  it('a part refused 403: fails at once (no part sent twice) with the denial named', async () => {
+    const prefix = 'sd/denied/';
+    proxy.faults = { abortUploads: true, failPuts: { keys: new RegExp(`^${prefix}`), every: { status: 403, code: 'AccessDenied' } } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toContain(`warmup: STORAGE_DENIED: access denied to upload s3://models/${prefix}a.bin (AccessDenied); check the credentials and the bucket policy`);
+    expect(proxy.stats.puts).toBeGreaterThanOrEqual(1);
+    expect(proxy.stats.puts).toBeLessThanOrEqual(3);
+    expect(left(prefix)).toEqual([]);
+  }, 60_000);
+
+  it("a Complete carried out whose answer is lost: the retry's NoSuchUpload is taken as done when the object has the parts' ETag, else the push fails saying so", async () => {
+    const prefix = 'sd/lost/';
+    // s3rver gives a completed object the MD5 of its bytes; S3 gives the MD5 of the parts' MD5s with their count.
+    const parts = (b: Buffer) => [b.subarray(0, 5 * MiB), b.subarray(5 * MiB, 10 * MiB), b.subarray(10 * MiB)].map((p) => `"${createHash('md5').update(p).digest('hex')}"`);
+    proxy.faults = { abortUploads: true, loseCompletes: { count: 1 }, objects: { [`${prefix}a.bin`]: { etag: multipartEtag(parts(FILES['a.bin']!))! } } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(0);
+    expect(proxy.faults.loseCompletes!.count).toBe(0);
+    for (const [f, b] of Object.entries(FILES)) expect((await object(prefix + f)).equals(b), f).toBe(true);
+
+    const other = 'sd/lost-plain/';
+    proxy.faults = { abortUploads: true, loseCompletes: { count: 1 } };
+    const failed = await push(other);
+    expect(failed.code, failed.stderr).toBe(1);
+    expect(failed.stderr).toContain(`warmup: STORAGE_INCOMPLETE: s3://models/${other}a.bin: CompleteMultipartUpload was retried after an answer was lost, and S3 no longer knows the upload (NoSuchUpload) nor holds an object of its parts; upload it again`);
+  }, 60_000);
+});
+
+describe('output_uri', () => {
+  const store = () => {
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
+    return { requestS3, out: createOutputStore(requestS3) };
+  };
+
+  it('a PUT answered 500 once, another 503 SlowDown once: both images are stored', async () => {
+    const { requestS3, out } = store();
+    try {
+      proxy.faults = { failPuts: { keys: /^out\/ok/, at: { 1: { status: 500, code: 'InternalError' }, 2: { status: 503, code: 'SlowDown' } } } };
+      const images = [png(1), png(2)];
+      expect(await out.upload('s3://models/out/ok.png', images)).toEqual(['s3://models/out/ok-0.png', 's3://models/out/ok-1.png']);
+      expect(proxy.stats.puts).toBe(4);
+      expect((await object('out/ok-0.png')).equals(Buffer.from(images[0]!.data))).toBe(true);
+      expect((await object('out/ok-1.png')).equals(Buffer.from(images[1]!.data))).toBe(true);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
+  it('a store that keeps answering 500 fails after the bounded attempts; a 403 at once', async () => {
+    const { requestS3, out } = store();
+    try {
+      proxy.faults = { failPuts: { keys: /^out\/down/, every: { status: 500, code: 'InternalError' } } };
+      const t0 = performance.now();
+      const down = await rejection(out.upload('s3://models/out/down.png', [png(3)]));
+      expect([down.code, down.message]).toEqual(['STORAGE_TRANSIENT', 'output_uri: upload to s3://models/out/down.png failed (InternalError); the images were generated but not stored']);
+      expect(proxy.stats.puts).toBe(UPLOAD_ATTEMPTS);
+      expect(performance.now() - t0).toBeLessThan(10_000);
+
+      proxy.faults = { failPuts: { keys: /^out\/denied/, every: { status: 403, code: 'AccessDenied' } } };
+      proxy.stats.puts = 0;
+      const denied = await rejection(out.upload('s3://models/out/denied.png', [png(4)]));
+      expect(denied.code).toBe('STORAGE_DENIED');
+      expect(proxy.stats.puts).toBe(1);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
+  it('an s3:// input image keeps its single attempt: a 500 is the request\'s error at once', async () => {
+    await s3.put('models', 'in/cat.png', detBytes(500, 9));
+    const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/' });
+    const requestS3 = createRequestS3(cfg.s3);
+    try {
+      proxy.faults = { failGets: { count: 1, status: 500, code: 'InternalError' } };
+      const gets = proxy.stats.gets;
+      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000));
+      expect(err.code).toBe('UPSTREAM');
+      expect(proxy.stats.gets - gets).toBe(1);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+});
