@@ -17,9 +17,14 @@ export interface Deadline {
 export function deadline(parent: AbortSignal | undefined, ms: number): Deadline {
   const ac = new AbortController();
   let timedOut = false;
-  const onAbort = () => ac.abort(parent!.reason);
+  const onAbort = () => {
+    clearTimeout(timer);
+    ac.abort(parent!.reason);
+  };
   const timer = setTimeout(() => {
+    if (ac.signal.aborted) return;
     timedOut = true;
+    parent?.removeEventListener('abort', onAbort);
     ac.abort(new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
   }, ms);
   // Like AbortSignal.timeout's: the wait it bounds keeps the process alive, not the timer.

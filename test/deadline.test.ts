@@ -55,9 +55,12 @@ describe('a deadline', () => {
     expect(await collecting(reasons, 5_000)).toEqual(parents.map(() => [true, 'TimeoutError']));
 
     const parent = new AbortController();
-    const d = deadline(parent.signal, 60_000);
+    const d = deadline(parent.signal, 50);
     parent.abort(new Error('client left'));
     expect([d.signal.aborted, d.timedOut, (d.signal.reason as Error).message]).toEqual([true, false, 'client left']);
+    // Its time passing afterwards, not cleared yet: still the parent's abort.
+    await new Promise((r) => setTimeout(r, 100));
+    expect([d.timedOut, (d.signal.reason as Error).message]).toEqual([false, 'client left']);
     d.clear();
     // Already aborted: so is the deadline, at once.
     expect(deadline(parent.signal, 60_000).signal.reason).toBe(parent.signal.reason);

@@ -85,6 +85,20 @@ describe('V2 codec: requests', () => {
     expect(() => parseInferRequest({ 'content-type': 'application/octet-stream' }, Buffer.from([1, 2]))).toThrow("received byte inputs, but the'inference-header-content-length' header is missing.");
   });
 
+  it('names a header length that counts into the binary data as such, not as bytes that are not UTF-8', () => {
+    const png = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+    const { headers, body } = binaryBody([{ name: 'image', datatype: 'BYTES', shape: [1], bytes: bytesElems(png) }]);
+    const n = Number(headers['inference-header-content-length']);
+    // Five bytes more: the element's length prefix and the PNG's first byte, 0x89 (before: "invalid UTF-8 at byte …").
+    for (const more of [3, 5]) {
+      expect(() => parseInferRequest({ 'inference-header-content-length': String(n + more) }, body))
+        .toThrow(`inference-header-content-length (${n + more}) counts past the end of the JSON header, which ends at byte ${n}; send the JSON header's length in bytes`);
+    }
+    // A header that is itself not UTF-8 still says so.
+    const latin1 = Buffer.concat([Buffer.from('{"inputs":"caf'), Buffer.from([0xe9]), Buffer.from('"}')]);
+    expect(() => parseInferRequest({ 'inference-header-content-length': String(latin1.length) }, latin1)).toThrow(/invalid UTF-8 at byte 14/);
+  });
+
   it('refuses binary data holding more elements than the shape by its size, without decoding them one by one', () => {
     // 16 MB: 4 M FP32 values (decoded one by one, ~4 s of a blocked event loop), 4 M empty BYTES elements.
     const f32 = Buffer.alloc(16 * 1024 * 1024);

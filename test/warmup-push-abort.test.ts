@@ -102,4 +102,32 @@ describe('a push that fails part-way', () => {
     expect(left(prefix)).toEqual([]);
     expect(r.stderr).toContain('push: aborted the unfinished multipart uploads of 4 file(s) (a.bin, b.bin, c.bin, d.bin)');
   }, 60_000);
+
+  it('stopped while the next file is being looked at (its stat): that file is not uploaded', async () => {
+    const prefix = 'sd/stat/';
+    // c.bin's stat takes 3 s and says when it starts: the stop lands between the loop's check and the upload's start.
+    const preload = path.join(tmp, 'slow-stat.mjs');
+    await fsp.writeFile(preload, `import fs from 'node:fs';
+const stat = fs.promises.stat;
+fs.promises.stat = async (p, ...rest) => {
+  if (String(p).endsWith('c.bin')) {
+    process.stderr.write('slow stat\\n');
+    await new Promise((r) => setTimeout(r, 3000));
+  }
+  return stat(p, ...rest);
+};
+`);
+    let stderr = '';
+    const child = spawn(process.execPath, ['--import', preload, CLI, 'push', local, `s3://models/${prefix}`],
+      { env: { PATH: process.env.PATH ?? '', ...s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '8' }) }, stdio: ['ignore', 'ignore', 'pipe'] });
+    child.stderr.on('data', (c) => (stderr += c));
+    const code = new Promise<number | null>((r) => child.on('close', r));
+    await until(() => stderr.includes('slow stat'), 30_000, 10);
+    child.kill('SIGTERM');
+    expect(await code, stderr).toBe(143);
+    // Before: c.bin went up whole after the signal (its upload's abort listener was added to a signal already aborted).
+    expect(created(prefix).filter((k) => k.endsWith('c.bin'))).toEqual([]);
+    expect(stderr).not.toContain('push: c.bin');
+    expect(left(prefix)).toEqual([]);
+  }, 60_000);
 });

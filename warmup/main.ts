@@ -8,6 +8,7 @@
  */
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { deadline } from '../src/deadline.js';
@@ -154,6 +155,8 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         const rel = files[next++]!;
         const abs = path.join(localDir, rel);
         const before = await fsp.stat(abs);
+        // Halted during the stat: its listener below would never fire, and the whole file would go up.
+        if (halt.signal.aborted) break;
         const up = new Upload({ client: s3.client, queueSize, partSize, leavePartsOnError: false,
           params: { Bucket: src.bucket, Key: src.prefix + rel, Body: createReadStream(abs) } });
         const onHalt = () => void up.abort();
@@ -350,7 +353,9 @@ async function retried<T>(signal: AbortSignal, fn: () => Promise<T>, attempts = 
       return await fn();
     } catch (e) {
       if (signal.aborted || classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
-      await new Promise((r) => setTimeout(r, backoffMs(attempt)));
+      // Woken by the signal: a bound on the retries (abortUnfinished's) holds, not one backoff more.
+      await sleep(backoffMs(attempt), undefined, { signal }).catch(() => undefined);
+      if (signal.aborted) throw e;
     }
   }
 }

@@ -96,6 +96,18 @@ const brief = (v: unknown): string => {
 };
 
 /** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
+/** Where the JSON value at the start of `b` ends (bytes) when more follows it; undefined where it does not parse as far. */
+function jsonEnd(b: Buffer): number | undefined {
+  const text = b.toString('utf8');
+  try {
+    JSON.parse(text);
+  } catch (e) {
+    const at = /after JSON at position (\d+)/.exec((e as Error).message)?.[1];
+    if (at !== undefined) return Buffer.byteLength(text.slice(0, Number(at)));
+  }
+  return undefined;
+}
+
 function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { header: unknown; binary: Buffer | undefined } {
   const raw = headers['inference-header-content-length'];
   if (raw === undefined) {
@@ -119,6 +131,11 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
   try {
     header = JSON.parse(jsonText(body.subarray(0, n)));
   } catch (err) {
+    // A length that counts into the tensor bytes (whose first one is often not UTF-8): the JSON ends before it.
+    const end = jsonEnd(body.subarray(0, n));
+    if (end !== undefined) {
+      throw bad(`inference-header-content-length (${n}) counts past the end of the JSON header, which ends at byte ${end}; send the JSON header's length in bytes`);
+    }
     throw bad(`Unrecognized request format: the JSON header (the first ${n} bytes) does not parse: ${printable((err as Error).message)}`);
   }
   return { header, binary: body.subarray(n) };

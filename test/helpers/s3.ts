@@ -422,13 +422,13 @@ export async function startS3WithProxy(): Promise<{ s3: S3Server; proxy: FaultPr
   return { s3, proxy: await startFaultProxy(s3.port) };
 }
 
-/** After each test the proxy's faults are cleared; after the file, the proxy and s3rver stop and `tmp` goes. */
 /** UploadIds the store created that were neither completed nor aborted (what ListMultipartUploads would list), with their keys. */
 export function unfinishedUploads(p: FaultProxy): Record<string, string> {
   const { created, completed, aborted } = p.stats.multipart;
   return Object.fromEntries(Object.entries(created).filter(([id]) => !completed.includes(id) && !aborted.includes(id)));
 }
 
+/** After each test the proxy's faults are cleared; after the file, the proxy and s3rver stop and `tmp` goes. */
 export function cleanUpS3(get: () => { s3?: S3Server; proxy?: FaultProxy; tmp?: string }): void {
   afterEach(() => {
     const { proxy } = get();
