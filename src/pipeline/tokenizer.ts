@@ -117,8 +117,8 @@ export interface ClipTokenizerOptions {
    */
   addedTokens?: ReadonlyMap<string, number>;
   /**
-   * Words of at least this many characters merge through a heap (O(n log n)) instead of rescanning every pair per
-   * merge (O(n²)); both give the same tokens. Only tests change it. Default 32.
+   * Words of at least this many bytes merge by symbol ids through a heap (O(n log n)) instead of rescanning every
+   * pair of strings per merge (O(n²)); both give the same tokens. Only tests change it. Default 32.
    */
   heapBpeFrom?: number;
 }
@@ -176,6 +176,7 @@ export class ClipTokenizer {
   readonly #ranks: Map<string, number>;
   readonly #cache = new Map<string, number[]>();
   readonly #heapFrom: number;
+  #idMerges: IdMerges | undefined;
   readonly #unkId: number;
   /** Matches the added tokens, bos and eos among them (longest first, so the leftmost-longest one wins). */
   readonly #addedPattern: RegExp;
@@ -346,9 +347,15 @@ export class ClipTokenizer {
   #word(word: string): number[] {
     const hit = this.#cache.get(word);
     if (hit) return hit;
-    let encoded = '';
-    for (const b of Buffer.from(word, 'utf8')) encoded += BYTE_ENCODER[b];
-    const ids = this.#bpe(encoded).map((tok) => this.#vocab.get(tok) ?? this.#unkId);
+    const bytes = Buffer.from(word, 'utf8');
+    let ids: number[];
+    if (bytes.length >= this.#heapFrom && bytes.length > 1) {
+      ids = this.#bpeIds(bytes);
+    } else {
+      let encoded = '';
+      for (const b of bytes) encoded += BYTE_ENCODER[b];
+      ids = this.#bpe(encoded).map((tok) => this.#vocab.get(tok) ?? this.#unkId);
+    }
     // Prompts repeat words; the cache is bounded so hostile input cannot grow it without end. Long words are not kept:
     // a 10,000-character one held 51 KB, and 50,000 of them (3,000 requests of 8 prompts and negative prompts) 2.5 GB.
     if (word.length > MAX_CACHED_WORD) return ids;
@@ -363,8 +370,6 @@ export class ClipTokenizer {
     let parts = chars.slice(0, -1);
     parts.push(`${chars[chars.length - 1]!}</w>`);
     if (parts.length === 1) return parts;
-    // A prompt may be one 10,000-character word: rescanning it per merge took ~0.8 s on the main thread.
-    if (parts.length >= this.#heapFrom) return this.#bpeHeap(parts);
     for (;;) {
       let best = Infinity;
       let first = '';
@@ -394,88 +399,158 @@ export class ClipTokenizer {
   }
 
   /**
-   * The same merges as #bpe, for long words: the symbols form a linked list and every adjacent pair sits in a heap
-   * ordered by (rank, position). As in OpenAI's loop, each step takes the lowest-ranked pair and merges all of its
-   * current occurrences left to right (an occurrence overlapping one just merged is skipped); the pairs those merges
-   * create join the heap after the step. Stale heap entries are recognised by per-symbol versions.
+   * The same merges as #bpe, for long words (a prompt may be one 10,000-character word: rescanning it per merge took
+   * ~0.8 s), on symbol ids rather than strings (pair keys built as strings took ~50 ms for such a word). The symbols
+   * form a linked list and every adjacent pair sits in a heap ordered by (rank, position). As in OpenAI's loop, each
+   * step takes the lowest-ranked pair and merges all of its current occurrences left to right (an occurrence
+   * overlapping one just merged is skipped); the pairs those merges create join the heap after the step. An entry is
+   * current while its position's pair still has its rank: a rank names one pair of symbols.
    */
-  #bpeHeap(parts: string[]): string[] {
-    const n = parts.length;
-    const sym = parts.slice();
+  #bpeIds(bytes: Uint8Array): number[] {
+    const m = (this.#idMerges ??= idMerges(this.#ranks, this.#vocab, this.#unkId));
+    const n = bytes.length;
+    const sym = new Int32Array(n);
+    for (let i = 0; i < n - 1; i++) sym[i] = m.byteSym[bytes[i]!]!;
+    sym[n - 1] = m.endSym[bytes[n - 1]!]!;
     const next = new Int32Array(n);
     const prev = new Int32Array(n);
-    const ver = new Int32Array(n);
-    const alive = new Uint8Array(n).fill(1);
     for (let i = 0; i < n; i++) {
       next[i] = i + 1 < n ? i + 1 : -1;
       prev[i] = i - 1;
     }
-    // An entry: rank, left symbol, right symbol, and both symbols' versions when it was pushed.
-    type Entry = [number, number, number, number, number];
-    const heap: Entry[] = [];
-    const less = (a: Entry, b: Entry) => a[0] < b[0] || (a[0] === b[0] && a[1] < b[1]);
-    const push = (e: Entry) => {
-      heap.push(e);
-      for (let i = heap.length - 1; i > 0; ) {
+    // The rank of the pair that starts at each symbol, -1 for none, a merged-away symbol or one merged this step.
+    const pairRank = new Int32Array(n).fill(-1);
+    // Keys rank * n + position: at most n - 1 at the start and two per merge.
+    const heap = new Float64Array(3 * n);
+    let size = 0;
+    const push = (key: number) => {
+      let i = size++;
+      while (i > 0) {
         const p = (i - 1) >> 1;
-        if (!less(heap[i]!, heap[p]!)) break;
-        [heap[i], heap[p]] = [heap[p]!, heap[i]!];
+        if (heap[p]! <= key) break;
+        heap[i] = heap[p]!;
         i = p;
       }
+      heap[i] = key;
     };
-    const pop = (): Entry => {
+    const pop = (): number => {
       const top = heap[0]!;
-      const last = heap.pop()!;
-      if (heap.length > 0) {
-        heap[0] = last;
-        for (let i = 0; ; ) {
-          const l = 2 * i + 1;
-          const r = l + 1;
-          let m = i;
-          if (l < heap.length && less(heap[l]!, heap[m]!)) m = l;
-          if (r < heap.length && less(heap[r]!, heap[m]!)) m = r;
-          if (m === i) break;
-          [heap[i], heap[m]] = [heap[m]!, heap[i]!];
-          i = m;
-        }
+      const last = heap[--size]!;
+      let i = 0;
+      for (;;) {
+        let c = 2 * i + 1;
+        if (c >= size) break;
+        if (c + 1 < size && heap[c + 1]! < heap[c]!) c++;
+        if (heap[c]! >= last) break;
+        heap[i] = heap[c]!;
+        i = c;
       }
+      heap[i] = last;
       return top;
     };
     const pairAt = (a: number) => {
-      const b = a < 0 ? -1 : next[a]!;
-      if (b < 0) return;
-      const r = this.#ranks.get(`${sym[a]!} ${sym[b]!}`);
-      if (r !== undefined) push([r, a, b, ver[a]!, ver[b]!]);
+      if (a < 0) return;
+      const b = next[a]!;
+      const r = b < 0 ? -1 : m.rank(sym[a]!, sym[b]!);
+      pairRank[a] = r;
+      if (r >= 0) push(r * n + a);
     };
-    const current = (e: Entry) => alive[e[1]] === 1 && alive[e[2]] === 1 && next[e[1]] === e[2] && ver[e[1]] === e[3] && ver[e[2]] === e[4];
     for (let i = 0; i < n - 1; i++) pairAt(i);
+    const merged = new Int32Array(n);
     let count = n;
-    while (heap.length > 0 && count > 1) {
-      // Ranks are unique per pair: the entries of the lowest rank are the occurrences of one pair, left to right.
-      const rank = heap[0]![0];
-      const step: Entry[] = [];
-      while (heap.length > 0 && heap[0]![0] === rank) step.push(pop());
-      const merged: number[] = [];
-      for (const e of step) {
-        if (!current(e)) continue;
-        const a = e[1];
-        const b = e[2];
-        sym[a] = sym[a]! + sym[b]!;
-        ver[a]!++;
-        alive[b] = 0;
+    while (size > 0 && count > 1) {
+      const rank = Math.floor(heap[0]! / n);
+      const end = (rank + 1) * n;
+      let k = 0;
+      while (size > 0 && heap[0]! < end) {
+        const a = pop() - rank * n;
+        if (pairRank[a] !== rank) continue;
+        const b = next[a]!;
+        sym[a] = m.merged(rank, sym[a]!, sym[b]!);
+        pairRank[a] = -1;
+        pairRank[b] = -1;
         next[a] = next[b]!;
         if (next[b]! >= 0) prev[next[b]!] = a;
         count--;
-        merged.push(a);
+        merged[k++] = a;
       }
-      for (const a of merged) {
-        if (alive[a] !== 1) continue;
-        pairAt(prev[a]!);
-        pairAt(a);
+      // A symbol merged this step stays: only one to its left could take it, and those came first.
+      for (let j = 0; j < k; j++) {
+        pairAt(prev[merged[j]!]!);
+        pairAt(merged[j]!);
       }
     }
-    const out: string[] = [];
-    for (let i = 0; i >= 0; i = next[i]!) out.push(sym[i]!);
+    const out: number[] = [];
+    for (let i = 0; i >= 0; i = next[i]!) out.push(m.vocabId(sym[i]!));
     return out;
   }
+}
+
+/** The merges by symbol ids, for #bpeIds. */
+interface IdMerges {
+  /** Symbol ids of each byte's character, and of that character ending a word (`</w>`). */
+  byteSym: Int32Array;
+  endSym: Int32Array;
+  /** The rank of the pair (left, right), -1 when it is not a merge. */
+  rank(left: number, right: number): number;
+  /** The symbol a merge of this rank makes of its pair (left, right). */
+  merged(rank: number, left: number, right: number): number;
+  /** The vocabulary id of a symbol, the unknown token's when it has none. */
+  vocabId(sym: number): number;
+}
+
+/** Slots of the pair cache; it is emptied when half full (1.5 MB a tokenizer). */
+const PAIR_BITS = 17;
+const PAIR_SLOTS = 1 << PAIR_BITS;
+
+/**
+ * Symbols are numbered without a table: 0–255 a byte's character, 256–511 that character ending a word, 512 + r what
+ * the merge of rank r makes (a rank names one pair of strings, so one result; two ranks that make the same string give
+ * two ids, and pairs are ranked by their strings all the same). A pair's rank is read from the merges by its string
+ * once, then from an open-addressing cache of (left, right) → rank or -1, bounded however many distinct pairs hostile
+ * words bring. Nothing is built from all 49k merges: the first long word costs no more than the next.
+ */
+function idMerges(ranks: ReadonlyMap<string, number>, vocab: Lookup, unk: number): IdMerges {
+  const text: string[] = [];
+  const byteSym = new Int32Array(256);
+  const endSym = new Int32Array(256);
+  for (let b = 0; b < 256; b++) {
+    byteSym[b] = b;
+    endSym[b] = 256 + b;
+    text[b] = BYTE_ENCODER[b]!;
+    text[256 + b] = `${BYTE_ENCODER[b]!}</w>`;
+  }
+  const mask = PAIR_SLOTS - 1;
+  const keyL = new Int32Array(PAIR_SLOTS).fill(-1);
+  const keyR = new Int32Array(PAIR_SLOTS);
+  const val = new Int32Array(PAIR_SLOTS);
+  let used = 0;
+  const vocabIds: number[] = [];
+  return {
+    byteSym,
+    endSym,
+    rank(l, r) {
+      let i = Math.imul(Math.imul(l, 0x85ebca6b) ^ r, 0x9e3779b1) >>> (32 - PAIR_BITS);
+      for (; keyL[i] !== -1; i = (i + 1) & mask) if (keyL[i] === l && keyR[i] === r) return val[i]!;
+      if (used >= PAIR_SLOTS >> 1) {
+        keyL.fill(-1);
+        used = 0;
+        i = Math.imul(Math.imul(l, 0x85ebca6b) ^ r, 0x9e3779b1) >>> (32 - PAIR_BITS);
+      }
+      const v = ranks.get(`${text[l]!} ${text[r]!}`) ?? -1;
+      keyL[i] = l;
+      keyR[i] = r;
+      val[i] = v;
+      used++;
+      return v;
+    },
+    merged(rank, l, r) {
+      const s = 512 + rank;
+      text[s] ??= text[l]! + text[r]!;
+      return s;
+    },
+    vocabId(sym) {
+      return (vocabIds[sym] ??= vocab.get(text[sym]!) ?? unk);
+    },
+  };
 }
