@@ -400,7 +400,7 @@ export class ClipTokenizer {
 
   /**
    * The same merges as #bpe, for long words (a prompt may be one 10,000-character word: rescanning it per merge took
-   * ~0.8 s), on symbol ids rather than strings (pair keys built as strings took ~50 ms for such a word). The symbols
+   * ~0.8 s), on symbol ids rather than strings (pair keys built as strings took 8–50 ms for such a word). The symbols
    * form a linked list and every adjacent pair sits in a heap ordered by (rank, position). As in OpenAI's loop, each
    * step takes the lowest-ranked pair and merges all of its current occurrences left to right (an occurrence
    * overlapping one just merged is skipped); the pairs those merges create join the heap after the step. An entry is
@@ -508,7 +508,7 @@ const PAIR_SLOTS = 1 << PAIR_BITS;
  * the merge of rank r makes (a rank names one pair of strings, so one result; two ranks that make the same string give
  * two ids, and pairs are ranked by their strings all the same). A pair's rank is read from the merges by its string
  * once, then from an open-addressing cache of (left, right) → rank or -1, bounded however many distinct pairs hostile
- * words bring. Nothing is built from all 49k merges: the first long word costs no more than the next.
+ * words bring. Nothing is built from all 49k merges, so neither boot nor the first long word pays for a table.
  */
 function idMerges(ranks: ReadonlyMap<string, number>, vocab: Lookup, unk: number): IdMerges {
   const text: string[] = [];
