@@ -4,7 +4,6 @@
  * front of a real s3rver on loopback, which counts every PUT. Refusals still fail at once, a store that keeps failing
  * fails after a bounded number of attempts, and downloads (an s3:// input image) keep their single attempt.
  */
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
@@ -17,8 +16,8 @@ import { createOutputStore } from '../src/runtime/output.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
 import { multipartEtag, UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 import { CREDS, cleanUpS3, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
+import { runWarmupCli } from './helpers/warmup-cli.js';
 
-const CLI = path.resolve('dist/warmup/main.js');
 const MiB = 1 << 20;
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -28,19 +27,7 @@ const saved: Record<string, string | undefined> = {};
 /** Two files of three 5 MiB parts (5, 5, 1 MiB) and one small enough for a single PutObject. */
 const FILES: Record<string, Buffer> = { 'a.bin': detBytes(11 * MiB, 1), 'b.bin': detBytes(11 * MiB, 2), 'c.json': detBytes(1000, 3) };
 
-interface Run { code: number | null; stdout: string; stderr: string; ms: number }
-
-function cli(args: string[], env: Record<string, string>): Promise<Run> {
-  const t0 = performance.now();
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('close', (code) => resolve({ code, stdout, stderr, ms: performance.now() - t0 }));
-  });
-}
+const cli = runWarmupCli;
 
 beforeAll(async () => {
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'upload-retry-'));

@@ -11,9 +11,9 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { cleanUpS3, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, unfinishedUploads } from './helpers/s3.js';
+import { runWarmupCli, WARMUP_CLI as CLI } from './helpers/warmup-cli.js';
 import { until } from './helpers/server.js';
 
-const CLI = path.resolve('dist/warmup/main.js');
 let s3: S3Server;
 let proxy: FaultProxy;
 let tmp: string;
@@ -21,20 +21,7 @@ let local: string;
 /** Three 5 MiB parts each; S3_MAX_CONCURRENCY=16 pushes the four at once, each with its three parts in flight. */
 const FILES = ['a.bin', 'b.bin', 'c.bin', 'd.bin'];
 
-interface Run { code: number | null; stdout: string; stderr: string; ms: number }
-
-function cli(args: string[], env: Record<string, string>, onSpawn?: (kill: (s: NodeJS.Signals) => void) => void): Promise<Run> {
-  const t0 = performance.now();
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('close', (code) => resolve({ code, stdout, stderr, ms: performance.now() - t0 }));
-    onSpawn?.((s) => child.kill(s));
-  });
-}
+const cli = runWarmupCli;
 
 beforeAll(async () => {
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'push-abort-'));

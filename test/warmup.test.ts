@@ -1,4 +1,4 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -6,10 +6,10 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { JOURNAL } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
 import { cleanUpS3, detBytes, type FaultProxy, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
+import { runWarmupCli, WARMUP_CLI as CLI } from './helpers/warmup-cli.js';
 import { until } from './helpers/server.js';
 import { ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3';
 
-const CLI = path.resolve('dist/warmup/main.js');
 let s3: S3Server;
 let proxy: FaultProxy;
 let tmp: string;
@@ -24,19 +24,7 @@ const model: Record<string, Buffer> = {
 };
 const TOTAL = Object.values(model).reduce((s, b) => s + b.length, 0);
 
-interface Run { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }
-
-function cli(args: string[], env: Record<string, string>, onSpawn?: (kill: (s: NodeJS.Signals) => void) => void): Promise<Run> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
-    onSpawn?.((s) => child.kill(s));
-  });
-}
+const cli = runWarmupCli;
 
 const lastLine = (s: string) => s.trim().split('\n').filter((l) => !/NodeVersion|node >=22|versions published|updates to AWS|security updates|a\.co\/|trace-warnings/.test(l)).at(-1) ?? '';
 
