@@ -8,7 +8,6 @@
  */
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
-import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { deadline } from '../src/deadline.js';
@@ -16,8 +15,7 @@ import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
-import { backoffMs } from '../src/storage/plan.js';
-import { classify, permanentError } from '../src/storage/s3-errors.js';
+import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
@@ -124,7 +122,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const pushing = new Set(files);
   let stale: string[];
   try {
-    const listed = await retried(signal, () => listPrefix(s3.client, src.bucket, src.prefix, signal));
+    const listed = await retryTransient(() => listPrefix(s3.client, src.bucket, src.prefix, signal), TRIES, signal);
     stale = listed.map((o) => o.rel).filter((rel) => !pushing.has(rel) && !rel.startsWith('loras/'));
   } catch (e) {
     s3.destroy();
@@ -197,7 +195,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
       let left = stale.slice(i, i + 1000).map((rel) => src.prefix + rel);
       try {
         // A key S3 could not delete this time (InternalError, SlowDown) is asked for again; any other failure is final.
-        await retried(signal, async () => {
+        await retryTransient(async () => {
           const r = await s3.client.send(new DeleteObjectsCommand({ Bucket: src.bucket, Delete: { Objects: left.map((Key) => ({ Key })), Quiet: true } }), { abortSignal: signal });
           const failed = r.Errors ?? [];
           if (failed.length === 0) return;
@@ -205,7 +203,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           // Named as S3 names it (AccessDenied, InternalError, …): the first that retrying cannot fix, else the first.
           const worst = failed.find((f) => classify({ name: f.Code }) !== 'transient') ?? failed[0]!;
           throw Object.assign(new Error(worst.Message ?? 'delete failed'), { name: worst.Code ?? 'InternalError' });
-        });
+        }, TRIES, signal);
       } catch (e) {
         if (signal.aborted) throw e;
         const p = permanentError(e, src.bucket, left[0], 'delete');
@@ -304,6 +302,9 @@ async function cache(args: string[]): Promise<void> {
   process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash)} MB${trash > 0 ? ` (${mb(trash)} MB of it left by an interrupted removal)` : ''}${dryRun ? ' (dry run)' : ''}\n`);
 }
 
+/** Tries of the push's listing and of each batch of deletes, transient errors retried with the fill's backoff. */
+const TRIES = 5;
+
 /** How long a stopped push may spend aborting the multipart uploads it leaves unfinished (a Job's grace period is 30 s). */
 const ABORT_MS = 10_000;
 
@@ -320,7 +321,7 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
   const [{ AbortMultipartUploadCommand }, { createS3 }] = await Promise.all([import('@aws-sdk/client-s3'), import('../src/storage/s3-sdk.js')]);
   const client = createS3(cfg.s3, open.length);
   const total = deadline(undefined, ABORT_MS);
-  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retried(total.signal, async () => {
+  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retryTransient(async () => {
     const one = deadline(total.signal, 5_000);
     try {
       await client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: one.signal });
@@ -330,7 +331,7 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
     } finally {
       one.clear();
     }
-  }, 8)));
+  }, 8, total.signal)));
   total.clear();
   client.destroy();
   const names = (which: 'fulfilled' | 'rejected') => open.filter((_, i) => got[i]!.status === which).map(([, key]) => key.slice(src.prefix.length));
@@ -343,20 +344,6 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
     process.stderr.write(`push: could not abort the multipart uploads of ${left.length} file(s) under s3://${src.bucket}/${src.prefix} (${shown(left)}): `
       + `${why?.name ?? 'Error'}; their parts are billed until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule `
       + '(AbortIncompleteMultipartUpload) removes them\n');
-  }
-}
-
-/** `fn` again after a transient S3 error (a 5xx, SlowDown, a reset), a few times with backoff, as a fill retries. */
-async function retried<T>(signal: AbortSignal, fn: () => Promise<T>, attempts = 5): Promise<T> {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      return await fn();
-    } catch (e) {
-      if (signal.aborted || classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
-      // Woken by the signal: a bound on the retries (abortUnfinished's) holds, not one backoff more.
-      await sleep(backoffMs(attempt), undefined, { signal }).catch(() => undefined);
-      if (signal.aborted) throw e;
-    }
   }
 }
 

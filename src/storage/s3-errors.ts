@@ -2,9 +2,10 @@
  * @module What an S3 failure means, without the AWS SDK: classification into retry / denied / missing / changed, and
  * the RuntimeError an operator reads. Shared by both transports (s3-sdk.ts, s3-lite.ts), whose errors are shaped alike.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
-import { RETRY } from './plan.js';
+import { backoffMs, RETRY } from './plan.js';
 
 export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'tls' | 'fatal';
 
@@ -101,6 +102,23 @@ export function classify(err: unknown): ErrorKind {
   if (status !== undefined && status >= 400 && status < 500) return 'fatal';
   // No HTTP status: a socket-level failure (reset, refused, TLS hiccup) that a new connection may fix.
   return 'transient';
+}
+
+/**
+ * `fn` again after an error classify() calls transient (a 5xx, SlowDown, a reset), up to `attempts` tries in all, with
+ * the fill's full-jitter backoff between them. A `signal` that aborts ends the wait, and the last error is thrown: a
+ * bound on the retries holds, not one backoff more.
+ */
+export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, attempts: number, signal?: AbortSignal): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fn(attempt);
+    } catch (e) {
+      if (signal?.aborted || classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
+      await sleep(backoffMs(attempt), undefined, signal ? { signal } : {}).catch(() => undefined);
+      if (signal?.aborted) throw e;
+    }
+  }
 }
 
 /** The S3 error's code (NoSuchKey, AccessDenied, …), else the HTTP status: what error messages name, never credentials. */

@@ -7,8 +7,7 @@
 import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
-import { backoffMs } from './plan.js';
-import { classify } from './s3-errors.js';
+import { retryTransient } from './s3-errors.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
@@ -39,7 +38,7 @@ export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     if (!UPLOAD_COMMANDS.has(command)) return next(args);
-    for (let attempt = 0; ; attempt++) {
+    return retryTransient(async (attempt) => {
       try {
         return await next(args);
       } catch (e) {
@@ -47,10 +46,9 @@ export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void
         if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
           return { output: await completedAlready(client, args.input as CompleteInput, e), response: undefined };
         }
-        if (classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
-        await new Promise((r) => setTimeout(r, backoffMs(attempt)));
+        throw e;
       }
-    }
+    }, attempts);
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
 }
 
