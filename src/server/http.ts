@@ -48,7 +48,7 @@ export function jsonText(b: Uint8Array): string {
  * Offset of the first byte that does not begin a well-formed UTF-8 sequence (Unicode 3.9 table 3-7: no overlong form,
  * no surrogate, nothing past U+10FFFF), or of a sequence cut short; only run once the decoder has refused the body.
  */
-export function firstInvalidUtf8(b: Uint8Array): number {
+function firstInvalidUtf8(b: Uint8Array): number {
   for (let i = 0; i < b.length; ) {
     const x = b[i]!;
     if (x < 0x80) {

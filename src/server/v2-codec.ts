@@ -95,7 +95,6 @@ const brief = (v: unknown): string => {
   return j.length > 60 ? `${j.slice(0, 60)}…` : j;
 };
 
-/** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
 /** Where the JSON value at the start of `b` ends (bytes) when more follows it; undefined where it does not parse as far. */
 function jsonEnd(b: Buffer): number | undefined {
   const text = b.toString('utf8');
@@ -108,6 +107,7 @@ function jsonEnd(b: Buffer): number | undefined {
   return undefined;
 }
 
+/** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
 function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { header: unknown; binary: Buffer | undefined } {
   const raw = headers['inference-header-content-length'];
   if (raw === undefined) {
