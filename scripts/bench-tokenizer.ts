@@ -7,21 +7,12 @@
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
+import { BYTE_ENCODER, ClipTokenizer, MERGE_LINES_END } from '../src/pipeline/tokenizer.js';
 
 const n = Number(process.env.BENCH_N ?? 200);
 const assets = path.resolve(import.meta.dirname, '..', '..', 'src', 'demo', 'assets');
 const vocab = JSON.parse(readFileSync(path.join(assets, 'vocab.json'), 'utf8')) as Record<string, number>;
 const mergesText = readFileSync(path.join(assets, 'merges.txt'), 'utf8');
-
-/** GPT-2's byte → character table, as src/pipeline/tokenizer.ts builds it. */
-const BYTE_ENCODER = (() => {
-  const table: string[] = new Array<string>(256);
-  for (let b = 0; b < 256; b++) if ((b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff)) table[b] = String.fromCodePoint(b);
-  let k = 0;
-  for (let b = 0; b < 256; b++) if (table[b] === undefined) table[b] = String.fromCodePoint(256 + k++);
-  return table;
-})();
 
 /** The long-word path before: pair keys as strings (`${a} ${b}`), symbols merged as strings, a heap of arrays. */
 function oldWord(word: string, ranks: Map<string, number>, unk: number): number[] {
@@ -128,7 +119,7 @@ const fmt = (v: number) => (v >= 1000 ? `${(v / 1000).toFixed(2)} ms` : `${v.toF
 function main(): void {
   const tok = ClipTokenizer.fromData(vocab, mergesText);
   const ranks = new Map<string, number>();
-  const pairs = mergesText.trim().split('\n').slice(1, 49152 - 256 - 2 + 1);
+  const pairs = mergesText.trim().split('\n').slice(1, MERGE_LINES_END);
   for (let i = 0; i < pairs.length; i++) ranks.set(pairs[i]!, i);
   const unk = vocab['<|endoftext|>']!;
 

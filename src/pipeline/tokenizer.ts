@@ -18,7 +18,7 @@ const DEFAULT_MAX_LENGTH = 77;
 /** Words up to this many UTF-16 units are cached (#word): dictionary words are far shorter. */
 const MAX_CACHED_WORD = 64;
 /** HF and OpenAI read merges.txt lines [1, 49152 - 256 - 2 + 1): the rest of the file is never used. */
-const MERGE_LINES_END = 49152 - 256 - 2 + 1;
+export const MERGE_LINES_END = 49152 - 256 - 2 + 1;
 
 /** GPT-2's reversible byte → printable character table. */
 function bytesToUnicode(): string[] {
@@ -34,7 +34,7 @@ function bytesToUnicode(): string[] {
   }
   return table;
 }
-const BYTE_ENCODER = bytesToUnicode();
+export const BYTE_ENCODER = bytesToUnicode();
 
 /**
  * The whitespace of the reference's `regex` module (`\s` in whitespace_clean and in SPLIT's last class). JS's `\s`
