@@ -5,6 +5,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { until } from './helpers/server.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -223,6 +224,57 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     const forbidden = await rejection(resolveModel('s3://models/big', { cfg: cfgFor(cache), log }));
     expect([forbidden.code, forbidden.message]).toEqual(['STORAGE_DENIED', expect.stringMatching(/access denied to list s3:\/\/models\/big\/ \(AccessDenied\)/)]);
     expect(await fsp.readdir(cache)).toEqual([]);
+  });
+
+  it('retries a LIST that S3 answers 503 or 500, after a backoff; one that keeps failing gives up after S3_MAX_ATTEMPTS tries', async () => {
+    await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
+    proxy.faults = { failLists: { count: 2, status: 503, code: 'SlowDown' } };
+    let lists = proxy.stats.lists;
+    const r = await resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3' }), log });
+    expect(r).toMatchObject({ fromCache: false, files: 1 });
+    // Two refused, the third answered; then the listing after the download.
+    expect(proxy.stats.lists - lists).toBe(4);
+    // The backoff waits at least 20 ms (Date.now() rounds each stamp down).
+    const at = proxy.stats.listAt.slice(lists, lists + 3);
+    expect([at[1]! - at[0]!, at[2]! - at[1]!].every((gap) => gap >= 19), String(at)).toBe(true);
+
+    proxy.faults = { failLists: { count: 1_000, status: 500, code: 'InternalError' } };
+    lists = proxy.stats.lists;
+    const err = await rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3' }), log }));
+    expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list (3 attempts) s3://models/listed/: InternalError (gave up after retries)']);
+    expect(proxy.stats.lists - lists).toBe(3);
+  });
+
+  it('the ETag check of a committed entry: a LIST left unanswered is tried once more, then the entry is served as is', async () => {
+    await seed('held/', { 'a.bin': detBytes(5_000, 42) });
+    const cache = await newCache();
+    await resolveModel('s3://models/held', { cfg: cfgFor(cache), log });
+    let answer!: () => void;
+    proxy.faults = { holdLists: new Promise<void>((r) => (answer = r)) };
+    const lists = proxy.stats.lists;
+    try {
+      const hit = await resolveModel('s3://models/held', { cfg: cfgFor(cache), log, hitCheckTimeoutMs: 200 });
+      expect(hit).toMatchObject({ fromCache: true, stale: true });
+      expect(proxy.stats.lists - lists).toBe(2);
+    } finally {
+      answer();
+    }
+  });
+
+  it('an abort between LIST retries ends the fetch as cancelled, with no LIST after it', async () => {
+    await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
+    const cache = await newCache();
+    proxy.faults = { failLists: { count: 1_000, status: 503, code: 'SlowDown' } };
+    const lists = proxy.stats.lists;
+    const ac = new AbortController();
+    const p = rejection(resolveModel('s3://models/listed', { cfg: cfgFor(cache, { S3_MAX_ATTEMPTS: '100' }), log, signal: ac.signal }));
+    await until(() => proxy.stats.lists - lists >= 3);
+    ac.abort();
+    const atAbort = proxy.stats.lists;
+    const err = await p;
+    expect([err.code, err.message]).toEqual(['CANCELLED', 'model fetch of s3://models/listed/ cancelled; the cache entry stays uncommitted and resumes next time']);
+    expect(proxy.stats.lists).toBe(atAbort);
+    expect((await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'))).toEqual([]);
   });
 
   it('an abort mid-download leaves no committed entry, and the next run resumes and completes', async () => {
