@@ -22,8 +22,7 @@ import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { backoffMs } from './plan.js';
-import { classify, permanentError } from './s3-errors.js';
+import { classify, permanentError, retryTransient } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
@@ -349,23 +348,29 @@ class S3Fetch {
     }
   }
 
-  /** Lists the prefix, retrying what may pass; an answer the transport may have caused goes up at once (resolveModel). */
+  /**
+   * Lists the prefix, retrying what may pass, a try cut short by its own deadline included (classify: aborted; the
+   * fetch's abort ends the retries before that is asked); an answer the transport may have caused goes up at once
+   * (resolveModel).
+   */
   private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
     const transport = await this.transport!;
-    for (let attempt = 1; ; attempt++) {
-      const d = deadline(this.signal, timeoutMs);
-      try {
-        return await transport.list({ prefix: this.prefix, signal: d.signal });
-      } catch (e) {
-        this.signal.throwIfAborted();
-        if (sdkMightDiffer(e)) throw e;
-        const kind = classify(e);
-        if (kind !== 'transient' && kind !== 'aborted') throw permanentError(e, this.bucket, this.prefix || undefined, 'list');
-        if (attempt >= attempts) throw permanentError(e, this.bucket, this.prefix || undefined, `list (${attempt} attempts)`);
-        await new Promise((r) => setTimeout(r, backoffMs(attempt - 1)));
-      } finally {
-        d.clear();
-      }
+    const retried = (e: unknown) => !sdkMightDiffer(e) && ['transient', 'aborted'].includes(classify(e));
+    let tries = 0;
+    try {
+      return await retryTransient(async () => {
+        tries++;
+        const d = deadline(this.signal, timeoutMs);
+        try {
+          return await transport.list({ prefix: this.prefix, signal: d.signal });
+        } finally {
+          d.clear();
+        }
+      }, attempts, this.signal, retried);
+    } catch (e) {
+      this.signal.throwIfAborted();
+      if (sdkMightDiffer(e)) throw e;
+      throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${tries} attempts)` : 'list');
     }
   }
 

@@ -105,16 +105,17 @@ export function classify(err: unknown): ErrorKind {
 }
 
 /**
- * `fn` again after an error classify() calls transient (a 5xx, SlowDown, a reset), up to `attempts` tries in all, with
- * the fill's full-jitter backoff between them. A `signal` that aborts ends the wait, and the last error is thrown: a
- * bound on the retries holds, not one backoff more.
+ * `fn` again after an error classify() calls transient (a 5xx, SlowDown, a reset), or that `retried` accepts instead,
+ * up to `attempts` tries in all, with the fill's full-jitter backoff between them. A `signal` that aborts ends the
+ * wait, and the last error is thrown: a bound on the retries holds, not one backoff more.
  */
-export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, attempts: number, signal?: AbortSignal): Promise<T> {
+export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, attempts: number, signal?: AbortSignal,
+  retried: (e: unknown) => boolean = (e) => classify(e) === 'transient'): Promise<T> {
   for (let attempt = 0; ; attempt++) {
     try {
       return await fn(attempt);
     } catch (e) {
-      if (signal?.aborted || classify(e) !== 'transient' || attempt + 1 >= attempts) throw e;
+      if (signal?.aborted || !retried(e) || attempt + 1 >= attempts) throw e;
       await sleep(backoffMs(attempt), undefined, signal ? { signal } : {}).catch(() => undefined);
       if (signal?.aborted) throw e;
     }
