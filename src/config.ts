@@ -114,6 +114,11 @@ export interface Config {
    * whatever its credentials can.
    */
   readonly inputUriPrefixes: readonly S3Prefix[];
+  /**
+   * CORS_ALLOW_ORIGINS: the origins whose browser pages may call the server (src/server/cors.ts), as browsers send them
+   * (scheme://host[:port]), or `['*']` for any. Empty (unset): no CORS headers, as KServe's server.
+   */
+  readonly corsAllowOrigins: readonly string[];
 }
 
 export class ConfigError extends Error {
@@ -294,6 +299,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     loraMaxSets: int('LORA_MAX_SETS', 2, 0, 64),
     loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
     inputUriPrefixes: inputPrefixes('INPUT_URI_PREFIXES', raw('INPUT_URI_PREFIXES'), bad),
+    corsAllowOrigins: corsOrigins('CORS_ALLOW_ORIGINS', raw('CORS_ALLOW_ORIGINS'), bad),
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
     bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
@@ -372,6 +378,35 @@ function inputPrefixes(name: string, value: string | undefined, bad: string[]): 
     const p = parseS3Prefix(entry);
     if (typeof p === 'string') bad.push(`${name} entry ${JSON.stringify(maskUserInfo(entry).slice(0, 200))} ${p}`);
     else out.push(p);
+  }
+  return out;
+}
+
+/**
+ * Comma-separated origins, each as a browser serializes it in `Origin` (lower-case scheme and host, no default port),
+ * or `*` alone. An entry with a path (a trailing slash included) would never equal an `Origin`: refused, not ignored.
+ */
+function corsOrigins(name: string, value: string | undefined, bad: string[]): string[] {
+  if (value === undefined) return [];
+  const entries = value.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  if (entries.includes('*')) {
+    if (entries.length > 1) bad.push(`${name} is * (any origin) together with other entries: give * alone or the origins alone`);
+    return ['*'];
+  }
+  const out: string[] = [];
+  for (const entry of entries) {
+    const shown = JSON.stringify(maskUserInfo(entry).slice(0, 200));
+    let url: URL | undefined;
+    try {
+      url = new URL(entry);
+    } catch {
+      url = undefined;
+    }
+    if (url === undefined || (url.protocol !== 'http:' && url.protocol !== 'https:') || url.username !== '' || url.password !== '') {
+      bad.push(`${name} entry ${shown} is not an origin: write scheme://host[:port], e.g. https://app.example.com`);
+    } else if (!/^https?:\/\/[^/?#]+$/i.test(entry)) {
+      bad.push(`${name} entry ${shown} is not an origin: browsers send ${url.origin} (no path, query or trailing slash)`);
+    } else out.push(url.origin);
   }
   return out;
 }

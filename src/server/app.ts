@@ -3,13 +3,24 @@ import { RuntimeError } from '../errors.js';
 import { exposition } from '../metrics.js';
 import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
+import { corsHandler } from './cors.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
 
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
-const VERB_ROUTE = /^\/v1\/models\/[^/]*:[^/]*$/;
+
+/** `/v1/models/{target}`'s target, decoded segment by segment as the routes match it; undefined for other paths. */
+function v1Target(path: string): string | undefined {
+  const segs = path.split('/');
+  if (segs.length !== 4 || segs[0] !== '' || segs[1] !== 'v1' || segs[2] !== 'models') return undefined;
+  try {
+    return decodeURIComponent(segs[3]!);
+  } catch {
+    return segs[3];
+  }
+}
 
 /** Copies the server's connection counts into the metrics; called at each scrape. */
 function connectionMetrics(base: BaseServer, ctx: ServerContext): () => void {
@@ -71,13 +82,21 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   registerV2(app, ctx, opts);
   registerWs(app, ctx, opts);
 
+  // `/v1/models/{name}:verb` also matches the GET status route's pattern, which refuses it: POST only. And
+  // `/v1/models/{name}` the POST route's, which refuses it (no verb): GET and HEAD only. Matched as the routes match, decoded.
+  const allowed = (path: string) => {
+    const target = v1Target(path);
+    if (target === undefined) return base.allowed(path);
+    return base.allowed(path).filter((m) => (target.includes(':') ? m === 'POST' : m !== 'POST'));
+  };
+  base.setCors(corsHandler(ctx.cfg.corsAllowOrigins, allowed));
+
   // A path some route answers, asked with another method: 405 with the methods it takes in `Allow` (RFC 9110 15.5.6);
   // a path no route answers: 404 whatever the method (as KServe's FastAPI server). JSON bodies either way.
   base.setFallback(
     route((r) => {
       const path = r.url;
-      // `/v1/models/{name}:verb` also matches the GET status route's pattern, which refuses it: POST only.
-      const allow = base.allowed(path).filter((m) => !(VERB_ROUTE.test(path) && (m === 'GET' || m === 'HEAD')));
+      const allow = allowed(path);
       if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
       throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`, { allow });
     }, opts),

@@ -13,6 +13,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { descriptorLimit, unloadedCode } from '../descriptors.js';
 import { httpStatus, type HttpErrorCode } from '../errors.js';
+import type { CorsHandler } from './cors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse, params: string[]) => void;
@@ -35,6 +36,8 @@ export interface BaseServer {
   setFallback(h: RouteHandler): void;
   /** The methods `path` answers (HEAD wherever GET is), for a 405's `Allow` (OPTIONS is a 405 too); empty if none. */
   allowed(path: string): string[];
+  /** Cross-origin headers and preflights (cors.ts); none before the runtime attaches, nor when CORS_ALLOW_ORIGINS is unset. */
+  setCors(h: CorsHandler | undefined): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
   /** Closes every connection still open (after the drain). */
@@ -327,6 +330,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   };
 
   let open = true;
+  let cors: CorsHandler | undefined;
 
   const fdLimit = descriptorLimit();
   const maxConnections = opts.maxConnections ?? autoMaxConnections(fdLimit);
@@ -393,8 +397,10 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       if (req.rawHeaders.length / 2 > MAX_HEADER_FIELDS) return refuse('HEADERS_TOO_LARGE', `too many header fields (at most ${MAX_HEADER_FIELDS})`);
       // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400. HTTP/1.0 has no Host requirement and is served.
       if (req.httpVersion === '1.1' && req.headers.host === undefined) return refuse('INVALID_INPUT', 'malformed HTTP request: an HTTP/1.1 request needs a Host header');
+      const path = pathOf(req.url);
+      if (cors?.(req, res, path)) return;
       // RFC 9110 9.3.2: HEAD is GET without the body (Node's response writes the headers only for a HEAD request).
-      const hit = routes.match(req.method === 'HEAD' ? 'GET' : (req.method ?? 'GET'), pathOf(req.url));
+      const hit = routes.match(req.method === 'HEAD' ? 'GET' : (req.method ?? 'GET'), path);
       if (hit) hit.h(req, res, hit.params);
       else fallback(req, res, []);
     },
@@ -500,6 +506,9 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
         allowed: (path) => {
           const methods = routes.methods(path);
           return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
+        },
+        setCors: (h) => {
+          cors = h;
         },
         closeListener: () => {
           if (!open) return;

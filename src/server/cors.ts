@@ -1,0 +1,54 @@
+/**
+ * @module Cross-origin requests from browser pages (CORS_ALLOW_ORIGINS). Off unless set, as in KServe's own server:
+ * then no CORS header is sent and OPTIONS is a 405. Set, a request from an allowed origin gets
+ * `Access-Control-Allow-Origin` on every answer (errors too, so a page can read why it was refused), and a preflight
+ * to a path some route answers gets 204 with the methods that path takes.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+
+/** Answers what it must (a preflight) and returns true; otherwise sets its headers, if any, and returns false. */
+export type CorsHandler = (req: IncomingMessage, res: ServerResponse, path: string) => boolean;
+
+/** Response headers a page may read besides the CORS-safelisted ones (content-type, content-length, …). */
+const EXPOSED = 'retry-after, allow, inference-header-content-length';
+/** How long a browser may reuse a preflight's answer (browsers cap it: Chromium at 2 h, Firefox at 24 h). */
+const MAX_AGE_S = 600;
+/** `Access-Control-Request-Headers` as browsers send it: field names, comma-separated, lower-case. */
+const FIELD_NAMES = /^[!#$%&'*+.^_`|~0-9a-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9a-z-]+)*$/i;
+
+/**
+ * `origins`: the origins allowed (as browsers send them in `Origin`: scheme://host[:port]), or `['*']` for any.
+ * `allowed(path)`: the methods some route answers on `path` (empty: none).
+ */
+export function corsHandler(origins: readonly string[], allowed: (path: string) => string[]): CorsHandler | undefined {
+  if (origins.length === 0) return undefined;
+  const any = origins.includes('*');
+  const set = new Set(origins);
+  return (req, res, path) => {
+    const origin = req.headers.origin;
+    if (origin === undefined || (!any && !set.has(origin))) return false;
+    res.setHeader('access-control-allow-origin', any ? '*' : origin);
+    // Caches in between must not serve one origin's answer to another.
+    if (!any) res.setHeader('vary', 'origin');
+    const method = req.headers['access-control-request-method'];
+    if (req.method !== 'OPTIONS' || method === undefined) {
+      res.setHeader('access-control-expose-headers', EXPOSED);
+      return false;
+    }
+    const methods = allowed(path);
+    // A preflight to a path nothing answers is answered as any request there would be (404).
+    if (methods.length === 0) return false;
+    const headers: Record<string, string | number> = {
+      'access-control-allow-methods': methods.join(', '),
+      'access-control-max-age': MAX_AGE_S,
+      'content-length': 0,
+    };
+    const asked = req.headers['access-control-request-headers']?.trim();
+    if (asked && FIELD_NAMES.test(asked)) headers['access-control-allow-headers'] = asked;
+    // The answer echoes the headers asked for: a cache must key it on them too.
+    headers.vary = `${any ? '' : 'origin, '}access-control-request-method, access-control-request-headers`;
+    // The methods the path takes, whatever was asked: the browser refuses one not among them and says so.
+    res.writeHead(204, headers).end();
+    return true;
+  };
+}
