@@ -73,6 +73,22 @@ describe('a push that fails part-way', () => {
     expect(await keys(prefix)).toEqual([]);
   }, 60_000);
 
+  it('an abort the store leaves unanswered is tried again once its 5 s are up, within the 10 s bound', async () => {
+    const prefix = 'sd/stall/';
+    const { release, ready } = holdOthers(prefix);
+    // The push's first abort of b, c and d hangs; a's (the SDK's own, answered) is not held.
+    proxy.faults.stallAborts = { keys: new RegExp(`^${prefix}[bcd]\\.bin$`), count: 3 };
+    proxy.faults.failParts = { keys: new RegExp(`^${prefix}a\\.bin$`), status: 500, code: 'InternalError', after: ready };
+    const r = await cli(['push', local, `s3://models/${prefix}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '16' }));
+    release();
+    expect(r.code, r.stderr).toBe(1);
+    expect(proxy.faults.stallAborts?.count).toBe(0);
+    expect(created(prefix)).toHaveLength(4);
+    // Before: the timed-out attempt (an AbortError) was not retried, and b, c and d were left, 5 s after the stop.
+    expect(left(prefix)).toEqual([]);
+    expect(r.stderr).not.toContain('could not abort');
+  }, 60_000);
+
   it('stopped by SIGTERM mid-upload: exits 143 with every upload aborted', async () => {
     const prefix = 'sd/term/';
     const { release, ready } = holdOthers(prefix);

@@ -326,6 +326,8 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
     try {
       await client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: one.signal });
     } catch (e) {
+      // An attempt the store left unanswered: the SDK's AbortError would end the retries, so its TimeoutError is thrown.
+      if (one.timedOut) throw one.signal.reason;
       // Gone already: completed just before the push stopped, or aborted by the SDK itself.
       if ((e as Error)?.name !== 'NoSuchUpload') throw e;
     } finally {

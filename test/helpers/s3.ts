@@ -138,6 +138,8 @@ export interface Faults {
   abortUploads?: boolean;
   /** With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in trouble). */
   failAborts?: { count: number };
+  /** With abortUploads: leave the next `count` AbortMultipartUpload requests of keys matching `keys` unanswered (a store that hangs). */
+  stallAborts?: { keys: RegExp; count: number };
   /**
    * PUTs of objects and parts whose key matches `keys`, numbered from 1 as they arrive (retries too): the n-th is
    * answered as `at[n]` says, every one as `every` says: a status with an S3 error code, or 'reset' (the body read,
@@ -236,6 +238,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       if (f.failAborts && f.failAborts.count > 0) {
         f.failAborts.count--;
         res.writeHead(500, { 'content-type': 'application/xml' }).end(s3Error('InternalError'));
+        return;
+      }
+      if (f.stallAborts && f.stallAborts.count > 0 && f.stallAborts.keys.test(objectKey)) {
+        f.stallAborts.count--;
         return;
       }
       stats.multipart.aborted.push(decodeURIComponent(uploadId));
