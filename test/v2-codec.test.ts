@@ -97,6 +97,10 @@ describe('V2 codec: requests', () => {
     // A header that is itself not UTF-8 still says so.
     const latin1 = Buffer.concat([Buffer.from('{"inputs":"caf'), Buffer.from([0xe9]), Buffer.from('"}')]);
     expect(() => parseInferRequest({ 'inference-header-content-length': String(latin1.length) }, latin1)).toThrow(/invalid UTF-8 at byte 14/);
+    // Both at once: the header's bad byte is named, not a JSON end counted on U+FFFD's three bytes (before: "counts past
+    // the end of the JSON header, which ends at byte 19", for a length of 19 and a header of 17 bytes).
+    const both = Buffer.concat([latin1, png]);
+    expect(() => parseInferRequest({ 'inference-header-content-length': String(latin1.length + 2) }, both)).toThrow(/invalid UTF-8 at byte 14/);
   });
 
   it('refuses binary data holding more elements than the shape by its size, without decoding them one by one', () => {

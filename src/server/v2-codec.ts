@@ -95,14 +95,24 @@ const brief = (v: unknown): string => {
   return j.length > 60 ? `${j.slice(0, 60)}…` : j;
 };
 
-/** Where the JSON value at the start of `b` ends (bytes) when more follows it; undefined where it does not parse as far. */
+/**
+ * Where the JSON value at the start of `b` ends (bytes) when more follows it; undefined where it does not parse as far,
+ * or where the value itself is not UTF-8 (then that is the problem, and its U+FFFD would miscount the bytes).
+ */
 function jsonEnd(b: Buffer): number | undefined {
   const text = b.toString('utf8');
   try {
     JSON.parse(text);
   } catch (e) {
     const at = /after JSON at position (\d+)/.exec((e as Error).message)?.[1];
-    if (at !== undefined) return Buffer.byteLength(text.slice(0, Number(at)));
+    if (at === undefined) return undefined;
+    const end = Buffer.byteLength(text.slice(0, Number(at)));
+    try {
+      jsonText(b.subarray(0, end));
+      return end;
+    } catch {
+      return undefined;
+    }
   }
   return undefined;
 }
