@@ -17,6 +17,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
+import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
@@ -160,7 +161,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         const onHalt = () => void up.abort();
         halt.signal.addEventListener('abort', onHalt, { once: true });
         try {
-          await up.done();
+          await uploadingUntil(halt.signal, () => up.done());
         } catch (e) {
           if (halt.signal.aborted) throw e;
           throw explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);

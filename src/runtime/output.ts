@@ -8,6 +8,7 @@ import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
+import { uploadingUntil } from '../storage/upload-signal.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 
 export interface OutputStore {
@@ -52,7 +53,8 @@ export function createOutputStore(s3: RequestS3): OutputStore {
           const onAbort = () => void up.abort().catch(() => undefined);
           signal?.addEventListener('abort', onAbort, { once: true });
           try {
-            await up.done();
+            // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
+            await uploadingUntil(signal, () => up.done());
           } catch (err) {
             throw uploadError(err, bucket, keys[i]!, note);
           } finally {

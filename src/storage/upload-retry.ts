@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import { retryTransient } from './s3-errors.js';
+import { uploadSignal } from './upload-signal.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
@@ -32,12 +33,15 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
  * Makes `client` send each upload request up to `attempts` times, with the fill's full-jitter backoff; every other
  * command keeps its single attempt. Only errors classify() calls transient are retried: a denial or a missing bucket
  * fails at once. It wraps every other middleware of the initialize step, so each attempt is signed afresh and
- * passes trackUploads (multipart.ts), whose stop ends the retries too.
+ * passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
+ * (upload-signal.ts): lib-storage gives its commands none.
  */
 export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void {
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     if (!UPLOAD_COMMANDS.has(command)) return next(args);
+    const signal = uploadSignal();
+    if (signal?.aborted) throw Object.assign(new Error('the upload was cancelled'), { name: 'AbortError' });
     return retryTransient(async (attempt) => {
       try {
         return await next(args);
@@ -48,7 +52,7 @@ export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void
         }
         throw e;
       }
-    }, attempts);
+    }, attempts, signal);
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
 }
 
