@@ -2,12 +2,14 @@
  * Uploads ride out a transient S3 error (a 500, a 503 SlowDown, a reset) on one of their requests: the warm-up CLI's
  * push (a real CLI process) and output_uri (the runtime's request client and output store), through the fault proxy in
  * front of a real s3rver on loopback, which counts every PUT. Refusals still fail at once, a store that keeps failing
- * fails after a bounded number of attempts, and downloads (an s3:// input image) keep their single attempt.
+ * fails after a bounded number of attempts, an upload cancelled mid-retry sends nothing more (test/upload-cancel.test.ts
+ * has the server's side), and downloads (an s3:// input image) keep their single attempt.
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import type { EncodedImage } from '../src/runtime/engine.js';
@@ -16,6 +18,7 @@ import { createOutputStore } from '../src/runtime/output.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
 import { multipartEtag, UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 import { CREDS, cleanUpS3, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
+import { until } from './helpers/server.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const MiB = 1 << 20;
@@ -59,8 +62,8 @@ beforeEach(() => {
 const push = (prefix: string) => cli(['push', local, `s3://models/${prefix}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '4', S3_PART_SIZE: String(5 * MiB) }));
 const object = async (key: string) => Buffer.from(await (await s3.client.send(new GetObjectCommand({ Bucket: 'models', Key: key }))).Body!.transformToByteArray());
 const left = (prefix: string) => Object.values(unfinishedUploads(proxy)).filter((k) => k.startsWith(prefix));
-const png = (seed: number): EncodedImage => {
-  const b = detBytes(3000, seed);
+const png = (seed: number, bytes = 3000): EncodedImage => {
+  const b = detBytes(bytes, seed);
   return { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed, width: 8, height: 8, format: 'png' };
 };
 
@@ -155,6 +158,28 @@ describe('output_uri', () => {
       const denied = await rejection(out.upload('s3://models/out/denied.png', [png(4)]));
       expect(denied.code).toBe('STORAGE_DENIED');
       expect(proxy.stats.puts).toBe(1);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
+  it('an upload cancelled while its parts are retried: it fails CANCELLED, no part is sent again, and its multipart upload is aborted', async () => {
+    const { requestS3, out } = store();
+    try {
+      // 11 MiB: lib-storage sends it as three 5 MiB parts (5, 5, 1), all in flight at once.
+      proxy.faults = { abortUploads: true, failPuts: { keys: /^out\/big/, every: { status: 503, code: 'SlowDown' } } };
+      const ac = new AbortController();
+      const failed = rejection(out.upload('s3://models/out/big.png', [png(5, 11 * MiB)], ac.signal));
+      await until(() => proxy.stats.puts >= 3, 20_000, 2);
+      ac.abort();
+      const cancelled = proxy.stats.puts;
+      const err = await failed;
+      expect([err.code, err.message]).toEqual(['CANCELLED', 'output_uri: upload to s3://models/out/big.png cancelled']);
+      await until(() => Object.values(proxy.stats.multipart.created).includes('out/big.png') && left('out/big').length === 0, 10_000);
+      // Longer than the backoff of the attempts left (3 s at most): a part still due would be sent within it.
+      await sleep(3_500);
+      // At most one part each of the three may have been on its way as the upload was cancelled.
+      expect(proxy.stats.puts - cancelled).toBeLessThanOrEqual(3);
     } finally {
       requestS3.destroy();
     }

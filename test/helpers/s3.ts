@@ -143,9 +143,10 @@ export interface Faults {
   /**
    * PUTs of objects and parts whose key matches `keys`, numbered from 1 as they arrive (retries too): the n-th is
    * answered as `at[n]` says, every one as `every` says: a status with an S3 error code, or 'reset' (the body read,
-   * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults.
+   * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults. `delayMs`: each fault is
+   * answered that long after its body was read (a store slow to refuse).
    */
-  failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault };
+  failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault; delayMs?: number };
   /**
    * The next `count` CompleteMultipartUploads are carried out by the store, then their sockets destroyed unanswered; a
    * Complete of an upload already completed is answered 404 NoSuchUpload, as S3 does.
@@ -258,10 +259,17 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     if (req.method === 'PUT' && f.failPuts?.keys.test(objectKey)) stats.puts++;
     if (putFault !== undefined) {
       stats.putFaults++;
-      if (putFault === 'reset') req.resume().on('end', () => req.socket.destroy());
+      const delayMs = f.failPuts?.delayMs ?? 0;
+      const after = (fn: () => void) => (delayMs > 0 ? () => void setTimeout(fn, delayMs) : fn);
+      if (putFault === 'reset') req.resume().on('end', after(() => req.socket.destroy()));
       else {
-        req.resume();
-        res.writeHead(putFault.status, { 'content-type': 'application/xml' }).end(s3Error(putFault.code));
+        const { status, code } = putFault;
+        const answer = () => void res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
+        if (delayMs > 0) req.resume().on('end', after(answer));
+        else {
+          req.resume();
+          answer();
+        }
       }
       return;
     }

@@ -1,0 +1,79 @@
+/**
+ * A request whose output_uri upload is being retried (the store answers every PUT 503 SlowDown) and that is cancelled,
+ * by its client leaving or by REQUEST_TIMEOUT_S: the upload's retries stop with it. lib-storage gives the requests it
+ * sends no signal, and its abort() stopped none of them, so the runtime went on sending PUTs for up to ~3 s of backoff
+ * for a request already answered. A real server process, s3rver behind the fault proxy, which counts every PUT.
+ */
+import net from 'node:net';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { fixtureModel } from './fixtures/index.js';
+import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { postJson, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
+import { UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
+
+const tmp = tempDir('upload-cancel-');
+let s3: S3Server;
+let proxy: FaultProxy;
+let srv: ServerHandle;
+/** Longer than the upload's backoff in all (200 + 400 + 800 + 1600 ms at most, upload-retry.ts): a PUT still due would come within it. */
+const RETRIES_MS = 3_500;
+const SLOW_DOWN = { status: 503, code: 'SlowDown' };
+
+beforeAll(async () => {
+  const model = await fixtureModel();
+  s3 = await startS3(['out']);
+  proxy = await startFaultProxy(s3.port);
+  srv = await startServer({
+    ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'),
+    EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', REQUEST_TIMEOUT_S: '2',
+  }, { ready: true });
+}, 120_000);
+
+afterAll(async () => {
+  await srv?.stop();
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  tmp.cleanup();
+});
+
+const instance = (seed: number, uri: string) => ({ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed, output_uri: uri });
+const answered = (status: number) => (l: LogLine) => l.msg === 'inference request' && l.status === status;
+const troubles = (from: number) => srv.logs.slice(from).filter((l) => l.level === 'warn' || l.level === 'error' || l.level === 'fatal');
+
+it('a client that leaves while its upload backs off to retry: no PUT is sent after it left, and the request is logged 499', async () => {
+  proxy.faults = { failPuts: { keys: /^left\//, every: SLOW_DOWN } };
+  const puts0 = proxy.stats.puts;
+  const logs0 = srv.logs.length;
+  const body = JSON.stringify({ instances: [instance(1, 's3://out/left/fox.png')] });
+  const sock = net.connect(srv.port, '127.0.0.1', () => sock.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\n`
+    + `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
+  sock.on('error', () => undefined);
+  // The first PUT refused: the upload waits out its backoff before the next of its 5 attempts.
+  await until(() => proxy.stats.puts > puts0, 30_000, 2);
+  sock.destroy();
+  const left = proxy.stats.puts;
+  await until(() => srv.logs.slice(logs0).some(answered(499)), 10_000);
+  await sleep(RETRIES_MS);
+  // One PUT may have been on its way as the client left; none after it.
+  expect(proxy.stats.puts - left).toBeLessThanOrEqual(1);
+  expect(troubles(logs0)).toEqual([]);
+}, 60_000);
+
+it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT, and no PUT is sent after it', async () => {
+  // Each refusal takes a second, so that the 2 s timeout comes while attempts are left.
+  proxy.faults = { failPuts: { keys: /^late\//, every: SLOW_DOWN, delayMs: 1_000 } };
+  const puts0 = proxy.stats.puts;
+  const logs0 = srv.logs.length;
+  const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [instance(2, 's3://out/late/fox.png')] });
+  const timedOut = proxy.stats.puts;
+  expect([r.status, r.json]).toEqual([504, { error: 'the request took longer than REQUEST_TIMEOUT_S=2s and was stopped', code: 'TIMEOUT' }]);
+  // It timed out during the upload's attempts, not before them, nor after the last.
+  expect(timedOut - puts0).toBeGreaterThanOrEqual(1);
+  expect(timedOut - puts0).toBeLessThan(UPLOAD_ATTEMPTS);
+  await sleep(RETRIES_MS + 1_000);
+  expect(proxy.stats.puts - timedOut).toBeLessThanOrEqual(1);
+  expect(srv.logs.slice(logs0).filter(answered(504))).toHaveLength(1);
+  expect(troubles(logs0)).toEqual([]);
+}, 60_000);
