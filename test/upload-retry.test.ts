@@ -12,10 +12,13 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
 import type { EncodedImage } from '../src/runtime/engine.js';
 import { createImageSource } from '../src/runtime/image-source.js';
 import { createOutputStore } from '../src/runtime/output.js';
+import { trackUploads } from '../src/storage/multipart.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
+import { createS3 } from '../src/storage/s3-sdk.js';
 import { multipartEtag, UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 import { CREDS, cleanUpS3, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
 import { until } from './helpers/server.js';
@@ -120,6 +123,23 @@ describe('push', () => {
     const failed = await push(other);
     expect(failed.code, failed.stderr).toBe(1);
     expect(failed.stderr).toContain(`warmup: STORAGE_INCOMPLETE: s3://models/${other}a.bin: CompleteMultipartUpload was retried after an answer was lost, and S3 no longer knows the upload (NoSuchUpload) nor holds an object of its parts; upload it again`);
+  }, 60_000);
+
+  it('a Complete taken as done after its answer was lost is no longer counted unfinished, so a push stopped later does not name it as aborted', async () => {
+    const key = 'sd/lost-tracked/a.bin';
+    const parts = [FILES['a.bin']!.subarray(0, 5 * MiB), FILES['a.bin']!.subarray(5 * MiB, 10 * MiB), FILES['a.bin']!.subarray(10 * MiB)];
+    proxy.faults = { loseCompletes: { count: 1 }, objects: { [key]: { etag: multipartEtag(parts.map((p) => `"${createHash('md5').update(p).digest('hex')}"`))! } } };
+    // The client the push makes: retried uploads (createS3), and the tracker of what it has left unfinished.
+    const s3h = createS3(testConfig(proxy.endpoint, tmp).s3);
+    try {
+      const tracker = trackUploads(s3h.client);
+      await new Upload({ client: s3h.client, partSize: 5 * MiB, queueSize: 2, params: { Bucket: 'models', Key: key, Body: FILES['a.bin']! } }).done();
+      expect(proxy.faults.loseCompletes!.count).toBe(0);
+      expect(Object.values(proxy.stats.multipart.created)).toContain(key);
+      expect([...tracker.open.values()]).toEqual([]);
+    } finally {
+      s3h.destroy();
+    }
   }, 60_000);
 });
 

@@ -25,12 +25,18 @@ export function trackUploads(client: S3Client): UploadTracker {
     const input = args.input as { Key?: string; UploadId?: string };
     const create = context.commandName === 'CreateMultipartUploadCommand';
     if (create) creating++;
+    const ends = /^(Complete|Abort)MultipartUploadCommand$/.test(context.commandName ?? '');
     try {
       const out = await next(args);
       const id = create ? (out.output as { UploadId?: string }).UploadId : input.UploadId;
       if (create && id !== undefined) open.set(id, input.Key ?? '');
-      else if (id !== undefined && /^(Complete|Abort)MultipartUploadCommand$/.test(context.commandName ?? '')) open.delete(id);
+      else if (id !== undefined && ends) open.delete(id);
       return out;
+    } catch (e) {
+      // The store no longer knows the upload (a retried Complete whose first answer was lost, which upload-retry.ts
+      // may take as done): there is nothing left to abort, nor to name as aborted.
+      if (ends && input.UploadId !== undefined && (e as Error)?.name === 'NoSuchUpload') open.delete(input.UploadId);
+      throw e;
     } finally {
       if (create && --creating === 0) idle?.();
     }
