@@ -94,6 +94,10 @@ describe('V2 codec: requests', () => {
       expect(() => parseInferRequest({ 'inference-header-content-length': String(n + more) }, body))
         .toThrow(`inference-header-content-length (${n + more}) counts past the end of the JSON header, which ends at byte ${n}; send the JSON header's length in bytes`);
     }
+    // After a byte order mark (skipped when the header parses), the end counts it.
+    const bom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), body]);
+    expect(() => parseInferRequest({ 'inference-header-content-length': String(n + 3 + 5) }, bom))
+      .toThrow(`inference-header-content-length (${n + 8}) counts past the end of the JSON header, which ends at byte ${n + 3}; send the JSON header's length in bytes`);
     // A header that is itself not UTF-8 still says so.
     const latin1 = Buffer.concat([Buffer.from('{"inputs":"caf'), Buffer.from([0xe9]), Buffer.from('"}')]);
     expect(() => parseInferRequest({ 'inference-header-content-length': String(latin1.length) }, latin1)).toThrow(/invalid UTF-8 at byte 14/);

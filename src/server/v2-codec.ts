@@ -100,13 +100,15 @@ const brief = (v: unknown): string => {
  * or where the value itself is not UTF-8 (then that is the problem, and its U+FFFD would miscount the bytes).
  */
 function jsonEnd(b: Buffer): number | undefined {
-  const text = b.toString('utf8');
+  // A leading byte order mark, which jsonText skips, is no JSON to JSON.parse.
+  const bom = b[0] === 0xef && b[1] === 0xbb && b[2] === 0xbf ? 3 : 0;
+  const text = b.subarray(bom).toString('utf8');
   try {
     JSON.parse(text);
   } catch (e) {
     const at = /after JSON at position (\d+)/.exec((e as Error).message)?.[1];
     if (at === undefined) return undefined;
-    const end = Buffer.byteLength(text.slice(0, Number(at)));
+    const end = bom + Buffer.byteLength(text.slice(0, Number(at)));
     try {
       jsonText(b.subarray(0, end));
       return end;
