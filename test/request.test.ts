@@ -40,6 +40,12 @@ describe('parseInstances', () => {
     const sd15 = { ...defaults(SD15), sizeMultiple: 64 };
     expect(() => parse({ height: 520, width: 512 }, sd15)).toThrow('instances[0].height must be a multiple of 64 for this model (its exported UNet down-samples the latents by 8), got 520');
     expect(parse({ height: 576, width: 448 }, sd15)[0]!.shape).toMatchObject({ height: 576, width: 448 });
+    // Not a multiple of 8 either: the model's multiple is named at once, not 8 first and 64 on the next try.
+    expect(() => parse({ height: 512, width: 500 }, sd15)).toThrow('instances[0].width must be a multiple of 64 for this model (its exported UNet down-samples the latents by 8), got 500');
+    expect(() => parse({ height: 0, width: '512' }, sd15)).toThrow(
+      'instances[0].height must be a positive multiple of 64 up to 2048 for this model (its exported UNet down-samples the latents by 8), got 0; ' +
+        'instances[0].width must be a positive multiple of 64 up to 2048 for this model (its exported UNet down-samples the latents by 8), got "512"',
+    );
     // A model that does not say (or a UNet without down-sampling) takes any multiple of 8.
     expect(parse({ height: 520, width: 8 })[0]!.shape).toMatchObject({ height: 520, width: 8 });
   });

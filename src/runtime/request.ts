@@ -340,14 +340,16 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const size = (k: string, dflt: number): number => {
     if (!has(k)) return dflt;
     const v = inst[k];
-    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0 || v % 8 !== 0 || v > cfg.maxImageSize) {
-      bad.push(`${w}.${k} must be a positive multiple of 8 up to ${cfg.maxImageSize}, got ${show(v)}`);
+    // What diffusers' torch UNet pads around, an exported one cannot: a 500 from ONNX Runtime otherwise. The model's
+    // multiple is named at once, so a 500 is not answered "multiple of 8" and then a 504 "multiple of 64".
+    const m = defaults.sizeMultiple ?? 8;
+    const why = m > 8 ? ` for this model (its exported UNet down-samples the latents by ${m / 8})` : '';
+    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0 || v > cfg.maxImageSize || (m === 8 && v % 8 !== 0)) {
+      bad.push(`${w}.${k} must be a positive multiple of ${m} up to ${cfg.maxImageSize}${why}, got ${show(v)}`);
       return dflt;
     }
-    const m = defaults.sizeMultiple ?? 8;
     if (v % m !== 0) {
-      // What diffusers' torch UNet pads around, an exported one cannot: a 500 from ONNX Runtime otherwise.
-      bad.push(`${w}.${k} must be a multiple of ${m} for this model (its exported UNet down-samples the latents by ${m / 8}), got ${v}`);
+      bad.push(`${w}.${k} must be a multiple of ${m}${why}, got ${v}`);
       return dflt;
     }
     return v;
