@@ -581,7 +581,7 @@ describe('AUTOMATIC1111 field names', () => {
     const inputs = [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }, { name: 'cfg_scale', shape: [1], datatype: 'FP32', data: [7] }];
     const r1 = await postJson(`${srv.url}/v2/models/model/infer`, { inputs });
     expect(r1.status).toBe(400);
-    expect(String(r1.json.error)).toMatch(/^input cfg_scale is not a known field \(AUTOMATIC1111's name\); did you mean "guidance_scale"\?/);
+    expect(String(r1.json.error)).toMatch(/^input "cfg_scale" is not a known field \(AUTOMATIC1111's name\); did you mean "guidance_scale"\?/);
     const r2 = await postJson(`${srv.url}/v2/models/model/infer`, { inputs: inputs.slice(0, 1), parameters: { steps: 20, sampler_name: 'Euler a' } });
     expect(r2.status).toBe(400);
     expect(String(r2.json.error)).toMatch(/parameters\.steps is not a known field \(AUTOMATIC1111's name\); did you mean "num_inference_steps"\?/);

@@ -130,7 +130,7 @@ describe('V2 codec: requests', () => {
     const cases: Array<[{ name: string; datatype: string; shape: number[] }, string | RegExp]> = [
       [{ name: 'num_inference_steps', datatype: 'FP32', shape: [1] }, 'input "num_inference_steps" must have an integer datatype (INT32, INT64, …), got FP32'],
       [{ name: 'seed', datatype: 'INT32', shape: [2] }, 'input "seed": shape [2] holds 2 elements (8 bytes of INT32) but binary_data_size is 4 (1 elements)'],
-      [{ name: 'stepz', datatype: 'INT32', shape: [1] }, /^input stepz is not a known field; known fields: [a-z_, ]+$/],
+      [{ name: 'stepz', datatype: 'INT32', shape: [1] }, /^input "stepz" is not a known field; known fields: [a-z_, ]+$/],
     ];
     for (const [first, problem] of cases) {
       const { headers, body } = binaryBody([{ ...first, bytes: f32 }, prompt]);

@@ -198,7 +198,7 @@ describe('V2 infer', () => {
     ['prompt element not a string', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [1] }] }, /data\[0\] must be a string/],
     ['shape mismatch', { inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['x'] }] }, /holds 2 elements but data has 1/],
     ['negative dims', { inputs: [{ name: 'prompt', shape: [-10, -10], datatype: 'BYTES', data: ['x'] }] }, /^input "prompt": shape must be a list of non-negative integers$/],
-    ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /input colour is not a known field/],
+    ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /^input "colour" is not a known field; known fields: prompt, /],
     ['unknown datatype', { inputs: [{ name: 'prompt', shape: [1], datatype: 'STRING', data: ['x'] }] }, /datatype must be one of/],
     ['a value outside its integer datatype', { inputs: [prompt('x'), { name: 'num_inference_steps', shape: [1], datatype: 'INT8', data: [200] }] }, /^input "num_inference_steps": data\[0\] 200 is outside INT8's range, -128 to 127$/],
     ['a UINT64 seed past what a JSON number holds', { inputs: [prompt('x'), { name: 'seed', shape: [1], datatype: 'UINT64', data: [18446744073709551615] }] }, /^input "seed": data\[0\] 18446744073709552000 is outside UINT64's range, 0 to 9007199254740991 \(as a JSON number\)$/],

@@ -166,10 +166,13 @@ export function nearestField(name: string, known: readonly string[]): string | u
   return best !== undefined && bestD <= most ? best : undefined;
 }
 
-/** `<where>.<key> is not a known field; did you mean …?` (the same wording in V1, V2 and the WebSocket). */
-export function unknownField(where: string, key: string, known: readonly string[]): string {
+/**
+ * `<where>.<key> is not a known field; did you mean …?` (the same wording in V1, V2 and the WebSocket). `quoted`: the key
+ * is always shown in quotes, as a V2 input's name is everywhere else (`input "text"`, not `input text`).
+ */
+export function unknownField(where: string, key: string, known: readonly string[], quoted = false): string {
   const near = nearestField(key, known);
-  const shown = /^[A-Za-z_][A-Za-z0-9_]{0,39}$/.test(key) ? key : JSON.stringify(key.length > 40 ? `${key.slice(0, 40)}…` : key);
+  const shown = !quoted && /^[A-Za-z_][A-Za-z0-9_]{0,39}$/.test(key) ? key : JSON.stringify(key.length > 40 ? `${key.slice(0, 40)}…` : key);
   const from = Object.hasOwn(A1111_NAMES, key.toLowerCase()) ? " (AUTOMATIC1111's name)" : '';
   return near !== undefined ? `${where}${shown} is not a known field${from}; did you mean "${near}"?` : `${where}${shown} is not a known field; known fields: ${known.join(', ')}`;
 }
@@ -181,8 +184,8 @@ export const MAX_LISTED_PROBLEMS = 20;
  * Adds unknownField's problem to `bad`. Past the problems an error lists, only a short line that is never shown: a 1 MB
  * body of 70,000 unknown keys cost 1.5 s of the main thread in spelling suggestions.
  */
-export function pushUnknownField(bad: string[], where: string, key: string, known: readonly string[]): void {
-  bad.push(bad.length < MAX_LISTED_PROBLEMS ? unknownField(where, key, known) : `${where}${JSON.stringify(key.slice(0, 40))} is not a known field`);
+export function pushUnknownField(bad: string[], where: string, key: string, known: readonly string[], quoted = false): void {
+  bad.push(bad.length < MAX_LISTED_PROBLEMS ? unknownField(where, key, known, quoted) : `${where}${JSON.stringify(key.slice(0, 40))} is not a known field`);
 }
 
 /** Joins problems for one error message: the first ones in full, then how many more there were. */

@@ -287,7 +287,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   const name = inp.name;
   if (typeof name !== 'string') return void problems.push(`${w}.name must be a string`);
   const wn = `input "${name}"`;
-  if (!Object.hasOwn(FIELDS, name)) return void pushUnknownField(problems, 'input ', name, Object.keys(FIELDS));
+  if (!Object.hasOwn(FIELDS, name)) return void pushUnknownField(problems, 'input ', name, Object.keys(FIELDS), true);
   const datatype = inp.datatype;
   if (typeof datatype !== 'string' || !DATATYPES.has(datatype)) return void problems.push(`${wn}: datatype must be one of ${[...DATATYPES].join(', ')}, got ${JSON.stringify(datatype)}`);
   const shape = inp.shape;
