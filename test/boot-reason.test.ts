@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { fixtureVariant } from './fixtures/index.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 
 describe('a failed boot', () => {
@@ -36,5 +37,16 @@ describe('a failed boot', () => {
     expect(failed.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
     const body = (await (await fetch(`${h.url}/v1/models/model`)).json()) as { reason: string };
     expect(body.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
+  });
+
+  it('a model config that is not JSON is named by its path inside the model, not the model folder\'s name (it was "model_index.json (acme-sd15/model_index.json)")', async () => {
+    await h?.stop(0);
+    const model = await fixtureVariant(path.join(dir, 'acme-sd15'), { family: 'sd15' }, (d) => writeFileSync(path.join(d, 'model_index.json'), '{"_class_name": '));
+    h = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, 'cache') }, { ready: false });
+    const failed = await h.waitFor('state', (s) => s.state === 'failed');
+    expect(String(failed.reason)).toMatch(/^MODEL_FORMAT: model_index\.json is not valid JSON: /);
+    const body = (await (await fetch(`${h.url}/v1/models/model`)).json()) as { reason: string };
+    expect(body.reason).toBe(failed.reason);
+    expect(body.reason).not.toContain('acme-sd15');
   });
 });

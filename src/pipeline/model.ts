@@ -53,17 +53,19 @@ function latentsStats(vaeCfg: Record<string, unknown>): { latentsMean: Float32Ar
   return { latentsMean: read(mean, 'latents_mean', false), latentsStd: read(std, 'latents_std', true) };
 }
 
-const readJson = (file: string, what: string): Record<string, unknown> => {
+/** A JSON file of the model folder `dir`, named in errors by its path inside the model (never the folder's own name). */
+const readJson = (dir: string, rel: string): Record<string, unknown> => {
+  const file = path.join(dir, rel);
   try {
     // diffusers writes its configs with Python's json (NaN, Infinity, -Infinity allowed).
     const v: unknown = parsePyJson(readFileSync(file, 'utf8'));
     if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
     return v as Record<string, unknown>;
   } catch (err) {
-    throw new RuntimeError('MODEL_FORMAT', `${what} (${path.basename(path.dirname(file))}/${path.basename(file)}) is not valid JSON: ${(err as Error).message}`);
+    throw new RuntimeError('MODEL_FORMAT', `${rel} is not valid JSON: ${(err as Error).message}`);
   }
 };
-const optJson = (file: string, what: string) => (existsSync(file) ? readJson(file, what) : {});
+const optJson = (dir: string, rel: string) => (existsSync(path.join(dir, rel)) ? readJson(dir, rel) : {});
 const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
 
 /** The Stable Diffusion pipelines rewrite configs in __init__; SDXL's and LCM's do not (see docs/PARITY.md). */
@@ -180,7 +182,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     const present = existsSync(dir) ? readdirSync(dir).filter((f) => !f.startsWith('.')).slice(0, 20).join(', ') : '';
     throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${present || 'nothing'})`);
   }
-  const index = optJson(path.join(dir, 'model_index.json'), 'model_index.json');
+  const index = optJson(dir, 'model_index.json');
   const pipelineClass = typeof index._class_name === 'string' ? index._class_name : 'StableDiffusionPipeline';
   const schedulerFile = path.join(dir, 'scheduler', 'scheduler_config.json');
   if (!existsSync(schedulerFile)) throw new RuntimeError('MODEL_FORMAT', 'not an ONNX diffusers export: missing scheduler/scheduler_config.json');
@@ -193,8 +195,8 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     else if (absent.length === 1) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${t}/${absent[0]}`);
   }
   if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt (or tokenizer/${TOKENIZER_JSON})`);
-  const unetCfg = optJson(path.join(dir, 'unet', 'config.json'), 'unet config');
-  const vaeCfg = optJson(path.join(dir, 'vae_decoder', 'config.json'), 'vae_decoder config');
+  const unetCfg = optJson(dir, 'unet/config.json');
+  const vaeCfg = optJson(dir, 'vae_decoder/config.json');
   const inChannels = num(unetCfg.in_channels, 4);
   if (inChannels !== 4 && inChannels !== 9) {
     // Other UNets condition on inputs these pipelines do not make (InstructPix2Pix's image latents: 8 channels,
@@ -211,7 +213,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   // SDXL pipelines denormalise latents with these before decoding (Playground v2.5's VAE has them); SD 1.x/2.x ignore them.
   const latentStats = isXL ? latentsStats(vaeCfg) : undefined;
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
-  const { file: schedulerJson, rewrite: classRewrite } = listedSchedulerClass(index, readJson(schedulerFile, 'scheduler config'));
+  const { file: schedulerJson, rewrite: classRewrite } = listedSchedulerClass(index, readJson(dir, 'scheduler/scheduler_config.json'));
   const { config: schedulerConfig, rewrites } = pipelineSchedulerConfig(schedulerJson, rewriting);
   if (classRewrite) rewrites.unshift(classRewrite);
   const { sampleSize, raisedFrom, vaeScale } = servedGeometry(unetCfg, vaeCfg, isXL, rewriting);
