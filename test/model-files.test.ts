@@ -80,6 +80,17 @@ describe('scheduler classes community models ship', () => {
 });
 
 describe('configs an SD pipeline reads but the runtime cannot follow', () => {
+  it('a timestep_spacing or beta_schedule the runtime lacks is refused naming the class that read it and the values it takes', () => {
+    const base = { num_train_timesteps: 1000, beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear', steps_offset: 1 };
+    // The Euler family shares one timestep function: each class is named, not "Euler" for all of them.
+    for (const cls of ['PNDMScheduler', 'DDIMScheduler', 'EulerDiscreteScheduler', 'HeunDiscreteScheduler', 'LMSDiscreteScheduler', 'DPMSolverMultistepScheduler']) {
+      const { config } = pipelineSchedulerConfig({ ...base, _class_name: cls, timestep_spacing: 'even' }, true);
+      expect(() => createScheduler(config, 10)).toThrow(`${cls}: timestep_spacing "even" is not supported (supported: linspace, leading, trailing)`);
+    }
+    const { config } = pipelineSchedulerConfig({ ...base, _class_name: 'DDPMScheduler', beta_schedule: 'sigmoid' }, true);
+    expect(() => createScheduler(config, 10)).toThrow('DDPMScheduler: beta_schedule "sigmoid" is not supported (supported: linear, scaled_linear, squaredcos_cap_v2)');
+  });
+
   it('an SDXL VAE with latents_mean / latents_std (playgroundai/playground-v2.5-1024px-aesthetic vae/config.json) loads with them; malformed ones are named', async () => {
     const playground = await variant('latents-mean', 'sdxl', (d) =>
       editJson(path.join(d, 'vae_decoder', 'config.json'), (c) => {

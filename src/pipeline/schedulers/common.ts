@@ -88,8 +88,16 @@ export const num = (c: ResolvedConfig, k: string): number => c[k] as number;
 export const str = (c: ResolvedConfig, k: string): string => c[k] as string;
 export const bool = (c: ResolvedConfig, k: string): boolean => c[k] as boolean;
 
-export function unsupported(className: string, what: string): never {
-  throw new RuntimeError('UNSUPPORTED', `${className}: ${what} is not supported`);
+/** `supported`: the values the runtime takes, named so that a model's config can be fixed without reading the code. */
+export function unsupported(className: string, what: string, supported?: readonly string[]): never {
+  throw new RuntimeError('UNSUPPORTED', `${className}: ${what} is not supported${supported ? ` (supported: ${supported.join(', ')})` : ''}`);
+}
+
+/** The timestep_spacing values every scheduler here takes (diffusers' too). */
+export const TIMESTEP_SPACINGS: readonly string[] = ['linspace', 'leading', 'trailing'];
+
+export function unsupportedSpacing(className: string, c: ResolvedConfig): never {
+  return unsupported(className, `timestep_spacing "${str(c, 'timestep_spacing')}"`, TIMESTEP_SPACINGS);
 }
 
 /**
@@ -246,7 +254,7 @@ export function alphasCumprod(className: string, c: ResolvedConfig, withZeroSnr:
     else if (schedule === 'scaled_linear') {
       betas = torchLinspaceF32(num(c, 'beta_start') ** 0.5, num(c, 'beta_end') ** 0.5, n).map((b) => f(b * b));
     } else if (schedule === 'squaredcos_cap_v2') betas = betasForAlphaBar(n);
-    else unsupported(className, `beta_schedule "${schedule}"`);
+    else unsupported(className, `beta_schedule "${schedule}"`, ['linear', 'scaled_linear', 'squaredcos_cap_v2']);
   }
   if (withZeroSnr && c.rescale_betas_zero_snr === true) betas = rescaleZeroTerminalSnr(betas);
   return torchCumprodF32(betas.map((b) => f(1 - b)));
@@ -371,7 +379,7 @@ export function multistepTimesteps(className: string, c: ResolvedConfig, n: numb
     case 'trailing':
       return npArange(last, 0, -train / n).map((t) => npRound(t) - 1);
     default:
-      return unsupported(className, `timestep_spacing "${str(c, 'timestep_spacing')}"`);
+      return unsupportedSpacing(className, c);
   }
 }
 

@@ -17,6 +17,7 @@ import {
   type ResolvedConfig,
   str,
   unsupported,
+  unsupportedSpacing,
 } from './common.js';
 import { AlphaSchedule, x0AndEpsilon } from './base.js';
 
@@ -47,7 +48,7 @@ export function ddimTimesteps(className: string, c: ResolvedConfig, n: number): 
     case 'trailing':
       return npArange(train, 0, -train / n).map((t) => npRound(t) - 1);
     default:
-      return unsupported(className, `timestep_spacing "${str(c, 'timestep_spacing')}"`);
+      return unsupportedSpacing(className, c);
   }
 }
 

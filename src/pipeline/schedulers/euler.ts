@@ -25,6 +25,7 @@ import {
   sigmasFromAlphas,
   str,
   unsupported,
+  unsupportedSpacing,
   logf,
 } from './common.js';
 
@@ -60,7 +61,7 @@ export const EULER_ANCESTRAL_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
  * Euler-family timesteps (float32, not rounded for linspace), discreteSchedule's too. `linspace64`: linspace kept in
  * float64, as DPMSolverSDEScheduler makes it (`dtype=float`; the others ask numpy for float32).
  */
-function eulerTimesteps(c: ResolvedConfig, n: number, linspace64 = false): number[] {
+function eulerTimesteps(className: string, c: ResolvedConfig, n: number, linspace64 = false): number[] {
   const train = num(c, 'num_train_timesteps');
   switch (str(c, 'timestep_spacing')) {
     case 'linspace': {
@@ -74,7 +75,7 @@ function eulerTimesteps(c: ResolvedConfig, n: number, linspace64 = false): numbe
     case 'trailing':
       return npArange(train, 0, -train / n).map((t) => f(f(npRound(t)) - 1));
     default:
-      return unsupported('Euler', `timestep_spacing "${str(c, 'timestep_spacing')}"`);
+      return unsupportedSpacing(className, c);
   }
 }
 
@@ -127,7 +128,7 @@ export function discreteSchedule(
   const karras = bool(config, 'use_karras_sigmas');
   const { sigmas: table } = eulerTables(name, config);
   const logSigmas = table.map(logf);
-  const timesteps = eulerTimesteps(config, n, linspace64);
+  const timesteps = eulerTimesteps(name, config, n, linspace64);
   const sigmas = timesteps.map((t) => npInterpIndex(t, table));
   const converted = karras ? 'karras' : bool(config, 'use_exponential_sigmas') ? 'exponential' : undefined;
   if (!converted) return { timesteps, sigmas, logSigmas, converted };
@@ -199,7 +200,7 @@ export class EulerDiscrete extends EulerBase {
     }
     const finalType = oneOf(name, config, 'final_sigmas_type', ['zero', 'sigma_min']);
     const { ac, sigmas: table } = eulerTables(name, config);
-    let timesteps = eulerTimesteps(config, numInferenceSteps);
+    let timesteps = eulerTimesteps(name, config, numInferenceSteps);
     let sig = timesteps.map((t) => npInterpIndex(t, table));
     const karras = bool(config, 'use_karras_sigmas');
     if (karras || bool(config, 'use_exponential_sigmas')) {
@@ -237,7 +238,7 @@ export class EulerAncestralDiscrete extends EulerBase {
     checkSteps(name, numInferenceSteps, trainStepRange(config));
     oneOf(name, config, 'prediction_type', ['epsilon', 'v_prediction']);
     const { sigmas: table } = eulerTables(name, config);
-    const timesteps = eulerTimesteps(config, numInferenceSteps);
+    const timesteps = eulerTimesteps(name, config, numInferenceSteps);
     const sig = timesteps.map((t) => npInterpIndex(t, table));
     super(config, timesteps, Float32Array.from([...sig, 0]), name);
   }

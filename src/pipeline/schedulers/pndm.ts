@@ -19,7 +19,7 @@ import {
   type ConfigValue,
   type ResolvedConfig,
   str,
-  unsupported,
+  unsupportedSpacing,
 } from './common.js';
 
 export const PNDM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
@@ -80,7 +80,7 @@ export class PNDM implements Scheduler {
         base = npArange(train, 0, -train / numInferenceSteps).map((t) => npRound(t) - 1).reverse();
         break;
       default:
-        unsupported(name, `timestep_spacing "${str(config, 'timestep_spacing')}"`);
+        unsupportedSpacing(name, config);
     }
     let prk: number[] = [];
     let plms: number[];
