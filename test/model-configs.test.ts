@@ -11,6 +11,7 @@ import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { checkModelScheduler, createScheduler, schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { editJson, fixtureVariant } from './fixtures/index.js';
+import { startRuntime } from './helpers/runtime.js';
 
 const FIX = path.resolve(import.meta.dirname, 'fixtures/model-configs');
 const work = mkdtempSync(path.join(tmpdir(), 'model-configs-'));
@@ -284,6 +285,19 @@ describe('the model kinds users serve, from their repositories\' own files', () 
     const cfg = layout.schedulerConfig;
     expect([cfg.steps_offset, cfg.prediction_type, cfg.timestep_values]).toEqual([1, 'epsilon', null]);
     expect(createScheduler(cfg, 10).timesteps).toEqual([901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+  });
+
+  it('a served model logs each rewrite once per worker, not once per load (a local folder is loaded as listed, then whole)', async () => {
+    const dir = await modelWith('waifu-0.2-served', 'sd15', repoFiles('waifu-diffusion-0.2'));
+    const h = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: path.join(work, 'served-cache'), WARMUP_STEPS: '1' }, { ready: true });
+    try {
+      expect(h.logs.filter((l) => typeof l.config === 'string').map((l) => [l.level, l.config, l.from, l.to])).toEqual([
+        ['warn', 'steps_offset', 0, 1],
+        ['warn', 'unet.sample_size', 32, 64],
+      ]);
+    } finally {
+      await h.stop(0);
+    }
   });
 
   it('an InstructPix2Pix export (its model_index.json, an 8-channel UNet) is refused at load, naming the key, the pipeline and what is served', async () => {

@@ -93,6 +93,11 @@ const building = new Map<string, Promise<CachedSet<AdapterSet>>>();
 let epoch = 0;
 /** `reset` messages not yet run (they wait in the queue behind a running generation). */
 let resetsQueued = 0;
+/**
+ * The model (its folder, in this epoch) whose config rewrites were logged: a model is loaded as listed, then whole, and
+ * the operator should read each rewrite once.
+ */
+let rewritesLoggedFor: string | undefined;
 
 /**
  * Components whose files are whole ('component' messages), and the waits of a pipeline loaded before them (a
@@ -205,7 +210,9 @@ function logSlowPath(info: ExportInfo): void {
 async function load(dir: string, listed?: string[]): Promise<void> {
   try {
     const layout = readLayout(dir, listed ? new Set(listed) : undefined);
-    for (const r of layout.rewrites) log('warn', r.message, { config: r.key, from: r.from, to: r.to });
+    const logKey = `${epoch}:${path.resolve(dir)}`;
+    if (rewritesLoggedFor !== logKey) for (const r of layout.rewrites) log('warn', r.message, { config: r.key, from: r.from, to: r.to });
+    rewritesLoggedFor = logKey;
     const need: Component[] = layout.isXL ? ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder'] : ['text_encoder', 'unet', 'vae_decoder'];
     // Image-to-image and inpainting encode their input with it: ready means ready for those requests too.
     if (layout.onnx.vae_encoder) need.push('vae_encoder');
