@@ -194,6 +194,40 @@ describe('a stop signal delivered twice (Ctrl-C under npm start reaches npm and 
   }, 60_000);
 });
 
+describe('npm start under a process manager', () => {
+  it('SIGTERM to npm (what systemd, pm2 or a CI step sends) stops the server it started (it went on serving, orphaned, with the port held)', async () => {
+    const cache = mkdtempSync(path.join(os.tmpdir(), 'npm-start-'));
+    const env: NodeJS.ProcessEnv = { ...process.env, PORT: '0', HOST: '127.0.0.1', MODEL_CACHE_DIR: cache, WARMUP_STEPS: '0', LOG_LEVEL: 'info' };
+    delete env.STORAGE_URI;
+    const npm = spawn('npm', ['start'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    npm.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
+    npm.stderr.setEncoding('utf8').on('data', (c: string) => (out += c));
+    let serverPid: number | undefined;
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    try {
+      await until(() => /"event":"listening"/.test(out), 30_000, 50);
+      serverPid = (JSON.parse(out.split('\n').find((l) => l.includes('"event":"listening"'))!) as { pid: number }).pid;
+      expect(serverPid).not.toBe(npm.pid);
+      npm.kill('SIGTERM');
+      await until(() => !alive(serverPid!), 20_000, 50).catch(() => undefined);
+      expect(alive(serverPid), `the server (pid ${serverPid}) outlived npm: ${out.slice(-600)}`).toBe(false);
+      expect(out).toMatch(/"event":"shut-down"/);
+    } finally {
+      if (serverPid !== undefined && alive(serverPid)) process.kill(serverPid, 'SIGKILL');
+      npm.kill('SIGKILL');
+      rmSync(cache, { recursive: true, force: true });
+    }
+  }, 60_000);
+});
+
 describe('one model name for a local user (npm start, make run-local, make test-v1)', () => {
   const has = (tool: string) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;
   let srv: RuntimeHandle;
