@@ -49,4 +49,16 @@ describe('a failed boot', () => {
     expect(body.reason).toBe(failed.reason);
     expect(body.reason).not.toContain('acme-sd15');
   });
+
+  it('weights that are Git LFS pointers (a clone without git-lfs) are named as such, not as "Protobuf parsing failed"', async () => {
+    await h?.stop(0);
+    const pointer = 'version https://git-lfs.github.com/spec/v1\noid sha256:' + 'ab'.repeat(32) + '\nsize 1719312\n';
+    const model = await fixtureVariant(path.join(dir, 'lfs-clone'), { family: 'sd15' }, (d) => writeFileSync(path.join(d, 'unet', 'model.onnx'), pointer));
+    h = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(dir, 'cache') }, { ready: false });
+    const failed = await h.waitFor('state', (s) => s.state === 'failed');
+    expect(failed.reason).toBe(
+      'MODEL_FORMAT: unet/model.onnx could not be loaded: unet/model.onnx is a Git LFS pointer, not the weights (a repository cloned without git-lfs): ' +
+        'fetch them (`git lfs pull`, or download the files) and upload the model again',
+    );
+  });
 });

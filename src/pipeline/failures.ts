@@ -8,6 +8,7 @@
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
+import { closeSync, openSync, readdirSync, readSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 
@@ -107,7 +108,48 @@ export function loadError(component: string, modelPath: string, err: unknown): u
     // Not MODEL_FORMAT: re-exporting the same model does not help, room does.
     return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
+  const pointers = lfsPointers(path.dirname(modelPath));
+  if (pointers.length > 0) {
+    // ORT says only "Protobuf parsing failed" (or an external-data offset out of range) of what is a very common upload.
+    return new RuntimeError(
+      'MODEL_FORMAT',
+      `${component}/model.onnx could not be loaded: ${pointers.map((f) => `${component}/${f}`).join(', ')} ${pointers.length === 1 ? 'is a Git LFS pointer' : 'are Git LFS pointers'}, ` +
+        'not the weights (a repository cloned without git-lfs): fetch them (`git lfs pull`, or download the files) and upload the model again',
+      { cause: err },
+    );
+  }
   const dir = path.dirname(path.dirname(modelPath)) + path.sep;
   const message = withoutSourceLocations(String((err as Error)?.message ?? err).split(dir).join('')).trim();
   return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
+}
+
+/** The spec line every Git LFS pointer file starts with (git-lfs docs/spec.md); a pointer is at most a few hundred bytes. */
+const LFS_POINTER = 'version https://git-lfs.github.com/spec/v1';
+
+/** The files of a component folder that are Git LFS pointers in place of their content. */
+function lfsPointers(dir: string): string[] {
+  const found: string[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return found;
+  }
+  const head = Buffer.alloc(LFS_POINTER.length);
+  for (const name of names.sort()) {
+    const file = path.join(dir, name);
+    try {
+      const st = statSync(file);
+      if (!st.isFile() || st.size > 1024 || st.size < head.length) continue;
+      const fd = openSync(file, 'r');
+      try {
+        if (readSync(fd, head, 0, head.length, 0) === head.length && head.toString('latin1') === LFS_POINTER) found.push(name);
+      } finally {
+        closeSync(fd);
+      }
+    } catch {
+      // unreadable: ORT's own message stands
+    }
+  }
+  return found;
 }
