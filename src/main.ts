@@ -131,8 +131,8 @@ async function main(): Promise<void> {
 function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
   // ONNX Runtime's telemetry (on by default in its official builds) writes a device id and an onnxruntime.db under
   // $HOME/.cache and a mat-debug-<pid>.log in the temp folder for every process, and tries to upload events: off,
-  // unless the operator set ORT_DISABLE_TELEMETRY.
-  env.ORT_DISABLE_TELEMETRY ??= '1';
+  // unless the operator set ORT_DISABLE_TELEMETRY (empty counts as unset, as for every variable the server reads).
+  if (!env.ORT_DISABLE_TELEMETRY?.trim()) env.ORT_DISABLE_TELEMETRY = '1';
   // The AWS SDK (the default S3 transport) prints a multi-line notice about its future Node requirement to stderr when
   // a client is made; the lockfile pins the SDK, and stderr carries only this process's own one-line errors.
   env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';

@@ -609,12 +609,12 @@ describe('fields of one protocol', () => {
 });
 
 describe('files outside the cache', () => {
-  it('writes nothing to a fresh HOME or temp folder (ONNX Runtime telemetry off)', async () => {
+  it.each([['unset', undefined], ['empty', '']])('writes nothing to a fresh HOME or temp folder (ONNX Runtime telemetry off; ORT_DISABLE_TELEMETRY %s)', async (_, telemetry) => {
     const home = mkdtempSync(path.join(os.tmpdir(), 'dr-home-'));
     const tmp = mkdtempSync(path.join(os.tmpdir(), 'dr-tmpdir-'));
     const { dir: cache, cleanup } = tempDir('dr-cache-');
     try {
-      const s = await startServer({ STORAGE_URI: undefined, HOME: home, TMPDIR: tmp, MODEL_CACHE_DIR: cache, ORT_DISABLE_TELEMETRY: undefined, WARMUP_STEPS: '1' }, { ready: true });
+      const s = await startServer({ STORAGE_URI: undefined, HOME: home, TMPDIR: tmp, MODEL_CACHE_DIR: cache, ORT_DISABLE_TELEMETRY: telemetry, WARMUP_STEPS: '1' }, { ready: true });
       const r = await postJson(`${s.url}/v1/models/model:predict`, { instances: [{ prompt: 'clean', num_inference_steps: 1, height: 64, width: 64 }] });
       expect(r.status).toBe(200);
       expect((await s.stop()).code).toBe(0);
