@@ -89,7 +89,9 @@ deploy: render ## Apply PVC, ServingRuntime and the InferenceService (DEPLOY_MOD
 	$(KUBECTL) apply -n $(NAMESPACE) -f $(RENDER_DIR)/serving-runtime.yaml
 	$(KUBECTL) apply -n $(NAMESPACE) -f $(RENDER_DIR)/$(ISVC_TEMPLATE)
 	@if [ "$(DEPLOY_MODE)" = raw ]; then $(KUBECTL) apply -n $(NAMESPACE) -f $(RENDER_DIR)/route.yaml; fi
-	@echo "watch it: $(KUBECTL) get isvc -n $(NAMESPACE) -w   (state: $(KUBECTL) get isvc $(MODEL_NAME) -n $(NAMESPACE) -o jsonpath='{.status.url}')"
+	@if [ "$(DEPLOY_MODE)" = multi ]; then \
+	  echo "watch them: $(KUBECTL) get isvc -n $(NAMESPACE) -w   (one InferenceService per model in templates/$(ISVC_TEMPLATE))"; \
+	else echo "watch it: $(KUBECTL) get isvc -n $(NAMESPACE) -w   (state: $(KUBECTL) get isvc $(MODEL_NAME) -n $(NAMESPACE) -o jsonpath='{.status.url}')"; fi
 
 undeploy: render ## Delete the InferenceService(s), Route, warm-up Job and ServingRuntime (keeps PVC and Secret)
 	-$(KUBECTL) delete -n $(NAMESPACE) --ignore-not-found -f $(RENDER_DIR)/$(ISVC_TEMPLATE)
