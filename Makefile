@@ -73,8 +73,11 @@ render: ## Render templates/*.yaml with envsubst into RENDER_DIR (dist/manifests
 	@# What the cluster or the pods would refuse is named here, not at `oc apply` or in a CrashLoopBackOff.
 	@env $(foreach v,$(CHECKED_PARAMS),$(v)='$(call sh_quote,$(value $(v)))') bash scripts/check-params.sh
 	@mkdir -p $(RENDER_DIR)
+	@# The Secret's manifest holds the S3 keys as given: readable by its owner only.
 	@for t in $(TEMPLATES); do \
-	  env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$(RENDER_DIR)/$$(basename "$$t")"; \
+	  out="$(RENDER_DIR)/$$(basename "$$t")"; rm -f "$$out"; \
+	  case "$$t" in *s3-secret.yaml) (umask 077; env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$$out") ;; \
+	  *) env $(PARAM_ENV) envsubst '$(ENVSUBST_VARS)' < "$$t" > "$$out" ;; esac; \
 	done
 	@echo "rendered $(words $(TEMPLATES)) templates into $(RENDER_DIR)/ (namespace $(NAMESPACE), model $(MODEL_NAME))"
 

@@ -5,7 +5,7 @@
  * int32/int64 ranges, patterns, list-map keys. Then the rules KServe's own webhooks add (v0.20.0 sources).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -299,6 +299,11 @@ describe('templates against the API schemas', () => {
       const files = readdirSync(out).sort();
       expect(files).toEqual(templateFiles());
       for (const f of files) for (const doc of parseDocs(readFileSync(path.join(out, f), 'utf8'), f)) expect(validate(doc), f).toEqual([]);
+      // The Secret's manifest holds the S3 keys: its owner's alone, rendered anew or over an older one.
+      expect(statSync(path.join(out, 's3-secret.yaml')).mode & 0o777).toBe(0o600);
+      expect(spawnSync('make', ['-s', 'render', `RENDER_DIR=${out}`], { cwd: ROOT }).status).toBe(0);
+      expect(statSync(path.join(out, 's3-secret.yaml')).mode & 0o777).toBe(0o600);
+      expect(statSync(path.join(out, 'pvc.yaml')).mode & 0o077).not.toBe(0);
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
