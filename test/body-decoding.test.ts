@@ -59,6 +59,15 @@ describe('a JSON body that is not UTF-8', () => {
     expect(await post('/v1/models/model:predict', cut)).toEqual(bad(`Unrecognized request format: invalid UTF-8 at byte ${cut.length - 2} (0xe2 0x82): send the JSON as UTF-8`));
   });
 
+  it('an empty body (or whitespace alone) is named as such, not as "Unexpected end of JSON input"', async () => {
+    const empty = bad('Unrecognized request format: the body is empty; send a JSON object');
+    for (const body of ['', ' \r\n', '\ufeff']) {
+      expect(await post('/v1/models/model:predict', body)).toEqual(empty);
+      expect(await post('/v2/models/model/infer', body)).toEqual(empty);
+    }
+    expect(await post('/v2/models/model/infer', '', { 'content-type': 'application/octet-stream' })).toEqual(empty);
+  });
+
   it('says so when the body is UTF-16 (PowerShell 5 writes files as UTF-16LE with a byte order mark)', async () => {
     const body = Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(v1Body('fox'), 'utf16le')]);
     expect(await post('/v1/models/model:predict', body)).toEqual(bad('Unrecognized request format: invalid UTF-8 at byte 0 (0xff 0xfe 0x7b 0x00): the body starts with a UTF-16 byte order mark; send the JSON as UTF-8'));

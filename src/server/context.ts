@@ -10,7 +10,7 @@ import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages, type InputBudget } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
-import { json, jsonText, printable, type Reply } from './http.js';
+import { json, jsonText, nonEmpty, printable, type Reply } from './http.js';
 
 export interface ServerContext {
   cfg: Readonly<Config>;
@@ -117,7 +117,7 @@ export async function generateWithImages(ctx: ServerContext, reqs: GenerationReq
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */
 export function parseJson(body: Buffer): unknown {
   try {
-    return JSON.parse(jsonText(body));
+    return JSON.parse(nonEmpty(jsonText(body)));
   } catch (err) {
     // V8's message quotes the body's first characters: a binary body's control bytes are escaped, not echoed
     throw new RuntimeError('INVALID_INPUT', `Unrecognized request format: ${printable((err as Error).message)}`);

@@ -331,3 +331,9 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
       .then(finish);
   };
 }
+
+/** `text`, unless it holds nothing but whitespace: then V8's "Unexpected end of JSON input" would not say why. */
+export function nonEmpty(text: string): string {
+  if (text.trim() === '') throw new Error('the body is empty; send a JSON object');
+  return text;
+}

@@ -10,7 +10,7 @@ import type { TaskResult } from '../runtime/engine.js';
 import { isObj } from '../runtime/fields.js';
 import { IMAGE_FIELDS } from '../runtime/image-request.js';
 import { assertSafeJson, joinProblems, pushUnknownField } from '../runtime/request.js';
-import { jsonText, printable } from './http.js';
+import { jsonText, nonEmpty, printable } from './http.js';
 
 /** `image`: BYTES holding an image, base64 text or an s3:// URI in JSON, the file's own bytes as binary data. `json`: a
  * BYTES input or string parameter holding JSON (the list of LoRA adapters: V2 parameters are flat). */
@@ -125,9 +125,9 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
   if (raw === undefined) {
     let header: unknown;
     try {
-      header = JSON.parse(jsonText(body));
+      header = JSON.parse(nonEmpty(jsonText(body)));
     } catch (err) {
-      if ((headers['content-type'] ?? '').startsWith('application/octet-stream')) {
+      if ((headers['content-type'] ?? '').startsWith('application/octet-stream') && body.length > 0) {
         // KServe's wording (its typo included), so clients that match on it keep working.
         throw bad("received byte inputs, but the'inference-header-content-length' header is missing.");
       }
