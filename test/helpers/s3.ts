@@ -152,6 +152,30 @@ export interface Faults {
    * Complete of an upload already completed is answered 404 NoSuchUpload, as S3 does.
    */
   loseCompletes?: { count: number };
+  /**
+   * The next `count` requests of `commands` whose key matches `keys` are read to the end and never answered (a store
+   * that accepts a request and hangs), counted in stats.unanswered; `forward`: the store carries each out first, and
+   * only its answer is withheld (a Complete sent again for an upload so completed is answered 404 NoSuchUpload, as S3
+   * does). Their sockets stay open until the client closes them or the proxy stops.
+   */
+  stallUploads?: { commands: readonly UploadCommand[]; keys: RegExp; count: number; forward?: boolean };
+  /**
+   * The next `count` CompleteMultipartUploads are answered 200 at once, then for `ms` only whitespace every `everyMs`
+   * (as S3 answers a Complete that takes long), then the store's answer.
+   */
+  slowCompletes?: { count: number; ms: number; everyMs: number };
+  /** PUT bodies of keys matching `keys` read at about `bytesPerSecond` (a slow link up to the store). */
+  slowPuts?: { keys: RegExp; bytesPerSecond: number };
+}
+
+export type UploadCommand = 'PutObject' | 'UploadPart' | 'CreateMultipartUpload' | 'CompleteMultipartUpload';
+
+/** Which upload request this is, by method and query, as S3 tells them apart. */
+function uploadCommand(method: string | undefined, url: string): UploadCommand | undefined {
+  const uploadId = /[?&]uploadId=/.test(url);
+  if (method === 'PUT') return uploadId ? 'UploadPart' : 'PutObject';
+  if (method === 'POST') return uploadId ? 'CompleteMultipartUpload' : /[?&]uploads(=|&|$)/.test(url) ? 'CreateMultipartUpload' : undefined;
+  return undefined;
 }
 
 export type PutFault = { status: number; code: string } | 'reset';
@@ -184,6 +208,11 @@ export interface FaultProxy {
     multipart: { created: Record<string, string>; completed: string[]; aborted: string[] };
     /** PUTs matched by faults.failPuts, and those it failed. */
     puts: number; putFaults: number;
+    /** Every upload request received, by command, and those left unanswered by faults.stallUploads. */
+    uploads: Partial<Record<UploadCommand, number>>;
+    unanswered: Partial<Record<UploadCommand, number>>;
+    /** CompleteMultipartUploads answered slowly by faults.slowCompletes. */
+    slowCompletes: number;
   };
   faults: Faults;
   close(): Promise<void>;
@@ -195,7 +224,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0 };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -249,6 +278,58 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.writeHead(204).end();
       return;
     }
+    const command = uploadCommand(req.method, req.url ?? '');
+    if (command !== undefined) stats.uploads[command] = (stats.uploads[command] ?? 0) + 1;
+    const stall = f.stallUploads;
+    if (command !== undefined && stall && stall.count > 0 && stall.commands.includes(command) && stall.keys.test(objectKey)) {
+      stall.count--;
+      stats.unanswered[command] = (stats.unanswered[command] ?? 0) + 1;
+      if (!stall.forward) {
+        req.resume();
+        return;
+      }
+      // Carried out by the store; what it answers is read and dropped.
+      const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+        const ok = (upRes.statusCode ?? 500) < 300;
+        if (ok && command === 'CompleteMultipartUpload') stats.multipart.completed.push(decodeURIComponent(uploadId!));
+        const body: Buffer[] = [];
+        upRes.on('data', (c: Buffer) => body.push(c));
+        upRes.on('end', () => {
+          const id = ok && command === 'CreateMultipartUpload' ? /<UploadId>([^<]*)<\/UploadId>/.exec(Buffer.concat(body).toString('utf8'))?.[1] : undefined;
+          if (id !== undefined) stats.multipart.created[id] = objectKey;
+        });
+      });
+      up.on('error', () => undefined);
+      req.pipe(up);
+      return;
+    }
+    const slow = f.slowCompletes;
+    if (command === 'CompleteMultipartUpload' && slow && slow.count > 0) {
+      slow.count--;
+      stats.slowCompletes++;
+      res.writeHead(200, { 'content-type': 'application/xml' });
+      res.write('<?xml version="1.0" encoding="UTF-8"?>\n');
+      const beat = setInterval(() => res.write(' '), slow.everyMs);
+      res.on('close', () => clearInterval(beat));
+      const parts: Buffer[] = [];
+      req.on('data', (c: Buffer) => parts.push(c));
+      // The whitespace goes on while the store works too, as S3's does.
+      req.on('end', () => setTimeout(() => {
+        const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+          const body: Buffer[] = [];
+          upRes.on('data', (c: Buffer) => body.push(c));
+          upRes.on('end', () => {
+            clearInterval(beat);
+            if ((upRes.statusCode ?? 500) < 300) stats.multipart.completed.push(decodeURIComponent(uploadId!));
+            // The declaration went first; S3 sends an error that comes late in the same 200 (the SDK reads it as one).
+            res.end(Buffer.concat(body).toString('utf8').replace(/^<\?xml[^>]*\?>\s*/, ''));
+          });
+        });
+        up.on('error', () => res.destroy());
+        up.end(Buffer.concat(parts));
+      }, slow.ms));
+      return;
+    }
     const failPart = uploadId !== undefined && req.method === 'PUT' && f.failParts?.keys.test(objectKey) ? f.failParts : undefined;
     if (failPart) {
       req.resume();
@@ -274,7 +355,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       return;
     }
     // As S3 answers it (s3rver fails reading the parts it removed: 500 InternalError).
-    if (f.loseCompletes && uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
+    if ((f.loseCompletes || f.stallUploads?.forward) && uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
       req.resume();
       res.writeHead(404, { 'content-type': 'application/xml' }).end(s3Error('NoSuchUpload'));
       return;
@@ -425,6 +506,20 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     else if (f.hold && !isList && req.method === (f.hold.method ?? 'GET') && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
       stats.held++;
       void f.hold.release.finally(() => req.pipe(up));
+    } else if (f.slowPuts && req.method === 'PUT' && f.slowPuts.keys.test(objectKey)) {
+      const { bytesPerSecond } = f.slowPuts;
+      let read = 0;
+      const t0 = Date.now();
+      req.on('data', (chunk: Buffer) => {
+        read += chunk.length;
+        up.write(chunk);
+        const due = t0 + (read / bytesPerSecond) * 1000 - Date.now();
+        if (due > 0) {
+          req.pause();
+          setTimeout(() => req.resume(), due);
+        }
+      });
+      req.on('end', () => up.end());
     } else req.pipe(up);
   });
   return Object.assign(p, await listenLoopback(server));
