@@ -164,6 +164,10 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           await uploadingUntil(halt.signal, () => up.done());
         } catch (e) {
           if (halt.signal.aborted) throw e;
+          if (isRuntimeError(e) && e.code === 'STORAGE_STALL') {
+            throw new RuntimeError('STORAGE_STALL', `cannot upload s3://${src.bucket}/${src.prefix}${rel}: ${e.message}; check the link to S3, `
+              + 'or raise S3_STALL_TIMEOUT_S for a store that answers slowly', { cause: e });
+          }
           throw explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
         } finally {
           halt.signal.removeEventListener('abort', onHalt);

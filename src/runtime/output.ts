@@ -74,6 +74,8 @@ function uploadError(err: unknown, bucket: string, key: string, note: string): R
   const kind = classify(err);
   const short = shortage(err);
   if (short) return shortageError(`output_uri: upload to ${where} failed; the images were generated but not stored`, short, REQUEST_ADVICE, err);
+  // Nothing sent or received for S3_STALL_TIMEOUT_S on the last attempt: the message names the request and the bound.
+  if (err instanceof RuntimeError && err.code === 'STORAGE_STALL') return new RuntimeError('STORAGE_STALL', `output_uri: upload to ${where} failed: ${err.message}; the images were generated but not stored`, { cause: err });
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
   const region = kind === 'fatal' ? bucketRegion(err) : undefined;
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });

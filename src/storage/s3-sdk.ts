@@ -11,6 +11,7 @@ import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { checksumFrom } from './checksums.js';
 import { retryUploads } from './upload-retry.js';
+import { boundSilence } from './upload-stall.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
@@ -29,8 +30,9 @@ export interface S3Handle {
  */
 export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency): S3Handle {
   const sockets = concurrency + 4; // a few spare for LIST/HEAD while every range is in flight
-  const httpAgent = new http.Agent(agentOptions(sockets));
-  const httpsAgent = new https.Agent({ ...agentOptions(sockets), ...tlsOptions(s) });
+  // Upload requests are cut after S3_STALL_TIMEOUT_S of silence (upload-stall.ts); downloads keep their own watchdog.
+  const httpAgent = boundSilence(new http.Agent(agentOptions(sockets)));
+  const httpsAgent = boundSilence(new https.Agent({ ...agentOptions(sockets), ...tlsOptions(s) }));
   const client = new S3Client({
     region: s.region,
     ...(s.endpoint !== undefined ? { endpoint: s.endpoint } : {}),
@@ -41,7 +43,7 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
     responseChecksumValidation: 'WHEN_REQUIRED',
     requestHandler: { httpAgent, httpsAgent, connectionTimeout: 10_000 },
   });
-  retryUploads(client);
+  retryUploads(client, s.stallTimeoutS * 1000);
   return {
     client,
     destroy() {

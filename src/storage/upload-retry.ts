@@ -1,21 +1,32 @@
 /**
  * @module Retries of the requests an upload sends (PutObject, CreateMultipartUpload, UploadPart,
- * CompleteMultipartUpload) after a transient S3 error: a 5xx, SlowDown, a reset. The client's own retries stay off
- * (s3-sdk.ts: the download retries ranges itself, from the bytes it has), so one 500 on one part of a multi-GB push
- * would otherwise fail the push.
+ * CompleteMultipartUpload) after a transient S3 error: a 5xx, SlowDown, a reset, or S3_STALL_TIMEOUT_S of silence
+ * (upload-stall.ts). The client's own retries stay off (s3-sdk.ts: the download retries ranges itself, from the bytes
+ * it has), so one 500 on one part of a multi-GB push would otherwise fail the push, and one request the store left
+ * unanswered would hold it for good.
  */
 import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import { retryTransient } from './s3-errors.js';
 import { uploadSignal } from './upload-signal.js';
+import { uploadAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
 
 const UPLOAD_COMMANDS: ReadonlySet<string> = new Set(['PutObjectCommand', 'CreateMultipartUploadCommand', 'UploadPartCommand', 'CompleteMultipartUploadCommand']);
 
-interface CompleteInput { Bucket?: string; Key?: string; MultipartUpload?: { Parts?: { ETag?: string }[] } }
+interface CompleteInput { Bucket?: string; Key?: string; UploadId?: string; PartNumber?: number; MultipartUpload?: { Parts?: { ETag?: string }[] } }
+
+/**
+ * The error of an attempt the silence bound cut: transient (classify), so retried. The callers add which object
+ * (output.ts, the push).
+ */
+function stallError(request: string, input: CompleteInput, ms: number, attempt: number, attempts: number, cause: unknown): RuntimeError {
+  const what = `${request.replace(/Command$/, '')}${input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : ''}`;
+  return new RuntimeError('STORAGE_STALL', `${what} stalled: nothing sent or received for ${ms / 1000} s (S3_STALL_TIMEOUT_S) on attempt ${attempt + 1} of ${attempts}`, { cause });
+}
 
 /**
  * S3's ETag of an object completed from these parts: the MD5 of their MD5s, then `-` and their count. Undefined where a
@@ -32,27 +43,45 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
 /**
  * Makes `client` send each upload request up to `attempts` times, with the fill's full-jitter backoff; every other
  * command keeps its single attempt. Only errors classify() calls transient are retried: a denial or a missing bucket
- * fails at once. It wraps every other middleware of the initialize step, so each attempt is signed afresh and
- * passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
+ * fails at once. Each attempt, and an AbortMultipartUpload (lib-storage awaits its own before it reports a failure), is
+ * cut after `stallMs` of silence. It wraps every other middleware of the initialize step, so each attempt is signed
+ * afresh and passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
  * (upload-signal.ts): lib-storage gives its commands none.
  */
-export function retryUploads(client: S3Client, attempts = UPLOAD_ATTEMPTS): void {
+export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS): void {
+  // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort cut by the bound then
+  // fails with that, which is what the caller has to fix (lib-storage reports its abort's error in its place).
+  const failed = new Map<string, unknown>();
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
+    const input = args.input as CompleteInput;
+    const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = command) =>
+      uploadAttempt(stallMs, fn, (cause) => stallError(what, input, stallMs, attempt, tries, cause));
+    if (command === 'AbortMultipartUploadCommand') {
+      const failure = failed.get(input.UploadId ?? '');
+      failed.delete(input.UploadId ?? '');
+      return bounded(0, 1, () => next(args)).catch((e: unknown) => {
+        throw failure !== undefined && e instanceof RuntimeError && e.code === 'STORAGE_STALL' ? failure : e;
+      });
+    }
     if (!UPLOAD_COMMANDS.has(command)) return next(args);
     const signal = uploadSignal();
     if (signal?.aborted) throw Object.assign(new Error('the upload was cancelled'), { name: 'AbortError' });
+    const remember = (e: unknown) => {
+      if (input.UploadId !== undefined) failed.set(input.UploadId, e);
+      throw e;
+    };
     return retryTransient(async (attempt) => {
       try {
-        return await next(args);
+        return await bounded(attempt, attempts, () => next(args));
       } catch (e) {
         // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
         if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
-          return { output: await completedAlready(client, args.input as CompleteInput, e), response: undefined };
+          return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
         }
         throw e;
       }
-    }, attempts, signal);
+    }, attempts, signal).catch(remember);
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
 }
 

@@ -1,0 +1,67 @@
+/**
+ * @module A bound on the silence of each upload request: once nothing has been sent or received on its socket for
+ * S3_STALL_TIMEOUT_S, the attempt ends as stalled (upload-retry.ts retries it), as the download's watchdog abandons a
+ * range. Silence, not total time: a part crossing a slow link keeps its socket writing, and a CompleteMultipartUpload
+ * that takes minutes keeps it reading the whitespace S3 sends meanwhile. The SDK's own socketTimeout is one per client,
+ * and the client also downloads (whose ranges have their watchdog), and a middleware cannot hand the HTTP handler
+ * anything per attempt; so an attempt runs under uploadAttempt() and the client's agents (boundSilence) set the bound on
+ * the request that attempt creates. Free of the AWS SDK, as upload-signal.ts.
+ */
+import { AsyncLocalStorage } from 'node:async_hooks';
+import type http from 'node:http';
+
+interface Attempt {
+  readonly ms: number;
+  stalled: boolean;
+  settled: boolean;
+}
+
+const current = new AsyncLocalStorage<Attempt>();
+
+/**
+ * Runs `fn`, one attempt of an upload request, with its requests bounded to `ms` of silence. If the bound cut it, the
+ * error `fn` rejects with (whatever the SDK makes of the cut socket) is replaced by `stalled(cause)`.
+ */
+export async function uploadAttempt<T>(ms: number, fn: () => Promise<T>, stalled: (cause: unknown) => Error): Promise<T> {
+  const attempt: Attempt = { ms, stalled: false, settled: false };
+  try {
+    return await current.run(attempt, fn);
+  } catch (e) {
+    throw attempt.stalled ? stalled(e) : e;
+  } finally {
+    attempt.settled = true;
+  }
+}
+
+type AddRequest = (req: http.ClientRequest, options: unknown) => void;
+
+/**
+ * Makes `agent` bound each request an uploadAttempt() sends through it; other requests (downloads) are left as they
+ * are. Agent#addRequest is where Node hands an agent each new request, synchronously in http.request, so in the
+ * attempt's async context (undocumented, and what proxy agents override too).
+ */
+export function boundSilence<A extends http.Agent>(agent: A): A {
+  const own = agent as unknown as { addRequest: AddRequest };
+  const add = own.addRequest.bind(agent);
+  own.addRequest = (req, options) => {
+    const attempt = current.getStore();
+    if (attempt !== undefined) watch(req, attempt);
+    add(req, options);
+  };
+  return agent;
+}
+
+function watch(req: http.ClientRequest, attempt: Attempt): void {
+  let res: http.IncomingMessage | undefined;
+  req.once('response', (r: http.IncomingMessage) => (res = r));
+  // The socket's inactivity: Node counts a write still draining to the kernel as activity, and clears the timer when
+  // the socket goes back to the pool.
+  req.setTimeout(attempt.ms, () => {
+    if (attempt.settled) return;
+    attempt.stalled = true;
+    const err = Object.assign(new Error(`nothing sent or received for ${attempt.ms} ms`), { name: 'TimeoutError' });
+    // A body being read (a Complete's answer after its 200) fails too, rather than wait for a socket that is gone.
+    res?.destroy(err);
+    req.destroy(err);
+  });
+}
