@@ -78,6 +78,8 @@ export interface ResolveOptions {
   progressLogMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
+  /** Budget of each try of any other LIST (default 60 s; tests). */
+  listTimeoutMs?: number;
   /**
    * A cache hit must be checked against S3, with the retries of a listing: a failed check fails the fetch instead of
    * serving the entry as is. The warm-up Job sets it: its success means the cache holds what S3 holds.
@@ -254,7 +256,7 @@ class S3Fetch {
       const cached = await readManifest(this.entry);
       if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
         try {
-          listing = this.o.requireHitCheck ? await this.listing(cfg.s3.maxAttempts, 60_000) : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
+          listing = this.o.requireHitCheck ? await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000) : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
@@ -264,7 +266,7 @@ class S3Fetch {
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
-      listing ??= await this.listing(cfg.s3.maxAttempts, 60_000);
+      listing ??= await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
         throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
@@ -349,14 +351,16 @@ class S3Fetch {
   }
 
   /**
-   * Lists the prefix, retrying what may pass, a try cut short by its own deadline included (classify: aborted; the
-   * fetch's abort ends the retries before that is asked); an answer the transport may have caused goes up at once
-   * (resolveModel).
+   * Lists the prefix, retrying what may pass, a try cut short by its own deadline included (the fetch's abort ends the
+   * retries before that is asked); an answer the transport may have caused goes up at once (resolveModel). A store that
+   * left the last try unanswered is unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx.
    */
   private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
     const transport = await this.transport!;
-    const retried = (e: unknown) => !sdkMightDiffer(e) && ['transient', 'aborted'].includes(classify(e));
     let tries = 0;
+    let unanswered = 0;
+    let cut = false;
+    const retried = (e: unknown) => !sdkMightDiffer(e) && (classify(e) === 'transient' || (cut && classify(e) === 'aborted'));
     try {
       return await retryTransient(async () => {
         tries++;
@@ -365,11 +369,18 @@ class S3Fetch {
           return await transport.list({ prefix: this.prefix, signal: d.signal });
         } finally {
           d.clear();
+          cut = d.timedOut;
+          if (cut) unanswered++;
         }
       }, attempts, this.signal, retried);
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
+      if (cut) {
+        const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
+        const which = tries === 1 ? 'its one try' : unanswered === tries ? `each of its ${tries} tries` : `${unanswered} of its ${tries} tries, the last included`;
+        throw new RuntimeError('STORAGE_TRANSIENT', `cannot list ${where}: S3 did not answer the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
+      }
       throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${tries} attempts)` : 'list');
     }
   }
@@ -512,7 +523,7 @@ class S3Fetch {
         log.warn({ key: e.key }, e.missing === undefined ? 'object changed during the download; listing again' : 'object deleted during the download; listing again');
         why = 'changed';
         const before = listing.find((x) => x.key === e.key);
-        listing = await this.listing(cfg.s3.maxAttempts, 60_000);
+        listing = await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
         // Still listed as it was, yet S3 says it does not exist: no round will fetch it.
         const still = listing.find((x) => x.key === e.key);
         if (e.missing !== undefined && still && before && still.etag === before.etag && still.size === before.size) throw permanentError(e.missing, this.bucket, e.key, 'read');
@@ -523,7 +534,7 @@ class S3Fetch {
       // can tear a read whose headers were already sent), at the cost of one round trip.
       this.emit('verifying', true);
       if (!report.etagsChecked) log.warn({ uri: this.uri }, 'the store sent no ETag with some ranges; relying on the final listing');
-      const now = fetch.length === 0 ? listing : await this.listing(cfg.s3.maxAttempts, 60_000);
+      const now = fetch.length === 0 ? listing : await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
       const changed = now.length !== listing.length || now.some((x, i) => x.rel !== listing[i]!.rel || x.etag !== listing[i]!.etag || x.size !== listing[i]!.size);
       if (changed) {
         log.warn({ uri: this.uri }, 'objects changed while downloading; fetching the changes');
