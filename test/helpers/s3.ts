@@ -387,7 +387,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     // The store's part numbers are the proxy's to answer (above): s3rver would describe the whole object.
     const reading = sim !== undefined && (req.method === 'GET' || req.method === 'HEAD');
     const upPath = reading ? (req.url ?? '').replace(/[?&]partNumber=\d+/, '') : req.url;
-    const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: upPath, headers: req.headers }, (upRes) => {
+    const answer = (upRes: http.IncomingMessage): void => {
       const ok = (upRes.statusCode ?? 500) < 300;
       if (ok && uploadId !== undefined && req.method === 'POST') stats.multipart.completed.push(decodeURIComponent(uploadId));
       if (ok && uploadId !== undefined && req.method === 'POST' && f.loseCompletes && f.loseCompletes.count > 0) {
@@ -498,29 +498,41 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       upRes.on('end', () => {
         if (!upRes.destroyed || sent > 0) res.end();
       });
-    });
-    up.on('error', () => res.destroy());
-    res.on('close', () => up.destroy());
-    if (isList && f.holdLists) void f.holdLists.finally(() => req.pipe(up));
-    else if (isList && f.listDelayMs) setTimeout(() => req.pipe(up), f.listDelayMs);
+    };
+    // The request to s3rver starts when the client's is passed on, not before: held on a pooled keep-alive socket, it
+    // sent nothing, and s3rver closed that socket after its 5 s keep-alive timeout, cutting the client's request.
+    let gone = false;
+    res.on('close', () => (gone = true));
+    const forward = (send: (up: http.ClientRequest) => void = (up) => req.pipe(up)) => {
+      // Nothing to pass on for a client that left while its request was held.
+      if (gone) return;
+      const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: upPath, headers: req.headers }, answer);
+      up.on('error', () => res.destroy());
+      res.on('close', () => up.destroy());
+      send(up);
+    };
+    if (isList && f.holdLists) void f.holdLists.finally(() => forward());
+    else if (isList && f.listDelayMs) setTimeout(() => forward(), f.listDelayMs);
     else if (f.hold && !isList && req.method === (f.hold.method ?? 'GET') && f.hold.keys.test(decodeURIComponent(req.url ?? '')) && (f.hold.range?.(req.headers.range) ?? true)) {
       stats.held++;
-      void f.hold.release.finally(() => req.pipe(up));
+      void f.hold.release.finally(() => forward());
     } else if (f.slowPuts && req.method === 'PUT' && f.slowPuts.keys.test(objectKey)) {
       const { bytesPerSecond } = f.slowPuts;
-      let read = 0;
-      const t0 = Date.now();
-      req.on('data', (chunk: Buffer) => {
-        read += chunk.length;
-        up.write(chunk);
-        const due = t0 + (read / bytesPerSecond) * 1000 - Date.now();
-        if (due > 0) {
-          req.pause();
-          setTimeout(() => req.resume(), due);
-        }
+      forward((up) => {
+        let read = 0;
+        const t0 = Date.now();
+        req.on('data', (chunk: Buffer) => {
+          read += chunk.length;
+          up.write(chunk);
+          const due = t0 + (read / bytesPerSecond) * 1000 - Date.now();
+          if (due > 0) {
+            req.pause();
+            setTimeout(() => req.resume(), due);
+          }
+        });
+        req.on('end', () => up.end());
       });
-      req.on('end', () => up.end());
-    } else req.pipe(up);
+    } else forward();
   });
   return Object.assign(p, await listenLoopback(server));
 }
