@@ -12,6 +12,7 @@ import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Ser
 import { freePort } from '../scripts/bench-common.js';
 import { metric, startRuntime } from './helpers/runtime.js';
 import { isEvent, postJson, startServer, tempDir, type EventLine, type ServerHandle } from './helpers/server.js';
+import { runWarmupCli } from './helpers/warmup-cli.js';
 import type { BootEventName } from '../src/runtime/boot-events.js';
 
 const BUCKET = 'models';
@@ -182,6 +183,39 @@ describe('boot from S3', () => {
     const logs = `${srv.logs.map((l) => JSON.stringify(l)).join('\n')}\n${srv.stderr.join('')}`;
     expect(logs).not.toContain(SECRET);
   }, 40_000);
+
+  it('a store that never answers the LIST: the boot fails STORAGE_TRANSIENT once its try has waited 60 s, as the warm-up Job does; not a missing model', async () => {
+    let answer!: () => void;
+    const mute = await startFaultProxy(s3.port, { holdLists: new Promise<void>((r) => (answer = r)) });
+    try {
+      const job = tempDir('dr-boot-s3-mute-job-');
+      dirs.push(job.cleanup);
+      const t0 = performance.now();
+      const [srv, cli] = [s3Server({ AWS_ENDPOINT_URL: mute.endpoint, S3_MAX_ATTEMPTS: '1' }), runWarmupCli([], {
+        ...CREDS, AWS_ENDPOINT_URL: mute.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, MODEL_CACHE_DIR: job.dir, S3_MAX_ATTEMPTS: '1', LOG_LEVEL: 'silent',
+      })];
+      // Before: STORAGE_MISSING "cannot list (1 attempts) s3://models/demo-pad/: AbortError".
+      const reason = 'STORAGE_TRANSIENT: cannot list s3://models/demo-pad/: S3 did not answer the LIST within 60 s on its one try';
+      const s = await srv;
+      const failed = await s.waitFor('state', (x) => x.state === 'failed', 100_000);
+      expect(failed.reason).toBe(reason);
+      expect(performance.now() - t0).toBeGreaterThan(60_000);
+      const { status, body } = await modelStatus(s);
+      expect([status, body.state, body.reason]).toEqual([503, 'failed', reason]);
+      expect((await fetch(`${s.url}/v2/health/ready`)).status).toBe(503);
+      expect((await fetch(`${s.url}/v2/health/live`)).status).toBe(200);
+      expect(await s.stop('SIGTERM')).toEqual({ code: 0, signal: null });
+      const r = await cli;
+      expect([r.code, r.stdout]).toEqual([1, '']);
+      expect(r.stderr).toContain(`warmup: ${reason}\n`);
+      expect(r.ms).toBeGreaterThan(60_000);
+      // One LIST each (S3_MAX_ATTEMPTS=1), neither answered.
+      expect(mute.stats.lists).toBe(2);
+    } finally {
+      answer();
+      await mute.close();
+    }
+  }, 150_000);
 
   it('a hit starts its sessions before S3 answers; objects replaced since then are fetched and loaded afresh', async () => {
     const prefix = 'demo-swap/';

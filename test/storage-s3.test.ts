@@ -277,6 +277,36 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect((await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'))).toEqual([]);
   });
 
+  it('a LIST S3 never answers: each try ends at its deadline and is tried again, then STORAGE_TRANSIENT naming the wait; an abort while one waits is CANCELLED', async () => {
+    await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
+    let answer!: () => void;
+    proxy.faults = { holdLists: new Promise<void>((r) => (answer = r)) };
+    const lists = proxy.stats.lists;
+    const fill = async (extra: { signal?: AbortSignal; listTimeoutMs: number }) =>
+      rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3' }), log, ...extra }));
+    try {
+      // Before: STORAGE_MISSING "cannot list (3 attempts) s3://models/listed/: AbortError", as if the model were not there.
+      let err = await fill({ listTimeoutMs: 300 });
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not answer the LIST within 0.3 s on each of its 3 tries']);
+      expect(proxy.stats.lists - lists).toBe(3);
+
+      proxy.faults.failLists = { count: 1, status: 503, code: 'SlowDown' };
+      err = await fill({ listTimeoutMs: 300 });
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not answer the LIST within 0.3 s on 2 of its 3 tries, the last included']);
+      expect(proxy.stats.lists - lists).toBe(6);
+
+      const ac = new AbortController();
+      const p = fill({ signal: ac.signal, listTimeoutMs: 60_000 });
+      await until(() => proxy.stats.lists - lists >= 7);
+      ac.abort();
+      err = await p;
+      expect([err.code, err.message]).toEqual(['CANCELLED', 'model fetch of s3://models/listed/ cancelled; the cache entry stays uncommitted and resumes next time']);
+      expect(proxy.stats.lists - lists).toBe(7);
+    } finally {
+      answer();
+    }
+  });
+
   it('an abort mid-download leaves no committed entry, and the next run resumes and completes', async () => {
     const cache = await newCache();
     proxy.faults = { bytesPerSecond: 1_000_000 };
