@@ -650,7 +650,14 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read');
         // An attempt that moved bytes forward does not count against the limit: a slow, flaky link still finishes.
         failures = progressed ? 1 : failures + 1;
-        if (failures >= o.maxAttempts) throw permanentError(e, o.bucket, f.obj.key, `read (${failures} attempts)`);
+        if (failures >= o.maxAttempts) {
+          // A stall's error is the transport's AbortError, which permanentError would call a missing object.
+          if (stalled) {
+            throw new RuntimeError('STORAGE_STALL', `cannot read (${failures} attempts) s3://${o.bucket}/${f.obj.key}: no bytes received for ${o.stallMs / 1000} s `
+              + '(S3_STALL_TIMEOUT_S); gave up after retries', { cause: e });
+          }
+          throw permanentError(e, o.bucket, f.obj.key, `read (${failures} attempts)`);
+        }
         const wait = backoffMs(failures - 1);
         o.log.warn({ key: f.obj.key, range: `${range.start + written}-${range.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');
         await sleep(wait, signal);
