@@ -136,6 +136,25 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect(Date.now() - t0).toBeLessThan(15_000);
   });
 
+  it('a range that stalls on every attempt (no answer, or headers and no byte) fails as STORAGE_STALL, not as a missing object', async () => {
+    await seed('stalled/', { 'a.bin': detBytes(5_000, 43) });
+    let release!: () => void;
+    const gets = proxy.stats.gets;
+    const faults = [{ hold: { keys: /\/stalled\/a\.bin/, release: new Promise<void>((r) => (release = r)) } }, { stallAfterBytes: 0, stalls: 1_000 }];
+    try {
+      for (const f of faults) {
+        proxy.faults = f;
+        const err = await rejection(resolveModel('s3://models/stalled', { cfg: cfgFor(await newCache(), { S3_STALL_TIMEOUT_S: '0.3', S3_MAX_ATTEMPTS: '2' }), log }));
+        // Before: STORAGE_MISSING "cannot read (2 attempts) s3://models/stalled/a.bin: AbortError".
+        expect([err.code, err.message]).toEqual(['STORAGE_STALL',
+          'cannot read (2 attempts) s3://models/stalled/a.bin: no bytes received for 0.3 s (S3_STALL_TIMEOUT_S); gave up after retries']);
+      }
+      expect(proxy.stats.gets - gets).toBe(4);
+    } finally {
+      release();
+    }
+  });
+
   it('serves a committed entry with S3 down, and refetches only what changed when the ETag moves', async () => {
     const cache = await newCache();
     await seed('etag/', { 'a.bin': detBytes(70_000, 1), 'b.bin': detBytes(50_000, 2) });

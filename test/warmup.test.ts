@@ -99,6 +99,20 @@ describe('warm-up CLI', () => {
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
   });
 
+  it('a file whose ranges S3 never answers: exits 1 with STORAGE_STALL naming it and S3_STALL_TIMEOUT_S, not a missing object', async () => {
+    let release!: () => void;
+    proxy.faults = { hold: { keys: /\/unet\/model\.onnx_data/, release: new Promise<void>((r) => (release = r)) } };
+    try {
+      const r = await cli([], env(path.join(tmp, 'c-stall'), { S3_STALL_TIMEOUT_S: '0.5', S3_MAX_ATTEMPTS: '2' }));
+      expect([r.code, r.stdout]).toEqual([1, '']);
+      // Before: STORAGE_MISSING "cannot read (2 attempts) s3://models/sd/v1/unet/model.onnx_data: AbortError".
+      expect(lastLine(r.stderr)).toBe('warmup: STORAGE_STALL: cannot read (2 attempts) s3://models/sd/v1/unet/model.onnx_data: no bytes received for 0.5 s '
+        + '(S3_STALL_TIMEOUT_S); gave up after retries');
+    } finally {
+      release();
+    }
+  });
+
   it('a committed entry that S3 cannot confirm (denied) fails the Job; the server would serve it as is', async () => {
     const cache = path.join(tmp, 'c-hit-check');
     const first = await cli([], env(cache));
