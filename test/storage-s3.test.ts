@@ -262,6 +262,8 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     const err = await rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3' }), log }));
     expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list (3 attempts) s3://models/listed/: InternalError (gave up after retries)']);
     expect(proxy.stats.lists - lists).toBe(3);
+    const one = await rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '1' }), log }));
+    expect(one.message).toMatch(/^cannot list \(1 attempt\) s3:\/\/models\/listed\/: InternalError/);
   });
 
   it('the ETag check of a committed entry: a LIST left unanswered is tried once more, then the entry is served as is', async () => {

@@ -19,7 +19,7 @@ import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
 import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
-import { classify, permanentError } from './s3-errors.js';
+import { attempts, classify, permanentError } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
@@ -653,10 +653,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (failures >= o.maxAttempts) {
           // A stall's error is the transport's AbortError, which permanentError would call a missing object.
           if (stalled) {
-            throw new RuntimeError('STORAGE_STALL', `cannot read (${failures} attempts) s3://${o.bucket}/${f.obj.key}: no bytes received for ${o.stallMs / 1000} s `
+            throw new RuntimeError('STORAGE_STALL', `cannot read (${attempts(failures)}) s3://${o.bucket}/${f.obj.key}: no bytes received for ${o.stallMs / 1000} s `
               + '(S3_STALL_TIMEOUT_S); gave up after retries', { cause: e });
           }
-          throw permanentError(e, o.bucket, f.obj.key, `read (${failures} attempts)`);
+          throw permanentError(e, o.bucket, f.obj.key, `read (${attempts(failures)})`);
         }
         const wait = backoffMs(failures - 1);
         o.log.warn({ key: f.obj.key, range: `${range.start + written}-${range.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');

@@ -22,7 +22,7 @@ import { sameEtag } from './s3-compat.js';
 import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
 import { acquireLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { classify, permanentError, retryTransient } from './s3-errors.js';
+import { attempts as counted, classify, permanentError, retryTransient } from './s3-errors.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
@@ -381,7 +381,7 @@ class S3Fetch {
         const which = tries === 1 ? 'its one try' : unanswered === tries ? `each of its ${tries} tries` : `${unanswered} of its ${tries} tries, the last included`;
         throw new RuntimeError('STORAGE_TRANSIENT', `cannot list ${where}: S3 did not answer the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
       }
-      throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${tries} attempts)` : 'list');
+      throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list');
     }
   }
 

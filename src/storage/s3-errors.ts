@@ -169,3 +169,6 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
 }
+
+/** `3 attempts`, `1 attempt`: how many tries a message counts (S3_MAX_ATTEMPTS may be 1). */
+export const attempts = (n: number): string => (n === 1 ? '1 attempt' : `${n} attempts`);
