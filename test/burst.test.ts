@@ -17,7 +17,7 @@ import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, settledCount, startFaultProxy, startS3, testConfig, type FaultProxy, type S3Server, putFolder } from './helpers/s3.js';
 import { resolveModel, cacheKey, containedPath, parseStorageUri, type FetchProgress } from '../src/storage/fetch.js';
 import { pidBehindLast } from './helpers/pidns.js';
-import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
+import { alive, postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
 
 const BUCKET = 'models';
@@ -102,14 +102,6 @@ function canUnshare(): boolean {
   return process.platform === 'linux' && spawnSync('unshare', ['-r', '--pid', '--fork', '--mount-proc', 'sh', '-c', 'echo 99 > /proc/sys/kernel/ns_last_pid'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
 }
 
-const alive = (pid: number) => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 /**
  * A server in a pid namespace of its own on this host, as another pod on the shared PVC is (same host name when the

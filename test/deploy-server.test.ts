@@ -12,7 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson, startServer, until, type LogLine } from './helpers/server.js';
+import { alive, postJson, startServer, until, type LogLine } from './helpers/server.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const ENTRY = path.join(ROOT, 'dist', 'src', 'main.js');
@@ -204,14 +204,6 @@ describe('npm start under a process manager', () => {
     npm.stdout.setEncoding('utf8').on('data', (c: string) => (out += c));
     npm.stderr.setEncoding('utf8').on('data', (c: string) => (out += c));
     let serverPid: number | undefined;
-    const alive = (pid: number) => {
-      try {
-        process.kill(pid, 0);
-        return true;
-      } catch {
-        return false;
-      }
-    };
     try {
       await until(() => /"event":"listening"/.test(out), 30_000, 50);
       serverPid = (JSON.parse(out.split('\n').find((l) => l.includes('"event":"listening"'))!) as { pid: number }).pid;

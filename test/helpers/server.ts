@@ -49,6 +49,16 @@ export async function until(cond: () => boolean | Promise<boolean>, ms = 20_000,
   }
 }
 
+/** Whether process `pid` still exists (signal 0 checks without sending anything). */
+export const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
 /** A shared cache dir per test process, so the demo model is generated once per test file. */
 let sharedCache: string | undefined;
 export function sharedCacheDir(): string {
