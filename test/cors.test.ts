@@ -5,9 +5,10 @@
  * gets nothing. The variable's parsing: origins as browsers send them, anything else named.
  */
 import http from 'node:http';
+import net from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
-import { startServer, type ServerHandle } from './helpers/server.js';
+import { startServer, until, type ServerHandle } from './helpers/server.js';
 
 const servers: ServerHandle[] = [];
 afterAll(async () => void (await Promise.all(servers.map((s) => s.stop()))));
@@ -90,6 +91,31 @@ describe('CORS_ALLOW_ORIGINS', () => {
     expect([plain.status, plain.headers['access-control-allow-origin']]).toEqual([405, APP]);
     const nowhere = await send(srv.port, 'OPTIONS', '/v3/models/model/generate', preflight(APP));
     expect([nowhere.status, nowhere.headers['access-control-allow-origin']]).toEqual([404, APP]);
+  });
+
+  it('past MAX_CONNECTIONS: the 503 BUSY carries the origin, so the page can read it and its Retry-After', async () => {
+    const srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '0', CORS_ALLOW_ORIGINS: APP, MAX_CONNECTIONS: '2' }, { ready: true });
+    servers.push(srv);
+    const held: net.Socket[] = [];
+    try {
+      for (let i = 0; i < 2; i++) {
+        const s = net.connect(srv.port, '127.0.0.1');
+        s.on('error', () => undefined);
+        held.push(s);
+      }
+      // A connection of its own for each try (a pooled one would count within the cap); the cap fills once the
+      // server has counted the two held ones, and the readiness polls' connections are gone.
+      let busy: Answer | undefined;
+      await until(async () => {
+        const r = await send(srv.port, 'POST', PREDICT, { origin: APP, 'content-type': 'application/json', connection: 'close' }, '{}');
+        if (r.status === 503) busy = r;
+        return busy !== undefined;
+      }, 10_000, 50);
+      expect(JSON.parse(busy!.body)).toMatchObject({ code: 'BUSY' });
+      expect(busy!.headers).toMatchObject({ 'retry-after': '1', 'access-control-allow-origin': APP, 'access-control-expose-headers': 'retry-after, allow, inference-header-content-length' });
+    } finally {
+      held.forEach((s) => s.destroy());
+    }
   });
 
   it('*: any origin, answered with *, no Vary on the origin', async () => {

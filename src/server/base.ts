@@ -378,6 +378,8 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       track(req, res);
       const refuse = (code: HttpErrorCode, error: string, headers: Record<string, string> = {}) => {
         const body = errorBody(code, error);
+        // A page reads a refusal (and its Retry-After) only with the CORS headers it would get from a route.
+        cors?.(req, res, pathOf(req.url), false);
         res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers, connection: 'close' }).end(body);
       };
       if (beyond.has(req.socket)) {

@@ -6,8 +6,11 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 
-/** Answers what it must (a preflight) and returns true; otherwise sets its headers, if any, and returns false. */
-export type CorsHandler = (req: IncomingMessage, res: ServerResponse, path: string) => boolean;
+/**
+ * Answers what it must (a preflight) and returns true; otherwise sets its headers, if any, and returns false.
+ * `answer` false: headers only, for a request the server refuses before its routes (a 503 past MAX_CONNECTIONS).
+ */
+export type CorsHandler = (req: IncomingMessage, res: ServerResponse, path: string, answer?: boolean) => boolean;
 
 /** Response headers a page may read besides the CORS-safelisted ones (content-type, content-length, …). */
 const EXPOSED = 'retry-after, allow, inference-header-content-length';
@@ -24,14 +27,14 @@ export function corsHandler(origins: readonly string[], allowed: (path: string) 
   if (origins.length === 0) return undefined;
   const any = origins.includes('*');
   const set = new Set(origins);
-  return (req, res, path) => {
+  return (req, res, path, answer = true) => {
     const origin = req.headers.origin;
     if (origin === undefined || (!any && !set.has(origin))) return false;
     res.setHeader('access-control-allow-origin', any ? '*' : origin);
     // Caches in between must not serve one origin's answer to another.
     if (!any) res.setHeader('vary', 'origin');
     const method = req.headers['access-control-request-method'];
-    if (req.method !== 'OPTIONS' || method === undefined) {
+    if (req.method !== 'OPTIONS' || method === undefined || !answer) {
       res.setHeader('access-control-expose-headers', EXPOSED);
       return false;
     }
