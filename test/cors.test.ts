@@ -86,6 +86,12 @@ describe('CORS_ALLOW_ORIGINS', () => {
       const r = await send(srv.port, 'POST', PREDICT, { origin: other, 'content-type': 'application/json' }, '{}');
       expect([other, r.status, r.headers['access-control-allow-origin']]).toEqual([other, 400, undefined]);
     }
+    // What a cache in between keys on: every answer varies on Origin, those without CORS headers included (a request
+    // with no Origin, or another one), or a cache would serve one of them to the listed origin (Fetch, "CORS protocol and HTTP caches").
+    for (const headers of [{}, { origin: 'https://evil.example' }]) {
+      const r = await send(srv.port, 'GET', '/v2/models/model', headers);
+      expect([r.status, r.headers['access-control-allow-origin'], r.headers.vary]).toEqual([200, undefined, 'origin']);
+    }
     // OPTIONS that is no preflight, and a preflight to a path nothing answers: as without CORS, the origin named.
     const plain = await send(srv.port, 'OPTIONS', PREDICT, { origin: APP });
     expect([plain.status, plain.headers['access-control-allow-origin']]).toEqual([405, APP]);
@@ -126,6 +132,9 @@ describe('CORS_ALLOW_ORIGINS', () => {
     expect(pre.headers).toMatchObject({ 'access-control-allow-origin': '*', 'access-control-allow-methods': 'POST', vary: 'access-control-request-method, access-control-request-headers' });
     const ready = await send(srv.port, 'GET', '/v2/health/ready', { origin: 'https://anything.example' });
     expect([ready.status, ready.headers['access-control-allow-origin'], ready.headers.vary]).toEqual([200, '*', undefined]);
+    // The same answer to a request without Origin: a cache may serve it to a page.
+    const plain = await send(srv.port, 'GET', '/v2/health/ready', {});
+    expect([plain.status, plain.headers['access-control-allow-origin'], plain.headers.vary]).toEqual([200, '*', undefined]);
     // Asked headers that are not a list of field names are not echoed.
     const odd = await send(srv.port, 'OPTIONS', PREDICT, preflight(APP, PREDICT, 'POST', 'content-type; x=1'));
     expect([odd.status, odd.headers['access-control-allow-headers']]).toEqual([204, undefined]);

@@ -29,12 +29,16 @@ export function corsHandler(origins: readonly string[], allowed: (path: string) 
   const set = new Set(origins);
   return (req, res, path, answer = true) => {
     const origin = req.headers.origin;
-    if (origin === undefined || (!any && !set.has(origin))) return false;
-    res.setHeader('access-control-allow-origin', any ? '*' : origin);
-    // Caches in between must not serve one origin's answer to another.
-    if (!any) res.setHeader('vary', 'origin');
+    // A cache in between must not serve one origin's answer to another, nor an answer without CORS headers (to a
+    // request with no Origin, or another one) to a listed origin: with listed origins every answer varies on Origin;
+    // with `*`, every answer carries it (Fetch standard, "CORS protocol and HTTP caches").
+    if (!any) {
+      res.setHeader('vary', 'origin');
+      if (origin === undefined || !set.has(origin)) return false;
+    }
+    res.setHeader('access-control-allow-origin', any ? '*' : origin!);
     const method = req.headers['access-control-request-method'];
-    if (req.method !== 'OPTIONS' || method === undefined || !answer) {
+    if (req.method !== 'OPTIONS' || method === undefined || origin === undefined || !answer) {
       res.setHeader('access-control-expose-headers', EXPOSED);
       return false;
     }
