@@ -88,7 +88,7 @@ describe('CORS_ALLOW_ORIGINS', () => {
     }
     // What a cache in between keys on: every answer varies on Origin, those without CORS headers included (a request
     // with no Origin, or another one), or a cache would serve one of them to the listed origin (Fetch, "CORS protocol and HTTP caches").
-    for (const headers of [{}, { origin: 'https://evil.example' }]) {
+    for (const headers of [{}, { origin: 'https://evil.example' }] as Record<string, string>[]) {
       const r = await send(srv.port, 'GET', '/v2/models/model', headers);
       expect([r.status, r.headers['access-control-allow-origin'], r.headers.vary]).toEqual([200, undefined, 'origin']);
     }
