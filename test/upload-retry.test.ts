@@ -108,6 +108,18 @@ describe('push', () => {
     expect(left(prefix)).toEqual([]);
   }, 60_000);
 
+  it("a part refused 403 and the SDK's own abort of its upload answered 500: the push names the denial, not the abort's error, and aborts the upload again", async () => {
+    const prefix = 'sd/denied-abort/';
+    proxy.faults = { abortUploads: true, failAborts: { count: 1 }, failPuts: { keys: new RegExp(`^${prefix}a\\.bin$`), every: { status: 403, code: 'AccessDenied' } } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(1);
+    expect(proxy.faults.failAborts?.count).toBe(0);
+    // Before: lib-storage reports its abort's error in place of the part's, "STORAGE_TRANSIENT: … InternalError (gave up after retries)".
+    expect(r.stderr).toContain(`warmup: STORAGE_DENIED: access denied to upload s3://models/${prefix}a.bin (AccessDenied)`);
+    expect(r.stderr).toContain('push: aborted the unfinished multipart uploads of 1 file(s) (a.bin)\n');
+    expect(left(prefix)).toEqual([]);
+  }, 60_000);
+
   it("a Complete carried out whose answer is lost: the retry's NoSuchUpload is taken as done when the object has the parts' ETag, else the push fails saying so", async () => {
     const prefix = 'sd/lost/';
     // s3rver gives a completed object the MD5 of its bytes; S3 gives the MD5 of the parts' MD5s with their count.

@@ -49,8 +49,9 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
  * (upload-signal.ts): lib-storage gives its commands none.
  */
 export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS): void {
-  // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort cut by the bound then
-  // fails with that, which is what the caller has to fix (lib-storage reports its abort's error in its place).
+  // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
+  // bound, a 500, …) then fails with that, which is what the caller has to fix (lib-storage reports its abort's error
+  // in its place; the upload stays tracked as unfinished, multipart.ts).
   const failed = new Map<string, unknown>();
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
@@ -61,7 +62,7 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
       const failure = failed.get(input.UploadId ?? '');
       failed.delete(input.UploadId ?? '');
       return bounded(0, 1, () => next(args)).catch((e: unknown) => {
-        throw failure !== undefined && e instanceof RuntimeError && e.code === 'STORAGE_STALL' ? failure : e;
+        throw failure ?? e;
       });
     }
     if (!UPLOAD_COMMANDS.has(command)) return next(args);
