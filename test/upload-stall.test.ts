@@ -186,7 +186,9 @@ describe('output_uri', () => {
     expect(r.status, JSON.stringify(r.json)).toBe(200);
     expect(JSON.stringify(r.json)).toContain('s3://models/out/once/fox.png');
     expect(unanswered('PutObject') - cut).toBe(1);
-    expect(sent('PutObject') - before).toBe(2);
+    // The one left unanswered, and once more; at least, as in the push's: on a loaded machine the live retry may stay
+    // silent for the 1 s bound too, and go again.
+    expect(sent('PutObject') - before).toBeGreaterThanOrEqual(2);
     expect(ms).toBeLessThan(10_000);
     expect((await object('out/once/fox.png')).subarray(1, 4).toString()).toBe('PNG');
   }, 60_000);
