@@ -48,9 +48,9 @@ afterAll(async () => {
  * The push with S3_STALL_TIMEOUT_S=1, killed if it still runs after `limitMs` (a request left unanswered held it for
  * good). S3_MAX_CONCURRENCY=4: one file at a time, a.bin's three parts in flight together.
  */
-function push(prefix: string, limitMs = 30_000, { dir = local, env = {} }: { dir?: string; env?: Record<string, string> } = {}) {
+function push(prefix: string, limitMs = 30_000, { dir = local, env = {}, args = [] }: { dir?: string; env?: Record<string, string>; args?: string[] } = {}) {
   let kill!: (s: NodeJS.Signals) => void;
-  const run = runWarmupCli(['push', dir, `s3://models/${prefix}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), {
+  const run = runWarmupCli(['push', ...args, dir, `s3://models/${prefix}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), {
     S3_MAX_CONCURRENCY: '4', S3_PART_SIZE: String(5 * MiB), S3_STALL_TIMEOUT_S: String(STALL_S), ...env,
   }), (k) => (kill = k));
   const timer = setTimeout(() => kill('SIGKILL'), limitMs);
@@ -132,6 +132,42 @@ describe('push', () => {
     expect(r.stderr).toContain('push: aborted the unfinished multipart uploads of 1 file(s) (a.bin)\n');
     expect(left(prefix)).toEqual([]);
     expect(r.ms).toBeLessThan(15_000);
+  }, 60_000);
+
+  it("the push's own LIST left unanswered once: sent again after the bound, and the push succeeds; never answered: STORAGE_STALL naming it", async () => {
+    const prefix = 'sd/list-once/';
+    proxy.faults = { stallLists: { count: 1 } };
+    const lists = proxy.stats.lists;
+    const r = await push(prefix);
+    // Before: the push never ended (killed here after 30 s, exit null), its one LIST waiting for good.
+    expect(r.code, r.stderr).toBe(0);
+    expect(proxy.faults.stallLists?.count).toBe(0);
+    expect(proxy.stats.lists - lists).toBeGreaterThanOrEqual(2);
+    expect(r.ms).toBeGreaterThan(STALL_S * 1000);
+    await expectPushed(prefix);
+
+    proxy.faults = { stallLists: { count: 1000 } };
+    const never = await push('sd/list-never/');
+    expect(never.code, never.stderr).toBe(1);
+    expect(never.stderr).toContain('warmup: STORAGE_STALL: cannot list s3://models/sd/list-never/: ListObjectsV2 stalled: nothing sent or received for 1 s '
+      + `(S3_STALL_TIMEOUT_S) on attempt 5 of 5; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store that answers slowly\n`);
+    // 5 tries of 1 s and the backoff between them (3 s at most).
+    expect(never.ms).toBeLessThan(20_000);
+  }, 60_000);
+
+  it('--replace: a DeleteObjects left unanswered once is sent again after the bound, and the stale object is deleted', async () => {
+    const prefix = 'sd/replace-stall/';
+    await s3.put('models', `${prefix}old.bin`, detBytes(100, 24));
+    proxy.faults = { stallUploads: { commands: ['DeleteObjects'], keys: /^$/, count: 1 } };
+    const cut = unanswered('DeleteObjects');
+    const r = await push(prefix, 30_000, { args: ['--replace'] });
+    // Before: the push uploaded everything, then never ended (killed here after 30 s), the stale object still there.
+    expect(r.code, r.stderr).toBe(0);
+    expect(unanswered('DeleteObjects') - cut).toBe(1);
+    expect(sent('DeleteObjects') - cut).toBeGreaterThanOrEqual(2);
+    expect(r.stderr).toContain('push: deleted 1 object(s) the export does not have\n');
+    await expectPushed(prefix);
+    await expect(object(`${prefix}old.bin`)).rejects.toMatchObject({ name: 'NoSuchKey' });
   }, 60_000);
 
   it('a PutObject the store reads slowly, for longer than the bound, is not cut: sent once', async () => {

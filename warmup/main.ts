@@ -18,6 +18,7 @@ import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
+import { uploadAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
@@ -118,17 +119,24 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const [{ Upload }, { createS3, listPrefix }, { DeleteObjectCommand, DeleteObjectsCommand }] = await Promise.all([
     import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js'), import('@aws-sdk/client-s3')]);
   const s3 = createS3(cfg.s3);
+  // The push's own requests (its LIST, its deletes) are cut as its uploads' are, after S3_STALL_TIMEOUT_S of silence,
+  // and tried again: a store that read one and never answered held the push for good.
+  const bounded = <T>(request: string, fn: () => Promise<T>) => (attempt: number) => uploadAttempt(cfg.s3.stallTimeoutS * 1000, fn, (cause) =>
+    new RuntimeError('STORAGE_STALL', `${request} stalled: nothing sent or received for ${cfg.s3.stallTimeoutS} s (S3_STALL_TIMEOUT_S) on attempt ${attempt + 1} of ${TRIES}`, { cause }));
+  const stalled = (action: string, e: unknown) => (isRuntimeError(e) && e.code === 'STORAGE_STALL'
+    ? new RuntimeError('STORAGE_STALL', `cannot ${action}: ${e.message}; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store that answers slowly`, { cause: e })
+    : undefined);
   // A server reads every object under the prefix: one this export lacks would be downloaded and loaded with it (a
   // VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the model, kept.
   const pushing = new Set(files);
   let stale: string[];
   try {
-    const listed = await retryTransient(() => listPrefix(s3.client, src.bucket, src.prefix, signal), TRIES, signal);
+    const listed = await retryTransient(bounded('ListObjectsV2', () => listPrefix(s3.client, src.bucket, src.prefix, signal)), TRIES, signal);
     stale = listed.map((o) => o.rel).filter((rel) => !pushing.has(rel) && !rel.startsWith('loras/'));
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
-    throw explainFallback(permanentError(e, src.bucket, undefined, 'list'), fallback);
+    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list'), fallback);
   }
   if (stale.length > 0 && !replace) {
     s3.destroy();
@@ -164,11 +172,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           await uploadingUntil(halt.signal, () => up.done());
         } catch (e) {
           if (halt.signal.aborted) throw e;
-          if (isRuntimeError(e) && e.code === 'STORAGE_STALL') {
-            throw new RuntimeError('STORAGE_STALL', `cannot upload s3://${src.bucket}/${src.prefix}${rel}: ${e.message}; check the link to S3, `
-              + 'or raise S3_STALL_TIMEOUT_S for a store that answers slowly', { cause: e });
-          }
-          throw explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
+          throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
         } finally {
           halt.signal.removeEventListener('abort', onHalt);
         }
@@ -176,7 +180,8 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         // matches it, so a fill would load it as sound: such an object is deleted and the push fails.
         const after = await fsp.stat(abs).catch(() => undefined);
         if (after?.size !== before.size || after.mtimeMs !== before.mtimeMs || after.ino !== before.ino) {
-          const deleted = await s3.client.send(new DeleteObjectCommand({ Bucket: src.bucket, Key: src.prefix + rel }), { abortSignal: signal }).then(() => true, () => false);
+          const deleted = await bounded('DeleteObject', () => s3.client.send(new DeleteObjectCommand({ Bucket: src.bucket, Key: src.prefix + rel }), { abortSignal: signal }))(0)
+            .then(() => true, () => false);
           throw new RuntimeError('INVALID_INPUT', `${rel} changed while it was uploaded (is the export still being written?); `
             + `${deleted ? 'its object was deleted' : `delete s3://${src.bucket}/${src.prefix}${rel}, which may mix both versions,`}; push again once the folder is final`);
         }
@@ -200,8 +205,9 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
       let left = stale.slice(i, i + 1000).map((rel) => src.prefix + rel);
       try {
         // A key S3 could not delete this time (InternalError, SlowDown) is asked for again; any other failure is final.
-        await retryTransient(async () => {
-          const r = await s3.client.send(new DeleteObjectsCommand({ Bucket: src.bucket, Delete: { Objects: left.map((Key) => ({ Key })), Quiet: true } }), { abortSignal: signal });
+        await retryTransient(async (attempt) => {
+          const r = await bounded('DeleteObjects', () => s3.client.send(new DeleteObjectsCommand({ Bucket: src.bucket, Delete: { Objects: left.map((Key) => ({ Key })), Quiet: true } }),
+            { abortSignal: signal }))(attempt);
           const failed = r.Errors ?? [];
           if (failed.length === 0) return;
           left = failed.map((f) => f.Key ?? '');
@@ -211,7 +217,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         }, TRIES, signal);
       } catch (e) {
         if (signal.aborted) throw e;
-        const p = permanentError(e, src.bucket, left[0], 'delete');
+        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete');
         throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
       }
     }

@@ -99,6 +99,8 @@ export interface Faults {
   holdLists?: Promise<unknown>;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
   failLists?: { count: number; status: number; code: string };
+  /** Leave the next `count` ListObjectsV2 requests unanswered (a store that reads a request and hangs). */
+  stallLists?: { count: number };
   /** The same for the next `count` GetObject requests. */
   failGets?: { count: number; status: number; code: string };
   /**
@@ -168,13 +170,17 @@ export interface Faults {
   slowPuts?: { keys: RegExp; bytesPerSecond: number };
 }
 
-export type UploadCommand = 'PutObject' | 'UploadPart' | 'CreateMultipartUpload' | 'CompleteMultipartUpload';
+/** The requests a push sends to write: its uploads, and the DeleteObjects of `--replace` (its key is ''). */
+export type UploadCommand = 'PutObject' | 'UploadPart' | 'CreateMultipartUpload' | 'CompleteMultipartUpload' | 'DeleteObjects';
 
 /** Which upload request this is, by method and query, as S3 tells them apart. */
 function uploadCommand(method: string | undefined, url: string): UploadCommand | undefined {
   const uploadId = /[?&]uploadId=/.test(url);
   if (method === 'PUT') return uploadId ? 'UploadPart' : 'PutObject';
-  if (method === 'POST') return uploadId ? 'CompleteMultipartUpload' : /[?&]uploads(=|&|$)/.test(url) ? 'CreateMultipartUpload' : undefined;
+  if (method === 'POST') {
+    if (uploadId) return 'CompleteMultipartUpload';
+    return /[?&]uploads(=|&|$)/.test(url) ? 'CreateMultipartUpload' : /[?&]delete(=|&|$)/.test(url) ? 'DeleteObjects' : undefined;
+  }
   return undefined;
 }
 
@@ -358,6 +364,11 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     if ((f.loseCompletes || f.stallUploads?.forward) && uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
       req.resume();
       res.writeHead(404, { 'content-type': 'application/xml' }).end(s3Error('NoSuchUpload'));
+      return;
+    }
+    if (isList && f.stallLists && f.stallLists.count > 0) {
+      f.stallLists.count--;
+      req.resume();
       return;
     }
     if (isList && f.failLists && f.failLists.count > 0) {
