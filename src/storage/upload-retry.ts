@@ -10,7 +10,7 @@ import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import { retryTransient } from './s3-errors.js';
 import { uploadSignal } from './upload-signal.js';
-import { uploadAttempt } from './upload-stall.js';
+import { stallError, uploadAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
@@ -18,15 +18,6 @@ export const UPLOAD_ATTEMPTS = 5;
 const UPLOAD_COMMANDS: ReadonlySet<string> = new Set(['PutObjectCommand', 'CreateMultipartUploadCommand', 'UploadPartCommand', 'CompleteMultipartUploadCommand']);
 
 interface CompleteInput { Bucket?: string; Key?: string; UploadId?: string; PartNumber?: number; MultipartUpload?: { Parts?: { ETag?: string }[] } }
-
-/**
- * The error of an attempt the silence bound cut: transient (classify), so retried. The callers add which object
- * (output.ts, the push).
- */
-function stallError(request: string, input: CompleteInput, ms: number, attempt: number, attempts: number, cause: unknown): RuntimeError {
-  const what = `${request.replace(/Command$/, '')}${input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : ''}`;
-  return new RuntimeError('STORAGE_STALL', `${what} stalled: nothing sent or received for ${ms / 1000} s (S3_STALL_TIMEOUT_S) on attempt ${attempt + 1} of ${attempts}`, { cause });
-}
 
 /**
  * S3's ETag of an object completed from these parts: the MD5 of their MD5s, then `-` and their count. Undefined where a
@@ -56,8 +47,9 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     const input = args.input as CompleteInput;
-    const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = command) =>
-      uploadAttempt(stallMs, fn, (cause) => stallError(what, input, stallMs, attempt, tries, cause));
+    const part = input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : '';
+    const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = `${command.replace(/Command$/, '')}${part}`) =>
+      uploadAttempt(stallMs, fn, (cause) => stallError(what, stallMs, attempt, tries, cause));
     if (command === 'AbortMultipartUploadCommand') {
       const failure = failed.get(input.UploadId ?? '');
       failed.delete(input.UploadId ?? '');

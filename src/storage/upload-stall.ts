@@ -9,6 +9,7 @@
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type http from 'node:http';
+import { RuntimeError } from '../errors.js';
 
 interface Attempt {
   readonly ms: number;
@@ -31,6 +32,14 @@ export async function uploadAttempt<T>(ms: number, fn: () => Promise<T>, stalled
   } finally {
     attempt.settled = true;
   }
+}
+
+/**
+ * The error of attempt `attempt` (from 0) of `attempts` that the bound cut, for `request` (`UploadPart (part 2)`):
+ * transient (classify), so retried. The callers add which object (output.ts, the push).
+ */
+export function stallError(request: string, ms: number, attempt: number, attempts: number, cause: unknown): RuntimeError {
+  return new RuntimeError('STORAGE_STALL', `${request} stalled: nothing sent or received for ${ms / 1000} s (S3_STALL_TIMEOUT_S) on attempt ${attempt + 1} of ${attempts}`, { cause });
 }
 
 type AddRequest = (req: http.ClientRequest, options: unknown) => void;
