@@ -256,7 +256,7 @@ class S3Fetch {
       const cached = await readManifest(this.entry);
       if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
         try {
-          listing = this.o.requireHitCheck ? await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000) : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
+          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
@@ -266,7 +266,7 @@ class S3Fetch {
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
-      listing ??= await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
+      listing ??= await this.listing();
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
         throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
@@ -353,9 +353,10 @@ class S3Fetch {
   /**
    * Lists the prefix, retrying what may pass, a try cut short by its own deadline included (the fetch's abort ends the
    * retries before that is asked); an answer the transport may have caused goes up at once (resolveModel). A store that
-   * left the last try unanswered is unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx.
+   * left the last try unanswered is unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx. By default the fill's
+   * listing: S3_MAX_ATTEMPTS tries of 60 s each.
    */
-  private async listing(attempts: number, timeoutMs: number): Promise<RemoteObject[]> {
+  private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
     let tries = 0;
     let unanswered = 0;
@@ -523,7 +524,7 @@ class S3Fetch {
         log.warn({ key: e.key }, e.missing === undefined ? 'object changed during the download; listing again' : 'object deleted during the download; listing again');
         why = 'changed';
         const before = listing.find((x) => x.key === e.key);
-        listing = await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
+        listing = await this.listing();
         // Still listed as it was, yet S3 says it does not exist: no round will fetch it.
         const still = listing.find((x) => x.key === e.key);
         if (e.missing !== undefined && still && before && still.etag === before.etag && still.size === before.size) throw permanentError(e.missing, this.bucket, e.key, 'read');
@@ -534,7 +535,7 @@ class S3Fetch {
       // can tear a read whose headers were already sent), at the cost of one round trip.
       this.emit('verifying', true);
       if (!report.etagsChecked) log.warn({ uri: this.uri }, 'the store sent no ETag with some ranges; relying on the final listing');
-      const now = fetch.length === 0 ? listing : await this.listing(cfg.s3.maxAttempts, this.o.listTimeoutMs ?? 60_000);
+      const now = fetch.length === 0 ? listing : await this.listing();
       const changed = now.length !== listing.length || now.some((x, i) => x.rel !== listing[i]!.rel || x.etag !== listing[i]!.etag || x.size !== listing[i]!.size);
       if (changed) {
         log.warn({ uri: this.uri }, 'objects changed while downloading; fetching the changes');
