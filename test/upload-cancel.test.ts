@@ -9,7 +9,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
-import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { cleanUpS3, CREDS, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 
@@ -31,11 +31,10 @@ beforeAll(async () => {
   }, { ready: true });
 }, 120_000);
 
+cleanUpS3(() => ({ s3, proxy, tmp: tmp.dir }));
+// After-hooks run last registered first: the server stops before its store and folder go.
 afterAll(async () => {
   await srv?.stop();
-  await proxy?.close();
-  if (s3) await destroyS3(s3);
-  tmp.cleanup();
 });
 
 const instance = (seed: number, uri: string) => ({ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed, output_uri: uri });
