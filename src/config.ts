@@ -207,8 +207,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
 
   const maxSteps = int('MAX_STEPS', 500, 1, 10_000);
   const defaultScheduler = raw('DEFAULT_SCHEDULER');
-  if (defaultScheduler !== undefined && !/^[A-Za-z0-9_]{1,64}$/.test(defaultScheduler)) {
-    bad.push(`DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras (letters, digits and '_'), got ${JSON.stringify(env.DEFAULT_SCHEDULER)}`);
+  // Only its form here: whether it names a scheduler is checked at start, beside this (main.ts), with the names known.
+  if (defaultScheduler !== undefined && !/^[\x20-\x7e]{1,64}$/.test(defaultScheduler)) {
+    bad.push(`DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras (at most 64 printable ASCII characters), got ${JSON.stringify(env.DEFAULT_SCHEDULER)}`);
   }
 
   const modelName = raw('MODEL_NAME') ?? 'model';

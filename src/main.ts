@@ -1,7 +1,7 @@
 /**
  * @module The composition root: parse config, start the pipeline workers, listen, run the boot (runtime/boot-sequence.ts)
- * and wire the runtime into the HTTP server. Only the config parser, the worker spawner and Node's http server load
- * before the socket is open; the boot, logging, the runtime and the routes are imported after.
+ * and wire the runtime into the HTTP server. Only the config parser, the scheduler names, the worker spawner and Node's
+ * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after.
  */
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +16,7 @@ import type { BaseServer } from './server/base.js';
 import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
+import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -51,8 +52,9 @@ async function main(): Promise<void> {
   let cfg: Readonly<Config>;
   try {
     cfg = loadConfig(process.env);
-    const unaddressable = unaddressableUris(cfg);
-    if (unaddressable.length > 0) throw new ConfigError(unaddressable);
+    const unknownScheduler = unknownDefaultScheduler(cfg.defaultScheduler);
+    const problems = [...unaddressableUris(cfg), ...(unknownScheduler === undefined ? [] : [unknownScheduler])];
+    if (problems.length > 0) throw new ConfigError(problems);
   } catch (err) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
     process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);

@@ -43,7 +43,10 @@ describe('loadConfig', () => {
   it('DEFAULT_SCHEDULER is a name (checked against the model at boot), DEFAULT_STEPS at most MAX_STEPS', () => {
     expect(loadConfig({ DEFAULT_SCHEDULER: 'dpmpp_2m_karras', DEFAULT_STEPS: '25' })).toMatchObject({ defaultScheduler: 'dpmpp_2m_karras', defaultSteps: 25 });
     expect(loadConfig({})).toMatchObject({ defaultScheduler: undefined, defaultSteps: undefined });
-    expect(() => loadConfig({ DEFAULT_SCHEDULER: 'DPM++ 2M Karras' })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras \(letters, digits and '_'\), got "DPM\+\+ 2M Karras"/);
+    // A sampler label passes the form; the server names the scheduler meant at start (below).
+    expect(loadConfig({ DEFAULT_SCHEDULER: 'DPM++ 2M Karras' }).defaultScheduler).toBe('DPM++ 2M Karras');
+    expect(() => loadConfig({ DEFAULT_SCHEDULER: 'euler\nlevel=error' })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras \(at most 64 printable ASCII characters\), got "euler\\nlevel=error"/);
+    expect(() => loadConfig({ DEFAULT_SCHEDULER: 'e'.repeat(65) })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name/);
     expect(() => loadConfig({ DEFAULT_STEPS: '600' })).toThrow(/DEFAULT_STEPS must be an integer from 1 to 500, got "600"/);
     expect(loadConfig({ DEFAULT_STEPS: '600', MAX_STEPS: '1000' }).defaultSteps).toBe(600);
   });
@@ -242,6 +245,13 @@ describe('the server command line', () => {
     expect([r.status, r.stdout]).toEqual([2, '']);
     expect(r.stderr).toBe('diffusers-runtime: invalid configuration: S3_STALL_TIMEOUT_S must be a number from 0.1 to 2147483, got "2147484"; '
       + 'SHUTDOWN_GRACE_S must be a number from 0 to 2147483, got "1e9"; REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "3000000"\n');
+  });
+
+  it('a DEFAULT_SCHEDULER naming no scheduler fails the start, before any model is fetched; a sampler label gets the name meant', () => {
+    const r = spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000,
+      env: { ...process.env, PORT: '0', HOST: '127.0.0.1', DEFAULT_SCHEDULER: 'DPM++ 2M Karras', STORAGE_URI: 's3://models/sd15' } });
+    expect([r.status, r.stdout]).toEqual([2, '']);
+    expect(r.stderr).toMatch(/^diffusers-runtime: invalid configuration: DEFAULT_SCHEDULER: scheduler "DPM\+\+ 2M Karras" is unknown; did you mean "dpmpp_2m_karras"\?; use one of pndm, .*\n$/);
   });
 
   it('refuses arguments in one line, naming the variable for a KServe flag, instead of ignoring them', () => {

@@ -3,7 +3,7 @@ import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import { unconditionalPass, type GenerationShape, type JobItem, type ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
-import { ETA_CLASSES, schedulerClassOf, unknownSchedulerName } from '../pipeline/schedulers/names.js';
+import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
 import { keyProblem, parseS3Object } from '../storage/uri.js';
@@ -240,8 +240,8 @@ function loneSurrogate(s: string): string {
 export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defaultSteps'>, defaults: ModelDefaults): void {
   const name = cfg.defaultScheduler;
   if (name !== undefined) {
-    const unknown = unknownSchedulerName(name);
-    if (unknown !== undefined) throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER: ${unknown}`);
+    const unknown = unknownDefaultScheduler(name);
+    if (unknown !== undefined) throw new RuntimeError('CONFIG', unknown);
     if (defaults.stepRanges && !defaults.stepRanges[name]) {
       const why = defaults.schedulerRefusals?.[name]?.message ?? 'a request naming it gets the reason';
       throw new RuntimeError('CONFIG', `DEFAULT_SCHEDULER=${name} cannot run from this model's scheduler/scheduler_config.json (${why}); unset it or name another scheduler`);

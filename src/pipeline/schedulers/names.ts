@@ -127,3 +127,12 @@ export function unknownSchedulerName(name: string): string | undefined {
   const meant = suggestion(name);
   return `scheduler "${name}" is unknown${meant ? `; did you mean "${meant}"?` : ''}; use one of ${Object.keys(SCHEDULER_NAMES).join(', ')}`;
 }
+
+/**
+ * Why DEFAULT_SCHEDULER names no scheduler, as the server says it at start (before any model is fetched) and the boot
+ * at load, or undefined when it names one.
+ */
+export function unknownDefaultScheduler(name: string | undefined): string | undefined {
+  const unknown = name === undefined ? undefined : unknownSchedulerName(name);
+  return unknown === undefined ? undefined : `DEFAULT_SCHEDULER: ${unknown}`;
+}
