@@ -442,7 +442,9 @@ describe('warm-up during the download', () => {
       hold.release();
       await srv.waitReady(40_000);
       expect(at(srv, 'warmup-early')).toBeLessThan(at(srv, 'files-ready'));
-      expect(at(srv, 'files-ready')).toBeLessThan(at(srv, 'warmup-done'));
+      // Ready waits for both; between them no order: the decoder's session loads once its file is whole, and a
+      // loaded machine has finished the warm-up before the entry's commit (seen once, with helpers running beside).
+      expect(Math.max(at(srv, 'files-ready'), at(srv, 'warmup-done'))).toBeLessThan(at(srv, 'ready'));
       // One warm-up, which spent the hold waiting for the decoder: text encoder and UNet had run before it ended.
       const warm = srv.events('warmup-done');
       expect(warm).toHaveLength(1);
