@@ -45,6 +45,11 @@ export interface S3Settings {
 export interface Config {
   /** What STORAGE_URI said, or undefined when it was not set. */
   readonly storageUri: string | undefined;
+  /**
+   * KServe's MODEL_INIT_MODE=async (it sets it beside a modelcar, `storageUri: oci://…`): the model folder is a link a
+   * sidecar makes after this process starts, so a local STORAGE_URI (or /mnt/models) that is not there yet is waited for.
+   */
+  readonly modelInitAsync: boolean;
   readonly modelName: string;
   readonly host: string;
   readonly port: number;
@@ -259,6 +264,8 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const gpus = autoOrInt('GPUS', 0, 64) ?? (executionProvider === 'cpu' ? 0 : visibleGpus(env));
   const cfg: Config = {
     storageUri: raw('STORAGE_URI'),
+    // KServe's variable, not ours: any other value is its default (the model is in place at start), never refused.
+    modelInitAsync: raw('MODEL_INIT_MODE')?.toLowerCase() === 'async',
     modelName,
     host: raw('HOST') ?? '0.0.0.0',
     port: int('PORT', 8080, 0, 65535),

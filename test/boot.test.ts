@@ -2,16 +2,16 @@
  * Boot over a real socket: liveness at once and readiness only after warm-up (a process of its own: the cold start's
  * order), failures visible (in-process), EP fallback (its stderr), exit codes and the SIGTERM drain (signals).
  */
-import { cpSync, rmSync, truncateSync } from 'node:fs';
+import { cpSync, rmSync, symlinkSync, truncateSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { afterEach, describe, expect, it } from 'vitest';
-import { buildDemoModel } from '../src/demo/index.js';
+import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
 import { nativeRandn } from '../src/pipeline/random.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { postJson, sharedCacheDir, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
 const live: ServerHandle[] = [];
 const inProcess: RuntimeHandle[] = [];
@@ -96,6 +96,25 @@ describe('boot', () => {
       expect(body.reason).not.toContain(dir);
       expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
       expect((await fetch(`${srv.url}/`)).status).toBe(200);
+    } finally {
+      cleanup();
+    }
+  });
+
+  it('a modelcar (MODEL_INIT_MODE=async): a model folder linked only after start is waited for, then served', async () => {
+    // KServe's modelcar sidecar runs `ln -sf /proc/$$/root/models /mnt/models` as it starts, beside this container.
+    const model = await ensureDemoModel(sharedCacheDir());
+    const { dir, cleanup } = tempDir();
+    try {
+      const link = path.join(dir, 'models');
+      const srv = await startIn({ STORAGE_URI: link, MODEL_INIT_MODE: 'async' });
+      await until(() => srv.logs.some((l) => String(l.msg).startsWith('waiting for the model folder STORAGE_URI names to appear')));
+      const before = await fetch(`${srv.url}/v1/models/model`);
+      expect(before.status).toBe(503);
+      expect(((await before.json()) as { state: string }).state).not.toBe('failed');
+      symlinkSync(model, link);
+      await srv.waitReady();
+      expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
     } finally {
       cleanup();
     }

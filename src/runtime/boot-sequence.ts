@@ -88,7 +88,8 @@ export async function bootRuntime(rt: Runtime): Promise<void> {
 }
 
 async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
-  const uri = cfg.storageUri ?? (existsSync('/mnt/models') ? '/mnt/models' : undefined);
+  // A modelcar's /mnt/models appears after start (MODEL_INIT_MODE=async): it is the model, not a reason for the demo one.
+  const uri = cfg.storageUri ?? (cfg.modelInitAsync || existsSync('/mnt/models') ? '/mnt/models' : undefined);
   if (uri === undefined) return { source: 'demo' };
   let src;
   try {

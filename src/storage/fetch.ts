@@ -7,6 +7,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { deadline } from '../deadline.js';
@@ -177,7 +178,32 @@ export function sameCommit(a: Manifest, b: Manifest): boolean {
   return a.completedAt === b.completedAt && JSON.stringify(a.files) === JSON.stringify(b.files);
 }
 
+/** How often a model folder that is not there yet is looked for again (MODEL_INIT_MODE=async). */
+const APPEAR_POLL_MS = 250;
+
+/**
+ * Until `dir` exists. KServe links a modelcar's /mnt/models from a sidecar that starts beside this container, not
+ * before it (kserve/kserve#3646): read at once, the folder is missing for a moment and the boot would fail for good.
+ * Only a missing folder is waited for; another error (EACCES following the link) is the stat's own answer.
+ */
+async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
+  const since = performance.now();
+  let logged = -Infinity;
+  for (;;) {
+    const err = await fsp.stat(dir).then(() => undefined, (e: NodeJS.ErrnoException) => e);
+    if (err?.code !== 'ENOENT') return;
+    const now = performance.now();
+    if (now - logged >= (opts.progressLogMs ?? PROGRESS_LOG_MS)) {
+      logged = now;
+      opts.log.info({ waitedS: Math.round((now - since) / 1000) },
+        'waiting for the model folder STORAGE_URI names to appear (MODEL_INIT_MODE=async: a modelcar links it after start)');
+    }
+    await sleep(APPEAR_POLL_MS, undefined, { signal: opts.signal });
+  }
+}
+
 async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
+  if (opts.cfg.modelInitAsync) await appeared(dir, opts);
   const st = await fsp.stat(dir).catch(() => undefined);
   // The reason reaches clients (the model endpoint), so it names the setting, not the local path it holds.
   if (st === undefined) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
