@@ -96,7 +96,7 @@ describe('pipelined requests on one keep-alive connection', () => {
     expect(responses.map((r) => r.status)).toEqual([200, 200, 404, 200]);
     expect((jsonOf(responses[0]!).predictions as Array<{ seed: number }>)[0]!.seed).toBe(5);
     expect(jsonOf(responses[1]!)).toEqual({ status: 'alive' });
-    expect(jsonOf(responses[2]!).error).toBe('Model with name nope does not exist.');
+    expect(jsonOf(responses[2]!).error).toBe('Model with name nope does not exist. This server serves "model" (GET /v1/models).');
     expect((jsonOf(responses[3]!).outputs as Array<{ name: string; data: unknown[] }>).find((o) => o.name === 'seed')!.data).toEqual([7]);
   });
 

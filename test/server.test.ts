@@ -28,12 +28,12 @@ describe('routes', () => {
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(200);
   });
 
-  it('404s an unknown model with KServe message, before reading the body', async () => {
+  it('404s an unknown model with KServe message and the name it serves, before reading the body', async () => {
     const r = await postJson(`${srv.url}/v1/models/nope:predict`, { instances: [{ prompt: 'x' }] });
     expect(r.status).toBe(404);
-    expect(r.json.error).toBe('Model with name nope does not exist.');
+    expect(r.json.error).toBe('Model with name nope does not exist. This server serves "model" (GET /v1/models).');
     const g = await fetch(`${srv.url}/v1/models/nope`);
-    expect([g.status, await g.json()]).toEqual([404, { error: 'Model with name nope does not exist.', code: 'MODEL_NOT_FOUND' }]);
+    expect([g.status, await g.json()]).toEqual([404, { error: 'Model with name nope does not exist. This server serves "model" (GET /v1/models).', code: 'MODEL_NOT_FOUND' }]);
   });
 
   it('answers unknown routes with 404 and wrong methods with 405, as JSON', async () => {

@@ -30,7 +30,7 @@ describe('V2 metadata and health', () => {
     expect([rd.status, await rd.json()]).toEqual([200, { name: 'model', ready: true }]);
     expect(await (await fetch(`${srv.url}/v2/health/ready`)).json()).toEqual({ ready: true });
     const nf = await fetch(`${srv.url}/v2/models/nope`);
-    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist.', code: 'MODEL_NOT_FOUND' }]);
+    expect([nf.status, await nf.json()]).toEqual([404, { error: 'Model with name nope does not exist. This server serves "model" (GET /v1/models).', code: 'MODEL_NOT_FOUND' }]);
     const nfr = await fetch(`${srv.url}/v2/models/nope/ready`);
     expect(nfr.status).toBe(404);
   });
@@ -263,7 +263,7 @@ describe('V2 infer', () => {
 
   it('404s an unknown model and 413s an oversize body', async () => {
     const r = await postJson(`${srv.url}/v2/models/nope/infer`, { inputs: [prompt('x')] });
-    expect([r.status, r.json.error]).toEqual([404, 'Model with name nope does not exist.']);
+    expect([r.status, r.json.error]).toEqual([404, 'Model with name nope does not exist. This server serves "model" (GET /v1/models).']);
     const big = await infer({ inputs: [prompt('x'.repeat(70_000))] });
     expect(big.status).toBe(413);
     const m = await fetch(`${srv.url}/v2/models/model/infer`);

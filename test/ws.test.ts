@@ -167,7 +167,7 @@ describe('WebSocket stream', () => {
 
     const unknown = await connect(srv.port, '/v1/models/nope/stream');
     expect(await unknown.closed).toEqual({ code: 4404, reason: 'MODEL_NOT_FOUND' });
-    expect(unknown.messages).toEqual([{ type: 'error', code: 'MODEL_NOT_FOUND', error: 'Model with name nope does not exist.' }]);
+    expect(unknown.messages).toEqual([{ type: 'error', code: 'MODEL_NOT_FOUND', error: 'Model with name nope does not exist. This server serves "model" (GET /v1/models).' }]);
     // Each answer is one inference_request_count, whether refused at the upgrade or after the message.
     expect([(await count('400')) - bad0, (await count('404')) - unknown0]).toEqual([4, 1]);
     expect(srv.logs.filter((l) => l.msg === 'inference request' && l.route === '/v1/models/nope/stream').map((l) => l.status)).toEqual([404]);

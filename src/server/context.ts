@@ -32,15 +32,19 @@ export interface ServerContext {
   generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void) => Promise<TaskResult[]>;
 }
 
-/** KServe's 404 for a model name this server does not serve (every route and the WebSocket). */
-export const unknownModel = (name: string): RuntimeError => new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist.`);
+/**
+ * KServe's 404 for a model name this server does not serve (every route and the WebSocket), plus the name it does
+ * serve: a client written for `model` meets an InferenceService's own name (MODEL_NAME={{.Name}}) on KServe.
+ */
+export const unknownModel = (name: string, served: string): RuntimeError =>
+  new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist. This server serves "${served}" (GET /v1/models).`);
 
 /**
  * The model endpoint (`/v1/models/{name}`, `/v1/models/{name}/ready`, `/v2/models/{name}/ready`): 200 once ready;
  * while booting, failed or stopping a 503 carrying the boot state and progress (DESIGN.md); 404 for another name.
  */
 export function modelStatus(ctx: ServerContext, name: string): Reply {
-  if (name !== ctx.cfg.modelName) throw unknownModel(name);
+  if (name !== ctx.cfg.modelName) throw unknownModel(name, ctx.cfg.modelName);
   if (ctx.boot.ready && !ctx.stopping()) return json(200, { name, ready: true });
   throw new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.`, { retryAfter: 5, fields: { name, ready: false, ...ctx.boot.describe() } });
 }
@@ -54,7 +58,7 @@ export const shuttingDown = (name: string): RuntimeError =>
  * counted in `inference_rejected_total` by reason; an unknown model is a 404, not a refusal.
  */
 export function assertServable(ctx: ServerContext, name: string): void {
-  if (name !== ctx.cfg.modelName) throw unknownModel(name);
+  if (name !== ctx.cfg.modelName) throw unknownModel(name, ctx.cfg.modelName);
   const refuse = (reason: RejectReason, err: RuntimeError): RuntimeError => {
     ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason });
     return err;

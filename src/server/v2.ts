@@ -42,7 +42,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     '/v2/models/:name',
     route((r) => {
       const name = r.params[0]!;
-      if (name !== ctx.cfg.modelName) throw unknownModel(name);
+      if (name !== ctx.cfg.modelName) throw unknownModel(name, ctx.cfg.modelName);
       return json(200, modelMetadata(name));
     }, opts),
   );
