@@ -160,7 +160,9 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['width above maximum', { instances: [{ prompt: 'x', width: 4096 }] }, 400, /up to 1024/],
     ['huge number', { instances: [{ prompt: 'x', height: 1e308 }] }, 400, /height/],
     ['overflowing number', '{"instances":[{"prompt":"x","guidance_scale":1e999}]}', 400, /guidance_scale/],
-    ['negative seed', { instances: [{ prompt: 'x', seed: -1 }] }, 400, /seed/],
+    // AUTOMATIC1111's "random" seed: the answer says how to ask for one here.
+    ['negative seed', { instances: [{ prompt: 'x', seed: -1 }] }, 400,
+      /^instances\[0\]\.seed must be an integer from 0 to 9007199254740991, got -1; leave seed out for a random one, returned with the image$/],
     ['seed too large', { instances: [{ prompt: 'x', seed: 2 ** 60 }] }, 400, /seed/],
     // 2^53 - 1 + 2 - 1 rounds to 2^53 - 1 in doubles: the check passed and the worker refused seed + 1 under no field's name.
     ['seed + images past 2^53 - 1', { instances: [{ prompt: 'x', seed: 2 ** 53 - 1, num_images_per_prompt: 2, num_inference_steps: 1, height: 64, width: 64 }] }, 400,

@@ -258,7 +258,7 @@ describe('V2 infer', () => {
     const loras = await two({ loras: '[{' });
     expect(loras.json.error).toMatch(/^parameters\.loras is not JSON: /);
     const several = await two({ output_format: 'gif' }, { name: 'seed', shape: [2], datatype: 'INT64', data: [1, -1] });
-    expect(several.json.error).toBe(`parameters.output_format must be one of png, jpeg, webp, got "gif"; input "seed" data[1] must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got -1`);
+    expect(several.json.error).toBe(`parameters.output_format must be one of png, jpeg, webp, got "gif"; input "seed" data[1] must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got -1; leave seed out for a random one, returned with the image`);
   });
 
   it('404s an unknown model and 413s an oversize body', async () => {

@@ -383,6 +383,8 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   }
   const seedGiven = has('seed');
   const seed = int('seed', 0, 0, MAX_SEED);
+  // -1 means "random" to AUTOMATIC1111 and the UIs built like it: here a random seed is the one not sent.
+  if (typeof inst.seed === 'number' && inst.seed < 0) bad[bad.length - 1] += '; leave seed out for a random one, returned with the image';
   // Not `seed + numImages - 1 > MAX_SEED`: past 2^53 that sum rounds (2^53 - 1 + 2 - 1 gives 2^53 - 1).
   if (seedGiven && seed > MAX_SEED - (numImages - 1)) {
     bad.push(`${w}.seed + num_images_per_prompt - 1 must be at most ${MAX_SEED} (image i uses seed + i), got ${seed} with ${numImages} images`);
