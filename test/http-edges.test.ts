@@ -160,7 +160,7 @@ describe('methods', () => {
   });
 
   it('answers a path no route serves with 404 whatever the method, and a wrong method with 405 and Allow', async () => {
-    for (const [method, p] of [['GET', '/v2/nothing'], ['POST', '/v2/models/model/infer/'], ['DELETE', '/v2/x/y']] as const) {
+    for (const [method, p] of [['GET', '/v2/nothing'], ['POST', '/v2/models/model/infer/x'], ['DELETE', '/v2/x/y']] as const) {
       const r = await fetch(`${srv.url}${p}`, { method });
       expect([method, p, r.status, await r.json()]).toEqual([method, p, 404, { error: `Not Found: ${p}`, code: 'NOT_FOUND' }]);
     }
@@ -194,6 +194,21 @@ describe('request targets', () => {
       [200, await (await fetch(`${srv.url}/`)).json()],
       [200, await (await fetch(`${srv.url}/`)).json()],
     ]);
+  });
+
+  it('serves a path with one trailing slash as the path (a probe copied from a server that redirects it); two are still a 404', async () => {
+    const same = async (p: string) => {
+      const [a, b] = await Promise.all([fetch(`${srv.url}${p}/?x=1`), fetch(`${srv.url}${p}`)]);
+      return [a.status, await a.text()].join(' ') === [b.status, await b.text()].join(' ') && a.status;
+    };
+    expect(await same('/v2/health/ready')).toBe(200);
+    expect(await same('/v1/models/model')).toBe(200);
+    expect(await same('/v1/models')).toBe(200);
+    expect((await fetch(`${srv.url}/metrics/`)).status).toBe(200);
+    const slash = await postJson(`${srv.url}/v1/models/model:predict/`, JSON.parse(tiny(4)) as Record<string, unknown>);
+    expect(slash.json.predictions).toEqual((await postJson(`${srv.url}/v1/models/model:predict`, JSON.parse(tiny(4)) as Record<string, unknown>)).json.predictions);
+    expect((await fetch(`${srv.url}/v2/health/ready//`)).status).toBe(404);
+    expect((await fetch(`${srv.url}/v1/models/nope/`)).status).toBe(404);
   });
 
   it('answers CONNECT (a client whose HTTPS_PROXY names this server) with 405 saying so, instead of closing without a word', async () => {

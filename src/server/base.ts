@@ -166,7 +166,10 @@ export const pathOf = (url: string | undefined): string => {
     if (!u.startsWith('/')) u = `/${u}`; // an empty path is '/' (`http://x?probe=1` too)
   }
   const q = u.indexOf('?');
-  return q < 0 ? u : u.slice(0, q);
+  const p = q < 0 ? u : u.slice(0, q);
+  // One trailing slash is the same path (`/v2/health/ready/` in a probe copied from elsewhere): KServe's Python server
+  // (Starlette) redirects it there, and kubelet follows; none of the routes ends with one.
+  return p.length > 1 && p.endsWith('/') ? p.slice(0, -1) : p;
 };
 
 /** The error body every answer of this module carries: KServe's `error`, with our stable code beside it. */
