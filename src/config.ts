@@ -137,6 +137,8 @@ type Env = Record<string, string | undefined>;
 
 const PROVIDERS: readonly ExecutionProvider[] = ['auto', 'cuda', 'cpu'];
 const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+/** Python's logging names that pino spells otherwise (a manifest written for the Python runtime keeps working). */
+const PYTHON_LEVELS: ReadonlyMap<string, LogLevel> = new Map([['warning', 'warn'], ['critical', 'fatal']]);
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
 const OPT_CACHE: readonly OptimizedCacheMode[] = ['auto', 'always', 'off'];
 const GRAPH_OPT: readonly GraphOptimization[] = ['all', 'extended', 'basic', 'disabled'];
@@ -279,7 +281,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     batchWindowMs: int('BATCH_WINDOW_MS', 20, 0, 10_000),
     maxQueue: int('MAX_QUEUE', 32, 1, 100_000),
     maxConnections: autoOrInt('MAX_CONNECTIONS', 0, 10_000_000, 'auto, 0 (no cap) or a number of connections up to 10000000'),
-    logLevel: oneOf('LOG_LEVEL', 'info', LEVELS),
+    logLevel: PYTHON_LEVELS.get(raw('LOG_LEVEL')?.toLowerCase() ?? '') ?? oneOf('LOG_LEVEL', 'info', LEVELS),
     maxBodyBytes: int('MAX_BODY_BYTES', 1024 * 1024, 1024, 1024 * 1024 * 1024),
     maxImageSize: int('MAX_IMAGE_SIZE', 2048, 8, 16384),
     maxSteps,

@@ -40,6 +40,11 @@ describe('loadConfig', () => {
     expect(loadConfig({ AWS_ENDPOINT_URL: 'http://minio:9000' }).s3.forcePathStyle).toBe(true);
   });
 
+  it("LOG_LEVEL takes pino's names in any case, and Python's WARNING and CRITICAL as warn and fatal", () => {
+    expect(['DEBUG', 'WARNING', 'warning', 'CRITICAL', 'Error', 'silent'].map((l) => loadConfig({ LOG_LEVEL: l }).logLevel)).toEqual(['debug', 'warn', 'warn', 'fatal', 'error', 'silent']);
+    expect(() => loadConfig({ LOG_LEVEL: 'NOTSET' })).toThrow(/LOG_LEVEL must be one of trace, debug, info, warn, error, fatal, silent, got "NOTSET"/);
+  });
+
   it('DEFAULT_SCHEDULER is a name (checked against the model at boot), DEFAULT_STEPS at most MAX_STEPS', () => {
     expect(loadConfig({ DEFAULT_SCHEDULER: 'dpmpp_2m_karras', DEFAULT_STEPS: '25' })).toMatchObject({ defaultScheduler: 'dpmpp_2m_karras', defaultSteps: 25 });
     expect(loadConfig({})).toMatchObject({ defaultScheduler: undefined, defaultSteps: undefined });
