@@ -3,13 +3,14 @@
  * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
  * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { createScheduler } from '../src/pipeline/schedulers/index.js';
 import { editJson, fixtureVariant } from './fixtures/index.js';
+import { startRuntime } from './helpers/runtime.js';
 
 const work = mkdtempSync(path.join(tmpdir(), 'model-files-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
@@ -131,5 +132,28 @@ describe('configs an SD pipeline reads but the runtime cannot follow', () => {
       );
     });
     expect(() => readLayout(refiner)).toThrow(/^this export has text_encoder_2 but no text_encoder: an SDXL refiner/);
+  });
+});
+
+describe('folders an export carries beside the components', () => {
+  it('an old diffusers ONNX export\'s safety_checker/model.onnx (with feature_extractor/, README.md, .gitattributes) serves without a session for it', async () => {
+    // CompVis/stable-diffusion-v1-4's former onnx revision and runwayml's onnx branch ship safety_checker/model.onnx
+    // (1.2 GB in float32); a real graph stands in for it, so a session would be created if the boot took it up.
+    const dir = await variant('safety-checker', 'sd15', (d) => {
+      mkdirSync(path.join(d, 'safety_checker'));
+      copyFileSync(path.join(d, 'text_encoder', 'model.onnx'), path.join(d, 'safety_checker', 'model.onnx'));
+      mkdirSync(path.join(d, 'feature_extractor'));
+      writeFileSync(path.join(d, 'feature_extractor', 'preprocessor_config.json'), JSON.stringify({ crop_size: 224, feature_extractor_type: 'CLIPFeatureExtractor' }));
+      writeFileSync(path.join(d, 'README.md'), '# a model card\n');
+      writeFileSync(path.join(d, '.gitattributes'), '*.onnx filter=lfs diff=lfs merge=lfs -text\n');
+      editJson(path.join(d, 'model_index.json'), (c) => Object.assign(c, { safety_checker: ['stable_diffusion', 'OnnxStableDiffusionSafetyChecker'], feature_extractor: ['transformers', 'CLIPFeatureExtractor'] }));
+    });
+    const h = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: path.join(work, 'safety-cache'), WARMUP_STEPS: '1' }, { ready: true });
+    try {
+      expect(Object.keys((await h.waitFor('ready')).providers).sort()).toEqual(['text_encoder', 'unet', 'vae_decoder']);
+      expect(h.logs.filter((l) => l.component === 'safety_checker')).toEqual([]);
+    } finally {
+      await h.stop(0);
+    }
   });
 });

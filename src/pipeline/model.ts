@@ -8,6 +8,11 @@ import { loadedSchedulerConfig, pipelineRewrites, type ConfigRewrite } from './s
 
 export const COMPONENTS = ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder', 'vae_encoder'] as const;
 export type Component = (typeof COMPONENTS)[number];
+/**
+ * Whether a top-level folder is one of the components the runtime runs. Old diffusers exports also hold
+ * `safety_checker/model.onnx` (1.2 GB in float32), others `image_encoder/` or `controlnet/`: never loaded.
+ */
+export const isComponent = (name: string): name is Component => (COMPONENTS as readonly string[]).includes(name);
 /** The components a text-to-image generation needs (text_encoder_2 only for SDXL). */
 export const REQUIRED: readonly Component[] = ['text_encoder', 'unet', 'vae_decoder'];
 
@@ -150,7 +155,7 @@ export function isLayoutFile(rel: string): boolean {
   const [top = '', ...rest] = rel.split('/');
   if (rest.length === 0) return top === 'model_index.json' || top === EXPORT_MANIFEST;
   if (top === 'scheduler' || isTokenizerFolder(top)) return true;
-  return (COMPONENTS as readonly string[]).includes(top) && rest.join('/') === 'config.json';
+  return isComponent(top) && rest.join('/') === 'config.json';
 }
 
 /** `listed`: every relative file path of the model as listed, when its weights are not all whole yet (see isLayoutFile). */

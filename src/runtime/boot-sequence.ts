@@ -21,7 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/model.js';
+import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/model.js';
 import type { ToWorker } from '../pipeline/protocol.js';
 import { onGpu } from '../pipeline/provider.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
@@ -116,7 +116,8 @@ type Announcement = { t: 'component'; component: string; path: string } | { t: '
 function announcement(compDir: string): Announcement | undefined {
   const comp = path.basename(compDir);
   const onnx = path.join(compDir, 'model.onnx');
-  if (existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
+  // Only what the pipeline runs: a safety checker or another folder's graph would cost each worker its memory.
+  if (isComponent(comp) && existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
   if (isTokenizerFolder(comp) && ['vocab.json', TOKENIZER_JSON].some((f) => existsSync(path.join(compDir, f)))) return { t: 'tokenizer', dir: compDir };
   return undefined;
 }
