@@ -3,7 +3,7 @@
  * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
  * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -132,6 +132,27 @@ describe('configs an SD pipeline reads but the runtime cannot follow', () => {
       );
     });
     expect(() => readLayout(refiner)).toThrow(/^this export has text_encoder_2 but no text_encoder: an SDXL refiner/);
+  });
+});
+
+describe('pipelines whose denoiser is not a UNet', () => {
+  it('an SD3 or Flux ONNX export (optimum: transformer/model.onnx, no unet/) is refused as such, not as a broken export', async () => {
+    const sd3 = await variant('sd3', 'sd15', (d) => {
+      renameSync(path.join(d, 'unet'), path.join(d, 'transformer'));
+      // The components optimum exports for StableDiffusion3Pipeline (the T5 encoder as text_encoder_3).
+      editJson(path.join(d, 'model_index.json'), (c) =>
+        Object.assign(c, {
+          _class_name: 'StableDiffusion3Pipeline', scheduler: ['diffusers', 'FlowMatchEulerDiscreteScheduler'], transformer: ['diffusers', 'SD3Transformer2DModel'],
+          text_encoder_3: ['transformers', 'T5EncoderModel'], tokenizer_3: ['transformers', 'T5TokenizerFast'], unet: undefined,
+        }),
+      );
+    });
+    const why = 'a diffusion transformer (SD3, Flux, PixArt), which this runtime does not serve; it serves UNet pipelines (unet/: SD 1.x, 2.x, SDXL, LCM, Turbo)';
+    expect(() => readLayout(sd3)).toThrow(expect.objectContaining({ code: 'UNSUPPORTED', message: `this export denoises with transformer/ (model_index.json: StableDiffusion3Pipeline), ${why}` }));
+    // Without model_index.json (a folder of graphs alone), and as the boot reads a listing whose weights still arrive.
+    rmSync(path.join(sd3, 'model_index.json'));
+    expect(() => readLayout(sd3)).toThrow(`this export denoises with transformer/, ${why}`);
+    expect(() => readLayout(sd3, new Set(['transformer/model.onnx', 'text_encoder/model.onnx', 'vae_decoder/model.onnx']))).toThrow(`this export denoises with transformer/, ${why}`);
   });
 });
 

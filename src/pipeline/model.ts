@@ -176,6 +176,15 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
           '(fused float16 for CUDA; add --plain for the CPU provider) and point STORAGE_URI at the export',
       );
     }
+    // SD3, Flux and PixArt denoise with a transformer (optimum exports it as transformer/model.onnx), not a UNet.
+    if (!onnx.unet && (listed ? [...listed].some((f) => f.startsWith('transformer/')) : existsSync(path.join(dir, 'transformer')))) {
+      const cls = optJson(dir, 'model_index.json')._class_name;
+      throw new RuntimeError(
+        'UNSUPPORTED',
+        `this export denoises with transformer/${typeof cls === 'string' ? ` (model_index.json: ${cls})` : ''}, a diffusion transformer (SD3, Flux, PixArt), ` +
+          'which this runtime does not serve; it serves UNet pipelines (unet/: SD 1.x, 2.x, SDXL, LCM, Turbo)',
+      );
+    }
     if (!onnx.text_encoder && onnx.text_encoder_2 && onnx.unet) {
       throw new RuntimeError(
         'UNSUPPORTED',
