@@ -3,7 +3,7 @@
  * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
  * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -14,6 +14,31 @@ import { startRuntime } from './helpers/runtime.js';
 
 const work = mkdtempSync(path.join(tmpdir(), 'model-files-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/**
+ * `src` laid out as huggingface_hub's cache lays out a download (`snapshot_download` without `local_dir`, or with it
+ * before huggingface_hub 0.23, which linked large files): `blobs/<n>` holds the bytes, `snapshots/<rev>/…` relative
+ * symbolic links to them. Returns the snapshot folder, what a user points STORAGE_URI at.
+ */
+function hubSnapshot(src: string, root: string): string {
+  const snap = path.join(root, 'snapshots', 'c0ffee');
+  mkdirSync(path.join(root, 'blobs'), { recursive: true });
+  let n = 0;
+  const go = (rel: string): void => {
+    for (const e of readdirSync(path.join(src, rel), { withFileTypes: true })) {
+      const r = path.join(rel, e.name);
+      if (e.isDirectory()) go(r);
+      else {
+        const blob = path.join(root, 'blobs', String(n++));
+        copyFileSync(path.join(src, r), blob);
+        mkdirSync(path.dirname(path.join(snap, r)), { recursive: true });
+        symlinkSync(path.relative(path.dirname(path.join(snap, r)), blob), path.join(snap, r));
+      }
+    }
+  };
+  go('');
+  return snap;
+}
 
 /** A copy of a demo model with some of its JSON files edited. */
 const variant = (name: string, family: 'sd15' | 'sdxl', edit: (dir: string) => void): Promise<string> => fixtureVariant(path.join(work, name), { family }, edit);
@@ -173,6 +198,28 @@ describe('folders an export carries beside the components', () => {
     try {
       expect(Object.keys((await h.waitFor('ready')).providers).sort()).toEqual(['text_encoder', 'unet', 'vae_decoder']);
       expect(h.logs.filter((l) => l.component === 'safety_checker')).toEqual([]);
+    } finally {
+      await h.stop(0);
+    }
+  });
+});
+
+describe('a Hugging Face cache snapshot (every file a relative symbolic link into blobs/)', () => {
+  it('serves, and an adapter set hard-links the UNet\'s weights it points to rather than copying them', async () => {
+    const snap = hubSnapshot(await fixtureVariant(path.join(work, 'hub-src'), { family: 'sd15', externalData: true }), path.join(work, 'hub'));
+    const h = await startRuntime({ STORAGE_URI: snap, MODEL_CACHE_DIR: path.join(work, 'hub-cache'), WARMUP_STEPS: '1' }, { ready: true });
+    try {
+      const res = await fetch(`${h.url}/v1/models/model:predict`, {
+        method: 'POST',
+        body: JSON.stringify({ instances: [{ prompt: 'a lighthouse', seed: 3, num_inference_steps: 2, width: 64, height: 64, loras: [{ name: 'demo-style' }] }] }),
+      });
+      expect(res.status).toBe(200);
+      // Linked as the link itself, the weights dangled in the set's folder: ONNX Runtime refused them and the set
+      // copied the model's weights (gigabytes for a real UNet), warning of another file system.
+      expect(h.logs.filter((l) => l.level === 'warn').map((l) => l.msg)).toEqual([]);
+      const linked = readdirSync(path.join(work, 'hub-cache', '.lora-sets'), { recursive: true }).map(String).filter((f) => f.endsWith('unet/model.onnx_data'));
+      expect(linked).toHaveLength(1);
+      expect(statSync(path.join(work, 'hub-cache', '.lora-sets', linked[0]!)).ino).toBe(statSync(path.join(snap, 'unet', 'model.onnx_data')).ino);
     } finally {
       await h.stop(0);
     }

@@ -168,7 +168,9 @@ async function writeLinked(
   for (const l of locations) {
     try {
       if (opts.link === false) throw new Error('copy asked for');
-      await link(path.resolve(dir, l), path.join(outDir, l));
+      // link(2) does not follow a symbolic link: a Hugging Face cache snapshot's relative link into blobs/ would be
+      // linked as a link, dangling in outDir. The file it names is linked instead.
+      await link(await realpath(path.resolve(dir, l)), path.join(outDir, l));
     } catch {
       // Another file system (EXDEV) or no hard links there: a copy, cloned where the file system supports it.
       await copyFile(path.resolve(dir, l), path.join(outDir, l), constants.COPYFILE_FICLONE);
