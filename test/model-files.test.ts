@@ -160,6 +160,18 @@ describe('configs an SD pipeline reads but the runtime cannot follow', () => {
   });
 });
 
+describe('an upload that missed a tokenizer', () => {
+  it('names the folder it missed: an SDXL export without tokenizer/ (tokenizer_2/ there) or with tokenizer/ holding its configs alone', async () => {
+    const files = (t: string) => `${t}/vocab.json and merges.txt (or ${t}/tokenizer.json)`;
+    const noFirst = await variant('xl-no-tokenizer', 'sdxl', (d) => rmSync(path.join(d, 'tokenizer'), { recursive: true }));
+    expect(() => readLayout(noFirst)).toThrow(expect.objectContaining({ code: 'MODEL_FORMAT', message: `not an ONNX diffusers export: missing ${files('tokenizer')}` }));
+    const configsOnly = await variant('xl-tokenizer-configs', 'sdxl', (d) => ['vocab.json', 'merges.txt'].forEach((f) => rmSync(path.join(d, 'tokenizer', f))));
+    expect(() => readLayout(configsOnly)).toThrow(`not an ONNX diffusers export: missing ${files('tokenizer')}`);
+    const noSecond = await variant('xl-no-tokenizer-2', 'sdxl', (d) => rmSync(path.join(d, 'tokenizer_2'), { recursive: true }));
+    expect(() => readLayout(noSecond)).toThrow(`an SDXL export needs tokenizer_2/: missing ${files('tokenizer_2')}`);
+  });
+});
+
 describe('pipelines whose denoiser is not a UNet', () => {
   it('an SD3 or Flux ONNX export (optimum: transformer/model.onnx, no unet/) is refused as such, not as a broken export', async () => {
     const sd3 = await variant('sd3', 'sd15', (d) => {

@@ -208,7 +208,10 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     // Half a tokenizer is an upload that missed a file: named now, before any session is built.
     else if (absent.length === 1) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${t}/${absent[0]}`);
   }
-  if (tokenizerDirs.length === 0) throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing tokenizer/vocab.json and merges.txt (or tokenizer/${TOKENIZER_JSON})`);
+  // Each pipeline reads its tokenizers by folder name: tokenizer_2 alone is no tokenizer/.
+  const noTokenizer = (t: string, what: string) =>
+    new RuntimeError('MODEL_FORMAT', `${what}: missing ${t}/vocab.json and merges.txt (or ${t}/${TOKENIZER_JSON})`);
+  if (tokenizerDirs[0] !== path.join(dir, 'tokenizer')) throw noTokenizer('tokenizer', 'not an ONNX diffusers export');
   const unetCfg = optJson(dir, 'unet/config.json');
   const vaeCfg = optJson(dir, 'vae_decoder/config.json');
   const inChannels = num(unetCfg.in_channels, 4);
@@ -223,7 +226,7 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   }
   const isXL = Boolean(onnx.text_encoder_2) || unetCfg.addition_embed_type === 'text_time' || pipelineClass.includes('XL');
   if (isXL && !onnx.text_encoder_2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs text_encoder_2/model.onnx');
-  if (isXL && tokenizerDirs.length < 2) throw new RuntimeError('MODEL_FORMAT', 'an SDXL export needs tokenizer_2/');
+  if (isXL && tokenizerDirs.length < 2) throw noTokenizer('tokenizer_2', 'an SDXL export needs tokenizer_2/');
   // SDXL pipelines denormalise latents with these before decoding (Playground v2.5's VAE has them); SD 1.x/2.x ignore them.
   const latentStats = isXL ? latentsStats(vaeCfg) : undefined;
   const rewriting = pipelineRewritesConfigs(pipelineClass, isXL);
