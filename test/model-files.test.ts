@@ -3,9 +3,10 @@
  * repositories ship them (each names its source), read by the layout reader and the scheduler factory the way a boot
  * reads them. What diffusers accepts must load; what it would use and the runtime cannot must be a clear refusal.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import onnxProto from 'onnx-proto';
 import { afterAll, describe, expect, it } from 'vitest';
 import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { createScheduler } from '../src/pipeline/schedulers/index.js';
@@ -234,6 +235,47 @@ describe('a Hugging Face cache snapshot (every file a relative symbolic link int
       expect(statSync(path.join(work, 'hub-cache', '.lora-sets', linked[0]!)).ino).toBe(statSync(path.join(snap, 'unet', 'model.onnx_data')).ino);
     } finally {
       await h.stop(0);
+    }
+  });
+});
+
+/** Sets every value of a float32 initializer of an ONNX graph to NaN: what a float16 graph that overflows computes. */
+function poison(file: string, initializer: string): void {
+  const { onnx } = onnxProto;
+  const model = onnx.ModelProto.decode(readFileSync(file));
+  const t = model.graph!.initializer!.find((x) => x.name === initializer)!;
+  t.rawData = new Uint8Array(new Float32Array(t.rawData!.byteLength / 4).fill(NaN).buffer);
+  writeFileSync(file, onnx.ModelProto.encode(model).finish());
+}
+
+describe('a float16 export that overflows (NaN out of a component)', () => {
+  const predict = (url: string, body: object) =>
+    fetch(`${url}/v1/models/model:predict`, { method: 'POST', body: JSON.stringify({ instances: [{ prompt: 'a lighthouse', seed: 3, num_inference_steps: 2, width: 64, height: 64, ...body }] }) });
+  const reexport = 'export the model again with scripts/export-onnx.sh, which keeps in float32 what diffusers computes in float32 (docs/EXPORT.md)';
+
+  it('is a 500 MODEL_FORMAT naming the component, not a black image answered 200; with a warm-up, the boot fails with it', async () => {
+    // SDXL's VAE in float16 overflows to NaN (diffusers upcasts it): every image decodes black.
+    const vae = await variant('nan-vae', 'sd15', (d) => poison(path.join(d, 'vae_decoder', 'model.onnx'), 'decoder.conv_in.bias'));
+    const h = await startRuntime({ STORAGE_URI: vae, MODEL_CACHE_DIR: path.join(work, 'nan-cache'), WARMUP_STEPS: '0' }, { ready: true });
+    try {
+      const res = await predict(h.url, {});
+      expect([res.status, await res.json()]).toEqual([500, {
+        code: 'MODEL_FORMAT',
+        error: `the VAE decoder returned NaN or infinite values: its graph overflows, as SDXL's VAE does in float16 (diffusers runs it in float32: force_upcast); ${reexport}`,
+      }]);
+    } finally {
+      await h.stop(0);
+    }
+    // An SD 2.x UNet in float16 without its attention in float32 overflows in some steps.
+    const unet = await variant('nan-unet', 'sd15', (d) => poison(path.join(d, 'unet', 'model.onnx'), 'conv_in.bias'));
+    const u = await startRuntime({ STORAGE_URI: unet, MODEL_CACHE_DIR: path.join(work, 'nan-cache'), WARMUP_STEPS: '1' });
+    try {
+      await expect(u.waitReady()).rejects.toThrow(
+        'boot failed: MODEL_FORMAT: the UNet returned NaN or infinite values: its graph overflows, as float16 exports of SD 2.x UNets do ' +
+          `without their attention in float32 (upcast_attention); ${reexport}`,
+      );
+    } finally {
+      await u.stop(0);
     }
   });
 });

@@ -278,6 +278,8 @@ export class Pipeline {
     const t2 = performance.now();
     // LCM decodes its last x0 prediction, everyone else the final sample (the blended one when inpainting).
     const final = lcm && denoised && !start?.blend ? denoised : latents;
+    // Once, not per step: a NaN the UNet returned stays in the latents through every later step.
+    finite(final, 'the UNet', OVERFLOW.unet);
     const images: GeneratedImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
     const { latentsMean: mean, latentsStd: std } = this.layout.vae;
@@ -322,7 +324,9 @@ export class Pipeline {
     const vae = await this.later.vae_encoder;
     const encode = async (x: Float32Array): Promise<Posterior> => {
       const out = await vae.run({ sample: { data: x, dims: [1, 3, H, W] } });
-      return posterior(Object.values(out)[0]!.data, per);
+      const params = Object.values(out)[0]!.data;
+      finite(params, 'the VAE encoder', OVERFLOW.vae);
+      return posterior(params, per);
     };
     const B = gens.length;
     const latents = new Float32Array(B * per);
@@ -417,6 +421,8 @@ export class Pipeline {
       const out = await session.run({ input_ids: { data: ids, dims: [1, seq] } }, names);
       const hs = out[output]!;
       const p = pooledName ? out[pooledName] : undefined;
+      finite(hs.data, session.name, OVERFLOW.text);
+      if (p) finite(p.data, session.name, OVERFLOW.text);
       memo.set(t, { row: hs.data.slice(0, seq * hs.dims[2]!), pooled: p ? p.data.slice(0, p.dims[1]!) : undefined, dim: hs.dims[2]! });
     }
     const got = texts.map((t) => memo.get(t)!);
@@ -533,20 +539,48 @@ function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, per: number, 
   }
 }
 
-/** VAE output [1,3,H,W] in [-1,1] → uint8 HWC: clip(x/2+0.5) in float32, ×255 in float32, round half to even. */
+/** Why a component returns NaN or ±Infinity, and what to do: a float16 graph that overflows (docs/MODELS.md). */
+const OVERFLOW = {
+  text: 'its graph overflows in float16',
+  unet: 'its graph overflows, as float16 exports of SD 2.x UNets do without their attention in float32 (upcast_attention)',
+  vae: "its graph overflows, as SDXL's VAE does in float16 (diffusers runs it in float32: force_upcast)",
+} as const;
+const REEXPORT = 'export the model again with scripts/export-onnx.sh, which keeps in float32 what diffusers computes in float32 (docs/EXPORT.md)';
+
+/**
+ * Refuses a component's output that holds NaN or ±Infinity. Past the UNet the scheduler carries them into every later
+ * step, and the image converts NaN to 0: a black image answered as a success, which is what diffusers returns (with
+ * numpy's "invalid value encountered in cast").
+ */
+function finite(x: Float32Array, what: string, why: string): void {
+  // A float64 sum of finite float32 values cannot overflow: it is finite unless a value is NaN or ±Infinity.
+  let sum = 0;
+  for (let i = 0; i < x.length; i++) sum += x[i]!;
+  if (!Number.isFinite(sum)) throw overflowed(what, why);
+}
+const overflowed = (what: string, why: string) => new RuntimeError('MODEL_FORMAT', `${what} returned NaN or infinite values: ${why}; ${REEXPORT}`);
+
+/**
+ * VAE output [1,3,H,W] in [-1,1] → uint8 HWC: clip(x/2+0.5) in float32, ×255 in float32, round half to even. A NaN
+ * (a VAE that overflowed) fails it: stored as 0, it would make a black image.
+ */
 export function toRgb(x: Float32Array, H: number, W: number): Uint8Array {
   const plane = H * W;
   const out = new Uint8Array(plane * 3);
+  let nan = false;
   for (let c = 0; c < 3; c++) {
     for (let p = 0; p < plane; p++) {
       let v = f(f(x[c * plane + p]! / 2) + 0.5);
       v = v < 0 ? 0 : v > 1 ? 1 : v;
+      // Only NaN passes the clip unclipped and fails this.
+      if (!(v <= 1)) nan = true;
       const y = f(v * 255);
       let r = Math.round(y);
       if (r - y === 0.5 && (r & 1) === 1) r -= 1;
       out[p * 3 + c] = r;
     }
   }
+  if (nan) throw overflowed('the VAE decoder', OVERFLOW.vae);
   return out;
 }
 
