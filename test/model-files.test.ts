@@ -12,6 +12,8 @@ import { pipelineSchedulerConfig, readLayout } from '../src/pipeline/model.js';
 import { createScheduler } from '../src/pipeline/schedulers/index.js';
 import { editJson, fixtureVariant } from './fixtures/index.js';
 import { startRuntime } from './helpers/runtime.js';
+import { destroyS3, putFolder, s3Env, startS3 } from './helpers/s3.js';
+import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const work = mkdtempSync(path.join(tmpdir(), 'model-files-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
@@ -276,6 +278,62 @@ describe('a float16 export that overflows (NaN out of a component)', () => {
       );
     } finally {
       await u.stop(0);
+    }
+  });
+});
+
+/** Every file under `dir`, '/'-separated, without the cache's own dot-files at its root. */
+const filesUnder = (dir: string): string[] =>
+  readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.relative(dir, path.join(e.parentPath, e.name)).split(path.sep).join('/'))
+    .filter((f) => !f.startsWith('.complete') && !f.startsWith('.progress')).sort();
+
+describe('a Hugging Face repository synced to S3 whole (ONNX export beside PyTorch, Flax and OpenVINO weights)', () => {
+  it('the warm-up Job and the server download only what the runtime reads, and the server\'s cache hit finds the Job\'s entry', async () => {
+    const repo = await variant('hub-repo', 'sd15', (d) => {
+      const write = (rel: string, bytes: number) => {
+        mkdirSync(path.dirname(path.join(d, rel)), { recursive: true });
+        writeFileSync(path.join(d, rel), Buffer.alloc(bytes, 7));
+      };
+      // As stabilityai/stable-diffusion-xl-base-1.0 lays them out (smaller): single-file checkpoints at the root, each
+      // component's weights in every framework beside model.onnx, the PyTorch VAE, a safety checker.
+      for (const f of ['v1-5-pruned-emaonly.safetensors', 'README.md', '.gitattributes', 'unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.fp16.safetensors',
+        'unet/diffusion_flax_model.msgpack', 'unet/openvino_model.xml', 'unet/openvino_model.bin', 'text_encoder/model.safetensors', 'text_encoder/pytorch_model.bin',
+        'text_encoder/flax_model.msgpack', 'vae/config.json', 'vae/diffusion_pytorch_model.safetensors', 'safety_checker/model.onnx', 'feature_extractor/preprocessor_config.json']) write(f, 3000);
+    });
+    const all = filesUnder(repo);
+    const served = all.filter((f) => /^(model_index\.json|scheduler\/|tokenizer\/|loras\/)/.test(f) || /^(text_encoder|unet|vae_decoder)\/(model\.onnx|config\.json|lora_map\.json)$/.test(f));
+    expect(served).toContain('loras/demo-style.safetensors');
+    const s3 = await startS3(['models']);
+    try {
+      await putFolder(s3, 'models', 'sd15-repo/', repo, all);
+      const cache = path.join(work, 'hub-repo-cache');
+      const env = s3Env(s3.endpoint, cache, { STORAGE_URI: 's3://models/sd15-repo/' });
+      const job = await runWarmupCli([], env);
+      expect([job.code, JSON.parse(job.stdout).files]).toEqual([0, served.length]);
+      const entry = JSON.parse(job.stdout).modelDir as string;
+      expect(filesUnder(entry)).toEqual(served);
+      const h = await startRuntime({ ...env, LOG_LEVEL: 'info', WARMUP_STEPS: '1' }, { ready: true });
+      try {
+        expect(await h.waitFor('files-ready')).toMatchObject({ fromCache: true, files: served.length });
+        expect(h.logs.find((l) => l.objects !== undefined)).toMatchObject({ objects: all.length - served.length, bytes: 15 * 3000 });
+        // The model's own adapters stay: a LoRA request runs.
+        const res = await fetch(`${h.url}/v1/models/model:predict`, {
+          method: 'POST', body: JSON.stringify({ instances: [{ prompt: 'a lighthouse', num_inference_steps: 1, width: 64, height: 64, loras: [{ name: 'demo-style' }] }] }),
+        });
+        expect(res.status).toBe(200);
+      } finally {
+        await h.stop(0);
+      }
+      // A server that fills its own cache takes the same files.
+      const own = await startRuntime({ ...env, MODEL_CACHE_DIR: path.join(work, 'hub-repo-own-cache'), WARMUP_STEPS: '0' }, { ready: true });
+      try {
+        const ready = await own.waitFor('files-ready');
+        expect([ready.fromCache, filesUnder(ready.dir)]).toEqual([false, served]);
+      } finally {
+        await own.stop(0);
+      }
+    } finally {
+      await destroyS3(s3);
     }
   });
 });

@@ -13,6 +13,7 @@ import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTI
 import { deadline } from '../src/deadline.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
+import { unusedFiles } from '../src/pipeline/model.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
@@ -48,7 +49,8 @@ async function warm(signal: AbortSignal): Promise<void> {
   timer.unref();
   try {
     const r = await resolveModel(cfg.storageUri, {
-      cfg, log, signal, requireHitCheck: true,
+      // What the server leaves out, so that its cache hit finds the entry this fill commits.
+      cfg, log, signal, requireHitCheck: true, unused: unusedFiles,
       onProgress: (p) => {
         latest = p;
         const now = Date.now();

@@ -147,6 +147,30 @@ export const TOKENIZER_JSON = 'tokenizer.json';
 /** A tokenizer folder of a diffusers export: `tokenizer`, or `tokenizer_2` and so on for a second text encoder. */
 export const isTokenizerFolder = (name: string): boolean => /^tokenizer(_\d+)?$/.test(name);
 
+/** Weights of other frameworks beside the ONNX ones: PyTorch, Flax, TensorFlow, OpenVINO, single-file checkpoints. */
+const OTHER_WEIGHTS = /\.(?:safetensors|msgpack|h5|ckpt|pt|pth|xml)$|^(?:diffusion_pytorch_model|pytorch_model|openvino_model)\b.*\.bin$/;
+
+/**
+ * The files of an ONNX export's listing that the runtime never reads, so not worth downloading: weights of other
+ * frameworks (a Hugging Face repository such as stabilityai/stable-diffusion-xl-base-1.0 holds the PyTorch, Flax and
+ * OpenVINO weights of each component beside the ONNX ones, and single-file checkpoints at its root: several times the
+ * ONNX export's size), folders of no component (`vae/`, `safety_checker/`, `.git/`), and files at the root but model_index.json and
+ * onnx_export.json. The model's own LoRA adapters (`loras/`) and everything in the components', scheduler and tokenizer
+ * folders but those weights stay. A listing with no UNet graph is left whole, so what it is can still be told (a
+ * PyTorch folder, a diffusion transformer) from what was downloaded.
+ */
+export function unusedFiles(rels: readonly string[]): ReadonlySet<string> {
+  if (!rels.includes('unet/model.onnx')) return new Set();
+  return new Set(
+    rels.filter((rel) => {
+      const [top = '', ...rest] = rel.split('/');
+      if (rest.length === 0) return top !== 'model_index.json' && top !== EXPORT_MANIFEST;
+      if (top === 'loras' || top === 'scheduler' || isTokenizerFolder(top)) return false;
+      return !isComponent(top) || OTHER_WEIGHTS.test(rest[rest.length - 1]!);
+    }),
+  );
+}
+
 /**
  * The files readLayout reads (model_index.json, scheduler and tokenizer folders, each component's config.json):
  * once these are whole, the layout of a folder whose weights still download can be read (readLayout's `listed`).

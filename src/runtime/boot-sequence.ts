@@ -21,7 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON } from '../pipeline/model.js';
+import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON, unusedFiles } from '../pipeline/model.js';
 import type { ToWorker } from '../pipeline/protocol.js';
 import { onGpu } from '../pipeline/provider.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
@@ -321,6 +321,7 @@ export class BootSequence {
       () =>
         resolveModel(plan.uri, {
           cfg: this.#cfg, log, signal,
+          unused: unusedFiles,
           onListing: (files) => this.#onListing(files),
           onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
           onRestart: () => this.#onRestart(),

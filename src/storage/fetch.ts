@@ -60,6 +60,12 @@ export interface ResolveOptions {
   log: Logger;
   signal?: AbortSignal;
   onProgress?(p: FetchProgress): void;
+  /**
+   * Objects of an S3 listing not to fetch (given every listed path; the caller's judgement of what the model never
+   * reads). The rest is the model: what is downloaded, committed and compared with S3 on a cache hit. A local folder is
+   * served as it is.
+   */
+  unused?(paths: readonly string[]): ReadonlySet<string>;
   /** called with every file of the model before any onFileReady, so a caller knows when a folder is whole */
   onListing?(files: ReadonlyArray<{ relPath: string; size: number }>): void;
   /** called once per file as soon as that file is whole and renamed into the entry dir (before the manifest) */
@@ -259,6 +265,7 @@ class S3Fetch {
   /** When the download's progress was last logged (undefined: not downloading). */
   private lastLog: number | undefined;
   private readonly signal: AbortSignal;
+  private leftOutLogged = false;
   /** Opened when the fetch starts; its code began loading in resolveModel. */
   private transport: Promise<S3Transport> | undefined;
 
@@ -382,6 +389,19 @@ class S3Fetch {
    * left the last try unanswered is unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx. By default the fill's
    * listing: S3_MAX_ATTEMPTS tries of 60 s each.
    */
+  /** The listing without the objects `unused` names; what was left out is logged once per fetch. */
+  private used(listing: RemoteObject[]): RemoteObject[] {
+    const unused = this.o.unused?.(listing.map((o) => o.rel));
+    if (!unused || unused.size === 0) return listing;
+    const left = listing.filter((o) => unused.has(o.rel));
+    if (!this.leftOutLogged) {
+      this.leftOutLogged = true;
+      this.o.log.info({ objects: left.length, bytes: left.reduce((n, o) => n + o.size, 0), examples: left.slice(0, 5).map((o) => o.rel) },
+        'objects under STORAGE_URI that the runtime never reads are not downloaded (weights of other frameworks, folders of no component)');
+    }
+    return listing.filter((o) => !unused.has(o.rel));
+  }
+
   private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
     let tries = 0;
@@ -393,7 +413,7 @@ class S3Fetch {
         tries++;
         const d = deadline(this.signal, timeoutMs);
         try {
-          return await transport.list({ prefix: this.prefix, signal: d.signal });
+          return this.used(await transport.list({ prefix: this.prefix, signal: d.signal }));
         } finally {
           d.clear();
           cut = d.timedOut;
