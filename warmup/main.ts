@@ -19,7 +19,7 @@ import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
-import { stallError, uploadAttempt } from '../src/storage/upload-stall.js';
+import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
@@ -125,7 +125,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // and tried again: a store that read one and never answered held the push for good.
   const stallMs = cfg.s3.stallTimeoutS * 1000;
   const bounded = <T>(request: string, fn: () => Promise<T>) => (attempt: number) =>
-    uploadAttempt(stallMs, fn, (cause) => stallError(request, stallMs, attempt, TRIES, cause));
+    boundedAttempt(stallMs, fn, (cause) => stallError(request, stallMs, attempt, TRIES, cause));
   const stalled = (action: string, e: unknown) => (isRuntimeError(e) && e.code === 'STORAGE_STALL'
     ? new RuntimeError('STORAGE_STALL', `cannot ${action}: ${e.message}; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store that answers slowly`, { cause: e })
     : undefined);

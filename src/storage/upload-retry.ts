@@ -10,7 +10,7 @@ import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import { retryTransient } from './s3-errors.js';
 import { uploadSignal } from './upload-signal.js';
-import { stallError, uploadAttempt } from './upload-stall.js';
+import { stallError, boundedAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
@@ -49,7 +49,7 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
     const input = args.input as CompleteInput;
     const part = input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : '';
     const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = `${command.replace(/Command$/, '')}${part}`) =>
-      uploadAttempt(stallMs, fn, (cause) => stallError(what, stallMs, attempt, tries, cause));
+      boundedAttempt(stallMs, fn, (cause) => stallError(what, stallMs, attempt, tries, cause));
     if (command === 'AbortMultipartUploadCommand') {
       const failure = failed.get(input.UploadId ?? '');
       failed.delete(input.UploadId ?? '');

@@ -4,8 +4,8 @@
  * range. Silence, not total time: a part crossing a slow link keeps its socket writing, and a CompleteMultipartUpload
  * that takes minutes keeps it reading the whitespace S3 sends meanwhile. The SDK's own socketTimeout is one per client,
  * and the client also downloads (whose ranges have their watchdog), and a middleware cannot hand the HTTP handler
- * anything per attempt; so an attempt runs under uploadAttempt() and the client's agents (boundSilence) set the bound on
- * the request that attempt creates. Free of the AWS SDK, as upload-signal.ts.
+ * anything per attempt; so an attempt runs under boundedAttempt() and the client's agents (boundSilence) set the bound
+ * on the request that attempt creates. Free of the AWS SDK, as upload-signal.ts.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type http from 'node:http';
@@ -20,10 +20,10 @@ interface Attempt {
 const current = new AsyncLocalStorage<Attempt>();
 
 /**
- * Runs `fn`, one attempt of an upload request, with its requests bounded to `ms` of silence. If the bound cut it, the
- * error `fn` rejects with (whatever the SDK makes of the cut socket) is replaced by `stalled(cause)`.
+ * Runs `fn`, one attempt of an S3 request, with its requests bounded to `ms` of silence. If the bound cut it, the
+ * error `fn` rejects with (whatever the transport makes of the cut socket) is replaced by `stalled(cause)`.
  */
-export async function uploadAttempt<T>(ms: number, fn: () => Promise<T>, stalled: (cause: unknown) => Error): Promise<T> {
+export async function boundedAttempt<T>(ms: number, fn: () => Promise<T>, stalled: (cause: unknown) => Error): Promise<T> {
   const attempt: Attempt = { ms, stalled: false, settled: false };
   try {
     return await current.run(attempt, fn);
@@ -45,7 +45,7 @@ export function stallError(request: string, ms: number, attempt: number, attempt
 type AddRequest = (req: http.ClientRequest, options: unknown) => void;
 
 /**
- * Makes `agent` bound each request an uploadAttempt() sends through it; other requests (downloads) are left as they
+ * Makes `agent` bound each request a boundedAttempt() sends through it; other requests (downloads) are left as they
  * are. Agent#addRequest is where Node hands an agent each new request, synchronously in http.request, so in the
  * attempt's async context (undocumented, and what proxy agents override too).
  */
