@@ -298,34 +298,52 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect((await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'))).toEqual([]);
   });
 
-  it('a LIST S3 never answers: each try ends at its deadline and is tried again, then STORAGE_TRANSIENT naming the wait; an abort while one waits is CANCELLED', async () => {
+  it('a LIST S3 never answers: each try is cut after S3_STALL_TIMEOUT_S of silence and tried again, then STORAGE_TRANSIENT naming the bound; an abort while one waits is CANCELLED', async () => {
     await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
     let answer!: () => void;
     proxy.faults = { holdLists: new Promise<void>((r) => (answer = r)) };
     const lists = proxy.stats.lists;
-    const fill = async (extra: { signal?: AbortSignal; listTimeoutMs: number }) =>
-      rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3' }), log, ...extra }));
+    const fill = async (extra: { signal?: AbortSignal; listTimeoutMs?: number }, env: Record<string, string> = {}) =>
+      rejection(resolveModel('s3://models/listed', { cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '3', ...env }), log, ...extra }));
+    const silent = 'cannot list s3://models/listed/: S3 sent nothing for 0.3 s (S3_STALL_TIMEOUT_S) on';
+    const hint = '; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store slow to answer a LIST';
     try {
-      // Before: STORAGE_MISSING "cannot list (3 attempts) s3://models/listed/: AbortError", as if the model were not there.
-      let err = await fill({ listTimeoutMs: 300 });
-      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not answer the LIST within 0.3 s on each of its 3 tries']);
+      // The 60 s cap of each try is far off: the silence bound cuts them. Before: each try waited its 60 s.
+      let err = await fill({}, { S3_STALL_TIMEOUT_S: '0.3' });
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', `${silent} each of its 3 tries${hint}`]);
       expect(proxy.stats.lists - lists).toBe(3);
 
       proxy.faults.failLists = { count: 1, status: 503, code: 'SlowDown' };
-      err = await fill({ listTimeoutMs: 300 });
-      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not answer the LIST within 0.3 s on 2 of its 3 tries, the last included']);
+      err = await fill({}, { S3_STALL_TIMEOUT_S: '0.3' });
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', `${silent} 2 of its 3 tries, the last included${hint}`]);
       expect(proxy.stats.lists - lists).toBe(6);
+
+      // A try's own cap below the silence bound (the hit check's 5 s under the default 20 s) cuts it first.
+      err = await fill({ listTimeoutMs: 300 });
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not finish the LIST within 0.3 s on each of its 3 tries']);
+      expect(proxy.stats.lists - lists).toBe(9);
 
       const ac = new AbortController();
       const p = fill({ signal: ac.signal, listTimeoutMs: 60_000 });
-      await until(() => proxy.stats.lists - lists >= 7);
+      await until(() => proxy.stats.lists - lists >= 10);
       ac.abort();
       err = await p;
       expect([err.code, err.message]).toEqual(['CANCELLED', 'model fetch of s3://models/listed/ cancelled; the cache entry stays uncommitted and resumes next time']);
-      expect(proxy.stats.lists - lists).toBe(7);
+      expect(proxy.stats.lists - lists).toBe(10);
     } finally {
       answer();
     }
+  });
+
+  it('a LIST that keeps sending yet never ends is not silent: each try runs to its own cap, then STORAGE_TRANSIENT naming the cap', async () => {
+    await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
+    proxy.faults = { trickleLists: { everyMs: 50 } };
+    const lists = proxy.stats.lists;
+    const err = await rejection(resolveModel('s3://models/listed', {
+      cfg: cfgFor(await newCache(), { S3_MAX_ATTEMPTS: '2', S3_STALL_TIMEOUT_S: '0.3' }), log, listTimeoutMs: 1_000,
+    }));
+    expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not finish the LIST within 1 s on each of its 2 tries']);
+    expect(proxy.stats.lists - lists).toBe(2);
   });
 
   it('an abort mid-download leaves no committed entry, and the next run resumes and completes', async () => {

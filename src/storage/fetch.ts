@@ -24,6 +24,7 @@ import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from '
 import { acquireLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
 import { attempts as counted, classify, permanentError, retryTransient } from './s3-errors.js';
+import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 
@@ -384,9 +385,11 @@ class S3Fetch {
   }
 
   /**
-   * Lists the prefix, retrying what may pass, a try cut short by its own deadline included (the fetch's abort ends the
-   * retries before that is asked); an answer the transport may have caused goes up at once (resolveModel). A store that
-   * left the last try unanswered is unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx. By default the fill's
+   * Lists the prefix, retrying what may pass, a try cut short included (the fetch's abort ends the retries before that
+   * is asked): each request (every page) is cut after S3_STALL_TIMEOUT_S of silence on its socket, as an upload request
+   * is (upload-stall.ts), and each try after `timeoutMs` in all, a listing that keeps sending slowly included. An
+   * answer the transport may have caused goes up at once (resolveModel). A store that left the last try unanswered is
+   * unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx, saying which bound cut it. By default the fill's
    * listing: S3_MAX_ATTEMPTS tries of 60 s each.
    */
   /** The listing without the objects `unused` names; what was left out is logged once per fetch. */
@@ -404,29 +407,39 @@ class S3Fetch {
 
   private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
+    const stallMs = this.o.cfg.s3.stallTimeoutS * 1000;
     let tries = 0;
-    let unanswered = 0;
-    let cut = false;
-    const retried = (e: unknown) => !sdkMightDiffer(e) && (classify(e) === 'transient' || (cut && classify(e) === 'aborted'));
+    // What cut the last try, if a bound did, and how many tries each bound cut.
+    let cut: 'silent' | 'slow' | undefined;
+    const cuts = { silent: 0, slow: 0 };
+    const retried = (e: unknown) => !sdkMightDiffer(e) && (classify(e) === 'transient' || (cut === 'slow' && classify(e) === 'aborted'));
     try {
-      return await retryTransient(async () => {
+      return await retryTransient(async (attempt) => {
         tries++;
         const d = deadline(this.signal, timeoutMs);
+        let silent = false;
         try {
-          return this.used(await transport.list({ prefix: this.prefix, signal: d.signal }));
+          return this.used(await boundedAttempt(stallMs, () => transport.list({ prefix: this.prefix, signal: d.signal }), (cause) => {
+            silent = true;
+            return stallError('ListObjectsV2', stallMs, attempt, attempts, cause);
+          }));
         } finally {
           d.clear();
-          cut = d.timedOut;
-          if (cut) unanswered++;
+          cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;
+          if (cut !== undefined) cuts[cut]++;
         }
       }, attempts, this.signal, retried);
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
-      if (cut) {
+      if (cut !== undefined) {
         const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
-        const which = tries === 1 ? 'its one try' : unanswered === tries ? `each of its ${tries} tries` : `${unanswered} of its ${tries} tries, the last included`;
-        throw new RuntimeError('STORAGE_TRANSIENT', `cannot list ${where}: S3 did not answer the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
+        const n = cuts[cut];
+        const which = tries === 1 ? 'its one try' : n === tries ? `each of its ${tries} tries` : `${n} of its ${tries} tries, the last included`;
+        throw new RuntimeError('STORAGE_TRANSIENT', cut === 'silent'
+          ? `cannot list ${where}: S3 sent nothing for ${stallMs / 1000} s (S3_STALL_TIMEOUT_S) on ${which}; `
+            + 'check the link to S3, or raise S3_STALL_TIMEOUT_S for a store slow to answer a LIST'
+          : `cannot list ${where}: S3 did not finish the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
       }
       throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list');
     }

@@ -20,6 +20,7 @@ import { firstUse } from '../descriptors.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
 import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
+import { boundRequest } from './upload-stall.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
@@ -283,6 +284,8 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
       });
       res.on('error', reject);
     });
+    // Each page is cut after S3_STALL_TIMEOUT_S of silence when the fetch lists under that bound (fetch.ts listing).
+    boundRequest(req);
     req.on('error', reject);
     req.end();
   });
@@ -396,8 +399,8 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
 
 /**
  * The SDK-free transport for one fetch: keep-alive sockets for its GETs, one per range in flight, and a few spare for
- * the content check's HEADs, so that none waits behind the ranges (listings use Node's global agent); and its
- * target's clock offset shared by every request.
+ * the content check's HEADs, so that none waits behind the ranges (listings use Node's global agent, each page bounded
+ * on its own: getPage); and its target's clock offset shared by every request.
  */
 export function createLiteTransport(t: LiteTarget, s: Pick<S3Settings, 'maxConcurrency'>): S3Transport {
   const agent = liteAgent(t, s.maxConcurrency + 4);

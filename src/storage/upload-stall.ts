@@ -1,11 +1,12 @@
 /**
- * @module A bound on the silence of each upload request: once nothing has been sent or received on its socket for
- * S3_STALL_TIMEOUT_S, the attempt ends as stalled (upload-retry.ts retries it), as the download's watchdog abandons a
- * range. Silence, not total time: a part crossing a slow link keeps its socket writing, and a CompleteMultipartUpload
- * that takes minutes keeps it reading the whitespace S3 sends meanwhile. The SDK's own socketTimeout is one per client,
- * and the client also downloads (whose ranges have their watchdog), and a middleware cannot hand the HTTP handler
- * anything per attempt; so an attempt runs under boundedAttempt() and the client's agents (boundSilence) set the bound
- * on the request that attempt creates. Free of the AWS SDK, as upload-signal.ts.
+ * @module A bound on the silence of each upload request, and of each LIST of a fill: once nothing has been sent or
+ * received on its socket for S3_STALL_TIMEOUT_S, the attempt ends as stalled (upload-retry.ts, the push and the fill's
+ * listing retry it), as the download's watchdog abandons a range. Silence, not total time: a part crossing a slow link
+ * keeps its socket writing, and a CompleteMultipartUpload that takes minutes keeps it reading the whitespace S3 sends
+ * meanwhile. The SDK's own socketTimeout is one per client, and the client also downloads (whose ranges have their
+ * watchdog), and a middleware cannot hand the HTTP handler anything per attempt; so an attempt runs under
+ * boundedAttempt() and the client's agents (boundSilence) set the bound on the request that attempt creates (the
+ * SDK-free listing, on no agent of ours, calls boundRequest). Free of the AWS SDK, as upload-signal.ts.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type http from 'node:http';
@@ -53,11 +54,19 @@ export function boundSilence<A extends http.Agent>(agent: A): A {
   const own = agent as unknown as { addRequest: AddRequest };
   const add = own.addRequest.bind(agent);
   own.addRequest = (req, options) => {
-    const attempt = current.getStore();
-    if (attempt !== undefined) watch(req, attempt);
+    boundRequest(req);
     add(req, options);
   };
   return agent;
+}
+
+/**
+ * Bounds `req` as boundSilence's agents do, when it is sent during a boundedAttempt(): for a request that goes through
+ * no agent of ours (the SDK-free transport's listing pages, on Node's global agent).
+ */
+export function boundRequest(req: http.ClientRequest): void {
+  const attempt = current.getStore();
+  if (attempt !== undefined) watch(req, attempt);
 }
 
 function watch(req: http.ClientRequest, attempt: Attempt): void {

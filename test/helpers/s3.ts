@@ -101,6 +101,11 @@ export interface Faults {
   failLists?: { count: number; status: number; code: string };
   /** Leave the next `count` ListObjectsV2 requests unanswered (a store that reads a request and hangs). */
   stallLists?: { count: number };
+  /**
+   * Answer every ListObjectsV2 200 at once, then only whitespace every `everyMs`, never the listing: a store whose
+   * socket never falls silent, yet whose listing never ends. Counted in stats.lists; the sockets close with the client.
+   */
+  trickleLists?: { everyMs: number };
   /** The same for the next `count` GetObject requests. */
   failGets?: { count: number; status: number; code: string };
   /**
@@ -369,6 +374,14 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     if (isList && f.stallLists && f.stallLists.count > 0) {
       f.stallLists.count--;
       req.resume();
+      return;
+    }
+    if (isList && f.trickleLists) {
+      req.resume();
+      res.writeHead(200, { 'content-type': 'application/xml' });
+      res.write('<?xml version="1.0" encoding="UTF-8"?>\n');
+      const beat = setInterval(() => res.write(' '), f.trickleLists.everyMs);
+      res.on('close', () => clearInterval(beat));
       return;
     }
     if (isList && f.failLists && f.failLists.count > 0) {
