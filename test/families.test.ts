@@ -3,7 +3,7 @@
  * SD 1.x, SD 2.x (v-prediction, 768), SDXL (two encoders, pooled text_embeds, time_ids),
  * LCM (guidance embedding, no CFG), Turbo (guidance 0, no CFG), fp16 IO, int64 timesteps.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -162,6 +162,11 @@ describe('a folder that is not an export', () => {
       writeFileSync(path.join(dir, '.complete.json'), '{}');
       writeFileSync(path.join(dir, '.progress.jsonl'), '');
       expect(() => readLayout(dir)).toThrow('not an ONNX diffusers export: missing text_encoder/model.onnx, unet/model.onnx, vae_decoder/model.onnx (found: model_index.json)');
+      // A repository synced whole, its export in onnx/: the folder to add is named.
+      mkdirSync(path.join(dir, 'onnx', 'unet'), { recursive: true });
+      writeFileSync(path.join(dir, 'onnx', 'unet', 'model.onnx'), '');
+      expect(() => readLayout(dir)).toThrow(/\(found: model_index\.json, onnx\); the export seems to be in onnx\/: add onnx\/ to STORAGE_URI$/);
+      expect(() => readLayout(dir, new Set(['model_index.json', 'onnx/unet/model.onnx', 'onnx/unet/model.onnx_data']))).toThrow(/the export seems to be in onnx\/: add onnx\/ to STORAGE_URI$/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -43,6 +43,10 @@ describe('local sources', () => {
     expect(ready).toEqual(['model_index.json', 'unet/model.onnx']);
     const err = await rejection(resolveModel(path.join(tmp, 'absent'), { cfg: cfgFor(tmp), log }));
     expect([err.code, err.message]).toEqual(['STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount']);
+    const tgz = path.join(tmp, 'sd15.tar.gz');
+    await fsp.writeFile(tgz, 'not unpacked');
+    const file = await rejection(resolveModel(tgz, { cfg: cfgFor(tmp), log }));
+    expect([file.code, file.message]).toEqual(['STORAGE_MISSING', 'STORAGE_URI names a file, not a folder (an archive: unpack it, this runtime reads the exported folder itself); point it at the exported model folder']);
   });
 });
 

@@ -224,6 +224,10 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
 
     const noPrefix = await rejection(resolveModel('s3://models/absent/sd', { cfg: cfgFor(cache), log }));
     expect([noPrefix.code, noPrefix.message]).toEqual(['STORAGE_MISSING', 'no objects under s3://models/absent/sd/; check the bucket and prefix in STORAGE_URI']);
+    // KServe's storage initializer unpacks an archive a storageUri names; this runtime reads the files, and says so.
+    const archive = await rejection(resolveModel('s3://models/exports/sd15.tar.gz', { cfg: cfgFor(cache), log }));
+    expect([archive.code, archive.message]).toEqual(['STORAGE_MISSING', expect.stringMatching(
+      /^no objects under s3:\/\/models\/exports\/sd15\.tar\.gz\/: STORAGE_URI names an archive \(sd15\.tar\.gz\), which KServe's storage initializer unpacks and this runtime does not; upload the exported folder's files/)]);
 
     const saved = { ...process.env };
     Object.assign(process.env, { AWS_ACCESS_KEY_ID: 'WRONGKEY', AWS_SECRET_ACCESS_KEY: 'sekrit-value-123' });

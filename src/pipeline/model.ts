@@ -217,8 +217,13 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
       );
     }
     // The cache's own dot-files (its manifest, its journal) are not the user's upload.
-    const present = existsSync(dir) ? readdirSync(dir).filter((f) => !f.startsWith('.')).slice(0, 20).join(', ') : '';
-    throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${present || 'nothing'})`);
+    const names = existsSync(dir) ? readdirSync(dir).filter((f) => !f.startsWith('.')) : [];
+    // An export one folder down (a repository's onnx/ folder synced whole): name it rather than what is missing.
+    const nested = listed
+      ? [...listed].map((f) => /^([^/]+)\/unet\/model\.onnx$/.exec(f)?.[1]).find((f) => f !== undefined && !f.startsWith('.'))
+      : names.find((f) => existsSync(path.join(dir, f, 'unet', 'model.onnx')));
+    const hint = nested === undefined ? '' : `; the export seems to be in ${nested}/: add ${nested}/ to STORAGE_URI`;
+    throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${names.slice(0, 20).join(', ') || 'nothing'})${hint}`);
   }
   const index = optJson(dir, 'model_index.json');
   const pipelineClass = typeof index._class_name === 'string' ? index._class_name : 'StableDiffusionPipeline';

@@ -209,12 +209,18 @@ async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
   }
 }
 
+/** The archives KServe's storage initializer unpacks (a model URI naming one). */
+const ARCHIVE = /[^/]*\.(?:tar\.gz|tgz|tar|zip)$/i;
+
 async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
   if (opts.cfg.modelInitAsync) await appeared(dir, opts);
   const st = await fsp.stat(dir).catch(() => undefined);
   // The reason reaches clients (the model endpoint), so it names the setting, not the local path it holds.
   if (st === undefined) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
-  if (!st.isDirectory()) throw new RuntimeError('STORAGE_MISSING', 'STORAGE_URI names a file, not a folder; point it at the exported model folder');
+  if (!st.isDirectory()) {
+    const archive = ARCHIVE.test(dir) ? ' (an archive: unpack it, this runtime reads the exported folder itself)' : '';
+    throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI names a file, not a folder${archive}; point it at the exported model folder`);
+  }
   const files = await walk(dir);
   const sizes = await Promise.all(files.map(async (rel) => (await fsp.stat(path.join(dir, rel))).size));
   const bytes = sizes.reduce((a, b) => a + b, 0);
@@ -303,7 +309,10 @@ class S3Fetch {
       listing ??= await this.listing();
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
       if (listing.length === 0) {
-        throw new RuntimeError('STORAGE_MISSING', `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
+        const archive = ARCHIVE.exec(this.prefix.replace(/\/$/, ''))?.[0];
+        throw new RuntimeError('STORAGE_MISSING', archive
+          ? `no objects under ${this.uri}: STORAGE_URI names an archive (${archive}), which KServe's storage initializer unpacks and this runtime does not; upload the exported folder's files under a prefix (aws s3 sync <export> s3://bucket/prefix/) and point STORAGE_URI at it`
+          : `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
       }
       this.checkListing(listing);
       const want = listing;
