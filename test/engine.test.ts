@@ -13,6 +13,7 @@ import { httpStatus, type RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
+import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
 import { Engine } from '../src/runtime/engine.js';
 import { createGeneration } from '../src/runtime/generation.js';
 import type { RequestS3 } from '../src/storage/request-s3.js';
@@ -71,7 +72,7 @@ async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine:
   const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), metrics);
   engine.start([spawned(w)]);
   const loaded = engine.load(modelDir);
-  w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
+  w.reply({ t: 'loaded', defaults: { ...pipelineClassDefaults('StableDiffusionPipeline', false), steps: 2, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
   await loaded;
   return { engine, w, metrics };
 }
@@ -314,7 +315,7 @@ describe('engine with several workers (one per GPU)', () => {
     const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', WORKERS: '2', GPUS: '2', EXECUTION_PROVIDER: 'cuda' }), createLogger('silent'), metrics);
     engine.start(ws.map(spawned));
     const loaded = engine.load('/model');
-    for (const w of ws) w.reply({ t: 'loaded', defaults: { steps: 2, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
+    for (const w of ws) w.reply({ t: 'loaded', defaults: { ...pipelineClassDefaults('StableDiffusionPipeline', false), steps: 2, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
     await loaded;
     return { engine, ws, metrics };
   }

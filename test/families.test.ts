@@ -58,7 +58,9 @@ const std = (a: Uint8Array) => {
 describe('model families', () => {
   it('SD 1.x: 512 default, classifier-free guidance doubles the UNet batch', async () => {
     const { pipe, calls } = await load({ family: 'sd15' });
-    expect(pipe.defaults()).toMatchObject({ steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler' });
+    expect(pipe.defaults()).toMatchObject({
+      steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler', modes: { img2img: { guidance: 7.5, strength: 0.8 }, inpaint: { guidance: 7.5, strength: 1 } },
+    });
     const { images } = await pipe.generate(job({}));
     expect(calls[0]!.sample).toEqual([2, 4, 8, 8]);
     expect(calls[0]!.inputs).toEqual(['encoder_hidden_states', 'sample', 'timestep']);
@@ -78,7 +80,8 @@ describe('model families', () => {
   it('SDXL: two encoders, pooled text_embeds and time_ids, zero negatives by default, 1024 default', async () => {
     const { pipe, calls, layout } = await load({ family: 'sdxl' });
     expect(layout.isXL).toBe(true);
-    expect(pipe.defaults()).toMatchObject({ height: 1024, width: 1024 });
+    // StableDiffusionXLPipeline's and …Img2ImgPipeline's guidance 5.0, …InpaintPipeline's 7.5; strength 0.3, 0.9999.
+    expect(pipe.defaults()).toMatchObject({ steps: 50, guidance: 5, height: 1024, width: 1024, modes: { img2img: { guidance: 5, strength: 0.3 }, inpaint: { guidance: 7.5, strength: 0.9999 } } });
     const zeroNeg = await pipe.generate(job({ height: 128, width: 96 }));
     expect(calls[0]!.inputs).toEqual(['encoder_hidden_states', 'sample', 'text_embeds', 'time_ids', 'timestep']);
     expect(calls[0]!.sample).toEqual([2, 4, 16, 12]);
@@ -95,7 +98,7 @@ describe('model families', () => {
 
   it('LCM: guidance enters as timestep_cond, no unconditional batch, 4-step default', async () => {
     const { pipe, calls } = await load({ family: 'lcm' });
-    expect(pipe.defaults()).toMatchObject({ steps: 4, guidance: 8.5 });
+    expect(pipe.defaults()).toMatchObject({ steps: 4, guidance: 8.5, modes: { img2img: { guidance: 8.5, strength: 0.8 }, inpaint: { guidance: 8.5, strength: 1 } } });
     const a = await pipe.generate(job({ steps: 4, guidance: 8.5 }));
     expect(calls).toHaveLength(4);
     expect(calls[0]!.sample).toEqual([1, 4, 8, 8]);

@@ -7,6 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { ModelDefaults } from '../src/pipeline/job.js';
+import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
 import { basicClean } from '../src/pipeline/tokenizer.js';
 import { MAX_LISTED_PROBLEMS, parseInstances, pushUnknownField } from '../src/runtime/request.js';
 
@@ -35,7 +36,7 @@ describe('CLIP text cleaning is linear in the prompt', () => {
   });
 });
 
-const SD: ModelDefaults = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler' };
+const SD: ModelDefaults = { ...pipelineClassDefaults('StableDiffusionPipeline', false), height: 512, width: 512, scheduler: 'PNDMScheduler' };
 
 describe('output_uri never names what the server loads', () => {
   const parse = (env: Record<string, string>, uri: string) =>

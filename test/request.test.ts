@@ -2,12 +2,13 @@
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { GenerationShape, ModelDefaults } from '../src/pipeline/job.js';
+import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
 import { schedulerLimits } from '../src/pipeline/schedulers/index.js';
 import { checkServerDefaults, parseInstances, shapeKey, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
 const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
-const defaults = (config: Record<string, unknown>): ModelDefaults => ({ steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: String(config._class_name), stepRanges: schedulerLimits(config).ranges });
+const defaults = (config: Record<string, unknown>): ModelDefaults => ({ ...pipelineClassDefaults('StableDiffusionPipeline', false), height: 512, width: 512, scheduler: String(config._class_name), stepRanges: schedulerLimits(config).ranges });
 const ctx = (d: ModelDefaults): ParseContext => ({ cfg: loadConfig({}), defaults: d, randomSeed: () => 7 });
 const parse = (inst: Record<string, unknown>, d = defaults(SD15)) => parseInstances([{ prompt: 'p', ...inst }], ctx(d));
 
@@ -106,7 +107,7 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     const prk = defaults({ ...SD15, skip_prk_steps: false });
     expect(() => checkServerDefaults(loadConfig({ DEFAULT_STEPS: '3' }), prk)).toThrow(/^DEFAULT_STEPS must be from 4 to \d+ for scheduler PNDMScheduler/);
     // … and a name the model's config cannot build at all (here a config with no beta schedule the classes know).
-    const odd = { steps: 50, guidance: 7.5, height: 512, width: 512, scheduler: 'PNDMScheduler', stepRanges: { '': { min: 1, max: 1000, why: 'x' } } };
+    const odd = { ...defaults(SD15), stepRanges: { '': { min: 1, max: 1000, why: 'x' } } };
     expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'unipc' }), odd)).toThrow(/^DEFAULT_SCHEDULER=unipc cannot run from this model's scheduler\/scheduler_config\.json/);
   });
 });

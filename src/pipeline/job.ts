@@ -15,10 +15,15 @@ export interface StepRange {
   why: string;
 }
 
-/** Model-dependent defaults, reported by the pipeline once the model is loaded. */
+/**
+ * Model-dependent defaults, reported by the pipeline once the model is loaded. `steps` and `guidance` are those of
+ * diffusers' text-to-image pipeline class for the model, `modes` those of its image-to-image and inpainting classes.
+ */
 export interface ModelDefaults {
   steps: number;
   guidance: number;
+  /** Per image mode, the guidance_scale and strength of a request that leaves them out (its steps: `steps`). */
+  modes: Readonly<Record<ImageMode, ModeDefaults>>;
   height: number;
   width: number;
   /** The model's own scheduler class (scheduler/scheduler_config.json). */
@@ -46,6 +51,12 @@ export interface ModelDefaults {
    * request's own mistakes (INVALID_INPUT: an EDM name on another model, or the reverse) are refused when parsed.
    */
   schedulerRefusals?: Readonly<Record<string, { readonly code: string; readonly message: string }>>;
+}
+
+/** What a request of one image mode gets for the fields it leaves out. */
+export interface ModeDefaults {
+  guidance: number;
+  strength: number;
 }
 
 /** The shape of a generation: requests share a batch where runtime/request.ts shapeKey says they can. */

@@ -117,10 +117,8 @@ export class Pipeline {
     const limits = schedulerLimits(this.layout.schedulerConfig);
     const size = this.layout.unet.sampleSize * this.layout.vae.scaleFactor;
     const cls = String(this.layout.schedulerConfig._class_name ?? '');
-    const lcm = this.usesGuidanceEmbedding || cls === 'LCMScheduler';
     return {
-      steps: lcm ? 4 : 50,
-      guidance: lcm ? 8.5 : 7.5,
+      ...pipelineClassDefaults(this.layout.pipelineClass, this.layout.isXL),
       height: size,
       width: size,
       scheduler: cls,
@@ -441,6 +439,23 @@ export class Pipeline {
     for (let r = 0; r < rows; r++) data.push(...row(cfg && r < rows / 2));
     return { data: Float32Array.from(data), dims: [rows, n] };
   }
+}
+
+/**
+ * The `__call__` defaults of diffusers' pipeline classes for a model, by the class its model_index.json names, in the
+ * family AutoPipelineForText2Image / ForImage2Image / ForInpainting pick from it: StableDiffusion{,Img2Img,Inpaint}Pipeline
+ * 50 steps, guidance 7.5, strength 0.8 / 1.0; StableDiffusionXL{,Img2Img}Pipeline guidance 5.0, strength 0.3, and
+ * StableDiffusionXLInpaintPipeline 7.5, 0.9999; LatentConsistencyModel{,Img2Img}Pipeline 4 steps, 8.5 (embedded).
+ * The scheduler has no say: an SD or SDXL pipeline with an LCMScheduler (an LCM-LoRA fused in, or lcm-sdxl's UNet,
+ * which embeds the guidance) gets its class's 50 steps and guidance, as in diffusers (DEFAULT_STEPS sets fewer).
+ */
+export function pipelineClassDefaults(pipelineClass: string, isXL: boolean): Pick<ModelDefaults, 'steps' | 'guidance' | 'modes'> {
+  if (pipelineClass.includes('LatentConsistency')) {
+    // diffusers has no LCM inpainting pipeline (AutoPipelineForInpainting refuses the model): LCM's, at strength 1.
+    return { steps: 4, guidance: 8.5, modes: { img2img: { guidance: 8.5, strength: 0.8 }, inpaint: { guidance: 8.5, strength: 1 } } };
+  }
+  if (isXL) return { steps: 50, guidance: 5, modes: { img2img: { guidance: 5, strength: 0.3 }, inpaint: { guidance: 7.5, strength: 0.9999 } } };
+  return { steps: 50, guidance: 7.5, modes: { img2img: { guidance: 7.5, strength: 0.8 }, inpaint: { guidance: 7.5, strength: 1 } } };
 }
 
 /** What an image job starts from (Pipeline.#initLatents). */

@@ -533,7 +533,8 @@ export class BootSequence {
       engine.workerIndexes.map(async (worker) => {
         const r = await engine.submit(
           {
-            shape: { steps: cfg.warmupSteps, guidance: d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+            // The default guidance of the mode it runs, so its UNet batch (with or without the unconditional pass) is a request's.
+            shape: { steps: cfg.warmupSteps, guidance: d.inpainting ? d.modes.inpaint.guidance : d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
             items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, numImages: 1 }],
             seedsGiven: true,
             output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },

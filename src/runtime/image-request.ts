@@ -17,9 +17,6 @@ import { show, typeName } from './fields.js';
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
 export const IMAGE_FIELDS = ['image', 'mask_image', 'strength', 'resize_mode'] as const;
 
-/** diffusers' defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0. */
-export const DEFAULT_STRENGTH: Readonly<Record<ImageMode, number>> = { img2img: 0.8, inpaint: 1.0 };
-
 /**
  * Input images are refused above this many pixels (before any resize): 4096 × 4096, 48 MiB of RGB that the job carries
  * to the worker. A 12 MP phone photo fits; larger ones are downscaled by the client.
@@ -143,13 +140,22 @@ function imageSource(v: unknown, field: string, bad: string[], checkS3: S3InputC
   return bytes;
 }
 
+const given = (inst: Obj, k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
+
+/** The mode an instance asks for by the fields it sends (`image`, and `mask_image` to inpaint); undefined: text-to-image. */
+export function imageMode(inst: Obj): ImageMode | undefined {
+  if (!given(inst, 'image')) return undefined;
+  return given(inst, 'mask_image') ? 'inpaint' : 'img2img';
+}
+
 /**
  * The image fields of one instance (V1 instance, WebSocket message, V2 prompt), or undefined for text-to-image.
  * `w` is the instance's path; `steps` its num_inference_steps. Every problem is pushed onto `bad`.
  */
 export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: ModelDefaults, steps: number, checkS3: S3InputCheck): ImageRequest | undefined {
-  const has = (k: string) => Object.hasOwn(inst, k) && inst[k] !== null && inst[k] !== undefined;
-  if (!has('image')) {
+  const has = (k: string) => given(inst, k);
+  const mode = imageMode(inst);
+  if (mode === undefined) {
     for (const k of ['mask_image', 'strength', 'resize_mode']) if (has(k)) bad.push(`${w}.${k} needs an ${w}.image to work on`);
     if (defaults.inpainting) bad.push(`${w}.image and ${w}.mask_image are required: this is an inpainting model (its UNet takes the mask and the masked image), it cannot generate from text alone`);
     return undefined;
@@ -158,9 +164,8 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
     bad.push(`${w}.image: this model has no vae_encoder, so it serves text-to-image only; export it again with its VAE encoder (scripts/export-onnx.sh and optimum write vae_encoder/ by default)`);
     return undefined;
   }
-  const mode: ImageMode = has('mask_image') ? 'inpaint' : 'img2img';
   if (mode === 'img2img' && defaults.inpainting) bad.push(`${w}.mask_image is required: this is an inpainting model (its UNet takes the mask and the masked image)`);
-  let strength = DEFAULT_STRENGTH[mode];
+  let strength = defaults.modes[mode].strength;
   if (has('strength')) {
     const v = inst.strength;
     if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || v > 1) bad.push(`${w}.strength must be a number from 0 to 1, got ${show(v)}`);
@@ -168,7 +173,8 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
   }
   // Inpainting has no "nothing to denoise" case in diffusers (it raises); image-to-image returns the image re-encoded.
   if (mode === 'inpaint' && Math.min(Math.trunc(steps * strength), steps) < 1) {
-    bad.push(`${w}.strength ${strength} × num_inference_steps ${steps} leaves no denoising step; inpainting needs strength × num_inference_steps >= 1`);
+    const whose = has('strength') ? '' : ` (not sent: this model's default for inpainting; send strength)`;
+    bad.push(`${w}.strength ${strength}${whose} × num_inference_steps ${steps} leaves no denoising step; inpainting needs strength × num_inference_steps >= 1`);
   }
   let resizeMode: ResizeMode = 'default';
   if (has('resize_mode')) {

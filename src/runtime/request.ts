@@ -5,7 +5,7 @@ import { unconditionalPass, type GenerationShape, type JobItem, type ModelDefaul
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
-import { IMAGE_FIELDS, parseImageFields, type ImageRequest } from './image-request.js';
+import { IMAGE_FIELDS, imageMode, parseImageFields, type ImageRequest } from './image-request.js';
 import { keyProblem, parseS3Object } from '../storage/uri.js';
 import { inputRefusal, servedFrom } from './input-uris.js';
 import { fallbackProblem, virtualHostedFallback } from '../storage/addressing.js';
@@ -370,7 +370,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
       + `remove it and send ${w}.loras: [{"name":${JSON.stringify(tag[1])},"scale":${scale}}]`);
   }
   const steps = int('num_inference_steps', cfg.defaultSteps ?? defaults.steps, 1, cfg.maxSteps);
-  const guidance = num('guidance_scale', defaults.guidance, 0, 100);
+  // Each mode's default is its diffusers pipeline class's (SDXL: 5.0 to text-to-image and image-to-image, 7.5 to inpaint).
+  const mode = imageMode(inst);
+  const guidance = num('guidance_scale', mode ? defaults.modes[mode].guidance : defaults.guidance, 0, 100);
   const height = size('height', defaults.height);
   const width = size('width', defaults.width);
   const eta = num('eta', 0, 0, 1);

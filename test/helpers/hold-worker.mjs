@@ -7,7 +7,9 @@ import { parentPort } from 'node:worker_threads';
 parentPort.on('message', (m) => {
   if (m.t === 'load') {
     parentPort.postMessage({
-      t: 'loaded', defaults: { steps: 50, guidance: 7.5, height: 64, width: 64, scheduler: 'PNDMScheduler' },
+      t: 'loaded', defaults: {
+        steps: 50, guidance: 7.5, modes: { img2img: { guidance: 7.5, strength: 0.8 }, inpaint: { guidance: 7.5, strength: 1 } }, height: 64, width: 64, scheduler: 'PNDMScheduler',
+      },
       tokenizerDirs: [path.resolve(m.dir, 'tokenizer')], providers: { unet: 'cpu' }, optimize: [],
     });
   } else if (m.t === 'close') process.exit(0);
