@@ -6,7 +6,7 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde, sasolver, variance and realcfg cases were made (test/fixtures/parity/README.md); each
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde, sasolver, variance, realcfg and beta cases were made (test/fixtures/parity/README.md); each
 file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
 cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
 `trampoline` package torchsde imports, and the package metadata diffusers looks for).
@@ -21,7 +21,8 @@ step draws comes from numpy and is recorded (DPMSolverSDEScheduler's comes from 
 `brownian_noise`, never replaced). Each case's seed is its position in CASES, so new cases go at the end of
 their group's list to leave the committed ones reproducible. Every file has the fields of
 ../shared/reference/schedulers/*.json plus `model_config` (the file's text), `pipeline`, `request`, `warnings`,
-`torch` and `numpy` (and `begin_index`, `eta` where set). Needs torch and numpy; no weights.
+`torch` and `numpy` (and `begin_index`, `eta` where set; `scipy` where the beta ramp ran). A case with `numpy_major`
+is written only by a run with that numpy. Needs torch, numpy and scipy; no weights.
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ import tempfile
 import warnings
 
 import numpy as np
+import scipy
 import torch
 from parity_json import F32, dumps
 
@@ -310,6 +312,8 @@ def run_case(case):
         "diffusers_version": diffusers.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
+        # (the beta ramp's quantiles are scipy's)
+        **({"scipy": scipy.__version__} if interp["convert"] is not None and interp["convert"]["kind"] == "beta" else {}),
     }
 
 
@@ -333,8 +337,10 @@ def record_interpolation(s):
         return t
 
     s._sigma_to_t = sigma_to_t
-    for kind in ("karras", "exponential"):
-        orig = getattr(s, f"_convert_to_{kind}")
+    for kind in ("karras", "exponential", "beta"):
+        orig = getattr(s, f"_convert_to_{kind}", None)
+        if orig is None:
+            continue  # (no _convert_to_beta where the class has no use_beta_sigmas)
 
         def convert(in_sigmas, num_inference_steps=None, orig=orig, kind=kind):
             # LMS's _convert_to_karras takes no step count (it reads its own)
@@ -722,6 +728,11 @@ CASES.append({"name": "dpmsde-karras-request-bounds-from-euler-10", "config": {*
               "request": "dpmpp_sde_karras", "steps": 10, "seed": 7016})
 CASES.append({"name": "dpmsde-exponential-bounds-own-12", "config": {**dpmsde, "use_exponential_sigmas": True, **lms_bounds}, "pipeline": None,
               "steps": 12, "seed": 7017})
+# Beta sigmas (use_beta_sigmas: scipy's beta.ppf at 0.6, 0.6), the config's own bounds or the schedule's ends.
+CASES.append({"name": "dpmsde-beta-12", "config": {**dpmsde, "use_beta_sigmas": True}, "pipeline": None, "steps": 12, "seed": 7018})
+CASES.append({"name": "dpmsde-beta-bounds-own-10", "config": {**dpmsde, "use_beta_sigmas": True, **lms_bounds}, "pipeline": None, "steps": 10, "seed": 7019})
+CASES.append({"name": "dpmsde-beta-request-from-euler-beta-15", "config": {**euler, "use_karras_sigmas": False, "use_beta_sigmas": True, "noise_sampler_seed": 7020},
+              "pipeline": None, "request": "dpmpp_sde", "steps": 15, "seed": 7020})
 
 # SA-Solver (SASolverScheduler; request names sa_solver, sa_solver_karras): a stochastic predictor and corrector
 # with diffusers' default tau (1 for timesteps 200-800, else 0) and a draw on every step, tau 0 or not. Each case also
@@ -766,6 +777,13 @@ sa_cases.append({"name": "sasolver-model-request-dpmpp-2m-10", "config": sa, "re
 sa_cases.append({"name": "sasolver-noise-model-request-class-10", "config": {**sa, "algorithm_type": "noise_prediction", "predictor_order": 3}, "request": "SASolverScheduler", "steps": 10})
 sa_cases.append({"name": "sasolver-8x8-15", "config": sa, "steps": 15, "shape": (1, 4, 8, 8)})
 sa_cases.append({"name": "sasolver-batch2-8x8-8", "config": sa, "steps": 8, "shape": (2, 4, 8, 8)})
+# Beta sigmas (use_beta_sigmas: scipy's beta.ppf at 0.6, 0.6).
+sa_cases.append({"name": "sasolver-beta-12", "config": {**sa, "use_beta_sigmas": True}, "steps": 12})
+sa_cases.append({"name": "sasolver-beta-noise-p3-c3-10", "config": {**sa, "use_beta_sigmas": True, "algorithm_type": "noise_prediction", "predictor_order": 3,
+                                                                      "corrector_order": 3}, "steps": 10})
+sa_cases.append({"name": "sasolver-beta-40", "config": {**sa, "use_beta_sigmas": True}, "steps": 40})
+sa_cases.append({"name": "sasolver-beta-request-from-euler-beta-20", "config": {**euler, "use_karras_sigmas": False, "use_beta_sigmas": True},
+                 "request": "sa_solver", "steps": 20})
 for seed, case in enumerate(sa_cases, start=8000):
     CASES.append({**case, "pipeline": None, "seed": seed, "add_noise": True})
 
@@ -816,6 +834,53 @@ real_cases = [
 for seed, case in enumerate(real_cases, start=9600):
     CASES.append({**case, "pipeline": None, "seed": seed})
 
+# Beta sigmas (use_beta_sigmas: ComfyUI's "beta" scheduler, scipy's beta.ppf at alpha = beta = 0.6) in every class that
+# has them (DPM++ SDE's and SA-Solver's cases are in their groups above), from a model's own config and carried over to
+# a request's class by from_config. Made with torch 1.13 (see the header), whose sigma table the runtime follows; one
+# case (the cosine schedule's) with torch 2.x and numpy 2 instead: there numpy 1.x's float32 weight in _sigma_to_t
+# lands the first sigma on timestep 999, numpy 2 and the runtime on 998.99… (998), which the next ones repeat, so the
+# case starts at index 0 as image-to-image sets it (a step that finds its index by timestep would start at the
+# second: docs/PARITY.md). Seeds 9700 on.
+euler_beta = {**euler, "use_karras_sigmas": False, "use_beta_sigmas": True}
+dpm_beta = {**dpm, "use_beta_sigmas": True}
+beta_cases = []
+for n in [1, 2, 10, 25, 50]:
+    beta_cases.append({"name": f"beta-euler-leading-{n}", "config": euler_beta, "steps": n})
+beta_cases.append({"name": "beta-euler-linspace-20", "config": {**euler_beta, "timestep_spacing": "linspace"}, "steps": 20})
+beta_cases.append({"name": "beta-euler-trailing-vpred-12", "config": {**euler_beta, **vpred, "timestep_spacing": "trailing"}, "steps": 12})
+beta_cases.append({"name": "beta-euler-bounds-sigma-min-15", "config": {**euler_beta, "sigma_min": 0.05, "sigma_max": 10.0, "final_sigmas_type": "sigma_min"}, "steps": 15})
+beta_cases.append({"name": "beta-euler-img2img-begin-7-of-20", "config": euler_beta, "steps": 20, "begin_index": 7})
+for n in [1, 2, 10, 20, 31]:
+    beta_cases.append({"name": f"beta-dpm-{n}", "config": dpm_beta, "steps": n})
+beta_cases.append({"name": "beta-dpm-50", "config": dpm_beta, "steps": 50})
+beta_cases.append({"name": "beta-dpm-img2img-begin-12-of-40", "config": dpm_beta, "steps": 40, "begin_index": 12})
+beta_cases.append({"name": "beta-dpm-sde-14", "config": {**dpm_beta, "algorithm_type": "sde-dpmsolver++"}, "steps": 14})
+beta_cases.append({"name": "beta-dpm-order3-20", "config": {**dpm_beta, "solver_order": 3}, "steps": 20})
+beta_cases.append({"name": "beta-dpm-linspace-sigma-min-18", "config": {**dpm_beta, "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}, "steps": 18})
+beta_cases.append({"name": "beta-dpm-cosine-12-begin-0", "config": {**dpm_beta, "beta_schedule": "squaredcos_cap_v2"}, "steps": 12, "begin_index": 0,
+                   "numpy_major": 2})
+beta_cases.append({"name": "beta-dpm-bounds-own-12", "config": {**dpm_beta, **lms_bounds}, "steps": 12})
+beta_cases.append({"name": "beta-dpmss-10", "config": {**dpmss, "use_beta_sigmas": True}, "steps": 10})
+beta_cases.append({"name": "beta-dpmss-order3-12", "config": {**dpmss, "use_beta_sigmas": True, "solver_order": 3}, "steps": 12})
+beta_cases.append({"name": "beta-deis-15", "config": {**deis, "use_beta_sigmas": True}, "steps": 15})
+beta_cases.append({"name": "beta-deis-order3-bounds-own-12", "config": {**deis, "use_beta_sigmas": True, "solver_order": 3, **lms_bounds}, "steps": 12})
+beta_cases.append({"name": "beta-unipc-12", "config": {**unipc, "use_beta_sigmas": True}, "steps": 12})
+beta_cases.append({"name": "beta-unipc-sigma-min-20", "config": {**unipc, "use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, "steps": 20})
+beta_cases.append({"name": "beta-unipc-40", "config": {**unipc, "use_beta_sigmas": True}, "steps": 40})
+beta_cases.append({"name": "beta-lms-15", "config": {**lms, "use_beta_sigmas": True}, "steps": 15})
+beta_cases.append({"name": "beta-lms-bounds-own-12", "config": {**lms, "use_beta_sigmas": True, **lms_bounds}, "steps": 12})
+beta_cases.append({"name": "beta-heun-10", "config": {**heun, "use_beta_sigmas": True}, "steps": 10})
+beta_cases.append({"name": "beta-kdpm2-10", "config": {**kdpm2, "use_beta_sigmas": True}, "steps": 10})
+beta_cases.append({"name": "beta-kdpm2a-10", "config": {**kdpm2a, "use_beta_sigmas": True}, "steps": 10})
+# A model whose config sets use_beta_sigmas, switched by request names: from_config carries it to the other classes
+# (Euler a has no such option and drops it).
+for req, n in [("dpmpp_2m", 20), ("dpmpp_2m_sde", 12), ("unipc", 15), ("deis", 15), ("lms", 12), ("heun", 10), ("dpm2", 10), ("dpm2_a", 10),
+               ("dpmpp_2s", 10), ("euler_a", 10), ("EulerDiscreteScheduler", 30)]:
+    beta_cases.append({"name": f"beta-euler-request-{req.replace('_', '-')}-{n}", "config": euler_beta, "request": req, "steps": n})
+beta_cases.append({"name": "beta-dpm-request-euler-25", "config": dpm_beta, "request": "euler", "steps": 25})
+for seed, case in enumerate(beta_cases, start=9700):
+    CASES.append({**case, "pipeline": None, "seed": seed})
+
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the
 # betas of this torch go beside the cases: the test runs both sides from the same betas.
 betas = {}
@@ -826,15 +891,19 @@ if ONLY is None:
     with open(os.path.join(out_dir, "..", "scheduler-betas.json"), "w") as fh:
         fh.write(dumps({"torch": torch.__version__, "betas": betas}) + "\n")
 
-written = 0
+matched = 0
 for i, case in enumerate(CASES):
     case.setdefault("seed", i)
     if ONLY is not None and not any(case["name"].startswith(p) for p in ONLY):
         continue
+    matched += 1
+    if case.get("numpy_major") not in (None, int(np.__version__.split(".")[0])):
+        # made where numpy's arithmetic is the one the case shows: left as it is here
+        print(case["name"], f"skipped: made with numpy {case['numpy_major']}.x", file=sys.stderr)
+        continue
     rec = run_case(case)
     with open(os.path.join(out_dir, case["name"] + ".json"), "w") as fh:
         fh.write(dumps(rec) + "\n")
-    written += 1
     print(case["name"], rec["scheduler"], rec["timesteps"][:4], rec["built_config"], len(rec["warnings"]), file=sys.stderr)
-if written == 0:
+if matched == 0:
     sys.exit(f"--only {','.join(ONLY or [])}: no case name starts with any of these")

@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { betaPpf } from '../src/pipeline/schedulers/beta-ppf.js';
-import { alphasCumprod, resolveConfig, sigmasFromAlphas } from '../src/pipeline/schedulers/common.js';
+import { alphasCumprod, betaSigmas, resolveConfig, sigmasFromAlphas } from '../src/pipeline/schedulers/common.js';
 
 interface Table {
   alpha: number;
@@ -65,6 +65,18 @@ describe(`beta quantile (scipy ${fixture.scipy} and exact values)`, () => {
     for (const [lo, hi] of bounds()) {
       const differ = t.q.filter((q, i) => Math.fround(lo + betaPpf(q, 0.6, 0.6) * (hi - lo)) !== Math.fround(lo + t.ppf[i]! * (hi - lo)));
       expect(differ, `bounds ${lo}, ${hi}`).toEqual([]);
+    }
+  });
+
+  it('runs from sigma_max down to sigma_min, both ends as diffusers computes them', () => {
+    const [lo, hi] = bounds()[0]!;
+    for (const n of [1, 2, 7, 40]) {
+      const s = betaSigmas(lo, hi, n);
+      expect(s).toHaveLength(n);
+      // t = 1 - linspace(0, 1, n): ppf(1) = 1 first, ppf(0) = 0 last
+      expect(s[0]).toBe(lo + 1 * (hi - lo));
+      if (n > 1) expect(s[n - 1]).toBe(lo);
+      for (let i = 1; i < n; i++) expect(s[i]!).toBeLessThan(s[i - 1]!);
     }
   });
 });

@@ -462,7 +462,7 @@ describe('DPMSolverSDEScheduler beyond the diffusers vectors', () => {
     bad({ noise_sampler_seed: -3 }, /noise_sampler_seed must be null or an integer/);
     bad({ noise_sampler_seed: 1.5 }, /noise_sampler_seed must be null or an integer/);
     bad({ prediction_type: 'sample' }, /DPMSolverSDEScheduler: prediction_type "sample" is not supported \(supported: epsilon, v_prediction\)/);
-    bad({ use_beta_sigmas: true }, /DPMSolverSDEScheduler: use_beta_sigmas is not supported/);
+    bad({ use_karras_sigmas: true, use_beta_sigmas: true }, /DPMSolverSDEScheduler: use_karras_sigmas with use_beta_sigmas is not supported/);
   });
 
   it('says so when it has no seed at all (no image seeds given, none in the config)', () => {
@@ -534,23 +534,54 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
     for (const [extra, message] of refused) {
       expect(() => createScheduler({ ...unipc, ...extra }, 10)).toThrow(message);
     }
-    const lms = { ...unipc, _class_name: 'LMSDiscreteScheduler' };
-    expect(() => createScheduler({ ...lms, use_beta_sigmas: true }, 10)).toThrow(/LMSDiscreteScheduler: use_beta_sigmas is not supported/);
   });
 
-  it("refuses Karras and exponential sigmas together in every class that has both, as diffusers' __init__ raises", () => {
+  it("refuses two or three of the Karras, exponential and beta ramps together in every class that has them, as diffusers' __init__ raises", () => {
     const classes = ['EulerDiscreteScheduler', 'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'LMSDiscreteScheduler',
-      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'DPMSolverSinglestepScheduler', 'SASolverScheduler'];
+      'HeunDiscreteScheduler', 'KDPM2DiscreteScheduler', 'KDPM2AncestralDiscreteScheduler', 'DPMSolverSinglestepScheduler', 'DPMSolverSDEScheduler',
+      'SASolverScheduler'];
+    const sets: [string[], string][] = [
+      [['use_karras_sigmas', 'use_exponential_sigmas'], 'use_karras_sigmas with use_exponential_sigmas'],
+      [['use_karras_sigmas', 'use_beta_sigmas'], 'use_karras_sigmas with use_beta_sigmas'],
+      [['use_exponential_sigmas', 'use_beta_sigmas'], 'use_exponential_sigmas with use_beta_sigmas'],
+      [['use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas'], 'use_karras_sigmas with use_exponential_sigmas with use_beta_sigmas'],
+    ];
     for (const cls of classes) {
-      expect(() => createScheduler({ ...unipc, _class_name: cls, use_karras_sigmas: true, use_exponential_sigmas: true }, 10), cls).toThrow(
-        expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)` }),
-      );
-      expect(createScheduler({ ...unipc, _class_name: cls, use_exponential_sigmas: true }, 10).timesteps.length, cls).toBeGreaterThan(0);
+      const base = { ...unipc, _class_name: cls, noise_sampler_seed: 1 };
+      for (const [keys, what] of sets) {
+        expect(() => createScheduler({ ...base, ...Object.fromEntries(keys.map((k) => [k, true])) }, 10), `${cls} ${what}`).toThrow(
+          expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: ${what} is not supported (diffusers raises too; set only one of them true)` }),
+        );
+      }
+      for (const k of ['use_exponential_sigmas', 'use_beta_sigmas']) expect(createScheduler({ ...base, [k]: true }, 10).timesteps.length, `${cls} ${k}`).toBeGreaterThan(0);
     }
-    // A request for a Karras name on a model whose config asks for exponential sigmas: from_config raises the same.
-    expect(() => createScheduler({ ...unipc, _class_name: 'EulerDiscreteScheduler', use_exponential_sigmas: true }, 10, { name: 'euler_karras' })).toThrow(
-      /EulerDiscreteScheduler: use_karras_sigmas with use_exponential_sigmas/,
-    );
+    // A request for a Karras name on a model whose config asks for exponential or beta sigmas: from_config raises the same.
+    for (const k of ['use_exponential_sigmas', 'use_beta_sigmas']) {
+      expect(() => createScheduler({ ...unipc, _class_name: 'EulerDiscreteScheduler', [k]: true }, 10, { name: 'euler_karras' })).toThrow(
+        new RegExp(`EulerDiscreteScheduler: use_karras_sigmas with ${k}`),
+      );
+    }
+  });
+
+  it('runs a beta schedule from its first step where its first timesteps repeat (diffusers\' text-to-image starts at the second)', () => {
+    // On the cosine schedule the integer-timestep classes truncate the first beta sigmas to one timestep: a step that
+    // finds its index by timestep, as diffusers' does, starts at the second and fails at the end (image-to-image sets
+    // the index and runs, as the runtime always does).
+    for (const cls of ['DPMSolverMultistepScheduler', 'UniPCMultistepScheduler', 'DEISMultistepScheduler', 'DPMSolverSinglestepScheduler', 'SASolverScheduler']) {
+      const config = { ...unipc, _class_name: cls, beta_schedule: 'squaredcos_cap_v2', use_beta_sigmas: true };
+      const s = createScheduler(config, 12);
+      expect(s.timesteps.slice(0, 3), cls).toEqual([998, 998, 998]);
+      const run = (from: ReturnType<typeof createScheduler>) => {
+        let x: Float32Array = Float32Array.from({ length: 16 }, (_, i) => Math.sin(i) * 10);
+        for (const t of from.timesteps) x = from.step(Float32Array.from({ length: 16 }, (_, i) => Math.cos(i + t) / 4), t, x, () => new Float32Array(16).fill(0.5)).prevSample;
+        return x;
+      };
+      const cut = createScheduler(config, 12);
+      cut.setBeginIndex(0);
+      const x = run(s);
+      expect(Array.from(x), cls).toEqual(Array.from(run(cut)));
+      expect(x.every(Number.isFinite), cls).toBe(true);
+    }
   });
 
   it('LMS coefficients integrate the Lagrange basis exactly: they sum to the interval, and order 1 is Euler', () => {
@@ -657,7 +688,6 @@ describe('DPM-Solver singlestep', () => {
     const refused: [Record<string, unknown>, string][] = [
       [{ solver_order: 4 }, 'solver_order 4 (1 to 3) is not supported'],
       [{ thresholding: true }, 'thresholding is not supported'],
-      [{ use_beta_sigmas: true }, 'use_beta_sigmas is not supported'],
       [{ use_flow_sigmas: true }, 'use_flow_sigmas is not supported'],
       [{ use_dynamic_shifting: true }, 'use_dynamic_shifting is not supported'],
       [{ variance_type: 'learned_range' }, 'variance_type "learned_range" is not supported (a learned variance needs a UNet with 8 output channels; supported: fixed_small, fixed_small_log, fixed_large, fixed_large_log or none)'],
@@ -721,7 +751,6 @@ describe('SA-Solver', () => {
       [{ corrector_order: 0 }, 'corrector_order 0 (1 to 4) is not supported'],
       [{ predictor_order: 2.5 }, 'predictor_order 2.5 (1 to 4) is not supported'],
       [{ thresholding: true }, 'thresholding is not supported'],
-      [{ use_beta_sigmas: true }, 'use_beta_sigmas is not supported'],
       [{ use_flow_sigmas: true }, 'use_flow_sigmas is not supported'],
       [{ variance_type: 'learned_range' }, 'variance_type "learned_range" is not supported (a learned variance needs a UNet with 8 output channels; supported: fixed_small, fixed_small_log, fixed_large, fixed_large_log or none)'],
       [{ variance_type: 'learned' }, 'variance_type "learned" is not supported (a learned variance needs a UNet with 8 output channels; supported: fixed_small, fixed_small_log, fixed_large, fixed_large_log or none)'],

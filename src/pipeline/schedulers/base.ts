@@ -8,7 +8,6 @@ import type { Scheduler, StepResult } from '../types.js';
 import {
   addNoiseAlphas,
   alphaSigmaLambda,
-  bool,
   checkBeginIndex,
   checkIndex,
   convertedSigmas,
@@ -16,6 +15,7 @@ import {
   npInterpIndex,
   type ResolvedConfig,
   sigmasFromAlphas,
+  sigmaRamp,
 } from './common.js';
 
 abstract class UnscaledSchedule implements Scheduler {
@@ -91,14 +91,15 @@ export abstract class MultistepSchedule extends UnscaledSchedule {
   }
 
   /**
-   * UniPC's and DEIS's schedule from its timesteps: the sigmas interpolated on the table, or a Karras / exponential ramp
-   * with its own timesteps; then the final sigma, 0 (`final_sigmas_type: zero`) or the ramp's last, else the table's
-   * first (`sigma_min`).
+   * UniPC's, DEIS's and SA-Solver's schedule from its timesteps: the sigmas interpolated on the table, or a Karras /
+   * exponential / beta ramp with its own timesteps; then the final sigma, 0 (`final_sigmas_type: zero`) or the ramp's
+   * last, else the table's first (`sigma_min`).
    */
   protected sigmaSchedule(config: ResolvedConfig, ac: Float32Array, timesteps: number[], n: number, finalZero: boolean): void {
     const table = sigmasFromAlphas(ac);
-    if (bool(config, 'use_karras_sigmas') || bool(config, 'use_exponential_sigmas')) {
-      const ramp = convertedSigmas(config, table, n);
+    const kind = sigmaRamp(config);
+    if (kind) {
+      const ramp = convertedSigmas(config, kind, table, n);
       this.schedule(ramp.timesteps, Float32Array.from([...ramp.sigmas, finalZero ? 0 : ramp.sigmas[ramp.sigmas.length - 1]!]));
     } else {
       const last = finalZero ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));

@@ -11,6 +11,7 @@ import { RuntimeError } from '../../errors.js';
 import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import { fmaf } from '../random.js';
+import { betaPpf } from './beta-ppf.js';
 
 export const f = Math.fround;
 /** torch's / numpy's float32 log. */
@@ -114,11 +115,22 @@ export function checkIgnoredVariance(className: string, c: ResolvedConfig): void
 /** DDPM's fixed variance types (diffusers' `_get_variance`). */
 export const FIXED_VARIANCES: readonly string[] = ['fixed_small', 'fixed_small_log', 'fixed_large', 'fixed_large_log'];
 
-/** diffusers' `__init__` raises when a config asks for more than one sigma ramp (use_beta_sigmas is refused on its own). */
+/** The sigma ramps a config can ask for instead of the interpolated schedule (diffusers' `use_*_sigmas`). */
+export type SigmaRamp = 'karras' | 'exponential' | 'beta';
+const RAMP_KEYS = ['use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas'] as const;
+
+/** diffusers' `__init__` raises when a config asks for more than one sigma ramp. */
 export function checkOneRamp(className: string, c: ResolvedConfig): void {
-  if (c.use_karras_sigmas === true && c.use_exponential_sigmas === true) {
-    throw new RuntimeError('UNSUPPORTED', `${className}: use_karras_sigmas with use_exponential_sigmas is not supported (set one of them false)`);
-  }
+  const set = RAMP_KEYS.filter((k) => c[k] === true);
+  if (set.length > 1) throw new RuntimeError('UNSUPPORTED', `${className}: ${set.join(' with ')} is not supported (diffusers raises too; set only one of them true)`);
+}
+
+/** The ramp a config asks for, if any (checkOneRamp has refused more than one). */
+export function sigmaRamp(c: ResolvedConfig): SigmaRamp | undefined {
+  if (c.use_karras_sigmas === true) return 'karras';
+  if (c.use_exponential_sigmas === true) return 'exponential';
+  if (c.use_beta_sigmas === true) return 'beta';
+  return undefined;
 }
 
 export function oneOf(className: string, c: ResolvedConfig, key: string, allowed: readonly string[]): string {
@@ -357,6 +369,21 @@ export function exponentialSigmas(sigmaMin: number, sigmaMax: number, n: number)
   return npLinspace(Math.log(sigmaMax), Math.log(sigmaMin), n).map(Math.exp);
 }
 
+/**
+ * diffusers `_convert_to_beta` ("Beta Sampling is All You Need"; ComfyUI's "beta" scheduler): `sigma_min + ppf ·
+ * (sigma_max − sigma_min)` with scipy's `beta.ppf(t, 0.6, 0.6)` for t in `1 − np.linspace(0, 1, n)`, float64 (0.6 is
+ * the only shape any class passes). The ends are exact: ppf(1) = 1, ppf(0) = 0.
+ */
+export function betaSigmas(sigmaMin: number, sigmaMax: number, n: number): number[] {
+  return npLinspace(0, 1, n).map((t) => sigmaMin + betaPpf(1 - t, 0.6, 0.6) * (sigmaMax - sigmaMin));
+}
+
+/** The ramp's n sigmas from sigma_max down to sigma_min (float64). */
+export function rampSigmas(ramp: SigmaRamp, sigmaMin: number, sigmaMax: number, n: number): number[] {
+  if (ramp === 'karras') return karrasSigmas(sigmaMin, sigmaMax, n);
+  return ramp === 'exponential' ? exponentialSigmas(sigmaMin, sigmaMax, n) : betaSigmas(sigmaMin, sigmaMax, n);
+}
+
 /** `np.linspace(0, last - 1, n + 1).round()[::-1][:-1]`: the linspace spacing (DPM-Solver singlestep's only one). */
 export function linspaceTimesteps(n: number, last: number): number[] {
   return npLinspace(0, last - 1, n + 1).map(npRound).reverse().slice(0, -1);
@@ -384,17 +411,17 @@ export function multistepTimesteps(className: string, c: ResolvedConfig, n: numb
 }
 
 /**
- * UniPC's and DEIS's Karras / exponential schedule: the sigmas from the bounds (the config's sigma_min / sigma_max,
- * else the table's ends) and the timesteps back from them (Karras rounded, exponential truncated by the int64 cast).
+ * UniPC's, DEIS's and SA-Solver's Karras / exponential / beta schedule: the sigmas from the bounds (the config's
+ * sigma_min / sigma_max, else the table's ends) and the timesteps back from them (Karras rounded, the others truncated
+ * by the int64 cast).
  */
-export function convertedSigmas(c: ResolvedConfig, table: Float32Array, n: number): { sigmas: number[]; timesteps: number[] } {
-  const karras = bool(c, 'use_karras_sigmas');
+export function convertedSigmas(c: ResolvedConfig, ramp: SigmaRamp, table: Float32Array, n: number): { sigmas: number[]; timesteps: number[] } {
   const logSigmas = table.map(logf);
   // On the flipped table: in_sigmas[-1] is the smallest sigma, in_sigmas[0] the largest.
   const sMin = (c.sigma_min as number | null | undefined) ?? table[0]!;
   const sMax = (c.sigma_max as number | null | undefined) ?? table[table.length - 1]!;
-  const sigmas = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
-  const timesteps = sigmas.map((s) => (karras ? npRound(sigmaToT(s, logSigmas)) : Math.trunc(sigmaToT(s, logSigmas))));
+  const sigmas = rampSigmas(ramp, sMin, sMax, n);
+  const timesteps = sigmas.map((s) => (ramp === 'karras' ? npRound(sigmaToT(s, logSigmas)) : Math.trunc(sigmaToT(s, logSigmas))));
   return { sigmas, timesteps };
 }
 

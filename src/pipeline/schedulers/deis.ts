@@ -45,7 +45,7 @@ export const DEIS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 };
 
 /**
- * Not `__init__` options, but `_convert_to_karras` / `_convert_to_exponential` take their bounds from the config when
+ * Not `__init__` options, but `_convert_to_karras` / `_exponential` / `_beta` take their bounds from the config when
  * it has them: a file's own keys, or an Euler or UniPC config's carried over by a request's switch.
  */
 export const DEIS_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
@@ -81,7 +81,7 @@ export class DEISMultistep extends MultistepSchedule {
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.#order = num(config, 'solver_order');
     if (!Number.isInteger(this.#order) || this.#order < 1 || this.#order > 3) unsupported(name, `solver_order ${this.#order} (1 to 3)`);
-    for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+    for (const k of ['thresholding', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
     checkOneRamp(name, config);

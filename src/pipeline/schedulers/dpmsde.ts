@@ -20,7 +20,10 @@ import { KDPM2_DEFAULTS } from './kdpm2.js';
 
 export const DPMSDE_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...KDPM2_DEFAULTS, noise_sampler_seed: null };
 
-/** Read by `_convert_to_exponential` where the config has them (hidden keys, see index.ts); its Karras ramp ignores them. */
+/**
+ * Read by `_convert_to_exponential` / `_convert_to_beta` where the config has them (hidden keys, see index.ts); its
+ * Karras ramp ignores them.
+ */
 export const DPMSDE_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
 const NAME = 'DPMSolverSDEScheduler';

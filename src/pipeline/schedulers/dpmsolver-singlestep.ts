@@ -90,7 +90,7 @@ export class DPMSolverSinglestep extends MultistepSchedule {
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     const order = num(config, 'solver_order');
     if (![1, 2, 3].includes(order)) unsupported(name, `solver_order ${order} (1 to 3)`);
-    for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+    for (const k of ['thresholding', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
     checkOneRamp(name, config);

@@ -1,6 +1,6 @@
 /**
  * @module DPMSolverMultistepScheduler (diffusers): DPM-Solver++ / DPM-Solver, orders 1–2, midpoint or Heun,
- * optional Karras sigmas; float32 like torch.
+ * optional Karras / exponential / beta sigmas; float32 like torch.
  */
 
 import type { StepResult } from '../types.js';
@@ -13,15 +13,15 @@ import {
   checkOneRamp,
   checkSteps,
   type ConfigValue,
-  exponentialSigmas,
   f,
-  karrasSigmas,
   multistepTimesteps,
   npInterpIndex,
   npRound,
   num,
   oneOf,
+  rampSigmas,
   type ResolvedConfig,
+  sigmaRamp,
   sigmasFromAlphas,
   sigmaToT,
   str,
@@ -64,7 +64,7 @@ export const DPM_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 };
 
 /**
- * Not `__init__` options, but `_convert_to_karras` / `_convert_to_exponential` take their bounds from the config when
+ * Not `__init__` options, but `_convert_to_karras` / `_exponential` / `_beta` take their bounds from the config when
  * it has them: a file's own keys, or an Euler or UniPC config's carried over by a request's switch.
  */
 export const DPM_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
@@ -90,9 +90,9 @@ export function lambdaClipped(ac: Float32Array, clip: number): number {
 
 /**
  * DPM-Solver's schedule (multistep and singlestep) from its integer timesteps: the sigmas interpolated on the table, or
- * a Karras / exponential ramp (bounds from the config's hidden sigma_min / sigma_max, else the table's ends) with its
- * timesteps back from it (Karras rounded where `roundKarras`, else truncated as exponential's are by the int64 cast);
- * then the final sigma, 0 or the table's first (`sigma_min`) — the table's even after a ramp, unlike UniPC's.
+ * a Karras / exponential / beta ramp (bounds from the config's hidden sigma_min / sigma_max, else the table's ends)
+ * with its timesteps back from it (Karras rounded where `roundKarras`, else truncated as the others are by the int64
+ * cast); then the final sigma, 0 or the table's first (`sigma_min`) — the table's even after a ramp, unlike UniPC's.
  */
 export function dpmSigmaSchedule(
   config: ResolvedConfig,
@@ -106,11 +106,11 @@ export function dpmSigmaSchedule(
   let sig: number[];
   const sMin = (config.sigma_min as number | null | undefined) ?? table[0]!;
   const sMax = (config.sigma_max as number | null | undefined) ?? table[table.length - 1]!;
-  const karras = bool(config, 'use_karras_sigmas');
-  if (karras || bool(config, 'use_exponential_sigmas')) {
+  const ramp = sigmaRamp(config);
+  if (ramp) {
     const logSigmas = table.map(logf);
-    sig = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
-    timesteps = sig.map((s) => (karras && roundKarras ? npRound : Math.trunc)(sigmaToT(s, logSigmas)));
+    sig = rampSigmas(ramp, sMin, sMax, n);
+    timesteps = sig.map((s) => (ramp === 'karras' && roundKarras ? npRound : Math.trunc)(sigmaToT(s, logSigmas)));
   } else {
     sig = timesteps.map((t) => npInterpIndex(t, table));
   }
@@ -348,7 +348,7 @@ function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolve
   if (![1, 2, 3].includes(order)) unsupported(name, `solver_order ${order} (1 to 3)`);
   // diffusers has no third-order update for it (its step fails)
   if (order === 3 && algorithm === 'sde-dpmsolver') unsupported(name, 'solver_order 3 with algorithm_type "sde-dpmsolver" (use "sde-dpmsolver++")');
-  for (const k of ['thresholding', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+  for (const k of ['thresholding', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
     if (bool(config, k)) unsupported(name, k);
   }
   checkOneRamp(name, config);

@@ -5,14 +5,11 @@ import {
   addNoiseSigma,
   alphasCumprod,
   BETA_DEFAULTS,
-  bool,
   checkBeginIndex,
   checkOneRamp,
   checkSteps,
   trainStepRange,
-  exponentialSigmas,
   f,
-  karrasSigmas,
   npArange,
   npInterpIndex,
   npLinspace,
@@ -20,7 +17,10 @@ import {
   num,
   oneOf,
   type ConfigValue,
+  rampSigmas,
   type ResolvedConfig,
+  type SigmaRamp,
+  sigmaRamp,
   sigmaToT,
   sigmasFromAlphas,
   str,
@@ -108,10 +108,11 @@ export function predictX0(prediction: string, m: Float32Array, s: Float32Array, 
 }
 
 /**
- * The schedule of the k-diffusion style classes (LMS, Heun, KDPM2 and its ancestral form): checks shared by their
- * constructors, the Euler timesteps, sigmas interpolated on the table, then a Karras / exponential ramp between the
- * config's sigma_min / sigma_max (hidden keys; LMS's Karras ramp ignores them) or the schedule's own ends, with the
- * timesteps back from those sigmas: float64, neither rounded nor cast (each class does that its own way).
+ * The schedule of the k-diffusion style classes (LMS, Heun, KDPM2 and its ancestral form, DPM++ SDE): checks shared by
+ * their constructors, the Euler timesteps, sigmas interpolated on the table, then a Karras / exponential / beta ramp
+ * between the config's sigma_min / sigma_max (hidden keys; LMS's and DPM++ SDE's Karras ramp ignores them) or the
+ * schedule's own ends, with the timesteps back from those sigmas: float64, neither rounded nor cast (each class does
+ * that its own way).
  */
 export function discreteSchedule(
   name: string,
@@ -120,22 +121,20 @@ export function discreteSchedule(
   predictions: readonly string[],
   karrasReadsBounds = true,
   linspace64 = false,
-): { timesteps: number[]; sigmas: number[]; logSigmas: Float32Array; converted: 'karras' | 'exponential' | undefined } {
+): { timesteps: number[]; sigmas: number[]; logSigmas: Float32Array; converted: SigmaRamp | undefined } {
   checkSteps(name, n, trainStepRange(config));
   oneOf(name, config, 'prediction_type', predictions);
-  if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
   checkOneRamp(name, config);
-  const karras = bool(config, 'use_karras_sigmas');
   const { sigmas: table } = eulerTables(name, config);
   const logSigmas = table.map(logf);
   const timesteps = eulerTimesteps(name, config, n, linspace64);
   const sigmas = timesteps.map((t) => npInterpIndex(t, table));
-  const converted = karras ? 'karras' : bool(config, 'use_exponential_sigmas') ? 'exponential' : undefined;
+  const converted = sigmaRamp(config);
   if (!converted) return { timesteps, sigmas, logSigmas, converted };
-  const bounds = !karras || karrasReadsBounds;
+  const bounds = converted !== 'karras' || karrasReadsBounds;
   const sMin = (bounds ? (config.sigma_min as number | null | undefined) : undefined) ?? sigmas[sigmas.length - 1]!;
   const sMax = (bounds ? (config.sigma_max as number | null | undefined) : undefined) ?? sigmas[0]!;
-  const ramp = karras ? karrasSigmas(sMin, sMax, n) : exponentialSigmas(sMin, sMax, n);
+  const ramp = rampSigmas(converted, sMin, sMax, n);
   return { timesteps: ramp.map((s) => sigmaToT(s, logSigmas)), sigmas: ramp, logSigmas, converted };
 }
 
@@ -192,7 +191,6 @@ export class EulerDiscrete extends EulerBase {
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'EulerDiscreteScheduler';
     checkSteps(name, numInferenceSteps, trainStepRange(config));
-    if (bool(config, 'use_beta_sigmas')) unsupported(name, 'use_beta_sigmas');
     checkOneRamp(name, config);
     oneOf(name, config, 'interpolation_type', ['linear']);
     if (str(config, 'timestep_type') === 'continuous' && str(config, 'prediction_type') === 'v_prediction') {
@@ -202,13 +200,13 @@ export class EulerDiscrete extends EulerBase {
     const { ac, sigmas: table } = eulerTables(name, config);
     let timesteps = eulerTimesteps(name, config, numInferenceSteps);
     let sig = timesteps.map((t) => npInterpIndex(t, table));
-    const karras = bool(config, 'use_karras_sigmas');
-    if (karras || bool(config, 'use_exponential_sigmas')) {
+    const ramp = sigmaRamp(config);
+    if (ramp) {
       const logSigmas = table.map(logf);
       // np.interp returns float64: the bounds are not rounded to float32 (they differ for linspace spacing).
       const sMin = (config.sigma_min as number | null) ?? sig[sig.length - 1]!;
       const sMax = (config.sigma_max as number | null) ?? sig[0]!;
-      sig = karras ? karrasSigmas(sMin, sMax, numInferenceSteps) : exponentialSigmas(sMin, sMax, numInferenceSteps);
+      sig = rampSigmas(ramp, sMin, sMax, numInferenceSteps);
       timesteps = sig.map((s) => f(sigmaToT(s, logSigmas)));
     }
     const last = finalType === 'zero' ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));

@@ -16,7 +16,7 @@ import { KDPM2_DEFAULTS } from './kdpm2.js';
 
 export const HEUN_DEFAULTS: Readonly<Record<string, ConfigValue>> = { ...KDPM2_DEFAULTS, clip_sample: false, clip_sample_range: 1.0 };
 
-/** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
+/** Read by `_convert_to_karras` / `_exponential` / `_beta` where the config has them (hidden keys, see index.ts). */
 export const HEUN_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
 /** Every timestep but the first twice, every sigma but the first and the final 0 twice (diffusers' repeat_interleave). */

@@ -30,7 +30,7 @@ export const KDPM2_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   steps_offset: 0,
 };
 
-/** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
+/** Read by `_convert_to_karras` / `_exponential` / `_beta` where the config has them (hidden keys, see index.ts). */
 export const KDPM2_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
 
@@ -44,7 +44,7 @@ const repeated = (xs: ArrayLike<number>): number[] => {
 };
 
 interface Schedule {
-  /** The n timesteps before interleaving: float32, or float64 after a Karras / exponential conversion (not cast). */
+  /** The n timesteps before interleaving: float32, or float64 after a Karras / exponential / beta conversion (not cast). */
   timesteps: number[];
   /** n sigmas and the final 0, float32. */
   sigmas: Float32Array;

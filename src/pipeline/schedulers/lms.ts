@@ -23,8 +23,8 @@ export const LMS_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
 };
 
 /**
- * Not `__init__` options, but `_convert_to_exponential` takes its bounds from the config when it has them: a file's
- * own keys, or an Euler config's carried over by a request's switch.
+ * Not `__init__` options, but `_convert_to_exponential` / `_convert_to_beta` take their bounds from the config when it
+ * has them: a file's own keys, or an Euler config's carried over by a request's switch.
  */
 export const LMS_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
@@ -65,7 +65,7 @@ export class LMSDiscrete extends EulerBase {
 
   constructor(config: ResolvedConfig, numInferenceSteps: number) {
     const name = 'LMSDiscreteScheduler';
-    // The exponential ramp reads a config's sigma_min / sigma_max (LMS_HIDDEN); the Karras one never does.
+    // The exponential and beta ramps read a config's sigma_min / sigma_max (LMS_HIDDEN); the Karras one never does.
     const { timesteps, sigmas: sig, converted } = discreteSchedule(name, config, numInferenceSteps, ['epsilon', 'v_prediction', 'sample'], false);
     super(config, converted ? timesteps.map(f) : timesteps, Float32Array.from([...sig, 0]), name);
   }

@@ -50,7 +50,7 @@ export const SASOLVER_DEFAULTS: Readonly<Record<string, ConfigValue>> = {
   steps_offset: 0,
 };
 
-/** Read by `_convert_to_karras` / `_convert_to_exponential` where the config has them (hidden keys, see index.ts). */
+/** Read by `_convert_to_karras` / `_exponential` / `_beta` where the config has them (hidden keys, see index.ts). */
 export const SASOLVER_HIDDEN: Readonly<Record<string, ConfigValue>> = { sigma_min: null, sigma_max: null };
 
 const NAME = 'SASolverScheduler';
@@ -139,7 +139,7 @@ export class SASolver extends MultistepSchedule {
     }
     this.#kept = Math.max(this.#predictor, this.#corrector - 1);
     this.#lowerOrderFinal = bool(config, 'lower_order_final');
-    for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas']) if (bool(config, k)) unsupported(name, k);
+    for (const k of ['thresholding', 'use_flow_sigmas']) if (bool(config, k)) unsupported(name, k);
     checkOneRamp(name, config);
     checkIgnoredVariance(name, config);
     // A callable in diffusers, which no JSON config can hold: the runtime runs its default.

@@ -115,7 +115,7 @@ export class UniPCMultistep extends MultistepSchedule {
     this.#predictX0 = bool(config, 'predict_x0');
     this.#order = num(config, 'solver_order');
     if (!Number.isInteger(this.#order) || this.#order < 1 || this.#order > MAX_ORDER) unsupported(name, `solver_order ${this.#order} (1 to ${MAX_ORDER})`);
-    for (const k of ['thresholding', 'use_beta_sigmas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+    for (const k of ['thresholding', 'use_flow_sigmas', 'use_dynamic_shifting']) {
       if (bool(config, k)) unsupported(name, k);
     }
     checkOneRamp(name, config);
