@@ -6,7 +6,7 @@
 `--only` writes just the cases whose names start with one of the prefixes (and not scheduler-betas.json): the cases
 with `"pipeline": null` need no pipeline class, so they also run where transformers is missing (Debian's
 python3-torch 1.13 with the diffusers and huggingface_hub sources on PYTHONPATH is enough for them). That is how the
-unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde, sasolver, variance, realcfg and beta cases were made (test/fixtures/parity/README.md); each
+unipc, deis, lms, ddpm, heun, kdpm2, dpm-sde, dpm-bounds, tcd, dpmss, edm, dpmsde, sasolver, variance, realcfg, beta and lu cases were made (test/fixtures/parity/README.md); each
 file records its torch and numpy, and the test runs cases made with torch 1.x from the runtime's own betas. The dpmsde
 cases (DPMSolverSDEScheduler) also need torchsde's sources and scripts/parity-shims on PYTHONPATH (a stand-in for the
 `trampoline` package torchsde imports, and the package metadata diffusers looks for).
@@ -363,6 +363,17 @@ def record_interpolation(s):
             return out
 
         setattr(s, f"_convert_to_{kind}", convert)
+    if hasattr(s, "_convert_to_lu"):
+        orig_lu = s._convert_to_lu
+
+        def convert_lu(in_lambdas, num_inference_steps):
+            # DPM-Solver's use_lu_lambdas: its bounds are the ends of the (flipped, float32) log-sigma table
+            out = orig_lu(in_lambdas=in_lambdas, num_inference_steps=num_inference_steps)
+            rec["convert"] = {"kind": "lu", "lambda_min": in_lambdas[-1].item(), "lambda_max": in_lambdas[0].item(), "n": num_inference_steps,
+                              "lambdas": [float(v) for v in out]}
+            return out
+
+        s._convert_to_lu = convert_lu
     return rec
 
 
@@ -879,6 +890,30 @@ for req, n in [("dpmpp_2m", 20), ("dpmpp_2m_sde", 12), ("unipc", 15), ("deis", 1
     beta_cases.append({"name": f"beta-euler-request-{req.replace('_', '-')}-{n}", "config": euler_beta, "request": req, "steps": n})
 beta_cases.append({"name": "beta-dpm-request-euler-25", "config": dpm_beta, "request": "euler", "steps": 25})
 for seed, case in enumerate(beta_cases, start=9700):
+    CASES.append({**case, "pipeline": None, "seed": seed})
+
+# DPM-Solver's use_lu_lambdas: log-sigmas evenly spaced between the table's ends, timesteps rounded (but on the cosine
+# schedule). diffusers tests Karras first, then Lu, then the other ramps, and refuses none of them beside Lu.
+# Seeds 9800 on.
+dpm_lu = {**dpm, "use_lu_lambdas": True}
+lu_cases = []
+for n in [1, 2, 10, 25, 50]:
+    lu_cases.append({"name": f"lu-dpm-{n}", "config": dpm_lu, "steps": n})
+lu_cases.append({"name": "lu-dpm-sde-14", "config": {**dpm_lu, "algorithm_type": "sde-dpmsolver++"}, "steps": 14})
+lu_cases.append({"name": "lu-dpm-order3-20", "config": {**dpm_lu, "solver_order": 3}, "steps": 20})
+lu_cases.append({"name": "lu-dpm-plain-sigma-min-12", "config": {**dpm_lu, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-vpred-trailing-10", "config": {**dpm_lu, **vpred, "timestep_spacing": "trailing"}, "steps": 10})
+lu_cases.append({"name": "lu-dpm-linear-linspace-15", "config": {**dpm_lu, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "timestep_spacing": "linspace"}, "steps": 15})
+lu_cases.append({"name": "lu-dpm-cosine-12", "config": {**dpm_lu, "beta_schedule": "squaredcos_cap_v2"}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-cosine-clipped-12", "config": {**dpm_lu, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-with-exponential-12", "config": {**dpm_lu, "use_exponential_sigmas": True}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-with-beta-12", "config": {**dpm_lu, "use_beta_sigmas": True}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-with-karras-12", "config": {**dpm_lu, "use_karras_sigmas": True}, "steps": 12})
+lu_cases.append({"name": "lu-dpm-img2img-begin-6-of-20", "config": dpm_lu, "steps": 20, "begin_index": 6})
+lu_cases.append({"name": "lu-dpm-request-dpmpp-2m-karras-20", "config": dpm_lu, "request": "dpmpp_2m_karras", "steps": 20})
+lu_cases.append({"name": "lu-dpm-request-dpmpp-3m-sde-15", "config": dpm_lu, "request": "dpmpp_3m_sde", "steps": 15})
+lu_cases.append({"name": "lu-dpm-request-unipc-12", "config": dpm_lu, "request": "unipc", "steps": 12})
+for seed, case in enumerate(lu_cases, start=9800):
     CASES.append({**case, "pipeline": None, "seed": seed})
 
 # torch >= 2.1 fills torch.linspace differently from the torch the runtime follows (see docs/PARITY.md), so the

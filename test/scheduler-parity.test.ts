@@ -16,6 +16,7 @@ import { describe, expect, it } from 'vitest';
 import { pipelineRewritesConfigs, pipelineSchedulerConfig } from '../src/pipeline/model.js';
 import { parsePyJson } from '../src/pipeline/pyjson.js';
 import { rampSigmas, type SigmaRamp, sigmaToT } from '../src/pipeline/schedulers/common.js';
+import { luLambdas } from '../src/pipeline/schedulers/dpmsolver.js';
 import { createScheduler, SCHEDULER_NAMES } from '../src/pipeline/schedulers/index.js';
 import { SCHEDULER_CLASS_NAMES } from '../src/pipeline/schedulers/names.js';
 
@@ -59,7 +60,11 @@ interface Case {
   interpolation?: {
     log_sigmas: number[];
     sigma_to_t: [number, number][];
-    convert: { kind: SigmaRamp; sigma_min: number; sigma_max: number; n: number; sigmas: number[] } | null;
+    /** The ramp's inputs and output: sigmas between bounds, or DPM-Solver's Lu ramp of log-sigmas between its table's ends. */
+    convert:
+      | { kind: SigmaRamp; sigma_min: number; sigma_max: number; n: number; sigmas: number[] }
+      | { kind: 'lu'; lambda_min: number; lambda_max: number; n: number; lambdas: number[] }
+      | null;
   };
   /** add_noise at every index from the first step's (SASolverScheduler's cases): image-to-image and the inpainting blend. */
   add_noise?: { original: number[]; noise: number[]; noised: number[][] };
@@ -167,16 +172,17 @@ describe(`diffusers pipeline + scheduler parity (${files.length} cases)`, () => 
       });
       expect(s.name).toBe(v.scheduler);
       if (v.interpolation) {
-        // Karras / exponential / beta sigmas and sigma → t on diffusers' own inputs, bit for bit as the float32 the
-        // schedule keeps (the float64 intermediates may differ in their last bits: numpy's SIMD log and pow vs V8's,
-        // scipy's beta quantile vs ours).
+        // Karras / exponential / beta sigmas, Lu's log-sigmas and sigma → t on diffusers' own inputs, bit for bit as the
+        // float32 the schedule keeps (the float64 intermediates may differ in their last bits: numpy's SIMD log and pow vs
+        // V8's, scipy's beta quantile vs ours).
         const { log_sigmas: logSigmas, sigma_to_t: pairs, convert } = v.interpolation;
         const table = Float32Array.from(logSigmas);
         // numpy 1.x (legacy casting) computes the weight of _sigma_to_t in float32 (a float32 array minus a float64
         // scalar stays float32), numpy 2 in float64 as the runtime does: bit for bit only against numpy 2; the
         // timesteps below still hold numpy 1.x cases to TABLE_TOL.
         if (!v.numpy?.startsWith('1.')) for (const [sigma, t] of pairs) expect(Math.fround(sigmaToT(sigma, table)), `sigma ${sigma}`).toBe(Math.fround(t));
-        if (convert) expect(f32(rampSigmas(convert.kind, convert.sigma_min, convert.sigma_max, convert.n))).toEqual(f32(convert.sigmas));
+        if (convert?.kind === 'lu') expect(f32(luLambdas(convert.lambda_min, convert.lambda_max, convert.n))).toEqual(f32(convert.lambdas));
+        else if (convert) expect(f32(rampSigmas(convert.kind, convert.sigma_min, convert.sigma_max, convert.n))).toEqual(f32(convert.sigmas));
       }
       // The generator's sigma table comes from its torch (>= 2.1: `** 0.5` is not sqrt) and numpy (SIMD float32
       // log): up to one float32 ulp from the torch 1.13 tables the runtime follows (bit-exact to

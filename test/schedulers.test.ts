@@ -561,6 +561,9 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
         new RegExp(`EulerDiscreteScheduler: use_karras_sigmas with ${k}`),
       );
     }
+    // DPM-Solver's Lu ramp is not among them (diffusers tests Karras, then Lu, then the others): it builds beside any one.
+    const dpm = { ...unipc, _class_name: 'DPMSolverMultistepScheduler', use_lu_lambdas: true };
+    for (const k of ['use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas']) expect(createScheduler({ ...dpm, [k]: true }, 10).timesteps).toHaveLength(10);
   });
 
   it('runs a beta schedule from its first step where its first timesteps repeat (diffusers\' text-to-image starts at the second)', () => {

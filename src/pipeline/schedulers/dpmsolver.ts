@@ -1,6 +1,6 @@
 /**
  * @module DPMSolverMultistepScheduler (diffusers): DPM-Solver++ / DPM-Solver, orders 1–2, midpoint or Heun,
- * optional Karras / exponential / beta sigmas; float32 like torch.
+ * optional Karras / exponential / beta sigmas or Lu lambdas; float32 like torch.
  */
 
 import type { StepResult } from '../types.js';
@@ -16,6 +16,7 @@ import {
   f,
   multistepTimesteps,
   npInterpIndex,
+  npLinspace,
   npRound,
   num,
   oneOf,
@@ -90,9 +91,11 @@ export function lambdaClipped(ac: Float32Array, clip: number): number {
 
 /**
  * DPM-Solver's schedule (multistep and singlestep) from its integer timesteps: the sigmas interpolated on the table, or
- * a Karras / exponential / beta ramp (bounds from the config's hidden sigma_min / sigma_max, else the table's ends)
- * with its timesteps back from it (Karras rounded where `roundKarras`, else truncated as the others are by the int64
- * cast); then the final sigma, 0 or the table's first (`sigma_min`) — the table's even after a ramp, unlike UniPC's.
+ * a Karras / exponential / beta ramp (bounds from the config's hidden sigma_min / sigma_max, else the table's ends), or
+ * (multistep's `use_lu_lambdas`, `lu`) log-sigmas evenly spaced between the table's, each with its timesteps back from
+ * it (Karras's and Lu's rounded where `roundKarras`, else truncated by the int64 cast); then the final sigma, 0 or the
+ * table's first (`sigma_min`) — the table's even after a ramp, unlike UniPC's. Karras comes first, then Lu, then the
+ * others, as diffusers tests them (its __init__ refuses two of Karras, exponential and beta, not Lu beside one).
  */
 export function dpmSigmaSchedule(
   config: ResolvedConfig,
@@ -101,14 +104,19 @@ export function dpmSigmaSchedule(
   n: number,
   finalZero: boolean,
   roundKarras: boolean,
+  lu = false,
 ): { timesteps: number[]; sig: Float32Array } {
   const table = sigmasFromAlphas(ac);
   let sig: number[];
   const sMin = (config.sigma_min as number | null | undefined) ?? table[0]!;
   const sMax = (config.sigma_max as number | null | undefined) ?? table[table.length - 1]!;
   const ramp = sigmaRamp(config);
-  if (ramp) {
-    const logSigmas = table.map(logf);
+  const logSigmas = table.map(logf);
+  if (lu && ramp !== 'karras') {
+    // `_convert_to_lu` (rho 1) on the flipped float32 log-sigmas, whose ends it reads; then np.exp
+    sig = luLambdas(logSigmas[0]!, logSigmas[logSigmas.length - 1]!, n).map(Math.exp);
+    timesteps = sig.map((s) => (roundKarras ? npRound : Math.trunc)(sigmaToT(s, logSigmas)));
+  } else if (ramp) {
     sig = rampSigmas(ramp, sMin, sMax, n);
     timesteps = sig.map((s) => (ramp === 'karras' && roundKarras ? npRound : Math.trunc)(sigmaToT(s, logSigmas)));
   } else {
@@ -116,6 +124,15 @@ export function dpmSigmaSchedule(
   }
   const last = finalZero ? 0 : f(Math.sqrt(f(f(1 - ac[0]!) / ac[0]!)));
   return { timesteps, sig: Float32Array.from([...sig, last]) };
+}
+
+/**
+ * diffusers `_convert_to_lu` (DPM-Solver's own schedule, Lu et al. 2022): n values from lambda_max down to lambda_min,
+ * `lambda_max + ramp · (lambda_min − lambda_max)` over `np.linspace(0, 1, n)` (rho 1: its powers are exact), float64.
+ * diffusers passes log-sigmas, not the solver's lambdas, as its bounds.
+ */
+export function luLambdas(lambdaMin: number, lambdaMax: number, n: number): number[] {
+  return npLinspace(0, 1, n).map((r) => lambdaMax + r * (lambdaMin - lambdaMax));
 }
 
 /** Which DPM-Solver: on the x0 prediction (`++`) or the noise, an SDE (fresh noise every step), the heun solver type. */
@@ -348,7 +365,7 @@ function dpmOptions(config: ResolvedConfig, numInferenceSteps: number): DPMSolve
   if (![1, 2, 3].includes(order)) unsupported(name, `solver_order ${order} (1 to 3)`);
   // diffusers has no third-order update for it (its step fails)
   if (order === 3 && algorithm === 'sde-dpmsolver') unsupported(name, 'solver_order 3 with algorithm_type "sde-dpmsolver" (use "sde-dpmsolver++")');
-  for (const k of ['thresholding', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting']) {
+  for (const k of ['thresholding', 'use_flow_sigmas', 'use_dynamic_shifting']) {
     if (bool(config, k)) unsupported(name, k);
   }
   checkOneRamp(name, config);
@@ -376,8 +393,9 @@ export class DPMSolverMultistep extends DPMSolverSteps {
     const ac = alphasCumprod(name, config, true);
     if (config.rescale_betas_zero_snr === true) ac[ac.length - 1] = 2 ** -24;
     const timesteps = multistepTimesteps(name, config, numInferenceSteps, train - lambdaClipped(ac, num(config, 'lambda_min_clipped')));
-    // diffusers leaves the Karras timesteps of the cosine schedule unrounded (then cast to int64, which truncates).
-    const s = dpmSigmaSchedule(config, ac, timesteps, numInferenceSteps, finalType === 'zero', str(config, 'beta_schedule') !== 'squaredcos_cap_v2');
+    // diffusers leaves the Karras and Lu timesteps of the cosine schedule unrounded (then cast to int64, which truncates).
+    const cosine = str(config, 'beta_schedule') === 'squaredcos_cap_v2';
+    const s = dpmSigmaSchedule(config, ac, timesteps, numInferenceSteps, finalType === 'zero', !cosine, bool(config, 'use_lu_lambdas'));
     this.schedule(s.timesteps, s.sig);
   }
 
