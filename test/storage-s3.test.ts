@@ -4,6 +4,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
+import { unusedFiles } from '../src/pipeline/model.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
 
@@ -50,6 +51,21 @@ cleanUpS3(() => ({ s3, proxy, tmp }));
 // opt-in SDK-free one (S3_TRANSPORT=lite with static keys).
 describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)', (client) => {
   const cfgFor = (cache: string, extra: Record<string, string> = {}) => cfgForAny(cache, { S3_TRANSPORT: client, ...extra });
+
+  it('an entry committed with objects the runtime never reads (before the listing left them out) is a hit as it is: no refill, its optimized copies kept', async () => {
+    const prefix = `with-extras-${client}/`;
+    await seed(prefix, { ...big, 'README.md': Buffer.from('# a model card'), 'unet/diffusion_pytorch_model.safetensors': detBytes(2000, 3) });
+    const cache = await newCache();
+    const first = await resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(cache), log });
+    expect([first.fromCache, first.files]).toEqual([false, 6]);
+    const committed = await fsp.readFile(path.join(first.dir, '.complete.json'), 'utf8');
+    const opt = path.join(first.dir, 'unet', 'model.1.22.0.cpu.opt.onnx');
+    await fsp.writeFile(opt, 'an optimized copy');
+    const again = await resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(cache), log, unused: unusedFiles });
+    expect([again.fromCache, again.dir]).toEqual([true, first.dir]);
+    expect(await fsp.readFile(path.join(first.dir, '.complete.json'), 'utf8')).toBe(committed);
+    expect(existsSync(opt)).toBe(true);
+  });
 
   it('downloads nested prefixes with many small files; each file is whole when announced; a second call is a hit', async () => {
     const sdkGets = proxy.stats.sdkGets;

@@ -302,7 +302,7 @@ class S3Fetch {
           log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
           return this.hit(cached, true);
         }
-        if (sameObjects(cached, listing)) return this.hit(cached, false);
+        if (sameObjects(this.kept(cached), listing)) return this.hit(cached, false);
         log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
       }
       this.emit('listing', true);
@@ -323,7 +323,7 @@ class S3Fetch {
         onWait: (h) => this.waiting(wait, h),
         satisfied: async () => {
           const m = await readManifest(this.entry);
-          return m !== undefined && sameObjects(m, want);
+          return m !== undefined && sameObjects(this.kept(m), want);
         },
       });
       if (wait.since !== undefined) {
@@ -333,7 +333,7 @@ class S3Fetch {
       if (lock === undefined) return this.hit((await readManifest(this.entry))!, false);
       try {
         const m = await readManifest(this.entry);
-        if (m && sameObjects(m, want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
+        if (m && sameObjects(this.kept(m), want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
         return await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
       } finally {
         await lock.release();
@@ -394,13 +394,14 @@ class S3Fetch {
   }
 
   /**
-   * Lists the prefix, retrying what may pass, a try cut short included (the fetch's abort ends the retries before that
-   * is asked): each request (every page) is cut after S3_STALL_TIMEOUT_S of silence on its socket, as an upload request
-   * is (upload-stall.ts), and each try after `timeoutMs` in all, a listing that keeps sending slowly included. An
-   * answer the transport may have caused goes up at once (resolveModel). A store that left the last try unanswered is
-   * unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx, saying which bound cut it. By default the fill's
-   * listing: S3_MAX_ATTEMPTS tries of 60 s each.
+   * The manifest as the filtered listing is compared with it: an entry committed before `unused` left objects out
+   * holds those files too, and they are no change (the entry, its optimized copies and the sessions begun on it stay).
    */
+  private kept(m: Manifest): Manifest {
+    const unused = this.o.unused?.(m.files.map((f) => f.path));
+    return !unused || unused.size === 0 ? m : { ...m, files: m.files.filter((f) => !unused.has(f.path)) };
+  }
+
   /** The listing without the objects `unused` names; what was left out is logged once per fetch. */
   private used(listing: RemoteObject[]): RemoteObject[] {
     const unused = this.o.unused?.(listing.map((o) => o.rel));
@@ -414,6 +415,15 @@ class S3Fetch {
     return listing.filter((o) => !unused.has(o.rel));
   }
 
+
+  /**
+   * Lists the prefix, retrying what may pass, a try cut short included (the fetch's abort ends the retries before that
+   * is asked): each request (every page) is cut after S3_STALL_TIMEOUT_S of silence on its socket, as an upload request
+   * is (upload-stall.ts), and each try after `timeoutMs` in all, a listing that keeps sending slowly included. An
+   * answer the transport may have caused goes up at once (resolveModel). A store that left the last try unanswered is
+   * unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx, saying which bound cut it. By default the fill's
+   * listing: S3_MAX_ATTEMPTS tries of 60 s each.
+   */
   private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
     const stallMs = this.o.cfg.s3.stallTimeoutS * 1000;
