@@ -43,6 +43,19 @@ describe('local sources', () => {
     expect(ready).toEqual(['model_index.json', 'unet/model.onnx']);
     const err = await rejection(resolveModel(path.join(tmp, 'absent'), { cfg: cfgFor(tmp), log }));
     expect([err.code, err.message]).toEqual(['STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount']);
+    // MODEL_INIT_MODE=async (a modelcar): a folder missing at start is waited for, within a limit, and a stop ends the wait.
+    const async = { ...cfgFor(tmp), modelInitAsync: true };
+    const late = path.join(tmp, 'late');
+    setTimeout(() => void fsp.mkdir(path.join(late, 'unet'), { recursive: true }).then(() => fsp.writeFile(path.join(late, 'unet/model.onnx'), 'abc')), 300);
+    expect(await resolveModel(late, { cfg: async, log, appearLimitMs: 10_000 })).toMatchObject({ dir: late, files: 1, source: 'local' });
+    const never = await rejection(resolveModel(path.join(tmp, 'sd-15'), { cfg: async, log, appearLimitMs: 400 }));
+    expect([never.code, never.message]).toEqual(['STORAGE_MISSING', "the model folder STORAGE_URI names did not appear within 0.4 s of the start (MODEL_INIT_MODE=async: KServe's "
+      + "modelcar sidecar links /mnt/models as it starts); check that the modelcar container runs and that STORAGE_URI names a folder of its image's /models"]);
+    const stop = new AbortController();
+    setTimeout(() => stop.abort(), 200);
+    const t0 = performance.now();
+    await expect(resolveModel(path.join(tmp, 'sd-15'), { cfg: async, log, signal: stop.signal })).rejects.toThrow();
+    expect(performance.now() - t0).toBeLessThan(5_000);
     const tgz = path.join(tmp, 'sd15.tar.gz');
     await fsp.writeFile(tgz, 'not unpacked');
     const file = await rejection(resolveModel(tgz, { cfg: cfgFor(tmp), log }));

@@ -86,6 +86,8 @@ export interface ResolveOptions {
   progressLogMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
+  /** How long a local model folder missing at start is waited for with MODEL_INIT_MODE=async (default 120 s; tests). */
+  appearLimitMs?: number;
   /** Budget of each try of any other LIST (default 60 s; tests). */
   listTimeoutMs?: number;
   /**
@@ -187,19 +189,27 @@ export function sameCommit(a: Manifest, b: Manifest): boolean {
 
 /** How often a model folder that is not there yet is looked for again (MODEL_INIT_MODE=async). */
 const APPEAR_POLL_MS = 250;
+/** How long it is waited for: the sidecar starts in seconds (its image was pulled by an init container). */
+const APPEAR_LIMIT_MS = 120_000;
 
 /**
  * Until `dir` exists. KServe links a modelcar's /mnt/models from a sidecar that starts beside this container, not
  * before it (kserve/kserve#3646): read at once, the folder is missing for a moment and the boot would fail for good.
- * Only a missing folder is waited for; another error (EACCES following the link) is the stat's own answer.
+ * Only a missing folder is waited for, and for APPEAR_LIMIT_MS at most: a STORAGE_URI naming a folder the image lacks
+ * fails then, rather than never. Another error (EACCES following the link) is the stat's own answer.
  */
 async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
   const since = performance.now();
+  const limitMs = opts.appearLimitMs ?? APPEAR_LIMIT_MS;
   let logged = -Infinity;
   for (;;) {
     const err = await fsp.stat(dir).then(() => undefined, (e: NodeJS.ErrnoException) => e);
     if (err?.code !== 'ENOENT') return;
     const now = performance.now();
+    if (now - since >= limitMs) {
+      throw new RuntimeError('STORAGE_MISSING', `the model folder STORAGE_URI names did not appear within ${limitMs / 1000} s of the start (MODEL_INIT_MODE=async: `
+        + "KServe's modelcar sidecar links /mnt/models as it starts); check that the modelcar container runs and that STORAGE_URI names a folder of its image's /models");
+    }
     if (now - logged >= (opts.progressLogMs ?? PROGRESS_LOG_MS)) {
       logged = now;
       opts.log.info({ waitedS: Math.round((now - since) / 1000) },
@@ -214,9 +224,13 @@ const ARCHIVE = /[^/]*\.(?:tar\.gz|tgz|tar|zip)$/i;
 
 async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
   if (opts.cfg.modelInitAsync) await appeared(dir, opts);
-  const st = await fsp.stat(dir).catch(() => undefined);
+  const st = await fsp.stat(dir).catch((e: NodeJS.ErrnoException) => e);
   // The reason reaches clients (the model endpoint), so it names the setting, not the local path it holds.
-  if (st === undefined) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
+  if (st instanceof Error && (st.code === 'EACCES' || st.code === 'EPERM')) {
+    // A modelcar's link (/proc/<pid>/root/models) opens only to the sidecar's user: KServe's uidModelcar.
+    throw new RuntimeError('STORAGE_DENIED', `permission denied reading the model folder STORAGE_URI names (${st.code}); check the volume's permissions (a modelcar's /mnt/models opens only to the user KServe runs the pod as: uidModelcar)`);
+  }
+  if (st instanceof Error) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
   if (!st.isDirectory()) {
     const archive = ARCHIVE.test(dir) ? ' (an archive: unpack it, this runtime reads the exported folder itself)' : '';
     throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI names a file, not a folder${archive}; point it at the exported model folder`);
