@@ -4,7 +4,7 @@ import { loadConfig } from '../src/config.js';
 import type { GenerationShape, ModelDefaults } from '../src/pipeline/job.js';
 import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
 import { schedulerLimits } from '../src/pipeline/schedulers/index.js';
-import { checkServerDefaults, parseInstances, shapeKey, type ParseContext } from '../src/runtime/request.js';
+import { checkServerDefaults, defaultStepsWarnings, parseInstances, shapeKey, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
 const SD15 = { _class_name: 'PNDMScheduler', num_train_timesteps: 1000, skip_prk_steps: true, steps_offset: 1, beta_schedule: 'scaled_linear' };
@@ -109,6 +109,20 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     // … and a name the model's config cannot build at all (here a config with no beta schedule the classes know).
     const odd = { ...defaults(SD15), stepRanges: { '': { min: 1, max: 1000, why: 'x' } } };
     expect(() => checkServerDefaults(loadConfig({ DEFAULT_SCHEDULER: 'unipc' }), odd)).toThrow(/^DEFAULT_SCHEDULER=unipc cannot run from this model's scheduler\/scheduler_config\.json/);
+  });
+
+  it("DEFAULT_STEPS too few for a mode's default strength (SDXL's 0.3 and 0.9999) is said at boot, once per mode, not refused", () => {
+    const xl = { ...defaults(SD15), ...pipelineClassDefaults('StableDiffusionXLPipeline', true), vaeEncoder: true };
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), xl)).toEqual([
+      "DEFAULT_STEPS=1 with this model's default image-to-image strength 0.3 runs no denoising step: an image-to-image request that sends no strength gets its picture back through the VAE, not denoised; it should send strength, or DEFAULT_STEPS be at least 4",
+      "DEFAULT_STEPS=1 with this model's default inpainting strength 0.9999 runs no denoising step: an inpainting request that sends no strength is refused (400); it should send strength, or DEFAULT_STEPS be at least 2",
+    ]);
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '3' }), xl)).toHaveLength(1);
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '4' }), xl)).toEqual([]);
+    expect(defaultStepsWarnings(loadConfig({}), xl)).toEqual([]);
+    // No VAE encoder: no image-to-image to speak of; SD's 0.8 and 1.0 leave a step from DEFAULT_STEPS=2 and 1.
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), { ...xl, vaeEncoder: false })).toEqual([]);
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), { ...defaults(SD15), vaeEncoder: true })).toHaveLength(1);
   });
 });
 

@@ -33,7 +33,7 @@ import type { Runtime } from './runtime.js';
 import type { LoadResult } from './engine.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
-import { checkServerDefaults } from './request.js';
+import { checkServerDefaults, defaultStepsWarnings } from './request.js';
 
 /** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
 const FIRST_ANSWER_WAIT_MS = 500;
@@ -269,6 +269,7 @@ export class BootSequence {
       boot.to('loading');
       const loaded = await this.#load(rt, dir);
       checkServerDefaults(cfg, loaded.defaults);
+      for (const w of defaultStepsWarnings(cfg, loaded.defaults)) rt.log.warn({ variable: 'DEFAULT_STEPS' }, w);
       if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
       if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
       if (rt.stopping) return;

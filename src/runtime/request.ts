@@ -251,6 +251,28 @@ export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defa
   if (outside !== undefined) throw new RuntimeError('CONFIG', `DEFAULT_STEPS ${outside}`);
 }
 
+/**
+ * What DEFAULT_STEPS does to an image-to-image or inpainting request that sends no strength, where the model's default
+ * strength (SDXL's 0.3 and 0.9999) leaves it no denoising step: one warning each, said at boot. Not a failure: the
+ * text-to-image requests it is set for run as asked.
+ */
+export function defaultStepsWarnings(cfg: Pick<Config, 'defaultSteps'>, defaults: ModelDefaults): string[] {
+  const steps = cfg.defaultSteps;
+  if (steps === undefined || !defaults.vaeEncoder) return [];
+  const out: string[] = [];
+  for (const [mode, what, then] of [
+    ['img2img', 'image-to-image', 'gets its picture back through the VAE, not denoised'],
+    ['inpaint', 'inpainting', 'is refused (400)'],
+  ] as const) {
+    const { strength } = defaults.modes[mode];
+    if (Math.trunc(steps * strength) >= 1) continue;
+    let enough = steps + 1;
+    while (Math.trunc(enough * strength) < 1) enough++;
+    out.push(`DEFAULT_STEPS=${steps} with this model's default ${what} strength ${strength} runs no denoising step: an ${what} request that sends no strength ${then}; it should send strength, or DEFAULT_STEPS be at least ${enough}`);
+  }
+  return out;
+}
+
 /** Why `steps` is outside what scheduler `name` (undefined: the model's own) takes, or undefined when it is not. */
 function stepsOutside(steps: number, name: string | undefined, defaults: ModelDefaults): string | undefined {
   const range = defaults.stepRanges?.[name ?? ''];
