@@ -86,8 +86,8 @@ export interface ResolveOptions {
   progressLogMs?: number;
   /** Budget for the ETag check of a cache hit; past it the entry is served as is (default 5 s). */
   hitCheckTimeoutMs?: number;
-  /** How long a local model folder missing at start is waited for with MODEL_INIT_MODE=async (default 120 s; tests). */
-  appearLimitMs?: number;
+  /** The link a modelcar's sidecar makes, waited for with MODEL_INIT_MODE=async (default /mnt/models; tests). */
+  modelcarLink?: string;
   /** Budget of each try of any other LIST (default 60 s; tests). */
   listTimeoutMs?: number;
   /**
@@ -189,27 +189,25 @@ export function sameCommit(a: Manifest, b: Manifest): boolean {
 
 /** How often a model folder that is not there yet is looked for again (MODEL_INIT_MODE=async). */
 const APPEAR_POLL_MS = 250;
-/** How long it is waited for: the sidecar starts in seconds (its image was pulled by an init container). */
-const APPEAR_LIMIT_MS = 120_000;
+/** Where KServe's modelcar sidecar makes its link (`ln -sf /proc/$$/root/models /mnt/models`). */
+const MODELCAR_LINK = '/mnt/models';
 
 /**
- * Until `dir` exists. KServe links a modelcar's /mnt/models from a sidecar that starts beside this container, not
- * before it (kserve/kserve#3646): read at once, the folder is missing for a moment and the boot would fail for good.
- * Only a missing folder is waited for, and for APPEAR_LIMIT_MS at most: a STORAGE_URI naming a folder the image lacks
- * fails then, rather than never. Another error (EACCES following the link) is the stat's own answer.
+ * Until the modelcar's link is there and leads somewhere. KServe links a modelcar's /mnt/models from a sidecar that
+ * starts beside this container, not before it (kserve/kserve#3646): read at once, the folder is missing for a moment
+ * and the boot would fail for good. Only the link is waited for (`dir` itself outside /mnt/models): a folder below it
+ * that the image lacks is then missing as any other, at once, rather than waited for without end. A link that points
+ * nowhere (the sidecar stopped, its next start links anew) is waited for too. Other errors are the caller's stat's.
  */
 async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
+  const root = opts.modelcarLink ?? MODELCAR_LINK;
+  const link = dir === root || dir.startsWith(`${root}/`) ? root : dir;
   const since = performance.now();
-  const limitMs = opts.appearLimitMs ?? APPEAR_LIMIT_MS;
   let logged = -Infinity;
   for (;;) {
-    const err = await fsp.stat(dir).then(() => undefined, (e: NodeJS.ErrnoException) => e);
+    const err = await fsp.stat(link).then(() => undefined, (e: NodeJS.ErrnoException) => e);
     if (err?.code !== 'ENOENT') return;
     const now = performance.now();
-    if (now - since >= limitMs) {
-      throw new RuntimeError('STORAGE_MISSING', `the model folder STORAGE_URI names did not appear within ${limitMs / 1000} s of the start (MODEL_INIT_MODE=async: `
-        + "KServe's modelcar sidecar links /mnt/models as it starts); check that the modelcar container runs and that STORAGE_URI names a folder of its image's /models");
-    }
     if (now - logged >= (opts.progressLogMs ?? PROGRESS_LOG_MS)) {
       logged = now;
       opts.log.info({ waitedS: Math.round((now - since) / 1000) },
