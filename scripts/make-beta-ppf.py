@@ -9,7 +9,7 @@ points and the tails (1e-k and 1 - 1e-k) go in for alpha = beta = 0.6; other sha
 them) get a coarser grid, to show the inverse is not tuned to 0.6. Beside scipy's value, `exact` is the true
 quantile rounded to float64: Newton's method on mpmath's regularized incomplete beta at 200 bits, from scipy's value.
 Values are written as Python's repr (shortest round-trip), so the test reads the same doubles. Needs numpy, scipy and
-mpmath (~3 minutes).
+mpmath (~10 minutes).
 """
 import json
 import sys

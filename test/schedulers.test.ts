@@ -550,7 +550,7 @@ describe('UniPC, LMS, DPM-Solver and the sigma ramps beyond the diffusers vector
       const base = { ...unipc, _class_name: cls, noise_sampler_seed: 1 };
       for (const [keys, what] of sets) {
         expect(() => createScheduler({ ...base, ...Object.fromEntries(keys.map((k) => [k, true])) }, 10), `${cls} ${what}`).toThrow(
-          expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: ${what} is not supported (diffusers raises too; set only one of them true)` }),
+          expect.objectContaining({ code: 'UNSUPPORTED', message: `${cls}: ${what} is not supported (diffusers raises too; set only one of them true, and on a model whose config sets one, name a scheduler without _karras: such a name sets use_karras_sigmas)` }),
         );
       }
       for (const k of ['use_exponential_sigmas', 'use_beta_sigmas']) expect(createScheduler({ ...base, [k]: true }, 10).timesteps.length, `${cls} ${k}`).toBeGreaterThan(0);

@@ -88,9 +88,20 @@ function solveLower(ib: IncompleteBeta, p: number): number {
   return x;
 }
 
-/** `scipy.stats.beta.ppf(p, a, b)`: 0 at p = 0, 1 at p = 1, NaN outside [0, 1]. */
+/** The shapes and probabilities the quantile is checked on (test/beta-ppf.test.ts); diffusers passes 0.6, 0.6. */
+const SHAPES: readonly [number, number] = [0.1, 12];
+const TINY_P = 1e-16;
+
+/**
+ * `scipy.stats.beta.ppf(p, a, b)`: 0 at p = 0, 1 at p = 1, NaN outside [0, 1]. Only for shapes in SHAPES and p from
+ * TINY_P, where it is checked; outside, B(a, b) underflows or the search stops short of a tiny quantile, so it throws
+ * rather than answer wrong.
+ */
 export function betaPpf(p: number, a: number, b: number): number {
   if (!(a > 0) || !(b > 0) || !(p >= 0 && p <= 1)) return NaN;
+  if (a < SHAPES[0] || a > SHAPES[1] || b < SHAPES[0] || b > SHAPES[1] || (p > 0 && p < TINY_P)) {
+    throw new RangeError(`betaPpf(${p}, ${a}, ${b}): outside the shapes ${SHAPES.join('–')} and the probabilities from ${TINY_P} it is checked on`);
+  }
   if (p === 0) return 0;
   if (p === 1) return 1;
   // The smaller tail is solved for: 1 − I_x(a, b) = I_{1−x}(b, a).

@@ -122,7 +122,10 @@ const RAMP_KEYS = ['use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigm
 /** diffusers' `__init__` raises when a config asks for more than one sigma ramp. */
 export function checkOneRamp(className: string, c: ResolvedConfig): void {
   const set = RAMP_KEYS.filter((k) => c[k] === true);
-  if (set.length > 1) throw new RuntimeError('UNSUPPORTED', `${className}: ${set.join(' with ')} is not supported (diffusers raises too; set only one of them true)`);
+  if (set.length > 1) {
+    throw new RuntimeError('UNSUPPORTED', `${className}: ${set.join(' with ')} is not supported (diffusers raises too; set only one of them true, `
+      + 'and on a model whose config sets one, name a scheduler without _karras: such a name sets use_karras_sigmas)');
+  }
 }
 
 /** The ramp a config asks for, if any (checkOneRamp has refused more than one). */
