@@ -224,6 +224,10 @@ describe('a Hugging Face cache snapshot (every file a relative symbolic link int
     const snap = hubSnapshot(await fixtureVariant(path.join(work, 'hub-src'), { family: 'sd15', externalData: true }), path.join(work, 'hub'));
     const h = await startRuntime({ STORAGE_URI: snap, MODEL_CACHE_DIR: path.join(work, 'hub-cache'), WARMUP_STEPS: '1' }, { ready: true });
     try {
+      // Every link is counted as the file it names (it was 0 files, 0 bytes: sessions waited for the whole load).
+      const files = readdirSync(path.join(work, 'hub', 'blobs'));
+      const bytes = files.reduce((n, f) => n + statSync(path.join(work, 'hub', 'blobs', f)).size, 0);
+      expect(await h.waitFor('files-ready')).toMatchObject({ fromCache: false, files: files.length, bytes });
       const res = await fetch(`${h.url}/v1/models/model:predict`, {
         method: 'POST',
         body: JSON.stringify({ instances: [{ prompt: 'a lighthouse', seed: 3, num_inference_steps: 2, width: 64, height: 64, loras: [{ name: 'demo-style' }] }] }),

@@ -15,7 +15,7 @@ import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { ENTRY_MARKERS, mb, PARTIAL } from '../src/storage/cache.js';
+import { ENTRY_MARKERS, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
@@ -69,32 +69,6 @@ async function warm(signal: AbortSignal): Promise<void> {
   }
 }
 
-/**
- * Every file under `dir`, '/'-separated and sorted, as push uploads them: a symlink counts as what it points at (a
- * Hugging Face cache snapshot is all symlinks into blobs/), a folder linked under two names is uploaded under both
- * (a server reads each name), a link to a folder that holds it is skipped (a loop), and a link that points nowhere
- * is an error rather than a file silently left out of the model.
- */
-async function exportFiles(dir: string): Promise<string[]> {
-  const out: string[] = [];
-  // Only the folders above: a folder seen elsewhere before (`text_encoder_2 -> text_encoder`) is no loop.
-  const go = async (d: string, rel: string, above: ReadonlySet<string>): Promise<void> => {
-    const real = await fsp.realpath(d);
-    if (above.has(real)) return;
-    const chain = new Set(above).add(real);
-    for (const e of await fsp.readdir(d, { withFileTypes: true })) {
-      const r = rel === '' ? e.name : `${rel}/${e.name}`;
-      const abs = path.join(d, e.name);
-      const st = e.isSymbolicLink() ? await fsp.stat(abs).catch(() => undefined) : e;
-      if (st === undefined) throw new RuntimeError('STORAGE_MISSING', `${r} under the folder to push is a symlink to nothing; fix or remove it`);
-      if (st.isDirectory()) await go(abs, r, chain);
-      else if (st.isFile()) out.push(r);
-    }
-  };
-  await go(dir, '', new Set());
-  return out.sort();
-}
-
 async function push(args: string[], signal: AbortSignal): Promise<void> {
   const replace = args.includes('--replace');
   const unknown = args.find((a) => a.startsWith('--') && a !== '--replace');
@@ -110,7 +84,9 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const st = await fsp.stat(localDir).catch(() => undefined);
   if (!st?.isDirectory()) throw new RuntimeError('STORAGE_MISSING', `${localDir} is not a directory`);
   const t0 = performance.now();
-  const all = await exportFiles(localDir);
+  const all = await linkedFiles(localDir, (r) => {
+    throw new RuntimeError('STORAGE_MISSING', `${r} under the folder to push is a symlink to nothing; fix or remove it`);
+  });
   // A cache entry (or a copy of one) holds the cache's own files: a server would refuse a prefix that has them.
   const partial = all.find((rel) => rel.endsWith(PARTIAL));
   if (partial !== undefined) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds an unfinished download (${partial}); push a complete export`);

@@ -118,6 +118,32 @@ export async function uncommit(entry: string): Promise<void> {
   await fsyncDir(entry);
 }
 
+/**
+ * Every file under `dir`, '/'-separated and sorted, a symlink counted as what it points at (a Hugging Face cache
+ * snapshot is all symlinks into blobs/): a folder linked under two names is listed under both (a reader takes each
+ * name), a link to a folder that holds it is skipped (a loop), and a link that points nowhere goes to `dangling`
+ * (which may throw). For a model folder served or pushed as it is; walk() is the cache entry's own, which has no links.
+ */
+export async function linkedFiles(dir: string, dangling: (rel: string) => void): Promise<string[]> {
+  const out: string[] = [];
+  // Only the folders above: a folder seen elsewhere before (`text_encoder_2 -> text_encoder`) is no loop.
+  const go = async (d: string, rel: string, above: ReadonlySet<string>): Promise<void> => {
+    const real = await fsp.realpath(d);
+    if (above.has(real)) return;
+    const chain = new Set(above).add(real);
+    for (const e of await fsp.readdir(d, { withFileTypes: true })) {
+      const r = rel === '' ? e.name : `${rel}/${e.name}`;
+      const abs = path.join(d, e.name);
+      const st = e.isSymbolicLink() ? await fsp.stat(abs).catch(() => undefined) : e;
+      if (st === undefined) dangling(r);
+      else if (st.isDirectory()) await go(abs, r, chain);
+      else if (st.isFile()) out.push(r);
+    }
+  };
+  await go(dir, '', new Set());
+  return out.sort();
+}
+
 /** Every regular file under dir, as '/'-separated paths relative to it. */
 export async function walk(dir: string): Promise<string[]> {
   const out: string[] = [];

@@ -13,7 +13,7 @@ import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js'
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type Manifest, fsyncDir, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { type Manifest, fsyncDir, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, JournalTail, spanBytes } from './journal.js';
@@ -233,7 +233,9 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Prom
     const archive = ARCHIVE.test(dir) ? ' (an archive: unpack it, this runtime reads the exported folder itself)' : '';
     throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI names a file, not a folder${archive}; point it at the exported model folder`);
   }
-  const files = await walk(dir);
+  // A Hugging Face cache snapshot is all links: each is the file it names, announced as it is for early sessions.
+  // A folder it cannot read through (a link it may not follow) is listed as before, its links left out.
+  const files = await linkedFiles(dir, (rel) => opts.log.warn({ file: rel }, 'a symlink in the model folder points nowhere; left out')).catch(() => walk(dir));
   const sizes = await Promise.all(files.map(async (rel) => (await fsp.stat(path.join(dir, rel))).size));
   const bytes = sizes.reduce((a, b) => a + b, 0);
   opts.onListing?.(files.map((relPath, i) => ({ relPath, size: sizes[i]! })));
