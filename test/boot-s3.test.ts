@@ -6,12 +6,12 @@
  */
 import { existsSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server, putFolder } from './helpers/s3.js';
 import { freePort } from '../scripts/bench-common.js';
 import { metric, startRuntime } from './helpers/runtime.js';
-import { isEvent, postJson, startServer, tempDir, type EventLine, type ServerHandle } from './helpers/server.js';
+import { isEvent, postJson, startServer, tempDir, until, type EventLine, type ServerHandle } from './helpers/server.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 import type { BootEventName } from '../src/runtime/boot-events.js';
 
@@ -82,6 +82,18 @@ async function modelStatus(srv: ServerHandle): Promise<{ status: number; body: M
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Holds the paced proxy's GETs of `keys` until the returned function is called (at the test's end at the latest). */
+function holdGets(keys: RegExp): () => void {
+  let open!: () => void;
+  proxy.faults.hold = { keys, release: new Promise<void>((r) => (open = r)) };
+  const release = () => {
+    open();
+    delete proxy.faults.hold;
+  };
+  onTestFinished(release);
+  return release;
+}
+
 /** Where event `name` (the first for which `pred` holds) is in the server's log; -1 if it is not. */
 const at = <K extends BootEventName>(srv: ServerHandle, name: K, pred?: (d: EventLine<K>) => boolean) => srv.logs.findIndex((l) => isEvent(l, name, pred));
 
@@ -109,7 +121,12 @@ async function image(srv: { url: string }): Promise<string> {
 
 describe('boot from S3', () => {
   it('reports fetching with growing byte progress while unready, then loading/warming, then ready', async () => {
+    // The text encoder's weights, queued after the UNet's, come once the UNet's session exists: unheld, the two files
+    // ended a few hundred ms apart, less than a loaded machine may take to create that session.
+    const held0 = proxy.stats.held;
+    const release = holdGets(/\/text_encoder\/model\.onnx_data/);
     const srv = await s3Server({ WARMUP_STEPS: '4' });
+    void srv.waitFor('session', (s) => s.component === 'unet', 40_000).then(release, release);
     const seen: string[] = [];
     const fetched: number[] = [];
     const counted: number[] = [];
@@ -156,7 +173,9 @@ describe('boot from S3', () => {
     expect(counted.filter((n) => n > 0 && n < model.totalBytes).length, `counter samples: ${counted.join(',')}`).toBeGreaterThanOrEqual(2);
     expect(await metric(srv, 'model_download_bytes_total')).toBe(model.totalBytes);
     // Fetch and load overlap: the largest weights come first, so the UNet's session exists while the text
-    // encoder's and the VAE's weights are still arriving.
+    // encoder's weights are still arriving (held until it does: were sessions created only after the whole
+    // download, it would never come).
+    expect(proxy.stats.held).toBeGreaterThan(held0);
     const unet = at(srv, 'session', (s) => s.component === 'unet');
     expect(unet).not.toBe(-1);
     expect(unet).toBeLessThan(at(srv, 'files-ready'));
@@ -236,10 +255,16 @@ describe('boot from S3', () => {
     const imageA = await image(first);
     await first.stop('SIGTERM');
 
-    // Unchanged objects: every session exists before S3 answers the listing (held 3 s).
-    front.faults.listDelayMs = 3_000;
+    // Unchanged objects: every session is created while S3 has not answered the listing, held until they all exist
+    // (a fixed 3 s hold raced the sessions' creation on a loaded machine).
+    let answer!: () => void;
+    front.faults.holdLists = new Promise<void>((r) => (answer = r));
     const listsBefore = front.stats.lists;
     const again = await serve(env);
+    await until(() => again.events('session').length === 3, 40_000).finally(() => {
+      answer();
+      delete front.faults.holdLists;
+    });
     await again.waitReady(40_000);
     expect(again.logs.some((l) => l.msg === 'committed cache entry found: starting sessions while S3 is checked')).toBe(true);
     const checked = at(again, 'files-ready');
@@ -257,7 +282,6 @@ describe('boot from S3', () => {
     expect(again.events('sessions-reset')).toEqual([]);
     expect(await image(again)).toBe(imageA);
     await again.stop('SIGTERM');
-    front.faults.listDelayMs = undefined;
 
     // Same names and sizes, other weights: the early sessions are dropped and the new weights served.
     await upload(b);
@@ -285,6 +309,10 @@ describe('boot from S3', () => {
       ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`,
       MODEL_CACHE_DIR: cache.dir, EXECUTION_PROVIDER: 'cpu', ...LINK,
     };
+    // The VAE decoder's weights are held until the stop, so the fetch cannot end before it however slowly this loop
+    // polls: a fast download (the pace is a rough brake) ended between two polls of a loaded run, or its first poll
+    // past 20% saw every byte and the entry being committed.
+    const release = holdGets(/\/vae_decoder\/model\.onnx/);
     const first = await serve(env);
     for (;;) {
       const { body } = await modelStatus(first);
@@ -297,6 +325,7 @@ describe('boot from S3', () => {
       await sleep(30);
     }
     expect(await first.stop('SIGTERM', 20_000)).toEqual({ code: 0, signal: null });
+    release();
 
     // No entry may claim to be complete; whatever is committed must be whole.
     // Hidden folders are the cache's own bookkeeping (the servers' leases), not entries.
@@ -347,12 +376,15 @@ describe('boot from S3', () => {
 });
 
 describe('before the runtime has loaded', () => {
-  // A download's first answer from S3 holds back the runtime's import (main.ts), for at most half a second.
+  // A download's first answer from S3 holds back the runtime's import (main.ts), for at most half a second. The
+  // listing is answered only after the test (a 5 s delay: a loaded start could still be loading when it came).
   async function withSlowListing(body: (slow: FaultProxy) => Promise<void>): Promise<void> {
-    const slow = await startFaultProxy(s3.port, { listDelayMs: 5_000 });
+    let answer!: () => void;
+    const slow = await startFaultProxy(s3.port, { holdLists: new Promise<void>((r) => (answer = r)) });
     try {
       await body(slow);
     } finally {
+      answer();
       await slow.close();
     }
   }
