@@ -79,6 +79,8 @@ export interface Config {
    */
   readonly defaultScheduler: string | undefined;
   readonly defaultSteps: number | undefined;
+  /** DEFAULT_GUIDANCE: the guidance_scale of a request that sends none, in every mode, instead of the model class's. */
+  readonly defaultGuidance: number | undefined;
   readonly maxImagesPerRequest: number;
   /** INPUT_IMAGES_MB: what the input images of all requests in flight may hold at once (decoded pixels, s3:// bytes). */
   readonly inputImagesMb: number;
@@ -287,6 +289,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxSteps,
     defaultScheduler,
     defaultSteps: raw('DEFAULT_STEPS') === undefined ? undefined : int('DEFAULT_STEPS', 1, 1, maxSteps),
+    defaultGuidance: raw('DEFAULT_GUIDANCE') === undefined ? undefined : num('DEFAULT_GUIDANCE', 0, 0, 100),
     maxImagesPerRequest: int('MAX_IMAGES_PER_REQUEST', 8, 1, 256),
     inputImagesMb: int('INPUT_IMAGES_MB', 512, 64, 1024 * 1024),
     warmupSteps: int('WARMUP_STEPS', 2, 0, 100),

@@ -53,6 +53,8 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ DEFAULT_SCHEDULER: 'euler\nlevel=error' })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras \(at most 64 printable ASCII characters\), got "euler\\nlevel=error"/);
     expect(() => loadConfig({ DEFAULT_SCHEDULER: 'e'.repeat(65) })).toThrow(/DEFAULT_SCHEDULER must be a scheduler name/);
     expect(() => loadConfig({ DEFAULT_STEPS: '600' })).toThrow(/DEFAULT_STEPS must be an integer from 1 to 500, got "600"/);
+    expect([loadConfig({ DEFAULT_GUIDANCE: '0' }).defaultGuidance, loadConfig({ DEFAULT_GUIDANCE: '7.5' }).defaultGuidance, loadConfig({}).defaultGuidance]).toEqual([0, 7.5, undefined]);
+    expect(() => loadConfig({ DEFAULT_GUIDANCE: '101' })).toThrow(/DEFAULT_GUIDANCE must be a number from 0 to 100, got "101"/);
     expect(loadConfig({ DEFAULT_STEPS: '600', MAX_STEPS: '1000' }).defaultSteps).toBe(600);
   });
 

@@ -25,7 +25,7 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
   it('run for a request that names neither, exactly as a request naming them; one naming others is unchanged', async () => {
     const common = { STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0' };
     const [srv, plain] = await Promise.all([
-      startServer({ ...common, DEFAULT_SCHEDULER: 'unipc', DEFAULT_STEPS: '7' }, { ready: true }),
+      startServer({ ...common, DEFAULT_SCHEDULER: 'unipc', DEFAULT_STEPS: '7', DEFAULT_GUIDANCE: '3' }, { ready: true }),
       startServer(common, { ready: true }),
     ]);
     servers.push(srv, plain);
@@ -33,10 +33,10 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     const predict = (s: ServerHandle, inst: Record<string, unknown>) => postJson(`${s.url}/v1/models/model:predict`, { instances: [inst] });
     const defaulted = await predict(srv, base);
     expect(defaulted.status, JSON.stringify(defaulted.json).slice(0, 300)).toBe(200);
-    const named = await predict(plain, { ...base, scheduler: 'unipc', num_inference_steps: 7 });
+    const named = await predict(plain, { ...base, scheduler: 'unipc', num_inference_steps: 7, guidance_scale: 3 });
     expect(b64(defaulted) === b64(named)).toBe(true);
     expect(b64(defaulted) === b64(await predict(plain, base))).toBe(false);
-    const other = { ...base, scheduler: 'euler_a', num_inference_steps: 3 };
+    const other = { ...base, scheduler: 'euler_a', num_inference_steps: 3, guidance_scale: 7.5 };
     expect(b64(await predict(srv, other)) === b64(await predict(plain, other))).toBe(true);
 
     const messages: Array<Record<string, unknown>> = [];

@@ -534,8 +534,9 @@ export class BootSequence {
       engine.workerIndexes.map(async (worker) => {
         const r = await engine.submit(
           {
-            // The default guidance of the mode it runs, so its UNet batch (with or without the unconditional pass) is a request's.
-            shape: { steps: cfg.warmupSteps, guidance: d.inpainting ? d.modes.inpaint.guidance : d.guidance, height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+            // The default guidance of the mode it runs (DEFAULT_GUIDANCE's if set), so its UNet batch (with or without
+            // the unconditional pass) is a request's.
+            shape: { steps: cfg.warmupSteps, guidance: cfg.defaultGuidance ?? (d.inpainting ? d.modes.inpaint.guidance : d.guidance), height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
             items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, numImages: 1 }],
             seedsGiven: true,
             output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },

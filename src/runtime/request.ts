@@ -282,7 +282,7 @@ function stepsOutside(steps: number, name: string | undefined, defaults: ModelDe
 
 export interface ParseContext {
   cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> &
-    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 'inputUriPrefixes' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps'>>;
+    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 'inputUriPrefixes' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps' | 'defaultGuidance'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -394,7 +394,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
   const steps = int('num_inference_steps', cfg.defaultSteps ?? defaults.steps, 1, cfg.maxSteps);
   // Each mode's default is its diffusers pipeline class's (SDXL: 5.0 to text-to-image and image-to-image, 7.5 to inpaint).
   const mode = imageMode(inst);
-  const guidance = num('guidance_scale', mode ? defaults.modes[mode].guidance : defaults.guidance, 0, 100);
+  const guidance = num('guidance_scale', cfg.defaultGuidance ?? (mode ? defaults.modes[mode].guidance : defaults.guidance), 0, 100);
   const height = size('height', defaults.height);
   const width = size('width', defaults.width);
   const eta = num('eta', 0, 0, 1);
