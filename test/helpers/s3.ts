@@ -203,6 +203,11 @@ export interface FaultProxy {
     bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
     /** 2xx GET body bytes sent, by request path (`/<bucket>/<key>`, URL-decoded). */
     bytesByPath: Record<string, number>;
+    /**
+     * 2xx GET body bytes sent, by the request's number (`requests` before it came): a run's own, without what the
+     * proxy still sends on the connections of a process killed before it, which it reads from S3 to the end.
+     */
+    bytesByRequest: number[];
     /** HEAD requests with a partNumber, answered by the proxy from `faults.objects`. */
     partHeads: number;
     /** HEAD requests of an object with checksum mode. */
@@ -235,11 +240,11 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
-    stats.requests++;
+    const seq = stats.requests++;
     const f = p.faults;
     if (f.deny) {
       req.resume();
@@ -498,6 +503,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
           stats.bodyBytes += chunk.length;
           const key = decodeURIComponent((req.url ?? '').split('?')[0]!);
           stats.bytesByPath[key] = (stats.bytesByPath[key] ?? 0) + chunk.length;
+          stats.bytesByRequest[seq] = (stats.bytesByRequest[seq] ?? 0) + chunk.length;
         }
         if (!res.write(chunk)) {
           upRes.pause();
