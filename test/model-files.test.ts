@@ -278,7 +278,7 @@ describe('a float16 export that overflows (NaN out of a component)', () => {
     try {
       await expect(u.waitReady()).rejects.toThrow(
         'boot failed: MODEL_FORMAT: the UNet returned NaN or infinite values: its graph overflows, as float16 exports of SD 2.x UNets do ' +
-          `without their attention in float32 (upcast_attention); ${reexport}`,
+          `without their attention in float32 (upcast_attention); ${reexport}. Or the schedule repeats a sigma, as some spacings do at 999–1000 steps: run fewer steps`,
       );
     } finally {
       await u.stop(0);

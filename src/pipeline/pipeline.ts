@@ -276,8 +276,9 @@ export class Pipeline {
     const t2 = performance.now();
     // LCM decodes its last x0 prediction, everyone else the final sample (the blended one when inpainting).
     const final = lcm && denoised && !start?.blend ? denoised : latents;
-    // Once, not per step: a NaN the UNet returned stays in the latents through every later step.
-    finite(final, 'the UNet', OVERFLOW.unet);
+    // Once, not per step: a NaN the UNet returned stays in the latents through every later step. A schedule that
+    // repeats a sigma (some spacings at 999–1000 steps) divides by zero there, in diffusers too: said as the other cause.
+    finite(final, 'the UNet', `${OVERFLOW.unet}; ${REEXPORT}. Or the schedule repeats a sigma, as some spacings do at 999–1000 steps: run fewer steps`);
     const images: GeneratedImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
     const { latentsMean: mean, latentsStd: std } = this.layout.vae;
@@ -573,7 +574,9 @@ function finite(x: Float32Array, what: string, why: string): void {
   for (let i = 0; i < x.length; i++) sum += x[i]!;
   if (!Number.isFinite(sum)) throw overflowed(what, why);
 }
-const overflowed = (what: string, why: string) => new RuntimeError('MODEL_FORMAT', `${what} returned NaN or infinite values: ${why}; ${REEXPORT}`);
+/** `why` ends with what to do; the overflow causes (OVERFLOW) are followed by REEXPORT. */
+const overflowed = (what: string, why: string) =>
+  new RuntimeError('MODEL_FORMAT', `${what} returned NaN or infinite values: ${why}${why.includes(REEXPORT) ? '' : `; ${REEXPORT}`}`);
 
 /**
  * VAE output [1,3,H,W] in [-1,1] → uint8 HWC: clip(x/2+0.5) in float32, ×255 in float32, round half to even. A NaN
