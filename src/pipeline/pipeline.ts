@@ -278,7 +278,7 @@ export class Pipeline {
     const final = lcm && denoised && !start?.blend ? denoised : latents;
     // Once, not per step: a NaN the UNet returned stays in the latents through every later step. A schedule that
     // repeats a sigma (some spacings at 999–1000 steps) divides by zero there, in diffusers too: said as the other cause.
-    finite(final, 'the UNet', `${OVERFLOW.unet}; ${REEXPORT}. Or the schedule repeats a sigma, as some spacings do at 999–1000 steps: run fewer steps`);
+    finite(final, 'the UNet', `${OVERFLOW.unet}. Or the schedule repeats a sigma, as some spacings do at 999–1000 steps: run fewer steps`);
     const images: GeneratedImage[] = [];
     const inv = f(1 / this.layout.vae.scalingFactor);
     const { latentsMean: mean, latentsStd: std } = this.layout.vae;
@@ -555,13 +555,13 @@ function rescaleNoiseCfg(guided: Float32Array, text: Float32Array, per: number, 
   }
 }
 
+const REEXPORT = 'export the model again with scripts/export-onnx.sh, which keeps in float32 what diffusers computes in float32 (docs/EXPORT.md)';
 /** Why a component returns NaN or ±Infinity, and what to do: a float16 graph that overflows (docs/MODELS.md). */
 const OVERFLOW = {
-  text: 'its graph overflows in float16',
-  unet: 'its graph overflows, as float16 exports of SD 2.x UNets do without their attention in float32 (upcast_attention)',
-  vae: "its graph overflows, as SDXL's VAE does in float16 (diffusers runs it in float32: force_upcast)",
+  text: `its graph overflows in float16; ${REEXPORT}`,
+  unet: `its graph overflows, as float16 exports of SD 2.x UNets do without their attention in float32 (upcast_attention); ${REEXPORT}`,
+  vae: `its graph overflows, as SDXL's VAE does in float16 (diffusers runs it in float32: force_upcast); ${REEXPORT}`,
 } as const;
-const REEXPORT = 'export the model again with scripts/export-onnx.sh, which keeps in float32 what diffusers computes in float32 (docs/EXPORT.md)';
 
 /**
  * Refuses a component's output that holds NaN or ±Infinity. Past the UNet the scheduler carries them into every later
@@ -574,9 +574,8 @@ function finite(x: Float32Array, what: string, why: string): void {
   for (let i = 0; i < x.length; i++) sum += x[i]!;
   if (!Number.isFinite(sum)) throw overflowed(what, why);
 }
-/** `why` ends with what to do; the overflow causes (OVERFLOW) are followed by REEXPORT. */
-const overflowed = (what: string, why: string) =>
-  new RuntimeError('MODEL_FORMAT', `${what} returned NaN or infinite values: ${why}${why.includes(REEXPORT) ? '' : `; ${REEXPORT}`}`);
+/** `why`: the cause and what to do (OVERFLOW). */
+const overflowed = (what: string, why: string) => new RuntimeError('MODEL_FORMAT', `${what} returned NaN or infinite values: ${why}`);
 
 /**
  * VAE output [1,3,H,W] in [-1,1] → uint8 HWC: clip(x/2+0.5) in float32, ×255 in float32, round half to even. A NaN
