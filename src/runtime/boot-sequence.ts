@@ -33,7 +33,7 @@ import type { Runtime } from './runtime.js';
 import type { LoadResult } from './engine.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
-import { checkServerDefaults, defaultStepsWarnings } from './request.js';
+import { checkServerDefaults, defaultGuidance, defaultStepsWarnings } from './request.js';
 
 /** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
 const FIRST_ANSWER_WAIT_MS = 500;
@@ -534,9 +534,8 @@ export class BootSequence {
       engine.workerIndexes.map(async (worker) => {
         const r = await engine.submit(
           {
-            // The default guidance of the mode it runs (DEFAULT_GUIDANCE's if set), so its UNet batch (with or without
-            // the unconditional pass) is a request's.
-            shape: { steps: cfg.warmupSteps, guidance: cfg.defaultGuidance ?? (d.inpainting ? d.modes.inpaint.guidance : d.guidance), height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
+            // The default guidance of the mode it runs, so its UNet batch (with or without the unconditional pass) is a request's.
+            shape: { steps: cfg.warmupSteps, guidance: defaultGuidance(cfg, d, d.inpainting ? 'inpaint' : undefined), height: d.height, width: d.width, scheduler: undefined, eta: 0, guidanceRescale: 0 },
             items: [{ prompt: 'warm-up', negativePrompt: undefined, seed: 0, numImages: 1 }],
             seedsGiven: true,
             output: { format: cfg.defaultOutputFormat, quality: undefined, uri: undefined },

@@ -1,7 +1,7 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
-import { unconditionalPass, type GenerationShape, type JobItem, type ModelDefaults } from '../pipeline/job.js';
+import { unconditionalPass, type GenerationShape, type ImageMode, type JobItem, type ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
@@ -273,6 +273,13 @@ export function defaultStepsWarnings(cfg: Pick<Config, 'defaultSteps'>, defaults
   return out;
 }
 
+/**
+ * The guidance_scale of a request of `mode` (undefined: text-to-image) that sends none: DEFAULT_GUIDANCE, else the
+ * mode's diffusers pipeline class's (SDXL: 5.0 to text-to-image and image-to-image, 7.5 to inpaint). The warm-up's too.
+ */
+export const defaultGuidance = (cfg: Partial<Pick<Config, 'defaultGuidance'>>, defaults: ModelDefaults, mode: ImageMode | undefined): number =>
+  cfg.defaultGuidance ?? (mode ? defaults.modes[mode].guidance : defaults.guidance);
+
 /** Why `steps` is outside what scheduler `name` (undefined: the model's own) takes, or undefined when it is not. */
 function stepsOutside(steps: number, name: string | undefined, defaults: ModelDefaults): string | undefined {
   const range = defaults.stepRanges?.[name ?? ''];
@@ -392,9 +399,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
       + `remove it and send ${w}.loras: [{"name":${JSON.stringify(tag[1])},"scale":${scale}}]`);
   }
   const steps = int('num_inference_steps', cfg.defaultSteps ?? defaults.steps, 1, cfg.maxSteps);
-  // Each mode's default is its diffusers pipeline class's (SDXL: 5.0 to text-to-image and image-to-image, 7.5 to inpaint).
-  const mode = imageMode(inst);
-  const guidance = num('guidance_scale', cfg.defaultGuidance ?? (mode ? defaults.modes[mode].guidance : defaults.guidance), 0, 100);
+  const guidance = num('guidance_scale', defaultGuidance(cfg, defaults, imageMode(inst)), 0, 100);
   const height = size('height', defaults.height);
   const width = size('width', defaults.width);
   const eta = num('eta', 0, 0, 1);
