@@ -105,8 +105,9 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const stalled = (action: string, e: unknown) => (isRuntimeError(e) && e.code === 'STORAGE_STALL'
     ? new RuntimeError('STORAGE_STALL', `cannot ${action}: ${e.message}; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store that answers slowly`, { cause: e })
     : undefined);
-  // A server reads every object under the prefix: one this export lacks would be downloaded and loaded with it (a
-  // VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the model, kept.
+  // A server reads every object under the prefix that a model uses: one this export lacks would be downloaded and
+  // loaded with it (a VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the
+  // model, kept.
   const pushing = new Set(files);
   let stale: string[];
   try {

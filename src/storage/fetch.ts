@@ -412,23 +412,27 @@ class S3Fetch {
    * holds those files too, and they are no change (the entry, its optimized copies and the sessions begun on it stay).
    */
   private kept(m: Manifest): Manifest {
-    const unused = this.o.unused?.(m.files.map((f) => f.path));
-    return !unused || unused.size === 0 ? m : { ...m, files: m.files.filter((f) => !unused.has(f.path)) };
+    const { used, left } = this.split(m.files, (f) => f.path);
+    return left.length === 0 ? m : { ...m, files: used };
   }
 
   /** The listing without the objects `unused` names; what was left out is logged once per fetch. */
   private used(listing: RemoteObject[]): RemoteObject[] {
-    const unused = this.o.unused?.(listing.map((o) => o.rel));
-    if (!unused || unused.size === 0) return listing;
-    const left = listing.filter((o) => unused.has(o.rel));
-    if (!this.leftOutLogged) {
+    const { used, left } = this.split(listing, (o) => o.rel);
+    if (left.length > 0 && !this.leftOutLogged) {
       this.leftOutLogged = true;
       this.o.log.info({ objects: left.length, bytes: left.reduce((n, o) => n + o.size, 0), examples: left.slice(0, 5).map((o) => o.rel) },
         'objects under STORAGE_URI that the runtime never reads are not downloaded (weights of other frameworks, folders of no component)');
     }
-    return listing.filter((o) => !unused.has(o.rel));
+    return used;
   }
 
+  /** `items` parted by what `unused` says of their paths. */
+  private split<T>(items: readonly T[], rel: (x: T) => string): { used: T[]; left: T[] } {
+    const unused = this.o.unused?.(items.map(rel));
+    if (!unused || unused.size === 0) return { used: [...items], left: [] };
+    return { used: items.filter((x) => !unused.has(rel(x))), left: items.filter((x) => unused.has(rel(x))) };
+  }
 
   /**
    * Lists the prefix, retrying what may pass, a try cut short included (the fetch's abort ends the retries before that
