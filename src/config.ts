@@ -126,6 +126,11 @@ export interface Config {
    * (scheme://host[:port]), or `['*']` for any. Empty (unset): no CORS headers, as KServe's server.
    */
   readonly corsAllowOrigins: readonly string[];
+  /** CE_TYPE / CE_SOURCE: the type and source of a CloudEvent answer, instead of KServe's (src/server/cloudevents.ts). */
+  readonly ceType: string | undefined;
+  readonly ceSource: string | undefined;
+  /** CE_MERGE: a CloudEvent answer carries the request event's attributes and extensions (new id and time). */
+  readonly ceMerge: boolean;
 }
 
 export class ConfigError extends Error {
@@ -221,6 +226,13 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     bad.push(`DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras (at most 64 printable ASCII characters), got ${JSON.stringify(env.DEFAULT_SCHEDULER)}`);
   }
 
+  /** A CloudEvent attribute this server sets: sent as a ce-* header in binary mode, so printable ASCII. */
+  const eventAttribute = (k: string): string | undefined => {
+    const v = raw(k);
+    if (v !== undefined && !/^[\x20-\x7e]{1,1024}$/.test(v)) bad.push(`${k} must be at most 1024 printable ASCII characters (it is sent as a ce-* header), got ${JSON.stringify(env[k])}`);
+    return v;
+  };
+
   const modelName = raw('MODEL_NAME') ?? 'model';
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(modelName)) {
     bad.push(`MODEL_NAME must be 1-128 characters of letters, digits, '.', '_' or '-', got ${JSON.stringify(env.MODEL_NAME)}`);
@@ -313,6 +325,9 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
     inputUriPrefixes: inputPrefixes('INPUT_URI_PREFIXES', raw('INPUT_URI_PREFIXES'), bad),
     corsAllowOrigins: corsOrigins('CORS_ALLOW_ORIGINS', raw('CORS_ALLOW_ORIGINS'), bad),
+    ceType: eventAttribute('CE_TYPE'),
+    ceSource: eventAttribute('CE_SOURCE'),
+    ceMerge: bool('CE_MERGE', false),
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
     bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);

@@ -1,9 +1,10 @@
-/** @module KServe V1: model listing, model status, readiness, and `:predict` with the seed runtime's body. */
+/** @module KServe V1: model listing, model status, readiness, and `:predict` with the seed runtime's body (or in a CloudEvent). */
 import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/request.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext } from './context.js';
+import { decodeEvent, eventReply } from './cloudevents.js';
 import { bodyRoute, json, route, type RouteOptions } from './http.js';
 
 /**
@@ -52,14 +53,14 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
       async (r, body, ex) => {
         const { name, verb } = splitVerb(r.params[0]!);
         if (verb !== 'predict') throw new RuntimeError('UNSUPPORTED', `:${verb} is not supported by this runtime`);
-        const parsed = parseJson(body);
+        const { body: parsed, event } = decodeEvent(r.headers, body, parseJson);
         if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
-          throw new RuntimeError('INVALID_INPUT', 'the request body must be a JSON object with "instances"');
+          throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} must be a JSON object with "instances"`);
         }
         const o = parsed as Record<string, unknown>;
         const where = Object.hasOwn(o, 'instances') ? 'instances' : 'inputs';
         const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
-        if (instances === undefined) throw new RuntimeError('INVALID_INPUT', 'the request body has no "instances" list');
+        if (instances === undefined) throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} has no "instances" list`);
         // Fields go in each instance; a top-level one (`parameters`, as other V1 servers take them) would otherwise be
         // ignored without a word, and the images made with the defaults.
         // TensorFlow Serving's REST body, which V1 follows, may name its signature: only the default one is served.
@@ -78,7 +79,8 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         const reqs = parseInstances(instances, parseContext(ctx), where);
         const results = await generateWithImages(ctx, reqs, ex.gone.signal);
         void name;
-        return { status: 200, body: predictionsBody(results), contentType: 'application/json' };
+        const out = predictionsBody(results);
+        return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };
       },
       opts,
       (r) => {

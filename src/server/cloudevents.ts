@@ -1,0 +1,120 @@
+/**
+ * @module CloudEvents on V1 `:predict`, read and answered as KServe's Python server does (Knative Eventing delivers
+ * to an InferenceService this way). Binary mode: the `ce-*` headers carry the event's attributes and the body is the V1
+ * body. Structured mode (`Content-Type: application/cloudevents+json`): the body is the event, the V1 body its `data`
+ * (or `data_base64`). The answer is an event in the request's mode; an error is not (KServe's neither).
+ */
+import { randomUUID } from 'node:crypto';
+import type { Config } from '../config.js';
+import { RuntimeError } from '../errors.js';
+import type { Reply } from './http.js';
+
+/** The specversions the CloudEvents SDK KServe uses reads. */
+const VERSIONS = ['1.0', '0.3'];
+/** A binary event has all four (the SDK's has_binary_headers); fewer, the request is an ordinary one. */
+const BINARY = ['ce-specversion', 'ce-id', 'ce-source', 'ce-type'];
+const REQUIRED = ['specversion', 'id', 'source', 'type'];
+const STRUCTURED = 'application/cloudevents+json';
+const BATCH = 'application/cloudevents-batch+json';
+
+export interface InboundEvent {
+  binary: boolean;
+  /** The request's context attributes and extensions (binary: from the headers, names without `ce-`). */
+  attributes: Record<string, unknown>;
+}
+
+/** What `:predict` reads: the V1 body, and the event it came in, if any. */
+export interface Decoded {
+  body: unknown;
+  event?: InboundEvent;
+}
+
+/** A Content-Type's media type, lower-cased, without its parameters. */
+const mediaType = (h: string | undefined): string => (h ?? '').split(';')[0]!.trim().toLowerCase();
+
+const invalid = (msg: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg);
+
+function checkVersion(v: unknown, where: string): void {
+  if (!VERSIONS.includes(v as string)) {
+    throw invalid(`${where} is ${JSON.stringify(v)}: this server reads CloudEvents ${VERSIONS.join(' and ')}`);
+  }
+}
+
+/**
+ * The V1 body of a request and its event. `parse` is `:predict`'s JSON parse (its 400 for a body that does not parse).
+ * A JSON body that is a whole event (specversion, id, source, type and data) sent as `application/json` is unwrapped
+ * too, as KServe does, and answered as a plain request, as there.
+ */
+export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse: (b: Buffer) => unknown): Decoded {
+  if (BINARY.every((h) => headers[h] !== undefined)) {
+    checkVersion(headers['ce-specversion'], 'the ce-specversion header');
+    const attributes: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = v;
+    if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
+    return { body: parse(raw), event: { binary: true, attributes } };
+  }
+  const type = mediaType(headers['content-type']);
+  if (type === BATCH) throw invalid(`a batch of CloudEvents (Content-Type: ${BATCH}) is not read: send each event in a request of its own`);
+  const body = parse(raw);
+  if (type === STRUCTURED) return structured(body, parse);
+  if (isObject(body) && [...REQUIRED, 'data'].every((k) => Object.hasOwn(body, k)) && !Object.hasOwn(body, 'instances') && !Object.hasOwn(body, 'inputs')) {
+    return { body: structured(body, parse).body };
+  }
+  return { body };
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+function structured(ev: unknown, parse: (b: Buffer) => unknown): Decoded {
+  if (!isObject(ev)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${Array.isArray(ev) ? 'an array' : typeof ev === 'object' ? 'null' : `a ${typeof ev}`}`);
+  const missing = REQUIRED.filter((k) => !Object.hasOwn(ev, k));
+  if (missing.length > 0) {
+    throw invalid(`the CloudEvent has no ${missing.map((k) => JSON.stringify(k)).join(', ')}: a structured event needs ${REQUIRED.join(', ')}, and the V1 body in "data"`);
+  }
+  checkVersion(ev.specversion, 'the CloudEvent\'s "specversion"');
+  for (const k of ['id', 'source', 'type']) {
+    if (typeof ev[k] !== 'string' || ev[k] === '') throw invalid(`the CloudEvent's ${JSON.stringify(k)} must be a non-empty string, got ${JSON.stringify(ev[k])}`);
+  }
+  const contentType = ev.datacontenttype;
+  if (contentType !== undefined && !/^(?:application|text)\/(?:[^;]*\+)?json\s*(?:;|$)/i.test(String(contentType))) {
+    throw invalid(`the CloudEvent's datacontenttype is ${JSON.stringify(contentType)}: its data must be a V1 JSON body (application/json)`);
+  }
+  const { data, data_base64: base64, ...attributes } = ev;
+  let body: unknown;
+  if (Object.hasOwn(ev, 'data')) body = data;
+  else if (typeof base64 === 'string') {
+    try {
+      body = parse(Buffer.from(base64, 'base64'));
+    } catch (err) {
+      throw invalid(`the CloudEvent's data_base64 does not hold a JSON body: ${(err as Error).message.replace(/^Unrecognized request format: /, '')}`);
+    }
+  } else throw invalid('the CloudEvent has no "data": the V1 body ({"instances":[…]}) goes in its data');
+  return { body, event: { binary: false, attributes } };
+}
+
+/** CE_TYPE, CE_SOURCE and CE_MERGE, as KServe names them. */
+export type EventSettings = Pick<Config, 'ceType' | 'ceSource' | 'ceMerge'>;
+
+/**
+ * The answer to `event` holding `data` (the V1 answer's JSON bytes): a new id and time, `type` and `source` KServe's
+ * (or CE_TYPE / CE_SOURCE); with CE_MERGE, the request's other attributes and extensions too.
+ */
+export function eventReply(event: InboundEvent, data: Uint8Array, modelName: string, cfg: EventSettings, now = new Date()): Reply {
+  const attributes: Record<string, unknown> = { specversion: '1.0' };
+  if (cfg.ceMerge) {
+    for (const [k, v] of Object.entries(event.attributes)) if (k !== 'id' && k !== 'time' && !(event.binary && k === 'datacontenttype')) attributes[k] = v;
+  }
+  Object.assign(attributes, {
+    id: randomUUID(),
+    time: now.toISOString(),
+    type: cfg.ceType ?? 'io.kserve.inference.response',
+    source: cfg.ceSource ?? `io.kserve.inference.${modelName}`,
+  });
+  if (event.binary) {
+    const headers: Record<string, string> = {};
+    for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = String(v);
+    return { status: 200, body: data, contentType: 'application/json', headers };
+  }
+  const head = Buffer.from(`${JSON.stringify(attributes).slice(0, -1)},"data":`);
+  return { status: 200, body: Buffer.concat([head, data, Buffer.from('}')]), contentType: STRUCTURED };
+}

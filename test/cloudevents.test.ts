@@ -1,0 +1,180 @@
+/**
+ * CloudEvents on V1 `:predict`, as KServe's Python server reads and answers them: over real sockets on the built
+ * server with the demo model, a binary event (ce-* headers) and a structured one (application/cloudevents+json, the
+ * body in data or data_base64) make the same image as the plain request and are answered by an event in their mode;
+ * CE_TYPE, CE_SOURCE and CE_MERGE change the answer's attributes; what is not an event KServe reads is a 400 naming
+ * what is wrong, and an error is never an event.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../src/config.js';
+import { decodeEvent, eventReply } from '../src/server/cloudevents.js';
+import { parseJson } from '../src/server/context.js';
+import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+const V1 = { instances: [{ prompt: 'a lighthouse at dusk', seed: 5, height: 64, width: 64, num_inference_steps: 2 }] };
+const BINARY = { 'ce-specversion': '1.0', 'ce-id': 'req-1', 'ce-source': 'knative://broker/default', 'ce-type': 'dev.example.generate' };
+const EVENT = { specversion: '1.0', id: 'req-2', source: '/client', type: 'dev.example.generate', time: '2026-12-06T10:00:00Z' };
+
+const decode = (headers: Record<string, string>, body: unknown) =>
+  decodeEvent(headers, Buffer.from(typeof body === 'string' ? body : JSON.stringify(body)), parseJson);
+const refused = (headers: Record<string, string>, body: unknown): string => {
+  try {
+    decode(headers, body);
+  } catch (err) {
+    return `${(err as { code: string }).code}: ${(err as Error).message}`;
+  }
+  throw new Error('not refused');
+};
+
+describe('decodeEvent', () => {
+  it('reads a binary event: the body is the V1 body, the ce-* headers and the content type its attributes', () => {
+    expect(decode({ ...BINARY, 'content-type': 'application/json', 'ce-traceparent': '00-ab-cd-01', host: 'x' }, V1)).toEqual({
+      body: V1,
+      event: { binary: true, attributes: { specversion: '1.0', id: 'req-1', source: 'knative://broker/default', type: 'dev.example.generate', traceparent: '00-ab-cd-01', datacontenttype: 'application/json' } },
+    });
+  });
+
+  it('reads a structured event: data or data_base64, the other members its attributes; a parameter on the media type is no matter', () => {
+    const structured = { 'content-type': 'application/cloudevents+json; charset=utf-8' };
+    expect(decode(structured, { ...EVENT, data: V1 })).toEqual({ body: V1, event: { binary: false, attributes: EVENT } });
+    const b64 = { ...EVENT, datacontenttype: 'application/json', data_base64: Buffer.from(JSON.stringify(V1)).toString('base64') };
+    expect(decode(structured, b64)).toEqual({ body: V1, event: { binary: false, attributes: { ...EVENT, datacontenttype: 'application/json' } } });
+  });
+
+  it('takes a request with three of the four binary headers, or a plain body, as an ordinary request', () => {
+    const { 'ce-id': _, ...three } = BINARY;
+    expect(decode({ ...three, 'content-type': 'application/json' }, V1)).toEqual({ body: V1 });
+    expect(decode({ 'content-type': 'application/json' }, V1)).toEqual({ body: V1 });
+  });
+
+  it('unwraps a whole event sent as application/json, as KServe does, and answers it as a plain request', () => {
+    expect(decode({ 'content-type': 'application/json' }, { ...EVENT, data: V1 })).toEqual({ body: V1 });
+  });
+
+  it('refuses what is not an event it reads, naming what is wrong', () => {
+    const structured = { 'content-type': 'application/cloudevents+json' };
+    expect(refused({ ...BINARY, 'ce-specversion': '2.0' }, V1)).toBe('INVALID_INPUT: the ce-specversion header is "2.0": this server reads CloudEvents 1.0 and 0.3');
+    expect(refused(structured, { ...EVENT, specversion: 1, data: V1 })).toBe('INVALID_INPUT: the CloudEvent\'s "specversion" is 1: this server reads CloudEvents 1.0 and 0.3');
+    const { id: _, source: __, ...noId } = EVENT;
+    expect(refused(structured, { ...noId, data: V1 })).toBe('INVALID_INPUT: the CloudEvent has no "id", "source": a structured event needs specversion, id, source, type, and the V1 body in "data"');
+    expect(refused(structured, { ...EVENT, id: '', data: V1 })).toBe('INVALID_INPUT: the CloudEvent\'s "id" must be a non-empty string, got ""');
+    expect(refused(structured, EVENT)).toBe('INVALID_INPUT: the CloudEvent has no "data": the V1 body ({"instances":[…]}) goes in its data');
+    expect(refused(structured, [EVENT])).toBe('INVALID_INPUT: a structured CloudEvent (Content-Type: application/cloudevents+json) is a JSON object, got an array');
+    expect(refused(structured, { ...EVENT, datacontenttype: 'image/png', data_base64: 'iVBORw0K' }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s datacontenttype is "image/png": its data must be a V1 JSON body (application/json)');
+    expect(refused(structured, { ...EVENT, data_base64: Buffer.from('{"instances":').toString('base64') }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 does not hold a JSON body: Unexpected end of JSON input');
+    expect(refused({ 'content-type': 'application/cloudevents-batch+json' }, [{ ...EVENT, data: V1 }]))
+      .toBe('INVALID_INPUT: a batch of CloudEvents (Content-Type: application/cloudevents-batch+json) is not read: send each event in a request of its own');
+    expect(refused(structured, '{"specversion"')).toMatch(/^INVALID_INPUT: Unrecognized request format: /);
+  });
+});
+
+describe('eventReply', () => {
+  const data = Buffer.from('{"predictions":[]}');
+  const now = new Date('2026-12-06T12:00:00.000Z');
+  const settings = { ceType: undefined, ceSource: undefined, ceMerge: false };
+
+  it('answers a binary event with ce-* headers (KServe\'s type and source, a new id and time) and the V1 answer as the body', () => {
+    const r = eventReply({ binary: true, attributes: { specversion: '1.0', id: 'req-1', source: 's', type: 't', traceparent: 'tp' } }, data, 'sd', settings, now);
+    expect(r.headers!['ce-id']).toMatch(UUID);
+    expect({ ...r, headers: { ...r.headers, 'ce-id': 'ID' } }).toEqual({
+      status: 200, body: data, contentType: 'application/json',
+      headers: { 'ce-specversion': '1.0', 'ce-id': 'ID', 'ce-time': '2026-12-06T12:00:00.000Z', 'ce-type': 'io.kserve.inference.response', 'ce-source': 'io.kserve.inference.sd' },
+    });
+  });
+
+  it('answers a structured event with one, the V1 answer its data; CE_MERGE carries the request\'s attributes over, id and time new', () => {
+    const event = { binary: false, attributes: { specversion: '1.0', id: 'req-2', source: 's', type: 't', time: 'old', subject: 'cat', n: 3 } };
+    const r = eventReply(event, data, 'sd', { ceType: 'my.type', ceSource: '/mine', ceMerge: true }, now);
+    expect(r.contentType).toBe('application/cloudevents+json');
+    const out = JSON.parse(Buffer.from(r.body).toString()) as Record<string, unknown>;
+    expect(out.id).toMatch(UUID);
+    expect(out).toEqual({ specversion: '1.0', id: out.id, time: '2026-12-06T12:00:00.000Z', type: 'my.type', source: '/mine', subject: 'cat', n: 3, data: { predictions: [] } });
+    // A binary request's content type is the answer's own (application/json), not carried over.
+    const bin = eventReply({ binary: true, attributes: { specversion: '1.0', id: 'i', source: 's', type: 't', datacontenttype: 'text/json', ext: 'e' } }, data, 'sd', { ...settings, ceMerge: true }, now);
+    expect(Object.keys(bin.headers!).sort()).toEqual(['ce-ext', 'ce-id', 'ce-source', 'ce-specversion', 'ce-time', 'ce-type']);
+  });
+});
+
+describe('CE_TYPE, CE_SOURCE, CE_MERGE', () => {
+  it('are read, and a value that cannot be a header is named', () => {
+    expect(loadConfig({ CE_TYPE: 'my.type', CE_SOURCE: '/sd', CE_MERGE: 'true' })).toMatchObject({ ceType: 'my.type', ceSource: '/sd', ceMerge: true });
+    expect(loadConfig({})).toMatchObject({ ceType: undefined, ceSource: undefined, ceMerge: false });
+    expect(() => loadConfig({ CE_SOURCE: 'a\u0007b' })).toThrow(ConfigError);
+    expect(() => loadConfig({ CE_TYPE: 'tïpe' })).toThrow('CE_TYPE must be at most 1024 printable ASCII characters (it is sent as a ce-* header), got "tïpe"');
+  });
+});
+
+describe('CloudEvents over HTTP', () => {
+  let srv: ServerHandle;
+  let merged: ServerHandle;
+  const common = { STORAGE_URI: undefined, WARMUP_STEPS: '0', RESULT_CACHE_MB: '0' };
+  beforeAll(async () => {
+    [srv, merged] = await Promise.all([
+      startServer(common, { ready: true }),
+      startServer({ ...common, MODEL_NAME: 'sd', CE_TYPE: 'dev.example.image', CE_SOURCE: '/diffusers', CE_MERGE: '1' }, { ready: true }),
+    ]);
+  }, 120_000);
+  afterAll(async () => void (await Promise.all([srv?.stop(), merged?.stop()])));
+
+  const predict = (s: ServerHandle, body: unknown, headers: Record<string, string>, model = 'model') =>
+    postJson(`${s.url}/v1/models/${model}:predict`, body, { headers });
+  const image = (j: Record<string, unknown>) => (j.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+
+  it('a binary event makes the plain request\'s image and is answered with a binary event', async () => {
+    const plain = await predict(srv, V1, { 'content-type': 'application/json' });
+    expect(plain.status).toBe(200);
+    expect(plain.headers.get('ce-id')).toBeNull();
+    const before = Date.now();
+    const r = await predict(srv, V1, { ...BINARY, 'content-type': 'application/json' });
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    expect(image(r.json) === image(plain.json)).toBe(true);
+    expect(r.headers.get('content-type')).toBe('application/json');
+    expect([r.headers.get('ce-specversion'), r.headers.get('ce-type'), r.headers.get('ce-source')]).toEqual(['1.0', 'io.kserve.inference.response', 'io.kserve.inference.model']);
+    expect(r.headers.get('ce-id')).toMatch(UUID);
+    const time = Date.parse(r.headers.get('ce-time')!);
+    expect(time).toBeGreaterThanOrEqual(before - 1000);
+    expect(time).toBeLessThanOrEqual(Date.now() + 1000);
+  });
+
+  it('a structured event (data or data_base64) makes the same image and is answered with a structured event', async () => {
+    const plain = await predict(srv, V1, { 'content-type': 'application/json' });
+    for (const event of [{ ...EVENT, data: V1 }, { ...EVENT, data_base64: Buffer.from(JSON.stringify(V1)).toString('base64') }]) {
+      const r = await predict(srv, event, { 'content-type': 'application/cloudevents+json' });
+      expect(r.status, JSON.stringify(r.json)).toBe(200);
+      expect(r.headers.get('content-type')).toBe('application/cloudevents+json');
+      expect(r.headers.get('ce-id')).toBeNull();
+      const { data, id, time, ...attributes } = r.json as { data: Record<string, unknown>; id: string; time: string };
+      expect(attributes).toEqual({ specversion: '1.0', type: 'io.kserve.inference.response', source: 'io.kserve.inference.model' });
+      expect(id).toMatch(UUID);
+      expect(Number.isNaN(Date.parse(time))).toBe(false);
+      expect(image(data) === image(plain.json)).toBe(true);
+    }
+  });
+
+  it('CE_TYPE, CE_SOURCE and CE_MERGE: the answer takes the server\'s type and source and the request\'s other attributes', async () => {
+    const r = await predict(merged, V1, { ...BINARY, 'ce-traceparent': '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', 'content-type': 'application/json' }, 'sd');
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    expect([r.headers.get('ce-type'), r.headers.get('ce-source'), r.headers.get('ce-traceparent')])
+      .toEqual(['dev.example.image', '/diffusers', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01']);
+    expect(r.headers.get('ce-id')).not.toBe('req-1');
+    const s = await predict(merged, { ...EVENT, subject: 'cat', data: V1 }, { 'content-type': 'application/cloudevents+json' }, 'sd');
+    expect(s.status).toBe(200);
+    expect(s.json).toMatchObject({ specversion: '1.0', type: 'dev.example.image', source: '/diffusers', subject: 'cat' });
+    expect(s.json.id).not.toBe('req-2');
+    expect(s.json.time).not.toBe(EVENT.time);
+  });
+
+  it('an event the server refuses is answered with KServe\'s plain error, not an event', async () => {
+    const r = await predict(srv, { ...EVENT, data: { instances: [{ prompt: 'x', height: 60, width: 64 }] } }, { 'content-type': 'application/cloudevents+json' });
+    expect(r.status).toBe(400);
+    expect(r.headers.get('content-type')).toBe('application/json');
+    expect(r.json.error).toMatch(/height/);
+    const b = await predict(srv, { instances: 'x' }, { ...BINARY, 'content-type': 'application/json' });
+    expect([b.status, b.headers.get('ce-id')]).toEqual([400, null]);
+    const d = await predict(srv, { ...EVENT, data: 'a lighthouse' }, { 'content-type': 'application/cloudevents+json' });
+    expect([d.status, d.json.error]).toEqual([400, 'the CloudEvent\'s data must be a JSON object with "instances"']);
+  });
+});
