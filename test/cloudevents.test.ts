@@ -95,6 +95,9 @@ describe('eventReply', () => {
     // A binary request's content type is the answer's own (application/json), not carried over.
     const bin = eventReply({ binary: true, attributes: { specversion: '1.0', id: 'i', source: 's', type: 't', datacontenttype: 'text/json', ext: 'e' } }, data, 'sd', { ...settings, ceMerge: true }, now);
     expect(Object.keys(bin.headers!).sort()).toEqual(['ce-ext', 'ce-id', 'ce-source', 'ce-specversion', 'ce-time', 'ce-type']);
+    // As the HTTP binding writes a header's space, '"' and '%'.
+    const odd = eventReply({ binary: true, attributes: {} }, data, 'sd', { ceType: 'a "b"', ceSource: '/x 100%', ceMerge: false }, now);
+    expect([odd.headers!['ce-type'], odd.headers!['ce-source']]).toEqual(['a%20%22b%22', '/x%20100%25']);
   });
 });
 
