@@ -3,7 +3,7 @@
  * templates against) from the upstream files named in test/fixtures/k8s-schemas/README.md:
  *
  *   node dist/scripts/make-k8s-schemas.js --k8s-swagger swagger.json --isvc-crd isvc.yaml \
- *     --sr-crd servingruntimes.yaml --route-crd routes.crd.yaml [--out test/fixtures/k8s-schemas]
+ *     --sr-crd servingruntimes.yaml --route-crd routes.crd.yaml --trigger-crd trigger.yaml [--out test/fixtures/k8s-schemas]
  *
  * Trimming (lossless for validation): descriptions and the keywords a validator never reads are dropped;
  * the Kubernetes swagger keeps only the definitions reachable from the kinds listed in K8S_ROOTS; each CRD keeps
@@ -114,10 +114,10 @@ function crdSchema(crdPath: string): { group: string; kind: string; version: str
 function main(argv: string[]): void {
   const args = new Map<string, string>();
   for (let i = 0; i < argv.length; i += 2) args.set(argv[i]!.replace(/^--/, ''), argv[i + 1]!);
-  const need = ['k8s-swagger', 'isvc-crd', 'sr-crd', 'route-crd'];
+  const need = ['k8s-swagger', 'isvc-crd', 'sr-crd', 'route-crd', 'trigger-crd'];
   const missing = need.filter((n) => !args.get(n));
   if (missing.length > 0) {
-    process.stderr.write(`usage: make-k8s-schemas --k8s-swagger F --isvc-crd F --sr-crd F --route-crd F [--out DIR] (missing: ${missing.join(', ')})\n`);
+    process.stderr.write(`usage: make-k8s-schemas --k8s-swagger F --isvc-crd F --sr-crd F --route-crd F --trigger-crd F [--out DIR] (missing: ${missing.join(', ')})\n`);
     process.exit(2);
   }
   const out = args.get('out') ?? 'test/fixtures/k8s-schemas';
@@ -132,6 +132,8 @@ function main(argv: string[]): void {
   write('kserve.json', { [isvc.kind]: isvc, [sr.kind]: sr });
   const route = crdSchema(args.get('route-crd')!);
   write('route.json', { [route.kind]: route });
+  const trigger = crdSchema(args.get('trigger-crd')!);
+  write('knative-eventing.json', { [trigger.kind]: trigger });
 }
 
 main(process.argv.slice(2));

@@ -37,6 +37,8 @@ const renderedDocs = (file: string, params = loadParams()): Obj[] => parseDocs(r
 const k8s = JSON.parse(readFileSync(path.join(SCHEMAS, 'kubernetes.json'), 'utf8')) as { definitions: Record<string, Schema> };
 const kserve = JSON.parse(readFileSync(path.join(SCHEMAS, 'kserve.json'), 'utf8')) as Record<string, { group: string; version: string; served: string[]; schema: Schema }>;
 const route = JSON.parse(readFileSync(path.join(SCHEMAS, 'route.json'), 'utf8')) as Record<string, { group: string; version: string; served: string[]; schema: Schema }>;
+// The docs' Trigger (OPERATIONS.md, CloudEvents); no template creates one.
+const eventing = JSON.parse(readFileSync(path.join(SCHEMAS, 'knative-eventing.json'), 'utf8')) as Record<string, { group: string; version: string; served: string[]; schema: Schema }>;
 const OBJECT_META = '#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta';
 
 /** apiVersion + kind -> the schema the API server validates that object with. */
@@ -46,7 +48,7 @@ for (const [name, def] of Object.entries(k8s.definitions)) {
     KINDS.set(`${gvk.group ? `${gvk.group}/` : ''}${gvk.version} ${gvk.kind}`, { $ref: `#/definitions/${name}` });
   }
 }
-for (const crds of [kserve, route]) {
+for (const crds of [kserve, route, eventing]) {
   for (const [kind, crd] of Object.entries(crds)) for (const v of crd.served) if (v === crd.version) KINDS.set(`${crd.group}/${v} ${kind}`, crd.schema);
 }
 
@@ -164,9 +166,11 @@ function validate(doc: Obj): string[] {
   const schema = KINDS.get(`${doc.apiVersion} ${doc.kind}`);
   if (!schema) return [`.: no schema for apiVersion ${show(doc.apiVersion)} kind ${show(doc.kind)} (known: ${[...KINDS.keys()].join(', ')})`];
   const errors: string[] = [];
-  // The API server validates every object's metadata as ObjectMeta, whatever a CRD says of it.
+  // The API server validates every object's metadata as ObjectMeta, whatever a CRD says of it, and takes apiVersion
+  // and kind at the root of a CRD schema that leaves them out (Knative's hand-written ones do).
   const root = resolve(schema);
-  check(doc, { ...root, properties: { ...root.properties, metadata: { $ref: OBJECT_META } }, required: [...(root.required ?? []), 'metadata'] }, '', errors);
+  const implicit = { apiVersion: { type: 'string' }, kind: { type: 'string' } };
+  check(doc, { ...root, properties: { ...implicit, ...root.properties, metadata: { $ref: OBJECT_META } }, required: [...(root.required ?? []), 'metadata'] }, '', errors);
   return errors;
 }
 
@@ -191,6 +195,11 @@ describe('the schema fixtures', () => {
     };
     expect(validate(isvc())).toEqual([]);
     expect(validate(job())).toEqual([]);
+    // A Trigger (Knative's CRD names neither apiVersion nor kind): its typed fields are checked.
+    const trigger = { apiVersion: 'eventing.knative.dev/v1', kind: 'Trigger', metadata: { name: 't' }, spec: { broker: 'default', subscriber: { uri: '/x' } } };
+    expect(validate(trigger)).toEqual([]);
+    expectError({ ...trigger, spec: { ...trigger.spec, filter: { attributes: ['type'] } } }, '.spec.filter.attributes');
+    expectError({ ...trigger, spec: { ...trigger.spec, subscriber: { ref: { name: 3 } } } }, '.spec.subscriber.ref.name');
 
     // A misspelt field, several levels down.
     const typo = isvc();
