@@ -42,6 +42,15 @@ describe('decodeEvent', () => {
     expect(decode(structured, b64)).toEqual({ body: V1, event: { binary: false, attributes: { ...EVENT, datacontenttype: 'application/json' } } });
   });
 
+  it('takes the mode from the Content-Type before the ce-* headers, as the HTTP binding says', () => {
+    // A structured event that carries the binary headers too is read from its body.
+    expect(decode({ ...BINARY, 'content-type': 'application/cloudevents+json' }, { ...EVENT, data: V1 })).toEqual({ body: V1, event: { binary: false, attributes: EVENT } });
+    expect(refused({ ...BINARY, 'content-type': 'application/cloudevents-batch+json' }, [{ ...EVENT, data: V1 }]))
+      .toBe('INVALID_INPUT: a batch of CloudEvents (Content-Type: application/cloudevents-batch+json) is not read: send each event in a request of its own');
+    expect(refused({ ...BINARY, 'content-type': 'application/cloudevents+avro' }, 'Obj\u0001'))
+      .toBe('INVALID_INPUT: a CloudEvent in the format application/cloudevents+avro is not read: send it as application/cloudevents+json, or in binary mode (ce-* headers, the V1 body as the body)');
+  });
+
   it('takes a request with three of the four binary headers, or a plain body, as an ordinary request', () => {
     const { 'ce-id': _, ...three } = BINARY;
     expect(decode({ ...three, 'content-type': 'application/json' }, V1)).toEqual({ body: V1 });
@@ -142,10 +151,16 @@ describe('CloudEvents over HTTP', () => {
     expect(time).toBeLessThanOrEqual(Date.now() + 1000);
   });
 
-  it('a structured event (data or data_base64) makes the same image and is answered with a structured event', async () => {
+  it('a structured event (data or data_base64, ce-* headers or not) makes the same image and is answered with a structured event', async () => {
     const plain = await predict(srv, V1, { 'content-type': 'application/json' });
-    for (const event of [{ ...EVENT, data: V1 }, { ...EVENT, data_base64: Buffer.from(JSON.stringify(V1)).toString('base64') }]) {
-      const r = await predict(srv, event, { 'content-type': 'application/cloudevents+json' });
+    const sends: Array<[unknown, Record<string, string>]> = [
+      [{ ...EVENT, data: V1 }, {}],
+      [{ ...EVENT, data_base64: Buffer.from(JSON.stringify(V1)).toString('base64') }, {}],
+      // The Content-Type makes it structured, whatever ce-* headers come with it.
+      [{ ...EVENT, data: V1 }, BINARY],
+    ];
+    for (const [event, headers] of sends) {
+      const r = await predict(srv, event, { ...headers, 'content-type': 'application/cloudevents+json' });
       expect(r.status, JSON.stringify(r.json)).toBe(200);
       expect(r.headers.get('content-type')).toBe('application/cloudevents+json');
       expect(r.headers.get('ce-id')).toBeNull();

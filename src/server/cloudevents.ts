@@ -46,6 +46,14 @@ function checkVersion(v: unknown, where: string): void {
  * too, as KServe does, and answered as a plain request, as there.
  */
 export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse: (b: Buffer) => unknown): Decoded {
+  // The Content-Type picks the mode before any ce-* header does, as the HTTP binding says and Knative's Go SDK reads:
+  // a structured event that carries the headers too is read from its body, not taken for a binary event's data.
+  const type = mediaType(headers['content-type']);
+  if (type === BATCH) throw invalid(`a batch of CloudEvents (Content-Type: ${BATCH}) is not read: send each event in a request of its own`);
+  if (type === STRUCTURED) return structured(parse(raw), parse);
+  if (type.startsWith('application/cloudevents')) {
+    throw invalid(`a CloudEvent in the format ${type} is not read: send it as ${STRUCTURED}, or in binary mode (ce-* headers, the V1 body as the body)`);
+  }
   if (BINARY.every((h) => headers[h] !== undefined)) {
     checkVersion(headers['ce-specversion'], 'the ce-specversion header');
     const attributes: Record<string, unknown> = {};
@@ -53,10 +61,7 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
     if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
     return { body: parse(raw), event: { binary: true, attributes } };
   }
-  const type = mediaType(headers['content-type']);
-  if (type === BATCH) throw invalid(`a batch of CloudEvents (Content-Type: ${BATCH}) is not read: send each event in a request of its own`);
   const body = parse(raw);
-  if (type === STRUCTURED) return structured(body, parse);
   if (isObject(body) && [...REQUIRED, 'data'].every((k) => Object.hasOwn(body, k)) && !Object.hasOwn(body, 'instances') && !Object.hasOwn(body, 'inputs')) {
     return { body: structured(body, parse).body };
   }
