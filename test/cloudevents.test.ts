@@ -42,6 +42,13 @@ describe('decodeEvent', () => {
     expect(decode(structured, b64)).toEqual({ body: V1, event: { binary: false, attributes: { ...EVENT, datacontenttype: 'application/json' } } });
   });
 
+  it('reads an attribute written as null as one left out (the JSON format lets an optional one be null)', () => {
+    const structured = { 'content-type': 'application/cloudevents+json' };
+    expect(decode(structured, { ...EVENT, datacontenttype: null, subject: null, data: V1 })).toEqual({ body: V1, event: { binary: false, attributes: EVENT } });
+    expect(refused(structured, { ...EVENT, id: null, data: V1 }))
+      .toBe('INVALID_INPUT: the CloudEvent has no "id": a structured event needs specversion, id, source, type, and the V1 body in "data"');
+  });
+
   it('takes the mode from the Content-Type before the ce-* headers, as the HTTP binding says', () => {
     // A structured event that carries the binary headers too is read from its body.
     expect(decode({ ...BINARY, 'content-type': 'application/cloudevents+json' }, { ...EVENT, data: V1 })).toEqual({ body: V1, event: { binary: false, attributes: EVENT } });

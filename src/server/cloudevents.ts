@@ -70,8 +70,10 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 
-function structured(ev: unknown, parse: (b: Buffer) => unknown): Decoded {
-  if (!isObject(ev)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${Array.isArray(ev) ? 'an array' : typeof ev === 'object' ? 'null' : `a ${typeof ev}`}`);
+function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
+  if (!isObject(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${Array.isArray(json) ? 'an array' : typeof json === 'object' ? 'null' : `a ${typeof json}`}`);
+  // An attribute written as null is one left out (JSON format, section 3); `"data": null` is a null payload.
+  const ev = Object.fromEntries(Object.entries(json).filter(([k, v]) => v !== null || k === 'data'));
   const missing = REQUIRED.filter((k) => !Object.hasOwn(ev, k));
   if (missing.length > 0) {
     throw invalid(`the CloudEvent has no ${missing.map((k) => JSON.stringify(k)).join(', ')}: a structured event needs ${REQUIRED.join(', ')}, and the V1 body in "data"`);
