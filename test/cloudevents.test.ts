@@ -81,6 +81,16 @@ describe('decodeEvent', () => {
       .toBe('INVALID_INPUT: the CloudEvent\'s datacontenttype is "image/png": its data must be a V1 JSON body (application/json)');
     expect(refused(structured, { ...EVENT, data_base64: Buffer.from('{"instances":').toString('base64') }))
       .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 does not hold a JSON body: Unexpected end of JSON input');
+    const b64 = Buffer.from(JSON.stringify(V1)).toString('base64');
+    expect(refused(structured, { ...EVENT, data: V1, data_base64: b64 }))
+      .toBe('INVALID_INPUT: the CloudEvent has both "data" and "data_base64": an event holds one of them (the V1 body in "data")');
+    expect(refused(structured, { ...EVENT, data_base64: JSON.stringify(V1) }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "{" at character 0 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
+    expect(refused(structured, { ...EVENT, data_base64: `${b64.slice(0, 8)}==${b64.slice(8)}` }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "=" at character 8 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
+    expect(refused(structured, { ...EVENT, data_base64: { instances: [] } })).toBe('INVALID_INPUT: the CloudEvent\'s data_base64 must be a string of base64, got an object');
+    // Line breaks in the base64 (what many encoders write every 76 characters) are no matter.
+    expect(decode(structured, { ...EVENT, data_base64: b64.replace(/(.{76})/g, '$1\r\n') }).body).toEqual(V1);
     expect(refused({ 'content-type': 'application/cloudevents-batch+json' }, [{ ...EVENT, data: V1 }]))
       .toBe('INVALID_INPUT: a batch of CloudEvents (Content-Type: application/cloudevents-batch+json) is not read: send each event in a request of its own');
     expect(refused(structured, '{"specversion"')).toMatch(/^INVALID_INPUT: Unrecognized request format: /);

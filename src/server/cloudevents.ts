@@ -69,9 +69,10 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const kind = (v: unknown): string => (Array.isArray(v) ? 'an array' : v === null ? 'null' : typeof v === 'object' ? 'an object' : `a ${typeof v}`);
 
 function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
-  if (!isObject(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${Array.isArray(json) ? 'an array' : typeof json === 'object' ? 'null' : `a ${typeof json}`}`);
+  if (!isObject(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${kind(json)}`);
   // An attribute written as null is one left out (JSON format, section 3); `"data": null` is a null payload.
   const ev = Object.fromEntries(Object.entries(json).filter(([k, v]) => v !== null || k === 'data'));
   const missing = REQUIRED.filter((k) => !Object.hasOwn(ev, k));
@@ -88,8 +89,16 @@ function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
   }
   const { data, data_base64: base64, ...attributes } = ev;
   let body: unknown;
-  if (Object.hasOwn(ev, 'data')) body = data;
-  else if (typeof base64 === 'string') {
+  if (Object.hasOwn(ev, 'data')) {
+    if (base64 !== undefined) throw invalid('the CloudEvent has both "data" and "data_base64": an event holds one of them (the V1 body in "data")');
+    body = data;
+  } else if (base64 !== undefined) {
+    if (typeof base64 !== 'string') throw invalid(`the CloudEvent's data_base64 must be a string of base64, got ${kind(base64)}`);
+    // Buffer.from skips what is not base64: a JSON text put in data_base64 would decode to bytes that name nothing.
+    const bad = /[^A-Za-z0-9+/=\s]|=(?=[\s=]*[^\s=])/.exec(base64);
+    if (bad) {
+      throw invalid(`the CloudEvent's data_base64 is not base64: ${JSON.stringify(bad[0])} at character ${bad.index} (base64 is A-Z, a-z, 0-9, '+' and '/', '=' only at the end)`);
+    }
     try {
       body = parse(Buffer.from(base64, 'base64'));
     } catch (err) {
