@@ -71,6 +71,8 @@ describe('decodeEvent', () => {
   it('refuses what is not an event it reads, naming what is wrong', () => {
     const structured = { 'content-type': 'application/cloudevents+json' };
     expect(refused({ ...BINARY, 'ce-specversion': '2.0' }, V1)).toBe('INVALID_INPUT: the ce-specversion header is "2.0": this server reads CloudEvents 1.0 and 0.3');
+    expect(refused({ ...BINARY, 'ce-id': '', 'ce-type': '' }, V1)).toBe('INVALID_INPUT: the ce-id, ce-type headers are empty: a CloudEvent\'s id, source and type are non-empty');
+    expect(refused({ ...BINARY, 'ce-source': '' }, V1)).toBe('INVALID_INPUT: the ce-source header is empty: a CloudEvent\'s id, source and type are non-empty');
     expect(refused(structured, { ...EVENT, specversion: 1, data: V1 })).toBe('INVALID_INPUT: the CloudEvent\'s "specversion" is 1: this server reads CloudEvents 1.0 and 0.3');
     const { id: _, source: __, ...noId } = EVENT;
     expect(refused(structured, { ...noId, data: V1 })).toBe('INVALID_INPUT: the CloudEvent has no "id", "source": a structured event needs specversion, id, source, type, and the V1 body in "data"');

@@ -56,6 +56,8 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
   }
   if (BINARY.every((h) => headers[h] !== undefined)) {
     checkVersion(headers['ce-specversion'], 'the ce-specversion header');
+    const empty = BINARY.filter((h) => headers[h] === '');
+    if (empty.length > 0) throw invalid(`the ${empty.join(', ')} header${empty.length > 1 ? 's are' : ' is'} empty: a CloudEvent's id, source and type are non-empty`);
     const attributes: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = v;
     if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
