@@ -226,10 +226,16 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     bad.push(`DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras (at most 64 printable ASCII characters), got ${JSON.stringify(env.DEFAULT_SCHEDULER)}`);
   }
 
-  /** A CloudEvent attribute this server sets: sent as a ce-* header in binary mode, so printable ASCII. */
+  /**
+   * A CloudEvent attribute this server sets, sent as a ce-* header in binary mode: printable ASCII, and none of the
+   * three characters the HTTP binding percent-encodes, as receivers differ there (Knative's broker and KServe's SDK
+   * read a header verbatim, newer SDKs decode it), so the value reads the same to all.
+   */
   const eventAttribute = (k: string): string | undefined => {
     const v = raw(k);
-    if (v !== undefined && !/^[\x20-\x7e]{1,1024}$/.test(v)) bad.push(`${k} must be at most 1024 printable ASCII characters (it is sent as a ce-* header), got ${JSON.stringify(env[k])}`);
+    if (v !== undefined && !/^[\x21\x23\x24\x26-\x7e]{1,1024}$/.test(v)) {
+      bad.push(`${k} must be at most 1024 printable ASCII characters without space, '"' or '%' (it is sent as a ce-* header, which receivers read either verbatim or percent-decoded), got ${JSON.stringify(env[k])}`);
+    }
     return v;
   };
 

@@ -130,9 +130,8 @@ export function eventReply(event: InboundEvent, data: Uint8Array, modelName: str
   });
   if (event.binary) {
     const headers: Record<string, string> = {};
+    // Each value as it came (a merged header) or as config.ts lets it be: nothing the HTTP binding would percent-encode.
     for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = String(v);
-    // The HTTP binding percent-encodes space, '"' and '%' in a header's value; a merged one arrived so encoded already.
-    for (const k of ['ce-type', 'ce-source']) headers[k] = headers[k]!.replace(/[ "%]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
     return { status: 200, body: data, contentType: 'application/json', headers };
   }
   const head = Buffer.from(`${JSON.stringify(attributes).slice(0, -1)},"data":`);
