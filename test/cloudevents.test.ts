@@ -1,5 +1,5 @@
 /**
- * CloudEvents on V1 `:predict`, as KServe's Python server reads and answers them: over real sockets on the built
+ * CloudEvents on V1 `:predict` (and V2 `/infer` in binary mode), as KServe's Python server reads and answers them: over real sockets on the built
  * server with the demo model, a binary event (ce-* headers) and a structured one (application/cloudevents+json, the
  * body in data or data_base64) make the same image as the plain request and are answered by an event in their mode;
  * CE_TYPE, CE_SOURCE and CE_MERGE change the answer's attributes; what is not an event KServe reads is a 400 naming
@@ -216,5 +216,30 @@ describe('CloudEvents over HTTP', () => {
     expect([b.status, b.headers.get('ce-id')]).toEqual([400, null]);
     const d = await predict(srv, { ...EVENT, data: 'a lighthouse' }, { 'content-type': 'application/cloudevents+json' });
     expect([d.status, d.json.error]).toEqual([400, 'the CloudEvent\'s data must be a JSON object with "instances"']);
+  });
+
+  it('V2 /infer: a binary event gets the answer event\'s ce-* headers on its own body (JSON or binary tensor data); a structured one is named', async () => {
+    const infer = (headers: Record<string, string>, extra: Record<string, unknown> = {}) => fetch(`${srv.url}/v2/models/model/infer`, {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a lighthouse at dusk'] }], parameters: { seed: 5, height: 64, width: 64, num_inference_steps: 2 }, ...extra }),
+    });
+    const plain = await infer({ 'content-type': 'application/json' });
+    const event = await infer({ ...BINARY, 'content-type': 'application/json' });
+    expect([plain.status, event.status]).toEqual([200, 200]);
+    expect(plain.headers.get('ce-id')).toBeNull();
+    expect([event.headers.get('content-type'), event.headers.get('ce-type'), event.headers.get('ce-source'), event.headers.get('ce-specversion')])
+      .toEqual(['application/json', 'io.kserve.inference.response', 'io.kserve.inference.model', '1.0']);
+    expect(event.headers.get('ce-id')).toMatch(UUID);
+    const [p, e] = [await plain.json(), await event.json()] as Array<{ outputs: Array<{ name: string; data: unknown[] }> }>;
+    expect(e.outputs.find((o) => o.name === 'image')!.data).toEqual(p.outputs.find((o) => o.name === 'image')!.data);
+
+    const binary = await infer({ ...BINARY, 'content-type': 'application/json' }, { parameters: { seed: 5, height: 64, width: 64, num_inference_steps: 2, binary_data_output: true } });
+    expect([binary.status, binary.headers.get('content-type'), binary.headers.get('ce-type')]).toEqual([200, 'application/octet-stream', 'io.kserve.inference.response']);
+    expect(Number(binary.headers.get('inference-header-content-length'))).toBeGreaterThan(0);
+
+    const structured = await infer({ 'content-type': 'application/cloudevents+json' });
+    expect([structured.status, ((await structured.json()) as { error: string }).error])
+      .toEqual([400, 'V2 /infer reads a CloudEvent in binary mode only (ce-* headers, the V2 body as the body); send a structured one to V1 :predict']);
   });
 });

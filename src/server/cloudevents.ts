@@ -1,8 +1,9 @@
 /**
- * @module CloudEvents on V1 `:predict`, read and answered as KServe's Python server does (Knative Eventing delivers
- * to an InferenceService this way). Binary mode: the `ce-*` headers carry the event's attributes and the body is the V1
- * body. Structured mode (`Content-Type: application/cloudevents+json`): the body is the event, the V1 body its `data`
- * (or `data_base64`). The answer is an event in the request's mode; an error is not (KServe's neither).
+ * @module CloudEvents on V1 `:predict` (and V2 `/infer`, binary mode), read and answered as KServe's Python server does
+ * (Knative Eventing delivers to an InferenceService this way). Binary mode: the `ce-*` headers carry the event's
+ * attributes and the body is the V1 (V2) body. Structured mode (`Content-Type: application/cloudevents+json`): the body
+ * is the event, the V1 body its `data` (or `data_base64`). The answer is an event in the request's mode; an error is not
+ * (KServe's neither).
  */
 import { randomUUID } from 'node:crypto';
 import type { Config } from '../config.js';
@@ -54,20 +55,36 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
   if (type.startsWith('application/cloudevents')) {
     throw invalid(`a CloudEvent in the format ${type} is not read: send it as ${STRUCTURED}, or in binary mode (ce-* headers, the V1 body as the body)`);
   }
-  if (BINARY.every((h) => headers[h] !== undefined)) {
-    checkVersion(headers['ce-specversion'], 'the ce-specversion header');
-    const empty = BINARY.filter((h) => headers[h] === '');
-    if (empty.length > 0) throw invalid(`the ${empty.join(', ')} header${empty.length > 1 ? 's are' : ' is'} empty: a CloudEvent's id, source and type are non-empty`);
-    const attributes: Record<string, unknown> = {};
-    for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = v;
-    if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
-    return { body: parse(raw), event: { binary: true, attributes } };
-  }
+  const binary = binaryEvent(headers);
+  if (binary) return { body: parse(raw), event: binary };
   const body = parse(raw);
   if (isObject(body) && [...REQUIRED, 'data'].every((k) => Object.hasOwn(body, k)) && !Object.hasOwn(body, 'instances') && !Object.hasOwn(body, 'inputs')) {
     return { body: structured(body, parse).body };
   }
   return { body };
+}
+
+/**
+ * The binary-mode event whose attributes a request's ce-* headers carry, if they carry one; its data is the body,
+ * whatever that is (a V1 body, a V2 one). Not a structured event: decodeEvent reads the Content-Type first.
+ */
+export function binaryEvent(headers: Record<string, string>): InboundEvent | undefined {
+  if (!BINARY.every((h) => headers[h] !== undefined)) return undefined;
+  checkVersion(headers['ce-specversion'], 'the ce-specversion header');
+  const empty = BINARY.filter((h) => headers[h] === '');
+  if (empty.length > 0) throw invalid(`the ${empty.join(', ')} header${empty.length > 1 ? 's are' : ' is'} empty: a CloudEvent's id, source and type are non-empty`);
+  const attributes: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = v;
+  if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
+  return { binary: true, attributes };
+}
+
+/** V2's `/infer` reads binary-mode events only (KServe's does not unwrap a structured one there either). */
+export function v2Event(headers: Record<string, string>): InboundEvent | undefined {
+  if (mediaType(headers['content-type']).startsWith('application/cloudevents')) {
+    throw invalid('V2 /infer reads a CloudEvent in binary mode only (ce-* headers, the V2 body as the body); send a structured one to V1 :predict');
+  }
+  return binaryEvent(headers);
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -118,22 +135,32 @@ export type EventSettings = Pick<Config, 'ceType' | 'ceSource' | 'ceMerge'>;
  * (or CE_TYPE / CE_SOURCE); with CE_MERGE, the request's other attributes and extensions too.
  */
 export function eventReply(event: InboundEvent, data: Uint8Array, modelName: string, cfg: EventSettings, now = new Date()): Reply {
+  const attributes = answerAttributes(event, modelName, cfg, now);
+  if (event.binary) return { status: 200, body: data, contentType: 'application/json', headers: binaryHeaders(attributes) };
+  const head = Buffer.from(`${JSON.stringify(attributes).slice(0, -1)},"data":`);
+  return { status: 200, body: Buffer.concat([head, data, Buffer.from('}')]), contentType: STRUCTURED };
+}
+
+/** The ce-* headers that make an answer (V2's, whatever its body and type) the answer event to a binary-mode `event`. */
+export const eventHeaders = (event: InboundEvent, modelName: string, cfg: EventSettings, now = new Date()): Record<string, string> =>
+  binaryHeaders(answerAttributes(event, modelName, cfg, now));
+
+function answerAttributes(event: InboundEvent, modelName: string, cfg: EventSettings, now: Date): Record<string, unknown> {
   const attributes: Record<string, unknown> = { specversion: '1.0' };
   if (cfg.ceMerge) {
     for (const [k, v] of Object.entries(event.attributes)) if (k !== 'id' && k !== 'time' && !(event.binary && k === 'datacontenttype')) attributes[k] = v;
   }
-  Object.assign(attributes, {
+  return Object.assign(attributes, {
     id: randomUUID(),
     time: now.toISOString(),
     type: cfg.ceType ?? 'io.kserve.inference.response',
     source: cfg.ceSource ?? `io.kserve.inference.${modelName}`,
   });
-  if (event.binary) {
-    const headers: Record<string, string> = {};
-    // Each value as it came (a merged header) or as config.ts lets it be: nothing the HTTP binding would percent-encode.
-    for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = String(v);
-    return { status: 200, body: data, contentType: 'application/json', headers };
-  }
-  const head = Buffer.from(`${JSON.stringify(attributes).slice(0, -1)},"data":`);
-  return { status: 200, body: Buffer.concat([head, data, Buffer.from('}')]), contentType: STRUCTURED };
+}
+
+function binaryHeaders(attributes: Record<string, unknown>): Record<string, string> {
+  const headers: Record<string, string> = {};
+  // Each value as it came (a merged header) or as config.ts lets it be: nothing the HTTP binding would percent-encode.
+  for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = String(v);
+  return headers;
 }

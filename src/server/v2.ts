@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { RuntimeError } from '../errors.js';
 import { parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
+import { eventHeaders, v2Event } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
@@ -55,6 +56,9 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     bodyRoute(
       async (r, body, ex) => {
         const name = r.params[0]!;
+        // A Knative delivery (binary mode) is answered as an event, as KServe's server answers it, or its broker takes
+        // the answer for a failed delivery and sends the event again.
+        const event = v2Event(r.headers);
         const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest, name);
         const instances = toInstances(req);
         // Problems name where the client put each value (a parameter, an input tensor and its element), not the
@@ -66,7 +70,8 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
           for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
           g.image.at = 'parameters';
         });
-        return inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal)));
+        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal)));
+        return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
       },
       opts,
       (r) => assertServable(ctx, r.params[0]!),
