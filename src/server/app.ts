@@ -5,11 +5,12 @@ import type { BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { corsHandler } from './cors.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
+import { registerOpenAI } from './openai.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
 
-const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$/;
+const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$|^\/openai\/v1\/images\/generations$/;
 
 /** `/v1/models/{target}`'s target, decoded segment by segment as the routes match it; undefined for other paths. */
 function v1Target(path: string): string | undefined {
@@ -49,7 +50,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
     maxBodyBytes: ctx.cfg.maxBodyBytes,
     onReply: (r: Req, out: Reply, ex: Exchange) => {
       if (r.method === 'post' && PREDICT_ROUTE.test(r.url)) {
-        const protocol = r.url.startsWith('/v2') ? 'v2' : 'v1';
+        const protocol = r.url.startsWith('/v2') ? 'v2' : r.url.startsWith('/openai') ? 'openai' : 'v1';
         const labels = { model_name: ctx.cfg.modelName, protocol };
         ctx.metrics.requests.inc({ ...labels, status: String(out.status) });
         const secs = (performance.now() - ex.started) / 1000;
@@ -81,6 +82,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   registerV1(app, ctx, opts);
   registerV2(app, ctx, opts);
   registerWs(app, ctx, opts);
+  registerOpenAI(app, ctx, opts);
 
   // `/v1/models/{name}:verb` also matches the GET status route's pattern, which refuses it: POST only. And
   // `/v1/models/{name}` the POST route's, which refuses it (no verb): GET and HEAD only. Matched as the routes match, decoded.

@@ -264,7 +264,14 @@ export interface RouteOptions {
   maxBodyBytes: number;
   /** Runs after every reply (metrics, access log). */
   onReply?: (req: Req, out: Reply, ex: Exchange) => void;
+  /** Rewrites an error reply into another protocol's shape (OpenAI's); KServe's `{"error": …}` otherwise. */
+  errorShape?: (out: Reply) => Reply;
 }
+
+const failed = (err: unknown, opts: RouteOptions): Reply => {
+  const out = errorReply(err, opts.log);
+  return opts.errorShape ? opts.errorShape(out) : out;
+};
 
 /**
  * Sends the answer and reports it. A client that left first is reported as 499 (what the WebSocket route records too),
@@ -284,10 +291,10 @@ export function route(fn: Handler, opts: RouteOptions) {
     try {
       out = fn(r, ex);
     } catch (err) {
-      out = errorReply(err, opts.log);
+      out = failed(err, opts);
     }
     const finish = (o: Reply) => replied(r, o, ex, opts);
-    if (out instanceof Promise) out.catch((err) => errorReply(err, opts.log)).then(finish);
+    if (out instanceof Promise) out.catch((err) => failed(err, opts)).then(finish);
     else finish(out);
   };
 }
@@ -316,7 +323,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
       // limit, then the connection closes after the answer.
-      const out = errorReply(pre, opts.log);
+      const out = failed(pre, opts);
       finish(oversize ? { ...out, headers: { ...out.headers, connection: 'close' } } : out);
       return;
     }
@@ -327,7 +334,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '', codings);
     body
       .then((b) => fn(r, b, ex))
-      .catch((err) => errorReply(err, opts.log))
+      .catch((err) => failed(err, opts))
       .then(finish);
   };
 }

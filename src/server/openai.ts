@@ -1,0 +1,124 @@
+/**
+ * @module OpenAI's Images API under KServe's `/openai` prefix (its OpenAI routes' place): `POST
+ * /openai/v1/images/generations` and the model list, so a client written for OpenAI (its SDKs, Open WebUI, LiteLLM)
+ * generates with base URL `http://<host>/openai/v1`. OpenAI's names map onto the request's (n, size, output_format,
+ * output_compression); the runtime's own fields ride along (negative_prompt, seed, num_inference_steps, …). Errors
+ * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
+ */
+import { RuntimeError } from '../errors.js';
+import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField } from '../runtime/request.js';
+import type { TaskResult } from '../runtime/engine.js';
+import type { App } from './base.js';
+import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
+import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+
+export const OPENAI_PREFIX = '/openai/v1';
+
+/** Our fields a body names by OpenAI's name instead, and which: a problem with one names the field the client sent. */
+const RENAMED: Readonly<Record<string, string>> = { num_images_per_prompt: 'n', quality: 'output_compression', width: 'size', height: 'size' };
+/** Ours that this answer cannot carry. */
+const NOT_HERE: Readonly<Record<string, string>> = {
+  output_uri: 'the answer holds the images as b64_json; output_uri is V1\'s and V2\'s',
+  preview_every: 'previews come on the WebSocket stream only',
+};
+/**
+ * OpenAI's knobs for its own models, taken so a client that always sends them is served: the values that ask for
+ * nothing this runtime does differently. Anything else is named.
+ */
+const IGNORED: Readonly<Record<string, readonly unknown[]>> = {
+  quality: ['auto', 'standard', 'hd', 'low', 'medium', 'high'],
+  style: ['vivid', 'natural'],
+  background: ['auto', 'opaque'],
+  moderation: ['auto', 'low'],
+  stream: [false],
+  partial_images: [0],
+};
+
+/** The runtime's own fields a body may carry beside OpenAI's. */
+const FIELDS = INSTANCE_FIELDS.filter((f) => !Object.hasOwn(RENAMED, f) && !Object.hasOwn(NOT_HERE, f));
+/** Every name a body may use: what an unknown one is matched against for a "did you mean". */
+const KNOWN = ['model', 'n', 'size', 'response_format', 'output_compression', 'user', ...Object.keys(IGNORED), ...FIELDS];
+
+const bad = (msg: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg);
+
+/** The V1 instance an Images API body asks for, or a 400 naming every field that cannot be served. */
+export function imagesInstance(body: unknown, modelName: string): Record<string, unknown> {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw bad('the request body must be a JSON object with a "prompt"');
+  const o = body as Record<string, unknown>;
+  if (o.model !== undefined && o.model !== null && o.model !== modelName) {
+    throw unknownModel(typeof o.model === 'string' ? o.model : JSON.stringify(o.model), modelName);
+  }
+  const problems: string[] = [];
+  const inst: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) {
+    if (k === 'model' || k === 'user' || v === null) continue;
+    if (k === 'n') inst.num_images_per_prompt = v;
+    // OpenAI's 0 (most compressed) is the encoders' lowest quality, 1.
+    else if (k === 'output_compression') inst.quality = v === 0 ? 1 : v;
+    else if (k === 'size') {
+      const m = typeof v === 'string' ? /^(\d{1,5})x(\d{1,5})$/.exec(v) : null;
+      if (m) [inst.width, inst.height] = [Number(m[1]), Number(m[2])];
+      else if (v !== 'auto') problems.push(`size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model's own), got ${JSON.stringify(v)}`);
+    } else if (k === 'response_format') {
+      if (v !== 'b64_json') problems.push(`response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got ${JSON.stringify(v)}`);
+    } else if (Object.hasOwn(IGNORED, k)) {
+      if (!IGNORED[k]!.includes(v)) {
+        problems.push(k === 'quality' && typeof v === 'number'
+          ? 'quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression'
+          : `${k} must be one of ${IGNORED[k]!.map((x) => JSON.stringify(x)).join(', ')}${k === 'stream' ? ' (progress streams on the WebSocket route)' : ''}, got ${JSON.stringify(v)}`);
+      }
+    } else if (Object.hasOwn(NOT_HERE, k)) problems.push(`${k} is not taken here: ${NOT_HERE[k]}`);
+    else if (Object.hasOwn(RENAMED, k)) problems.push(`${k} is sent as ${JSON.stringify(RENAMED[k])} here (OpenAI's name)`);
+    else if (!(FIELDS as readonly string[]).includes(k)) pushUnknownField(problems, '', k, KNOWN);
+    else inst[k] = v;
+  }
+  if (problems.length > 0) throw bad(joinProblems(problems));
+  return inst;
+}
+
+/** `instances[0].field …` as the client named the field. */
+const relabel = (problem: string): string => problem.replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => RENAMED[f] ?? f);
+
+/**
+ * OpenAI's answer: `created`, then each image as `b64_json` (with its seed, as V1 gives it), and the format and size
+ * gpt-image models report. Built as bytes, as V1's answer is, so a large image is not copied through a JSON string.
+ */
+export function imagesBody(results: TaskResult[], now = Date.now()): Buffer {
+  const images = results.flatMap((r) => r.images);
+  const first = images[0];
+  const parts: Array<Buffer | string> = [`{"created":${Math.floor(now / 1000)},"data":[`];
+  images.forEach((img, i) => parts.push(i > 0 ? ',' : '', '{"b64_json":"', Buffer.from(img.data), `","seed":${img.seed}}`));
+  parts.push(']', first ? `,"output_format":${JSON.stringify(first.format)},"size":"${first.width}x${first.height}"` : '', '}');
+  return Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p) : Buffer.from(p.toString('base64'), 'latin1'))));
+}
+
+/** A runtime error reply in OpenAI's error shape: the message, a type by status, our code as its code. */
+export function openaiError(out: Reply): Reply {
+  const { error, code } = JSON.parse(String(out.body)) as { error: string; code: string };
+  const type = out.status >= 500 ? 'server_error' : out.status === 404 ? 'not_found_error' : 'invalid_request_error';
+  return { ...out, body: JSON.stringify({ error: { message: error, type, param: null, code } }) };
+}
+
+export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions): void {
+  const opts: RouteOptions = { ...base, errorShape: openaiError };
+  const created = Math.floor(Date.now() / 1000);
+  const model = () => ({ id: ctx.cfg.modelName, object: 'model', created, owned_by: 'diffusers-runtime' });
+  app.get(`${OPENAI_PREFIX}/models`, route(() => json(200, { object: 'list', data: [model()] }), opts));
+  // KServe's OpenAI routes answer this as the model's health: 503 until it is ready.
+  app.get(`${OPENAI_PREFIX}/models/:name`, route((r) => (modelStatus(ctx, r.params[0]!), json(200, model())), opts));
+  app.post(
+    `${OPENAI_PREFIX}/images/generations`,
+    bodyRoute(
+      async (_r, body, ex) => {
+        const parsed = parseJson(body);
+        assertSafeJson(parsed, 'body');
+        const inst = imagesInstance(parsed, ctx.cfg.modelName);
+        const reqs = parseInstances([inst], parseContext(ctx), 'instances', false, relabel);
+        const results = await generateWithImages(ctx, reqs, ex.gone.signal);
+        return { status: 200, body: imagesBody(results), contentType: 'application/json' };
+      },
+      opts,
+      () => assertServable(ctx, ctx.cfg.modelName),
+    ),
+  );
+}

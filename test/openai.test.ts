@@ -1,0 +1,105 @@
+/**
+ * OpenAI's Images API under /openai/v1 on the built server with the demo model, over real sockets: a body as OpenAI
+ * clients send it makes the images the same V1 request makes, answered as `{created, data: [{b64_json}]}`; OpenAI's
+ * own knobs that change nothing here are taken, those asking for what this runtime does not do are named; the field
+ * names in a 400 are the ones the client sent; errors come in OpenAI's shape; the model list and the metrics.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
+import { metric } from './helpers/runtime.js';
+import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+
+const refused = (body: unknown): string => {
+  try {
+    imagesInstance(body, 'model');
+  } catch (err) {
+    return `${(err as { code: string }).code}: ${(err as Error).message}`;
+  }
+  throw new Error('not refused');
+};
+
+describe('imagesInstance', () => {
+  it('maps OpenAI\'s names onto the request\'s and passes the runtime\'s own fields through', () => {
+    expect(imagesInstance({ model: 'model', prompt: 'a fox', n: 2, size: '512x768', output_format: 'webp', output_compression: 80, seed: 3, negative_prompt: 'blur' }, 'model'))
+      .toEqual({ prompt: 'a fox', num_images_per_prompt: 2, width: 512, height: 768, output_format: 'webp', quality: 80, seed: 3, negative_prompt: 'blur' });
+    // What clients send for OpenAI's own models and means nothing different here; null is a field left out.
+    expect(imagesInstance({ prompt: 'a fox', size: 'auto', response_format: 'b64_json', quality: 'hd', style: 'vivid', user: 'u-1', background: 'auto', moderation: 'low', stream: false, partial_images: 0, n: null }, 'model'))
+      .toEqual({ prompt: 'a fox' });
+  });
+
+  it('names what it cannot serve, every problem at once', () => {
+    expect(refused({ prompt: 'x', size: '512', response_format: 'url', background: 'transparent', stream: true }))
+      .toBe('INVALID_INPUT: size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model\'s own), got "512"; '
+        + 'response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got "url"; '
+        + 'background must be one of "auto", "opaque", got "transparent"; stream must be one of false (progress streams on the WebSocket route), got true');
+    expect(refused({ prompt: 'x', quality: 90 })).toBe('INVALID_INPUT: quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression');
+    expect(refused({ prompt: 'x', width: 512, num_images_per_prompt: 2, output_uri: 's3://b/k' })).toBe('INVALID_INPUT: width is sent as "size" here (OpenAI\'s name); '
+      + 'num_images_per_prompt is sent as "n" here (OpenAI\'s name); output_uri is not taken here: the answer holds the images as b64_json; output_uri is V1\'s and V2\'s');
+    expect(refused({ model: 'dall-e-3', prompt: 'x' })).toBe('MODEL_NOT_FOUND: Model with name dall-e-3 does not exist. This server serves "model" (GET /v1/models).');
+    // An unknown name is matched against the names a body here may use (size, not width).
+    expect(refused({ prompt: 'x', sise: '64x64', negativ_prompt: 'y' })).toBe('INVALID_INPUT: sise is not a known field; did you mean "size"?; negativ_prompt is not a known field; did you mean "negative_prompt"?');
+    const listed = refused({ prompt: 'x', widht: 3 });
+    expect(listed).toMatch(/^INVALID_INPUT: widht is not a known field; known fields: model, n, size, /);
+    expect(listed).not.toMatch(/\b(width|height|num_images_per_prompt|output_uri|preview_every)\b/);
+    expect(refused(['x'])).toBe('INVALID_INPUT: the request body must be a JSON object with a "prompt"');
+  });
+});
+
+describe('imagesBody and openaiError', () => {
+  it('the answer is OpenAI\'s ImagesResponse with each image\'s seed, and an error is OpenAI\'s error object', () => {
+    const img = (b: string, seed: number) => ({ data: new TextEncoder().encode(b).buffer, seed, width: 64, height: 32, format: 'png' as const });
+    const results = [{ images: [img('ab', 1), img('cde', 2)] }] as unknown as Parameters<typeof imagesBody>[0];
+    expect(JSON.parse(imagesBody(results, 1_765_000_000_500).toString())).toEqual({
+      created: 1_765_000_000,
+      data: [{ b64_json: Buffer.from('ab').toString('base64'), seed: 1 }, { b64_json: Buffer.from('cde').toString('base64'), seed: 2 }],
+      output_format: 'png', size: '64x32',
+    });
+    const out = openaiError({ status: 503, body: JSON.stringify({ error: 'busy', code: 'BUSY', queued: 3 }), contentType: 'application/json', headers: { 'retry-after': '1' } });
+    expect({ ...out, body: JSON.parse(String(out.body)) }).toEqual({ status: 503, contentType: 'application/json', headers: { 'retry-after': '1' }, body: { error: { message: 'busy', type: 'server_error', param: null, code: 'BUSY' } } });
+  });
+});
+
+describe('/openai/v1 over HTTP', () => {
+  let srv: ServerHandle;
+  beforeAll(async () => {
+    srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '0', RESULT_CACHE_MB: '0' }, { ready: true });
+  }, 120_000);
+  afterAll(async () => void (await srv?.stop()));
+  const generate = (body: unknown) => postJson(`${srv.url}/openai/v1/images/generations`, body);
+
+  it('a body as OpenAI clients send it makes the images the same V1 request makes', async () => {
+    const before = Math.floor(Date.now() / 1000);
+    const r = await generate({ model: 'model', prompt: 'a lighthouse at dusk', n: 2, size: '64x64', response_format: 'b64_json', quality: 'standard', user: 'u-1', seed: 5, num_inference_steps: 2 });
+    expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
+    const v1 = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a lighthouse at dusk', num_images_per_prompt: 2, width: 64, height: 64, seed: 5, num_inference_steps: 2 }] });
+    const { created, data, ...rest } = r.json as { created: number; data: Array<{ b64_json: string; seed: number }> };
+    expect(rest).toEqual({ output_format: 'png', size: '64x64' });
+    expect(created).toBeGreaterThanOrEqual(before);
+    expect(data.map((d) => d.seed)).toEqual([5, 6]);
+    expect(data.map((d) => d.b64_json)).toEqual((v1.json.predictions as Array<{ image: { b64: string } }>).map((p) => p.image.b64));
+    expect(await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' })).toBe(1);
+  });
+
+  it('errors in OpenAI\'s shape, naming the fields as the client sent them', async () => {
+    const r = await generate({ prompt: 'x', n: 0, size: '60x64', output_compression: 101, num_inference_steps: 2 });
+    expect(r.status).toBe(400);
+    const e = (r.json as { error: { message: string; type: string; param: null; code: string } }).error;
+    expect({ ...e, message: '' }).toEqual({ message: '', type: 'invalid_request_error', param: null, code: 'INVALID_INPUT' });
+    for (const f of ['n must', 'size', 'output_compression must']) expect(e.message).toContain(f);
+    expect(e.message).not.toMatch(/instances\[0\]|num_images_per_prompt|quality must|\bwidth\b/);
+    const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });
+    expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'not_found_error', code: 'MODEL_NOT_FOUND' }]);
+    const notJson = await postJson(`${srv.url}/openai/v1/images/generations`, '{"prompt":');
+    expect([notJson.status, (notJson.json as { error: { message: string } }).error.message]).toEqual([400, 'Unrecognized request format: Unexpected end of JSON input']);
+  });
+
+  it('lists the model as OpenAI\'s model list does; a model\'s own route is its health', async () => {
+    const list = await fetch(`${srv.url}/openai/v1/models`).then((x) => x.json()) as { object: string; data: Array<Record<string, unknown>> };
+    expect(list).toMatchObject({ object: 'list', data: [{ id: 'model', object: 'model', owned_by: 'diffusers-runtime' }] });
+    expect(typeof list.data[0]!.created).toBe('number');
+    const one = await fetch(`${srv.url}/openai/v1/models/model`);
+    expect([one.status, await one.json()]).toEqual([200, list.data[0]]);
+    const other = await fetch(`${srv.url}/openai/v1/models/other`);
+    expect([other.status, ((await other.json()) as { error: { code: string } }).error.code]).toEqual([404, 'MODEL_NOT_FOUND']);
+  });
+});
