@@ -4,6 +4,7 @@
  * own knobs that change nothing here are taken, those asking for what this runtime does not do are named; the field
  * names in a 400 are the ones the client sent; errors come in OpenAI's shape; the model list and the metrics.
  */
+import http from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
 import { metric } from './helpers/runtime.js';
@@ -54,8 +55,16 @@ describe('imagesBody and openaiError', () => {
       data: [{ b64_json: Buffer.from('ab').toString('base64'), seed: 1 }, { b64_json: Buffer.from('cde').toString('base64'), seed: 2 }],
       output_format: 'png', size: '64x32',
     });
-    const out = openaiError({ status: 503, body: JSON.stringify({ error: 'busy', code: 'BUSY', queued: 3 }), contentType: 'application/json', headers: { 'retry-after': '1' } });
-    expect({ ...out, body: JSON.parse(String(out.body)) }).toEqual({ status: 503, contentType: 'application/json', headers: { 'retry-after': '1' }, body: { error: { message: 'busy', type: 'server_error', param: null, code: 'BUSY' } } });
+    const shaped = (status: number, code: string, headers?: Record<string, string>) => {
+      const out = openaiError({ status, body: JSON.stringify({ error: 'why', code, queued: 3 }), contentType: 'application/json', ...(headers ? { headers } : {}) });
+      return { ...out, body: JSON.parse(String(out.body)) as unknown };
+    };
+    expect(shaped(503, 'BUSY', { 'retry-after': '1' })).toEqual({ status: 503, contentType: 'application/json', headers: { 'retry-after': '1' }, body: { error: { message: 'why', type: 'server_error', param: null, code: 'BUSY' } } });
+    // OpenAI's own 404 for a model it does not have is an invalid_request_error.
+    expect(shaped(404, 'MODEL_NOT_FOUND')).toEqual({ status: 404, contentType: 'application/json', body: { error: { message: 'why', type: 'invalid_request_error', param: null, code: 'MODEL_NOT_FOUND' } } });
+    // OpenAI's SDKs retry every 5xx; these come back the same, so they are told not to. A 503 is still theirs to retry.
+    for (const [status, code] of [[507, 'OUT_OF_MEMORY'], [504, 'TIMEOUT'], [501, 'UNSUPPORTED']] as const) expect(shaped(status, code).headers).toEqual({ 'x-should-retry': 'false' });
+    for (const [status, code] of [[503, 'MODEL_NOT_READY'], [500, 'WORKER_DIED'], [500, 'INTERNAL']] as const) expect(shaped(status, code).headers).toBeUndefined();
   });
 });
 
@@ -88,9 +97,20 @@ describe('/openai/v1 over HTTP', () => {
     for (const f of ['n must', 'size', 'output_compression must']) expect(e.message).toContain(f);
     expect(e.message).not.toMatch(/instances\[0\]|num_images_per_prompt|quality must|\bwidth\b/);
     const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });
-    expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'not_found_error', code: 'MODEL_NOT_FOUND' }]);
+    expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'invalid_request_error', code: 'MODEL_NOT_FOUND' }]);
     const notJson = await postJson(`${srv.url}/openai/v1/images/generations`, '{"prompt":');
     expect([notJson.status, (notJson.json as { error: { message: string } }).error.message]).toEqual([400, 'Unrecognized request format: Unexpected end of JSON input']);
+    // Refused before the body is read (a transfer coding Node does not undo): a retry meets the same 501, so OpenAI's
+    // SDKs, which retry every 5xx, are told not to.
+    const te = await new Promise<{ status: number; retry: unknown; body: string }>((resolve, reject) => {
+      const req = http.request(`${srv.url}/openai/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json', 'transfer-encoding': 'gzip, chunked' } }, (res) => {
+        let body = '';
+        res.setEncoding('utf8').on('data', (c: string) => (body += c)).on('end', () => resolve({ status: res.statusCode!, retry: res.headers['x-should-retry'], body }));
+      });
+      req.on('error', reject);
+      req.end('{"prompt":"x"}');
+    });
+    expect({ ...te, body: JSON.parse(te.body) as unknown }).toMatchObject({ status: 501, retry: 'false', body: { error: { type: 'server_error', code: 'UNSUPPORTED' } } });
   });
 
   it('lists the model as OpenAI\'s model list does; a model\'s own route is its health', async () => {

@@ -92,11 +92,21 @@ export function imagesBody(results: TaskResult[], now = Date.now()): Buffer {
   return Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p) : Buffer.from(p.toString('base64'), 'latin1'))));
 }
 
-/** A runtime error reply in OpenAI's error shape: the message, a type by status, our code as its code. */
+/**
+ * Codes a retry of the same request meets again. OpenAI's SDKs retry every 5xx twice by default, a 507 or a 504 after
+ * REQUEST_TIMEOUT_S too (three times the GPU time for one error), unless the answer says `x-should-retry: false`.
+ */
+const NO_RETRY: ReadonlySet<string> = new Set(['OUT_OF_MEMORY', 'TIMEOUT', 'UNSUPPORTED']);
+
+/**
+ * A runtime error reply in OpenAI's error shape: the message, OpenAI's type for the status (its 404 for an unknown
+ * model is an `invalid_request_error` too), our code as its code.
+ */
 export function openaiError(out: Reply): Reply {
   const { error, code } = JSON.parse(String(out.body)) as { error: string; code: string };
-  const type = out.status >= 500 ? 'server_error' : out.status === 404 ? 'not_found_error' : 'invalid_request_error';
-  return { ...out, body: JSON.stringify({ error: { message: error, type, param: null, code } }) };
+  const type = out.status >= 500 ? 'server_error' : 'invalid_request_error';
+  const headers = NO_RETRY.has(code) ? { ...out.headers, 'x-should-retry': 'false' } : out.headers;
+  return { ...out, ...(headers ? { headers } : {}), body: JSON.stringify({ error: { message: error, type, param: null, code } }) };
 }
 
 export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions): void {
