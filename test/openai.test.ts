@@ -122,4 +122,17 @@ describe('/openai/v1 over HTTP', () => {
     const other = await fetch(`${srv.url}/openai/v1/models/other`);
     expect([other.status, ((await other.json()) as { error: { code: string } }).error.code]).toEqual([404, 'MODEL_NOT_FOUND']);
   });
+
+  it('what is not served under /openai is refused in OpenAI\'s shape, saying what is; elsewhere in KServe\'s', async () => {
+    const answer = async (res: Response) => [res.status, res.headers.get('allow'), await res.json()];
+    // openai-python's chat.completions.create and images.edit against this base URL.
+    expect(await answer(await fetch(`${srv.url}/openai/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"model":"model","messages":[]}' }))).toEqual([404, null, {
+      error: { message: 'Not Found: /openai/v1/chat/completions; OpenAI\'s API here is POST /openai/v1/images/generations and GET /openai/v1/models', type: 'invalid_request_error', param: null, code: 'NOT_FOUND' },
+    }]);
+    expect((await answer(await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', body: new FormData() })))[0]).toBe(404);
+    expect(await answer(await fetch(`${srv.url}/openai/v1/images/generations`))).toEqual([405, 'POST', {
+      error: { message: 'Method Not Allowed: GET /openai/v1/images/generations', type: 'invalid_request_error', param: null, code: 'METHOD_NOT_ALLOWED' },
+    }]);
+    expect(await answer(await fetch(`${srv.url}/v1/chat/completions`))).toEqual([404, null, { error: 'Not Found: /v1/chat/completions', code: 'NOT_FOUND' }]);
+  });
 });

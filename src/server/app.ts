@@ -1,11 +1,11 @@
 /** @module The HTTP app: health and metrics routes answered from the main thread, protocol routes, fallbacks. */
 import { RuntimeError } from '../errors.js';
 import { exposition } from '../metrics.js';
-import type { BaseServer } from './base.js';
+import { pathOf, type BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { corsHandler } from './cors.js';
 import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
-import { registerOpenAI } from './openai.js';
+import { OPENAI_SERVED, isOpenAI, openaiError, registerOpenAI } from './openai.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
@@ -94,13 +94,15 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   base.setCors(corsHandler(ctx.cfg.corsAllowOrigins, allowed));
 
   // A path some route answers, asked with another method: 405 with the methods it takes in `Allow` (RFC 9110 15.5.6);
-  // a path no route answers: 404 whatever the method (as KServe's FastAPI server). JSON bodies either way.
-  base.setFallback(
+  // a path no route answers: 404 whatever the method (as KServe's FastAPI server). JSON bodies either way; under
+  // /openai in OpenAI's shape, so an OpenAI client asking for what is not served here (chat, edits) reads why.
+  const fallback = (o: RouteOptions) =>
     route((r) => {
       const path = r.url;
       const allow = allowed(path);
-      if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}`);
+      if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}${isOpenAI(path) ? OPENAI_SERVED : ''}`);
       throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`, { allow });
-    }, opts),
-  );
+    }, o);
+  const [kserve, openai] = [fallback(opts), fallback({ ...opts, errorShape: openaiError })];
+  base.setFallback((req, res, params) => (isOpenAI(pathOf(req.url)) ? openai : kserve)(req, res, params));
 }

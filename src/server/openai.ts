@@ -13,6 +13,10 @@ import { assertServable, generateWithImages, modelStatus, parseContext, parseJso
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
+/** A path under KServe's OpenAI prefix: its errors, a 404 or 405 included, come in OpenAI's shape. */
+export const isOpenAI = (path: string): boolean => path === '/openai' || path.startsWith('/openai/');
+/** What a 404 under /openai adds: the OpenAI routes this server does answer. */
+export const OPENAI_SERVED = `; OpenAI's API here is POST ${OPENAI_PREFIX}/images/generations and GET ${OPENAI_PREFIX}/models`;
 
 /** Our fields a body names by OpenAI's name instead, and which: a problem with one names the field the client sent. */
 const RENAMED: Readonly<Record<string, string>> = { num_images_per_prompt: 'n', quality: 'output_compression', width: 'size', height: 'size' };
