@@ -5,27 +5,38 @@
  * names in a 400 are the ones the client sent; errors come in OpenAI's shape; the model list and the metrics.
  */
 import http from 'node:http';
+import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, type ServerHandle } from './helpers/server.js';
 
+/** `CODE: message` of what the body cannot ask for (the route joins these problems to the request's own). */
 const refused = (body: unknown): string => {
   try {
-    imagesInstance(body, 'model');
+    const { problems } = imagesInstance(body, 'model');
+    if (problems.length > 0) return `INVALID_INPUT: ${problems.join('; ')}`;
   } catch (err) {
     return `${(err as { code: string }).code}: ${(err as Error).message}`;
   }
   throw new Error('not refused');
 };
+const grey = (width: number, height: number) => sharp(Buffer.alloc(width * height * 3, 128), { raw: { width, height, channels: 3 } }).png().toBuffer();
+const mapped = (body: unknown) => {
+  const { instance, problems } = imagesInstance(body, 'model');
+  expect(problems).toEqual([]);
+  return instance;
+};
 
 describe('imagesInstance', () => {
   it('maps OpenAI\'s names onto the request\'s and passes the runtime\'s own fields through', () => {
-    expect(imagesInstance({ model: 'model', prompt: 'a fox', n: 2, size: '512x768', output_format: 'webp', output_compression: 80, seed: 3, negative_prompt: 'blur' }, 'model'))
+    expect(mapped({ model: 'model', prompt: 'a fox', n: 2, size: '512x768', output_format: 'webp', output_compression: 80, seed: 3, negative_prompt: 'blur' }))
       .toEqual({ prompt: 'a fox', num_images_per_prompt: 2, width: 512, height: 768, output_format: 'webp', quality: 80, seed: 3, negative_prompt: 'blur' });
     // What clients send for OpenAI's own models and means nothing different here; null is a field left out.
-    expect(imagesInstance({ prompt: 'a fox', size: 'auto', response_format: 'b64_json', quality: 'hd', style: 'vivid', user: 'u-1', background: 'auto', moderation: 'low', stream: false, partial_images: 0, n: null }, 'model'))
+    expect(mapped({ prompt: 'a fox', size: 'auto', response_format: 'b64_json', quality: 'hd', style: 'vivid', user: 'u-1', background: 'auto', moderation: 'low', stream: false, partial_images: 0, n: null }))
       .toEqual({ prompt: 'a fox' });
+    // OpenAI's 0 (most compressed) is the encoders' lowest quality.
+    expect(mapped({ prompt: 'a fox', output_compression: 0 })).toEqual({ prompt: 'a fox', quality: 1 });
   });
 
   it('names what it cannot serve, every problem at once', () => {
@@ -36,7 +47,10 @@ describe('imagesInstance', () => {
     expect(refused({ prompt: 'x', quality: 90 })).toBe('INVALID_INPUT: quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression');
     expect(refused({ prompt: 'x', width: 512, num_images_per_prompt: 2, output_uri: 's3://b/k' })).toBe('INVALID_INPUT: width is sent as "size" here (OpenAI\'s name); '
       + 'num_images_per_prompt is sent as "n" here (OpenAI\'s name); output_uri is not taken here: the answer holds the images as b64_json; output_uri is V1\'s and V2\'s');
-    expect(refused({ model: 'dall-e-3', prompt: 'x' })).toBe('MODEL_NOT_FOUND: Model with name dall-e-3 does not exist. This server serves "model" (GET /v1/models).');
+    expect(refused({ model: 'dall-e-3', prompt: 'x' })).toBe('MODEL_NOT_FOUND: Model with name dall-e-3 does not exist. This server serves "model" (GET /openai/v1/models).');
+    // Named with OpenAI's range, 0 included, not the quality it becomes; a model that is no name is a 400.
+    expect(refused({ prompt: 'x', output_compression: -3, model: 5 })).toBe('INVALID_INPUT: model must be a string, the served name "model", got number; output_compression must be an integer from 0 to 100, got -3');
+    expect(refused({ prompt: 'x', output_compression: '90' })).toBe('INVALID_INPUT: output_compression must be an integer from 0 to 100, got "90"');
     // An unknown name is matched against the names a body here may use (size, not width).
     expect(refused({ prompt: 'x', sise: '64x64', negativ_prompt: 'y' })).toBe('INVALID_INPUT: sise is not a known field; did you mean "size"?; negativ_prompt is not a known field; did you mean "negative_prompt"?');
     const listed = refused({ prompt: 'x', widht: 3 });
@@ -90,12 +104,18 @@ describe('/openai/v1 over HTTP', () => {
   });
 
   it('errors in OpenAI\'s shape, naming the fields as the client sent them', async () => {
+    const invalid = (message: string) => ({ error: { message, type: 'invalid_request_error', param: null, code: 'INVALID_INPUT' } });
     const r = await generate({ prompt: 'x', n: 0, size: '60x64', output_compression: 101, num_inference_steps: 2 });
-    expect(r.status).toBe(400);
-    const e = (r.json as { error: { message: string; type: string; param: null; code: string } }).error;
-    expect({ ...e, message: '' }).toEqual({ message: '', type: 'invalid_request_error', param: null, code: 'INVALID_INPUT' });
-    for (const f of ['n must', 'size', 'output_compression must']) expect(e.message).toContain(f);
-    expect(e.message).not.toMatch(/instances\[0\]|num_images_per_prompt|quality must|\bwidth\b/);
+    // Every problem at once: OpenAI's fields' own first, then the request's they make.
+    expect([r.status, r.json]).toEqual([400, invalid('output_compression must be an integer from 0 to 100, got 101; '
+      + 'size\'s width must be a positive multiple of 8 up to 2048, got 60; n must be an integer from 1 to 8, got 0')]);
+    const seed = await generate({ prompt: 'x', n: 2, seed: Number.MAX_SAFE_INTEGER, num_inference_steps: 2 });
+    expect([seed.status, seed.json]).toEqual([400, invalid(`seed + n - 1 must be at most ${Number.MAX_SAFE_INTEGER} (image i uses seed + i), got ${Number.MAX_SAFE_INTEGER} with 2 images`)]);
+    // Found once the input images are read: named as sent too, `size` where V1 asks for height and width.
+    const notImage = await generate({ prompt: 'x', image: Buffer.from('not an image').toString('base64'), num_inference_steps: 2 });
+    expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG or WebP image')]);
+    const wide = await generate({ prompt: 'x', image: (await grey(2056, 8)).toString('base64'), num_inference_steps: 2 });
+    expect([wide.status, wide.json]).toEqual([400, invalid('image is 2056x8: without size the output takes the image\'s width (2056), over MAX_IMAGE_SIZE 2048; give size to resize it')]);
     const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });
     expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'invalid_request_error', code: 'MODEL_NOT_FOUND' }]);
     const notJson = await postJson(`${srv.url}/openai/v1/images/generations`, '{"prompt":');
@@ -120,7 +140,8 @@ describe('/openai/v1 over HTTP', () => {
     const one = await fetch(`${srv.url}/openai/v1/models/model`);
     expect([one.status, await one.json()]).toEqual([200, list.data[0]]);
     const other = await fetch(`${srv.url}/openai/v1/models/other`);
-    expect([other.status, ((await other.json()) as { error: { code: string } }).error.code]).toEqual([404, 'MODEL_NOT_FOUND']);
+    expect([other.status, ((await other.json()) as { error: { message: string; code: string } }).error]).toMatchObject([404, {
+      message: 'Model with name other does not exist. This server serves "model" (GET /openai/v1/models).', code: 'MODEL_NOT_FOUND' }]);
   });
 
   it('what is not served under /openai is refused in OpenAI\'s shape, saying what is; elsewhere in KServe\'s', async () => {

@@ -34,10 +34,11 @@ export interface ServerContext {
 
 /**
  * KServe's 404 for a model name this server does not serve (every route and the WebSocket), plus the name it does
- * serve: a client written for `model` meets an InferenceService's own name (MODEL_NAME={{.Name}}) on KServe.
+ * serve and where the client's protocol lists it: a client written for `model` meets an InferenceService's own name
+ * (MODEL_NAME={{.Name}}) on KServe.
  */
-export const unknownModel = (name: string, served: string): RuntimeError =>
-  new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist. This server serves "${served}" (GET /v1/models).`);
+export const unknownModel = (name: string, served: string, list = '/v1/models'): RuntimeError =>
+  new RuntimeError('MODEL_NOT_FOUND', `Model with name ${name} does not exist. This server serves "${served}" (GET ${list}).`);
 
 /**
  * The model endpoint (`/v1/models/{name}`, `/v1/models/{name}/ready`, `/v2/models/{name}/ready`): 200 once ready;

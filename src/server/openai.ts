@@ -5,8 +5,9 @@
  * output_compression); the runtime's own fields ride along (negative_prompt, seed, num_inference_steps, …). Errors
  * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
  */
-import { RuntimeError } from '../errors.js';
-import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField } from '../runtime/request.js';
+import { isRuntimeError, RuntimeError } from '../errors.js';
+import { show, typeName } from '../runtime/fields.js';
+import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
 import type { TaskResult } from '../runtime/engine.js';
 import type { App } from './base.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
@@ -18,8 +19,10 @@ export const isOpenAI = (path: string): boolean => path === '/openai' || path.st
 /** What a 404 under /openai adds: the OpenAI routes this server does answer. */
 export const OPENAI_SERVED = `; OpenAI's API here is POST ${OPENAI_PREFIX}/images/generations and GET ${OPENAI_PREFIX}/models`;
 
-/** Our fields a body names by OpenAI's name instead, and which: a problem with one names the field the client sent. */
+/** Our fields a body names by OpenAI's name instead, and which. */
 const RENAMED: Readonly<Record<string, string>> = { num_images_per_prompt: 'n', quality: 'output_compression', width: 'size', height: 'size' };
+/** How a problem with one of those names it: as the client sent it, and which side of `size`. */
+const SHOWN: Readonly<Record<string, string>> = { ...RENAMED, width: "size's width", height: "size's height" };
 /** Ours that this answer cannot carry. */
 const NOT_HERE: Readonly<Record<string, string>> = {
   output_uri: 'the answer holds the images as b64_json; output_uri is V1\'s and V2\'s',
@@ -45,43 +48,67 @@ const KNOWN = ['model', 'n', 'size', 'response_format', 'output_compression', 'u
 
 const bad = (msg: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg);
 
-/** The V1 instance an Images API body asks for, or a 400 naming every field that cannot be served. */
-export function imagesInstance(body: unknown, modelName: string): Record<string, unknown> {
+/** A value as a problem shows it: `show`'s, a boolean as itself. */
+const val = (v: unknown): string => (typeof v === 'boolean' ? String(v) : show(v));
+
+/**
+ * The V1 instance an Images API body asks for, and a problem for each field that cannot be served (left out of the
+ * instance, so its own checks find nothing more to say about it). An unknown model is a 404 at once.
+ */
+export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: string[] } {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw bad('the request body must be a JSON object with a "prompt"');
   const o = body as Record<string, unknown>;
-  if (o.model !== undefined && o.model !== null && o.model !== modelName) {
-    throw unknownModel(typeof o.model === 'string' ? o.model : JSON.stringify(o.model), modelName);
-  }
+  if (typeof o.model === 'string' && o.model !== modelName) throw unknownModel(o.model, modelName, `${OPENAI_PREFIX}/models`);
   const problems: string[] = [];
+  if (o.model !== undefined && o.model !== null && typeof o.model !== 'string') problems.push(`model must be a string, the served name ${JSON.stringify(modelName)}, got ${typeName(o.model)}`);
   const inst: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(o)) {
     if (k === 'model' || k === 'user' || v === null) continue;
     if (k === 'n') inst.num_images_per_prompt = v;
-    // OpenAI's 0 (most compressed) is the encoders' lowest quality, 1.
-    else if (k === 'output_compression') inst.quality = v === 0 ? 1 : v;
-    else if (k === 'size') {
+    else if (k === 'output_compression') {
+      // OpenAI's 0 (most compressed) is the encoders' lowest quality, 1.
+      if (typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= 100) inst.quality = Math.max(1, v);
+      else problems.push(`output_compression must be an integer from 0 to 100, got ${show(v)}`);
+    } else if (k === 'size') {
       const m = typeof v === 'string' ? /^(\d{1,5})x(\d{1,5})$/.exec(v) : null;
       if (m) [inst.width, inst.height] = [Number(m[1]), Number(m[2])];
-      else if (v !== 'auto') problems.push(`size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model's own), got ${JSON.stringify(v)}`);
+      else if (v !== 'auto') problems.push(`size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model's own), got ${val(v)}`);
     } else if (k === 'response_format') {
-      if (v !== 'b64_json') problems.push(`response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got ${JSON.stringify(v)}`);
+      if (v !== 'b64_json') problems.push(`response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got ${val(v)}`);
     } else if (Object.hasOwn(IGNORED, k)) {
       if (!IGNORED[k]!.includes(v)) {
         problems.push(k === 'quality' && typeof v === 'number'
           ? 'quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression'
-          : `${k} must be one of ${IGNORED[k]!.map((x) => JSON.stringify(x)).join(', ')}${k === 'stream' ? ' (progress streams on the WebSocket route)' : ''}, got ${JSON.stringify(v)}`);
+          : `${k} must be one of ${IGNORED[k]!.map((x) => JSON.stringify(x)).join(', ')}${k === 'stream' ? ' (progress streams on the WebSocket route)' : ''}, got ${val(v)}`);
       }
     } else if (Object.hasOwn(NOT_HERE, k)) problems.push(`${k} is not taken here: ${NOT_HERE[k]}`);
     else if (Object.hasOwn(RENAMED, k)) problems.push(`${k} is sent as ${JSON.stringify(RENAMED[k])} here (OpenAI's name)`);
     else if (!(FIELDS as readonly string[]).includes(k)) pushUnknownField(problems, '', k, KNOWN);
     else inst[k] = v;
   }
-  if (problems.length > 0) throw bad(joinProblems(problems));
-  return inst;
+  return { instance: inst, problems };
 }
 
-/** `instances[0].field …` as the client named the field. */
-const relabel = (problem: string): string => problem.replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => RENAMED[f] ?? f);
+/**
+ * `instances[0].field …` as the client named the field. An input image's size problem asks for `size`, where V1 asks
+ * for height and width; a seed's range counts the images as `n`.
+ */
+const relabel = (problem: string): string => problem
+  .replace(/\binstances\[0\]\.height and instances\[0\]\.width\b/g, 'size')
+  .replace(/\bwithout instances\[0\]\.(?:height|width)\b/g, 'without size')
+  .replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => SHOWN[f] ?? f)
+  .replace(/\bnum_images_per_prompt\b/g, 'n');
+
+/**
+ * An error found once the input images are read (their format, their size), relabelled too: a new error, as the one
+ * thrown may be another request's as well.
+ */
+function relabelled(err: unknown): unknown {
+  if (!isRuntimeError(err) || !err.message.includes('instances[0]')) return err;
+  const { retryAfter, fields, allow } = err;
+  const keep = { ...(retryAfter === undefined ? {} : { retryAfter }), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}) };
+  return new RuntimeError(err.code, relabel(err.message), { cause: err, ...keep });
+}
 
 /**
  * OpenAI's answer: `created`, then each image as `b64_json` (with its seed, as V1 gives it), and the format and size
@@ -119,16 +146,32 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
   const model = () => ({ id: ctx.cfg.modelName, object: 'model', created, owned_by: 'diffusers-runtime' });
   app.get(`${OPENAI_PREFIX}/models`, route(() => json(200, { object: 'list', data: [model()] }), opts));
   // KServe's OpenAI routes answer this as the model's health: 503 until it is ready.
-  app.get(`${OPENAI_PREFIX}/models/:name`, route((r) => (modelStatus(ctx, r.params[0]!), json(200, model())), opts));
+  app.get(
+    `${OPENAI_PREFIX}/models/:name`,
+    route((r) => {
+      const name = r.params[0]!;
+      if (name !== ctx.cfg.modelName) throw unknownModel(name, ctx.cfg.modelName, `${OPENAI_PREFIX}/models`);
+      modelStatus(ctx, name);
+      return json(200, model());
+    }, opts),
+  );
   app.post(
     `${OPENAI_PREFIX}/images/generations`,
     bodyRoute(
       async (_r, body, ex) => {
         const parsed = parseJson(body);
         assertSafeJson(parsed, 'body');
-        const inst = imagesInstance(parsed, ctx.cfg.modelName);
-        const reqs = parseInstances([inst], parseContext(ctx), 'instances', false, relabel);
-        const results = await generateWithImages(ctx, reqs, ex.gone.signal);
+        const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
+        let reqs: GenerationRequest[];
+        try {
+          reqs = parseInstances([instance], parseContext(ctx), 'instances', false, relabel);
+        } catch (err) {
+          // Every problem at once: OpenAI's fields' own, then the request's they make.
+          if (problems.length > 0 && isRuntimeError(err) && err.code === 'INVALID_INPUT') throw bad(`${joinProblems(problems)}; ${err.message}`);
+          throw err;
+        }
+        if (problems.length > 0) throw bad(joinProblems(problems));
+        const results = await generateWithImages(ctx, reqs, ex.gone.signal).catch((err: unknown) => Promise.reject(relabelled(err)));
         return { status: 200, body: imagesBody(results), contentType: 'application/json' };
       },
       opts,
