@@ -75,7 +75,7 @@ describe('CORS_ALLOW_ORIGINS', () => {
     // The request itself, over the same rules: an image, and an error the page can read.
     const ok = await send(srv.port, 'POST', PREDICT, { origin: APP, 'content-type': 'application/json' }, IMAGE);
     expect(ok.status, ok.body.slice(0, 300)).toBe(200);
-    expect(ok.headers).toMatchObject({ 'access-control-allow-origin': APP, vary: 'origin', 'access-control-expose-headers': 'retry-after, allow, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time' });
+    expect(ok.headers).toMatchObject({ 'access-control-allow-origin': APP, vary: 'origin', 'access-control-expose-headers': 'retry-after, allow, x-should-retry, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time' });
     const bad = await send(srv.port, 'POST', PREDICT, { origin: APP, 'content-type': 'application/json' }, '{"instances": [');
     expect([bad.status, bad.headers['access-control-allow-origin'], (JSON.parse(bad.body) as { code: string }).code]).toEqual([400, APP, 'INVALID_INPUT']);
 
@@ -118,7 +118,7 @@ describe('CORS_ALLOW_ORIGINS', () => {
         return busy !== undefined;
       }, 10_000, 50);
       expect(JSON.parse(busy!.body)).toMatchObject({ code: 'BUSY' });
-      expect(busy!.headers).toMatchObject({ 'retry-after': '1', 'access-control-allow-origin': APP, 'access-control-expose-headers': 'retry-after, allow, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time' });
+      expect(busy!.headers).toMatchObject({ 'retry-after': '1', 'access-control-allow-origin': APP, 'access-control-expose-headers': 'retry-after, allow, x-should-retry, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time' });
     } finally {
       held.forEach((s) => s.destroy());
     }

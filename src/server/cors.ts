@@ -13,7 +13,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 export type CorsHandler = (req: IncomingMessage, res: ServerResponse, path: string, answer?: boolean) => boolean;
 
 /** Response headers a page may read besides the CORS-safelisted ones (content-type, content-length, …). */
-const EXPOSED = 'retry-after, allow, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time';
+const EXPOSED = 'retry-after, allow, x-should-retry, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time';
 /** How long a browser may reuse a preflight's answer (browsers cap it: Chromium at 2 h, Firefox at 24 h). */
 const MAX_AGE_S = 600;
 /** `Access-Control-Request-Headers` as browsers send it: field names, comma-separated, lower-case. */
