@@ -144,6 +144,20 @@ describe('/openai/v1 over HTTP', () => {
       message: 'Model with name other does not exist. This server serves "model" (GET /openai/v1/models).', code: 'MODEL_NOT_FOUND' }]);
   });
 
+  it('a CloudEvent is a 400 pointing to V1 and V2, not an ordinary answer a Knative broker would take for a failed delivery', async () => {
+    const refusal = [400, { error: {
+      message: 'POST /openai/v1/images/generations reads no CloudEvents: send the event to POST /v1/models/{name}:predict (binary or structured, the V1 body as its data) or POST /v2/models/{name}/infer (binary)',
+      type: 'invalid_request_error', param: null, code: 'INVALID_INPUT' } }];
+    const body = { prompt: 'a lighthouse at dusk', size: '64x64', seed: 5, num_inference_steps: 2 };
+    const ce = { 'ce-specversion': '1.0', 'ce-id': 'req-1', 'ce-source': 'knative://broker/default', 'ce-type': 'dev.example.generate' };
+    const binary = await postJson(`${srv.url}/openai/v1/images/generations`, body, { headers: { ...ce, 'content-type': 'application/json' } });
+    expect([binary.status, binary.json]).toEqual(refusal);
+    expect(binary.headers.get('ce-id')).toBeNull();
+    const event = { specversion: '1.0', id: 'req-2', source: '/client', type: 'dev.example.generate', data: body };
+    const structured = await postJson(`${srv.url}/openai/v1/images/generations`, event, { headers: { 'content-type': 'application/cloudevents+json' } });
+    expect([structured.status, structured.json]).toEqual(refusal);
+  });
+
   it('what is not served under /openai is refused in OpenAI\'s shape, saying what is; elsewhere in KServe\'s', async () => {
     const answer = async (res: Response) => [res.status, res.headers.get('allow'), await res.json()];
     // openai-python's chat.completions.create and images.edit against this base URL.

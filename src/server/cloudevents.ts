@@ -3,7 +3,7 @@
  * (Knative Eventing delivers to an InferenceService this way). Binary mode: the `ce-*` headers carry the event's
  * attributes and the body is the V1 (V2) body. Structured mode (`Content-Type: application/cloudevents+json`): the body
  * is the event, the V1 body its `data` (or `data_base64`). The answer is an event in the request's mode; an error is not
- * (KServe's neither).
+ * (KServe's neither). OpenAI's route refuses events (refuseEvent).
  */
 import { randomUUID } from 'node:crypto';
 import type { Config } from '../config.js';
@@ -14,6 +14,7 @@ import type { Reply } from './http.js';
 const VERSIONS = ['1.0', '0.3'];
 /** A binary event has all four (the SDK's has_binary_headers); fewer, the request is an ordinary one. */
 const BINARY = ['ce-specversion', 'ce-id', 'ce-source', 'ce-type'];
+const hasBinaryHeaders = (headers: Record<string, string>): boolean => BINARY.every((h) => headers[h] !== undefined);
 const REQUIRED = ['specversion', 'id', 'source', 'type'];
 const STRUCTURED = 'application/cloudevents+json';
 const BATCH = 'application/cloudevents-batch+json';
@@ -69,7 +70,7 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
  * whatever that is (a V1 body, a V2 one). Not a structured event: decodeEvent reads the Content-Type first.
  */
 export function binaryEvent(headers: Record<string, string>): InboundEvent | undefined {
-  if (!BINARY.every((h) => headers[h] !== undefined)) return undefined;
+  if (!hasBinaryHeaders(headers)) return undefined;
   checkVersion(headers['ce-specversion'], 'the ce-specversion header');
   const empty = BINARY.filter((h) => headers[h] === '');
   if (empty.length > 0) throw invalid(`the ${empty.join(', ')} header${empty.length > 1 ? 's are' : ' is'} empty: a CloudEvent's id, source and type are non-empty`);
@@ -79,12 +80,26 @@ export function binaryEvent(headers: Record<string, string>): InboundEvent | und
   return { binary: true, attributes };
 }
 
+/** Whether the Content-Type is one of CloudEvents' formats (structured, batch, or another encoding). */
+const eventFormat = (headers: Record<string, string>): boolean => mediaType(headers['content-type']).startsWith('application/cloudevents');
+
 /** V2's `/infer` reads binary-mode events only (KServe's does not unwrap a structured one there either). */
 export function v2Event(headers: Record<string, string>): InboundEvent | undefined {
-  if (mediaType(headers['content-type']).startsWith('application/cloudevents')) {
+  if (eventFormat(headers)) {
     throw invalid('V2 /infer reads a CloudEvent in binary mode only (ce-* headers, the V2 body as the body); send a structured one to V1 :predict');
   }
   return binaryEvent(headers);
+}
+
+/**
+ * A route that reads no CloudEvents (OpenAI's): an event is a 400 before its body is read. Answered as an ordinary
+ * request, a binary one would go back to a Knative broker as no event, which it takes for a failed delivery and sends
+ * again, each time generating anew; a 400 it does not send again.
+ */
+export function refuseEvent(headers: Record<string, string>, route: string): void {
+  if (eventFormat(headers) || hasBinaryHeaders(headers)) {
+    throw invalid(`${route} reads no CloudEvents: send the event to POST /v1/models/{name}:predict (binary or structured, the V1 body as its data) or POST /v2/models/{name}/infer (binary)`);
+  }
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);

@@ -10,6 +10,7 @@ import { show, typeName } from '../runtime/fields.js';
 import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
 import type { TaskResult } from '../runtime/engine.js';
 import type { App } from './base.js';
+import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
 
@@ -175,7 +176,10 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
         return { status: 200, body: imagesBody(results), contentType: 'application/json' };
       },
       opts,
-      () => assertServable(ctx, ctx.cfg.modelName),
+      (r) => {
+        refuseEvent(r.headers, `POST ${OPENAI_PREFIX}/images/generations`);
+        assertServable(ctx, ctx.cfg.modelName);
+      },
     ),
   );
 }
