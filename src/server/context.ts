@@ -1,4 +1,4 @@
-/** @module What every protocol handler (V1, V2, WebSocket) shares: readiness checks, parsing, generation. */
+/** @module What every protocol handler (V1, V2, WebSocket, OpenAI) shares: readiness checks, parsing, generation. */
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';

@@ -1,6 +1,6 @@
 /**
  * @module KServe V2 / Open Inference Protocol (REST) routes: server and model metadata, readiness, and `/infer` (the
- * tensor codec is v2-codec.ts).
+ * tensor codec is v2-codec.ts; a binary-mode CloudEvent is answered as one, cloudevents.ts).
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
