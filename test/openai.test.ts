@@ -8,7 +8,7 @@ import http from 'node:http';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
-import { metric } from './helpers/runtime.js';
+import { metric, startFailedRuntime } from './helpers/runtime.js';
 import { postJson, startServer, type ServerHandle } from './helpers/server.js';
 
 /** `CODE: message` of what the body cannot ask for (the route joins these problems to the request's own). */
@@ -169,5 +169,21 @@ describe('/openai/v1 over HTTP', () => {
       error: { message: 'Method Not Allowed: GET /openai/v1/images/generations', type: 'invalid_request_error', param: null, code: 'METHOD_NOT_ALLOWED' },
     }]);
     expect(await answer(await fetch(`${srv.url}/v1/chat/completions`))).toEqual([404, null, { error: 'Not Found: /v1/chat/completions', code: 'NOT_FOUND' }]);
+  });
+});
+
+describe('/openai/v1 on a server that is not ready', () => {
+  it('the model\'s route and a generation are 503 in OpenAI\'s shape with Retry-After, before the body is read', async () => {
+    const down = await startFailedRuntime();
+    try {
+      const notReady = async (res: Response) => [res.status, Number(res.headers.get('retry-after')) > 0, ((await res.json()) as { error: unknown }).error];
+      expect(await notReady(await fetch(`${down.url}/openai/v1/models/model`))).toEqual([503, true, {
+        message: 'Model with name model is not ready.', type: 'server_error', param: null, code: 'MODEL_NOT_READY' }]);
+      // A body that does not parse: the 503 comes before it is read.
+      const gen = await fetch(`${down.url}/openai/v1/images/generations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":' });
+      expect(await notReady(gen)).toMatchObject([503, true, { type: 'server_error', param: null, code: 'MODEL_NOT_READY' }]);
+    } finally {
+      await down.stop();
+    }
   });
 });
