@@ -177,11 +177,13 @@ describe.each(['lite', 'sdk'] as const)('the content check of a fill (S3_TRANSPO
 
   it('two files damaged in one round are both fetched again', async () => {
     const r = recorder();
-    // Each is one range: the first GET of each is damaged.
-    proxy.faults = { corrupt: { keys: /(model\.onnx|model_index\.json)$/, count: 2 } };
+    // Each is one range: the first GET of each is damaged. Per key: a count shared by both could fall twice on one
+    // file when a loaded machine answers the other's GET after the round was stopped (then STORAGE_CORRUPT, rightly).
+    proxy.faults = { corrupt: { keys: /(model\.onnx|model_index\.json)$/, count: 1, perKey: true } };
+    const before = proxy.stats.damaged;
     const res = await resolveModel('s3://models/sd', { cfg: cfgFor(await newCache()), log: r.log });
     await expectSame(res.dir);
-    expect(proxy.stats.damaged).toBeGreaterThan(0);
+    expect(proxy.stats.damaged - before).toBe(2);
     expect(r.line('model cached')).toMatchObject(ALL_BUT_EMPTY);
   });
 

@@ -115,9 +115,10 @@ export interface Faults {
   hold?: { keys: RegExp; range?: (range: string | undefined) => boolean; release: Promise<unknown>; method?: string };
   /**
    * Damage the body of the next `count` 2xx GETs of keys matching `keys` (a link that damages data): one byte of each
-   * body's first chunk is flipped, the n-th damage flipping byte n - 1, so no two damaged bodies are alike.
+   * body's first chunk is flipped, the n-th damage flipping byte n - 1, so no two damaged bodies are alike. `perKey`:
+   * `count` is each matching key's own, so which bodies are damaged does not hang on the order the answers come in.
    */
-  corrupt?: { keys: RegExp; count: number };
+  corrupt?: { keys: RegExp; count: number; perKey?: boolean; done?: Map<string, number> };
   /**
    * Objects served as a store that keeps multipart uploads would: by key, the ETag listings, GETs and HEADs carry, and
    * the size of each part, which a HEAD with partNumber=k answers (`partSizes` undefined: the store ignores partNumber
@@ -465,8 +466,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         ...upRes.headers, ...(ok && reading ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
       });
       const body = isGet && ok;
-      const damage = body && f.corrupt !== undefined && f.corrupt.count > 0 && f.corrupt.keys.test(objectKey);
-      if (damage) f.corrupt!.count--;
+      const c = f.corrupt;
+      const damage = body && c !== undefined && c.keys.test(objectKey) && (c.perKey ? (c.done?.get(objectKey) ?? 0) < c.count : c.count > 0);
+      if (damage && c.perKey) (c.done ??= new Map()).set(objectKey, (c.done.get(objectKey) ?? 0) + 1);
+      else if (damage) c.count--;
       let damaged = false;
       // A fault is armed only on bodies long enough to reach it, so counts in tests are exact.
       const length = Number(upRes.headers['content-length'] ?? 0);
