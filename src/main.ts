@@ -49,15 +49,26 @@ const REPEAT_SIGNAL_MS = 1000;
 
 async function main(): Promise<void> {
   checkArgs(process.argv.slice(2));
-  let cfg: Readonly<Config>;
+  let cfg: Readonly<Config> | undefined;
+  const problems: string[] = [];
   try {
     cfg = loadConfig(process.env);
-    const unknownScheduler = unknownDefaultScheduler(cfg.defaultScheduler);
-    const problems = [...unaddressableUris(cfg), ...(unknownScheduler === undefined ? [] : [unknownScheduler])];
-    if (problems.length > 0) throw new ConfigError(problems);
   } catch (err) {
+    if (!(err instanceof ConfigError)) {
+      process.stderr.write(`diffusers-runtime: ${String(err)}\n`);
+      process.exit(2);
+    }
+    problems.push(...err.problems);
+  }
+  // The scheduler's name is checked with the rest, other variables bad or not: one run names every bad one. Its form
+  // first (loadConfig's problem, if any, already says what is wrong with it).
+  const formBad = problems.some((p) => p.startsWith('DEFAULT_SCHEDULER'));
+  const unknownScheduler = unknownDefaultScheduler(cfg ? cfg.defaultScheduler : formBad ? undefined : process.env.DEFAULT_SCHEDULER?.trim() || undefined);
+  if (cfg) problems.push(...unaddressableUris(cfg));
+  if (unknownScheduler !== undefined) problems.push(unknownScheduler);
+  if (problems.length > 0 || !cfg) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
-    process.stderr.write(`diffusers-runtime: ${err instanceof ConfigError ? err.message : String(err)}\n`);
+    process.stderr.write(`diffusers-runtime: ${new ConfigError(problems).message}\n`);
     process.exit(2);
   }
   // Signals are ours from the start. Before the runtime exists nothing is served: the fetch (if one started) stops,

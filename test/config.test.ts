@@ -261,6 +261,16 @@ describe('the server command line', () => {
     expect(r.stderr).toMatch(/^diffusers-runtime: invalid configuration: DEFAULT_SCHEDULER: scheduler "DPM\+\+ 2M Karras" is unknown; did you mean "dpmpp_2m_karras"\?; use one of pndm, .*\n$/);
   });
 
+  it('names an unknown DEFAULT_SCHEDULER beside other bad variables, in the same run; a malformed one once', () => {
+    const start = (env: Record<string, string>) => spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, HOST: '127.0.0.1', ...env } });
+    const both = start({ PORT: 'abc', DEFAULT_SCHEDULER: ' eulr ' });
+    expect([both.status, both.stdout]).toEqual([2, '']);
+    expect(both.stderr).toMatch(/^diffusers-runtime: invalid configuration: PORT must be an integer from 0 to 65535, got "abc"; DEFAULT_SCHEDULER: scheduler "eulr" is unknown; use one of pndm, /);
+    const malformed = start({ PORT: 'abc', DEFAULT_SCHEDULER: 'euler\nx' });
+    expect(malformed.stderr.match(/DEFAULT_SCHEDULER/g)).toHaveLength(1);
+    expect(malformed.stderr).toContain('DEFAULT_SCHEDULER must be a scheduler name such as dpmpp_2m_karras');
+  });
+
   it('refuses arguments in one line, naming the variable for a KServe flag, instead of ignoring them', () => {
     const r = run(['--model_name=sd', '--http_port', '8080']);
     expect([r.status, r.stdout]).toEqual([2, '']);
