@@ -2,7 +2,8 @@
  * OpenAI's Images API under /openai/v1 on the built server with the demo model, over real sockets: a body as OpenAI
  * clients send it makes the images the same V1 request makes, answered as `{created, data: [{b64_json}]}`; OpenAI's
  * own knobs that change nothing here are taken, those asking for what this runtime does not do are named; the field
- * names in a 400 are the ones the client sent; errors come in OpenAI's shape; the model list and the metrics.
+ * names in a 400 are the ones the client sent; errors come in OpenAI's shape; an edit (multipart, a mask's
+ * transparency) makes V1's image-to-image and inpainting images; the model list and the metrics.
  */
 import http from 'node:http';
 import sharp from 'sharp';
@@ -160,15 +161,66 @@ describe('/openai/v1 over HTTP', () => {
 
   it('what is not served under /openai is refused in OpenAI\'s shape, saying what is; elsewhere in KServe\'s', async () => {
     const answer = async (res: Response) => [res.status, res.headers.get('allow'), await res.json()];
-    // openai-python's chat.completions.create and images.edit against this base URL.
+    // openai-python's chat.completions.create and images.create_variation against this base URL.
     expect(await answer(await fetch(`${srv.url}/openai/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"model":"model","messages":[]}' }))).toEqual([404, null, {
-      error: { message: 'Not Found: /openai/v1/chat/completions; OpenAI\'s API here is POST /openai/v1/images/generations and GET /openai/v1/models', type: 'invalid_request_error', param: null, code: 'NOT_FOUND' },
+      error: { message: 'Not Found: /openai/v1/chat/completions; OpenAI\'s API here is POST /openai/v1/images/generations, POST /openai/v1/images/edits and GET /openai/v1/models', type: 'invalid_request_error', param: null, code: 'NOT_FOUND' },
     }]);
-    expect((await answer(await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', body: new FormData() })))[0]).toBe(404);
+    expect((await answer(await fetch(`${srv.url}/openai/v1/images/variations`, { method: 'POST', body: new FormData() })))[0]).toBe(404);
     expect(await answer(await fetch(`${srv.url}/openai/v1/images/generations`))).toEqual([405, 'POST', {
       error: { message: 'Method Not Allowed: GET /openai/v1/images/generations', type: 'invalid_request_error', param: null, code: 'METHOD_NOT_ALLOWED' },
     }]);
     expect(await answer(await fetch(`${srv.url}/v1/chat/completions`))).toEqual([404, null, { error: 'Not Found: /v1/chat/completions', code: 'NOT_FOUND' }]);
+  });
+
+  // Edits: multipart, as OpenAI's SDKs send them.
+  /** A 64² picture, and OpenAI's mask for its left half: transparent where the edit goes. */
+  const picture = () => sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } }).png().toBuffer();
+  const alphaMask = async () => {
+    const px = Buffer.alloc(64 * 64 * 4, 255);
+    for (let y = 0; y < 64; y++) for (let x = 0; x < 32; x++) px[(y * 64 + x) * 4 + 3] = 0;
+    return sharp(px, { raw: { width: 64, height: 64, channels: 4 } }).png().toBuffer();
+  };
+  const form = (fields: Record<string, string | Buffer>) => {
+    const f = new FormData();
+    for (const [k, v] of Object.entries(fields)) f.append(k, typeof v === 'string' ? v : new Blob([v], { type: 'image/png' }), ...(typeof v === 'string' ? [] : [`${k}.png`]));
+    return f;
+  };
+  const edit = async (f: FormData) => {
+    const res = await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', body: f });
+    return { status: res.status, json: await res.json() as Record<string, unknown> };
+  };
+  const v1 = async (inst: Record<string, unknown>) =>
+    ((await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] })).json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+  const first = (j: Record<string, unknown>) => (j.data as Array<{ b64_json: string }>)[0]!.b64_json;
+
+  it('an image and fields as OpenAI\'s SDKs send them (multipart, numbers as text) make V1\'s image-to-image; a transparent mask, its inpainting', async () => {
+    const [img, mask] = await Promise.all([picture(), alphaMask()]);
+    const common = { prompt: 'a red door', seed: 4, num_inference_steps: 2 };
+    const r = await edit(form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', strength: '0.5', size: '64x64', response_format: 'b64_json' }));
+    expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
+    expect(first(r.json)).toBe(await v1({ ...common, image: img.toString('base64'), strength: 0.5, width: 64, height: 64 }));
+    // The mask's transparent left half is V1's white (repaint) left half.
+    const white = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 0, top: 0 }]).png().toBuffer();
+    const before = await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' });
+    const m = await edit(form({ 'image[]': img, mask, prompt: 'a red door', seed: '4', num_inference_steps: '2' }));
+    expect(m.status, JSON.stringify(m.json).slice(0, 300)).toBe(200);
+    expect(first(m.json)).toBe(await v1({ ...common, image: img.toString('base64'), mask_image: white.toString('base64') }));
+    expect(await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' })).toBe(before + 1);
+  });
+
+  it('names what an edit lacks or cannot be, in OpenAI\'s shape', async () => {
+    const img = await picture();
+    const message = (r: { json: Record<string, unknown> }) => (r.json.error as { message: string }).message;
+    const json = await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":"x"}' });
+    expect([json.status, ((await json.json()) as { error: { message: string } }).error.message])
+      .toEqual([400, 'images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI\'s SDKs send it; got Content-Type "application/json"']);
+    expect(message(await edit(form({ prompt: 'x' })))).toBe('image is required: the picture to edit, as a file');
+    expect(message(await edit(form({ image: img, 'image[]': img, prompt: 'x' })))).toBe('images/edits edits one image here: send one image');
+    expect(message(await edit(form({ image: img, mask: img, prompt: 'x' })))).toBe('mask has no alpha channel: OpenAI\'s mask marks the area to edit as transparent; send a PNG with transparency');
+    expect(message(await edit(form({ image: img, prompt: 'x', n: 'two', num_inference_steps: '2' })))).toMatch(/^n must be an integer from 1 to 8, got "two"/);
+    const small = await sharp(await alphaMask()).resize(32, 32).png().toBuffer();
+    expect(message(await edit(form({ image: img, mask: small, prompt: 'x', num_inference_steps: '2' })))).toBe('mask is 32x32 but image is 64x64; they must have the same size');
   });
 });
 

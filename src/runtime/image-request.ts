@@ -240,10 +240,7 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
       out = await img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
     }
   } catch (err) {
-    if (err instanceof RuntimeError) throw err;
-    const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
-    if (/pixel limit/i.test(why)) throw new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
-    throw new RuntimeError('INVALID_INPUT', `${field} could not be decoded as ${fmt.toUpperCase()}: ${why}`);
+    throw decodeFailure(err, field, fmt, maxPixels);
   }
   const { data, info } = out;
   if (info.channels !== 3) throw new RuntimeError('INVALID_INPUT', `${field} decoded to ${info.channels} channels, not RGB`);
@@ -253,6 +250,33 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   // A buffer of its own: the job carries it to the worker, and cloning a view clones all of its backing store.
   const px = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? new Uint8Array(data.buffer, 0, data.byteLength) : new Uint8Array(data);
   return { data: px, width: info.width, height: info.height, channels: 3 };
+}
+
+/**
+ * OpenAI's edit mask (the area to edit is where the mask is transparent) as this runtime's `mask_image` (white =
+ * repaint): its alpha channel, inverted, as a greyscale PNG. A mask with no alpha channel marks nothing: refused.
+ */
+export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<Buffer> {
+  const fmt = sniffFormat(bytes);
+  if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a PNG with transparency`);
+  const sharp = await loadSharp();
+  try {
+    const img = sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS, autoOrient: true });
+    if (!(await img.metadata()).hasAlpha) {
+      throw new RuntimeError('INVALID_INPUT', `${field} has no alpha channel: OpenAI's mask marks the area to edit as transparent; send a PNG with transparency`);
+    }
+    return await img.extractChannel('alpha').negate().png().toBuffer();
+  } catch (err) {
+    throw decodeFailure(err, field, fmt, MAX_INPUT_PIXELS);
+  }
+}
+
+/** sharp's failure to read `field` as the 400 it is: too many pixels, or the format's own complaint. */
+function decodeFailure(err: unknown, field: string, fmt: string, maxPixels: number): unknown {
+  if (err instanceof RuntimeError) return err;
+  const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
+  if (/pixel limit/i.test(why)) return new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
+  return new RuntimeError('INVALID_INPUT', `${field} could not be decoded as ${fmt.toUpperCase()}: ${why}`);
 }
 
 /** Pillow's CMYK → RGB (Convert.c cmyk2rgb): no colour management, each channel (255 − K)(1 − C/255) in its integer rounding. */

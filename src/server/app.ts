@@ -10,7 +10,7 @@ import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
 import { registerWs } from './ws.js';
 
-const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$|^\/openai\/v1\/images\/generations$/;
+const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$|^\/openai\/v1\/images\/(generations|edits)$/;
 
 /** `/v1/models/{target}`'s target, decoded segment by segment as the routes match it; undefined for other paths. */
 function v1Target(path: string): string | undefined {

@@ -1,29 +1,33 @@
 /**
  * @module OpenAI's Images API under KServe's `/openai` prefix (its OpenAI routes' place): `POST
- * /openai/v1/images/generations` and the model list, so a client written for OpenAI (its SDKs, Open WebUI, LiteLLM)
+ * /openai/v1/images/generations`, `POST /openai/v1/images/edits` (multipart: V1's image-to-image and inpainting) and
+ * the model list, so a client written for OpenAI (its SDKs, Open WebUI, LiteLLM)
  * generates with base URL `http://<host>/openai/v1`. OpenAI's names map onto the request's (n, size, output_format,
  * output_compression); the runtime's own fields ride along (negative_prompt, seed, num_inference_steps, …). Errors
  * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
  */
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import { show, typeName } from '../runtime/fields.js';
+import { maskFromAlpha } from '../runtime/image-request.js';
 import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
 import type { TaskResult } from '../runtime/engine.js';
 import type { App } from './base.js';
 import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
-import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
 /** A path under KServe's OpenAI prefix: its errors, a 404 or 405 included, come in OpenAI's shape. */
 export const isOpenAI = (path: string): boolean => path === '/openai' || path.startsWith('/openai/');
 /** What a 404 under /openai adds: the OpenAI routes this server does answer. */
-export const OPENAI_SERVED = `; OpenAI's API here is POST ${OPENAI_PREFIX}/images/generations and GET ${OPENAI_PREFIX}/models`;
+export const OPENAI_SERVED = `; OpenAI's API here is POST ${OPENAI_PREFIX}/images/generations, POST ${OPENAI_PREFIX}/images/edits and GET ${OPENAI_PREFIX}/models`;
 
 /** Our fields a body names by OpenAI's name instead, and which. */
 const RENAMED: Readonly<Record<string, string>> = { num_images_per_prompt: 'n', quality: 'output_compression', width: 'size', height: 'size' };
 /** How a problem with one of those names it: as the client sent it, and which side of `size`. */
 const SHOWN: Readonly<Record<string, string>> = { ...RENAMED, width: "size's width", height: "size's height" };
+/** An edit's mask arrives as `mask`, made into `mask_image` (editBody). */
+const EDIT_SHOWN: Readonly<Record<string, string>> = { ...SHOWN, mask_image: 'mask' };
 /** Ours that this answer cannot carry. */
 const NOT_HERE: Readonly<Record<string, string>> = {
   output_uri: 'the answer holds the images as b64_json; output_uri is V1\'s and V2\'s',
@@ -94,21 +98,21 @@ export function imagesInstance(body: unknown, modelName: string): { instance: Re
  * `instances[0].field …` as the client named the field. An input image's size problem asks for `size`, where V1 asks
  * for height and width; a seed's range counts the images as `n`.
  */
-const relabel = (problem: string): string => problem
+const relabel = (problem: string, shown = SHOWN): string => problem
   .replace(/\binstances\[0\]\.height and instances\[0\]\.width\b/g, 'size')
   .replace(/\bwithout instances\[0\]\.(?:height|width)\b/g, 'without size')
-  .replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => SHOWN[f] ?? f)
+  .replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => shown[f] ?? f)
   .replace(/\bnum_images_per_prompt\b/g, 'n');
 
 /**
  * An error found once the input images are read (their format, their size), relabelled too: a new error, as the one
  * thrown may be another request's as well.
  */
-function relabelled(err: unknown): unknown {
+function relabelled(err: unknown, shown: Readonly<Record<string, string>>): unknown {
   if (!isRuntimeError(err) || !err.message.includes('instances[0]')) return err;
   const { retryAfter, fields, allow } = err;
   const keep = { ...(retryAfter === undefined ? {} : { retryAfter }), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}) };
-  return new RuntimeError(err.code, relabel(err.message), { cause: err, ...keep });
+  return new RuntimeError(err.code, relabel(err.message, shown), { cause: err, ...keep });
 }
 
 /**
@@ -156,30 +160,87 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
       return json(200, model());
     }, opts),
   );
+  /** An Images API body (parsed JSON, or an edit's form as one) generated and answered as OpenAI does. */
+  const serve = async (parsed: unknown, signal: AbortSignal, shown = SHOWN): Promise<Reply> => {
+    assertSafeJson(parsed, 'body');
+    const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
+    let reqs: GenerationRequest[];
+    try {
+      reqs = parseInstances([instance], parseContext(ctx), 'instances', false, (p) => relabel(p, shown));
+    } catch (err) {
+      // Every problem at once: OpenAI's fields' own, then the request's they make.
+      if (problems.length > 0 && isRuntimeError(err) && err.code === 'INVALID_INPUT') throw bad(`${joinProblems(problems)}; ${err.message}`);
+      throw err;
+    }
+    if (problems.length > 0) throw bad(joinProblems(problems));
+    const results = await generateWithImages(ctx, reqs, signal).catch((err: unknown) => Promise.reject(relabelled(err, shown)));
+    return { status: 200, body: imagesBody(results), contentType: 'application/json' };
+  };
+  const precheck = (route: string) => (r: Req) => {
+    refuseEvent(r.headers, `POST ${OPENAI_PREFIX}/${route}`);
+    assertServable(ctx, ctx.cfg.modelName);
+  };
+  app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (_r, body, ex) => serve(parseJson(body), ex.gone.signal), opts, precheck('images/generations')));
   app.post(
-    `${OPENAI_PREFIX}/images/generations`,
-    bodyRoute(
-      async (_r, body, ex) => {
-        const parsed = parseJson(body);
-        assertSafeJson(parsed, 'body');
-        const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
-        let reqs: GenerationRequest[];
-        try {
-          reqs = parseInstances([instance], parseContext(ctx), 'instances', false, relabel);
-        } catch (err) {
-          // Every problem at once: OpenAI's fields' own, then the request's they make.
-          if (problems.length > 0 && isRuntimeError(err) && err.code === 'INVALID_INPUT') throw bad(`${joinProblems(problems)}; ${err.message}`);
-          throw err;
-        }
-        if (problems.length > 0) throw bad(joinProblems(problems));
-        const results = await generateWithImages(ctx, reqs, ex.gone.signal).catch((err: unknown) => Promise.reject(relabelled(err)));
-        return { status: 200, body: imagesBody(results), contentType: 'application/json' };
-      },
-      opts,
-      (r) => {
-        refuseEvent(r.headers, `POST ${OPENAI_PREFIX}/images/generations`);
-        assertServable(ctx, ctx.cfg.modelName);
-      },
-    ),
+    `${OPENAI_PREFIX}/images/edits`,
+    bodyRoute(async (r, body, ex) => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_SHOWN), opts, precheck('images/edits')),
   );
+}
+
+/** Form fields that hold numbers (a form sends text), as an edit's JSON twin would hold them. */
+const NUMERIC = new Set(['n', 'output_compression', 'partial_images', 'num_inference_steps', 'guidance_scale', 'seed', 'eta', 'guidance_rescale', 'strength']);
+const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
+
+/**
+ * An edit as OpenAI's SDKs send it (multipart/form-data: `image` a file, `mask` an optional PNG whose transparent area
+ * is the one to edit, the rest text fields) as the body a generation takes: the image as base64 in `image`, the mask's
+ * alpha turned into `mask_image` (white = repaint), numbers and flags as JSON values. Without a mask it is
+ * image-to-image over the whole picture (`strength`, the model's default unless sent).
+ */
+export async function editBody(contentType: string | undefined, body: Buffer): Promise<Record<string, unknown>> {
+  if (!/^multipart\/form-data\s*;/i.test(contentType ?? '')) {
+    throw bad(`images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI's SDKs send it; got Content-Type ${JSON.stringify(contentType ?? '')}`);
+  }
+  let form: FormData;
+  try {
+    form = await new Response(body, { headers: { 'content-type': contentType! } }).formData();
+  } catch (err) {
+    throw bad(`the multipart body could not be read: ${String((err as Error)?.message ?? err).slice(0, 200)}`);
+  }
+  const out: Record<string, unknown> = {};
+  const problems: string[] = [];
+  const files: Array<[string, Blob]> = [];
+  for (const [rawKey, v] of form) {
+    const k = rawKey === 'image[]' ? 'image' : rawKey;
+    if (typeof v !== 'string') {
+      if (k === 'image' || k === 'mask') files.push([k, v]);
+      else problems.push(`${rawKey} is a file; only image and mask are`);
+      continue;
+    }
+    if (Object.hasOwn(out, k)) {
+      problems.push(`${rawKey} is sent twice; send it once`);
+      continue;
+    }
+    out[k] = NUMERIC.has(k) && NUMBER_TEXT.test(v.trim()) ? Number(v) : k === 'stream' && /^(true|false)$/.test(v) ? v === 'true' : k === 'loras' ? jsonOr(v) : v;
+  }
+  const images = files.filter(([k]) => k === 'image');
+  const masks = files.filter(([k]) => k === 'mask');
+  if (images.length + (typeof out.image === 'string' ? 1 : 0) > 1) problems.push('images/edits edits one image here: send one image');
+  else if (images.length === 0 && out.image === undefined) problems.push('image is required: the picture to edit, as a file');
+  if (masks.length > 1 || (masks.length === 1 && out.mask !== undefined)) problems.push('mask is sent twice; send it once');
+  if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose transparent area is the one to edit');
+  if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose transparent area is the one to edit');
+  if (problems.length > 0) throw bad(joinProblems(problems));
+  if (images.length === 1) out.image = Buffer.from(await images[0]![1].arrayBuffer()).toString('base64');
+  if (masks.length === 1) out.mask_image = (await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask')).toString('base64');
+  return out;
+}
+
+/** `text` as JSON where it parses (a form's loras list), else as itself, for the field's own check to name. */
+function jsonOr(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return text;
+  }
 }
