@@ -216,11 +216,31 @@ describe('/openai/v1 over HTTP', () => {
     expect([json.status, ((await json.json()) as { error: { message: string } }).error.message])
       .toEqual([400, 'images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI\'s SDKs send it; got Content-Type "application/json"']);
     expect(message(await edit(form({ prompt: 'x' })))).toBe('image is required: the picture to edit, as a file');
-    expect(message(await edit(form({ image: img, 'image[]': img, prompt: 'x' })))).toBe('images/edits edits one image here: send one image');
+    expect(message(await edit(form({ image: img, 'image[]': img, prompt: 'x' }))))
+      .toBe('image: 2 images sent; this server edits one picture per request (OpenAI\'s GPT image models take several as references): send one');
+    expect(message(await edit(form({ image: Buffer.alloc(0), mask: Buffer.alloc(0), prompt: 'x' })))).toBe('image is an empty file; mask is an empty file');
     expect(message(await edit(form({ image: img, mask: img, prompt: 'x' })))).toBe('mask has no alpha channel: OpenAI\'s mask marks the area to edit as transparent; send a PNG with transparency');
     expect(message(await edit(form({ image: img, prompt: 'x', n: 'two', num_inference_steps: '2' })))).toMatch(/^n must be an integer from 1 to 8, got "two"/);
     const small = await sharp(await alphaMask()).resize(32, 32).png().toBuffer();
     expect(message(await edit(form({ image: img, mask: small, prompt: 'x', num_inference_steps: '2' })))).toBe('mask is 32x32 but image is 64x64; they must have the same size');
+  });
+
+  it('names why a multipart body cannot be read, where the parser only says it failed', async () => {
+    const message = async (contentType: string, body: string) => {
+      const res = await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', headers: { 'content-type': contentType }, body });
+      return [res.status, ((await res.json()) as { error: { message: string } }).error.message];
+    };
+    const part = '--b1\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n';
+    // The Content-Type set by hand, as with requests' files= plus headers={'Content-Type': 'multipart/form-data'}.
+    expect(await message('multipart/form-data', `${part}--b1--\r\n`))
+      .toEqual([400, 'Content-Type "multipart/form-data" has no boundary; let the HTTP client set it with the form (it adds boundary=…), not by hand']);
+    expect(await message('multipart/form-data; boundary=b2', `${part}--b1--\r\n`))
+      .toEqual([400, 'the multipart body could not be read: the boundary "b2" its Content-Type declares is not in it']);
+    expect(await message('multipart/form-data; boundary="b1"', part)).toEqual([400, 'the multipart body could not be read: it ends before its closing --b1-- (cut short?)']);
+    expect(await message('multipart/form-data; boundary=b1', `${part.replace('Content-Disposition', 'Content-Type: text/plain\r\nX')}--b1--\r\n`)).toEqual([400,
+      'the multipart body could not be read: nothing may come before the first boundary line or after the closing one, and each part needs Content-Disposition: form-data; name="…", then a blank line before its content']);
+    // Read: a quoted boundary, other parameters beside it.
+    expect(await message('Multipart/Form-Data; charset=utf-8; boundary="b1"', `${part}--b1--\r\n`)).toEqual([400, 'image is required: the picture to edit, as a file']);
   });
 });
 

@@ -198,23 +198,16 @@ const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
  * image-to-image over the whole picture (`strength`, the model's default unless sent).
  */
 export async function editBody(contentType: string | undefined, body: Buffer): Promise<Record<string, unknown>> {
-  if (!/^multipart\/form-data\s*;/i.test(contentType ?? '')) {
-    throw bad(`images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI's SDKs send it; got Content-Type ${JSON.stringify(contentType ?? '')}`);
-  }
-  let form: FormData;
-  try {
-    form = await new Response(body, { headers: { 'content-type': contentType! } }).formData();
-  } catch (err) {
-    throw bad(`the multipart body could not be read: ${String((err as Error)?.message ?? err).slice(0, 200)}`);
-  }
+  const form = await readForm(contentType ?? '', body);
   const out: Record<string, unknown> = {};
   const problems: string[] = [];
   const files: Array<[string, Blob]> = [];
   for (const [rawKey, v] of form) {
     const k = rawKey === 'image[]' ? 'image' : rawKey;
     if (typeof v !== 'string') {
-      if (k === 'image' || k === 'mask') files.push([k, v]);
-      else problems.push(`${rawKey} is a file; only image and mask are`);
+      if (k !== 'image' && k !== 'mask') problems.push(`${rawKey} is a file; only image and mask are`);
+      else files.push([k, v]);
+      if (v.size === 0) problems.push(`${rawKey} is an empty file`);
       continue;
     }
     if (Object.hasOwn(out, k)) {
@@ -225,8 +218,9 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   }
   const images = files.filter(([k]) => k === 'image');
   const masks = files.filter(([k]) => k === 'mask');
-  if (images.length + (typeof out.image === 'string' ? 1 : 0) > 1) problems.push('images/edits edits one image here: send one image');
-  else if (images.length === 0 && out.image === undefined) problems.push('image is required: the picture to edit, as a file');
+  const sent = images.length + (typeof out.image === 'string' ? 1 : 0);
+  if (sent > 1) problems.push(`image: ${sent} images sent; this server edits one picture per request (OpenAI's GPT image models take several as references): send one`);
+  else if (sent === 0) problems.push('image is required: the picture to edit, as a file');
   if (masks.length > 1 || (masks.length === 1 && out.mask !== undefined)) problems.push('mask is sent twice; send it once');
   if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose transparent area is the one to edit');
   if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose transparent area is the one to edit');
@@ -234,6 +228,26 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   if (images.length === 1) out.image = Buffer.from(await images[0]![1].arrayBuffer()).toString('base64');
   if (masks.length === 1) out.mask_image = (await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask')).toString('base64');
   return out;
+}
+
+/** A multipart body's parts; what keeps it from being read is named (undici says only "Failed to parse body as FormData"). */
+async function readForm(contentType: string, body: Buffer): Promise<FormData> {
+  if (!/^multipart\/form-data\s*(?:;|$)/i.test(contentType)) {
+    throw bad(`images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI's SDKs send it; got Content-Type ${JSON.stringify(contentType)}`);
+  }
+  const m = /;\s*boundary=(?:"([^"]+)"|([^;\s]+))/i.exec(contentType);
+  const boundary = m?.[1] ?? m?.[2];
+  // A Content-Type set by hand (a common slip) lacks the boundary the HTTP client writes into the body.
+  if (boundary === undefined) throw bad(`Content-Type ${JSON.stringify(contentType)} has no boundary; let the HTTP client set it with the form (it adds boundary=…), not by hand`);
+  try {
+    return await new Response(body, { headers: { 'content-type': contentType } }).formData();
+  } catch {
+    const open = `--${boundary}`;
+    const why = body.indexOf(open) < 0 ? `the boundary ${JSON.stringify(boundary)} its Content-Type declares is not in it`
+      : body.indexOf(`${open}--`) < 0 ? `it ends before its closing ${open}-- (cut short?)`
+      : 'nothing may come before the first boundary line or after the closing one, and each part needs Content-Disposition: form-data; name="…", then a blank line before its content';
+    throw bad(`the multipart body could not be read: ${why}`);
+  }
 }
 
 /** `text` as JSON where it parses (a form's loras list), else as itself, for the field's own check to name. */
