@@ -209,6 +209,21 @@ describe('/openai/v1 over HTTP', () => {
     expect(await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' })).toBe(before + 1);
   });
 
+  it('a loras list as OpenAI\'s SDKs encode one in a form (loras[][name], loras[][scale], loras[]) is V1\'s loras', async () => {
+    const img = await picture();
+    const f = form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', size: '64x64' });
+    // openai-python's extra_body={"loras": [{"name": "demo-style", "scale": 0.5}, {"name": "demo-kohya"}]}, openai-node's own.
+    for (const [k, v] of [['loras[][name]', 'demo-style'], ['loras[][scale]', '0.5'], ['loras[][name]', 'demo-kohya']]) f.append(k!, v!);
+    const r = await edit(f);
+    expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
+    const loras = [{ name: 'demo-style', scale: 0.5 }, { name: 'demo-kohya' }];
+    expect(first(r.json)).toBe(await v1({ prompt: 'a red door', seed: 4, num_inference_steps: 2, width: 64, height: 64, image: img.toString('base64'), loras }));
+    // A list of names, its problems named as V1 names them.
+    const names = form({ image: img, prompt: 'x', num_inference_steps: '2' });
+    for (const v of ['demo-style', 'nope']) names.append('loras[]', v);
+    expect(((await edit(names)).json.error as { message: string }).message).toBe('unknown LoRA adapter "nope": not found in the model\'s loras/ folder; the model has demo-kohya, demo-style');
+  });
+
   it('names what an edit lacks or cannot be, in OpenAI\'s shape', async () => {
     const img = await picture();
     const message = (r: { json: Record<string, unknown> }) => (r.json.error as { message: string }).message;

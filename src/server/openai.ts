@@ -199,9 +199,10 @@ const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
  */
 export async function editBody(contentType: string | undefined, body: Buffer): Promise<Record<string, unknown>> {
   const form = await readForm(contentType ?? '', body);
-  const out: Record<string, unknown> = {};
+  const fields = new Map<string, unknown>();
   const problems: string[] = [];
   const files: Array<[string, Blob]> = [];
+  let loras: Array<string | Map<string, unknown>> | undefined;
   for (const [rawKey, v] of form) {
     const k = rawKey === 'image[]' ? 'image' : rawKey;
     if (typeof v !== 'string') {
@@ -210,12 +211,31 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
       if (v.size === 0) problems.push(`${rawKey} is an empty file`);
       continue;
     }
-    if (Object.hasOwn(out, k)) {
+    // OpenAI's SDKs send a list as `loras[]` parts, a list of objects as `loras[][name]`, `loras[][scale]`, … (one
+    // object's keys, then the next's): a key the last object already has begins the next.
+    const item = /^loras\[\](?:\[([^\]]*)\])?$/.exec(rawKey);
+    if (item) {
+      loras ??= [];
+      const key = item[1];
+      if (key === undefined) loras.push(v);
+      else {
+        const last = loras.at(-1);
+        const obj = last instanceof Map && !last.has(key) ? last : new Map<string, unknown>();
+        if (obj !== last) loras.push(obj);
+        obj.set(key, key === 'scale' ? formNumber(v) : v);
+      }
+      continue;
+    }
+    if (fields.has(k)) {
       problems.push(`${rawKey} is sent twice; send it once`);
       continue;
     }
-    out[k] = NUMERIC.has(k) && NUMBER_TEXT.test(v.trim()) ? Number(v) : k === 'stream' && /^(true|false)$/.test(v) ? v === 'true' : k === 'loras' ? jsonOr(v) : v;
+    fields.set(k, formValue(k, v));
   }
+  if (loras && fields.has('loras')) problems.push('loras is sent twice: as loras and as loras[]; send it once');
+  else if (loras) fields.set('loras', loras.map((x) => (typeof x === 'string' ? x : Object.fromEntries(x))));
+  // fromEntries: a field named __proto__ becomes a key of its own, which the body's check refuses, not a prototype.
+  const out: Record<string, unknown> = Object.fromEntries(fields);
   const images = files.filter(([k]) => k === 'image');
   const masks = files.filter(([k]) => k === 'mask');
   const sent = images.length + (typeof out.image === 'string' ? 1 : 0);
@@ -249,6 +269,16 @@ async function readForm(contentType: string, body: Buffer): Promise<FormData> {
     throw bad(`the multipart body could not be read: ${why}`);
   }
 }
+
+/** A form field's text as its JSON twin holds it: a number, a flag, a loras list sent as JSON text. */
+function formValue(k: string, v: string): unknown {
+  if (NUMERIC.has(k)) return formNumber(v);
+  if (k === 'stream' && (v === 'true' || v === 'false')) return v === 'true';
+  return k === 'loras' ? jsonOr(v) : v;
+}
+
+/** A number's text as the number, else the text, for the field's own check to name as sent. */
+const formNumber = (v: string): unknown => (NUMBER_TEXT.test(v.trim()) ? Number(v) : v);
 
 /** `text` as JSON where it parses (a form's loras list), else as itself, for the field's own check to name. */
 function jsonOr(text: string): unknown {
