@@ -36,6 +36,7 @@ describe('imagesInstance', () => {
     // What clients send for OpenAI's own models and means nothing different here; null is a field left out.
     expect(mapped({ prompt: 'a fox', size: 'auto', response_format: 'b64_json', quality: 'hd', style: 'vivid', user: 'u-1', background: 'auto', moderation: 'low', stream: false, partial_images: 0, n: null }))
       .toEqual({ prompt: 'a fox' });
+    expect(mapped({ prompt: 'a fox', quality: 'xhigh' })).toEqual({ prompt: 'a fox' });
     // OpenAI's 0 (most compressed) is the encoders' lowest quality.
     expect(mapped({ prompt: 'a fox', output_compression: 0 })).toEqual({ prompt: 'a fox', quality: 1 });
   });
@@ -196,7 +197,7 @@ describe('/openai/v1 over HTTP', () => {
   it('an image and fields as OpenAI\'s SDKs send them (multipart, numbers as text) make V1\'s image-to-image; a transparent mask, its inpainting', async () => {
     const [img, mask] = await Promise.all([picture(), alphaMask()]);
     const common = { prompt: 'a red door', seed: 4, num_inference_steps: 2 };
-    const r = await edit(form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', strength: '0.5', size: '64x64', response_format: 'b64_json' }));
+    const r = await edit(form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', strength: '0.5', size: '64x64', response_format: 'b64_json', quality: 'max', input_fidelity: 'low' }));
     expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
     expect(first(r.json)).toBe(await v1({ ...common, image: img.toString('base64'), strength: 0.5, width: 64, height: 64 }));
     // The mask's transparent left half is V1's white (repaint) left half.
@@ -236,6 +237,7 @@ describe('/openai/v1 over HTTP', () => {
     expect(message(await edit(form({ image: Buffer.alloc(0), mask: Buffer.alloc(0), prompt: 'x' })))).toBe('image is an empty file; mask is an empty file');
     expect(message(await edit(form({ image: img, mask: img, prompt: 'x' })))).toBe('mask has no alpha channel: OpenAI\'s mask marks the area to edit as transparent; send a PNG with transparency');
     expect(message(await edit(form({ image: img, prompt: 'x', n: 'two', num_inference_steps: '2' })))).toMatch(/^n must be an integer from 1 to 8, got "two"/);
+    expect(message(await edit(form({ image: img, prompt: 'x', input_fidelity: 'high' })))).toBe('input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got "high"');
     const small = await sharp(await alphaMask()).resize(32, 32).png().toBuffer();
     expect(message(await edit(form({ image: img, mask: small, prompt: 'x', num_inference_steps: '2' })))).toBe('mask is 32x32 but image is 64x64; they must have the same size');
   });

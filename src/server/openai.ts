@@ -38,7 +38,7 @@ const NOT_HERE: Readonly<Record<string, string>> = {
  * nothing this runtime does differently. Anything else is named.
  */
 const IGNORED: Readonly<Record<string, readonly unknown[]>> = {
-  quality: ['auto', 'standard', 'hd', 'low', 'medium', 'high'],
+  quality: ['auto', 'standard', 'hd', 'low', 'medium', 'high', 'xhigh', 'max'],
   style: ['vivid', 'natural'],
   background: ['auto', 'opaque'],
   moderation: ['auto', 'low'],
@@ -232,6 +232,10 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
     }
     fields.set(k, formValue(k, v));
   }
+  // How closely OpenAI's GPT models keep the input's features: "low" is their default and asks for nothing here.
+  const fidelity = fields.get('input_fidelity');
+  fields.delete('input_fidelity');
+  if (fidelity !== undefined && fidelity !== 'low') problems.push(`input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got ${show(fidelity)}`);
   if (loras && fields.has('loras')) problems.push('loras is sent twice: as loras and as loras[]; send it once');
   else if (loras) fields.set('loras', loras.map((x) => (typeof x === 'string' ? x : Object.fromEntries(x))));
   // fromEntries: a field named __proto__ becomes a key of its own, which the body's check refuses, not a prototype.
