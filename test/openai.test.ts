@@ -174,11 +174,14 @@ describe('/openai/v1 over HTTP', () => {
   });
 
   // Edits: multipart, as OpenAI's SDKs send them.
-  /** A 64² picture, and OpenAI's mask for its left half: transparent where the edit goes. */
+  /**
+   * A 64² picture, and OpenAI's mask for its left half: fully transparent where the edit goes, then a band of alpha 100
+   * (a soft brush edge), which OpenAI's "fully transparent areas" leaves out.
+   */
   const picture = () => sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } }).png().toBuffer();
   const alphaMask = async () => {
     const px = Buffer.alloc(64 * 64 * 4, 255);
-    for (let y = 0; y < 64; y++) for (let x = 0; x < 32; x++) px[(y * 64 + x) * 4 + 3] = 0;
+    for (let y = 0; y < 64; y++) for (let x = 0; x < 48; x++) px[(y * 64 + x) * 4 + 3] = x < 32 ? 0 : 100;
     return sharp(px, { raw: { width: 64, height: 64, channels: 4 } }).png().toBuffer();
   };
   const form = (fields: Record<string, string | Buffer>) => {
@@ -200,7 +203,7 @@ describe('/openai/v1 over HTTP', () => {
     const r = await edit(form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', strength: '0.5', size: '64x64', response_format: 'b64_json', quality: 'max', input_fidelity: 'low' }));
     expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
     expect(first(r.json)).toBe(await v1({ ...common, image: img.toString('base64'), strength: 0.5, width: 64, height: 64 }));
-    // The mask's transparent left half is V1's white (repaint) left half.
+    // The mask's fully transparent left half is V1's white (repaint) left half; the half-transparent band is kept.
     const white = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
       .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 0, top: 0 }]).png().toBuffer();
     const before = await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' });

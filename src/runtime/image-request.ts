@@ -253,8 +253,9 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
 }
 
 /**
- * OpenAI's edit mask (the area to edit is where the mask is transparent) as this runtime's `mask_image` (white =
- * repaint): its alpha channel, inverted, as a greyscale PNG. A mask with no alpha channel marks nothing: refused.
+ * OpenAI's edit mask as this runtime's `mask_image`, a greyscale PNG: white (repaint) where the mask is fully
+ * transparent, alpha 0 in 8 bits (OpenAI: "fully transparent areas (e.g. where alpha is zero) indicate where image should
+ * be edited"), black elsewhere, a half-transparent brush edge included. A mask with no alpha channel marks nothing: refused.
  */
 export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<Buffer> {
   const fmt = sniffFormat(bytes);
@@ -265,7 +266,8 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
     if (!(await img.metadata()).hasAlpha) {
       throw new RuntimeError('INVALID_INPUT', `${field} has no alpha channel: OpenAI's mask marks the area to edit as transparent; send a PNG with transparency`);
     }
-    return await img.extractChannel('alpha').negate().png().toBuffer();
+    // threshold(1): 255 where alpha >= 1 (read as 8 bits), then inverted.
+    return await img.extractChannel('alpha').threshold(1).negate().png().toBuffer();
   } catch (err) {
     throw decodeFailure(err, field, fmt, MAX_INPUT_PIXELS);
   }
