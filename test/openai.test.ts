@@ -213,6 +213,22 @@ describe('/openai/v1 over HTTP', () => {
     expect(await metric(srv, 'inference_request_count', { protocol: 'openai', status: '200' })).toBe(before + 1);
   });
 
+  it('without a mask, a picture\'s own fully transparent area is the one to edit (DALL·E 2\'s rule); an opaque one is image-to-image', async () => {
+    // The picture with the mask's alpha: transparent left half, a band of alpha 100, opaque right quarter.
+    const [img, mask] = await Promise.all([picture(), alphaMask()]);
+    const cutout = await sharp(img).joinChannel(await sharp(mask).extractChannel('alpha').toBuffer()).png().toBuffer();
+    const opaque = await sharp(img).ensureAlpha(1).png().toBuffer();
+    const common = { prompt: 'a red door', seed: 4, num_inference_steps: 2 };
+    const white = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 0, top: 0 }]).png().toBuffer();
+    const own = await edit(form({ image: cutout, prompt: 'a red door', seed: '4', num_inference_steps: '2' }));
+    expect(own.status, JSON.stringify(own.json).slice(0, 300)).toBe(200);
+    // V1 drops the picture's alpha, as diffusers' load_image does.
+    expect(first(own.json)).toBe(await v1({ ...common, image: cutout.toString('base64'), mask_image: white.toString('base64') }));
+    const whole = await edit(form({ image: opaque, prompt: 'a red door', seed: '4', num_inference_steps: '2' }));
+    expect(first(whole.json)).toBe(await v1({ ...common, image: opaque.toString('base64') }));
+  });
+
   it('a loras list as OpenAI\'s SDKs encode one in a form (loras[][name], loras[][scale], loras[]) is V1\'s loras', async () => {
     const img = await picture();
     const f = form({ image: img, prompt: 'a red door', seed: '4', num_inference_steps: '2', size: '64x64' });

@@ -273,6 +273,21 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
   }
 }
 
+/**
+ * An edit's picture sent without a mask: its own fully transparent area, as maskFromAlpha makes it from a mask (OpenAI's
+ * edits before its GPT models: "If mask is not provided, image must have transparency, which will be used as the
+ * mask"). Undefined where nothing is transparent (no alpha channel, or no pixel at 0): the whole picture is the edit's.
+ * A picture that does not decode is left for decodeImage to name.
+ */
+export async function transparentArea(bytes: Uint8Array, field: string): Promise<Buffer | undefined> {
+  if (typeof sniffFormat(bytes) !== 'string') return undefined;
+  const sharp = await loadSharp();
+  const hasAlpha = await sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS }).metadata().then((m) => m.hasAlpha, () => false);
+  if (!hasAlpha) return undefined;
+  const mask = await maskFromAlpha(bytes, field);
+  return (await sharp(mask).stats()).channels[0]!.max === 255 ? mask : undefined;
+}
+
 /** sharp's failure to read `field` as the 400 it is: too many pixels, or the format's own complaint. */
 function decodeFailure(err: unknown, field: string, fmt: string, maxPixels: number): unknown {
   if (err instanceof RuntimeError) return err;

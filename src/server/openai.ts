@@ -8,7 +8,7 @@
  */
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import { show, typeName } from '../runtime/fields.js';
-import { maskFromAlpha } from '../runtime/image-request.js';
+import { maskFromAlpha, transparentArea } from '../runtime/image-request.js';
 import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
 import type { TaskResult } from '../runtime/engine.js';
 import type { App } from './base.js';
@@ -192,10 +192,11 @@ const NUMERIC = new Set(['n', 'output_compression', 'partial_images', 'num_infer
 const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
 
 /**
- * An edit as OpenAI's SDKs send it (multipart/form-data: `image` a file, `mask` an optional PNG whose transparent area
- * is the one to edit, the rest text fields) as the body a generation takes: the image as base64 in `image`, the mask's
- * alpha turned into `mask_image` (white = repaint), numbers and flags as JSON values. Without a mask it is
- * image-to-image over the whole picture (`strength`, the model's default unless sent).
+ * An edit as OpenAI's SDKs send it (multipart/form-data: `image` a file, `mask` an optional PNG whose fully transparent
+ * area is the one to edit, the rest text fields) as the body a generation takes: the image as base64 in `image`, the
+ * mask's transparent area as `mask_image` (white = repaint), numbers and flags as JSON values. Without a mask, a
+ * picture's own fully transparent area is the one to edit; a picture with none is image-to-image over the whole of it
+ * (`strength`, the model's default unless sent).
  */
 export async function editBody(contentType: string | undefined, body: Buffer): Promise<Record<string, unknown>> {
   const form = await readForm(contentType ?? '', body);
@@ -249,8 +250,12 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose transparent area is the one to edit');
   if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose transparent area is the one to edit');
   if (problems.length > 0) throw bad(joinProblems(problems));
-  if (images.length === 1) out.image = Buffer.from(await images[0]![1].arrayBuffer()).toString('base64');
-  if (masks.length === 1) out.mask_image = (await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask')).toString('base64');
+  const picture = images.length === 1 ? new Uint8Array(await images[0]![1].arrayBuffer()) : undefined;
+  if (picture) out.image = Buffer.from(picture).toString('base64');
+  let mask: Buffer | undefined;
+  if (masks.length === 1) mask = await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask');
+  else if (picture) mask = await transparentArea(picture, 'image');
+  if (mask) out.mask_image = mask.toString('base64');
   return out;
 }
 
