@@ -203,7 +203,7 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   const fields = new Map<string, unknown>();
   const problems: string[] = [];
   const files: Array<[string, Blob]> = [];
-  let loras: Array<string | Map<string, unknown>> | undefined;
+  let loras: Array<[string | undefined, string]> | undefined;
   for (const [rawKey, v] of form) {
     const k = rawKey === 'image[]' ? 'image' : rawKey;
     if (typeof v !== 'string') {
@@ -212,19 +212,9 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
       if (v.size === 0) problems.push(`${rawKey} is an empty file`);
       continue;
     }
-    // OpenAI's SDKs send a list as `loras[]` parts, a list of objects as `loras[][name]`, `loras[][scale]`, … (one
-    // object's keys, then the next's): a key the last object already has begins the next.
     const item = /^loras\[\](?:\[([^\]]*)\])?$/.exec(rawKey);
     if (item) {
-      loras ??= [];
-      const key = item[1];
-      if (key === undefined) loras.push(v);
-      else {
-        const last = loras.at(-1);
-        const obj = last instanceof Map && !last.has(key) ? last : new Map<string, unknown>();
-        if (obj !== last) loras.push(obj);
-        obj.set(key, key === 'scale' ? formNumber(v) : v);
-      }
+      (loras ??= []).push([item[1], v]);
       continue;
     }
     if (fields.has(k)) {
@@ -238,7 +228,7 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   fields.delete('input_fidelity');
   if (fidelity !== undefined && fidelity !== 'low') problems.push(`input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got ${show(fidelity)}`);
   if (loras && fields.has('loras')) problems.push('loras is sent twice: as loras and as loras[]; send it once');
-  else if (loras) fields.set('loras', loras.map((x) => (typeof x === 'string' ? x : Object.fromEntries(x))));
+  else if (loras) fields.set('loras', loraList(loras, problems));
   // fromEntries: a field named __proto__ becomes a key of its own, which the body's check refuses, not a prototype.
   const out: Record<string, unknown> = Object.fromEntries(fields);
   const images = files.filter(([k]) => k === 'image');
@@ -277,6 +267,30 @@ async function readForm(contentType: string, body: Buffer): Promise<FormData> {
       : 'nothing may come before the first boundary line or after the closing one, and each part needs Content-Disposition: form-data; name="…", then a blank line before its content';
     throw bad(`the multipart body could not be read: ${why}`);
   }
+}
+
+/**
+ * The loras list OpenAI's SDKs send as form parts: `loras[]` names, and objects as `loras[][name]`, `loras[][scale]`
+ * parts. openai-node writes each object's keys in turn, openai-python every name, then every scale: in both the i-th
+ * name and the i-th scale are one adapter, so with several adapters each needs its scale (or none has one).
+ */
+function loraList(parts: ReadonlyArray<readonly [string | undefined, string]>, problems: string[]): unknown[] {
+  const names: string[] = [];
+  const columns = new Map<string, string[]>();
+  for (const [key, v] of parts) {
+    if (key === undefined) names.push(v);
+    else if (columns.has(key)) columns.get(key)!.push(v);
+    else columns.set(key, [v]);
+  }
+  const counts = [...columns].map(([key, c]) => [key, c.length] as const);
+  const n = Math.max(0, ...counts.map(([, c]) => c));
+  if (n > 1 && counts.some(([, c]) => c !== n)) {
+    problems.push(`loras: ${counts.map(([key, c]) => `${c} loras[][${key}]`).join(', ')}: a form cannot say which adapter each belongs to; give every adapter its scale (1 is the default), or send loras as JSON text`);
+    return [];
+  }
+  // fromEntries: a key named __proto__ is one of the object's own, which the body's check refuses.
+  const objects = Array.from({ length: n }, (_, i) => Object.fromEntries([...columns].map(([key, c]) => [key, key === 'scale' ? formNumber(c[i]!) : c[i]])));
+  return [...names, ...objects];
 }
 
 /** A form field's text as its JSON twin holds it: a number, a flag, a loras list sent as JSON text. */
