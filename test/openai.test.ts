@@ -229,6 +229,15 @@ describe('/openai/v1 over HTTP', () => {
     expect(first(whole.json)).toBe(await v1({ ...common, image: opaque.toString('base64') }));
   });
 
+  it('an edit as Open WebUI sends one (its model setting left empty, no size) is the picture\'s image-to-image at its size', async () => {
+    const img = await picture();
+    const f = form({ model: '', prompt: 'a red door', response_format: 'b64_json', num_inference_steps: '2', seed: '4' });
+    f.append('image', new Blob([img], { type: 'image/png' }), '0b4e7c1a-5d3f-4c2e-9a51-2f8d6e3b7c90.png');
+    const r = await edit(f);
+    expect(r.status, JSON.stringify(r.json).slice(0, 300)).toBe(200);
+    expect([r.json.size, first(r.json)]).toEqual(['64x64', await v1({ prompt: 'a red door', seed: 4, num_inference_steps: 2, image: img.toString('base64') })]);
+  });
+
   it('a loras list as OpenAI\'s SDKs encode one in a form (loras[][name], loras[][scale]; loras[]) is V1\'s loras', async () => {
     const img = await picture();
     const loras = [{ name: 'demo-style', scale: 0.5 }, { name: 'demo-kohya', scale: 0.8 }];

@@ -212,6 +212,8 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
       if (v.size === 0) problems.push(`${rawKey} is an empty file`);
       continue;
     }
+    // Open WebUI sends its edit model's setting as is, "" when left empty: a form's way of leaving it out.
+    if (k === 'model' && v === '') continue;
     const item = /^loras\[\](?:\[([^\]]*)\])?$/.exec(rawKey);
     if (item) {
       (loras ??= []).push([item[1], v]);
