@@ -274,6 +274,9 @@ describe('/openai/v1 over HTTP', () => {
     expect(message(await edit(form({ image: Buffer.alloc(0), mask: Buffer.alloc(0), prompt: 'x' })))).toBe('image is an empty file; mask is an empty file');
     expect(message(await edit(form({ image: img, mask: img, prompt: 'x' })))).toBe('mask has no alpha channel: OpenAI\'s mask marks the area to edit as transparent; send a PNG with transparency');
     expect(message(await edit(form({ image: img, prompt: 'x', n: 'two', num_inference_steps: '2' })))).toMatch(/^n must be an integer from 1 to 8, got "two"/);
+    // A mask sent as text (curl's -F mask=<file), or under V1's name.
+    expect(message(await edit(form({ image: img, prompt: 'x', mask: 'iVBORw0KGgo', mask_image: 'iVBORw0KGgo' })))).toBe('mask must be a file: a PNG whose fully '
+      + 'transparent area is the one to edit; mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose fully transparent area is the one to edit');
     expect(message(await edit(form({ image: img, prompt: 'x', input_fidelity: 'high' })))).toBe('input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got "high"');
     const small = await sharp(await alphaMask()).resize(32, 32).png().toBuffer();
     expect(message(await edit(form({ image: img, mask: small, prompt: 'x', num_inference_steps: '2' })))).toBe('mask is 32x32 but image is 64x64; they must have the same size');

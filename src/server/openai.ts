@@ -239,8 +239,8 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   if (sent > 1) problems.push(`image: ${sent} images sent; this server edits one picture per request (OpenAI's GPT image models take several as references): send one`);
   else if (sent === 0) problems.push('image is required: the picture to edit, as a file');
   if (masks.length > 1 || (masks.length === 1 && out.mask !== undefined)) problems.push('mask is sent twice; send it once');
-  if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose transparent area is the one to edit');
-  if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose transparent area is the one to edit');
+  if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose fully transparent area is the one to edit');
+  if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose fully transparent area is the one to edit');
   if (problems.length > 0) throw bad(joinProblems(problems));
   const picture = images.length === 1 ? new Uint8Array(await images[0]![1].arrayBuffer()) : undefined;
   if (picture) out.image = Buffer.from(picture).toString('base64');
