@@ -89,6 +89,20 @@ export const json = (status: number, value: unknown, headers?: Record<string, st
 });
 
 /**
+ * JSON text from its parts, each byte part (an image) written as base64 inside the quotes the text parts put around
+ * it. base64 needs no JSON escaping, so each image goes straight into one buffer of the exact size instead of through
+ * a megabyte-sized JSON string and its UTF-8 copy (about 10 ms per 512² image on a small CPU).
+ */
+export function jsonWithBase64(parts: ReadonlyArray<string | Uint8Array>): Buffer {
+  const size = parts.reduce((n, p) => n + (typeof p === 'string' ? Buffer.byteLength(p) : Math.ceil(p.length / 3) * 4), 0);
+  const out = Buffer.allocUnsafe(size);
+  let o = 0;
+  for (const p of parts) o += typeof p === 'string' ? out.write(p, o, 'utf8') : out.write(Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('base64'), o, 'latin1');
+  if (o !== size) throw new Error(`JSON body size mismatch: wrote ${o} of ${size} bytes`);
+  return out;
+}
+
+/**
  * The error boundary: every error a route, the WebSocket or the fallback meets becomes KServe's `{"error": …}` body with
  * our stable code beside it (and the error's own fields), its status from the code.
  */

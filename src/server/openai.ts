@@ -14,7 +14,7 @@ import type { TaskResult } from '../runtime/engine.js';
 import type { App } from './base.js';
 import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
-import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
+import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
 /** A path under KServe's OpenAI prefix: its errors, a 404 or 405 included, come in OpenAI's shape. */
@@ -117,15 +117,15 @@ function relabelled(err: unknown, shown: Readonly<Record<string, string>>): unkn
 
 /**
  * OpenAI's answer: `created`, then each image as `b64_json` (with its seed, as V1 gives it), and the format and size
- * gpt-image models report. Built as bytes, as V1's answer is, so a large image is not copied through a JSON string.
+ * gpt-image models report. Built as bytes, as V1's answer is (jsonWithBase64).
  */
 export function imagesBody(results: TaskResult[], now = Date.now()): Buffer {
   const images = results.flatMap((r) => r.images);
   const first = images[0];
-  const parts: Array<Buffer | string> = [`{"created":${Math.floor(now / 1000)},"data":[`];
-  images.forEach((img, i) => parts.push(i > 0 ? ',' : '', '{"b64_json":"', Buffer.from(img.data), `","seed":${img.seed}}`));
+  const parts: Array<Uint8Array | string> = [`{"created":${Math.floor(now / 1000)},"data":[`];
+  images.forEach((img, i) => parts.push(i > 0 ? ',' : '', '{"b64_json":"', new Uint8Array(img.data), `","seed":${img.seed}}`));
   parts.push(']', first ? `,"output_format":${JSON.stringify(first.format)},"size":"${first.width}x${first.height}"` : '', '}');
-  return Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p) : Buffer.from(p.toString('base64'), 'latin1'))));
+  return jsonWithBase64(parts);
 }
 
 /**
