@@ -215,7 +215,8 @@ export function assertSafeJson(v: unknown, where: string, depth = 0): void {
   if (typeof v === 'string') {
     if (!(v as WellFormed).isWellFormed()) throw new RuntimeError('INVALID_INPUT', `${where} holds ${loneSurrogate(v)}, which is not a character; send the character itself, or both halves of its surrogate pair`);
   } else if (Array.isArray(v)) v.forEach((x, i) => assertSafeJson(x, `${where}[${i}]`, depth + 1));
-  else if (isObj(v)) {
+  // Bytes (an image a form or V2's binary data carried) hold no keys or text to check.
+  else if (isObj(v) && !ArrayBuffer.isView(v)) {
     for (const k of Object.keys(v)) {
       if (FORBIDDEN_KEYS.has(k)) throw new RuntimeError('INVALID_INPUT', `${where} has a forbidden key ${JSON.stringify(k)}`);
       if (!(k as WellFormed).isWellFormed()) throw new RuntimeError('INVALID_INPUT', `${where} has a key that holds ${loneSurrogate(k)}, which is not a character`);

@@ -193,7 +193,7 @@ const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
 
 /**
  * An edit as OpenAI's SDKs send it (multipart/form-data: `image` a file, `mask` an optional PNG whose fully transparent
- * area is the one to edit, the rest text fields) as the body a generation takes: the image as base64 in `image`, the
+ * area is the one to edit, the rest text fields) as the body a generation takes: the image's bytes in `image`, the
  * mask's transparent area as `mask_image` (white = repaint), numbers and flags as JSON values. Without a mask, a
  * picture's own fully transparent area is the one to edit; a picture with none is image-to-image over the whole of it
  * (`strength`, the model's default unless sent).
@@ -242,12 +242,13 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose fully transparent area is the one to edit');
   if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose fully transparent area is the one to edit');
   if (problems.length > 0) throw bad(joinProblems(problems));
+  // As bytes, which the image fields take as they are (V2's binary data does too): no base64 made only to be decoded.
   const picture = images.length === 1 ? new Uint8Array(await images[0]![1].arrayBuffer()) : undefined;
-  if (picture) out.image = Buffer.from(picture).toString('base64');
+  if (picture) out.image = picture;
   let mask: Buffer | undefined;
   if (masks.length === 1) mask = await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask');
   else if (picture) mask = await transparentArea(picture, 'image');
-  if (mask) out.mask_image = mask.toString('base64');
+  if (mask) out.mask_image = mask;
   return out;
 }
 
