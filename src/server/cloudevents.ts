@@ -8,6 +8,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
+import { isObj } from '../runtime/fields.js';
 import type { Reply } from './http.js';
 
 /** The specversions the CloudEvents SDK KServe uses reads. */
@@ -59,7 +60,7 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
   const binary = binaryEvent(headers);
   if (binary) return { body: parse(raw), event: binary };
   const body = parse(raw);
-  if (isObject(body) && [...REQUIRED, 'data'].every((k) => Object.hasOwn(body, k)) && !Object.hasOwn(body, 'instances') && !Object.hasOwn(body, 'inputs')) {
+  if (isObj(body) && [...REQUIRED, 'data'].every((k) => Object.hasOwn(body, k)) && !Object.hasOwn(body, 'instances') && !Object.hasOwn(body, 'inputs')) {
     return { body: structured(body, parse).body };
   }
   return { body };
@@ -102,11 +103,10 @@ export function refuseEvent(headers: Record<string, string>, route: string): voi
   }
 }
 
-const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
 const kind = (v: unknown): string => (Array.isArray(v) ? 'an array' : v === null ? 'null' : typeof v === 'object' ? 'an object' : `a ${typeof v}`);
 
 function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
-  if (!isObject(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${kind(json)}`);
+  if (!isObj(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${kind(json)}`);
   // An attribute written as null is one left out (JSON format, section 3); `"data": null` is a null payload.
   const ev = Object.fromEntries(Object.entries(json).filter(([k, v]) => v !== null || k === 'data'));
   const missing = REQUIRED.filter((k) => !Object.hasOwn(ev, k));

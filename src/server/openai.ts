@@ -7,7 +7,7 @@
  * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
  */
 import { isRuntimeError, RuntimeError } from '../errors.js';
-import { show, typeName } from '../runtime/fields.js';
+import { isObj, show, typeName } from '../runtime/fields.js';
 import { maskFromAlpha, transparentArea } from '../runtime/image-request.js';
 import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
 import type { TaskResult } from '../runtime/engine.js';
@@ -61,8 +61,8 @@ const val = (v: unknown): string => (typeof v === 'boolean' ? String(v) : show(v
  * instance, so its own checks find nothing more to say about it). An unknown model is a 404 at once.
  */
 export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: string[] } {
-  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw bad('the request body must be a JSON object with a "prompt"');
-  const o = body as Record<string, unknown>;
+  if (!isObj(body)) throw bad('the request body must be a JSON object with a "prompt"');
+  const o = body;
   if (typeof o.model === 'string' && o.model !== modelName) throw unknownModel(o.model, modelName, `${OPENAI_PREFIX}/models`);
   const problems: string[] = [];
   if (o.model !== undefined && o.model !== null && typeof o.model !== 'string') problems.push(`model must be a string, the served name ${JSON.stringify(modelName)}, got ${typeName(o.model)}`);
