@@ -49,12 +49,38 @@ describe.each(DEMO_FAMILIES)('%s', (family) => {
     // Strength 1 runs the whole text-to-image schedule (from the image noised to the first timestep, as diffusers does).
     const { init: _, ...text } = job('a lighthouse', i2i(1));
     expect((await p.generate(job('a lighthouse', i2i(1)))).times.steps).toBe((await p.generate(text)).times.steps);
+    const kept = await p.generate(job('a meadow', { mode: 'inpaint', strength: 1, resizeMode: 'default', image: picture, mask: black }));
+    expect(bytes(await p.generate(job('a lighthouse', { mode: 'inpaint', strength: 1, resizeMode: 'default', image: picture, mask: black })))).toBe(bytes(kept));
+    if (family === 'lcm') {
+      // LatentConsistencyModelImg2ImgPipeline raises at strength 0: no distillation timestep to pick the steps from.
+      await expect(p.generate(job('a lighthouse', i2i(0)))).rejects.toThrow('original_inference_steps 50 × strength 0 leaves 0');
+      return;
+    }
     const s0 = await p.generate(job('a lighthouse', i2i(0)));
     expect(s0.times.steps).toBe(0);
     expect(bytes(await p.generate(job('a meadow', i2i(0))))).toBe(bytes(s0));
-    const kept = await p.generate(job('a meadow', { mode: 'inpaint', strength: 1, resizeMode: 'default', image: picture, mask: black }));
     expect(bytes(kept)).toBe(bytes(s0));
   });
+});
+
+it("lcm: image-to-image runs every step, from the part of the LCM schedule strength keeps (LatentConsistencyModelImg2ImgPipeline's set_timesteps)", async () => {
+  const job = (family: 'lcm' | 'sd15', strength: number, scheduler?: string): Job => ({
+    shape: { steps: 4, guidance: 1, height: H, width: W, scheduler, eta: 0, guidanceRescale: 0 },
+    items: [{ prompt: 'a lighthouse', negativePrompt: undefined, seed: 3, numImages: 1 }],
+    init: { mode: 'img2img', strength, resizeMode: 'default', image: picture },
+  });
+  const lcm = await open('lcm');
+  expect(lcm.defaults().strengthSchedules).toEqual({ '': 50, lcm: 50, LCMScheduler: 50 });
+  // 4 steps at 0.5: timesteps 499, 379, 259, 139 (img2img/lcm-strength.json), where cutting the 4-step schedule kept 2.
+  expect((await lcm.generate(job('lcm', 0.5))).times.steps).toBe(4);
+  expect((await lcm.generate(job('lcm', 0.3))).times.steps).toBe(4);
+  await expect(lcm.generate(job('lcm', 0.05))).rejects.toThrow('original_inference_steps 50 × strength 0.05 leaves 2');
+  // Another class on the LCM model (diffusers' LCM pipeline cannot pass it strength) cuts the full schedule.
+  expect((await lcm.generate(job('lcm', 0.5, 'euler'))).times.steps).toBe(2);
+  // StableDiffusionImg2ImgPipeline with an LCMScheduler (an LCM-LoRA) cuts too: it never hands strength over.
+  const sd = await open('sd15');
+  expect(sd.defaults().strengthSchedules).toBeUndefined();
+  expect((await sd.generate(job('sd15', 0.5, 'lcm'))).times.steps).toBe(2);
 });
 
 it("sd15: TCD (eta 0.3, its gamma) cuts the schedule as every class does and draws each step's noise from the image's seed", async () => {

@@ -74,3 +74,48 @@ describe('schedules cut by strength, as diffusers runs them', () => {
     });
   });
 });
+
+interface LcmCase {
+  config_name: string;
+  config: Record<string, unknown>;
+  num_inference_steps: number;
+  strength: number;
+  error?: string;
+  timesteps: number[];
+  original: number[];
+  noise: number[];
+  noised: number[];
+  steps: Array<{ t: number; model_output: number[]; noise: number[]; prev_sample: number[]; denoised: number[] }>;
+}
+
+const lcmCases = (parsePyJson(readFileSync(path.join(REFERENCE(), 'img2img', 'lcm-strength.json'), 'utf8')) as { cases: LcmCase[] }).cases;
+
+describe("LatentConsistencyModelImg2ImgPipeline's schedule: strength handed to LCMScheduler.set_timesteps (img2img/lcm-strength.json)", () => {
+  it.each(lcmCases.filter((c) => !c.error).map((c) => [`${c.config_name}, ${c.num_inference_steps} steps, strength ${c.strength}`, c] as const))('%s', (_name, c) => {
+    const s = createScheduler({ ...c.config, _class_name: 'LCMScheduler' }, c.num_inference_steps, { strength: c.strength });
+    // Every one of the n steps runs, from the first int(original_inference_steps · strength) distillation timesteps.
+    expect(s.timesteps).toEqual(c.timesteps);
+    const x0 = Float32Array.from(c.original);
+    let latents = s.addNoise(x0, Float32Array.from(c.noise), 0);
+    expect(relErr(latents, c.noised)).toBeLessThan(1e-6);
+    c.steps.forEach((st, i) => {
+      const r = s.step(Float32Array.from(st.model_output), st.t, latents, () => Float32Array.from(st.noise));
+      expect(relErr(r.denoised!, st.denoised), `denoised at step ${i}`).toBeLessThan(1e-5);
+      expect(relErr(r.prevSample, st.prev_sample), `prev_sample at step ${i}`).toBeLessThan(1e-5);
+      latents = r.prevSample;
+    });
+  });
+
+  it.each(lcmCases.filter((c) => c.error).map((c) => [`${c.config_name}, ${c.num_inference_steps} steps, strength ${c.strength}`, c] as const))('refuses %s, as diffusers raises', (_name, c) => {
+    expect(c.error).toMatch(/is smaller than `num_inference_steps`/);
+    const original = Number(c.config.original_inference_steps);
+    expect(() => createScheduler({ ...c.config, _class_name: 'LCMScheduler' }, c.num_inference_steps, { strength: c.strength })).toThrow(
+      `original_inference_steps ${original} × strength ${c.strength}`,
+    );
+  });
+
+  it('is the full schedule at strength 1, as set_timesteps without strength gives it', () => {
+    const c = lcmCases.find((x) => x.strength === 1)!;
+    expect(createScheduler({ ...c.config, _class_name: 'LCMScheduler' }, 4).timesteps).toEqual(c.timesteps);
+  });
+});

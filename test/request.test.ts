@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import type { GenerationShape, ModelDefaults } from '../src/pipeline/job.js';
 import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
-import { schedulerLimits } from '../src/pipeline/schedulers/index.js';
+import { schedulerLimits, strengthSchedules } from '../src/pipeline/schedulers/index.js';
 import { checkServerDefaults, defaultStepsWarnings, parseInstances, shapeKey, type ParseContext } from '../src/runtime/request.js';
 
 /** SD 1.5's shipped scheduler config, as the worker reports its limits. */
@@ -77,6 +77,24 @@ describe('parseInstances', () => {
 
   it('lists a step limit with the request\'s other problems', () => {
     expect(() => parse({ scheduler: 'lcm', num_inference_steps: 60, height: 7 })).toThrow(/num_inference_steps must be from 1 to 50 .*; instances\[0\]\.height|height.*; .*num_inference_steps must be from 1 to 50/);
+  });
+
+  it("on an LCM model, refuses image-to-image whose strength leaves fewer LCM timesteps than steps, as LatentConsistencyModelImg2ImgPipeline raises", () => {
+    const config = { _class_name: 'LCMScheduler', original_inference_steps: 50 };
+    const lcm: ModelDefaults = { ...defaults(config), ...pipelineClassDefaults('LatentConsistencyModelPipeline', false), strengthSchedules: strengthSchedules(config) };
+    const image = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC';
+    expect(() => parse({ image, strength: 0.05, num_inference_steps: 4 }, lcm)).toThrow(
+      'instances[0].strength 0.05 × original_inference_steps 50 leaves 2 of the LCM schedule\'s timesteps, fewer than num_inference_steps 4: ' +
+        'image-to-image on an LCM model takes every step from them; send a strength above 0.08, or fewer steps',
+    );
+    expect(() => parse({ image, strength: 0, scheduler: 'lcm' }, lcm)).toThrow('instances[0].strength 0 × original_inference_steps 50 leaves 0');
+    expect(() => parse({ image, num_inference_steps: 45 }, lcm)).toThrow("instances[0].strength 0.8 (not sent: this model's default for image-to-image) × original_inference_steps 50 leaves 40");
+    expect(parse({ image, strength: 0.08, num_inference_steps: 4 }, lcm)[0]!.image).toMatchObject({ mode: 'img2img', strength: 0.08 });
+    // Other classes cut the full schedule (diffusers' LCM pipeline cannot hand them strength), as does an SD model's LCMScheduler.
+    expect(parse({ image, strength: 0, scheduler: 'euler' }, lcm)[0]!.image).toMatchObject({ strength: 0 });
+    expect(parse({ image, strength: 0, scheduler: 'lcm' })[0]!.image).toMatchObject({ strength: 0 });
+    // Inpainting on an LCM model has no diffusers class; it runs StableDiffusionInpaintPipeline's cut.
+    expect(parse({ image, mask_image: image, strength: 0.25, num_inference_steps: 4 }, lcm)[0]!.image).toMatchObject({ mode: 'inpaint' });
   });
 
   it('a model that reports no limits is checked against MAX_STEPS only', () => {

@@ -51,6 +51,13 @@ export interface ModelDefaults {
    * request's own mistakes (INVALID_INPUT: an EDM name on another model, or the reverse) are refused when parsed.
    */
   schedulerRefusals?: Readonly<Record<string, { readonly code: string; readonly message: string }>>;
+  /**
+   * On an LCM model (LatentConsistencyModelPipeline), the request scheduler names ('' for the model's own) that run
+   * LCMScheduler, with its original_inference_steps: LatentConsistencyModelImg2ImgPipeline hands strength to its
+   * set_timesteps, so image-to-image takes all num_inference_steps from the first int(original · strength) distillation
+   * timesteps and needs at least num_inference_steps of them.
+   */
+  strengthSchedules?: Readonly<Record<string, number>>;
 }
 
 /** What a request of one image mode gets for the fields it leaves out. */

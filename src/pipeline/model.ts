@@ -73,8 +73,11 @@ const readJson = (dir: string, rel: string): Record<string, unknown> => {
 const optJson = (dir: string, rel: string) => (existsSync(path.join(dir, rel)) ? readJson(dir, rel) : {});
 const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
 
+/** model_index.json names an LCM pipeline (LatentConsistencyModelPipeline): AutoPipelineFor* pick the LCM classes. */
+export const isLcmPipeline = (pipelineClass: string): boolean => pipelineClass.includes('LatentConsistency');
+
 /** The Stable Diffusion pipelines rewrite configs in __init__; SDXL's and LCM's do not (see docs/PARITY.md). */
-export const pipelineRewritesConfigs = (pipelineClass: string, isXL: boolean): boolean => !isXL && !pipelineClass.includes('LatentConsistency');
+export const pipelineRewritesConfigs = (pipelineClass: string, isXL: boolean): boolean => !isXL && !isLcmPipeline(pipelineClass);
 
 /** A model's scheduler_config.json as the built pipeline holds it: loaded by its class, then rewritten if `rewriting`. */
 export function pipelineSchedulerConfig(file: Record<string, unknown>, rewriting: boolean): { config: Record<string, unknown>; rewrites: ConfigRewrite[] } {

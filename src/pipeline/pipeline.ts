@@ -8,12 +8,12 @@ import {
   blendLatents, cutSchedule, fitImage, imageTensor, latentMask, maskTensor, maskedImage, posterior, sampleLatent, type Posterior,
 } from './img2img.js';
 import { unconditionalPass, type GeneratedImage, type GenerationShape, type Job, type JobItem, type ModelDefaults, type StageTimes } from './job.js';
-import type { ModelLayout } from './model.js';
+import { isLcmPipeline, type ModelLayout } from './model.js';
 import type { ModelSession } from './onnx.js';
 import { ClipTokenizer } from './tokenizer.js';
 import { TorchGenerator } from './random.js';
 import { EDM_CLASSES } from './schedulers/edm.js';
-import { checkModelScheduler, createScheduler, schedulerLimits } from './schedulers/index.js';
+import { checkModelScheduler, createScheduler, schedulerLimits, strengthSchedules } from './schedulers/index.js';
 import type { BrownianQuery, Scheduler } from './types.js';
 
 export interface GenerateHooks {
@@ -130,6 +130,7 @@ export class Pipeline {
       sizeMultiple: this.layout.unet.sizeMultiple,
       stepRanges: limits.ranges,
       schedulerRefusals: limits.refused,
+      ...(isLcmPipeline(this.layout.pipelineClass) ? { strengthSchedules: strengthSchedules(this.layout.schedulerConfig) } : {}),
     };
   }
 
@@ -163,10 +164,13 @@ export class Pipeline {
     const cond = await this.#encode(items, cfg, encoders, tokenize);
     const t1 = performance.now();
 
+    // LatentConsistencyModelImg2ImgPipeline hands strength to the scheduler's set_timesteps (LCMScheduler reads it).
+    const lcmImg2img = job.init?.mode === 'img2img' && isLcmPipeline(this.layout.pipelineClass);
     const scheduler: Scheduler = createScheduler(this.layout.schedulerConfig, shape.steps, {
       ...(shape.scheduler !== undefined ? { name: shape.scheduler } : {}),
       eta: shape.eta,
       seeds,
+      ...(lcmImg2img ? { strength: job.init!.strength } : {}),
     });
     // One generator per image (seed, seed+1, …): latents first, then every scheduler draw continues it (DPM++ SDE
     // reads a Brownian tree seeded with the image's seed instead: `seeds` above).
@@ -182,7 +186,10 @@ export class Pipeline {
     let start: InitLatents | undefined;
     let vaeEncoderMs = 0;
     if (job.init) {
-      const cut = cutSchedule(scheduler.timesteps.length, shape.steps, job.init.strength, scheduler.order);
+      // An LCMScheduler that took the strength runs every step of its schedule; the other pipelines cut the full one.
+      const cut = lcmImg2img && scheduler.name === 'LCMScheduler'
+        ? { begin: 0, steps: scheduler.timesteps.length }
+        : cutSchedule(scheduler.timesteps.length, shape.steps, job.init.strength, scheduler.order);
       begin = cut.begin;
       scheduler.setBeginIndex(begin);
       timesteps = scheduler.timesteps.slice(begin, begin + cut.steps);
@@ -451,7 +458,7 @@ export class Pipeline {
  * which embeds the guidance) gets its class's 50 steps and guidance, as in diffusers (DEFAULT_STEPS sets fewer).
  */
 export function pipelineClassDefaults(pipelineClass: string, isXL: boolean): Pick<ModelDefaults, 'steps' | 'guidance' | 'modes'> {
-  if (pipelineClass.includes('LatentConsistency')) {
+  if (isLcmPipeline(pipelineClass)) {
     // diffusers has no LCM inpainting pipeline (AutoPipelineForInpainting refuses the model): LCM's, at strength 1.
     return { steps: 4, guidance: 8.5, modes: { img2img: { guidance: 8.5, strength: 0.8 }, inpaint: { guidance: 8.5, strength: 1 } } };
   }

@@ -150,9 +150,18 @@ export function imageMode(inst: Obj): ImageMode | undefined {
 
 /**
  * The image fields of one instance (V1 instance, WebSocket message, V2 prompt), or undefined for text-to-image.
- * `w` is the instance's path; `steps` its num_inference_steps. Every problem is pushed onto `bad`.
+ * `w` is the instance's path; `steps` its num_inference_steps, `scheduler` its scheduler name (undefined: the model's
+ * own). Every problem is pushed onto `bad`.
  */
-export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: ModelDefaults, steps: number, checkS3: S3InputCheck): ImageRequest | undefined {
+export function parseImageFields(
+  inst: Obj,
+  w: string,
+  bad: string[],
+  defaults: ModelDefaults,
+  steps: number,
+  checkS3: S3InputCheck,
+  scheduler?: string,
+): ImageRequest | undefined {
   const has = (k: string) => given(inst, k);
   const mode = imageMode(inst);
   if (mode === undefined) {
@@ -175,6 +184,16 @@ export function parseImageFields(inst: Obj, w: string, bad: string[], defaults: 
   if (mode === 'inpaint' && Math.min(Math.trunc(steps * strength), steps) < 1) {
     const whose = has('strength') ? '' : ` (not sent: this model's default for inpainting; send strength)`;
     bad.push(`${w}.strength ${strength}${whose} × num_inference_steps ${steps} leaves no denoising step; inpainting needs strength × num_inference_steps >= 1`);
+  }
+  // LatentConsistencyModelImg2ImgPipeline picks every step from the first int(original · strength) timesteps of the
+  // LCM schedule, and raises where they are fewer than the steps (strength 0 too).
+  const original = mode === 'img2img' ? defaults.strengthSchedules?.[scheduler ?? ''] : undefined;
+  if (original !== undefined && Math.floor(Math.trunc(original * strength) / steps) < 1) {
+    const whose = has('strength') ? '' : ` (not sent: this model's default for image-to-image)`;
+    bad.push(
+      `${w}.strength ${strength}${whose} × original_inference_steps ${original} leaves ${Math.trunc(original * strength)} of the LCM schedule's timesteps, ` +
+        `fewer than num_inference_steps ${steps}: image-to-image on an LCM model takes every step from them; send a strength above ${steps / original}, or fewer steps`,
+    );
   }
   let resizeMode: ResizeMode = 'default';
   if (has('resize_mode')) {

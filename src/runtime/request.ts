@@ -459,7 +459,7 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
     if (f?.unaddressable) bad.push(fallbackProblem(`${w}.output_uri`, f));
   }
-  const image = parseImageFields(inst, w, bad, defaults, steps, (loc, shown) => inputRefusal(loc, shown, cfg));
+  const image = parseImageFields(inst, w, bad, defaults, steps, (loc, shown) => inputRefusal(loc, shown, cfg), scheduler);
   const loras = parseLoras(inst.loras, `${w}.loras`, cfg.maxLoras ?? 4, bad, cfg.loraMaxSets === 0);
   if (prompt === undefined) return undefined;
   return {

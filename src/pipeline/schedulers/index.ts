@@ -8,7 +8,7 @@ import { RuntimeError } from '../../errors.js';
 import type { StepRange } from '../job.js';
 import { pyRepr } from '../pyjson.js';
 import type { Scheduler } from '../types.js';
-import { alphasStepRange, type ConfigValue, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
+import { alphasStepRange, type ConfigValue, num, type ResolvedConfig, resolveConfig, trainStepRange } from './common.js';
 import { DDIM, DDIM_DEFAULTS } from './ddim.js';
 import { DDPM, DDPM_DEFAULTS } from './ddpm.js';
 import { DEIS_DEFAULTS, DEIS_HIDDEN, DEISMultistep } from './deis.js';
@@ -39,7 +39,7 @@ interface SchedulerClass {
   hidden?: Readonly<Record<string, ConfigValue>>;
   /** The step counts `build` accepts (its constructor checks against the same function). */
   steps: (config: ResolvedConfig) => StepRange;
-  build(config: ResolvedConfig, steps: number, eta: number, seeds: readonly number[] | undefined): Scheduler;
+  build(config: ResolvedConfig, steps: number, eta: number, seeds: readonly number[] | undefined, strength: number): Scheduler;
 }
 
 const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.freeze({
@@ -48,7 +48,7 @@ const CLASSES: Readonly<Record<SchedulerClassName, SchedulerClass>> = Object.fre
   EulerDiscreteScheduler: { defaults: EULER_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerDiscrete(c, n) },
   EulerAncestralDiscreteScheduler: { defaults: EULER_ANCESTRAL_DEFAULTS, steps: trainStepRange, build: (c, n) => new EulerAncestralDiscrete(c, n) },
   DPMSolverMultistepScheduler: { defaults: DPM_DEFAULTS, hidden: DPM_HIDDEN, steps: trainStepRange, build: (c, n) => new DPMSolverMultistep(c, n) },
-  LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n) => new LCM(c, n) },
+  LCMScheduler: { defaults: LCM_DEFAULTS, steps: lcmStepRange, build: (c, n, _eta, _seeds, strength) => new LCM(c, n, strength) },
   UniPCMultistepScheduler: { defaults: UNIPC_DEFAULTS, steps: trainStepRange, build: (c, n) => new UniPCMultistep(c, n) },
   LMSDiscreteScheduler: { defaults: LMS_DEFAULTS, hidden: LMS_HIDDEN, steps: trainStepRange, build: (c, n) => new LMSDiscrete(c, n) },
   DDPMScheduler: { defaults: DDPM_DEFAULTS, steps: alphasStepRange, build: (c, n) => new DDPM(c, n) },
@@ -164,6 +164,12 @@ export interface CreateSchedulerOptions {
    * tree with it where its config has no noise_sampler_seed; the other schedulers draw from the images' generators.
    */
   seeds?: readonly number[];
+  /**
+   * set_timesteps' strength, which LCMScheduler alone reads (1 when absent): LatentConsistencyModelImg2ImgPipeline
+   * passes the request's, and runs every step of the schedule it gives. The other pipelines cut the full schedule
+   * (get_timesteps) instead; no other class here takes one.
+   */
+  strength?: number;
 }
 
 /** The class (and forced options) `name` builds, else the model's own class; throws for an unusable one. */
@@ -219,7 +225,7 @@ export function createScheduler(
   // Only ETA_CLASSES see eta, the classes the batch key keeps it for: a class that reads eta but is missing there gets 0
   // (and fails its own eta tests) rather than sharing a batch with images of another eta.
   const given = ETA_CLASSES.has(choice.className) ? eta : 0;
-  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, given, opts.seeds);
+  return CLASSES[choice.className].build(resolve(config, choice, opts.name !== undefined), numInferenceSteps, given, opts.seeds, opts.strength ?? 1);
 }
 
 export const SCHEDULER_CONFIG_FILE = 'scheduler/scheduler_config.json';
@@ -246,6 +252,24 @@ export function checkModelScheduler(config: Record<string, unknown>): void {
 export function stepRange(config: Record<string, unknown>, name?: string): StepRange {
   const choice = choose(config, name);
   return CLASSES[choice.className].steps(resolve(config, choice, name !== undefined));
+}
+
+/**
+ * The request names ('' for the model's own scheduler) that run LCMScheduler from this config, with its
+ * original_inference_steps: where LatentConsistencyModelImg2ImgPipeline hands strength to set_timesteps, the
+ * image-to-image schedule is picked from the first int(original_inference_steps · strength) distillation timesteps.
+ */
+export function strengthSchedules(config: Record<string, unknown>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const name of [undefined, ...Object.keys(SCHEDULER_NAMES)]) {
+    try {
+      const choice = choose(config, name);
+      if (choice.className === 'LCMScheduler') out[name ?? ''] = num(resolve(config, choice, name !== undefined), 'original_inference_steps');
+    } catch {
+      // a name this config cannot run: schedulerLimits reports it
+    }
+  }
+  return out;
 }
 
 /** Why a request name cannot run from this config: createScheduler's error, whatever the step count. */

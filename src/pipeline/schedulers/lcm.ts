@@ -54,14 +54,25 @@ export function lcmStepRange(config: ResolvedConfig, className = 'LCMScheduler')
 }
 
 /**
- * LCM's and TCD's `set_timesteps(n)` (strength 1, no custom list): n of the distillation's timesteps `i·k − 1`
- * (k = num_train_timesteps // original_inference_steps), picked at evenly spaced indices from the highest.
+ * LCM's and TCD's `set_timesteps(n, strength)` (no custom list): n of the distillation's timesteps `i·k − 1`
+ * (k = num_train_timesteps // original_inference_steps, i up to int(original_inference_steps · strength)), picked at
+ * evenly spaced indices from the highest. Only LatentConsistencyModelImg2ImgPipeline passes a strength below 1: its
+ * image-to-image runs all n steps from the lower part of the schedule, and raises where that part has fewer than n.
  */
-function consistencyTimesteps(config: ResolvedConfig, n: number): readonly number[] {
+function consistencyTimesteps(config: ResolvedConfig, n: number, strength = 1, className = 'LCMScheduler'): readonly number[] {
   const original = num(config, 'original_inference_steps');
   const k = Math.floor(num(config, 'num_train_timesteps') / original);
+  // Python's int(original_steps * strength), in double precision as there.
+  const count = Math.trunc(original * strength);
+  if (Math.floor(count / n) < 1) {
+    throw new RuntimeError(
+      'INVALID_INPUT',
+      `${className}: original_inference_steps ${original} × strength ${strength} leaves ${count} of the distillation's timesteps, fewer than num_inference_steps ${n} ` +
+        `(image-to-image on an LCM model picks every step from them); send a strength above ${n / original}, or fewer steps`,
+    );
+  }
   const origin: number[] = [];
-  for (let i = original; i >= 1; i--) origin.push(i * k - 1); // already reversed
+  for (let i = count; i >= 1; i--) origin.push(i * k - 1); // already reversed
   return Object.freeze(npLinspace(0, origin.length, n, false).map((x) => origin[Math.floor(x)]!));
 }
 
@@ -70,7 +81,8 @@ export class LCM extends AlphaSchedule {
   readonly #finalAc: number;
   readonly #prediction: string;
 
-  constructor(readonly config: ResolvedConfig, numInferenceSteps: number) {
+  /** `strength`: set_timesteps' (below 1 only for LatentConsistencyModelImg2ImgPipeline's image-to-image). */
+  constructor(readonly config: ResolvedConfig, numInferenceSteps: number, strength = 1) {
     super();
     const name = this.name;
     checkSteps(name, numInferenceSteps, lcmStepRange(config));
@@ -78,7 +90,7 @@ export class LCM extends AlphaSchedule {
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.ac = alphasCumprod(name, config, true);
     this.#finalAc = bool(config, 'set_alpha_to_one') ? 1 : this.ac[0]!;
-    this.timesteps = consistencyTimesteps(config, numInferenceSteps);
+    this.timesteps = consistencyTimesteps(config, numInferenceSteps, strength, name);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
@@ -140,7 +152,7 @@ export class TCD extends AlphaSchedule {
     this.#prediction = oneOf(name, config, 'prediction_type', ['epsilon', 'sample', 'v_prediction']);
     this.ac = alphasCumprod(name, config, true);
     this.#gamma = eta;
-    this.timesteps = consistencyTimesteps(config, numInferenceSteps);
+    this.timesteps = consistencyTimesteps(config, numInferenceSteps, 1, name);
   }
 
   step(modelOutput: Float32Array, _t: number, sample: Float32Array, noise: () => Float32Array): StepResult {
