@@ -142,6 +142,19 @@ describe('DEFAULT_SCHEDULER and DEFAULT_STEPS', () => {
     expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), { ...xl, vaeEncoder: false })).toEqual([]);
     expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), { ...defaults(SD15), vaeEncoder: true })).toHaveLength(1);
   });
+
+  it("on an LCM model, DEFAULT_STEPS is weighed against the LCM schedule's timesteps that the default image-to-image strength leaves", () => {
+    const config = { _class_name: 'LCMScheduler', original_inference_steps: 50 };
+    const lcm: ModelDefaults = { ...defaults(config), ...pipelineClassDefaults('LatentConsistencyModelPipeline', false), vaeEncoder: true, strengthSchedules: strengthSchedules(config) };
+    // One step runs at 0.8 (from timestep 799), as LatentConsistencyModelImg2ImgPipeline runs it.
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1' }), lcm)).toEqual([]);
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '40' }), lcm)).toEqual([]);
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '45' }), lcm)).toEqual([
+      "DEFAULT_STEPS=45 with this model's default image-to-image strength 0.8 leaves 40 of the LCM schedule's timesteps (original_inference_steps 50), fewer than the steps: an image-to-image request that sends no strength is refused (400); it should send strength, or DEFAULT_STEPS be at most 40",
+    ]);
+    // Another scheduler on the LCM model cuts the full schedule: the rule of the other models.
+    expect(defaultStepsWarnings(loadConfig({ DEFAULT_STEPS: '1', DEFAULT_SCHEDULER: 'euler' }), lcm)).toHaveLength(1);
+  });
 });
 
 describe('shapeKey (what requests of one batch must share)', () => {

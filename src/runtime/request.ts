@@ -254,19 +254,29 @@ export function checkServerDefaults(cfg: Pick<Config, 'defaultScheduler' | 'defa
 
 /**
  * What DEFAULT_STEPS does to an image-to-image or inpainting request that sends no strength, where the model's default
- * strength (SDXL's 0.3 and 0.9999) leaves it no denoising step: one warning each, said at boot. Not a failure: the
- * text-to-image requests it is set for run as asked.
+ * strength (SDXL's 0.3 and 0.9999) leaves it no denoising step, or an LCM model's leaves fewer LCM timesteps than steps:
+ * one warning each, said at boot. Not a failure: the text-to-image requests it is set for run as asked.
  */
-export function defaultStepsWarnings(cfg: Pick<Config, 'defaultSteps'>, defaults: ModelDefaults): string[] {
+export function defaultStepsWarnings(cfg: Pick<Config, 'defaultSteps'> & Partial<Pick<Config, 'defaultScheduler'>>, defaults: ModelDefaults): string[] {
   const steps = cfg.defaultSteps;
   if (steps === undefined || !defaults.vaeEncoder) return [];
   const out: string[] = [];
+  // An LCM model's image-to-image takes every step from int(original · strength) timesteps (parseImageFields).
+  const original = defaults.strengthSchedules?.[cfg.defaultScheduler ?? ''];
+  if (original !== undefined) {
+    const { strength } = defaults.modes.img2img;
+    const kept = Math.trunc(original * strength);
+    if (kept < steps) {
+      out.push(`DEFAULT_STEPS=${steps} with this model's default image-to-image strength ${strength} leaves ${kept} of the LCM schedule's timesteps (original_inference_steps ${original}), ` +
+        `fewer than the steps: an image-to-image request that sends no strength is refused (400); it should send strength, or DEFAULT_STEPS be at most ${kept}`);
+    }
+  }
   for (const [mode, what, then] of [
     ['img2img', 'image-to-image', 'gets its picture back through the VAE, not denoised'],
     ['inpaint', 'inpainting', 'is refused (400)'],
   ] as const) {
     const { strength } = defaults.modes[mode];
-    if (Math.trunc(steps * strength) >= 1) continue;
+    if ((mode === 'img2img' && original !== undefined) || Math.trunc(steps * strength) >= 1) continue;
     let enough = steps + 1;
     while (Math.trunc(enough * strength) < 1) enough++;
     out.push(`DEFAULT_STEPS=${steps} with this model's default ${what} strength ${strength} runs no denoising step: an ${what} request that sends no strength ${then}; it should send strength, or DEFAULT_STEPS be at least ${enough}`);
