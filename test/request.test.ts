@@ -85,7 +85,7 @@ describe('parseInstances', () => {
     const image = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC';
     expect(() => parse({ image, strength: 0.05, num_inference_steps: 4 }, lcm)).toThrow(
       'instances[0].strength 0.05 × original_inference_steps 50 leaves 2 of the LCM schedule\'s timesteps, fewer than num_inference_steps 4: ' +
-        'image-to-image on an LCM model takes every step from them; send a strength above 0.08, or fewer steps',
+        'image-to-image on an LCM model takes every step from them; send a strength of at least 0.08, or fewer steps',
     );
     expect(() => parse({ image, strength: 0, scheduler: 'lcm' }, lcm)).toThrow('instances[0].strength 0 × original_inference_steps 50 leaves 0');
     expect(() => parse({ image, num_inference_steps: 45 }, lcm)).toThrow("instances[0].strength 0.8 (not sent: this model's default for image-to-image) × original_inference_steps 50 leaves 40");

@@ -99,6 +99,16 @@ export interface JobItem {
 export const unconditionalPass = (guidance: number, guidanceEmbedding: boolean): boolean => guidance > 1 && !guidanceEmbedding;
 
 /**
+ * The smallest strength, in hundredths, whose int(original · strength) reaches `steps`: what an LCM model's
+ * image-to-image (LatentConsistencyModelImg2ImgPipeline) needs, said in its 400 so that the value sent back works.
+ */
+export function lcmMinStrength(original: number, steps: number): number {
+  let s = Math.ceil((steps / original) * 100) / 100;
+  while (s < 1 && Math.trunc(original * s) < steps) s = (Math.round(s * 100) + 1) / 100;
+  return s;
+}
+
+/**
  * How an input is fitted to the output size (VaeImageProcessor `resize_mode`): `default` stretches it (diffusers'
  * img2img and inpaint pipelines), `crop` keeps the aspect ratio and crops the overflow around the centre, `fill` keeps
  * the aspect ratio and fills the margins by stretching the image's edge rows or columns.

@@ -9,7 +9,7 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { scaledSize } from '../pipeline/img2img.js';
-import { RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
+import { lcmMinStrength, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { show, typeName } from './fields.js';
@@ -192,7 +192,7 @@ export function parseImageFields(
     const whose = has('strength') ? '' : ` (not sent: this model's default for image-to-image)`;
     bad.push(
       `${w}.strength ${strength}${whose} × original_inference_steps ${original} leaves ${Math.trunc(original * strength)} of the LCM schedule's timesteps, ` +
-        `fewer than num_inference_steps ${steps}: image-to-image on an LCM model takes every step from them; send a strength above ${steps / original}, or fewer steps`,
+        `fewer than num_inference_steps ${steps}: image-to-image on an LCM model takes every step from them; send a strength of at least ${lcmMinStrength(original, steps)}, or fewer steps`,
     );
   }
   let resizeMode: ResizeMode = 'default';

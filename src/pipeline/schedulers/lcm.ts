@@ -4,7 +4,7 @@
  * gamma (the request's eta) is above 0. Float32 like torch.
  */
 
-import type { StepRange } from '../job.js';
+import { lcmMinStrength, type StepRange } from '../job.js';
 import type { StepResult } from '../types.js';
 import {
   alphasCumprod,
@@ -68,7 +68,7 @@ function consistencyTimesteps(config: ResolvedConfig, n: number, strength = 1, c
     throw new RuntimeError(
       'INVALID_INPUT',
       `${className}: original_inference_steps ${original} × strength ${strength} leaves ${count} of the distillation's timesteps, fewer than num_inference_steps ${n} ` +
-        `(image-to-image on an LCM model picks every step from them); send a strength above ${n / original}, or fewer steps`,
+        `(image-to-image on an LCM model picks every step from them); send a strength of at least ${lcmMinStrength(original, n)}, or fewer steps`,
     );
   }
   const origin: number[] = [];
