@@ -14,6 +14,8 @@ import { postJson, startServer, type ServerHandle } from './helpers/server.js';
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 const V1 = { instances: [{ prompt: 'a lighthouse at dusk', seed: 5, height: 64, width: 64, num_inference_steps: 2 }] };
 const BINARY = { 'ce-specversion': '1.0', 'ce-id': 'req-1', 'ce-source': 'knative://broker/default', 'ce-type': 'dev.example.generate' };
+/** A browser page's origin, which the CE_MERGE server lets read its answers (CORS_ALLOW_ORIGINS). */
+const PAGE = 'https://app.example.com';
 const EVENT = { specversion: '1.0', id: 'req-2', source: '/client', type: 'dev.example.generate', time: '2026-12-06T10:00:00Z' };
 
 const decode = (headers: Record<string, string>, body: unknown) =>
@@ -148,7 +150,7 @@ describe('CloudEvents over HTTP', () => {
   beforeAll(async () => {
     [srv, merged] = await Promise.all([
       startServer(common, { ready: true }),
-      startServer({ ...common, MODEL_NAME: 'sd', CE_TYPE: 'dev.example.image', CE_SOURCE: '/diffusers', CE_MERGE: '1' }, { ready: true }),
+      startServer({ ...common, MODEL_NAME: 'sd', CE_TYPE: 'dev.example.image', CE_SOURCE: '/diffusers', CE_MERGE: '1', CORS_ALLOW_ORIGINS: PAGE }, { ready: true }),
     ]);
   }, 120_000);
   afterAll(async () => void (await Promise.all([srv?.stop(), merged?.stop()])));
@@ -200,6 +202,11 @@ describe('CloudEvents over HTTP', () => {
     expect([r.headers.get('ce-type'), r.headers.get('ce-source'), r.headers.get('ce-traceparent')])
       .toEqual(['dev.example.image', '/diffusers', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01']);
     expect(r.headers.get('ce-id')).not.toBe('req-1');
+    // A page reads the extensions copied over as it reads the five fixed ce-* headers: each answer lists those it carries.
+    const page = await predict(merged, V1, { ...BINARY, 'ce-traceparent': '00-ab-cd-01', 'ce-subject': 'cat', origin: PAGE, 'content-type': 'application/json' }, 'sd');
+    expect([page.status, page.headers.get('access-control-allow-origin'), page.headers.get('ce-subject')]).toEqual([200, PAGE, 'cat']);
+    expect(page.headers.get('access-control-expose-headers')).toBe('retry-after, allow, x-should-retry, inference-header-content-length, '
+      + 'ce-specversion, ce-id, ce-source, ce-type, ce-time, ce-traceparent, ce-subject');
     const s = await predict(merged, { ...EVENT, subject: 'cat', data: V1 }, { 'content-type': 'application/cloudevents+json' }, 'sd');
     expect(s.status).toBe(200);
     expect(s.json).toMatchObject({ specversion: '1.0', type: 'dev.example.image', source: '/diffusers', subject: 'cat' });

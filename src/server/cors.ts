@@ -59,3 +59,16 @@ export function corsHandler(origins: readonly string[], allowed: (path: string) 
     return true;
   };
 }
+
+/**
+ * Adds the `ce-*` headers an answer carries beyond EXPOSED's five (the extensions CE_MERGE copies into a binary
+ * event's answer: `ce-traceparent`, `ce-subject`, …) to the headers a page may read; nothing on an answer without
+ * CORS headers. A list written per answer, as those names come from the request.
+ */
+export function exposeEventHeaders(res: ServerResponse, headers: Readonly<Record<string, string>> | undefined): void {
+  const exposed = res.getHeader('access-control-expose-headers');
+  if (typeof exposed !== 'string' || headers === undefined) return;
+  const listed = new Set(exposed.split(', '));
+  const more = Object.keys(headers).map((k) => k.toLowerCase()).filter((k) => k.startsWith('ce-') && !listed.has(k));
+  if (more.length > 0) res.setHeader('access-control-expose-headers', `${exposed}, ${more.join(', ')}`);
+}

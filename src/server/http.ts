@@ -6,6 +6,7 @@ import { SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { lingerOnClose, pathOf } from './base.js';
+import { exposeEventHeaders } from './cors.js';
 
 export interface Reply {
   status: number;
@@ -186,6 +187,7 @@ export class Exchange {
       headers.connection = 'close';
       lingerOnClose(this.res);
     }
+    exposeEventHeaders(this.res, out.headers);
     // Node queues the bytes and writes them as the socket drains: a slow client costs one copy of the body.
     this.res.writeHead(out.status, headers).end(out.body);
     return true;
