@@ -6,11 +6,13 @@
  * transparency) makes V1's image-to-image and inpainting images; the model list and the metrics.
  */
 import http from 'node:http';
+import net from 'node:net';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { listenBase } from '../src/server/base.js';
 import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
 import { metric, startFailedRuntime } from './helpers/runtime.js';
-import { postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
 /** `CODE: message` of what the body cannot ask for (the route joins these problems to the request's own). */
 const refused = (body: unknown): string => {
@@ -313,6 +315,51 @@ describe('/openai/v1 on a server that is not ready', () => {
       expect(await notReady(gen)).toMatchObject([503, true, { type: 'server_error', param: null, code: 'MODEL_NOT_READY' }]);
     } finally {
       await down.stop();
+    }
+  });
+});
+
+describe('/openai/v1 on the base server, before any route runs', () => {
+  /** A POST on a connection of its own (one pooled would count within the cap), closed after the answer. */
+  const post = (port: number, path: string) => new Promise<{ status: number; retryAfter: unknown; shouldRetry: unknown; body: unknown }>((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, path, method: 'POST', agent: false, headers: { 'content-type': 'application/json', connection: 'close' } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8').on('data', (c: string) => (text += c)).on('end', () =>
+        resolve({ status: res.statusCode!, retryAfter: res.headers['retry-after'], shouldRetry: res.headers['x-should-retry'], body: JSON.parse(text) as unknown }));
+    });
+    req.on('error', reject);
+    req.end('{"prompt":"x"}');
+  });
+  // No x-should-retry: OpenAI's SDKs retry a 503, which these are worth retrying.
+  const openai = (code: string, message: string) => ({ status: 503, retryAfter: '1', shouldRetry: undefined, body: { error: { message, type: 'server_error', param: null, code } } });
+
+  it('the 503 before the routes attach is OpenAI\'s under /openai, KServe\'s elsewhere', async () => {
+    const base = await listenBase('127.0.0.1', 0, { maxConnections: 0 });
+    try {
+      expect(await post(base.port, '/openai/v1/images/generations')).toEqual(openai('MODEL_NOT_READY', 'Server is not ready.'));
+      expect(await post(base.port, '/v1/models/model:predict')).toEqual({ status: 503, retryAfter: '1', shouldRetry: undefined,
+        body: { error: 'Server is not ready.', code: 'MODEL_NOT_READY', ready: false, state: 'starting' } });
+    } finally {
+      base.closeListener();
+      base.closeConnections();
+    }
+  });
+
+  it('past MAX_CONNECTIONS the 503 BUSY is OpenAI\'s under /openai, KServe\'s elsewhere', async () => {
+    const base = await listenBase('127.0.0.1', 0, { maxConnections: 1 });
+    base.setWarn(() => undefined);
+    const held = net.connect(base.port, '127.0.0.1');
+    held.on('error', () => undefined);
+    try {
+      await until(() => base.connections.open === 1, 5_000);
+      const busy = 'too many open connections (MAX_CONNECTIONS=1): retry shortly, or reuse a kept-alive connection';
+      expect(await post(base.port, '/openai/v1/images/generations')).toEqual(openai('BUSY', busy));
+      expect(await post(base.port, '/v1/models/model:predict')).toEqual({ status: 503, retryAfter: '1', shouldRetry: undefined, body: { error: busy, code: 'BUSY' } });
+      expect(base.connections.overLimit).toBe(2);
+    } finally {
+      held.destroy();
+      base.closeListener();
+      base.closeConnections();
     }
   });
 });

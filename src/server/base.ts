@@ -1,7 +1,8 @@
 /**
  * @module The first thing the process does: listen with liveness routes only. It imports nothing but Node's http, the
- * open-file limit's reader (descriptors.ts) and the error codes (a module of constants), so `/` and `/v2/health/live` answer
- * within milliseconds of process start while the runtime (logging, metrics, pipeline workers) is still being imported.
+ * open-file limit's reader (descriptors.ts), the error codes (a module of constants) and OpenAI's error shape
+ * (openai-errors.ts, importing nothing), so `/` and `/v2/health/live` answer within milliseconds of process start while
+ * the runtime (logging, metrics, pipeline workers) is still being imported.
  *
  * Node's HTTP/1.1 server (llhttp) rather than uWebSockets.js: uWS 20.30 closes a keep-alive connection without an
  * answer when a request is pipelined behind one still running ("denying async pipelining", HttpContext.h), holds a
@@ -14,6 +15,7 @@ import type { Duplex } from 'node:stream';
 import { descriptorLimit, unloadedCode } from '../descriptors.js';
 import { httpStatus, type HttpErrorCode } from '../errors.js';
 import type { CorsHandler } from './cors.js';
+import { isOpenAI, openaiErrorBody, openaiErrorHeaders } from './openai-errors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse, params: string[]) => void;
@@ -103,6 +105,8 @@ const MODEL_READY = /^\/v[12]\/models\/[^/]+\/ready$/;
 const isHealth = (path: string): boolean => HEALTH_PATHS.has(path) || MODEL_READY.test(path);
 
 const STARTING = '{"error":"Server is not ready.","code":"MODEL_NOT_READY","ready":false,"state":"starting"}';
+/** The same under /openai, where OpenAI's SDKs read their own error shape (and retry a 503). */
+const OPENAI_STARTING = openaiErrorBody(503, 'MODEL_NOT_READY', 'Server is not ready.');
 
 interface Route<H> {
   parts: string[];
@@ -328,8 +332,9 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   };
   routes.add('GET', '/', alive('{"status":"alive"}'));
   routes.add('GET', '/v2/health/live', alive('{"live":true}'));
-  let fallback: RouteHandler = (_req, res) => {
-    res.writeHead(503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(STARTING), 'retry-after': '1' }).end(STARTING);
+  let fallback: RouteHandler = (req, res) => {
+    const body = isOpenAI(pathOf(req.url)) ? OPENAI_STARTING : STARTING;
+    res.writeHead(503, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'retry-after': '1' }).end(body);
   };
 
   let open = true;
@@ -380,10 +385,14 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
     (req, res) => {
       track(req, res);
       const refuse = (code: HttpErrorCode, error: string, headers: Record<string, string> = {}) => {
-        const body = errorBody(code, error);
+        const path = pathOf(req.url);
+        // Under /openai in OpenAI's shape, as the routes there answer: its SDKs read no other.
+        const openai = isOpenAI(path);
+        const body = openai ? openaiErrorBody(httpStatus(code), code, error) : errorBody(code, error);
         // A page reads a refusal (and its Retry-After) only with the CORS headers it would get from a route.
-        cors?.(req, res, pathOf(req.url), false);
-        res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers, connection: 'close' }).end(body);
+        cors?.(req, res, path, false);
+        res.writeHead(httpStatus(code), { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers,
+          ...(openai ? openaiErrorHeaders(code) : {}), connection: 'close' }).end(body);
       };
       if (beyond.has(req.socket)) {
         waiting.delete(req.socket);

@@ -15,10 +15,9 @@ import type { App } from './base.js';
 import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
+import { openaiErrorBody, openaiErrorHeaders } from './openai-errors.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
-/** A path under KServe's OpenAI prefix: its errors, a 404 or 405 included, come in OpenAI's shape. */
-export const isOpenAI = (path: string): boolean => path === '/openai' || path.startsWith('/openai/');
 /** What a 404 under /openai adds: the OpenAI routes this server does answer. */
 export const OPENAI_SERVED = `; OpenAI's API here is POST ${OPENAI_PREFIX}/images/generations, POST ${OPENAI_PREFIX}/images/edits and GET ${OPENAI_PREFIX}/models`;
 
@@ -128,21 +127,12 @@ export function imagesBody(results: TaskResult[], now = Date.now()): Buffer {
   return jsonWithBase64(parts);
 }
 
-/**
- * Codes a retry of the same request meets again. OpenAI's SDKs retry every 5xx twice by default, a 507 or a 504 after
- * REQUEST_TIMEOUT_S too (three times the GPU time for one error), unless the answer says `x-should-retry: false`.
- */
-const NO_RETRY: ReadonlySet<string> = new Set(['OUT_OF_MEMORY', 'TIMEOUT', 'UNSUPPORTED']);
-
-/**
- * A runtime error reply in OpenAI's error shape: the message, OpenAI's type for the status (its 404 for an unknown
- * model is an `invalid_request_error` too), our code as its code.
- */
+/** A runtime error reply in OpenAI's error shape (openai-errors.ts), with `x-should-retry: false` where a retry is in vain. */
 export function openaiError(out: Reply): Reply {
   const { error, code } = JSON.parse(String(out.body)) as { error: string; code: string };
-  const type = out.status >= 500 ? 'server_error' : 'invalid_request_error';
-  const headers = NO_RETRY.has(code) ? { ...out.headers, 'x-should-retry': 'false' } : out.headers;
-  return { ...out, ...(headers ? { headers } : {}), body: JSON.stringify({ error: { message: error, type, param: null, code } }) };
+  const extra = openaiErrorHeaders(code);
+  const headers = Object.keys(extra).length > 0 ? { ...out.headers, ...extra } : out.headers;
+  return { ...out, ...(headers ? { headers } : {}), body: openaiErrorBody(out.status, code, error) };
 }
 
 export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions): void {
