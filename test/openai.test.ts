@@ -108,22 +108,23 @@ describe('/openai/v1 over HTTP', () => {
   });
 
   it('errors in OpenAI\'s shape, naming the fields as the client sent them', async () => {
-    const invalid = (message: string) => ({ error: { message, type: 'invalid_request_error', param: null, code: 'INVALID_INPUT' } });
+    // `param`: the parameter the (first) problem is about, as OpenAI's own 400s name it.
+    const invalid = (message: string, param: string | null) => ({ error: { message, type: 'invalid_request_error', param, code: 'INVALID_INPUT' } });
     const r = await generate({ prompt: 'x', n: 0, size: '60x64', output_compression: 101, num_inference_steps: 2 });
     // Every problem at once: OpenAI's fields' own first, then the request's they make.
     expect([r.status, r.json]).toEqual([400, invalid('output_compression must be an integer from 0 to 100, got 101; '
-      + 'size\'s width must be a positive multiple of 8 up to 2048, got 60; n must be an integer from 1 to 8, got 0')]);
+      + 'size\'s width must be a positive multiple of 8 up to 2048, got 60; n must be an integer from 1 to 8, got 0', 'output_compression')]);
     const seed = await generate({ prompt: 'x', n: 2, seed: Number.MAX_SAFE_INTEGER, num_inference_steps: 2 });
-    expect([seed.status, seed.json]).toEqual([400, invalid(`seed + n - 1 must be at most ${Number.MAX_SAFE_INTEGER} (image i uses seed + i), got ${Number.MAX_SAFE_INTEGER} with 2 images`)]);
+    expect([seed.status, seed.json]).toEqual([400, invalid(`seed + n - 1 must be at most ${Number.MAX_SAFE_INTEGER} (image i uses seed + i), got ${Number.MAX_SAFE_INTEGER} with 2 images`, 'seed')]);
     // Found once the input images are read: named as sent too, `size` where V1 asks for height and width.
     const notImage = await generate({ prompt: 'x', image: Buffer.from('not an image').toString('base64'), num_inference_steps: 2 });
-    expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG or WebP image')]);
+    expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG or WebP image', 'image')]);
     const wide = await generate({ prompt: 'x', image: (await grey(2056, 8)).toString('base64'), num_inference_steps: 2 });
-    expect([wide.status, wide.json]).toEqual([400, invalid('image is 2056x8: without size the output takes the image\'s width (2056), over MAX_IMAGE_SIZE 2048; give size to resize it')]);
+    expect([wide.status, wide.json]).toEqual([400, invalid('image is 2056x8: without size the output takes the image\'s width (2056), over MAX_IMAGE_SIZE 2048; give size to resize it', 'image')]);
     const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });
-    expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'invalid_request_error', code: 'MODEL_NOT_FOUND' }]);
+    expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'invalid_request_error', param: 'model', code: 'MODEL_NOT_FOUND' }]);
     const notJson = await postJson(`${srv.url}/openai/v1/images/generations`, '{"prompt":');
-    expect([notJson.status, (notJson.json as { error: { message: string } }).error.message]).toEqual([400, 'Unrecognized request format: Unexpected end of JSON input']);
+    expect([notJson.status, notJson.json]).toEqual([400, invalid('Unrecognized request format: Unexpected end of JSON input', null)]);
     // Refused before the body is read (a transfer coding Node does not undo): a retry meets the same 501, so OpenAI's
     // SDKs, which retry every 5xx, are told not to.
     const te = await new Promise<{ status: number; retry: unknown; body: string }>((resolve, reject) => {
@@ -135,6 +136,20 @@ describe('/openai/v1 over HTTP', () => {
       req.end('{"prompt":"x"}');
     });
     expect({ ...te, body: JSON.parse(te.body) as unknown }).toMatchObject({ status: 501, retry: 'false', body: { error: { type: 'server_error', code: 'UNSUPPORTED' } } });
+  });
+
+  it('param names the parameter as the client sent it: OpenAI\'s name for ours it replaces, ours as sent, one it does not know', async () => {
+    const param = async (body: unknown) => ((await generate(body)).json.error as { param: unknown }).param;
+    const cases: Array<[unknown, string]> = [
+      [{ prompt: 'x', size: '64x60' }, 'size'], [{ prompt: 'x', n: 99 }, 'n'], [{ prompt: 'x', size: '64' }, 'size'],
+      [{ prompt: 'x', output_format: 'gif' }, 'output_format'], [{ prompt: 'x', output_compression: -1 }, 'output_compression'],
+      [{ prompt: 7 }, 'prompt'], [{ n: 1 }, 'prompt'], [{ prompt: 'x', response_format: 'url' }, 'response_format'], [{ prompt: 'x', model: 5 }, 'model'],
+      [{ prompt: 'x', negative_prompt: 3 }, 'negative_prompt'], [{ prompt: 'x', num_inference_steps: 0 }, 'num_inference_steps'],
+      [{ prompt: 'x', mask_image: 'AAAA' }, 'mask_image'], [{ prompt: 'x', widht: 64 }, 'widht'], [{ prompt: 'x', width: 64 }, 'width'],
+    ];
+    for (const [body, want] of cases) expect([body, await param(body)]).toEqual([body, want]);
+    // None is named where the body as a whole is wrong.
+    expect(await param(['x'])).toBeNull();
   });
 
   it('lists the model as OpenAI\'s model list does; a model\'s own route is its health', async () => {
@@ -267,6 +282,16 @@ describe('/openai/v1 over HTTP', () => {
   it('names what an edit lacks or cannot be, in OpenAI\'s shape', async () => {
     const img = await picture();
     const message = (r: { json: Record<string, unknown> }) => (r.json.error as { message: string }).message;
+    const param = (r: { json: Record<string, unknown> }) => (r.json.error as { param: unknown }).param;
+    // param: the form field each refusal is about (the first, where there are several); none for a body not read.
+    const params: Array<[Record<string, string | Buffer>, string]> = [
+      [{ prompt: 'x' }, 'image'], [{ image: Buffer.alloc(0), prompt: 'x' }, 'image'], [{ image: img, mask: img, prompt: 'x' }, 'mask'],
+      [{ image: img, prompt: 'x', n: 'two' }, 'n'], [{ image: img, prompt: 'x', mask: 'iVBORw0KGgo' }, 'mask'], [{ image: img, prompt: 'x', mask_image: 'iVBORw0KGgo' }, 'mask_image'],
+      [{ image: img, prompt: 'x', input_fidelity: 'high' }, 'input_fidelity'], [{ image: img, prompt: 'x', size: '60x64' }, 'size'], [{ image: img, prompt: 'x', extra: img }, 'extra'],
+      [{ image: img, mask: await sharp(await alphaMask()).resize(32, 32).png().toBuffer(), prompt: 'x', num_inference_steps: '2' }, 'mask'],
+    ];
+    for (const [fields, want] of params) expect([Object.keys(fields), param(await edit(form(fields)))]).toEqual([Object.keys(fields), want]);
+    expect(param({ json: (await (await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' })).json()) as Record<string, unknown> })).toBeNull();
     const json = await fetch(`${srv.url}/openai/v1/images/edits`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":"x"}' });
     expect([json.status, ((await json.json()) as { error: { message: string } }).error.message])
       .toEqual([400, 'images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI\'s SDKs send it; got Content-Type "application/json"']);

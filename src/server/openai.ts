@@ -6,7 +6,7 @@
  * output_compression); the runtime's own fields ride along (negative_prompt, seed, num_inference_steps, …). Errors
  * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
  */
-import { isRuntimeError, RuntimeError } from '../errors.js';
+import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import { isObj, show, typeName } from '../runtime/fields.js';
 import { maskFromAlpha, transparentArea } from '../runtime/image-request.js';
 import { assertSafeJson, INSTANCE_FIELDS, joinProblems, parseInstances, pushUnknownField, type GenerationRequest } from '../runtime/request.js';
@@ -27,6 +27,13 @@ const RENAMED: Readonly<Record<string, string>> = { num_images_per_prompt: 'n', 
 const SHOWN: Readonly<Record<string, string>> = { ...RENAMED, width: "size's width", height: "size's height" };
 /** An edit's mask arrives as `mask`, made into `mask_image` (editBody). */
 const EDIT_SHOWN: Readonly<Record<string, string>> = { ...SHOWN, mask_image: 'mask' };
+/** How a route's problems name our fields: in the message (`shown`) and as OpenAI's `param` (the parameter sent). */
+interface Names {
+  shown: Readonly<Record<string, string>>;
+  param: Readonly<Record<string, string>>;
+}
+const GENERATION_NAMES: Names = { shown: SHOWN, param: RENAMED };
+const EDIT_NAMES: Names = { shown: EDIT_SHOWN, param: { ...RENAMED, mask_image: 'mask' } };
 /** Ours that this answer cannot carry. */
 const NOT_HERE: Readonly<Record<string, string>> = {
   output_uri: 'the answer holds the images as b64_json; output_uri is V1\'s and V2\'s',
@@ -50,7 +57,27 @@ const FIELDS = INSTANCE_FIELDS.filter((f) => !Object.hasOwn(RENAMED, f) && !Obje
 /** Every name a body may use: what an unknown one is matched against for a "did you mean". */
 const KNOWN = ['model', 'n', 'size', 'response_format', 'output_compression', 'user', ...Object.keys(IGNORED), ...FIELDS];
 
-const bad = (msg: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg);
+/** A 400; `param`: the request parameter it is about, OpenAI's `param` (openaiError), where known. */
+const bad = (msg: string, param?: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg, param === undefined ? undefined : { fields: { param } });
+
+/** A body's problems in order, and the parameter the first is about: the one OpenAI's `param` names. */
+class Problems {
+  readonly list: string[] = [];
+  param: string | undefined;
+  add(param: string | undefined, problem: string): void {
+    if (this.list.length === 0) this.param = param;
+    this.list.push(problem);
+  }
+  /** Adds unknownField's problem for `key`, the parameter it is about. */
+  unknown(key: string, known: readonly string[]): void {
+    if (this.list.length === 0) this.param = key;
+    pushUnknownField(this.list, '', key, known);
+  }
+  /** The 400 naming them all; none if there are none. */
+  error(): RuntimeError | undefined {
+    return this.list.length === 0 ? undefined : bad(joinProblems(this.list), this.param);
+  }
+}
 
 /** A value as a problem shows it: `show`'s, a boolean as itself. */
 const val = (v: unknown): string => (typeof v === 'boolean' ? String(v) : show(v));
@@ -59,12 +86,12 @@ const val = (v: unknown): string => (typeof v === 'boolean' ? String(v) : show(v
  * The V1 instance an Images API body asks for, and a problem for each field that cannot be served (left out of the
  * instance, so its own checks find nothing more to say about it). An unknown model is a 404 at once.
  */
-export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: string[] } {
+export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: string[]; param: string | undefined } {
   if (!isObj(body)) throw bad('the request body must be a JSON object with a "prompt"');
   const o = body;
-  if (typeof o.model === 'string' && o.model !== modelName) throw unknownModel(o.model, modelName, `${OPENAI_PREFIX}/models`);
-  const problems: string[] = [];
-  if (o.model !== undefined && o.model !== null && typeof o.model !== 'string') problems.push(`model must be a string, the served name ${JSON.stringify(modelName)}, got ${typeName(o.model)}`);
+  if (typeof o.model === 'string' && o.model !== modelName) throw withParam(unknownModel(o.model, modelName, `${OPENAI_PREFIX}/models`), 'model');
+  const problems = new Problems();
+  if (o.model !== undefined && o.model !== null && typeof o.model !== 'string') problems.add('model', `model must be a string, the served name ${JSON.stringify(modelName)}, got ${typeName(o.model)}`);
   const inst: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(o)) {
     if (k === 'model' || k === 'user' || v === null) continue;
@@ -72,25 +99,25 @@ export function imagesInstance(body: unknown, modelName: string): { instance: Re
     else if (k === 'output_compression') {
       // OpenAI's 0 (most compressed) is the encoders' lowest quality, 1.
       if (typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= 100) inst.quality = Math.max(1, v);
-      else problems.push(`output_compression must be an integer from 0 to 100, got ${show(v)}`);
+      else problems.add(k, `output_compression must be an integer from 0 to 100, got ${show(v)}`);
     } else if (k === 'size') {
       const m = typeof v === 'string' ? /^(\d{1,5})x(\d{1,5})$/.exec(v) : null;
       if (m) [inst.width, inst.height] = [Number(m[1]), Number(m[2])];
-      else if (v !== 'auto') problems.push(`size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model's own), got ${val(v)}`);
+      else if (v !== 'auto') problems.add(k, `size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto" (the model's own), got ${val(v)}`);
     } else if (k === 'response_format') {
-      if (v !== 'b64_json') problems.push(`response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got ${val(v)}`);
+      if (v !== 'b64_json') problems.add(k, `response_format must be "b64_json" (or left out): this server returns the images themselves, not URLs, got ${val(v)}`);
     } else if (Object.hasOwn(IGNORED, k)) {
       if (!IGNORED[k]!.includes(v)) {
-        problems.push(k === 'quality' && typeof v === 'number'
+        problems.add(k, k === 'quality' && typeof v === 'number'
           ? 'quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression'
           : `${k} must be one of ${IGNORED[k]!.map((x) => JSON.stringify(x)).join(', ')}${k === 'stream' ? ' (progress streams on the WebSocket route)' : ''}, got ${val(v)}`);
       }
-    } else if (Object.hasOwn(NOT_HERE, k)) problems.push(`${k} is not taken here: ${NOT_HERE[k]}`);
-    else if (Object.hasOwn(RENAMED, k)) problems.push(`${k} is sent as ${JSON.stringify(RENAMED[k])} here (OpenAI's name)`);
-    else if (!(FIELDS as readonly string[]).includes(k)) pushUnknownField(problems, '', k, KNOWN);
+    } else if (Object.hasOwn(NOT_HERE, k)) problems.add(k, `${k} is not taken here: ${NOT_HERE[k]}`);
+    else if (Object.hasOwn(RENAMED, k)) problems.add(k, `${k} is sent as ${JSON.stringify(RENAMED[k])} here (OpenAI's name)`);
+    else if (!(FIELDS as readonly string[]).includes(k)) problems.unknown(k, KNOWN);
     else inst[k] = v;
   }
-  return { instance: inst, problems };
+  return { instance: inst, problems: problems.list, param: problems.param };
 }
 
 /**
@@ -103,15 +130,32 @@ const relabel = (problem: string, shown = SHOWN): string => problem
   .replace(/\binstances\[0\]\.([a-z_]+)/g, (_, f: string) => shown[f] ?? f)
   .replace(/\bnum_images_per_prompt\b/g, 'n');
 
+/** The parameter the client sent for the first field `problem` names (`instances[0].width`: `size`), if it names one. */
+function paramOf(problem: string, param: Readonly<Record<string, string>>): string | undefined {
+  const field = /\binstances\[0\]\.([a-z_]+)/.exec(problem)?.[1];
+  return field === undefined ? undefined : (param[field] ?? field);
+}
+
 /**
- * An error found once the input images are read (their format, their size), relabelled too: a new error, as the one
+ * `err` with `message`, and `param` among its fields where it is the client's error (a 4xx): a new error, as the one
  * thrown may be another request's as well.
  */
-function relabelled(err: unknown, shown: Readonly<Record<string, string>>): unknown {
-  if (!isRuntimeError(err) || !err.message.includes('instances[0]')) return err;
-  const { retryAfter, fields, allow } = err;
+function reissued(err: RuntimeError, message: string, param: string | undefined): RuntimeError {
+  const { retryAfter, allow } = err;
+  const fields = param !== undefined && httpStatus(err.code) < 500 ? { ...err.fields, param } : err.fields;
   const keep = { ...(retryAfter === undefined ? {} : { retryAfter }), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}) };
-  return new RuntimeError(err.code, relabel(err.message, shown), { cause: err, ...keep });
+  return new RuntimeError(err.code, message, { cause: err, ...keep });
+}
+
+/** `err` about the request parameter `param`. */
+const withParam = (err: RuntimeError, param: string): RuntimeError => reissued(err, err.message, param);
+/** A rejection about the request parameter `param`. */
+const about = (param: string) => (err: unknown): Promise<never> => Promise.reject(isRuntimeError(err) ? withParam(err, param) : err);
+
+/** An error found once the input images are read (their format, their size), relabelled too, its `param` the first field named. */
+function relabelled(err: unknown, names: Names): unknown {
+  if (!isRuntimeError(err) || !err.message.includes('instances[0]')) return err;
+  return reissued(err, relabel(err.message, names.shown), paramOf(err.message, names.param));
 }
 
 /**
@@ -127,12 +171,15 @@ export function imagesBody(results: TaskResult[], now = Date.now()): Buffer {
   return jsonWithBase64(parts);
 }
 
-/** A runtime error reply in OpenAI's error shape (openai-errors.ts), with `x-should-retry: false` where a retry is in vain. */
+/**
+ * A runtime error reply in OpenAI's error shape (openai-errors.ts), with `x-should-retry: false` where a retry is in
+ * vain; its `param` is the error's field of that name, which this module's errors carry where they know it.
+ */
 export function openaiError(out: Reply): Reply {
-  const { error, code } = JSON.parse(String(out.body)) as { error: string; code: string };
+  const { error, code, param } = JSON.parse(String(out.body)) as { error: string; code: string; param?: unknown };
   const extra = openaiErrorHeaders(code);
   const headers = Object.keys(extra).length > 0 ? { ...out.headers, ...extra } : out.headers;
-  return { ...out, ...(headers ? { headers } : {}), body: openaiErrorBody(out.status, code, error) };
+  return { ...out, ...(headers ? { headers } : {}), body: openaiErrorBody(out.status, code, error, typeof param === 'string' ? param : null) };
 }
 
 export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions): void {
@@ -151,19 +198,23 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
     }, opts),
   );
   /** An Images API body (parsed JSON, or an edit's form as one) generated and answered as OpenAI does. */
-  const serve = async (parsed: unknown, signal: AbortSignal, shown = SHOWN): Promise<Reply> => {
+  const serve = async (parsed: unknown, signal: AbortSignal, names = GENERATION_NAMES): Promise<Reply> => {
     assertSafeJson(parsed, 'body');
-    const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
+    const { instance, problems, param } = imagesInstance(parsed, ctx.cfg.modelName);
     let reqs: GenerationRequest[];
+    // The parameter each of the request's problems is about, read where it names the field (`instances[0].seed …`).
+    const params: Array<string | undefined> = [];
     try {
-      reqs = parseInstances([instance], parseContext(ctx), 'instances', false, (p) => relabel(p, shown));
+      reqs = parseInstances([instance], parseContext(ctx), 'instances', false, (p) => (params.push(paramOf(p, names.param)), relabel(p, names.shown)));
     } catch (err) {
       // Every problem at once: OpenAI's fields' own, then the request's they make.
-      if (problems.length > 0 && isRuntimeError(err) && err.code === 'INVALID_INPUT') throw bad(`${joinProblems(problems)}; ${err.message}`);
+      if (isRuntimeError(err) && err.code === 'INVALID_INPUT') {
+        throw problems.length > 0 ? bad(`${joinProblems(problems)}; ${err.message}`, param) : bad(err.message, params[0]);
+      }
       throw err;
     }
-    if (problems.length > 0) throw bad(joinProblems(problems));
-    const results = await generateWithImages(ctx, reqs, signal).catch((err: unknown) => Promise.reject(relabelled(err, shown)));
+    if (problems.length > 0) throw bad(joinProblems(problems), param);
+    const results = await generateWithImages(ctx, reqs, signal).catch((err: unknown) => Promise.reject(relabelled(err, names)));
     return { status: 200, body: imagesBody(results), contentType: 'application/json' };
   };
   const precheck = (route: string) => (r: Req) => {
@@ -173,7 +224,7 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
   app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (_r, body, ex) => serve(parseJson(body), ex.gone.signal), opts, precheck('images/generations')));
   app.post(
     `${OPENAI_PREFIX}/images/edits`,
-    bodyRoute(async (r, body, ex) => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_SHOWN), opts, precheck('images/edits')),
+    bodyRoute(async (r, body, ex) => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_NAMES), opts, precheck('images/edits')),
   );
 }
 
@@ -191,15 +242,15 @@ const NUMBER_TEXT = /^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$/;
 export async function editBody(contentType: string | undefined, body: Buffer): Promise<Record<string, unknown>> {
   const form = await readForm(contentType ?? '', body);
   const fields = new Map<string, unknown>();
-  const problems: string[] = [];
+  const problems = new Problems();
   const files: Array<[string, Blob]> = [];
   let loras: Array<[string | undefined, string]> | undefined;
   for (const [rawKey, v] of form) {
     const k = rawKey === 'image[]' ? 'image' : rawKey;
     if (typeof v !== 'string') {
-      if (k !== 'image' && k !== 'mask') problems.push(`${rawKey} is a file; only image and mask are`);
+      if (k !== 'image' && k !== 'mask') problems.add(k, `${rawKey} is a file; only image and mask are`);
       else files.push([k, v]);
-      if (v.size === 0) problems.push(`${rawKey} is an empty file`);
+      if (v.size === 0) problems.add(k, `${rawKey} is an empty file`);
       continue;
     }
     // Open WebUI sends its edit model's setting as is, "" when left empty: a form's way of leaving it out.
@@ -210,7 +261,7 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
       continue;
     }
     if (fields.has(k)) {
-      problems.push(`${rawKey} is sent twice; send it once`);
+      problems.add(k, `${rawKey} is sent twice; send it once`);
       continue;
     }
     fields.set(k, formValue(k, v));
@@ -218,26 +269,27 @@ export async function editBody(contentType: string | undefined, body: Buffer): P
   // How closely OpenAI's GPT models keep the input's features: "low" is their default and asks for nothing here.
   const fidelity = fields.get('input_fidelity');
   fields.delete('input_fidelity');
-  if (fidelity !== undefined && fidelity !== 'low') problems.push(`input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got ${show(fidelity)}`);
-  if (loras && fields.has('loras')) problems.push('loras is sent twice: as loras and as loras[]; send it once');
+  if (fidelity !== undefined && fidelity !== 'low') problems.add('input_fidelity', `input_fidelity must be "low" (or left out): to keep more of the picture, send a lower strength; got ${show(fidelity)}`);
+  if (loras && fields.has('loras')) problems.add('loras', 'loras is sent twice: as loras and as loras[]; send it once');
   else if (loras) fields.set('loras', loraList(loras, problems));
   // fromEntries: a field named __proto__ becomes a key of its own, which the body's check refuses, not a prototype.
   const out: Record<string, unknown> = Object.fromEntries(fields);
   const images = files.filter(([k]) => k === 'image');
   const masks = files.filter(([k]) => k === 'mask');
   const sent = images.length + (typeof out.image === 'string' ? 1 : 0);
-  if (sent > 1) problems.push(`image: ${sent} images sent; this server edits one picture per request (OpenAI's GPT image models take several as references): send one`);
-  else if (sent === 0) problems.push('image is required: the picture to edit, as a file');
-  if (masks.length > 1 || (masks.length === 1 && out.mask !== undefined)) problems.push('mask is sent twice; send it once');
-  if (out.mask !== undefined) problems.push('mask must be a file: a PNG whose fully transparent area is the one to edit');
-  if (out.mask_image !== undefined) problems.push('mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose fully transparent area is the one to edit');
-  if (problems.length > 0) throw bad(joinProblems(problems));
+  if (sent > 1) problems.add('image', `image: ${sent} images sent; this server edits one picture per request (OpenAI's GPT image models take several as references): send one`);
+  else if (sent === 0) problems.add('image', 'image is required: the picture to edit, as a file');
+  if (masks.length > 1 || (masks.length === 1 && out.mask !== undefined)) problems.add('mask', 'mask is sent twice; send it once');
+  if (out.mask !== undefined) problems.add('mask', 'mask must be a file: a PNG whose fully transparent area is the one to edit');
+  if (out.mask_image !== undefined) problems.add('mask_image', 'mask_image is sent as "mask" here (OpenAI\'s name): a PNG whose fully transparent area is the one to edit');
+  const refused = problems.error();
+  if (refused) throw refused;
   // As bytes, which the image fields take as they are (V2's binary data does too): no base64 made only to be decoded.
   const picture = images.length === 1 ? new Uint8Array(await images[0]![1].arrayBuffer()) : undefined;
   if (picture) out.image = picture;
   let mask: Buffer | undefined;
-  if (masks.length === 1) mask = await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask');
-  else if (picture) mask = await transparentArea(picture, 'image');
+  if (masks.length === 1) mask = await maskFromAlpha(new Uint8Array(await masks[0]![1].arrayBuffer()), 'mask').catch(about('mask'));
+  else if (picture) mask = await transparentArea(picture, 'image').catch(about('image'));
   if (mask) out.mask_image = mask;
   return out;
 }
@@ -267,7 +319,7 @@ async function readForm(contentType: string, body: Buffer): Promise<FormData> {
  * parts. openai-node writes each object's keys in turn, openai-python every name, then every scale: in both the i-th
  * name and the i-th scale are one adapter, so with several adapters each needs its scale (or none has one).
  */
-function loraList(parts: ReadonlyArray<readonly [string | undefined, string]>, problems: string[]): unknown[] {
+function loraList(parts: ReadonlyArray<readonly [string | undefined, string]>, problems: Problems): unknown[] {
   const names: string[] = [];
   const columns = new Map<string, string[]>();
   for (const [key, v] of parts) {
@@ -278,7 +330,7 @@ function loraList(parts: ReadonlyArray<readonly [string | undefined, string]>, p
   const counts = [...columns].map(([key, c]) => [key, c.length] as const);
   const n = Math.max(0, ...counts.map(([, c]) => c));
   if (n > 1 && counts.some(([, c]) => c !== n)) {
-    problems.push(`loras: ${counts.map(([key, c]) => `${c} loras[][${key}]`).join(', ')}: a form cannot say which adapter each belongs to; give every adapter its scale (1 is the default), or send loras as JSON text`);
+    problems.add('loras', `loras: ${counts.map(([key, c]) => `${c} loras[][${key}]`).join(', ')}: a form cannot say which adapter each belongs to; give every adapter its scale (1 is the default), or send loras as JSON text`);
     return [];
   }
   // fromEntries: a key named __proto__ is one of the object's own, which the body's check refuses.
