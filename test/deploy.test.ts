@@ -633,6 +633,17 @@ describe('docker/Dockerfile', () => {
     expect(final.from).toMatch(/^nvidia\/cuda:12\.\d+(\.\d+)?-cudnn(9)?-runtime-ubuntu22\.04$/);
   });
 
+  it("OPERATIONS states the driver the CUDA base accepts: its NVIDIA_REQUIRE_CUDA floor, not the CUDA major's", () => {
+    // nvidia/cuda:X.Y.Z images set NVIDIA_REQUIRE_CUDA="cuda>=X.Y brand=…", which NVIDIA's container toolkit checks
+    // before the container starts: a driver that only reaches CUDA X.0 is refused unless its branch is listed.
+    const [, cuda] = /^nvidia\/cuda:(\d+\.\d+)/.exec(final.from)!;
+    const ops = read('docs/OPERATIONS.md').replace(/\s+/g, ' ');
+    for (const text of [`unsatisfied condition: cuda>=${cuda}\``, `NVIDIA_REQUIRE_CUDA="cuda>=${cuda} brand=`, final.from]) {
+      expect(ops.includes(text), `docs/OPERATIONS.md should say ${text}`).toBe(true);
+    }
+    expect(/driver is ≥ 525/.test(ops), 'docs/OPERATIONS.md: a R525 driver does not start this image').toBe(false);
+  });
+
   it('build stage: npm ci with ONNXRUNTIME_NODE_INSTALL=cuda12, tsc build, npm prune --omit=dev', () => {
     expect(`${envText(build)}\n${runText(build)}`).toMatch(/ONNXRUNTIME_NODE_INSTALL=cuda12/);
     expect(runText(build)).toMatch(/npm ci\b/);
