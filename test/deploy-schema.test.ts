@@ -535,7 +535,7 @@ function servingRuntimeErrors(sr: Obj): string[] {
 
 describe("templates: what KServe's webhooks and reconciler refuse (v0.20.0)", () => {
   const runtimes = () => renderedDocs('serving-runtime.yaml');
-  const isvcs = () => ['inference-service.yaml', 'inference-service-raw.yaml', 'inference-service-multi-model.yaml'].flatMap((f) => renderedDocs(f).map((d) => ({ f, d })));
+  const isvcs = () => ['inference-service.yaml', 'inference-service-raw.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml'].flatMap((f) => renderedDocs(f).map((d) => ({ f, d })));
 
   it('every InferenceService passes, against the ServingRuntime of the same folder', () => {
     expect(servingRuntimeErrors(runtimes()[0]!)).toEqual([]);
@@ -688,7 +688,7 @@ describe('the objects the docs’ commands generate', () => {
   it('Serverless: the Knative hostname label <name>-predictor-<namespace> fits 63 characters (OpenShift Serverless domain template)', () => {
     // OpenShift Serverless names hosts {{.Name}}-{{.Namespace}}.{{.Domain}}; Knative refuses a host whose label
     // passes 63 characters (pkg/reconciler/route/domains: IsFullyQualifiedDomainName), and the revision never routes.
-    for (const f of ['inference-service.yaml', 'inference-service-multi-model.yaml']) {
+    for (const f of ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml']) {
       for (const d of renderedDocs(f)) {
         const label = `${d.metadata.name}-predictor-${d.metadata.namespace}`;
         expect(label.length, `${f} ${label}`).toBeLessThanOrEqual(63);
@@ -741,7 +741,7 @@ function knativeAnnotationErrors(annotations: Record<string, string>): string[] 
 
 describe("templates: what Knative's webhook refuses in the annotations of a Serverless InferenceService (v1.23.0)", () => {
   it('every Serverless InferenceService passes', () => {
-    const serverless = ['inference-service.yaml', 'inference-service-multi-model.yaml'].flatMap((f) => renderedDocs(f));
+    const serverless = ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml'].flatMap((f) => renderedDocs(f));
     expect(serverless.length).toBe(4);
     for (const d of serverless) expect(knativeAnnotationErrors(d.metadata.annotations), d.metadata.name).toEqual([]);
   });
