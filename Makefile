@@ -118,7 +118,7 @@ warmup: render ## Fill the PVC cache from S3 with the warm-up Job and wait for i
 	if [ "$$ok" = done ]; then \
 	  $(KUBECTL) logs -n $(NAMESPACE) $$job --tail=20; \
 	else \
-	  [ "$$ok" != failed ] || echo "$$job failed (backoffLimit reached):" >&2; \
+	  [ "$$ok" != failed ] || echo "$$job failed (a configuration error at once, else after backoffLimit retries):" >&2; \
 	  $(KUBECTL) logs -n $(NAMESPACE) $$job --tail=50 || true; exit 1; \
 	fi
 

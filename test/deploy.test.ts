@@ -470,6 +470,22 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect((c.volumeMounts as Obj[]).some((m) => m.mountPath === '/tmp')).toBe(true);
   });
 
+  it("warm-up Job: the CLI's configuration error fails the Job at once, an evicted pod is not a failure", () => {
+    // The real CLI, as the Job's container runs it, with STORAGE_URI unset: the status it exits with is what
+    // podFailurePolicy must match, else backoffLimit retries a Job that cannot succeed.
+    const cli = spawnSync(process.execPath, ['dist/warmup/main.js'], { cwd: ROOT, encoding: 'utf8', env: { PATH: process.env.PATH, MODEL_CACHE_DIR: os.tmpdir() } });
+    expect(cli.stderr).toMatch(/^warmup: CONFIG: STORAGE_URI is required/);
+    const job = renderedDocs('warmup-job.yaml')[0]!;
+    const c = job.spec.template.spec.containers[0] as Obj;
+    const rules = (job.spec.podFailurePolicy?.rules ?? []) as Obj[];
+    const failJob = rules.find((r) => r.action === 'FailJob' && r.onExitCodes?.operator === 'In');
+    expect(failJob?.onExitCodes.values, 'a FailJob rule on the CLI configuration-error status').toContain(cli.status);
+    expect(failJob?.onExitCodes.containerName ?? c.name).toBe(c.name);
+    // Kubernetes accepts a podFailurePolicy only with restartPolicy Never.
+    expect(job.spec.template.spec.restartPolicy).toBe('Never');
+    expect(rules.some((r) => r.action === 'Ignore' && (r.onPodConditions as Obj[] | undefined)?.some((p) => p.type === 'DisruptionTarget'))).toBe(true);
+  });
+
   it('Route: TLS edge to the predictor Service; Secret: OpenShift AI S3 data connection', () => {
     const route = renderedDocs('route.yaml')[0]!;
     expect(route.apiVersion).toBe('route.openshift.io/v1');
@@ -562,7 +578,7 @@ esac
       };
       const failed = await run('running', 'failed');
       expect([failed.code, failed.stdout.trim().split('\n').at(-1)]).toEqual([2, 'warmup: log of a failed Job']);
-      expect(failed.stderr).toMatch(/^job\/stable-diffusion-cache-warmup failed \(backoffLimit reached\):\nmake: \*\*\* \[Makefile:\d+: warmup\] Error 1\n$/);
+      expect(failed.stderr).toMatch(/^job\/stable-diffusion-cache-warmup failed \(a configuration error at once, else after backoffLimit retries\):\nmake: \*\*\* \[Makefile:\d+: warmup\] Error 1\n$/);
       expect(failed.seconds).toBeLessThan(20);
       const done = await run('running', 'complete');
       expect([done.code, done.stdout.trim().split('\n').slice(-2), done.stderr]).toEqual([0, ['job.batch/x condition met', 'warmup: log of a complete Job'], '']);
