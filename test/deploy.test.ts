@@ -437,6 +437,22 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect(Number(d.metadata.annotations['serving.kserve.io/targetUtilizationPercentage'])).toBeGreaterThan(0);
   });
 
+  it('RawDeployment: a preStop pause before SIGTERM, within the grace period with SHUTDOWN_GRACE_S; none where Knative runs the pod', () => {
+    // Without Knative, SIGTERM and the endpoints' removal start together, and the server refuses new work at SIGTERM.
+    const raw = renderedDocs('inference-service-raw.yaml')[0]!;
+    const cmd = raw.spec.predictor.model.lifecycle?.preStop?.exec?.command as string[] | undefined;
+    expect(cmd?.[0], 'inference-service-raw.yaml: preStop exec sleep').toBe('sleep');
+    const pause = Number(cmd![1]);
+    expect(pause).toBeGreaterThanOrEqual(3);
+    const grace = Number(envOf(container()).get('SHUTDOWN_GRACE_S')!.value);
+    expect(pause + grace).toBeLessThan(raw.spec.predictor.terminationGracePeriodSeconds);
+    // Knative refuses a container's lifecycle (pkg/apis/serving/fieldmask.go ContainerMask); its queue-proxy has its own.
+    expect(container().lifecycle).toBeUndefined();
+    for (const f of ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml']) {
+      for (const d of renderedDocs(f)) expect(findKey(d, 'lifecycle'), `${f} ${d.metadata.name}`).toEqual([]);
+    }
+  });
+
   it('multi-model: several InferenceServices share the runtime, the PVC and the Secret, one URI each', () => {
     const docs = renderedDocs('inference-service-multi-model.yaml');
     expect(docs.length).toBeGreaterThanOrEqual(2);
