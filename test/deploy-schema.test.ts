@@ -754,3 +754,99 @@ describe("templates: what Knative's webhook refuses in the annotations of a Serv
     expect(knativeAnnotationErrors({ 'serving.knative.dev/progress-deadline': '1.5s' })).toEqual(['progress-deadline=1.5s is not at second precision']);
   });
 });
+
+// ---------------------------------------------------------------------------------------------
+// Knative v1.23's webhook on the pod spec KServe builds for a Serverless InferenceService: the ServingRuntime's volumes
+// and container with the InferenceService's merged in (KServe MergePodSpec / MergeRuntimeContainers: strategic merge,
+// volumes and env by name, mounts by path). knative/serving pkg/apis/serving/k8s_validation.go (ValidateVolumes,
+// validateVolumeMounts, validateContainerPorts, reservedEnvVars) and fieldmask.go (ContainerMask: no lifecycle).
+
+/** Mount paths Knative refuses: since 1.13 (#14686), and before it, when /tmp, /var and /var/log were reserved too. */
+const KNATIVE_RESERVED_PATHS = ['/', '/dev', '/dev/log'];
+const KNATIVE_RESERVED_BEFORE_1_13 = [...KNATIVE_RESERVED_PATHS, '/tmp', '/var', '/var/log'];
+
+const mergeBy = (key: string, base: Obj[] = [], over: Obj[] = []): Obj[] => {
+  const out = new Map(base.map((x) => [x[key] as string, x]));
+  for (const x of over) out.set(x[key] as string, { ...out.get(x[key] as string), ...x });
+  return [...out.values()];
+};
+
+/** The pod spec KServe hands Knative for `isvc` on `sr` (the fields Knative's rules below read). */
+function knativePodSpec(isvc: Obj, sr: Obj): { volumes: Obj[]; container: Obj } {
+  const p = isvc.spec.predictor as Obj;
+  const c = sr.spec.containers[0] as Obj;
+  const m = p.model as Obj;
+  const container = { ...c, ...Object.fromEntries(Object.entries(m).filter(([k]) => !['modelFormat', 'runtime', 'storage', 'storageUri', 'protocolVersion'].includes(k))),
+    env: mergeBy('name', c.env, m.env), volumeMounts: mergeBy('mountPath', c.volumeMounts, m.volumeMounts), ports: mergeBy('containerPort', c.ports, m.ports) };
+  return { volumes: mergeBy('name', sr.spec.volumes, p.volumes), container };
+}
+
+function knativePodSpecErrors(spec: { volumes: Obj[]; container: Obj }, reserved = KNATIVE_RESERVED_PATHS): string[] {
+  const errs: string[] = [];
+  const { volumes, container: c } = spec;
+  const byName = new Map(volumes.map((v) => [v.name as string, v]));
+  const mounted = new Set((c.volumeMounts as Obj[]).map((vm) => vm.name as string));
+  for (const v of volumes) if (!mounted.has(v.name)) errs.push(`volume with name "${v.name}" not mounted`);
+  const paths = new Set<string>();
+  for (const vm of c.volumeMounts as Obj[]) {
+    const at = path.posix.normalize(vm.mountPath).replace(/(.)\/$/, '$1'); // Go's path.Clean
+    const v = byName.get(vm.name);
+    if (!v) errs.push(`volumeMount ${vm.name}: volumeMount has no matching volume`);
+    if (reserved.includes(at)) errs.push(`mountPath "${at}" is a reserved path`);
+    if (paths.has(at)) errs.push(`"${vm.mountPath}" must be unique`);
+    paths.add(at);
+    if (v && !v.emptyDir && !v.persistentVolumeClaim && !v.ephemeral && !vm.readOnly) errs.push(`volumeMount ${vm.name}: volume mount should be readOnly for this type of volume`);
+  }
+  const ports = (c.ports ?? []) as Obj[];
+  if (ports.length > 1) errs.push('more than one container port is set');
+  for (const port of ports) {
+    if (!['', 'h2c', 'http1', undefined].includes(port.name)) errs.push(`port name ${port.name} is not h2c or http1`);
+    if ([8012, 8013, 8022, 9090, 9091, 8008].includes(port.containerPort)) errs.push(`port ${port.containerPort} is reserved`);
+  }
+  for (const e of (c.env ?? []) as Obj[]) if (['PORT', 'K_SERVICE', 'K_CONFIGURATION', 'K_REVISION'].includes(e.name)) errs.push(`"${e.name}" is a reserved environment variable`);
+  if (c.lifecycle !== undefined) errs.push('must not set the field(s): lifecycle');
+  return errs;
+}
+
+describe("templates: what Knative's webhook refuses in the pod spec of a Serverless InferenceService (v1.23.0)", () => {
+  const sr = () => renderedDocs('serving-runtime.yaml')[0]!;
+  const serverless = () => ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml']
+    .flatMap((f) => renderedDocs(f).map((d) => ({ f, d })));
+
+  it('every Serverless InferenceService passes', () => {
+    expect(serverless().length).toBe(4);
+    for (const { f, d } of serverless()) expect(knativePodSpecErrors(knativePodSpec(d, sr())), `${f} ${d.metadata.name}`).toEqual([]);
+  });
+
+  it('a mount Knative releases before 1.13 refuse is stated as the minimum Knative in the docs that tell how to deploy', () => {
+    const old = serverless().flatMap(({ d }) => knativePodSpecErrors(knativePodSpec(d, sr()), KNATIVE_RESERVED_BEFORE_1_13));
+    if (old.length === 0) return;
+    for (const f of ['README.md', 'templates/README.md']) {
+      expect(/Knative Serving 1\.13 or later/.test(readFileSync(path.join(ROOT, f), 'utf8').replace(/\s+/g, ' ')), `${f} should name Knative Serving 1.13 or later (${old[0]})`).toBe(true);
+    }
+  });
+
+  it('the rules refuse what Knative refuses', () => {
+    const spec = () => knativePodSpec(structuredClone(renderedDocs('inference-service.yaml')[0]!), sr());
+    const a = spec();
+    a.volumes.push({ name: 'extra', emptyDir: {} });
+    expect(knativePodSpecErrors(a)).toEqual(['volume with name "extra" not mounted']);
+    const b = spec();
+    b.volumes.push({ name: 'ca', configMap: { name: 'ca' } });
+    b.container.volumeMounts.push({ name: 'ca', mountPath: '/etc/ca' });
+    expect(knativePodSpecErrors(b)).toEqual(['volumeMount ca: volume mount should be readOnly for this type of volume']);
+    const c = spec();
+    c.container.volumeMounts.push({ name: 'tmp', mountPath: '/dev/' });
+    expect(knativePodSpecErrors(c)).toEqual(['mountPath "/dev" is a reserved path']);
+    expect(knativePodSpecErrors(spec(), KNATIVE_RESERVED_BEFORE_1_13)).toEqual(['mountPath "/tmp" is a reserved path']);
+    const d = spec();
+    d.container.env.push({ name: 'PORT', value: '9000' });
+    d.container.ports.push({ containerPort: 9090, name: 'metrics' });
+    d.container.lifecycle = { preStop: { exec: { command: ['sleep', '5'] } } };
+    expect(knativePodSpecErrors(d)).toEqual(['more than one container port is set', 'port name metrics is not h2c or http1', 'port 9090 is reserved',
+      '"PORT" is a reserved environment variable', 'must not set the field(s): lifecycle']);
+    // The InferenceService's own mounts and volumes merge into the ServingRuntime's by path and name, not beside them.
+    const merged = spec();
+    expect([merged.volumes.map((v) => v.name), merged.container.volumeMounts.map((m: Obj) => m.mountPath)]).toEqual([['model-cache', 'tmp'], ['/mnt/cache', '/tmp']]);
+  });
+});
