@@ -201,6 +201,8 @@ describe('boot', () => {
 /** One HTTP/1.1 exchange on an already-open socket; resolves with the status code, the head and the body. */
 function exchange(sock: net.Socket, request: string): Promise<{ status: number; head: string; body: string }> {
   return new Promise((resolve, reject) => {
+    const closed = () => reject(new Error('the connection closed without an answer'));
+    if (sock.destroyed) return closed();
     let buf = Buffer.alloc(0);
     const onData = (c: Buffer) => {
       buf = Buffer.concat([buf, c]);
@@ -214,6 +216,7 @@ function exchange(sock: net.Socket, request: string): Promise<{ status: number; 
     };
     sock.on('data', onData);
     sock.once('error', reject);
+    sock.once('close', closed);
     sock.write(request);
   });
 }
@@ -258,6 +261,42 @@ describe('SIGTERM', () => {
     expect(r.headers.get('connection')).toBe('close');
     expect(await exit).toBe(0);
     expect(srv.events('state').map((l) => l.state)).toContain('stopping');
+    expect(srv.events('shut-down').map((l) => l.drained)).toEqual([true]);
+  });
+
+  it('waits for the answers still being written or read: a slow reader gets its whole reply, a body still arriving its 503', async () => {
+    const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
+    // Four 1024² images of the demo model: ~15 MB of JSON, far more than loopback's socket buffers hold.
+    const big = JSON.stringify({ instances: [{ prompt: 'read me slowly', num_inference_steps: 4, height: 1024, width: 1024, seed: 4, num_images_per_prompt: 4 }] });
+    const reader = net.connect(srv.port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    reader.on('data', (c: Buffer) => chunks.push(c));
+    const readerClosed = new Promise<void>((r) => reader.once('close', () => r()));
+    reader.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${big.length}\r\n\r\n${big}`);
+    // A request whose head has come but whose body has not, all of it, when the signal does.
+    const small = '{"instances":[{"prompt":"uploading"}]}';
+    const uploader = net.connect(srv.port, '127.0.0.1');
+    await new Promise((r) => uploader.once('connect', r));
+    uploader.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${small.length}\r\n\r\n${small.slice(0, 5)}`);
+    await until(() => chunks.length > 0);
+    reader.pause();
+    const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
+    srv.proc.kill('SIGTERM');
+    await srv.waitFor('draining');
+    // Time for a server that does not wait for them to exit; one that does waits for the rest of the body and the reads.
+    await Promise.race([exit, new Promise((r) => setTimeout(r, 2_000))]);
+    const late = await exchange(uploader, small.slice(5)).catch((err: Error) => ({ status: 0, head: '', body: err.message }));
+    expect(late.status).toBe(503);
+    expect(JSON.parse(late.body)).toMatchObject({ code: 'SHUTTING_DOWN' });
+    reader.resume();
+    await readerClosed;
+    const all = Buffer.concat(chunks);
+    const sep = all.indexOf('\r\n\r\n');
+    const head = all.subarray(0, sep).toString();
+    expect(head).toMatch(/^HTTP\/1\.1 200 /);
+    expect(all.length - sep - 4).toBe(Number(/content-length: (\d+)/i.exec(head)![1]));
+    expect((JSON.parse(all.subarray(sep + 4).toString()) as { predictions: unknown[] }).predictions).toHaveLength(4);
+    expect(await exit).toBe(0);
     expect(srv.events('shut-down').map((l) => l.drained)).toEqual([true]);
   });
 

@@ -30,6 +30,8 @@ export interface RuntimeOptions {
 /** The HTTP server `main` wired in: close() stops its listening socket first and its last connections at the end. */
 export interface Listener {
   closeListener(): void;
+  /** Resolves once no request is being answered (its body still arriving, or its answer still being written). */
+  answered(): Promise<void>;
   closeConnections(): void;
 }
 
@@ -129,8 +131,10 @@ export class Runtime {
       this.#listener?.closeListener();
       this.events.emit('draining', { inflight: this.generation.inflight, queued: this.engine.queueDepth, graceMs, bootState: was }, 'shutting down: draining in-flight requests');
       let timer: NodeJS.Timeout | undefined;
+      // Then the answers: a request whose body was still arriving at the signal is answered (503 once it has come), and
+      // a large answer to a client reading slowly is written whole, not cut by closeConnections() below.
       const drained = await Promise.race([
-        this.generation.drained().then(() => true),
+        this.generation.drained().then(() => this.#listener?.answered()).then(() => true),
         new Promise<boolean>((r) => {
           timer = setTimeout(() => r(false), graceMs);
           this.#endGrace = () => r(false);

@@ -42,6 +42,12 @@ export interface BaseServer {
   setCors(h: CorsHandler | undefined): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
+  /**
+   * Resolves once no request is being answered: each one received has had its answer handed to the OS, or its client
+   * left, and each WebSocket has closed. A request still sending its body, or a client still reading a large answer,
+   * counts: closeConnections() would cut it.
+   */
+  answered(): Promise<void>;
   /** Closes every connection still open (after the drain). */
   closeConnections(): void;
   /** Connection counts, live (metrics read them at scrape time). */
@@ -339,6 +345,20 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
 
   let open = true;
   let cors: CorsHandler | undefined;
+  /** Responses not yet handed to the OS and WebSockets not yet closed (answered()). */
+  let answering = 0;
+  const answeredWaiters: Array<() => void> = [];
+  /** Counts one answer until the first of `events` on `emitter`. */
+  const answeringUntil = (emitter: NodeJS.EventEmitter, events: string[]) => {
+    answering++;
+    let done = false;
+    const end = () => {
+      if (done) return;
+      done = true;
+      if (--answering === 0) for (const w of answeredWaiters.splice(0)) w();
+    };
+    for (const e of events) emitter.once(e, end);
+  };
 
   const fdLimit = descriptorLimit();
   const maxConnections = opts.maxConnections ?? autoMaxConnections(fdLimit);
@@ -384,6 +404,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       connectionsCheckingInterval: TIMEOUT_SWEEP_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
+      answeringUntil(res, ['finish', 'close']);
       const refuse = (code: HttpErrorCode, error: string, headers: Record<string, string> = {}) => {
         const path = pathOf(req.url);
         // Under /openai in OpenAI's shape, as the routes there answer: its SDKs read no other.
@@ -445,7 +466,10 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       return void rawReply(socket, 503, errorBody('BUSY', overLimitMessage(maxConnections)), 'retry-after: 1\r\n');
     }
     const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
-    if (hit) hit.h(req, socket, head, hit.params);
+    if (hit) {
+      answeringUntil(socket, ['close']);
+      hit.h(req, socket, head, hit.params);
+    }
     else if (!attached) rawReply(socket, 503, STARTING);
     else rawError(socket, 'NOT_FOUND', `no WebSocket endpoint at ${pathOf(req.url)}`);
   });
@@ -531,6 +555,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
           // holding one would see a reset instead of the 503 "shutting down" answer.
           Object.getPrototypeOf(http.Server.prototype).close.call(server);
         },
+        answered: () => (answering === 0 ? Promise.resolve() : new Promise((r) => answeredWaiters.push(r))),
         closeConnections: () => server.closeAllConnections(),
         connections: {
           get open() {
