@@ -135,7 +135,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     queueDepth: new Gauge({
       name: 'inference_queue_depth',
-      help: 'Requests waiting for the device (not counting the ones running)',
+      help: 'Requests waiting for the device (not counting the ones running; a request of several instances counts once)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

@@ -438,15 +438,16 @@ describe('engine with LoRA adapter sets', () => {
 });
 
 describe('generation of a request of several instances', () => {
-  it('a generation refused (queue full) takes its queued siblings out of the queue: none runs for nobody', async () => {
-    const { engine, w, metrics } = await loadedEngine({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' });
-    const gen = createGeneration(loadConfig({ MAX_QUEUE: '2', RESULT_CACHE_MB: '0' }), createMetrics(), engine, {} as RequestS3);
+  it('a generation refused (an unknown adapter) takes its queued siblings out of the queue: none runs for nobody', async () => {
+    const { engine, w, metrics } = await loadedEngine({ RESULT_CACHE_MB: '0' });
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '0' }), createMetrics(), engine, {} as RequestS3);
     const running = engine.submit(request('running'));
     await tick();
     expect(w.generations()).toHaveLength(1);
-    // a and b fill the queue, c is refused: the request is answered 503 …
-    const refused = await gen.generate(['a', 'b', 'c', 'd'].map(request), new AbortController().signal).then(() => 'ok', (e: RuntimeError) => e.code);
-    expect(refused).toBe('BUSY');
+    // a and b wait (one request: one place in the queue), c names an adapter the model lacks: the request is answered 400 …
+    const c = { ...request('c'), loras: [{ name: 'missing', scale: 1 }] };
+    const refused = await gen.generate([request('a'), request('b'), c], new AbortController().signal).then(() => 'ok', (e: RuntimeError) => e.code);
+    expect(refused).toBe('INVALID_INPUT');
     // … and a and b are no longer waiting, counted as taken out for their request's failure.
     expect(engine.queueDepth).toBe(0);
     const cancelled = (await metrics.cancelled.get()).values;

@@ -214,6 +214,27 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     expect((await queued).status).toBe(200);
   });
 
+  it('queues a request of several instances as one: served on an idle server, waiting in one place behind another', async () => {
+    const small = (i: number) => ({ prompt: `part ${i}`, num_inference_steps: 2, height: 64, width: 64, seed: 20 + i });
+    const many = (from: number) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [small(from), small(from + 1), small(from + 2)] });
+    // The first instance runs at once, the other two wait: each used to take a place, so the third was refused "queue
+    // full" on an idle server, however long its client waited to retry.
+    const idle = await many(0);
+    expect([idle.status, idle.json.error]).toEqual([200, undefined]);
+    expect(preds(idle.json).map((p) => p.seed)).toEqual([20, 21, 22]);
+    const running = predict(srv, long);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
+    await new Promise((r) => setTimeout(r, 100));
+    const waiting = many(3);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 10_000, 25);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(1);
+    const refused = await predict(srv, small(6));
+    expect([refused.status, refused.json.code]).toEqual([503, 'BUSY']);
+    expect((await running).status).toBe(200);
+    const served = await waiting;
+    expect([served.status, preds(served.json).map((p) => p.seed)]).toEqual([200, [23, 24, 25]]);
+  });
+
   it('removes a queued request whose client left: cancelled counted, depth back to 0, never generated', async () => {
     const images0 = await metric(srv, 'images_generated_total');
     const cancelled0 = await metric(srv, 'inference_cancelled_total');

@@ -70,10 +70,17 @@ export interface SubmitOptions {
   onQueued?: () => void;
   /** Run on this worker (its index) and alone: the warm-up of each worker. */
   worker?: number;
+  /**
+   * The client request this generation is one of (V1's instances, V2's prompts, …; the same object for each): MAX_QUEUE
+   * and the queue depth count requests, so a request of several instances waits as one. Default: a request of its own.
+   */
+  request?: object;
 }
 
 interface Task {
   req: GenerationRequest;
+  /** SubmitOptions.request. */
+  request: object;
   key: string;
   images: number;
   enqueuedAt: number;
@@ -221,8 +228,9 @@ export class Engine {
   get defaults(): ModelDefaults | undefined {
     return this.#defaults;
   }
+  /** Requests waiting for a worker (a request of several instances counts once, as MAX_QUEUE counts it). */
   get queueDepth(): number {
-    return this.#pending.length;
+    return new Set(this.#pending.map((t) => t.request)).size;
   }
   get busy(): number {
     return this.#workers.filter((w) => w.running || w.decoding.length > 0).length;
@@ -376,7 +384,10 @@ export class Engine {
     if (this.#closing) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
-    if (this.#pending.length >= this.cfg.maxQueue) {
+    const request = opts.request ?? {};
+    // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
+    // however long its client waited to retry.
+    if (!this.#pending.some((t) => t.request === request) && this.queueDepth >= this.cfg.maxQueue) {
       return refuse('queue_full', new RuntimeError('BUSY', `the request queue is full (${this.cfg.maxQueue} waiting); retry later`, { retryAfter: this.#retryAfter() }));
     }
     return new Promise<TaskResult>((resolve, reject) => {
@@ -384,13 +395,13 @@ export class Engine {
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
       // Output formats may differ: each request's images are encoded as it asked.
       const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
-      const task: Task = { req, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
+      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
       }
       this.#pending.push(task);
-      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.metrics.queueDepth.set(this.#labels, this.queueDepth);
       opts.onQueued?.();
       this.#pump();
     });
@@ -451,7 +462,7 @@ export class Engine {
     if (task.state === 'queued') {
       const i = this.#pending.indexOf(task);
       if (i >= 0) this.#pending.splice(i, 1);
-      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.metrics.queueDepth.set(this.#labels, this.queueDepth);
       this.metrics.cancelled.inc(counted);
       this.#finish(task, new RuntimeError('CANCELLED', 'the client left while queued'));
       this.#checkIdle();
@@ -507,7 +518,7 @@ export class Engine {
         return;
       }
       for (const t of batch) this.#pending.splice(this.#pending.indexOf(t), 1);
-      this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+      this.metrics.queueDepth.set(this.#labels, this.queueDepth);
       this.#dispatch(worker, batch);
     }
   }
@@ -620,7 +631,7 @@ export class Engine {
           this.#pending.splice(this.#pending.indexOf(t), 1);
           this.#finish(t, err);
         }
-        this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+        this.metrics.queueDepth.set(this.#labels, this.queueDepth);
         this.#checkIdle();
         this.#pump();
         break;
@@ -735,7 +746,7 @@ export class Engine {
       t.alone = true;
     }
     this.#pending.unshift(...live);
-    this.metrics.queueDepth.set(this.#labels, this.#pending.length);
+    this.metrics.queueDepth.set(this.#labels, this.queueDepth);
     return true;
   }
 

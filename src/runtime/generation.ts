@@ -38,7 +38,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   const waiters: Array<() => void> = [];
 
   /** Result cache → queue → cache fill → optional upload to output_uri. */
-  const generateOne = async (req: GenerationRequest, signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
+  /** `request`: the object every generation of one client request shares (the engine queues the request as one). */
+  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     const hit = key === undefined ? undefined : resultCache.get(key);
     let result: TaskResult;
@@ -48,7 +49,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       const images = hit.map((i) => ({ ...i, data: i.data.slice(0) }));
       result = { images, times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
     } else {
-      result = await engine.submit(req, { signal, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
+      result = await engine.submit(req, { signal, request, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
       if (key !== undefined) resultCache.put(key, result.images);
     }
     if (req.output.uri !== undefined) {
@@ -76,7 +77,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no warning for it.
       setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both);
       try {
-        return await Promise.all(reqs.map((r) => generateOne(r, both, onProgress, onQueued)));
+        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
