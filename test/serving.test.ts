@@ -235,6 +235,20 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     expect([served.status, preds(served.json).map((p) => p.seed)]).toEqual([200, [23, 24, 25]]);
   });
 
+  it('counts a refused request of several instances once in inference_rejected_total, as the 503 it gets', async () => {
+    const running = predict(srv, long);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
+    await new Promise((r) => setTimeout(r, 100));
+    const queued = predict(srv, { prompt: 'queued', num_inference_steps: 2, height: 64, width: 64, seed: 30 });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
+    const rejected0 = await metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
+    const small = (i: number) => ({ prompt: `refused ${i}`, num_inference_steps: 2, height: 64, width: 64, seed: 40 + i });
+    const refused = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [small(0), small(1), small(2)] });
+    expect([refused.status, refused.json.code]).toEqual([503, 'BUSY']);
+    expect((await metric(srv, 'inference_rejected_total', { reason: 'queue_full' })) - rejected0).toBe(1);
+    expect([(await running).status, (await queued).status]).toEqual([200, 200]);
+  });
+
   it('removes a queued request whose client left: cancelled counted, depth back to 0, never generated', async () => {
     const images0 = await metric(srv, 'images_generated_total');
     const cancelled0 = await metric(srv, 'inference_cancelled_total');

@@ -214,6 +214,8 @@ export class Engine {
   /** Per worker index: consecutive restarts, and when the last one started. */
   readonly #restarts = new Map<number, { n: number; at: number }>();
   #serving = true;
+  /** Requests refused already (SubmitOptions.request): inference_rejected_total counts each once. */
+  readonly #refused = new WeakSet<object>();
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -376,15 +378,17 @@ export class Engine {
   }
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
-    // Refused before queueing: counted in inference_rejected_total by reason.
+    const request = opts.request ?? {};
+    // Refused before queueing: counted in inference_rejected_total by reason, once per request (its instances are
+    // submitted together and each is refused: a request of eight counted eight, against one 503).
     const refuse = (reason: RejectReason, err: RuntimeError): Promise<never> => {
-      this.metrics.rejected.inc({ ...this.#labels, reason });
+      if (!this.#refused.has(request)) this.metrics.rejected.inc({ ...this.#labels, reason });
+      this.#refused.add(request);
       return Promise.reject(err);
     };
     if (this.#closing) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
-    const request = opts.request ?? {};
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
     // however long its client waited to retry.
     if (!this.#pending.some((t) => t.request === request) && this.queueDepth >= this.cfg.maxQueue) {
