@@ -117,7 +117,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     steps: new Counter({
       name: 'denoising_steps_total',
-      help: 'UNet denoising steps run (a batched step counts once)',
+      help: 'UNet denoising steps run (a batched step counts once), those of generations stopped or failed partway included',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

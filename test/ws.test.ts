@@ -5,7 +5,7 @@ import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { pngSize, postJson } from './helpers/server.js';
+import { pngSize, postJson, until } from './helpers/server.js';
 import { REQUEST_WAIT_MS } from '../src/server/ws.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
@@ -190,6 +190,7 @@ describe('WebSocket stream', () => {
   it('cancels the generation when the client closes the socket', async () => {
     const cancelled0 = await metric(srv, 'inference_cancelled_total');
     const images0 = await metric(srv, 'images_generated_total');
+    const steps0 = await metric(srv, 'denoising_steps_total');
     const ws = await stream();
     ws.send(JSON.stringify({ prompt: 'long', num_inference_steps: 400, height: 1024, width: 1024, seed: 1 }));
     await ws.next((m) => m.type === 'progress' && (m.step as number) >= 2);
@@ -197,6 +198,11 @@ describe('WebSocket stream', () => {
     // Stopped between steps: counted as cancelled, no image, and the device is free again (400 steps at 1024x1024
     // would hold it past the test's timeout).
     while ((await metric(srv, 'inference_cancelled_total')) === cancelled0) await new Promise((r) => setTimeout(r, 25));
+    await until(async () => (await metric(srv, 'worker_busy')) === 0, 10_000, 25);
+    // The UNet runs it made before it stopped are device work too: counted (they were not, as if none had run).
+    const ran = (await metric(srv, 'denoising_steps_total')) - steps0;
+    expect(ran).toBeGreaterThanOrEqual(2);
+    expect(ran).toBeLessThan(401);
     const quick = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'after', num_inference_steps: 2, height: 64, width: 64, seed: 2 }] });
     expect(quick.status).toBe(200);
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);

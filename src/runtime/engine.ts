@@ -110,6 +110,8 @@ interface Running {
   where: { worker: string; device: string };
   /** Every client left and the worker was told to stop it. */
   cancelled?: boolean;
+  /** UNet runs done so far (its last progress): what denoising_steps_total counts of a run that ends without a result. */
+  unetRuns?: number;
 }
 
 interface LoadWaiter {
@@ -656,6 +658,7 @@ export class Engine {
         const run = w.running;
         if (run?.id !== m.id) break;
         const { step, of, previews } = m;
+        run.unetRuns = step;
         run.delivery = run.delivery.then(async () => {
           const pngs = previews ? await Promise.all(previews.map((p) => encodeImage(new Uint8Array(p.rgb), p.width, p.height, 'png'))) : undefined;
           let item = 0;
@@ -675,6 +678,7 @@ export class Engine {
         if (w.running === run) w.running = undefined;
         else w.decoding.splice(w.decoding.indexOf(run), 1);
         this.#deviceBusy(w);
+        if (m.t === 'error') this.#countPartial(run);
         const oom = m.t === 'error' && m.code === 'OUT_OF_MEMORY';
         if (oom && this.#outOfMemory(run, m.detail)) {
           this.#pump();
@@ -754,6 +758,14 @@ export class Engine {
     return true;
   }
 
+  /**
+   * The UNet runs of a generation that ended without a result (stopped because its clients left or timed out, out of
+   * memory, failed): the device ran them, and denoising_steps_total counted only those of generations that finished.
+   */
+  #countPartial(run: Running): void {
+    if (run.unetRuns) this.metrics.steps.inc(this.#labels, run.unetRuns);
+  }
+
   #fail(run: Running, err: Error): void {
     for (const t of run.tasks) this.#finish(t, err);
   }
@@ -800,6 +812,7 @@ export class Engine {
     this.metrics.workerDeaths.inc({ ...this.#labels, worker: String(w.index), device: w.device });
     // The batch it was stepping and the one it was decoding, if any.
     const runs = runsOf(w);
+    for (const run of runs) this.#countPartial(run);
     w.decoding.length = 0;
     w.running = undefined;
     w.sets.clear();
