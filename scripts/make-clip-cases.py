@@ -1,24 +1,25 @@
 """Writes test/fixtures/parity/clip-fuzz.json: token ids from OpenAI CLIP's own simple_tokenizer for prompts beyond
-the handed reference set (long multi-byte words, HTML references of every kind, whitespace and case-folding edges).
+the handed reference set (long multi-byte words, HTML references of every kind, whitespace and case-folding edges,
+and prompts as users paste them: line breaks, Unicode spaces, zero-width and control characters, full-width and
+curly punctuation, ligatures, terminal escapes, lone surrogates, weighting syntax).
 
-    python3 scripts/make-clip-cases.py /path/to/openai-CLIP/clip > test/fixtures/parity/clip-fuzz.json
+    PYTHONPATH=<python-ftfy> python3 scripts/make-clip-cases.py /path/to/openai-CLIP/clip > test/fixtures/parity/clip-fuzz.json
 
 The folder is the `clip/` package of github.com/openai/CLIP (simple_tokenizer.py, bpe_simple_vocab_16e6.txt.gz);
-needs the `regex` package. As for ../shared/reference/clip-tokenizer/cases-unicode.json, ftfy.fix_text is NFC
-normalisation (a stub module is put in front when ftfy is absent), so no case depends on ftfy's other repairs.
+needs the `regex` package and ftfy (a checkout of github.com/rspeer/python-ftfy on PYTHONPATH will do; its wcwidth
+import serves only display functions and may be a stub module). The runtime leaves out ftfy's mojibake repair
+(fix_encoding, docs/PARITY.md): a case that step changes also has `ids_without_fix_encoding`, from the same tokenizer
+with ftfy.fix_text(text, fix_encoding=False).
 """
 import importlib.util
 import json
 import os
 import random
 import sys
-import types
-import unicodedata
+
+import ftfy
 
 clip_dir = sys.argv[1]
-stub = types.ModuleType("ftfy")
-stub.fix_text = lambda t: unicodedata.normalize("NFC", t)
-sys.modules["ftfy"] = stub
 spec = importlib.util.spec_from_file_location("simple_tokenizer", os.path.join(clip_dir, "simple_tokenizer.py"))
 st = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(st)
@@ -66,14 +67,55 @@ texts += [
     "don't we'll I'M YOU'RE it's", "’curly’ “double”", "x²³ ½ ⅓ ① Ⅻ", "𝐛𝐨𝐥𝐝 𝔣𝔯𝔞𝔨𝔱𝔲𝔯 𝟙𝟚", "",
     "\u00ad soft\u00adhyphen", "a\u0000b", "control\u0007bell", "\u2028line sep\u2029para",
 ]
-cases = [{"text": t, "ids": tok.encode(t)} for t in texts]
+# Prompts as users paste them from UIs, chat tools and scripts (ftfy's repairs decide most of these).
+texts += [
+    "a cat\r\non a mat", "a cat\ron a mat", "a\tcat\t\ton a mat", "a\u00a0cat\u2009on\u202fa\u3000mat", "a\u2028cat\u2029mat\u0085x",
+    "\ufeffa photo of a cat", "a photo\ufeff of a cat", "a\u200bphoto\u200cof\u200da\u2060cat", "👨\u200d👩\u200d👧 family",
+    "👍🏽 👍🏿 🇯🇵🇫🇷 🏳️\u200d🌈", "cafe\u0301 vs café", "A\u030a Å \u212b", "ｆｕｌｌ　ｗｉｄｔｈ，ｔｅｘｔ！", "（masterpiece），［best］",
+    "ｶﾀｶﾅ ﾊﾝｶｸ", "“curly” ‘single’ ‹a› «b» „c“", "don’t it’s we’ll", "Tom &amp;amp;amp; Jerry", "&nbsp;&nbsp;cat",
+    "<b>bold</b> &amp; &lt;", "a < b &amp; c", "&lt;3 &amp; x", "line &amp;one\n<two> &amp;two\nthree &amp;three", "&EACUTE;COLE &NTILDE; &AMP;",
+    "&#x2019;s &#8220;q&#8221;", "עברית שלום", "مرحبا بالعالم", "mixed English עברית عربى", "\u202eright to left override\u202c",
+    "\u200fRLM\u200e LRM", "nul\x00\x00end", "bell\x07 backspace\x08 esc\x1b[31mred\x1b[0m", "del\x7f", "c1\x80\x85\x8d\x9f",
+    "\x0bvt\x0cff", "(masterpiece:1.3), ((best quality)), [blurry], (cat:0.8) BREAK dog", "a {red|blue} car",
+    "<easynegative>, <bad-hands-5>", "embedding:EasyNegative, (worst quality:1.4)", "ﬁne ﬂour ﬀ ﬃ ﬅ", "Ǆ ǅ ǆ Ĳ ŉ",
+    "\ufff9annot\ufffa\ufffb \ufffc obj", "\u206adeprecated\u206f", "\U000e0041tag\U000e007f", "a\ufffdb",
+    "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f scotland", " ", "\t\n", "\u3000", "\u200b", "\ufeff",
+    "\x00", "a\ud800b", "\udfff end", "pair \ud83d\ude00 joined", "1girl, solo, long hair, looking at viewer",
+]
+fix_text = ftfy.fix_text
+
+
+def case(t):
+    c = {"text": t, "ids": tok.encode(t)}
+    # ftfy's mojibake repair (fix_encoding), which the runtime does not apply, reads some random Latin-1 words as
+    # UTF-8 decoded wrongly: such a case also records the ids without that step.
+    if fix_text(t) != fix_text(t, fix_encoding=False):
+        ftfy.fix_text = lambda x: fix_text(x, fix_encoding=False)
+        c["ids_without_fix_encoding"] = tok.encode(t)
+        ftfy.fix_text = fix_text
+    return c
+
+
+cases = [case(t) for t in texts]
 head = {
     "bos": tok.encoder["<|startoftext|>"],
     "eos": tok.encoder["<|endoftext|>"],
-    "note": "OpenAI CLIP simple_tokenizer.encode (ids without bos/eos, unpadded, untruncated); ftfy.fix_text replaced by "
-            "NFC normalisation; made by scripts/make-clip-cases.py",
+    "note": "OpenAI CLIP simple_tokenizer.encode (ids without bos/eos, unpadded, untruncated) with ftfy %s; made by "
+            "scripts/make-clip-cases.py" % ftfy.__version__,
 }
+
+
+def line(c):
+    # A lone surrogate cannot be written as UTF-8: such a case is written with escapes.
+    text = json.dumps(c, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(c)
+    return text
+
+
 # One case per line keeps the file small and its diffs readable.
 out = json.dumps(head, ensure_ascii=False)[:-1] + ', "cases": [\n'
-out += ",\n".join(json.dumps(c, ensure_ascii=False) for c in cases)
+out += ",\n".join(line(c) for c in cases)
 sys.stdout.write(out + "\n]}\n")

@@ -1,7 +1,8 @@
 /**
  * @module CLIP byte-level BPE as OpenAI CLIP's `simple_tokenizer` runs it (and HF's slow `CLIPTokenizer` with ftfy):
- * NFC in place of ftfy, HTML unescaped twice, whitespace collapsed, lower case, the CLIP split regex, GPT-2's
- * byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says where other tokenizers differ.
+ * ftfy's repairs but its mojibake fix (text-fix.ts), HTML unescaped twice, whitespace collapsed, lower case, the CLIP
+ * split regex, GPT-2's byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says where
+ * other tokenizers differ.
  */
 
 import { existsSync } from 'node:fs';
@@ -10,7 +11,7 @@ import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { TOKENIZER_JSON } from './model.js';
 import { parsePyJson } from './pyjson.js';
-import { HTML5_NAMED, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.js';
+import { fixText, htmlUnescape } from './text-fix.js';
 
 const BOS = '<|startoftext|>';
 const EOS = '<|endoftext|>';
@@ -65,41 +66,14 @@ const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
  * dropped. JS's `i` flag would count it a letter instead; without `i` it is left out by hand.
  */
 const SPLIT = new RegExp(`<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^${WS}\\p{L}\\p{N}\\u0345]+`, 'gu');
-const CHARREF = /&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)/gu;
-
-/** Python's `html.unescape`: HTML5 named references (longest prefix without ';'), numeric ones with HTML5's fix-ups. */
-export function htmlUnescape(s: string): string {
-  if (!s.includes('&')) return s;
-  return s.replace(CHARREF, (whole, ref: string) => {
-    if (ref[0] === '#') {
-      const hex = ref[1] === 'x' || ref[1] === 'X';
-      const digits = ref.slice(hex ? 2 : 1).replace(/;$/, '');
-      const n = hex ? parseInt(digits, 16) : parseInt(digits, 10);
-      const fixed = INVALID_CHARREFS.get(n);
-      if (fixed !== undefined) return fixed;
-      if ((n >= 0xd800 && n <= 0xdfff) || n > 0x10ffff) return '\ufffd';
-      if (INVALID_CODEPOINTS.has(n)) return '';
-      return String.fromCodePoint(n);
-    }
-    if (Object.hasOwn(HTML5_NAMED, ref)) return HTML5_NAMED[ref]!;
-    // A name without its ';' (`&ampx`): the longest known prefix of at least two characters, rest kept.
-    const cps = Array.from(ref);
-    for (let x = cps.length - 1; x > 1; x--) {
-      const name = cps.slice(0, x).join('');
-      if (Object.hasOwn(HTML5_NAMED, name)) return HTML5_NAMED[name]! + cps.slice(x).join('');
-    }
-    return whole;
-  });
-}
-
 /**
- * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's repair (NFC here, see docs/PARITY.md), HTML unescaped
- * twice, whitespace runs to one space, stripped, lower case.
+ * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's repair (all but its mojibake fix, see docs/PARITY.md),
+ * HTML unescaped twice, whitespace runs to one space, stripped, lower case.
  */
 export function basicClean(text: string): string {
-  // Printable ASCII without '&' (most prompts) has nothing to normalise or unescape.
+  // Printable ASCII without '&' (most prompts) has nothing to repair, normalise or unescape.
   if (PRINTABLE_ASCII.test(text) && !text.includes('&')) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
-  const fixed = pyStrip(htmlUnescape(htmlUnescape(text.normalize('NFC'))));
+  const fixed = pyStrip(htmlUnescape(htmlUnescape(fixText(text))));
   return pyStrip(fixed.replace(WS_RUN, ' ')).toLowerCase();
 }
 
