@@ -199,6 +199,15 @@ describe('ClipTokenizer.encode', () => {
     expect(t.encode('a photo of a cat')).toEqual(tok.encode('a photo of a cat'));
   });
 
+  it('long texts of nested HTML escapes unescape to the end (one ftfy pass per level), also when cleaned again from the cache', () => {
+    // '&amp;amp;…amp;x7': each pass of ftfy's loop unescapes one level, so the text ends as '&x7'.
+    const nested = (i: number) => `&${'amp;'.repeat(600)}x${i}`;
+    const first = Array.from({ length: 40 }, (_, i) => tok.tokenize(nested(i)));
+    for (let i = 0; i < 40; i++) expect(first[i]).toEqual(tok.tokenize(`&x${i}`));
+    // Again, newest first (cache hits) and then the oldest (evicted, cleaned anew): the same ids.
+    for (let i = 39; i >= 0; i--) expect(tok.tokenize(nested(i))).toEqual(first[i]);
+  });
+
   it('special tokens in text map to their ids', () => {
     expect(tok.tokenize('a<|endoftext|>dog')).toEqual([320, 49407, 1929]);
   });
