@@ -15,6 +15,8 @@ export const HTTP_STATUS = {
   BODY_TOO_LARGE: 413,
   /** A request body in a content coding the server does not decode. */
   UNSUPPORTED_ENCODING: 415,
+  /** A plain HTTP request to a path served only as a WebSocket (the stream). */
+  UPGRADE_REQUIRED: 426,
   HEADERS_TOO_LARGE: 431,
   CANCELLED: 499,
   INTERNAL: 500,

@@ -1,6 +1,7 @@
 /** The WebSocket stream route over a real socket: progress, previews, result, errors, cancellation, slow readers. */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import http from 'node:http';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
@@ -339,6 +340,44 @@ describe('WebSocket close handshake and protocol errors with real clients', () =
     ws.sock.write(frame(Buffer.from(JSON.stringify({ prompt: 'x' }))));
     expect((await ws.closed).code).toBe(1002);
     await ended;
+  });
+});
+
+describe('the stream path asked without a proper WebSocket handshake', () => {
+  const handshake = { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', 'sec-websocket-version': '13' };
+  /** One request to `path` with these headers, answered over plain HTTP (an upgrade fails it). */
+  const ask = (method: string, headers: Record<string, string> = {}, path = '/v1/models/model/stream') =>
+    new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port: srv.port, method, path, headers }, (res) => {
+        let body = '';
+        res.setEncoding('utf8').on('data', (d: string) => (body += d)).on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body }));
+      });
+      req.on('upgrade', (_res, socket) => {
+        socket.destroy();
+        reject(new Error('the server switched protocols'));
+      });
+      req.on('error', reject).end();
+    });
+
+  it('answers plain HTTP with 426 and Upgrade: websocket (what curl or fetch gets), another method with 405 Allow: GET, never a 404', async () => {
+    const get = await ask('GET');
+    expect([get.status, get.headers.upgrade, JSON.parse(get.body)]).toEqual([426, 'websocket', {
+      error: '/v1/models/model/stream is a WebSocket endpoint: connect to it with a WebSocket client (a ws:// or wss:// URL), which sends Upgrade: websocket',
+      code: 'UPGRADE_REQUIRED',
+    }]);
+    const head = await ask('HEAD');
+    expect([head.status, head.headers.upgrade, head.body]).toEqual([426, 'websocket', '']);
+    const post = await ask('POST');
+    expect([post.status, post.headers.allow, JSON.parse(post.body)]).toEqual([405, 'GET', {
+      error: 'Method Not Allowed: POST /v1/models/model/stream is a WebSocket endpoint, which takes GET with Upgrade: websocket',
+      code: 'METHOD_NOT_ALLOWED',
+    }]);
+    // A handshake sent with another method: a 405 too, not "no WebSocket endpoint" at the endpoint.
+    const put = await ask('PUT', handshake);
+    expect([put.status, put.headers.allow, JSON.parse(put.body)]).toEqual([405, 'GET', { error: 'PUT /v1/models/model/stream: a WebSocket handshake is a GET request', code: 'METHOD_NOT_ALLOWED' }]);
+    // Other paths are as before: 404 over HTTP and for a handshake.
+    expect((await ask('GET', {}, '/v1/models/model/streams')).status).toBe(404);
+    expect(JSON.parse((await ask('GET', handshake, '/v1/models/model/streams')).body)).toEqual({ error: 'no WebSocket endpoint at /v1/models/model/streams', code: 'NOT_FOUND' });
   });
 });
 

@@ -4,7 +4,7 @@ import { exposition } from '../metrics.js';
 import { pathOf, type BaseServer } from './base.js';
 import type { ServerContext } from './context.js';
 import { corsHandler } from './cors.js';
-import { json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
+import { errorReply, json, route, type Reply, type Req, type RouteOptions, type Exchange } from './http.js';
 import { OPENAI_SERVED, openaiError, registerOpenAI } from './openai.js';
 import { isOpenAI } from './openai-errors.js';
 import { registerV1 } from './v1.js';
@@ -100,6 +100,15 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
   const fallback = (o: RouteOptions) =>
     route((r) => {
       const path = r.url;
+      // The stream, asked over plain HTTP (curl, fetch, a URL pasted into a browser): RFC 9110's 426 naming the protocol
+      // to switch to, not a 404 that says the path is wrong.
+      if (base.websocket(path)) {
+        if (r.method !== 'get' && r.method !== 'head') {
+          throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path} is a WebSocket endpoint, which takes GET with Upgrade: websocket`, { allow: ['GET'] });
+        }
+        const out = errorReply(new RuntimeError('UPGRADE_REQUIRED', `${path} is a WebSocket endpoint: connect to it with a WebSocket client (a ws:// or wss:// URL), which sends Upgrade: websocket`), o.log);
+        return { ...out, headers: { ...out.headers, upgrade: 'websocket' } };
+      }
       const allow = allowed(path);
       if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}${isOpenAI(path) ? OPENAI_SERVED : ''}`);
       throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path}`, { allow });

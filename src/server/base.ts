@@ -38,6 +38,8 @@ export interface BaseServer {
   setFallback(h: RouteHandler): void;
   /** The methods `path` answers (HEAD wherever GET is), for a 405's `Allow` (OPTIONS is a 405 too); empty if none. */
   allowed(path: string): string[];
+  /** Whether `path` is served as a WebSocket (an upgrade route matches it with GET, the handshake's method). */
+  websocket(path: string): boolean;
   /** Cross-origin headers and preflights (cors.ts); none before the runtime attaches, nor when CORS_ALLOW_ORIGINS is unset. */
   setCors(h: CorsHandler | undefined): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
@@ -226,7 +228,7 @@ function rawReply(socket: Duplex, status: number, json: string, extra = ''): voi
 }
 
 /** An error answer on a raw socket, its status from its code. */
-const rawError = (socket: Duplex, code: HttpErrorCode, error: string) => rawReply(socket, httpStatus(code), errorBody(code, error));
+const rawError = (socket: Duplex, code: HttpErrorCode, error: string, extra = ''): void => rawReply(socket, httpStatus(code), errorBody(code, error), extra);
 
 /**
  * Responses not yet finished on each connection, so a parse error is answered after them, in order: each waiter runs
@@ -465,13 +467,16 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       counts.overLimit++;
       return void rawReply(socket, 503, errorBody('BUSY', overLimitMessage(maxConnections)), 'retry-after: 1\r\n');
     }
-    const hit = upgrades.match(req.method ?? 'GET', pathOf(req.url));
+    const path = pathOf(req.url);
+    const hit = upgrades.match(req.method ?? 'GET', path);
     if (hit) {
       answeringUntil(socket, ['close']);
       hit.h(req, socket, head, hit.params);
     }
     else if (!attached) rawReply(socket, 503, STARTING);
-    else rawError(socket, 'NOT_FOUND', `no WebSocket endpoint at ${pathOf(req.url)}`);
+    // The endpoint, asked with another method: a WebSocket handshake is a GET (RFC 6455 4.1).
+    else if (upgrades.match('GET', path)) rawError(socket, 'METHOD_NOT_ALLOWED', `${req.method ?? ''} ${path}: a WebSocket handshake is a GET request`, 'allow: GET\r\n');
+    else rawError(socket, 'NOT_FOUND', `no WebSocket endpoint at ${path}`);
   });
 
   // Counted after Node's own listener has set the connection up. Within the cap a connection is served as usual;
@@ -545,6 +550,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
           const methods = routes.methods(path);
           return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
         },
+        websocket: (path) => upgrades.match('GET', path) !== undefined,
         setCors: (h) => {
           cors = h;
         },
