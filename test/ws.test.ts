@@ -379,6 +379,17 @@ describe('the stream path asked without a proper WebSocket handshake', () => {
     expect((await ask('GET', {}, '/v1/models/model/streams')).status).toBe(404);
     expect(JSON.parse((await ask('GET', handshake, '/v1/models/model/streams')).body)).toEqual({ error: 'no WebSocket endpoint at /v1/models/model/streams', code: 'NOT_FOUND' });
   });
+
+  it('answers a handshake the WebSocket server refuses as JSON naming the header, with the versions it speaks (RFC 6455 4.2.2)', async () => {
+    const noKey = { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-version': '13' };
+    for (const [headers, header] of [[noKey, 'Sec-WebSocket-Key'], [{ ...handshake, 'sec-websocket-version': '7' }, 'Sec-WebSocket-Version']] as const) {
+      const r = await ask('GET', headers);
+      expect([r.status, r.headers['content-type'], r.headers['sec-websocket-version'], JSON.parse(r.body)]).toEqual([400, 'application/json', '13, 8', {
+        error: `WebSocket handshake refused: Missing or invalid ${header} header`,
+        code: 'INVALID_INPUT',
+      }]);
+    }
+  });
 });
 
 describe('many open WebSockets', () => {

@@ -227,8 +227,8 @@ function rawReply(socket: Duplex, status: number, json: string, extra = ''): voi
   destroyLater(socket);
 }
 
-/** An error answer on a raw socket, its status from its code. */
-const rawError = (socket: Duplex, code: HttpErrorCode, error: string, extra = ''): void => rawReply(socket, httpStatus(code), errorBody(code, error), extra);
+/** An error answer on a raw socket (a refused upgrade, a request that does not parse), its status from its code. */
+export const rawError = (socket: Duplex, code: HttpErrorCode, error: string, extra = ''): void => rawReply(socket, httpStatus(code), errorBody(code, error), extra);
 
 /**
  * Responses not yet finished on each connection, so a parse error is answered after them, in order: each waiter runs

@@ -20,7 +20,7 @@ import { WebSocketServer, type RawData, type WebSocket } from 'ws';
 import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, parseInstances } from '../runtime/request.js';
-import type { App } from './base.js';
+import { rawError, type App } from './base.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
@@ -50,6 +50,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   // maxPayload: a bigger message closes with 1009. No compression: results are base64 PNGs, and inflating a client's
   // message would be a second size to police.
   const wss = new WebSocketServer({ noServer: true, maxPayload: cfg.maxBodyBytes, perMessageDeflate: false, clientTracking: false });
+  // A handshake ws refuses (no or a bad Sec-WebSocket-Key, a version it does not speak) gets the JSON error every other
+  // answer has, instead of ws's text/html line; and the versions it speaks, as RFC 6455 4.2.2 asks.
+  wss.on('wsClientError', (err, socket) => {
+    rawError(socket, 'INVALID_INPUT', `WebSocket handshake refused: ${err.message}`, 'sec-websocket-version: 13, 8\r\n');
+  });
 
   app.upgrade('/v1/models/:name/stream', (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => {
     wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? ''));
