@@ -156,6 +156,17 @@ describe('V2 infer', () => {
     expect(j.outputs[1]!.data).toEqual([7]);
   });
 
+  it('names the missing Inference-Header-Content-Length of a binary body sent as tritonclient frames it, without a Content-Type', async () => {
+    const p = Buffer.concat([Buffer.from([9, 0, 0, 0]), Buffer.from('a red fox')]);
+    const header = JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', parameters: { binary_data_size: p.length } }], parameters: { binary_data_output: true } });
+    // fetch gives a Buffer body no Content-Type, as tritonclient sends none.
+    const res = await fetch(`${srv.url}/v2/models/model/infer`, { method: 'POST', body: Buffer.concat([Buffer.from(header), p]) });
+    expect([res.status, await res.json()]).toEqual([400, { code: 'INVALID_INPUT', error: "received byte inputs, but the'inference-header-content-length' header is missing." }]);
+    // Two JSON requests in one body are no binary request: still a body that does not parse.
+    const two = await fetch(`${srv.url}/v2/models/model/infer`, { method: 'POST', body: Buffer.from(JSON.stringify({ inputs: [prompt('x')] }).repeat(2)) });
+    expect([two.status, await two.json()]).toEqual([400, { code: 'INVALID_INPUT', error: expect.stringMatching(/^Unrecognized request format: Unexpected non-whitespace character after JSON at position 74/) }]);
+  });
+
   it('400s binary data that holds more elements than its shape, naming both sizes', async () => {
     const p = Buffer.from([1, 0, 0, 0, 0x78]);
     const eta = Buffer.alloc(60_000);

@@ -119,6 +119,19 @@ function jsonEnd(b: Buffer): number | undefined {
   return undefined;
 }
 
+/** Whether `b` is a JSON request whose inputs declare binary_data_size, followed by more bytes. */
+function declaresBinary(b: Buffer): boolean {
+  const end = jsonEnd(b);
+  if (end === undefined) return false;
+  let header: unknown;
+  try {
+    header = JSON.parse(jsonText(b.subarray(0, end)));
+  } catch {
+    return false;
+  }
+  return isObj(header) && Array.isArray(header.inputs) && header.inputs.some((i) => isObj(i) && isObj(i.parameters) && i.parameters.binary_data_size !== undefined);
+}
+
 /** Splits a binary-extension body into its JSON header and the tensor bytes after it. */
 function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { header: unknown; binary: Buffer | undefined } {
   const raw = headers['inference-header-content-length'];
@@ -127,7 +140,9 @@ function splitBody(headers: Readonly<Record<string, string>>, body: Buffer): { h
     try {
       header = JSON.parse(nonEmpty(jsonText(body)));
     } catch (err) {
-      if ((headers['content-type'] ?? '').startsWith('application/octet-stream') && body.length > 0) {
+      // tritonclient sends no Content-Type: a JSON header that declares binary inputs, with bytes after it, is the binary
+      // extension whose length header was left out (or dropped by a proxy on the way).
+      if (((headers['content-type'] ?? '').startsWith('application/octet-stream') && body.length > 0) || declaresBinary(body)) {
         // KServe's wording (its typo included), so clients that match on it keep working.
         throw bad("received byte inputs, but the'inference-header-content-length' header is missing.");
       }
