@@ -8,6 +8,7 @@
  *          ◄── {"type":"result","images":[{b64|uri,seed,format,width,height}]}   (never dropped)
  *          ◄── close 1000
  *   errors: {"type":"error","code":…,"error":…} then close 4000+HTTP status (4400, 4404, 4408, 4499, 4500, 4503).
+ *   a message while the generation runs: one {"type":"error","code":"INVALID_INPUT",…} without a close; it goes on.
  *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009; pings are
  *   answered, but not read while the answers back up (a client that pings without reading).
  * The close handshake ends with this side closing the TCP connection as soon as the client answers the close frame
