@@ -45,6 +45,11 @@ describe('V2 codec: requests', () => {
     ]);
   });
 
+  it('reads a BYTES element as its bytes: a leading U+FEFF is text the prompt has (as in JSON), not a mark to drop', () => {
+    const { headers, body } = binaryBody([{ name: 'prompt', datatype: 'BYTES', shape: [2], bytes: bytesElems('\ufeffa fox', '\ufeff') }]);
+    expect(parseInferRequest(headers, body).inputs[0]!.values).toEqual(['\ufeffa fox', '\ufeff']);
+  });
+
   it('names every problem of a body at once', () => {
     const body = json({ id: 3, parameters: { steps: 4, nested: { a: 1 } }, inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['a'] }, { name: 'seed', shape: [1], datatype: 'FP32', data: [1] }] });
     expect(() => parseInferRequest({}, body)).toThrow(
