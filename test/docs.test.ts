@@ -1,12 +1,14 @@
 /**
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
  * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
- * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status.
+ * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status; the
+ * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies.
  */
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { type Metric, Registry } from 'prom-client';
 import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
 import { HTTP_STATUS, OUTCOMES } from '../src/errors.js';
 import { createMetrics } from '../src/metrics.js';
 import { startGpuMetrics } from '../src/runtime/gpu.js';
@@ -16,11 +18,11 @@ const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8')
 
 interface Row { name: string; type: string; labels: string; meaning: string }
 
-/** The cells of each row of the docs/OPERATIONS.md table whose header line is `header`. */
-function table(header: string): string[][] {
-  const lines = read('docs/OPERATIONS.md').split('\n');
+/** The cells of each row of the table whose header line is `header` in `file` (docs/OPERATIONS.md unless said). */
+function table(header: string, file = 'docs/OPERATIONS.md'): string[][] {
+  const lines = read(file).split('\n');
   const start = lines.findIndex((l) => l.trim() === header);
-  expect(start, `docs/OPERATIONS.md: the table headed ${header}`).toBeGreaterThan(0);
+  expect(start, `${file}: the table headed ${header}`).toBeGreaterThan(0);
   const rows: string[][] = [];
   for (const l of lines.slice(start + 2)) {
     if (!l.startsWith('|')) break;
@@ -102,5 +104,57 @@ describe('docs/OPERATIONS.md error codes', () => {
   it('lists every code a boot, a fetch or the cache ends with, and no other', () => {
     const rows = table('| code | when | what to do |');
     expect(rows.flatMap(([code]) => codes(code!)).sort()).toEqual([...OUTCOMES].sort());
+  });
+});
+
+describe('the defaults the docs give', () => {
+  const cfg = loadConfig({});
+  /** Each variable with a fixed default, and that default as config.ts applies it. */
+  const DEFAULTS: Record<string, string | number | boolean> = {
+    MODEL_NAME: cfg.modelName, PORT: cfg.port, HOST: cfg.host, CACHE_EVICT: cfg.cacheEvict,
+    S3_USE_HTTPS: cfg.s3.useHttps, S3_VERIFY_SSL: cfg.s3.verifySsl, S3_MAX_CONCURRENCY: cfg.s3.maxConcurrency,
+    S3_PART_SIZE: cfg.s3.partSize, S3_TRANSPORT: cfg.s3.transport, S3_STALL_TIMEOUT_S: cfg.s3.stallTimeoutS,
+    S3_MAX_ATTEMPTS: cfg.s3.maxAttempts, S3_VERIFY_CONTENT: cfg.s3.verifyContent,
+    EXECUTION_PROVIDER: cfg.executionProvider, ORT_INTRA_OP_THREADS: cfg.intraOpThreads, AUX_THREADS: cfg.auxThreads,
+    ORT_OPTIMIZED_CACHE: cfg.optimizedModelCache, ORT_OPTIMIZED_CACHE_MAX_MB: cfg.optimizedCacheMaxMb,
+    ORT_GRAPH_OPTIMIZATION: cfg.graphOptimization, CUDA_TF32: cfg.cudaTf32,
+    MAX_BATCH_SIZE: cfg.maxBatchSize, BATCH_WINDOW_MS: cfg.batchWindowMs, MAX_QUEUE: cfg.maxQueue,
+    INPUT_IMAGES_MB: cfg.inputImagesMb, RESULT_CACHE_MB: cfg.resultCacheMb, MAX_BODY_BYTES: cfg.maxBodyBytes,
+    MAX_IMAGE_SIZE: cfg.maxImageSize, MAX_STEPS: cfg.maxSteps, MAX_IMAGES_PER_REQUEST: cfg.maxImagesPerRequest,
+    OUTPUT_FORMAT: cfg.defaultOutputFormat, MAX_LORAS: cfg.maxLoras, LORA_MAX_SETS: cfg.loraMaxSets,
+    LORA_CACHE_MB: cfg.loraCacheMb, WARMUP_STEPS: cfg.warmupSteps, WARMUP_VAE_ENCODER: cfg.warmupVaeEncoder,
+    REQUEST_TIMEOUT_S: cfg.requestTimeoutS, SHUTDOWN_GRACE_S: cfg.shutdownGraceS,
+    EXIT_ON_BOOT_FAILURE: cfg.exitOnBootFailure, LOG_LEVEL: cfg.logLevel, CE_MERGE: cfg.ceMerge,
+  };
+  /** How a doc may write a default: a boolean as 1/0 or true/false. */
+  const spellings = (v: string | number | boolean): string[] => (v === true ? ['1', 'true'] : v === false ? ['0', 'false'] : [String(v)]);
+  const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+  /**
+   * For each row of a `| variable | default | meaning |` table, the defaults of the variables it names appear in its
+   * default cell in the same order (`8080` / `0.0.0.0` for PORT / HOST), so a changed default or two swapped ones fail.
+   */
+  function check(file: string): number {
+    let rows = 0;
+    for (const [names, dflt] of table('| variable | default | meaning |', file)) {
+      let at = 0;
+      for (const name of [...names!.matchAll(/\b[A-Z][A-Z0-9_]+\b/g)].map((m) => m[0]).filter((n) => Object.hasOwn(DEFAULTS, n))) {
+        const found = spellings(DEFAULTS[name]!).map((s) => new RegExp(`(?<![\\w.])${escape(s)}(?![\\w.])`).exec(dflt!.slice(at)))
+          .filter((m) => m !== null).sort((a, b) => a.index - b.index)[0];
+        expect(found, `${file}: ${name}'s default is ${String(DEFAULTS[name])} in src/config.ts; the row says ${JSON.stringify(dflt)}`).toBeDefined();
+        at += found!.index + found![0].length;
+        rows++;
+      }
+    }
+    return rows;
+  }
+
+  it("README's configuration table: every variable's default", () => {
+    expect(check('README.md')).toBe(Object.keys(DEFAULTS).length);
+  });
+
+  it('docs/OPERATIONS.md (batching and the queue) and docs/LORA.md repeat the same defaults', () => {
+    expect(check('docs/OPERATIONS.md')).toBeGreaterThanOrEqual(4);
+    expect(check('docs/LORA.md')).toBe(3);
   });
 });
