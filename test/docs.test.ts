@@ -2,9 +2,10 @@
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
  * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
  * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status; the
- * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies.
+ * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; every link between
+ * the docs reaches a file and a heading that exist.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { type Metric, Registry } from 'prom-client';
 import { describe, expect, it } from 'vitest';
@@ -156,5 +157,39 @@ describe('the defaults the docs give', () => {
   it('docs/OPERATIONS.md (batching and the queue) and docs/LORA.md repeat the same defaults', () => {
     expect(check('docs/OPERATIONS.md')).toBeGreaterThanOrEqual(4);
     expect(check('docs/LORA.md')).toBe(3);
+  });
+});
+
+describe('links between the docs', () => {
+  const DOCS = ['README.md', 'docs/BENCHMARKS.md', 'docs/DESIGN.md', 'docs/EXPORT.md', 'docs/FAULTS.md', 'docs/IMG2IMG.md',
+    'docs/LORA.md', 'docs/MODELS.md', 'docs/OPERATIONS.md', 'docs/PARITY.md'];
+  /** A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as '-', repeats numbered -1, -2… */
+  function anchors(file: string): Set<string> {
+    const out = new Set<string>();
+    const seen = new Map<string, number>();
+    for (const m of read(file).replace(/^```[\s\S]*?^```/gm, '').matchAll(/^#{1,6} (.+)$/gm)) {
+      const slug = m[1]!.trim().toLowerCase().replace(/[^\p{L}\p{N}\s_-]/gu, '').replace(/\s/g, '-');
+      const n = seen.get(slug) ?? 0;
+      seen.set(slug, n + 1);
+      out.add(n === 0 ? slug : `${slug}-${n}`);
+    }
+    return out;
+  }
+
+  it('every relative link names a file that exists, and a heading of it that exists', () => {
+    const broken: string[] = [];
+    let links = 0;
+    for (const file of DOCS) {
+      for (const m of read(file).replace(/^```[\s\S]*?^```/gm, '').matchAll(/\]\(([^)\s]+)\)/g)) {
+        if (/^[a-z]+:/.test(m[1]!)) continue;
+        links++;
+        const [rel, anchor] = m[1]!.split('#');
+        const target = rel === '' ? file : path.normalize(path.join(path.dirname(file), rel!));
+        if (!existsSync(path.join(ROOT, target))) broken.push(`${file}: ${m[1]} (no such file)`);
+        else if (anchor !== undefined && target.endsWith('.md') && !anchors(target).has(anchor)) broken.push(`${file}: ${m[1]} (no such heading)`);
+      }
+    }
+    expect(links).toBeGreaterThan(50);
+    expect(broken).toEqual([]);
   });
 });
