@@ -75,6 +75,13 @@ describe('parseInstances', () => {
     expect(parse({ loras: [{ name: 'style', scale: 0.5 }] })[0]!.loras).toEqual([{ name: 'style', scale: 0.5 }]);
   });
 
+  it('names a bad name and a bad scale of one adapter together, as every problem of a body (docs/LORA.md)', () => {
+    expect(() => parse({ loras: [{ name: '../x', scale: 11 }] })).toThrow(
+      'instances[0].loras[0].name must be an adapter name (letters, digits, \'.\', \'_\', \'-\'; up to 128), got "../x"; '
+      + 'instances[0].loras[0].scale must be a number from -10 to 10, got 11',
+    );
+  });
+
   it('lists a step limit with the request\'s other problems', () => {
     expect(() => parse({ scheduler: 'lcm', num_inference_steps: 60, height: 7 })).toThrow(/num_inference_steps must be from 1 to 50 .*; instances\[0\]\.height|height.*; .*num_inference_steps must be from 1 to 50/);
   });

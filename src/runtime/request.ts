@@ -72,12 +72,12 @@ export function parseLoras(v: unknown, w: string, maxLoras: number, bad: string[
     if (!isObj(o)) return void bad.push(`${wi} must be an object {"name": …, "scale": …} or a name`);
     for (const k of Object.keys(o)) if (k !== 'name' && k !== 'scale') pushUnknownField(bad, `${wi}.`, k, ['name', 'scale']);
     const { name, scale = 1 } = o as { name?: unknown; scale?: unknown };
-    if (typeof name !== 'string' || !LORA_NAME.test(name)) {
-      return void bad.push(`${wi}.name must be an adapter name (letters, digits, '.', '_', '-'; up to 128), got ${show(name)}`);
-    }
-    if (typeof scale !== 'number' || !Number.isFinite(scale) || Math.abs(scale) > MAX_LORA_SCALE) {
-      return void bad.push(`${wi}.scale must be a number from -${MAX_LORA_SCALE} to ${MAX_LORA_SCALE}, got ${show(scale)}`);
-    }
+    // Both fields are checked before giving up on the element: a bad name never hides a bad scale.
+    const nameOk = typeof name === 'string' && LORA_NAME.test(name);
+    const scaleOk = typeof scale === 'number' && Number.isFinite(scale) && Math.abs(scale) <= MAX_LORA_SCALE;
+    if (!nameOk) bad.push(`${wi}.name must be an adapter name (letters, digits, '.', '_', '-'; up to 128), got ${show(name)}`);
+    if (!scaleOk) bad.push(`${wi}.scale must be a number from -${MAX_LORA_SCALE} to ${MAX_LORA_SCALE}, got ${show(scale)}`);
+    if (!nameOk || !scaleOk) return;
     if (out.some((l) => l.name === name)) return void bad.push(`${wi}.name "${name}" appears twice; give each adapter once with its scale`);
     out.push({ name, scale });
   });
