@@ -2,8 +2,8 @@
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
  * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
  * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status; the
- * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; every link between
- * the docs reaches a file and a heading that exist.
+ * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; README's scheduler
+ * counts and names are the runtime's; every link between the docs reaches a file and a heading that exist.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -12,6 +12,7 @@ import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import { HTTP_STATUS, OUTCOMES } from '../src/errors.js';
 import { createMetrics } from '../src/metrics.js';
+import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES } from '../src/pipeline/schedulers/names.js';
 import { startGpuMetrics } from '../src/runtime/gpu.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -157,6 +158,25 @@ describe('the defaults the docs give', () => {
   it('docs/OPERATIONS.md (batching and the queue) and docs/LORA.md repeat the same defaults', () => {
     expect(check('docs/OPERATIONS.md')).toBeGreaterThanOrEqual(4);
     expect(check('docs/LORA.md')).toBe(3);
+  });
+});
+
+describe("README's schedulers", () => {
+  const readme = read('README.md');
+
+  it('counts the classes and request names the runtime has (Parity)', () => {
+    const m = /the (\d+)\s+schedulers \((\d+) request names/.exec(readme);
+    expect(m, 'README.md: "the N schedulers (M request names"').not.toBeNull();
+    // SCHEDULER_NAMES also takes each class's own name (`EulerDiscreteScheduler`); the README counts the short names.
+    const short = Object.keys(SCHEDULER_NAMES).filter((n) => !(SCHEDULER_CLASS_NAMES as readonly string[]).includes(n));
+    expect([Number(m![1]), Number(m![2])]).toEqual([SCHEDULER_CLASS_NAMES.length, short.length]);
+  });
+
+  it("the V1 table's scheduler row names only request names the runtime takes", () => {
+    const row = readme.split('\n').find((l) => l.startsWith('| `scheduler` |'))!;
+    const names = [...row.split('|')[4]!.matchAll(/`([a-z0-9_]+)`/g)].map((x) => x[1]!);
+    expect(names.length).toBeGreaterThan(10);
+    expect(names.filter((n) => !Object.hasOwn(SCHEDULER_NAMES, n))).toEqual([]);
   });
 });
 
