@@ -2,8 +2,8 @@
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
  * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
  * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status; the
- * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; README's scheduler
- * counts and names are the runtime's; every link between the docs reaches a file and a heading that exist.
+ * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; README's request
+ * fields, scheduler counts and scheduler names are the runtime's; every link between the docs reaches a file and a heading that exist.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -13,6 +13,7 @@ import { loadConfig } from '../src/config.js';
 import { HTTP_STATUS, OUTCOMES } from '../src/errors.js';
 import { createMetrics } from '../src/metrics.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES } from '../src/pipeline/schedulers/names.js';
+import { INSTANCE_FIELDS } from '../src/runtime/request.js';
 import { startGpuMetrics } from '../src/runtime/gpu.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -161,8 +162,13 @@ describe('the defaults the docs give', () => {
   });
 });
 
-describe("README's schedulers", () => {
+describe("README's request fields and schedulers", () => {
   const readme = read('README.md');
+
+  it('the V1 table lists every field an instance takes, and no other', () => {
+    const fields = table('| field | type | default | meaning |', 'README.md').flatMap(([cell]) => [...cell!.matchAll(/`([a-z_]+)`/g)].map((x) => x[1]!));
+    expect(fields.sort()).toEqual([...INSTANCE_FIELDS].sort());
+  });
 
   it('counts the classes and request names the runtime has (Parity)', () => {
     const m = /the (\d+)\s+schedulers \((\d+) request names/.exec(readme);
