@@ -2,8 +2,9 @@
  * @module The reference docs against the code they describe: docs/OPERATIONS.md's metrics table lists every metric the
  * runtime registers (and no other), each with its type, its labels and the values the code gives those labels; its
  * error-code tables list every code src/errors.ts has (and no other), request codes with their HTTP status; the
- * variable tables of README.md, OPERATIONS.md and LORA.md give the defaults src/config.ts applies; README's request
- * fields, scheduler counts and scheduler names are the runtime's; every link between the docs reaches a file and a heading that exist.
+ * variable tables of README.md, OPERATIONS.md, LORA.md and DESIGN.md give the defaults src/config.ts applies; README's
+ * request fields, scheduler counts and scheduler names are the runtime's; every link between the docs reaches a file
+ * and a heading that exist.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -156,9 +157,10 @@ describe('the defaults the docs give', () => {
     expect(check('README.md')).toBe(Object.keys(DEFAULTS).length);
   });
 
-  it('docs/OPERATIONS.md (batching and the queue) and docs/LORA.md repeat the same defaults', () => {
+  it('docs/OPERATIONS.md (batching and the queue), docs/LORA.md and docs/DESIGN.md (S3 settings) repeat the same defaults', () => {
     expect(check('docs/OPERATIONS.md')).toBeGreaterThanOrEqual(4);
     expect(check('docs/LORA.md')).toBe(3);
+    expect(check('docs/DESIGN.md')).toBe(8);
   });
 });
 
