@@ -20,6 +20,10 @@ import { startGpuMetrics } from '../src/runtime/gpu.js';
 const ROOT = path.resolve(import.meta.dirname, '..');
 const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8');
 
+/** Every page of the documentation. */
+const DOCS = ['README.md', 'docs/BENCHMARKS.md', 'docs/DESIGN.md', 'docs/EXPORT.md', 'docs/FAULTS.md', 'docs/IMG2IMG.md',
+  'docs/LORA.md', 'docs/MODELS.md', 'docs/OPERATIONS.md', 'docs/PARITY.md'];
+
 interface Row { name: string; type: string; labels: string; meaning: string }
 
 /** The cells of each row of the table whose header line is `header` in `file` (docs/OPERATIONS.md unless said). */
@@ -157,6 +161,23 @@ describe('the defaults the docs give', () => {
     expect(check('README.md')).toBe(Object.keys(DEFAULTS).length);
   });
 
+  it('a default given in prose (`MAX_LORAS` (default 4), `REQUEST_TIMEOUT_S` (600 s by default)) is the code\'s, or templates/params.env\'s', () => {
+    const params = Object.fromEntries([...read('templates/params.env').matchAll(/^([A-Z][A-Z0-9_]*)=(.*)$/gm)].map((m) => [m[1]!, m[2]!]));
+    const seen: string[] = [];
+    for (const file of DOCS) {
+      const text = read(file);
+      for (const m of text.matchAll(/`([A-Z][A-Z0-9_]+)` \((?:default `?([\w.-]+)`?|([\d.]+) (s|MiB) by default)/g)) {
+        const [, name, plain, amount, unit] = m;
+        const said = plain ?? String(Number(amount) * (unit === 'MiB' ? 1024 * 1024 : 1));
+        const want = Object.hasOwn(DEFAULTS, name!) ? spellings(DEFAULTS[name!]!) : Object.hasOwn(params, name!) ? [params[name!]!] : undefined;
+        if (want === undefined) continue;
+        expect(want, `${file}: ${m[0]}`).toContain(said);
+        seen.push(name!);
+      }
+    }
+    expect(seen.length).toBeGreaterThanOrEqual(8);
+  });
+
   it('docs/OPERATIONS.md (batching and the queue), docs/LORA.md and docs/DESIGN.md (S3 settings) repeat the same defaults', () => {
     expect(check('docs/OPERATIONS.md')).toBeGreaterThanOrEqual(4);
     expect(check('docs/LORA.md')).toBe(3);
@@ -189,8 +210,6 @@ describe("README's request fields and schedulers", () => {
 });
 
 describe('links between the docs', () => {
-  const DOCS = ['README.md', 'docs/BENCHMARKS.md', 'docs/DESIGN.md', 'docs/EXPORT.md', 'docs/FAULTS.md', 'docs/IMG2IMG.md',
-    'docs/LORA.md', 'docs/MODELS.md', 'docs/OPERATIONS.md', 'docs/PARITY.md'];
   /** A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces as '-', repeats numbered -1, -2… */
   function anchors(file: string): Set<string> {
     const out = new Set<string>();
