@@ -63,7 +63,7 @@ describe('V2 codec: requests', () => {
     const body = json({ id: 3, instances: [{ prompt: 'a' }], seed: 1, inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a'] }] });
     expect(() => parseInferRequest({}, body)).toThrow(
       '"instances" is V1\'s body (POST /v1/models/{name}:predict); a V2 request holds "id", "parameters", "inputs", "outputs"; '
-      + '"seed" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}}); '
+      + '"seed" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs", and "model_name" and "model_version" as KServe\'s client sends them (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}}); '
       + 'id must be a string, got number',
     );
   });

@@ -238,7 +238,7 @@ describe('V2 infer', () => {
   it('400s a top-level key the protocol does not have, naming it, rather than ignoring it', async () => {
     const steps = await infer({ inputs: [prompt('x')], num_inference_steps: 4, model_name: 'model' });
     expect([steps.status, steps.json.error]).toEqual([400,
-      '"num_inference_steps" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs" (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})']);
+      '"num_inference_steps" is not a known top-level field; a V2 request holds only "id", "parameters", "inputs", "outputs", and "model_name" and "model_version" as KServe\'s client sends them (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})']);
     // KServe's Python client (InferRequest.to_rest) sends the model's name beside id and inputs: taken when it is this
     // model, named when it is another; a version is refused as the versioned path is.
     const other = await infer({ inputs: [prompt('x')], model_name: 'sdxl', model_version: '2' });

@@ -192,7 +192,7 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
     const shown = JSON.stringify(k.length > 40 ? `${k.slice(0, 40)}…` : k);
     problems.push(k === 'instances'
       ? `"instances" is V1's body (POST /v1/models/{name}:predict); a V2 request holds ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}`
-      : `${shown} is not a known top-level field; a V2 request holds only ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}`
+      : `${shown} is not a known top-level field; a V2 request holds only ${REQUEST_KEYS.map((r) => `"${r}"`).join(', ')}, and "model_name" and "model_version" as KServe's client sends them`
         + ` (generation fields go in "parameters" or as named inputs: {"inputs":[{"name":"prompt",…}],"parameters":{"num_inference_steps":…}})`);
   }
 
