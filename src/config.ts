@@ -167,7 +167,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     // `value: '"s3://b/p"'` in YAML (or a quoted line in an env file) keeps the quotes: no variable here takes them,
     // and kept they would make a local path of a URI, a host of `"http`, a region S3 refuses to sign for.
     if (v.length >= 2 && (v[0] === '"' || v[0] === "'") && v.at(-1) === v[0]) {
-      if (!quoted.has(k)) bad.push(`${k} is wrapped in quotes, got ${v[0]}${maskUserInfo(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
+      if (!quoted.has(k)) bad.push(`${k} is wrapped in quotes, got ${v[0]}${maskUri(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
       quoted.add(k);
       return undefined;
     }
@@ -257,7 +257,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
       // holds it, so `HTTP://Minio:80/` and `http://minio` share one cache entry instead of downloading twice.
       endpoint = `${u.origin}${u.pathname}`.replace(/\/+$/, '');
     } catch {
-      bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(maskUserInfo(endpointRaw))}`);
+      bad.push(`AWS_ENDPOINT_URL (or S3_ENDPOINT / AWS_S3_ENDPOINT) must be an http(s) URL or host:port, got ${JSON.stringify(maskUri(endpointRaw))}`);
     }
   }
   const caBundle = raw('AWS_CA_BUNDLE');
@@ -336,7 +336,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     ceMerge: bool('CE_MERGE', false),
   };
   if (cfg.loraUri !== undefined && !/^(s3:\/\/[^/]+|file:\/\/\/|\/)/.test(cfg.loraUri)) {
-    bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUserInfo(cfg.loraUri))}`);
+    bad.push(`LORA_URI must be s3://bucket/prefix, file:///path or an absolute path, got ${JSON.stringify(maskUri(cfg.loraUri))}`);
   }
   if (cfg.maxImageSize % 8 !== 0) bad.push(`MAX_IMAGE_SIZE must be a multiple of 8, got ${cfg.maxImageSize}`);
   // Whitespace around a key is removed (trimCredentials); inside one it is a copy gone wrong. The value is never shown.
@@ -410,7 +410,7 @@ function inputPrefixes(name: string, value: string | undefined, bad: string[]): 
   const out: S3Prefix[] = [];
   for (const entry of value.split(',').map((e) => e.trim())) {
     const p = parseS3Prefix(entry);
-    if (typeof p === 'string') bad.push(`${name} entry ${JSON.stringify(maskUserInfo(entry).slice(0, 200))} ${p}`);
+    if (typeof p === 'string') bad.push(`${name} entry ${JSON.stringify(maskUri(entry).slice(0, 200))} ${p}`);
     else out.push(p);
   }
   return out;
@@ -429,7 +429,7 @@ function corsOrigins(name: string, value: string | undefined, bad: string[]): st
   }
   const out: string[] = [];
   for (const entry of entries) {
-    const shown = JSON.stringify(maskUserInfo(entry).slice(0, 200));
+    const shown = JSON.stringify(maskUri(entry).slice(0, 200));
     let url: URL | undefined;
     try {
       url = new URL(entry);
@@ -486,10 +486,19 @@ function defaultCacheDir(): string {
 }
 
 /**
- * `scheme://user:secret@host/…` with the user info masked, for messages and logs: a URI may carry credentials. A secret
- * may hold '/' (half of AWS secret keys do) or '@' (a chosen password), so after `user:` everything up to the last '@'
- * goes; a bucket name holds neither ':' nor '@', so an s3:// URI whose first segment has a ':' is always credentials.
+ * A URI as messages and logs may show it: `scheme://user:secret@host/…` with the user info masked, and a query string
+ * (a presigned URL's signature and session token) as `?***`. A secret may hold '/' (half of AWS secret keys do) or '@'
+ * (a chosen password), so after `user:` everything up to the last '@' goes; a bucket name holds neither ':' nor '@', so
+ * an s3:// URI whose first segment has a ':' is always credentials.
  */
+export function maskUri(u: string): string {
+  // User info first: a password may hold '?'.
+  const m = maskUserInfo(u);
+  const q = m.indexOf('?');
+  return q < 0 ? m : `${m.slice(0, q)}?***`;
+}
+
+/** `u` with only its user info masked (maskUri). */
 export function maskUserInfo(u: string): string {
   // The scheme is optional: an endpoint may be a bare `user:secret@host:port`.
   const m = /^([a-z][a-z0-9+.-]*:\/\/)?([^/@]*)/i.exec(u);
@@ -501,9 +510,9 @@ export function maskUserInfo(u: string): string {
   return u;
 }
 
-/** The config as one log-safe object: no credentials are part of Config, endpoint userinfo is masked. */
+/** The config as one log-safe object: no credentials are part of Config, URIs' user info and query strings are masked. */
 export function describeConfig(cfg: Readonly<Config>): Record<string, unknown> {
-  const mask = (u: string | undefined) => (u === undefined ? u : maskUserInfo(u));
+  const mask = (u: string | undefined) => (u === undefined ? u : maskUri(u));
   return { ...cfg, storageUri: mask(cfg.storageUri), loraUri: mask(cfg.loraUri), s3: { ...cfg.s3, endpoint: mask(cfg.s3.endpoint) } };
 }
 

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { fixtureVariant } from './fixtures/index.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { CREDS, destroyS3, startS3 } from './helpers/s3.js';
 
 describe('a failed boot', () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'boot-reason-'));
@@ -60,5 +61,36 @@ describe('a failed boot', () => {
       'MODEL_FORMAT: unet/model.onnx could not be loaded: unet/model.onnx is a Git LFS pointer, not the weights (a repository cloned without git-lfs): ' +
         'fetch them (`git lfs pull`, or download the files) and upload the model again',
     );
+  });
+
+  it('a STORAGE_URI with a query string (a presigned URL\'s token) is refused without showing it, on /v1/models/{name} and in the log (it became the prefix: "STORAGE_MISSING: no objects under s3://models/sd?X-Amz-Security-Token=…/")', async () => {
+    await h?.stop(0);
+    const s3 = await startS3(['models']);
+    try {
+      const token = 'FwoGZXIvYXdzEXAMPLESESSIONTOKEN';
+      h = await startRuntime({ ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', MODEL_CACHE_DIR: path.join(dir, 'cache'),
+        STORAGE_URI: `s3://models/sd?X-Amz-Security-Token=${token}` }, { ready: false });
+      const failed = await h.waitFor('state', (s) => s.state === 'failed');
+      const reason = 'INVALID_INPUT: STORAGE_URI "s3://models/sd?***" has a query string (\'?\'); use s3://bucket/prefix and give the keys as '
+        + 'AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (the storage Secret)';
+      expect(failed.reason).toBe(reason);
+      const res = await fetch(`${h.url}/v1/models/model`);
+      expect(((await res.json()) as { reason: string }).reason).toBe(reason);
+      expect(JSON.stringify(h.logs)).not.toContain(token);
+      expect(JSON.stringify(h.logs)).toContain('"storageUri":"s3://models/sd?***"');
+    } finally {
+      await destroyS3(s3);
+    }
+  });
+
+  it('a presigned https:// STORAGE_URI (not served) leaves its signature and token out of the listening line', async () => {
+    await h?.stop(0);
+    const uri = 'https://models.s3.amazonaws.com/sd/model_index.json?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261206'
+      + '&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLESESSIONTOKEN&X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0';
+    h = await startRuntime({ STORAGE_URI: uri, MODEL_CACHE_DIR: path.join(dir, 'cache') }, { ready: false });
+    await h.waitFor('state', (s) => s.state === 'failed');
+    const logs = JSON.stringify(h.logs);
+    for (const secret of ['AKIAEXAMPLE', 'FwoGZXIvYXdzEXAMPLESESSIONTOKEN', '0f1e2d3c4b5a69788796a5b4c3d2e1f0']) expect(logs).not.toContain(secret);
+    expect(logs).toContain('"storageUri":"https://models.s3.amazonaws.com/sd/model_index.json?***"');
   });
 });

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
 import { keyProblem, parseS3Prefix, parseS3Url, underS3Prefix, type S3Prefix } from '../src/storage/uri.js';
-import { describeConfig, loadConfig, maskUserInfo } from '../src/config.js';
+import { describeConfig, loadConfig, maskUri, maskUserInfo } from '../src/config.js';
 import { classify, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {
@@ -99,6 +99,10 @@ describe('parseStorageUri', () => {
     expect(parseStorageUri('s3://models/team@x/sd')).toMatchObject({ bucket: 'models', prefix: 'team@x/sd/' });
     expect(maskUserInfo('http://minio:9000')).toBe('http://minio:9000');
     expect(maskUserInfo('http://u:p@minio:9000/x')).toBe('http://***@minio:9000/x');
+    // maskUri: a query string (a presigned URL's signature and token) too; a '?' inside a password is user info.
+    expect(maskUri('https://b.s3.amazonaws.com/k?X-Amz-Signature=abc')).toBe('https://b.s3.amazonaws.com/k?***');
+    expect(maskUri('s3://AKIAEXAMPLE:pa?ss@models/sd')).toBe('s3://***@models/sd');
+    expect(maskUri('s3://models/sd')).toBe('s3://models/sd');
   });
 });
 

@@ -2,7 +2,7 @@
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { maskUserInfo } from '../config.js';
+import { maskUri, maskUserInfo } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { parseS3Url, type S3Prefix, type S3Url } from '../s3-url.js';
 import { JOURNAL, MANIFEST, PARTIAL } from './cache.js';
@@ -41,7 +41,7 @@ export function parseStorageUri(uri: string, name = 'STORAGE_URI'): StorageSourc
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
   if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
   // Messages reach logs and clients (the boot reason, a LORA_URI 400): never with the URI's user info.
-  const shown = JSON.stringify(maskUserInfo(u));
+  const shown = JSON.stringify(maskUri(u));
   if (scheme === 'file') {
     try {
       return { kind: 'local', path: path.resolve(fileURLToPath(u)) };
@@ -57,6 +57,13 @@ export function parseStorageUri(uri: string, name = 'STORAGE_URI'): StorageSourc
     if (maskUserInfo(u) !== u) {
       throw new RuntimeError('INVALID_INPUT',
         `${name} ${shown} carries credentials; use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the storage Secret)`);
+    }
+    // A query string is no part of an S3 prefix (KServe's storage initializer drops it): most often a presigned URL's
+    // signature or session token, which would otherwise become the prefix and reach the boot reason and the cache's
+    // folder name.
+    if (u.includes('?')) {
+      throw new RuntimeError('INVALID_INPUT',
+        `${name} ${shown} has a query string ('?'); use s3://bucket/prefix and give the keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (the storage Secret)`);
     }
     const s3 = parseS3Url(u);
     if (s3 === undefined) throw new RuntimeError('INVALID_INPUT', `${name} ${shown} has no valid bucket name; use s3://bucket/prefix`);
