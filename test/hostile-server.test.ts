@@ -81,3 +81,41 @@ describe('V2 tensors', () => {
     }
   });
 });
+
+/** A multipart/form-data body of `parts` ([name, content, filename?]) with boundary `b`. */
+function form(parts: ReadonlyArray<readonly [string, string, string?]>): Buffer {
+  return Buffer.from(parts.map(([name, v, file]) => `--b\r\nContent-Disposition: form-data; name="${name}"${file === undefined ? '' : `; filename="${file}"\r\nContent-Type: image/png`}\r\n\r\n${v}\r\n`).join('') + '--b--\r\n');
+}
+
+describe('OpenAI edits', () => {
+  it('a form of many parts is refused by its count before it is parsed (10,000 empty files in 1 MiB held the event loop ~1 s, liveness with it)', async () => {
+    const parts: Array<[string, string, string?]> = [['prompt', 'p']];
+    for (let i = 0; i < 10_000; i++) parts.push([`f${i}`, 'x', 'a.png']);
+    const body = form(parts);
+    expect(body.length).toBeLessThan(1024 * 1024);
+    // The boundary as undici reads it, however the Content-Type spells it: another reading would count other parts.
+    for (const type of ['multipart/form-data; boundary=b', 'multipart/form-data; BOUNDARY="b"', 'multipart/form-data; boundary=b; boundary=x',
+      'multipart/form-data; name="x; boundary=a"; boundary=b']) {
+      const res = await fetch(`${rt.url}/openai/v1/images/edits`, { method: 'POST', headers: { 'content-type': type }, body });
+      expect([res.status, ((await res.json()) as { error: { message: string } }).error.message], type).toEqual([400,
+        'the multipart body has more than 256 parts; an edit sends image, mask and each field once (loras as loras[] or JSON text)']);
+    }
+  });
+
+  it('a form of as many adapter columns as a raised MAX_BODY_BYTES holds is a 400, not a stack overflow (500)', async () => {
+    const { editBody } = await import('../src/server/openai.js');
+    const parts: Array<[string, string, string?]> = [['prompt', 'p'], ['image', 'x', 'a.png']];
+    for (let i = 0; i < 200_000; i++) parts.push([`loras[][k${i}]`, 'a']);
+    const err = await editBody('multipart/form-data; boundary=b', form(parts)).then(() => undefined, (e: unknown) => e as Error & { code?: string });
+    expect([err?.name, err?.code]).toEqual(['RuntimeError', 'INVALID_INPUT']);
+  });
+
+  it('a form of a field for each of the 64 adapters MAX_LORAS allows, and every edit field, is read', async () => {
+    const { editBody } = await import('../src/server/openai.js');
+    const parts: Array<[string, string, string?]> = [['prompt', 'p'], ['image', 'x', 'a.png']];
+    for (let i = 0; i < 64; i++) parts.push(['loras[][name]', `a${i}`], ['loras[][scale]', '0.5']);
+    for (let i = 0; i < 60; i++) parts.push([`field${i}`, 'v']);
+    const out = await editBody('multipart/form-data; boundary=b', form(parts));
+    expect([(out.loras as unknown[]).length, out.field59]).toEqual([64, 'v']);
+  });
+});

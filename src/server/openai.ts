@@ -6,6 +6,7 @@
  * output_compression); the runtime's own fields ride along (negative_prompt, seed, num_inference_steps, …). Errors
  * come in OpenAI's shape, `{"error":{"message","type","param","code"}}`.
  */
+import { MIMEType } from 'node:util';
 import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import { isObj, show, typeName } from '../runtime/fields.js';
 import { maskFromAlpha, transparentArea } from '../runtime/image-request.js';
@@ -299,10 +300,21 @@ async function readForm(contentType: string, body: Buffer): Promise<FormData> {
   if (!/^multipart\/form-data\s*(?:;|$)/i.test(contentType)) {
     throw bad(`images/edits takes multipart/form-data (the image as a file, prompt and the rest as fields), as OpenAI's SDKs send it; got Content-Type ${JSON.stringify(contentType)}`);
   }
-  const m = /;\s*boundary=(?:"([^"]+)"|([^;\s]+))/i.exec(contentType);
-  const boundary = m?.[1] ?? m?.[2];
+  // Read as undici reads it (WHATWG MIME parameters: a quoted string unescaped, the first of two kept), so that the
+  // parts counted below are the parts it would parse.
+  let boundary: string | undefined;
+  try {
+    boundary = new MIMEType(contentType).params.get('boundary') || undefined;
+  } catch {
+    // not a media type undici parses either
+  }
   // A Content-Type set by hand (a common slip) lacks the boundary the HTTP client writes into the body.
   if (boundary === undefined) throw bad(`Content-Type ${JSON.stringify(contentType)} has no boundary; let the HTTP client set it with the form (it adds boundary=…), not by hand`);
+  // undici's parser takes ~50 ms of the event loop per 1,000 parts (a 1 MiB form of 10,000 empty files held liveness
+  // for a second): the parts are counted first, by their delimiters, which no part's content may hold.
+  if (formParts(body, boundary) > MAX_FORM_PARTS) {
+    throw bad(`the multipart body has more than ${MAX_FORM_PARTS} parts; an edit sends image, mask and each field once (loras as loras[] or JSON text)`);
+  }
   try {
     return await new Response(body, { headers: { 'content-type': contentType } }).formData();
   } catch {
@@ -312,6 +324,18 @@ async function readForm(contentType: string, body: Buffer): Promise<FormData> {
       : 'nothing may come before the first boundary line or after the closing one, and each part needs Content-Disposition: form-data; name="…", then a blank line before its content';
     throw bad(`the multipart body could not be read: ${why}`);
   }
+}
+
+/** More than an edit's fields, MAX_LORAS' most adapters as loras[][name] and loras[][scale], image and mask take. */
+const MAX_FORM_PARTS = 256;
+
+/** How many parts a multipart body holds, counted up to one more than MAX_FORM_PARTS (RFC 2046 5.1.1 delimiters). */
+function formParts(body: Buffer, boundary: string): number {
+  const delimiter = Buffer.from(`\r\n--${boundary}`);
+  let n = body.subarray(0, delimiter.length - 2).equals(delimiter.subarray(2)) ? 1 : 0;
+  for (let at = body.indexOf(delimiter); at >= 0 && n <= MAX_FORM_PARTS + 1; at = body.indexOf(delimiter, at + delimiter.length)) n++;
+  // The last delimiter closes the form.
+  return n - 1;
 }
 
 /**
