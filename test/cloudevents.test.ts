@@ -214,6 +214,17 @@ describe('CloudEvents over HTTP', () => {
     expect(s.json.time).not.toBe(EVENT.time);
   });
 
+  it('CE_MERGE: attributes are checked as a body is (depth, forbidden keys) before any image is made; a deeply nested one was a 500 after the generation', async () => {
+    const send = (attrs: string) => fetch(`${merged.url}/v1/models/sd:predict`, {
+      method: 'POST', headers: { 'content-type': 'application/cloudevents+json' },
+      body: `{"specversion":"1.0","id":"e","source":"s","type":"t",${attrs},"data":${JSON.stringify(V1)}}`,
+    }).then(async (r) => [r.status, ((await r.json()) as { error: string }).error]);
+    const deep = await send(`"ext":${'['.repeat(100_000)}${']'.repeat(100_000)}`);
+    expect(deep[0]).toBe(400);
+    expect(deep[1]).toMatch(/^the CloudEvent\.ext(\[0\])+ is nested too deeply$/);
+    expect(await send('"__proto__":{"x":1}')).toEqual([400, 'the CloudEvent has a forbidden key "__proto__"']);
+  });
+
   it('an event the server refuses is answered with KServe\'s plain error, not an event', async () => {
     const r = await predict(srv, { ...EVENT, data: { instances: [{ prompt: 'x', height: 60, width: 64 }] } }, { 'content-type': 'application/cloudevents+json' });
     expect(r.status).toBe(400);

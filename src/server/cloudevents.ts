@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { isObj } from '../runtime/fields.js';
+import { assertSafeJson } from '../runtime/request.js';
 import type { Reply } from './http.js';
 
 /** The specversions the CloudEvents SDK KServe uses reads. */
@@ -122,6 +123,9 @@ function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
     throw invalid(`the CloudEvent's datacontenttype is ${JSON.stringify(contentType)}: its data must be a V1 JSON body (application/json)`);
   }
   const { data, data_base64: base64, ...attributes } = ev;
+  // The attributes as a body is checked (depth, forbidden keys): CE_MERGE writes them into the answer, whose
+  // JSON.stringify overflowed the stack on a deeply nested one, a 500 once the images were made. The data is the body.
+  assertSafeJson(attributes, 'the CloudEvent');
   let body: unknown;
   if (Object.hasOwn(ev, 'data')) {
     if (base64 !== undefined) throw invalid('the CloudEvent has both "data" and "data_base64": an event holds one of them (the V1 body in "data")');
