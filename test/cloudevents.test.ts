@@ -92,6 +92,12 @@ describe('decodeEvent', () => {
       .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "{" at character 0 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
     expect(refused(structured, { ...EVENT, data_base64: `${b64.slice(0, 8)}==${b64.slice(8)}` }))
       .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "=" at character 8 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
+    // Padding followed only by padding and line breaks is padding; anything else after the first '=' names that '='.
+    expect(refused(structured, { ...EVENT, data_base64: 'eyJ9 =\n=' })).toMatch(/does not hold a JSON body/);
+    expect(refused(structured, { ...EVENT, data_base64: 'eyJ9=!' }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "=" at character 4 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
+    expect(refused(structured, { ...EVENT, data_base64: 'ey!J9==' }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data_base64 is not base64: "!" at character 2 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
     expect(refused(structured, { ...EVENT, data_base64: { instances: [] } })).toBe('INVALID_INPUT: the CloudEvent\'s data_base64 must be a string of base64, got an object');
     // Line breaks in the base64 (what many encoders write every 76 characters) are no matter.
     expect(decode(structured, { ...EVENT, data_base64: b64.replace(/(.{76})/g, '$1\r\n') }).body).toEqual(V1);
@@ -223,6 +229,16 @@ describe('CloudEvents over HTTP', () => {
     expect(deep[0]).toBe(400);
     expect(deep[1]).toMatch(/^the CloudEvent\.ext(\[0\])+ is nested too deeply$/);
     expect(await send('"__proto__":{"x":1}')).toEqual([400, 'the CloudEvent has a forbidden key "__proto__"']);
+  });
+
+  it('a data_base64 of 1,000,000 \'=\' is answered at once (a regex quadratic in a run of \'=\' held the event loop ~30 minutes: 60,000 took 7 s)', async () => {
+    const send = async (b64: string) => {
+      const r = await predict(srv, { ...EVENT, data_base64: b64 }, { 'content-type': 'application/cloudevents+json' });
+      return [r.status, r.json.error];
+    };
+    expect(await send('='.repeat(1_000_000))).toEqual([400, 'the CloudEvent\'s data_base64 does not hold a JSON body: the body is empty; send a JSON object']);
+    expect(await send(`${'='.repeat(1_000_000)}A`))
+      .toEqual([400, 'the CloudEvent\'s data_base64 is not base64: "=" at character 0 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)']);
   });
 
   it('an event the server refuses is answered with KServe\'s plain error, not an event', async () => {
