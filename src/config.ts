@@ -122,6 +122,11 @@ export interface Config {
    */
   readonly inputUriPrefixes: readonly S3Prefix[];
   /**
+   * OUTPUT_URI_PREFIXES: where `output_uri` may write, with the server's credentials. Empty (unset): anywhere but under
+   * STORAGE_URI and LORA_URI, as before it existed; set, only there (another model in a shared bucket stays out of reach).
+   */
+  readonly outputUriPrefixes: readonly S3Prefix[];
+  /**
    * CORS_ALLOW_ORIGINS: the origins whose browser pages may call the server (src/server/cors.ts), as browsers send them
    * (scheme://host[:port]), or `['*']` for any. Empty (unset): no CORS headers, as KServe's server.
    */
@@ -329,7 +334,8 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     maxLoras: int('MAX_LORAS', 4, 0, 64),
     loraMaxSets: int('LORA_MAX_SETS', 2, 0, 64),
     loraCacheMb: num('LORA_CACHE_MB', 4096, 0),
-    inputUriPrefixes: inputPrefixes('INPUT_URI_PREFIXES', raw('INPUT_URI_PREFIXES'), bad),
+    inputUriPrefixes: s3Prefixes('INPUT_URI_PREFIXES', raw('INPUT_URI_PREFIXES'), bad),
+    outputUriPrefixes: s3Prefixes('OUTPUT_URI_PREFIXES', raw('OUTPUT_URI_PREFIXES'), bad),
     corsAllowOrigins: corsOrigins('CORS_ALLOW_ORIGINS', raw('CORS_ALLOW_ORIGINS'), bad),
     ceType: eventAttribute('CE_TYPE'),
     ceSource: eventAttribute('CE_SOURCE'),
@@ -405,7 +411,7 @@ function providerOptions(name: string, value: string | undefined, bad: string[])
 }
 
 /** Comma-separated `s3://bucket[/prefix]` entries; each bad one is named. */
-function inputPrefixes(name: string, value: string | undefined, bad: string[]): S3Prefix[] {
+function s3Prefixes(name: string, value: string | undefined, bad: string[]): S3Prefix[] {
   if (value === undefined) return [];
   const out: S3Prefix[] = [];
   for (const entry of value.split(',').map((e) => e.trim())) {

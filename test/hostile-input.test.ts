@@ -83,6 +83,30 @@ describe('output_uri never names what the server loads', () => {
   });
 });
 
+describe('OUTPUT_URI_PREFIXES', () => {
+  const parse = (env: Record<string, string>, uri: string) =>
+    parseInstances([{ prompt: 'p', output_uri: uri }], { cfg: loadConfig(env), defaults: SD, randomSeed: () => 7 });
+  // The multi-model layout: every model under one bucket and folder, read with one Secret.
+  const shared = { STORAGE_URI: 's3://models/team/sd15' };
+
+  it('set, keeps output_uri under its prefixes: another model in the shared bucket is out of reach (it was written with this server\'s credentials)', () => {
+    const env = { ...shared, OUTPUT_URI_PREFIXES: 's3://outputs/sd15/,s3://models/team/images' };
+    for (const uri of ['s3://models/team/sdxl/unet/model.onnx', 's3://outputs/sd15-other/x.png', 's3://outputs-evil/sd15/x.png', 's3://models/team/images-old/x.png']) {
+      expect(() => parse(env, uri), uri).toThrow(`instances[0].output_uri ${JSON.stringify(uri)} is not under a prefix this server writes images to `
+        + '(OUTPUT_URI_PREFIXES: s3://outputs/sd15/, s3://models/team/images)');
+    }
+    for (const uri of ['s3://outputs/sd15/x.png', 's3://models/team/images/a/b.webp']) expect(parse(env, uri)[0]!.output.uri, uri).toBe(uri);
+    // Still never under what the server loads, nor with an unsafe key.
+    expect(() => parse({ ...env, OUTPUT_URI_PREFIXES: 's3://models/team/' }, 's3://models/team/sd15/model_index.json')).toThrow(/lies under the model \(STORAGE_URI\)/);
+    expect(() => parse(env, 's3://outputs/sd15/../x.png')).toThrow(/the key has an empty, '\.' or '\.\.' path segment/);
+  });
+
+  it('unset, leaves output_uri as it was: anywhere but what the server loads; a bad entry is named at start', () => {
+    expect(parse(shared, 's3://models/team/sdxl-images/x.png')[0]!.output.uri).toBe('s3://models/team/sdxl-images/x.png');
+    expect(() => loadConfig({ OUTPUT_URI_PREFIXES: 's3://outputs/a/../b,https://x/y' })).toThrow(/OUTPUT_URI_PREFIXES entry "s3:\/\/outputs\/a\/\.\.\/b" has an empty, '\.' or '\.\.' path segment/);
+  });
+});
+
 describe('unknown fields cost no more than the problems an error shows', () => {
   const parse = (inst: Record<string, unknown>) => parseInstances([{ prompt: 'p', ...inst }], { cfg: loadConfig({}), defaults: SD, randomSeed: () => 7 });
 

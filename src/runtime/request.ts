@@ -6,7 +6,7 @@ import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, imageMode, parseImageFields, type ImageRequest } from './image-request.js';
-import { keyProblem, parseS3Object } from '../storage/uri.js';
+import { keyProblem, parseS3Object, underS3Prefix } from '../storage/uri.js';
 import { inputRefusal, servedFrom } from './input-uris.js';
 import { fallbackProblem, virtualHostedFallback } from '../storage/addressing.js';
 
@@ -300,7 +300,7 @@ function stepsOutside(steps: number, name: string | undefined, defaults: ModelDe
 
 export interface ParseContext {
   cfg: Pick<Config, 'maxSteps' | 'maxImageSize' | 'maxImagesPerRequest' | 'defaultOutputFormat'> &
-    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 'inputUriPrefixes' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps' | 'defaultGuidance'>>;
+    Partial<Pick<Config, 'maxLoras' | 'loraMaxSets' | 'storageUri' | 'loraUri' | 'inputUriPrefixes' | 'outputUriPrefixes' | 's3' | 'modelName' | 'defaultScheduler' | 'defaultSteps' | 'defaultGuidance'>>;
   defaults: ModelDefaults;
   /** The seed of a request that gives none. */
   randomSeed: () => number;
@@ -465,6 +465,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const unsafe = keyProblem(out.key);
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
     else if (unsafe !== undefined) bad.push(`${w}.output_uri: the key ${unsafe}; name the object by its plain key`);
+    else if (cfg.outputUriPrefixes?.length && !cfg.outputUriPrefixes.some((p) => underS3Prefix(out, p))) {
+      bad.push(`${w}.output_uri ${JSON.stringify(uri)} is not under a prefix this server writes images to (OUTPUT_URI_PREFIXES: ${cfg.outputUriPrefixes.map((p) => p.uri).join(', ')})`);
+    }
     // Refused before the generation, not after it: the upload could not be sent at all.
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
     if (f?.unaddressable) bad.push(fallbackProblem(`${w}.output_uri`, f));
