@@ -7,7 +7,7 @@ import type { Worker } from 'node:worker_threads';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
 import { loadConfig } from '../src/config.js';
 import { httpStatus, type RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
@@ -145,6 +145,10 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     for (let i = 0; i < 1000 && w.generations().length < n; i++) await new Promise((r) => setTimeout(r, 5));
     expect(w.generations()).toHaveLength(n);
   };
+  // Some tests run the batch window on their own clock (a faked performance.now): the real one is back even after a failure.
+  afterEach(() => {
+    vi.useRealTimers();
+  });
 
   it('holds a lone request for its window, then sends it with the compatible one that arrives: one job, results split back', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
@@ -174,6 +178,9 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
 
   it('batches only requests of one shape, counting images (not requests) against MAX_BATCH_SIZE; each encoded in its own format', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '3', BATCH_WINDOW_MS: '30' });
+    // The window runs on the test's clock (only performance.now is faked): the burst of submits below is one instant,
+    // and the window ends when the test says. On the wall clock a loaded machine closed it between two submits.
+    vi.useFakeTimers({ toFake: ['performance'] });
     const results = [
       engine.submit(shaped('a', {}, 2)),
       engine.submit(shaped('big', { width: 128 })),
@@ -183,8 +190,12 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     ];
     await tick();
     expect(batches(w)).toEqual([['a×2', 'jpeg×1']]);
-    // The worker takes the next batch while this one decodes: the oldest request left, alone in its shape.
+    // The worker takes the next batch while this one decodes: the oldest request left, alone in its shape, once its
+    // window has passed.
     w.reply({ t: 'denoised', id: w.generations()[0]!.id });
+    await tick();
+    expect(w.generations()).toHaveLength(1);
+    vi.advanceTimersByTime(30);
     await sent(w, 2);
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(1), seeded(2), seeded(3)], times });
     w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(4)], times });
@@ -275,6 +286,8 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
 
   it('runs a batch that ran out of memory again one request at a time, ahead of the queue; only a request alone fails', async () => {
     const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '30' });
+    // As above: a, b and c fill one batch however slow the machine; d's window ends when the test says.
+    vi.useFakeTimers({ toFake: ['performance'] });
     const outcome = (p: Promise<unknown>) => p.then(() => 'ok', (e: RuntimeError) => [e.code, httpStatus(e.code), e.message]);
     const gone = new AbortController();
     const steps: number[] = [];
@@ -297,6 +310,7 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     expect(await a).toEqual(['OUT_OF_MEMORY', 507, "out of memory: 2 images of 64x64 (height x width) do not fit in this server's memory, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU"]);
     await sent(w, 3);
     w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(3)], times });
+    vi.advanceTimersByTime(30);
     await sent(w, 4);
     w.reply({ t: 'result', id: w.generations()[3]!.id, images: [seeded(4)], times });
     expect(await Promise.all([b, c, d])).toEqual([['CANCELLED', 499, 'the request was abandoned while generating'], 'ok', 'ok']);
