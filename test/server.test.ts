@@ -116,25 +116,29 @@ describe('predict', () => {
   });
 
   it('keeps answering liveness while a long generation runs', async () => {
-    const long = postJson(predictUrl(), { instances: [{ prompt: 'long', num_inference_steps: 500, height: 1024, width: 1024, seed: 1 }] });
     const started = performance.now();
-    await new Promise((r) => setTimeout(r, 300));
-    const lat: number[] = [];
+    const long = postJson(predictUrl(), { instances: [{ prompt: 'long', num_inference_steps: 500, height: 1024, width: 1024, seed: 1 }] });
     let done = false;
     void long.then(() => (done = true));
+    // Probes from when a worker holds the generation (not a fixed wait: a slow machine may still be reading the body).
+    while ((await metric(srv, 'worker_busy')) === 0) await new Promise((r) => setTimeout(r, 20));
+    const lat: number[] = [];
+    const whileRunning: boolean[] = [];
     while (!done && lat.length < 40) {
       const t = performance.now();
       const res = await fetch(`${srv.url}/v2/health/live`);
       expect(res.status).toBe(200);
       lat.push(performance.now() - t);
+      whileRunning.push(!done);
       await new Promise((r) => setTimeout(r, 50));
     }
     const r = await long;
     expect(r.status).toBe(200);
     const total = performance.now() - started;
-    // Probes answered while the generation was still running, each far faster than it.
-    expect(lat.length).toBeGreaterThan(3);
-    expect(Math.max(...lat)).toBeLessThan(Math.min(250, total / 4));
+    // Probes answered before the generation's own answer, each far faster than it. Measured against the generation in
+    // the same run, not a fixed bound: a loaded machine slows every answer, the probes' too.
+    expect(whileRunning.filter(Boolean).length).toBeGreaterThan(3);
+    expect(Math.max(...lat)).toBeLessThan(total / 4);
   });
 });
 
