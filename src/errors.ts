@@ -7,6 +7,8 @@
 /** Errors a request is answered with, and their HTTP status (docs/OPERATIONS.md "Error codes" lists each). */
 export const HTTP_STATUS = {
   INVALID_INPUT: 400,
+  /** A WebSocket handshake from a browser page of an origin neither this server's host nor CORS_ALLOW_ORIGINS lists. */
+  ORIGIN_NOT_ALLOWED: 403,
   MODEL_NOT_FOUND: 404,
   NOT_FOUND: 404,
   METHOD_NOT_ALLOWED: 405,

@@ -141,6 +141,58 @@ describe('CORS_ALLOW_ORIGINS', () => {
   });
 });
 
+/** A WebSocket handshake to the stream as a browser sends it: 101, or the refusal's status and body. */
+function handshake(port: number, headers: Record<string, string>): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({
+      host: '127.0.0.1', port, path: '/v1/models/model/stream',
+      headers: { connection: 'Upgrade', upgrade: 'websocket', 'sec-websocket-version': '13', 'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==', ...headers },
+    });
+    req.on('upgrade', (res, socket) => {
+      socket.destroy();
+      resolve({ status: res.statusCode!, body: '' });
+    });
+    req.on('response', (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode!, body: Buffer.concat(chunks).toString() }));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+describe('WebSocket handshakes from browser pages (cross-site WebSocket hijacking)', () => {
+  const refusal = (origin: string) => JSON.stringify({
+    error: `WebSocket handshake from a page of origin ${JSON.stringify(origin)} refused: a browser page may open the stream only from this server's own host or from an origin listed in CORS_ALLOW_ORIGINS`,
+    code: 'ORIGIN_NOT_ALLOWED',
+  });
+
+  it('unset: a page of this host or no Origin (not a browser) connects; a page of another site, or origin null, is a 403', async () => {
+    const srv = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '0' }, { ready: true });
+    servers.push(srv);
+    const p = srv.port;
+    expect(await handshake(p, {})).toEqual({ status: 101, body: '' });
+    expect(await handshake(p, { origin: `http://127.0.0.1:${p}` })).toEqual({ status: 101, body: '' });
+    // Behind a TLS proxy: the page's https origin without its default port, the Host as the proxy passes it.
+    expect(await handshake(p, { origin: 'https://sd.apps.example.com', host: 'sd.apps.example.com:443' })).toEqual({ status: 101, body: '' });
+    expect(await handshake(p, { origin: 'https://sd.apps.example.com', 'x-forwarded-host': 'sd.apps.example.com' })).toEqual({ status: 101, body: '' });
+    // The scheme is not compared (a TLS proxy in front makes the page https, the socket here plain): the host and port are.
+    for (const origin of ['https://evil.example', 'null', `http://127.0.0.1:${p + 1}`, `http://localhost:${p}`]) {
+      expect([origin, await handshake(p, { origin })]).toEqual([origin, { status: 403, body: refusal(origin) }]);
+    }
+  });
+
+  it('listed origins connect, others are refused; * lets any page connect', async () => {
+    const listed = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '0', CORS_ALLOW_ORIGINS: APP }, { ready: true });
+    const any = await startServer({ STORAGE_URI: undefined, WARMUP_STEPS: '0', CORS_ALLOW_ORIGINS: '*' }, { ready: true });
+    servers.push(listed, any);
+    expect(await handshake(listed.port, { origin: APP })).toEqual({ status: 101, body: '' });
+    expect(await handshake(listed.port, { origin: 'https://evil.example' })).toEqual({ status: 403, body: refusal('https://evil.example') });
+    expect(await handshake(any.port, { origin: 'https://evil.example' })).toEqual({ status: 101, body: '' });
+  });
+});
+
 describe('CORS_ALLOW_ORIGINS parsing', () => {
   const problems = (v: string): readonly string[] => {
     try {

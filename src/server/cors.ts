@@ -72,3 +72,34 @@ export function exposeEventHeaders(res: ServerResponse, headers: Readonly<Record
   const more = Object.keys(headers).map((k) => k.toLowerCase()).filter((k) => k.startsWith('ce-') && !listed.has(k));
   if (more.length > 0) res.setHeader('access-control-expose-headers', `${exposed}, ${more.join(', ')}`);
 }
+
+/**
+ * Why a WebSocket handshake is refused for its `Origin`, or undefined. A browser lets any page open a WebSocket to any
+ * server, cookies included, and applies no CORS check to it: behind a login proxy with cookie sessions a page of
+ * another site could generate with its visitor's session and read the images (cross-site WebSocket hijacking). So a
+ * handshake from a page is taken only from this server's own host (`Host`, or `X-Forwarded-Host` set by a proxy: a page
+ * can set neither) or from an origin CORS_ALLOW_ORIGINS lists (`*`: any); one without `Origin` (not a browser) as ever.
+ */
+export function wsOriginRefusal(req: IncomingMessage, origins: readonly string[]): string | undefined {
+  const origin = req.headers.origin;
+  if (origin === undefined || origins.includes('*') || origins.includes(origin)) return undefined;
+  let url: URL | undefined;
+  try {
+    url = new URL(origin);
+  } catch {
+    // 'null' (a sandboxed frame, a file:// page) or garbage: no host to compare.
+  }
+  if (url !== undefined && (url.protocol === 'http:' || url.protocol === 'https:')) {
+    const forwarded = String(req.headers['x-forwarded-host'] ?? '').split(',');
+    for (const host of [req.headers.host ?? '', ...forwarded].map((h) => h.trim()).filter((h) => h.length > 0)) {
+      try {
+        // The host as the origin's scheme writes it: a default port (`:443` for https) is dropped on both sides.
+        if (new URL(`${url.protocol}//${host}`).host === url.host) return undefined;
+      } catch {
+        // not a host
+      }
+    }
+  }
+  const shown = JSON.stringify(origin.length > 100 ? `${origin.slice(0, 100)}…` : origin);
+  return `WebSocket handshake from a page of origin ${shown} refused: a browser page may open the stream only from this server's own host or from an origin listed in CORS_ALLOW_ORIGINS`;
+}

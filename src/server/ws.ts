@@ -22,6 +22,7 @@ import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, parseInstances } from '../runtime/request.js';
 import { rawError, type App } from './base.js';
+import { wsOriginRefusal } from './cors.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, type RouteOptions } from './http.js';
 
@@ -58,6 +59,8 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   });
 
   app.upgrade('/v1/models/:name/stream', (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => {
+    const refused = wsOriginRefusal(req, cfg.corsAllowOrigins);
+    if (refused !== undefined) return void rawError(socket, 'ORIGIN_NOT_ALLOWED', refused);
     wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? ''));
   });
 
