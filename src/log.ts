@@ -3,11 +3,15 @@ import { pino, type DestinationStream, type Logger } from 'pino';
 
 export type { Logger };
 
-const REDACT = [
-  'accessKeyId', 'secretAccessKey', 'sessionToken', 'authorization', 'password',
-  '*.accessKeyId', '*.secretAccessKey', '*.sessionToken', '*.authorization', '*.password',
-  'headers.authorization', 'headers["x-amz-security-token"]',
-];
+/**
+ * S3's SignatureDoesNotMatch answer carries the request it signed, which the AWS SDK copies onto its error: the
+ * canonical request holds the `x-amz-security-token` header (a session token) and the access key id. Such an error is
+ * wrapped before it is logged; these keep one that is not (a defect) from printing them.
+ */
+const SIGNED_REQUEST = ['AWSAccessKeyId', 'CanonicalRequest', 'CanonicalRequestBytes', 'StringToSign', 'StringToSignBytes', 'SignatureProvided'];
+const SECRETS = ['accessKeyId', 'secretAccessKey', 'sessionToken', 'authorization', 'password', ...SIGNED_REQUEST];
+// Two levels down too: the err serializer writes an error held in another's field (not its cause) under that field.
+const REDACT = [...SECRETS, ...SECRETS.map((k) => `*.${k}`), ...SIGNED_REQUEST.map((k) => `*.*.${k}`), 'headers.authorization', 'headers["x-amz-security-token"]'];
 
 /**
  * `to` 2 sends the log to stderr, for tools whose stdout carries their result (the warm-up CLI); a stream takes the

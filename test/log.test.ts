@@ -1,0 +1,43 @@
+/**
+ * The log's redaction of credentials, on the logger the runtime uses: an S3 error left unwrapped (a defect) must not
+ * print the signed request S3's SignatureDoesNotMatch answer carries, nor the access key id.
+ */
+import { Writable } from 'node:stream';
+import { describe, expect, it } from 'vitest';
+import { createLogger } from '../src/log.js';
+
+function capture() {
+  const lines: string[] = [];
+  const stream = new Writable({ write: (chunk: Buffer, _enc, done) => (lines.push(chunk.toString()), done()) });
+  return { log: createLogger('info', 'test', stream), lines };
+}
+
+describe('log redaction', () => {
+  it("an AWS SDK SignatureDoesNotMatch error's signed request, access key id and signature are not printed", () => {
+    const { log, lines } = capture();
+    // The fields S3's error XML has, as the SDK copies them onto its exception.
+    const err = Object.assign(new Error('The request signature we calculated does not match the signature you provided.'), {
+      name: 'SignatureDoesNotMatch',
+      Code: 'SignatureDoesNotMatch',
+      AWSAccessKeyId: 'ASIAEXAMPLEKEYID1234',
+      StringToSign: 'AWS4-HMAC-SHA256\n20261206T000000Z\n20261206/us-east-1/s3/aws4_request\nabc',
+      StringToSignBytes: '41 57 53 34',
+      SignatureProvided: 'f00dfeedf00dfeed',
+      CanonicalRequest: 'GET\n/models/sd15/unet/model.onnx\n\nhost:s3.amazonaws.com\nx-amz-security-token:SESSIONTOKENSECRET\n',
+      CanonicalRequestBytes: '47 45 54',
+      RequestId: 'R1',
+    });
+    log.error({ err }, 'unhandled error in request');
+    // Wrapped: the serializer leaves a cause's fields out; an error held in another field is written below it.
+    log.error({ err: new Error('cannot read s3://models/sd15/', { cause: err }) }, 'boot crashed');
+    log.error({ err: Object.assign(new Error('upload failed'), { upstream: err }) }, 'boot crashed');
+    expect(lines).toHaveLength(3);
+    for (const secret of ['SESSIONTOKENSECRET', 'ASIAEXAMPLEKEYID1234', 'f00dfeedf00dfeed', 'AWS4-HMAC-SHA256', '41 57 53 34', '47 45 54']) {
+      for (const l of lines) expect(l).not.toContain(secret);
+    }
+    expect((JSON.parse(lines[2]!) as { err: { upstream: Record<string, unknown> } }).err.upstream.RequestId).toBe('R1');
+    const line = JSON.parse(lines[0]!) as { err: Record<string, unknown> };
+    // What helps, kept: the code, the message, the request id.
+    expect([line.err.Code, line.err.RequestId, line.err.CanonicalRequest]).toEqual(['SignatureDoesNotMatch', 'R1', '***']);
+  });
+});
