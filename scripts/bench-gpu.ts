@@ -49,10 +49,31 @@ interface Started {
   notes: string[];
   /** Every log line so far (the list grows while the runtime runs). */
   lines: LogLine[];
+  /** The server's process id (its CPU time is read from /proc). */
+  pid: number;
   stop(): Promise<void>;
 }
 
 type LogLine = Record<string, unknown> & { msg?: string };
+
+/** Seconds of CPU a process has used, all its threads (/proc/PID/stat utime + stime); undefined off Linux. */
+function cpuSeconds(pid: number): number | undefined {
+  try {
+    // The fields after the command name's closing parenthesis: utime and stime are the 12th and 13th there.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return undefined;
+  }
+}
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
 
 function gpuMemMiB(): number | undefined {
   try {
@@ -112,7 +133,7 @@ async function start(label: string, dir: string, env: Record<string, string>): P
     await stop();
     throw err;
   });
-  const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], lines, stop };
+  const s: Started = { label, dir, port, readyMs, sessions: {}, primed: {}, notes: [], lines, pid: child.pid!, stop };
   for (const j of lines) {
     if (j.event === 'session') s.sessions[String(j.component)] = Number(j.ms);
     // A priming run is a worker thread's log line, not a runtime event.
@@ -254,6 +275,11 @@ interface Timed {
   img2img?: number[];
   /** That first image, the input of later image-to-image requests. */
   firstPng?: Buffer;
+  /**
+   * CPU cores the server kept busy while it ran the 50-step requests back to back (CPU seconds / wall seconds): what a
+   * RawDeployment's CPU-based HPA sees of a busy pod (its target is a share of the pod's CPU request).
+   */
+  busyCores?: number;
 }
 
 /** The reference image's steps (gpu_sd15.py records them; 20 at full size). */
@@ -263,11 +289,15 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
   const before = await stageTotals(st.port);
   const runs50: number[] = [];
   let first: Buffer | undefined;
+  const cpu0 = cpuSeconds(st.pid);
+  const wall0 = performance.now();
   for (const seed of QUICK ? [11] : [11, 12, 13]) {
     const r = await predict(st.port, { steps: 50, seed });
     runs50.push(r.ms);
     first ??= r.png;
   }
+  const cpu1 = cpuSeconds(st.pid);
+  const busyCores = cpu0 !== undefined && cpu1 !== undefined ? Number(((cpu1 - cpu0) / ((performance.now() - wall0) / 1000)).toFixed(2)) : undefined;
   const after = await stageTotals(st.port);
   const stagesMs: Record<string, number> = {};
   for (const [k, v] of Object.entries(after)) {
@@ -276,7 +306,7 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
   }
   const runs20: number[] = [];
   for (const seed of QUICK ? [14] : [14, 15]) runs20.push((await predict(st.port, { steps: 20, seed })).ms);
-  const t: Timed = { runs50, runs20, stagesMs, ...(first ? { firstPng: first } : {}) };
+  const t: Timed = { runs50, runs20, stagesMs, ...(first ? { firstPng: first } : {}), ...(busyCores !== undefined ? { busyCores } : {}) };
   if (first && existsSync(path.join(st.dir, 'vae_encoder'))) {
     t.img2img = [];
     for (const seed of QUICK ? [21] : [21, 22, 23]) t.img2img.push((await predict(st.port, { steps: 50, seed, image: first, strength: 0.75 })).ms);
@@ -291,7 +321,7 @@ async function timeGenerations(st: Started, refPng: string | undefined): Promise
       t.parity = { max_abs: d.maxDiff, mean_abs: Number((sum / got.length).toFixed(3)), off_by_more_than_1_pct: Number(((100 * d.offByMore) / got.length).toFixed(2)) };
     }
   }
-  process.stdout.write(`${st.label}: 50 steps ${runs50.map((x) => Math.round(x)).join(', ')} ms; 20 steps ${runs20.map((x) => Math.round(x)).join(', ')} ms; img2img ${t.img2img?.map((x) => Math.round(x)).join(', ') ?? '—'} ms; stages ${JSON.stringify(stagesMs)}; parity ${JSON.stringify(t.parity)}\n`);
+  process.stdout.write(`${st.label}: 50 steps ${runs50.map((x) => Math.round(x)).join(', ')} ms; 20 steps ${runs20.map((x) => Math.round(x)).join(', ')} ms; img2img ${t.img2img?.map((x) => Math.round(x)).join(', ') ?? '—'} ms; stages ${JSON.stringify(stagesMs)}; parity ${JSON.stringify(t.parity)}; CPU cores busy ${busyCores ?? '—'}\n`);
   return t;
 }
 
@@ -457,6 +487,7 @@ async function main(): Promise<void> {
     }),
     `LoRA (fused, rank 16 on the UNet's attention, 50 steps): ${loraResult ? `without ${s(loraResult.baseMs)}; first request with it ${s(loraResult.firstMs)} (set built: ${JSON.stringify(loraResult.built)}); later ${s(loraResult.againMs)}; image changed ${loraResult.changed}; GPU memory with the set ${loraResult.gpuMemMiB ?? '—'} MiB` : '—'}`,
     `batch (fused, 20 steps, 8 clients): MAX_BATCH_SIZE=1 ${batch.b1?.toFixed(2) ?? '—'} images/s, MAX_BATCH_SIZE=4 ${batch.b4?.toFixed(2) ?? '—'} images/s${batch.b1 && batch.b4 ? `, ratio ${(batch.b4 / batch.b1).toFixed(2)}` : ''}`,
+    `CPU cores the server kept busy during back-to-back 50-step requests (for a CPU-based HPA's target): fused ${(fusedMain?.extra as Timed | undefined)?.busyCores ?? '—'}, plain ${(plainMain?.extra as Timed | undefined)?.busyCores ?? '—'}`,
     `stages per 50-step request (ms): fused ${JSON.stringify((fusedMain?.extra as Timed | undefined)?.stagesMs)}, plain ${JSON.stringify((plainMain?.extra as Timed | undefined)?.stagesMs)}`,
     `notes: ${JSON.stringify([...(fusedMain?.notes ?? []), ...(plainMain?.notes ?? [])])}`,
     errors.length > 0 ? `errors: ${JSON.stringify(errors)}` : 'errors: none',
