@@ -1,14 +1,18 @@
 /**
  * A request whose body never completes: the client closes its side mid-body (a cancelled curl, a proxy giving up), sends
  * a malformed chunk, or pipelines such a request behind another. The connection must be answered and closed, and the
- * route must see the client gone, instead of the socket waiting in CLOSE-WAIT with the partial body for ever.
+ * route must see the client gone, instead of the socket waiting in CLOSE-WAIT with the partial body for ever. And a client
+ * that leaves with pipelined requests unanswered: the SIGTERM drain (answered()) must not wait for them.
  * The base server and a body route over a real loopback socket; no model.
  */
+import { once } from 'node:events';
+import type { ServerResponse } from 'node:http';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { listenBase, type BaseServer } from '../src/server/base.js';
 import { bodyRoute, json, route } from '../src/server/http.js';
+import { until } from './helpers/server.js';
 
 let base: BaseServer;
 /** How each body read of the route ended: 'read N' or the error's message. */
@@ -82,5 +86,31 @@ describe('a request body that never completes', () => {
     const whole = await exchange('POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}');
     expect(statuses(whole.text)).toEqual([200]);
     expect(outcomes).toEqual(['read 2']);
+  });
+});
+
+describe('a client that leaves with pipelined requests unanswered', () => {
+  it('is not waited for by the drain: answered() resolves once its connection has closed', async () => {
+    const own = await listenBase('127.0.0.1', 0);
+    try {
+      // Answered once the test says, as a generation would be; the second is queued behind the first.
+      const held: ServerResponse[] = [];
+      own.app.get('/held', (_req, res) => void held.push(res));
+      const s = net.connect(own.port, '127.0.0.1');
+      s.on('error', () => undefined);
+      s.write('GET /held HTTP/1.1\r\nHost: x\r\n\r\nGET /held HTTP/1.1\r\nHost: x\r\n\r\n');
+      await until(() => held.length === 2);
+      const serverSide = once(held[0]!.req.socket, 'close');
+      s.destroy();
+      await serverSide;
+      // A route whose client left answers nothing (http.ts Exchange); one that answers anyway writes to no socket.
+      held[1]!.end('late');
+      // answered() of a server with nothing to answer resolves at once: before the next turn of the event loop.
+      const state = await Promise.race([own.answered().then(() => 'answered'), new Promise((r) => setImmediate(() => r('still waiting')))]);
+      expect(state).toBe('answered');
+    } finally {
+      own.closeListener();
+      own.closeConnections();
+    }
   });
 });

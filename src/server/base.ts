@@ -258,6 +258,25 @@ function track(req: IncomingMessage, res: ServerResponse): void {
   res.once('close', finish);
 }
 
+/** The exchanges open on each connection, told when it closes: one listener per socket however many are pipelined. */
+const onConnection = new WeakMap<Socket, Set<() => void>>();
+/** Runs `f` when `socket` closes; returns what unregisters it. */
+export function onSocketClose(socket: Socket, f: () => void): () => void {
+  let set = onConnection.get(socket);
+  if (!set) {
+    const fs = new Set<() => void>();
+    set = fs;
+    onConnection.set(socket, fs);
+    socket.once('close', () => {
+      onConnection.delete(socket);
+      for (const g of fs) g();
+    });
+  }
+  set.add(f);
+  const mine = set;
+  return () => void mine.delete(f);
+}
+
 function clientError(err: NodeJS.ErrnoException & { reason?: string }, socket: Duplex): void {
   if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy();
   const [code, msg]: [HttpErrorCode, string] =
@@ -350,8 +369,8 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   /** Responses not yet handed to the OS and WebSockets not yet closed (answered()). */
   let answering = 0;
   const answeredWaiters: Array<() => void> = [];
-  /** Counts one answer until the first of `events` on `emitter`. */
-  const answeringUntil = (emitter: NodeJS.EventEmitter, events: string[]) => {
+  /** Counts one answer until the first of `events` on `emitter`; returns what ends it sooner (once, whoever calls it). */
+  const answeringUntil = (emitter: NodeJS.EventEmitter, events: string[]): (() => void) => {
     answering++;
     let done = false;
     const end = () => {
@@ -360,6 +379,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       if (--answering === 0) for (const w of answeredWaiters.splice(0)) w();
     };
     for (const e of events) emitter.once(e, end);
+    return end;
   };
 
   const fdLimit = descriptorLimit();
@@ -406,7 +426,12 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
       connectionsCheckingInterval: TIMEOUT_SWEEP_MS, keepAliveTimeout: KEEP_ALIVE_MS },
     (req, res) => {
       track(req, res);
-      answeringUntil(res, ['finish', 'close']);
+      const release = answeringUntil(res, ['finish', 'close']);
+      // A response queued behind a pipelined one gets neither event when its client leaves (Node closes only the
+      // response on the socket), and never will: the socket's close ends it, or every later drain would wait its grace.
+      const off = onSocketClose(req.socket, release);
+      res.once('finish', off);
+      res.once('close', off);
       const refuse = (code: HttpErrorCode, error: string, headers: Record<string, string> = {}) => {
         const path = pathOf(req.url);
         // Under /openai in OpenAI's shape, as the routes there answer: its SDKs read no other.

@@ -5,7 +5,7 @@ import zlib from 'node:zlib';
 import { SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { lingerOnClose, pathOf } from './base.js';
+import { lingerOnClose, onSocketClose, pathOf } from './base.js';
 import { exposeEventHeaders } from './cors.js';
 
 export interface Reply {
@@ -136,24 +136,6 @@ function copyReq(req: IncomingMessage, params: string[]): Req {
   const url = req.url ?? '/';
   const q = url.indexOf('?');
   return { method: (req.method ?? 'GET').toLowerCase(), url: pathOf(url), query: q < 0 ? '' : url.slice(q + 1), params, headers };
-}
-
-/** The exchanges open on each connection, told when it closes: one listener per socket however many are pipelined. */
-const onConnection = new WeakMap<Socket, Set<() => void>>();
-function onSocketClose(socket: Socket, f: () => void): () => void {
-  let set = onConnection.get(socket);
-  if (!set) {
-    const fs = new Set<() => void>();
-    set = fs;
-    onConnection.set(socket, fs);
-    socket.once('close', () => {
-      onConnection.delete(socket);
-      for (const g of fs) g();
-    });
-  }
-  set.add(f);
-  const mine = set;
-  return () => void mine.delete(f);
 }
 
 /** A response guard: `send` writes at most once and never after the client left. */
