@@ -97,6 +97,9 @@ describe('parseInstances', () => {
     expect(() => parse({ image, strength: 0, scheduler: 'lcm' }, lcm)).toThrow('instances[0].strength 0 × original_inference_steps 50 leaves 0');
     expect(() => parse({ image, num_inference_steps: 45 }, lcm)).toThrow("instances[0].strength 0.8 (not sent: this model's default for image-to-image) × original_inference_steps 50 leaves 40");
     expect(parse({ image, strength: 0.08, num_inference_steps: 4 }, lcm)[0]!.image).toMatchObject({ mode: 'img2img', strength: 0.08 });
+    // The smallest that works, though 7/50 · 100 is a hair above 14 in floating point: int(50 · 0.14) = 7.
+    expect(() => parse({ image, strength: 0.1, num_inference_steps: 7 }, lcm)).toThrow('send a strength of at least 0.14, or fewer steps');
+    expect(parse({ image, strength: 0.14, num_inference_steps: 7 }, lcm)[0]!.image).toMatchObject({ mode: 'img2img', strength: 0.14 });
     // Other classes cut the full schedule (diffusers' LCM pipeline cannot hand them strength), as does an SD model's LCMScheduler.
     expect(parse({ image, strength: 0, scheduler: 'euler' }, lcm)[0]!.image).toMatchObject({ strength: 0 });
     expect(parse({ image, strength: 0, scheduler: 'lcm' })[0]!.image).toMatchObject({ strength: 0 });

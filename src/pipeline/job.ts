@@ -103,9 +103,10 @@ export const unconditionalPass = (guidance: number, guidanceEmbedding: boolean):
  * image-to-image (LatentConsistencyModelImg2ImgPipeline) needs, said in its 400 so that the value sent back works.
  */
 export function lcmMinStrength(original: number, steps: number): number {
-  let s = Math.ceil((steps / original) * 100) / 100;
-  while (s < 1 && Math.trunc(original * s) < steps) s = (Math.round(s * 100) + 1) / 100;
-  return s;
+  // Tried in turn, not rounded up from steps / original: 7/50 · 100 is 14.000000000000002 in floating point, which
+  // rounds up to 0.15, though int(50 · 0.14) = 7 already.
+  for (let h = 1; h < 100; h++) if (Math.trunc(original * (h / 100)) >= steps) return h / 100;
+  return 1;
 }
 
 /**
