@@ -101,6 +101,16 @@ describe('OUTPUT_URI_PREFIXES', () => {
     expect(() => parse(env, 's3://outputs/sd15/../x.png')).toThrow(/the key has an empty, '\.' or '\.\.' path segment/);
   });
 
+  it('checks the keys several images are written to, beside the one given: an entry without its \'/\' keeps them in too', () => {
+    const env = { ...shared, OUTPUT_URI_PREFIXES: 's3://models/team/images' };
+    const two = (uri: string) => parseInstances([{ prompt: 'p', output_uri: uri, num_images_per_prompt: 2 }], { cfg: loadConfig(env), defaults: SD, randomSeed: () => 7 });
+    // One image is written to the key itself; two would go to team/images-0.png and team/images-1.png.
+    expect(parse(env, 's3://models/team/images')[0]!.output.uri).toBe('s3://models/team/images');
+    expect(() => two('s3://models/team/images')).toThrow('instances[0].output_uri "s3://models/team/images" (with 2 images it writes s3://models/team/images-0.png and the like) '
+      + 'is not under a prefix this server writes images to (OUTPUT_URI_PREFIXES: s3://models/team/images)');
+    expect(two('s3://models/team/images/fox.png')[0]!.output.uri).toBe('s3://models/team/images/fox.png');
+  });
+
   it('unset, leaves output_uri as it was: anywhere but what the server loads; a bad entry is named at start', () => {
     expect(parse(shared, 's3://models/team/sdxl-images/x.png')[0]!.output.uri).toBe('s3://models/team/sdxl-images/x.png');
     expect(() => loadConfig({ OUTPUT_URI_PREFIXES: 's3://outputs/a/../b,https://x/y' })).toThrow(/OUTPUT_URI_PREFIXES entry "s3:\/\/outputs\/a\/\.\.\/b" has an empty, '\.' or '\.\.' path segment/);

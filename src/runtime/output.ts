@@ -6,6 +6,7 @@
 import { firstUse, REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { EncodedImage } from './engine.js';
+import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { uploadingUntil } from '../storage/upload-signal.js';
@@ -16,7 +17,6 @@ export interface OutputStore {
   upload(uri: string, images: readonly EncodedImage[], signal?: AbortSignal): Promise<string[]>;
 }
 
-const EXT: Record<EncodedImage['format'], string> = { png: 'png', jpeg: 'jpg', webp: 'webp' };
 const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
 
 /** output_uri as an object to write: an s3:// URL with a key (storage/uri.ts reads every s3:// URL). */
@@ -24,13 +24,6 @@ export function parseOutputUri(uri: string): S3Url {
   const u = parseS3Object(uri);
   if (u === undefined) throw new RuntimeError('INVALID_INPUT', `output_uri must look like s3://bucket/key, got ${JSON.stringify(uri)}`);
   return u;
-}
-
-/** The object keys for `n` images of `format` under the key the client gave. */
-export function outputKeys(key: string, n: number, format: EncodedImage['format']): string[] {
-  if (n === 1) return [key];
-  const stem = key.replace(/\.(png|jpe?g|webp)$/i, '');
-  return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
 }
 
 const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => import('@aws-sdk/lib-storage'));

@@ -100,6 +100,17 @@ export const shapeKey = (s: GenerationShape, model: Pick<ModelDefaults, 'schedul
 
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
+const EXT: Readonly<Record<OutputFormat, string>> = { png: 'png', jpeg: 'jpg', webp: 'webp' };
+
+/**
+ * The object keys `output_uri` writes for `n` images of `format`: the key the client gave for one, `<stem>-<i>.<ext>`
+ * for several (i from 0, the key's own extension dropped): `out/fox.png` with 2 images → `out/fox-0.png`, `out/fox-1.png`.
+ */
+export function outputKeys(key: string, n: number, format: OutputFormat): string[] {
+  if (n === 1) return [key];
+  const stem = key.replace(/\.(png|jpe?g|webp)$/i, '');
+  return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
+}
 
 /** Every field of an instance (V1), a WebSocket message, or a V2 input / parameter (V2 has no preview_every). */
 export const INSTANCE_FIELDS = [
@@ -465,8 +476,14 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const unsafe = keyProblem(out.key);
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
     else if (unsafe !== undefined) bad.push(`${w}.output_uri: the key ${unsafe}; name the object by its plain key`);
-    else if (cfg.outputUriPrefixes?.length && !cfg.outputUriPrefixes.some((p) => underS3Prefix(out, p))) {
-      bad.push(`${w}.output_uri ${JSON.stringify(uri)} is not under a prefix this server writes images to (OUTPUT_URI_PREFIXES: ${cfg.outputUriPrefixes.map((p) => p.uri).join(', ')})`);
+    else if (cfg.outputUriPrefixes?.length) {
+      // The keys written, not the one given: several images go beside it (`out` → `out-0.png`), outside an entry `out`.
+      const prefixes = cfg.outputUriPrefixes;
+      const outside = outputKeys(out.key, numImages, format).find((key) => !prefixes.some((p) => underS3Prefix({ ...out, key }, p)));
+      if (outside !== undefined) {
+        const which = outside === out.key ? '' : ` (with ${numImages} images it writes s3://${out.bucket}/${outside} and the like)`;
+        bad.push(`${w}.output_uri ${JSON.stringify(uri)}${which} is not under a prefix this server writes images to (OUTPUT_URI_PREFIXES: ${prefixes.map((p) => p.uri).join(', ')})`);
+      }
     }
     // Refused before the generation, not after it: the upload could not be sent at all.
     const f = cfg.s3 ? virtualHostedFallback(cfg.s3, out.bucket) : undefined;
