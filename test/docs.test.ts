@@ -16,6 +16,7 @@ import { createMetrics } from '../src/metrics.js';
 import { SCHEDULER_CLASS_NAMES, SCHEDULER_NAMES } from '../src/pipeline/schedulers/names.js';
 import { INSTANCE_FIELDS } from '../src/runtime/request.js';
 import { startGpuMetrics } from '../src/runtime/gpu.js';
+import { referenceDir } from '../scripts/reference.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const read = (rel: string): string => readFileSync(path.join(ROOT, rel), 'utf8');
@@ -199,6 +200,14 @@ describe("README's request fields and schedulers", () => {
     // SCHEDULER_NAMES also takes each class's own name (`EulerDiscreteScheduler`); the README counts the short names.
     const short = Object.keys(SCHEDULER_NAMES).filter((n) => !(SCHEDULER_CLASS_NAMES as readonly string[]).includes(n));
     expect([Number(m![1]), Number(m![2])]).toEqual([SCHEDULER_CLASS_NAMES.length, short.length]);
+  });
+
+  it("counts the prompts tokenizer.test checks against OpenAI CLIP's ids (Parity)", () => {
+    const m = /CLIP's own ids on (\d+) prompts/.exec(readme);
+    expect(m, 'README.md: "CLIP\'s own ids on N prompts"').not.toBeNull();
+    const files = [path.join(referenceDir(), 'clip-tokenizer', 'cases.json'), ...['clip-cases-unicode.json', 'clip-fuzz.json'].map((f) => path.join(ROOT, 'test/fixtures/parity', f))];
+    const cases = files.map((f) => (JSON.parse(readFileSync(f, 'utf8')) as { cases: unknown[] }).cases.length);
+    expect(Number(m![1])).toBe(cases.reduce((a, b) => a + b, 0));
   });
 
   it("the V1 table's scheduler row names only request names the runtime takes", () => {
