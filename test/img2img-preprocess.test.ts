@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { fitImage, imageTensor, maskTensor } from '../src/pipeline/img2img.js';
 import type { ResizeMode } from '../src/pipeline/job.js';
 import { blank, paste, resize, toLuma, type Raster } from '../src/pipeline/resample.js';
-import { decodeImage, sniffFormat } from '../src/runtime/image-request.js';
+import { decodeImage, maskFromAlpha, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
 import { REFERENCE } from './helpers/server.js';
 import { readNpyF32 } from '../scripts/reference.js';
@@ -47,6 +47,39 @@ describe("diffusers' image and mask processors", () => {
     let diff = 0;
     for (let i = 0; i < want.data.length; i++) if (got.data[i] !== want.data[i]) diff++;
     expect(diff).toBe(0);
+  });
+});
+
+describe("decoding as diffusers' load_image does (img2img/decode, Pillow 12)", () => {
+  const decodeDir = path.join(dir, 'decode');
+  const { cases } = JSON.parse(readFileSync(path.join(decodeDir, 'index.json'), 'utf8')) as {
+    cases: Array<{ input: string; made: string; expected: string; size: [number, number]; alpha0?: string }>;
+  };
+  const pixels = async (file: string, channels: 1 | 3) => {
+    const img = sharp(path.join(decodeDir, file));
+    const { data, info } = await (channels === 1 ? img.extractChannel(0) : img.removeAlpha()).raw().toBuffer({ resolveWithObject: true });
+    return { data, width: info.width, height: info.height };
+  };
+
+  it.each(cases.map((c) => [c.input, c.made, c] as const))('%s (%s)', async (_n, _m, c) => {
+    const got = await decodeImage(readFileSync(path.join(decodeDir, c.input)), 'image');
+    const want = await pixels(c.expected, 3);
+    expect([got.width, got.height]).toEqual(c.size);
+    expect([want.width, want.height]).toEqual(c.size);
+    let diff = 0;
+    for (let i = 0; i < want.data.length; i++) if (got.data[i] !== want.data[i]) diff++;
+    expect(diff, `${diff} of ${want.data.length} values differ`).toBe(0);
+  });
+
+  // An OpenAI edit's mask (or a picture's own transparent area) is turned as its picture is, or the two would not align.
+  it.each(cases.filter((c) => c.alpha0).map((c) => [c.input, c] as const))('the alpha-0 area of %s, turned as the picture', async (_n, c) => {
+    const file = readFileSync(path.join(decodeDir, c.input));
+    const want = await pixels(c.alpha0!, 1);
+    for (const mask of [await maskFromAlpha(file, 'mask'), await transparentArea(file, 'image')]) {
+      const got = await sharp(mask!).extractChannel(0).raw().toBuffer({ resolveWithObject: true });
+      expect([got.info.width, got.info.height]).toEqual(c.size);
+      expect(Buffer.compare(got.data, want.data)).toBe(0);
+    }
   });
 });
 

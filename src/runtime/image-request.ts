@@ -12,6 +12,7 @@ import { scaledSize } from '../pipeline/img2img.js';
 import { lcmMinStrength, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
+import { oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
@@ -233,8 +234,9 @@ export function sniffFormat(b: Uint8Array): 'png' | 'jpeg' | 'webp' | { other: s
 }
 
 /**
- * Decodes an input image to RGB as diffusers' load_image does with Pillow: EXIF orientation applied, alpha dropped
- * (not composited), grey and palette images expanded, CMYK converted by Pillow's formula, the ICC profile ignored.
+ * Decodes an input image to RGB as diffusers' load_image does with Pillow: the orientation applied (EXIF, and where
+ * Pillow finds it beyond libvips: orientation.ts), alpha dropped (not composited), grey and palette images expanded,
+ * CMYK converted by Pillow's formula, the ICC profile ignored.
  */
 export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold): Promise<Raster> {
   const fmt = sniffFormat(bytes);
@@ -242,16 +244,18 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   const sharp = await loadSharp();
   let out: { data: Buffer; info: { width: number; height: number; channels: number } };
   try {
-    const img = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
-    // The header, read once: its size is reserved before the pixels exist, and a JPEG's colour space chooses the path.
-    const meta = hold || fmt === 'jpeg' ? await img.metadata() : undefined;
+    const read = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
+    // The header, read once: its size is reserved before the pixels exist, a JPEG's colour space chooses the path, and
+    // the orientation libvips finds it applies itself (autoOrient); where it finds none, Pillow may (orientation.ts).
+    const meta = await read.metadata();
+    const img = meta.orientation === undefined ? oriented(read, pillowOrientation(bytes, fmt) ?? 1) : read;
     if (hold) {
       // One frame: an animated image decodes its first only.
-      const px = (meta!.width ?? 0) * (meta!.pageHeight ?? meta!.height ?? 0);
+      const px = (meta.width ?? 0) * (meta.pageHeight ?? meta.height ?? 0);
       if (px > maxPixels) throw new Error('Input image exceeds pixel limit');
       hold.take(px * 3, field);
     }
-    if (fmt === 'jpeg' && meta!.space === 'cmyk') {
+    if (fmt === 'jpeg' && meta.space === 'cmyk') {
       // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
       const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
       out = { data: cmykToRgb(cmyk.data), info: { ...cmyk.info, channels: 3 } };
@@ -282,11 +286,14 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
   const sharp = await loadSharp();
   try {
     const img = sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS, autoOrient: true });
-    if (!(await img.metadata()).hasAlpha) {
+    const meta = await img.metadata();
+    if (!meta.hasAlpha) {
       throw new RuntimeError('INVALID_INPUT', `${field} has no alpha channel: OpenAI's mask marks the area to edit as transparent; send a PNG with transparency`);
     }
+    // Turned as decodeImage turns the picture, so that the two stay aligned.
+    const turned = meta.orientation === undefined ? oriented(img, pillowOrientation(bytes, fmt) ?? 1) : img;
     // threshold(1): 255 where alpha >= 1 (read as 8 bits), then inverted.
-    return await img.extractChannel('alpha').threshold(1).negate().png().toBuffer();
+    return await turned.extractChannel('alpha').threshold(1).negate().png().toBuffer();
   } catch (err) {
     throw decodeFailure(err, field, fmt, MAX_INPUT_PIXELS);
   }
