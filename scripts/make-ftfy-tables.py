@@ -30,7 +30,10 @@ for name, char in html.entities.html5.items():
 assert chardata.HTML_ENTITY_RE.pattern == r"&#?[0-9A-Za-z]{1,24};", chardata.HTML_ENTITY_RE.pattern
 assert chardata.SINGLE_QUOTE_RE.pattern == "[\u02bc\u2018-\u201b]" and chardata.DOUBLE_QUOTE_RE.pattern == "[\u201c-\u201f]"
 assert chardata.C1_CONTROL_RE.pattern == r"[\x80-\x9f]"
-c1 = {b: bytes([b]).decode("sloppy-windows-1252") for b in range(0x80, 0xA0)}
+# fix_c1_controls reads U+0080..U+009F as sloppy-windows-1252, which is HTML5's table of those numeric references
+# (html-entities.ts' INVALID_CHARREFS): text-fix.ts takes them from there.
+for b in range(0x80, 0xA0):
+    assert bytes([b]).decode("sloppy-windows-1252") == html._invalid_charrefs[b], hex(b)
 
 out = sys.stdout
 out.write("/**\n")
@@ -42,11 +45,6 @@ out.write("export const UPPER_ENTITIES: Readonly<Record<string, string>> = {\n")
 for k in sorted(upper):
     out.write("  %s: %s,\n" % (q(k), q(upper[k])))
 out.write("};\n\n")
-out.write("/** fix_c1_controls: U+0080..U+009F read as sloppy-windows-1252 (undefined bytes stay latin-1). */\n")
-out.write("export const C1_MAP: ReadonlyMap<number, string> = new Map([\n")
-for b in sorted(c1):
-    out.write("  [0x%x, %s],\n" % (b, q(c1[b])))
-out.write("]);\n\n")
 out.write("/** fix_latin_ligatures. */\n")
 out.write("export const LIGATURES: ReadonlyMap<number, string> = new Map([\n")
 for k in sorted(chardata.LIGATURES):

@@ -1383,42 +1383,6 @@ export const UPPER_ENTITIES: Readonly<Record<string, string>> = {
   "ZWNJ;": "\u200c",
 };
 
-/** fix_c1_controls: U+0080..U+009F read as sloppy-windows-1252 (undefined bytes stay latin-1). */
-export const C1_MAP: ReadonlyMap<number, string> = new Map([
-  [0x80, "\u20ac"],
-  [0x81, "\u0081"],
-  [0x82, "\u201a"],
-  [0x83, "\u0192"],
-  [0x84, "\u201e"],
-  [0x85, "\u2026"],
-  [0x86, "\u2020"],
-  [0x87, "\u2021"],
-  [0x88, "\u02c6"],
-  [0x89, "\u2030"],
-  [0x8a, "\u0160"],
-  [0x8b, "\u2039"],
-  [0x8c, "\u0152"],
-  [0x8d, "\u008d"],
-  [0x8e, "\u017d"],
-  [0x8f, "\u008f"],
-  [0x90, "\u0090"],
-  [0x91, "\u2018"],
-  [0x92, "\u2019"],
-  [0x93, "\u201c"],
-  [0x94, "\u201d"],
-  [0x95, "\u2022"],
-  [0x96, "\u2013"],
-  [0x97, "\u2014"],
-  [0x98, "\u02dc"],
-  [0x99, "\u2122"],
-  [0x9a, "\u0161"],
-  [0x9b, "\u203a"],
-  [0x9c, "\u0153"],
-  [0x9d, "\u009d"],
-  [0x9e, "\u017e"],
-  [0x9f, "\u0178"],
-]);
-
 /** fix_latin_ligatures. */
 export const LIGATURES: ReadonlyMap<number, string> = new Map([
   [0x132, "IJ"],

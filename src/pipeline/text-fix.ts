@@ -5,8 +5,14 @@
  * Python's html module (html-entities.ts).
  */
 
-import { C1_MAP, CONTROL_CHARS, LIGATURES, UPPER_ENTITIES, WIDTH_MAP } from './ftfy-tables.js';
+import { CONTROL_CHARS, LIGATURES, UPPER_ENTITIES, WIDTH_MAP } from './ftfy-tables.js';
 import { HTML5_NAMED, INVALID_CHARREFS, INVALID_CODEPOINTS } from './html-entities.js';
+
+/**
+ * fix_c1_controls: U+0080..U+009F read as sloppy-windows-1252 (undefined bytes stay latin-1), which is HTML5's table of
+ * those numeric references (make-ftfy-tables.py checks it).
+ */
+const C1_MAP: ReadonlyMap<number, string> = new Map([...INVALID_CHARREFS].filter(([b]) => b >= 0x80 && b <= 0x9f));
 
 const CHARREF = /&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)/gu;
 
