@@ -14,19 +14,12 @@ python3-torch 1.13 with the diffusers sources and huggingface_hub on the path.
 """
 import json
 import sys
-import types
 
 import numpy as np
 import torch
 from parity_json import F32, dumps
 
-# torch 1.13 lacks device modules that diffusers' utils name at import (no scheduler uses them).
-for _dev in ("xpu", "mps", "mtia"):
-    if not hasattr(torch, _dev):
-        setattr(torch, _dev, types.SimpleNamespace(empty_cache=lambda: None, device_count=lambda: 0, is_available=lambda: False,
-                                                   synchronize=lambda *a, **k: None, manual_seed=lambda *a: None,
-                                                   reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 0,
-                                                   current_device=lambda: 0))
+import old_torch  # noqa: E402,F401 - before diffusers: stand-ins for what torch 1.13 lacks
 
 import diffusers  # noqa: E402
 from diffusers import LCMScheduler  # noqa: E402

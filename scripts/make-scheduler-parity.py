@@ -36,16 +36,7 @@ import scipy
 import torch
 from parity_json import F32, dumps
 
-# torch 1.13 lacks device modules that diffusers' utils name at import (no scheduler uses them): a stand-in for each
-# one missing, none for those a torch 2.x has.
-for _dev in ("xpu", "mps", "mtia"):
-    if not hasattr(torch, _dev):
-        import types
-
-        setattr(torch, _dev, types.SimpleNamespace(empty_cache=lambda: None, device_count=lambda: 0, is_available=lambda: False,
-                                                   synchronize=lambda *a, **k: None, manual_seed=lambda *a: None,
-                                                   reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 0,
-                                                   current_device=lambda: 0))
+import old_torch  # noqa: E402,F401 - before diffusers: stand-ins for what torch 1.13 lacks
 
 import diffusers
 from diffusers import (
