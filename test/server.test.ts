@@ -240,14 +240,14 @@ describe('REQUEST_TIMEOUT_S', () => {
   it('stops a request that runs too long with 504 and keeps serving', async () => {
     const t = await startRuntime({ STORAGE_URI: undefined, REQUEST_TIMEOUT_S: '1', WARMUP_STEPS: '1', MAX_IMAGE_SIZE: '2048' }, { ready: true });
     try {
-      const t0 = performance.now();
       const r = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'slow', num_inference_steps: 500, height: 1024, width: 1024, seed: 2 }] });
       expect(r.status).toBe(504);
       expect(r.json.error).toMatch(/REQUEST_TIMEOUT_S=1s/);
       // Counted as a timeout, not as a client that left.
       expect(await metric(t, 'inference_cancelled_total', { reason: 'timeout' })).toBe(1);
       expect(await metric(t, 'inference_cancelled_total')).toBe(1);
-      expect(performance.now() - t0).toBeLessThan(10_000);
+      // The one worker runs this within its own 1 s only if the slow generation stopped: not stopped, it holds the
+      // worker for its ~9 s and this one gets 504 too (a fixed 10 s bound on the first answer stood for this).
       const ok = await postJson(`${t.url}/v1/models/model:predict`, { instances: [{ prompt: 'quick', num_inference_steps: 2, height: 64, width: 64 }] });
       expect(ok.status).toBe(200);
     } finally {
