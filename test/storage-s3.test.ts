@@ -145,11 +145,13 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
   it('aborts and retries a stalled range', async () => {
     const cache = await newCache();
     proxy.faults = { stallAfterBytes: 10_000, stalls: 2 };
-    const t0 = Date.now();
+    const { stalls, stallsCut } = proxy.stats;
     const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache, { S3_STALL_TIMEOUT_S: '0.4' }), log });
     await expectSame(r.dir, big);
-    expect(proxy.stats.stalls).toBeGreaterThanOrEqual(2);
-    expect(Date.now() - t0).toBeLessThan(15_000);
+    // Both stalled ranges given up by the client (each connection closed), their bytes read again: counted, not timed
+    // (a bound of 15 s stood for it; a range never given up holds the download past the test's timeout).
+    expect(proxy.stats.stalls - stalls).toBe(2);
+    await until(() => proxy.stats.stallsCut - stallsCut === 2);
   });
 
   it('a range that stalls on every attempt (no answer, or headers and no byte) fails as STORAGE_STALL, not as a missing object', async () => {
@@ -179,12 +181,14 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
 
     await s3.stop();
     try {
-      const t0 = performance.now();
+      const lists = proxy.stats.lists;
       const ready: string[] = [];
       const hit = await resolveModel('s3://models/etag', { cfg: cfgFor(cache), log, onFileReady: (rel) => ready.push(rel) });
       expect(hit).toMatchObject({ fromCache: true, stale: true, dir: first.dir });
       expect(ready.sort()).toEqual(['a.bin', 'b.bin']);
-      expect(performance.now() - t0).toBeLessThan(3_000);
+      // Served after the hit check's two LIST tries, each refused at once, not the fill's S3_MAX_ATTEMPTS: counted, not
+      // timed (a bound of 3 s stood for it).
+      expect(proxy.stats.lists - lists).toBe(2);
     } finally {
       await s3.restart();
     }

@@ -202,6 +202,8 @@ export interface FaultProxy {
     /** When each ListObjectsV2 request arrived (Date.now()). */
     listAt: number[];
     bodyBytes: number; resets: number; stalls: number; maxConcurrent: number; open: number; held: number; sdkGets: number;
+    /** Stalled answers whose client closed the connection (it gave up on the range). */
+    stallsCut: number;
     /** 2xx GET body bytes sent, by request path (`/<bucket>/<key>`, URL-decoded). */
     bytesByPath: Record<string, number>;
     /**
@@ -241,7 +243,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, stallsCut: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const server = http.createServer((req, res) => {
@@ -493,6 +495,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
           res.write(chunk.subarray(0, Math.max(0, f.stallAfterBytes! - sent)));
           stats.stalls++;
           upRes.destroy(); // the client sees an open socket that never sends another byte
+          res.once('close', () => stats.stallsCut++);
           return;
         }
         if (damage && !damaged && chunk.length > 0) {
