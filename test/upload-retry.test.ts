@@ -89,10 +89,10 @@ describe('push', () => {
     const r = await push(prefix);
     expect(r.code, r.stderr).toBe(1);
     expect(r.stderr).toContain(`warmup: STORAGE_TRANSIENT: cannot upload s3://models/${prefix}a.bin: InternalError (gave up after retries)`);
-    // Each of the three parts in flight tried UPLOAD_ATTEMPTS times at most; full-jitter backoff of 3 s at most.
+    // Each of the three parts in flight tried UPLOAD_ATTEMPTS times at most. Counted, not timed (a bound of 20 s stood for
+    // it): between tries is the fill's full-jitter backoff, whose cap storage-plan.test checks.
     expect(proxy.stats.puts).toBeGreaterThanOrEqual(UPLOAD_ATTEMPTS);
     expect(proxy.stats.puts).toBeLessThanOrEqual(3 * UPLOAD_ATTEMPTS);
-    expect(r.ms).toBeLessThan(20_000);
     expect(left(prefix)).toEqual([]);
     expect(r.stderr).not.toContain('echoed-secret');
   }, 60_000);
@@ -179,11 +179,10 @@ describe('output_uri', () => {
     const { requestS3, out } = store();
     try {
       proxy.faults = { failPuts: { keys: /^out\/down/, every: { status: 500, code: 'InternalError' } } };
-      const t0 = performance.now();
       const down = await rejection(out.upload('s3://models/out/down.png', [png(3)]));
       expect([down.code, down.message]).toEqual(['STORAGE_TRANSIENT', 'output_uri: upload to s3://models/out/down.png failed (InternalError); the images were generated but not stored']);
+      // Counted, not timed (a bound of 10 s stood for it): the backoff between tries is capped (storage-plan.test).
       expect(proxy.stats.puts).toBe(UPLOAD_ATTEMPTS);
-      expect(performance.now() - t0).toBeLessThan(10_000);
 
       proxy.faults = { failPuts: { keys: /^out\/denied/, every: { status: 403, code: 'AccessDenied' } } };
       proxy.stats.puts = 0;
