@@ -74,10 +74,11 @@ describe('a pipeline worker that dies after ready', () => {
       await until(() => s.rt.engine.queueDepth === 1, 30_000);
       const states: number[] = [];
       const watch = setInterval(() => void ready(s.url).then((c) => states.push(c)), 10);
-      const t0 = Date.now();
       await s.workers[0]!.worker.terminate();
       const [h, q] = await Promise.all([held, queued]);
-      expect(Date.now() - t0).toBeLessThan(20_000); // answered when the worker died, not REQUEST_TIMEOUT_S (120 s) later
+      // Answered when the worker died, not REQUEST_TIMEOUT_S (120 s) later: while the one started again is still not
+      // ready (checked against that event, not a fixed 20 s), with the death's errors below, not the timeout's 504.
+      expect(s.rt.boot.ready).toBe(false);
       expect([h.status, h.json]).toEqual([500, { error: 'the generation failed: the pipeline worker running it stopped (exit code 1); it is being started again', code: 'WORKER_DIED' }]);
       expect([q.status, q.json]).toEqual([503, { error: 'the pipeline worker stopped and is being started again; retry in a few seconds', code: 'WORKER_RESTARTING' }]);
       expect(q.headers.get('retry-after')).toBe('5');
