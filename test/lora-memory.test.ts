@@ -8,7 +8,7 @@
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { createMemoryTrimmer, MMAP_THRESHOLD_BYTES } from '../src/pipeline/lora-memory.js';
 import { buildDemoModel } from '../src/demo/build.js';
 import { postJson, ROOT, startServer, tempDir, type ServerHandle } from './helpers/server.js';
@@ -65,9 +65,11 @@ describe('memory of evicted LoRA adapter sets', () => {
     expect(trimmedEarly, 'a trim came while sets still switched').toBe(false);
     expect(switching / MB, during).toBeLessThanOrEqual(level / MB + SWITCHING_BOUND_MB);
     expect(built).toBeGreaterThanOrEqual(12);
-    // The trim comes once no set's thread has ended for TRIM_POLICY.quietMs (10 s); a build without it never comes.
+    // The trim comes once no set's thread has ended for TRIM_POLICY.quietMs (10 s); a build without it never comes. Its
+    // line is waited for; the deadline only keeps a build without it from ending at the test's timeout with no word (at
+    // 25 s, 15 s past the quiet time, it could cut a correct run's wait on a busy machine).
     const TRIMMED = 'memory of ended LoRA adapter set threads given back';
-    const deadline = performance.now() + 25_000;
+    const deadline = performance.now() + 100_000;
     while (!srv.logs.some((l) => l.msg === TRIMMED) && performance.now() < deadline) await new Promise((r) => setTimeout(r, 100));
     const rss = rssOf(pid);
     const trims = srv.logs.filter((l) => l.msg === TRIMMED).length;
@@ -103,46 +105,62 @@ describe('native/malloc-trim and its trimmer', () => {
     expect(b).toBe(c);
   });
 
-  it('after threads end: one trim once none has ended for the quiet time, covering them all', async () => {
+  // The policy's times run on the test's clock (setTimeout and performance faked; the trim itself runs on libuv's thread
+  // pool, on the real one): on the wall clock a busy machine stretched 150 ms waits past the 300 ms quiet time.
+  const onTestClock = async (fn: () => Promise<void>) => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'performance'] });
+    try {
+      await fn();
+    } finally {
+      vi.useRealTimers();
+    }
+  };
+
+  it('after threads end: one trim once none has ended for the quiet time, covering them all', () => onTestClock(async () => {
     const { lines, log } = logsOf();
     const t = createMemoryTrimmer(log, { file: MODULE, policy: { quietMs: 300 } });
-    const t0 = performance.now();
     const ended = [t.threadEnded()];
     for (let i = 0; i < 2; i++) {
-      await new Promise((r) => setTimeout(r, 150));
+      await vi.advanceTimersByTimeAsync(150);
       expect(t.runs).toBe(0);
       ended.push(t.threadEnded());
     }
+    // The last end came at 300 ms: the quiet time's timer is still due at 599 ms, and fires at 600.
+    await vi.advanceTimersByTimeAsync(299);
+    expect(vi.getTimerCount()).toBe(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(vi.getTimerCount()).toBe(0);
     const [a, b, c] = await Promise.all(ended);
-    expect(performance.now() - t0).toBeGreaterThanOrEqual(590);
     expect(a).toBeDefined();
     expect(b).toBe(a);
     expect(c).toBe(a);
     expect(t.runs).toBe(1);
     expect(lines).toEqual([['info', 'memory of ended LoRA adapter set threads given back', { rssMB: expect.any(Number), returnedMB: expect.any(Number), ms: expect.any(Number) }]]);
     // A later end starts a new quiet time.
-    expect(await t.threadEnded()).not.toBe(a);
+    const later = t.threadEnded();
+    await vi.advanceTimersByTimeAsync(300);
+    expect(await later).not.toBe(a);
     expect(t.runs).toBe(2);
-  });
+  }));
 
-  it('sets that never stop switching still get a trim once the first pending end is maxDelayMs old', async () => {
+  it('sets that never stop switching still get a trim once the first pending end is maxDelayMs old', () => onTestClock(async () => {
     const { log } = logsOf();
     const t = createMemoryTrimmer(log, { file: MODULE, policy: { quietMs: 300, maxDelayMs: 600 } });
-    const t0 = performance.now();
     const first = t.threadEnded();
-    let firstAt = 0;
-    void first.then(() => (firstAt = performance.now() - t0));
-    // An end every 100 ms for 2.5 s: never 300 ms of quiet (without the cap the trim would come at ~2.8 s).
-    while (performance.now() - t0 < 2_500) {
-      await new Promise((r) => setTimeout(r, 100));
-      void t.threadEnded();
+    // An end every 100 ms: never 300 ms of quiet, so without the cap no trim while they come. Each end within 600 ms of
+    // the first puts it off; the last of them, at 500 ms, holds it to 800 ms. An end that joins the pending trim gets
+    // its promise; once the trim has fired, an end starts a new quiet time.
+    for (let at = 100; at < 800; at += 100) {
+      await vi.advanceTimersByTimeAsync(100);
+      expect(t.threadEnded(), `${at} ms`).toBe(first);
     }
+    await vi.advanceTimersByTimeAsync(99);
+    expect(t.threadEnded()).toBe(first);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(t.threadEnded()).not.toBe(first);
     expect(await first).toBeDefined();
-    // The last refresh before 600 ms holds it to about 600 + 300 ms.
-    expect(firstAt).toBeGreaterThanOrEqual(600);
-    expect(firstAt).toBeLessThan(2_400);
-    expect(t.runs).toBeGreaterThanOrEqual(1);
-  });
+    expect(t.runs).toBe(1);
+  }));
 
   it("fixes glibc's mmap threshold once (buffers from 1 MiB up mapped, not left in the arenas); an operator's setting stays", () => {
     const { lines, log } = logsOf();
