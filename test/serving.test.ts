@@ -195,11 +195,15 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     srv = await startRuntime({ STORAGE_URI: undefined, MAX_QUEUE: '1', MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
   });
   afterAll(async () => void (await srv?.stop()));
+  /**
+   * Until the worker holds the long generation, out of the queue (it waits there up to BATCH_WINDOW_MS for company):
+   * a fixed 100 ms stood for it, and a request sent while it still waited found the queue full.
+   */
+  const onWorker = () => until(async () => (await metric(srv, 'worker_busy')) === 1, 10_000, 25);
 
   it('answers 503 with Retry-After when the queue is full, and keeps serving', async () => {
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
-    await new Promise((r) => setTimeout(r, 100));
+    await onWorker();
     const queued = predict(srv, { ...long, seed: 2, num_inference_steps: 2, height: 64, width: 64 });
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
     const refused = await predict(srv, { prompt: 'third', num_inference_steps: 2, height: 64, width: 64 });
@@ -223,8 +227,7 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     expect([idle.status, idle.json.error]).toEqual([200, undefined]);
     expect(preds(idle.json).map((p) => p.seed)).toEqual([20, 21, 22]);
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
-    await new Promise((r) => setTimeout(r, 100));
+    await onWorker();
     const waiting = many(3);
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 10_000, 25);
     expect(await metric(srv, 'inference_queue_depth')).toBe(1);
@@ -237,8 +240,7 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
 
   it('counts a refused request of several instances once in inference_rejected_total, as the 503 it gets', async () => {
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
-    await new Promise((r) => setTimeout(r, 100));
+    await onWorker();
     const queued = predict(srv, { prompt: 'queued', num_inference_steps: 2, height: 64, width: 64, seed: 30 });
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
     const rejected0 = await metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
@@ -254,8 +256,7 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     const cancelled0 = await metric(srv, 'inference_cancelled_total');
     const left0 = await metric(srv, 'inference_cancelled_total', { reason: 'client_left' });
     const running = predict(srv, long);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 10_000, 25);
-    await new Promise((r) => setTimeout(r, 100));
+    await onWorker();
     // A queued request as long as the running one: if it were not removed, the next request would wait for it.
     const sock = rawPredict(srv.port, { ...long, seed: 9 });
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
