@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import pino from 'pino';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { MANIFEST } from '../src/storage/cache.js';
@@ -319,13 +319,22 @@ describe('eviction against a start of the same entry at that moment', () => {
     // The moment between an evictor's lock and its rename, held open: the evictor's side of the handshake.
     const evictor = await acquireLock(`${dir}.lock`, { purpose: 'evict' });
     let leased = false;
-    // A poll slow enough that, once withdrawn, the lease is not written again before the lock goes (under load too).
-    const taking = leaseEntry(dir, { pollMs: 1_000 }).then((l) => ((leased = true), l));
-    await new Promise((r) => setTimeout(r, 200));
-    await until(() => existsSync(leasesDir(dir)) && readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease')).length === 0, 5_000, 10); // withdrawn while it waits
-    expect(leased).toBe(false);
-    await evictor!.release();
-    const lease = await taking;
+    // The lease's poll runs on the test's clock (only setTimeout is faked, while it runs): its timer armed is the event
+    // that it has written its lease, seen the evictor's lock and withdrawn. A fixed 200 ms stood for that, and a poll
+    // of the folder could pass between the folder's creation and the lease's first write.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    let lease: Awaited<ReturnType<typeof leaseEntry>>;
+    try {
+      const taking = leaseEntry(dir, { pollMs: 1_000 }).then((l) => ((leased = true), l));
+      while (vi.getTimerCount() === 0 && !leased) await new Promise((r) => setImmediate(r));
+      expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toEqual([]);
+      expect(leased).toBe(false);
+      await evictor!.release();
+      await vi.advanceTimersByTimeAsync(1_000);
+      lease = await taking;
+    } finally {
+      vi.useRealTimers();
+    }
     expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toHaveLength(1);
     // A fill's lock does not hold a lease back: a server may start on an entry another pod refreshes.
     const filler = await acquireLock(`${dir}.lock`);
