@@ -3,7 +3,7 @@ import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { existsSync, promises as fsp, readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
 import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
@@ -185,11 +185,20 @@ describe('lock', () => {
     const file = path.join(tmp, 'a.lock');
     const first = await acquireLock(file, { pollMs: 20 });
     let second: Awaited<ReturnType<typeof acquireLock>>;
-    const waiting = acquireLock(file, { pollMs: 20 }).then((l) => (second = l));
-    await new Promise((r) => setTimeout(r, 150));
-    expect(second).toBeUndefined();
-    await first!.release();
-    await waiting;
+    // The second's poll runs on the test's clock (only setTimeout is faked, while it waits): its timer armed is the event
+    // that it tried and found the lock held (a fixed 150 ms stood for it, too short on a busy machine to show anything).
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      const waiting = acquireLock(file, { pollMs: 20 }).then((l) => (second = l));
+      while (vi.getTimerCount() === 0 && second === undefined) await new Promise((r) => setImmediate(r));
+      expect(second).toBeUndefined();
+      await first!.release();
+      // Woken by the lock file's removal, or by its next poll.
+      await vi.advanceTimersByTimeAsync(20);
+      await waiting;
+    } finally {
+      vi.useRealTimers();
+    }
     expect(second).toBeDefined();
     await second!.release();
     expect(existsSync(file)).toBe(false);
@@ -286,7 +295,8 @@ describe('lock', () => {
     const file = path.join(tmp, 'd.lock');
     const l = await acquireLock(file, { heartbeatMs: 30 });
     await fsp.writeFile(file, JSON.stringify({ pid: 1, host: 'other', token: 'thief', since: '' }));
-    await new Promise((r) => setTimeout(r, 150));
+    // The abort is what its next heartbeat does: waited for, not given 150 ms (five 30 ms beats on a quiet machine only).
+    await new Promise((r) => (l!.lost.aborted ? r(undefined) : l!.lost.addEventListener('abort', r, { once: true })));
     expect(l!.lost.aborted).toBe(true);
     await l!.release();
     expect(existsSync(file)).toBe(true);
