@@ -121,7 +121,7 @@ describe('a download at a low open-file limit', () => {
       // The runtime is loaded ('listening'), and so is sharp (code caught loading by the flood would stay failed:
       // descriptors.ts firstUse); the listing is held, and answered once every descriptor is taken.
       await until(() => srv.logs.some((l) => l.msg === 'sharp imported'), 10_000, 10);
-      release = await holdIdle(srv.port, LIMIT + 40);
+      release = await holdIdle({ port: srv.port, pid: srv.proc.pid! }, LIMIT + 40, LIMIT);
       delete proxy.faults.holdLists;
       answerList();
       const again = 'the model fetch ran out of file descriptors; trying again';
@@ -203,17 +203,39 @@ const connect = (port: number) => new Promise<net.Socket>((resolve, reject) => {
   const s = net.connect(port, '127.0.0.1', () => resolve(s)).on('error', reject);
 });
 
-/** `n` connections that send nothing, until released: each one the server accepted holds one of its descriptors. */
-async function holdIdle(port: number, n: number): Promise<() => void> {
+/** Whether process `pid` has every descriptor number below `limit` open: the next one it opens fails with EMFILE. */
+const descriptorsFull = (pid: number, limit: number): boolean => {
+  const open = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+  for (let fd = 0; fd < limit; fd++) if (!open.has(fd)) return false;
+  return true;
+};
+
+/**
+ * `n` connections that send nothing, until released: each one the server accepted holds one of its descriptors.
+ * Returns once the server (process `pid`, at `limit` descriptors) has none left: a client's connection is complete
+ * before the server accepts it (it had 73 of 128 when the last one here connected), and past the limit libuv accepts
+ * and closes at once what waits. A fixed 300 ms stood for that.
+ */
+async function holdIdle(srv: { port: number; pid: number }, n: number, limit: number): Promise<() => void> {
   const socks: net.Socket[] = [];
   await Promise.all(Array.from({ length: n }, () => new Promise<void>((resolve) => {
-    const s = net.connect(port, '127.0.0.1', () => resolve());
+    const s = net.connect(srv.port, '127.0.0.1', () => resolve());
     s.on('error', () => resolve()).on('close', () => resolve());
     socks.push(s);
   })));
-  // Past the limit libuv accepts and closes at once what waits; a moment for those closes to land.
-  await new Promise((r) => setTimeout(r, 300));
+  await until(() => descriptorsFull(srv.pid, limit), 10_000, 10);
   return () => socks.forEach((s) => s.destroy());
+}
+
+/** How many connections the server counts open (MAX_CONNECTIONS=0: all of them), this one's included; NaN if none came. */
+function connectionsOpen(port: number): Promise<number> {
+  return new Promise((resolve) => {
+    let got = '';
+    const s = net.connect(port, '127.0.0.1', () => s.write('GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'));
+    s.on('data', (d: Buffer) => (got += d.toString('utf8')));
+    s.on('error', () => undefined);
+    s.on('close', () => resolve(Number(/^http_connections_open\{[^}]*state="within"[^}]*\} (\d+)$/m.exec(got)?.[1] ?? NaN)));
+  });
 }
 
 const instance = (extra: Record<string, unknown>) => ({ instances: [{ prompt: 'fd', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...extra }] });
@@ -242,7 +264,7 @@ describe('requests while every descriptor is taken (MAX_CONNECTIONS=0, ulimit -n
   /** Sends each request on a connection opened before `LIMIT` more are held, then again once they are let go. */
   async function starved(reqs: Record<string, unknown>): Promise<{ during: Record<string, Awaited<ReturnType<typeof ask>>>; after: Record<string, Awaited<ReturnType<typeof ask>>> }> {
     const socks = Object.fromEntries(await Promise.all(Object.keys(reqs).map(async (k) => [k, await connect(srv.port)] as const)));
-    const release = await holdIdle(srv.port, LIMIT);
+    const release = await holdIdle({ port: srv.port, pid: srv.proc.pid! }, LIMIT, LIMIT);
     const during: Record<string, Awaited<ReturnType<typeof ask>>> = {};
     try {
       // In turn: each waits for its own answer.
@@ -250,9 +272,9 @@ describe('requests while every descriptor is taken (MAX_CONNECTIONS=0, ulimit -n
     } finally {
       release();
     }
-    // Room again once the server has closed its side of the held connections.
-    await until(async () => (await fetch(`${srv.url}/v2/health/live`).then((r) => r.ok, () => false)), 10_000, 50);
-    await new Promise((r) => setTimeout(r, 300));
+    // Room again once the server has closed its side of the held connections: it counts the requests' own at most, and
+    // the scrape's (it answered liveness while it still held some, and a fixed 300 ms stood for the rest).
+    await until(async () => (await connectionsOpen(srv.port)) <= Object.keys(reqs).length + 1, 10_000, 50);
     const after: Record<string, Awaited<ReturnType<typeof ask>>> = {};
     for (const [k, body] of Object.entries(reqs)) {
       const s = await connect(srv.port);
