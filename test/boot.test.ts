@@ -235,7 +235,10 @@ describe('SIGTERM', () => {
     let finished = false;
     const inflight = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'drain me', num_inference_steps: 400, height: 1024, width: 1024, seed: 9 }] });
     void inflight.then(() => (finished = true));
-    await new Promise((r) => setTimeout(r, 500));
+    // The signal comes once a worker runs the generation (scraped on one of those connections): after a fixed 500 ms a
+    // busy machine might not have read the request yet, and it would be refused as a late one.
+    const running = async () => /^worker_busy\{[^}]*\} 1$/m.test((await exchange(c.sock, 'GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n')).body);
+    while (!(await running())) await new Promise((r) => setTimeout(r, 25));
     expect(finished).toBe(false);
     const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
     srv.proc.kill('SIGTERM');
