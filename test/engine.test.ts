@@ -275,6 +275,21 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
+  it('counts the steps of a generation that finished after its clients left (the cancel came too late): the device ran them', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const steps = async () => (await metrics.steps.get()).values.reduce((n, v) => n + v.value, 0);
+    const gone = new AbortController();
+    const left = engine.submit(request('a'), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message);
+    await sent(w, 1);
+    gone.abort();
+    expect(await left).toBe('the request was abandoned while generating');
+    // The worker had finished before the cancel reached it: its result arrives for nobody.
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    await engine.idle();
+    expect(await steps()).toBe(times.steps);
+    await engine.close();
+  });
+
   it('a worker error fails every request of the batch with its code', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
     const results = ['a', 'b'].map((p) => engine.submit(request(p)).then(() => 'ok', (e: RuntimeError) => [e.code, e.message]));

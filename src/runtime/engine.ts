@@ -703,8 +703,12 @@ export class Engine {
   }
 
   async #deliver(run: Running, raw: Array<TransferImage & { seed: number }>, times: StageTimes): Promise<void> {
-    // Every client of the batch left while it ran: nobody to encode for.
-    if (run.tasks.every((t) => t.state === 'done')) return;
+    // Every client of the batch left while it ran (its cancel came too late): nobody to encode for; the device still ran
+    // every step.
+    if (run.tasks.every((t) => t.state === 'done')) {
+      this.metrics.steps.inc(this.#labels, times.steps);
+      return;
+    }
     const t0 = performance.now();
     // Each request's images (its slice of the batch, in task order) in its own format; none for a request whose client
     // left while it ran.
