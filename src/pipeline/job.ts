@@ -99,13 +99,19 @@ export interface JobItem {
 export const unconditionalPass = (guidance: number, guidanceEmbedding: boolean): boolean => guidance > 1 && !guidanceEmbedding;
 
 /**
+ * Python's int(original_inference_steps · strength), in double precision as there: how many of the distillation's
+ * timesteps LCMScheduler.set_timesteps picks an LCM model's image-to-image steps from (LatentConsistencyModelImg2ImgPipeline).
+ */
+export const lcmTimestepCount = (original: number, strength: number): number => Math.trunc(original * strength);
+
+/**
  * The smallest strength, in hundredths, whose int(original · strength) reaches `steps`: what an LCM model's
  * image-to-image (LatentConsistencyModelImg2ImgPipeline) needs, said in its 400 so that the value sent back works.
  */
 export function lcmMinStrength(original: number, steps: number): number {
   // Tried in turn, not rounded up from steps / original: 7/50 · 100 is 14.000000000000002 in floating point, which
   // rounds up to 0.15, though int(50 · 0.14) = 7 already.
-  for (let h = 1; h < 100; h++) if (Math.trunc(original * (h / 100)) >= steps) return h / 100;
+  for (let h = 1; h < 100; h++) if (lcmTimestepCount(original, h / 100) >= steps) return h / 100;
   return 1;
 }
 

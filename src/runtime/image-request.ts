@@ -9,7 +9,7 @@ import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
 import { scaledSize } from '../pipeline/img2img.js';
-import { lcmMinStrength, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
+import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { oriented, pillowOrientation } from './orientation.js';
@@ -189,10 +189,11 @@ export function parseImageFields(
   // LatentConsistencyModelImg2ImgPipeline picks every step from the first int(original · strength) timesteps of the
   // LCM schedule, and raises where they are fewer than the steps (strength 0 too).
   const original = mode === 'img2img' ? defaults.strengthSchedules?.[scheduler ?? ''] : undefined;
-  if (original !== undefined && Math.floor(Math.trunc(original * strength) / steps) < 1) {
+  const kept = original === undefined ? undefined : lcmTimestepCount(original, strength);
+  if (original !== undefined && kept !== undefined && kept < steps) {
     const whose = has('strength') ? '' : ` (not sent: this model's default for image-to-image)`;
     bad.push(
-      `${w}.strength ${strength}${whose} × original_inference_steps ${original} leaves ${Math.trunc(original * strength)} of the LCM schedule's timesteps, ` +
+      `${w}.strength ${strength}${whose} × original_inference_steps ${original} leaves ${kept} of the LCM schedule's timesteps, ` +
         `fewer than num_inference_steps ${steps}: image-to-image on an LCM model takes every step from them; send a strength of at least ${lcmMinStrength(original, steps)}, or fewer steps`,
     );
   }

@@ -1,7 +1,7 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
-import { unconditionalPass, type GenerationShape, type ImageMode, type JobItem, type ModelDefaults } from '../pipeline/job.js';
+import { lcmTimestepCount, unconditionalPass, type GenerationShape, type ImageMode, type JobItem, type ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
@@ -276,7 +276,7 @@ export function defaultStepsWarnings(cfg: Pick<Config, 'defaultSteps'> & Partial
   const original = defaults.strengthSchedules?.[cfg.defaultScheduler ?? ''];
   if (original !== undefined) {
     const { strength } = defaults.modes.img2img;
-    const kept = Math.trunc(original * strength);
+    const kept = lcmTimestepCount(original, strength);
     if (kept < steps) {
       out.push(`DEFAULT_STEPS=${steps} with this model's default image-to-image strength ${strength} leaves ${kept} of the LCM schedule's timesteps (original_inference_steps ${original}), ` +
         `fewer than the steps: an image-to-image request that sends no strength is refused (400); it should send strength, or DEFAULT_STEPS be at most ${kept}`);

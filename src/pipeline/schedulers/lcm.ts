@@ -4,7 +4,7 @@
  * gamma (the request's eta) is above 0. Float32 like torch.
  */
 
-import { lcmMinStrength, type StepRange } from '../job.js';
+import { lcmMinStrength, lcmTimestepCount, type StepRange } from '../job.js';
 import type { StepResult } from '../types.js';
 import {
   alphasCumprod,
@@ -62,8 +62,7 @@ export function lcmStepRange(config: ResolvedConfig, className = 'LCMScheduler')
 function consistencyTimesteps(config: ResolvedConfig, n: number, strength = 1, className = 'LCMScheduler'): readonly number[] {
   const original = num(config, 'original_inference_steps');
   const k = Math.floor(num(config, 'num_train_timesteps') / original);
-  // Python's int(original_steps * strength), in double precision as there.
-  const count = Math.trunc(original * strength);
+  const count = lcmTimestepCount(original, strength);
   if (Math.floor(count / n) < 1) {
     throw new RuntimeError(
       'INVALID_INPUT',
