@@ -260,6 +260,11 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
       // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
       const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
       out = { data: cmykToRgb(cmyk.data), info: { ...cmyk.info, channels: 3 } };
+    } else if (fmt === 'png' && isGrey16Png(bytes)) {
+      // Pillow opens it as I;16, whose convert("RGB") clips each value to 255; libvips would keep the high byte (as
+      // Pillow does for 16-bit RGB, RGBA and grey-alpha). A tRNS key (libvips' alpha) is ignored, as by Pillow.
+      const grey = await img.removeAlpha().toColourspace('grey16').raw({ depth: 'ushort' }).toBuffer({ resolveWithObject: true });
+      out = { data: clippedGrey16(grey.data), info: { ...grey.info, channels: 3 } };
     } else {
       out = await img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
     }
@@ -321,6 +326,19 @@ function decodeFailure(err: unknown, field: string, fmt: string, maxPixels: numb
   const why = String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 200);
   if (/pixel limit/i.test(why)) return new RuntimeError('INVALID_INPUT', `${field} has more than ${maxPixels} pixels, the most an input image may have`);
   return new RuntimeError('INVALID_INPUT', `${field} could not be decoded as ${fmt.toUpperCase()}: ${why}`);
+}
+
+/** A PNG of 16-bit grey samples: IHDR, always the first chunk, gives bit depth 16 and colour type 0 (no alpha channel). */
+const isGrey16Png = (png: Uint8Array): boolean => png.length > 25 && png[24] === 16 && png[25] === 0;
+
+/** Pillow's I;16 → RGB (Convert.c I16_RGB): each sample clipped to 255, written to all three channels. */
+function clippedGrey16(samples: Buffer): Buffer {
+  // In native byte order, as libvips writes raw ushort: read through a Uint16Array (a copy where the bytes are unaligned).
+  const aligned = samples.byteOffset % 2 === 0 ? samples : Buffer.from(samples);
+  const v = new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.length >> 1);
+  const rgb = Buffer.allocUnsafe(v.length * 3);
+  for (let i = 0; i < v.length; i++) rgb[i * 3] = rgb[i * 3 + 1] = rgb[i * 3 + 2] = Math.min(v[i]!, 255);
+  return rgb;
 }
 
 /** Pillow's CMYK → RGB (Convert.c cmyk2rgb): no colour management, each channel (255 − K)(1 − C/255) in its integer rounding. */
