@@ -399,3 +399,37 @@ describe('a client that is answered on the raw socket and never reads', () => {
     }
   });
 });
+
+describe('answers once the listener is closed (SIGTERM)', () => {
+  it('close their connection, and an answer\'s own Connection options (a 426\'s upgrade) stay beside close', async () => {
+    const base = await listenBase('127.0.0.1', 0, { maxConnections: 0 });
+    base.app.get('/426', (_req, res) => void res.writeHead(426, { upgrade: 'websocket', connection: 'upgrade', 'content-length': 0 }).end());
+    const sock = net.connect(base.port, '127.0.0.1');
+    let got = '';
+    const heads: string[] = [];
+    const waiters: Array<() => void> = [];
+    sock.on('data', (d: Buffer) => {
+      got += d.toString('latin1');
+      for (let at = got.indexOf('\r\n\r\n'); at >= 0; at = got.indexOf('\r\n\r\n')) {
+        heads.push(got.slice(0, at));
+        got = got.slice(at + 4);
+        waiters.shift()?.();
+      }
+    });
+    const closed = new Promise<void>((r) => sock.once('close', () => r()));
+    const ask = () => new Promise<string>((r) => {
+      waiters.push(() => r(heads.at(-1)!));
+      sock.write('GET /426 HTTP/1.1\r\nHost: x\r\n\r\n');
+    });
+    const connection = (head: string) => /^connection: (.*)$/im.exec(head)?.[1];
+    try {
+      expect(connection(await ask())).toBe('upgrade');
+      base.closeListener();
+      expect(connection(await ask())).toBe('upgrade, close');
+      await closed;
+    } finally {
+      sock.destroy();
+      base.closeConnections();
+    }
+  });
+});

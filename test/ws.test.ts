@@ -361,12 +361,12 @@ describe('the stream path asked without a proper WebSocket handshake', () => {
 
   it('answers plain HTTP with 426 and Upgrade: websocket (what curl or fetch gets), another method with 405 Allow: GET, never a 404', async () => {
     const get = await ask('GET');
-    expect([get.status, get.headers.upgrade, JSON.parse(get.body)]).toEqual([426, 'websocket', {
+    expect([get.status, get.headers.upgrade, get.headers.connection, JSON.parse(get.body)]).toEqual([426, 'websocket', 'upgrade', {
       error: '/v1/models/model/stream is a WebSocket endpoint: connect to it with a WebSocket client (a ws:// or wss:// URL), which sends Upgrade: websocket',
       code: 'UPGRADE_REQUIRED',
     }]);
     const head = await ask('HEAD');
-    expect([head.status, head.headers.upgrade, head.body]).toEqual([426, 'websocket', '']);
+    expect([head.status, head.headers.upgrade, head.headers.connection, head.body]).toEqual([426, 'websocket', 'upgrade', '']);
     const post = await ask('POST');
     expect([post.status, post.headers.allow, JSON.parse(post.body)]).toEqual([405, 'GET', {
       error: 'Method Not Allowed: POST /v1/models/model/stream is a WebSocket endpoint, which takes GET with Upgrade: websocket',

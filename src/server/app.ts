@@ -107,7 +107,8 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
           throw new RuntimeError('METHOD_NOT_ALLOWED', `Method Not Allowed: ${r.method.toUpperCase()} ${path} is a WebSocket endpoint, which takes GET with Upgrade: websocket`, { allow: ['GET'] });
         }
         const out = errorReply(new RuntimeError('UPGRADE_REQUIRED', `${path} is a WebSocket endpoint: connect to it with a WebSocket client (a ws:// or wss:// URL), which sends Upgrade: websocket`), o.log);
-        return { ...out, headers: { ...out.headers, upgrade: 'websocket' } };
+        // RFC 9110 7.8: whoever sends Upgrade names it in Connection too.
+        return { ...out, headers: { ...out.headers, upgrade: 'websocket', connection: 'upgrade' } };
       }
       const allow = allowed(path);
       if (allow.length === 0) throw new RuntimeError('NOT_FOUND', `Not Found: ${path}${isOpenAI(path) ? OPENAI_SERVED : ''}`);

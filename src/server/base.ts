@@ -416,7 +416,14 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
     override writeHead(...args: unknown[]): this {
       // Only on the connection's last request: those pipelined behind this one are answered first. A connection beyond
       // the cap gets one answer.
-      if ((!open && latest.get(this.req.socket) === this) || beyond.has(this.req.socket)) this.setHeader('connection', 'close');
+      if ((!open && latest.get(this.req.socket) === this) || beyond.has(this.req.socket)) {
+        // `close` joins the answer's own Connection options (a 426's `upgrade`), which would otherwise replace it.
+        const given = args.find((a): a is Record<string, unknown> => typeof a === 'object' && a !== null && !Array.isArray(a));
+        const own = String(given?.connection ?? this.getHeader('connection') ?? '');
+        const value = own === '' || /\bclose\b/i.test(own) ? 'close' : `${own}, close`;
+        if (given?.connection !== undefined) given.connection = value;
+        else this.setHeader('connection', value);
+      }
       return (super.writeHead as (...a: unknown[]) => this)(...args);
     }
   }
