@@ -166,6 +166,23 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
+  it('a full queue\'s Retry-After counts the batches its requests make, not the requests', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '4', MAX_QUEUE: '8', BATCH_WINDOW_MS: '10000' });
+    const running = Array.from({ length: 4 }, (_, i) => engine.submit(request(`run-${i}`)).catch(() => undefined));
+    await tick();
+    expect(w.generations()).toHaveLength(1);
+    // Queued behind it: six of one shape (two batches of four) and two of another (one batch).
+    const queued = [...Array.from({ length: 6 }, (_, i) => shaped(`a-${i}`)), ...Array.from({ length: 2 }, (_, i) => shaped(`b-${i}`, { width: 128 }))]
+      .map((r) => engine.submit(r).catch(() => undefined));
+    await tick();
+    expect(engine.queueDepth).toBe(8);
+    const refused = await engine.submit(request('late')).then(() => undefined, (e: RuntimeError) => e);
+    // Three batches queued and the one running, at the 5 s a generation is taken to last before one has been timed.
+    expect([refused?.code, refused?.retryAfter]).toEqual(['BUSY', 20]);
+    await engine.close();
+    await Promise.all([...running, ...queued]);
+  });
+
   it('sends a partial batch when its window ends', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '30' });
     const a = engine.submit(request('a'));

@@ -184,6 +184,21 @@ const ENCODED_TEXTS = 128;
 const RESPAWN_MAX_MS = 30_000;
 const RESPAWN_RESET_MS = 60_000;
 
+/**
+ * The batches `pending` makes at the least, as #pump forms them: tasks of one key share batches of up to `max` images
+ * (a task of more runs alone, a full batch); a task pinned to a worker or run alone takes one of its own.
+ */
+function queuedBatches(pending: readonly Task[], max: number): number {
+  const images = new Map<string, number>();
+  let own = 0;
+  for (const t of pending) {
+    if (t.pin !== undefined || t.alone) own++;
+    else images.set(t.key, (images.get(t.key) ?? 0) + Math.min(t.images, max));
+  }
+  for (const n of images.values()) own += Math.ceil(n / max);
+  return own;
+}
+
 export class Engine {
   readonly #workers: WorkerHandle[] = [];
   readonly #pending: Task[] = [];
@@ -458,8 +473,10 @@ export class Engine {
   }
 
   #retryAfter(): number {
-    // A rough wait: one queue's worth of the last observed generation time, at least a second.
-    return Math.max(1, Math.ceil(((this.#pending.length + 1) * this.#lastGenSeconds) / Math.max(1, this.#workers.length)));
+    // A rough wait: the batches the queue makes and the one running, each the last observed generation time, spread
+    // over the workers; at least a second. Counting requests instead said MAX_BATCH_SIZE times too long.
+    const batches = queuedBatches(this.#pending, this.cfg.maxBatchSize) + 1;
+    return Math.max(1, Math.ceil((batches * this.#lastGenSeconds) / Math.max(1, this.#workers.length)));
   }
   #lastGenSeconds = 5;
 
