@@ -111,7 +111,7 @@ async function main(): Promise<void> {
   const workers = spawnWorkers(cfg);
   let base: BaseServer;
   try {
-    base = await (await import('./server/base.js')).listenBase(cfg.host, cfg.port, { maxConnections: cfg.maxConnections });
+    base = await (await import('./server/base.js')).listenBase(cfg.host, cfg.port, { maxConnections: cfg.maxConnections, corsAllowOrigins: cfg.corsAllowOrigins });
   } catch (err) {
     // One line, then a non-zero exit: a second server on a taken port never starts and shares its traffic.
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
@@ -205,7 +205,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
 /** Listens on the runtime's HOST and PORT and serves it there, as `main` does; for a runtime built in-process. */
 export async function listen(rt: Runtime): Promise<number> {
   const [{ listenBase }, wiring] = await Promise.all([import('./server/base.js'), serverModules()]);
-  return serve(await listenBase(rt.cfg.host, rt.cfg.port, { maxConnections: rt.cfg.maxConnections }), rt, wiring);
+  return serve(await listenBase(rt.cfg.host, rt.cfg.port, { maxConnections: rt.cfg.maxConnections, corsAllowOrigins: rt.cfg.corsAllowOrigins }), rt, wiring);
 }
 
 /** True when this module is the process's entry (`node dist/src/main.js`), not an import (tests). */

@@ -8,6 +8,7 @@ import http from 'node:http';
 import net from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig } from '../src/config.js';
+import { listenBase } from '../src/server/base.js';
 import { startServer, until, type ServerHandle } from './helpers/server.js';
 
 const servers: ServerHandle[] = [];
@@ -121,6 +122,25 @@ describe('CORS_ALLOW_ORIGINS', () => {
       expect(busy!.headers).toMatchObject({ 'retry-after': '1', 'access-control-allow-origin': APP, 'access-control-expose-headers': 'retry-after, allow, x-should-retry, inference-header-content-length, ce-specversion, ce-id, ce-source, ce-type, ce-time' });
     } finally {
       held.forEach((s) => s.destroy());
+    }
+  });
+
+  it('before the runtime attaches: the 503 "not ready" carries the origin too, as does the liveness answer', async () => {
+    // The listening socket comes first (main.ts): the boot's first steps run while the routes are not there yet.
+    const base = await listenBase('127.0.0.1', 0, { maxConnections: 0, corsAllowOrigins: [APP] });
+    try {
+      const early = await send(base.port, 'POST', PREDICT, { origin: APP, 'content-type': 'application/json' }, '{}');
+      expect([early.status, (JSON.parse(early.body) as { state: string }).state, early.headers['access-control-allow-origin'], early.headers.vary]).toEqual([503, 'starting', APP, 'origin']);
+      expect(early.headers['access-control-expose-headers']).toContain('retry-after');
+      const live = await send(base.port, 'GET', '/v2/health/live', { origin: APP });
+      expect([live.status, live.headers['access-control-allow-origin']]).toEqual([200, APP]);
+      const pre = await send(base.port, 'OPTIONS', '/v2/health/live', preflight(APP, '/v2/health/live', 'GET', ''));
+      expect([pre.status, pre.headers['access-control-allow-methods']]).toEqual([204, 'GET, HEAD']);
+      const other = await send(base.port, 'POST', PREDICT, { origin: 'https://evil.example' }, '{}');
+      expect([other.status, other.headers['access-control-allow-origin']]).toEqual([503, undefined]);
+    } finally {
+      base.closeListener();
+      base.closeConnections();
     }
   });
 

@@ -14,7 +14,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { descriptorLimit, unloadedCode } from '../descriptors.js';
 import { httpStatus, type HttpErrorCode } from '../errors.js';
-import type { CorsHandler } from './cors.js';
+import { corsHandler, type CorsHandler } from './cors.js';
 import { isOpenAI, openaiErrorBody, openaiErrorHeaders } from './openai-errors.js';
 
 /** A request handler; `params` holds the `:name` segments of its pattern, raw (not percent-decoded). */
@@ -40,7 +40,10 @@ export interface BaseServer {
   allowed(path: string): string[];
   /** Whether `path` is served as a WebSocket (an upgrade route matches it with GET, the handshake's method). */
   websocket(path: string): boolean;
-  /** Cross-origin headers and preflights (cors.ts); none before the runtime attaches, nor when CORS_ALLOW_ORIGINS is unset. */
+  /**
+   * Cross-origin headers and preflights (cors.ts) once the routes are known, in place of ListenOptions.corsAllowOrigins'
+   * (which knows the liveness routes only); none when CORS_ALLOW_ORIGINS is unset.
+   */
   setCors(h: CorsHandler | undefined): void;
   /** Stops accepting connections; requests on open connections (keep-alive included) go on. Idempotent. */
   closeListener(): void;
@@ -65,6 +68,11 @@ export interface ListenOptions {
    * a reserve (autoMaxConnections).
    */
   maxConnections?: number | undefined;
+  /**
+   * CORS_ALLOW_ORIGINS, for the answers given before the runtime attaches its routes and handler (the 503 "not ready",
+   * a connection past the cap): a page reads them only with the CORS headers it gets from the routes later.
+   */
+  corsAllowOrigins?: readonly string[];
 }
 
 export interface ConnectionStats {
@@ -365,7 +373,12 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
   };
 
   let open = true;
-  let cors: CorsHandler | undefined;
+  /** The methods some route answers on `path` (HEAD wherever GET is). */
+  const allowed = (path: string): string[] => {
+    const methods = routes.methods(path);
+    return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
+  };
+  let cors: CorsHandler | undefined = corsHandler(opts.corsAllowOrigins ?? [], allowed);
   /** Responses not yet handed to the OS and WebSockets not yet closed (answered()). */
   let answering = 0;
   const answeredWaiters: Array<() => void> = [];
@@ -578,10 +591,7 @@ export function listenBase(host: string, port: number, opts: ListenOptions = {})
           fallback = h;
           attached = true;
         },
-        allowed: (path) => {
-          const methods = routes.methods(path);
-          return methods.includes('GET') ? [...methods, 'HEAD'] : methods;
-        },
+        allowed,
         websocket: (path) => upgrades.match('GET', path) !== undefined,
         setCors: (h) => {
           cors = h;
