@@ -141,7 +141,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     inflight: new Gauge({
       name: 'inference_requests_in_flight',
-      help: 'Inference requests accepted and not yet answered',
+      help: 'Inference requests being served: from the result cache or the queue until their images are made and, with output_uri, uploaded (reading the input images before and writing the answer after are not counted); a request of several instances counts once',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

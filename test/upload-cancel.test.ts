@@ -9,6 +9,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
+import { metric } from './helpers/runtime.js';
 import { cleanUpS3, CREDS, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
@@ -51,9 +52,12 @@ it('a client that leaves while its upload backs off to retry: no PUT is sent aft
   sock.on('error', () => undefined);
   // The first PUT refused: the upload waits out its backoff before the next of its 5 attempts.
   await until(() => proxy.stats.puts > puts0, 30_000, 2);
+  // Its images made, the request is still in flight while it uploads them (OPERATIONS.md's definition of the gauge).
+  expect(await metric(srv, 'inference_requests_in_flight')).toBe(1);
   sock.destroy();
   const left = proxy.stats.puts;
   await until(() => srv.logs.slice(logs0).some(answered(499)), 10_000);
+  expect(await metric(srv, 'inference_requests_in_flight')).toBe(0);
   await sleep(RETRIES_MS);
   // One PUT may have been on its way as the client left; none after it.
   expect(proxy.stats.puts - left).toBeLessThanOrEqual(1);
