@@ -80,7 +80,7 @@ describe('decodeEvent', () => {
     expect(refused(structured, { ...noId, data: V1 })).toBe('INVALID_INPUT: the CloudEvent has no "id", "source": a structured event needs specversion, id, source, type, and the V1 body in "data"');
     expect(refused(structured, { ...EVENT, id: '', data: V1 })).toBe('INVALID_INPUT: the CloudEvent\'s "id" must be a non-empty string, got ""');
     expect(refused(structured, EVENT)).toBe('INVALID_INPUT: the CloudEvent has no "data": the V1 body ({"instances":[…]}) goes in its data');
-    expect(refused(structured, [EVENT])).toBe('INVALID_INPUT: a structured CloudEvent (Content-Type: application/cloudevents+json) is a JSON object, got an array');
+    expect(refused(structured, [EVENT])).toBe('INVALID_INPUT: a structured CloudEvent (Content-Type: application/cloudevents+json) is a JSON object, got a list');
     expect(refused(structured, { ...EVENT, datacontenttype: 'image/png', data_base64: 'iVBORw0K' }))
       .toBe('INVALID_INPUT: the CloudEvent\'s datacontenttype is "image/png": its data must be a V1 JSON body (application/json)');
     expect(refused(structured, { ...EVENT, data_base64: Buffer.from('{"instances":').toString('base64') }))

@@ -8,7 +8,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
-import { isObj } from '../runtime/fields.js';
+import { isObj, typeName } from '../runtime/fields.js';
 import { assertSafeJson } from '../runtime/request.js';
 import type { Reply } from './http.js';
 
@@ -104,10 +104,8 @@ export function refuseEvent(headers: Record<string, string>, route: string): voi
   }
 }
 
-const kind = (v: unknown): string => (Array.isArray(v) ? 'an array' : v === null ? 'null' : typeof v === 'object' ? 'an object' : `a ${typeof v}`);
-
 function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
-  if (!isObj(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${kind(json)}`);
+  if (!isObj(json)) throw invalid(`a structured CloudEvent (Content-Type: ${STRUCTURED}) is a JSON object, got ${typeName(json)}`);
   // An attribute written as null is one left out (JSON format, section 3); `"data": null` is a null payload.
   const ev = Object.fromEntries(Object.entries(json).filter(([k, v]) => v !== null || k === 'data'));
   const missing = REQUIRED.filter((k) => !Object.hasOwn(ev, k));
@@ -131,7 +129,7 @@ function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
     if (base64 !== undefined) throw invalid('the CloudEvent has both "data" and "data_base64": an event holds one of them (the V1 body in "data")');
     body = data;
   } else if (base64 !== undefined) {
-    if (typeof base64 !== 'string') throw invalid(`the CloudEvent's data_base64 must be a string of base64, got ${kind(base64)}`);
+    if (typeof base64 !== 'string') throw invalid(`the CloudEvent's data_base64 must be a string of base64, got ${typeName(base64)}`);
     // Buffer.from skips what is not base64: a JSON text put in data_base64 would decode to bytes that name nothing.
     const bad = notBase64(base64);
     if (bad) {
