@@ -17,8 +17,8 @@ import { postJson, startServer, until, type ServerHandle } from './helpers/serve
 /** `CODE: message` of what the body cannot ask for (the route joins these problems to the request's own). */
 const refused = (body: unknown): string => {
   try {
-    const { problems } = imagesInstance(body, 'model');
-    if (problems.length > 0) return `INVALID_INPUT: ${problems.join('; ')}`;
+    const refusal = imagesInstance(body, 'model').problems.error();
+    if (refusal) return `${refusal.code}: ${refusal.message}`;
   } catch (err) {
     return `${(err as { code: string }).code}: ${(err as Error).message}`;
   }
@@ -27,7 +27,7 @@ const refused = (body: unknown): string => {
 const grey = (width: number, height: number) => sharp(Buffer.alloc(width * height * 3, 128), { raw: { width, height, channels: 3 } }).png().toBuffer();
 const mapped = (body: unknown) => {
   const { instance, problems } = imagesInstance(body, 'model');
-  expect(problems).toEqual([]);
+  expect(problems.list).toEqual([]);
   return instance;
 };
 

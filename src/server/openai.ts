@@ -62,7 +62,7 @@ const KNOWN = ['model', 'n', 'size', 'response_format', 'output_compression', 'u
 const bad = (msg: string, param?: string): RuntimeError => new RuntimeError('INVALID_INPUT', msg, param === undefined ? undefined : { fields: { param } });
 
 /** A body's problems in order, and the parameter the first is about: the one OpenAI's `param` names. */
-class Problems {
+export class Problems {
   readonly list: string[] = [];
   param: string | undefined;
   add(param: string | undefined, problem: string): void {
@@ -78,6 +78,10 @@ class Problems {
   error(): RuntimeError | undefined {
     return this.list.length === 0 ? undefined : bad(joinProblems(this.list), this.param);
   }
+  /** The 400 naming them all, then `err`'s (problems of its own, joined already), about `param` where these name none. */
+  before(err: RuntimeError, param: string | undefined): RuntimeError {
+    return this.list.length === 0 ? bad(err.message, param) : bad(`${joinProblems(this.list)}; ${err.message}`, this.param);
+  }
 }
 
 /** A value as a problem shows it: `show`'s, a boolean as itself. */
@@ -87,7 +91,7 @@ const val = (v: unknown): string => (typeof v === 'boolean' ? String(v) : show(v
  * The V1 instance an Images API body asks for, and a problem for each field that cannot be served (left out of the
  * instance, so its own checks find nothing more to say about it). An unknown model is a 404 at once.
  */
-export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: string[]; param: string | undefined } {
+export function imagesInstance(body: unknown, modelName: string): { instance: Record<string, unknown>; problems: Problems } {
   if (!isObj(body)) throw bad('the request body must be a JSON object with a "prompt"');
   const o = body;
   if (typeof o.model === 'string' && o.model !== modelName) throw withParam(unknownModel(o.model, modelName, `${OPENAI_PREFIX}/models`), 'model');
@@ -118,7 +122,7 @@ export function imagesInstance(body: unknown, modelName: string): { instance: Re
     else if (!(FIELDS as readonly string[]).includes(k)) problems.unknown(k, KNOWN);
     else inst[k] = v;
   }
-  return { instance: inst, problems: problems.list, param: problems.param };
+  return { instance: inst, problems };
 }
 
 /**
@@ -201,7 +205,7 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
   /** An Images API body (parsed JSON, or an edit's form as one) generated and answered as OpenAI does. */
   const serve = async (parsed: unknown, signal: AbortSignal, names = GENERATION_NAMES): Promise<Reply> => {
     assertSafeJson(parsed, 'body');
-    const { instance, problems, param } = imagesInstance(parsed, ctx.cfg.modelName);
+    const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
     let reqs: GenerationRequest[];
     // The parameter each of the request's problems is about, read where it names the field (`instances[0].seed …`).
     const params: Array<string | undefined> = [];
@@ -209,12 +213,11 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
       reqs = parseInstances([instance], parseContext(ctx), 'instances', false, (p) => (params.push(paramOf(p, names.param)), relabel(p, names.shown)));
     } catch (err) {
       // Every problem at once: OpenAI's fields' own, then the request's they make.
-      if (isRuntimeError(err) && err.code === 'INVALID_INPUT') {
-        throw problems.length > 0 ? bad(`${joinProblems(problems)}; ${err.message}`, param) : bad(err.message, params[0]);
-      }
+      if (isRuntimeError(err) && err.code === 'INVALID_INPUT') throw problems.before(err, params[0]);
       throw err;
     }
-    if (problems.length > 0) throw bad(joinProblems(problems), param);
+    const refused = problems.error();
+    if (refused) throw refused;
     const results = await generateWithImages(ctx, reqs, signal).catch((err: unknown) => Promise.reject(relabelled(err, names)));
     return { status: 200, body: imagesBody(results), contentType: 'application/json' };
   };
