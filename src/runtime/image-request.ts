@@ -5,6 +5,7 @@
  * a 400 naming the field, never a failed generation.
  */
 import { createHash } from 'node:crypto';
+import type { Metadata, Sharp } from 'sharp';
 import type { Config } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { loadSharp } from '../pipeline/image.js';
@@ -296,10 +297,7 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
     if (!meta.hasAlpha) {
       throw new RuntimeError('INVALID_INPUT', `${field} has no alpha channel: OpenAI's mask marks the area to edit as transparent; send a PNG with transparency`);
     }
-    // Turned as decodeImage turns the picture, so that the two stay aligned.
-    const turned = meta.orientation === undefined ? oriented(img, pillowOrientation(bytes, fmt) ?? 1) : img;
-    // threshold(1): 255 where alpha >= 1 (read as 8 bits), then inverted.
-    return await turned.extractChannel('alpha').threshold(1).negate().png().toBuffer();
+    return await alphaZero(img, meta, bytes, fmt);
   } catch (err) {
     throw decodeFailure(err, field, fmt, MAX_INPUT_PIXELS);
   }
@@ -309,15 +307,27 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
  * An edit's picture sent without a mask: its own fully transparent area, as maskFromAlpha makes it from a mask (OpenAI's
  * edits before its GPT models: "If mask is not provided, image must have transparency, which will be used as the
  * mask"). Undefined where nothing is transparent (no alpha channel, or no pixel at 0): the whole picture is the edit's.
- * A picture that does not decode is left for decodeImage to name.
+ * A picture whose header does not read is left for decodeImage to name.
  */
 export async function transparentArea(bytes: Uint8Array, field: string): Promise<Buffer | undefined> {
-  if (typeof sniffFormat(bytes) !== 'string') return undefined;
+  const fmt = sniffFormat(bytes);
+  if (typeof fmt !== 'string') return undefined;
   const sharp = await loadSharp();
-  const hasAlpha = await sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS }).metadata().then((m) => m.hasAlpha, () => false);
-  if (!hasAlpha) return undefined;
-  const mask = await maskFromAlpha(bytes, field);
+  const img = sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS, autoOrient: true });
+  const meta = await img.metadata().catch(() => undefined);
+  if (!meta?.hasAlpha) return undefined;
+  const mask = await alphaZero(img, meta, bytes, fmt).catch((err: unknown) => Promise.reject(decodeFailure(err, field, fmt, MAX_INPUT_PIXELS)));
   return (await sharp(mask).stats()).channels[0]!.max === 255 ? mask : undefined;
+}
+
+/**
+ * A greyscale PNG, white where `img`'s alpha is 0 (read as 8 bits), black elsewhere (a half-transparent edge included);
+ * turned as decodeImage turns the picture, so that the two stay aligned. `meta`: `img`'s header, read once by the caller.
+ */
+function alphaZero(img: Sharp, meta: Metadata, bytes: Uint8Array, fmt: 'png' | 'jpeg' | 'webp'): Promise<Buffer> {
+  const turned = meta.orientation === undefined ? oriented(img, pillowOrientation(bytes, fmt) ?? 1) : img;
+  // threshold(1): 255 where alpha >= 1, then inverted.
+  return turned.extractChannel('alpha').threshold(1).negate().png().toBuffer();
 }
 
 /** sharp's failure to read `field` as the 400 it is: too many pixels, or the format's own complaint. */
