@@ -67,31 +67,22 @@ const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
  */
 const SPLIT = new RegExp(`<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^${WS}\\p{L}\\p{N}\\u0345]+`, 'gu');
 /**
- * The last long texts cleaned, and their results: ftfy's repair runs until a pass changes nothing, one pass per level of
- * a nested `&amp;amp;…` (~20 ms for 10,000 characters), and SDXL's two tokenizers (and a body repeating a prompt) clean
- * the same text; short ones cost too little to keep.
- */
-const CLEANED = new Map<string, string>();
-const CLEANED_MAX = 32;
-const CLEANED_MIN_LENGTH = 256;
-/**
  * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's repair (all but its mojibake fix, see docs/PARITY.md),
  * HTML unescaped twice, whitespace runs to one space, stripped, lower case.
  */
 export function basicClean(text: string): string {
   // Printable ASCII without '&' (most prompts) has nothing to repair, normalise or unescape.
   if (PRINTABLE_ASCII.test(text) && !text.includes('&')) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
-  const long = text.length >= CLEANED_MIN_LENGTH;
-  const known = long ? CLEANED.get(text) : undefined;
-  if (known !== undefined) return known;
   const fixed = pyStrip(htmlUnescape(htmlUnescape(fixText(text))));
-  const out = pyStrip(fixed.replace(WS_RUN, ' ')).toLowerCase();
-  if (long) {
-    if (CLEANED.size >= CLEANED_MAX) CLEANED.delete(CLEANED.keys().next().value!);
-    CLEANED.set(text, out);
-  }
-  return out;
+  return pyStrip(fixed.replace(WS_RUN, ' ')).toLowerCase();
 }
+
+/**
+ * Pieces of text and what basicClean made of them, for the tokenizers that encode one text (Engine.encodeText): ftfy's
+ * repair runs until a pass changes nothing, one pass per level of a nested `&amp;amp;…` (~20 ms for 10,000
+ * characters), and SDXL's two tokenizers clean the same pieces.
+ */
+export type Cleaned = Map<string, string>;
 
 export interface ClipTokenizerOptions {
   /** The padding token (text); defaults to the end-of-text token. SD 2.x ships "!" (id 0). */
@@ -301,23 +292,28 @@ export class ClipTokenizer {
     return new ClipTokenizer(v, ranks, opts);
   }
 
-  /** Content token ids, without bos/eos, untruncated. */
-  tokenize(text: string): number[] {
+  /** Content token ids, without bos/eos, untruncated. `cleaned`: pieces cleaned already, read and added to. */
+  tokenize(text: string, cleaned?: Cleaned): number[] {
     // transformers splits the added tokens out of the raw text first; each piece between them is cleaned on its own.
     const ids: number[] = [];
     let at = 0;
     for (const m of text.matchAll(this.#addedPattern)) {
-      if (m.index > at) ids.push(...this.#tokenizeClean(text.slice(at, m.index)));
+      if (m.index > at) ids.push(...this.#tokenizeClean(text.slice(at, m.index), cleaned));
       ids.push(this.#addedIds.get(m[0])!);
       at = m.index + m[0].length;
     }
-    if (at < text.length) ids.push(...this.#tokenizeClean(text.slice(at)));
+    if (at < text.length) ids.push(...this.#tokenizeClean(text.slice(at), cleaned));
     return ids;
   }
 
-  #tokenizeClean(text: string): number[] {
+  #tokenizeClean(text: string, cleaned: Cleaned | undefined): number[] {
+    let clean = cleaned?.get(text);
+    if (clean === undefined) {
+      clean = basicClean(text);
+      cleaned?.set(text, clean);
+    }
     const ids: number[] = [];
-    for (const m of basicClean(text).matchAll(SPLIT)) {
+    for (const m of clean.matchAll(SPLIT)) {
       const word = m[0];
       if (word === BOS) ids.push(this.bosId);
       else if (word === EOS) ids.push(this.eosId);
@@ -327,8 +323,8 @@ export class ClipTokenizer {
   }
 
   /** What the text encoder takes: bos, content cut to maxLength − 2, eos, then padding to maxLength. */
-  encode(text: string): number[] {
-    const content = this.tokenize(text).slice(0, this.maxLength - 2);
+  encode(text: string, cleaned?: Cleaned): number[] {
+    const content = this.tokenize(text, cleaned).slice(0, this.maxLength - 2);
     const out = [this.bosId, ...content, this.eosId];
     while (out.length < this.maxLength) out.push(this.padId);
     return out;

@@ -21,7 +21,7 @@ import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics, RejectReason } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
-import { ClipTokenizer } from '../pipeline/tokenizer.js';
+import { ClipTokenizer, type Cleaned } from '../pipeline/tokenizer.js';
 import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
 import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
@@ -214,8 +214,9 @@ export class Engine {
   readonly #components = new Map<string, string>();
   #active: ClipTokenizer[] = [];
   /**
-   * The latest texts' ids (encodeText): a seeded request is encoded for its result-cache key, then again when its batch
-   * is dispatched. A 10,000-character word takes 10–50 ms per tokenizer (BENCHMARKS.md), and SDXL has two.
+   * The latest texts' ids (encodeText), the one cache of encoded texts: a seeded request is encoded for its result-cache
+   * key, then again when its batch is dispatched, and a body may repeat a prompt. A 10,000-character word takes 10–50 ms
+   * per tokenizer (BENCHMARKS.md), and SDXL has two.
    */
   #encoded = new Map<string, number[][]>();
   /** Batches the workers have finished whose images are still being encoded here. */
@@ -319,7 +320,9 @@ export class Engine {
     if (this.#active.length === 0) return undefined;
     let ids = this.#encoded.get(text);
     if (!ids) {
-      ids = this.#active.map((tok) => tok.encode(text));
+      // SDXL's tokenizers clean the pieces of one text once between them.
+      const cleaned: Cleaned = new Map();
+      ids = this.#active.map((tok) => tok.encode(text, cleaned));
       if (this.#encoded.size >= ENCODED_TEXTS) this.#encoded.delete(this.#encoded.keys().next().value!);
       this.#encoded.set(text, ids);
     }
