@@ -1,6 +1,8 @@
+import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import onnxProto from 'onnx-proto';
 import * as ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -474,6 +476,23 @@ describe('ensureDemoModel', () => {
     const s = await ort.InferenceSession.create(path.join(a, 'unet', 'model.onnx'));
     expect(s.inputNames).toEqual(['sample', 'timestep', 'encoder_hidden_states']);
     await s.release();
+  });
+
+  it('finds a demo model already built without loading the ONNX protobuf code, which only a build needs', async () => {
+    // A fresh process, as the server's boot is (this one has loaded onnx-proto already): the built module, a cache
+    // that holds the demo, then one that does not.
+    const entry = path.resolve('dist/src/demo/index.js');
+    const script = `import { createRequire } from 'node:module';
+      const { ensureDemoModel } = await import(${JSON.stringify(entry)});
+      const loaded = () => Object.keys(createRequire(${JSON.stringify(entry)}).cache).some((k) => k.includes('/node_modules/onnx-proto/'));
+      const dir = await ensureDemoModel(process.argv[1]);
+      const found = loaded();
+      await ensureDemoModel(process.argv[2]);
+      process.stdout.write(JSON.stringify({ dir, found, built: loaded() }));`;
+    const cache = path.join(scratch, 'cache');
+    const built = await ensureDemoModel(cache);
+    const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script, cache, path.join(scratch, 'cache-fresh')]);
+    expect(JSON.parse(stdout)).toEqual({ dir: built, found: false, built: true });
   });
 });
 

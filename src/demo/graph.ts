@@ -1,7 +1,7 @@
 /** @module A small ONNX graph builder (opset 17, IR 8) with seeded weights and optional external data. */
-import onnxProto from 'onnx-proto';
+import { createRequire } from 'node:module';
+import type onnxProto from 'onnx-proto';
 
-const { onnx } = onnxProto;
 type INode = onnxProto.onnx.INodeProto;
 type ITensor = onnxProto.onnx.ITensorProto;
 type IValueInfo = onnxProto.onnx.IValueInfoProto;
@@ -18,6 +18,13 @@ export const IR_VERSION = 8;
 export const EXTERNAL_THRESHOLD = 100;
 /** Offsets in the data file are page aligned so ORT may map them. */
 const EXTERNAL_ALIGN = 4096;
+
+/**
+ * The ONNX protobuf code, loaded when a graph is first built: a server whose demo model is already in its cache imports
+ * this module (through demo/index.ts) before its sessions can start, and never builds a graph.
+ */
+let proto: typeof onnxProto.onnx | undefined;
+const onnxCode = () => (proto ??= (createRequire(import.meta.url)('onnx-proto') as typeof onnxProto).onnx);
 
 /** Attribute values; ints and floats are told apart by wrapper, since JS numbers cannot say which. */
 export type Attr = { i: number } | { f: number } | { ints: number[] } | { s: string };
@@ -184,6 +191,7 @@ export class GraphBuilder {
       offset = at + length;
       return at;
     };
+    const onnx = onnxCode();
     const extRef = (at: number, length: number) => ({
       dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
       externalData: [
@@ -270,7 +278,7 @@ function valueInfo(name: string, elemType: ElemType, dims: Dim[]): IValueInfo {
 
 function node(opType: string, input: string[], output: string[], attrs: Record<string, Attr>): INode {
   const attribute: IAttr[] = Object.entries(attrs).map(([name, v]) => {
-    const T = onnx.AttributeProto.AttributeType;
+    const T = onnxCode().AttributeProto.AttributeType;
     if ('i' in v) return { name, type: T.INT, i: v.i };
     if ('f' in v) return { name, type: T.FLOAT, f: v.f };
     if ('ints' in v) return { name, type: T.INTS, ints: v.ints };
