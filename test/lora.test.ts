@@ -152,6 +152,48 @@ describe('adapter files made by diffusers and PEFT', () => {
     expect(checked).toBe(15);
   });
 
+  it('gives a layer without .alpha the most common alpha of its component, as diffusers and PEFT scale a kohya file with only some alphas', () => {
+    // scripts/make_lora_partial_alpha.py: kohya.safetensors with some alphas removed or changed; the scales from
+    // diffusers' get_peft_kwargs and PEFT's pattern lookup. Without the rule, a layer lacking .alpha gets its rank.
+    const fix = JSON.parse(readFileSync(path.join(FIX, 'kohya-partial-alpha.json'), 'utf8')) as { edits: Record<string, number | null>; text_encoder_default_alpha: number; scales: Record<string, number> };
+    const kohya = load('kohya.safetensors');
+    const tensors = [...kohya.tensors.values()].flatMap((t) => {
+      const layer = t.name.slice(0, t.name.indexOf('.'));
+      let data = Float32Array.from(readFloats(kohya, t, 'kohya'));
+      if (t.name.endsWith('.alpha')) {
+        if (layer.startsWith('lora_te1_')) data = Float32Array.of(fix.text_encoder_default_alpha);
+        if (Object.hasOwn(fix.edits, layer)) {
+          const a = fix.edits[layer]!;
+          if (a === null) return [];
+          data = Float32Array.of(a);
+        }
+      }
+      return [{ name: t.name, shape: t.shape, data }];
+    });
+    const st = parseSafetensors(writeSafetensors(tensors), 'partial');
+    const { updates, problems } = resolveAdapters([{ parsed: parseAdapter(st, 'partial'), st, scale: 0.5 }], maps);
+    expect(problems).toEqual([]);
+    const got = Object.fromEntries([...updates.values()].map((u) => [`${u.component}/${u.param}`, u.terms[0]!.factor / 0.5]));
+    expect(got).toEqual(fix.scales);
+  });
+
+  it('refuses a file with only some alphas where two values are equally common (diffusers would take the first in key order)', () => {
+    const layer = (m: string, alpha?: number) => [
+      { name: `lora_unet_${m}.lora_down.weight`, shape: [4, 32, 1, 1], data: new Float32Array(128) },
+      { name: `lora_unet_${m}.lora_up.weight`, shape: [32, 4, 1, 1], data: new Float32Array(128) },
+      ...(alpha === undefined ? [] : [{ name: `lora_unet_${m}.alpha`, shape: [], data: Float32Array.of(alpha) }]),
+    ];
+    const st = parseSafetensors(writeSafetensors([
+      ...layer('down_blocks_0_attentions_0_proj_in', 8),
+      ...layer('down_blocks_0_attentions_0_proj_out', 2),
+      ...layer('up_blocks_1_attentions_0_proj_in'),
+    ]), 'tie');
+    expect(resolveAdapters([{ parsed: parseAdapter(st, 'tie'), st, scale: 1 }], maps).problems).toEqual([
+      'adapter "tie" has a .alpha for only some of its unet layers, and its alphas 2 and 8 are equally common, so the alpha of the layers ' +
+        'without one is ambiguous (diffusers takes the most common): lora_unet_up_blocks_1_attentions_0_proj_in; give each layer a .alpha',
+    ]);
+  });
+
   it('scales a PEFT file saved with use_rslora by alpha / sqrt(rank), as the LoraConfig diffusers builds from its metadata does', () => {
     // save_lora_weights stores the whole LoraConfig per component (here r 4, lora_alpha 8); PEFT's rsLoRA scaling is
     // lora_alpha / sqrt(r) = 4, plain LoRA's lora_alpha / r = 2.

@@ -5,9 +5,10 @@
  *   prefix or `base_model.model.` for a UNet-only PEFT file), the older `<module>.lora.down/up.weight`,
  *   `lora_linear_layer.down/up`, and the attention-processor form `attn1.processor.to_q_lora.down.weight`. Alpha
  *   comes from a `<module>.alpha` tensor, else the file's `lora_adapter_metadata` (`unet.lora_alpha`,
- *   `unet.alpha_pattern`), else it equals the rank (scale 1), as diffusers loads them.
+ *   `unet.alpha_pattern`), else the most common `.alpha` of the component's other layers, else it equals the rank
+ *   (scale 1), as diffusers loads them.
  * - kohya (sd-scripts, LyCORIS LoCon): `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`,
- *   `.alpha`; text encoders `lora_te_` (or `lora_te1_`) and `lora_te2_`. The underscored name is matched against the
+ *   `.alpha` (a layer without one: as above); text encoders `lora_te_` (or `lora_te1_`) and `lora_te2_`. The underscored name is matched against the
  *   export's torch module names, so no guessing where a name itself holds underscores (`to_q`, `proj_in`).
  *
  * Each layer adds `scale · (alpha / rank) · up · down` to its weight; conv layers are `down` [r, in, kh, kw] and `up`
@@ -42,6 +43,8 @@ export interface ParsedAdapter {
   unknownKeys: string[];
   /** Keys of LoRA variants this runtime does not merge (DoRA, LoHa, LoKr, CP-decomposed LoCon). */
   unsupportedKeys: string[];
+  /** Other reasons the file cannot be merged as diffusers would (each names the adapter and the keys). */
+  problems: string[];
 }
 
 const KOHYA = /^(lora_unet|lora_te1|lora_te2|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|lora_mid\.weight|dora_scale|hada_\w+|lokr_\w+)$/;
@@ -111,12 +114,47 @@ export function parseAdapter(st: SafeTensors, name: string): ParsedAdapter {
     }
   }
   const meta = adapterMetadata(st, name);
+  const { common, problems } = commonAlphas(name, layers, alphas);
   for (const l of layers.values()) {
-    l.alpha = alphas.get(`${l.component}:${l.module}`) ?? (l.kohya ? undefined : metadataAlpha(meta, l.component, l.module));
+    l.alpha = alphas.get(`${l.component}:${l.module}`) ?? (l.kohya ? undefined : metadataAlpha(meta, l.component, l.module)) ?? common.get(l.component);
     // diffusers builds PEFT's LoraConfig from this metadata, use_rslora included.
     if (!l.kohya && meta[`${l.component}.use_rslora`] === true) l.rsLora = true;
   }
-  return { name, format: kohyaSeen && diffusersSeen ? 'mixed' : kohyaSeen ? 'kohya' : 'diffusers', layers: [...layers.values()], unknownKeys, unsupportedKeys };
+  return { name, format: kohyaSeen && diffusersSeen ? 'mixed' : kohyaSeen ? 'kohya' : 'diffusers', layers: [...layers.values()], unknownKeys, unsupportedKeys, problems };
+}
+
+/**
+ * The alpha a layer without a `.alpha` tensor takes, per component, where others of the component have one: the most
+ * common of theirs, as diffusers loads such a file (its network alphas become PEFT's `lora_alpha`, the most common
+ * value, and an `alpha_pattern` for the rest; a layer in neither takes `lora_alpha`). kohya's own scripts would give
+ * it its rank instead; diffusers is the reference here (test/fixtures/lora/kohya-partial-alpha.json). Where two values
+ * are equally common, diffusers takes the one it met first in the file's key order, which no file states: refused.
+ * Only alphas of layers with a down weight count, as diffusers collects them.
+ */
+function commonAlphas(name: string, layers: ReadonlyMap<string, LoraLayer>, alphas: ReadonlyMap<string, number>) {
+  const common = new Map<LoraComponent, number>();
+  const problems: string[] = [];
+  for (const c of LORA_COMPONENTS) {
+    const of = [...layers.values()].filter((l) => l.component === c && l.down);
+    const without = of.filter((l) => !alphas.has(`${c}:${l.module}`));
+    if (without.length === 0 || without.length === of.length) continue;
+    const counts = new Map<number, number>();
+    for (const l of of) {
+      const a = alphas.get(`${c}:${l.module}`);
+      if (a !== undefined) counts.set(a, (counts.get(a) ?? 0) + 1);
+    }
+    const top = Math.max(...counts.values());
+    const tied = [...counts].filter(([, n]) => n === top).map(([a]) => a).sort((a, b) => a - b);
+    if (tied.length > 1) {
+      problems.push(
+        `adapter "${name}" has a .alpha for only some of its ${c} layers, and its alphas ${tied.join(' and ')} are equally common, so the ` +
+          `alpha of the layers without one is ambiguous (diffusers takes the most common): ${listKeys(without.map((l) => l.key))}; give each layer a .alpha`,
+      );
+    } else {
+      common.set(c, tied[0]!);
+    }
+  }
+  return { common, problems };
 }
 
 function scalar(st: SafeTensors, t: StTensor, name: string): number {
@@ -246,6 +284,7 @@ export function resolveAdapters(
     if (parsed.unknownKeys.length > 0) problems.push(`${who} has keys of no known LoRA form (diffusers/PEFT or kohya): ${listKeys(parsed.unknownKeys)}`);
     if (parsed.unsupportedKeys.length > 0) problems.push(`${who} uses LoRA variants this runtime does not merge (DoRA, LoHa, LoKr, CP-decomposed LoCon): ${listKeys(parsed.unsupportedKeys)}`);
     if (parsed.layers.length === 0 && parsed.unknownKeys.length === 0) problems.push(`${who} holds no LoRA weights`);
+    problems.push(...parsed.problems);
     const nothing: string[] = [];
     const noMap: string[] = [];
     const notPatchable: string[] = [];
