@@ -140,6 +140,16 @@ describe('LoRA adapters on the demo model', () => {
       { name: 'lora_unet_attn2_to_q.lora_up.weight', shape: [3, RANK], data: new Float32Array(3 * RANK) },
     ]));
     await writeFile(path.join(baseDir, 'loras', 'not-safetensors.safetensors'), 'hello');
+    // Values a merge cannot turn into a usable model: a NaN, and finite ones whose update passes float32's range.
+    const nan = Float32Array.from(B, (v, i) => (i === 5 ? Number.NaN : v));
+    await writeFile(path.join(baseDir, 'loras', 'nan-weights.safetensors'), writeSafetensors([
+      { name: 'lora_unet_attn2_to_q.lora_down.weight', shape: [RANK, 8], data: A },
+      { name: 'lora_unet_attn2_to_q.lora_up.weight', shape: [4, RANK], data: nan.subarray(0, 4 * RANK) },
+    ]));
+    await writeFile(path.join(baseDir, 'loras', 'too-large.safetensors'), writeSafetensors([
+      { name: 'lora_unet_attn2_to_q.lora_down.weight', shape: [RANK, 8], data: new Float32Array(RANK * 8).fill(1e19) },
+      { name: 'lora_unet_attn2_to_q.lora_up.weight', shape: [4, RANK], data: new Float32Array(4 * RANK).fill(1e19) },
+    ]));
     await writeSparseCopy(path.join(baseDir, 'loras', 'demo-style.safetensors'), path.join(baseDir, 'loras', 'demo-style-big.safetensors'));
     const env = { EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', MAX_LORAS: '3', RESULT_CACHE_MB: '0' };
     [base, merged] = await Promise.all([
@@ -214,6 +224,10 @@ describe('LoRA adapters on the demo model', () => {
     const file = await imageOf(base, { loras: ['not-safetensors'] });
     expect(file.status).toBe(400);
     expect(file.error).toMatch(/adapter "not-safetensors" is not a valid safetensors file/);
+    const nan = await imageOf(base, { loras: ['nan-weights'] });
+    expect(nan).toEqual({ status: 400, error: 'adapter "nan-weights": tensor "lora_unet_attn2_to_q.lora_up.weight" holds NaN (element 5 of 16); LoRA weights must be finite numbers' });
+    const large = await imageOf(base, { loras: ['too-large'] });
+    expect(large).toEqual({ status: 400, error: "adapter \"too-large\" takes unet weight attn2.to_q.weight to 4.000e+38, past float32's range; use a smaller scale" });
     // The server goes on serving both ways.
     expect((await imageOf(base, { loras: SET })).status).toBe(200);
   });

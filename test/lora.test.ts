@@ -435,6 +435,62 @@ describe('merged components', () => {
   });
 });
 
+describe('adapters whose merge is not a usable model', () => {
+  it('a NaN or infinite value in a LoRA weight is refused by tensor name, not merged into NaN weights', () => {
+    const mod = 'down_blocks.0.attentions.0.proj_in';
+    const B = new Float32Array(32 * 4).fill(0.1);
+    B[37] = Number.NaN;
+    const st = parseSafetensors(writeSafetensors([
+      { name: `unet.${mod}.lora_A.weight`, shape: [4, 32], data: new Float32Array(128).fill(0.1) },
+      { name: `unet.${mod}.lora_B.weight`, shape: [32, 4], data: B },
+    ]), 'nan');
+    const { updates, problems } = resolveAdapters([{ parsed: parseAdapter(st, 'nan'), st, scale: 1 }], maps);
+    expect(problems).toEqual([]);
+    expect(() => mergeDelta([...updates.values()][0]!)).toThrow(
+      `adapter "nan": tensor "unet.${mod}.lora_B.weight" holds NaN (element 37 of 128); LoRA weights must be finite numbers`,
+    );
+  });
+
+  it('a weight the adapters take past float16 or float32 range is refused by name, and no folder is left', async () => {
+    // One inline initializer per type; an update of 300 · 300 = 90,000 fits float32, not float16 (65504).
+    const graph = (dataType: number, bytes: Uint8Array) => {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'lora-range-'));
+      mkdirSync(path.join(dir, 'unet'));
+      const model = onnx.ModelProto.create({ irVersion: 8, opsetImport: [{ domain: '', version: 17 }], graph: { name: 'g', initializer: [{ name: 'w', dims: [1, 2], dataType, rawData: bytes }] } });
+      writeFileSync(path.join(dir, 'unet', 'model.onnx'), onnx.ModelProto.encode(model).finish());
+      return dir;
+    };
+    const st = parseSafetensors(writeSafetensors([
+      { name: 'down', shape: [1, 2], data: Float32Array.of(300, 1) },
+      { name: 'up', shape: [1, 1], data: Float32Array.of(300) },
+    ]), 'big');
+    const update = (factor: number) => ({
+      component: 'unet' as const, param: 'proj.weight',
+      entry: { initializer: 'w', shape: [1, 2], view: { shape: [1, 2], strides: [2, 1], offset: 0 } },
+      terms: [{ adapter: 'big', factor, st, up: st.tensors.get('up')!, down: st.tensors.get('down')!, rank: 1 }],
+    });
+    const f16 = graph(10, new Uint8Array(4));
+    const f32 = graph(1, new Uint8Array(8));
+    try {
+      for (const write of [writeMergedComponent, writeMergedCopy]) {
+        const out = path.join(f16, 'out');
+        await expect(write(path.join(f16, 'unet', 'model.onnx'), [update(1)], out)).rejects.toThrow(
+          "adapter \"big\" takes unet weight proj.weight to 9.000e+4, past float16's range (65504); use a smaller scale",
+        );
+        expect(existsSync(out)).toBe(false);
+        await expect(write(path.join(f16, 'unet', 'model.onnx'), [update(0.5)], out)).resolves.toBeDefined();
+        await expect(write(path.join(f32, 'unet', 'model.onnx'), [update(1)], path.join(f32, 'out'))).resolves.toBeDefined();
+        await expect(write(path.join(f32, 'unet', 'model.onnx'), [update(1e34)], path.join(f32, 'out'))).rejects.toThrow(
+          "adapter \"big\" takes unet weight proj.weight to 9.000e+38, past float32's range; use a smaller scale",
+        );
+      }
+    } finally {
+      rmSync(f16, { recursive: true, force: true });
+      rmSync(f32, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('a merge that fails part-way', () => {
   it('leaves no half-written folder (patched weights written so far, links or copies of the data)', async () => {
     const dir = await fixtureModel({ externalData: true });

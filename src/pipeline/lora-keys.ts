@@ -365,8 +365,8 @@ export function mergeDelta(u: WeightUpdate): Float64Array {
   for (const t of u.terms) {
     const { rank, factor } = t;
     const who = `adapter "${t.adapter}"`;
-    const up = readFloats(t.st, t.up, who);
-    const down = readFloats(t.st, t.down, who);
+    const up = finite(readFloats(t.st, t.up, who), t.up, who);
+    const down = finite(readFloats(t.st, t.down, who), t.down, who);
     for (let o = 0; o < out; o++) {
       s.fill(0);
       for (let r = 0; r < rank; r++) {
@@ -379,4 +379,15 @@ export function mergeDelta(u: WeightUpdate): Float64Array {
     }
   }
   return acc;
+}
+
+/**
+ * Refuses a tensor holding NaN or ±Infinity: merged, it would make every weight of the layer NaN and every image of the
+ * set black (diffusers' `fuse_lora(safe_fusing=True)` refuses NaN weights too).
+ */
+function finite(v: Float64Array, t: StTensor, who: string): Float64Array {
+  for (let i = 0; i < v.length; i++) {
+    if (!Number.isFinite(v[i])) throw new RuntimeError('INVALID_INPUT', `${who}: tensor ${JSON.stringify(t.name)} holds ${v[i]} (element ${i} of ${v.length}); LoRA weights must be finite numbers`);
+  }
+  return v;
 }

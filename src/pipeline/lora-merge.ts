@@ -367,8 +367,26 @@ function patch(bytes: Uint8Array, type: number, count: number, u: WeightUpdate, 
   for (let i = 0; i < delta.length; i++) {
     const p = pos[i]!;
     if (p < 0 || p >= count) throw new RuntimeError('MODEL_FORMAT', `${component}: lora_map.json places ${u.param} outside initializer ${u.entry.initializer}`);
-    if (type === FLOAT) view.setFloat32(p * 4, view.getFloat32(p * 4, true) + delta[i]!, true);
-    else view.setUint16(p * 2, toHalfBits(fromHalfBits(view.getUint16(p * 2, true)) + delta[i]!), true);
+    // Finite adapters can still push a weight past the type's range (float16: 65504): infinite weights give NaN images.
+    if (type === FLOAT) {
+      const w = view.getFloat32(p * 4, true);
+      const merged = Math.fround(w + delta[i]!);
+      if (!Number.isFinite(merged) && Number.isFinite(w)) throw overflow(u, component, type, w + delta[i]!);
+      view.setFloat32(p * 4, merged, true);
+    } else {
+      const w = fromHalfBits(view.getUint16(p * 2, true));
+      const merged = toHalfBits(w + delta[i]!);
+      // All exponent bits set: infinite (or NaN) in float16.
+      if ((merged & 0x7c00) === 0x7c00 && Number.isFinite(w)) throw overflow(u, component, type, w + delta[i]!);
+      view.setUint16(p * 2, merged, true);
+    }
   }
   return delta.length * (type === FLOAT ? 4 : 2);
+}
+
+function overflow(u: WeightUpdate, component: string, type: number, value: number): RuntimeError {
+  const names = [...new Set(u.terms.map((t) => `"${t.adapter}"`))];
+  const who = names.length > 1 ? `adapters ${names.join(', ')} take` : `adapter ${names[0]} takes`;
+  const range = type === FLOAT ? 'float32\'s range' : 'float16\'s range (65504)';
+  return new RuntimeError('INVALID_INPUT', `${who} ${component} weight ${u.param} to ${value.toPrecision(4)}, past ${range}; use a smaller scale`);
 }
