@@ -194,6 +194,37 @@ describe('adapter files made by diffusers and PEFT', () => {
     ]);
   });
 
+  it("reads integer alphas (diffusers' convert_state_dict_to_kohya writes them as int64) as the same alphas in float", () => {
+    // kohya.safetensors with each F32 .alpha rewritten as I64 (the F32 values are whole numbers), the rest as it is.
+    const kohya = load('kohya.safetensors');
+    const header: Record<string, unknown> = {};
+    const chunks: Buffer[] = [];
+    let offset = 0;
+    for (const t of kohya.tensors.values()) {
+      let bytes = Buffer.from(kohya.read(t.begin, t.end));
+      let dtype = t.dtype;
+      if (t.name.endsWith('.alpha')) {
+        bytes = Buffer.alloc(8);
+        bytes.writeBigInt64LE(BigInt(readFloats(kohya, t, 'kohya')[0]!));
+        dtype = 'I64';
+      }
+      header[t.name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
+      chunks.push(bytes);
+      offset += bytes.length;
+    }
+    const json = Buffer.from(JSON.stringify(header));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    const ints = parseSafetensors(Buffer.concat([len, json, ...chunks]), 'ints');
+    expect([...ints.tensors.values()].filter((t) => t.dtype === 'I64')).toHaveLength(89);
+    const factors = (st: typeof kohya) => {
+      const { updates, problems } = resolveAdapters([{ parsed: parseAdapter(st, 'k'), st, scale: 1 }], maps);
+      expect(problems).toEqual([]);
+      return [...updates.values()].map((u) => [u.param, u.terms[0]!.factor]);
+    };
+    expect(factors(ints)).toEqual(factors(kohya));
+  });
+
   it('scales a PEFT file saved with use_rslora by alpha / sqrt(rank), as the LoraConfig diffusers builds from its metadata does', () => {
     // save_lora_weights stores the whole LoraConfig per component (here r 4, lora_alpha 8); PEFT's rsLoRA scaling is
     // lora_alpha / sqrt(r) = 4, plain LoRA's lora_alpha / r = 2.

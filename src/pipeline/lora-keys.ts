@@ -16,7 +16,7 @@
  */
 import { RuntimeError } from '../errors.js';
 import { numel, type LoraMap, type MapEntry } from './lora-map.js';
-import { checkFloats, readFloats, type SafeTensors, type StTensor } from './lora-safetensors.js';
+import { checkFloats, readFloats, readScalar, type SafeTensors, type StTensor } from './lora-safetensors.js';
 
 export type LoraComponent = 'unet' | 'text_encoder' | 'text_encoder_2';
 export const LORA_COMPONENTS: readonly LoraComponent[] = ['unet', 'text_encoder', 'text_encoder_2'];
@@ -158,9 +158,9 @@ function commonAlphas(name: string, layers: ReadonlyMap<string, LoraLayer>, alph
 }
 
 function scalar(st: SafeTensors, t: StTensor, name: string): number {
-  const v = readFloats(st, t, `adapter "${name}"`);
-  if (v.length !== 1 || !Number.isFinite(v[0])) throw new RuntimeError('INVALID_INPUT', `adapter "${name}": ${t.name} must hold one finite number`);
-  return v[0]!;
+  const v = readScalar(st, t, `adapter "${name}"`);
+  if (v === undefined || !Number.isFinite(v)) throw new RuntimeError('INVALID_INPUT', `adapter "${name}": ${t.name} must hold one finite number`);
+  return v;
 }
 
 /** diffusers' `lora_adapter_metadata`: PEFT LoraConfig fields per component, flattened as `unet.lora_alpha`. */

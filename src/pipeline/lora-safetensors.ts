@@ -133,6 +133,29 @@ function parseHeader(bytes: Uint8Array, dataLength: number, what: string): Pick<
   return { tensors, metadata };
 }
 
+/**
+ * The one value of a scalar tensor (a `.alpha`), as a number, of a float or integer dtype: diffusers'
+ * `convert_state_dict_to_kohya` writes alphas as int64 (`torch.tensor(rank)`), kohya's scripts as floats. Undefined
+ * when the tensor holds other than one value; a dtype of neither kind is refused by name.
+ */
+export function readScalar(st: SafeTensors, t: StTensor, what: string): number | undefined {
+  if (t.end - t.begin !== ELEMENT_BYTES[t.dtype]) return undefined;
+  if (FLOAT_DTYPES.has(t.dtype)) return readFloats(st, t, what)[0];
+  const bytes = st.read(t.begin, t.end);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  switch (t.dtype) {
+    case 'I64': return Number(view.getBigInt64(0, true));
+    case 'U64': return Number(view.getBigUint64(0, true));
+    case 'I32': return view.getInt32(0, true);
+    case 'U32': return view.getUint32(0, true);
+    case 'I16': return view.getInt16(0, true);
+    case 'U16': return view.getUint16(0, true);
+    case 'I8': return view.getInt8(0);
+    case 'U8': return view.getUint8(0);
+    default: throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; an alpha must be a float or an integer`);
+  }
+}
+
 /** Refuses, by name, a tensor whose dtype readFloats cannot read. */
 export function checkFloats(t: StTensor, what: string): void {
   if (!FLOAT_DTYPES.has(t.dtype)) throw new RuntimeError('INVALID_INPUT', `${what}: tensor ${JSON.stringify(t.name)} has dtype ${t.dtype}; LoRA weights must be F32, F16, BF16 or F64`);
