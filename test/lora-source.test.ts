@@ -72,6 +72,24 @@ describe('adapter source', () => {
     await expect(src.resolve([{ name: 'two-files', scale: 1 }])).rejects.toThrow(/adapter "two-files" is a folder with 2 .safetensors files; keep one per adapter/);
   });
 
+  it("answers 502 naming what S3 said when LORA_URI's bucket is missing or S3 fails otherwise, not that the adapter is unknown", async () => {
+    const noBucket = new AdapterSource(testConfig(s3.endpoint, path.join(tmp.dir, 'cache6'), { LORA_URI: 's3://no-such-bucket/adapters' }), createLogger('silent'));
+    noBucket.setModelDir(model);
+    const missing = await rejection(noBucket.resolve([{ name: 'from-s3', scale: 1 }]));
+    expect([missing.code, missing.message]).toEqual(['UPSTREAM', 'adapter "from-s3" could not be fetched from LORA_URI: cannot list: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+    const proxy = await startFaultProxy(s3.port, { failLists: { count: 1, status: 400, code: 'InvalidArgument' } });
+    try {
+      const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp.dir, 'cache7'), { LORA_URI: 's3://loras/adapters' }), createLogger('silent'));
+      src.setModelDir(model);
+      const failed = await rejection(src.resolve([{ name: 'from-s3', scale: 1 }]));
+      expect([failed.code, failed.message]).toEqual(['UPSTREAM', 'adapter "from-s3" could not be fetched from LORA_URI: cannot list s3://loras/adapters/from-s3/: InvalidArgument']);
+      // A failed lookup is forgotten: once S3 answers, the adapter is there.
+      expect(readFileSync((await src.resolve([{ name: 'from-s3', scale: 1 }]))[0]!.file)).toEqual(bytes);
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('reads a local LORA_URI folder', async () => {
     const src = new AdapterSource(testConfig(s3.endpoint, path.join(tmp.dir, 'cache3'), { LORA_URI: local }), createLogger('silent'));
     src.setModelDir(model);

@@ -13,6 +13,7 @@ import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '.
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
+import { s3Code } from '../storage/s3-errors.js';
 import { parseStorageUri } from '../storage/uri.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
 
@@ -162,7 +163,7 @@ export class AdapterSource {
       dir = r.dir;
       this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
     } catch (err) {
-      if (isRuntimeError(err) && err.code === 'STORAGE_MISSING') throw new RuntimeError('NOT_FOUND', name);
+      if (isRuntimeError(err) && err.code === 'STORAGE_MISSING' && adapterAbsent(err)) throw new RuntimeError('NOT_FOUND', name);
       // Not the store's fault, and over once descriptors are free: the request is answered 503, the next one fetches.
       if (isRuntimeError(err) && err.code === 'TOO_MANY_OPEN_FILES') {
         throw new RuntimeError(err.code, `adapter "${name}" could not be fetched from LORA_URI: ${err.message}`, { cause: err, retryAfter: SHORTAGE_RETRY_AFTER });
@@ -186,6 +187,13 @@ export class AdapterSource {
     return f;
   }
 }
+
+/**
+ * Whether a STORAGE_MISSING from the fetch says the adapter's own folder is not there: nothing listed under it (the
+ * fetch says so with no S3 error behind it), or a listed file gone before it was read (NoSuchKey). A missing bucket, or
+ * an S3 error of no known kind, is LORA_URI's or the store's problem: answering "unknown adapter" would hide it.
+ */
+const adapterAbsent = (err: RuntimeError): boolean => err.cause === undefined || s3Code(err.cause) === 'NoSuchKey';
 
 const shuttingDown = () => new RuntimeError('SHUTTING_DOWN', 'the server shut down while the request waited for a LoRA adapter\'s fetch; retry', { retryAfter: 1 });
 
