@@ -5,7 +5,7 @@
  * native/malloc-trim.c (what gives it back) does what it reports: loaded from the build, on libuv's thread pool,
  * coalesced, paced by the policy, and one line (no failure) where the module is missing.
  */
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it, vi } from 'vitest';
@@ -222,6 +222,34 @@ describe('native/malloc-trim and its trimmer', () => {
     expect(lines.filter(([, msg]) => msg === 'memory of ended LoRA adapter set threads given back')).toHaveLength(3);
     // A hang guard: three set builds took 13.8-15.6 s on a loaded 2-core machine, half the 30 s this had.
   }, 90_000);
+
+  it('a set bigger than LORA_CACHE_MB alone is refused before anything is merged or its sessions created', async () => {
+    const model = path.join(tmp.dir, 'demo-big');
+    await buildDemoModel(model);
+    const url = (f: string) => pathToFileURL(path.join(ROOT, 'dist', 'src', 'pipeline', f)).href;
+    const { LoraSetThread } = (await import(url('lora-client.js'))) as typeof import('../src/pipeline/lora-client.js');
+    const { lines, log } = logsOf();
+    const graphs = { unet: path.join(model, 'unet', 'model.onnx'), text_encoder: path.join(model, 'text_encoder', 'model.onnx') };
+    const adapters = ['demo-style', 'demo-kohya'].map((name) => ({ name, scale: 1, file: path.join(model, 'loras', `${name}.safetensors`) }));
+    // The demo graphs keep their weights inline: the set holds both graph files.
+    const need = statSync(graphs.unet).size + statSync(graphs.text_encoder).size;
+    const workDir = path.join(tmp.dir, 'big-set');
+    const thread = new LoraSetThread({ key: 'big', provider: 'cpu', intraOpThreads: 1, workDir, maxBytes: need - 1 }, log, createMemoryTrimmer(log, { policy: { quietMs: 60_000 } }));
+    try {
+      await expect(thread.build(adapters, graphs)).rejects.toThrow(`the adapter set big needs ${Math.round((need / MB) * 10) / 10} MB of merged weights, more than LORA_CACHE_MB=${Math.round(((need - 1) / MB) * 10) / 10} allows`);
+      expect(existsSync(path.join(workDir, 'unet')) || existsSync(path.join(workDir, 'text_encoder')), 'a merged component was written').toBe(false);
+      expect(lines).toEqual([]);
+    } finally {
+      await thread.close();
+    }
+    // At the limit, it is built.
+    const fits = new LoraSetThread({ key: 'fits', provider: 'cpu', intraOpThreads: 1, workDir: path.join(tmp.dir, 'fits-set'), maxBytes: need }, log, createMemoryTrimmer(log, { policy: { quietMs: 60_000 } }));
+    try {
+      expect((await fits.build(adapters, graphs)).built.totalBytes).toBe(need);
+    } finally {
+      await fits.close();
+    }
+  }, 30_000);
 
   it('a build that fails on one adapter closes every adapter file it opened, those opened after the failure included', async () => {
     const model = path.join(tmp.dir, 'demo-fds');

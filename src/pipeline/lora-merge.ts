@@ -200,9 +200,21 @@ async function writeLinked(
   }
   const out = path.join(outDir, 'model.onnx');
   await writeFile(out, onnx.ModelProto.encode(model).finish());
-  let totalBytes = (await stat(modelPath)).size;
-  for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
-  return { modelPath: out, patchedBytes, totalBytes, data };
+  return { modelPath: out, patchedBytes, totalBytes: await filesBytes(modelPath, locations), data };
+}
+
+/** Bytes of a component as a session of it holds them (graph + external data): what a merged copy of it costs. */
+export async function componentBytes(modelPath: string): Promise<number> {
+  const dir = path.dirname(modelPath);
+  const model = onnx.ModelProto.decode(await readFile(modelPath));
+  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  return filesBytes(modelPath, externalLocations(inits, dir, path.basename(dir)));
+}
+
+async function filesBytes(modelPath: string, locations: ReadonlySet<string>): Promise<number> {
+  let n = (await stat(modelPath)).size;
+  for (const l of locations) n += (await stat(path.resolve(path.dirname(modelPath), l))).size;
+  return n;
 }
 
 /**
@@ -237,9 +249,7 @@ export async function writeMergedCopy(modelPath: string, updates: readonly Weigh
     });
     const out = path.join(outDir, 'model.onnx');
     await writeFile(out, inlineChanged ? onnx.ModelProto.encode(model).finish() : graphBytes);
-    let totalBytes = graphBytes.byteLength;
-    for (const l of locations) totalBytes += (await stat(path.resolve(dir, l))).size;
-    return { modelPath: out, patchedBytes, totalBytes, data: locations.size > 0 ? 'copied' : 'none' };
+    return { modelPath: out, patchedBytes, totalBytes: await filesBytes(modelPath, locations), data: locations.size > 0 ? 'copied' : 'none' };
   });
 }
 

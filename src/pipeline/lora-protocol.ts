@@ -14,6 +14,8 @@ export interface LoraInit {
   deviceId?: number;
   /** This set's own folder for its merged graphs (removed when the thread ends). */
   workDir: string;
+  /** LORA_CACHE_MB in bytes: a set whose components are bigger is refused before anything is merged or created. */
+  maxBytes?: number;
 }
 
 export type ToLora =

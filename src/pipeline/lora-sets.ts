@@ -4,6 +4,14 @@
  * its start and its last UNet step) is never evicted; the base model's sessions are not counted and never evicted.
  */
 
+import { RuntimeError } from '../errors.js';
+
+/** The 400 for a set bigger than LORA_CACHE_MB alone (`maxBytes`): it could never be kept. */
+export function setTooLarge(key: string, bytes: number, maxBytes: number): RuntimeError {
+  const mb = (n: number) => Math.round((n / 2 ** 20) * 10) / 10;
+  return new RuntimeError('INVALID_INPUT', `the adapter set ${key} needs ${mb(bytes)} MB of merged weights, more than LORA_CACHE_MB=${mb(maxBytes)} allows`);
+}
+
 export interface SetLimits {
   maxSets: number;
   maxBytes: number;
@@ -22,6 +30,11 @@ export class AdapterSetCache<T> {
   #clock = 0;
 
   constructor(private readonly limits: SetLimits) {}
+
+  /** The byte limit (LORA_CACHE_MB): a set bigger than it alone is never kept. */
+  get maxBytes(): number {
+    return this.limits.maxBytes;
+  }
 
   get size(): number {
     return this.#sets.size;

@@ -9,7 +9,8 @@ import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RuntimeError } from '../errors.js';
 import { parseAdapter } from './lora-keys.js';
-import { planAdapterSet, writeMergedComponent } from './lora-merge.js';
+import { componentBytes, planAdapterSet, writeMergedComponent } from './lora-merge.js';
+import { setTooLarge } from './lora-sets.js';
 import type { FromLora, LoraInit, ToLora } from './lora-protocol.js';
 import { openSafetensors, type SafeTensorsFile } from './lora-safetensors.js';
 import { failedReply, ioMeta, ranReply } from './thread-replies.js';
@@ -53,6 +54,13 @@ async function buildFrom(m: Extract<ToLora, { t: 'build' }>, files: SafeTensorsF
   const adapters = m.adapters.map((a, i) => ({ parsed: parseAdapter(files[i]!, a.name), st: files[i]!, scale: a.scale }));
   const { byComponent, problems } = planAdapterSet(adapters, m.components);
   if (problems.length > 0) throw new RuntimeError('INVALID_INPUT', problems.join('; '));
+  // What the sessions would hold is known from the files: a set that could never be kept is refused before its merge
+  // and its sessions (on CUDA a whole UNet in the GPU memory LORA_CACHE_MB keeps free) are paid for.
+  if (init.maxBytes !== undefined) {
+    let need = 0;
+    for (const c of byComponent.keys()) need += await componentBytes(m.components[c]!);
+    if (need > init.maxBytes) throw setTooLarge(init.key, need, init.maxBytes);
+  }
   const t1 = performance.now();
   const built: Extract<FromLora, { t: 'built' }>['sessions'] = [];
   let patchedBytes = 0;

@@ -25,7 +25,7 @@ import type { FromWorker, ToWorker, TransferImage, WorkerInit } from './protocol
 import { LORA_COMPONENTS } from './lora-keys.js';
 import { failureReply, loadError } from './failures.js';
 import { LoraSetThread } from './lora-client.js';
-import { AdapterSetCache, type CachedSet } from './lora-sets.js';
+import { AdapterSetCache, setTooLarge, type CachedSet } from './lora-sets.js';
 
 const port = parentPort;
 if (!port) throw new Error('worker.ts must run in a worker thread');
@@ -413,14 +413,12 @@ async function buildSet(key: string, refs: AdapterRef[]): Promise<CachedSet<Adap
   const t0 = performance.now();
   const provider = await factory.provider();
   const workDir = await loraWorkDir();
-  const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, workDir, ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}), ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
+  const thread = new LoraSetThread({ key, provider, intraOpThreads: init.intraOpThreads, workDir, maxBytes: adapterSets.maxBytes, ...(init.deviceId !== undefined ? { deviceId: init.deviceId } : {}), ...(init.graphOptimizationLevel ? { graphOptimizationLevel: init.graphOptimizationLevel } : {}) }, log);
   try {
     const layout = base.layout;
     const graphs = Object.fromEntries(LORA_COMPONENTS.filter((c) => layout.onnx[c] !== undefined).map((c) => [c, layout.onnx[c]!]));
     const { built, sessions: merged } = await thread.build(refs, graphs);
-    if (!adapterSets.fits(built.totalBytes)) {
-      throw new RuntimeError('INVALID_INPUT', `the adapter set ${key} needs ${mb(built.totalBytes)} MB of merged weights, more than LORA_CACHE_MB=${mb(init.lora?.maxBytes ?? 0)} allows`);
-    }
+    if (!adapterSets.fits(built.totalBytes)) throw setTooLarge(key, built.totalBytes, adapterSets.maxBytes);
     // Every other session (the VAE decoder and encoder) is the base pipeline's.
     const p = await base.withSessions(Object.fromEntries(merged));
     // The model files changed while this set was built: it belongs to the old ones.
