@@ -225,6 +225,26 @@ describe('adapter files made by diffusers and PEFT', () => {
     expect(factors(ints)).toEqual(factors(kohya));
   });
 
+  it("matches the metadata's alpha_pattern as PEFT's get_pattern_key does: from the name's start or after a dot, the key as one group", () => {
+    const alpha = (pattern: Record<string, number>, module: string) => {
+      const meta = { 'unet.r': 4, 'unet.lora_alpha': 4, 'unet.alpha_pattern': pattern };
+      const st = parseSafetensors(writeSafetensors([
+        { name: `unet.${module}.lora_A.weight`, shape: [4, 32], data: new Float32Array(128) },
+        { name: `unet.${module}.lora_B.weight`, shape: [32, 4], data: new Float32Array(128) },
+      ], { lora_adapter_metadata: JSON.stringify(meta) }), 'x');
+      return parseAdapter(st, 'p').layers[0]!.alpha;
+    };
+    const m = 'up_blocks.1.attentions.0.proj_in';
+    expect(alpha({ proj_in: 8 }, m)).toBe(8);
+    expect(alpha({ [m]: 8 }, m)).toBe(8);
+    expect(alpha({ 'attentions.0.proj_in': 8 }, m)).toBe(8);
+    // re.match anchors at the start: a key matching only mid-segment ("s.0.proj_in" in "attentions.0.proj_in") does not.
+    expect(alpha({ 's.0.proj_in': 8 }, m)).toBe(4);
+    // The key is one group: "down_blocks|proj_out" is either whole name, not "…down_blocks" or "proj_out$".
+    expect(alpha({ 'down_blocks|x.proj_in': 8 }, m)).toBe(4);
+    expect(alpha({ 'proj_out|proj_in': 8 }, m)).toBe(8);
+  });
+
   it('scales a PEFT file saved with use_rslora by alpha / sqrt(rank), as the LoraConfig diffusers builds from its metadata does', () => {
     // save_lora_weights stores the whole LoraConfig per component (here r 4, lora_alpha 8); PEFT's rsLoRA scaling is
     // lora_alpha / sqrt(r) = 4, plain LoRA's lora_alpha / r = 2.

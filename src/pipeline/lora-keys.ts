@@ -175,7 +175,10 @@ function adapterMetadata(st: SafeTensors, name: string): Record<string, unknown>
   }
 }
 
-/** PEFT's rule: an alpha_pattern key matches a module whose name ends with it (at a dot); else lora_alpha. */
+/**
+ * PEFT's rule (`get_pattern_key`: `re.match(rf"(.*\.)?({key})$", module)`): an alpha_pattern key matches a module whose
+ * whole name, or a part of it after a dot, it matches; the first such key wins, else lora_alpha.
+ */
 function metadataAlpha(meta: Record<string, unknown>, component: string, module: string): number | undefined {
   const pattern = meta[`${component}.alpha_pattern`];
   if (typeof pattern === 'object' && pattern !== null) {
@@ -183,7 +186,7 @@ function metadataAlpha(meta: Record<string, unknown>, component: string, module:
       if (typeof v !== 'number') continue;
       let re: RegExp;
       try {
-        re = new RegExp(`(.*\\.)?${k}$`);
+        re = new RegExp(`^(.*\\.)?(${k})$`);
       } catch {
         continue;
       }
