@@ -118,6 +118,9 @@ describe('safetensors', () => {
     expect(() => parseSafetensors(file({ a: { dtype: 'F32', shape: [3], data_offsets: [0, 16] } }, 16), 'x')).toThrow(/16 bytes for 3 F32 values/);
     expect(() => parseSafetensors(file({ a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] }, b: { dtype: 'F32', shape: [2], data_offsets: [4, 12] } }, 12), 'x')).toThrow(/overlap/);
     expect(() => parseSafetensors(file({ a: { dtype: 'Q4', shape: [2], data_offsets: [0, 2] } }, 2), 'x')).toThrow(/unknown dtype "Q4"/);
+    // An empty tensor where the next one begins overlaps nothing, whichever the header lists first.
+    const empty = parseSafetensors(file({ a: { dtype: 'F32', shape: [1], data_offsets: [0, 4] }, b: { dtype: 'F32', shape: [0], data_offsets: [0, 0] } }, 4), 'x');
+    expect([...empty.tensors.keys()]).toEqual(['a', 'b']);
   });
 });
 

@@ -8,8 +8,9 @@
  *   `unet.alpha_pattern`), else the most common `.alpha` of the component's other layers, else it equals the rank
  *   (scale 1), as diffusers loads them.
  * - kohya (sd-scripts, LyCORIS LoCon): `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`,
- *   `.alpha` (a layer without one: as above); text encoders `lora_te_` (or `lora_te1_`) and `lora_te2_`. The underscored name is matched against the
- *   export's torch module names, so no guessing where a name itself holds underscores (`to_q`, `proj_in`).
+ *   `.alpha` (a layer without one: as above); text encoders `lora_te_` (or `lora_te1_`) and `lora_te2_`. The
+ *   underscored name is matched against the export's torch module names, so no guessing where a name itself holds
+ *   underscores (`to_q`, `proj_in`).
  *
  * Each layer adds `scale · (alpha / rank) · up · down` to its weight; conv layers are `down` [r, in, kh, kw] and `up`
  * [out, r, 1, 1] (kohya LoCon, PEFT Conv2d), so 1×1 and 3×3 convolutions merge the same way.

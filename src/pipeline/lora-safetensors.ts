@@ -126,7 +126,8 @@ function parseHeader(bytes: Uint8Array, dataLength: number, what: string): Pick<
     tensors.set(name, { name, dtype, shape: shape as number[], begin, end });
     ranges.push([begin, end, name]);
   }
-  ranges.sort((a, b) => a[0] - b[0]);
+  // By end too: an empty tensor sits at the offset where the next one begins (writers give cumulative offsets).
+  ranges.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
   for (let i = 1; i < ranges.length; i++) {
     if (ranges[i]![0] < ranges[i - 1]![1]) throw bad(`tensors ${JSON.stringify(ranges[i - 1]![2])} and ${JSON.stringify(ranges[i]![2])} overlap`);
   }
