@@ -269,6 +269,35 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect(await fsp.readdir(cache)).toEqual([]);
   });
 
+  it('SSE-KMS: GETs refused 400 KMS.ThrottlingException (KMS throttled) are retried; a key that cannot decrypt fails STORAGE_DENIED naming the key', async () => {
+    // S3 answers a GET of an SSE-KMS object whose decrypt KMS throttles 400 KMS.ThrottlingException: every ranged GET is
+    // a kms:Decrypt (without an S3 Bucket Key), so replicas filling a cold cache together meet it.
+    const prefix = `kms-${client}/`;
+    const files = { 'a.bin': detBytes(200_000, 51) };
+    await seed(prefix, files);
+    proxy.faults = { failGets: { count: 3, status: 400, code: 'KMS.ThrottlingException' } };
+    const sdkGets = proxy.stats.sdkGets;
+    const r = await resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(await newCache()), log });
+    await expectSame(r.dir, files);
+    expect(proxy.faults.failGets!.count).toBe(0);
+    // Not taken for the SDK-free transport's own doing (a 400 may be): the same transport retries it.
+    expect(proxy.stats.sdkGets - sdkGets).toBe(client === 'sdk' ? 4 : 0);
+
+    for (const code of ['KMS.DisabledException', 'KMS.NotFoundException']) {
+      proxy.faults = { failGets: { count: 1_000, status: 400, code } };
+      const cache = await newCache();
+      const gets = proxy.stats.gets;
+      const err = await rejection(resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(cache), log }));
+      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', `access denied to read s3://models/${prefix}a.bin (${code}): the object is encrypted with SSE-KMS `
+        + 'and its KMS key refused to decrypt it; the key must exist, be enabled, and allow kms:Decrypt to these credentials (key policy or IAM)']);
+      expect(err.message).not.toContain('echoed-secret');
+      // Never retried: a key disabled stays so for every range.
+      expect(proxy.stats.gets - gets).toBeLessThanOrEqual(4);
+      const [entry] = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
+      expect(existsSync(path.join(cache, entry!, '.complete.json'))).toBe(false);
+    }
+  });
+
   it('retries a LIST that S3 answers 503 or 500, after a backoff; one that keeps failing gives up after S3_MAX_ATTEMPTS tries', async () => {
     await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
     proxy.faults = { failLists: { count: 2, status: 503, code: 'SlowDown' } };

@@ -29,6 +29,12 @@ export const RETRY = Object.freeze({
   denied: Object.freeze(['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken', 'AllAccessDisabled',
     'AccountProblem', 'InvalidBucketName', 'CredentialsProviderError', 'Forbidden']),
   missing: Object.freeze(['NoSuchBucket', 'NoSuchKey', 'NotFound']),
+  /**
+   * KMS's answers that S3 passes on for an SSE-KMS object (400 KMS.ThrottlingException: every GET of such an object is
+   * a kms:Decrypt, unless the bucket uses an S3 Bucket Key): retried. Any other `KMS.` code is the key refusing to
+   * decrypt (disabled, deleted, pending deletion, not allowed): denied.
+   */
+  kmsTransient: Object.freeze(['KMS.ThrottlingException', 'KMS.DependencyTimeoutException', 'KMS.KMSInternalException', 'KMS.KeyUnavailableException']),
   /** The request time was refused (S3 allows 15 minutes of skew): retried once the clock offset is corrected. */
   skew: Object.freeze(['RequestTimeTooSkewed', 'RequestExpired', 'RequestInTheFuture']),
   baseMs: 200,

@@ -93,6 +93,10 @@ export function classify(err: unknown): ErrorKind {
   // A 403 for the request time: the clients correct their clock offset from S3's Date (s3-lite.ts, the SDK's signer),
   // so the next attempt is signed with S3's time.
   if (RETRY.skew.includes(name) || RETRY.skew.includes(code)) return 'transient';
+  // An SSE-KMS object's key, as S3 passes KMS's answer on: throttled or unavailable for a while (or a 5xx), else
+  // refusing for good.
+  const kms = kmsCode(err);
+  if (kms !== undefined) return RETRY.kmsTransient.includes(kms) || (status !== undefined && status >= 500) ? 'transient' : 'denied';
   // 416: a range past the end of the object, which only an object that shrank since it was listed gives (stores that
   // ignore If-Match answer it where S3 would answer 412).
   if (status === 412 || status === 416 || name === 'PreconditionFailed' || name === 'InvalidRange' || code === 'ETAG_CHANGED') return 'changed';
@@ -122,6 +126,13 @@ export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, att
   }
 }
 
+/** The code of an error S3 passes on from KMS for an SSE-KMS object (`KMS.DisabledException`, …), if it is one. */
+export function kmsCode(err: unknown): string | undefined {
+  const e = (err ?? {}) as SdkLikeError;
+  // Not every `code` is a string: a DOMException's is a number.
+  return [e.name, e.code, e.Code].find((c): c is string => typeof c === 'string' && c.startsWith('KMS.'));
+}
+
 /** The S3 error's code (NoSuchKey, AccessDenied, …), else the HTTP status: what error messages name, never credentials. */
 export function s3Code(err: unknown): string {
   const e = (err ?? {}) as { name?: string; code?: string };
@@ -145,6 +156,11 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (kind === 'fatal' && status !== undefined && status >= 300 && status < 400) {
     return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${status}): the bucket is served by another endpoint or region; `
       + 'check AWS_REGION and AWS_ENDPOINT_URL', { cause: err });
+  }
+  const kms = kmsCode(err);
+  if (kind === 'denied' && kms !== undefined) {
+    return new RuntimeError('STORAGE_DENIED', `access denied to ${action} ${where} (${kms}): the object is encrypted with SSE-KMS and its KMS key refused `
+      + 'to decrypt it; the key must exist, be enabled, and allow kms:Decrypt to these credentials (key policy or IAM)', { cause: err });
   }
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'

@@ -201,7 +201,8 @@ export class LiteHttpError extends Error {
     super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
     this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
-    this.sdkMightDiffer = status === 301 || status === 307 || status === 400 || SDK_MIGHT_DIFFER.has(this.name);
+    // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException) is the store's, whoever signed the request.
+    this.sdkMightDiffer = status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.')) || SDK_MIGHT_DIFFER.has(this.name);
   }
 }
 
