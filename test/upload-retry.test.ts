@@ -216,6 +216,42 @@ describe('output_uri', () => {
     }
   });
 
+  it('a multipart upload that fails (a part refused 403) and whose abort the store answers 500: aborted again, none left', async () => {
+    const { requestS3, out } = store();
+    try {
+      proxy.faults = { abortUploads: true, failAborts: { count: 1 }, failPuts: { keys: /^out\/orphan/, every: { status: 403, code: 'AccessDenied' } } };
+      const err = await rejection(out.upload('s3://models/out/orphan.png', [png(6, 11 * MiB)]));
+      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', "output_uri: access denied writing s3://models/out/orphan.png (AccessDenied); check the server's S3 credentials and the bucket policy"]);
+      // lib-storage's own abort was refused: the store would keep the upload's parts, billed, until a lifecycle rule.
+      await until(() => proxy.faults.failAborts?.count === 0 && Object.values(proxy.stats.multipart.created).includes('out/orphan.png'), 10_000);
+      await out.settled(15_000);
+      expect(left('out/orphan')).toEqual([]);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
+  it('an upload cancelled mid-part whose abort the store answers 500 twice: aborted once its parts in flight end, none left', async () => {
+    const { requestS3, out } = store();
+    try {
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      proxy.faults = { abortUploads: true, failAborts: { count: 2 }, hold: { keys: /\/out\/gone\.png\?/, method: 'PUT', release: held } };
+      const ac = new AbortController();
+      const failed = rejection(out.upload('s3://models/out/gone.png', [png(7, 11 * MiB)], ac.signal));
+      await until(() => Object.values(proxy.stats.multipart.created).includes('out/gone.png'), 10_000);
+      ac.abort();
+      expect((await failed).code).toBe('CANCELLED');
+      // The parts were still on their way when the request was answered; the abort comes once they end.
+      release();
+      await out.settled(15_000);
+      expect(proxy.faults.failAborts?.count).toBe(0);
+      expect(left('out/gone')).toEqual([]);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
   it('an s3:// input image keeps its single attempt: a 500 is the request\'s error at once', async () => {
     await s3.put('models', 'in/cat.png', detBytes(500, 9));
     const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/' });

@@ -10,14 +10,13 @@ import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
-import { deadline } from '../src/deadline.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { ENTRY_MARKERS, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
-import { trackUploads, type UploadTracker } from '../src/storage/multipart.js';
+import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
@@ -309,23 +308,9 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
   s3.destroy();
   const open = [...uploads.open].sort((a, b) => (a[1] < b[1] ? -1 : 1));
   if (open.length === 0) return;
-  const [{ AbortMultipartUploadCommand }, { createS3 }] = await Promise.all([import('@aws-sdk/client-s3'), import('../src/storage/s3-sdk.js')]);
+  const { createS3 } = await import('../src/storage/s3-sdk.js');
   const client = createS3(cfg.s3, open.length);
-  const total = deadline(undefined, ABORT_MS);
-  const got = await Promise.allSettled(open.map(([UploadId, Key]) => retryTransient(async () => {
-    const one = deadline(total.signal, 5_000);
-    try {
-      await client.client.send(new AbortMultipartUploadCommand({ Bucket: src.bucket, Key, UploadId }), { abortSignal: one.signal });
-    } catch (e) {
-      // An attempt the store left unanswered: the SDK's AbortError would end the retries, so its TimeoutError is thrown.
-      if (one.timedOut) throw one.signal.reason;
-      // Gone already: completed just before the push stopped, or aborted by the SDK itself.
-      if ((e as Error)?.name !== 'NoSuchUpload') throw e;
-    } finally {
-      one.clear();
-    }
-  }, 8, total.signal)));
-  total.clear();
+  const got = await abortUploads(client.client, src.bucket, open, ABORT_MS);
   client.destroy();
   const names = (which: 'fulfilled' | 'rejected') => open.filter((_, i) => got[i]!.status === which).map(([, key]) => key.slice(src.prefix.length));
   const shown = (rels: string[]) => rels.slice(0, 5).join(', ') + (rels.length > 5 ? `, … ${rels.length - 5} more` : '');

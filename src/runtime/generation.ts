@@ -6,6 +6,7 @@ import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { Engine, Progress, TaskResult } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
@@ -22,10 +23,12 @@ export interface Generation {
   readonly inflight: number;
   /** Resolves once no request is in flight and the engine has nothing queued, running or encoding. */
   drained(): Promise<void>;
+  /** Resolves once failed output_uri uploads' leftover multipart uploads are aborted (output.ts), or after `ms`. */
+  uploadsSettled(ms: number): Promise<void>;
 }
 
 /** `s3`: the runtime's client for the objects requests name, here for output_uri. */
-export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine, s3: RequestS3): Generation {
+export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine: Engine, s3: RequestS3, log?: Logger): Generation {
   const labels = { model_name: cfg.modelName };
   const resultCache = createResultCache(cfg.modelName, Math.floor(cfg.resultCacheMb * 1024 * 1024), {
     onChange: (bytes) => metrics.resultCacheBytes.set(labels, bytes),
@@ -33,7 +36,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     encode: (text) => engine.encodeText(text),
   });
   metrics.resultCacheBytes.set(labels, 0);
-  const output = createOutputStore(s3);
+  const output = createOutputStore(s3, log);
   let inflight = 0;
   const waiters: Array<() => void> = [];
 
@@ -92,6 +95,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         if (inflight === 0) for (const w of waiters.splice(0)) w();
       }
     },
+    uploadsSettled: (ms) => output.settled(ms),
     drained() {
       if (inflight === 0) return engine.idle();
       return new Promise<void>((r) => waiters.push(r)).then(() => engine.idle());

@@ -5,17 +5,26 @@
  */
 import { firstUse, REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
 import type { EncodedImage } from './engine.js';
 import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
-import { uploadingUntil } from '../storage/upload-signal.js';
+import { abortUploads } from '../storage/multipart.js';
+import { uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 
 export interface OutputStore {
   /** Uploads each image and returns its `s3://` URI, in order. */
   upload(uri: string, images: readonly EncodedImage[], signal?: AbortSignal): Promise<string[]>;
+  /** Resolves once the aborts of failed uploads' multipart uploads (below) have ended, or after `ms`. */
+  settled(ms: number): Promise<void>;
 }
+
+/** How long a failed upload's parts in flight may take to end before its multipart upload is aborted anyway. */
+const PARTS_END_MS = 30_000;
+/** How long the abort of a failed upload's multipart upload may take, its retries included. */
+const ABORT_MS = 10_000;
 
 const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
 
@@ -28,9 +37,18 @@ export function parseOutputUri(uri: string): S3Url {
 
 const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => import('@aws-sdk/lib-storage'));
 
-/** Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then. */
-export function createOutputStore(s3: RequestS3): OutputStore {
+/**
+ * Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then.
+ * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be.
+ */
+export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
+  const aborting = new Set<Promise<void>>();
   return {
+    settled(ms) {
+      if (aborting.size === 0) return Promise.resolve();
+      let timer: NodeJS.Timeout | undefined;
+      return Promise.race([Promise.all(aborting).then(() => undefined), new Promise<void>((r) => (timer = setTimeout(r, ms)))]).finally(() => clearTimeout(timer));
+    },
     async upload(uri, images, signal) {
       const { bucket, key } = parseOutputUri(uri);
       const keys = outputKeys(key, images.length, images[0]?.format ?? 'png');
@@ -45,10 +63,13 @@ export function createOutputStore(s3: RequestS3): OutputStore {
           });
           const onAbort = () => void up.abort().catch(() => undefined);
           signal?.addEventListener('abort', onAbort, { once: true });
+          const scope = uploadScope(signal);
           try {
             // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
-            await uploadingUntil(signal, () => up.done());
+            await uploadingUntil(scope, () => up.done());
           } catch (err) {
+            const done = abortLeft(client, bucket, scope, log).catch(() => undefined).finally(() => aborting.delete(done));
+            aborting.add(done);
             throw uploadError(err, bucket, keys[i]!, note);
           } finally {
             signal?.removeEventListener('abort', onAbort);
@@ -58,6 +79,27 @@ export function createOutputStore(s3: RequestS3): OutputStore {
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
   };
+}
+
+/**
+ * Aborts the multipart upload a failed or cancelled upload left open. lib-storage aborts it itself, once, and on a
+ * cancel only after its parts in flight end (its done() has rejected by then): an abort refused (a 500), cut by
+ * S3_STALL_TIMEOUT_S, or never sent (the process closing) left the parts stored, billed, and shown by no listing.
+ * So once none of its requests is in flight, what is still open is aborted with retries.
+ */
+async function abortLeft(client: Parameters<typeof abortUploads>[0], bucket: string, scope: UploadScope, log: Logger | undefined): Promise<void> {
+  await scope.idle(PARTS_END_MS);
+  const open = [...scope.open];
+  if (open.length === 0) return;
+  const got = await abortUploads(client, bucket, open, ABORT_MS);
+  got.forEach((g, i) => {
+    const where = `s3://${bucket}/${open[i]![1]}`;
+    if (g.status === 'fulfilled') log?.info({ uri: where }, 'output_uri: aborted the multipart upload of a failed upload');
+    else {
+      log?.warn({ uri: where, reason: s3Code(g.reason) }, 'output_uri: could not abort the multipart upload of a failed upload; its parts are billed until '
+        + 'aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule (AbortIncompleteMultipartUpload) removes them');
+    }
+  });
 }
 
 /** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */

@@ -18,6 +18,12 @@ import { createImageSource, type ImageSource } from './image-source.js';
 import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 
+/**
+ * How long close() waits, at most, for the aborts of multipart uploads that failed output_uri uploads left (a pod's
+ * grace period is 30 s by default, and the drain came first).
+ */
+const UPLOAD_ABORTS_MS = 10_000;
+
 export interface RuntimeOptions {
   /** Process start, for the time-to-ready metric (performance.now() based); default: when the runtime is built. */
   startedAt?: number;
@@ -86,7 +92,7 @@ export class Runtime {
         else if (serving && this.boot.state === 'loading' && this.boot.wasReady) this.boot.to('ready');
       },
     });
-    this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3);
+    this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3, log);
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
     this.images = createImageSource(this.#requestS3, cfg);
     this.inputBudget = new InputBudget(cfg.inputImagesMb * 1024 * 1024);
@@ -144,6 +150,8 @@ export class Runtime {
       if (!drained) this.log.warn({ inflight: this.generation.inflight }, 'grace period over: closing with requests still running');
       await Promise.all([this.engine.close(), this.optimizer.stop()]);
       await Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined)));
+      // A failed output_uri upload's multipart upload is aborted through the request client: not cut by its destroy().
+      await this.generation.uploadsSettled(UPLOAD_ABORTS_MS);
       this.#requestS3.destroy();
       // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
       this.#listener?.closeConnections();

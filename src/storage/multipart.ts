@@ -4,6 +4,9 @@
  * and no listing of the prefix shows it.
  */
 import type { S3Client } from '@aws-sdk/client-s3';
+import { deadline } from '../deadline.js';
+import { retryTransient } from './s3-errors.js';
+import { noteMultipart } from './upload-signal.js';
 
 export interface UploadTracker {
   /** Uploads the store created and that were neither completed nor aborted through this client: key by UploadId. */
@@ -25,18 +28,15 @@ export function trackUploads(client: S3Client): UploadTracker {
     const input = args.input as { Key?: string; UploadId?: string };
     const create = context.commandName === 'CreateMultipartUploadCommand';
     if (create) creating++;
-    const ends = /^(Complete|Abort)MultipartUploadCommand$/.test(context.commandName ?? '');
     try {
       const out = await next(args);
-      const id = create ? (out.output as { UploadId?: string }).UploadId : input.UploadId;
-      if (create && id !== undefined) open.set(id, input.Key ?? '');
-      else if (id !== undefined && ends) open.delete(id);
+      noteMultipart(open, context.commandName, input, { output: out.output });
       return out;
-    } catch (e) {
-      // The store no longer knows the upload (a retried Complete whose first answer was lost, which upload-retry.ts
-      // may take as done): there is nothing left to abort, nor to name as aborted.
-      if (ends && input.UploadId !== undefined && (e as Error)?.name === 'NoSuchUpload') open.delete(input.UploadId);
-      throw e;
+    } catch (error) {
+      // NoSuchUpload (a retried Complete whose first answer was lost, which upload-retry.ts may take as done): nothing
+      // left to abort, nor to name as aborted.
+      noteMultipart(open, context.commandName, input, { error });
+      throw error;
     } finally {
       if (create && --creating === 0) idle?.();
     }
@@ -55,4 +55,32 @@ export function trackUploads(client: S3Client): UploadTracker {
       });
     },
   };
+}
+
+/**
+ * Aborts these multipart uploads (UploadId, key) of `bucket`: each attempt cut after `attemptMs` unanswered, a transient
+ * refusal or a cut attempt tried again (8 tries), all within `totalMs`. One the store no longer knows (NoSuchUpload:
+ * completed, or aborted already) counts as aborted. One result per upload, in order.
+ */
+export async function abortUploads(client: S3Client, bucket: string, uploads: readonly (readonly [string, string])[], totalMs: number,
+  attemptMs = 5_000): Promise<PromiseSettledResult<void>[]> {
+  // Loaded here: the warm-up CLI imports this module, and with S3_TRANSPORT=lite a fill never loads the AWS SDK.
+  const { AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
+  const total = deadline(undefined, totalMs);
+  try {
+    return await Promise.allSettled(uploads.map(([UploadId, Key]) => retryTransient(async () => {
+      const one = deadline(total.signal, attemptMs);
+      try {
+        await client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal: one.signal });
+      } catch (e) {
+        // An attempt the store left unanswered: the SDK's AbortError would end the retries, so its TimeoutError is thrown.
+        if (one.timedOut) throw one.signal.reason;
+        if ((e as Error)?.name !== 'NoSuchUpload') throw e;
+      } finally {
+        one.clear();
+      }
+    }, 8, total.signal)));
+  } finally {
+    total.clear();
+  }
 }

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import { retryTransient } from './s3-errors.js';
-import { uploadSignal } from './upload-signal.js';
+import { inUploadScope, uploadSignal } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
@@ -47,34 +47,37 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     const input = args.input as CompleteInput;
-    const part = input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : '';
-    const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = `${command.replace(/Command$/, '')}${part}`) =>
-      boundedAttempt(stallMs, fn, (cause) => stallError(what, stallMs, attempt, tries, cause));
-    if (command === 'AbortMultipartUploadCommand') {
-      const failure = failed.get(input.UploadId ?? '');
-      failed.delete(input.UploadId ?? '');
-      return bounded(0, 1, () => next(args)).catch((e: unknown) => {
-        throw failure ?? e;
-      });
-    }
-    if (!UPLOAD_COMMANDS.has(command)) return next(args);
-    const signal = uploadSignal();
-    if (signal?.aborted) throw Object.assign(new Error('the upload was cancelled'), { name: 'AbortError' });
-    const remember = (e: unknown) => {
-      if (input.UploadId !== undefined) failed.set(input.UploadId, e);
-      throw e;
-    };
-    return retryTransient(async (attempt) => {
-      try {
-        return await bounded(attempt, attempts, () => next(args));
-      } catch (e) {
-        // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
-        if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
-          return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
-        }
-        throw e;
+    // Within an upload's scope (output.ts), each of its requests, attempts and aborts included, counts in flight.
+    return inUploadScope(command, input, async () => {
+      const part = input.PartNumber !== undefined ? ` (part ${input.PartNumber})` : '';
+      const bounded = <T>(attempt: number, tries: number, fn: () => Promise<T>, what = `${command.replace(/Command$/, '')}${part}`) =>
+        boundedAttempt(stallMs, fn, (cause) => stallError(what, stallMs, attempt, tries, cause));
+      if (command === 'AbortMultipartUploadCommand') {
+        const failure = failed.get(input.UploadId ?? '');
+        failed.delete(input.UploadId ?? '');
+        return bounded(0, 1, () => next(args)).catch((e: unknown) => {
+          throw failure ?? e;
+        });
       }
-    }, attempts, signal).catch(remember);
+      if (!UPLOAD_COMMANDS.has(command)) return next(args);
+      const signal = uploadSignal();
+      if (signal?.aborted) throw Object.assign(new Error('the upload was cancelled'), { name: 'AbortError' });
+      const remember = (e: unknown) => {
+        if (input.UploadId !== undefined) failed.set(input.UploadId, e);
+        throw e;
+      };
+      return retryTransient(async (attempt) => {
+        try {
+          return await bounded(attempt, attempts, () => next(args));
+        } catch (e) {
+          // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
+          if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
+            return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
+          }
+          throw e;
+        }
+      }, attempts, signal).catch(remember);
+    });
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
 }
 
