@@ -2,7 +2,8 @@
  * A request whose output_uri upload is being retried (the store answers every PUT 503 SlowDown) and that is cancelled,
  * by its client leaving or by REQUEST_TIMEOUT_S: the upload's retries stop with it. lib-storage gives the requests it
  * sends no signal, and its abort() stopped none of them, so the runtime went on sending PUTs for up to ~3 s of backoff
- * for a request already answered. A real server process, s3rver behind the fault proxy, which counts every PUT.
+ * for a request already answered. A real server process, s3rver behind the fault proxy, which counts every PUT. And a
+ * SIGTERM right after a client left mid multipart upload: the server used to exit with the upload and its parts left.
  */
 import net from 'node:net';
 import path from 'node:path';
@@ -10,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
 import { metric } from './helpers/runtime.js';
-import { cleanUpS3, CREDS, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { cleanUpS3, CREDS, startFaultProxy, startS3, unfinishedUploads, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 
@@ -80,3 +81,35 @@ it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT,
   expect(srv.logs.slice(logs0).filter(answered(504))).toHaveLength(1);
   expect(troubles(logs0)).toEqual([]);
 }, 60_000);
+
+it('SIGTERM just after a client left mid multipart upload: the server aborts the upload before it exits, none is left', async () => {
+  // Its own server: the one above answers 504 after 2 s, and a 2048×2048 image takes longer on the CPU.
+  const big = await startServer({
+    ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: await fixtureModel(), MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'),
+    EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '0', RESULT_CACHE_MB: '0',
+  }, { ready: true });
+  let release!: () => void;
+  proxy.faults = { abortUploads: true, hold: { keys: /\/out\/term\/fox\.png\?/, method: 'PUT', release: new Promise<void>((r) => (release = r)) } };
+  const created = () => Object.values(proxy.stats.multipart.created).includes('term/fox.png');
+  const body = JSON.stringify({ instances: [{ prompt: 'a fox', num_inference_steps: 1, height: 2048, width: 2048, seed: 3, output_uri: 's3://out/term/fox.png' }] });
+  const sock = net.connect(big.port, '127.0.0.1', () => sock.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\n`
+    + `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
+  sock.on('error', () => undefined);
+  try {
+    // Over 5 MiB, so a multipart upload, whose parts the proxy holds.
+    await until(created, 120_000, 20);
+    sock.destroy();
+    await until(() => big.logs.some((l) => l.msg === 'inference request' && l.status === 499), 10_000);
+    const stopped = big.stop('SIGTERM', 30_000);
+    // The parts end after the signal: the abort can only go once they have.
+    await sleep(500);
+    release();
+    expect((await stopped).code).toBe(0);
+    expect(Object.values(unfinishedUploads(proxy)).filter((k) => k.startsWith('term/'))).toEqual([]);
+    expect(big.logs.filter((l) => l.level === 'warn' || l.level === 'error').map((l) => l.msg)).toEqual([]);
+  } finally {
+    release();
+    sock.destroy();
+    await big.stop();
+  }
+}, 180_000);
