@@ -296,6 +296,11 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
       const [entry] = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
       expect(existsSync(path.join(cache, entry!, '.complete.json'))).toBe(false);
     }
+    // A missing kms:Decrypt permission: AWS answers the GET a plain 403 AccessDenied, though the LIST was allowed.
+    proxy.faults = { failGets: { count: 1_000, status: 403, code: 'AccessDenied' } };
+    const denied = await rejection(resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(await newCache()), log }));
+    expect([denied.code, denied.message]).toEqual(['STORAGE_DENIED', `access denied to read s3://models/${prefix}a.bin (AccessDenied); `
+      + 'check the credentials and the bucket policy, and for an object encrypted with SSE-KMS kms:Decrypt on its key']);
   });
 
   it('retries a LIST that S3 answers 503 or 500, after a backoff; one that keeps failing gives up after S3_MAX_ATTEMPTS tries', async () => {

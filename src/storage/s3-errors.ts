@@ -165,7 +165,9 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (kind === 'denied') {
     const hint = s3code === 'InvalidAccessKeyId' || s3code === 'SignatureDoesNotMatch'
       ? 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the data connection secret)'
-      : 'check the credentials and the bucket policy';
+      // AWS answers a GET of an SSE-KMS object that these credentials may not decrypt as a plain AccessDenied.
+      : action.startsWith('read') ? 'check the credentials and the bucket policy, and for an object encrypted with SSE-KMS kms:Decrypt on its key'
+        : 'check the credentials and the bucket policy';
     return new RuntimeError('STORAGE_DENIED', `access denied to ${action} ${where} (${s3code}); ${hint}`, { cause: err });
   }
   if (kind === 'missing') {
