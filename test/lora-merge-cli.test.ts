@@ -95,3 +95,38 @@ describe('lora:merge', () => {
     }
   });
 });
+
+describe('lora:merge command line', () => {
+  const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 60_000 });
+  const usage = /^usage: lora-merge \[--linked\] MODEL_DIR OUT_DIR ADAPTER\.safetensors\[:SCALE\] \[\.\.\.\]\n/;
+
+  it('--help prints the usage on stdout and exits 0', () => {
+    const r = cli('--help');
+    expect([r.status, r.stderr]).toEqual([0, '']);
+    expect(r.stdout).toMatch(usage);
+  });
+
+  it('refuses a scale that is no number, exit 2 and nothing written (1.2.3 merged NaN into every patched weight, exit 0)', () => {
+    const adapter = path.join(model, 'loras', 'demo-kohya.safetensors');
+    for (const scale of ['1.2.3', '.', 'abc', '1e400']) {
+      const out = path.join(tmp, `out-scale-${scale}`);
+      const r = cli(model, out, `${adapter}:${scale}`);
+      expect([r.status, r.stdout], scale).toEqual([2, '']);
+      expect(r.stderr.split('\n')[0]).toBe(`lora-merge: ${JSON.stringify(`${adapter}:${scale}`)}: the scale after ':' must be a number such as 0.8, got ${JSON.stringify(scale)}`);
+      expect(existsSync(out)).toBe(false);
+    }
+  });
+
+  it('names an unknown option and a missing argument instead of reading them as paths', () => {
+    const adapter = path.join(model, 'loras', 'demo-kohya.safetensors');
+    const opt = cli('--scale', '0.5', model, path.join(tmp, 'out-opt'), adapter);
+    expect([opt.status, opt.stderr.split('\n')[0]]).toEqual([2, 'lora-merge: unknown option "--scale"']);
+    expect(opt.stderr.split('\n').slice(1).join('\n')).toMatch(usage);
+    const few = cli(model, path.join(tmp, 'out-few'));
+    expect([few.status, few.stderr.split('\n')[0]]).toEqual([2, 'lora-merge: needs MODEL_DIR, OUT_DIR and at least one adapter']);
+    // A model folder that is not there is named as such, not as components lacking a lora_map.json.
+    const absent = path.join(tmp, 'no-model');
+    const none = cli(absent, path.join(tmp, 'out-none'), adapter);
+    expect([none.status, none.stderr]).toEqual([1, `lora-merge: MODEL_DIR ${absent} is not a directory\n`]);
+  });
+});
