@@ -162,6 +162,46 @@ const CACHE_EVICT: readonly CacheEvict[] = ['lru', 'off'];
 /** Seconds a Node timer can wait: a longer one fires at once (TimeoutOverflowWarning), so every request would time out. */
 const MAX_TIMER_S = Math.floor((2 ** 31 - 1) / 1000);
 
+/** A decimal number as a manifest writes one (an exponent allowed); no hexadecimal, binary or octal. */
+const DECIMAL = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+
+/** The unit a numeric variable's name carries, and its size in seconds (time) or bytes (size). */
+const VARIABLE_UNITS: ReadonlyArray<{ name: RegExp; unit: string; kind: 'time' | 'size'; base: number }> = [
+  { name: /_MS$/, unit: 'milliseconds', kind: 'time', base: 0.001 },
+  { name: /_S$/, unit: 'seconds', kind: 'time', base: 1 },
+  { name: /_MB$/, unit: 'MiB (2^20 bytes)', kind: 'size', base: 2 ** 20 },
+  { name: /_BYTES$|^S3_PART_SIZE$/, unit: 'bytes', kind: 'size', base: 1 },
+];
+/** Units a value may come with: Go/Kubernetes durations, and Kubernetes quantities with their SI spellings (k, MB). */
+const TIME_UNITS: Readonly<Record<string, number>> = { ms: 0.001, s: 1, sec: 1, m: 60, min: 60, h: 3600, d: 86400 };
+const SIZE_UNITS: Readonly<Record<string, number>> = {
+  b: 1, k: 1e3, kb: 1e3, ki: 2 ** 10, kib: 2 ** 10, m: 1e6, mb: 1e6, mi: 2 ** 20, mib: 2 ** 20,
+  g: 1e9, gb: 1e9, gi: 2 ** 30, gib: 2 ** 30, t: 1e12, tb: 1e12, ti: 2 ** 40, tib: 2 ** 40,
+};
+
+/**
+ * For a number written with a unit (`10s`, `1Gi`, as a manifest writes durations and sizes): the unit this variable is
+ * in, and the value to write instead where the unit is known. Empty for anything else.
+ */
+function unitHint(k: string, r: string, integer: boolean): string {
+  const u = VARIABLE_UNITS.find((x) => x.name.test(k));
+  const m = /^([+-]?(?:\d+\.?\d*|\.\d+))\s*([a-z]+)$/i.exec(r);
+  if (u === undefined || m === null) return '';
+  const factor = (u.kind === 'time' ? TIME_UNITS : SIZE_UNITS)[m[2]!.toLowerCase()];
+  const v = factor === undefined ? undefined : +((Number(m[1]) * factor) / u.base).toPrecision(12);
+  const instead = v !== undefined && (!integer || Number.isInteger(v)) ? ` (${v} for ${JSON.stringify(r)})` : '';
+  return `: write a number of ${u.unit}, without a unit${instead}`;
+}
+
+/** HOST: a name or address to listen on; a port or scheme there would only fail the listen with ENOTFOUND. */
+function listenHost(v: string | undefined, bad: string[]): string {
+  if (v === undefined) return '0.0.0.0';
+  if (/[\s/]/.test(v) || /^[^:]+:\d*$/.test(v) || /^\[.*\](:\d*)?$/.test(v)) {
+    bad.push(`HOST must be a host name or IP address to listen on (0.0.0.0, ::, 127.0.0.1), without scheme, brackets or port (the port is PORT's), got ${JSON.stringify(maskUri(v))}`);
+  }
+  return v;
+}
+
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
   const bad: string[] = [];
@@ -187,7 +227,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     const r = raw(k);
     if (r === undefined) return dflt;
     const v = intIn(r, min, max);
-    if (v === undefined) bad.push(`${k} must be an integer from ${min} to ${max}, got ${JSON.stringify(env[k])}`);
+    if (v === undefined) bad.push(`${k} must be an integer from ${min} to ${max}, got ${JSON.stringify(env[k])}${unitHint(k, r, true)}`);
     return v ?? dflt;
   };
   /** An integer that may also be `auto` (any case): undefined when unset or auto. `allowed` says both in the error. */
@@ -201,9 +241,10 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
   const num = (k: string, dflt: number, min: number, max = Infinity): number => {
     const r = raw(k);
     if (r === undefined) return dflt;
-    const v = Number(r);
+    // Decimal only: Number() would also read 0x10 as 16 and 0b11 as 3.
+    const v = DECIMAL.test(r) ? Number(r) : NaN;
     if (!Number.isFinite(v) || v < min || v > max) {
-      bad.push(`${k} must be a number ${max === Infinity ? `>= ${min}` : `from ${min} to ${max}`}, got ${JSON.stringify(env[k])}`);
+      bad.push(`${k} must be a number ${max === Infinity ? `>= ${min}` : `from ${min} to ${max}`}, got ${JSON.stringify(env[k])}${unitHint(k, r, false)}`);
       return dflt;
     }
     return v;
@@ -294,7 +335,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     // KServe's variable, not ours: any other value is its default (the model is in place at start), never refused.
     modelInitAsync: raw('MODEL_INIT_MODE')?.toLowerCase() === 'async',
     modelName,
-    host: raw('HOST') ?? '0.0.0.0',
+    host: listenHost(raw('HOST'), bad),
     port: int('PORT', 8080, 0, 65535),
     cacheDir: raw('MODEL_CACHE_DIR') ?? defaultCacheDir(),
     cacheEvict: oneOf('CACHE_EVICT', 'lru', CACHE_EVICT),

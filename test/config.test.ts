@@ -129,6 +129,44 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ AWS_S3_ENDPOINT: '"admin:s3/cr3t@minio:9000"' })).toThrow(`AWS_S3_ENDPOINT is wrapped in quotes, got "***@minio:9000": ${hint}`);
   });
 
+  it('a number written with a unit, as manifests write durations and sizes, is named with the unit the variable is in and the value meant', () => {
+    const problems = (env: Record<string, string>) => {
+      try {
+        loadConfig(env);
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+      return [];
+    };
+    expect(problems({ REQUEST_TIMEOUT_S: '10m', SHUTDOWN_GRACE_S: '30s', BATCH_WINDOW_MS: '20ms', RESULT_CACHE_MB: '1Gi', MAX_BODY_BYTES: '10MB', S3_PART_SIZE: '8Mi', S3_STALL_TIMEOUT_S: '1.5h' })).toEqual([
+      'S3_PART_SIZE must be an integer from 65536 to 5368709120, got "8Mi": write a number of bytes, without a unit (8388608 for "8Mi")',
+      'S3_STALL_TIMEOUT_S must be a number from 0.1 to 2147483, got "1.5h": write a number of seconds, without a unit (5400 for "1.5h")',
+      'BATCH_WINDOW_MS must be an integer from 0 to 10000, got "20ms": write a number of milliseconds, without a unit (20 for "20ms")',
+      'MAX_BODY_BYTES must be an integer from 1024 to 1073741824, got "10MB": write a number of bytes, without a unit (10000000 for "10MB")',
+      'SHUTDOWN_GRACE_S must be a number from 0 to 2147483, got "30s": write a number of seconds, without a unit (30 for "30s")',
+      'REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "10m": write a number of seconds, without a unit (600 for "10m")',
+      'RESULT_CACHE_MB must be a number >= 0, got "1Gi": write a number of MiB (2^20 bytes), without a unit (1024 for "1Gi")',
+    ]);
+    // A unit it does not know still says which one the variable is in; an integer variable gets no fraction to write.
+    expect(problems({ REQUEST_TIMEOUT_S: '10 fortnights', BATCH_WINDOW_MS: '0.5ms' })).toEqual([
+      'BATCH_WINDOW_MS must be an integer from 0 to 10000, got "0.5ms": write a number of milliseconds, without a unit',
+      'REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "10 fortnights": write a number of seconds, without a unit',
+    ]);
+    // Decimal numbers only: Number() read 0x10 as 16 seconds and 0b11 as 3.
+    expect(problems({ REQUEST_TIMEOUT_S: '0x10', RESULT_CACHE_MB: '0b11' })).toEqual([
+      'REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "0x10"',
+      'RESULT_CACHE_MB must be a number >= 0, got "0b11"',
+    ]);
+    expect(loadConfig({ REQUEST_TIMEOUT_S: '1e2', RESULT_CACHE_MB: '.5', SHUTDOWN_GRACE_S: '+7.5' })).toMatchObject({ requestTimeoutS: 100, resultCacheMb: 0.5, shutdownGraceS: 7.5 });
+  });
+
+  it('HOST is a name or address alone: a port, brackets or a scheme there is named at start (the listen failed with ENOTFOUND)', () => {
+    for (const host of ['0.0.0.0', '::', '127.0.0.1', 'localhost', 'fe80::1%eth0']) expect(loadConfig({ HOST: host }).host).toBe(host);
+    for (const host of ['0.0.0.0:8080', 'localhost:', '[::]', '[::]:8080', 'http://0.0.0.0', 'my host']) {
+      expect(() => loadConfig({ HOST: host }), host).toThrow(`HOST must be a host name or IP address to listen on (0.0.0.0, ::, 127.0.0.1), without scheme, brackets or port (the port is PORT's), got ${JSON.stringify(host)}`);
+    }
+  });
+
   it('INPUT_URI_PREFIXES: none by default (s3:// inputs refused); s3://bucket[/prefix] entries; every bad one named at boot', () => {
     expect(loadConfig({}).inputUriPrefixes).toEqual([]);
     const c = loadConfig({ INPUT_URI_PREFIXES: ' s3://inputs/team-a/ , s3://shared,S3://Pics/in ' });
