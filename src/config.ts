@@ -499,6 +499,62 @@ export const TRIMMED_CREDENTIALS = "removed whitespace around S3 credentials (a 
 const CREDENTIAL_VARS = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN'] as const;
 
 /**
+ * Every environment variable the runtime reads: loadConfig's, the S3 credentials, the GPU lists (visibleGpus) and those
+ * it sets for its libraries unless the operator did. What misspelledVariables compares the environment with.
+ */
+export const VARIABLES: readonly string[] = [
+  'STORAGE_URI', 'MODEL_INIT_MODE', 'MODEL_NAME', 'HOST', 'PORT', 'MODEL_CACHE_DIR', 'CACHE_EVICT',
+  'AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'AWS_CA_BUNDLE', ...CREDENTIAL_VARS,
+  'S3_USE_HTTPS', 'S3_VERIFY_SSL', 'S3_FORCE_PATH_STYLE', 'S3_USER_VIRTUAL_BUCKET', 'S3_MAX_CONCURRENCY', 'S3_PART_SIZE',
+  'S3_STALL_TIMEOUT_S', 'S3_MAX_ATTEMPTS', 'S3_TRANSPORT', 'S3_VERIFY_CONTENT',
+  'EXECUTION_PROVIDER', 'GPUS', 'WORKERS', 'CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'MAX_BATCH_SIZE', 'BATCH_WINDOW_MS',
+  'MAX_QUEUE', 'MAX_CONNECTIONS', 'LOG_LEVEL', 'MAX_BODY_BYTES', 'MAX_IMAGE_SIZE', 'MAX_STEPS', 'DEFAULT_SCHEDULER',
+  'DEFAULT_STEPS', 'DEFAULT_GUIDANCE', 'MAX_IMAGES_PER_REQUEST', 'INPUT_IMAGES_MB', 'WARMUP_STEPS', 'WARMUP_VAE_ENCODER',
+  'AUX_THREADS', 'SHUTDOWN_GRACE_S', 'EXIT_ON_BOOT_FAILURE', 'REQUEST_TIMEOUT_S', 'RESULT_CACHE_MB', 'OUTPUT_FORMAT',
+  'ORT_INTRA_OP_THREADS', 'ORT_OPTIMIZED_CACHE', 'ORT_OPTIMIZED_CACHE_MAX_MB', 'ORT_GRAPH_OPTIMIZATION', 'ORT_DISABLE_TELEMETRY',
+  'CUDA_TF32', 'NVIDIA_TF32_OVERRIDE', 'CUDA_PROVIDER_OPTIONS', 'LORA_URI', 'MAX_LORAS', 'LORA_MAX_SETS', 'LORA_CACHE_MB',
+  'INPUT_URI_PREFIXES', 'OUTPUT_URI_PREFIXES', 'CORS_ALLOW_ORIGINS', 'CE_TYPE', 'CE_SOURCE', 'CE_MERGE',
+];
+
+/**
+ * Variables in `env` that are none of VARIABLES but look like one mistyped, with the one meant: another case or
+ * separators (`max_queue`, `MAXQUEUE`), one letter off or two in a long name (`LORA_URL`, `AWS_SECRET_ACCES_KEY`), a plural
+ * (`WORKER`), another unit suffix (`BATCH_WINDOW`, `REQUEST_TIMEOUT_MS`) or a prefix (`DIFFUSERS_MAX_QUEUE`). The
+ * names share no prefix, so an unknown one cannot be refused: the pod also carries the platform's own variables.
+ */
+export function misspelledVariables(env: Env): Array<{ variable: string; meant: string }> {
+  const known = new Set(VARIABLES);
+  const squash = (n: string) => n.toUpperCase().replace(/[^A-Z0-9]/g, '');
+  const bare = (n: string) => squash(n.toUpperCase().replace(/^DIFFUSERS_(RUNTIME_)?/, '').replace(/_(S|MS|MB|SECONDS|SECS|BYTES)$/, ''));
+  const out: Array<{ variable: string; meant: string }> = [];
+  for (const [variable, value] of Object.entries(env)) {
+    if (value === undefined || known.has(variable)) continue;
+    const up = variable.toUpperCase();
+    const meant = VARIABLES.find((k) => bare(k) === bare(variable) || up === `${k}S` || `${up}S` === k)
+      ?? VARIABLES.find((k) => k.length >= 6 && editDistance(up, k) <= (k.length >= 12 ? 2 : 1));
+    if (meant !== undefined) out.push({ variable, meant });
+  }
+  return out;
+}
+
+/** Edits (insert, delete, replace, swap two neighbours) that turn `a` into `b`. */
+function editDistance(a: string, b: string): number {
+  if (Math.abs(a.length - b.length) > 2) return 3;
+  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i]![j] = Math.min(d[i]![j]!, d[i - 2]![j - 2]! + 1);
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+/** The warning a process logs for each misspelledVariables entry: names the variables, never their values. */
+export const misspelledWarning = (m: { variable: string; meant: string }): string =>
+  `${m.variable} is not a variable the runtime reads, so its value is not used: did you mean ${m.meant}?`;
+
+/**
  * Removes whitespace around the S3 credentials in `env`, where both transports read them, and returns the names it
  * changed. A Secret made with `kubectl create secret --from-file` keeps the file's last newline: in a secret key it
  * would reach S3 as SignatureDoesNotMatch, in a key id or token as a header Node refuses to send. Keys hold none.

@@ -6,7 +6,7 @@
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { ConfigError, describeConfig, loadConfig, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -152,9 +152,13 @@ function applyProcessDefaults(env: NodeJS.ProcessEnv = process.env): string[] {
   return trimCredentials(env);
 }
 
-/** One warning naming (never showing) the credentials that came with whitespace around them; settings that do nothing. */
+/**
+ * One warning naming (never showing) the credentials that came with whitespace around them; settings that do nothing;
+ * a variable that looks like one of ours mistyped (its value is not shown: it may be a key).
+ */
 function logStartWarnings(log: Logger, variables: readonly string[], cfg: Readonly<Config>): void {
   if (variables.length > 0) log.warn({ variables }, TRIMMED_CREDENTIALS);
+  for (const m of misspelledVariables(process.env)) log.warn(m, misspelledWarning(m));
   if (cfg.executionProvider === 'cpu' && cfg.cudaProviderOptions.length > 0) log.warn('CUDA_PROVIDER_OPTIONS has no effect with EXECUTION_PROVIDER=cpu');
   for (const p of cfg.inputUriPrefixes) {
     const served = servedFrom({ bucket: p.bucket, key: p.key === '' || p.key.endsWith('/') ? p.key : `${p.key}/` }, cfg);

@@ -3,8 +3,10 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, describeConfig, loadConfig, visibleGpus } from '../src/config.js';
+import { ConfigError, describeConfig, loadConfig, misspelledVariables, VARIABLES, visibleGpus } from '../src/config.js';
 import { applyTf32, workerDevice, workerInit } from '../src/runtime/workers.js';
+import { ensureDemoModel } from '../src/demo/index.js';
+import { sharedCacheDir, startServer } from './helpers/server.js';
 
 describe('loadConfig', () => {
   it('gives the documented defaults', () => {
@@ -191,6 +193,61 @@ describe('loadConfig', () => {
   it('masks credentials in an endpoint or URI when describing itself', () => {
     const d = describeConfig(loadConfig({ AWS_ENDPOINT_URL: 'http://user:secret@host:9000', STORAGE_URI: 's3://b/p' }));
     expect(JSON.stringify(d)).not.toContain('secret');
+  });
+});
+
+describe('variables that look like ours mistyped', () => {
+  it('names the variable meant for another case, separators, one letter off, a plural, another unit or a prefix', () => {
+    const typos = ['LORA_URL', 'STORAGE_URL', 'AWS_SECRET_ACCES_KEY', 'REQUEST_TIMEOUT', 'REQUEST_TIMEOUT_MS', 'BATCH_WINDOW', 'max_queue', 'MAXQUEUE',
+      'Max-Batch-Size', 'WORKER', 'GPU', 'LOGLEVEL', 'DIFFUSERS_MAX_QUEUE', 'S3_PARTSIZE', 'SHUTDOWN_GRACE_SECONDS', 'CUDA_VISIBLE_DEVICE', 'port'];
+    expect(misspelledVariables(Object.fromEntries(typos.map((k) => [k, 'x']))).map((m) => `${m.variable} ${m.meant}`)).toEqual([
+      'LORA_URL LORA_URI', 'STORAGE_URL STORAGE_URI', 'AWS_SECRET_ACCES_KEY AWS_SECRET_ACCESS_KEY', 'REQUEST_TIMEOUT REQUEST_TIMEOUT_S',
+      'REQUEST_TIMEOUT_MS REQUEST_TIMEOUT_S', 'BATCH_WINDOW BATCH_WINDOW_MS', 'max_queue MAX_QUEUE', 'MAXQUEUE MAX_QUEUE', 'Max-Batch-Size MAX_BATCH_SIZE',
+      'WORKER WORKERS', 'GPU GPUS', 'LOGLEVEL LOG_LEVEL', 'DIFFUSERS_MAX_QUEUE MAX_QUEUE', 'S3_PARTSIZE S3_PART_SIZE', 'SHUTDOWN_GRACE_SECONDS SHUTDOWN_GRACE_S',
+      'CUDA_VISIBLE_DEVICE CUDA_VISIBLE_DEVICES', 'port PORT',
+    ]);
+  });
+
+  it('leaves alone what a pod carries besides: the image\'s, Kubernetes\', Knative\'s, the AWS SDK\'s and the data connection\'s variables', () => {
+    const pod = ['HOSTNAME', 'HOME', 'PATH', 'PWD', 'TERM', 'LANG', 'TMPDIR', 'NODE_VERSION', 'NODE_ENV', 'NODE_OPTIONS', 'NODE_NAME', 'POD_NAME', 'POD_NAMESPACE', 'POD_IP',
+      'KUBERNETES_SERVICE_HOST', 'KUBERNETES_SERVICE_PORT', 'KUBERNETES_PORT', 'KUBERNETES_PORT_443_TCP_PORT', 'K_SERVICE', 'K_REVISION', 'K_CONFIGURATION',
+      'NVIDIA_DRIVER_CAPABILITIES', 'NVIDIA_REQUIRE_CUDA', 'CUDA_VERSION', 'NV_CUDA_LIB_VERSION', 'NV_CUDNN_VERSION', 'NCCL_VERSION', 'LD_LIBRARY_PATH',
+      'MALLOC_ARENA_MAX', 'MALLOC_MMAP_THRESHOLD_', 'GLIBC_TUNABLES', 'AWS_S3_BUCKET', 'AWS_ROLE_ARN', 'AWS_WEB_IDENTITY_TOKEN_FILE', 'AWS_PROFILE',
+      'AWS_CONFIG_FILE', 'AWS_STS_REGIONAL_ENDPOINTS', 'AWS_ENDPOINT_URL_S3', 'AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED', 'HTTPS_PROXY', 'no_proxy',
+      'SSL_CERT_FILE', 'NODE_EXTRA_CA_CERTS', 'SERVING_NAMESPACE', 'SERVING_POD', 'MODEL_DIR', 'OMP_NUM_THREADS', 'HF_HOME', 'TZ', 'USER', 'SHELL', 'CI'];
+    expect(misspelledVariables(Object.fromEntries(pod.map((k) => [k, 'x'])))).toEqual([]);
+    expect(misspelledVariables(Object.fromEntries(VARIABLES.map((k) => [k, 'x'])))).toEqual([]);
+  });
+
+  it('VARIABLES holds every variable config.ts reads', () => {
+    const src = readFileSync(path.join(import.meta.dirname, '..', 'src', 'config.ts'), 'utf8');
+    const read = new Set([...src.matchAll(/\b\w+\('([A-Z][A-Z0-9_]+)'/g)].map((m) => m[1]!));
+    expect(read.size).toBeGreaterThan(50);
+    expect([...read].filter((n) => !VARIABLES.includes(n))).toEqual([]);
+  });
+
+  it('the server starts with them and logs one warning each, naming both variables and never the value', async () => {
+    const srv = await startServer({ STORAGE_URI: undefined, LORA_URL: 's3://loras/SECRET-PATH', max_queue: '4' });
+    try {
+      const warned = srv.logs.filter((l) => l.level === 'warn' && ['LORA_URL', 'max_queue'].includes(l.variable as string));
+      expect(warned.map((l) => l.msg)).toEqual([
+        'LORA_URL is not a variable the runtime reads, so its value is not used: did you mean LORA_URI?',
+        'max_queue is not a variable the runtime reads, so its value is not used: did you mean MAX_QUEUE?',
+      ]);
+      expect(JSON.stringify(srv.logs)).not.toContain('SECRET-PATH');
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it('the warm-up Job warns as the server does, on stderr beside its progress', async () => {
+    const model = await ensureDemoModel(sharedCacheDir());
+    const r = spawnSync(process.execPath, [path.join(import.meta.dirname, '..', 'dist', 'warmup', 'main.js')], { encoding: 'utf8', timeout: 60_000,
+      env: { ...process.env, STORAGE_URI: model, MODEL_CACHE_DIR: sharedCacheDir(), LORA_URL: 's3://loras/SECRET-PATH' } });
+    expect(r.status).toBe(0);
+    const warned = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.variable === 'LORA_URL');
+    expect(warned.map((l) => [l.level, l.msg])).toEqual([['warn', 'LORA_URL is not a variable the runtime reads, so its value is not used: did you mean LORA_URI?']]);
+    expect(r.stderr + r.stdout).not.toContain('SECRET-PATH');
   });
 });
 

@@ -9,7 +9,7 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { type Config, ConfigError, loadConfig, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
+import { type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
@@ -41,6 +41,7 @@ async function warm(signal: AbortSignal): Promise<void> {
   const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
   const trimmed = trimCredentials();
   if (trimmed.length > 0) log.warn({ variables: trimmed }, TRIMMED_CREDENTIALS);
+  for (const m of misspelledVariables(process.env)) log.warn(m, misspelledWarning(m));
   let last = 0;
   let latest: FetchProgress | undefined;
   const print = (p: FetchProgress) => process.stderr.write(`warmup: ${progressLine(p)}\n`);
