@@ -218,9 +218,12 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     }
     return v;
   };
-  /** `r` as an integer from min to max, else undefined. */
+  /**
+   * `r` as an integer from min to max, else undefined. A whole number in decimal or exponent form counts: Helm prints
+   * an integer from values.yaml as a float, so 1048576 arrives as "1.048576e+06" and 8080 may come as "8080.0".
+   */
   const intIn = (r: string, min: number, max: number): number | undefined => {
-    const v = /^[+-]?\d+$/.test(r) ? Number(r) : NaN;
+    const v = DECIMAL.test(r) ? Number(r) : NaN;
     return Number.isSafeInteger(v) && v >= min && v <= max ? v : undefined;
   };
   const int = (k: string, dflt: number, min: number, max = Number.MAX_SAFE_INTEGER): number => {

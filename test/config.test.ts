@@ -162,6 +162,14 @@ describe('loadConfig', () => {
     expect(loadConfig({ REQUEST_TIMEOUT_S: '1e2', RESULT_CACHE_MB: '.5', SHUTDOWN_GRACE_S: '+7.5' })).toMatchObject({ requestTimeoutS: 100, resultCacheMb: 0.5, shutdownGraceS: 7.5 });
   });
 
+  it('takes an integer as Helm prints one from values.yaml, a float: 1048576 as "1.048576e+06"; a fraction is still refused', () => {
+    const c = loadConfig({ MAX_BODY_BYTES: '1.048576e+06', S3_PART_SIZE: '8.388608e+06', PORT: '8080.0', MAX_QUEUE: '1e+02', GPUS: '2.0', MAX_CONNECTIONS: '1e+06' });
+    expect([c.maxBodyBytes, c.s3.partSize, c.port, c.maxQueue, c.gpus, c.maxConnections]).toEqual([1048576, 8388608, 8080, 100, 2, 1000000]);
+    expect(() => loadConfig({ MAX_BODY_BYTES: '1.0485765e+06' })).toThrow('MAX_BODY_BYTES must be an integer from 1024 to 1073741824, got "1.0485765e+06"');
+    expect(() => loadConfig({ WORKERS: '1.5' })).toThrow('WORKERS must be an integer from 1 to 64, got "1.5"');
+    expect(() => loadConfig({ PORT: '0x1F90' })).toThrow('PORT must be an integer from 0 to 65535, got "0x1F90"');
+  });
+
   it('HOST is a name or address alone: a port, brackets or a scheme there is named at start (the listen failed with ENOTFOUND)', () => {
     for (const host of ['0.0.0.0', '::', '127.0.0.1', 'localhost', 'fe80::1%eth0']) expect(loadConfig({ HOST: host }).host).toBe(host);
     for (const host of ['0.0.0.0:8080', 'localhost:', '[::]', '[::]:8080', 'http://0.0.0.0', 'my host']) {
