@@ -20,9 +20,9 @@ let holder: ChildProcess;
 
 const keyOf = (v: number) => cacheKey(parseStorageUri(`s3://models/m/v${v}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
 
-function cli(args: string[]): Promise<{ code: number | null; out: Array<Record<string, unknown>>; stdout: string; stderr: string }> {
+function cli(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; out: Array<Record<string, unknown>>; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, 'cache', ...args], { env: { PATH: process.env.PATH ?? '', ...s3Env(s3.endpoint, cache) }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [CLI, 'cache', ...args], { env: { PATH: process.env.PATH ?? '', ...s3Env(s3.endpoint, cache), ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c) => (stdout += c));
@@ -125,5 +125,12 @@ describe('warmup cache', () => {
       const r = await cli([...args]);
       expect([r.code, r.stderr.split('\n')[0]]).toEqual([2, `warmup: ${msg}`]);
     }
+  });
+
+  it('names a variable that looks like one of ours mistyped, as the fill does, never its value: the cache it meant is not the one listed', async () => {
+    const r = await cli(['list'], { model_cache_dir: path.join(tmp, 'elsewhere') });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr.split('\n')[0]).toBe('warmup: model_cache_dir is not a variable the runtime reads, so its value is not used: did you mean MODEL_CACHE_DIR?');
+    expect(r.stderr).not.toContain('elsewhere');
   });
 });

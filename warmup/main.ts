@@ -69,6 +69,11 @@ async function warm(signal: AbortSignal): Promise<void> {
   }
 }
 
+/** For the commands an operator runs by hand: the warnings the fill logs (misspelledVariables), as plain lines. */
+function warnMisspelled(): void {
+  for (const m of misspelledVariables(process.env)) process.stderr.write(`warmup: ${misspelledWarning(m)}\n`);
+}
+
 async function push(args: string[], signal: AbortSignal): Promise<void> {
   const replace = args.includes('--replace');
   const unknown = args.find((a) => a.startsWith('--') && a !== '--replace');
@@ -77,6 +82,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
   if (extra !== undefined) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${JSON.stringify(extra)}`);
   const cfg = loadConfig();
+  warnMisspelled();
   trimCredentials();
   const src = argUri('push target', uri);
   if (src.kind !== 's3') throw new UsageError(`push target must be s3://bucket/prefix, got ${JSON.stringify(uri)}`);
@@ -229,6 +235,7 @@ function parseAge(v: string): number {
 async function cache(args: string[]): Promise<void> {
   const [sub, ...rest] = args;
   const cfg = loadConfig();
+  warnMisspelled();
   const summary = (entries: readonly CacheEntry[]) => `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, ${mb(entries.reduce((n, e) => n + e.bytes, 0))} MB, ${entries.filter(inUse).length} in use`;
   if (sub === 'list') {
     if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${JSON.stringify(rest[0])}`);
