@@ -171,12 +171,12 @@ function logStartWarnings(log: Logger, variables: readonly string[], cfg: Readon
  * the listening socket: `listen(rt)` serves it, `bootRuntime(rt)` (runtime/boot-sequence.ts) boots it, `rt.close()`
  * ends it. Its workers start when it boots, unless `workers` are given.
  */
-export async function createRuntime(cfg: Readonly<Config>, opts: { log?: Logger; workers?: SpawnedWorker[] } = {}): Promise<Runtime> {
+export async function createRuntime(cfg: Readonly<Config>, opts: { log?: Logger; workers?: SpawnedWorker[]; progressLogMs?: number } = {}): Promise<Runtime> {
   const trimmed = applyProcessDefaults();
   const [{ Runtime }, { createLogger }] = await Promise.all([import('./runtime/runtime.js'), import('./log.js')]);
   const log = opts.log ?? createLogger(cfg.logLevel);
   logStartWarnings(log, trimmed, cfg);
-  return new Runtime(cfg, log, opts.workers ? { workers: opts.workers } : {});
+  return new Runtime(cfg, log, { ...(opts.workers ? { workers: opts.workers } : {}), ...(opts.progressLogMs ? { progressLogMs: opts.progressLogMs } : {}) });
 }
 
 type Wiring = Awaited<ReturnType<typeof serverModules>>;

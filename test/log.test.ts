@@ -1,10 +1,12 @@
 /**
  * The log's redaction of credentials, on the logger the runtime uses: an S3 error left unwrapped (a defect) must not
- * print the signed request S3's SignatureDoesNotMatch answer carries, nor the access key id.
+ * print the signed request S3's SignatureDoesNotMatch answer carries, nor the access key id. A long boot's progress lines.
  */
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
+import { holdWorker, startRuntime } from './helpers/runtime.js';
+import { until } from './helpers/server.js';
 
 function capture() {
   const lines: string[] = [];
@@ -39,5 +41,24 @@ describe('log redaction', () => {
     const line = JSON.parse(lines[0]!) as { err: Record<string, unknown> };
     // What helps, kept: the code, the message, the request id.
     expect([line.err.Code, line.err.RequestId, line.err.CanonicalRequest]).toEqual(['SignatureDoesNotMatch', 'R1', '***']);
+  });
+});
+
+describe('a long boot', () => {
+  it('a load or warm-up that takes long logs where it is at each interval (a download does), and stops once it has moved on', async () => {
+    // The worker never answers the warm-up generation: the boot stays in warming.
+    const h = await startRuntime({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'off' }, { workers: [holdWorker()], progressLogMs: 50 });
+    const still = () => h.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('boot still'));
+    try {
+      await h.waitFor('state', (d) => d.state === 'warming');
+      const warming = () => still().filter((l) => l.state === 'warming');
+      await until(() => warming().length >= 2, 10_000);
+      expect(warming()[0]).toMatchObject({ level: 'info', msg: 'boot still warming', seconds: expect.any(Number), sessions: expect.any(Object) });
+    } finally {
+      await h.stop(0);
+    }
+    const after = still().length;
+    await new Promise((r) => setTimeout(r, 300));
+    expect(still()).toHaveLength(after);
   });
 });

@@ -12,7 +12,7 @@ import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Runtime as RuntimeType } from '../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
-import { metric, startRuntime } from './helpers/runtime.js';
+import { holdWorker, metric, startRuntime } from './helpers/runtime.js';
 import { postJson, until } from './helpers/server.js';
 
 const dist = (p: string) => path.resolve('dist/src', p);
@@ -38,18 +38,6 @@ async function start(workers: number, o: { hold?: boolean } = {}): Promise<Start
   const spawned = o.hold ? [holdWorker()] : spawnWorkers(loadConfig(env));
   const h = await startRuntime(env, { ready: true, workers: spawned });
   return { rt: h.rt, workers: spawned, url: h.url };
-}
-
-function holdWorker(): SpawnedWorker {
-  const worker = new Worker(path.resolve('test/helpers/hold-worker.mjs'));
-  return {
-    worker,
-    attach(onMessage, onError, onExit) {
-      worker.on('message', onMessage);
-      worker.on('error', onError);
-      worker.on('exit', onExit);
-    },
-  };
 }
 
 const ready = async (url: string) => (await fetch(`${url}/v2/health/ready`)).status;

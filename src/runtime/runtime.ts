@@ -17,6 +17,7 @@ import type { SpawnedWorker } from './workers.js';
 import { createImageSource, type ImageSource } from './image-source.js';
 import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
+import { PROGRESS_LOG_MS } from '../storage/fetch.js';
 
 /**
  * How long close() waits, at most, for the aborts of multipart uploads that failed output_uri uploads left (a pod's
@@ -31,6 +32,8 @@ export interface RuntimeOptions {
   workers?: SpawnedWorker[];
   /** The emitter `main` made with the logger, which the boot's fetch emitted on before this runtime existed. */
   events?: BootEvents;
+  /** How often a long load or warm-up logs where it is (default PROGRESS_LOG_MS, as a download). */
+  progressLogMs?: number;
 }
 
 /** The HTTP server `main` wired in: close() stops its listening socket first and its last connections at the end. */
@@ -78,6 +81,7 @@ export class Runtime {
     this.metrics = createMetrics();
     this.events = opts.events ?? new BootEvents(log);
     this.boot = new Boot(cfg.modelName, (c, msg, level) => this.events.emit('state', c, msg, level), this.metrics);
+    this.#logProgress(opts.progressLogMs ?? PROGRESS_LOG_MS);
     this.engine = new Engine(cfg, log, this.metrics, {
       onImported: (ms, randn) => log.info({ ms: Math.round(ms), randn }, 'onnxruntime-node imported'),
       onSession: (component, provider, ms, optimizedCache, thread) => {
@@ -96,6 +100,26 @@ export class Runtime {
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
     this.images = createImageSource(this.#requestS3, cfg);
     this.inputBudget = new InputBudget(cfg.inputImagesMb * 1024 * 1024);
+  }
+
+  /**
+   * While the boot loads or warms up, a line every `everyMs` with the time so far and the sessions made, as a download
+   * logs its progress: a large UNet's session on the CPU (30-45 s) or a CPU warm-up is otherwise a silence that looks hung.
+   */
+  #logProgress(everyMs: number): void {
+    let timer: NodeJS.Timeout | undefined;
+    this.events.on((e) => {
+      if (e.name !== 'state') return;
+      clearInterval(timer);
+      const { state } = e.data;
+      if (state !== 'loading' && state !== 'warming') return;
+      const since = performance.now();
+      timer = setInterval(() => {
+        const seconds = Math.round((performance.now() - since) / 1000);
+        this.log.info({ state, seconds, sessions: { ...this.boot.progress.sessions } }, `boot still ${state}`);
+      }, everyMs);
+      timer.unref();
+    });
   }
 
   /** True from the start of close(): readiness is false and new work gets 503. */

@@ -5,6 +5,7 @@
  * Signals, exit codes, stderr and the cold start's order need a process of their own: helpers/server.ts.
  */
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 import type { BootEvent, BootEventMap, BootEventName } from '../../src/runtime/boot-events.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../../src/runtime/workers.js';
@@ -40,9 +41,9 @@ export interface RuntimeHandle {
 /**
  * A runtime on loopback port 0 with `env` as its environment (the test process's, with these changes; `undefined`
  * removes a variable, as for a spawned server). `ready`: returns once it is ready. `workers`: stand-ins for the
- * pipeline workers it would spawn.
+ * pipeline workers it would spawn. `progressLogMs`: how often a long load or warm-up logs where it is.
  */
-export async function startRuntime(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number; workers?: SpawnedWorker[] } = {}): Promise<RuntimeHandle> {
+export async function startRuntime(env: Record<string, string | undefined> = {}, opts: { ready?: boolean; timeoutMs?: number; workers?: SpawnedWorker[]; progressLogMs?: number } = {}): Promise<RuntimeHandle> {
   const [{ loadConfig }, { createLogger }, { createRuntime, listen }, { bootRuntime }] = await Promise.all([
     import(dist('config.js')) as Promise<typeof import('../../src/config.js')>,
     import(dist('log.js')) as Promise<typeof import('../../src/log.js')>,
@@ -59,7 +60,7 @@ export async function startRuntime(env: Record<string, string | undefined> = {},
 
   const logs: LogLine[] = [];
   const log = createLogger(cfg.logLevel, 'diffusers-runtime', { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
-  const rt = await createRuntime(cfg, { log, ...(opts.workers ? { workers: opts.workers } : {}) });
+  const rt = await createRuntime(cfg, { log, ...(opts.workers ? { workers: opts.workers } : {}), ...(opts.progressLogMs ? { progressLogMs: opts.progressLogMs } : {}) });
   const events: BootEvent[] = [];
   const waiters = new Set<(e: BootEvent) => void>();
   rt.events.on((e) => {
@@ -138,4 +139,20 @@ export async function metric(s: Pick<RuntimeHandle, 'url'>, name: string, labels
     sum += Number(m[3]);
   }
   return sum;
+}
+
+/**
+ * A pipeline worker that loads nothing and holds every generation it is given, warm-up included (helpers/hold-worker.mjs):
+ * for startRuntime's `workers`.
+ */
+export function holdWorker(): SpawnedWorker {
+  const worker = new Worker(path.join(ROOT, 'test', 'helpers', 'hold-worker.mjs'));
+  return {
+    worker,
+    attach(onMessage, onError, onExit) {
+      worker.on('message', onMessage);
+      worker.on('error', onError);
+      worker.on('exit', onExit);
+    },
+  };
 }
