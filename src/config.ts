@@ -162,6 +162,9 @@ const CACHE_EVICT: readonly CacheEvict[] = ['lru', 'off'];
 /** Seconds a Node timer can wait: a longer one fires at once (TimeoutOverflowWarning), so every request would time out. */
 const MAX_TIMER_S = Math.floor((2 ** 31 - 1) / 1000);
 
+/** `$(NAME)` (Kubernetes' env references), `${NAME}` (shell, envsubst), `{{…}}` (Go templates: KServe, Helm). */
+const UNEXPANDED = /\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\{\{[^{}]{0,80}\}\}/;
+
 /** A decimal number as a manifest writes one (an exponent allowed); no hexadecimal, binary or octal. */
 const DECIMAL = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
 
@@ -205,16 +208,32 @@ function listenHost(v: string | undefined, bad: string[]): string {
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
 export function loadConfig(env: Env = process.env): Readonly<Config> {
   const bad: string[] = [];
-  const quoted = new Set<string>();
+  /** Variables already named for their quotes or an unexpanded reference (raw may read one twice). */
+  const refused = new Set<string>();
+  const refuse = (k: string, problem: string): undefined => {
+    if (!refused.has(k)) bad.push(problem);
+    refused.add(k);
+    return undefined;
+  };
   const raw = (k: string): string | undefined => {
     const v = env[k]?.trim();
     if (v === undefined || v === '') return undefined;
     // `value: '"s3://b/p"'` in YAML (or a quoted line in an env file) keeps the quotes: no variable here takes them,
     // and kept they would make a local path of a URI, a host of `"http`, a region S3 refuses to sign for.
     if (v.length >= 2 && (v[0] === '"' || v[0] === "'") && v.at(-1) === v[0]) {
-      if (!quoted.has(k)) bad.push(`${k} is wrapped in quotes, got ${v[0]}${maskUri(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
-      quoted.add(k);
-      return undefined;
+      return refuse(k, `${k} is wrapped in quotes, got ${v[0]}${maskUri(v.slice(1, -1))}${v[0]}: remove them (in YAML, quotes inside a quoted value are part of it)`);
+    }
+    // A reference nothing expanded reaches S3 or the server as text: s3://models/$(MODEL_NAME) lists a prefix that
+    // does not exist. Only the reference is shown, not the value around it.
+    const ref = UNEXPANDED.exec(v);
+    if (ref !== null) {
+      const [text, k8s, shell] = ref;
+      const why = k8s !== undefined
+        ? `Kubernetes expands $(${k8s}) only from a variable set before it (envFrom, or env entries above ${k}): set ${k8s} there, or write the value`
+        : shell !== undefined
+          ? `a shell or envsubst placeholder left in the manifest: render it (make render) or write the value`
+          : 'a template placeholder nothing rendered: write the value';
+      return refuse(k, `${k} holds ${text}, a reference nothing expanded; ${why}`);
     }
     return v;
   };

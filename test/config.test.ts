@@ -177,6 +177,26 @@ describe('loadConfig', () => {
     }
   });
 
+  it("a reference nothing expanded ($(VAR) Kubernetes left, ${VAR}, {{.Name}}) is named at start, showing the reference only", () => {
+    let err: unknown;
+    try {
+      loadConfig({ STORAGE_URI: 's3://models/$(MODEL_NAME)', AWS_S3_ENDPOINT: '${S3_ENDPOINT_URL}', MODEL_NAME: '{{.Name}}', LORA_URI: 's3://KEY:SECRET@b/$(X)', LOG_LEVEL: '$(LEVEL)' });
+    } catch (e) {
+      err = e;
+    }
+    const k8s = (v: string, k: string) => `${k} holds $(${v}), a reference nothing expanded; Kubernetes expands $(${v}) only from a variable set before it (envFrom, or env entries above ${k}): set ${v} there, or write the value`;
+    expect((err as ConfigError).problems).toEqual([
+      'MODEL_NAME holds {{.Name}}, a reference nothing expanded; a template placeholder nothing rendered: write the value',
+      'AWS_S3_ENDPOINT holds ${S3_ENDPOINT_URL}, a reference nothing expanded; a shell or envsubst placeholder left in the manifest: render it (make render) or write the value',
+      k8s('MODEL_NAME', 'STORAGE_URI'),
+      // Read twice (Python's level names first), named once.
+      k8s('LEVEL', 'LOG_LEVEL'),
+      k8s('X', 'LORA_URI'),
+    ]);
+    // A '$' alone is no reference.
+    expect(loadConfig({ CE_TYPE: 'com.example.$image', STORAGE_URI: 's3://models/sd$1' })).toMatchObject({ ceType: 'com.example.$image', storageUri: 's3://models/sd$1' });
+  });
+
   it('INPUT_URI_PREFIXES: none by default (s3:// inputs refused); s3://bucket[/prefix] entries; every bad one named at boot', () => {
     expect(loadConfig({}).inputUriPrefixes).toEqual([]);
     const c = loadConfig({ INPUT_URI_PREFIXES: ' s3://inputs/team-a/ , s3://shared,S3://Pics/in ' });
