@@ -3,7 +3,7 @@
  * the bounded queue, cancellation of queued work, output formats, the result cache, output_uri to S3.
  */
 import net from 'node:net';
-import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { GetObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
@@ -357,6 +357,36 @@ describe('formats, result cache, output_uri', () => {
     const many = await predict(srv, { ...inst, num_images_per_prompt: 2, output_format: 'webp', output_uri: 's3://out/run/many.webp' });
     expect(preds(many.json).map((p) => [p.image.uri, p.seed])).toEqual([['s3://out/run/many-0.webp', 8], ['s3://out/run/many-1.webp', 9]]);
     expect((await sharp(await get('run/many-1.webp')).metadata()).format).toBe('webp');
+  });
+
+  it('refuses instances that would write one object twice (the last upload replaced the first), V2 prompts that share parameters.output_uri too', async () => {
+    const base = { num_inference_steps: 2, height: 64, width: 64, seed: 3 };
+    const images0 = await metric(srv, 'images_generated_total');
+    const same = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [
+      { ...base, prompt: 'a', output_uri: 's3://out/same/a.png' },
+      { ...base, prompt: 'b', output_uri: 'S3://out/same/a.png' },
+    ] });
+    expect([same.status, same.json.error]).toEqual([400, 'instances[0].output_uri and instances[1].output_uri both write s3://out/same/a.png; each image needs an object of its own']);
+    // Several images go to <stem>-<i>: the second image of the first instance is the second instance's key.
+    const numbered = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [
+      { ...base, prompt: 'a', num_images_per_prompt: 2, output_uri: 's3://out/same/m.png' },
+      { ...base, prompt: 'b', output_uri: 's3://out/same/m-1.png' },
+    ] });
+    expect([numbered.status, numbered.json.error]).toEqual([400, 'instances[0].output_uri and instances[1].output_uri both write s3://out/same/m-1.png; each image needs an object of its own']);
+    const v2 = (output: Record<string, unknown>) => postJson(`${srv.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['a', 'b'] }, ...('data' in output ? [output] : [])],
+      parameters: { ...base, ...('data' in output ? {} : output) },
+    });
+    const shared = await v2({ output_uri: 's3://out/same/v2.png' });
+    expect([shared.status, shared.json.error]).toEqual([400, 'parameters.output_uri writes s3://out/same/v2.png for both prompt[0] and prompt[1]; each image needs an object of its own: give one output_uri per prompt']);
+    expect(await metric(srv, 'images_generated_total')).toBe(images0);
+    const listed = async () => (await s3.client.send(new ListObjectsV2Command({ Bucket: 'out', Prefix: 'same/' }))).Contents?.map((c) => c.Key) ?? [];
+    expect(await listed()).toEqual([]);
+    // One key per prompt, as a BYTES input: each image its object.
+    const each = await v2({ name: 'output_uri', shape: [2], datatype: 'BYTES', data: ['s3://out/same/v2-a.png', 's3://out/same/v2-b.png'] });
+    expect(each.status).toBe(200);
+    expect((each.json.outputs as Array<{ name: string; data: unknown[] }>).find((o) => o.name === 'image')!.data).toEqual(['s3://out/same/v2-a.png', 's3://out/same/v2-b.png']);
+    expect(await listed()).toEqual(['same/v2-a.png', 'same/v2-b.png']);
   });
 
   it('never writes through a key with dot segments: s3rver resolves out/../loras/x to loras/x, an adapter of LORA_URI', async () => {

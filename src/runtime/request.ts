@@ -340,10 +340,39 @@ export function parseInstances(instances: unknown, ctx: ParseContext, where = 'i
   if (bad.length === 0 && images > ctx.cfg.maxImagesPerRequest) {
     bad.push(`a request may ask for at most ${ctx.cfg.maxImagesPerRequest} images, got ${images}`);
   }
+  if (bad.length === 0) sharedOutputKeys(out, where, relabel, bad);
   // Relabelled, a value every instance shares (V2's parameters) is one problem, not one per instance.
   if (relabel) bad = [...new Set(bad)];
   if (bad.length > 0) throw new RuntimeError('INVALID_INPUT', joinProblems(bad));
   return out;
+}
+
+/**
+ * Instances whose output_uri writes an object another instance writes too: both would upload to it, the last one
+ * replacing the first, and the answer would name one object for two images. Also a V2 `parameters.output_uri` that
+ * every prompt takes.
+ */
+function sharedOutputKeys(reqs: readonly GenerationRequest[], where: string, relabel: ((problem: string, index: number) => string) | undefined, bad: string[]): void {
+  const writer = new Map<string, number>();
+  reqs.forEach((r, i) => {
+    const at = r.output.uri === undefined ? undefined : parseS3Object(r.output.uri);
+    if (at === undefined) return;
+    const n = r.items.reduce((k, it) => k + it.numImages, 0);
+    for (const key of outputKeys(at.key, n, r.output.format)) {
+      // Bucket and key, not the URI as sent: the scheme's case is free (S3://).
+      const object = `s3://${at.bucket}/${key}`;
+      const first = writer.get(object);
+      if (first === undefined) {
+        writer.set(object, i);
+        continue;
+      }
+      const [a, b] = [first, i].map((j) => (relabel ?? ((t: string) => t))(`${where}[${j}].output_uri`, j));
+      bad.push(a === b
+        ? `${a} writes ${object} for both ${where}[${first}] and ${where}[${i}]; each image needs an object of its own: give one output_uri per ${where}`
+        : `${a} and ${b} both write ${object}; each image needs an object of its own`);
+      return;
+    }
+  });
 }
 
 function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[], previews: boolean): GenerationRequest | undefined {
