@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { pngSize, postJson, until } from './helpers/server.js';
-import { REQUEST_WAIT_MS } from '../src/server/ws.js';
+import { HEARTBEAT_MS, REQUEST_WAIT_MS } from '../src/server/ws.js';
 
 /** A minimal RFC 6455 client (text frames, close, ping): enough to test the server without a dependency. */
 interface Ws {
@@ -25,6 +25,7 @@ function connect(port: number, path: string): Promise<Ws> {
     let buf = Buffer.alloc(0);
     let upgraded = false;
     const messages: Array<Record<string, unknown>> = [];
+    const text: Buffer[] = [];
     const waiters: Array<() => void> = [];
     let closeInfo: ((c: { code: number; reason: string }) => void) | undefined;
     const closed = new Promise<{ code: number; reason: string }>((r) => (closeInfo = r));
@@ -71,8 +72,13 @@ function connect(port: number, path: string): Promise<Ws> {
         }
         if (buf.length < o + len) return;
         const payload = buf.subarray(o, o + len);
+        const fin = (buf[0]! & 0x80) !== 0;
         buf = buf.subarray(o + len);
-        if (op === 1) messages.push(JSON.parse(payload.toString()) as Record<string, unknown>);
+        // A text message may come in fragments: a text frame, then continuation frames (opcode 0), the last with FIN.
+        if (op === 1 || op === 0) {
+          text.push(Buffer.from(payload));
+          if (fin) messages.push(JSON.parse(Buffer.concat(text.splice(0)).toString()) as Record<string, unknown>);
+        }
         else if (op === 9) frame(10, Buffer.from(payload));
         else if (op === 8) {
           gotClose = true;
@@ -232,6 +238,61 @@ describe('WebSocket stream', () => {
     console.log(`slow reader: ${steps.length}/${of} progress and ${previews}/${of} previews delivered, ${dropped} dropped`);
     // Every step's two messages were either delivered or counted as dropped.
     expect(steps.length + previews + dropped).toBe(2 * of);
+  });
+});
+
+describe('WebSocket results larger than a slow client reads in 30 s', () => {
+  // 4 images at 1024x1024 from the demo model: 15 MB of base64, several times what loopback's kernel buffers take in
+  // while the client reads nothing, so most of it waits in the server's process.
+  const large = { prompt: 'large result', num_inference_steps: 1, height: 1024, width: 1024, num_images_per_prompt: 4 };
+
+  /**
+   * The server's timers (ws's close-handshake timeout, the heartbeat) on the test's clock, which also runs on by itself;
+   * `fn` gets a socket that reads nothing, once its result is queued.
+   */
+  async function withQueuedResult(seed: number, fn: (ws: Ws) => Promise<void>): Promise<void> {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'setInterval', 'clearInterval'], shouldAdvanceTime: true });
+    try {
+      const answered = () => srv.logs.filter((l) => l.msg === 'inference request' && l.route === '/v1/models/model/stream').length;
+      const before = answered();
+      const ws = await stream();
+      ws.sock.pause();
+      ws.send(JSON.stringify({ ...large, seed }));
+      // The request is logged as the result is queued.
+      await until(() => answered() > before, 60_000, 25);
+      await fn(ws);
+    } finally {
+      vi.useRealTimers();
+    }
+  }
+
+  it('gives a client that reads it slowly, past 30 s and two heartbeats, all of it and close 1000', async () => {
+    await withQueuedResult(21, async (ws) => {
+      // ws ends a close handshake 30 s after it begins: begun with the result queued, that cut the result mid-message.
+      await vi.advanceTimersByTimeAsync(HEARTBEAT_MS);
+      // Some read between two heartbeats, none of its pong yet (queued behind the result): still a client that reads.
+      ws.sock.resume();
+      const read = ws.sock.bytesRead;
+      await until(() => ws.sock.bytesRead > read + 2 ** 21, 20_000, 5);
+      ws.sock.pause();
+      await vi.advanceTimersByTimeAsync(HEARTBEAT_MS);
+      ws.sock.resume();
+      expect(await ws.closed).toEqual({ code: 1000, reason: 'done' });
+      const images = ws.messages.find((m) => m.type === 'result')?.images as Array<{ b64: string }> | undefined;
+      expect(images?.map((i) => pngSize(Buffer.from(i.b64, 'base64')))).toEqual(Array(4).fill({ width: 1024, height: 1024 }));
+    });
+  });
+
+  it('drops a client that reads nothing of it by the second heartbeat, though it pings: the result is not held for it', async () => {
+    await withQueuedResult(22, async (ws) => {
+      // A ping while this much is queued stops the server reading (a ping flood): that must not keep it either.
+      const mask = randomBytes(4);
+      ws.sock.write(Buffer.concat([Buffer.from([0x89, 0x80 | 4]), mask, Buffer.from(Buffer.from('ping').map((b, i) => b ^ mask[i % 4]!))]));
+      await vi.advanceTimersByTimeAsync(2 * HEARTBEAT_MS);
+      ws.sock.resume();
+      expect((await ws.closed).code).toBe(1006);
+      expect(ws.messages.filter((m) => m.type === 'result')).toEqual([]);
+    });
   });
 });
 

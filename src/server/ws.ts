@@ -5,8 +5,8 @@
  *          ◄── {"type":"accepted","seed":s}
  *          ◄── {"type":"progress","step":i,"of":n}          (dropped while the client is slow)
  *          ◄── {"type":"preview","step":i,"png_b64":…}       (every k steps; dropped while the client is slow)
- *          ◄── {"type":"result","images":[{b64|uri,seed,format,width,height}]}   (never dropped)
- *          ◄── close 1000
+ *          ◄── {"type":"result","images":[{b64|uri,seed,format,width,height}]}   (never dropped; fragmented past 64 KiB)
+ *          ◄── close 1000, once the result has left this process
  *   errors: {"type":"error","code":…,"error":…} then close 4000+HTTP status (4400, 4404, 4408, 4499, 4500, 4503).
  *   a message while the generation runs: one {"type":"error","code":"INVALID_INPUT",…} without a close; it goes on.
  *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009; pings are
@@ -28,10 +28,12 @@ import { errorReply, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
 export const PROGRESS_BUFFER_LIMIT = 128 * 1024;
+/** A result larger than this goes out as a fragmented text message (RFC 6455 5.4) of frames this size. */
+export const RESULT_FRAGMENT_BYTES = 64 * 1024;
 /** The request message must arrive this soon after the upgrade (close 4408 otherwise). */
 export const REQUEST_WAIT_MS = 120_000;
-/** A ping this often; a client that has not answered the previous one by then is gone. */
-const HEARTBEAT_MS = 30_000;
+/** A ping this often; a client that has neither answered the previous one nor read anything since is gone. */
+export const HEARTBEAT_MS = 30_000;
 
 interface Conn {
   name: string;
@@ -41,6 +43,8 @@ interface Conn {
   /** A message after the request was answered with an error (once). */
   toldOne: boolean;
   alive: boolean;
+  /** ws.bufferedAmount at the last heartbeat: less now means the client is taking what is queued for it. */
+  queued: number;
   gone: AbortController;
   t0: number;
   timers: NodeJS.Timeout[];
@@ -65,7 +69,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   });
 
   function open(ws: WebSocket, name: string): void {
-    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, gone: new AbortController(), t0: 0, timers: [] };
+    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [] };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
     // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
@@ -100,8 +104,12 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
         if (!c.started) fail(ws, c, new RuntimeError('REQUEST_TIMEOUT', `no request message within ${REQUEST_WAIT_MS / 1000} s of the upgrade`));
       }, REQUEST_WAIT_MS),
       setInterval(() => {
-        // While reading is paused (ping flood), the client's pongs are unread too: not a sign it is gone.
-        if (ws.readyState !== ws.OPEN || ws.isPaused) return;
+        if (ws.readyState !== ws.OPEN) return;
+        // A client still taking a large result over a slow link is alive: its pong waits behind those bytes. So is one
+        // whose pongs go unread while reading is paused (ping flood), as long as it takes what is sent.
+        const queued = ws.bufferedAmount;
+        if (queued < c.queued) c.alive = true;
+        c.queued = queued;
         if (!c.alive) return void ws.terminate();
         c.alive = false;
         ws.ping();
@@ -150,8 +158,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
       const results = await generateWithImages(ctx, reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
-      critical(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }));
-      closeWith(ws, c, 1000, 'done');
+      last(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }), 1000, 'done');
     } catch (err) {
       status = isRuntimeError(err) ? httpStatus(err.code) : 500;
       if (c.closed && status === 499) return void record(499, c);
@@ -190,6 +197,25 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     if (c.closed || c.closing) return;
     c.closing = true;
     ws.close(code, reason);
+  }
+
+  /**
+   * The connection's last message, then its close once that message has left this process. ws ends a close handshake
+   * 30 s after it begins, whatever is still queued: begun with the result queued, a client that needed longer to read
+   * it (4 images at 1024x1024 are 15 MB) lost it mid-message. Until then the heartbeat bounds a client that reads
+   * nothing; sent in fragments, the bytes still queued fall as the client reads, which the heartbeat takes as alive.
+   */
+  function last(ws: WebSocket, c: Conn, msg: string, code: number, reason: string): void {
+    if (c.closed || c.closing) return;
+    c.closing = true;
+    const bytes = Buffer.from(msg);
+    for (let at = 0; at === 0 || at < bytes.length; at += RESULT_FRAGMENT_BYTES) {
+      const fin = at + RESULT_FRAGMENT_BYTES >= bytes.length;
+      const sent = (err?: Error | null) => {
+        if (!err && ws.readyState === ws.OPEN) ws.close(code, reason);
+      };
+      ws.send(bytes.subarray(at, at + RESULT_FRAGMENT_BYTES), { binary: false, fin }, fin ? sent : undefined);
+    }
   }
 
   function fail(ws: WebSocket, c: Conn, err: unknown): void {
