@@ -194,6 +194,21 @@ describe('output_uri', () => {
     }
   });
 
+  it('one image refused while another is still on its way: the error waits for that one and names it as written', async () => {
+    const { requestS3, out } = store();
+    try {
+      // The first image crosses a slow link (256 KiB at 256 KiB/s); the second is refused at once.
+      proxy.faults = { slowPuts: { keys: /^out\/pair-0/, bytesPerSecond: 256 * 1024 }, failPuts: { keys: /^out\/pair-1/, every: { status: 403, code: 'AccessDenied' } } };
+      const images = [png(6, 256 * 1024), png(7)];
+      const err = await rejection(out.upload('s3://models/out/pair.png', images));
+      expect([err.code, err.message]).toEqual(['STORAGE_DENIED', "output_uri: access denied writing s3://models/out/pair-1.png (AccessDenied); check the server's S3 credentials and the bucket policy; of the request's other images, s3://models/out/pair-0.png was written"]);
+      // Written before the answer: it used to land after it, under an error that said no image was stored.
+      expect((await object('out/pair-0.png')).equals(Buffer.from(images[0]!.data))).toBe(true);
+    } finally {
+      requestS3.destroy();
+    }
+  });
+
   it('an upload cancelled while its parts are retried: it fails CANCELLED, no part is sent again, and its multipart upload is aborted', async () => {
     const { requestS3, out } = store();
     try {

@@ -55,7 +55,10 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
       const note = s3.addressing(bucket, 'output_uri');
       const client = await s3.client();
       const { Upload } = await loadUpload();
-      await Promise.all(
+      // Every upload settles before the answer: one that failed first used to leave the others retrying after it, so
+      // objects appeared after the error said none were stored (and could replace what a retried request wrote).
+      let first: { err: unknown; key: string } | undefined;
+      const settled = await Promise.allSettled(
         images.map(async (img, i) => {
           const up = new Upload({
             client,
@@ -70,12 +73,17 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
           } catch (err) {
             const done = abortLeft(client, bucket, scope, log).catch(() => undefined).finally(() => aborting.delete(done));
             aborting.add(done);
-            throw uploadError(err, bucket, keys[i]!, note);
+            first ??= { err, key: keys[i]! };
+            throw err;
           } finally {
             signal?.removeEventListener('abort', onAbort);
           }
         }),
       );
+      if (first !== undefined) {
+        const stored = keys.filter((_, i) => settled[i]!.status === 'fulfilled').map((k) => `s3://${bucket}/${k}`);
+        throw uploadError(first.err, bucket, first.key, note, stored);
+      }
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
   };
@@ -102,8 +110,17 @@ async function abortLeft(client: Parameters<typeof abortUploads>[0], bucket: str
   });
 }
 
-/** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
-function uploadError(err: unknown, bucket: string, key: string, note: string): RuntimeError {
+/**
+ * Bucket, key and the S3 error code: never credentials, never the SDK's stack. `stored`: the request's other objects
+ * that were written, which the message names.
+ */
+function uploadError(err: unknown, bucket: string, key: string, note: string, stored: readonly string[] = []): RuntimeError {
+  const e = uploadErrorOf(err, bucket, key, note);
+  if (stored.length > 0) e.message += `; of the request's other images, ${stored.join(', ')} ${stored.length === 1 ? 'was' : 'were'} written`;
+  return e;
+}
+
+function uploadErrorOf(err: unknown, bucket: string, key: string, note: string): RuntimeError {
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   const kind = classify(err);
