@@ -172,7 +172,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     resultCacheHits: new Counter({
       name: 'result_cache_hits_total',
-      help: 'Predictions answered from the result cache without a new generation',
+      help: 'Predictions answered from the result cache, or from an identical generation already running, without a new generation',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

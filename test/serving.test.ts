@@ -345,6 +345,33 @@ describe('formats, result cache, output_uri', () => {
     expect(preds(made.json)[0]!.image.b64 === preds(negative.json)[0]!.image.b64).toBe(true);
   });
 
+  it('runs one generation for identical seeded requests sent together: the others wait for its bytes, as result-cache hits', async () => {
+    const inst = { prompt: 'together', num_inference_steps: 6, height: 64, width: 64, seed: 91 };
+    const images0 = await metric(srv, 'images_generated_total');
+    const hits0 = await metric(srv, 'result_cache_hits_total');
+    // They came as a batch of three generations of the same image.
+    const rs = await Promise.all([predict(srv, inst), predict(srv, inst), predict(srv, inst)]);
+    expect(rs.map((r) => r.status)).toEqual([200, 200, 200]);
+    expect(new Set(rs.map(b64)).size).toBe(1);
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
+    expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(2);
+  });
+
+  it('an identical request waiting for a generation whose client leaves runs its own', async () => {
+    const inst = { prompt: 'left alone', num_inference_steps: 40, height: 256, width: 256, seed: 92 };
+    const images0 = await metric(srv, 'images_generated_total');
+    const first = rawPredict(srv.port, inst);
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const second = predict(srv, inst);
+    // Counted in flight as it joins the running generation (in the same turn).
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    first.destroy();
+    const r = await second;
+    expect(r.status).toBe(200);
+    expect(preds(r.json)[0]).toMatchObject({ seed: 92, width: 256, height: 256 });
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
+  });
+
   it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {
     const inst = { prompt: 'to s3', num_inference_steps: 3, height: 64, width: 64, seed: 8 };
     const ref = await predict(srv, inst);

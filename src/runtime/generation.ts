@@ -8,7 +8,7 @@ import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import type { Engine, Progress, TaskResult } from './engine.js';
+import type { EncodedImage, Engine, Progress, TaskResult } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { createOutputStore } from './output.js';
 import type { GenerationRequest } from './request.js';
@@ -37,22 +37,59 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   });
   metrics.resultCacheBytes.set(labels, 0);
   const output = createOutputStore(s3, log);
+  /** Generations of cacheable requests now running, by result-cache key: an identical request waits for their images. */
+  const running = new Map<string, Promise<EncodedImage[]>>();
   let inflight = 0;
   const waiters: Array<() => void> = [];
 
-  /** Result cache → queue → cache fill → optional upload to output_uri. */
+  /** A result-cache answer: copies of `images`, counted as a hit. */
+  const cachedResult = (images: readonly EncodedImage[], onQueued?: () => void): TaskResult => {
+    metrics.resultCacheHits.inc(labels);
+    onQueued?.();
+    return { images: images.map((i) => ({ ...i, data: i.data.slice(0) })), times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
+  };
+
+  /**
+   * The images of the identical generation already running, or undefined when it fails (its clients left, say): this
+   * request then runs its own. A WebSocket client, which streams its own progress, never waits for another's.
+   */
+  const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
+    const other = running.get(key);
+    if (other === undefined || onProgress !== undefined) return undefined;
+    let leave = () => undefined as void;
+    const left = new Promise<never>((_, reject) => {
+      leave = () => reject(new RuntimeError('CANCELLED', 'the client left'));
+      if (signal.aborted) leave();
+      signal.addEventListener('abort', leave, { once: true });
+    });
+    try {
+      return await Promise.race([other, left]);
+    } catch (err) {
+      if (signal.aborted) throw err;
+      return undefined;
+    } finally {
+      signal.removeEventListener('abort', leave);
+    }
+  };
+
+  /** Result cache → an identical generation running → queue → cache fill → optional upload to output_uri. */
   /** `request`: the object every generation of one client request shares (the engine queues the request as one). */
   const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
-    const hit = key === undefined ? undefined : resultCache.get(key);
+    const hit = key === undefined ? undefined : resultCache.get(key) ?? (await joinRunning(key, signal, onProgress));
     let result: TaskResult;
-    if (hit) {
-      metrics.resultCacheHits.inc(labels);
-      onQueued?.();
-      const images = hit.map((i) => ({ ...i, data: i.data.slice(0) }));
-      result = { images, times: { textEncoderMs: 0, denoiseMs: 0, vaeMs: 0, encodeMs: 0, steps: 0 }, batchSize: 0, queuedMs: 0, cached: true };
-    } else {
-      result = await engine.submit(req, { signal, request, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
+    if (hit) result = cachedResult(hit, onQueued);
+    else {
+      const run = engine.submit(req, { signal, request, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
+      if (key !== undefined && !running.has(key)) {
+        // Copied as the generation ends, before this request's answer can hand its buffers on.
+        const shared = run.then((r) => r.images.map((i) => ({ ...i, data: i.data.slice(0) })));
+        running.set(key, shared);
+        shared.catch(() => undefined).finally(() => {
+          if (running.get(key) === shared) running.delete(key);
+        });
+      }
+      result = await run;
       if (key !== undefined) resultCache.put(key, result.images);
     }
     if (req.output.uri !== undefined) {
