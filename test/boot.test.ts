@@ -10,7 +10,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
 import { nativeRandn } from '../src/pipeline/random.js';
-import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, sharedCacheDir, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
 const live: ServerHandle[] = [];
@@ -324,7 +324,8 @@ describe('SIGTERM', () => {
     };
     const idle = stream();
     const running = stream(long);
-    const http = postJson(`${srv.url}/v1/models/model:predict`, { instances: [long] });
+    // Another seed: an identical request would wait for the WebSocket's generation rather than share its batch.
+    const http = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ ...long, seed: 4 }] });
     await Promise.all([idle.opened, running.progressed]);
     const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
     srv.proc.kill('SIGTERM');
@@ -343,5 +344,21 @@ describe('SIGTERM', () => {
     expect(r.headers.get('retry-after')).toBe('1');
     expect(await exit).toBe(0);
     expect(srv.events('shut-down').map((l) => l.drained)).toEqual([false]);
+  });
+
+  it('answers a request waiting for the identical generation that the grace period cuts with that cut, not a refusal', async () => {
+    const srv = await start({ STORAGE_URI: undefined, WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1' }, { ready: true });
+    const long = { prompt: 'cut me', num_inference_steps: 500, height: 2048, width: 2048, seed: 3 };
+    const first = postJson(`${srv.url}/v1/models/model:predict`, { instances: [long] });
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 60_000, 20);
+    const waiting = postJson(`${srv.url}/v1/models/model:predict`, { instances: [long] });
+    // In flight is where it waits for the running generation (it joins it in the same turn).
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 10);
+    const exit = new Promise<number | null>((r) => srv.proc.once('exit', (c) => r(c)));
+    srv.proc.kill('SIGTERM');
+    const cut = { error: 'the server shut down before the generation finished (SHUTDOWN_GRACE_S); retry', code: 'SHUTTING_DOWN' };
+    // It ran its own instead, refused: "the server is shutting down".
+    for (const r of await Promise.all([first, waiting])) expect([r.status, r.json]).toEqual([503, cut]);
+    expect(await exit).toBe(0);
   });
 });

@@ -50,8 +50,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   };
 
   /**
-   * The images of the identical generation already running, or undefined when it fails (its clients left, say): this
-   * request then runs its own. A WebSocket client, which streams its own progress, never waits for another's.
+   * The images of the identical generation already running, or undefined when it was cancelled (its clients left, its
+   * request timed out or failed elsewhere): this request then runs its own. Any other failure (the grace period's end,
+   * out of memory) is this request's too, as in a shared batch. A WebSocket client, which streams its own progress,
+   * never waits for another's.
    */
   const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
     const other = running.get(key);
@@ -65,7 +67,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     try {
       return await Promise.race([other, left]);
     } catch (err) {
-      if (signal.aborted) throw err;
+      if (signal.aborted || !(err instanceof RuntimeError && err.code === 'CANCELLED')) throw err;
       return undefined;
     } finally {
       signal.removeEventListener('abort', leave);
