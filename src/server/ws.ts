@@ -209,11 +209,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     if (c.closed || c.closing) return;
     c.closing = true;
     const bytes = Buffer.from(msg);
+    const sent = (err?: Error | null) => {
+      if (!err && ws.readyState === ws.OPEN) ws.close(code, reason);
+    };
     for (let at = 0; at === 0 || at < bytes.length; at += RESULT_FRAGMENT_BYTES) {
       const fin = at + RESULT_FRAGMENT_BYTES >= bytes.length;
-      const sent = (err?: Error | null) => {
-        if (!err && ws.readyState === ws.OPEN) ws.close(code, reason);
-      };
       ws.send(bytes.subarray(at, at + RESULT_FRAGMENT_BYTES), { binary: false, fin }, fin ? sent : undefined);
     }
   }
