@@ -416,6 +416,18 @@ describe('formats, result cache, output_uri', () => {
     expect(await listed()).toEqual(['same/v2-a.png', 'same/v2-b.png']);
   });
 
+  it('refuses a key longer than S3 takes (1024 bytes of UTF-8) before generating, counting the -<i> of several images', async () => {
+    const base = { prompt: 'long key', num_inference_steps: 2, height: 64, width: 64, seed: 5 };
+    const images0 = await metric(srv, 'images_generated_total');
+    // 518 characters, 1028 bytes.
+    const accented = await predict(srv, { ...base, output_uri: `s3://out/run/${'é'.repeat(510)}.png` });
+    expect([accented.status, accented.json.error]).toEqual([400, 'instances[0].output_uri: the key is 1028 bytes (UTF-8); S3 takes keys of at most 1024 bytes']);
+    // 1024 bytes for one image; run/aaa…-0.png for two is 1026.
+    const two = await predict(srv, { ...base, num_images_per_prompt: 2, output_uri: `s3://out/run/${'a'.repeat(1016)}.png` });
+    expect([two.status, two.json.error]).toEqual([400, 'instances[0].output_uri: the key is 1026 bytes (UTF-8) with the -<i>.<ext> of 2 images; S3 takes keys of at most 1024 bytes']);
+    expect(await metric(srv, 'images_generated_total')).toBe(images0);
+  });
+
   it('never writes through a key with dot segments: s3rver resolves out/../loras/x to loras/x, an adapter of LORA_URI', async () => {
     const key = 'loras/style/pytorch_lora_weights.safetensors';
     await s3.put('out', key, 'ADAPTER');

@@ -112,6 +112,12 @@ export function outputKeys(key: string, n: number, format: OutputFormat): string
   return Array.from({ length: n }, (_, i) => `${stem}-${i}.${EXT[format]}`);
 }
 
+/** S3's limit on an object key, in UTF-8 bytes: a longer one is refused (KeyTooLongError) after the generation ran. */
+export const MAX_KEY_BYTES = 1024;
+
+/** The UTF-8 length of the longest key output_uri writes for `n` images. */
+const longestKeyBytes = (key: string, n: number, format: OutputFormat): number => Math.max(...outputKeys(key, n, format).map((k) => Buffer.byteLength(k)));
+
 /** Every field of an instance (V1), a WebSocket message, or a V2 input / parameter (V2 has no preview_every). */
 export const INSTANCE_FIELDS = [
   'prompt', 'negative_prompt', 'num_inference_steps', 'guidance_scale', 'height', 'width', 'seed', 'scheduler',
@@ -505,7 +511,10 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     const unsafe = keyProblem(out.key);
     if (served) bad.push(`${w}.output_uri ${JSON.stringify(uri)} lies under the ${served} this server loads; write images elsewhere`);
     else if (unsafe !== undefined) bad.push(`${w}.output_uri: the key ${unsafe}; name the object by its plain key`);
-    else if (cfg.outputUriPrefixes?.length) {
+    else if (longestKeyBytes(out.key, numImages, format) > MAX_KEY_BYTES) {
+      const several = numImages > 1 ? ` with the -<i>.<ext> of ${numImages} images` : '';
+      bad.push(`${w}.output_uri: the key is ${longestKeyBytes(out.key, numImages, format)} bytes (UTF-8)${several}; S3 takes keys of at most ${MAX_KEY_BYTES} bytes`);
+    } else if (cfg.outputUriPrefixes?.length) {
       // The keys written, not the one given: several images go beside it (`out` → `out-0.png`), outside an entry `out`.
       const prefixes = cfg.outputUriPrefixes;
       const outside = outputKeys(out.key, numImages, format).find((key) => !prefixes.some((p) => underS3Prefix({ ...out, key }, p)));
