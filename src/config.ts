@@ -460,7 +460,7 @@ function providerOptions(name: string, value: string | undefined, bad: string[])
       bad.push(`${name} must not set device_id: each worker's GPU is the runtime's (GPUS, WORKERS)`);
     } else if (key === 'use_tf32') {
       bad.push(`${name} must not set use_tf32: TF32 is CUDA_TF32's`);
-    } else if (!(key in CUDA_OPTIONS)) {
+    } else if (!Object.hasOwn(CUDA_OPTIONS, key)) {
       bad.push(`${name}: ${JSON.stringify(key.slice(0, 80))} is not an option the runtime passes; one of ${Object.keys(CUDA_OPTIONS).join(', ')}`);
     } else if (!CUDA_OPTIONS[key]!.test(val)) {
       bad.push(`${name}: ${key}=${JSON.stringify(val.slice(0, 80))} is not a value ONNX Runtime takes (${CUDA_OPTIONS[key]!.source.replace(/^\^|\$$/g, '')})`);

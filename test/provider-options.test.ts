@@ -60,6 +60,8 @@ describe('CUDA_PROVIDER_OPTIONS', () => {
     expect(refused('use_tf32=1')).toThrow("CUDA_PROVIDER_OPTIONS must not set use_tf32: TF32 is CUDA_TF32's");
     expect(refused('cudnn_conv_algo_serach=HEURISTIC')).toThrow(/"cudnn_conv_algo_serach" is not an option the runtime passes; one of cudnn_conv_algo_search, /);
     expect(refused('user_compute_stream=12345')).toThrow(/"user_compute_stream" is not an option the runtime passes/);
+    // Names every object has are no options either: refused as unknown, not a TypeError.
+    for (const k of ['constructor', 'toString', '__proto__', 'hasOwnProperty']) expect(refused(`${k}=1`)).toThrow(`CUDA_PROVIDER_OPTIONS: "${k}" is not an option the runtime passes`);
     expect(refused('cudnn_conv_algo_search=heuristic')).toThrow('CUDA_PROVIDER_OPTIONS: cudnn_conv_algo_search="heuristic" is not a value ONNX Runtime takes ((EXHAUSTIVE|HEURISTIC|DEFAULT))');
     expect(refused('prefer_nhwc=1,prefer_nhwc=0')).toThrow('CUDA_PROVIDER_OPTIONS sets prefer_nhwc twice');
     expect(refused('prefer_nhwc=\u00e9')).toThrow('CUDA_PROVIDER_OPTIONS must be ASCII text');
