@@ -176,10 +176,16 @@ describe('boot', () => {
     expect(r.status).toBe(200);
   });
 
-  it('under EXECUTION_PROVIDER=cuda without CUDA, fails boot and says why', async () => {
-    const srv = await startIn({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda' });
+  it('under EXECUTION_PROVIDER=cuda on a CPU-only install, fails boot saying the CUDA provider library is missing and how to get it', async () => {
+    expect(checkCuda().ok).toBe(false); // this case is about machines without the CUDA provider library
+    const srv = await start({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda' });
     const failed = await srv.waitFor('state', (s) => s.state === 'failed');
-    expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start/);
+    // Not ONNX Runtime's "Failed to load shared library" with a hint about CUDA and cuDNN: none of those is the cause.
+    expect(String(failed.reason)).toBe(
+      'PROVIDER: EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: onnxruntime-node has no CUDA provider library ' +
+        '(libonnxruntime_providers_cuda.so, libonnxruntime_providers_shared.so): a CPU-only install; install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 (the image does)',
+    );
+    expect(srv.stderr.join('')).not.toMatch(/Failed to load|providers_shared|onnxruntime/i);
   });
 
   it('exits non-zero on boot failure when EXIT_ON_BOOT_FAILURE is set', async () => {

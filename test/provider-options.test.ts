@@ -122,11 +122,11 @@ catch (e) { out.code = e.code; out.message = e.message; }`, { CUDA_PROVIDER_OPTI
     expect(r.message).toMatch(/^CUDA_PROVIDER_OPTIONS is set, but this build has no native\/cuda-provider-options module/);
   });
 
-  it('the server: under cuda the boot fails naming the variable; under auto on a CPU-only machine it serves on the CPU; under cpu it warns the variable does nothing', async () => {
+  it('the server: under cuda on a CPU-only machine the boot fails on the missing provider, not the variable; under auto it serves on the CPU; under cpu it warns the variable does nothing', async () => {
     const cuda = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda', CUDA_PROVIDER_OPTIONS: 'cudnn_conv_algo_search=HEURISTIC' });
     try {
       const failed = await cuda.waitFor('state', (s) => s.state === 'failed');
-      expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: CUDA_PROVIDER_OPTIONS: Failed to load library libonnxruntime_providers_shared\.so/);
+      expect(String(failed.reason)).toMatch(/EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: onnxruntime-node has no CUDA provider library/);
       expect(String(failed.reason)).not.toContain('node_modules'); // the reason reaches clients: no install path
     } finally {
       await cuda.stop();

@@ -4,8 +4,22 @@
  */
 import { describe, expect, it } from 'vitest';
 import { auxThreadOf } from '../src/pipeline/aux-placement.js';
+import { cudaStartFailure } from '../src/pipeline/cuda.js';
 import { sessionOptions } from '../src/pipeline/onnx.js';
 import { onGpu, ortProviders } from '../src/pipeline/provider.js';
+
+/**
+ * ONNX Runtime's errors when the CUDA provider does not start. CudaCall (onnxruntime/core/providers/cuda/cuda_call.cc)
+ * throws "<lib> failure <code>: <text> ; GPU=… ; hostname=… ; file=… ; line=… ; expr=…" behind two source locations and
+ * C++ signatures (ORT_WHERE); the driver one is ORT's text as onnxruntime/mobius issue #316 quotes it (2026-05), the
+ * others the same with cudaGetErrorString's text for their code. The last two are what onnxruntime-node 1.30.0 throws
+ * on this machine (no provider library), without and with CUDA_PROVIDER_OPTIONS' module.
+ */
+const WHERE = (line: number) =>
+  `/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:${line} std::conditional_t<THRW, void, onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError; std::conditional_t<THRW, void, common::Status> = void] `;
+const cudaCall = (code: number, text: string, expr = 'cudaSetDevice(info_.device_id)') =>
+  `${WHERE(122)}${WHERE(114)}CUDA failure ${code}: ${text} ; GPU=-1 ; hostname=c4327188c000000 ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_execution_provider.cc ; line=336 ; expr=${expr}; \n`;
+const PROVIDER_DIR = '/srv/app/node_modules/onnxruntime-node/bin/napi-v6/linux/x64';
 
 describe('execution providers', () => {
   it('asks ONNX Runtime for the GPU provider on the given device, with the CPU behind it', () => {
@@ -25,5 +39,37 @@ describe('execution providers', () => {
     expect(auxThreadOf('vae_decoder', 'cpu', 'auto')).toBeUndefined();
     expect(auxThreadOf('vae_decoder', 'cpu', 'on')).toBeDefined();
     expect(auxThreadOf('unet', 'cuda', 'on')).toBeUndefined();
+  });
+});
+
+describe('why the CUDA provider did not start, as a boot reason', () => {
+  it('keeps the CUDA runtime\'s own words, not ORT\'s source locations (which alone filled the 300 characters kept before), and says what to do', () => {
+    expect(cudaStartFailure(cudaCall(35, 'CUDA driver version is insufficient for CUDA runtime version'), 0, PROVIDER_DIR)).toEqual({
+      reason: 'CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version; the node\'s NVIDIA driver is older than the CUDA the provider was built for (the image\'s: CUDA 12): update the driver (docs/OPERATIONS.md, "CUDA not found")',
+      config: false,
+    });
+    expect(cudaStartFailure(cudaCall(100, 'no CUDA-capable device is detected'), 0, PROVIDER_DIR)).toEqual({
+      reason: 'CUDA failure 100: no CUDA-capable device is detected; no GPU is visible in this container: request nvidia.com/gpu for the pod, and check CUDA_VISIBLE_DEVICES',
+      config: false,
+    });
+    expect(cudaStartFailure(cudaCall(2, 'out of memory', 'cudaStreamCreate(&stream_)'), 0, PROVIDER_DIR).reason).toBe(
+      "CUDA failure 2: out of memory; the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own",
+    );
+    // A failure with no known remedy: ORT's text alone, still without the source locations and the host name.
+    expect(cudaStartFailure(cudaCall(999, 'unknown error'), 0, PROVIDER_DIR)).toEqual({ reason: 'CUDA failure 999: unknown error', config: false });
+  });
+
+  it('a GPU that is not there is a setting to fix (GPUS), not a reason to serve that worker on the CPU', () => {
+    expect(cudaStartFailure(cudaCall(101, 'invalid device ordinal'), 1, PROVIDER_DIR)).toEqual({
+      reason: "CUDA failure 101: invalid device ordinal; GPU 1 does not exist in this container: GPUS (or WORKERS) asks for more GPUs than CUDA_VISIBLE_DEVICES or the pod's nvidia.com/gpu give; set GPUS to the GPUs the pod has",
+      config: true,
+    });
+  });
+
+  it('a provider library that does not load: where ONNX Runtime named it, and the loader path to check; never the install folder', () => {
+    const hint = ' (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")';
+    expect(cudaStartFailure('OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library', 0, PROVIDER_DIR).reason).toBe(`OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library${hint}`);
+    const hooked = `CUDA_PROVIDER_OPTIONS: Failed to load library ${PROVIDER_DIR}/libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: No such file or directory\n`;
+    expect(cudaStartFailure(hooked, 0, PROVIDER_DIR).reason).toBe(`CUDA_PROVIDER_OPTIONS: Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: No such file or directory${hint}`);
   });
 });

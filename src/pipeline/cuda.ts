@@ -1,16 +1,23 @@
 /**
- * @module Whether the CUDA execution provider can start here, decided from files alone. Asking ONNX Runtime instead
- * (creating a session with the CUDA provider) makes it print a red "Failed to load library" error on every CPU-only
- * machine, so EXECUTION_PROVIDER=auto looks for the provider library and a CUDA driver first.
+ * @module Whether the CUDA execution provider can start here, decided from files alone, and what ONNX Runtime's failure
+ * to start it means. Asking ONNX Runtime instead (creating a session with the CUDA provider) makes it print a red
+ * "Failed to load library" error on every CPU-only machine, so the runtime looks for the provider library and a CUDA
+ * driver first.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import { withoutSourceLocations } from './failures.js';
 
 export interface CudaCheck {
   ok: boolean;
   /** Why CUDA cannot start, for the log (absent when ok). */
   reason?: string;
+  /**
+   * What is missing: onnxruntime-node's CUDA provider library (then ONNX Runtime cannot load the provider, whatever the
+   * machine has) or the driver (found by a search of the usual folders, which a driver elsewhere can escape).
+   */
+  missing?: 'provider' | 'driver';
   /** Where the provider library is (or would be). */
   providerDir: string;
 }
@@ -54,15 +61,20 @@ export function checkCuda(deps: CudaCheckDeps = {}): CudaCheck {
   try {
     providerDir = deps.providerDir ?? ortBinaryDir();
   } catch {
-    return { ok: false, reason: 'onnxruntime-node is not installed', providerDir: '' };
+    return { ok: false, reason: 'onnxruntime-node is not installed', providerDir: '', missing: 'provider' };
   }
   const missing = ['libonnxruntime_providers_cuda.so', 'libonnxruntime_providers_shared.so'].filter((f) => !exists(path.join(providerDir, f)));
   if (missing.length > 0) {
-    return { ok: false, providerDir, reason: `onnxruntime-node has no CUDA provider library (${missing.join(', ')}); a CPU-only install (the image adds it with ONNXRUNTIME_NODE_INSTALL=cuda12)` };
+    return {
+      ok: false,
+      providerDir,
+      missing: 'provider',
+      reason: `onnxruntime-node has no CUDA provider library (${missing.join(', ')}): a CPU-only install; install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 (the image does)`,
+    };
   }
   const dirs = [...(env.LD_LIBRARY_PATH ?? '').split(':').filter(Boolean), ...DRIVER_DIRS];
   const found = dirs.some((d) => exists(path.join(d, 'libcuda.so.1'))) || (deps.ldCache ?? readLdCache)().includes('libcuda.so.1');
-  if (!found) return { ok: false, providerDir, reason: 'no NVIDIA driver (libcuda.so.1 is not on the loader path): no GPU is attached to this container' };
+  if (!found) return { ok: false, providerDir, missing: 'driver', reason: 'no NVIDIA driver (libcuda.so.1 is not on the loader path): no GPU is attached to this container' };
   return { ok: true, providerDir };
 }
 
@@ -72,4 +84,41 @@ function readLdCache(): string {
   } catch {
     return '';
   }
+}
+
+/**
+ * What to do about the CUDA runtime's failures that stop the CUDA provider from starting on a deployment (cudaError_t
+ * codes, as CudaCall prints them: "CUDA failure <code>: <cudaGetErrorString>").
+ */
+const START_FAILURES: Record<number, (deviceId: number) => string> = {
+  2: () => "the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own",
+  35: () => 'the node\'s NVIDIA driver is older than the CUDA the provider was built for (the image\'s: CUDA 12): update the driver (docs/OPERATIONS.md, "CUDA not found")',
+  100: () => 'no GPU is visible in this container: request nvidia.com/gpu for the pod, and check CUDA_VISIBLE_DEVICES',
+  101: (d) => `GPU ${d} does not exist in this container: GPUS (or WORKERS) asks for more GPUs than CUDA_VISIBLE_DEVICES or the pod's nvidia.com/gpu give; set GPUS to the GPUs the pod has`,
+};
+
+export interface CudaStartFailure {
+  /** ONNX Runtime's message as one line for a boot reason, with what to do where the cause is known. */
+  reason: string;
+  /** A setting of the runtime's is wrong (a GPU that is not there): no provider choice gets past it. */
+  config: boolean;
+}
+
+/**
+ * ONNX Runtime's error when the CUDA provider did not start, as a boot reason reaching clients: without ORT's source
+ * locations and C++ signatures (two of them, ~500 characters, come before the CUDA runtime's own text), without what
+ * CudaCall appends (" ; GPU=… ; hostname=… ; file=… ; expr=…") and without onnxruntime-node's install folder; then what
+ * to do, for the failures a deployment meets (START_FAILURES, a provider library that does not load).
+ */
+export function cudaStartFailure(message: string, deviceId: number, providerDir: string): CudaStartFailure {
+  let text = withoutSourceLocations((providerDir ? message.split(providerDir + path.sep).join('') : message).split('\n')[0]!).trim();
+  text = text.replace(/ ; GPU=-?\d+ ; hostname=.*$/, '').trim();
+  const cuda = /\bCUDA failure (\d+): /.exec(text);
+  const code = cuda ? Number(cuda[1]) : undefined;
+  const hint = code !== undefined ? START_FAILURES[code]?.(deviceId) : undefined;
+  if (hint) return { reason: `${text.slice(0, 300)}; ${hint}`, config: code === 101 };
+  if (/Failed to load (shared )?library/i.test(text)) {
+    return { reason: `${text.slice(0, 300)} (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")`, config: false };
+  }
+  return { reason: text.slice(0, 300), config: false };
 }

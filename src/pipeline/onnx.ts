@@ -6,7 +6,7 @@ import type { ExecutionProvider } from '../config.js';
 import { f16ToF32, f32ToF16 } from './half.js';
 import { probeModel } from './probe.js';
 import { createWithOptimizedCache, NO_OPTIMIZED_CACHE, type CacheOutcome, type OptimizedCachePolicy, type OptimizeItem } from './ortcache.js';
-import { checkCuda, ortBinaryDir } from './cuda.js';
+import { checkCuda, cudaStartFailure, ortBinaryDir } from './cuda.js';
 import { loadProviderOptions, providerOptionsStats } from './provider-options.js';
 import { missingCudaOnlyKernel, needsCudaError } from './export-info.js';
 import path from 'node:path';
@@ -87,12 +87,6 @@ export interface CreatedSession {
   provider: SessionProvider;
   ms: number;
   cache: CacheOutcome;
-}
-
-/** ORT's exception only says a library failed to load; the library's own name went to stderr just before. */
-function withLoadHint(reason: string): string {
-  if (!/Failed to load (shared )?library/i.test(reason)) return reason;
-  return `${reason} (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")`;
 }
 
 /**
@@ -195,17 +189,17 @@ export class SessionFactory {
   }
 
   /**
-   * Under `auto`, decides `cpu` without asking ORT when the CUDA provider library or a driver is missing (asking would
-   * only print a red load error on every CPU-only machine). Under `cuda` ORT is always asked: its error says what is
-   * missing.
+   * Decides `cpu` without asking ORT when the CUDA provider library is missing, or under `auto` a driver too (asking
+   * would only print a red load error, and ORT's exception names no library). Under `cuda` a missing provider library
+   * fails the boot with the check's reason; a driver the search did not find is left for ORT to look for.
    */
   #noCuda(): boolean {
-    if (this.opts.ep !== 'auto' || this.#decision !== undefined) return false;
+    if (this.opts.ep === 'cpu' || this.#decision !== undefined) return false;
     const check = checkCuda();
-    if (check.ok) return false;
+    if (check.ok || (this.opts.ep === 'cuda' && check.missing !== 'provider')) return false;
     this.#fallbackReason = check.reason;
     this.#decision = Promise.resolve('cpu');
-    this.opts.log?.('info', 'execution provider cpu: CUDA is not available', { reason: check.reason });
+    if (this.opts.ep === 'auto') this.opts.log?.('info', 'execution provider cpu: CUDA is not available', { reason: check.reason });
     return true;
   }
 
@@ -224,12 +218,15 @@ export class SessionFactory {
       this.opts.log?.('info', 'execution provider cuda started', { component: name, tf32: process.env.NVIDIA_TF32_OVERRIDE !== '0', ...(options ? { providerOptions: options.options } : {}) });
       return made;
     } catch (err) {
-      // A boot reason reaches clients: onnxruntime-node's install folder is cut from ONNX Runtime's library paths.
-      const reason = withLoadHint(firstLine(String((err as Error)?.message ?? err).split(ortBinaryDir() + path.sep).join('')));
+      // A boot reason reaches clients: no install folder, no ORT source locations (cudaStartFailure).
+      const failure = cudaStartFailure(String((err as Error)?.message ?? err), this.opts.deviceId ?? 0, ortBinaryDir());
+      const reason = failure.reason;
       this.#fallbackReason = reason;
       resolveDecision('cpu');
       // Options ONNX Runtime refused fail the boot under `auto` too: falling back to the CPU would hide a typo.
       if (isRuntimeError(err) && err.code === 'CONFIG') throw (this.#fatal = err);
+      // So does a GPU that is not there (GPUS): that worker alone would serve on the CPU, beside the others on GPUs.
+      if (failure.config) throw (this.#fatal = new RuntimeError('CONFIG', reason, { cause: err }));
       // ONNX Runtime refused an option (not: the CUDA provider cannot load here, where `auto` falls back as ever).
       if (/^CUDA_PROVIDER_OPTIONS: /.test(reason) && !/Failed to load|Provider not available|not enabled in this build/i.test(reason)) {
         throw (this.#fatal = new RuntimeError('CONFIG', reason, { cause: err }));
@@ -287,8 +284,6 @@ export class SessionFactory {
     return r.session;
   }
 }
-
-const firstLine = (err: unknown): string => String((err as Error)?.message ?? err).split('\n')[0]!.slice(0, 300);
 
 /** What the pipeline needs of a session: its declared inputs and outputs, and runs with float32 results. */
 export interface ModelSession {
