@@ -3,13 +3,13 @@
  * without one, the clear boot error for a fused graph on the CPU provider, and the CUDA check that keeps ONNX
  * Runtime from printing load errors on a CPU-only machine.
  */
-import { cpSync, mkdirSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isRuntimeError } from '../src/errors.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
-import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, readExportManifest } from '../src/pipeline/export-info.js';
+import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, readExportManifest, slowPathWarning } from '../src/pipeline/export-info.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { fixtureModel } from './fixtures/index.js';
 import { startRuntime } from './helpers/runtime.js';
@@ -100,6 +100,22 @@ describe('export kind', () => {
     writeFileSync(path.join(fused, EXPORT_MANIFEST), manifest('plain', {}));
     const ok = await startRuntime({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'cpu', MODEL_CACHE_DIR: path.join(scratch.dir, 'c2') }, { ready: true });
     await ok.stop();
+  });
+});
+
+describe('the slow-path line (a UNet on a GPU that is not fused)', () => {
+  it('is logged for a plain or unknown export only, and its speed-up is the one README\'s GPU table measured', () => {
+    expect(slowPathWarning({ variant: 'fused', source: 'manifest', cudaOnlyOps: {} })).toBeUndefined();
+    expect(slowPathWarning({ variant: 'unknown', source: 'none', cudaOnlyOps: {} })?.export).toMatch(/^an export of unknown kind/);
+    const plain = slowPathWarning({ variant: 'plain', source: 'graph', cudaOnlyOps: {} });
+    expect(plain?.export).toBe('a plain (unfused) export');
+    // README: "| runtime, plain fp16 export | 1.55 / 1.46 s |" and the fused row's "**0.54 / 0.61 s**" (50 steps, two runs).
+    const readme = readFileSync(path.join(import.meta.dirname, '..', 'README.md'), 'utf8');
+    const times = (row: RegExp) => row.exec(readme)!.slice(1, 3).map(Number);
+    const slow = times(/^\| runtime, plain fp16 export \| ([\d.]+) \/ ([\d.]+) s \|/m);
+    const fast = times(/^\| \*\*runtime, fused fp16 export \(default\)\*\* \| \*\*([\d.]+) \/ ([\d.]+) s\*\* \|/m);
+    const ratios = slow.map((t, i) => t / fast[i]!).sort((a, b) => a - b);
+    expect(plain?.hint).toContain(`${ratios[0]!.toFixed(1)}-${ratios[1]!.toFixed(1)}x faster per image on an H200`);
   });
 });
 

@@ -13,7 +13,7 @@ import { RuntimeError, isRuntimeError } from '../errors.js';
 import { AuxClient } from './aux-client.js';
 import { Cancels } from './cancels.js';
 import { auxThreadOf, type AuxThread } from './aux-placement.js';
-import { exportInfo, needsCudaError, type ExportInfo } from './export-info.js';
+import { exportInfo, needsCudaError, slowPathWarning, type ExportInfo } from './export-info.js';
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { primeSpec } from './prime.js';
@@ -193,13 +193,10 @@ function exportOf(dir: string): ExportInfo {
 
 /** Once per worker: a UNet on CUDA that is not fused runs on the slow path, and the operator should know why. */
 function logSlowPath(info: ExportInfo): void {
-  if (slowPathLogged || info.variant === 'fused') return;
+  const warning = slowPathWarning(info);
+  if (slowPathLogged || !warning) return;
   slowPathLogged = true;
-  const what = info.variant === 'plain' ? 'a plain (unfused) export' : 'an export of unknown kind (no onnx_export.json, graph too large to inspect)';
-  log('warn', 'the UNet is not fused for CUDA: slow path', {
-    export: what,
-    hint: 'scripts/export-onnx.sh writes the fused float16 export for CUDA by default (about 1.5x faster per step on an H200)',
-  });
+  log('warn', 'the UNet is not fused for CUDA: slow path', warning);
 }
 
 /**
