@@ -89,7 +89,12 @@ describe('export kind', () => {
     const s = await startRuntime({ STORAGE_URI: fused, EXECUTION_PROVIDER: 'auto', MODEL_CACHE_DIR: path.join(scratch.dir, 'c1') });
     try {
       const failed = await s.waitFor('state', (st) => st.state === 'failed');
-      expect(failed.reason).toMatch(/^MODEL_FORMAT: unet is fused for CUDA \(onnx_export\.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider\) but this process runs on the CPU provider; serve it on a GPU node/);
+      // Why the CPU, where `auto` looked for CUDA: on a GPU node whose CUDA did not start, that is the thing to fix.
+      expect(checkCuda().ok).toBe(false);
+      expect(failed.reason).toBe(
+        'MODEL_FORMAT: unet is fused for CUDA (onnx_export.json says so: NhwcConv, GroupNorm run only on the CUDA execution provider) but this process runs on the CPU provider ' +
+          `(CUDA did not start: ${checkCuda().reason}); serve it on a GPU node (EXECUTION_PROVIDER=cuda or auto), or export the model for CPU with \`scripts/export-onnx.sh MODEL OUT --plain\``,
+      );
       expect(s.logs.filter((l) => l.level === 'error')).toHaveLength(1);
       const r = await fetch(`${s.url}/v1/models/model`);
       expect(r.status).toBe(503);

@@ -79,11 +79,15 @@ export function exportInfo(modelDir: string): ExportInfo {
   return { variant: [...ops].some((op) => FUSED_MARKS.has(op)) ? 'fused' : 'plain', source: 'graph', cudaOnlyOps: cuda.length > 0 ? { unet: cuda } : {} };
 }
 
-/** The boot error for a CUDA-only graph on the CPU provider: what it is, and the two ways out. */
-export function needsCudaError(component: string, ops: readonly string[], why: string): RuntimeError {
+/**
+ * The boot error for a CUDA-only graph on the CPU provider: what it is, why the process is on the CPU when
+ * EXECUTION_PROVIDER=auto tried CUDA (`cudaReason`: on a GPU node, that is what to fix), and the two ways out.
+ */
+export function needsCudaError(component: string, ops: readonly string[], why: string, cudaReason?: string): RuntimeError {
   return new RuntimeError(
     'MODEL_FORMAT',
-    `${component} is fused for CUDA (${why}: ${ops.join(', ')} run only on the CUDA execution provider) but this process runs on the CPU provider; ` +
+    `${component} is fused for CUDA (${why}: ${ops.join(', ')} run only on the CUDA execution provider) but this process runs on the CPU provider` +
+      `${cudaReason ? ` (CUDA did not start: ${cudaReason})` : ''}; ` +
       'serve it on a GPU node (EXECUTION_PROVIDER=cuda or auto), or export the model for CPU with `scripts/export-onnx.sh MODEL OUT --plain`',
   );
 }

@@ -275,7 +275,7 @@ export class SessionFactory {
       r = await createWithOptimizedCache(ort, modelPath, provider, options, this.opts.log, this.opts.optimizedModelCache ?? NO_OPTIMIZED_CACHE);
     } catch (err) {
       const op = provider === 'cpu' ? missingCudaOnlyKernel(String((err as Error)?.message ?? err)) : undefined;
-      if (op) throw needsCudaError(path.basename(path.dirname(modelPath)), [op], 'its graph holds onnxruntime operators fused for CUDA');
+      if (op) throw needsCudaError(path.basename(path.dirname(modelPath)), [op], 'its graph holds onnxruntime operators fused for CUDA', this.#fallbackReason);
       throw err;
     }
     this.cacheOutcomes[modelPath] = r.cache;

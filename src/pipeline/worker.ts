@@ -151,7 +151,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   const info = exportOf(dir);
   const cudaOnly = info.cudaOnlyOps[component] ?? [];
   if (!onGpu(provider) && (cudaOnly.length > 0 || (info.variant === 'fused' && info.source === 'manifest' && component === 'unet'))) {
-    throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`);
+    throw needsCudaError(component, cudaOnly.length > 0 ? cudaOnly : ['fused operators'], `${info.source === 'manifest' ? 'onnx_export.json' : 'its graph'} says so`, factory.fallbackReason);
   }
   const thread = auxThreadOf(component, provider, init.auxThreads);
   if (thread === undefined) {
