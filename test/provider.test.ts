@@ -2,11 +2,15 @@
  * The provider module is the one place the pipeline learns what a provider means (provider.ts): what ONNX Runtime is
  * asked for, and which providers count as a GPU for priming, auxiliary threads and the optimised-graph cache.
  */
-import { describe, expect, it } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import { rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import { auxThreadOf } from '../src/pipeline/aux-placement.js';
-import { cudaStartFailure } from '../src/pipeline/cuda.js';
+import { cudaStartFailure, providerLoadError } from '../src/pipeline/cuda.js';
 import { sessionOptions } from '../src/pipeline/onnx.js';
 import { onGpu, ortProviders } from '../src/pipeline/provider.js';
+import { tempDir } from './helpers/server.js';
 
 /**
  * ONNX Runtime's errors when the CUDA provider does not start. CudaCall (onnxruntime/core/providers/cuda/cuda_call.cc)
@@ -66,10 +70,37 @@ describe('why the CUDA provider did not start, as a boot reason', () => {
     });
   });
 
-  it('a provider library that does not load: where ONNX Runtime named it, and the loader path to check; never the install folder', () => {
-    const hint = ' (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")';
-    expect(cudaStartFailure('OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library', 0, PROVIDER_DIR).reason).toBe(`OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library${hint}`);
+  it('a provider library that does not load: the library the loader missed, and the loader path to check; never the install folder', () => {
+    const hint = '; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path (LD_LIBRARY_PATH), see README "GPU"';
+    const bare = 'OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library';
+    expect(cudaStartFailure(bare, 0, PROVIDER_DIR, () => `${PROVIDER_DIR}/libonnxruntime_providers_cuda.so: cannot open shared object file`).reason)
+      .toBe(`${bare}: libonnxruntime_providers_cuda.so: cannot open shared object file${hint}`);
+    expect(cudaStartFailure(bare, 0, PROVIDER_DIR, () => undefined).reason).toBe(`${bare} (ONNX Runtime printed the missing library on stderr)${hint}`);
+    // CUDA_PROVIDER_OPTIONS' module has the loader's words already: no second look.
     const hooked = `CUDA_PROVIDER_OPTIONS: Failed to load library ${PROVIDER_DIR}/libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: No such file or directory\n`;
-    expect(cudaStartFailure(hooked, 0, PROVIDER_DIR).reason).toBe(`CUDA_PROVIDER_OPTIONS: Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: No such file or directory${hint}`);
+    expect(cudaStartFailure(hooked, 0, PROVIDER_DIR, () => 'not asked').reason)
+      .toBe(`CUDA_PROVIDER_OPTIONS: Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: No such file or directory${hint}`);
+  });
+
+  it('finds the library that keeps the provider from loading by loading it as ORT does (real libraries, built here)', () => {
+    // A provider folder as the image has it, with a cuDNN stand-in the CUDA provider library needs (found via its RUNPATH).
+    const dir = libs.dir;
+    const cc = (out: string, args: string[]) => execFileSync('cc', ['-shared', '-fPIC', '-o', path.join(dir, out), ...args], { cwd: dir });
+    writeFileSync(path.join(dir, 'empty.c'), 'int provider_stub(void) { return 0; }\n');
+    cc('libstubcudnn.so.9', ['-Wl,-soname,libstubcudnn.so.9', 'empty.c']);
+    cc('libonnxruntime_providers_shared.so', ['empty.c']);
+    cc('libonnxruntime_providers_cuda.so', ['empty.c', '-Wl,--no-as-needed', path.join(dir, 'libstubcudnn.so.9'), "-Wl,-rpath,$ORIGIN"]);
+    expect(providerLoadError(dir)).toBeUndefined();
+    rmSync(path.join(dir, 'libstubcudnn.so.9'));
+    expect(providerLoadError(dir)).toBe('libstubcudnn.so.9: cannot open shared object file: No such file or directory');
+    // What the boot reason says, from what onnxruntime-node 1.30.0 throws.
+    expect(cudaStartFailure('OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library', 0, dir).reason).toMatch(
+      /^OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library: libstubcudnn\.so\.9: cannot open shared object file: No such file or directory; the CUDA provider needs/,
+    );
+    rmSync(path.join(dir, 'libonnxruntime_providers_shared.so'));
+    expect(providerLoadError(dir)).toBe('libonnxruntime_providers_shared.so: cannot open shared object file: No such file or directory');
   });
 });
+
+const libs = tempDir('dr-provider-libs-');
+afterAll(() => libs.cleanup());

@@ -4,6 +4,7 @@
  * "Failed to load library" error on every CPU-only machine, so the runtime looks for the provider library and a CUDA
  * driver first.
  */
+import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -108,17 +109,57 @@ export interface CudaStartFailure {
  * ONNX Runtime's error when the CUDA provider did not start, as a boot reason reaching clients: without ORT's source
  * locations and C++ signatures (two of them, ~500 characters, come before the CUDA runtime's own text), without what
  * CudaCall appends (" ; GPU=… ; hostname=… ; file=… ; expr=…") and without onnxruntime-node's install folder; then what
- * to do, for the failures a deployment meets (START_FAILURES, a provider library that does not load).
+ * to do, for the failures a deployment meets (START_FAILURES; a provider library that does not load, with the library
+ * the loader could not find, which ORT's exception leaves out: `loadError`).
  */
-export function cudaStartFailure(message: string, deviceId: number, providerDir: string): CudaStartFailure {
-  let text = withoutSourceLocations((providerDir ? message.split(providerDir + path.sep).join('') : message).split('\n')[0]!).trim();
+export function cudaStartFailure(
+  message: string,
+  deviceId: number,
+  providerDir: string,
+  loadError: (providerDir: string) => string | undefined = providerLoadError,
+): CudaStartFailure {
+  const local = (t: string) => (providerDir ? t.split(providerDir + path.sep).join('') : t);
+  let text = withoutSourceLocations(local(message).split('\n')[0]!).trim();
   text = text.replace(/ ; GPU=-?\d+ ; hostname=.*$/, '').trim();
   const cuda = /\bCUDA failure (\d+): /.exec(text);
   const code = cuda ? Number(cuda[1]) : undefined;
   const hint = code !== undefined ? START_FAILURES[code]?.(deviceId) : undefined;
   if (hint) return { reason: `${text.slice(0, 300)}; ${hint}`, config: code === 101 };
   if (/Failed to load (shared )?library/i.test(text)) {
-    return { reason: `${text.slice(0, 300)} (ONNX Runtime printed the missing library on stderr; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path, see README "GPU")`, config: false };
+    // The CUDA_PROVIDER_OPTIONS module's message has the loader's words already ("… with error: libcudnn.so.9: …").
+    const named = / with error: /.test(text);
+    const missing = named ? undefined : loadError(providerDir);
+    const what = named ? text.slice(0, 400) : missing ? `${text.slice(0, 200)}: ${local(missing).slice(0, 200)}` : `${text.slice(0, 300)} (ONNX Runtime printed the missing library on stderr)`;
+    return { reason: `${what}; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path (LD_LIBRARY_PATH), see README "GPU"`, config: false };
   }
   return { reason: text.slice(0, 300), config: false };
+}
+
+/** The provider libraries in the order ORT loads them (provider_bridge_ort.cc), with its dlopen flags (RTLD_NOW, and RTLD_GLOBAL for the first). */
+const LOAD_ORDER = [
+  ['libonnxruntime_providers_shared.so', 'RTLD_GLOBAL'],
+  ['libonnxruntime_providers_cuda.so', 'RTLD_LOCAL'],
+] as const;
+
+/**
+ * Why the CUDA provider's libraries do not load, in the dynamic loader's words ("libcudnn.so.9: cannot open shared
+ * object file: No such file or directory", the provider folder cut), or undefined when they load. They are loaded as ORT loads them, in a child
+ * process (nothing stays loaded here; ~50 ms, on a failed start only). Node's dlopen of a library that is no Node module
+ * fails after the load, with "did not self-register": that one loaded.
+ */
+export function providerLoadError(providerDir: string): string | undefined {
+  const child = `
+const { constants } = require('node:os');
+const { join } = require('node:path');
+for (const [file, scope] of JSON.parse(process.env.LOAD_ORDER)) {
+  try { process.dlopen({ exports: {} }, join(process.env.PROVIDER_DIR, file), constants.dlopen.RTLD_NOW | constants.dlopen[scope]); }
+  catch (e) { if (!/did not self-register|napi_register_module/.test(e.message)) { process.stdout.write(e.message.split('\\n')[0].split(process.env.PROVIDER_DIR + '/').join('')); break; } }
+}`;
+  const r = spawnSync(process.execPath, ['-e', child], {
+    encoding: 'utf8',
+    timeout: 10_000,
+    env: { ...process.env, PROVIDER_DIR: providerDir, LOAD_ORDER: JSON.stringify(LOAD_ORDER) },
+  });
+  const out = r.stdout?.trim();
+  return out ? out : undefined;
 }
