@@ -131,8 +131,15 @@ describe('CUDA check', () => {
 
   it('needs the provider libraries beside onnxruntime and a driver on the loader path', () => {
     const both = [lib('libonnxruntime_providers_cuda.so'), lib('libonnxruntime_providers_shared.so')];
-    expect(checkCuda({ providerDir: dir, exists: has(), ldCache: () => '', env: {} })).toMatchObject({ ok: false, reason: expect.stringMatching(/no CUDA provider library \(libonnxruntime_providers_cuda\.so, libonnxruntime_providers_shared\.so\)/) });
-    expect(checkCuda({ providerDir: dir, exists: has(...both), ldCache: () => '', env: {} })).toMatchObject({ ok: false, reason: expect.stringMatching(/^no NVIDIA driver/) });
+    expect(checkCuda({ providerDir: dir, exists: has(), ldCache: () => '', env: {}, platform: 'linux/x64' })).toEqual({
+      ok: false,
+      providerDir: dir,
+      missing: 'provider',
+      reason: 'onnxruntime-node has no CUDA provider library (libonnxruntime_providers_cuda.so, libonnxruntime_providers_shared.so): a CPU-only install; install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 (the image does)',
+    });
+    // Where onnxruntime-node has no CUDA provider to install, the reason does not send anyone to install it.
+    expect(checkCuda({ providerDir: dir, exists: has(), ldCache: () => '', env: {}, platform: 'linux/arm64' }).reason).toMatch(/: a CPU-only install; onnxruntime-node has a CUDA provider for linux\/x64 only, not linux\/arm64$/);
+    expect(checkCuda({ providerDir: dir, exists: has(...both), ldCache: () => '', env: {} })).toMatchObject({ ok: false, missing: 'driver', reason: expect.stringMatching(/^no NVIDIA driver/) });
     expect(checkCuda({ providerDir: dir, exists: has(...both, '/drv/libcuda.so.1'), ldCache: () => '', env: { LD_LIBRARY_PATH: '/x:/drv' } }).ok).toBe(true);
     expect(checkCuda({ providerDir: dir, exists: has(...both, '/usr/local/nvidia/lib64/libcuda.so.1'), ldCache: () => '', env: {} }).ok).toBe(true);
     expect(checkCuda({ providerDir: dir, exists: has(...both), ldCache: () => '\0libcuda.so.1\0/usr/lib/x/libcuda.so.1', env: {} }).ok).toBe(true);

@@ -47,6 +47,8 @@ export interface CudaCheckDeps {
   ldCache?: () => string;
   env?: NodeJS.ProcessEnv;
   providerDir?: string;
+  /** `platform/arch` (default this process's): onnxruntime-node's CUDA provider exists for linux/x64 only. */
+  platform?: string;
 }
 
 /**
@@ -66,12 +68,10 @@ export function checkCuda(deps: CudaCheckDeps = {}): CudaCheck {
   }
   const missing = ['libonnxruntime_providers_cuda.so', 'libonnxruntime_providers_shared.so'].filter((f) => !exists(path.join(providerDir, f)));
   if (missing.length > 0) {
-    return {
-      ok: false,
-      providerDir,
-      missing: 'provider',
-      reason: `onnxruntime-node has no CUDA provider library (${missing.join(', ')}): a CPU-only install; install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 (the image does)`,
-    };
+    // Its install script downloads the CUDA provider on linux/x64 only (js/node/script/install.js); nothing to install elsewhere.
+    const platform = deps.platform ?? `${process.platform}/${process.arch}`;
+    const fix = platform === 'linux/x64' ? 'install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 (the image does)' : `onnxruntime-node has a CUDA provider for linux/x64 only, not ${platform}`;
+    return { ok: false, providerDir, missing: 'provider', reason: `onnxruntime-node has no CUDA provider library (${missing.join(', ')}): a CPU-only install; ${fix}` };
   }
   const dirs = [...(env.LD_LIBRARY_PATH ?? '').split(':').filter(Boolean), ...DRIVER_DIRS];
   const found = dirs.some((d) => exists(path.join(d, 'libcuda.so.1'))) || (deps.ldCache ?? readLdCache)().includes('libcuda.so.1');
