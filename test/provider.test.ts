@@ -9,7 +9,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { auxThreadOf } from '../src/pipeline/aux-placement.js';
 import { cudaStartFailure, providerLoadError } from '../src/pipeline/cuda.js';
 import { sessionOptions } from '../src/pipeline/onnx.js';
-import { onGpu, ortProviders } from '../src/pipeline/provider.js';
+import { fusedIsFast, onGpu, ortProviders } from '../src/pipeline/provider.js';
 import { tempDir } from './helpers/server.js';
 
 /**
@@ -43,6 +43,11 @@ describe('execution providers', () => {
     expect(auxThreadOf('vae_decoder', 'cpu', 'auto')).toBeUndefined();
     expect(auxThreadOf('vae_decoder', 'cpu', 'on')).toBeDefined();
     expect(auxThreadOf('unet', 'cuda', 'on')).toBeUndefined();
+  });
+
+  it('says which provider the fused export is made for (the slow-path hint), apart from which ones run on a GPU', () => {
+    expect(fusedIsFast('cuda')).toBe(true);
+    expect(fusedIsFast('cpu')).toBe(false);
   });
 });
 

@@ -1,8 +1,9 @@
 /**
- * @module The execution providers a session can run on, in one place: their names, which of them run on a GPU, and
- * the list of ONNX Runtime providers each one asks for. The pipeline asks only `onGpu` (kernel-search priming,
- * auxiliary threads, GPU metrics, the slow-path hint), so another GPU provider (TensorRT, its engine cache on the PVC)
- * is added here and in SessionFactory's decision (onnx.ts) without touching the pipeline.
+ * @module The execution providers a session can run on, in one place: their names, which of them run on a GPU, which
+ * one the fused export is made for, and the list of ONNX Runtime providers each one asks for. The pipeline asks only
+ * `onGpu` (kernel-search priming, auxiliary threads, GPU metrics) and `fusedIsFast` (the slow-path hint), so another
+ * GPU provider (TensorRT, its engine cache on the PVC) is added here and in SessionFactory's decision (onnx.ts) without
+ * touching the pipeline.
  */
 
 /** What a created session runs on, once SessionFactory has decided (EXECUTION_PROVIDER's `auto` resolved). */
@@ -11,6 +12,15 @@ export type SessionProvider = 'cuda' | 'cpu';
 /** Whether sessions on this provider run on a GPU: first-run kernel searches to prime, device memory to report. */
 export function onGpu(provider: SessionProvider): boolean {
   return provider !== 'cpu';
+}
+
+/**
+ * Whether onnxruntime's fused export (its contrib operators, scripts/export-onnx.sh's default) is this provider's fast
+ * path, so that a plain UNet on it is the slow one. Only CUDA's: TensorRT fuses a plain graph itself and leaves the
+ * contrib operators to the providers behind it.
+ */
+export function fusedIsFast(provider: SessionProvider): boolean {
+  return provider === 'cuda';
 }
 
 /**

@@ -17,7 +17,7 @@ import { exportInfo, needsCudaError, slowPathWarning, type ExportInfo } from './
 import { readLayout, type Component } from './model.js';
 import { SessionFactory, loadOrt, type ModelSession } from './onnx.js';
 import { primeSpec } from './prime.js';
-import { onGpu, type SessionProvider } from './provider.js';
+import { fusedIsFast, onGpu, type SessionProvider } from './provider.js';
 import { Pipeline, latentPreview, type NoiseMaker } from './pipeline.js';
 import { nativeRandn } from './random.js';
 import type { AdapterRef } from './job.js';
@@ -156,7 +156,7 @@ async function create(component: string, modelPath: string): Promise<{ session: 
   const thread = auxThreadOf(component, provider, init.auxThreads);
   if (thread === undefined) {
     const made = await factory.create(component, modelPath);
-    if (onGpu(provider) && component === 'unet') logSlowPath(info);
+    if (fusedIsFast(provider) && component === 'unet') logSlowPath(info);
     return { ...made, thread: 'worker' };
   }
   let client = aux.get(thread);
@@ -191,7 +191,7 @@ function exportOf(dir: string): ExportInfo {
   return info;
 }
 
-/** Once per worker: a UNet on CUDA that is not fused runs on the slow path, and the operator should know why. */
+/** Once per worker: a UNet not fused, on the provider the fused export is made for (fusedIsFast), runs on the slow path, and the operator should know why. */
 function logSlowPath(info: ExportInfo): void {
   const warning = slowPathWarning(info);
   if (slowPathLogged || !warning) return;
