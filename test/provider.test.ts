@@ -3,14 +3,14 @@
  * asked for, and which providers count as a GPU for priming, auxiliary threads and the optimised-graph cache.
  */
 import { execFileSync } from 'node:child_process';
-import { rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { auxThreadOf } from '../src/pipeline/aux-placement.js';
-import { cudaStartFailure, providerLoadError } from '../src/pipeline/cuda.js';
+import { cudaStartFailure, ortBinaryDir, providerLoadError } from '../src/pipeline/cuda.js';
 import { sessionOptions } from '../src/pipeline/onnx.js';
 import { fusedIsFast, onGpu, ortProviders } from '../src/pipeline/provider.js';
-import { tempDir } from './helpers/server.js';
+import { ROOT, startServer, tempDir } from './helpers/server.js';
 
 /**
  * ONNX Runtime's errors when the CUDA provider does not start. CudaCall (onnxruntime/core/providers/cuda/cuda_call.cc)
@@ -107,5 +107,66 @@ describe('why the CUDA provider did not start, as a boot reason', () => {
   });
 });
 
+/** Builds `out` as a shared library from C `source` (cc, as npm run build's native modules need), with `args` after. */
+function cc(dir: string, out: string, source: string, args: string[] = []): void {
+  writeFileSync(path.join(dir, `${out}.c`), source);
+  execFileSync('cc', ['-shared', '-fPIC', '-o', path.join(dir, out), `${out}.c`, ...args], { cwd: dir });
+}
+
+/**
+ * The built server beside a copy of onnxruntime-node whose CUDA provider cannot load, as on a GPU node without cuDNN:
+ * stand-ins built here for libonnxruntime_providers_shared.so (ORT looks up Provider_SetHost in it first) and
+ * libonnxruntime_providers_cuda.so, which needs libstubcudnn.so.9, absent. The real ORT then tries the provider and
+ * fails as it would there. Every other package is the repository's own (linked). Returns the copy's main.js.
+ */
+function serverWithoutCudnn(root: string): string {
+  const modules = realpathSync(path.join(ROOT, 'node_modules'));
+  mkdirSync(path.join(root, 'node_modules', 'onnxruntime-node'), { recursive: true });
+  for (const name of readdirSync(modules)) if (name !== 'onnxruntime-node') symlinkSync(path.join(modules, name), path.join(root, 'node_modules', name));
+  const ort = path.join(modules, 'onnxruntime-node');
+  const bin = path.relative(ort, ortBinaryDir());
+  for (const part of ['package.json', 'dist', bin]) cpSync(path.join(ort, part), path.join(root, 'node_modules', 'onnxruntime-node', part), { recursive: true });
+  cpSync(path.join(ROOT, 'dist'), path.join(root, 'dist'), { recursive: true });
+  cpSync(path.join(ROOT, 'package.json'), path.join(root, 'package.json')); // the demo model's assets are found beside it
+  mkdirSync(path.join(root, 'src', 'demo'), { recursive: true });
+  symlinkSync(path.join(ROOT, 'src', 'demo', 'assets'), path.join(root, 'src', 'demo', 'assets'));
+  const x = path.join(root, 'node_modules', 'onnxruntime-node', bin);
+  cc(x, 'libstubcudnn.so.9', 'int stub_cudnn(void) { return 0; }\n', ['-Wl,-soname,libstubcudnn.so.9']);
+  cc(x, 'libonnxruntime_providers_shared.so', 'void Provider_SetHost(void *host) { (void)host; }\n');
+  cc(x, 'libonnxruntime_providers_cuda.so', 'int stub_provider(void) { return 0; }\n', ['-Wl,--no-as-needed', path.join(x, 'libstubcudnn.so.9'), '-Wl,-rpath,$ORIGIN']);
+  rmSync(path.join(x, 'libstubcudnn.so.9'));
+  // A driver library where checkCuda looks (LD_LIBRARY_PATH), so that `auto` asks ORT too.
+  mkdirSync(path.join(root, 'driver'));
+  cc(path.join(root, 'driver'), 'libcuda.so.1', 'int stub_driver(void) { return 0; }\n');
+  return path.join(root, 'dist', 'src', 'main.js');
+}
+
+describe('a server whose CUDA provider library cannot load cuDNN (real ORT, stand-in libraries)', () => {
+  it('cuda: the boot reason names the missing library and the loader path; auto: serves on the CPU, the warning saying the same', async () => {
+    const entry = serverWithoutCudnn(copy.dir);
+    const missing = 'libstubcudnn.so.9: cannot open shared object file: No such file or directory; the CUDA provider needs the CUDA and cuDNN 9 libraries it was built for on the loader path (LD_LIBRARY_PATH), see README "GPU"';
+    const cuda = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cuda', MODEL_CACHE_DIR: path.join(copy.dir, 'cache') }, { entry });
+    try {
+      const failed = await cuda.waitFor('state', (st) => st.state === 'failed');
+      expect(failed.reason).toBe(`PROVIDER: EXECUTION_PROVIDER=cuda but the CUDA execution provider failed to start: OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library: ${missing}`);
+    } finally {
+      await cuda.stop();
+    }
+    const driver = path.join(copy.dir, 'driver');
+    const auto = await startServer({ STORAGE_URI: undefined, EXECUTION_PROVIDER: 'auto', WARMUP_STEPS: '1', MODEL_CACHE_DIR: path.join(copy.dir, 'cache'), LD_LIBRARY_PATH: driver }, { entry, ready: true });
+    try {
+      const fallback = auto.logs.filter((l) => l.msg === 'execution provider cuda unavailable, falling back to cpu');
+      expect(fallback.map((l) => [l.level, l.reason])).toEqual([['warn', `OrtSessionOptionsAppendExecutionProvider_Cuda: Failed to load shared library: ${missing}`]]);
+      expect(auto.events('session').every((l) => l.provider === 'cpu')).toBe(true);
+    } finally {
+      await auto.stop();
+    }
+  }, 60_000);
+});
+
 const libs = tempDir('dr-provider-libs-');
-afterAll(() => libs.cleanup());
+const copy = tempDir('dr-provider-copy-');
+afterAll(() => {
+  libs.cleanup();
+  copy.cleanup();
+});

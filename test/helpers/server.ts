@@ -78,7 +78,15 @@ export const bootEnded = (l: LogLine): boolean => isEvent(l, 'ready') || isEvent
  * logged 'listening'.
  */
 export async function startServer(env: Record<string, string | undefined> = {},
-  opts: { ready?: boolean; timeoutMs?: number; live?: boolean; /** A command the server runs under (`unshare …`): node and the entry are its last arguments. */ prefix?: readonly string[] } = {}): Promise<ServerHandle> {
+  opts: {
+    ready?: boolean;
+    timeoutMs?: number;
+    live?: boolean;
+    /** A command the server runs under (`unshare …`): node and the entry are its last arguments. */
+    prefix?: readonly string[];
+    /** Another copy of the built server's main.js (beside node_modules of its own); default ENTRY. */
+    entry?: string;
+  } = {}): Promise<ServerHandle> {
   if (!existsSync(ENTRY)) throw new Error(`${ENTRY} is missing: run \`npm run build\` (npm test does it first)`);
   const cacheDir = env.MODEL_CACHE_DIR ?? sharedCacheDir();
   const childEnv: Record<string, string> = {};
@@ -86,7 +94,7 @@ export async function startServer(env: Record<string, string | undefined> = {},
     if (v !== undefined) childEnv[k] = v;
   }
   const spawnedAt = performance.now();
-  const [file, ...args] = [...(opts.prefix ?? []), process.execPath, ENTRY];
+  const [file, ...args] = [...(opts.prefix ?? []), process.execPath, opts.entry ?? ENTRY];
   const proc = spawn(file!, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
   const logs: LogLine[] = [];
   const stderr: string[] = [];
