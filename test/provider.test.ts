@@ -61,9 +61,11 @@ describe('why the CUDA provider did not start, as a boot reason', () => {
       reason: 'CUDA failure 100: no CUDA-capable device is detected; no GPU is visible in this container: request nvidia.com/gpu for the pod, and check CUDA_VISIBLE_DEVICES',
       config: false,
     });
-    expect(cudaStartFailure(cudaCall(2, 'out of memory', 'cudaStreamCreate(&stream_)'), 0, PROVIDER_DIR).reason).toBe(
-      "CUDA failure 2: out of memory; the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own",
-    );
+    const taken = "the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own";
+    expect(cudaStartFailure(cudaCall(2, 'out of memory', 'cudaStreamCreate(&stream_)'), 0, PROVIDER_DIR).reason).toBe(`CUDA failure 2: out of memory; ${taken}`);
+    // cuBLAS' handle, made on the probe's first run (CudaCall's format for cuBLAS statuses).
+    const cublas = cudaCall(3, 'CUBLAS_STATUS_ALLOC_FAILED', 'cublasCreate(&cublas_handle_)').replace('CUDA failure', 'CUBLAS failure');
+    expect(cudaStartFailure(cublas, 0, PROVIDER_DIR).reason).toBe(`CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED; ${taken}`);
     // A failure with no known remedy: ORT's text alone, still without the source locations and the host name.
     expect(cudaStartFailure(cudaCall(999, 'unknown error'), 0, PROVIDER_DIR)).toEqual({ reason: 'CUDA failure 999: unknown error', config: false });
   });

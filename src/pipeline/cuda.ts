@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { withoutSourceLocations } from './failures.js';
+import { outOfMemory, withoutSourceLocations } from './failures.js';
 
 export interface CudaCheck {
   ok: boolean;
@@ -92,11 +92,12 @@ function readLdCache(): string {
  * codes, as CudaCall prints them: "CUDA failure <code>: <cudaGetErrorString>").
  */
 const START_FAILURES: Record<number, (deviceId: number) => string> = {
-  2: () => "the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own",
   35: () => 'the node\'s NVIDIA driver is older than the CUDA the provider was built for (the image\'s: CUDA 12): update the driver (docs/OPERATIONS.md, "CUDA not found")',
   100: () => 'no GPU is visible in this container: request nvidia.com/gpu for the pod, and check CUDA_VISIBLE_DEVICES',
   101: (d) => `GPU ${d} does not exist in this container: GPUS (or WORKERS) asks for more GPUs than CUDA_VISIBLE_DEVICES or the pod's nvidia.com/gpu give; set GPUS to the GPUs the pod has`,
 };
+
+const GPU_MEMORY_TAKEN = "the GPU's memory is taken (another process, or more WORKERS on one GPU than fit): free it or give the pod a GPU of its own";
 
 export interface CudaStartFailure {
   /** ONNX Runtime's message as one line for a boot reason, with what to do where the cause is known. */
@@ -123,7 +124,8 @@ export function cudaStartFailure(
   text = text.replace(/ ; GPU=-?\d+ ; hostname=.*$/, '').trim();
   const cuda = /\bCUDA failure (\d+): /.exec(text);
   const code = cuda ? Number(cuda[1]) : undefined;
-  const hint = code !== undefined ? START_FAILURES[code]?.(deviceId) : undefined;
+  // Out of memory before any model is loaded (cudaMalloc, cuBLAS' or cuDNN's handle, the arena: failures.ts's signs).
+  const hint = outOfMemory(text) ? GPU_MEMORY_TAKEN : code !== undefined ? START_FAILURES[code]?.(deviceId) : undefined;
   if (hint) return { reason: `${text.slice(0, 300)}; ${hint}`, config: code === 101 };
   if (/Failed to load (shared )?library/i.test(text)) {
     // The CUDA_PROVIDER_OPTIONS module's message has the loader's words already ("… with error: libcudnn.so.9: …").
