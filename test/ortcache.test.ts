@@ -180,6 +180,38 @@ describe('optimized-model cache', () => {
     await always.session.release();
   });
 
+  it('a GPU copy made under other CUDA_PROVIDER_OPTIONS does not match (prefer_nhwc shapes the graph, and a copy is not optimised again)', async () => {
+    const model = await entry('cuda-options');
+    const before = process.env.CUDA_PROVIDER_OPTIONS;
+    try {
+      delete process.env.CUDA_PROVIDER_OPTIONS;
+      expect(await writeOptimizedCopy(ort, model, 'cuda', OPTS, undefined, ALWAYS)).toBe('written');
+      const hit = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, ALWAYS);
+      expect(hit.cache).toBe('hit');
+      await hit.session.release();
+      process.env.CUDA_PROVIDER_OPTIONS = 'prefer_nhwc=1';
+      const other = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, ALWAYS);
+      expect(other.cache).toBe('deferred');
+      await other.session.release();
+      expect(await writeOptimizedCopy(ort, model, 'cuda', OPTS, undefined, ALWAYS)).toBe('written');
+      // The same options written another way are the same options.
+      process.env.CUDA_PROVIDER_OPTIONS = ' prefer_nhwc = 1 ;';
+      const again = await createWithOptimizedCache(ort, model, 'cuda', OPTS, undefined, ALWAYS);
+      expect(again.cache).toBe('hit');
+      await again.session.release();
+      // CPU copies do not depend on them.
+      const cpu = await entry('cpu-options');
+      expect(await writeOptimizedCopy(ort, cpu, 'cpu', OPTS, undefined, ALWAYS)).toBe('written');
+      delete process.env.CUDA_PROVIDER_OPTIONS;
+      const cpuHit = await createWithOptimizedCache(ort, cpu, 'cpu', OPTS, undefined, ALWAYS);
+      expect(cpuHit.cache).toBe('hit');
+      await cpuHit.session.release();
+    } finally {
+      if (before === undefined) delete process.env.CUDA_PROVIDER_OPTIONS;
+      else process.env.CUDA_PROVIDER_OPTIONS = before;
+    }
+  });
+
   it('keeps a copy only when it loads clearly faster than the source builds', () => {
     expect(worthKeeping({ sourceMs: 145, copyMs: 85 })).toBe(true);
     expect(worthKeeping({ sourceMs: 42, copyMs: 21 })).toBe(true);

@@ -89,6 +89,8 @@ interface CacheKey {
   provider: SessionProvider;
   level: string;
   cpu: string;
+  /** A GPU provider's options from CUDA_PROVIDER_OPTIONS, as applied (absent when none). */
+  providerOptions?: string;
   sources: SourceFile[];
 }
 
@@ -281,7 +283,18 @@ async function currentKey(dir: string, ort: string, provider: SessionProvider, l
     const st = await fsp.stat(path.join(dir, name)).catch(() => undefined);
     if (st) sources.push({ name, size: st.size, mtimeMs: st.mtimeMs });
   }
-  return { version: 1, ort, provider, level, cpu: cpuTag(provider), sources };
+  const providerOptions = gpuProviderOptions(provider);
+  return { version: 1, ort, provider, level, cpu: cpuTag(provider), ...(providerOptions ? { providerOptions } : {}), sources };
+}
+
+/**
+ * CUDA_PROVIDER_OPTIONS as the native module applies them to every CUDA provider of this process (it reads the same
+ * variable at each append; provider-options.ts), normalised as it parses them. Some shape the optimised graph
+ * (prefer_nhwc: NHWC layout), and a copy loads with optimisation off: one made under other options must not match.
+ */
+function gpuProviderOptions(provider: SessionProvider): string {
+  if (!onGpu(provider)) return '';
+  return (process.env.CUDA_PROVIDER_OPTIONS ?? '').split(/[,;]/).map((e) => e.split('=').map((x) => x.trim()).join('=')).filter((e) => e !== '').join(',');
 }
 
 /** CPU graphs at level `all` depend on the vector width; a GPU graph does not depend on the host CPU. */
