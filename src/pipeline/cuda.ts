@@ -137,7 +137,7 @@ export function cudaStartFailure(
   return { reason: text.slice(0, 300), config: false };
 }
 
-/** The provider libraries in the order ORT loads them (provider_bridge_ort.cc), with its dlopen flags (RTLD_NOW, and RTLD_GLOBAL for the first). */
+/** The provider libraries in the order ORT loads them (provider_bridge_ort.cc): RTLD_NOW, the first RTLD_GLOBAL. */
 const LOAD_ORDER = [
   ['libonnxruntime_providers_shared.so', 'RTLD_GLOBAL'],
   ['libonnxruntime_providers_cuda.so', 'RTLD_LOCAL'],
@@ -145,9 +145,9 @@ const LOAD_ORDER = [
 
 /**
  * Why the CUDA provider's libraries do not load, in the dynamic loader's words ("libcudnn.so.9: cannot open shared
- * object file: No such file or directory", the provider folder cut), or undefined when they load. They are loaded as ORT loads them, in a child
- * process (nothing stays loaded here; ~50 ms, on a failed start only). Node's dlopen of a library that is no Node module
- * fails after the load, with "did not self-register": that one loaded.
+ * object file: No such file or directory", the provider folder cut), or undefined when they load. They are loaded as
+ * ORT loads them, in a child process: nothing stays loaded here, and it costs a Node start on a failed start only.
+ * Node's dlopen of a library that is no Node module fails after the load ("did not self-register"): that one loaded.
  */
 export function providerLoadError(providerDir: string): string | undefined {
   const child = `
