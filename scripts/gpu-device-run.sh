@@ -62,3 +62,8 @@ $NODE dist/src/demo/cli.js /root/fp16 --fp16 >/dev/null
 bash scripts/gpu-check.sh /root/fp16 --ep cuda --no-demo | grep -E '==|spawn|session created|predict|GPU memory'
 echo "#### demo model, EXECUTION_PROVIDER=auto"
 bash scripts/gpu-check.sh --ep auto | grep -E 'spawn|cuda|providers|predict'
+# One GPU more than the machine has: the last worker's device does not exist (CUDA failure 101), and the boot must fail
+# with CONFIG naming GPUS under auto too, not serve that worker on the CPU.
+gpus=$(( $(nvidia-smi -L 2>/dev/null | grep -c '^GPU') + 1 ))
+echo "#### demo model, GPUS=$gpus (one more than here), EXECUTION_PROVIDER=auto: the boot reason"
+GPUS=$gpus bash scripts/gpu-check.sh --ep auto | grep -oE '"reason":"[^"]*"' | sort -u
