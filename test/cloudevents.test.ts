@@ -107,6 +107,30 @@ describe('decodeEvent', () => {
   });
 });
 
+describe('ce-* header values (HTTP binding 3.1.3.2)', () => {
+  const attrs = (headers: Record<string, string>) => decode({ ...BINARY, 'content-type': 'application/json', ...headers }, V1).event!.attributes;
+
+  it('are percent-decoded once, after a double-quoted one is unescaped; a % without two hex digits is kept', () => {
+    expect(attrs({
+      'ce-subject': 'Euro%20%E2%82%AC%20%F0%9F%98%80', 'ce-source': '/a%2fb%25c', 'ce-ext': '"say \\"hi\\" 50%"', 'ce-twice': '%2541', 'ce-odd': '100%zz%',
+    })).toMatchObject({ subject: 'Euro € 😀', source: '/a/b%c', ext: 'say "hi" 50%', twice: '%41', odd: '100%zz%' });
+    // A sender that writes UTF-8 verbatim (Knative's Go SDK does): Node reads the bytes as latin1, the value is UTF-8.
+    expect(attrs({ 'ce-subject': Buffer.from('café ☕').toString('latin1') }).subject).toBe('café ☕');
+    // The checks read the decoded values.
+    expect(attrs({ 'ce-specversion': '1%2E0' }).specversion).toBe('1.0');
+    expect(refused({ ...BINARY, 'ce-specversion': '%322.0' }, V1)).toBe('INVALID_INPUT: the ce-specversion header is "22.0": this server reads CloudEvents 1.0 and 0.3');
+    expect(refused({ ...BINARY, 'ce-id': '""' }, V1)).toBe('INVALID_INPUT: the ce-id header is empty: a CloudEvent\'s id, source and type are non-empty');
+  });
+
+  it('that are not UTF-8 once decoded are refused, naming the header (an overlong %C0%A0, a lone byte)', () => {
+    const why = 'write each character outside printable ASCII, and space, \'"\' and \'%\', as the %XX of its UTF-8 bytes';
+    expect(refused({ ...BINARY, 'ce-subject': 'a%C0%A0b' }, V1)).toBe(`INVALID_INPUT: the ce-subject header is not UTF-8 once percent-decoded ("a%C0%A0b"): ${why}`);
+    expect(refused({ ...BINARY, 'ce-source': '/caf%E9' }, V1)).toBe(`INVALID_INPUT: the ce-source header is not UTF-8 once percent-decoded ("/caf%E9"): ${why}`);
+    // A latin1 byte written verbatim is no more UTF-8 than its %XX.
+    expect(refused({ ...BINARY, 'ce-source': '/caf\u00e9' }, V1)).toBe(`INVALID_INPUT: the ce-source header is not UTF-8 once percent-decoded ("/caf\u00e9"): ${why}`);
+  });
+});
+
 describe('eventReply', () => {
   const data = Buffer.from('{"predictions":[]}');
   const now = new Date('2026-12-06T12:00:00.000Z');
@@ -132,6 +156,13 @@ describe('eventReply', () => {
     const bin = eventReply({ binary: true, attributes: { specversion: '1.0', id: 'i', source: 's', type: 't', datacontenttype: 'text/json', ext: 'e' } }, data, 'sd', { ...settings, ceMerge: true }, now);
     expect(Object.keys(bin.headers!).sort()).toEqual(['ce-ext', 'ce-id', 'ce-source', 'ce-specversion', 'ce-time', 'ce-type']);
   });
+
+  it('percent-encodes the ce-* headers it writes: space, \'"\', \'%\' and what is not printable ASCII, as UTF-8 bytes in upper-case hex', () => {
+    const event = { binary: true, attributes: { specversion: '1.0', id: 'i', source: 's', type: 't', subject: 'Euro € 😀', ext: 'say "hi"\t50%', url: 'https://x.example/a?b=c&d=e#f' } };
+    const h = eventReply(event, data, 'sd', { ...settings, ceMerge: true }, now).headers!;
+    expect([h['ce-subject'], h['ce-ext'], h['ce-url']]).toEqual(['Euro%20%E2%82%AC%20%F0%9F%98%80', 'say%20%22hi%22%0950%25', 'https://x.example/a?b=c&d=e#f']);
+  });
+
 });
 
 describe('CE_TYPE, CE_SOURCE, CE_MERGE', () => {
@@ -218,6 +249,17 @@ describe('CloudEvents over HTTP', () => {
     expect(s.json).toMatchObject({ specversion: '1.0', type: 'dev.example.image', source: '/diffusers', subject: 'cat' });
     expect(s.json.id).not.toBe('req-2');
     expect(s.json.time).not.toBe(EVENT.time);
+  });
+
+  it('ce-* headers are percent-decoded on the way in and encoded on the way out (CE_MERGE), a value not UTF-8 a 400', async () => {
+    const r = await predict(merged, V1, {
+      ...BINARY, 'content-type': 'application/json',
+      'ce-subject': 'Euro%20%E2%82%AC%20%F0%9F%98%80', 'ce-ext': '"50% \\"off\\""', 'ce-note': Buffer.from('café').toString('latin1'),
+    }, 'sd');
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    expect([r.headers.get('ce-subject'), r.headers.get('ce-ext'), r.headers.get('ce-note')]).toEqual(['Euro%20%E2%82%AC%20%F0%9F%98%80', '50%25%20%22off%22', 'caf%C3%A9']);
+    const bad = await predict(merged, V1, { ...BINARY, 'content-type': 'application/json', 'ce-source': '/x%C0%A0' }, 'sd');
+    expect([bad.status, bad.json.error]).toEqual([400, 'the ce-source header is not UTF-8 once percent-decoded ("/x%C0%A0"): write each character outside printable ASCII, and space, \'"\' and \'%\', as the %XX of its UTF-8 bytes']);
   });
 
   it('CE_MERGE: attributes are checked as a body is (depth, forbidden keys) before any image is made; a deeply nested one was a 500 after the generation', async () => {

@@ -73,14 +73,42 @@ export function decodeEvent(headers: Record<string, string>, raw: Buffer, parse:
  */
 export function binaryEvent(headers: Record<string, string>): InboundEvent | undefined {
   if (!hasBinaryHeaders(headers)) return undefined;
-  checkVersion(headers['ce-specversion'], 'the ce-specversion header');
-  const empty = BINARY.filter((h) => headers[h] === '');
+  const attributes: Record<string, string> = {};
+  for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = headerValue(k, v);
+  checkVersion(attributes.specversion, 'the ce-specversion header');
+  const empty = BINARY.filter((h) => attributes[h.slice(3)] === '');
   if (empty.length > 0) throw invalid(`the ${empty.join(', ')} header${empty.length > 1 ? 's are' : ' is'} empty: a CloudEvent's id, source and type are non-empty`);
-  const attributes: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(headers)) if (k.startsWith('ce-') && k.length > 3) attributes[k.slice(3)] = v;
   if (headers['content-type'] !== undefined) attributes.datacontenttype = headers['content-type'];
   return { binary: true, attributes };
 }
+
+// ignoreBOM: a percent-encoded U+FEFF at the start is part of the value, not a mark to drop.
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
+/**
+ * A ce-* header's value as the HTTP binding says to read it (3.1.3.2): a double-quoted string unescaped, then one round
+ * of percent-decoding, the bytes UTF-8. Node hands header bytes over as latin1, so a sender that writes UTF-8 verbatim
+ * (Knative's Go SDK writes and reads values as they are) is read as it meant too. A '%' without two hex digits after it
+ * is kept, as Python's unquote keeps it; bytes that are not UTF-8 are refused, as the binding says.
+ */
+function headerValue(name: string, raw: string): string {
+  let v = raw;
+  if (v.length >= 2 && v.startsWith('"') && v.endsWith('"')) v = v.slice(1, -1).replace(/\\([\s\S])/g, '$1');
+  if (!/%[0-9A-Fa-f]{2}|[^\x00-\x7f]/.test(v)) return v;
+  const bytes = Buffer.from(v.replace(/%([0-9A-Fa-f]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16))), 'latin1');
+  try {
+    return STRICT_UTF8.decode(bytes);
+  } catch {
+    throw invalid(`the ${name} header is not UTF-8 once percent-decoded (${JSON.stringify(raw.length > 80 ? `${raw.slice(0, 80)}…` : raw)}): write each character outside printable ASCII, and space, '"' and '%', as the %XX of its UTF-8 bytes`);
+  }
+}
+
+/**
+ * An attribute as a ce-* header value (HTTP binding 3.1.3.2): space, '"', '%' and every character outside printable
+ * ASCII as the %XX of its UTF-8 bytes, upper-case hex; the rest as it is.
+ */
+const encodeHeaderValue = (v: string): string =>
+  v.replace(/[^\x21\x23\x24\x26-\x7e]/gu, (c) => Array.from(Buffer.from(c, 'utf8'), (b) => `%${b.toString(16).toUpperCase().padStart(2, '0')}`).join(''));
 
 /** Whether the Content-Type is one of CloudEvents' formats (structured, batch, or another encoding). */
 const eventFormat = (headers: Record<string, string>): boolean => mediaType(headers['content-type']).startsWith('application/cloudevents');
@@ -190,7 +218,8 @@ function answerAttributes(event: InboundEvent, modelName: string, cfg: EventSett
 
 function binaryHeaders(attributes: Record<string, unknown>): Record<string, string> {
   const headers: Record<string, string> = {};
-  // Each value as it came (a merged header) or as config.ts lets it be: nothing the HTTP binding would percent-encode.
-  for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = String(v);
+  // Percent-encoded as the binding says: a merged value read from a header was decoded there (CE_TYPE and CE_SOURCE
+  // hold nothing to encode: config.ts).
+  for (const [k, v] of Object.entries(attributes)) headers[`ce-${k}`] = encodeHeaderValue(String(v));
   return headers;
 }
