@@ -44,6 +44,26 @@ describe('decodeEvent', () => {
     expect(decode(structured, b64)).toEqual({ body: V1, event: { binary: false, attributes: { ...EVENT, datacontenttype: 'application/json' } } });
   });
 
+  it('reads a 0.3 event\'s data as base64 when its datacontentencoding says base64, as the CloudEvents SDK does; another encoding is named', () => {
+    const structured = { 'content-type': 'application/cloudevents+json' };
+    const v03 = { ...EVENT, specversion: '0.3' };
+    const b64 = Buffer.from(JSON.stringify(V1)).toString('base64');
+    expect(decode(structured, { ...v03, datacontentencoding: 'base64', data: b64 }))
+      .toEqual({ body: V1, event: { binary: false, attributes: { ...v03, datacontentencoding: 'base64' } } });
+    expect(decode(structured, { ...v03, datacontentencoding: 'Base64', data: b64 }).body).toEqual(V1);
+    expect(decode(structured, { ...v03, data: V1 }).body).toEqual(V1);
+    // In 1.0 the attribute is an extension: data is read as it is.
+    expect(decode(structured, { ...EVENT, datacontentencoding: 'base64', data: V1 }).body).toEqual(V1);
+    expect(refused(structured, { ...v03, datacontentencoding: 'quoted-printable', data: V1 }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s datacontentencoding is "quoted-printable": the only encoding read is "base64" (data a string of base64), or leave it out and put the V1 body in "data"');
+    expect(refused(structured, { ...v03, datacontentencoding: 'base64', data: V1 }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data (datacontentencoding base64) must be a string of base64, got an object');
+    expect(refused(structured, { ...v03, datacontentencoding: 'base64', data: JSON.stringify(V1) }))
+      .toBe('INVALID_INPUT: the CloudEvent\'s data (datacontentencoding base64) is not base64: "{" at character 0 (base64 is A-Z, a-z, 0-9, \'+\' and \'/\', \'=\' only at the end)');
+    expect(refused(structured, { ...v03, datacontentencoding: 'base64', data_base64: b64 }))
+      .toBe('INVALID_INPUT: the CloudEvent has "datacontentencoding": "base64" but no "data": the V1 body goes in its data, as base64');
+  });
+
   it('reads an attribute written as null as one left out (the JSON format lets an optional one be null)', () => {
     const structured = { 'content-type': 'application/cloudevents+json' };
     expect(decode(structured, { ...EVENT, datacontenttype: null, subject: null, data: V1 })).toEqual({ body: V1, event: { binary: false, attributes: EVENT } });
@@ -163,6 +183,11 @@ describe('eventReply', () => {
     expect([h['ce-subject'], h['ce-ext'], h['ce-url']]).toEqual(['Euro%20%E2%82%AC%20%F0%9F%98%80', 'say%20%22hi%22%0950%25', 'https://x.example/a?b=c&d=e#f']);
   });
 
+  it('CE_MERGE: a 0.3 event\'s datacontentencoding is not carried over, the answer\'s data being JSON', () => {
+    const event = { binary: false, attributes: { specversion: '0.3', id: 'i', source: 's', type: 't', datacontentencoding: 'base64', subject: 'cat' } };
+    const out = JSON.parse(Buffer.from(eventReply(event, data, 'sd', { ...settings, ceMerge: true }, now).body).toString()) as Record<string, unknown>;
+    expect(out).toEqual({ specversion: '0.3', id: out.id, time: '2026-12-06T12:00:00.000Z', type: 'io.kserve.inference.response', source: 'io.kserve.inference.sd', subject: 'cat', data: { predictions: [] } });
+  });
 });
 
 describe('CE_TYPE, CE_SOURCE, CE_MERGE', () => {
@@ -260,6 +285,16 @@ describe('CloudEvents over HTTP', () => {
     expect([r.headers.get('ce-subject'), r.headers.get('ce-ext'), r.headers.get('ce-note')]).toEqual(['Euro%20%E2%82%AC%20%F0%9F%98%80', '50%25%20%22off%22', 'caf%C3%A9']);
     const bad = await predict(merged, V1, { ...BINARY, 'content-type': 'application/json', 'ce-source': '/x%C0%A0' }, 'sd');
     expect([bad.status, bad.json.error]).toEqual([400, 'the ce-source header is not UTF-8 once percent-decoded ("/x%C0%A0"): write each character outside printable ASCII, and space, \'"\' and \'%\', as the %XX of its UTF-8 bytes']);
+  });
+
+  it('a 0.3 structured event with datacontentencoding base64 makes the plain request\'s image; the answer (CE_MERGE: 0.3) has JSON data and no datacontentencoding', async () => {
+    const plain = await predict(merged, V1, { 'content-type': 'application/json' }, 'sd');
+    const event = { ...EVENT, specversion: '0.3', datacontentencoding: 'base64', data: Buffer.from(JSON.stringify(V1)).toString('base64') };
+    const r = await predict(merged, event, { 'content-type': 'application/cloudevents+json' }, 'sd');
+    expect(r.status, JSON.stringify(r.json)).toBe(200);
+    const { data, ...attributes } = r.json as { data: Record<string, unknown>; id: string; time: string };
+    expect(attributes).toEqual({ specversion: '0.3', id: attributes.id, time: attributes.time, type: 'dev.example.image', source: '/diffusers' });
+    expect(image(data) === image(plain.json)).toBe(true);
   });
 
   it('CE_MERGE: attributes are checked as a body is (depth, forbidden keys) before any image is made; a deeply nested one was a 500 after the generation', async () => {

@@ -153,23 +153,37 @@ function structured(json: unknown, parse: (b: Buffer) => unknown): Decoded {
   // JSON.stringify overflowed the stack on a deeply nested one, a 500 once the images were made. The data is the body.
   assertSafeJson(attributes, 'the CloudEvent');
   let body: unknown;
-  if (Object.hasOwn(ev, 'data')) {
+  // CloudEvents 0.3 had no data_base64: its binary data is a base64 string in "data" with "datacontentencoding": "base64"
+  // (RFC 2045's names), read as the CloudEvents SDK for Python reads it. In 1.0 the attribute is an extension like any other.
+  const encoding = ev.specversion === '0.3' ? ev.datacontentencoding : undefined;
+  if (encoding !== undefined) {
+    if (typeof encoding !== 'string' || encoding.toLowerCase() !== 'base64') {
+      throw invalid(`the CloudEvent's datacontentencoding is ${JSON.stringify(encoding)}: the only encoding read is "base64" (data a string of base64), or leave it out and put the V1 body in "data"`);
+    }
+    if (!Object.hasOwn(ev, 'data')) throw invalid('the CloudEvent has "datacontentencoding": "base64" but no "data": the V1 body goes in its data, as base64');
+    body = fromBase64(data, 'data (datacontentencoding base64)', parse);
+  } else if (Object.hasOwn(ev, 'data')) {
     if (base64 !== undefined) throw invalid('the CloudEvent has both "data" and "data_base64": an event holds one of them (the V1 body in "data")');
     body = data;
   } else if (base64 !== undefined) {
-    if (typeof base64 !== 'string') throw invalid(`the CloudEvent's data_base64 must be a string of base64, got ${typeName(base64)}`);
-    // Buffer.from skips what is not base64: a JSON text put in data_base64 would decode to bytes that name nothing.
-    const bad = notBase64(base64);
-    if (bad) {
-      throw invalid(`the CloudEvent's data_base64 is not base64: ${JSON.stringify(bad.char)} at character ${bad.at} (base64 is A-Z, a-z, 0-9, '+' and '/', '=' only at the end)`);
-    }
-    try {
-      body = parse(Buffer.from(base64, 'base64'));
-    } catch (err) {
-      throw invalid(`the CloudEvent's data_base64 does not hold a JSON body: ${(err as Error).message.replace(/^Unrecognized request format: /, '')}`);
-    }
+    body = fromBase64(base64, 'data_base64', parse);
   } else throw invalid('the CloudEvent has no "data": the V1 body ({"instances":[…]}) goes in its data');
   return { body, event: { binary: false, attributes } };
+}
+
+/** The JSON body a structured event's base64 `field` holds. */
+function fromBase64(b64: unknown, field: string, parse: (b: Buffer) => unknown): unknown {
+  if (typeof b64 !== 'string') throw invalid(`the CloudEvent's ${field} must be a string of base64, got ${typeName(b64)}`);
+  // Buffer.from skips what is not base64: a JSON text put in data_base64 would decode to bytes that name nothing.
+  const bad = notBase64(b64);
+  if (bad) {
+    throw invalid(`the CloudEvent's ${field} is not base64: ${JSON.stringify(bad.char)} at character ${bad.at} (base64 is A-Z, a-z, 0-9, '+' and '/', '=' only at the end)`);
+  }
+  try {
+    return parse(Buffer.from(b64, 'base64'));
+  } catch (err) {
+    throw invalid(`the CloudEvent's ${field} does not hold a JSON body: ${(err as Error).message.replace(/^Unrecognized request format: /, '')}`);
+  }
 }
 
 /**
@@ -206,7 +220,9 @@ export const eventHeaders = (event: InboundEvent, modelName: string, cfg: EventS
 function answerAttributes(event: InboundEvent, modelName: string, cfg: EventSettings, now: Date): Record<string, unknown> {
   const attributes: Record<string, unknown> = { specversion: '1.0' };
   if (cfg.ceMerge) {
-    for (const [k, v] of Object.entries(event.attributes)) if (k !== 'id' && k !== 'time' && !(event.binary && k === 'datacontenttype')) attributes[k] = v;
+    // Not the request's data encoding either: the answer's data is JSON, never a 0.3 event's base64.
+    const dropped = (k: string) => k === 'id' || k === 'time' || (event.binary && k === 'datacontenttype') || (event.attributes.specversion === '0.3' && k === 'datacontentencoding');
+    for (const [k, v] of Object.entries(event.attributes)) if (!dropped(k)) attributes[k] = v;
   }
   return Object.assign(attributes, {
     id: randomUUID(),
