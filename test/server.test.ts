@@ -147,7 +147,6 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     ['malformed JSON', '{"instances": [', 400, /Unrecognized request format/],
     ['not an object', '[1,2]', 400, /JSON object/],
     ['no instances', {}, 400, /instances/],
-    ['empty instances', { instances: [] }, 400, /must not be empty/],
     ['instances not a list', { instances: { prompt: 'x' } }, 400, /list/],
     ['missing prompt', { instances: [{}] }, 400, /instances\[0\]\.prompt is required/],
     ['prompt not a string', { instances: [{ prompt: 42 }] }, 400, /instances\[0\]\.prompt must be a string/],
@@ -193,6 +192,16 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     expect(r.status).toBe(status);
     expect(r.json.error).toMatch(pattern);
     expect(JSON.stringify(r.json)).not.toMatch(/at .*\.js:\d+|TypeError|SyntaxError:/);
+  });
+
+  it('answers an empty list with no prediction (200), as the seed runtime and KServe\'s server do; no list at all is still a 400', async () => {
+    for (const body of [{ instances: [] }, { inputs: [] }]) {
+      const r = await fetch(predictUrl(), { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      expect([r.status, r.headers.get('content-type'), await r.text()]).toEqual([200, 'application/json', '{"predictions":[]}']);
+    }
+    // What an empty list does not excuse: a top-level field, a body that is not one.
+    expect((await postJson(predictUrl(), { instances: [], parameters: {} })).status).toBe(400);
+    expect((await postJson(predictUrl(), {})).json.error).toBe('the request body has no "instances" list');
   });
 
   it('refuses a body above the limit with 413', async () => {

@@ -66,11 +66,13 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
               ? 'signature_name: this model has one signature, "serving_default"; leave signature_name out or send that'
               : `${JSON.stringify(k)} is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance ({"instances":[{"prompt":…,"num_inference_steps":…}]})`).join('; '));
         }
+        // An empty list asks for no image and is answered with none, as the seed runtime and KServe's server (which
+        // leaves the list to the model) answer it: a client that builds the list from a filter gets [], not an error.
+        const empty = Array.isArray(instances) && instances.length === 0;
         // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
-        checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
+        if (!empty) checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
         assertSafeJson(parsed, 'body');
-        const reqs = parseInstances(instances, parseContext(ctx), where);
-        const results = await generateWithImages(ctx, reqs, ex.gone.signal);
+        const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), ex.gone.signal);
         void name;
         const out = predictionsBody(results);
         return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };
