@@ -75,6 +75,20 @@ describe('V2 codec: requests', () => {
     );
   });
 
+  it('refuses a zero-length tensor, prompt or other, saying what to send (V1\'s empty list gets no prediction; V2 has no such clients to keep)', () => {
+    const problem = (inputs: unknown[]) => {
+      try {
+        parseInferRequest({ 'content-type': 'application/json' }, Buffer.from(JSON.stringify({ inputs })));
+      } catch (err) {
+        return (err as Error).message;
+      }
+      throw new Error('not refused');
+    };
+    expect(problem([{ name: 'prompt', shape: [0], datatype: 'BYTES', data: [] }])).toBe('input "prompt" is empty (shape [0]): send at least one prompt, one element per image');
+    expect(problem([{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }, { name: 'seed', shape: [0], datatype: 'INT64', data: [] }]))
+      .toBe('input "seed" is empty (shape [0]): give it one element (for every prompt) or one per prompt, or leave it out');
+  });
+
   it('names a top-level key the protocol does not have along with the other problems', () => {
     const body = json({ id: 3, instances: [{ prompt: 'a' }], seed: 1, inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a'] }] });
     expect(() => parseInferRequest({}, body)).toThrow(

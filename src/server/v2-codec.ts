@@ -347,7 +347,13 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
     values = flat as Array<string | number>;
   }
   if (values.length !== count) return void problems.push(`${wn}: shape ${JSON.stringify(shape)} holds ${count} elements but data has ${values.length}`);
-  if (values.length === 0) return void problems.push(`${wn} is empty`);
+  // Kept a 400 where V1's empty list is answered with no prediction: V2 came with no seed-runtime clients to keep, and
+  // a zero-length tensor is mostly a client's empty array sent by mistake.
+  if (values.length === 0) {
+    return void problems.push(name === 'prompt'
+      ? `${wn} is empty (shape ${JSON.stringify(shape)}): send at least one prompt, one element per image`
+      : `${wn} is empty (shape ${JSON.stringify(shape)}): give it one element (for every prompt) or one per prompt, or leave it out`);
+  }
   return { name, datatype, shape: shape as number[], values };
 }
 
