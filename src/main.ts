@@ -198,7 +198,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     shutdown: rt.shutdown,
     images: rt.images,
     inputBudget: rt.inputBudget,
-    generate: (reqs, signal, onProgress, onQueued) => rt.generation.generate(reqs, signal, onProgress, onQueued),
+    generate: (reqs, signal, onProgress, onQueued, timeoutMs) => rt.generation.generate(reqs, signal, onProgress, onQueued, timeoutMs),
   };
   w.registerRoutes(base, ctx);
   rt.setListener(base);

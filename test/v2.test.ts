@@ -272,6 +272,21 @@ describe('V2 infer', () => {
     expect(several.json.error).toBe(`parameters.output_format must be one of png, jpeg, webp, got "gif"; input "seed" data[1] must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}, got -1; leave seed out for a random one, returned with the image`);
   });
 
+  it('takes Triton\'s request parameters as tritonclient sends them: timeout (µs) bounds the request with a 504, priority is read and not used', async () => {
+    const params = { num_inference_steps: 2, seed: 11, height: 64, width: 64 };
+    const plain = await infer({ inputs: [prompt('a harbour')], parameters: params });
+    const given = await infer({ inputs: [prompt('a harbour')], parameters: { ...params, priority: 3, timeout: 600_000_000 } });
+    expect([plain.status, given.status]).toEqual([200, 200]);
+    expect(given.json.outputs).toEqual(plain.json.outputs);
+    // No seed, so no cached answer: the generation runs, and 1 ms is over long before its 200 steps are.
+    const slow = await infer({ inputs: [prompt('a slow harbour')], parameters: { num_inference_steps: 200, height: 256, width: 256, timeout: 1000 } });
+    expect([slow.status, slow.json.code, slow.json.error]).toEqual([504, 'TIMEOUT', 'the request took longer than its parameters.timeout (1000 µs) and was stopped']);
+    const bad = await infer({ inputs: [prompt('x')], parameters: { timeout: -1, priority: 1.5 } });
+    expect([bad.status, bad.json.error]).toEqual([400, 'parameters.timeout must be a non-negative integer (microseconds, as Triton reads it; 0 for none), got -1; '
+      + 'parameters.priority must be a non-negative integer (Triton\'s priority level; read and not used here, every request sharing one queue), got 1.5']);
+    expect((await infer({ inputs: [prompt('a harbour')], parameters: { ...params, timeout: 0 } })).status).toBe(200);
+  });
+
   it('404s an unknown model and 413s an oversize body', async () => {
     const r = await postJson(`${srv.url}/v2/models/nope/infer`, { inputs: [prompt('x')] });
     expect([r.status, r.json.error]).toEqual([404, 'Model with name nope does not exist. This server serves "model" (GET /v1/models).']);

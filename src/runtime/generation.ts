@@ -17,7 +17,8 @@ import { createResultCache, type ResultCache } from './result-cache.js';
 export interface Generation {
   /** Runs requests through the result cache and the queue; results in request order. */
   /** `onQueued`: once per request, when it is queued (or answered from the result cache). */
-  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult[]>;
+  /** `timeoutMs`: the request's own deadline (V2's parameters.timeout), taken where shorter than REQUEST_TIMEOUT_S. */
+  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]>;
   readonly resultCache: ResultCache;
   /** Requests in flight (a request of several generations counts once). */
   readonly inflight: number;
@@ -106,11 +107,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     get inflight() {
       return inflight;
     },
-    async generate(reqs, signal, onProgress, onQueued) {
+    async generate(reqs, signal, onProgress, onQueued, timeoutMs) {
       inflight++;
       metrics.inflight.set(labels, inflight);
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
-      const timeout = deadline(signal, cfg.requestTimeoutS * 1000);
+      const own = timeoutMs !== undefined && timeoutMs < cfg.requestTimeoutS * 1000;
+      const timeout = deadline(signal, own ? timeoutMs : cfg.requestTimeoutS * 1000);
       // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
@@ -124,7 +126,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
         if (timeout.timedOut && !signal.aborted) {
-          throw new RuntimeError('TIMEOUT', `the request took longer than REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s and was stopped`, { cause: err });
+          const limit = own ? `its parameters.timeout (${Math.round(timeoutMs * 1000)} µs)` : `REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s`;
+          throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped`, { cause: err });
         }
         throw err;
       } finally {

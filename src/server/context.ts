@@ -29,7 +29,7 @@ export interface ServerContext {
   /** What the input images of all requests in flight may hold at once (INPUT_IMAGES_MB). */
   inputBudget: InputBudget;
   /** Runs requests through the result cache and the queue; results in request order. */
-  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void) => Promise<TaskResult[]>;
+  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number) => Promise<TaskResult[]>;
 }
 
 /**
@@ -110,10 +110,10 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
  * Every route's request: its input images read (readImages), then generated; the images' share of the input budget
  * is given back once the generation has ended, whatever its outcome.
  */
-export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult[]> {
+export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]> {
   const release = await readImages(ctx, reqs, signal);
   try {
-    return await ctx.generate(reqs, signal, onProgress, onQueued);
+    return await ctx.generate(reqs, signal, onProgress, onQueued, timeoutMs);
   } finally {
     release();
   }

@@ -57,6 +57,8 @@ const DATATYPES = new Set([...Object.keys(ELEMENT_BYTES), 'BYTES']);
 const OUTPUTS = ['image', 'seed'] as const;
 /** The keys of an Open Inference Protocol inference request. */
 const REQUEST_KEYS = ['id', 'parameters', 'inputs', 'outputs'] as const;
+/** Request parameters of Triton's that are not generation fields: `timeout` (µs) bounds the request, `priority` is read only. */
+const TRITON_PARAMETERS: readonly string[] = ['timeout', 'priority'];
 type OutputName = (typeof OUTPUTS)[number];
 
 /** Model metadata: what `/infer` accepts. Variable dims are -1. */
@@ -86,6 +88,8 @@ export interface InferRequest {
   inputs: Tensor[];
   /** Outputs to return, each with whether it is sent as binary data. */
   outputs: Array<{ name: OutputName; binary: boolean }>;
+  /** Triton's request parameter `timeout` (sent in microseconds), as a deadline under REQUEST_TIMEOUT_S; absent or 0: none. */
+  timeoutMs?: number;
 }
 
 const bad = (msg: string) => new RuntimeError('INVALID_INPUT', msg);
@@ -217,8 +221,14 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
   for (const k of Object.keys(parameters)) {
     if (k === 'binary_data_output') {
       if (typeof parameters[k] !== 'boolean') problems.push('parameters.binary_data_output must be true or false');
+    } else if (TRITON_PARAMETERS.includes(k)) {
+      // Triton's request parameters, which tritonclient sends when its caller sets them (infer(priority=…, timeout=…)).
+      const v = parameters[k];
+      if (!Number.isSafeInteger(v) || (v as number) < 0) {
+        problems.push(`parameters.${k} must be a non-negative integer (${k === 'timeout' ? 'microseconds, as Triton reads it; 0 for none' : 'Triton\'s priority level; read and not used here, every request sharing one queue'}), got ${brief(v)}`);
+      }
     } else if (k === 'prompt') problems.push('prompt must be an input tensor (BYTES), not a parameter');
-    else if (!Object.hasOwn(FIELDS, k)) pushUnknownField(problems, 'parameters.', k, [...Object.keys(FIELDS).filter((f) => f !== 'prompt'), 'binary_data_output']);
+    else if (!Object.hasOwn(FIELDS, k)) pushUnknownField(problems, 'parameters.', k, [...Object.keys(FIELDS).filter((f) => f !== 'prompt'), 'binary_data_output', ...TRITON_PARAMETERS]);
   }
 
   const inputs: Tensor[] = [];
@@ -266,7 +276,8 @@ export function parseInferRequest(headers: Readonly<Record<string, string>>, bod
     }
   }
   if (problems.length > 0) throw bad(joinProblems(problems));
-  return { id, parameters, inputs, outputs };
+  const timeoutUs = parameters.timeout as number | undefined;
+  return { id, parameters, inputs, outputs, ...(timeoutUs ? { timeoutMs: timeoutUs / 1000 } : {}) };
 }
 
 /**
@@ -479,7 +490,7 @@ export function toInstances(req: InferRequest): Array<Record<string, unknown>> {
   }
   if (problems.length > 0) throw bad(joinProblems(problems));
   const params: Record<string, Scalar> = { ...req.parameters };
-  delete params.binary_data_output;
+  for (const k of ['binary_data_output', ...TRITON_PARAMETERS]) delete params[k];
   return prompt.values.map((_, i) => {
     const inst: Record<string, unknown> = { ...params };
     for (const t of req.inputs) inst[t.name] = t.values.length === 1 ? t.values[0] : t.values[i];

@@ -70,7 +70,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
           for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
           g.image.at = 'parameters';
         });
-        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal)));
+        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal, undefined, undefined, req.timeoutMs)));
         return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
       },
       opts,
