@@ -49,6 +49,16 @@ describe('a request of many instances (MAX_IMAGES_PER_REQUEST=16)', () => {
     await predictsWithoutWarning(Array.from({ length: 12 }, (_, i) => ({ prompt: `in ${i}`, image: `s3://inputs/in-${i}.png`, strength: 0.5, num_inference_steps: 2, seed: i })));
   });
 
+  it('uploads sixteen images of one request to output_uri at once without a MaxListenersExceededWarning', async () => {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [
+      { prompt: 'many out', num_images_per_prompt: 16, num_inference_steps: 1, height: 64, width: 64, seed: 5, output_uri: 's3://inputs/out/many.png' }] });
+    expect(r.status).toBe(200);
+    expect((r.json.predictions as Array<{ image: { uri: string } }>).map((p) => p.image.uri)).toEqual(Array.from({ length: 16 }, (_, i) => `s3://inputs/out/many-${i}.png`));
+    await fetch(`${srv.url}/`);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(srv.stderr.join('')).not.toContain('MaxListenersExceededWarning');
+  });
+
   it('counts a V1 client that leaves mid-generation as 499 in inference_request_count, as the WebSocket route does', async () => {
     const v1 = { model_name: 'model', protocol: 'v1' };
     const before = { gone: await metric(srv, 'inference_request_count', { ...v1, status: '499' }), all: await metric(srv, 'inference_request_count', v1) };

@@ -21,7 +21,8 @@ import { createRequestS3 } from '../src/storage/request-s3.js';
 import { createS3 } from '../src/storage/s3-sdk.js';
 import { multipartEtag, UPLOAD_ATTEMPTS } from '../src/storage/upload-retry.js';
 import { CREDS, cleanUpS3, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
-import { until } from './helpers/server.js';
+import { startRuntime } from './helpers/runtime.js';
+import { postJson, until } from './helpers/server.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const MiB = 1 << 20;
@@ -208,6 +209,27 @@ describe('output_uri', () => {
       requestS3.destroy();
     }
   });
+
+  it("instances of one request: one refused while another's image is on its way, the error waits for it and names it as written", async () => {
+    // The runtime, its demo model generating both instances in one batch; the first instance's PUT held at the proxy.
+    const srv = await startRuntime({ STORAGE_URI: undefined, ...s3Env(proxy.endpoint, path.join(tmp, 'unused')), LOG_LEVEL: 'info', RESULT_CACHE_MB: '0', MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '200' }, { ready: true });
+    let release!: () => void;
+    proxy.faults = { hold: { keys: /\/out\/inst-a\.png/, method: 'PUT', release: new Promise<void>((r) => (release = r)) }, failPuts: { keys: /^out\/inst-b/, every: { status: 403, code: 'AccessDenied' } } };
+    try {
+      const one = { prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 5 };
+      const answer = postJson(`http://127.0.0.1:${srv.port}/v1/models/model:predict`, { instances: [
+        { ...one, output_uri: 's3://models/out/inst-a.png' }, { ...one, output_uri: 's3://models/out/inst-b.png' }] });
+      await until(() => proxy.stats.putFaults >= 1, 60_000, 5);
+      release();
+      const r = await answer;
+      expect([r.status, r.json.error]).toEqual([500, "output_uri: access denied writing s3://models/out/inst-b.png (AccessDenied); check the server's S3 credentials and the bucket policy; of the request's other instances' images, s3://models/out/inst-a.png was written"]);
+      // Written before the answer: the refusal used to cancel it, its PUT already sent landing after the error.
+      expect((await object('out/inst-a.png')).subarray(1, 4).toString()).toBe('PNG');
+    } finally {
+      release();
+      await srv.stop(0);
+    }
+  }, 120_000);
 
   it('an upload cancelled while its parts are retried: it fails CANCELLED, no part is sent again, and its multipart upload is aborted', async () => {
     const { requestS3, out } = store();

@@ -75,9 +75,14 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     }
   };
 
-  /** Result cache → an identical generation running → queue → cache fill → optional upload to output_uri. */
-  /** `request`: the object every generation of one client request shares (the engine queues the request as one). */
-  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
+  /**
+   * Result cache → an identical generation running → queue → cache fill → optional upload to output_uri.
+   * `request`: the object every generation of one client request shares (the engine queues the request as one).
+   * `upload`: the request's uploads, each under way until it settles; aborted by the client's leaving or the timeout,
+   * not by `signal`'s failure of another generation of the request (generate()).
+   */
+  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
+    onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     const hit = key === undefined ? undefined : resultCache.get(key) ?? (await joinRunning(key, signal, onProgress));
     let result: TaskResult;
@@ -97,7 +102,9 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
-      result.uris = await output.upload(req.output.uri, result.images, signal);
+      const up = output.upload(req.output.uri, result.images, upload.signal);
+      upload.started.push(up);
+      result.uris = await up;
     }
     return result;
   };
@@ -117,11 +124,13 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const both = AbortSignal.any([timeout.signal, failed.signal]);
-      // Each generation of the request listens on it while queued or running, and each image while uploading: up to
-      // MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no warning for it.
-      setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both);
+      // Each generation of the request listens on `both` while queued or running, and each image on the timeout's while
+      // uploading: up to MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no
+      // warning for it.
+      setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
+      const upload: Uploads = { signal: timeout.signal, started: [] };
       try {
-        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, onProgress, onQueued)));
+        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
@@ -129,7 +138,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
           const limit = own ? `its parameters.timeout (${Math.round(timeoutMs * 1000)} µs)` : `REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s`;
           throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped`, { cause: err });
         }
-        throw err;
+        // Other instances' uploads under way end first, as one instance's images do (output.ts): cancelled, their
+        // requests already sent would land after the error.
+        const written = (await Promise.allSettled(upload.started)).flatMap((u) => (u.status === 'fulfilled' ? u.value : []));
+        throw written.length > 0 ? withWritten(err, written) : err;
       } finally {
         timeout.clear();
         inflight--;
@@ -143,4 +155,22 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       return new Promise<void>((r) => waiters.push(r)).then(() => engine.idle());
     },
   };
+}
+
+/** A request's output_uri uploads: the signal that cancels them, and those started. */
+interface Uploads {
+  readonly signal: AbortSignal;
+  readonly started: Array<Promise<string[]>>;
+}
+
+/**
+ * `err` naming the objects the request's other instances wrote. A copy: the error may be shared with requests that
+ * waited for the same generation (joinRunning).
+ */
+function withWritten(err: unknown, written: readonly string[]): unknown {
+  if (!(err instanceof RuntimeError)) return err;
+  const { retryAfter, fields, allow } = err;
+  return new RuntimeError(err.code, `${err.message}; of the request's other instances' images, ${written.join(', ')} ${written.length === 1 ? 'was' : 'were'} written`, {
+    cause: err, ...(retryAfter !== undefined ? { retryAfter } : {}), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}),
+  });
 }
