@@ -70,6 +70,12 @@ describe('why the CUDA provider did not start, as a boot reason', () => {
     expect(cudaStartFailure(cudaCall(999, 'unknown error'), 0, PROVIDER_DIR)).toEqual({ reason: 'CUDA failure 999: unknown error', config: false });
   });
 
+  it('a message of another shape: its first line that says something, never an empty reason', () => {
+    expect(cudaStartFailure(`\n${cudaCall(100, 'no CUDA-capable device is detected')}`, 0, PROVIDER_DIR).reason).toMatch(/^CUDA failure 100: no CUDA-capable device is detected; no GPU/);
+    expect(cudaStartFailure('', 0, PROVIDER_DIR)).toEqual({ reason: 'ONNX Runtime gave no reason', config: false });
+    expect(cudaStartFailure(' \n\n', 0, PROVIDER_DIR)).toEqual({ reason: 'ONNX Runtime gave no reason', config: false });
+  });
+
   it('a GPU that is not there is a setting to fix (GPUS), not a reason to serve that worker on the CPU', () => {
     expect(cudaStartFailure(cudaCall(101, 'invalid device ordinal'), 1, PROVIDER_DIR)).toEqual({
       reason: "CUDA failure 101: invalid device ordinal; GPU 1 does not exist in this container: GPUS (or WORKERS) asks for more GPUs than CUDA_VISIBLE_DEVICES or the pod's nvidia.com/gpu give; set GPUS to the GPUs the pod has",

@@ -120,8 +120,10 @@ export function cudaStartFailure(
   loadError: (providerDir: string) => string | undefined = providerLoadError,
 ): CudaStartFailure {
   const local = (t: string) => (providerDir ? t.split(providerDir + path.sep).join('') : t);
-  let text = withoutSourceLocations(local(message).split('\n')[0]!).trim();
-  text = text.replace(/ ; GPU=-?\d+ ; hostname=.*$/, '').trim();
+  // The first line that says something: a message may begin with a blank one.
+  const first = local(message).split('\n').find((l) => l.trim() !== '') ?? '';
+  let text = withoutSourceLocations(first).trim().replace(/ ; GPU=-?\d+ ; hostname=.*$/, '').trim();
+  if (text === '') text = 'ONNX Runtime gave no reason';
   const cuda = /\bCUDA failure (\d+): /.exec(text);
   const code = cuda ? Number(cuda[1]) : undefined;
   // Out of memory before any model is loaded (cudaMalloc, cuBLAS' or cuDNN's handle, the arena: failures.ts's signs).
