@@ -360,12 +360,19 @@ describe('formats, result cache, output_uri', () => {
   it('an identical request waiting for a generation whose client leaves runs its own', async () => {
     const inst = { prompt: 'left alone', num_inference_steps: 40, height: 256, width: 256, seed: 92 };
     const images0 = await metric(srv, 'images_generated_total');
-    const first = rawPredict(srv.port, inst);
+    // The worker held by a long generation of its own until the end: the first request waits queued behind it, however
+    // fast its 40 steps would run (~70 ms, which a loaded machine's metric polls could miss).
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', num_inference_steps: 500, height: 512, width: 512, seed: 93 });
     await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const first = rawPredict(srv.port, inst);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
     const second = predict(srv, inst);
-    // Counted in flight as it joins the running generation (in the same turn).
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    // Counted in flight as it joins the first's generation (in the same turn), which it waits for outside the queue.
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(1);
     first.destroy();
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1 && (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    blocker.destroy();
     const r = await second;
     expect(r.status).toBe(200);
     expect(preds(r.json)[0]).toMatchObject({ seed: 92, width: 256, height: 256 });
