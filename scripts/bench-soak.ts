@@ -6,8 +6,12 @@
  *   plain  the simplest repeated V1 request (one prompt, 64×64, 2 steps, no seed: never a result-cache hit)
  *   mixed  a seeded mix of what clients send, over real sockets: V1 and V2 predicts of several sizes, step counts,
  *          schedulers and output formats, batches of prompts, img2img (base64 PNG/JPEG, some with a mask), WebSocket
- *          generations (some with previews, some left mid-generation), LoRA adapter sets that switch (more sets than
- *          LORA_MAX_SETS), result-cache hits and misses, malformed / invalid / unknown-model bodies (400/404),
+ *          generations (some with previews, some left mid-generation), OpenAI generations and edits (multipart, some
+ *          with a mask), CloudEvents (binary with ever new attributes, and structured), identical seeded requests at
+ *          once (one generation, the others waiting for its images; one client sometimes leaving), LoRA adapter sets
+ *          that switch (more sets than LORA_MAX_SETS, and scales from the client, each a set of its own), names from
+ *          the client everywhere a name goes (random paths, model names on every route and on the WebSocket, OpenAI's
+ *          `model`, adapter names), result-cache hits and misses, malformed / invalid / unknown-model bodies (400/404),
  *          oversize bodies (413, declared and chunked), clients that leave mid-request and mid-body, bodies trickled
  *          slowly, responses read slowly or never, generations past REQUEST_TIMEOUT_S (504), bursts over MAX_QUEUE
  *          (503 BUSY), pipelined requests, probes and metric scrapes, and heads that never end (slow loris, cut by the
@@ -21,13 +25,14 @@
  * After the traffic, an idle wait: fds and sockets must come back to what they were before it.
  * Env: BENCH_SOAK_REQUESTS (3000 per run), BENCH_SOAK_CLIENTS (3 concurrent), BENCH_SOAK_SAMPLE_EVERY (100),
  * BENCH_SOAK_RUNS (plain,mixed), BENCH_SOAK_TIMEOUT_S (REQUEST_TIMEOUT_S of both servers, 2), BENCH_SOAK_CACHE_MB
- * (RESULT_CACHE_MB, 8), BENCH_SOAK_DEADLINE_S (1800 per run: the traffic stops there, and says so), BENCH_SEED
+ * (RESULT_CACHE_MB, 8), BENCH_SOAK_DEADLINE_S (1800 per run: the traffic stops there, and says so), BENCH_SOAK_GC
+ * (1: each sample also reads the main thread's heap after a forced full GC), BENCH_SEED
  * (random), BENCH_SOAK_ONLY (some actions of the mix only, by name), BENCH_SOAK_SNAPSHOT_SIGNAL (sent to the server a
  * quarter in and after the idle wait: with NODE_OPTIONS=--heapsnapshot-signal=<it>, two heap snapshots of its main
  * thread to compare; NODE_OPTIONS reaches the servers).
  * Prints a table, then one JSON line.
  */
-import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -53,6 +58,26 @@ const ONLY = process.env.BENCH_SOAK_ONLY ? process.env.BENCH_SOAK_ONLY.split(','
  * NODE_OPTIONS=--heapsnapshot-signal=SIGUSR2: two heap snapshots of the main thread to compare.
  */
 const SNAPSHOT_SIGNAL = process.env.BENCH_SOAK_SNAPSHOT_SIGNAL as NodeJS.Signals | undefined;
+/**
+ * With BENCH_SOAK_GC=1 each sample also reads the server's main-thread heap after a forced full GC: the servers run
+ * with `--expose-gc` and a preload (written to a temporary folder, passed in NODE_OPTIONS) that, on SIGWINCH, collects
+ * and writes process.memoryUsage() to a file. Live objects only, so growth there is retained memory, not garbage.
+ */
+const GC = process.env.BENCH_SOAK_GC === '1';
+const GC_SIGNAL = 'SIGWINCH';
+const GC_DIR = GC ? mkdtempSync(path.join(os.tmpdir(), 'soak-gc-')) : '';
+if (GC) {
+  writeFileSync(path.join(GC_DIR, 'gc.cjs'), `const { isMainThread } = require('node:worker_threads');
+if (isMainThread && typeof globalThis.gc === 'function') {
+  let n = 0;
+  process.on('${GC_SIGNAL}', () => {
+    globalThis.gc();
+    require('node:fs').writeFileSync(${JSON.stringify(GC_DIR)} + '/' + process.pid + '.json', JSON.stringify({ n: ++n, ...process.memoryUsage() }));
+  });
+}
+`);
+  process.on('exit', () => rmSync(GC_DIR, { recursive: true, force: true }));
+}
 const MAX_QUEUE = 8;
 const MAX_BODY = 1024 * 1024;
 const MB = 1e6;
@@ -66,7 +91,31 @@ const SERVER_ENV = {
 type Server = BenchServer;
 
 /** `node dist/src/main.js` with SERVER_ENV, once its log says the model is ready. */
-const startServer = (cacheDir: string): Promise<Server> => startBenchServer({ ...process.env, ...SERVER_ENV, MODEL_CACHE_DIR: cacheDir });
+const startServer = (cacheDir: string): Promise<Server> => startBenchServer({
+  ...process.env, ...SERVER_ENV, MODEL_CACHE_DIR: cacheDir,
+  ...(GC ? { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --expose-gc --require ${path.join(GC_DIR, 'gc.cjs')}`.trim() } : {}),
+});
+
+/** The main thread's heap used and external memory after a forced full GC (BENCH_SOAK_GC), in bytes. */
+async function heapAfterGc(pid: number): Promise<{ gcHeap?: number; gcExternal?: number }> {
+  if (!GC) return {};
+  const file = path.join(GC_DIR, `${pid}.json`);
+  const read = () => {
+    try {
+      return JSON.parse(readFileSync(file, 'utf8')) as { n: number; heapUsed: number; external: number };
+    } catch {
+      return undefined;
+    }
+  };
+  const before = read()?.n ?? 0;
+  process.kill(pid, GC_SIGNAL);
+  for (let i = 0; i < 250; i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    const m = read();
+    if (m && m.n > before) return { gcHeap: m.heapUsed, gcExternal: m.external };
+  }
+  return {};
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Sampling
@@ -107,6 +156,9 @@ const METRICS = {
   adapterSetsBuilt: 'lora_adapter_set_load_seconds_count',
   inflight: 'inference_requests_in_flight',
   queue: 'inference_queue_depth',
+  /** Not scraped: heapAfterGc's (BENCH_SOAK_GC). */
+  gcHeap: '',
+  gcExternal: '',
 } as const;
 
 const kB = (line: string | undefined) => Number(/(\d+)\s*kB/.exec(line ?? '')?.[1] ?? NaN) * 1024;
@@ -245,6 +297,7 @@ async function sample(srv: Server, req: number, t0: number, cacheDir: string): P
     }
   }
   const m = await scrape(srv.url);
+  Object.assign(m.values, await heapAfterGc(pid));
   const fdKinds = fdTargets(pid);
   const fds = Object.values(fdKinds).reduce((a, b) => a + b, 0);
   const sockets = fdKinds.socket ?? 0;
@@ -353,6 +406,9 @@ async function post(url: string, p: string, body: string | Buffer, headers: Reco
       let j: { code?: string; error?: string } = {};
       try {
         j = JSON.parse(text.toString('utf8')) as typeof j;
+        // OpenAI's shape under /openai: {"error": {"message", "code", …}}
+        const e = j.error as unknown as { message?: string; code?: string } | string | undefined;
+        if (typeof e === 'object' && e !== null) j = { code: e.code ?? undefined, error: e.message };
       } catch {
         // not JSON
       }
@@ -412,7 +468,7 @@ interface Ctx {
   url: string;
   port: number;
   r: () => number;
-  images: { png: string; jpeg: string; mask: string };
+  images: { png: string; jpeg: string; mask: string; alphaMask: Buffer };
   slowloris: Array<Promise<Outcome>>;
 }
 
@@ -500,6 +556,83 @@ const ACTIONS: Action[] = [
       const [p, b] = pick(c.r, bodies);
       return post(c.url, p, b);
     },
+  },
+  {
+    name: 'openai', weight: 4, ok: PREDICT_OK,
+    run: (c) => {
+      const inst = instance(c);
+      const { prompt, height, width, ...rest } = inst;
+      if (c.r() < 0.6) {
+        return post(c.url, '/openai/v1/images/generations', JSON.stringify({ model: 'model', prompt, size: `${Math.min(Number(width), 128)}x${Math.min(Number(height), 128)}`, n: int(c.r, 1, 2), ...rest }));
+      }
+      // images/edits: multipart with the input picture (and sometimes a mask), as OpenAI's SDKs send it.
+      const form = new FormData();
+      form.set('prompt', String(prompt));
+      form.set('size', '64x64');
+      form.set('num_inference_steps', String(int(c.r, 2, 4)));
+      form.set('strength', '0.8');
+      form.set('image', new Blob([Buffer.from(c.images.png, 'base64')], { type: 'image/png' }), 'in.png');
+      if (c.r() < 0.3) form.set('mask', new Blob([c.images.alphaMask], { type: 'image/png' }), 'mask.png');
+      return fetch(`${c.url}/openai/v1/images/edits`, { method: 'POST', body: form }).then(async (res) => {
+        const text = await res.text();
+        if (res.status !== 200) {
+          const key = `${res.status} edits: ${text.slice(0, 160).replace(/\d+/g, 'N')}`;
+          if (examples.has(key) || examples.size < 60) examples.set(key, (examples.get(key) ?? 0) + 1);
+        }
+        return String(res.status);
+      }, (err: Error) => `error:${err.message}`);
+    },
+  },
+  {
+    name: 'cloudevents', weight: 3, ok: PREDICT_OK,
+    run: (c) => {
+      const inst = { ...instance(c), height: 64, width: 64 };
+      const id = `ev-${int(c.r, 0, 1e9)}`;
+      if (c.r() < 0.5) {
+        return post(c.url, PRED, v1([inst]), { 'ce-specversion': '1.0', 'ce-id': id, 'ce-source': `/soak/${int(c.r, 0, 1e6)}`, 'ce-type': `dev.soak.${int(c.r, 0, 1e6)}`, [`ce-x${int(c.r, 0, 1e6)}`]: 'v' });
+      }
+      return post(c.url, PRED, JSON.stringify({ specversion: '1.0', id, source: `/soak/${int(c.r, 0, 1e6)}`, type: 'dev.soak.generate', data: { instances: [inst] } }), { 'content-type': 'application/cloudevents+json' });
+    },
+  },
+  {
+    // Names from the client in every place a name goes: unknown paths, model names, adapters, OpenAI's model field.
+    name: 'random names (404/400)', weight: 4, ok: ['400', '404', '405', 'ws:MODEL_NOT_FOUND', 'ws:closed', 'ws:error'],
+    run: (c) => {
+      const r = `${int(c.r, 0, 1e9).toString(36)}-${int(c.r, 0, 1e9)}`;
+      const which = int(c.r, 0, 8);
+      if (which === 0) return get(c.url, `/no/such/${r}`);
+      if (which === 1) return get(c.url, `/v2/models/${r}/ready`);
+      if (which === 2) return get(c.url, `/openai/v1/models/${r}`);
+      if (which === 3) return post(c.url, `/v2/models/${r}/infer`, JSON.stringify({ inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['x'] }] }));
+      if (which === 4) return post(c.url, '/openai/v1/images/generations', JSON.stringify({ model: r, prompt: 'x' }));
+      if (which === 5) return post(c.url, PRED, v1([{ prompt: 'x', height: 64, width: 64, loras: [`a${r}`] }]));
+      if (which === 6) return post(c.url, `/v1/models/${r}:predict`, v1([{ prompt: 'x' }]));
+      if (which === 7) return post(c.url, `/${r}`, '{}');
+      return new Promise<Outcome>((resolve) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${c.port}/v1/models/${r}/stream`);
+        let out: Outcome = 'ws:closed';
+        ws.on('message', (d) => (out = `ws:${(JSON.parse(String(d)) as { code?: string }).code}`));
+        ws.on('error', () => (out = 'ws:error'));
+        ws.on('close', () => resolve(out));
+      });
+    },
+  },
+  {
+    // The same seeded request from several clients at once: one generation runs, the others wait for its images
+    // (generation.ts' single flight); some leave while they wait, or the one running leaves.
+    name: 'identical at once', weight: 3, count: 3, ok: ['200', '503', '504', 'cut'],
+    run: (c) => {
+      const body = v1([{ prompt: pick(c.r, PROMPTS), seed: int(c.r, 0, 2 ** 31), height: 64, width: 64, num_inference_steps: int(c.r, 2, 6) }]);
+      const leaver = int(c.r, -1, 2);
+      return Promise.all([0, 1, 2].map((i) => i === leaver
+        ? rawRequest(c.port, { parts: [{ data: httpHead('POST', PRED, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }) + body }], cutAfterMs: int(c.r, 1, 60) })
+        : post(c.url, PRED, body)));
+    },
+  },
+  {
+    // Scales from the client: each distinct one is an adapter set of its own (built, then evicted past LORA_MAX_SETS).
+    name: 'lora scales', weight: 1, ok: PREDICT_OK,
+    run: (c) => post(c.url, PRED, v1([{ ...instance(c), height: 64, width: 64, num_inference_steps: 2, loras: [{ name: pick(c.r, ['demo-style', 'demo-kohya']), scale: int(c.r, 1, 20) / 10 }] }])),
   },
   {
     name: 'oversize (413)', weight: 2, ok: ['declared:413', 'chunked:413'],
@@ -593,6 +726,8 @@ async function inputImages(): Promise<Ctx['images']> {
     png: (await img().png().toBuffer()).toString('base64'),
     jpeg: (await img().jpeg({ quality: 80 }).toBuffer()).toString('base64'),
     mask: (await sharp(mask, { raw: { width: 96, height: 80, channels: 1 } }).png().toBuffer()).toString('base64'),
+    // OpenAI's edits mask: transparent where the picture is to change.
+    alphaMask: await sharp(raw, { raw: { width: 96, height: 80, channels: 3 } }).joinChannel(Buffer.from(mask.map((v) => 255 - v)), { raw: { width: 96, height: 80, channels: 1 } }).png().toBuffer(),
   };
 }
 
@@ -792,6 +927,7 @@ function summary(r: RunResult) {
     rssMB: { start: +first.rssMB.toFixed(1), half: +(s.find((x) => x.req >= r.requests / 2)?.rssMB ?? NaN).toFixed(1), end: +last.rssMB.toFixed(1), idle: +r.idle.rssMB.toFixed(1), hwm: +r.idle.hwmMB.toFixed(1) },
     treeRssMB: { start: +first.treeRssMB.toFixed(1), end: +last.treeRssMB.toFixed(1), children: Math.max(...s.map((x) => x.children)) },
     heapUsedMB: { start: m(first, 'heapUsed'), end: m(last, 'heapUsed'), max: +Math.max(...s.map((x) => (x.metrics.heapUsed ?? 0) / MB)).toFixed(2) },
+    heapAfterGcMB: { start: m(first, 'gcHeap'), half: m(s.find((x) => x.req >= r.requests / 2) ?? last, 'gcHeap'), end: m(last, 'gcHeap'), idle: m(r.idle, 'gcHeap'), externalEnd: m(last, 'gcExternal'), slope: g((x) => (x.metrics.gcHeap ?? NaN) / MB) },
     externalMB: { start: m(first, 'external'), end: m(last, 'external') },
     resultCacheMB: { end: m(last, 'resultCache'), cap: CACHE_MB * 1.048576 },
     fds: { start: first.fds, max: Math.max(...s.map((x) => x.fds)), end: last.fds, idle: r.idle.fds },
@@ -836,6 +972,7 @@ async function main(): Promise<void> {
       row('slope main heap used, MB/1k req', (x) => x.slopeMBPer1k.heapUsed),
       row('slope external memory, MB/1k req', (x) => x.slopeMBPer1k.external),
       row('heap used MB start / end / max', (x) => `${x.heapUsedMB.start} / ${x.heapUsedMB.end} / ${x.heapUsedMB.max}`),
+      row('heap after GC MB start / half / end / idle (slope)', (x) => `${x.heapAfterGcMB.start} / ${x.heapAfterGcMB.half} / ${x.heapAfterGcMB.end} / ${x.heapAfterGcMB.idle} (${x.heapAfterGcMB.slope})`),
       row('result cache MB end (cap)', (x) => `${x.resultCacheMB.end} (${x.resultCacheMB.cap.toFixed(1)})`),
       row('fds start / max / end / idle', (x) => `${x.fds.start} / ${x.fds.max} / ${x.fds.end} / ${x.fds.idle}`),
       row('sockets start / max / end / idle (after s)', (x) => `${x.sockets.start} / ${x.sockets.max} / ${x.sockets.end} / ${x.sockets.idle} (${x.sockets.idleAfterS})`),
