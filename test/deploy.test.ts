@@ -263,6 +263,9 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
   const runtime = () => renderedDocs('serving-runtime.yaml')[0]!;
   const container = () => runtime().spec.containers[0] as Obj;
   const envOf = (c: Obj): Map<string, Obj> => new Map((c.env ?? []).map((e: Obj) => [e.name as string, e]));
+  /** A variable's value in an InferenceService's pod: its own env entry, else the ServingRuntime's (KServe merges by name). */
+  const envIn = (isvc: Obj, name: string): number => Number((envOf(isvc.spec.predictor.model).get(name) ?? envOf(container()).get(name))!.value);
+  const KNATIVE_ISVCS = ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml'];
 
   it('ServingRuntime: format onnx-diffusers, protocols v1+v2, kserve-container with image, MODEL_NAME={{.Name}}', () => {
     const sr = runtime();
@@ -410,7 +413,7 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
   });
 
   it('Serverless: minReplicas 0 explicit, max 5, concurrency 1, retention, long progress deadline, timeout', () => {
-    const serverless = ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml'].flatMap((f) => renderedDocs(f));
+    const serverless = KNATIVE_ISVCS.flatMap((f) => renderedDocs(f));
     for (const d of serverless) {
       const p = d.spec.predictor;
       expect(['Serverless', 'Knative']).toContain(d.metadata.annotations['serving.kserve.io/deploymentMode']);
@@ -444,13 +447,34 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect(cmd?.[0], 'inference-service-raw.yaml: preStop exec sleep').toBe('sleep');
     const pause = Number(cmd![1]);
     expect(pause).toBeGreaterThanOrEqual(3);
-    const grace = Number(envOf(container()).get('SHUTDOWN_GRACE_S')!.value);
-    expect(pause + grace).toBeLessThan(raw.spec.predictor.terminationGracePeriodSeconds);
+    expect(pause + envIn(raw, 'SHUTDOWN_GRACE_S')).toBeLessThan(raw.spec.predictor.terminationGracePeriodSeconds);
     // Knative refuses a container's lifecycle (pkg/apis/serving/fieldmask.go ContainerMask); its queue-proxy has its own.
     expect(container().lifecycle).toBeUndefined();
-    for (const f of ['inference-service.yaml', 'inference-service-multi-model.yaml', 'inference-service-storage-key.yaml']) {
+    for (const f of KNATIVE_ISVCS) {
       for (const d of renderedDocs(f)) expect(findKey(d, 'lifecycle'), `${f} ${d.metadata.name}`).toEqual([]);
     }
+  });
+
+  it("REQUEST_TIMEOUT_S stops a generation before Knative's timeout or the Route's cuts it; SHUTDOWN_GRACE_S lets it finish after the queue-proxy's drain", () => {
+    // Knative's activator and queue-proxy time a request from its arrival, a cold start and the wait for a free pod
+    // included, and answer a plain-text 504 "request timeout"; the runtime starts REQUEST_TIMEOUT_S later, at the
+    // generation, so it must be the shorter one for its JSON 504 TIMEOUT to be the answer. The Route's router likewise.
+    // At scale-down the user container's preStop (/wait-for-drain) returns after the queue-proxy's 30 s without a new
+    // request (knative.dev/serving pkg/queue/sharedmain drainSleepDuration), a generation possibly still running; the
+    // kill follows at the grace period, which Knative sets to the revision's timeout (pkg/reconciler/revision/resources).
+    const KNATIVE_DRAIN_S = 30;
+    for (const f of KNATIVE_ISVCS) {
+      for (const d of renderedDocs(f)) {
+        const { timeout } = d.spec.predictor;
+        const [request, grace] = [envIn(d, 'REQUEST_TIMEOUT_S'), envIn(d, 'SHUTDOWN_GRACE_S')];
+        expect(request, `${f} ${d.metadata.name}: REQUEST_TIMEOUT_S vs timeout`).toBeLessThanOrEqual(timeout - 10);
+        expect(KNATIVE_DRAIN_S + grace, `${f} ${d.metadata.name}: a generation in flight at scale-down runs out its REQUEST_TIMEOUT_S`).toBeGreaterThanOrEqual(request);
+        expect(KNATIVE_DRAIN_S + grace, `${f} ${d.metadata.name}: the drain ends before the kill`).toBeLessThanOrEqual(timeout - 10);
+      }
+    }
+    const routeTimeout = renderedDocs('route.yaml')[0]!.metadata.annotations['haproxy.router.openshift.io/timeout'] as string;
+    const raw = renderedDocs('inference-service-raw.yaml')[0]!;
+    expect(envIn(raw, 'REQUEST_TIMEOUT_S'), 'REQUEST_TIMEOUT_S vs the Route timeout').toBeLessThanOrEqual(Number(/^(\d+)s$/.exec(routeTimeout)![1]) - 10);
   });
 
   it('multi-model: several InferenceServices share the runtime, the PVC and the Secret, one URI each', () => {
