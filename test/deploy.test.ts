@@ -477,6 +477,22 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect(envIn(raw, 'REQUEST_TIMEOUT_S'), 'REQUEST_TIMEOUT_S vs the Route timeout').toBeLessThanOrEqual(Number(/^(\d+)s$/.exec(routeTimeout)![1]) - 10);
   });
 
+  it("Knative's containerConcurrency lets every GPU work and every batch fill, and never overfills MAX_QUEUE", () => {
+    // The queue-proxy and the activator send a pod at most containerConcurrency requests: fewer than GPUs x
+    // MAX_BATCH_SIZE leaves workers idle and batches short; more than that plus MAX_QUEUE gets clients 503 BUSY,
+    // which neither retries.
+    for (const f of KNATIVE_ISVCS) {
+      for (const d of renderedDocs(f)) {
+        const p = d.spec.predictor;
+        const gpus = Number((p.model.resources ?? container().resources).limits['nvidia.com/gpu']);
+        const slots = gpus * envIn(d, 'MAX_BATCH_SIZE');
+        expect(p.containerConcurrency, `${f} ${d.metadata.name}: containerConcurrency vs GPUs x MAX_BATCH_SIZE`).toBeGreaterThanOrEqual(slots);
+        expect(p.containerConcurrency, `${f} ${d.metadata.name}: containerConcurrency vs MAX_QUEUE`).toBeLessThanOrEqual(slots + envIn(d, 'MAX_QUEUE'));
+        if (p.scaleMetric === 'concurrency') expect(p.scaleTarget, `${f} ${d.metadata.name}: scaleTarget`).toBeLessThanOrEqual(p.containerConcurrency);
+      }
+    }
+  });
+
   it('multi-model: several InferenceServices share the runtime, the PVC and the Secret, one URI each', () => {
     const docs = renderedDocs('inference-service-multi-model.yaml');
     expect(docs.length).toBeGreaterThanOrEqual(2);
