@@ -107,6 +107,41 @@ describe('warmup cache', () => {
     expect((await cli(['list'])).out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
   });
 
+  it('LoRA adapter sets of a server gone: list gives what only they hold, prune deletes them (freeing a removed entry\'s data they link); a live server\'s stay', async () => {
+    // As runtime/workers.ts lays them out: a patched file of the set's own, and a hard link to the entry's UNet data.
+    const sets = path.join(cache, '.lora-sets');
+    const mk = async (name: string, v: number) => {
+      const dir = path.join(sets, name, 'w0', '1', 'unet');
+      await fsp.mkdir(dir, { recursive: true });
+      await fsp.writeFile(path.join(dir, 'lora.onnx_data'), Buffer.alloc(300_000, 2));
+      await fsp.link(path.join(cache, keyOf(v), 'unet', 'model.onnx'), path.join(dir, 'model.onnx_data'));
+      return path.join(sets, name);
+    };
+    const dead = await mk('pod-a-7-dead', 3);
+    const live = await mk('pod-b-7-live', 1);
+    const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); await leaseEntry(process.argv[1]); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
+    const server = spawn(process.execPath, ['--input-type=module', '-e', script, live], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((r) => server.stdout!.on('data', (c) => String(c).includes('leased') && r()));
+      // The link to v3's data is not counted while v3 holds it too.
+      expect((await cli(['list'])).stderr).toMatch(/^cache: 2 entries, 0\.\d MB, 1 in use; 0\.3 MB of LoRA adapter sets of servers gone \(prune deletes them\)\n$/);
+      const dry = await cli(['prune', '--keep-uri', 's3://models/m/v3', '--dry-run']);
+      expect(dry.stderr).toMatch(/would remove 0 of 2 entries, 0\.3 MB \(0\.3 MB of it LoRA adapter sets of servers gone\) \(dry run\)/);
+      expect(existsSync(dead)).toBe(true);
+      // v3 removed first: the dead set's link is then the last name of its UNet data, and its bytes are freed with it.
+      const r = await cli(['prune']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.out.map((e) => [e.entry, e.action])).toEqual([[keyOf(3), 'removed'], [keyOf(1), 'keep']]);
+      expect(r.stderr).toMatch(/removed 1 of 2 entries, 0\.(\d) MB \(0\.5 MB of it LoRA adapter sets of servers gone\)/);
+      expect(existsSync(dead)).toBe(false);
+      expect(existsSync(path.join(cache, '.lora-sets', '.leases', 'pod-a-7-dead'))).toBe(false);
+      expect(existsSync(path.join(live, 'w0', '1', 'unet', 'model.onnx_data'))).toBe(true);
+      expect((await cli(['list'])).stderr).toMatch(/^cache: 1 entry, 0\.\d MB, 1 in use\n$/);
+    } finally {
+      server.kill('SIGKILL');
+    }
+  });
+
   it('--help anywhere (and `help`): the usage on stdout, exit 0, nothing touched; it was "unknown argument" and exit 2 after a command', () => {
     for (const args of [['--help'], ['-h'], ['help'], ['cache', '--help'], ['cache', 'prune', '--help'], ['cache', 'list', '-h'], ['push', '--help']]) {
       const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { PATH: process.env.PATH ?? '', MODEL_CACHE_DIR: cache } });

@@ -20,7 +20,7 @@ import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/m
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
-import { emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { emptyAdapterSets, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
@@ -242,7 +242,9 @@ async function cache(args: string[]): Promise<void> {
     const entries = await listEntries(cfg.cacheDir);
     for (const e of entries) process.stdout.write(`${entryLine(e)}\n`);
     const trash = await emptyTrash(cfg.cacheDir, { dryRun: true });
-    process.stderr.write(`cache: ${summary(entries)}${trash > 0 ? `; ${mb(trash)} MB left by an interrupted removal (prune deletes it)` : ''}\n`);
+    const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun: true });
+    process.stderr.write(`cache: ${summary(entries)}${trash > 0 ? `; ${mb(trash)} MB left by an interrupted removal (prune deletes it)` : ''}`
+      + `${sets > 0 ? `; ${mb(sets)} MB of LoRA adapter sets of servers gone (prune deletes them)` : ''}\n`);
     return;
   }
   if (sub !== 'prune') throw new UsageError(sub === undefined ? 'cache needs list or prune' : `unknown cache command ${JSON.stringify(sub)}`);
@@ -297,7 +299,10 @@ async function cache(args: string[]): Promise<void> {
   }
   // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
-  process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash)} MB${trash > 0 ? ` (${mb(trash)} MB of it left by an interrupted removal)` : ''}${dryRun ? ' (dry run)' : ''}\n`);
+  // And the adapter sets of servers gone, after the entries: a set's hard link to a removed entry's file frees it only now.
+  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun });
+  const of = [trash > 0 ? `${mb(trash)} MB of it left by an interrupted removal` : '', sets > 0 ? `${mb(sets)} MB of it LoRA adapter sets of servers gone` : ''].filter(Boolean);
+  process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash + sets)} MB${of.length > 0 ? ` (${of.join(', ')})` : ''}${dryRun ? ' (dry run)' : ''}\n`);
 }
 
 /** Tries of the push's listing and of each batch of deletes, transient errors retried with the fill's backoff. */

@@ -10,7 +10,7 @@ import { Worker } from 'node:worker_threads';
 import type { Config } from '../config.js';
 import type { FromWorker, WorkerInit } from '../pipeline/protocol.js';
 import { isThreadEndedNote, processMemoryTrimmer, type ThreadEndedNote } from '../pipeline/lora-memory.js';
-import { ENTRY_MARKERS } from '../storage/cache.js';
+import { ENTRY_MARKERS, LORA_SETS } from '../storage/cache.js';
 
 /** A worker plus what it sent, or how it died, before anyone listened (replayed, never lost). */
 export interface SpawnedWorker {
@@ -45,7 +45,7 @@ let loraLeased: string | undefined;
 
 /** `<cacheDir>/.lora-sets/<this process>`: its workers' adapter sets, each worker's in `w<k>/` inside. */
 function loraWorkDir(cacheDir: string): string {
-  return path.join(cacheDir, '.lora-sets', LORA_WORK);
+  return path.join(cacheDir, LORA_SETS, LORA_WORK);
 }
 
 /**

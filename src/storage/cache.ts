@@ -16,6 +16,8 @@ export const JOURNAL = '.progress.jsonl';
 export const PARTIAL = '.partial';
 /** A folder holding one of these at its root is a cache entry this runtime filled (committed, or being filled). */
 export const ENTRY_MARKERS: readonly string[] = Object.freeze([MANIFEST, JOURNAL]);
+/** The folder, under the cache, of the servers' LoRA adapter-set work folders (one per process, which leases it). */
+export const LORA_SETS = '.lora-sets';
 
 export interface ManifestFile {
   readonly path: string;

@@ -11,8 +11,8 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { fsyncDir, JOURNAL, MANIFEST, mb, readManifest } from './cache.js';
-import { leaseState, leasesDir, LEASE_STALE_MS } from './lease.js';
+import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
+import { leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
 import { acquireLock, inspectHolder } from './lock.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -43,7 +43,8 @@ export interface EntryOptions {
   lockStaleMs?: number;
 }
 
-async function allocated(dir: string): Promise<number> {
+/** Bytes allocated under `dir`; `ownOnly`: only files no other name links (what deleting `dir` would free). */
+async function allocated(dir: string, ownOnly = false): Promise<number> {
   let total = 0;
   const go = async (d: string): Promise<void> => {
     const ents = await fsp.readdir(d, { withFileTypes: true }).catch(() => []);
@@ -52,7 +53,7 @@ async function allocated(dir: string): Promise<number> {
       if (e.isDirectory()) await go(p);
       else {
         const st = await fsp.lstat(p).catch(() => undefined);
-        if (st) total += st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
+        if (st && !(ownOnly && st.nlink > 1)) total += st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
       }
     }
   };
@@ -133,6 +134,18 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
     bytes += await allocated(p);
     if (!o.dryRun) await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
   }
+  return bytes;
+}
+
+/**
+ * Deletes the LoRA adapter-set work folders no live process leases (a crashed or OOM-killed server's: its patched
+ * weights, and hard links that keep an evicted entry's UNet data allocated); `dryRun`: only measures them. The servers
+ * sweep them a minute after a start with LoRA on; this is for a cache no such server starts on. Resolves to the bytes
+ * only they held.
+ */
+export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean } = {}): Promise<number> {
+  let bytes = 0;
+  await sweepUnleased(path.join(cacheDir, LORA_SETS), { ...o, going: async (dir) => void (bytes += await allocated(dir, true)) });
   return bytes;
 }
 

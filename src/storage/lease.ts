@@ -177,7 +177,14 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
  * once untouched for `legacyMaxAgeMs`. Returns the names removed. For folders a process creates only after it leases
  * them (the adapter sets' work folders), so one without a live lease is nobody's.
  */
-export async function sweepUnleased(base: string, o: { legacyMaxAgeMs?: number; staleMs?: number } = {}): Promise<string[]> {
+export async function sweepUnleased(base: string, o: {
+  legacyMaxAgeMs?: number;
+  staleMs?: number;
+  /** Only says which would go. */
+  dryRun?: boolean;
+  /** Called with each folder that goes, before it goes (to measure it). */
+  going?(dir: string): Promise<void>;
+} = {}): Promise<string[]> {
   const removed: string[] = [];
   for (const name of await fsp.readdir(base).catch(() => [] as string[])) {
     if (name.startsWith('.')) continue;
@@ -188,9 +195,11 @@ export async function sweepUnleased(base: string, o: { legacyMaxAgeMs?: number; 
       ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000)
       : (await leaseState(dir, o.staleMs ?? LEASE_STALE_MS)).live.length === 0;
     if (!gone) continue;
+    await o.going?.(dir);
+    removed.push(name);
+    if (o.dryRun) continue;
     await fsp.rm(dir, { recursive: true, force: true }).catch(() => undefined);
     await fsp.rm(leasesDir(dir), { recursive: true, force: true }).catch(() => undefined);
-    removed.push(name);
   }
   return removed;
 }
