@@ -1,7 +1,7 @@
 // `warmup cache list` and `warmup cache prune` as an operator runs them: the built CLI in a child process, on a cache
 // filled from a real S3 (s3rver), with one entry leased by another live process.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -128,6 +128,12 @@ describe('warmup cache', () => {
       const dry = await cli(['prune', '--keep-uri', 's3://models/m/v3', '--dry-run']);
       expect(dry.stderr).toMatch(/would remove 0 of 2 entries, 0\.3 MB \(0\.3 MB of it LoRA adapter sets of servers gone\) \(dry run\)/);
       expect(existsSync(dead)).toBe(true);
+      // What a server leaves for a STORAGE_URI with no objects: the lease folder of an entry that never came.
+      const orphan = path.join(cache, '.leases', 's3-models-typo-0000');
+      await fsp.mkdir(orphan, { recursive: true });
+      await fsp.writeFile(path.join(orphan, 'last-used'), '');
+      await cli(['prune', '--dry-run']);
+      expect(existsSync(orphan)).toBe(true);
       // v3 removed first: the dead set's link is then the last name of its UNet data, and its bytes are freed with it.
       const r = await cli(['prune']);
       expect(r.code, r.stderr).toBe(0);
@@ -135,6 +141,7 @@ describe('warmup cache', () => {
       expect(r.stderr).toMatch(/removed 1 of 2 entries, 0\.(\d) MB \(0\.5 MB of it LoRA adapter sets of servers gone\)/);
       expect(existsSync(dead)).toBe(false);
       expect(existsSync(path.join(cache, '.lora-sets', '.leases', 'pod-a-7-dead'))).toBe(false);
+      expect(readdirSync(path.join(cache, '.leases'))).toEqual([keyOf(1)]);
       expect(existsSync(path.join(live, 'w0', '1', 'unet', 'model.onnx_data'))).toBe(true);
       expect((await cli(['list'])).stderr).toMatch(/^cache: 1 entry, 0\.\d MB, 1 in use\n$/);
     } finally {

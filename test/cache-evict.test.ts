@@ -11,7 +11,7 @@ import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { MANIFEST } from '../src/storage/cache.js';
-import { listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
+import { emptyOrphanLeases, listEntries, makeRoom, removeEntry } from '../src/storage/entries.js';
 import { committedEntry, resolveModel, type ResolveOptions } from '../src/storage/fetch.js';
 import { LAST_USED, leaseEntry, leasesDir, sweepUnleased } from '../src/storage/lease.js';
 import { acquireLock, pidAlive as alive } from '../src/storage/lock.js';
@@ -427,6 +427,31 @@ describe('adapter-set work folders (.lora-sets/)', () => {
       expect(existsSync(path.join(base, 'pod-a-100-aaaa', 'w0', '1', 'lora.onnx_data'))).toBe(true);
     } finally {
       child.kill('SIGKILL');
+    }
+  });
+});
+
+describe('lease folders of entries that are not there', () => {
+  it('go when no live process leases them; a server leasing its entry before the fill keeps its own, even one taken at that moment', async () => {
+    const cache = await cacheWith(1);
+    const gone = path.join(cache, 's3-models-typo-0000'); // a STORAGE_URI with no objects: leased, never filled
+    await (await leaseEntry(gone)).release();
+    const present = await leaseEntry(path.join(cache, keyOf(1)));
+    await present.release();
+    const booting = await leaseInChild(path.join(cache, 's3-models-next-1111')); // a server before its fill begins
+    try {
+      expect(await emptyOrphanLeases(cache)).toBe(1);
+      expect(readdirSync(path.join(cache, '.leases')).sort()).toEqual([keyOf(1), 's3-models-next-1111'].sort());
+      expect(readdirSync(leasesDir(path.join(cache, keyOf(1))))).toEqual([LAST_USED]);
+      // Leases taken while the folders are being cleaned: each one that returned is still there.
+      for (let i = 0; i < 100; i++) {
+        const entry = path.join(cache, `s3-models-race-${i}`);
+        const [l] = await Promise.all([leaseEntry(entry, { pollMs: 5 }), emptyOrphanLeases(cache)]);
+        expect(existsSync(l.path), `round ${i}`).toBe(true);
+        await l.release();
+      }
+    } finally {
+      booting.kill('SIGKILL');
     }
   });
 });

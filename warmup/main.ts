@@ -20,7 +20,7 @@ import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/m
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
-import { emptyAdapterSets, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { emptyAdapterSets, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
@@ -301,6 +301,8 @@ async function cache(args: string[]): Promise<void> {
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
   // And the adapter sets of servers gone, after the entries: a set's hard link to a removed entry's file frees it only now.
   const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun });
+  // Lease folders of entries that are not there (a few bytes each, one per STORAGE_URI ever tried): never listed as entries.
+  if (!dryRun) await emptyOrphanLeases(cfg.cacheDir);
   const of = [trash > 0 ? `${mb(trash)} MB of it left by an interrupted removal` : '', sets > 0 ? `${mb(sets)} MB of it LoRA adapter sets of servers gone` : ''].filter(Boolean);
   process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash + sets)} MB${of.length > 0 ? ` (${of.join(', ')})` : ''}${dryRun ? ' (dry run)' : ''}\n`);
 }

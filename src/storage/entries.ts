@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
-import { leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
+import { LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
 import { acquireLock, inspectHolder } from './lock.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -147,6 +147,31 @@ export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean }
   let bytes = 0;
   await sweepUnleased(path.join(cacheDir, LORA_SETS), { ...o, going: async (dir) => void (bytes += await allocated(dir, true)) });
   return bytes;
+}
+
+/**
+ * Deletes the lease folders (`.leases/<key>/`) of entries that are not there and that no live process leases: what a
+ * server leaves when its entry never came (a STORAGE_URI with no objects) or was deleted by hand. Each under the key's
+ * lock, as an eviction: a lease being taken at that moment is seen, or withdraws and is taken again (lease.ts).
+ * Resolves to how many went.
+ */
+export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}): Promise<number> {
+  let n = 0;
+  const there = (dir: string) => fsp.lstat(dir).then(() => true, () => false);
+  for (const name of await fsp.readdir(path.join(cacheDir, LEASES)).catch(() => [] as string[])) {
+    const dir = path.join(cacheDir, name);
+    if (await there(dir)) continue;
+    const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000 });
+    if (lock === undefined) continue;
+    try {
+      if ((await there(dir)) || (await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) continue;
+      await fsp.rm(leasesDir(dir), { recursive: true, force: true });
+      n++;
+    } finally {
+      await lock.release();
+    }
+  }
+  return n;
 }
 
 export interface MakeRoomOptions extends EntryOptions {
