@@ -159,6 +159,12 @@ export interface Job {
   tokens?: Array<[string, number[][]]>;
   /** Image-to-image or inpainting inputs, shared by every item of the job (requests with other inputs never batch). */
   init?: ImageInit;
+  /**
+   * Run a UNet batch of one row as two (the row twice, the copy's output dropped). ONNX Runtime's CPU matrix products
+   * take a kernel of their own for one row, which rounds otherwise than for two or more: a lone image without an
+   * unconditional pass would differ from the same request in a batch. The engine asks for it where batches form.
+   */
+  padLoneRow?: boolean;
 }
 
 /** One image the pipeline made: RGB uint8, row-major HWC, and the seed it came from. */

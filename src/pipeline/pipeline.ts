@@ -214,6 +214,9 @@ export class Pipeline {
     const unet = this.unet;
     const tInfo = unet.input('timestep');
     const rows = cfg ? 2 * B : B;
+    // The rows the UNet runs: a lone row twice where the job asks (Job.padLoneRow), its copy's output dropped.
+    const run = rows === 1 && job.padLoneRow === true ? 2 : rows;
+    const twice = (a: Float32Array) => (run === rows ? a : concat(a, a));
     // Per image: a batch may mix requests of several guidance scales and guidance_rescale values (each image's math is its run alone's).
     const guidances = items.flatMap((it) => new Array<number>(it.numImages).fill(it.guidance ?? shape.guidance));
     const condDim = lcm ? Number(unet.input('timestep_cond').shape[1] ?? 256) : 0;
@@ -232,18 +235,18 @@ export class Pipeline {
         // The inpainting UNet also takes the mask and the masked image's latents, after the scaled latents.
         const x = start?.conditioning ? withConditioning(scaled, rows, B, h * w, start.conditioning) : scaled;
         const feeds: Parameters<ModelSession['run']>[0] = {
-          sample: { data: x, dims: [rows, channels, h, w] },
-          timestep: timestepFeed(tInfo.shape, t, rows),
-          encoder_hidden_states: { data: cond.embeds, dims: [rows, cond.seq, cond.dim] },
+          sample: { data: twice(x), dims: [run, channels, h, w] },
+          timestep: timestepFeed(tInfo.shape, t, run),
+          encoder_hidden_states: { data: twice(cond.embeds), dims: [run, cond.seq, cond.dim] },
         };
-        if (cond.pooled) feeds.text_embeds = { data: cond.pooled, dims: [rows, cond.pooled.length / rows] };
-        if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, rows, cfg);
-        if (timestepCond) feeds.timestep_cond = { data: timestepCond, dims: [B, timestepCond.length / B] };
+        if (cond.pooled) feeds.text_embeds = { data: twice(cond.pooled), dims: [run, cond.pooled.length / rows] };
+        if (unet.has('time_ids')) feeds.time_ids = this.#timeIds(unet, shape, run, cfg);
+        if (timestepCond) feeds.timestep_cond = { data: twice(timestepCond), dims: [run, timestepCond.length / B] };
         const ahead = hooks.noise ? scheduler.nextNoise?.(latents.length) : undefined;
         // make() answers undefined for a failure; the catch keeps a UNet run that throws first from leaving it unhandled
         const made = ahead ? hooks.noise!.make(ahead).catch(() => undefined) : undefined;
         const out = await unet.run(feeds, ['out_sample']);
-        let e = out.out_sample!.data;
+        let e = run === rows ? out.out_sample!.data : out.out_sample!.data.slice(0, B * per);
         if (cfg) {
           const n = B * per;
           const guided = new Float32Array(n);

@@ -568,7 +568,9 @@ export class Engine {
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.encodeText(text) ?? []);
     const adapters = tasks[0]!.adapters;
-    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
+    // Where batches form, a lone UNet row runs as two, so that an image is the same bytes alone and batched.
+    const padLoneRow = this.cfg.maxBatchSize > 1;
+    worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}), ...(padLoneRow ? { padLoneRow } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
   }
 
   /**
