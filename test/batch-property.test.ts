@@ -98,12 +98,14 @@ function drawCases(count: number, seed: number, pictures: readonly string[]): In
 const show = (inst: Inst) => JSON.stringify({ ...inst, ...(typeof inst.image === 'string' ? { image: `${inst.image.slice(60, 72)}…` } : {}) });
 
 /**
- * The served SD 1.x demo (img2img encoder, LoRA adapters) and the SDXL demo (two text encoders, micro-conditioning,
- * force_zeros_for_empty_prompt: an absent and an empty negative prompt are other images there).
+ * The served SD 1.x demo (img2img encoder, LoRA adapters), the SDXL demo (two text encoders, micro-conditioning,
+ * force_zeros_for_empty_prompt: an absent and an empty negative prompt are other images there) and the LCM demo (the
+ * guidance embedded: never an unconditional pass, so lone images run one UNet row).
  */
 const MODELS = [
   { name: 'the SD 1.x demo', cases: 24, dir: async () => undefined },
   { name: 'the SDXL demo', cases: 12, dir: () => fixtureModel({ family: 'sdxl', withVaeEncoder: true }) },
+  { name: 'the LCM demo', cases: 8, dir: () => fixtureModel({ family: 'lcm', withVaeEncoder: true }) },
 ];
 
 describe.each(MODELS)('batching property on $name: every request of a drawn case gives the same bytes alone and batched', ({ cases: count, dir }) => {
