@@ -6,7 +6,9 @@
 # come from templates/params.env, the single source for `make render` and for envsubst by hand.
 
 SHELL := /bin/bash
-.SHELLFLAGS := -eu -o pipefail -c
+# --norc: bash reads /etc/bash.bashrc before -c when its stdin is a socket and SHLVL is unset (make started by a program
+# over a socketpair, as Node's spawn does), and under -u Debian's bashrc fails on PS1.
+.SHELLFLAGS := --norc -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
 PARAMS_FILE ?= templates/params.env
