@@ -25,7 +25,7 @@ import { ClipTokenizer, type Cleaned } from '../pipeline/tokenizer.js';
 import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
 import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
-import type { SessionProvider } from '../pipeline/provider.js';
+import { onGpu, type SessionProvider } from '../pipeline/provider.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
@@ -568,8 +568,10 @@ export class Engine {
     const tokens = new Map<string, number[][]>();
     for (const it of items) for (const text of [it.prompt, it.negativePrompt ?? '']) if (!tokens.has(text)) tokens.set(text, this.encodeText(text) ?? []);
     const adapters = tasks[0]!.adapters;
-    // Where batches form, a lone UNet row runs as two, so that an image is the same bytes alone and batched.
-    const padLoneRow = this.cfg.maxBatchSize > 1;
+    // Where batches form on the CPU, a lone UNet row runs as two, so that an image is the same bytes alone and batched
+    // (Job.padLoneRow). Not on a GPU: there it would cost a lone SD-Turbo/LCM image most of a second UNet row, for a
+    // rounding difference not measured there.
+    const padLoneRow = this.cfg.maxBatchSize > 1 && worker.provider !== undefined && !onGpu(worker.provider);
     worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}), ...(padLoneRow ? { padLoneRow } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
   }
 
