@@ -162,7 +162,8 @@ export interface Job {
   /**
    * Run a UNet batch of one row as two (the row twice, the copy's output dropped). ONNX Runtime's CPU matrix products
    * take a kernel of their own for one row, which rounds otherwise than for two or more: a lone image without an
-   * unconditional pass would differ from the same request in a batch. The engine asks for it where batches form on the CPU.
+   * unconditional pass would differ from the same request in a batch. The engine asks for it where batches form on
+   * the CPU.
    */
   padLoneRow?: boolean;
 }
