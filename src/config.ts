@@ -2,6 +2,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { isMainThread } from 'node:worker_threads';
 import { parseS3Prefix, type S3Prefix } from './s3-url.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
@@ -575,6 +576,29 @@ function editDistance(a: string, b: string): number {
 /** The warning a process logs for each misspelledVariables entry: names the variables, never their values. */
 export const misspelledWarning = (m: { variable: string; meant: string }): string =>
   `${m.variable} is not a variable the runtime reads, so its value is not used: did you mean ${m.meant}?`;
+
+/**
+ * What a process run under an arbitrary uid needs before it reads or writes anything (OpenShift's restricted SCC: a uid
+ * from the namespace's range, in group 0, with no passwd entry; another uid for each pod where runAsUser differs):
+ * - HOME, where the container runtime left it unset: such a uid has no home, os.homedir() throws, and with it the AWS
+ *   SDK's config lookup (every S3 listing failed as a bare "SystemError", retried). '/' is what CRI-O gives such a uid.
+ * - a umask that gives the group what it gives the user (022 becomes 002): the cache folders and files the warm-up Job
+ *   or a pod makes must be writable by the next pod, which may run as another uid of the same group (the pod's fsGroup,
+ *   or group 0), for its lease, a download it resumes, its LoRA sets. Others keep what the umask gave them.
+ * Main thread only: a worker may not set the umask (it shares the process's).
+ */
+export function applyContainerDefaults(env: Env = process.env): void {
+  if (!env.HOME) {
+    try {
+      os.homedir();
+    } catch {
+      env.HOME = '/';
+    }
+  }
+  if (!isMainThread) return;
+  const mask = process.umask(0o002);
+  process.umask((mask & ~0o070) | ((mask & 0o700) >> 3));
+}
 
 /**
  * Removes whitespace around the S3 credentials in `env`, where both transports read them, and returns the names it

@@ -6,7 +6,7 @@
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -49,6 +49,8 @@ const REPEAT_SIGNAL_MS = 1000;
 
 async function main(): Promise<void> {
   checkArgs(process.argv.slice(2));
+  // Before the config: its default cache folder may be made now, and must be shared with the group.
+  applyContainerDefaults();
   let cfg: Readonly<Config> | undefined;
   const problems: string[] = [];
   try {

@@ -9,7 +9,7 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
+import { applyContainerDefaults, type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
@@ -355,6 +355,8 @@ async function main(): Promise<number> {
   // The AWS SDK's multi-line notice about its future Node requirement would sit between the progress lines on stderr;
   // the lockfile pins the SDK.
   process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+  // What the Job leaves in the cache, the serving pods (another uid, perhaps, in the same group) must be able to write.
+  applyContainerDefaults();
   const ac = new AbortController();
   let signalled: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {

@@ -1,0 +1,97 @@
+/**
+ * The image as OpenShift's restricted SCC runs it: an arbitrary uid in group 0, no passwd entry, no HOME, and the cache
+ * PVC writable through the group only (a setgid folder of group 0, as fsGroup gives one). The warm-up Job and each
+ * serving pod may run as different uids of that group. Real processes under `setpriv` (the built warm-up CLI and
+ * server, s3rver on loopback); they need root to change uid, so the suite is skipped elsewhere.
+ */
+import { execFile, spawnSync } from 'node:child_process';
+import { chmodSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel } from '../src/demo/index.js';
+import { CREDS, destroyS3, putFolder, startS3, type S3Server } from './helpers/s3.js';
+import { ENTRY, postJson, startServer, type ServerHandle } from './helpers/server.js';
+import { WARMUP_CLI } from './helpers/warmup-cli.js';
+
+const JOB_UID = 1000680000;
+const POD_UIDS = [1000690000, 1000700000];
+const BUCKET = 'models';
+const PREFIX = 'demo/';
+const asUid = (uid: number) => ['setpriv', `--reuid=${uid}`, '--regid=0', '--clear-groups'];
+
+/** Root, with setpriv, and the built code readable by another uid (a checkout under a private home is not). */
+const canSwitch = process.platform === 'linux' && process.getuid?.() === 0
+  && spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(WARMUP_CLI)})`], { stdio: 'ignore' }).status === 0
+  && spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(ENTRY)})`], { stdio: 'ignore' }).status === 0;
+
+let s3: S3Server;
+let base: string;
+const live: ServerHandle[] = [];
+
+/** The warm-up CLI as `uid`, with PATH and `env` alone: no HOME, as a uid without a passwd entry has none. */
+async function warmupAs(uid: number, env: Record<string, string>): Promise<{ code: number; stderr: string; stdout: string }> {
+  const [cmd, ...args] = [...asUid(uid), process.execPath, WARMUP_CLI];
+  return promisify(execFile)(cmd!, args, { env: { PATH: process.env.PATH ?? '', ...env } }).then(
+    ({ stdout, stderr }) => ({ code: 0, stdout, stderr }),
+    (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }));
+}
+
+const s3Env = (cache: string) => ({ ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${PREFIX}`, MODEL_CACHE_DIR: cache });
+
+/** A folder like a PVC mounted with the group's write: root's, group 0, setgid, rwxrwsr-x. */
+function groupVolume(name: string): string {
+  const dir = path.join(base, name);
+  mkdirSync(dir);
+  chmodSync(dir, 0o2775);
+  return dir;
+}
+
+/** Every folder and file under `dir` whose group may not do what its owner may, with its mode. */
+function notShared(dir: string): string[] {
+  return (readdirSync(dir, { recursive: true }) as string[]).flatMap((rel) => {
+    const mode = lstatSync(path.join(dir, rel)).mode;
+    return ((mode >> 3) & 0o7) === ((mode >> 6) & 0o7) ? [] : [`${rel} ${(mode & 0o7777).toString(8)}`];
+  });
+}
+
+beforeAll(async () => {
+  if (!canSwitch) return;
+  // Traversable by the other uids (a mkdtemp folder is 0700).
+  base = mkdtempSync(path.join(os.tmpdir(), 'dr-uid-'));
+  chmodSync(base, 0o755);
+  const model = await buildDemoModel(path.join(base, 'model'));
+  s3 = await startS3([BUCKET]);
+  await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
+}, 60_000);
+
+afterAll(async () => {
+  for (const s of live.splice(0)) await s.stop('SIGKILL');
+  if (s3) await destroyS3(s3);
+  if (base) rmSync(base, { recursive: true, force: true });
+});
+
+describe.skipIf(!canSwitch)('an arbitrary uid in group 0 (OpenShift restricted SCC)', () => {
+  it('the Job fills the cache without HOME, sharing all it makes with the group; pods of two other uids serve from it, LoRA sets and leases included', async () => {
+    const cache = groupVolume('cache');
+    const job = await warmupAs(JOB_UID, s3Env(cache));
+    // Before: "STORAGE_TRANSIENT: cannot list (8 attempts) s3://models/demo/: SystemError" (os.homedir() throws).
+    expect([job.code, job.stderr.trim().split('\n').at(-1)]).toEqual([0, expect.stringMatching(/^warmup: done /)]);
+    // Before: every folder 755 and file 644 (umask 022), closed to any other uid of the group.
+    expect(notShared(cache)).toEqual([]);
+
+    for (const uid of POD_UIDS) {
+      const srv = await startServer({ ...s3Env(cache), HOME: undefined, EXECUTION_PROVIDER: 'cpu' }, { prefix: asUid(uid) });
+      live.push(srv);
+      await srv.waitReady();
+      const res = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red cube', num_inference_steps: 2, height: 64, width: 64, loras: ['demo-style'] }] });
+      // Before, the second pod: its lease refused ("could not mark the cache entry in use") and the LoRA set a 500
+      // (EACCES making its folder under .lora-sets/, which the first pod made 755).
+      expect([uid, res.status, srv.logs.filter((l) => l.level === 'warn' || l.level === 'error').map((l) => l.msg)]).toEqual([uid, 200, []]);
+      expect(await srv.stop()).toEqual({ code: 0, signal: null });
+      live.splice(live.indexOf(srv), 1);
+    }
+    expect(notShared(cache)).toEqual([]);
+  });
+});
