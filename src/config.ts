@@ -601,6 +601,17 @@ export function applyContainerDefaults(env: Env = process.env): void {
 }
 
 /**
+ * Who this process is, as a permission error in the cache should say it: a volume's owner and modes are read against
+ * these ids.
+ */
+export function processIdentity(): string {
+  const uid = process.getuid?.();
+  if (uid === undefined) return 'this process';
+  const groups = [...new Set([process.getgid!(), ...(process.getgroups?.() ?? [])])];
+  return `uid ${uid}, group${groups.length > 1 ? 's' : ''} ${groups.join(', ')}`;
+}
+
+/**
  * Removes whitespace around the S3 credentials in `env`, where both transports read them, and returns the names it
  * changed. A Secret made with `kubectl create secret --from-file` keeps the file's last newline: in a secret key it
  * would reach S3 as SignatureDoesNotMatch, in a key id or token as a header Node refuses to send. Keys hold none.

@@ -94,4 +94,16 @@ describe.skipIf(!canSwitch)('an arbitrary uid in group 0 (OpenShift restricted S
     }
     expect(notShared(cache)).toEqual([]);
   });
+
+  it('a cache folder the uid may not write: one line naming MODEL_CACHE_DIR, the uid and its groups, and what to change', async () => {
+    const closed = path.join(base, 'closed');
+    mkdirSync(closed, { mode: 0o755 });
+    const job = await warmupAs(JOB_UID, s3Env(closed));
+    expect(job.code).toBe(1);
+    expect(job.stderr.trim().split('\n').at(-1)).toBe(`warmup: CACHE_IO: the model cache (MODEL_CACHE_DIR) refused open: EACCES (this process is uid ${JOB_UID}, `
+      + "group 0: the cache's folders must be writable by that uid or one of those groups, as a volume mounted with the pod's fsGroup is; "
+      + 'folders another uid made without group write: chmod -R g+w them once)');
+    const below = await warmupAs(JOB_UID, s3Env(path.join(closed, 'cache')));
+    expect(below.stderr.trim().split('\n').at(-1)).toMatch(new RegExp(`^warmup: CACHE_IO: cannot create the model cache directory \\(MODEL_CACHE_DIR\\): EACCES \\(this process is uid ${JOB_UID}, group 0: `));
+  });
 });

@@ -8,7 +8,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Config } from '../config.js';
+import { processIdentity, type Config } from '../config.js';
 import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
@@ -260,13 +260,23 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
   const short = shortage(e);
   if (short) return shortageError(`${what}${inside !== undefined ? ' in the model cache (MODEL_CACHE_DIR)' : ''} failed`, short, S3_ADVICE, e);
   const code = ['ENOSPC', 'EDQUOT'].includes(x.code) ? 'NO_SPACE' : x.code === 'ENAMETOOLONG' ? 'STORAGE_KEY_TOO_LONG' : 'CACHE_IO';
-  return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}`, { cause: e });
+  return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}${deniedAdvice(x)}`, { cause: e });
+}
+
+/**
+ * For a permission error: who was refused, and what lets it write. An arbitrary-uid pod (OpenShift) writes a volume
+ * through its group; a folder another uid made before this runtime shared them with the group stays closed to it.
+ */
+function deniedAdvice(e: NodeJS.ErrnoException): string {
+  if (e.code !== 'EACCES' && e.code !== 'EPERM') return '';
+  return ` (this process is ${processIdentity()}: the cache's folders must be writable by that uid or one of those groups, `
+    + 'as a volume mounted with the pod\'s fsGroup is; folders another uid made without group write: chmod -R g+w them once)';
 }
 
 /** MODEL_CACHE_DIR itself could not be made: one message whichever path (the S3 fetch, the demo model) made it. */
 function cacheDirError(e: NodeJS.ErrnoException): RuntimeError {
   const why = e.code === 'EEXIST' || e.code === 'ENOTDIR' ? 'it, or a folder above it, is a file' : (e.code ?? 'error');
-  return new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}`, { cause: e });
+  return new RuntimeError(e.code === 'ENOSPC' ? 'NO_SPACE' : 'CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): ${why}${deniedAdvice(e)}`, { cause: e });
 }
 
 // sameEtag: entries written before listed ETags were quoted hold them as the store listed them (bare, on stores that
