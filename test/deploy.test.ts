@@ -555,6 +555,43 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     expect(secret.metadata.annotations['opendatahub.io/connection-type']).toBe('s3');
     expect(secret.metadata.labels['opendatahub.io/dashboard']).toBe('true');
   });
+
+  it("every pod meets the restricted Pod Security Standard and leaves the uid to the cluster (OpenShift's restricted-v2)", () => {
+    // Each pod spec the templates give (an InferenceService's predictor takes its container from the ServingRuntime:
+    // KServe merges the model's fields over it), with its containers.
+    const pods = allDocs().flatMap(({ file, doc }) => {
+      if (doc.kind === 'ServingRuntime') return [{ at: `${file} ServingRuntime`, pod: doc.spec as Obj, containers: doc.spec.containers as Obj[] }];
+      if (doc.kind === 'Job') return [{ at: `${file} Job`, pod: doc.spec.template.spec as Obj, containers: doc.spec.template.spec.containers as Obj[] }];
+      if (doc.kind === 'InferenceService') return [{ at: `${file} ${doc.metadata.name}`, pod: doc.spec.predictor as Obj, containers: [] as Obj[] }];
+      return [];
+    });
+    expect(pods.map((p) => p.at.split(' ')[1])).toEqual(expect.arrayContaining(['ServingRuntime', 'Job']));
+    const allowedVolumes = ['configMap', 'csi', 'downwardAPI', 'emptyDir', 'ephemeral', 'persistentVolumeClaim', 'projected', 'secret'];
+    const bad: string[] = [];
+    for (const { at, pod, containers } of pods) {
+      for (const k of ['hostNetwork', 'hostPID', 'hostIPC']) if (pod[k] === true) bad.push(`${at}: ${k}`);
+      for (const v of (pod.volumes ?? []) as Obj[]) {
+        const type = Object.keys(v).find((k) => k !== 'name');
+        if (!allowedVolumes.includes(type!)) bad.push(`${at}: volume ${v.name} is ${type}`);
+      }
+      // The InferenceService's model may not weaken what the runtime's container sets.
+      if (pod.model?.securityContext !== undefined) bad.push(`${at}: model.securityContext overrides the ServingRuntime's`);
+      for (const c of containers) {
+        const sc: Obj = { ...(pod.securityContext ?? {}), ...(c.securityContext ?? {}) };
+        const where = `${at} container ${c.name}`;
+        if (sc.privileged === true) bad.push(`${where}: privileged`);
+        if (sc.allowPrivilegeEscalation !== false) bad.push(`${where}: allowPrivilegeEscalation not false`);
+        if (!(sc.capabilities?.drop ?? []).includes('ALL')) bad.push(`${where}: capabilities.drop lacks ALL`);
+        if ((sc.capabilities?.add ?? []).some((a: string) => a !== 'NET_BIND_SERVICE')) bad.push(`${where}: adds capabilities`);
+        if (sc.runAsNonRoot !== true) bad.push(`${where}: runAsNonRoot not true`);
+        if (!['RuntimeDefault', 'Localhost'].includes(sc.seccompProfile?.type)) bad.push(`${where}: seccompProfile not RuntimeDefault`);
+        // restricted-v2 assigns a uid from the namespace's range and refuses one outside it.
+        for (const k of ['runAsUser', 'runAsGroup']) if (sc[k] !== undefined) bad.push(`${where}: sets ${k}`);
+        if (sc.readOnlyRootFilesystem !== true) bad.push(`${where}: root filesystem writable`);
+      }
+    }
+    expect(bad).toEqual([]);
+  });
 });
 
 // ---------------------------------------------------------------------------------------------
