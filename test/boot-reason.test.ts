@@ -3,7 +3,8 @@
  * "fails the boot at once as `STORAGE_TLS`"): on the model endpoint's 503 and in the `state` event / log line, in the
  * warm-up CLI's `CODE: reason` form.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -38,6 +39,21 @@ describe('a failed boot', () => {
     expect(failed.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
     const body = (await (await fetch(`${h.url}/v1/models/model`)).json()) as { reason: string };
     expect(body.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): it, or a folder above it, is a file');
+  });
+
+  it.skipIf(process.getuid?.() !== 0)('the demo model on a read-only volume: CACHE_IO naming EROFS (it was ENOENT, as if the folder were missing)', async () => {
+    await h?.stop(0);
+    // A read-only /tmp, where MODEL_CACHE_DIR defaults when /mnt/cache is not writable.
+    const ro = path.join(dir, 'ro');
+    mkdirSync(ro);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+    try {
+      h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: path.join(ro, 'diffusers-runtime-cache') }, { ready: false });
+      const failed = await h.waitFor('state', (s) => s.state === 'failed');
+      expect(failed.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): EROFS');
+    } finally {
+      execFileSync('umount', [ro]);
+    }
   });
 
   it('a model config that is not JSON is named by its path inside the model, not the model folder\'s name (it was "model_index.json (acme-sd15/model_index.json)")', async () => {

@@ -306,7 +306,10 @@ export class BootSequence {
       const { ensureDemoModel } = await import('../demo/index.js');
       // The cache folder's errors as the S3 path reports them (CACHE_IO, relative names): Node's own carry the
       // absolute path, and boot reasons reach clients.
-      const dir = await ensureDemoModel(this.#cfg.cacheDir, log).catch(async (e: unknown) => {
+      // The cache folder made first by the helper that keeps the real refusal: Node's recursive mkdir reports a
+      // read-only volume (a read-only /tmp, where the cache defaults without /mnt/cache) as ENOENT.
+      const { mkdirs } = await import('../storage/cache.js');
+      const dir = await mkdirs(this.#cfg.cacheDir).then(() => ensureDemoModel(this.#cfg.cacheDir, log)).catch(async (e: unknown) => {
         throw (await import('../storage/fetch.js')).cacheIoError(e, this.#cfg.cacheDir);
       });
       log.info({ dir }, 'no STORAGE_URI and no /mnt/models: serving the embedded demo model');
