@@ -270,6 +270,9 @@ async function cache(args: string[]): Promise<void> {
     } else throw new UsageError(`cache prune: unknown argument ${JSON.stringify(a)}`);
   }
   const now = Date.now();
+  // The adapter sets of servers gone, measured before any entry goes: a set's hard link to an entry's file counts with
+  // that entry (removeEntry's bytes), not twice; deleted after the entries.
+  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun: true });
   const entries = await listEntries(cfg.cacheDir);
   let freed = 0;
   let removed = 0;
@@ -299,8 +302,8 @@ async function cache(args: string[]): Promise<void> {
   }
   // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
-  // And the adapter sets of servers gone, after the entries: a set's hard link to a removed entry's file frees it only now.
-  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun });
+  // And the adapter sets of servers gone: a set's hard link to a removed entry's file frees it only now.
+  if (!dryRun) await emptyAdapterSets(cfg.cacheDir);
   // Lease folders of entries that are not there (a few bytes each, one per STORAGE_URI ever tried): never listed as entries.
   if (!dryRun) await emptyOrphanLeases(cfg.cacheDir);
   const of = [trash > 0 ? `${mb(trash)} MB of it left by an interrupted removal` : '', sets > 0 ? `${mb(sets)} MB of it LoRA adapter sets of servers gone` : ''].filter(Boolean);
