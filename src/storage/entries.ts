@@ -165,7 +165,13 @@ export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}):
     if (lock === undefined) continue;
     try {
       if ((await there(dir)) || (await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) continue;
-      await fsp.rm(leasesDir(dir), { recursive: true, force: true });
+      try {
+        await fsp.rm(leasesDir(dir), { recursive: true, force: true });
+      } catch (err) {
+        // A lease published while the folder was being emptied: its taker sees this lock, withdraws and leases again.
+        if ((err as NodeJS.ErrnoException).code === 'ENOTEMPTY') continue;
+        throw err;
+      }
       n++;
     } finally {
       await lock.release();
