@@ -109,6 +109,11 @@ it('keeps no listener, handle or metric series per request, kept-alive connectio
     expect(got.slice(10).filter((s, k) => k !== i % 3)).toEqual([200, 200]);
   }
   expect(await wsRound(8, 0)).toEqual(new Set(['result', 'accepted', 'closed', 'MODEL_NOT_FOUND']));
+  // A client surely leaving mid-generation: a cancellation's series exist before counting, however fast the rounds' own
+  // leavers' generations end on this machine.
+  const long = JSON.stringify({ instances: [{ ...inst(0), num_inference_steps: 400, seed: 99 }] });
+  expect(await request(false, 'POST', '/v1/models/model:predict', long, {}, 100)).toBe(499);
+  await expect.poll(async () => (await seriesKeys()).some((k) => k.includes('reason="client_left"')), { timeout: 10_000 }).toBe(true);
   const live = () => serverSockets().filter((s) => !s.destroyed);
   await expect.poll(() => live().length, { timeout: 10_000 }).toBe(1);
   const [kept] = live();
