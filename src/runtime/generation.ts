@@ -10,7 +10,7 @@ import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { EncodedImage, Engine, Progress, TaskResult } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { createOutputStore } from './output.js';
+import { createOutputStore, withWritten } from './output.js';
 import type { GenerationRequest } from './request.js';
 import { createResultCache, type ResultCache } from './result-cache.js';
 
@@ -141,7 +141,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // Other instances' uploads under way end first, as one instance's images do (output.ts): cancelled, their
         // requests already sent would land after the error.
         const written = (await Promise.allSettled(upload.started)).flatMap((u) => (u.status === 'fulfilled' ? u.value : []));
-        throw written.length > 0 ? withWritten(err, written) : err;
+        throw withWritten(err, written, "instances' images");
       } finally {
         timeout.clear();
         inflight--;
@@ -161,16 +161,4 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 interface Uploads {
   readonly signal: AbortSignal;
   readonly started: Array<Promise<string[]>>;
-}
-
-/**
- * `err` naming the objects the request's other instances wrote. A copy: the error may be shared with requests that
- * waited for the same generation (joinRunning).
- */
-function withWritten(err: unknown, written: readonly string[]): unknown {
-  if (!(err instanceof RuntimeError)) return err;
-  const { retryAfter, fields, allow } = err;
-  return new RuntimeError(err.code, `${err.message}; of the request's other instances' images, ${written.join(', ')} ${written.length === 1 ? 'was' : 'were'} written`, {
-    cause: err, ...(retryAfter !== undefined ? { retryAfter } : {}), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}),
-  });
 }

@@ -82,7 +82,7 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
       );
       if (first !== undefined) {
         const stored = keys.filter((_, i) => settled[i]!.status === 'fulfilled').map((k) => `s3://${bucket}/${k}`);
-        throw uploadError(first.err, bucket, first.key, note, stored);
+        throw withWritten(uploadError(first.err, bucket, first.key, note), stored, 'images');
       }
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
@@ -111,16 +111,20 @@ async function abortLeft(client: Parameters<typeof abortUploads>[0], bucket: str
 }
 
 /**
- * Bucket, key and the S3 error code: never credentials, never the SDK's stack. `stored`: the request's other objects
- * that were written, which the message names.
+ * `err` naming the objects of its request that were written though the request failed: `whose` are they, the
+ * request's other `images` (this module) or its other `instances' images` (generation.ts). A copy: the error may be
+ * shared with requests that waited for the same generation (generation.ts, joinRunning).
  */
-function uploadError(err: unknown, bucket: string, key: string, note: string, stored: readonly string[] = []): RuntimeError {
-  const e = uploadErrorOf(err, bucket, key, note);
-  if (stored.length > 0) e.message += `; of the request's other images, ${stored.join(', ')} ${stored.length === 1 ? 'was' : 'were'} written`;
-  return e;
+export function withWritten(err: unknown, written: readonly string[], whose: string): unknown {
+  if (written.length === 0 || !(err instanceof RuntimeError)) return err;
+  const { retryAfter, fields, allow } = err;
+  return new RuntimeError(err.code, `${err.message}; of the request's other ${whose}, ${written.join(', ')} ${written.length === 1 ? 'was' : 'were'} written`, {
+    cause: err, ...(retryAfter !== undefined ? { retryAfter } : {}), ...(fields ? { fields } : {}), ...(allow ? { allow } : {}),
+  });
 }
 
-function uploadErrorOf(err: unknown, bucket: string, key: string, note: string): RuntimeError {
+/** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
+function uploadError(err: unknown, bucket: string, key: string, note: string): RuntimeError {
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   const kind = classify(err);
