@@ -20,13 +20,15 @@ import { Journal, JournalTail, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
 import { ContentMismatchError, newContentCheckState, type ContentCheckState } from './content-check.js';
 import { sameEtag } from './s3-compat.js';
-import { describeEntries, inUse, listEntries, makeRoom, type CacheEntry } from './entries.js';
-import { acquireLock, type LockInfo } from './lock.js';
+import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheEntry } from './entries.js';
+import { leaseState } from './lease.js';
+import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
 import { attempts as counted, classify, permanentError, retryTransient } from './s3-errors.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
+import { currentVersion, parseVersion, versionName, versionsOf } from './versions.js';
 
 export { planParts, RETRY, backoffMs, type Part } from './plan.js';
 export { parseStorageUri, cacheKey, containedPath, type StorageSource } from './uri.js';
@@ -105,6 +107,12 @@ export interface ResolveOptions {
   onDamaged?(rel: string): void;
   /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
   leaseStaleMs?: number;
+  /**
+   * Marks a version folder of the entry in use by the caller (a server's lease, storage/lease.ts), called before the
+   * fetch serves or fills one the caller may not lease yet; once it resolves the folder is not evicted. Without it (the
+   * warm-up Job, adapters) nothing is leased.
+   */
+  lease?(entryDir: string): Promise<void>;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -164,16 +172,18 @@ export interface CommittedEntry {
 }
 
 /**
- * The committed cache entry of an s3:// URI with every file present, or undefined; never throws, never asks S3. The
- * boot starts its sessions while the fetch asks S3 whether it is still current.
+ * The current committed version of an s3:// URI's cache entry (versions.ts) with every file present, or undefined;
+ * never throws, never asks S3. The boot starts its sessions while the fetch asks S3 whether it is still current.
  */
 export async function committedEntry(uri: string, cfg: Pick<Config, 'cacheDir' | 's3'>): Promise<CommittedEntry | undefined> {
   try {
     const src = parseStorageUri(uri);
     if (src.kind !== 's3') return undefined;
-    const dir = containedPath(cfg.cacheDir, cacheKey(src, cfg.s3.endpoint));
-    const manifest = await readManifest(dir);
-    if (manifest === undefined || manifest.uri !== src.uri) return undefined;
+    const cur = await currentVersion(cfg.cacheDir, cacheKey(src, cfg.s3.endpoint));
+    if (cur === undefined) return undefined;
+    const { dir, manifest } = cur;
+    containedPath(cfg.cacheDir, cur.name);
+    if (manifest.uri !== src.uri) return undefined;
     // Keys were contained when the entry was written; check again, the manifest is only a file on a shared volume.
     for (const f of manifest.files) containedPath(dir, f.path);
     return (await manifestFilesPresent(dir, manifest)) ? { dir, manifest } : undefined;
@@ -289,7 +299,11 @@ class S3Fetch {
   private readonly bucket: string;
   private readonly prefix: string;
   private readonly uri: string;
-  private readonly entry: string;
+  /** The entry's key: the folder of its version 1, and the name of the lock every fill of the URI holds. */
+  private readonly key: string;
+  private readonly base: string;
+  /** The version folder this fetch serves or fills (versions.ts). */
+  private entry: string;
   private readonly progress: FetchProgress = { phase: 'resolving', bytesDone: 0, bytesTotal: 0, filesDone: 0, filesTotal: 0, bytesPerSecond: 0 };
   private readonly samples: Array<[number, number]> = [];
   private lastEmit = 0;
@@ -303,7 +317,9 @@ class S3Fetch {
   constructor(src: Extract<StorageSource, { kind: 's3' }>, private readonly choice: TransportChoice, private readonly o: ResolveOptions,
     private readonly t0: number) {
     ({ bucket: this.bucket, prefix: this.prefix, uri: this.uri } = src);
-    this.entry = containedPath(o.cfg.cacheDir, cacheKey(src, o.cfg.s3.endpoint));
+    this.key = cacheKey(src, o.cfg.s3.endpoint);
+    this.base = containedPath(o.cfg.cacheDir, this.key);
+    this.entry = this.base;
     this.signal = o.signal ?? new AbortController().signal;
   }
 
@@ -317,17 +333,21 @@ class S3Fetch {
     try {
       this.emit('resolving', true);
       let listing: RemoteObject[] | undefined;
-      const cached = await readManifest(this.entry);
-      if (cached && cached.uri === this.uri && (await manifestFilesPresent(this.entry, cached))) {
+      const cached = await currentVersion(cfg.cacheDir, this.key);
+      if (cached) this.entry = cached.dir;
+      if (cached && cached.manifest.uri === this.uri && (await manifestFilesPresent(this.entry, cached.manifest))) {
         try {
           listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
-          log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
-          return this.hit(cached, true);
+          if (await this.leased(cached.manifest)) {
+            log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
+            return await this.served(this.hit(cached.manifest, true));
+          }
+          throw e;
         }
-        if (sameObjects(this.kept(cached), listing)) return this.hit(cached, false);
-        log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
+        if (!sameObjects(this.kept(cached.manifest), listing)) log.info({ uri: this.uri }, 'objects changed since the cache entry was written; fetching the changes');
+        else if (await this.leased(cached.manifest)) return await this.served(this.hit(cached.manifest, false));
       }
       this.emit('listing', true);
       listing ??= await this.listing();
@@ -342,25 +362,38 @@ class S3Fetch {
       const want = listing;
       const staleMs = this.o.lockStaleMs ?? 30_000;
       const wait = new HolderWatch(this.entry, want);
-      const lock = await acquireLock(`${this.entry}.lock`, {
-        staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
-        onWait: (h) => this.waiting(wait, h),
-        satisfied: async () => {
-          const m = await readManifest(this.entry);
-          return m !== undefined && sameObjects(this.kept(m), want);
-        },
-      });
-      if (wait.since !== undefined) {
-        log.info({ waitedMs: Math.round(performance.now() - wait.since), filesSeenWhole: wait.announced.size },
-          lock === undefined ? 'the other process committed the cache entry; serving from it' : 'the other process left the cache entry unfinished; this one fills it');
-      }
-      if (lock === undefined) return this.hit((await readManifest(this.entry))!, false);
-      try {
-        const m = await readManifest(this.entry);
-        if (m && sameObjects(this.kept(m), want) && (await manifestFilesPresent(this.entry, m))) return this.hit(m, false);
-        return await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
-      } finally {
-        await lock.release();
+      const current = async () => {
+        const c = await currentVersion(cfg.cacheDir, this.key);
+        return c !== undefined && sameObjects(this.kept(c.manifest), want) ? c : undefined;
+      };
+      // Every fill of the URI holds the lock of its version 1, whichever version it writes: one writer per entry.
+      for (let attempt = 1; ; attempt++) {
+        const lock = await acquireLock(`${this.base}.lock`, {
+          staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
+          onWait: (h) => this.waiting(wait, h),
+          satisfied: async () => (await current()) !== undefined,
+        });
+        if (wait.since !== undefined && attempt === 1) {
+          log.info({ waitedMs: Math.round(performance.now() - wait.since), filesSeenWhole: wait.announced.size },
+            lock === undefined ? 'the other process committed the cache entry; serving from it' : 'the other process left the cache entry unfinished; this one fills it');
+        }
+        if (lock === undefined) {
+          const c = await current();
+          if (c) this.entry = c.dir;
+          if (c && (await this.leased(c.manifest))) return await this.served(this.hit(c.manifest, false));
+          // Evicted between its commit and this process's lease: filled again.
+          continue;
+        }
+        try {
+          const c = await current();
+          if (c) this.entry = c.dir;
+          if (c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))) return await this.served(this.hit(c.manifest, false));
+          const res = await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
+          await lock.release();
+          return await this.served(res);
+        } finally {
+          await lock.release();
+        }
       }
     } catch (e) {
       if (this.signal.aborted && !(e instanceof RuntimeError && e.code === 'NO_SPACE')) {
@@ -387,6 +420,13 @@ class S3Fetch {
       w.lastLog = now;
       log.info({ holder }, 'another process is filling this cache entry; waiting for it');
     }
+    // The holder writes the highest-numbered version folder (a new version beside the one in use, or the entry itself):
+    // what was announced from another one is announced again from it.
+    const top = (await versionsOf(this.o.cfg.cacheDir, this.key)).at(-1);
+    if (top !== undefined && top.dir !== w.dir) {
+      if (w.announced.size > 0) this.o.onRestart?.();
+      w.follow(top.dir);
+    }
     const seen = await w.tail.read().catch(() => new Map<string, never>());
     let bytes = 0;
     let files = 0;
@@ -401,10 +441,14 @@ class S3Fetch {
       files++;
       // An evictor's lock (lease.ts): the entry is about to go, nothing in it is announced.
       if (w.announced.has(obj.rel) || h?.purpose === 'evict') continue;
-      const abs = path.join(this.entry, obj.rel);
+      const abs = path.join(w.dir, obj.rel);
       const st = await fsp.stat(abs).catch(() => undefined);
       if (!st?.isFile() || st.size !== obj.size) continue;
-      if (w.announced.size === 0) this.o.onListing?.(w.want.map((o) => ({ relPath: o.rel, size: o.size })));
+      if (w.announced.size === 0) {
+        // What a process announces it reads from: its lease first.
+        await this.o.lease?.(w.dir);
+        this.o.onListing?.(w.want.map((o) => ({ relPath: o.rel, size: o.size })));
+      }
       w.announced.add(obj.rel);
       this.o.onFileReady?.(obj.rel, abs);
     }
@@ -500,6 +544,34 @@ class S3Fetch {
     return { dir: this.entry, fromCache: true, bytes: m.bytes, files: m.files.length, seconds: this.elapsed(), source: 's3', ...(stale ? { stale } : {}) };
   }
 
+  /**
+   * Leases the version this fetch serves (ResolveOptions.lease), and says whether it still holds the commit `m` with
+   * every file: once leased, it stays so. Without a lease to take, whether it holds it now.
+   */
+  private async leased(m: Manifest): Promise<boolean> {
+    await this.o.lease?.(this.entry);
+    const now = await readManifest(this.entry);
+    return now !== undefined && sameCommit(now, m) && (await manifestFilesPresent(this.entry, now));
+  }
+
+  /** The model is served from `res.dir`: the older versions of the entry that no process uses any more go. */
+  private async served(res: ResolvedModel): Promise<ResolvedModel> {
+    const { cfg, log } = this.o;
+    const mine = parseVersion(path.basename(this.entry)).n;
+    const opts = { lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
+    for (const v of await versionsOf(cfg.cacheDir, this.key)) {
+      if (v.n >= mine) continue;
+      const r = await removeEntry(cfg.cacheDir, v.name, opts).catch(() => undefined);
+      if (r?.removed) log.info({ entry: v.name, bytes: r.bytes }, 'removed an older version of the cache entry that no process serves from any more');
+    }
+    return res;
+  }
+
+  /**
+   * Fills the entry under its lock. The highest-numbered version folder is the one written: an uncommitted one is
+   * resumed; a committed one whose objects changed is refreshed in place when no other live process leases it, and
+   * otherwise left as it is, the new objects going into a new version beside it (versions.ts).
+   */
   private async fill(initial: RemoteObject[], signal: AbortSignal, lost: AbortSignal): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const dl = await loadDownload();
@@ -513,15 +585,86 @@ class S3Fetch {
       }
       return res;
     };
-    await mkdirs(this.entry);
-    const journal = await Journal.open(this.entry, {
-      onError: (e) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded'),
-    });
+    const versions = await versionsOf(cfg.cacheDir, this.key);
+    const top = versions.at(-1);
+    const cur = await currentVersion(cfg.cacheDir, this.key, versions);
+    const onError = (e: unknown) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded');
+    const staleMs = this.o.lockStaleMs ?? 30_000;
+    let versionLock: HeldLock | undefined;
+    let journal: Journal | undefined;
+    // Opens the version folder `dir` for writing: its own lock beside the entry's (an eviction or a prune elsewhere
+    // takes a version's lock, and must see this fill), the caller's lease, its journal.
+    const open = async (dir: string) => {
+      this.entry = dir;
+      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), signal });
+      await this.o.lease?.(dir);
+      await mkdirs(dir);
+      journal = await Journal.open(dir, { onError });
+      return journal;
+    };
     try {
-      return await this.rounds(initial, journal, get, signal, lost, dl);
+      let j = await open(top?.dir ?? this.base);
+      if (cur !== undefined && cur.dir === this.entry) {
+        // A committed entry being refreshed: its files count as whole downloads of their ETags, durably before the
+        // commit goes. The commit goes before the leases are read, so a process leasing it now either is seen here or
+        // finds it uncommitted and waits for this fill (lease.ts, the same handshake as an eviction's).
+        for (const f of cur.manifest.files) j.complete(f.path, f.etag, f.size);
+        await j.sync();
+        await uncommit(this.entry);
+        const users = (await leaseState(this.entry, this.o.leaseStaleMs)).live.filter((h) => !isOwn(h));
+        if (users.length > 0) {
+          await writeManifest(this.entry, cur.manifest);
+          await j.remove();
+          await versionLock?.release();
+          versionLock = undefined;
+          const next = versionName(this.key, cur.n + 1);
+          log.info({ entry: cur.name, users: users.map((h) => `${h.host}/${h.pid}`), version: next },
+            'the cache entry is in use by other processes; the changed objects go into a new version of it, beside it');
+          j = await open(containedPath(cfg.cacheDir, next));
+        }
+      }
+      if (cur !== undefined && cur.dir !== this.entry) await this.linkUnchanged(cur, initial, j);
+      const held = versionLock?.lost;
+      return await this.rounds(initial, j, get, held ? AbortSignal.any([signal, held]) : signal, held ? AbortSignal.any([lost, held]) : lost, dl);
     } finally {
-      await journal.close();
+      await journal?.close();
+      await versionLock?.release();
     }
+  }
+
+  /**
+   * Copy-on-write from the version in use: each listed file it holds at the listed ETag and size is hard-linked into
+   * the new version (no byte copied or fetched) and recorded whole. A file that cannot be linked (a volume without hard
+   * links) is fetched.
+   */
+  private async linkUnchanged(from: { dir: string; manifest: Manifest }, listing: readonly RemoteObject[], journal: Journal): Promise<void> {
+    const had = new Map(from.manifest.files.map((f) => [f.path, f]));
+    const dirs = new Set<string>();
+    let files = 0;
+    let bytes = 0;
+    for (const obj of listing) {
+      const f = had.get(obj.rel);
+      if (f === undefined || !sameEtag(f.etag, obj.etag) || f.size !== obj.size) continue;
+      const j = journal.get(obj.rel);
+      if (j?.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size) continue;
+      const src = path.join(from.dir, obj.rel);
+      const dst = path.join(this.entry, obj.rel);
+      try {
+        if ((await fsp.stat(src)).size !== obj.size) continue;
+        await mkdirs(path.dirname(dst));
+        await fsp.unlink(dst).catch(() => undefined);
+        await fsp.link(src, dst);
+      } catch {
+        continue;
+      }
+      journal.complete(obj.rel, obj.etag, obj.size);
+      dirs.add(path.dirname(dst));
+      files++;
+      bytes += obj.size;
+    }
+    for (const d of dirs) await fsyncDir(d);
+    await journal.sync();
+    if (files > 0) this.o.log.info({ files, bytes, from: path.basename(from.dir) }, 'unchanged files linked from the version in use');
   }
 
   /** Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. */
@@ -529,13 +672,6 @@ class S3Fetch {
     dl: typeof import('./download.js')): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const { downloadAll, defaultIo, ObjectChangedError } = dl;
-    // A committed entry being refreshed: its files count as whole downloads of their ETags.
-    const old = await readManifest(this.entry);
-    if (old) {
-      for (const f of old.files) journal.complete(f.path, f.etag, f.size);
-      await journal.sync();
-      await uncommit(this.entry);
-    }
     let listing = initial;
     const started = performance.now();
     let why: 'changed' | 'incomplete' | 'damaged' = 'changed';
@@ -785,7 +921,7 @@ function contentChecked(state: ContentCheckState | undefined, listing: readonly 
 
 /** What a process waiting for another one's fill of the entry keeps between polls. */
 class HolderWatch {
-  readonly tail: JournalTail;
+  tail: JournalTail;
   readonly bytesTotal: number;
   /** Files announced (onFileReady) while waiting. */
   readonly announced = new Set<string>();
@@ -793,9 +929,16 @@ class HolderWatch {
   since: number | undefined;
   lastLog = 0;
 
-  constructor(entry: string, readonly want: readonly RemoteObject[]) {
-    this.tail = new JournalTail(entry);
+  constructor(public dir: string, readonly want: readonly RemoteObject[]) {
+    this.tail = new JournalTail(dir);
     this.bytesTotal = want.reduce((n, o) => n + o.size, 0);
+  }
+
+  /** The holder writes another version folder: its journal is followed from its start. */
+  follow(dir: string): void {
+    this.dir = dir;
+    this.tail = new JournalTail(dir);
+    this.announced.clear();
   }
 }
 

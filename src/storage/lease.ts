@@ -44,6 +44,8 @@ export interface LeaseOptions {
 export interface EntryLease {
   /** The lease file (inside the cache). */
   readonly path: string;
+  /** The entry folder it leases. */
+  readonly entry: string;
   /** Replaces LeaseOptions.onLost (a lease taken before a logger existed gets one later). */
   onLost(fn: (entryGone: boolean) => void): void;
   release(): Promise<void>;
@@ -157,6 +159,7 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
   watch();
   return {
     path: file,
+    entry: entryDir,
     onLost(fn) {
       lost = fn;
     },
