@@ -217,7 +217,8 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
 
 /** One JSON line per entry on stdout; names as the cache names them (never a local path). */
 const entryLine = (e: CacheEntry, extra: Record<string, unknown> = {}) => JSON.stringify({
-  ...extra, entry: e.name, ...(e.uri ? { uri: e.uri } : {}), state: e.state, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), inUse: inUse(e),
+  ...extra, entry: e.name, ...(e.uri ? { uri: e.uri } : {}), ...(e.version > 1 ? { version: e.version } : {}), ...(e.superseded ? { superseded: true } : {}),
+  state: e.state, bytes: e.bytes, ...(e.shared > 0 ? { sharedBytes: e.shared } : {}), lastUsed: e.lastUsed.toISOString(), inUse: inUse(e),
   ...(e.users.length > 0 ? { users: e.users } : {}), ...(e.locked ? { locked: e.locked } : {}),
 });
 
@@ -230,7 +231,8 @@ function parseAge(v: string): number {
 
 /**
  * `cache list`: every entry, least recently used first. `cache prune`: removes every entry no process fills or serves
- * from, except those kept (--keep-uri) or used within --older-than; --dry-run only says what would go.
+ * from, except those kept (--keep-uri) or used within --older-than (an older version of an entry is kept by neither:
+ * nothing serves from it again); --dry-run only says what would go.
  */
 async function cache(args: string[]): Promise<void> {
   const [sub, ...rest] = args;
@@ -277,9 +279,9 @@ async function cache(args: string[]): Promise<void> {
   let freed = 0;
   let removed = 0;
   for (const e of entries) {
-    const kept = keep.has(e.name) || (e.uri !== undefined && keep.has(e.uri)) ? 'kept'
+    const kept = !e.superseded && (keep.has(e.name) || (e.uri !== undefined && keep.has(e.uri))) ? 'kept'
       : inUse(e) ? 'in use'
-        : olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined;
+        : !e.superseded && olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined;
     if (kept !== undefined) {
       process.stdout.write(`${entryLine(e, { action: 'keep', reason: kept })}\n`);
       continue;

@@ -14,6 +14,7 @@ import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
 import { acquireLock, inspectHolder } from './lock.js';
+import { parseVersion, versionsOf } from './versions.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
 const TRASH_PREFIX = '.evicting-';
@@ -25,8 +26,17 @@ export interface CacheEntry {
   readonly uri?: string;
   /** `committed`: a whole model; `partial`: a download in progress or abandoned. */
   readonly state: 'committed' | 'partial';
-  /** Bytes it occupies on disk (allocated blocks: a preallocated partial counts what it holds). */
+  /**
+   * Bytes it occupies on disk (allocated blocks: a preallocated partial counts what it holds), less `shared`. Summed
+   * over the entries, what the cache holds; for an older version, what removing it frees.
+   */
   readonly bytes: number;
+  /** Bytes of its files that a newer version of the same entry also holds (hard links: versions.ts); 0 for most. */
+  readonly shared: number;
+  /** Its version (versions.ts): 1 for the entry's first folder. */
+  readonly version: number;
+  /** A newer version of the same entry is committed: no new process serves from this one, it goes once unused. */
+  readonly superseded: boolean;
   readonly lastUsed: Date;
   /** Processes serving from it now (live leases), as `host/pid`. */
   readonly users: readonly string[];
@@ -43,9 +53,13 @@ export interface EntryOptions {
   lockStaleMs?: number;
 }
 
-/** Bytes allocated under `dir`; `ownOnly`: only files no other name links (what deleting `dir` would free). */
-async function allocated(dir: string, ownOnly = false): Promise<number> {
+/**
+ * Bytes allocated under `dir`; `ownOnly`: only files no other name links (what deleting `dir` would free); `inodes`:
+ * collects each file's `dev:ino`, and `shared` counts apart the files whose inode it already holds.
+ */
+async function allocated(dir: string, ownOnly = false, o: { inodes?: Set<string>; shared?: ReadonlySet<string> } = {}): Promise<{ bytes: number; shared: number }> {
   let total = 0;
+  let shared = 0;
   const go = async (d: string): Promise<void> => {
     const ents = await fsp.readdir(d, { withFileTypes: true }).catch(() => []);
     for (const e of ents) {
@@ -53,12 +67,35 @@ async function allocated(dir: string, ownOnly = false): Promise<number> {
       if (e.isDirectory()) await go(p);
       else {
         const st = await fsp.lstat(p).catch(() => undefined);
-        if (st && !(ownOnly && st.nlink > 1)) total += st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
+        if (!st || (ownOnly && st.nlink > 1)) continue;
+        const n = st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
+        const id = `${st.dev}:${st.ino}`;
+        o.inodes?.add(id);
+        if (st.nlink > 1 && o.shared?.has(id)) shared += n;
+        else total += n;
       }
     }
   };
   await go(dir);
-  return total;
+  return { bytes: total, shared };
+}
+
+/**
+ * The inodes of the files of the other versions of the entry `name` (`newer`: of those newer than it; `all`), and
+ * whether a newer one is committed.
+ */
+async function siblings(cacheDir: string, name: string): Promise<{ version: number; newer: Set<string>; all: Set<string>; superseded: boolean }> {
+  const { key, n } = parseVersion(name);
+  const newer = new Set<string>();
+  const all = new Set<string>();
+  let superseded = false;
+  for (const v of await versionsOf(cacheDir, key)) {
+    if (v.name === name) continue;
+    if (v.n > n && (await fsp.stat(path.join(v.dir, MANIFEST)).then(() => true, () => false))) superseded = true;
+    await allocated(v.dir, false, { inodes: v.n > n ? newer : all });
+  }
+  for (const i of newer) all.add(i);
+  return { version: n, newer, all, superseded };
 }
 
 /** One entry's record, or undefined when `name` is not an entry (no manifest and no journal at its root). */
@@ -67,8 +104,9 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
   const [mst, jst] = await Promise.all([MANIFEST, JOURNAL].map((m) => fsp.stat(path.join(dir, m)).catch(() => undefined)));
   if (mst === undefined && jst === undefined) return undefined;
   const manifest = mst ? await readManifest(dir) : undefined;
-  const [bytes, leases, lock] = await Promise.all([
-    allocated(dir), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000 })]);
+  const sib = await siblings(cacheDir, name);
+  const [{ bytes, shared }, leases, lock] = await Promise.all([
+    allocated(dir, false, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000 })]);
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
   return {
@@ -76,6 +114,9 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
     ...(manifest?.uri ? { uri: manifest.uri } : {}),
     state: manifest ? 'committed' : 'partial',
     bytes,
+    shared,
+    version: sib.version,
+    superseded: sib.superseded,
     lastUsed: new Date(lastUsedMs),
     users: leases.live.map((h) => `${h.host}/${h.pid}`),
     ...(lock?.live ? { locked: lock.holder ? `${lock.holder.host}/${lock.holder.pid}` : 'unknown' } : {}),
@@ -107,7 +148,8 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
     if ((await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) return { removed: false, why: 'in use' };
     const now = await inspectEntry(cacheDir, name, o);
     if (now === undefined) return { removed: false, why: 'gone' };
-    bytes = now.bytes;
+    // What it frees: files another version of the entry links stay.
+    bytes = (await allocated(dir, false, { shared: (await siblings(cacheDir, name)).all })).bytes;
     trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);
     await fsp.rename(dir, trash);
     await fsyncDir(cacheDir);
@@ -131,7 +173,7 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
   let bytes = 0;
   for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
     const p = path.join(cacheDir, n);
-    bytes += await allocated(p);
+    bytes += (await allocated(p)).bytes;
     if (!o.dryRun) await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
   }
   return bytes;
@@ -145,7 +187,7 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
  */
 export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean } = {}): Promise<number> {
   let bytes = 0;
-  await sweepUnleased(path.join(cacheDir, LORA_SETS), { ...o, going: async (dir) => void (bytes += await allocated(dir, true)) });
+  await sweepUnleased(path.join(cacheDir, LORA_SETS), { ...o, going: async (dir) => void (bytes += (await allocated(dir, true)).bytes) });
   return bytes;
 }
 
@@ -197,12 +239,14 @@ export interface RoomResult {
 
 /**
  * Removes least recently used entries that nobody fills or serves from until `need` bytes (beyond what is free) are
- * freed. When removing every such entry would not be enough, none is removed: the download fails either way.
+ * freed, superseded versions first (no process will serve from them again). When removing every such entry would not
+ * be enough, none is removed: the download fails either way.
  */
 export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOptions): Promise<RoomResult> {
   let freed = need > 0 ? await emptyTrash(cacheDir) : 0;
   const all = await listEntries(cacheDir, o);
-  const candidates = all.filter((e) => e.name !== o.exclude && !inUse(e));
+  const idle = all.filter((e) => e.name !== o.exclude && !inUse(e));
+  const candidates = [...idle.filter((e) => e.superseded), ...idle.filter((e) => !e.superseded)];
   const evicted: CacheEntry[] = [];
   if (freed < need && freed + candidates.reduce((s, e) => s + e.bytes, 0) >= need) {
     for (const e of candidates) {
@@ -227,7 +271,8 @@ export function describeEntries(entries: readonly CacheEntry[], max = 8): string
   if (entries.length === 0) return 'the cache holds no other entry';
   const shown = entries.slice(0, max).map((e) => {
     const use = e.users.length > 0 ? ', in use' : e.locked !== undefined ? ', being filled' : '';
-    return `${e.name} (${mb(e.bytes)} MB${e.state === 'partial' ? ' partial' : ''}, last used ${shortTime(e.lastUsed)}${use})`;
+    const old = e.superseded ? ', an older version' : '';
+    return `${e.name} (${mb(e.bytes)} MB${e.state === 'partial' ? ' partial' : ''}, last used ${shortTime(e.lastUsed)}${use}${old})`;
   });
   const more = entries.length > max ? `, and ${entries.length - max} more` : '';
   return `the cache also holds ${shown.join(', ')}${more}`;
