@@ -100,14 +100,29 @@ async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
   if (src.kind === 'local') return { source: 'local', uri };
   let lease: EntryLease | undefined;
   let leaseError: unknown;
+  let committed: CommittedEntry | undefined;
   try {
-    const { leaseEntry } = await import('../storage/lease.js');
-    lease = await leaseEntry(containedPath(cfg.cacheDir, cacheKey(src, cfg.s3.endpoint)));
+    const [{ leaseEntry }, { currentVersion }] = await Promise.all([import('../storage/lease.js'), import('../storage/versions.js')]);
+    // The current version (storage/versions.ts) is leased, then looked at; a newer one committed meanwhile is leased
+    // instead (a few tries), else none is served before the fetch has its own lease.
+    const key = cacheKey(src, cfg.s3.endpoint);
+    let dir = (await currentVersion(cfg.cacheDir, key))?.dir ?? containedPath(cfg.cacheDir, key);
+    for (let i = 0; i < 3; i++) {
+      lease = await leaseEntry(dir);
+      committed = await committedEntry(uri, cfg);
+      if (committed === undefined || committed.dir === dir) break;
+      await lease.release();
+      dir = committed.dir;
+      committed = undefined;
+      lease = undefined;
+    }
+    lease ??= await leaseEntry(dir);
   } catch (e) {
     // A cache that cannot be written to fails the fetch with its own reason; the boot goes on without a lease.
     leaseError = e;
+    committed ??= await committedEntry(uri, cfg);
   }
-  return { source: 's3', uri, bucket: src.bucket, committed: await committedEntry(uri, cfg), lease, ...(leaseError !== undefined ? { leaseError } : {}) };
+  return { source: 's3', uri, bucket: src.bucket, committed, lease, ...(leaseError !== undefined ? { leaseError } : {}) };
 }
 
 /** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
@@ -158,10 +173,13 @@ export class BootSequence {
   /** The warm-up begun while weights still downloaded (#maybeWarmEarly); `stale` once the files it used changed. */
   #warmEarly: { done: Promise<void>; /** Its generation is queued (on any worker). */ queued: Promise<void>; abort: AbortController; stale: boolean } | undefined;
   #sharp = false;
+  /** This process's leases on versions of its cache entry, by folder: the plan's, and those the fetch asked for. */
+  readonly #leases = new Map<string, EntryLease>();
 
   constructor(cfg: Readonly<Config>, readonly plan: BootPlan, early: (m: ToWorker) => void) {
     this.#cfg = cfg;
     this.#early = early;
+    if (plan.source === 's3' && plan.lease) this.#leases.set(plan.lease.entry, plan.lease);
     this.#abort.signal.addEventListener('abort', () => this.#openFetch(), { once: true });
     if (plan.source === 's3' && plan.committed) {
       const { dir, manifest } = plan.committed;
@@ -208,7 +226,44 @@ export class BootSequence {
   async stop(): Promise<void> {
     this.#abort.abort();
     await this.#fetched?.catch(() => undefined);
-    if (this.plan.source === 's3') await this.plan.lease?.release();
+    await this.#releaseLeases();
+  }
+
+  /** Releases the leases on versions other than `keep` (all without it). */
+  async #releaseLeases(keep?: string): Promise<void> {
+    for (const [dir, l] of this.#leases) {
+      if (dir === keep) continue;
+      this.#leases.delete(dir);
+      await l.release();
+    }
+  }
+
+  /**
+   * Leases a version folder of the entry before the fetch serves or fills it (storage/versions.ts): another version
+   * than the plan's when the objects changed and pods elsewhere serve the old one, or a newer one committed meanwhile.
+   */
+  async #lease(dir: string): Promise<void> {
+    if (this.#leases.has(dir)) return;
+    const { leaseEntry } = await import('../storage/lease.js');
+    let l: EntryLease;
+    try {
+      l = await leaseEntry(dir, { signal: this.#abort.signal });
+    } catch (e) {
+      this.#abort.signal.throwIfAborted();
+      // As the plan's lease: a cache that cannot be written to fails a fill with its own reason, and a hit serves.
+      (this.#rt?.log ?? this.#log)?.warn({ reason: (e as Error)?.message ?? String(e) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
+      return;
+    }
+    this.#leases.set(dir, l);
+    this.#watchLease(l);
+  }
+
+  #watchLease(l: EntryLease): void {
+    const log = this.#rt?.log ?? this.#log;
+    // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
+    l.onLost((gone) => log?.warn({ entryGone: gone }, gone
+      ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
+      : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
   }
 
   /** Steps 3-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
@@ -218,17 +273,11 @@ export class BootSequence {
     this.#countDownloaded();
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const s3 = this.plan.source === 's3' ? this.plan : undefined;
-    const lease = s3?.lease;
     // A stop during the fetch: the process exits only once the fetch has stopped, its journal saved and its lock
     // released, or a waiter elsewhere waits for the lock's heartbeat to go stale rather than taking over at once.
     rt.atClose(async () => void (await this.#fetched?.catch(() => undefined)));
-    if (lease) {
-      rt.atClose(() => lease.release());
-      // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
-      lease.onLost((gone) => log.warn({ entryGone: gone }, gone
-        ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
-        : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
-    }
+    if (s3) rt.atClose(() => this.#releaseLeases());
+    for (const l of this.#leases.values()) this.#watchLease(l);
     if (s3?.leaseError !== undefined) log.warn({ reason: (s3.leaseError as Error)?.message ?? String(s3.leaseError) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
     this.#countFetchEvents();
     const stop = () => this.#abort.abort(rt.shutdown.reason);
@@ -268,6 +317,8 @@ export class BootSequence {
 
       boot.to('loading');
       const loaded = await this.#load(rt, dir);
+      // Every session now comes from `dir`: an older version this process leased (the plan's) may go once unused.
+      if (s3) await this.#releaseLeases(dir);
       checkServerDefaults(cfg, loaded.defaults);
       for (const w of defaultStepsWarnings(cfg, loaded.defaults)) rt.log.warn({ variable: 'DEFAULT_STEPS' }, w);
       if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
@@ -336,6 +387,7 @@ export class BootSequence {
             this.#countFetchEvents();
           },
           onFirstResponse: () => this.#flow(),
+          lease: (dir) => this.#lease(dir),
           onDamaged: () => {
             this.#damaged++;
             this.#countFetchEvents();
