@@ -1,0 +1,178 @@
+// Versions of a cache entry (src/storage/versions.ts): objects replaced under a prefix while another process leases
+// the entry go into a new version beside it, and nothing the lease holder reads changes. Real files, a real S3
+// (s3rver, behind the fault proxy for a fill held mid-download), the lease held and the fill killed in other processes.
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { silentLogger } from '../src/log.js';
+import { JOURNAL, MANIFEST, walk } from '../src/storage/cache.js';
+import { listEntries } from '../src/storage/entries.js';
+import { committedEntry, resolveModel } from '../src/storage/fetch.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { until } from './helpers/server.js';
+import { runWarmupCli, WARMUP_CLI } from './helpers/warmup-cli.js';
+
+const LEASE_JS = path.resolve('dist/src/storage/lease.js');
+const MB = 1_000_000;
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+const log = silentLogger();
+
+beforeAll(async () => {
+  // The children run the built modules: build them when missing or older than their sources.
+  const age = (f: string) => (existsSync(f) ? statSync(f).mtimeMs : 0);
+  const srcs = ['lease', 'lock', 'cache', 'fetch', 'versions', 'entries'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
+  if (Math.min(age(LEASE_JS), age(WARMUP_CLI)) < Math.max(...srcs)) {
+    spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  }
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'cache-versions-'));
+  ({ s3, proxy } = await startS3WithProxy());
+});
+
+cleanUpS3(() => ({ s3, proxy, tmp }));
+
+/** A model under `prefix`: its UNet's bytes from `unet`, the rest the same whatever `unet`. */
+async function publish(prefix: string, unet: number): Promise<void> {
+  await s3.put('models', `${prefix}/model_index.json`, '{}');
+  await s3.put('models', `${prefix}/text_encoder/model.onnx`, detBytes(300_000, 2));
+  await s3.put('models', `${prefix}/unet/model.onnx`, detBytes(MB, unet));
+}
+
+const uriOf = (prefix: string) => `s3://models/${prefix}`;
+const keyOf = (prefix: string) => cacheKey(parseStorageUri(uriOf(prefix)) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
+const cfgFor = (cache: string) => testConfig(proxy.endpoint, cache, { S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4' });
+const fill = (cache: string, prefix: string) => resolveModel(uriOf(prefix), { cfg: cfgFor(cache), log });
+
+/** Every file under `dir` with the SHA-256 of its bytes (the manifest and journal included). */
+async function snapshot(dir: string): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  for (const rel of await walk(dir)) out[rel] = createHash('sha256').update(readFileSync(path.join(dir, rel))).digest('hex');
+  return out;
+}
+
+/** A process other than this one that leases `entryDir`, as a serving pod does; SIGTERM releases it. */
+async function leaseInChild(entryDir: string): Promise<ChildProcess> {
+  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
+    process.on('SIGTERM', async () => { await l.release(); process.exit(0); }); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.on('data', (c) => String(c).includes('leased') && resolve());
+    child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
+  });
+  return child;
+}
+
+const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
+const ino = (f: string) => statSync(f).ino;
+
+describe('objects replaced under a prefix while another process leases its entry', () => {
+  it('the leased version stays byte for byte; the next start serves the new objects from a new version; prune removes the old one once unleased', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('a', 1);
+    const first = await fill(cache, 'a');
+    const old = path.join(cache, keyOf('a'));
+    expect(first.dir).toBe(old);
+    const before = await snapshot(old);
+    const pod = await leaseInChild(old);
+    try {
+      // A re-upload to the same prefix (aws s3 sync of a new export): the UNet changes, the rest is the same.
+      await publish('a', 9);
+      const second = await fill(cache, 'a');
+      expect(second).toMatchObject({ dir: `${old}@2`, fromCache: false });
+      expect(await snapshot(old)).toEqual(before);
+      expect(readFileSync(path.join(second.dir, 'unet/model.onnx')).equals(detBytes(MB, 9))).toBe(true);
+      expect(readFileSync(path.join(old, 'unet/model.onnx')).equals(detBytes(MB, 1))).toBe(true);
+      // Copy-on-write: the unchanged files are the same inodes, the changed one a new file.
+      expect(ino(path.join(second.dir, 'text_encoder/model.onnx'))).toBe(ino(path.join(old, 'text_encoder/model.onnx')));
+      expect(ino(path.join(second.dir, 'unet/model.onnx'))).not.toBe(ino(path.join(old, 'unet/model.onnx')));
+      expect((await committedEntry(uriOf('a'), cfgFor(cache)))?.dir).toBe(second.dir);
+      // The next start is a hit on the new version; the old one stays while leased.
+      expect(await fill(cache, 'a')).toMatchObject({ dir: second.dir, fromCache: true });
+      expect(await snapshot(old)).toEqual(before);
+      const entries = await listEntries(cache);
+      const byName = Object.fromEntries(entries.map((e) => [e.name, e]));
+      expect(byName[keyOf('a')]).toMatchObject({ version: 1, superseded: true, users: [expect.stringMatching(new RegExp(`/${pod.pid}$`))] });
+      expect(byName[`${keyOf('a')}@2`]).toMatchObject({ version: 2, superseded: false, users: [], shared: 0 });
+      // The old version counts only what removing it frees: its UNet, not the files the new one links.
+      expect(byName[keyOf('a')]!.shared).toBeGreaterThanOrEqual(300_000);
+      expect(byName[keyOf('a')]!.bytes).toBeLessThan(MB + 300_000);
+      const env = s3Env(proxy.endpoint, cache);
+      const lines = (out: string) => out.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(lines((await runWarmupCli(['cache', 'list'], env)).stdout)).toEqual(expect.arrayContaining([
+        expect.objectContaining({ entry: keyOf('a'), superseded: true, inUse: true, sharedBytes: byName[keyOf('a')]!.shared }),
+        expect.objectContaining({ entry: `${keyOf('a')}@2`, version: 2, uri: `${uriOf('a')}/`, state: 'committed', inUse: false }),
+      ]));
+      // --keep-uri keeps the current version; the old one goes only once its lease has.
+      const pruned = async () => lines((await runWarmupCli(['cache', 'prune', '--keep-uri', uriOf('a')], env)).stdout).map((l) => [l.entry, l.action, l.reason]).sort();
+      expect(await pruned()).toEqual([[keyOf('a'), 'keep', 'in use'], [`${keyOf('a')}@2`, 'keep', 'kept']]);
+      expect(await snapshot(old)).toEqual(before);
+      pod.kill('SIGTERM');
+      await exited(pod);
+      expect(await pruned()).toEqual([[keyOf('a'), 'removed', undefined], [`${keyOf('a')}@2`, 'keep', 'kept']]);
+      expect(existsSync(old)).toBe(false);
+      expect(await snapshot(second.dir)).toMatchObject({ 'unet/model.onnx': createHash('sha256').update(detBytes(MB, 9)).digest('hex') });
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 60_000);
+
+  it('unleased, the entry is refreshed in place; an older version no process leases goes at the next start', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('b', 1);
+    const dir = (await fill(cache, 'b')).dir;
+    await publish('b', 3);
+    expect(await fill(cache, 'b')).toMatchObject({ dir, fromCache: false });
+    expect(readFileSync(path.join(dir, 'unet/model.onnx')).equals(detBytes(MB, 3))).toBe(true);
+    // A version left behind by a process that served it and is gone: the next start removes it.
+    const pod = await leaseInChild(dir);
+    await publish('b', 4);
+    const next = await fill(cache, 'b');
+    expect(next.dir).toBe(`${dir}@2`);
+    pod.kill('SIGTERM');
+    await exited(pod);
+    expect(await fill(cache, 'b')).toMatchObject({ dir: next.dir, fromCache: true });
+    expect(existsSync(dir)).toBe(false);
+    // And version 2, unleased, is refreshed in place too.
+    await publish('b', 5);
+    expect(await fill(cache, 'b')).toMatchObject({ dir: next.dir, fromCache: false });
+    expect(readFileSync(path.join(next.dir, 'unet/model.onnx')).equals(detBytes(MB, 5))).toBe(true);
+  }, 60_000);
+
+  it('a fill of the new version killed (SIGKILL) mid-download: the old version is served whole, the new one never half; the next fill resumes it', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('c', 1);
+    const old = (await fill(cache, 'c')).dir;
+    const before = await snapshot(old);
+    const pod = await leaseInChild(old);
+    try {
+      await publish('c', 7);
+      // The first range of the new UNet arrives, the others are held: the warm-up Job is killed mid-download.
+      proxy.faults = { hold: { keys: /c\/unet\/model\.onnx/, range: (r) => r !== undefined && !r.startsWith('bytes=0-'), release: new Promise(() => undefined) } };
+      let kill!: (s: NodeJS.Signals) => void;
+      const job = runWarmupCli([], s3Env(proxy.endpoint, cache, { STORAGE_URI: uriOf('c'), S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4' }), (k) => (kill = k));
+      const journal = path.join(`${old}@2`, JOURNAL);
+      await until(() => existsSync(journal) && readFileSync(journal, 'utf8').includes('"f":"unet/model.onnx","add"'), 20_000, 20);
+      kill('SIGKILL');
+      expect((await job).signal).toBe('SIGKILL');
+      expect(existsSync(path.join(`${old}@2`, MANIFEST))).toBe(false);
+      expect(await snapshot(old)).toEqual(before);
+      expect(await committedEntry(uriOf('c'), cfgFor(cache))).toMatchObject({ dir: old });
+      proxy.faults = {};
+      const fetched: number[] = [];
+      const r = await resolveModel(uriOf('c'), { cfg: cfgFor(cache), log, onDownloaded: (n) => fetched.push(n) });
+      expect(r).toMatchObject({ dir: `${old}@2`, fromCache: false });
+      expect(readFileSync(path.join(r.dir, 'unet/model.onnx')).equals(detBytes(MB, 7))).toBe(true);
+      // Resumed: the range on disk is not fetched again, nor the files linked from the old version.
+      expect(fetched.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(MB - 262_144);
+      expect(await snapshot(old)).toEqual(before);
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 60_000);
+});
