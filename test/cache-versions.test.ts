@@ -84,8 +84,8 @@ describe('objects replaced under a prefix while another process leases its entry
       // A re-upload to the same prefix (aws s3 sync of a new export): the UNet changes, the rest is the same.
       await publish('a', 9);
       const second = await fill(cache, 'a');
-      expect(second).toMatchObject({ dir: `${old}@2`, fromCache: false });
       expect(await snapshot(old)).toEqual(before);
+      expect(second).toMatchObject({ dir: `${old}@2`, fromCache: false });
       expect(readFileSync(path.join(second.dir, 'unet/model.onnx')).equals(detBytes(MB, 9))).toBe(true);
       expect(readFileSync(path.join(old, 'unet/model.onnx')).equals(detBytes(MB, 1))).toBe(true);
       // Copy-on-write: the unchanged files are the same inodes, the changed one a new file.
