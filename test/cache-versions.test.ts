@@ -3,14 +3,16 @@
 // (s3rver, behind the fault proxy for a fill held mid-download), the lease held and the fill killed in other processes.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, promises as fsp, readFileSync, statSync } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
+import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { JOURNAL, MANIFEST, walk } from '../src/storage/cache.js';
 import { listEntries } from '../src/storage/entries.js';
 import { committedEntry, resolveModel } from '../src/storage/fetch.js';
+import { leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
@@ -171,6 +173,26 @@ describe('objects replaced under a prefix while another process leases its entry
       // Resumed: the range on disk is not fetched again, nor the files linked from the old version.
       expect(fetched.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(MB - 262_144);
       expect(await snapshot(old)).toEqual(before);
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 60_000);
+
+  it('a server starting on the entry leases its current version, not the one it replaced', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('d', 1);
+    const old = (await fill(cache, 'd')).dir;
+    const pod = await leaseInChild(old);
+    try {
+      await publish('d', 2);
+      const cur = (await fill(cache, 'd')).dir;
+      expect(cur).toBe(`${old}@2`);
+      const seq = await resolveBoot(testConfig(proxy.endpoint, cache, { STORAGE_URI: uriOf('d') }), []);
+      const mine = (dir: string) => readdirSync(leasesDir(dir)).filter((n) => n.includes(`-${process.pid}-`));
+      expect(seq.plan).toMatchObject({ source: 's3', committed: { dir: cur } });
+      expect([mine(cur).length, mine(old).length]).toEqual([1, 0]);
+      await seq.stop();
+      expect(mine(cur)).toEqual([]);
     } finally {
       pod.kill('SIGKILL');
     }
