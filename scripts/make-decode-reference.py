@@ -5,7 +5,9 @@ test/img2img-preprocess.test.ts.
     git --git-dir=<diffusers mirror> archive HEAD src/diffusers | tar x -C /tmp/diffusers-src
     PYTHONPATH=/tmp/diffusers-src/src python scripts/make-decode-reference.py OUT_DIR
 
-Needs Pillow and numpy (diffusers' import needs torch). Everything is seeded: the same Pillow writes the same files.
+Needs Pillow and numpy (diffusers' import needs torch), and for the GIF, TIFF and BMP variants Pillow does not write,
+ImageMagick's convert, libtiff's tiffcp and tiffset, and gifsicle (Debian: imagemagick, libtiff-tools, gifsicle).
+Everything is seeded: the same Pillow and tools write the same files.
 OUT_DIR/index.json lists each input, how it was made, and `<input>.rgb.png`, Pillow's decode as an RGB PNG;
 `<input>.alpha0.png` (where listed) is white where the oriented picture's alpha is 0, the area an OpenAI edit repaints.
 """
@@ -13,7 +15,9 @@ import io
 import json
 import os
 import struct
+import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -248,11 +252,195 @@ def cases():
     yield "webp-lossless-rgba.webp", "lossless WebP with alpha (exact: colour kept under alpha 0)", saved(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, exact=True), {}
     yield "png-1x1.png", "a 1x1 PNG", saved(Image.new("RGB", (1, 1), (12, 34, 56)), "PNG"), {}
     yield "jpeg-4000x3.jpg", "a 4000x3 JPEG", saved(Image.fromarray(picture(4000, 3, 12)), "JPEG", quality=90), {}
+    yield from other_formats()
+
+
+def tool(inputs, *argv):
+    """Runs a tool on `inputs` (name -> bytes); its output's bytes. In argv an input's name and OUT (also as `fmt:OUT`)
+    stand for the files."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in inputs.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+        args = [os.path.join(d, a) if a in inputs or a == "OUT" else a[:-3] + os.path.join(d, "OUT") if a.endswith(":OUT") else a for a in argv]
+        subprocess.run(args, check=True)
+        with open(os.path.join(d, "OUT"), "rb") as f:
+            return f.read()
+
+
+def gif_lzw(indices, min_code=8):
+    """A GIF image's data: every index its own code at min_code + 1 bits, with clear codes before the width would grow."""
+    clear, width = 1 << min_code, min_code + 1
+    codes, run, limit = [clear], 0, (1 << width) - (1 << min_code) - 3
+    for v in indices:
+        if run == limit:
+            codes.append(clear)
+            run = 0
+        codes.append(int(v))
+        run += 1
+    codes.append(clear + 1)
+    acc = n = 0
+    data = bytearray()
+    for c in codes:
+        acc |= c << n
+        n += width
+        while n >= 8:
+            data.append(acc & 255)
+            acc >>= 8
+            n -= 8
+    if n:
+        data.append(acc)
+    return bytes([min_code]) + b"".join(bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255)) + b"\0"
+
+
+def gif(screen, frames, table=None, version=b"GIF89a"):
+    """A GIF written field by field (Pillow writes no offset first frame, no file without a colour table, no index past
+    its table). frames: dicts with x, y, indices (h x w), and optional local (a colour table), transparent, dispose."""
+    def colours(t):
+        bits = max(1, (len(t) - 1).bit_length())
+        return bits, bytes(np.asarray(t, np.uint8).reshape(-1)) + b"\0" * (3 * ((1 << bits) - len(t)))
+    out = version + struct.pack("<HHBBB", *screen, 0, 0, 0)
+    if table is not None:
+        bits, t = colours(table)
+        out = out[:10] + bytes([0xF0 | (bits - 1)]) + out[11:] + t
+    for f in frames:
+        if f.get("transparent") is not None or f.get("dispose"):
+            flags = (f.get("dispose", 0) << 2) | (f.get("transparent") is not None)
+            out += b"!\xf9\x04" + struct.pack("<BHB", flags, 10, f.get("transparent") or 0) + b"\0"
+        h, w = f["indices"].shape
+        local = b""
+        lflags = 0
+        if f.get("local") is not None:
+            bits, local = colours(f["local"])
+            lflags = 0x80 | (bits - 1)
+        out += b"," + struct.pack("<HHHHB", f["x"], f["y"], w, h, lflags) + local + gif_lzw(f["indices"].reshape(-1))
+    return out + b";"
+
+
+def bmp(width, height, bits, pixels, palette=b"", compression=0, header=40, masks=b""):
+    """A BMP of a Windows 3.x (40-byte) or OS/2 1.x (12-byte) header, for layouts the tools do not write."""
+    if header == 12:
+        info = struct.pack("<IHHHH", 12, width, height, 1, bits)
+    else:
+        info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, compression, len(pixels), 2835, 2835, len(palette) // 4, 0)
+    offset = 14 + len(info) + len(masks) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + masks + palette + pixels
+
+
+def bmp_rows(rows, bits):
+    """Rows (top first) stored bottom up, each padded to 4 bytes."""
+    stride = (rows.shape[1] * bits + 31) // 32 * 4
+    return b"".join(r.tobytes() + b"\0" * (stride - len(r.tobytes())) for r in rows[::-1])
+
+
+def tags(**values):
+    """An Image.Exif of these tags, for a TIFF's own IFD."""
+    e = Image.Exif()
+    for k, v in values.items():
+        e[getattr(Image.ExifTags.Base, k)] = v
+    return e
+
+
+def other_formats():
+    """GIF, TIFF and BMP inputs: what diffusers' load_image reads beyond PNG, JPEG and WebP."""
+    pic = Image.fromarray(picture(15, 9, 1))
+    big = Image.fromarray(picture(45, 37, 3))
+    palette = pic.quantize(40)
+    rgba = np.dstack([picture(15, 9, 2), np.full((9, 15), 255, np.uint8)])
+    rgba[1:4, 2:9, 3] = 0
+    rgba[5:8, 10:14, 3] = 128
+    png = saved(pic, "PNG")
+
+    # GIF: the first frame, as Pillow composes it.
+    yield "gif-palette.gif", "GIF of 40 colours (Pillow)", saved(palette, "GIF"), {}
+    index = int(np.asarray(palette)[4, 7])
+    yield "gif-transparent-index.gif", f"GIF whose transparent index ({index}) is used by pixels: convert(\"RGB\") gives its table colour, not black (Pillow)", saved(palette, "GIF", transparency=index), {}
+    yield "gif-interlaced.gif", "interlaced GIF, 45x37 (Pillow interlaces from 16 pixels a side)", saved(big.quantize(60), "GIF", interlace=True), {}
+    frames = [Image.fromarray(picture(45, 37, 20 + i)).quantize(50) for i in range(3)]
+    anim = saved(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    yield "gif-animated-optimized.gif", "3-frame animation optimised by gifsicle -O3 (later frames smaller, offset, transparent)", tool({"IN": anim}, "gifsicle", "-O3", "IN", "-o", "OUT"), {}
+    rng = np.random.default_rng(30)
+    table = rng.integers(0, 256, (16, 3))
+    idx = lambda w, h, n=16, seed=31: np.random.default_rng(seed).integers(0, n, (h, w))
+    yield "gif-first-frame-offset.gif", "GIF (this script's writer): 20x14 screen, a 15x9 first frame at (3, 2), no transparency: around it, index 0's colour", gif((20, 14), [dict(x=3, y=2, indices=idx(15, 9))], table), {}
+    yield "gif-first-frame-offset-transparent.gif", "the same with transparent index 7 (around the frame, and its own pixels of index 7: index 7's colour), disposal 2, then a full second frame", gif((20, 14), [dict(x=3, y=2, indices=idx(15, 9), transparent=7, dispose=2), dict(x=0, y=0, indices=idx(20, 14, seed=32))], table), {}
+    yield "gif-frame-beyond-screen.gif", "GIF whose first frame (15x9 at (2, 1)) reaches past its 10x5 screen: the canvas grows to 17x10", gif((10, 5), [dict(x=2, y=1, indices=idx(15, 9))], table), {}
+    yield "gif-local-table.gif", "GIF with a local colour table and a different global one", gif((15, 9), [dict(x=0, y=0, indices=idx(15, 9), local=table[::-1])], table), {}
+    yield "gif-no-colour-table.gif", "GIF without any colour table: Pillow reads the indices as grey levels", gif((15, 9), [dict(x=0, y=0, indices=idx(15, 9, 256))]), {}
+    yield "gif-grey-ramp-table.gif", "GIF whose 16-entry table is grey levels 0-15 and whose indices reach 63: Pillow reads it as grey, each index its level", gif((15, 9), [dict(x=0, y=0, indices=idx(15, 9, 64))], [(i, i, i) for i in range(16)]), {}
+    yield "gif-index-past-table.gif", "GIF with a 16-colour table and indices up to 63: past the table, black", gif((15, 9), [dict(x=0, y=0, indices=idx(15, 9, 64))], table), {}
+    yield "gif87a.gif", "GIF87a, no extensions", gif((15, 9), [dict(x=0, y=0, indices=idx(15, 9))], table, version=b"GIF87a"), {}
+
+    # TIFF: what scanners and editors write.
+    yield "tiff-rgb.tif", "uncompressed RGB TIFF (Pillow)", saved(pic, "TIFF"), {}
+    yield "tiff-rgb-lzw.tif", "LZW RGB TIFF (Pillow)", saved(pic, "TIFF", compression="tiff_lzw"), {}
+    yield "tiff-rgb-packbits.tif", "PackBits RGB TIFF (Pillow)", saved(pic, "TIFF", compression="packbits"), {}
+    yield "tiff-rgb-deflate-predictor.tif", "Deflate RGB TIFF with the horizontal predictor (tiffcp -c zip:2)", tool({"IN.tif": saved(pic, "TIFF")}, "tiffcp", "-c", "zip:2", "IN.tif", "OUT"), {}
+    yield "tiff-jpeg.tif", "JPEG-compressed TIFF, quality 90 (ImageMagick)", tool({"IN.png": png}, "convert", "IN.png", "-compress", "jpeg", "-quality", "90", "tiff:OUT"), {}
+    yield "tiff-planar-separate.tif", "RGB TIFF with separate planes (tiffcp -p separate)", tool({"IN.tif": saved(pic, "TIFF")}, "tiffcp", "-p", "separate", "IN.tif", "OUT"), {}
+    yield "tiff-tiled.tif", "tiled RGB TIFF, 16x16 tiles (tiffcp -t)", tool({"IN.tif": saved(pic, "TIFF")}, "tiffcp", "-t", "-w", "16", "-l", "16", "IN.tif", "OUT"), {}
+    yield "tiff-rgba.tif", "RGBA TIFF, unassociated alpha (Pillow; alpha dropped)", saved(Image.fromarray(rgba, "RGBA"), "TIFF"), {}
+    yield "tiff-rgba-associated.tif", "the RGBA TIFF marked associated (premultiplied) alpha (tiffset -s 338 1 1)", tool({"IN.tif": saved(Image.fromarray(rgba, "RGBA"), "TIFF")}, "sh", "-c", "tiffset -s 338 1 1 \"$0\" && cp \"$0\" \"$1\"", "IN.tif", "OUT"), {}
+    grey = pic.convert("L")
+    yield "tiff-grey.tif", "greyscale TIFF (Pillow)", saved(grey, "TIFF"), {}
+    yield "tiff-grey-alpha.tif", "greyscale TIFF with alpha (ImageMagick)", tool({"IN.tif": saved(Image.fromarray(rgba, "RGBA"), "TIFF")}, "convert", "IN.tif", "-colorspace", "gray", "tiff:OUT"), {}
+    yield "tiff-min-is-white.tif", "greyscale TIFF, photometric min-is-white (ImageMagick)", tool({"IN.png": png}, "convert", "IN.png", "-colorspace", "gray", "-define", "tiff:photometric=min-is-white", "tiff:OUT"), {}
+    yield "tiff-1-bit-g4.tif", "1-bit TIFF, CCITT group 4 (Pillow), as scanners write documents", saved(big.convert("1"), "TIFF", compression="group4"), {}
+    yield "tiff-palette.tif", "palette TIFF (Pillow)", saved(palette, "TIFF"), {}
+    g16 = (picture(15, 9, 8)[..., 0].astype(np.uint16) * 257) // np.uint16(3)
+    yield "tiff-16-bit-grey.tif", "16-bit greyscale TIFF (Pillow's I;16: convert(\"RGB\") clips each value to 255)", saved(Image.fromarray(g16), "TIFF"), {}
+    yield "tiff-16-bit-grey-big-endian.tif", "16-bit greyscale big-endian TIFF (ImageMagick; Pillow's I;16B, clipped)", tool({"IN.png": png}, "convert", "IN.png", "-colorspace", "gray", "-depth", "16", "-define", "tiff:endian=msb", "tiff:OUT"), {}
+    yield "tiff-16-bit-rgb.tif", "16-bit RGB TIFF (ImageMagick; the high byte of each sample)", tool({"IN.png": png}, "convert", "IN.png", "-depth", "16", "tiff:OUT"), {}
+    yield "tiff-float.tif", "32-bit float greyscale TIFF, values -20 to 280 (Pillow's F)", saved(Image.fromarray((np.random.default_rng(33).random((9, 15)) * 300 - 20).astype(np.float32), "F"), "TIFF"), {}
+    yield "tiff-cmyk.tif", "CMYK TIFF (Pillow; converted by Pillow's formula, no ICC)", saved(pic.convert("CMYK"), "TIFF"), {}
+    yield "tiff-cmyk-lzw.tif", "CMYK LZW TIFF (ImageMagick)", tool({"IN.png": png}, "convert", "IN.png", "-colorspace", "cmyk", "-compress", "lzw", "tiff:OUT"), {}
+    yield "tiff-cmyk-16-bit.tif", "16-bit CMYK TIFF (ImageMagick; the high byte of each sample)", tool({"IN.png": png}, "convert", "IN.png", "-colorspace", "cmyk", "-depth", "16", "tiff:OUT"), {}
+    yield "tiff-multipage.tif", "two-page TIFF, the second page larger (Pillow; the first page is read)", saved(pic, "TIFF", save_all=True, append_images=[big]), {}
+    for o in range(2, 9):
+        yield f"tiff-orientation-{o}.tif", f"RGB TIFF with orientation tag {o} (Pillow)", saved(pic, "TIFF", exif=tags(Orientation=o)), {}
+    yield "tiff-orientation-6-imagemagick.tif", "RGB TIFF, -orient right-top (ImageMagick: orientation tag 6)", tool({"IN.png": png}, "convert", "IN.png", "-orient", "right-top", "tiff:OUT"), {}
+    yield "tiff-xmp-orientation-8.tif", "RGB TIFF without an orientation tag, XMP (tag 700) with tiff:Orientation 8", saved(pic, "TIFF", tiffinfo={700: xmp(8)}), {}
+    yield "tiff-xmp-orientation-ignored.tif", "RGB TIFF with orientation tag 1 and XMP tiff:Orientation 6: the tag wins, nothing turns", saved(pic, "TIFF", tiffinfo={700: xmp(6), 0x0112: 1}), {}
+    yield "tiff-bigtiff-orientation-8.tif", "BigTIFF with orientation tag 8 (Pillow)", saved(pic, "TIFF", big_tiff=True, exif=tags(Orientation=8)), {}
+
+    # BMP: what Windows tools write.
+    big_png = saved(big, "PNG")
+    yield "bmp-24.bmp", "24-bit BMP (Pillow)", saved(pic, "BMP"), {}
+    yield "bmp-32.bmp", "32-bit BMP of an RGBA picture (Pillow: BI_RGB, the fourth byte not colour)", saved(Image.fromarray(rgba, "RGBA"), "BMP"), {}
+    yield "bmp-32-alpha-v5.bmp", "32-bit BMP with an alpha mask, Windows 5 header (ImageMagick; alpha dropped)", tool({"IN.png": saved(Image.fromarray(rgba, "RGBA"), "PNG")}, "convert", "IN.png", "bmp:OUT"), {}
+    yield "bmp-8-palette.bmp", "8-bit palette BMP (Pillow)", saved(palette, "BMP"), {}
+    yield "bmp-8-grey.bmp", "8-bit greyscale BMP (Pillow: a table of levels 0-255)", saved(grey, "BMP"), {}
+    yield "bmp-4-palette.bmp", "4-bit palette BMP (ImageMagick)", tool({"IN.png": big_png}, "convert", "IN.png", "-colors", "12", "-depth", "4", "-type", "palette", "bmp3:OUT"), {}
+    yield "bmp-1-bit.bmp", "1-bit BMP (Pillow)", saved(big.convert("1"), "BMP"), {}
+    yield "bmp-rle8.bmp", "RLE8 BMP (ImageMagick)", tool({"IN.png": big_png}, "convert", "IN.png", "-colors", "12", "-type", "palette", "-compress", "RLE", "bmp3:OUT"), {}
+    runs = b"\x03\x05" + b"\x00\x03\x01\x02\x03\x00" + b"\x00\x00"  # 3 of index 5, an odd absolute run padded, end of line
+    runs += b"\x02\x07\x00\x02\x01\x00" + b"\x04\x06\x00\x00"  # 2 of 7, a delta 1 right (index 0), 4 of 6, end of line
+    runs += b"\x00\x02\x02\x01" + b"\x05\x03\x00\x00"  # a delta of 2 right and 1 up, 5 of 3, end of line: the picture is full
+    rle_palette = b"".join(bytes([*np.random.default_rng(34).integers(0, 256, 3).tolist(), 0]) for _ in range(8))
+    yield "bmp-rle8-delta.bmp", "RLE8 BMP of 8x4 (this script's writer): encoded and odd absolute runs, deltas, ends of line", bmp(8, 4, 8, runs, rle_palette, compression=1), {}
+    # ImageMagick writes no RLE4 (it writes RLE8 for 16 colours).
+    nibbles = b"\x03\x12" + b"\x00\x04\x34\x56" + b"\x01\x70" + b"\x00\x00"  # 1 2 1, an absolute run 3 4 5 6, then 7; end of line
+    nibbles += b"\x08\x9a" + b"\x00\x00"  # 9 a 9 a 9 a 9 a, end of line: the picture is full
+    yield "bmp-rle4.bmp", "RLE4 BMP of 8x2 (this script's writer): encoded runs of two alternating indices, an absolute run", bmp(8, 2, 4, nibbles, rle_palette * 2, compression=2), {}
+    yield "bmp-16-565.bmp", "16-bit BMP, 5-6-5 bit fields (ImageMagick)", tool({"IN.png": big_png}, "convert", "IN.png", "-define", "bmp:subtype=RGB565", "bmp:OUT"), {}
+    yield "bmp-16-555-bitfields.bmp", "16-bit BMP, 5-5-5 bit fields (ImageMagick)", tool({"IN.png": big_png}, "convert", "IN.png", "-define", "bmp:subtype=RGB555", "bmp:OUT"), {}
+    yield "bmp-16-argb1555.bmp", "16-bit BMP of an RGBA picture, 1-5-5-5 bit fields with an alpha mask (ImageMagick; alpha dropped)", tool({"IN.png": saved(Image.fromarray(rgba, "RGBA"), "PNG")}, "convert", "IN.png", "-define", "bmp:subtype=ARGB1555", "bmp:OUT"), {}
+    x555 = np.random.default_rng(35).integers(0, 1 << 15, (9, 15)).astype("<u2")
+    yield "bmp-16-raw.bmp", "16-bit BMP without bit fields (x-5-5-5, this script's writer)", bmp(15, 9, 16, bmp_rows(x555, 16)), {}
+    yield "bmp-os2.bmp", "OS/2 1.x BMP, 12-byte header, 24-bit (ImageMagick bmp2)", tool({"IN.png": big_png}, "convert", "IN.png", "bmp2:OUT"), {}
+    yield "bmp-os2-palette.bmp", "OS/2 1.x BMP, 8-bit palette of 3-byte entries (ImageMagick bmp2)", tool({"IN.png": big_png}, "convert", "IN.png", "-colors", "20", "-type", "palette", "bmp2:OUT"), {}
+    top_down = saved(pic, "BMP")
+    rows = np.frombuffer(top_down[54:], np.uint8).reshape(9, -1)[::-1]
+    yield "bmp-top-down.bmp", "24-bit BMP stored top to bottom (negative height; Pillow's file, rows reversed)", top_down[:22] + struct.pack("<i", -9) + top_down[26:54] + rows.tobytes(), {}
+    short = b"".join(bytes([*np.random.default_rng(36).integers(0, 256, 3).tolist(), 0]) for _ in range(12))
+    yield "bmp-8-index-past-table.bmp", "8-bit BMP with a 12-colour table and indices up to 39: past the table, black (this script's writer)", bmp(15, 9, 8, bmp_rows(np.random.default_rng(37).integers(0, 40, (9, 15)).astype(np.uint8), 8), short), {}
 
 
 def main(out):
     os.makedirs(out, exist_ok=True)
-    index = {"pillow": PIL.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__, "cases": []}
+    first = lambda *argv: subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+    tools = {"imagemagick": first("convert", "-version"), "libtiff": first("sh", "-c", "tiffcp 2>&1"), "gifsicle": first("gifsicle", "--version")}
+    index = {"pillow": PIL.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__, "tools": tools, "cases": []}
     for name, made, data, extra in cases():
         path = os.path.join(out, name)
         with open(path, "wb") as f:

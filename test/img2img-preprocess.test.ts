@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { fitImage, imageTensor, maskTensor } from '../src/pipeline/img2img.js';
 import type { ResizeMode } from '../src/pipeline/job.js';
 import { blank, paste, resize, toLuma, type Raster } from '../src/pipeline/resample.js';
-import { decodeImage, maskFromAlpha, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
+import { decodeImage, InputBudget, maskFromAlpha, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
 import { REFERENCE } from './helpers/server.js';
 import { readNpyF32 } from '../scripts/reference.js';
@@ -100,12 +100,25 @@ describe('decoding what clients send', () => {
     expect([img.width, img.height]).toEqual([1, 2]);
   });
 
-  it('names the field and the format for what is not PNG, JPEG or WebP', async () => {
-    const gif = await sharp(Buffer.from([1, 2, 3]), { raw: { width: 1, height: 1, channels: 3 } }).gif().toBuffer();
-    await expect(decodeImage(gif, 'instances[0].image')).rejects.toThrow(new RuntimeError('INVALID_INPUT', 'instances[0].image is a GIF; send a PNG, JPEG or WebP image'));
+  it('names the field and the format for what it does not read (AVIF, HEIF, SVG, PDF)', async () => {
+    const send = 'send a PNG, JPEG, WebP, GIF, TIFF or BMP image';
+    const avif = Buffer.from('\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf');
+    await expect(decodeImage(avif, 'instances[0].image')).rejects.toThrow(new RuntimeError('INVALID_INPUT', `instances[0].image is an AVIF; ${send}`));
+    await expect(decodeImage(Buffer.from('\0\0\0\x18ftypheic\0\0\0\0mif1heic'), 'x')).rejects.toThrow(new RuntimeError('INVALID_INPUT', `x is an HEIF; ${send}`));
     await expect(decodeImage(Buffer.from('<svg xmlns="http://www.w3.org/2000/svg"/>'), 'x')).rejects.toThrow(/x is markup \(SVG\/HTML\)/);
+    await expect(decodeImage(Buffer.from('%PDF-1.7'), 'x')).rejects.toThrow(`x is a PDF; ${send}`);
     await expect(decodeImage(Buffer.from('hello world'), 'x')).rejects.toThrow(/not an image format/);
     expect(sniffFormat(Buffer.from('RIFF\0\0\0\0WEBPVP8 '))).toBe('webp');
+    expect([Buffer.from('II*\0'), Buffer.from('MM\0*'), Buffer.from('II+\0'), Buffer.from('GIF87a'), Buffer.from('BM')].map(sniffFormat)).toEqual(['tiff', 'tiff', 'tiff', 'gif', 'bmp']);
+    // Pillow's signatures only: "GIF8" alone is not a GIF.
+    expect(sniffFormat(Buffer.from('GIF85a'))).toEqual({ other: 'not an image format this server reads' });
+  });
+
+  it('reads a GIF, a TIFF and a BMP (sharp wrote the first two)', async () => {
+    const one = (fmt: 'gif' | 'tiff') => sharp(Buffer.from([1, 2, 3]), { raw: { width: 1, height: 1, channels: 3 } }).toFormat(fmt, { compression: 'lzw' }).toBuffer();
+    expect(Array.from((await decodeImage(await one('gif'), 'image')).data)).toEqual([1, 2, 3]);
+    expect(Array.from((await decodeImage(await one('tiff'), 'image')).data)).toEqual([1, 2, 3]);
+    expect(Array.from((await decodeImage(bmp(1, 1, 24, Buffer.from([3, 2, 1, 0])), 'image')).data)).toEqual([1, 2, 3]);
   });
 
   it('refuses a truncated file and a decompression bomb with a 400', async () => {
@@ -113,81 +126,110 @@ describe('decoding what clients send', () => {
     await expect(decodeImage(good.subarray(0, good.length - 30), 'instances[0].image')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringMatching(/^instances\[0\]\.image could not be decoded as PNG/) });
     await expect(decodeImage(good, 'f', 64 * 63)).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f has more than 4032 pixels, the most an input image may have' });
   });
-});
 
-describe("Pillow's Image.resize (preprocess/resample.json)", () => {
-  const { cases } = JSON.parse(readFileSync(path.join(dir, 'preprocess', 'resample.json'), 'utf8')) as {
-    cases: Array<{ width: number; height: number; channels: number; out_width: number; out_height: number; box: [number, number, number, number] | null; filter: 'lanczos' | 'bicubic'; input: string; output: string }>;
-  };
-  it(`matches byte for byte on ${cases.length} random sizes, boxes, filters and modes`, () => {
-    expect(cases.length).toBeGreaterThanOrEqual(40);
-    const bad: string[] = [];
-    for (const c of cases) {
-      const src = { data: new Uint8Array(Buffer.from(c.input, 'base64')), width: c.width, height: c.height, channels: c.channels };
-      const got = resize(src, c.out_width, c.out_height, c.filter, c.box ?? undefined);
-      if (Buffer.compare(Buffer.from(got.data), Buffer.from(c.output, 'base64')) !== 0) bad.push(`${c.width}x${c.height}→${c.out_width}x${c.out_height} ${c.filter} box ${JSON.stringify(c.box)}`);
-    }
-    expect(bad).toEqual([]);
+  // Headers that claim far more pixels than their file holds: refused from the header, before anything is allocated.
+  const tooMany = { code: 'INVALID_INPUT', message: `f has more than ${4096 * 4096} pixels, the most an input image may have` };
+  it.each([
+    ['a GIF whose screen is 65535x65535 around a 1x1 frame', () => gif1x1({ screen: [65535, 65535] })],
+    ['a GIF whose first frame claims 65535x65535', () => gif1x1({ frame: [0, 0, 65535, 65535] })],
+    ['a GIF whose 1x1 frame sits at (65000, 65000)', () => gif1x1({ frame: [65000, 65000, 1, 1] })],
+    ['a TIFF of 100000x100000 holding one byte', () => tiff([{ width: 100000, height: 100000, data: Buffer.from([7]) }])],
+    ['a BMP of 100000x100000 holding no pixels', () => bmp(100000, 100000, 24, Buffer.alloc(0))],
+    ['an RLE8 BMP of 100000x100000 holding an end of bitmap', () => bmp(100000, 100000, 8, Buffer.from([0, 1]), 1)],
+  ])('refuses %s', async (_name, make) => {
+    const hold = new InputBudget(1 << 30).hold();
+    await expect(decodeImage(await make(), 'f', 4096 * 4096, hold)).rejects.toMatchObject(tooMany);
+    expect(hold.bytes).toBe(0);
+  });
+
+  it('refuses a BMP or GIF that holds less than its header claims, as Pillow does', async () => {
+    await expect(decodeImage(bmp(4000, 4000, 24, Buffer.alloc(100)), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: the file ends inside its pixels' });
+    // An RLE that ends before the picture is full is Pillow's "not enough image data".
+    await expect(decodeImage(bmp(4000, 4000, 8, Buffer.from([4, 1, 0, 1]), 1), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: not enough image data' });
+    await expect(decodeImage(bmp(1, 1, 12, Buffer.alloc(4)), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: unsupported BMP pixel depth (12)' });
+    const gif = await gif1x1({});
+    await expect(decodeImage(gif.subarray(0, 20), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringMatching(/^f could not be decoded as GIF: /) });
+    await expect(decodeImage(Buffer.from('GIF89a\x01\0\x01\0\0\0\0;'), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as GIF: the file has no image' });
+  });
+
+  it('reads only the first page of a TIFF, as Pillow does, and reserves only its pixels: a huge or bogus later page costs nothing', async () => {
+    const hold = new InputBudget(1 << 30).hold();
+    // libvips read every page's header and failed on the second one's ("Bogus StripByteCounts"); Pillow reads the first.
+    const img = await decodeImage(tiff([{ width: 2, height: 1, data: Buffer.from([10, 200]) }, { width: 100000, height: 100000, data: Buffer.from([7]) }]), 'f', 4096 * 4096, hold);
+    expect([img.width, img.height, Array.from(img.data)]).toEqual([2, 1, [10, 10, 10, 200, 200, 200]]);
+    expect(hold.bytes).toBe(2 * 3);
+  });
+
+  it('reserves the canvas of a GIF (Pillow composes the first frame on it), from the header', async () => {
+    const hold = new InputBudget(1 << 30).hold();
+    const img = await decodeImage(await gif1x1({ screen: [300, 200] }), 'f', 4096 * 4096, hold);
+    expect([img.width, img.height]).toEqual([300, 200]);
+    expect(hold.bytes).toBe(300 * 200 * 3);
+    const small = new InputBudget(300 * 200 * 3 - 1).hold();
+    await expect(decodeImage(await gif1x1({ screen: [300, 200] }), 'f', 4096 * 4096, small)).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringContaining('(INPUT_IMAGES_MB)') });
   });
 });
 
-describe('Pillow resampling details', () => {
-  it('returns a copy when nothing changes, and luma is ITU-R 601-2 rounded', () => {
-    const src = { data: Uint8Array.from([1, 2, 3, 4, 5, 6]), width: 2, height: 1, channels: 3 };
-    const same = resize(src, 2, 1);
-    expect(same.data).toEqual(src.data);
-    expect(same.data).not.toBe(src.data);
-    expect(Array.from(toLuma({ data: Uint8Array.from([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255]), width: 4, height: 1, channels: 3 }).data)).toEqual([76, 150, 29, 255]);
-  });
-});
+/** A 1x1 GIF written by sharp, its screen size or first image descriptor ([left, top, width, height]) rewritten. */
+async function gif1x1(o: { screen?: [number, number]; frame?: [number, number, number, number] }): Promise<Buffer> {
+  const g = Buffer.from(await sharp(Buffer.from([1, 2, 3]), { raw: { width: 1, height: 1, channels: 3 } }).gif().toBuffer());
+  if (o.screen) [g.writeUInt16LE(o.screen[0], 6), g.writeUInt16LE(o.screen[1], 8)];
+  if (o.frame) {
+    // sharp writes the image descriptor after the global table and its extensions: the first ',' after them.
+    let at = 13 + (g[10]! & 0x80 ? 3 << ((g[10]! & 7) + 1) : 0);
+    while (g[at] === 0x21) for (at += 2; g[at] !== 0; at += g[at]! + 1);
+    at = g[at] === 0x2c ? at : g.indexOf(0x2c, at);
+    o.frame.forEach((v, i) => g.writeUInt16LE(v, at + 1 + 2 * i));
+  }
+  return g;
+}
 
-describe('resizing only part of the output', () => {
-  // A small deterministic generator: the cases are the same on every run.
-  let state = 12345;
-  const rand = (n: number) => {
-    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
-    return state % n;
-  };
-  const crop = (r: Raster, x: number, y: number, w: number, h: number) => {
-    const out = blank(w, h, r.channels);
-    paste(out, r, -x, -y);
-    return out;
-  };
+/** A BMP with a 40-byte header, its pixel data as given (a 2-colour table for 8 bits and less). */
+function bmp(width: number, height: number, bits: number, pixels: Buffer, compression = 0): Buffer {
+  const table = bits <= 8 ? Buffer.from([0, 0, 0, 0, 255, 255, 255, 0]) : Buffer.alloc(0);
+  const head = Buffer.alloc(54);
+  head.write('BM', 0, 'latin1');
+  head.writeUInt32LE(54 + table.length + pixels.length, 2);
+  head.writeUInt32LE(54 + table.length, 10);
+  head.writeUInt32LE(40, 14);
+  head.writeInt32LE(width, 18);
+  head.writeInt32LE(height, 22);
+  head.writeUInt16LE(1, 26);
+  head.writeUInt16LE(bits, 28);
+  head.writeUInt32LE(compression, 30);
+  head.writeUInt32LE(bits <= 8 ? 2 : 0, 46);
+  return Buffer.concat([head, table, pixels]);
+}
 
-  it('gives the pixels of the same window of the whole resize (both filters, boxes, tall images, no-op sizes)', () => {
-    const bad: string[] = [];
-    for (let i = 0; i < 300; i++) {
-      const ch = rand(2) === 0 ? 1 : 3;
-      const tall = i % 10 === 0;
-      const w = 1 + rand(tall ? 3 : 40);
-      const h = tall ? 101 * w + rand(300) : 1 + rand(40);
-      const src = { data: Uint8Array.from({ length: w * h * ch }, () => rand(256)), width: w, height: h, channels: ch };
-      const same = i % 7 === 0;
-      const outW = same ? w : 1 + rand(60);
-      const outH = same ? h : 1 + rand(tall ? 400 : 60);
-      const box = rand(3) === 0 ? ([rand(w), rand(h), w, h] as const) : undefined;
-      const filter = rand(2) === 0 ? 'lanczos' : 'bicubic';
-      const x = rand(outW);
-      const y = rand(outH);
-      const win = { x, y, width: 1 + rand(outW - x), height: 1 + rand(outH - y) };
-      const whole = resize(src, outW, outH, filter, box);
-      const part = resize(src, outW, outH, filter, box, win);
-      const want = crop(whole, win.x, win.y, win.width, win.height);
-      if ([part.width, part.height].join() !== [win.width, win.height].join() || Buffer.compare(Buffer.from(part.data), Buffer.from(want.data)) !== 0) {
-        bad.push(`${w}x${h}x${ch} → ${outW}x${outH} ${filter} box ${JSON.stringify(box)} window ${JSON.stringify(win)}`);
-      }
-    }
-    expect(bad).toEqual([]);
+/** An uncompressed 8-bit greyscale TIFF of these pages, each one strip of `data` (which may be shorter than it claims). */
+function tiff(pages: Array<{ width: number; height: number; data: Buffer }>): Buffer {
+  const ENTRIES = 9;
+  // The header, then each page's data (padded to an even offset) and its IFD.
+  let size = 8;
+  const layout = pages.map((p) => {
+    const data = size;
+    size += p.data.length + (p.data.length % 2);
+    const ifd = size;
+    size += 2 + 12 * ENTRIES + 4;
+    return { data, ifd };
   });
-
-  it('resize_mode crop of an elongated image costs the output, not the scaled image (4096x2 → 1024x1024 scales it to 2097152x1024)', () => {
-    const img = { data: Uint8Array.from({ length: 4096 * 2 * 3 }, (_, i) => (i * 7919) % 251), width: 4096, height: 2, channels: 3 };
-    // Whole, the scaled image was 6 GB: its allocation failed, a 500 (a 4096x4 image's would take 3 GB).
-    const out = fitImage(img, 1024, 1024, 'crop');
-    expect([out.width, out.height]).toEqual([1024, 1024]);
-    // The centre of the whole scaled image, as diffusers pastes it: checked on a size whose whole resize is cheap.
-    const small = { ...img, data: img.data.subarray(0, 256 * 2 * 3), width: 256 };
-    const whole = resize(small, 256 * 48 / 2, 48);
-    expect(Buffer.from(fitImage(small, 40, 48, 'crop').data)).toEqual(Buffer.from(crop(whole, whole.width / 2 - 20, 0, 40, 48).data));
+  const out = Buffer.alloc(size);
+  out.write('II*\0', 0, 'latin1');
+  out.writeUInt32LE(layout[0]!.ifd, 4);
+  pages.forEach((p, k) => {
+    const { data, ifd } = layout[k]!;
+    p.data.copy(out, data);
+    const entries: Array<[number, number, number]> = [[256, 4, p.width], [257, 4, p.height], [258, 3, 8], [259, 3, 1], [262, 3, 1], [273, 4, data], [277, 3, 1], [278, 4, p.height], [279, 4, p.data.length]];
+    out.writeUInt16LE(ENTRIES, ifd);
+    entries.forEach(([tag, type, value], i) => {
+      const e = ifd + 2 + 12 * i;
+      out.writeUInt16LE(tag, e);
+      out.writeUInt16LE(type, e + 2);
+      out.writeUInt32LE(1, e + 4);
+      if (type === 3) out.writeUInt16LE(value, e + 8);
+      else out.writeUInt32LE(value, e + 8);
+    });
+    out.writeUInt32LE(layout[k + 1]?.ifd ?? 0, ifd + 2 + 12 * ENTRIES);
   });
-});
+  return out;
+}

@@ -219,10 +219,14 @@ describe('image-to-image on the demo model', () => {
 
 describe('bad image inputs answer 400 naming the field', () => {
   const ok = { prompt: 'p', num_inference_steps: 4, seed: 1 };
+  /** The start of an HEIC file (iPhones'), a format neither diffusers' Pillow nor this server reads. */
+  const HEIC = Buffer.from('\0\0\0\x18ftypheic\0\0\0\0mif1heic');
   const cases: Array<[string, () => Record<string, unknown> | Promise<Record<string, unknown>>, RegExp | string]> = [
-    ['an undecodable image', () => ({ ...ok, image: Buffer.from('hello, not a picture').toString('base64') }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG or WebP image'],
+    ['an undecodable image', () => ({ ...ok, image: Buffer.from('hello, not a picture').toString('base64') }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG, WebP, GIF, TIFF or BMP image'],
     ['a truncated PNG', () => ({ ...ok, image: pic.subarray(0, 200).toString('base64') }), /^instances\[0\]\.image could not be decoded as PNG: /],
-    ['an image that is not a string', () => ({ ...ok, image: 42 }), /^instances\[0\]\.image must be a base64-encoded PNG, JPEG or WebP image \(or a data: URL\) or an s3:\/\/bucket\/key URI, got number$/],
+    ['a GIF cut inside its header', () => ({ ...ok, image: Buffer.from('GIF89a....').toString('base64') }), 'instances[0].image could not be decoded as GIF: the file ends inside its header'],
+    ['an HEIC', () => ({ ...ok, image: HEIC.toString('base64') }), 'instances[0].image is an HEIF; send a PNG, JPEG, WebP, GIF, TIFF or BMP image'],
+    ['an image that is not a string', () => ({ ...ok, image: 42 }), /^instances\[0\]\.image must be a base64-encoded PNG, JPEG, WebP, GIF, TIFF or BMP image \(or a data: URL\) or an s3:\/\/bucket\/key URI, got number$/],
     ['text that is not base64', () => ({ ...ok, image: 'a picture of a cat!' }), /^instances\[0\]\.image is neither base64 nor an s3:\/\/ URI/],
     ['an http URL', () => ({ ...ok, image: 'https://example.com/cat.png' }), 'instances[0].image: https:// URLs are not fetched; send the image as base64 or as an s3:// URI'],
     ['strength above 1', () => ({ ...ok, image: pic.toString('base64'), strength: 1.5 }), 'instances[0].strength must be a number from 0 to 1, got 1.5'],
@@ -241,7 +245,7 @@ describe('bad image inputs answer 400 naming the field', () => {
     ['an image longer than 65535 pixels', async () => ({ ...ok, image: (await picture(65536, 1)).toString('base64'), height: 64, width: 64 }),
       'instances[0].image is 65536x1; an input image may have at most 65535 pixels a side'],
     ['a missing s3:// object', () => ({ ...ok, image: 's3://inputs/nope.png' }), /^instances\[0\]\.image: s3:\/\/inputs\/nope\.png does not exist \(NoSuchKey\)$/],
-    ['an s3:// object that is not an image', () => ({ ...ok, image: 's3://inputs/not-an-image.txt' }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG or WebP image'],
+    ['an s3:// object that is not an image', () => ({ ...ok, image: 's3://inputs/not-an-image.txt' }), 'instances[0].image is not an image format this server reads; send a PNG, JPEG, WebP, GIF, TIFF or BMP image'],
   ];
 
   it.each(cases)('%s', async (_name, inst, want) => {
@@ -274,13 +278,13 @@ describe('bad image inputs answer 400 naming the field', () => {
   });
 
   it('lists every problem of a body at once, per instance', async () => {
-    const r = await predict(demo, [{ ...ok, image: 'https://x/y.png', strength: 3 }, { ...ok, image: pic.toString('base64') }, { ...ok, image: Buffer.from('GIF89a....').toString('base64') }]);
+    const r = await predict(demo, [{ ...ok, image: 'https://x/y.png', strength: 3 }, { ...ok, image: pic.toString('base64') }, { ...ok, image: HEIC.toString('base64') }]);
     expect(r.status).toBe(400);
     expect(r.json.error).toBe(
       'instances[0].strength must be a number from 0 to 1, got 3; instances[0].image: https:// URLs are not fetched; send the image as base64 or as an s3:// URI',
     );
-    const decode = await predict(demo, [{ ...ok, image: pic.toString('base64') }, { ...ok, image: Buffer.from('GIF89a....').toString('base64') }]);
-    expect(decode.json.error).toBe('instances[1].image is a GIF; send a PNG, JPEG or WebP image');
+    const decode = await predict(demo, [{ ...ok, image: pic.toString('base64') }, { ...ok, image: HEIC.toString('base64') }]);
+    expect(decode.json.error).toBe('instances[1].image is an HEIF; send a PNG, JPEG, WebP, GIF, TIFF or BMP image');
   });
 
   it('V2 and the WebSocket name the field their way', async () => {
@@ -294,12 +298,12 @@ describe('bad image inputs answer 400 naming the field', () => {
     });
     expect([v2b.status, v2b.json.error]).toEqual([400, 'parameters.strength must be a number from 0 to 1, got -1']);
     // A problem found once the images are read names the input tensor and its element too.
-    const v2gif = await postJson(`${demo.url}/v2/models/model/infer`, {
+    const v2heic = await postJson(`${demo.url}/v2/models/model/infer`, {
       inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [2], data: ['p', 'q'] },
-        { name: 'image', datatype: 'BYTES', shape: [2], data: [pic.toString('base64'), Buffer.from('GIF89a....').toString('base64')] }],
+        { name: 'image', datatype: 'BYTES', shape: [2], data: [pic.toString('base64'), HEIC.toString('base64')] }],
       parameters: { num_inference_steps: 2 },
     });
-    expect([v2gif.status, v2gif.json.error]).toEqual([400, 'input "image" data[1] is a GIF; send a PNG, JPEG or WebP image']);
+    expect([v2heic.status, v2heic.json.error]).toEqual([400, 'input "image" data[1] is an HEIF; send a PNG, JPEG, WebP, GIF, TIFF or BMP image']);
     const v2mask = await postJson(`${demo.url}/v2/models/model/infer`, {
       inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [1], data: ['p'] }, { name: 'mask_image', datatype: 'BYTES', shape: [1], data: [mask.toString('base64')] }],
     });

@@ -118,7 +118,7 @@ describe('/openai/v1 over HTTP', () => {
     expect([seed.status, seed.json]).toEqual([400, invalid(`seed + n - 1 must be at most ${Number.MAX_SAFE_INTEGER} (image i uses seed + i), got ${Number.MAX_SAFE_INTEGER} with 2 images`, 'seed')]);
     // Found once the input images are read: named as sent too, `size` where V1 asks for height and width.
     const notImage = await generate({ prompt: 'x', image: Buffer.from('not an image').toString('base64'), num_inference_steps: 2 });
-    expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG or WebP image', 'image')]);
+    expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG, WebP, GIF, TIFF or BMP image', 'image')]);
     const wide = await generate({ prompt: 'x', image: (await grey(2056, 8)).toString('base64'), num_inference_steps: 2 });
     expect([wide.status, wide.json]).toEqual([400, invalid('image is 2056x8: without size the output takes the image\'s width (2056), over MAX_IMAGE_SIZE 2048; give size to resize it', 'image')]);
     const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });

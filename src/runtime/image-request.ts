@@ -13,6 +13,8 @@ import { scaledSize } from '../pipeline/img2img.js';
 import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
+import { readBmp } from './bmp.js';
+import { gifCanvas, gifFirstFrame } from './gif.js';
 import { oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
 
@@ -102,7 +104,9 @@ export interface ImageRequest {
 
 type Obj = Record<string, unknown>;
 
-const WANT = 'a base64-encoded PNG, JPEG or WebP image (or a data: URL) or an s3://bucket/key URI';
+/** The formats decodeImage reads, for messages. */
+const FORMATS = 'PNG, JPEG, WebP, GIF, TIFF or BMP';
+const WANT = `a base64-encoded ${FORMATS} image (or a data: URL) or an s3://bucket/key URI`;
 // Whitespace may only follow the padding inside the optional group: a \s* after \s-accepting text would backtrack
 // quadratically (a 1 MiB run of spaces before a stray character held the event loop for minutes).
 const BASE64 = /^[A-Za-z0-9+/\-_\s]*(?:={1,2}\s*)?$/;
@@ -220,55 +224,54 @@ export function parseImageFields(
   };
 }
 
-/** The format a file's first bytes announce. Only PNG, JPEG and WebP are decoded (no SVG, PDF, GIF or TIFF). */
-export function sniffFormat(b: Uint8Array): 'png' | 'jpeg' | 'webp' | { other: string } {
+export type ImageFormat = 'png' | 'jpeg' | 'webp' | 'gif' | 'tiff' | 'bmp';
+
+/**
+ * The format a file's first bytes announce, by the signatures Pillow tests. SVG, PDF and HEIF are not read (neither
+ * does diffusers' Pillow), nor AVIF: Pillow reads it with libavif, libvips with libheif, and their chroma upsampling
+ * differs (78% of the values of a smooth 160x120 picture off, by up to 8 levels; up to 66 on a noisy one), so an AVIF
+ * would not start from the pixels it starts from in diffusers.
+ */
+export function sniffFormat(b: Uint8Array): ImageFormat | { other: string } {
   const ascii = (o: number, n: number) => String.fromCharCode(...b.subarray(o, o + n));
   if (b.length >= 8 && b[0] === 0x89 && ascii(1, 3) === 'PNG') return 'png';
   if (b.length >= 3 && b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return 'jpeg';
   if (b.length >= 12 && ascii(0, 4) === 'RIFF' && ascii(8, 4) === 'WEBP') return 'webp';
-  if (ascii(0, 4) === 'GIF8') return { other: 'a GIF' };
-  if (ascii(0, 2) === 'BM') return { other: 'a BMP' };
-  if (ascii(0, 4) === 'II*\0' || ascii(0, 4) === 'MM\0*') return { other: 'a TIFF' };
-  if (ascii(4, 4) === 'ftyp') return { other: 'an HEIF/AVIF' };
+  if (ascii(0, 6) === 'GIF87a' || ascii(0, 6) === 'GIF89a') return 'gif';
+  if (ascii(0, 2) === 'BM') return 'bmp';
+  // Classic and BigTIFF, either byte order.
+  if (['II*\0', 'MM\0*', 'II+\0', 'MM\0+'].includes(ascii(0, 4))) return 'tiff';
+  if (ascii(4, 4) === 'ftyp') return { other: ['avif', 'avis'].includes(ascii(8, 4)) ? 'an AVIF' : 'an HEIF' };
   if (ascii(0, 5) === '%PDF-') return { other: 'a PDF' };
   if (/^\s*</.test(ascii(0, 64))) return { other: 'markup (SVG/HTML)' };
   return { other: 'not an image format this server reads' };
 }
 
+type Decoded = { data: Uint8Array; info: { width: number; height: number; channels: number } };
+
 /**
  * Decodes an input image to RGB as diffusers' load_image does with Pillow: the orientation applied (EXIF, and where
  * Pillow finds it beyond libvips: orientation.ts), alpha dropped (not composited), grey and palette images expanded,
- * CMYK converted by Pillow's formula, the ICC profile ignored.
+ * CMYK converted by Pillow's formula, the ICC profile ignored; a GIF's first frame composed as Pillow composes it
+ * (gif.ts), a BMP read as Pillow reads it (bmp.ts). The pixels are counted and reserved from the header, before they
+ * are decoded.
  */
 export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold): Promise<Raster> {
   const fmt = sniffFormat(bytes);
-  if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a PNG, JPEG or WebP image`);
-  const sharp = await loadSharp();
-  let out: { data: Buffer; info: { width: number; height: number; channels: number } };
+  if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a ${FORMATS} image`);
+  // One frame: an animated image decodes its first only.
+  const reserve = (width: number, height: number) => {
+    if (width * height > maxPixels) throw new Error('Input image exceeds pixel limit');
+    hold?.take(width * height * 3, field);
+  };
+  let out: Decoded;
   try {
-    const read = sharp(bytes, { limitInputPixels: maxPixels, autoOrient: true, ignoreIcc: true });
-    // The header, read once: its size is reserved before the pixels exist, a JPEG's colour space chooses the path, and
-    // the orientation libvips finds it applies itself (autoOrient); where it finds none, Pillow may (orientation.ts).
-    const meta = await read.metadata();
-    const img = meta.orientation === undefined ? oriented(read, pillowOrientation(bytes, fmt) ?? 1) : read;
-    if (hold) {
-      // One frame: an animated image decodes its first only.
-      const px = (meta.width ?? 0) * (meta.pageHeight ?? meta.height ?? 0);
-      if (px > maxPixels) throw new Error('Input image exceeds pixel limit');
-      hold.take(px * 3, field);
-    }
-    if (fmt === 'jpeg' && meta.space === 'cmyk') {
-      // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
-      const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
-      out = { data: cmykToRgb(cmyk.data), info: { ...cmyk.info, channels: 3 } };
-    } else if (fmt === 'png' && isGrey16Png(bytes)) {
-      // Pillow opens it as I;16, whose convert("RGB") clips each value to 255; libvips would keep the high byte (as
-      // Pillow does for 16-bit RGB, RGBA and grey-alpha). A tRNS key (libvips' alpha) is ignored, as by Pillow.
-      const grey = await img.removeAlpha().toColourspace('grey16').raw({ depth: 'ushort' }).toBuffer({ resolveWithObject: true });
-      out = { data: clippedGrey16(grey.data), info: { ...grey.info, channels: 3 } };
-    } else {
-      out = await img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
-    }
+    if (fmt === 'bmp') {
+      const bmp = readBmp(bytes);
+      reserve(bmp.width, bmp.height);
+      out = { data: bmp.decode(), info: { width: bmp.width, height: bmp.height, channels: 3 } };
+    } else if (fmt === 'gif') out = await decodeGif(bytes, maxPixels, reserve);
+    else out = await decodeWithSharp(bytes, fmt, maxPixels, reserve);
   } catch (err) {
     throw decodeFailure(err, field, fmt, maxPixels);
   }
@@ -282,6 +285,62 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   return { data: px, width: info.width, height: info.height, channels: 3 };
 }
 
+/** PNG, JPEG, WebP and TIFF, through libvips. */
+async function decodeWithSharp(bytes: Uint8Array, fmt: 'png' | 'jpeg' | 'webp' | 'tiff', maxPixels: number, reserve: (width: number, height: number) => void): Promise<Decoded> {
+  const sharp = await loadSharp();
+  // A TIFF is turned here, as Pillow turns it (orientation.ts): libvips reads no XMP orientation from it.
+  const read = sharp(fmt === 'tiff' ? firstPage(bytes) : bytes, { limitInputPixels: maxPixels, autoOrient: fmt !== 'tiff', ignoreIcc: true });
+  // The header, read once: its size is reserved before the pixels exist, the colour space chooses the path, and
+  // the orientation libvips finds it applies itself (autoOrient); where it finds none, Pillow may (orientation.ts).
+  const meta = await read.metadata();
+  const img = fmt === 'tiff' || meta.orientation === undefined ? oriented(read, pillowOrientation(bytes, fmt) ?? 1) : read;
+  reserve(meta.width ?? 0, meta.pageHeight ?? meta.height ?? 0);
+  if ((fmt === 'jpeg' || fmt === 'tiff') && meta.space === 'cmyk') {
+    // libvips would convert CMYK through an ICC profile; Pillow's convert("RGB") uses a plain formula (below).
+    // 16-bit CMYK (TIFF): Pillow reads the high byte of each sample, where libvips' cast to 8 bits would clip.
+    const wide = meta.depth === 'ushort';
+    const cmyk = await img.pipelineColourspace('cmyk').toColourspace('cmyk').raw({ depth: wide ? 'ushort' : 'uchar' }).toBuffer({ resolveWithObject: true });
+    return { data: cmykToRgb(wide ? highBytes(cmyk.data) : cmyk.data), info: { ...cmyk.info, channels: 3 } };
+  }
+  if ((fmt === 'png' && isGrey16Png(bytes)) || (fmt === 'tiff' && meta.space === 'grey16' && meta.channels === 1)) {
+    // Pillow opens it as I;16, whose convert("RGB") clips each value to 255; libvips would keep the high byte (as
+    // Pillow does for 16-bit RGB, RGBA and grey-alpha). A tRNS key (libvips' alpha) is ignored, as by Pillow.
+    const grey = await img.removeAlpha().toColourspace('grey16').raw({ depth: 'ushort' }).toBuffer({ resolveWithObject: true });
+    return { data: clippedGrey16(grey.data), info: { ...grey.info, channels: 3 } };
+  }
+  return img.removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
+}
+
+/**
+ * A TIFF cut to its first page, as Pillow reads it: the first IFD's link to the next set to 0 (in a copy). libvips
+ * would read every page's IFD to count them, and fail on a later page that claims more data than the file holds, or
+ * walk a chain of thousands.
+ */
+function firstPage(b: Uint8Array): Uint8Array {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const le = b[0] === 0x49;
+  const big = dv.getUint16(2, le) === 43;
+  if (b.length < (big ? 16 : 8)) return b;
+  const ifd = big ? Number(dv.getBigUint64(8, le)) : dv.getUint32(4, le);
+  const link = big ? ifd + 8 + 20 * Number(b.length >= ifd + 8 ? dv.getBigUint64(ifd, le) : 0n) : ifd + 2 + 12 * (b.length >= ifd + 2 ? dv.getUint16(ifd, le) : 0);
+  const size = big ? 8 : 4;
+  // A first IFD cut short, or already the last, is left to libvips.
+  if (link + size > b.length || b.subarray(link, link + size).every((v) => v === 0)) return b;
+  const copy = new Uint8Array(b);
+  copy.fill(0, link, link + size);
+  return copy;
+}
+
+/** A GIF's first frame, decoded alone by libvips and placed on the canvas Pillow gives it (gif.ts). */
+async function decodeGif(bytes: Uint8Array, maxPixels: number, reserve: (width: number, height: number) => void): Promise<Decoded> {
+  const gif = gifFirstFrame(bytes);
+  reserve(gif.width, gif.height);
+  const sharp = await loadSharp();
+  const frame = await sharp(gif.frame, { limitInputPixels: maxPixels }).removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer();
+  const whole = gif.left === 0 && gif.top === 0 && gif.frameWidth === gif.width && gif.frameHeight === gif.height;
+  return { data: whole ? frame : gifCanvas(gif, frame), info: { width: gif.width, height: gif.height, channels: 3 } };
+}
+
 /**
  * OpenAI's edit mask as this runtime's `mask_image`, a greyscale PNG: white (repaint) where the mask is fully
  * transparent, alpha 0 in 8 bits (OpenAI: "fully transparent areas (e.g. where alpha is zero) indicate where image should
@@ -289,7 +348,7 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
  */
 export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<Buffer> {
   const fmt = sniffFormat(bytes);
-  if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a PNG with transparency`);
+  if (!editFormat(fmt)) throw new RuntimeError('INVALID_INPUT', `${field} is ${typeof fmt === 'string' ? `a ${fmt.toUpperCase()}` : fmt.other}; send a PNG with transparency`);
   const sharp = await loadSharp();
   try {
     const img = sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS, autoOrient: true });
@@ -311,7 +370,7 @@ export async function maskFromAlpha(bytes: Uint8Array, field: string): Promise<B
  */
 export async function transparentArea(bytes: Uint8Array, field: string): Promise<Buffer | undefined> {
   const fmt = sniffFormat(bytes);
-  if (typeof fmt !== 'string') return undefined;
+  if (!editFormat(fmt)) return undefined;
   const sharp = await loadSharp();
   const img = sharp(bytes, { limitInputPixels: MAX_INPUT_PIXELS, autoOrient: true });
   const meta = await img.metadata().catch(() => undefined);
@@ -319,6 +378,9 @@ export async function transparentArea(bytes: Uint8Array, field: string): Promise
   const mask = await alphaZero(img, meta, bytes, fmt).catch((err: unknown) => Promise.reject(decodeFailure(err, field, fmt, MAX_INPUT_PIXELS)));
   return (await sharp(mask).stats()).channels[0]!.max === 255 ? mask : undefined;
 }
+
+/** The formats an OpenAI edit's transparency is read from: those OpenAI takes (PNG, JPEG, WebP). */
+const editFormat = (fmt: ReturnType<typeof sniffFormat>): fmt is 'png' | 'jpeg' | 'webp' => fmt === 'png' || fmt === 'jpeg' || fmt === 'webp';
 
 /**
  * A greyscale PNG, white where `img`'s alpha is 0 (read as 8 bits), black elsewhere (a half-transparent edge included);
@@ -341,11 +403,23 @@ function decodeFailure(err: unknown, field: string, fmt: string, maxPixels: numb
 /** A PNG of 16-bit grey samples: IHDR, always the first chunk, gives bit depth 16 and colour type 0 (no alpha channel). */
 const isGrey16Png = (png: Uint8Array): boolean => png.length > 25 && png[24] === 16 && png[25] === 0;
 
+/** libvips' raw ushort samples, in native byte order: read through a Uint16Array (a copy where the bytes are unaligned). */
+function ushorts(samples: Buffer): Uint16Array {
+  const aligned = samples.byteOffset % 2 === 0 ? samples : Buffer.from(samples);
+  return new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.length >> 1);
+}
+
+/** The high byte of each 16-bit sample. */
+function highBytes(samples: Buffer): Buffer {
+  const v = ushorts(samples);
+  const out = Buffer.allocUnsafe(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = v[i]! >> 8;
+  return out;
+}
+
 /** Pillow's I;16 → RGB (Convert.c I16_RGB): each sample clipped to 255, written to all three channels. */
 function clippedGrey16(samples: Buffer): Buffer {
-  // In native byte order, as libvips writes raw ushort: read through a Uint16Array (a copy where the bytes are unaligned).
-  const aligned = samples.byteOffset % 2 === 0 ? samples : Buffer.from(samples);
-  const v = new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.length >> 1);
+  const v = ushorts(samples);
   const rgb = Buffer.allocUnsafe(v.length * 3);
   for (let i = 0; i < v.length; i++) rgb[i * 3] = rgb[i * 3 + 1] = rgb[i * 3 + 2] = Math.min(v[i]!, 255);
   return rgb;

@@ -3,7 +3,9 @@
  * does not read it, and the turn it makes. libvips (sharp's autoOrient) reads the EXIF
  * orientation of a JPEG's APP1, a WebP's EXIF chunk and a PNG's eXIf chunk before IDAT; Pillow 12 reads it also from
  * a PNG's eXIf after IDAT, from the "Raw profile type exif" text chunk ImageMagick writes into PNGs it converts, and,
- * where the EXIF has no orientation, from the XMP packet's `tiff:Orientation` (a JPEG's, a WebP's or a PNG's).
+ * where the EXIF has no orientation, from the XMP packet's `tiff:Orientation` (a JPEG's, a WebP's or a PNG's). A TIFF is
+ * turned here whole: its first IFD's orientation tag, or else its XMP tag's `tiff:Orientation` (libvips reads only the
+ * former).
  */
 import { inflateSync } from 'node:zlib';
 import type { Sharp } from 'sharp';
@@ -16,8 +18,8 @@ const XMP_ORIENTATION = /tiff:Orientation(="|>)([0-9])/;
  * The orientation tag Pillow's `getexif()` finds in `bytes` (a file libvips found no EXIF orientation in), or undefined.
  * A value outside 2–8 (1, or an invalid 0 or 9) means no transposition, as in exif_transpose.
  */
-export function pillowOrientation(bytes: Uint8Array, format: 'png' | 'jpeg' | 'webp'): number | undefined {
-  const found = format === 'png' ? pngMetadata(bytes) : format === 'jpeg' ? jpegMetadata(bytes) : webpMetadata(bytes);
+export function pillowOrientation(bytes: Uint8Array, format: 'png' | 'jpeg' | 'webp' | 'tiff'): number | undefined {
+  const found = format === 'png' ? pngMetadata(bytes) : format === 'jpeg' ? jpegMetadata(bytes) : format === 'webp' ? webpMetadata(bytes) : tiffMetadata(bytes);
   // Pillow's order: the EXIF's own tag wins, even 1; the XMP packet only where the EXIF has none.
   const fromExif = found.exif ? tiffOrientation(found.exif) : undefined;
   if (fromExif !== undefined) return fromExif;
@@ -132,28 +134,54 @@ function webpMetadata(b: Uint8Array): Found {
   return found;
 }
 
+/** A TIFF file is its own EXIF block (Pillow's getexif reads its first IFD); its XMP packet is tag 700's value. */
+function tiffMetadata(b: Uint8Array): Found {
+  const xmp = ifdEntry(b, 700);
+  return { exif: b, ...(xmp && xmp.at + xmp.count <= b.length ? { xmp: latin1(b.subarray(xmp.at, xmp.at + xmp.count)) } : {}) };
+}
+
+/**
+ * An entry of a TIFF-structured block's first IFD (classic or BigTIFF): its type, count, and where its value lies (in
+ * the entry where it fits, else at the offset the entry gives); undefined if absent or the block is cut short.
+ */
+function ifdEntry(b: Uint8Array, tag: number): { type: number; count: number; at: number; le: boolean } | undefined {
+  if (b.length < 8) return undefined;
+  const head = latin1(b.subarray(0, 4));
+  const le = head === 'II*\0' || head === 'II+\0';
+  const big = head === 'II+\0' || head === 'MM\0+';
+  if (!le && !big && head !== 'MM\0*') return undefined;
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  // BigTIFF: 8-byte offsets and counts, 20-byte entries.
+  const [word, entry] = big ? [8, 20] : [4, 12];
+  const uint = (o: number) => (big ? Number(dv.getBigUint64(o, le)) : dv.getUint32(o, le));
+  if (b.length < (big ? 16 : 8)) return undefined;
+  const ifd = uint(big ? 8 : 4);
+  if (ifd + word > b.length) return undefined;
+  const n = big ? uint(ifd) : dv.getUint16(ifd, le);
+  for (let i = 0; i < n; i++) {
+    const e = ifd + (big ? 8 : 2) + entry * i;
+    if (e + entry > b.length) return undefined;
+    if (dv.getUint16(e, le) !== tag) continue;
+    const [type, count] = [dv.getUint16(e + 2, le), uint(e + 4)];
+    const size = count * (TYPE_SIZES[type] ?? 1);
+    return { type, count, at: size <= word ? e + 4 + word : uint(e + 4 + word), le };
+  }
+  return undefined;
+}
+
+/** Bytes per value of the TIFF types an orientation or XMP tag may have (BYTE, ASCII, SHORT, LONG, UNDEFINED, …). */
+const TYPE_SIZES: Record<number, number> = { 1: 1, 2: 1, 3: 2, 4: 4, 6: 1, 7: 1, 8: 2, 9: 4, 16: 8, 17: 8 };
+
 /** The Orientation tag (0x0112) of a TIFF-structured EXIF block's first IFD, as one integer; undefined if absent. */
 function tiffOrientation(exif: Uint8Array): number | undefined {
   let b = exif;
   while (latin1(b.subarray(0, 6)) === 'Exif\0\0') b = b.subarray(6);
-  if (b.length < 8) return undefined;
-  const head = latin1(b.subarray(0, 4));
-  const le = head === 'II*\0';
-  if (!le && head !== 'MM\0*') return undefined;
+  const e = ifdEntry(b, 0x0112);
+  if (!e) return undefined;
+  // One BYTE, SHORT or LONG: the integer exif_transpose looks up (other forms are no orientation there).
+  if (e.count !== 1) return 0;
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
-  const ifd = dv.getUint32(4, le);
-  if (ifd + 2 > b.length) return undefined;
-  const n = dv.getUint16(ifd, le);
-  for (let i = 0; i < n; i++) {
-    const e = ifd + 2 + 12 * i;
-    if (e + 12 > b.length) return undefined;
-    if (dv.getUint16(e, le) !== 0x0112) continue;
-    const [type, count] = [dv.getUint16(e + 2, le), dv.getUint32(e + 4, le)];
-    // One BYTE, SHORT or LONG: the integer exif_transpose looks up (other forms are no orientation there).
-    if (count !== 1) return 0;
-    return type === 1 ? b[e + 8]! : type === 3 ? dv.getUint16(e + 8, le) : type === 4 ? dv.getUint32(e + 8, le) : 0;
-  }
-  return undefined;
+  return e.type === 1 ? b[e.at]! : e.type === 3 ? dv.getUint16(e.at, e.le) : e.type === 4 ? dv.getUint32(e.at, e.le) : 0;
 }
 
 /**
