@@ -4,13 +4,16 @@
  * s3:// inputs are read with the runtime's S3 settings; the invariants (strength 0 is the input encoded and decoded,
  * whatever the prompt; inpainting with nothing to repaint is the same); batches never mix inputs.
  */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import sharp from 'sharp';
 import WebSocket from 'ws';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { gif1x1, tiff } from './helpers/images.js';
+import { postJson, REFERENCE } from './helpers/server.js';
 
 type Pred = { image: { b64: string }; seed: number; width: number; height: number };
 const preds = (j: Record<string, unknown>) => j.predictions as Pred[];
@@ -214,6 +217,47 @@ describe('image-to-image on the demo model', () => {
     expect((await metric(batcher, 'inference_batch_size_count')) - count0).toBe(4);
     expect((await metric(batcher, 'inference_batch_size_sum')) - sum0).toBe(5);
     expect(together.map((r) => preds(r.json)[0]!.image.b64)).toEqual(alone);
+  });
+});
+
+describe('GIF, TIFF and BMP inputs (img2img/decode: what diffusers\' load_image reads beyond PNG, JPEG and WebP)', () => {
+  const decodeDir = path.join(REFERENCE(), 'img2img', 'decode');
+  const b64 = (file: string) => readFileSync(path.join(decodeDir, file)).toString('base64');
+  const base = { prompt: 'a castle', num_inference_steps: 4, seed: 5, height: 64, width: 64 };
+
+  // Each generates what Pillow's decode of it (<input>.rgb.png, a PNG the runtime reads as Pillow does) generates.
+  it.each([
+    'gif-transparent-index.gif', 'gif-first-frame-offset-transparent.gif', 'gif-animated-optimized.gif', 'gif-interlaced.gif',
+    'tiff-cmyk.tif', 'tiff-16-bit-grey.tif', 'tiff-xmp-orientation-8.tif', 'tiff-jpeg.tif',
+    'bmp-rle8.bmp', 'bmp-16-565.bmp', 'bmp-32-alpha-v5.bmp',
+  ])('%s generates what its Pillow decode generates', async (file) => {
+    const [got, want] = await Promise.all([predict(demo, { ...base, image: b64(file), strength: 0.6 }), predict(demo, { ...base, image: b64(`${file}.rgb.png`), strength: 0.6 })]);
+    expect([got.status, want.status], JSON.stringify(got.json)).toEqual([200, 200]);
+    expect(preds(got.json)[0]!.image.b64 === preds(want.json)[0]!.image.b64).toBe(true);
+  });
+
+  it('a GIF mask repaints what its Pillow decode repaints (convert("L") of the decoded RGB)', async () => {
+    // The transparent index's colour (index 7's) is the mask's value there, not black.
+    const image = b64('gif-first-frame-offset.gif.rgb.png');
+    const [got, want] = await Promise.all([
+      predict(demo, { ...base, image, mask_image: b64('gif-first-frame-offset-transparent.gif') }),
+      predict(demo, { ...base, image, mask_image: b64('gif-first-frame-offset-transparent.gif.rgb.png') }),
+    ]);
+    expect([got.status, want.status], JSON.stringify(got.json)).toEqual([200, 200]);
+    expect(preds(got.json)[0]!.image.b64 === preds(want.json)[0]!.image.b64).toBe(true);
+  });
+
+  it('a header claiming more pixels than its file holds is the same 400 as a PNG\'s, and a truncated BMP names Pillow\'s reason', async () => {
+    const tooMany = 'instances[0].image has more than 16777216 pixels, the most an input image may have';
+    const cases: Array<[Buffer, string]> = [
+      [await gif1x1({ screen: [65535, 65535] }), tooMany],
+      [tiff([{ width: 100000, height: 100000, data: Buffer.from([7]) }]), tooMany],
+      [readFileSync(path.join(decodeDir, 'bmp-24.bmp')).subarray(0, 100), 'instances[0].image could not be decoded as BMP: the file ends inside its pixels'],
+    ];
+    for (const [file, error] of cases) {
+      const r = await predict(demo, { ...base, image: file.toString('base64') });
+      expect([r.status, r.json.code, r.json.error]).toEqual([400, 'INVALID_INPUT', error]);
+    }
   });
 });
 

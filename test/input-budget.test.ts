@@ -8,6 +8,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseInstances } from '../src/runtime/request.js';
 import { parseContext, readImages, type ServerContext } from '../src/server/context.js';
+import { bmp, gif1x1 } from './helpers/images.js';
 import { CREDS, destroyS3, rejection, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, until } from './helpers/server.js';
@@ -48,6 +49,25 @@ describe('INPUT_IMAGES_MB', () => {
     const r = await predict(images.map(inst));
     expect(r.status).toBe(400);
     expect(r.json).toMatchObject({ code: 'INVALID_INPUT', error: expect.stringMatching(/^instances\[\d\]\.image: this request's input images need \d+ MB .* over the 64 MB .*\(INPUT_IMAGES_MB\)/) });
+    expect(rt.rt.inputBudget.used).toBe(0);
+  }, 60_000);
+
+  it('a GIF, a TIFF and a BMP cost their decoded pixels too, counted from their headers', async () => {
+    // 3000² each (27 MB decoded, 81 MB together), from a few KB: a 1x1 GIF frame on a 3000x3000 screen (Pillow's canvas),
+    // a flat LZW TIFF, an RLE8 BMP of runs of 250.
+    const row = Buffer.concat([...Array.from({ length: 12 }, () => Buffer.from([250, 1])), Buffer.from([0, 0])]);
+    const files = [
+      await gif1x1({ screen: [3000, 3000] }),
+      await sharp(Buffer.alloc(3000 * 3000, 60), { raw: { width: 3000, height: 3000, channels: 1 } }).tiff({ compression: 'lzw' }).toBuffer(),
+      bmp(3000, 3000, 8, Buffer.concat(Array.from({ length: 3000 }, () => row)), 1),
+    ];
+    expect(files.every((f) => f.length < 100 * 1024)).toBe(true);
+    const r = await predict(files.map((f) => inst(f.toString('base64'))));
+    expect(r.status).toBe(400);
+    expect(r.json).toMatchObject({ code: 'INVALID_INPUT', error: expect.stringMatching(/^instances\[\d\]\.image: this request's input images need \d+ MB .* over the 64 MB .*\(INPUT_IMAGES_MB\)/) });
+    expect(rt.rt.inputBudget.used).toBe(0);
+    // Alone, each is served.
+    for (const f of files) expect((await predict([inst(f.toString('base64'))])).status).toBe(200);
     expect(rt.rt.inputBudget.used).toBe(0);
   }, 60_000);
 
