@@ -150,6 +150,10 @@ describe('decoding what clients send', () => {
     await expect(decodeImage(bmp(1, 1, 12, Buffer.alloc(4)), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: unsupported BMP pixel depth (12)' });
     const gif = await gif1x1({});
     await expect(decodeImage(gif.subarray(0, 20), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringMatching(/^f could not be decoded as GIF: /) });
+    // Cut inside its image data: Pillow's "image file is truncated", not rows of black.
+    const noisy = await sharp(Buffer.from(Array.from({ length: 64 * 64 * 3 }, (_, i) => (i * 7919) % 251)), { raw: { width: 64, height: 64, channels: 3 } }).gif().toBuffer();
+    await expect(decodeImage(noisy.subarray(0, noisy.length - 40), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringMatching(/^f could not be decoded as GIF: image file is truncated/) });
+    await expect(decodeImage(noisy, 'f')).resolves.toMatchObject({ width: 64, height: 64 });
     await expect(decodeImage(Buffer.from('GIF89a\x01\0\x01\0\0\0\0;'), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as GIF: the file has no image' });
   });
 

@@ -84,6 +84,8 @@ export function gifFirstFrame(b: Uint8Array): GifFirstFrame {
       }
       if (at >= b.length) throw new Error('the file ends before its first image data');
       const { end, closed } = blocks(at + 1);
+      // Pillow's load() raises here (diffusers' load_image does not set LOAD_TRUNCATED_IMAGES); libvips would fill black.
+      if (!closed) throw new Error('image file is truncated: its first image\'s data ends before the file does');
       const colours = table ?? GREY_RAMP;
       const fillIndex = transparent ?? 0;
       // Past the table's end an index is black in Pillow's palette.
@@ -95,7 +97,7 @@ export function gifFirstFrame(b: Uint8Array): GifFirstFrame {
         top,
         frameWidth,
         frameHeight,
-        frame: frameGif(frameWidth, frameHeight, colours, flags & 0x40, b.subarray(at, end), closed),
+        frame: frameGif(frameWidth, frameHeight, colours, flags & 0x40, b.subarray(at, end)),
         fill,
       };
     }
@@ -106,13 +108,13 @@ export function gifFirstFrame(b: Uint8Array): GifFirstFrame {
 
 /**
  * A GIF of one frame at (0, 0) filling its screen, with `colours` as its global table and `lzw` (code size and
- * sub-blocks; `closed`: with their terminator).
+ * sub-blocks with their terminator).
  */
-function frameGif(width: number, height: number, colours: Uint8Array, interlace: number, lzw: Uint8Array, closed: boolean): Uint8Array {
+function frameGif(width: number, height: number, colours: Uint8Array, interlace: number, lzw: Uint8Array): Uint8Array {
   let bits = 1;
   while (3 << bits < colours.length) bits++;
   const size = 3 << bits;
-  const out = new Uint8Array(13 + size + 10 + lzw.length + 2);
+  const out = new Uint8Array(13 + size + 10 + lzw.length + 1);
   const head = [0x47, 0x49, 0x46, 0x38, 0x39, 0x61, width & 255, width >> 8, height & 255, height >> 8, 0xf0 | (bits - 1), 0, 0];
   out.set(head);
   out.set(colours, 13);
@@ -120,8 +122,6 @@ function frameGif(width: number, height: number, colours: Uint8Array, interlace:
   out.set([0x2c, 0, 0, 0, 0, width & 255, width >> 8, height & 255, height >> 8, interlace], at);
   out.set(lzw, (at += 10));
   at += lzw.length;
-  // A file cut short between sub-blocks: they are ended here, so that the frame's GIF is well formed up to where they stop.
-  if (!closed) out[at++] = 0;
   out[at++] = 0x3b;
   return out.subarray(0, at);
 }
