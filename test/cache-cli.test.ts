@@ -163,6 +163,9 @@ describe('warmup cache', () => {
       [['prune', '--older-than', 'week'], '--older-than takes a number with a unit (d, h, m or s), like 7d or 12h; got "week"'],
       [['prune', '--keep-uri', '/mnt/models'], '--keep-uri takes s3://bucket/prefix, got "/mnt/models"'],
       [['prune', '--force'], 'cache prune: unknown argument "--force"'],
+      // Every one named: the first alone was.
+      [['prune', '--force', 'now', '--dry-run'], 'cache prune: unknown arguments "--force", "now"'],
+      [['list', 'a', 'b'], 'cache list takes no arguments, got "a", "b"'],
       [['tidy'], 'unknown cache command "tidy"'],
     ] as const) {
       const r = await cli([...args]);

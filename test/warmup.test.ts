@@ -173,6 +173,11 @@ describe('warm-up CLI', () => {
     await expectModel(JSON.parse(fill.stdout).modelDir);
     const odd = await cli(['push', local, 's3://models/sd/re', '--delete'], pushEnv);
     expect([odd.code, odd.stderr.split('\n')[0]]).toEqual([2, 'warmup: push: unknown option "--delete"']);
+    // Every one named: the first alone was.
+    const odds = await cli(['push', local, 's3://models/sd/re', '--delete', '--force'], pushEnv);
+    expect([odds.code, odds.stderr.split('\n')[0]]).toEqual([2, 'warmup: push: unknown options "--delete", "--force"']);
+    const extra = await cli(['push', local, 's3://models/sd/re', 'sd/v2', 'sd/v3'], pushEnv);
+    expect([extra.code, extra.stderr.split('\n')[0]]).toEqual([2, 'warmup: push takes LOCAL_DIR and s3://bucket/prefix, got also "sd/v2", "sd/v3"']);
   });
 
   it('push to a malformed target: a usage error (exit 2) that names the argument, not STORAGE_URI, and never echoes keys', async () => {

@@ -76,11 +76,11 @@ function warnMisspelled(): void {
 
 async function push(args: string[], signal: AbortSignal): Promise<void> {
   const replace = args.includes('--replace');
-  const unknown = args.find((a) => a.startsWith('--') && a !== '--replace');
-  if (unknown !== undefined) throw new UsageError(`push: unknown option ${JSON.stringify(unknown)}`);
-  const [localDir, uri, extra] = args.filter((a) => !a.startsWith('--'));
+  const unknown = args.filter((a) => a.startsWith('--') && a !== '--replace');
+  if (unknown.length > 0) throw new UsageError(`push: unknown option${unknown.length > 1 ? 's' : ''} ${quoted(unknown)}`);
+  const [localDir, uri, ...extra] = args.filter((a) => !a.startsWith('--'));
   if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
-  if (extra !== undefined) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${JSON.stringify(extra)}`);
+  if (extra.length > 0) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${quoted(extra)}`);
   const cfg = loadConfig();
   warnMisspelled();
   trimCredentials();
@@ -240,7 +240,7 @@ async function cache(args: string[]): Promise<void> {
   warnMisspelled();
   const summary = (entries: readonly CacheEntry[]) => `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, ${mb(entries.reduce((n, e) => n + e.bytes, 0))} MB, ${entries.filter(inUse).length} in use`;
   if (sub === 'list') {
-    if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${JSON.stringify(rest[0])}`);
+    if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${quoted(rest)}`);
     const entries = await listEntries(cfg.cacheDir);
     for (const e of entries) process.stdout.write(`${entryLine(e)}\n`);
     const trash = await emptyTrash(cfg.cacheDir, { dryRun: true });
@@ -253,6 +253,7 @@ async function cache(args: string[]): Promise<void> {
   const keep = new Set<string>();
   let olderThan: number | undefined;
   let dryRun = false;
+  const unknown: string[] = [];
   for (let i = 0; i < rest.length; i++) {
     const a = rest[i]!;
     const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
@@ -269,8 +270,9 @@ async function cache(args: string[]): Promise<void> {
       if (src.kind !== 's3') throw new UsageError(`--keep-uri takes s3://bucket/prefix, got ${JSON.stringify(v)}`);
       keep.add(cacheKey(src, cfg.s3.endpoint));
       keep.add(src.uri);
-    } else throw new UsageError(`cache prune: unknown argument ${JSON.stringify(a)}`);
+    } else unknown.push(a);
   }
+  if (unknown.length > 0) throw new UsageError(`cache prune: unknown argument${unknown.length > 1 ? 's' : ''} ${quoted(unknown)}`);
   const now = Date.now();
   // The adapter sets of servers gone, measured before any entry goes: a set's hard link to an entry's file counts with
   // that entry (removeEntry's bytes), not twice; deleted after the entries.
@@ -346,6 +348,9 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
 }
 
 class UsageError extends Error {}
+
+/** Every argument a usage error names, each quoted: `"a", "b"`. */
+const quoted = (args: readonly string[]) => args.map((a) => JSON.stringify(a)).join(', ');
 
 /** A URI given as an argument: a bad one is a usage error (exit 2) named as that argument, not as STORAGE_URI. */
 function argUri(what: string, v: string): StorageSource {
