@@ -7,12 +7,15 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { MANIFEST } from '../src/storage/cache.js';
+import { emptyHolderTemps } from '../src/storage/entries.js';
+import { PID_NS } from '../src/storage/lock.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, s3Env, type S3Server, startS3, testConfig } from './helpers/s3.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
 const LEASE_JS = path.resolve('dist/src/storage/lease.js');
+const LOCK_JS = path.resolve('dist/src/storage/lock.js');
 let s3: S3Server;
 let tmp: string;
 let cache: string;
@@ -148,6 +151,43 @@ describe('warmup cache', () => {
     } finally {
       server.kill('SIGKILL');
     }
+  });
+
+  it("a lock's or lease's temp left by a process killed while it wrote one: prune deletes those no live process can own, and keeps the rest", async () => {
+    const leases = path.join(cache, '.leases', keyOf(1));
+    // What createHolderFile leaves when its process is killed between writing its temp and linking it: a real SIGKILL.
+    const script = `const fs = await import('node:fs'); const path = await import('node:path'); const { holderInfo } = await import(${JSON.stringify(LOCK_JS)});
+      const me = holderInfo(); const [lock, leases] = process.argv.slice(1);
+      const lease = path.join(leases, me.host + '-' + me.pid + '-' + me.token + '.lease');
+      for (const f of [lock, lease]) { const fd = fs.openSync(f + '.new.' + me.token, 'wx'); fs.writeSync(fd, JSON.stringify(me)); fs.fsyncSync(fd); fs.closeSync(fd); }
+      process.kill(process.pid, 'SIGKILL');`;
+    const killed = spawnSync(process.execPath, ['--input-type=module', '-e', script, path.join(cache, `${keyOf(1)}.lock`), leases], { stdio: 'inherit' });
+    expect(killed.signal).toBe('SIGKILL');
+    const dead = (await fsp.readdir(cache)).filter((n) => n.includes('.lock.new.')).map((n) => path.join(cache, n))
+      .concat((await fsp.readdir(leases)).filter((n) => n.includes('.lease.new.')).map((n) => path.join(leases, n)));
+    expect(dead).toHaveLength(2);
+    // Young ones whose writer may still be at work: one naming a live process, one still empty, a takeover's aside.
+    const live = path.join(cache, `${keyOf(1)}.lock.new.${'1'.repeat(16)}`);
+    await fsp.writeFile(live, JSON.stringify({ pid: holder.pid, host: os.hostname(), ...(PID_NS ? { pidns: PID_NS } : {}), token: '1'.repeat(16), since: new Date().toISOString() }));
+    const empty = path.join(leases, `h-1-${'2'.repeat(16)}.lease.new.${'2'.repeat(16)}`);
+    await fsp.writeFile(empty, '');
+    const aside = path.join(cache, `${keyOf(1)}.lock.stale.${'3'.repeat(16)}`);
+    await fsp.writeFile(aside, JSON.stringify({ pid: 2 ** 22 + 12345, host: os.hostname(), token: 'old', since: '' }));
+    const leased = (await fsp.readdir(leases)).filter((n) => n.endsWith('.lease'));
+
+    await cli(['prune', '--dry-run']);
+    for (const f of dead) expect(existsSync(f), f).toBe(true);
+    const r = await cli(['prune']);
+    expect(r.code, r.stderr).toBe(0);
+    // Before: every one stayed, whatever its age; nothing else removed them.
+    expect(dead.filter((f) => existsSync(f))).toEqual([]);
+    expect([live, empty, aside].filter((f) => !existsSync(f))).toEqual([]);
+    expect((await fsp.readdir(leases)).filter((n) => n.endsWith('.lease'))).toEqual(leased);
+    // Once older than the rule of the files beside them (30 s for a lock, 3 minutes for a lease; 200 ms here), the rest go.
+    await new Promise((res) => setTimeout(res, 300));
+    expect(await emptyHolderTemps(cache, { lockStaleMs: 200, leaseStaleMs: 200 })).toBe(3);
+    expect((await fsp.readdir(leases)).filter((n) => n.endsWith('.lease'))).toEqual(leased);
+    expect((await cli(['list'])).out.map((e) => [e.entry, e.inUse])).toEqual([[keyOf(1), true]]);
   });
 
   it('--help anywhere (and `help`): the usage on stdout, exit 0, nothing touched; it was "unknown argument" and exit 2 after a command', () => {

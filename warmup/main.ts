@@ -20,7 +20,7 @@ import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/m
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
-import { emptyAdapterSets, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
@@ -310,6 +310,9 @@ async function cache(args: string[]): Promise<void> {
   if (!dryRun) await emptyAdapterSets(cfg.cacheDir);
   // Lease folders of entries that are not there (a few bytes each, one per STORAGE_URI ever tried): never listed as entries.
   if (!dryRun) await emptyOrphanLeases(cfg.cacheDir);
+  // And the temps of lock and lease files whose writer was killed in the moment it held one: a few bytes each, never
+  // removed otherwise.
+  if (!dryRun) await emptyHolderTemps(cfg.cacheDir);
   const of = [trash > 0 ? `${mb(trash)} MB of it left by an interrupted removal` : '', sets > 0 ? `${mb(sets)} MB of it LoRA adapter sets of servers gone` : ''].filter(Boolean);
   process.stderr.write(`cache: ${dryRun ? 'would remove' : 'removed'} ${removed} of ${entries.length} entries, ${mb(freed + trash + sets)} MB${of.length > 0 ? ` (${of.join(', ')})` : ''}${dryRun ? ' (dry run)' : ''}\n`);
 }

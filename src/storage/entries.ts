@@ -13,7 +13,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
-import { acquireLock, inspectHolder } from './lock.js';
+import { acquireLock, inspectHolder, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -218,6 +218,19 @@ export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}):
     } finally {
       await lock.release();
     }
+  }
+  return n;
+}
+
+/**
+ * Deletes the temps of lock and lease files that a process killed while writing one left (lock.ts sweepHolderTemps):
+ * beside the entries' locks, in every entry's lease folder and in the adapter sets' lease folders, each by the rule of
+ * the files beside it (30 s for a lock, LEASE_STALE_MS for a lease). Resolves to how many went.
+ */
+export async function emptyHolderTemps(cacheDir: string, o: EntryOptions = {}): Promise<number> {
+  let n = await sweepHolderTemps(cacheDir, o.lockStaleMs ?? 30_000);
+  for (const leases of [path.join(cacheDir, LEASES), path.join(cacheDir, LORA_SETS, LEASES)]) {
+    for (const name of await fsp.readdir(leases).catch(() => [] as string[])) n += await sweepHolderTemps(path.join(leases, name), o.leaseStaleMs ?? LEASE_STALE_MS);
   }
   return n;
 }

@@ -120,6 +120,33 @@ export async function inspectHolder(file: string, o: { staleMs?: number; unreada
   return { holder: holderOf(info), mtimeMs: st.mtimeMs, live };
 }
 
+/** The names createHolderFile (`.new.`) and a takeover (`.stale.`, acquireLock) give a holder file's temps: `<file>.new.<token>`. */
+const HOLDER_TEMP = /\.(new|stale)\.[0-9a-f]{16}$/;
+
+/**
+ * Deletes the temps beside the holder files in `dir` that no live process can own, and resolves to how many went. A
+ * process holds one for the milliseconds between its creation and its unlink; one killed then (SIGKILL, the OOM
+ * killer, a lost node) leaves it for good. The rule of the holder files beside them (isStale, with their `staleMs`), on
+ * the later of mtime and ctime (a rename or link touches ctime, which no utimes can set back): a `.new.` temp names its
+ * creator, so it goes once that pid is dead here, or once untouched for staleMs whatever it holds (empty: its creator
+ * died before writing it); a `.stale.` one names the holder a takeover moved aside, not the process moving it, so it
+ * goes on age alone. Deleting a temp its writer still uses would fail that writer's link.
+ */
+export async function sweepHolderTemps(dir: string, staleMs: number): Promise<number> {
+  let n = 0;
+  for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
+    const kind = HOLDER_TEMP.exec(name)?.[1];
+    if (kind === undefined) continue;
+    const file = path.join(dir, name);
+    const st = await fsp.lstat(file).catch(() => undefined);
+    if (!st?.isFile()) continue;
+    const ageMs = Date.now() - Math.max(st.mtimeMs, st.ctimeMs);
+    const gone = kind === 'stale' ? ageMs > staleMs : isStale(await readInfo(file), ageMs, { staleMs, unreadableStaleMs: staleMs });
+    if (gone && (await fsp.unlink(file).then(() => true, () => false))) n++;
+  }
+  return n;
+}
+
 /** Creates `file` holding `me`, or fails with EEXIST. */
 export async function createHolderFile(file: string, me: LockInfo): Promise<void> {
   const tmp = `${file}.new.${me.token}`;
