@@ -7,6 +7,11 @@
 /** Errors a request is answered with, and their HTTP status (docs/OPERATIONS.md "Error codes" lists each). */
 export const HTTP_STATUS = {
   INVALID_INPUT: 400,
+  /**
+   * An s3:// input image or a LORA_URI adapter is encrypted with a customer-provided key (SSE-C), which this runtime
+   * does not read: every request for it fails alike until the object is stored otherwise. Also how a fill ends on one.
+   */
+  STORAGE_SSE_C: 400,
   /** A WebSocket handshake from a browser page of an origin neither this server's host nor CORS_ALLOW_ORIGINS lists. */
   ORIGIN_NOT_ALLOWED: 403,
   MODEL_NOT_FOUND: 404,
@@ -69,6 +74,8 @@ export const OUTCOMES = [
   'STORAGE_INCOMPLETE',
   /** A file's content differed from its ETag's MD5 in two downloads, or files kept arriving damaged (S3_VERIFY_CONTENT). */
   'STORAGE_CORRUPT',
+  /** An object is encrypted with a customer-provided key (SSE-C), which this runtime does not read (a request's code too: HTTP_STATUS). */
+  'STORAGE_SSE_C',
   /** The store answers in a way no retry changes and the cache cannot use (a listing that cannot be paged, a Range ignored). */
   'STORAGE_UNSUPPORTED',
   /** The cache volume refused a read or write (permissions, I/O error, read-only); never a local path in the message. */

@@ -147,6 +147,19 @@ describe('INPUT_URI_PREFIXES', () => {
     }
   });
 
+  it('an input stored with a customer-provided key (SSE-C): a 400 STORAGE_SSE_C naming the field, the object and what to do', async () => {
+    proxy.faults = { customerKey: /^team-a\/pic\.png$/ };
+    try {
+      const r = await predict(open, { image: 's3://inputs/team-a/pic.png' });
+      // Before: 502 UPSTREAM "instances[0].image: reading s3://inputs/team-a/pic.png failed (InvalidRequest); retry later".
+      expect([r.status, r.json.code, r.json.error]).toEqual([400, 'STORAGE_SSE_C', 'instances[0].image: s3://inputs/team-a/pic.png is encrypted with a customer-provided key '
+        + '(SSE-C; S3 answered InvalidRequest); this runtime does not read SSE-C objects (it is given no customer key); store it with SSE-S3 or SSE-KMS instead, '
+        + 'e.g. aws s3 cp s3://inputs/team-a/pic.png s3://inputs/team-a/pic.png --sse-c-copy-source AES256 --sse-c-copy-source-key fileb://<key file> --sse aws:kms']);
+    } finally {
+      proxy.faults = {};
+    }
+  });
+
   it('logs at boot an allowed prefix that lies under what the server loads, where nothing is ever read', () => {
     expect(open.logs.filter((l) => l.level === 'warn').map((l) => l.msg)).toContain('INPUT_URI_PREFIXES entry s3://models/sd/in lies under the model (STORAGE_URI): no input image is read from there');
   });

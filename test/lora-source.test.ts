@@ -5,6 +5,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { httpStatus } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import { removeEntry } from '../src/storage/entries.js';
@@ -85,6 +86,22 @@ describe('adapter source', () => {
       expect([failed.code, failed.message]).toEqual(['UPSTREAM', 'adapter "from-s3" could not be fetched from LORA_URI: cannot list s3://loras/adapters/from-s3/: InvalidArgument']);
       // A failed lookup is forgotten: once S3 answers, the adapter is there.
       expect(readFileSync((await src.resolve([{ name: 'from-s3', scale: 1 }]))[0]!.file)).toEqual(bytes);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('an adapter stored with a customer-provided key (SSE-C): STORAGE_SSE_C naming the adapter, the object and what to do, not a 502 to retry', async () => {
+    const proxy = await startFaultProxy(s3.port, { customerKey: /^adapters\/from-s3\// });
+    try {
+      const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp.dir, 'cache8'), { LORA_URI: 's3://loras/adapters' }), createLogger('silent'));
+      src.setModelDir(model);
+      const err = await rejection(src.resolve([{ name: 'from-s3', scale: 1 }]));
+      const uri = 's3://loras/adapters/from-s3/pytorch_lora_weights.safetensors';
+      // Before: UPSTREAM (502) "… could not be fetched from LORA_URI: cannot read …: InvalidRequest".
+      expect([err.code, httpStatus(err.code), err.message]).toEqual(['STORAGE_SSE_C', 400, `adapter "from-s3" on LORA_URI cannot be read: cannot read ${uri}: the object is `
+        + 'encrypted with a customer-provided key (SSE-C; S3 answered InvalidRequest); this runtime does not read SSE-C objects (it is given no customer key); '
+        + `store it with SSE-S3 or SSE-KMS instead, e.g. aws s3 cp ${uri} ${uri} --sse-c-copy-source AES256 --sse-c-copy-source-key fileb://<key file> --sse aws:kms`]);
     } finally {
       await proxy.close();
     }

@@ -303,6 +303,25 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
       + 'check the credentials and the bucket policy, and for an object encrypted with SSE-KMS kms:Decrypt on its key']);
   });
 
+  it('SSE-C: an object stored with a customer-provided key fails the fill STORAGE_SSE_C, naming it and what to do; nothing is committed', async () => {
+    const prefix = `sse-c-${client}/`;
+    await seed(prefix, { 'a.bin': detBytes(200_000, 52), 'model_index.json': Buffer.from('{}') });
+    proxy.faults = { customerKey: new RegExp(`^${prefix}a\\.bin$`) };
+    const [sdkGets, refused] = [proxy.stats.sdkGets, proxy.stats.refusals.InvalidRequest ?? 0];
+    const cache = await newCache();
+    const err = await rejection(resolveModel(`s3://models/${prefix}`, { cfg: cfgFor(cache), log }));
+    // Before: STORAGE_MISSING "cannot read s3://…/a.bin: InvalidRequest", as if the object were not there.
+    expect([err.code, err.message]).toEqual(['STORAGE_SSE_C', `cannot read s3://models/${prefix}a.bin: the object is encrypted with a customer-provided key (SSE-C; `
+      + 'S3 answered InvalidRequest); this runtime does not read SSE-C objects (it is given no customer key); store it with SSE-S3 or SSE-KMS instead, '
+      + `e.g. aws s3 cp s3://models/${prefix}a.bin s3://models/${prefix}a.bin --sse-c-copy-source AES256 --sse-c-copy-source-key fileb://<key file> --sse aws:kms`]);
+    // Never retried (one GET per range at most: 4 of 64 KiB), and not taken for the SDK-free transport's own doing: no
+    // second fetch through the SDK.
+    expect((proxy.stats.refusals.InvalidRequest ?? 0) - refused).toBeLessThanOrEqual(4);
+    if (client === 'lite') expect(proxy.stats.sdkGets - sdkGets).toBe(0);
+    const [entry] = (await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'));
+    expect(existsSync(path.join(cache, entry!, '.complete.json'))).toBe(false);
+  });
+
   it('retries a LIST that S3 answers 503 or 500, after a backoff; one that keeps failing gives up after S3_MAX_ATTEMPTS tries', async () => {
     await seed('listed/', { 'a.bin': detBytes(5_000, 41) });
     proxy.faults = { failLists: { count: 2, status: 503, code: 'SlowDown' } };

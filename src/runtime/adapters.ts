@@ -176,6 +176,10 @@ export class AdapterSource {
       // A key in the adapter's folder that the cache cannot store as a file (a name over the filesystem's limit, a name
       // the cache reserves): nothing failed upstream, and every request for it would fail alike, as for a folder
       // holding several .safetensors files. The message names the key and the limit.
+      // An adapter encrypted with a customer-provided key: every request for it fails alike until it is stored otherwise.
+      if (isRuntimeError(err) && err.code === 'STORAGE_SSE_C') {
+        throw new RuntimeError(err.code, `adapter "${name}" on LORA_URI cannot be read: ${err.message}`, { cause: err });
+      }
       if (isRuntimeError(err) && (err.code === 'STORAGE_KEY_TOO_LONG' || err.code === 'INVALID_INPUT')) {
         throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI cannot be cached: ${err.message}`, { cause: err });
       }

@@ -8,7 +8,7 @@ import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
+import { bucketRegion, classify, customerKeyAdvice, customerKeyRequired, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
 import { inputRefusal } from './input-uris.js';
 
@@ -85,6 +85,10 @@ function readError(err: unknown, field: string, where: string, bucket: string, n
   const short = shortage(err);
   if (short) return shortageError(`${field}: reading ${where} failed`, short, REQUEST_ADVICE, err);
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
+  // A 400 for a key the request lacks: it was answered as a store that cannot serve the object now (502, retry later).
+  if (customerKeyRequired(err)) {
+    return new RuntimeError('STORAGE_SSE_C', `${field}: ${where} is encrypted with a customer-provided key (SSE-C; S3 answered ${s3code}); ${customerKeyAdvice(where)}`, { cause: err });
+  }
   const region = kind === 'fatal' ? bucketRegion(err) : undefined;
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `${field}: bucket "${bucket}" is in region ${region}, and this server reads S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });
   switch (kind) {

@@ -133,6 +133,31 @@ export function kmsCode(err: unknown): string | undefined {
   return [e.name, e.code, e.Code].find((c): c is string => typeof c === 'string' && c.startsWith('KMS.'));
 }
 
+/**
+ * What S3 (and MinIO) say, in the message of a 400 InvalidRequest, to a GET of an object stored with a customer-provided
+ * key (SSE-C) that gave none: "The object was stored using a form of Server Side Encryption. The correct parameters must
+ * be provided to retrieve the object." Ceph answers 400 InvalidArgument, "Requests specifying Server Side Encryption with
+ * Customer provided keys must provide an appropriate secret key." Only the message tells them from other 400s of those
+ * codes; a read sends no encryption header of its own that they could be about.
+ */
+export const CUSTOMER_KEY_MESSAGE = /server[- ]side encryption/i;
+
+/**
+ * Whether S3 refused a read because the object is encrypted with a customer-provided key (SSE-C), which this runtime
+ * never holds. The SDK-free reader says so itself (`customerKey`: it keeps no message). A HEAD's refusal has no body, a
+ * bare 400: not told apart, but a GET of the object comes first.
+ */
+export function customerKeyRequired(err: unknown): boolean {
+  const e = (err ?? {}) as SdkLikeError & { message?: unknown; customerKey?: unknown };
+  if (e.customerKey === true) return true;
+  const code = e.name === 'InvalidRequest' || e.name === 'InvalidArgument' ? e.name : e.Code;
+  return errorStatus(err) === 400 && (code === 'InvalidRequest' || code === 'InvalidArgument') && typeof e.message === 'string' && CUSTOMER_KEY_MESSAGE.test(e.message);
+}
+
+/** What to do about an SSE-C object at `uri` (`s3://bucket/key`): the end of the message of every STORAGE_SSE_C. */
+export const customerKeyAdvice = (uri: string): string => 'this runtime does not read SSE-C objects (it is given no customer key); store it with SSE-S3 or '
+  + `SSE-KMS instead, e.g. aws s3 cp ${uri} ${uri} --sse-c-copy-source AES256 --sse-c-copy-source-key fileb://<key file> --sse aws:kms`;
+
 /** The S3 error's code (NoSuchKey, AccessDenied, …), else the HTTP status: what error messages name, never credentials. */
 export function s3Code(err: unknown): string {
   const e = (err ?? {}) as { name?: string; code?: string };
@@ -146,6 +171,11 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
   // Already says what is wrong and what to do (s3-compat.ts): kept as it is.
   if (err instanceof RuntimeError && kind === 'fatal') return err;
+  // A 400 for a key the request lacks, not a missing object: it was read as STORAGE_MISSING "… InvalidRequest".
+  if (key !== undefined && customerKeyRequired(err)) {
+    return new RuntimeError('STORAGE_SSE_C', `cannot ${action} s3://${bucket}/${key}: the object is encrypted with a customer-provided key (SSE-C; S3 answered `
+      + `${s3Code(err)}); ${customerKeyAdvice(`s3://${bucket}/${key}`)}`, { cause: err });
+  }
   const s3code = err instanceof RuntimeError ? err.code : s3Code(err);
   const region = bucketRegion(err);
   if (region !== undefined && kind === 'fatal') {

@@ -21,6 +21,7 @@ import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
 import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
 import { boundRequest } from './upload-stall.js';
+import { CUSTOMER_KEY_MESSAGE } from './s3-errors.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
@@ -195,14 +196,18 @@ const SDK_MIGHT_DIFFER = new Set(['SignatureDoesNotMatch', 'AuthorizationHeaderM
 export class LiteHttpError extends Error {
   readonly $metadata: { httpStatusCode: number };
   readonly sdkMightDiffer: boolean;
-  constructor(status: number, code: string | undefined, readonly what: 'listing' | 'read' = 'listing') {
+  /**
+   * `customerKey`: a read refused because the object is encrypted with a customer-provided key (SSE-C; s3-errors.ts
+   * customerKeyRequired), which the SDK would meet as well.
+   */
+  constructor(status: number, code: string | undefined, readonly what: 'listing' | 'read' = 'listing', readonly customerKey = false) {
     // The code comes from the server: only a short identifier goes into messages and logs.
     const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
     super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
     this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
     // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException) is the store's, whoever signed the request.
-    this.sdkMightDiffer = status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.')) || SDK_MIGHT_DIFFER.has(this.name);
+    this.sdkMightDiffer = !customerKey && (status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.')) || SDK_MIGHT_DIFFER.has(this.name));
   }
 }
 
@@ -366,7 +371,13 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
         bytes += c.length;
         if (bytes <= MAX_ERROR_BYTES) chunks.push(c);
       });
-      res.on('end', () => reject(new LiteHttpError(status, tag(Buffer.concat(chunks).toString('utf8'), 'Code'), 'read')));
+      res.on('end', () => {
+        const body = Buffer.concat(chunks).toString('utf8');
+        const code = tag(body, 'Code');
+        // The message is read for one thing only, and goes nowhere.
+        const customerKey = status === 400 && (code === 'InvalidRequest' || code === 'InvalidArgument') && CUSTOMER_KEY_MESSAGE.test(tag(body, 'Message') ?? '');
+        reject(new LiteHttpError(status, code, 'read', customerKey));
+      });
       res.on('error', reject);
     });
     req.on('error', reject);

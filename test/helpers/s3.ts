@@ -84,6 +84,11 @@ export interface Faults {
   stalls?: number;
   /** Answer every request 403 AccessDenied. */
   deny?: boolean;
+  /**
+   * Objects whose key matches, stored with a customer-provided key (SSE-C), as S3 answers a read that gives none: a GET
+   * 400 InvalidRequest with S3's message, a HEAD a bare 400 (s3rver has no SSE-C). Counted in stats.refusals.
+   */
+  customerKey?: RegExp;
   /** Rewrites ListObjectsV2 response bodies (e.g. to inject hostile keys). */
   rewriteList?: (xml: string) => string;
   /** Slow every GET body to about this many bytes per second per connection. */
@@ -258,6 +263,16 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     const isGet = req.method === 'GET' && !isList;
     // `/<bucket>/<key>` → key, as `faults.objects` names it.
     const objectKey = decodeURIComponent((req.url ?? '').split('?')[0]!).split('/').slice(2).join('/');
+    if (f.customerKey && (isGet || req.method === 'HEAD') && f.customerKey.test(objectKey)) {
+      req.resume();
+      if (isGet) stats.gets++;
+      stats.refusals.InvalidRequest = (stats.refusals.InvalidRequest ?? 0) + 1;
+      if (req.method === 'HEAD') return void res.writeHead(400).end();
+      res.writeHead(400, { 'content-type': 'application/xml' }).end('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidRequest</Code>'
+        + '<Message>The object was stored using a form of Server Side Encryption. The correct parameters must be provided to retrieve the object.</Message>'
+        + '<RequestId>1</RequestId><HostId>h</HostId></Error>');
+      return;
+    }
     const sim = f.objects?.[objectKey];
     const partNumber = Number(/[?&]partNumber=(\d+)/.exec(req.url ?? '')?.[1] ?? 0);
     if (req.method === 'HEAD' && partNumber > 0 && sim?.partSizes !== undefined) {
