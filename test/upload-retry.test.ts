@@ -11,9 +11,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { CreateMultipartUploadCommand, GetObjectCommand } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { EncodedImage } from '../src/runtime/engine.js';
+import { createLogger } from '../src/log.js';
 import { createImageSource } from '../src/runtime/image-source.js';
 import { createOutputStore } from '../src/runtime/output.js';
 import { trackUploads } from '../src/storage/multipart.js';
@@ -138,6 +139,41 @@ describe('push', () => {
     expect(failed.stderr).toContain(`warmup: STORAGE_INCOMPLETE: s3://models/${other}a.bin: CompleteMultipartUpload was retried after an answer was lost, and S3 no longer knows the upload (NoSuchUpload) nor holds an object of its parts; upload it again`);
   }, 60_000);
 
+  it('a CreateMultipartUpload carried out whose answer is lost (a reset): the push succeeds, and the upload that create made is aborted', async () => {
+    const prefix = 'sd/lost-create/';
+    proxy.faults = { abortUploads: true, listUploads: true, loseCreates: { keys: new RegExp(`^${prefix}a\\.bin$`), count: 1 } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(0);
+    expect(proxy.faults.loseCreates!.count).toBe(0);
+    // The store made two uploads of a.bin: the lost answer's, and its retry's.
+    expect(Object.values(proxy.stats.multipart.created).filter((k) => k === `${prefix}a.bin`)).toHaveLength(2);
+    for (const [f, b] of Object.entries(FILES)) expect((await object(prefix + f)).equals(b), f).toBe(true);
+    // Before: the first stayed, listed by ListMultipartUploads until a lifecycle rule removed it.
+    expect(left(prefix)).toEqual([]);
+    expect(r.stderr).toContain('push: aborted 1 multipart upload(s) of a.bin that CreateMultipartUploads left unanswered made\n');
+  }, 60_000);
+
+  it('every CreateMultipartUpload of a file carried out and its answer lost: the push fails, and none of the uploads they made is left', async () => {
+    const prefix = 'sd/lost-creates/';
+    proxy.faults = { abortUploads: true, listUploads: true, loseCreates: { keys: new RegExp(`^${prefix}a\\.bin$`), count: UPLOAD_ATTEMPTS } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(1);
+    expect(Object.values(proxy.stats.multipart.created).filter((k) => k === `${prefix}a.bin`)).toHaveLength(UPLOAD_ATTEMPTS);
+    expect(left(prefix)).toEqual([]);
+    expect(r.stderr).toContain(`push: aborted ${UPLOAD_ATTEMPTS} multipart upload(s) of a.bin that CreateMultipartUploads left unanswered made\n`);
+  }, 60_000);
+
+  it('a store that does not list multipart uploads (s3rver: 501 NotImplemented): the push succeeds and says which upload may be left, and how to remove it', async () => {
+    const prefix = 'sd/lost-create-unlisted/';
+    proxy.faults = { abortUploads: true, loseCreates: { keys: new RegExp(`^${prefix}a\\.bin$`), count: 1 } };
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toContain('push: a CreateMultipartUpload of a.bin was left unanswered, and the multipart upload it may have made could not be looked for or '
+      + 'aborted (NotImplemented); it holds no part, but ListMultipartUploads shows it until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) '
+      + 'or a lifecycle rule (AbortIncompleteMultipartUpload) removes it\n');
+    expect(left(prefix)).toHaveLength(1);
+  }, 60_000);
+
   it('a Complete taken as done after its answer was lost is no longer counted unfinished, so a push stopped later does not name it as aborted', async () => {
     const key = 'sd/lost-tracked/a.bin';
     const parts = [FILES['a.bin']!.subarray(0, 5 * MiB), FILES['a.bin']!.subarray(5 * MiB, 10 * MiB), FILES['a.bin']!.subarray(10 * MiB)];
@@ -250,6 +286,33 @@ describe('output_uri', () => {
       expect(proxy.stats.puts - cancelled).toBeLessThanOrEqual(3);
     } finally {
       requestS3.destroy();
+    }
+  });
+
+  it("an 11 MiB image whose CreateMultipartUpload is carried out but its answer lost: stored, that create's upload aborted; others' of the key and beside it kept", async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const log = createLogger('info', 'test', { write: (l: string) => void lines.push(JSON.parse(l) as Record<string, unknown>) });
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3, 8, log);
+    // Another client's uploads: one of the same key made seconds before this request (S3 gives Initiated in whole
+    // seconds), one of a key beside it made just before.
+    const other = createS3(testConfig(proxy.endpoint, tmp).s3);
+    try {
+      proxy.faults = { abortUploads: true, listUploads: true };
+      const before = (await other.client.send(new CreateMultipartUploadCommand({ Bucket: 'models', Key: 'out/lost.png' }))).UploadId!;
+      await sleep(3_000);
+      const beside = (await other.client.send(new CreateMultipartUploadCommand({ Bucket: 'models', Key: 'out/lost.png.1' }))).UploadId!;
+      proxy.faults = { abortUploads: true, listUploads: true, loseCreates: { keys: /^out\/lost\.png$/, count: 1 } };
+      const image = png(8, 11 * MiB);
+      expect(await createOutputStore(requestS3, log).upload('s3://models/out/lost.png', [image])).toEqual(['s3://models/out/lost.png']);
+      expect(proxy.faults.loseCreates!.count).toBe(0);
+      expect((await object('out/lost.png')).equals(Buffer.from(image.data))).toBe(true);
+      // Before: three, the lost answer's upload among them.
+      expect(Object.keys(unfinishedUploads(proxy)).filter((id) => proxy.stats.multipart.created[id]!.startsWith('out/lost')).sort()).toEqual([before, beside].sort());
+      expect(lines.filter((l) => String(l.msg).startsWith('output_uri:')).map((l) => [l.level, l.msg, l.uri, l.uploads]))
+        .toEqual([['info', 'output_uri: aborted the multipart upload that a CreateMultipartUpload left unanswered made', 's3://models/out/lost.png', 1]]);
+    } finally {
+      requestS3.destroy();
+      other.destroy();
     }
   });
 

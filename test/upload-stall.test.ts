@@ -103,6 +103,19 @@ describe('push', () => {
     await expectPushed(prefix);
   }, 60_000);
 
+  it('a CreateMultipartUpload the store carried out, whose answer never comes: the retry creates another, and the first is aborted once the push goes on', async () => {
+    const prefix = 'sd/create-kept/';
+    proxy.faults = { abortUploads: true, listUploads: true, stallUploads: { commands: ['CreateMultipartUpload'], keys: new RegExp(`^${prefix}a\\.bin$`), count: 1, forward: true } };
+    const cut = unanswered('CreateMultipartUpload');
+    const r = await push(prefix);
+    expect(r.code, r.stderr).toBe(0);
+    expect(unanswered('CreateMultipartUpload') - cut).toBe(1);
+    expect(Object.values(proxy.stats.multipart.created).filter((k) => k === `${prefix}a.bin`)).toHaveLength(2);
+    // Before: the first upload stayed, with no part, listed until a lifecycle rule removed it.
+    await expectPushed(prefix);
+    expect(r.stderr).toContain('push: aborted 1 multipart upload(s) of a.bin that CreateMultipartUploads left unanswered made\n');
+  }, 60_000);
+
   it('a store that never answers a part: fails after the bounded attempts, naming the request and the bound, and leaves no upload', async () => {
     const prefix = 'sd/never/';
     proxy.faults = { abortUploads: true, stallUploads: { commands: ['UploadPart'], keys: new RegExp(`^${prefix}a\\.bin$`), count: 1000 } };

@@ -102,7 +102,15 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
   const [{ Upload }, { createS3, listPrefix }, { DeleteObjectCommand, DeleteObjectsCommand }] = await Promise.all([
     import('@aws-sdk/lib-storage'), import('../src/storage/s3-sdk.js'), import('@aws-sdk/client-s3')]);
-  const s3 = createS3(cfg.s3);
+  const s3 = createS3(cfg.s3, undefined, (o) => {
+    const rel = o.key.slice(src.prefix.length);
+    if (o.aborted.length > 0) process.stderr.write(`push: aborted ${o.aborted.length} multipart upload(s) of ${rel} that CreateMultipartUploads left unanswered made\n`);
+    if (o.failed !== undefined) {
+      process.stderr.write(`push: a CreateMultipartUpload of ${rel} was left unanswered, and the multipart upload it may have made could not be looked for or aborted `
+        + `(${o.failed}); it holds no part, but ListMultipartUploads shows it until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a `
+        + 'lifecycle rule (AbortIncompleteMultipartUpload) removes it\n');
+    }
+  });
   // The push's own requests (its LIST, its deletes) are cut as its uploads' are, after S3_STALL_TIMEOUT_S of silence,
   // and tried again: a store that read one and never answered held the push for good.
   const stallMs = cfg.s3.stallTimeoutS * 1000;

@@ -73,7 +73,7 @@ export class Runtime {
     readonly log: Logger,
     opts: RuntimeOptions = {},
   ) {
-    this.#requestS3 = createRequestS3(cfg.s3);
+    this.#requestS3 = createRequestS3(cfg.s3, undefined, log);
     // Every open WebSocket listens for the shutdown (and removes its listener on close): not a leak.
     setMaxListeners(0, this.#shutdown.signal);
     this.startedAt = opts.startedAt ?? performance.now();

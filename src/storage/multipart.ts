@@ -5,7 +5,7 @@
  */
 import type { S3Client } from '@aws-sdk/client-s3';
 import { deadline } from '../deadline.js';
-import { retryTransient } from './s3-errors.js';
+import { retryTransient, s3Code } from './s3-errors.js';
 import { noteMultipart } from './upload-signal.js';
 
 export interface UploadTracker {
@@ -80,6 +80,89 @@ export async function abortUploads(client: S3Client, bucket: string, uploads: re
         one.clear();
       }
     }, 8, total.signal)));
+  } finally {
+    total.clear();
+  }
+}
+
+/** A key whose CreateMultipartUpload went unanswered: when (performance.now()) the first such attempt began and the last ended. */
+export interface LostCreates {
+  readonly bucket: string;
+  readonly key: string;
+  readonly from: number;
+  readonly to: number;
+}
+
+export interface LostCreatesOutcome {
+  readonly bucket: string;
+  readonly key: string;
+  /** Uploads of the key that those creates made, aborted (none: the store had carried none of them out). */
+  readonly aborted: readonly string[];
+  /** The S3 code of a listing or an abort that failed (NotImplemented, AccessDenied, …): an upload may be left. */
+  readonly failed?: string;
+}
+
+/**
+ * Aborts what CreateMultipartUploads of `lost.key` carried out but never answered (a reset, a cut after
+ * S3_STALL_TIMEOUT_S) left: an upload whose UploadId nobody learnt, so nothing sends it a part, completes or aborts it,
+ * yet ListMultipartUploads lists it until a lifecycle rule removes it. S3 has no token that makes a create idempotent,
+ * so they are looked for: ListMultipartUploads of the key (as prefix; its own uploads sort first), those of exactly the
+ * key that this client did not create (`mine`, or a create of the key in flight when the listing came, which
+ * `settle` waits for), initiated between the first lost attempt's start and the last one's end. S3's clock is read
+ * from the listing answer's Date, as the SDK-free reader learns it (s3-lite.ts); Initiated is in whole seconds. An
+ * upload another client made of the same key within those seconds would be aborted too: two writers of one key at
+ * the same moment, one of whose objects S3 would have replaced anyway. Each request is cut after `attemptMs` and
+ * retried if transient, all within `totalMs`.
+ */
+export async function abortLostCreates(client: S3Client, lost: LostCreates, mine: ReadonlyMap<string, string>, settle: () => Promise<unknown>,
+  totalMs = 10_000, attemptMs = 5_000): Promise<LostCreatesOutcome> {
+  const { ListMultipartUploadsCommand } = await import('@aws-sdk/client-s3');
+  const { bucket, key } = lost;
+  const start = performance.now();
+  const total = deadline(undefined, totalMs);
+  try {
+    let listed;
+    try {
+      listed = await retryTransient(async () => {
+        const one = deadline(total.signal, attemptMs);
+        const command = new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: key, MaxUploads: 1000 });
+        let date: string | undefined;
+        command.middlewareStack.add((next) => async (args) => {
+          const out = await next(args);
+          date = (out.response as { headers?: Record<string, string> } | undefined)?.headers?.date;
+          return out;
+        }, { step: 'deserialize', name: 'listingDate' });
+        const sentAt = performance.now();
+        try {
+          const page = await client.send(command, { abortSignal: one.signal });
+          return { page, date, sentAt, receivedAt: performance.now() };
+        } catch (e) {
+          if (one.timedOut) throw one.signal.reason;
+          throw e;
+        } finally {
+          one.clear();
+        }
+      }, 3, total.signal);
+    } catch (e) {
+      return { bucket, key, aborted: [], failed: s3Code(e) };
+    }
+    const known = new Set(mine.keys());
+    await settle();
+    for (const id of mine.keys()) known.add(id);
+    const { page, date, sentAt, receivedAt } = listed;
+    // S3 stamped the answer's Date (whole seconds) between our send and its receipt; without one, our own clock.
+    const d = Date.parse(date ?? '');
+    const [stamp, earliest, latest] = Number.isNaN(d) ? [Date.now(), performance.now(), performance.now()] : [d, receivedAt, sentAt];
+    const from = Math.floor((stamp - (earliest - lost.from)) / 1000) * 1000;
+    const to = stamp + 1000 - (latest - lost.to);
+    const theirs = (page.Uploads ?? []).filter((u) => {
+      const at = u.Initiated?.getTime();
+      return u.Key === key && u.UploadId !== undefined && !known.has(u.UploadId) && at !== undefined && at >= from && at <= to;
+    }).map((u) => u.UploadId!);
+    if (theirs.length === 0) return { bucket, key, aborted: [] };
+    const got = await abortUploads(client, bucket, theirs.map((id) => [id, key] as const), Math.max(1, totalMs - (performance.now() - start)), attemptMs);
+    const refused = got.find((g): g is PromiseRejectedResult => g.status === 'rejected');
+    return { bucket, key, aborted: theirs.filter((_, i) => got[i]!.status === 'fulfilled'), ...(refused ? { failed: s3Code(refused.reason) } : {}) };
   } finally {
     total.clear();
   }

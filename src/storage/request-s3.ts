@@ -4,6 +4,8 @@
  * as the model download.
  */
 import type { S3Settings } from '../config.js';
+import type { Logger } from '../log.js';
+import type { LostCreatesOutcome } from './multipart.js';
 import type { S3Handle } from './s3-sdk.js';
 import { RuntimeError } from '../errors.js';
 import { loadSdk } from './choose-transport.js';
@@ -23,12 +25,25 @@ export interface RequestS3 {
   addressing(bucket: string, field: string): string;
 }
 
-export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8): RequestS3 {
+/**
+ * `log` hears of the multipart uploads that an output_uri upload's CreateMultipartUpload, carried out but left
+ * unanswered, made: aborted, or left.
+ */
+export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?: Logger): RequestS3 {
   let handle: S3Handle | undefined;
+  const onLostCreates = (o: LostCreatesOutcome) => {
+    const uri = `s3://${o.bucket}/${o.key}`;
+    if (o.aborted.length > 0) log?.info({ uri, uploads: o.aborted.length }, 'output_uri: aborted the multipart upload that a CreateMultipartUpload left unanswered made');
+    if (o.failed !== undefined) {
+      log?.warn({ uri, reason: o.failed }, 'output_uri: a CreateMultipartUpload was left unanswered, and the multipart upload it may have made could not be looked for '
+        + 'or aborted; it holds no part, but ListMultipartUploads shows it until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a '
+        + 'lifecycle rule (AbortIncompleteMultipartUpload) removes it');
+    }
+  };
   return {
     async client() {
       const storage = await loadSdk();
-      handle ??= storage.createS3(s3, concurrency);
+      handle ??= storage.createS3(s3, concurrency, onLostCreates);
       return handle.client;
     },
     destroy() {

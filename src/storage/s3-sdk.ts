@@ -10,7 +10,8 @@ import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, ty
 import type { S3Settings } from '../config.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { checksumFrom } from './checksums.js';
-import { retryUploads } from './upload-retry.js';
+import type { LostCreatesOutcome } from './multipart.js';
+import { retryUploads, UPLOAD_ATTEMPTS } from './upload-retry.js';
 import { boundSilence } from './upload-stall.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport } from './transport.js';
 
@@ -28,7 +29,7 @@ export interface S3Handle {
  * The SDK's own retries are off: the reader retries ranges itself and resumes from the bytes it has. Upload requests
  * (output_uri, push) are retried by upload-retry.ts, only they.
  */
-export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency): S3Handle {
+export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency, onLostCreates?: (o: LostCreatesOutcome) => void): S3Handle {
   const sockets = concurrency + 4; // a few spare for LIST/HEAD while every range is in flight
   // Upload requests are cut after S3_STALL_TIMEOUT_S of silence (upload-stall.ts); downloads keep their own watchdog.
   const httpAgent = boundSilence(new http.Agent(agentOptions(sockets)));
@@ -43,7 +44,8 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
     responseChecksumValidation: 'WHEN_REQUIRED',
     requestHandler: { httpAgent, httpsAgent, connectionTimeout: 10_000 },
   });
-  retryUploads(client, s.stallTimeoutS * 1000);
+  // `onLostCreates` hears what became of the uploads that unanswered CreateMultipartUploads made (multipart.ts).
+  retryUploads(client, s.stallTimeoutS * 1000, UPLOAD_ATTEMPTS, onLostCreates);
   return {
     client,
     destroy() {

@@ -8,8 +8,9 @@
 import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
-import { retryTransient } from './s3-errors.js';
-import { inUploadScope, uploadSignal } from './upload-signal.js';
+import { abortLostCreates, type LostCreatesOutcome } from './multipart.js';
+import { classify, errorStatus, retryTransient } from './s3-errors.js';
+import { inUploadScope, noteMultipart, uploadSignal } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
@@ -39,11 +40,15 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
  * afresh and passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
  * (upload-signal.ts): lib-storage gives its commands none.
  */
-export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS): void {
+export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): void {
   // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
   // bound, a 500, …) then fails with that, which is what the caller has to fix (lib-storage reports its abort's error
   // in its place; the upload stays tracked as unfinished, multipart.ts).
   const failed = new Map<string, unknown>();
+  // The multipart uploads this client created and has not completed or aborted (UploadId → key), and its
+  // CreateMultipartUpload attempts in flight by key: what a look for uploads whose create went unanswered leaves alone.
+  const mine = new Map<string, string>();
+  const creating = new Map<string, Set<Promise<unknown>>>();
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     const input = args.input as CompleteInput;
@@ -55,7 +60,11 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
       if (command === 'AbortMultipartUploadCommand') {
         const failure = failed.get(input.UploadId ?? '');
         failed.delete(input.UploadId ?? '');
-        return bounded(0, 1, () => next(args)).catch((e: unknown) => {
+        return bounded(0, 1, () => next(args)).then((out) => {
+          noteMultipart(mine, command, input, { output: out.output });
+          return out;
+        }, (e: unknown) => {
+          noteMultipart(mine, command, input, { error: e });
           throw failure ?? e;
         });
       }
@@ -66,20 +75,58 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
         if (input.UploadId !== undefined) failed.set(input.UploadId, e);
         throw e;
       };
-      return retryTransient(async (attempt) => {
+      // When the first CreateMultipartUpload attempt that got no answer began, and the last one ended.
+      let unanswered: { from: number; to: number } | undefined;
+      const key = input.Key ?? '';
+      const send = async (attempt: number) => {
+        const at = performance.now();
+        const sent = bounded(attempt, attempts, () => next(args));
+        const inFlight = command === 'CreateMultipartUploadCommand' ? creating.get(key) ?? creating.set(key, new Set()).get(key)! : undefined;
+        inFlight?.add(sent);
         try {
-          return await bounded(attempt, attempts, () => next(args));
+          const out = await sent;
+          noteMultipart(mine, command, input, { output: out.output });
+          return out;
         } catch (e) {
-          // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
-          if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
-            return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
-          }
+          noteMultipart(mine, command, input, { error: e });
+          if (inFlight !== undefined && answerLost(e)) unanswered = { from: unanswered?.from ?? at, to: performance.now() };
           throw e;
+        } finally {
+          inFlight?.delete(sent);
+          if (inFlight?.size === 0) creating.delete(key);
         }
-      }, attempts, signal).catch(remember);
+      };
+      try {
+        return await retryTransient(async (attempt) => {
+          try {
+            return await send(attempt);
+          } catch (e) {
+            // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
+            if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
+              return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
+            }
+            throw e;
+          }
+        }, attempts, signal).catch(remember);
+      } finally {
+        // A create the store carried out whose answer never came made an upload no one else will end: looked for and
+        // aborted before the upload goes on (or reports its failure), once, whatever the last attempt did.
+        if (unanswered !== undefined) {
+          const settle = () => Promise.allSettled([...creating.get(key) ?? []]);
+          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle).catch((e: unknown) => (
+            { bucket: input.Bucket ?? '', key, aborted: [], failed: (e as Error)?.name ?? 'Error' }));
+          onLostCreates?.(outcome);
+        }
+      }
     });
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
 }
+
+/**
+ * Whether a failed attempt may have been carried out though its answer never came: no HTTP answer (a reset, a cut
+ * after S3_STALL_TIMEOUT_S), and not stopped before it was sent.
+ */
+const answerLost = (e: unknown) => errorStatus(e) === undefined && classify(e) !== 'aborted';
 
 /**
  * The object a retried Complete found gone, if the first attempt made it: its ETag is the one S3 gives an object

@@ -149,6 +149,17 @@ export interface Faults {
    * Its parts stay in s3rver's folder, which no listing shows.
    */
   abortUploads?: boolean;
+  /**
+   * Answer ListMultipartUploads (GET /<bucket>?uploads) as S3 does, from the uploads the proxy saw the store create and
+   * neither completed nor aborted (stats.multipart): s3rver answers it 501 NotImplemented. Initiated is given in whole
+   * seconds and the Date header is the proxy's, as S3's are. Counted in stats.uploadListings.
+   */
+  listUploads?: boolean;
+  /**
+   * The next `count` CreateMultipartUploads of keys matching `keys` are carried out by the store, then their sockets
+   * destroyed unanswered (an answer lost to a reset): the upload exists, and its UploadId reaches nobody.
+   */
+  loseCreates?: { keys: RegExp; count: number };
   /** With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in trouble). */
   failAborts?: { count: number };
   /** With abortUploads: leave the next `count` AbortMultipartUpload requests of keys matching `keys` unanswered (a store that hangs). */
@@ -226,10 +237,12 @@ export interface FaultProxy {
     /** Answers from the store by S3 error code (403 RequestTimeTooSkewed → 'RequestTimeTooSkewed'), 2xx not counted. */
     refusals: Record<string, number>;
     /**
-     * Multipart uploads: every UploadId the store created (with its key), and those completed or aborted (a 2xx answer).
-     * One created and neither completed nor aborted is what ListMultipartUploads would still show.
+     * Multipart uploads: every UploadId the store created (with its key, and when: Date.now()), and those completed or
+     * aborted (a 2xx answer). One created and neither completed nor aborted is what ListMultipartUploads would still show.
      */
-    multipart: { created: Record<string, string>; completed: string[]; aborted: string[] };
+    multipart: { created: Record<string, string>; completed: string[]; aborted: string[]; initiated: Record<string, number> };
+    /** ListMultipartUploads requests answered by faults.listUploads. */
+    uploadListings: number;
     /** PUTs matched by faults.failPuts, and those it failed. */
     puts: number; putFaults: number;
     /** Every upload request received, by command, and those left unanswered by faults.stallUploads. */
@@ -248,9 +261,13 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, stallsCut: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[] }, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, stallsCut: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[], initiated: {} as Record<string, number> }, uploadListings: 0, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
+  const created = (id: string, key: string) => {
+    stats.multipart.created[id] = key;
+    stats.multipart.initiated[id] = Date.now();
+  };
   const server = http.createServer((req, res) => {
     const seq = stats.requests++;
     const f = p.faults;
@@ -271,6 +288,13 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.writeHead(400, { 'content-type': 'application/xml' }).end('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidRequest</Code>'
         + '<Message>The object was stored using a form of Server Side Encryption. The correct parameters must be provided to retrieve the object.</Message>'
         + '<RequestId>1</RequestId><HostId>h</HostId></Error>');
+      return;
+    }
+    const query = new URLSearchParams((req.url ?? '').split('?')[1] ?? '');
+    if (f.listUploads && req.method === 'GET' && query.has('uploads') && objectKey === '') {
+      req.resume();
+      stats.uploadListings++;
+      res.writeHead(200, { 'content-type': 'application/xml' }).end(uploadsListing(p, decodeURIComponent((req.url ?? '').split('?')[0]!).split('/')[1]!, query));
       return;
     }
     const sim = f.objects?.[objectKey];
@@ -330,10 +354,26 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         upRes.on('data', (c: Buffer) => body.push(c));
         upRes.on('end', () => {
           const id = ok && command === 'CreateMultipartUpload' ? /<UploadId>([^<]*)<\/UploadId>/.exec(Buffer.concat(body).toString('utf8'))?.[1] : undefined;
-          if (id !== undefined) stats.multipart.created[id] = objectKey;
+          if (id !== undefined) created(id, objectKey);
         });
       });
       up.on('error', () => undefined);
+      req.pipe(up);
+      return;
+    }
+    const lose = f.loseCreates;
+    if (isCreate && lose && lose.count > 0 && lose.keys.test(objectKey)) {
+      lose.count--;
+      const up = http.request({ host: '127.0.0.1', port: upstreamPort, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+        const body: Buffer[] = [];
+        upRes.on('data', (c: Buffer) => body.push(c));
+        upRes.on('end', () => {
+          const id = (upRes.statusCode ?? 500) < 300 ? /<UploadId>([^<]*)<\/UploadId>/.exec(Buffer.concat(body).toString('utf8'))?.[1] : undefined;
+          if (id !== undefined) created(id, objectKey);
+          req.socket.destroy();
+        });
+      });
+      up.on('error', () => req.socket.destroy());
       req.pipe(up);
       return;
     }
@@ -448,7 +488,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         upRes.on('end', () => {
           const body = Buffer.concat(parts);
           const id = /<UploadId>([^<]*)<\/UploadId>/.exec(body.toString('utf8'))?.[1];
-          if (id !== undefined) stats.multipart.created[id] = objectKey;
+          if (id !== undefined) created(id, objectKey);
           res.writeHead(upRes.statusCode ?? 502, upRes.headers).end(body);
         });
         return;
@@ -586,6 +626,26 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     } else forward();
   });
   return Object.assign(p, await listenLoopback(server));
+}
+
+const xmlEscape = (v: string) => v.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+/** ListMultipartUploads of `bucket` as S3 answers it (prefix and max-uploads read), from what `p` saw: faults.listUploads. */
+function uploadsListing(p: FaultProxy, bucket: string, query: URLSearchParams): string {
+  const prefix = query.get('prefix') ?? '';
+  const max = Number(query.get('max-uploads') ?? 1000);
+  const { initiated } = p.stats.multipart;
+  const open = Object.entries(unfinishedUploads(p)).filter(([, key]) => key.startsWith(prefix))
+    .sort(([a, ka], [b, kb]) => (ka < kb ? -1 : ka > kb ? 1 : initiated[a]! - initiated[b]!));
+  const shown = open.slice(0, max);
+  // S3 gives Initiated in whole seconds.
+  const uploads = shown.map(([id, key]) => `<Upload><Key>${xmlEscape(key)}</Key><UploadId>${xmlEscape(id)}</UploadId><Initiator><ID>S3RVER</ID>`
+    + `<DisplayName>S3RVER</DisplayName></Initiator><Owner><ID>S3RVER</ID><DisplayName>S3RVER</DisplayName></Owner><StorageClass>STANDARD</StorageClass>`
+    + `<Initiated>${new Date(Math.floor(initiated[id]! / 1000) * 1000).toISOString()}</Initiated></Upload>`).join('');
+  const last = shown.at(-1);
+  return `<?xml version="1.0" encoding="UTF-8"?>\n<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>${xmlEscape(bucket)}</Bucket>`
+    + `<KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker><NextKeyMarker>${xmlEscape(last?.[1] ?? '')}</NextKeyMarker><NextUploadIdMarker>${xmlEscape(last?.[0] ?? '')}</NextUploadIdMarker>`
+    + `<Prefix>${xmlEscape(prefix)}</Prefix><MaxUploads>${max}</MaxUploads><IsTruncated>${open.length > max}</IsTruncated>${uploads}</ListMultipartUploadsResult>`;
 }
 
 /** An s3rver with the fault proxy in front of it, for one test file. */
