@@ -1,7 +1,8 @@
 /**
  * @module The multipart uploads an S3 client starts and has not finished, so that a push which stops part-way can
  * abort them: an upload neither completed nor aborted keeps its parts, billed, until a lifecycle rule removes them,
- * and no listing of the prefix shows it.
+ * and no listing of the prefix shows it. And those that a CreateMultipartUpload carried out but left unanswered made,
+ * whose UploadId nobody learnt: looked for and aborted.
  */
 import type { S3Client } from '@aws-sdk/client-s3';
 import { deadline } from '../deadline.js';
