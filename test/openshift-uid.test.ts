@@ -5,15 +5,14 @@
  * server, s3rver on loopback); they need root to change uid, so the suite is skipped elsewhere.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, realpathSync, rmSync, symlinkSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
 import { CREDS, destroyS3, putFolder, startS3, type S3Server } from './helpers/s3.js';
-import { ENTRY, postJson, startServer, type ServerHandle } from './helpers/server.js';
-import { WARMUP_CLI } from './helpers/warmup-cli.js';
+import { postJson, ROOT, startServer, type ServerHandle } from './helpers/server.js';
 
 const JOB_UID = 1000680000;
 const POD_UIDS = [1000690000, 1000700000];
@@ -21,19 +20,49 @@ const BUCKET = 'models';
 const PREFIX = 'demo/';
 const asUid = (uid: number) => ['setpriv', `--reuid=${uid}`, '--regid=0', '--clear-groups'];
 
-/** Root, with setpriv, and the built code readable by another uid (a checkout under a private home is not). */
+/** Root, with setpriv. */
 const canSwitch = process.platform === 'linux' && process.getuid?.() === 0
-  && spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(WARMUP_CLI)})`], { stdio: 'ignore' }).status === 0
-  && spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(ENTRY)})`], { stdio: 'ignore' }).status === 0;
+  && spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', ''], { stdio: 'ignore' }).status === 0;
 
 let s3: S3Server;
 let base: string;
+/** The built warm-up CLI and server as the other uids run them: copies under `base` (codeForOtherUids). */
+let warmupCli: string;
+let entry: string;
 const live: ServerHandle[] = [];
+
+/**
+ * The built code (dist/, package.json, node_modules) under `dir`, where the other uids can reach it: a checkout under a
+ * private folder cannot be (a clone made under `mktemp -d`, mode 700, as CI makes one), and the suite was skipped
+ * there. Hard links, so node_modules costs no copy, and each file keeps its mode; a copy where `dir` is on another
+ * filesystem. A symlink keeps its target (node_modules/.bin's point inside it).
+ */
+function codeForOtherUids(dir: string): { warmupCli: string; entry: string } {
+  const place = (from: string, to: string): void => {
+    const st = lstatSync(from);
+    if (st.isDirectory()) {
+      mkdirSync(to, { mode: 0o755 });
+      for (const name of readdirSync(from)) place(path.join(from, name), path.join(to, name));
+    } else if (st.isSymbolicLink()) symlinkSync(readlinkSync(from), to);
+    else {
+      try {
+        linkSync(from, to);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EXDEV') throw e;
+        copyFileSync(from, to);
+      }
+    }
+  };
+  mkdirSync(dir, { mode: 0o755 });
+  // node_modules may itself be a link (a worktree sharing another's): its files are what the processes load.
+  for (const name of ['dist', 'package.json', 'node_modules']) place(realpathSync(path.join(ROOT, name)), path.join(dir, name));
+  return { warmupCli: path.join(dir, 'dist', 'warmup', 'main.js'), entry: path.join(dir, 'dist', 'src', 'main.js') };
+}
 
 /** The warm-up CLI as `uid`, with PATH and `env` alone: no HOME, as a uid without a passwd entry has none. */
 async function warmupAs(uid: number, env: Record<string, string>): Promise<{ code: number; stderr: string; stdout: string }> {
-  const [cmd, ...args] = [...asUid(uid), process.execPath, WARMUP_CLI];
-  return promisify(execFile)(cmd!, args, { env: { PATH: process.env.PATH ?? '', ...env } }).then(
+  const [cmd, ...args] = [...asUid(uid), process.execPath, warmupCli];
+  return promisify(execFile)(cmd!, args, { env: { PATH: process.env.PATH ?? '', ...env }, cwd: base }).then(
     ({ stdout, stderr }) => ({ code: 0, stdout, stderr }),
     (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }));
 }
@@ -61,6 +90,12 @@ beforeAll(async () => {
   // Traversable by the other uids (a mkdtemp folder is 0700).
   base = mkdtempSync(path.join(os.tmpdir(), 'dr-uid-'));
   chmodSync(base, 0o755);
+  ({ warmupCli, entry } = codeForOtherUids(path.join(base, 'code')));
+  // What the suite used to skip on: fails here instead, should a uid still not reach the code.
+  for (const file of [warmupCli, entry]) {
+    const r = spawnSync('setpriv', [...asUid(JOB_UID).slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(file)}, require('fs').constants.R_OK)`], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`uid ${JOB_UID} cannot read ${file}: ${r.stderr}`);
+  }
   const model = await buildDemoModel(path.join(base, 'model'));
   s3 = await startS3([BUCKET]);
   await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
@@ -82,7 +117,7 @@ describe.skipIf(!canSwitch)('an arbitrary uid in group 0 (OpenShift restricted S
     expect(notShared(cache)).toEqual([]);
 
     for (const uid of POD_UIDS) {
-      const srv = await startServer({ ...s3Env(cache), HOME: undefined, EXECUTION_PROVIDER: 'cpu' }, { prefix: asUid(uid) });
+      const srv = await startServer({ ...s3Env(cache), HOME: undefined, EXECUTION_PROVIDER: 'cpu' }, { prefix: asUid(uid), entry });
       live.push(srv);
       await srv.waitReady();
       const res = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red cube', num_inference_steps: 2, height: 64, width: 64, loras: ['demo-style'] }] });
