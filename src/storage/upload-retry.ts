@@ -38,7 +38,9 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
  * fails at once. Each attempt, and an AbortMultipartUpload (lib-storage awaits its own before it reports a failure), is
  * cut after `stallMs` of silence. It wraps every other middleware of the initialize step, so each attempt is signed
  * afresh and passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
- * (upload-signal.ts): lib-storage gives its commands none.
+ * (upload-signal.ts): lib-storage gives its commands none. A CreateMultipartUpload with an attempt left unanswered is
+ * followed by a look for the upload that attempt may have made (multipart.ts abortLostCreates), whose outcome
+ * `onLostCreates` hears.
  */
 export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): void {
   // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
