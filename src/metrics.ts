@@ -18,6 +18,8 @@ export async function exposition(registry: Registry): Promise<string> {
 
 /** Why a request was refused before running: the `reason` of inference_rejected_total (engine and server alike). */
 export type RejectReason = 'queue_full' | 'input_budget' | 'not_ready' | 'shutting_down';
+/** Every RejectReason (the record's keys make the list exhaustive), for the series exported at 0 from the start. */
+export const REJECT_REASONS = Object.keys({ queue_full: 0, input_budget: 0, not_ready: 0, shutting_down: 0 } satisfies Record<RejectReason, 0>) as RejectReason[];
 
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });

@@ -497,7 +497,7 @@ describe('generation of a request of several instances', () => {
     // … and a and b are no longer waiting, counted as taken out for their request's failure.
     expect(engine.queueDepth).toBe(0);
     const cancelled = (await metrics.cancelled.get()).values;
-    expect(cancelled.map((v) => [v.labels.reason, v.value])).toEqual([['request_failed', 2]]);
+    expect(Object.fromEntries(cancelled.map((v) => [v.labels.reason, v.value]))).toEqual({ client_left: 0, timeout: 0, request_failed: 2 });
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
     await running;
     await engine.idle();

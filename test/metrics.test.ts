@@ -84,6 +84,29 @@ describe('/metrics over a real socket', () => {
   });
   afterAll(async () => void (await srv?.stop()));
 
+  it('before any request, every series whose labels are known is there at 0 (one first seen at 1 is missed by rate() and increase())', async () => {
+    const fams = parseExposition(await (await fetch(`${srv.url}/metrics`)).text());
+    const at = (name: string, labels: Record<string, string> = {}) => {
+      const s = [...fams.values()].flatMap((f) => f.samples).filter((x) => x.name === name && Object.entries(labels).every(([k, v]) => x.labels[k] === v));
+      return s.length === 0 ? 'absent' : s.reduce((n, x) => n + x.value, 0);
+    };
+    const zero: Array<[string, Record<string, string>]> = [
+      ...['v1', 'v2', 'ws', 'openai'].flatMap((protocol): Array<[string, Record<string, string>]> => [
+        ['inference_request_count', { protocol, status: '200' }],
+        ['inference_request_duration_seconds_count', { protocol }],
+        ['inference_request_duration_seconds_bucket', { protocol, le: '+Inf' }],
+      ]),
+      ...['queue_full', 'input_budget', 'not_ready', 'shutting_down'].map((reason): [string, Record<string, string>] => ['inference_rejected_total', { reason }]),
+      ...['client_left', 'timeout', 'request_failed'].map((reason): [string, Record<string, string>] => ['inference_cancelled_total', { reason }]),
+      ...['split', 'failed'].map((outcome): [string, Record<string, string>] => ['inference_out_of_memory_total', { outcome }]),
+      ['inference_requests_in_flight', {}], ['inference_queue_depth', {}], ['result_cache_hits_total', {}], ['websocket_messages_dropped_total', {}],
+      ['worker_deaths_total', { worker: '0', device: 'cpu' }], ['lora_adapter_set_load_seconds_count', {}],
+      ['model_download_bytes_total', {}], ['model_download_damaged_files_total', {}], ['model_cache_hits_total', {}],
+      ['model_cache_evictions_total', {}], ['model_cache_evicted_bytes_total', {}],
+    ];
+    expect(zero.map(([name, labels]) => [name, labels, at(name, labels)])).toEqual(zero.map(([name, labels]) => [name, labels, 0]));
+  });
+
   it('parses, and lists every documented name with HELP text and its type', async () => {
     const inst = { prompt: 'm', num_inference_steps: 2, height: 64, width: 64, seed: 1 };
     await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
@@ -157,7 +180,7 @@ describe('/metrics on a server that cannot serve', () => {
       expect([v1.status, v2.status, other.status]).toEqual([503, 503, 404]);
       const fams = parseExposition(await (await fetch(`${down.url}/metrics`)).text());
       const rejected = fams.get('inference_rejected_total')!.samples.map((s) => [s.labels.reason, s.value]);
-      expect(rejected).toEqual([['not_ready', 2]]);
+      expect(Object.fromEntries(rejected)).toEqual({ queue_full: 0, input_budget: 0, not_ready: 2, shutting_down: 0 });
       const requests = fams.get('inference_request_count')!.samples.map((s) => [s.labels.protocol, s.labels.status, s.value]);
       expect(requests).toEqual(expect.arrayContaining([['v1', '503', 1], ['v2', '503', 1], ['v1', '404', 1]]));
     } finally {

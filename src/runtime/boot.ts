@@ -41,6 +41,8 @@ export class Boot {
     private readonly metrics: Metrics,
   ) {
     this.#labels = { model_name: modelName };
+    // The download and cache counters at 0 from the start, as every series with known labels (engine.ts #startAtZero).
+    for (const c of [metrics.fetchedBytes, metrics.damagedFiles, metrics.cacheEvictions, metrics.cacheEvictedBytes, metrics.cacheHits]) c.inc(this.#labels, 0);
     this.#publish();
   }
 

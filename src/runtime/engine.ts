@@ -19,7 +19,7 @@ import type { Config, OutputFormat } from '../config.js';
 import { LIMIT_ADVICE, shortage, shortageError, type Shortage } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { Metrics, RejectReason } from '../metrics.js';
+import { REJECT_REASONS, type Metrics, type RejectReason } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer, type Cleaned } from '../pipeline/tokenizer.js';
 import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
@@ -243,6 +243,25 @@ export class Engine {
   ) {
     this.#labels = { model_name: cfg.modelName };
     this.#adapters = new AdapterSource(cfg, log);
+    this.#startAtZero();
+  }
+
+  /**
+   * The series whose labels are known before anything happens, at 0. A counter that first appears at 1 (the first
+   * rejection, cancellation or out-of-memory of a pod) is missed by rate() and increase(), which need a sample before it.
+   */
+  #startAtZero(): void {
+    const l = this.#labels;
+    for (const reason of REJECT_REASONS) this.metrics.rejected.inc({ ...l, reason }, 0);
+    for (const reason of CANCEL_REASONS) this.metrics.cancelled.inc({ ...l, reason }, 0);
+    for (const outcome of ['split', 'failed']) this.metrics.outOfMemory.inc({ ...l, outcome }, 0);
+    // The stages every generation has (vae_encoder: image inputs only).
+    for (const stage of ['text_encoder', 'denoise', 'vae_decoder', 'encode']) this.metrics.stageDuration.zero({ ...l, stage });
+    this.metrics.batchSize.zero(l);
+    this.metrics.adapterLoad.zero(l);
+    this.metrics.steps.inc(l, 0);
+    this.metrics.images.inc(l, 0);
+    this.metrics.queueDepth.set(l, 0);
   }
 
   get defaults(): ModelDefaults | undefined {
@@ -283,7 +302,10 @@ export class Engine {
   #adopt(sw: SpawnedWorker, index: number): WorkerHandle {
     const device = workerDevice(this.cfg, index);
     const h = new WorkerHandle(sw.worker, index, device === undefined ? 'cpu' : `cuda:${device}`);
-    this.metrics.workerBusy.set({ ...this.#labels, worker: String(index), device: h.device }, 0);
+    const where = { ...this.#labels, worker: String(index), device: h.device };
+    this.metrics.workerBusy.set(where, 0);
+    this.metrics.workerImages.inc(where, 0);
+    this.metrics.workerDeaths.inc(where, 0);
     sw.attach(
       (m) => this.#onMessage(h, m),
       (err) => this.#onWorkerDeath(h, err.message, shortage(err)),
@@ -898,6 +920,9 @@ export class Engine {
     this.#restartTimers.add(timer);
   }
 }
+
+/** Every cancelReason (the record's keys make the list exhaustive). */
+const CANCEL_REASONS = Object.keys({ client_left: 0, timeout: 0, request_failed: 0 } satisfies Record<ReturnType<typeof cancelReason>, 0>);
 
 /**
  * Why a task's signal fired, for inference_cancelled_total: REQUEST_TIMEOUT_S's deadline (a TimeoutError), the error that

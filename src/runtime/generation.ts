@@ -36,7 +36,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     defaults: () => engine.defaults,
     encode: (text) => engine.encodeText(text),
   });
+  // At 0 from the start, as every series with known labels (engine.ts #startAtZero).
   metrics.resultCacheBytes.set(labels, 0);
+  metrics.resultCacheHits.inc(labels, 0);
+  metrics.inflight.set(labels, 0);
   const output = createOutputStore(s3, log);
   /** Generations of cacheable requests now running, by result-cache key: an identical request waits for their images. */
   const running = new Map<string, Promise<EncodedImage[]>>();

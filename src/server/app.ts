@@ -69,6 +69,13 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
       throw new RuntimeError('MODEL_NOT_READY', 'Server is not ready.', { fields: { ready: false, state: ctx.boot.state } });
     }, opts),
   );
+  // Each protocol's answered requests at 0 from the start: the first request of a pod, counted from nothing, is
+  // missed by rate() and increase(). Other statuses appear with their first answer.
+  for (const protocol of ['v1', 'v2', 'ws', 'openai']) {
+    const labels = { model_name: ctx.cfg.modelName, protocol };
+    ctx.metrics.requests.inc({ ...labels, status: '200' }, 0);
+    ctx.metrics.requestDuration.zero(labels);
+  }
   // Overload warnings (connection cap reached, accepts failing) go to the runtime's log from now on.
   base.setWarn((fields, msg) => ctx.log.warn(fields, msg));
   const syncConnections = connectionMetrics(base, ctx);

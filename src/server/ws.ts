@@ -53,6 +53,7 @@ interface Conn {
 export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): void {
   const { metrics, cfg } = ctx;
   const labels = { model_name: cfg.modelName, protocol: 'ws' };
+  metrics.wsDropped.inc({ model_name: cfg.modelName }, 0);
   // maxPayload: a bigger message closes with 1009. No compression: results are base64 PNGs, and inflating a client's
   // message would be a second size to police.
   const wss = new WebSocketServer({ noServer: true, maxPayload: cfg.maxBodyBytes, perMessageDeflate: false, clientTracking: false });
