@@ -131,7 +131,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     images: new Counter({
       name: 'images_generated_total',
-      help: 'Images generated (result-cache hits excluded)',
+      help: 'Images generated (result-cache hits and the warm-up excluded)',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

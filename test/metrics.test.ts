@@ -107,6 +107,15 @@ describe('/metrics over a real socket', () => {
     expect(zero.map(([name, labels]) => [name, labels, at(name, labels)])).toEqual(zero.map(([name, labels]) => [name, labels, 0]));
   });
 
+  it("the warm-up generation is the boot's: not an image, batch, stage time or step of the serving metrics", async () => {
+    expect(srv.all('warmup-done')).toHaveLength(1);
+    const served = ['images_generated_total', 'worker_images_total', 'inference_batch_size_count', 'inference_stage_seconds_count', 'denoising_steps_total'];
+    expect(await Promise.all(served.map((n) => metric(srv, n)))).toEqual(served.map(() => 0));
+    const text = await (await fetch(`${srv.url}/metrics`)).text();
+    expect(text).not.toMatch(/^denoising_steps_per_second\{/m);
+    expect(text).toMatch(/^boot_phase_seconds_count\{model_name="model",phase="warming"\} 1$/m);
+  });
+
   it('parses, and lists every documented name with HELP text and its type', async () => {
     const inst = { prompt: 'm', num_inference_steps: 2, height: 64, width: 64, seed: 1 };
     await postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
@@ -132,6 +141,9 @@ describe('/metrics over a real socket', () => {
     expect(val('inference_request_count', { protocol: 'v2', status: '200' })).toBe(1);
     expect(val('inference_request_count', { protocol: 'v1', status: '400' })).toBe(1);
     expect(val('result_cache_hits_total')).toBe(1);
+    // The V1 and V2 generations (the cache hit made none).
+    const made = ['images_generated_total', 'inference_batch_size_count', 'inference_stage_seconds_count'];
+    expect(await Promise.all(made.map((n) => metric(srv, n, n.startsWith('inference_stage') ? { stage: 'denoise' } : {})))).toEqual([2, 2, 2]);
     expect(val('result_cache_bytes')).toBeGreaterThan(0);
     expect(val('boot_state', { state: 'ready' })).toBe(1);
     expect(val('model_load_time_seconds')).toBeGreaterThan(0);

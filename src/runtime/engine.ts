@@ -108,6 +108,12 @@ interface Running {
   delivery: Promise<void>;
   /** The worker running it, as metric labels. */
   where: { worker: string; device: string };
+  /**
+   * The warm-up of its worker (its one task is pinned there): timed by the boot (boot_phase_seconds{phase="warming"}),
+   * not counted in the serving metrics, where the first run on a device (kernel choice, allocations) would be taken for
+   * a request's and the boot's image for one served.
+   */
+  warmup: boolean;
   /** Every client left and the worker was told to stop it. */
   cancelled?: boolean;
   /** UNet runs done so far (its last progress): what denoising_steps_total counts of a run that ends without a result. */
@@ -578,11 +584,12 @@ export class Engine {
       t.state = 'running';
       t.runId = id;
     }
-    worker.running = { id, tasks, startedAt: now, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device } };
+    const warmup = tasks.some((t) => t.pin !== undefined);
+    worker.running = { id, tasks, startedAt: now, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device }, warmup };
     worker.dispatchedAt = now;
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
-    this.metrics.batchSize.observe(this.#labels, tasks.length);
+    if (!warmup) this.metrics.batchSize.observe(this.#labels, tasks.length);
     // Each image guided and rescaled by its own request's values (the batch key only holds whether there is an
     // unconditional pass); the job's shape is the first request's, eta included where its scheduler ignores eta.
     const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance, guidanceRescale: t.req.shape.guidanceRescale })));
@@ -752,7 +759,7 @@ export class Engine {
     // Every client of the batch left while it ran (its cancel came too late): nobody to encode for; the device still ran
     // every step.
     if (run.tasks.every((t) => t.state === 'done')) {
-      this.metrics.steps.inc(this.#labels, times.steps);
+      if (!run.warmup) this.metrics.steps.inc(this.#labels, times.steps);
       return;
     }
     const t0 = performance.now();
@@ -770,6 +777,12 @@ export class Engine {
     }));
     const all: RunTimes = { ...times, encodeMs: performance.now() - t0 };
     this.#lastGenSeconds = (performance.now() - run.startedAt) / 1000;
+    if (!run.warmup) this.#countServed(run, all, raw.length);
+    run.tasks.forEach((t, k) => this.#finish(t, { images: encoded[k]!, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt }));
+  }
+
+  /** A generation's stage times, steps and images, in the serving metrics. */
+  #countServed(run: Running, all: RunTimes, images: number): void {
     const l = this.#labels;
     this.metrics.stageDuration.observe({ ...l, stage: 'text_encoder' }, all.textEncoderMs / 1000);
     this.metrics.stageDuration.observe({ ...l, stage: 'denoise' }, all.denoiseMs / 1000);
@@ -778,9 +791,8 @@ export class Engine {
     this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, all.encodeMs / 1000);
     this.metrics.steps.inc(l, all.steps);
     if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));
-    this.metrics.images.inc(l, raw.length);
-    this.metrics.workerImages.inc({ ...l, ...run.where }, raw.length);
-    run.tasks.forEach((t, k) => this.#finish(t, { images: encoded[k]!, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt }));
+    this.metrics.images.inc(l, images);
+    this.metrics.workerImages.inc({ ...l, ...run.where }, images);
   }
 
   /**
@@ -813,7 +825,7 @@ export class Engine {
    * memory, failed): the device ran them, and denoising_steps_total counted only those of generations that finished.
    */
   #countPartial(run: Running): void {
-    if (run.unetRuns) this.metrics.steps.inc(this.#labels, run.unetRuns);
+    if (run.unetRuns && !run.warmup) this.metrics.steps.inc(this.#labels, run.unetRuns);
   }
 
   #fail(run: Running, err: Error): void {
