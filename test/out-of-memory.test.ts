@@ -173,6 +173,9 @@ describe.skipIf(!canLimit)('a generation out of memory (the built server, addres
     const lines = logged('a generation ran out of memory: answered OUT_OF_MEMORY');
     expect(lines).toEqual([expect.objectContaining({ level: 'warn', height: SIZE, width: SIZE, images: BIG, requests: 1, device: 'cpu', reason: expect.stringMatching(/Failed to allocate memory for requested buffer of size \d+$/) })]);
     expect(logged('generation failed')).toEqual([]);
+    // That warning is all the process writes of it: ONNX Runtime's own line for the failed run (in colour, over two
+    // lines, on stderr) would be the one line of the log that is not JSON.
+    expect([srv.stderr.join(''), srv.logs.filter((l) => l.raw)]).toEqual(['', []]);
     // The worker serves on: a request of another shape, and one image of this one.
     expect((await predict(normal)).status).toBe(200);
     const again = await predict(small);

@@ -72,7 +72,9 @@ export function sessionOptions(
   return {
     executionProviders: ortProviders(provider, o.deviceId),
     graphOptimizationLevel: o.graphOptimizationLevel ?? 'all',
-    logSeverityLevel: 3,
+    // Fatal only: a session's errors (a failed run, out of memory) reach the caller as the rejection, which the runtime
+    // logs as JSON; ONNX Runtime would print each again on stderr, coloured and over two lines, outside the JSON log.
+    logSeverityLevel: 4,
     ...(o.intraOpThreads > 0 ? { intraOpNumThreads: o.intraOpThreads } : {}),
     // CPU: no pre-packing of MatMul/Gemm weights. Packing copies every such weight at session creation (1.2 s and
     // +130 MB peak RSS for the 300 MB benchmark model) and bought no run-time speed (npm run bench:session).
