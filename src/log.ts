@@ -31,5 +31,21 @@ export function createLogger(level: string, name = 'diffusers-runtime', to: 1 | 
   );
 }
 
+/**
+ * The process's own faults as log lines, for the server's process (not a runtime embedded in another): an uncaught
+ * exception or unhandled rejection is one `fatal` line with its stack, then exit 1 as Node would (Node prints the
+ * stack over many plain lines on stderr, which a log collector reads as as many events); a Node warning is a `warn`
+ * line, in place of Node's plain `(node:PID) Warning: …` print.
+ */
+export function logProcessFaults(log: Logger): void {
+  // Node's own printer is the one listener so far.
+  process.removeAllListeners('warning');
+  process.on('warning', (w) => log.warn({ warning: w.name, code: (w as NodeJS.ErrnoException).code }, w.message));
+  process.on('uncaughtException', (err, origin) => {
+    log.fatal({ err }, origin === 'unhandledRejection' ? 'unhandled promise rejection: exiting' : 'uncaught exception: exiting');
+    process.exit(1);
+  });
+}
+
 /** A logger for tests and tools that must stay quiet. */
 export const silentLogger = (): Logger => pino({ level: 'silent' });

@@ -121,8 +121,9 @@ async function main(): Promise<void> {
   }
   // Boot step 1, resolve: before the logger loads, so a committed S3 cache entry's sessions start in the workers now.
   boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
-  const { createLogger } = await import('./log.js');
+  const { createLogger, logProcessFaults } = await import('./log.js');
   log = createLogger(cfg.logLevel);
+  logProcessFaults(log);
   logStartWarnings(log, trimmed, cfg);
   events = new BootEvents(log);
   // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.

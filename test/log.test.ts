@@ -1,12 +1,14 @@
 /**
  * The log's redaction of credentials, on the logger the runtime uses: an S3 error left unwrapped (a defect) must not
- * print the signed request S3's SignatureDoesNotMatch answer carries, nor the access key id. A long boot's progress lines.
+ * print the signed request S3's SignatureDoesNotMatch answer carries, nor the access key id. A long boot's progress
+ * lines. The server process's own faults (a Node warning, a rejection nothing handles) as JSON lines.
  */
+import path from 'node:path';
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { holdWorker, startRuntime } from './helpers/runtime.js';
-import { until } from './helpers/server.js';
+import { startServer, until } from './helpers/server.js';
 
 function capture() {
   const lines: string[] = [];
@@ -60,5 +62,23 @@ describe('a long boot', () => {
     const after = still().length;
     await new Promise((r) => setTimeout(r, 300));
     expect(still()).toHaveLength(after);
+  });
+});
+
+describe("the server process's own faults", () => {
+  it('a Node warning is a warn line and an unhandled rejection one fatal line with its stack, then exit 1: nothing on stderr', async () => {
+    const srv = await startServer({ STORAGE_URI: undefined, NODE_OPTIONS: `--require=${path.resolve('test/helpers/fault-signal.cjs')}` }, { ready: true });
+    const exited = new Promise<number | null>((r) => srv.proc.once('exit', r));
+    try {
+      srv.proc.kill('SIGUSR2');
+      expect(await exited).toBe(1);
+    } finally {
+      await srv.stop();
+    }
+    expect([srv.stderr.join(''), srv.logs.filter((l) => l.raw)]).toEqual(['', []]);
+    expect(srv.logs.filter((l) => l.level === 'warn' || l.level === 'fatal')).toEqual([
+      expect.objectContaining({ level: 'warn', warning: 'TestWarning', msg: 'a warning of the test' }),
+      expect.objectContaining({ level: 'fatal', msg: 'unhandled promise rejection: exiting', err: expect.objectContaining({ message: 'a fault of the test\nits second line', stack: expect.stringContaining('fault-signal.cjs') }) }),
+    ]);
   });
 });
