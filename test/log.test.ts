@@ -7,8 +7,9 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
+import WebSocket from 'ws';
 import { holdWorker, startRuntime } from './helpers/runtime.js';
-import { startServer, until } from './helpers/server.js';
+import { postJson, startServer, until } from './helpers/server.js';
 
 function capture() {
   const lines: string[] = [];
@@ -80,5 +81,36 @@ describe("the server process's own faults", () => {
       expect.objectContaining({ level: 'warn', warning: 'TestWarning', msg: 'a warning of the test' }),
       expect.objectContaining({ level: 'fatal', msg: 'unhandled promise rejection: exiting', err: expect.objectContaining({ message: 'a fault of the test\nits second line', stack: expect.stringContaining('fault-signal.cjs') }) }),
     ]);
+  });
+});
+
+describe("a request's log lines", () => {
+  it('its access line names the error code and its X-Request-ID, over HTTP and the WebSocket; an unknown error is logged with both', async () => {
+    const srv = await startRuntime({ STORAGE_URI: undefined }, { ready: true });
+    try {
+      const post = (path: string, body: unknown, id: string) => postJson(`${srv.url}${path}`, body, { headers: { 'content-type': 'application/json', 'x-request-id': id } });
+      const inst = { prompt: 'a', num_inference_steps: 1, height: 64, width: 64 };
+      await post('/v1/models/model:predict', { instances: [inst] }, 'id-ok');
+      await post('/v1/models/model:predict', { instances: [{ prompt: 7 }] }, 'id-bad');
+      await post('/openai/v1/images/generations', { model: 'other', prompt: 'a' }, 'id-openai');
+      const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/other/stream`, { headers: { 'x-request-id': 'id-ws' } });
+      await new Promise((r) => ws.once('close', r));
+      // A defect (no input reaches one): the generation path throws an error that is not the runtime's.
+      srv.rt.generation.generate = () => Promise.reject(new TypeError('a defect of the test'));
+      await post('/v1/models/model:predict', { instances: [inst] }, 'id-defect');
+      const access = srv.logs.filter((l) => l.msg === 'inference request').map((l) => [l.route, l.status, l.code, l.requestId]);
+      expect(access).toEqual([
+        ['/v1/models/model:predict', 200, undefined, 'id-ok'],
+        ['/v1/models/model:predict', 400, 'INVALID_INPUT', 'id-bad'],
+        ['/openai/v1/images/generations', 404, 'MODEL_NOT_FOUND', 'id-openai'],
+        ['/v1/models/other/stream', 404, 'MODEL_NOT_FOUND', 'id-ws'],
+        ['/v1/models/model:predict', 500, 'INTERNAL', 'id-defect'],
+      ]);
+      expect(srv.logs.filter((l) => l.msg === 'unhandled error in request')).toEqual([
+        expect.objectContaining({ level: 'error', route: '/v1/models/model:predict', requestId: 'id-defect', err: expect.objectContaining({ message: 'a defect of the test' }) }),
+      ]);
+    } finally {
+      await srv.stop();
+    }
   });
 });

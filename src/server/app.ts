@@ -56,7 +56,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
         ctx.metrics.requests.inc({ ...labels, status: String(out.status) });
         const secs = (performance.now() - ex.started) / 1000;
         if (out.status === 200) ctx.metrics.requestDuration.observe(labels, secs);
-        ctx.log.info({ route: r.url, status: out.status, seconds: Number(secs.toFixed(3)), requestId: r.headers['x-request-id'] }, 'inference request');
+        ctx.log.info({ route: r.url, status: out.status, code: out.code, seconds: Number(secs.toFixed(3)), requestId: r.headers['x-request-id'] }, 'inference request');
       }
     },
   };

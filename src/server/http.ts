@@ -13,6 +13,8 @@ export interface Reply {
   body: string | Uint8Array;
   contentType?: string;
   headers?: Record<string, string>;
+  /** An error answer's code (errorReply), for the access log. */
+  code?: string;
 }
 
 /** What a handler may read of the request. */
@@ -114,11 +116,11 @@ export function errorReply(err: unknown, log: Logger): Reply {
     const retryAfter = err.retryAfter ?? (err.code === 'TOO_MANY_OPEN_FILES' ? SHORTAGE_RETRY_AFTER : undefined);
     if (retryAfter !== undefined) headers['retry-after'] = String(retryAfter);
     if (err.allow !== undefined) headers.allow = err.allow.join(', ');
-    return json(httpStatus(err.code), { error: capMessage(err.message), code: err.code, ...err.fields }, headers);
+    return { ...json(httpStatus(err.code), { error: capMessage(err.message), code: err.code, ...err.fields }, headers), code: err.code };
   }
   // Unknown errors are logged with their cause and answered with a bare 500: no class names, no stacks.
   log.error({ err }, 'unhandled error in request');
-  return json(500, { error: 'internal error', code: 'INTERNAL' });
+  return { ...json(500, { error: 'internal error', code: 'INTERNAL' }), code: 'INTERNAL' };
 }
 
 /** Cuts a message to MAX_ERROR_BYTES (UTF-8), on a character boundary. */
@@ -266,8 +268,11 @@ export interface RouteOptions {
   errorShape?: (out: Reply) => Reply;
 }
 
-const failed = (err: unknown, opts: RouteOptions): Reply => {
-  const out = errorReply(err, opts.log);
+/** The log of a request's unknown error names it as its access line does (app.ts, ws.ts), to be found beside it. */
+export const requestLog = (log: Logger, route: string, requestId: string | undefined): Logger => log.child({ route, requestId });
+
+const failed = (err: unknown, opts: RouteOptions, r: Req): Reply => {
+  const out = errorReply(err, requestLog(opts.log, r.url, r.headers['x-request-id']));
   return opts.errorShape ? opts.errorShape(out) : out;
 };
 
@@ -277,7 +282,7 @@ const failed = (err: unknown, opts: RouteOptions): Reply => {
  */
 function replied(r: Req, out: Reply, ex: Exchange, opts: RouteOptions): void {
   if (ex.send(out)) opts.onReply?.(r, out, ex);
-  else if (ex.gone.signal.aborted) opts.onReply?.(r, { status: httpStatus('CANCELLED'), body: '' }, ex);
+  else if (ex.gone.signal.aborted) opts.onReply?.(r, { status: httpStatus('CANCELLED'), body: '', code: 'CANCELLED' }, ex);
 }
 
 /** A route without a body (GET, HEAD, or a method answered before reading). */
@@ -289,10 +294,10 @@ export function route(fn: Handler, opts: RouteOptions) {
     try {
       out = fn(r, ex);
     } catch (err) {
-      out = failed(err, opts);
+      out = failed(err, opts, r);
     }
     const finish = (o: Reply) => replied(r, o, ex, opts);
-    if (out instanceof Promise) out.catch((err) => failed(err, opts)).then(finish);
+    if (out instanceof Promise) out.catch((err) => failed(err, opts, r)).then(finish);
     else finish(out);
   };
 }
@@ -321,7 +326,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     if (pre !== undefined) {
       // Refused before reading: Node reads and discards the unread body to keep the connection, unless it is over the
       // limit, then the connection closes after the answer.
-      const out = failed(pre, opts);
+      const out = failed(pre, opts, r);
       finish(oversize ? { ...out, headers: { ...out.headers, connection: 'close' } } : out);
       return;
     }
@@ -332,7 +337,7 @@ export function bodyRoute(fn: BodyHandler, opts: RouteOptions, precheck?: (req: 
     const body = readBody(req, opts.maxBodyBytes, r.headers['content-length'] ?? '', codings);
     body
       .then((b) => fn(r, b, ex))
-      .catch((err) => failed(err, opts))
+      .catch((err) => failed(err, opts, r))
       .then(finish);
   };
 }

@@ -24,7 +24,7 @@ import { assertSafeJson, parseInstances } from '../runtime/request.js';
 import { rawError, type App } from './base.js';
 import { wsOriginRefusal } from './cors.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
-import { errorReply, type RouteOptions } from './http.js';
+import { errorReply, requestLog, type RouteOptions } from './http.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
 export const PROGRESS_BUFFER_LIMIT = 128 * 1024;
@@ -48,6 +48,10 @@ interface Conn {
   gone: AbortController;
   t0: number;
   timers: NodeJS.Timeout[];
+  /** The upgrade request's X-Request-ID, for the log lines. */
+  requestId: string | undefined;
+  /** The code of the error the request was answered with, for its access line. */
+  code?: string;
 }
 
 export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): void {
@@ -66,11 +70,12 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   app.upgrade('/v1/models/:name/stream', (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => {
     const refused = wsOriginRefusal(req, cfg.corsAllowOrigins);
     if (refused !== undefined) return void rawError(socket, 'ORIGIN_NOT_ALLOWED', refused);
-    wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? ''));
+    const id = req.headers['x-request-id'];
+    wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? '', Array.isArray(id) ? id.join(', ') : id));
   });
 
-  function open(ws: WebSocket, name: string): void {
-    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [] };
+  function open(ws: WebSocket, name: string, requestId: string | undefined): void {
+    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [], requestId };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
     // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
@@ -162,7 +167,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       last(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }), 1000, 'done');
     } catch (err) {
       status = isRuntimeError(err) ? httpStatus(err.code) : 500;
-      if (c.closed && status === 499) return void record(499, c);
+      if (c.closed && status === 499) return void record(499, Object.assign(c, { code: 'CANCELLED' }));
       fail(ws, c, err);
     }
     record(status, c);
@@ -172,7 +177,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     metrics.requests.inc({ ...labels, status: String(status) });
     const secs = (performance.now() - c.t0) / 1000;
     if (status === 200) metrics.requestDuration.observe(labels, secs);
-    ctx.log.info({ route: `/v1/models/${c.name}/stream`, status, seconds: Number(secs.toFixed(3)) }, 'inference request');
+    ctx.log.info({ route: route(c), status, code: c.code, seconds: Number(secs.toFixed(3)), requestId: c.requestId }, 'inference request');
   }
 
   /** Progress is best effort: a slow client misses steps, never the result. */
@@ -219,8 +224,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     }
   }
 
+  const route = (c: Conn) => `/v1/models/${c.name}/stream`;
+
   function fail(ws: WebSocket, c: Conn, err: unknown): void {
-    const out = errorReply(err, opts.log);
+    const out = errorReply(err, requestLog(opts.log, route(c), c.requestId));
+    c.code = out.code;
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
     critical(ws, c, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
     closeWith(ws, c, 4000 + out.status, body.code);
