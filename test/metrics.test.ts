@@ -14,19 +14,40 @@ interface Family {
   samples: Array<{ name: string; labels: Record<string, string>; value: number }>;
 }
 
-/** A strict little parser of the Prometheus text format (0.0.4): throws on any line it does not understand. */
+/**
+ * A strict little parser of the Prometheus text format (0.0.4): throws on any line it does not understand, and on what
+ * the format forbids that a lenient reader lets through: a second HELP or TYPE of a family, a TYPE after its samples,
+ * a family's lines not in one group, a label value escape other than \\, \" and \n, the same series twice, a text not
+ * ending in a newline; a histogram's buckets must be cumulative, end in +Inf and match its _count, with a _sum.
+ */
 export function parseExposition(text: string): Map<string, Family> {
   const fams = new Map<string, Family>();
   const fam = (n: string) => fams.get(n) ?? (fams.set(n, { samples: [] }), fams.get(n)!);
   const base = (n: string) => n.replace(/_(bucket|sum|count|total|created)$/, '');
+  if (text !== '' && !text.endsWith('\n')) throw new Error('the text does not end with a newline');
+  const seen = new Set<string>();
+  const done = new Set<string>();
+  let current: string | undefined;
+  const enter = (name: string, line: string) => {
+    if (name === current) return;
+    if (done.has(name)) throw new Error(`family ${name} is not one group: ${line}`);
+    if (current !== undefined) done.add(current);
+    current = name;
+  };
   for (const line of text.split('\n')) {
     if (line === '') continue;
     let m = /^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) (.*)$/.exec(line);
     if (m) {
-      if (m[1] === 'HELP') fam(m[2]!).help = m[3];
-      else {
+      const f = fam(m[2]!);
+      enter(m[2]!, line);
+      if (m[1] === 'HELP') {
+        if (f.help !== undefined) throw new Error(`second HELP: ${line}`);
+        f.help = m[3];
+      } else {
         if (!['counter', 'gauge', 'histogram', 'summary', 'untyped'].includes(m[3]!)) throw new Error(`bad TYPE: ${line}`);
-        fam(m[2]!).type = m[3];
+        if (f.type !== undefined) throw new Error(`second TYPE: ${line}`);
+        if (f.samples.length > 0) throw new Error(`TYPE after its samples: ${line}`);
+        f.type = m[3];
       }
       continue;
     }
@@ -34,9 +55,10 @@ export function parseExposition(text: string): Map<string, Family> {
     if (!m) throw new Error(`unparseable line: ${JSON.stringify(line)}`);
     const labels: Record<string, string> = {};
     if (m[2]) {
-      const re = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?/g;
+      const re = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)",?/g;
       let consumed = 0;
       for (let l; (l = re.exec(m[2])); ) {
+        if (Object.hasOwn(labels, l[1]!)) throw new Error(`label ${l[1]} twice: ${line}`);
         labels[l[1]!] = l[2]!;
         consumed += l[0].length;
       }
@@ -46,7 +68,31 @@ export function parseExposition(text: string): Map<string, Family> {
     if (Number.isNaN(value) && m[3] !== 'NaN') throw new Error(`bad value: ${line}`);
     const owner = fams.has(m[1]!) ? m[1]! : base(m[1]!);
     if (!fams.has(owner)) throw new Error(`sample before its HELP/TYPE: ${line}`);
+    enter(owner, line);
+    const key = `${m[1]}{${Object.entries(labels).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => `${k}="${v}"`).join(',')}}`;
+    if (seen.has(key)) throw new Error(`series twice: ${line}`);
+    seen.add(key);
     fam(owner).samples.push({ name: m[1]!, labels, value });
+  }
+  for (const [name, f] of fams) {
+    if (f.type === 'counter' && f.samples.some((x) => !(x.value >= 0))) throw new Error(`counter ${name} below 0`);
+    if (f.type !== 'histogram') continue;
+    const series = new Map<string, { buckets: Array<[number, number]>; count?: number; sum?: number }>();
+    for (const x of f.samples) {
+      const { le, ...rest } = x.labels;
+      const k = JSON.stringify(Object.entries(rest).sort());
+      const h = series.get(k) ?? (series.set(k, { buckets: [] }), series.get(k)!);
+      if (x.name === `${name}_bucket`) h.buckets.push([le === '+Inf' ? Infinity : Number(le), x.value]);
+      else if (x.name === `${name}_count`) h.count = x.value;
+      else if (x.name === `${name}_sum`) h.sum = x.value;
+      else throw new Error(`histogram ${name} has a sample ${x.name}`);
+    }
+    for (const [k, h] of series) {
+      const b = [...h.buckets].sort((x, y) => x[0] - y[0]);
+      if (b.at(-1)?.[0] !== Infinity || h.count === undefined || h.sum === undefined) throw new Error(`histogram ${name}${k}: no +Inf bucket, _count or _sum`);
+      if (b.some(([, v], i) => i > 0 && v < b[i - 1]![1])) throw new Error(`histogram ${name}${k}: buckets not cumulative`);
+      if (b.at(-1)![1] !== h.count) throw new Error(`histogram ${name}${k}: +Inf bucket ${b.at(-1)![1]} is not _count ${h.count}`);
+    }
   }
   return fams;
 }
@@ -165,6 +211,28 @@ describe('/metrics over a real socket', () => {
     } finally {
       srv.rt.metrics.stepsPerSecond.remove({ model_name: 'other' });
     }
+  });
+});
+
+describe('the test parser of the text format', () => {
+  const h = '# HELP x_seconds h\n# TYPE x_seconds histogram\n';
+  const ok = `${h}x_seconds_bucket{le="1"} 1\nx_seconds_bucket{le="+Inf"} 2\nx_seconds_sum 3\nx_seconds_count 2\n`;
+  it('takes a valid text and refuses each thing the format forbids', () => {
+    expect(parseExposition(ok).get('x_seconds')!.samples).toHaveLength(4);
+    const bad: Record<string, string> = {
+      'second TYPE': ok.replace('# HELP', '# TYPE x_seconds histogram\n# HELP'),
+      'second HELP': ok.replace('# TYPE', '# HELP x_seconds again\n# TYPE'),
+      'TYPE after its samples': '# HELP c_total h\nc_total 1\n# TYPE c_total counter\n',
+      'not one group': `${ok}# HELP g h\n# TYPE g gauge\ng 1\nx_seconds_sum 4\n`,
+      'series twice': '# HELP g h\n# TYPE g gauge\ng{a="1"} 1\ng{a="1"} 2\n',
+      'bad labels': '# HELP g h\n# TYPE g gauge\ng{a="\\x"} 1\n',
+      'newline': ok.slice(0, -1),
+      'not cumulative': ok.replace('x_seconds_bucket{le="+Inf"} 2', 'x_seconds_bucket{le="2"} 0\nx_seconds_bucket{le="+Inf"} 2'),
+      'is not _count': ok.replace('x_seconds_count 2', 'x_seconds_count 3'),
+      'no +Inf bucket': ok.replace('x_seconds_bucket{le="+Inf"} 2\n', ''),
+      'below 0': '# HELP c_total h\n# TYPE c_total counter\nc_total -1\n',
+    };
+    for (const [why, text] of Object.entries(bad)) expect(() => parseExposition(text), why).toThrow(why);
   });
 });
 
