@@ -16,11 +16,17 @@ interface Ws {
   closed: Promise<{ code: number; reason: string }>;
   next(pred?: (m: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
   send(text: string): void;
+  /** Sends a close frame (masked, as a client must). */
+  close(code: number, reason: string): void;
 }
 
-function connect(port: number, path: string): Promise<Ws> {
+/**
+ * `keepOpen`: the client answers the server's close frame with nothing and never ends its side of the TCP connection
+ * (half-open), whatever the server does.
+ */
+function connect(port: number, path: string, opts: { keepOpen?: boolean } = {}): Promise<Ws> {
   return new Promise((resolve, reject) => {
-    const sock = net.connect(port, '127.0.0.1');
+    const sock = net.connect({ port, host: '127.0.0.1', allowHalfOpen: opts.keepOpen === true });
     const key = randomBytes(16).toString('base64');
     let buf = Buffer.alloc(0);
     let upgraded = false;
@@ -42,6 +48,7 @@ function connect(port: number, path: string): Promise<Ws> {
       messages,
       closed,
       send: (text) => frame(1, Buffer.from(text)),
+      close: (code, reason) => frame(8, Buffer.concat([Buffer.from([code >> 8, code & 0xff]), Buffer.from(reason)])),
       async next(pred = () => true, timeoutMs = 30_000) {
         const end = Date.now() + timeoutMs;
         for (let seen = 0; ; ) {
@@ -83,7 +90,7 @@ function connect(port: number, path: string): Promise<Ws> {
         else if (op === 8) {
           gotClose = true;
           closeInfo!({ code: payload.length >= 2 ? payload.readUInt16BE(0) : 1005, reason: payload.subarray(2).toString() });
-          sock.end();
+          if (!opts.keepOpen) sock.end();
         }
         for (const w of waiters.splice(0)) w();
       }
@@ -238,6 +245,39 @@ describe('WebSocket stream', () => {
     console.log(`slow reader: ${steps.length}/${of} progress and ${previews}/${of} previews delivered, ${dropped} dropped`);
     // Every step's two messages were either delivered or counted as dropped.
     expect(steps.length + previews + dropped).toBe(2 * of);
+  });
+});
+
+describe('a client that sends its close frame and leaves the TCP connection open', () => {
+  it('has its generation stopped at once and its connection closed 2 s later, so the drain does not wait for it', async () => {
+    // A runtime of its own, for the drain at its end.
+    const own = await startRuntime({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: '1024', RESULT_CACHE_MB: '0' }, { ready: true });
+    try {
+      const [steps0, images0] = [await metric(own, 'denoising_steps_total'), await metric(own, 'images_generated_total')];
+      const ws = await connect(own.port, '/v1/models/model/stream', { keepOpen: true });
+      ws.send(JSON.stringify({ prompt: 'long', num_inference_steps: 400, height: 1024, width: 1024, seed: 3 }));
+      await ws.next((m) => m.type === 'progress' && (m.step as number) >= 2);
+      ws.close(1000, 'bye');
+      // ws answers the close frame at once, as before.
+      expect(await ws.closed).toEqual({ code: 1000, reason: 'bye' });
+      // The generation stops at its next step: before, it ran all 400 steps (or until ws's 30 s close timeout ended the
+      // connection), for a client that had said it was leaving.
+      await until(() => own.rt.generation.inflight === 0, 60_000, 25);
+      expect(await metric(own, 'inference_cancelled_total', { reason: 'client_left' })).toBe(1);
+      expect((await metric(own, 'denoising_steps_total')) - steps0).toBeLessThan(401);
+      expect(await metric(own, 'images_generated_total')).toBe(images0);
+      expect(own.logs.filter((l) => l.msg === 'inference request').map((l) => l.status)).toEqual([499]);
+      // The client still holds its side open. The connection is the server's to close: SIGTERM's drain waits for open
+      // WebSockets, and waited out ws's 30 s for this one.
+      expect(ws.sock.writableEnded).toBe(false);
+      const t0 = performance.now();
+      await own.stop(10_000);
+      console.log(`half-open close: drained ${Math.round(performance.now() - t0)} ms after the cancellation`);
+      expect(own.all('shut-down')).toEqual([{ drained: true }]);
+      ws.sock.destroy();
+    } finally {
+      await own.stop();
+    }
   });
 });
 

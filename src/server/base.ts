@@ -196,7 +196,7 @@ export const pathOf = (url: string | undefined): string => {
 const errorBody = (code: HttpErrorCode, error: string): string => JSON.stringify({ error, code });
 
 /** How long a connection closed after an answer still takes (and drops) what the client sends. */
-const LINGER_MS = 2000;
+export const LINGER_MS = 2000;
 
 /** Destroys `socket` LINGER_MS from now, unless it has closed by then. */
 function destroyLater(socket: Duplex): void {

@@ -12,16 +12,17 @@
  *   protocol: an unmasked or malformed frame closes with 1002, a message over MAX_BODY_BYTES with 1009; pings are
  *   answered, but not read while the answers back up (a client that pings without reading).
  * The close handshake ends with this side closing the TCP connection as soon as the client answers the close frame
- * (clients such as browsers, undici and Python's websockets wait for that). Closing the socket cancels the
- * generation: a queued request leaves the queue, a running batch stops between steps once every client has left.
+ * (clients such as browsers, undici and Python's websockets wait for that); a client that leaves its side open has it
+ * closed 2 s (LINGER_MS) after the close frames crossed. The client's close frame, or its closing the socket, cancels
+ * the generation: a queued request leaves the queue, a running batch stops between steps once every client has left.
  */
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { WebSocketServer, type RawData, type WebSocket } from 'ws';
+import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, parseInstances } from '../runtime/request.js';
-import { rawError, type App } from './base.js';
+import { LINGER_MS, rawError, type App } from './base.js';
 import { wsOriginRefusal } from './cors.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, requestLog, type RouteOptions } from './http.js';
@@ -35,8 +36,28 @@ export const REQUEST_WAIT_MS = 120_000;
 /** A ping this often; a client that has neither answered the previous one nor read anything since is gone. */
 export const HEARTBEAT_MS = 30_000;
 
+/**
+ * ws's socket, telling when the client closes. ws answers a client's close frame (and a frame that breaks the protocol)
+ * through close(), and says nothing until the TCP connection has ended: for a client that leaves its side of it open,
+ * 30 s later (ws's close timeout). This side closes through `closeOwn`.
+ */
+class StreamSocket extends WebSocket {
+  /** The client's close frame came (first, or in answer to this side's), or a frame that broke the protocol. */
+  onClientClose: () => void = () => undefined;
+
+  override close(code?: number, data?: string | Buffer): void {
+    super.close(code, data);
+    this.onClientClose();
+  }
+
+  closeOwn(code: number, reason: string): void {
+    super.close(code, reason);
+  }
+}
+
 interface Conn {
   name: string;
+  /** The client is gone: its close frame came, or the connection ended. It is sent nothing more. */
   closed: boolean;
   closing: boolean;
   started: boolean;
@@ -60,7 +81,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   metrics.wsDropped.inc({ model_name: cfg.modelName }, 0);
   // maxPayload: a bigger message closes with 1009. No compression: results are base64 PNGs, and inflating a client's
   // message would be a second size to police.
-  const wss = new WebSocketServer({ noServer: true, maxPayload: cfg.maxBodyBytes, perMessageDeflate: false, clientTracking: false });
+  const wss = new WebSocketServer({ WebSocket: StreamSocket, noServer: true, maxPayload: cfg.maxBodyBytes, perMessageDeflate: false, clientTracking: false });
   // A handshake ws refuses (no or a bad Sec-WebSocket-Key, a version it does not speak) gets the JSON error every other
   // answer has, instead of ws's text/html line; and the versions it speaks, as RFC 6455 4.2.2 asks.
   wss.on('wsClientError', (err, socket) => {
@@ -74,7 +95,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? '', Array.isArray(id) ? id.join(', ') : id));
   });
 
-  function open(ws: WebSocket, name: string, requestId: string | undefined): void {
+  function open(ws: StreamSocket, name: string, requestId: string | undefined): void {
     const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [], requestId };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
@@ -99,6 +120,16 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (!c.started) fail(ws, c, shuttingDown(name));
     };
     ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
+    // Its close frame says the client takes nothing more: the generation stops now rather than when the connection
+    // ends, which a client that keeps its side open put off for ws's 30 s, its generation running on all along. Both
+    // close frames have then been sent (ws answers at once): the connection has nothing left to carry, and a client
+    // that does not close it within LINGER_MS has it closed.
+    ws.onClientClose = () => {
+      if (c.closed) return;
+      c.closed = true;
+      c.gone.abort();
+      c.timers.push(setTimeout(() => ws.terminate(), LINGER_MS));
+    };
     ws.on('close', () => {
       c.closed = true;
       c.gone.abort();
@@ -131,7 +162,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     }
   }
 
-  function message(ws: WebSocket, c: Conn, data: RawData): void {
+  function message(ws: StreamSocket, c: Conn, data: RawData): void {
     if (c.closed || c.closing) return;
     if (c.started) {
       // Told once: an answer to every further message would let a client that sends without reading make this side
@@ -146,7 +177,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     void run(ws, c, buf);
   }
 
-  async function run(ws: WebSocket, c: Conn, body: Buffer): Promise<void> {
+  async function run(ws: StreamSocket, c: Conn, body: Buffer): Promise<void> {
     let status = 200;
     try {
       assertServable(ctx, c.name);
@@ -181,7 +212,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   }
 
   /** Progress is best effort: a slow client misses steps, never the result. */
-  function progress(ws: WebSocket, c: Conn, p: Progress): void {
+  function progress(ws: StreamSocket, c: Conn, p: Progress): void {
     if (c.closed || c.closing) return;
     for (const msg of progressMessages(p)) {
       if (ws.bufferedAmount > PROGRESS_BUFFER_LIMIT) {
@@ -193,16 +224,16 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   }
 
   /** Messages that must arrive (accepted, result, error): queued in order however slow the client is. */
-  function critical(ws: WebSocket, c: Conn, msg: string): void {
+  function critical(ws: StreamSocket, c: Conn, msg: string): void {
     if (c.closed || c.closing) return;
     ws.send(msg);
   }
 
   /** The close frame follows the queued messages; the TCP connection ends once the client answers it. */
-  function closeWith(ws: WebSocket, c: Conn, code: number, reason: string): void {
+  function closeWith(ws: StreamSocket, c: Conn, code: number, reason: string): void {
     if (c.closed || c.closing) return;
     c.closing = true;
-    ws.close(code, reason);
+    ws.closeOwn(code, reason);
   }
 
   /**
@@ -211,12 +242,12 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
    * it (4 images at 1024x1024 are 15 MB) lost it mid-message. Until then the heartbeat bounds a client that reads
    * nothing; sent in fragments, the bytes still queued fall as the client reads, which the heartbeat takes as alive.
    */
-  function last(ws: WebSocket, c: Conn, msg: string, code: number, reason: string): void {
+  function last(ws: StreamSocket, c: Conn, msg: string, code: number, reason: string): void {
     if (c.closed || c.closing) return;
     c.closing = true;
     const bytes = Buffer.from(msg);
     const sent = (err?: Error | null) => {
-      if (!err && ws.readyState === ws.OPEN) ws.close(code, reason);
+      if (!err && ws.readyState === ws.OPEN) ws.closeOwn(code, reason);
     };
     for (let at = 0; at === 0 || at < bytes.length; at += RESULT_FRAGMENT_BYTES) {
       const fin = at + RESULT_FRAGMENT_BYTES >= bytes.length;
@@ -226,7 +257,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
 
   const route = (c: Conn) => `/v1/models/${c.name}/stream`;
 
-  function fail(ws: WebSocket, c: Conn, err: unknown): void {
+  function fail(ws: StreamSocket, c: Conn, err: unknown): void {
     const out = errorReply(err, requestLog(opts.log, route(c), c.requestId));
     c.code = out.code;
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
