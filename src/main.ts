@@ -201,7 +201,8 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     shutdown: rt.shutdown,
     images: rt.images,
     inputBudget: rt.inputBudget,
-    generate: (reqs, signal, onProgress, onQueued, timeoutMs) => rt.generation.generate(reqs, signal, onProgress, onQueued, timeoutMs),
+    generate: (reqs, signal, opts) => rt.generation.generate(reqs, signal, opts),
+    track: (id, work) => rt.generation.track(id, work),
   };
   w.registerRoutes(base, ctx);
   rt.setListener(base);

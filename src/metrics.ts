@@ -143,7 +143,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     inflight: new Gauge({
       name: 'inference_requests_in_flight',
-      help: 'Inference requests being served: from the result cache or the queue until their images are made and, with output_uri, uploaded (reading the input images before and writing the answer after are not counted); a request of several instances counts once',
+      help: 'Inference requests being served: from the reading of their input images (image-to-image, inpainting, edits: decoding, s3:// inputs) through the result cache or the queue until their images are made and, with output_uri, uploaded (writing the answer after is not counted); a request of several instances counts once',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

@@ -2,10 +2,12 @@
  * INPUT_IMAGES_MB through the real server: an image costs its decoded pixels, not its encoded size (a lossless WebP of
  * a few KB decodes to tens of MB), so what the input images of all requests in flight hold is bounded. A request that
  * alone needs more is a 400 naming the limit; one that meets others holding it is a 503 BUSY with Retry-After; what a
- * request held is given back when it ends, the client's leaving included.
+ * request held is given back when it ends, the client's leaving included. Reading the images is part of the request:
+ * counted in flight on every route.
  */
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
 import { parseInstances } from '../src/runtime/request.js';
 import { parseContext, readImages, type ServerContext } from '../src/server/context.js';
 import { bmp, gif1x1 } from './helpers/images.js';
@@ -108,4 +110,62 @@ describe('INPUT_IMAGES_MB', () => {
     expect(err.message).toMatch(/REQUEST_TIMEOUT_S=1s/);
     await until(() => r.inputBudget.used === 0, 10_000);
   }, 30_000);
+});
+
+describe('reading the input images', () => {
+  const pic = () => sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } }).png().toBuffer();
+  const fields = { prompt: 'p', seed: 1, num_inference_steps: 1 };
+  const status = async (res: Response) => (await res.text(), res.status);
+  const v2 = (image: string, parameters: Record<string, unknown> = {}) => postJson(`${rt.url}/v2/models/model/infer`, {
+    inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [1], data: ['p'] }, { name: 'image', datatype: 'BYTES', shape: [1], data: [image] }],
+    parameters: { seed: 1, num_inference_steps: 1, height: 64, width: 64, ...parameters },
+  });
+  /** The WebSocket's answer as the HTTP status its close code stands for (1000: 200). */
+  const viaWs = (inst: Record<string, unknown>) => new Promise<number>((resolve) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${rt.port}/v1/models/model/stream`);
+    ws.on('open', () => ws.send(JSON.stringify(inst)));
+    ws.on('error', () => undefined);
+    ws.on('close', (code) => resolve(code === 1000 ? 200 : code - 4000));
+  });
+  /** GETs of `key` held by the proxy until the returned function is called. */
+  const holdGets = (key: RegExp): (() => void) => {
+    let release!: () => void;
+    proxy.faults.hold = { keys: key, release: new Promise<void>((r) => (release = r)) };
+    return () => {
+      proxy.faults.hold = undefined;
+      release();
+    };
+  };
+
+  it('is counted in flight on every route: V1, V2, an OpenAI edit and the WebSocket, while an s3:// input is read', async () => {
+    await s3.put('inputs', 'pic.png', await pic());
+    const image = 's3://inputs/pic.png';
+    const edit = () => {
+      const f = new FormData();
+      for (const [k, v] of Object.entries({ ...fields, image, size: '64x64' })) f.append(k, String(v));
+      return fetch(`${rt.url}/openai/v1/images/edits`, { method: 'POST', body: f }).then(status);
+    };
+    const routes: Array<[string, () => Promise<number>]> = [
+      ['V1', async () => (await predict([{ ...fields, image, height: 64, width: 64 }])).status],
+      ['V2', async () => (await v2(image)).status],
+      ['OpenAI edit', edit],
+      ['WebSocket', () => viaWs({ ...fields, image, height: 64, width: 64 })],
+    ];
+    // Per route: the gauge and the drain's count while the input is read, then the answer and the gauge after it.
+    const seen: Array<[string, number, number]> = [];
+    for (const [route, send] of routes) {
+      const release = holdGets(/\/pic\.png/);
+      const held = proxy.stats.held;
+      const answer = send();
+      try {
+        await until(() => proxy.stats.held > held, 20_000);
+        seen.push([route, await metric(rt, 'inference_requests_in_flight'), rt.rt.generation.inflight]);
+      } finally {
+        release();
+      }
+      seen.push([route, await answer, await metric(rt, 'inference_requests_in_flight')]);
+    }
+    // Before, 0 until the request was queued: a pod busy fetching (or decoding) large inputs showed nothing in flight.
+    expect(seen).toEqual(routes.flatMap(([route]) => [[route, 1, 1], [route, 200, 0]]));
+  }, 60_000);
 });

@@ -1,10 +1,11 @@
 /**
- * @module A generation request's way through the runtime once parsed: its REQUEST_TIMEOUT_S, the result cache, the
- * engine's queue, and the upload to output_uri. It counts the requests in flight, for the gauge and the SIGTERM drain.
+ * @module A generation request's way through the runtime once parsed: the reading of its input images (which the server
+ * hands it), its REQUEST_TIMEOUT_S, the result cache, the engine's queue, and the upload to output_uri. It counts the
+ * requests in flight, for the gauge and the SIGTERM drain.
  */
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
-import { deadline } from '../deadline.js';
+import { deadline, type Deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
@@ -14,13 +15,29 @@ import { createOutputStore, withWritten } from './output.js';
 import type { GenerationRequest } from './request.js';
 import { createResultCache, type ResultCache } from './result-cache.js';
 
+export interface GenerateOptions {
+  onProgress?: (p: Progress) => void;
+  /** Once per request, when it is queued (or answered from the result cache). */
+  onQueued?: () => void;
+  /** The request's own deadline (V2's parameters.timeout), taken where shorter than REQUEST_TIMEOUT_S. */
+  timeoutMs?: number;
+  /**
+   * Reads the request's input images (the server's readImages), the request already in flight; returns what gives
+   * back what they hold, run once the request has ended.
+   */
+  read?: (signal: AbortSignal) => Promise<() => void>;
+}
+
 export interface Generation {
-  /** Runs requests through the result cache and the queue; results in request order. */
-  /** `onQueued`: once per request, when it is queued (or answered from the result cache). */
-  /** `timeoutMs`: the request's own deadline (V2's parameters.timeout), taken where shorter than REQUEST_TIMEOUT_S. */
-  generate(reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]>;
+  /** Runs requests through the result cache and the queue, counted in flight under `signal` (track); results in order. */
+  generate(reqs: GenerationRequest[], signal: AbortSignal, opts?: GenerateOptions): Promise<TaskResult[]>;
+  /**
+   * Counts `work` as one request in flight (the gauge, drained()) until it settles; `id` names the request (its signal):
+   * work of a request already counted (an edit's picture read before it is generated) runs within that count.
+   */
+  track<T>(id: object, work: () => Promise<T>): Promise<T>;
   readonly resultCache: ResultCache;
-  /** Requests in flight (a request of several generations counts once). */
+  /** Requests in flight, from the reading of their input images (a request of several generations counts once). */
   readonly inflight: number;
   /** Resolves once no request is in flight and the engine has nothing queued, running or encoding. */
   drained(): Promise<void>;
@@ -45,6 +62,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   const running = new Map<string, Promise<EncodedImage[]>>();
   let inflight = 0;
   const waiters: Array<() => void> = [];
+  const counted = new WeakSet<object>();
 
   /** A result-cache answer: copies of `images`, counted as a hit. */
   const cachedResult = (images: readonly EncodedImage[], onQueued?: () => void): TaskResult => {
@@ -112,46 +130,64 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     return result;
   };
 
+  const track = async <T>(id: object, work: () => Promise<T>): Promise<T> => {
+    if (counted.has(id)) return work();
+    counted.add(id);
+    inflight++;
+    metrics.inflight.set(labels, inflight);
+    try {
+      return await work();
+    } finally {
+      counted.delete(id);
+      inflight--;
+      metrics.inflight.set(labels, inflight);
+      if (inflight === 0) for (const w of waiters.splice(0)) w();
+    }
+  };
+
   return {
     resultCache,
     get inflight() {
       return inflight;
     },
-    async generate(reqs, signal, onProgress, onQueued, timeoutMs) {
-      inflight++;
-      metrics.inflight.set(labels, inflight);
-      // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step.
+    track,
+    generate: (reqs, signal, { onProgress, onQueued, timeoutMs, read } = {}) => track(signal, async () => {
+      // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step; the reading of
+      // its input images has its own.
       const own = timeoutMs !== undefined && timeoutMs < cfg.requestTimeoutS * 1000;
-      const timeout = deadline(signal, own ? timeoutMs : cfg.requestTimeoutS * 1000);
+      const limitMs = own ? timeoutMs : cfg.requestTimeoutS * 1000;
+      let timeout: Deadline | undefined;
+      let release = () => undefined as void;
       // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
-      const both = AbortSignal.any([timeout.signal, failed.signal]);
-      // Each generation of the request listens on `both` while queued or running, and each image on the timeout's while
-      // uploading: up to MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no
-      // warning for it.
-      setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
-      const upload: Uploads = { signal: timeout.signal, started: [] };
+      const uploads: Uploads['started'] = [];
       try {
+        if (read) release = await read(signal);
+        timeout = deadline(signal, limitMs);
+        const both = AbortSignal.any([timeout.signal, failed.signal]);
+        // Each generation of the request listens on `both` while queued or running, and each image on the timeout's while
+        // uploading: up to MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no
+        // warning for it.
+        setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
+        const upload: Uploads = { signal: timeout.signal, started: uploads };
         return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
-        if (timeout.timedOut && !signal.aborted) {
+        if (timeout?.timedOut && !signal.aborted) {
           const limit = own ? `its parameters.timeout (${Math.round(timeoutMs * 1000)} µs)` : `REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s`;
           throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped`, { cause: err });
         }
         // Other instances' uploads under way end first, as one instance's images do (output.ts): cancelled, their
         // requests already sent would land after the error.
-        const written = (await Promise.allSettled(upload.started)).flatMap((u) => (u.status === 'fulfilled' ? u.value : []));
+        const written = (await Promise.allSettled(uploads)).flatMap((u) => (u.status === 'fulfilled' ? u.value : []));
         throw withWritten(err, written, "instances' images");
       } finally {
-        timeout.clear();
-        inflight--;
-        metrics.inflight.set(labels, inflight);
-        if (inflight === 0) for (const w of waiters.splice(0)) w();
+        timeout?.clear();
+        release();
       }
-    },
+    }),
     uploadsSettled: (ms) => output.settled(ms),
     drained() {
       if (inflight === 0) return engine.idle();

@@ -7,6 +7,7 @@ import type { Logger } from '../log.js';
 import type { Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
+import type { GenerateOptions } from '../runtime/generation.js';
 import { type GenerationRequest, type ParseContext } from '../runtime/request.js';
 import { resolveImages, type InputBudget } from '../runtime/image-request.js';
 import type { ImageSource } from '../runtime/image-source.js';
@@ -28,8 +29,10 @@ export interface ServerContext {
   images: ImageSource;
   /** What the input images of all requests in flight may hold at once (INPUT_IMAGES_MB). */
   inputBudget: InputBudget;
-  /** Runs requests through the result cache and the queue; results in request order. */
-  generate: (reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number) => Promise<TaskResult[]>;
+  /** Runs requests through the result cache and the queue, counted in flight; results in request order. */
+  generate: (reqs: GenerationRequest[], signal: AbortSignal, opts?: GenerateOptions) => Promise<TaskResult[]>;
+  /** Counts `work` as request `id` in flight (inference_requests_in_flight, the SIGTERM drain); nested work counts once. */
+  track: <T>(id: object, work: () => Promise<T>) => Promise<T>;
 }
 
 /**
@@ -107,16 +110,11 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
 }
 
 /**
- * Every route's request: its input images read (readImages), then generated; the images' share of the input budget
- * is given back once the generation has ended, whatever its outcome.
+ * Every route's request: its input images read (readImages), then generated, in flight from the start of the reading;
+ * the images' share of the input budget is given back once the generation has ended, whatever its outcome.
  */
-export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]> {
-  const release = await readImages(ctx, reqs, signal);
-  try {
-    return await ctx.generate(reqs, signal, onProgress, onQueued, timeoutMs);
-  } finally {
-    release();
-  }
+export function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]> {
+  return ctx.generate(reqs, signal, { read: (s) => readImages(ctx, reqs, s), onProgress, onQueued, timeoutMs });
 }
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */

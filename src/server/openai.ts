@@ -228,7 +228,9 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
   app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (_r, body, ex) => serve(parseJson(body), ex.gone.signal), opts, precheck('images/generations')));
   app.post(
     `${OPENAI_PREFIX}/images/edits`,
-    bodyRoute(async (r, body, ex) => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_NAMES), opts, precheck('images/edits')),
+    // In flight from the form's reading on: finding the picture's transparent area decodes it, as reading it does.
+    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_NAMES)),
+      opts, precheck('images/edits')),
   );
 }
 
