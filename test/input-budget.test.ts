@@ -3,7 +3,7 @@
  * a few KB decodes to tens of MB), so what the input images of all requests in flight hold is bounded. A request that
  * alone needs more is a 400 naming the limit; one that meets others holding it is a 503 BUSY with Retry-After; what a
  * request held is given back when it ends, the client's leaving included. Reading the images is part of the request:
- * counted in flight on every route.
+ * counted in flight on every route, and bounded by V2's parameters.timeout.
  */
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -168,4 +168,18 @@ describe('reading the input images', () => {
     // Before, 0 until the request was queued: a pod busy fetching (or decoding) large inputs showed nothing in flight.
     expect(seen).toEqual(routes.flatMap(([route]) => [[route, 1, 1], [route, 200, 0]]));
   }, 60_000);
+
+  it("V2's parameters.timeout bounds it, with the 504 a generation that outlives it gets, and gives its share back", async () => {
+    // The 40 MB input's body stalls after its first bytes: its size is held from its headers on. Before, only
+    // REQUEST_TIMEOUT_S (600 s here) bounded the read.
+    proxy.faults.stallAfterBytes = 1024;
+    proxy.faults.stalls = 1;
+    const stalls = proxy.stats.stalls;
+    const hung = new Promise<never>((_, no) => setTimeout(() => no(new Error('still reading after 15 s')), 15_000).unref());
+    const r = await Promise.race([v2('s3://inputs/big.webp', { timeout: 1_000_000 }), hung]);
+    expect([r.status, r.json]).toEqual([504, { code: 'TIMEOUT', error: 'the request took longer than its parameters.timeout (1000000 µs) and was stopped' }]);
+    expect(proxy.stats.stalls).toBe(stalls + 1);
+    expect(rt.rt.generation.inflight).toBe(0);
+    await until(() => rt.rt.inputBudget.used === 0, 10_000);
+  }, 30_000);
 });

@@ -5,7 +5,7 @@
  */
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
-import { deadline, type Deadline } from '../deadline.js';
+import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
@@ -19,7 +19,10 @@ export interface GenerateOptions {
   onProgress?: (p: Progress) => void;
   /** Once per request, when it is queued (or answered from the result cache). */
   onQueued?: () => void;
-  /** The request's own deadline (V2's parameters.timeout), taken where shorter than REQUEST_TIMEOUT_S. */
+  /**
+   * The request's own deadline (V2's parameters.timeout), taken where shorter than REQUEST_TIMEOUT_S. It runs from the
+   * call, `read` included, as Triton's bounds the whole request; REQUEST_TIMEOUT_S starts at the generation.
+   */
   timeoutMs?: number;
   /**
    * Reads the request's input images (the server's readImages), the request already in flight; returns what gives
@@ -152,19 +155,20 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     },
     track,
     generate: (reqs, signal, { onProgress, onQueued, timeoutMs, read } = {}) => track(signal, async () => {
-      // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step; the reading of
-      // its input images has its own.
+      // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step. Its own shorter
+      // deadline runs from now, the reading of its input images included; REQUEST_TIMEOUT_S from the generation (the
+      // reading has its own).
       const own = timeoutMs !== undefined && timeoutMs < cfg.requestTimeoutS * 1000;
       const limitMs = own ? timeoutMs : cfg.requestTimeoutS * 1000;
-      let timeout: Deadline | undefined;
+      let timeout = own ? deadline(signal, limitMs) : undefined;
       let release = () => undefined as void;
       // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const uploads: Uploads['started'] = [];
       try {
-        if (read) release = await read(signal);
-        timeout = deadline(signal, limitMs);
+        if (read) release = await read(timeout?.signal ?? signal);
+        timeout ??= deadline(signal, limitMs);
         const both = AbortSignal.any([timeout.signal, failed.signal]);
         // Each generation of the request listens on `both` while queued or running, and each image on the timeout's while
         // uploading: up to MAX_IMAGES_PER_REQUEST at once, all removed when done. More than Node's 10 is no leak, so no

@@ -110,8 +110,9 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
 }
 
 /**
- * Every route's request: its input images read (readImages), then generated, in flight from the start of the reading;
- * the images' share of the input budget is given back once the generation has ended, whatever its outcome.
+ * Every route's request: its input images read (readImages), then generated, in flight from the start of the reading
+ * and within its own timeout (`timeoutMs`, V2's parameters.timeout); the images' share of the input budget is given
+ * back once the generation has ended, whatever its outcome.
  */
 export function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]> {
   return ctx.generate(reqs, signal, { read: (s) => readImages(ctx, reqs, s), onProgress, onQueued, timeoutMs });
