@@ -137,8 +137,11 @@ describe('reading the input images', () => {
     };
   };
 
-  it('is counted in flight on every route: V1, V2, an OpenAI edit and the WebSocket, while an s3:// input is read', async () => {
+  beforeAll(async () => {
     await s3.put('inputs', 'pic.png', await pic());
+  });
+
+  it('is counted in flight on every route: V1, V2, an OpenAI edit and the WebSocket, while an s3:// input is read', async () => {
     const image = 's3://inputs/pic.png';
     const edit = () => {
       const f = new FormData();
@@ -167,6 +170,27 @@ describe('reading the input images', () => {
     }
     // Before, 0 until the request was queued: a pod busy fetching (or decoding) large inputs showed nothing in flight.
     expect(seen).toEqual(routes.flatMap(([route]) => [[route, 1, 1], [route, 200, 0]]));
+  }, 60_000);
+
+  it('is part of a request in flight at SIGTERM: the drain waits for it, and the request is served', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', INPUT_URI_PREFIXES: 's3://inputs' }, { ready: true });
+    const release = holdGets(/\/pic\.png/);
+    try {
+      const held = proxy.stats.held;
+      const answer = postJson(`${own.url}/v1/models/model:predict`, { instances: [{ ...fields, image: 's3://inputs/pic.png', height: 64, width: 64 }] });
+      await until(() => proxy.stats.held > held, 20_000);
+      const stopped = own.stop(30_000);
+      expect((await own.waitFor('draining')).inflight).toBe(1);
+      release();
+      // Before, it was refused once read, 503 SHUTTING_DOWN, as a request that arrived after the signal is.
+      const r = await answer;
+      expect([r.status, r.json.error]).toEqual([200, undefined]);
+      await stopped;
+      expect(own.all('shut-down')).toEqual([{ drained: true }]);
+    } finally {
+      release();
+      await own.stop();
+    }
   }, 60_000);
 
   it("V2's parameters.timeout bounds it, with the 504 a generation that outlives it gets, and gives its share back", async () => {

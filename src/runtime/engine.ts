@@ -75,6 +75,11 @@ export interface SubmitOptions {
    * and the queue depth count requests, so a request of several instances waits as one. Default: a request of its own.
    */
   request?: object;
+  /**
+   * The request was in flight before stopAccepting() (reading its input images): queued all the same, until close().
+   * SIGTERM's drain waits for it; refused once read, it would only have been made to wait for a 503.
+   */
+  admitted?: boolean;
 }
 
 interface Task {
@@ -209,7 +214,10 @@ export class Engine {
   readonly #workers: WorkerHandle[] = [];
   readonly #pending: Task[] = [];
   #nextId = 1;
+  /** stopAccepting() or close(): no new work. */
   #closing = false;
+  /** close(): none at all, admitted or not. */
+  #closed = false;
   #windowTimer: NodeJS.Timeout | undefined;
   #defaults: ModelDefaults | undefined;
   readonly #labels: { model_name: string };
@@ -421,7 +429,7 @@ export class Engine {
    */
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
     // Closing: #submit refuses (and counts) it before any adapter is looked up.
-    if (!req.loras || req.loras.length === 0 || this.#closing) return this.#submit(req, opts, undefined);
+    if (!req.loras || req.loras.length === 0 || this.#refuses(opts)) return this.#submit(req, opts, undefined);
     return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }));
   }
 
@@ -434,7 +442,7 @@ export class Engine {
       this.#refused.add(request);
       return Promise.reject(err);
     };
-    if (this.#closing) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    if (this.#refuses(opts)) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
@@ -465,13 +473,23 @@ export class Engine {
     return new Promise((r) => this.#idleWaiters.push(r));
   }
 
-  /** Stops accepting; queued and running work goes on until `idle()`. */
+  /** Stops accepting; queued and running work goes on until `idle()`, and admitted requests still queue. */
   stopAccepting(): void {
     this.#closing = true;
   }
 
+  /** False from stopAccepting() on: a request that starts now is not admitted (SubmitOptions.admitted). */
+  get accepting(): boolean {
+    return !this.#closing;
+  }
+
+  #refuses(opts: SubmitOptions): boolean {
+    return this.#closed || (this.#closing && opts.admitted !== true);
+  }
+
   async close(): Promise<void> {
     this.#closing = true;
+    this.#closed = true;
     for (const t of this.#restartTimers) clearTimeout(t);
     this.#restartTimers.clear();
     for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));

@@ -65,7 +65,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   const running = new Map<string, Promise<EncodedImage[]>>();
   let inflight = 0;
   const waiters: Array<() => void> = [];
-  const counted = new WeakSet<object>();
+  /**
+   * The requests in flight, and whether each was admitted: in flight before SIGTERM (reading its input images then),
+   * it is queued after it (SubmitOptions.admitted), since the drain waits for it.
+   */
+  const counted = new WeakMap<object, boolean>();
 
   /** A result-cache answer: copies of `images`, counted as a hit. */
   const cachedResult = (images: readonly EncodedImage[], onQueued?: () => void): TaskResult => {
@@ -105,14 +109,14 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * `upload`: the request's uploads, each under way until it settles; aborted by the client's leaving or the timeout,
    * not by `signal`'s failure of another generation of the request (generate()).
    */
-  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
+  const generateOne = async (req: GenerationRequest, request: object, admitted: boolean, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
     onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     const hit = key === undefined ? undefined : resultCache.get(key) ?? (await joinRunning(key, signal, onProgress));
     let result: TaskResult;
     if (hit) result = cachedResult(hit, onQueued);
     else {
-      const run = engine.submit(req, { signal, request, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
+      const run = engine.submit(req, { signal, request, admitted, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
       if (key !== undefined && !running.has(key)) {
         // Copied as the generation ends, before this request's answer can hand its buffers on.
         const shared = run.then((r) => r.images.map((i) => ({ ...i, data: i.data.slice(0) })));
@@ -135,7 +139,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 
   const track = async <T>(id: object, work: () => Promise<T>): Promise<T> => {
     if (counted.has(id)) return work();
-    counted.add(id);
+    counted.set(id, engine.accepting);
     inflight++;
     metrics.inflight.set(labels, inflight);
     try {
@@ -166,6 +170,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const uploads: Uploads['started'] = [];
+      const admitted = counted.get(signal) === true;
       try {
         if (read) release = await read(timeout?.signal ?? signal);
         timeout ??= deadline(signal, limitMs);
@@ -175,7 +180,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // warning for it.
         setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
         const upload: Uploads = { signal: timeout.signal, started: uploads };
-        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, onProgress, onQueued)));
+        return await Promise.all(reqs.map((r) => generateOne(r, reqs, admitted, both, upload, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
