@@ -178,6 +178,37 @@ describe('objects replaced under a prefix while another process leases its entry
     }
   }, 60_000);
 
+  it('a fill killed (SIGKILL) after it took the commit off a leased entry, before it put it back: the next fill leaves the leased files as they were', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('e', 1);
+    const old = (await fill(cache, 'e')).dir;
+    const before = await snapshot(old);
+    const pod = await leaseInChild(old);
+    // A lease file that is a FIFO: its reader blocks until a writer opens it, so the warm-up Job stops where it reads
+    // the leases, after the commit went and before it is put back, and is killed there.
+    const fifo = path.join(leasesDir(old), 'blocked.lease');
+    try {
+      await publish('e', 6);
+      expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+      let kill!: (s: NodeJS.Signals) => void;
+      const job = runWarmupCli([], s3Env(proxy.endpoint, cache, { STORAGE_URI: uriOf('e') }), (k) => (kill = k));
+      await until(() => !existsSync(path.join(old, MANIFEST)), 20_000, 20);
+      kill('SIGKILL');
+      expect((await job).signal).toBe('SIGKILL');
+      await fsp.unlink(fifo);
+      // The next start, while the pod still serves from the entry: its files are not rewritten under it.
+      const next = await fill(cache, 'e');
+      expect(readFileSync(path.join(old, 'unet/model.onnx')).equals(detBytes(MB, 1))).toBe(true);
+      expect(await snapshot(old)).toEqual(before);
+      expect(next).toMatchObject({ dir: `${old}@2`, fromCache: false });
+      expect(readFileSync(path.join(next.dir, 'unet/model.onnx')).equals(detBytes(MB, 6))).toBe(true);
+      expect(await listEntries(cache)).toEqual(expect.arrayContaining([expect.objectContaining({ name: keyOf('e'), state: 'committed', superseded: true })]));
+    } finally {
+      pod.kill('SIGKILL');
+      await fsp.rm(fifo, { force: true });
+    }
+  }, 60_000);
+
   it('a server starting on the entry leases its current version, not the one it replaced', async () => {
     const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
     await publish('d', 1);

@@ -156,7 +156,7 @@ describe('cache keys and containment', () => {
   it('refuses keys that would leave the cache dir', () => {
     const root = '/cache/entry';
     expect(containedPath(root, 'unet/model.onnx')).toBe('/cache/entry/unet/model.onnx');
-    for (const bad of ['../x', 'a/../../x', '/etc/passwd', 'a//b', '', './a', 'a/.', 'a\\..\\b', 'a\0b', 'x.partial', '.complete.json', '.progress.jsonl', 'unet/.progress.jsonl']) {
+    for (const bad of ['../x', 'a/../../x', '/etc/passwd', 'a//b', '', './a', 'a/.', 'a\\..\\b', 'a\0b', 'x.partial', '.complete.json', '.complete.held.json', '.progress.jsonl', 'unet/.progress.jsonl']) {
       expect(() => containedPath(root, bad), bad).toThrow(RuntimeError);
     }
   });

@@ -4,6 +4,7 @@
  *
  *   <cacheDir>/<key>.lock            lock file (see lock.ts), outside the entry so a sweep never touches it
  *   <cacheDir>/<key>/.complete.json  manifest, written LAST: its presence is the commit
+ *   <cacheDir>/<key>/.complete.held.json  the manifest set aside while a refresh reads the entry's leases (uncommit)
  *   <cacheDir>/<key>/.progress.jsonl journal of a download in progress (journal.ts: spans on disk, files complete)
  *   <cacheDir>/<key>/<rel>.partial   a file being downloaded (preallocated, positional writes)
  *   <cacheDir>/<key>/<rel>           a whole file, renamed into place
@@ -13,6 +14,8 @@ import path from 'node:path';
 
 export const MANIFEST = '.complete.json';
 export const JOURNAL = '.progress.jsonl';
+/** The manifest set aside by uncommit: the entry's files are still those it lists until dropCommit. */
+export const HELD = '.complete.held.json';
 export const PARTIAL = '.partial';
 /** A folder holding one of these at its root is a cache entry this runtime filled (committed, or being filled). */
 export const ENTRY_MARKERS: readonly string[] = Object.freeze([MANIFEST, JOURNAL]);
@@ -112,9 +115,32 @@ export async function writeManifest(entry: string, m: Manifest): Promise<void> {
   await writeFileDurable(path.join(entry, MANIFEST), JSON.stringify(m, null, 1));
 }
 
-/** Removes the commit marker (first step of any rewrite of an entry), durably. */
+/**
+ * Takes the commit marker off (first step of any rewrite of an entry), durably, by setting it aside under HELD: until
+ * dropCommit, nothing in the entry was written, and recommit puts it back. A process killed in between leaves it
+ * there for the next holder of the entry's lock to put back.
+ */
 export async function uncommit(entry: string): Promise<void> {
-  await fsp.unlink(path.join(entry, MANIFEST)).catch((e: NodeJS.ErrnoException) => {
+  await fsp.rename(path.join(entry, MANIFEST), path.join(entry, HELD)).catch((e: NodeJS.ErrnoException) => {
+    if (e.code !== 'ENOENT') throw e;
+  });
+  await fsyncDir(entry);
+}
+
+/** Puts back a commit uncommit set aside, durably; whether there was one. A commit made since wins. */
+export async function recommit(entry: string): Promise<boolean> {
+  const held = path.join(entry, HELD);
+  const there = (p: string) => fsp.stat(p).then(() => true, () => false);
+  if (!(await there(held))) return false;
+  if (await there(path.join(entry, MANIFEST))) await fsp.unlink(held);
+  else await fsp.rename(held, path.join(entry, MANIFEST));
+  await fsyncDir(entry);
+  return true;
+}
+
+/** Drops the commit uncommit set aside, durably: before the first write into the entry. */
+export async function dropCommit(entry: string): Promise<void> {
+  await fsp.unlink(path.join(entry, HELD)).catch((e: NodeJS.ErrnoException) => {
     if (e.code !== 'ENOENT') throw e;
   });
   await fsyncDir(entry);

@@ -13,7 +13,7 @@ import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js'
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type Manifest, fsyncDir, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { type Manifest, dropCommit, fsyncDir, JOURNAL, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, recommit, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, JournalTail, spanBytes } from './journal.js';
@@ -385,6 +385,7 @@ class S3Fetch {
           continue;
         }
         try {
+          await this.recommitHeld();
           const c = await current();
           if (c) this.entry = c.dir;
           if (c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))) return await this.served(this.hit(c.manifest, false));
@@ -554,6 +555,19 @@ class S3Fetch {
     return now !== undefined && sameCommit(now, m) && (await manifestFilesPresent(this.entry, now));
   }
 
+  /**
+   * A fill killed after it set a version's commit aside and before it put it back or dropped it (fill) left the files
+   * as that commit lists them: it is put back, so a version other processes lease is never resumed as a partial one.
+   */
+  private async recommitHeld(): Promise<void> {
+    for (const v of await versionsOf(this.o.cfg.cacheDir, this.key)) {
+      if (!(await recommit(v.dir))) continue;
+      await fsp.unlink(path.join(v.dir, JOURNAL)).catch(() => undefined);
+      await fsyncDir(v.dir);
+      this.o.log.info({ entry: v.name }, 'put back the commit a killed fill had set aside: the version is whole, as it lists it');
+    }
+  }
+
   /** The model is served from `res.dir`: the older versions of the entry that no process uses any more go. */
   private async served(res: ResolvedModel): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
@@ -612,8 +626,9 @@ class S3Fetch {
         await j.sync();
         await uncommit(this.entry);
         const users = (await leaseState(this.entry, this.o.leaseStaleMs)).live.filter((h) => !isOwn(h));
-        if (users.length > 0) {
-          await writeManifest(this.entry, cur.manifest);
+        if (users.length === 0) await dropCommit(this.entry);
+        else {
+          await recommit(this.entry);
           await j.remove();
           await versionLock?.release();
           versionLock = undefined;
