@@ -165,6 +165,10 @@ describe('objects replaced under a prefix while another process leases its entry
       expect(existsSync(path.join(`${old}@2`, MANIFEST))).toBe(false);
       expect(await snapshot(old)).toEqual(before);
       expect(await committedEntry(uriOf('c'), cfgFor(cache))).toMatchObject({ dir: old });
+      // A prune that keeps the URI keeps its unfinished new version too, as it keeps an unfinished first one.
+      const prune = await runWarmupCli(['cache', 'prune', '--keep-uri', uriOf('c')], s3Env(proxy.endpoint, cache));
+      expect(prune.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>))
+        .toEqual(expect.arrayContaining([expect.objectContaining({ entry: `${keyOf('c')}@2`, state: 'partial', action: 'keep', reason: 'kept' })]));
       proxy.faults = {};
       const fetched: number[] = [];
       const r = await resolveModel(uriOf('c'), { cfg: cfgFor(cache), log, onDownloaded: (n) => fetched.push(n) });

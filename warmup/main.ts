@@ -22,6 +22,7 @@ import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
+import { parseVersion } from '../src/storage/versions.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -289,7 +290,7 @@ async function cache(args: string[]): Promise<void> {
   let freed = 0;
   let removed = 0;
   for (const e of entries) {
-    const kept = !e.superseded && (keep.has(e.name) || (e.uri !== undefined && keep.has(e.uri))) ? 'kept'
+    const kept = !e.superseded && (keep.has(parseVersion(e.name).key) || (e.uri !== undefined && keep.has(e.uri))) ? 'kept'
       : inUse(e) ? 'in use'
         : !e.superseded && olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined;
     if (kept !== undefined) {
