@@ -253,6 +253,9 @@ describe('GIF, TIFF and BMP inputs (img2img/decode: what diffusers\' load_image 
       [await gif1x1({ screen: [65535, 65535] }), tooMany],
       [tiff([{ width: 100000, height: 100000, data: Buffer.from([7]) }]), tooMany],
       [readFileSync(path.join(decodeDir, 'bmp-24.bmp')).subarray(0, 100), 'instances[0].image could not be decoded as BMP: the file ends inside its pixels'],
+      // A first image of no pixels: Pillow's load() refuses its tile (x0 = x1 = 0 would be the whole screen, here 0x0).
+      [await gif1x1({ screen: [0, 0], frame: [0, 0, 0, 0] }), 'instances[0].image could not be decoded as GIF: tile cannot extend outside image'],
+      [await gif1x1({ screen: [8, 8], frame: [2, 2, 0, 1] }), 'instances[0].image could not be decoded as GIF: tile cannot extend outside image'],
     ];
     for (const [file, error] of cases) {
       const r = await predict(demo, { ...base, image: file.toString('base64') });

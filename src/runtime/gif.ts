@@ -86,13 +86,17 @@ export function gifFirstFrame(b: Uint8Array): GifFirstFrame {
       const { end, closed } = blocks(at + 1);
       // Pillow's load() raises here (diffusers' load_image does not set LOAD_TRUNCATED_IMAGES); libvips would fill black.
       if (!closed) throw new Error('image file is truncated: its first image\'s data ends before the file does');
+      const [width, height] = [Math.max(u16(6), left + frameWidth), Math.max(u16(8), top + frameHeight)];
+      // Pillow's decoder refuses a tile of no pixels (decode.c setimage), but reads x0 = x1 = 0 as the whole canvas.
+      const tile = left === 0 && frameWidth === 0 ? [width, height] : [frameWidth, frameHeight];
+      if (tile[0] === 0 || tile[1] === 0) throw new Error('tile cannot extend outside image');
       const colours = table ?? GREY_RAMP;
       const fillIndex = transparent ?? 0;
       // Past the table's end an index is black in Pillow's palette.
       const fill = [0, 1, 2].map((c) => colours[fillIndex * 3 + c] ?? 0) as [number, number, number];
       return {
-        width: Math.max(u16(6), left + frameWidth),
-        height: Math.max(u16(8), top + frameHeight),
+        width,
+        height,
         left,
         top,
         frameWidth,
