@@ -19,8 +19,8 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
 import { pidBehindLast } from './helpers/pidns.js';
 import { until } from './helpers/server.js';
+import { LEASE_JS, leaseInChild } from './helpers/lease-child.js';
 
-const LEASE_JS = path.resolve('dist/src/storage/lease.js');
 let s3: S3Server;
 let tmp: string;
 const log = silentLogger();
@@ -78,18 +78,6 @@ async function cacheWith(n: number): Promise<string> {
     await usedAt(cache, v, 60 - v);
   }
   return cache;
-}
-
-/** A process other than this one that leases the entry, as a serving pod does. */
-async function leaseInChild(entryDir: string): Promise<ChildProcess> {
-  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
-    process.on('SIGTERM', async () => { await l.release(); process.exit(0); }); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
-  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.on('data', (c) => String(c).includes('leased') && resolve());
-    child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
-  });
-  return child;
 }
 
 /** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */

@@ -1,7 +1,7 @@
 // Versions of a cache entry (src/storage/versions.ts): objects replaced under a prefix while another process leases
 // the entry go into a new version beside it, and nothing the lease holder reads changes. Real files, a real S3
 // (s3rver, behind the fault proxy for a fill held mid-download), the lease held and the fill killed in other processes.
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, promises as fsp, readdirSync, readFileSync, statSync } from 'node:fs';
 import os from 'node:os';
@@ -17,8 +17,8 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
 import { runWarmupCli, WARMUP_CLI } from './helpers/warmup-cli.js';
+import { LEASE_JS, leaseInChild } from './helpers/lease-child.js';
 
-const LEASE_JS = path.resolve('dist/src/storage/lease.js');
 const MB = 1_000_000;
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -56,18 +56,6 @@ async function snapshot(dir: string): Promise<Record<string, string>> {
   const out: Record<string, string> = {};
   for (const rel of await walk(dir)) out[rel] = createHash('sha256').update(readFileSync(path.join(dir, rel))).digest('hex');
   return out;
-}
-
-/** A process other than this one that leases `entryDir`, as a serving pod does; SIGTERM releases it. */
-async function leaseInChild(entryDir: string): Promise<ChildProcess> {
-  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
-    process.on('SIGTERM', async () => { await l.release(); process.exit(0); }); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
-  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir], { stdio: ['ignore', 'pipe', 'inherit'] });
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.on('data', (c) => String(c).includes('leased') && resolve());
-    child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
-  });
-  return child;
 }
 
 const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
