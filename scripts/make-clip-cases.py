@@ -5,11 +5,14 @@ curly punctuation, ligatures, terminal escapes, lone surrogates, weighting synta
 
     PYTHONPATH=<python-ftfy> python3 scripts/make-clip-cases.py /path/to/openai-CLIP/clip > test/fixtures/parity/clip-fuzz.json
 
+With `mojibake` after the folder it writes test/fixtures/parity/clip-mojibake.json instead: text as pasted from pages
+decoded with the wrong code (mojibake_texts), each case with what ftfy.fix_text made of it (`fixed`) beside its ids.
+
 The folder is the `clip/` package of github.com/openai/CLIP (simple_tokenizer.py, bpe_simple_vocab_16e6.txt.gz);
 needs the `regex` package and ftfy (a checkout of github.com/rspeer/python-ftfy on PYTHONPATH will do; its wcwidth
 import serves only display functions and may be a stub module). The runtime leaves out ftfy's mojibake repair
-(fix_encoding, docs/PARITY.md): a case that step changes also has `ids_without_fix_encoding`, from the same tokenizer
-with ftfy.fix_text(text, fix_encoding=False).
+(fix_encoding, docs/PARITY.md): a clip-fuzz.json case that step changes also has `ids_without_fix_encoding`, from the
+same tokenizer with ftfy.fix_text(text, fix_encoding=False).
 """
 import importlib.util
 import json
@@ -18,6 +21,7 @@ import random
 import sys
 
 import ftfy
+import ftfy.bad_codecs  # noqa: F401 - registers the sloppy codecs
 
 clip_dir = sys.argv[1]
 spec = importlib.util.spec_from_file_location("simple_tokenizer", os.path.join(clip_dir, "simple_tokenizer.py"))
@@ -82,11 +86,133 @@ texts += [
     "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f scotland", " ", "\t\n", "\u3000", "\u200b", "\ufeff",
     "\x00", "a\ud800b", "\udfff end", "pair \ud83d\ude00 joined", "1girl, solo, long hair, looking at viewer",
 ]
+
+
+def mojibake_texts():
+    """Text as users paste it from pages decoded with the wrong code (UTF-8 read as a single-byte code: every code
+    ftfy tries, some it does not, twice over, with lost bytes), mixed with good text, and text that only looks odd
+    (Latin-1 words, Greek, Cyrillic, symbols, kaomoji) that ftfy should leave alone."""
+    rnd = random.Random(6)
+    good = [
+        "don’t stop", "it’s a “great” day", "café au lait", "crème brûlée",
+        "naïve façade", "jalapeño piñata", "Zürich Straße", "São Paulo at dusk",
+        "Ærøskøbing harbour", "smörgåsbord", "Kraków Łódź", "Dvořák",
+        "İstanbul çarşı", "résumé — 10 €", "© 2024 ™ ®",
+        "½ cup, 2×3, 30°C, ±5", "wait… • bullet – dash", "à la mode",
+        "voilà le travail", "À bientôt", "Tokyo 東京タワー", "맛있는 음식",
+        "Москва ночью", "Αθήνα στο φως",
+        "שלום", "مرحبا", "हिन्दी",
+        "🐱 cat", "thumbs 👍🏽", "❤\ufe0f love", "✨ sparkles ✔",
+        "¯\\_(ツ)_/¯", "“quoted”", "‘single’", "a\u00a0non-breaking space",
+        "España ¡olé!", "¿qué?", "Über äußerst schön", "Árvíztűrő tükörfúrógép",
+        "ščřžýáíé", "ęąśćżń", "Müller & Söhne", "20\u00a0°C",
+    ]
+    codes = ["latin-1", "sloppy-windows-1252", "sloppy-windows-1251", "sloppy-windows-1250", "sloppy-windows-1253",
+             "sloppy-windows-1254", "sloppy-windows-1257", "iso-8859-2", "macroman", "cp437", "cp850", "koi8_r",
+             "cp866", "sloppy-windows-1256"]
+    texts = list(good)
+    # Each phrase as a page read as Windows-1252 or Latin-1 (the common cases), in sentences.
+    for g in good:
+        b = g.encode("utf-8")
+        texts.append(b.decode("sloppy-windows-1252"))
+        texts.append("a photo of " + b.decode("latin-1") + ", highly detailed")
+    # Every code on some phrases: those ftfy tries (in its order), and some it does not.
+    for code in codes:
+        for g in rnd.sample(good, 6):
+            texts.append(g.encode("utf-8").decode(code, errors="replace"))
+    # Twice over, and three times.
+    for g in rnd.sample(good, 12):
+        once = g.encode("utf-8").decode("sloppy-windows-1252")
+        texts.append(once.encode("utf-8").decode("sloppy-windows-1252"))
+        texts.append(once.encode("utf-8").decode("latin-1"))
+    for g in rnd.sample(good, 4):
+        t = g
+        for _ in range(3):
+            t = t.encode("utf-8").decode("sloppy-windows-1252")
+        texts.append(t)
+    # Byte A0 turned into a space; lost bytes as U+FFFD (strict Windows-1252) or '?'.
+    for g in good:
+        m = g.encode("utf-8").decode("sloppy-windows-1252")
+        if "\xa0" in m:
+            texts.append(m.replace("\xa0", " "))
+        lossy = g.encode("utf-8").decode("windows-1252", errors="replace")
+        if "\ufffd" in lossy:
+            texts += [lossy, lossy.replace("\ufffd", "?")]
+    # Mojibake beside good text that the code cannot encode (emoji, CJK, curly quotes): fixed piece by piece.
+    for _ in range(24):
+        a, b = rnd.sample(good, 2)
+        bad = a.encode("utf-8").decode(rnd.choice(["sloppy-windows-1252", "latin-1", "sloppy-windows-1251"]))
+        texts.append(rnd.choice([f"{bad} {b}", f"{b} {bad}", f"{b}, {bad} 🐱", f"✔ {bad} — {b}"]))
+    # Lines: mojibake in some, HTML and '<' in others.
+    texts += [
+        "cafÃ©\nnaÃ¯ve\r\ngood line",
+        "line one â€”\n<b>cafÃ©</b> &amp;\nsecond &amp; cafÃ©",
+        "caf&Atilde;&copy; &amp; cr&Atilde;&uml;me", "&Atilde;&copy;", "don&acirc;&euro;&trade;t", "&#195;&#169;t&#195;&#169;",
+    ]
+    # Odd-looking text that is not mojibake.
+    texts += [
+        "NÃO", "SÃO PAULO", "Ã Â Å", "Å is a word", "Ã©", "Ã la",
+        "×²", "10°C ±5°", "£5.99 €10 ¥500", "¼ ½ ¾",
+        "(╯°□°）╯︵ ┻━┻", "ಠ_ಠ", "(¬‿¬)",
+        "« guillemets »", "· middle dot ·", "§ 12 ¶ 3", "Señor Ñoño",
+        "ßa", "æøå ÆØÅ", "þð ÞÐ", "Œuvre œuf",
+        "Σόλον", "ВГРС", "вЂ", "Â\u00a0", "a Â b",
+        "\ufffd", "a\ufffdb", "\ufffd\ufffd", "??", "Ã?", "â€?", "\u0080", "\u0081\u008d\u008f\u0090\u009d",
+        "price \u0080 5", "A\u0303 x", "A\u0303©", "Â\u0303",
+    ]
+    # Edges of the decoders: Java's two-byte NUL, CESU-8 surrogate pairs, a code that eats a line's last '\n'.
+    texts += [
+        "À\u0080", "cafÃ©À\u0080", "Ã©À\n", "Ã©À",
+        "í\u00a0½í¸\u008d", "í\u00a0½í¸\u008d cafÃ©",
+        "í\u00a0½í¸\u008dÃ©", "Ã©í\u00a0\u0080í°\n",
+        "í\u00a0½", "í\u009f¿Ã©",
+    ]
+    # Long prompts with mojibake far apart in plain text (and gaps of 12 to 30 characters), some of it next to
+    # lookaheads' words, line ends, and the text's start and end.
+    pad = "a photo of a cat, highly detailed, 8k"
+    texts += [
+        f"{pad} cafÃ© au lait {pad} donâ€™t stop {pad} naÃ¯ve {pad}",
+        f"a photo of PÃ£o de AÃ§Ãºcar at sunset, {pad}, trending on artstation, by greg rutkowski",
+        f"{pad} fÃ quilo and fÃ quele and Ã s and Ã la, {pad}", f"Ã la mode, {pad}", f"{pad}, Ã ",
+        f"{pad} donÃ?t {pad} â€\ufffd {pad}", f"{pad} Ã©í\u00a0\u0080í°\n", f"{pad} Ã©À\n",
+        f"🐱 {pad} cafÃ© {pad} ✔", f"price \u0080 5 {pad} {pad} \u0085",
+        f"{pad}\ncafÃ© {pad}\n{pad} naÃ¯ve\n",
+    ]
+    for gap in (12, 13, 14, 15, 27, 28, 29, 30):
+        texts += [f"cafÃ©{'x' * gap}Ã©", f"Ã©{' ' * gap}Ã ", f"🐱{'.' * gap}â€™{'a' * gap}Ã"]
+    # Random UTF-8 text read with a random code, some bytes then lost or spaced.
+    pools = [range(0xa0, 0x250), range(0x370, 0x530), range(0x2010, 0x2030), range(0x4e00, 0x4e40), range(0x1f300, 0x1f340)]
+    for _ in range(120):
+        cps = [rnd.choice(pools[rnd.randrange(len(pools))]) if rnd.random() < 0.6 else rnd.randrange(0x61, 0x7b) for _ in range(rnd.randint(1, 12))]
+        b = bytearray("".join(map(chr, cps)).encode("utf-8"))
+        roll = rnd.random()
+        if roll < 0.2:
+            b = bytearray(x if x != 0xA0 else 0x20 for x in b)
+        elif roll < 0.3 and b:
+            del b[rnd.randrange(len(b))]
+        t = bytes(b).decode(rnd.choice(codes[:10]), errors="replace")
+        if rnd.random() < 0.2:
+            t = t.replace("\ufffd", "?")
+        texts.append(t)
+    # Random strings of the characters the heuristics look at.
+    alphabet = sorted(set("".join(bytes(range(0x80, 0x100)).decode(c, errors="replace") for c in codes[:10])))
+    alphabet += list("aeiostn  ?\xa0\ufffd")
+    for _ in range(80):
+        texts.append("".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 10))))
+    seen = set()
+    return [t for t in texts if not (t in seen or seen.add(t))]
+
+
 fix_text = ftfy.fix_text
+mojibake = len(sys.argv) > 2 and sys.argv[2] == "mojibake"
+if mojibake:
+    texts = mojibake_texts()
 
 
 def case(t):
     c = {"text": t, "ids": tok.encode(t)}
+    if mojibake:
+        return {"text": t, "fixed": fix_text(t), "ids": c["ids"]}
     # ftfy's mojibake repair (fix_encoding), which the runtime does not apply, reads some random Latin-1 words as
     # UTF-8 decoded wrongly: such a case also records the ids without that step.
     if fix_text(t) != fix_text(t, fix_encoding=False):
@@ -100,8 +226,8 @@ cases = [case(t) for t in texts]
 head = {
     "bos": tok.encoder["<|startoftext|>"],
     "eos": tok.encoder["<|endoftext|>"],
-    "note": "OpenAI CLIP simple_tokenizer.encode (ids without bos/eos, unpadded, untruncated) with ftfy %s; made by "
-            "scripts/make-clip-cases.py" % ftfy.__version__,
+    "note": "OpenAI CLIP simple_tokenizer.encode (ids without bos/eos, unpadded, untruncated) with ftfy %s%s; made by "
+            "scripts/make-clip-cases.py" % (ftfy.__version__, "; fixed: ftfy.fix_text(text)" if mojibake else ""),
 }
 
 
