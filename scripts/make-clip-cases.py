@@ -10,9 +10,7 @@ decoded with the wrong code (mojibake_texts), each case with what ftfy.fix_text 
 
 The folder is the `clip/` package of github.com/openai/CLIP (simple_tokenizer.py, bpe_simple_vocab_16e6.txt.gz);
 needs the `regex` package and ftfy (a checkout of github.com/rspeer/python-ftfy on PYTHONPATH will do; its wcwidth
-import serves only display functions and may be a stub module). The runtime leaves out ftfy's mojibake repair
-(fix_encoding, docs/PARITY.md): a clip-fuzz.json case that step changes also has `ids_without_fix_encoding`, from the
-same tokenizer with ftfy.fix_text(text, fix_encoding=False).
+import serves only display functions and may be a stub module).
 """
 import importlib.util
 import json
@@ -211,15 +209,7 @@ if mojibake:
 
 def case(t):
     c = {"text": t, "ids": tok.encode(t)}
-    if mojibake:
-        return {"text": t, "fixed": fix_text(t), "ids": c["ids"]}
-    # ftfy's mojibake repair (fix_encoding), which the runtime does not apply, reads some random Latin-1 words as
-    # UTF-8 decoded wrongly: such a case also records the ids without that step.
-    if fix_text(t) != fix_text(t, fix_encoding=False):
-        ftfy.fix_text = lambda x: fix_text(x, fix_encoding=False)
-        c["ids_without_fix_encoding"] = tok.encode(t)
-        ftfy.fix_text = fix_text
-    return c
+    return {"text": t, "fixed": fix_text(t), "ids": c["ids"]} if mojibake else c
 
 
 cases = [case(t) for t in texts]

@@ -6,20 +6,20 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { readLayout } from '../src/pipeline/model.js';
+import { fixText } from '../src/pipeline/text-fix.js';
 import { ClipTokenizer } from '../src/pipeline/tokenizer.js';
 import { referenceDir } from '../scripts/reference.js';
 
 const casesFile = process.env.CLIP_CASES ?? path.join(referenceDir(), 'clip-tokenizer', 'cases.json');
 // vocab.json and merges.txt sit beside the cases unless CLIP_TOKENIZER_DIR says otherwise.
 const tokDir = process.env.CLIP_TOKENIZER_DIR ?? path.dirname(casesFile);
-type Case = { text: string; ids: number[]; ids_without_fix_encoding?: number[] };
+/** `fixed`: what ftfy.fix_text made of the text (clip-mojibake.json). */
+type Case = { text: string; ids: number[]; fixed?: string };
 type Cases = { bos: number; eos: number; cases: Case[] };
 const ref = JSON.parse(readFileSync(casesFile, 'utf8')) as Cases;
-/** The runtime leaves out ftfy's mojibake repair (docs/PARITY.md): where it changes a case, the ids without it. */
-const expected = (c: Case) => c.ids_without_fix_encoding ?? c.ids;
 // Ids from OpenAI CLIP's own tokenizer beyond cases.json: Unicode, emoji, HTML references, whitespace and case edges,
-// prompts as users paste them (test/fixtures/parity/README.md says where each file came from).
-const parity = ['clip-cases-unicode.json', 'clip-fuzz.json'].map((f) => {
+// prompts as users paste them, mojibake (test/fixtures/parity/README.md says where each file came from).
+const parity = ['clip-cases-unicode.json', 'clip-fuzz.json', 'clip-mojibake.json'].map((f) => {
   const file = path.resolve(import.meta.dirname, 'fixtures/parity', f);
   return { file: f, ref: JSON.parse(readFileSync(file, 'utf8')) as Cases };
 });
@@ -48,11 +48,20 @@ for (const p of parity) {
     it('uses the same bos/eos', () => expect([tok.bosId, tok.eosId]).toEqual([p.ref.bos, p.ref.eos]));
     for (const c of p.ref.cases) {
       it(JSON.stringify(c.text.length > 60 ? `${c.text.slice(0, 57)}...` : c.text), () => {
-        expect(tok.tokenize(c.text)).toEqual(expected(c));
+        expect(tok.tokenize(c.text)).toEqual(c.ids);
       });
     }
   });
 }
+
+const mojibake = parity.find((p) => p.file === 'clip-mojibake.json')!.ref.cases;
+describe(`ftfy.fix_text parity, mojibake repaired as ftfy repairs it (${mojibake.length} cases)`, () => {
+  for (const c of mojibake) {
+    it(JSON.stringify(c.text.length > 60 ? `${c.text.slice(0, 57)}...` : c.text), () => {
+      expect(fixText(c.text)).toBe(c.fixed);
+    });
+  }
+});
 
 describe('ClipTokenizer.encode', () => {
   it('wraps in bos/eos and pads with the pad token to 77', () => {
@@ -121,7 +130,7 @@ describe('ClipTokenizer.encode', () => {
     const merges = readFileSync(path.join(tokDir, 'merges.txt'), 'utf8');
     const heap = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: 2 });
     const scan = ClipTokenizer.fromData(vocab, merges, { heapBpeFrom: Infinity });
-    for (const c of [...ref.cases, ...parity.flatMap((p) => p.ref.cases)]) expect(heap.tokenize(c.text), c.text).toEqual(expected(c));
+    for (const c of [...ref.cases, ...parity.flatMap((p) => p.ref.cases)]) expect(heap.tokenize(c.text), c.text).toEqual(c.ids);
     let seed = 7;
     const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
     const pick = (chars: string[], n: number) => Array.from({ length: n }, () => chars[Math.floor(rnd() * chars.length)]!).join('');
@@ -255,7 +264,7 @@ describe('a tokenizer saved by transformers 5 (tokenizer.json, no vocab.json / m
       try {
         for (const [name, text] of Object.entries(fastFiles(pairs))) await writeFile(path.join(dir, name), text);
         const fast = await ClipTokenizer.load(dir);
-        for (const c of [...ref.cases, ...parity[1]!.ref.cases]) expect(fast.tokenize(c.text), c.text).toEqual(expected(c));
+        for (const c of [...ref.cases, ...parity[1]!.ref.cases]) expect(fast.tokenize(c.text), c.text).toEqual(c.ids);
         expect(fast.encode('a dog')).toEqual(tok.encode('a dog'));
       } finally {
         await rm(dir, { recursive: true, force: true });

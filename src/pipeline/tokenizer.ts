@@ -1,8 +1,8 @@
 /**
  * @module CLIP byte-level BPE as OpenAI CLIP's `simple_tokenizer` runs it (and HF's slow `CLIPTokenizer` with ftfy):
- * ftfy's repairs but its mojibake fix (text-fix.ts), HTML unescaped twice, whitespace collapsed, lower case, the CLIP
- * split regex, GPT-2's byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says where
- * other tokenizers differ.
+ * ftfy's fix_text, its mojibake fix included (text-fix.ts), HTML unescaped twice, whitespace collapsed, lower case,
+ * the CLIP split regex, GPT-2's byte→unicode map, `</w>` word ends, and merges applied by rank. docs/PARITY.md says
+ * where other tokenizers differ.
  */
 
 import { existsSync } from 'node:fs';
@@ -67,11 +67,12 @@ const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
  */
 const SPLIT = new RegExp(`<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^${WS}\\p{L}\\p{N}\\u0345]+`, 'gu');
 /**
- * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's repair (all but its mojibake fix, see docs/PARITY.md),
- * HTML unescaped twice, whitespace runs to one space, stripped, lower case.
+ * CLIP's `whitespace_clean(basic_clean(text)).lower()`: ftfy's fix_text (docs/PARITY.md), HTML unescaped twice,
+ * whitespace runs to one space, stripped, lower case.
  */
 export function basicClean(text: string): string {
-  // Printable ASCII without '&' (most prompts) has nothing to repair, normalise or unescape.
+  // Printable ASCII without '&' (most prompts) has nothing to repair, normalise or unescape (nor mojibake: ftfy's is
+  // never ASCII).
   if (PRINTABLE_ASCII.test(text) && !text.includes('&')) return text.trim().split(/ +/).filter((w) => w.length > 0).join(' ').toLowerCase();
   const fixed = pyStrip(htmlUnescape(htmlUnescape(fixText(text))));
   return pyStrip(fixed.replace(WS_RUN, ' ')).toLowerCase();
