@@ -205,7 +205,7 @@ describe("README's request fields and schedulers", () => {
   it("counts the prompts tokenizer.test checks against OpenAI CLIP's ids (Parity)", () => {
     const m = /CLIP's own ids on (\d+) prompts/.exec(readme);
     expect(m, 'README.md: "CLIP\'s own ids on N prompts"').not.toBeNull();
-    const files = [path.join(referenceDir(), 'clip-tokenizer', 'cases.json'), ...['clip-cases-unicode.json', 'clip-fuzz.json'].map((f) => path.join(ROOT, 'test/fixtures/parity', f))];
+    const files = [path.join(referenceDir(), 'clip-tokenizer', 'cases.json'), ...['clip-cases-unicode.json', 'clip-fuzz.json', 'clip-mojibake.json'].map((f) => path.join(ROOT, 'test/fixtures/parity', f))];
     const cases = files.map((f) => (JSON.parse(readFileSync(f, 'utf8')) as { cases: unknown[] }).cases.length);
     expect(Number(m![1])).toBe(cases.reduce((a, b) => a + b, 0));
   });
