@@ -388,7 +388,12 @@ class S3Fetch {
           await this.recommitHeld();
           const c = await current();
           if (c) this.entry = c.dir;
-          if (c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))) return await this.served(this.hit(c.manifest, false));
+          if (c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))) {
+            const res = this.hit(c.manifest, false);
+            // Version 1's lock is this one: held, the older versions' removal would find it locked and keep them.
+            await lock.release();
+            return await this.served(res);
+          }
           const res = await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
           await lock.release();
           return await this.served(res);
