@@ -14,7 +14,7 @@ import { listEntries } from '../src/storage/entries.js';
 import { committedEntry, resolveModel } from '../src/storage/fetch.js';
 import { leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
 import { runWarmupCli, WARMUP_CLI } from './helpers/warmup-cli.js';
 import { LEASE_JS, leaseInChild } from './helpers/lease-child.js';
@@ -56,6 +56,18 @@ async function snapshot(dir: string): Promise<Record<string, string>> {
   const out: Record<string, string> = {};
   for (const rel of await walk(dir)) out[rel] = createHash('sha256').update(readFileSync(path.join(dir, rel))).digest('hex');
   return out;
+}
+
+/** What the cache folder occupies on disk: allocated blocks, a file linked under several names once. */
+async function used(dir: string): Promise<number> {
+  const seen = new Set<number>();
+  let n = 0;
+  for (const rel of await fsp.readdir(dir, { recursive: true })) {
+    const st = await fsp.lstat(path.join(dir, String(rel))).catch(() => undefined);
+    if (st?.isFile() && !seen.has(st.ino)) n += st.blocks * 512;
+    if (st) seen.add(st.ino);
+  }
+  return n;
 }
 
 const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
@@ -198,6 +210,38 @@ describe('objects replaced under a prefix while another process leases its entry
     } finally {
       pod.kill('SIGKILL');
       await fsp.rm(fifo, { force: true });
+    }
+  }, 60_000);
+
+  it('eviction counts what removing the new version frees while the old one stays: not the files they share', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('f', 1);
+    const old = (await fill(cache, 'f')).dir;
+    const pod = await leaseInChild(old);
+    try {
+      await publish('f', 8);
+      const cur = (await fill(cache, 'f')).dir;
+      expect(cur).toBe(`${old}@2`);
+      const before = await snapshot(cur);
+      // Version 2 is idle and lists its 1 MB UNet and the 0.3 MB text encoder it links with version 1, which its pod
+      // keeps: removing it frees about 1 MB. Another model (1.3 MB) with 0.25 MB free needs 1.05 MB more.
+      await publish('g', 2);
+      const evicted: string[] = [];
+      const withFree = async (free: number) => {
+        const cap = (await used(cache)) + free;
+        return resolveModel(uriOf('g'), { cfg: cfgFor(cache), log, io: { freeBytes: async () => Math.max(0, cap - (await used(cache))) }, onEvicted: (e) => evicted.push(e.name) });
+      };
+      const err = await rejection(withFree(0.25 * MB));
+      expect(err.code).toBe('NO_SPACE');
+      expect(evicted).toEqual([]);
+      expect(await snapshot(cur)).toEqual(before);
+      expect(err.message).toMatch(/\(removing every entry not in use would free only 1\.0 MB, so none was\)/);
+      // With 0.35 MB free it is enough: version 2 goes, version 1 stays whole for its pod.
+      expect(await withFree(0.35 * MB)).toMatchObject({ fromCache: false });
+      expect(evicted).toEqual([`${keyOf('f')}@2`]);
+      expect(readFileSync(path.join(old, 'text_encoder/model.onnx')).equals(detBytes(300_000, 2))).toBe(true);
+    } finally {
+      pod.kill('SIGKILL');
     }
   }, 60_000);
 

@@ -235,6 +235,25 @@ export async function emptyHolderTemps(cacheDir: string, o: EntryOptions = {}): 
   return n;
 }
 
+/**
+ * Bytes removing every one of `going` frees: a file another version of the same entry that stays links is not freed
+ * (a listed entry's `bytes` count its files an older version links), and a file two of them link counts once.
+ */
+async function freedTogether(cacheDir: string, going: readonly CacheEntry[]): Promise<number> {
+  const names = new Set(going.map((e) => e.name));
+  const staying = new Set<string>();
+  for (const key of new Set(going.map((e) => parseVersion(e.name).key))) {
+    for (const v of await versionsOf(cacheDir, key)) if (!names.has(v.name)) await allocated(v.dir, false, { inodes: staying });
+  }
+  let bytes = 0;
+  for (const e of going) {
+    const inodes = new Set<string>();
+    bytes += (await allocated(path.join(cacheDir, e.name), false, { inodes, shared: staying })).bytes;
+    for (const i of inodes) staying.add(i);
+  }
+  return bytes;
+}
+
 export interface MakeRoomOptions extends EntryOptions {
   /** The entry being downloaded: never a candidate. */
   exclude: string;
@@ -245,6 +264,8 @@ export interface MakeRoomOptions extends EntryOptions {
 export interface RoomResult {
   /** Bytes the removed entries occupied (and trash left by an earlier eviction). */
   freed: number;
+  /** Bytes removing every entry that could go would free (and that trash): what the NO_SPACE message says. */
+  freeable: number;
   evicted: CacheEntry[];
   /** The entries that stayed (for the NO_SPACE message), least recently used first. */
   left: CacheEntry[];
@@ -261,7 +282,8 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
   const idle = all.filter((e) => e.name !== o.exclude && !inUse(e));
   const candidates = [...idle.filter((e) => e.superseded), ...idle.filter((e) => !e.superseded)];
   const evicted: CacheEntry[] = [];
-  if (freed < need && freed + candidates.reduce((s, e) => s + e.bytes, 0) >= need) {
+  const freeable = freed + (await freedTogether(cacheDir, candidates));
+  if (freed < need && freeable >= need) {
     for (const e of candidates) {
       if (freed >= need) break;
       const r = await removeEntry(cacheDir, e.name, o);
@@ -273,7 +295,7 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
     }
   }
   const gone = new Set(evicted.map((e) => e.name));
-  return { freed, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude) };
+  return { freed, freeable, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude) };
 }
 
 /** Minutes are enough to tell entries apart, and keep the line short. */

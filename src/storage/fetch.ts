@@ -860,12 +860,12 @@ class S3Fetch {
           this.o.onEvicted?.(e);
         },
       })
-      : { freed: 0, left: (await listEntries(cfg.cacheDir, opts)).filter((e) => e.name !== self) };
+      : { freed: 0, freeable: 0, left: (await listEntries(cfg.cacheDir, opts)).filter((e) => e.name !== self) };
     if (r.freed >= shortfall) return r.freed;
     const idle = r.left.filter((e) => !inUse(e)).reduce((n, e) => n + e.bytes, 0);
     const why = cfg.cacheEvict === 'off' ? 'CACHE_EVICT=off'
       : !lru ? 'entries were evicted for this download already'
-        : idle > 0 ? `removing every entry not in use would free only ${mb(idle + r.freed)} MB, so none was` : 'none of them can be evicted';
+        : idle > 0 ? `removing every entry not in use would free only ${mb(r.freeable)} MB, so none was` : 'none of them can be evicted';
     log.warn({ entry: self, needBytes: shortfall, entries: r.left.map((e) => ({ entry: e.name, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), inUse: inUse(e) })) },
       'model cache full');
     const held = r.left.length === 0 ? 'the cache holds no other entry' : `${describeEntries(r.left)} (${why})`;
