@@ -10,7 +10,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { JOURNAL, MANIFEST, walk } from '../src/storage/cache.js';
-import { listEntries } from '../src/storage/entries.js';
+import { describeEntries, listEntries } from '../src/storage/entries.js';
 import { committedEntry, resolveModel } from '../src/storage/fetch.js';
 import { leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
@@ -241,6 +241,49 @@ describe('objects replaced under a prefix while another process leases its entry
       expect(evicted).toEqual([`${keyOf('f')}@2`]);
       expect(readFileSync(path.join(old, 'text_encoder/model.onnx')).equals(detBytes(300_000, 2))).toBe(true);
     } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 60_000);
+
+  it('while a new version is filled, the list says so of it, and of version 1 (whose lock every fill holds) only that it is locked for that fill', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('h', 1);
+    const old = (await fill(cache, 'h')).dir;
+    const key = keyOf('h');
+    const pod = await leaseInChild(old);
+    let release!: () => void;
+    try {
+      await publish('h', 5);
+      proxy.faults = { hold: { keys: /h\/unet\/model\.onnx/, range: (r) => r !== undefined && !r.startsWith('bytes=0-'), release: new Promise<void>((r) => (release = r)) } };
+      const filling = fill(cache, 'h');
+      const journal = path.join(`${old}@2`, JOURNAL);
+      await until(() => existsSync(journal) && readFileSync(journal, 'utf8').includes('"f":"unet/model.onnx","add"'), 20_000, 20);
+      // The pod that kept version 1 is gone: nothing but the fill's lock is on it now.
+      pod.kill('SIGTERM');
+      await exited(pod);
+      const me = `${os.hostname()}/${process.pid}`;
+      const entries = await listEntries(cache);
+      expect(entries).toEqual(expect.arrayContaining([
+        expect.objectContaining({ name: key, state: 'committed', users: [], locked: me, lockedFor: `${key}@2` }),
+        expect.objectContaining({ name: `${key}@2`, state: 'partial', locked: me }),
+      ]));
+      expect(entries.find((e) => e.name === `${key}@2`)!.lockedFor).toBeUndefined();
+      const text = describeEntries(entries);
+      expect(text).toContain(`${key} (`);
+      expect(text).toContain(`, locked while ${key}@2 is filled)`);
+      expect(text).toMatch(new RegExp(`${key}@2 \\([^)]* partial, [^)]*, being filled\\)`));
+      expect(text).not.toMatch(new RegExp(`${key} \\([^)]*being filled`));
+      const lines = (await runWarmupCli(['cache', 'list'], s3Env(proxy.endpoint, cache))).stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      expect(lines).toEqual(expect.arrayContaining([
+        expect.objectContaining({ entry: key, state: 'committed', inUse: true, locked: me, lockedFor: `${key}@2` }),
+        expect.objectContaining({ entry: `${key}@2`, state: 'partial', inUse: true, locked: me }),
+      ]));
+      expect(lines.find((l) => l.entry === `${key}@2`)).not.toHaveProperty('lockedFor');
+      release();
+      expect(await filling).toMatchObject({ dir: `${old}@2`, fromCache: false });
+    } finally {
+      release?.();
+      proxy.faults = {};
       pod.kill('SIGKILL');
     }
   }, 60_000);

@@ -228,7 +228,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
 const entryLine = (e: CacheEntry, extra: Record<string, unknown> = {}) => JSON.stringify({
   ...extra, entry: e.name, ...(e.uri ? { uri: e.uri } : {}), ...(e.version > 1 ? { version: e.version } : {}), ...(e.superseded ? { superseded: true } : {}),
   state: e.state, bytes: e.bytes, ...(e.shared > 0 ? { sharedBytes: e.shared } : {}), lastUsed: e.lastUsed.toISOString(), inUse: inUse(e),
-  ...(e.users.length > 0 ? { users: e.users } : {}), ...(e.locked ? { locked: e.locked } : {}),
+  ...(e.users.length > 0 ? { users: e.users } : {}), ...(e.locked ? { locked: e.locked } : {}), ...(e.lockedFor ? { lockedFor: e.lockedFor } : {}),
 });
 
 /** `7d`, `12h`, `30m`, `90s` → ms. */

@@ -13,7 +13,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
-import { acquireLock, inspectHolder, sweepHolderTemps } from './lock.js';
+import { acquireLock, inspectHolder, type LockInfo, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -42,6 +42,11 @@ export interface CacheEntry {
   readonly users: readonly string[];
   /** A live process holding its lock (filling it, or evicting it), as `host/pid`. */
   readonly locked?: string;
+  /**
+   * Version 1's lock is held by a fill of this newer version of the entry (every fill takes it, whichever version it
+   * writes: versions.ts): its name. Version 1 itself is not being written.
+   */
+  readonly lockedFor?: string;
 }
 
 export const inUse = (e: CacheEntry): boolean => e.users.length > 0 || e.locked !== undefined;
@@ -98,6 +103,17 @@ async function siblings(cacheDir: string, name: string): Promise<{ version: numb
   return { version: n, newer, all, superseded };
 }
 
+/** The newer version of version 1 `name` that the holder of its lock fills under that version's own lock, if any. */
+async function fillingNewer(cacheDir: string, name: string, holder: LockInfo | undefined, staleMs: number): Promise<string | undefined> {
+  if (holder === undefined) return undefined;
+  for (const v of (await versionsOf(cacheDir, name)).reverse()) {
+    if (v.n === 1) continue;
+    const l = await inspectHolder(`${v.dir}.lock`, { staleMs });
+    if (l?.live && l.holder?.pid === holder.pid && l.holder.host === holder.host && l.holder.pidns === holder.pidns) return v.name;
+  }
+  return undefined;
+}
+
 /** One entry's record, or undefined when `name` is not an entry (no manifest and no journal at its root). */
 export async function inspectEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<CacheEntry | undefined> {
   const dir = path.join(cacheDir, name);
@@ -105,8 +121,10 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
   if (mst === undefined && jst === undefined) return undefined;
   const manifest = mst ? await readManifest(dir) : undefined;
   const sib = await siblings(cacheDir, name);
+  const staleMs = o.lockStaleMs ?? 30_000;
   const [{ bytes, shared }, leases, lock] = await Promise.all([
-    allocated(dir, false, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000 })]);
+    allocated(dir, false, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs })]);
+  const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs) : undefined;
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
   return {
@@ -120,6 +138,7 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
     lastUsed: new Date(lastUsedMs),
     users: leases.live.map((h) => `${h.host}/${h.pid}`),
     ...(lock?.live ? { locked: lock.holder ? `${lock.holder.host}/${lock.holder.pid}` : 'unknown' } : {}),
+    ...(lockedFor ? { lockedFor } : {}),
   };
 }
 
@@ -305,7 +324,7 @@ export const shortTime = (d: Date): string => `${d.toISOString().slice(0, 16)}Z`
 export function describeEntries(entries: readonly CacheEntry[], max = 8): string {
   if (entries.length === 0) return 'the cache holds no other entry';
   const shown = entries.slice(0, max).map((e) => {
-    const use = e.users.length > 0 ? ', in use' : e.locked !== undefined ? ', being filled' : '';
+    const use = e.users.length > 0 ? ', in use' : e.lockedFor !== undefined ? `, locked while ${e.lockedFor} is filled` : e.locked !== undefined ? ', being filled' : '';
     const old = e.superseded ? ', an older version' : '';
     return `${e.name} (${mb(e.bytes)} MB${e.state === 'partial' ? ' partial' : ''}, last used ${shortTime(e.lastUsed)}${use}${old})`;
   });
