@@ -3,7 +3,7 @@ import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs'
 import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { JOURNAL } from '../src/storage/cache.js';
+import { HELD, JOURNAL, MANIFEST, uncommit } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
 import { cleanUpS3, detBytes, type FaultProxy, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
 import { runWarmupCli, WARMUP_CLI as CLI } from './helpers/warmup-cli.js';
@@ -148,6 +148,24 @@ describe('warm-up CLI', () => {
     expect([unfinished.code, lastLine(unfinished.stderr)]).toEqual([1, `warmup: STORAGE_MISSING: ${empty} holds an unfinished download (unet.partial); push a complete export`]);
     const noBucket = await cli(['push', local, 's3://no-such-bucket/sd'], pushEnv);
     expect([noBucket.code, lastLine(noBucket.stderr)]).toEqual([1, 'warmup: STORAGE_MISSING: cannot list: bucket "no-such-bucket" does not exist (NoSuchBucket)']);
+  });
+
+  it('push of an entry whose commit a fill set aside (.complete.held.json, left by a kill): uploads the model alone, and the copy serves', async () => {
+    const first = await cli([], env(path.join(tmp, 'c-held')));
+    expect(first.code, first.stderr).toBe(0);
+    const entry = JSON.parse(first.stdout).modelDir as string;
+    // What a fill killed while it read the entry's leases leaves: the manifest set aside.
+    await uncommit(entry);
+    expect(readdirSync(entry)).toContain(HELD);
+    const pushed = await cli(['push', entry, 's3://models/sd/held'], s3Env(s3.endpoint, path.join(tmp, 'unused')));
+    expect(pushed.code, pushed.stderr).toBe(0);
+    expect(JSON.parse(lastLine(pushed.stdout))).toMatchObject({ bytes: TOTAL, files: 6 });
+    expect(pushed.stderr).toContain(`push: skipped 1 cache bookkeeping file(s) (${MANIFEST}, ${JOURNAL}, ${HELD})`);
+    const listed = ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: 'sd/held/' }))).Contents ?? []).map((o) => o.Key!.slice('sd/held/'.length)).sort();
+    expect(listed).toEqual(Object.keys(model).sort());
+    const fromCopy = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-held-copy'), { STORAGE_URI: 's3://models/sd/held' }));
+    expect(fromCopy.code, fromCopy.stderr).toBe(0);
+    await expectModel(JSON.parse(fromCopy.stdout).modelDir);
   });
 
   it('push over a prefix holding objects the export lacks: refused by name; --replace deletes them after the upload, keeping loras/', async () => {

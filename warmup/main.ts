@@ -14,7 +14,7 @@ import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
-import { ENTRY_MARKERS, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
+import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
@@ -97,8 +97,8 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // A cache entry (or a copy of one) holds the cache's own files: a server would refuse a prefix that has them.
   const partial = all.find((rel) => rel.endsWith(PARTIAL));
   if (partial !== undefined) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds an unfinished download (${partial}); push a complete export`);
-  const files = all.filter((rel) => !ENTRY_MARKERS.includes(path.posix.basename(rel)));
-  if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${ENTRY_MARKERS.join(', ')})\n`);
+  const files = all.filter((rel) => !BOOKKEEPING.includes(path.posix.basename(rel)));
+  if (files.length < all.length) process.stderr.write(`push: skipped ${all.length - files.length} cache bookkeeping file(s) (${BOOKKEEPING.join(', ')})\n`);
   if (files.length === 0) throw new RuntimeError('STORAGE_MISSING', `${localDir} holds no files to upload`);
   // Imported here, not at the top: with S3_TRANSPORT=lite a fill never loads the AWS SDK.
   const [{ Upload }, { createS3, listPrefix }, { DeleteObjectCommand, DeleteObjectsCommand }] = await Promise.all([

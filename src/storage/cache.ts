@@ -17,6 +17,8 @@ export const JOURNAL = '.progress.jsonl';
 /** The manifest set aside by uncommit: the entry's files are still those it lists until dropCommit. */
 export const HELD = '.complete.held.json';
 export const PARTIAL = '.partial';
+/** The cache's own files in an entry, never the model's: what `warmup push` of an entry leaves behind. */
+export const BOOKKEEPING: readonly string[] = Object.freeze([MANIFEST, JOURNAL, HELD]);
 /** A folder holding one of these at its root is a cache entry this runtime filled (committed, or being filled). */
 export const ENTRY_MARKERS: readonly string[] = Object.freeze([MANIFEST, JOURNAL]);
 /** The folder, under the cache, of the servers' LoRA adapter-set work folders (one per process, which leases it). */

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { maskUri, maskUserInfo } from '../config.js';
 import { RuntimeError } from '../errors.js';
 import { parseS3Url, type S3Prefix, type S3Url } from '../s3-url.js';
-import { HELD, JOURNAL, MANIFEST, PARTIAL } from './cache.js';
+import { BOOKKEEPING, PARTIAL } from './cache.js';
 
 export type StorageSource =
   | { readonly kind: 'local'; readonly path: string }
@@ -102,7 +102,7 @@ export function containedPath(root: string, rel: string): string {
   const segs = rel.split('/');
   if (segs.some((s) => s === '')) bad('empty path segment');
   if (segs.some((s) => s === '.' || s === '..')) bad("'.' or '..' segment would leave the cache directory");
-  if (segs.some((s) => s.endsWith(PARTIAL) || s === JOURNAL || s === MANIFEST || s === HELD)) bad('uses a name reserved by the cache');
+  if (segs.some((s) => s.endsWith(PARTIAL) || BOOKKEEPING.includes(s))) bad('uses a name reserved by the cache');
   const base = path.resolve(root);
   const p = path.resolve(base, rel);
   if (!p.startsWith(base + path.sep)) bad('leaves the cache directory');
