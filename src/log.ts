@@ -47,5 +47,15 @@ export function logProcessFaults(log: Logger): void {
   });
 }
 
+/**
+ * What ties a log line to the client request it is about: its X-Request-ID, and the W3C trace context it came with
+ * (server/trace.ts): the trace's id and the caller's span, which a search of the log by trace id finds.
+ */
+export interface RequestIds {
+  requestId?: string | undefined;
+  traceId?: string | undefined;
+  spanId?: string | undefined;
+}
+
 /** A logger for tests and tools that must stay quiet. */
 export const silentLogger = (): Logger => pino({ level: 'silent' });

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/log.js';
+import { traceContext } from '../src/server/trace.js';
 import WebSocket from 'ws';
 import { holdWorker, startRuntime } from './helpers/runtime.js';
 import { postJson, startServer, until } from './helpers/server.js';
@@ -109,6 +110,56 @@ describe("a request's log lines", () => {
       expect(srv.logs.filter((l) => l.msg === 'unhandled error in request')).toEqual([
         expect.objectContaining({ level: 'error', route: '/v1/models/model:predict', requestId: 'id-defect', err: expect.objectContaining({ message: 'a defect of the test' }) }),
       ]);
+    } finally {
+      await srv.stop();
+    }
+  });
+});
+
+describe('W3C trace context in the log', () => {
+  const T = '4bf92f3577b34da6a3ce929d0e0e4736';
+  const S = '00f067aa0ba902b7';
+  const TP = `00-${T}-${S}-01`;
+
+  it('reads traceparent as the spec says, and takes nothing of an invalid one', () => {
+    expect(traceContext(TP)).toEqual({ traceId: T, spanId: S });
+    expect(traceContext(`00-${T}-${S}-00`)).toEqual({ traceId: T, spanId: S });
+    // A later version may append fields after a '-': its first four are read.
+    expect(traceContext(`cc-${T}-${S}-01-whatever`)).toEqual({ traceId: T, spanId: S });
+    for (const bad of [undefined, '', 'hello', `ff-${T}-${S}-01`, `00-${'0'.repeat(32)}-${S}-01`, `00-${T}-${'0'.repeat(16)}-01`,
+      `00-${T.toUpperCase()}-${S}-01`, `00-${T}-${S}-01-extra`, `cc-${T}-${S}-01x`, `${TP}, ${TP}`, `00-${T.slice(1)}-${S}-01`, `00-${T}-${S}-1`, ` ${TP}`]) {
+      expect(traceContext(bad), String(bad)).toBeUndefined();
+    }
+  });
+
+  it("a request's lines name the trace and the caller's span of its traceparent: V1, V2, OpenAI, a CloudEvent, the WebSocket", async () => {
+    const srv = await startRuntime({ STORAGE_URI: undefined }, { ready: true });
+    try {
+      const post = (path: string, body: unknown, headers: Record<string, string>) => postJson(`${srv.url}${path}`, body, { headers: { 'content-type': 'application/json', ...headers } });
+      const none = { instances: [] };
+      await post('/v1/models/model:predict', none, { 'x-request-id': 'v1', traceparent: TP });
+      await post('/v2/models/model/infer', { inputs: [] }, { 'x-request-id': 'v2', traceparent: TP });
+      await post('/openai/v1/images/generations', { model: 'other', prompt: 'a' }, { 'x-request-id': 'openai', traceparent: TP });
+      // A binary CloudEvent: ce-traceparent is the event's own extension (kept for CE_MERGE), not this hop's context.
+      const ce = { 'ce-specversion': '1.0', 'ce-id': '1', 'ce-source': 'test', 'ce-type': 'dev.example.generate' };
+      await post('/v1/models/model:predict', none, { ...ce, 'x-request-id': 'ce', traceparent: TP, 'ce-traceparent': `00-${'a'.repeat(32)}-${'b'.repeat(16)}-01` });
+      await post('/v1/models/model:predict', none, { ...ce, 'x-request-id': 'ce-only', 'ce-traceparent': `00-${'a'.repeat(32)}-${'b'.repeat(16)}-01` });
+      const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/other/stream`, { headers: { 'x-request-id': 'ws', traceparent: TP } });
+      await new Promise((r) => ws.once('close', r));
+      // Invalid values are ignored, never echoed into the log.
+      const bad = ['hello-garbage', `00-${T.toUpperCase()}-${S}-01`, `00-${'0'.repeat(32)}-${S}-01`, `ff-${T}-${S}-01`, `00-${T}-${S}-01-zzextrazz`];
+      for (const [i, tp] of bad.entries()) await post('/v1/models/model:predict', none, { 'x-request-id': `bad${i}`, traceparent: tp });
+      srv.rt.generation.generate = () => Promise.reject(new TypeError('a defect of the test'));
+      await post('/v1/models/model:predict', { instances: [{ prompt: 'a', num_inference_steps: 1, height: 64, width: 64 }] }, { 'x-request-id': 'defect', traceparent: TP });
+      const access = srv.logs.filter((l) => l.msg === 'inference request').map((l) => [l.requestId, l.status, l.traceId, l.spanId]);
+      expect(access).toEqual([
+        ['v1', 200, T, S], ['v2', 400, T, S], ['openai', 404, T, S], ['ce', 200, T, S], ['ce-only', 200, undefined, undefined], ['ws', 404, T, S],
+        ...bad.map((_, i) => [`bad${i}`, 200, undefined, undefined]),
+        ['defect', 500, T, S],
+      ]);
+      expect(srv.logs.filter((l) => l.msg === 'unhandled error in request')).toEqual([expect.objectContaining({ requestId: 'defect', traceId: T, spanId: S })]);
+      const text = JSON.stringify(srv.logs);
+      for (const b of ['hello-garbage', T.toUpperCase(), 'zzextrazz']) expect(text).not.toContain(b);
     } finally {
       await srv.stop();
     }

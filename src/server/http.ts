@@ -4,9 +4,10 @@ import type { Socket } from 'node:net';
 import zlib from 'node:zlib';
 import { SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, httpStatus, isRuntimeError } from '../errors.js';
-import type { Logger } from '../log.js';
+import type { Logger, RequestIds } from '../log.js';
 import { lingerOnClose, onSocketClose, pathOf } from './base.js';
 import { exposeEventHeaders } from './cors.js';
+import { requestIds } from './trace.js';
 
 export interface Reply {
   status: number;
@@ -269,10 +270,10 @@ export interface RouteOptions {
 }
 
 /** The log of a request's unknown error names it as its access line does (app.ts, ws.ts), to be found beside it. */
-export const requestLog = (log: Logger, route: string, requestId: string | undefined): Logger => log.child({ route, requestId });
+export const requestLog = (log: Logger, route: string, ids: RequestIds): Logger => log.child({ route, ...ids });
 
 const failed = (err: unknown, opts: RouteOptions, r: Req): Reply => {
-  const out = errorReply(err, requestLog(opts.log, r.url, r.headers['x-request-id']));
+  const out = errorReply(err, requestLog(opts.log, r.url, requestIds(r.headers)));
   return opts.errorShape ? opts.errorShape(out) : out;
 };
 

@@ -20,12 +20,14 @@ import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import { httpStatus, isRuntimeError, RuntimeError } from '../errors.js';
+import type { RequestIds } from '../log.js';
 import type { Progress, TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, parseInstances } from '../runtime/request.js';
 import { LINGER_MS, rawError, type App } from './base.js';
 import { wsOriginRefusal } from './cors.js';
 import { assertServable, generateWithImages, parseContext, parseJson, shuttingDown, type ServerContext } from './context.js';
 import { errorReply, requestLog, type RouteOptions } from './http.js';
+import { requestIds } from './trace.js';
 
 /** Above this many buffered bytes, progress and previews are dropped until the client catches up. */
 export const PROGRESS_BUFFER_LIMIT = 128 * 1024;
@@ -69,8 +71,8 @@ interface Conn {
   gone: AbortController;
   t0: number;
   timers: NodeJS.Timeout[];
-  /** The upgrade request's X-Request-ID, for the log lines. */
-  requestId: string | undefined;
+  /** The upgrade request's X-Request-ID and trace context, for the log lines. */
+  ids: RequestIds;
   /** The code of the error the request was answered with, for its access line. */
   code?: string;
 }
@@ -91,12 +93,12 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   app.upgrade('/v1/models/:name/stream', (req: IncomingMessage, socket: Duplex, head: Buffer, params: string[]) => {
     const refused = wsOriginRefusal(req, cfg.corsAllowOrigins);
     if (refused !== undefined) return void rawError(socket, 'ORIGIN_NOT_ALLOWED', refused);
-    const id = req.headers['x-request-id'];
-    wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? '', Array.isArray(id) ? id.join(', ') : id));
+    const ids = requestIds(req.headers);
+    wss.handleUpgrade(req, socket, head, (ws) => open(ws, params[0] ?? '', ids));
   });
 
-  function open(ws: StreamSocket, name: string, requestId: string | undefined): void {
-    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [], requestId };
+  function open(ws: StreamSocket, name: string, ids: RequestIds): void {
+    const c: Conn = { name, closed: false, closing: false, started: false, toldOne: false, alive: true, queued: 0, gone: new AbortController(), t0: 0, timers: [], ids };
     ws.on('message', (data: RawData) => message(ws, c, data));
     ws.on('pong', () => (c.alive = true));
     // ws answers every ping at once: a client that pings without reading would pile the answers up here without bound.
@@ -208,7 +210,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     metrics.requests.inc({ ...labels, status: String(status) });
     const secs = (performance.now() - c.t0) / 1000;
     if (status === 200) metrics.requestDuration.observe(labels, secs);
-    ctx.log.info({ route: route(c), status, code: c.code, seconds: Number(secs.toFixed(3)), requestId: c.requestId }, 'inference request');
+    ctx.log.info({ route: route(c), status, code: c.code, seconds: Number(secs.toFixed(3)), ...c.ids }, 'inference request');
   }
 
   /** Progress is best effort: a slow client misses steps, never the result. */
@@ -258,7 +260,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
   const route = (c: Conn) => `/v1/models/${c.name}/stream`;
 
   function fail(ws: StreamSocket, c: Conn, err: unknown): void {
-    const out = errorReply(err, requestLog(opts.log, route(c), c.requestId));
+    const out = errorReply(err, requestLog(opts.log, route(c), c.ids));
     c.code = out.code;
     const body = JSON.parse(String(out.body)) as { error: string; code: string };
     critical(ws, c, JSON.stringify({ type: 'error', code: body.code, error: body.error, ...(out.headers?.['retry-after'] ? { retry_after: Number(out.headers['retry-after']) } : {}) }));
