@@ -57,5 +57,20 @@ export interface RequestIds {
   spanId?: string | undefined;
 }
 
+/** A generation batch holds up to MAX_BATCH_SIZE (64) requests: its lines name this many of their ids at most. */
+export const LOGGED_IDS = 16;
+/** X-Request-ID is the client's to choose: a batch's lines keep this much of each. */
+const ID_CHARS = 128;
+
+/**
+ * The distinct request ids and trace ids of a batch's requests, in request order, at most LOGGED_IDS of each: the
+ * fields of a line about the batch (a failed generation, a worker that died holding it), absent when none has one.
+ */
+export function batchIds(all: ReadonlyArray<RequestIds | undefined>): { requestIds?: string[]; traceIds?: string[] } {
+  const pick = (k: 'requestId' | 'traceId') => [...new Set(all.flatMap((ids) => (ids?.[k] === undefined ? [] : [ids[k]!.slice(0, ID_CHARS)])))].slice(0, LOGGED_IDS);
+  const [requestIds, traceIds] = [pick('requestId'), pick('traceId')];
+  return { ...(requestIds.length > 0 ? { requestIds } : {}), ...(traceIds.length > 0 ? { traceIds } : {}) };
+}
+
 /** A logger for tests and tools that must stay quiet. */
 export const silentLogger = (): Logger => pino({ level: 'silent' });

@@ -6,7 +6,7 @@
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { createLogger } from '../src/log.js';
+import { batchIds, createLogger, LOGGED_IDS } from '../src/log.js';
 import { traceContext } from '../src/server/trace.js';
 import WebSocket from 'ws';
 import { holdWorker, startRuntime } from './helpers/runtime.js';
@@ -163,5 +163,50 @@ describe('W3C trace context in the log', () => {
     } finally {
       await srv.stop();
     }
+  });
+});
+
+describe("the generation path's lines name the requests of their batch", () => {
+  const T = (n: number) => `${String(n).padStart(2, '0')}f92f3577b34da6a3ce929d0e0e4736`;
+  const headers = (n: number) => ({ 'content-type': 'application/json', 'x-request-id': `req-${n}`, traceparent: `00-${T(n)}-00f067aa0ba902b7-01` });
+  const body = (seed: number) => ({ instances: [{ prompt: 'a', num_inference_steps: 2, height: 64, width: 64, seed }] });
+
+  it('a generation that failed (a defect): its one error line names both requests of the batch and their traces', async () => {
+    // Both requests fill one batch of two; the worker answers it as the real one answers a defect.
+    const srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0', MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '5000', RESULT_CACHE_MB: '0' },
+      { ready: true, workers: [holdWorker({ fail: true })] });
+    try {
+      const answers = await Promise.all([1, 2].map((n) => postJson(`${srv.url}/v1/models/model:predict`, body(n), { headers: headers(n) })));
+      expect(answers.map((a) => [a.status, a.json.code])).toEqual([[500, 'INTERNAL'], [500, 'INTERNAL']]);
+      const lines = srv.logs.filter((l) => l.msg === 'generation failed');
+      expect(lines).toEqual([expect.objectContaining({ level: 'error', worker: '0', device: 'cpu', err: expect.stringContaining('a defect of the test') })]);
+      // In the order the requests reached the queue.
+      expect([(lines[0]!.requestIds as string[]).toSorted(), (lines[0]!.traceIds as string[]).toSorted()]).toEqual([['req-1', 'req-2'], [T(1), T(2)]]);
+    } finally {
+      await srv.stop(0);
+    }
+  });
+
+  it('a worker that died holding a generation: its line names the request it held', async () => {
+    const worker = holdWorker();
+    const srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0' }, { ready: true, workers: [worker] });
+    try {
+      const held = postJson(`${srv.url}/v1/models/model:predict`, body(3), { headers: headers(3) });
+      await until(() => srv.rt.engine.busy === 1, 30_000);
+      await worker.worker.terminate();
+      expect((await held).status).toBe(500);
+      expect(srv.logs.filter((l) => l.msg === 'pipeline worker died')).toEqual([expect.objectContaining({ level: 'error', requestIds: ['req-3'], traceIds: [T(3)] })]);
+    } finally {
+      await srv.stop(0);
+    }
+  });
+
+  it('names each request once, at most LOGGED_IDS of them, each id cut to 128 characters', () => {
+    const one = { requestId: 'a', traceId: 't' };
+    expect(batchIds([one, one, { requestId: 'b' }, undefined, {}])).toEqual({ requestIds: ['a', 'b'], traceIds: ['t'] });
+    expect(batchIds([undefined, {}])).toEqual({});
+    const many = Array.from({ length: 64 }, (_, i) => ({ requestId: `r${i}`.padEnd(300, 'x') }));
+    const got = batchIds(many).requestIds!;
+    expect([got.length, got[0], got.every((id) => id.length === 128)]).toEqual([LOGGED_IDS, many[0]!.requestId.slice(0, 128), true]);
   });
 });

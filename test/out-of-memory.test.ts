@@ -141,7 +141,11 @@ const MARGIN_MB = 640;
 
 describe.skipIf(!canLimit)('a generation out of memory (the built server, address space capped with prlimit --as)', () => {
   let srv: ServerHandle;
-  const predict = (inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] });
+  // Each request names itself: the out-of-memory lines carry the ids of the requests of the batch.
+  const trace = (p: string) => `${Buffer.from(p.padEnd(16, '.')).toString('hex').slice(0, 32)}`;
+  const predict = (inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] }, {
+    headers: { 'content-type': 'application/json', 'x-request-id': String(inst.prompt), traceparent: `00-${trace(String(inst.prompt))}-00f067aa0ba902b7-01` },
+  });
   const big = { prompt: 'big', num_inference_steps: 1, height: SIZE, width: SIZE, num_images_per_prompt: BIG, seed: 7 };
   const small = { prompt: 'small', num_inference_steps: 1, height: SIZE, width: SIZE, seed: 9 };
   const normal = { prompt: 'normal', num_inference_steps: 2, height: 64, width: 64, seed: 3 };
@@ -171,7 +175,8 @@ describe.skipIf(!canLimit)('a generation out of memory (the built server, addres
     expect(await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' })).toBe(1);
     expect(await metric(srv, 'inference_request_count', { status: '507' })).toBe(1);
     const lines = logged('a generation ran out of memory: answered OUT_OF_MEMORY');
-    expect(lines).toEqual([expect.objectContaining({ level: 'warn', height: SIZE, width: SIZE, images: BIG, requests: 1, device: 'cpu', reason: expect.stringMatching(/Failed to allocate memory for requested buffer of size \d+$/) })]);
+    expect(lines).toEqual([expect.objectContaining({ level: 'warn', height: SIZE, width: SIZE, images: BIG, requests: 1, device: 'cpu', reason: expect.stringMatching(/Failed to allocate memory for requested buffer of size \d+$/),
+      requestIds: ['big'], traceIds: [trace('big')] })]);
     expect(logged('generation failed')).toEqual([]);
     // That warning is all the process writes of it: ONNX Runtime's own line for the failed run (in colour, over two
     // lines, on stderr) would be the one line of the log that is not JSON.
@@ -200,7 +205,8 @@ describe.skipIf(!canLimit)('a generation out of memory (the built server, addres
     // Run alone, the small request's image is the one it gets alone.
     expect(b64(s) === smallAlone).toBe(true);
     const split = logged('a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
-    expect(split).toEqual([expect.objectContaining({ height: SIZE, width: SIZE, images: BIG + 1, requests: 2 })]);
+    expect(split).toEqual([expect.objectContaining({ height: SIZE, width: SIZE, images: BIG + 1, requests: 2,
+      requestIds: expect.arrayContaining(['big', 'small']), traceIds: expect.arrayContaining([trace('big'), trace('small')]) })]);
     expect((await metric(srv, 'inference_out_of_memory_total', { outcome: 'split' })) - split0).toBe(1);
     // The big request alone, again.
     expect((await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' })) - failed0).toBe(1);

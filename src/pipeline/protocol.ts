@@ -128,7 +128,10 @@ export type FromWorker =
   /** The generation's UNet steps are done; its VAE decodes run on the decode thread, and the worker takes the next job. */
   | { t: 'denoised'; id: number }
   | { t: 'result'; id: number; images: Array<TransferImage & { seed: number }>; times: StageTimes }
-  /** `detail`: with OUT_OF_MEMORY, ONNX Runtime's text of the failed allocation, for the log (never a client's answer). */
+  /**
+   * `detail`, for the log (never a client's answer): with OUT_OF_MEMORY, ONNX Runtime's text of the failed allocation;
+   * with INTERNAL (a defect), the error's stack.
+   */
   | { t: 'error'; id: number; code: string; message: string; detail?: string }
   /** An adapter set is built (`ms`: read, merge, session creation; `bytes`: merged components' size). */
   | { t: 'adapters-ready'; key: string; ms: { read: number; merge: number; sessions: number; total: number }; bytes: number; patchedBytes: number; components: string[]; formats: Record<string, string> }

@@ -375,10 +375,10 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
     post({ t: 'result', id, images: raw, times }, raw.map((r) => r.rgb));
   } catch (err) {
     // An allocation failure, here or on an auxiliary thread (which answers it as INTERNAL): the engine reruns a batch
-    // of several requests one by one, and logs it once with the shape (engine.ts). A defect is logged here.
+    // of several requests one by one, and logs it once with the shape (engine.ts). A defect's text goes to the engine
+    // too, which logs it with the ids of the batch's requests.
     const { code, message, detail } = failureReply(err, 'generation failed', 'the generation ran out of memory');
-    if (code === 'INTERNAL') log('error', 'generation failed', { err: detail });
-    post({ t: 'error', id, code, message, ...(code === 'OUT_OF_MEMORY' ? { detail } : {}) });
+    post({ t: 'error', id, code, message, ...(detail !== undefined ? { detail } : {}) });
   } finally {
     unuse();
     cancels.end(id);

@@ -18,7 +18,7 @@ import type { Worker } from 'node:worker_threads';
 import type { Config, OutputFormat } from '../config.js';
 import { LIMIT_ADVICE, shortage, shortageError, type Shortage } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
-import type { Logger } from '../log.js';
+import { batchIds, type Logger } from '../log.js';
 import { REJECT_REASONS, type Metrics, type RejectReason } from '../metrics.js';
 import { encodeImage } from '../pipeline/image.js';
 import { ClipTokenizer, type Cleaned } from '../pipeline/tokenizer.js';
@@ -701,10 +701,10 @@ export class Engine {
       case 'adapters-failed': {
         w.sets.delete(m.key);
         this.#setAsked.delete(m.key);
-        this.log.warn({ set: m.key, worker: w.index, code: m.code, reason: m.detail ?? m.message }, 'LoRA adapter set failed');
+        const waiting = this.#pending.filter((t) => t.adapters?.key === m.key);
+        this.log.warn({ set: m.key, worker: w.index, code: m.code, reason: m.detail ?? m.message, ...idsOf(waiting) }, 'LoRA adapter set failed');
         const err = new RuntimeError(m.code as never, m.message);
-        for (const t of [...this.#pending]) {
-          if (t.adapters?.key !== m.key) continue;
+        for (const t of waiting) {
           this.#pending.splice(this.#pending.indexOf(t), 1);
           this.#finish(t, err);
         }
@@ -744,6 +744,8 @@ export class Engine {
       case 'result':
       case 'error': {
         const run = w.running?.id === m.id ? w.running : w.decoding.find((r) => r.id === m.id);
+        // A defect's text is logged here, where the batch's requests are known: the worker knows none of their ids.
+        if (m.t === 'error' && m.code === 'INTERNAL') this.log.error({ worker: String(w.index), device: w.device, err: m.detail, ...idsOf(run?.tasks ?? []) }, 'generation failed');
         if (!run) break;
         // The worker is free for the next batch while this one's images are encoded here.
         if (w.running === run) w.running = undefined;
@@ -825,10 +827,10 @@ export class Engine {
     const shape = { height, width, images: run.tasks.reduce((n, t) => n + t.images, 0), requests: run.tasks.length };
     this.metrics.outOfMemory.inc({ ...this.#labels, outcome: split ? 'split' : 'failed' });
     if (!split) {
-      this.log.warn({ ...run.where, ...shape, reason: detail }, live.length > 0 ? 'a generation ran out of memory: answered OUT_OF_MEMORY' : 'a generation ran out of memory; its clients had left');
+      this.log.warn({ ...run.where, ...shape, reason: detail, ...idsOf(run.tasks) }, live.length > 0 ? 'a generation ran out of memory: answered OUT_OF_MEMORY' : 'a generation ran out of memory; its clients had left');
       return false;
     }
-    this.log.warn({ ...run.where, ...shape, reason: detail }, 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
+    this.log.warn({ ...run.where, ...shape, reason: detail, ...idsOf(run.tasks) }, 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
     for (const t of live) {
       t.state = 'queued';
       t.alone = true;
@@ -886,12 +888,13 @@ export class Engine {
       this.#checkIdle();
       return;
     }
-    // Out of descriptors the worker is started again (below, or by the next load): a warning, not an error.
-    if (short) this.log.warn({ worker: w.index, reason: why }, 'pipeline worker stopped: out of file descriptors');
-    else this.log.error({ worker: w.index, reason: why }, 'pipeline worker died');
-    this.metrics.workerDeaths.inc({ ...this.#labels, worker: String(w.index), device: w.device });
     // The batch it was stepping and the one it was decoding, if any.
     const runs = runsOf(w);
+    const held = idsOf(runs.flatMap((r) => r.tasks));
+    // Out of descriptors the worker is started again (below, or by the next load): a warning, not an error.
+    if (short) this.log.warn({ worker: w.index, reason: why, ...held }, 'pipeline worker stopped: out of file descriptors');
+    else this.log.error({ worker: w.index, reason: why, ...held }, 'pipeline worker died');
+    this.metrics.workerDeaths.inc({ ...this.#labels, worker: String(w.index), device: w.device });
     for (const run of runs) this.#countPartial(run);
     w.decoding.length = 0;
     w.running = undefined;
@@ -970,6 +973,9 @@ function outOfMemoryError(req: GenerationRequest, device: string): RuntimeError 
   const where = device === 'cpu' ? "this server's memory" : `the memory of this server's GPU (${device})`;
   return new RuntimeError('OUT_OF_MEMORY', `out of memory: ${what} of ${req.shape.height}x${req.shape.width} (height x width) ${images === 1 ? 'does' : 'do'} not fit in ${where}, even run alone; ask for a smaller height and width or fewer images (num_images_per_prompt), or use a server with a bigger GPU`);
 }
+
+/** The ids of the client requests of `tasks`, for a line about them (log.ts batchIds). */
+const idsOf = (tasks: readonly Task[]) => batchIds(tasks.map((t) => t.req.ids));
 
 /** The batches a worker holds: the one it is stepping, then those it is decoding. */
 function runsOf(w: WorkerHandle): Running[] {

@@ -1,6 +1,7 @@
 /** @module A generation request, validated against the contract with every problem named at once. */
 import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
+import type { RequestIds } from '../log.js';
 import { lcmTimestepCount, unconditionalPass, type GenerationShape, type ImageMode, type JobItem, type ModelDefaults } from '../pipeline/job.js';
 import { DEFAULT_QUALITY } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
@@ -30,6 +31,8 @@ export interface GenerationRequest {
   image?: ImageRequest;
   /** LoRA adapters to merge, sorted by name (absent or empty: the base model). */
   loras?: LoraRequest[];
+  /** The client request's ids (the server sets them), for the lines the generation path logs about its batch. */
+  ids?: RequestIds;
 }
 
 /** One adapter a request names, and its scale. */

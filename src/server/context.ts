@@ -3,7 +3,7 @@ import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
-import type { Logger } from '../log.js';
+import type { Logger, RequestIds } from '../log.js';
 import type { Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
@@ -109,13 +109,20 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
   return hold.release;
 }
 
+/** generateWithImages' options: the generation's, but its reading, which generateWithImages gives. */
+export interface WithImagesOptions extends Omit<GenerateOptions, 'read'> {
+  /** The client request's ids (trace.ts): the generation path's lines about its batch name them. */
+  ids?: RequestIds;
+}
+
 /**
  * Every route's request: its input images read (readImages), then generated, in flight from the start of the reading
  * and within its own timeout (`timeoutMs`, V2's parameters.timeout); the images' share of the input budget is given
  * back once the generation has ended, whatever its outcome.
  */
-export function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, onProgress?: (p: Progress) => void, onQueued?: () => void, timeoutMs?: number): Promise<TaskResult[]> {
-  return ctx.generate(reqs, signal, { read: (s) => readImages(ctx, reqs, s), onProgress, onQueued, timeoutMs });
+export function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, o: WithImagesOptions = {}): Promise<TaskResult[]> {
+  if (o.ids) for (const r of reqs) r.ids = o.ids;
+  return ctx.generate(reqs, signal, { read: (s) => readImages(ctx, reqs, s), onProgress: o.onProgress, onQueued: o.onQueued, timeoutMs: o.timeoutMs });
 }
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */

@@ -17,6 +17,8 @@ import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { openaiErrorBody, openaiErrorHeaders } from './openai-errors.js';
+import { requestIds } from './trace.js';
+import type { RequestIds } from '../log.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
 /** What a 404 under /openai adds: the OpenAI routes this server does answer. */
@@ -203,7 +205,7 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
     }, opts),
   );
   /** An Images API body (parsed JSON, or an edit's form as one) generated and answered as OpenAI does. */
-  const serve = async (parsed: unknown, signal: AbortSignal, names = GENERATION_NAMES): Promise<Reply> => {
+  const serve = async (parsed: unknown, signal: AbortSignal, ids: RequestIds, names = GENERATION_NAMES): Promise<Reply> => {
     assertSafeJson(parsed, 'body');
     const { instance, problems } = imagesInstance(parsed, ctx.cfg.modelName);
     let reqs: GenerationRequest[];
@@ -218,18 +220,18 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
     }
     const refused = problems.error();
     if (refused) throw refused;
-    const results = await generateWithImages(ctx, reqs, signal).catch((err: unknown) => Promise.reject(relabelled(err, names)));
+    const results = await generateWithImages(ctx, reqs, signal, { ids }).catch((err: unknown) => Promise.reject(relabelled(err, names)));
     return { status: 200, body: imagesBody(results), contentType: 'application/json' };
   };
   const precheck = (route: string) => (r: Req) => {
     refuseEvent(r.headers, `POST ${OPENAI_PREFIX}/${route}`);
     assertServable(ctx, ctx.cfg.modelName);
   };
-  app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (_r, body, ex) => serve(parseJson(body), ex.gone.signal), opts, precheck('images/generations')));
+  app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (r, body, ex) => serve(parseJson(body), ex.gone.signal, requestIds(r.headers)), opts, precheck('images/generations')));
   app.post(
     `${OPENAI_PREFIX}/images/edits`,
     // In flight from the form's reading on: finding the picture's transparent area decodes it, as reading it does.
-    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, EDIT_NAMES)),
+    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, requestIds(r.headers), EDIT_NAMES)),
       opts, precheck('images/edits')),
   );
 }

@@ -6,6 +6,7 @@ import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/r
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext } from './context.js';
 import { decodeEvent, eventReply } from './cloudevents.js';
 import { bodyRoute, json, jsonWithBase64, route, type RouteOptions } from './http.js';
+import { requestIds } from './trace.js';
 
 /**
  * The seed's `{"predictions":[{"image":{"b64":…}}]}` plus what we add (each image's seed, format and
@@ -72,7 +73,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
         // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
         if (!empty) checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
         assertSafeJson(parsed, 'body');
-        const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), ex.gone.signal);
+        const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), ex.gone.signal, { ids: requestIds(r.headers) });
         void name;
         const out = predictionsBody(results);
         return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };

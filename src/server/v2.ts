@@ -11,6 +11,7 @@ import type { App } from './base.js';
 import { eventHeaders, v2Event } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+import { requestIds } from './trace.js';
 import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
 
 export const SERVER_NAME = 'diffusers-runtime';
@@ -70,7 +71,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
           for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
           g.image.at = 'parameters';
         });
-        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal, undefined, undefined, req.timeoutMs)));
+        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal, { timeoutMs: req.timeoutMs, ids: requestIds(r.headers) })));
         return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
       },
       opts,

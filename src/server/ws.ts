@@ -196,7 +196,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
-      const results = await generateWithImages(ctx, reqs, c.gone.signal, (p) => progress(ws, c, p), () => critical(ws, c, accepted));
+      const results = await generateWithImages(ctx, reqs, c.gone.signal, { onProgress: (p) => progress(ws, c, p), onQueued: () => critical(ws, c, accepted), ids: c.ids });
       last(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }), 1000, 'done');
     } catch (err) {
       status = isRuntimeError(err) ? httpStatus(err.code) : 500;

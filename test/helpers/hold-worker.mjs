@@ -1,8 +1,9 @@
-// A pipeline worker that loads nothing and holds every generation it is given, in JS (test/worker-restart.test.ts).
+// A pipeline worker that loads nothing and holds every generation it is given, in JS (test/worker-restart.test.ts);
+// with workerData `fail`, it answers each one as the real worker answers a defect (INTERNAL, its stack as the detail).
 // A real worker cannot stand in here: ending a thread while onnxruntime runs a session aborts the whole process
 // (a thrown Napi::Error), so a worker that dies holding a generation is one whose thread is in JavaScript.
 import path from 'node:path';
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 
 parentPort.on('message', (m) => {
   if (m.t === 'load') {
@@ -13,5 +14,8 @@ parentPort.on('message', (m) => {
       tokenizerDirs: [path.resolve(m.dir, 'tokenizer')], providers: { unet: 'cpu' }, optimize: [],
     });
   } else if (m.t === 'close') process.exit(0);
-  // 'generate': never answered.
+  else if (m.t === 'generate' && workerData?.fail) {
+    parentPort.postMessage({ t: 'error', id: m.id, code: 'INTERNAL', message: 'generation failed', detail: new TypeError('a defect of the test').stack });
+  }
+  // 'generate': otherwise never answered.
 });

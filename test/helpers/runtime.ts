@@ -143,10 +143,10 @@ export async function metric(s: Pick<RuntimeHandle, 'url'>, name: string, labels
 
 /**
  * A pipeline worker that loads nothing and holds every generation it is given, warm-up included (helpers/hold-worker.mjs):
- * for startRuntime's `workers`.
+ * for startRuntime's `workers`. `fail`: it answers each generation with a defect's INTERNAL error instead.
  */
-export function holdWorker(): SpawnedWorker {
-  const worker = new Worker(path.join(ROOT, 'test', 'helpers', 'hold-worker.mjs'));
+export function holdWorker(o: { fail?: boolean } = {}): SpawnedWorker {
+  const worker = new Worker(path.join(ROOT, 'test', 'helpers', 'hold-worker.mjs'), { workerData: { fail: o.fail === true } });
   return {
     worker,
     attach(onMessage, onError, onExit) {
