@@ -56,7 +56,7 @@ describe.each(['lite', 'sdk'] as const)('S3 over TLS (S3_TRANSPORT=%s)', (transp
     const before = front.connections();
     const e = await rejection(resolveModel('s3://models/sd', { cfg: await cfg(https(), { S3_USE_HTTPS: '1' }), log }));
     expect(e.code).toBe('STORAGE_TLS');
-    expect(e.message).toMatch(/^cannot list s3:\/\/models\/sd\/: TLS to the S3 endpoint failed \(UNABLE_TO_VERIFY_LEAF_SIGNATURE\); the endpoint's certificate is not trusted: give its CA bundle as AWS_CA_BUNDLE/);
+    expect(e.message.startsWith(`cannot list s3://models/sd/: TLS to the S3 endpoint ${https()} failed (UNABLE_TO_VERIFY_LEAF_SIGNATURE); the endpoint's certificate is not trusted: give its CA bundle as AWS_CA_BUNDLE`), e.message).toBe(true);
     // One connection: the client does not come back seven more times for the same certificate.
     expect(front.connections() - before).toBe(1);
   });
@@ -64,6 +64,6 @@ describe.each(['lite', 'sdk'] as const)('S3 over TLS (S3_TRANSPORT=%s)', (transp
   it('an https:// endpoint that speaks plain HTTP fails at once with STORAGE_TLS saying so', async () => {
     const e = await rejection(resolveModel('s3://models/sd', { cfg: await cfg(`https://127.0.0.1:${s3.port}`), log }));
     expect(e.code).toBe('STORAGE_TLS');
-    expect(e.message).toMatch(/^cannot list s3:\/\/models\/sd\/: TLS to the S3 endpoint failed \(EPROTO\); the endpoint answers plain HTTP: use an http:\/\/ AWS_ENDPOINT_URL/);
+    expect(e.message.startsWith(`cannot list s3://models/sd/: TLS to the S3 endpoint https://127.0.0.1:${s3.port} failed (EPROTO); the endpoint answers plain HTTP: use an http:// AWS_ENDPOINT_URL`), e.message).toBe(true);
   });
 });

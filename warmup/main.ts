@@ -15,7 +15,7 @@ import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
-import { classify, permanentError, retryTransient } from '../src/storage/s3-errors.js';
+import { classify, endpointName, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
@@ -131,7 +131,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
-    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list'), fallback);
+    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list', endpointName(cfg.s3, src.bucket)), fallback);
   }
   if (stale.length > 0 && !replace) {
     s3.destroy();
@@ -167,7 +167,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           await uploadingUntil(halt.signal, () => up.done());
         } catch (e) {
           if (halt.signal.aborted) throw e;
-          throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload'), fallback);
+          throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload', endpointName(cfg.s3, src.bucket)), fallback);
         } finally {
           halt.signal.removeEventListener('abort', onHalt);
         }
@@ -212,7 +212,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         }, TRIES, signal);
       } catch (e) {
         if (signal.aborted) throw e;
-        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete');
+        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpointName(cfg.s3, src.bucket));
         throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
       }
     }

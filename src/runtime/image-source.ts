@@ -8,7 +8,7 @@ import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { bucketRegion, classify, customerKeyAdvice, customerKeyRequired, s3Code } from '../storage/s3-errors.js';
+import { atEndpoint, bucketRegion, classify, customerKeyAdvice, customerKeyRequired, s3Code } from '../storage/s3-errors.js';
 import { parseS3Object } from '../storage/uri.js';
 import { inputRefusal } from './input-uris.js';
 
@@ -58,7 +58,7 @@ export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inpu
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {
         if (err instanceof RuntimeError) throw err;
-        throw readError(err, field, where, loc.bucket, note);
+        throw readError(err, field, where, loc.bucket, note, s3.endpoint(loc.bucket));
       }
     },
   };
@@ -79,7 +79,7 @@ async function readCapped(body: Readable, maxBytes: number, field: string, where
 }
 
 /** The client named the object: missing or unreadable is their input to fix (400); a flaky store is a 502. */
-function readError(err: unknown, field: string, where: string, bucket: string, note: string): RuntimeError {
+function readError(err: unknown, field: string, where: string, bucket: string, note: string, endpoint: string): RuntimeError {
   const s3code = s3Code(err);
   const kind = classify(err);
   const short = shortage(err);
@@ -99,6 +99,6 @@ function readError(err: unknown, field: string, where: string, bucket: string, n
     case 'aborted':
       return new RuntimeError('CANCELLED', `${field}: reading ${where} was cancelled`, { cause: err });
     default:
-      return new RuntimeError('UPSTREAM', `${field}: reading ${where} failed (${s3code}); retry later`, { cause: err });
+      return new RuntimeError('UPSTREAM', `${field}: reading ${where} failed (${s3code}${atEndpoint(err, endpoint)}); retry later`, { cause: err });
   }
 }

@@ -9,7 +9,7 @@ import type { Logger } from '../log.js';
 import type { EncodedImage } from './engine.js';
 import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
+import { atEndpoint, bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { abortUploads } from '../storage/multipart.js';
 import { uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
@@ -82,7 +82,7 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
       );
       if (first !== undefined) {
         const stored = keys.filter((_, i) => settled[i]!.status === 'fulfilled').map((k) => `s3://${bucket}/${k}`);
-        throw withWritten(uploadError(first.err, bucket, first.key, note), stored, 'images');
+        throw withWritten(uploadError(first.err, bucket, first.key, note, s3.endpoint(bucket)), stored, 'images');
       }
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
@@ -124,7 +124,7 @@ export function withWritten(err: unknown, written: readonly string[], whose: str
 }
 
 /** Bucket, key and the S3 error code: never credentials, never the SDK's stack. */
-function uploadError(err: unknown, bucket: string, key: string, note: string): RuntimeError {
+function uploadError(err: unknown, bucket: string, key: string, note: string, endpoint: string): RuntimeError {
   const s3code = s3Code(err);
   const where = `s3://${bucket}/${key}`;
   const kind = classify(err);
@@ -144,6 +144,6 @@ function uploadError(err: unknown, bucket: string, key: string, note: string): R
     case 'aborted':
       return new RuntimeError('CANCELLED', `output_uri: upload to ${where} cancelled`, { cause: err });
     default:
-      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${err instanceof RuntimeError ? err.message : s3code}); the images were generated but not stored`, { cause: err });
+      return new RuntimeError('STORAGE_TRANSIENT', `output_uri: upload to ${where} failed (${err instanceof RuntimeError ? err.message : s3code}${atEndpoint(err, endpoint)}); the images were generated but not stored`, { cause: err });
   }
 }

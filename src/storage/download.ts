@@ -50,6 +50,8 @@ export interface DownloadOptions {
   /** Sends one GET through the fetch's transport. */
   get(r: GetRequest): Promise<ObjectBody>;
   bucket: string;
+  /** Where the bucket's requests go, as errors name it (s3-errors.ts endpointName). */
+  endpoint?: string;
   entry: string;
   concurrency: number;
   partSize: number;
@@ -647,7 +649,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const kind = stalled ? 'transient' : classify(e);
         if (kind === 'changed') throw new ObjectChangedError(f.obj.key);
         if (kind === 'missing') throw new ObjectChangedError(f.obj.key, e);
-        if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read');
+        if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read', o.endpoint);
         // An attempt that moved bytes forward does not count against the limit: a slow, flaky link still finishes.
         failures = progressed ? 1 : failures + 1;
         if (failures >= o.maxAttempts) {
@@ -656,7 +658,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
             throw new RuntimeError('STORAGE_STALL', `cannot read (${attempts(failures)}) s3://${o.bucket}/${f.obj.key}: no bytes received for ${o.stallMs / 1000} s `
               + '(S3_STALL_TIMEOUT_S); gave up after retries', { cause: e });
           }
-          throw permanentError(e, o.bucket, f.obj.key, `read (${attempts(failures)})`);
+          throw permanentError(e, o.bucket, f.obj.key, `read (${attempts(failures)})`, o.endpoint);
         }
         const wait = backoffMs(failures - 1);
         o.log.warn({ key: f.obj.key, range: `${range.start + written}-${range.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');

@@ -24,7 +24,7 @@ import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheE
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { attempts as counted, classify, permanentError, retryTransient } from './s3-errors.js';
+import { attempts as counted, classify, endpointName, permanentError, retryTransient } from './s3-errors.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
@@ -538,7 +538,7 @@ class S3Fetch {
             + 'check the link to S3, or raise S3_STALL_TIMEOUT_S for a store slow to answer a LIST'
           : `cannot list ${where}: S3 did not finish the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
       }
-      throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list');
+      throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list', endpointName(this.o.cfg.s3, this.bucket));
     }
   }
 
@@ -743,7 +743,7 @@ class S3Fetch {
       let report;
       try {
         report = await downloadAll(fetch, {
-          get, bucket: this.bucket, entry: this.entry, journal, log, signal, lost,
+          get, bucket: this.bucket, endpoint: endpointName(cfg.s3, this.bucket), entry: this.entry, journal, log, signal, lost,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),

@@ -10,6 +10,7 @@ import type { S3Handle } from './s3-sdk.js';
 import { RuntimeError } from '../errors.js';
 import { loadSdk } from './choose-transport.js';
 import { fallbackNote, fallbackProblem, virtualHostedFallback } from './addressing.js';
+import { endpointName } from './s3-errors.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
@@ -23,6 +24,8 @@ export interface RequestS3 {
    * answers so), else ''.
    */
   addressing(bucket: string, field: string): string;
+  /** The endpoint requests for `bucket` go to, as errors name it (s3-errors.ts endpointName). */
+  endpoint(bucket: string): string;
 }
 
 /**
@@ -55,5 +58,6 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?:
       if (f?.unaddressable) throw new RuntimeError('INVALID_INPUT', fallbackProblem(field, f));
       return f ? fallbackNote(f) : '';
     },
+    endpoint: (bucket) => endpointName(s3, bucket),
   };
 }

@@ -3,6 +3,7 @@
  * the RuntimeError an operator reads. Shared by both transports (s3-sdk.ts, s3-lite.ts), whose errors are shaped alike.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { S3Settings } from '../config.js';
 import { shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { backoffMs, RETRY } from './plan.js';
@@ -164,8 +165,32 @@ export function s3Code(err: unknown): string {
   return e.name && e.name !== 'Error' ? e.name : (e.code ?? `HTTP ${errorStatus(err) ?? '?'}`);
 }
 
-/** A RuntimeError naming bucket and key (never credentials) for an error that retrying cannot fix. */
-export function permanentError(err: unknown, bucket: string, key: string | undefined, action: string): RuntimeError {
+/**
+ * The S3 endpoint requests for `bucket` go to, as errors name it: the scheme, host and port of AWS_ENDPOINT_URL (or
+ * S3_ENDPOINT, AWS_S3_ENDPOINT; never its user info, path or query), else AWS's own for the region, saying none is set.
+ */
+export function endpointName(s: Pick<S3Settings, 'endpoint' | 'region' | 'forcePathStyle'>, bucket: string): string {
+  if (s.endpoint !== undefined) return new URL(s.endpoint).origin;
+  // The SDK addresses a bucket whose name is one DNS label virtual-hosted on AWS, unless path-style is asked for.
+  const host = !s.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(bucket) ? `${bucket}.s3.${s.region}.amazonaws.com` : `s3.${s.region}.amazonaws.com`;
+  return `https://${host} (AWS S3 in region ${s.region}: none of AWS_ENDPOINT_URL, S3_ENDPOINT, AWS_S3_ENDPOINT is set)`;
+}
+
+/**
+ * ` at the S3 endpoint …` for a failure of the connection itself (refused, reset, a name not resolved, a timeout, TLS),
+ * where which endpoint was tried is the first thing to check; '' for anything S3 answered, or without `endpoint`.
+ */
+export function atEndpoint(err: unknown, endpoint: string | undefined): string {
+  if (endpoint === undefined || err instanceof RuntimeError || errorStatus(err) !== undefined) return '';
+  const kind = classify(err);
+  return kind === 'transient' || kind === 'tls' ? ` at the S3 endpoint ${endpoint}` : '';
+}
+
+/**
+ * A RuntimeError naming bucket and key (never credentials) for an error that retrying cannot fix; `endpoint`
+ * (endpointName) is named where the connection itself failed.
+ */
+export function permanentError(err: unknown, bucket: string, key: string | undefined, action: string, endpoint?: string): RuntimeError {
   const e = (err ?? {}) as SdkLikeError;
   const kind = classify(err);
   const where = key === undefined ? `bucket "${bucket}"` : `s3://${bucket}/${key}`;
@@ -212,9 +237,9 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   const short = shortage(err);
   if (short) return shortageError(`cannot ${action} ${where}`, short, S3_ADVICE, err);
   if (kind === 'tls') {
-    return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint failed (${s3code}); ${TLS_HINTS[tlsProblem(err)!]}`, { cause: err });
+    return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint${endpoint === undefined ? '' : ` ${endpoint}`} failed (${s3code}); ${TLS_HINTS[tlsProblem(err)!]}`, { cause: err });
   }
-  if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code} (gave up after retries)`, { cause: err });
+  if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code}${atEndpoint(err, endpoint)} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
 }
 

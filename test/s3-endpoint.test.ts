@@ -1,0 +1,72 @@
+/**
+ * An S3 endpoint that cannot be reached (nothing listens on its port): each error that says so names the endpoint the
+ * runtime tried, its scheme, host and port only, for the model fill, a LoRA adapter, an input image and output_uri.
+ * Over real sockets on the demo model.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../scripts/bench-common.js';
+import { endpointName } from '../src/storage/s3-errors.js';
+import { CREDS } from './helpers/s3.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson } from './helpers/server.js';
+
+let port: number;
+let origin: string;
+let env: Record<string, string | undefined>;
+let srv: RuntimeHandle;
+
+beforeAll(async () => {
+  port = await freePort();
+  origin = `http://127.0.0.1:${port}`;
+  // User info, a path and a query the runtime never repeats.
+  env = { ...CREDS, AWS_ENDPOINT_URL: `http://key:s3cr3t@127.0.0.1:${port}/base?token=abc`, S3_MAX_ATTEMPTS: '1', WARMUP_STEPS: '0', RESULT_CACHE_MB: '0', EXECUTION_PROVIDER: 'cpu' };
+  srv = await startRuntime({ ...env, STORAGE_URI: undefined, LORA_URI: 's3://loras/', INPUT_URI_PREFIXES: 's3://inputs/' }, { ready: true });
+}, 120_000);
+afterAll(async () => void (await srv?.stop()));
+
+const predict = (inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...inst }] });
+const noSecrets = (msg: string) => {
+  for (const s of ['s3cr3t', 'key:', '/base', 'token']) expect(msg).not.toContain(s);
+};
+
+describe('an S3 endpoint that refuses connections is named in the error', () => {
+  it('the model fill: the boot fails naming it', async () => {
+    const down = await startRuntime({ ...env, STORAGE_URI: 's3://models/sd/' });
+    try {
+      const failed = await down.waitFor('state', (s) => s.state === 'failed', 60_000);
+      expect(failed.reason).toContain(`cannot list (1 attempt) s3://models/sd/: ECONNREFUSED at the S3 endpoint ${origin} (gave up after retries)`);
+      noSecrets(failed.reason!);
+    } finally {
+      await down.stop();
+    }
+  });
+
+  it('a LoRA adapter on LORA_URI', async () => {
+    const r = await predict({ loras: [{ name: 'style' }] });
+    expect([r.status, r.json.code]).toEqual([502, 'UPSTREAM']);
+    expect(r.json.error).toContain(`adapter "style" could not be fetched from LORA_URI: cannot list (1 attempt) s3://loras/style/: ECONNREFUSED at the S3 endpoint ${origin}`);
+    noSecrets(String(r.json.error));
+  });
+
+  it('an s3:// input image', async () => {
+    const r = await predict({ image: 's3://inputs/pic.png', strength: 0.5 });
+    expect([r.status, r.json]).toEqual([502, { code: 'UPSTREAM', error: `instances[0].image: reading s3://inputs/pic.png failed (ECONNREFUSED at the S3 endpoint ${origin}); retry later` }]);
+  });
+
+  it('output_uri', async () => {
+    const r = await predict({ output_uri: 's3://out/pic.png' });
+    expect(r.json.code).toBe('STORAGE_TRANSIENT');
+    expect(r.json.error).toContain(`output_uri: upload to s3://out/pic.png failed (ECONNREFUSED at the S3 endpoint ${origin}); the images were generated but not stored`);
+    noSecrets(String(r.json.error));
+  });
+});
+
+describe('endpointName', () => {
+  it("names AWS_ENDPOINT_URL's origin, or AWS's endpoint for the region when none is set", () => {
+    expect(endpointName({ endpoint: 'https://minio.ns.svc:9000/base', region: 'us-east-1', forcePathStyle: true }, 'models')).toBe('https://minio.ns.svc:9000');
+    const aws = '(AWS S3 in region eu-west-1: none of AWS_ENDPOINT_URL, S3_ENDPOINT, AWS_S3_ENDPOINT is set)';
+    expect(endpointName({ endpoint: undefined, region: 'eu-west-1', forcePathStyle: false }, 'models')).toBe(`https://models.s3.eu-west-1.amazonaws.com ${aws}`);
+    expect(endpointName({ endpoint: undefined, region: 'eu-west-1', forcePathStyle: false }, 'my.models')).toBe(`https://s3.eu-west-1.amazonaws.com ${aws}`);
+    expect(endpointName({ endpoint: undefined, region: 'eu-west-1', forcePathStyle: true }, 'models')).toBe(`https://s3.eu-west-1.amazonaws.com ${aws}`);
+  });
+});
