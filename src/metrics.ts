@@ -4,6 +4,11 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 /** Buckets for a diffusion request: from a Turbo step on a GPU to a long CPU generation. */
 const REQUEST_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300];
 const BOOT_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800];
+/** prometheus_client's default buckets, which KServe's stage histograms use: the series a KServe dashboard reads. */
+const KSERVE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10];
+
+/** KServe's stages of a predict request (its Model.__call__), each with its histogram. */
+export type KserveStage = 'preprocess' | 'predict' | 'postprocess' | 'explain';
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
@@ -24,6 +29,10 @@ export const REJECT_REASONS = Object.keys({ queue_full: 0, input_budget: 0, not_
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
   const r = [registry];
+  // KServe's Python server's names, help, label and buckets (python/kserve/kserve/metrics.py), on this registry; what
+  // each times here is docs/OPERATIONS.md's (server/context.ts kserveStages). No explainer: explain stays at 0.
+  const stage = (s: KserveStage, help: string) =>
+    new Histogram({ name: `request_${s}_seconds`, help, labelNames: ['model_name'] as const, buckets: KSERVE_BUCKETS, registers: r });
   return {
     registry,
     // The seed runtime's names.
@@ -46,6 +55,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    kserveStages: {
+      preprocess: stage('preprocess', 'pre-process request latency'),
+      predict: stage('predict', 'predict request latency'),
+      postprocess: stage('postprocess', 'post-process request latency'),
+      explain: stage('explain', 'explain request latency'),
+    } satisfies Record<KserveStage, Histogram<'model_name'>>,
     // Cold start.
     bootPhase: new Gauge({
       name: 'boot_phase_duration_seconds',

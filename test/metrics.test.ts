@@ -121,6 +121,10 @@ export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
   result_cache_hits_total: { type: 'counter', labels: ['model_name'] },
   result_cache_bytes: { type: 'gauge', labels: ['model_name'] },
   websocket_messages_dropped_total: { type: 'counter', labels: ['model_name'] },
+  request_preprocess_seconds: { type: 'histogram', labels: ['model_name'] },
+  request_predict_seconds: { type: 'histogram', labels: ['model_name'] },
+  request_postprocess_seconds: { type: 'histogram', labels: ['model_name'] },
+  request_explain_seconds: { type: 'histogram', labels: ['model_name'] },
 };
 
 describe('/metrics over a real socket', () => {
@@ -149,6 +153,7 @@ describe('/metrics over a real socket', () => {
       ['worker_deaths_total', { worker: '0', device: 'cpu' }], ['lora_adapter_set_load_seconds_count', {}],
       ['model_download_bytes_total', {}], ['model_download_damaged_files_total', {}], ['model_cache_hits_total', {}],
       ['model_cache_evictions_total', {}], ['model_cache_evicted_bytes_total', {}],
+      ...['preprocess', 'predict', 'postprocess', 'explain'].map((s): [string, Record<string, string>] => [`request_${s}_seconds_count`, {}]),
     ];
     expect(zero.map(([name, labels]) => [name, labels, at(name, labels)])).toEqual(zero.map(([name, labels]) => [name, labels, 0]));
   });
@@ -191,6 +196,12 @@ describe('/metrics over a real socket', () => {
     const made = ['images_generated_total', 'inference_batch_size_count', 'inference_stage_seconds_count'];
     expect(await Promise.all(made.map((n) => metric(srv, n, n.startsWith('inference_stage') ? { stage: 'denoise' } : {})))).toEqual([2, 2, 2]);
     expect(val('result_cache_bytes')).toBeGreaterThan(0);
+    // KServe's stages, for V1 and V2 predict requests: the 400 ended in preprocess; the others went through all three
+    // (the result-cache hit too). Its buckets are KServe's (prometheus_client's defaults).
+    const stages = await Promise.all(['preprocess', 'predict', 'postprocess', 'explain'].map((s) => metric(srv, `request_${s}_seconds_count`, { model_name: 'model' })));
+    expect(stages).toEqual([4, 3, 3, 0]);
+    const le = fams.get('request_predict_seconds')!.samples.filter((s) => s.name === 'request_predict_seconds_bucket').map((s) => s.labels.le);
+    expect(le).toEqual(['0.005', '0.01', '0.025', '0.05', '0.075', '0.1', '0.25', '0.5', '0.75', '1', '2.5', '5', '7.5', '10', '+Inf']);
     expect(val('boot_state', { state: 'ready' })).toBe(1);
     expect(val('model_load_time_seconds')).toBeGreaterThan(0);
     expect(val('inference_queue_depth')).toBe(0);

@@ -77,6 +77,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
     ctx.metrics.requests.inc({ ...labels, status: '200' }, 0);
     ctx.metrics.requestDuration.zero(labels);
   }
+  for (const h of Object.values(ctx.metrics.kserveStages)) h.zero({ model_name: ctx.cfg.modelName });
   // Overload warnings (connection cap reached, accepts failing) go to the runtime's log from now on.
   base.setWarn((fields, msg) => ctx.log.warn(fields, msg));
   const syncConnections = connectionMetrics(base, ctx);

@@ -4,7 +4,7 @@ import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger, RequestIds } from '../log.js';
-import type { Metrics, RejectReason } from '../metrics.js';
+import type { KserveStage, Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
 import type { Engine, Progress, TaskResult } from '../runtime/engine.js';
 import type { GenerateOptions } from '../runtime/generation.js';
@@ -109,10 +109,41 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
   return hold.release;
 }
 
+/**
+ * KServe's stage histograms of one V1 or V2 predict request (request_{preprocess,predict,postprocess}_seconds): the
+ * stage it is in is observed when the next begins or the request ends, whatever its outcome, as KServe's Model times
+ * each stage that ran. Begins in preprocess.
+ */
+export interface Stages {
+  next(stage: 'predict' | 'postprocess'): void;
+  /** Observes the stage the request is in, if any; idempotent. */
+  end(): void;
+}
+
+export function kserveStages(ctx: ServerContext): Stages {
+  const labels = { model_name: ctx.cfg.modelName };
+  let stage: KserveStage | undefined = 'preprocess';
+  let t0 = performance.now();
+  const end = () => {
+    if (stage !== undefined) ctx.metrics.kserveStages[stage].observe(labels, (performance.now() - t0) / 1000);
+    stage = undefined;
+  };
+  return {
+    next(s) {
+      end();
+      stage = s;
+      t0 = performance.now();
+    },
+    end,
+  };
+}
+
 /** generateWithImages' options: the generation's, but its reading, which generateWithImages gives. */
 export interface WithImagesOptions extends Omit<GenerateOptions, 'read'> {
   /** The client request's ids (trace.ts): the generation path's lines about its batch name them. */
   ids?: RequestIds;
+  /** Moved to predict once the input images are read, to postprocess once the images are made. */
+  stages?: Stages;
 }
 
 /**
@@ -120,9 +151,17 @@ export interface WithImagesOptions extends Omit<GenerateOptions, 'read'> {
  * and within its own timeout (`timeoutMs`, V2's parameters.timeout); the images' share of the input budget is given
  * back once the generation has ended, whatever its outcome.
  */
-export function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, o: WithImagesOptions = {}): Promise<TaskResult[]> {
+export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, o: WithImagesOptions = {}): Promise<TaskResult[]> {
   if (o.ids) for (const r of reqs) r.ids = o.ids;
-  return ctx.generate(reqs, signal, { read: (s) => readImages(ctx, reqs, s), onProgress: o.onProgress, onQueued: o.onQueued, timeoutMs: o.timeoutMs });
+  // KServe's predict stage begins once the input images are read, as its preprocess ends there.
+  const read = async (s: AbortSignal) => {
+    const release = await readImages(ctx, reqs, s);
+    o.stages?.next('predict');
+    return release;
+  };
+  const results = await ctx.generate(reqs, signal, { read, onProgress: o.onProgress, onQueued: o.onQueued, timeoutMs: o.timeoutMs });
+  o.stages?.next('postprocess');
+  return results;
 }
 
 /** Parses a JSON body the way KServe does: a parse failure is a 400 "Unrecognized request format". */

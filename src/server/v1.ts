@@ -3,9 +3,9 @@ import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/request.js';
-import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext } from './context.js';
+import { assertServable, generateWithImages, kserveStages, modelStatus, parseContext, parseJson, type ServerContext, type Stages } from './context.js';
 import { decodeEvent, eventReply } from './cloudevents.js';
-import { bodyRoute, json, jsonWithBase64, route, type RouteOptions } from './http.js';
+import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { requestIds } from './trace.js';
 
 /**
@@ -41,42 +41,57 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
   // The seed runtime's readiness probe; not a KServe route, kept for its users.
   app.get('/v1/models/:name/ready', route((r) => modelStatus(ctx, r.params[0]!), opts));
 
+  /** `:predict`'s answer to a body (plain, or a CloudEvent's data), its KServe stages moved along as it goes. */
+  async function predict(r: Req, body: Buffer, signal: AbortSignal, stages: Stages): Promise<Reply> {
+    const { name, verb } = splitVerb(r.params[0]!);
+    if (verb !== 'predict') throw new RuntimeError('UNSUPPORTED', `:${verb} is not supported by this runtime`);
+    const { body: parsed, event } = decodeEvent(r.headers, body, parseJson);
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+      throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} must be a JSON object with "instances"`);
+    }
+    const o = parsed as Record<string, unknown>;
+    const where = Object.hasOwn(o, 'instances') ? 'instances' : 'inputs';
+    const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
+    if (instances === undefined) throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} has no "instances" list`);
+    // Fields go in each instance; a top-level one (`parameters`, as other V1 servers take them) would otherwise be
+    // ignored without a word, and the images made with the defaults.
+    // TensorFlow Serving's REST body, which V1 follows, may name its signature: only the default one is served.
+    const extra = Object.keys(o).filter((k) => k !== 'instances' && k !== 'inputs' && !(k === 'signature_name' && o[k] === 'serving_default')).slice(0, 20);
+    if (Object.hasOwn(o, 'instances') && Object.hasOwn(o, 'inputs')) extra.unshift('inputs');
+    if (extra.length > 0) {
+      throw new RuntimeError('INVALID_INPUT', extra.map((k) => k === 'inputs'
+        ? 'the body has both "instances" and "inputs"; send one of them'
+        : k === 'signature_name'
+          ? 'signature_name: this model has one signature, "serving_default"; leave signature_name out or send that'
+          : `${JSON.stringify(k)} is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance ({"instances":[{"prompt":…,"num_inference_steps":…}]})`).join('; '));
+    }
+    // An empty list asks for no image and is answered with none, as the seed runtime and KServe's server (which
+    // leaves the list to the model) answer it: a client that builds the list from a filter gets [], not an error.
+    const empty = Array.isArray(instances) && instances.length === 0;
+    // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
+    if (!empty) checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
+    assertSafeJson(parsed, 'body');
+    // No instance, no generation: the request still passes through every stage, as in KServe.
+    if (empty) {
+      stages.next('predict');
+      stages.next('postprocess');
+    }
+    const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), signal, { ids: requestIds(r.headers), stages });
+    void name;
+    const out = predictionsBody(results);
+    return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };
+  }
+
   app.post(
     '/v1/models/:target',
     bodyRoute(
       async (r, body, ex) => {
-        const { name, verb } = splitVerb(r.params[0]!);
-        if (verb !== 'predict') throw new RuntimeError('UNSUPPORTED', `:${verb} is not supported by this runtime`);
-        const { body: parsed, event } = decodeEvent(r.headers, body, parseJson);
-        if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
-          throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} must be a JSON object with "instances"`);
+        const stages = kserveStages(ctx);
+        try {
+          return await predict(r, body, ex.gone.signal, stages);
+        } finally {
+          stages.end();
         }
-        const o = parsed as Record<string, unknown>;
-        const where = Object.hasOwn(o, 'instances') ? 'instances' : 'inputs';
-        const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
-        if (instances === undefined) throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} has no "instances" list`);
-        // Fields go in each instance; a top-level one (`parameters`, as other V1 servers take them) would otherwise be
-        // ignored without a word, and the images made with the defaults.
-        // TensorFlow Serving's REST body, which V1 follows, may name its signature: only the default one is served.
-        const extra = Object.keys(o).filter((k) => k !== 'instances' && k !== 'inputs' && !(k === 'signature_name' && o[k] === 'serving_default')).slice(0, 20);
-        if (Object.hasOwn(o, 'instances') && Object.hasOwn(o, 'inputs')) extra.unshift('inputs');
-        if (extra.length > 0) {
-          throw new RuntimeError('INVALID_INPUT', extra.map((k) => k === 'inputs'
-            ? 'the body has both "instances" and "inputs"; send one of them'
-            : k === 'signature_name'
-              ? 'signature_name: this model has one signature, "serving_default"; leave signature_name out or send that'
-              : `${JSON.stringify(k)} is not a known top-level field; a V1 body holds only "instances", and every field goes in each instance ({"instances":[{"prompt":…,"num_inference_steps":…}]})`).join('; '));
-        }
-        // An empty list asks for no image and is answered with none, as the seed runtime and KServe's server (which
-        // leaves the list to the model) answer it: a client that builds the list from a filter gets [], not an error.
-        const empty = Array.isArray(instances) && instances.length === 0;
-        // The count first: a list of 500k elements is refused at once, not walked and answered element by element.
-        if (!empty) checkInstanceCount(instances, ctx.cfg.maxImagesPerRequest, where);
-        assertSafeJson(parsed, 'body');
-        const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), ex.gone.signal, { ids: requestIds(r.headers) });
-        void name;
-        const out = predictionsBody(results);
-        return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };
       },
       opts,
       (r) => {

@@ -9,8 +9,8 @@ import { RuntimeError } from '../errors.js';
 import { parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
 import { eventHeaders, v2Event } from './cloudevents.js';
-import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext } from './context.js';
-import { bodyRoute, json, route, type Reply, type RouteOptions } from './http.js';
+import { assertServable, generateWithImages, kserveStages, modelStatus, parseContext, unknownModel, type ServerContext, type Stages } from './context.js';
+import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { requestIds } from './trace.js';
 import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
 
@@ -56,28 +56,38 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     '/v2/models/:name/infer',
     bodyRoute(
       async (r, body, ex) => {
-        const name = r.params[0]!;
-        // A Knative delivery (binary mode) is answered as an event, as KServe's server answers it, or its broker takes
-        // the answer for a failed delivery and sends the event again.
-        const event = v2Event(r.headers);
-        const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest, name);
-        const instances = toInstances(req);
-        // Problems name where the client put each value (a parameter, an input tensor and its element), not the
-        // per-prompt instance toInstances made of them.
-        const reqs = parseInstances(instances, parseContext(ctx), 'prompt', false, v2Relabel(req));
-        reqs.forEach((g, i) => {
-          if (!g.image) return;
-          // Image errors found once the images are read (a GIF, sizes that differ) name the input too.
-          for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
-          g.image.at = 'parameters';
-        });
-        const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, ex.gone.signal, { timeoutMs: req.timeoutMs, ids: requestIds(r.headers) })));
-        return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
+        const stages = kserveStages(ctx);
+        try {
+          return await infer(r, body, ex.gone.signal, stages);
+        } finally {
+          stages.end();
+        }
       },
       opts,
       (r) => assertServable(ctx, r.params[0]!),
     ),
   );
+
+  /** `/infer`'s answer (an event's, for a binary-mode CloudEvent), its KServe stages moved along as it goes. */
+  async function infer(r: Req, body: Buffer, signal: AbortSignal, stages: Stages): Promise<Reply> {
+    const name = r.params[0]!;
+    // A Knative delivery (binary mode) is answered as an event, as KServe's server answers it, or its broker takes
+    // the answer for a failed delivery and sends the event again.
+    const event = v2Event(r.headers);
+    const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest, name);
+    const instances = toInstances(req);
+    // Problems name where the client put each value (a parameter, an input tensor and its element), not the
+    // per-prompt instance toInstances made of them.
+    const reqs = parseInstances(instances, parseContext(ctx), 'prompt', false, v2Relabel(req));
+    reqs.forEach((g, i) => {
+      if (!g.image) return;
+      // Image errors found once the images are read (a GIF, sizes that differ) name the input too.
+      for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
+      g.image.at = 'parameters';
+    });
+    const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, signal, { timeoutMs: req.timeoutMs, ids: requestIds(r.headers), stages })));
+    return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
+  }
 }
 
 function inferReply(out: InferResponse): Reply {
