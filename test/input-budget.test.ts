@@ -5,6 +5,7 @@
  * request held is given back when it ends, the client's leaving included. Reading the images is part of the request:
  * counted in flight on every route, and bounded by V2's parameters.timeout.
  */
+import net from 'node:net';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
@@ -189,6 +190,35 @@ describe('reading the input images', () => {
       expect(own.all('shut-down')).toEqual([{ drained: true }]);
     } finally {
       release();
+      await own.stop();
+    }
+  }, 60_000);
+
+  it('is not begun for a request whose body came after SIGTERM: refused 503 at once, its input never fetched', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', INPUT_URI_PREFIXES: 's3://inputs' }, { ready: true });
+    const release = holdGets(/\/pic\.png/);
+    const sock = net.connect(own.port, '127.0.0.1');
+    try {
+      let got = '';
+      sock.on('data', (c: Buffer) => (got += c.toString()));
+      const body = JSON.stringify({ instances: [{ ...fields, image: 's3://inputs/pic.png', height: 64, width: 64 }] });
+      // The head is taken (its 100 Continue says the checks before the body passed) before the signal; the body after.
+      sock.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nexpect: 100-continue\r\n\r\n`);
+      await until(() => got.startsWith('HTTP/1.1 100 '));
+      const stopped = own.stop(30_000);
+      await own.waitFor('draining');
+      const held = proxy.stats.held;
+      sock.write(body);
+      const answered = () => /\r\n\r\n[^]*\r\n\r\n\{[^]*\}$/.test(got);
+      await until(() => answered() || proxy.stats.held > held, 20_000);
+      // Before, its input was fetched after the signal (the drain waiting on the store) only for the engine to refuse it.
+      expect(proxy.stats.held).toBe(held);
+      expect(got).toMatch(/\r\n\r\nHTTP\/1\.1 503 [^]*"code":"SHUTTING_DOWN"/);
+      await stopped;
+      expect(own.all('shut-down')).toEqual([{ drained: true }]);
+    } finally {
+      release();
+      sock.destroy();
       await own.stop();
     }
   }, 60_000);

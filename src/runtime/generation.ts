@@ -172,6 +172,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       const uploads: Uploads['started'] = [];
       const admitted = counted.get(signal) === true;
       try {
+        // Not admitted (its body came after SIGTERM): refused before its input images are read, which the drain would
+        // wait for only to answer the engine's 503, and before the result cache, as an arrival after the signal is.
+        if (!admitted && !engine.accepting) {
+          metrics.rejected.inc({ ...labels, reason: 'shutting_down' });
+          throw new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 });
+        }
         if (read) release = await read(timeout?.signal ?? signal);
         timeout ??= deadline(signal, limitMs);
         const both = AbortSignal.any([timeout.signal, failed.signal]);
