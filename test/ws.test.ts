@@ -281,6 +281,34 @@ describe('a client that sends its close frame and leaves the TCP connection open
   });
 });
 
+describe('a client whose close frame comes with its request', () => {
+  it('is answered nothing and logged 499, its result in the result cache or not', async () => {
+    // A runtime of its own: the result cache on.
+    const own = await startRuntime({ STORAGE_URI: undefined, RESULT_CACHE_MB: '16' }, { ready: true });
+    try {
+      const inst = JSON.stringify({ prompt: 'cached', num_inference_steps: 1, height: 64, width: 64, seed: 5 });
+      const first = await connect(own.port, '/v1/models/model/stream');
+      first.send(inst);
+      expect(await first.closed).toEqual({ code: 1000, reason: 'done' });
+      const ok0 = await metric(own, 'inference_request_count', { protocol: 'ws', status: '200' });
+      // The request and the close frame in one write: ws reads both before the request is served from the cache.
+      const ws = await connect(own.port, '/v1/models/model/stream');
+      ws.sock.cork();
+      ws.send(inst);
+      ws.close(1000, 'bye');
+      ws.sock.uncork();
+      expect(await ws.closed).toEqual({ code: 1000, reason: 'bye' });
+      await until(() => own.logs.filter((l) => l.msg === 'inference request').length === 2);
+      expect(ws.messages).toEqual([]);
+      // Before, a result-cache hit was logged and counted 200 though the client had left before it (a generation, 499).
+      expect(own.logs.filter((l) => l.msg === 'inference request').map((l) => [l.status, l.code])).toEqual([[200, undefined], [499, 'CANCELLED']]);
+      expect(await metric(own, 'inference_request_count', { protocol: 'ws', status: '200' })).toBe(ok0);
+    } finally {
+      await own.stop();
+    }
+  });
+});
+
 describe('WebSocket results larger than a slow client reads in 30 s', () => {
   // 4 images at 1024x1024 from the demo model: 15 MB of base64, several times what loopback's kernel buffers take in
   // while the client reads nothing, so most of it waits in the server's process.

@@ -197,6 +197,9 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
       const results = await generateWithImages(ctx, reqs, c.gone.signal, { onProgress: (p) => progress(ws, c, p), onQueued: () => critical(ws, c, accepted), ids: c.ids });
+      // Its close frame came first (with its request, answered from the result cache): it is sent nothing, a 499 as a
+      // generation its close stops, not a 200.
+      if (c.closed) throw new RuntimeError('CANCELLED', 'the client left');
       last(ws, c, JSON.stringify({ type: 'result', images: imagesOf(results) }), 1000, 'done');
     } catch (err) {
       status = isRuntimeError(err) ? httpStatus(err.code) : 500;
