@@ -281,6 +281,23 @@ describe('a client that sends its close frame and leaves the TCP connection open
   });
 });
 
+describe('at SIGTERM, a client with no request yet that never answers the server\'s close', () => {
+  it('is told 4503 and has its connection closed 2 s later, so the drain does not wait out ws\'s 30 s for it', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined }, { ready: true });
+    try {
+      const ws = await connect(own.port, '/v1/models/model/stream', { keepOpen: true });
+      const t0 = performance.now();
+      await own.stop(10_000);
+      console.log(`idle socket at SIGTERM: drained in ${Math.round(performance.now() - t0)} ms`);
+      expect(ws.messages.map((m) => m.code)).toEqual(['SHUTTING_DOWN']);
+      expect(own.all('shut-down')).toEqual([{ drained: true }]);
+      ws.sock.destroy();
+    } finally {
+      await own.stop();
+    }
+  });
+});
+
 describe('a client whose close frame comes with its request', () => {
   it('is answered nothing and logged 499, its result in the result cache or not', async () => {
     // A runtime of its own: the result cache on.

@@ -119,7 +119,11 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     // SIGTERM: a socket that has sent no request yet is told to go elsewhere now (a running generation finishes, or is
     // answered 4503 when the grace period ends), rather than meeting a bare TCP reset (1006) at the exit.
     const onShutdown = () => {
-      if (!c.started) fail(ws, c, shuttingDown(name));
+      if (c.started) return;
+      fail(ws, c, shuttingDown(name));
+      // Nothing of its own is under way: a client that does not answer that close within LINGER_MS is not waited for
+      // (ws would wait 30 s, and the drain with it).
+      c.timers.push(setTimeout(() => ws.terminate(), LINGER_MS));
     };
     ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
     // Its close frame says the client takes nothing more: the generation stops now rather than when the connection
