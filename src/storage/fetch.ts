@@ -369,7 +369,7 @@ class S3Fetch {
       // Every fill of the URI holds the lock of its version 1, whichever version it writes: one writer per entry.
       for (let attempt = 1; ; attempt++) {
         const lock = await acquireLock(`${this.base}.lock`, {
-          staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
+          staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
           onWait: (h) => this.waiting(wait, h),
           satisfied: async () => (await current()) !== undefined,
         });
@@ -384,22 +384,19 @@ class S3Fetch {
           // Evicted between its commit and this process's lease: filled again.
           continue;
         }
+        let res: ResolvedModel;
         try {
           await this.recommitHeld();
           const c = await current();
           if (c) this.entry = c.dir;
-          if (c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))) {
-            const res = this.hit(c.manifest, false);
-            // Version 1's lock is this one: held, the older versions' removal would find it locked and keep them.
-            await lock.release();
-            return await this.served(res);
-          }
-          const res = await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
-          await lock.release();
-          return await this.served(res);
+          res = c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))
+            ? this.hit(c.manifest, false)
+            : await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
         } finally {
           await lock.release();
         }
+        // Released first: version 1's lock is this one, and the older versions' removal would find it held and keep them.
+        return await this.served(res);
       }
     } catch (e) {
       if (this.signal.aborted && !(e instanceof RuntimeError && e.code === 'NO_SPACE')) {
@@ -577,10 +574,9 @@ class S3Fetch {
   private async served(res: ResolvedModel): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const mine = parseVersion(path.basename(this.entry)).n;
-    const opts = { lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
     for (const v of await versionsOf(cfg.cacheDir, this.key)) {
       if (v.n >= mine) continue;
-      const r = await removeEntry(cfg.cacheDir, v.name, opts).catch(() => undefined);
+      const r = await removeEntry(cfg.cacheDir, v.name, this.entryOptions()).catch(() => undefined);
       if (r?.removed) log.info({ entry: v.name, bytes: r.bytes }, 'removed an older version of the cache entry that no process serves from any more');
     }
     return res;
@@ -615,7 +611,7 @@ class S3Fetch {
     // takes a version's lock, and must see this fill), the caller's lease, its journal.
     const open = async (dir: string) => {
       this.entry = dir;
-      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: Math.max(50, Math.floor(staleMs / 15)), signal });
+      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal });
       await this.o.lease?.(dir);
       await mkdirs(dir);
       journal = await Journal.open(dir, { onError });
@@ -685,6 +681,11 @@ class S3Fetch {
     for (const d of dirs) await fsyncDir(d);
     await journal.sync();
     if (files > 0) this.o.log.info({ files, bytes, from: path.basename(from.dir) }, 'unchanged files linked from the version in use');
+  }
+
+  /** Staleness of the cache's lock and lease files, as entries.ts takes them. */
+  private entryOptions(): { lockStaleMs: number; leaseStaleMs?: number } {
+    return { lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
   }
 
   /** Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. */
@@ -850,7 +851,7 @@ class S3Fetch {
   private async roomFor(shortfall: number, head: string, evict: boolean, cause?: unknown): Promise<number> {
     const { cfg, log } = this.o;
     const self = path.basename(this.entry);
-    const opts = { exclude: self, lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
+    const opts = { exclude: self, ...this.entryOptions() };
     const lru = evict && cfg.cacheEvict === 'lru';
     const r = lru
       ? await makeRoom(cfg.cacheDir, shortfall, {
@@ -938,6 +939,9 @@ function contentChecked(state: ContentCheckState | undefined, listing: readonly 
   for (const [rel, reason] of state.unchecked) if (listed.has(rel) && !state.checked.has(rel)) why[reason] = (why[reason] ?? 0) + 1;
   return { contentChecked: [...state.checked].filter((r) => listed.has(r)).length, ...(Object.keys(why).length > 0 ? { contentNotChecked: why } : {}) };
 }
+
+/** The heartbeat of a fill's locks: well inside their staleness, so a busy event loop does not lose them. */
+const fillHeartbeatMs = (staleMs: number): number => Math.max(50, Math.floor(staleMs / 15));
 
 /** What a process waiting for another one's fill of the entry keeps between polls. */
 class HolderWatch {
