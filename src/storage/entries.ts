@@ -12,8 +12,8 @@ import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
-import { LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
-import { acquireLock, inspectHolder, type LockInfo, sweepHolderTemps } from './lock.js';
+import { isEntry, LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
+import { acquireLock, inspectHolder, type LockInfo, sameProcess, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -109,7 +109,7 @@ async function fillingNewer(cacheDir: string, name: string, holder: LockInfo | u
   for (const v of (await versionsOf(cacheDir, name)).reverse()) {
     if (v.n === 1) continue;
     const l = await inspectHolder(`${v.dir}.lock`, { staleMs });
-    if (l?.live && l.holder?.pid === holder.pid && l.holder.host === holder.host && l.holder.pidns === holder.pidns) return v.name;
+    if (l?.live && l.holder && sameProcess(l.holder, holder)) return v.name;
   }
   return undefined;
 }
@@ -165,8 +165,7 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   let bytes: number;
   try {
     if ((await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) return { removed: false, why: 'in use' };
-    const now = await inspectEntry(cacheDir, name, o);
-    if (now === undefined) return { removed: false, why: 'gone' };
+    if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry links stay.
     bytes = (await allocated(dir, false, { shared: (await siblings(cacheDir, name)).all })).bytes;
     trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);

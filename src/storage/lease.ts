@@ -98,7 +98,8 @@ const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, 
 
 const exists = (p: string) => fsp.stat(p).then(() => true, () => false);
 
-async function isEntry(entryDir: string): Promise<boolean> {
+/** Whether `entryDir` is a cache entry: committed, or being filled (ENTRY_MARKERS). */
+export async function isEntry(entryDir: string): Promise<boolean> {
   for (const m of ENTRY_MARKERS) if (await exists(path.join(entryDir, m))) return true;
   return false;
 }

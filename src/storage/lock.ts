@@ -108,8 +108,12 @@ export function isStale(info: Awaited<ReturnType<typeof readInfo>>, ageMs: numbe
   return ageMs > o.staleMs || deadHere || orphan;
 }
 
-/** Whether a holder record is this process's own (its pid, host and pid namespace). */
-export const isOwn = (h: LockInfo): boolean => h.pid === process.pid && h.host === os.hostname() && h.pidns === PID_NS;
+/** Whether two holder records name the same process (its pid, host and pid namespace). */
+export const sameProcess = (a: Pick<LockInfo, 'pid' | 'host' | 'pidns'>, b: Pick<LockInfo, 'pid' | 'host' | 'pidns'>): boolean =>
+  a.pid === b.pid && a.host === b.host && a.pidns === b.pidns;
+
+/** Whether a holder record is this process's own. */
+export const isOwn = (h: LockInfo): boolean => sameProcess(h, { pid: process.pid, host: os.hostname(), pidns: PID_NS });
 
 /** The holder of a lock or lease file and whether it still counts; undefined when there is no such file. */
 export async function inspectHolder(file: string, o: { staleMs?: number; unreadableStaleMs?: number } = {}): Promise<{ holder: LockInfo | undefined; mtimeMs: number; live: boolean } | undefined> {
