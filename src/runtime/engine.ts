@@ -442,7 +442,7 @@ export class Engine {
       this.#refused.add(request);
       return Promise.reject(err);
     };
-    if (this.#refuses(opts)) return refuse('shutting_down', new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    if (this.#refuses(opts)) return refuse('shutting_down', shuttingDownError());
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
@@ -492,7 +492,7 @@ export class Engine {
     this.#closed = true;
     for (const t of this.#restartTimers) clearTimeout(t);
     this.#restartTimers.clear();
-    for (const t of this.#pending.splice(0)) this.#finish(t, new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 }));
+    for (const t of this.#pending.splice(0)) this.#finish(t, shuttingDownError());
     // Adapter fetches still running (LORA_URI) stop, and are waited for below: none may leave its cache lock behind.
     const adapters = this.#adapters.close();
     // Batches still running after the grace period stop at their next step (a worker closes only once its generation
@@ -953,6 +953,9 @@ export class Engine {
     this.#restartTimers.add(timer);
   }
 }
+
+/** What a request refused or dropped for the stop is told (SIGTERM: it retries on another pod). */
+export const shuttingDownError = (): RuntimeError => new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 });
 
 /** Every cancelReason (the record's keys make the list exhaustive). */
 const CANCEL_REASONS = Object.keys({ client_left: 0, timeout: 0, request_failed: 0 } satisfies Record<ReturnType<typeof cancelReason>, 0>);

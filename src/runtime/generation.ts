@@ -9,7 +9,7 @@ import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import type { EncodedImage, Engine, Progress, TaskResult } from './engine.js';
+import { shuttingDownError, type EncodedImage, type Engine, type Progress, type TaskResult } from './engine.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { createOutputStore, withWritten } from './output.js';
 import type { GenerationRequest } from './request.js';
@@ -176,7 +176,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // wait for only to answer the engine's 503, and before the result cache, as an arrival after the signal is.
         if (!admitted && !engine.accepting) {
           metrics.rejected.inc({ ...labels, reason: 'shutting_down' });
-          throw new RuntimeError('SHUTTING_DOWN', 'the server is shutting down', { retryAfter: 1 });
+          throw shuttingDownError();
         }
         if (read) release = await read(timeout?.signal ?? signal);
         timeout ??= deadline(signal, limitMs);
