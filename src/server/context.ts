@@ -120,7 +120,7 @@ export interface Stages {
   end(): void;
 }
 
-export function kserveStages(ctx: ServerContext): Stages {
+function kserveStages(ctx: ServerContext): Stages {
   const labels = { model_name: ctx.cfg.modelName };
   let stage: KserveStage | undefined = 'preprocess';
   let t0 = performance.now();
@@ -136,6 +136,16 @@ export function kserveStages(ctx: ServerContext): Stages {
     },
     end,
   };
+}
+
+/** Runs a V1 or V2 predict request's `work` with its KServe stages, the last one observed however it ends. */
+export async function withKserveStages<T>(ctx: ServerContext, work: (stages: Stages) => Promise<T>): Promise<T> {
+  const stages = kserveStages(ctx);
+  try {
+    return await work(stages);
+  } finally {
+    stages.end();
+  }
 }
 
 /** generateWithImages' options: the generation's, but its reading, which generateWithImages gives. */

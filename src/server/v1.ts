@@ -3,7 +3,7 @@ import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
 import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/request.js';
-import { assertServable, generateWithImages, kserveStages, modelStatus, parseContext, parseJson, type ServerContext, type Stages } from './context.js';
+import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext, type Stages, withKserveStages } from './context.js';
 import { decodeEvent, eventReply } from './cloudevents.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { requestIds } from './trace.js';
@@ -85,14 +85,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
   app.post(
     '/v1/models/:target',
     bodyRoute(
-      async (r, body, ex) => {
-        const stages = kserveStages(ctx);
-        try {
-          return await predict(r, body, ex.gone.signal, stages);
-        } finally {
-          stages.end();
-        }
-      },
+      (r, body, ex) => withKserveStages(ctx, (stages) => predict(r, body, ex.gone.signal, stages)),
       opts,
       (r) => {
         const { name, verb } = splitVerb(r.params[0]!);

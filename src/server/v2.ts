@@ -9,7 +9,7 @@ import { RuntimeError } from '../errors.js';
 import { parseInstances } from '../runtime/request.js';
 import type { App } from './base.js';
 import { eventHeaders, v2Event } from './cloudevents.js';
-import { assertServable, generateWithImages, kserveStages, modelStatus, parseContext, unknownModel, type ServerContext, type Stages } from './context.js';
+import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext, type Stages, withKserveStages } from './context.js';
 import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { requestIds } from './trace.js';
 import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
@@ -55,14 +55,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
   app.post(
     '/v2/models/:name/infer',
     bodyRoute(
-      async (r, body, ex) => {
-        const stages = kserveStages(ctx);
-        try {
-          return await infer(r, body, ex.gone.signal, stages);
-        } finally {
-          stages.end();
-        }
-      },
+      (r, body, ex) => withKserveStages(ctx, (stages) => infer(r, body, ex.gone.signal, stages)),
       opts,
       (r) => assertServable(ctx, r.params[0]!),
     ),
