@@ -118,12 +118,13 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
     ws.on('error', (err) => ctx.log.debug({ err: err.message }, 'websocket protocol error'));
     // SIGTERM: a socket that has sent no request yet is told to go elsewhere now (a running generation finishes, or is
     // answered 4503 when the grace period ends), rather than meeting a bare TCP reset (1006) at the exit.
+    const endSoon = () => c.timers.push(setTimeout(() => ws.terminate(), LINGER_MS));
     const onShutdown = () => {
       if (c.started) return;
       fail(ws, c, shuttingDown(name));
       // Nothing of its own is under way: a client that does not answer that close within LINGER_MS is not waited for
       // (ws would wait 30 s, and the drain with it).
-      c.timers.push(setTimeout(() => ws.terminate(), LINGER_MS));
+      endSoon();
     };
     ctx.shutdown.addEventListener('abort', onShutdown, { once: true });
     // Its close frame says the client takes nothing more: the generation stops now rather than when the connection
@@ -134,7 +135,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
       if (c.closed) return;
       c.closed = true;
       c.gone.abort();
-      c.timers.push(setTimeout(() => ws.terminate(), LINGER_MS));
+      endSoon();
     };
     ws.on('close', () => {
       c.closed = true;
