@@ -59,6 +59,22 @@ export function trackUploads(client: S3Client): UploadTracker {
 }
 
 /**
+ * One attempt of a request, cut after `attemptMs` unanswered or when `within` ends. A cut attempt fails with its
+ * TimeoutError, which retryTransient tries again; the SDK's AbortError would end the retries.
+ */
+async function cutAttempt<T>(within: AbortSignal, attemptMs: number, send: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const one = deadline(within, attemptMs);
+  try {
+    return await send(one.signal);
+  } catch (e) {
+    if (one.timedOut) throw one.signal.reason;
+    throw e;
+  } finally {
+    one.clear();
+  }
+}
+
+/**
  * Aborts these multipart uploads (UploadId, key) of `bucket`: each attempt cut after `attemptMs` unanswered, a transient
  * refusal or a cut attempt tried again (8 tries), all within `totalMs`. One the store no longer knows (NoSuchUpload:
  * completed, or aborted already) counts as aborted. One result per upload, in order.
@@ -70,15 +86,10 @@ export async function abortUploads(client: S3Client, bucket: string, uploads: re
   const total = deadline(undefined, totalMs);
   try {
     return await Promise.allSettled(uploads.map(([UploadId, Key]) => retryTransient(async () => {
-      const one = deadline(total.signal, attemptMs);
       try {
-        await client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal: one.signal });
+        await cutAttempt(total.signal, attemptMs, (abortSignal) => client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal }));
       } catch (e) {
-        // An attempt the store left unanswered: the SDK's AbortError would end the retries, so its TimeoutError is thrown.
-        if (one.timedOut) throw one.signal.reason;
         if ((e as Error)?.name !== 'NoSuchUpload') throw e;
-      } finally {
-        one.clear();
       }
     }, 8, total.signal)));
   } finally {
@@ -125,7 +136,6 @@ export async function abortLostCreates(client: S3Client, lost: LostCreates, mine
     let listed;
     try {
       listed = await retryTransient(async () => {
-        const one = deadline(total.signal, attemptMs);
         const command = new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: key, MaxUploads: 1000 });
         let date: string | undefined;
         command.middlewareStack.add((next) => async (args) => {
@@ -134,15 +144,8 @@ export async function abortLostCreates(client: S3Client, lost: LostCreates, mine
           return out;
         }, { step: 'deserialize', name: 'listingDate' });
         const sentAt = performance.now();
-        try {
-          const page = await client.send(command, { abortSignal: one.signal });
-          return { page, date, sentAt, receivedAt: performance.now() };
-        } catch (e) {
-          if (one.timedOut) throw one.signal.reason;
-          throw e;
-        } finally {
-          one.clear();
-        }
+        const page = await cutAttempt(total.signal, attemptMs, (abortSignal) => client.send(command, { abortSignal }));
+        return { page, date, sentAt, receivedAt: performance.now() };
       }, 3, total.signal);
     } catch (e) {
       return { bucket, key, aborted: [], failed: s3Code(e) };
