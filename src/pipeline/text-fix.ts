@@ -57,6 +57,8 @@ export function htmlUnescape(s: string): string {
 
 const ENTITY = /&#?[0-9A-Za-z]{1,24};/g;
 const C1 = /[\x80-\x9f]/g;
+/** fix_c1_controls: each C1 control read as windows-1252 (those it lacks stay). */
+const fixC1Controls = (t: string): string => t.replace(C1, (c) => C1_MAP.get(c.charCodeAt(0))!);
 const SINGLE_QUOTE = /[\u02bc\u2018-\u201b]/g;
 const DOUBLE_QUOTE = /[\u201c-\u201f]/g;
 const LINE_BREAK = /\r\n|[\r\u2028\u2029\x85]/g;
@@ -248,7 +250,7 @@ function fixEncodingStep(text: string): string {
   if (fixed !== text) return fixed;
   // Latin-1 text with C1 controls is read as windows-1252, and other text's C1 controls alone (fix_c1_controls): the
   // same characters either way.
-  return eachStretch(text, parts, (piece) => piece.replace(C1, (c) => C1_MAP.get(c.charCodeAt(0))!))!;
+  return eachStretch(text, parts, fixC1Controls)!;
 }
 
 /**
@@ -262,7 +264,7 @@ function fixOnce(text: string, unescape: boolean): string {
   if (PLAIN.test(t)) return t;
   t = fixEncoding(t);
   if (!FIXABLE.test(t)) return t.normalize('NFC');
-  t = t.replace(C1, (c) => C1_MAP.get(c.charCodeAt(0))!);
+  t = fixC1Controls(t);
   t = t.replace(LIGATURE, (c) => LIGATURES.get(c.charCodeAt(0))!);
   t = t.replace(WIDE, (c) => WIDTH_MAP.get(c.charCodeAt(0))!);
   t = t.replace(DOUBLE_QUOTE, '"').replace(SINGLE_QUOTE, "'");
