@@ -15,7 +15,7 @@ import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { readBmp } from './bmp.js';
 import { gifCanvas, gifFirstFrame } from './gif.js';
-import { oriented, pillowOrientation } from './orientation.js';
+import { firstIfd, oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
 
 /** The request fields this module parses (V1 instance, WebSocket message, V2 input or parameter). */
@@ -317,13 +317,10 @@ async function decodeWithSharp(bytes: Uint8Array, fmt: 'png' | 'jpeg' | 'webp' |
  * walk a chain of thousands.
  */
 function firstPage(b: Uint8Array): Uint8Array {
-  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
-  const le = b[0] === 0x49;
-  const big = dv.getUint16(2, le) === 43;
-  if (b.length < (big ? 16 : 8)) return b;
-  const ifd = big ? Number(dv.getBigUint64(8, le)) : dv.getUint32(4, le);
-  const link = big ? ifd + 8 + 20 * Number(b.length >= ifd + 8 ? dv.getBigUint64(ifd, le) : 0n) : ifd + 2 + 12 * (b.length >= ifd + 2 ? dv.getUint16(ifd, le) : 0);
-  const size = big ? 8 : 4;
+  const ifd = firstIfd(b);
+  if (!ifd) return b;
+  const link = ifd.at + (ifd.big ? 8 : 2) + ifd.entry * ifd.count;
+  const size = ifd.word;
   // A first IFD cut short, or already the last, is left to libvips.
   if (link + size > b.length || b.subarray(link, link + size).every((v) => v === 0)) return b;
   const copy = new Uint8Array(b);

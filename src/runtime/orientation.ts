@@ -140,11 +140,23 @@ function tiffMetadata(b: Uint8Array): Found {
   return { exif: b, ...(xmp && xmp.at + xmp.count <= b.length ? { xmp: latin1(b.subarray(xmp.at, xmp.at + xmp.count)) } : {}) };
 }
 
-/**
- * An entry of a TIFF-structured block's first IFD (classic or BigTIFF): its type, count, and where its value lies (in
- * the entry where it fits, else at the offset the entry gives); undefined if absent or the block is cut short.
- */
-function ifdEntry(b: Uint8Array, tag: number): { type: number; count: number; at: number; le: boolean } | undefined {
+/** A TIFF-structured block's first IFD (classic or BigTIFF), as the readers of its entries and of its link need it. */
+export interface FirstIfd {
+  le: boolean;
+  big: boolean;
+  dv: DataView;
+  /** Offset of the IFD, and its entry count. */
+  at: number;
+  count: number;
+  /** Bytes of an offset or count (4; BigTIFF 8), and of an entry (12; BigTIFF 20). */
+  word: number;
+  entry: number;
+  /** Reads an offset or count at `o`. */
+  uint(o: number): number;
+}
+
+/** The first IFD of a TIFF-structured block; undefined if the block is not one or is cut before the IFD's count. */
+export function firstIfd(b: Uint8Array): FirstIfd | undefined {
   if (b.length < 8) return undefined;
   const head = latin1(b.subarray(0, 4));
   const le = head === 'II*\0' || head === 'II+\0';
@@ -155,11 +167,21 @@ function ifdEntry(b: Uint8Array, tag: number): { type: number; count: number; at
   const [word, entry] = big ? [8, 20] : [4, 12];
   const uint = (o: number) => (big ? Number(dv.getBigUint64(o, le)) : dv.getUint32(o, le));
   if (b.length < (big ? 16 : 8)) return undefined;
-  const ifd = uint(big ? 8 : 4);
-  if (ifd + word > b.length) return undefined;
-  const n = big ? uint(ifd) : dv.getUint16(ifd, le);
-  for (let i = 0; i < n; i++) {
-    const e = ifd + (big ? 8 : 2) + entry * i;
+  const at = uint(big ? 8 : 4);
+  if (at + word > b.length) return undefined;
+  return { le, big, dv, at, count: big ? uint(at) : dv.getUint16(at, le), word, entry, uint };
+}
+
+/**
+ * An entry of a TIFF-structured block's first IFD (classic or BigTIFF): its type, count, and where its value lies (in
+ * the entry where it fits, else at the offset the entry gives); undefined if absent or the block is cut short.
+ */
+function ifdEntry(b: Uint8Array, tag: number): { type: number; count: number; at: number; le: boolean } | undefined {
+  const ifd = firstIfd(b);
+  if (!ifd) return undefined;
+  const { le, big, dv, word, entry, uint } = ifd;
+  for (let i = 0; i < ifd.count; i++) {
+    const e = ifd.at + (big ? 8 : 2) + entry * i;
     if (e + entry > b.length) return undefined;
     if (dv.getUint16(e, le) !== tag) continue;
     const [type, count] = [dv.getUint16(e + 2, le), uint(e + 4)];
