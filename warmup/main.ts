@@ -115,6 +115,8 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // The push's own requests (its LIST, its deletes) are cut as its uploads' are, after S3_STALL_TIMEOUT_S of silence,
   // and tried again: a store that read one and never answered held the push for good.
   const stallMs = cfg.s3.stallTimeoutS * 1000;
+  // What a failure of the connection itself names (s3-errors.ts permanentError).
+  const endpoint = endpointName(cfg.s3, src.bucket);
   const bounded = <T>(request: string, fn: () => Promise<T>) => (attempt: number) =>
     boundedAttempt(stallMs, fn, (cause) => stallError(request, stallMs, attempt, TRIES, cause));
   const stalled = (action: string, e: unknown) => (isRuntimeError(e) && e.code === 'STORAGE_STALL'
@@ -131,7 +133,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
-    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list', endpointName(cfg.s3, src.bucket)), fallback);
+    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list', endpoint), fallback);
   }
   if (stale.length > 0 && !replace) {
     s3.destroy();
@@ -167,7 +169,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           await uploadingUntil(halt.signal, () => up.done());
         } catch (e) {
           if (halt.signal.aborted) throw e;
-          throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload', endpointName(cfg.s3, src.bucket)), fallback);
+          throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload', endpoint), fallback);
         } finally {
           halt.signal.removeEventListener('abort', onHalt);
         }
@@ -212,7 +214,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         }, TRIES, signal);
       } catch (e) {
         if (signal.aborted) throw e;
-        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpointName(cfg.s3, src.bucket));
+        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpoint);
         throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
       }
     }
