@@ -1,6 +1,6 @@
 /**
  * @module The fault soak (`npm run bench:faults`, i.e. `node dist/scripts/bench-faults.js`); the bounded suite is
- * test/faults.test.ts, method and results in docs/FAULTS.md. Fixture: the demo pipeline padded to ~108 MB in 15 files
+ * test/faults.test.ts, method and results in docs/FAULTS.md. Fixture: the demo pipeline padded to ~108 MB in 19 files
  * (a model the server really loads), in s3rver (its own process) behind a seeded flaky link in this process
  * (test/helpers/fault-link.ts: resets and stalls at random offsets of the bodies, so past 1 MiB into 2 MiB ranges
  * about half the time; bursts of 503 SlowDown and 500 InternalError). Every process is fresh (`node dist/...`).

@@ -1,5 +1,5 @@
 /**
- * The fault suite, bounded for CI (the long soak is `npm run bench:faults`, docs/FAULTS.md): a 28 MB, 15-file model
+ * The fault suite, bounded for CI (the long soak is `npm run bench:faults`, docs/FAULTS.md): a 28 MB, 19-file model
  * (the demo pipeline padded) in s3rver behind a flaky link (test/helpers/fault-link.ts: resets and stalls at random
  * offsets of the bodies, bursts of 503 SlowDown and 500 InternalError), fetched by the warm-up CLI and by the server.
  * What must hold: every run that exits 0 left the source's SHA-256 in every file; a kill -9 at a random moment never
