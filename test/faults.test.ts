@@ -56,7 +56,7 @@ afterAll(async () => {
 });
 
 describe(`fault suite (FAULT_SEED=${SEED})`, () => {
-  it('has a model like the soak\'s, smaller: 15 files, tens of MB', () => {
+  it('has a model like the soak\'s, smaller: at least 15 files (19 today), tens of MB', () => {
     expect(source.length).toBeGreaterThanOrEqual(15);
     expect(total).toBeGreaterThan(20e6);
   });
