@@ -12,13 +12,50 @@ export type KserveStage = 'preprocess' | 'predict' | 'postprocess' | 'explain';
 
 export type Metrics = ReturnType<typeof createMetrics>;
 
+/** A sample's line up to the value of its `le` label (prom-client writes `le` first; any place is matched): head, name, le. */
+const LE_LABEL = /^(([a-zA-Z_:][a-zA-Z0-9_:]*)\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",)*le=")([^"+][^"]*)"/gm;
+
 /**
  * The registry's text for GET /metrics. prom-client writes a NaN value as `Nan` (the event-loop lag gauges are NaN
  * until their first sample, a gauge can be set to one): Go's ParseFloat takes it, but the format (and OpenMetrics,
- * and stricter parsers) spell it `NaN`. prom-client writes no timestamps, so the value ends the line.
+ * and stricter parsers) spell it `NaN`. prom-client writes no timestamps, so the value ends the line. Histogram
+ * bucket bounds are spelled as KServe's Python server spells them (leLabel).
  */
 export async function exposition(registry: Registry): Promise<string> {
-  return (await registry.metrics()).replace(/ Nan$/gm, ' NaN');
+  const buckets = new Set(registry.getMetricsAsArray().filter((m) => (m as object) instanceof Histogram).map((m) => `${m.name}_bucket`));
+  return (await registry.metrics())
+    .replace(/ Nan$/gm, ' NaN')
+    .replace(LE_LABEL, (line: string, head: string, name: string, le: string) => (buckets.has(name) ? `${head}${leLabel(Number(le))}"` : line));
+}
+
+/**
+ * A bucket bound as Python's prometheus_client writes it (utils.floatToGoString): `1.0`, `10.0`, `0.005`, `1e-05`,
+ * `1e+06`. prom-client writes `1`, `10`: a label value, so a KServe dashboard or recording rule that names a bound
+ * (`le="1.0"`) matched nothing on Prometheus 2. Prometheus 3 normalises every `le` it ingests to this float spelling,
+ * so the runtime's series are the same on both. Python's repr, then Go's switch to an exponent from 1e+06 on, with
+ * prometheus_client's own exponent (`1e+010`, where Go writes `1e+10`): its spelling is the point.
+ */
+export function leLabel(x: number): string {
+  if (x === Infinity) return '+Inf';
+  if (x === -Infinity) return '-Inf';
+  if (Number.isNaN(x)) return 'NaN';
+  const s = pythonRepr(x);
+  const dot = s.indexOf('.');
+  if (x > 0 && dot > 6) return `${`${s[0]}.${s.slice(1, dot)}${s.slice(dot + 1)}`.replace(/[0.]+$/, '')}e+0${dot - 1}`;
+  return s;
+}
+
+/**
+ * Python's repr of a finite float: the shortest digits that read back (JS's are the same), fixed from 1e-4 to below
+ * 1e16 with `.0` on a whole number, else `d.ddde±XX`.
+ */
+function pythonRepr(x: number): string {
+  if (Object.is(x, -0)) return '-0.0';
+  const [digits, e] = x.toExponential().split('e') as [string, string];
+  const exp = Number(e);
+  if (exp < -4 || exp >= 16) return `${digits}e${exp < 0 ? '-' : '+'}${String(Math.abs(exp)).padStart(2, '0')}`;
+  const s = String(x);
+  return s.includes('.') ? s : `${s}.0`;
 }
 
 /** Why a request was refused before running: the `reason` of inference_rejected_total (engine and server alike). */

@@ -1,10 +1,11 @@
 /** /metrics over the real server: parseable exposition, every documented name with HELP; GPU metrics never invented. */
-import { Registry } from 'prom-client';
+import { Gauge, Histogram, Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseNvidiaSmi, startGpuMetrics } from '../src/runtime/gpu.js';
 import { createResultCache, ENTRY_BYTES, IMAGE_BYTES } from '../src/runtime/result-cache.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import { ensureDemoModel } from '../src/demo/index.js';
+import { exposition, leLabel } from '../src/metrics.js';
 import { metric, startFailedRuntime, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson, sharedCacheDir } from './helpers/server.js';
 
@@ -197,11 +198,17 @@ describe('/metrics over a real socket', () => {
     expect(await Promise.all(made.map((n) => metric(srv, n, n.startsWith('inference_stage') ? { stage: 'denoise' } : {})))).toEqual([2, 2, 2]);
     expect(val('result_cache_bytes')).toBeGreaterThan(0);
     // KServe's stages, for V1 and V2 predict requests: the 400 ended in preprocess; the others went through all three
-    // (the result-cache hit too). Its buckets are KServe's (prometheus_client's defaults).
+    // (the result-cache hit too). Its buckets are KServe's (prometheus_client's defaults), each bound spelled as
+    // KServe's Python server spells it: the exact label values its dashboards and recording rules name.
     const stages = await Promise.all(['preprocess', 'predict', 'postprocess', 'explain'].map((s) => metric(srv, `request_${s}_seconds_count`, { model_name: 'model' })));
     expect(stages).toEqual([4, 3, 3, 0]);
-    const le = fams.get('request_predict_seconds')!.samples.filter((s) => s.name === 'request_predict_seconds_bucket').map((s) => s.labels.le);
-    expect(le).toEqual(['0.005', '0.01', '0.025', '0.05', '0.075', '0.1', '0.25', '0.5', '0.75', '1', '2.5', '5', '7.5', '10', '+Inf']);
+    const le = (name: string) => fams.get(name)!.samples.filter((s) => s.name === `${name}_bucket`).map((s) => s.labels.le);
+    for (const s of ['preprocess', 'predict', 'postprocess', 'explain']) {
+      expect(le(`request_${s}_seconds`), s).toEqual(['0.005', '0.01', '0.025', '0.05', '0.075', '0.1', '0.25', '0.5', '0.75', '1.0', '2.5', '5.0', '7.5', '10.0', '+Inf']);
+    }
+    // The runtime's own histograms too: one spelling on the page, the one Prometheus 3 stores.
+    expect(le('inference_batch_size')).toEqual(['1.0', '2.0', '3.0', '4.0', '6.0', '8.0', '12.0', '16.0', '32.0', '64.0', '+Inf']);
+    expect(new Set(le('inference_request_duration_seconds'))).toEqual(new Set(['0.05', '0.1', '0.25', '0.5', '1.0', '2.0', '4.0', '8.0', '15.0', '30.0', '60.0', '120.0', '300.0', '+Inf']));
     expect(val('boot_state', { state: 'ready' })).toBe(1);
     expect(val('model_load_time_seconds')).toBeGreaterThan(0);
     expect(val('inference_queue_depth')).toBe(0);
@@ -222,6 +229,36 @@ describe('/metrics over a real socket', () => {
     } finally {
       srv.rt.metrics.stepsPerSecond.remove({ model_name: 'other' });
     }
+  });
+});
+
+describe('bucket bounds as prometheus_client writes them', () => {
+  it('spells each as its floatToGoString does: Python repr, Go exponents from 1e+06', () => {
+    // Each pair printed by prometheus_client 0.16.0's utils.floatToGoString (Debian's python3-prometheus-client),
+    // which KServe's server exposes its histograms with. `1e+010`, not Go's `1e+10`, is its own spelling.
+    const py: Array<[number, string]> = [
+      [0.005, '0.005'], [0.075, '0.075'], [1, '1.0'], [2.5, '2.5'], [10, '10.0'], [1800, '1800.0'], [0.1 + 0.2, '0.30000000000000004'],
+      [1e-5, '1e-05'], [1.5e-5, '1.5e-05'], [0.0001, '0.0001'], [123456, '123456.0'], [999999, '999999.0'],
+      [1e6, '1e+06'], [1.5e6, '1.5e+06'], [1234567, '1.234567e+06'], [1e7, '1e+07'], [1e9, '1e+09'], [1e10, '1e+010'],
+      [1.25e12, '1.25e+012'], [1e15, '1e+015'], [9999999999999998, '9.999999999999998e+015'], [1e16, '1e+16'], [1.5e17, '1.5e+17'],
+      [1e21, '1e+21'], [Infinity, '+Inf'],
+    ];
+    expect(py.map(([x]) => [x, leLabel(x)])).toEqual(py);
+  });
+
+  it("rewrites the le of histogram buckets only, wherever the label is, and leaves +Inf and other labels alone", async () => {
+    const registry = new Registry();
+    const h = new Histogram({ name: 'x_seconds', help: 'h', labelNames: ['a'], buckets: [1e-5, 0.5, 1], registers: [registry] });
+    new Gauge({ name: 'g_bucket', help: 'h', labelNames: ['le'], registers: [registry] }).set({ le: '1' }, 1);
+    h.observe({ a: 'le="2"' }, 0.7);
+    const text = await exposition(registry);
+    expect(text.split('\n').filter((l) => /^(x_seconds|g)_bucket/.test(l))).toEqual([
+      'x_seconds_bucket{le="1e-05",a="le=\\"2\\""} 0',
+      'x_seconds_bucket{le="0.5",a="le=\\"2\\""} 0',
+      'x_seconds_bucket{le="1.0",a="le=\\"2\\""} 1',
+      'x_seconds_bucket{le="+Inf",a="le=\\"2\\""} 1',
+      'g_bucket{le="1"} 1',
+    ]);
   });
 });
 
