@@ -764,7 +764,7 @@ export class Engine {
           : run.delivery.then(() => this.#deliver(run, m.images, m.times));
         void settle
           // Ours already say what is wrong (sharp not loaded for want of descriptors, 503).
-          .catch((err: unknown) => this.#fail(run, isRuntimeError(err) ? err : new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`)))
+          .catch((err: unknown) => this.#fail(run, isRuntimeError(err) ? err : this.#encodeFailed(run, err)))
           .finally(() => {
             this.#encoding--;
             this.#checkIdle();
@@ -799,6 +799,17 @@ export class Engine {
     this.#lastGenSeconds = (performance.now() - run.startedAt) / 1000;
     if (!run.warmup) this.#countServed(run, all, raw.length);
     run.tasks.forEach((t, k) => this.#finish(t, { images: encoded[k]!, times: all, batchSize: run.tasks.length, queuedMs: run.startedAt - t.enqueuedAt }));
+  }
+
+  /**
+   * A defect of the encoder (sharp refusing the images): logged here, once for the batch, as a failed generation is,
+   * with its stack and the requests' ids; their clients are told no more than its message.
+   */
+  #encodeFailed(run: Running, err: unknown): RuntimeError {
+    const { height, width } = run.tasks[0]!.req.shape;
+    const formats = [...new Set(run.tasks.map((t) => t.req.output.format))];
+    this.log.error({ ...run.where, height, width, formats, err, ...idsOf(run.tasks) }, 'the generated images could not be encoded');
+    return new RuntimeError('INTERNAL', `the generated images could not be encoded: ${(err as Error)?.message ?? String(err)}`);
   }
 
   /** A generation's stage times, steps and images, in the serving metrics. */
