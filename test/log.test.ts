@@ -140,10 +140,9 @@ describe('W3C trace context in the log', () => {
       await post('/v1/models/model:predict', none, { 'x-request-id': 'v1', traceparent: TP });
       await post('/v2/models/model/infer', { inputs: [] }, { 'x-request-id': 'v2', traceparent: TP });
       await post('/openai/v1/images/generations', { model: 'other', prompt: 'a' }, { 'x-request-id': 'openai', traceparent: TP });
-      // A binary CloudEvent: ce-traceparent is the event's own extension (kept for CE_MERGE), not this hop's context.
+      // A binary CloudEvent whose ce-traceparent (the event's own trace) differs: the request's header wins.
       const ce = { 'ce-specversion': '1.0', 'ce-id': '1', 'ce-source': 'test', 'ce-type': 'dev.example.generate' };
       await post('/v1/models/model:predict', none, { ...ce, 'x-request-id': 'ce', traceparent: TP, 'ce-traceparent': `00-${'a'.repeat(32)}-${'b'.repeat(16)}-01` });
-      await post('/v1/models/model:predict', none, { ...ce, 'x-request-id': 'ce-only', 'ce-traceparent': `00-${'a'.repeat(32)}-${'b'.repeat(16)}-01` });
       const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/v1/models/other/stream`, { headers: { 'x-request-id': 'ws', traceparent: TP } });
       await new Promise((r) => ws.once('close', r));
       // Invalid values are ignored, never echoed into the log.
@@ -153,7 +152,7 @@ describe('W3C trace context in the log', () => {
       await post('/v1/models/model:predict', { instances: [{ prompt: 'a', num_inference_steps: 1, height: 64, width: 64 }] }, { 'x-request-id': 'defect', traceparent: TP });
       const access = srv.logs.filter((l) => l.msg === 'inference request').map((l) => [l.requestId, l.status, l.traceId, l.spanId]);
       expect(access).toEqual([
-        ['v1', 200, T, S], ['v2', 400, T, S], ['openai', 404, T, S], ['ce', 200, T, S], ['ce-only', 200, undefined, undefined], ['ws', 404, T, S],
+        ['v1', 200, T, S], ['v2', 400, T, S], ['openai', 404, T, S], ['ce', 200, T, S], ['ws', 404, T, S],
         ...bad.map((_, i) => [`bad${i}`, 200, undefined, undefined]),
         ['defect', 500, T, S],
       ]);
@@ -162,6 +161,57 @@ describe('W3C trace context in the log', () => {
       for (const b of ['hello-garbage', T.toUpperCase(), 'zzextrazz']) expect(text).not.toContain(b);
     } finally {
       await srv.stop();
+    }
+  });
+});
+
+describe("a CloudEvent's traceparent attribute (the distributed-tracing extension) in the log", () => {
+  const T = '4bf92f3577b34da6a3ce929d0e0e4736';
+  const S = '00f067aa0ba902b7';
+  const E = '0af7651916cd43dd8448eb211c80319c';
+  const ES = 'b9c7c989f97918e1';
+  const attrs = { specversion: '1.0', id: '1', source: 'test', type: 'dev.example.generate' };
+  const binary = { 'ce-specversion': '1.0', 'ce-id': '1', 'ce-source': 'test', 'ce-type': 'dev.example.generate' };
+
+  it('is read where the request has no valid traceparent header (structured, binary, V2); the header wins; an invalid one is ignored', async () => {
+    const srv = await startRuntime({ STORAGE_URI: undefined }, { ready: true });
+    try {
+      const post = (path: string, body: unknown, headers: Record<string, string>) => postJson(`${srv.url}${path}`, body, { headers: { 'content-type': 'application/json', ...headers } });
+      const structured = (id: string, event: Record<string, unknown>, headers: Record<string, string> = {}) =>
+        post('/v1/models/model:predict', { ...attrs, ...event, data: { instances: [] } }, { 'content-type': 'application/cloudevents+json', 'x-request-id': id, ...headers });
+      await structured('json', { traceparent: `00-${E}-${ES}-01`, tracestate: 'congo=t61rcWkgMzE' });
+      await structured('json-header', { traceparent: `00-${E}-${ES}-01` }, { traceparent: `00-${T}-${S}-01` });
+      await structured('json-bad', { traceparent: 'hello-event-garbage' });
+      await structured('json-not-text', { traceparent: { id: E } });
+      await structured('json-bad-header', { traceparent: `00-${E}-${ES}-01` }, { traceparent: `00-${T.toUpperCase()}-${S}-01` });
+      await post('/v1/models/model:predict', { instances: [] }, { ...binary, 'x-request-id': 'binary', 'ce-traceparent': `00-${E}-${ES}-01` });
+      await post('/v2/models/model/infer', { inputs: [] }, { ...binary, 'x-request-id': 'v2', 'ce-traceparent': `00-${E}-${ES}-01` });
+      // An event the server refuses before reading it is logged with the header's context only (here none).
+      await structured('unread', { specversion: '2.0', traceparent: `00-${E}-${ES}-01` });
+      srv.rt.generation.generate = () => Promise.reject(new TypeError('a defect of the test'));
+      await post('/v1/models/model:predict', { ...attrs, traceparent: `00-${E}-${ES}-01`, data: { instances: [{ prompt: 'a', num_inference_steps: 1, height: 64, width: 64 }] } },
+        { 'content-type': 'application/cloudevents+json', 'x-request-id': 'defect' });
+      const access = srv.logs.filter((l) => l.msg === 'inference request').map((l) => [l.requestId, l.status, l.traceId, l.spanId]);
+      expect(access).toEqual([
+        ['json', 200, E, ES], ['json-header', 200, T, S], ['json-bad', 200, undefined, undefined], ['json-not-text', 200, undefined, undefined],
+        ['json-bad-header', 200, E, ES], ['binary', 200, E, ES], ['v2', 400, E, ES], ['unread', 400, undefined, undefined], ['defect', 500, E, ES],
+      ]);
+      expect(srv.logs.filter((l) => l.msg === 'unhandled error in request')).toEqual([expect.objectContaining({ requestId: 'defect', traceId: E, spanId: ES })]);
+      expect(JSON.stringify(srv.logs)).not.toContain('hello-event-garbage');
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it("names the event's trace in its generation batch's lines", async () => {
+    const srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0', RESULT_CACHE_MB: '0' }, { ready: true, workers: [holdWorker({ fail: true })] });
+    try {
+      const event = { ...attrs, traceparent: `00-${E}-${ES}-01`, data: { instances: [{ prompt: 'a', num_inference_steps: 2, height: 64, width: 64, seed: 1 }] } };
+      const answer = await postJson(`${srv.url}/v1/models/model:predict`, event, { headers: { 'content-type': 'application/cloudevents+json', 'x-request-id': 'ce-batch' } });
+      expect([answer.status, answer.json.code]).toEqual([500, 'INTERNAL']);
+      expect(srv.logs.filter((l) => l.msg === 'generation failed')).toEqual([expect.objectContaining({ requestIds: ['ce-batch'], traceIds: [E] })]);
+    } finally {
+      await srv.stop(0);
     }
   });
 });

@@ -9,7 +9,6 @@ import { OPENAI_SERVED, openaiError, registerOpenAI } from './openai.js';
 import { isOpenAI } from './openai-errors.js';
 import { registerV1 } from './v1.js';
 import { registerV2 } from './v2.js';
-import { requestIds } from './trace.js';
 import { registerWs } from './ws.js';
 
 const PREDICT_ROUTE = /^\/v[12]\/models\/[^/]+(:predict|\/infer)$|^\/openai\/v1\/images\/(generations|edits)$/;
@@ -57,7 +56,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
         ctx.metrics.requests.inc({ ...labels, status: String(out.status) });
         const secs = (performance.now() - ex.started) / 1000;
         if (out.status === 200) ctx.metrics.requestDuration.observe(labels, secs);
-        ctx.log.info({ route: r.url, status: out.status, code: out.code, seconds: Number(secs.toFixed(3)), ...requestIds(r.headers) }, 'inference request');
+        ctx.log.info({ route: r.url, status: out.status, code: out.code, seconds: Number(secs.toFixed(3)), ...r.ids }, 'inference request');
       }
     },
   };

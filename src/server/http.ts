@@ -25,6 +25,8 @@ export interface Req {
   query: string;
   params: string[];
   headers: Record<string, string>;
+  /** What its log lines name it by (trace.ts): its headers' ids, and its CloudEvent's trace once read (withEventTrace). */
+  ids: RequestIds;
 }
 
 // fatal: a byte that is not UTF-8 is refused, not read as U+FFFD (which changed a prompt without a word).
@@ -138,7 +140,7 @@ function copyReq(req: IncomingMessage, params: string[]): Req {
   for (const [k, v] of Object.entries(req.headers)) if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
   const url = req.url ?? '/';
   const q = url.indexOf('?');
-  return { method: (req.method ?? 'GET').toLowerCase(), url: pathOf(url), query: q < 0 ? '' : url.slice(q + 1), params, headers };
+  return { method: (req.method ?? 'GET').toLowerCase(), url: pathOf(url), query: q < 0 ? '' : url.slice(q + 1), params, headers, ids: requestIds(headers) };
 }
 
 /** A response guard: `send` writes at most once and never after the client left. */
@@ -273,7 +275,7 @@ export interface RouteOptions {
 export const requestLog = (log: Logger, route: string, ids: RequestIds): Logger => log.child({ route, ...ids });
 
 const failed = (err: unknown, opts: RouteOptions, r: Req): Reply => {
-  const out = errorReply(err, requestLog(opts.log, r.url, requestIds(r.headers)));
+  const out = errorReply(err, requestLog(opts.log, r.url, r.ids));
   return opts.errorShape ? opts.errorShape(out) : out;
 };
 

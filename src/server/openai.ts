@@ -17,7 +17,6 @@ import { refuseEvent } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, unknownModel, type ServerContext } from './context.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
 import { openaiErrorBody, openaiErrorHeaders } from './openai-errors.js';
-import { requestIds } from './trace.js';
 import type { RequestIds } from '../log.js';
 
 export const OPENAI_PREFIX = '/openai/v1';
@@ -227,11 +226,11 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
     refuseEvent(r.headers, `POST ${OPENAI_PREFIX}/${route}`);
     assertServable(ctx, ctx.cfg.modelName);
   };
-  app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (r, body, ex) => serve(parseJson(body), ex.gone.signal, requestIds(r.headers)), opts, precheck('images/generations')));
+  app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (r, body, ex) => serve(parseJson(body), ex.gone.signal, r.ids), opts, precheck('images/generations')));
   app.post(
     `${OPENAI_PREFIX}/images/edits`,
     // In flight from the form's reading on: finding the picture's transparent area decodes it, as reading it does.
-    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, requestIds(r.headers), EDIT_NAMES)),
+    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, r.ids, EDIT_NAMES)),
       opts, precheck('images/edits')),
   );
 }

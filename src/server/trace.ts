@@ -25,6 +25,19 @@ export function traceContext(header: string | undefined): { traceId: string; spa
   return { traceId, spanId };
 }
 
+/**
+ * A request's ids once its CloudEvent is read: the trace of the event's `traceparent` attribute (CloudEvents'
+ * distributed-tracing extension; a structured event's member, a binary one's `ce-traceparent` header) where the
+ * request's own `traceparent` header gave none, a value the spec calls invalid ignored as there. The header wins: it is
+ * this hop's context, whose spans the proxies export; the extension is the trace the event started in, which the
+ * extension's spec says does not replace the protocol's headers, and is the same trace over a single hop.
+ */
+export function withEventTrace(ids: RequestIds, attributes: Readonly<Record<string, unknown>>): RequestIds {
+  if (ids.traceId !== undefined) return ids;
+  const trace = typeof attributes.traceparent === 'string' ? traceContext(attributes.traceparent) : undefined;
+  return trace ? { ...ids, ...trace } : ids;
+}
+
 /** A request's ids from its headers (a repeated header's values joined, as Node joins them). */
 export function requestIds(headers: Record<string, string | string[] | undefined>): RequestIds {
   const one = (h: string) => {

@@ -6,7 +6,7 @@ import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/r
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext, type Stages, withKserveStages } from './context.js';
 import { decodeEvent, eventReply } from './cloudevents.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
-import { requestIds } from './trace.js';
+import { withEventTrace } from './trace.js';
 
 /**
  * The seed's `{"predictions":[{"image":{"b64":…}}]}` plus what we add (each image's seed, format and
@@ -46,6 +46,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
     const { name, verb } = splitVerb(r.params[0]!);
     if (verb !== 'predict') throw new RuntimeError('UNSUPPORTED', `:${verb} is not supported by this runtime`);
     const { body: parsed, event } = decodeEvent(r.headers, body, parseJson);
+    if (event) r.ids = withEventTrace(r.ids, event.attributes);
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
       throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} must be a JSON object with "instances"`);
     }
@@ -76,7 +77,7 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
       stages.next('predict');
       stages.next('postprocess');
     }
-    const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), signal, { ids: requestIds(r.headers), stages });
+    const results = empty ? [] : await generateWithImages(ctx, parseInstances(instances, parseContext(ctx), where), signal, { ids: r.ids, stages });
     void name;
     const out = predictionsBody(results);
     return event ? eventReply(event, out, ctx.cfg.modelName, ctx.cfg) : { status: 200, body: out, contentType: 'application/json' };

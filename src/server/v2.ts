@@ -11,7 +11,7 @@ import type { App } from './base.js';
 import { eventHeaders, v2Event } from './cloudevents.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, unknownModel, type ServerContext, type Stages, withKserveStages } from './context.js';
 import { bodyRoute, json, route, type Reply, type Req, type RouteOptions } from './http.js';
-import { requestIds } from './trace.js';
+import { withEventTrace } from './trace.js';
 import { encodeInferResponse, fieldSource, modelMetadata, parseInferRequest, toInstances, v2Relabel, type InferResponse } from './v2-codec.js';
 
 export const SERVER_NAME = 'diffusers-runtime';
@@ -67,6 +67,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
     // A Knative delivery (binary mode) is answered as an event, as KServe's server answers it, or its broker takes
     // the answer for a failed delivery and sends the event again.
     const event = v2Event(r.headers);
+    if (event) r.ids = withEventTrace(r.ids, event.attributes);
     const req = parseInferRequest(r.headers, body, ctx.cfg.maxImagesPerRequest, name);
     const instances = toInstances(req);
     // Problems name where the client put each value (a parameter, an input tensor and its element), not the
@@ -78,7 +79,7 @@ export function registerV2(app: App, ctx: ServerContext, opts: RouteOptions): vo
       for (const inp of [g.image.image, g.image.mask]) if (inp) inp.field = fieldSource(req, i, inp === g.image.mask ? 'mask_image' : 'image') ?? inp.field;
       g.image.at = 'parameters';
     });
-    const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, signal, { timeoutMs: req.timeoutMs, ids: requestIds(r.headers), stages })));
+    const reply = inferReply(encodeInferResponse(name, req, await generateWithImages(ctx, reqs, signal, { timeoutMs: req.timeoutMs, ids: r.ids, stages })));
     return event ? { ...reply, headers: { ...reply.headers, ...eventHeaders(event, name, ctx.cfg) } } : reply;
   }
 }
