@@ -78,6 +78,28 @@ async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine:
 }
 
 describe('engine', () => {
+  it("logs an image the encoder refuses (beneath the request's checks: a 16384-wide WebP), and tells the client its reason", async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const w = new ScriptedWorker();
+    const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1' }), createLogger('info', 'engine-test', { write: (s: string) => void lines.push(JSON.parse(s)) }), createMetrics());
+    engine.start([spawned(w)]);
+    const loaded = engine.load(modelDir);
+    w.reply({ t: 'loaded', defaults: { ...pipelineClassDefaults('StableDiffusionPipeline', false), steps: 2, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
+    await loaded;
+    const wide = request('a');
+    wide.shape = { ...wide.shape, height: 64, width: 16384 };
+    wide.output = { format: 'webp', quality: 90, uri: undefined };
+    const result = engine.submit(wide).then(() => 'encoded', (e: RuntimeError) => [e.code, e.message]);
+    await tick();
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [{ rgb: new Uint8Array(16384 * 64 * 3).buffer, width: 16384, height: 64, seed: 1 }], times });
+    expect(await result).toEqual(['INTERNAL', 'the generated images could not be encoded: Processed image is too large for the WebP format']);
+    expect(lines.filter((l) => l.level === 'error')).toEqual([expect.objectContaining({
+      msg: 'the generated images could not be encoded', height: 64, width: 16384, formats: ['webp'],
+      err: expect.objectContaining({ message: 'Processed image is too large for the WebP format', stack: expect.any(String) }),
+    })]);
+    await engine.close();
+  });
+
   it('hands the next batch to a worker whose last batch is decoding, one decode ahead at most', async () => {
     const { engine, w } = await loadedEngine();
     const results = ['a', 'b', 'c'].map((p) => engine.submit(request(p)).then((r) => r.images.length, (e: Error) => e.message));

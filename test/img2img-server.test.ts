@@ -414,3 +414,23 @@ describe('an inpainting model (9-channel UNet, the demo variant)', () => {
   });
 });
 
+
+describe('an output size its format cannot hold', () => {
+  it('a WebP over 16383 pixels a side (MAX_IMAGE_SIZE goes to 16384) is a 400 before any generation, whether the size is given or taken from the input image', async () => {
+    const big = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0', MAX_IMAGE_SIZE: '16384', RESULT_CACHE_MB: '0' }, { ready: true });
+    try {
+      const base = { prompt: 'a', num_inference_steps: 1, seed: 1, output_format: 'webp' };
+      const given = await predict(big, { ...base, height: 64, width: 16384 });
+      expect([given.status, given.json]).toEqual([400, { error: 'instances[0]: output_format webp holds at most 16383 pixels a side, and the image would be 16384x64; ask for png or jpeg, or a smaller size', code: 'INVALID_INPUT' }]);
+      const strip = await picture(16384, 8);
+      const taken = await predict(big, { ...base, image: strip.toString('base64'), strength: 0.5 });
+      expect([taken.status, taken.json]).toEqual([400, { error: 'instances[0].image is 16384x8: output_format webp holds at most 16383 pixels a side, and the image would be 16384x8; ask for png or jpeg, or a smaller size', code: 'INVALID_INPUT' }]);
+      expect(await metric(big, 'images_generated_total')).toBe(0);
+      // PNG holds it: the same size from the same image is served.
+      const png = await predict(big, { ...base, output_format: 'png', image: strip.toString('base64'), strength: 0.5 });
+      expect([png.status, preds(png.json)[0]?.width]).toEqual([200, 16384]);
+    } finally {
+      await big.stop(0);
+    }
+  });
+});

@@ -237,23 +237,6 @@ describe("the generation path's lines name the requests of their batch", () => {
     }
   });
 
-  it('images the encoder refuses (WebP past its 16383 pixels a side): one error line with its reason and the request', async () => {
-    // MAX_IMAGE_SIZE takes up to 16384, a side WebP cannot hold: the generation runs, sharp refuses to encode it.
-    const srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0', MAX_IMAGE_SIZE: '16384', RESULT_CACHE_MB: '0' }, { ready: true });
-    try {
-      const wide = { instances: [{ prompt: 'a', num_inference_steps: 1, height: 64, width: 16384, seed: 1, output_format: 'webp' }] };
-      const answer = await postJson(`${srv.url}/v1/models/model:predict`, wide, { headers: headers(4) });
-      expect([answer.status, answer.json]).toEqual([500, { error: 'the generated images could not be encoded: Processed image is too large for the WebP format', code: 'INTERNAL' }]);
-      expect(srv.logs.filter((l) => l.level === 'error')).toEqual([expect.objectContaining({
-        msg: 'the generated images could not be encoded', worker: '0', device: 'cpu', height: 64, width: 16384, formats: ['webp'],
-        err: expect.objectContaining({ message: 'Processed image is too large for the WebP format', stack: expect.any(String) }), requestIds: ['req-4'], traceIds: [T(4)],
-      })]);
-      expect(srv.logs.filter((l) => l.msg === 'inference request').map((l) => [l.status, l.code, l.requestId])).toEqual([[500, 'INTERNAL', 'req-4']]);
-    } finally {
-      await srv.stop(0);
-    }
-  });
-
   it('a worker that died holding a generation: its line names the request it held', async () => {
     const worker = holdWorker();
     const srv = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0' }, { ready: true, workers: [worker] });

@@ -8,6 +8,15 @@ export const loadSharp = firstUse('the image encoder (sharp)', async () => (awai
 /** JPEG's and WebP's quality when a request gives none. */
 export const DEFAULT_QUALITY = 90;
 
+/** The widest and tallest image WebP holds (libwebp's WEBP_MAX_DIMENSION); MAX_IMAGE_SIZE goes to 16384. */
+export const WEBP_MAX_SIDE = 16383;
+
+/** Why `format` cannot hold a `height`×`width` image (`undefined`: it can), for a request refused before it runs. */
+export function formatRefuses(format: OutputFormat, height: number, width: number): string | undefined {
+  if (format !== 'webp' || (height <= WEBP_MAX_SIDE && width <= WEBP_MAX_SIDE)) return undefined;
+  return `output_format webp holds at most ${WEBP_MAX_SIDE} pixels a side, and the image would be ${width}x${height}; ask for png or jpeg, or a smaller size`;
+}
+
 /** Encodes RGB uint8 HWC pixels. PNG is lossless and deterministic: same pixels, same bytes. */
 export async function encodeImage(rgb: Uint8Array, width: number, height: number, format: OutputFormat, quality?: number): Promise<Buffer> {
   const sharp = await loadSharp();

@@ -6,9 +6,9 @@
  */
 import { createHash } from 'node:crypto';
 import type { Metadata, Sharp } from 'sharp';
-import type { Config } from '../config.js';
+import type { Config, OutputFormat } from '../config.js';
 import { RuntimeError } from '../errors.js';
-import { loadSharp } from '../pipeline/image.js';
+import { formatRefuses, loadSharp } from '../pipeline/image.js';
 import { scaledSize } from '../pipeline/img2img.js';
 import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, type ImageInit, type ImageMode, type ModelDefaults, type Raster, type ResizeMode } from '../pipeline/job.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
@@ -440,6 +440,8 @@ function cmykToRgb(cmyk: Buffer): Buffer {
 export interface WithImage {
   image?: ImageRequest;
   shape: Pick<GenerationShape, 'height' | 'width'>;
+  /** The format the output is encoded in: a size taken from the image must fit it. */
+  output?: { format: OutputFormat };
 }
 
 export interface ImageContext {
@@ -503,6 +505,8 @@ export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContex
         bad.push(`${im.image.field} is ${img.width}x${img.height}: without ${im.at}.${side} the output takes the image's ${side} (${v}), over MAX_IMAGE_SIZE ${ctx.cfg.maxImageSize}; give ${im.at}.height and ${im.at}.width to resize it`);
       } else r.shape[side] = v;
     }
+    const unfit = sized && r.output ? formatRefuses(r.output.format, r.shape.height, r.shape.width) : undefined;
+    if (unfit !== undefined) bad.push(`${im.image.field} is ${img.width}x${img.height}: ${unfit}`);
     // Pillow refuses to resize to a side of 0 (diffusers raises): "fill" of an image more elongated than the output.
     const fit = scaledSize(img.width, img.height, r.shape.width, r.shape.height, im.resizeMode);
     if (sized && (fit.width < 1 || fit.height < 1)) {

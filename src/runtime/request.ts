@@ -3,7 +3,7 @@ import { RuntimeError } from '../errors.js';
 import type { Config, OutputFormat } from '../config.js';
 import type { RequestIds } from '../log.js';
 import { lcmTimestepCount, unconditionalPass, type GenerationShape, type ImageMode, type JobItem, type ModelDefaults } from '../pipeline/job.js';
-import { DEFAULT_QUALITY } from '../pipeline/image.js';
+import { DEFAULT_QUALITY, formatRefuses } from '../pipeline/image.js';
 import { ETA_CLASSES, schedulerClassOf, unknownDefaultScheduler, unknownSchedulerName } from '../pipeline/schedulers/names.js';
 import { isObj, show, typeName } from './fields.js';
 import { IMAGE_FIELDS, imageMode, parseImageFields, type ImageRequest } from './image-request.js';
@@ -502,6 +502,9 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     if ((FORMATS as readonly string[]).includes(f)) format = f as OutputFormat;
     else bad.push(`${w}.output_format must be one of ${FORMATS.join(', ')}, got ${JSON.stringify(fmt)}`);
   }
+  // Refused here, not by the encoder after the whole generation ran.
+  const unfit = formatRefuses(format, height, width);
+  if (unfit !== undefined) bad.push(`${w}: ${unfit}`);
   const q = has('quality') ? int('quality', DEFAULT_QUALITY, 1, 100) : undefined;
   // Bytes the encoder makes alike get one batch and result-cache key: PNG takes no quality, a lossy format's is 90 unsent.
   const quality = format === 'png' ? undefined : (q ?? DEFAULT_QUALITY);
