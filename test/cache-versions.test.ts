@@ -7,6 +7,7 @@ import { existsSync, promises as fsp, readdirSync, readFileSync, statSync } from
 import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { silentLogger } from '../src/log.js';
 import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { JOURNAL, MANIFEST, walk } from '../src/storage/cache.js';
@@ -14,7 +15,8 @@ import { describeEntries, listEntries } from '../src/storage/entries.js';
 import { committedEntry, resolveModel } from '../src/storage/fetch.js';
 import { leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, putFolder, rejection, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { type RuntimeHandle, startRuntime } from './helpers/runtime.js';
 import { until } from './helpers/server.js';
 import { runWarmupCli, WARMUP_CLI } from './helpers/warmup-cli.js';
 import { LEASE_JS, leaseInChild } from './helpers/lease-child.js';
@@ -58,14 +60,16 @@ async function snapshot(dir: string): Promise<Record<string, string>> {
   return out;
 }
 
-/** What the cache folder occupies on disk: allocated blocks, a file linked under several names once. */
-async function used(dir: string): Promise<number> {
+/** What the cache folder (or the folders) occupies on disk: allocated blocks, a file linked under several names once. */
+async function used(dirs: string | readonly string[]): Promise<number> {
   const seen = new Set<number>();
   let n = 0;
-  for (const rel of await fsp.readdir(dir, { recursive: true })) {
-    const st = await fsp.lstat(path.join(dir, String(rel))).catch(() => undefined);
-    if (st?.isFile() && !seen.has(st.ino)) n += st.blocks * 512;
-    if (st) seen.add(st.ino);
+  for (const dir of typeof dirs === 'string' ? [dirs] : dirs) {
+    for (const rel of await fsp.readdir(dir, { recursive: true })) {
+      const st = await fsp.lstat(path.join(dir, String(rel))).catch(() => undefined);
+      if (st?.isFile() && !seen.has(st.ino)) n += st.blocks * 512;
+      if (st) seen.add(st.ino);
+    }
   }
   return n;
 }
@@ -307,4 +311,96 @@ describe('objects replaced under a prefix while another process leases its entry
       pod.kill('SIGKILL');
     }
   }, 60_000);
+});
+
+describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions', () => {
+  // `always` keeps every copy untimed: the demo's graphs build in milliseconds, so `auto` would decline them.
+  const OPT = { ORT_OPTIMIZED_CACHE: 'always', EXECUTION_PROVIDER: 'cpu' };
+  /** The demo model with external weights in every component (padding), seeded: another seed changes every weight. */
+  const demo = async (seed: number) => buildDemoModel(await fsp.mkdtemp(path.join(tmp, 'demo-')), { padBytes: 300_000, seed });
+  const upload = (prefix: string, m: DemoManifest, only: (rel: string) => boolean = () => true) => putFolder(s3, 'models', `${prefix}/`, m.dir, m.files.map((f) => f.path).filter(only));
+  const serverEnv = (cache: string, prefix: string) => ({ ...s3Env(proxy.endpoint, cache, { STORAGE_URI: uriOf(prefix), ...OPT }), LOG_LEVEL: 'info' });
+  /** What the optimized-model cache did for each component's session (`filled`: those created after the fill). */
+  const sessions = (rt: RuntimeHandle, filled = false) => {
+    const from = filled ? rt.events.findIndex((e) => e.name === 'files-ready') : 0;
+    return Object.fromEntries(rt.events.slice(from).flatMap((e) => (e.name === 'session' ? [[e.data.component, e.data.optimizedCache]] : [])));
+  };
+  const optFiles = (dir: string) => readdirSync(dir).filter((n) => n.includes('.opt.')).sort();
+
+  /** A first server on a fresh cache: it loads the sources and writes every component's copy after ready. */
+  async function cachedWithCopies(prefix: string): Promise<string> {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    const first = await startRuntime(serverEnv(cache, prefix), { ready: true });
+    try {
+      expect((await first.waitFor('optimized-cache-written', undefined, 60_000)).outcomes).toEqual({ text_encoder: 'written', unet: 'written', vae_decoder: 'written' });
+    } finally {
+      await first.stop();
+    }
+    return cache;
+  }
+
+  it('a re-upload that changes only the UNet: the new version (filled by the warm-up Job) starts on the text encoder\'s and VAE decoder\'s copies, hard links of the old ones, and writes only the UNet\'s', async () => {
+    const [a, b] = await Promise.all([demo(0), demo(1)]);
+    await upload('opt-a', a);
+    const cache = await cachedWithCopies('opt-a');
+    const old = path.join(cache, keyOf('opt-a'));
+    const pod = await leaseInChild(old);
+    try {
+      await upload('opt-a', b, (rel) => rel.startsWith('unet/'));
+      const job = await runWarmupCli([], s3Env(proxy.endpoint, cache, { STORAGE_URI: uriOf('opt-a'), ...OPT }));
+      expect(job.code, job.stderr).toBe(0);
+      expect(JSON.parse(job.stdout)).toMatchObject({ modelDir: `${old}@2`, fromCache: false });
+      const cur = `${old}@2`;
+      for (const c of ['text_encoder', 'vae_decoder']) {
+        expect(optFiles(path.join(cur, c)), c).toEqual(optFiles(path.join(old, c)));
+        // The graph and its weights are the old version's files; the key, written last, is the new version's own.
+        for (const f of optFiles(path.join(cur, c)).filter((n) => !n.endsWith('.json'))) expect(ino(path.join(cur, c, f)), `${c}/${f}`).toBe(ino(path.join(old, c, f)));
+      }
+      expect(optFiles(path.join(cur, 'unet'))).toEqual([]);
+      const next = await startRuntime(serverEnv(cache, 'opt-a'), { ready: true });
+      try {
+        expect((await next.waitFor('files-ready')).dir).toBe(cur);
+        expect(sessions(next)).toEqual({ text_encoder: 'hit', unet: 'deferred', vae_decoder: 'hit' });
+        expect((await next.waitFor('optimized-cache-written', undefined, 60_000)).outcomes).toEqual({ unet: 'written' });
+      } finally {
+        await next.stop();
+      }
+      // The copies count as the versions' other files do: once, with the newest version that holds them; the old
+      // version's `bytes` (what removing it frees) are its UNet and that UNet's copy.
+      const entries = Object.fromEntries((await listEntries(cache)).map((e) => [e.name, e]));
+      const [v1, v2] = [entries[keyOf('opt-a')]!, entries[`${keyOf('opt-a')}@2`]!];
+      expect(v1.bytes + v2.bytes).toBe(await used([old, cur]));
+      expect(v1.bytes).toBe((await used([old, cur])) - (await used([cur])));
+      expect(v1.shared).toBe((await used([old])) - v1.bytes);
+      expect(v1.bytes).toBeLessThan(await used([path.join(old, 'unet')]) + 8192);
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 120_000);
+
+  it('a re-upload that changes only the text encoder\'s external data (same size, same graph): the server\'s own fill carries the UNet\'s and VAE decoder\'s copies, not the text encoder\'s', async () => {
+    const a = await demo(0);
+    await upload('opt-b', a);
+    const cache = await cachedWithCopies('opt-b');
+    const old = path.join(cache, keyOf('opt-b'));
+    const pod = await leaseInChild(old);
+    try {
+      const data = readFileSync(path.join(a.dir, 'text_encoder/model.onnx_data'));
+      const changed = Buffer.from(data);
+      changed[changed.length - 1] ^= 0xff;
+      await s3.put('models', 'opt-b/text_encoder/model.onnx_data', changed);
+      const next = await startRuntime(serverEnv(cache, 'opt-b'), { ready: true });
+      try {
+        expect((await next.waitFor('files-ready')).dir).toBe(`${old}@2`);
+        // Its sessions started on version 1 while S3 was checked, and again on version 2 once it was filled.
+        expect(sessions(next, true)).toEqual({ text_encoder: 'deferred', unet: 'hit', vae_decoder: 'hit' });
+      } finally {
+        await next.stop();
+      }
+      const olds = new Set(optFiles(path.join(old, 'text_encoder')).map((f) => ino(path.join(old, 'text_encoder', f))));
+      expect(optFiles(path.join(`${old}@2`, 'text_encoder')).filter((f) => olds.has(ino(path.join(`${old}@2`, 'text_encoder', f))))).toEqual([]);
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 120_000);
 });

@@ -14,7 +14,8 @@
  * purpose). A source that changed (size or mtime of any source file in the folder) never matches, and neither does
  * another ORT version, provider or CPU model (CPU graphs at level `all` hold layout transforms chosen for the CPU's
  * vector width). The S3 cache manifest lists only the objects of the bucket, so these files are never part of it; a
- * refresh of the entry sweeps them with other strays.
+ * refresh of the entry in place sweeps them with other strays, and a new version of the entry (storage/versions.ts)
+ * takes over the copies of the components whose files it shares with the version it replaces (carryOptimizedCopies).
  * Only sources up to MAX_SOURCE_BYTES are copied (the write is slow and doubles the space); larger ones load as before.
  * A start never writes: sessions come from the source, and the copy is written afterwards in the background (the
  * runtime does it after ready, see src/pipeline/optimizer.ts), so only later starts are faster.
@@ -387,6 +388,86 @@ async function commitDeclined(p: ReturnType<typeof optimizedPaths>, key: StoredK
   await fsp.rm(p.key, { force: true });
   await fsp.rm(p.onnx, { force: true });
   await writeKey(p, key);
+}
+
+/**
+ * Carries the optimised copies of a cache entry's version `fromRoot` into a new version `toRoot` of the same entry
+ * (storage/versions.ts: its unchanged files are hard links to the old version's), so that the new version's first start
+ * loads them instead of optimising again. A copy comes along only when its component folder in the new version holds
+ * exactly the source files its key lists, each the very inode the old version holds: the same bytes, since the cache
+ * never rewrites a file in place (a changed file, its external data included, is a new file). Its graph and weights are
+ * hard-linked, and its key written last, as a write commits: a crash part-way leaves no key, so nothing a start loads.
+ * The key itself is unchanged, so ORT version, provider, level, CPU and provider options are checked at load as for any
+ * copy. Declined keys come along too. Never throws: a copy not carried is written again. Resolves to the folders whose
+ * copies (or declined keys) came along.
+ */
+export async function carryOptimizedCopies(fromRoot: string, toRoot: string): Promise<string[]> {
+  const carried: string[] = [];
+  const comps = await fsp.readdir(fromRoot, { withFileTypes: true }).catch(() => []);
+  for (const c of comps.filter((e) => e.isDirectory()).map((e) => e.name).sort()) {
+    const from = path.join(fromRoot, c), to = path.join(toRoot, c);
+    const keys = (await fsp.readdir(from).catch(() => [] as string[])).filter((n) => n.endsWith(`${OPT_MARK}json`));
+    let any = false;
+    for (const k of keys) if (await carryOne(from, to, k.slice(0, -'.json'.length)).catch(() => false)) any = true;
+    if (any) carried.push(c);
+  }
+  return carried;
+}
+
+async function carryOne(from: string, to: string, stem: string): Promise<boolean> {
+  const src = { onnx: path.join(from, `${stem}.onnx`), key: path.join(from, `${stem}.json`) };
+  const p = { dir: to, stem, onnx: path.join(to, `${stem}.onnx`), key: path.join(to, `${stem}.json`) };
+  // Decided in the new version already (an earlier round of the same fill).
+  if (await fsp.access(p.key).then(() => true, () => false)) return false;
+  const text = await fsp.readFile(src.key, 'utf8');
+  const stored = JSON.parse(text) as StoredKey;
+  if (!(await sameSources(from, to, stored))) return false;
+  if (stored.declined !== undefined) {
+    await writeKey(p, stored);
+    return true;
+  }
+  const tmpOnnx = path.join(to, `${stem}.onnx.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const made: string[] = [];
+  try {
+    await fsp.link(src.onnx, tmpOnnx);
+    made.push(tmpOnnx);
+    const graph = await fsp.readFile(tmpOnnx);
+    for (const name of await fsp.readdir(from)) {
+      if (!name.startsWith(`${stem}.`) || !name.endsWith('.onnx_data') || !graph.includes(name)) continue;
+      await fsp.link(path.join(from, name), path.join(to, name));
+      made.push(path.join(to, name));
+    }
+    // The old version's copy may have been replaced meanwhile under the same name (another replica's write for another
+    // CPU model): the graph linked must be the one in place while its key was read, before and after. A replaced graph
+    // is a new inode, and the one linked here cannot be reused while this link holds it.
+    const ino = (await fsp.stat(tmpOnnx)).ino;
+    const inPlace = async () => (await fsp.stat(src.onnx)).ino === ino;
+    if (!(await inPlace()) || (await fsp.readFile(src.key, 'utf8')) !== text || !(await inPlace())) throw new Error('the copy was replaced while it was carried');
+    await fsp.rename(tmpOnnx, p.onnx);
+    made[0] = p.onnx;
+    const dh = await fsp.open(to, 'r');
+    try {
+      await dh.sync();
+    } finally {
+      await dh.close();
+    }
+    await writeKey(p, stored);
+    return true;
+  } catch {
+    await removeQuietly(...made);
+    return false;
+  }
+}
+
+/** The folder `to` holds exactly the sources `key` lists, each the same file (inode) as in `from`. */
+async function sameSources(from: string, to: string, key: StoredKey): Promise<boolean> {
+  const now = await currentKey(to, key.ort, key.provider, key.level);
+  if (now === undefined || JSON.stringify(now.sources) !== JSON.stringify(key.sources)) return false;
+  for (const f of key.sources) {
+    const [a, b] = await Promise.all([fsp.stat(path.join(from, f.name)), fsp.stat(path.join(to, f.name))]);
+    if (a.dev !== b.dev || a.ino !== b.ino) return false;
+  }
+  return true;
 }
 
 /**

@@ -113,6 +113,13 @@ export interface ResolveOptions {
    * warm-up Job, adapters) nothing is leased.
    */
   lease?(entryDir: string): Promise<void>;
+  /**
+   * Files the caller derives from the model's files and keeps beside them (the optimized-model copies), carried into a
+   * new version of the entry from the version it is made from (`from`, `to`: their folders). Called after each sweep
+   * of the new version, before its whole files are announced; resolves to what came along (for the log). A new
+   * version's sweeps remove whatever its listing does not name, these files too, so each round carries them again.
+   */
+  carry?(from: string, to: string): Promise<readonly string[]>;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -639,9 +646,10 @@ class S3Fetch {
           j = await open(containedPath(cfg.cacheDir, next));
         }
       }
-      if (cur !== undefined && cur.dir !== this.entry) await this.linkUnchanged(cur, initial, j);
+      const from = cur !== undefined && cur.dir !== this.entry ? cur : undefined;
+      if (from !== undefined) await this.linkUnchanged(from, initial, j);
       const held = versionLock?.lost;
-      return await this.rounds(initial, j, get, held ? AbortSignal.any([signal, held]) : signal, held ? AbortSignal.any([lost, held]) : lost, dl);
+      return await this.rounds(initial, j, get, held ? AbortSignal.any([signal, held]) : signal, held ? AbortSignal.any([lost, held]) : lost, dl, from?.dir);
     } finally {
       await journal?.close();
       await versionLock?.release();
@@ -683,14 +691,27 @@ class S3Fetch {
     if (files > 0) this.o.log.info({ files, bytes, from: path.basename(from.dir) }, 'unchanged files linked from the version in use');
   }
 
+  /** The caller's derived files of the version `from`, carried into this new version; only later starts gain, so a failure is logged. */
+  private async carryFrom(from: string): Promise<void> {
+    try {
+      const carried = await this.o.carry!(from, this.entry);
+      if (carried.length > 0) this.o.log.info({ from: path.basename(from), components: carried }, 'optimized model copies of unchanged components carried from the version in use');
+    } catch (err) {
+      this.o.log.warn({ from: path.basename(from), reason: (err as Error)?.message ?? String(err) }, 'could not carry the optimized model copies from the version in use');
+    }
+  }
+
   /** Staleness of the cache's lock and lease files, as entries.ts takes them. */
   private entryOptions(): { lockStaleMs: number; leaseStaleMs?: number } {
     return { lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
   }
 
-  /** Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. */
+  /**
+   * Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. `from`: the
+   * version a new version is made from, whose derived files are carried into it (ResolveOptions.carry).
+   */
   private async rounds(initial: RemoteObject[], journal: Journal, get: (r: GetRequest) => Promise<ObjectBody>, signal: AbortSignal, lost: AbortSignal,
-    dl: typeof import('./download.js')): Promise<ResolvedModel> {
+    dl: typeof import('./download.js'), from?: string): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const { downloadAll, defaultIo, ObjectChangedError } = dl;
     let listing = initial;
@@ -729,6 +750,7 @@ class S3Fetch {
       const swept = await sweep(this.entry, keep);
       if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
       await journal.sync();
+      if (from !== undefined && this.o.carry) await this.carryFrom(from);
 
       Object.assign(this.progress, { bytesTotal: listing.reduce((s, x) => s + x.size, 0), bytesDone: 0, filesTotal: listing.length, filesDone: 0 });
       this.o.onListing?.(listing.map((o) => ({ relPath: o.rel, size: o.size })));
