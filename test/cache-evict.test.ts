@@ -44,12 +44,14 @@ beforeAll(async () => {
 
 cleanUpS3(() => ({ s3, tmp }));
 
-/** What the folder occupies on disk (allocated blocks, as the eviction counts them). */
+/** What the folder occupies on disk (allocated blocks, as the eviction counts them; a file linked under several names once). */
 async function used(dir: string): Promise<number> {
+  const seen = new Set<number>();
   let n = 0;
   for (const rel of await fsp.readdir(dir, { recursive: true }).catch(() => [] as string[])) {
     const st = await fsp.lstat(path.join(dir, String(rel))).catch(() => undefined);
-    if (st?.isFile()) n += st.blocks * 512;
+    if (st?.isFile() && !seen.has(st.ino)) n += st.blocks * 512;
+    if (st) seen.add(st.ino);
   }
   return n;
 }
@@ -392,6 +394,29 @@ describe('a server', () => {
 });
 
 describe('adapter-set work folders (.lora-sets/)', () => {
+  it('a server gone left a set hard-linking an idle entry\'s UNet: eviction removes the set first and counts what removing the entry really frees', async () => {
+    const cache = await cacheWith(2);
+    // As runtime/workers.ts lays them out: a patched file of the set's own, and a hard link to the entry's UNet data;
+    // its server is gone (no live lease on its folder).
+    const set = path.join(cache, '.lora-sets', 'pod-a-7-dead');
+    await fsp.mkdir(path.join(set, 'w0', '1', 'unet'), { recursive: true });
+    await fsp.writeFile(path.join(set, 'w0', '1', 'unet', 'lora.onnx_data'), Buffer.alloc(300_000, 2));
+    await fsp.link(path.join(cache, keyOf(1), 'unet', 'model.onnx'), path.join(set, 'w0', '1', 'unet', 'model.onnx_data'));
+    // v3 (1 MB) with 0.5 MB free: removing v1 frees its 1 MB UNet only once the set's link to it has gone too.
+    const own = (await fsp.stat(path.join(set, 'w0', '1', 'unet', 'lora.onnx_data'))).blocks * 512;
+    const capacity = (await used(cache)) + 0.5 * MB;
+    const evicted: Array<{ name: string; bytes: number }> = [];
+    const before = await used(cache);
+    expect(await fill(cache, 3, { io: disk(cache, capacity), onEvicted: (e) => evicted.push({ name: e.name, bytes: e.bytes }) })).toMatchObject({ fromCache: false });
+    expect(await used(cache)).toBeLessThanOrEqual(capacity);
+    expect(evicted.map((e) => e.name)).toEqual([keyOf(1)]);
+    expect(existsSync(set)).toBe(false);
+    expect(existsSync(path.join(cache, keyOf(2)))).toBe(true);
+    // What the eviction said it freed is what it freed: the set's own 0.3 MB went before it, and v3 came after it.
+    const v3 = await used(path.join(cache, keyOf(3)));
+    expect(before - ((await used(cache)) - v3)).toBe(evicted[0]!.bytes + own);
+  });
+
   it('a sweep removes the folders no live process leases, keeps a leased one, and waits a day for folders named before leases', async () => {
     const base = await fsp.mkdtemp(path.join(tmp, 'lora-sets-'));
     const mk = async (name: string, file = 'lora.onnx_data') => {

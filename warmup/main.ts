@@ -288,9 +288,9 @@ async function cache(args: string[]): Promise<void> {
   }
   if (unknown.length > 0) throw new UsageError(`cache prune: unknown argument${unknown.length > 1 ? 's' : ''} ${quoted(unknown)}`);
   const now = Date.now();
-  // The adapter sets of servers gone, measured before any entry goes: a set's hard link to an entry's file counts with
-  // that entry (removeEntry's bytes), not twice; deleted after the entries.
-  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun: true });
+  // The adapter sets of servers gone go first: a set's hard link to an entry's file then no longer keeps it, and counts
+  // with that entry (removeEntry's bytes, what its removal really frees; a dry run's listed bytes), not twice.
+  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun });
   const entries = await listEntries(cfg.cacheDir);
   let freed = 0;
   let removed = 0;
@@ -320,8 +320,6 @@ async function cache(args: string[]): Promise<void> {
   }
   // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
-  // And the adapter sets of servers gone: a set's hard link to a removed entry's file frees it only now.
-  if (!dryRun) await emptyAdapterSets(cfg.cacheDir);
   // Lease folders of entries that are not there (a few bytes each, one per STORAGE_URI ever tried): never listed as entries.
   if (!dryRun) await emptyOrphanLeases(cfg.cacheDir);
   // And the temps of lock and lease files whose writer was killed in the moment it held one: a few bytes each, never

@@ -9,7 +9,7 @@
  * fill of the same key can start as soon as the lock is released.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { promises as fsp, type Stats } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { isEntry, LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
@@ -58,49 +58,63 @@ export interface EntryOptions {
   lockStaleMs?: number;
 }
 
+/** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated. */
+async function eachFile(dir: string, fn: (st: Stats, id: string, bytes: number) => void): Promise<void> {
+  for (const e of await fsp.readdir(dir, { withFileTypes: true }).catch(() => [])) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) await eachFile(p, fn);
+    else {
+      const st = await fsp.lstat(p).catch(() => undefined);
+      if (st) fn(st, `${st.dev}:${st.ino}`, st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size);
+    }
+  }
+}
+
 /**
- * Bytes allocated under `dir`; `ownOnly`: only files no other name links (what deleting `dir` would free); `inodes`:
- * collects each file's `dev:ino`, and `shared` counts apart the files whose inode it already holds.
+ * Bytes allocated under `dir`; `inodes`: collects each file's `dev:ino`, and `shared` counts apart the files whose
+ * inode it already holds.
  */
-async function allocated(dir: string, ownOnly = false, o: { inodes?: Set<string>; shared?: ReadonlySet<string> } = {}): Promise<{ bytes: number; shared: number }> {
+async function allocated(dir: string, o: { inodes?: Set<string>; shared?: ReadonlySet<string> } = {}): Promise<{ bytes: number; shared: number }> {
   let total = 0;
   let shared = 0;
-  const go = async (d: string): Promise<void> => {
-    const ents = await fsp.readdir(d, { withFileTypes: true }).catch(() => []);
-    for (const e of ents) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) await go(p);
-      else {
-        const st = await fsp.lstat(p).catch(() => undefined);
-        if (!st || (ownOnly && st.nlink > 1)) continue;
-        const n = st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size;
-        const id = `${st.dev}:${st.ino}`;
-        o.inodes?.add(id);
-        if (st.nlink > 1 && o.shared?.has(id)) shared += n;
-        else total += n;
-      }
-    }
-  };
-  await go(dir);
+  await eachFile(dir, (st, id, n) => {
+    o.inodes?.add(id);
+    if (st.nlink > 1 && o.shared?.has(id)) shared += n;
+    else total += n;
+  });
   return { bytes: total, shared };
 }
 
 /**
- * The inodes of the files of the other versions of the entry `name` (`newer`: of those newer than it; `all`), and
- * whether a newer one is committed.
+ * Bytes deleting everything under `dirs` frees: a file counts only when every name it has (st_nlink) is among them, so
+ * one that a version staying, a LoRA adapter set (their unchanged weights are hard links to the entry's) or anything
+ * else also links is not freed, and a file named twice counts once.
  */
-async function siblings(cacheDir: string, name: string): Promise<{ version: number; newer: Set<string>; all: Set<string>; superseded: boolean }> {
+async function freedBy(dirs: readonly string[]): Promise<number> {
+  const files = new Map<string, { names: number; nlink: number; bytes: number }>();
+  for (const d of dirs) {
+    await eachFile(d, (st, id, bytes) => {
+      const f = files.get(id) ?? { names: 0, nlink: st.nlink, bytes };
+      f.names++;
+      files.set(id, f);
+    });
+  }
+  let bytes = 0;
+  for (const f of files.values()) if (f.names >= f.nlink) bytes += f.bytes;
+  return bytes;
+}
+
+/** The inodes of the files of the versions of the entry `name` newer than it, and whether one of those is committed. */
+async function siblings(cacheDir: string, name: string): Promise<{ version: number; newer: Set<string>; superseded: boolean }> {
   const { key, n } = parseVersion(name);
   const newer = new Set<string>();
-  const all = new Set<string>();
   let superseded = false;
   for (const v of await versionsOf(cacheDir, key)) {
-    if (v.name === name) continue;
-    if (v.n > n && (await fsp.stat(path.join(v.dir, MANIFEST)).then(() => true, () => false))) superseded = true;
-    await allocated(v.dir, false, { inodes: v.n > n ? newer : all });
+    if (v.n <= n) continue;
+    if (await fsp.stat(path.join(v.dir, MANIFEST)).then(() => true, () => false)) superseded = true;
+    await allocated(v.dir, { inodes: newer });
   }
-  for (const i of newer) all.add(i);
-  return { version: n, newer, all, superseded };
+  return { version: n, newer, superseded };
 }
 
 /** The newer version of version 1 `name` that the holder of its lock fills under that version's own lock, if any. */
@@ -123,7 +137,7 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
   const sib = await siblings(cacheDir, name);
   const staleMs = o.lockStaleMs ?? 30_000;
   const [{ bytes, shared }, leases, lock] = await Promise.all([
-    allocated(dir, false, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs })]);
+    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs })]);
   const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs) : undefined;
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
@@ -166,8 +180,8 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   try {
     if ((await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) return { removed: false, why: 'in use' };
     if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
-    // What it frees: files another version of the entry links stay.
-    bytes = (await allocated(dir, false, { shared: (await siblings(cacheDir, name)).all })).bytes;
+    // What it frees: files another version of the entry or an adapter set links stay.
+    bytes = await freedBy([dir]);
     trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);
     await fsp.rename(dir, trash);
     await fsyncDir(cacheDir);
@@ -191,7 +205,7 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
   let bytes = 0;
   for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
     const p = path.join(cacheDir, n);
-    bytes += (await allocated(p)).bytes;
+    bytes += await freedBy([p]);
     if (!o.dryRun) await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
   }
   return bytes;
@@ -203,9 +217,12 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
  * sweep them a minute after a start with LoRA on; this is for a cache no such server starts on. Resolves to the bytes
  * only they held.
  */
-export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean } = {}): Promise<number> {
+export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; leaseStaleMs?: number } = {}): Promise<number> {
   let bytes = 0;
-  await sweepUnleased(path.join(cacheDir, LORA_SETS), { ...o, going: async (dir) => void (bytes += (await allocated(dir, true)).bytes) });
+  await sweepUnleased(path.join(cacheDir, LORA_SETS), {
+    ...(o.dryRun ? { dryRun: true } : {}), ...(o.leaseStaleMs !== undefined ? { staleMs: o.leaseStaleMs } : {}),
+    going: async (dir) => void (bytes += await freedBy([dir])),
+  });
   return bytes;
 }
 
@@ -253,25 +270,6 @@ export async function emptyHolderTemps(cacheDir: string, o: EntryOptions = {}): 
   return n;
 }
 
-/**
- * Bytes removing every one of `going` frees: a file another version of the same entry that stays links is not freed
- * (a listed entry's `bytes` count its files an older version links), and a file two of them link counts once.
- */
-async function freedTogether(cacheDir: string, going: readonly CacheEntry[]): Promise<number> {
-  const names = new Set(going.map((e) => e.name));
-  const staying = new Set<string>();
-  for (const key of new Set(going.map((e) => parseVersion(e.name).key))) {
-    for (const v of await versionsOf(cacheDir, key)) if (!names.has(v.name)) await allocated(v.dir, false, { inodes: staying });
-  }
-  let bytes = 0;
-  for (const e of going) {
-    const inodes = new Set<string>();
-    bytes += (await allocated(path.join(cacheDir, e.name), false, { inodes, shared: staying })).bytes;
-    for (const i of inodes) staying.add(i);
-  }
-  return bytes;
-}
-
 export interface MakeRoomOptions extends EntryOptions {
   /** The entry being downloaded: never a candidate. */
   exclude: string;
@@ -291,16 +289,18 @@ export interface RoomResult {
 
 /**
  * Removes least recently used entries that nobody fills or serves from until `need` bytes (beyond what is free) are
- * freed, superseded versions first (no process will serve from them again). When removing every such entry would not
- * be enough, none is removed: the download fails either way.
+ * freed, superseded versions first (no process will serve from them again), after what belongs to nobody: the trash of
+ * an interrupted eviction and the adapter sets of servers gone (whose hard links would keep an entry's weights
+ * allocated after it went). Each counts what it really frees (freedBy). When removing every such entry would not be
+ * enough, none is removed: the download fails either way.
  */
 export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOptions): Promise<RoomResult> {
-  let freed = need > 0 ? await emptyTrash(cacheDir) : 0;
+  let freed = need > 0 ? (await emptyTrash(cacheDir)) + (await emptyAdapterSets(cacheDir, { ...(o.leaseStaleMs !== undefined ? { leaseStaleMs: o.leaseStaleMs } : {}) })) : 0;
   const all = await listEntries(cacheDir, o);
   const idle = all.filter((e) => e.name !== o.exclude && !inUse(e));
   const candidates = [...idle.filter((e) => e.superseded), ...idle.filter((e) => !e.superseded)];
   const evicted: CacheEntry[] = [];
-  const freeable = freed + (await freedTogether(cacheDir, candidates));
+  const freeable = freed + (await freedBy(candidates.map((e) => path.join(cacheDir, e.name))));
   if (freed < need && freeable >= need) {
     for (const e of candidates) {
       if (freed >= need) break;
