@@ -12,6 +12,7 @@ import type { ResizeMode } from '../src/pipeline/job.js';
 import { blank, paste, resize, toLuma, type Raster } from '../src/pipeline/resample.js';
 import { decodeImage, InputBudget, maskFromAlpha, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
+import { gifFirstFrame } from '../src/runtime/gif.js';
 import { bmp, gif1x1, tiff } from './helpers/images.js';
 import { REFERENCE } from './helpers/server.js';
 import { readNpyF32 } from '../scripts/reference.js';
@@ -165,11 +166,13 @@ describe('decoding what clients send', () => {
     expect(hold.bytes).toBe(2 * 3);
   });
 
-  it('reserves the canvas of a GIF (Pillow composes the first frame on it), from the header', async () => {
+  it('reserves the canvas of a GIF (Pillow composes the first frame on it), from the header, and what decoding the frame holds', async () => {
     const hold = new InputBudget(1 << 30).hold();
-    const img = await decodeImage(await gif1x1({ screen: [300, 200] }), 'f', 4096 * 4096, hold);
+    const file = await gif1x1({ screen: [300, 200] });
+    const img = await decodeImage(file, 'f', 4096 * 4096, hold);
     expect([img.width, img.height]).toEqual([300, 200]);
-    expect(hold.bytes).toBe(300 * 200 * 3);
+    // The canvas, libvips' RGBA of the 1x1 frame, and the frame's own file.
+    expect(hold.bytes).toBe(300 * 200 * 3 + 4 + gifFirstFrame(file).frame.length);
     const small = new InputBudget(300 * 200 * 3 - 1).hold();
     await expect(decodeImage(await gif1x1({ screen: [300, 200] }), 'f', 4096 * 4096, small)).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringContaining('(INPUT_IMAGES_MB)') });
   });

@@ -5,7 +5,8 @@
  * fills the canvas around a frame smaller than the screen with black where Pillow uses the colour of the transparent
  * index (or of index 0), clips a frame larger than the screen where Pillow grows the canvas, and gives a file without a
  * colour table colours where Pillow reads the indices as grey levels. So the frame is handed to libvips alone, as a GIF
- * of its own size with no transparency and no other frame, and the canvas around it is filled here.
+ * of its own size with no transparency and no other frame, and placed on a canvas of the fill colour
+ * (image-request.ts decodeGif).
  */
 
 export interface GifFirstFrame {
@@ -128,13 +129,4 @@ function frameGif(width: number, height: number, colours: Uint8Array, interlace:
   at += lzw.length;
   out[at++] = 0x3b;
   return out.subarray(0, at);
-}
-
-/** The canvas of `g`: its fill colour, with the decoded frame (RGB, `g.frameWidth` × `g.frameHeight`) in its place. */
-export function gifCanvas(g: GifFirstFrame, frame: Uint8Array): Uint8Array {
-  const canvas = Buffer.alloc(g.width * g.height * 3);
-  canvas.fill(Buffer.from(g.fill));
-  const row = g.frameWidth * 3;
-  for (let y = 0; y < g.frameHeight; y++) canvas.set(frame.subarray(y * row, (y + 1) * row), ((g.top + y) * g.width + g.left) * 3);
-  return canvas;
 }

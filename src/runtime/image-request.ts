@@ -14,7 +14,7 @@ import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, t
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { readBmp } from './bmp.js';
-import { gifCanvas, gifFirstFrame } from './gif.js';
+import { gifFirstFrame } from './gif.js';
 import { firstIfd, oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
 
@@ -259,10 +259,10 @@ type Decoded = { data: Uint8Array; info: { width: number; height: number; channe
 export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold): Promise<Raster> {
   const fmt = sniffFormat(bytes);
   if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a ${FORMATS} image`);
-  // One frame: an animated image decodes its first only.
-  const reserve = (width: number, height: number) => {
+  // One frame: an animated image decodes its first only. `working`: what the decode holds beside the RGB it returns.
+  const reserve = (width: number, height: number, working = 0) => {
     if (width * height > maxPixels) throw new Error('Input image exceeds pixel limit');
-    hold?.take(width * height * 3, field);
+    hold?.take(width * height * 3 + working, field);
   };
   let out: Decoded;
   try {
@@ -328,14 +328,20 @@ function firstPage(b: Uint8Array): Uint8Array {
   return copy;
 }
 
-/** A GIF's first frame, decoded alone by libvips and placed on the canvas Pillow gives it (gif.ts). */
-async function decodeGif(bytes: Uint8Array, maxPixels: number, reserve: (width: number, height: number) => void): Promise<Decoded> {
+/**
+ * A GIF's first frame, decoded alone by libvips and placed by it on the canvas Pillow gives it (gif.ts), off the event
+ * loop and straight into the one buffer returned. libvips decodes the frame to RGBA first (4 bytes a pixel, held until
+ * the canvas is written), from the frame's own file (gif.ts frameGif): both are reserved beside the canvas.
+ */
+async function decodeGif(bytes: Uint8Array, maxPixels: number, reserve: (width: number, height: number, working?: number) => void): Promise<Decoded> {
   const gif = gifFirstFrame(bytes);
-  reserve(gif.width, gif.height);
+  reserve(gif.width, gif.height, 4 * gif.frameWidth * gif.frameHeight + gif.frame.length);
   const sharp = await loadSharp();
-  const frame = await sharp(gif.frame, { limitInputPixels: maxPixels }).removeAlpha().toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer();
-  const whole = gif.left === 0 && gif.top === 0 && gif.frameWidth === gif.width && gif.frameHeight === gif.height;
-  return { data: whole ? frame : gifCanvas(gif, frame), info: { width: gif.width, height: gif.height, channels: 3 } };
+  const [r, g, b] = gif.fill;
+  const around = { top: gif.top, left: gif.left, bottom: gif.height - gif.top - gif.frameHeight, right: gif.width - gif.left - gif.frameWidth };
+  const frame = sharp(gif.frame, { limitInputPixels: maxPixels }).removeAlpha();
+  const placed = Object.values(around).some((n) => n > 0) ? frame.extend({ ...around, background: { r, g, b } }) : frame;
+  return placed.toColourspace('srgb').raw({ depth: 'uchar' }).toBuffer({ resolveWithObject: true });
 }
 
 /**

@@ -12,17 +12,23 @@ export async function gif1x1(o: { screen?: [number, number]; frame?: [number, nu
     g.writeUInt16LE(o.screen[1], 8);
   }
   if (o.frame) {
-    // The image descriptor follows the global colour table and the extensions (a label, then sub-blocks up to an empty one).
-    let at = 13 + (g[10]! & 0x80 ? 3 << ((g[10]! & 7) + 1) : 0);
-    while (g[at] === 0x21) {
-      at += 2;
-      while (g[at] !== 0) at += g[at]! + 1;
-      at++;
-    }
-    if (g[at] !== 0x2c) throw new Error('no image descriptor where sharp writes it');
+    const at = descriptorAt(g);
     o.frame.forEach((v, i) => g.writeUInt16LE(v, at + 1 + 2 * i));
   }
   return g;
+}
+
+/** Where the first image descriptor of a GIF sharp wrote starts: its left, top, width and height follow, 16 bits each. */
+export function descriptorAt(g: Uint8Array): number {
+  // It follows the global colour table and the extensions (a label, then sub-blocks up to an empty one).
+  let at = 13 + (g[10]! & 0x80 ? 3 << ((g[10]! & 7) + 1) : 0);
+  while (g[at] === 0x21) {
+    at += 2;
+    while (g[at] !== 0) at += g[at]! + 1;
+    at++;
+  }
+  if (g[at] !== 0x2c) throw new Error('no image descriptor where sharp writes it');
+  return at;
 }
 
 /** A BMP with a 40-byte header, its pixel data as given (a 2-colour table for 8 bits and less). */
