@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { parseInstances } from '../src/runtime/request.js';
 import { parseContext, readImages, type ServerContext } from '../src/server/context.js';
+import { bmpDecodesRunning } from '../src/runtime/bmp-client.js';
 import { bmp, gif1x1 } from './helpers/images.js';
 import { CREDS, destroyS3, rejection, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -110,6 +111,22 @@ describe('INPUT_IMAGES_MB', () => {
     expect(err.code).toBe('TIMEOUT');
     expect(err.message).toMatch(/REQUEST_TIMEOUT_S=1s/);
     await until(() => r.inputBudget.used === 0, 10_000);
+  }, 30_000);
+
+  it('a request that ends while its BMP decodes on its thread gives its share back at once, and the thread ends', async () => {
+    const r = rt.rt;
+    const ctx = { cfg: r.cfg, images: r.images, inputBudget: r.inputBudget, metrics: r.metrics, engine: r.engine, randomSeed: () => 1 } as unknown as ServerContext;
+    // 3000² of 24 bits: 27 MB of pixels and the thread's 27 MB copy of the file reserved.
+    const file = bmp(3000, 3000, 24, Buffer.alloc(3000 * 3000 * 3, 7));
+    const reqs = parseInstances([inst(file.toString('base64'))], parseContext(ctx), 'instances');
+    const gone = new AbortController();
+    const reading = readImages(ctx, reqs, gone.signal);
+    await until(() => bmpDecodesRunning() === 1, 10_000, 1);
+    expect(r.inputBudget.used).toBe(2 * 3000 * 3000 * 3 + 54);
+    gone.abort();
+    expect((await rejection(reading)).code).toBe('CANCELLED');
+    expect(r.inputBudget.used).toBe(0);
+    await until(() => bmpDecodesRunning() === 0, 10_000);
   }, 30_000);
 });
 

@@ -9,6 +9,8 @@
 export interface Bmp {
   width: number;
   height: number;
+  /** RLE8 or RLE4: decode() expands it to an index per pixel first. */
+  rle: boolean;
   decode(): Uint8Array;
 }
 
@@ -111,6 +113,7 @@ export function readBmp(b: Uint8Array): Bmp {
   return {
     width,
     height,
+    rle,
     decode: () => {
       if (width === 0 || height === 0) throw new Error(`the picture is ${width}x${height}`);
       // The data is checked before the pixels are allocated: a header may claim pixels its file does not hold.

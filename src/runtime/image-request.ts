@@ -14,6 +14,7 @@ import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, t
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { readBmp } from './bmp.js';
+import { decodeBmp } from './bmp-client.js';
 import { gifFirstFrame } from './gif.js';
 import { firstIfd, oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
@@ -256,7 +257,7 @@ type Decoded = { data: Uint8Array; info: { width: number; height: number; channe
  * (gif.ts), a BMP read as Pillow reads it (bmp.ts). The pixels are counted and reserved from the header, before they
  * are decoded.
  */
-export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold): Promise<Raster> {
+export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold, signal?: AbortSignal): Promise<Raster> {
   const fmt = sniffFormat(bytes);
   if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a ${FORMATS} image`);
   // One frame: an animated image decodes its first only. `working`: what the decode holds beside the RGB it returns.
@@ -268,8 +269,9 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
   try {
     if (fmt === 'bmp') {
       const bmp = readBmp(bytes);
-      reserve(bmp.width, bmp.height);
-      out = { data: bmp.decode(), info: { width: bmp.width, height: bmp.height, channels: 3 } };
+      // The thread's copy of the file, and an RLE file's index per pixel, expanded before the colours.
+      reserve(bmp.width, bmp.height, bytes.length + (bmp.rle ? bmp.width * bmp.height : 0));
+      out = { data: await decodeBmp(bytes, field, signal), info: { width: bmp.width, height: bmp.height, channels: 3 } };
     } else if (fmt === 'gif') out = await decodeGif(bytes, maxPixels, reserve);
     else out = await decodeWithSharp(bytes, fmt, maxPixels, reserve);
   } catch (err) {
@@ -477,7 +479,7 @@ export async function resolveImages(reqs: readonly WithImage[], ctx: ImageContex
     if (!p) {
       p = (async () => {
         const bytes = src instanceof Uint8Array ? src : await ctx.source.read(src.uri, inp.field, MAX_INPUT_BYTES, signal, ctx.hold);
-        return { raster: await decodeImage(bytes, inp.field, MAX_INPUT_PIXELS, ctx.hold), digest: key.startsWith('sha256:') ? key.slice(7) : sha(bytes) };
+        return { raster: await decodeImage(bytes, inp.field, MAX_INPUT_PIXELS, ctx.hold, signal), digest: key.startsWith('sha256:') ? key.slice(7) : sha(bytes) };
       })();
       memo.set(key, p);
     }

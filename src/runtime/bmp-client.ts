@@ -1,0 +1,91 @@
+/**
+ * @module A BMP decoded off the event loop: on a thread of its own (bmp-thread.ts), as sharp decodes the other formats on
+ * libuv's. In JavaScript on the main thread a 4096 × 4096 picture held health probes, metrics and every other
+ * request's I/O for ~100 ms (npm run bench:decode). A thread per picture, at most the cores but one at once: BMPs
+ * are rare, and a thread that ends with its picture leaves nothing behind (its copy of the file, its heap), nor one
+ * stuck on a cancelled decode.
+ */
+import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { setImmediate as turn } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
+import { RuntimeError } from '../errors.js';
+
+/**
+ * The thread's module: beside this one once built; from the source tree (as the tests import it), the built one, since
+ * Node runs no TypeScript on a thread.
+ */
+const ENTRY = ['./bmp-thread.js', '../../dist/src/runtime/bmp-thread.js'].map((rel) => new URL(rel, import.meta.url)).find((u) => existsSync(fileURLToPath(u)));
+
+/** Decoding threads at once, process-wide: the cores but one, at least one. */
+export const BMP_THREADS = Math.max(1, availableParallelism() - 1);
+
+let running = 0;
+const waiting: Array<() => void> = [];
+
+/** BMP decodes under way (copying the file, or on their thread, which has ended once it is no longer counted). */
+export const bmpDecodesRunning = (): number => running;
+
+/**
+ * The RGB pixels of a BMP whose header readBmp read (and whose size the caller reserved). Throws the decoder's Error
+ * (its message is Pillow's reason) for a file it refuses; a RuntimeError CANCELLED once `signal` aborts, the thread
+ * then stopped at once.
+ */
+export async function decodeBmp(bytes: Uint8Array, field: string, signal?: AbortSignal): Promise<Uint8Array> {
+  const cancelled = () => new RuntimeError('CANCELLED', `${field}: decoding was cancelled`, { cause: signal?.reason });
+  if (signal?.aborted) throw cancelled();
+  if (running >= BMP_THREADS) {
+    await new Promise<void>((resolve, reject) => {
+      const go = () => {
+        signal?.removeEventListener('abort', leave);
+        resolve();
+      };
+      const leave = () => {
+        waiting.splice(waiting.indexOf(go), 1);
+        reject(cancelled());
+      };
+      waiting.push(go);
+      signal?.addEventListener('abort', leave, { once: true });
+    });
+  }
+  running++;
+  try {
+    if (!ENTRY) throw new RuntimeError('INTERNAL', 'the BMP decoding thread is not built (dist/src/runtime/bmp-thread.js)');
+    const copy = await ownCopy(bytes, signal, cancelled);
+    const worker = new Worker(ENTRY, { workerData: copy, transferList: [copy.buffer] });
+    return await new Promise<Uint8Array>((resolve, reject) => {
+      const stop = () => {
+        void worker.terminate();
+        reject(cancelled());
+      };
+      signal?.addEventListener('abort', stop, { once: true });
+      worker.once('message', (m: { data: Uint8Array } | { error: string }) => ('data' in m ? resolve(m.data) : reject(new Error(m.error))));
+      worker.once('error', (err) => reject(new RuntimeError('INTERNAL', `${field}: the BMP decoding thread failed: ${err.message}`, { cause: err })));
+      worker.once('exit', (code) => {
+        signal?.removeEventListener('abort', stop);
+        reject(new RuntimeError('INTERNAL', `${field}: the BMP decoding thread ended (exit code ${code}) without an answer`));
+      });
+    }).finally(() => new Promise<void>((r) => (worker.threadId === -1 ? r() : worker.once('exit', () => r()))));
+  } finally {
+    running--;
+    waiting.shift()?.();
+  }
+}
+
+/** The copy ownCopy makes per turn of the event loop. */
+const PIECE = 4 << 20;
+
+/**
+ * A copy of exactly the file, to move to the thread (cloning a view would clone all of its backing store; moving the
+ * caller's own would empty it), made a piece per turn: one copy of a 48 MB file held the event loop 35–80 ms here.
+ */
+async function ownCopy(bytes: Uint8Array, signal: AbortSignal | undefined, cancelled: () => Error): Promise<Uint8Array<ArrayBuffer>> {
+  const copy = new Uint8Array(bytes.length);
+  for (let at = 0; at < bytes.length; at += PIECE) {
+    if (at > 0) await turn();
+    if (signal?.aborted) throw cancelled();
+    copy.set(bytes.subarray(at, at + PIECE), at);
+  }
+  return copy;
+}
