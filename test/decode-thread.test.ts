@@ -36,8 +36,9 @@ describe('a GIF decode stays within what it reserved', () => {
     const peak = kb('VmHWM') - before;
     expect([img.width, img.height]).toEqual([side, side + 1]);
     // Before: the frame decoded whole (RGBA inside libvips, then RGB), then a canvas beside it: ~90 MB at the peak for
-    // 26 MB reserved (now ~67 MB for ~62 MB reserved). 8 MB: the process's other allocations meanwhile (V8, libvips' threads).
-    expect(peak, `peak ${(peak / 2 ** 20).toFixed(1)} MB for ${(hold.bytes / 2 ** 20).toFixed(1)} MB reserved`).toBeLessThanOrEqual(hold.bytes + 8 * 2 ** 20);
+    // 26 MB reserved (now ~67 MB for ~62 MB reserved). 16 MB: the process's other allocations meanwhile (V8, libvips'
+    // threads; ~6 MB measured alone, more when the machine is busy), well under the 40 MB the decode held before.
+    expect(peak, `peak ${(peak / 2 ** 20).toFixed(1)} MB for ${(hold.bytes / 2 ** 20).toFixed(1)} MB reserved`).toBeLessThanOrEqual(hold.bytes + 16 * 2 ** 20);
   }, 60_000);
 });
 
