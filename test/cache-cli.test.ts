@@ -1,7 +1,7 @@
 // `warmup cache list` and `warmup cache prune` as an operator runs them: the built CLI in a child process, on a cache
 // filled from a real S3 (s3rver), with one entry leased by another live process.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, promises as fsp, readdirSync } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -12,6 +12,7 @@ import { PID_NS } from '../src/storage/lock.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, s3Env, type S3Server, startS3, testConfig } from './helpers/s3.js';
+import { buildIfStale, skewedHolder } from './helpers/lease-child.js';
 
 const CLI = path.resolve('dist/warmup/main.js');
 const LEASE_JS = path.resolve('dist/src/storage/lease.js');
@@ -39,6 +40,7 @@ function cli(args: string[], env: Record<string, string> = {}): Promise<{ code: 
 
 beforeAll(async () => {
   if (!existsSync(CLI)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  buildIfStale(); // the skewed fillers run the built lock module
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'cache-cli-'));
   cache = path.join(tmp, 'cache');
@@ -91,6 +93,22 @@ describe('warmup cache', () => {
     expect((await fsp.readdir(cache)).filter((n) => n.startsWith('.evicting-') || n.startsWith(keyOf(2)))).toEqual([]);
     const left = await cli(['list']);
     expect(left.out.map((e) => e.entry)).toEqual([keyOf(3), keyOf(1)]);
+  });
+
+  // The case measured before the lock judged heartbeats by their movement: a prune on a node 40 s ahead of a filler took
+  // over its lock and removed its entry. The fillers here beat as a fill does by default (every 2 s, stale after 30 s).
+  it('prune keeps the entries of fillers whose clocks are 40 s and 10 min behind its own', async () => {
+    const other = path.join(tmp, 'skewed');
+    for (const v of [2, 3]) await resolveModel(`s3://models/m/v${v}`, { cfg: testConfig(s3.endpoint, other), log: silentLogger() });
+    const fillers = [await skewedHolder('lock', path.join(other, `${keyOf(2)}.lock`), -40_000, 2_000), await skewedHolder('lock', path.join(other, `${keyOf(3)}.lock`), -600_000, 2_000)];
+    try {
+      const r = await cli(['prune'], { MODEL_CACHE_DIR: other });
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.out.map((e) => [e.entry, e.action, e.reason]).sort()).toEqual([[keyOf(2), 'keep', 'in use'], [keyOf(3), 'keep', 'in use']]);
+      expect(fillers.map(({ file }) => existsSync(file) && JSON.parse(readFileSync(file, 'utf8')).pid)).toEqual(fillers.map(({ child }) => child.pid));
+    } finally {
+      for (const { child } of fillers) child.kill('SIGKILL');
+    }
   });
 
   it('a removal killed between its rename and its delete: list shows what it left, prune deletes it', async () => {

@@ -11,6 +11,7 @@ import { acquireLock, PID_NS } from '../src/storage/lock.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { tmpfsForTests } from './helpers/tmpfs.js';
 import { until } from './helpers/server.js';
+import { buildIfStale, skewedHolder } from './helpers/lease-child.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -19,6 +20,7 @@ const log = silentLogger();
 const BIG = detBytes(3_000_000, 11);
 
 beforeAll(async () => {
+  buildIfStale(); // the skewed holders run the built lock module
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-cache-'));
   ({ s3, proxy } = await startS3WithProxy());
@@ -289,6 +291,41 @@ describe('lock', () => {
     }
     expect(seen.filter((s) => !s.startsWith('{"pid":'))).toEqual([]);
     expect(readdirSync(tmp).filter((n) => n.startsWith('g.lock'))).toEqual([]);
+  });
+
+  // A fill on a node whose clock is behind stamps its heartbeats in this process's past: it keeps the lock all the same
+  // (the measured case: a prune 40 s ahead of a filler took over its lock and removed its partial entry).
+  it('a live holder whose clock is 40 s or 10 min behind keeps its lock: a second filler waits, an evictor does not take it', async () => {
+    const staleMs = 3_000;
+    const holders = await Promise.all([-40_000, -600_000].map((skew) => skewedHolder('lock', path.join(tmp, `skew${skew}.lock`), skew, staleMs / 15)));
+    try {
+      await Promise.all(holders.map(async ({ file }) => {
+        // Waited on for twice staleMs of this process's time: a heartbeat that moves never goes stale.
+        const t0 = performance.now();
+        const second = await acquireLock(file, { staleMs, pollMs: 20, satisfied: async () => performance.now() - t0 > 2 * staleMs });
+        const evictor = await acquireLock(file, { staleMs, wait: false, purpose: 'evict' });
+        expect([second, evictor]).toEqual([undefined, undefined]);
+      }));
+      for (const { child, file } of holders) expect(JSON.parse(readFileSync(file, 'utf8')).pid).toBe(child.pid);
+    } finally {
+      for (const { child } of holders) child.kill('SIGKILL');
+    }
+  });
+
+  it('a dead holder on another node whose clock was 20 min ahead: a waiter and an evictor take its lock once its heartbeat stood still', async () => {
+    const staleMs = 3_000;
+    for (const wait of [true, false]) {
+      const file = path.join(tmp, `ahead-${wait}.lock`);
+      await fsp.writeFile(file, JSON.stringify({ pid: 7, host: 'pod-b', token: 'ahead', since: '' }));
+      const ahead = new Date(Date.now() + 20 * 60_000);
+      await fsp.utimes(file, ahead, ahead);
+      // Bounded: given up (undefined) after twice staleMs; the heartbeat looks fresh for 20 minutes on this clock.
+      const t0 = performance.now();
+      const l = await acquireLock(file, { staleMs, pollMs: 20, wait, purpose: wait ? undefined : 'evict', satisfied: async () => performance.now() - t0 > 2 * staleMs });
+      expect(l, `wait: ${wait}`).toBeDefined();
+      expect(JSON.parse(await fsp.readFile(file, 'utf8'))).toMatchObject({ pid: process.pid, host: os.hostname() });
+      await l!.release();
+    }
   });
 
   it('aborts the holder when another process steals the lock', async () => {

@@ -3,7 +3,8 @@
  * eviction of least recently used entries when a download finds too little space (CACHE_EVICT=lru), and the warm-up
  * CLI's `cache list` / `cache prune`.
  *
- * An entry is removed only under its lock (purpose `evict`, taken without waiting: a live filler keeps it), after
+ * An entry is removed only under its lock (purpose `evict`, taken without waiting: a live filler keeps it, one whose
+ * heartbeat only looks old on this clock included, lock.ts), after
  * checking under that lock that no live lease names it (lease.ts explains why a lease taken at that moment is seen or
  * withdraws), and by renaming it to a trash name first and deleting that: a reader never sees half an entry, and a new
  * fill of the same key can start as soon as the lock is released.

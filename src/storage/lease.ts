@@ -21,7 +21,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
-import { createHolderFile, hold, holderInfo, inspectHolder, type HeldLock, type LockInfo } from './lock.js';
+import { createHolderFile, hold, holderInfo, inspectHolder, sleep, type HeldLock, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
 export const LEASES = '.leases';
@@ -81,20 +81,14 @@ export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS): Pr
     }
     if (!n.endsWith(LEASE_EXT)) continue;
     // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
-    const h = await inspectHolder(path.join(dir, n), { staleMs });
+    // Judged on this process's clock alone, as before the lock watched heartbeats (lock.ts).
+    const h = await inspectHolder(path.join(dir, n), { staleMs, confirmMs: 0 });
     if (h === undefined) continue;
     seen(h.mtimeMs);
     if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
   }
   return { live, lastUsedMs };
 }
-
-const sleep = (ms: number, signal?: AbortSignal) => new Promise<void>((resolve, reject) => {
-  if (signal?.aborted) return reject(signal.reason);
-  const t = setTimeout(() => { signal?.removeEventListener('abort', onAbort); resolve(); }, ms);
-  const onAbort = () => { clearTimeout(t); reject(signal?.reason); };
-  signal?.addEventListener('abort', onAbort, { once: true });
-});
 
 const exists = (p: string) => fsp.stat(p).then(() => true, () => false);
 
@@ -122,8 +116,10 @@ export async function leaseEntry(entryDir: string, o: LeaseOptions = {}): Promis
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue; // the folder went with an evicted entry: again
       throw e;
     }
-    const lock = await inspectHolder(`${entryDir}.lock`);
-    if (lock?.live && lock.holder?.purpose === 'evict') {
+    // Only an eviction's lock matters here: a fill's (or none) is not watched when its heartbeat looks old.
+    const lock = await inspectHolder(`${entryDir}.lock`, { confirmMs: 0 });
+    const evicting = lock?.holder?.purpose === 'evict' && (lock.live || (await inspectHolder(`${entryDir}.lock`))?.live === true);
+    if (evicting) {
       await fsp.unlink(file).catch(() => undefined);
       await sleep(o.pollMs ?? 250, o.signal);
       continue;

@@ -2,8 +2,14 @@
  * @module A lock file for one cache entry that works on an RWX NFS-like PVC (no flock): written whole to a temp
  * name, then linked to the lock's name (link never replaces a file, so exactly one creator wins, and the lock never
  * exists without its content), holding pid/host/token, kept fresh by touching its mtime (a heartbeat). A lock whose
- * heartbeat is older than `staleMs`, whose pid is dead in this pid namespace, or that does not say who made it, is taken
- * over by renaming it aside first, so only one of several waiters can win the takeover.
+ * heartbeat stopped, whose pid is dead in this pid namespace, or that does not say who made it, is taken over by
+ * renaming it aside first, so only one of several waiters can win the takeover.
+ *
+ * A heartbeat is stamped with its holder's clock, which may be minutes off this process's on another node: its age on
+ * this process's wall clock only vouches for a holder, never condemns one. A heartbeat stopped when it has not moved
+ * (mtime, ctime, size, inode, holder) for `staleMs` of this process's monotonic clock, or for `confirmMs` when the
+ * wall clock does not vouch for it either (older than `staleMs`, or that far ahead); a one-shot reader (an eviction, a
+ * prune, a listing) that finds such a heartbeat watches it that long before it counts it stopped.
  *
  * A waiter writes nothing while the lock stands: each poll reads the lock and stats it (and whatever `satisfied` reads),
  * and a new lock is written only once the old one is gone or stale, so N replicas waiting on an NFS volume cost it a few
@@ -11,7 +17,7 @@
  * lock's folder) ends a wait as soon as the lock is removed; elsewhere the poll does.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp, readFileSync, readlinkSync, watch, type FSWatcher } from 'node:fs';
+import { promises as fsp, readFileSync, readlinkSync, watch, type FSWatcher, type Stats } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { shortage } from '../descriptors.js';
@@ -20,8 +26,13 @@ import { RuntimeError } from '../errors.js';
 export interface LockOptions {
   /** Heartbeat period (ms). */
   heartbeatMs?: number;
-  /** A heartbeat older than this means the holder is gone (ms). */
+  /** A heartbeat that has not moved for this long (this process's monotonic clock) means the holder is gone (ms). */
   staleMs?: number;
+  /**
+   * A heartbeat that this process's wall clock does not vouch for (older than `staleMs`, or that far ahead: its holder's
+   * clock may be off) means the holder is gone once it has not moved for this long (ms; default staleMs / 3).
+   */
+  confirmMs?: number;
   /** How often a waiter looks again (ms). */
   pollMs?: number;
   /**
@@ -94,18 +105,83 @@ export function holderInfo(purpose?: string): LockInfo {
   return { pid: process.pid, host: os.hostname(), ...(PID_NS ? { pidns: PID_NS } : {}), token: randomBytes(8).toString('hex'), since: new Date().toISOString(), ...(purpose ? { purpose } : {}) };
 }
 
+type Info = Awaited<ReturnType<typeof readInfo>>;
+
 /**
- * Whether a holder file no longer counts: its heartbeat (mtime) is older than `staleMs`, its pid is dead in this
- * process's pid namespace (same host, same namespace: a pid from another container's namespace says nothing here, and
- * a holder that did not record its namespace is judged by its heartbeat alone), it names no holder, or it is
- * unreadable and older than `unreadableStaleMs`. The lock and the entry leases share it.
+ * Whether a holder file no longer counts whatever its heartbeat: its pid is dead in this process's pid namespace (same
+ * host, same namespace: a pid from another container's namespace says nothing here, and a holder that did not record
+ * its namespace is judged by its heartbeat alone), it names no holder, or it is unreadable and older than
+ * `unreadableStaleMs`.
  */
-export function isStale(info: Awaited<ReturnType<typeof readInfo>>, ageMs: number, o: { staleMs: number; unreadableStaleMs: number }): boolean {
+function abandoned(info: Info, ageMs: number, unreadableStaleMs: number): boolean {
   const holder = holderOf(info);
   const deadHere = holder !== undefined && holder.host === os.hostname() && holder.pidns === PID_NS && holder.pid !== process.pid && !pidAlive(holder.pid);
   // A lock that does not say who holds it cannot be waited for: nobody would ever release or refresh it for sure.
-  const orphan = info === 'unknown' || (info === 'unreadable' && ageMs > o.unreadableStaleMs);
-  return ageMs > o.staleMs || deadHere || orphan;
+  const orphan = info === 'unknown' || (info === 'unreadable' && ageMs > unreadableStaleMs);
+  return deadHere || orphan;
+}
+
+/** Whether a holder file no longer counts by its age alone on this process's wall clock (abandoned, or older than `staleMs`): for the temps beside the holder files, which no holder beats. */
+export function isStale(info: Info, ageMs: number, o: { staleMs: number; unreadableStaleMs: number }): boolean {
+  return ageMs > o.staleMs || abandoned(info, ageMs, o.unreadableStaleMs);
+}
+
+/** One look at a holder file: what it says, then its stat (on NFS the open that reads it revalidates what stat gives: close-to-open). */
+interface Look {
+  info: Info;
+  st: Stats;
+}
+
+async function look(file: string): Promise<Look | undefined> {
+  const info = await readInfo(file);
+  const st = await fsp.stat(file).catch(() => undefined);
+  return st && { info, st };
+}
+
+/** What a heartbeat (mtime, and ctime, which every utimes moves on the file system's own clock), a rewrite, or a new holder (inode, token) changes. */
+const beatOf = (l: Look): string => `${holderOf(l.info)?.token ?? l.info}:${l.st.ino}:${l.st.size}:${l.st.mtimeMs}:${l.st.ctimeMs}`;
+
+/**
+ * One look's verdict: `stale` (abandoned), `live` (its heartbeat is under `staleMs` old on this process's wall clock,
+ * or less far ahead), or `unsure`: older or further ahead than that, which a holder on a node whose clock is off shows
+ * while it beats; only watching it tells.
+ */
+function judge(l: Look, o: { staleMs: number; unreadableStaleMs: number }): 'live' | 'stale' | 'unsure' {
+  const ageMs = Date.now() - l.st.mtimeMs;
+  if (abandoned(l.info, ageMs, o.unreadableStaleMs)) return 'stale';
+  return Math.abs(ageMs) <= o.staleMs ? 'live' : 'unsure';
+}
+
+/** A watcher's memory of a holder file's heartbeat: the last one it saw, since when (its monotonic clock), and whether it ever moved. */
+class Heartbeat {
+  #beat: string | undefined;
+  #since = 0;
+  moved = false;
+
+  /** Records a look; returns how long (ms) the heartbeat has stood still as this process saw it. */
+  still(l: Look): number {
+    const now = performance.now();
+    const b = beatOf(l);
+    if (b !== this.#beat) {
+      this.moved ||= this.#beat !== undefined;
+      this.#beat = b;
+      this.#since = now;
+    }
+    return now - this.#since;
+  }
+}
+
+/** How often a one-shot reader looks again at a heartbeat it watches. */
+const watchPollMs = (confirmMs: number): number => Math.min(1_000, Math.max(20, confirmMs / 20));
+
+/** Resolves after `ms`, or rejects with the signal's reason once it aborts. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const t = setTimeout(() => { signal?.removeEventListener('abort', onAbort); resolve(); }, ms);
+    const onAbort = () => { clearTimeout(t); reject(signal?.reason); };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
 }
 
 /** Whether two holder records name the same process (its pid, host and pid namespace). */
@@ -115,13 +191,56 @@ export const sameProcess = (a: Pick<LockInfo, 'pid' | 'host' | 'pidns'>, b: Pick
 /** Whether a holder record is this process's own. */
 export const isOwn = (h: LockInfo): boolean => sameProcess(h, { pid: process.pid, host: os.hostname(), pidns: PID_NS });
 
-/** The holder of a lock or lease file and whether it still counts; undefined when there is no such file. */
-export async function inspectHolder(file: string, o: { staleMs?: number; unreadableStaleMs?: number } = {}): Promise<{ holder: LockInfo | undefined; mtimeMs: number; live: boolean } | undefined> {
-  const info = await readInfo(file);
-  const st = await fsp.stat(file).catch(() => undefined);
-  if (st === undefined) return undefined;
-  const live = !isStale(info, Date.now() - st.mtimeMs, { staleMs: o.staleMs ?? DEFAULTS.staleMs, unreadableStaleMs: o.unreadableStaleMs ?? DEFAULTS.unreadableStaleMs });
-  return { holder: holderOf(info), mtimeMs: st.mtimeMs, live };
+export interface HolderState {
+  holder: LockInfo | undefined;
+  /** Its last heartbeat, on its holder's clock. */
+  mtimeMs: number;
+  live: boolean;
+}
+
+export interface InspectOptions {
+  staleMs?: number;
+  unreadableStaleMs?: number;
+  /** How long a heartbeat this process's wall clock does not vouch for is watched (ms; default staleMs / 3; 0: not watched, it does not count). */
+  confirmMs?: number;
+  signal?: AbortSignal;
+}
+
+/**
+ * The holders of lock or lease files and whether each still counts (undefined: no such file), for a reader that looks
+ * once. A heartbeat under `staleMs` old on this process's wall clock counts at once; one older or that far ahead is
+ * watched, all of them together, until it moves (it counts: its holder beats, on a clock that is off) or for
+ * `confirmMs` (it does not). Reads one file at a time, as the lock's waiters do.
+ */
+export async function inspectHolders(files: readonly string[], o: InspectOptions = {}): Promise<Array<HolderState | undefined>> {
+  const j = { staleMs: o.staleMs ?? DEFAULTS.staleMs, unreadableStaleMs: o.unreadableStaleMs ?? DEFAULTS.unreadableStaleMs };
+  const confirmMs = o.confirmMs ?? j.staleMs / 3;
+  const state = (l: Look, live: boolean): HolderState => ({ holder: holderOf(l.info), mtimeMs: l.st.mtimeMs, live });
+  const out: Array<HolderState | undefined> = [];
+  const unsure = new Map<number, string>();
+  for (const [i, file] of files.entries()) {
+    const l = await look(file);
+    const v = l && judge(l, j);
+    out.push(l && state(l, v === 'live'));
+    if (l && v === 'unsure') unsure.set(i, beatOf(l));
+  }
+  const t0 = performance.now();
+  while (unsure.size > 0 && performance.now() - t0 < confirmMs) {
+    await sleep(watchPollMs(confirmMs), o.signal);
+    for (const [i, beat] of unsure) {
+      const l = await look(files[i]!);
+      if (l !== undefined && beatOf(l) === beat) continue;
+      // Released, or moved: a heartbeat, or a new holder (whose file was just made).
+      out[i] = l && state(l, judge(l, j) !== 'stale');
+      unsure.delete(i);
+    }
+  }
+  return out;
+}
+
+/** The holder of a lock or lease file and whether it still counts (inspectHolders); undefined when there is no such file. */
+export async function inspectHolder(file: string, o: InspectOptions = {}): Promise<HolderState | undefined> {
+  return (await inspectHolders([file], o))[0];
 }
 
 /** The names createHolderFile (`.new.`) and a takeover (`.stale.`, acquireLock) give a holder file's temps: `<file>.new.<token>`. */
@@ -184,11 +303,13 @@ export function pidAlive(pid: number): boolean {
  */
 export async function acquireLock(file: string, o: LockOptions = {}): Promise<HeldLock | undefined> {
   const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
+  const confirmMs = o.confirmMs ?? staleMs / 3;
   const me = holderInfo(o.purpose);
   const wake = new Wake(file);
   try {
     // The lock stood at the last look: no new one is written (a create, an fsync, a link) until it is gone or stale.
     let standing = false;
+    let beat = new Heartbeat();
     for (;;) {
       o.signal?.throwIfAborted();
       if (!standing) {
@@ -200,34 +321,38 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
         }
       }
       if (o.satisfied && (await o.satisfied())) return undefined;
-      const info = await readInfo(file);
-      const holder = holderOf(info);
-      let st;
-      try {
-        st = await fsp.stat(file);
-      } catch {
+      const l = await look(file);
+      if (l === undefined) {
         standing = false;
         continue; // released between our open and stat: try again at once
       }
-      if (isStale(info, Date.now() - st.mtimeMs, { staleMs, unreadableStaleMs })) {
-        // Move the stale lock aside; only one waiter's rename succeeds. If what we moved turns out to be
-        // fresh (someone took over between our stat and rename), put it back with link(), which never overwrites.
+      const holder = holderOf(l.info);
+      const v = judge(l, { staleMs, unreadableStaleMs });
+      const still = beat.still(l);
+      if (v === 'stale' || still > staleMs || (v === 'unsure' && still > confirmMs)) {
+        // Move the stale lock aside; only one waiter's rename succeeds. If what we moved is not the holder judged
+        // (someone took over between our look and rename), put it back with link(), which never overwrites.
         const aside = `${file}.stale.${me.token}`;
         try {
           await fsp.rename(file, aside);
           const moved = holderOf(await readInfo(aside));
-          const movedSt = await fsp.stat(aside);
-          const stillStale = Date.now() - movedSt.mtimeMs > staleMs || (moved === undefined ? holder === undefined : moved.token === holder?.token);
+          const stillStale = moved === undefined ? holder === undefined : moved.token === holder?.token;
           if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
           await fsp.unlink(aside).catch(() => undefined);
         } catch {
           /* another waiter moved it first */
         }
         standing = false;
+        beat = new Heartbeat();
         continue;
       }
       standing = true;
-      if (o.wait === false) return undefined;
+      // One that does not wait still watches a heartbeat its wall clock does not vouch for, until it moves or confirmMs.
+      if (o.wait === false && (v === 'live' || beat.moved)) return undefined;
+      if (o.wait === false) {
+        await sleep(Math.min(pollMs, watchPollMs(confirmMs)), o.signal);
+        continue;
+      }
       wake.arm();
       await o.onWait?.(holder);
       await wake.sleep(pollMs, o.signal);

@@ -1,8 +1,19 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
+import { until } from './server.js';
 
 /** The built lease module, which the child imports (a test builds dist/ when it is older than the sources). */
 export const LEASE_JS = path.resolve('dist/src/storage/lease.js');
+const LOCK_JS = path.resolve('dist/src/storage/lock.js');
+const SKEW_CLOCK = path.resolve('test/helpers/skew-clock.cjs');
+
+/** Builds dist/ when the lease or lock module there is missing or older than its sources (the children import it). */
+export function buildIfStale(): void {
+  const age = (f: string) => (existsSync(f) ? statSync(f).mtimeMs : 0);
+  const srcs = ['lease', 'lock', 'cache'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
+  if (Math.min(age(LEASE_JS), age(LOCK_JS)) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+}
 
 /** A process other than this one that leases `entryDir`, as a serving pod does; SIGTERM releases it. */
 export async function leaseInChild(entryDir: string): Promise<ChildProcess> {
@@ -14,4 +25,28 @@ export async function leaseInChild(entryDir: string): Promise<ChildProcess> {
     child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
   });
   return child;
+}
+
+/**
+ * A process on a node whose clock is `skewMs` off (skew-clock.cjs: its Date moves, its timers do not) that holds the
+ * lock `target` (acquireLock, as a fill does) or a lease on the entry `target` (leaseEntry, as a server does), beating
+ * every `heartbeatMs` with the holder's own code: each heartbeat stamps the file with that clock. Resolves once the
+ * file's mtime shows the skew (a heartbeat has run), with the file; SIGKILL leaves the file as it was.
+ */
+export async function skewedHolder(kind: 'lock' | 'lease', target: string, skewMs: number, heartbeatMs: number): Promise<{ child: ChildProcess; file: string }> {
+  const script = kind === 'lock'
+    ? `const { acquireLock } = await import(${JSON.stringify(LOCK_JS)}); const h = await acquireLock(process.argv[1], { heartbeatMs: ${heartbeatMs} });`
+    : `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const h = await leaseEntry(process.argv[1], { heartbeatMs: ${heartbeatMs} });`;
+  const child = spawn(process.execPath, ['--require', SKEW_CLOCK, '--input-type=module', '-e', `${script} process.stdout.write('holds ' + h.path + '\\n'); setInterval(() => {}, 60_000);`, target],
+    { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TEST_CLOCK_SKEW_MS: String(skewMs) } });
+  const file = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (c) => {
+      const m = /holds (.+)\n/.exec(out += c);
+      if (m) resolve(m[1]!);
+    });
+    child.on('exit', (code) => reject(new Error(`${kind} child exited ${code}`)));
+  });
+  await until(() => Math.abs(statSync(file).mtimeMs - (Date.now() + skewMs)) < Math.abs(skewMs) / 2, 10_000);
+  return { child, file };
 }
