@@ -2,7 +2,7 @@
 // leases held by another process. A "full disk" is the fetch's own free-space seam (io.freeBytes) and write seam
 // (io.write) measuring what the cache folder really occupies against a capacity.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, promises as fsp, readdirSync, statSync } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -19,7 +19,7 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
 import { pidBehindLast } from './helpers/pidns.js';
 import { until } from './helpers/server.js';
-import { LEASE_JS, leaseInChild } from './helpers/lease-child.js';
+import { buildIfStale, LEASE_JS, leaseInChild, skewedHolder } from './helpers/lease-child.js';
 
 let s3: S3Server;
 let tmp: string;
@@ -28,9 +28,7 @@ const MB = 1_000_000;
 
 beforeAll(async () => {
   // The child processes run the built lease module: build it when it is missing or older than its sources.
-  const age = (f: string) => (existsSync(f) ? statSync(f).mtimeMs : 0);
-  const srcs = ['lease', 'lock', 'cache'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
-  if (age(LEASE_JS) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  buildIfStale();
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'cache-evict-'));
   s3 = await startS3();
@@ -158,16 +156,39 @@ describe('eviction when a download finds too little space', () => {
     await exited(child);
     expect(readdirSync(leasesDir(path.join(cache, keyOf(1)))).filter((n) => n.endsWith('.lease'))).toHaveLength(1);
     expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
-    // A lease from another host whose heartbeat stopped minutes ago does not count either; a fresh one does.
+    // A lease from another host whose heartbeat stopped minutes ago does not count either (once watched a third of the
+    // lease's staleMs without moving: 3 s here, not 3 minutes, for the test's sake); a fresh one does.
     const dir = leasesDir(path.join(cache, keyOf(2)));
     await fsp.mkdir(dir, { recursive: true });
     const other = path.join(dir, 'pod-b-7-abc.lease');
     await fsp.writeFile(other, JSON.stringify({ pid: 7, host: 'pod-b', token: 'abc', since: '' }));
-    expect(await removeEntry(cache, keyOf(2))).toEqual({ removed: false, why: 'in use' });
+    expect(await removeEntry(cache, keyOf(2), { leaseStaleMs: 3_000 })).toEqual({ removed: false, why: 'in use' });
     const old = new Date(Date.now() - 10 * 60_000);
     await fsp.utimes(other, old, old);
-    expect(await removeEntry(cache, keyOf(2))).toMatchObject({ removed: true });
+    expect(await removeEntry(cache, keyOf(2), { leaseStaleMs: 3_000 })).toMatchObject({ removed: true });
     expect(existsSync(dir)).toBe(false);
+  });
+
+  // Pods on nodes whose clocks are behind stamp their heartbeats in the evictor's past: a fill's lock 40 s, a server's
+  // lease 10 minutes (past the lease's staleMs, 3 s here). Both heartbeats move, so neither entry is taken for unused.
+  it('never removes an entry a server or a filler whose clock is behind holds', async () => {
+    const cache = await cacheWith(3);
+    const staleMs = 3_000;
+    const server = await skewedHolder('lease', path.join(cache, keyOf(1)), -600_000, staleMs / 15);
+    const filler = await skewedHolder('lock', path.join(cache, `${keyOf(2)}.lock`), -40_000, staleMs / 15);
+    try {
+      const cap = (await used(cache)) + 0.5 * MB;
+      const evicted: string[] = [];
+      await fill(cache, 4, { io: disk(cache, cap), onEvicted: (e) => evicted.push(e.name), leaseStaleMs: staleMs, lockStaleMs: staleMs });
+      const opts = { leaseStaleMs: staleMs, lockStaleMs: staleMs };
+      const removals = [await removeEntry(cache, keyOf(1), opts), await removeEntry(cache, keyOf(2), opts)];
+      // v2 is older than v3 (v1's lease heartbeat, on its clock, made it the most recently used), but in use, as v1 is.
+      expect({ evicted, removals }).toEqual({ evicted: [keyOf(3)], removals: [{ removed: false, why: 'in use' }, { removed: false, why: 'locked' }] });
+      expect((await listEntries(cache, opts)).find((e) => e.name === keyOf(2))!.locked).toBe(`${os.hostname()}/${filler.child.pid}`);
+    } finally {
+      server.child.kill('SIGKILL');
+      filler.child.kill('SIGKILL');
+    }
   });
 
   // Two containers on one host see the same hostname (hostNetwork pods share the node's; a pod template's `hostname`
@@ -440,6 +461,24 @@ describe('adapter-set work folders (.lora-sets/)', () => {
       expect(existsSync(path.join(base, 'pod-a-100-aaaa', 'w0', '1', 'lora.onnx_data'))).toBe(true);
     } finally {
       child.kill('SIGKILL');
+    }
+  });
+
+  it('a sweep keeps the folder of a server whose clock is 10 min behind, and removes one whose lease stopped 10 min ago', async () => {
+    const base = await fsp.mkdtemp(path.join(tmp, 'lora-sets-'));
+    for (const name of ['pod-d-1-dddd', 'pod-e-7-eeee']) await fsp.mkdir(path.join(base, name, 'w0'), { recursive: true });
+    const server = await skewedHolder('lease', path.join(base, 'pod-d-1-dddd'), -600_000, 200);
+    const stopped = path.join(leasesDir(path.join(base, 'pod-e-7-eeee')), 'pod-e-7-eeee.lease');
+    await fsp.mkdir(path.dirname(stopped), { recursive: true });
+    await fsp.writeFile(stopped, JSON.stringify({ pid: 7, host: 'pod-e', token: 'eeee', since: '' }));
+    const old = new Date(Date.now() - 10 * 60_000);
+    await fsp.utimes(stopped, old, old);
+    try {
+      // Both heartbeats look 10 minutes old here (the lease's staleMs is 3 s, for the test's sake): only one moves.
+      expect(await sweepUnleased(base, { staleMs: 3_000 })).toEqual(['pod-e-7-eeee']);
+      expect(readdirSync(base).filter((n) => !n.startsWith('.'))).toEqual(['pod-d-1-dddd']);
+    } finally {
+      server.child.kill('SIGKILL');
     }
   });
 });

@@ -53,9 +53,9 @@ export interface CacheEntry {
 export const inUse = (e: CacheEntry): boolean => e.users.length > 0 || e.locked !== undefined;
 
 export interface EntryOptions {
-  /** A lease heartbeat older than this does not count (default LEASE_STALE_MS). */
+  /** A lease heartbeat older than this does not count once watched a third as long without moving (default LEASE_STALE_MS; lock.ts). */
   leaseStaleMs?: number;
-  /** A lock heartbeat older than this does not count (default 30 s, as the fetch's lock). */
+  /** A lock heartbeat older than this does not count once watched a third as long without moving (default 30 s, as the fetch's lock). */
   lockStaleMs?: number;
 }
 
@@ -138,7 +138,8 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
   const sib = await siblings(cacheDir, name);
   const staleMs = o.lockStaleMs ?? 30_000;
   const [{ bytes, shared }, leases, lock] = await Promise.all([
-    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS), inspectHolder(`${dir}.lock`, { staleMs })]);
+    // A lease that looks stale on this clock is not watched here (minutes, for a listing): what removes the entry does.
+    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0 }), inspectHolder(`${dir}.lock`, { staleMs })]);
   const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs) : undefined;
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);

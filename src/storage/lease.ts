@@ -8,8 +8,10 @@
  *
  * Outside the entry, so a sweep of the entry never touches them, and in one hidden folder, so the cache's top level
  * still holds only entries (and their locks while held). A lease counts while its heartbeat is
- * fresh and its pid is alive (when it is in this process's pid namespace): the lock's rule (lock.ts isStale), with minutes instead of seconds, since a
- * server holds one for days and pays one small write per heartbeat, off the request path.
+ * fresh and its pid is alive (when it is in this process's pid namespace): the lock's rule (lock.ts), with minutes instead of seconds, since a
+ * server holds one for days and pays one small write per heartbeat, off the request path. A heartbeat older than
+ * that on the reader's clock may be a live server's on a node whose clock is behind: what removes an entry or a
+ * folder on that account (an eviction, a prune, a refresh in place, a sweep) watches it for two heartbeats first.
  *
  * Against an eviction that starts at the same moment, a lease is taken as in Dekker's algorithm: publish the lease,
  * then read the entry's lock; an evictor takes the lock (purpose `evict`), then reads the leases. One of the two sees
@@ -21,7 +23,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
-import { createHolderFile, hold, holderInfo, inspectHolder, sleep, type HeldLock, type LockInfo } from './lock.js';
+import { createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
 export const LEASES = '.leases';
@@ -61,28 +63,26 @@ export interface LeaseState {
 }
 
 /**
- * Who holds a lease on the entry, and when it was last used by a lease. Throws only when out of descriptors (EMFILE,
- * ENFILE): an unread lease folder or lease would count as none, and its entry could be evicted while a pod serves it.
+ * Who holds a lease on the entry, and when it was last used by a lease. A lease whose heartbeat looks older than
+ * `staleMs` (or that far ahead) on this process's clock is watched for `confirmMs` (default staleMs / 3: two heartbeats),
+ * all of the entry's together, and counts if it moves meanwhile; 0: it does not count (a listing, which removes
+ * nothing). Throws only when out of descriptors (EMFILE, ENFILE): an unread lease folder or lease would count as none,
+ * and its entry could be evicted while a pod serves it.
  */
-export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS): Promise<LeaseState> {
+export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS, o: { confirmMs?: number } = {}): Promise<LeaseState> {
   const dir = leasesDir(entryDir);
   const names = await fsp.readdir(dir).catch((e: unknown) => {
     if (shortage(e)) throw e;
     return [] as string[];
   });
-  const live: LockInfo[] = [];
   let lastUsedMs: number | undefined;
   const seen = (ms: number) => (lastUsedMs = Math.max(lastUsedMs ?? 0, ms));
-  for (const n of names) {
-    if (n === LAST_USED) {
-      const st = await fsp.stat(path.join(dir, n)).catch(() => undefined);
-      if (st) seen(st.mtimeMs);
-      continue;
-    }
-    if (!n.endsWith(LEASE_EXT)) continue;
-    // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
-    // Judged on this process's clock alone, as before the lock watched heartbeats (lock.ts).
-    const h = await inspectHolder(path.join(dir, n), { staleMs, confirmMs: 0 });
+  const st = names.includes(LAST_USED) ? await fsp.stat(path.join(dir, LAST_USED)).catch(() => undefined) : undefined;
+  if (st) seen(st.mtimeMs);
+  // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
+  const leases = await inspectHolders(names.filter((n) => n.endsWith(LEASE_EXT)).map((n) => path.join(dir, n)), { staleMs, ...o });
+  const live: LockInfo[] = [];
+  for (const h of leases) {
     if (h === undefined) continue;
     seen(h.mtimeMs);
     if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
@@ -171,11 +171,15 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
   };
 }
 
+/** A folder named before leases existed: `<host>-<pid>-w<k>`, `<host>-<ns>-<pid>-w<k>`. */
+const LEGACY_SET = /-\d+-w\d+$/;
+
 /**
  * Removes the folders under `base` that no live process leases (a crash's, or a killed pod's, left behind), and their
- * stale leases. Folders named before leases existed (`<host>-<pid>-w<k>`, `<host>-<ns>-<pid>-w<k>`) carry none: they go
- * once untouched for `legacyMaxAgeMs`. Returns the names removed. For folders a process creates only after it leases
- * them (the adapter sets' work folders), so one without a live lease is nobody's.
+ * stale leases. Folders named before leases existed (LEGACY_SET) carry none: they go once untouched for `legacyMaxAgeMs`. Returns the names removed. For folders a process creates only after it leases
+ * them (the adapter sets' work folders), so one without a live lease is nobody's. Leases that look stale on this
+ * process's clock are watched (leaseState), every folder's together, before any folder goes; a dry run, which removes
+ * nothing, judges them by the clock alone.
  */
 export async function sweepUnleased(base: string, o: {
   legacyMaxAgeMs?: number;
@@ -185,16 +189,22 @@ export async function sweepUnleased(base: string, o: {
   /** Called with each folder that goes, before it goes (to measure it). */
   going?(dir: string): Promise<void>;
 } = {}): Promise<string[]> {
-  const removed: string[] = [];
+  const staleMs = o.staleMs ?? LEASE_STALE_MS;
+  const gone: string[] = [];
   for (const name of await fsp.readdir(base).catch(() => [] as string[])) {
     if (name.startsWith('.')) continue;
     const dir = path.join(base, name);
     const st = await fsp.stat(dir).catch(() => undefined);
     if (!st?.isDirectory()) continue;
-    const gone = /-\d+-w\d+$/.test(name)
-      ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000)
-      : (await leaseState(dir, o.staleMs ?? LEASE_STALE_MS)).live.length === 0;
-    if (!gone) continue;
+    if (LEGACY_SET.test(name) ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000) : (await leaseState(dir, staleMs, { confirmMs: 0 })).live.length === 0) gone.push(name);
+  }
+  const kept = new Set(o.dryRun ? [] : (await Promise.all(gone.map(async (name) => {
+    const dir = path.join(base, name);
+    return !LEGACY_SET.test(name) && (await leaseState(dir, staleMs)).live.length > 0 ? [name] : [];
+  }))).flat());
+  const removed: string[] = [];
+  for (const name of gone.filter((n) => !kept.has(n))) {
+    const dir = path.join(base, name);
     await o.going?.(dir);
     removed.push(name);
     if (o.dryRun) continue;
