@@ -313,7 +313,7 @@ describe('objects replaced under a prefix while another process leases its entry
   }, 60_000);
 });
 
-describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions', () => {
+describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions and refreshes in place', () => {
   // `always` keeps every copy untimed: the demo's graphs build in milliseconds, so `auto` would decline them.
   const OPT = { ORT_OPTIMIZED_CACHE: 'always', EXECUTION_PROVIDER: 'cpu' };
   /** The demo model with external weights in every component (padding), seeded: another seed changes every weight. */
@@ -326,6 +326,10 @@ describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions', () => {
     return Object.fromEntries(rt.events.slice(from).flatMap((e) => (e.name === 'session' ? [[e.data.component, e.data.optimizedCache]] : [])));
   };
   const optFiles = (dir: string) => readdirSync(dir).filter((n) => n.includes('.opt.')).sort();
+  /** A component's copy files as they are on disk: a file rewritten (or removed and written again) has another mtime. */
+  const stamps = (dir: string) => optFiles(dir).map((n) => [n, ino(path.join(dir, n)), statSync(path.join(dir, n)).mtimeMs]);
+  /** The copy's weights files: each write names its own (ortcache.ts), so a name gone is that copy removed. */
+  const weights = (dir: string) => optFiles(dir).filter((n) => n.endsWith('.onnx_data'));
 
   /** A first server on a fresh cache: it loads the sources and writes every component's copy after ready. */
   async function cachedWithCopies(prefix: string): Promise<string> {
@@ -401,6 +405,97 @@ describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions', () => {
       expect(optFiles(path.join(`${old}@2`, 'text_encoder')).filter((f) => olds.has(ino(path.join(`${old}@2`, 'text_encoder', f))))).toEqual([]);
     } finally {
       pod.kill('SIGKILL');
+    }
+  }, 120_000);
+
+  it('a re-upload that changes only the UNet, the entry leased by no other process: refreshed in place, it keeps the text encoder\'s and VAE decoder\'s copies as they are, removes the UNet\'s, and the next start writes only that one', async () => {
+    const [a, b] = await Promise.all([demo(0), demo(1)]);
+    await upload('opt-c', a);
+    const cache = await cachedWithCopies('opt-c');
+    const dir = path.join(cache, keyOf('opt-c'));
+    const before = Object.fromEntries(['text_encoder', 'vae_decoder'].map((c) => [c, stamps(path.join(dir, c))]));
+    const unetWeights = weights(path.join(dir, 'unet'));
+    expect(unetWeights).toHaveLength(1);
+    await upload('opt-c', b, (rel) => rel.startsWith('unet/'));
+    const next = await startRuntime(serverEnv(cache, 'opt-c'), { ready: true });
+    try {
+      expect(await next.waitFor('files-ready')).toMatchObject({ dir, fromCache: false });
+      // Its sessions started on the entry as committed while S3 was checked, and again once it was refreshed.
+      expect(sessions(next, true)).toEqual({ text_encoder: 'hit', unet: 'deferred', vae_decoder: 'hit' });
+      expect((await next.waitFor('optimized-cache-written', undefined, 60_000)).outcomes).toEqual({ unet: 'written' });
+    } finally {
+      await next.stop();
+    }
+    expect(existsSync(`${dir}@2`)).toBe(false);
+    for (const c of ['text_encoder', 'vae_decoder']) expect(stamps(path.join(dir, c)), c).toEqual(before[c]);
+    // The refresh removed the UNet's old copy (a writer leaves unreferenced weights for 10 minutes); this is the new one.
+    expect(weights(path.join(dir, 'unet'))).toHaveLength(1);
+    expect(weights(path.join(dir, 'unet'))).not.toContain(unetWeights[0]);
+  }, 120_000);
+
+  it('a re-upload that changes only the text encoder\'s external data (same size, same graph), the entry leased by no other process: its copy is removed by the refresh and not loaded, the UNet\'s and VAE decoder\'s are', async () => {
+    const a = await demo(0);
+    await upload('opt-d', a);
+    const cache = await cachedWithCopies('opt-d');
+    const dir = path.join(cache, keyOf('opt-d'));
+    const before = Object.fromEntries(['unet', 'vae_decoder'].map((c) => [c, stamps(path.join(dir, c))]));
+    const textWeights = weights(path.join(dir, 'text_encoder'));
+    expect(textWeights).toHaveLength(1);
+    const changed = Buffer.from(readFileSync(path.join(a.dir, 'text_encoder/model.onnx_data')));
+    changed[changed.length - 1] ^= 0xff;
+    await s3.put('models', 'opt-d/text_encoder/model.onnx_data', changed);
+    const next = await startRuntime(serverEnv(cache, 'opt-d'), { ready: true });
+    try {
+      expect(await next.waitFor('files-ready')).toMatchObject({ dir, fromCache: false });
+      expect(sessions(next, true)).toEqual({ text_encoder: 'deferred', unet: 'hit', vae_decoder: 'hit' });
+      expect((await next.waitFor('optimized-cache-written', undefined, 60_000)).outcomes).toEqual({ text_encoder: 'written' });
+    } finally {
+      await next.stop();
+    }
+    expect(readFileSync(path.join(dir, 'text_encoder/model.onnx_data')).equals(changed)).toBe(true);
+    for (const c of ['unet', 'vae_decoder']) expect(stamps(path.join(dir, c)), c).toEqual(before[c]);
+    expect(weights(path.join(dir, 'text_encoder'))).toHaveLength(1);
+    expect(weights(path.join(dir, 'text_encoder'))).not.toContain(textWeights[0]);
+  }, 120_000);
+
+  it('a refresh in place killed (SIGKILL) after the changed text encoder\'s data was whole, the UNet\'s mid-download: the changed components\' copies are gone already, and the next start loads only the VAE decoder\'s', async () => {
+    const [a, b] = await Promise.all([demo(0), demo(1)]);
+    await upload('opt-e', a);
+    const cache = await cachedWithCopies('opt-e');
+    const dir = path.join(cache, keyOf('opt-e'));
+    const vae = stamps(path.join(dir, 'vae_decoder'));
+    const changed = Buffer.from(readFileSync(path.join(a.dir, 'text_encoder/model.onnx_data')));
+    changed[changed.length - 1] ^= 0xff;
+    await s3.put('models', 'opt-e/text_encoder/model.onnx_data', changed);
+    await upload('opt-e', b, (rel) => rel.startsWith('unet/'));
+    // The first range of the new UNet weights arrives, the others are held; the warm-up Job is killed once the journal
+    // records the new text encoder weights whole, so the next fill reuses that file.
+    proxy.faults = { hold: { keys: /opt-e\/unet\/model\.onnx_data/, range: (r) => r !== undefined && !r.startsWith('bytes=0-'), release: new Promise(() => undefined) } };
+    try {
+      let kill!: (s: NodeJS.Signals) => void;
+      const job = runWarmupCli([], s3Env(proxy.endpoint, cache, { STORAGE_URI: uriOf('opt-e'), S3_PART_SIZE: '262144', S3_MAX_CONCURRENCY: '4', ...OPT }), (k) => (kill = k));
+      const journal = path.join(dir, JOURNAL);
+      const f = '"f":"text_encoder/model.onnx_data"';
+      await until(() => {
+        const text = existsSync(journal) ? readFileSync(journal, 'utf8') : '';
+        return text.lastIndexOf(`${f},"complete":true`) > text.lastIndexOf(`${f},"drop":true`) && text.includes(`${f},"drop":true`);
+      }, 30_000, 20);
+      kill('SIGKILL');
+      expect((await job).signal).toBe('SIGKILL');
+    } finally {
+      proxy.faults = {};
+    }
+    expect(existsSync(path.join(dir, MANIFEST))).toBe(false);
+    expect(readFileSync(path.join(dir, 'text_encoder/model.onnx_data')).equals(changed)).toBe(true);
+    expect([optFiles(path.join(dir, 'text_encoder')), optFiles(path.join(dir, 'unet'))]).toEqual([[], []]);
+    expect(stamps(path.join(dir, 'vae_decoder'))).toEqual(vae);
+    const next = await startRuntime(serverEnv(cache, 'opt-e'), { ready: true });
+    try {
+      expect(await next.waitFor('files-ready')).toMatchObject({ dir, fromCache: false });
+      // Nothing was committed: its sessions started as the fill made their files whole.
+      expect(sessions(next)).toEqual({ text_encoder: 'deferred', unet: 'deferred', vae_decoder: 'hit' });
+    } finally {
+      await next.stop();
     }
   }, 120_000);
 });

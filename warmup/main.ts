@@ -13,7 +13,7 @@ import { applyContainerDefaults, type Config, ConfigError, loadConfig, misspelle
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
-import { carryOptimizedCopies } from '../src/pipeline/ortcache.js';
+import { optimizedCopyHooks } from '../src/pipeline/ortcache.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, endpointName, permanentError, retryTransient } from '../src/storage/s3-errors.js';
@@ -53,8 +53,8 @@ async function warm(signal: AbortSignal): Promise<void> {
     const r = await resolveModel(cfg.storageUri, {
       // What the server leaves out, so that its cache hit finds the entry this fill commits.
       cfg, log, signal, requireHitCheck: true, unused: unusedFiles,
-      // A new version it fills keeps the optimized copies of unchanged components, as a server's fill does.
-      ...(cfg.optimizedModelCache !== 'off' ? { carry: carryOptimizedCopies } : {}),
+      // Unchanged components keep their optimized copies through its fill, in place or in a new version, as a server's.
+      ...(cfg.optimizedModelCache !== 'off' ? optimizedCopyHooks : {}),
       onProgress: (p) => {
         latest = p;
         const now = Date.now();

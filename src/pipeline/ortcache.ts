@@ -13,9 +13,10 @@
  * no key (rebuilt next time) or a key that matches the graph beside it (or, when `declined`, says there is none on
  * purpose). A source that changed (size or mtime of any source file in the folder) never matches, and neither does
  * another ORT version, provider or CPU model (CPU graphs at level `all` hold layout transforms chosen for the CPU's
- * vector width). The S3 cache manifest lists only the objects of the bucket, so these files are never part of it; a
- * refresh of the entry in place sweeps them with other strays, and a new version of the entry (storage/versions.ts)
- * takes over the copies of the components whose files it shares with the version it replaces (carryOptimizedCopies).
+ * vector width). The S3 cache manifest lists only the objects of the bucket, so these files are never part of it: a
+ * refresh of the entry in place keeps the copies of the components whose files it leaves as they are and sweeps the
+ * others with other strays (keptOptimizedCopies), and a new version of the entry (storage/versions.ts) takes over the
+ * copies of the components whose files it shares with the version it replaces (carryOptimizedCopies).
  * Only sources up to MAX_SOURCE_BYTES are copied (the write is slow and doubles the space); larger ones load as before.
  * A start never writes: sessions come from the source, and the copy is written afterwards in the background (the
  * runtime does it after ready, see src/pipeline/optimizer.ts), so only later starts are faster.
@@ -280,13 +281,16 @@ async function currentKey(dir: string, ort: string, provider: SessionProvider, l
   }
   const sources: SourceFile[] = [];
   for (const name of names.sort()) {
-    if (name.includes(OPT_MARK) || name.includes('.tmp') || name.endsWith('.partial') || name.endsWith('.json')) continue;
+    if (!isSource(name)) continue;
     const st = await fsp.stat(path.join(dir, name)).catch(() => undefined);
     if (st) sources.push({ name, size: st.size, mtimeMs: st.mtimeMs });
   }
   const providerOptions = gpuProviderOptions(provider);
   return { version: 1, ort, provider, level, cpu: cpuTag(provider), ...(providerOptions ? { providerOptions } : {}), sources };
 }
+
+/** A file of a component folder that the key lists: not ours, not a temp, not a config. */
+const isSource = (name: string): boolean => !(name.includes(OPT_MARK) || name.includes('.tmp') || name.endsWith('.partial') || name.endsWith('.json'));
 
 /**
  * CUDA_PROVIDER_OPTIONS as the native module applies them to every CUDA provider of this process (it reads the same
@@ -421,7 +425,12 @@ async function carryOne(from: string, to: string, stem: string): Promise<boolean
   if (await fsp.access(p.key).then(() => true, () => false)) return false;
   const text = await fsp.readFile(src.key, 'utf8');
   const stored = JSON.parse(text) as StoredKey;
-  if (!(await sameSources(from, to, stored))) return false;
+  // The same file: the cache never rewrites one in place, so the same inode is the same bytes.
+  const same = async (name: string) => {
+    const [a, b] = await Promise.all([fsp.stat(path.join(from, name)), fsp.stat(path.join(to, name))]);
+    return a.dev === b.dev && a.ino === b.ino;
+  };
+  if (!(await holdsSources(to, stored, same))) return false;
   if (stored.declined !== undefined) {
     await writeKey(p, stored);
     return true;
@@ -431,9 +440,7 @@ async function carryOne(from: string, to: string, stem: string): Promise<boolean
   try {
     await fsp.link(src.onnx, tmpOnnx);
     made.push(tmpOnnx);
-    const graph = await fsp.readFile(tmpOnnx);
-    for (const name of await fsp.readdir(from)) {
-      if (!name.startsWith(`${stem}.`) || !name.endsWith('.onnx_data') || !graph.includes(name)) continue;
+    for (const name of await weightsOf(from, stem, await fsp.readFile(tmpOnnx))) {
       await fsp.link(path.join(from, name), path.join(to, name));
       made.push(path.join(to, name));
     }
@@ -459,15 +466,55 @@ async function carryOne(from: string, to: string, stem: string): Promise<boolean
   }
 }
 
-/** The folder `to` holds exactly the sources `key` lists, each the same file (inode) as in `from`. */
-async function sameSources(from: string, to: string, key: StoredKey): Promise<boolean> {
-  const now = await currentKey(to, key.ort, key.provider, key.level);
-  if (now === undefined || JSON.stringify(now.sources) !== JSON.stringify(key.sources)) return false;
-  for (const f of key.sources) {
-    const [a, b] = await Promise.all([fsp.stat(path.join(from, f.name)), fsp.stat(path.join(to, f.name))]);
-    if (a.dev !== b.dev || a.ino !== b.ino) return false;
+/**
+ * Keeps the optimised copies of a cache entry `root` through a refresh in place (storage/fetch.ts: the refresh removes
+ * whatever it does not keep), those of the components whose source files it leaves as they are. `unchanged`: the
+ * entry's files (paths relative to `root`) it keeps whole; `fetched`: the listed files it fetches again, each a new
+ * file under its name (the old one is removed first). A copy stays only when its folder holds exactly the sources its
+ * key lists, as the key saw them (size, mtime), each unchanged, and no source of the folder is fetched (a changed file,
+ * its external data at the same size included; a file added). The key is unchanged, so ORT version, provider, level
+ * and CPU are checked at load as for any copy. Declined keys stay too. Nothing is written: a kill part-way leaves what
+ * the last sweep left, and a copy removed is written again. A file an earlier, killed run of the same refresh fetched
+ * is whole (`unchanged`) in the next, but that run's first sweep removed its component's copy before any download,
+ * and its mtime is not the key's. Resolves to the files kept (graph, weights, key; paths relative to `root`).
+ */
+export async function keptOptimizedCopies(root: string, unchanged: ReadonlySet<string>, fetched: ReadonlySet<string>): Promise<string[]> {
+  const kept: string[] = [];
+  const refetched = new Set([...fetched].filter((rel) => isSource(path.posix.basename(rel))).map((rel) => path.posix.dirname(rel)));
+  const comps = await fsp.readdir(root, { withFileTypes: true }).catch(() => []);
+  for (const c of comps.filter((e) => e.isDirectory() && !refetched.has(e.name)).map((e) => e.name).sort()) {
+    const dir = path.join(root, c);
+    const names = await fsp.readdir(dir).catch(() => [] as string[]);
+    for (const k of names.filter((n) => n.endsWith(`${OPT_MARK}json`))) {
+      const stem = k.slice(0, -'.json'.length);
+      try {
+        const stored = JSON.parse(await fsp.readFile(path.join(dir, k), 'utf8')) as StoredKey;
+        if (!(await holdsSources(dir, stored, async (name) => unchanged.has(`${c}/${name}`)))) continue;
+        const graph = stored.declined === undefined ? await fsp.readFile(path.join(dir, `${stem}.onnx`)).catch(() => undefined) : undefined;
+        const files = [k, ...(graph ? [`${stem}.onnx`, ...(await weightsOf(dir, stem, graph))] : [])];
+        kept.push(...files.map((n) => `${c}/${n}`));
+      } catch {
+        // An unreadable key keeps nothing: the sweep removes it with its graph.
+      }
+    }
   }
+  return kept;
+}
+
+/** The cache fill's hooks that keep the copies of unchanged components (storage/fetch.ts ResolveOptions carry, keep). */
+export const optimizedCopyHooks = Object.freeze({ carry: carryOptimizedCopies, keep: keptOptimizedCopies });
+
+/** The folder `dir` holds exactly the sources `key` lists, as it saw them (size, mtime), each passing `same`. */
+async function holdsSources(dir: string, key: StoredKey, same: (name: string) => Promise<boolean>): Promise<boolean> {
+  const now = await currentKey(dir, key.ort, key.provider, key.level);
+  if (now === undefined || JSON.stringify(now.sources) !== JSON.stringify(key.sources)) return false;
+  for (const f of key.sources) if (!(await same(f.name))) return false;
   return true;
+}
+
+/** The weights files of the optimised copy `stem` in `dir`: those its graph names. */
+async function weightsOf(dir: string, stem: string, graph: Buffer): Promise<string[]> {
+  return (await fsp.readdir(dir)).filter((name) => name.startsWith(`${stem}.`) && name.endsWith('.onnx_data') && graph.includes(name));
 }
 
 /**

@@ -22,7 +22,7 @@ import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON, unusedFiles } from '../pipeline/model.js';
-import { carryOptimizedCopies } from '../pipeline/ortcache.js';
+import { optimizedCopyHooks } from '../pipeline/ortcache.js';
 import type { ToWorker } from '../pipeline/protocol.js';
 import { onGpu } from '../pipeline/provider.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
@@ -378,8 +378,9 @@ export class BootSequence {
         resolveModel(plan.uri, {
           cfg: this.#cfg, log, signal,
           unused: unusedFiles,
-          // A new version's unchanged components keep their optimized copies (an ORT_OPTIMIZED_CACHE=off server loads none).
-          ...(this.#cfg.optimizedModelCache !== 'off' ? { carry: carryOptimizedCopies } : {}),
+          // Unchanged components keep their optimized copies through a refresh in place or into a new version (an
+          // ORT_OPTIMIZED_CACHE=off server loads none).
+          ...(this.#cfg.optimizedModelCache !== 'off' ? optimizedCopyHooks : {}),
           onListing: (files) => this.#onListing(files),
           onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
           onRestart: () => this.#onRestart(),

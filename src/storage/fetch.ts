@@ -120,6 +120,13 @@ export interface ResolveOptions {
    * version's sweeps remove whatever its listing does not name, these files too, so each round carries them again.
    */
   carry?(from: string, to: string): Promise<readonly string[]>;
+  /**
+   * The same derived files, kept through a refresh of the entry in place, whose sweeps remove whatever the listing does
+   * not name. Called before each sweep of a fill that is not a new version's (`entry`: its folder), with the listed
+   * files the round keeps as they are (`unchanged`) and those it fetches (`fetched`: each removed first, then written
+   * as a new file under its name); resolves to the derived files (paths in the entry) the sweep leaves.
+   */
+  keep?(entry: string, unchanged: ReadonlySet<string>, fetched: ReadonlySet<string>): Promise<readonly string[]>;
   /** Fault injection for tests. */
   io?: Partial<StorageIo>;
 }
@@ -701,6 +708,22 @@ class S3Fetch {
     }
   }
 
+  /**
+   * The caller's derived files of this entry that a refresh in place keeps (ResolveOptions.keep); only later starts
+   * gain, so a failure is logged and keeps none.
+   */
+  private async keptDerived(unchanged: readonly RemoteObject[], fetched: readonly RemoteObject[]): Promise<readonly string[]> {
+    try {
+      const kept = await this.o.keep!(this.entry, new Set(unchanged.map((o) => o.rel)), new Set(fetched.map((o) => o.rel)));
+      const components = [...new Set(kept.map((rel) => rel.split('/')[0]!))];
+      if (kept.length > 0 && fetched.length > 0) this.o.log.info({ components }, 'optimized model copies of unchanged components kept through the refresh');
+      return kept;
+    } catch (err) {
+      this.o.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not keep the optimized model copies through the refresh');
+      return [];
+    }
+  }
+
   /** Staleness of the cache's lock and lease files, as entries.ts takes them. */
   private entryOptions(): { lockStaleMs: number; leaseStaleMs?: number } {
     return { lockStaleMs: this.o.lockStaleMs ?? 30_000, ...(this.o.leaseStaleMs !== undefined ? { leaseStaleMs: this.o.leaseStaleMs } : {}) };
@@ -708,7 +731,8 @@ class S3Fetch {
 
   /**
    * Download rounds: a round fetches what is not whole; objects that change meanwhile start another one. `from`: the
-   * version a new version is made from, whose derived files are carried into it (ResolveOptions.carry).
+   * version a new version is made from, whose derived files are carried into it (ResolveOptions.carry); without it the
+   * entry's own derived files of unchanged components stay through its sweeps (ResolveOptions.keep).
    */
   private async rounds(initial: RemoteObject[], journal: Journal, get: (r: GetRequest) => Promise<ObjectBody>, signal: AbortSignal, lost: AbortSignal,
     dl: typeof import('./download.js'), from?: string): Promise<ResolvedModel> {
@@ -722,6 +746,8 @@ class S3Fetch {
     const directoryBucket = /--x-s3$/.test(this.bucket);
     const checkState = cfg.s3.verifyContent ? newContentCheckState() : undefined;
     let evictedAfterRefusal = false;
+    // What this round's sweep kept of the caller's derived files (ResolveOptions.keep): dropPartials keeps them too.
+    let derived: readonly string[] = [];
     for (let round = 0; round < 4; round++) {
       if (round > 0) this.o.onRestart?.();
       const reuse: RemoteObject[] = [];
@@ -745,6 +771,8 @@ class S3Fetch {
       }
       const listed = new Set(listing.map((o) => o.rel));
       for (const rel of [...journal.files.keys()]) if (!listed.has(rel)) journal.drop(rel);
+      derived = from === undefined && this.o.keep ? await this.keptDerived(reuse, fetch) : [];
+      for (const rel of derived) keep.add(rel);
       // Stale files go (durably) before the journal names new versions: a file found later under a final name is
       // then always the version the journal names.
       const swept = await sweep(this.entry, keep);
@@ -786,7 +814,7 @@ class S3Fetch {
         });
       } catch (e) {
         if (e instanceof RuntimeError && e.code === 'NO_SPACE') {
-          await this.dropPartials(journal);
+          await this.dropPartials(journal, derived);
           // The volume refused a write although statfs said there was room (a quota, another writer): its figure is not
           // trusted, so what is evicted must itself add up to what is left to fetch. Once: a second refusal is final.
           if (e.cause !== undefined) {
@@ -910,9 +938,9 @@ class S3Fetch {
     return bad;
   }
 
-  /** After ENOSPC: free what the partial files hold; whole files stay reusable through the journal. */
-  private async dropPartials(journal: Journal): Promise<void> {
-    const keep = new Set<string>();
+  /** After ENOSPC: free what the partial files hold; whole files stay reusable through the journal, `derived` files too. */
+  private async dropPartials(journal: Journal, derived: readonly string[]): Promise<void> {
+    const keep = new Set<string>(derived);
     for (const [rel, j] of journal.files) {
       if (j.complete) keep.add(rel);
       else journal.drop(rel);
