@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
-import { existsSync, promises as fsp, readdirSync, readFileSync, rmdirSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, promises as fsp, readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
@@ -8,6 +8,7 @@ import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
 import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
+import { fsRequestsPending, pendingIo } from '../src/storage/pending-io.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { tmpfsForTests } from './helpers/tmpfs.js';
 import { until } from './helpers/server.js';
@@ -324,6 +325,43 @@ describe('lock', () => {
       const l = await acquireLock(file, { staleMs, pollMs: 20, wait, purpose: wait ? undefined : 'evict', satisfied: async () => performance.now() - t0 > 2 * staleMs });
       expect(l, `wait: ${wait}`).toBeDefined();
       expect(JSON.parse(await fsp.readFile(file, 'utf8'))).toMatchObject({ pid: process.pid, host: os.hostname() });
+      await l!.release();
+    }
+  });
+
+  it('a heartbeat the volume leaves unanswered is not sent again: it holds one of libuv\'s pool threads, not all of them', async () => {
+    const file = path.join(tmp, 'h.lock');
+    const other = path.join(tmp, 'h.other');
+    await fsp.writeFile(other, 'x');
+    const l = await acquireLock(file, { heartbeatMs: 20 });
+    const holder = await fsp.readFile(file);
+    // The lock's file stops answering: a FIFO in its place blocks every open of it until a writer comes.
+    await fsp.rm(file);
+    execFileSync('mkfifo', [file]);
+    try {
+      await until(() => fsRequestsPending() > 0);
+      // Fifteen periods more: a beat each would hold the pool's four threads, and every other call of the process wait.
+      await new Promise((r) => setTimeout(r, 300));
+      expect(fsRequestsPending()).toBe(1);
+      let timer: NodeJS.Timeout | undefined;
+      const read = await Promise.race([fsp.readFile(other, 'utf8'), new Promise((r) => (timer = setTimeout(() => r('the pool is full'), 10_000)))]);
+      clearTimeout(timer);
+      expect(read).toBe('x');
+      // And a stop can name it.
+      expect(pendingIo().filter((p) => p.file === file).map((p) => p.op)).toEqual(['read']);
+    } finally {
+      // The volume answers again: the lock's file back in place, then the beat blocked on the FIFO let go (a writer
+      // opens it), so no thread of this process stays blocked.
+      await fsp.link(file, `${file}.fifo`);
+      await fsp.writeFile(`${file}.back`, holder);
+      await fsp.rename(`${file}.back`, file);
+      try {
+        closeSync(openSync(`${file}.fifo`, constants.O_WRONLY | constants.O_NONBLOCK));
+      } catch {
+        // no beat was blocked on it
+      }
+      await fsp.rm(`${file}.fifo`);
+      await until(() => fsRequestsPending() === 0);
       await l!.release();
     }
   });

@@ -24,6 +24,7 @@ import { crc32 } from 'node:zlib';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, PARTIAL } from './cache.js';
+import { trackIo } from './pending-io.js';
 
 /** [start, end): bytes of a file, end exclusive. */
 export type Span = [number, number];
@@ -227,7 +228,8 @@ export class Journal {
    */
   static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void } = {}): Promise<Journal> {
     const boot = o.boot ?? currentBoot();
-    const text = await fsp.readFile(path.join(entry, JOURNAL), 'utf8').catch(() => '');
+    const log = path.join(entry, JOURNAL);
+    const text = await trackIo('readFile', log, () => fsp.readFile(log, 'utf8')).catch(() => '');
     const { files, unvouched, tries } = replayLog(text, boot);
     // Writes a kill cut off from their `add`: kept if the bytes on disk are the ones the write was writing.
     for (const t of tries) {

@@ -23,6 +23,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
+import { trackIo } from './pending-io.js';
 import { createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
@@ -165,7 +166,7 @@ function keep(entryDir: string, file: string, me: LockInfo, heartbeatMs: number,
       released = true;
       // The last use is recorded before the lease goes, so the entry's last use never moves back.
       const stamp = path.join(path.dirname(file), LAST_USED);
-      await fsp.writeFile(stamp, new Date().toISOString()).catch(() => undefined);
+      await trackIo('writeFile', stamp, () => fsp.writeFile(stamp, new Date().toISOString())).catch(() => undefined);
       await held.release();
     },
   };

@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { shortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
+import { trackIo } from './pending-io.js';
 
 export interface LockOptions {
   /** Heartbeat period (ms). */
@@ -421,21 +422,26 @@ class Wake {
 export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
   const lost = new AbortController();
   let released = false;
+  // One beat at a time: on a volume that stopped answering each would hold one of libuv's pool threads for good, and a
+  // beat every period would soon hold them all (and every other file, DNS and zlib call of the process behind them).
+  let beating = false;
   const beat = setInterval(() => {
+    if (beating) return;
+    beating = true;
     void (async () => {
       // Out of descriptors: not read, so not judged, but kept fresh (utimes needs no descriptor); the next beat judges.
-      const read = await readInfo(file).catch(() => undefined);
+      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
       if (released) return;
       const now = new Date();
-      if (read === undefined) return void (await fsp.utimes(file, now, now).catch(() => undefined));
+      if (read === undefined) return void (await trackIo('utimes', file, () => fsp.utimes(file, now, now)).catch(() => undefined));
       const info = holderOf(read);
       if (info?.token !== me.token) {
         clearInterval(beat);
         lost.abort(new RuntimeError('STORAGE_TRANSIENT', 'the cache lock of this model was taken over by another process (its heartbeat was missed); this fetch stops'));
         return;
       }
-      await fsp.utimes(file, now, now).catch(() => undefined);
-    })();
+      await trackIo('utimes', file, () => fsp.utimes(file, now, now)).catch(() => undefined);
+    })().finally(() => (beating = false));
   }, heartbeatMs);
   beat.unref();
   return {
@@ -447,8 +453,8 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
       clearInterval(beat);
       // Unread for want of a descriptor, it is still ours unless a beat saw it taken: left behind, it would hold every
       // waiter (this process's next fetch included) until it went stale.
-      const read = await readInfo(file).catch(() => undefined);
-      if (read === undefined ? !lost.signal.aborted : holderOf(read)?.token === me.token) await fsp.unlink(file).catch(() => undefined);
+      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
+      if (read === undefined ? !lost.signal.aborted : holderOf(read)?.token === me.token) await trackIo('unlink', file, () => fsp.unlink(file)).catch(() => undefined);
     },
   };
 }

@@ -1,0 +1,82 @@
+/**
+ * @module Calls on the cache volume still in flight, and how a stop ends a process that some never return to. An NFS
+ * server gone away on a hard mount blocks every open, read, stat or unlink on the volume for good, each in one of
+ * libuv's thread-pool threads (UV_THREADPOOL_SIZE, 4 by default): a stop that awaits one never ends, and neither does
+ * process.exit(), which joins those threads (and the worker threads) first. The calls a stop makes on the cache (a
+ * lease's or lock's release, their heartbeats) are recorded here, so that it can say which did not finish. The pool is
+ * the process's, and so is this record (as descriptors.ts's count of open files).
+ */
+import path from 'node:path';
+
+export interface PendingIo {
+  /** The call: `writeFile`, `unlink`, `utimes`, `read`. */
+  readonly op: string;
+  readonly file: string;
+  /** When it began (performance.now()). */
+  readonly since: number;
+}
+
+const pending = new Set<PendingIo>();
+
+/**
+ * What a stop gives, in all, to what follows the server's drain (the workers' close, 5 s before they are terminated;
+ * output uploads' aborts, 10 s; the fetch's stop; the lease's release), or to the warm-up's stop: past it, what has not
+ * finished is left, and named.
+ */
+export const CLEANUP_MS = 15_000;
+
+/** Runs `call` (one call on `file`), recorded as pending until it settles. */
+export function trackIo<T>(op: string, file: string, call: () => Promise<T>): Promise<T> {
+  const p: PendingIo = { op, file, since: performance.now() };
+  pending.add(p);
+  return call().finally(() => pending.delete(p));
+}
+
+/** The recorded calls not settled yet, oldest first. */
+export function pendingIo(): PendingIo[] {
+  return [...pending].sort((a, b) => a.since - b.since);
+}
+
+/** File system requests of this process not answered yet, recorded or not (Node's own count of them). */
+export function fsRequestsPending(): number {
+  return process.getActiveResourcesInfo().filter((r) => r === 'FSReqCallback' || r === 'FSReqPromise').length;
+}
+
+/** `file` as the cache names it (relative to `cacheDir`), or as given when it lies outside. */
+export function cacheRelative(cacheDir: string, file: string): string {
+  const rel = path.relative(cacheDir, file);
+  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
+}
+
+/** `op rel` for each recorded call still pending, with its age: what a stop's line names. */
+export function describePending(cacheDir: string, now = performance.now()): string[] {
+  return pendingIo().map((p) => `${p.op} ${cacheRelative(cacheDir, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+}
+
+/** How long stuck() waits for requests it did not record to be answered before it counts them stuck. */
+const SETTLE_MS = 500;
+
+/**
+ * Whether file system requests are still unanswered once the stop's own work is over, after up to SETTLE_MS for those
+ * merely slow: where some are, process.exit() would wait for them for good.
+ */
+export async function stuckRequests(settleMs = SETTLE_MS): Promise<number> {
+  const end = performance.now() + settleMs;
+  for (;;) {
+    const n = fsRequestsPending();
+    if (n === 0 || performance.now() >= end) return n;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/**
+ * Ends the process as `signal`'s default action does (exit status 128 + its number: 143 for SIGTERM), without joining
+ * the threads that process.exit() would wait for. For a stop whose calls on the volume never returned.
+ */
+export function endBySignal(signal: NodeJS.Signals): never {
+  // With no listener left Node gives the signal back its default action (libuv restores SIG_DFL).
+  process.removeAllListeners(signal);
+  process.kill(process.pid, signal);
+  // A fatal signal ends every thread of the process before kill() returns to this one.
+  throw new Error(`${signal} did not end the process`);
+}
