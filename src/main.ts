@@ -4,6 +4,7 @@
  * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after.
  */
 import { realpathSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
 import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
@@ -17,6 +18,8 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
+import { cacheRelative, CLEANUP_MS, describePending, endBySignal, stuckRequests } from './storage/pending-io.js';
+import { deadline } from './deadline.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -100,10 +103,15 @@ async function main(): Promise<void> {
       return;
     }
     events?.emit('signal', { signal: sig }, 'signal received');
-    const exit = (code: number) => process.exit(signals > 1 ? 1 : code);
-    if (rt) void rt.close().then(() => exit(Number(process.exitCode ?? 0)));
-    else if (boot) void boot.stop().then(() => exit(0));
-    else process.exit(0);
+    const exit = (code: number, unfinished: readonly string[]) => void leave(signals > 1 ? 1 : code, sig, unfinished, { cfg: cfg!, log, rt });
+    const r = rt;
+    if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.unfinished));
+    else if (boot) {
+      // As close()'s cleanup: the fetch's stop and the lease's release write to the cache.
+      const left = deadline(undefined, CLEANUP_MS);
+      void Promise.race([boot.stop().then(() => true), new Promise<false>((res) => left.signal.addEventListener('abort', () => res(false), { once: true }))])
+        .then((done) => (left.clear(), exit(0, done ? [] : ['the model fetch and the cache entry lease'])));
+    } else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
@@ -138,6 +146,34 @@ async function main(): Promise<void> {
   // Steps 3-5: announce, load, warm.
   await boot.run(rt);
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
+}
+
+/**
+ * Ends the process after a stop: exit `code`, unless the stop left work unfinished or file system calls unanswered (a
+ * volume that stopped answering: process.exit() would wait for them for good). Then one line names them and the
+ * process ends as `sig`'s default action (128 + its number, 143 for SIGTERM): not 0, and not the kubelet's SIGKILL (137)
+ * at the end of the pod's grace period.
+ */
+async function leave(code: number, sig: string, unfinished: readonly string[], o: { cfg: Readonly<Config>; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
+  const { cfg, log, rt } = o;
+  const pending = describePending(cfg.cacheDir);
+  const unanswered = await stuckRequests();
+  if (unfinished.length === 0 && unanswered === 0) process.exit(code);
+  const signal = sig as NodeJS.Signals;
+  const status = 128 + (osConstants.signals[signal] ?? 0);
+  // A worker that did not stop is most often inside ONNX Runtime, creating a session from a file it cannot read.
+  const sessions = rt?.boot.progress.sessions ?? {};
+  const opening = unfinished.includes('the pipeline workers') ? [...(rt?.engine.announced ?? [])].filter(([c]) => !Object.hasOwn(sessions, c)).map(([, f]) => cacheRelative(cfg.cacheDir, f)) : [];
+  const what = [
+    ...(pending.length > 0 ? [`the cache volume did not answer: ${pending.join('; ')}`] : []),
+    ...(opening.length > 0 ? [`the pipeline workers did not stop (still creating sessions from ${opening.join(', ')}: does their volume answer?)`] : []),
+    ...(pending.length === 0 && unanswered > 0 ? [`${unanswered} file system call(s) still unanswered`] : []),
+  ];
+  if (what.length === 0) what.push(`${unfinished.join(', ')} did not finish`);
+  const line = `shutdown did not finish: ${what.join('; ')}; exiting without waiting for it (exit ${status})`;
+  if (log) log.error({ unfinished, pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
+  else process.stderr.write(`diffusers-runtime: ${line}\n`);
+  endBySignal(signal);
 }
 
 /**

@@ -41,8 +41,8 @@ export interface BootEventMap {
   'adapters-ready': { set: string; worker: number; waitedMs: number; ms: Record<string, number>; mergedMB: number; components: string[]; formats: Record<string, string> };
   /** close() began: readiness is false, in-flight requests finish within the grace period. */
   draining: { inflight: number; queued: number; graceMs: number; bootState: BootState };
-  /** close() is done. */
-  'shut-down': { drained: boolean };
+  /** close() is done; `unfinished`: what it left after its CLEANUP_MS (runtime.ts), absent when everything finished. */
+  'shut-down': { drained: boolean; unfinished?: string[] };
 }
 
 export type BootEventName = keyof BootEventMap;

@@ -335,6 +335,11 @@ export class Engine {
     for (const w of this.#workers) w.send({ t: 'component', component, path });
   }
 
+  /** The components announced whole since the last reset, with their model files: what the workers create sessions from. */
+  get announced(): ReadonlyMap<string, string> {
+    return this.#components;
+  }
+
   /** A component the workers were told of before this engine adopted them: kept for a worker started again. */
   componentAnnounced(component: string, path: string): void {
     this.#components.set(component, path);

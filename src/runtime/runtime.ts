@@ -5,6 +5,7 @@
  */
 import { setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
+import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createMetrics, type Metrics } from '../metrics.js';
@@ -18,6 +19,7 @@ import { createImageSource, type ImageSource } from './image-source.js';
 import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 import { PROGRESS_LOG_MS } from '../storage/fetch.js';
+import { CLEANUP_MS } from '../storage/pending-io.js';
 
 /**
  * How long close() waits, at most, for the aborts of multipart uploads that failed output_uri uploads left (a pod's
@@ -62,6 +64,7 @@ export class Runtime {
   #stopping = false;
   #closing: Promise<void> | undefined;
   #endGrace: (() => void) | undefined;
+  readonly #unfinished: string[] = [];
   readonly #shutdown = new AbortController();
   /** Run at the end of close(), once the workers are closed (the cache entry's lease). */
   readonly #atClose: Array<() => Promise<void>> = [];
@@ -122,6 +125,14 @@ export class Runtime {
     });
   }
 
+  /**
+   * What close() left unfinished after CLEANUP_MS (`the pipeline workers`, `the model fetch and the cache entry lease`,
+   * `the output uploads`): a thread of the process may be stuck on a volume that does not answer.
+   */
+  get unfinished(): readonly string[] {
+    return this.#unfinished;
+  }
+
   /** True from the start of close(): readiness is false and new work gets 503. */
   get stopping(): boolean {
     return this.#stopping;
@@ -172,14 +183,30 @@ export class Runtime {
       ]);
       clearTimeout(timer);
       if (!drained) this.log.warn({ inflight: this.generation.inflight }, 'grace period over: closing with requests still running');
-      await Promise.all([this.engine.close(), this.optimizer.stop()]);
-      await Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined)));
+      // What follows touches the model's files and the cache (the workers read them, the lease is released there): on a
+      // volume that stopped answering it would wait for good, so it gets CLEANUP_MS in all, and what did not finish is
+      // named (unfinished) and left: the next start or an eviction takes over a lease or lock whose heartbeat stopped.
+      const left = deadline(undefined, CLEANUP_MS);
+      const expired = new Promise<false>((r) => left.signal.addEventListener('abort', () => r(false), { once: true }));
+      const step = async (name: string, work: () => Promise<unknown>): Promise<boolean> => {
+        const settled = work().then(() => true, () => true);
+        // Past the time, a step still gets a turn of the loop to finish: one with nothing to wait for is not left.
+        const done = (await Promise.race([settled, expired])) || (await Promise.race([settled, new Promise<false>((r) => setImmediate(() => r(false)))]));
+        if (!done) this.#unfinished.push(name);
+        return done;
+      };
+      // The lease goes only once the workers stopped reading the entry's files: left held while one may still read, it
+      // keeps an eviction from removing them under it until its heartbeat goes stale.
+      if (await step('the pipeline workers', () => Promise.all([this.engine.close(), this.optimizer.stop()]))) {
+        await step('the model fetch and the cache entry lease', () => Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined))));
+      }
       // A failed output_uri upload's multipart upload is aborted through the request client: not cut by its destroy().
-      await this.generation.uploadsSettled(UPLOAD_ABORTS_MS);
+      await step('the output uploads', () => this.generation.uploadsSettled(UPLOAD_ABORTS_MS));
+      left.clear();
       this.#requestS3.destroy();
       // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
       this.#listener?.closeConnections();
-      this.events.emit('shut-down', { drained }, 'shut down');
+      this.events.emit('shut-down', { drained, ...(this.#unfinished.length > 0 ? { unfinished: [...this.#unfinished] } : {}) }, 'shut down');
     })());
   }
 

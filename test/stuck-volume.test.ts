@@ -1,0 +1,119 @@
+/**
+ * SIGTERM while the cache volume does not answer (an NFS server gone away on a hard mount: every call on it blocks for
+ * good). A FIFO stands in for a file of that volume: opening it blocks until a writer comes, as any call on such a
+ * mount does; a stat of it still answers, which a hung NFS mount's would not. Real processes (the built server on the
+ * demo model, from a local cache or from s3rver), as the kubelet stops them: the process must exit
+ * within its bounds, with one line naming what did not finish, and not be left to the SIGKILL at the end of the grace.
+ */
+import { execFileSync } from 'node:child_process';
+import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
+import { LAST_USED, leasesDir } from '../src/storage/lease.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
+import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { sharedCacheDir, startServer, tempDir, type LogLine, type ServerHandle } from './helpers/server.js';
+
+const tmp = tempDir('dr-stuck-');
+const live: ServerHandle[] = [];
+const fifos: string[] = [];
+let s3: S3Server;
+let proxy: FaultProxy;
+const PREFIX = 'demo/';
+
+beforeAll(async () => {
+  const m = path.join(tmp.dir, 'model');
+  const model = await buildDemoModel(m);
+  s3 = await startS3(['models']);
+  await putFolder(s3, 'models', PREFIX, model.dir, model.files.map((f) => f.path));
+  proxy = await startFaultProxy(s3.port);
+}, 60_000);
+
+afterEach(async () => {
+  for (const s of live.splice(0)) await s.stop('SIGKILL');
+  // A reader still blocked on a FIFO is let go: a writer opens it (without blocking: ENXIO when no reader is left).
+  for (const f of fifos.splice(0)) {
+    try {
+      closeSync(openSync(f, constants.O_WRONLY | constants.O_NONBLOCK));
+    } catch {
+      // no reader left
+    }
+    rmSync(f, { force: true });
+  }
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  tmp.cleanup();
+});
+
+/** Replaces `file` by a FIFO: every open of it blocks until a writer comes (the test's afterEach). */
+function stick(file: string): void {
+  rmSync(file, { force: true });
+  mkdirSync(path.dirname(file), { recursive: true });
+  execFileSync('mkfifo', [file]);
+  fifos.push(file);
+}
+
+/** SIGTERM, then the exit, or SIGKILL after `ms` (the kubelet's at the end of the grace period). */
+async function terminate(srv: ServerHandle, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; seconds: number }> {
+  const t0 = performance.now();
+  const r = await srv.stop('SIGTERM', ms);
+  return { ...r, seconds: (performance.now() - t0) / 1000 };
+}
+
+const stopLine = (logs: readonly LogLine[]) => logs.find((l) => l.level === 'error' && String(l.msg).startsWith('shutdown did not finish'));
+
+describe('the server, SIGTERM with the cache volume stuck', () => {
+  it('while the boot reads a model file: probes answer, and it exits 143 within the cleanup bound, naming the file', async () => {
+    const cache = path.join(tmp.dir, 'cache-a');
+    cpSync(await ensureDemoModel(sharedCacheDir()), path.join(cache, path.basename(await ensureDemoModel(sharedCacheDir()))), { recursive: true });
+    const entry = readdirSync(cache)[0]!;
+    stick(path.join(cache, entry, 'unet', 'model.onnx'));
+    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
+    live.push(srv);
+    await srv.waitFor('state', (d) => d.state === 'loading');
+    // Liveness and readiness never touch the volume: answered while a worker is stuck on it.
+    expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
+    expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
+    // Before, the close waited for the worker for good: the kubelet's SIGKILL (here after 40 s) ended it.
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    const line = stopLine(srv.logs);
+    expect(line?.msg).toMatch(new RegExp(`the pipeline workers did not stop \\(still creating sessions from [^)]*${entry}/unet/model\\.onnx`));
+    expect(line?.msg).toMatch(/exit 143\)$/);
+    expect(line?.msg).not.toContain(cache);
+    expect(srv.events('shut-down')).toMatchObject([{ unfinished: ['the pipeline workers'] }]);
+  }, 90_000);
+
+  it('while serving from S3 with the lease folder stuck: the lease release is named, the exit is 143, the next start serves', async () => {
+    const cache = path.join(tmp.dir, 'cache-b');
+    const env = {
+      ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache,
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+    };
+    // A first run fills the entry and stops cleanly: exit 0, its lease released (the entry's last use written).
+    const first = await startServer(env, { ready: true });
+    live.push(first);
+    expect(await terminate(first, 40_000)).toMatchObject({ code: 0, signal: null });
+    expect(stopLine(first.logs)).toBeUndefined();
+    const key = cacheKey(parseStorageUri(env.STORAGE_URI) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
+    const lastUsed = path.join(leasesDir(path.join(cache, key)), LAST_USED);
+    expect(existsSync(lastUsed)).toBe(true);
+    stick(lastUsed);
+    const srv = await startServer(env, { ready: true });
+    live.push(srv);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    const line = stopLine(srv.logs);
+    expect(line?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: writeFile \\.leases/${key}/last-used still pending after \\d+ s; exiting without waiting for it \\(exit 143\\)$`));
+    expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
+    expect(srv.events('shut-down')).toMatchObject([{ unfinished: ['the model fetch and the cache entry lease'] }]);
+    // Nothing a later start misreads: the volume answers again, and the entry is served as committed.
+    const next = await startServer(env, { ready: true });
+    live.push(next);
+    expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
+  }, 180_000);
+});
