@@ -2,7 +2,7 @@
  * SIGTERM while the cache volume does not answer (an NFS server gone away on a hard mount: every call on it blocks for
  * good). A FIFO stands in for a file of that volume: opening it blocks until a writer comes, as any call on such a
  * mount does; a stat of it still answers, which a hung NFS mount's would not. Real processes (the built server on the
- * demo model, from a local cache or from s3rver), as the kubelet stops them: the process must exit
+ * demo model, from a local cache or from s3rver; the warm-up CLI), as the kubelet stops them: the process must exit
  * within its bounds, with one line naming what did not finish, and not be left to the SIGKILL at the end of the grace.
  */
 import { execFileSync } from 'node:child_process';
@@ -10,16 +10,19 @@ import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirS
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
+import { JOURNAL } from '../src/storage/cache.js';
 import { LAST_USED, leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { sharedCacheDir, startServer, tempDir, type LogLine, type ServerHandle } from './helpers/server.js';
+import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const tmp = tempDir('dr-stuck-');
 const live: ServerHandle[] = [];
 const fifos: string[] = [];
 let s3: S3Server;
 let proxy: FaultProxy;
+let slow: FaultProxy;
 const PREFIX = 'demo/';
 
 beforeAll(async () => {
@@ -28,6 +31,7 @@ beforeAll(async () => {
   s3 = await startS3(['models']);
   await putFolder(s3, 'models', PREFIX, model.dir, model.files.map((f) => f.path));
   proxy = await startFaultProxy(s3.port);
+  slow = await startFaultProxy(s3.port, { bytesPerSecond: 200e3 });
 }, 60_000);
 
 afterEach(async () => {
@@ -45,6 +49,7 @@ afterEach(async () => {
 
 afterAll(async () => {
   await proxy?.close();
+  await slow?.close();
   if (s3) await destroyS3(s3);
   tmp.cleanup();
 });
@@ -116,4 +121,27 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
     live.push(next);
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 180_000);
+});
+
+describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
+  it('while the fill reads the entry\'s journal: exits within SHUTDOWN_GRACE_S with a line naming what did not finish', async () => {
+    const cache = path.join(tmp.dir, 'cache-c');
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    // An entry being filled, whose journal does not answer: the resumed fill stops at reading it.
+    mkdirSync(path.join(cache, key), { recursive: true });
+    stick(path.join(cache, key, JOURNAL));
+    let kill!: (s: NodeJS.Signals) => void;
+    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
+    await new Promise((r) => setTimeout(r, 3_000));
+    kill('SIGTERM');
+    // Before, the stop waited for the fill, and the fill for the journal: only a second signal (or SIGKILL) ended it.
+    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
+    const r = await job;
+    clearTimeout(timer);
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    expect(r.stderr).toMatch(/warmup: SIGTERM received; stopping/);
+    expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: readFile ${key}/\\.progress\\.jsonl still pending after \\d+ s; exiting without waiting for them \\(exit 143\\)$`, 'm'));
+    expect(r.stderr).not.toContain(cache);
+  }, 60_000);
 });

@@ -24,6 +24,7 @@ import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } 
 import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
+import { describePending, endBySignal, fsRequestsPending, stuckRequests } from '../src/storage/pending-io.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -376,6 +377,28 @@ function argUri(what: string, v: string): StorageSource {
   }
 }
 
+/** SHUTDOWN_GRACE_S and MODEL_CACHE_DIR, or their defaults where the environment cannot be read (main reports why). */
+function stopSettings(): Pick<Config, 'shutdownGraceS' | 'cacheDir'> {
+  try {
+    return loadConfig();
+  } catch {
+    return loadConfig({});
+  }
+}
+
+/**
+ * Ends a stop that calls on the cache volume hold: one line naming them, then the signal's default action (128 + its
+ * number), since process.exit() would wait for them for good.
+ */
+function leaveStuck(sig: NodeJS.Signals, why: string): never {
+  const pending = describePending(stopSettings().cacheDir);
+  const what = pending.length > 0 ? `the cache volume did not answer: ${pending.join('; ')}` : `${fsRequestsPending()} file system call(s) on the cache still unanswered`;
+  process.stderr.write(`warmup: ${why}: ${what}; exiting without waiting for them (exit ${128 + os.constants.signals[sig]})\n`);
+  return endBySignal(sig);
+}
+
+let signalled: NodeJS.Signals | undefined;
+
 async function main(): Promise<number> {
   // The AWS SDK's multi-line notice about its future Node requirement would sit between the progress lines on stderr;
   // the lockfile pins the SDK.
@@ -383,12 +406,15 @@ async function main(): Promise<number> {
   // What the Job leaves in the cache, the serving pods (another uid, perhaps, in the same group) must be able to write.
   applyContainerDefaults();
   const ac = new AbortController();
-  let signalled: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
     if (signalled) process.exit(128 + os.constants.signals[sig]);
     signalled = sig;
     process.stderr.write(`warmup: ${sig} received; stopping (the cache stays consistent and resumes next run)\n`);
     ac.abort(new RuntimeError('CANCELLED', `stopped by ${sig}`));
+    // The stop saves the fill's journal and releases its lock, on the cache: a volume that stopped answering would hold
+    // it (and process.exit()) for good, so it gets SHUTDOWN_GRACE_S, as the server's drain does.
+    const graceS = stopSettings().shutdownGraceS;
+    setTimeout(() => leaveStuck(sig, `the stop did not finish within SHUTDOWN_GRACE_S (${graceS} s)`), graceS * 1000).unref();
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
@@ -424,6 +450,8 @@ async function main(): Promise<number> {
 }
 
 const code = await main();
+// Stopped, with calls on the cache still unanswered (a lock's heartbeat, say): the exit would wait for them for good.
+if (signalled !== undefined && (await stuckRequests()) > 0) leaveStuck(signalled, 'stopped');
 process.exitCode = code;
 // Sockets or timers left by a library must not keep a finished Job pod running.
 setTimeout(() => process.exit(code), 2_000).unref();
