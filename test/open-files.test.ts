@@ -19,6 +19,7 @@ import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { firstUse, shortage } from '../src/descriptors.js';
 import { listenBase } from '../src/server/base.js';
 import { rangesInFlight } from '../src/storage/plan.js';
+import { bmp } from './helpers/images.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type S3Server } from './helpers/s3.js';
 import { ROOT, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 
@@ -337,6 +338,14 @@ describe('requests while every descriptor is taken (MAX_CONNECTIONS=0, ulimit -n
     for (const [k, r] of Object.entries(after)) expect(r.status, `${k}: ${JSON.stringify(r.json)}`).toBe(200);
     expect(await stored()).toEqual(['first.png', 'second.png']);
     expect(srv.stderr.join('')).toBe('');
+  });
+
+  it('a BMP input, whose decoding thread needs descriptors for its event loop, is a 503 too, and decoded once they are back', async () => {
+    const pixels = Buffer.alloc(64 * 64 * 3, 90);
+    const { during, after } = await starved({ bmp: instance({ image: bmp(64, 64, 24, pixels).toString('base64'), strength: 0.5 }) });
+    // Before: 500 INTERNAL ("the BMP decoding thread failed: … EMFILE"), as for a defect.
+    expect(during.bmp).toMatchObject(refused(/^instances\[0\]\.image: the BMP decoding thread could not start/));
+    expect(after.bmp!.status, JSON.stringify(after.bmp!.json)).toBe(200);
   });
 });
 

@@ -10,6 +10,7 @@ import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { setImmediate as turn } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
+import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 
 /**
@@ -61,7 +62,11 @@ export async function decodeBmp(bytes: Uint8Array, field: string, signal?: Abort
       };
       signal?.addEventListener('abort', stop, { once: true });
       worker.once('message', (m: { data: Uint8Array } | { error: string }) => ('data' in m ? resolve(m.data) : reject(new Error(m.error))));
-      worker.once('error', (err) => reject(new RuntimeError('INTERNAL', `${field}: the BMP decoding thread failed: ${err.message}`, { cause: err })));
+      worker.once('error', (err) => {
+        // No descriptor for its event loop: over once others are freed, as for the other threads (descriptors.ts).
+        const why = shortage(err);
+        reject(why ? shortageError(`${field}: the BMP decoding thread could not start`, why, REQUEST_ADVICE, err) : new RuntimeError('INTERNAL', `${field}: the BMP decoding thread failed: ${err.message}`, { cause: err }));
+      });
       worker.once('exit', (code) => {
         signal?.removeEventListener('abort', stop);
         reject(new RuntimeError('INTERNAL', `${field}: the BMP decoding thread ended (exit code ${code}) without an answer`));
