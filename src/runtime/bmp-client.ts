@@ -19,8 +19,11 @@ import { RuntimeError } from '../errors.js';
  */
 const ENTRY = ['./bmp-thread.js', '../../dist/src/runtime/bmp-thread.js'].map((rel) => new URL(rel, import.meta.url)).find((u) => existsSync(fileURLToPath(u)));
 
-/** Decoding threads at once, process-wide: the cores but one, at least one. */
-export const BMP_THREADS = Math.max(1, availableParallelism() - 1);
+/**
+ * Decoding threads at once, process-wide: the cores but one, 1 to 4. Node counts the node's CPUs, not the pod's limit,
+ * and each thread holds ~7 MB outside the input budget.
+ */
+export const BMP_THREADS = Math.max(1, Math.min(4, availableParallelism() - 1));
 
 let running = 0;
 const waiting: Array<() => void> = [];
@@ -54,7 +57,13 @@ export async function decodeBmp(bytes: Uint8Array, field: string, signal?: Abort
   try {
     if (!ENTRY) throw new RuntimeError('INTERNAL', 'the BMP decoding thread is not built (dist/src/runtime/bmp-thread.js)');
     const copy = await ownCopy(bytes, signal, cancelled);
-    const worker = new Worker(ENTRY, { workerData: copy, transferList: [copy.buffer] });
+    let worker: Worker;
+    try {
+      worker = new Worker(ENTRY, { workerData: copy, transferList: [copy.buffer] });
+    } catch (err) {
+      // The system refused a thread (out of threads or memory): the server's trouble, not the image's.
+      throw new RuntimeError('INTERNAL', `${field}: the BMP decoding thread could not start: ${(err as Error)?.message ?? String(err)}`, { cause: err });
+    }
     return await new Promise<Uint8Array>((resolve, reject) => {
       const stop = () => {
         void worker.terminate();
