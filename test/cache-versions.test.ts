@@ -11,7 +11,7 @@ import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { silentLogger } from '../src/log.js';
 import { resolveBoot } from '../src/runtime/boot-sequence.js';
 import { JOURNAL, MANIFEST, walk } from '../src/storage/cache.js';
-import { describeEntries, listEntries } from '../src/storage/entries.js';
+import { describeEntries, listEntries, removeEntry } from '../src/storage/entries.js';
 import { committedEntry, resolveModel } from '../src/storage/fetch.js';
 import { leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
@@ -311,6 +311,38 @@ describe('objects replaced under a prefix while another process leases its entry
       pod.kill('SIGKILL');
     }
   }, 60_000);
+
+  // A pod killed elsewhere (OOM, a lost node) leaves its lease on the old version, stamped with its own clock: the
+  // version's removal watches such a lease for two heartbeats (60 s at the default staleness) before it counts it
+  // gone. A start that finds that version must not wait for it, whether a live pod still serves the version or not:
+  // it leaves the version to an eviction or a prune, which watch it.
+  it('a start on the new version never waits to watch a killed pod\'s lease on the old one; an eviction removes that version', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('k', 1);
+    const old = (await fill(cache, 'k')).dir;
+    const pod = await leaseInChild(old);
+    try {
+      await publish('k', 2);
+      const cur = (await fill(cache, 'k')).dir;
+      expect(cur).toBe(`${old}@2`);
+      const before = await snapshot(old);
+      const dead = path.join(leasesDir(old), 'pod-b-7-0123456789abcdef.lease');
+      await fsp.writeFile(dead, JSON.stringify({ pid: 7, host: 'pod-b', token: '0123456789abcdef', since: '' }));
+      const then = new Date(Date.now() - 10 * 60_000);
+      await fsp.utimes(dead, then, then);
+      // Default staleness: a watch of that lease would take 60 s, past this test's limit.
+      expect(await fill(cache, 'k')).toMatchObject({ dir: cur, fromCache: true });
+      pod.kill('SIGTERM');
+      await exited(pod);
+      expect(await fill(cache, 'k')).toMatchObject({ dir: cur, fromCache: true });
+      expect(await snapshot(old)).toEqual(before);
+      // An eviction watches the lease (for a second at a 3 s staleness), finds it still, and removes the version.
+      expect(await removeEntry(cache, keyOf('k'), { leaseStaleMs: 3_000 })).toMatchObject({ removed: true });
+      expect(existsSync(old)).toBe(false);
+    } finally {
+      pod.kill('SIGKILL');
+    }
+  }, 30_000);
 });
 
 describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions and refreshes in place', () => {

@@ -57,6 +57,11 @@ export interface EntryOptions {
   leaseStaleMs?: number;
   /** A lock heartbeat older than this does not count once watched a third as long without moving (default 30 s, as the fetch's lock). */
   lockStaleMs?: number;
+  /**
+   * false: a lock or lease whose heartbeat looks older than that (or as far ahead) is not watched, and keeps the entry
+   * as a live one does (removeEntry): for a start, which must not wait for it; an eviction or a prune watches it.
+   */
+  watch?: boolean;
 }
 
 /** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated. */
@@ -175,12 +180,15 @@ export type EvictOutcome = { removed: true; bytes: number } | { removed: false; 
 /** Removes one entry if nobody fills or serves from it, safely against both starting now (see the module's note). */
 export async function removeEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<EvictOutcome> {
   const dir = path.join(cacheDir, name);
+  const quick = o.watch === false;
+  if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0 }))?.unwatched) return { removed: false, why: 'locked' };
   const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000 });
   if (lock === undefined) return { removed: false, why: 'locked' };
   let trash: string;
   let bytes: number;
   try {
-    if ((await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) return { removed: false, why: 'in use' };
+    const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, quick ? { confirmMs: 0 } : {});
+    if (leases.live.length > 0 || (quick && leases.unwatched > 0)) return { removed: false, why: 'in use' };
     if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry or an adapter set links stay.
     bytes = await freedBy([dir]);

@@ -590,7 +590,9 @@ class S3Fetch {
     const mine = parseVersion(path.basename(this.entry)).n;
     for (const v of await versionsOf(cfg.cacheDir, this.key)) {
       if (v.n >= mine) continue;
-      const r = await removeEntry(cfg.cacheDir, v.name, this.entryOptions()).catch(() => undefined);
+      // A lease or lock that only watching could judge (a pod killed elsewhere) is not watched here: the start would wait
+      // for it (60 s for a lease). The version stays for an eviction or a prune, which watch it.
+      const r = await removeEntry(cfg.cacheDir, v.name, { ...this.entryOptions(), watch: false }).catch(() => undefined);
       if (r?.removed) log.info({ entry: v.name, bytes: r.bytes }, 'removed an older version of the cache entry that no process serves from any more');
     }
     return res;

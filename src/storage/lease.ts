@@ -61,6 +61,8 @@ export interface LeaseState {
   live: LockInfo[];
   /** The newest heartbeat or end of any lease, stale ones included (undefined: never leased). */
   lastUsedMs: number | undefined;
+  /** Leases not in `live` whose heartbeat looks old or far ahead on this clock and was not watched (confirmMs 0). */
+  unwatched: number;
 }
 
 /**
@@ -83,12 +85,14 @@ export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS, o: 
   // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
   const leases = await inspectHolders(names.filter((n) => n.endsWith(LEASE_EXT)).map((n) => path.join(dir, n)), { staleMs, ...o });
   const live: LockInfo[] = [];
+  let unwatched = 0;
   for (const h of leases) {
     if (h === undefined) continue;
     seen(h.mtimeMs);
     if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
+    else if (h.unwatched) unwatched++;
   }
-  return { live, lastUsedMs };
+  return { live, lastUsedMs, unwatched };
 }
 
 const exists = (p: string) => fsp.stat(p).then(() => true, () => false);

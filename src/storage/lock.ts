@@ -197,6 +197,8 @@ export interface HolderState {
   /** Its last heartbeat, on its holder's clock. */
   mtimeMs: number;
   live: boolean;
+  /** Its heartbeat looks old or far ahead on this process's clock and was not watched (confirmMs 0): its holder may live. */
+  unwatched?: true;
 }
 
 export interface InspectOptions {
@@ -222,7 +224,7 @@ export async function inspectHolders(files: readonly string[], o: InspectOptions
   for (const [i, file] of files.entries()) {
     const l = await look(file);
     const v = l && judge(l, j);
-    out.push(l && state(l, v === 'live'));
+    out.push(l && { ...state(l, v === 'live'), ...(v === 'unsure' && confirmMs <= 0 ? { unwatched: true as const } : {}) });
     if (l && v === 'unsure') unsure.set(i, beatOf(l));
   }
   const t0 = performance.now();
