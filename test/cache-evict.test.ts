@@ -357,6 +357,21 @@ describe('eviction against a start of the same entry at that moment', () => {
     expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
   });
 
+  it("an eviction's lock its evictor left (killed on another node, 10 min ago): the first lease watches it, takes it over and removes it, so no later start watches it", async () => {
+    const cache = await cacheWith(1);
+    const dir = path.join(cache, keyOf(1));
+    await fsp.writeFile(`${dir}.lock`, JSON.stringify({ pid: 7, host: 'pod-gone', token: 'evictor', since: '', purpose: 'evict' }));
+    const then = new Date(Date.now() - 10 * 60_000);
+    await fsp.utimes(`${dir}.lock`, then, then);
+    const first = await leaseEntry(dir, { pollMs: 10 });
+    // Before: judged abandoned for this start alone, and left for every later start to watch 10 s again.
+    expect(existsSync(`${dir}.lock`)).toBe(false);
+    const second = await leaseEntry(dir, { pollMs: 10 });
+    expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toHaveLength(2);
+    await first.release();
+    await second.release();
+  }, 60_000);
+
   it('a lease judged stale and removed by an eviction tells its holder, which learns whether the entry went', async () => {
     const cache = await cacheWith(1);
     const dir = path.join(cache, keyOf(1));

@@ -24,7 +24,7 @@ import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
 import { trackIo } from './pending-io.js';
-import { createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type LockInfo } from './lock.js';
+import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
 export const LEASES = '.leases';
@@ -123,7 +123,14 @@ export async function leaseEntry(entryDir: string, o: LeaseOptions = {}): Promis
     }
     // Only an eviction's lock matters here: a fill's (or none) is not watched when its heartbeat looks old.
     const lock = await inspectHolder(`${entryDir}.lock`, { confirmMs: 0 });
-    const evicting = lock?.holder?.purpose === 'evict' && (lock.live || (await inspectHolder(`${entryDir}.lock`))?.live === true);
+    let evicting = lock?.holder?.purpose === 'evict' && lock.live;
+    if (lock?.holder?.purpose === 'evict' && !lock.live) {
+      // Its heartbeat looks old on this clock: watched once (its evictor may be on a node whose clock is behind). One
+      // that stood still is taken over and removed, so that no later start watches it again.
+      const abandoned = await acquireLock(`${entryDir}.lock`, { wait: false, signal: o.signal });
+      if (abandoned) await abandoned.release();
+      else evicting = true;
+    }
     if (evicting) {
       await fsp.unlink(file).catch(() => undefined);
       await sleep(o.pollMs ?? 250, o.signal);
