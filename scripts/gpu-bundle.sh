@@ -6,7 +6,7 @@
 # current dist/, and the e2e reference model and cases (from ../shared when it is beside the repository, else the
 # repository's own copy).
 #
-#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb 40] [--node image|local|PATH] [--with-bench] [--with-sd15]
+#   scripts/gpu-bundle.sh [--arch 90] [--piece-mb N] [--node image|local|PATH] [--with-bench] [--with-sd15]
 #
 # --node local packs the `node` on PATH instead; --node PATH packs that binary.
 # --with-bench adds s3rver and ../shared/tools/throttle-proxy.mjs, so gpu-device-run.sh can also run
@@ -15,14 +15,16 @@
 # tokenizer and scheduler config, for the SD 1.5-size comparison: first call `bash scripts/gpu-sd15-start.sh gpuN` with
 # carry [gpu0, gpuN] (the last piece, the smallest: gpu0/ and a full piece do not fit beside the working tree), then
 # the other pieces but one as below, and last `SD15=1 bash scripts/gpu-device-run.sh gpuN-1` (it prints the plan).
-# Writes git-ignored folders gpu1/, gpu2/, ... of one piece each (a device call carries at most 64 MiB). Send them
-# in consecutive calls while the machine stays warm: the first runs
+# Writes git-ignored folders gpu1/, gpu2/, ... of one piece each. A device call carries at most 64 MiB, the working
+# tree (tracked and untracked-not-ignored files, ~36 MiB of it test fixtures) included, so the pieces are sized from
+# this checkout's tree with 2 MiB to spare (--piece-mb N sets their size instead); the bundle stops if a call would
+# not fit. Send them in consecutive calls while the machine stays warm: the first runs
 #   rm -rf /root/stage && mkdir -p /root/stage && cp gpu1/p* /root/stage/
 # (later ones without the rm) with carry [gpuN]; the last runs `bash scripts/gpu-device-run.sh gpuK` with carry [gpuK].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=90
-PIECE_MB=40
+PIECE_MB=
 BENCH=0
 SD15=0
 NODE_SRC=image
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --node) NODE_SRC="$2"; shift 2 ;;
     --with-bench) BENCH=1; shift ;;
     --with-sd15) SD15=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu-bundle: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -106,9 +108,6 @@ fi
 echo "gpu-bundle: compressing (xz -9; a few minutes)"
 tar cf - -C "$W/stage" . | xz -9 -T0 > "$W/payload.tar.xz"
 rm -rf gpu[0-9]*
-(cd "$W" && split -b "${PIECE_MB}M" -d -a 3 payload.tar.xz piece.)
-n=0
-for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
 if [ "$SD15" = 1 ]; then
   src=${DIFFUSERS_SRC:?--with-sd15 needs DIFFUSERS_SRC: a diffusers checkout or git directory}
   mkdir -p gpu0/ref
@@ -119,6 +118,29 @@ if [ "$SD15" = 1 ]; then
   chmod -R u+w gpu0/ref
   echo "gpu-bundle: gpu0/ ($(du -sh gpu0 | cut -f1)): diffusers source and SD 1.5's tokenizer and scheduler config"
 fi
+# What one call may carry beside the working tree; gpu0/ travels with one piece (the last, the smallest).
+MiB=1048576
+bytes() { if [ -e "$1" ]; then du -sb "$1" | cut -f1; else echo 0; fi; }
+TREE=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+ROOM=$((64 * MiB - TREE - 2 * MiB))
+G0=$(bytes gpu0)
+PAYLOAD=$(bytes "$W/payload.tar.xz")
+[ "$ROOM" -gt "$G0" ] || { echo "gpu-bundle: the working tree ($((TREE / MiB)) MiB) leaves no room in a 64 MiB call" >&2; exit 2; }
+if [ -n "$PIECE_MB" ]; then PIECE=$((PIECE_MB * MiB))
+else
+  # As few calls as fit, gpu0/ counted with the last piece; the pieces even, so the last (the remainder) is the smallest.
+  calls=$(( (PAYLOAD + G0 + ROOM - 1) / ROOM ))
+  PIECE=$(( (PAYLOAD + G0 + calls - 1) / calls ))
+fi
+(cd "$W" && split -b "$PIECE" -d -a 3 payload.tar.xz piece.)
+n=0
+for f in "$W"/piece.*; do n=$((n + 1)); mkdir -p "gpu$n"; mv "$f" "gpu$n/p$n"; done
+echo "gpu-bundle: working tree $((TREE / MiB)) MiB; a call has room for $((ROOM / MiB)) MiB more"
+for k in $(seq 1 "$n"); do
+  size=$(bytes "gpu$k/p$k"); with=""
+  if [ "$SD15" = 1 ] && [ "$k" = "$n" ]; then size=$((size + G0)); with=" with gpu0/"; fi
+  [ "$size" -le "$ROOM" ] || { echo "gpu-bundle: gpu$k$with is $((size / MiB)) MiB: with the working tree it is over a call's 64 MiB (use a smaller --piece-mb)" >&2; exit 2; }
+done
 echo "gpu-bundle: $n pieces ($(du -ch gpu[1-9]*/p* | tail -1 | cut -f1)): $(ls -d gpu[1-9]* | tr '\n' ' ')(a call carries 64 MiB with the working tree)"
 if [ "$SD15" = 1 ] && [ "$n" -ge 2 ]; then
   # gpu0/ and a full piece do not fit in one call beside the working tree: the last (smallest) piece goes first.
