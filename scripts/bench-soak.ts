@@ -26,7 +26,7 @@
  * Env: BENCH_SOAK_REQUESTS (3000 per run), BENCH_SOAK_CLIENTS (3 concurrent), BENCH_SOAK_SAMPLE_EVERY (100),
  * BENCH_SOAK_RUNS (plain,mixed), BENCH_SOAK_TIMEOUT_S (REQUEST_TIMEOUT_S of both servers, 2), BENCH_SOAK_CACHE_MB
  * (RESULT_CACHE_MB, 8), BENCH_SOAK_DEADLINE_S (1800 per run: the traffic stops there, and says so), BENCH_SOAK_GC
- * (1: each sample also reads the main thread's heap after a forced full GC), BENCH_SEED
+ * (off; 1: each sample also reads the main thread's heap after a forced full GC), BENCH_SEED
  * (random), BENCH_SOAK_ONLY (some actions of the mix only, by name), BENCH_SOAK_SNAPSHOT_SIGNAL (sent to the server a
  * quarter in and after the idle wait: with NODE_OPTIONS=--heapsnapshot-signal=<it>, two heap snapshots of its main
  * thread to compare; NODE_OPTIONS reaches the servers).
@@ -972,7 +972,7 @@ async function main(): Promise<void> {
       row('slope main heap used, MB/1k req', (x) => x.slopeMBPer1k.heapUsed),
       row('slope external memory, MB/1k req', (x) => x.slopeMBPer1k.external),
       row('heap used MB start / end / max', (x) => `${x.heapUsedMB.start} / ${x.heapUsedMB.end} / ${x.heapUsedMB.max}`),
-      row('heap after GC MB start / half / end / idle (slope)', (x) => `${x.heapAfterGcMB.start} / ${x.heapAfterGcMB.half} / ${x.heapAfterGcMB.end} / ${x.heapAfterGcMB.idle} (${x.heapAfterGcMB.slope})`),
+      row('heap after GC MB start / half / end / idle (slope)', (x) => (GC ? `${x.heapAfterGcMB.start} / ${x.heapAfterGcMB.half} / ${x.heapAfterGcMB.end} / ${x.heapAfterGcMB.idle} (${x.heapAfterGcMB.slope})` : 'not read (BENCH_SOAK_GC=1)')),
       row('result cache MB end (cap)', (x) => `${x.resultCacheMB.end} (${x.resultCacheMB.cap.toFixed(1)})`),
       row('fds start / max / end / idle', (x) => `${x.fds.start} / ${x.fds.max} / ${x.fds.end} / ${x.fds.idle}`),
       row('sockets start / max / end / idle (after s)', (x) => `${x.sockets.start} / ${x.sockets.max} / ${x.sockets.end} / ${x.sockets.idle} (${x.sockets.idleAfterS})`),
