@@ -343,6 +343,26 @@ describe('objects replaced under a prefix while another process leases its entry
       pod.kill('SIGKILL');
     }
   }, 30_000);
+
+  // The same killed pod's lease, on the entry itself when its objects are re-uploaded: a fill that would refresh the entry
+  // in place must not watch that lease for 60 s on a start's path either; it writes a new version, as for a live lease.
+  it("a fill finding objects changed and only a killed pod's lease (10 min old) on the entry writes a new version beside it, without watching that lease", async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'c-'));
+    await publish('d', 1);
+    const old = (await fill(cache, 'd')).dir;
+    const before = await snapshot(old);
+    await fsp.mkdir(leasesDir(old), { recursive: true });
+    const dead = path.join(leasesDir(old), 'pod-b-7-0123456789abcdef.lease');
+    await fsp.writeFile(dead, JSON.stringify({ pid: 7, host: 'pod-b', token: '0123456789abcdef', since: '' }));
+    const then = new Date(Date.now() - 10 * 60_000);
+    await fsp.utimes(dead, then, then);
+    await publish('d', 2);
+    // Default staleness: a watch of that lease would take 60 s, past this test's limit.
+    expect(await fill(cache, 'd')).toMatchObject({ dir: `${old}@2`, fromCache: false });
+    expect(await snapshot(old)).toEqual(before);
+    // An eviction watches the lease (a second at a 3 s staleness), finds it still, and removes the old version.
+    expect(await removeEntry(cache, keyOf('d'), { leaseStaleMs: 3_000 })).toMatchObject({ removed: true });
+  }, 30_000);
 });
 
 describe('optimized-model copies (ORT_OPTIMIZED_CACHE) across versions and refreshes in place', () => {

@@ -642,15 +642,18 @@ class S3Fetch {
         for (const f of cur.manifest.files) j.complete(f.path, f.etag, f.size);
         await j.sync();
         await uncommit(this.entry);
-        const users = (await leaseState(this.entry, this.o.leaseStaleMs)).live.filter((h) => !isOwn(h));
-        if (users.length === 0) await dropCommit(this.entry);
+        // A lease whose heartbeat looks old on this clock is not watched (a minute, on a start's path): it may be a pod
+        // on a node whose clock is behind, so it keeps the entry as a live one would; an eviction or a prune judges it.
+        const leases = await leaseState(this.entry, this.o.leaseStaleMs, { confirmMs: 0 });
+        const users = leases.live.filter((h) => !isOwn(h));
+        if (users.length === 0 && leases.unwatched === 0) await dropCommit(this.entry);
         else {
           await recommit(this.entry);
           await j.remove();
           await versionLock?.release();
           versionLock = undefined;
           const next = versionName(this.key, cur.n + 1);
-          log.info({ entry: cur.name, users: users.map((h) => `${h.host}/${h.pid}`), version: next },
+          log.info({ entry: cur.name, users: users.map((h) => `${h.host}/${h.pid}`), ...(leases.unwatched > 0 ? { unsureLeases: leases.unwatched } : {}), version: next },
             'the cache entry is in use by other processes; the changed objects go into a new version of it, beside it');
           j = await open(containedPath(cfg.cacheDir, next));
         }
