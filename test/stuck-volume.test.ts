@@ -5,8 +5,8 @@
  * demo model, from a local cache or from s3rver; the warm-up CLI), as the kubelet stops them: the process must exit
  * within its bounds, with one line naming what did not finish, and not be left to the SIGKILL at the end of the grace.
  */
-import { execFileSync } from 'node:child_process';
-import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, rmSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
@@ -121,6 +121,38 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
     live.push(next);
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 180_000);
+});
+
+/** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */
+const canUnshare = process.platform === 'linux' && spawnSync('unshare', ['-r', '--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
+
+describe('the server as PID 1 (the image has no init: node is its container\'s first process)', () => {
+  // PID 1 of a pid namespace is not ended by a signal it has no handler for, sent by itself or by anyone in the
+  // namespace (the kubelet's SIGKILL comes from outside it): a stop that ended itself by SIGTERM's default action
+  // was left running until the end of the grace period.
+  it.skipIf(!canUnshare)('a worker stuck on the volume: SIGTERM still ends it within the cleanup bound, exit 143', async () => {
+    const cache = path.join(tmp.dir, 'cache-pid1');
+    const model = await ensureDemoModel(sharedCacheDir());
+    cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
+    const entry = readdirSync(cache)[0]!;
+    stick(path.join(cache, entry, 'unet', 'model.onnx'));
+    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
+      prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
+    });
+    live.push(srv);
+    await srv.waitFor('state', (d) => d.state === 'loading');
+    // unshare → node, PID 1 there: signalled as the kubelet does, not through unshare (which would take it down with it).
+    const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+    expect(readFileSync(`/proc/${node}/status`, 'utf8')).toMatch(/^NSpid:\s+\d+\s+1$/m);
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => srv.proc.once('exit', (code, signal) => r({ code, signal })));
+    process.kill(node!, 'SIGTERM');
+    const timer = setTimeout(() => srv.proc.kill('SIGKILL'), 40_000);
+    const r = await exited;
+    clearTimeout(timer);
+    // unshare exits as its child did: 143, never the test's SIGKILL at 40 s.
+    expect(r).toEqual({ code: 143, signal: null });
+    expect(stopLine(srv.logs)?.msg).toMatch(/the pipeline workers did not stop .* \(exit 143\)$/);
+  }, 90_000);
 });
 
 describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {

@@ -6,7 +6,9 @@
  * lease's or lock's release, their heartbeats) are recorded here, so that it can say which did not finish. The pool is
  * the process's, and so is this record (as descriptors.ts's count of open files).
  */
+import { constants as osConstants } from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export interface PendingIo {
   /** The call: `writeFile`, `unlink`, `utimes`, `read`. */
@@ -77,6 +79,24 @@ export function endBySignal(signal: NodeJS.Signals): never {
   // With no listener left Node gives the signal back its default action (libuv restores SIG_DFL).
   process.removeAllListeners(signal);
   process.kill(process.pid, signal);
-  // A fatal signal ends every thread of the process before kill() returns to this one.
-  throw new Error(`${signal} did not end the process`);
+  // A fatal signal ends every thread of the process before kill() returns to this one, except in PID 1 of a pid
+  // namespace (node as its container's first process, the image's entrypoint), which no signal without a handler
+  // reaches: there _exit() gives the status the signal would have.
+  const status = 128 + (osConstants.signals[signal] ?? 0);
+  exitNow(status);
+  throw new Error(`${signal} did not end the process (PID ${process.pid}) and native/exit-now.node (not built?) could not end it with status ${status}`);
+}
+
+/** native/exit-now.c, built by `npm run build` where a C compiler is installed (the image has it). */
+const EXIT_NOW_MODULE = fileURLToPath(new URL('../../native/exit-now.node', import.meta.url));
+
+/** _exit(status) through native/exit-now; returns only where the module is not built or does not load. */
+function exitNow(status: number): void {
+  try {
+    const m = { exports: {} as { exit?: (status: number) => void } };
+    process.dlopen(m, EXIT_NOW_MODULE);
+    m.exports.exit?.(status);
+  } catch {
+    // Not built: the caller says so.
+  }
 }
