@@ -157,7 +157,8 @@ async function main(): Promise<void> {
 async function leave(code: number, sig: string, unfinished: readonly string[], o: { cfg: Readonly<Config>; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
   const { cfg, log, rt } = o;
   const pending = describePending(cfg.cacheDir);
-  const unanswered = await stuckRequests();
+  // Already left unfinished: the line now, not half a second later (the grace period may end then).
+  const unanswered = await stuckRequests(unfinished.length > 0 ? 0 : undefined);
   if (unfinished.length === 0 && unanswered === 0) process.exit(code);
   const signal = sig as NodeJS.Signals;
   const status = 128 + (osConstants.signals[signal] ?? 0);

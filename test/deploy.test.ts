@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { loadParams, render, TEMPLATES } from './helpers/templates.js';
 import { loadConfig } from '../src/config.js';
+import { CLEANUP_MS } from '../src/storage/pending-io.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const execFileP = promisify(execFile);
@@ -448,6 +449,9 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
     const pause = Number(cmd![1]);
     expect(pause).toBeGreaterThanOrEqual(3);
     expect(pause + envIn(raw, 'SHUTDOWN_GRACE_S')).toBeLessThan(raw.spec.predictor.terminationGracePeriodSeconds);
+    // A cache volume that stopped answering: the server's cleanup after the drain takes up to CLEANUP_MS, then exits 143
+    // with a line; the kubelet's SIGKILL must not come first.
+    expect(pause + envIn(raw, 'SHUTDOWN_GRACE_S') + CLEANUP_MS / 1000, 'preStop + SHUTDOWN_GRACE_S + cleanup').toBeLessThan(raw.spec.predictor.terminationGracePeriodSeconds);
     // Knative refuses a container's lifecycle (pkg/apis/serving/fieldmask.go ContainerMask); its queue-proxy has its own.
     expect(container().lifecycle).toBeUndefined();
     for (const f of KNATIVE_ISVCS) {
@@ -470,6 +474,7 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
         expect(request, `${f} ${d.metadata.name}: REQUEST_TIMEOUT_S vs timeout`).toBeLessThanOrEqual(timeout - 10);
         expect(KNATIVE_DRAIN_S + grace, `${f} ${d.metadata.name}: a generation in flight at scale-down runs out its REQUEST_TIMEOUT_S`).toBeGreaterThanOrEqual(request);
         expect(KNATIVE_DRAIN_S + grace, `${f} ${d.metadata.name}: the drain ends before the kill`).toBeLessThanOrEqual(timeout - 10);
+        expect(KNATIVE_DRAIN_S + grace + CLEANUP_MS / 1000, `${f} ${d.metadata.name}: a cleanup a stuck cache volume holds ends before the kill`).toBeLessThan(timeout);
       }
     }
     const routeTimeout = renderedDocs('route.yaml')[0]!.metadata.annotations['haproxy.router.openshift.io/timeout'] as string;
