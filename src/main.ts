@@ -18,7 +18,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, CLEANUP_MS, describePending, endBySignal, stuckRequests } from './storage/pending-io.js';
+import { cacheRelative, CLEANUP_MS, describePending, endBySignal, killNow, stuckRequests } from './storage/pending-io.js';
 import { deadline } from './deadline.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
@@ -97,7 +97,7 @@ async function main(): Promise<void> {
       // process.exit() while a worker is inside an ONNX Runtime call aborts the process (its static destructors run
       // under the call): the second signal ends the drain instead, which stops the generations at their next step.
       // A third one does not wait for that.
-      if (signals > 2) process.kill(process.pid, 'SIGKILL');
+      if (signals > 2) killNow();
       log?.warn({ signal: sig }, 'second signal: ending the drain now (generations stop at their next step; exit 1)');
       rt?.endGrace();
       return;

@@ -153,6 +153,31 @@ describe('the server as PID 1 (the image has no init: node is its container\'s f
     expect(r).toEqual({ code: 143, signal: null });
     expect(stopLine(srv.logs)?.msg).toMatch(/the pipeline workers did not stop .* \(exit 143\)$/);
   }, 90_000);
+
+  it.skipIf(!canUnshare)('a third signal ends it at once, as SIGKILL would (137), though SIGKILL sent to itself does not reach PID 1', async () => {
+    const cache = path.join(tmp.dir, 'cache-pid1-third');
+    const model = await ensureDemoModel(sharedCacheDir());
+    cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
+    const entry = readdirSync(cache)[0]!;
+    stick(path.join(cache, entry, 'unet', 'model.onnx'));
+    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
+      prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
+    });
+    live.push(srv);
+    await srv.waitFor('state', (d) => d.state === 'loading');
+    const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => srv.proc.once('exit', (code, signal) => r({ code, signal })));
+    // Three signals, each past the second in which a repeat counts as the same one.
+    for (let i = 0; i < 3; i++) {
+      process.kill(node!, 'SIGTERM');
+      if (i < 2) await new Promise((r) => setTimeout(r, 1_200));
+    }
+    const timer = setTimeout(() => srv.proc.kill('SIGKILL'), 40_000);
+    const r = await exited;
+    clearTimeout(timer);
+    // Before: the third signal's SIGKILL was dropped, and the stop ran out its cleanup bound (143).
+    expect(r).toEqual({ code: 137, signal: null });
+  }, 90_000);
 });
 
 describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
