@@ -85,6 +85,21 @@ function canUnshare(): boolean {
   return process.platform === 'linux' && spawnSync('unshare', ['-r', '--pid', '--fork', '--mount-proc', 'sh', '-c', 'echo 99 > /proc/sys/kernel/ns_last_pid'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
 }
 
+/**
+ * What a server killed on another node (the OOM killer, a lost node) leaves on an entry: its lease, never released,
+ * its last heartbeat `minutesAgo` old; its pid says nothing on this host.
+ */
+async function killedPodLease(cache: string, v: number, minutesAgo: number): Promise<string> {
+  const dir = leasesDir(path.join(cache, keyOf(v)));
+  await fsp.mkdir(dir, { recursive: true });
+  const token = `dead${v}`.padEnd(16, '0');
+  const file = path.join(dir, `pod-gone-${v}-7-${token}.lease`);
+  await fsp.writeFile(file, JSON.stringify({ pid: 7, host: `pod-gone-${v}`, token, since: '' }));
+  const then = new Date(Date.now() - minutesAgo * 60_000);
+  await fsp.utimes(file, then, then);
+  return file;
+}
+
 const exited = (c: ChildProcess) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(undefined) : c.once('exit', r)));
 
 function capture() {
@@ -188,6 +203,48 @@ describe('eviction when a download finds too little space', () => {
     } finally {
       server.child.kill('SIGKILL');
       filler.child.kill('SIGKILL');
+    }
+  });
+
+  // Entries whose only leases are servers' killed on other nodes look, on this clock, as those of live servers whose
+  // clocks are 10 minutes behind: only watching them tells (a minute at the defaults; 1 s here, leaseStaleMs 3 s).
+  // Before, a download watched them one after the other, each under its lock, least recently used first, even where an
+  // entry that needed no watching would have made the room.
+  it('a download evicts first the entries that need no watching, and watches nothing when they are enough', async () => {
+    const cache = await cacheWith(3);
+    await usedAt(cache, 3, 5); // v3, leased by nobody, was used more recently than v1 and v2
+    const leases = [await killedPodLease(cache, 1, 11), await killedPodLease(cache, 2, 10)];
+    const { log: l, lines } = capture();
+    const evicted: string[] = [];
+    await fill(cache, 4, { log: l, io: disk(cache, (await used(cache)) + 0.5 * MB), onEvicted: (e) => evicted.push(e.name), leaseStaleMs: 3_000 });
+    expect(evicted).toEqual([keyOf(3)]);
+    expect(lines.filter((x) => x.msg === 'cache eviction watched heartbeats that look old on this clock')).toEqual([]);
+    for (const f of leases) expect(existsSync(f)).toBe(true);
+    await expectNoHalfEntry(cache);
+  });
+
+  it('when they are not enough, it watches the others once, all together, and keeps the entry of a live server whose clock is behind', async () => {
+    const cache = await cacheWith(4);
+    await usedAt(cache, 4, 5);
+    await killedPodLease(cache, 1, 11);
+    await killedPodLease(cache, 2, 10);
+    const staleMs = 3_000;
+    const server = await skewedHolder('lease', path.join(cache, keyOf(3)), -600_000, staleMs / 15);
+    try {
+      // v5 is 2.5 MB: v4 alone (1 MB) is not enough.
+      const { log: l, lines } = capture();
+      const evicted: string[] = [];
+      await fill(cache, 5, { log: l, io: disk(cache, (await used(cache)) + 0.2 * MB), onEvicted: (e) => evicted.push(e.name), leaseStaleMs: staleMs });
+      // The one that needed no watching first, then the others least recently used first.
+      expect(evicted).toEqual([keyOf(4), keyOf(1), keyOf(2)]);
+      const watches = lines.filter((x) => x.msg === 'cache eviction watched heartbeats that look old on this clock');
+      expect(watches).toHaveLength(1);
+      expect(watches[0]).toMatchObject({ for: keyOf(5) });
+      expect([...watches[0]!.entries as string[]].sort()).toEqual([keyOf(1), keyOf(2), keyOf(3)].sort());
+      expect(existsSync(server.file)).toBe(true);
+      expect((await listEntries(cache, { leaseStaleMs: staleMs })).map((e) => e.name).sort()).toEqual([keyOf(3), keyOf(5)].sort());
+    } finally {
+      server.child.kill('SIGKILL');
     }
   });
 

@@ -13,8 +13,8 @@ import { randomBytes } from 'node:crypto';
 import { promises as fsp, type Stats } from 'node:fs';
 import path from 'node:path';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
-import { isEntry, LEASES, leaseState, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
-import { acquireLock, inspectHolder, type LockInfo, sameProcess, sweepHolderTemps } from './lock.js';
+import { isEntry, LEASES, leaseState, leaseStates, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
+import { acquireLock, inspectHolder, inspectHolders, type LockInfo, sameProcess, type StillBeats, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
 /** Folders an eviction renamed and is deleting (or was, when its process died): `.evicting-<key>-<token>`. */
@@ -48,6 +48,11 @@ export interface CacheEntry {
    * writes: versions.ts): its name. Version 1 itself is not being written.
    */
   readonly lockedFor?: string;
+  /**
+   * A lease (or, listed with `watch: false`, its lock) looks older than its limit (or as far ahead) on this clock and
+   * was not watched: a pod killed elsewhere, or a live one whose clock is off. Removing it watches that first.
+   */
+  readonly unconfirmed?: true;
 }
 
 export const inUse = (e: CacheEntry): boolean => e.users.length > 0 || e.locked !== undefined;
@@ -59,9 +64,14 @@ export interface EntryOptions {
   lockStaleMs?: number;
   /**
    * false: a lock or lease whose heartbeat looks older than that (or as far ahead) is not watched, and keeps the entry
-   * as a live one does (removeEntry): for a start, which must not wait for it; an eviction or a prune watches it.
+   * as a live one does (removeEntry): for a start, which must not wait for it; an eviction or a prune watches it. A
+   * listing then marks the entry `unconfirmed`.
    */
   watch?: boolean;
+  /** Heartbeats a watch already saw stand still (watchEntries): they count as gone, unwatched (lock.ts StillBeats). */
+  still?: StillBeats;
+  /** Ends a watch, or a wait for a file system call, at once (rejects with its reason). */
+  signal?: AbortSignal;
 }
 
 /** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated. */
@@ -144,7 +154,8 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
   const staleMs = o.lockStaleMs ?? 30_000;
   const [{ bytes, shared }, leases, lock] = await Promise.all([
     // A lease that looks stale on this clock is not watched here (minutes, for a listing): what removes the entry does.
-    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0 }), inspectHolder(`${dir}.lock`, { staleMs })]);
+    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0 }),
+    inspectHolder(`${dir}.lock`, { staleMs, ...(o.watch === false ? { confirmMs: 0 } : {}), ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}) })]);
   const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs) : undefined;
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
@@ -160,6 +171,7 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
     users: leases.live.map((h) => `${h.host}/${h.pid}`),
     ...(lock?.live ? { locked: lock.holder ? `${lock.holder.host}/${lock.holder.pid}` : 'unknown' } : {}),
     ...(lockedFor ? { lockedFor } : {}),
+    ...(leases.unwatched > 0 || lock?.unwatched ? { unconfirmed: true as const } : {}),
   };
 }
 
@@ -169,6 +181,7 @@ export async function listEntries(cacheDir: string, o: EntryOptions = {}): Promi
   const out: CacheEntry[] = [];
   for (const e of ents) {
     if (!e.isDirectory() || e.name.startsWith('.')) continue;
+    o.signal?.throwIfAborted();
     const x = await inspectEntry(cacheDir, e.name, o);
     if (x) out.push(x);
   }
@@ -181,13 +194,14 @@ export type EvictOutcome = { removed: true; bytes: number } | { removed: false; 
 export async function removeEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<EvictOutcome> {
   const dir = path.join(cacheDir, name);
   const quick = o.watch === false;
-  if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0 }))?.unwatched) return { removed: false, why: 'locked' };
-  const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000 });
+  const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}) };
+  if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0, ...seen }))?.unwatched) return { removed: false, why: 'locked' };
+  const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen });
   if (lock === undefined) return { removed: false, why: 'locked' };
   let trash: string;
   let bytes: number;
   try {
-    const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, quick ? { confirmMs: 0 } : {});
+    const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { ...(quick ? { confirmMs: 0 } : {}), ...seen });
     if (leases.live.length > 0 || (quick && leases.unwatched > 0)) return { removed: false, why: 'in use' };
     if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry or an adapter set links stay.
@@ -204,6 +218,24 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   // the next eviction's or prune's emptyTrash, never failing the download that asked for the room.
   await fsp.rm(trash, { recursive: true, force: true }).catch(() => undefined);
   return { removed: true, bytes };
+}
+
+/**
+ * Watches, all together, the leases and locks of the entries `names` whose heartbeats look older than their limit (or
+ * as far ahead) on this clock: one watch (up to a minute, a lease's confirmMs, at the defaults), not one per entry.
+ * Resolves to the heartbeats that stood still meanwhile (removeEntry's `still`: they count as gone there, unwatched),
+ * the entries that had one to watch, and those a live lease or lock holds. Nothing is held meanwhile: the removal that
+ * follows takes the entry's lock and reads its leases again, and a lease taken since, or one that moved, keeps the entry.
+ */
+export async function watchEntries(cacheDir: string, names: readonly string[], o: EntryOptions = {}): Promise<{ still: StillBeats; watched: string[]; held: string[] }> {
+  const still: StillBeats = o.still ?? new Map();
+  const dirs = names.map((n) => path.join(cacheDir, n));
+  const seen = { still, ...(o.signal ? { signal: o.signal } : {}) };
+  const [leases, locks] = await Promise.all([
+    leaseStates(dirs, o.leaseStaleMs ?? LEASE_STALE_MS, seen),
+    inspectHolders(dirs.map((d) => `${d}.lock`), { staleMs: o.lockStaleMs ?? 30_000, ...seen }),
+  ]);
+  return { still, watched: names.filter((_, i) => leases[i]!.watched > 0 || locks[i]?.watched), held: names.filter((_, i) => leases[i]!.live.length > 0 || locks[i]?.live) };
 }
 
 /**
@@ -227,10 +259,10 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
  * sweep them a minute after a start with LoRA on; this is for a cache no such server starts on. Resolves to the bytes
  * only they held.
  */
-export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; leaseStaleMs?: number } = {}): Promise<number> {
+export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; leaseStaleMs?: number; signal?: AbortSignal } = {}): Promise<number> {
   let bytes = 0;
   await sweepUnleased(path.join(cacheDir, LORA_SETS), {
-    ...(o.dryRun ? { dryRun: true } : {}), ...(o.leaseStaleMs !== undefined ? { staleMs: o.leaseStaleMs } : {}),
+    ...(o.dryRun ? { dryRun: true } : {}), ...(o.leaseStaleMs !== undefined ? { staleMs: o.leaseStaleMs } : {}), ...(o.signal ? { signal: o.signal } : {}),
     going: async (dir) => void (bytes += await freedBy([dir])),
   });
   return bytes;
@@ -239,19 +271,24 @@ export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; 
 /**
  * Deletes the lease folders (`.leases/<key>/`) of entries that are not there and that no live process leases: what a
  * server leaves when its entry never came (a STORAGE_URI with no objects) or was deleted by hand. Each under the key's
- * lock, as an eviction: a lease being taken at that moment is seen, or withdraws and is taken again (lease.ts).
- * Resolves to how many went.
+ * lock, as an eviction: a lease being taken at that moment is seen, or withdraws and is taken again (lease.ts). Leases
+ * that look old on this clock are watched first, every folder's together (watchEntries). Resolves to how many went.
  */
 export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}): Promise<number> {
   let n = 0;
   const there = (dir: string) => fsp.lstat(dir).then(() => true, () => false);
-  for (const name of await fsp.readdir(path.join(cacheDir, LEASES)).catch(() => [] as string[])) {
+  const orphans: string[] = [];
+  for (const name of await fsp.readdir(path.join(cacheDir, LEASES)).catch(() => [] as string[])) if (!(await there(path.join(cacheDir, name)))) orphans.push(name);
+  const { still } = await watchEntries(cacheDir, orphans, o);
+  const seen = { still, ...(o.signal ? { signal: o.signal } : {}) };
+  for (const name of orphans) {
     const dir = path.join(cacheDir, name);
-    if (await there(dir)) continue;
-    const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000 });
+    const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen });
     if (lock === undefined) continue;
     try {
-      if ((await there(dir)) || (await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS)).live.length > 0) continue;
+      // Not watched again: a lease that looks old and moved, or came since, keeps the folder.
+      const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0, ...seen });
+      if ((await there(dir)) || leases.live.length > 0 || leases.unwatched > 0) continue;
       try {
         await fsp.rm(leasesDir(dir), { recursive: true, force: true });
       } catch (err) {
@@ -295,6 +332,8 @@ export interface RoomResult {
   evicted: CacheEntry[];
   /** The entries that stayed (for the NO_SPACE message), least recently used first. */
   left: CacheEntry[];
+  /** The entries whose leases or lock it watched (watchEntries: all in one watch), and how long that took (ms). */
+  watched: { entries: string[]; ms: number };
 }
 
 /**
@@ -303,27 +342,62 @@ export interface RoomResult {
  * an interrupted eviction and the adapter sets of servers gone (whose hard links would keep an entry's weights
  * allocated after it went). Each counts what it really frees (freedBy). When removing every such entry would not be
  * enough, none is removed: the download fails either way.
+ *
+ * An entry whose lease or lock looks older than its limit on this clock (`unconfirmed`: a pod killed elsewhere, or a
+ * live one whose clock is off) goes only after watching them: so when the entries that need no watching are enough,
+ * they go (in that order) and nothing is watched; otherwise the others are watched first, all together, once
+ * (watchEntries), and the entries go in that order, those that needed no watching first. A download waits at most one
+ * watch for room, however many such entries the cache holds.
  */
 export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOptions): Promise<RoomResult> {
-  let freed = need > 0 ? (await emptyTrash(cacheDir)) + (await emptyAdapterSets(cacheDir, { ...(o.leaseStaleMs !== undefined ? { leaseStaleMs: o.leaseStaleMs } : {}) })) : 0;
-  const all = await listEntries(cacheDir, o);
+  let freed = need > 0 ? (await emptyTrash(cacheDir)) + (await emptyAdapterSets(cacheDir, {
+    ...(o.leaseStaleMs !== undefined ? { leaseStaleMs: o.leaseStaleMs } : {}), ...(o.signal ? { signal: o.signal } : {}) })) : 0;
+  const all = await listEntries(cacheDir, { ...o, watch: false });
   const idle = all.filter((e) => e.name !== o.exclude && !inUse(e));
   const candidates = [...idle.filter((e) => e.superseded), ...idle.filter((e) => !e.superseded)];
+  const sure = candidates.filter((e) => !e.unconfirmed);
+  const unsure = candidates.filter((e) => e.unconfirmed);
   const evicted: CacheEntry[] = [];
-  const freeable = freed + (await freedBy(candidates.map((e) => path.join(cacheDir, e.name))));
-  if (freed < need && freeable >= need) {
-    for (const e of candidates) {
+  const watched = { entries: [] as string[], ms: 0 };
+  const dirs = (entries: readonly CacheEntry[]) => entries.map((e) => path.join(cacheDir, e.name));
+  let freeable = freed + (await freedBy(dirs(candidates)));
+  let still: StillBeats | undefined;
+  /** Watches the entries' leases and locks together; resolves to the candidates left that no live one holds, those that needed no watching first. */
+  const watch = async (entries: readonly CacheEntry[]) => {
+    const t0 = performance.now();
+    const w = await watchEntries(cacheDir, entries.map((e) => e.name), o);
+    watched.entries.push(...w.watched);
+    watched.ms += performance.now() - t0;
+    still = w.still;
+    return [...sure, ...unsure].filter((e) => !w.held.includes(e.name) && !evicted.some((x) => x.name === e.name));
+  };
+  const remove = async (entries: readonly CacheEntry[]) => {
+    for (const e of entries) {
       if (freed >= need) break;
-      const r = await removeEntry(cacheDir, e.name, o);
+      if (evicted.some((x) => x.name === e.name)) continue;
+      // Not watched here: a heartbeat that looks old and is not in `still` (met only now, say) keeps the entry.
+      const r = await removeEntry(cacheDir, e.name, { ...o, watch: false, ...(still ? { still } : {}) });
       if (!r.removed) continue;
       freed += r.bytes;
       const gone = { ...e, bytes: r.bytes };
       evicted.push(gone);
       o.onEvicted?.(gone);
     }
+  };
+  if (freed < need && freeable >= need) {
+    if (freed + (await freedBy(dirs(sure))) < need) {
+      // What needs no watching is not enough: the rest is watched first, and nothing goes unless enough can.
+      const usable = await watch(unsure);
+      freeable = freed + (await freedBy(dirs(usable)));
+      if (freeable >= need) await remove(usable);
+    } else {
+      await remove(sure);
+      // One that needed no watching when listed met a lease or lock that looks old since: what is left is watched now.
+      if (freed < need) await remove(await watch(candidates.filter((e) => !evicted.some((x) => x.name === e.name))));
+    }
   }
   const gone = new Set(evicted.map((e) => e.name));
-  return { freed, freeable, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude) };
+  return { freed, freeable, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude), watched };
 }
 
 /** Minutes are enough to tell entries apart, and keep the line short. */

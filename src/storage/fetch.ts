@@ -911,12 +911,18 @@ class S3Fetch {
     const r = lru
       ? await makeRoom(cfg.cacheDir, shortfall, {
         ...opts,
+        // A stop ends a watch of leases that look old at once.
+        signal: this.signal,
         onEvicted: (e) => {
           log.warn({ entry: e.name, bytes: e.bytes, lastUsed: e.lastUsed.toISOString(), for: self }, 'cache entry evicted');
           this.o.onEvicted?.(e);
         },
       })
       : { freed: 0, freeable: 0, left: (await listEntries(cfg.cacheDir, opts)).filter((e) => e.name !== self) };
+    if ('watched' in r && r.watched.entries.length > 0) {
+      log.info({ entries: r.watched.entries, seconds: +(r.watched.ms / 1000).toFixed(1), for: self },
+        'cache eviction watched heartbeats that look old on this clock');
+    }
     if (r.freed >= shortfall) return r.freed;
     const idle = r.left.filter((e) => !inUse(e)).reduce((n, e) => n + e.bytes, 0);
     const why = cfg.cacheEvict === 'off' ? 'CACHE_EVICT=off'

@@ -24,7 +24,7 @@ import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
 import { trackIo } from './pending-io.js';
-import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type LockInfo } from './lock.js';
+import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type InspectOptions, type LockInfo } from './lock.js';
 
 /** The folder, under the cache, of every entry's leases. */
 export const LEASES = '.leases';
@@ -63,6 +63,8 @@ export interface LeaseState {
   lastUsedMs: number | undefined;
   /** Leases not in `live` whose heartbeat looks old or far ahead on this clock and was not watched (confirmMs 0). */
   unwatched: number;
+  /** Leases whose heartbeat looked old or far ahead on this clock and were watched (in `live` if they moved). */
+  watched: number;
 }
 
 /**
@@ -72,27 +74,43 @@ export interface LeaseState {
  * nothing). Throws only when out of descriptors (EMFILE, ENFILE): an unread lease folder or lease would count as none,
  * and its entry could be evicted while a pod serves it.
  */
-export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS, o: { confirmMs?: number } = {}): Promise<LeaseState> {
-  const dir = leasesDir(entryDir);
-  const names = await fsp.readdir(dir).catch((e: unknown) => {
-    if (shortage(e)) throw e;
-    return [] as string[];
-  });
-  let lastUsedMs: number | undefined;
-  const seen = (ms: number) => (lastUsedMs = Math.max(lastUsedMs ?? 0, ms));
-  const st = names.includes(LAST_USED) ? await fsp.stat(path.join(dir, LAST_USED)).catch(() => undefined) : undefined;
-  if (st) seen(st.mtimeMs);
-  // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
-  const leases = await inspectHolders(names.filter((n) => n.endsWith(LEASE_EXT)).map((n) => path.join(dir, n)), { staleMs, ...o });
-  const live: LockInfo[] = [];
-  let unwatched = 0;
-  for (const h of leases) {
-    if (h === undefined) continue;
-    seen(h.mtimeMs);
-    if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
-    else if (h.unwatched) unwatched++;
+export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS, o: LeaseWatch = {}): Promise<LeaseState> {
+  return (await leaseStates([entryDir], staleMs, o))[0]!;
+}
+
+export type LeaseWatch = Pick<InspectOptions, 'confirmMs' | 'still' | 'signal'>;
+
+/** leaseState of each entry, the leases of them all watched together (one watch, not one per entry). */
+export async function leaseStates(entryDirs: readonly string[], staleMs = LEASE_STALE_MS, o: LeaseWatch = {}): Promise<LeaseState[]> {
+  const files: string[][] = [];
+  const lastUsed: Array<number | undefined> = [];
+  for (const entryDir of entryDirs) {
+    const dir = leasesDir(entryDir);
+    const names = await fsp.readdir(dir).catch((e: unknown) => {
+      if (shortage(e)) throw e;
+      return [] as string[];
+    });
+    const st = names.includes(LAST_USED) ? await fsp.stat(path.join(dir, LAST_USED)).catch(() => undefined) : undefined;
+    lastUsed.push(st?.mtimeMs);
+    files.push(names.filter((n) => n.endsWith(LEASE_EXT)).map((n) => path.join(dir, n)));
   }
-  return { live, lastUsedMs, unwatched };
+  // An unreadable lease is a creator's temp never linked (createHolderFile writes it whole first): it counts like a lock.
+  const all = await inspectHolders(files.flat(), { staleMs, ...o });
+  let at = 0;
+  return files.map((own, k) => {
+    let lastUsedMs = lastUsed[k];
+    const live: LockInfo[] = [];
+    let unwatched = 0;
+    let watched = 0;
+    for (const h of all.slice(at, at += own.length)) {
+      if (h === undefined) continue;
+      lastUsedMs = Math.max(lastUsedMs ?? 0, h.mtimeMs);
+      if (h.live) live.push(h.holder ?? { pid: 0, host: '?', token: '?', since: '' });
+      else if (h.unwatched) unwatched++;
+      if (h.watched) watched++;
+    }
+    return { live, lastUsedMs, unwatched, watched };
+  });
 }
 
 const exists = (p: string) => fsp.stat(p).then(() => true, () => false);
@@ -190,7 +208,7 @@ const LEGACY_SET = /-\d+-w\d+$/;
  * Removes the folders under `base` that no live process leases (a crash's, or a killed pod's, left behind), and their
  * stale leases. Folders named before leases existed (LEGACY_SET) carry none: they go once untouched for `legacyMaxAgeMs`. Returns the names removed. For folders a process creates only after it leases
  * them (the adapter sets' work folders), so one without a live lease is nobody's. Leases that look stale on this
- * process's clock are watched (leaseState), every folder's together, before any folder goes; a dry run, which removes
+ * process's clock are watched (leaseStates), every folder's together, before any folder goes; a dry run, which removes
  * nothing, judges them by the clock alone.
  */
 export async function sweepUnleased(base: string, o: {
@@ -200,6 +218,8 @@ export async function sweepUnleased(base: string, o: {
   dryRun?: boolean;
   /** Called with each folder that goes, before it goes (to measure it). */
   going?(dir: string): Promise<void>;
+  /** Ends the watch at once (rejects with its reason). */
+  signal?: AbortSignal;
 } = {}): Promise<string[]> {
   const staleMs = o.staleMs ?? LEASE_STALE_MS;
   const gone: string[] = [];
@@ -210,10 +230,9 @@ export async function sweepUnleased(base: string, o: {
     if (!st?.isDirectory()) continue;
     if (LEGACY_SET.test(name) ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000) : (await leaseState(dir, staleMs, { confirmMs: 0 })).live.length === 0) gone.push(name);
   }
-  const kept = new Set(o.dryRun ? [] : (await Promise.all(gone.map(async (name) => {
-    const dir = path.join(base, name);
-    return !LEGACY_SET.test(name) && (await leaseState(dir, staleMs)).live.length > 0 ? [name] : [];
-  }))).flat());
+  const leased = gone.filter((n) => !LEGACY_SET.test(n));
+  const states = o.dryRun ? undefined : await leaseStates(leased.map((n) => path.join(base, n)), staleMs, o.signal ? { signal: o.signal } : {});
+  const kept = new Set(states ? leased.filter((_, i) => states[i]!.live.length > 0) : []);
   const removed: string[] = [];
   for (const name of gone.filter((n) => !kept.has(n))) {
     const dir = path.join(base, name);

@@ -50,6 +50,8 @@ export interface LockOptions {
   wait?: boolean;
   /** Why the lock is held, written into it for others to read (`evict`: the entry is about to be removed, see lease.ts). */
   purpose?: string;
+  /** Heartbeats a watch already saw stand still (inspectHolders): a lock that still shows one is taken over at once. */
+  still?: StillBeats;
 }
 
 export interface LockInfo {
@@ -153,6 +155,17 @@ function judge(l: Look, o: { staleMs: number; unreadableStaleMs: number }): 'liv
   return Math.abs(ageMs) <= o.staleMs ? 'live' : 'unsure';
 }
 
+/**
+ * Heartbeats that a watch saw stand still for its whole length (inspectHolders), by file: what each showed then. A file
+ * that still shows it has stood still longer yet, so it counts as gone without being watched again: one watch of many
+ * files serves the removals that follow it one by one, each under its own lock.
+ */
+export type StillBeats = Map<string, string>;
+
+/** `judge`, except that a heartbeat in `still` that has not moved since is stale. */
+const verdict = (file: string, l: Look, o: { staleMs: number; unreadableStaleMs: number }, still?: StillBeats) =>
+  still?.get(file) === beatOf(l) ? 'stale' as const : judge(l, o);
+
 /** A watcher's memory of a holder file's heartbeat: the last one it saw, since when (its monotonic clock), and whether it ever moved. */
 class Heartbeat {
   #beat: string | undefined;
@@ -199,6 +212,8 @@ export interface HolderState {
   live: boolean;
   /** Its heartbeat looks old or far ahead on this process's clock and was not watched (confirmMs 0): its holder may live. */
   unwatched?: true;
+  /** Its heartbeat looked old or far ahead on this process's clock and was watched (`live`: it moved). */
+  watched?: true;
 }
 
 export interface InspectOptions {
@@ -206,6 +221,9 @@ export interface InspectOptions {
   unreadableStaleMs?: number;
   /** How long a heartbeat this process's wall clock does not vouch for is watched (ms; default staleMs / 3; 0: not watched, it does not count). */
   confirmMs?: number;
+  /** Heartbeats already seen standing still: one that has not moved since does not count, unwatched; those this call sees stand still are added. */
+  still?: StillBeats;
+  /** Ends a watch at once (rejects with its reason). */
   signal?: AbortSignal;
 }
 
@@ -213,7 +231,7 @@ export interface InspectOptions {
  * The holders of lock or lease files and whether each still counts (undefined: no such file), for a reader that looks
  * once. A heartbeat under `staleMs` old on this process's wall clock counts at once; one older or that far ahead is
  * watched, all of them together, until it moves (it counts: its holder beats, on a clock that is off) or for
- * `confirmMs` (it does not). Reads one file at a time, as the lock's waiters do.
+ * `confirmMs` (it does not; recorded in `still`). Reads one file at a time, as the lock's waiters do.
  */
 export async function inspectHolders(files: readonly string[], o: InspectOptions = {}): Promise<Array<HolderState | undefined>> {
   const j = { staleMs: o.staleMs ?? DEFAULTS.staleMs, unreadableStaleMs: o.unreadableStaleMs ?? DEFAULTS.unreadableStaleMs };
@@ -223,9 +241,10 @@ export async function inspectHolders(files: readonly string[], o: InspectOptions
   const unsure = new Map<number, string>();
   for (const [i, file] of files.entries()) {
     const l = await look(file);
-    const v = l && judge(l, j);
-    out.push(l && { ...state(l, v === 'live'), ...(v === 'unsure' && confirmMs <= 0 ? { unwatched: true as const } : {}) });
-    if (l && v === 'unsure') unsure.set(i, beatOf(l));
+    const v = l && verdict(file, l, j, o.still);
+    const watched = v === 'unsure' && confirmMs > 0;
+    out.push(l && { ...state(l, v === 'live'), ...(v === 'unsure' ? (watched ? { watched: true as const } : { unwatched: true as const }) : {}) });
+    if (l && watched) unsure.set(i, beatOf(l));
   }
   const t0 = performance.now();
   while (unsure.size > 0 && performance.now() - t0 < confirmMs) {
@@ -234,10 +253,11 @@ export async function inspectHolders(files: readonly string[], o: InspectOptions
       const l = await look(files[i]!);
       if (l !== undefined && beatOf(l) === beat) continue;
       // Released, or moved: a heartbeat, or a new holder (whose file was just made).
-      out[i] = l && state(l, judge(l, j) !== 'stale');
+      out[i] = l && { ...state(l, judge(l, j) !== 'stale'), watched: true };
       unsure.delete(i);
     }
   }
+  for (const [i, beat] of unsure) o.still?.set(files[i]!, beat);
   return out;
 }
 
@@ -330,7 +350,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
         continue; // released between our open and stat: try again at once
       }
       const holder = holderOf(l.info);
-      const v = judge(l, { staleMs, unreadableStaleMs });
+      const v = verdict(file, l, { staleMs, unreadableStaleMs }, o.still);
       const still = beat.still(l);
       if (v === 'stale' || still > staleMs || (v === 'unsure' && still > confirmMs)) {
         // Move the stale lock aside; only one waiter's rename succeeds. If what we moved is not the holder judged
