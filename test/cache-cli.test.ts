@@ -24,13 +24,17 @@ let holder: ChildProcess;
 
 const keyOf = (v: number) => cacheKey(parseStorageUri(`s3://models/m/v${v}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
 
-function cli(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; out: Array<Record<string, unknown>>; stdout: string; stderr: string }> {
+/** The CLI's `cache` command; `onStderr` sees its stderr so far at each chunk, with the child (to signal it). */
+function cli(args: string[], env: Record<string, string> = {}, onStderr?: (stderr: string, child: ChildProcess) => void): Promise<{ code: number | null; out: Array<Record<string, unknown>>; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [CLI, 'cache', ...args], { env: { PATH: process.env.PATH ?? '', ...s3Env(s3.endpoint, cache), ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
+    child.stderr.on('data', (c) => {
+      stderr += c;
+      onStderr?.(stderr, child);
+    });
     child.on('close', (code) => {
       const out = stdout.trim() === '' ? [] : stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
       resolve({ code, out, stdout, stderr });
@@ -109,6 +113,35 @@ describe('warmup cache', () => {
     } finally {
       for (const { child } of fillers) child.kill('SIGKILL');
     }
+  });
+
+  // A server killed on another node left its lease (10 min old): prune watches it for up to a minute (two of its
+  // heartbeats) before it removes the entry. Before, the first SIGTERM or Ctrl-C was ignored for that minute, and a
+  // second ended the process in the middle of the removal, leaving the entry's `evict` lock behind.
+  it.each([['SIGTERM', 143], ['SIGINT', 130]] as const)('prune stopped by %s while it watches a lease: exits %i at once, holds no lock, removes nothing', async (sig, status) => {
+    const other = path.join(tmp, `stopped-${sig}`);
+    await resolveModel('s3://models/m/v2', { cfg: testConfig(s3.endpoint, other), log: silentLogger() });
+    const leases = path.join(other, '.leases', keyOf(2));
+    await fsp.mkdir(leases, { recursive: true });
+    const lease = path.join(leases, `pod-gone-7-${'d'.repeat(16)}.lease`);
+    await fsp.writeFile(lease, JSON.stringify({ pid: 7, host: 'pod-gone', token: 'd'.repeat(16), since: '' }));
+    const then = new Date(Date.now() - 10 * 60_000);
+    await fsp.utimes(lease, then, then);
+    let signalled = false;
+    // SHUTDOWN_GRACE_S longer than the watch: the stop must not need it.
+    const r = await cli(['prune'], { MODEL_CACHE_DIR: other, SHUTDOWN_GRACE_S: '120' }, (stderr, child) => {
+      if (!signalled && stderr.includes('cache: watching the leases of 1 entry')) {
+        signalled = true;
+        child.kill(sig);
+      }
+    });
+    expect(signalled).toBe(true);
+    expect([r.code, r.stderr.trim().split('\n').at(-1)], r.stderr).toEqual([status, 'warmup: CANCELLED: stopped by signal']);
+    // The watch was cut short: once over, it would have removed the entry.
+    expect(readdirSync(other).filter((n) => n.includes('.lock'))).toEqual([]);
+    expect(existsSync(path.join(other, keyOf(2), 'unet/model.onnx'))).toBe(true);
+    expect(existsSync(lease)).toBe(true);
+    expect(r.out).toEqual([]);
   });
 
   it('a removal killed between its rename and its delete: list shows what it left, prune deletes it', async () => {

@@ -21,7 +21,9 @@ import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/m
 import { uploadingUntil } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
-import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, type CacheEntry } from '../src/storage/entries.js';
+import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, watchEntries, type CacheEntry } from '../src/storage/entries.js';
+import { LEASE_STALE_MS } from '../src/storage/lease.js';
+import { type StillBeats } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
 import { describePending, endBySignal, fsRequestsPending, stuckRequests } from '../src/storage/pending-io.js';
@@ -247,16 +249,17 @@ function parseAge(v: string): number {
 /**
  * `cache list`: every entry, least recently used first. `cache prune`: removes every entry no process fills or serves
  * from, except those kept (--keep-uri) or used within --older-than (an older version of an entry is kept by neither:
- * nothing serves from it again); --dry-run only says what would go.
+ * nothing serves from it again); --dry-run only says what would go. A stop (`signal`) ends a watch at once, and
+ * releases the lock of the entry being removed.
  */
-async function cache(args: string[]): Promise<void> {
+async function cache(args: string[], signal: AbortSignal): Promise<void> {
   const [sub, ...rest] = args;
   const cfg = loadConfig();
   warnMisspelled();
   const summary = (entries: readonly CacheEntry[]) => `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, ${mb(entries.reduce((n, e) => n + e.bytes, 0))} MB, ${entries.filter(inUse).length} in use`;
   if (sub === 'list') {
     if (rest.length > 0) throw new UsageError(`cache list takes no arguments, got ${quoted(rest)}`);
-    const entries = await listEntries(cfg.cacheDir);
+    const entries = await listEntries(cfg.cacheDir, { signal });
     for (const e of entries) process.stdout.write(`${entryLine(e)}\n`);
     const trash = await emptyTrash(cfg.cacheDir, { dryRun: true });
     const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun: true });
@@ -291,14 +294,28 @@ async function cache(args: string[]): Promise<void> {
   const now = Date.now();
   // The adapter sets of servers gone go first: a set's hard link to an entry's file then no longer keeps it, and counts
   // with that entry (removeEntry's bytes, what its removal really frees; a dry run's listed bytes), not twice.
-  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun });
-  const entries = await listEntries(cfg.cacheDir);
+  const sets = await emptyAdapterSets(cfg.cacheDir, { dryRun, signal });
+  // Heartbeats seen standing still, by the listing (locks) and the watch below (leases): a removal does not watch them again.
+  const still: StillBeats = new Map();
+  const entries = await listEntries(cfg.cacheDir, { signal, still });
+  const verdicts = entries.map((e) => ({
+    e,
+    kept: !e.superseded && (keep.has(parseVersion(e.name).key) || (e.uri !== undefined && keep.has(e.uri))) ? 'kept'
+      : inUse(e) ? 'in use'
+        : !e.superseded && olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined,
+  }));
+  const going = verdicts.filter((v) => v.kept === undefined).map((v) => v.e);
+  const unsure = going.filter((e) => e.unconfirmed).length;
+  if (!dryRun && unsure > 0) {
+    // One watch for them all (a minute at most), not one per entry; said, since the prune is silent meanwhile.
+    process.stderr.write(`cache: watching the leases of ${unsure} entr${unsure === 1 ? 'y' : 'ies'} whose heartbeats look older than ${LEASE_STALE_MS / 60_000} minutes `
+      + `on this clock (servers killed elsewhere, or clocks that disagree) for up to ${LEASE_STALE_MS / 3_000} s before removing them\n`);
+    await watchEntries(cfg.cacheDir, going.map((e) => e.name), { signal, still });
+  }
   let freed = 0;
   let removed = 0;
-  for (const e of entries) {
-    const kept = !e.superseded && (keep.has(parseVersion(e.name).key) || (e.uri !== undefined && keep.has(e.uri))) ? 'kept'
-      : inUse(e) ? 'in use'
-        : !e.superseded && olderThan !== undefined && now - e.lastUsed.getTime() < olderThan ? 'recently used' : undefined;
+  for (const { e, kept } of verdicts) {
+    signal.throwIfAborted();
     if (kept !== undefined) {
       process.stdout.write(`${entryLine(e, { action: 'keep', reason: kept })}\n`);
       continue;
@@ -309,8 +326,9 @@ async function cache(args: string[]): Promise<void> {
       removed++;
       continue;
     }
-    // Checked again under the entry's lock: a pod may have started on it since the listing.
-    const r = await removeEntry(cfg.cacheDir, e.name);
+    // Checked again under the entry's lock: a pod may have started on it since the listing. Not watched again: a lease
+    // or lock that looks old and was not seen standing still above (it moved, or came since) keeps the entry.
+    const r = await removeEntry(cfg.cacheDir, e.name, { watch: false, still, signal });
     if (r.removed) {
       freed += r.bytes;
       removed++;
@@ -322,7 +340,7 @@ async function cache(args: string[]): Promise<void> {
   // Folders of a removal killed midway (already out of any entry's name): theirs to delete, whatever was asked to keep.
   const trash = await emptyTrash(cfg.cacheDir, { dryRun });
   // Lease folders of entries that are not there (a few bytes each, one per STORAGE_URI ever tried): never listed as entries.
-  if (!dryRun) await emptyOrphanLeases(cfg.cacheDir);
+  if (!dryRun) await emptyOrphanLeases(cfg.cacheDir, { signal });
   // And the temps of lock and lease files whose writer was killed in the moment it held one: a few bytes each, never
   // removed otherwise.
   if (!dryRun) await emptyHolderTemps(cfg.cacheDir);
@@ -427,7 +445,7 @@ async function main(): Promise<number> {
   try {
     if (cmd === undefined) await warm(ac.signal);
     else if (cmd === 'push') await push(rest, ac.signal);
-    else if (cmd === 'cache') await cache(rest);
+    else if (cmd === 'cache') await cache(rest, ac.signal);
     else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
     return 0;
   } catch (e) {
