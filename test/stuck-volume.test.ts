@@ -126,57 +126,54 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
 /** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */
 const canUnshare = process.platform === 'linux' && spawnSync('unshare', ['-r', '--pid', '--fork', '--mount-proc', 'true'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
 
+/**
+ * The server as PID 1 of a pid namespace of its own (under unshare), booting on a cache whose UNet graph is stuck: its
+ * node process, to signal as the kubelet does (not through unshare, which would take it down with it), and its exit.
+ */
+async function stuckAsPid1(name: string): Promise<{ srv: ServerHandle; node: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> }> {
+  const cache = path.join(tmp.dir, name);
+  const model = await ensureDemoModel(sharedCacheDir());
+  cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
+  stick(path.join(cache, readdirSync(cache)[0]!, 'unet', 'model.onnx'));
+  const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
+    prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
+  });
+  live.push(srv);
+  await srv.waitFor('state', (d) => d.state === 'loading');
+  const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+  expect(readFileSync(`/proc/${node}/status`, 'utf8')).toMatch(/^NSpid:\s+\d+\s+1$/m);
+  // unshare exits as its child did; the test's SIGKILL at 40 s stands for the kubelet's at the end of the grace period.
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => {
+    const timer = setTimeout(() => srv.proc.kill('SIGKILL'), 40_000);
+    srv.proc.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      r({ code, signal });
+    });
+  });
+  return { srv, node: node!, exited };
+}
+
 describe('the server as PID 1 (the image has no init: node is its container\'s first process)', () => {
   // PID 1 of a pid namespace is not ended by a signal it has no handler for, sent by itself or by anyone in the
   // namespace (the kubelet's SIGKILL comes from outside it): a stop that ended itself by SIGTERM's default action
   // was left running until the end of the grace period.
   it.skipIf(!canUnshare)('a worker stuck on the volume: SIGTERM still ends it within the cleanup bound, exit 143', async () => {
-    const cache = path.join(tmp.dir, 'cache-pid1');
-    const model = await ensureDemoModel(sharedCacheDir());
-    cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
-    const entry = readdirSync(cache)[0]!;
-    stick(path.join(cache, entry, 'unet', 'model.onnx'));
-    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
-      prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
-    });
-    live.push(srv);
-    await srv.waitFor('state', (d) => d.state === 'loading');
-    // unshare → node, PID 1 there: signalled as the kubelet does, not through unshare (which would take it down with it).
-    const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
-    expect(readFileSync(`/proc/${node}/status`, 'utf8')).toMatch(/^NSpid:\s+\d+\s+1$/m);
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => srv.proc.once('exit', (code, signal) => r({ code, signal })));
-    process.kill(node!, 'SIGTERM');
-    const timer = setTimeout(() => srv.proc.kill('SIGKILL'), 40_000);
-    const r = await exited;
-    clearTimeout(timer);
-    // unshare exits as its child did: 143, never the test's SIGKILL at 40 s.
-    expect(r).toEqual({ code: 143, signal: null });
+    const { srv, node, exited } = await stuckAsPid1('cache-pid1');
+    process.kill(node, 'SIGTERM');
+    // 143, never the test's SIGKILL at 40 s.
+    expect(await exited).toEqual({ code: 143, signal: null });
     expect(stopLine(srv.logs)?.msg).toMatch(/the pipeline workers did not stop .* \(exit 143\)$/);
   }, 90_000);
 
   it.skipIf(!canUnshare)('a third signal ends it at once, as SIGKILL would (137), though SIGKILL sent to itself does not reach PID 1', async () => {
-    const cache = path.join(tmp.dir, 'cache-pid1-third');
-    const model = await ensureDemoModel(sharedCacheDir());
-    cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
-    const entry = readdirSync(cache)[0]!;
-    stick(path.join(cache, entry, 'unet', 'model.onnx'));
-    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
-      prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
-    });
-    live.push(srv);
-    await srv.waitFor('state', (d) => d.state === 'loading');
-    const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => srv.proc.once('exit', (code, signal) => r({ code, signal })));
+    const { node, exited } = await stuckAsPid1('cache-pid1-third');
     // Three signals, each past the second in which a repeat counts as the same one.
     for (let i = 0; i < 3; i++) {
-      process.kill(node!, 'SIGTERM');
+      process.kill(node, 'SIGTERM');
       if (i < 2) await new Promise((r) => setTimeout(r, 1_200));
     }
-    const timer = setTimeout(() => srv.proc.kill('SIGKILL'), 40_000);
-    const r = await exited;
-    clearTimeout(timer);
     // Before: the third signal's SIGKILL was dropped, and the stop ran out its cleanup bound (143).
-    expect(r).toEqual({ code: 137, signal: null });
+    expect(await exited).toEqual({ code: 137, signal: null });
   }, 90_000);
 });
 
