@@ -189,7 +189,8 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
     const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
     await new Promise((r) => setTimeout(r, 3_000));
     kill('SIGTERM');
-    // Before, the stop waited for the fill, and the fill for the journal: only a second signal (or SIGKILL) ended it.
+    // Before, the stop waited for the fill, and the fill for the journal: only SIGKILL ended it (a second signal too
+    // waited, in process.exit()).
     const timer = setTimeout(() => kill('SIGKILL'), 30_000);
     const r = await job;
     clearTimeout(timer);
@@ -197,5 +198,24 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
     expect(r.stderr).toMatch(/warmup: SIGTERM received; stopping/);
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: readFile ${key}/\\.progress\\.jsonl still pending after \\d+ s; exiting without waiting for them \\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(cache);
+  }, 60_000);
+
+  it('a second signal while the stop is held ends it at once, as its signal does (process.exit() would wait for the stuck call)', async () => {
+    const cache = path.join(tmp.dir, 'cache-c2');
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    mkdirSync(path.join(cache, key), { recursive: true });
+    stick(path.join(cache, key, JOURNAL));
+    let kill!: (s: NodeJS.Signals) => void;
+    // A grace longer than the test waits: only the second signal can end it in time.
+    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '120' }, (k) => (kill = k));
+    await new Promise((r) => setTimeout(r, 3_000));
+    kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 1_000));
+    kill('SIGINT');
+    const timer = setTimeout(() => kill('SIGKILL'), 20_000);
+    const r = await job;
+    clearTimeout(timer);
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGINT' });
   }, 60_000);
 });

@@ -425,7 +425,8 @@ async function main(): Promise<number> {
   applyContainerDefaults();
   const ac = new AbortController();
   const onSignal = (sig: NodeJS.Signals) => {
-    if (signalled) process.exit(128 + os.constants.signals[sig]);
+    // Not process.exit(): it would wait for good for a call on a cache volume that stopped answering.
+    if (signalled) endBySignal(sig);
     signalled = sig;
     process.stderr.write(`warmup: ${sig} received; stopping (the cache stays consistent and resumes next run)\n`);
     ac.abort(new RuntimeError('CANCELLED', `stopped by ${sig}`));
