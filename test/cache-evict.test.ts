@@ -248,6 +248,39 @@ describe('eviction when a download finds too little space', () => {
     }
   });
 
+  // The entries that needed no watching were enough when listed, but one is leased before its turn: what is left to
+  // watch goes only if it makes the room. Before, the killed pod's entry was removed though the download failed anyway.
+  it('when an entry that needed no watching is leased before its turn, the watched ones go only if they are enough', async () => {
+    const cache = await cacheWith(2);
+    await fill(cache, 5);
+    await usedAt(cache, 5, 10);
+    const dead = await killedPodLease(cache, 1, 11);
+    const flag = path.join(tmp, `leased-${path.basename(cache)}`);
+    // A server starting on v5 as soon as v2 is gone, while the eviction waits in its onEvicted.
+    const server = await leaseInChild(path.join(cache, keyOf(5)), { gone: path.join(cache, keyOf(2)), flag });
+    try {
+      const evicted: string[] = [];
+      const sleeper = new Int32Array(new SharedArrayBuffer(4));
+      const r = await makeRoom(cache, 3 * MB, {
+        exclude: 'none', leaseStaleMs: 3_000,
+        onEvicted: (e) => {
+          evicted.push(e.name);
+          const t0 = Date.now();
+          while (e.name === keyOf(2) && !existsSync(flag) && Date.now() - t0 < 20_000) Atomics.wait(sleeper, 0, 0, 5);
+        },
+      });
+      expect(existsSync(flag)).toBe(true);
+      // v2 (1 MB) and v5 (2.5 MB) would have made the 3 MB; v2 and the killed pod's v1 (2 MB) cannot.
+      expect(evicted).toEqual([keyOf(2)]);
+      expect(r.freed).toBeLessThan(3 * MB);
+      expect(existsSync(path.join(cache, keyOf(1)))).toBe(true);
+      expect(existsSync(dead)).toBe(true);
+    } finally {
+      server.kill('SIGKILL');
+      await exited(server);
+    }
+  });
+
   // Two containers on one host see the same hostname (hostNetwork pods share the node's; a pod template's `hostname`
   // names every replica alike) but number their processes each in their own pid namespace: a server's pid there may be
   // dead here. Its lease must count by its heartbeat. A real process in a new pid namespace (unshare, where allowed).

@@ -384,16 +384,20 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
       o.onEvicted?.(gone);
     }
   };
+  /** Removes the entries, in order, only if together they can make the room still missing. */
+  const removeIfEnough = async (entries: readonly CacheEntry[]) => {
+    freeable = freed + (await freedBy(dirs(entries)));
+    if (freeable >= need) await remove(entries);
+  };
   if (freed < need && freeable >= need) {
     if (freed + (await freedBy(dirs(sure))) < need) {
       // What needs no watching is not enough: the rest is watched first, and nothing goes unless enough can.
-      const usable = await watch(unsure);
-      freeable = freed + (await freedBy(dirs(usable)));
-      if (freeable >= need) await remove(usable);
+      await removeIfEnough(await watch(unsure));
     } else {
       await remove(sure);
-      // One that needed no watching when listed met a lease or lock that looks old since: what is left is watched now.
-      if (freed < need) await remove(await watch(candidates.filter((e) => !evicted.some((x) => x.name === e.name))));
+      // One that needed no watching when listed was leased or locked since: what is left is watched now, and goes
+      // only if it makes the room still missing.
+      if (freed < need) await removeIfEnough(await watch(candidates.filter((e) => !evicted.some((x) => x.name === e.name))));
     }
   }
   const gone = new Set(evicted.map((e) => e.name));

@@ -15,11 +15,18 @@ export function buildIfStale(): void {
   if (Math.min(age(LEASE_JS), age(LOCK_JS)) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
 }
 
-/** A process other than this one that leases `entryDir`, as a serving pod does; SIGTERM releases it. */
-export async function leaseInChild(entryDir: string): Promise<ChildProcess> {
-  const script = `const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
+/**
+ * A process other than this one that leases `entryDir`, as a serving pod does; SIGTERM releases it. `once`: it leases
+ * only once the path `once.gone` is gone, then creates the file `once.flag` (for a caller that blocks its event loop
+ * until then), and resolves at once.
+ */
+export async function leaseInChild(entryDir: string, once?: { gone: string; flag: string }): Promise<ChildProcess> {
+  const wait = once ? `const { existsSync, writeFileSync } = await import('node:fs'); while (existsSync(process.argv[2])) await new Promise((r) => setTimeout(r, 2));` : '';
+  const script = `${wait} const { leaseEntry } = await import(${JSON.stringify(LEASE_JS)}); const l = await leaseEntry(process.argv[1]);
+    ${once ? 'writeFileSync(process.argv[3], "");' : ''}
     process.on('SIGTERM', async () => { await l.release(); process.exit(0); }); process.stdout.write('leased\\n'); setInterval(() => {}, 60_000);`;
-  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script, entryDir, ...(once ? [once.gone, once.flag] : [])], { stdio: ['ignore', 'pipe', 'inherit'] });
+  if (once) return child;
   await new Promise<void>((resolve, reject) => {
     child.stdout!.on('data', (c) => String(c).includes('leased') && resolve());
     child.on('exit', (code) => reject(new Error(`lease child exited ${code}`)));
