@@ -19,7 +19,7 @@ import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { cleanUpS3, CREDS, detBytes, rejection, type S3Server, startS3, testConfig } from './helpers/s3.js';
 import { pidBehindLast } from './helpers/pidns.js';
 import { until } from './helpers/server.js';
-import { buildIfStale, LEASE_JS, leaseInChild, skewedHolder } from './helpers/lease-child.js';
+import { buildIfStale, evictInChild, LEASE_JS, leaseInChild, skewedHolder } from './helpers/lease-child.js';
 
 let s3: S3Server;
 let tmp: string;
@@ -460,6 +460,35 @@ describe('eviction against a start of the same entry at that moment', () => {
     expect(readdirSync(leasesDir(dir)).filter((n) => n.endsWith('.lease'))).toHaveLength(2);
     await first.release();
     await second.release();
+  }, 60_000);
+
+  // A live evictor whose clock is 5 min behind: its lock looks old here, so a starting server watches it 10 s. An
+  // evictor that stands still that long (stopped here: a stuck volume, a frozen node) between its read of the leases
+  // and its rename loses its lock to that server; before, it renamed the entry away all the same, under the lease
+  // (with clocks that agree, a stall of 40 s does the same: 30 s its lock looks live, then the 10 s watch).
+  it('an evictor whose lock a server took over while it stood still, after it read the leases, leaves the entry that server leased', async () => {
+    const cache = await cacheWith(1);
+    const dir = path.join(cache, keyOf(1));
+    // Files enough that its count of what the removal frees (between its read of the leases and its rename) lasts.
+    for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(dir, `pad-${i}`), '');
+    const evictor = evictInChild(cache, keyOf(1), -300_000);
+    try {
+      await until(() => existsSync(`${dir}.lock`), 10_000, 1);
+      await new Promise((r) => setTimeout(r, 20));
+      evictor.child.kill('SIGSTOP');
+      // What its heartbeat, had it run, stamps with its clock (it ran its lock's first 2 s here with this one).
+      const behind = new Date(Date.now() - 300_000);
+      await fsp.utimes(`${dir}.lock`, behind, behind);
+      const lease = await leaseEntry(dir, { pollMs: 10 });
+      evictor.child.kill('SIGCONT');
+      // locked: it found its lock taken (in use, had it been stopped before its read of the leases).
+      expect(await evictor.outcome).toMatchObject({ removed: false });
+      expect(existsSync(path.join(dir, MANIFEST))).toBe(true);
+      expect(existsSync(lease.path)).toBe(true);
+      await lease.release();
+    } finally {
+      evictor.child.kill('SIGKILL');
+    }
   }, 60_000);
 
   it('a lease judged stale and removed by an eviction tells its holder, which learns whether the entry went', async () => {

@@ -206,6 +206,9 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
     if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry or an adapter set links stay.
     bytes = await freedBy([dir]);
+    // A lease taken since the read above saw this lock and withdrew, unless this process stood still long enough (a
+    // stuck volume, a frozen node) for its taker to watch the lock and take it over: then the entry is that lease's.
+    if (!(await lock.mine())) return { removed: false, why: 'locked' };
     trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);
     await fsp.rename(dir, trash);
     await fsyncDir(cacheDir);

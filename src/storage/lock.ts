@@ -68,6 +68,8 @@ export interface HeldLock {
   readonly path: string;
   /** Aborted if the lock is lost (taken over by another process): the holder must stop writing. */
   readonly lost: AbortSignal;
+  /** Whether the lock still names this holder, read now (`lost` tells only at the next heartbeat). */
+  mine(): Promise<boolean>;
   release(): Promise<void>;
 }
 
@@ -469,6 +471,10 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
   return {
     path: file,
     lost: lost.signal,
+    async mine() {
+      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
+      return !released && !lost.signal.aborted && read !== undefined && holderOf(read)?.token === me.token;
+    },
     async release() {
       if (released) return;
       released = true;

@@ -6,13 +6,14 @@ import { until } from './server.js';
 /** The built lease module, which the child imports (a test builds dist/ when it is older than the sources). */
 export const LEASE_JS = path.resolve('dist/src/storage/lease.js');
 const LOCK_JS = path.resolve('dist/src/storage/lock.js');
+const ENTRIES_JS = path.resolve('dist/src/storage/entries.js');
 const SKEW_CLOCK = path.resolve('test/helpers/skew-clock.cjs');
 
 /** Builds dist/ when the lease or lock module there is missing or older than its sources (the children import it). */
 export function buildIfStale(): void {
   const age = (f: string) => (existsSync(f) ? statSync(f).mtimeMs : 0);
-  const srcs = ['lease', 'lock', 'cache'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
-  if (Math.min(age(LEASE_JS), age(LOCK_JS)) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
+  const srcs = ['lease', 'lock', 'cache', 'entries'].map((m) => age(path.resolve(`src/storage/${m}.ts`)));
+  if (Math.min(age(LEASE_JS), age(LOCK_JS), age(ENTRIES_JS)) < Math.max(...srcs)) spawnSync(process.execPath, [path.resolve('node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { stdio: 'ignore' });
 }
 
 /**
@@ -56,4 +57,19 @@ export async function skewedHolder(kind: 'lock' | 'lease', target: string, skewM
   });
   await until(() => Math.abs(statSync(file).mtimeMs - (Date.now() + skewMs)) < Math.abs(skewMs) / 2, 10_000);
   return { child, file };
+}
+
+/**
+ * An evictor on a node whose clock is `skewMs` off (skew-clock.cjs): a process that removes the entry `name` from
+ * `cacheDir` (entries.ts removeEntry) and exits; `outcome` resolves to what removeEntry returned.
+ */
+export function evictInChild(cacheDir: string, name: string, skewMs: number): { child: ChildProcess; outcome: Promise<unknown> } {
+  const script = `const { removeEntry } = await import(${JSON.stringify(ENTRIES_JS)});
+    process.stdout.write(JSON.stringify(await removeEntry(process.argv[1], process.argv[2])) + '\\n');`;
+  const child = spawn(process.execPath, ['--require', SKEW_CLOCK, '--input-type=module', '-e', script, cacheDir, name],
+    { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TEST_CLOCK_SKEW_MS: String(skewMs) } });
+  let out = '';
+  child.stdout!.on('data', (c) => (out += c));
+  const outcome = new Promise((resolve, reject) => child.on('exit', (code) => (code === 0 ? resolve(JSON.parse(out)) : reject(new Error(`evictor exited ${code}`)))));
+  return { child, outcome };
 }
