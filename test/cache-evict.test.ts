@@ -640,4 +640,30 @@ describe('lease folders of entries that are not there', () => {
       booting.kill('SIGKILL');
     }
   });
+
+  // The sweep's side of the handshake after a stall, as an eviction's (above): a server that took over the lock of a
+  // sweep stopped after its read of the leases keeps its lease. Before, the sweep deleted it on resuming, and a lease
+  // whose file goes while its entry is not there is not written again: the server ran unleased.
+  it('a sweep whose lock a server took over while it stood still, after it read the leases, leaves that server\'s lease', async () => {
+    const cache = await cacheWith(1);
+    const entry = path.join(cache, 's3-models-next-2222');
+    // Leases that name no holder (they count for nothing) enough that the sweep's read of them lasts.
+    await fsp.mkdir(leasesDir(entry), { recursive: true });
+    for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(leasesDir(entry), `x-${i}.lease`), '{}');
+    const sweep = evictInChild(cache, '', -300_000, 'orphans');
+    try {
+      await until(() => existsSync(`${entry}.lock`), 10_000, 1);
+      await new Promise((r) => setTimeout(r, 20));
+      sweep.child.kill('SIGSTOP');
+      const behind = new Date(Date.now() - 300_000);
+      await fsp.utimes(`${entry}.lock`, behind, behind);
+      const lease = await leaseEntry(entry, { pollMs: 10 });
+      sweep.child.kill('SIGCONT');
+      await sweep.outcome;
+      expect(existsSync(lease.path)).toBe(true);
+      await lease.release();
+    } finally {
+      sweep.child.kill('SIGKILL');
+    }
+  }, 60_000);
 });

@@ -292,6 +292,8 @@ export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}):
       // Not watched again: a lease that looks old and moved, or came since, keeps the folder.
       const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0, ...seen });
       if ((await there(dir)) || leases.live.length > 0 || leases.unwatched > 0) continue;
+      // Taken over while this process stood still after the read above: a lease published since is its taker's.
+      if (!(await lock.mine())) continue;
       try {
         await fsp.rm(leasesDir(dir), { recursive: true, force: true });
       } catch (err) {

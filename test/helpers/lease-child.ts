@@ -61,11 +61,13 @@ export async function skewedHolder(kind: 'lock' | 'lease', target: string, skewM
 
 /**
  * An evictor on a node whose clock is `skewMs` off (skew-clock.cjs): a process that removes the entry `name` from
- * `cacheDir` (entries.ts removeEntry) and exits; `outcome` resolves to what removeEntry returned.
+ * `cacheDir` (entries.ts removeEntry; `orphans`: the lease folders of entries not there, emptyOrphanLeases) and exits;
+ * `outcome` resolves to what that returned.
  */
-export function evictInChild(cacheDir: string, name: string, skewMs: number): { child: ChildProcess; outcome: Promise<unknown> } {
-  const script = `const { removeEntry } = await import(${JSON.stringify(ENTRIES_JS)});
-    process.stdout.write(JSON.stringify(await removeEntry(process.argv[1], process.argv[2])) + '\\n');`;
+export function evictInChild(cacheDir: string, name: string, skewMs: number, what: 'entry' | 'orphans' = 'entry'): { child: ChildProcess; outcome: Promise<unknown> } {
+  const call = what === 'entry' ? 'removeEntry(process.argv[1], process.argv[2])' : 'emptyOrphanLeases(process.argv[1])';
+  const script = `const { removeEntry, emptyOrphanLeases } = await import(${JSON.stringify(ENTRIES_JS)});
+    process.stdout.write(JSON.stringify(await ${call}) + '\\n');`;
   const child = spawn(process.execPath, ['--require', SKEW_CLOCK, '--input-type=module', '-e', script, cacheDir, name],
     { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TEST_CLOCK_SKEW_MS: String(skewMs) } });
   let out = '';
