@@ -177,23 +177,32 @@ describe('the server as PID 1 (the image has no init: node is its container\'s f
   }, 90_000);
 });
 
+/**
+ * The warm-up CLI resuming a fill whose journal does not answer (the fill stops at reading it), given SHUTDOWN_GRACE_S
+ * `graceS`: the entry's key, a way to signal it, and its end (SIGKILLed once `signals` has run and `killAfterMs` more
+ * have passed, as the kubelet's at the end of the grace period).
+ */
+async function stuckWarmup(name: string, graceS: number, signals: (kill: (s: NodeJS.Signals) => void) => Promise<void>, killAfterMs: number) {
+  const cache = path.join(tmp.dir, name);
+  const uri = `s3://models/${PREFIX}`;
+  const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+  mkdirSync(path.join(cache, key), { recursive: true });
+  stick(path.join(cache, key, JOURNAL));
+  let kill!: (s: NodeJS.Signals) => void;
+  const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: String(graceS) }, (k) => (kill = k));
+  await new Promise((r) => setTimeout(r, 3_000));
+  await signals(kill);
+  const timer = setTimeout(() => kill('SIGKILL'), killAfterMs);
+  const r = await job;
+  clearTimeout(timer);
+  return { cache, key, r };
+}
+
 describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
   it('while the fill reads the entry\'s journal: exits within SHUTDOWN_GRACE_S with a line naming what did not finish', async () => {
-    const cache = path.join(tmp.dir, 'cache-c');
-    const uri = `s3://models/${PREFIX}`;
-    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
-    // An entry being filled, whose journal does not answer: the resumed fill stops at reading it.
-    mkdirSync(path.join(cache, key), { recursive: true });
-    stick(path.join(cache, key, JOURNAL));
-    let kill!: (s: NodeJS.Signals) => void;
-    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
-    await new Promise((r) => setTimeout(r, 3_000));
-    kill('SIGTERM');
     // Before, the stop waited for the fill, and the fill for the journal: only SIGKILL ended it (a second signal too
     // waited, in process.exit()).
-    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
-    const r = await job;
-    clearTimeout(timer);
+    const { cache, key, r } = await stuckWarmup('cache-c', 2, async (kill) => kill('SIGTERM'), 30_000);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
     expect(r.stderr).toMatch(/warmup: SIGTERM received; stopping/);
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: readFile ${key}/\\.progress\\.jsonl still pending after \\d+ s; exiting without waiting for them \\(exit 143\\)$`, 'm'));
@@ -201,21 +210,12 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
   }, 60_000);
 
   it('a second signal while the stop is held ends it at once, as its signal does (process.exit() would wait for the stuck call)', async () => {
-    const cache = path.join(tmp.dir, 'cache-c2');
-    const uri = `s3://models/${PREFIX}`;
-    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
-    mkdirSync(path.join(cache, key), { recursive: true });
-    stick(path.join(cache, key, JOURNAL));
-    let kill!: (s: NodeJS.Signals) => void;
     // A grace longer than the test waits: only the second signal can end it in time.
-    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '120' }, (k) => (kill = k));
-    await new Promise((r) => setTimeout(r, 3_000));
-    kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 1_000));
-    kill('SIGINT');
-    const timer = setTimeout(() => kill('SIGKILL'), 20_000);
-    const r = await job;
-    clearTimeout(timer);
+    const { r } = await stuckWarmup('cache-c2', 120, async (kill) => {
+      kill('SIGTERM');
+      await new Promise((res) => setTimeout(res, 1_000));
+      kill('SIGINT');
+    }, 20_000);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGINT' });
   }, 60_000);
 });
