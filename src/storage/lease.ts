@@ -221,20 +221,22 @@ export async function sweepUnleased(base: string, o: {
   /** Ends the watch at once (rejects with its reason). */
   signal?: AbortSignal;
 } = {}): Promise<string[]> {
-  const staleMs = o.staleMs ?? LEASE_STALE_MS;
-  const gone: string[] = [];
+  const folders: string[] = [];
+  const oldLegacy = new Set<string>();
   for (const name of await fsp.readdir(base).catch(() => [] as string[])) {
     if (name.startsWith('.')) continue;
-    const dir = path.join(base, name);
-    const st = await fsp.stat(dir).catch(() => undefined);
+    const st = await fsp.stat(path.join(base, name)).catch(() => undefined);
     if (!st?.isDirectory()) continue;
-    if (LEGACY_SET.test(name) ? Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000) : (await leaseState(dir, staleMs, { confirmMs: 0 })).live.length === 0) gone.push(name);
+    folders.push(name);
+    if (LEGACY_SET.test(name) && Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000)) oldLegacy.add(name);
   }
-  const leased = gone.filter((n) => !LEGACY_SET.test(n));
-  const states = o.dryRun ? undefined : await leaseStates(leased.map((n) => path.join(base, n)), staleMs, o.signal ? { signal: o.signal } : {});
-  const kept = new Set(states ? leased.filter((_, i) => states[i]!.live.length > 0) : []);
+  // One look at every folder's leases, and one watch of those that look stale (a dry run judges by the clock alone).
+  const leased = folders.filter((n) => !LEGACY_SET.test(n));
+  const states = await leaseStates(leased.map((n) => path.join(base, n)), o.staleMs ?? LEASE_STALE_MS, o.dryRun ? { confirmMs: 0 } : o.signal ? { signal: o.signal } : {});
+  const unleased = new Set(leased.filter((_, i) => states[i]!.live.length === 0));
+  const gone = folders.filter((n) => oldLegacy.has(n) || unleased.has(n));
   const removed: string[] = [];
-  for (const name of gone.filter((n) => !kept.has(n))) {
+  for (const name of gone) {
     const dir = path.join(base, name);
     await o.going?.(dir);
     removed.push(name);
