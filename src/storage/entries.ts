@@ -363,6 +363,7 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
   const sure = candidates.filter((e) => !e.unconfirmed);
   const unsure = candidates.filter((e) => e.unconfirmed);
   const evicted: CacheEntry[] = [];
+  const gone = new Set<string>();
   const watched = { entries: [] as string[], ms: 0 };
   const dirs = (entries: readonly CacheEntry[]) => entries.map((e) => path.join(cacheDir, e.name));
   let freeable = freed + (await freedBy(dirs(candidates)));
@@ -374,19 +375,20 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
     watched.entries.push(...w.watched);
     watched.ms += performance.now() - t0;
     still = w.still;
-    return [...sure, ...unsure].filter((e) => !w.held.includes(e.name) && !evicted.some((x) => x.name === e.name));
+    return [...sure, ...unsure].filter((e) => !w.held.includes(e.name) && !gone.has(e.name));
   };
   const remove = async (entries: readonly CacheEntry[]) => {
     for (const e of entries) {
       if (freed >= need) break;
-      if (evicted.some((x) => x.name === e.name)) continue;
+      if (gone.has(e.name)) continue;
       // Not watched here: a heartbeat that looks old and is not in `still` (met only now, say) keeps the entry.
       const r = await removeEntry(cacheDir, e.name, { ...o, watch: false, ...(still ? { still } : {}) });
       if (!r.removed) continue;
       freed += r.bytes;
-      const gone = { ...e, bytes: r.bytes };
-      evicted.push(gone);
-      o.onEvicted?.(gone);
+      const out = { ...e, bytes: r.bytes };
+      evicted.push(out);
+      gone.add(e.name);
+      o.onEvicted?.(out);
     }
   };
   /** Removes the entries, in order, only if together they can make the room still missing. */
@@ -402,10 +404,9 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
       await remove(sure);
       // One that needed no watching when listed was leased or locked since: what is left is watched now, and goes
       // only if it makes the room still missing.
-      if (freed < need) await removeIfEnough(await watch(candidates.filter((e) => !evicted.some((x) => x.name === e.name))));
+      if (freed < need) await removeIfEnough(await watch(candidates.filter((e) => !gone.has(e.name))));
     }
   }
-  const gone = new Set(evicted.map((e) => e.name));
   return { freed, freeable, evicted, left: all.filter((e) => !gone.has(e.name) && e.name !== o.exclude), watched };
 }
 
