@@ -321,12 +321,11 @@ async function decodeWithSharp(bytes: Uint8Array, fmt: 'png' | 'jpeg' | 'webp' |
 function firstPage(b: Uint8Array): Uint8Array {
   const ifd = firstIfd(b);
   if (!ifd) return b;
-  const link = ifd.at + (ifd.big ? 8 : 2) + ifd.entry * ifd.count;
-  const size = ifd.word;
+  const link = ifd.entries + ifd.entry * ifd.count;
   // A first IFD cut short, or already the last, is left to libvips.
-  if (link + size > b.length || b.subarray(link, link + size).every((v) => v === 0)) return b;
+  if (link + ifd.word > b.length || b.subarray(link, link + ifd.word).every((v) => v === 0)) return b;
   const copy = new Uint8Array(b);
-  copy.fill(0, link, link + size);
+  copy.fill(0, link, link + ifd.word);
   return copy;
 }
 

@@ -143,11 +143,11 @@ function tiffMetadata(b: Uint8Array): Found {
 /** A TIFF-structured block's first IFD (classic or BigTIFF), as the readers of its entries and of its link need it. */
 export interface FirstIfd {
   le: boolean;
-  big: boolean;
   dv: DataView;
-  /** Offset of the IFD, and its entry count. */
+  /** Offset of the IFD, its entry count, and the offset of its first entry (after the count). */
   at: number;
   count: number;
+  entries: number;
   /** Bytes of an offset or count (4; BigTIFF 8), and of an entry (12; BigTIFF 20). */
   word: number;
   entry: number;
@@ -169,7 +169,7 @@ export function firstIfd(b: Uint8Array): FirstIfd | undefined {
   if (b.length < (big ? 16 : 8)) return undefined;
   const at = uint(big ? 8 : 4);
   if (at + word > b.length) return undefined;
-  return { le, big, dv, at, count: big ? uint(at) : dv.getUint16(at, le), word, entry, uint };
+  return { le, dv, at, count: big ? uint(at) : dv.getUint16(at, le), entries: at + (big ? 8 : 2), word, entry, uint };
 }
 
 /**
@@ -179,9 +179,9 @@ export function firstIfd(b: Uint8Array): FirstIfd | undefined {
 function ifdEntry(b: Uint8Array, tag: number): { type: number; count: number; at: number; le: boolean } | undefined {
   const ifd = firstIfd(b);
   if (!ifd) return undefined;
-  const { le, big, dv, word, entry, uint } = ifd;
+  const { le, dv, word, entry, uint } = ifd;
   for (let i = 0; i < ifd.count; i++) {
-    const e = ifd.at + (big ? 8 : 2) + entry * i;
+    const e = ifd.entries + entry * i;
     if (e + entry > b.length) return undefined;
     if (dv.getUint16(e, le) !== tag) continue;
     const [type, count] = [dv.getUint16(e + 2, le), uint(e + 4)];
