@@ -13,6 +13,7 @@ import sharp from 'sharp';
 import { readBmp } from '../src/runtime/bmp.js';
 import { decodeImage } from '../src/runtime/image-request.js';
 import { bmp, descriptorAt } from '../test/helpers/images.js';
+import { median } from './bench-common.js';
 
 type Decode = (bytes: Uint8Array) => Promise<unknown>;
 const n = Number(process.env.BENCH_N ?? 5);
@@ -49,7 +50,6 @@ async function blocked(decode: Decode, bytes: Buffer): Promise<{ gap: number; wa
   return { gap, wall };
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
 async function main(): Promise<void> {
   const checkout = process.argv[2];
