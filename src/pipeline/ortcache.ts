@@ -379,12 +379,7 @@ async function writeKey(p: ReturnType<typeof optimizedPaths>, key: StoredKey): P
   await fsp.writeFile(tmpKey, `${JSON.stringify(key)}\n`);
   await fsyncFile(tmpKey);
   await fsp.rename(tmpKey, p.key);
-  const dh = await fsp.open(p.dir, 'r');
-  try {
-    await dh.sync();
-  } finally {
-    await dh.close();
-  }
+  await fsyncFile(p.dir);
 }
 
 /** A key that says the copy was timed and not kept: written like a real key (tmp + rename), with no graph beside it. */
@@ -452,12 +447,7 @@ async function carryOne(from: string, to: string, stem: string): Promise<boolean
     if (!(await inPlace()) || (await fsp.readFile(src.key, 'utf8')) !== text || !(await inPlace())) throw new Error('the copy was replaced while it was carried');
     await fsp.rename(tmpOnnx, p.onnx);
     made[0] = p.onnx;
-    const dh = await fsp.open(to, 'r');
-    try {
-      await dh.sync();
-    } finally {
-      await dh.close();
-    }
+    await fsyncFile(to);
     await writeKey(p, stored);
     return true;
   } catch {
@@ -547,6 +537,7 @@ async function sweepStale(p: ReturnType<typeof optimizedPaths>, keep: string): P
   }
 }
 
+/** fsync of a file, or of a folder (its entries). */
 async function fsyncFile(file: string): Promise<void> {
   const fh = await fsp.open(file, 'r');
   try {
