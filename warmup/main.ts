@@ -57,7 +57,7 @@ async function warm(signal: AbortSignal): Promise<void> {
       // What the server leaves out, so that its cache hit finds the entry this fill commits.
       cfg, log, signal, requireHitCheck: true, unused: unusedFiles,
       // Unchanged components keep their optimized copies through its fill, in place or in a new version, as a server's.
-      ...(cfg.optimizedModelCache !== 'off' ? optimizedCopyHooks : {}),
+      ...optimizedCopyHooks(cfg.optimizedModelCache),
       onProgress: (p) => {
         latest = p;
         const now = Date.now();

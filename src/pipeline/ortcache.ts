@@ -491,8 +491,13 @@ export async function keptOptimizedCopies(root: string, unchanged: ReadonlySet<s
   return kept;
 }
 
-/** The cache fill's hooks that keep the copies of unchanged components (storage/fetch.ts ResolveOptions carry, keep). */
-export const optimizedCopyHooks = Object.freeze({ carry: carryOptimizedCopies, keep: keptOptimizedCopies });
+const HOOKS = Object.freeze({ carry: carryOptimizedCopies, keep: keptOptimizedCopies });
+
+/**
+ * The cache fill's hooks that keep the copies of unchanged components (storage/fetch.ts ResolveOptions carry, keep);
+ * none where ORT_OPTIMIZED_CACHE is off (no copy is loaded then).
+ */
+export const optimizedCopyHooks = (mode: OptimizedCacheMode): Partial<typeof HOOKS> => (mode === 'off' ? {} : HOOKS);
 
 /** The folder `dir` holds exactly the sources `key` lists, as it saw them (size, mtime), each passing `same`. */
 async function holdsSources(dir: string, key: StoredKey, same: (name: string) => Promise<boolean>): Promise<boolean> {

@@ -380,7 +380,7 @@ export class BootSequence {
           unused: unusedFiles,
           // Unchanged components keep their optimized copies through a refresh in place or into a new version (an
           // ORT_OPTIMIZED_CACHE=off server loads none).
-          ...(this.#cfg.optimizedModelCache !== 'off' ? optimizedCopyHooks : {}),
+          ...optimizedCopyHooks(this.#cfg.optimizedModelCache),
           onListing: (files) => this.#onListing(files),
           onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
           onRestart: () => this.#onRestart(),
