@@ -118,6 +118,23 @@ async function expectNoHalfEntry(cache: string): Promise<void> {
   }
 }
 
+
+/**
+ * Stops `child` (an evictor on a clock 5 min behind) 20 ms after its lock on `dir` appears, stamps that lock as its
+ * heartbeat would have, leases `dir` (taking the lock over once it stood still), then lets `child` go on.
+ */
+async function leaseWhileStopped(child: ChildProcess, dir: string): Promise<Awaited<ReturnType<typeof leaseEntry>>> {
+  await until(() => existsSync(`${dir}.lock`), 10_000, 1);
+  await new Promise((r) => setTimeout(r, 20));
+  child.kill('SIGSTOP');
+  // What its heartbeat, had it run, stamps with its clock (it ran its lock's first 2 s here with this one).
+  const behind = new Date(Date.now() - 300_000);
+  await fsp.utimes(`${dir}.lock`, behind, behind);
+  const lease = await leaseEntry(dir, { pollMs: 10 });
+  child.kill('SIGCONT');
+  return lease;
+}
+
 describe('eviction when a download finds too little space', () => {
   it('removes the least recently used entry, only as many as needed, and logs and reports each', async () => {
     const cache = await cacheWith(3);
@@ -473,14 +490,7 @@ describe('eviction against a start of the same entry at that moment', () => {
     for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(dir, `pad-${i}`), '');
     const evictor = evictInChild(cache, keyOf(1), -300_000);
     try {
-      await until(() => existsSync(`${dir}.lock`), 10_000, 1);
-      await new Promise((r) => setTimeout(r, 20));
-      evictor.child.kill('SIGSTOP');
-      // What its heartbeat, had it run, stamps with its clock (it ran its lock's first 2 s here with this one).
-      const behind = new Date(Date.now() - 300_000);
-      await fsp.utimes(`${dir}.lock`, behind, behind);
-      const lease = await leaseEntry(dir, { pollMs: 10 });
-      evictor.child.kill('SIGCONT');
+      const lease = await leaseWhileStopped(evictor.child, dir);
       // locked: it found its lock taken (in use, had it been stopped before its read of the leases).
       expect(await evictor.outcome).toMatchObject({ removed: false });
       expect(existsSync(path.join(dir, MANIFEST))).toBe(true);
@@ -652,13 +662,7 @@ describe('lease folders of entries that are not there', () => {
     for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(leasesDir(entry), `x-${i}.lease`), '{}');
     const sweep = evictInChild(cache, '', -300_000, 'orphans');
     try {
-      await until(() => existsSync(`${entry}.lock`), 10_000, 1);
-      await new Promise((r) => setTimeout(r, 20));
-      sweep.child.kill('SIGSTOP');
-      const behind = new Date(Date.now() - 300_000);
-      await fsp.utimes(`${entry}.lock`, behind, behind);
-      const lease = await leaseEntry(entry, { pollMs: 10 });
-      sweep.child.kill('SIGCONT');
+      const lease = await leaseWhileStopped(sweep.child, entry);
       await sweep.outcome;
       expect(existsSync(lease.path)).toBe(true);
       await lease.release();
