@@ -18,8 +18,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, CLEANUP_MS, describePending, endBySignal, killNow, stuckRequests } from './storage/pending-io.js';
-import { deadline } from './deadline.js';
+import { cacheRelative, describePending, endBySignal, killNow, startCleanup, stuckRequests } from './storage/pending-io.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -104,13 +103,17 @@ async function main(): Promise<void> {
     }
     events?.emit('signal', { signal: sig }, 'signal received');
     const exit = (code: number, unfinished: readonly string[]) => void leave(signals > 1 ? 1 : code, sig, unfinished, { cfg: cfg!, log, rt });
+    const failed = (step: string, err: unknown) => {
+      const reason = (err as Error)?.message ?? String(err);
+      if (log) log.warn({ step, reason }, `shutdown: ${step} failed`);
+      else process.stderr.write(`diffusers-runtime: shutdown: ${step} failed: ${reason}\n`);
+    };
     const r = rt;
     if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.unfinished));
     else if (boot) {
       // As close()'s cleanup: the fetch's stop and the lease's release write to the cache.
-      const left = deadline(undefined, CLEANUP_MS);
-      void Promise.race([boot.stop().then(() => true), new Promise<false>((res) => left.signal.addEventListener('abort', () => res(false), { once: true }))])
-        .then((done) => (left.clear(), exit(0, done ? [] : ['the model fetch and the cache entry lease'])));
+      const b = boot, cleanup = startCleanup({ failed });
+      void cleanup.step('the model fetch and the cache entry lease', () => b.stop()).then(() => exit(0, cleanup.unfinished));
     } else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));

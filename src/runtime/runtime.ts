@@ -5,7 +5,6 @@
  */
 import { setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
-import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { createMetrics, type Metrics } from '../metrics.js';
@@ -19,7 +18,7 @@ import { createImageSource, type ImageSource } from './image-source.js';
 import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 import { PROGRESS_LOG_MS } from '../storage/fetch.js';
-import { CLEANUP_MS } from '../storage/pending-io.js';
+import { startCleanup, type Cleanup } from '../storage/pending-io.js';
 
 /**
  * How long close() waits, at most, for the aborts of multipart uploads that failed output_uri uploads left (a pod's
@@ -64,7 +63,7 @@ export class Runtime {
   #stopping = false;
   #closing: Promise<void> | undefined;
   #endGrace: (() => void) | undefined;
-  readonly #unfinished: string[] = [];
+  #cleanup: Cleanup | undefined;
   readonly #shutdown = new AbortController();
   /** Run at the end of close(), once the workers are closed (the cache entry's lease). */
   readonly #atClose: Array<() => Promise<void>> = [];
@@ -130,7 +129,7 @@ export class Runtime {
    * `the output uploads`): a thread of the process may be stuck on a volume that does not answer.
    */
   get unfinished(): readonly string[] {
-    return this.#unfinished;
+    return this.#cleanup?.unfinished ?? [];
   }
 
   /** True from the start of close(): readiness is false and new work gets 503. */
@@ -186,27 +185,20 @@ export class Runtime {
       // What follows touches the model's files and the cache (the workers read them, the lease is released there): on a
       // volume that stopped answering it would wait for good, so it gets CLEANUP_MS in all, and what did not finish is
       // named (unfinished) and left: the next start or an eviction takes over a lease or lock whose heartbeat stopped.
-      const left = deadline(undefined, CLEANUP_MS);
-      const expired = new Promise<false>((r) => left.signal.addEventListener('abort', () => r(false), { once: true }));
-      const step = async (name: string, work: () => Promise<unknown>): Promise<boolean> => {
-        const settled = work().then(() => true, () => true);
-        // Past the time, a step still gets a turn of the loop to finish: one with nothing to wait for is not left.
-        const done = (await Promise.race([settled, expired])) || (await Promise.race([settled, new Promise<false>((r) => setImmediate(() => r(false)))]));
-        if (!done) this.#unfinished.push(name);
-        return done;
-      };
+      const cleanup = (this.#cleanup = startCleanup({
+        failed: (step, err) => this.log.warn({ step, reason: (err as Error)?.message ?? String(err) }, `shutdown: ${step} failed`),
+      }));
       // The lease goes only once the workers stopped reading the entry's files: left held while one may still read, it
       // keeps an eviction from removing them under it until its heartbeat goes stale.
-      if (await step('the pipeline workers', () => Promise.all([this.engine.close(), this.optimizer.stop()]))) {
-        await step('the model fetch and the cache entry lease', () => Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined))));
+      if (await cleanup.step('the pipeline workers', () => Promise.all([this.engine.close(), this.optimizer.stop()]))) {
+        await cleanup.step('the model fetch and the cache entry lease', () => Promise.all(this.#atClose.map((fn) => fn().catch(() => undefined))));
       }
       // A failed output_uri upload's multipart upload is aborted through the request client: not cut by its destroy().
-      await step('the output uploads', () => this.generation.uploadsSettled(UPLOAD_ABORTS_MS));
-      left.clear();
+      await cleanup.step('the output uploads', () => this.generation.uploadsSettled(UPLOAD_ABORTS_MS));
       this.#requestS3.destroy();
       // Last, the connections still open (idle keep-alive ones): a process exits now anyway, an embedding one keeps none.
       this.#listener?.closeConnections();
-      this.events.emit('shut-down', { drained, ...(this.#unfinished.length > 0 ? { unfinished: [...this.#unfinished] } : {}) }, 'shut down');
+      this.events.emit('shut-down', { drained, ...(cleanup.unfinished.length > 0 ? { unfinished: [...cleanup.unfinished] } : {}) }, 'shut down');
     })());
   }
 

@@ -71,6 +71,35 @@ export async function stuckRequests(settleMs = SETTLE_MS): Promise<number> {
   }
 }
 
+/** What a stop does after the server's drain (or before the runtime exists), within one bound. */
+export interface Cleanup {
+  /** The names of the steps the bound ran out on, in order. */
+  readonly unfinished: readonly string[];
+  /**
+   * Runs `work` until it settles or the bound runs out: false (and `name` is added to unfinished) when it runs out
+   * first. A rejection counts as finished, as nothing of the step is left to wait for: it goes to `failed` and the stop
+   * goes on.
+   */
+  step(name: string, work: () => Promise<unknown>): Promise<boolean>;
+}
+
+/** A stop's cleanup, bounded by `ms` from now; `failed` hears of each step that rejected. */
+export function startCleanup(o: { ms?: number; failed?: (name: string, err: unknown) => void } = {}): Cleanup {
+  const ms = o.ms ?? CLEANUP_MS;
+  const unfinished: string[] = [];
+  const expired = new Promise<false>((r) => setTimeout(() => r(false), ms).unref());
+  return {
+    unfinished,
+    async step(name, work) {
+      const settled = Promise.resolve().then(work).then(() => true, (err: unknown) => (o.failed?.(name, err), true));
+      // Past the bound, a step still gets a turn of the loop to finish: one with nothing to wait for is not left.
+      const done = (await Promise.race([settled, expired])) || (await Promise.race([settled, new Promise<false>((r) => setImmediate(() => r(false)))]));
+      if (!done) unfinished.push(name);
+      return done;
+    },
+  };
+}
+
 /**
  * Ends the process as `signal`'s default action does (exit status 128 + its number: 143 for SIGTERM), without joining
  * the threads that process.exit() would wait for. For a stop whose calls on the volume never returned.
