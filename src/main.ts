@@ -18,7 +18,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, startCleanup, stuckRequests } from './storage/pending-io.js';
+import { cacheRelative, describePending, endBySignal, killNow, startCleanup, type Cleanup } from './storage/pending-io.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -102,18 +102,19 @@ async function main(): Promise<void> {
       return;
     }
     events?.emit('signal', { signal: sig }, 'signal received');
-    const exit = (code: number, unfinished: readonly string[]) => void leave(signals > 1 ? 1 : code, sig, unfinished, { cfg: cfg!, log, rt });
+    // A second signal during the cleanup or the wait after it still makes the exit 1, as it says.
+    const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cfg: cfg!, log, rt });
     const failed = (step: string, err: unknown) => {
       const reason = (err as Error)?.message ?? String(err);
       if (log) log.warn({ step, reason }, `shutdown: ${step} failed`);
       else process.stderr.write(`diffusers-runtime: shutdown: ${step} failed: ${reason}\n`);
     };
     const r = rt;
-    if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.unfinished));
+    if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.cleanup!));
     else if (boot) {
       // As close()'s cleanup: the fetch's stop and the lease's release write to the cache.
       const b = boot, cleanup = startCleanup({ failed });
-      void cleanup.step('the model fetch and the cache entry lease', () => b.stop()).then(() => exit(0, cleanup.unfinished));
+      void cleanup.step('the model fetch and the cache entry lease', () => b.stop()).then(() => exit(0, cleanup));
     } else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
@@ -152,17 +153,18 @@ async function main(): Promise<void> {
 }
 
 /**
- * Ends the process after a stop: exit `code`, unless the stop left work unfinished or file system calls unanswered (a
+ * Ends the process after a stop: exit `code()`, once the file system calls still pending are answered (a slow volume's
+ * are waited for, within the cleanup's bound), unless the stop left work unfinished or calls unanswered by then (a
  * volume that stopped answering: process.exit() would wait for them for good). Then one line names them and the
  * process ends as `sig`'s default action (128 + its number, 143 for SIGTERM): not 0, and not the kubelet's SIGKILL (137)
  * at the end of the pod's grace period.
  */
-async function leave(code: number, sig: string, unfinished: readonly string[], o: { cfg: Readonly<Config>; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
+async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cfg: Readonly<Config>; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
   const { cfg, log, rt } = o;
+  const unanswered = await cleanup.unanswered();
+  const unfinished = cleanup.unfinished;
+  if (unfinished.length === 0 && unanswered === 0) process.exit(code());
   const pending = describePending(cfg.cacheDir);
-  // Already left unfinished: the line now, not half a second later (the grace period may end then).
-  const unanswered = await stuckRequests(unfinished.length > 0 ? 0 : undefined);
-  if (unfinished.length === 0 && unanswered === 0) process.exit(code);
   const signal = sig as NodeJS.Signals;
   const status = 128 + (osConstants.signals[signal] ?? 0);
   // A worker that did not stop is most often inside ONNX Runtime, creating a session from a file it cannot read.
@@ -175,7 +177,7 @@ async function leave(code: number, sig: string, unfinished: readonly string[], o
   ];
   if (what.length === 0) what.push(`${unfinished.join(', ')} did not finish`);
   const line = `shutdown did not finish: ${what.join('; ')}; exiting without waiting for it (exit ${status})`;
-  if (log) log.error({ unfinished, pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
+  if (log) log.error({ unfinished: [...unfinished], pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
   else process.stderr.write(`diffusers-runtime: ${line}\n`);
   endBySignal(signal);
 }

@@ -1,9 +1,36 @@
 /**
  * A stop's cleanup (storage/pending-io.ts startCleanup), which the server's close and its stop before the runtime
- * exists share: steps bounded together, what the bound ran out on named, a step that failed taken as finished.
+ * exists share: steps bounded together, what the bound ran out on named, a step that failed taken as finished, then
+ * the wait for the process's file calls still pending. A FIFO stands in for a file of the cache volume: opening it
+ * blocks until a writer comes, late (a slow volume) or never (a volume that stopped answering).
  */
-import { describe, expect, it } from 'vitest';
-import { startCleanup } from '../src/storage/pending-io.js';
+import { execFileSync } from 'node:child_process';
+import { closeSync, constants, openSync, promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fsRequestsPending, startCleanup } from '../src/storage/pending-io.js';
+import { tempDir, until } from './helpers/server.js';
+
+const tmp = tempDir('dr-pending-io-');
+
+afterAll(() => tmp.cleanup());
+
+/** A FIFO at `name`, and a way to let go a reader blocked opening it (false when none was). */
+function fifo(name: string): { file: string; answer(): boolean } {
+  const file = path.join(tmp.dir, name);
+  execFileSync('mkfifo', [file]);
+  return {
+    file,
+    answer() {
+      try {
+        closeSync(openSync(file, constants.O_WRONLY | constants.O_NONBLOCK));
+        return true;
+      } catch {
+        return false;
+      }
+    },
+  };
+}
 
 describe('startCleanup', () => {
   it('a step that failed has finished: not named, its error handed on, and the stop goes on', async () => {
@@ -18,6 +45,7 @@ describe('startCleanup', () => {
     expect(await c.step('the output uploads', async () => undefined)).toBe(true);
     expect(c.unfinished).toEqual([]);
     expect(failed).toEqual([['the cache entry lease', refused], ['the model fetch', thrown]]);
+    expect(await c.unanswered()).toBe(0);
   });
 
   it('a step still running when the bound runs out is named; a later one with nothing to wait for still finishes', async () => {
@@ -25,5 +53,27 @@ describe('startCleanup', () => {
     expect(await c.step('the pipeline workers', () => new Promise(() => undefined))).toBe(false);
     expect(await c.step('the output uploads', async () => undefined)).toBe(true);
     expect(c.unfinished).toEqual(['the pipeline workers']);
+  });
+
+  it('a file call answered after the steps (a slow volume) is waited for; one never answered is counted once the bound is over', async () => {
+    const slow = fifo('slow');
+    const read = fsp.readFile(slow.file);
+    await until(() => fsRequestsPending() > 0);
+    const c = startCleanup();
+    // Answered a second after the steps ended (here, none): longer than the half second a stop once gave such a call.
+    setTimeout(() => slow.answer(), 1_000);
+    expect(await c.unanswered()).toBe(0);
+    expect((await read).length).toBe(0);
+
+    const stuck = fifo('stuck');
+    const never = fsp.readFile(stuck.file);
+    try {
+      await until(() => fsRequestsPending() > 0);
+      expect(await startCleanup({ ms: 200 }).unanswered()).toBe(1);
+    } finally {
+      // Let go, so that no pool thread of this process stays blocked.
+      await until(() => stuck.answer());
+      await never;
+    }
   });
 });

@@ -6,15 +6,15 @@
  * within its bounds, with one line naming what did not finish, and not be left to the SIGKILL at the end of the grace.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
-import { JOURNAL } from '../src/storage/cache.js';
-import { LAST_USED, leasesDir } from '../src/storage/lease.js';
+import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
+import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
-import { sharedCacheDir, startServer, tempDir, type LogLine, type ServerHandle } from './helpers/server.js';
+import { sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const tmp = tempDir('dr-stuck-');
@@ -121,6 +121,68 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
     live.push(next);
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 180_000);
+});
+
+/** Whether a thread of process `pid` is blocked opening a FIFO, waiting for its other end (Linux's wait_for_partner). */
+const opensFifo = (pid: number) => readdirSync(`/proc/${pid}/task`).some((t) => {
+  try {
+    return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8') === 'wait_for_partner';
+  } catch {
+    return false; // the thread ended
+  }
+});
+
+/**
+ * A server on the demo model whose adapter-set folder's lease (.lora-sets/, taken at start, never released: it goes
+ * stale with the process) becomes a FIFO, SIGTERMed while its heartbeat (every 30 s) is blocked reading it: a call
+ * on the volume no stop step awaits, still pending once the cleanup is over. `answerMs` after the cleanup's end, a
+ * writer gives the read the file's own content (a slow volume's call); without `answerMs`, none comes (a stuck one).
+ */
+async function heartbeatPendingAtStop(name: string, answerMs?: number) {
+  const cache = path.join(tmp.dir, name);
+  const model = await ensureDemoModel(sharedCacheDir());
+  cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
+  const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
+  live.push(srv);
+  const leases = path.join(cache, LORA_SETS, LEASES);
+  const [work] = readdirSync(leases);
+  const [lease] = readdirSync(path.join(leases, work!)).filter((f) => f.endsWith('.lease'));
+  const file = path.join(leases, work!, lease!);
+  const content = readFileSync(file);
+  stick(file);
+  await until(() => opensFifo(srv.proc.pid!), 45_000, 100);
+  const stopped = terminate(srv, 40_000);
+  if (answerMs !== undefined) {
+    await srv.waitFor('shut-down');
+    await new Promise((r) => setTimeout(r, answerMs));
+    // A reader blocked in its open counts: a non-blocking open for writing lets it go. None (ENXIO): the process did
+    // not wait for the call, and the assertions say how it ended.
+    try {
+      const fd = openSync(file, constants.O_WRONLY | constants.O_NONBLOCK);
+      writeSync(fd, content);
+      closeSync(fd);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENXIO') throw e;
+    }
+  }
+  return { srv, rel: `${LORA_SETS}/${LEASES}/${work}/${lease}`, r: await stopped };
+}
+
+describe('the server, SIGTERM with a call on the cache volume pending after the cleanup', () => {
+  it('answered 1.5 s after the cleanup (a slow volume): waited for, and the stop ends as a clean one, exit 0', async () => {
+    // Before, a call still pending half a second after the cleanup was judged stuck: exit 143, naming the read.
+    const { srv, r } = await heartbeatPendingAtStop('cache-slow', 1_500);
+    expect(stopLine(srv.logs)?.msg).toBeUndefined();
+    expect(r).toMatchObject({ code: 0, signal: null });
+    expect(srv.events('shut-down')).toMatchObject([{ drained: true }]);
+    expect(srv.events('shut-down')[0]).not.toHaveProperty('unfinished');
+  }, 120_000);
+
+  it('never answered: exits 143 when the cleanup\'s 15 s run out, naming the read', async () => {
+    const { srv, rel, r } = await heartbeatPendingAtStop('cache-slow-stuck');
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: read ${rel.replace(/[.]/g, '\\.')} still pending after \\d+ s; exiting without waiting for it \\(exit 143\\)$`));
+  }, 120_000);
 });
 
 /** Whether this machine lets an unprivileged user namespace own a new pid namespace (it may not, in a container). */

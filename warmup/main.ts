@@ -26,7 +26,7 @@ import { LEASE_STALE_MS } from '../src/storage/lease.js';
 import { type StillBeats } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
-import { describePending, endBySignal, fsRequestsPending, stuckRequests } from '../src/storage/pending-io.js';
+import { describePending, endBySignal, fsRequestsAnswered, fsRequestsPending } from '../src/storage/pending-io.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -469,8 +469,10 @@ async function main(): Promise<number> {
 }
 
 const code = await main();
-// Stopped, with calls on the cache still unanswered (a lock's heartbeat, say): the exit would wait for them for good.
-if (signalled !== undefined && (await stuckRequests()) > 0) leaveStuck(signalled, 'stopped');
+// Stopped, with calls on the cache still pending (a lock's heartbeat, say): they are waited for here, where the
+// SHUTDOWN_GRACE_S timer can still end a wait for calls that never return, not in process.exit(), which would wait for
+// them for good. A slow volume's are answered in time, and the stop ends as a clean one does.
+if (signalled !== undefined) await fsRequestsAnswered();
 process.exitCode = code;
 // Sockets or timers left by a library must not keep a finished Job pod running.
 setTimeout(() => process.exit(code), 2_000).unref();

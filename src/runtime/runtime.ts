@@ -125,11 +125,12 @@ export class Runtime {
   }
 
   /**
-   * What close() left unfinished after CLEANUP_MS (`the pipeline workers`, `the model fetch and the cache entry lease`,
-   * `the output uploads`): a thread of the process may be stuck on a volume that does not answer.
+   * close()'s cleanup, once its drain is over (storage/pending-io.ts): what it left unfinished after CLEANUP_MS (`the
+   * pipeline workers`, `the model fetch and the cache entry lease`, `the output uploads`: a thread of the process may be
+   * stuck on a volume that does not answer), and the wait, within the same bound, for the file calls still pending.
    */
-  get unfinished(): readonly string[] {
-    return this.#cleanup?.unfinished ?? [];
+  get cleanup(): Cleanup | undefined {
+    return this.#cleanup;
   }
 
   /** True from the start of close(): readiness is false and new work gets 503. */

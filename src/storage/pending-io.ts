@@ -55,18 +55,14 @@ export function describePending(cacheDir: string, now = performance.now()): stri
   return pendingIo().map((p) => `${p.op} ${cacheRelative(cacheDir, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
 }
 
-/** How long stuck() waits for requests it did not record to be answered before it counts them stuck. */
-const SETTLE_MS = 500;
-
 /**
- * Whether file system requests are still unanswered once the stop's own work is over, after up to SETTLE_MS for those
- * merely slow: where some are, process.exit() would wait for them for good.
+ * Resolves once no file system request of the process is pending, or at `until` (performance.now()) with the number
+ * still pending. A volume that answers slowly (seconds a call) is waited for; one that stopped answering is not.
  */
-export async function stuckRequests(settleMs = SETTLE_MS): Promise<number> {
-  const end = performance.now() + settleMs;
+export async function fsRequestsAnswered(until = Infinity): Promise<number> {
   for (;;) {
     const n = fsRequestsPending();
-    if (n === 0 || performance.now() >= end) return n;
+    if (n === 0 || performance.now() >= until) return n;
     await new Promise((r) => setTimeout(r, 20));
   }
 }
@@ -81,11 +77,18 @@ export interface Cleanup {
    * goes on.
    */
   step(name: string, work: () => Promise<unknown>): Promise<boolean>;
+  /**
+   * Once the steps are over: waits for the process's file system requests still pending, up to the bound (not at all
+   * once a step was left), and resolves with those still pending then (0: none), which process.exit() would wait for
+   * for good. A slow volume's are answered in time, and the stop ends as a clean one does.
+   */
+  unanswered(): Promise<number>;
 }
 
 /** A stop's cleanup, bounded by `ms` from now; `failed` hears of each step that rejected. */
 export function startCleanup(o: { ms?: number; failed?: (name: string, err: unknown) => void } = {}): Cleanup {
   const ms = o.ms ?? CLEANUP_MS;
+  const ends = performance.now() + ms;
   const unfinished: string[] = [];
   const expired = new Promise<false>((r) => setTimeout(() => r(false), ms).unref());
   return {
@@ -97,6 +100,8 @@ export function startCleanup(o: { ms?: number; failed?: (name: string, err: unkn
       if (!done) unfinished.push(name);
       return done;
     },
+    // With a step left the bound is over: the line comes at once.
+    unanswered: () => fsRequestsAnswered(unfinished.length > 0 ? 0 : ends),
   };
 }
 
