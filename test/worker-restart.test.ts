@@ -88,6 +88,34 @@ describe('a pipeline worker that dies after ready', () => {
     }
   }, 180_000);
 
+  it('WORKERS=1, a worker dies during the SIGTERM drain: 500 for its generation and 503 SHUTTING_DOWN for the one queued, at once; the drain ends', async () => {
+    const s = await start(1, { hold: true });
+    const events: Array<{ name: string; data: unknown }> = [];
+    s.rt.events.on((e) => events.push(e));
+    try {
+      const held = predict(s.url, { num_inference_steps: 3 });
+      await until(() => s.rt.engine.busy === 1, 30_000);
+      const queued = predict(s.url, { num_inference_steps: 3, seed: 8 });
+      await until(() => s.rt.engine.queueDepth === 1, 30_000);
+      // A grace period the test outlasts: requests held to its end would be answered the grace's 503 instead.
+      const closed = s.rt.close(20_000);
+      await until(() => s.rt.boot.state === 'stopping', 5_000);
+      await s.workers[0]!.worker.terminate();
+      const [h, q] = await Promise.all([held, queued]);
+      // Nothing starts the worker again now: the answers say so (no "being started again"); the one queued can retry
+      // on another replica, as every request the stop refuses.
+      expect([h.status, h.json]).toEqual([500, { error: 'the generation failed: the pipeline worker running it stopped (exit code 1)', code: 'WORKER_DIED' }]);
+      expect([q.status, q.json, q.headers.get('retry-after')]).toEqual([503, { error: 'the server is shutting down', code: 'SHUTTING_DOWN' }, '1']);
+      await closed;
+      expect(events.filter((e) => e.name === 'shut-down').map((e) => e.data)).toEqual([{ drained: true }]);
+      // The listener is closed now: the gauges from the runtime's registry.
+      const gauge = async (name: string) => (await s.rt.metrics.registry.getSingleMetric(name)!.get()).values.reduce((n, v) => n + v.value, 0);
+      expect([await gauge('inference_requests_in_flight'), await gauge('inference_queue_depth'), await gauge('worker_busy')]).toEqual([0, 0, 0]);
+    } finally {
+      await s.rt.close(0);
+    }
+  }, 120_000);
+
   it('WORKERS=1, an idle worker dies: started again with its sessions, it serves the same pixels as before', async () => {
     const s = await start(1);
     try {

@@ -11,7 +11,8 @@
  * A worker that dies (an uncaught error, a crash of its thread) fails the generation it held (WORKER_DIED, 500) and,
  * once it had loaded the whole model, is started again with its sessions (a load of the same folder), with a backoff
  * when it keeps dying. While no worker can run, queued and new requests get WORKER_RESTARTING (503) and onServing
- * tells the runtime, which reports not-ready.
+ * tells the runtime, which reports not-ready. During SIGTERM's drain it is not started again, and the queued requests
+ * no worker is left for get SHUTTING_DOWN.
  */
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
@@ -900,10 +901,13 @@ export class Engine {
     w.dead = true;
     w.death = short ? shortageError(`pipeline worker ${w.index} stopped`, short, LIMIT_ADVICE) : new RuntimeError('WORKER_DIED', `pipeline worker ${w.index} died: ${why}`);
     w.loaded = false;
-    if (this.#closing) {
+    if (this.#closed) {
       this.#checkIdle();
       return;
     }
+    // Dying during the SIGTERM drain (stopAccepting), it is not started again, and what it held is answered now: held,
+    // its requests would have waited out the grace period for the grace's 503.
+    const draining = this.#closing;
     // The batch it was stepping and the one it was decoding, if any.
     const runs = runsOf(w);
     const held = idsOf(runs.flatMap((r) => r.tasks));
@@ -917,7 +921,7 @@ export class Engine {
     w.sets.clear();
     this.#deviceBusy(w);
     if (runs.length > 0) {
-      const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why}); it is being started again`);
+      const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why})${draining ? '' : '; it is being started again'}`);
       for (const run of runs) for (const t of run.tasks) this.#finish(t, err);
     }
     for (const waiter of w.loads.splice(0)) {
@@ -925,10 +929,10 @@ export class Engine {
       waiter.settled = true;
     }
     // Only a worker that had the whole model is started again: one that dies while loading it would do so again.
-    if (w.whole && this.#wholeDir !== undefined) this.#restart(w.index);
+    if (w.whole && this.#wholeDir !== undefined && !draining) this.#restart(w.index);
     if (!this.serving) {
       // Nothing can run what waits: an answer now (the client may retry on another replica) beats a timeout.
-      for (const t of this.#pending.splice(0)) this.#finish(t, this.#restartingError());
+      for (const t of this.#pending.splice(0)) this.#finish(t, draining ? shuttingDownError() : this.#restartingError());
       this.metrics.queueDepth.set(this.#labels, 0);
     }
     this.#servingChanged(`pipeline worker ${w.index} stopped (${why}); starting it again`);
