@@ -174,7 +174,9 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       try {
         // Not admitted (its body came after SIGTERM): refused before its input images are read, which the drain would
         // wait for only to answer the engine's 503, and before the result cache, as an arrival after the signal is.
-        if (!admitted && !engine.accepting) {
+        // `admitted` is engine.accepting when the request was counted (track), and stopAccepting() is for good: not
+        // admitted, the engine is not accepting now either, so that needs no second look.
+        if (!admitted) {
           metrics.rejected.inc({ ...labels, reason: 'shutting_down' });
           throw shuttingDownError();
         }
