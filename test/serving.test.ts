@@ -149,6 +149,31 @@ describe('dynamic batching', () => {
     expect([over.status, over.json]).toEqual([400, { error: 'instances[0].num_inference_steps must be from 1 to 50 for scheduler tcd (original_inference_steps is 50), got 51', code: 'INVALID_INPUT' }]);
   });
 
+  it('a client that leaves a running batch is counted once and freed; the batch runs on, and the other image is byte-equal to its run alone', async () => {
+    // Long enough that the client leaves while the batch runs, not after.
+    const a = { prompt: 'a red fox in the snow', num_inference_steps: 500, height: 384, width: 384, seed: 61 };
+    const b = { prompt: 'a lighthouse at dusk', num_inference_steps: 500, height: 384, width: 384, seed: 62 };
+    const before = { count: await metric(srv, 'inference_batch_size_count'), sum: await metric(srv, 'inference_batch_size_sum'), steps: await metric(srv, 'denoising_steps_total'),
+      left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }), cancelled: await metric(srv, 'inference_cancelled_total'), gone: await metric(srv, 'inference_request_count', { protocol: 'v1', status: '499' }) };
+    const leaves = rawPredict(srv.port, a);
+    const stays = predict(srv, b);
+    await until(async () => (await metric(srv, 'inference_batch_size_count')) - before.count === 1, 20_000, 5);
+    leaves.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 20_000, 5);
+    const r = await stays;
+    expect(r.status).toBe(200);
+    // One batch of both, not stopped for b: its UNet ran every step, as b's run alone does (a batched step counts once).
+    expect([(await metric(srv, 'inference_batch_size_count')) - before.count, (await metric(srv, 'inference_batch_size_sum')) - before.sum]).toEqual([1, 2]);
+    const batchSteps = (await metric(srv, 'denoising_steps_total')) - before.steps;
+    expect((await metric(srv, 'inference_cancelled_total', { reason: 'client_left' })) - before.left).toBe(1);
+    expect((await metric(srv, 'inference_cancelled_total')) - before.cancelled).toBe(1);
+    await until(async () => (await metric(srv, 'inference_request_count', { protocol: 'v1', status: '499' })) - before.gone === 1, 2_000);
+    expect([await metric(srv, 'inference_requests_in_flight'), await metric(srv, 'inference_queue_depth'), await metric(srv, 'worker_busy')]).toEqual([0, 0, 0]);
+    const steps0 = await metric(srv, 'denoising_steps_total');
+    expect(b64(r) === b64(await predict(srv, b))).toBe(true);
+    expect((await metric(srv, 'denoising_steps_total')) - steps0).toBe(batchSteps);
+  });
+
   it('does not batch requests of different shapes together', async () => {
     const count0 = await metric(srv, 'inference_batch_size_count');
     const sum0 = await metric(srv, 'inference_batch_size_sum');
@@ -272,6 +297,28 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
     expect([first.status, n.status]).toEqual([200, 200]);
     // Two images: the running one's and "next"'s; the cancelled one was never generated.
     expect((await metric(srv, 'images_generated_total')) - images0).toBe(2);
+  });
+
+  it('a request whose own timeout passes while it is queued leaves the queue: 504, counted as a timeout, never generated', async () => {
+    const images0 = await metric(srv, 'images_generated_total');
+    const timeouts0 = await metric(srv, 'inference_cancelled_total', { reason: 'timeout' });
+    const cancelled0 = await metric(srv, 'inference_cancelled_total');
+    // Held until the test lets it go, so the V2 request below waits in the queue for all of its 1.5 s.
+    const blocker = rawPredict(srv.port, { ...long, num_inference_steps: 500, seed: 12 });
+    await onWorker();
+    const v2 = postJson(`${srv.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['queued too long'] }], parameters: { num_inference_steps: 2, height: 64, width: 64, seed: 13, timeout: 1_500_000 },
+    });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 10_000, 25);
+    const r = await v2;
+    expect([r.status, r.json.code, r.json.error]).toEqual([504, 'TIMEOUT', 'the request took longer than its parameters.timeout (1500000 µs) and was stopped']);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(0);
+    expect((await metric(srv, 'inference_cancelled_total', { reason: 'timeout' })) - timeouts0).toBe(1);
+    blocker.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+    // The blocker, stopped when its client left, and the V2 request: neither made an image.
+    expect((await metric(srv, 'inference_cancelled_total')) - cancelled0).toBe(2);
+    expect((await metric(srv, 'images_generated_total')) - images0).toBe(0);
   });
 });
 
