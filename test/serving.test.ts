@@ -322,6 +322,58 @@ describe('bounded queue and cancellation (MAX_QUEUE=1)', () => {
   });
 });
 
+describe('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step counts and identical requests at once, then clients that leave and a timeout', () => {
+  let srv: RuntimeHandle;
+  beforeAll(async () => {
+    srv = await startRuntime({ STORAGE_URI: undefined, MAX_BATCH_SIZE: '4', BATCH_WINDOW_MS: '100', RESULT_CACHE_MB: '4' }, { ready: true });
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('answers each as it should, counts each once, and leaves in flight, queue depth and worker_busy at 0', async () => {
+    const counter = async () => ({
+      left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }), timeout: await metric(srv, 'inference_cancelled_total', { reason: 'timeout' }),
+      failed: await metric(srv, 'inference_cancelled_total', { reason: 'request_failed' }), hits: await metric(srv, 'result_cache_hits_total'),
+      rejected: await metric(srv, 'inference_rejected_total'),
+    });
+    const before = await counter();
+    // Pairs alike in everything a batch must share, and pairs that differ in one thing a batch must share.
+    const mixed = [
+      { height: 64, width: 64, num_inference_steps: 3 }, { height: 64, width: 64, num_inference_steps: 3 },
+      { height: 64, width: 128, num_inference_steps: 3 }, { height: 64, width: 64, num_inference_steps: 4 },
+      { height: 64, width: 64, num_inference_steps: 3, scheduler: 'euler_a' }, { height: 64, width: 64, num_inference_steps: 3, scheduler: 'ddim', eta: 0.5 },
+      { height: 64, width: 64, num_inference_steps: 3, guidance_scale: 1 }, { height: 64, width: 64, num_inference_steps: 3, num_images_per_prompt: 2 },
+    ].map((f, i) => ({ prompt: `mixed ${i}`, seed: 300 + i, ...f }));
+    const same = { prompt: 'same', num_inference_steps: 6, height: 64, width: 64, seed: 400 };
+    const rs = await Promise.all([...mixed, same, same, same].map((inst) => predict(srv, inst)));
+    expect(rs.map((r) => r.status)).toEqual(rs.map(() => 200));
+    for (const [i, inst] of mixed.entries()) {
+      expect(preds(rs[i]!.json).map((p) => [p.seed, p.width, p.height])).toEqual(Array.from({ length: inst.num_images_per_prompt ?? 1 }, (_, k) => [inst.seed + k, inst.width, inst.height]));
+    }
+    expect(new Set(rs.slice(mixed.length).map(b64)).size).toBe(1);
+    // Then long generations of one shape (a batch of their own, stopped once its clients have all left: they leave once
+    // in the engine, queued or running) and one past its parameters.timeout, each long enough that none ends first.
+    const batches0 = await metric(srv, 'inference_batch_size_count');
+    const long = { prompt: 'leaves', num_inference_steps: 500, height: 512, width: 512 };
+    const leavers = [0, 1, 2].map((i) => rawPredict(srv.port, { ...long, seed: 500 + i }));
+    const late = postJson(`${srv.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['too slow'] }], parameters: { num_inference_steps: 500, height: 768, width: 768, seed: 600, timeout: 1_000_000 },
+    });
+    // All four in flight, then a batch window past: every one of them is queued or running.
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 4, 20_000, 5);
+    await until(async () => (await metric(srv, 'inference_batch_size_count')) > batches0, 20_000, 5);
+    for (const sock of leavers) sock.destroy();
+    const t = await late;
+    expect([t.status, t.json.code]).toEqual([504, 'TIMEOUT']);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'inference_queue_depth')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+    const after = await counter();
+    // Each client that left and the timeout once; nothing refused; two of the three identical requests served by the
+    // generation of the first.
+    expect({ left: after.left - before.left, timeout: after.timeout - before.timeout, failed: after.failed - before.failed, hits: after.hits - before.hits, rejected: after.rejected - before.rejected })
+      .toEqual({ left: 3, timeout: 1, failed: 0, hits: 2, rejected: 0 });
+    expect((await predict(srv, { prompt: 'after', num_inference_steps: 2, height: 64, width: 64 })).status).toBe(200);
+  });
+});
+
 describe('formats, result cache, output_uri', () => {
   let srv: RuntimeHandle;
   let s3: S3Server;
