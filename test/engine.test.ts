@@ -314,18 +314,31 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
-  it('counts the steps of a generation that finished after its clients left (the cancel came too late): the device ran them', async () => {
-    const { engine, w, metrics } = await loadedEngine();
-    const steps = async () => (await metrics.steps.get()).values.reduce((n, v) => n + v.value, 0);
+  it('counts the steps and images of a generation that finished after its clients left (the cancel came too late): the device made them', async () => {
+    const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const sum = async (m: { get(): Promise<{ values: Array<{ value: number }> }> }) => (await m.get()).values.reduce((n, v) => n + v.value, 0);
+    const counts = async () => [await sum(metrics.steps), await sum(metrics.images), await sum(metrics.workerImages)];
+    // A batch of two whose clients both leave.
     const gone = new AbortController();
-    const left = engine.submit(request('a'), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message);
+    const left = ['a', 'b'].map((p) => engine.submit(request(p), { signal: gone.signal }).then(() => 'ok', (e: Error) => e.message));
     await sent(w, 1);
     gone.abort();
-    expect(await left).toBe('the request was abandoned while generating');
+    expect(await Promise.all(left)).toEqual(Array(2).fill('the request was abandoned while generating'));
     // The worker had finished before the cancel reached it: its result arrives for nobody.
-    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image, image], times });
     await engine.idle();
-    expect(await steps()).toBe(times.steps);
+    // As a batch that one of its clients left counts all its images (below): the images are the device's work, as the steps.
+    expect(await counts()).toEqual([times.steps, 2, 2]);
+    // A batch of two whose one client leaves.
+    const going = new AbortController();
+    const c = engine.submit(request('c'), { signal: going.signal }).catch(() => undefined);
+    const d = engine.submit(request('d'));
+    await sent(w, 2);
+    going.abort();
+    await c;
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [image, image], times });
+    expect((await d).images).toHaveLength(1);
+    expect(await counts()).toEqual([2 * times.steps, 4, 4]);
     await engine.close();
   });
 

@@ -783,9 +783,9 @@ export class Engine {
 
   async #deliver(run: Running, raw: Array<TransferImage & { seed: number }>, times: StageTimes): Promise<void> {
     // Every client of the batch left while it ran (its cancel came too late): nobody to encode for; the device still ran
-    // every step.
+    // every step and made every image, which count as those of a batch that only some of its clients left do.
     if (run.tasks.every((t) => t.state === 'done')) {
-      if (!run.warmup) this.metrics.steps.inc(this.#labels, times.steps);
+      if (!run.warmup) this.#countMade(run, times.steps, raw.length);
       return;
     }
     const t0 = performance.now();
@@ -826,10 +826,15 @@ export class Engine {
     this.metrics.stageDuration.observe({ ...l, stage: 'vae_decoder' }, all.vaeMs / 1000);
     if (all.vaeEncoderMs !== undefined) this.metrics.stageDuration.observe({ ...l, stage: 'vae_encoder' }, all.vaeEncoderMs / 1000);
     this.metrics.stageDuration.observe({ ...l, stage: 'encode' }, all.encodeMs / 1000);
-    this.metrics.steps.inc(l, all.steps);
     if (all.denoiseMs > 0) this.metrics.stepsPerSecond.set(l, all.steps / (all.denoiseMs / 1000));
-    this.metrics.images.inc(l, images);
-    this.metrics.workerImages.inc({ ...l, ...run.where }, images);
+    this.#countMade(run, all.steps, images);
+  }
+
+  /** The UNet steps a generation ran to its end and the images it made, whether or not anyone took them. */
+  #countMade(run: Running, steps: number, images: number): void {
+    this.metrics.steps.inc(this.#labels, steps);
+    this.metrics.images.inc(this.#labels, images);
+    this.metrics.workerImages.inc({ ...this.#labels, ...run.where }, images);
   }
 
   /**
