@@ -153,6 +153,19 @@ describe('engine', () => {
     expect(await Promise.all(results)).toEqual([0, 1].map(() => expect.stringMatching(/^the generation failed: the pipeline worker running it stopped/)));
     await engine.close(); // before the replacement worker the engine starts would load anything
   });
+
+  it('with its one worker dead during the drain, a request admitted before SIGTERM is refused SHUTTING_DOWN at once, not queued for nobody', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    engine.stopAccepting();
+    w.emit('exit', 1);
+    await engine.idle();
+    // In flight at the signal (reading its input images), it comes to the queue now: no worker will take it.
+    const late = await engine.submit(request('late'), { admitted: true }).then(() => undefined, (e: RuntimeError) => [e.code, e.message, e.retryAfter]);
+    expect(late).toEqual(['SHUTTING_DOWN', 'the server is shutting down', 1]);
+    expect([engine.queueDepth, (await metrics.rejected.get()).values.find((v) => v.labels.reason === 'shutting_down')?.value]).toEqual([0, 1]);
+    expect(w.sent.filter((m) => m.t === 'load')).toHaveLength(1); // the boot's: not started again
+    await engine.close();
+  });
 });
 
 describe('engine batching (MAX_BATCH_SIZE > 1)', () => {

@@ -11,8 +11,8 @@
  * A worker that dies (an uncaught error, a crash of its thread) fails the generation it held (WORKER_DIED, 500) and,
  * once it had loaded the whole model, is started again with its sessions (a load of the same folder), with a backoff
  * when it keeps dying. While no worker can run, queued and new requests get WORKER_RESTARTING (503) and onServing
- * tells the runtime, which reports not-ready. During SIGTERM's drain it is not started again, and the queued requests
- * no worker is left for get SHUTTING_DOWN.
+ * tells the runtime, which reports not-ready. During SIGTERM's drain it is not started again, and the requests no
+ * worker is left for, queued or to come, get SHUTTING_DOWN.
  */
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
@@ -448,7 +448,9 @@ export class Engine {
       this.#refused.add(request);
       return Promise.reject(err);
     };
-    if (this.#refuses(opts)) return refuse('shutting_down', shuttingDownError());
+    // Closing with no worker left (one died in the drain, and none is started again then): queued, an admitted request
+    // would wait for nobody until the grace period's end.
+    if (this.#refuses(opts) || (this.#closing && !this.serving)) return refuse('shutting_down', shuttingDownError());
     if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
