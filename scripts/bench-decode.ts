@@ -1,7 +1,8 @@
 /**
  * @module How long decoding an input image holds the event loop (`npm run bench:decode`, i.e. `node
- * dist/scripts/bench-decode.js [BASELINE_CHECKOUT]`): a 4096 × 4096 picture of noise as a 24-bit BMP, an RLE8 BMP and a
- * GIF whose frame sits a row down its canvas, each decoded BENCH_N (default 5) times, interleaved, while a 1 ms timer
+ * dist/scripts/bench-decode.js [BASELINE_CHECKOUT]`): a 4096 × 4096 picture of noise as a 24-bit BMP, an RLE8 BMP, a
+ * GIF whose frame sits a row down its canvas, and a GIF of noise written in one-byte sub-blocks (the most a GIF's
+ * first frame can make its parse walk and copy), each decoded BENCH_N (default 5) times, interleaved, while a 1 ms timer
  * notes the longest gap between its ticks. Before: the BMP decoded on the main thread (bmp.ts, as decodeImage did), or,
  * with a checkout whose build holds another image-request.js (`<checkout>/dist/src/runtime/image-request.js`, e.g. the
  * parent commit's), that one's decodeImage for every picture. After: this decodeImage. Medians of the longest gap and
@@ -27,7 +28,35 @@ async function pictures(): Promise<Record<string, Buffer>> {
   const gif = Buffer.from(await sharp(noise.subarray(0, SIDE * (SIDE - 1) * 3), { raw: { width: SIDE, height: SIDE - 1, channels: 3 } }).gif().toBuffer());
   // The frame a row down: the canvas grows around it.
   gif.writeUInt16LE(1, descriptorAt(gif) + 3);
-  return { 'BMP 24-bit': bmp(SIDE, SIDE, 24, noise), 'BMP RLE8': bmp(SIDE, SIDE, 8, Buffer.concat(Array.from({ length: SIDE }, () => row)), 1), 'GIF, frame offset': gif };
+  // Noise LZW barely compresses (xorshift32): ~23 MB of image data, 46 MB as one-byte sub-blocks.
+  const rand = Buffer.alloc(SIDE * SIDE * 3);
+  let x = 2463534242;
+  for (let i = 0; i < rand.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    rand[i] = x & 255;
+  }
+  const rough = Buffer.from(await sharp(rand, { raw: { width: SIDE, height: SIDE, channels: 3 } }).gif({ dither: 0, effort: 1 }).toBuffer());
+  return {
+    'BMP 24-bit': bmp(SIDE, SIDE, 24, noise),
+    'BMP RLE8': bmp(SIDE, SIDE, 8, Buffer.concat(Array.from({ length: SIDE }, () => row)), 1),
+    'GIF, frame offset': gif,
+    'GIF, one-byte sub-blocks': oneByteBlocks(rough),
+  };
+}
+
+/** `gif` (as sharp writes it: one image, its data after the descriptor's colour table) with its image data re-cut into sub-blocks of one byte. */
+function oneByteBlocks(gif: Buffer): Buffer {
+  const d = descriptorAt(gif);
+  const flags = gif[d + 9]!;
+  const lzw = d + 10 + (flags & 0x80 ? 3 << ((flags & 7) + 1) : 0);
+  const data: Buffer[] = [];
+  for (let o = lzw + 1; gif[o] !== 0; o += gif[o]! + 1) data.push(gif.subarray(o + 1, o + 1 + gif[o]!));
+  const bytes = Buffer.concat(data);
+  const cut = Buffer.alloc(2 * bytes.length, 1);
+  for (let i = 0; i < bytes.length; i++) cut[2 * i + 1] = bytes[i]!;
+  return Buffer.concat([gif.subarray(0, lzw + 1), cut, Buffer.from([0, 0x3b])]);
 }
 
 /** The longest gap between ticks of a 1 ms timer while `decode` runs, and its wall time, in ms. */

@@ -1,18 +1,21 @@
 /**
  * Input images decoded off the event loop, within what the input budget reserved for them: a BMP on a thread of its own
- * (bmp-client.ts), a GIF's canvas composed by libvips. Another request is answered over a real socket while a large
- * BMP decodes; a cancelled decode stops its thread; a GIF's decode holds no more memory than it reserved.
+ * (decode-client.ts), a GIF's first frame found and cut out on one, its canvas composed by libvips. Another request is
+ * answered over a real socket while a large BMP decodes, and by the real server while a large GIF's frame is cut out; a
+ * cancelled decode stops its thread; a GIF's decode holds no more memory than it reserved.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
+import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bmpDecodesRunning } from '../src/runtime/bmp-client.js';
+import { decodesRunning } from '../src/runtime/decode-client.js';
 import { decodeImage, InputBudget, MAX_INPUT_PIXELS } from '../src/runtime/image-request.js';
 import { bmp, descriptorAt } from './helpers/images.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { rejection } from './helpers/s3.js';
-import { until } from './helpers/server.js';
+import { ROOT, until } from './helpers/server.js';
 
 /** Noise no encoder flattens: (i · 7919) mod 251. */
 const noise = (n: number) => {
@@ -62,12 +65,12 @@ describe('a BMP decodes on a thread of its own', () => {
     const res = await fetch(url);
     expect([res.status, await res.text()]).toEqual([200, 'ok']);
     expect(settled).toBe(false);
-    expect(bmpDecodesRunning()).toBe(1);
+    expect(decodesRunning()).toBe(1);
     // Still running: cancelled, not decoded.
     stop.abort();
     const err = await rejection(decoding);
     expect([err.code, err.message]).toEqual(['CANCELLED', 'image: decoding was cancelled']);
-    await until(() => bmpDecodesRunning() === 0, 10_000);
+    await until(() => decodesRunning() === 0, 10_000);
   }, 60_000);
 
   it('gives the pixels, and the decoder\'s complaints as they were, from the thread', async () => {
@@ -75,7 +78,7 @@ describe('a BMP decodes on a thread of its own', () => {
     expect([img.width, img.height, Array.from(img.data)]).toEqual([2, 1, [1, 2, 3, 4, 5, 6]]);
     await expect(decodeImage(bmp(4000, 4000, 24, Buffer.alloc(100)), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: the file ends inside its pixels' });
     await expect(decodeImage(bmp(4000, 4000, 8, Buffer.from([4, 1, 0, 1]), 1), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: not enough image data' });
-    expect(bmpDecodesRunning()).toBe(0);
+    expect(decodesRunning()).toBe(0);
   });
 
   it('a decode cancelled before its turn never starts a thread', async () => {
@@ -83,6 +86,53 @@ describe('a BMP decodes on a thread of its own', () => {
     stop.abort();
     const err = await rejection(decodeImage(bmp(1, 1, 24, Buffer.alloc(4)), 'image', MAX_INPUT_PIXELS, undefined, stop.signal));
     expect(err.code).toBe('CANCELLED');
-    expect(bmpDecodesRunning()).toBe(0);
+    expect(decodesRunning()).toBe(0);
   });
+});
+
+describe('a GIF\'s first frame is found and cut out on a thread', () => {
+  let rt: RuntimeHandle;
+  // The server's own module (dist/): the runtime runs the built code, not this test's source imports.
+  let running: () => number;
+  beforeAll(async () => {
+    rt = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '0', MAX_BODY_BYTES: String(128 << 20) }, { ready: true });
+    running = ((await import(path.join(ROOT, 'dist', 'src', 'runtime', 'decode-client.js'))) as typeof import('../src/runtime/decode-client.js')).decodesRunning;
+  }, 120_000);
+  afterAll(() => rt?.stop());
+
+  it('the server answers a health probe while it walks a GIF of 30 million one-byte sub-blocks, and serves the request', async () => {
+    // A 64x64 GIF with a comment of 30 million one-byte sub-blocks (60 MB) before its image: every one is walked to find
+    // the image. On the main thread that walk (and the frame's copy) held the event loop for hundreds of ms.
+    const small = Buffer.from(await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 10, g: 200, b: 30 } } }).gif().toBuffer());
+    const at = descriptorAt(small);
+    const n = 30_000_000;
+    const comment = Buffer.alloc(2 + 2 * n + 1);
+    comment.set([0x21, 0xfe]);
+    comment.fill(Buffer.from([1, 0x20]), 2, 2 + 2 * n);
+    const gif = Buffer.concat([small.subarray(0, at), comment, small.subarray(at)]);
+    // V2 binary: the file's own bytes, no base64.
+    const header = Buffer.from(JSON.stringify({
+      inputs: [{ name: 'prompt', datatype: 'BYTES', shape: [1], data: ['p'] }, { name: 'image', datatype: 'BYTES', shape: [1], parameters: { binary_data_size: 4 + gif.length } }],
+      parameters: { seed: 1, num_inference_steps: 1 },
+    }));
+    const len = Buffer.alloc(4);
+    len.writeUInt32LE(gif.length);
+    const answer = fetch(`${rt.url}/v2/models/model/infer`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) },
+      body: Buffer.concat([header, len, gif]),
+    });
+    // On the main thread the GIF never held a thread's turn: this waited in vain.
+    await until(() => running() === 1, 30_000, 1);
+    const live = await fetch(`${rt.url}/v2/health/live`);
+    expect(live.status).toBe(200);
+    // Answered while the thread still works (~100–250 ms here; the probe's answer takes a few).
+    expect(running()).toBe(1);
+    const res = await answer;
+    const body = (await res.json()) as { outputs?: Array<{ name: string; shape: number[] }> };
+    expect(res.status, JSON.stringify(body)).toBe(200);
+    expect(body.outputs?.find((o) => o.name === 'image')?.shape).toEqual([1]);
+    expect(running()).toBe(0);
+    expect(rt.rt.inputBudget.used).toBe(0);
+  }, 120_000);
 });

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { parseInstances } from '../src/runtime/request.js';
 import { parseContext, readImages, type ServerContext } from '../src/server/context.js';
-import { bmpDecodesRunning } from '../src/runtime/bmp-client.js';
+import { decodesRunning } from '../src/runtime/decode-client.js';
 import { bmp, gif1x1 } from './helpers/images.js';
 import { CREDS, destroyS3, rejection, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -121,12 +121,12 @@ describe('INPUT_IMAGES_MB', () => {
     const reqs = parseInstances([inst(file.toString('base64'))], parseContext(ctx), 'instances');
     const gone = new AbortController();
     const reading = readImages(ctx, reqs, gone.signal);
-    await until(() => bmpDecodesRunning() === 1, 10_000, 1);
+    await until(() => decodesRunning() === 1, 10_000, 1);
     expect(r.inputBudget.used).toBe(2 * 3000 * 3000 * 3 + 54);
     gone.abort();
     expect((await rejection(reading)).code).toBe('CANCELLED');
     expect(r.inputBudget.used).toBe(0);
-    await until(() => bmpDecodesRunning() === 0, 10_000);
+    await until(() => decodesRunning() === 0, 10_000);
   }, 30_000);
 });
 

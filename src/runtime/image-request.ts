@@ -14,8 +14,7 @@ import { lcmMinStrength, lcmTimestepCount, RESIZE_MODES, type GenerationShape, t
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 import type { ImageSource, InputHold } from './image-source.js';
 import { readBmp } from './bmp.js';
-import { decodeBmp } from './bmp-client.js';
-import { gifFirstFrame } from './gif.js';
+import { decodeOnThread } from './decode-client.js';
 import { firstIfd, oriented, pillowOrientation } from './orientation.js';
 import { show, typeName } from './fields.js';
 
@@ -271,8 +270,8 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
       const bmp = readBmp(bytes);
       // The thread's copy of the file, and an RLE file's index per pixel, expanded before the colours.
       reserve(bmp.width, bmp.height, bytes.length + (bmp.rle ? bmp.width * bmp.height : 0));
-      out = { data: await decodeBmp(bytes, field, signal), info: { width: bmp.width, height: bmp.height, channels: 3 } };
-    } else if (fmt === 'gif') out = await decodeGif(bytes, maxPixels, reserve);
+      out = { data: await decodeOnThread('bmp', bytes, field, signal), info: { width: bmp.width, height: bmp.height, channels: 3 } };
+    } else if (fmt === 'gif') out = await decodeGif(bytes, field, maxPixels, reserve, hold, signal);
     else out = await decodeWithSharp(bytes, fmt, maxPixels, reserve);
   } catch (err) {
     throw decodeFailure(err, field, fmt, maxPixels);
@@ -330,13 +329,16 @@ function firstPage(b: Uint8Array): Uint8Array {
 }
 
 /**
- * A GIF's first frame, decoded alone by libvips and placed by it on the canvas Pillow gives it (gif.ts), off the event
- * loop and straight into the one buffer returned. libvips decodes the frame to RGBA first (4 bytes a pixel, held until
- * the canvas is written), from the frame's own file (gif.ts frameGif): both are reserved beside the canvas.
+ * A GIF's first frame, found and cut out on a thread (gif.ts gifFirstFrame: its walk of every sub-block and its copy of
+ * the frame's data held the event loop 250–360 ms for a 46 MB file of one-byte sub-blocks), decoded alone by libvips and
+ * placed by it on the canvas Pillow gives it, off the event loop and straight into the one buffer returned. At its turn
+ * for a thread, the thread's copy of the file and the frame's own file cut from it (gif.ts frameGif: at most the file
+ * with a 256-colour table and a trailer) are reserved; then, from the header the thread read, the canvas and the RGBA
+ * libvips decodes the frame to first (4 bytes a pixel, held until the canvas is written).
  */
-async function decodeGif(bytes: Uint8Array, maxPixels: number, reserve: (width: number, height: number, working?: number) => void): Promise<Decoded> {
-  const gif = gifFirstFrame(bytes);
-  reserve(gif.width, gif.height, 4 * gif.frameWidth * gif.frameHeight + gif.frame.length);
+async function decodeGif(bytes: Uint8Array, field: string, maxPixels: number, reserve: (width: number, height: number, working?: number) => void, hold?: InputHold, signal?: AbortSignal): Promise<Decoded> {
+  const gif = await decodeOnThread('gif', bytes, field, signal, () => hold?.take(2 * bytes.length + 3 * 256 + 1, field));
+  reserve(gif.width, gif.height, 4 * gif.frameWidth * gif.frameHeight);
   const sharp = await loadSharp();
   const [r, g, b] = gif.fill;
   const around = { top: gif.top, left: gif.left, bottom: gif.height - gif.top - gif.frameHeight, right: gif.width - gif.left - gif.frameWidth };
