@@ -2,7 +2,8 @@
  * Input images decoded off the event loop, within what the input budget reserved for them: a BMP on a thread of its own
  * (decode-client.ts), a GIF's first frame found and cut out on one, its canvas composed by libvips. Another request is
  * answered over a real socket while a large BMP decodes, and by the real server while a large GIF's frame is cut out; a
- * cancelled decode stops its thread; a GIF's decode holds no more memory than it reserved.
+ * cancelled decode stops its thread; a decode waiting for a thread holds none of the budget; a GIF's decode holds no
+ * more memory than it reserved.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -10,7 +11,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decodesRunning } from '../src/runtime/decode-client.js';
+import { DECODE_THREADS, decodesRunning } from '../src/runtime/decode-client.js';
 import { decodeImage, InputBudget, MAX_INPUT_PIXELS } from '../src/runtime/image-request.js';
 import { bmp, descriptorAt } from './helpers/images.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
@@ -80,6 +81,26 @@ describe('a BMP decodes on a thread of its own', () => {
     await expect(decodeImage(bmp(4000, 4000, 8, Buffer.from([4, 1, 0, 1]), 1), 'f')).rejects.toMatchObject({ code: 'INVALID_INPUT', message: 'f could not be decoded as BMP: not enough image data' });
     expect(decodesRunning()).toBe(0);
   });
+
+  it('a decode waiting for a thread holds none of the input budget until its turn, then reserves and decodes', async () => {
+    const budget = new InputBudget(1 << 30);
+    const side = 1024;
+    const file = bmp(side, side, 24, noise(side * side * 3));
+    // Its pixels and the thread's copy of the file.
+    const share = side * side * 3 + file.length;
+    const holds = Array.from({ length: DECODE_THREADS + 1 }, () => budget.hold());
+    // Each call has its turn or joins the queue before it returns: nothing has run in between.
+    const decodes = holds.map((hold) => decodeImage(file, 'image', MAX_INPUT_PIXELS, hold));
+    expect(decodesRunning()).toBe(DECODE_THREADS);
+    // Before, the one waiting held its share too: a queue of them refused other requests (503 BUSY) with nothing in use.
+    expect(holds.map((h) => h.bytes)).toEqual([...Array<number>(DECODE_THREADS).fill(share), 0]);
+    expect(budget.used).toBe(DECODE_THREADS * share);
+    const images = await Promise.all(decodes);
+    expect(images.every((img) => img.width === side && img.height === side && Buffer.from(img.data).equals(images[0]!.data))).toBe(true);
+    expect(holds.map((h) => h.bytes)).toEqual(Array<number>(DECODE_THREADS + 1).fill(share));
+    for (const h of holds) h.release();
+    expect([budget.used, decodesRunning()]).toEqual([0, 0]);
+  }, 60_000);
 
   it('a decode cancelled before its turn never starts a thread', async () => {
     const stop = new AbortController();

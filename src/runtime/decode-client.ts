@@ -51,6 +51,7 @@ export async function decodeOnThread<J extends ThreadJob>(job: J, bytes: Uint8Ar
   const cancelled = () => new RuntimeError('CANCELLED', `${field}: decoding was cancelled`, { cause: signal?.reason });
   if (signal?.aborted) throw cancelled();
   if (running >= DECODE_THREADS) {
+    // A decode that ends hands its turn over (it is not counted free meanwhile, for a newcomer to take).
     await new Promise<void>((resolve, reject) => {
       const go = () => {
         signal?.removeEventListener('abort', leave);
@@ -63,8 +64,7 @@ export async function decodeOnThread<J extends ThreadJob>(job: J, bytes: Uint8Ar
       waiting.push(go);
       signal?.addEventListener('abort', leave, { once: true });
     });
-  }
-  running++;
+  } else running++;
   try {
     if (signal?.aborted) throw cancelled();
     atTurn?.();
@@ -95,8 +95,9 @@ export async function decodeOnThread<J extends ThreadJob>(job: J, bytes: Uint8Ar
       });
     }).finally(() => new Promise<void>((r) => (worker.threadId === -1 ? r() : worker.once('exit', () => r()))));
   } finally {
-    running--;
-    waiting.shift()?.();
+    const next = waiting.shift();
+    if (next) next();
+    else running--;
   }
 }
 

@@ -254,23 +254,28 @@ type Decoded = { data: Uint8Array; info: { width: number; height: number; channe
  * Pillow finds it beyond libvips: orientation.ts), alpha dropped (not composited), grey and palette images expanded,
  * CMYK converted by Pillow's formula, the ICC profile ignored; a GIF's first frame composed as Pillow composes it
  * (gif.ts), a BMP read as Pillow reads it (bmp.ts). The pixels are counted and reserved from the header, before they
- * are decoded.
+ * are decoded; a decode waiting for a thread (decode-client.ts) reserves at its turn.
  */
 export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = MAX_INPUT_PIXELS, hold?: InputHold, signal?: AbortSignal): Promise<Raster> {
   const fmt = sniffFormat(bytes);
   if (typeof fmt !== 'string') throw new RuntimeError('INVALID_INPUT', `${field} is ${fmt.other}; send a ${FORMATS} image`);
   // One frame: an animated image decodes its first only. `working`: what the decode holds beside the RGB it returns.
-  const reserve = (width: number, height: number, working = 0) => {
+  const fits = (width: number, height: number) => {
     if (width * height > maxPixels) throw new Error('Input image exceeds pixel limit');
+  };
+  const reserve = (width: number, height: number, working = 0) => {
+    fits(width, height);
     hold?.take(width * height * 3 + working, field);
   };
   let out: Decoded;
   try {
     if (fmt === 'bmp') {
       const bmp = readBmp(bytes);
-      // The thread's copy of the file, and an RLE file's index per pixel, expanded before the colours.
-      reserve(bmp.width, bmp.height, bytes.length + (bmp.rle ? bmp.width * bmp.height : 0));
-      out = { data: await decodeOnThread('bmp', bytes, field, signal), info: { width: bmp.width, height: bmp.height, channels: 3 } };
+      fits(bmp.width, bmp.height);
+      // At its turn for a thread, not while it waits for one (a queue of BMPs held their shares unused, refusing other
+      // requests): the pixels, the thread's copy of the file, and an RLE file's index per pixel, expanded before the colours.
+      const atTurn = () => reserve(bmp.width, bmp.height, bytes.length + (bmp.rle ? bmp.width * bmp.height : 0));
+      out = { data: await decodeOnThread('bmp', bytes, field, signal, atTurn), info: { width: bmp.width, height: bmp.height, channels: 3 } };
     } else if (fmt === 'gif') out = await decodeGif(bytes, field, maxPixels, reserve, hold, signal);
     else out = await decodeWithSharp(bytes, fmt, maxPixels, reserve);
   } catch (err) {
