@@ -22,6 +22,7 @@ BENCHES=(
   "tokenizer|BENCH_N=10|"
   "text-fix|BENCH_N=20|."
   "decode|BENCH_N=1|"
+  "decode-memory|BENCH_SIDES=256|"
   "scheduler|BENCH_UNET_MS=2|euler dpmpp_sde_karras"
   "session|BENCH_REPS=1 BENCH_STEPS=2|"
   "bare-boot|WARMUP_STEPS=1|$TMP/demo --opt-cache"
