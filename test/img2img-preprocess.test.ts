@@ -3,6 +3,7 @@
  * (sharp, as load_image decodes with Pillow), resize in each resize_mode (resample.ts, Pillow's algorithm), normalise;
  * masks resized, turned grey and binarised. Compared bit for bit.
  */
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
@@ -10,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { fitImage, imageTensor, maskTensor } from '../src/pipeline/img2img.js';
 import type { ResizeMode } from '../src/pipeline/job.js';
 import { blank, paste, resize, toLuma, type Raster } from '../src/pipeline/resample.js';
-import { decodeImage, InputBudget, maskFromAlpha, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
+import { decodeImage, InputBudget, maskFromAlpha, sha256Hex, sniffFormat, transparentArea } from '../src/runtime/image-request.js';
 import { RuntimeError } from '../src/errors.js';
 import { gifFirstFrame } from '../src/runtime/gif.js';
 import { bmp, gif1x1, tiff } from './helpers/images.js';
@@ -180,5 +181,18 @@ describe('decoding what clients send', () => {
     expect(gifFirstFrame(file).frame.length).toBeLessThanOrEqual(file.length + 3 * 256 + 1);
     const small = new InputBudget(300 * 200 * 3 - 1).hold();
     await expect(decodeImage(await gif1x1({ screen: [300, 200] }), 'f', 4096 * 4096, small)).rejects.toMatchObject({ code: 'INVALID_INPUT', message: expect.stringContaining('(INPUT_IMAGES_MB)') });
+  });
+});
+
+describe("an input's digest (the key of the request's images and of the result cache)", () => {
+  it('is the SHA-256 of its bytes at every size around the 4 MiB pieces, and a large one lets the event loop turn while it is taken', async () => {
+    const bytes = new Uint8Array((12 << 20) + 5).map((_, i) => (i * 2654435761) >>> 24);
+    for (const n of [0, 1, (4 << 20) - 1, 4 << 20, (4 << 20) + 1, bytes.length]) {
+      expect(await sha256Hex(bytes.subarray(0, n))).toBe(createHash('sha256').update(bytes.subarray(0, n)).digest('hex'));
+    }
+    let turned = false;
+    setImmediate(() => (turned = true));
+    await sha256Hex(bytes);
+    expect(turned).toBe(true);
   });
 });
