@@ -450,4 +450,23 @@ describe('object changed mid-download', () => {
     expect((err as RuntimeError).message).toContain('s3://models/ghost/w.bin');
     expect(proxy.stats.lists - lists).toBe(2);
   });
+
+  it('the listing taken again after an object changed is checked as the first one: a key leaving the cache is refused, nothing written outside it', async () => {
+    await s3.put('models', 'relist/w.bin', detBytes(100_000, 28));
+    const root = await fsp.mkdtemp(path.join(tmp, 'relist-'));
+    const cache = path.join(root, 'cache');
+    // The first GET is answered 412 (the object changed since the listing); the listing taken again then names a key
+    // that leaves the entry's folder (a hostile store, or a proxy in front of it).
+    let lists = 0;
+    proxy.faults = {
+      failGets: { count: 1, status: 412, code: 'PreconditionFailed' },
+      rewriteList: (xml) => (++lists === 1 ? xml : xml.replace('<Key>relist/w.bin</Key>', '<Key>relist/../../escape.bin</Key>')),
+    };
+    const err = await rejection(resolveModel('s3://models/relist', { cfg: cfgFor(cache), log }));
+    proxy.faults = {};
+    expect(lists).toBe(2);
+    expect(err.code).toBe('INVALID_INPUT');
+    expect(err.message).toMatch(/\.\.\/\.\.\/escape\.bin.*leave the cache/);
+    expect(readdirSync(root)).toEqual(['cache']);
+  });
 });

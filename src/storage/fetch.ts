@@ -843,6 +843,8 @@ class S3Fetch {
         why = 'changed';
         const before = listing.find((x) => x.key === e.key);
         listing = await this.listing();
+        // Checked as the first listing was: the next round makes a path of every key it names.
+        this.checkListing(listing);
         // Still listed as it was, yet S3 says it does not exist: no round will fetch it.
         const still = listing.find((x) => x.key === e.key);
         if (e.missing !== undefined && still && before && still.etag === before.etag && still.size === before.size) throw permanentError(e.missing, this.bucket, e.key, 'read');
