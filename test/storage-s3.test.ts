@@ -225,6 +225,10 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
         /^under s3:\/\/models\/nested\/sd\/, "nested\/sd\/tokenizer\/0" is an object and also a folder of "nested\/sd\/tokenizer\/0\/deep\/[xy]\/f\d+\.json"; a file and a folder cannot share a name in the cache$/],
       ['STORAGE_KEY_OUTSIDE_PREFIX', (xml) => xml.replace('<Key>nested/sd/model_index.json</Key>', '<Key>nested/other/model_index.json</Key>'),
         /^the listing of s3:\/\/models\/nested\/sd\/ returned the key "nested\/other\/model_index\.json", which is outside that prefix/],
+      // A size that is no byte count: before, -5 failed with a TypeError, and no size at all could list a file as empty.
+      ...['-5', '1.5', 'abc', null].map((size): [string, (xml: string) => string, RegExp] => ['STORAGE_UNSUPPORTED',
+        (xml) => xml.replace(entry(xml), entry(xml).replace(/<Size>[^<]*<\/Size>/, size === null ? '' : `<Size>${size}</Size>`)),
+        /^the listing gave the object "nested\/sd\/model_index\.json" (no readable size|the size -5|the size 1\.5), which is not a byte count; the store, or a proxy in front of it, answers ListObjectsV2 wrongly$/]),
     ];
     for (const [code, rewriteList, message] of cases) {
       proxy.faults = { rewriteList };

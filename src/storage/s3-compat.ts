@@ -39,11 +39,18 @@ export const sameEtag = (a: string, b: string): boolean => a.replace(/^"(.*)"$/,
 /**
  * One listing page's objects as the cache lists them, appended to `out`: keys decoded where the store encoded them,
  * folder markers (keys ending in '/') skipped, ETags quoted, paths relative to `prefix`. Both transports list so.
+ * A size that is no byte count (missing, negative, fractional, past 2^53) is refused: the download plans its ranges,
+ * and an empty file needs no GET at all, from it.
  */
 export function addListed(out: RemoteObject[], objects: Iterable<{ key: string; size: number; etag: string }>, urlEncoded: boolean, prefix: string): void {
   for (const o of objects) {
     const key = listedKey(o.key, urlEncoded);
     if (key.endsWith('/')) continue;
+    if (!Number.isSafeInteger(o.size) || o.size < 0) {
+      throw new RuntimeError('STORAGE_UNSUPPORTED',
+        `the listing gave the object ${showKey(key)} ${Number.isNaN(o.size) ? 'no readable size' : `the size ${o.size}`}, which is not a byte count; `
+        + 'the store, or a proxy in front of it, answers ListObjectsV2 wrongly');
+    }
     out.push({ key, rel: key.slice(prefix.length), size: o.size, etag: quotedEtag(o.etag) });
   }
 }

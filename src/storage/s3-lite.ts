@@ -258,7 +258,9 @@ export function parseListPage(xml: string): ListPage {
     from = c.end;
     const key = tag(c.text, 'Key');
     if (key === undefined) continue;
-    objects.push({ key, size: Number(tag(c.text, 'Size') ?? 0), etag: tag(c.text, 'ETag') ?? '' });
+    // Digits only: Number() reads '' as 0, which would list a file as empty (addListed refuses NaN).
+    const size = tag(c.text, 'Size')?.trim() ?? '';
+    objects.push({ key, size: /^\d+$/.test(size) ? Number(size) : NaN, etag: tag(c.text, 'ETag') ?? '' });
   }
   const truncated = tag(xml, 'IsTruncated') === 'true';
   const urlEncoded = tag(xml, 'EncodingType')?.toLowerCase() === 'url';

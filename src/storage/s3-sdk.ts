@@ -66,7 +66,7 @@ export async function listPrefix(client: S3Client, bucket: string, prefix: strin
     // carriage return into a line feed (what s3rver and stores that only XML-escape keys send).
     const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token, MaxKeys: 1000, EncodingType: 'url' }),
       signal ? { abortSignal: signal } : {});
-    const objects = (page.Contents ?? ([] as _Object[])).flatMap((o) => (o.Key === undefined ? [] : [{ key: o.Key, size: o.Size ?? 0, etag: o.ETag ?? '' }]));
+    const objects = (page.Contents ?? ([] as _Object[])).flatMap((o) => (o.Key === undefined ? [] : [{ key: o.Key, size: o.Size ?? NaN, etag: o.ETag ?? '' }]));
     addListed(out, objects, page.EncodingType?.toLowerCase() === 'url', prefix);
     token = nextToken(`s3://${bucket}/${prefix}`, page.IsTruncated === true, page.NextContinuationToken, seen);
   } while (token !== undefined);
