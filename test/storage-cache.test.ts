@@ -451,6 +451,24 @@ describe('object changed mid-download', () => {
     expect(proxy.stats.lists - lists).toBe(2);
   });
 
+  it('every object deleted during the download (the model removed from S3): STORAGE_MISSING as for an empty prefix, nothing committed', async () => {
+    await s3.put('models', 'vanish/w.bin', detBytes(1_500_000, 29));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'vanish-'));
+    let release!: () => void;
+    // The first two ranges go through; the rest wait until the object is deleted.
+    proxy.faults = { hold: { keys: /vanish\/w\.bin/, range: (r) => Number(/^bytes=(\d+)/.exec(r ?? '')?.[1] ?? 0) >= 524_288, release: new Promise<void>((r) => (release = r)) } };
+    const held = proxy.stats.held;
+    const p = rejection(resolveModel('s3://models/vanish', { cfg: cfgFor(cache), log }));
+    await until(() => proxy.stats.held - held >= 2);
+    await s3.client.send(new DeleteObjectCommand({ Bucket: 'models', Key: 'vanish/w.bin' }));
+    release();
+    const err = await p;
+    proxy.faults = {};
+    expect([err.code, err.message]).toEqual(['STORAGE_MISSING', 'no objects under s3://models/vanish/; check the bucket and prefix in STORAGE_URI']);
+    const [entry] = readdirSync(cache).filter((n) => !n.endsWith('.lock'));
+    expect(existsSync(path.join(cache, entry!, '.complete.json'))).toBe(false);
+  });
+
   it('the listing taken again after an object changed is checked as the first one: a key leaving the cache is refused, nothing written outside it', async () => {
     await s3.put('models', 'relist/w.bin', detBytes(100_000, 28));
     const root = await fsp.mkdtemp(path.join(tmp, 'relist-'));

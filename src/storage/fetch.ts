@@ -366,12 +366,6 @@ class S3Fetch {
       this.emit('listing', true);
       listing ??= await this.listing();
       log.debug({ ms: Math.round(this.elapsed() * 1000), objects: listing.length }, 'listed');
-      if (listing.length === 0) {
-        const archive = ARCHIVE.exec(this.prefix.replace(/\/$/, ''))?.[0];
-        throw new RuntimeError('STORAGE_MISSING', archive
-          ? `no objects under ${this.uri}: STORAGE_URI names an archive (${archive}), which KServe's storage initializer unpacks and this runtime does not; upload the exported folder's files under a prefix (aws s3 sync <export> s3://bucket/prefix/) and point STORAGE_URI at it`
-          : `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
-      }
       this.checkListing(listing);
       const want = listing;
       const staleMs = this.o.lockStaleMs ?? 30_000;
@@ -937,7 +931,17 @@ class S3Fetch {
       cause !== undefined ? { cause } : undefined);
   }
 
+  /**
+   * Every listing a fill downloads from, the first and those taken again during it: one that became empty (the model
+   * deleted meanwhile) is missing as an empty prefix is, never an entry committed with no file.
+   */
   private checkListing(listing: readonly RemoteObject[]): void {
+    if (listing.length === 0) {
+      const archive = ARCHIVE.exec(this.prefix.replace(/\/$/, ''))?.[0];
+      throw new RuntimeError('STORAGE_MISSING', archive
+        ? `no objects under ${this.uri}: STORAGE_URI names an archive (${archive}), which KServe's storage initializer unpacks and this runtime does not; upload the exported folder's files under a prefix (aws s3 sync <export> s3://bucket/prefix/) and point STORAGE_URI at it`
+        : `no objects under ${this.uri}; check the bucket and prefix in STORAGE_URI`);
+    }
     checkListing(listing, this.bucket, this.prefix, this.entry);
   }
 
