@@ -98,7 +98,7 @@ describe('reading ListBucketResult', () => {
   it('reads a page of unclosed tags in one pass (200,000 unclosed <Contents> held the event loop ~3 minutes: a lazy regex scanned to the end from each)', async () => {
     // In a process of its own, with a time limit: the old reading would hold this test's event loop too.
     const script = `import { parseListPage } from ${JSON.stringify(new URL('../dist/src/storage/s3-lite.js', import.meta.url).href)};
-      const page = parseListPage('<ListBucketResult><Contents><Key>a</Key><Size>1</Size></Contents><IsTruncated>' + '<Contents><Key>b'.repeat(200000));
+      const page = parseListPage('<ListBucketResult><Contents><Key>a</Key><Size>1</Size></Contents><IsTruncated>' + '<Contents><Key>b'.repeat(200000) + '</ListBucketResult>');
       process.stdout.write(JSON.stringify(page));`;
     const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { timeout: 30_000 });
     expect(JSON.parse(stdout)).toEqual({ objects: [{ key: 'a', size: 1, etag: '' }], truncated: false, urlEncoded: false });

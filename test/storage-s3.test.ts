@@ -241,6 +241,23 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect((await fsp.readdir(cache)).filter((n) => !n.endsWith('.lock'))).toEqual([]);
   });
 
+  it('a listing page cut short and yet ended (a body delimited by its connection, cut by the link) is listed again, never read as a shorter listing', async () => {
+    for (const cut of [0.02, 0.1, 0.5]) {
+      const cache = await newCache();
+      let cuts = 0;
+      proxy.faults = { rewriteList: (xml) => (cuts++ === 0 ? xml.slice(0, Math.floor(xml.length * cut)) : xml) };
+      const listings: number[] = [];
+      let restarts = 0;
+      const r = await resolveModel('s3://models/nested/sd', {
+        cfg: cfgFor(cache), log, onListing: (files) => listings.push(files.length), onRestart: () => restarts++,
+      });
+      proxy.faults = {};
+      // The cut page's own listing was never used: one round, of every file.
+      expect([r.files, listings, restarts], String(cut)).toEqual([41, [41], 0]);
+      await expectSame(r.dir, small);
+    }
+  });
+
   it('fails clearly, without retrying, on a missing bucket, a missing prefix, bad credentials and 403s', async () => {
     const cache = await newCache();
     const noBucket = await rejection(resolveModel('s3://nope/sd', { cfg: cfgFor(cache), log }));

@@ -248,9 +248,17 @@ export interface ListPage {
   nextToken: string | undefined;
 }
 
+/**
+ * A page whose body ended before its closing tag: cut on the way (a body delimited by its connection's end reads a cut
+ * as the end), not the store's format. Retried as a reset is (s3-errors.ts classify: no error status), where a page
+ * read as it is would list fewer objects, or none (STORAGE_MISSING), and the SDK's XML parser refuses it the same way.
+ */
+const TRUNCATED_PAGE = 'TruncatedListingPage';
+
 /** One ListBucketResult page. S3 writes it flat (no CDATA, no nested Contents), which is all this reads. */
 export function parseListPage(xml: string): ListPage {
   if (!/<ListBucketResult[\s>]/.test(xml)) throw new LiteHttpError(200, 'MalformedListing');
+  if (!/<\/ListBucketResult>\s*$/.test(xml)) throw new LiteHttpError(200, TRUNCATED_PAGE);
   const objects: ListPage['objects'] = [];
   for (let from = 0; ;) {
     const c = between(xml, 'Contents', from);
