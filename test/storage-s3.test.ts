@@ -258,6 +258,17 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     }
   });
 
+  it('answers shorter than their range (a proxy that cuts them, Content-Length included): retried, then STORAGE_TRANSIENT naming the lengths', async () => {
+    const cache = await newCache();
+    proxy.faults = { shortBodies: { keys: /^big\/unet\/model\.onnx$/, by: 1 } };
+    const gets = proxy.stats.gets;
+    const err = await rejection(resolveModel('s3://models/big', { cfg: cfgFor(cache, { S3_MAX_ATTEMPTS: '2' }), log }));
+    proxy.faults = {};
+    expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot read (2 attempts) s3://models/big/unet/model.onnx: its answers were not of the length asked for '
+      + '(the last: 10000 bytes asked for, Content-Length 9999); something between S3 and this pod (a proxy) cuts or rewrites them (gave up after retries)']);
+    expect(proxy.stats.gets - gets).toBeGreaterThanOrEqual(2);
+  });
+
   it('fails clearly, without retrying, on a missing bucket, a missing prefix, bad credentials and 403s', async () => {
     const cache = await newCache();
     const noBucket = await rejection(resolveModel('s3://nope/sd', { cfg: cfgFor(cache), log }));

@@ -609,7 +609,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (!f.obj.etag || !res.etag) etagsChecked = false;
         learnEncryption(f, res.encryption);
         if (res.contentLength !== undefined && res.contentLength !== left) {
-          throw new RuntimeError('STORAGE_SHORT_READ', `expected ${left} bytes, server announced ${res.contentLength}`);
+          throw new RuntimeError('STORAGE_SHORT_READ', `${left} bytes asked for, Content-Length ${res.contentLength}`);
         }
         trusted = true;
         for await (const chunk of body as AsyncIterable<Buffer>) {
@@ -618,12 +618,12 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           pendingBytes += chunk.length;
           if (written + pendingBytes > size) {
             trusted = false;
-            throw new RuntimeError('STORAGE_SHORT_READ', 'server sent more bytes than the range holds');
+            throw new RuntimeError('STORAGE_SHORT_READ', `more bytes sent than the ${left} asked for`);
           }
           if (pendingBytes >= o.writeBytes) await flush();
         }
         if (pendingBytes > 0) await flush();
-        if (written !== size) throw new RuntimeError('STORAGE_SHORT_READ', `range ended after ${written} of ${size} bytes`);
+        if (written !== size) throw new RuntimeError('STORAGE_SHORT_READ', `the answer ended after ${written - (size - left)} of ${left} bytes asked for`);
         return;
       } catch (e) {
         // What arrived before a reset, a stall or a stop is this range's next bytes: write it rather than fetch it again.
@@ -657,6 +657,11 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           if (stalled) {
             throw new RuntimeError('STORAGE_STALL', `cannot read (${attempts(failures)}) s3://${o.bucket}/${f.obj.key}: no bytes received for ${o.stallMs / 1000} s `
               + '(S3_STALL_TIMEOUT_S); gave up after retries', { cause: e });
+          }
+          // permanentError would name only the code: which lengths disagreed is what points at a proxy.
+          if (e instanceof RuntimeError && e.code === 'STORAGE_SHORT_READ') {
+            throw new RuntimeError('STORAGE_TRANSIENT', `cannot read (${attempts(failures)}) s3://${o.bucket}/${f.obj.key}: its answers were not of the length asked for `
+              + `(the last: ${e.message}); something between S3 and this pod (a proxy) cuts or rewrites them (gave up after retries)`, { cause: e });
           }
           throw permanentError(e, o.bucket, f.obj.key, `read (${attempts(failures)})`, o.endpoint);
         }

@@ -130,6 +130,11 @@ export interface Faults {
    * and describes the whole object, as s3rver does).
    */
   objects?: Record<string, { etag: string; partSizes?: number[] }>;
+  /**
+   * 2xx GETs of keys matching `keys` answered with a Content-Length `by` bytes less than the store's, and the body cut
+   * to it: a proxy in front of the store that shortens answers.
+   */
+  shortBodies?: { keys: RegExp; by: number };
   /** Headers added to every 2xx GET and HEAD answer (e.g. x-amz-server-side-encryption). */
   addHeaders?: Record<string, string>;
   /**
@@ -519,10 +524,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         });
         return;
       }
+      const body = isGet && ok;
+      const shorten = body && f.shortBodies?.keys.test(objectKey) && upRes.headers['content-length'] !== undefined ? f.shortBodies.by : 0;
       res.writeHead(upRes.statusCode ?? 502, {
         ...upRes.headers, ...(ok && reading ? { etag: sim.etag } : {}), ...(ok ? f.addHeaders : {}), ...(ok && wantsChecksum ? f.checksums?.[objectKey] : {}),
+        ...(shorten > 0 ? { 'content-length': String(Math.max(0, Number(upRes.headers['content-length']) - shorten)) } : {}),
       });
-      const body = isGet && ok;
       const c = f.corrupt;
       const damage = body && c !== undefined && c.keys.test(objectKey) && (c.perKey ? (c.done?.get(objectKey) ?? 0) < c.count : c.count > 0);
       if (damage && c.perKey) (c.done ??= new Map()).set(objectKey, (c.done.get(objectKey) ?? 0) + 1);
@@ -538,7 +545,9 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       let pacing = false;
       let draining = false;
       const t0 = Date.now();
+      const limit = shorten > 0 ? Math.max(0, Number(upRes.headers['content-length']) - shorten) : Infinity;
       upRes.on('data', (chunk: Buffer) => {
+        if (sent + chunk.length > limit) chunk = chunk.subarray(0, Math.max(0, limit - sent));
         if (reset && sent + chunk.length > f.resetAfterBytes!) {
           res.write(chunk.subarray(0, Math.max(0, f.resetAfterBytes! - sent)));
           stats.resets++;
