@@ -125,6 +125,20 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect(proxy.stats.bodyBytes - before.bodyBytes).toBeLessThan(BIG + 10_000 + 100 + 12 * 65536);
   });
 
+  it('a reset one byte before the end of every range: each range resumed once, the file whole', async () => {
+    const cache = await newCache();
+    // Every full 64 KiB range is cut after 65,535 bytes; the ranges that resume them are too short to be cut.
+    proxy.faults = { resetAfterBytes: 65_535, resets: 1_000 };
+    const before = { ...proxy.stats };
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache), log, writeBytes: 16_384 });
+    proxy.faults = {};
+    await expectSame(r.dir, big);
+    const cuts = Math.floor(BIG / 65536);
+    expect(proxy.stats.resets - before.resets).toBe(cuts);
+    // One GET per range (the empty file has none) and one per cut.
+    expect(proxy.stats.gets - before.gets).toBe(Math.ceil(BIG / 65536) + 2 + cuts);
+  });
+
   it('retries many ranges at once without a MaxListenersExceededWarning on stderr', async () => {
     const cache = await newCache();
     // 24 ranges in flight, all answered 503 once: 24 backoff waits on the download's one abort signal at a time.

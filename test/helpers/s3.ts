@@ -542,6 +542,8 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       if (reset) f.resets!--;
       if (stall) f.stalls!--;
       let sent = 0;
+      /** The body was cut by a reset or a stall. */
+      let cut = false;
       let pacing = false;
       let draining = false;
       const t0 = Date.now();
@@ -552,12 +554,14 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
           res.write(chunk.subarray(0, Math.max(0, f.resetAfterBytes! - sent)));
           stats.resets++;
           upRes.destroy();
+          cut = true;
           setTimeout(() => res.socket?.destroy(), 5);
           return;
         }
         if (stall && sent + chunk.length > f.stallAfterBytes!) {
           res.write(chunk.subarray(0, Math.max(0, f.stallAfterBytes! - sent)));
           stats.stalls++;
+          cut = true;
           upRes.destroy(); // the client sees an open socket that never sends another byte
           res.once('close', () => stats.stallsCut++);
           return;
@@ -596,7 +600,9 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         }
       });
       upRes.on('end', () => {
-        if (!upRes.destroyed || sent > 0) res.end();
+        // Not after a cut: the store's body may have ended in the chunk that was cut, and ending the answer there would
+        // leave a short body on a kept-alive connection, which the client waits on until the keep-alive timeout (5 s).
+        if (!cut && (!upRes.destroyed || sent > 0)) res.end();
       });
     };
     // The request to s3rver starts when the client's is passed on, not before: held on a pooled keep-alive socket, it
