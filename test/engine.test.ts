@@ -14,7 +14,7 @@ import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
 import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
-import { Engine } from '../src/runtime/engine.js';
+import { Engine, type TaskResult } from '../src/runtime/engine.js';
 import { createGeneration } from '../src/runtime/generation.js';
 import type { RequestS3 } from '../src/storage/request-s3.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
@@ -550,6 +550,56 @@ describe('generation of a request of several instances', () => {
     await running;
     await engine.idle();
     expect(w.generations().map((g) => g.job.items[0]!.prompt)).toEqual(['running']);
+    await engine.close();
+  });
+});
+
+describe('generation: the result cache and identical requests joined to a running generation', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it('a request that leaves or times out while its images are encoded leaves them to the cache and to the requests joined to it, which do not generate them again', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '1' }), metrics, engine, {} as RequestS3);
+    const sum = async (m: { get(): Promise<{ values: Array<{ value: number; labels: Record<string, unknown> }> }> }) => (await m.get()).values.reduce((n, v) => n + v.value, 0);
+    const outcome = (p: Promise<TaskResult[]>) => p.then((rs) => rs.map((r) => [r.cached === true, r.images.map((i) => i.seed)]), (e: RuntimeError) => e.code);
+    const stays = () => new AbortController().signal;
+    // Its client leaves once the worker has handed the image over: the batch is done on the device, its image being encoded.
+    const gone = new AbortController();
+    const a = outcome(gen.generate([request('a')], gone.signal));
+    await tick();
+    const joined = outcome(gen.generate([request('a')], stays()));
+    await tick();
+    expect(w.generations()).toHaveLength(1);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [{ ...image, seed: 1 }], times });
+    gone.abort();
+    expect(await a).toBe('CANCELLED');
+    await tick();
+    // Before, the image was dropped: the joined request generated it again, and the cache never had it.
+    expect(w.generations()).toHaveLength(1);
+    expect(await joined).toEqual([[true, [1]]]);
+    expect(await outcome(gen.generate([request('a')], stays()))).toEqual([[true, [1]]]);
+
+    // Its deadline (V2's parameters.timeout, a second) runs out at the same point.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    const late = outcome(gen.generate([request('b')], stays(), { timeoutMs: 1000 }));
+    await tick();
+    const joinedLate = outcome(gen.generate([request('b')], stays()));
+    await tick();
+    expect(w.generations()).toHaveLength(2);
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [{ ...image, seed: 2 }], times });
+    vi.advanceTimersByTime(1000);
+    expect(await late).toBe('TIMEOUT');
+    await tick();
+    expect(w.generations()).toHaveLength(2);
+    expect(await joinedLate).toEqual([[true, [2]]]);
+    expect(await outcome(gen.generate([request('b')], stays()))).toEqual([[true, [2]]]);
+    vi.useRealTimers();
+    // Each that left counted once; two generations made two images; four answers from them without a generation.
+    expect(Object.fromEntries((await metrics.cancelled.get()).values.map((v) => [v.labels.reason, v.value]))).toEqual({ client_left: 1, timeout: 1, request_failed: 0 });
+    expect([await sum(metrics.images), await sum(metrics.resultCacheHits)]).toEqual([2, 4]);
+    await engine.idle();
     await engine.close();
   });
 });

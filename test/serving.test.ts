@@ -374,6 +374,42 @@ describe('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step counts and 
   });
 });
 
+describe('a client that leaves a running batch (MAX_BATCH_SIZE=2, RESULT_CACHE_MB=4)', () => {
+  let srv: RuntimeHandle;
+  beforeAll(async () => {
+    srv = await startRuntime({ STORAGE_URI: undefined, MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '1000', RESULT_CACHE_MB: '4' }, { ready: true });
+  });
+  afterAll(async () => void (await srv?.stop()));
+
+  it('leaves the image its batch still makes to the identical request joined to its generation and to the result cache: none is generated again', async () => {
+    const counts = async () => ({
+      batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
+      hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
+    });
+    const before = await counts();
+    // Long enough that the client leaves while the batch runs (its leaving is counted only then).
+    const shape = { num_inference_steps: 500, height: 512, width: 512 };
+    const mine = { prompt: 'a fox that leaves', seed: 700, ...shape };
+    const leaver = rawPredict(srv.port, mine);
+    const partner = predict(srv, { prompt: 'a lighthouse that stays', seed: 701, ...shape });
+    // Their batch running, then the identical request in flight beside them: joined to it, nothing queued.
+    await until(async () => (await metric(srv, 'inference_batch_size_count')) > before.batches, 20_000, 5);
+    const joined = predict(srv, mine);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(0);
+    leaver.destroy();
+    const [p, j] = await Promise.all([partner, joined]);
+    expect([p.status, j.status, preds(j.json)[0]!.seed]).toEqual([200, 200, 700]);
+    // Before, the image was dropped with its client: the joined request ran a generation of its own, and only that
+    // one reached the cache.
+    const again = await predict(srv, mine);
+    expect(b64(again) === b64(j)).toBe(true);
+    const after = await counts();
+    expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
+      .toEqual({ batches: 1, images: 2, hits: 2, left: 1 });
+  });
+});
+
 describe('formats, result cache, output_uri', () => {
   let srv: RuntimeHandle;
   let s3: S3Server;

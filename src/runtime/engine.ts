@@ -81,6 +81,12 @@ export interface SubmitOptions {
    * SIGTERM's drain waits for it; refused once read, it would only have been made to wait for a 503.
    */
   admitted?: boolean;
+  /**
+   * This generation's images for others (the result cache, identical requests joined to it), or why none will come:
+   * called once, whatever happens, as the images are handed out. A client that leaves or times out once the batch
+   * runs is answered at once, but the images the batch still makes for it are encoded and handed here.
+   */
+  onMade?: (out: EncodedImage[] | Error) => void;
 }
 
 interface Task {
@@ -104,6 +110,8 @@ interface Task {
   alone?: boolean;
   /** The run it is (or was last) part of: a batch run again leaves the previews the failed run had queued behind. */
   runId?: number;
+  /** SubmitOptions.onMade, until called. */
+  made?: (out: EncodedImage[] | Error) => void;
 }
 
 interface Running {
@@ -436,7 +444,10 @@ export class Engine {
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
     // Closing: #submit refuses (and counts) it before any adapter is looked up.
     if (!req.loras || req.loras.length === 0 || this.#refuses(opts)) return this.#submit(req, opts, undefined);
-    return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }));
+    return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }), (err: unknown) => {
+      opts.onMade?.(err instanceof Error ? err : new Error(String(err)));
+      throw err;
+    });
   }
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
@@ -446,12 +457,12 @@ export class Engine {
     const refuse = (reason: RejectReason, err: RuntimeError): Promise<never> => {
       if (!this.#refused.has(request)) this.metrics.rejected.inc({ ...this.#labels, reason });
       this.#refused.add(request);
-      return Promise.reject(err);
+      return this.#nothingMade(opts, err);
     };
     // Closing with no worker left (one died in the drain, and none is started again then): queued, an admitted request
     // would wait for nobody until the grace period's end.
     if (this.#refuses(opts) || (this.#closing && !this.serving)) return refuse('shutting_down', shuttingDownError());
-    if (opts.signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
+    if (opts.signal?.aborted) return this.#nothingMade(opts, new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
     // however long its client waited to retry.
@@ -463,7 +474,7 @@ export class Engine {
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
       // Output formats may differ: each request's images are encoded as it asked.
       const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
-      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}) };
+      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
@@ -473,6 +484,12 @@ export class Engine {
       opts.onQueued?.();
       this.#pump();
     });
+  }
+
+  /** A request refused before it queued: nothing will be made for it. */
+  #nothingMade(opts: SubmitOptions, err: RuntimeError): Promise<never> {
+    opts.onMade?.(err);
+    return Promise.reject(err);
   }
 
   /** Resolves when nothing is queued, running or being encoded (used by the SIGTERM drain). */
@@ -562,7 +579,7 @@ export class Engine {
       // Answer now (client gone or timed out); the batch's other requests keep their generation. Counted here, once
       // per task, whether or not its batch stops.
       this.metrics.cancelled.inc(counted);
-      this.#finish(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
+      this.#answer(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
   }
 
@@ -784,19 +801,20 @@ export class Engine {
   }
 
   async #deliver(run: Running, raw: Array<TransferImage & { seed: number }>, times: StageTimes): Promise<void> {
-    // Every client of the batch left while it ran (its cancel came too late): nobody to encode for; the device still ran
-    // every step and made every image, which count as those of a batch that only some of its clients left do.
-    if (run.tasks.every((t) => t.state === 'done')) {
+    // Every client of the batch left while it ran (its cancel came too late), and no one else waits for their images:
+    // nobody to encode for; the device still ran every step and made every image, which count as those of a batch that
+    // only some of its clients left do.
+    if (run.tasks.every((t) => t.state === 'done' && !t.made)) {
       if (!run.warmup) this.#countMade(run, times.steps, raw.length);
       return;
     }
     const t0 = performance.now();
     // Each request's images (its slice of the batch, in task order) in its own format; none for a request whose client
-    // left while it ran.
+    // left while it ran, unless others wait for them (onMade).
     let o = 0;
     const encoded: EncodedImage[][] = await Promise.all(run.tasks.map((t) => {
       const mine = raw.slice(o, (o += t.images));
-      if (t.state === 'done') return [];
+      if (t.state === 'done' && !t.made) return [];
       const { format, quality } = t.req.output;
       return Promise.all(mine.map(async (r) => {
         const buf = await encodeImage(new Uint8Array(r.rgb), r.width, r.height, format, quality);
@@ -859,6 +877,8 @@ export class Engine {
       t.state = 'queued';
       t.alone = true;
     }
+    // Those whose clients left are not run again: nothing is made for them.
+    for (const t of run.tasks) if (t.state === 'done') this.#finish(t, new RuntimeError('CANCELLED', 'the client left; its batch ran out of memory'));
     this.#pending.unshift(...live);
     this.metrics.queueDepth.set(this.#labels, this.queueDepth);
     return true;
@@ -876,7 +896,19 @@ export class Engine {
     for (const t of run.tasks) this.#finish(t, err);
   }
 
+  /**
+   * The task's end: its images (or why there are none) to those waiting for them (onMade), even where its client left
+   * while it ran and was answered then, and its client's answer.
+   */
   #finish(t: Task, out: TaskResult | Error): void {
+    const made = t.made;
+    t.made = undefined;
+    made?.(out instanceof Error ? out : out.images);
+    this.#answer(t, out);
+  }
+
+  /** Answers the task's client, once. */
+  #answer(t: Task, out: TaskResult | Error): void {
     if (t.state === 'done') return;
     t.state = 'done';
     if (t.onAbort) t.signal?.removeEventListener('abort', t.onAbort);

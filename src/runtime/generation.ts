@@ -79,10 +79,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   };
 
   /**
-   * The images of the identical generation already running, or undefined when it was cancelled (its clients left, its
-   * request timed out or failed elsewhere): this request then runs its own. Any other failure (the grace period's end,
-   * out of memory) is this request's too, as in a shared batch. A WebSocket client, which streams its own progress,
-   * never waits for another's.
+   * The images of the identical generation already running, or undefined when it was cancelled (its clients left or
+   * timed out before the batch ran, or all of them while it ran, so it stopped; its request failed elsewhere): this
+   * request then runs its own. A batch that runs on to its end after the client left gives its images here. Any other
+   * failure (the grace period's end, out of memory) is this request's too, as in a shared batch. A WebSocket client,
+   * which streams its own progress, never waits for another's.
    */
   const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
     const other = running.get(key);
@@ -116,17 +117,31 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     let result: TaskResult;
     if (hit) result = cachedResult(hit, onQueued);
     else {
-      const run = engine.submit(req, { signal, request, admitted, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}) });
-      if (key !== undefined && !running.has(key)) {
-        // Copied as the generation ends, before this request's answer can hand its buffers on.
-        const shared = run.then((r) => r.images.map((i) => ({ ...i, data: i.data.slice(0) })));
-        running.set(key, shared);
-        shared.catch(() => undefined).finally(() => {
-          if (running.get(key) === shared) running.delete(key);
-        });
+      // The generation's images fill the result cache and serve the identical requests joined to it even when this
+      // request's client leaves or times out while they are made or encoded: they were made all the same, and a joined
+      // request would otherwise generate them again.
+      let onMade: ((out: EncodedImage[] | Error) => void) | undefined;
+      if (key !== undefined) {
+        const fill = (images: readonly EncodedImage[]) => resultCache.put(key, images);
+        onMade = (out) => {
+          if (!(out instanceof Error)) fill(out);
+        };
+        if (!running.has(key)) {
+          const shared = new Promise<EncodedImage[]>((resolve, reject) => {
+            onMade = (out) => {
+              if (out instanceof Error) return reject(out);
+              fill(out);
+              // Copied as the generation ends, before this request's answer can hand its buffers on.
+              resolve(out.map((i) => ({ ...i, data: i.data.slice(0) })));
+            };
+          });
+          running.set(key, shared);
+          shared.catch(() => undefined).finally(() => {
+            if (running.get(key) === shared) running.delete(key);
+          });
+        }
       }
-      result = await run;
-      if (key !== undefined) resultCache.put(key, result.images);
+      result = await engine.submit(req, { signal, request, admitted, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}) });
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
