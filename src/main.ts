@@ -245,6 +245,7 @@ function serve(base: BaseServer, rt: Runtime, w: Wiring): number {
     inputBudget: rt.inputBudget,
     generate: (reqs, signal, opts) => rt.generation.generate(reqs, signal, opts),
     track: (id, work) => rt.generation.track(id, work),
+    admit: (id) => rt.generation.admit(id),
   };
   w.registerRoutes(base, ctx);
   rt.setListener(base);

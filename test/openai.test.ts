@@ -11,7 +11,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listenBase } from '../src/server/base.js';
 import { imagesBody, imagesInstance, openaiError } from '../src/server/openai.js';
-import { metric, startFailedRuntime } from './helpers/runtime.js';
+import { metric, startFailedRuntime, startRuntime } from './helpers/runtime.js';
 import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
 
 /** `CODE: message` of what the body cannot ask for (the route joins these problems to the request's own). */
@@ -340,6 +340,43 @@ describe('/openai/v1 on a server that is not ready', () => {
       expect(await notReady(gen)).toMatchObject([503, true, { type: 'server_error', param: null, code: 'MODEL_NOT_READY' }]);
     } finally {
       await down.stop();
+    }
+  });
+});
+
+describe('/openai/v1 during the SIGTERM drain', () => {
+  it('an edit whose body came after the signal is refused 503 before its picture is decoded, as the other routes refuse before reading their inputs', async () => {
+    const own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '0', RESULT_CACHE_MB: '0' }, { ready: true });
+    const sock = net.connect(own.port, '127.0.0.1');
+    try {
+      let got = '';
+      sock.on('data', (c: Buffer) => (got += c.toString()));
+      // A picture with an alpha channel whose pixels are cut off: decoded for its transparent area before the refusal,
+      // it was answered 400 (it could not be decoded), not the 503.
+      const png = await sharp(Buffer.alloc(64 * 64 * 4, 200), { raw: { width: 64, height: 64, channels: 4 } }).png().toBuffer();
+      const f = new FormData();
+      f.append('prompt', 'a fox');
+      f.append('image', new Blob([png.subarray(0, png.length - 40)], { type: 'image/png' }), 'image.png');
+      const form = new Request('http://x', { method: 'POST', body: f });
+      const body = Buffer.from(await form.arrayBuffer());
+      // Read in-process: the server closes its connections as the drain ends.
+      const shuttingDownRefused = async () => (await own.rt.metrics.rejected.get()).values.find((v) => v.labels.reason === 'shutting_down')?.value ?? 0;
+      const rejected0 = await shuttingDownRefused();
+      // The head is taken (its 100 Continue says the checks before the body passed) before the signal; the body after.
+      sock.write(`POST /openai/v1/images/edits HTTP/1.1\r\nhost: x\r\ncontent-type: ${form.headers.get('content-type')}\r\ncontent-length: ${body.length}\r\nexpect: 100-continue\r\n\r\n`);
+      await until(() => got.startsWith('HTTP/1.1 100 '));
+      const stopped = own.stop(30_000);
+      await own.waitFor('draining');
+      sock.write(body);
+      await until(() => /\r\n\r\n[^]*\r\n\r\n\{[^]*\}$/.test(got), 20_000);
+      expect(got).toMatch(/\r\n\r\nHTTP\/1\.1 503 [^]*"code":"SHUTTING_DOWN"/);
+      // Refused once, there.
+      expect(await shuttingDownRefused()).toBe(rejected0 + 1);
+      await stopped;
+      expect(own.all('shut-down')).toEqual([{ drained: true }]);
+    } finally {
+      sock.destroy();
+      await own.stop();
     }
   });
 });

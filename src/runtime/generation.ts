@@ -39,6 +39,12 @@ export interface Generation {
    * work of a request already counted (an edit's picture read before it is generated) runs within that count.
    */
   track<T>(id: object, work: () => Promise<T>): Promise<T>;
+  /**
+   * Throws SHUTTING_DOWN (counted in inference_rejected_total) unless request `id`, in flight (track), was admitted: in
+   * flight before SIGTERM. For work on a request's inputs ahead of generate() (an edit's picture decoded for its
+   * transparent area), which the drain would otherwise wait for only to answer 503, as generate() refuses before reading.
+   */
+  admit(id: object): void;
   readonly resultCache: ResultCache;
   /** Requests in flight, from the reading of their input images (a request of several generations counts once). */
   readonly inflight: number;
@@ -110,7 +116,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * `upload`: the request's uploads, each under way until it settles; aborted by the client's leaving or the timeout,
    * not by `signal`'s failure of another generation of the request (generate()).
    */
-  const generateOne = async (req: GenerationRequest, request: object, admitted: boolean, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
+  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
     onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     const hit = key === undefined ? undefined : resultCache.get(key) ?? (await joinRunning(key, signal, onProgress));
@@ -141,7 +147,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
           });
         }
       }
-      result = await engine.submit(req, { signal, request, admitted, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}) });
+      // Admitted (generate: admit): queued after SIGTERM all the same, as the drain waits for it.
+      result = await engine.submit(req, { signal, request, admitted: true, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}) });
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
@@ -167,12 +174,23 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     }
   };
 
+  const admit = (id: object): void => {
+    // Not admitted (its body came after SIGTERM): refused before its input images are read, which the drain would wait
+    // for only to answer the engine's 503, and before the result cache, as an arrival after the signal is. `counted`
+    // holds engine.accepting when the request was counted (track), and stopAccepting() is for good: not admitted, the
+    // engine is not accepting now either, so that needs no second look.
+    if (counted.get(id) === true) return;
+    metrics.rejected.inc({ ...labels, reason: 'shutting_down' });
+    throw shuttingDownError();
+  };
+
   return {
     resultCache,
     get inflight() {
       return inflight;
     },
     track,
+    admit,
     generate: (reqs, signal, { onProgress, onQueued, timeoutMs, read } = {}) => track(signal, async () => {
       // A request that outlives REQUEST_TIMEOUT_S leaves the queue, or stops its batch at the next step. Its own shorter
       // deadline runs from now, the reading of its input images included; REQUEST_TIMEOUT_S from the generation (the
@@ -185,16 +203,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const uploads: Uploads['started'] = [];
-      const admitted = counted.get(signal) === true;
       try {
-        // Not admitted (its body came after SIGTERM): refused before its input images are read, which the drain would
-        // wait for only to answer the engine's 503, and before the result cache, as an arrival after the signal is.
-        // `admitted` is engine.accepting when the request was counted (track), and stopAccepting() is for good: not
-        // admitted, the engine is not accepting now either, so that needs no second look.
-        if (!admitted) {
-          metrics.rejected.inc({ ...labels, reason: 'shutting_down' });
-          throw shuttingDownError();
-        }
+        admit(signal);
         if (read) release = await read(timeout?.signal ?? signal);
         timeout ??= deadline(signal, limitMs);
         const both = AbortSignal.any([timeout.signal, failed.signal]);
@@ -203,7 +213,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // warning for it.
         setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
         const upload: Uploads = { signal: timeout.signal, started: uploads };
-        return await Promise.all(reqs.map((r) => generateOne(r, reqs, admitted, both, upload, onProgress, onQueued)));
+        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));

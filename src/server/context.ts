@@ -33,6 +33,8 @@ export interface ServerContext {
   generate: (reqs: GenerationRequest[], signal: AbortSignal, opts?: GenerateOptions) => Promise<TaskResult[]>;
   /** Counts `work` as request `id` in flight (inference_requests_in_flight, the SIGTERM drain); nested work counts once. */
   track: <T>(id: object, work: () => Promise<T>) => Promise<T>;
+  /** Refuses request `id` in flight 503 SHUTTING_DOWN (counted) unless it was in flight before SIGTERM (Generation.admit). */
+  admit: (id: object) => void;
 }
 
 /**

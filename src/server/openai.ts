@@ -229,9 +229,12 @@ export function registerOpenAI(app: App, ctx: ServerContext, base: RouteOptions)
   app.post(`${OPENAI_PREFIX}/images/generations`, bodyRoute(async (r, body, ex) => serve(parseJson(body), ex.gone.signal, r.ids), opts, precheck('images/generations')));
   app.post(
     `${OPENAI_PREFIX}/images/edits`,
-    // In flight from the form's reading on: finding the picture's transparent area decodes it, as reading it does.
-    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => serve(await editBody(r.headers['content-type'], body), ex.gone.signal, r.ids, EDIT_NAMES)),
-      opts, precheck('images/edits')),
+    // In flight from the form's reading on: finding the picture's transparent area decodes it, as reading it does. Its
+    // body came after SIGTERM: refused first, as the other routes refuse before reading their input images.
+    bodyRoute((r, body, ex) => ctx.track(ex.gone.signal, async () => {
+      ctx.admit(ex.gone.signal);
+      return serve(await editBody(r.headers['content-type'], body), ex.gone.signal, r.ids, EDIT_NAMES);
+    }), opts, precheck('images/edits')),
   );
 }
 
