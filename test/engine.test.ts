@@ -168,6 +168,22 @@ describe('engine', () => {
   });
 });
 
+describe('engine close', () => {
+  it('leaves inference_queue_depth and worker_busy at 0: the batch it cut and the requests it refused are answered', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const gauge = async (m: { get(): Promise<{ values: Array<{ value: number }> }> }) => (await m.get()).values.map((v) => v.value);
+    const running = engine.submit(request('running')).catch((e: RuntimeError) => e.code);
+    const queued = engine.submit(request('queued')).catch((e: RuntimeError) => e.code);
+    await tick();
+    expect([await gauge(metrics.queueDepth), await gauge(metrics.workerBusy)]).toEqual([[1], [1]]);
+    await engine.close();
+    expect([await running, await queued]).toEqual(['SHUTTING_DOWN', 'SHUTTING_DOWN']);
+    // Before, both kept the values they had at the close.
+    expect([await gauge(metrics.queueDepth), await gauge(metrics.workerBusy)]).toEqual([[0], [0]]);
+    expect(w.sent.filter((m) => m.t === 'cancel')).toEqual([{ t: 'cancel', id: w.generations()[0]!.id }]);
+  });
+});
+
 describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
   const shaped = (prompt: string, over: Partial<GenerationRequest['shape']> = {}, numImages = 1): GenerationRequest => {
     const r = request(prompt);

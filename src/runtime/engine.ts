@@ -518,6 +518,7 @@ export class Engine {
     for (const t of this.#restartTimers) clearTimeout(t);
     this.#restartTimers.clear();
     for (const t of this.#pending.splice(0)) this.#finish(t, shuttingDownError());
+    this.metrics.queueDepth.set(this.#labels, 0);
     // Adapter fetches still running (LORA_URI) stop, and are waited for below: none may leave its cache lock behind.
     const adapters = this.#adapters.close();
     // Batches still running after the grace period stop at their next step (a worker closes only once its generation
@@ -527,8 +528,13 @@ export class Engine {
     for (const w of this.#workers) {
       for (const run of runsOf(w)) {
         if (!w.dead) w.send({ t: 'cancel', id: run.id });
+        this.#countPartial(run);
         for (const t of run.tasks) this.#finish(t, cut);
       }
+      // Answered: what the worker still sends about them is for nobody, and worker_busy says it holds none.
+      w.running = undefined;
+      w.decoding.length = 0;
+      this.#deviceBusy(w);
     }
     await Promise.all(
       this.#workers.filter((w) => !w.dead).map(
