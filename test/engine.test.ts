@@ -217,6 +217,26 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     await engine.close();
   });
 
+  it('a full batch of another shape goes at once past a request waiting out its window, which then goes with the company it waited for', async () => {
+    const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const wide = (prompt: string) => shaped(prompt, { width: 128 });
+    const a = engine.submit(request('a'));
+    await tick();
+    const full = [engine.submit(wide('b')), engine.submit(wide('c'))];
+    await tick();
+    // Before, b and c waited behind a for its whole window (the worker idle), then ran after a.
+    expect(batches(w)).toEqual([['b×1', 'c×1']]);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(2), seeded(3)], times });
+    expect((await Promise.all(full)).map((r) => r.images[0]!.seed)).toEqual([2, 3]);
+    expect(w.generations()).toHaveLength(1); // a still waits for company, inside its window
+    const d = engine.submit(request('d'));
+    await tick();
+    expect(batches(w)).toEqual([['b×1', 'c×1'], ['a×1', 'd×1']]);
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(1), seeded(4)], times });
+    expect([(await a).images[0]!.seed, (await d).images[0]!.seed]).toEqual([1, 4]);
+    await engine.close();
+  });
+
   it('a full queue\'s Retry-After counts the batches its requests make, not the requests', async () => {
     const { engine, w } = await loadedEngine({ MAX_BATCH_SIZE: '4', MAX_QUEUE: '8', BATCH_WINDOW_MS: '10000' });
     const running = Array.from({ length: 4 }, (_, i) => engine.submit(request(`run-${i}`)).catch(() => undefined));
@@ -258,26 +278,27 @@ describe('engine batching (MAX_BATCH_SIZE > 1)', () => {
     ];
     await tick();
     expect(batches(w)).toEqual([['a×2', 'jpeg×1']]);
-    // The worker takes the next batch while this one decodes: the oldest request left, alone in its shape, once its
-    // window has passed.
+    // The worker takes the next batch while this one decodes: the full one of the first shape, past the older request
+    // alone in its shape, which waits out its window.
     w.reply({ t: 'denoised', id: w.generations()[0]!.id });
     await tick();
-    expect(w.generations()).toHaveLength(1);
-    vi.advanceTimersByTime(30);
-    await sent(w, 2);
+    expect(batches(w)).toEqual([['a×2', 'jpeg×1'], ['two×2', 'c×1']]);
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [seeded(1), seeded(2), seeded(3)], times });
-    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(4)], times });
+    w.reply({ t: 'result', id: w.generations()[1]!.id, images: [seeded(5), seeded(6), seeded(7)], times });
+    await tick();
+    expect(w.generations()).toHaveLength(2);
+    vi.advanceTimersByTime(30);
     await sent(w, 3);
-    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(5), seeded(6), seeded(7)], times });
+    w.reply({ t: 'result', id: w.generations()[2]!.id, images: [seeded(4)], times });
     const out = await Promise.all(results);
-    expect(batches(w)).toEqual([['a×2', 'jpeg×1'], ['big×1'], ['two×2', 'c×1']]);
+    expect(batches(w)).toEqual([['a×2', 'jpeg×1'], ['two×2', 'c×1'], ['big×1']]);
     expect(out.map((r) => r.images.map((i) => i.seed))).toEqual([[1, 2], [4], [5, 6], [3], [7]]);
     // the bytes are what each request asked for: PNG's signature, JPEG's SOI marker
     const magic = (i: { data: ArrayBuffer }) => Buffer.from(i.data).subarray(0, 2).toString('hex');
     expect(out.map((r) => r.images.map((i) => [i.format, magic(i)]))).toEqual([
       [['png', '8950'], ['png', '8950']], [['png', '8950']], [['png', '8950'], ['png', '8950']], [['jpeg', 'ffd8']], [['png', '8950']],
     ]);
-    expect(w.generations()[1]!.job.shape.width).toBe(128);
+    expect(w.generations()[2]!.job.shape.width).toBe(128);
     await engine.close();
   });
 

@@ -374,12 +374,32 @@ describe('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step counts and 
   });
 });
 
-describe('a client that leaves a running batch (MAX_BATCH_SIZE=2, RESULT_CACHE_MB=4)', () => {
+describe('batches that run while others wait (MAX_BATCH_SIZE=2, BATCH_WINDOW_MS=10000, RESULT_CACHE_MB=4)', () => {
   let srv: RuntimeHandle;
   beforeAll(async () => {
-    srv = await startRuntime({ STORAGE_URI: undefined, MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '1000', RESULT_CACHE_MB: '4' }, { ready: true });
+    srv = await startRuntime({ STORAGE_URI: undefined, MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000', RESULT_CACHE_MB: '4' }, { ready: true });
   });
   afterAll(async () => void (await srv?.stop()));
+
+  it('sends a full batch of another shape at once, past a request waiting out its window, which then goes with the company it waited for', async () => {
+    const batches0 = await metric(srv, 'inference_batch_size_count');
+    const sum0 = await metric(srv, 'inference_batch_size_sum');
+    const order: string[] = [];
+    const send = (name: string, inst: Record<string, unknown>) => predict(srv, inst).then((r) => (order.push(name), r));
+    const square = { num_inference_steps: 2, height: 64, width: 64 };
+    const wide = { num_inference_steps: 2, height: 64, width: 128 };
+    const a = send('a', { prompt: 'waits for company', seed: 800, ...square });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    // Before, these two waited behind a for its whole window, the worker idle, then ran after it.
+    const [b, c] = await Promise.all([send('b', { prompt: 'wide one', seed: 801, ...wide }), send('c', { prompt: 'wide two', seed: 802, ...wide })]);
+    expect([b.status, c.status]).toEqual([200, 200]);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(1);
+    const [ra, rd] = await Promise.all([a, send('d', { prompt: 'the company', seed: 803, ...square })]);
+    expect([ra.status, rd.status, preds(ra.json)[0]!.seed, preds(rd.json)[0]!.seed]).toEqual([200, 200, 800, 803]);
+    expect([order.slice(0, 2).sort(), order.slice(2).sort()]).toEqual([['b', 'c'], ['a', 'd']]);
+    // Two full batches: b and c, then a and d.
+    expect([(await metric(srv, 'inference_batch_size_count')) - batches0, (await metric(srv, 'inference_batch_size_sum')) - sum0]).toEqual([2, 4]);
+  });
 
   it('leaves the image its batch still makes to the identical request joined to its generation and to the result cache: none is generated again', async () => {
     const counts = async () => ({

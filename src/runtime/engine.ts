@@ -598,32 +598,52 @@ export class Engine {
       // ahead at most, so a slow VAE holds the queue here (where clients can still leave) rather than in the worker.
       const free = this.#workers.filter((w) => w.loaded && !w.running && w.decoding.length < 2);
       if (free.length === 0 || this.#pending.length === 0) return;
-      // The oldest task some free worker may take: a task pinned to a busy worker, or whose LoRA adapter set no free
-      // worker holds yet (it is being built), lets the others pass; the base model and cached sets serve meanwhile.
+      // The oldest batch ready to go that some free worker may take. A task pinned to a busy worker, or whose LoRA
+      // adapter set no free worker holds yet (it is being built), lets the others pass; the base model and cached sets
+      // serve meanwhile. A batch waiting a short window for compatible company (it is not full) lets a ready batch of
+      // another key pass: a full one used to wait behind it for up to BATCH_WINDOW_MS, the worker idle.
       const can = (t: Task, w: WorkerHandle) => (t.pin === undefined || w.index === t.pin) && (!t.adapters || w.sets.get(t.adapters.key) === 'ready');
-      const head = this.#pending.find((t) => free.some((w) => can(t, w)));
-      if (!head) return;
-      const worker = leastBusy(free.filter((w) => can(head, w)));
-      const batch: Task[] = [head];
-      let images = head.images;
-      for (const t of head.pin === undefined && !head.alone ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
-        if (images >= this.cfg.maxBatchSize) break;
-        if (t.pin !== undefined || t.alone) continue;
-        if (t.key === head.key && images + t.images <= this.cfg.maxBatchSize) {
-          batch.push(t);
-          images += t.images;
+      const waiting = new Set<string>();
+      let wait = Infinity;
+      let ready: { head: Task; batch: Task[] } | undefined;
+      for (const head of this.#pending) {
+        // A later task of a waiting batch's key is in that batch, or waits behind it.
+        if ((head.pin === undefined && !head.alone && waiting.has(head.key)) || !free.some((w) => can(head, w))) continue;
+        const batch = this.#batchOf(head);
+        const images = batch.reduce((n, t) => n + t.images, 0);
+        const waited = performance.now() - head.enqueuedAt;
+        if (head.pin === undefined && !head.alone && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
+          waiting.add(head.key);
+          wait = Math.min(wait, this.cfg.batchWindowMs - waited);
+          continue;
         }
+        ready = { head, batch };
+        break;
       }
-      // Wait a short window for compatible company, unless the batch is already full.
-      const waited = performance.now() - head.enqueuedAt;
-      if (head.pin === undefined && !head.alone && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
-        this.#windowTimer = setTimeout(() => this.#pump(), this.cfg.batchWindowMs - waited + 1);
+      if (!ready) {
+        if (wait !== Infinity) this.#windowTimer = setTimeout(() => this.#pump(), wait + 1);
         return;
       }
-      for (const t of batch) this.#pending.splice(this.#pending.indexOf(t), 1);
+      const worker = leastBusy(free.filter((w) => can(ready.head, w)));
+      for (const t of ready.batch) this.#pending.splice(this.#pending.indexOf(t), 1);
       this.metrics.queueDepth.set(this.#labels, this.queueDepth);
-      this.#dispatch(worker, batch);
+      this.#dispatch(worker, ready.batch);
     }
+  }
+
+  /** `head` and the queued tasks of its key behind it that fit, in order, up to MAX_BATCH_SIZE images. */
+  #batchOf(head: Task): Task[] {
+    const batch: Task[] = [head];
+    let images = head.images;
+    for (const t of head.pin === undefined && !head.alone ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
+      if (images >= this.cfg.maxBatchSize) break;
+      if (t.pin !== undefined || t.alone) continue;
+      if (t.key === head.key && images + t.images <= this.cfg.maxBatchSize) {
+        batch.push(t);
+        images += t.images;
+      }
+    }
+    return batch;
   }
 
   #dispatch(worker: WorkerHandle, tasks: Task[]): void {
