@@ -37,6 +37,11 @@ export interface S3Settings {
   /** Seconds without a byte on one range before it is aborted and retried. */
   readonly stallTimeoutS: number;
   readonly maxAttempts: number;
+  /**
+   * S3_THROTTLE_TIMEOUT_S: how long a fill may be throttled (503 SlowDown, 429, …) without receiving a byte before it
+   * fails; throttled answers do not count against maxAttempts (storage/throttle.ts).
+   */
+  readonly throttleTimeoutS: number;
   /** S3_TRANSPORT: `sdk` (the default) or the opt-in `lite`. */
   readonly transport: S3TransportName;
   /** S3_VERIFY_CONTENT: each downloaded file's MD5 is checked against its ETag where that is an MD5. */
@@ -346,6 +351,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     partSize: int('S3_PART_SIZE', 8 * 1024 * 1024, 64 * 1024, 5 * 1024 * 1024 * 1024),
     stallTimeoutS: num('S3_STALL_TIMEOUT_S', 20, 0.1, MAX_TIMER_S),
     maxAttempts: int('S3_MAX_ATTEMPTS', 8, 1, 100),
+    throttleTimeoutS: num('S3_THROTTLE_TIMEOUT_S', 300, 0.1, MAX_TIMER_S),
     transport: oneOf('S3_TRANSPORT', 'sdk', TRANSPORTS),
     verifyContent: bool('S3_VERIFY_CONTENT', true),
   });
@@ -529,7 +535,7 @@ export const VARIABLES: readonly string[] = [
   'STORAGE_URI', 'MODEL_INIT_MODE', 'MODEL_NAME', 'HOST', 'PORT', 'MODEL_CACHE_DIR', 'CACHE_EVICT',
   'AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'AWS_CA_BUNDLE', ...CREDENTIAL_VARS,
   'S3_USE_HTTPS', 'S3_VERIFY_SSL', 'S3_FORCE_PATH_STYLE', 'S3_USER_VIRTUAL_BUCKET', 'S3_MAX_CONCURRENCY', 'S3_PART_SIZE',
-  'S3_STALL_TIMEOUT_S', 'S3_MAX_ATTEMPTS', 'S3_TRANSPORT', 'S3_VERIFY_CONTENT',
+  'S3_STALL_TIMEOUT_S', 'S3_MAX_ATTEMPTS', 'S3_THROTTLE_TIMEOUT_S', 'S3_TRANSPORT', 'S3_VERIFY_CONTENT',
   'EXECUTION_PROVIDER', 'GPUS', 'WORKERS', 'CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'MAX_BATCH_SIZE', 'BATCH_WINDOW_MS',
   'MAX_QUEUE', 'MAX_CONNECTIONS', 'LOG_LEVEL', 'MAX_BODY_BYTES', 'MAX_IMAGE_SIZE', 'MAX_STEPS', 'DEFAULT_SCHEDULER',
   'DEFAULT_STEPS', 'DEFAULT_GUIDANCE', 'MAX_IMAGES_PER_REQUEST', 'INPUT_IMAGES_MB', 'WARMUP_STEPS', 'WARMUP_VAE_ENCODER',

@@ -436,7 +436,8 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
       expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', `${silent} each of its 3 tries${hint}`]);
       expect(proxy.stats.lists - lists).toBe(3);
 
-      proxy.faults.failLists = { count: 1, status: 503, code: 'SlowDown' };
+      // A 500 counts a try (a 503 SlowDown no longer does: storage-throttle.test.ts).
+      proxy.faults.failLists = { count: 1, status: 500, code: 'InternalError' };
       err = await fill({}, { S3_STALL_TIMEOUT_S: '0.3' });
       expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', `${silent} 2 of its 3 tries, the last included${hint}`]);
       expect(proxy.stats.lists - lists).toBe(6);

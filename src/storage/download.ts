@@ -19,7 +19,8 @@ import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
 import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
-import { attempts, classify, permanentError } from './s3-errors.js';
+import { attempts, classify, errorStatus, permanentError, retryAfterMs, s3Code, throttled } from './s3-errors.js';
+import { Throttle } from './throttle.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
@@ -57,6 +58,8 @@ export interface DownloadOptions {
   partSize: number;
   stallMs: number;
   maxAttempts: number;
+  /** S3_THROTTLE_TIMEOUT_S in ms: how long the fill may be throttled without receiving a byte (throttle.ts). */
+  throttleMs: number;
   /** Bytes gathered from the socket before one positional write. */
   writeBytes: number;
   journal: Journal;
@@ -256,6 +259,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     o.log.warn({ ranges: concurrency, maxConcurrency: o.concurrency, descriptorLimit: limit, openDescriptors: inUse },
       `the open-file limit (${limit}) leaves room for ${concurrency} ranges in flight, not S3_MAX_CONCURRENCY=${o.concurrency}; ${S3_ADVICE}`);
   }
+  // Throttled answers cut the ranges in flight below the workers' count; the workers queue for a place (throttle.ts).
+  const throttle = new Throttle({ concurrency, timeoutMs: o.throttleMs, log: o.log });
   const queue = splitTail(tasks, concurrency, 4, 1 << 20, (t, r) => {
     if (r.start !== t.range.start) t.f.left++;
     return { ...t, range: r };
@@ -564,6 +569,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     let failures = 0;
     for (;;) {
       signal.throwIfAborted();
+      // Taken before the watchdog starts: a range waiting for a place is not stalled.
+      const slot = await throttle.enter(signal);
       const left = size - written;
       const ac = new AbortController();
       const reqSignal = AbortSignal.any([signal, ac.signal]);
@@ -592,6 +599,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         o.onBytes(n);
         o.onReceived?.(n);
         progressed = true;
+        throttle.progressed();
       };
       try {
         fh ??= await open(f);
@@ -603,6 +611,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           signal: reqSignal,
         });
         body = res.body;
+        throttle.answered(slot);
         // Stores that ignore If-Match still send the ETag: compare it ourselves.
         if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
         if (checkRangeAnswer(res, asked, f.obj.size, `s3://${o.bucket}/${f.obj.key}`) === 'changed') throw new ObjectChangedError(f.obj.key);
@@ -650,6 +659,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (kind === 'changed') throw new ObjectChangedError(f.obj.key);
         if (kind === 'missing') throw new ObjectChangedError(f.obj.key, e);
         if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read', o.endpoint);
+        // Throttled: no attempt counted; the fill slows down, and gives up only once throttled for throttleMs throughout.
+        if (!stalled && throttled(e)) {
+          const wait = throttle.throttled(slot, s3Code(e), retryAfterMs(e));
+          if (wait === undefined) throw new RuntimeError('STORAGE_TRANSIENT', `cannot read s3://${o.bucket}/${f.obj.key}: ${throttle.giveUp(s3Code(e))}`, { cause: e });
+          clearTimeout(watchdog);
+          await sleep(wait, signal);
+          continue;
+        }
+        if (errorStatus(e) !== undefined) throttle.answered(slot);
         // An attempt that moved bytes forward does not count against the limit: a slow, flaky link still finishes.
         failures = progressed ? 1 : failures + 1;
         if (failures >= o.maxAttempts) {
@@ -669,6 +687,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         o.log.warn({ key: f.obj.key, range: `${range.start + written}-${range.end}`, attempt: failures, waitMs: wait, reason: stalled ? 'stalled' : errName(e) }, 'range failed; resuming');
         await sleep(wait, signal);
       } finally {
+        slot.release();
         clearTimeout(watchdog);
         // Every response body is consumed or destroyed, or its socket never returns to the pool.
         if (body && !body.readableEnded) body.destroy();

@@ -24,7 +24,8 @@ import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheE
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { attempts as counted, classify, endpointName, permanentError, retryTransient } from './s3-errors.js';
+import { attempts as counted, classify, endpointName, permanentError, retryAfterMs, retryTransient, s3Code } from './s3-errors.js';
+import { Throttle } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
@@ -351,7 +352,7 @@ class S3Fetch {
       if (cached) this.entry = cached.dir;
       if (cached && cached.manifest.uri === this.uri && (await manifestFilesPresent(this.entry, cached.manifest))) {
         try {
-          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000);
+          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000, null);
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           if (await this.leased(cached.manifest)) {
@@ -505,10 +506,21 @@ class S3Fetch {
    * is (upload-stall.ts), and each try after `timeoutMs` in all, a listing that keeps sending slowly included. An
    * answer the transport may have caused goes up at once (resolveModel). A store that left the last try unanswered is
    * unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx, saying which bound cut it. By default the fill's
-   * listing: S3_MAX_ATTEMPTS tries of 60 s each.
+   * listing: S3_MAX_ATTEMPTS tries of 60 s each. Throttled answers (503 SlowDown, 429) count no try where `throttleMs` is
+   * given (by default S3_THROTTLE_TIMEOUT_S): the listing backs off as a throttled download does (throttle.ts), and
+   * gives up once throttled for that long; without it (the hit check's short budget) they count as any other.
    */
-  private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000): Promise<RemoteObject[]> {
+  private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000,
+    throttleMs: number | null = this.o.cfg.s3.throttleTimeoutS * 1000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
+    const throttle = throttleMs === null ? undefined : new Throttle({ concurrency: 1, timeoutMs: throttleMs, log: this.o.log, what: 'listing' });
+    let gaveUp = false;
+    const onThrottled = throttle && ((e: unknown) => {
+      // One request at a time: each throttled answer is a round of its own, so the waits grow.
+      const wait = throttle.throttled({ round: throttle.round, release: () => undefined }, s3Code(e), retryAfterMs(e));
+      gaveUp = wait === undefined;
+      return wait;
+    });
     const stallMs = this.o.cfg.s3.stallTimeoutS * 1000;
     let tries = 0;
     // What cut the last try, if a bound did, and how many tries each bound cut.
@@ -530,10 +542,14 @@ class S3Fetch {
           cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;
           if (cut !== undefined) cuts[cut]++;
         }
-      }, attempts, this.signal, retried);
+      }, attempts, this.signal, retried, onThrottled);
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
+      if (gaveUp) {
+        const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
+        throw new RuntimeError('STORAGE_TRANSIENT', `cannot list ${where}: ${throttle!.giveUp(s3Code(e))}`, { cause: e });
+      }
       if (cut !== undefined) {
         const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
         const n = cuts[cut];
@@ -795,6 +811,7 @@ class S3Fetch {
         report = await downloadAll(fetch, {
           get, bucket: this.bucket, endpoint: endpointName(cfg.s3, this.bucket), entry: this.entry, journal, log, signal, lost,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
+          throttleMs: cfg.s3.throttleTimeoutS * 1000,
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },

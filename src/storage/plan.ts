@@ -42,6 +42,26 @@ export const RETRY = Object.freeze({
   factor: 2,
 });
 
+/**
+ * How a throttled fill backs off (throttle.ts), after the AWS SDK's standard retry strategy: a throttling answer waits
+ * from a larger base than other errors (its THROTTLING_RETRY_DELAY_BASE) up to 20 s (its MAXIMUM_RETRY_DELAY), never
+ * more than a quarter of S3_THROTTLE_TIMEOUT_S so the fill asks again several times before it gives up; a Retry-After
+ * lengthens one wait by at most `hintExtraMs`, as the SDK lets it.
+ */
+export const THROTTLE = Object.freeze({
+  /**
+   * S3 error names that ask the client to send fewer requests: S3's 503 SlowDown, the SDKs' throttling codes, MinIO's
+   * SlowDownRead/SlowDownWrite (which it also sends while it lacks a read or write quorum of drives), and KMS's
+   * throttling of an SSE-KMS object's decrypts. A 429 is throttling whatever its code.
+   */
+  codes: Object.freeze(['SlowDown', 'SlowDownRead', 'SlowDownWrite', 'Throttling', 'ThrottlingException', 'ThrottledException', 'RequestThrottled',
+    'RequestThrottledException', 'RequestLimitExceeded', 'TooManyRequestsException', 'BandwidthLimitExceeded', 'KMS.ThrottlingException']),
+  baseMs: 1_000,
+  maxMs: 20_000,
+  hintExtraMs: 5_000,
+  factor: 2,
+});
+
 /** Full-jitter exponential backoff: uniform in [0, min(max, base * factor^attempt)], at least 20 ms. */
 export function backoffMs(attempt: number, random: () => number = Math.random, policy: { baseMs: number; maxMs: number; factor: number } = RETRY): number {
   const cap = Math.min(policy.maxMs, policy.baseMs * policy.factor ** Math.max(0, attempt));

@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { S3Settings } from '../config.js';
 import { shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
-import { backoffMs, RETRY } from './plan.js';
+import { backoffMs, RETRY, THROTTLE } from './plan.js';
 
 export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'tls' | 'fatal';
 
@@ -109,19 +109,43 @@ export function classify(err: unknown): ErrorKind {
   return 'transient';
 }
 
+/** Whether S3 answered that it is throttling this client (503 SlowDown, 429, …: THROTTLE.codes), a transient error apart. */
+export function throttled(err: unknown): boolean {
+  if (err instanceof RuntimeError) return false;
+  const e = (err ?? {}) as SdkLikeError;
+  return errorStatus(err) === 429 || [e.name, e.code, e.Code].some((c) => typeof c === 'string' && THROTTLE.codes.includes(c));
+}
+
+/**
+ * The wait a Retry-After header of the answer asks for, in ms: delay-seconds or an HTTP date (the SDK's error keeps its
+ * response; the SDK-free reader's keeps this one header). Undefined without one, or where it does not parse.
+ */
+export function retryAfterMs(err: unknown, now = Date.now()): number | undefined {
+  const v = (err as { $response?: { headers?: Record<string, unknown> } } | undefined)?.$response?.headers?.['retry-after'];
+  if (typeof v !== 'string') return undefined;
+  const t = v.trim();
+  if (/^\d+(\.\d+)?$/.test(t)) return Number(t) * 1000;
+  const at = Date.parse(t);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
+}
+
 /**
  * `fn` again after an error classify() calls transient (a 5xx, SlowDown, a reset), or that `retried` accepts instead,
  * up to `attempts` tries in all, with the fill's full-jitter backoff between them. A `signal` that aborts ends the
  * wait, and the last error is thrown: a bound on the retries holds, not one backoff more.
  */
 export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, attempts: number, signal?: AbortSignal,
-  retried: (e: unknown) => boolean = (e) => classify(e) === 'transient'): Promise<T> {
-  for (let attempt = 0; ; attempt++) {
+  retried: (e: unknown) => boolean = (e) => classify(e) === 'transient', onThrottled?: (e: unknown) => number | undefined): Promise<T> {
+  // Throttled answers, where `onThrottled` takes them, count no attempt: it says how long to wait, or (undefined) to give up.
+  for (let attempt = 0, counted = 0; ; attempt++) {
     try {
       return await fn(attempt);
     } catch (e) {
-      if (signal?.aborted || !retried(e) || attempt + 1 >= attempts) throw e;
-      await sleep(backoffMs(attempt), undefined, signal ? { signal } : {}).catch(() => undefined);
+      if (signal?.aborted || !retried(e)) throw e;
+      const slowed = onThrottled !== undefined && throttled(e);
+      const wait = slowed ? onThrottled(e) : undefined;
+      if (slowed ? wait === undefined : ++counted >= attempts) throw e;
+      await sleep(wait ?? backoffMs(counted - 1), undefined, signal ? { signal } : {}).catch(() => undefined);
       if (signal?.aborted) throw e;
     }
   }

@@ -195,17 +195,20 @@ const SDK_MIGHT_DIFFER = new Set(['SignatureDoesNotMatch', 'AuthorizationHeaderM
  */
 export class LiteHttpError extends Error {
   readonly $metadata: { httpStatusCode: number };
+  /** The one header of the answer that s3-errors.ts reads (retryAfterMs), where the store sent it, as the SDK's errors keep theirs. */
+  readonly $response?: { statusCode: number; headers: { 'retry-after': string } };
   readonly sdkMightDiffer: boolean;
   /**
    * `customerKey`: a read refused because the object is encrypted with a customer-provided key (SSE-C; s3-errors.ts
-   * customerKeyRequired), which the SDK would meet as well.
+   * customerKeyRequired), which the SDK would meet as well. `retryAfter`: the answer's Retry-After header.
    */
-  constructor(status: number, code: string | undefined, readonly what: 'listing' | 'read' = 'listing', readonly customerKey = false) {
+  constructor(status: number, code: string | undefined, readonly what: 'listing' | 'read' = 'listing', readonly customerKey = false, retryAfter?: string) {
     // The code comes from the server: only a short identifier goes into messages and logs.
     const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
     super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
     this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
+    if (retryAfter !== undefined) this.$response = { statusCode: status, headers: { 'retry-after': retryAfter } };
     // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException) is the store's, whoever signed the request.
     this.sdkMightDiffer = !customerKey && (status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.')) || SDK_MIGHT_DIFFER.has(this.name));
   }
@@ -310,7 +313,7 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
         const status = res.statusCode ?? 0;
         if (status === 200) resolve(body);
         // The error's Code only: its other fields may echo the string that was signed.
-        else reject(new LiteHttpError(status, tag(body, 'Code')));
+        else reject(new LiteHttpError(status, tag(body, 'Code'), 'listing', false, res.headers['retry-after']));
       });
       res.on('error', reject);
     });
@@ -386,7 +389,7 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
         const code = tag(body, 'Code');
         // The message is read for one thing only, and goes nowhere.
         const customerKey = status === 400 && (code === 'InvalidRequest' || code === 'InvalidArgument') && CUSTOMER_KEY_MESSAGE.test(tag(body, 'Message') ?? '');
-        reject(new LiteHttpError(status, code, 'read', customerKey));
+        reject(new LiteHttpError(status, code, 'read', customerKey, res.headers['retry-after']));
       });
       res.on('error', reject);
     });
@@ -418,7 +421,7 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
       res.resume();
       const status = res.statusCode ?? 0;
       // A HEAD carries no error body: the status alone says what went wrong.
-      if (status !== 200 && status !== 206) return reject(new LiteHttpError(status, undefined, 'read'));
+      if (status !== 200 && status !== 206) return reject(new LiteHttpError(status, undefined, 'read', false, res.headers['retry-after']));
       const h = res.headers;
       const num = (v: string | string[] | undefined) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : undefined);
       const str = (v: string | string[] | undefined) => (typeof v === 'string' ? v : undefined);

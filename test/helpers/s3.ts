@@ -114,6 +114,12 @@ export interface Faults {
   /** The same for the next `count` GetObject requests. */
   failGets?: { count: number; status: number; code: string };
   /**
+   * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
+   * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
+   * (Date.now() ms; never without it). Counted in stats.slowDowns.
+   */
+  slowDown?: { until?: number; retryAfter?: string; lists?: boolean };
+  /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
    */
@@ -255,6 +261,8 @@ export interface FaultProxy {
     unanswered: Partial<Record<UploadCommand, number>>;
     /** CompleteMultipartUploads answered slowly by faults.slowCompletes. */
     slowCompletes: number;
+    /** Requests answered 503 SlowDown by faults.slowDown. */
+    slowDowns: number;
   };
   faults: Faults;
   close(): Promise<void>;
@@ -266,7 +274,7 @@ const s3Error = (code: string) => `<?xml version="1.0" encoding="UTF-8"?>\n<Erro
 
 /** A proxy in front of s3rver that injects deterministic faults: resets and stalls mid-body, 403s, slow links. */
 export async function startFaultProxy(upstreamPort: number, faults: Faults = {}): Promise<FaultProxy> {
-  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, stallsCut: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[], initiated: {} as Record<string, number> }, uploadListings: 0, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0 };
+  const stats = { requests: 0, gets: 0, rangedGets: 0, lists: 0, listAt: [] as number[], bodyBytes: 0, resets: 0, stalls: 0, stallsCut: 0, maxConcurrent: 0, open: 0, held: 0, sdkGets: 0, bytesByPath: {} as Record<string, number>, bytesByRequest: [] as number[], partHeads: 0, checksumHeads: 0, damaged: 0, getPaths: { sdk: [] as string[], lite: [] as string[] }, refusals: {} as Record<string, number>, multipart: { created: {} as Record<string, string>, completed: [] as string[], aborted: [] as string[], initiated: {} as Record<string, number> }, uploadListings: 0, puts: 0, putFaults: 0, uploads: {} as Partial<Record<UploadCommand, number>>, unanswered: {} as Partial<Record<UploadCommand, number>>, slowCompletes: 0, slowDowns: 0 };
   let concurrent = 0;
   const p: FaultProxy = { port: 0, endpoint: '', stats, faults, close: async () => undefined };
   const created = (id: string, key: string) => {
@@ -456,6 +464,14 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       f.failLists.count--;
       req.resume();
       res.writeHead(f.failLists.status, { 'content-type': 'application/xml' }).end(s3Error(f.failLists.code));
+      return;
+    }
+    if ((isGet || (isList && f.slowDown?.lists)) && f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until)) {
+      stats.slowDowns++;
+      if (isGet) stats.gets++;
+      req.resume();
+      res.writeHead(503, { 'content-type': 'application/xml', ...(f.slowDown.retryAfter !== undefined ? { 'retry-after': f.slowDown.retryAfter } : {}) })
+        .end(s3Error('SlowDown'));
       return;
     }
     if (isGet && f.failGets && f.failGets.count > 0) {

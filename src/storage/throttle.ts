@@ -1,0 +1,176 @@
+/**
+ * @module How a fill meets throttling (503 SlowDown, 429, …: s3-errors.ts throttled), apart from other transient errors.
+ * A reset or a 500 is the range's own bad luck and counts against its S3_MAX_ATTEMPTS; a throttled answer says the
+ * store wants fewer requests from everyone, so it costs no attempt and the whole fill slows down instead:
+ *
+ * - ranges in flight are halved once per round (answers to requests sent before the last cut say nothing of the new
+ *   limit), and every answer that is not throttled, to a request sent at the current limit, gives one range back, up
+ *   to S3_MAX_CONCURRENCY: the limit shrinks fast under a storm and comes back within a round or two after it, as
+ *   TCP's congestion window and the AWS SDK's adaptive retry mode do;
+ * - a throttled range keeps its place while it waits, so the limit bounds requests and waits together, and then queues
+ *   for a place again: a fill at one range sends one request per wait;
+ * - the wait is full-jitter exponential in the rounds throttled in a row, from THROTTLE.baseMs up to THROTTLE.maxMs and
+ *   never more than a quarter of S3_THROTTLE_TIMEOUT_S. A Retry-After lengthens it by at most THROTTLE.hintExtraMs and
+ *   never past that cap: S3 sends none with SlowDown, and MinIO sends a fixed one (120 s, 60 s in newer releases) with
+ *   every 503, no estimate of when it will serve again; honoured whole it would hold a boot minutes after a storm of
+ *   seconds;
+ * - a fill throttled for S3_THROTTLE_TIMEOUT_S without receiving a byte gives up (giveUp says so, and what to do).
+ */
+import type { Logger } from '../log.js';
+import { backoffMs, THROTTLE } from './plan.js';
+
+/** A place among the ranges in flight, taken for one request and what follows it (its body, or its wait). */
+export interface Slot {
+  /** The round the request was sent in (Throttle.round then). */
+  readonly round: number;
+  /** Gives the place back; a second call does nothing. */
+  release(): void;
+}
+
+export interface ThrottleOptions {
+  /** Ranges in flight when not throttled (S3_MAX_CONCURRENCY, or fewer where descriptors are short). */
+  concurrency: number;
+  /** S3_THROTTLE_TIMEOUT_S, in ms. */
+  timeoutMs: number;
+  log: Logger;
+  /** What is throttled, as the log lines and giveUp name it: the fill's download (the default), or its listing. */
+  what?: 'download' | 'listing';
+  now?: () => number;
+  random?: () => number;
+}
+
+/** How often, at most, a fill still throttled says so again. */
+const LOG_EVERY_MS = 30_000;
+
+export class Throttle {
+  /** Ranges allowed in flight now. */
+  limit: number;
+  /** Places taken (requests in flight, and throttled ranges waiting). */
+  taken = 0;
+  /** Bumped by every cut: a request sent before it is of an earlier round. */
+  round = 0;
+  /** Rounds throttled in a row, since the last answer that was not. */
+  level = 0;
+  /** Since when the fill has been throttled without receiving a byte. */
+  since: number | undefined;
+  /** The lowest limit of the current episode, and how many throttled answers it had, for the messages. */
+  lowest: number;
+  answers = 0;
+  readonly #o: Required<ThrottleOptions>;
+  readonly #queue: Array<() => void> = [];
+  #episode = false;
+  #logged = 0;
+
+  constructor(o: ThrottleOptions) {
+    this.#o = { now: Date.now, random: Math.random, what: 'download', ...o };
+    this.limit = o.concurrency;
+    this.lowest = o.concurrency;
+  }
+
+  /** The longest wait: THROTTLE.maxMs, or a quarter of the timeout where that is less. */
+  get capMs(): number {
+    return Math.min(THROTTLE.maxMs, this.#o.timeoutMs / 4);
+  }
+
+  /** Takes a place among the ranges in flight, waiting (in order) while the limit is reached. */
+  enter(signal: AbortSignal): Promise<Slot> {
+    signal.throwIfAborted();
+    const slot = (): Slot => {
+      this.taken++;
+      let held = true;
+      return {
+        round: this.round,
+        release: () => {
+          if (!held) return;
+          held = false;
+          this.taken--;
+          this.#wake();
+        },
+      };
+    };
+    if (this.taken < this.limit && this.#queue.length === 0) return Promise.resolve(slot());
+    return new Promise((resolve, reject) => {
+      const go = () => {
+        signal.removeEventListener('abort', stop);
+        resolve(slot());
+      };
+      const stop = () => {
+        const i = this.#queue.indexOf(go);
+        if (i >= 0) this.#queue.splice(i, 1);
+        reject(signal.reason);
+      };
+      signal.addEventListener('abort', stop, { once: true });
+      this.#queue.push(go);
+    });
+  }
+
+  #wake(): void {
+    while (this.taken < this.limit && this.#queue.length > 0) this.#queue.shift()!();
+  }
+
+  /** The store answered the request of `slot` with something other than throttling (its body, or another error). */
+  answered(slot: Slot): void {
+    if (slot.round !== this.round) return;
+    this.level = 0;
+    if (this.limit < this.#o.concurrency) {
+      this.limit++;
+      this.#wake();
+    }
+    if (this.#episode && this.limit === this.#o.concurrency) {
+      this.#episode = false;
+      this.#o.log.info({ ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}: all ${this.limit} ranges in flight again`);
+    }
+  }
+
+  /** Bytes arrived: the fill is not stuck, whatever else is throttled. */
+  progressed(): void {
+    this.since = undefined;
+  }
+
+  /**
+   * The request of `slot` was throttled (`code`: the store's answer, as errors name it; `hintMs`: its Retry-After): how
+   * long its range waits, holding its place, before it queues for one again; undefined once the fill has been throttled
+   * for the timeout without receiving a byte, when it gives up (giveUp).
+   */
+  throttled(slot: Slot, code: string, hintMs?: number): number | undefined {
+    const now = this.#o.now();
+    this.since ??= now;
+    this.answers++;
+    const left = this.since + this.#o.timeoutMs - now;
+    if (left <= 0) return undefined;
+    if (slot.round === this.round) {
+      this.round++;
+      this.level++;
+      this.limit = Math.max(1, Math.floor(this.limit / 2));
+      this.lowest = Math.min(this.lowest, this.limit);
+    }
+    const cap = this.capMs;
+    const backoff = backoffMs(this.level - 1, this.#o.random, { baseMs: Math.min(THROTTLE.baseMs, cap), maxMs: cap, factor: THROTTLE.factor });
+    const hinted = hintMs === undefined ? backoff : Math.max(backoff, Math.min(hintMs, backoff + THROTTLE.hintExtraMs));
+    const wait = Math.max(1, Math.min(hinted, cap, left));
+    const fields = { code, ranges: this.limit, maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
+    if (!this.#episode) {
+      this.#episode = true;
+      this.#logged = now;
+      this.#o.log.warn(fields, `S3 is throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off; `
+        + `the fill fails once throttled for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) without receiving a byte`);
+    } else if (now - this.#logged >= LOG_EVERY_MS) {
+      this.#logged = now;
+      this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
+    }
+    return wait;
+  }
+
+  #ranges(): string {
+    return this.#o.what === 'download' ? `${this.limit} of ${this.#o.concurrency} ranges in flight, ` : '';
+  }
+
+  /** What a fill that gave up says, after `cannot read <what>: ` (or `cannot list …: `). */
+  giveUp(code: string): string {
+    return `S3 kept throttling the ${this.#o.what} (${code}, ${this.answers} throttled answers) for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) `
+      + `without a byte received${this.#o.what === 'download' ? `, with the ranges in flight cut from ${this.#o.concurrency} to ${this.lowest}` : ''}; `
+      + 'the store is asked for more than it serves: '
+      + 'start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or raise S3_THROTTLE_TIMEOUT_S to wait longer '
+      + '(on MinIO or Ceph, check the server\'s load and its request limits)';
+  }
+}
