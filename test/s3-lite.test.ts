@@ -104,6 +104,23 @@ describe('reading ListBucketResult', () => {
     expect(JSON.parse(stdout)).toEqual({ objects: [{ key: 'a', size: 1, etag: '' }], truncated: false, urlEncoded: false });
   });
 
+  it('reads IsTruncated as the SDK does (`true` in any case), and hands a page whose IsTruncated is neither true nor false to the SDK', () => {
+    const page = (v: string) => parseListPage(`<ListBucketResult><IsTruncated>${v}</IsTruncated><NextContinuationToken>t</NextContinuationToken></ListBucketResult>`);
+    // Before: only exactly `true` was read as true, so a store writing `True` was listed one page long by this reader.
+    for (const v of ['true', 'True', 'TRUE']) expect(page(v).truncated, v).toBe(true);
+    for (const v of ['false', 'False']) expect(page(v).truncated, v).toBe(false);
+    // Before: read as false, the listing cut after this page, where the SDK's own reading decides instead.
+    for (const v of ['1', 'yes', ' true', '']) {
+      let err: unknown;
+      try {
+        page(v);
+      } catch (e) {
+        err = e;
+      }
+      expect([err instanceof LiteHttpError && err.name, sdkMightDiffer(err)], JSON.stringify(v)).toEqual(['MalformedListing', true]);
+    }
+  });
+
   it('anything but a listing is an error the SDK gets to retry', () => {
     const err = (() => {
       try {

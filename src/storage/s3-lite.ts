@@ -273,7 +273,11 @@ export function parseListPage(xml: string): ListPage {
     const size = tag(c.text, 'Size')?.trim() ?? '';
     objects.push({ key, size: /^\d+$/.test(size) ? Number(size) : NaN, etag: tag(c.text, 'ETag') ?? '' });
   }
-  const truncated = tag(xml, 'IsTruncated') === 'true';
+  // What the SDK's parser reads: `true` in any case is true, anything else false. Only `true`/`false` are read here: any
+  // other value (`1`, `yes`, ` true`) makes the SDK list instead (MalformedListing), so the two never read a page apart.
+  const isTruncated = tag(xml, 'IsTruncated')?.toLowerCase();
+  if (isTruncated !== undefined && isTruncated !== 'true' && isTruncated !== 'false') throw new LiteHttpError(200, 'MalformedListing');
+  const truncated = isTruncated === 'true';
   const urlEncoded = tag(xml, 'EncodingType')?.toLowerCase() === 'url';
   return { objects, truncated, urlEncoded, nextToken: truncated ? tag(xml, 'NextContinuationToken') : undefined };
 }
