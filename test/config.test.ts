@@ -149,6 +149,10 @@ describe('loadConfig', () => {
       'REQUEST_TIMEOUT_S must be a number from 1 to 2147483, got "10m": write a number of seconds, without a unit (600 for "10m")',
       'RESULT_CACHE_MB must be a number >= 0, got "1Gi": write a number of MiB (2^20 bytes), without a unit (1024 for "1Gi")',
     ]);
+    expect(problems({ S3_THROTTLE_TIMEOUT_S: '5m' })).toEqual([
+      'S3_THROTTLE_TIMEOUT_S must be a number from 0.1 to 2147483, got "5m": write a number of seconds, without a unit (300 for "5m")',
+    ]);
+    expect([loadConfig({}).s3.throttleTimeoutS, loadConfig({ S3_THROTTLE_TIMEOUT_S: '0.5' }).s3.throttleTimeoutS]).toEqual([300, 0.5]);
     // A unit it does not know still says which one the variable is in; an integer variable gets no fraction to write.
     expect(problems({ REQUEST_TIMEOUT_S: '10 fortnights', BATCH_WINDOW_MS: '0.5ms' })).toEqual([
       'BATCH_WINDOW_MS must be an integer from 0 to 10000, got "0.5ms": write a number of milliseconds, without a unit',

@@ -659,7 +659,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (kind === 'changed') throw new ObjectChangedError(f.obj.key);
         if (kind === 'missing') throw new ObjectChangedError(f.obj.key, e);
         if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read', o.endpoint);
-        // Throttled: no attempt counted; the fill slows down, and gives up only once throttled for throttleMs throughout.
+        // Throttled: no attempt counted; the fill slows down, and gives up only once throttled for throttleMs without a byte.
         if (!stalled && throttled(e)) {
           const wait = throttle.throttled(slot, s3Code(e), retryAfterMs(e));
           if (wait === undefined) throw new RuntimeError('STORAGE_TRANSIENT', `cannot read s3://${o.bucket}/${f.obj.key}: ${throttle.giveUp(s3Code(e))}`, { cause: e });
