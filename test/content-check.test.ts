@@ -9,7 +9,7 @@ import { newDigest, type Algorithm } from '../src/storage/checksums.js';
 import { Hasher, partSizeFrom, type Hashing } from '../src/storage/content-check.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { readManifest } from '../src/storage/cache.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -21,19 +21,6 @@ const oneDigest = (alg: Algorithm, b: Buffer) => {
   d.update(b);
   return d.digest();
 };
-/** The sizes of the parts of an upload of `size` bytes in parts of `partSize` (the last one shorter). */
-const evenParts = (size: number, partSize: number) => Array.from({ length: Math.ceil(size / partSize) }, (_, i) => Math.min(partSize, size - i * partSize));
-/** S3's ETag of a multipart upload (AWS's "Checking object integrity"): the MD5 of the parts' binary MD5s, then `-parts`. */
-function multipartEtag(body: Buffer, partSize: number | number[]): string {
-  const sizes = typeof partSize === 'number' ? evenParts(body.length, partSize) : partSize;
-  const digests: Buffer[] = [];
-  let at = 0;
-  for (const n of sizes) {
-    digests.push(createHash('md5').update(body.subarray(at, at + n)).digest());
-    at += n;
-  }
-  return `"${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${digests.length}"`;
-}
 
 const BIG = 2 * 1024 * 1024 + 777;
 const files: Record<string, Buffer> = {

@@ -14,7 +14,7 @@ import { resolveModel } from '../src/storage/fetch.js';
 import { retryAfterMs, throttled } from '../src/storage/s3-errors.js';
 import { LiteHttpError } from '../src/storage/s3-lite.js';
 import { Throttle } from '../src/storage/throttle.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -75,6 +75,25 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
     // No line per throttled range, and nothing secret in any.
     expect(lines.filter((l) => l.msg === 'range failed; resuming')).toEqual([]);
     expect(JSON.stringify(lines)).not.toMatch(/S3RVER|echoed-secret/);
+  });
+
+  it('a multipart upload\'s part-size HEADs, answered 503 in the storm too, are waited out: the file is still checked against its ETag', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
+    const { log, lines } = recorder();
+    const big = files['unet/model.onnx_data']!;
+    const part = 3 * 65_536;
+    const heads = proxy.stats.partHeads;
+    proxy.faults = {
+      objects: { 'sd/unet/model.onnx_data': { etag: multipartEtag(big, part), partSizes: evenParts(big.length, part) } },
+      slowDown: { until: Date.now() + 1_500, heads: true },
+    };
+    const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 4), log });
+    await expectSame(r.dir);
+    // Before: both tries of the HEAD of part 1 answered 503 at once, and the file was served unchecked ("the store did
+    // not answer a HEAD of its first part").
+    expect(lines.find((l) => l.msg === 'model cached')).toMatchObject({ contentChecked: 3 });
+    expect(lines.find((l) => l.msg === 'model cached')!.contentNotChecked).toBeUndefined();
+    expect(proxy.stats.partHeads - heads).toBe(2);
   });
 
   it('a storm that never ends fails once throttled for S3_THROTTLE_TIMEOUT_S, STORAGE_TRANSIENT naming throttling and what to do; nothing committed', async () => {

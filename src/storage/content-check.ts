@@ -9,6 +9,7 @@
  * own descriptors (each thread holds a few of its own, for its event loop).
  */
 import { availableParallelism } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import { deadline } from '../deadline.js';
 import { checksumExpected, CRC_SOURCE, crcCombine, describeExpected, isCrc, newDigest, type Algorithm, type Expected } from './checksums.js';
@@ -32,11 +33,11 @@ export type PartLayout = { partSize: number; encryption?: string } | { why: stri
 /**
  * Asks the store for a multipart upload's part size: HEADs of part 1 and of the last part (S3 does not require parts
  * of one size; the uploaders users run make them so, and a last part of another size than the rest implies shows an
- * upload that did not). Each HEAD is tried twice, `timeoutMs` each; an abort rejects.
+ * upload that did not). Each HEAD is tried twice, `timeoutMs` each; an abort rejects. `throttled` (headTwice) waits out throttling.
  */
 export async function partLayout(head: Head, key: string, etag: string, size: number, parts: number,
-  signal: AbortSignal, timeoutMs: number): Promise<PartLayout> {
-  const ask = (partNumber: number) => headTwice(head, { key, partNumber, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs);
+  signal: AbortSignal, timeoutMs: number, throttled?: Throttled): Promise<PartLayout> {
+  const ask = (partNumber: number) => headTwice(head, { key, partNumber, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs, throttled);
   const [first, last] = await Promise.all([ask(1), parts > 1 ? ask(parts) : undefined]);
   const encryption = first?.encryption ?? last?.encryption;
   const enc = encryption !== undefined ? { encryption } : {};
@@ -48,18 +49,27 @@ export async function partLayout(head: Head, key: string, etag: string, size: nu
 }
 
 type Head = (r: HeadRequest) => Promise<HeadAnswer>;
+/** For a HEAD's error: how long to wait before asking again, where it is throttling (the fill's throttle.ts); else undefined. */
+export type Throttled = (err: unknown) => number | undefined;
 
-/** A HEAD, tried twice, `timeoutMs` each: undefined where neither got an answer. An abort rejects. */
-async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number): Promise<HeadAnswer | undefined> {
-  for (let attempt = 0; attempt < 2; attempt++) {
+/**
+ * A HEAD, tried twice, `timeoutMs` each: undefined where neither got an answer. An abort rejects. A try that `throttled`
+ * gives a wait for is not counted: the HEAD asks again after it, so a file is not left unchecked for a SlowDown storm.
+ */
+async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number, throttled?: Throttled): Promise<HeadAnswer | undefined> {
+  for (let attempt = 0; attempt < 2;) {
     const d = deadline(signal, timeoutMs);
+    let wait: number | undefined;
     try {
       return await head({ ...r, signal: d.signal });
-    } catch {
+    } catch (e) {
       signal.throwIfAborted();
+      wait = d.timedOut ? undefined : throttled?.(e);
     } finally {
       d.clear();
     }
+    if (wait === undefined) attempt++;
+    else await sleep(wait, undefined, { signal }).catch(() => signal.throwIfAborted());
   }
   return undefined;
 }
@@ -73,9 +83,9 @@ export type ChecksumLookup = ({ expected: Expected } | { why: string; unanswered
 /** The lookup of a store that left a HEAD for a checksum unanswered: not asked again in the same download. */
 export const CHECKSUM_UNANSWERED: ChecksumLookup = { why: 'the store did not answer a HEAD for its checksum', unanswered: true };
 
-/** Asks the store for an object's additional checksum (HEAD with x-amz-checksum-mode: ENABLED, tried twice). */
-export async function lookUpChecksum(head: Head, key: string, etag: string, signal: AbortSignal, timeoutMs: number): Promise<ChecksumLookup> {
-  const a = await headTwice(head, { key, checksums: true, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs);
+/** Asks the store for an object's additional checksum (HEAD with x-amz-checksum-mode: ENABLED, tried twice; throttling waited out). */
+export async function lookUpChecksum(head: Head, key: string, etag: string, signal: AbortSignal, timeoutMs: number, throttled?: Throttled): Promise<ChecksumLookup> {
+  const a = await headTwice(head, { key, checksums: true, ...(etag ? { ifMatch: etag } : {}) }, signal, timeoutMs, throttled);
   const enc = a?.encryption !== undefined ? { encryption: a.encryption } : {};
   if (a === undefined) return CHECKSUM_UNANSWERED;
   if (a.checksum === undefined) return { why: 'the store gave no checksum', ...enc };

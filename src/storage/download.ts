@@ -346,9 +346,16 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
    * its worker (or, resumed whole, the start of the download) for two stall timeouts more.
    */
   let checksumHeadsUnanswered = false;
+  /**
+   * A content-check HEAD refused with throttling, or with a bare 503 (a HEAD's answer has no body to name SlowDown): it
+   * waits as a throttled range would, and asks again. It holds no place among the ranges and does not cut them (round
+   * -1 is never the current one); the fill's timeout still bounds it.
+   */
+  const headThrottled = (e: unknown) => (throttled(e) || errorStatus(e) === 503
+    ? throttle.throttled({ round: -1, release: () => undefined }, s3Code(e), retryAfterMs(e)) : undefined);
   const checksumOf = (f: FileState) => (f.lookup ??= checksumHeadsUnanswered
     ? Promise.resolve(CHECKSUM_UNANSWERED)
-    : lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs).then((c) => {
+    : lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs, headThrottled).then((c) => {
       if ('unanswered' in c && !checksumHeadsUnanswered) {
         checksumHeadsUnanswered = true;
         o.log.warn({ file: f.obj.rel, stallTimeoutS: o.stallMs / 1000 },
@@ -374,7 +381,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     // Asked once per part count: a plan started over (the store said the object is encrypted) asks no HEAD again.
     const layoutOf = (parts: number) => {
       let l = f.layouts.get(parts);
-      if (l === undefined) f.layouts.set(parts, (l = partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs)));
+      if (l === undefined) f.layouts.set(parts, (l = partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs, headThrottled)));
       return l;
     };
     if (fromEtag !== undefined && fromEtag.parts === 0) return { expected: fromEtag, partSize: 0 };

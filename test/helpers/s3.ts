@@ -1,5 +1,6 @@
 /** @module Test helpers: a real s3rver on loopback (ephemeral port, temp dir) and a fault-injecting proxy in front of it. */
 import type { RuntimeError } from '../../src/errors.js';
+import { createHash } from 'node:crypto';
 import { mkdtempSync, promises as fsp, rmSync } from 'node:fs';
 import http from 'node:http';
 import { afterAll, afterEach } from 'vitest';
@@ -116,9 +117,10 @@ export interface Faults {
   /**
    * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
-   * (Date.now() ms; never without it). Counted in stats.slowDowns.
+   * (Date.now() ms; never without it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
+   * in stats.slowDowns.
    */
-  slowDown?: { until?: number; retryAfter?: string; lists?: boolean };
+  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean };
   /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
@@ -308,6 +310,13 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       req.resume();
       stats.uploadListings++;
       res.writeHead(200, { 'content-type': 'application/xml' }).end(uploadsListing(p, decodeURIComponent((req.url ?? '').split('?')[0]!).split('/')[1]!, query));
+      return;
+    }
+    const storm = f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until) ? f.slowDown : undefined;
+    if (storm?.heads && req.method === 'HEAD') {
+      stats.slowDowns++;
+      req.resume();
+      res.writeHead(503, storm.retryAfter !== undefined ? { 'retry-after': storm.retryAfter } : {}).end();
       return;
     }
     const sim = f.objects?.[objectKey];
@@ -715,6 +724,20 @@ export function testConfig(endpoint: string, cacheDir: string, extra: Record<str
 }
 
 /** Deterministic pseudo-random bytes (xorshift), so tests can compare downloads byte for byte. */
+/** The sizes of the parts of an upload of `size` bytes in parts of `partSize` (the last one shorter). */
+export const evenParts = (size: number, partSize: number) => Array.from({ length: Math.ceil(size / partSize) }, (_, i) => Math.min(partSize, size - i * partSize));
+/** S3's ETag of a multipart upload (AWS's "Checking object integrity"): the MD5 of the parts' binary MD5s, then `-parts`. */
+export function multipartEtag(body: Buffer, partSize: number | number[]): string {
+  const sizes = typeof partSize === 'number' ? evenParts(body.length, partSize) : partSize;
+  const digests: Buffer[] = [];
+  let at = 0;
+  for (const n of sizes) {
+    digests.push(createHash('md5').update(body.subarray(at, at + n)).digest());
+    at += n;
+  }
+  return `"${createHash('md5').update(Buffer.concat(digests)).digest('hex')}-${digests.length}"`;
+}
+
 export function detBytes(n: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(n);
   let x = seed >>> 0 || 1;
