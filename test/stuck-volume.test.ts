@@ -4,9 +4,11 @@
  * mount does; a stat of it still answers, which a hung NFS mount's would not. Real processes (the built server on the
  * demo model, from a local cache or from s3rver; the warm-up CLI), as the kubelet stops them: the process must exit
  * within its bounds, with one line naming what did not finish, and not be left to the SIGKILL at the end of the grace.
+ * Where FUSE can be mounted, the cache is also put on test/native/stuck-fs, which stops answering for real: every call
+ * waits, a stat included, so a synchronous one on the event loop holds it (and every signal) for good.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
@@ -14,7 +16,8 @@ import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
 import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
-import { sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
+import { postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFs } from './helpers/stuck-fs.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const tmp = tempDir('dr-stuck-');
@@ -33,6 +36,10 @@ beforeAll(async () => {
   proxy = await startFaultProxy(s3.port);
   slow = await startFaultProxy(s3.port, { bytesPerSecond: 200e3 });
 }, 60_000);
+
+// Each stuck-fs mount is released after its test (vitest runs afterEach hooks last registered first: after the processes
+// on it are killed, which its waits allow).
+stuckFsForTests();
 
 afterEach(async () => {
   for (const s of live.splice(0)) await s.stop('SIGKILL');
@@ -277,5 +284,91 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
       kill('SIGINT');
     }, 20_000);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGINT' });
+  }, 60_000);
+});
+
+const noFuse = stuckFsUnavailable();
+
+/** A copy of the demo model's cache on a stuck-fs mount (`hangAfter`: see StuckFsOptions); the entry's folder name. */
+async function demoOnMount(name: string, hangAfter?: (entry: string) => string): Promise<{ fs: StuckFs; entry: string }> {
+  const model = await ensureDemoModel(sharedCacheDir());
+  const entry = path.basename(model);
+  const backing = path.join(tmp.dir, `${name}-backing`);
+  cpSync(model, path.join(backing, entry), { recursive: true });
+  return { fs: await mountStuckFs(backing, path.join(tmp.dir, name), { hangAfter: hangAfter?.(entry) }), entry };
+}
+
+describe.skipIf(noFuse)('the server on a cache volume that stops answering for real (stuck-fs: a stat waits too)', () => {
+  // Each point is the last request answered; the next call on the volume, whatever it is, waits for good. Before, the
+  // boot made these next calls synchronously on the event loop (the demo model's check, the listing of its folders,
+  // whether a folder holds a graph or a tokenizer): the loop stopped there, no signal was handled, and only the
+  // kubelet's SIGKILL (here after 40 s) ended the server.
+  it.each([
+    ['the demo model\'s check', (entry: string) => `lookup:${entry}`],
+    ['the listing of the model\'s folders', () => 'lookup:model_index.json'],
+    ['a look at a tokenizer\'s files', () => 'access:vocab.json'],
+  ])('hanging at %s: the probes answer, and SIGTERM ends it by the signal within the cleanup bound, naming what did not finish', async (_, at) => {
+    const { fs } = await demoOnMount('cache-fuse-boot', at);
+    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
+    live.push(srv);
+    await fs.hung;
+    // The event loop turns: liveness answers (and readiness says not ready) while the boot waits on the volume.
+    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    expect((await fetch(`${srv.url}/v2/health/ready`, { signal: AbortSignal.timeout(10_000) })).status).toBe(503);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    expect(stopLine(srv.logs)?.msg).toMatch(/^shutdown did not finish: .*\(exit 143\)$/);
+    expect(stopLine(srv.logs)?.msg).not.toContain(fs.dir);
+  }, 90_000);
+
+  it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async () => {
+    const backing = path.join(tmp.dir, 'cache-fuse-s3-backing');
+    mkdirSync(backing);
+    const env = {
+      ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`,
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+    };
+    const key = cacheKey(parseStorageUri(env.STORAGE_URI) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
+    // The fill through the mount, then a stop while it answers: exit 0.
+    let fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-s3'));
+    const first = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
+    live.push(first);
+    expect(await terminate(first, 40_000)).toMatchObject({ code: 0, signal: null });
+    const srv = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
+    live.push(srv);
+    expect(srv.events('files-ready')).toMatchObject([{ fromCache: true }]);
+    await fs.hang();
+    // Serving goes on: nothing of a generation touches the volume.
+    expect((await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a cat', num_inference_steps: 1, width: 64, height: 64 }] })).status).toBe(200);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: writeFile \\.leases/${key}/last-used still pending after \\d+ s; .*\\(exit 143\\)$`));
+    // The server answering again on the same folder serves the entry as committed.
+    await fs.release();
+    fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-s3'));
+    const next = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
+    live.push(next);
+    expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
+  }, 240_000);
+});
+
+describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering for real', () => {
+  it('hanging as the fill reads the entry\'s journal: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the read', async () => {
+    const backing = path.join(tmp.dir, 'cache-fuse-warmup-backing');
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    mkdirSync(path.join(backing, key), { recursive: true });
+    writeFileSync(path.join(backing, key, JOURNAL), '');
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-warmup'), { hangAfter: `lookup:${JOURNAL}` });
+    let kill!: (s: NodeJS.Signals) => void;
+    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
+    await fs.hung;
+    await new Promise((r) => setTimeout(r, 1_000));
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
+    const r = await job;
+    clearTimeout(timer);
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): .*\(exit 143\)$/m);
   }, 60_000);
 });

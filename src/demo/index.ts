@@ -1,7 +1,6 @@
 /** @module The embedded demo model: built once per cache dir and format version, shared safely between processes. */
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
-import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { access, mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { buildDemoModel, resolveDemoOptions } from './build.js';
 
@@ -36,7 +35,7 @@ export async function ensureDemoModel(cacheDir: string, log?: DemoLog): Promise<
   const root = path.resolve(cacheDir);
   const name = demoDirName();
   const final = path.join(root, name);
-  if (existsSync(path.join(final, 'model_index.json'))) return final;
+  if (await exists(path.join(final, 'model_index.json'))) return final;
 
   await mkdir(root, { recursive: true });
   await sweepStaleTemps(root, name);
@@ -49,13 +48,16 @@ export async function ensureDemoModel(cacheDir: string, log?: DemoLog): Promise<
       log?.info({ dir: final, bytes: manifest.totalBytes, ms: Date.now() - started }, 'built the embedded demo model');
     } catch (err) {
       // Another process finished first (rename onto a non-empty folder fails): theirs is as good as ours.
-      if (!existsSync(path.join(final, 'model_index.json'))) throw err;
+      if (!(await exists(path.join(final, 'model_index.json')))) throw err;
     }
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }
   return final;
 }
+
+/** Asked without blocking the event loop: the cache may be a volume that stopped answering (a stop must still run). */
+const exists = (file: string): Promise<boolean> => access(file).then(() => true, () => false);
 
 async function sweepStaleTemps(root: string, name: string): Promise<void> {
   const prefix = `.${name}.tmp-`;

@@ -5,8 +5,7 @@
  * where other tokenizers differ.
  */
 
-import { existsSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { access, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { TOKENIZER_JSON } from './model.js';
@@ -207,7 +206,9 @@ export class ClipTokenizer {
     let merges: string | string[];
     let fastAdded: unknown;
     // transformers 5 saves a CLIP tokenizer as tokenizer.json alone: its BPE model holds the vocabulary and the merges.
-    const fast = !(existsSync(path.join(dir, 'vocab.json')) && existsSync(path.join(dir, 'merges.txt'))) && existsSync(path.join(dir, TOKENIZER_JSON));
+    // Asked without blocking: the boot parses tokenizers on the event loop, from a cache volume that may stop answering.
+    const has = (name: string) => access(path.join(dir, name)).then(() => true, () => false);
+    const fast = !((await has('vocab.json')) && (await has('merges.txt'))) && (await has(TOKENIZER_JSON));
     if (fast) {
       let model: { type?: unknown; vocab?: unknown; merges?: unknown } | undefined;
       let parsed: unknown;

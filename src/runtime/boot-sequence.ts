@@ -15,7 +15,7 @@
  * to `run()` for the rest; `bootRuntime(rt)` does all of it for a runtime built in one go (tests). Boot states and
  * their metrics are runtime/boot.ts's; this module decides when to move them.
  */
-import { existsSync, readdirSync } from 'node:fs';
+import { access, readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
@@ -90,7 +90,8 @@ export async function bootRuntime(rt: Runtime): Promise<void> {
 
 async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
   // A modelcar's /mnt/models appears after start (MODEL_INIT_MODE=async): it is the model, not a reason for the demo one.
-  const uri = cfg.storageUri ?? (cfg.modelInitAsync || existsSync('/mnt/models') ? '/mnt/models' : undefined);
+  // Asked without blocking: /mnt/models may be a network volume (a pvc:// storageUri), and signals are handled by now.
+  const uri = cfg.storageUri ?? (cfg.modelInitAsync || (await access('/mnt/models').then(() => true, () => false)) ? '/mnt/models' : undefined);
   if (uri === undefined) return { source: 'demo' };
   let src;
   try {
@@ -129,12 +130,15 @@ async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
 /** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
 type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
 
-function announcement(compDir: string): Announcement | undefined {
+/**
+ * `files`: the model's relative file paths, as listed. Told from the listing, not asked of the folder: this runs on the
+ * event loop, and a look at a cache volume that stopped answering would hold it (and with it every signal) for good.
+ */
+function announcement(compDir: string, files: ReadonlySet<string>): Announcement | undefined {
   const comp = path.basename(compDir);
-  const onnx = path.join(compDir, 'model.onnx');
   // Only what the pipeline runs: a safety checker or another folder's graph would cost each worker its memory.
-  if (isComponent(comp) && existsSync(onnx)) return { t: 'component', component: comp, path: onnx };
-  if (isTokenizerFolder(comp) && ['vocab.json', TOKENIZER_JSON].some((f) => existsSync(path.join(compDir, f)))) return { t: 'tokenizer', dir: compDir };
+  if (isComponent(comp) && files.has(`${comp}/model.onnx`)) return { t: 'component', component: comp, path: path.join(compDir, 'model.onnx') };
+  if (isTokenizerFolder(comp) && ['vocab.json', TOKENIZER_JSON].some((f) => files.has(`${comp}/${f}`))) return { t: 'tokenizer', dir: compDir };
   return undefined;
 }
 
@@ -366,7 +370,8 @@ export class BootSequence {
       });
       log.info({ dir }, 'no STORAGE_URI and no /mnt/models: serving the embedded demo model');
       // The demo model is whole from the start: every component's session can start at once.
-      for (const comp of safeList(dir)) this.#announce(path.join(dir, comp));
+      const files = await listComponents(dir);
+      for (const comp of new Set([...files].map((f) => f.split('/')[0]!))) this.#announce(path.join(dir, comp), files);
       return { dir };
     }
     const { resolveModel } = await import('../storage/fetch.js');
@@ -429,7 +434,7 @@ export class BootSequence {
     this.#dir = dir;
     if (all && !this.#announced.has(comp) && [...all].every((f) => this.#whole.has(f))) {
       this.#announced.add(comp);
-      this.#announce(path.join(dir, comp));
+      this.#announce(path.join(dir, comp), all);
     }
     this.#maybeWarmEarly(dir);
   }
@@ -484,8 +489,8 @@ export class BootSequence {
   }
 
   /** A whole component folder: its session starts in the workers, or its tokenizer parses here. */
-  #announce(compDir: string): void {
-    const m = announcement(compDir);
+  #announce(compDir: string, files: ReadonlySet<string>): void {
+    const m = announcement(compDir, files);
     const rt = this.#rt;
     if (m?.t === 'component') {
       if (rt) rt.engine.componentReady(m.component, m.path);
@@ -637,10 +642,19 @@ export class BootSequence {
   }
 }
 
-function safeList(dir: string): string[] {
+/**
+ * The relative paths of `dir`'s folders' files (`unet/model.onnx`, what announcement() looks for); none where it cannot
+ * be read. One level at a time: Node's `readdir(…, { recursive: true })` stats each entry synchronously, on the event loop.
+ */
+async function listComponents(dir: string): Promise<Set<string>> {
+  const files = new Set<string>();
   try {
-    return readdirSync(dir);
+    const top = await readdir(dir, { withFileTypes: true });
+    await Promise.all(top.filter((d) => d.isDirectory()).map(async (d) => {
+      for (const f of await readdir(path.join(dir, d.name))) files.add(`${d.name}/${f}`);
+    }));
   } catch {
-    return [];
+    return new Set();
   }
+  return files;
 }
