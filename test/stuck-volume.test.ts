@@ -321,6 +321,23 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     expect(stopLine(srv.logs)?.msg).not.toContain(fs.dir);
   }, 90_000);
 
+  it('a request naming a LoRA adapter once the volume stops answering: the probes answer, and SIGTERM exits 143 naming the adapter\'s stat', async () => {
+    const { fs, entry } = await demoOnMount('cache-fuse-lora');
+    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
+    live.push(srv);
+    const body = { instances: [{ prompt: 'a cat', num_inference_steps: 1, width: 64, height: 64, loras: ['demo-style'] }] };
+    expect((await postJson(`${srv.url}/v1/models/model:predict`, body)).status).toBe(200);
+    await fs.hang();
+    // Each request looks again whether the adapter's file is still there (an eviction may have taken it). Before, that
+    // look was a synchronous stat: the event loop stopped at it, and the server with it, signals included.
+    void postJson(`${srv.url}/v1/models/model:predict`, body).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 1_000));
+    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
+  }, 120_000);
+
   it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async () => {
     const backing = path.join(tmp.dir, 'cache-fuse-s3-backing');
     mkdirSync(backing);

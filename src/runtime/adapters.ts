@@ -6,13 +6,14 @@
  * once per process; a failed lookup is forgotten, so an adapter uploaded later is found, and so is a resolved file that
  * is gone (its cache entry evicted), so it is fetched again.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
+import { trackIo } from '../storage/pending-io.js';
 import { s3Code } from '../storage/s3-errors.js';
 import { parseStorageUri } from '../storage/uri.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
@@ -57,7 +58,7 @@ export class AdapterSource {
     });
     if (missing.length > 0) {
       const where = ['the model\'s loras/ folder', ...(this.cfg.loraUri !== undefined ? ['LORA_URI'] : [])].join(' or ');
-      throw new RuntimeError('INVALID_INPUT', `unknown LoRA adapter${missing.length > 1 ? 's' : ''} ${missing.map((n) => `"${n}"`).join(', ')}: not found in ${where}${this.#known()}`);
+      throw new RuntimeError('INVALID_INPUT', `unknown LoRA adapter${missing.length > 1 ? 's' : ''} ${missing.map((n) => `"${n}"`).join(', ')}: not found in ${where}${await this.#known()}`);
     }
     if (other.length > 0) throw other[0]!;
     return loras.map((l, i) => ({ name: l.name, scale: l.scale, file: (got[i] as PromiseFulfilledResult<string>).value }));
@@ -76,22 +77,24 @@ export class AdapterSource {
   }
 
   /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
-  #known(): string {
-    const names = this.#modelDir ? localNames(path.join(this.#modelDir, 'loras')) : [];
+  async #known(): Promise<string> {
+    const names = this.#modelDir ? await localNames(path.join(this.#modelDir, 'loras')) : [];
     return names.length > 0 ? `; the model has ${names.slice(0, 20).join(', ')}${names.length > 20 ? ', …' : ''}` : '';
   }
 
-  #file(name: string, signal?: AbortSignal): Promise<string> {
-    if (!LORA_NAME.test(name)) return Promise.reject(new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`));
-    if (signal?.aborted) return Promise.reject(new RuntimeError('CANCELLED', 'the client left'));
-    if (this.#closed.signal.aborted) return Promise.reject(shuttingDown());
-    let l = this.#files.get(name);
-    // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again.
+  async #file(name: string, signal?: AbortSignal): Promise<string> {
+    if (!LORA_NAME.test(name)) throw new RuntimeError('INVALID_INPUT', `adapter name ${JSON.stringify(name)} is not valid`);
+    // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again. (Asked
+    // without blocking: on a cache volume that stopped answering a stat waits for good.)
     const found = this.#found.get(name);
-    if (l && found !== undefined && !isFile(found)) {
+    if (found !== undefined && !(await isFile(found)) && this.#found.get(name) === found) {
       this.log.info({ adapter: name }, 'LoRA adapter no longer in the cache (evicted); fetching it again');
-      l = undefined;
+      this.#files.delete(name);
+      this.#found.delete(name);
     }
+    if (signal?.aborted) throw new RuntimeError('CANCELLED', 'the client left');
+    if (this.#closed.signal.aborted) throw shuttingDown();
+    let l = this.#files.get(name);
     if (!l) {
       const stop = new AbortController();
       const q = this.#lookup(name, stop.signal);
@@ -140,7 +143,7 @@ export class AdapterSource {
   }
 
   async #lookup(name: string, signal?: AbortSignal): Promise<string> {
-    const local = this.#modelDir ? inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
+    const local = this.#modelDir ? await inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
     if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
     // Read as STORAGE_URI is: s3://bucket/prefix, file:///path (percent-decoded) or a path.
@@ -151,7 +154,7 @@ export class AdapterSource {
       throw new RuntimeError('INVALID_INPUT', `LORA_URI: ${(err as Error).message.replace(/^STORAGE_URI /, '')}`);
     }
     if (src.kind === 'local') {
-      const f = inFolder(src.path, name);
+      const f = await inFolder(src.path, name);
       if (f) return f;
       throw new RuntimeError('NOT_FOUND', name);
     }
@@ -186,7 +189,7 @@ export class AdapterSource {
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
     }
-    const f = single(dir, name);
+    const f = await single(dir, name);
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
     return f;
   }
@@ -209,17 +212,19 @@ interface Lookup {
 }
 
 /** `<dir>/<name>.safetensors`, or the one .safetensors file of `<dir>/<name>/`. */
-function inFolder(dir: string, name: string): string | undefined {
+async function inFolder(dir: string, name: string): Promise<string | undefined> {
   const file = path.join(dir, `${name}.safetensors`);
-  if (isFile(file)) return file;
+  if (await isFile(file)) return file;
   const sub = path.join(dir, name);
   return single(sub, name);
 }
 
-function single(dir: string, name: string): string | undefined {
+async function single(dir: string, name: string): Promise<string | undefined> {
   let files: string[];
   try {
-    files = readdirSync(dir).filter((f) => f.endsWith('.safetensors') && isFile(path.join(dir, f)));
+    const names = (await trackIo('readdir', dir, () => readdir(dir))).filter((f) => f.endsWith('.safetensors'));
+    const kept = await Promise.all(names.map((f) => isFile(path.join(dir, f))));
+    files = names.filter((_, i) => kept[i]);
   } catch (err) {
     // A folder that could not be read for want of a descriptor is not a missing adapter.
     const why = shortage(err);
@@ -233,18 +238,22 @@ function single(dir: string, name: string): string | undefined {
   return undefined;
 }
 
-function localNames(dir: string): string[] {
-  if (!existsSync(dir)) return [];
+async function localNames(dir: string): Promise<string[]> {
   try {
-    return readdirSync(dir).map((f) => (f.endsWith('.safetensors') ? f.slice(0, -'.safetensors'.length) : f)).filter((n) => LORA_NAME.test(n)).sort();
+    return (await trackIo('readdir', dir, () => readdir(dir))).map((f) => (f.endsWith('.safetensors') ? f.slice(0, -'.safetensors'.length) : f)).filter((n) => LORA_NAME.test(n)).sort();
   } catch {
     return [];
   }
 }
 
-function isFile(p: string): boolean {
+/**
+ * Asked without blocking, as every look at the adapters' files: they lie on the cache volume (the model's loras/, the
+ * LORA_URI entries), and a stat there on the event loop would hold it, and every signal, for good if the volume stops
+ * answering. Recorded: a stop waits for the running look-ups (close()) and names what is left.
+ */
+async function isFile(p: string): Promise<boolean> {
   try {
-    return statSync(p).isFile();
+    return (await trackIo('stat', p, () => stat(p))).isFile();
   } catch {
     return false;
   }
