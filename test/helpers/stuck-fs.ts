@@ -1,7 +1,7 @@
 /**
  * A volume that stops answering for real: test/native/stuck-fs.c, a FUSE file system passing through to a backing
- * folder until told to stop, then reading no request at all (every call on it, a stat included, waits for good, as on
- * an NFS server gone away under a hard mount). Built here with cc; where there is none, or FUSE cannot be mounted (no
+ * folder until told to stop, then holding every request (every call on it, a stat included, waits for good, as on an
+ * NFS server gone away under a hard mount; a dying caller's call fails, as NFS's killable waits do). Built here with cc; where there is none, or FUSE cannot be mounted (no
  * /dev/fuse, not root), stuckFsUnavailable() says why and the tests that need it skip.
  *
  * Nothing of the test's own process may touch a hung mount: a call from it would wait for good as well. Each mount is
@@ -20,7 +20,7 @@ const SOURCE = path.join(ROOT, 'test', 'native', 'stuck-fs.c');
 const FS_TYPE = 'fuse.dr-stuck-fs';
 
 export interface StuckFsOptions {
-  /** `op:name`: answer the first request `op` (lookup, getattr, open, read, write, create, …) naming `name`, then hang. */
+  /** `op:name`: answer the first request `op` (lookup, getattr, open, read, write, create, …) naming `name` (`*`: any), then hang. */
   hangAfter?: string;
   /** Each answer this late. */
   delayMs?: number;

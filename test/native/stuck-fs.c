@@ -1,16 +1,18 @@
 /*
  * stuck-fs: a FUSE file system for the tests, spoken directly over /dev/fuse (no libfuse, no fusermount: neither is
  * installed where the tests run). It passes every call through to a backing folder until told to stop answering; from
- * then on it reads no request at all, as an NFS server gone away on a hard mount: every call on the mount, a stat
- * included, waits for good. The waits stay killable (SIGKILL ends the caller), as they are on NFS, because the kernel
- * drops a request no daemon has read yet when its caller dies; a request read and held would not be.
+ * then on it holds every request unanswered, as an NFS server gone away on a hard mount: every call on the mount, a
+ * stat included, waits for good. As on NFS (TASK_KILLABLE waits) a caller that is dying (a fatal signal pending, or
+ * exiting) gets its call failed (EINTR), and only such a one: the kernel's own wait for a FUSE answer is not killable
+ * once the daemon has read the request, and never for the flush of a close (a process with a file open on the mount
+ * could not exit). A flush of a file not opened for writing is answered at once, as NFS's close needs no server then.
  *
  *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME] [--delay-ms N] [--log] [--probe]
  *
  * Prints "ready" once mounted and answering, "hung" once it stops answering. SIGUSR1: stop answering now. SIGUSR2:
  * answer again. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
- * unlink, rename, setattr, fsync, opendir, readdir, any) naming NAME (the name looked up or created, or the node's own
- * name), then stop. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
+ * unlink, rename, setattr, fsync, opendir, readdir, access, any) naming NAME (the name looked up or created, or the
+ * node's own name; * for any), then stop. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
  * closed (calls still waiting fail with ENOTCONN), the mount detached, and the daemon exits. It dies with the process
  * that started it (PR_SET_PDEATHSIG), leaving a mount that fails every call until it is detached (umount -l).
  * --probe: mount, answer the kernel's first request, unmount and exit 0 (whether FUSE mounts work here).
@@ -39,6 +41,8 @@
 /* The backing folder's file system fails nothing we ask of it: a bigger buffer than the largest write (128 KiB). */
 #define MAX_WRITE (128 * 1024)
 #define BUF_SIZE (MAX_WRITE + 64 * 1024)
+/* How often held requests' callers are looked at, to fail those that are dying. */
+#define REAP_MS 50
 
 struct node {
   uint64_t parent; /* 0: no longer named (unlinked, or replaced by a rename) */
@@ -65,6 +69,14 @@ static volatile sig_atomic_t hung, term;
 static long delay_ms;
 static int logging, probe;
 static char trip_op[32], trip_name[256];
+
+/* Requests read while hung, unanswered (copied whole: answered in order if told to answer again). */
+struct held {
+  char *buf;
+  size_t n;
+};
+static struct held *held;
+static size_t n_held;
 
 static void on_signal(int sig) {
   if (sig == SIGUSR1) hung = 1;
@@ -546,6 +558,78 @@ static int handle(const struct fuse_in_header *h, const char *body) {
   }
 }
 
+/* Whether thread `tid` is dying (a fatal signal pending, exiting) or gone: what ends a TASK_KILLABLE wait on NFS. */
+static int dying(uint32_t tid) {
+  char path[64], buf[4096];
+  snprintf(path, sizeof path, "/proc/%u/stat", tid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 1;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 1;
+  buf[n] = 0;
+  /* After the command's closing parenthesis: state, ppid, pgrp, session, tty_nr, tpgid, flags. */
+  char *p = strrchr(buf, ')');
+  char state = 0;
+  unsigned long flags = 0;
+  if (!p || sscanf(p + 1, " %c %*d %*d %*d %*d %*d %lu", &state, &flags) != 2) return 1;
+  if (state == 'Z' || state == 'X' || flags & 0x4 /* PF_EXITING */) return 1;
+  snprintf(path, sizeof path, "/proc/%u/status", tid);
+  FILE *f = fopen(path, "re");
+  if (!f) return 1;
+  int fatal = 0;
+  unsigned long long mask;
+  while (fgets(buf, sizeof buf, f))
+    if ((sscanf(buf, "SigPnd: %llx", &mask) == 1 || sscanf(buf, "ShdPnd: %llx", &mask) == 1) && mask & (1ULL << (SIGKILL - 1))) fatal = 1;
+  fclose(f);
+  return fatal;
+}
+
+/* Fails the held calls whose callers are dying; the others wait on. */
+static void reap(void) {
+  size_t kept = 0;
+  for (size_t i = 0; i < n_held; i++) {
+    const struct fuse_in_header *h = (const void *)held[i].buf;
+    if (h->pid != 0 && dying(h->pid)) {
+      if (logging) fprintf(stderr, "stuck-fs: %s failed: its caller %u is dying\n", op_name(h->opcode), h->pid);
+      reply(h->unique, -EINTR, NULL, 0);
+      free(held[i].buf);
+    } else held[kept++] = held[i];
+  }
+  n_held = kept;
+}
+
+/* While hung: what is answered anyway (bookkeeping that waits for nothing, a flush with nothing to write), else held. */
+static void hold(const char *buf, size_t n) {
+  const struct fuse_in_header *h = (const void *)buf;
+  const char *body = buf + sizeof *h;
+  switch (h->opcode) {
+  case FUSE_INTERRUPT:
+    /* A signal that is not fatal does not end a wait on NFS either; a fatal one is seen by reap(). */
+    return;
+  case FUSE_FORGET:
+  case FUSE_BATCH_FORGET:
+    handle(h, body);
+    return;
+  case FUSE_FLUSH: {
+    int fl = fcntl((int)((const struct fuse_flush_in *)body)->fh, F_GETFL);
+    if (fl >= 0 && (fl & O_ACCMODE) == O_RDONLY) {
+      reply(h->unique, 0, NULL, 0);
+      return;
+    }
+    break;
+  }
+  default:
+    break;
+  }
+  held = realloc(held, (n_held + 1) * sizeof *held);
+  if (!held) abort();
+  held[n_held].buf = malloc(n);
+  if (!held[n_held].buf) abort();
+  memcpy(held[n_held].buf, buf, n);
+  held[n_held++].n = n;
+}
+
 static void unmount(const char *dir) {
   if (umount2(dir, MNT_DETACH) < 0 && errno != EINVAL && errno != ENOENT) fprintf(stderr, "stuck-fs: unmount %s: %s\n", dir, strerror(errno));
 }
@@ -612,18 +696,25 @@ int main(int argc, char **argv) {
   static char buf[BUF_SIZE];
   int initialised = 0, said_hung = 0;
   while (!term) {
-    if (hung) {
-      if (!said_hung) say("hung");
-      said_hung = 1;
-      /* No request read: each waits in the kernel, killable, until the daemon answers again or goes. */
-      sigsuspend(&none);
-      continue;
+    if (hung && !said_hung) say("hung");
+    if (!hung && said_hung) {
+      /* Answering again: what was held first, in order. */
+      for (size_t i = 0; i < n_held; i++) {
+        const struct fuse_in_header *h = (const void *)held[i].buf;
+        int r = handle(h, held[i].buf + sizeof *h);
+        if (r < 0) reply(h->unique, r, NULL, 0);
+        free(held[i].buf);
+      }
+      n_held = 0;
+      say("answering");
     }
-    if (said_hung) say("answering");
-    said_hung = 0;
+    said_hung = hung;
+    if (hung) reap();
     struct pollfd pfd = {fuse_fd, POLLIN, 0};
     /* Signals are let in only while waiting here: one that says "hang" is seen before the next request is read. */
-    if (ppoll(&pfd, 1, NULL, &none) < 0) continue;
+    struct timespec tick = {0, REAP_MS * 1000000L};
+    int ready = ppoll(&pfd, 1, hung && n_held > 0 ? &tick : NULL, &none);
+    if (ready <= 0 || hung != said_hung) continue;
     ssize_t n = read(fuse_fd, buf, sizeof buf);
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR || errno == ENOENT) continue;
@@ -633,8 +724,13 @@ int main(int argc, char **argv) {
     }
     const struct fuse_in_header *h = (const void *)buf;
     const char *body = buf + sizeof *h;
+    if (hung) {
+      hold(buf, n);
+      continue;
+    }
     const char *name = request_name(h, body);
-    int tripped = trip_op[0] && (strcmp(trip_op, "any") == 0 || strcmp(trip_op, op_name(h->opcode)) == 0) && strcmp(trip_name, name) == 0;
+    int tripped = trip_op[0] && (strcmp(trip_op, "any") == 0 || strcmp(trip_op, op_name(h->opcode)) == 0) &&
+                  (strcmp(trip_name, "*") == 0 || strcmp(trip_name, name) == 0);
     if (logging) fprintf(stderr, "stuck-fs: %s %s (node %llu)\n", op_name(h->opcode), name, (unsigned long long)h->nodeid);
     int r = handle(h, body);
     if (r < 0) reply(h->unique, r, NULL, 0);
