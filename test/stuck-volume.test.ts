@@ -11,6 +11,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../scripts/bench-common.js';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
 import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
@@ -336,6 +337,30 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
     expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
+  }, 120_000);
+
+  it('the boot\'s fill from S3 when the volume stops answering mid-download: the probes answer, and SIGTERM exits 143', async () => {
+    const backing = path.join(tmp.dir, 'cache-fuse-fill-backing');
+    mkdirSync(backing);
+    // The first data write answered, then nothing: the next (and the journal line that records a write) waits. Before,
+    // that line was written synchronously: the event loop stopped at it (the liveness call below timed out).
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-fill'), { hangAfter: 'write:model.onnx.partial' });
+    const srv = await startServer({
+      ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: fs.dir,
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
+      // Its 'listening' line comes once the runtime's code has loaded, which waits for a pool thread: not while the
+      // stuck writes hold them all.
+    }, { live: true });
+    live.push(srv);
+    await fs.hung;
+    await new Promise((r) => setTimeout(r, 2_000));
+    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    // The journal line that records the answered write is the call named first (the lock's and lease's follow).
+    const key = cacheKey(parseStorageUri(`s3://models/${PREFIX}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`));
+    expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
   }, 120_000);
 
   it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async () => {

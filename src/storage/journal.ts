@@ -19,7 +19,7 @@
  * Replay stops at a torn line. Opening the journal syncs the partials of its unvouched lines (when this boot wrote
  * them), then rewrites it compacted and vouched.
  */
-import { promises as fsp, readFileSync, writeSync } from 'node:fs';
+import { promises as fsp, readFileSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
@@ -214,7 +214,11 @@ export class Journal {
   /** Files with spans appended since the last sync: their data must be synced before a marker vouches for them. */
   #touched = new Set<string>();
   #chain: Promise<void> = Promise.resolve();
+  /** The lines appended, written one after another (#append). */
+  #writes: Promise<void> = Promise.resolve();
   #closed = false;
+  /** Lines not written yet are dropped: a write failed (#fail) or the entry is another process's (halt). */
+  #dropping = false;
 
   private constructor(readonly entry: string, readonly files: Map<string, JournalFile>, boot: string, private readonly onError: (e: unknown) => void) {
     this.#file = path.join(entry, JOURNAL);
@@ -313,18 +317,23 @@ export class Journal {
   }
 
   /**
-   * A line, appended now. Synchronous on purpose: a few dozen bytes into the page cache, with no turn of the event
-   * loop and no wait behind data writes in libuv's pool between a write's return and the line that records it.
+   * A line, written after the lines before it. Not synchronously: on a cache volume that stopped answering (a hard NFS
+   * mount whose server went away) a write on the event loop held it, and every signal with it, for good. Recorded in
+   * pending-io, so that a stop waiting for it names it.
    */
   #append(text: string): void {
     if (this.#closed || this.#fh === undefined) return;
-    try {
-      const b = Buffer.from(text);
-      for (let done = 0; done < b.length;) done += writeSync(this.#fh.fd, b, done, b.length - done);
-      this.#size += b.length;
-    } catch (e) {
-      this.#fail(e);
-    }
+    const fh = this.#fh;
+    const b = Buffer.from(text);
+    this.#size += b.length;
+    this.#writes = this.#writes.then(async () => {
+      if (this.#dropping) return;
+      try {
+        for (let done = 0; done < b.length;) done += (await trackIo('write', this.#file, () => fh.write(b, done, b.length - done))).bytesWritten;
+      } catch (e) {
+        this.#fail(e);
+      }
+    });
   }
 
   /**
@@ -332,6 +341,7 @@ export class Journal {
    * file. Recording stops instead; a resume fetches again what was not recorded.
    */
   #fail(e: unknown): void {
+    this.#dropping = true;
     if (this.#closed) return;
     this.#closed = true;
     this.onError(e);
@@ -349,6 +359,10 @@ export class Journal {
       this.#touched = new Set();
       try {
         if (touched.size > 0) await syncData(touched);
+        // The lines the marker vouches for are written before the log is synced.
+        await this.#writes;
+        // One failed (onError has said so) or the journal was halted: recording has stopped, and no marker is due.
+        if (this.#dropping) return;
         await this.#fh.datasync();
       } catch (e) {
         this.#fail(e);
@@ -363,12 +377,14 @@ export class Journal {
   /** Stops recording at once (the cache lock was lost: the entry is another process's now). */
   halt(): void {
     this.#closed = true;
+    this.#dropping = true;
   }
 
   /** Stops recording; the log stays for the next run. */
   async close(): Promise<void> {
     this.#closed = true;
     await this.#chain;
+    await this.#writes;
     await this.#fh?.close().catch(() => undefined);
     this.#fh = undefined;
   }
