@@ -413,4 +413,25 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
     expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): .*\(exit 143\)$/m);
   }, 60_000);
+
+  it('hanging mid-download: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the journal line not written', async () => {
+    const backing = path.join(tmp.dir, 'cache-fuse-warmup-fill-backing');
+    mkdirSync(backing);
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    // Before, the journal's line for the answered write was written synchronously: the event loop stopped at it, the
+    // signal was never handled, and the test's SIGKILL ended the fill.
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-warmup-fill'), { hangAfter: 'write:model.onnx.partial' });
+    let kill!: (s: NodeJS.Signals) => void;
+    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
+    await fs.hung;
+    await new Promise((r) => setTimeout(r, 1_000));
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
+    const r = await job;
+    clearTimeout(timer);
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`, 'm'));
+    expect(r.stderr).not.toContain(fs.dir);
+  }, 60_000);
 });

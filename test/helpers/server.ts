@@ -143,9 +143,16 @@ export async function startServer(env: Record<string, string | undefined> = {},
   const waitFor = <K extends BootEventName>(name: K, pred?: (d: EventLine<K>) => boolean, timeoutMs?: number) =>
     waitLine(`the "${name}" event`, (l) => isEvent(l, name, pred), timeoutMs) as Promise<EventLine<K>>;
 
-  const port = opts.live
-    ? await waitLive(Number(env.PORT), exited, context, opts.timeoutMs ?? 60_000)
-    : (await waitFor('listening')).port;
+  let port: number;
+  try {
+    port = opts.live
+      ? await waitLive(Number(env.PORT), exited, context, opts.timeoutMs ?? 60_000)
+      : (await waitFor('listening')).port;
+  } catch (err) {
+    // No handle for the caller to stop: not left running (on a volume that stopped answering it would stay for good).
+    proc.kill('SIGKILL');
+    throw err;
+  }
   const url = `http://127.0.0.1:${port}`;
   const handle: ServerHandle = {
     url,
