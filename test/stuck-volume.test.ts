@@ -306,7 +306,7 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
   // kubelet's SIGKILL (here after 40 s) ended the server.
   it.each([
     ['the demo model\'s check', (entry: string) => `lookup:${entry}`],
-    ['the listing of the model\'s folders', () => 'lookup:model_index.json'],
+    ['the listing of the model\'s folders', () => 'access:model_index.json'],
     ['a look at a tokenizer\'s files', () => 'access:vocab.json'],
   ])('hanging at %s: the probes answer, and SIGTERM ends it by the signal within the cleanup bound, naming what did not finish', async (_, at) => {
     const { fs } = await demoOnMount('cache-fuse-boot', at);
