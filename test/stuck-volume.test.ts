@@ -10,7 +10,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
@@ -18,7 +18,7 @@ import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
-import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFs } from './helpers/stuck-fs.js';
+import { mountStuckFs, stuckFsUnavailable, type StuckFs } from './helpers/stuck-fs.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const tmp = tempDir('dr-stuck-');
@@ -37,10 +37,6 @@ beforeAll(async () => {
   proxy = await startFaultProxy(s3.port);
   slow = await startFaultProxy(s3.port, { bytesPerSecond: 200e3 });
 }, 60_000);
-
-// Each stuck-fs mount is released after its test (vitest runs afterEach hooks last registered first: after the processes
-// on it are killed, which its waits allow).
-stuckFsForTests();
 
 afterEach(async () => {
   for (const s of live.splice(0)) await s.stop('SIGKILL');
@@ -290,28 +286,46 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
 
 const noFuse = stuckFsUnavailable();
 
+/**
+ * The tests on stuck-fs run side by side (each mostly waits out the 15 s cleanup bound): what one starts is ended at its
+ * own end, the server before the mount it uses (onTestFinished runs last registered first), since a stuck call lets
+ * its process die but not the mount be released under it.
+ */
+type Finished = Pick<TestContext, 'onTestFinished'>;
+async function mountFor(t: Finished, ...args: Parameters<typeof mountStuckFs>): Promise<StuckFs> {
+  const fs = await mountStuckFs(...args);
+  t.onTestFinished(() => fs.release());
+  return fs;
+}
+async function serverFor(t: Finished, ...args: Parameters<typeof startServer>): Promise<ServerHandle> {
+  const srv = await startServer(...args);
+  t.onTestFinished(async () => {
+    await srv.stop('SIGKILL');
+  });
+  return srv;
+}
+
 /** A copy of the demo model's cache on a stuck-fs mount (`hangAfter`: see StuckFsOptions); the entry's folder name. */
-async function demoOnMount(name: string, hangAfter?: (entry: string) => string): Promise<{ fs: StuckFs; entry: string }> {
+async function demoOnMount(t: Finished, name: string, hangAfter?: (entry: string) => string): Promise<{ fs: StuckFs; entry: string }> {
   const model = await ensureDemoModel(sharedCacheDir());
   const entry = path.basename(model);
   const backing = path.join(tmp.dir, `${name}-backing`);
   cpSync(model, path.join(backing, entry), { recursive: true });
-  return { fs: await mountStuckFs(backing, path.join(tmp.dir, name), { hangAfter: hangAfter?.(entry) }), entry };
+  return { fs: await mountFor(t, backing, path.join(tmp.dir, name), { hangAfter: hangAfter?.(entry) }), entry };
 }
 
-describe.skipIf(noFuse)('the server on a cache volume that stops answering for real (stuck-fs: a stat waits too)', () => {
+describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answering for real (stuck-fs: a stat waits too)', () => {
   // Each point is the last request answered; the next call on the volume, whatever it is, waits for good. Before, the
   // boot made these next calls synchronously on the event loop (the demo model's check, the listing of its folders,
   // whether a folder holds a graph or a tokenizer): the loop stopped there, no signal was handled, and only the
   // kubelet's SIGKILL (here after 40 s) ended the server.
-  it.each([
-    ['the demo model\'s check', (entry: string) => `lookup:${entry}`],
-    ['the listing of the model\'s folders', () => 'access:model_index.json'],
-    ['a look at a tokenizer\'s files', () => 'access:vocab.json'],
-  ])('hanging at %s: the probes answer, and SIGTERM ends it by the signal within the cleanup bound, naming what did not finish', async (_, at) => {
-    const { fs } = await demoOnMount('cache-fuse-boot', at);
-    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
-    live.push(srv);
+  it.for<[string, string, (entry: string) => string]>([
+    ['the demo model\'s check', 'model', (entry: string) => `lookup:${entry}`],
+    ['the listing of the model\'s folders', 'listing', () => 'access:model_index.json'],
+    ['a look at a tokenizer\'s files', 'tokenizer', () => 'access:vocab.json'],
+  ])('hanging at %s: the probes answer, and SIGTERM ends it by the signal within the cleanup bound, naming what did not finish', { timeout: 90_000 }, async ([, name, at], t) => {
+    const { fs } = await demoOnMount(t, `cache-fuse-boot-${name}`, at);
+    const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
     await fs.hung;
     // The event loop turns: liveness answers (and readiness says not ready) while the boot waits on the volume.
     expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
@@ -320,12 +334,11 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
     expect(stopLine(srv.logs)?.msg).toMatch(/^shutdown did not finish: .*\(exit 143\)$/);
     expect(stopLine(srv.logs)?.msg).not.toContain(fs.dir);
-  }, 90_000);
+  });
 
-  it('a request naming a LoRA adapter once the volume stops answering: the probes answer, and SIGTERM exits 143 naming the adapter\'s stat', async () => {
-    const { fs, entry } = await demoOnMount('cache-fuse-lora');
-    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
-    live.push(srv);
+  it('a request naming a LoRA adapter once the volume stops answering: the probes answer, and SIGTERM exits 143 naming the adapter\'s stat', async (t) => {
+    const { fs, entry } = await demoOnMount(t, 'cache-fuse-lora');
+    const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
     const body = { instances: [{ prompt: 'a cat', num_inference_steps: 1, width: 64, height: 64, loras: ['demo-style'] }] };
     expect((await postJson(`${srv.url}/v1/models/model:predict`, body)).status).toBe(200);
     await fs.hang();
@@ -339,19 +352,18 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
   }, 120_000);
 
-  it('the boot\'s fill from S3 when the volume stops answering mid-download: the probes answer, and SIGTERM exits 143', async () => {
+  it('the boot\'s fill from S3 when the volume stops answering mid-download: the probes answer, and SIGTERM exits 143', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-fill-backing');
     mkdirSync(backing);
     // The first data write answered, then nothing: the next (and the journal line that records a write) waits. Before,
     // that line was written synchronously: the event loop stopped at it (the liveness call below timed out).
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-fill'), { hangAfter: 'write:model.onnx.partial' });
-    const srv = await startServer({
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-fill'), { hangAfter: 'write:model.onnx.partial' });
+    const srv = await serverFor(t, {
       ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: fs.dir,
       EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
       // Its 'listening' line comes once the runtime's code has loaded, which waits for a pool thread: not while the
       // stuck writes hold them all.
     }, { live: true });
-    live.push(srv);
     await fs.hung;
     await new Promise((r) => setTimeout(r, 2_000));
     expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
@@ -363,7 +375,7 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
   }, 120_000);
 
-  it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async () => {
+  it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-s3-backing');
     mkdirSync(backing);
     const env = {
@@ -372,12 +384,10 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     };
     const key = cacheKey(parseStorageUri(env.STORAGE_URI) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
     // The fill through the mount, then a stop while it answers: exit 0.
-    let fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-s3'));
-    const first = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
-    live.push(first);
+    let fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-s3'));
+    const first = await serverFor(t, { ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
     expect(await terminate(first, 40_000)).toMatchObject({ code: 0, signal: null });
-    const srv = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
-    live.push(srv);
+    const srv = await serverFor(t, { ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
     expect(srv.events('files-ready')).toMatchObject([{ fromCache: true }]);
     await fs.hang();
     // Serving goes on: nothing of a generation touches the volume.
@@ -387,21 +397,20 @@ describe.skipIf(noFuse)('the server on a cache volume that stops answering for r
     expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: writeFile \\.leases/${key}/last-used still pending after \\d+ s; .*\\(exit 143\\)$`));
     // The server answering again on the same folder serves the entry as committed.
     await fs.release();
-    fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-s3'));
-    const next = await startServer({ ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
-    live.push(next);
+    fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-s3'));
+    const next = await serverFor(t, { ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 240_000);
 });
 
 describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering for real', () => {
-  it('hanging as the fill reads the entry\'s journal: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the read', async () => {
+  it('hanging as the fill reads the entry\'s journal: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the read', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-warmup-backing');
     const uri = `s3://models/${PREFIX}`;
     const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
     mkdirSync(path.join(backing, key), { recursive: true });
     writeFileSync(path.join(backing, key, JOURNAL), '');
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-warmup'), { hangAfter: `lookup:${JOURNAL}` });
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup'), { hangAfter: `lookup:${JOURNAL}` });
     let kill!: (s: NodeJS.Signals) => void;
     const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
     await fs.hung;
@@ -414,14 +423,14 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): .*\(exit 143\)$/m);
   }, 60_000);
 
-  it('hanging mid-download: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the journal line not written', async () => {
+  it('hanging mid-download: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the journal line not written', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-warmup-fill-backing');
     mkdirSync(backing);
     const uri = `s3://models/${PREFIX}`;
     const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
     // Before, the journal's line for the answered write was written synchronously: the event loop stopped at it, the
     // signal was never handled, and the test's SIGKILL ended the fill.
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'cache-fuse-warmup-fill'), { hangAfter: 'write:model.onnx.partial' });
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup-fill'), { hangAfter: 'write:model.onnx.partial' });
     let kill!: (s: NodeJS.Signals) => void;
     const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
     await fs.hung;
