@@ -198,6 +198,21 @@ describe('Throttle', () => {
     expect(short.throttled({ round: short.round, release: () => undefined }, 'SlowDown', 120_000)).toBe(500);
   });
 
+  it('a HEAD of the content check (round -1, no place held) waits longer each time it is throttled in a row, as a range does, and cuts no range', () => {
+    const { t } = make(4);
+    const head = () => t.throttled({ round: -1, release: () => undefined }, 'HTTP 503');
+    // Every range done (the last file's check): before, each of these waits was 1 s at most, so a HEAD asked again
+    // every half second on average for the whole S3_THROTTLE_TIMEOUT_S.
+    expect(Array.from({ length: 7 }, head)).toEqual([1_000, 2_000, 4_000, 8_000, 16_000, 20_000, 20_000]);
+    expect([t.limit, t.round, t.level]).toEqual([4, 0, 0]);
+    // An answer of the current round that is not throttled starts them over, as it does the ranges' rounds.
+    t.answered({ round: t.round, release: () => undefined });
+    expect(head()).toBe(1_000);
+    // Ranges throttled meanwhile: a HEAD waits at least as long as they do.
+    for (let i = 0; i < 3; i++) t.throttled({ round: t.round, release: () => undefined }, 'SlowDown');
+    expect(head()).toBe(4_000);
+  });
+
   it('gives up once throttled for the timeout without a byte; bytes start the count again; no wait runs past it', () => {
     const { t, clock } = make(4, 10_000);
     const slot = () => ({ round: t.round, release: () => undefined });

@@ -21,7 +21,7 @@ import { backoffMs, THROTTLE } from './plan.js';
 
 /** A place among the ranges in flight, taken for one request and what follows it (its body, or its wait). */
 export interface Slot {
-  /** The round the request was sent in (Throttle.round then). */
+  /** The round the request was sent in (Throttle.round then); -1 for a request that holds no place (a HEAD). */
   readonly round: number;
   /** Gives the place back; a second call does nothing. */
   release(): void;
@@ -51,6 +51,13 @@ export class Throttle {
   round = 0;
   /** Rounds throttled in a row, since the last answer that was not. */
   level = 0;
+  /**
+   * Throttled answers in a row to requests that hold no place (round -1: a content check's HEADs), since the last
+   * answer that was not: their waits grow as a range's do, though they cut no round. Counted apart from `level`, which
+   * only the ranges' rounds raise: a HEAD throttled while every range is done (the last file's check) would otherwise
+   * ask again every second or less for the whole S3_THROTTLE_TIMEOUT_S.
+   */
+  aside = 0;
   /** Since when the fill has been throttled without receiving a byte. */
   since: number | undefined;
   /** The lowest limit of the current episode, and how many throttled answers it had, for the messages. */
@@ -112,6 +119,7 @@ export class Throttle {
   answered(slot: Slot): void {
     if (slot.round !== this.round) return;
     this.level = 0;
+    this.aside = 0;
     if (this.limit < this.#o.concurrency) {
       this.limit++;
       this.#wake();
@@ -143,9 +151,10 @@ export class Throttle {
       this.level++;
       this.limit = Math.max(1, Math.floor(this.limit / 2));
       this.lowest = Math.min(this.lowest, this.limit);
-    }
+    } else if (slot.round < 0) this.aside++;
     const cap = this.capMs;
-    const backoff = backoffMs(this.level - 1, this.#o.random, { baseMs: Math.min(THROTTLE.baseMs, cap), maxMs: cap, factor: THROTTLE.factor });
+    const rounds = slot.round < 0 ? Math.max(this.level, this.aside) : this.level;
+    const backoff = backoffMs(rounds - 1, this.#o.random, { baseMs: Math.min(THROTTLE.baseMs, cap), maxMs: cap, factor: THROTTLE.factor });
     const hinted = hintMs === undefined ? backoff : Math.max(backoff, Math.min(hintMs, backoff + THROTTLE.hintExtraMs));
     const wait = Math.max(1, Math.min(hinted, cap, left));
     const fields = { code, ranges: this.limit, maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
