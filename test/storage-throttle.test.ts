@@ -96,6 +96,23 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
     expect(proxy.stats.partHeads - heads).toBe(2);
   });
 
+  it('a throttling code the SDKs know, sent with a 400 (ThrottledException, RequestLimitExceeded), is waited out as a SlowDown is, not a refusal', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
+    const { log, lines } = recorder();
+    // More than S3_MAX_ATTEMPTS=2 in a row: only throttling gets past them.
+    proxy.faults = { failGets: { count: 6, status: 400, code: 'ThrottledException' } };
+    const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 4), log });
+    await expectSame(r.dir);
+    // Before: STORAGE_UNSUPPORTED "cannot read … ThrottledException" at the first answer, as for any other 400.
+    expect(lines.find((l) => /^S3 is throttling the download/.test(String(l.msg)))).toMatchObject({ level: 'warn', code: 'ThrottledException' });
+    proxy.faults = { failLists: { count: 3, status: 400, code: 'RequestLimitExceeded' } };
+    const listed = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 4), log });
+    await expectSame(listed.dir);
+    // The store's answer whoever signs: the SDK-free reader does not start over through the SDK for it (a 400 of
+    // another code might be its signing's).
+    expect(lines.filter((l) => /through the AWS SDK$/.test(String(l.msg)))).toEqual([]);
+  });
+
   it('a storm that never ends fails once throttled for S3_THROTTLE_TIMEOUT_S, STORAGE_TRANSIENT naming throttling and what to do; nothing committed', async () => {
     const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
     proxy.faults = { slowDown: {} };

@@ -98,6 +98,9 @@ export function classify(err: unknown): ErrorKind {
   // refusing for good.
   const kms = kmsCode(err);
   if (kms !== undefined) return RETRY.kmsTransient.includes(kms) || (status !== undefined && status >= 500) ? 'transient' : 'denied';
+  // The store asks for fewer requests (throttled() below), whatever the status it sends that with (AWS's JSON services
+  // send ThrottlingException with a 400): waited out, never a refusal.
+  if (THROTTLE.codes.includes(name) || THROTTLE.codes.includes(code)) return 'transient';
   // 416: a range past the end of the object, which only an object that shrank since it was listed gives (stores that
   // ignore If-Match answer it where S3 would answer 412).
   if (status === 412 || status === 416 || name === 'PreconditionFailed' || name === 'InvalidRange' || code === 'ETAG_CHANGED') return 'changed';

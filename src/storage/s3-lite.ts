@@ -22,6 +22,7 @@ import { DNS_LABEL_BUCKET } from './addressing.js';
 import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
 import { boundRequest } from './upload-stall.js';
 import { CUSTOMER_KEY_MESSAGE } from './s3-errors.js';
+import { THROTTLE } from './plan.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
 
 export { sdkMightDiffer } from './transport.js';
@@ -209,8 +210,10 @@ export class LiteHttpError extends Error {
     this.name = safe ?? `HTTP${status}`;
     this.$metadata = { httpStatusCode: status };
     if (retryAfter !== undefined) this.$response = { statusCode: status, headers: { 'retry-after': retryAfter } };
-    // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException) is the store's, whoever signed the request.
-    this.sdkMightDiffer = !customerKey && (status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.')) || SDK_MIGHT_DIFFER.has(this.name));
+    // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException), and throttling sent with a 400, are the
+    // store's, whoever signed the request.
+    this.sdkMightDiffer = !customerKey && (status === 301 || status === 307 || (status === 400 && !this.name.startsWith('KMS.') && !THROTTLE.codes.includes(this.name))
+      || SDK_MIGHT_DIFFER.has(this.name));
   }
 }
 
