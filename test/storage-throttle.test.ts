@@ -146,6 +146,35 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
       + '\\(SlowDown, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a byte received; the store is asked for more than it serves: '))]);
     expect(Date.now() - t0).toBeGreaterThanOrEqual(2_000);
   }, 20_000);
+
+  it('the LIST\'s throttled spell ends, as the ranges\' does, at an answer that is not throttled (a 500): the give-up clock starts over', async () => {
+    const { log, lines } = recorder();
+    const t0 = Date.now();
+    // 1.2 s of SlowDown, a 500, 1.4 s more: each spell shorter than S3_THROTTLE_TIMEOUT_S=2, both together longer.
+    proxy.faults = { listScript: [{ answer: 'slowDown', until: t0 + 1_200 }, { answer: { status: 500, code: 'InternalError' } }, { answer: 'slowDown', until: t0 + 2_600 }] };
+    const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 2), log });
+    await expectSame(r.dir);
+    // Before: the clock ran from the first SlowDown, the 500 between included, and the fill failed at 2 s "S3 kept
+    // throttling the listing"; nor did the 500 end the spell's growing waits.
+    expect(lines.filter((l) => /throttl/.test(String(l.msg))).map((l) => l.msg)).toEqual([
+      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 2 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
+      'S3 no longer throttles the listing',
+      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 2 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
+      'S3 no longer throttles the listing',
+    ]);
+  }, 20_000);
+
+  it('a LIST stalled after throttled tries names its attempt among those S3_MAX_ATTEMPTS counts, never past them', async () => {
+    proxy.faults = { listScript: [{ answer: 'slowDown', count: 2 }, { answer: 'stall', count: 2 }] };
+    const cfg = testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), {
+      S3_TRANSPORT: client, S3_MAX_ATTEMPTS: '2', S3_THROTTLE_TIMEOUT_S: '4', S3_STALL_TIMEOUT_S: '1',
+    });
+    const err = await rejection(resolveModel('s3://models/sd/', { cfg, log: silentLogger() }));
+    // Before: "on attempt 4 of 2", and "on 2 of its 4 tries, the last included": the throttled tries were counted.
+    expect([err.code, err.message, (err.cause as Error).message]).toEqual(['STORAGE_TRANSIENT',
+      'cannot list s3://models/sd/: S3 sent nothing for 1 s (S3_STALL_TIMEOUT_S) on each of its 2 tries; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store slow to answer a LIST',
+      'ListObjectsV2 stalled: nothing sent or received for 1 s (S3_STALL_TIMEOUT_S) on attempt 2 of 2']);
+  }, 20_000);
 });
 
 describe('Throttle', () => {

@@ -24,8 +24,8 @@ import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheE
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { attempts as counted, classify, endpointName, permanentError, retryAfterMs, retryTransient, s3Code } from './s3-errors.js';
-import { Throttle } from './throttle.js';
+import { attempts as counted, classify, endpointName, permanentError, retryAfterMs, retryTransient, s3Code, throttled } from './s3-errors.js';
+import { type Slot, Throttle } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
@@ -515,9 +515,11 @@ class S3Fetch {
     const transport = await this.transport!;
     const throttle = throttleMs === null ? undefined : new Throttle({ concurrency: 1, timeoutMs: throttleMs, log: this.o.log, what: 'listing' });
     let gaveUp = false;
+    // The try under way, as the throttle counts it: sent in the round current then. One request at a time, so each
+    // throttled answer is a round of its own and the waits grow.
+    let slot: Slot = { round: 0, release: () => undefined };
     const onThrottled = throttle && ((e: unknown) => {
-      // One request at a time: each throttled answer is a round of its own, so the waits grow.
-      const wait = throttle.throttled({ round: throttle.round, release: () => undefined }, s3Code(e), retryAfterMs(e));
+      const wait = throttle.throttled(slot, s3Code(e), retryAfterMs(e));
       gaveUp = wait === undefined;
       return wait;
     });
@@ -529,14 +531,27 @@ class S3Fetch {
     const retried = (e: unknown) => !sdkMightDiffer(e) && (classify(e) === 'transient' || (cut === 'slow' && classify(e) === 'aborted'));
     try {
       return await retryTransient(async (attempt) => {
-        tries++;
+        // Throttled tries count none (retryTransient): `tries` is of those S3_MAX_ATTEMPTS counts.
+        tries = attempt + 1;
+        if (throttle) slot = { round: throttle.round, release: () => undefined };
         const d = deadline(this.signal, timeoutMs);
         let silent = false;
         try {
-          return this.used(await boundedAttempt(stallMs, () => transport.list({ prefix: this.prefix, signal: d.signal }), (cause) => {
+          const listed = await boundedAttempt(stallMs, () => transport.list({ prefix: this.prefix, signal: d.signal }), (cause) => {
             silent = true;
             return stallError('ListObjectsV2', stallMs, attempt, attempts, cause);
-          }));
+          });
+          throttle?.answered(slot);
+          return this.used(listed);
+        } catch (e) {
+          // A try that ends otherwise than throttled (a 500, a stall, a cut) ends the throttled spell, as an answer that
+          // is not throttled does for the ranges: the next throttled answer waits from the shortest wait again, and the
+          // give-up clock (S3_THROTTLE_TIMEOUT_S) starts from it. Those tries count against S3_MAX_ATTEMPTS instead.
+          if (throttle && !throttled(e)) {
+            throttle.answered(slot);
+            throttle.progressed();
+          }
+          throw e;
         } finally {
           d.clear();
           cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;

@@ -139,10 +139,11 @@ export function retryAfterMs(err: unknown, now = Date.now()): number | undefined
  */
 export async function retryTransient<T>(fn: (attempt: number) => Promise<T>, attempts: number, signal?: AbortSignal,
   retried: (e: unknown) => boolean = (e) => classify(e) === 'transient', onThrottled?: (e: unknown) => number | undefined): Promise<T> {
-  // Throttled answers, where `onThrottled` takes them, count no attempt: it says how long to wait, or (undefined) to give up.
-  for (let attempt = 0, counted = 0; ; attempt++) {
+  // Throttled answers, where `onThrottled` takes them, count no attempt: it says how long to wait, or (undefined) to give
+  // up. `fn` is told the attempt's number among those counted (from 0), so below `attempts` however many were throttled.
+  for (let counted = 0; ;) {
     try {
-      return await fn(attempt);
+      return await fn(counted);
     } catch (e) {
       if (signal?.aborted || !retried(e)) throw e;
       const slowed = onThrottled !== undefined && throttled(e);

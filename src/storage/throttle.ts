@@ -126,7 +126,7 @@ export class Throttle {
     }
     if (this.#episode && this.limit === this.#o.concurrency) {
       this.#episode = false;
-      this.#o.log.info({ ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}: all ${this.limit} ranges in flight again`);
+      this.#o.log.info({ ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
     }
   }
 

@@ -105,6 +105,13 @@ export interface Faults {
   holdLists?: Promise<unknown>;
   /** Answer the next `count` ListObjectsV2 requests with this status and S3 error code (e.g. 403 SignatureDoesNotMatch). */
   failLists?: { count: number; status: number; code: string };
+  /**
+   * The ListObjectsV2 requests answered in order as scripted: the first step answers each LIST while its `until`
+   * (Date.now() ms) is ahead or, without one, the next `count` (1 by default), then the next step; 'slowDown' as
+   * faults.slowDown answers, a status with an S3 error code, or 'stall' (read, never answered). Once the script is
+   * spent, LISTs go to the store. Counted in stats.lists (and a 'slowDown' in stats.slowDowns).
+   */
+  listScript?: Array<{ answer: 'slowDown' | 'stall' | { status: number; code: string }; until?: number; count?: number }>;
   /** Leave the next `count` ListObjectsV2 requests unanswered (a store that reads a request and hangs). */
   stallLists?: { count: number };
   /**
@@ -455,6 +462,19 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       req.resume();
       res.writeHead(404, { 'content-type': 'application/xml' }).end(s3Error('NoSuchUpload'));
       return;
+    }
+    if (isList && f.listScript) {
+      while (f.listScript.length > 0 && (f.listScript[0]!.until !== undefined ? Date.now() >= f.listScript[0]!.until! : (f.listScript[0]!.count ?? 1) <= 0)) f.listScript.shift();
+      const step = f.listScript[0];
+      if (step !== undefined) {
+        if (step.until === undefined) step.count = (step.count ?? 1) - 1;
+        req.resume();
+        if (step.answer === 'stall') return;
+        if (step.answer === 'slowDown') stats.slowDowns++;
+        const { status, code } = step.answer === 'slowDown' ? { status: 503, code: 'SlowDown' } : step.answer;
+        res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
+        return;
+      }
     }
     if (isList && f.stallLists && f.stallLists.count > 0) {
       f.stallLists.count--;
