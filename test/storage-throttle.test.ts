@@ -175,6 +175,23 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
       'cannot list s3://models/sd/: S3 sent nothing for 1 s (S3_STALL_TIMEOUT_S) on each of its 2 tries; check the link to S3, or raise S3_STALL_TIMEOUT_S for a store slow to answer a LIST',
       'ListObjectsV2 stalled: nothing sent or received for 1 s (S3_STALL_TIMEOUT_S) on attempt 2 of 2']);
   }, 20_000);
+
+  it('a content check\'s HEAD throttled for S3_THROTTLE_TIMEOUT_S fails the fill naming throttling, as a range does: the file is not served unchecked', async () => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
+    const big = files['unet/model.onnx_data']!;
+    const part = 3 * 65_536;
+    // Every HEAD answered a bare 503 for good; the GETs are served, so the bytes all arrive and only the HEADs wait.
+    proxy.faults = {
+      objects: { 'sd/unet/model.onnx_data': { etag: multipartEtag(big, part), partSizes: evenParts(big.length, part) } },
+      slowDown: { heads: true, gets: false },
+    };
+    const err = await rejection(resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 2), log: silentLogger() }));
+    // Before: once throttled that long, the HEAD's second try went at once and the file was committed unchecked ("the
+    // store did not answer a HEAD of its first part").
+    expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', expect.stringMatching(new RegExp('^cannot read s3://models/sd/unet/model\\.onnx_data: '
+      + 'S3 kept throttling the download \\([^,]+, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a byte received'))]);
+    expect(await committed(cache)).toBe(false);
+  }, 20_000);
 });
 
 describe('Throttle', () => {

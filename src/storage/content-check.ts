@@ -49,7 +49,10 @@ export async function partLayout(head: Head, key: string, etag: string, size: nu
 }
 
 type Head = (r: HeadRequest) => Promise<HeadAnswer>;
-/** For a HEAD's error: how long to wait before asking again, where it is throttling (the fill's throttle.ts); else undefined. */
+/**
+ * For a HEAD's error: how long to wait before asking again, where it is throttling (the fill's throttle.ts); else
+ * undefined. Throws where the fill gives up on throttling: the HEAD is not tried again.
+ */
 export type Throttled = (err: unknown) => number | undefined;
 
 /**

@@ -349,13 +349,19 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
   /**
    * A content-check HEAD refused with throttling, or with a bare 503 (a HEAD's answer has no body to name SlowDown): it
    * waits as a throttled range would, and asks again. It holds no place among the ranges and does not cut them (round
-   * -1 is never the current one); the fill's timeout still bounds it.
+   * -1 is never the current one). The fill's timeout bounds it as it bounds a range: throttled that long without a
+   * byte received, the fill fails naming throttling, rather than spend the HEAD's second try at once and serve the
+   * file unchecked as if the store had not answered.
    */
-  const headThrottled = (e: unknown) => (throttled(e) || errorStatus(e) === 503
-    ? throttle.throttled({ round: -1, release: () => undefined }, s3Code(e), retryAfterMs(e)) : undefined);
+  const headThrottled = (key: string) => (e: unknown) => {
+    if (!throttled(e) && errorStatus(e) !== 503) return undefined;
+    const wait = throttle.throttled({ round: -1, release: () => undefined }, s3Code(e), retryAfterMs(e));
+    if (wait === undefined) throw new RuntimeError('STORAGE_TRANSIENT', `cannot read s3://${o.bucket}/${key}: ${throttle.giveUp(s3Code(e))}`, { cause: e });
+    return wait;
+  };
   const checksumOf = (f: FileState) => (f.lookup ??= checksumHeadsUnanswered
     ? Promise.resolve(CHECKSUM_UNANSWERED)
-    : lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs, headThrottled).then((c) => {
+    : lookUpChecksum(check!.head, f.obj.key, f.obj.etag, signal, o.stallMs, headThrottled(f.obj.key)).then((c) => {
       if ('unanswered' in c && !checksumHeadsUnanswered) {
         checksumHeadsUnanswered = true;
         o.log.warn({ file: f.obj.rel, stallTimeoutS: o.stallMs / 1000 },
@@ -381,7 +387,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     // Asked once per part count: a plan started over (the store said the object is encrypted) asks no HEAD again.
     const layoutOf = (parts: number) => {
       let l = f.layouts.get(parts);
-      if (l === undefined) f.layouts.set(parts, (l = partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs, headThrottled)));
+      if (l === undefined) f.layouts.set(parts, (l = partLayout(check!.head, f.obj.key, f.obj.etag, f.obj.size, parts, signal, o.stallMs, headThrottled(f.obj.key))));
       return l;
     };
     if (fromEtag !== undefined && fromEtag.parts === 0) return { expected: fromEtag, partSize: 0 };
@@ -414,7 +420,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       f.hashed = h;
       return { h, expected: plan.expected };
     })();
-    // Seen by checkContent; a rejection here is an abort, which the download meets on its own.
+    // Seen by checkContent; a rejection here is an abort, which the download meets on its own, or a HEAD throttled past
+    // S3_THROTTLE_TIMEOUT_S (headThrottled), which checkContent fails the file with.
     f.hashing.catch(() => undefined);
   };
   const startCheck = (f: FileState, fd: number) => {

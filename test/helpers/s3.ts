@@ -125,9 +125,9 @@ export interface Faults {
    * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
    * (Date.now() ms; never without it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
-   * in stats.slowDowns.
+   * in stats.slowDowns. With `gets: false`, GETs are served (a storm on the HEADs alone).
    */
-  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean };
+  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean };
   /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
@@ -495,7 +495,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.writeHead(f.failLists.status, { 'content-type': 'application/xml' }).end(s3Error(f.failLists.code));
       return;
     }
-    if ((isGet || (isList && f.slowDown?.lists)) && f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until)) {
+    if (((isGet && f.slowDown?.gets !== false) || (isList && f.slowDown?.lists)) && f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until)) {
       stats.slowDowns++;
       if (isGet) stats.gets++;
       req.resume();
