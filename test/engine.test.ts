@@ -14,7 +14,7 @@ import { createLogger } from '../src/log.js';
 import { createMetrics } from '../src/metrics.js';
 import type { FromWorker, ToWorker } from '../src/pipeline/protocol.js';
 import { pipelineClassDefaults } from '../src/pipeline/pipeline.js';
-import { Engine, type TaskResult } from '../src/runtime/engine.js';
+import { Engine, type EngineEvents, type TaskResult } from '../src/runtime/engine.js';
 import { createGeneration } from '../src/runtime/generation.js';
 import type { RequestS3 } from '../src/storage/request-s3.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
@@ -66,10 +66,10 @@ mkdirSync(path.join(modelDir, 'loras'));
 for (const n of ['style-x', 'style-y']) writeFileSync(path.join(modelDir, 'loras', `${n}.safetensors`), '');
 afterAll(() => rmSync(modelDir, { recursive: true, force: true }));
 
-async function loadedEngine(env: Record<string, string> = {}): Promise<{ engine: Engine; w: ScriptedWorker; metrics: ReturnType<typeof createMetrics> }> {
+async function loadedEngine(env: Record<string, string> = {}, events: EngineEvents = {}): Promise<{ engine: Engine; w: ScriptedWorker; metrics: ReturnType<typeof createMetrics> }> {
   const w = new ScriptedWorker();
   const metrics = createMetrics();
-  const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), metrics);
+  const engine = new Engine(loadConfig({ MAX_BATCH_SIZE: '1', ...env }), createLogger('silent'), metrics, events);
   engine.start([spawned(w)]);
   const loaded = engine.load(modelDir);
   w.reply({ t: 'loaded', defaults: { ...pipelineClassDefaults('StableDiffusionPipeline', false), steps: 2, height: 64, width: 64, scheduler: 'PNDMScheduler' }, tokenizerDirs: [], providers: {}, optimize: [] });
@@ -155,10 +155,13 @@ describe('engine', () => {
   });
 
   it('with its one worker dead during the drain, a request admitted before SIGTERM is refused SHUTTING_DOWN at once, not queued for nobody', async () => {
-    const { engine, w, metrics } = await loadedEngine();
+    const serving: Array<[boolean, string]> = [];
+    const { engine, w, metrics } = await loadedEngine({}, { onServing: (now, reason) => void serving.push([now, reason]) });
     engine.stopAccepting();
     w.emit('exit', 1);
     await engine.idle();
+    // Before, the reason said "starting it again", which the drain does not.
+    expect(serving).toEqual([[false, 'pipeline worker 0 stopped (exit code 1); not started again: the server is shutting down']]);
     // In flight at the signal (reading its input images), it comes to the queue now: no worker will take it.
     const late = await engine.submit(request('late'), { admitted: true }).then(() => undefined, (e: RuntimeError) => [e.code, e.message, e.retryAfter]);
     expect(late).toEqual(['SHUTTING_DOWN', 'the server is shutting down', 1]);

@@ -985,22 +985,23 @@ export class Engine {
     w.running = undefined;
     w.sets.clear();
     this.#deviceBusy(w);
+    // Only a worker that had the whole model is started again: one that dies while loading it would do so again.
+    const again = w.whole && this.#wholeDir !== undefined && !draining;
     if (runs.length > 0) {
-      const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why})${draining ? '' : '; it is being started again'}`);
+      const err = new RuntimeError('WORKER_DIED', `the generation failed: the pipeline worker running it stopped (${why})${again ? '; it is being started again' : ''}`);
       for (const run of runs) for (const t of run.tasks) this.#finish(t, err);
     }
     for (const waiter of w.loads.splice(0)) {
       if (!waiter.settled) waiter.reject(w.death);
       waiter.settled = true;
     }
-    // Only a worker that had the whole model is started again: one that dies while loading it would do so again.
-    if (w.whole && this.#wholeDir !== undefined && !draining) this.#restart(w.index);
+    if (again) this.#restart(w.index);
     if (!this.serving) {
       // Nothing can run what waits: an answer now (the client may retry on another replica) beats a timeout.
       for (const t of this.#pending.splice(0)) this.#finish(t, draining ? shuttingDownError() : this.#restartingError());
       this.metrics.queueDepth.set(this.#labels, 0);
     }
-    this.#servingChanged(`pipeline worker ${w.index} stopped (${why}); starting it again`);
+    this.#servingChanged(`pipeline worker ${w.index} stopped (${why})${again ? '; starting it again' : draining ? '; not started again: the server is shutting down' : ''}`);
     this.#checkIdle();
     this.#pump();
   }
@@ -1013,7 +1014,10 @@ export class Engine {
     this.#restarting.add(index);
     const timer = setTimeout(() => {
       this.#restartTimers.delete(timer);
-      if (this.#closing) return;
+      if (this.#closing) {
+        this.#restarting.delete(index);
+        return;
+      }
       this.#restarts.set(index, { n, at: performance.now() });
       this.log.info({ worker: index, restart: n + 1, afterMs: delay }, 'starting the pipeline worker again');
       const h = this.#adopt(spawnWorker(this.cfg, index), index);
