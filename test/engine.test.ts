@@ -642,4 +642,41 @@ describe('generation: the result cache and identical requests joined to a runnin
     await engine.idle();
     await engine.close();
   });
+
+  it('a lone client leaving its running batch does not stop it while an identical request joined to it waits: that one gets the images; it stops once both left', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '1' }), metrics, engine, {} as RequestS3);
+    const outcome = (p: Promise<TaskResult[]>) => p.then((rs) => rs.map((r) => [r.cached === true, r.images.map((i) => i.seed)]), (e: RuntimeError) => e.code);
+    const cancels = () => w.sent.filter((m) => m.t === 'cancel');
+    const gone = new AbortController();
+    const a = outcome(gen.generate([request('a')], gone.signal));
+    await tick();
+    const joined = outcome(gen.generate([request('a')], new AbortController().signal));
+    await tick();
+    // Its batch is stepping (nothing back from the worker yet) when its one client leaves: answered at once, not stopped.
+    gone.abort();
+    expect(await a).toBe('CANCELLED');
+    // Before, the batch was cancelled, and the joined request generated the image again from its first step.
+    expect(cancels()).toEqual([]);
+    w.reply({ t: 'result', id: w.generations()[0]!.id, images: [{ ...image, seed: 1 }], times });
+    expect(await joined).toEqual([[true, [1]]]);
+    expect(w.generations()).toHaveLength(1);
+
+    // The client leaves, then the request joined to it: nobody waits for the images any more, and the batch stops.
+    const left = [new AbortController(), new AbortController()];
+    const b = outcome(gen.generate([request('b')], left[0]!.signal));
+    await tick();
+    const joinedB = outcome(gen.generate([request('b')], left[1]!.signal));
+    await tick();
+    left[0]!.abort();
+    expect(await b).toBe('CANCELLED');
+    expect(cancels()).toEqual([]);
+    left[1]!.abort();
+    expect(await joinedB).toBe('CANCELLED');
+    expect(cancels()).toEqual([{ t: 'cancel', id: w.generations()[1]!.id }]);
+    w.reply({ t: 'error', id: w.generations()[1]!.id, code: 'CANCELLED', message: 'generation cancelled' });
+    expect(w.generations()).toHaveLength(2);
+    await engine.idle();
+    await engine.close();
+  });
 });

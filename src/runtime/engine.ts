@@ -87,6 +87,17 @@ export interface SubmitOptions {
    * runs is answered at once, but the images the batch still makes for it are encoded and handed here.
    */
   onMade?: (out: EncodedImage[] | Error) => void;
+  /**
+   * The identical requests joined to this generation (generation.ts), waiting for its images: while any waits, a batch
+   * all of whose clients left runs on for them (the clients are answered all the same). Once the last of them leaves,
+   * joinersLeft() stops it.
+   */
+  joined?: Joined;
+}
+
+/** Requests waiting for another's generation (SubmitOptions.joined). */
+export interface Joined {
+  readonly count: number;
 }
 
 interface Task {
@@ -112,6 +123,8 @@ interface Task {
   runId?: number;
   /** SubmitOptions.onMade, until called. */
   made?: (out: EncodedImage[] | Error) => void;
+  /** SubmitOptions.joined. */
+  joined?: Joined;
 }
 
 interface Running {
@@ -474,7 +487,7 @@ export class Engine {
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
       // Output formats may differ: each request's images are encoded as it asked.
       const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
-      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}) };
+      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}), ...(opts.joined ? { joined: opts.joined } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
@@ -574,12 +587,7 @@ export class Engine {
       for (const w of this.#workers) {
         const run = runsOf(w).find((r) => r.tasks.includes(task));
         if (!run) continue;
-        // Stop the generation at the next step or image only when every client of the batch has left; once: the
-        // tasks of one request share its signal, and each of them comes here.
-        if (!run.cancelled && run.tasks.every((t) => t.signal?.aborted)) {
-          run.cancelled = true;
-          w.send({ t: 'cancel', id: run.id });
-        }
+        this.#stopIfUnwanted(w, run);
         break;
       }
       // Answer now (client gone or timed out); the batch's other requests keep their generation. Counted here, once
@@ -587,6 +595,24 @@ export class Engine {
       this.metrics.cancelled.inc(counted);
       this.#answer(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
+  }
+
+  /**
+   * The last of the requests joined to a generation (SubmitOptions.joined) left: its batch stops if its own clients
+   * left too.
+   */
+  joinersLeft(joined: Joined): void {
+    for (const w of this.#workers) for (const run of runsOf(w)) if (run.tasks.some((t) => t.joined === joined)) this.#stopIfUnwanted(w, run);
+  }
+
+  /**
+   * Stops the generation at the next step or image once every client of the batch has left and no request joined to
+   * it waits for its images; once: the tasks of one request share its signal, and each of them comes here.
+   */
+  #stopIfUnwanted(w: WorkerHandle, run: Running): void {
+    if (run.cancelled || !run.tasks.every((t) => t.signal?.aborted && !(t.joined && t.joined.count > 0))) return;
+    run.cancelled = true;
+    w.send({ t: 'cancel', id: run.id });
   }
 
   #pump(): void {

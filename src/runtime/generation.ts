@@ -67,8 +67,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   metrics.resultCacheHits.inc(labels, 0);
   metrics.inflight.set(labels, 0);
   const output = createOutputStore(s3, log);
-  /** Generations of cacheable requests now running, by result-cache key: an identical request waits for their images. */
-  const running = new Map<string, Promise<EncodedImage[]>>();
+  /**
+   * Generations of cacheable requests now running, by result-cache key: an identical request waits for their images,
+   * counted in `joined` while it does (the engine runs a batch on for them after its own clients left).
+   */
+  const running = new Map<string, { images: Promise<EncodedImage[]>; joined: { count: number } }>();
   let inflight = 0;
   const waiters: Array<() => void> = [];
   /**
@@ -86,14 +89,16 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 
   /**
    * The images of the identical generation already running, or undefined when it was cancelled (its clients left or
-   * timed out before the batch ran, or all of them while it ran, so it stopped; its request failed elsewhere): this
-   * request then runs its own. A batch that runs on to its end after the client left gives its images here. Any other
-   * failure (the grace period's end, out of memory) is this request's too, as in a shared batch. A WebSocket client,
-   * which streams its own progress, never waits for another's.
+   * timed out before the batch ran; or while it ran, this request and any other joined to it gone too, so it stopped;
+   * its request failed elsewhere): this request then runs its own. A batch whose clients left while it ran runs on
+   * while this request waits, and gives its images here. Any other failure (the grace period's end, out of memory) is
+   * this request's too, as in a shared batch. A WebSocket client, which streams its own progress, never waits for
+   * another's.
    */
   const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
     const other = running.get(key);
     if (other === undefined || onProgress !== undefined) return undefined;
+    other.joined.count++;
     let leave = () => undefined as void;
     const left = new Promise<never>((_, reject) => {
       leave = () => reject(new RuntimeError('CANCELLED', 'the client left'));
@@ -101,12 +106,14 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       signal.addEventListener('abort', leave, { once: true });
     });
     try {
-      return await Promise.race([other, left]);
+      return await Promise.race([other.images, left]);
     } catch (err) {
       if (signal.aborted || !(err instanceof RuntimeError && err.code === 'CANCELLED')) throw err;
       return undefined;
     } finally {
       signal.removeEventListener('abort', leave);
+      // The last to wait, gone: the generation stops if its own clients left too.
+      if (--other.joined.count === 0 && signal.aborted) engine.joinersLeft(other.joined);
     }
   };
 
@@ -127,6 +134,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // request's client leaves or times out while they are made or encoded: they were made all the same, and a joined
       // request would otherwise generate them again.
       let onMade: ((out: EncodedImage[] | Error) => void) | undefined;
+      let joined: { count: number } | undefined;
       if (key !== undefined) {
         const fill = (images: readonly EncodedImage[]) => resultCache.put(key, images);
         onMade = (out) => {
@@ -141,14 +149,15 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
               resolve(out.map((i) => ({ ...i, data: i.data.slice(0) })));
             };
           });
-          running.set(key, shared);
+          joined = { count: 0 };
+          running.set(key, { images: shared, joined });
           shared.catch(() => undefined).finally(() => {
-            if (running.get(key) === shared) running.delete(key);
+            if (running.get(key)?.images === shared) running.delete(key);
           });
         }
       }
       // Admitted (generate: admit): queued after SIGTERM all the same, as the drain waits for it.
-      result = await engine.submit(req, { signal, request, admitted: true, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}) });
+      result = await engine.submit(req, { signal, request, admitted: true, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
