@@ -3,7 +3,7 @@
  * moments (between the last span and the rename, between the rename and its journal line, a torn last line), and
  * the check every commit makes that each listed file is whole.
  */
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
@@ -11,7 +11,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { JOURNAL, type Manifest } from '../src/storage/cache.js';
 import { cacheKey, containedPath, parseStorageUri, resolveModel } from '../src/storage/fetch.js';
-import { addSpan, currentBoot, gaps, replay } from '../src/storage/journal.js';
+import { addSpan, currentBoot, gaps, Journal, replay, spanBytes } from '../src/storage/journal.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
@@ -102,6 +102,43 @@ describe('journal spans', () => {
     expect(replay(text, '').get('a')).toEqual({ etag: 'e', size: 100, spans: [[0, 10]], complete: false }); // boot unknown
     // A marker that claims more than precedes it vouches for nothing.
     expect(replay(`${head}{"sync":100000}\n`, 'b2').size).toBe(0);
+  });
+
+  // What a kill -9 leaves is what the log holds when it comes: a write whose line still waits is fetched again.
+  it('keeps up with many ranges writing at once: a kill loses the lines of about a write per range, not of the download', async () => {
+    const entry = await fsp.mkdtemp(path.join(tmp, 'keeps-up-'));
+    const j = await Journal.open(entry, { boot: 'b1' });
+    const ranges = 24;
+    const perRange = 40;
+    const size = 256 * 1024;
+    const block = Buffer.alloc(size, 1);
+    let returned = 0;
+    let behind = 0;
+    await Promise.all(Array.from({ length: ranges }, async (_, r) => {
+      const rel = `f${r}`;
+      j.start(rel, 'e', size * perRange);
+      const fh = await fsp.open(path.join(entry, `${rel}.partial`), 'w+');
+      try {
+        for (let i = 0; i < perRange; i++) {
+          j.intend(rel, i * size, (i + 1) * size, crc32(block));
+          await fh.write(block, 0, size, i * size);
+          j.add(rel, i * size, (i + 1) * size);
+          // Read as the next run reads it, as if the kill came now.
+          if (++returned % ranges === 0) {
+            const kept = [...replay(readFileSync(path.join(entry, JOURNAL), 'utf8'), 'b1').values()].reduce((n, f) => n + spanBytes(f.spans), 0);
+            behind = Math.max(behind, returned - kept / size);
+          }
+        }
+      } finally {
+        await fh.close();
+      }
+    }));
+    await j.close();
+    // Lines are written after the data writes queued before them in libuv's pool, one for each range in flight (and as
+    // many started meanwhile on its other threads): what waits is at most a batch in flight and the next. One write
+    // per line fell behind for good: all 960 writes here at the last look, every one lost to a kill.
+    expect(behind).toBeLessThanOrEqual(4 * ranges);
+    expect(spanBytes(replay(readFileSync(path.join(entry, JOURNAL), 'utf8'), 'b1').get('f0')!.spans)).toBe(size * perRange);
   });
 });
 
