@@ -375,6 +375,32 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
   }, 120_000);
 
+  it('a fill waiting for another node\'s lock as the volume stops answering: the probes answer, and SIGTERM exits 143', async (t) => {
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
+    // MODEL_CACHE_DIR a folder of the volume (mounted above it): a look at it goes to the server, as one at a mount's
+    // root does not. The entry's lock is another node's, with a fresh heartbeat: the fill waits for it.
+    const backing = path.join(tmp.dir, 'cache-fuse-wait-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    writeFileSync(path.join(backing, 'cache', `${key}.lock`), JSON.stringify({ pid: 1, host: 'another-node', token: 'feedfacefeedface', since: new Date().toISOString() }));
+    // The lock is looked at twice (read, whose fstat is a getattr, then stat): the fourth getattr is the waiter's last
+    // call before it watches the lock's folder for a release. Before, that watch (inotify's, set synchronously) was the
+    // next call: its lookup of the folder held the event loop for good, and the liveness call below timed out.
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-wait'), { hangAfter: `getattr:${key}.lock`, hangAfterTimes: 4 });
+    const srv = await serverFor(t, {
+      ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
+    }, { live: true });
+    await fs.hung;
+    await new Promise((r) => setTimeout(r, 2_000));
+    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    // The look that lets the watch be set is the call named first.
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${key}\\.lock still pending after \\d+ s; .*\\(exit 143\\)$`));
+    expect(stopLine(srv.logs)?.msg).not.toContain(fs.dir);
+  }, 120_000);
+
   it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-s3-backing');
     mkdirSync(backing);

@@ -395,6 +395,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
 class Wake {
   #watcher: FSWatcher | undefined;
   #tried = false;
+  #closed = false;
   #pending = false;
   #wake: (() => void) | undefined;
 
@@ -419,10 +420,22 @@ class Wake {
     });
   }
 
-  /** Starts watching (once): a change from now on ends the next sleep. */
+  /**
+   * Starts watching (once): a change from then on ends the next sleep. The watch is set synchronously, on the event
+   * loop, and looks the folder up: on a volume that stopped answering (a folder of a hung NFS mount; stuck-fs) it held
+   * the loop, and every signal, for good. So it is set once a stat of the lock, made as any other call on the volume,
+   * has answered; the folder was just looked up, and on NFS its attributes and access rights are cached then.
+   */
   arm(): void {
     if (this.#tried) return;
     this.#tried = true;
+    const set = () => {
+      if (!this.#closed) this.#watch();
+    };
+    void trackIo('stat', this.file, () => fsp.stat(this.file)).then(set, set);
+  }
+
+  #watch(): void {
     const name = path.basename(this.file);
     try {
       this.#watcher = watch(path.dirname(this.file), { persistent: false }, (type, f) => {
@@ -437,6 +450,7 @@ class Wake {
   }
 
   close(): void {
+    this.#closed = true;
     this.#watcher?.close();
     this.#watcher = undefined;
   }

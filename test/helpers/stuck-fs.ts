@@ -22,6 +22,8 @@ const FS_TYPE = 'fuse.dr-stuck-fs';
 export interface StuckFsOptions {
   /** `op:name`: answer the first request `op` (lookup, getattr, open, read, write, create, …) naming `name` (`*`: any), then hang. */
   hangAfter?: string;
+  /** Answer the `hangAfterTimes`-th such request (not the first), then hang. */
+  hangAfterTimes?: number;
   /** Each answer this late. */
   delayMs?: number;
 }
@@ -79,7 +81,7 @@ export async function mountStuckFs(backing: string, dir: string, opts: StuckFsOp
   const why = stuckFsUnavailable();
   if (why !== undefined) throw new Error(why);
   mkdirSync(dir, { recursive: true });
-  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
+  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter, ...(opts.hangAfterTimes ? ['--times', String(opts.hangAfterTimes)] : [])] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
   // STUCK_FS_LOG=1: each request it reads, on the test's stderr (what the runtime does on the volume).
   const log = process.env.STUCK_FS_LOG === '1';
   const proc: ChildProcess = spawn(binary!, [...args, ...(log ? ['--log'] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -7,12 +7,12 @@
  * once the daemon has read the request, and never for the flush of a close (a process with a file open on the mount
  * could not exit). A flush of a file not opened for writing is answered at once, as NFS's close needs no server then.
  *
- *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME] [--delay-ms N] [--log] [--probe]
+ *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--delay-ms N] [--log] [--probe]
  *
  * Prints "ready" once mounted and answering, "hung" once it stops answering. SIGUSR1: stop answering now. SIGUSR2:
  * answer again. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
  * unlink, rename, setattr, fsync, opendir, readdir, access, any) naming NAME (the name looked up or created, or the
- * node's own name; * for any), then stop. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
+ * node's own name; * for any), then stop; with --times N, the Nth such request. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
  * closed (calls still waiting fail with ENOTCONN), the mount detached, and the daemon exits. It dies with the process
  * that started it (PR_SET_PDEATHSIG), leaving a mount that fails every call until it is detached (umount -l).
  * --probe: mount, answer the kernel's first request, unmount and exit 0 (whether FUSE mounts work here).
@@ -69,6 +69,8 @@ static volatile sig_atomic_t hung, term;
 static long delay_ms;
 static int logging, probe;
 static char trip_op[32], trip_name[256];
+/* How many requests matching --hang-after are answered before it stops (--times). */
+static long trip_times = 1;
 
 /* Requests read while hung, unanswered (copied whole: answered in order if told to answer again). */
 struct held {
@@ -635,7 +637,7 @@ static void unmount(const char *dir) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME] [--delay-ms N] [--log] [--probe]\n");
+  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--delay-ms N] [--log] [--probe]\n");
   exit(2);
 }
 
@@ -647,6 +649,9 @@ int main(int argc, char **argv) {
       if (!colon || (size_t)(colon - spec) >= sizeof trip_op || strlen(colon + 1) >= sizeof trip_name) usage();
       memcpy(trip_op, spec, colon - spec);
       strcpy(trip_name, colon + 1);
+    } else if (strcmp(argv[i], "--times") == 0 && i + 1 < argc) {
+      trip_times = atol(argv[++i]);
+      if (trip_times < 1) usage();
     } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) delay_ms = atol(argv[++i]);
     else if (strcmp(argv[i], "--log") == 0) logging = 1;
     else if (strcmp(argv[i], "--probe") == 0) probe = 1;
@@ -739,7 +744,7 @@ int main(int argc, char **argv) {
       say("ready");
       if (probe) break;
     }
-    if (tripped) {
+    if (tripped && --trip_times == 0) {
       trip_op[0] = 0;
       hung = 1;
     }
