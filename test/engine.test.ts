@@ -19,6 +19,7 @@ import { createGeneration } from '../src/runtime/generation.js';
 import type { RequestS3 } from '../src/storage/request-s3.js';
 import type { GenerationRequest } from '../src/runtime/request.js';
 import type { SpawnedWorker } from '../src/runtime/workers.js';
+import { until } from './helpers/server.js';
 
 /** A worker that records what it is sent and replies only when the test says so. */
 class ScriptedWorker extends EventEmitter {
@@ -507,7 +508,9 @@ describe('engine with LoRA adapter sets', () => {
       engine.submit(withLoras('y1', y)),
       engine.submit(withLoras('base2')),
     ].map((p) => p.then((r) => r.images.length, (e: Error) => e.message));
-    for (let i = 0; i < 5; i++) await tick();
+    // Each request naming adapters first looks at their files (in libuv's pool: as many turns as its load takes).
+    await until(() => w.sent.filter((m) => m.t === 'adapters').length >= 2);
+    await tick();
     // Both sets are being built; the base model serves meanwhile.
     expect(w.sent.filter((m) => m.t === 'adapters').map((m) => (m as { key: string }).key)).toEqual(['style-x:0.8', 'style-y:1']);
     expect(prompts(w)).toEqual(['base1']);
@@ -540,8 +543,7 @@ describe('engine with LoRA adapter sets', () => {
     await expect(engine.submit(withLoras('a', [{ name: 'nope', scale: 1 }, { name: 'style-x', scale: 1 }]))).rejects.toThrow(/unknown LoRA adapter "nope": not found in the model's loras\/ folder; the model has style-x, style-y/);
     expect(w.sent.filter((m) => m.t === 'adapters')).toEqual([]);
     const r = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }])).then(() => 'ok', (e: RuntimeError) => [httpStatus(e.code), e.message]);
-    await tick();
-    await tick();
+    await until(() => w.sent.some((m) => m.t === 'adapters'));
     w.reply({ t: 'adapters-failed', key: 'style-x:1', code: 'INVALID_INPUT', message: 'adapter "style-x" has keys that match nothing in this model: unet.foo' });
     expect(await r).toEqual([400, 'adapter "style-x" has keys that match nothing in this model: unet.foo']);
     expect(w.generations()).toEqual([]);
@@ -552,15 +554,14 @@ describe('engine with LoRA adapter sets', () => {
     const { engine, w } = await loadedEngine();
     const ready: FromWorker = { t: 'adapters-ready', key: 'style-x:1', ms: { read: 1, merge: 1, sessions: 1, total: 3 }, bytes: 10, patchedBytes: 1, components: ['unet'], formats: {} };
     const one = engine.submit(withLoras('a', [{ name: 'style-x', scale: 1 }]));
-    await tick();
-    await tick();
+    await until(() => w.sent.some((m) => m.t === 'adapters'));
     w.reply(ready);
     await tick();
     w.reply({ t: 'result', id: w.generations()[0]!.id, images: [image], times });
     await one;
     w.reply({ t: 'adapters-evicted', key: 'style-x:1' });
     const two = engine.submit(withLoras('b', [{ name: 'style-x', scale: 1 }]));
-    await tick();
+    await until(() => w.sent.filter((m) => m.t === 'adapters').length >= 2);
     await tick();
     expect(w.sent.filter((m) => m.t === 'adapters')).toHaveLength(2);
     expect(w.generations()).toHaveLength(1);
