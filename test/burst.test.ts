@@ -9,7 +9,7 @@
 import { spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import pino from 'pino';
-import { existsSync, promises as fsp, readdirSync, readFileSync, utimesSync, watch } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync, unlinkSync, utimesSync, watch } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -379,6 +379,29 @@ describe('the wait, in one process', () => {
       expect(w.polls).toBe(1);
     } finally {
       stop.abort();
+    }
+  });
+
+  it('a release made before the waiter has set its watch (after its look found the lock) still ends the wait at once', async () => {
+    // The watch is set once a stat of the lock answered (the loop stays free on a stuck volume): a release between the
+    // waiter's look and its watch raises no event it sees. A poll a minute: only a look after the watch ends the wait.
+    const { dir, cleanup } = tempDir('dr-burst-early-');
+    dirs.push(cleanup);
+    const file = path.join(dir, 'entry.lock');
+    const held = (await acquireLock(file))!;
+    const stop = new AbortController();
+    let polls = 0;
+    // The holder's release, made as the waiter starts to wait (its onWait comes before the stat's answer can).
+    const waiting = acquireLock(file, { pollMs: 60_000, signal: stop.signal, onWait: () => void (polls++ === 0 && unlinkSync(file)) });
+    waiting.catch(() => undefined);
+    try {
+      const got = await Promise.race([waiting, new Promise<'none'>((r) => setTimeout(() => r('none'), 10_000))]);
+      expect(got).not.toBe('none');
+      await (got as Awaited<typeof waiting>)?.release();
+      expect(polls).toBe(1);
+    } finally {
+      stop.abort();
+      await held.release();
     }
   });
 

@@ -424,15 +424,27 @@ class Wake {
    * Starts watching (once): a change from then on ends the next sleep. The watch is set synchronously, on the event
    * loop, and looks the folder up: on a volume that stopped answering (a folder of a hung NFS mount; stuck-fs) it held
    * the loop, and every signal, for good. So it is set once a stat of the lock, made as any other call on the volume,
-   * has answered; the folder was just looked up, and on NFS its attributes and access rights are cached then.
+   * has answered; the folder was just looked up, and on NFS its attributes and access rights are cached then. A release
+   * made before the watch was set raised no event it sees: the lock is looked at once more, watched, and found gone
+   * that ends the sleep as the event would have.
    */
   arm(): void {
     if (this.#tried) return;
     this.#tried = true;
+    const stat = () => trackIo('stat', this.file, () => fsp.stat(this.file));
     const set = () => {
-      if (!this.#closed) this.#watch();
+      if (this.#closed) return;
+      this.#watch();
+      void stat().then(
+        () => undefined,
+        (e: NodeJS.ErrnoException) => {
+          if (e.code !== 'ENOENT' || this.#closed) return;
+          this.#pending = true;
+          this.#wake?.();
+        },
+      );
     };
-    void trackIo('stat', this.file, () => fsp.stat(this.file)).then(set, set);
+    void stat().then(set, set);
   }
 
   #watch(): void {
