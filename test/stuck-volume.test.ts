@@ -297,6 +297,15 @@ async function mountFor(t: Finished, ...args: Parameters<typeof mountStuckFs>): 
   t.onTestFinished(() => fs.release());
   return fs;
 }
+/** Once `fs` has hung (and 2 s on): liveness still answers, and SIGTERM ends `srv` by the signal. Its stop line. */
+async function liveThenTerminated(srv: ServerHandle, fs: StuckFs): Promise<string | undefined> {
+  await fs.hung;
+  await new Promise((r) => setTimeout(r, 2_000));
+  expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+  expect(await terminate(srv, 40_000)).toMatchObject({ code: null, signal: 'SIGTERM' });
+  return stopLine(srv.logs)?.msg;
+}
+
 async function serverFor(t: Finished, ...args: Parameters<typeof startServer>): Promise<ServerHandle> {
   const srv = await startServer(...args);
   t.onTestFinished(async () => {
@@ -364,14 +373,10 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
       // Its 'listening' line comes once the runtime's code has loaded, which waits for a pool thread: not while the
       // stuck writes hold them all.
     }, { live: true });
-    await fs.hung;
-    await new Promise((r) => setTimeout(r, 2_000));
-    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
-    const r = await terminate(srv, 40_000);
-    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    const line = await liveThenTerminated(srv, fs);
     // The journal line that records the answered write is the call named first (the lock's and lease's follow).
     const key = cacheKey(parseStorageUri(`s3://models/${PREFIX}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
-    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`));
+    expect(line).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`));
     expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
   }, 120_000);
 
@@ -391,14 +396,10 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
       ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
       EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
     }, { live: true });
-    await fs.hung;
-    await new Promise((r) => setTimeout(r, 2_000));
-    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
-    const r = await terminate(srv, 40_000);
-    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    const line = await liveThenTerminated(srv, fs);
     // The look that lets the watch be set is the call named first.
-    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${key}\\.lock still pending after \\d+ s; .*\\(exit 143\\)$`));
-    expect(stopLine(srv.logs)?.msg).not.toContain(fs.dir);
+    expect(line).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${key}\\.lock still pending after \\d+ s; .*\\(exit 143\\)$`));
+    expect(line).not.toContain(fs.dir);
   }, 120_000);
 
   it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async (t) => {
@@ -430,13 +431,8 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
 });
 
 describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering for real', () => {
-  it('hanging as the fill reads the entry\'s journal: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the read', async (t) => {
-    const backing = path.join(tmp.dir, 'cache-fuse-warmup-backing');
-    const uri = `s3://models/${PREFIX}`;
-    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
-    mkdirSync(path.join(backing, key), { recursive: true });
-    writeFileSync(path.join(backing, key, JOURNAL), '');
-    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup'), { hangAfter: `lookup:${JOURNAL}` });
+  /** The warm-up CLI filling `uri` onto `fs`, SIGTERMed 1 s after it hung: ended by the signal, before a SIGKILL at 30 s. */
+  async function warmupTerminated(uri: string, fs: StuckFs) {
     let kill!: (s: NodeJS.Signals) => void;
     const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
     await fs.hung;
@@ -446,6 +442,17 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     const r = await job;
     clearTimeout(timer);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    return r;
+  }
+
+  it('hanging as the fill reads the entry\'s journal: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the read', async (t) => {
+    const backing = path.join(tmp.dir, 'cache-fuse-warmup-backing');
+    const uri = `s3://models/${PREFIX}`;
+    const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
+    mkdirSync(path.join(backing, key), { recursive: true });
+    writeFileSync(path.join(backing, key, JOURNAL), '');
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup'), { hangAfter: `lookup:${JOURNAL}` });
+    const r = await warmupTerminated(uri, fs);
     expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): .*\(exit 143\)$/m);
   }, 60_000);
 
@@ -457,15 +464,7 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     // Before, the journal's line for the answered write was written synchronously: the event loop stopped at it, the
     // signal was never handled, and the test's SIGKILL ended the fill.
     const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup-fill'), { hangAfter: 'write:model.onnx.partial' });
-    let kill!: (s: NodeJS.Signals) => void;
-    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k) => (kill = k));
-    await fs.hung;
-    await new Promise((r) => setTimeout(r, 1_000));
-    kill('SIGTERM');
-    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
-    const r = await job;
-    clearTimeout(timer);
-    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    const r = await warmupTerminated(uri, fs);
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(fs.dir);
   }, 60_000);
