@@ -136,18 +136,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       let onMade: ((out: EncodedImage[] | Error) => void) | undefined;
       let joined: { count: number } | undefined;
       if (key !== undefined) {
-        const fill = (images: readonly EncodedImage[]) => resultCache.put(key, images);
-        onMade = (out) => {
-          if (!(out instanceof Error)) fill(out);
-        };
+        // The first such generation is the one identical requests join (joinRunning).
+        let settle: ((out: EncodedImage[] | Error) => void) | undefined;
         if (!running.has(key)) {
           const shared = new Promise<EncodedImage[]>((resolve, reject) => {
-            onMade = (out) => {
-              if (out instanceof Error) return reject(out);
-              fill(out);
-              // Copied as the generation ends, before this request's answer can hand its buffers on.
-              resolve(out.map((i) => ({ ...i, data: i.data.slice(0) })));
-            };
+            // Copied as the generation ends, before this request's answer can hand its buffers on.
+            settle = (out) => (out instanceof Error ? reject(out) : resolve(out.map((i) => ({ ...i, data: i.data.slice(0) }))));
           });
           joined = { count: 0 };
           running.set(key, { images: shared, joined });
@@ -155,6 +149,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
             if (running.get(key)?.images === shared) running.delete(key);
           });
         }
+        onMade = (out) => {
+          if (!(out instanceof Error)) resultCache.put(key, out);
+          settle?.(out);
+        };
       }
       // Admitted (generate: admit): queued after SIGTERM all the same, as the drain waits for it.
       result = await engine.submit(req, { signal, request, admitted: true, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
