@@ -635,8 +635,7 @@ export class Engine {
       for (const head of this.#pending) {
         // A later task of a waiting batch's key is in that batch, or waits behind it.
         if ((head.pin === undefined && !head.alone && waiting.has(head.key)) || !free.some((w) => can(head, w))) continue;
-        const batch = this.#batchOf(head);
-        const images = batch.reduce((n, t) => n + t.images, 0);
+        const { batch, images } = this.#batchOf(head);
         const waited = performance.now() - head.enqueuedAt;
         if (head.pin === undefined && !head.alone && this.cfg.maxBatchSize > 1 && images < this.cfg.maxBatchSize && waited < this.cfg.batchWindowMs) {
           waiting.add(head.key);
@@ -657,8 +656,8 @@ export class Engine {
     }
   }
 
-  /** `head` and the queued tasks of its key behind it that fit, in order, up to MAX_BATCH_SIZE images. */
-  #batchOf(head: Task): Task[] {
+  /** `head` and the queued tasks of its key behind it that fit, in order, up to MAX_BATCH_SIZE images (their count). */
+  #batchOf(head: Task): { batch: Task[]; images: number } {
     const batch: Task[] = [head];
     let images = head.images;
     for (const t of head.pin === undefined && !head.alone ? this.#pending.slice(this.#pending.indexOf(head) + 1) : []) {
@@ -669,7 +668,7 @@ export class Engine {
         images += t.images;
       }
     }
-    return batch;
+    return { batch, images };
   }
 
   #dispatch(worker: WorkerHandle, tasks: Task[]): void {
