@@ -19,7 +19,7 @@ import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
 import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
 import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
-import { attempts, classify, errorStatus, permanentError, retryAfterMs, s3Code, throttled } from './s3-errors.js';
+import { attempts, classify, errorStatus, permanentError, throttled } from './s3-errors.js';
 import { Throttle } from './throttle.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -355,8 +355,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
    */
   const headThrottled = (key: string) => (e: unknown) => {
     if (!throttled(e) && errorStatus(e) !== 503) return undefined;
-    const wait = throttle.throttled({ round: -1, release: () => undefined }, s3Code(e), retryAfterMs(e));
-    if (wait === undefined) throw new RuntimeError('STORAGE_TRANSIENT', `cannot read s3://${o.bucket}/${key}: ${throttle.giveUp(s3Code(e))}`, { cause: e });
+    const wait = throttle.throttledBy({ round: -1, release: () => undefined }, e);
+    if (wait === undefined) throw throttle.gaveUp(`read s3://${o.bucket}/${key}`, e);
     return wait;
   };
   const checksumOf = (f: FileState) => (f.lookup ??= checksumHeadsUnanswered
@@ -675,8 +675,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (kind !== 'transient') throw permanentError(e, o.bucket, f.obj.key, 'read', o.endpoint);
         // Throttled: no attempt counted; the fill slows down, and gives up only once throttled for throttleMs without a byte.
         if (!stalled && throttled(e)) {
-          const wait = throttle.throttled(slot, s3Code(e), retryAfterMs(e));
-          if (wait === undefined) throw new RuntimeError('STORAGE_TRANSIENT', `cannot read s3://${o.bucket}/${f.obj.key}: ${throttle.giveUp(s3Code(e))}`, { cause: e });
+          const wait = throttle.throttledBy(slot, e);
+          if (wait === undefined) throw throttle.gaveUp(`read s3://${o.bucket}/${f.obj.key}`, e);
           clearTimeout(watchdog);
           await sleep(wait, signal);
           continue;

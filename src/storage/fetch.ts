@@ -24,7 +24,7 @@ import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheE
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { attempts as counted, classify, endpointName, permanentError, retryAfterMs, retryTransient, s3Code, throttled } from './s3-errors.js';
+import { attempts as counted, classify, endpointName, permanentError, retryTransient, throttled } from './s3-errors.js';
 import { type Slot, Throttle } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
@@ -519,7 +519,7 @@ class S3Fetch {
     // throttled answer is a round of its own and the waits grow.
     let slot: Slot = { round: 0, release: () => undefined };
     const onThrottled = throttle && ((e: unknown) => {
-      const wait = throttle.throttled(slot, s3Code(e), retryAfterMs(e));
+      const wait = throttle.throttledBy(slot, e);
       gaveUp = wait === undefined;
       return wait;
     });
@@ -561,12 +561,9 @@ class S3Fetch {
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
-      if (gaveUp) {
-        const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
-        throw new RuntimeError('STORAGE_TRANSIENT', `cannot list ${where}: ${throttle!.giveUp(s3Code(e))}`, { cause: e });
-      }
+      const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
+      if (gaveUp) throw throttle!.gaveUp(`list ${where}`, e);
       if (cut !== undefined) {
-        const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
         const n = cuts[cut];
         const which = tries === 1 ? 'its one try' : n === tries ? `each of its ${tries} tries` : `${n} of its ${tries} tries, the last included`;
         throw new RuntimeError('STORAGE_TRANSIENT', cut === 'silent'

@@ -16,8 +16,10 @@
  *   seconds;
  * - a fill throttled for S3_THROTTLE_TIMEOUT_S without receiving a byte gives up (giveUp says so, and what to do).
  */
+import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { backoffMs, THROTTLE } from './plan.js';
+import { retryAfterMs, s3Code } from './s3-errors.js';
 
 /** A place among the ranges in flight, taken for one request and what follows it (its body, or its wait). */
 export interface Slot {
@@ -168,6 +170,16 @@ export class Throttle {
       this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
     }
     return wait;
+  }
+
+  /** throttled() for the store's throttling answer `err`: its code, and its Retry-After. */
+  throttledBy(slot: Slot, err: unknown): number | undefined {
+    return this.throttled(slot, s3Code(err), retryAfterMs(err));
+  }
+
+  /** What a fill that gave up on `err` fails with: `cannot <action>: ` (`read s3://bucket/key`, `list …`) and giveUp. */
+  gaveUp(action: string, err: unknown): RuntimeError {
+    return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action}: ${this.giveUp(s3Code(err))}`, { cause: err });
   }
 
   #ranges(): string {
