@@ -18,7 +18,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, startCleanup, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, describePending, endBySignal, killNow, startCleanup, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -104,16 +104,11 @@ async function main(): Promise<void> {
     events?.emit('signal', { signal: sig }, 'signal received');
     // A second signal during the cleanup or the wait after it still makes the exit 1, as it says.
     const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cfg: cfg!, log, rt });
-    const failed = (step: string, err: unknown) => {
-      const reason = (err as Error)?.message ?? String(err);
-      if (log) log.warn({ step, reason }, `shutdown: ${step} failed`);
-      else process.stderr.write(`diffusers-runtime: shutdown: ${step} failed: ${reason}\n`);
-    };
     const r = rt;
     if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.cleanup!));
     else if (boot) {
       // As close()'s cleanup: the fetch's stop and the lease's release write to the cache.
-      const b = boot, cleanup = startCleanup({ failed });
+      const b = boot, cleanup = startCleanup({ failed: warnStepFailed(log) });
       void cleanup.step('the model fetch and the cache entry lease', () => b.stop()).then(() => exit(0, cleanup));
     } else process.exit(0);
   };

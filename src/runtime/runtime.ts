@@ -18,7 +18,7 @@ import { createImageSource, type ImageSource } from './image-source.js';
 import { InputBudget } from './image-request.js';
 import { createRequestS3, type RequestS3 } from '../storage/request-s3.js';
 import { PROGRESS_LOG_MS } from '../storage/fetch.js';
-import { startCleanup, type Cleanup } from '../storage/pending-io.js';
+import { startCleanup, warnStepFailed, type Cleanup } from '../storage/pending-io.js';
 
 /**
  * How long close() waits, at most, for the aborts of multipart uploads that failed output_uri uploads left (a pod's
@@ -186,9 +186,7 @@ export class Runtime {
       // What follows touches the model's files and the cache (the workers read them, the lease is released there): on a
       // volume that stopped answering it would wait for good, so it gets CLEANUP_MS in all, and what did not finish is
       // named (unfinished) and left: the next start or an eviction takes over a lease or lock whose heartbeat stopped.
-      const cleanup = (this.#cleanup = startCleanup({
-        failed: (step, err) => this.log.warn({ step, reason: (err as Error)?.message ?? String(err) }, `shutdown: ${step} failed`),
-      }));
+      const cleanup = (this.#cleanup = startCleanup({ failed: warnStepFailed(this.log) }));
       // The lease goes only once the workers stopped reading the entry's files: left held while one may still read, it
       // keeps an eviction from removing them under it until its heartbeat goes stale.
       if (await cleanup.step('the pipeline workers', () => Promise.all([this.engine.close(), this.optimizer.stop()]))) {

@@ -9,6 +9,7 @@
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { Logger } from '../log.js';
 
 export interface PendingIo {
   /** The call: `writeFile`, `unlink`, `utimes`, `read`. */
@@ -84,6 +85,13 @@ export interface Cleanup {
    */
   unanswered(): Promise<number>;
 }
+
+/** startCleanup's `failed` for the server's stop: a warning, on stderr where there is no logger yet. */
+export const warnStepFailed = (log: Logger | undefined) => (step: string, err: unknown): void => {
+  const reason = (err as Error)?.message ?? String(err);
+  if (log) log.warn({ step, reason }, `shutdown: ${step} failed`);
+  else process.stderr.write(`diffusers-runtime: shutdown: ${step} failed: ${reason}\n`);
+};
 
 /** A stop's cleanup, bounded by `ms` from now; `failed` hears of each step that rejected. */
 export function startCleanup(o: { ms?: number; failed?: (name: string, err: unknown) => void } = {}): Cleanup {
