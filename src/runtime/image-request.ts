@@ -554,7 +554,7 @@ export function warmupInpaint(width: number, height: number): ImageRequest {
   };
 }
 
-/** The hash sha256Hex takes per turn of the event loop: ~2–3 ms (one 46 MB input took 26 ms at once). */
+/** The bytes sha256Hex hashes per turn of the event loop: a few ms each, where a large input at once held it tens. */
 const HASH_PIECE = 4 << 20;
 
 /** The SHA-256 of `bytes` (hex), a piece per turn, so a large input does not hold probes and other requests' I/O. */

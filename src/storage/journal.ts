@@ -14,9 +14,9 @@
  * behind about one data write per range in flight), without waiting for a sync. Ordering makes that safe. An `add`
  * is appended after the write it records returned, so any reader on the same running kernel (the page cache) sees
  * both. `sync` fdatasyncs the partials and then the log before a marker vouches for the lines before it, so after a
- * power cut (another boot) only vouched lines count, and they never claim bytes that did not reach the disk. A kill between a write and its `add` leaves a `try`: on the same boot the
- * bytes are read back and kept if their CRC-32 matches, so a kill -9 loses a write cut in the middle, and the writes
- * whose lines were still waiting to be written.
+ * power cut (another boot) only vouched lines count, and they never claim bytes that did not reach the disk. A kill
+ * between a write and its `add` leaves a `try`: on the same boot the bytes are read back and kept if their CRC-32
+ * matches, so a kill -9 loses a write cut in the middle, and the writes whose lines were still waiting to be written.
  * Replay stops at a torn line. Opening the journal syncs the partials of its unvouched lines (when this boot wrote
  * them), then rewrites it compacted and vouched.
  */
@@ -339,8 +339,7 @@ export class Journal {
   /**
    * The lines queued, in one write. A write a line fell behind for good: each waits in libuv's pool behind the data
    * writes queued before it (one per range in flight), while those ranges append lines faster than that, and a kill -9
-   * lost every write whose line still waited (1,000 to 2,300 writes of 256 KiB behind with 24 ranges writing to a local
-   * disk; batched, a few dozen).
+   * lost every write whose line still waited (docs/FAULTS.md).
    */
   async #write(fh: FileHandle): Promise<void> {
     const b = this.#queued.length === 1 ? this.#queued[0]! : Buffer.concat(this.#queued);
