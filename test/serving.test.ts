@@ -536,26 +536,65 @@ describe('formats, result cache, output_uri', () => {
     expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(2);
   });
 
-  it('an identical request waiting for a generation whose client leaves runs its own', async () => {
+  it("an identical request waiting for a queued generation whose client leaves keeps that generation's place in the queue: served before those queued after it", async () => {
+    const counts = async () => ({
+      images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total'),
+      left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
+    });
+    const before = await counts();
     const inst = { prompt: 'left alone', num_inference_steps: 40, height: 256, width: 256, seed: 92 };
-    const images0 = await metric(srv, 'images_generated_total');
+    const long = { num_inference_steps: 500, height: 512, width: 512 };
     // The worker held by a long generation of its own until the end: the first request waits queued behind it, however
     // fast its 40 steps would run (~70 ms, which a loaded machine's metric polls could miss).
-    const blocker = rawPredict(srv.port, { prompt: 'blocker', num_inference_steps: 500, height: 512, width: 512, seed: 93 });
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 93, ...long });
     await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
     const first = rawPredict(srv.port, inst);
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
-    const second = predict(srv, inst);
+    // Another request queued behind it: a long one, which ends long after the first's generation would.
+    const order: string[] = [];
+    const behind = rawPredict(srv.port, { prompt: 'queued behind', seed: 94, ...long });
+    behind.once('data', () => order.push('behind'));
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 2, 20_000, 5);
+    const second = predict(srv, inst).then((r) => (order.push('second'), r));
     // Counted in flight as it joins the first's generation (in the same turn), which it waits for outside the queue.
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
-    expect(await metric(srv, 'inference_queue_depth')).toBe(1);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 4, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(2);
     first.destroy();
-    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1 && (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    // Answered (and counted) at once; its generation still queued, in its place, for the request joined to it.
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(2);
     blocker.destroy();
     const r = await second;
     expect(r.status).toBe(200);
     expect(preds(r.json)[0]).toMatchObject({ seed: 92, width: 256, height: 256 });
-    expect((await metric(srv, 'images_generated_total')) - images0).toBe(1);
+    // Before, the first's generation left the queue with its client: the joined request queued one of its own, behind
+    // the long one, and was answered after it.
+    expect(order).toEqual(['second']);
+    behind.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'inference_queue_depth')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+    const after = await counts();
+    // One image, made for the request that left and served to the one joined to it (a hit); the three that left, once each.
+    expect({ images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left }).toEqual({ images: 1, hits: 1, left: 3 });
+    expect(b64(await predict(srv, inst)) === b64(r)).toBe(true);
+  });
+
+  it('a queued generation whose client left leaves the queue once the identical request joined to it leaves too: none is made for nobody', async () => {
+    const images0 = await metric(srv, 'images_generated_total');
+    const inst = { prompt: 'left by both', num_inference_steps: 40, height: 256, width: 256, seed: 95 };
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 96, num_inference_steps: 500, height: 512, width: 512 });
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const first = rawPredict(srv.port, inst);
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    const joined = rawPredict(srv.port, inst);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+    first.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(1);
+    joined.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1 && (await metric(srv, 'inference_queue_depth')) === 0, 20_000, 5);
+    blocker.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+    expect(await metric(srv, 'images_generated_total')).toBe(images0);
   });
 
   it('uploads to output_uri and returns the URI instead of bytes (one key, or key-<i>.<ext> for several)', async () => {

@@ -88,9 +88,9 @@ export interface SubmitOptions {
    */
   onMade?: (out: EncodedImage[] | Error) => void;
   /**
-   * The identical requests joined to this generation (generation.ts), waiting for its images: while any waits, a batch
-   * all of whose clients left runs on for them (the clients are answered all the same). Once the last of them leaves,
-   * joinersLeft() stops it.
+   * The identical requests joined to this generation (generation.ts), waiting for its images: while any waits, a
+   * generation whose clients left keeps its place in the queue, or its batch runs on if all of its clients left (the
+   * clients are answered all the same). Once the last of them leaves, joinersLeft() takes it out or stops it.
    */
   joined?: Joined;
 }
@@ -111,6 +111,7 @@ interface Task {
   onProgress: ((p: Progress) => void) | undefined;
   resolve: (r: TaskResult) => void;
   reject: (e: unknown) => void;
+  /** 'done': its client is answered, though its generation may run on for the requests joined to it (`joined`). */
   state: 'queued' | 'running' | 'done';
   onAbort?: () => void;
   /** The LoRA adapter set, when the request names adapters (its key is part of `key`: sets never share a batch). */
@@ -575,7 +576,13 @@ export class Engine {
 
   #abandon(task: Task): void {
     const counted = { ...this.#labels, reason: cancelReason(task.signal?.reason) };
-    if (task.state === 'queued') {
+    if (task.state === 'queued' && waitedFor(task)) {
+      // Identical requests joined to it wait for its images: it keeps its place in the queue for them (they would
+      // otherwise queue a generation of their own, behind everyone queued since), and its client is answered now. Once
+      // the last of them leaves, joinersLeft() takes it out.
+      this.metrics.cancelled.inc(counted);
+      this.#answer(task, new RuntimeError('CANCELLED', 'the client left while queued'));
+    } else if (task.state === 'queued') {
       const i = this.#pending.indexOf(task);
       if (i >= 0) this.#pending.splice(i, 1);
       this.metrics.queueDepth.set(this.#labels, this.queueDepth);
@@ -599,10 +606,19 @@ export class Engine {
 
   /**
    * The last of the requests joined to a generation (SubmitOptions.joined) left: its batch stops if its own clients
-   * left too.
+   * left too, and, still queued after its client left (#abandon), it leaves the queue.
    */
   joinersLeft(joined: Joined): void {
     for (const w of this.#workers) for (const run of runsOf(w)) if (run.tasks.some((t) => t.joined === joined)) this.#stopIfUnwanted(w, run);
+    const gone = this.#pending.filter((t) => t.joined === joined && t.state === 'done');
+    if (gone.length === 0) return;
+    for (const t of gone) {
+      this.#pending.splice(this.#pending.indexOf(t), 1);
+      // Its client's leaving was counted when it was answered.
+      this.#finish(t, new RuntimeError('CANCELLED', 'the client left while queued'));
+    }
+    this.metrics.queueDepth.set(this.#labels, this.queueDepth);
+    this.#checkIdle();
   }
 
   /**
@@ -610,7 +626,7 @@ export class Engine {
    * it waits for its images; once: the tasks of one request share its signal, and each of them comes here.
    */
   #stopIfUnwanted(w: WorkerHandle, run: Running): void {
-    if (run.cancelled || !run.tasks.every((t) => t.signal?.aborted && !(t.joined && t.joined.count > 0))) return;
+    if (run.cancelled || !run.tasks.every((t) => t.signal?.aborted && !waitedFor(t))) return;
     run.cancelled = true;
     w.send({ t: 'cancel', id: run.id });
   }
@@ -675,7 +691,8 @@ export class Engine {
     const id = this.#nextId++;
     const now = performance.now();
     for (const t of tasks) {
-      t.state = 'running';
+      // A task whose client left while it was queued, kept for the requests joined to it (#abandon), stays answered.
+      if (t.state === 'queued') t.state = 'running';
       t.runId = id;
     }
     const warmup = tasks.some((t) => t.pin !== undefined);
@@ -1093,6 +1110,9 @@ function outOfMemoryError(req: GenerationRequest, device: string): RuntimeError 
 
 /** The ids of the client requests of `tasks`, for a line about them (log.ts batchIds). */
 const idsOf = (tasks: readonly Task[]) => batchIds(tasks.map((t) => t.req.ids));
+
+/** Whether requests joined to the task's generation (SubmitOptions.joined) wait for its images. */
+const waitedFor = (t: Task): boolean => t.joined !== undefined && t.joined.count > 0;
 
 /** The batches a worker holds: the one it is stepping, then those it is decoding. */
 function runsOf(w: WorkerHandle): Running[] {

@@ -88,12 +88,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   };
 
   /**
-   * The images of the identical generation already running, or undefined when it was cancelled (its clients left or
-   * timed out before the batch ran; or while it ran, this request and any other joined to it gone too, so it stopped;
-   * its request failed elsewhere): this request then runs its own. A batch whose clients left while it ran runs on
-   * while this request waits, and gives its images here. Any other failure (the grace period's end, out of memory) is
-   * this request's too, as in a shared batch. A WebSocket client, which streams its own progress, never waits for
-   * another's.
+   * The images of the identical generation already queued or running, or undefined when it was cancelled (its client
+   * left before it was queued, while its adapters were looked up; a batch that ran out of memory runs again only for
+   * the clients still there): this request then runs its own. A generation whose clients left keeps its place in the
+   * queue while this request waits, and a batch whose clients left runs on; each gives its images here. Any other
+   * failure (the grace period's end, out of memory) is this request's too, as in a shared batch. A WebSocket client,
+   * which streams its own progress, never waits for another's.
    */
   const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
     const other = running.get(key);
