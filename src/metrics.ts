@@ -226,7 +226,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     resultCacheHits: new Counter({
       name: 'result_cache_hits_total',
-      help: 'Predictions answered from the result cache, or from an identical generation already running, without a new generation',
+      help: 'Generation requests (V1 instances, V2 prompts) answered from the result cache, or from an identical generation already queued or running (another request\'s, or the same request\'s), without a new generation',
       labelNames: ['model_name'] as const,
       registers: r,
     }),

@@ -536,6 +536,75 @@ describe('formats, result cache, output_uri', () => {
     expect((await metric(srv, 'result_cache_hits_total')) - hits0).toBe(2);
   });
 
+  it('runs one generation for identical seeded instances of one request (V1 instances, V2 prompts): each answered in its place with the same bytes and seeds; unseeded ones each generate', async () => {
+    const counts = async () => ({
+      images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total'), generations: await metric(srv, 'inference_batch_size_sum'),
+    });
+    const v1 = (instances: Array<Record<string, unknown>>) => postJson(`${srv.url}/v1/models/model:predict`, { instances });
+    const a = { prompt: 'twice in one', num_inference_steps: 4, height: 64, width: 64, seed: 97, num_images_per_prompt: 2 };
+    const b = { prompt: 'once in one', num_inference_steps: 4, height: 64, width: 64, seed: 90 };
+    const before = await counts();
+    const r = await v1([a, b, a, { ...a, output_format: 'jpeg' }]);
+    expect(r.status).toBe(200);
+    const p = preds(r.json);
+    expect(p.map((x) => [x.seed, x.format])).toEqual([[97, 'png'], [98, 'png'], [90, 'png'], [97, 'png'], [98, 'png'], [97, 'jpeg'], [98, 'jpeg']]);
+    expect([p[3]!.image.b64 === p[0]!.image.b64, p[4]!.image.b64 === p[1]!.image.b64]).toEqual([true, true]);
+    // The third instance answered from the first's generation (before: its two images generated again: 7 images, 4
+    // generations, no hit); the JPEG one is another key.
+    const after = await counts();
+    expect({ images: after.images - before.images, hits: after.hits - before.hits, generations: after.generations - before.generations }).toEqual({ images: 5, hits: 1, generations: 3 });
+    // What a generation of that instance gives (the scheduler named: another key, so a generation).
+    const alone = await v1([{ ...a, scheduler: 'pndm' }]);
+    expect(preds(alone.json).map((x) => x.image.b64 === p[0]!.image.b64 || x.image.b64 === p[1]!.image.b64)).toEqual([true, true]);
+
+    // V2: the same prompt twice with one parameters.seed.
+    const v2before = await counts();
+    const v2 = await postJson(`${srv.url}/v2/models/model/infer`, {
+      inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['twice in v2', 'twice in v2'] }], parameters: { num_inference_steps: 4, height: 64, width: 64, seed: 99 },
+    });
+    expect(v2.status).toBe(200);
+    const out = (name: string) => (v2.json.outputs as Array<{ name: string; data: unknown[] }>).find((o) => o.name === name)!.data;
+    expect([out('seed'), out('image')[0] === out('image')[1]]).toEqual([[99, 99], true]);
+    const v2after = await counts();
+    expect({ images: v2after.images - v2before.images, hits: v2after.hits - v2before.hits }).toEqual({ images: 1, hits: 1 });
+
+    // Each to its own output_uri: one generation, its image written to both.
+    const upBefore = await counts();
+    const c = { prompt: 'twice to s3', num_inference_steps: 4, height: 64, width: 64, seed: 89 };
+    const up = await v1([{ ...c, output_uri: 's3://out/twice/a.png' }, { ...c, output_uri: 's3://out/twice/b.png' }]);
+    expect(preds(up.json).map((x) => [x.image.uri, x.seed])).toEqual([['s3://out/twice/a.png', 89], ['s3://out/twice/b.png', 89]]);
+    const get = async (key: string) => Buffer.from(await (await s3.client.send(new GetObjectCommand({ Bucket: 'out', Key: key }))).Body!.transformToByteArray());
+    expect((await get('twice/a.png')).equals(await get('twice/b.png'))).toBe(true);
+    const upAfter = await counts();
+    expect({ images: upAfter.images - upBefore.images, hits: upAfter.hits - upBefore.hits }).toEqual({ images: 1, hits: 1 });
+
+    // Without a seed each instance draws its own: each is generated.
+    const { seed: _, ...unseeded } = b;
+    const random = await v1([unseeded, unseeded]);
+    expect(random.status).toBe(200);
+    expect(new Set(preds(random.json).map((x) => x.seed)).size).toBe(2);
+    const last = await counts();
+    expect({ images: last.images - upAfter.images, hits: last.hits - upAfter.hits }).toEqual({ images: 2, hits: 0 });
+  });
+
+  it('a request of identical seeded instances whose client leaves while it is queued leaves the queue whole: counted once, none made', async () => {
+    const before = { images: await metric(srv, 'images_generated_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }) };
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 87, num_inference_steps: 500, height: 512, width: 512 });
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const inst = { prompt: 'twice and gone', num_inference_steps: 4, height: 64, width: 64, seed: 88 };
+    const gone = new AbortController();
+    const twice = postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst, inst] }, { signal: gone.signal }).catch(() => 'left');
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2 && (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    gone.abort();
+    expect(await twice).toBe('left');
+    // The first instance's generation, which the second waited for, leaves the queue with both.
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1 && (await metric(srv, 'inference_queue_depth')) === 0, 20_000, 5);
+    blocker.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+    // One generation queued for the two instances, and its leaving (the blocker's too).
+    expect({ images: (await metric(srv, 'images_generated_total')) - before.images, left: (await metric(srv, 'inference_cancelled_total', { reason: 'client_left' })) - before.left }).toEqual({ images: 0, left: 2 });
+  });
+
   it("an identical request waiting for a queued generation whose client leaves keeps that generation's place in the queue: served before those queued after it", async () => {
     const counts = async () => ({
       images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total'),

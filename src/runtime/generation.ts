@@ -68,10 +68,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   metrics.inflight.set(labels, 0);
   const output = createOutputStore(s3, log);
   /**
-   * Generations of cacheable requests now running, by result-cache key: an identical request waits for their images,
-   * counted in `joined` while it does (the engine runs a batch on for them after its own clients left).
+   * Generations of cacheable requests now queued or running, by result-cache key: an identical request (or instance of
+   * the same request) waits for their images, counted in `joined` while it does (the engine keeps a generation queued,
+   * or runs its batch on, for them after its own clients left).
    */
-  const running = new Map<string, { images: Promise<EncodedImage[]>; joined: { count: number } }>();
+  const running = new Map<string, Running>();
   let inflight = 0;
   const waiters: Array<() => void> = [];
   /**
@@ -95,9 +96,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * failure (the grace period's end, out of memory) is this request's too, as in a shared batch. A WebSocket client,
    * which streams its own progress, never waits for another's.
    */
-  const joinRunning = async (key: string, signal: AbortSignal, onProgress?: (p: Progress) => void): Promise<readonly EncodedImage[] | undefined> => {
-    const other = running.get(key);
-    if (other === undefined || onProgress !== undefined) return undefined;
+  const joinRunning = async (other: Running, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
     other.joined.count++;
     let leave = () => undefined as void;
     const left = new Promise<never>((_, reject) => {
@@ -118,7 +117,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   };
 
   /**
-   * Result cache → an identical generation running → queue → cache fill → optional upload to output_uri.
+   * Result cache → an identical generation queued or running (another request's, or an earlier instance's of this
+   * one) → queue → cache fill → optional upload to output_uri.
    * `request`: the object every generation of one client request shares (the engine queues the request as one).
    * `upload`: the request's uploads, each under way until it settles; aborted by the client's leaving or the timeout,
    * not by `signal`'s failure of another generation of the request (generate()).
@@ -126,7 +126,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
     onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
-    const hit = key === undefined ? undefined : resultCache.get(key) ?? (await joinRunning(key, signal, onProgress));
+    let hit: readonly EncodedImage[] | undefined = key === undefined ? undefined : resultCache.get(key);
+    // Looked up in the turn generate() called this, as a generation is registered below, before any wait: an identical
+    // instance later in the same request joins the generation of the first, as an identical request would.
+    const other = hit === undefined && key !== undefined && onProgress === undefined ? running.get(key) : undefined;
+    if (other) hit = await joinRunning(other, signal);
     let result: TaskResult;
     if (hit) result = cachedResult(hit, onQueued);
     else {
@@ -243,6 +247,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       return new Promise<void>((r) => waiters.push(r)).then(() => engine.idle());
     },
   };
+}
+
+/** A generation of a cacheable request, queued or running: its images, and the identical requests waiting for them. */
+interface Running {
+  readonly images: Promise<EncodedImage[]>;
+  readonly joined: { count: number };
 }
 
 /** A request's output_uri uploads: the signal that cancels them, and those started. */
