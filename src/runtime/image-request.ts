@@ -275,8 +275,9 @@ export async function decodeImage(bytes: Uint8Array, field: string, maxPixels = 
       fits(bmp.width, bmp.height);
       // At its turn for a thread, not while it waits for one (a queue of BMPs held their shares unused, refusing other
       // requests): the pixels, the thread's copy of the file, and an RLE file's index per pixel, expanded before the colours.
-      const atTurn = () => reserve(bmp.width, bmp.height, bytes.length + (bmp.rle ? bmp.width * bmp.height : 0));
-      out = { data: await decodeOnThread('bmp', bytes, field, signal, atTurn), info: { width: bmp.width, height: bmp.height, channels: 3 } };
+      const indices = bmp.rle ? bmp.width * bmp.height : 0;
+      const atTurn = () => reserve(bmp.width, bmp.height, bytes.length + indices);
+      out = { data: await decodeOnThread('bmp', bytes, field, signal, atTurn, indices), info: { width: bmp.width, height: bmp.height, channels: 3 } };
     } else if (fmt === 'gif') out = await decodeGif(bytes, field, maxPixels, reserve, hold, signal);
     else out = await decodeWithSharp(bytes, fmt, maxPixels, reserve);
   } catch (err) {
