@@ -1,7 +1,8 @@
 /** @module The embedded demo model: built once per cache dir and format version, shared safely between processes. */
 import { createHash, randomBytes } from 'node:crypto';
-import { access, mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { exists } from '../files.js';
 import { buildDemoModel, resolveDemoOptions } from './build.js';
 
 export { buildDemoModel, resolveDemoOptions, demoAssetsDir, DEMO_FAMILIES } from './build.js';
@@ -55,9 +56,6 @@ export async function ensureDemoModel(cacheDir: string, log?: DemoLog): Promise<
   }
   return final;
 }
-
-/** Asked without blocking the event loop: the cache may be a volume that stopped answering (a stop must still run). */
-const exists = (file: string): Promise<boolean> => access(file).then(() => true, () => false);
 
 async function sweepStaleTemps(root: string, name: string): Promise<void> {
   const prefix = `.${name}.tmp-`;

@@ -48,6 +48,7 @@ export type CacheOutcome = 'hit' | 'deferred' | 'written' | 'declined' | 'skippe
  */
 export type { OptimizedCacheMode } from '../config.js';
 import type { OptimizedCacheMode } from '../config.js';
+import { exists } from '../files.js';
 import { onGpu, type SessionProvider } from './provider.js';
 
 /**
@@ -345,7 +346,7 @@ const round1 = (ms: number) => Math.round(ms * 10) / 10;
 
 /** A folder of the PVC cache: one of the fetch engine's markers (its manifest, or its journal while filling) sits at its root. */
 async function isCacheEntry(modelRoot: string, markers: readonly string[]): Promise<boolean> {
-  for (const marker of markers) if (await fsp.access(path.join(modelRoot, marker)).then(() => true, () => false)) return true;
+  for (const marker of markers) if (await exists(path.join(modelRoot, marker))) return true;
   return false;
 }
 
@@ -417,7 +418,7 @@ async function carryOne(from: string, to: string, stem: string): Promise<boolean
   const src = { onnx: path.join(from, `${stem}.onnx`), key: path.join(from, `${stem}.json`) };
   const p = { dir: to, stem, onnx: path.join(to, `${stem}.onnx`), key: path.join(to, `${stem}.json`) };
   // Decided in the new version already (an earlier round of the same fill).
-  if (await fsp.access(p.key).then(() => true, () => false)) return false;
+  if (await exists(p.key)) return false;
   const text = await fsp.readFile(src.key, 'utf8');
   const stored = JSON.parse(text) as StoredKey;
   // The same file: the cache never rewrites one in place, so the same inode is the same bytes.

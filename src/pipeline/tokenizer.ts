@@ -5,9 +5,10 @@
  * where other tokenizers differ.
  */
 
-import { access, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
+import { exists } from '../files.js';
 import { TOKENIZER_JSON } from './model.js';
 import { parsePyJson } from './pyjson.js';
 import { fixText, htmlUnescape } from './text-fix.js';
@@ -207,7 +208,7 @@ export class ClipTokenizer {
     let fastAdded: unknown;
     // transformers 5 saves a CLIP tokenizer as tokenizer.json alone: its BPE model holds the vocabulary and the merges.
     // Asked without blocking: the boot parses tokenizers on the event loop, from a cache volume that may stop answering.
-    const has = (name: string) => access(path.join(dir, name)).then(() => true, () => false);
+    const has = (name: string) => exists(path.join(dir, name));
     const fast = !((await has('vocab.json')) && (await has('merges.txt'))) && (await has(TOKENIZER_JSON));
     if (fast) {
       let model: { type?: unknown; vocab?: unknown; merges?: unknown } | undefined;

@@ -15,11 +15,12 @@
  * to `run()` for the rest; `bootRuntime(rt)` does all of it for a runtime built in one go (tests). Boot states and
  * their metrics are runtime/boot.ts's; this module decides when to move them.
  */
-import { access, readdir } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
+import { exists } from '../files.js';
 import type { Logger } from '../log.js';
 import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON, unusedFiles } from '../pipeline/model.js';
 import { optimizedCopyHooks } from '../pipeline/ortcache.js';
@@ -91,7 +92,7 @@ export async function bootRuntime(rt: Runtime): Promise<void> {
 async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
   // A modelcar's /mnt/models appears after start (MODEL_INIT_MODE=async): it is the model, not a reason for the demo one.
   // Asked without blocking: /mnt/models may be a network volume (a pvc:// storageUri), and signals are handled by now.
-  const uri = cfg.storageUri ?? (cfg.modelInitAsync || (await access('/mnt/models').then(() => true, () => false)) ? '/mnt/models' : undefined);
+  const uri = cfg.storageUri ?? (cfg.modelInitAsync || (await exists('/mnt/models')) ? '/mnt/models' : undefined);
   if (uri === undefined) return { source: 'demo' };
   let src;
   try {

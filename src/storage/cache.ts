@@ -11,6 +11,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { exists } from '../files.js';
 
 export const MANIFEST = '.complete.json';
 export const JOURNAL = '.progress.jsonl';
@@ -132,9 +133,8 @@ export async function uncommit(entry: string): Promise<void> {
 /** Puts back a commit uncommit set aside, durably; whether there was one. A commit made since wins. */
 export async function recommit(entry: string): Promise<boolean> {
   const held = path.join(entry, HELD);
-  const there = (p: string) => fsp.stat(p).then(() => true, () => false);
-  if (!(await there(held))) return false;
-  if (await there(path.join(entry, MANIFEST))) await fsp.unlink(held);
+  if (!(await exists(held))) return false;
+  if (await exists(path.join(entry, MANIFEST))) await fsp.unlink(held);
   else await fsp.rename(held, path.join(entry, MANIFEST));
   await fsyncDir(entry);
   return true;

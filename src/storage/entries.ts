@@ -12,6 +12,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp, type Stats } from 'node:fs';
 import path from 'node:path';
+import { exists } from '../files.js';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { isEntry, LEASES, leaseState, leaseStates, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
 import { acquireLock, inspectHolder, inspectHolders, type LockInfo, sameProcess, type StillBeats, sweepHolderTemps } from './lock.js';
@@ -127,7 +128,7 @@ async function siblings(cacheDir: string, name: string): Promise<{ version: numb
   let superseded = false;
   for (const v of await versionsOf(cacheDir, key)) {
     if (v.n <= n) continue;
-    if (await fsp.stat(path.join(v.dir, MANIFEST)).then(() => true, () => false)) superseded = true;
+    if (await exists(path.join(v.dir, MANIFEST))) superseded = true;
     await allocated(v.dir, { inodes: newer });
   }
   return { version: n, newer, superseded };
@@ -279,9 +280,8 @@ export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; 
  */
 export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}): Promise<number> {
   let n = 0;
-  const there = (dir: string) => fsp.lstat(dir).then(() => true, () => false);
   const orphans: string[] = [];
-  for (const name of await fsp.readdir(path.join(cacheDir, LEASES)).catch(() => [] as string[])) if (!(await there(path.join(cacheDir, name)))) orphans.push(name);
+  for (const name of await fsp.readdir(path.join(cacheDir, LEASES)).catch(() => [] as string[])) if (!(await exists(path.join(cacheDir, name)))) orphans.push(name);
   const { still } = await watchEntries(cacheDir, orphans, o);
   const seen = { still, ...(o.signal ? { signal: o.signal } : {}) };
   for (const name of orphans) {
@@ -291,7 +291,7 @@ export async function emptyOrphanLeases(cacheDir: string, o: EntryOptions = {}):
     try {
       // Not watched again: a lease that looks old and moved, or came since, keeps the folder.
       const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0, ...seen });
-      if ((await there(dir)) || leases.live.length > 0 || leases.unwatched > 0) continue;
+      if ((await exists(dir)) || leases.live.length > 0 || leases.unwatched > 0) continue;
       // Taken over while this process stood still after the read above: a lease published since is its taker's.
       if (!(await lock.mine())) continue;
       try {

@@ -23,6 +23,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
+import { exists } from '../files.js';
 import { trackIo } from './pending-io.js';
 import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type InspectOptions, type LockInfo } from './lock.js';
 
@@ -112,8 +113,6 @@ export async function leaseStates(entryDirs: readonly string[], staleMs = LEASE_
     return { live, lastUsedMs, unwatched, watched };
   });
 }
-
-const exists = (p: string) => fsp.stat(p).then(() => true, () => false);
 
 /** Whether `entryDir` is a cache entry: committed, or being filled (ENTRY_MARKERS). */
 export async function isEntry(entryDir: string): Promise<boolean> {
