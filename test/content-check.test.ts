@@ -1,6 +1,5 @@
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -9,7 +8,7 @@ import { newDigest, type Algorithm } from '../src/storage/checksums.js';
 import { Hasher, partSizeFrom, type Hashing } from '../src/storage/content-check.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { readManifest } from '../src/storage/cache.js';
-import { cleanUpS3, CREDS, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startModelStore, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -50,10 +49,7 @@ async function expectSame(dir: string): Promise<void> {
 const newCache = () => fsp.mkdtemp(path.join(tmp, 'cache-'));
 
 beforeAll(async () => {
-  Object.assign(process.env, CREDS);
-  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'content-check-'));
-  ({ s3, proxy } = await startS3WithProxy());
-  for (const [rel, body] of Object.entries(files)) await s3.put('models', `sd/${rel}`, body);
+  ({ s3, proxy, tmp } = await startModelStore('content-check-', files));
 });
 
 cleanUpS3(() => ({ s3, proxy, tmp }));

@@ -6,7 +6,6 @@
  * a wait whatever Retry-After says, the deadline) are checked on their own below, with a clock of the test's.
  */
 import { promises as fsp, existsSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createLogger, silentLogger } from '../src/log.js';
@@ -14,7 +13,7 @@ import { resolveModel } from '../src/storage/fetch.js';
 import { retryAfterMs, throttled } from '../src/storage/s3-errors.js';
 import { LiteHttpError } from '../src/storage/s3-lite.js';
 import { Throttle } from '../src/storage/throttle.js';
-import { cleanUpS3, CREDS, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startModelStore, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
 let proxy: FaultProxy;
@@ -28,10 +27,7 @@ const files: Record<string, Buffer> = {
 };
 
 beforeAll(async () => {
-  Object.assign(process.env, CREDS);
-  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'storage-throttle-'));
-  ({ s3, proxy } = await startS3WithProxy());
-  for (const [rel, body] of Object.entries(files)) await s3.put('models', `sd/${rel}`, body);
+  ({ s3, proxy, tmp } = await startModelStore('storage-throttle-', files));
 });
 
 cleanUpS3(() => ({ s3, proxy, tmp }));

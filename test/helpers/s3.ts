@@ -714,6 +714,18 @@ export async function startS3WithProxy(): Promise<{ s3: S3Server; proxy: FaultPr
   return { s3, proxy: await startFaultProxy(s3.port) };
 }
 
+/**
+ * A test file's model store, for its beforeAll: the credentials in the environment, a temp folder (`<tmpPrefix>XXXXXX`,
+ * which cleanUpS3 removes), s3rver with the fault proxy in front, and `files` put under s3://models/sd/.
+ */
+export async function startModelStore(tmpPrefix: string, files: Record<string, Buffer>): Promise<{ s3: S3Server; proxy: FaultProxy; tmp: string }> {
+  Object.assign(process.env, CREDS);
+  const tmp = await fsp.mkdtemp(path.join(os.tmpdir(), tmpPrefix));
+  const { s3, proxy } = await startS3WithProxy();
+  for (const [rel, body] of Object.entries(files)) await s3.put('models', `sd/${rel}`, body);
+  return { s3, proxy, tmp };
+}
+
 /** UploadIds the store created that were neither completed nor aborted (what ListMultipartUploads would list), with their keys. */
 export function unfinishedUploads(p: FaultProxy): Record<string, string> {
   const { created, completed, aborted } = p.stats.multipart;
