@@ -10,7 +10,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 const SRC = path.resolve('src');
-const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10, deadline: 10, files: 10 };
+const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, descriptors: 8, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10, deadline: 10, files: 10 };
 function sources(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
     const p = path.join(dir, e.name);
@@ -100,6 +100,10 @@ describe('module layout', () => {
     expect(g.size).toBeGreaterThan(40);
     for (const [from, deps] of g) for (const d of deps) expect(g.has(d), `${from} imports ${d}`).toBe(true);
     expect(g.get('main.ts')).toEqual(expect.arrayContaining(['runtime/runtime.ts', 'server/app.ts']));
+  });
+
+  it('every layer has a rank (an unranked module would escape the check below)', () => {
+    expect([...new Set([...g.keys()].map(layer))].filter((l) => RANK[l] === undefined)).toEqual([]);
   });
 
   it('no import runs back up or across between sibling layers', () => {
