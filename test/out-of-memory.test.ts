@@ -139,31 +139,48 @@ const SIZE = 1024;
 const BIG = 63;
 const MARGIN_MB = 640;
 
+/** Each request names itself: the out-of-memory lines carry the ids of the requests of the batch. */
+const trace = (p: string) => `${Buffer.from(p.padEnd(16, '.')).toString('hex').slice(0, 32)}`;
+const headers = (inst: Record<string, unknown>) => ({ 'content-type': 'application/json', 'x-request-id': String(inst.prompt), traceparent: `00-${trace(String(inst.prompt))}-00f067aa0ba902b7-01` });
+const predictOn = (srv: ServerHandle, inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] }, { headers: headers(inst) });
+/** A request whose client leaves when the socket is destroyed. */
+function rawPredict(srv: ServerHandle, inst: Record<string, unknown>): net.Socket {
+  const body = JSON.stringify({ instances: [inst] });
+  const head = Object.entries({ ...headers(inst), 'content-length': String(Buffer.byteLength(body)) }).map(([k, v]) => `${k}: ${v}\r\n`).join('');
+  const s = net.connect(srv.port, '127.0.0.1', () => s.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\n${head}\r\n${body}`));
+  s.on('error', () => undefined);
+  return s;
+}
+const big = { prompt: 'big', num_inference_steps: 1, height: SIZE, width: SIZE, num_images_per_prompt: BIG, seed: 7 };
+const small = { prompt: 'small', num_inference_steps: 1, height: SIZE, width: SIZE, seed: 9 };
+const normal = { prompt: 'normal', num_inference_steps: 2, height: 64, width: 64, seed: 3 };
+/** A generation of another shape, which holds the worker while others queue; its client leaving then frees it. */
+const hold = { prompt: 'hold', num_inference_steps: 500, height: 512, width: 512 };
+const b64 = (r: { json: Record<string, unknown> }) => (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+
+/**
+ * The built server, MAX_BATCH_SIZE 64 (the big request and a small one fill one batch together), with `env`; each shape
+ * the tests serve run once (the small request's image returned), then its address space capped: what they need again
+ * comes from the arenas.
+ */
+async function startCapped(env: Record<string, string>): Promise<{ srv: ServerHandle; smallAlone: string }> {
+  const srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: String(SIZE), MAX_IMAGES_PER_REQUEST: String(BIG), MAX_BATCH_SIZE: '64', ...env }, { ready: true });
+  const primed = await predictOn(srv, small);
+  expect(primed.status).toBe(200);
+  expect((await predictOn(srv, normal)).status).toBe(200);
+  const vmKb = Number(/^VmSize:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${srv.proc.pid}/status`, 'utf8'))![1]);
+  execFileSync('prlimit', [`--pid=${srv.proc.pid}`, `--as=${(vmKb + MARGIN_MB * 1024) * 1024}`]);
+  return { srv, smallAlone: b64(primed) };
+}
+
 describe.skipIf(!canLimit)('a generation out of memory (the built server, address space capped with prlimit --as)', () => {
   let srv: ServerHandle;
-  // Each request names itself: the out-of-memory lines carry the ids of the requests of the batch.
-  const trace = (p: string) => `${Buffer.from(p.padEnd(16, '.')).toString('hex').slice(0, 32)}`;
-  const predict = (inst: Record<string, unknown>) => postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst] }, {
-    headers: { 'content-type': 'application/json', 'x-request-id': String(inst.prompt), traceparent: `00-${trace(String(inst.prompt))}-00f067aa0ba902b7-01` },
-  });
-  const big = { prompt: 'big', num_inference_steps: 1, height: SIZE, width: SIZE, num_images_per_prompt: BIG, seed: 7 };
-  const small = { prompt: 'small', num_inference_steps: 1, height: SIZE, width: SIZE, seed: 9 };
-  const normal = { prompt: 'normal', num_inference_steps: 2, height: 64, width: 64, seed: 3 };
   let smallAlone: string;
-  const b64 = (r: { json: Record<string, unknown> }) => (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64;
+  const predict = (inst: Record<string, unknown>) => predictOn(srv, inst);
   const logged = (msg: string) => srv.logs.filter((l) => l.msg === msg);
 
-  beforeAll(async () => {
-    // MAX_BATCH_SIZE 64: the big request and the small one fill one batch together.
-    srv = await startServer({ STORAGE_URI: undefined, MAX_IMAGE_SIZE: String(SIZE), MAX_IMAGES_PER_REQUEST: String(BIG), MAX_BATCH_SIZE: '64', RESULT_CACHE_MB: '0' }, { ready: true });
-    // Each shape the tests serve once, before the cap: what they need again comes from the arenas.
-    const primed = await predict(small);
-    expect(primed.status).toBe(200);
-    smallAlone = b64(primed);
-    expect((await predict(normal)).status).toBe(200);
-    const vmKb = Number(/^VmSize:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${srv.proc.pid}/status`, 'utf8'))![1]);
-    execFileSync('prlimit', [`--pid=${srv.proc.pid}`, `--as=${(vmKb + MARGIN_MB * 1024) * 1024}`]);
-  });
+  // RESULT_CACHE_MB 0: each request generates, none is answered from another's images.
+  beforeAll(async () => void ({ srv, smallAlone } = await startCapped({ RESULT_CACHE_MB: '0' })));
   afterAll(async () => void (await srv?.stop()));
 
   it('answers 507 OUT_OF_MEMORY naming what was asked and what to do, logs and counts it once, and serves on', async () => {
@@ -191,14 +208,11 @@ describe.skipIf(!canLimit)('a generation out of memory (the built server, addres
   it('runs a batch that ran out of memory again one request at a time: the small request batched with the big one succeeds', async () => {
     const split0 = await metric(srv, 'inference_out_of_memory_total', { outcome: 'split' });
     const failed0 = await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' });
-    // A generation of another shape holds the worker while both queue; its client leaving then frees it.
-    const body = JSON.stringify({ instances: [{ prompt: 'hold', num_inference_steps: 500, height: 512, width: 512 }] });
-    const hold = net.connect(srv.port, '127.0.0.1', () => hold.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`));
-    hold.on('error', () => undefined);
+    const holding = rawPredict(srv, hold);
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 30_000, 25);
     const answers = Promise.all([predict(big), predict(small)]);
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 2, 30_000, 25);
-    hold.destroy();
+    holding.destroy();
     const [b, s] = await answers;
     expect(s.status).toBe(200);
     expect([b.status, b.json.code]).toEqual([507, 'OUT_OF_MEMORY']);
