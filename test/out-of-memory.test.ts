@@ -227,3 +227,61 @@ describe.skipIf(!canLimit)('a generation out of memory (the built server, addres
     expect((await predict(normal)).status).toBe(200);
   }, 120_000);
 });
+
+describe.skipIf(!canLimit)('a batch out of memory that holds generations whose clients left while identical requests wait for their images (the result cache on)', () => {
+  let srv: ServerHandle;
+  const predict = (inst: Record<string, unknown>) => predictOn(srv, inst);
+  const counts = async () => ({
+    hits: await metric(srv, 'result_cache_hits_total'), split: await metric(srv, 'inference_out_of_memory_total', { outcome: 'split' }),
+    failed: await metric(srv, 'inference_out_of_memory_total', { outcome: 'failed' }),
+  });
+  const bigTooMuch = `out of memory: ${BIG} images of ${SIZE}x${SIZE} (height x width) do not fit in this server's memory, even run alone`;
+
+  beforeAll(async () => void ({ srv } = await startCapped({ RESULT_CACHE_MB: '64' })));
+  afterAll(async () => void (await srv?.stop()));
+
+  /**
+   * The worker held while the requests `queued` wait behind it, one batch; then `joined` in flight, each joined to the
+   * generation of its identical request; then the clients of `leaving` (of `queued`) leave, each generation kept in the
+   * queue for the request joined to it; then the worker freed. Resolves with the answers of those still there, in order.
+   */
+  async function batchOutOfMemory(queued: Array<Record<string, unknown>>, leaving: ReadonlySet<Record<string, unknown>>, joined: Array<Record<string, unknown>>) {
+    const holding = rawPredict(srv, hold);
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 30_000, 25);
+    const staying = queued.filter((q) => !leaving.has(q)).map(predict);
+    const left = queued.filter((q) => leaving.has(q)).map((q) => rawPredict(srv, q));
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === queued.length, 30_000, 25);
+    const waiting = joined.map(predict);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1 + queued.length + joined.length, 30_000, 25);
+    for (const s of left) s.destroy();
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1 + queued.length + joined.length - left.length, 30_000, 25);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(queued.length);
+    holding.destroy();
+    return Promise.all([...staying, ...waiting]);
+  }
+
+  it("runs the generation of a client that left again alone while an identical request waits for it: that request gets its image, not a generation of its own queued at the back", async () => {
+    const before = await counts();
+    const mine = { ...small, prompt: 'small that leaves', seed: 11 };
+    const [b, j] = await batchOutOfMemory([big, mine], new Set([mine]), [mine]);
+    expect([b.status, b.json.code]).toEqual([507, 'OUT_OF_MEMORY']);
+    expect([j.status, (j.json.predictions as Array<{ seed: number }>)[0]!.seed]).toEqual([200, 11]);
+    const after = await counts();
+    // The batch split: the big request and, for the joined request, the small one alone (before: the small one was
+    // dropped with its client, and the joined request queued a generation of its own: no hit).
+    expect({ hits: after.hits - before.hits, split: after.split - before.split, failed: after.failed - before.failed }).toEqual({ hits: 1, split: 1, failed: 1 });
+    const split = srv.logs.filter((l) => l.msg === 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
+    expect(split.at(-1)).toMatchObject({ images: BIG + 1, requests: 2, requestIds: expect.arrayContaining(['big', 'small that leaves']) });
+  }, 120_000);
+
+  it("splits a batch out of memory whose clients all left, for the requests waiting for its generations: each is told of its own, not the first request's 507", async () => {
+    const before = await counts();
+    const mine = { ...small, prompt: 'small left with big', seed: 12 };
+    const [jb, j] = await batchOutOfMemory([big, mine], new Set([big, mine]), [big, mine]);
+    expect([jb.status, jb.json.code, String(jb.json.error).startsWith(bigTooMuch)]).toEqual([507, 'OUT_OF_MEMORY', true]);
+    // Before, no client of the batch was left, so it was not split: its one error, the big request's, went to both.
+    expect([j.status, j.json.error, (j.json.predictions as Array<{ seed: number }> | undefined)?.[0]?.seed]).toEqual([200, undefined, 12]);
+    const after = await counts();
+    expect({ hits: after.hits - before.hits, split: after.split - before.split, failed: after.failed - before.failed }).toEqual({ hits: 1, split: 1, failed: 1 });
+  }, 120_000);
+});

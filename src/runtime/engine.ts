@@ -89,8 +89,9 @@ export interface SubmitOptions {
   onMade?: (out: EncodedImage[] | Error) => void;
   /**
    * The identical requests joined to this generation (generation.ts), waiting for its images: while any waits, a
-   * generation whose clients left keeps its place in the queue, or its batch runs on if all of its clients left (the
-   * clients are answered all the same). Once the last of them leaves, joinersLeft() takes it out or stops it.
+   * generation whose clients left keeps its place in the queue, or its batch runs on if all of its clients left, or it
+   * runs again alone if its batch ran out of memory (the clients are answered all the same). Once the last of them
+   * leaves, joinersLeft() takes it out or stops it.
    */
   joined?: Joined;
 }
@@ -931,7 +932,9 @@ export class Engine {
    * shared a batch with (true). A request that ran alone is answered OUT_OF_MEMORY by the caller (false).
    */
   #outOfMemory(run: Running, detail: string | undefined): boolean {
-    const live = run.tasks.filter((t) => t.state === 'running');
+    // Wanted still: by its client, or, its client gone, by the identical requests joined to its generation, for which
+    // it runs again as it keeps its place in the queue (#abandon), answered already.
+    const live = run.tasks.filter((t) => t.state === 'running' || waitedFor(t));
     const split = run.tasks.length > 1 && live.length > 0;
     const { height, width } = run.tasks[0]!.req.shape;
     const shape = { height, width, images: run.tasks.reduce((n, t) => n + t.images, 0), requests: run.tasks.length };
@@ -942,11 +945,11 @@ export class Engine {
     }
     this.log.warn({ ...run.where, ...shape, reason: detail, ...idsOf(run.tasks) }, 'a generation batch ran out of memory: its requests run again one at a time (a lower MAX_BATCH_SIZE avoids the retries)');
     for (const t of live) {
-      t.state = 'queued';
+      if (t.state === 'running') t.state = 'queued';
       t.alone = true;
     }
-    // Those whose clients left are not run again: nothing is made for them.
-    for (const t of run.tasks) if (t.state === 'done') this.#finish(t, new RuntimeError('CANCELLED', 'the client left; its batch ran out of memory'));
+    // Those whose clients left and that no request waits for are not run again: nothing is made for them.
+    for (const t of run.tasks) if (!live.includes(t)) this.#finish(t, new RuntimeError('CANCELLED', 'the client left; its batch ran out of memory'));
     this.#pending.unshift(...live);
     this.metrics.queueDepth.set(this.#labels, this.queueDepth);
     return true;

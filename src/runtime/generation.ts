@@ -90,11 +90,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 
   /**
    * The images of the identical generation already queued or running, or undefined when it was cancelled (its client
-   * left before it was queued, while its adapters were looked up; a batch that ran out of memory runs again only for
-   * the clients still there): this request then runs its own. A generation whose clients left keeps its place in the
-   * queue while this request waits, and a batch whose clients left runs on; each gives its images here. Any other
-   * failure (the grace period's end, out of memory) is this request's too, as in a shared batch. A WebSocket client,
-   * which streams its own progress, never waits for another's.
+   * left before it was queued, while its adapters were looked up): this request then runs its own. A generation whose
+   * clients left keeps its place in the queue while this request waits, a batch whose clients left runs on, and one
+   * that ran out of memory runs again alone; each gives its images here. Any other failure (the grace period's end,
+   * out of memory alone) is this request's too, as in a shared batch. A WebSocket client, which streams its own
+   * progress, never waits for another's.
    */
   const joinRunning = async (other: Running, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
     other.joined.count++;
