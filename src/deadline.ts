@@ -42,3 +42,8 @@ export function deadline(parent: AbortSignal | undefined, ms: number): Deadline 
     },
   };
 }
+
+/** Whether `signal` was aborted by a deadline (this module's, or AbortSignal.timeout's TimeoutError), not by its caller. */
+export function deadlineReached(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true && (signal.reason as { name?: unknown } | undefined)?.name === 'TimeoutError';
+}

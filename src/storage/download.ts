@@ -20,7 +20,7 @@ import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
 import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
 import { attempts, classify, errorStatus, permanentError, throttled } from './s3-errors.js';
-import { Throttle } from './throttle.js';
+import { Throttle, type ThrottleWatch } from './throttle.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
 /** Low-level I/O the reader uses; replaceable for fault-injection tests. */
@@ -60,6 +60,8 @@ export interface DownloadOptions {
   maxAttempts: number;
   /** S3_THROTTLE_TIMEOUT_S in ms: how long the fill may be throttled without receiving a byte (throttle.ts). */
   throttleMs: number;
+  /** Hears the fill's throttled answers (and those that are not): throttle.ts ThrottleWatch. */
+  throttleWatch?: ThrottleWatch;
   /** Bytes gathered from the socket before one positional write. */
   writeBytes: number;
   journal: Journal;
@@ -260,7 +262,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       `the open-file limit (${limit}) leaves room for ${concurrency} ranges in flight, not S3_MAX_CONCURRENCY=${o.concurrency}; ${S3_ADVICE}`);
   }
   // Throttled answers cut the ranges in flight below the workers' count; the workers queue for a place (throttle.ts).
-  const throttle = new Throttle({ concurrency, timeoutMs: o.throttleMs, log: o.log });
+  const throttle = new Throttle({ concurrency, timeoutMs: o.throttleMs, log: o.log, ...(o.throttleWatch ? { watch: o.throttleWatch } : {}) });
   const queue = splitTail(tasks, concurrency, 4, 1 << 20, (t, r) => {
     if (r.start !== t.range.start) t.f.left++;
     return { ...t, range: r };

@@ -24,8 +24,8 @@ import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheE
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
-import { attempts as counted, classify, endpointName, permanentError, retryTransient, throttled } from './s3-errors.js';
-import { type Slot, Throttle } from './throttle.js';
+import { attempts as counted, classify, endpointName, permanentError, retryTransient } from './s3-errors.js';
+import { Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
@@ -106,6 +106,8 @@ export interface ResolveOptions {
   onEvicted?(e: CacheEntry): void;
   /** Called for each download of a file that was damaged on its way (S3_VERIFY_CONTENT; content-check.ts, onDamaged). */
   onDamaged?(rel: string): void;
+  /** Hears each throttled answer of the fill's LIST, ranges and HEADs, and each that is not (throttle.ts ThrottleWatch). */
+  throttleWatch?: ThrottleWatch;
   /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
   leaseStaleMs?: number;
   /**
@@ -513,16 +515,9 @@ class S3Fetch {
   private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000,
     throttleMs: number | null = this.o.cfg.s3.throttleTimeoutS * 1000): Promise<RemoteObject[]> {
     const transport = await this.transport!;
-    const throttle = throttleMs === null ? undefined : new Throttle({ concurrency: 1, timeoutMs: throttleMs, log: this.o.log, what: 'listing' });
-    let gaveUp = false;
-    // The try under way, as the throttle counts it: sent in the round current then. One request at a time, so each
-    // throttled answer is a round of its own and the waits grow.
-    let slot: Slot = { round: 0, release: () => undefined };
-    const onThrottled = throttle && ((e: unknown) => {
-      const wait = throttle.throttledBy(slot, e);
-      gaveUp = wait === undefined;
-      return wait;
-    });
+    // One request at a time, so each throttled answer is a round of its own and the waits grow.
+    const throttle = throttleMs === null ? undefined
+      : new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: throttleMs, log: this.o.log, what: 'listing', ...(this.o.throttleWatch ? { watch: this.o.throttleWatch } : {}) }));
     const stallMs = this.o.cfg.s3.stallTimeoutS * 1000;
     let tries = 0;
     // What cut the last try, if a bound did, and how many tries each bound cut.
@@ -531,9 +526,10 @@ class S3Fetch {
     const retried = (e: unknown) => !sdkMightDiffer(e) && (classify(e) === 'transient' || (cut === 'slow' && classify(e) === 'aborted'));
     try {
       return await retryTransient(async (attempt) => {
-        // Throttled tries count none (retryTransient): `tries` is of those S3_MAX_ATTEMPTS counts.
+        // Throttled tries count none (retryTransient): `tries` is of those S3_MAX_ATTEMPTS counts. A try that ends
+        // otherwise than throttled (a 500, a stall, a cut) ends the throttled spell (ThrottledTries).
         tries = attempt + 1;
-        if (throttle) slot = { round: throttle.round, release: () => undefined };
+        await throttle?.begin(this.signal);
         const d = deadline(this.signal, timeoutMs);
         let silent = false;
         try {
@@ -541,28 +537,22 @@ class S3Fetch {
             silent = true;
             return stallError('ListObjectsV2', stallMs, attempt, attempts, cause);
           });
-          throttle?.answered(slot);
+          throttle?.ended();
           return this.used(listed);
         } catch (e) {
-          // A try that ends otherwise than throttled (a 500, a stall, a cut) ends the throttled spell, as an answer that
-          // is not throttled does for the ranges: the next throttled answer waits from the shortest wait again, and the
-          // give-up clock (S3_THROTTLE_TIMEOUT_S) starts from it. Those tries count against S3_MAX_ATTEMPTS instead.
-          if (throttle && !throttled(e)) {
-            throttle.answered(slot);
-            throttle.progressed();
-          }
+          throttle?.ended(e);
           throw e;
         } finally {
           d.clear();
           cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;
           if (cut !== undefined) cuts[cut]++;
         }
-      }, attempts, this.signal, retried, onThrottled);
+      }, attempts, this.signal, retried, throttle?.onThrottled);
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
       const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
-      if (gaveUp) throw throttle!.gaveUp(`list ${where}`, e);
+      if (throttle?.gaveUp) throw throttle.throttle.gaveUp(`list ${where}`, e);
       if (cut !== undefined) {
         const n = cuts[cut];
         const which = tries === 1 ? 'its one try' : n === tries ? `each of its ${tries} tries` : `${n} of its ${tries} tries, the last included`;
@@ -572,6 +562,8 @@ class S3Fetch {
           : `cannot list ${where}: S3 did not finish the LIST within ${timeoutMs / 1000} s on ${which}`, { cause: e });
       }
       throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list', endpointName(this.o.cfg.s3, this.bucket));
+    } finally {
+      throttle?.done();
     }
   }
 
@@ -824,6 +816,7 @@ class S3Fetch {
           get, bucket: this.bucket, endpoint: endpointName(cfg.s3, this.bucket), entry: this.entry, journal, log, signal, lost,
           concurrency: cfg.s3.maxConcurrency, partSize: cfg.s3.partSize, stallMs: cfg.s3.stallTimeoutS * 1000, maxAttempts: cfg.s3.maxAttempts,
           throttleMs: cfg.s3.throttleTimeoutS * 1000,
+          ...(this.o.throttleWatch ? { throttleWatch: this.o.throttleWatch } : {}),
           writeBytes: this.o.writeBytes ?? WRITE_BYTES,
           ...(this.o.syncMs !== undefined ? { syncMs: this.o.syncMs } : {}),
           io: { ...defaultIo, ...this.o.io },

@@ -15,11 +15,17 @@
  *   every 503, no estimate of when it will serve again; honoured whole it would hold a boot minutes after a storm of
  *   seconds;
  * - a fill throttled for S3_THROTTLE_TIMEOUT_S without receiving a byte gives up (giveUp says so, and what to do).
+ *
+ * The same rules hold beyond the model's fill: a LORA_URI adapter's fetch is a fill; the requests of an output_uri
+ * upload (or of the warm-up CLI's push) share one Throttle per upload, as ranges do; an s3:// input image's GET has one
+ * of its own. ThrottledTries runs one request's tries under a Throttle. A client's request bounds its waits by its
+ * deadline (their signal), and ThrottleNote lets the work it stopped say that the store was throttling it.
  */
+import { deadlineReached } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { backoffMs, THROTTLE } from './plan.js';
-import { retryAfterMs, s3Code } from './s3-errors.js';
+import { retryAfterMs, s3Code, throttled as isThrottled } from './s3-errors.js';
 
 /** A place among the ranges in flight, taken for one request and what follows it (its body, or its wait). */
 export interface Slot {
@@ -29,14 +35,43 @@ export interface Slot {
   release(): void;
 }
 
+/**
+ * What a Throttle slows down, as its log lines and giveUp name it: a fill's download (its ranges, the default) or its
+ * listing; the requests of an upload (output_uri, a push); the GET of an s3:// input image.
+ */
+export type ThrottledWork = 'download' | 'listing' | 'upload' | 'read';
+
+/**
+ * Per work: what fails, what ends a throttled spell (as the first log line and giveUp say it), and what to do once it
+ * gave up, before the advice all share.
+ */
+const FILL = { fails: 'the fill fails', served: ['receiving a byte', 'a byte received'], advice: 'start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or ' } as const;
+const WORK: Readonly<Record<ThrottledWork, { fails: string; served: readonly [string, string]; advice: string }>> = {
+  download: FILL,
+  listing: FILL,
+  upload: { fails: 'the upload fails', served: ['a request accepted', 'a request accepted'], advice: 'send fewer uploads at once (a push: lower S3_MAX_CONCURRENCY), or ' },
+  read: { fails: 'the read fails', served: ['receiving a byte', 'a byte received'], advice: 'retry later, or ' },
+};
+
+/**
+ * Hears a Throttle's answers: each throttled one (`code`: the store's, as errors name it), and each that is not, or
+ * bytes arriving. For the s3_throttled_responses_total metric, and for ThrottleNote.
+ */
+export interface ThrottleWatch {
+  throttled(code: string): void;
+  served?(): void;
+}
+
 export interface ThrottleOptions {
-  /** Ranges in flight when not throttled (S3_MAX_CONCURRENCY, or fewer where descriptors are short). */
+  /** Ranges (or requests) in flight when not throttled (S3_MAX_CONCURRENCY, or fewer where descriptors are short). */
   concurrency: number;
   /** S3_THROTTLE_TIMEOUT_S, in ms. */
   timeoutMs: number;
   log: Logger;
-  /** What is throttled, as the log lines and giveUp name it: the fill's download (the default), or its listing. */
-  what?: 'download' | 'listing';
+  what?: ThrottledWork;
+  /** Fields of its log lines beside the counts (the object an upload or a read is of). */
+  fields?: Record<string, unknown>;
+  watch?: ThrottleWatch;
   now?: () => number;
   random?: () => number;
 }
@@ -65,13 +100,13 @@ export class Throttle {
   /** The lowest limit of the current episode, and how many throttled answers it had, for the messages. */
   lowest: number;
   answers = 0;
-  readonly #o: Required<ThrottleOptions>;
+  readonly #o: Required<Omit<ThrottleOptions, 'watch'>> & Pick<ThrottleOptions, 'watch'>;
   readonly #queue: Array<() => void> = [];
   #episode = false;
   #logged = 0;
 
   constructor(o: ThrottleOptions) {
-    this.#o = { now: Date.now, random: Math.random, what: 'download', ...o };
+    this.#o = { now: Date.now, random: Math.random, what: 'download', fields: {}, ...o };
     this.limit = o.concurrency;
     this.lowest = o.concurrency;
   }
@@ -119,6 +154,7 @@ export class Throttle {
 
   /** The store answered the request of `slot` with something other than throttling (its body, or another error). */
   answered(slot: Slot): void {
+    this.#o.watch?.served?.();
     if (slot.round !== this.round) return;
     this.level = 0;
     this.aside = 0;
@@ -128,13 +164,14 @@ export class Throttle {
     }
     if (this.#episode && this.limit === this.#o.concurrency) {
       this.#episode = false;
-      this.#o.log.info({ ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
+      this.#o.log.info({ ...this.#o.fields, ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
     }
   }
 
   /** Bytes arrived: the fill is not stuck, whatever else is throttled. */
   progressed(): void {
     this.since = undefined;
+    this.#o.watch?.served?.();
   }
 
   /**
@@ -146,6 +183,7 @@ export class Throttle {
     const now = this.#o.now();
     this.since ??= now;
     this.answers++;
+    this.#o.watch?.throttled(code);
     const left = this.since + this.#o.timeoutMs - now;
     if (left <= 0) return undefined;
     if (slot.round === this.round) {
@@ -159,12 +197,12 @@ export class Throttle {
     const backoff = backoffMs(rounds - 1, this.#o.random, { baseMs: Math.min(THROTTLE.baseMs, cap), maxMs: cap, factor: THROTTLE.factor });
     const hinted = hintMs === undefined ? backoff : Math.max(backoff, Math.min(hintMs, backoff + THROTTLE.hintExtraMs));
     const wait = Math.max(1, Math.min(hinted, cap, left));
-    const fields = { code, ranges: this.limit, maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
+    const fields = { ...this.#o.fields, code, ranges: this.limit, maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
     if (!this.#episode) {
       this.#episode = true;
       this.#logged = now;
       this.#o.log.warn(fields, `S3 is throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off; `
-        + `the fill fails once throttled for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) without receiving a byte`);
+        + `${WORK[this.#o.what].fails} once throttled for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) without ${WORK[this.#o.what].served[0]}`);
     } else if (now - this.#logged >= LOG_EVERY_MS) {
       this.#logged = now;
       this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
@@ -177,7 +215,7 @@ export class Throttle {
     return this.throttled(slot, s3Code(err), retryAfterMs(err));
   }
 
-  /** What a fill that gave up on `err` fails with: `cannot <action>: ` (`read s3://bucket/key`, `list …`) and giveUp. */
+  /** What work that gave up on `err` fails with: `cannot <action>: ` (`read s3://bucket/key`, `list …`) and giveUp. */
   gaveUp(action: string, err: unknown): RuntimeError {
     return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action}: ${this.giveUp(s3Code(err))}`, { cause: err });
   }
@@ -186,12 +224,90 @@ export class Throttle {
     return this.#o.what === 'download' ? `${this.limit} of ${this.#o.concurrency} ranges in flight, ` : '';
   }
 
-  /** What a fill that gave up says, after `cannot read <what>: ` (or `cannot list …: `). */
+  /** What work that gave up says, after `cannot read <what>: ` (or `cannot list …: `). */
   giveUp(code: string): string {
+    const work = WORK[this.#o.what];
     return `S3 kept throttling the ${this.#o.what} (${code}, ${this.answers} throttled answers) for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) `
-      + `without a byte received${this.#o.what === 'download' ? `, with the ranges in flight cut from ${this.#o.concurrency} to ${this.lowest}` : ''}; `
-      + 'the store is asked for more than it serves: '
-      + 'start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or raise S3_THROTTLE_TIMEOUT_S to wait longer '
-      + '(on MinIO or Ceph, check the server\'s load and its request limits)';
+      + `without ${work.served[1]}${this.#o.what === 'download' ? `, with the ranges in flight cut from ${this.#o.concurrency} to ${this.lowest}` : ''}; `
+      + `the store is asked for more than it serves: ${work.advice}raise S3_THROTTLE_TIMEOUT_S to wait longer (on MinIO or Ceph, check the server's load and its request limits)`;
+  }
+}
+
+/** A signal that never aborts: the place of a request that nothing stops (the push's requests outside an upload). */
+const NEVER = new AbortController().signal;
+
+/**
+ * One request's tries under a Throttle, for retryTransient (its onThrottled): each try takes a place among the requests
+ * in flight (those of one upload share a Throttle, as ranges do), and holds it through the wait that follows a throttled
+ * answer; the next try gives it back and queues for one again. A throttled answer costs no try; any other answer, or a
+ * failure other than throttling, ends the throttled spell (the next throttled answer waits from the shortest wait
+ * again, and the S3_THROTTLE_TIMEOUT_S clock starts from it).
+ */
+export class ThrottledTries {
+  #slot: Slot | undefined;
+  /** The last throttled answer came once the work had been throttled for S3_THROTTLE_TIMEOUT_S: gaveUp() says so. */
+  gaveUp = false;
+
+  constructor(readonly throttle: Throttle) {}
+
+  /** Before each try (`signal`: what ends the wait for a place). */
+  async begin(signal: AbortSignal | undefined): Promise<void> {
+    this.#slot?.release();
+    this.#slot = undefined;
+    this.#slot = await this.throttle.enter(signal ?? NEVER);
+  }
+
+  /** After each try: `err` undefined where the store answered it. */
+  ended(err?: unknown): void {
+    if (this.#slot === undefined || (err !== undefined && isThrottled(err))) return;
+    this.throttle.answered(this.#slot);
+    this.throttle.progressed();
+  }
+
+  /** retryTransient's onThrottled: how long to wait before the next try, or undefined to give up. */
+  readonly onThrottled = (err: unknown): number | undefined => {
+    const wait = this.throttle.throttledBy(this.#slot ?? { round: -1, release: () => undefined }, err);
+    this.gaveUp = wait === undefined;
+    return wait;
+  };
+
+  /** After the last try, whatever its outcome: its place goes back. */
+  done(): void {
+    this.#slot?.release();
+    this.#slot = undefined;
+  }
+}
+
+/**
+ * Whether the store is throttling a request's work now (its last answer was throttled: ThrottleWatch), so that the work
+ * stopped by the request's deadline says so. `count` hears each throttled answer (the metric).
+ */
+export class ThrottleNote implements ThrottleWatch {
+  #code = '';
+  #answers = 0;
+  #since: number | undefined;
+
+  constructor(private readonly count?: (code: string) => void, private readonly now: () => number = performance.now.bind(performance)) {}
+
+  throttled(code: string): void {
+    this.count?.(code);
+    this.#code = code;
+    this.#answers++;
+    this.#since ??= this.now();
+  }
+
+  served(): void {
+    this.#since = undefined;
+    this.#answers = 0;
+  }
+
+  /**
+   * `S3 was throttling <what> (<code>, <n> throttled answers in <s> s)` where `signal` ended the work for its deadline
+   * (deadline.ts) while the store was throttling it; undefined otherwise (the client left, or the store was serving).
+   */
+  stopped(signal: AbortSignal | undefined, what: string): string | undefined {
+    if (this.#since === undefined || !deadlineReached(signal)) return undefined;
+    const s = Math.round((this.now() - this.#since) / 100) / 10;
+    return `S3 was throttling ${what} (${this.#code}, ${this.#answers} throttled answer${this.#answers === 1 ? '' : 's'} in ${s} s)`;
   }
 }
