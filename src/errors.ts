@@ -133,3 +133,12 @@ export class RuntimeError extends Error {
 }
 
 export const isRuntimeError = (x: unknown): x is RuntimeError => x instanceof RuntimeError;
+
+/**
+ * `: <what it was waiting for>` for a TIMEOUT's message, from the error of the work the deadline stopped, where that
+ * says: a TIMEOUT of its own (S3 throttling an upload, an input image's read or an adapter's fetch: the work names what
+ * storage/throttle.ts ThrottleNote noted); else ''.
+ */
+export function stoppedWhile(err: unknown): string {
+  return err instanceof RuntimeError && err.code === 'TIMEOUT' ? `: ${err.message}` : '';
+}

@@ -1,6 +1,7 @@
 /**
- * A request whose output_uri upload is being retried (the store answers every PUT 503 SlowDown) and that is cancelled,
- * by its client leaving or by REQUEST_TIMEOUT_S: the upload's retries stop with it. lib-storage gives the requests it
+ * A request whose output_uri upload is being retried (the store answers every PUT 500 InternalError) and that is
+ * cancelled, by its client leaving or by REQUEST_TIMEOUT_S: the upload's retries stop with it (a throttled upload's
+ * waits do too: test/request-throttle.test.ts). lib-storage gives the requests it
  * sends no signal, and its abort() stopped none of them, so the runtime went on sending PUTs for up to ~3 s of backoff
  * for a request already answered. A real server process, s3rver behind the fault proxy, which counts every PUT. And a
  * SIGTERM right after a client left mid multipart upload: the server used to exit with the upload and its parts left.
@@ -21,7 +22,7 @@ let proxy: FaultProxy;
 let srv: ServerHandle;
 /** Longer than the upload's backoff in all (200 + 400 + 800 + 1600 ms at most, upload-retry.ts): a PUT still due would come within it. */
 const RETRIES_MS = 3_500;
-const SLOW_DOWN = { status: 503, code: 'SlowDown' };
+const FAILING = { status: 500, code: 'InternalError' };
 
 beforeAll(async () => {
   const model = await fixtureModel();
@@ -44,7 +45,7 @@ const answered = (status: number) => (l: LogLine) => l.msg === 'inference reques
 const troubles = (from: number) => srv.logs.slice(from).filter((l) => l.level === 'warn' || l.level === 'error' || l.level === 'fatal');
 
 it('a client that leaves while its upload backs off to retry: no PUT is sent after it left, and the request is logged 499', async () => {
-  proxy.faults = { failPuts: { keys: /^left\//, every: SLOW_DOWN } };
+  proxy.faults = { failPuts: { keys: /^left\//, every: FAILING } };
   const puts0 = proxy.stats.puts;
   const logs0 = srv.logs.length;
   const body = JSON.stringify({ instances: [instance(1, 's3://out/left/fox.png')] });
@@ -67,7 +68,7 @@ it('a client that leaves while its upload backs off to retry: no PUT is sent aft
 
 it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT, and no PUT is sent after it', async () => {
   // Each refusal takes a second, so that the 2 s timeout comes while attempts are left.
-  proxy.faults = { failPuts: { keys: /^late\//, every: SLOW_DOWN, delayMs: 1_000 } };
+  proxy.faults = { failPuts: { keys: /^late\//, every: FAILING, delayMs: 1_000 } };
   const puts0 = proxy.stats.puts;
   const logs0 = srv.logs.length;
   const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [instance(2, 's3://out/late/fox.png')] });

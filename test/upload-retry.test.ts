@@ -271,7 +271,7 @@ describe('output_uri', () => {
     const { requestS3, out } = store();
     try {
       // 11 MiB: lib-storage sends it as three 5 MiB parts (5, 5, 1), all in flight at once.
-      proxy.faults = { abortUploads: true, failPuts: { keys: /^out\/big/, every: { status: 503, code: 'SlowDown' } } };
+      proxy.faults = { abortUploads: true, failPuts: { keys: /^out\/big/, every: { status: 500, code: 'InternalError' } } };
       const ac = new AbortController();
       const failed = rejection(out.upload('s3://models/out/big.png', [png(5, 11 * MiB)], ac.signal));
       await until(() => proxy.stats.puts >= 3, 20_000, 2);

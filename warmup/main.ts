@@ -18,7 +18,7 @@ import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, endpointName, permanentError, retryTransient } from '../src/storage/s3-errors.js';
 import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
-import { uploadingUntil } from '../src/storage/upload-signal.js';
+import { uploadingUntil, uploadScope } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
 import { emptyAdapterSets, emptyHolderTemps, emptyOrphanLeases, emptyTrash, inUse, listEntries, removeEntry, watchEntries, type CacheEntry } from '../src/storage/entries.js';
@@ -42,8 +42,7 @@ async function warm(signal: AbortSignal): Promise<void> {
   if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
   const unaddressable = unaddressableUris(cfg);
   if (unaddressable.length > 0) throw new ConfigError(unaddressable);
-  // stdout carries only the final JSON line; a Job log shows progress and problems, not every event.
-  const log = createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
+  const log = jobLogger(cfg);
   const trimmed = trimCredentials();
   if (trimmed.length > 0) log.warn({ variables: trimmed }, TRIMMED_CREDENTIALS);
   for (const m of misspelledVariables(process.env)) log.warn(m, misspelledWarning(m));
@@ -75,6 +74,9 @@ async function warm(signal: AbortSignal): Promise<void> {
     clearInterval(timer);
   }
 }
+
+/** stdout carries only the final JSON line; a Job log shows progress and problems, not every event. */
+const jobLogger = (cfg: Config) => createLogger(cfg.logLevel === 'info' && process.env.LOG_LEVEL === undefined ? 'warn' : cfg.logLevel, 'warmup', 2);
 
 /** For the commands an operator runs by hand: the warnings the fill logs (misspelledVariables), as plain lines. */
 function warnMisspelled(): void {
@@ -117,7 +119,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         + `(${o.failed}); it holds no part, but ListMultipartUploads shows it until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a `
         + 'lifecycle rule (AbortIncompleteMultipartUpload) removes it\n');
     }
-  });
+  }, jobLogger(cfg));
   // The push's own requests (its LIST, its deletes) are cut as its uploads' are, after S3_STALL_TIMEOUT_S of silence,
   // and tried again: a store that read one and never answered held the push for good.
   const stallMs = cfg.s3.stallTimeoutS * 1000;
@@ -172,9 +174,11 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         const onHalt = () => void up.abort();
         halt.signal.addEventListener('abort', onHalt, { once: true });
         try {
-          await uploadingUntil(halt.signal, () => up.done());
+          // Its parts in flight are what throttling cuts (upload-retry.ts).
+          await uploadingUntil(uploadScope(halt.signal, { concurrency: queueSize }), () => up.done());
         } catch (e) {
-          if (halt.signal.aborted) throw e;
+          // Throttled for S3_THROTTLE_TIMEOUT_S (upload-retry.ts): the error already names the object and what to do.
+          if (halt.signal.aborted || (isRuntimeError(e) && e.code === 'STORAGE_TRANSIENT')) throw e;
           throw stalled(`upload s3://${src.bucket}/${src.prefix}${rel}`, e) ?? explainFallback(permanentError(e, src.bucket, src.prefix + rel, 'upload', endpoint), fallback);
         } finally {
           halt.signal.removeEventListener('abort', onHalt);

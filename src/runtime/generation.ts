@@ -6,7 +6,7 @@
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';
-import { RuntimeError } from '../errors.js';
+import { RuntimeError, stoppedWhile } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { shuttingDownError, type EncodedImage, type Engine, type Progress, type TaskResult } from './engine.js';
@@ -230,7 +230,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         failed.abort(err instanceof Error ? err : new Error(String(err)));
         if (timeout?.timedOut && !signal.aborted) {
           const limit = own ? `its parameters.timeout (${Math.round(timeoutMs * 1000)} µs)` : `REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s`;
-          throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped`, { cause: err });
+          throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped${stoppedWhile(err)}`, { cause: err });
         }
         // Other instances' uploads under way end first, as one instance's images do (output.ts): cancelled, their
         // requests already sent would land after the error.

@@ -11,7 +11,8 @@ import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { atEndpoint, bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
 import { abortUploads } from '../storage/multipart.js';
-import { uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
+import { ThrottleNote } from '../storage/throttle.js';
+import { UPLOAD_QUEUE, uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
 
 export interface OutputStore {
@@ -39,9 +40,10 @@ const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => impor
 
 /**
  * Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then.
- * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be.
+ * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be;
+ * `onThrottled` of each answer that throttled an upload (the store's code).
  */
-export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
+export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void): OutputStore {
   const aborting = new Set<Promise<void>>();
   return {
     settled(ms) {
@@ -57,23 +59,26 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
       const { Upload } = await loadUpload();
       // Every upload settles before the answer: one that failed first used to leave the others retrying after it, so
       // objects appeared after the error said none were stored (and could replace what a retried request wrote).
-      let first: { err: unknown; key: string } | undefined;
+      let first: { err: unknown; key: string; throttled: string | undefined } | undefined;
       const settled = await Promise.allSettled(
         images.map(async (img, i) => {
           const up = new Upload({
             client,
+            queueSize: UPLOAD_QUEUE,
             params: { Bucket: bucket, Key: keys[i]!, Body: Buffer.from(img.data), ContentType: CONTENT_TYPE[img.format] },
           });
           const onAbort = () => void up.abort().catch(() => undefined);
           signal?.addEventListener('abort', onAbort, { once: true });
-          const scope = uploadScope(signal);
+          // Whether S3 was throttling the upload when the request's deadline stopped it, for the error to say so.
+          const throttling = new ThrottleNote(onThrottled);
+          const scope = uploadScope(signal, { concurrency: UPLOAD_QUEUE, watch: throttling });
           try {
             // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
             await uploadingUntil(scope, () => up.done());
           } catch (err) {
             const done = abortLeft(client, bucket, scope, log).catch(() => undefined).finally(() => aborting.delete(done));
             aborting.add(done);
-            first ??= { err, key: keys[i]! };
+            first ??= { err, key: keys[i]!, throttled: throttling.stopped(signal, `the upload to s3://${bucket}/${keys[i]!}`) };
             throw err;
           } finally {
             signal?.removeEventListener('abort', onAbort);
@@ -82,7 +87,11 @@ export function createOutputStore(s3: RequestS3, log?: Logger): OutputStore {
       );
       if (first !== undefined) {
         const stored = keys.filter((_, i) => settled[i]!.status === 'fulfilled').map((k) => `s3://${bucket}/${k}`);
-        throw withWritten(uploadError(first.err, bucket, first.key, note, s3.endpoint(bucket)), stored, 'images');
+        // TIMEOUT, as the request's deadline ends it (generation.ts says which, and adds this).
+        const err = first.throttled !== undefined
+          ? new RuntimeError('TIMEOUT', `output_uri: ${first.throttled}; the images were generated but not stored`, { cause: first.err })
+          : uploadError(first.err, bucket, first.key, note, s3.endpoint(bucket));
+        throw withWritten(err, stored, 'images');
       }
       return keys.map((k) => `s3://${bucket}/${k}`);
     },
@@ -132,6 +141,8 @@ function uploadError(err: unknown, bucket: string, key: string, note: string, en
   if (short) return shortageError(`output_uri: upload to ${where} failed; the images were generated but not stored`, short, REQUEST_ADVICE, err);
   // Nothing sent or received for S3_STALL_TIMEOUT_S on the last attempt: the message names the request and the bound.
   if (err instanceof RuntimeError && err.code === 'STORAGE_STALL') return new RuntimeError('STORAGE_STALL', `output_uri: upload to ${where} failed: ${err.message}; the images were generated but not stored`, { cause: err });
+  // Throttled for S3_THROTTLE_TIMEOUT_S (upload-retry.ts): the message names the object, the code and what to do.
+  if (err instanceof RuntimeError && err.code === 'STORAGE_TRANSIENT') return new RuntimeError('STORAGE_TRANSIENT', `output_uri: ${err.message}; the images were generated but not stored`, { cause: err });
   // A bucket in another region: a retry meets the same answer, so it is the request's to fix.
   const region = kind === 'fatal' ? bucketRegion(err) : undefined;
   if (region !== undefined) return new RuntimeError('INVALID_INPUT', `output_uri: cannot write ${where}: bucket "${bucket}" is in region ${region}, and this server writes S3 in another (AWS_REGION); use a bucket in the server's region (${s3code})`, { cause: err });

@@ -46,7 +46,7 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?:
   return {
     async client() {
       const storage = await loadSdk();
-      handle ??= storage.createS3(s3, concurrency, onLostCreates);
+      handle ??= storage.createS3(s3, concurrency, onLostCreates, log);
       return handle.client;
     },
     destroy() {

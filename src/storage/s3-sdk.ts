@@ -8,6 +8,7 @@ import https from 'node:https';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
+import { silentLogger, type Logger } from '../log.js';
 import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { checksumFrom } from './checksums.js';
 import type { LostCreatesOutcome } from './multipart.js';
@@ -29,7 +30,7 @@ export interface S3Handle {
  * The SDK's own retries are off: the reader retries ranges itself and resumes from the bytes it has. Upload requests
  * (output_uri, push) are retried by upload-retry.ts, only they.
  */
-export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency, onLostCreates?: (o: LostCreatesOutcome) => void): S3Handle {
+export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency, onLostCreates?: (o: LostCreatesOutcome) => void, log: Logger = silentLogger()): S3Handle {
   const sockets = concurrency + 4; // a few spare for LIST/HEAD while every range is in flight
   // Upload requests are cut after S3_STALL_TIMEOUT_S of silence (upload-stall.ts); downloads keep their own watchdog.
   const httpAgent = boundSilence(new http.Agent(agentOptions(sockets)));
@@ -44,8 +45,9 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
     responseChecksumValidation: 'WHEN_REQUIRED',
     requestHandler: { httpAgent, httpsAgent, connectionTimeout: 10_000 },
   });
-  // `onLostCreates` hears what became of the uploads that unanswered CreateMultipartUploads made (multipart.ts).
-  retryUploads(client, s.stallTimeoutS * 1000, UPLOAD_ATTEMPTS, onLostCreates);
+  // `onLostCreates` hears what became of the uploads that unanswered CreateMultipartUploads made (multipart.ts); `log`,
+  // that S3 throttles an upload.
+  retryUploads(client, s.stallTimeoutS * 1000, { timeoutMs: s.throttleTimeoutS * 1000, log }, UPLOAD_ATTEMPTS, onLostCreates);
   return {
     client,
     destroy() {

@@ -1,16 +1,19 @@
 /**
  * @module Retries of the requests an upload sends (PutObject, CreateMultipartUpload, UploadPart,
- * CompleteMultipartUpload) after a transient S3 error: a 5xx, SlowDown, a reset, or S3_STALL_TIMEOUT_S of silence
+ * CompleteMultipartUpload) after a transient S3 error: a 5xx, a reset, or S3_STALL_TIMEOUT_S of silence
  * (upload-stall.ts). The client's own retries stay off (s3-sdk.ts: the download retries ranges itself, from the bytes
  * it has), so one 500 on one part of a multi-GB push would otherwise fail the push, and one request the store left
- * unanswered would hold it for good.
+ * unanswered would hold it for good. Throttling (503 SlowDown, 429, …) costs no attempt: an upload's requests slow
+ * down together as a fill's ranges do (throttle.ts), until S3_THROTTLE_TIMEOUT_S without a request accepted.
  */
 import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
 import { abortLostCreates, type LostCreatesOutcome } from './multipart.js';
 import { classify, errorStatus, retryTransient } from './s3-errors.js';
-import { inUploadScope, noteMultipart, uploadSignal } from './upload-signal.js';
+import { Throttle, ThrottledTries } from './throttle.js';
+import { currentUpload, inUploadScope, noteMultipart, type UploadScope } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
@@ -32,17 +35,25 @@ export function multipartEtag(partEtags: readonly (string | undefined)[]): strin
   return `"${h.digest('hex')}-${md5s.length}"`;
 }
 
+/** How an upload's requests meet throttling: S3_THROTTLE_TIMEOUT_S in ms, and where the throttle's lines go. */
+export interface UploadThrottling {
+  timeoutMs: number;
+  log: Logger;
+}
+
 /**
  * Makes `client` send each upload request up to `attempts` times, with the fill's full-jitter backoff; every other
  * command keeps its single attempt. Only errors classify() calls transient are retried: a denial or a missing bucket
- * fails at once. Each attempt, and an AbortMultipartUpload (lib-storage awaits its own before it reports a failure), is
- * cut after `stallMs` of silence. It wraps every other middleware of the initialize step, so each attempt is signed
- * afresh and passes trackUploads (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil
- * (upload-signal.ts): lib-storage gives its commands none. A CreateMultipartUpload with an attempt left unanswered is
- * followed by a look for the upload that attempt may have made (multipart.ts abortLostCreates), whose outcome
- * `onLostCreates` hears.
+ * fails at once. Throttled answers count no attempt: the requests of one upload (one uploadingUntil scope) take places
+ * of one Throttle (`throttling`), as a fill's ranges do, and it gives up once throttled for its timeout without a
+ * request accepted (STORAGE_TRANSIENT `cannot upload s3://…: S3 kept throttling the upload …`). Each attempt, and an
+ * AbortMultipartUpload (lib-storage awaits its own before it reports a failure), is cut after `stallMs` of silence. It
+ * wraps every other middleware of the initialize step, so each attempt is signed afresh and passes trackUploads
+ * (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil (upload-signal.ts): lib-storage
+ * gives its commands none. A CreateMultipartUpload with an attempt left unanswered is followed by a look for the upload
+ * that attempt may have made (multipart.ts abortLostCreates), whose outcome `onLostCreates` hears.
  */
-export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): void {
+export function retryUploads(client: S3Client, stallMs: number, throttling: UploadThrottling, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): void {
   // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
   // bound, a 500, …) then fails with that, which is what the caller has to fix (lib-storage reports its abort's error
   // in its place; the upload stays tracked as unfinished, multipart.ts).
@@ -51,6 +62,17 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
   // CreateMultipartUpload attempts in flight by key: what a look for uploads whose create went unanswered leaves alone.
   const mine = new Map<string, string>();
   const creating = new Map<string, Set<Promise<unknown>>>();
+  // Each upload's Throttle, made with its first request. A request outside any upload's scope has one of its own.
+  const throttles = new WeakMap<UploadScope, Throttle>();
+  const throttleOf = (scope: UploadScope | undefined, uri: string) => {
+    let t = scope && throttles.get(scope);
+    if (t === undefined) {
+      t = new Throttle({ concurrency: scope?.concurrency ?? 1, timeoutMs: throttling.timeoutMs, log: throttling.log, what: 'upload', fields: { uri },
+        ...(scope?.watch ? { watch: scope.watch } : {}) });
+      if (scope) throttles.set(scope, t);
+    }
+    return t;
+  };
   client.middlewareStack.add((next, context) => async (args) => {
     const command = context.commandName ?? '';
     const input = args.input as CompleteInput;
@@ -71,7 +93,8 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
         });
       }
       if (!UPLOAD_COMMANDS.has(command)) return next(args);
-      const signal = uploadSignal();
+      const scope = currentUpload();
+      const signal = scope?.signal;
       if (signal?.aborted) throw Object.assign(new Error('the upload was cancelled'), { name: 'AbortError' });
       const remember = (e: unknown) => {
         if (input.UploadId !== undefined) failed.set(input.UploadId, e);
@@ -98,19 +121,26 @@ export function retryUploads(client: S3Client, stallMs: number, attempts = UPLOA
           if (inFlight?.size === 0) creating.delete(key);
         }
       };
+      const uri = `s3://${input.Bucket ?? ''}/${key}`;
+      const throttle = new ThrottledTries(throttleOf(scope, uri));
       try {
         return await retryTransient(async (attempt) => {
+          await throttle.begin(signal);
           try {
-            return await send(attempt);
+            const out = await send(attempt);
+            throttle.ended();
+            return out;
           } catch (e) {
+            throttle.ended(e);
             // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
             if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
               return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
             }
             throw e;
           }
-        }, attempts, signal).catch(remember);
+        }, attempts, signal, undefined, throttle.onThrottled).catch((e: unknown) => remember(throttle.gaveUp ? throttle.throttle.gaveUp(`upload ${uri}`, e) : e));
       } finally {
+        throttle.done();
         // A create the store carried out whose answer never came made an upload no one else will end: looked for and
         // aborted before the upload goes on (or reports its failure), once, whatever the last attempt did.
         if (unanswered !== undefined) {

@@ -1,5 +1,6 @@
 /**
- * @module The upload an async context belongs to: its signal, and the multipart uploads its requests left open.
+ * @module The upload an async context belongs to: its signal, how throttling slows it down (upload-retry.ts), and the
+ * multipart uploads its requests left open.
  * lib-storage's Upload passes no signal to the commands it sends (its abort() only rejects done() and stops it starting
  * parts), so upload-retry.ts reads it from here to end their retries; and its done() rejects on a cancel while its
  * parts are still in flight, aborting the upload (one attempt) only once they end, so output.ts learns here which
@@ -7,9 +8,14 @@
  * nothing.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
+import type { ThrottleWatch } from './throttle.js';
 
 export interface UploadScope {
   readonly signal: AbortSignal | undefined;
+  /** The upload's requests in flight at most (lib-storage's queueSize): what throttling cuts (upload-retry.ts). */
+  readonly concurrency: number;
+  /** Hears the throttled answers to the upload's requests (throttle.ts). */
+  readonly watch: ThrottleWatch | undefined;
   /** Multipart uploads the store created for requests of this scope, neither completed nor aborted since: key by UploadId. */
   readonly open: ReadonlyMap<string, string>;
   /** Resolves once none of the scope's requests is in flight, or after `ms`. */
@@ -24,10 +30,13 @@ interface Scope extends UploadScope {
 
 const current = new AsyncLocalStorage<Scope>();
 
+/** lib-storage's default queueSize: the parts of an upload in flight at once. */
+export const UPLOAD_QUEUE = 4;
+
 /** A scope for one upload, its retries ending when `signal` aborts. */
-export function uploadScope(signal?: AbortSignal): UploadScope {
+export function uploadScope(signal?: AbortSignal, o: { concurrency?: number; watch?: ThrottleWatch } = {}): UploadScope {
   const scope: Scope = {
-    signal, open: new Map(), busy: 0, waiters: [],
+    signal, concurrency: o.concurrency ?? UPLOAD_QUEUE, watch: o.watch, open: new Map(), busy: 0, waiters: [],
     idle(ms) {
       if (scope.busy === 0) return Promise.resolve();
       return new Promise<void>((resolve) => {
@@ -54,9 +63,9 @@ export function uploadingUntil<T>(signal: AbortSignal | UploadScope | undefined,
   return current.run(signal instanceof AbortSignal ? uploadScope(signal) as Scope : signal as Scope, fn);
 }
 
-/** The signal of the uploadingUntil() this runs under, if any. */
-export function uploadSignal(): AbortSignal | undefined {
-  return current.getStore()?.signal;
+/** The scope of the uploadingUntil() this runs under, if any. */
+export function currentUpload(): UploadScope | undefined {
+  return current.getStore();
 }
 
 /**

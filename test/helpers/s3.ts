@@ -125,9 +125,10 @@ export interface Faults {
    * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
    * (Date.now() ms; never without it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
-   * in stats.slowDowns. With `gets: false`, GETs are served (a storm on the HEADs alone).
+   * in stats.slowDowns. With `gets: false`, GETs are served (a storm on the HEADs alone). With `uploads`, every
+   * PutObject, UploadPart, CreateMultipartUpload and CompleteMultipartUpload too, with the same 503 and body.
    */
-  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean };
+  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean; uploads?: boolean };
   /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
@@ -324,6 +325,13 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       stats.slowDowns++;
       req.resume();
       res.writeHead(503, storm.retryAfter !== undefined ? { 'retry-after': storm.retryAfter } : {}).end();
+      return;
+    }
+    const stormed = storm?.uploads ? uploadCommand(req.method, req.url ?? '') : undefined;
+    if (stormed !== undefined && stormed !== 'DeleteObjects') {
+      stats.slowDowns++;
+      req.resume();
+      res.writeHead(503, { 'content-type': 'application/xml', ...(storm!.retryAfter !== undefined ? { 'retry-after': storm!.retryAfter } : {}) }).end(s3Error('SlowDown'));
       return;
     }
     const sim = f.objects?.[objectKey];

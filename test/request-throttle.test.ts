@@ -1,0 +1,123 @@
+/**
+ * Throttling (503 SlowDown) beyond the model's fill: an output_uri upload waits a storm out as the fill does
+ * (storage/throttle.ts) instead of spending its attempts on it, and a request's deadline bounds those waits: the request
+ * is answered 504 TIMEOUT saying that S3 was throttling, and what, and nothing more is sent for it. The fault proxy
+ * answers S3's 503 SlowDown in front of a real s3rver on loopback; the deadlines are a real runtime's (in this
+ * process), over HTTP.
+ */
+import { readdirSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { silentLogger } from '../src/log.js';
+import type { EncodedImage } from '../src/runtime/engine.js';
+import { createOutputStore } from '../src/runtime/output.js';
+import { createRequestS3 } from '../src/storage/request-s3.js';
+import { fixtureModel } from './fixtures/index.js';
+import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
+import { postJson } from './helpers/server.js';
+import { CREDS, cleanUpS3, detBytes, type FaultProxy, putFolder, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+
+const MiB = 1 << 20;
+let s3: S3Server;
+let proxy: FaultProxy;
+let tmp: string;
+
+beforeAll(async () => {
+  Object.assign(process.env, CREDS);
+  tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'request-throttle-'));
+  ({ s3, proxy } = await startS3WithProxy());
+});
+
+cleanUpS3(() => ({ s3, proxy, tmp }));
+
+const object = async (key: string) => Buffer.from(await (await s3.client.send(new GetObjectCommand({ Bucket: 'models', Key: key }))).Body!.transformToByteArray());
+const png = (seed: number, bytes: number): EncodedImage => {
+  const b = detBytes(bytes, seed);
+  return { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed, width: 8, height: 8, format: 'png' };
+};
+/** Every throttled answer a component heard, by code. */
+const heard = () => {
+  const codes: string[] = [];
+  return { codes, count: (code: string) => void codes.push(code) };
+};
+
+describe('a short SlowDown storm is waited out', () => {
+  it('output_uri: a storm on the uploads longer than their attempts\' backoff; both images stored byte for byte, a multipart one included', async () => {
+    // S3_THROTTLE_TIMEOUT_S=8: waits of 2 s at most, and a storm of 3.5 s is far from the give-up.
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp, { S3_THROTTLE_TIMEOUT_S: '8' }).s3);
+    const { codes, count } = heard();
+    try {
+      const before = proxy.stats.slowDowns;
+      // Longer than the backoff of an upload request's 5 attempts (3 s at most): before, each failed after them,
+      // STORAGE_TRANSIENT "output_uri: upload to s3://models/out/storm-0.png failed (SlowDown)".
+      proxy.faults = { slowDown: { until: Date.now() + 3_500, uploads: true, gets: false } };
+      const images = [png(1, 3_000), png(2, 11 * MiB)];
+      expect(await createOutputStore(requestS3, silentLogger(), count).upload('s3://models/out/storm.png', images))
+        .toEqual(['s3://models/out/storm-0.png', 's3://models/out/storm-1.png']);
+      expect((await object('out/storm-0.png')).equals(Buffer.from(images[0]!.data))).toBe(true);
+      expect((await object('out/storm-1.png')).equals(Buffer.from(images[1]!.data))).toBe(true);
+      // Each image's first request, at least, was answered SlowDown; every such answer was heard.
+      expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(2);
+      expect(codes).toEqual(Array(proxy.stats.slowDowns - before).fill('SlowDown'));
+    } finally {
+      requestS3.destroy();
+    }
+  }, 30_000);
+});
+
+describe('a storm past S3_THROTTLE_TIMEOUT_S fails naming throttling', () => {
+  it('output_uri: STORAGE_TRANSIENT naming the object, the code and what to do', async () => {
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp, { S3_THROTTLE_TIMEOUT_S: '2' }).s3);
+    try {
+      proxy.faults = { slowDown: { uploads: true, gets: false } };
+      const err = await rejection(createOutputStore(requestS3).upload('s3://models/out/never.png', [png(3, 3_000)]));
+      // Before: "output_uri: upload to s3://models/out/never.png failed (SlowDown); …" after 5 attempts.
+      expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', expect.stringMatching(new RegExp('^output_uri: cannot upload s3://models/out/never\\.png: '
+        + 'S3 kept throttling the upload \\(SlowDown, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a request accepted; the store is asked '
+        + 'for more than it serves: send fewer uploads at once \\(a push: lower S3_MAX_CONCURRENCY\\), or raise S3_THROTTLE_TIMEOUT_S to wait longer '
+        + '\\(on MinIO or Ceph, check the server\'s load and its request limits\\); the images were generated but not stored$'))]);
+      expect(err.message).not.toMatch(/S3RVER|echoed-secret/);
+    } finally {
+      requestS3.destroy();
+    }
+  }, 20_000);
+});
+
+describe("a request's deadline bounds the wait", () => {
+  let rt: RuntimeHandle;
+  const one = { prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 5 };
+  const predict = (inst: Record<string, unknown>) => postJson(`${rt.url}/v1/models/model:predict`, { instances: [{ ...one, ...inst }] });
+  /** What the proxy is asked once the answer is out: nothing of a wait that outlived its request. */
+  const askedAfter = async () => {
+    const n = proxy.stats.slowDowns;
+    await sleep(2_500);
+    return proxy.stats.slowDowns - n;
+  };
+
+  beforeAll(async () => {
+    const model = await fixtureModel({ withVaeEncoder: true });
+    const files = readdirSync(model, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => `${d.parentPath}/${d.name}`.slice(model.length + 1));
+    await putFolder(s3, 'models', 'sd/', model, files);
+    rt = await startRuntime({
+      ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: 's3://models/sd/', MODEL_CACHE_DIR: path.join(tmp, 'cache'),
+      LORA_URI: 's3://models/loras/', INPUT_URI_PREFIXES: 's3://models/in/', REQUEST_TIMEOUT_S: '4', RESULT_CACHE_MB: '0', EXECUTION_PROVIDER: 'cpu',
+    }, { ready: true });
+    // A first generation, so that none of the requests below spends its deadline on the sessions' first run.
+    expect((await predict({})).status).toBe(200);
+  }, 120_000);
+  afterAll(() => rt?.stop());
+
+  it('output_uri: a storm that never ends is answered 504 at REQUEST_TIMEOUT_S, naming the upload and the code; nothing sent after', async () => {
+    proxy.faults = { slowDown: { uploads: true, gets: false } };
+    const r = await predict({ output_uri: 's3://models/out/late.png' });
+    // Before: 500 STORAGE_TRANSIENT "… failed (SlowDown)" after the attempts, or 504 without a word of throttling.
+    expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
+    expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: output_uri: S3 was throttling the upload to s3:\/\/models\/out\/late\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\); the images were generated but not stored$/);
+    expect(r.json.error).not.toMatch(/S3RVER|echoed-secret/);
+    expect(await askedAfter()).toBe(0);
+  }, 30_000);
+});
