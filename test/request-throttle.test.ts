@@ -1,19 +1,21 @@
 /**
- * Throttling (503 SlowDown) beyond the model's fill: an output_uri upload waits a storm out as the fill does
- * (storage/throttle.ts) instead of spending its attempts on it, and a request's deadline bounds those waits: the request
- * is answered 504 TIMEOUT saying that S3 was throttling, and what, and nothing more is sent for it. The fault proxy
- * answers S3's 503 SlowDown in front of a real s3rver on loopback; the deadlines are a real runtime's (in this
- * process), over HTTP.
+ * Throttling (503 SlowDown) beyond the model's fill: an output_uri upload and an s3:// input image's read wait a storm
+ * out as the fill does (storage/throttle.ts) instead of spending their attempts on it, and a request's deadline bounds
+ * those waits: the request is answered 504 TIMEOUT saying that S3 was throttling, and what, and nothing more is sent
+ * for it. The fault proxy answers S3's 503 SlowDown in front of a real s3rver on loopback; the deadlines are a real
+ * runtime's (in this process), over HTTP.
  */
 import { readdirSync } from 'node:fs';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import { silentLogger } from '../src/log.js';
 import type { EncodedImage } from '../src/runtime/engine.js';
+import { createImageSource } from '../src/runtime/image-source.js';
 import { createOutputStore } from '../src/runtime/output.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
 import { fixtureModel } from './fixtures/index.js';
@@ -25,11 +27,16 @@ const MiB = 1 << 20;
 let s3: S3Server;
 let proxy: FaultProxy;
 let tmp: string;
+let pic: Buffer;
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
   tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'request-throttle-'));
   ({ s3, proxy } = await startS3WithProxy());
+  const px = Buffer.alloc(64 * 64 * 3);
+  for (let i = 0; i < px.length; i++) px[i] = (i * 7) % 251;
+  pic = await sharp(px, { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer();
+  await s3.put('models', 'in/cat.png', pic);
 });
 
 cleanUpS3(() => ({ s3, proxy, tmp }));
@@ -67,6 +74,23 @@ describe('a short SlowDown storm is waited out', () => {
       requestS3.destroy();
     }
   }, 30_000);
+
+  it('an s3:// input image: read in full once the storm ends, where its one attempt used to be the request\'s 502', async () => {
+    const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/', S3_THROTTLE_TIMEOUT_S: '4' });
+    const requestS3 = createRequestS3(cfg.s3);
+    const { codes, count } = heard();
+    try {
+      const before = proxy.stats.slowDowns;
+      proxy.faults = { slowDown: { until: Date.now() + 1_500 } };
+      // Before: UPSTREAM "instances[0].image: reading s3://models/in/cat.png failed (SlowDown); retry later" at once.
+      const got = await createImageSource(requestS3, cfg, count).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000);
+      expect(got.equals(pic)).toBe(true);
+      expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(1);
+      expect(codes).toEqual(Array(proxy.stats.slowDowns - before).fill('SlowDown'));
+    } finally {
+      requestS3.destroy();
+    }
+  });
 });
 
 describe('a storm past S3_THROTTLE_TIMEOUT_S fails naming throttling', () => {
@@ -81,6 +105,20 @@ describe('a storm past S3_THROTTLE_TIMEOUT_S fails naming throttling', () => {
         + 'for more than it serves: send fewer uploads at once \\(a push: lower S3_MAX_CONCURRENCY\\), or raise S3_THROTTLE_TIMEOUT_S to wait longer '
         + '\\(on MinIO or Ceph, check the server\'s load and its request limits\\); the images were generated but not stored$'))]);
       expect(err.message).not.toMatch(/S3RVER|echoed-secret/);
+    } finally {
+      requestS3.destroy();
+    }
+  }, 20_000);
+
+  it('an s3:// input image: a 502 naming the field, the object and the code', async () => {
+    const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/', S3_THROTTLE_TIMEOUT_S: '2' });
+    const requestS3 = createRequestS3(cfg.s3);
+    try {
+      proxy.faults = { slowDown: {} };
+      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000));
+      expect([err.code, err.message]).toEqual(['UPSTREAM', expect.stringMatching(new RegExp('^instances\\[0\\]\\.image: reading s3://models/in/cat\\.png failed: '
+        + 'S3 kept throttling the read \\(SlowDown, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a byte received; the store is asked '
+        + 'for more than it serves: retry later, or raise S3_THROTTLE_TIMEOUT_S to wait longer'))]);
     } finally {
       requestS3.destroy();
     }
@@ -118,6 +156,15 @@ describe("a request's deadline bounds the wait", () => {
     expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
     expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: output_uri: S3 was throttling the upload to s3:\/\/models\/out\/late\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\); the images were generated but not stored$/);
     expect(r.json.error).not.toMatch(/S3RVER|echoed-secret/);
+    expect(await askedAfter()).toBe(0);
+  }, 30_000);
+
+  it('an s3:// input image: answered 504 naming the field, the object and the code; nothing sent after', async () => {
+    proxy.faults = { slowDown: {} };
+    const r = await predict({ image: 's3://models/in/cat.png', strength: 0.5 });
+    // Before: 502 UPSTREAM "… reading s3://models/in/cat.png failed (SlowDown); retry later" at the first answer.
+    expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
+    expect(r.json.error).toMatch(/^reading the input images took longer than REQUEST_TIMEOUT_S=4s and was stopped: instances\[0\]\.image: S3 was throttling the read of s3:\/\/models\/in\/cat\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
     expect(await askedAfter()).toBe(0);
   }, 30_000);
 });

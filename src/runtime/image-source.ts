@@ -8,7 +8,8 @@ import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
-import { atEndpoint, bucketRegion, classify, customerKeyAdvice, customerKeyRequired, s3Code } from '../storage/s3-errors.js';
+import { atEndpoint, bucketRegion, classify, customerKeyAdvice, customerKeyRequired, retryTransient, s3Code } from '../storage/s3-errors.js';
+import { ThrottledTries, ThrottleNote } from '../storage/throttle.js';
 import { parseS3Object } from '../storage/uri.js';
 import { inputRefusal } from './input-uris.js';
 
@@ -28,9 +29,12 @@ export interface ImageSource {
 
 /**
  * Reads through the runtime's request client (created on the first s3:// input or upload), only what `cfg` allows
- * (input-uris.ts): requests are checked when parsed, and again here so that no path reaches S3 unchecked.
+ * (input-uris.ts): requests are checked when parsed, and again here so that no path reaches S3 unchecked. A read has
+ * one attempt, but throttling (503 SlowDown, 429, …) costs none: it is waited out as a fill's range waits it out
+ * (throttle.ts), until the request's deadline or S3_THROTTLE_TIMEOUT_S. `onThrottled` hears each throttled answer.
  */
-export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inputUriPrefixes' | 'storageUri' | 'loraUri'>>): ImageSource {
+export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inputUriPrefixes' | 'storageUri' | 'loraUri'>>,
+  onThrottled?: (code: string) => void): ImageSource {
   return {
     async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
@@ -43,8 +47,21 @@ export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inpu
       const client = await s3.client();
       const { GetObjectCommand } = await import('@aws-sdk/client-s3');
       const where = `s3://${loc.bucket}/${loc.key}`;
+      // Whether S3 was throttling the read when the request's deadline stopped it, for the error to say so.
+      const throttling = new ThrottleNote(onThrottled);
+      const tries = new ThrottledTries(s3.throttle('read', { fields: { uri: where }, watch: throttling }));
       try {
-        const res = await client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
+        const res = await retryTransient(async () => {
+          await tries.begin(signal);
+          try {
+            const got = await client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
+            tries.ended();
+            return got;
+          } catch (err) {
+            tries.ended(err);
+            throw err;
+          }
+        }, 1, signal, undefined, tries.onThrottled).finally(() => tries.done());
         if (res.ContentLength !== undefined && res.ContentLength > maxBytes) {
           (res.Body as Readable | undefined)?.destroy();
           throw new RuntimeError('INVALID_INPUT', `${field}: ${where} is ${res.ContentLength} bytes; input images may have at most ${maxBytes}`);
@@ -58,6 +75,12 @@ export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inpu
         return await readCapped(res.Body as Readable, maxBytes, field, where);
       } catch (err) {
         if (err instanceof RuntimeError) throw err;
+        // TIMEOUT, as the request's deadline ends it (context.ts or generation.ts says which, and adds this).
+        const stopped = throttling.stopped(signal, `the read of ${where}`);
+        if (stopped !== undefined) throw new RuntimeError('TIMEOUT', `${field}: ${stopped}`, { cause: err });
+        // Stopped in a throttled wait, which ends with the store's last answer, not an abort.
+        if (signal?.aborted) throw new RuntimeError('CANCELLED', `${field}: reading ${where} was cancelled`, { cause: err });
+        if (tries.gaveUp) throw new RuntimeError('UPSTREAM', `${field}: reading ${where} failed: ${tries.throttle.giveUp(s3Code(err))}`, { cause: err });
         throw readError(err, field, where, loc.bucket, note, s3.endpoint(loc.bucket));
       }
     },

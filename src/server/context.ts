@@ -2,7 +2,7 @@
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import type { Config } from '../config.js';
 import { deadline } from '../deadline.js';
-import { RuntimeError } from '../errors.js';
+import { RuntimeError, stoppedWhile } from '../errors.js';
 import type { Logger, RequestIds } from '../log.js';
 import type { KserveStage, Metrics, RejectReason } from '../metrics.js';
 import type { Boot } from '../runtime/boot.js';
@@ -102,7 +102,7 @@ export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], 
     hold.release();
     if (err instanceof RuntimeError && err.code === 'BUSY') ctx.metrics.rejected.inc({ model_name: ctx.cfg.modelName, reason: 'input_budget' });
     if (timeout.timedOut && !signal?.aborted) {
-      throw new RuntimeError('TIMEOUT', `reading the input images took longer than REQUEST_TIMEOUT_S=${ctx.cfg.requestTimeoutS}s and was stopped`, { cause: err });
+      throw new RuntimeError('TIMEOUT', `reading the input images took longer than REQUEST_TIMEOUT_S=${ctx.cfg.requestTimeoutS}s and was stopped${stoppedWhile(err)}`, { cause: err });
     }
     throw err;
   } finally {

@@ -1,16 +1,17 @@
 /**
  * @module The one AWS SDK client for the objects requests name (img2img input images, output_uri), made on first
  * use: most deployments never need it, so the SDK loads then, not at boot. Same endpoint, path-style and TLS settings
- * as the model download.
+ * as the model download, and the same throttling rules (throttle.ts).
  */
 import type { S3Settings } from '../config.js';
-import type { Logger } from '../log.js';
+import { silentLogger, type Logger } from '../log.js';
 import type { LostCreatesOutcome } from './multipart.js';
 import type { S3Handle } from './s3-sdk.js';
 import { RuntimeError } from '../errors.js';
 import { loadSdk } from './choose-transport.js';
 import { fallbackNote, fallbackProblem, virtualHostedFallback } from './addressing.js';
 import { endpointName } from './s3-errors.js';
+import { Throttle, type ThrottleOptions } from './throttle.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
@@ -26,6 +27,8 @@ export interface RequestS3 {
   addressing(bucket: string, field: string): string;
   /** The endpoint requests for `bucket` go to, as errors name it (s3-errors.ts endpointName). */
   endpoint(bucket: string): string;
+  /** How one request's GET meets throttling (throttle.ts): S3_THROTTLE_TIMEOUT_S, the client's log. */
+  throttle(what: 'read', o: Pick<ThrottleOptions, 'fields' | 'watch'>): Throttle;
 }
 
 /**
@@ -59,5 +62,6 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?:
       return f ? fallbackNote(f) : '';
     },
     endpoint: (bucket) => endpointName(s3, bucket),
+    throttle: (what, o) => new Throttle({ concurrency: 1, timeoutMs: s3.throttleTimeoutS * 1000, log: log ?? silentLogger(), what, ...o }),
   };
 }
