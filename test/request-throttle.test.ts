@@ -1,9 +1,9 @@
 /**
- * Throttling (503 SlowDown) beyond the model's fill: an output_uri upload and an s3:// input image's read wait a storm
- * out as the fill does (storage/throttle.ts) instead of spending their attempts on it, and a request's deadline bounds
- * those waits: the request is answered 504 TIMEOUT saying that S3 was throttling, and what, and nothing more is sent
- * for it. The fault proxy answers S3's 503 SlowDown in front of a real s3rver on loopback; the deadlines are a real
- * runtime's (in this process), over HTTP.
+ * Throttling (503 SlowDown) beyond the model's fill: an output_uri upload, an s3:// input image's read and a LORA_URI
+ * adapter's fetch wait a storm out as the fill does (storage/throttle.ts) instead of spending their attempts on it, and
+ * a request's deadline bounds those waits: the request is answered 504 TIMEOUT saying that S3 was throttling, and what,
+ * and nothing more is sent for it. The fault proxy answers S3's 503 SlowDown in front of a real s3rver on loopback; the
+ * deadlines are a real runtime's (in this process), over HTTP.
  */
 import { readdirSync } from 'node:fs';
 import { promises as fsp } from 'node:fs';
@@ -14,6 +14,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import { silentLogger } from '../src/log.js';
+import { AdapterSource } from '../src/runtime/adapters.js';
 import type { EncodedImage } from '../src/runtime/engine.js';
 import { createImageSource } from '../src/runtime/image-source.js';
 import { createOutputStore } from '../src/runtime/output.js';
@@ -28,6 +29,7 @@ let s3: S3Server;
 let proxy: FaultProxy;
 let tmp: string;
 let pic: Buffer;
+const adapter = detBytes(3_000, 7);
 
 beforeAll(async () => {
   Object.assign(process.env, CREDS);
@@ -37,6 +39,7 @@ beforeAll(async () => {
   for (let i = 0; i < px.length; i++) px[i] = (i * 7) % 251;
   pic = await sharp(px, { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer();
   await s3.put('models', 'in/cat.png', pic);
+  await s3.put('models', 'loras/style/pytorch_lora_weights.safetensors', adapter);
 });
 
 cleanUpS3(() => ({ s3, proxy, tmp }));
@@ -90,6 +93,19 @@ describe('a short SlowDown storm is waited out', () => {
     } finally {
       requestS3.destroy();
     }
+  });
+
+  it('a LORA_URI adapter: its fetch waits the storm out, as a fill does, and each throttled answer is counted', async () => {
+    const { codes, count } = heard();
+    const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp, 'lora-cache'), { LORA_URI: 's3://models/loras/', S3_MAX_ATTEMPTS: '2', S3_THROTTLE_TIMEOUT_S: '4' }),
+      silentLogger(), count);
+    const before = proxy.stats.slowDowns;
+    proxy.faults = { slowDown: { until: Date.now() + 1_500, lists: true } };
+    const [ref] = await src.resolve([{ name: 'style', scale: 1 }]);
+    expect((await fsp.readFile(ref!.file)).equals(adapter)).toBe(true);
+    // The fetch rode storms out before too (it is a fill); what it heard of them reached no metric.
+    expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(2);
+    expect(codes).toEqual(Array(proxy.stats.slowDowns - before).fill('SlowDown'));
   });
 });
 
@@ -165,6 +181,15 @@ describe("a request's deadline bounds the wait", () => {
     // Before: 502 UPSTREAM "… reading s3://models/in/cat.png failed (SlowDown); retry later" at the first answer.
     expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
     expect(r.json.error).toMatch(/^reading the input images took longer than REQUEST_TIMEOUT_S=4s and was stopped: instances\[0\]\.image: S3 was throttling the read of s3:\/\/models\/in\/cat\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
+    expect(await askedAfter()).toBe(0);
+  }, 30_000);
+
+  it('a LORA_URI adapter: answered 504 naming the adapter and the code; its fetch, which nobody waits for, stops', async () => {
+    proxy.faults = { slowDown: { lists: true } };
+    const r = await predict({ loras: [{ name: 'late', scale: 1 }] });
+    // Before: 504 "the request took longer than REQUEST_TIMEOUT_S=4s and was stopped", no word of S3.
+    expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
+    expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: adapter "late": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
     expect(await askedAfter()).toBe(0);
   }, 30_000);
 });

@@ -15,6 +15,7 @@ import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
 import { trackIo } from '../storage/pending-io.js';
 import { s3Code } from '../storage/s3-errors.js';
+import { ThrottleNote } from '../storage/throttle.js';
 import { parseStorageUri } from '../storage/uri.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
 
@@ -32,9 +33,11 @@ export class AdapterSource {
   /** Aborted by close(): every request still waiting is answered SHUTTING_DOWN. */
   readonly #closed = new AbortController();
 
+  /** `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code). */
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
     private readonly log: Logger,
+    private readonly onThrottled?: (code: string) => void,
   ) {}
 
   /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
@@ -97,8 +100,10 @@ export class AdapterSource {
     let l = this.#files.get(name);
     if (!l) {
       const stop = new AbortController();
-      const q = this.#lookup(name, stop.signal);
-      const lookup: Lookup = { file: q, waiting: 0, stop };
+      // An S3 fetch meets throttling as a model's fill does (storage/throttle.ts), this note listening.
+      const throttling = new ThrottleNote(this.onThrottled);
+      const q = this.#lookup(name, stop.signal, throttling);
+      const lookup: Lookup = { file: q, waiting: 0, stop, throttling };
       l = lookup;
       this.#files.set(name, lookup);
       this.#running.add(lookup);
@@ -126,7 +131,9 @@ export class AdapterSource {
       const closed = () => stopWaiting() && reject(shuttingDown());
       const left = () => {
         if (!stopWaiting()) return;
-        reject(new RuntimeError('CANCELLED', 'the client left'));
+        // Its deadline, while S3 throttled the fetch: TIMEOUT saying so (generation.ts says which deadline, and adds this).
+        const stopped = lookup.throttling.stopped(signal, 'its fetch from LORA_URI');
+        reject(stopped !== undefined ? new RuntimeError('TIMEOUT', `adapter "${name}": ${stopped}`) : new RuntimeError('CANCELLED', 'the client left'));
         // Others still wait for it, or it has settled (no longer running): nothing to stop.
         if (lookup.waiting > 0 || !this.#running.has(lookup)) return;
         // Nobody waits for it any more: the fetch stops, and the next request for the name looks it up afresh.
@@ -142,7 +149,7 @@ export class AdapterSource {
     });
   }
 
-  async #lookup(name: string, signal?: AbortSignal): Promise<string> {
+  async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote): Promise<string> {
     const local = this.#modelDir ? await inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
     if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
@@ -162,7 +169,7 @@ export class AdapterSource {
     const { resolveModel } = await import('../storage/fetch.js');
     let dir: string;
     try {
-      const r = await resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, { cfg: this.cfg, log: this.log, ...(signal ? { signal } : {}) });
+      const r = await resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, { cfg: this.cfg, log: this.log, signal, throttleWatch: throttling });
       dir = r.dir;
       this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
     } catch (err) {
@@ -209,6 +216,8 @@ interface Lookup {
   /** Requests waiting for it. */
   waiting: number;
   stop: AbortController;
+  /** Whether S3 throttles its fetch now. */
+  throttling: ThrottleNote;
 }
 
 /** `<dir>/<name>.safetensors`, or the one .safetensors file of `<dir>/<name>/`. */
