@@ -63,6 +63,11 @@ export type RejectReason = 'queue_full' | 'input_budget' | 'not_ready' | 'shutti
 /** Every RejectReason (the record's keys make the list exhaustive), for the series exported at 0 from the start. */
 export const REJECT_REASONS = Object.keys({ queue_full: 0, input_budget: 0, not_ready: 0, shutting_down: 0 } satisfies Record<RejectReason, 0>) as RejectReason[];
 
+/** What the runtime was doing when S3 throttled it: the `operation` of s3_throttled_responses_total. */
+export type S3Operation = 'model_download' | 'lora_download' | 'output_upload' | 'input_read';
+/** Every S3Operation, for the series exported at 0 from the start. */
+export const S3_OPERATIONS = Object.keys({ model_download: 0, lora_download: 0, output_upload: 0, input_read: 0 } satisfies Record<S3Operation, 0>) as S3Operation[];
+
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
   const r = [registry];
@@ -159,6 +164,13 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       name: 'model_cache_hits_total',
       help: 'Model boots served from a committed cache entry without downloading',
       labelNames: ['model_name'] as const,
+      registers: r,
+    }),
+    s3Throttled: new Counter({
+      name: 's3_throttled_responses_total',
+      help: 'S3 answers that asked the runtime to slow down (503 SlowDown, 429, a throttling code), by what it was doing (model_download, lora_download, '
+        + 'output_upload, input_read): each waited out, not a failed attempt',
+      labelNames: ['model_name', 'operation'] as const,
       registers: r,
     }),
     // Serving.

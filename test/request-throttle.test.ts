@@ -3,7 +3,7 @@
  * adapter's fetch wait a storm out as the fill does (storage/throttle.ts) instead of spending their attempts on it, and
  * a request's deadline bounds those waits: the request is answered 504 TIMEOUT saying that S3 was throttling, and what,
  * and nothing more is sent for it. The fault proxy answers S3's 503 SlowDown in front of a real s3rver on loopback; the
- * deadlines are a real runtime's (in this process), over HTTP.
+ * deadlines are a real runtime's (in this process), over HTTP; s3_throttled_responses_total counts the answers.
  */
 import { readdirSync } from 'node:fs';
 import { promises as fsp } from 'node:fs';
@@ -145,6 +145,8 @@ describe("a request's deadline bounds the wait", () => {
   let rt: RuntimeHandle;
   const one = { prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 5 };
   const predict = (inst: Record<string, unknown>) => postJson(`${rt.url}/v1/models/model:predict`, { instances: [{ ...one, ...inst }] });
+  const throttledCounts = async () => Object.fromEntries([...(await (await fetch(`${rt.url}/metrics`)).text())
+    .matchAll(/^s3_throttled_responses_total\{[^}]*operation="([a-z_]+)"[^}]*\} (\d+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
   /** What the proxy is asked once the answer is out: nothing of a wait that outlived its request. */
   const askedAfter = async () => {
     const n = proxy.stats.slowDowns;
@@ -156,14 +158,23 @@ describe("a request's deadline bounds the wait", () => {
     const model = await fixtureModel({ withVaeEncoder: true });
     const files = readdirSync(model, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => `${d.parentPath}/${d.name}`.slice(model.length + 1));
     await putFolder(s3, 'models', 'sd/', model, files);
+    // The boot's fill is throttled too (its LIST, twice): counted as model_download.
+    proxy.faults = { failLists: { count: 2, status: 503, code: 'SlowDown' } };
     rt = await startRuntime({
       ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: 's3://models/sd/', MODEL_CACHE_DIR: path.join(tmp, 'cache'),
       LORA_URI: 's3://models/loras/', INPUT_URI_PREFIXES: 's3://models/in/', REQUEST_TIMEOUT_S: '4', RESULT_CACHE_MB: '0', EXECUTION_PROVIDER: 'cpu',
     }, { ready: true });
+    proxy.faults = {};
     // A first generation, so that none of the requests below spends its deadline on the sessions' first run.
     expect((await predict({})).status).toBe(200);
   }, 120_000);
   afterAll(() => rt?.stop());
+
+  it('counts the boot\'s throttled answers, and every operation from 0', async () => {
+    const c = await throttledCounts();
+    expect(Object.keys(c).sort()).toEqual(['input_read', 'lora_download', 'model_download', 'output_upload']);
+    expect(c.model_download).toBe(2);
+  });
 
   it('output_uri: a storm that never ends is answered 504 at REQUEST_TIMEOUT_S, naming the upload and the code; nothing sent after', async () => {
     proxy.faults = { slowDown: { uploads: true, gets: false } };
@@ -173,6 +184,7 @@ describe("a request's deadline bounds the wait", () => {
     expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: output_uri: S3 was throttling the upload to s3:\/\/models\/out\/late\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\); the images were generated but not stored$/);
     expect(r.json.error).not.toMatch(/S3RVER|echoed-secret/);
     expect(await askedAfter()).toBe(0);
+    expect((await throttledCounts()).output_upload).toBeGreaterThanOrEqual(1);
   }, 30_000);
 
   it('an s3:// input image: answered 504 naming the field, the object and the code; nothing sent after', async () => {
@@ -182,6 +194,7 @@ describe("a request's deadline bounds the wait", () => {
     expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
     expect(r.json.error).toMatch(/^reading the input images took longer than REQUEST_TIMEOUT_S=4s and was stopped: instances\[0\]\.image: S3 was throttling the read of s3:\/\/models\/in\/cat\.png \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
     expect(await askedAfter()).toBe(0);
+    expect((await throttledCounts()).input_read).toBeGreaterThanOrEqual(1);
   }, 30_000);
 
   it('a LORA_URI adapter: answered 504 naming the adapter and the code; its fetch, which nobody waits for, stops', async () => {
@@ -191,5 +204,6 @@ describe("a request's deadline bounds the wait", () => {
     expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
     expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: adapter "late": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
     expect(await askedAfter()).toBe(0);
+    expect((await throttledCounts()).lora_download).toBeGreaterThanOrEqual(1);
   }, 30_000);
 });

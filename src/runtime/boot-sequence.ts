@@ -172,6 +172,8 @@ export class BootSequence {
   readonly #evicted: number[] = [];
   /** Files that arrived damaged, not yet counted in the metrics (the runtime did not exist yet). */
   #damaged = 0;
+  /** Throttled answers to the fill, not yet counted in the metrics. */
+  #throttled = 0;
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** Components the prespawned workers were told of before the runtime existed: the engine learns them once it does. */
@@ -402,6 +404,12 @@ export class BootSequence {
             this.#damaged++;
             this.#countFetchEvents();
           },
+          throttleWatch: {
+            throttled: () => {
+              this.#throttled++;
+              this.#countFetchEvents();
+            },
+          },
         }),
       'the model fetch',
       log,
@@ -459,14 +467,16 @@ export class BootSequence {
   }
 
   /**
-   * model_cache_evictions_total and its bytes, and model_download_damaged_files_total; what happened before the runtime
-   * (and its metrics) existed counts when it attaches.
+   * model_cache_evictions_total and its bytes, model_download_damaged_files_total, and the fill's throttled answers in
+   * s3_throttled_responses_total; what happened before the runtime (and its metrics) existed counts when it attaches.
    */
   #countFetchEvents(): void {
     const rt = this.#rt;
     if (!rt) return;
     if (this.#damaged > 0) rt.metrics.damagedFiles.inc({ model_name: rt.cfg.modelName }, this.#damaged);
     this.#damaged = 0;
+    if (this.#throttled > 0) rt.metrics.s3Throttled.inc({ model_name: rt.cfg.modelName, operation: 'model_download' }, this.#throttled);
+    this.#throttled = 0;
     for (const bytes of this.#evicted.splice(0)) {
       rt.metrics.cacheEvictions.inc({ model_name: rt.cfg.modelName });
       rt.metrics.cacheEvictedBytes.inc({ model_name: rt.cfg.modelName }, bytes);

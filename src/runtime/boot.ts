@@ -1,5 +1,5 @@
 /** @module The boot state machine: resolving → fetching → loading → warming → ready, or failed; each phase timed. */
-import type { Metrics } from '../metrics.js';
+import { S3_OPERATIONS, type Metrics } from '../metrics.js';
 
 export const BOOT_STATES = ['resolving', 'fetching', 'loading', 'warming', 'ready', 'failed', 'stopping'] as const;
 export type BootState = (typeof BOOT_STATES)[number];
@@ -41,8 +41,10 @@ export class Boot {
     private readonly metrics: Metrics,
   ) {
     this.#labels = { model_name: modelName };
-    // The download and cache counters at 0 from the start, as every series with known labels (engine.ts #startAtZero).
+    // The download, cache and S3 throttling counters at 0 from the start, as every series with known labels (engine.ts
+    // #startAtZero).
     for (const c of [metrics.fetchedBytes, metrics.damagedFiles, metrics.cacheEvictions, metrics.cacheEvictedBytes, metrics.cacheHits]) c.inc(this.#labels, 0);
+    for (const operation of S3_OPERATIONS) metrics.s3Throttled.inc({ ...this.#labels, operation }, 0);
     this.#publish();
   }
 

@@ -280,7 +280,7 @@ export class Engine {
     private readonly events: EngineEvents = {},
   ) {
     this.#labels = { model_name: cfg.modelName };
-    this.#adapters = new AdapterSource(cfg, log);
+    this.#adapters = new AdapterSource(cfg, log, () => metrics.s3Throttled.inc({ ...this.#labels, operation: 'lora_download' }));
     this.#startAtZero();
   }
 
