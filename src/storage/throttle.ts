@@ -164,7 +164,7 @@ export class Throttle {
     }
     if (this.#episode && this.limit === this.#o.concurrency) {
       this.#episode = false;
-      this.#o.log.info({ ...this.#o.fields, ranges: this.limit, throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
+      this.#o.log.info({ ...this.#o.fields, ...this.#limitField(), throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
     }
   }
 
@@ -197,7 +197,7 @@ export class Throttle {
     const backoff = backoffMs(rounds - 1, this.#o.random, { baseMs: Math.min(THROTTLE.baseMs, cap), maxMs: cap, factor: THROTTLE.factor });
     const hinted = hintMs === undefined ? backoff : Math.max(backoff, Math.min(hintMs, backoff + THROTTLE.hintExtraMs));
     const wait = Math.max(1, Math.min(hinted, cap, left));
-    const fields = { ...this.#o.fields, code, ranges: this.limit, maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
+    const fields = { ...this.#o.fields, code, ...this.#limitField(), maxConcurrency: this.#o.concurrency, waitMs: Math.round(wait), ...(hintMs !== undefined ? { retryAfterS: hintMs / 1000 } : {}) };
     if (!this.#episode) {
       this.#episode = true;
       this.#logged = now;
@@ -218,6 +218,11 @@ export class Throttle {
   /** What work that gave up on `err` fails with: `cannot <action>: ` (`read s3://bucket/key`, `list …`) and giveUp. */
   gaveUp(action: string, err: unknown): RuntimeError {
     return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action}: ${this.giveUp(s3Code(err))}`, { cause: err });
+  }
+
+  /** The limit as its log lines name it: a fill's ranges in flight, or an upload's or a read's requests. */
+  #limitField(): { ranges: number } | { requestsInFlight: number } {
+    return this.#o.what === 'download' ? { ranges: this.limit } : { requestsInFlight: this.limit };
   }
 
   #ranges(): string {
