@@ -14,7 +14,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { loadParams, render, TEMPLATES } from './helpers/templates.js';
-import { loadConfig } from '../src/config.js';
+import { loadConfig, misspelledVariables, VARIABLES } from '../src/config.js';
 import { CLEANUP_MS } from '../src/storage/pending-io.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -53,16 +53,18 @@ interface Probe {
   kind: 'livenessProbe' | 'readinessProbe' | 'startupProbe';
   probe: Obj;
 }
+/** The containers of a rendered template: the ServingRuntime's, an InferenceService's model (merged into it), a Job's. */
+const containersOf = (doc: Obj): Obj[] => [
+  ...(doc.spec?.containers ?? []),
+  ...(doc.spec?.predictor?.model ? [doc.spec.predictor.model] : []),
+  ...(doc.spec?.template?.spec?.containers ?? []),
+];
+
 /** Every probe of every container in the rendered templates (ServingRuntime, isvc overrides, Job). */
 function allProbes(): Probe[] {
   const out: Probe[] = [];
   for (const { file, doc } of allDocs()) {
-    const containers: Obj[] = [
-      ...(doc.spec?.containers ?? []),
-      ...(doc.spec?.predictor?.model ? [doc.spec.predictor.model] : []),
-      ...(doc.spec?.template?.spec?.containers ?? []),
-    ];
-    for (const c of containers) {
+    for (const c of containersOf(doc)) {
       for (const kind of ['livenessProbe', 'readinessProbe', 'startupProbe'] as const) if (c[kind]) out.push({ file, kind, probe: c[kind] });
     }
   }
@@ -301,6 +303,20 @@ describe('templates: what KServe / Knative / OpenShift require', () => {
       }
     }
     for (const e of env.values()) expect(typeof e.value === 'string' || e.valueFrom !== undefined, `${e.name}: env values must be strings`).toBe(true);
+  });
+
+  it('every variable a template sets (env of every container, keys of the Secret given with envFrom) is one the runtime reads', () => {
+    // A misspelt name (ORT_OPTIMISED_CACHE, a Job's S3_STALL_TIMEOUT) is not refused by Kubernetes nor by the runtime,
+    // which only warns at start: the setting silently does nothing.
+    const set: string[] = [];
+    for (const { file, doc } of allDocs()) {
+      for (const c of containersOf(doc)) for (const e of (c.env ?? []) as Obj[]) set.push(`${file} ${e.name}`);
+      if (doc.kind === 'Secret') for (const k of Object.keys({ ...doc.data, ...doc.stringData })) set.push(`${file} ${k}`);
+    }
+    expect(set).toEqual(expect.arrayContaining(['serving-runtime.yaml MODEL_NAME', 'warmup-job.yaml STORAGE_URI', 'inference-service.yaml STORAGE_URI', 's3-secret.yaml AWS_ACCESS_KEY_ID']));
+    // AWS_S3_BUCKET is the OpenShift AI data connection's own key; the runtime takes the bucket from STORAGE_URI.
+    const unknown = set.filter((s) => !VARIABLES.includes(s.split(' ')[1]!) && s !== 's3-secret.yaml AWS_S3_BUCKET');
+    expect(unknown.map((s) => `${s}${misspelledVariables({ [s.split(' ')[1]!]: 'x' }).map((m) => ` (${m.meant}?)`).join('')}`)).toEqual([]);
   });
 
   it('ServingRuntime env, as the runtime parses it: a pod given N GPUs runs N pipeline workers (docs/OPERATIONS.md)', () => {
