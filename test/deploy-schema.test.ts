@@ -759,7 +759,8 @@ describe("templates: what Knative's webhook refuses in the annotations of a Serv
 // Knative v1.23's webhook on the pod spec KServe builds for a Serverless InferenceService: the ServingRuntime's volumes
 // and container with the InferenceService's merged in (KServe MergePodSpec / MergeRuntimeContainers: strategic merge,
 // volumes and env by name, mounts by path). knative/serving pkg/apis/serving/k8s_validation.go (ValidateVolumes,
-// validateVolumeMounts, validateContainerPorts, reservedEnvVars) and fieldmask.go (ContainerMask: no lifecycle).
+// validateVolumeMounts, validateContainerPorts, reservedEnvVars, validateProbe, validateReadinessProbe) and fieldmask.go
+// (ContainerMask: no lifecycle).
 
 /** Mount paths Knative refuses: since 1.13 (#14686), and before it, when /tmp, /var and /var/log were reserved too. */
 const KNATIVE_RESERVED_PATHS = ['/', '/dev', '/dev/log'];
@@ -771,14 +772,50 @@ const mergeBy = (key: string, base: Obj[] = [], over: Obj[] = []): Obj[] => {
   return [...out.values()];
 };
 
+/** A strategic merge of two objects without lists (a probe): `over`'s fields replace `base`'s, nested objects merge. */
+const mergeFields = (base: Obj | undefined, over: Obj | undefined): Obj | undefined => {
+  if (base === undefined || over === undefined) return over ?? base;
+  const out: Obj = { ...base };
+  for (const [k, v] of Object.entries(over)) out[k] = v !== null && typeof v === 'object' && !Array.isArray(v) ? mergeFields(base[k] as Obj | undefined, v as Obj) : v;
+  return out;
+};
+
+const PROBES = ['livenessProbe', 'readinessProbe', 'startupProbe'] as const;
+
 /** The pod spec KServe hands Knative for `isvc` on `sr` (the fields Knative's rules below read). */
 function knativePodSpec(isvc: Obj, sr: Obj): { volumes: Obj[]; container: Obj } {
   const p = isvc.spec.predictor as Obj;
   const c = sr.spec.containers[0] as Obj;
   const m = p.model as Obj;
-  const container = { ...c, ...Object.fromEntries(Object.entries(m).filter(([k]) => !['modelFormat', 'runtime', 'storage', 'storageUri', 'protocolVersion'].includes(k))),
+  const container: Obj = { ...c, ...Object.fromEntries(Object.entries(m).filter(([k]) => !['modelFormat', 'runtime', 'storage', 'storageUri', 'protocolVersion'].includes(k))),
     env: mergeBy('name', c.env, m.env), volumeMounts: mergeBy('mountPath', c.volumeMounts, m.volumeMounts), ports: mergeBy('containerPort', c.ports, m.ports) };
+  // An InferenceService's probe field overrides the ServingRuntime's field by field, not the whole probe.
+  for (const k of PROBES) if (c[k] !== undefined || m[k] !== undefined) container[k] = mergeFields(c[k] as Obj | undefined, m[k] as Obj | undefined);
   return { volumes: mergeBy('name', sr.spec.volumes, p.volumes), container };
+}
+
+/**
+ * Knative's checks of the user container's probes, after its defaults (revision_defaults.go: successThreshold 1; a
+ * periodSeconds set gets the kubelet's failureThreshold and timeoutSeconds). periodSeconds unset is Knative's own
+ * aggressive readiness probing, which takes neither field.
+ */
+function knativeProbeErrors(c: Obj): string[] {
+  const errs: string[] = [];
+  const portName = ((c.ports ?? []) as Obj[])[0]?.name as string | undefined;
+  for (const kind of PROBES) {
+    const p = c[kind] as Obj | undefined;
+    if (p === undefined) continue;
+    const handlers = ['httpGet', 'tcpSocket', 'exec', 'grpc'].filter((h) => p[h] !== undefined);
+    if (handlers.length !== 1) errs.push(`${kind}: expected exactly one, got ${handlers.length === 0 ? 'neither' : 'both'}: ${handlers.join(', ') || 'httpGet, tcpSocket, exec, grpc'}`);
+    const port = (p.httpGet ?? p.tcpSocket)?.port as unknown;
+    if (typeof port === 'string' && port !== portName) errs.push(`${kind}: invalid value: ${port}: Probe port must match container port`);
+    if (kind !== 'readinessProbe') continue;
+    if ((p.periodSeconds ?? 0) === 0) {
+      if ((p.failureThreshold ?? 0) !== 0) errs.push(`${kind}: failureThreshold is disallowed when periodSeconds is zero`);
+      if ((p.timeoutSeconds ?? 0) !== 0) errs.push(`${kind}: timeoutSeconds is disallowed when periodSeconds is zero`);
+    }
+  }
+  return errs;
 }
 
 function knativePodSpecErrors(spec: { volumes: Obj[]; container: Obj }, reserved = KNATIVE_RESERVED_PATHS): string[] {
@@ -805,7 +842,7 @@ function knativePodSpecErrors(spec: { volumes: Obj[]; container: Obj }, reserved
   }
   for (const e of (c.env ?? []) as Obj[]) if (['PORT', 'K_SERVICE', 'K_CONFIGURATION', 'K_REVISION'].includes(e.name)) errs.push(`"${e.name}" is a reserved environment variable`);
   if (c.lifecycle !== undefined) errs.push('must not set the field(s): lifecycle');
-  return errs;
+  return [...errs, ...knativeProbeErrors(c)];
 }
 
 describe("templates: what Knative's webhook refuses in the pod spec of a Serverless InferenceService (v1.23.0)", () => {
@@ -848,5 +885,16 @@ describe("templates: what Knative's webhook refuses in the pod spec of a Serverl
     // The InferenceService's own mounts and volumes merge into the ServingRuntime's by path and name, not beside them.
     const merged = spec();
     expect([merged.volumes.map((v) => v.name), merged.container.volumeMounts.map((m: Obj) => m.mountPath)]).toEqual([['model-cache', 'tmp'], ['/mnt/cache', '/tmp']]);
+    // Probes: an InferenceService's readiness field merged into the ServingRuntime's probe (which sets no periodSeconds).
+    const withProbe = (probe: Obj) => {
+      const isvc = structuredClone(renderedDocs('inference-service.yaml')[0]!);
+      isvc.spec.predictor.model.readinessProbe = probe;
+      return knativePodSpecErrors(knativePodSpec(isvc, sr()));
+    };
+    expect(withProbe({ timeoutSeconds: 5, failureThreshold: 3 })).toEqual(['readinessProbe: failureThreshold is disallowed when periodSeconds is zero',
+      'readinessProbe: timeoutSeconds is disallowed when periodSeconds is zero']);
+    expect(withProbe({ periodSeconds: 2, timeoutSeconds: 5 })).toEqual([]);
+    expect(withProbe({ tcpSocket: { port: 8080 } })).toEqual(['readinessProbe: expected exactly one, got both: httpGet, tcpSocket']);
+    expect(withProbe({ httpGet: { port: 'metrics' } })).toEqual(['readinessProbe: invalid value: metrics: Probe port must match container port']);
   });
 });
