@@ -126,3 +126,26 @@ describe('S3 credentials with the newline of `kubectl create secret --from-file`
     expect(() => loadConfig({ AWS_ACCESS_KEY_ID: 'minio-user', AWS_SECRET_ACCESS_KEY: 'my secret pass' })).not.toThrow();
   });
 });
+
+describe('a pod the data connection Secret did not reach (no envFrom, or a Secret without these keys)', () => {
+  // Only the static keys: HOME has no ~/.aws and instance metadata is off, so the AWS SDK's chain finds nothing (on a
+  // cloud VM it would find the machine's role).
+  const noKeys = (cache: string, keys: Record<string, string>): Record<string, string> => {
+    const { AWS_ACCESS_KEY_ID: _a, AWS_SECRET_ACCESS_KEY: _s, AWS_SESSION_TOKEN: _t, ...env } = secretEnv(cache);
+    return { ...env, ...keys, HOME: cache, AWS_EC2_METADATA_DISABLED: 'true' };
+  };
+
+  it.each([
+    ['neither key', {}, 'AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set'],
+    ['the key id alone', { AWS_ACCESS_KEY_ID: 'S3RVER' }, 'AWS_SECRET_ACCESS_KEY is not set (AWS_ACCESS_KEY_ID is)'],
+  ])('%s: the warm-up names the variables missing, not "access denied … check the bucket policy"', async (_, keys, which) => {
+    refused.length = 0;
+    const cache = path.join(tmp, `no-keys-${Object.keys(keys).length}`);
+    await fsp.mkdir(cache);
+    const r = await cli(noKeys(cache, keys));
+    expect([r.code, r.stderr.trim().split('\n').at(-1)]).toEqual([1, `warmup: STORAGE_DENIED: cannot list s3://models/sd/: no S3 credentials: ${which}, and the AWS SDK `
+      + "found no other source (web identity, a profile, an instance role); give the pod the data connection Secret's keys with envFrom (templates/s3-secret.yaml)"]);
+    // Nothing was sent unsigned or signed with half a key.
+    expect(refused).toEqual([]);
+  }, 60_000);
+});

@@ -240,6 +240,13 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
     return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${status}): the bucket is served by another endpoint or region; `
       + 'check AWS_REGION and AWS_ENDPOINT_URL', { cause: err });
   }
+  const unset = unsetKeys(err);
+  if (unset.length > 0) {
+    // Nothing reached S3: "access denied" and the bucket policy would send the operator the wrong way.
+    const which = unset.length === 2 ? `${unset.join(' and ')} are not set` : `${unset[0]} is not set (${unset[0] === 'AWS_ACCESS_KEY_ID' ? 'AWS_SECRET_ACCESS_KEY' : 'AWS_ACCESS_KEY_ID'} is)`;
+    return new RuntimeError('STORAGE_DENIED', `cannot ${action} ${where}: no S3 credentials: ${which}, and the AWS SDK found no other source `
+      + "(web identity, a profile, an instance role); give the pod the data connection Secret's keys with envFrom (templates/s3-secret.yaml)", { cause: err });
+  }
   const kms = kmsCode(err);
   if (kind === 'denied' && kms !== undefined) {
     return new RuntimeError('STORAGE_DENIED', `access denied to ${action} ${where} (${kms}): the object is encrypted with SSE-KMS and its KMS key refused `
@@ -269,6 +276,15 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code}${atEndpoint(err, endpoint)} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
+}
+
+/**
+ * The static keys not set, where the AWS SDK found no credentials at all (its CredentialsProviderError); [] otherwise.
+ * With both set the SDK skipped them (AWS_PROFILE) or another source failed: the generic advice fits better then.
+ */
+function unsetKeys(err: unknown, env: NodeJS.ProcessEnv = process.env): string[] {
+  if (s3Code(err) !== 'CredentialsProviderError') return [];
+  return ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY'].filter((k) => !env[k]?.trim());
 }
 
 /** `3 attempts`, `1 attempt`: how many tries a message counts (S3_MAX_ATTEMPTS may be 1). */
