@@ -56,6 +56,21 @@ describe('a failed boot', () => {
     }
   });
 
+  it.skipIf(process.getuid?.() !== 0)('the demo model on a MODEL_CACHE_DIR that is itself read-only (the image\'s /mnt/cache with no PVC mounted): EROFS (it was "refused mkdir: ENOENT")', async () => {
+    await h?.stop(0);
+    const ro = path.join(dir, 'ro-root');
+    mkdirSync(ro);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+    try {
+      h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: ro }, { ready: false });
+      const failed = await h.waitFor('state', (s) => s.state === 'failed');
+      expect(failed.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: EROFS');
+    } finally {
+      await h?.stop(0);
+      execFileSync('umount', [ro]);
+    }
+  });
+
   it('a model config that is not JSON is named by its path inside the model, not the model folder\'s name (it was "model_index.json (acme-sd15/model_index.json)")', async () => {
     await h?.stop(0);
     const model = await fixtureVariant(path.join(dir, 'acme-sd15'), { family: 'sd15' }, (d) => writeFileSync(path.join(d, 'model_index.json'), '{"_class_name": '));

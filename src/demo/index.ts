@@ -43,6 +43,8 @@ export async function ensureDemoModel(cacheDir: string, log?: DemoLog): Promise<
   const tmp = path.join(root, `.${name}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
   const started = Date.now();
   try {
+    // Made alone, not by the build's recursive mkdir, which reports a read-only volume as ENOENT (nodejs/node#47098).
+    await mkdir(tmp);
     const manifest = await buildDemoModel(tmp, SERVED_DEMO_OPTIONS);
     try {
       await rename(tmp, final);
