@@ -8,6 +8,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { READ_ONLY_CACHE } from '../src/storage/fetch.js';
 import { fixtureVariant } from './fixtures/index.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { CREDS, destroyS3, startS3 } from './helpers/s3.js';
@@ -50,13 +51,13 @@ describe('a failed boot', () => {
     try {
       h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: path.join(ro, 'diffusers-runtime-cache') }, { ready: false });
       const failed = await h.waitFor('state', (s) => s.state === 'failed');
-      expect(failed.reason).toBe('CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): EROFS');
+      expect(failed.reason).toBe(`CACHE_IO: cannot create the model cache directory (MODEL_CACHE_DIR): EROFS (${READ_ONLY_CACHE})`);
     } finally {
       execFileSync('umount', [ro]);
     }
   });
 
-  it.skipIf(process.getuid?.() !== 0)('the demo model on a MODEL_CACHE_DIR that is itself read-only (the image\'s /mnt/cache with no PVC mounted): EROFS (it was "refused mkdir: ENOENT")', async () => {
+  it.skipIf(process.getuid?.() !== 0)('the demo model on a MODEL_CACHE_DIR that is itself read-only (the image\'s /mnt/cache with no PVC mounted): EROFS and what to mount (it was "refused mkdir: ENOENT")', async () => {
     await h?.stop(0);
     const ro = path.join(dir, 'ro-root');
     mkdirSync(ro);
@@ -64,7 +65,7 @@ describe('a failed boot', () => {
     try {
       h = await startRuntime({ STORAGE_URI: undefined, MODEL_CACHE_DIR: ro }, { ready: false });
       const failed = await h.waitFor('state', (s) => s.state === 'failed');
-      expect(failed.reason).toBe('CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: EROFS');
+      expect(failed.reason).toBe(`CACHE_IO: the model cache (MODEL_CACHE_DIR) refused mkdir: EROFS (${READ_ONLY_CACHE})`);
     } finally {
       await h?.stop(0);
       execFileSync('umount', [ro]);

@@ -8,6 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { READ_ONLY_CACHE } from '../src/storage/fetch.js';
 import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
@@ -72,7 +73,8 @@ describe('an S3 adapter the cache volume cannot take', () => {
       }]);
       execFileSync('mount', ['-o', 'remount,ro', mnt]);
       const ro = await styled(srv);
-      expect([ro.status, ro.json]).toEqual([500, { code: 'CACHE_IO', error: expect.stringMatching(new RegExp(`^${stored('the model cache \\(MODEL_CACHE_DIR\\) refused \\w+: EROFS')}$`)) }]);
+      const advice = READ_ONLY_CACHE.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+      expect([ro.status, ro.json]).toEqual([500, { code: 'CACHE_IO', error: expect.stringMatching(new RegExp(`^${stored(`the model cache \\(MODEL_CACHE_DIR\\) refused \\w+: EROFS \\(${advice}\\)`)}$`)) }]);
       for (const r of [full, ro]) expect(JSON.stringify(r.json)).not.toContain(tmp.dir);
       execFileSync('mount', ['-o', 'remount,rw,size=16m', mnt]);
       const again = await styled(srv);

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../src/log.js';
 import { RuntimeError } from '../src/errors.js';
-import { cacheIoError, resolveModel } from '../src/storage/fetch.js';
+import { cacheIoError, READ_ONLY_CACHE, resolveModel } from '../src/storage/fetch.js';
 import { acquireLock, PID_NS } from '../src/storage/lock.js';
 import { fsRequestsPending, pendingIo } from '../src/storage/pending-io.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
@@ -111,7 +111,7 @@ describe('out of disk', () => {
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
     try {
       const err = await rejection(resolveModel('s3://models/deep', { cfg: cfgFor(path.join(ro, 'models')), log }));
-      expect([err.code, err.message]).toEqual(['CACHE_IO', 'cannot create the model cache directory (MODEL_CACHE_DIR): EROFS']);
+      expect([err.code, err.message]).toEqual(['CACHE_IO', `cannot create the model cache directory (MODEL_CACHE_DIR): EROFS (${READ_ONLY_CACHE})`]);
     } finally {
       execFileSync('umount', [ro]);
       rmdirSync(ro);
@@ -165,7 +165,7 @@ describe('errors of the cache volume', () => {
     try {
       const err = await rejection(resolveModel('s3://models/m', { cfg: cfgFor(cache, { S3_MAX_ATTEMPTS: '2' }), log }));
       // Before: STORAGE_TRANSIENT "cannot read (2 attempts) s3://models/m/…: EROFS", after the retries' backoff.
-      expect([err.code, err.message]).toEqual(['CACHE_IO', `the model cache (MODEL_CACHE_DIR) refused open of "${rel}.partial": EROFS`]);
+      expect([err.code, err.message]).toEqual(['CACHE_IO', `the model cache (MODEL_CACHE_DIR) refused open of "${rel}.partial": EROFS (${READ_ONLY_CACHE})`]);
     } finally {
       execFileSync('umount', [folder]);
     }

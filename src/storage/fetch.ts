@@ -290,11 +290,16 @@ export function cacheIoError(e: unknown, cacheDir: string): unknown {
   return new RuntimeError(code, `the model cache (MODEL_CACHE_DIR) refused ${what}: ${x.code}${deniedAdvice(x)}`, { cause: e });
 }
 
+/** What EROFS on the cache most often is in a pod: no volume at all (the cache PVC not mounted) under a read-only root. */
+export const READ_ONLY_CACHE = 'a read-only file system: MODEL_CACHE_DIR must be a volume mounted read-write, as the templates mount the '
+  + 'cache PVC at /mnt/cache; with no volume there, the read-only root filesystem refuses';
+
 /**
  * For a permission error: who was refused, and what lets it write. An arbitrary-uid pod (OpenShift) writes a volume
  * through its group; a folder another uid made before this runtime shared them with the group stays closed to it.
  */
 function deniedAdvice(e: NodeJS.ErrnoException): string {
+  if (e.code === 'EROFS') return ` (${READ_ONLY_CACHE})`;
   if (e.code !== 'EACCES' && e.code !== 'EPERM') return '';
   return ` (this process is ${processIdentity()}: the cache's folders must be writable by that uid or one of those groups, `
     + 'as a volume mounted with the pod\'s fsGroup is; folders another uid made without group write: chmod -R g+w them once)';
