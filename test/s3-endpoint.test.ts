@@ -1,12 +1,18 @@
 /**
  * An S3 endpoint that cannot be reached (nothing listens on its port): each error that says so names the endpoint the
  * runtime tried, its scheme, host and port only, for the model fill, a LoRA adapter, an input image and output_uri.
- * Over real sockets on the demo model.
+ * Over real sockets on the demo model. And one where something other than S3 answers (the warm-up CLI's fill).
  */
+import { promises as fsp } from 'node:fs';
+import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
 import { endpointName } from '../src/storage/s3-errors.js';
+import { listenLoopback } from './helpers/loopback.js';
 import { CREDS } from './helpers/s3.js';
+import { runWarmupCli } from './helpers/warmup-cli.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
 import { postJson } from './helpers/server.js';
 
@@ -59,6 +65,44 @@ describe('an S3 endpoint that refuses connections is named in the error', () => 
     expect(r.json.error).toContain(`output_uri: upload to s3://out/pic.png failed (ECONNREFUSED at the S3 endpoint ${origin}); the images were generated but not stored`);
     noSecrets(String(r.json.error));
   });
+});
+
+describe('an endpoint that is not an S3 API (a MinIO console port, a router\'s page, a web server) is named as such', () => {
+  // What answers there: no S3 error code with an error, no ListBucketResult with a 200. Before, these read as a missing
+  // prefix ("s3://models/sd/ does not exist (NotFound)", "no objects under s3://models/sd/"), a refusal ("access denied
+  // … (Unknown); check the credentials and the bucket policy") or "Unknown (gave up after retries)".
+  const PAGES: Record<string, [number, string, string]> = {
+    '/empty-404': [404, 'text/plain', ''],
+    '/console': [200, 'text/html', '<!doctype html><html><head><title>MinIO Console</title></head><body><div id="root"></div></body></html>'],
+    '/forbidden': [403, 'text/html', '<html><body>Forbidden</body></html>'],
+    '/router': [503, 'text/html', '<html><body><h1>Application is not available</h1></body></html>'],
+  };
+  let web: Awaited<ReturnType<typeof listenLoopback>>;
+  beforeAll(async () => {
+    // Path-style requests: /<bucket>?list-type=2…, so the bucket picks the page.
+    web = await listenLoopback(http.createServer((req, res) => {
+      const [status, type, body] = PAGES[`/${new URL(req.url!, 'http://x').pathname.split('/')[1]}`] ?? [404, 'text/plain', 'not found'];
+      res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(body) }).end(body);
+    }));
+  });
+  afterAll(async () => void (await web?.close()));
+
+  const advice = "so something other than an S3 API answered (a web console, a router's page, a proxy); AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT) must be the "
+    + "store's S3 API endpoint (MinIO: its API port, 9000 by default, not the console's 9001)";
+  it.each(['sdk', 'lite'])('the warm-up through the %s transport', async (transport) => {
+    const cache = await fsp.mkdtemp(path.join(os.tmpdir(), 'not-s3-'));
+    try {
+      const run = (bucket: string) => runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: web.endpoint, S3_TRANSPORT: transport, S3_MAX_ATTEMPTS: '2', STORAGE_URI: `s3://${bucket}/sd`, MODEL_CACHE_DIR: cache })
+        .then((r) => `${r.code} ${r.stderr.trim().split('\n').at(-1)}`);
+      const at = `the S3 endpoint ${web.endpoint} answered`;
+      expect(await run('empty-404')).toBe(`1 warmup: CONFIG: cannot list s3://empty-404/sd/: ${at} HTTP 404 without an S3 error code, ${advice}`);
+      expect(await run('console')).toBe(`1 warmup: CONFIG: cannot list s3://console/sd/: ${at} HTTP 200 with no S3 listing, ${advice}`);
+      expect(await run('forbidden')).toBe(`1 warmup: CONFIG: cannot list s3://forbidden/sd/: ${at} HTTP 403 without an S3 error code, ${advice}`);
+      expect(await run('router')).toBe(`1 warmup: STORAGE_TRANSIENT: cannot list (2 attempts) s3://router/sd/: ${at} HTTP 503 without an S3 error code, ${advice}, with the store behind it up`);
+    } finally {
+      await fsp.rm(cache, { recursive: true, force: true });
+    }
+  }, 60_000);
 });
 
 describe('endpointName', () => {

@@ -163,7 +163,8 @@ describe('cache keys and containment', () => {
 });
 
 describe('classify', () => {
-  const sdk = (name: string, status?: number) => Object.assign(new Error(name), { name, $metadata: { httpStatusCode: status } });
+  // The SDK's service errors carry the code S3 sent both as their name and as `Code` (from the error's XML).
+  const sdk = (name: string, status?: number) => Object.assign(new Error(name), { name, Code: name, $metadata: { httpStatusCode: status } });
   it('never retries denied or missing, retries resets, 5xx, 429 and timeouts', () => {
     expect(classify(sdk('AccessDenied', 403))).toBe('denied');
     expect(classify(sdk('InvalidAccessKeyId', 403))).toBe('denied');

@@ -55,6 +55,17 @@ export function addListed(out: RemoteObject[], objects: Iterable<{ key: string; 
   }
 }
 
+/** The name of the error a listing's 200 answer gets when it is no ListBucketResult (s3-errors.ts names the endpoint). */
+export const NOT_A_LISTING = 'NotAnS3Listing';
+
+/**
+ * A 200 answer to ListObjectsV2 that carries none of a ListBucketResult's fields (the SDK's parser reads a web page, a
+ * MinIO console's say, as an empty page): not the store's answer, where listing it would say the prefix is empty.
+ */
+export function notAListing(status: number | undefined): Error {
+  return Object.assign(new Error('the answer to the listing is no S3 ListBucketResult'), { name: NOT_A_LISTING, $metadata: { httpStatusCode: status ?? 200 } });
+}
+
 /** A whole listing in path order, as the cache's manifest and journal compare it. */
 export function sortListing(out: RemoteObject[]): RemoteObject[] {
   return out.sort((a, b) => (a.rel < b.rel ? -1 : a.rel > b.rel ? 1 : 0));

@@ -7,6 +7,7 @@ import type { S3Settings } from '../config.js';
 import { shortage, shortageError, S3_ADVICE } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import { backoffMs, RETRY, THROTTLE } from './plan.js';
+import { NOT_A_LISTING } from './s3-compat.js';
 
 export type ErrorKind = 'denied' | 'missing' | 'changed' | 'transient' | 'aborted' | 'tls' | 'fatal';
 
@@ -87,6 +88,7 @@ export function classify(err: unknown): ErrorKind {
   const code = e.code ?? e.Code ?? '';
   const status = errorStatus(err);
   if (name === 'AbortError' || code === 'ABORT_ERR') return 'aborted';
+  if (name === NOT_A_LISTING) return 'fatal';
   if (tlsProblem(err) !== undefined) return 'tls';
   // A redirect (a bucket in another region or behind another endpoint) and a refusal that names the bucket's region
   // answer every retry alike.
@@ -240,6 +242,13 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
     return new RuntimeError('CONFIG', `cannot ${action} ${where}: S3 redirected the request (${s3code}, HTTP ${status}): the bucket is served by another endpoint or region; `
       + 'check AWS_REGION and AWS_ENDPOINT_URL', { cause: err });
   }
+  const foreign = action.startsWith('list') ? notS3(err) : undefined;
+  if (foreign !== undefined) {
+    // The first request of a fill: a wrong endpoint is met here, and its answer says nothing of the bucket or keys.
+    return new RuntimeError(kind === 'transient' ? 'STORAGE_TRANSIENT' : 'CONFIG', `cannot ${action} ${where}: the S3 endpoint${endpoint === undefined ? '' : ` ${endpoint}`} `
+      + `answered ${foreign}, so something other than an S3 API answered (a web console, a router's page, a proxy); AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT) `
+      + `must be the store's S3 API endpoint (MinIO: its API port, 9000 by default, not the console's 9001)${kind === 'transient' ? ', with the store behind it up' : ''}`, { cause: err });
+  }
   const unset = unsetKeys(err);
   if (unset.length > 0) {
     // Nothing reached S3: "access denied" and the bucket policy would send the operator the wrong way.
@@ -276,6 +285,18 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   }
   if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code}${atEndpoint(err, endpoint)} (gave up after retries)`, { cause: err });
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
+}
+
+/**
+ * How an answer shows it is not S3's: an error status without an S3 error code (S3 and the stores speaking its API send
+ * one with every error to a GET), or a 200 that is no listing. Undefined for S3's own answers and socket failures.
+ */
+function notS3(err: unknown): string | undefined {
+  if (err instanceof RuntimeError) return undefined;
+  const e = (err ?? {}) as SdkLikeError;
+  const status = errorStatus(err);
+  if (e.name === NOT_A_LISTING) return `HTTP ${status ?? 200} with no S3 listing`;
+  return status !== undefined && status >= 400 && e.Code === undefined ? `HTTP ${status} without an S3 error code` : undefined;
 }
 
 /**

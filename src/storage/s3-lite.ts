@@ -199,6 +199,8 @@ export class LiteHttpError extends Error {
   /** The one header of the answer that s3-errors.ts reads (retryAfterMs), where the store sent it, as the SDK's errors keep theirs. */
   readonly $response?: { statusCode: number; headers: { 'retry-after': string } };
   readonly sdkMightDiffer: boolean;
+  /** The S3 error code the store sent, as the SDK's errors carry it; absent where the answer had none (not S3's). */
+  readonly Code?: string;
   /**
    * `customerKey`: a read refused because the object is encrypted with a customer-provided key (SSE-C; s3-errors.ts
    * customerKeyRequired), which the SDK would meet as well. `retryAfter`: the answer's Retry-After header.
@@ -208,6 +210,7 @@ export class LiteHttpError extends Error {
     const safe = code !== undefined && /^[A-Za-z0-9.]{1,64}$/.test(code) ? code : undefined;
     super(`S3 answered HTTP ${status}${safe ? ` ${safe}` : ''} to the ${what}`);
     this.name = safe ?? `HTTP${status}`;
+    if (safe !== undefined) this.Code = safe;
     this.$metadata = { httpStatusCode: status };
     if (retryAfter !== undefined) this.$response = { statusCode: status, headers: { 'retry-after': retryAfter } };
     // KMS's answer for an SSE-KMS object (400 KMS.ThrottlingException), and throttling sent with a 400, are the

@@ -9,7 +9,7 @@ import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type _Object } from '@aws-sdk/client-s3';
 import type { S3Settings } from '../config.js';
 import { silentLogger, type Logger } from '../log.js';
-import { addListed, nextToken, sortListing } from './s3-compat.js';
+import { addListed, nextToken, notAListing, sortListing } from './s3-compat.js';
 import { checksumFrom } from './checksums.js';
 import type { LostCreatesOutcome } from './multipart.js';
 import { retryUploads, UPLOAD_ATTEMPTS } from './upload-retry.js';
@@ -68,6 +68,8 @@ export async function listPrefix(client: S3Client, bucket: string, prefix: strin
     // carriage return into a line feed (what s3rver and stores that only XML-escape keys send).
     const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token, MaxKeys: 1000, EncodingType: 'url' }),
       signal ? { abortSignal: signal } : {});
+    // Every store speaking S3's API names the bucket and says whether the page is the last.
+    if (page.Name === undefined && page.IsTruncated === undefined && page.KeyCount === undefined && page.Contents === undefined) throw notAListing(page.$metadata.httpStatusCode);
     const objects = (page.Contents ?? ([] as _Object[])).flatMap((o) => (o.Key === undefined ? [] : [{ key: o.Key, size: o.Size ?? NaN, etag: o.ETag ?? '' }]));
     addListed(out, objects, page.EncodingType?.toLowerCase() === 'url', prefix);
     token = nextToken(`s3://${bucket}/${prefix}`, page.IsTruncated === true, page.NextContinuationToken, seen);
