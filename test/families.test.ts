@@ -168,8 +168,10 @@ describe('a folder that is not an export', () => {
       // A repository synced whole, its export in onnx/: the folder to add is named.
       mkdirSync(path.join(dir, 'onnx', 'unet'), { recursive: true });
       writeFileSync(path.join(dir, 'onnx', 'unet', 'model.onnx'), '');
-      expect(() => readLayout(dir)).toThrow(/\(found: model_index\.json, onnx\); the export seems to be in onnx\/: add onnx\/ to STORAGE_URI$/);
-      expect(() => readLayout(dir, new Set(['model_index.json', 'onnx/unet/model.onnx', 'onnx/unet/model.onnx_data']))).toThrow(/the export seems to be in onnx\/: add onnx\/ to STORAGE_URI$/);
+      // Under KServe's storageUri, STORAGE_URI is /mnt/models, where KServe put the model: the storageUri is what to change.
+      const hint = "the export seems to be in onnx/: add onnx/ to STORAGE_URI (to the InferenceService's storageUri where KServe downloads the model)";
+      expect(() => readLayout(dir)).toThrow(`(found: model_index.json, onnx); ${hint}`);
+      expect(() => readLayout(dir, new Set(['model_index.json', 'onnx/unet/model.onnx', 'onnx/unet/model.onnx_data']))).toThrow(hint);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -225,7 +225,8 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
     const nested = listed
       ? [...listed].map((f) => /^([^/]+)\/unet\/model\.onnx$/.exec(f)?.[1]).find((f) => f !== undefined && !f.startsWith('.'))
       : names.find((f) => existsSync(path.join(dir, f, 'unet', 'model.onnx')));
-    const hint = nested === undefined ? '' : `; the export seems to be in ${nested}/: add ${nested}/ to STORAGE_URI`;
+    // A storageUri's model is at /mnt/models, where STORAGE_URI points: the user's setting is then the storageUri.
+    const hint = nested === undefined ? '' : `; the export seems to be in ${nested}/: add ${nested}/ to STORAGE_URI (to the InferenceService's storageUri where KServe downloads the model)`;
     throw new RuntimeError('MODEL_FORMAT', `not an ONNX diffusers export: missing ${missing.map((c) => `${c}/model.onnx`).join(', ')} (found: ${names.slice(0, 20).join(', ') || 'nothing'})${hint}`);
   }
   const index = optJson(dir, 'model_index.json');
