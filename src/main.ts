@@ -1,7 +1,8 @@
 /**
  * @module The composition root: parse config, start the pipeline workers, listen, run the boot (runtime/boot-sequence.ts)
  * and wire the runtime into the HTTP server. Only the config parser, the scheduler names, the worker spawner and Node's
- * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after.
+ * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after, and
+ * before the boot's fetch touches the cache (see main).
  */
 import { realpathSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
@@ -80,7 +81,8 @@ async function main(): Promise<void> {
   let rt: Runtime | undefined;
   let log: Logger | undefined;
   let events: BootEvents | undefined;
-  let boot: BootSequence | undefined;
+  /** The boot's first step (its plan: a lease and a look at the cache entry), under way once the boot's code has loaded. */
+  let resolving: Promise<BootSequence> | undefined;
   let signals = 0;
   /** When the last signal that counted arrived. */
   let countedAt = -Infinity;
@@ -106,10 +108,10 @@ async function main(): Promise<void> {
     const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cfg: cfg!, log, rt });
     const r = rt;
     if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.cleanup!));
-    else if (boot) {
-      // As close()'s cleanup: the fetch's stop and the lease's release write to the cache.
-      const b = boot, cleanup = startCleanup({ failed: warnStepFailed(log) });
-      void cleanup.step('the model fetch and the cache entry lease', () => b.stop()).then(() => exit(0, cleanup));
+    else if (resolving) {
+      // As close()'s cleanup: the plan's lease is released on the cache, once the plan (itself on the cache) is made.
+      const b = resolving, cleanup = startCleanup({ failed: warnStepFailed(log) });
+      void cleanup.step('the model fetch and the cache entry lease', async () => (await b).stop()).then(() => exit(0, cleanup));
     } else process.exit(0);
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
@@ -126,23 +128,28 @@ async function main(): Promise<void> {
     process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
     process.exit(1);
   }
-  // Boot step 1, resolve: before the logger loads, so a committed S3 cache entry's sessions start in the workers now.
-  boot = await (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers);
-  const { createLogger, logProcessFaults } = await import('./log.js');
+  // Boot step 1, resolve, while the logger, the runtime and the routes load: a committed S3 cache entry's sessions start
+  // in the workers as soon as it is found. Then the runtime, then the fetch: the server's code is loaded before the
+  // fetch's calls on the cache begin. Node reads each module's file in libuv's pool, which the calls on a volume that
+  // stopped answering hold (a download's writes fill it), and the listening line and every route but liveness would
+  // wait for them; the resolve's calls, made one at a time, leave it room. A resolve held by the volume holds nothing
+  // else: the runtime serves meanwhile (not ready), and a stop names what it waits for.
+  const b = (resolving = (await import('./runtime/boot-sequence.js')).resolveBoot(cfg, workers));
+  b.catch(() => undefined); // awaited below, and by a stop
+  const [{ createLogger, logProcessFaults }, { Runtime }, wiring] = await Promise.all([import('./log.js'), import('./runtime/runtime.js'), serverModules()]);
   log = createLogger(cfg.logLevel);
   logProcessFaults(log);
   logStartWarnings(log, trimmed, cfg);
   events = new BootEvents(log);
-  // Step 2, fetch: the S3 listing and the first ranged GETs go out while the runtime's code loads.
-  boot.fetch(log, events);
-  await boot.runtimeMayLoad();
-  if (signals > 0) return;
-  const [{ Runtime }, wiring] = await Promise.all([import('./runtime/runtime.js'), serverModules()]);
   if (signals > 0) return;
   // performance.now() counts from process start, so 0 is "the process started".
   rt = new Runtime(cfg, log, { startedAt: 0, workers, events });
+  // Its close stops the boot (the fetch, the leases) with the rest, whether the plan is made by then or not.
+  rt.atClose(async () => (await b).stop());
   serve(base, rt, wiring);
-  // Steps 3-5: announce, load, warm.
+  const boot = await b;
+  if (signals > 0) return;
+  // Steps 2-5: fetch, announce, load, warm.
   await boot.run(rt);
   if (rt.boot.state === 'failed' && cfg.exitOnBootFailure) process.exit(1);
 }

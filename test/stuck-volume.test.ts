@@ -297,11 +297,18 @@ async function mountFor(t: Finished, ...args: Parameters<typeof mountStuckFs>): 
   t.onTestFinished(() => fs.release());
   return fs;
 }
-/** Once `fs` has hung (and 2 s on): liveness still answers, and SIGTERM ends `srv` by the signal. Its stop line. */
-async function liveThenTerminated(srv: ServerHandle, fs: StuckFs): Promise<string | undefined> {
+/**
+ * Once `fs` has hung (and 2 s on): liveness, readiness (not ready) and the model's state (`state`) still answer, and
+ * SIGTERM ends `srv` by the signal. Its stop line.
+ */
+async function liveThenTerminated(srv: ServerHandle, fs: StuckFs, state: string): Promise<string | undefined> {
   await fs.hung;
   await new Promise((r) => setTimeout(r, 2_000));
-  expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+  const answer = (route: string) => fetch(`${srv.url}${route}`, { signal: AbortSignal.timeout(10_000) });
+  expect((await answer('/v2/health/live')).status).toBe(200);
+  expect((await answer('/v2/health/ready')).status).toBe(503);
+  const model = await answer('/v1/models/model');
+  expect([model.status, ((await model.json()) as { state?: string }).state]).toEqual([503, state]);
   expect(await terminate(srv, 40_000)).toMatchObject({ code: null, signal: 'SIGTERM' });
   return stopLine(srv.logs)?.msg;
 }
@@ -369,11 +376,12 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-fill'), { hangAfter: 'write:model.onnx.partial' });
     const srv = await serverFor(t, {
       ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: fs.dir,
-      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
-      // Its 'listening' line comes once the runtime's code has loaded, which waits for a pool thread: not while the
-      // stuck writes hold them all.
-    }, { live: true });
-    const line = await liveThenTerminated(srv, fs);
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+    });
+    // The stuck writes (one per range in flight), the journal's line and the lock's heartbeat hold all of libuv's pool:
+    // the routes answer, their code loaded before the fetch began (before, it loaded once S3 first answered, and its
+    // files, read in the pool, could wait behind the stuck writes: no 'listening' line, only liveness answered).
+    const line = await liveThenTerminated(srv, fs, 'fetching');
     // The journal line that records the answered write is the call named first (the lock's and lease's follow).
     const key = cacheKey(parseStorageUri(`s3://models/${PREFIX}`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
     expect(line).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`));
@@ -396,10 +404,28 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
       ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
       EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', PORT: String(await freePort()),
     }, { live: true });
-    const line = await liveThenTerminated(srv, fs);
+    const line = await liveThenTerminated(srv, fs, 'fetching');
     // The look that lets the watch be set is the call named first.
     expect(line).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${key}\\.lock still pending after \\d+ s; .*\\(exit 143\\)$`));
     expect(line).not.toContain(fs.dir);
+  }, 120_000);
+
+  it('the volume stopped answering before the server started (S3): the routes come, and SIGTERM exits 143 naming the boot\'s first look at the cache', async (t) => {
+    const backing = path.join(tmp.dir, 'cache-fuse-dead-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-dead'));
+    await fs.hang();
+    const cache = path.join(fs.dir, 'cache');
+    // Before, the boot's plan (its lease, a look for a committed entry) was made before the logger and the runtime
+    // loaded: held by the volume, no 'listening' line came, no route but liveness, and a SIGTERM's exit waited for the
+    // call for good (the SIGKILL at 40 s ended it).
+    const srv = await serverFor(t, {
+      ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache,
+      EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+    }, { timeoutMs: 30_000 });
+    const line = await liveThenTerminated(srv, fs, 'resolving');
+    expect(line).toMatch(/^shutdown did not finish: the cache volume did not answer: readdir \. still pending after \d+ s; exiting without waiting for it \(exit 143\)$/);
+    expect(srv.events('shut-down')).toMatchObject([{ unfinished: ['the model fetch and the cache entry lease'] }]);
   }, 120_000);
 
   it('serving from S3, then the volume stops answering: the lease release is named, the exit is 143, the next start serves', async (t) => {

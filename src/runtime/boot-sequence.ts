@@ -3,17 +3,17 @@
  *
  *   resolve   STORAGE_URI (else /mnt/models, else the embedded demo model) → a BootPlan. For s3:// a committed cache
  *             entry's sessions start in the workers at once; otherwise the S3 transport's code starts loading.
- *   fetch     the fetch engine (storage/fetch.ts) fills the PVC cache, or the demo model is built. `main` starts it
- *             before the runtime's code has loaded; what it reports meanwhile is kept here. A committed entry's check
- *             against S3 waits until its warm-up is queued or this thread's own boot work is done (#releaseCheck).
+ *   fetch     the fetch engine (storage/fetch.ts) fills the PVC cache, or the demo model is built. A committed
+ *             entry's check against S3 waits until its warm-up is queued or this thread's own boot work is done
+ *             (#releaseCheck).
  *   announce  a component whose files are whole starts its session in the workers; a tokenizer parses on this thread;
  *             once the layout's small files and the UNet are whole, the warm-up begins while the rest downloads.
  *   load      every worker builds the whole pipeline.
  *   warm      one real generation on every worker (or the end of the one begun early) → ready.
  *
- * `main` runs resolve and fetch as soon as it listens, imports the runtime when `runtimeMayLoad()` says, and hands it
- * to `run()` for the rest; `bootRuntime(rt)` does all of it for a runtime built in one go (tests). Boot states and
- * their metrics are runtime/boot.ts's; this module decides when to move them.
+ * `main` runs resolve as soon as it listens, while the runtime's code loads, and hands the runtime to `run()` for the
+ * rest; `bootRuntime(rt)` does all of it for a runtime built in one go (tests). Boot states and their metrics are
+ * runtime/boot.ts's; this module decides when to move them.
  */
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
@@ -37,8 +37,6 @@ import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
 import { checkServerDefaults, defaultGuidance, defaultStepsWarnings } from './request.js';
 
-/** How long a download's first answer from S3 may hold back the runtime's import (see runtimeMayLoad). */
-const FIRST_ANSWER_WAIT_MS = 500;
 /** How long a committed entry's check against S3 may wait at most (see #releaseCheck). */
 const CHECK_WAIT_MS = 2_000;
 /** A fetch or load that ran out of file descriptors is tried this often in all, after 1, 2, 4, 8 s: some 15 s for them to free. */
@@ -157,8 +155,6 @@ export class BootSequence {
   #openFetch!: () => void;
   readonly #fetchOpen = new Promise<void>((r) => (this.#openFetch = r));
   #checkReleased = false;
-  #flow!: () => void;
-  readonly #flowing = new Promise<void>((r) => (this.#flow = r));
   // What the fetch has reported: every listed file by component, the files whole, the components announced.
   readonly #componentFiles = new Map<string, Set<string>>();
   readonly #whole = new Set<string>();
@@ -201,11 +197,10 @@ export class BootSequence {
   }
 
   /**
-   * Step 2: starts the fetch (or the demo model's build). Idempotent. `events` is the emitter the runtime will carry
-   * (main makes it with the logger, before the runtime's code loads), so a landmark of the fetch reaches the same
-   * listeners whether the runtime exists yet or not.
+   * Step 2: starts the fetch (or the demo model's build), with the runtime: its code is loaded before the fetch's calls
+   * on the cache begin (main). Idempotent.
    */
-  fetch(log: Logger, events: BootEvents): void {
+  #startFetch(log: Logger, events: BootEvents): void {
     if (this.#fetched) return;
     this.#log = log;
     this.#events = events;
@@ -214,20 +209,6 @@ export class BootSequence {
       return this.#fetch(log);
     });
     this.#fetched.catch(() => undefined); // run() awaits it and reports the failure
-    void this.#fetched.finally(() => this.#flow()).catch(() => undefined);
-  }
-
-  /**
-   * When `main` may import the runtime. At once, except on a download: then once S3 has answered the first ranged GET,
-   * for imported at once the runtime's code holds this thread while the listing's answer and the first ranges wait to
-   * be read and sent, and the runtime needs no file before then. At most FIRST_ANSWER_WAIT_MS, so a slow store still
-   * shows the fetch's state and progress on the model endpoint.
-   */
-  async runtimeMayLoad(): Promise<void> {
-    if (this.plan.source !== 's3' || this.plan.committed) return;
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.#flowing, new Promise((r) => (timer = setTimeout(r, FIRST_ANSWER_WAIT_MS)))]);
-    clearTimeout(timer);
   }
 
   /** SIGTERM before the runtime exists: the fetch stops (its cache entry stays uncommitted and resumable). */
@@ -305,7 +286,7 @@ export class BootSequence {
     // exist), sharp after them (needed only at the warm-up's end).
     const mainWorkDone = committed ? this.#importSharp(rt, engine.tokenizersSettled()) : undefined;
     try {
-      this.fetch(log, rt.events);
+      this.#startFetch(log, rt.events);
       if (plan.source !== 'demo') boot.to('fetching');
       if (this.#progress) this.#showProgress(this.#progress);
       if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
@@ -398,7 +379,6 @@ export class BootSequence {
             this.#evicted.push(e.bytes);
             this.#countFetchEvents();
           },
-          onFirstResponse: () => this.#flow(),
           lease: (dir) => this.#lease(dir),
           onDamaged: () => {
             this.#damaged++;

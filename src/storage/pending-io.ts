@@ -45,10 +45,11 @@ export function fsRequestsPending(): number {
   return process.getActiveResourcesInfo().filter((r) => r === 'FSReqCallback' || r === 'FSReqPromise').length;
 }
 
-/** `file` as the cache names it (relative to `cacheDir`), or as given when it lies outside. */
+/** `file` as the cache names it (relative to `cacheDir`, `.` for the cache's own folder), or as given when it lies outside. */
 export function cacheRelative(cacheDir: string, file: string): string {
   const rel = path.relative(cacheDir, file);
-  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
+  if (rel === '') return '.';
+  return !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
 }
 
 /** `op rel` for each recorded call still pending, with its age: what a stop's line names. */

@@ -15,6 +15,7 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { readManifest, type Manifest } from './cache.js';
+import { trackIo } from './pending-io.js';
 
 export interface EntryVersion {
   /** The folder's name under the cache. */
@@ -35,9 +36,12 @@ export function parseVersion(name: string): { key: string; n: number } {
   return m && Number(m[2]) >= 2 ? { key: m[1]!, n: Number(m[2]) } : { key: name, n: 1 };
 }
 
-/** Every version folder of the entry `key` under the cache, oldest first. Never throws. */
+/**
+ * Every version folder of the entry `key` under the cache, oldest first. Never throws. Recorded as pending (the boot's
+ * first look at the cache: a stop names it when the volume does not answer).
+ */
 export async function versionsOf(cacheDir: string, key: string): Promise<EntryVersion[]> {
-  const ents = await fsp.readdir(cacheDir, { withFileTypes: true }).catch(() => []);
+  const ents = await trackIo('readdir', cacheDir, () => fsp.readdir(cacheDir, { withFileTypes: true })).catch(() => []);
   const out: EntryVersion[] = [];
   for (const e of ents) {
     if (!e.isDirectory() || !e.name.startsWith(key)) continue;
