@@ -32,6 +32,21 @@ let s3: S3Server;
 let proxy: FaultProxy;
 let model: DemoManifest;
 const dirs: Array<() => void> = [];
+
+/** The inodes this process's inotify instances watch (/proc/self/fdinfo). */
+function inotifyWatched(): Set<number> {
+  const out = new Set<number>();
+  for (const fd of readdirSync('/proc/self/fd')) {
+    let info: string;
+    try {
+      info = readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+    } catch {
+      continue; // closed meanwhile
+    }
+    for (const m of info.matchAll(/^inotify wd:\d+ ino:([0-9a-f]+) /gm)) out.add(parseInt(m[1]!, 16));
+  }
+  return out;
+}
 const live: ServerHandle[] = [];
 
 beforeAll(async () => {
@@ -372,6 +387,9 @@ describe('the wait, in one process', () => {
     const { held, stop, waiting } = w;
     try {
       await until(() => w.polls >= 1, 10_000, 2);
+      // The watch is on the lock's folder itself (set through the folder's descriptor, /proc/self/fd/N).
+      const folder = (await fsp.stat(w.dir)).ino;
+      await until(() => inotifyWatched().has(folder), 10_000, 2);
       await held.release();
       const got = await Promise.race([waiting, new Promise<'none'>((r) => setTimeout(() => r('none'), 10_000))]);
       expect(got).not.toBe('none');

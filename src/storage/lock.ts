@@ -421,43 +421,46 @@ class Wake {
   }
 
   /**
-   * Starts watching (once): a change from then on ends the next sleep. The watch is set synchronously, on the event
-   * loop, and looks the folder up: on a volume that stopped answering (a folder of a hung NFS mount; stuck-fs) it held
-   * the loop, and every signal, for good. So it is set once a stat of the lock, made as any other call on the volume,
-   * has answered; the folder was just looked up, and on NFS its attributes and access rights are cached then. A release
+   * Starts watching (once): a change from then on ends the next sleep. fs.watch is set synchronously, on the event
+   * loop, and looks its path up: on a volume that stopped answering (a folder of a hung NFS mount; stuck-fs) that held
+   * the loop, and every signal, for good. So the folder is opened in libuv's pool, as any other call on the volume, and
+   * watched through its descriptor: the kernel follows /proc/self/fd/N to the open folder without asking the volume
+   * for its name again (NFS not unless the folder's attributes, just refreshed by the open, have expired). A release
    * made before the watch was set raised no event it sees: the lock is looked at once more, watched, and found gone
    * that ends the sleep as the event would have.
    */
   arm(): void {
     if (this.#tried) return;
     this.#tried = true;
-    const stat = () => trackIo('stat', this.file, () => fsp.stat(this.file));
-    const set = () => {
-      if (this.#closed) return;
-      this.#watch();
-      void stat().then(
-        () => undefined,
-        (e: NodeJS.ErrnoException) => {
+    const dir = path.dirname(this.file);
+    void trackIo('open', dir, () => fsp.open(dir, 'r')).then(
+      async (folder) => {
+        if (!this.#closed) this.#watch(`/proc/self/fd/${folder.fd}`);
+        // The watch holds the folder itself, not the descriptor.
+        await folder.close().catch(() => undefined);
+        if (this.#closed) return;
+        await trackIo('stat', this.file, () => fsp.stat(this.file)).catch((e: NodeJS.ErrnoException) => {
           if (e.code !== 'ENOENT' || this.#closed) return;
           this.#pending = true;
           this.#wake?.();
-        },
-      );
-    };
-    void stat().then(set, set);
+        });
+      },
+      () => undefined, // the poll alone
+    );
   }
 
-  #watch(): void {
+  /** `at`: the folder, as a path to it that the kernel resolves without the volume. */
+  #watch(at: string): void {
     const name = path.basename(this.file);
     try {
-      this.#watcher = watch(path.dirname(this.file), { persistent: false }, (type, f) => {
+      this.#watcher = watch(at, { persistent: false }, (type, f) => {
         if (type !== 'rename' || (f !== null && f.toString() !== name)) return;
         this.#pending = true;
         this.#wake?.();
       });
       this.#watcher.on('error', () => this.close());
     } catch {
-      /* no inotify here (or its limit reached): the poll alone */
+      /* no inotify here (or its limit reached), or no /proc: the poll alone */
     }
   }
 
