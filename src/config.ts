@@ -211,8 +211,16 @@ function listenHost(v: string | undefined, bad: string[]): string {
   return v;
 }
 
+export interface LoadOptions {
+  /**
+   * MODEL_CACHE_DIR's default, when the caller has looked for it itself (the server does, asynchronously: see
+   * defaultCacheDir); otherwise it is looked for here, synchronously.
+   */
+  defaultCacheDir?: string;
+}
+
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */
-export function loadConfig(env: Env = process.env): Readonly<Config> {
+export function loadConfig(env: Env = process.env, o: LoadOptions = {}): Readonly<Config> {
   const bad: string[] = [];
   /** Variables already named for their quotes or an unexpanded reference (raw may read one twice). */
   const refused = new Set<string>();
@@ -366,7 +374,7 @@ export function loadConfig(env: Env = process.env): Readonly<Config> {
     modelName,
     host: listenHost(raw('HOST'), bad),
     port: int('PORT', 8080, 0, 65535),
-    cacheDir: raw('MODEL_CACHE_DIR') ?? defaultCacheDir(),
+    cacheDir: raw('MODEL_CACHE_DIR') ?? o.defaultCacheDir ?? defaultCacheDir(),
     cacheEvict: oneOf('CACHE_EVICT', 'lru', CACHE_EVICT),
     s3,
     executionProvider,
@@ -634,14 +642,21 @@ export function trimCredentials(env: Env = process.env): string[] {
   return trimmed;
 }
 
-/** `/mnt/cache` when it is a writable mount (the PVC), else a directory under the OS temp dir. */
+/** MODEL_CACHE_DIR's default where it is a writable mount (the PVC). */
+export const PVC_CACHE_DIR = '/mnt/cache';
+/** MODEL_CACHE_DIR's default otherwise (made when looked for). */
+export const tmpCacheDir = (): string => path.join(os.tmpdir(), 'diffusers-runtime-cache');
+
+/**
+ * PVC_CACHE_DIR when it is a writable mount, else tmpCacheDir(). Synchronous: a volume at /mnt/cache that does not answer
+ * holds the calling thread for good (the server looks asynchronously instead: main.ts).
+ */
 function defaultCacheDir(): string {
-  const pvc = '/mnt/cache';
   try {
-    accessSync(pvc, constants.W_OK);
-    return pvc;
+    accessSync(PVC_CACHE_DIR, constants.W_OK);
+    return PVC_CACHE_DIR;
   } catch {
-    const dir = path.join(os.tmpdir(), 'diffusers-runtime-cache');
+    const dir = tmpCacheDir();
     try {
       mkdirSync(dir, { recursive: true });
     } catch {

@@ -4,11 +4,12 @@
  * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after, and
  * before the boot's fetch touches the cache (see main).
  */
-import { realpathSync } from 'node:fs';
+import { constants as fsConstants, realpathSync } from 'node:fs';
+import { access, mkdir } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, PVC_CACHE_DIR, tmpCacheDir, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -19,7 +20,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, startCleanup, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, describePending, endBySignal, killNow, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -55,29 +56,9 @@ async function main(): Promise<void> {
   // Before the config: its default cache folder may be made now, and must be shared with the group.
   applyContainerDefaults();
   let cfg: Readonly<Config> | undefined;
-  const problems: string[] = [];
-  try {
-    cfg = loadConfig(process.env);
-  } catch (err) {
-    if (!(err instanceof ConfigError)) {
-      process.stderr.write(`diffusers-runtime: ${String(err)}\n`);
-      process.exit(2);
-    }
-    problems.push(...err.problems);
-  }
-  // The scheduler's name is checked with the rest, other variables bad or not: one run names every bad one. Its form
-  // first (loadConfig's problem, if any, already says what is wrong with it).
-  const formBad = problems.some((p) => p.startsWith('DEFAULT_SCHEDULER'));
-  const unknownScheduler = unknownDefaultScheduler(cfg ? cfg.defaultScheduler : formBad ? undefined : process.env.DEFAULT_SCHEDULER?.trim() || undefined);
-  if (cfg) problems.push(...unaddressableUris(cfg));
-  if (unknownScheduler !== undefined) problems.push(unknownScheduler);
-  if (problems.length > 0 || !cfg) {
-    // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
-    process.stderr.write(`diffusers-runtime: ${new ConfigError(problems).message}\n`);
-    process.exit(2);
-  }
-  // Signals are ours from the start. Before the runtime exists nothing is served: the fetch (if one started) stops,
-  // leaving its cache entry uncommitted and resumable, and the process exits 0.
+  // Signals are ours from the start. Before the runtime exists nothing is served: the boot's plan (if one is under way)
+  // releases its lease, and the process exits 0, once the file system calls still pending are answered (a look for the
+  // default cache folder: see leave).
   let rt: Runtime | undefined;
   let log: Logger | undefined;
   let events: BootEvents | undefined;
@@ -105,17 +86,40 @@ async function main(): Promise<void> {
     }
     events?.emit('signal', { signal: sig }, 'signal received');
     // A second signal during the cleanup or the wait after it still makes the exit 1, as it says.
-    const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cfg: cfg!, log, rt });
+    const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cacheDir: cfg?.cacheDir, log, rt });
     const r = rt;
     if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.cleanup!));
     else if (resolving) {
       // As close()'s cleanup: the plan's lease is released on the cache, once the plan (itself on the cache) is made.
       const b = resolving, cleanup = startCleanup({ failed: warnStepFailed(log) });
       void cleanup.step('the model fetch and the cache entry lease', async () => (await b).stop()).then(() => exit(0, cleanup));
-    } else process.exit(0);
+    } else exit(0, startCleanup());
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  const problems: string[] = [];
+  const defaultCacheDir = await lookForDefaultCacheDir(process.env);
+  if (signals > 0) return;
+  try {
+    cfg = loadConfig(process.env, { defaultCacheDir });
+  } catch (err) {
+    if (!(err instanceof ConfigError)) {
+      process.stderr.write(`diffusers-runtime: ${String(err)}\n`);
+      process.exit(2);
+    }
+    problems.push(...err.problems);
+  }
+  // The scheduler's name is checked with the rest, other variables bad or not: one run names every bad one. Its form
+  // first (loadConfig's problem, if any, already says what is wrong with it).
+  const formBad = problems.some((p) => p.startsWith('DEFAULT_SCHEDULER'));
+  const unknownScheduler = unknownDefaultScheduler(cfg ? cfg.defaultScheduler : formBad ? undefined : process.env.DEFAULT_SCHEDULER?.trim() || undefined);
+  if (cfg) problems.push(...unaddressableUris(cfg));
+  if (unknownScheduler !== undefined) problems.push(unknownScheduler);
+  if (problems.length > 0 || !cfg) {
+    // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
+    process.stderr.write(`diffusers-runtime: ${new ConfigError(problems).message}\n`);
+    process.exit(2);
+  }
   const trimmed = applyProcessDefaults();
   // The pipeline workers start first: a worker thread takes ~60 ms to boot before its own imports begin, and that
   // overlaps the listen here, then the imports below.
@@ -161,17 +165,17 @@ async function main(): Promise<void> {
  * process ends as `sig`'s default action (128 + its number, 143 for SIGTERM): not 0, and not the kubelet's SIGKILL (137)
  * at the end of the pod's grace period.
  */
-async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cfg: Readonly<Config>; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
-  const { cfg, log, rt } = o;
+async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cacheDir: string | undefined; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
+  const { cacheDir, log, rt } = o;
   const unanswered = await cleanup.unanswered();
   const unfinished = cleanup.unfinished;
   if (unfinished.length === 0 && unanswered === 0) process.exit(code());
-  const pending = describePending(cfg.cacheDir);
+  const pending = describePending(cacheDir);
   const signal = sig as NodeJS.Signals;
   const status = 128 + (osConstants.signals[signal] ?? 0);
   // A worker that did not stop is most often inside ONNX Runtime, creating a session from a file it cannot read.
   const sessions = rt?.boot.progress.sessions ?? {};
-  const opening = unfinished.includes('the pipeline workers') ? [...(rt?.engine.announced ?? [])].filter(([c]) => !Object.hasOwn(sessions, c)).map(([, f]) => cacheRelative(cfg.cacheDir, f)) : [];
+  const opening = unfinished.includes('the pipeline workers') ? [...(rt?.engine.announced ?? [])].filter(([c]) => !Object.hasOwn(sessions, c)).map(([, f]) => cacheRelative(cacheDir!, f)) : [];
   const what = [
     ...(pending.length > 0 ? [`the cache volume did not answer: ${pending.join('; ')}`] : []),
     ...(opening.length > 0 ? [`the pipeline workers did not stop (still creating sessions from ${opening.join(', ')}: does their volume answer?)`] : []),
@@ -182,6 +186,22 @@ async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cfg
   if (log) log.error({ unfinished: [...unfinished], pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
   else process.stderr.write(`diffusers-runtime: ${line}\n`);
   endBySignal(signal);
+}
+
+/**
+ * MODEL_CACHE_DIR's default where it is not set (config.ts: /mnt/cache where writable, else a folder of the temp dir),
+ * looked for in libuv's pool with the signal handlers in place. /mnt/cache is the PVC's mount: on a volume that does not
+ * answer, the synchronous look held this thread for good, and a SIGTERM with it (no handler runs on a thread held in
+ * a system call, Node's own one for SIGTERM included; a PID 1 gets no other). Recorded, so that a stop names it. Not
+ * looked for where MODEL_CACHE_DIR is set (nor used; or the config refuses it).
+ */
+async function lookForDefaultCacheDir(env: NodeJS.ProcessEnv): Promise<string> {
+  if (env.MODEL_CACHE_DIR?.trim()) return PVC_CACHE_DIR;
+  if (await trackIo('access', PVC_CACHE_DIR, () => access(PVC_CACHE_DIR, fsConstants.W_OK)).then(() => true, () => false)) return PVC_CACHE_DIR;
+  const dir = tmpCacheDir();
+  // Made now, as before: if it cannot be, the cache's first use says why.
+  await trackIo('mkdir', dir, () => mkdir(dir, { recursive: true })).catch(() => undefined);
+  return dir;
 }
 
 /**

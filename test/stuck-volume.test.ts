@@ -7,7 +7,7 @@
  * Where FUSE can be mounted, the cache is also put on test/native/stuck-fs, which stops answering for real: every call
  * waits, a stat included, so a synchronous one on the event loop holds it (and every signal) for good.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from 'vitest';
@@ -17,7 +17,7 @@ import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
 import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
-import { postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
+import { ENTRY, postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { mountStuckFs, stuckFsUnavailable, type StuckFs } from './helpers/stuck-fs.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
@@ -127,14 +127,16 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
   }, 180_000);
 });
 
-/** Whether a thread of process `pid` is blocked opening a FIFO, waiting for its other end (Linux's wait_for_partner). */
-const opensFifo = (pid: number) => readdirSync(`/proc/${pid}/task`).some((t) => {
+/** Whether a thread of process `pid` sleeps in the kernel function `wchan`. */
+const waitsIn = (pid: number, wchan: string) => readdirSync(`/proc/${pid}/task`).some((t) => {
   try {
-    return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8') === 'wait_for_partner';
+    return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8') === wchan;
   } catch {
     return false; // the thread ended
   }
 });
+/** Whether a thread of process `pid` is blocked opening a FIFO, waiting for its other end. */
+const opensFifo = (pid: number) => waitsIn(pid, 'wait_for_partner');
 
 /**
  * A server on the demo model whose adapter-set folder's lease (.lora-sets/, taken at start, never released: it goes
@@ -458,6 +460,60 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     const next = await serverFor(t, { ...env, MODEL_CACHE_DIR: fs.dir }, { ready: true });
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 240_000);
+});
+
+/**
+ * The server with no MODEL_CACHE_DIR, whose default (/mnt/cache when writable, else a folder of the temp dir) lies on
+ * `fs`, hung: TMPDIR is its mount, and there is no /mnt/cache here. SIGTERMed (at its node process: under unshare, the
+ * child) once a call of it waits on the mount; SIGKILLed at 30 s.
+ */
+async function defaultCacheHung(t: Finished, name: string, prefix: readonly string[] = []) {
+  const backing = path.join(tmp.dir, `${name}-backing`);
+  mkdirSync(backing);
+  const fs = await mountFor(t, backing, path.join(tmp.dir, name));
+  await fs.hang();
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries({ ...process.env, HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info', TMPDIR: fs.dir, MODEL_CACHE_DIR: undefined, STORAGE_URI: undefined })) {
+    if (v !== undefined) env[k] = v;
+  }
+  const [file, ...args] = [...prefix, process.execPath, ENTRY];
+  const proc = spawn(file!, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  t.onTestFinished(() => void proc.kill('SIGKILL'));
+  let stderr = '';
+  proc.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+  proc.stdout!.resume();
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  let node = proc.pid!;
+  if (prefix.length > 0) {
+    await until(() => readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, 'utf8').trim() !== '', 10_000, 20);
+    node = Number(readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, 'utf8').trim().split(/\s+/)[0]);
+  }
+  await until(() => waitsIn(node, 'request_wait_answer'), 20_000, 20);
+  process.kill(node, 'SIGTERM');
+  const timer = setTimeout(() => proc.kill('SIGKILL'), 30_000);
+  const r = await exited;
+  clearTimeout(timer);
+  return { ...r, stderr };
+}
+
+describe.skipIf(noFuse).concurrent('the server on a volume that does not answer its first look, for the default MODEL_CACHE_DIR', () => {
+  // Before, the look was synchronous, on the main thread, before the server's signal handlers: SIGTERM did not end the
+  // process, not by its default action either (Node installs a handler of its own for it, which cannot run while the
+  // thread waits in the system call, and the kernel ends such a wait only for a fatal signal), as PID 1 or not: only
+  // the SIGKILL at 30 s did, with no line saying why.
+  const line = /^diffusers-runtime: shutdown did not finish: the cache volume did not answer: mkdir \/\S+\/diffusers-runtime-cache still pending after \d+ s; exiting without waiting for it \(exit 143\)$/m;
+
+  it('SIGTERM ends it by the signal, naming the look', async (t) => {
+    const r = await defaultCacheHung(t, 'cache-fuse-default');
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    expect(r.stderr).toMatch(line);
+  }, 60_000);
+
+  it.skipIf(!canUnshare)('as PID 1 of its pid namespace: SIGTERM ends it, exit 143, naming the look', async (t) => {
+    const r = await defaultCacheHung(t, 'cache-fuse-default-pid1', ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc']);
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: 143, signal: null });
+    expect(r.stderr).toMatch(line);
+  }, 60_000);
 });
 
 describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering for real', () => {

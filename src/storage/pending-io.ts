@@ -52,9 +52,9 @@ export function cacheRelative(cacheDir: string, file: string): string {
   return !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
 }
 
-/** `op rel` for each recorded call still pending, with its age: what a stop's line names. */
-export function describePending(cacheDir: string, now = performance.now()): string[] {
-  return pendingIo().map((p) => `${p.op} ${cacheRelative(cacheDir, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+/** `op rel` for each recorded call still pending, with its age: what a stop's line names (paths whole without `cacheDir`). */
+export function describePending(cacheDir: string | undefined, now = performance.now()): string[] {
+  return pendingIo().map((p) => `${p.op} ${cacheDir === undefined ? p.file : cacheRelative(cacheDir, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
 }
 
 /**
