@@ -14,7 +14,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext 
 import { freePort } from '../scripts/bench-common.js';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
-import { LAST_USED, LEASES, leasesDir } from '../src/storage/lease.js';
+import { LAST_USED, leaseEntry, LEASES, leasesDir } from '../src/storage/lease.js';
+import { pendingIo } from '../src/storage/pending-io.js';
 import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { ENTRY, postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
@@ -554,4 +555,24 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(fs.dir);
   }, 60_000);
+});
+
+describe.skipIf(noFuse)('a lease held on a cache volume that stops answering for real (stuck-fs, in this process)', () => {
+  // A server's lease beats every 30 s (LEASE_HEARTBEAT_MS), longer than a test waits for the stop of a server; its
+  // beats are the lock's (lock.ts hold), here every 50 ms. Only calls in libuv's pool touch the hung mount from this
+  // process, and its release fails them (ENOTCONN): the thread they held is free again.
+  it('one heartbeat waits and the later ones are skipped: one call pending, not one a period', async (t) => {
+    const backing = path.join(tmp.dir, 'cache-fuse-lease-backing');
+    mkdirSync(backing);
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-lease'));
+    const lease = await leaseEntry(path.join(fs.dir, 'entry'), { heartbeatMs: 50 });
+    await fs.hang();
+    await new Promise((r) => setTimeout(r, 1_000));
+    // Before the beats went one at a time, each period started one more, each holding a pool thread for good.
+    expect(pendingIo().filter((p) => p.file === lease.path).map((p) => p.op)).toEqual(['read']);
+    // The release waits for the mount's (its calls then fail): not left to onTestFinished, which ends the mount last.
+    await fs.release();
+    await lease.release();
+    expect(pendingIo()).toEqual([]);
+  }, 30_000);
 });
