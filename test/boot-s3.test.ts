@@ -392,8 +392,8 @@ describe('while the listing is out', () => {
     await withSlowListing(async (slow) => {
       const srv = await s3Server({ AWS_ENDPOINT_URL: slow.endpoint });
       let body: ModelBody = {};
-      // The fetch reports its own first phase (resolving) before the listing's.
-      for (const deadline = performance.now() + 3_000; performance.now() < deadline && body.progress?.phase !== 'listing'; await sleep(20)) {
+      // The fetch reports its own first phase (resolving) before the listing's, and that one before its request is out.
+      for (const deadline = performance.now() + 3_000; performance.now() < deadline && (body.progress?.phase !== 'listing' || slow.stats.lists === 0); await sleep(20)) {
         body = (await modelStatus(srv)).body;
       }
       expect([body.state, body.progress?.phase]).toEqual(['fetching', 'listing']);
