@@ -27,10 +27,10 @@ import { optimizedCopyHooks } from '../pipeline/ortcache.js';
 import type { ToWorker } from '../pipeline/protocol.js';
 import { onGpu } from '../pipeline/provider.js';
 import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
-import { committedEntry, sameCommit, type CommittedEntry, type FetchProgress, type ResolvedModel } from '../storage/fetch.js';
+import { committedEntry, sameCommit, type CommittedEntry, type ResolvedModel } from '../storage/fetch.js';
 import type { EntryLease } from '../storage/lease.js';
 import { cacheKey, containedPath, parseStorageUri } from '../storage/uri.js';
-import type { BootEventMap, BootEvents } from './boot-events.js';
+import type { BootEventMap } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { LoadResult } from './engine.js';
 import type { SpawnedWorker } from './workers.js';
@@ -146,8 +146,6 @@ export class BootSequence {
   readonly #cfg: Readonly<Config>;
   /** Starts a session before the runtime exists (main: straight to the workers it spawned). */
   readonly #early: (m: ToWorker) => void;
-  #log: Logger | undefined;
-  #events: BootEvents | undefined;
   #rt: Runtime | undefined;
   readonly #abort = new AbortController();
   #fetched: Promise<{ dir: string; res?: ResolvedModel }> | undefined;
@@ -161,15 +159,6 @@ export class BootSequence {
   readonly #announced = new Set<string>();
   /** The entry's folder, once a file in it is whole. */
   #dir: string | undefined;
-  #progress: FetchProgress | undefined;
-  /** Bytes received from S3 not yet added to model_download_bytes_total (the runtime did not exist yet). */
-  #downloaded = 0;
-  /** Bytes of each entry evicted for this download, not yet counted in the metrics. */
-  readonly #evicted: number[] = [];
-  /** Files that arrived damaged, not yet counted in the metrics (the runtime did not exist yet). */
-  #damaged = 0;
-  /** Throttled answers to the fill, not yet counted in the metrics. */
-  #throttled = 0;
   /** Tokenizer folders whole before the runtime existed: they parse once it does. */
   readonly #tokenizers: string[] = [];
   /** Components the prespawned workers were told of before the runtime existed: the engine learns them once it does. */
@@ -198,20 +187,17 @@ export class BootSequence {
 
   /**
    * Step 2: starts the fetch (or the demo model's build), with the runtime: its code is loaded before the fetch's calls
-   * on the cache begin (main). Idempotent.
+   * on the cache begin (main), and what the fetch reports goes to it.
    */
-  #startFetch(log: Logger, events: BootEvents): void {
-    if (this.#fetched) return;
-    this.#log = log;
-    this.#events = events;
+  #startFetch(rt: Runtime): void {
     this.#fetched = this.#fetchOpen.then(() => {
       this.#abort.signal.throwIfAborted();
-      return this.#fetch(log);
+      return this.#fetch(rt);
     });
     this.#fetched.catch(() => undefined); // run() awaits it and reports the failure
   }
 
-  /** SIGTERM before the runtime exists: the fetch stops (its cache entry stays uncommitted and resumable). */
+  /** A stop: the fetch, if under way, stops (its cache entry stays uncommitted and resumable), and the leases go. */
   async stop(): Promise<void> {
     this.#abort.abort();
     await this.#fetched?.catch(() => undefined);
@@ -240,7 +226,7 @@ export class BootSequence {
     } catch (e) {
       this.#abort.signal.throwIfAborted();
       // As the plan's lease: a cache that cannot be written to fails a fill with its own reason, and a hit serves.
-      (this.#rt?.log ?? this.#log)?.warn({ reason: (e as Error)?.message ?? String(e) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
+      this.#rt?.log.warn({ reason: (e as Error)?.message ?? String(e) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
       return;
     }
     this.#leases.set(dir, l);
@@ -248,18 +234,17 @@ export class BootSequence {
   }
 
   #watchLease(l: EntryLease): void {
-    const log = this.#rt?.log ?? this.#log;
+    const log = this.#rt?.log;
     // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
     l.onLost((gone) => log?.warn({ entryGone: gone }, gone
       ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
       : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
   }
 
-  /** Steps 3-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
+  /** Steps 2-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
   async run(rt: Runtime): Promise<void> {
     const { cfg, log, boot, engine, metrics } = rt;
     this.#rt = rt;
-    this.#countDownloaded();
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const s3 = this.plan.source === 's3' ? this.plan : undefined;
     // A stop during the fetch: the process exits only once the fetch has stopped, its journal saved and its lock
@@ -268,7 +253,6 @@ export class BootSequence {
     if (s3) rt.atClose(() => this.#releaseLeases());
     for (const l of this.#leases.values()) this.#watchLease(l);
     if (s3?.leaseError !== undefined) log.warn({ reason: (s3.leaseError as Error)?.message ?? String(s3.leaseError) }, 'could not mark the cache entry in use; an eviction elsewhere may remove it');
-    this.#countFetchEvents();
     const stop = () => this.#abort.abort(rt.shutdown.reason);
     if (rt.shutdown.aborted) stop();
     else rt.shutdown.addEventListener('abort', stop, { once: true });
@@ -286,9 +270,8 @@ export class BootSequence {
     // exist), sharp after them (needed only at the warm-up's end).
     const mainWorkDone = committed ? this.#importSharp(rt, engine.tokenizersSettled()) : undefined;
     try {
-      this.#startFetch(log, rt.events);
+      this.#startFetch(rt);
       if (plan.source !== 'demo') boot.to('fetching');
-      if (this.#progress) this.#showProgress(this.#progress);
       if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
       if (mainWorkDone) this.#releaseCheck(rt, mainWorkDone);
       const { dir, res } = await this.#fetched!;
@@ -339,7 +322,9 @@ export class BootSequence {
     }
   }
 
-  async #fetch(log: Logger): Promise<{ dir: string; res?: ResolvedModel }> {
+  async #fetch(rt: Runtime): Promise<{ dir: string; res?: ResolvedModel }> {
+    const { log, metrics } = rt;
+    const labels = { model_name: rt.cfg.modelName };
     const plan = this.plan;
     if (plan.source === 'invalid') throw plan.error;
     if (plan.source === 'demo') {
@@ -373,23 +358,17 @@ export class BootSequence {
           onListing: (files) => this.#onListing(files),
           onFileReady: (rel, abs) => this.#onFileReady(rel, abs),
           onRestart: () => this.#onRestart(),
-          onProgress: (p) => this.#onProgress(p),
-          onDownloaded: (n) => this.#onDownloaded(n),
+          onProgress: (p) => Object.assign(rt.boot.progress, p, { phase: p.phase }),
+          // model_download_bytes_total grows as bytes arrive (a long download shows its rate), and counts only what
+          // came from S3 this time: not a local model folder, not files or spans kept from an earlier run.
+          onDownloaded: (n) => metrics.fetchedBytes.inc(labels, n),
           onEvicted: (e) => {
-            this.#evicted.push(e.bytes);
-            this.#countFetchEvents();
+            metrics.cacheEvictions.inc(labels);
+            metrics.cacheEvictedBytes.inc(labels, e.bytes);
           },
           lease: (dir) => this.#lease(dir),
-          onDamaged: () => {
-            this.#damaged++;
-            this.#countFetchEvents();
-          },
-          throttleWatch: {
-            throttled: () => {
-              this.#throttled++;
-              this.#countFetchEvents();
-            },
-          },
+          onDamaged: () => metrics.damagedFiles.inc(labels),
+          throttleWatch: { throttled: () => metrics.s3Throttled.inc({ ...labels, operation: 'model_download' }) },
         }),
       'the model fetch',
       log,
@@ -436,49 +415,6 @@ export class BootSequence {
     this.#invalidate({ why: 'objects-changed' });
   }
 
-  /**
-   * model_download_bytes_total grows as bytes arrive (a long download shows its rate), and counts only what came from
-   * S3 this time: not a local model folder, not files or spans kept from an earlier run. Bytes that arrive before the
-   * runtime (and its metrics) exist are added when it attaches.
-   */
-  #onDownloaded(n: number): void {
-    this.#downloaded += n;
-    this.#countDownloaded();
-  }
-
-  /**
-   * model_cache_evictions_total and its bytes, model_download_damaged_files_total, and the fill's throttled answers in
-   * s3_throttled_responses_total; what happened before the runtime (and its metrics) existed counts when it attaches.
-   */
-  #countFetchEvents(): void {
-    const rt = this.#rt;
-    if (!rt) return;
-    if (this.#damaged > 0) rt.metrics.damagedFiles.inc({ model_name: rt.cfg.modelName }, this.#damaged);
-    this.#damaged = 0;
-    if (this.#throttled > 0) rt.metrics.s3Throttled.inc({ model_name: rt.cfg.modelName, operation: 'model_download' }, this.#throttled);
-    this.#throttled = 0;
-    for (const bytes of this.#evicted.splice(0)) {
-      rt.metrics.cacheEvictions.inc({ model_name: rt.cfg.modelName });
-      rt.metrics.cacheEvictedBytes.inc({ model_name: rt.cfg.modelName }, bytes);
-    }
-  }
-
-  #countDownloaded(): void {
-    const rt = this.#rt;
-    if (!rt || this.#downloaded === 0) return;
-    rt.metrics.fetchedBytes.inc({ model_name: rt.cfg.modelName }, this.#downloaded);
-    this.#downloaded = 0;
-  }
-
-  #onProgress(p: FetchProgress): void {
-    this.#progress = p;
-    if (this.#rt) this.#showProgress(p);
-  }
-
-  #showProgress(p: FetchProgress): void {
-    Object.assign(this.#rt!.boot.progress, p, { phase: p.phase });
-  }
-
   /** A whole component folder: its session starts in the workers, or its tokenizer parses here. */
   #announce(compDir: string, files: ReadonlySet<string>): void {
     const m = announcement(compDir, files);
@@ -498,7 +434,7 @@ export class BootSequence {
   /** Sessions (and an early warm-up) were built from files that changed: the workers drop them before the next load. */
   #invalidate(data: BootEventMap['sessions-reset']): void {
     const msg = data.why === 'entry-changed' ? 'the cache entry changed after its sessions started; loading them again' : 'objects changed during the download; starting the sessions again';
-    this.#events?.emit('sessions-reset', data, msg);
+    this.#rt?.events.emit('sessions-reset', data, msg);
     if (this.#rt) this.#rt.engine.resetSessions();
     else this.#early({ t: 'reset' });
     if (this.#warmEarly) {
