@@ -2,13 +2,16 @@
  * Serving behaviour over a real socket (the runtime in-process): dynamic batching (and its byte-equality with unbatched runs),
  * the bounded queue, cancellation of queued work, output formats, the result cache, output_uri to S3.
  */
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { GetObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { putStyleAdapter } from './helpers/big-adapter.js';
+import { CREDS, destroyS3, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric, startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson, until } from './helpers/server.js';
+import { postJson, tempDir, until } from './helpers/server.js';
 import { fixtureModel } from './fixtures/index.js';
 
 type Pred = { image: { b64?: string; uri?: string }; seed: number; format: string; width: number; height: number };
@@ -741,4 +744,64 @@ describe('formats, result cache, output_uri', () => {
     const bad = await predict(srv, { prompt: 'x', output_uri: 'http://elsewhere/a.png' });
     expect([bad.status, bad.json.error]).toEqual([400, expect.stringMatching(/output_uri must look like s3:\/\/bucket\/key/)]);
   });
+});
+
+describe('identical requests joined to a generation while its LoRA adapters are looked up (LORA_URI behind the fault proxy, MAX_QUEUE=1, RESULT_CACHE_MB=4)', () => {
+  const tmp = tempDir('serving-lora-');
+  let s3: S3Server;
+  let proxy: FaultProxy;
+  let srv: RuntimeHandle;
+  beforeAll(async () => {
+    const model = await fixtureModel();
+    s3 = await startS3(['loras']);
+    await putStyleAdapter(s3, model, tmp.dir);
+    // The same adapter under other names: a name is looked up (listed) once per process, and each case holds its lookup.
+    for (const name of ['rejoin', 'refused']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
+    proxy = await startFaultProxy(s3.port);
+    srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'), LORA_URI: 's3://loras/adapters/', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4', MAX_QUEUE: '1' }, { ready: true });
+  }, 120_000);
+  afterAll(async () => {
+    await srv?.stop();
+    await proxy?.close();
+    if (s3) await destroyS3(s3);
+    tmp.cleanup();
+  });
+
+  /** ListObjectsV2 requests, and so the adapters' lookups, held until the returned function is called. */
+  const holdLists = (): (() => void) => {
+    let answer!: () => void;
+    proxy.faults.holdLists = new Promise<void>((r) => (answer = r));
+    return () => {
+      delete proxy.faults.holdLists;
+      answer();
+    };
+  };
+
+  it('the requests joined to a generation whose client left while its adapters were looked up run one generation between them, not one each', async () => {
+    const counts = async () => ({ images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total') });
+    const inst = { prompt: 'a fox in style', seed: 41, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'rejoin', scale: 0.5 }] };
+    const before = await counts();
+    const release = holdLists();
+    let joined: Array<ReturnType<typeof predict>> = [];
+    try {
+      const lists = proxy.stats.lists;
+      const first = rawPredict(srv.port, inst);
+      await until(() => proxy.stats.lists > lists);
+      joined = [predict(srv, inst), predict(srv, inst)];
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+      first.destroy();
+      // Its lookup stops with it (nobody else waits for it), its generation is cancelled, and the joined requests look
+      // again: the first of them back looks the adapter up afresh.
+      await until(() => proxy.stats.lists > lists + 1);
+    } finally {
+      release();
+    }
+    const rs = await Promise.all(joined);
+    expect(rs.map((r) => [r.status, r.json.code ?? preds(r.json)[0]!.seed])).toEqual([[200, 41], [200, 41]]);
+    expect(b64(rs[0]!) === b64(rs[1]!)).toBe(true);
+    // Before, only the first of them back registered a generation and the second queued one of its own too: here it
+    // found the queue full (the first's queued while its adapter set was built), elsewhere 2 images and no hit.
+    const after = await counts();
+    expect({ images: after.images - before.images, hits: after.hits - before.hits }).toEqual({ images: 1, hits: 1 });
+  }, 60_000);
 });

@@ -90,11 +90,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 
   /**
    * The images of the identical generation already queued or running, or undefined when it was cancelled (its client
-   * left before it was queued, while its adapters were looked up): this request then runs its own. A generation whose
-   * clients left keeps its place in the queue while this request waits, a batch whose clients left runs on, and one
-   * that ran out of memory runs again alone; each gives its images here. Any other failure (the grace period's end,
-   * out of memory alone) is this request's too, as in a shared batch. A WebSocket client, which streams its own
-   * progress, never waits for another's.
+   * left before it was queued, while its adapters were looked up, or its batch was told to stop just before this
+   * request joined): this request then looks again (generateOne), and runs its own unless another request joined to it
+   * already does. A generation whose clients left keeps its place in the queue while this request waits, a batch whose
+   * clients left runs on, and one that ran out of memory runs again alone; each gives its images here. Any other
+   * failure (the grace period's end, out of memory alone) is this request's too, as in a shared batch. A WebSocket
+   * client, which streams its own progress, never waits for another's.
    */
   const joinRunning = async (other: Running, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
     other.joined.count++;
@@ -129,8 +130,13 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     let hit: readonly EncodedImage[] | undefined = key === undefined ? undefined : resultCache.get(key);
     // Looked up in the turn generate() called this, as a generation is registered below, before any wait: an identical
     // instance later in the same request joins the generation of the first, as an identical request would.
-    const other = hit === undefined && key !== undefined && onProgress === undefined ? running.get(key) : undefined;
-    if (other) hit = await joinRunning(other, signal);
+    let other = hit === undefined && key !== undefined && onProgress === undefined ? running.get(key) : undefined;
+    while (other) {
+      hit = await joinRunning(other, signal);
+      // Cancelled: the first of the requests joined to it to look again registers its own generation below, in the
+      // same turn, and the others join that one (each used to run one of its own).
+      other = hit === undefined ? running.get(key!) : undefined;
+    }
     let result: TaskResult;
     if (hit) result = cachedResult(hit, onQueued);
     else {
@@ -142,19 +148,21 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       if (key !== undefined) {
         // The first such generation is the one identical requests join (joinRunning).
         let settle: ((out: EncodedImage[] | Error) => void) | undefined;
+        let mine: Running | undefined;
         if (!running.has(key)) {
           const shared = new Promise<EncodedImage[]>((resolve, reject) => {
             // Copied as the generation ends, before this request's answer can hand its buffers on.
             settle = (out) => (out instanceof Error ? reject(out) : resolve(out.map((i) => ({ ...i, data: i.data.slice(0) }))));
           });
+          shared.catch(() => undefined);
           joined = { count: 0 };
-          running.set(key, { images: shared, joined });
-          shared.catch(() => undefined).finally(() => {
-            if (running.get(key)?.images === shared) running.delete(key);
-          });
+          mine = { images: shared, joined };
+          running.set(key, mine);
         }
         onMade = (out) => {
           if (!(out instanceof Error)) resultCache.put(key, out);
+          // Gone before the joined requests hear of it: those told it was cancelled look again, for another.
+          if (mine !== undefined && running.get(key) === mine) running.delete(key);
           settle?.(out);
         };
       }
