@@ -804,4 +804,35 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     const after = await counts();
     expect({ images: after.images - before.images, hits: after.hits - before.hits }).toEqual({ images: 1, hits: 1 });
   }, 60_000);
+
+  it('counts each request joined to a generation refused once its adapters were looked up (the queue full) in inference_rejected_total, once', async () => {
+    const long = { num_inference_steps: 500, height: 512, width: 512 };
+    const rejected = () => metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 51, ...long });
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const queued = rawPredict(srv.port, { prompt: 'queued', seed: 52, ...long });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    const inst = { prompt: 'a fox refused', seed: 53, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'refused', scale: 0.5 }] };
+    const before = await rejected();
+    const release = holdLists();
+    let rs: Array<Awaited<ReturnType<typeof predict>>>;
+    try {
+      const lists = proxy.stats.lists;
+      const first = predict(srv, inst);
+      await until(() => proxy.stats.lists > lists);
+      // Joined to it: a request, and one of two identical instances (both join it).
+      const joined = [predict(srv, inst), postJson(`${srv.url}/v1/models/model:predict`, { instances: [inst, inst] })];
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 5, 20_000, 5);
+      release();
+      rs = await Promise.all([first, ...joined]);
+    } finally {
+      release();
+      blocker.destroy();
+      queued.destroy();
+    }
+    expect(rs.map((r) => [r.status, r.json.code])).toEqual([[503, 'BUSY'], [503, 'BUSY'], [503, 'BUSY']]);
+    // Before, only the first: the others got its 503 uncounted.
+    expect((await rejected()) - before).toBe(3);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+  }, 60_000);
 });

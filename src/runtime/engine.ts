@@ -272,6 +272,8 @@ export class Engine {
   #serving = true;
   /** Requests refused already (SubmitOptions.request): inference_rejected_total counts each once. */
   readonly #refused = new WeakSet<object>();
+  /** The errors #submit refused with, and why: what a request joined to a refused generation is told (refusedWith). */
+  readonly #refusals = new WeakMap<Error, RejectReason>();
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -470,8 +472,8 @@ export class Engine {
     // Refused before queueing: counted in inference_rejected_total by reason, once per request (its instances are
     // submitted together and each is refused: a request of eight counted eight, against one 503).
     const refuse = (reason: RejectReason, err: RuntimeError): Promise<never> => {
-      if (!this.#refused.has(request)) this.metrics.rejected.inc({ ...this.#labels, reason });
-      this.#refused.add(request);
+      this.#countRefused(request, reason);
+      this.#refusals.set(err, reason);
       return this.#nothingMade(opts, err);
     };
     // Closing with no worker left (one died in the drain, and none is started again then): queued, an admitted request
@@ -499,6 +501,21 @@ export class Engine {
       opts.onQueued?.();
       this.#pump();
     });
+  }
+
+  #countRefused(request: object, reason: RejectReason): void {
+    if (!this.#refused.has(request)) this.metrics.rejected.inc({ ...this.#labels, reason });
+    this.#refused.add(request);
+  }
+
+  /**
+   * Request `request` (SubmitOptions.request) is answered `err`, the outcome of the generation it was joined to
+   * (generation.ts): where that generation was refused (after its LoRA adapters were looked up: the queue full, the
+   * worker starting again), the refusal is counted in inference_rejected_total for this request too, once, as its own.
+   */
+  refusedWith(request: object, err: unknown): void {
+    const reason = err instanceof Error ? this.#refusals.get(err) : undefined;
+    if (reason !== undefined) this.#countRefused(request, reason);
   }
 
   /** A request refused before it queued: nothing will be made for it. */

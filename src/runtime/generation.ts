@@ -94,10 +94,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * request joined): this request then looks again (generateOne), and runs its own unless another request joined to it
    * already does. A generation whose clients left keeps its place in the queue while this request waits, a batch whose
    * clients left runs on, and one that ran out of memory runs again alone; each gives its images here. Any other
-   * failure (the grace period's end, out of memory alone) is this request's too, as in a shared batch. A WebSocket
+   * failure (the grace period's end, out of memory alone) is this request's too, as in a shared batch, and so is a
+   * refusal once its adapters were looked up (counted in inference_rejected_total for this request too). A WebSocket
    * client, which streams its own progress, never waits for another's.
    */
-  const joinRunning = async (other: Running, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
+  const joinRunning = async (other: Running, request: object, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
     other.joined.count++;
     let leave = () => undefined as void;
     const left = new Promise<never>((_, reject) => {
@@ -108,7 +109,12 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     try {
       return await Promise.race([other.images, left]);
     } catch (err) {
-      if (signal.aborted || !(err instanceof RuntimeError && err.code === 'CANCELLED')) throw err;
+      if (signal.aborted) throw err;
+      if (!(err instanceof RuntimeError && err.code === 'CANCELLED')) {
+        // This request's answer: a refusal of the generation (its LoRA adapters looked up, the queue was full) counts.
+        engine.refusedWith(request, err);
+        throw err;
+      }
       return undefined;
     } finally {
       signal.removeEventListener('abort', leave);
@@ -132,7 +138,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     // instance later in the same request joins the generation of the first, as an identical request would.
     let other = hit === undefined && key !== undefined && onProgress === undefined ? running.get(key) : undefined;
     while (other) {
-      hit = await joinRunning(other, signal);
+      hit = await joinRunning(other, request, signal);
       // Cancelled: the first of the requests joined to it to look again registers its own generation below, in the
       // same turn, and the others join that one (each used to run one of its own).
       other = hit === undefined ? running.get(key!) : undefined;
