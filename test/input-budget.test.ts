@@ -2,8 +2,9 @@
  * INPUT_IMAGES_MB through the real server: an image costs its decoded pixels, not its encoded size (a lossless WebP of
  * a few KB decodes to tens of MB), so what the input images of all requests in flight hold is bounded. A request that
  * alone needs more is a 400 naming the limit; one that meets others holding it is a 503 BUSY with Retry-After; what a
- * request held is given back when it ends, the client's leaving included. Reading the images is part of the request:
- * counted in flight on every route, and bounded by V2's parameters.timeout.
+ * request held is given back when it ends, the client's leaving included, or, where its generation runs on after the
+ * client left (for an identical request joined to it, or the rest of its batch), once that generation ends. Reading the
+ * images is part of the request: counted in flight on every route, and bounded by V2's parameters.timeout.
  */
 import net from 'node:net';
 import sharp from 'sharp';
@@ -128,6 +129,72 @@ describe('INPUT_IMAGES_MB', () => {
     expect(r.inputBudget.used).toBe(0);
     await until(() => decodesRunning() === 0, 10_000);
   }, 30_000);
+});
+
+describe('a generation that runs on after its client left (RESULT_CACHE_MB=4, MAX_BATCH_SIZE=2, BATCH_WINDOW_MS=10000)', () => {
+  let own: RuntimeHandle;
+  beforeAll(async () => {
+    own = await startRuntime({ STORAGE_URI: undefined, WARMUP_STEPS: '1', RESULT_CACHE_MB: '4', MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' }, { ready: true });
+  }, 120_000);
+  afterAll(async () => void (await own?.stop()));
+
+  /** A 512² input: its decoded RGB, the share its request holds. */
+  const share = 512 * 512 * 3;
+  /** Long enough that the clients leave while it runs. */
+  const long = { height: 512, width: 512, num_inference_steps: 500, strength: 1 };
+  const send = (i: Record<string, unknown>) => {
+    const gone = new AbortController();
+    const answer = postJson(`${own.url}/v1/models/model:predict`, { instances: [i] }, { signal: gone.signal }).catch(() => 'left');
+    return { leave: () => gone.abort(), answer };
+  };
+  const inFlight = (n: number) => until(async () => (await metric(own, 'inference_requests_in_flight')) === n, 20_000, 5);
+  const running = async (batches: number) => until(async () => (await metric(own, 'inference_batch_size_count')) > batches, 20_000, 5);
+
+  it("holds its request's share while it runs on for an identical request joined to it, and gives it back once it stops", async () => {
+    // Two images: a full batch of its own, dispatched at once.
+    const mine = { prompt: 'kept for another', image: await flat(512, 21), seed: 5, num_images_per_prompt: 2, ...long };
+    const batches = await metric(own, 'inference_batch_size_count');
+    const first = send(mine);
+    let joined: ReturnType<typeof send> | undefined;
+    try {
+      await running(batches);
+      const read = await metric(own, 'request_preprocess_seconds_count');
+      joined = send(mine);
+      // Its images read (KServe's preprocess ends there), it joins the generation in the same turn: nothing queued.
+      await until(async () => (await metric(own, 'request_preprocess_seconds_count')) > read, 20_000, 5);
+      expect([own.rt.inputBudget.used, await metric(own, 'inference_queue_depth')]).toEqual([2 * share, 0]);
+      first.leave();
+      expect(await first.answer).toBe('left');
+      await inFlight(1);
+      // Before, the share was given back with the answer while the generation held the images: `share`.
+      expect(own.rt.inputBudget.used).toBe(2 * share);
+    } finally {
+      // The joined request leaves too: the generation stops, and its images are given back with it.
+      first.leave();
+      joined?.leave();
+    }
+    await until(async () => own.rt.inputBudget.used === 0 && (await metric(own, 'worker_busy')) === 0, 20_000, 25);
+  }, 60_000);
+
+  it("holds its request's share while its batch runs on for the other request in it, and gives it back once it stops", async () => {
+    const image = await flat(512, 22);
+    const batches = await metric(own, 'inference_batch_size_count');
+    const a = send({ prompt: 'leaves its batch', image, seed: 6, ...long });
+    const b = send({ prompt: 'stays in its batch', image, seed: 7, ...long });
+    // One batch of the two: it waits for company (BATCH_WINDOW_MS) until both are queued.
+    try {
+      await running(batches);
+      expect(own.rt.inputBudget.used).toBe(2 * share);
+      a.leave();
+      await inFlight(1);
+      // Before, `share`, as above.
+      expect(own.rt.inputBudget.used).toBe(2 * share);
+    } finally {
+      a.leave();
+      b.leave();
+    }
+    await until(async () => own.rt.inputBudget.used === 0 && (await metric(own, 'worker_busy')) === 0, 20_000, 25);
+  }, 60_000);
 });
 
 describe('reading the input images', () => {

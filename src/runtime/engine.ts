@@ -94,6 +94,12 @@ export interface SubmitOptions {
    * leaves, joinersLeft() takes it out or stops it.
    */
   joined?: Joined;
+  /**
+   * The engine holds the generation no more: it finished, failed or left the queue, or was never queued. Called once,
+   * whatever happens; where it ran on after its client was answered (for the requests joined to it, or for the rest of
+   * its batch), only once it ends. What it uses (the request's decoded input images) may be given back then.
+   */
+  onEnded?: () => void;
 }
 
 /** Requests waiting for another's generation (SubmitOptions.joined). */
@@ -127,6 +133,8 @@ interface Task {
   made?: (out: EncodedImage[] | Error) => void;
   /** SubmitOptions.joined. */
   joined?: Joined;
+  /** SubmitOptions.onEnded, until called. */
+  ended?: () => void;
 }
 
 interface Running {
@@ -463,6 +471,7 @@ export class Engine {
     if (!req.loras || req.loras.length === 0 || this.#refuses(opts)) return this.#submit(req, opts, undefined);
     return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }), (err: unknown) => {
       opts.onMade?.(err instanceof Error ? err : new Error(String(err)));
+      opts.onEnded?.();
       throw err;
     });
   }
@@ -491,7 +500,7 @@ export class Engine {
       // Requests with other image inputs or adapter sets (or none) never share a batch: the job carries one set of each.
       // Output formats may differ: each request's images are encoded as it asked.
       const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
-      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}), ...(opts.joined ? { joined: opts.joined } : {}) };
+      const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}), ...(opts.joined ? { joined: opts.joined } : {}), ...(opts.onEnded ? { ended: opts.onEnded } : {}) };
       if (opts.signal) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
@@ -521,6 +530,7 @@ export class Engine {
   /** A request refused before it queued: nothing will be made for it. */
   #nothingMade(opts: SubmitOptions, err: RuntimeError): Promise<never> {
     opts.onMade?.(err);
+    opts.onEnded?.();
     return Promise.reject(err);
   }
 
@@ -892,6 +902,7 @@ export class Engine {
     // only some of its clients left do.
     if (run.tasks.every((t) => t.state === 'done' && !t.made)) {
       if (!run.warmup) this.#countMade(run, times.steps, raw.length);
+      for (const t of run.tasks) this.#ended(t);
       return;
     }
     const t0 = performance.now();
@@ -993,6 +1004,14 @@ export class Engine {
     t.made = undefined;
     made?.(out instanceof Error ? out : out.images);
     this.#answer(t, out);
+    this.#ended(t);
+  }
+
+  /** The task is over: SubmitOptions.onEnded, once. */
+  #ended(t: Task): void {
+    const ended = t.ended;
+    t.ended = undefined;
+    ended?.();
   }
 
   /** Answers the task's client, once. */

@@ -26,7 +26,7 @@ export interface GenerateOptions {
   timeoutMs?: number;
   /**
    * Reads the request's input images (the server's readImages), the request already in flight; returns what gives
-   * back what they hold, run once the request has ended.
+   * back what they hold, run once the request has ended and the engine holds none of its generations (inputShare).
    */
   read?: (signal: AbortSignal) => Promise<() => void>;
 }
@@ -129,9 +129,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * `request`: the object every generation of one client request shares (the engine queues the request as one).
    * `upload`: the request's uploads, each under way until it settles; aborted by the client's leaving or the timeout,
    * not by `signal`'s failure of another generation of the request (generate()).
+   * `inputs`: the request's share of the input budget, held while the engine holds the generation.
    */
-  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, onProgress?: (p: Progress) => void,
-    onQueued?: () => void): Promise<TaskResult> => {
+  const generateOne = async (req: GenerationRequest, request: object, signal: AbortSignal, upload: Uploads, inputs: InputShare,
+    onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     let hit: readonly EncodedImage[] | undefined = key === undefined ? undefined : resultCache.get(key);
     // Looked up in the turn generate() called this, as a generation is registered below, before any wait: an identical
@@ -173,7 +174,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         };
       }
       // Admitted (generate: admit): queued after SIGTERM all the same, as the drain waits for it.
-      result = await engine.submit(req, { signal, request, admitted: true, ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
+      result = await engine.submit(req, { signal, request, admitted: true, onEnded: inputs.use(), ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
@@ -223,14 +224,14 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       const own = timeoutMs !== undefined && timeoutMs < cfg.requestTimeoutS * 1000;
       const limitMs = own ? timeoutMs : cfg.requestTimeoutS * 1000;
       let timeout = own ? deadline(signal, limitMs) : undefined;
-      let release = () => undefined as void;
+      const inputs = inputShare();
       // One generation refused or failed fails the request: its others leave the queue (or stop) rather than run for
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const uploads: Uploads['started'] = [];
       try {
         admit(signal);
-        if (read) release = await read(timeout?.signal ?? signal);
+        if (read) inputs.held(await read(timeout?.signal ?? signal));
         timeout ??= deadline(signal, limitMs);
         const both = AbortSignal.any([timeout.signal, failed.signal]);
         // Each generation of the request listens on `both` while queued or running, and each image on the timeout's while
@@ -238,7 +239,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // warning for it.
         setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
         const upload: Uploads = { signal: timeout.signal, started: uploads };
-        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, onProgress, onQueued)));
+        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, inputs, onProgress, onQueued)));
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
@@ -252,7 +253,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         throw withWritten(err, written, "instances' images");
       } finally {
         timeout?.clear();
-        release();
+        inputs.end();
       }
     }),
     uploadsSettled: (ms) => output.settled(ms),
@@ -267,6 +268,44 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 interface Running {
   readonly images: Promise<EncodedImage[]>;
   readonly joined: { count: number };
+}
+
+/**
+ * A request's share of INPUT_IMAGES_MB (GenerateOptions.read's release), given back once the request has ended and the
+ * engine holds none of its generations: one kept after its client was answered (for the identical requests joined to
+ * it, or for the rest of its batch) still holds the request's decoded images, and giving the share back with the
+ * answer let the requests in progress hold more than the budget.
+ */
+interface InputShare {
+  /** What gives the share back. */
+  held(release: () => void): void;
+  /** A generation handed to the engine: returns its SubmitOptions.onEnded. */
+  use(): () => void;
+  /** The request has ended. */
+  end(): void;
+}
+
+function inputShare(): InputShare {
+  let release = () => undefined as void;
+  let using = 0;
+  let ended = false;
+  const settle = () => {
+    if (ended && using === 0) release();
+  };
+  return {
+    held: (r) => void (release = r),
+    use: () => {
+      using++;
+      return () => {
+        using--;
+        settle();
+      };
+    },
+    end: () => {
+      ended = true;
+      settle();
+    },
+  };
 }
 
 /** A request's output_uri uploads: the signal that cancels them, and those started. */

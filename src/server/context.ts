@@ -84,7 +84,8 @@ export function parseContext(ctx: ServerContext): ParseContext {
 
 /**
  * Reads and decodes the requests' input images (400 naming the field for anything wrong with them), their bytes taken
- * from the input budget. Returns what gives them back: call it once the request has ended, whatever its outcome.
+ * from the input budget. Returns what gives them back: call it once the request has ended, whatever its outcome, and
+ * no generation uses them (generation.ts: one may run on after its client left).
  */
 export async function readImages(ctx: ServerContext, reqs: GenerationRequest[], signal?: AbortSignal): Promise<() => void> {
   if (!reqs.some((r) => r.image)) return () => undefined;
@@ -161,7 +162,7 @@ export interface WithImagesOptions extends Omit<GenerateOptions, 'read'> {
 /**
  * Every route's request: its input images read (readImages), then generated, in flight from the start of the reading
  * and within its own timeout (`timeoutMs`, V2's parameters.timeout); the images' share of the input budget is given
- * back once the generation has ended, whatever its outcome.
+ * back once the request and its generations have ended, whatever their outcome.
  */
 export async function generateWithImages(ctx: ServerContext, reqs: GenerationRequest[], signal: AbortSignal, o: WithImagesOptions = {}): Promise<TaskResult[]> {
   if (o.ids) for (const r of reqs) r.ids = o.ids;
