@@ -169,7 +169,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     s3Throttled: new Counter({
       name: 's3_throttled_responses_total',
       help: 'S3 answers that asked the runtime to slow down (503 SlowDown, 429, a throttling code), by what it was doing (model_download, lora_download, '
-        + 'output_upload, input_read): each waited out, not a failed attempt',
+        + 'output_upload, input_read): none counts as a failed attempt; the last one of work that gave up is counted too',
       labelNames: ['model_name', 'operation'] as const,
       registers: r,
     }),
