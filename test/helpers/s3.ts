@@ -119,8 +119,8 @@ export interface Faults {
    * socket never falls silent, yet whose listing never ends. Counted in stats.lists; the sockets close with the client.
    */
   trickleLists?: { everyMs: number };
-  /** The same for the next `count` GetObject requests. */
-  failGets?: { count: number; status: number; code: string };
+  /** The same for the next `count` GetObject requests (with `keys`, of the objects whose key matches). */
+  failGets?: { count: number; status: number; code: string; keys?: RegExp };
   /**
    * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
@@ -511,7 +511,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         .end(s3Error('SlowDown'));
       return;
     }
-    if (isGet && f.failGets && f.failGets.count > 0) {
+    if (isGet && f.failGets && f.failGets.count > 0 && (f.failGets.keys?.test(objectKey) ?? true)) {
       f.failGets.count--;
       stats.gets++;
       req.resume();
