@@ -96,6 +96,8 @@ export interface Config {
   readonly auxThreads: AuxThreads;
   readonly shutdownGraceS: number;
   readonly exitOnBootFailure: boolean;
+  /** The longest wait between two boot attempts after a transient failure (runtime/boot-retry.ts); 0: none is tried again. */
+  readonly bootRetryMaxS: number;
   readonly requestTimeoutS: number;
   readonly resultCacheMb: number;
   readonly defaultOutputFormat: OutputFormat;
@@ -398,6 +400,7 @@ export function loadConfig(env: Env = process.env, o: LoadOptions = {}): Readonl
     auxThreads: oneOf('AUX_THREADS', 'auto', AUX_THREADS),
     shutdownGraceS: num('SHUTDOWN_GRACE_S', 25, 0, MAX_TIMER_S),
     exitOnBootFailure: bool('EXIT_ON_BOOT_FAILURE', false),
+    bootRetryMaxS: num('BOOT_RETRY_MAX_S', 300, 0, MAX_TIMER_S),
     requestTimeoutS: num('REQUEST_TIMEOUT_S', 600, 1, MAX_TIMER_S),
     resultCacheMb: num('RESULT_CACHE_MB', 64, 0),
     // `jpg` as a request's output_format takes it.
@@ -547,7 +550,7 @@ export const VARIABLES: readonly string[] = [
   'EXECUTION_PROVIDER', 'GPUS', 'WORKERS', 'CUDA_VISIBLE_DEVICES', 'NVIDIA_VISIBLE_DEVICES', 'MAX_BATCH_SIZE', 'BATCH_WINDOW_MS',
   'MAX_QUEUE', 'MAX_CONNECTIONS', 'LOG_LEVEL', 'MAX_BODY_BYTES', 'MAX_IMAGE_SIZE', 'MAX_STEPS', 'DEFAULT_SCHEDULER',
   'DEFAULT_STEPS', 'DEFAULT_GUIDANCE', 'MAX_IMAGES_PER_REQUEST', 'INPUT_IMAGES_MB', 'WARMUP_STEPS', 'WARMUP_VAE_ENCODER',
-  'AUX_THREADS', 'SHUTDOWN_GRACE_S', 'EXIT_ON_BOOT_FAILURE', 'REQUEST_TIMEOUT_S', 'RESULT_CACHE_MB', 'OUTPUT_FORMAT',
+  'AUX_THREADS', 'SHUTDOWN_GRACE_S', 'EXIT_ON_BOOT_FAILURE', 'BOOT_RETRY_MAX_S', 'REQUEST_TIMEOUT_S', 'RESULT_CACHE_MB', 'OUTPUT_FORMAT',
   'ORT_INTRA_OP_THREADS', 'ORT_OPTIMIZED_CACHE', 'ORT_OPTIMIZED_CACHE_MAX_MB', 'ORT_GRAPH_OPTIMIZATION', 'ORT_DISABLE_TELEMETRY',
   'CUDA_TF32', 'NVIDIA_TF32_OVERRIDE', 'CUDA_PROVIDER_OPTIONS', 'LORA_URI', 'MAX_LORAS', 'LORA_MAX_SETS', 'LORA_CACHE_MB',
   'INPUT_URI_PREFIXES', 'OUTPUT_URI_PREFIXES', 'CORS_ALLOW_ORIGINS', 'CE_TYPE', 'CE_SOURCE', 'CE_MERGE',

@@ -160,6 +160,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    bootRetries: new Counter({
+      name: 'boot_retries_total',
+      help: 'Boot attempts that failed for a reason that can pass (code: the failure\'s) and are tried again after a backoff',
+      labelNames: ['model_name', 'code'] as const,
+      registers: r,
+    }),
     cacheHits: new Counter({
       name: 'model_cache_hits_total',
       help: 'Model boots served from a committed cache entry without downloading',

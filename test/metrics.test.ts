@@ -106,6 +106,7 @@ export const DOCUMENTED: Record<string, { type: string; labels: string[] }> = {
   boot_phase_duration_seconds: { type: 'gauge', labels: ['model_name', 'phase'] },
   boot_phase_seconds: { type: 'histogram', labels: ['model_name', 'phase'] },
   boot_state: { type: 'gauge', labels: ['model_name', 'state'] },
+  boot_retries_total: { type: 'counter', labels: ['model_name', 'code'] },
   onnx_session_create_seconds: { type: 'gauge', labels: ['model_name', 'component', 'provider'] },
   model_download_bytes_total: { type: 'counter', labels: ['model_name'] },
   model_download_damaged_files_total: { type: 'counter', labels: ['model_name'] },

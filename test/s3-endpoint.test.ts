@@ -36,10 +36,10 @@ const noSecrets = (msg: string) => {
 };
 
 describe('an S3 endpoint that refuses connections is named in the error', () => {
-  it('the model fill: the boot fails naming it', async () => {
+  it('the model fill: the boot\'s attempt fails naming it (and waits to try again)', async () => {
     const down = await startRuntime({ ...env, STORAGE_URI: 's3://models/sd/' });
     try {
-      const failed = await down.waitFor('state', (s) => s.state === 'failed', 60_000);
+      const failed = await down.waitFor('state', (s) => s.state === 'retrying', 60_000);
       expect(failed.reason).toContain(`cannot list (1 attempt) s3://models/sd/: ECONNREFUSED at the S3 endpoint ${origin} (gave up after retries)`);
       noSecrets(failed.reason!);
     } finally {

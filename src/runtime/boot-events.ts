@@ -54,7 +54,7 @@ export class BootEvents {
   constructor(private readonly log: Logger) {}
 
   /** Logs the event as one line (its data and `event`: its name) under `msg`, then tells the listeners. */
-  emit<K extends BootEventName>(name: K, data: BootEventMap[K], msg: string, level: 'info' | 'error' = 'info'): void {
+  emit<K extends BootEventName>(name: K, data: BootEventMap[K], msg: string, level: 'info' | 'warn' | 'error' = 'info'): void {
     const fields: Record<string, unknown> = { event: name, ...data };
     this.log[level](fields, msg);
     const e = { name, data } as BootEvent;

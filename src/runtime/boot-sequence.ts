@@ -35,6 +35,7 @@ import type { Runtime } from './runtime.js';
 import type { LoadResult } from './engine.js';
 import type { SpawnedWorker } from './workers.js';
 import { warmupInpaint } from './image-request.js';
+import { retriedCode, retryDelayMs } from './boot-retry.js';
 import { checkServerDefaults, defaultGuidance, defaultStepsWarnings } from './request.js';
 
 /** How long a committed entry's check against S3 may wait at most (see #releaseCheck). */
@@ -241,9 +242,12 @@ export class BootSequence {
       : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
   }
 
-  /** Steps 2-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure is `failed`. */
+  /**
+   * Steps 2-5 with the runtime: resolving → fetching → loading → warming → ready. Never throws: a failure that can pass
+   * (boot-retry.ts) is `retrying` until the next attempt, after a backoff; any other is `failed`.
+   */
   async run(rt: Runtime): Promise<void> {
-    const { cfg, log, boot, engine, metrics } = rt;
+    const { cfg, log, boot, engine } = rt;
     this.#rt = rt;
     rt.startWorkers(); // they import ORT while the model is resolved and fetched
     const s3 = this.plan.source === 's3' ? this.plan : undefined;
@@ -269,57 +273,101 @@ export class BootSequence {
     // With a committed entry the tokenizers parse first on this thread (the warm-up needs them as soon as the sessions
     // exist), sharp after them (needed only at the warm-up's end).
     const mainWorkDone = committed ? this.#importSharp(rt, engine.tokenizersSettled()) : undefined;
-    try {
-      this.#startFetch(rt);
-      if (plan.source !== 'demo') boot.to('fetching');
-      if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
-      if (mainWorkDone) this.#releaseCheck(rt, mainWorkDone);
-      const { dir, res } = await this.#fetched!;
-      if (res) {
-        if (plan.source === 's3' && committed) {
-          const now = await committedEntry(plan.uri, cfg);
-          if (!now || now.dir !== res.dir || !sameCommit(committed.manifest, now.manifest)) {
-            this.#invalidate({ why: 'entry-changed', dir: res.dir });
-          }
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#attempt(rt, attempt === 1, mainWorkDone);
+      } catch (err) {
+        // A warm-up begun during the download may be waiting for files that will not come.
+        this.#warmEarly?.abort.abort();
+        if (rt.stopping && rt.shutdown.aborted) return;
+        // The stable code first, as the warm-up CLI prints it: runbooks and alerts key on `NO_SPACE`, `STORAGE_TLS`, …
+        const reason = isRuntimeError(err) ? `${err.code}: ${err.message}` : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
+        const code = retriedCode(err);
+        if (code !== undefined && cfg.bootRetryMaxS > 0) {
+          const waitMs = retryDelayMs(attempt, cfg.bootRetryMaxS * 1000);
+          boot.retrying(code, reason, attempt, waitMs);
+          if (await this.#waitToRetry(rt, waitMs)) continue;
+          return;
         }
-        if (res.fromCache) metrics.cacheHits.inc({ model_name: cfg.modelName });
-        rt.events.emit('files-ready', { dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
-      }
-      if (rt.stopping) return;
-
-      boot.to('loading');
-      const loaded = await this.#load(rt, dir);
-      // Every session now comes from `dir`: an older version this process leased (the plan's) may go once unused.
-      if (s3) await this.#releaseLeases(dir);
-      checkServerDefaults(cfg, loaded.defaults);
-      for (const w of defaultStepsWarnings(cfg, loaded.defaults)) rt.log.warn({ variable: 'DEFAULT_STEPS' }, w);
-      if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
-      if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
-      if (rt.stopping) return;
-
-      boot.to('warming');
-      await this.#finishWarmup(rt);
-      if (rt.stopping) return;
-
-      boot.to('ready');
-      const secs = (performance.now() - rt.startedAt) / 1000;
-      metrics.modelLoadTime.set({ model_name: cfg.modelName }, secs);
-      rt.events.emit('ready', { seconds: Number(secs.toFixed(3)), phases: boot.phases, providers: loaded.providers }, 'model ready');
-      // After ready, in a child process: the copies this start loaded without, for later starts.
-      rt.optimizer.start(loaded.optimize);
-    } catch (err) {
-      // A warm-up begun during the download may be waiting for files that will not come.
-      this.#warmEarly?.abort.abort();
-      if (rt.stopping && rt.shutdown.aborted) return;
-      // The stable code first, as the warm-up CLI prints it: runbooks and alerts key on `NO_SPACE`, `STORAGE_TLS`, …
-      const reason = isRuntimeError(err) ? `${err.code}: ${err.message}` : `unexpected error: ${(err as Error)?.message ?? String(err)}`;
-      if (!isRuntimeError(err)) log.error({ err }, 'boot crashed');
-      boot.to('failed', reason);
-      if (cfg.exitOnBootFailure) {
-        await rt.close(0);
-        process.exitCode = 1;
+        if (!isRuntimeError(err)) log.error({ err }, 'boot crashed');
+        boot.to('failed', reason);
+        if (cfg.exitOnBootFailure) {
+          await rt.close(0);
+          process.exitCode = 1;
+        }
+        return;
       }
     }
+  }
+
+  /**
+   * One attempt at steps 2-5: fetch, announce, load, warm → ready. Throws what failed it. `first`: a committed entry's
+   * sessions, started before the fetch, are checked against the entry the fetch served (later attempts start anew).
+   */
+  async #attempt(rt: Runtime, first: boolean, mainWorkDone: Promise<void> | undefined): Promise<void> {
+    const { cfg, boot, metrics } = rt;
+    const plan = this.plan;
+    const s3 = plan.source === 's3' ? plan : undefined;
+    const committed = s3?.committed;
+    this.#startFetch(rt);
+    // A later attempt leaves `retrying`: the demo model is built in `resolving`, as at first.
+    boot.to(plan.source === 'demo' ? 'resolving' : 'fetching');
+    if (this.#dir !== undefined) this.#maybeWarmEarly(this.#dir);
+    if (mainWorkDone && first) this.#releaseCheck(rt, mainWorkDone);
+    const { dir, res } = await this.#fetched!;
+    if (res) {
+      if (plan.source === 's3' && committed && first) {
+        const now = await committedEntry(plan.uri, cfg);
+        if (!now || now.dir !== res.dir || !sameCommit(committed.manifest, now.manifest)) {
+          this.#invalidate({ why: 'entry-changed', dir: res.dir });
+        }
+      }
+      if (res.fromCache) metrics.cacheHits.inc({ model_name: cfg.modelName });
+      rt.events.emit('files-ready', { dir: res.dir, fromCache: res.fromCache, bytes: res.bytes, files: res.files, seconds: res.seconds }, 'model files ready');
+    }
+    if (rt.stopping) return;
+
+    boot.to('loading');
+    const loaded = await this.#load(rt, dir);
+    // Every session now comes from `dir`: an older version this process leased (the plan's) may go once unused.
+    if (s3) await this.#releaseLeases(dir);
+    checkServerDefaults(cfg, loaded.defaults);
+    for (const w of defaultStepsWarnings(cfg, loaded.defaults)) rt.log.warn({ variable: 'DEFAULT_STEPS' }, w);
+    if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
+    if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
+    if (rt.stopping) return;
+
+    boot.to('warming');
+    await this.#finishWarmup(rt);
+    if (rt.stopping) return;
+
+    boot.to('ready');
+    const secs = (performance.now() - rt.startedAt) / 1000;
+    metrics.modelLoadTime.set({ model_name: cfg.modelName }, secs);
+    rt.events.emit('ready', { seconds: Number(secs.toFixed(3)), phases: boot.phases, providers: loaded.providers }, 'model ready');
+    // After ready, in a child process: the copies this start loaded without, for later starts.
+    rt.optimizer.start(loaded.optimize);
+  }
+
+  /**
+   * The wait after a transient failure, then what the next attempt needs: sessions (and a warm-up) made from this
+   * attempt's files are dropped, and the files announced again as the next fetch reports them (those already whole
+   * are kept: the fill resumes from its journal; objects changed meanwhile are fetched anew). The leases stay: the
+   * entry is still this process's. False when a stop came first (the runtime closes; nothing more is tried).
+   */
+  async #waitToRetry(rt: Runtime, waitMs: number): Promise<boolean> {
+    const early = this.#warmEarly;
+    this.#warmEarly = undefined;
+    await early?.done.catch(() => undefined);
+    try {
+      await sleep(waitMs, undefined, { signal: this.#abort.signal });
+    } catch {
+      return false;
+    }
+    for (const s of [this.#componentFiles, this.#whole, this.#announced]) s.clear();
+    this.#dir = undefined;
+    rt.engine.resetSessions();
+    return !rt.stopping;
   }
 
   async #fetch(rt: Runtime): Promise<{ dir: string; res?: ResolvedModel }> {

@@ -66,7 +66,9 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
     '/v2/health/ready',
     route(() => {
       if (ctx.boot.ready && !ctx.stopping()) return json(200, { ready: true });
-      throw new RuntimeError('MODEL_NOT_READY', 'Server is not ready.', { fields: { ready: false, state: ctx.boot.state } });
+      // While a transient failure waits for its next attempt, why and until when.
+      const retrying = ctx.boot.state === 'retrying' ? { reason: ctx.boot.reason, retry: ctx.boot.retry() } : {};
+      throw new RuntimeError('MODEL_NOT_READY', 'Server is not ready.', { fields: { ready: false, state: ctx.boot.state, ...retrying } });
     }, opts),
   );
   // Each protocol's answered requests at 0 from the start: the first request of a pod, counted from nothing, is

@@ -71,8 +71,13 @@ export function assertServable(ctx: ServerContext, name: string): void {
   };
   if (ctx.stopping()) throw refuse('shutting_down', shuttingDown(name));
   if (!ctx.boot.ready) {
-    const why = ctx.boot.state === 'failed' ? ` Boot failed: ${ctx.boot.reason ?? 'unknown reason'}` : ` Boot state: ${ctx.boot.state}.`;
-    throw refuse('not_ready', new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter: ctx.boot.state === 'failed' ? 60 : 5 }));
+    const { state, reason } = ctx.boot;
+    const next = state === 'retrying' ? ctx.boot.retry()?.nextAttemptInSeconds : undefined;
+    const why = state === 'failed' ? ` Boot failed: ${reason ?? 'unknown reason'}`
+      : next !== undefined ? ` Boot attempt failed, trying again in ${next} s: ${reason ?? 'unknown reason'}` : ` Boot state: ${state}.`;
+    // Retrying: not before the next attempt has begun (and a fetch then takes a while more).
+    const retryAfter = state === 'failed' ? 60 : Math.max(5, Math.ceil(next ?? 0));
+    throw refuse('not_ready', new RuntimeError('MODEL_NOT_READY', `Model with name ${name} is not ready.${why}`, { retryAfter }));
   }
 }
 

@@ -1,0 +1,168 @@
+/**
+ * A boot that fails for a reason that can pass is tried again by itself (runtime/boot-retry.ts), over real sockets: the
+ * built server as a child process, s3rver on loopback behind the fault proxy (test/helpers/s3.ts). S3 failing one file
+ * for the first attempt, then recovering: ready without a restart, the retry logged, counted and shown on the model
+ * endpoint, and no file fetched twice. A missing bucket is failed, not retried. SIGTERM during the wait exits 0 at once,
+ * its lease released.
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
+import { RuntimeError } from '../src/errors.js';
+import { retriedCode, retryDelayMs } from '../src/runtime/boot-retry.js';
+import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
+import { metric } from './helpers/runtime.js';
+import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+
+const BUCKET = 'models';
+const PREFIX = 'retry/';
+/**
+ * The smallest weights: fetched last (small files first, then weights largest first), and with one range in flight
+ * (S3_MAX_CONCURRENCY=1) every other file is whole when its failures end the first attempt: none is cut mid-body,
+ * where the bytes in the socket's buffers at the cut would be sent twice.
+ */
+const FAILING = 'vae_decoder/model.onnx';
+
+let s3: S3Server;
+let proxy: FaultProxy;
+let model: DemoManifest;
+const dirs: Array<() => void> = [];
+const live: ServerHandle[] = [];
+
+beforeAll(async () => {
+  const m = tempDir('dr-boot-retry-model-');
+  dirs.push(m.cleanup);
+  model = await buildDemoModel(m.dir);
+  s3 = await startS3([BUCKET]);
+  await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
+  proxy = await startFaultProxy(s3.port);
+}, 60_000);
+
+afterEach(async () => {
+  proxy.faults = {};
+  for (const s of live.splice(0)) await s.stop('SIGKILL');
+});
+
+afterAll(async () => {
+  await proxy?.close();
+  if (s3) await destroyS3(s3);
+  for (const c of dirs) c();
+});
+
+/** A server booting from `uri` through the proxy, on a cache of its own; S3 gives up on a file after 2 attempts. */
+async function server(uri: string, env: Record<string, string> = {}): Promise<ServerHandle> {
+  const cache = tempDir('dr-boot-retry-cache-');
+  dirs.push(cache.cleanup);
+  const s = await startServer({
+    ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache.dir,
+    EXECUTION_PROVIDER: 'cpu', S3_MAX_ATTEMPTS: '2', ...env,
+  });
+  live.push(s);
+  return s;
+}
+
+async function json(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
+  const res = await fetch(url);
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+}
+
+/** Every file under `dir` whose name ends with `ext`, relative to it. */
+async function filesEnding(dir: string, ext: string): Promise<string[]> {
+  const all = (await fsp.readdir(dir, { recursive: true })) as string[];
+  return all.filter((f) => f.endsWith(ext)).map((f) => f.split(path.sep).join('/'));
+}
+
+describe('which failures are tried again, and when', () => {
+  const ioError = (code: string) => Object.assign(new Error(code), { code, syscall: 'open' });
+  it('transient codes are, permanent ones and crashes are not; CACHE_IO only for a passing errno', () => {
+    const codes = (['STORAGE_TRANSIENT', 'STORAGE_STALL', 'STORAGE_SHORT_READ', 'TOO_MANY_OPEN_FILES', 'STORAGE_DENIED', 'STORAGE_MISSING', 'CONFIG', 'NO_SPACE', 'STORAGE_TLS', 'MODEL_FORMAT'] as const)
+      .map((c) => retriedCode(new RuntimeError(c, 'x')));
+    expect(codes).toEqual(['STORAGE_TRANSIENT', 'STORAGE_STALL', 'STORAGE_SHORT_READ', 'TOO_MANY_OPEN_FILES', undefined, undefined, undefined, undefined, undefined, undefined]);
+    expect(retriedCode(new RuntimeError('CACHE_IO', 'x', { cause: ioError('EIO') }))).toBe('CACHE_IO');
+    expect(retriedCode(new RuntimeError('CACHE_IO', 'x', { cause: ioError('EACCES') }))).toBeUndefined();
+    expect(retriedCode(new RuntimeError('CACHE_IO', 'x'))).toBeUndefined();
+    expect(retriedCode(new Error('boom'))).toBeUndefined();
+  });
+
+  it('the wait doubles from 5 s up to the cap, less a random half at most', () => {
+    const bounds = (failed: number, maxMs: number) => [retryDelayMs(failed, maxMs, () => 0), retryDelayMs(failed, maxMs, () => 1)];
+    expect([1, 2, 3, 7, 8, 1_000].map((n) => bounds(n, 300_000))).toEqual([[2_500, 5_000], [5_000, 10_000], [10_000, 20_000], [150_000, 300_000], [150_000, 300_000], [150_000, 300_000]]);
+    expect(bounds(1, 1_000)).toEqual([500, 1_000]);
+  });
+});
+
+describe('a boot failed by S3 for a moment', () => {
+  it('is tried again after a backoff and gets ready by itself, without fetching again what the first attempt had', async () => {
+    proxy.faults.failGets = { keys: new RegExp(`${FAILING}$`), count: 1_000, status: 500, code: 'InternalError' };
+    // The first wait is 1.5-3 s: time for the test to look at the state, then let S3 recover.
+    const srv = await server(`s3://${BUCKET}/${PREFIX}`, { BOOT_RETRY_MAX_S: '3', S3_MAX_CONCURRENCY: '1' });
+    const retrying = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
+    expect(retrying).toMatchObject({ level: 'warn', previous: 'fetching', attempt: 1, reason: expect.stringMatching(/^STORAGE_TRANSIENT: cannot read .*vae_decoder\/model\.onnx/) });
+    expect(retrying.msg).toMatch(new RegExp(`^boot attempt 1 failed; trying again in ${retrying.retryInSeconds} s: STORAGE_TRANSIENT: `));
+    expect(retrying.retryInSeconds).toBeGreaterThanOrEqual(1.5);
+    expect(retrying.retryInSeconds).toBeLessThanOrEqual(3);
+
+    const m = await json(`${srv.url}/v1/models/model`);
+    expect(m.status).toBe(503);
+    expect(m.body).toMatchObject({ ready: false, state: 'retrying', reason: retrying.reason, retry: { attempts: 1, nextAttemptInSeconds: expect.any(Number), nextAttemptAt: expect.any(String) } });
+    const r = await json(`${srv.url}/v2/health/ready`);
+    expect(r).toMatchObject({ status: 503, body: { ready: false, state: 'retrying', reason: retrying.reason, retry: { attempts: 1 } } });
+    const p = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a' }] });
+    expect([p.status, p.json.code, p.json.error]).toEqual([503, 'MODEL_NOT_READY', expect.stringMatching(/^Model with name model is not ready\. Boot attempt failed, trying again in [\d.]+ s: STORAGE_TRANSIENT: /)]);
+    expect(Number(p.headers.get('retry-after'))).toBeGreaterThanOrEqual(5);
+    expect(await metric(srv, 'boot_retries_total', { code: 'STORAGE_TRANSIENT' })).toBe(1);
+
+    const failed = proxy.stats.gets;
+    proxy.faults.failGets = undefined;
+    await srv.waitReady();
+    expect(proxy.stats.gets).toBeGreaterThan(failed);
+    const states = srv.events('state').map((s) => s.state);
+    expect(states.slice(states.indexOf('retrying'))).toEqual(['retrying', 'fetching', 'loading', 'warming', 'ready']);
+    expect(await metric(srv, 'boot_retries_total')).toBe(1);
+    // Each file's bytes came once, over both attempts: the second resumed from the journal of the first.
+    const fetched = Object.fromEntries(model.files.map((f) => [f.path, proxy.stats.bytesByPath[`/${BUCKET}/${PREFIX}${f.path}`] ?? 0]));
+    expect(fetched).toEqual(Object.fromEntries(model.files.map((f) => [f.path, f.bytes])));
+    const [files] = srv.events('files-ready');
+    expect(files).toMatchObject({ fromCache: false, files: model.files.length });
+    expect((await fetch(`${srv.url}/v1/models/model`)).status).toBe(200);
+  }, 120_000);
+});
+
+describe('a boot failed for good', () => {
+  it('a missing bucket is failed at once, and not tried again', async () => {
+    const srv = await server('s3://no-such-bucket/sd/', { BOOT_RETRY_MAX_S: '1' });
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed', 60_000);
+    expect(failed.reason).toMatch(/^STORAGE_MISSING: /);
+    const lists = proxy.stats.lists;
+    // Longer than the first wait a transient failure would have had.
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(srv.events('state').map((s) => s.state)).not.toContain('retrying');
+    expect(proxy.stats.lists).toBe(lists);
+    expect(await json(`${srv.url}/v1/models/model`)).toMatchObject({ status: 503, body: { state: 'failed', reason: failed.reason } });
+    expect((await json(`${srv.url}/v1/models/model`)).body).not.toHaveProperty('retry');
+    // Exported at 0 for every code that is retried, and still 0.
+    const page = await (await fetch(`${srv.url}/metrics`)).text();
+    expect(page).toMatch(/^boot_retries_total\{model_name="model",code="STORAGE_TRANSIENT"\} 0$/m);
+    expect(await metric(srv, 'boot_retries_total')).toBe(0);
+  }, 60_000);
+});
+
+describe('SIGTERM while a boot waits to be tried again', () => {
+  it('exits 0 at once, its lease on the cache entry released, without another attempt', async () => {
+    proxy.faults.failLists = { count: 1_000, status: 503, code: 'ServiceUnavailable' };
+    // The first wait is 2.5-5 s (BOOT_RETRY_MAX_S at its default).
+    const srv = await server(`s3://${BUCKET}/${PREFIX}`);
+    const retrying = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
+    expect(retrying.reason).toMatch(/^STORAGE_TRANSIENT: /);
+    // The failed attempt let go of the entry's lock; the lease, taken before it, is kept for the next one.
+    expect(await filesEnding(srv.cacheDir, '.lock')).toEqual([]);
+    const leases = path.join(srv.cacheDir, '.leases');
+    expect(await filesEnding(leases, '.lease')).toHaveLength(1);
+    expect(await srv.stop('SIGTERM')).toEqual({ code: 0, signal: null });
+    // The wait ended with the stop: no attempt began after it.
+    expect(srv.events('state').map((s) => s.state).slice(-2)).toEqual(['retrying', 'stopping']);
+    expect(srv.events('shut-down')).toHaveLength(1);
+    expect(await filesEnding(leases, '.lease')).toEqual([]);
+  }, 60_000);
+});
