@@ -38,6 +38,11 @@ export const HTTP_STATUS = {
   SHUTTING_DOWN: 503,
   /** The process ran out of file descriptors (EMFILE, ENFILE); also how a boot, a fill or a push ends for it. */
   TOO_MANY_OPEN_FILES: 503,
+  /**
+   * A call the request needs on the cache volume (a LoRA adapter's look-up) has not answered in 5 s, or waits behind
+   * one that has not: the volume is not answering (storage/volume-gate.ts).
+   */
+  CACHE_STUCK: 503,
   /** The generation outlived REQUEST_TIMEOUT_S. */
   TIMEOUT: 504,
   /**

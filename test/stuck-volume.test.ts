@@ -128,14 +128,16 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
   }, 180_000);
 });
 
-/** Whether a thread of process `pid` sleeps in the kernel function `wchan`. */
-const waitsIn = (pid: number, wchan: string) => readdirSync(`/proc/${pid}/task`).some((t) => {
+/** How many threads of process `pid` sleep in the kernel function `wchan`. */
+const waitingThreads = (pid: number, wchan: string) => readdirSync(`/proc/${pid}/task`).filter((t) => {
   try {
     return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8') === wchan;
   } catch {
     return false; // the thread ended
   }
-});
+}).length;
+/** Whether a thread of process `pid` sleeps in the kernel function `wchan`. */
+const waitsIn = (pid: number, wchan: string) => waitingThreads(pid, wchan) > 0;
 /** Whether a thread of process `pid` is blocked opening a FIFO, waiting for its other end. */
 const opensFifo = (pid: number) => waitsIn(pid, 'wait_for_partner');
 
@@ -400,6 +402,40 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     void postJson(`${srv.url}/v1/models/model:predict`, body).catch(() => undefined);
     await new Promise((r) => setTimeout(r, 1_000));
     expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    const r = await terminate(srv, 40_000);
+    expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
+  }, 120_000);
+
+  it('requests naming a LoRA adapter once the volume stops answering: answered 503 CACHE_STUCK naming the stat, while a plain request is served', async (t) => {
+    const { fs, entry } = await demoOnMount(t, 'cache-fuse-pool');
+    // libuv's default pool (4 threads), as the test's own servers have; the image has 16.
+    const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: fs.dir, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1', UV_THREADPOOL_SIZE: '4' }, { ready: true });
+    const plain = { instances: [{ prompt: 'a cat', num_inference_steps: 1, width: 64, height: 64 }] };
+    const lora = { instances: [{ ...plain.instances[0], loras: ['demo-style'] }] };
+    const url = `${srv.url}/v1/models/model:predict`;
+    expect((await postJson(url, lora)).status).toBe(200);
+    await fs.hang();
+    // Six, more than the pool has threads. Before, each request's stat of the adapter's file held a pool thread for
+    // good, and once four did, sharp's encoder (whose work runs in the pool) waited behind them: the plain request below
+    // never got its image (its client gave up at 20 s), nor did these.
+    const loras = Array.from({ length: 6 }, () => postJson(url, lora, { signal: AbortSignal.timeout(30_000) }).catch((e: Error) => ({ status: 0, json: { error: e.message } as Record<string, unknown>, headers: new Headers() })));
+    await new Promise((r) => setTimeout(r, 1_000));
+    const served = await postJson(url, plain, { signal: AbortSignal.timeout(20_000) });
+    expect(served.status).toBe(200);
+    const stat = new RegExp(`^adapter "demo-style": the cache volume \\(MODEL_CACHE_DIR\\) is not answering: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; `);
+    for (const r of await Promise.all(loras)) {
+      expect([r.status, r.json.code, r.headers.get('retry-after')]).toEqual([503, 'CACHE_STUCK', expect.stringMatching(/^\d+$/)]);
+      expect(r.json.error).toMatch(stat);
+      expect(r.json.error).not.toContain(fs.dir);
+    }
+    // One call of the server waits on the mount (a lease's heartbeat, every 30 s, may add one): fewer than the pool's 4.
+    expect(waitingThreads(srv.proc.pid!, 'request_wait_answer')).toBeLessThan(4);
+    // Readiness stays: the server serves what does not need the volume (docs/FAULTS.md says why).
+    expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    expect((await fetch(`${srv.url}/v2/health/ready`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
+    expect(srv.logs.filter((l) => l.level === 'warn' && String(l.msg).startsWith('the cache volume is not answering'))).toHaveLength(1);
+    // The one call left in the pool is named by the stop.
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
     expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));

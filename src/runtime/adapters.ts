@@ -13,7 +13,7 @@ import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '.
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
-import { trackIo } from '../storage/pending-io.js';
+import { createVolumeGate, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
 import { ThrottleNote } from '../storage/throttle.js';
 import { parseStorageUri } from '../storage/uri.js';
@@ -32,13 +32,17 @@ export class AdapterSource {
   readonly #running = new Set<Lookup>();
   /** Aborted by close(): every request still waiting is answered SHUTTING_DOWN. */
   readonly #closed = new AbortController();
+  /** Every look at the adapters' files goes through it: a volume that stops answering keeps one pool thread, not one a request. */
+  readonly #gate: VolumeGate;
 
   /** `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code). */
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
     private readonly log: Logger,
     private readonly onThrottled?: (code: string) => void,
-  ) {}
+  ) {
+    this.#gate = createVolumeGate({ cacheDir: cfg.cacheDir, log });
+  }
 
   /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
   setModelDir(dir: string): void {
@@ -57,6 +61,7 @@ export class AdapterSource {
       if (g.status === 'fulfilled') return;
       const err = g.reason as unknown;
       if (isRuntimeError(err) && err.code === 'NOT_FOUND') missing.push(loras[i]!.name);
+      else if (isRuntimeError(err) && err.code === 'CACHE_STUCK') other.push(new RuntimeError(err.code, `adapter "${loras[i]!.name}": ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
       else other.push(isRuntimeError(err) ? err : new RuntimeError('INTERNAL', `adapter "${loras[i]!.name}": ${(err as Error)?.message ?? String(err)}`));
     });
     if (missing.length > 0) {
@@ -81,7 +86,7 @@ export class AdapterSource {
 
   /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
   async #known(): Promise<string> {
-    const names = this.#modelDir ? await localNames(path.join(this.#modelDir, 'loras')) : [];
+    const names = this.#modelDir ? await localNames(this.#gate, path.join(this.#modelDir, 'loras')) : [];
     return names.length > 0 ? `; the model has ${names.slice(0, 20).join(', ')}${names.length > 20 ? ', …' : ''}` : '';
   }
 
@@ -90,7 +95,7 @@ export class AdapterSource {
     // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again. (Asked
     // without blocking: on a cache volume that stopped answering a stat waits for good.)
     const found = this.#found.get(name);
-    if (found !== undefined && !(await isFile(found)) && this.#found.get(name) === found) {
+    if (found !== undefined && !(await isFile(this.#gate, found, signal)) && this.#found.get(name) === found) {
       this.log.info({ adapter: name }, 'LoRA adapter no longer in the cache (evicted); fetching it again');
       this.#files.delete(name);
       this.#found.delete(name);
@@ -150,7 +155,7 @@ export class AdapterSource {
   }
 
   async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote): Promise<string> {
-    const local = this.#modelDir ? await inFolder(path.join(this.#modelDir, 'loras'), name) : undefined;
+    const local = this.#modelDir ? await inFolder(this.#gate, path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
     if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
     // Read as STORAGE_URI is: s3://bucket/prefix, file:///path (percent-decoded) or a path.
@@ -161,10 +166,16 @@ export class AdapterSource {
       throw new RuntimeError('INVALID_INPUT', `LORA_URI: ${(err as Error).message.replace(/^STORAGE_URI /, '')}`);
     }
     if (src.kind === 'local') {
-      const f = await inFolder(src.path, name);
+      const f = await inFolder(this.#gate, src.path, name);
       if (f) return f;
       throw new RuntimeError('NOT_FOUND', name);
     }
+    // The fetch's own calls on the cache (its lock, journal, writes) are many and not gated: it starts only once a
+    // look at the cache's folder has answered, so that one adapter after another does not leave calls stuck there.
+    const cacheDir = this.cfg.cacheDir;
+    await this.#gate.run('stat', cacheDir, () => stat(cacheDir)).catch((err: unknown) => {
+      if (isRuntimeError(err)) throw err;
+    });
     const t0 = performance.now();
     const { resolveModel } = await import('../storage/fetch.js');
     let dir: string;
@@ -196,7 +207,7 @@ export class AdapterSource {
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
     }
-    const f = await single(dir, name);
+    const f = await single(this.#gate, dir, name);
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
     return f;
   }
@@ -221,20 +232,22 @@ interface Lookup {
 }
 
 /** `<dir>/<name>.safetensors`, or the one .safetensors file of `<dir>/<name>/`. */
-async function inFolder(dir: string, name: string): Promise<string | undefined> {
+async function inFolder(gate: VolumeGate, dir: string, name: string): Promise<string | undefined> {
   const file = path.join(dir, `${name}.safetensors`);
-  if (await isFile(file)) return file;
+  if (await isFile(gate, file)) return file;
   const sub = path.join(dir, name);
-  return single(sub, name);
+  return single(gate, sub, name);
 }
 
-async function single(dir: string, name: string): Promise<string | undefined> {
+async function single(gate: VolumeGate, dir: string, name: string): Promise<string | undefined> {
   let files: string[];
   try {
-    const names = (await trackIo('readdir', dir, () => readdir(dir))).filter((f) => f.endsWith('.safetensors'));
-    const kept = await Promise.all(names.map((f) => isFile(path.join(dir, f))));
+    const names = (await gate.run('readdir', dir, () => readdir(dir))).filter((f) => f.endsWith('.safetensors'));
+    const kept = await Promise.all(names.map((f) => isFile(gate, path.join(dir, f))));
     files = names.filter((_, i) => kept[i]);
   } catch (err) {
+    // The gate's answers (the volume not answering) are the request's, not a missing adapter.
+    if (isRuntimeError(err)) throw err;
     // A folder that could not be read for want of a descriptor is not a missing adapter.
     const why = shortage(err);
     if (why) throw shortageError(`adapter "${name}" could not be looked up`, why, REQUEST_ADVICE, err);
@@ -247,9 +260,9 @@ async function single(dir: string, name: string): Promise<string | undefined> {
   return undefined;
 }
 
-async function localNames(dir: string): Promise<string[]> {
+async function localNames(gate: VolumeGate, dir: string): Promise<string[]> {
   try {
-    return (await trackIo('readdir', dir, () => readdir(dir))).map((f) => (f.endsWith('.safetensors') ? f.slice(0, -'.safetensors'.length) : f)).filter((n) => LORA_NAME.test(n)).sort();
+    return (await gate.run('readdir', dir, () => readdir(dir))).map((f) => (f.endsWith('.safetensors') ? f.slice(0, -'.safetensors'.length) : f)).filter((n) => LORA_NAME.test(n)).sort();
   } catch {
     return [];
   }
@@ -258,12 +271,15 @@ async function localNames(dir: string): Promise<string[]> {
 /**
  * Asked without blocking, as every look at the adapters' files: they lie on the cache volume (the model's loras/, the
  * LORA_URI entries), and a stat there on the event loop would hold it, and every signal, for good if the volume stops
- * answering. Recorded: a stop waits for the running look-ups (close()) and names what is left.
+ * answering. Through the gate, one at a time, so that such a volume keeps one pool thread, not one a request; its
+ * CACHE_STUCK (and CANCELLED) are the request's answer, not a missing file. Recorded: a stop waits for the running
+ * look-ups (close()) and names what is left.
  */
-async function isFile(p: string): Promise<boolean> {
+async function isFile(gate: VolumeGate, p: string, signal?: AbortSignal): Promise<boolean> {
   try {
-    return (await trackIo('stat', p, () => stat(p))).isFile();
-  } catch {
+    return (await gate.run('stat', p, () => stat(p), signal)).isFile();
+  } catch (err) {
+    if (isRuntimeError(err)) throw err;
     return false;
   }
 }

@@ -1,0 +1,105 @@
+/**
+ * @module The calls that requests make on the cache volume (a LoRA adapter's look-ups), one at a time, each waited for
+ * CACHE_CALL_WAIT_MS at most. libuv's thread pool (UV_THREADPOOL_SIZE: 4, 16 in the image) runs every file call, sharp's
+ * encoding, dns.lookup and zlib of the process: on a volume that stopped answering (an NFS server gone away under a
+ * hard mount) each call holds its thread for good, and one call a request filled the pool after a few requests, so that
+ * requests not touching the volume (a plain generation, waiting for its encoder) stopped as well. Here a stuck call
+ * holds the one slot, the only thread the gate can lose; its caller, and every later one, is answered CACHE_STUCK
+ * (503) naming it, at once once it has been pending CACHE_CALL_WAIT_MS, instead of queueing behind it for good.
+ */
+import { RuntimeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { cacheRelative, trackIo } from './pending-io.js';
+
+/** How long a request waits for a call on the volume, its own or the one ahead of it (a stat answers in microseconds). */
+export const CACHE_CALL_WAIT_MS = 5_000;
+/** Calls at once: each a pool thread that a volume that stops answering keeps. */
+export const CACHE_CALLS_AT_ONCE = 1;
+/** A CACHE_STUCK answer's Retry-After (s): an NFS server's failover takes tens of seconds. */
+export const CACHE_STUCK_RETRY_AFTER = 10;
+
+export interface VolumeGate {
+  /**
+   * Runs `call` (one call `op` on `file`) once a slot is free; recorded as pending-io's calls are. Rejects with
+   * CACHE_STUCK once the call, or the one it waits behind, has been pending `waitMs` (the call itself goes on, holding
+   * its slot until it returns), or with CANCELLED when `signal` aborts first.
+   */
+  run<T>(op: string, file: string, call: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+}
+
+interface Running {
+  readonly op: string;
+  readonly file: string;
+  readonly since: number;
+}
+
+export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger; slots?: number; waitMs?: number }): VolumeGate {
+  const slots = o.slots ?? CACHE_CALLS_AT_ONCE;
+  const waitMs = o.waitMs ?? CACHE_CALL_WAIT_MS;
+  const running = new Set<Running>();
+  /** Slots taken: by the running calls, and by a waiter handed one that has not started its call yet. */
+  let held = 0;
+  /** Waiters for a slot, first come first served; waking one hands it a slot. */
+  const queue: Array<() => void> = [];
+  let warned = false;
+
+  const stuck = (): RuntimeError => {
+    const r = [...running].reduce<Running | undefined>((a, b) => (a === undefined || b.since < a.since ? b : a), undefined);
+    const file = r === undefined ? '' : o.cacheDir === undefined ? r.file : cacheRelative(o.cacheDir, r.file);
+    const what = r === undefined ? 'calls still pending' : `${r.op} ${file} still pending after ${Math.round((performance.now() - r.since) / 1000)} s`;
+    if (!warned) {
+      warned = true;
+      o.log.warn({ pending: what }, `the cache volume is not answering: ${what}; requests that need it are answered CACHE_STUCK until it does`);
+    }
+    return new RuntimeError('CACHE_STUCK', `the cache volume (MODEL_CACHE_DIR) is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
+  };
+  const release = () => {
+    const wake = queue.shift();
+    if (wake) wake();
+    else held--;
+    if (running.size === 0 && warned) {
+      warned = false;
+      o.log.info('the cache volume answers again');
+    }
+  };
+  /** Waits until `p` settles, or `untilMs` (performance.now()) passes (CACHE_STUCK), or `signal` aborts (CANCELLED). */
+  const bounded = <T>(p: Promise<T>, untilMs: number, signal: AbortSignal | undefined, onGiveUp?: () => void): Promise<T> =>
+    new Promise<T>((resolve, reject) => {
+      let open = true;
+      const end = (f: () => void) => {
+        if (!open) return;
+        open = false;
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', left);
+        f();
+      };
+      const left = () => end(() => (onGiveUp?.(), reject(new RuntimeError('CANCELLED', 'the client left'))));
+      const timer = setTimeout(() => end(() => (onGiveUp?.(), reject(stuck()))), Math.max(0, untilMs - performance.now()));
+      signal?.addEventListener('abort', left, { once: true });
+      p.then((v) => end(() => resolve(v)), (err: unknown) => end(() => reject(err)));
+    });
+
+  return {
+    async run(op, file, call, signal) {
+      if (signal?.aborted) throw new RuntimeError('CANCELLED', 'the client left');
+      if (held < slots) held++;
+      else {
+        // Every slot held by a call already past the wait: the volume is not answering, and queueing would only wait.
+        const latest = running.size > 0 ? Math.max(...[...running].map((r) => r.since)) + waitMs : performance.now() + waitMs;
+        if (latest <= performance.now()) throw stuck();
+        let wake!: () => void;
+        const turn = new Promise<void>((r) => (wake = r));
+        queue.push(wake);
+        // Given up: out of the queue, or, handed a slot meanwhile, the slot goes to the next.
+        await bounded(turn, latest, signal, () => (queue.includes(wake) ? queue.splice(queue.indexOf(wake), 1) : release()));
+      }
+      const r: Running = { op, file, since: performance.now() };
+      running.add(r);
+      const settled = trackIo(op, file, call).finally(() => {
+        running.delete(r);
+        release();
+      });
+      return bounded(settled, r.since + waitMs, signal);
+    },
+  };
+}
