@@ -4,12 +4,11 @@
  * http server load before the socket is open; the boot, logging, the runtime and the routes are imported after, and
  * before the boot's fetch touches the cache (see main).
  */
-import { constants as fsConstants, realpathSync } from 'node:fs';
-import { access, mkdir } from 'node:fs/promises';
+import { realpathSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, PVC_CACHE_DIR, tmpCacheDir, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -20,7 +19,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -186,22 +185,6 @@ async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cac
   if (log) log.error({ unfinished: [...unfinished], pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
   else process.stderr.write(`diffusers-runtime: ${line}\n`);
   endBySignal(signal);
-}
-
-/**
- * MODEL_CACHE_DIR's default where it is not set (config.ts: /mnt/cache where writable, else a folder of the temp dir),
- * looked for in libuv's pool with the signal handlers in place. /mnt/cache is the PVC's mount: on a volume that does not
- * answer, the synchronous look held this thread for good, and a SIGTERM with it (no handler runs on a thread held in
- * a system call, Node's own one for SIGTERM included; a PID 1 gets no other). Recorded, so that a stop names it. Not
- * looked for where MODEL_CACHE_DIR is set (nor used; or the config refuses it).
- */
-async function lookForDefaultCacheDir(env: NodeJS.ProcessEnv): Promise<string> {
-  if (env.MODEL_CACHE_DIR?.trim()) return PVC_CACHE_DIR;
-  if (await trackIo('access', PVC_CACHE_DIR, () => access(PVC_CACHE_DIR, fsConstants.W_OK)).then(() => true, () => false)) return PVC_CACHE_DIR;
-  const dir = tmpCacheDir();
-  // Made now, as before: if it cannot be, the cache's first use says why.
-  await trackIo('mkdir', dir, () => mkdir(dir, { recursive: true })).catch(() => undefined);
-  return dir;
 }
 
 /**

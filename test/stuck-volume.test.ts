@@ -577,6 +577,25 @@ describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering 
     expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): .*\(exit 143\)$/m);
   }, 60_000);
 
+  it('with no MODEL_CACHE_DIR, its default on the volume: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the look', async (t) => {
+    // TMPDIR on the hung mount, and no /mnt/cache here: the default is the temp dir's folder, made when looked for.
+    const backing = path.join(tmp.dir, 'cache-fuse-warmup-default-backing');
+    mkdirSync(backing);
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup-default'));
+    await fs.hang();
+    let kill!: (s: NodeJS.Signals) => void;
+    let pid!: number;
+    const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, TMPDIR: fs.dir, SHUTDOWN_GRACE_S: '2' }, (k, p) => ((kill = k), (pid = p)));
+    await until(() => waitsIn(pid, 'request_wait_answer'), 20_000, 20);
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), 30_000);
+    const r = await job;
+    clearTimeout(timer);
+    // Before, the look was synchronous (loadConfig's): the signal was never handled, and the test's SIGKILL ended it.
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
+    expect(r.stderr).toMatch(/^warmup: the stop did not finish within SHUTDOWN_GRACE_S \(2 s\): the cache volume did not answer: mkdir \/\S+\/diffusers-runtime-cache still pending after \d+ s; exiting without waiting for them \(exit 143\)$/m);
+  }, 60_000);
+
   it('hanging mid-download: SIGTERM ends it within SHUTDOWN_GRACE_S, naming the journal line not written', async (t) => {
     const backing = path.join(tmp.dir, 'cache-fuse-warmup-fill-backing');
     mkdirSync(backing);

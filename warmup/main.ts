@@ -9,7 +9,7 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { applyContainerDefaults, type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
+import { applyContainerDefaults, type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, PVC_CACHE_DIR, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { unusedFiles } from '../src/pipeline/model.js';
@@ -26,7 +26,7 @@ import { LEASE_STALE_MS } from '../src/storage/lease.js';
 import { type StillBeats } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
-import { describePending, endBySignal, fsRequestsAnswered, fsRequestsPending } from '../src/storage/pending-io.js';
+import { describePending, endBySignal, fsRequestsAnswered, fsRequestsPending, lookForDefaultCacheDir } from '../src/storage/pending-io.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -37,8 +37,13 @@ function progressLine(p: FetchProgress): string {
   return `${p.phase} ${mb(p.bytesDone)}/${mb(p.bytesTotal)} MB (${pct}%) ${mb(p.bytesPerSecond)} MB/s ETA ${eta} files ${p.filesDone}/${p.filesTotal}`;
 }
 
+/** MODEL_CACHE_DIR's default, once main has looked for it (before any command runs). */
+let defaultCacheDir: string | undefined;
+/** The config, with the default main found: loadConfig alone would look for it synchronously. */
+const config = () => loadConfig(process.env, { defaultCacheDir });
+
 async function warm(signal: AbortSignal): Promise<void> {
-  const cfg = loadConfig();
+  const cfg = config();
   if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
   const unaddressable = unaddressableUris(cfg);
   if (unaddressable.length > 0) throw new ConfigError(unaddressable);
@@ -90,7 +95,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   const [localDir, uri, ...extra] = args.filter((a) => !a.startsWith('--'));
   if (localDir === undefined || uri === undefined) throw new UsageError('push needs LOCAL_DIR and s3://bucket/prefix');
   if (extra.length > 0) throw new UsageError(`push takes LOCAL_DIR and s3://bucket/prefix, got also ${quoted(extra)}`);
-  const cfg = loadConfig();
+  const cfg = config();
   warnMisspelled();
   trimCredentials();
   const src = argUri('push target', uri);
@@ -258,7 +263,7 @@ function parseAge(v: string): number {
  */
 async function cache(args: string[], signal: AbortSignal): Promise<void> {
   const [sub, ...rest] = args;
-  const cfg = loadConfig();
+  const cfg = config();
   warnMisspelled();
   const summary = (entries: readonly CacheEntry[]) => `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, ${mb(entries.reduce((n, e) => n + e.bytes, 0))} MB, ${entries.filter(inUse).length} in use`;
   if (sub === 'list') {
@@ -399,13 +404,20 @@ function argUri(what: string, v: string): StorageSource {
   }
 }
 
-/** SHUTDOWN_GRACE_S and MODEL_CACHE_DIR, or their defaults where the environment cannot be read (main reports why). */
-function stopSettings(): Pick<Config, 'shutdownGraceS' | 'cacheDir'> {
+/**
+ * SHUTDOWN_GRACE_S and MODEL_CACHE_DIR, or their defaults where the environment cannot be read (main reports why). Never
+ * a look at the volume, here in a signal's handler: before main has found the default, no cacheDir (the calls are named
+ * by their whole paths).
+ */
+function stopSettings(): { shutdownGraceS: number; cacheDir: string | undefined } {
+  const o = { defaultCacheDir: defaultCacheDir ?? PVC_CACHE_DIR };
+  let cfg: Readonly<Config>;
   try {
-    return loadConfig();
+    cfg = loadConfig(process.env, o);
   } catch {
-    return loadConfig({});
+    cfg = loadConfig({}, o);
   }
+  return { shutdownGraceS: cfg.shutdownGraceS, cacheDir: defaultCacheDir === undefined && !process.env.MODEL_CACHE_DIR?.trim() ? undefined : cfg.cacheDir };
 }
 
 /**
@@ -446,6 +458,13 @@ async function main(): Promise<number> {
   if (process.argv.slice(2).some((a) => a === '-h' || a === '--help') || cmd === 'help') {
     process.stdout.write(`${USAGE}\n`);
     return 0;
+  }
+  // Where MODEL_CACHE_DIR is unset, its default (/mnt/cache, the PVC's mount) is looked for in the pool, with the handlers
+  // above in place: a synchronous look on a volume that does not answer held the main thread, and every signal, for good.
+  defaultCacheDir = await lookForDefaultCacheDir(process.env);
+  if (signalled) {
+    process.stderr.write('warmup: CANCELLED: stopped by signal\n');
+    return 128 + os.constants.signals[signalled];
   }
   try {
     if (cmd === undefined) await warm(ac.signal);

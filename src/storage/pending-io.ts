@@ -6,9 +6,12 @@
  * lease's or lock's release, their heartbeats) are recorded here, so that it can say which did not finish. The pool is
  * the process's, and so is this record (as descriptors.ts's count of open files).
  */
+import { constants as fsConstants } from 'node:fs';
+import { access, mkdir } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { PVC_CACHE_DIR, tmpCacheDir } from '../config.js';
 import type { Logger } from '../log.js';
 
 export interface PendingIo {
@@ -33,6 +36,23 @@ export function trackIo<T>(op: string, file: string, call: () => Promise<T>): Pr
   const p: PendingIo = { op, file, since: performance.now() };
   pending.add(p);
   return call().finally(() => pending.delete(p));
+}
+
+/**
+ * MODEL_CACHE_DIR's default where it is not set (config.ts: /mnt/cache where writable, else a folder of the temp dir),
+ * looked for in libuv's pool, by the server and the warm-up CLI once their signal handlers are in place. /mnt/cache is
+ * the PVC's mount: on a volume that does not answer, a synchronous look held the main thread for good, and a SIGTERM
+ * with it (no handler runs on a thread held in a system call, Node's own one for SIGTERM included; a PID 1 gets no
+ * other). Recorded, so that a stop names it. Not looked for where MODEL_CACHE_DIR is set (nor used; or the config
+ * refuses it).
+ */
+export async function lookForDefaultCacheDir(env: NodeJS.ProcessEnv): Promise<string> {
+  if (env.MODEL_CACHE_DIR?.trim()) return PVC_CACHE_DIR;
+  if (await trackIo('access', PVC_CACHE_DIR, () => access(PVC_CACHE_DIR, fsConstants.W_OK)).then(() => true, () => false)) return PVC_CACHE_DIR;
+  const dir = tmpCacheDir();
+  // Made now, as before: if it cannot be, the cache's first use says why.
+  await trackIo('mkdir', dir, () => mkdir(dir, { recursive: true })).catch(() => undefined);
+  return dir;
 }
 
 /** The recorded calls not settled yet, oldest first. */

@@ -8,9 +8,9 @@ export interface CliRun { code: number | null; signal: NodeJS.Signals | null; st
 
 /**
  * The warm-up CLI with `args`, in an environment of PATH and `env` alone (nothing of the test's own); resolves once it
- * has exited. `onSpawn` gets a way to signal it while it runs.
+ * has exited. `onSpawn` gets a way to signal it while it runs, and its pid.
  */
-export function runWarmupCli(args: string[], env: Record<string, string>, onSpawn?: (kill: (s: NodeJS.Signals) => void) => void): Promise<CliRun> {
+export function runWarmupCli(args: string[], env: Record<string, string>, onSpawn?: (kill: (s: NodeJS.Signals) => void, pid: number) => void): Promise<CliRun> {
   const t0 = performance.now();
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [WARMUP_CLI, ...args], { env: { PATH: process.env.PATH ?? '', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -19,6 +19,6 @@ export function runWarmupCli(args: string[], env: Record<string, string>, onSpaw
     child.stdout.on('data', (c) => (stdout += c));
     child.stderr.on('data', (c) => (stderr += c));
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr, ms: performance.now() - t0 }));
-    onSpawn?.((s) => child.kill(s));
+    onSpawn?.((s) => child.kill(s), child.pid!);
   });
 }
