@@ -67,7 +67,15 @@ describe('createVolumeGate', () => {
     answer(stuck);
     await until(() => pendingIo().length === 0, 5_000);
     expect(await outcome(g.run('stat', tmp.dir, () => fsp.stat(tmp.dir).then((s) => s.isDirectory())))).toEqual({ value: true });
-    expect(lines.filter((l) => l.level === 'info').map((l) => l.msg)).toEqual(['the cache volume answers again']);
+    expect(lines.filter((l) => l.level === 'info').map((l) => l.msg)).toEqual(['the volume answers again']);
+  });
+
+  it('a file outside the cache is named whole, its volume as another', async () => {
+    const stuck = fifo('stuck-outside');
+    const other = createVolumeGate({ cacheDir: path.join(tmp.dir, 'cache'), log: createLogger('silent'), waitMs: 100 });
+    expect(await outcome(other.run('readFile', stuck, () => fsp.readFile(stuck)))).toMatchObject({
+      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^a volume the server reads is not answering: readFile ${stuck} still pending after \\d+ s; `)),
+    });
   });
 
   it('a call that answers within the wait hands its slot to the next, in order; never more calls at once than the slots', async () => {

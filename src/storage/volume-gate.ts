@@ -7,6 +7,7 @@
  * holds the one slot, the only thread the gate can lose; its caller, and every later one, is answered CACHE_STUCK
  * (503) naming it, at once once it has been pending CACHE_CALL_WAIT_MS, instead of queueing behind it for good.
  */
+import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { cacheRelative, trackIo } from './pending-io.js';
@@ -36,6 +37,8 @@ interface Running {
 export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger; slots?: number; waitMs?: number }): VolumeGate {
   const slots = o.slots ?? CACHE_CALLS_AT_ONCE;
   const waitMs = o.waitMs ?? CACHE_CALL_WAIT_MS;
+  if (!Number.isInteger(slots) || slots < 1) throw new TypeError(`slots must be an integer from 1 up, got ${slots}`);
+  if (!(waitMs > 0)) throw new TypeError(`waitMs must be above 0, got ${waitMs}`);
   const running = new Set<Running>();
   /** Slots taken: by the running calls, and by a waiter handed one that has not started its call yet. */
   let held = 0;
@@ -45,13 +48,15 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
 
   const stuck = (): RuntimeError => {
     const r = [...running].reduce<Running | undefined>((a, b) => (a === undefined || b.since < a.since ? b : a), undefined);
-    const file = r === undefined ? '' : o.cacheDir === undefined ? r.file : cacheRelative(o.cacheDir, r.file);
+    const file = r === undefined || o.cacheDir === undefined ? r?.file : cacheRelative(o.cacheDir, r.file);
     const what = r === undefined ? 'calls still pending' : `${r.op} ${file} still pending after ${Math.round((performance.now() - r.since) / 1000)} s`;
+    // A file outside the cache (a model's or LORA_URI's folder of its own) is named whole: its volume is another.
+    const outside = file !== undefined && path.isAbsolute(file);
     if (!warned) {
       warned = true;
-      o.log.warn({ pending: what }, `the cache volume is not answering: ${what}; requests that need it are answered CACHE_STUCK until it does`);
+      o.log.warn({ pending: what }, `${outside ? 'a volume the server reads' : 'the cache volume'} is not answering: ${what}; requests that need it are answered CACHE_STUCK until it does`);
     }
-    return new RuntimeError('CACHE_STUCK', `the cache volume (MODEL_CACHE_DIR) is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
+    return new RuntimeError('CACHE_STUCK', `${outside ? 'a volume the server reads' : 'the cache volume (MODEL_CACHE_DIR)'} is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
   };
   const release = () => {
     const wake = queue.shift();
@@ -59,7 +64,7 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
     else held--;
     if (running.size === 0 && warned) {
       warned = false;
-      o.log.info('the cache volume answers again');
+      o.log.info('the volume answers again');
     }
   };
   /** Waits until `p` settles, or `untilMs` (performance.now()) passes (CACHE_STUCK), or `signal` aborts (CANCELLED). */
