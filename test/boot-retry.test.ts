@@ -3,7 +3,7 @@
  * built server as a child process, s3rver on loopback behind the fault proxy (test/helpers/s3.ts). S3 failing one file
  * for the first attempt, then recovering: ready without a restart, the retry logged, counted and shown on the model
  * endpoint, and no file fetched twice. A missing bucket is failed, not retried. SIGTERM during the wait exits 0 at once,
- * its lease released.
+ * its lease released. A lease an eviction removed as stale during the wait is taken again by the attempt that fills the entry.
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
@@ -13,7 +13,7 @@ import { RuntimeError } from '../src/errors.js';
 import { retriedCode, retryDelayMs } from '../src/runtime/boot-retry.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric } from './helpers/runtime.js';
-import { postJson, startServer, tempDir, type ServerHandle } from './helpers/server.js';
+import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
 const BUCKET = 'models';
 const PREFIX = 'retry/';
@@ -165,4 +165,25 @@ describe('SIGTERM while a boot waits to be tried again', () => {
     expect(srv.events('shut-down')).toHaveLength(1);
     expect(await filesEnding(leases, '.lease')).toEqual([]);
   }, 60_000);
+});
+
+describe('a lease lost while the boot waits to be tried again', () => {
+  it('the attempt that fills the entry leases it again: an eviction elsewhere cannot remove what the pod serves', async () => {
+    proxy.faults.failLists = { count: 1_000_000, status: 503, code: 'ServiceUnavailable' };
+    const srv = await server(`s3://${BUCKET}/${PREFIX}`, { BOOT_RETRY_MAX_S: '2' });
+    await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
+    // What an eviction on another pod does to a lease whose heartbeat it judged stale (a cache volume away for minutes
+    // on this node): the lease goes. The entry is not there yet (nothing listed), so this one is not taken again.
+    const leases = path.join(srv.cacheDir, '.leases');
+    const [lease] = await filesEnding(leases, '.lease');
+    await fsp.unlink(path.join(leases, lease!));
+    // The lease's next heartbeat (30 s) finds it gone.
+    await until(() => srv.logs.some((l) => l.entryGone === true), 45_000, 100);
+    proxy.faults.failLists = undefined;
+    await srv.waitReady(60_000);
+    const [files] = srv.events('files-ready');
+    expect(files).toMatchObject({ fromCache: false });
+    // Before: none; the entry filled by the retry was served unleased.
+    expect(await filesEnding(leases, '.lease')).toHaveLength(1);
+  }, 120_000);
 });

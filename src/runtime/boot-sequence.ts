@@ -235,11 +235,16 @@ export class BootSequence {
   }
 
   #watchLease(l: EntryLease): void {
-    const log = this.#rt?.log;
+    const rt = this.#rt;
     // Only when this process missed its heartbeat for minutes and an eviction elsewhere judged the lease stale.
-    l.onLost((gone) => log?.warn({ entryGone: gone }, gone
-      ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
-      : 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'));
+    l.onLost((gone) => {
+      // Not taken again by the lease itself (its folder is gone): forgotten, so that a later boot attempt's fetch, which
+      // fills the folder anew, leases it again rather than serving it unleased.
+      if (gone && this.#leases.get(l.entry) === l) this.#leases.delete(l.entry);
+      rt?.log.warn({ entryGone: gone }, !gone ? 'this server\'s lease on its cache entry had gone stale and was removed; it is taken again'
+        : rt.boot.wasReady ? 'the cache entry this server serves from was evicted (its lease had gone stale); sessions already loaded keep serving; restart the pod to fetch it again'
+          : 'the cache entry this server was fetching was evicted (its lease had gone stale); a boot attempt that fetches it again leases it again');
+    });
   }
 
   /**
