@@ -154,6 +154,8 @@ export class BootSequence {
   #openFetch!: () => void;
   readonly #fetchOpen = new Promise<void>((r) => (this.#openFetch = r));
   #checkReleased = false;
+  /** GPU metrics, started by the first load on a GPU. */
+  #gpuMetrics: Promise<void> | undefined;
   // What the fetch has reported: every listed file by component, the files whole, the components announced.
   readonly #componentFiles = new Map<string, Set<string>>();
   readonly #whole = new Set<string>();
@@ -339,7 +341,8 @@ export class BootSequence {
     checkServerDefaults(cfg, loaded.defaults);
     for (const w of defaultStepsWarnings(cfg, loaded.defaults)) rt.log.warn({ variable: 'DEFAULT_STEPS' }, w);
     if (loaded.fallbackReason) boot.progress.sessions.fallback = loaded.fallbackReason;
-    if (Object.values(loaded.providers).some(onGpu)) void this.#startGpuMetrics(rt);
+    // Once per process: an attempt after a retried failure loads again, and the registry takes each metric once.
+    if (Object.values(loaded.providers).some(onGpu)) this.#gpuMetrics ??= this.#startGpuMetrics(rt);
     if (rt.stopping) return;
 
     boot.to('warming');
@@ -614,11 +617,14 @@ export class BootSequence {
   }
 
   async #startGpuMetrics(rt: Runtime): Promise<void> {
-    const { startGpuMetrics } = await import('./gpu.js');
-    const gpu = await startGpuMetrics(rt.metrics.registry, {
-      onError: (err) => rt.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'CUDA is in use but nvidia-smi gave no sample: GPU metrics stay off'),
-    });
-    if (gpu.active) rt.log.info({}, 'GPU metrics on (nvidia-smi)');
+    const off = (err: unknown) => rt.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'CUDA is in use but nvidia-smi gave no sample: GPU metrics stay off');
+    try {
+      const { startGpuMetrics } = await import('./gpu.js');
+      const gpu = await startGpuMetrics(rt.metrics.registry, { onError: off });
+      if (gpu.active) rt.log.info({}, 'GPU metrics on (nvidia-smi)');
+    } catch (err) {
+      off(err);
+    }
   }
 }
 
