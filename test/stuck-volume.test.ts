@@ -10,7 +10,7 @@
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { closeSync, constants, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it, type TestContext } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { freePort } from '../scripts/bench-common.js';
 import { buildDemoModel, ensureDemoModel } from '../src/demo/index.js';
 import { JOURNAL, LORA_SETS } from '../src/storage/cache.js';
@@ -23,8 +23,6 @@ import { mountStuckFs, stuckFsUnavailable, type StuckFs } from './helpers/stuck-
 import { runWarmupCli } from './helpers/warmup-cli.js';
 
 const tmp = tempDir('dr-stuck-');
-const live: ServerHandle[] = [];
-const fifos: string[] = [];
 let s3: S3Server;
 let proxy: FaultProxy;
 let slow: FaultProxy;
@@ -39,19 +37,6 @@ beforeAll(async () => {
   slow = await startFaultProxy(s3.port, { bytesPerSecond: 200e3 });
 }, 60_000);
 
-afterEach(async () => {
-  for (const s of live.splice(0)) await s.stop('SIGKILL');
-  // A reader still blocked on a FIFO is let go: a writer opens it (without blocking: ENXIO when no reader is left).
-  for (const f of fifos.splice(0)) {
-    try {
-      closeSync(openSync(f, constants.O_WRONLY | constants.O_NONBLOCK));
-    } catch {
-      // no reader left
-    }
-    rmSync(f, { force: true });
-  }
-});
-
 afterAll(async () => {
   await proxy?.close();
   await slow?.close();
@@ -59,12 +44,36 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-/** Replaces `file` by a FIFO: every open of it blocks until a writer comes (the test's afterEach). */
-function stick(file: string): void {
+/**
+ * The tests run side by side (each mostly waits out the 15 s cleanup bound): what one starts is ended at its own end,
+ * in the reverse order of its start (onTestFinished runs last registered first), so a server goes before the FIFO or
+ * the mount it waits on.
+ */
+type Finished = Pick<TestContext, 'onTestFinished'>;
+
+/** Replaces `file` by a FIFO: every open of it blocks until a writer comes (the test's end lets its reader go). */
+function stick(t: Finished, file: string): void {
   rmSync(file, { force: true });
   mkdirSync(path.dirname(file), { recursive: true });
   execFileSync('mkfifo', [file]);
-  fifos.push(file);
+  t.onTestFinished(() => {
+    // A reader still blocked on the FIFO is let go: a writer opens it (without blocking: ENXIO when no reader is left).
+    try {
+      closeSync(openSync(file, constants.O_WRONLY | constants.O_NONBLOCK));
+    } catch {
+      // no reader left
+    }
+    rmSync(file, { force: true });
+  });
+}
+
+/** startServer, the server SIGKILLed at the test's end if it still runs. */
+async function serverFor(t: Finished, ...args: Parameters<typeof startServer>): Promise<ServerHandle> {
+  const srv = await startServer(...args);
+  t.onTestFinished(async () => {
+    await srv.stop('SIGKILL');
+  });
+  return srv;
 }
 
 /** SIGTERM, then the exit, or SIGKILL after `ms` (the kubelet's at the end of the grace period). */
@@ -76,14 +85,13 @@ async function terminate(srv: ServerHandle, ms: number): Promise<{ code: number 
 
 const stopLine = (logs: readonly LogLine[]) => logs.find((l) => l.level === 'error' && String(l.msg).startsWith('shutdown did not finish'));
 
-describe('the server, SIGTERM with the cache volume stuck', () => {
-  it('while the boot reads a model file: probes answer, and it exits 143 within the cleanup bound, naming the file', async () => {
+describe.concurrent('the server, SIGTERM with the cache volume stuck', () => {
+  it('while the boot reads a model file: probes answer, and it exits 143 within the cleanup bound, naming the file', async (t) => {
     const cache = path.join(tmp.dir, 'cache-a');
     cpSync(await ensureDemoModel(sharedCacheDir()), path.join(cache, path.basename(await ensureDemoModel(sharedCacheDir()))), { recursive: true });
     const entry = readdirSync(cache)[0]!;
-    stick(path.join(cache, entry, 'unet', 'model.onnx'));
-    const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
-    live.push(srv);
+    stick(t, path.join(cache, entry, 'unet', 'model.onnx'));
+    const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' });
     await srv.waitFor('state', (d) => d.state === 'loading');
     // Liveness and readiness never touch the volume: answered while a worker is stuck on it.
     expect((await fetch(`${srv.url}/v2/health/live`)).status).toBe(200);
@@ -98,23 +106,21 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
     expect(srv.events('shut-down')).toMatchObject([{ unfinished: ['the pipeline workers'] }]);
   }, 90_000);
 
-  it('while serving from S3 with the lease folder stuck: the lease release is named, the exit is 143, the next start serves', async () => {
+  it('while serving from S3 with the lease folder stuck: the lease release is named, the exit is 143, the next start serves', async (t) => {
     const cache = path.join(tmp.dir, 'cache-b');
     const env = {
       ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://models/${PREFIX}`, MODEL_CACHE_DIR: cache,
       EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
     };
     // A first run fills the entry and stops cleanly: exit 0, its lease released (the entry's last use written).
-    const first = await startServer(env, { ready: true });
-    live.push(first);
+    const first = await serverFor(t, env, { ready: true });
     expect(await terminate(first, 40_000)).toMatchObject({ code: 0, signal: null });
     expect(stopLine(first.logs)).toBeUndefined();
     const key = cacheKey(parseStorageUri(env.STORAGE_URI) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
     const lastUsed = path.join(leasesDir(path.join(cache, key)), LAST_USED);
     expect(existsSync(lastUsed)).toBe(true);
-    stick(lastUsed);
-    const srv = await startServer(env, { ready: true });
-    live.push(srv);
+    stick(t, lastUsed);
+    const srv = await serverFor(t, env, { ready: true });
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
     const line = stopLine(srv.logs);
@@ -122,8 +128,7 @@ describe('the server, SIGTERM with the cache volume stuck', () => {
     expect(JSON.stringify(srv.logs)).not.toContain(CREDS.AWS_SECRET_ACCESS_KEY);
     expect(srv.events('shut-down')).toMatchObject([{ unfinished: ['the model fetch and the cache entry lease'] }]);
     // Nothing a later start misreads: the volume answers again, and the entry is served as committed.
-    const next = await startServer(env, { ready: true });
-    live.push(next);
+    const next = await serverFor(t, env, { ready: true });
     expect(next.events('files-ready')).toMatchObject([{ fromCache: true }]);
   }, 180_000);
 });
@@ -147,18 +152,17 @@ const opensFifo = (pid: number) => waitsIn(pid, 'wait_for_partner');
  * on the volume no stop step awaits, still pending once the cleanup is over. `answerMs` after the cleanup's end, a
  * writer gives the read the file's own content (a slow volume's call); without `answerMs`, none comes (a stuck one).
  */
-async function heartbeatPendingAtStop(name: string, answerMs?: number) {
+async function heartbeatPendingAtStop(t: Finished, name: string, answerMs?: number) {
   const cache = path.join(tmp.dir, name);
   const model = await ensureDemoModel(sharedCacheDir());
   cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
-  const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
-  live.push(srv);
+  const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, { ready: true });
   const leases = path.join(cache, LORA_SETS, LEASES);
   const [work] = readdirSync(leases);
   const [lease] = readdirSync(path.join(leases, work!)).filter((f) => f.endsWith('.lease'));
   const file = path.join(leases, work!, lease!);
   const content = readFileSync(file);
-  stick(file);
+  stick(t, file);
   await until(() => opensFifo(srv.proc.pid!), 45_000, 100);
   const stopped = terminate(srv, 40_000);
   if (answerMs !== undefined) {
@@ -177,10 +181,10 @@ async function heartbeatPendingAtStop(name: string, answerMs?: number) {
   return { srv, rel: `${LORA_SETS}/${LEASES}/${work}/${lease}`, r: await stopped };
 }
 
-describe('the server, SIGTERM with a call on the cache volume pending after the cleanup', () => {
+describe.concurrent('the server, SIGTERM with a call on the cache volume pending after the cleanup', () => {
   // Two servers side by side: each waits up to 30 s for its heartbeat to reach the FIFO.
-  it('answered 1.5 s after the cleanup (a slow volume): the stop ends as a clean one, exit 0; never answered: 143 when the cleanup\'s 15 s run out, naming the read', async () => {
-    const [slowStop, stuckStop] = await Promise.all([heartbeatPendingAtStop('cache-slow', 1_500), heartbeatPendingAtStop('cache-slow-stuck')]);
+  it('answered 1.5 s after the cleanup (a slow volume): the stop ends as a clean one, exit 0; never answered: 143 when the cleanup\'s 15 s run out, naming the read', async (t) => {
+    const [slowStop, stuckStop] = await Promise.all([heartbeatPendingAtStop(t, 'cache-slow', 1_500), heartbeatPendingAtStop(t, 'cache-slow-stuck')]);
     // Before, a call still pending half a second after the cleanup was judged stuck: exit 143, naming the read.
     expect(stopLine(slowStop.srv.logs)?.msg).toBeUndefined();
     expect(slowStop.r).toMatchObject({ code: 0, signal: null });
@@ -199,15 +203,14 @@ const canUnshare = process.platform === 'linux' && spawnSync('unshare', ['-r', '
  * The server as PID 1 of a pid namespace of its own (under unshare), booting on a cache whose UNet graph is stuck: its
  * node process, to signal as the kubelet does (not through unshare, which would take it down with it), and its exit.
  */
-async function stuckAsPid1(name: string): Promise<{ srv: ServerHandle; node: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> }> {
+async function stuckAsPid1(t: Finished, name: string): Promise<{ srv: ServerHandle; node: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> }> {
   const cache = path.join(tmp.dir, name);
   const model = await ensureDemoModel(sharedCacheDir());
   cpSync(model, path.join(cache, path.basename(model)), { recursive: true });
-  stick(path.join(cache, readdirSync(cache)[0]!, 'unet', 'model.onnx'));
-  const srv = await startServer({ STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
+  stick(t, path.join(cache, readdirSync(cache)[0]!, 'unet', 'model.onnx'));
+  const srv = await serverFor(t, { STORAGE_URI: undefined, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: '1', WARMUP_STEPS: '1' }, {
     prefix: ['unshare', '-r', '--pid', '--fork', '--kill-child', '--mount-proc'],
   });
-  live.push(srv);
   await srv.waitFor('state', (d) => d.state === 'loading');
   const [node] = readFileSync(`/proc/${srv.proc.pid}/task/${srv.proc.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
   expect(readFileSync(`/proc/${node}/status`, 'utf8')).toMatch(/^NSpid:\s+\d+\s+1$/m);
@@ -222,20 +225,20 @@ async function stuckAsPid1(name: string): Promise<{ srv: ServerHandle; node: num
   return { srv, node: node!, exited };
 }
 
-describe('the server as PID 1 (the image has no init: node is its container\'s first process)', () => {
+describe.concurrent('the server as PID 1 (the image has no init: node is its container\'s first process)', () => {
   // PID 1 of a pid namespace is not ended by a signal it has no handler for, sent by itself or by anyone in the
   // namespace (the kubelet's SIGKILL comes from outside it): a stop that ended itself by SIGTERM's default action
   // was left running until the end of the grace period.
-  it.skipIf(!canUnshare)('a worker stuck on the volume: SIGTERM still ends it within the cleanup bound, exit 143', async () => {
-    const { srv, node, exited } = await stuckAsPid1('cache-pid1');
+  it.skipIf(!canUnshare)('a worker stuck on the volume: SIGTERM still ends it within the cleanup bound, exit 143', async (t) => {
+    const { srv, node, exited } = await stuckAsPid1(t, 'cache-pid1');
     process.kill(node, 'SIGTERM');
     // 143, never the test's SIGKILL at 40 s.
     expect(await exited).toEqual({ code: 143, signal: null });
     expect(stopLine(srv.logs)?.msg).toMatch(/the pipeline workers did not stop .* \(exit 143\)$/);
   }, 90_000);
 
-  it.skipIf(!canUnshare)('a third signal ends it at once, as SIGKILL would (137), though SIGKILL sent to itself does not reach PID 1', async () => {
-    const { node, exited } = await stuckAsPid1('cache-pid1-third');
+  it.skipIf(!canUnshare)('a third signal ends it at once, as SIGKILL would (137), though SIGKILL sent to itself does not reach PID 1', async (t) => {
+    const { node, exited } = await stuckAsPid1(t, 'cache-pid1-third');
     // Three signals, each past the second in which a repeat counts as the same one.
     for (let i = 0; i < 3; i++) {
       process.kill(node, 'SIGTERM');
@@ -251,12 +254,12 @@ describe('the server as PID 1 (the image has no init: node is its container\'s f
  * `graceS`: the entry's key, a way to signal it, and its end (SIGKILLed once `signals` has run and `killAfterMs` more
  * have passed, as the kubelet's at the end of the grace period).
  */
-async function stuckWarmup(name: string, graceS: number, signals: (kill: (s: NodeJS.Signals) => void) => Promise<void>, killAfterMs: number) {
+async function stuckWarmup(t: Finished, name: string, graceS: number, signals: (kill: (s: NodeJS.Signals) => void) => Promise<void>, killAfterMs: number) {
   const cache = path.join(tmp.dir, name);
   const uri = `s3://models/${PREFIX}`;
   const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, slow.endpoint);
   mkdirSync(path.join(cache, key), { recursive: true });
-  stick(path.join(cache, key, JOURNAL));
+  stick(t, path.join(cache, key, JOURNAL));
   let kill!: (s: NodeJS.Signals) => void;
   const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: String(graceS) }, (k) => (kill = k));
   await new Promise((r) => setTimeout(r, 3_000));
@@ -267,20 +270,20 @@ async function stuckWarmup(name: string, graceS: number, signals: (kill: (s: Nod
   return { cache, key, r };
 }
 
-describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
-  it('while the fill reads the entry\'s journal: exits within SHUTDOWN_GRACE_S with a line naming what did not finish', async () => {
+describe.concurrent('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
+  it('while the fill reads the entry\'s journal: exits within SHUTDOWN_GRACE_S with a line naming what did not finish', async (t) => {
     // Before, the stop waited for the fill, and the fill for the journal: only SIGKILL ended it (a second signal too
     // waited, in process.exit()).
-    const { cache, key, r } = await stuckWarmup('cache-c', 2, async (kill) => kill('SIGTERM'), 30_000);
+    const { cache, key, r } = await stuckWarmup(t, 'cache-c', 2, async (kill) => kill('SIGTERM'), 30_000);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGTERM' });
     expect(r.stderr).toMatch(/warmup: SIGTERM received; stopping/);
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: readFile ${key}/\\.progress\\.jsonl still pending after \\d+ s; exiting without waiting for them \\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(cache);
   }, 60_000);
 
-  it('a second signal while the stop is held ends it at once, as its signal does (process.exit() would wait for the stuck call)', async () => {
+  it('a second signal while the stop is held ends it at once, as its signal does (process.exit() would wait for the stuck call)', async (t) => {
     // A grace longer than the test waits: only the second signal can end it in time.
-    const { r } = await stuckWarmup('cache-c2', 120, async (kill) => {
+    const { r } = await stuckWarmup(t, 'cache-c2', 120, async (kill) => {
       kill('SIGTERM');
       await new Promise((res) => setTimeout(res, 1_000));
       kill('SIGINT');
@@ -292,11 +295,9 @@ describe('the warm-up CLI, SIGTERM with the cache volume stuck', () => {
 const noFuse = stuckFsUnavailable();
 
 /**
- * The tests on stuck-fs run side by side (each mostly waits out the 15 s cleanup bound): what one starts is ended at its
- * own end, the server before the mount it uses (onTestFinished runs last registered first), since a stuck call lets
- * its process die but not the mount be released under it.
+ * A stuck-fs mount, released at the test's end after the servers started on it (a stuck call lets its process die but
+ * not the mount be released under it).
  */
-type Finished = Pick<TestContext, 'onTestFinished'>;
 async function mountFor(t: Finished, ...args: Parameters<typeof mountStuckFs>): Promise<StuckFs> {
   const fs = await mountStuckFs(...args);
   t.onTestFinished(() => fs.release());
@@ -316,14 +317,6 @@ async function liveThenTerminated(srv: ServerHandle, fs: StuckFs, state: string)
   expect([model.status, ((await model.json()) as { state?: string }).state]).toEqual([503, state]);
   expect(await terminate(srv, 40_000)).toMatchObject({ code: null, signal: 'SIGTERM' });
   return stopLine(srv.logs)?.msg;
-}
-
-async function serverFor(t: Finished, ...args: Parameters<typeof startServer>): Promise<ServerHandle> {
-  const srv = await startServer(...args);
-  t.onTestFinished(async () => {
-    await srv.stop('SIGKILL');
-  });
-  return srv;
 }
 
 /** A copy of the demo model's cache on a stuck-fs mount (`hangAfter`: see StuckFsOptions); the entry's folder name. */
@@ -551,7 +544,7 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
   }, 60_000);
 });
 
-describe.skipIf(noFuse)('the warm-up CLI on a cache volume that stops answering for real', () => {
+describe.skipIf(noFuse).concurrent('the warm-up CLI on a cache volume that stops answering for real', () => {
   /** The warm-up CLI filling `uri` onto `fs`, SIGTERMed 1 s after it hung: ended by the signal, before a SIGKILL at 30 s. */
   async function warmupTerminated(uri: string, fs: StuckFs) {
     let kill!: (s: NodeJS.Signals) => void;
