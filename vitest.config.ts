@@ -12,6 +12,10 @@ export default defineConfig({
     fileParallelism: true,
     // As the runtime's own entry points do (src/main.ts, warmup/main.ts): the SDK's Node 20 notice is not a test result,
     // and ONNX Runtime loaded in a test's own process writes no telemetry (a mat-debug-<pid>.log in /tmp per process).
-    env: { AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true', ORT_DISABLE_TELEMETRY: '1' },
+    // One intra-op thread per session, as the runtime gives each of several workers (runtime/workers.ts): two test
+    // files generate side by side on two cores, and ONNX Runtime's default of a spinning thread per core in each put
+    // four on two (two servers generating at once took 2.0 s each where one alone took 0.9 s; 1.2 s with one thread).
+    // The thread count is the machine's anyway, so no test may depend on it.
+    env: { AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true', ORT_DISABLE_TELEMETRY: '1', ORT_INTRA_OP_THREADS: '1' },
   },
 });
