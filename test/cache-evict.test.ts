@@ -464,7 +464,8 @@ describe('eviction against a start of the same entry at that moment', () => {
     expect((await removeEntry(cache, keyOf(1))).removed).toBe(true);
   });
 
-  it("an eviction's lock its evictor left (killed on another node, 10 min ago): the first lease watches it, takes it over and removes it, so no later start watches it", async () => {
+  // This test and the next each wait out a lock's 10 s watch, on entries of their own: they run side by side.
+  it.concurrent("an eviction's lock its evictor left (killed on another node, 10 min ago): the first lease watches it, takes it over and removes it, so no later start watches it", async () => {
     const cache = await cacheWith(1);
     const dir = path.join(cache, keyOf(1));
     await fsp.writeFile(`${dir}.lock`, JSON.stringify({ pid: 7, host: 'pod-gone', token: 'evictor', since: '', purpose: 'evict' }));
@@ -483,7 +484,7 @@ describe('eviction against a start of the same entry at that moment', () => {
   // evictor that stands still that long (stopped here: a stuck volume, a frozen node) between its read of the leases
   // and its rename loses its lock to that server; before, it renamed the entry away all the same, under the lease
   // (with clocks that agree, a stall of 40 s does the same: 30 s its lock looks live, then the 10 s watch).
-  it('an evictor whose lock a server took over while it stood still, after it read the leases, leaves the entry that server leased', async () => {
+  it.concurrent('an evictor whose lock a server took over while it stood still, after it read the leases, leaves the entry that server leased', async () => {
     const cache = await cacheWith(1);
     const dir = path.join(cache, keyOf(1));
     // Files enough that its count of what the removal frees (between its read of the leases and its rename) lasts.
