@@ -112,7 +112,9 @@ describe.each(MODELS)('batching property on $name: every request of a drawn case
   let alone: RuntimeHandle;
   let batched: RuntimeHandle;
   beforeAll(async () => {
-    const common = { STORAGE_URI: await dir(), RESULT_CACHE_MB: '0', WARMUP_STEPS: '1' };
+    // ORT's own intra-op thread count (the runtime's default, not the suite's 1): the bytes must not depend on how a
+    // batch's rows are split among threads.
+    const common = { STORAGE_URI: await dir(), RESULT_CACHE_MB: '0', WARMUP_STEPS: '1', ORT_INTRA_OP_THREADS: '0' };
     [alone, batched] = await Promise.all([
       // Alone: one request at a time on a server that batches (no window: each runs at once, by itself), as a
       // request that finds no company; a MAX_BATCH_SIZE=1 server runs a lone UNet row unpadded (Job.padLoneRow).
