@@ -1,6 +1,6 @@
 /**
  * A volume that stops answering for real: test/native/stuck-fs.c, a FUSE file system passing through to a backing
- * folder until told to stop, then holding every request (every call on it, a stat included, waits for good, as on an
+ * folder (failing the requests it is told to with EIO, as a disk or network volume's read error) until told to stop, then holding every request (every call on it, a stat included, waits for good, as on an
  * NFS server gone away under a hard mount; a dying caller's call fails, as NFS's killable waits do). Built here with cc; where there is none, or FUSE cannot be mounted (no
  * /dev/fuse, not root), stuckFsUnavailable() says why and the tests that need it skip.
  *
@@ -24,6 +24,10 @@ export interface StuckFsOptions {
   hangAfter?: string;
   /** Answer the `hangAfterTimes`-th such request (not the first), then hang. */
   hangAfterTimes?: number;
+  /** `op:name`: fail the first request `op` naming `name` with EIO (a read error of the volume's device), then pass through. */
+  eio?: string;
+  /** Fail the first `eioTimes` such requests (not only the first). */
+  eioTimes?: number;
   /** Each answer this late. */
   delayMs?: number;
 }
@@ -35,6 +39,8 @@ export interface StuckFs {
   readonly pid: number;
   /** Stops answering now; resolves once the daemon reads no more requests. */
   hang(): Promise<void>;
+  /** Answers again (what it held first) and fails no more requests with EIO. */
+  answer(): void;
   /** Resolves once it has stopped answering (by hang() or hangAfter). */
   readonly hung: Promise<void>;
   /** Ends the daemon (calls still waiting fail with ENOTCONN) and detaches the mount; idempotent. */
@@ -81,7 +87,7 @@ export async function mountStuckFs(backing: string, dir: string, opts: StuckFsOp
   const why = stuckFsUnavailable();
   if (why !== undefined) throw new Error(why);
   mkdirSync(dir, { recursive: true });
-  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter, ...(opts.hangAfterTimes ? ['--times', String(opts.hangAfterTimes)] : [])] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
+  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter, ...(opts.hangAfterTimes ? ['--times', String(opts.hangAfterTimes)] : [])] : []), ...(opts.eio ? ['--eio', opts.eio, ...(opts.eioTimes ? ['--eio-times', String(opts.eioTimes)] : [])] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
   // STUCK_FS_LOG=1: each request it reads, on the test's stderr (what the runtime does on the volume).
   const log = process.env.STUCK_FS_LOG === '1';
   const proc: ChildProcess = spawn(binary!, [...args, ...(log ? ['--log'] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -115,6 +121,7 @@ export async function mountStuckFs(backing: string, dir: string, opts: StuckFsOp
       proc.kill('SIGUSR1');
       await hung;
     },
+    answer: () => void proc.kill('SIGUSR2'),
     release: () =>
       (released ??= (async () => {
         proc.kill('SIGTERM');

@@ -7,12 +7,14 @@
  * once the daemon has read the request, and never for the flush of a close (a process with a file open on the mount
  * could not exit). A flush of a file not opened for writing is answered at once, as NFS's close needs no server then.
  *
- *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--delay-ms N] [--log] [--probe]
+ *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N]] [--delay-ms N] [--log] [--probe]
  *
  * Prints "ready" once mounted and answering, "hung" once it stops answering. SIGUSR1: stop answering now. SIGUSR2:
- * answer again. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
+ * answer again, and fail no more requests with EIO. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
  * unlink, rename, setattr, fsync, opendir, readdir, access, any) naming NAME (the name looked up or created, or the
- * node's own name; * for any), then stop; with --times N, the Nth such request. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
+ * node's own name; * for any), then stop; with --times N, the Nth such request. --eio OP:NAME: fail the first such
+ * request with EIO (a disk or network block device's read error), then pass through again; with --eio-times N, the
+ * first N. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
  * closed (calls still waiting fail with ENOTCONN), the mount detached, and the daemon exits. It dies with the process
  * that started it (PR_SET_PDEATHSIG), leaving a mount that fails every call until it is detached (umount -l).
  * --probe: mount, answer the kernel's first request, unmount and exit 0 (whether FUSE mounts work here).
@@ -66,6 +68,9 @@ static int backing_fd;
 static int fuse_fd = -1;
 static const char *mountpoint;
 static volatile sig_atomic_t hung, term;
+/* --eio: requests matching it that are still to fail with EIO (--eio-times); SIGUSR2 clears it. */
+static char eio_op[32], eio_name[256];
+static long eio_times = 1;
 static long delay_ms;
 static int logging, probe;
 static char trip_op[32], trip_name[256];
@@ -82,7 +87,7 @@ static size_t n_held;
 
 static void on_signal(int sig) {
   if (sig == SIGUSR1) hung = 1;
-  else if (sig == SIGUSR2) hung = 0;
+  else if (sig == SIGUSR2) hung = 0, eio_op[0] = 0;
   else term = 1;
 }
 
@@ -637,21 +642,35 @@ static void unmount(const char *dir) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--delay-ms N] [--log] [--probe]\n");
+  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N]] [--delay-ms N] [--log] [--probe]\n");
   exit(2);
+}
+
+/* Parses OP:NAME into op and name. */
+static void op_spec(const char *spec, char *op, size_t op_size, char *name, size_t name_size) {
+  const char *colon = strchr(spec, ':');
+  if (!colon || (size_t)(colon - spec) >= op_size || strlen(colon + 1) >= name_size) usage();
+  memcpy(op, spec, colon - spec);
+  op[colon - spec] = 0;
+  strcpy(name, colon + 1);
+}
+
+/* Whether request `h`, about `name`, is one that OP:NAME (op empty: none) names. */
+static int matches(const char *op, const char *spec_name, const struct fuse_in_header *h, const char *name) {
+  return op[0] && (strcmp(op, "any") == 0 || strcmp(op, op_name(h->opcode)) == 0) && (strcmp(spec_name, "*") == 0 || strcmp(spec_name, name) == 0);
 }
 
 int main(int argc, char **argv) {
   if (argc < 3) usage();
   for (int i = 3; i < argc; i++) {
-    if (strcmp(argv[i], "--hang-after") == 0 && i + 1 < argc) {
-      const char *spec = argv[++i], *colon = strchr(spec, ':');
-      if (!colon || (size_t)(colon - spec) >= sizeof trip_op || strlen(colon + 1) >= sizeof trip_name) usage();
-      memcpy(trip_op, spec, colon - spec);
-      strcpy(trip_name, colon + 1);
-    } else if (strcmp(argv[i], "--times") == 0 && i + 1 < argc) {
+    if (strcmp(argv[i], "--hang-after") == 0 && i + 1 < argc) op_spec(argv[++i], trip_op, sizeof trip_op, trip_name, sizeof trip_name);
+    else if (strcmp(argv[i], "--times") == 0 && i + 1 < argc) {
       trip_times = atol(argv[++i]);
       if (trip_times < 1) usage();
+    } else if (strcmp(argv[i], "--eio") == 0 && i + 1 < argc) op_spec(argv[++i], eio_op, sizeof eio_op, eio_name, sizeof eio_name);
+    else if (strcmp(argv[i], "--eio-times") == 0 && i + 1 < argc) {
+      eio_times = atol(argv[++i]);
+      if (eio_times < 1) usage();
     } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) delay_ms = atol(argv[++i]);
     else if (strcmp(argv[i], "--log") == 0) logging = 1;
     else if (strcmp(argv[i], "--probe") == 0) probe = 1;
@@ -734,10 +753,11 @@ int main(int argc, char **argv) {
       continue;
     }
     const char *name = request_name(h, body);
-    int tripped = trip_op[0] && (strcmp(trip_op, "any") == 0 || strcmp(trip_op, op_name(h->opcode)) == 0) &&
-                  (strcmp(trip_name, "*") == 0 || strcmp(trip_name, name) == 0);
-    if (logging) fprintf(stderr, "stuck-fs: %s %s (node %llu)\n", op_name(h->opcode), name, (unsigned long long)h->nodeid);
-    int r = handle(h, body);
+    int tripped = matches(trip_op, trip_name, h, name);
+    int failed = matches(eio_op, eio_name, h, name);
+    if (logging) fprintf(stderr, "stuck-fs: %s %s (node %llu)%s\n", op_name(h->opcode), name, (unsigned long long)h->nodeid, failed ? ": EIO" : "");
+    if (failed && --eio_times == 0) eio_op[0] = 0;
+    int r = failed ? -EIO : handle(h, body);
     if (r < 0) reply(h->unique, r, NULL, 0);
     if (h->opcode == FUSE_INIT && !initialised) {
       initialised = 1;
