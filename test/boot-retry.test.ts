@@ -4,16 +4,19 @@
  * for the first attempt, then recovering: ready without a restart, the retry logged, counted and shown on the model
  * endpoint, and no file fetched twice. A missing bucket is failed, not retried. SIGTERM during the wait exits 0 at once,
  * its lease released. A lease an eviction removed as stale during the wait is taken again by the attempt that fills the entry.
+ * A cache volume that fails the workers' reads of the model with EIO (test/native/stuck-fs.c) is retried as CACHE_IO;
+ * a corrupt graph fails MODEL_FORMAT.
  */
-import { promises as fsp } from 'node:fs';
+import { cpSync, promises as fsp, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { buildDemoModel, type DemoManifest } from '../src/demo/index.js';
+import { buildDemoModel, ensureDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { RuntimeError } from '../src/errors.js';
 import { retriedCode, retryDelayMs } from '../src/runtime/boot-retry.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric } from './helpers/runtime.js';
-import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
+import { postJson, sharedCacheDir, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 const BUCKET = 'models';
 const PREFIX = 'retry/';
@@ -186,4 +189,54 @@ describe('a lease lost while the boot waits to be tried again', () => {
     // Before: none; the entry filled by the retry was served unleased.
     expect(await filesEnding(leases, '.lease')).toHaveLength(1);
   }, 120_000);
+});
+
+describe('a read error of the cache volume while the workers load the model', () => {
+  stuckFsForTests();
+  /** The served demo model (the shared cache's build) copied into a cache folder of its own; its entry's name. */
+  const copy = async () => {
+    const model = await ensureDemoModel(sharedCacheDir());
+    const cache = tempDir('dr-boot-retry-demo-');
+    dirs.push(cache.cleanup);
+    cpSync(model, path.join(cache.dir, path.basename(model)), { recursive: true });
+    return { dir: cache.dir, entry: path.basename(model) };
+  };
+
+  it.skipIf(stuckFsUnavailable()).each([
+    // ORT says only "Protobuf parsing failed" of such a read: the runtime reads the graph again to learn why.
+    ['a graph', 'model.onnx', /^CACHE_IO: (text_encoder|unet|vae_decoder|vae_encoder)\/model\.onnx could not be read: read failed with EIO /],
+    ['a tokenizer file', 'vocab.json', /^CACHE_IO: tokenizer: tokenizer\/vocab\.json could not be read: read failed with EIO /],
+  ])('of %s is CACHE_IO naming the file, and tried again: ready once the volume reads again', async (_, name, reason) => {
+    const backing = await copy();
+    const mnt = `${backing.dir}-mnt`;
+    dirs.push(() => rmSync(mnt, { recursive: true, force: true }));
+    // Every read of the file fails until answer(): the first and any made again to learn why.
+    const fs = await mountStuckFs(backing.dir, mnt, { eio: `read:${name}`, eioTimes: 1_000_000 });
+    const srv = await startServer({ MODEL_CACHE_DIR: fs.dir, STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '4' }, { ready: false });
+    live.push(srv);
+    const retrying = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
+    fs.answer();
+    // Named as what it is, inside the model, never by the mount's path.
+    expect(retrying).toMatchObject({ previous: 'loading', attempt: 1, reason: expect.stringMatching(reason) });
+    expect(retrying.reason).not.toContain(fs.dir);
+    expect(retrying.reason).not.toMatch(/Protobuf|MODEL_FORMAT/);
+    await srv.waitReady(60_000);
+    const states = srv.events('state').map((s) => s.state);
+    expect(states.slice(states.indexOf('retrying'))).toEqual(['retrying', 'resolving', 'loading', 'warming', 'ready']);
+    expect(await metric(srv, 'boot_retries_total', { code: 'CACHE_IO' })).toBe(1);
+    const p = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a', num_inference_steps: 1 }] });
+    expect(p.status).toBe(200);
+  }, 120_000);
+
+  it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {
+    const cache = await copy();
+    writeFileSync(path.join(cache.dir, cache.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));
+    const srv = await startServer({ MODEL_CACHE_DIR: cache.dir, STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '1' }, { ready: false });
+    live.push(srv);
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed', 60_000);
+    expect(failed.reason).toMatch(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: /);
+    // Longer than the first wait a transient failure would have had.
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(srv.events('state').map((s) => s.state)).not.toContain('retrying');
+  }, 60_000);
 });

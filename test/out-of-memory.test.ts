@@ -5,13 +5,14 @@
  * is capped (prlimit --as) once it is ready, and the demo model's UNet asks for more than is left.
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
 import { allocationText, failureReply, loadError, outOfMemory, withoutSourceLocations } from '../src/pipeline/failures.js';
 import { metric } from './helpers/runtime.js';
-import { postJson, startServer, until, type ServerHandle } from './helpers/server.js';
+import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
 /**
  * Allocation failures as onnxruntime-node's run() rejects with them (Error.message: the binding throws ORT's what()).
@@ -53,9 +54,14 @@ describe('outOfMemory: allocation failures told apart from other errors', () => 
 });
 
 describe('loadError: a session that could not be created, as the boot reason says it', () => {
-  const model = '/mnt/cache/entries/abc123/files/unet/model.onnx';
-  it.each(OOM.filter(([what]) => !what.startsWith('V8')))('OUT_OF_MEMORY for %s, with the allocation alone', (_, text) => {
-    const err = loadError('unet', model, new Error(text)) as RuntimeError;
+  // A real, readable file: what ORT failed on is read again to tell the volume's fault from the format's.
+  const tmp = tempDir('dr-load-error-');
+  const model = path.join(tmp.dir, 'unet', 'model.onnx');
+  mkdirSync(path.dirname(model));
+  writeFileSync(model, 'not a graph');
+  afterAll(() => tmp.cleanup());
+  it.each(OOM.filter(([what]) => !what.startsWith('V8')))('OUT_OF_MEMORY for %s, with the allocation alone', async (_, text) => {
+    const err = (await loadError('unet', model, new Error(text))) as RuntimeError;
     expect(err.code).toBe('OUT_OF_MEMORY');
     expect(err.message).toMatch(/^unet\/model\.onnx could not be loaded: out of memory while its session was created \(.+\); it needs a GPU \(or a memory limit\) with more room/);
     // What the allocation was, never where in ORT's sources it failed nor the node's host name.
@@ -73,19 +79,19 @@ describe('loadError: a session that could not be created, as the boot reason say
     ['Exception during initialization: std::bad_alloc'],
     // ORT's CUDA_CALL_THROW (cuda_call.cc): its source location and template arguments come first.
     ['/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:129 std::conditional_t<THRW, void, onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError; std::conditional_t<THRW, void, onnxruntime::common::Status> = void] /onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:121 std::conditional_t<THRW, void, onnxruntime::common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const char*, SUCCTYPE, const char*, const char*, int) [with ERRTYPE = cudaError; bool THRW = true; SUCCTYPE = cudaError; std::conditional_t<THRW, void, onnxruntime::common::Status> = void] CUDA failure 2: out of memory ; GPU=0 ; hostname=sd-predictor-00001 ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_allocator.cc ; line=51 ; expr=cudaMalloc((void**)&p, size); '],
-  ])('a session creation that ran out: %s', (text) => {
-    const err = loadError('unet', model, new Error(text)) as RuntimeError;
+  ])('a session creation that ran out: %s', async (text) => {
+    const err = (await loadError('unet', model, new Error(text))) as RuntimeError;
     expect(err.code).toBe('OUT_OF_MEMORY');
     expect(err.message).toMatch(/^unet\/model\.onnx could not be loaded: out of memory while its session was created \((std::bad_alloc|CUDA failure 2: out of memory)\); /);
-    for (const leak of ['/mnt/cache', '/onnxruntime_src', 'hostname=', 'ERRTYPE']) expect(err.message).not.toContain(leak);
+    for (const leak of [tmp.dir, '/onnxruntime_src', 'hostname=', 'ERRTYPE']) expect(err.message).not.toContain(leak);
   });
-  it('MODEL_FORMAT for anything else, without the model folder', () => {
-    const err = loadError('unet', model, new Error(`Load model from ${model} failed:Protobuf parsing failed.`)) as RuntimeError;
+  it('MODEL_FORMAT for anything else, without the model folder', async () => {
+    const err = (await loadError('unet', model, new Error(`Load model from ${model} failed:Protobuf parsing failed.`))) as RuntimeError;
     expect([err.code, err.message]).toEqual(['MODEL_FORMAT', 'unet/model.onnx could not be loaded: Load model from unet/model.onnx failed:Protobuf parsing failed.']);
     // Measured (a weights file cut short): ORT's source location and the throwing constructor's signature go.
-    const short = loadError('unet', model, new Error('Exception during initialization: /onnxruntime_src/onnxruntime/core/optimizer/initializer.cc:79 '
+    const short = (await loadError('unet', model, new Error('Exception during initialization: /onnxruntime_src/onnxruntime/core/optimizer/initializer.cc:79 '
       + 'onnxruntime::Initializer::Initializer(const onnxruntime::Graph&, const onnx::TensorProto&, const std::filesystem::__cxx11::path&, bool) '
-      + '[ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.')) as RuntimeError;
+      + '[ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.'))) as RuntimeError;
     expect(short.message).toBe('unet/model.onnx could not be loaded: Exception during initialization: [ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 '
       + 'GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.');
     // A lambda's signature, and text that only looks like a location, kept.
@@ -93,7 +99,7 @@ describe('loadError: a session that could not be created, as the boot reason say
       + 'onnxruntime::InferenceSession::Initialize()::<lambda()> const [ONNXRuntimeError] : 1 : FAIL : x')).toBe('[ONNXRuntimeError] : 1 : FAIL : x');
     expect(withoutSourceLocations('/onnxruntime_src/a.cc:1 no signature (here')).toBe('/onnxruntime_src/a.cc:1 no signature (here');
     const own = new RuntimeError('PROVIDER', 'the CUDA execution provider did not start');
-    expect(loadError('unet', model, own)).toBe(own);
+    expect(await loadError('unet', model, own)).toBe(own);
   });
 });
 

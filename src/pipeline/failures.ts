@@ -9,6 +9,7 @@
  */
 
 import { closeSync, openSync, readdirSync, readSync, statSync } from 'node:fs';
+import { open, readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 
@@ -98,16 +99,21 @@ export function withoutSourceLocations(text: string): string {
 
 /**
  * A session ONNX Runtime could not create (a truncated or missing weights file, a graph it cannot parse, no room for
- * its weights), named by its component. ORT names files by their absolute path, and a boot reason reaches clients:
- * the model folder is cut from the message. Our own refusals (RuntimeErrors other than a thread's INTERNAL) go up as
- * they are.
+ * its weights, a volume that failed a read), named by its component. ORT names files by their absolute path, and a
+ * boot reason reaches clients: the model folder is cut from the message. Our own refusals (RuntimeErrors other than a
+ * thread's INTERNAL) go up as they are.
  */
-export function loadError(component: string, modelPath: string, err: unknown): unknown {
+export async function loadError(component: string, modelPath: string, err: unknown): Promise<unknown> {
   if (isRuntimeError(err) && err.code !== 'INTERNAL') return err;
   if (outOfMemory(err)) {
     // Not MODEL_FORMAT: re-exporting the same model does not help, room does.
     return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
+  // ORT tells no errno: a read that failed with EIO reads "Protobuf parsing failed", a file gone "File doesn't exist",
+  // as a corrupt or missing one would. Reading the component's files again tells the volume's fault from the format's.
+  const unreadable = await unreadableFile(path.dirname(modelPath));
+  const io = unreadable && readError(unreadable.name ? `${component}/${unreadable.name}` : component, unreadable.err);
+  if (io) return io;
   const pointers = lfsPointers(path.dirname(modelPath));
   if (pointers.length > 0) {
     // ORT says only "Protobuf parsing failed" (or an external-data offset out of range) of what is a very common upload.
@@ -121,6 +127,45 @@ export function loadError(component: string, modelPath: string, err: unknown): u
   const dir = path.dirname(path.dirname(modelPath)) + path.sep;
   const message = withoutSourceLocations(String((err as Error)?.message ?? err).split(dir).join('')).trim();
   return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
+}
+
+/**
+ * A read of `rel` (a path inside the model folder) that the OS failed, as CACHE_IO with its errno as the cause (what
+ * a boot retry looks at); undefined for an error with no errno (or ENOENT with `missingIsFormat`: a file the layout
+ * requires is missing from the export). Named inside the model, never by the absolute path.
+ */
+export function readError(rel: string, err: unknown, opts: { missingIsFormat?: boolean } = {}): RuntimeError | undefined {
+  const e = err as NodeJS.ErrnoException;
+  if (typeof e?.code !== 'string' || typeof e.syscall !== 'string' || (opts.missingIsFormat && e.code === 'ENOENT')) return undefined;
+  return new RuntimeError('CACHE_IO', `${rel} could not be read: ${e.syscall} failed with ${e.code} (the volume that holds the model failed, not its format)`, { cause: err });
+}
+
+/**
+ * The first file of component folder `dir` (its model.onnx first: ORT opens it before any other) that cannot be read
+ * to its end, with the error; undefined when all can. Asked only after ORT failed, so its cost (reading the weights once
+ * more, mostly from the page cache) is paid on that path alone.
+ */
+async function unreadableFile(dir: string): Promise<{ name: string; err: unknown } | undefined> {
+  let names: string[];
+  try {
+    names = (await readdir(dir, { withFileTypes: true })).filter((d) => d.isFile()).map((d) => d.name).sort();
+  } catch (err) {
+    return { name: '', err };
+  }
+  const buf = Buffer.alloc(1 << 20);
+  for (const name of ['model.onnx', ...names.filter((n) => n !== 'model.onnx')]) {
+    try {
+      const fh = await open(path.join(dir, name), 'r');
+      try {
+        while ((await fh.read(buf, 0, buf.length, null)).bytesRead > 0);
+      } finally {
+        await fh.close();
+      }
+    } catch (err) {
+      return { name, err };
+    }
+  }
+  return undefined;
 }
 
 /** The spec line every Git LFS pointer file starts with (git-lfs docs/spec.md); a pointer is at most a few hundred bytes. */

@@ -3,6 +3,7 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { EXPORT_MANIFEST } from './export-info.js';
+import { readError } from './failures.js';
 import { parsePyJson } from './pyjson.js';
 import { loadedSchedulerConfig, pipelineRewrites, type ConfigRewrite } from './schedulers/index.js';
 
@@ -67,7 +68,7 @@ const readJson = (dir: string, rel: string): Record<string, unknown> => {
     if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not an object');
     return v as Record<string, unknown>;
   } catch (err) {
-    throw new RuntimeError('MODEL_FORMAT', `${rel} is not valid JSON: ${(err as Error).message}`);
+    throw readError(rel, err, { missingIsFormat: true }) ?? new RuntimeError('MODEL_FORMAT', `${rel} is not valid JSON: ${(err as Error).message}`);
   }
 };
 const optJson = (dir: string, rel: string) => (existsSync(path.join(dir, rel)) ? readJson(dir, rel) : {});

@@ -122,7 +122,8 @@ export type FromWorker =
    * `optimize`: sources loaded without an optimised copy that is worth writing in the background after ready.
    */
   | { t: 'loaded'; defaults: ModelDefaults; tokenizerDirs: string[]; providers: Record<string, SessionProvider>; fallbackReason?: string; optimize: OptimizeItem[] }
-  | { t: 'load-failed'; code: string; message: string }
+  /** errno: a CACHE_IO's (EIO, ENOENT…), the cause a boot retry looks at. */
+  | { t: 'load-failed'; code: string; message: string; errno?: string }
   /** `previews`: one low-resolution image per job item (its first image), when previews were asked for at this step. */
   | { t: 'progress'; id: number; step: number; of: number; previews?: TransferImage[] }
   /** The generation's UNet steps are done; its VAE decodes run on the decode thread, and the worker takes the next job. */

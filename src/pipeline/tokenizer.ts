@@ -9,6 +9,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { exists } from '../files.js';
+import { readError } from './failures.js';
 import { TOKENIZER_JSON } from './model.js';
 import { parsePyJson } from './pyjson.js';
 import { fixText, htmlUnescape } from './text-fix.js';
@@ -198,11 +199,11 @@ export class ClipTokenizer {
         return parsePyJson(await read(name)) as Record<string, unknown>;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
-        throw new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${shown(name)}`, { cause: err });
+        throw readError(`tokenizer: ${shown(name)}`, err) ?? new RuntimeError('MODEL_FORMAT', `tokenizer: cannot parse ${shown(name)}`, { cause: err });
       }
     };
     const cannotRead = (name: string, err: unknown) =>
-      new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown(name)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
+      readError(`tokenizer: ${shown(name)}`, err, { missingIsFormat: true }) ?? new RuntimeError('MODEL_FORMAT', `tokenizer: cannot read ${shown(name)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
     let vocab: unknown;
     let merges: string | string[];
     let fastAdded: unknown;

@@ -128,8 +128,8 @@ function session(component: string, file: string): Promise<ModelSession> {
   let p = sessions.get(component);
   if (!p) {
     const mine = epoch;
-    p = create(component, file).catch((err: unknown) => {
-      throw loadError(component, file, err);
+    p = create(component, file).catch(async (err: unknown) => {
+      throw await loadError(component, file, err);
     }).then(({ session: s, provider, ms, cache, thread }) => {
       if (mine === epoch) {
         providers[component] = provider;
@@ -260,7 +260,9 @@ function postLoaded(p: NonNullable<typeof pipeline>): void {
 }
 
 function postLoadFailed(err: unknown): void {
-  post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err) });
+  // The errno of a volume's failure goes along: whether a boot tries again depends on it (boot-retry.ts).
+  const errno = isRuntimeError(err) && err.code === 'CACHE_IO' ? (err.cause as NodeJS.ErrnoException | undefined)?.code : undefined;
+  post({ t: 'load-failed', code: isRuntimeError(err) ? err.code : 'MODEL_FORMAT', message: (err as Error).message ?? String(err), ...(errno ? { errno } : {}) });
 }
 
 /** Forgets every session (the files they came from were replaced); the next load starts afresh. */

@@ -782,7 +782,7 @@ export class Engine {
           waiter.settled = true;
         };
         if (m.t === 'load-failed') {
-          fail(new RuntimeError(m.code as never, m.message));
+          fail(new RuntimeError(m.code as never, m.message, m.errno ? { cause: Object.assign(new Error(m.errno), { code: m.errno }) } : undefined));
           break;
         }
         if (waiter.whole) w.whole = true;
