@@ -452,3 +452,47 @@ describe('code that could not be loaded for good', () => {
     }
   });
 });
+
+/**
+ * The model's load while the process has no descriptor left (a download or connections took them), in a child process
+ * under `ulimit -n 64`: ONNX Runtime's own failure to open the graph, and a tokenizer file, are a shortage the boot
+ * waits out (TOO_MANY_OPEN_FILES), not the cache volume's failure.
+ */
+describe('the model loaded out of descriptors', () => {
+  const script = (dir: string) => `
+    import { closeSync, openSync } from 'node:fs';
+    import path from 'node:path';
+    const ort = (await import('onnxruntime-node')).default;
+    const { loadError } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/pipeline/failures.js'))});
+    const { ClipTokenizer } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/pipeline/tokenizer.js'))});
+    const dir = ${JSON.stringify(dir)};
+    const hog = [];
+    const starve = () => { try { for (;;) hog.push(openSync('/dev/null', 'r')); } catch {} };
+    const free = () => { for (const fd of hog.splice(0)) closeSync(fd); };
+    const graph = path.join(dir, 'unet', 'model.onnx');
+    starve();
+    const session = await ort.InferenceSession.create(graph).then(() => 'created', (e) => loadError('unet', graph, e));
+    const tokenizer = await ClipTokenizer.load(path.join(dir, 'tokenizer')).then(() => 'loaded', (e) => e);
+    free();
+    const seen = (e) => (typeof e === 'string' ? e : { code: e.code, message: e.message, errno: e.cause?.code });
+    console.log(JSON.stringify({ session: seen(session), tokenizer: seen(tokenizer) }));
+  `;
+
+  it('is TOO_MANY_OPEN_FILES, naming the file inside the model', async () => {
+    const [sh, ...args] = under(64);
+    const child = spawn(sh!, [...args, process.execPath, '--input-type=module', '-e', script(model.dir)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (b: Buffer) => (stdout += b));
+    child.stderr.on('data', (b: Buffer) => (stderr += b));
+    const code = await new Promise((r) => child.on('exit', r));
+    expect(code, stderr).toBe(0);
+    const out = JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, { code: string; message: string; errno: string }>;
+    // Before: CACHE_IO ("… could not be read: open failed with EMFILE (the volume that holds the model failed …)"),
+    // which no boot tried again.
+    const refused = (what: string) => ({ code: 'TOO_MANY_OPEN_FILES', errno: 'EMFILE',
+      message: expect.stringMatching(new RegExp(`^${what} could not be read: too many open files \\(EMFILE\\): the process is at its open-file limit \\(64\\); if it persists, raise the pod's open-file limit \\(nofile\\)$`)) });
+    expect(out).toEqual({ session: refused('unet(/model\\.onnx)?'), tokenizer: refused('tokenizer: tokenizer/[a-z_.]+') });
+    expect(JSON.stringify(out)).not.toContain(model.dir);
+  }, 30_000);
+});

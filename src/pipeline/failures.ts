@@ -11,6 +11,7 @@
 import { closeSync, openSync, readdirSync, readSync, statSync } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { LIMIT_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 
 const SIGNS: readonly RegExp[] = [
@@ -132,11 +133,14 @@ export async function loadError(component: string, modelPath: string, err: unkno
 /**
  * A read of `rel` (a path inside the model folder) that the OS failed, as CACHE_IO with its errno as the cause (what
  * a boot retry looks at); undefined for an error with no errno (or ENOENT with `missingIsFormat`: a file the layout
- * requires is missing from the export). Named inside the model, never by the absolute path.
+ * requires is missing from the export). Named inside the model, never by the absolute path. A process out of
+ * descriptors is TOO_MANY_OPEN_FILES, not the volume's fault: the boot waits that out (boot-sequence.ts).
  */
 export function readError(rel: string, err: unknown, opts: { missingIsFormat?: boolean } = {}): RuntimeError | undefined {
   const e = err as NodeJS.ErrnoException;
   if (typeof e?.code !== 'string' || typeof e.syscall !== 'string' || (opts.missingIsFormat && e.code === 'ENOENT')) return undefined;
+  const short = shortage(e);
+  if (short) return shortageError(`${rel} could not be read`, short, LIMIT_ADVICE, err);
   return new RuntimeError('CACHE_IO', `${rel} could not be read: ${e.syscall} failed with ${e.code} (the volume that holds the model failed, not its format)`, { cause: err });
 }
 
