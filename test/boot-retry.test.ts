@@ -228,6 +228,20 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect(p.status).toBe(200);
   }, 120_000);
 
+  it.skipIf(stuckFsUnavailable())('a corrupt graph beside a file the volume cannot read, which ORT never opens, is still MODEL_FORMAT', async () => {
+    const backing = await copy();
+    writeFileSync(path.join(backing.dir, backing.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));
+    writeFileSync(path.join(backing.dir, backing.entry, 'vae_decoder', 'notes.txt'), 'a stray file');
+    const mnt = `${backing.dir}-mnt`;
+    dirs.push(() => rmSync(mnt, { recursive: true, force: true }));
+    const fs = await mountStuckFs(backing.dir, mnt, { eio: 'read:notes.txt', eioTimes: 1_000_000 });
+    const srv = await startServer({ MODEL_CACHE_DIR: fs.dir, STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '1' }, { ready: false });
+    live.push(srv);
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed', 60_000);
+    // Before: "CACHE_IO: vae_decoder/notes.txt could not be read: read failed with EIO", ORT's own error hidden.
+    expect(failed.reason).toMatch(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: /);
+  }, 60_000);
+
   it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {
     const cache = await copy();
     writeFileSync(path.join(cache.dir, cache.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));

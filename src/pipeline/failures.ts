@@ -112,7 +112,10 @@ export async function loadError(component: string, modelPath: string, err: unkno
   }
   // ORT tells no errno: a read that failed with EIO reads "Protobuf parsing failed", a file gone "File doesn't exist",
   // as a corrupt or missing one would. Reading the component's files again tells the volume's fault from the format's.
-  const unreadable = await unreadableFile(path.dirname(modelPath));
+  // A graph it could not parse was all it had read (weights come after): only the graph is read again, not gigabytes
+  // of weights, and a file it never opened cannot stand in for its error.
+  const graphOnly = /Protobuf parsing failed/.test(String((err as Error)?.message ?? err));
+  const unreadable = await unreadableFile(path.dirname(modelPath), graphOnly);
   const io = unreadable && readError(unreadable.name ? `${component}/${unreadable.name}` : component, unreadable.err);
   if (io) return io;
   const pointers = lfsPointers(path.dirname(modelPath));
@@ -145,14 +148,14 @@ export function readError(rel: string, err: unknown, opts: { missingIsFormat?: b
 }
 
 /**
- * The first file of component folder `dir` (its model.onnx first: ORT opens it before any other) that cannot be read
- * to its end, with the error; undefined when all can. Asked only after ORT failed, so its cost (reading the weights once
+ * The first file of component folder `dir` (its model.onnx first: ORT opens it before any other; with `graphOnly`, only
+ * it) that cannot be read to its end, with the error; undefined when all can. Asked only after ORT failed, so its cost (reading the weights once
  * more, mostly from the page cache) is paid on that path alone.
  */
-async function unreadableFile(dir: string): Promise<{ name: string; err: unknown } | undefined> {
-  let names: string[];
+async function unreadableFile(dir: string, graphOnly: boolean): Promise<{ name: string; err: unknown } | undefined> {
+  let names: string[] = [];
   try {
-    names = (await readdir(dir, { withFileTypes: true })).filter((d) => d.isFile()).map((d) => d.name).sort();
+    if (!graphOnly) names = (await readdir(dir, { withFileTypes: true })).filter((d) => d.isFile()).map((d) => d.name).sort();
   } catch (err) {
     return { name: '', err };
   }
