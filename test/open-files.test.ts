@@ -26,6 +26,17 @@ import { ROOT, startServer, tempDir, until, type LogLine, type ServerHandle } fr
 const BUCKET = 'models';
 const PREFIX = 'many/';
 const under = (n: number) => ['sh', '-c', `ulimit -n ${n} && exec "$0" "$@"`];
+/** `node -e script` (an ES module) under a limit of 64 descriptors: its exit code, stdout and stderr. */
+async function nodeUnder64(script: string, cwd?: string): Promise<{ code: unknown; stdout: string; stderr: string }> {
+  const [sh, ...args] = under(64);
+  const child = spawn(sh!, [...args, process.execPath, '--input-type=module', '-e', script], { ...(cwd ? { cwd } : {}), stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (b: Buffer) => (stdout += b));
+  child.stderr.on('data', (b: Buffer) => (stderr += b));
+  const code = await new Promise((r) => child.on('exit', r));
+  return { code, stdout, stderr };
+}
 const sha = async (file: string) => createHash('sha256').update(await fsp.readFile(file)).digest('hex');
 const LINK = { S3_MAX_CONCURRENCY: '24', S3_PART_SIZE: String(256 * 1024) };
 
@@ -414,12 +425,7 @@ describe('cache locks and leases out of descriptors', () => {
   `;
 
   it('an evictor counts a lease it cannot read as a refusal, not as no lease; a lock released without a descriptor is still removed', async () => {
-    const child = spawn(under(64)[0]!, [...under(64).slice(1), process.execPath, '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const code = await new Promise((r) => child.on('exit', r));
+    const { code, stdout, stderr } = await nodeUnder64(script);
     expect(code, stderr).toBe(0);
     const out = JSON.parse(stdout.trim().split('\n').pop()!) as { live: number; starved: string; lockLeft: boolean; reacquireMs: number };
     // Before: 'live 0' (the lease folder unread, so the entry looked unused and evictable) and the lock file left
@@ -479,13 +485,7 @@ describe('the model loaded out of descriptors', () => {
   `;
 
   it('is TOO_MANY_OPEN_FILES, naming the file inside the model', async () => {
-    const [sh, ...args] = under(64);
-    const child = spawn(sh!, [...args, process.execPath, '--input-type=module', '-e', script(model.dir)], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (b: Buffer) => (stdout += b));
-    child.stderr.on('data', (b: Buffer) => (stderr += b));
-    const code = await new Promise((r) => child.on('exit', r));
+    const { code, stdout, stderr } = await nodeUnder64(script(model.dir), ROOT);
     expect(code, stderr).toBe(0);
     const out = JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, { code: string; message: string; errno: string }>;
     // Before: CACHE_IO ("… could not be read: open failed with EMFILE (the volume that holds the model failed …)"),
