@@ -51,17 +51,8 @@ export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inpu
       const throttling = new ThrottleNote(onThrottled);
       const tries = new ThrottledTries(s3.throttle('read', { fields: { uri: where }, watch: throttling }));
       try {
-        const res = await retryTransient(async () => {
-          await tries.begin(signal);
-          try {
-            const got = await client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
-            tries.ended();
-            return got;
-          } catch (err) {
-            tries.ended(err);
-            throw err;
-          }
-        }, 1, signal, undefined, tries.onThrottled).finally(() => tries.done());
+        const res = await retryTransient(() => tries.attempt(signal, () => client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {})),
+          1, signal, undefined, tries.onThrottled).finally(() => tries.done());
         if (res.ContentLength !== undefined && res.ContentLength > maxBytes) {
           (res.Body as Readable | undefined)?.destroy();
           throw new RuntimeError('INVALID_INPUT', `${field}: ${where} is ${res.ContentLength} bytes; input images may have at most ${maxBytes}`);

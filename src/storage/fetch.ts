@@ -534,24 +534,21 @@ class S3Fetch {
         // Throttled tries count none (retryTransient): `tries` is of those S3_MAX_ATTEMPTS counts. A try that ends
         // otherwise than throttled (a 500, a stall, a cut) ends the throttled spell (ThrottledTries).
         tries = attempt + 1;
-        await throttle?.begin(this.signal);
-        const d = deadline(this.signal, timeoutMs);
-        let silent = false;
-        try {
-          const listed = await boundedAttempt(stallMs, () => transport.list({ prefix: this.prefix, signal: d.signal }), (cause) => {
-            silent = true;
-            return stallError('ListObjectsV2', stallMs, attempt, attempts, cause);
-          });
-          throttle?.ended();
-          return this.used(listed);
-        } catch (e) {
-          throttle?.ended(e);
-          throw e;
-        } finally {
-          d.clear();
-          cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;
-          if (cut !== undefined) cuts[cut]++;
-        }
+        const list = async () => {
+          const d = deadline(this.signal, timeoutMs);
+          let silent = false;
+          try {
+            return await boundedAttempt(stallMs, () => transport.list({ prefix: this.prefix, signal: d.signal }), (cause) => {
+              silent = true;
+              return stallError('ListObjectsV2', stallMs, attempt, attempts, cause);
+            });
+          } finally {
+            d.clear();
+            cut = silent ? 'silent' : d.timedOut ? 'slow' : undefined;
+            if (cut !== undefined) cuts[cut]++;
+          }
+        };
+        return this.used(await (throttle ? throttle.attempt(this.signal, list) : list()));
       }, attempts, this.signal, retried, throttle?.onThrottled);
     } catch (e) {
       this.signal.throwIfAborted();

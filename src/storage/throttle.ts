@@ -256,17 +256,30 @@ export class ThrottledTries {
   constructor(readonly throttle: Throttle) {}
 
   /** Before each try (`signal`: what ends the wait for a place). */
-  async begin(signal: AbortSignal | undefined): Promise<void> {
+  async #begin(signal: AbortSignal | undefined): Promise<void> {
     this.#slot?.release();
     this.#slot = undefined;
     this.#slot = await this.throttle.enter(signal ?? NEVER);
   }
 
   /** After each try: `err` undefined where the store answered it. */
-  ended(err?: unknown): void {
+  #ended(err?: unknown): void {
     if (this.#slot === undefined || (err !== undefined && isThrottled(err))) return;
     this.throttle.answered(this.#slot);
     this.throttle.progressed();
+  }
+
+  /** One try: a place taken (waiting while the store throttles), `send` run, and its outcome noted. */
+  async attempt<T>(signal: AbortSignal | undefined, send: () => Promise<T>): Promise<T> {
+    await this.#begin(signal);
+    try {
+      const out = await send();
+      this.#ended();
+      return out;
+    } catch (err) {
+      this.#ended(err);
+      throw err;
+    }
   }
 
   /** retryTransient's onThrottled: how long to wait before the next try, or undefined to give up. */

@@ -125,13 +125,9 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
       const throttle = new ThrottledTries(throttleOf(scope, uri));
       try {
         return await retryTransient(async (attempt) => {
-          await throttle.begin(signal);
           try {
-            const out = await send(attempt);
-            throttle.ended();
-            return out;
+            return await throttle.attempt(signal, () => send(attempt));
           } catch (e) {
-            throttle.ended(e);
             // A Complete that S3 carried out but whose answer was lost: the retry finds the upload gone.
             if (attempt > 0 && command === 'CompleteMultipartUploadCommand' && (e as Error)?.name === 'NoSuchUpload') {
               return { output: await bounded(attempt, attempts, () => completedAlready(client, input, e), 'HeadObject after CompleteMultipartUpload'), response: undefined };
