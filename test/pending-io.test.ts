@@ -61,7 +61,7 @@ describe('startCleanup', () => {
     await until(() => fsRequestsPending() > 0);
     const c = startCleanup();
     // Answered a second after the steps ended (here, none): longer than the half second a stop once gave such a call.
-    setTimeout(() => slow.answer(), 1_000);
+    setTimeout(() => void until(() => slow.answer()), 1_000);
     expect(await c.unanswered()).toBe(0);
     expect((await read).length).toBe(0);
 

@@ -16,7 +16,10 @@ import { tempDir, until } from './helpers/server.js';
 const tmp = tempDir('dr-volume-gate-');
 const fifos: string[] = [];
 
-/** Lets go every reader still blocked on a FIFO of the test, so that no pool thread stays held. */
+/**
+ * Lets go a reader blocked opening the FIFO: false when none is there (yet: a call handed to the pool may not have
+ * reached its open on a busy machine).
+ */
 const answer = (file: string): boolean => {
   try {
     closeSync(openSync(file, constants.O_WRONLY | constants.O_NONBLOCK));
@@ -26,9 +29,16 @@ const answer = (file: string): boolean => {
   }
 };
 
+/** Answers until a reader was there to take it. */
+const release = (file: string) => until(() => answer(file), 5_000);
+
 afterEach(async () => {
-  for (const f of fifos.splice(0)) answer(f);
-  await until(() => fsRequestsPending() === 0, 5_000);
+  // Every reader still blocked on a FIFO of the test is let go, so that no pool thread stays held.
+  const left = fifos.splice(0);
+  await until(() => {
+    for (const f of left) answer(f);
+    return fsRequestsPending() === 0;
+  }, 5_000);
 });
 afterAll(() => tmp.cleanup());
 
@@ -64,7 +74,7 @@ describe('createVolumeGate', () => {
     expect(fsRequestsPending()).toBe(1);
     expect(lines.filter((l) => l.level === 'warn').map((l) => l.msg)).toEqual([expect.stringMatching(/^the cache volume is not answering: readFile stuck still pending after \d+ s; /)]);
     // The volume answers again: the slot is free, the next call runs, and the log says so.
-    answer(stuck);
+    await release(stuck);
     await until(() => pendingIo().length === 0, 5_000);
     expect(await outcome(g.run('stat', tmp.dir, () => fsp.stat(tmp.dir).then((s) => s.isDirectory())))).toEqual({ value: true });
     expect(lines.filter((l) => l.level === 'info').map((l) => l.msg)).toEqual(['the volume answers again']);
@@ -93,7 +103,7 @@ describe('createVolumeGate', () => {
     // The four go one after another through the slot the FIFO's read leaves.
     await until(() => order.length === 4, 5_000);
     expect(pendingIo().map((p) => p.file)).toEqual(['slow']);
-    answer(slow);
+    await release(slow);
     expect(await Promise.all(calls)).toEqual(['slow', 'a', 'b', 'c', 'd']);
     expect(order).toEqual(['a', 'b', 'c', 'd', 'slow']);
     expect(most).toBe(2);
@@ -112,7 +122,7 @@ describe('createVolumeGate', () => {
     expect(await own).toEqual({ code: 'CANCELLED', message: 'the client left', retryAfter: undefined });
     expect(pendingIo().map((p) => p.op)).toEqual(['readFile']);
     // Answered, the call frees its slot: the next caller gets it (the one that left does not hold it).
-    answer(stuck);
+    await release(stuck);
     expect(await outcome(g.run('stat', tmp.dir, () => fsp.stat(tmp.dir).then(() => 'ok')))).toEqual({ value: 'ok' });
   });
 });
