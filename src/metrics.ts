@@ -230,6 +230,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),
+    cacheStuck: new Counter({
+      name: 'cache_stuck_requests_total',
+      help: 'Inference requests answered 503 CACHE_STUCK: they needed the cache volume (a LoRA adapter\'s look-up, fetch or set build) and it did not answer',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
     outOfMemory: new Counter({
       name: 'inference_out_of_memory_total',
       help: 'Generations that ran out of memory, by outcome (split: a batch of several requests, each run again alone; failed: a request alone, answered 507 OUT_OF_MEMORY)',

@@ -13,7 +13,8 @@ import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '.
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
-import { createVolumeGate, type VolumeGate } from '../storage/volume-gate.js';
+import { defaultIo } from '../storage/download.js';
+import { createVolumeGate, watchVolume, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
 import { ThrottleNote } from '../storage/throttle.js';
 import { parseStorageUri } from '../storage/uri.js';
@@ -34,6 +35,8 @@ export class AdapterSource {
   readonly #closed = new AbortController();
   /** Every look at the adapters' files goes through it: a volume that stops answering keeps one pool thread, not one a request. */
   readonly #gate: VolumeGate;
+  /** The positional writes of every LORA_URI fetch, ADAPTER_WRITES_AT_ONCE at a time. */
+  readonly #writes = slots(ADAPTER_WRITES_AT_ONCE);
 
   /** `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code). */
   constructor(
@@ -82,6 +85,14 @@ export class AdapterSource {
     const running = [...this.#running];
     for (const l of running) l.stop.abort();
     await Promise.allSettled(running.map((l) => l.file));
+  }
+
+  /**
+   * Looks at the cache's folder through the gate until `signal` aborts, telling `onStuck` each time the volume does not
+   * answer: for the requests waiting for an adapter set's build (the engine's), whose calls on the volume are not gated.
+   */
+  watch(signal: AbortSignal, onStuck: (err: RuntimeError) => void): void {
+    watchVolume(this.#gate, this.cfg.cacheDir, signal, onStuck);
   }
 
   /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
@@ -179,11 +190,30 @@ export class AdapterSource {
     const t0 = performance.now();
     const { resolveModel } = await import('../storage/fetch.js');
     let dir: string;
+    // The fetch's calls are watched through the gate: once the volume stops answering, its requests are answered
+    // CACHE_STUCK (its writes, each a pool thread kept, are bounded by #writes), and the fetch stops, as when every
+    // request waiting for it has left; its files are partials, committed only whole, resumed by the next fetch.
+    const fetching = new AbortController();
+    const stopFetching = () => fetching.abort();
+    signal.addEventListener('abort', stopFetching, { once: true });
+    let stuck!: (err: RuntimeError) => void;
+    const stuckAnswer = new Promise<never>((_, reject) => (stuck = reject));
+    watchVolume(this.#gate, cacheDir, fetching.signal, (err) => {
+      stuck(new RuntimeError('CACHE_STUCK', `its fetch from LORA_URI onto the cache is stopped: ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
+      fetching.abort();
+    });
+    const write = this.#writes;
     try {
-      const r = await resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, { cfg: this.cfg, log: this.log, signal, throttleWatch: throttling });
+      const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
+        cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
+        io: { write: (fh, bufs, len, at) => write(() => defaultIo.write(fh, bufs, len, at)) },
+      });
+      fetched.catch(() => undefined);
+      const r = await Promise.race([fetched, stuckAnswer]);
       dir = r.dir;
       this.log.info({ adapter: name, fromCache: r.fromCache, bytes: r.bytes, ms: Math.round(performance.now() - t0) }, 'LoRA adapter fetched');
     } catch (err) {
+      if (isRuntimeError(err) && err.code === 'CACHE_STUCK') throw err;
       if (isRuntimeError(err) && err.code === 'STORAGE_MISSING' && adapterAbsent(err)) throw new RuntimeError('NOT_FOUND', name);
       // Not the store's fault, and over once descriptors are free: the request is answered 503, the next one fetches.
       if (isRuntimeError(err) && err.code === 'TOO_MANY_OPEN_FILES') {
@@ -206,6 +236,10 @@ export class AdapterSource {
       }
       const why = isRuntimeError(err) ? err.message : String((err as Error)?.message ?? err);
       throw new RuntimeError('UPSTREAM', `adapter "${name}" could not be fetched from LORA_URI: ${why}`, { cause: err });
+    } finally {
+      signal.removeEventListener('abort', stopFetching);
+      // The watch ends with the fetch (aborting an answered fetch stops nothing).
+      fetching.abort();
     }
     const f = await single(this.#gate, dir, name);
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
@@ -219,6 +253,31 @@ export class AdapterSource {
  * an S3 error of no known kind, is LORA_URI's or the store's problem: answering "unknown adapter" would hide it.
  */
 const adapterAbsent = (err: RuntimeError): boolean => err.cause === undefined || s3Code(err.cause) === 'NoSuchKey';
+
+/**
+ * Positional writes of the LORA_URI fetches at once, all together. A fetch has up to S3_MAX_CONCURRENCY ranges in
+ * flight, each writing to the cache: on a volume that stops answering each write keeps a pool thread for good, and
+ * 24 of them filled libuv's pool (16 threads in the image), sharp's encoding of every other request included. An
+ * adapter is small: two writes at a time cost little on a volume that answers.
+ */
+export const ADAPTER_WRITES_AT_ONCE = 2;
+
+/** Runs the calls given `n` at a time, first come first served. */
+function slots(n: number): <T>(call: () => Promise<T>) => Promise<T> {
+  let running = 0;
+  const queue: Array<() => void> = [];
+  return async (call) => {
+    if (running >= n) await new Promise<void>((r) => queue.push(r));
+    else running++;
+    try {
+      return await call();
+    } finally {
+      const next = queue.shift();
+      if (next) next();
+      else running--;
+    }
+  };
+}
 
 const shuttingDown = () => new RuntimeError('SHUTTING_DOWN', 'the server shut down while the request waited for a LoRA adapter\'s fetch; retry', { retryAfter: 1 });
 

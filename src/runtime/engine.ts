@@ -270,6 +270,8 @@ export class Engine {
   readonly #adapters: AdapterSource;
   /** When each adapter set was first asked for, to report how long requests waited for its sessions. */
   readonly #setAsked = new Map<string, number>();
+  /** Stops the look at the cache volume kept while an adapter set is built (#watchSets). */
+  #setWatch: AbortController | undefined;
   /** The folder of the last load of the whole model: what a worker started again loads. */
   #wholeDir: string | undefined;
   /** Workers being started again (their restart is scheduled or their load not answered yet). */
@@ -561,6 +563,7 @@ export class Engine {
     this.#restartTimers.clear();
     for (const t of this.#pending.splice(0)) this.#finish(t, shuttingDownError());
     this.metrics.queueDepth.set(this.#labels, 0);
+    this.#watchSets();
     // Adapter fetches still running (LORA_URI) stop, and are waited for below: none may leave its cache lock behind.
     const adapters = this.#adapters.close();
     // Batches still running after the grace period stop at their next step (a worker closes only once its generation
@@ -759,6 +762,37 @@ export class Engine {
       this.log.info({ set: a.key, worker: w.index, adapters: a.refs.map((r) => r.name) }, 'building a LoRA adapter set; its requests wait for it');
       w.send({ t: 'adapters', key: a.key, refs: a.refs });
     }
+    this.#watchSets();
+  }
+
+  /**
+   * While an adapter set is built, the cache volume is looked at through the adapters' gate: a build reads the
+   * adapters and the model's graphs and writes the merged ones there, calls not gated, and on a volume that stopped
+   * answering they wait for good, and the requests queued for the set with them (up to REQUEST_TIMEOUT_S). Those are
+   * answered CACHE_STUCK instead; the build goes on, and its set serves once the volume answers and it is whole.
+   */
+  #watchSets(): void {
+    const building = !this.#closed && this.#workers.some((w) => [...w.sets.values()].includes('loading'));
+    if (!building) {
+      this.#setWatch?.abort();
+      this.#setWatch = undefined;
+      return;
+    }
+    if (this.#setWatch) return;
+    const stop = new AbortController();
+    this.#setWatch = stop;
+    this.#adapters.watch(stop.signal, (err) => {
+      const loading = (key: string) => this.#workers.some((w) => w.sets.get(key) === 'loading') && !this.#workers.some((w) => w.sets.get(key) === 'ready');
+      const waiting = this.#pending.filter((t) => t.adapters !== undefined && loading(t.adapters.key));
+      if (waiting.length === 0) return;
+      for (const t of waiting) {
+        this.#pending.splice(this.#pending.indexOf(t), 1);
+        this.#finish(t, new RuntimeError('CACHE_STUCK', `the LoRA adapter set ${t.adapters!.key} waits on its build: ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
+      }
+      this.log.warn({ ...idsOf(waiting) }, 'requests waiting for a LoRA adapter set answered CACHE_STUCK: its build waits on the cache volume');
+      this.metrics.queueDepth.set(this.#labels, this.queueDepth);
+      this.#checkIdle();
+    });
   }
 
   #onMessage(w: WorkerHandle, m: FromWorker): void {

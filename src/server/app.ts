@@ -54,6 +54,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
         const protocol = r.url.startsWith('/v2') ? 'v2' : r.url.startsWith('/openai') ? 'openai' : 'v1';
         const labels = { model_name: ctx.cfg.modelName, protocol };
         ctx.metrics.requests.inc({ ...labels, status: String(out.status) });
+        if (out.code === 'CACHE_STUCK') ctx.metrics.cacheStuck.inc({ model_name: ctx.cfg.modelName });
         const secs = (performance.now() - ex.started) / 1000;
         if (out.status === 200) ctx.metrics.requestDuration.observe(labels, secs);
         ctx.log.info({ route: r.url, status: out.status, code: out.code, seconds: Number(secs.toFixed(3)), ...r.ids }, 'inference request');
@@ -78,6 +79,7 @@ export function registerRoutes(base: BaseServer, ctx: ServerContext): void {
     ctx.metrics.requests.inc({ ...labels, status: '200' }, 0);
     ctx.metrics.requestDuration.zero(labels);
   }
+  ctx.metrics.cacheStuck.inc({ model_name: ctx.cfg.modelName }, 0);
   for (const h of Object.values(ctx.metrics.kserveStages)) h.zero({ model_name: ctx.cfg.modelName });
   // Overload warnings (connection cap reached, accepts failing) go to the runtime's log from now on.
   base.setWarn((fields, msg) => ctx.log.warn(fields, msg));

@@ -216,6 +216,7 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
 
   function record(status: number, c: Conn): void {
     metrics.requests.inc({ ...labels, status: String(status) });
+    if (c.code === 'CACHE_STUCK') metrics.cacheStuck.inc({ model_name: labels.model_name });
     const secs = (performance.now() - c.t0) / 1000;
     if (status === 200) metrics.requestDuration.observe(labels, secs);
     ctx.log.info({ route: route(c), status, code: c.code, seconds: Number(secs.toFixed(3)), ...c.ids }, 'inference request');

@@ -7,8 +7,9 @@
  * holds the one slot, the only thread the gate can lose; its caller, and every later one, is answered CACHE_STUCK
  * (503) naming it, at once once it has been pending CACHE_CALL_WAIT_MS, instead of queueing behind it for good.
  */
+import { stat } from 'node:fs/promises';
 import path from 'node:path';
-import { RuntimeError } from '../errors.js';
+import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { cacheRelative, trackIo } from './pending-io.js';
 
@@ -107,4 +108,36 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
       return bounded(settled, r.since + waitMs, signal);
     },
   };
+}
+
+/** How often a watch (watchVolume) looks at the volume while work that is not gated runs on it. */
+export const WATCH_EVERY_MS = 1_000;
+
+/**
+ * Looks at `dir` through `gate` every `everyMs` until `signal` aborts; each look the gate answers CACHE_STUCK goes to
+ * `onStuck`. For work on the volume whose own calls are many and not gated (a LoRA adapter's fetch, an adapter set's
+ * build): on a volume that stopped answering they wait for good, and the requests waiting for that work with them, up
+ * to REQUEST_TIMEOUT_S. This look tells them instead, within the gate's wait, and holds at most the gate's one slot.
+ */
+export function watchVolume(gate: VolumeGate, dir: string, signal: AbortSignal, onStuck: (err: RuntimeError) => void, everyMs = WATCH_EVERY_MS): void {
+  const pause = () => new Promise<void>((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, everyMs);
+    signal.addEventListener('abort', done, { once: true });
+  });
+  void (async () => {
+    while (!signal.aborted) {
+      try {
+        await gate.run('stat', dir, () => stat(dir), signal);
+      } catch (err) {
+        // Not there yet (the cache's folder is made by the fetch), or its signal: only the volume's silence is told.
+        if (!signal.aborted && isRuntimeError(err) && err.code === 'CACHE_STUCK') onStuck(err);
+      }
+      await pause();
+    }
+  })();
 }

@@ -1,0 +1,110 @@
+/**
+ * A LoRA adapter's fetch (LORA_URI on S3) and an adapter set's build on a cache volume that stops answering for real
+ * (test/native/stuck-fs: every call on it then waits, a stat included): their calls are not gated one by one, and their
+ * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
+ */
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fixtureModel } from './fixtures/index.js';
+import { putStyleAdapter } from './helpers/big-adapter.js';
+import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
+
+const tmp = tempDir('lora-stuck-volume-');
+let s3: S3Server;
+let model: string;
+const noFuse = stuckFsUnavailable();
+stuckFsForTests();
+
+beforeAll(async () => {
+  model = await fixtureModel();
+  s3 = await startS3(['loras']);
+  // A valid kohya adapter of ~3 MB (also kept as tmp.dir/style.safetensors: a local LORA_URI).
+  await putStyleAdapter(s3, model, tmp.dir);
+}, 60_000);
+
+afterAll(async () => {
+  if (s3) await destroyS3(s3);
+  tmp.cleanup();
+});
+
+const predict = (srv: ServerHandle, loras?: unknown[]) => postJson(`${srv.url}/v1/models/model:predict`,
+  { instances: [{ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...(loras ? { loras } : {}) }] },
+  // Without an answer from the server the client gives up: before, these requests waited up to REQUEST_TIMEOUT_S.
+  { signal: AbortSignal.timeout(40_000) }).catch((e: Error) => ({ status: 0, json: { error: e.message } as Record<string, unknown>, headers: new Headers() }));
+const style = [{ name: 'style', scale: 0.5 }];
+
+/** Retried as its client would after Retry-After, until it is answered 200 (the volume answers again). */
+async function servedOnceAnswering(srv: ServerHandle): Promise<void> {
+  let last: Awaited<ReturnType<typeof predict>> | undefined;
+  await until(async () => (last = await predict(srv, style)).status === 200, 90_000, 500).catch(() => {
+    throw new Error(`not served once the volume answered: ${JSON.stringify(last?.json)}`);
+  });
+}
+
+const stuckCount = async (srv: ServerHandle) => Number(/^cache_stuck_requests_total\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
+
+describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume that stops answering', () => {
+  it('the fetch from LORA_URI: 503 CACHE_STUCK, a plain request served meanwhile, counted; once the volume answers, served from a whole file', async () => {
+    const backing = path.join(tmp.dir, 'fetch-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    // The first data write of the adapter answered, then nothing.
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'fetch'), { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+    const srv = await startServer({
+      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+      EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+      // The image's pool, and ranges of 64 KiB: the ~3 MB adapter has S3_MAX_CONCURRENCY (24) ranges in flight.
+      UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
+    }, { ready: true });
+    try {
+      expect(await stuckCount(srv)).toBe(0);
+      // Before, the request waited for the fetch until its client gave up.
+      const r = await predict(srv, style);
+      expect([r.status, r.json.code, r.headers.get('retry-after')]).toEqual([503, 'CACHE_STUCK', '10']);
+      expect(r.json.error).toMatch(/^adapter "style": its fetch from LORA_URI onto the cache is stopped: the cache volume \(MODEL_CACHE_DIR\) is not answering: \w+ \S+ still pending after \d+ s; /);
+      expect(r.json.error).not.toContain(fs.dir);
+      // By then every range in flight has tried its write. Before, each write kept a pool thread: the 24 ranges filled
+      // the pool, and sharp's encoding of this image waited behind them.
+      const plain = await predict(srv);
+      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+      expect(await stuckCount(srv)).toBe(1);
+      fs.answer();
+      await servedOnceAnswering(srv);
+      // Nothing half-written was taken as whole: the cached adapter is S3's, byte for byte.
+      const entry = readdirSync(path.join(backing, 'cache')).find((d) => d.startsWith('s3-loras-adapters-style-'))!;
+      const cached = (dir: string): string[] => readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? cached(path.join(dir, e.name)) : e.name.endsWith('.safetensors') ? [path.join(dir, e.name)] : []));
+      const files = cached(path.join(backing, 'cache', entry));
+      expect(files).toHaveLength(1);
+      expect(readFileSync(files[0]!).equals(readFileSync(path.join(tmp.dir, 'style.safetensors')))).toBe(true);
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 240_000);
+
+  it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async () => {
+    const backing = path.join(tmp.dir, 'build-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'build'));
+    // The adapter and the model are local: only the merged graphs (MODEL_CACHE_DIR/.lora-sets) are on the volume.
+    const srv = await startServer({
+      STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'), EXECUTION_PROVIDER: 'cpu', LORA_URI: tmp.dir,
+      WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', UV_THREADPOOL_SIZE: '16',
+    }, { ready: true });
+    try {
+      await fs.hang();
+      const r = await predict(srv, style);
+      expect([r.status, r.json.code, r.headers.get('retry-after')]).toEqual([503, 'CACHE_STUCK', '10']);
+      expect(r.json.error).toMatch(/^the LoRA adapter set \S+ waits on its build: the cache volume \(MODEL_CACHE_DIR\) is not answering: stat \. still pending after \d+ s; /);
+      expect(r.json.error).not.toContain(fs.dir);
+      const plain = await predict(srv);
+      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+      expect(await stuckCount(srv)).toBe(1);
+      fs.answer();
+      await servedOnceAnswering(srv);
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 240_000);
+});
