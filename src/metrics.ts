@@ -64,9 +64,9 @@ export type RejectReason = 'queue_full' | 'input_budget' | 'not_ready' | 'shutti
 export const REJECT_REASONS = Object.keys({ queue_full: 0, input_budget: 0, not_ready: 0, shutting_down: 0 } satisfies Record<RejectReason, 0>) as RejectReason[];
 
 /** What the runtime was doing when S3 throttled it: the `operation` of s3_throttled_responses_total. */
-export type S3Operation = 'model_download' | 'lora_download' | 'output_upload' | 'input_read';
+export type S3Operation = 'model_download' | 'cache_check' | 'lora_download' | 'output_upload' | 'output_cleanup' | 'input_read';
 /** Every S3Operation, for the series exported at 0 from the start. */
-export const S3_OPERATIONS = Object.keys({ model_download: 0, lora_download: 0, output_upload: 0, input_read: 0 } satisfies Record<S3Operation, 0>) as S3Operation[];
+export const S3_OPERATIONS = Object.keys({ model_download: 0, cache_check: 0, lora_download: 0, output_upload: 0, output_cleanup: 0, input_read: 0 } satisfies Record<S3Operation, 0>) as S3Operation[];
 
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
@@ -174,8 +174,8 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     s3Throttled: new Counter({
       name: 's3_throttled_responses_total',
-      help: 'S3 answers that asked the runtime to slow down (503 SlowDown, 429, a throttling code), by what it was doing (model_download, lora_download, '
-        + 'output_upload, input_read): none counts as a failed attempt; the last one of work that gave up is counted too',
+      help: 'S3 answers that asked the runtime to slow down (503 SlowDown, 429, a throttling code), by what it was doing (model_download, cache_check, '
+        + 'lora_download, output_upload, output_cleanup, input_read): none counts as a failed attempt; the last one of work that gave up is counted too',
       labelNames: ['model_name', 'operation'] as const,
       registers: r,
     }),

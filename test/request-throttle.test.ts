@@ -172,7 +172,7 @@ describe("a request's deadline bounds the wait", () => {
 
   it('counts the boot\'s throttled answers, and every operation from 0', async () => {
     const c = await throttledCounts();
-    expect(Object.keys(c).sort()).toEqual(['input_read', 'lora_download', 'model_download', 'output_upload']);
+    expect(Object.keys(c).sort()).toEqual(['cache_check', 'input_read', 'lora_download', 'model_download', 'output_cleanup', 'output_upload']);
     expect(c.model_download).toBe(2);
   });
 

@@ -188,6 +188,40 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
       + 'S3 kept throttling the download \\([^,]+, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a byte received'))]);
     expect(await committed(cache)).toBe(false);
   }, 20_000);
+
+  it('a cache hit\'s ETag check waits a short storm out within its budget and sees the change; one that outlasts it serves the entry as it is, saying S3 throttled it', async () => {
+    const uri = `s3://models/check-${client}/`;
+    await s3.put('models', `check-${client}/a.bin`, detBytes(5_000, 61));
+    const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
+    await resolveModel(uri, { cfg: cfgFor(cache, 4), log: silentLogger() });
+    const changed = detBytes(5_000, 62);
+    await s3.put('models', `check-${client}/a.bin`, changed);
+    const { log, lines } = recorder();
+    let counted = 0;
+    const checkWatch = { throttled: () => void counted++ };
+    const before = proxy.stats.slowDowns;
+    proxy.faults = { slowDown: { until: Date.now() + 1_500, lists: true } };
+    const r = await resolveModel(uri, { cfg: cfgFor(cache, 4), log, hitCheckTimeoutMs: 4_000, checkWatch });
+    // Before: its two tries were throttled within 0.2 s and the old entry was served ("S3 not reachable for the ETag check").
+    expect(r.fromCache).toBe(false);
+    expect(r.stale).toBeUndefined();
+    expect((await fsp.readFile(path.join(r.dir, 'a.bin'))).equals(changed)).toBe(true);
+    expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(2);
+    expect(counted).toBe(proxy.stats.slowDowns - before);
+    expect(lines.find((l) => /throttling the cache check/.test(String(l.msg)))).toMatchObject({ level: 'warn', code: 'SlowDown',
+      msg: 'S3 is throttling the cache check (SlowDown): backing off; the committed cache entry is served as it is once throttled for 4 s (the check\'s own bound) without an answer' });
+
+    await s3.put('models', `check-${client}/a.bin`, detBytes(5_000, 63));
+    proxy.faults = { slowDown: { lists: true } };
+    const t0 = Date.now();
+    const stale = await resolveModel(uri, { cfg: cfgFor(cache, 4), log, hitCheckTimeoutMs: 1_000, checkWatch });
+    expect(stale).toMatchObject({ fromCache: true, stale: true });
+    expect((await fsp.readFile(path.join(stale.dir, 'a.bin'))).equals(changed)).toBe(true);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1_000);
+    expect(lines.find((l) => /ETag check/.test(String(l.msg)))).toMatchObject({ level: 'warn', msg: 'S3 kept throttling the ETag check; serving the committed cache entry as is',
+      reason: expect.stringMatching(new RegExp(`^cannot list s3://models/check-${client}/: S3 kept throttling the cache check \\(SlowDown, \\d+ throttled answers\\) for 1 s `
+        + '\\(the check\'s own bound\\) without an answer; the store is asked for more than it serves: start fewer pods at once')) });
+  }, 20_000);
 });
 
 describe('Throttle', () => {

@@ -425,6 +425,7 @@ export class BootSequence {
           lease: (dir) => this.#lease(dir),
           onDamaged: () => metrics.damagedFiles.inc(labels),
           throttleWatch: { throttled: () => metrics.s3Throttled.inc({ ...labels, operation: 'model_download' }) },
+          checkWatch: { throttled: () => metrics.s3Throttled.inc({ ...labels, operation: 'cache_check' }) },
         }),
       'the model fetch',
       log,

@@ -108,6 +108,8 @@ export interface ResolveOptions {
   onDamaged?(rel: string): void;
   /** Hears each throttled answer of the fill's LIST, ranges and HEADs, and each that is not (throttle.ts ThrottleWatch). */
   throttleWatch?: ThrottleWatch;
+  /** The same for the LIST of a cache hit's ETag check (default: throttleWatch). */
+  checkWatch?: ThrottleWatch;
   /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
   leaseStaleMs?: number;
   /**
@@ -313,6 +315,10 @@ function cacheDirError(e: NodeJS.ErrnoException): RuntimeError {
 
 // sameEtag: entries written before listed ETags were quoted hold them as the store listed them (bare, on stores that
 // never quote them); read as changed, every such entry was fetched again after an upgrade.
+/** Errors of listings that gave up because S3 kept throttling them (the hit check says so, not that S3 is unreachable). */
+const gaveUpThrottled = new WeakSet<object>();
+const throttledOut = (e: unknown) => typeof e === 'object' && e !== null && gaveUpThrottled.has(e);
+
 const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
   m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && sameEtag(m.files[i]?.etag ?? '', o.etag));
 
@@ -359,11 +365,16 @@ class S3Fetch {
       if (cached) this.entry = cached.dir;
       if (cached && cached.manifest.uri === this.uri && (await manifestFilesPresent(this.entry, cached.manifest))) {
         try {
-          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, this.o.hitCheckTimeoutMs ?? 5_000, null);
+          const checkMs = this.o.hitCheckTimeoutMs ?? 5_000;
+          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, checkMs, {
+            ms: checkMs, what: 'cache check', bound: 'the check\'s own bound', watch: this.o.checkWatch ?? this.o.throttleWatch,
+          });
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           if (await this.leased(cached.manifest)) {
-            log.warn({ uri: this.uri, reason: (e as Error).message }, 'S3 not reachable for the ETag check; serving the committed cache entry as is');
+            log.warn({ uri: this.uri, reason: (e as Error).message }, throttledOut(e)
+              ? 'S3 kept throttling the ETag check; serving the committed cache entry as is'
+              : 'S3 not reachable for the ETag check; serving the committed cache entry as is');
             return await this.served(this.hit(cached.manifest, true));
           }
           throw e;
@@ -513,16 +524,18 @@ class S3Fetch {
    * is (upload-stall.ts), and each try after `timeoutMs` in all, a listing that keeps sending slowly included. An
    * answer the transport may have caused goes up at once (resolveModel). A store that left the last try unanswered is
    * unreachable, not missing: STORAGE_TRANSIENT, as for a 5xx, saying which bound cut it. By default the fill's
-   * listing: S3_MAX_ATTEMPTS tries of 60 s each. Throttled answers (503 SlowDown, 429) count no try where `throttleMs` is
-   * given (by default S3_THROTTLE_TIMEOUT_S): the listing backs off as a throttled download does (throttle.ts), and
-   * gives up once throttled for that long; without it (the hit check's short budget) they count as any other.
+   * listing: S3_MAX_ATTEMPTS tries of 60 s each. Throttled answers (503 SlowDown, 429) count no try: the listing backs
+   * off as a throttled download does (throttle.ts), and gives up once throttled for `throttling.ms` (by default
+   * S3_THROTTLE_TIMEOUT_S; the hit check's short budget for it, whose give-up serves the entry as it is).
    */
   private async listing(attempts = this.o.cfg.s3.maxAttempts, timeoutMs = this.o.listTimeoutMs ?? 60_000,
-    throttleMs: number | null = this.o.cfg.s3.throttleTimeoutS * 1000): Promise<RemoteObject[]> {
+    throttling: { ms: number; what: 'listing' | 'cache check'; bound?: string; watch?: ThrottleWatch | undefined } = {
+      ms: this.o.cfg.s3.throttleTimeoutS * 1000, what: 'listing', watch: this.o.throttleWatch,
+    }): Promise<RemoteObject[]> {
     const transport = await this.transport!;
     // One request at a time, so each throttled answer is a round of its own and the waits grow.
-    const throttle = throttleMs === null ? undefined
-      : new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: throttleMs, log: this.o.log, what: 'listing', ...(this.o.throttleWatch ? { watch: this.o.throttleWatch } : {}) }));
+    const { ms, what, bound, watch } = throttling;
+    const throttle = new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: ms, log: this.o.log, what, ...(bound ? { bound } : {}), ...(watch ? { watch } : {}) }));
     const stallMs = this.o.cfg.s3.stallTimeoutS * 1000;
     let tries = 0;
     // What cut the last try, if a bound did, and how many tries each bound cut.
@@ -548,13 +561,17 @@ class S3Fetch {
             if (cut !== undefined) cuts[cut]++;
           }
         };
-        return this.used(await (throttle ? throttle.attempt(this.signal, list) : list()));
-      }, attempts, this.signal, retried, throttle?.onThrottled);
+        return this.used(await throttle.attempt(this.signal, list));
+      }, attempts, this.signal, retried, throttle.onThrottled);
     } catch (e) {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
       const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
-      if (throttle?.gaveUp) throw throttle.throttle.gaveUp(`list ${where}`, e);
+      if (throttle.gaveUp) {
+        const out = throttle.throttle.gaveUp(`list ${where}`, e);
+        gaveUpThrottled.add(out);
+        throw out;
+      }
       if (cut !== undefined) {
         const n = cuts[cut];
         const which = tries === 1 ? 'its one try' : n === tries ? `each of its ${tries} tries` : `${n} of its ${tries} tries, the last included`;
@@ -565,7 +582,7 @@ class S3Fetch {
       }
       throw permanentError(e, this.bucket, this.prefix || undefined, retried(e) ? `list (${counted(tries)})` : 'list', endpointName(this.o.cfg.s3, this.bucket));
     } finally {
-      throttle?.done();
+      throttle.done();
     }
   }
 

@@ -39,18 +39,24 @@ export interface Slot {
  * What a Throttle slows down, as its log lines and giveUp name it: a fill's download (its ranges, the default) or its
  * listing; the requests of an upload (output_uri, a push); the GET of an s3:// input image.
  */
-export type ThrottledWork = 'download' | 'listing' | 'upload' | 'read';
+export type ThrottledWork = 'download' | 'listing' | 'upload' | 'read' | 'cache check' | 'delete' | 'abort';
 
 /**
  * Per work: what fails, what ends a throttled spell (as the first log line and giveUp say it), and what to do once it
- * gave up, before the advice all share.
+ * gave up. Work bounded by S3_THROTTLE_TIMEOUT_S is told to raise it (TAIL); a cache check and cleanup (a push's
+ * delete of a changed file, an abort) have bounds of their own, and leave something behind that their callers name.
  */
-const FILL = { fails: 'the fill fails', served: ['receiving a byte', 'a byte received'], advice: 'start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or ' } as const;
+const TAIL = 'raise S3_THROTTLE_TIMEOUT_S to wait longer (on MinIO or Ceph, check the server\'s load and its request limits)';
+const FILL = { fails: 'the fill fails', served: ['receiving a byte', 'a byte received'], advice: `start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or ${TAIL}` } as const;
+const ANSWERED = ['an answer', 'an answer'] as const;
 const WORK: Readonly<Record<ThrottledWork, { fails: string; served: readonly [string, string]; advice: string }>> = {
   download: FILL,
   listing: FILL,
-  upload: { fails: 'the upload fails', served: ['a request accepted', 'a request accepted'], advice: 'send fewer uploads at once (a push: lower S3_MAX_CONCURRENCY), or ' },
-  read: { fails: 'the read fails', served: ['receiving a byte', 'a byte received'], advice: 'retry later, or ' },
+  upload: { fails: 'the upload fails', served: ['a request accepted', 'a request accepted'], advice: `send fewer uploads at once (a push: lower S3_MAX_CONCURRENCY), or ${TAIL}` },
+  read: { fails: 'the read fails', served: ['receiving a byte', 'a byte received'], advice: `retry later, or ${TAIL}` },
+  'cache check': { fails: 'the committed cache entry is served as it is', served: ANSWERED, advice: 'start fewer pods at once (a slower rollout or scale-up)' },
+  delete: { fails: 'the delete fails', served: ANSWERED, advice: `retry later, or ${TAIL}` },
+  abort: { fails: 'the multipart upload is left', served: ANSWERED, advice: 'its parts are billed until it is aborted (aws s3api abort-multipart-upload) or a lifecycle rule (AbortIncompleteMultipartUpload) removes it' },
 };
 
 /**
@@ -65,8 +71,10 @@ export interface ThrottleWatch {
 export interface ThrottleOptions {
   /** Ranges (or requests) in flight when not throttled (S3_MAX_CONCURRENCY, or fewer where descriptors are short). */
   concurrency: number;
-  /** S3_THROTTLE_TIMEOUT_S, in ms. */
+  /** S3_THROTTLE_TIMEOUT_S, in ms (or the bound `bound` names). */
   timeoutMs: number;
+  /** What sets timeoutMs, as messages name it (default S3_THROTTLE_TIMEOUT_S): a cache check's or a cleanup's own bound. */
+  bound?: string;
   log: Logger;
   what?: ThrottledWork;
   /** Fields of its log lines beside the counts (the object an upload or a read is of). */
@@ -106,7 +114,7 @@ export class Throttle {
   #logged = 0;
 
   constructor(o: ThrottleOptions) {
-    this.#o = { now: Date.now, random: Math.random, what: 'download', fields: {}, ...o };
+    this.#o = { now: Date.now, random: Math.random, what: 'download', fields: {}, bound: 'S3_THROTTLE_TIMEOUT_S', ...o };
     this.limit = o.concurrency;
     this.lowest = o.concurrency;
   }
@@ -202,7 +210,7 @@ export class Throttle {
       this.#episode = true;
       this.#logged = now;
       this.#o.log.warn(fields, `S3 is throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off; `
-        + `${WORK[this.#o.what].fails} once throttled for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) without ${WORK[this.#o.what].served[0]}`);
+        + `${WORK[this.#o.what].fails} once throttled for ${this.#o.timeoutMs / 1000} s (${this.#o.bound}) without ${WORK[this.#o.what].served[0]}`);
     } else if (now - this.#logged >= LOG_EVERY_MS) {
       this.#logged = now;
       this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
@@ -232,9 +240,9 @@ export class Throttle {
   /** What work that gave up says, after `cannot read <what>: ` (or `cannot list …: `). */
   giveUp(code: string): string {
     const work = WORK[this.#o.what];
-    return `S3 kept throttling the ${this.#o.what} (${code}, ${this.answers} throttled answers) for ${this.#o.timeoutMs / 1000} s (S3_THROTTLE_TIMEOUT_S) `
+    return `S3 kept throttling the ${this.#o.what} (${code}, ${this.answers} throttled answers) for ${this.#o.timeoutMs / 1000} s (${this.#o.bound}) `
       + `without ${work.served[1]}${this.#o.what === 'download' ? `, with the ranges in flight cut from ${this.#o.concurrency} to ${this.lowest}` : ''}; `
-      + `the store is asked for more than it serves: ${work.advice}raise S3_THROTTLE_TIMEOUT_S to wait longer (on MinIO or Ceph, check the server's load and its request limits)`;
+      + `the store is asked for more than it serves: ${work.advice}`;
   }
 }
 
