@@ -17,7 +17,8 @@ import { optimizedCopyHooks } from '../src/pipeline/ortcache.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, endpointName, permanentError, retryTransient } from '../src/storage/s3-errors.js';
-import { abortUploads, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
+import { abortUploads, cleanupReason, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
+import { Throttle, ThrottledTries, type ThrottledWork } from '../src/storage/throttle.js';
 import { uploadingUntil, uploadScope } from '../src/storage/upload-signal.js';
 import { stallError, boundedAttempt } from '../src/storage/upload-stall.js';
 import { checkAddressing, explainFallback, fallbackProblem, unaddressableUris } from '../src/storage/addressing.js';
@@ -139,14 +140,23 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // loaded with it (a VAE encoder of the model pushed before beside this UNet). loras/ holds adapters added beside the
   // model, kept.
   const pushing = new Set(files);
+  // Its LIST and deletes wait throttling out as its uploads do (no try spent; S3_THROTTLE_TIMEOUT_S without an answer).
+  const log = jobLogger(cfg);
+  const throttled = (what: ThrottledWork) => new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: cfg.s3.throttleTimeoutS * 1000, log, what, fields: { uri: src.uri } }));
   let stale: string[];
+  const listing = throttled('push\'s listing');
   try {
-    const listed = await retryTransient(bounded('ListObjectsV2', () => listPrefix(s3.client, src.bucket, src.prefix, signal)), TRIES, signal);
+    const listed = await retryTransient((attempt) => listing.attempt(signal, () => bounded('ListObjectsV2', () => listPrefix(s3.client, src.bucket, src.prefix, signal))(attempt)),
+      TRIES, signal, undefined, listing.onThrottled);
     stale = listed.map((o) => o.rel).filter((rel) => !pushing.has(rel) && !rel.startsWith('loras/'));
   } catch (e) {
     s3.destroy();
     if (signal.aborted) throw e;
-    throw stalled(`list s3://${src.bucket}/${src.prefix}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list', endpoint), fallback);
+    const where = `s3://${src.bucket}/${src.prefix}`;
+    if (listing.gaveUp) throw listing.throttle.gaveUp(`list ${where}`, e);
+    throw stalled(`list ${where}`, e) ?? explainFallback(permanentError(e, src.bucket, undefined, 'list', endpoint), fallback);
+  } finally {
+    listing.done();
   }
   if (stale.length > 0 && !replace) {
     s3.destroy();
@@ -215,9 +225,10 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
     // Only once every file is up: a failed push leaves the old objects beside the new ones, never neither.
     for (let i = 0; i < stale.length; i += 1000) {
       let left = stale.slice(i, i + 1000).map((rel) => src.prefix + rel);
+      const deletes = throttled('push\'s delete');
       try {
         // A key S3 could not delete this time (InternalError, SlowDown) is asked for again; any other failure is final.
-        await retryTransient(async (attempt) => {
+        await retryTransient((attempt) => deletes.attempt(signal, async () => {
           const r = await bounded('DeleteObjects', () => s3.client.send(new DeleteObjectsCommand({ Bucket: src.bucket, Delete: { Objects: left.map((Key) => ({ Key })), Quiet: true } }),
             { abortSignal: signal }))(attempt);
           const failed = r.Errors ?? [];
@@ -226,11 +237,14 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
           // Named as S3 names it (AccessDenied, InternalError, …): the first that retrying cannot fix, else the first.
           const worst = failed.find((f) => classify({ name: f.Code }) !== 'transient') ?? failed[0]!;
           throw Object.assign(new Error(worst.Message ?? 'delete failed'), { name: worst.Code ?? 'InternalError' });
-        }, TRIES, signal);
+        }), TRIES, signal, undefined, deletes.onThrottled);
       } catch (e) {
         if (signal.aborted) throw e;
-        const p = stalled(`delete s3://${src.bucket}/${left[0]}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpoint);
+        const where = `s3://${src.bucket}/${left[0]}`;
+        const p = deletes.gaveUp ? deletes.throttle.gaveUp(`delete ${where}`, e) : stalled(`delete ${where}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpoint);
         throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
+      } finally {
+        deletes.done();
       }
     }
     if (stale.length > 0) process.stderr.write(`push: deleted ${stale.length} object(s) the export does not have\n`);
@@ -375,7 +389,7 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
   if (open.length === 0) return;
   const { createS3 } = await import('../src/storage/s3-sdk.js');
   const client = createS3(cfg.s3, open.length);
-  const got = await abortUploads(client.client, src.bucket, open, ABORT_MS);
+  const got = await abortUploads(client.client, src.bucket, open, ABORT_MS, undefined, { log: jobLogger(cfg) });
   client.destroy();
   const names = (which: 'fulfilled' | 'rejected') => open.filter((_, i) => got[i]!.status === which).map(([, key]) => key.slice(src.prefix.length));
   const shown = (rels: string[]) => rels.slice(0, 5).join(', ') + (rels.length > 5 ? `, … ${rels.length - 5} more` : '');
@@ -385,7 +399,7 @@ async function abortUnfinished(cfg: Config, src: Extract<StorageSource, { kind: 
   if (left.length > 0) {
     const why = (got.find((g) => g.status === 'rejected') as PromiseRejectedResult).reason as Error;
     process.stderr.write(`push: could not abort the multipart uploads of ${left.length} file(s) under s3://${src.bucket}/${src.prefix} (${shown(left)}): `
-      + `${why?.name ?? 'Error'}; their parts are billed until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule `
+      + `${cleanupReason(why, ABORT_MS)}; their parts are billed until aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule `
       + '(AbortIncompleteMultipartUpload) removes them\n');
   }
 }

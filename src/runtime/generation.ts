@@ -66,7 +66,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   metrics.resultCacheBytes.set(labels, 0);
   metrics.resultCacheHits.inc(labels, 0);
   metrics.inflight.set(labels, 0);
-  const output = createOutputStore(s3, log, () => metrics.s3Throttled.inc({ ...labels, operation: 'output_upload' }));
+  const output = createOutputStore(s3, log, () => metrics.s3Throttled.inc({ ...labels, operation: 'output_upload' }),
+    () => metrics.s3Throttled.inc({ ...labels, operation: 'output_cleanup' }));
   /**
    * Generations of cacheable requests now queued or running, by result-cache key: an identical request (or instance of
    * the same request) waits for their images, counted in `joined` while it does (the engine keeps a generation queued,

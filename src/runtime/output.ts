@@ -10,7 +10,7 @@ import type { EncodedImage } from './engine.js';
 import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { atEndpoint, bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
-import { abortUploads } from '../storage/multipart.js';
+import { abortUploads, cleanupReason } from '../storage/multipart.js';
 import { ThrottleNote } from '../storage/throttle.js';
 import { UPLOAD_QUEUE, uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
 import { parseS3Object, type S3Url } from '../storage/uri.js';
@@ -24,7 +24,7 @@ export interface OutputStore {
 
 /** How long a failed upload's parts in flight may take to end before its multipart upload is aborted anyway. */
 const PARTS_END_MS = 30_000;
-/** How long the abort of a failed upload's multipart upload may take, its retries included. */
+/** How long the abort of a failed upload's multipart upload may take, its retries and throttled waits included. */
 const ABORT_MS = 10_000;
 
 const CONTENT_TYPE: Record<EncodedImage['format'], string> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
@@ -41,9 +41,10 @@ const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => impor
 /**
  * Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then.
  * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be;
- * `onThrottled` of each answer that throttled an upload (the store's code).
+ * `onThrottled` of each answer that throttled an upload (the store's code), `onCleanupThrottled` of each that throttled
+ * the abort of a failed one.
  */
-export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void): OutputStore {
+export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void, onCleanupThrottled?: (code: string) => void): OutputStore {
   const aborting = new Set<Promise<void>>();
   return {
     settled(ms) {
@@ -76,7 +77,7 @@ export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (co
             // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
             await uploadingUntil(scope, () => up.done());
           } catch (err) {
-            const done = abortLeft(client, bucket, scope, log).catch(() => undefined).finally(() => aborting.delete(done));
+            const done = abortLeft(client, bucket, scope, log, onCleanupThrottled).catch(() => undefined).finally(() => aborting.delete(done));
             aborting.add(done);
             first ??= { err, key: keys[i]!, throttled: throttling.stopped(signal, `the upload to s3://${bucket}/${keys[i]!}`) };
             throw err;
@@ -104,16 +105,18 @@ export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (co
  * S3_STALL_TIMEOUT_S, or never sent (the process closing) left the parts stored, billed, and shown by no listing.
  * So once none of its requests is in flight, what is still open is aborted with retries.
  */
-async function abortLeft(client: Parameters<typeof abortUploads>[0], bucket: string, scope: UploadScope, log: Logger | undefined): Promise<void> {
+async function abortLeft(client: Parameters<typeof abortUploads>[0], bucket: string, scope: UploadScope, log: Logger | undefined,
+  onThrottled: ((code: string) => void) | undefined): Promise<void> {
   await scope.idle(PARTS_END_MS);
   const open = [...scope.open];
   if (open.length === 0) return;
-  const got = await abortUploads(client, bucket, open, ABORT_MS);
+  // Throttled aborts wait, within ABORT_MS: a stop (settled) waits for them no longer than that.
+  const got = await abortUploads(client, bucket, open, ABORT_MS, undefined, { ...(log ? { log } : {}), ...(onThrottled ? { watch: { throttled: onThrottled } } : {}) });
   got.forEach((g, i) => {
     const where = `s3://${bucket}/${open[i]![1]}`;
     if (g.status === 'fulfilled') log?.info({ uri: where }, 'output_uri: aborted the multipart upload of a failed upload');
     else {
-      log?.warn({ uri: where, reason: s3Code(g.reason) }, 'output_uri: could not abort the multipart upload of a failed upload; its parts are billed until '
+      log?.warn({ uri: where, reason: cleanupReason(g.reason, ABORT_MS) }, 'output_uri: could not abort the multipart upload of a failed upload; its parts are billed until '
         + 'aborted (aws s3api list-multipart-uploads, abort-multipart-upload) or a lifecycle rule (AbortIncompleteMultipartUpload) removes them');
     }
   });

@@ -6,7 +6,9 @@
  */
 import type { S3Client } from '@aws-sdk/client-s3';
 import { deadline } from '../deadline.js';
-import { retryTransient, s3Code } from './s3-errors.js';
+import { type Logger, silentLogger } from '../log.js';
+import { retryTransient, s3Code, throttled } from './s3-errors.js';
+import { Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { noteMultipart } from './upload-signal.js';
 
 export interface UploadTracker {
@@ -74,27 +76,77 @@ async function cutAttempt<T>(within: AbortSignal, attemptMs: number, send: (sign
   }
 }
 
+/** Where a cleanup's throttled answers go: its Throttle's log lines (none without a log), and the metric. */
+export interface CleanupThrottling {
+  log?: Logger;
+  watch?: ThrottleWatch;
+}
+
+/** Cleanup requests S3 kept throttling until the cleanup's bound (cleanupReason says so). */
+const throttledOut = new WeakSet<object>();
+
+/**
+ * A cleanup's Throttle: its requests (an abort per upload, a look for lost ones) slow down together as an upload's do,
+ * and it gives up once throttled for all of `totalMs` (the cleanup's bound, never S3_THROTTLE_TIMEOUT_S: a request's
+ * answer or a stop waits for it).
+ */
+const cleanupThrottle = (concurrency: number, totalMs: number, t: CleanupThrottling) => new Throttle({
+  concurrency: Math.max(1, concurrency), timeoutMs: totalMs, log: t.log ?? silentLogger(), what: 'abort', bound: 'the cleanup\'s bound', ...(t.watch ? { watch: t.watch } : {}),
+});
+
+/**
+ * One request of a cleanup, tried again if transient (`attempts` in all), throttled answers costing none of them, all
+ * within `total`; each attempt cut after `attemptMs` unanswered. A failure while S3 was throttling it (its bound ran
+ * out meanwhile, or the Throttle gave up) is marked for cleanupReason.
+ */
+async function cleanupRequest<T>(throttle: Throttle, total: AbortSignal, attempts: number, attemptMs: number, send: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const tries = new ThrottledTries(throttle);
+  try {
+    return await retryTransient(() => tries.attempt(total, () => cutAttempt(total, attemptMs, send)), attempts, total, undefined, tries.onThrottled);
+  } catch (e) {
+    if ((tries.gaveUp || throttled(e)) && typeof e === 'object' && e !== null) throttledOut.add(e);
+    throw e;
+  } finally {
+    tries.done();
+  }
+}
+
+/**
+ * Why a cleanup request failed, for the line that names what it left: the store's code (NotImplemented, AccessDenied,
+ * …), and where S3 kept throttling it until the cleanup's bound, that too.
+ */
+export function cleanupReason(e: unknown, totalMs: number): string {
+  const code = s3Code(e);
+  return typeof e === 'object' && e !== null && throttledOut.has(e) ? `${code}: S3 kept throttling the cleanup for its ${totalMs / 1000} s` : code;
+}
+
 /**
  * Aborts these multipart uploads (UploadId, key) of `bucket`: each attempt cut after `attemptMs` unanswered, a transient
- * refusal or a cut attempt tried again (8 tries), all within `totalMs`. One the store no longer knows (NoSuchUpload:
- * completed, or aborted already) counts as aborted. One result per upload, in order.
+ * refusal or a cut attempt tried again (8 tries; a throttled answer costs none, throttle.ts), all within `totalMs`. One
+ * the store no longer knows (NoSuchUpload: completed, or aborted already) counts as aborted. One result per upload, in
+ * order.
  */
 export async function abortUploads(client: S3Client, bucket: string, uploads: readonly (readonly [string, string])[], totalMs: number,
-  attemptMs = 5_000): Promise<PromiseSettledResult<void>[]> {
-  // Loaded here: the warm-up CLI imports this module, and with S3_TRANSPORT=lite a fill never loads the AWS SDK.
-  const { AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
+  attemptMs = 5_000, throttling: CleanupThrottling = {}): Promise<PromiseSettledResult<void>[]> {
   const total = deadline(undefined, totalMs);
   try {
-    return await Promise.allSettled(uploads.map(([UploadId, Key]) => retryTransient(async () => {
-      try {
-        await cutAttempt(total.signal, attemptMs, (abortSignal) => client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal }));
-      } catch (e) {
-        if ((e as Error)?.name !== 'NoSuchUpload') throw e;
-      }
-    }, 8, total.signal)));
+    return await abortWithin(client, bucket, uploads, total.signal, attemptMs, cleanupThrottle(uploads.length, totalMs, throttling));
   } finally {
     total.clear();
   }
+}
+
+async function abortWithin(client: S3Client, bucket: string, uploads: readonly (readonly [string, string])[], total: AbortSignal, attemptMs: number,
+  throttle: Throttle): Promise<PromiseSettledResult<void>[]> {
+  // Loaded here: the warm-up CLI imports this module, and with S3_TRANSPORT=lite a fill never loads the AWS SDK.
+  const { AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
+  return Promise.allSettled(uploads.map(async ([UploadId, Key]) => {
+    try {
+      await cleanupRequest(throttle, total, 8, attemptMs, (abortSignal) => client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal }));
+    } catch (e) {
+      if ((e as Error)?.name !== 'NoSuchUpload') throw e;
+    }
+  }));
 }
 
 /** A key whose CreateMultipartUpload went unanswered: when (performance.now()) the first such attempt began and the last ended. */
@@ -127,28 +179,29 @@ export interface LostCreatesOutcome {
  * retried if transient, all within `totalMs`.
  */
 export async function abortLostCreates(client: S3Client, lost: LostCreates, mine: ReadonlyMap<string, string>, settle: () => Promise<unknown>,
-  totalMs = 10_000, attemptMs = 5_000): Promise<LostCreatesOutcome> {
+  totalMs = 10_000, attemptMs = 5_000, throttling: CleanupThrottling = {}): Promise<LostCreatesOutcome> {
   const { ListMultipartUploadsCommand } = await import('@aws-sdk/client-s3');
   const { bucket, key } = lost;
-  const start = performance.now();
   const total = deadline(undefined, totalMs);
+  const throttle = cleanupThrottle(1, totalMs, throttling);
   try {
     let listed;
     try {
-      listed = await retryTransient(async () => {
+      let date: string | undefined;
+      let sentAt = 0;
+      const page = await cleanupRequest(throttle, total.signal, 3, attemptMs, (abortSignal) => {
         const command = new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: key, MaxUploads: 1000 });
-        let date: string | undefined;
         command.middlewareStack.add((next) => async (args) => {
           const out = await next(args);
           date = (out.response as { headers?: Record<string, string> } | undefined)?.headers?.date;
           return out;
         }, { step: 'deserialize', name: 'listingDate' });
-        const sentAt = performance.now();
-        const page = await cutAttempt(total.signal, attemptMs, (abortSignal) => client.send(command, { abortSignal }));
-        return { page, date, sentAt, receivedAt: performance.now() };
-      }, 3, total.signal);
+        sentAt = performance.now();
+        return client.send(command, { abortSignal });
+      });
+      listed = { page, date, sentAt, receivedAt: performance.now() };
     } catch (e) {
-      return { bucket, key, aborted: [], failed: s3Code(e) };
+      return { bucket, key, aborted: [], failed: cleanupReason(e, totalMs) };
     }
     const known = new Set(mine.keys());
     await settle();
@@ -164,9 +217,9 @@ export async function abortLostCreates(client: S3Client, lost: LostCreates, mine
       return u.Key === key && u.UploadId !== undefined && !known.has(u.UploadId) && at !== undefined && at >= from && at <= to;
     }).map((u) => u.UploadId!);
     if (theirs.length === 0) return { bucket, key, aborted: [] };
-    const got = await abortUploads(client, bucket, theirs.map((id) => [id, key] as const), Math.max(1, totalMs - (performance.now() - start)), attemptMs);
+    const got = await abortWithin(client, bucket, theirs.map((id) => [id, key] as const), total.signal, attemptMs, throttle);
     const refused = got.find((g): g is PromiseRejectedResult => g.status === 'rejected');
-    return { bucket, key, aborted: theirs.filter((_, i) => got[i]!.status === 'fulfilled'), ...(refused ? { failed: s3Code(refused.reason) } : {}) };
+    return { bucket, key, aborted: theirs.filter((_, i) => got[i]!.status === 'fulfilled'), ...(refused ? { failed: cleanupReason(refused.reason, totalMs) } : {}) };
   } finally {
     total.clear();
   }

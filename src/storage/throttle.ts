@@ -39,12 +39,12 @@ export interface Slot {
  * What a Throttle slows down, as its log lines and giveUp name it: a fill's download (its ranges, the default) or its
  * listing; the requests of an upload (output_uri, a push); the GET of an s3:// input image.
  */
-export type ThrottledWork = 'download' | 'listing' | 'upload' | 'read' | 'cache check' | 'delete' | 'abort';
+export type ThrottledWork = 'download' | 'listing' | 'upload' | 'read' | 'cache check' | 'push\'s listing' | 'push\'s delete' | 'abort';
 
 /**
  * Per work: what fails, what ends a throttled spell (as the first log line and giveUp say it), and what to do once it
- * gave up. Work bounded by S3_THROTTLE_TIMEOUT_S is told to raise it (TAIL); a cache check and cleanup (a push's
- * delete of a changed file, an abort) have bounds of their own, and leave something behind that their callers name.
+ * gave up. Work bounded by S3_THROTTLE_TIMEOUT_S is told to raise it (TAIL); a cache check and a cleanup (an abort)
+ * have bounds of their own, and leave something behind that their callers name.
  */
 const TAIL = 'raise S3_THROTTLE_TIMEOUT_S to wait longer (on MinIO or Ceph, check the server\'s load and its request limits)';
 const FILL = { fails: 'the fill fails', served: ['receiving a byte', 'a byte received'], advice: `start fewer pods at once (a slower rollout or scale-up), lower S3_MAX_CONCURRENCY, or ${TAIL}` } as const;
@@ -55,7 +55,8 @@ const WORK: Readonly<Record<ThrottledWork, { fails: string; served: readonly [st
   upload: { fails: 'the upload fails', served: ['a request accepted', 'a request accepted'], advice: `send fewer uploads at once (a push: lower S3_MAX_CONCURRENCY), or ${TAIL}` },
   read: { fails: 'the read fails', served: ['receiving a byte', 'a byte received'], advice: `retry later, or ${TAIL}` },
   'cache check': { fails: 'the committed cache entry is served as it is', served: ANSWERED, advice: 'start fewer pods at once (a slower rollout or scale-up)' },
-  delete: { fails: 'the delete fails', served: ANSWERED, advice: `retry later, or ${TAIL}` },
+  'push\'s listing': { fails: 'the push fails', served: ANSWERED, advice: `push later, or ${TAIL}` },
+  'push\'s delete': { fails: 'the push fails', served: ANSWERED, advice: `push again later (with --replace), or ${TAIL}` },
   abort: { fails: 'the multipart upload is left', served: ANSWERED, advice: 'its parts are billed until it is aborted (aws s3api abort-multipart-upload) or a lifecycle rule (AbortIncompleteMultipartUpload) removes it' },
 };
 

@@ -141,7 +141,7 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
         // aborted before the upload goes on (or reports its failure), once, whatever the last attempt did.
         if (unanswered !== undefined) {
           const settle = () => Promise.allSettled([...creating.get(key) ?? []]);
-          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle).catch((e: unknown) => (
+          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle, undefined, undefined, { log: throttling.log }).catch((e: unknown) => (
             { bucket: input.Bucket ?? '', key, aborted: [], failed: (e as Error)?.name ?? 'Error' }));
           onLostCreates?.(outcome);
         }

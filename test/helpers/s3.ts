@@ -126,9 +126,11 @@ export interface Faults {
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
    * (Date.now() ms; never without it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
    * in stats.slowDowns. With `gets: false`, GETs are served (a storm on the HEADs alone). With `uploads`, every
-   * PutObject, UploadPart, CreateMultipartUpload and CompleteMultipartUpload too, with the same 503 and body.
+   * PutObject, UploadPart, CreateMultipartUpload and CompleteMultipartUpload too, with the same 503 and body. With
+   * `deletes`, every DeleteObject and DeleteObjects; with `aborts`, every AbortMultipartUpload (faults.abortUploads) and
+   * ListMultipartUploads (faults.listUploads). `count`: only the next that many requests it matches, then it ends.
    */
-  slowDown?: { until?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean; uploads?: boolean };
+  slowDown?: { until?: number; count?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean; uploads?: boolean; deletes?: boolean; aborts?: boolean };
   /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
@@ -314,24 +316,35 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       return;
     }
     const query = new URLSearchParams((req.url ?? '').split('?')[1] ?? '');
-    if (f.listUploads && req.method === 'GET' && query.has('uploads') && objectKey === '') {
+    const storm = f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until) && (f.slowDown.count ?? 1) > 0 ? f.slowDown : undefined;
+    /** Answers the request 503 SlowDown for the storm (the bare 503 of a HEAD), counting it. */
+    const slowedDown = () => {
+      stats.slowDowns++;
+      if (storm!.count !== undefined) storm!.count--;
+      req.resume();
+      const hint = storm!.retryAfter !== undefined ? { 'retry-after': storm!.retryAfter } : {};
+      if (req.method === 'HEAD') res.writeHead(503, hint).end();
+      else res.writeHead(503, { 'content-type': 'application/xml', ...hint }).end(s3Error('SlowDown'));
+    };
+    const isUploadListing = req.method === 'GET' && query.has('uploads') && objectKey === '';
+    const isAbort = req.method === 'DELETE' && query.has('uploadId');
+    if (storm && ((storm.aborts && (isAbort || isUploadListing)) || (storm.deletes && ((req.method === 'DELETE' && !isAbort) || uploadCommand(req.method, req.url ?? '') === 'DeleteObjects')))) {
+      slowedDown();
+      return;
+    }
+    if (f.listUploads && isUploadListing) {
       req.resume();
       stats.uploadListings++;
       res.writeHead(200, { 'content-type': 'application/xml' }).end(uploadsListing(p, decodeURIComponent((req.url ?? '').split('?')[0]!).split('/')[1]!, query));
       return;
     }
-    const storm = f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until) ? f.slowDown : undefined;
     if (storm?.heads && req.method === 'HEAD') {
-      stats.slowDowns++;
-      req.resume();
-      res.writeHead(503, storm.retryAfter !== undefined ? { 'retry-after': storm.retryAfter } : {}).end();
+      slowedDown();
       return;
     }
     const stormed = storm?.uploads ? uploadCommand(req.method, req.url ?? '') : undefined;
     if (stormed !== undefined && stormed !== 'DeleteObjects') {
-      stats.slowDowns++;
-      req.resume();
-      res.writeHead(503, { 'content-type': 'application/xml', ...(storm!.retryAfter !== undefined ? { 'retry-after': storm!.retryAfter } : {}) }).end(s3Error('SlowDown'));
+      slowedDown();
       return;
     }
     const sim = f.objects?.[objectKey];
@@ -503,12 +516,9 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       res.writeHead(f.failLists.status, { 'content-type': 'application/xml' }).end(s3Error(f.failLists.code));
       return;
     }
-    if (((isGet && f.slowDown?.gets !== false) || (isList && f.slowDown?.lists)) && f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until)) {
-      stats.slowDowns++;
+    if (storm && ((isGet && storm.gets !== false) || (isList && storm.lists))) {
       if (isGet) stats.gets++;
-      req.resume();
-      res.writeHead(503, { 'content-type': 'application/xml', ...(f.slowDown.retryAfter !== undefined ? { 'retry-after': f.slowDown.retryAfter } : {}) })
-        .end(s3Error('SlowDown'));
+      slowedDown();
       return;
     }
     if (isGet && f.failGets && f.failGets.count > 0 && (f.failGets.keys?.test(objectKey) ?? true)) {
