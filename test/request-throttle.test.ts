@@ -17,6 +17,7 @@ import { silentLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import type { EncodedImage } from '../src/runtime/engine.js';
 import { createImageSource } from '../src/runtime/image-source.js';
+import { createLogger } from '../src/log.js';
 import { createOutputStore } from '../src/runtime/output.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
 import { fixtureModel } from './fixtures/index.js';
@@ -73,6 +74,26 @@ describe('a short SlowDown storm is waited out', () => {
       // Each image's first request, at least, was answered SlowDown; every such answer was heard.
       expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(2);
       expect(codes).toEqual(Array(proxy.stats.slowDowns - before).fill('SlowDown'));
+    } finally {
+      requestS3.destroy();
+    }
+  }, 30_000);
+
+  it('output_uri: four uploads throttled at once log one warn line between them, not one each; every answer is still heard', async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const log = createLogger('info', 'test', { write: (l: string) => void lines.push(JSON.parse(l) as Record<string, unknown>) });
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp, { S3_THROTTLE_TIMEOUT_S: '8' }).s3, 8, log);
+    const { codes, count } = heard();
+    try {
+      const before = proxy.stats.slowDowns;
+      proxy.faults = { slowDown: { until: Date.now() + 1_500, uploads: true, gets: false } };
+      const images = [png(11, 3_000), png(12, 3_000), png(13, 3_000), png(14, 3_000)];
+      expect(await createOutputStore(requestS3, log, count).upload('s3://models/out/quiet.png', images)).toHaveLength(4);
+      expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(4);
+      expect(codes).toHaveLength(proxy.stats.slowDowns - before);
+      // Before: one 'S3 is throttling the upload' line per image (and one 'no longer throttles' each).
+      expect(lines.filter((l) => /^S3 is throttling the upload/.test(String(l.msg)))).toHaveLength(1);
+      expect(lines.filter((l) => /^S3 no longer throttles the upload/.test(String(l.msg))).length).toBeLessThanOrEqual(1);
     } finally {
       requestS3.destroy();
     }

@@ -12,7 +12,8 @@ import { createLogger, silentLogger } from '../src/log.js';
 import { resolveModel } from '../src/storage/fetch.js';
 import { retryAfterMs, throttled } from '../src/storage/s3-errors.js';
 import { LiteHttpError } from '../src/storage/s3-lite.js';
-import { Throttle } from '../src/storage/throttle.js';
+import { Throttle, ThrottleLog } from '../src/storage/throttle.js';
+import { until } from './helpers/server.js';
 import { cleanUpS3, detBytes, evenParts, type FaultProxy, multipartEtag, rejection, type S3Server, startModelStore, testConfig } from './helpers/s3.js';
 
 let s3: S3Server;
@@ -320,6 +321,24 @@ describe('Throttle', () => {
     clock.now = 29_000;
     expect(t.throttled(slot(), 'SlowDown')).toBeUndefined();
     expect(t.giveUp('SlowDown')).toMatch(/^S3 kept throttling the download \(SlowDown, 4 throttled answers\) for 10 s \(S3_THROTTLE_TIMEOUT_S\) without a byte received, with the ranges in flight cut from 4 to 1;/);
+  });
+});
+
+describe('ThrottleLog', () => {
+  it('lets the first spell of many requests log, holds those that begin within its interval, and sums them up once it is over', async () => {
+    const { log, lines } = recorder();
+    const gate = new ThrottleLog(log, 'read', 300);
+    const reads = Array.from({ length: 4 }, (_, i) => new Throttle({ concurrency: 1, timeoutMs: 300_000, log, what: 'read', fields: { uri: `s3://b/${i}` }, gate }));
+    const slot = { round: 0, release: () => undefined };
+    for (const t of reads) t.throttled(slot, 'SlowDown');
+    reads[3]!.throttled({ ...slot, round: 1 }, 'SlowDown');
+    expect(lines.map((l) => l.msg)).toEqual(['S3 is throttling the read (SlowDown): backing off; the read fails once throttled for 300 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte']);
+    await until(() => lines.length === 2, 10_000, 20);
+    expect(lines[1]).toMatchObject({ level: 'warn', requests: 3, throttledAnswers: 4,
+      msg: expect.stringMatching(/^S3 also throttled 3 other reads \(4 throttled answers\) in the last \d+ s; each is not logged on its own/) });
+    // A held spell that ends says nothing either; a spell after the interval logs again.
+    reads[1]!.answered({ round: reads[1]!.round, release: () => undefined });
+    expect(lines).toHaveLength(2);
   });
 });
 

@@ -11,7 +11,7 @@ import { RuntimeError } from '../errors.js';
 import { loadSdk } from './choose-transport.js';
 import { fallbackNote, fallbackProblem, virtualHostedFallback } from './addressing.js';
 import { endpointName } from './s3-errors.js';
-import { Throttle, type ThrottleOptions } from './throttle.js';
+import { Throttle, ThrottleLog, type ThrottleOptions } from './throttle.js';
 
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
@@ -37,6 +37,8 @@ export interface RequestS3 {
  */
 export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?: Logger): RequestS3 {
   let handle: S3Handle | undefined;
+  // One line at a time for the reads S3 throttles, not one per request.
+  const reads = new ThrottleLog(log ?? silentLogger(), 'read');
   const onLostCreates = (o: LostCreatesOutcome) => {
     const uri = `s3://${o.bucket}/${o.key}`;
     if (o.aborted.length > 0) log?.info({ uri, uploads: o.aborted.length }, 'output_uri: aborted the multipart upload that a CreateMultipartUpload left unanswered made');
@@ -62,6 +64,6 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?:
       return f ? fallbackNote(f) : '';
     },
     endpoint: (bucket) => endpointName(s3, bucket),
-    throttle: (what, o) => new Throttle({ concurrency: 1, timeoutMs: s3.throttleTimeoutS * 1000, log: log ?? silentLogger(), what, ...o }),
+    throttle: (what, o) => new Throttle({ concurrency: 1, timeoutMs: s3.throttleTimeoutS * 1000, log: log ?? silentLogger(), what, gate: reads, ...o }),
   };
 }

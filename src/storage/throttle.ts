@@ -80,6 +80,8 @@ export interface ThrottleOptions {
   what?: ThrottledWork;
   /** Fields of its log lines beside the counts (the object an upload or a read is of). */
   fields?: Record<string, unknown>;
+  /** Shared by the Throttles of one kind of request (each upload's, each read's): their lines, one at a time (ThrottleLog). */
+  gate?: ThrottleLog;
   watch?: ThrottleWatch;
   now?: () => number;
   random?: () => number;
@@ -109,10 +111,12 @@ export class Throttle {
   /** The lowest limit of the current episode, and how many throttled answers it had, for the messages. */
   lowest: number;
   answers = 0;
-  readonly #o: Required<Omit<ThrottleOptions, 'watch'>> & Pick<ThrottleOptions, 'watch'>;
+  readonly #o: Required<Omit<ThrottleOptions, 'watch' | 'gate'>> & Pick<ThrottleOptions, 'watch' | 'gate'>;
   readonly #queue: Array<() => void> = [];
   #episode = false;
   #logged = 0;
+  /** This spell's lines are logged (its gate let them through); else its answers count in the gate's summary. */
+  #shown = true;
 
   constructor(o: ThrottleOptions) {
     this.#o = { now: Date.now, random: Math.random, what: 'download', fields: {}, bound: 'S3_THROTTLE_TIMEOUT_S', ...o };
@@ -173,7 +177,7 @@ export class Throttle {
     }
     if (this.#episode && this.limit === this.#o.concurrency) {
       this.#episode = false;
-      this.#o.log.info({ ...this.#o.fields, ...this.#limitField(), throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
+      if (this.#shown) this.#o.log.info({ ...this.#o.fields, ...this.#limitField(), throttledAnswers: this.answers }, `S3 no longer throttles the ${this.#o.what}${this.#o.what === 'download' ? `: all ${this.limit} ranges in flight again` : ''}`);
     }
   }
 
@@ -210,12 +214,16 @@ export class Throttle {
     if (!this.#episode) {
       this.#episode = true;
       this.#logged = now;
-      this.#o.log.warn(fields, `S3 is throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off; `
-        + `${WORK[this.#o.what].fails} once throttled for ${this.#o.timeoutMs / 1000} s (${this.#o.bound}) without ${WORK[this.#o.what].served[0]}`);
-    } else if (now - this.#logged >= LOG_EVERY_MS) {
+      this.#shown = this.#o.gate?.begin() ?? true;
+      if (this.#shown) {
+        this.#o.log.warn(fields, `S3 is throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off; `
+          + `${WORK[this.#o.what].fails} once throttled for ${this.#o.timeoutMs / 1000} s (${this.#o.bound}) without ${WORK[this.#o.what].served[0]}`);
+      }
+    } else if (this.#shown && now - this.#logged >= LOG_EVERY_MS) {
       this.#logged = now;
       this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
     }
+    if (!this.#shown) this.#o.gate!.held();
     return wait;
   }
 
@@ -244,6 +252,54 @@ export class Throttle {
     return `S3 kept throttling the ${this.#o.what} (${code}, ${this.answers} throttled answers) for ${this.#o.timeoutMs / 1000} s (${this.#o.bound}) `
       + `without ${work.served[1]}${this.#o.what === 'download' ? `, with the ranges in flight cut from ${this.#o.concurrency} to ${this.lowest}` : ''}; `
       + `the store is asked for more than it serves: ${work.advice}`;
+  }
+}
+
+/** Plural of a request's work in ThrottleLog's summary. */
+const REQUESTS: Partial<Record<ThrottledWork, string>> = { upload: 'uploads', read: 'reads' };
+
+/**
+ * The log lines of many requests' Throttles (each output_uri upload's, each s3:// input's), one at a time: under
+ * sustained throttling each request's spell would log its own lines. The first spell logs as a Throttle does; one that
+ * begins within `everyMs` of the last line logged is held, and one summary `everyMs` after that line counts the spells
+ * and answers held. s3_throttled_responses_total still counts every answer.
+ */
+export class ThrottleLog {
+  #last: number | undefined;
+  #spells = 0;
+  #answers = 0;
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly log: Logger, private readonly what: ThrottledWork, private readonly everyMs = LOG_EVERY_MS,
+    private readonly now: () => number = Date.now) {}
+
+  /** A Throttle's spell begins: whether it logs its lines, or is held for the summary. */
+  begin(): boolean {
+    const now = this.now();
+    if (this.#last === undefined || now - this.#last >= this.everyMs) {
+      this.#last = now;
+      return true;
+    }
+    this.#spells++;
+    this.#timer ??= setTimeout(() => this.#summary(), this.#last + this.everyMs - now).unref();
+    return false;
+  }
+
+  /** A throttled answer of a spell held. */
+  held(): void {
+    this.#answers++;
+  }
+
+  #summary(): void {
+    this.#timer = undefined;
+    const now = this.now();
+    const s = Math.round((now - this.#last!) / 1000);
+    this.#last = now;
+    this.log.warn({ requests: this.#spells, throttledAnswers: this.#answers, seconds: s },
+      `S3 also throttled ${this.#spells} other ${REQUESTS[this.what] ?? this.what} (${this.#answers} throttled answers) in the last ${s} s; `
+      + 'each is not logged on its own (s3_throttled_responses_total counts every answer)');
+    this.#spells = 0;
+    this.#answers = 0;
   }
 }
 

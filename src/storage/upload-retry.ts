@@ -12,7 +12,7 @@ import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { abortLostCreates, type LostCreatesOutcome } from './multipart.js';
 import { classify, errorStatus, retryTransient } from './s3-errors.js';
-import { Throttle, ThrottledTries } from './throttle.js';
+import { Throttle, ThrottledTries, ThrottleLog } from './throttle.js';
 import { currentUpload, inUploadScope, noteMultipart, type UploadScope } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
 
@@ -64,10 +64,12 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
   const creating = new Map<string, Set<Promise<unknown>>>();
   // Each upload's Throttle, made with its first request. A request outside any upload's scope has one of its own.
   const throttles = new WeakMap<UploadScope, Throttle>();
+  // One line at a time for the uploads S3 throttles, not one per upload.
+  const gate = new ThrottleLog(throttling.log, 'upload');
   const throttleOf = (scope: UploadScope | undefined, uri: string) => {
     let t = scope && throttles.get(scope);
     if (t === undefined) {
-      t = new Throttle({ concurrency: scope?.concurrency ?? 1, timeoutMs: throttling.timeoutMs, log: throttling.log, what: 'upload', fields: { uri },
+      t = new Throttle({ concurrency: scope?.concurrency ?? 1, timeoutMs: throttling.timeoutMs, log: throttling.log, what: 'upload', fields: { uri }, gate,
         ...(scope?.watch ? { watch: scope.watch } : {}) });
       if (scope) throttles.set(scope, t);
     }
