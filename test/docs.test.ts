@@ -91,6 +91,9 @@ describe('docs/OPERATIONS.md metrics table', () => {
     const cancels = literals(/export function cancelReason\(reason: unknown\): ([^{]+)\{/.exec(read('src/runtime/engine.ts'))![1]!, /'([a-z_]+)'/g);
     expect(cancels.length).toBe(3);
     for (const r of cancels) expect(row('inference_cancelled_total').labels, `reason ${r}`).toContain(r);
+    const operations = literals(/export type S3Operation = ([^;]+);/.exec(read('src/metrics.ts'))![1]!, /'([a-z_]+)'/g);
+    expect(operations.length).toBe(6);
+    for (const o of operations) expect(row('s3_throttled_responses_total').labels, `operation ${o}:`).toContain(`${o}:`);
   });
 
   it("the stage histogram's HELP names every stage too (what a Prometheus user reads)", async () => {
