@@ -7,8 +7,9 @@
  * A cache volume that fails the workers' reads of the model with EIO (test/native/stuck-fs.c) is retried as CACHE_IO;
  * a corrupt graph fails MODEL_FORMAT.
  */
-import { cpSync, promises as fsp, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, promises as fsp, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import onnxProto from 'onnx-proto';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { RuntimeError } from '../src/errors.js';
@@ -240,6 +241,25 @@ describe('a read error of the cache volume while the workers load the model', ()
     const failed = await srv.waitFor('state', (s) => s.state === 'failed', 60_000);
     // Before: "CACHE_IO: vae_decoder/notes.txt could not be read: read failed with EIO", ORT's own error hidden.
     expect(failed.reason).toMatch(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: /);
+  }, 60_000);
+
+  it.skipIf(stuckFsUnavailable())('a graph ORT parses but rejects (an operator it does not know) reads none of its weights again: MODEL_FORMAT with its text, not the volume\'s error', async () => {
+    const backing = await copy();
+    const vae = path.join(backing.dir, backing.entry, 'vae_decoder');
+    const graph = onnxProto.onnx.ModelProto.decode(readFileSync(path.join(vae, 'model.onnx')));
+    graph.graph!.node![0]!.opType = 'NoSuchOp';
+    writeFileSync(path.join(vae, 'model.onnx'), onnxProto.onnx.ModelProto.encode(graph).finish());
+    // Stands in for gigabytes of weights beside it: read again, its EIO would be found and blamed.
+    writeFileSync(path.join(vae, 'weights.bin'), Buffer.alloc(4096));
+    const mnt = `${backing.dir}-mnt`;
+    dirs.push(() => rmSync(mnt, { recursive: true, force: true }));
+    const fs = await mountStuckFs(backing.dir, mnt, { eio: 'read:weights.bin', eioTimes: 1_000_000 });
+    const srv = await startServer({ MODEL_CACHE_DIR: fs.dir, STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '1' }, { ready: false });
+    live.push(srv);
+    const failed = await srv.waitFor('state', (s) => s.state === 'failed' || s.state === 'retrying', 60_000);
+    // Before: "retrying" with "CACHE_IO: vae_decoder/weights.bin could not be read: read failed with EIO", tried again
+    // for ever for a graph no retry mends, after reading every weights file of the component.
+    expect([failed.state, failed.reason]).toEqual(['failed', expect.stringMatching(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: .*No Op registered for NoSuchOp/)]);
   }, 60_000);
 
   it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {

@@ -10,7 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
-import { allocationText, failureReply, loadError, outOfMemory, withoutSourceLocations } from '../src/pipeline/failures.js';
+import { allocationText, failureReply, loadError, outOfMemory, readFailure, withoutSourceLocations } from '../src/pipeline/failures.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
@@ -290,4 +290,21 @@ describe.skipIf(!canLimit)('a batch out of memory that holds generations whose c
     const after = await counts();
     expect({ hits: after.hits - before.hits, split: after.split - before.split, failed: after.failed - before.failed }).toEqual({ hits: 1, split: 1, failed: 1 });
   }, 120_000);
+});
+
+describe('loadError: which failures read the component\'s files again', () => {
+  // onnxruntime-node 1.30.0's texts, measured on the demo model (CPU; each path was the model's absolute one), and a
+  // CUDA failure as cuda_call.cc writes one.
+  it.each([
+    ['a graph that is short or failed a read', 'Load model from /m/unet/model.onnx failed:Protobuf parsing failed.', 'graph'],
+    ['a graph this uid may not open (EACCES)', 'Load model from /m/unet/model.onnx failed:system error number 13', 'graph'],
+    ['a graph gone', "Load model from /m/unet/model.onnx failed:Load model /m/unet/model.onnx failed. File doesn't exist", 'graph'],
+    ['weights this uid may not open (EACCES)', 'Exception during initialization: /onnxruntime_src/onnxruntime/core/optimizer/initializer.cc:79 onnxruntime::Initializer::Initializer(const onnxruntime::Graph&, const onnx::TensorProto&, const std::filesystem::__cxx11::path&, bool) SystemError : 13\n', 'all'],
+    ['weights cut short', 'Exception during initialization: /onnxruntime_src/onnxruntime/core/optimizer/initializer.cc:79 onnxruntime::Initializer::Initializer(const onnxruntime::Graph&, const onnx::TensorProto&, const std::filesystem::__cxx11::path&, bool) [ONNXRuntimeError] : 1 : FAIL : tensorprotoutils.cc:1763 GetExtDataFromTensorProto External initializer: conv_in.weight offset: 12288 size to read: 1152 given file_length: 1000 are out of bounds or can not be read in full.\n', 'all'],
+    ['weights gone', 'External data path validation failed for initializer: time_embedding.linear_1.weight. Error: tensorprotoutils.cc:461 ValidateExternalDataPathFromDir External data path does not exist: "/m/unet/model.onnx_data"', 'all'],
+    // Not about reading: passed on without a byte read again.
+    ['an operator ORT does not know', 'Load model from /m/unet/model.onnx failed:This is an invalid model. In Node, ("/Mul_0", NoSuchOp, "", -1) : ("latent_sample": tensor(float),"/unscale": tensor(float),) -> ("/Mul_0",) , Error No Op registered for NoSuchOp with domain_version of 17', undefined],
+    ['a CUDA failure', '/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:129 CUDA failure 100: no CUDA-capable device is detected ; GPU=0 ; hostname=h ; file=f ; line=1 ; expr=cudaSetDevice(info_.device_id); ', undefined],
+    ['a folder given as the graph', 'The model path is a directory. Loading a model package from a directory path is not supported. Use the model package API (CreateModelPackageContext, SelectComponent, CreateSession) instead.', undefined],
+  ])('%s', (_, text, which) => expect(readFailure(text)).toBe(which));
 });

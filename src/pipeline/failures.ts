@@ -110,12 +110,12 @@ export async function loadError(component: string, modelPath: string, err: unkno
     // Not MODEL_FORMAT: re-exporting the same model does not help, room does.
     return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
-  // ORT tells no errno: a read that failed with EIO reads "Protobuf parsing failed", a file gone "File doesn't exist",
-  // as a corrupt or missing one would. Reading the component's files again tells the volume's fault from the format's.
-  // A graph it could not parse was all it had read (weights come after): only the graph is read again, not gigabytes
-  // of weights, and a file it never opened cannot stand in for its error.
-  const graphOnly = /Protobuf parsing failed/.test(String((err as Error)?.message ?? err));
-  const unreadable = await unreadableFile(path.dirname(modelPath), graphOnly);
+  const text = String((err as Error)?.message ?? err);
+  // ORT tells no errno of most reads (an EIO reads "Protobuf parsing failed", as a corrupt graph does): reading the
+  // files again tells the volume's fault from the format's. Only for a failure ORT's text ties to reading them: a
+  // CUDA or provider error, a graph ORT rejects once parsed, reads no gigabytes of weights to be passed on.
+  const reread = readFailure(text);
+  const unreadable = reread && (await unreadableFile(path.dirname(modelPath), reread === 'graph'));
   const io = unreadable && readError(unreadable.name ? `${component}/${unreadable.name}` : component, unreadable.err);
   if (io) return io;
   const pointers = lfsPointers(path.dirname(modelPath));
@@ -129,8 +129,25 @@ export async function loadError(component: string, modelPath: string, err: unkno
     );
   }
   const dir = path.dirname(path.dirname(modelPath)) + path.sep;
-  const message = withoutSourceLocations(String((err as Error)?.message ?? err).split(dir).join('')).trim();
+  const message = withoutSourceLocations(text.split(dir).join('')).trim();
   return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${message}`, { cause: err });
+}
+
+/**
+ * ORT's texts (onnxruntime 1.30.0, each measured on the demo model: docs/FAULTS.md) that tie a session's failure to
+ * reading its files. The graph: Model::Load's "Protobuf parsing failed." (a short or failed read), "system error
+ * number <errno>" (its open failed), "File doesn't exist". Its external data: "SystemError : <errno>" (an open or a read
+ * of the weights failed), "External data path does not exist", "… are out of bounds or can not be read in full" (a
+ * short weights file), and the posix Env's "<call> file "<path>" failed: <strerror>" and ReadFileIntoBuffer's end of
+ * file. Anything else (a provider, an operator ORT does not know, a type mismatch) is not about reading.
+ */
+const GRAPH_READ = /Protobuf parsing failed|failed:system error number \d+|File doesn't exist/;
+const DATA_READ = /SystemError : \d+|External data path does not exist|are out of bounds or can not be read in full|\b(?:open|read|lseek|mmap|fstat) file ".*" failed: |ReadFileIntoBuffer/;
+
+/** Which files a failure's text says ORT could not read: the graph alone (weights come after it), all, or none. */
+export function readFailure(text: string): 'graph' | 'all' | undefined {
+  if (DATA_READ.test(text)) return 'all';
+  return GRAPH_READ.test(text) ? 'graph' : undefined;
 }
 
 /**
