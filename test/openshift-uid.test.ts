@@ -5,7 +5,7 @@
  * server, s3rver on loopback); they need root to change uid, so the suite is skipped elsewhere.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, realpathSync, rmSync, symlinkSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, realpathSync, rmSync, symlinkSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -140,5 +140,33 @@ describe.skipIf(!canSwitch)('an arbitrary uid in group 0 (OpenShift restricted S
       + 'folders another uid made without group write: chmod -R g+w them once)');
     const below = await warmupAs(JOB_UID, s3Env(path.join(closed, 'cache')));
     expect(below.stderr.trim().split('\n').at(-1)).toMatch(new RegExp(`^warmup: CACHE_IO: cannot create the model cache directory \\(MODEL_CACHE_DIR\\): EACCES \\(this process is uid ${JOB_UID}, group 0: `));
+  });
+});
+
+describe.skipIf(!canSwitch)('a model file the serving uid may not read (written by a Job of another uid, no fsGroup)', () => {
+  /** The demo model with external weights, as a local STORAGE_URI folder; `close` makes some of it the Job's, 0600. */
+  async function failedAs(name: string, close: (model: string) => void): Promise<string> {
+    const model = path.join(base, name);
+    await buildDemoModel(model, { externalData: true });
+    close(model);
+    const srv = await startServer({ STORAGE_URI: model, MODEL_CACHE_DIR: groupVolume(`${name}-cache`), HOME: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '1' },
+      { prefix: asUid(POD_UIDS[0]!), entry, ready: false });
+    live.push(srv);
+    const end = await srv.waitFor('state', (s) => s.state === 'failed' || s.state === 'retrying', 60_000);
+    expect(end.state).toBe('failed');
+    return String(end.reason);
+  }
+  const jobs = (file: string) => {
+    chownSync(file, JOB_UID, JOB_UID);
+    chmodSync(file, 0o600);
+  };
+  const advice = "the model's files must be readable by that uid or one of those groups: set the pod's securityContext.fsGroup to the group the files belong to, "
+    + 'or run the warm-up Job that wrote them with the same runAsUser (or runAsGroup) as the server; files already written without group read: chmod -R g+rX them once';
+
+  it('its graph: fails at once naming the file, this uid and its groups, the file\'s owner and mode, and what to change', async () => {
+    const reason = await failedAs('closed-graph', (m) => jobs(path.join(m, 'unet', 'model.onnx')));
+    // Before: "… open failed with EACCES (the volume that holds the model failed, not its format)".
+    expect(reason).toBe(`CACHE_IO: unet/model.onnx could not be read: open failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
+      + `(the file is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0600), a permission of the deployment that no retry fixes; ${advice}`);
   });
 });

@@ -8,9 +8,10 @@
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
-import { closeSync, openSync, readdirSync, readSync, statSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readSync, statSync, type Stats } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { processIdentity } from '../config.js';
 import { LIMIT_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 
@@ -154,14 +155,55 @@ export function readFailure(text: string): 'graph' | 'all' | undefined {
  * A read of `rel` (a path inside the model folder) that the OS failed, as CACHE_IO with its errno as the cause (what
  * a boot retry looks at); undefined for an error with no errno (or ENOENT with `missingIsFormat`: a file the layout
  * requires is missing from the export). Named inside the model, never by the absolute path. A process out of
- * descriptors is TOO_MANY_OPEN_FILES, not the volume's fault: the boot waits that out (boot-sequence.ts).
+ * descriptors is TOO_MANY_OPEN_FILES, not the volume's fault: the boot waits that out (boot-sequence.ts). A file this
+ * process may not read is how it was deployed (deniedError).
  */
 export function readError(rel: string, err: unknown, opts: { missingIsFormat?: boolean } = {}): RuntimeError | undefined {
   const e = err as NodeJS.ErrnoException;
   if (typeof e?.code !== 'string' || typeof e.syscall !== 'string' || (opts.missingIsFormat && e.code === 'ENOENT')) return undefined;
   const short = shortage(e);
   if (short) return shortageError(`${rel} could not be read`, short, LIMIT_ADVICE, err);
+  if (e.code === 'EACCES' || e.code === 'EPERM') return deniedError(rel, e);
   return new RuntimeError('CACHE_IO', `${rel} could not be read: ${e.syscall} failed with ${e.code} (the volume that holds the model failed, not its format)`, { cause: err });
+}
+
+/**
+ * A model file this process may not read (EACCES, EPERM): a deployment's fault that no wait fixes (boot-retry.ts does not
+ * retry it), most often files written by a warm-up Job of another uid without group read, or a volume mounted without
+ * the pod's fsGroup. Says who this process is and, where it can be seen, whose the file (or the folder that closes it) is and
+ * its mode; never its path.
+ */
+function deniedError(rel: string, e: NodeJS.ErrnoException): RuntimeError {
+  const who = processIdentity();
+  const mode = (st: Stats) => `0${(st.mode & 0o7777).toString(8)}`;
+  let whose = '';
+  let modeAllows = false;
+  if (typeof e.path === 'string') {
+    for (const [p, what] of [[e.path, 'the file'], [path.dirname(e.path), 'its folder']] as const) {
+      try {
+        const st = statSync(p);
+        whose = ` (${what} is owned by uid ${st.uid}, gid ${st.gid}, mode ${mode(st)})`;
+        modeAllows = what === 'the file' && readable(st);
+        break;
+      } catch {
+        // its folder may not be searched: the folder is what closes it
+      }
+    }
+  }
+  const advice = modeAllows
+    ? 'its mode lets this process read it, so an ACL, a security label (SELinux) or the volume\'s export (root_squash) refuses it: fix that on the volume'
+    : 'the model\'s files must be readable by that uid or one of those groups: set the pod\'s securityContext.fsGroup to the group the files belong to, ' +
+      'or run the warm-up Job that wrote them with the same runAsUser (or runAsGroup) as the server; files already written without group read: chmod -R g+rX them once';
+  return new RuntimeError('CACHE_IO', `${rel} could not be read: ${e.syscall} failed with ${e.code}: this process (${who}) may not read it${whose}, a permission of the deployment that no retry fixes; ${advice}`, { cause: e });
+}
+
+/** Whether a file's mode bits grant this process read (root reads any). */
+function readable(st: Stats): boolean {
+  const uid = process.getuid?.();
+  if (uid === undefined || uid === 0) return true;
+  if (st.uid === uid) return (st.mode & 0o400) !== 0;
+  if ([process.getgid!(), ...(process.getgroups?.() ?? [])].includes(st.gid)) return (st.mode & 0o040) !== 0;
+  return (st.mode & 0o004) !== 0;
 }
 
 /**
