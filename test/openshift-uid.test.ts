@@ -5,7 +5,7 @@
  * server, s3rver on loopback); they need root to change uid, so the suite is skipped elsewhere.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, realpathSync, rmSync, symlinkSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readlinkSync, realpathSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -167,6 +167,22 @@ describe.skipIf(!canSwitch)('a model file the serving uid may not read (written 
     const reason = await failedAs('closed-graph', (m) => jobs(path.join(m, 'unet', 'model.onnx')));
     // Before: "… open failed with EACCES (the volume that holds the model failed, not its format)".
     expect(reason).toBe(`CACHE_IO: unet/model.onnx could not be read: open failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
+      + `(the file is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0600), a permission of the deployment that no retry fixes; ${advice}`);
+  });
+
+  it('its weights, reached through a Hugging Face cache\'s links: named by the link, the owner and mode of the file it leads to', async () => {
+    const reason = await failedAs('closed-weights', (m) => {
+      // unet/ as huggingface_hub lays a snapshot out: both files relative links into a blobs/ folder.
+      const blobs = path.join(m, 'blobs');
+      mkdirSync(blobs);
+      for (const [file, blob] of [['model.onnx', 'g0'], ['model.onnx_data', 'w0']] as const) {
+        renameSync(path.join(m, 'unet', file), path.join(blobs, blob));
+        symlinkSync(`../blobs/${blob}`, path.join(m, 'unet', file));
+      }
+      jobs(path.join(blobs, 'w0'));
+    });
+    // Before: "MODEL_FORMAT: … SystemError : 13": the links were not read again, the graph was, and read whole.
+    expect(reason).toBe(`CACHE_IO: unet/model.onnx_data could not be read: open failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
       + `(the file is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0600), a permission of the deployment that no retry fixes; ${advice}`);
   });
 });

@@ -5,12 +5,14 @@
  * is capped (prlimit --as) once it is ready, and the demo model's UNet asks for more than is left.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, renameSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RuntimeError } from '../src/errors.js';
+import ort from 'onnxruntime-node';
 import { allocationText, failureReply, loadError, outOfMemory, readFailure, withoutSourceLocations } from '../src/pipeline/failures.js';
+import { fixtureVariant } from './fixtures/index.js';
 import { metric } from './helpers/runtime.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 
@@ -307,4 +309,28 @@ describe('loadError: which failures read the component\'s files again', () => {
     ['a CUDA failure', '/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:129 CUDA failure 100: no CUDA-capable device is detected ; GPU=0 ; hostname=h ; file=f ; line=1 ; expr=cudaSetDevice(info_.device_id); ', undefined],
     ['a folder given as the graph', 'The model path is a directory. Loading a model package from a directory path is not supported. Use the model package API (CreateModelPackageContext, SelectComponent, CreateSession) instead.', undefined],
   ])('%s', (_, text, which) => expect(readFailure(text)).toBe(which));
+
+  it('weights linked from outside the graph\'s folder (ONNX Runtime refuses them): said so, without either absolute path', async () => {
+    const tmp = tempDir('dr-linked-weights-');
+    try {
+      const model = await fixtureVariant(path.join(tmp.dir, 'model'), { family: 'sd15', externalData: true });
+      const shared = path.join(tmp.dir, 'shared-weights');
+      mkdirSync(shared);
+      renameSync(path.join(model, 'unet', 'model.onnx_data'), path.join(shared, 'unet.bin'));
+      symlinkSync(path.join(shared, 'unet.bin'), path.join(model, 'unet', 'model.onnx_data'));
+      const graph = path.join(model, 'unet', 'model.onnx');
+      const err = (await ort.InferenceSession.create(graph).then(() => undefined, (e: unknown) => loadError('unet', graph, e))) as RuntimeError;
+      // Before: ORT's text, the folder outside the model whole ("… resolved path: \"/tmp/…/shared-weights/unet.bin\" allowed directory: …").
+      expect([err.code, err.message]).toEqual(['MODEL_FORMAT', 'unet/model.onnx could not be loaded: its weights file unet/model.onnx_data is a symbolic link to a file outside the folder of '
+        + 'unet/model.onnx (or model.onnx is a link into a folder that lacks it), and ONNX Runtime reads weights only from the graph\'s own folder: put the file itself in unet/, '
+        + 'or link model.onnx and its weights into one folder (as a Hugging Face cache does)']);
+      // A link inside the folder is followed: the same weights, linked under the graph's own folder, load.
+      unlinkSync(path.join(model, 'unet', 'model.onnx_data'));
+      renameSync(path.join(shared, 'unet.bin'), path.join(model, 'unet', 'weights.bin'));
+      symlinkSync('weights.bin', path.join(model, 'unet', 'model.onnx_data'));
+      await (await ort.InferenceSession.create(graph)).release();
+    } finally {
+      tmp.cleanup();
+    }
+  });
 });

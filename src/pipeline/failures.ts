@@ -8,8 +8,8 @@
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
-import { closeSync, openSync, readdirSync, readSync, statSync, type Stats } from 'node:fs';
-import { open, readdir } from 'node:fs/promises';
+import { closeSync, lstatSync, openSync, readdirSync, readSync, statSync, type Stats } from 'node:fs';
+import { open, readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { processIdentity } from '../config.js';
 import { LIMIT_ADVICE, shortage, shortageError } from '../descriptors.js';
@@ -112,6 +112,9 @@ export async function loadError(component: string, modelPath: string, err: unkno
     return new RuntimeError('OUT_OF_MEMORY', `${component}/model.onnx could not be loaded: out of memory while its session was created (${allocationText(String((err as Error)?.message ?? err))}); it needs a GPU (or a memory limit) with more room, fewer WORKERS on one GPU, or a float16 export`, { cause: err });
   }
   const text = String((err as Error)?.message ?? err);
+  // A weights file linked out of the graph's folder: ORT's message names both absolute paths (never in a boot reason).
+  const escaped = /External data path escapes model directory\. External data path: "([^"]*)"/.exec(text);
+  if (escaped) return escapedDataError(component, modelPath, escaped[1]!, err);
   // ORT tells no errno of most reads (an EIO reads "Protobuf parsing failed", as a corrupt graph does): reading the
   // files again tells the volume's fault from the format's. Only for a failure ORT's text ties to reading them: a
   // CUDA or provider error, a graph ORT rejects once parsed, reads no gigabytes of weights to be passed on.
@@ -149,6 +152,27 @@ const DATA_READ = /SystemError : \d+|External data path does not exist|are out o
 export function readFailure(text: string): 'graph' | 'all' | undefined {
   if (DATA_READ.test(text)) return 'all';
   return GRAPH_READ.test(text) ? 'graph' : undefined;
+}
+
+/**
+ * ORT reads external data only from the folder its graph resolves in (tensorprotoutils.cc, ValidateExternalDataPath):
+ * a weights file linked from elsewhere (a PVC's shared folder), or a graph linked into a folder that lacks the weights
+ * it names, is refused. Said with the file's name inside the model, not ORT's two absolute paths.
+ */
+function escapedDataError(component: string, modelPath: string, location: string, err: unknown): RuntimeError {
+  const isLink = (p: string) => {
+    try {
+      return lstatSync(p).isSymbolicLink();
+    } catch {
+      return false;
+    }
+  };
+  const name = `${component}/${location}`;
+  const why = isLink(path.join(path.dirname(modelPath), location)) || isLink(modelPath)
+    ? `its weights file ${name} is a symbolic link to a file outside the folder of ${component}/model.onnx (or model.onnx is a link into a folder that lacks it), ` +
+      `and ONNX Runtime reads weights only from the graph's own folder: put the file itself in ${component}/, or link model.onnx and its weights into one folder (as a Hugging Face cache does)`
+    : `its graph names weights outside its folder (${JSON.stringify(location)}), and ONNX Runtime reads weights only from the graph's own folder: export the model again`;
+  return new RuntimeError('MODEL_FORMAT', `${component}/model.onnx could not be loaded: ${why}`, { cause: err });
 }
 
 /**
@@ -214,7 +238,8 @@ function readable(st: Stats): boolean {
 async function unreadableFile(dir: string, graphOnly: boolean): Promise<{ name: string; err: unknown } | undefined> {
   let names: string[] = [];
   try {
-    if (!graphOnly) names = (await readdir(dir, { withFileTypes: true })).filter((d) => d.isFile()).map((d) => d.name).sort();
+    // A link counts as the file it leads to (weights linked in from elsewhere on the volume are read through it too).
+    if (!graphOnly) names = (await Promise.all((await readdir(dir)).map(async (n) => ((await stat(path.join(dir, n)).catch(() => undefined))?.isFile() ? n : '')))).filter(Boolean).sort();
   } catch (err) {
     return { name: '', err };
   }
