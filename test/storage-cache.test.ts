@@ -69,6 +69,31 @@ describe('local sources', () => {
   });
 });
 
+describe('symbolic links in a cache entry', () => {
+  it.each([
+    ['a component folder', 'unet'],
+    ['a weights file', 'unet/model.onnx_data'],
+  ])('%s linked to a copy outside the cache is not read through its object key: the link goes, the object is fetched into the entry, the copy is left as it is', async (_, linked) => {
+    const cache = await fsp.mkdtemp(path.join(tmp, 'linked-'));
+    const first = await resolveModel('s3://models/m', { cfg: cfgFor(cache), log });
+    // What a user does on a PVC: the entry's folder or file moved to a shared place and linked back. The copy there
+    // differs (same size), as a file outside the cache would.
+    const shared = await fsp.mkdtemp(path.join(tmp, 'shared-'));
+    const outside = path.join(shared, path.basename(linked));
+    await fsp.rename(path.join(first.dir, linked), outside);
+    await fsp.symlink(outside, path.join(first.dir, linked));
+    const other = Buffer.alloc(BIG.length, 7);
+    await fsp.writeFile(linked === 'unet' ? path.join(outside, 'model.onnx_data') : outside, other);
+    const again = await resolveModel('s3://models/m', { cfg: cfgFor(cache), log });
+    // Before: a cache hit, unet/model.onnx_data read from outside the cache.
+    expect(again.fromCache).toBe(false);
+    expect((await fsp.lstat(path.join(again.dir, linked))).isSymbolicLink()).toBe(false);
+    // Buffer.equals: toEqual compares 3 MB element by element, for half a minute.
+    expect((await fsp.readFile(path.join(again.dir, 'unet', 'model.onnx_data'))).equals(BIG)).toBe(true);
+    expect((await fsp.readFile(linked === 'unet' ? path.join(outside, 'model.onnx_data') : outside)).equals(other)).toBe(true);
+  });
+});
+
 describe('out of disk', () => {
   it('ENOSPC while writing → NO_SPACE, nothing that looks complete, partials freed', async () => {
     const cache = await fsp.mkdtemp(path.join(tmp, 'nospace-'));

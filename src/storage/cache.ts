@@ -102,16 +102,33 @@ export async function readManifest(entry: string): Promise<Manifest | undefined>
   return m;
 }
 
-/** True when every file of the manifest is on disk with its size (a cheap stat, no hashing). */
+/** True when every file of the manifest is on disk with its size (a cheap stat, no hashing), reached through no link. */
 export async function manifestFilesPresent(entry: string, m: Manifest): Promise<boolean> {
-  const checks = await Promise.all(m.files.map(async (f) => {
-    try {
-      return (await fsp.stat(path.join(entry, f.path))).size === f.size;
-    } catch {
-      return false;
-    }
-  }));
+  const checks = await Promise.all(m.files.map(async (f) => (await entrySize(entry, f.path)) === f.size));
   return checks.every(Boolean);
+}
+
+/**
+ * The size of the regular file an object key names in `entry`, or -1: missing, not a file, or reached through a
+ * symbolic link (a link made on the volume into the entry, as to a shared copy of the weights elsewhere). An entry
+ * holds only what the cache wrote: a key's path that crosses a link would read, and a download write, outside it, so
+ * such a file counts as absent, and the fill's sweep takes the link away (the file it leads to stays as it is).
+ */
+export async function entrySize(entry: string, rel: string): Promise<number> {
+  if (await throughLink(entry, rel)) return -1;
+  return fsp.lstat(path.join(entry, rel)).then((st) => (st.isFile() ? st.size : -1), () => -1);
+}
+
+/** Whether a segment of `rel` under `entry` (down to the first that is missing) is a symbolic link. */
+export async function throughLink(entry: string, rel: string): Promise<boolean> {
+  let p = entry;
+  for (const seg of rel.split('/')) {
+    p = path.join(p, seg);
+    const st = await fsp.lstat(p).catch(() => undefined);
+    if (st === undefined) return false;
+    if (st.isSymbolicLink()) return true;
+  }
+  return false;
 }
 
 export async function writeManifest(entry: string, m: Manifest): Promise<void> {
@@ -196,11 +213,25 @@ export async function walk(dir: string): Promise<string[]> {
 
 /**
  * Deletes what no download in progress can use (call it only while holding the lock): temps of small
- * files, `*.partial` files the journal cannot resume, and files that are not part of the wanted set.
+ * files, `*.partial` files the journal cannot resume, files that are not part of the wanted set, and symbolic links
+ * (entrySize).
  */
 export async function sweep(entry: string, keep: ReadonlySet<string>): Promise<string[]> {
   const removed: string[] = [];
   const dirs = new Set<string>();
+  // Links first: unlink takes the link, never what it leads to; walk() below sees no link.
+  const links = async (d: string, rel: string): Promise<void> => {
+    for (const e of await fsp.readdir(d, { withFileTypes: true }).catch(() => [])) {
+      const r = rel === '' ? e.name : `${rel}/${e.name}`;
+      if (e.isDirectory()) await links(path.join(d, e.name), r);
+      else if (e.isSymbolicLink()) {
+        await fsp.unlink(path.join(d, e.name)).catch(() => undefined);
+        removed.push(r);
+        dirs.add(d);
+      }
+    }
+  };
+  await links(entry, '');
   for (const rel of await walk(entry)) {
     if (rel === MANIFEST || rel === JOURNAL || keep.has(rel)) continue;
     await fsp.unlink(path.join(entry, rel)).catch(() => undefined);

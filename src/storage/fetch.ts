@@ -13,7 +13,7 @@ import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js'
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { type Manifest, dropCommit, fsyncDir, JOURNAL, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, recommit, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
+import { type Manifest, dropCommit, entrySize, throughLink, fsyncDir, JOURNAL, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, recommit, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
 import { Journal, JournalTail, spanBytes } from './journal.js';
@@ -793,7 +793,7 @@ class S3Fetch {
       const keep = new Set<string>();
       for (const obj of listing) {
         const j = journal.get(obj.rel);
-        const size = await fsp.stat(path.join(this.entry, obj.rel)).then((s) => (s.isFile() ? s.size : -1), () => -1);
+        const size = await entrySize(this.entry, obj.rel);
         // A file under its final name got there by a rename once it was whole, at the version the journal recorded
         // before its first byte (downloadAll): with that version listed, it is reused, whether or not the journal
         // heard of the rename before a kill.
@@ -803,7 +803,8 @@ class S3Fetch {
           keep.add(obj.rel);
         } else {
           fetch.push(obj);
-          if (j !== undefined && !j.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size) keep.add(obj.rel + PARTIAL);
+          // A partial reached through a link (its folder one) goes with the link: its spans are not resumed.
+          if (j !== undefined && !j.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size && !(await throughLink(this.entry, obj.rel + PARTIAL))) keep.add(obj.rel + PARTIAL);
           else journal.drop(obj.rel);
         }
       }
