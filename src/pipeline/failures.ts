@@ -203,11 +203,12 @@ function deniedError(rel: string, e: NodeJS.ErrnoException): RuntimeError {
   let whose = '';
   let modeAllows = false;
   if (typeof e.path === 'string') {
-    for (const [p, what] of [[e.path, 'the file'], [path.dirname(e.path), 'its folder']] as const) {
+    for (const [p, own] of [[e.path, true], [path.dirname(e.path), false]] as const) {
       try {
         const st = statSync(p);
+        const what = own ? (st.isDirectory() ? 'the folder' : 'the file') : 'its folder';
         whose = ` (${what} is owned by uid ${st.uid}, gid ${st.gid}, mode ${mode(st)})`;
-        modeAllows = what === 'the file' && readable(st);
+        modeAllows = own && readable(st);
         break;
       } catch {
         // its folder may not be searched: the folder is what closes it
