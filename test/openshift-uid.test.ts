@@ -170,6 +170,16 @@ describe.skipIf(!canSwitch)('a model file the serving uid may not read (written 
       + `(the file is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0600), a permission of the deployment that no retry fixes; ${advice}`);
   });
 
+  it('its component folder: named by the folder\'s owner and mode, the file within it unseen', async () => {
+    const reason = await failedAs('closed-folder', (m) => {
+      chownSync(path.join(m, 'unet'), JOB_UID, JOB_UID);
+      chmodSync(path.join(m, 'unet'), 0o700);
+    });
+    // Before: "MODEL_FORMAT: not an ONNX diffusers export: missing unet/model.onnx (found: …, unet, …)".
+    expect(reason).toBe(`CACHE_IO: unet/model.onnx could not be read: stat failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
+      + `(its folder is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0700), a permission of the deployment that no retry fixes; ${advice}`);
+  });
+
   it('its weights, reached through a Hugging Face cache\'s links: named by the link, the owner and mode of the file it leads to', async () => {
     const reason = await failedAs('closed-weights', (m) => {
       // unet/ as huggingface_hub lays a snapshot out: both files relative links into a blobs/ folder.

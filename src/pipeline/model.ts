@@ -1,5 +1,5 @@
 /** @module Reads an optimum-layout ONNX diffusers folder: which components exist and how they are configured. */
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { RuntimeError } from '../errors.js';
 import { EXPORT_MANIFEST } from './export-info.js';
@@ -196,6 +196,15 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   }
   const missing = REQUIRED.filter((c) => !onnx[c]);
   if (missing.length > 0) {
+    // A component folder this uid may not search hides its graph: that is a permission, not a missing file.
+    for (const c of missing) {
+      try {
+        statSync(path.join(dir, c, 'model.onnx'));
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'EACCES' || code === 'EPERM') throw readError(`${c}/model.onnx`, err)!;
+      }
+    }
     const torchWeights = ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.bin', 'unet/diffusion_pytorch_model.fp16.safetensors'];
     if (torchWeights.some((f) => existsSync(path.join(dir, f)))) {
       throw new RuntimeError(
