@@ -16,7 +16,7 @@ import { Throttle, ThrottleLog, type ThrottleOptions } from './throttle.js';
 export interface RequestS3 {
   /** The client, created (and the SDK imported) on the first call. */
   client(): Promise<S3Handle['client']>;
-  /** Closes its idle keep-alive sockets; a later call makes a new client. */
+  /** Closes its idle keep-alive sockets, and logs the throttling of reads and uploads not told yet; a later call makes a new client. */
   destroy(): void;
   /**
    * Checks that `bucket` can be addressed as the S3 settings ask (addressing.ts), before any request: a bucket the SDK
@@ -55,6 +55,7 @@ export function createRequestS3(s3: Readonly<S3Settings>, concurrency = 8, log?:
       return handle.client;
     },
     destroy() {
+      reads.flush();
       handle?.destroy();
       handle = undefined;
     },

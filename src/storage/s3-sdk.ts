@@ -20,7 +20,7 @@ export { classify, errorStatus, permanentError, type ErrorKind } from './s3-erro
 
 export interface S3Handle {
   readonly client: S3Client;
-  /** Closes the agents' sockets, those of requests in flight too (http.Agent.destroy). */
+  /** Closes the agents' sockets, those of requests in flight too (http.Agent.destroy); logs the uploads' throttling not told yet. */
   destroy(): void;
 }
 
@@ -47,10 +47,11 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
   });
   // `onLostCreates` hears what became of the uploads that unanswered CreateMultipartUploads made (multipart.ts); `log`,
   // that S3 throttles an upload.
-  retryUploads(client, s.stallTimeoutS * 1000, { timeoutMs: s.throttleTimeoutS * 1000, log }, UPLOAD_ATTEMPTS, onLostCreates);
+  const flushThrottleLog = retryUploads(client, s.stallTimeoutS * 1000, { timeoutMs: s.throttleTimeoutS * 1000, log }, UPLOAD_ATTEMPTS, onLostCreates);
   return {
     client,
     destroy() {
+      flushThrottleLog();
       client.destroy();
       httpAgent.destroy();
       httpsAgent.destroy();

@@ -290,6 +290,16 @@ export class ThrottleLog {
     this.#answers++;
   }
 
+  /**
+   * The summary of the spells held so far, now rather than at its time: their client is destroyed (a stop, the end of
+   * a push), and the timer, unref'd so as not to keep a process alive, would never fire.
+   */
+  flush(): void {
+    if (this.#timer === undefined) return;
+    clearTimeout(this.#timer);
+    this.#summary();
+  }
+
   #summary(): void {
     this.#timer = undefined;
     const now = this.now();

@@ -51,9 +51,10 @@ export interface UploadThrottling {
  * wraps every other middleware of the initialize step, so each attempt is signed afresh and passes trackUploads
  * (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil (upload-signal.ts): lib-storage
  * gives its commands none. A CreateMultipartUpload with an attempt left unanswered is followed by a look for the upload
- * that attempt may have made (multipart.ts abortLostCreates), whose outcome `onLostCreates` hears.
+ * that attempt may have made (multipart.ts abortLostCreates), whose outcome `onLostCreates` hears. Returns what logs
+ * the summary of throttled spells not logged yet (ThrottleLog.flush).
  */
-export function retryUploads(client: S3Client, stallMs: number, throttling: UploadThrottling, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): void {
+export function retryUploads(client: S3Client, stallMs: number, throttling: UploadThrottling, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): () => void {
   // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
   // bound, a 500, …) then fails with that, which is what the caller has to fix (lib-storage reports its abort's error
   // in its place; the upload stays tracked as unfinished, multipart.ts).
@@ -150,6 +151,8 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
       }
     });
   }, { step: 'initialize', priority: 'high', name: 'retryUploads' });
+  // For the client's destroy(): the summary of the uploads' throttled spells held, logged before the client goes.
+  return () => gate.flush();
 }
 
 /**
