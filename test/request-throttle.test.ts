@@ -211,6 +211,20 @@ describe("a request's deadline bounds the wait", () => {
     expect((await throttledCounts()).output_upload).toBeGreaterThanOrEqual(1);
   }, 30_000);
 
+  it('a LORA_URI adapter of one instance, another still generating at REQUEST_TIMEOUT_S: the 504 names the throttled fetch all the same', async () => {
+    proxy.faults = { slowDown: { lists: true } };
+    // The first instance runs past the deadline (500 steps at 1024x1024) and is the first to answer it (its generation
+    // stops: CANCELLED; it listens for the deadline first); the second waits for its adapter's lookup, which S3 throttles.
+    const r = await postJson(`${rt.url}/v1/models/model:predict`, { instances: [
+      { ...one, seed: 7, num_inference_steps: 500, height: 1024, width: 1024 },
+      { ...one, seed: 6, loras: [{ name: 'late-too', scale: 1 }] },
+    ] });
+    expect([r.status, r.json.code]).toEqual([504, 'TIMEOUT']);
+    // Before: "the request took longer than REQUEST_TIMEOUT_S=4s and was stopped", no word of S3.
+    expect(r.json.error).toMatch(/^the request took longer than REQUEST_TIMEOUT_S=4s and was stopped: adapter "late-too": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
+    expect(await askedAfter()).toBe(0);
+  }, 30_000);
+
   it('an s3:// input image: answered 504 naming the field, the object and the code; nothing sent after', async () => {
     proxy.faults = { slowDown: {} };
     const r = await predict({ image: 's3://models/in/cat.png', strength: 0.5 });

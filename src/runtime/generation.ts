@@ -230,6 +230,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // nobody, holding queue slots that other clients are refused for.
       const failed = new AbortController();
       const uploads: Uploads['started'] = [];
+      let each: Array<Promise<TaskResult>> = [];
       try {
         admit(signal);
         if (read) inputs.held(await read(timeout?.signal ?? signal));
@@ -240,13 +241,17 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         // warning for it.
         setMaxListeners(Math.max(defaultMaxListeners, cfg.maxImagesPerRequest + 1), both, timeout.signal);
         const upload: Uploads = { signal: timeout.signal, started: uploads };
-        return await Promise.all(reqs.map((r) => generateOne(r, reqs, both, upload, inputs, onProgress, onQueued)));
+        each = reqs.map((r) => generateOne(r, reqs, both, upload, inputs, onProgress, onQueued));
+        return await Promise.all(each);
       } catch (err) {
         // Aborted with the failure itself, so the siblings it stops are counted as request_failed, not client_left.
         failed.abort(err instanceof Error ? err : new Error(String(err)));
         if (timeout?.timedOut && !signal.aborted) {
           const limit = own ? `its parameters.timeout (${Math.round(timeoutMs * 1000)} µs)` : `REQUEST_TIMEOUT_S=${cfg.requestTimeoutS}s`;
-          throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped${stoppedWhile(err)}`, { cause: err });
+          // The deadline stops every instance, and the first to answer (one still queued or generating: CANCELLED) is
+          // seldom the one S3 was throttling: the answer says what held the request wherever it was.
+          const why = [err, ...(await Promise.allSettled(each)).flatMap((o) => (o.status === 'rejected' ? [o.reason] : []))].find((e) => stoppedWhile(e) !== '') ?? err;
+          throw new RuntimeError('TIMEOUT', `the request took longer than ${limit} and was stopped${stoppedWhile(why)}`, { cause: why });
         }
         // Other instances' uploads under way end first, as one instance's images do (output.ts): cancelled, their
         // requests already sent would land after the error.
