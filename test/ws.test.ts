@@ -331,6 +331,104 @@ describe('a client whose close frame comes with its request', () => {
   });
 });
 
+describe('WebSocket requests identical to a generation queued or running (RESULT_CACHE_MB=16)', () => {
+  let own: RuntimeHandle;
+  beforeAll(async () => {
+    own = await startRuntime({ STORAGE_URI: undefined, RESULT_CACHE_MB: '16' }, { ready: true });
+  });
+  afterAll(async () => void (await own?.stop()));
+  const counts = async () => ({
+    batches: await metric(own, 'inference_batch_size_count'), images: await metric(own, 'images_generated_total'),
+    hits: await metric(own, 'result_cache_hits_total'), left: await metric(own, 'inference_cancelled_total', { reason: 'client_left' }),
+  });
+  const since = async (before: Awaited<ReturnType<typeof counts>>) => {
+    const now = await counts();
+    return { batches: now.batches - before.batches, images: now.images - before.images, hits: now.hits - before.hits, left: now.left - before.left };
+  };
+  const b64Of = (m: Record<string, unknown>) => (m.images as Array<{ b64: string }>)[0]!.b64;
+  // Long enough that every client below joins while it runs, and the first leaves mid-way.
+  const long = { num_inference_steps: 500, height: 512, width: 512 };
+
+  it('joins a V1 request\'s generation: accepted, its steps from then on, the same image; none generated again, and its leaving stops nothing', async () => {
+    const before = await counts();
+    const inst = { prompt: 'a heron joined over the stream', seed: 720, ...long };
+    const v1 = postJson(`${own.url}/v1/models/model:predict`, { instances: [inst] });
+    await until(async () => (await metric(own, 'inference_batch_size_count')) > before.batches, 20_000, 5);
+    const ws = await connect(own.port, '/v1/models/model/stream');
+    ws.send(JSON.stringify(inst));
+    expect(await ws.next()).toEqual({ type: 'accepted', seed: 720, images: 1 });
+    // The running generation's steps, not one of its own from step 1 (before, it queued a generation of its own).
+    const first = await ws.next((m) => m.type === 'progress');
+    expect(await metric(own, 'inference_queue_depth')).toBe(0);
+    await ws.next((m) => m.type === 'progress' && (m.step as number) > (first.step as number));
+    expect(await ws.closed).toEqual({ code: 1000, reason: 'done' });
+    const r = await v1;
+    expect(r.status).toBe(200);
+    const result = ws.messages.find((m) => m.type === 'result')!;
+    expect(b64Of(result) === (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64).toBe(true);
+    // Only the V1 request's steps: none of its own, none past the generation's.
+    expect(ws.messages.filter((m) => m.type === 'progress').every((m) => m.of === first.of && (m.step as number) > (first.step as number))).toBe(true);
+    expect(await since(before)).toEqual({ batches: 1, images: 1, hits: 1, left: 0 });
+
+    // A WebSocket client that joined and leaves: the generation the V1 request waits for runs on.
+    const before2 = await counts();
+    const inst2 = { ...inst, seed: 721 };
+    const v1b = postJson(`${own.url}/v1/models/model:predict`, { instances: [inst2] });
+    await until(async () => (await metric(own, 'inference_batch_size_count')) > before2.batches, 20_000, 5);
+    const leaver = await connect(own.port, '/v1/models/model/stream');
+    leaver.send(JSON.stringify(inst2));
+    await leaver.next((m) => m.type === 'progress');
+    leaver.sock.destroy();
+    const r2 = await v1b;
+    expect([r2.status, (r2.json.predictions as Array<{ seed: number }>)[0]!.seed]).toEqual([200, 721]);
+    // It waited for another's images: no generation of its own to cancel, and the one it waited for was not.
+    expect(await since(before2)).toEqual({ batches: 1, images: 1, hits: 0, left: 0 });
+  }, 120_000);
+
+  it('a generation whose WebSocket client left runs on for the WebSocket and V1 requests joined to it: steps and previews go on arriving, one image for all', async () => {
+    const before = await counts();
+    const inst = { prompt: 'a fox streamed to three', seed: 730, ...long, preview_every: 2 };
+    const first = await connect(own.port, '/v1/models/model/stream');
+    first.send(JSON.stringify(inst));
+    await first.next((m) => m.type === 'progress');
+    const joiner = await connect(own.port, '/v1/models/model/stream');
+    joiner.send(JSON.stringify(inst));
+    expect(await joiner.next()).toEqual({ type: 'accepted', seed: 730, images: 1 });
+    await joiner.next((m) => m.type === 'preview');
+    const { preview_every: _, ...plain } = inst;
+    const v1 = postJson(`${own.url}/v1/models/model:predict`, { instances: [plain] });
+    await until(async () => (await metric(own, 'inference_requests_in_flight')) === 3, 20_000, 5);
+    first.sock.destroy();
+    // Its leaving counted (the generation's own client), then more steps and previews for the joined socket.
+    await until(async () => (await metric(own, 'inference_cancelled_total', { reason: 'client_left' })) > before.left, 20_000, 5);
+    const at = Math.max(0, ...joiner.messages.filter((m) => m.type === 'progress').map((m) => m.step as number));
+    joiner.messages.length = 0;
+    // Before, the engine stopped telling anyone of the steps once the generation's own client had left.
+    await joiner.next((m) => m.type === 'progress' && (m.step as number) > at);
+    await joiner.next((m) => m.type === 'preview' && (m.step as number) > at);
+    expect(await joiner.closed).toEqual({ code: 1000, reason: 'done' });
+    const r = await v1;
+    expect(r.status).toBe(200);
+    const result = joiner.messages.find((m) => m.type === 'result')!;
+    expect(b64Of(result) === (r.json.predictions as Array<{ image: { b64: string } }>)[0]!.image.b64).toBe(true);
+    expect(await since(before)).toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
+  }, 120_000);
+
+  it('does not join a generation whose previews are not those it asked for: it runs its own', async () => {
+    const before = await counts();
+    const inst = { prompt: 'previews of its own', seed: 740, ...long };
+    const v1 = postJson(`${own.url}/v1/models/model:predict`, { instances: [inst] });
+    await until(async () => (await metric(own, 'inference_batch_size_count')) > before.batches, 20_000, 5);
+    const ws = await connect(own.port, '/v1/models/model/stream');
+    ws.send(JSON.stringify({ ...inst, preview_every: 5 }));
+    expect(await ws.closed).toEqual({ code: 1000, reason: 'done' });
+    expect((await v1).status).toBe(200);
+    const steps = ws.messages.filter((m) => m.type === 'preview').map((m) => m.step as number);
+    expect(steps.slice(0, 2)).toEqual([5, 10]);
+    expect(await since(before)).toEqual({ batches: 2, images: 2, hits: 0, left: 0 });
+  }, 120_000);
+});
+
 describe('WebSocket results larger than a slow client reads in 30 s', () => {
   // 4 images at 1024x1024 from the demo model: 15 MB of base64, several times what loopback's kernel buffers take in
   // while the client reads nothing, so most of it waits in the server's process.

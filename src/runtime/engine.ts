@@ -891,7 +891,8 @@ export class Engine {
           for (const t of run.tasks) {
             const preview = pngs?.[item];
             item += t.req.items.length;
-            if (t.state === 'running' && t.runId === run.id) t.onProgress?.({ step, of, ...(preview ? { preview } : {}) });
+            // A task whose client left goes on telling the requests joined to it (generation.ts), which stream theirs.
+            if ((t.state === 'running' || waitedFor(t)) && t.runId === run.id) t.onProgress?.({ step, of, ...(preview ? { preview } : {}) });
           }
         }).catch((err: unknown) => this.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not encode a preview'));
         break;

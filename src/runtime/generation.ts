@@ -96,11 +96,16 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * already does. A generation whose clients left keeps its place in the queue while this request waits, a batch whose
    * clients left runs on, and one that ran out of memory runs again alone; each gives its images here. Any other
    * failure (the grace period's end, out of memory alone) is this request's too, as in a shared batch, and so is a
-   * refusal once its adapters were looked up (counted in inference_rejected_total for this request too). A WebSocket
-   * client, which streams its own progress, never waits for another's.
+   * refusal once its adapters were looked up (counted in inference_rejected_total for this request too). A request
+   * that streams its progress (the WebSocket) hears the generation's steps from now on through `onProgress`, and
+   * `onQueued` once the generation is queued (at once if it is), as it would of its own.
    */
-  const joinRunning = async (other: Running, request: object, signal: AbortSignal): Promise<readonly EncodedImage[] | undefined> => {
+  const joinRunning = async (other: Running, request: object, signal: AbortSignal, onProgress: ((p: Progress) => void) | undefined,
+    onQueued: () => void): Promise<readonly EncodedImage[] | undefined> => {
     other.joined.count++;
+    if (onProgress) other.listeners.add(onProgress);
+    if (other.queued) onQueued();
+    else other.whenQueued.add(onQueued);
     let leave = () => undefined as void;
     const left = new Promise<never>((_, reject) => {
       leave = () => reject(new RuntimeError('CANCELLED', 'the client left'));
@@ -119,6 +124,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       return undefined;
     } finally {
       signal.removeEventListener('abort', leave);
+      if (onProgress) other.listeners.delete(onProgress);
+      other.whenQueued.delete(onQueued);
       // The last to wait, gone: the generation stops if its own clients left too.
       if (--other.joined.count === 0 && signal.aborted) engine.joinersLeft(other.joined);
     }
@@ -136,23 +143,36 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     onProgress?: (p: Progress) => void, onQueued?: () => void): Promise<TaskResult> => {
     const key = resultCache.keyOf(req);
     let hit: readonly EncodedImage[] | undefined = key === undefined ? undefined : resultCache.get(key);
+    // Once: on joining a generation once it is queued, or on its own queueing, or with the images of the cache.
+    let told = false;
+    const queued = () => {
+      if (told) return;
+      told = true;
+      onQueued?.();
+    };
+    // A request that streams previews joins only a generation that renders them as often (preview_every is not part
+    // of the key: the images do not depend on it); one that streams steps alone is not sent the previews of another.
+    const follow = onProgress && (req.previewEvery > 0 ? onProgress : (p: Progress) => onProgress({ step: p.step, of: p.of }));
+    const joinable = (r: Running | undefined) => (r !== undefined && (req.previewEvery === 0 || r.previewEvery === req.previewEvery) ? r : undefined);
     // Looked up in the turn generate() called this, as a generation is registered below, before any wait: an identical
     // instance later in the same request joins the generation of the first, as an identical request would.
-    let other = hit === undefined && key !== undefined && onProgress === undefined ? running.get(key) : undefined;
+    let other = hit === undefined && key !== undefined ? joinable(running.get(key)) : undefined;
     while (other) {
-      hit = await joinRunning(other, request, signal);
+      hit = await joinRunning(other, request, signal, follow, queued);
       // Cancelled: the first of the requests joined to it to look again registers its own generation below, in the
       // same turn, and the others join that one (each used to run one of its own).
-      other = hit === undefined ? running.get(key!) : undefined;
+      other = hit === undefined ? joinable(running.get(key!)) : undefined;
     }
     let result: TaskResult;
-    if (hit) result = cachedResult(hit, onQueued);
+    if (hit) result = cachedResult(hit, queued);
     else {
       // The generation's images fill the result cache and serve the identical requests joined to it even when this
       // request's client leaves or times out while they are made or encoded: they were made all the same, and a joined
       // request would otherwise generate them again.
       let onMade: ((out: EncodedImage[] | Error) => void) | undefined;
       let joined: { count: number } | undefined;
+      let progress = onProgress;
+      let whenQueued = onQueued && queued;
       if (key !== undefined) {
         // The first such generation is the one identical requests join (joinRunning).
         let settle: ((out: EncodedImage[] | Error) => void) | undefined;
@@ -164,8 +184,20 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
           });
           shared.catch(() => undefined);
           joined = { count: 0 };
-          mine = { images: shared, joined };
-          running.set(key, mine);
+          const own: Running = (mine = { images: shared, joined, previewEvery: req.previewEvery, listeners: new Set(), queued: false, whenQueued: new Set() });
+          running.set(key, own);
+          // Every step to this request's client while it is there, and to the requests joined to the generation (the
+          // engine goes on telling them after its client left).
+          progress = (p) => {
+            if (!signal.aborted) onProgress?.(p);
+            for (const l of own.listeners) l(p);
+          };
+          whenQueued = () => {
+            queued();
+            own.queued = true;
+            for (const f of own.whenQueued) f();
+            own.whenQueued.clear();
+          };
         }
         onMade = (out) => {
           if (!(out instanceof Error)) resultCache.put(key, out);
@@ -175,7 +207,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
         };
       }
       // Admitted (generate: admit): queued after SIGTERM all the same, as the drain waits for it.
-      result = await engine.submit(req, { signal, request, admitted: true, onEnded: inputs.use(), ...(onProgress ? { onProgress } : {}), ...(onQueued ? { onQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
+      result = await engine.submit(req, { signal, request, admitted: true, onEnded: inputs.use(), ...(progress ? { onProgress: progress } : {}), ...(whenQueued ? { onQueued: whenQueued } : {}), ...(onMade ? { onMade } : {}), ...(joined ? { joined } : {}) });
     }
     if (req.output.uri !== undefined) {
       if (signal.aborted) throw new RuntimeError('CANCELLED', 'the client left before the upload');
@@ -274,6 +306,13 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 interface Running {
   readonly images: Promise<EncodedImage[]>;
   readonly joined: { count: number };
+  /** Its request's preview_every: the previews its steps carry. */
+  readonly previewEvery: number;
+  /** The progress of the requests waiting for it that stream theirs (generateOne: `follow`). */
+  readonly listeners: Set<(p: Progress) => void>;
+  /** It was queued (it passed every check that could refuse it); until then, the onQueued of those waiting. */
+  queued: boolean;
+  readonly whenQueued: Set<() => void>;
 }
 
 /**

@@ -14,7 +14,9 @@
  * The close handshake ends with this side closing the TCP connection as soon as the client answers the close frame
  * (clients such as browsers, undici and Python's websockets wait for that); a client that leaves its side open has it
  * closed 2 s (LINGER_MS) after the close frames crossed. The client's close frame, or its closing the socket, cancels
- * the generation: a queued request leaves the queue, a running batch stops between steps once every client has left.
+ * the generation: a queued request leaves the queue, a running batch stops between steps once every client has left
+ * and no identical request waits for its images. A request identical to one queued or running (generation.ts) waits
+ * for that generation's images: `accepted` once it is queued, then its steps from then on.
  */
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
