@@ -756,7 +756,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     s3 = await startS3(['loras']);
     await putStyleAdapter(s3, model, tmp.dir);
     // The same adapter under other names: a name is looked up (listed) once per process, and each case holds its lookup.
-    for (const name of ['rejoin', 'refused']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
+    for (const name of ['rejoin', 'refused', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
     proxy = await startFaultProxy(s3.port);
     srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'), LORA_URI: 's3://loras/adapters/', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4', MAX_QUEUE: '1' }, { ready: true });
   }, 120_000);
@@ -777,7 +777,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     };
   };
 
-  it('the requests joined to a generation whose client left while its adapters were looked up run one generation between them, not one each', async () => {
+  it('a generation whose client left while its adapters were looked up goes on for the requests joined to it: its look-up is not stopped, and they get its images', async () => {
     const counts = async () => ({ images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total') });
     const inst = { prompt: 'a fox in style', seed: 41, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'rejoin', scale: 0.5 }] };
     const before = await counts();
@@ -790,19 +790,18 @@ describe('identical requests joined to a generation while its LoRA adapters are 
       joined = [predict(srv, inst), predict(srv, inst)];
       await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
       first.destroy();
-      // Its lookup stops with it (nobody else waits for it), its generation is cancelled, and the joined requests look
-      // again: the first of them back looks the adapter up afresh.
-      await until(() => proxy.stats.lists > lists + 1);
+      // Its client is answered at once (no longer in flight), and the look-up goes on, held, for the two.
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
     } finally {
       release();
     }
     const rs = await Promise.all(joined);
     expect(rs.map((r) => [r.status, r.json.code ?? preds(r.json)[0]!.seed])).toEqual([[200, 41], [200, 41]]);
     expect(b64(rs[0]!) === b64(rs[1]!)).toBe(true);
-    // Before, only the first of them back registered a generation and the second queued one of its own too: here it
-    // found the queue full (the first's queued while its adapter set was built), elsewhere 2 images and no hit.
+    // The first's generation, theirs: before, its look-up stopped with its client, the generation was cancelled, and
+    // the first of them back looked the adapter up afresh for a generation of its own (one hit, the other's).
     const after = await counts();
-    expect({ images: after.images - before.images, hits: after.hits - before.hits }).toEqual({ images: 1, hits: 1 });
+    expect({ images: after.images - before.images, hits: after.hits - before.hits }).toEqual({ images: 1, hits: 2 });
   }, 60_000);
 
   it('counts each request joined to a generation refused once its adapters were looked up (the queue full) in inference_rejected_total, once', async () => {
@@ -834,5 +833,37 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     // Before, only the first: the others got its 503 uncounted.
     expect((await rejected()) - before).toBe(3);
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+  }, 60_000);
+
+  // Last: it stops the server.
+  it('SIGTERM while a request waits for the generation of one whose client left while its adapter was looked up: served within the drain, one generation', async () => {
+    // Read off the registry: the listener is closed by the time the drain ends.
+    const images = async () => (await srv.rt.metrics.images.get()).values.reduce((n, v) => n + v.value, 0);
+    const images0 = await images();
+    const inst = { prompt: 'a fox at the stop', seed: 44, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'drain', scale: 0.5 }] };
+    const release = holdLists();
+    let stopped: Promise<void> | undefined;
+    let got: Awaited<ReturnType<typeof predict>> | undefined;
+    try {
+      const lists = proxy.stats.lists;
+      const first = rawPredict(srv.port, inst);
+      await until(() => proxy.stats.lists > lists);
+      const joined = predict(srv, inst);
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+      first.destroy();
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 1, 20_000, 5);
+      stopped = srv.stop(30_000);
+      await until(() => srv.rt.stopping);
+      // In flight at the signal: the drain waits for it, and for the generation it waits for, queued after the signal.
+      expect(srv.rt.generation.inflight).toBe(1);
+      release();
+      got = await joined;
+    } finally {
+      release();
+    }
+    await stopped;
+    expect([got.status, preds(got.json)[0]?.seed]).toEqual([200, 44]);
+    expect(srv.all('shut-down')).toEqual([{ drained: true }]);
+    expect((await images()) - images0).toBe(1);
   }, 60_000);
 });

@@ -89,9 +89,9 @@ export interface SubmitOptions {
   onMade?: (out: EncodedImage[] | Error) => void;
   /**
    * The identical requests joined to this generation (generation.ts), waiting for its images: while any waits, a
-   * generation whose clients left keeps its place in the queue, or its batch runs on if all of its clients left, or it
-   * runs again alone if its batch ran out of memory (the clients are answered all the same). Once the last of them
-   * leaves, joinersLeft() takes it out or stops it.
+   * generation whose clients left goes on with its LoRA adapters' look-up, keeps its place in the queue, or its batch
+   * runs on if all of its clients left, or it runs again alone if its batch ran out of memory (the clients are answered
+   * all the same). Once the last of them leaves, joinersLeft() stops the look-up, takes it out or stops it.
    */
   joined?: Joined;
   /**
@@ -284,6 +284,11 @@ export class Engine {
   readonly #refused = new WeakSet<object>();
   /** The errors #submit refused with, and why: what a request joined to a refused generation is told (refusedWith). */
   readonly #refusals = new WeakMap<Error, RejectReason>();
+  /**
+   * Adapter look-ups of generations whose client left while requests joined to them wait (SubmitOptions.joined): they
+   * go on for those requests, and stop once the last of them leaves (joinersLeft).
+   */
+  readonly #lookups = new Map<Joined, AbortController>();
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -471,11 +476,46 @@ export class Engine {
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
     // Closing: #submit refuses (and counts) it before any adapter is looked up.
     if (!req.loras || req.loras.length === 0 || this.#refuses(opts)) return this.#submit(req, opts, undefined);
-    return this.#adapters.resolve(req.loras, opts.signal).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }), (err: unknown) => {
+    const lookup = this.#lookupSignal(opts);
+    const queued = this.#adapters.resolve(req.loras, lookup.signal).finally(lookup.done).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }), (err: unknown) => {
       opts.onMade?.(err instanceof Error ? err : new Error(String(err)));
       opts.onEnded?.();
       throw err;
     });
+    if (!lookup.left) return queued;
+    // Its client is answered when it leaves, though the look-up goes on for the requests joined to the generation.
+    queued.catch(() => undefined);
+    return Promise.race([queued, lookup.left]);
+  }
+
+  /**
+   * What a generation's adapter look-up listens on: its client's signal, but while identical requests are joined to
+   * the generation (SubmitOptions.joined) its client's leaving does not stop it, as it does not take a queued
+   * generation out or stop a running batch; the last of them leaving then does (joinersLeft). Stopped, they would each
+   * look the adapters up again.
+   */
+  #lookupSignal(opts: SubmitOptions): { signal: AbortSignal | undefined; done: () => void; left?: Promise<never> } {
+    const { signal, joined } = opts;
+    if (!signal || !joined) return { signal, done: () => undefined };
+    const ac = new AbortController();
+    let leave = (): void => undefined;
+    const left = new Promise<never>((_, reject) => (leave = () => reject(new RuntimeError('CANCELLED', 'the client left'))));
+    left.catch(() => undefined);
+    const onAbort = () => {
+      if (joined.count === 0) return void ac.abort(signal.reason);
+      this.#lookups.set(joined, ac);
+      leave();
+    };
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+    return {
+      signal: ac.signal,
+      left,
+      done: () => {
+        signal.removeEventListener('abort', onAbort);
+        if (this.#lookups.get(joined) === ac) this.#lookups.delete(joined);
+      },
+    };
   }
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
@@ -490,7 +530,9 @@ export class Engine {
     // Closing with no worker left (one died in the drain, and none is started again then): queued, an admitted request
     // would wait for nobody until the grace period's end.
     if (this.#refuses(opts) || (this.#closing && !this.serving)) return refuse('shutting_down', shuttingDownError());
-    if (opts.signal?.aborted) return this.#nothingMade(opts, new RuntimeError('CANCELLED', 'the client left'));
+    // Its client gone (while its adapters were looked up), it is queued only for the requests joined to it.
+    const gone = opts.signal?.aborted === true;
+    if (gone && !(opts.joined && opts.joined.count > 0)) return this.#nothingMade(opts, new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
     // however long its client waited to retry.
@@ -503,13 +545,15 @@ export class Engine {
       // Output formats may differ: each request's images are encoded as it asked.
       const key = `${shapeKey(req.shape, this.#defaults)}|${imageKey(req)}|${req.previewEvery}|${adapters?.key ?? ''}`;
       const task: Task = { req, request, key, images, enqueuedAt: performance.now(), signal: opts.signal, onProgress: opts.onProgress, resolve, reject, state: 'queued', ...(opts.worker !== undefined ? { pin: opts.worker } : {}), ...(adapters ? { adapters } : {}), ...(opts.onMade ? { made: opts.onMade } : {}), ...(opts.joined ? { joined: opts.joined } : {}), ...(opts.onEnded ? { ended: opts.onEnded } : {}) };
-      if (opts.signal) {
+      if (opts.signal && !gone) {
         task.onAbort = () => this.#abandon(task);
         opts.signal.addEventListener('abort', task.onAbort, { once: true });
       }
       this.#pending.push(task);
       this.metrics.queueDepth.set(this.#labels, this.queueDepth);
       opts.onQueued?.();
+      // Answered now, as a queued generation whose client leaves is (#abandon); joinersLeft() takes it out.
+      if (gone) this.#answer(task, new RuntimeError('CANCELLED', 'the client left while its LoRA adapters were looked up'));
       this.#pump();
     });
   }
@@ -640,6 +684,7 @@ export class Engine {
    * left too, and, still queued after its client left (#abandon), it leaves the queue.
    */
   joinersLeft(joined: Joined): void {
+    this.#lookups.get(joined)?.abort(new DOMException('every request waiting for it left', 'AbortError'));
     for (const w of this.#workers) for (const run of runsOf(w)) if (run.tasks.some((t) => t.joined === joined)) this.#stopIfUnwanted(w, run);
     const gone = this.#pending.filter((t) => t.joined === joined && t.state === 'done');
     if (gone.length === 0) return;

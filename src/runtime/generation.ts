@@ -90,11 +90,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   };
 
   /**
-   * The images of the identical generation already queued or running, or undefined when it was cancelled (its client
-   * left before it was queued, while its adapters were looked up, or its batch was told to stop just before this
-   * request joined): this request then looks again (generateOne), and runs its own unless another request joined to it
-   * already does. A generation whose clients left keeps its place in the queue while this request waits, a batch whose
-   * clients left runs on, and one that ran out of memory runs again alone; each gives its images here. Any other
+   * The images of the identical generation already queued or running, or undefined when it was cancelled (its batch
+   * was told to stop just before this request joined): this request then looks again (generateOne), and runs its own
+   * unless another request joined to it already does. A generation whose clients left goes on with its adapters'
+   * look-up and keeps its place in the queue while this request waits, a batch whose clients left runs on, and one that ran out of memory runs again alone; each gives its images here. Any other
    * failure (the grace period's end, out of memory alone) is this request's too, as in a shared batch, and so is a
    * refusal once its adapters were looked up (counted in inference_rejected_total for this request too). A request
    * that streams its progress (the WebSocket) hears the generation's steps from now on through `onProgress`, and
