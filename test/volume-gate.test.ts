@@ -33,11 +33,13 @@ const answer = (file: string): boolean => {
 const release = (file: string) => until(() => answer(file), 5_000);
 
 afterEach(async () => {
-  // Every reader still blocked on a FIFO of the test is let go, so that no pool thread stays held.
+  // Every reader still blocked on a FIFO of the test is let go, so that no pool thread stays held; and its call is over
+  // (recorded no more), or the next test sees it in pendingIo(): the count of requests leaves out a file handle's close,
+  // which a loaded machine's pool may not have run yet.
   const left = fifos.splice(0);
   await until(() => {
     for (const f of left) answer(f);
-    return fsRequestsPending() === 0;
+    return fsRequestsPending() === 0 && pendingIo().length === 0;
   }, 5_000);
 });
 afterAll(() => tmp.cleanup());
