@@ -360,9 +360,11 @@ describe('lock', () => {
     await fsp.writeFile(other, 'x');
     const l = await acquireLock(file, { heartbeatMs: 20 });
     const holder = await fsp.readFile(file);
-    // The lock's file stops answering: a FIFO in its place blocks every open of it until a writer comes.
-    await fsp.rm(file);
-    execFileSync('mkfifo', [file]);
+    // The lock's file stops answering: a FIFO in its place blocks every open of it until a writer comes. Put there by a
+    // rename, not a removal then a mkfifo: a beat whose open came between them (its read handed to the pool before the
+    // removal, on a loaded machine) found no file, judged the lock taken over and beat no more.
+    execFileSync('mkfifo', [`${file}.fifo`]);
+    await fsp.rename(`${file}.fifo`, file);
     try {
       await until(() => fsRequestsPending() > 0);
       // Fifteen periods more: a beat each would hold the pool's four threads, and every other call of the process wait.
@@ -380,13 +382,18 @@ describe('lock', () => {
       await fsp.link(file, `${file}.fifo`);
       await fsp.writeFile(`${file}.back`, holder);
       await fsp.rename(`${file}.back`, file);
-      try {
-        closeSync(openSync(`${file}.fifo`, constants.O_WRONLY | constants.O_NONBLOCK));
-      } catch {
-        // no beat was blocked on it
-      }
+      const back = performance.now();
+      // Until no beat from before is left (later ones read the file back in place): one whose open was on its way to
+      // the FIFO (not there yet, on a loaded machine) finds no writer's one answer, and would wait for good.
+      await until(() => {
+        try {
+          closeSync(openSync(`${file}.fifo`, constants.O_WRONLY | constants.O_NONBLOCK));
+        } catch {
+          // no beat blocked on it now
+        }
+        return !pendingIo().some((p) => p.since <= back);
+      });
       await fsp.rm(`${file}.fifo`);
-      await until(() => fsRequestsPending() === 0);
       await l!.release();
     }
   });
