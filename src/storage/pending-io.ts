@@ -60,9 +60,12 @@ export function pendingIo(): PendingIo[] {
   return [...pending].sort((a, b) => a.since - b.since);
 }
 
-/** File system requests of this process not answered yet, recorded or not (Node's own count of them). */
+/**
+ * File system requests of this process not answered yet, recorded or not (Node's own count of them). A file handle's
+ * close is listed apart (CloseReq): on a volume that stopped answering it waits for good too (a written file's flush).
+ */
 export function fsRequestsPending(): number {
-  return process.getActiveResourcesInfo().filter((r) => r === 'FSReqCallback' || r === 'FSReqPromise').length;
+  return process.getActiveResourcesInfo().filter((r) => r === 'FSReqCallback' || r === 'FSReqPromise' || r === 'CloseReq').length;
 }
 
 /** `file` as the cache names it (relative to `cacheDir`, `.` for the cache's own folder), or as given when it lies outside. */
