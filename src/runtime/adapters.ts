@@ -76,6 +76,19 @@ export class AdapterSource {
   }
 
   /**
+   * What a request that stops waiting for `loras` at its deadline (`signal`) is told while their look-up goes on for
+   * others (the engine's, for the requests joined to its generation): TIMEOUT naming the adapter whose fetch S3 was
+   * throttling, as a request that stops the look-up is told (#file); undefined otherwise.
+   */
+  stopped(loras: readonly LoraRequest[], signal: AbortSignal): RuntimeError | undefined {
+    for (const l of loras) {
+      const stopped = this.#files.get(l.name)?.throttling.stopped(signal, 'its fetch from LORA_URI');
+      if (stopped !== undefined) return new RuntimeError('TIMEOUT', `adapter "${l.name}": ${stopped}`);
+    }
+    return undefined;
+  }
+
+  /**
    * The server stops (after its grace period): the requests still waiting are answered 503, and every fetch stops and
    * is waited for, so none outlives the process holding its cache entry's lock (the next process would wait for the
    * lock's heartbeat to go stale: it has this one's host name, and in a container often its pid).

@@ -28,7 +28,7 @@ import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
 import { onGpu, type SessionProvider } from '../pipeline/provider.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
-import { lorasKey, shapeKey, type GenerationRequest } from './request.js';
+import { lorasKey, shapeKey, type GenerationRequest, type LoraRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
 import { AdapterSource } from './adapters.js';
 import type { BootEventMap } from './boot-events.js';
@@ -476,7 +476,7 @@ export class Engine {
   submit(req: GenerationRequest, opts: SubmitOptions = {}): Promise<TaskResult> {
     // Closing: #submit refuses (and counts) it before any adapter is looked up.
     if (!req.loras || req.loras.length === 0 || this.#refuses(opts)) return this.#submit(req, opts, undefined);
-    const lookup = this.#lookupSignal(opts);
+    const lookup = this.#lookupSignal(req.loras, opts);
     const queued = this.#adapters.resolve(req.loras, lookup.signal).finally(lookup.done).then((refs) => this.#submit(req, opts, { key: lorasKey(req.loras), refs }), (err: unknown) => {
       opts.onMade?.(err instanceof Error ? err : new Error(String(err)));
       opts.onEnded?.();
@@ -494,12 +494,13 @@ export class Engine {
    * generation out or stop a running batch; the last of them leaving then does (joinersLeft). Stopped, they would each
    * look the adapters up again.
    */
-  #lookupSignal(opts: SubmitOptions): { signal: AbortSignal | undefined; done: () => void; left?: Promise<never> } {
+  #lookupSignal(loras: readonly LoraRequest[], opts: SubmitOptions): { signal: AbortSignal | undefined; done: () => void; left?: Promise<never> } {
     const { signal, joined } = opts;
     if (!signal || !joined) return { signal, done: () => undefined };
     const ac = new AbortController();
     let leave = (): void => undefined;
-    const left = new Promise<never>((_, reject) => (leave = () => reject(new RuntimeError('CANCELLED', 'the client left'))));
+    // At its deadline, while S3 throttled the look-up: TIMEOUT saying so, as where its leaving stops the look-up.
+    const left = new Promise<never>((_, reject) => (leave = () => reject(this.#adapters.stopped(loras, signal) ?? new RuntimeError('CANCELLED', 'the client left'))));
     left.catch(() => undefined);
     const onAbort = () => {
       if (joined.count === 0) return void ac.abort(signal.reason);
