@@ -756,7 +756,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     s3 = await startS3(['loras']);
     await putStyleAdapter(s3, model, tmp.dir);
     // The same adapter under other names: a name is looked up (listed) once per process, and each case holds its lookup.
-    for (const name of ['rejoin', 'refused', 'throttled', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
+    for (const name of ['rejoin', 'refused', 'gone', 'throttled', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
     proxy = await startFaultProxy(s3.port);
     srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'), LORA_URI: 's3://loras/adapters/', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4', MAX_QUEUE: '1' }, { ready: true });
   }, 120_000);
@@ -832,6 +832,38 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     expect(rs.map((r) => [r.status, r.json.code])).toEqual([[503, 'BUSY'], [503, 'BUSY'], [503, 'BUSY']]);
     // Before, only the first: the others got its 503 uncounted.
     expect((await rejected()) - before).toBe(3);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
+  }, 60_000);
+
+  it('a generation whose client left while its adapters were looked up, refused once they were (the queue full): counted for the request joined to it, not for the one that left', async () => {
+    const long = { num_inference_steps: 500, height: 512, width: 512 };
+    const rejected = () => metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 54, ...long });
+    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
+    const queued = rawPredict(srv.port, { prompt: 'queued', seed: 55, ...long });
+    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    const inst = { prompt: 'a fox gone', seed: 56, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'gone', scale: 0.5 }] };
+    const before = await rejected();
+    const release = holdLists();
+    let r: Awaited<ReturnType<typeof predict>>;
+    try {
+      const lists = proxy.stats.lists;
+      const first = rawPredict(srv.port, inst);
+      await until(() => proxy.stats.lists > lists);
+      const joined = predict(srv, inst);
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 4, 20_000, 5);
+      first.destroy();
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 3, 20_000, 5);
+      release();
+      r = await joined;
+    } finally {
+      release();
+      blocker.destroy();
+      queued.destroy();
+    }
+    expect([r.status, r.json.code]).toEqual([503, 'BUSY']);
+    // Before: 2, the request whose client had left (answered 499 then) counted as refused too.
+    expect((await rejected()) - before).toBe(1);
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
   }, 60_000);
 

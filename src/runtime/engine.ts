@@ -521,18 +521,19 @@ export class Engine {
 
   #submit(req: GenerationRequest, opts: SubmitOptions, adapters: Task['adapters']): Promise<TaskResult> {
     const request = opts.request ?? {};
+    // Its client gone (while its adapters were looked up), it is queued only for the requests joined to it.
+    const gone = opts.signal?.aborted === true;
     // Refused before queueing: counted in inference_rejected_total by reason, once per request (its instances are
-    // submitted together and each is refused: a request of eight counted eight, against one 503).
+    // submitted together and each is refused: a request of eight counted eight, against one 503). Its client gone, it
+    // was answered then: the refusal is the joined requests' (refusedWith), not its own.
     const refuse = (reason: RejectReason, err: RuntimeError): Promise<never> => {
-      this.#countRefused(request, reason);
+      if (!gone) this.#countRefused(request, reason);
       this.#refusals.set(err, reason);
       return this.#nothingMade(opts, err);
     };
     // Closing with no worker left (one died in the drain, and none is started again then): queued, an admitted request
     // would wait for nobody until the grace period's end.
     if (this.#refuses(opts) || (this.#closing && !this.serving)) return refuse('shutting_down', shuttingDownError());
-    // Its client gone (while its adapters were looked up), it is queued only for the requests joined to it.
-    const gone = opts.signal?.aborted === true;
     if (gone && !(opts.joined && opts.joined.count > 0)) return this.#nothingMade(opts, new RuntimeError('CANCELLED', 'the client left'));
     if (this.#restarting.size > 0 && !this.serving) return refuse('not_ready', this.#restartingError());
     // Each instance used to take a place: a request of more instances than MAX_QUEUE + 1 was refused on an idle server,
