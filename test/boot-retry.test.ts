@@ -10,9 +10,11 @@
 import { cpSync, promises as fsp, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
+import ort from 'onnxruntime-node';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { buildDemoModel, ensureDemoModel, type DemoManifest } from '../src/demo/index.js';
 import { RuntimeError } from '../src/errors.js';
+import { loadError } from '../src/pipeline/failures.js';
 import { retriedCode, retryDelayMs } from '../src/runtime/boot-retry.js';
 import { CREDS, destroyS3, putFolder, startFaultProxy, startS3, type FaultProxy, type S3Server } from './helpers/s3.js';
 import { metric } from './helpers/runtime.js';
@@ -260,6 +262,23 @@ describe('a read error of the cache volume while the workers load the model', ()
     // Before: "retrying" with "CACHE_IO: vae_decoder/weights.bin could not be read: read failed with EIO", tried again
     // for ever for a graph no retry mends, after reading every weights file of the component.
     expect([failed.state, failed.reason]).toEqual(['failed', expect.stringMatching(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: .*No Op registered for NoSuchOp/)]);
+  }, 60_000);
+
+  it.skipIf(stuckFsUnavailable())('weights the volume cannot stat (EIO as ORT resolves their path) are CACHE_IO naming the file, which a boot tries again', async () => {
+    const backing = tempDir('dr-boot-retry-weights-');
+    dirs.push(backing.cleanup);
+    await buildDemoModel(path.join(backing.dir, 'model'), { externalData: true });
+    const mnt = `${backing.dir}-mnt`;
+    dirs.push(() => rmSync(mnt, { recursive: true, force: true }));
+    const fs = await mountStuckFs(backing.dir, mnt, { eio: 'getattr:model.onnx_data', eioTimes: 1_000_000 });
+    // Real ORT in this process (the server's own stat of the file would meet the EIO before ORT does).
+    const graph = path.join(fs.dir, 'model', 'unet', 'model.onnx');
+    const err = await ort.InferenceSession.create(graph).then(() => undefined, (e: unknown) => loadError('unet', graph, e));
+    // ORT: "External data path validation failed for initializer: … Failed to get the weakly canonical path: … -
+    // Input/output error". Before: MODEL_FORMAT with that text, a boot failed for good by a volume's passing fault.
+    expect([(err as RuntimeError).code, (err as RuntimeError).message, retriedCode(err)])
+      .toEqual(['CACHE_IO', expect.stringMatching(/^unet\/model\.onnx_data could not be read: \w+ failed with EIO /), 'CACHE_IO']);
+    expect((err as RuntimeError).message).not.toContain(fs.dir);
   }, 60_000);
 
   it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {

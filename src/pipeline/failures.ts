@@ -141,12 +141,14 @@ export async function loadError(component: string, modelPath: string, err: unkno
  * ORT's texts (onnxruntime 1.30.0, each measured on the demo model: docs/FAULTS.md) that tie a session's failure to
  * reading its files. The graph: Model::Load's "Protobuf parsing failed." (a short or failed read), "system error
  * number <errno>" (its open failed), "File doesn't exist". Its external data: "SystemError : <errno>" (an open or a read
- * of the weights failed), "External data path does not exist", "… are out of bounds or can not be read in full" (a
- * short weights file), and the posix Env's "<call> file "<path>" failed: <strerror>" and ReadFileIntoBuffer's end of
- * file. Anything else (a provider, an operator ORT does not know, a type mismatch) is not about reading.
+ * of the weights failed), "External data path does not exist", "Failed to get the weakly canonical path: <path> -
+ * <strerror>" (resolving the weights' path failed: EIO from the volume, EACCES on a folder a link leads into), "… are
+ * out of bounds or can not be read in full" (a short weights file), and the posix Env's "<call> file "<path>" failed:
+ * <strerror>" and ReadFileIntoBuffer's end of file. Anything else (a provider, an operator ORT does not know, a type
+ * mismatch) is not about reading.
  */
 const GRAPH_READ = /Protobuf parsing failed|failed:system error number \d+|File doesn't exist/;
-const DATA_READ = /SystemError : \d+|External data path does not exist|are out of bounds or can not be read in full|\b(?:open|read|lseek|mmap|fstat) file ".*" failed: |ReadFileIntoBuffer/;
+const DATA_READ = /SystemError : \d+|External data path does not exist|Failed to get the weakly canonical path: |are out of bounds or can not be read in full|\b(?:open|read|lseek|mmap|fstat) file ".*" failed: |ReadFileIntoBuffer/;
 
 /** Which files a failure's text says ORT could not read: the graph alone (weights come after it), all, or none. */
 export function readFailure(text: string): 'graph' | 'all' | undefined {
@@ -240,7 +242,10 @@ async function unreadableFile(dir: string, graphOnly: boolean): Promise<{ name: 
   let names: string[] = [];
   try {
     // A link counts as the file it leads to (weights linked in from elsewhere on the volume are read through it too).
-    if (!graphOnly) names = (await Promise.all((await readdir(dir)).map(async (n) => ((await stat(path.join(dir, n)).catch(() => undefined))?.isFile() ? n : '')))).filter(Boolean).sort();
+    // One whose stat fails other than for leading nowhere (EIO, a folder it leads into that this uid may not search)
+    // is kept: opening it tells why.
+    const isFile = (n: string) => stat(path.join(dir, n)).then((st) => st.isFile(), (err: NodeJS.ErrnoException) => !['ENOENT', 'ENOTDIR', 'ELOOP'].includes(String(err.code)));
+    if (!graphOnly) names = (await Promise.all((await readdir(dir)).map(async (n) => ((await isFile(n)) ? n : '')))).filter(Boolean).sort();
   } catch (err) {
     return { name: '', err };
   }
