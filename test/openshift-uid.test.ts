@@ -195,4 +195,19 @@ describe.skipIf(!canSwitch)('a model file the serving uid may not read (written 
     expect(reason).toBe(`CACHE_IO: unet/model.onnx_data could not be read: open failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
       + `(the file is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0600), a permission of the deployment that no retry fixes; ${advice}`);
   });
+
+  it('its weights, linked into a folder this uid may not search: the owner and mode of that folder, not of the component\'s', async () => {
+    const reason = await failedAs('closed-blobs', (m) => {
+      const blobs = path.join(m, 'blobs');
+      mkdirSync(blobs);
+      renameSync(path.join(m, 'unet', 'model.onnx_data'), path.join(blobs, 'w0'));
+      symlinkSync('../blobs/w0', path.join(m, 'unet', 'model.onnx_data'));
+      chownSync(blobs, JOB_UID, JOB_UID);
+      chmodSync(blobs, 0o700);
+    });
+    // ORT: "… Failed to get the weakly canonical path: … - Permission denied". Before: "(its folder is owned by uid 0,
+    // gid 0, mode 0755)", unet/, which is not what closes it.
+    expect(reason).toBe(`CACHE_IO: unet/model.onnx_data could not be read: open failed with EACCES: this process (uid ${POD_UIDS[0]}, group 0) may not read it `
+      + `(the folder it links into is owned by uid ${JOB_UID}, gid ${JOB_UID}, mode 0700), a permission of the deployment that no retry fixes; ${advice}`);
+  });
 });

@@ -8,7 +8,7 @@
  * test/out-of-memory.test.ts holds whole messages, two of them as measured here.
  */
 
-import { closeSync, lstatSync, openSync, readdirSync, readSync, statSync, type Stats } from 'node:fs';
+import { closeSync, lstatSync, openSync, readdirSync, readlinkSync, readSync, statSync, type Stats } from 'node:fs';
 import { open, readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { processIdentity } from '../config.js';
@@ -205,10 +205,17 @@ function deniedError(rel: string, e: NodeJS.ErrnoException): RuntimeError {
   let whose = '';
   let modeAllows = false;
   if (typeof e.path === 'string') {
-    for (const [p, own] of [[e.path, true], [path.dirname(e.path), false]] as const) {
+    // A link (a Hugging Face snapshot's into blobs/) is closed by the folder it leads into, not by its own.
+    let into: string | undefined;
+    try {
+      into = path.dirname(path.resolve(path.dirname(e.path), readlinkSync(e.path)));
+    } catch {
+      // not a link
+    }
+    for (const [p, own] of [[e.path, true], [into ?? path.dirname(e.path), false]] as const) {
       try {
         const st = statSync(p);
-        const what = own ? (st.isDirectory() ? 'the folder' : 'the file') : 'its folder';
+        const what = own ? (st.isDirectory() ? 'the folder' : 'the file') : into ? 'the folder it links into' : 'its folder';
         whose = ` (${what} is owned by uid ${st.uid}, gid ${st.gid}, mode ${mode(st)})`;
         modeAllows = own && readable(st);
         break;
