@@ -104,7 +104,8 @@ export async function readManifest(entry: string): Promise<Manifest | undefined>
 
 /** True when every file of the manifest is on disk with its size (a cheap stat, no hashing), reached through no link. */
 export async function manifestFilesPresent(entry: string, m: Manifest): Promise<boolean> {
-  const checks = await Promise.all(m.files.map(async (f) => (await entrySize(entry, f.path)) === f.size));
+  const folders = new Map<string, Promise<boolean>>();
+  const checks = await Promise.all(m.files.map(async (f) => (await entrySize(entry, f.path, folders)) === f.size));
   return checks.every(Boolean);
 }
 
@@ -114,9 +115,19 @@ export async function manifestFilesPresent(entry: string, m: Manifest): Promise<
  * holds only what the cache wrote: a key's path that crosses a link would read, and a download write, outside it, so
  * such a file counts as absent, and the fill's sweep takes the link away (the file it leads to stays as it is).
  */
-export async function entrySize(entry: string, rel: string): Promise<number> {
-  if (await throughLink(entry, rel)) return -1;
-  return fsp.lstat(path.join(entry, rel)).then((st) => (st.isFile() ? st.size : -1), () => -1);
+export async function entrySize(entry: string, rel: string, folders = new Map<string, Promise<boolean>>()): Promise<number> {
+  const segs = rel.split('/');
+  const name = segs.pop()!;
+  // Each folder on the way is a real one: looked at once for all the keys under it (`folders`, shared by a caller
+  // that checks many), so a hit of thousands of files costs about one lstat each, as the stat before links did.
+  let p = entry;
+  for (const seg of segs) {
+    p = path.join(p, seg);
+    let real = folders.get(p);
+    if (real === undefined) folders.set(p, (real = fsp.lstat(p).then((st) => st.isDirectory(), () => false)));
+    if (!(await real)) return -1;
+  }
+  return fsp.lstat(path.join(p, name)).then((st) => (st.isFile() ? st.size : -1), () => -1);
 }
 
 /** Whether a segment of `rel` under `entry` (down to the first that is missing) is a symbolic link. */
