@@ -61,6 +61,10 @@ describe('imagesInstance', () => {
     expect(listed).toMatch(/^INVALID_INPUT: widht is not a known field; known fields: model, n, size, /);
     expect(listed).not.toMatch(/\b(width|height|num_images_per_prompt|output_uri|preview_every)\b/);
     expect(refused(['x'])).toBe('INVALID_INPUT: the request body must be a JSON object with a "prompt"');
+    // A list of prompts: told to send a request per prompt, not V1's {"instances":[…]}, which this route does not take.
+    expect(refused({ prompt: ['a fox', 'an owl'], negative_prompt: ['blur'] })).toBe('INVALID_INPUT: prompt must be a string, got a list: the Images API takes one '
+      + 'prompt per request (n images of it); send a request for each prompt; negative_prompt must be a string, got a list: the Images API takes one prompt per '
+      + 'request (n images of it); send a request for each prompt');
   });
 });
 
@@ -121,6 +125,10 @@ describe('/openai/v1 over HTTP', () => {
     expect([notImage.status, notImage.json]).toEqual([400, invalid('image is not an image format this server reads; send a PNG, JPEG, WebP, GIF, TIFF or BMP image', 'image')]);
     const wide = await generate({ prompt: 'x', image: (await grey(2056, 8)).toString('base64'), num_inference_steps: 2 });
     expect([wide.status, wide.json]).toEqual([400, invalid('image is 2056x8: without size the output takes the image\'s width (2056), over MAX_IMAGE_SIZE 2048; give size to resize it', 'image')]);
+    // Before: V1's hint, `(one prompt per instance: {"instances":[…]})`, a body this route refuses.
+    const prompts = await generate({ prompt: ['a fox', 'an owl'], num_inference_steps: 2 });
+    expect([prompts.status, prompts.json]).toEqual([400, invalid('prompt must be a string, got a list: the Images API takes one prompt per request (n images of it); '
+      + 'send a request for each prompt', 'prompt')]);
     const unknown = await generate({ model: 'dall-e-3', prompt: 'x' });
     expect([unknown.status, (unknown.json as { error: { type: string; code: string } }).error]).toMatchObject([404, { type: 'invalid_request_error', param: 'model', code: 'MODEL_NOT_FOUND' }]);
     const notJson = await postJson(`${srv.url}/openai/v1/images/generations`, '{"prompt":');

@@ -118,6 +118,11 @@ export function imagesInstance(body: unknown, modelName: string): { instance: Re
           ? 'quality is OpenAI\'s ("auto", "standard", "hd", …) here: send a JPEG or WebP quality as output_compression'
           : `${k} must be one of ${IGNORED[k]!.map((x) => JSON.stringify(x)).join(', ')}${k === 'stream' ? ' (progress streams on the WebSocket route)' : ''}, got ${val(v)}`);
       }
+    } else if ((k === 'prompt' || k === 'negative_prompt') && Array.isArray(v)) {
+      // V1's own hint (a list of instances) is no answer here: the Images API takes one prompt a request.
+      problems.add(k, `${k} must be a string, got a list: the Images API takes one prompt per request (n images of it); send a request for each prompt`);
+      // A placeholder, so the request's own checks do not add "prompt is required" to this problem.
+      if (k === 'prompt') inst[k] = '';
     } else if (Object.hasOwn(NOT_HERE, k)) problems.add(k, `${k} is not taken here: ${NOT_HERE[k]}`);
     else if (Object.hasOwn(RENAMED, k)) problems.add(k, `${k} is sent as ${JSON.stringify(RENAMED[k])} here (OpenAI's name)`);
     else if (!(FIELDS as readonly string[]).includes(k)) problems.unknown(k, KNOWN);
