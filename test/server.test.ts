@@ -201,7 +201,17 @@ describe('bad input: a clear 400/413 and the server keeps serving', () => {
     }
     // What an empty list does not excuse: a top-level field, a body that is not one.
     expect((await postJson(predictUrl(), { instances: [], parameters: {} })).status).toBe(400);
-    expect((await postJson(predictUrl(), {})).json.error).toBe('the request body has no "instances" list');
+    expect((await postJson(predictUrl(), {})).json.error).toBe('the request body has no "instances" list: a V1 body is {"instances":[{"prompt":"…"}]}');
+  });
+
+  it('a body without "instances" is told the V1 shape, and which of its fields go in an instance; V2 tensors, where they go', async () => {
+    // Before: 'the request body has no "instances" list', saying neither the shape nor that the prompt goes inside.
+    expect((await postJson(predictUrl(), { prompt: 'a fox', num_inference_steps: 2, n: 1 })).json.error)
+      .toBe('the request body has no "instances" list: a V1 body is {"instances":[{"prompt":"…"}]}; "prompt", "num_inference_steps" go in an instance');
+    // Before: each tensor's name, shape, datatype and data named an unknown field, with every known field listed each time.
+    const v2 = await postJson(predictUrl(), { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a fox'] }] });
+    expect([v2.status, v2.json.error]).toEqual([400, '"inputs" holds V2 tensors ({"name","datatype","shape","data"}): send them to POST /v2/models/model/infer; '
+      + 'a V1 body is {"instances":[{"prompt":"…"}]}']);
   });
 
   it('refuses a body above the limit with 413', async () => {

@@ -2,7 +2,8 @@
 import type { App } from './base.js';
 import { RuntimeError } from '../errors.js';
 import type { TaskResult } from '../runtime/engine.js';
-import { assertSafeJson, checkInstanceCount, parseInstances } from '../runtime/request.js';
+import { isObj } from '../runtime/fields.js';
+import { assertSafeJson, checkInstanceCount, INSTANCE_FIELDS, parseInstances } from '../runtime/request.js';
 import { assertServable, generateWithImages, modelStatus, parseContext, parseJson, type ServerContext, type Stages, withKserveStages } from './context.js';
 import { decodeEvent, eventReply } from './cloudevents.js';
 import { bodyRoute, json, jsonWithBase64, route, type Reply, type Req, type RouteOptions } from './http.js';
@@ -26,6 +27,22 @@ export function predictionsBody(results: TaskResult[]): Buffer {
   }
   parts.push(']}');
   return jsonWithBase64(parts);
+}
+
+/** What a V1 body looks like, as an error shows it. */
+const V1_SHAPE = '{"instances":[{"prompt":"…"}]}';
+
+/** A V2 tensor: what V2's `inputs` holds, never a V1 instance (no such field). */
+const isTensor = (x: unknown): boolean => isObj(x) && Object.hasOwn(x, 'datatype') && Object.hasOwn(x, 'name');
+
+/**
+ * The 400 for a body without "instances", with the body's shape, and where it put an instance's fields at the top
+ * (a bare `{"prompt":…}`, OpenAI's body), which of them go in an instance.
+ */
+function noInstances(o: Record<string, unknown>, what: string): string {
+  const fields = Object.keys(o).filter((k) => (INSTANCE_FIELDS as readonly string[]).includes(k)).slice(0, 5);
+  const moved = fields.length === 0 ? '' : `; ${fields.map((k) => JSON.stringify(k)).join(', ')} ${fields.length > 1 ? 'go' : 'goes'} in an instance`;
+  return `${what} has no "instances" list: a V1 body is ${V1_SHAPE}${moved}`;
 }
 
 export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): void {
@@ -53,7 +70,12 @@ export function registerV1(app: App, ctx: ServerContext, opts: RouteOptions): vo
     const o = parsed as Record<string, unknown>;
     const where = Object.hasOwn(o, 'instances') ? 'instances' : 'inputs';
     const instances = Object.hasOwn(o, 'instances') ? o.instances : Object.hasOwn(o, 'inputs') ? o.inputs : undefined;
-    if (instances === undefined) throw new RuntimeError('INVALID_INPUT', `${event ? "the CloudEvent's data" : 'the request body'} has no "instances" list`);
+    if (instances === undefined) throw new RuntimeError('INVALID_INPUT', noInstances(o, event ? "the CloudEvent's data" : 'the request body'));
+    // V2's tensors sent here: otherwise each tensor's name, shape, datatype and data were named unknown instance fields.
+    if (where === 'inputs' && Array.isArray(instances) && instances.some(isTensor)) {
+      throw new RuntimeError('INVALID_INPUT', `"inputs" holds V2 tensors ({"name","datatype","shape","data"}): send them to POST /v2/models/${ctx.cfg.modelName}/infer; `
+        + `a V1 body is ${V1_SHAPE}`);
+    }
     // Fields go in each instance; a top-level one (`parameters`, as other V1 servers take them) would otherwise be
     // ignored without a word, and the images made with the defaults.
     // TensorFlow Serving's REST body, which V1 follows, may name its signature: only the default one is served.
