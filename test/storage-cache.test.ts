@@ -46,6 +46,10 @@ describe('local sources', () => {
     expect(ready).toEqual(['model_index.json', 'unet/model.onnx']);
     const err = await rejection(resolveModel(path.join(tmp, 'absent'), { cfg: cfgFor(tmp), log }));
     expect([err.code, err.message]).toEqual(['STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount']);
+    // A relative path, most often an S3 prefix written without s3://: said so (before, the same words as an absolute one).
+    const relative = await rejection(resolveModel('models/sd15-onnx-absent', { cfg: cfgFor(tmp), log }));
+    expect([relative.code, relative.message]).toEqual(['STORAGE_MISSING', "the model folder STORAGE_URI names does not exist (STORAGE_URI is a relative path, read from "
+      + "the server's working folder; an S3 model is s3://bucket/prefix); check STORAGE_URI and the volume mount"]);
     // MODEL_INIT_MODE=async (a modelcar): the link missing at start is waited for, and a stop ends the wait; a folder
     // below the link that the image lacks is missing at once, once the link is there.
     const async = { ...cfgFor(tmp), modelInitAsync: true };

@@ -76,6 +76,8 @@ describe('parseStorageUri', () => {
     expect(err('pvc://claim/sd').code).toBe('INVALID_INPUT');
     expect(err('gs://b/p').message).toMatch(/scheme "gs:\/\/" is not supported/);
     expect(err('s3:///p').message).toMatch(/no valid bucket/);
+    // Read as a local folder named "s3:" before, and answered only that the model folder does not exist.
+    for (const u of ['s3:/models/sd', 'S3:models/sd']) expect([err(u).code, err(u).message]).toEqual(['INVALID_INPUT', 'STORAGE_URI starts with "s3:" but not "s3://"; write s3://bucket/prefix']);
     expect(err('s3://b/a/../c').message).toMatch(/'\.\.'/);
     expect(err('  ').code).toBe('INVALID_INPUT');
   });

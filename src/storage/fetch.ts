@@ -156,7 +156,8 @@ export interface ResolvedModel {
 export async function resolveModel(uri: string, opts: ResolveOptions): Promise<ResolvedModel> {
   const t0 = performance.now();
   const src = parseStorageUri(uri);
-  if (src.kind === 'local') return resolveLocal(src.path, opts, t0);
+  // A path without a leading '/' is read from the working folder: most often an S3 prefix written without s3://.
+  if (src.kind === 'local') return resolveLocal(src.path, opts, t0, !path.isAbsolute(uri.trim()) && !/^file:/i.test(uri.trim()));
   const choice = chooseTransport(opts.cfg.s3, src.bucket);
   if (choice.name === 'sdk' && choice.declined !== undefined) {
     opts.log.info({ reason: choice.declined }, 'S3_TRANSPORT=lite cannot serve this bucket; the AWS SDK reads it');
@@ -249,7 +250,7 @@ async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
 /** The archives KServe's storage initializer unpacks (a model URI naming one). */
 const ARCHIVE = /[^/]*\.(?:tar\.gz|tgz|tar|zip)$/i;
 
-async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Promise<ResolvedModel> {
+async function resolveLocal(dir: string, opts: ResolveOptions, t0: number, relative = false): Promise<ResolvedModel> {
   if (opts.cfg.modelInitAsync) await appeared(dir, opts);
   const st = await fsp.stat(dir).catch((e: NodeJS.ErrnoException) => e);
   // The reason reaches clients (the model endpoint), so it names the setting, not the local path it holds.
@@ -257,7 +258,10 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number): Prom
     // A modelcar's link (/proc/<pid>/root/models) opens only to the sidecar's user: KServe's uidModelcar.
     throw new RuntimeError('STORAGE_DENIED', `permission denied reading the model folder STORAGE_URI names (${st.code}); check the volume's permissions (a modelcar's /mnt/models opens only to the user KServe runs the pod as: uidModelcar)`);
   }
-  if (st instanceof Error) throw new RuntimeError('STORAGE_MISSING', 'the model folder STORAGE_URI names does not exist; check STORAGE_URI and the volume mount');
+  if (st instanceof Error) {
+    const hint = relative ? " (STORAGE_URI is a relative path, read from the server's working folder; an S3 model is s3://bucket/prefix)" : '';
+    throw new RuntimeError('STORAGE_MISSING', `the model folder STORAGE_URI names does not exist${hint}; check STORAGE_URI and the volume mount`);
+  }
   if (!st.isDirectory()) {
     const archive = ARCHIVE.test(dir) ? ' (an archive: unpack it, this runtime reads the exported folder itself)' : '';
     throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI names a file, not a folder${archive}; point it at the exported model folder`);

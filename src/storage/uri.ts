@@ -39,6 +39,8 @@ export function parseStorageUri(uri: string, name = 'STORAGE_URI'): StorageSourc
   const u = uri.trim();
   if (u === '') throw new RuntimeError('INVALID_INPUT', `${name} is empty; use s3://bucket/prefix, file:///path or a local path`);
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(u)?.[1]?.toLowerCase();
+  // `s3:/bucket/prefix` or `s3:bucket/prefix` would be read as a local folder named "s3:", and found missing.
+  if (scheme === undefined && /^s3:/i.test(u)) throw new RuntimeError('INVALID_INPUT', `${name} starts with "s3:" but not "s3://"; write s3://bucket/prefix`);
   if (scheme === undefined) return { kind: 'local', path: path.resolve(u) };
   // Messages reach logs and clients (the boot reason, a LORA_URI 400): never with the URI's user info.
   const shown = JSON.stringify(maskUri(u));
