@@ -93,6 +93,9 @@ describe('warm-up CLI', () => {
     expect(lastLine(missing.stderr)).toBe('warmup: STORAGE_MISSING: no objects under s3://models/nothing/here/; check the bucket and prefix in STORAGE_URI');
     const noUri = await cli([], { ...env(cache), STORAGE_URI: '' });
     expect([noUri.code, lastLine(noUri.stderr)]).toEqual([2, 'warmup: CONFIG: STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
+    // Before: the same line, and the warning naming the typo never came (the Job exited before its warnings).
+    const typo = await cli([], { ...env(cache), STORAGE_URI: '', STORAGE_URL: 's3://models/sd/v1' });
+    expect([typo.code, typo.stderr]).toEqual([2, 'warmup: CONFIG: STORAGE_URI is required for the warm-up Job (s3://bucket/prefix); STORAGE_URL is set: did you mean STORAGE_URI?\n']);
     proxy.faults = { deny: true };
     const denied = await cli([], env(cache));
     expect(denied.code).toBe(1);

@@ -45,7 +45,11 @@ const config = () => loadConfig(process.env, { defaultCacheDir });
 
 async function warm(signal: AbortSignal): Promise<void> {
   const cfg = config();
-  if (cfg.storageUri === undefined) throw new ConfigError(['STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)']);
+  if (cfg.storageUri === undefined) {
+    // The Job exits here, before the warnings below: a mistyped name is named in its one line.
+    const typo = misspelledVariables(process.env).find((m) => m.meant === 'STORAGE_URI');
+    throw new ConfigError([`STORAGE_URI is required for the warm-up Job (s3://bucket/prefix)${typo ? `; ${typo.variable} is set: did you mean STORAGE_URI?` : ''}`]);
+  }
   const unaddressable = unaddressableUris(cfg);
   if (unaddressable.length > 0) throw new ConfigError(unaddressable);
   const log = jobLogger(cfg);
