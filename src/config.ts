@@ -559,13 +559,14 @@ export const VARIABLES: readonly string[] = [
 /**
  * Variables in `env` that are none of VARIABLES but look like one mistyped, with the one meant: another case or
  * separators (`max_queue`, `MAXQUEUE`), one letter off or two in a long name (`LORA_URL`, `AWS_SECRET_ACCES_KEY`), a plural
- * (`WORKER`), another unit suffix (`BATCH_WINDOW`, `REQUEST_TIMEOUT_MS`) or a prefix (`DIFFUSERS_MAX_QUEUE`). The
+ * (`WORKER`), another unit suffix (`BATCH_WINDOW`, `REQUEST_TIMEOUT_MS`), a `_URL` (`S3_ENDPOINT_URL`) or a prefix (`DIFFUSERS_MAX_QUEUE`). The
  * names share no prefix, so an unknown one cannot be refused: the pod also carries the platform's own variables.
  */
 export function misspelledVariables(env: Env): Array<{ variable: string; meant: string }> {
   const known = new Set(VARIABLES);
   const squash = (n: string) => n.toUpperCase().replace(/[^A-Z0-9]/g, '');
-  const bare = (n: string) => squash(n.toUpperCase().replace(/^DIFFUSERS_(RUNTIME_)?/, '').replace(/_(S|MS|MB|SECONDS|SECS|BYTES)$/, ''));
+  // `_URL` too: S3_ENDPOINT_URL, the name `make secret` takes the endpoint by, is read by no process (S3_ENDPOINT is).
+  const bare = (n: string) => squash(n.toUpperCase().replace(/^DIFFUSERS_(RUNTIME_)?/, '').replace(/_(S|MS|MB|SECONDS|SECS|BYTES|URL)$/, ''));
   const out: Array<{ variable: string; meant: string }> = [];
   for (const [variable, value] of Object.entries(env)) {
     if (value === undefined || known.has(variable)) continue;
