@@ -156,6 +156,10 @@ export class ConfigError extends Error {
 type Env = Record<string, string | undefined>;
 
 const PROVIDERS: readonly ExecutionProvider[] = ['auto', 'cuda', 'cpu'];
+/** What EXECUTION_PROVIDER is often given instead: a device's name, ONNX Runtime's provider names. */
+const PROVIDER_NAMES: Readonly<Record<string, ExecutionProvider>> = {
+  gpu: 'cuda', nvidia: 'cuda', cudaexecutionprovider: 'cuda', tensorrt: 'cuda', cpuexecutionprovider: 'cpu',
+};
 const LEVELS: readonly LogLevel[] = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 /** Python's logging names that pino spells otherwise (a manifest written for the Python runtime keeps working). */
 const PYTHON_LEVELS: ReadonlyMap<string, LogLevel> = new Map([['warning', 'warn'], ['critical', 'fatal']]);
@@ -295,11 +299,13 @@ export function loadConfig(env: Env = process.env, o: LoadOptions = {}): Readonl
     bad.push(`${k} must be true or false (1/0), got ${JSON.stringify(env[k])}`);
     return dflt;
   };
-  const oneOf = <T extends string>(k: string, dflt: T, allowed: readonly T[]): T => {
+  /** `meant`: values other tools use, and the one of ours meant by each (said with the problem). */
+  const oneOf = <T extends string>(k: string, dflt: T, allowed: readonly T[], meant: Readonly<Record<string, T>> = {}): T => {
     const r = raw(k)?.toLowerCase();
     if (r === undefined) return dflt;
     if ((allowed as readonly string[]).includes(r)) return r as T;
-    bad.push(`${k} must be one of ${allowed.join(', ')}, got ${JSON.stringify(env[k])}`);
+    const hint = Object.hasOwn(meant, r) ? `; did you mean ${meant[r]}?` : '';
+    bad.push(`${k} must be one of ${allowed.join(', ')}, got ${JSON.stringify(env[k])}${hint}`);
     return dflt;
   };
 
@@ -366,7 +372,7 @@ export function loadConfig(env: Env = process.env, o: LoadOptions = {}): Readonl
     verifyContent: bool('S3_VERIFY_CONTENT', true),
   });
 
-  const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS);
+  const executionProvider = oneOf('EXECUTION_PROVIDER', 'auto', PROVIDERS, PROVIDER_NAMES);
   // GPUS: how many GPUs to spread workers over; `auto` counts the visible ones (none on the CPU provider).
   const gpus = autoOrInt('GPUS', 0, 64) ?? (executionProvider === 'cpu' ? 0 : visibleGpus(env));
   const cfg: Config = {

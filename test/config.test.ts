@@ -34,6 +34,13 @@ describe('loadConfig', () => {
     expect((err as ConfigError).problems).toHaveLength(4);
   });
 
+  it('names the provider meant for a device\'s name or ONNX Runtime\'s provider name', () => {
+    // Before: only the list, with nothing saying that a GPU is cuda here.
+    expect(() => loadConfig({ EXECUTION_PROVIDER: 'gpu' })).toThrow('EXECUTION_PROVIDER must be one of auto, cuda, cpu, got "gpu"; did you mean cuda?');
+    expect(() => loadConfig({ EXECUTION_PROVIDER: 'CPUExecutionProvider' })).toThrow('EXECUTION_PROVIDER must be one of auto, cuda, cpu, got "CPUExecutionProvider"; did you mean cpu?');
+    expect(() => loadConfig({ EXECUTION_PROVIDER: 'tpu' })).toThrow(/: EXECUTION_PROVIDER must be one of auto, cuda, cpu, got "tpu"$/);
+  });
+
   it('names a bad S3_USER_VIRTUAL_BUCKET even with no endpoint, or with S3_FORCE_PATH_STYLE set, where it does not apply', () => {
     for (const env of [{}, { S3_FORCE_PATH_STYLE: '1', AWS_ENDPOINT_URL: 'http://minio:9000' }, { AWS_ENDPOINT_URL: 'http://minio:9000' }]) {
       expect(() => loadConfig({ ...env, S3_USER_VIRTUAL_BUCKET: 'maybe' })).toThrow('S3_USER_VIRTUAL_BUCKET must be true or false (1/0), got "maybe"');
