@@ -117,9 +117,13 @@ describe.skipIf(!canSwitch)('an arbitrary uid in group 0 (OpenShift restricted S
     expect(notShared(cache)).toEqual([]);
 
     for (const uid of POD_UIDS) {
-      const srv = await startServer({ ...s3Env(cache), HOME: undefined, EXECUTION_PROVIDER: 'cpu' }, { prefix: asUid(uid), entry });
+      // ORT_OPTIMIZED_CACHE=always: the copies are written whatever their timing (auto keeps one only where it loads faster).
+      const srv = await startServer({ ...s3Env(cache), HOME: undefined, EXECUTION_PROVIDER: 'cpu', ORT_OPTIMIZED_CACHE: 'always' }, { prefix: asUid(uid), entry });
       live.push(srv);
       await srv.waitReady();
+      // The first pod writes ORT's optimized copies in the background, waited for so that they are looked at below (the
+      // second loads them). ORT creates them 0644 whatever the umask: before, closed to the group.
+      if (uid === POD_UIDS[0]) expect(Object.values((await srv.waitFor('optimized-cache-written', undefined, 60_000)).outcomes as object)).toContain('written');
       const res = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a red cube', num_inference_steps: 2, height: 64, width: 64, loras: ['demo-style'] }] });
       // Before, the second pod: its lease refused ("could not mark the cache entry in use") and the LoRA set a 500
       // (EACCES making its folder under .lora-sets/, which the first pod made 755).

@@ -362,13 +362,19 @@ async function canWrite(dir: string, sourceBytes: number): Promise<boolean> {
   }
 }
 
-/** fsync both files, drop the old key, rename the graph into place, write the new key (tmp + rename), fsync the folder. */
+/**
+ * Shares both files with the group, fsyncs them, drops the old key, renames the graph into place, writes the new key
+ * (tmp + rename), fsyncs the folder.
+ */
 async function commit(p: ReturnType<typeof optimizedPaths>, tmpOnnx: string, data: string, key: CacheKey): Promise<void> {
+  await shareWithGroup(tmpOnnx);
   await fsyncFile(tmpOnnx);
-  await fsyncFile(data).catch((e: NodeJS.ErrnoException) => {
+  const noWeights = (e: NodeJS.ErrnoException) => {
     // A graph with no initializer of 1 KB or more writes no weights file.
     if (e.code !== 'ENOENT') throw e;
-  });
+  };
+  await shareWithGroup(data).catch(noWeights);
+  await fsyncFile(data).catch(noWeights);
   await fsp.rm(p.key, { force: true });
   await fsp.rename(tmpOnnx, p.onnx);
   await writeKey(p, key);
@@ -544,6 +550,17 @@ async function sweepStale(p: ReturnType<typeof optimizedPaths>, keep: string): P
 }
 
 /** fsync of a file, or of a folder (its entries). */
+/**
+ * Gives the group what the owner has, as the process's umask does for every file the runtime makes (config.ts
+ * applyContainerDefaults): ORT creates its files 0644 whatever the umask, and the next pod may run as another uid of the
+ * group (OpenShift).
+ */
+async function shareWithGroup(file: string): Promise<void> {
+  const mode = (await fsp.stat(file)).mode & 0o7777;
+  const shared = mode | ((mode & 0o700) >> 3);
+  if (shared !== mode) await fsp.chmod(file, shared);
+}
+
 async function fsyncFile(file: string): Promise<void> {
   const fh = await fsp.open(file, 'r');
   try {
