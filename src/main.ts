@@ -113,6 +113,13 @@ async function main(): Promise<void> {
   const formBad = problems.some((p) => p.startsWith('DEFAULT_SCHEDULER'));
   const unknownScheduler = unknownDefaultScheduler(cfg ? cfg.defaultScheduler : formBad ? undefined : process.env.DEFAULT_SCHEDULER?.trim() || undefined);
   if (cfg) problems.push(...unaddressableUris(cfg));
+  // Without STORAGE_URI the server serves /mnt/models or its demo model, ready: a mistyped name would pass unseen but
+  // for its warning, the InferenceService Ready with noise for images. A plural (STORAGE_URIS) may be a platform's own
+  // variable beside /mnt/models: a warning only.
+  const uriTypo = cfg?.storageUri === undefined
+    ? misspelledVariables(process.env).find((m) => m.meant === 'STORAGE_URI' && m.variable.toUpperCase() !== 'STORAGE_URIS')
+    : undefined;
+  if (uriTypo) problems.push(`STORAGE_URI is not set, but ${uriTypo.variable} is: did you mean STORAGE_URI? (without it the server would serve /mnt/models or its embedded demo model)`);
   if (unknownScheduler !== undefined) problems.push(unknownScheduler);
   if (problems.length > 0 || !cfg) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.

@@ -397,6 +397,17 @@ describe('the server command line', () => {
     expect(r.stderr).toMatch(/^diffusers-runtime: invalid configuration: DEFAULT_SCHEDULER: scheduler "DPM\+\+ 2M Karras" is unknown; did you mean "dpmpp_2m_karras"\?; use one of pndm, .*\n$/);
   });
 
+  it('a mistyped STORAGE_URI fails the start instead of serving the demo model, ready', () => {
+    const env = { ...process.env, PORT: '0', HOST: '127.0.0.1', STORAGE_URI: undefined };
+    const r = spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...env, STORAGE_URL: 's3://models/sd15' } });
+    expect([r.status, r.stdout]).toEqual([2, '']);
+    expect(r.stderr).toBe('diffusers-runtime: invalid configuration: STORAGE_URI is not set, but STORAGE_URL is: did you mean STORAGE_URI? '
+      + '(without it the server would serve /mnt/models or its embedded demo model)\n');
+    // Another case, the same name meant.
+    expect(spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...env, storage_uri: '/models/sd15' } }).stderr)
+      .toContain('STORAGE_URI is not set, but storage_uri is: did you mean STORAGE_URI?');
+  });
+
   it('names an unknown DEFAULT_SCHEDULER beside other bad variables, in the same run; a malformed one once', () => {
     const start = (env: Record<string, string>) => spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, HOST: '127.0.0.1', ...env } });
     const both = start({ PORT: 'abc', DEFAULT_SCHEDULER: ' eulr ' });
