@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
-import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
+import { type FetchProgress, RATE_WINDOW_MIN_MS, resolveModel } from '../src/storage/fetch.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 import { until } from './helpers/server.js';
@@ -468,6 +468,28 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     }));
     expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/listed/: S3 did not finish the LIST within 1 s on each of its 2 tries']);
     expect(proxy.stats.lists - lists).toBe(2);
+  });
+
+  it('the download rate is told from a second of samples, not from the first 200 ms (an ETA of hours in the warm-up\'s line)', async () => {
+    // 4 × 100 kB/s: the 3 MB take ~8 s, stopped after 1.6.
+    proxy.faults = { bytesPerSecond: 100_000, exactPace: true };
+    const ac = new AbortController();
+    const seen: Array<[number, number]> = [];
+    let first: number | undefined;
+    await rejection(resolveModel('s3://models/big', {
+      cfg: cfgFor(await newCache(), { S3_MAX_CONCURRENCY: '4' }), log, signal: ac.signal,
+      onProgress: (p) => {
+        const now = performance.now();
+        first ??= now;
+        seen.push([now - first, p.bytesPerSecond]);
+        if (now - first > 1_600) ac.abort();
+      },
+    }));
+    proxy.faults = {};
+    const early = seen.filter(([at]) => at < RATE_WINDOW_MIN_MS - 50);
+    expect(early.length).toBeGreaterThan(1);
+    expect(early.map(([, rate]) => rate)).toEqual(early.map(() => 0));
+    expect(seen.filter(([at]) => at > RATE_WINDOW_MIN_MS + 250).every(([, rate]) => rate > 0)).toBe(true);
   });
 
   it('an abort mid-download leaves no committed entry, and the next run resumes and completes', async () => {

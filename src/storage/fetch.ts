@@ -48,6 +48,8 @@ const loadDownload = firstUse('the model downloader', () => import('./download.j
 
 /** A download, or a wait for another process's, logs its progress this often (ms): a minute of silence looks hung. */
 export const PROGRESS_LOG_MS = 10_000;
+/** The shortest span of samples a download rate is told from (FetchProgress.bytesPerSecond). */
+export const RATE_WINDOW_MIN_MS = 1_000;
 
 export interface FetchProgress {
   /** `waiting`: another process holds the entry's lock and downloads; the counts are what it has on disk so far. */
@@ -1025,7 +1027,9 @@ class S3Fetch {
     this.samples.push([now, this.progress.bytesDone]);
     while (this.samples.length > 2 && now - this.samples[0]![0] > 3_000) this.samples.shift();
     const [t, b] = this.samples[0]!;
-    this.progress.bytesPerSecond = now - t > 0 ? Math.max(0, ((this.progress.bytesDone - b) * 1000) / (now - t)) : 0;
+    // Not said (0: the warm-up's line says ETA ?) before a second of samples: the first 200 ms, mostly S3's first-byte
+    // wait, made an ETA of hours.
+    this.progress.bytesPerSecond = now - t >= RATE_WINDOW_MIN_MS ? Math.max(0, ((this.progress.bytesDone - b) * 1000) / (now - t)) : 0;
     this.o.onProgress?.({ ...this.progress });
     if (phase !== 'downloading') {
       this.lastLog = undefined;
