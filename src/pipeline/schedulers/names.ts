@@ -116,7 +116,9 @@ export const schedulerClassOf = (name: string | undefined, own: string | undefin
  * tools' samplers are not always diffusers' classes, so such a label is never taken silently.
  */
 function suggestion(name: string): string | undefined {
-  const n = name.trim().toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s-]+/g, '_');
+  // k-diffusion's names (k_euler_a, k_dpmpp_2m), "ancestral" spelled out (euler_ancestral), "dpmpp2m" without its `_`.
+  const n = name.trim().toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s-]+/g, '_')
+    .replace(/^k_/, '').replace(/_ancestral\b/, '_a').replace(/^dpmpp(\d)/, 'dpmpp_$1');
   const guess = n === 'plms' ? 'pndm' : n;
   return guess !== name && Object.hasOwn(SCHEDULER_NAMES, guess) ? guess : undefined;
 }
