@@ -340,6 +340,25 @@ describe('ThrottleLog', () => {
     reads[1]!.answered({ round: reads[1]!.round, release: () => undefined });
     expect(lines).toHaveLength(2);
   });
+
+  it('sums up a held spell that is still throttled after a summary, though no new spell begins', async () => {
+    const { log, lines } = recorder();
+    const gate = new ThrottleLog(log, 'read', 300);
+    const reads = Array.from({ length: 2 }, (_, i) => new Throttle({ concurrency: 1, timeoutMs: 300_000, log, what: 'read', fields: { uri: `s3://b/${i}` }, gate }));
+    for (const t of reads) t.throttled({ round: t.round, release: () => undefined }, 'SlowDown');
+    await until(() => lines.length === 2, 10_000, 20);
+    expect(lines[1]).toMatchObject({ requests: 1, throttledAnswers: 1 });
+    // The held read is throttled on, in the same spell: before, its answers were counted and never logged.
+    reads[1]!.throttled({ round: reads[1]!.round, release: () => undefined }, 'SlowDown');
+    reads[1]!.throttled({ round: reads[1]!.round, release: () => undefined }, 'SlowDown');
+    await until(() => lines.length === 3, 10_000, 20);
+    expect(lines[2]).toMatchObject({ level: 'warn', requests: 1, throttledAnswers: 2,
+      msg: expect.stringMatching(/^S3 also throttled 1 other read \(2 throttled answers\) in the last \d+ s; each is not logged on its own/) });
+    // Nothing more once it is no longer throttled.
+    reads[1]!.answered({ round: reads[1]!.round, release: () => undefined });
+    await new Promise((r) => setTimeout(r, 600));
+    expect(lines).toHaveLength(3);
+  });
 });
 
 describe('which answers are throttling', () => {

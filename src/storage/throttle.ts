@@ -223,7 +223,7 @@ export class Throttle {
       this.#logged = now;
       this.#o.log.warn({ ...fields, throttledS: Math.round((now - this.since) / 1000) }, `S3 is still throttling the ${this.#o.what} (${code}): ${this.#ranges()}backing off`);
     }
-    if (!this.#shown) this.#o.gate!.held();
+    if (!this.#shown) this.#o.gate!.held(this);
     return wait;
   }
 
@@ -261,12 +261,15 @@ const REQUESTS: Partial<Record<ThrottledWork, string>> = { upload: 'uploads', re
 /**
  * The log lines of many requests' Throttles (each output_uri upload's, each s3:// input's), one at a time: under
  * sustained throttling each request's spell would log its own lines. The first spell logs as a Throttle does; one that
- * begins within `everyMs` of the last line logged is held, and one summary `everyMs` after that line counts the spells
- * and answers held. s3_throttled_responses_total still counts every answer.
+ * begins within `everyMs` of the last line logged is held, and one summary `everyMs` after that line counts the
+ * requests and answers held. A spell stays held while it lasts, and each of its answers starts the next summary's
+ * timer, so a spell still throttled is summed up every `everyMs`, not only while new spells begin.
+ * s3_throttled_responses_total still counts every answer.
  */
 export class ThrottleLog {
   #last: number | undefined;
-  #spells = 0;
+  /** The requests (their Throttles) with answers held since the last summary. */
+  readonly #requests = new Set<object>();
   #answers = 0;
   #timer: NodeJS.Timeout | undefined;
 
@@ -280,14 +283,14 @@ export class ThrottleLog {
       this.#last = now;
       return true;
     }
-    this.#spells++;
-    this.#timer ??= setTimeout(() => this.#summary(), this.#last + this.everyMs - now).unref();
     return false;
   }
 
-  /** A throttled answer of a spell held. */
-  held(): void {
+  /** A throttled answer of a spell held (`request`: its Throttle, counted once a summary). */
+  held(request: object): void {
+    this.#requests.add(request);
     this.#answers++;
+    this.#timer ??= setTimeout(() => this.#summary(), Math.max(0, this.#last! + this.everyMs - this.now())).unref();
   }
 
   /**
@@ -305,10 +308,11 @@ export class ThrottleLog {
     const now = this.now();
     const s = Math.round((now - this.#last!) / 1000);
     this.#last = now;
-    this.log.warn({ requests: this.#spells, throttledAnswers: this.#answers, seconds: s },
-      `S3 also throttled ${this.#spells} other ${REQUESTS[this.what] ?? this.what} (${this.#answers} throttled answers) in the last ${s} s; `
+    const n = this.#requests.size;
+    this.log.warn({ requests: n, throttledAnswers: this.#answers, seconds: s },
+      `S3 also throttled ${n} other ${n === 1 ? this.what : REQUESTS[this.what] ?? this.what} (${this.#answers} throttled answer${this.#answers === 1 ? '' : 's'}) in the last ${s} s; `
       + 'each is not logged on its own (s3_throttled_responses_total counts every answer)');
-    this.#spells = 0;
+    this.#requests.clear();
     this.#answers = 0;
   }
 }
