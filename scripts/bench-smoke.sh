@@ -29,6 +29,7 @@ BENCHES=(
   "modes|BENCH_RUNS=1 BENCH_SIZE=64 BENCH_STEPS=2|"
   "serve|BENCH_RUNS=2 BENCH_SIZE=64 BENCH_STEPS=2 BENCH_DURATION_S=1 BENCH_BATCH_IMAGES=8 BENCH_BATCH_SIZE_PX=64|"
   "lora||16 2"
+  "adapter-fetch|BENCH_MB=8 BENCH_RUNS=1 BENCH_POOLS=16,4 BENCH_WRITES=auto,2,off|"
   "lora switch|BENCH_LORA_BASELINE=dist BENCH_LORA_ROUNDS=1 BENCH_LORA_REQUESTS=3 BENCH_LORA_IDLE_S=1|switch"
   "realsize serve|STORAGE_URI= MODEL_CACHE_DIR=$TMP/rs-cache BENCH_SIZE=64 BENCH_STEPS=2 BENCH_LORA=demo-style|serve"
   "realsize merge||merge $TMP/demo $TMP/demo/loras/demo-style.safetensors ."

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { httpStatus } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
-import { AdapterSource } from '../src/runtime/adapters.js';
+import { AdapterSource, adapterWritesAtOnce, threadPoolSize } from '../src/runtime/adapters.js';
 import { removeEntry } from '../src/storage/entries.js';
 import { CREDS, destroyS3, rejection, startFaultProxy, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { tempDir } from './helpers/server.js';
@@ -165,3 +165,10 @@ async function until(ok: () => boolean): Promise<void> {
     if (Date.now() - t0 > 10_000) throw new Error('timed out waiting');
   }
 }
+
+describe('the bound on LORA_URI fetches\' writes', () => {
+  it('is the pool less the threads kept for the rest: 8 of the image\'s 16, 1 of the default 4; the pool read as libuv reads it', () => {
+    expect([16, 4, 9, 8, 1, 32].map((n) => adapterWritesAtOnce(n))).toEqual([8, 1, 1, 1, 1, 24]);
+    expect([undefined, '16', '0', '', 'x', '2048'].map((v) => threadPoolSize(v === undefined ? {} : { UV_THREADPOOL_SIZE: v }))).toEqual([4, 16, 1, 1, 1, 1024]);
+  });
+});

@@ -35,16 +35,23 @@ export class AdapterSource {
   readonly #closed = new AbortController();
   /** Every look at the adapters' files goes through it: a volume that stops answering keeps one pool thread, not one a request. */
   readonly #gate: VolumeGate;
-  /** The positional writes of every LORA_URI fetch, ADAPTER_WRITES_AT_ONCE at a time. */
-  readonly #writes = slots(ADAPTER_WRITES_AT_ONCE);
+  /** The positional writes of every LORA_URI fetch, adapterWritesAtOnce() at a time. */
+  readonly #writes: <T>(call: () => Promise<T>) => Promise<T>;
 
-  /** `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code). */
+  /**
+   * `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code); `o.writesAtOnce` replaces
+   * adapterWritesAtOnce() (scripts/bench-adapter-fetch.ts compares bounds; Infinity: none).
+   */
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
     private readonly log: Logger,
     private readonly onThrottled?: (code: string) => void,
+    o: { writesAtOnce?: number } = {},
   ) {
     this.#gate = createVolumeGate({ cacheDir: cfg.cacheDir, log });
+    const n = o.writesAtOnce ?? adapterWritesAtOnce();
+    if (!(n >= 1)) throw new TypeError(`writesAtOnce must be 1 or more, got ${n}`);
+    this.#writes = slots(n);
   }
 
   /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
@@ -268,12 +275,31 @@ export class AdapterSource {
 const adapterAbsent = (err: RuntimeError): boolean => err.cause === undefined || s3Code(err.cause) === 'NoSuchKey';
 
 /**
- * Positional writes of the LORA_URI fetches at once, all together. A fetch has up to S3_MAX_CONCURRENCY ranges in
- * flight, each writing to the cache: on a volume that stops answering each write keeps a pool thread for good, and
- * 24 of them filled libuv's pool (16 threads in the image), sharp's encoding of every other request included. An
- * adapter is small: two writes at a time cost little on a volume that answers.
+ * Positional writes of the LORA_URI fetches at once, all together, for libuv's pool of `pool` threads. A fetch has up
+ * to S3_MAX_CONCURRENCY ranges in flight, each writing to the cache: on a volume that stops answering each write keeps
+ * a pool thread for good, and 24 of them filled the image's pool of 16, sharp's encoding of every other request
+ * included. The writes get what POOL_KEPT leaves: 8 of the image's 16 (a healthy fetch as fast as unbounded, within
+ * noise: docs/BENCHMARKS.md, "LoRA adapter fetch: writes at once"), 1 of the default 4, where a stuck fetch's other
+ * calls alone fill the pool.
  */
-export const ADAPTER_WRITES_AT_ONCE = 2;
+export function adapterWritesAtOnce(pool = threadPoolSize()): number {
+  return Math.max(1, pool - POOL_KEPT);
+}
+
+/**
+ * Pool threads the writes leave: a stuck fetch's other calls (its journal's append and sync, its lock's heartbeat, the
+ * gate's look: 4 seen stuck beside the writes in test/lora-stuck-volume.test.ts), the leases' heartbeats (2: the
+ * model's entry, the adapter sets' folder), and 2 for the rest of the server (sharp's encoding, dns.lookup).
+ */
+const POOL_KEPT = 8;
+
+/** libuv's pool size, read as libuv reads UV_THREADPOOL_SIZE when it starts the pool: 4 unset, 1 for 0, at most 1024. */
+export function threadPoolSize(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.UV_THREADPOOL_SIZE;
+  if (v === undefined) return 4;
+  const n = Number.parseInt(v, 10);
+  return Number.isFinite(n) && n > 0 ? Math.min(n, 1024) : 1;
+}
 
 /** Runs the calls given `n` at a time, first come first served. */
 function slots(n: number): <T>(call: () => Promise<T>) => Promise<T> {
