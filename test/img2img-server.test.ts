@@ -370,7 +370,7 @@ describe('bad image inputs answer 400 naming the field', () => {
       ws.on('error', reject);
     });
     expect(closed).toBe(4400);
-    expect(messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: 'message[0].strength must be a number from 0 to 1, got 2' }]);
+    expect(messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: 'message.strength must be a number from 0 to 1, got 2' }]);
   });
 
   it('a model without vae_encoder takes no image', async () => {

@@ -161,7 +161,7 @@ describe('WebSocket stream', () => {
     const ws = await stream();
     ws.send(JSON.stringify({ prompt: 1, height: 7 }));
     expect(await ws.closed).toEqual({ code: 4400, reason: 'INVALID_INPUT' });
-    expect(ws.messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: expect.stringMatching(/message\[0\]\.prompt must be a string.*height/) }]);
+    expect(ws.messages).toEqual([{ type: 'error', code: 'INVALID_INPUT', error: expect.stringMatching(/message\.prompt must be a string.*height/) }]);
 
     // A V1 or V2 body sent as the message is named as such, not as an unknown field of an instance.
     for (const [body, error] of [

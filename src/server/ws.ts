@@ -199,7 +199,8 @@ export function registerWs(app: App, ctx: ServerContext, opts: RouteOptions): vo
         throw new RuntimeError('INVALID_INPUT', `the stream takes one instance's fields directly: send {"prompt": …} itself, not {${whole.map((k) => `"${k}": [...]`).join(', ')}}`
           + ` (a ${whole.includes('instances') ? 'V1' : 'V1 or V2'} request body): one message is one instance, one generation per connection`);
       }
-      const reqs = parseInstances([inst], parseContext(ctx), 'message', true);
+      // One message, one instance: its fields are named message.x, not as the first of a list the client never sent.
+      const reqs = parseInstances([inst], parseContext(ctx), 'message', true, (p) => p.replaceAll('message[0]', 'message'));
       const req = reqs[0]!;
       // `accepted` once the request is queued: a full queue or an unknown adapter is its only answer, not a second one.
       const accepted = JSON.stringify({ type: 'accepted', seed: req.items[0]!.seed, images: req.items[0]!.numImages });
