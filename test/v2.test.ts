@@ -208,6 +208,7 @@ describe('V2 infer', () => {
     ['prompt not BYTES', { inputs: [{ name: 'prompt', shape: [1], datatype: 'INT32', data: [1] }] }, /prompt" must have datatype BYTES/],
     ['prompt element not a string', { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [1] }] }, /data\[0\] must be a string/],
     ['shape mismatch', { inputs: [{ name: 'prompt', shape: [2], datatype: 'BYTES', data: ['x'] }] }, /holds 2 elements but data has 1/],
+    ['no shape', { inputs: [{ name: 'prompt', datatype: 'BYTES', data: ['x'] }] }, /^input "prompt": shape is missing \(a list of dimensions, e\.g\. \[1\] for one prompt\)$/],
     ['negative dims', { inputs: [{ name: 'prompt', shape: [-10, -10], datatype: 'BYTES', data: ['x'] }] }, /^input "prompt": shape must be a list of non-negative integers$/],
     ['unknown input', { inputs: [prompt('x'), { name: 'colour', shape: [1], datatype: 'BYTES', data: ['red'] }] }, /^input "colour" is not a known field; known fields: prompt, /],
     ['unknown datatype', { inputs: [{ name: 'prompt', shape: [1], datatype: 'STRING', data: ['x'] }] }, /datatype must be one of/],

@@ -317,6 +317,7 @@ function parseTensor(inp: unknown, i: number, binary: Buffer | undefined, offset
   const datatype = inp.datatype;
   if (typeof datatype !== 'string' || !DATATYPES.has(datatype)) return void problems.push(`${wn}: datatype must be one of ${[...DATATYPES].join(', ')}, got ${JSON.stringify(datatype)}`);
   const shape = inp.shape;
+  if (shape === undefined) return void problems.push(`${wn}: shape is missing (a list of dimensions, e.g. [1] for one prompt)`);
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) return void problems.push(`${wn}: shape must be a list of non-negative integers`);
   const count = (shape as number[]).reduce((a, b) => a * b, 1);
   const kind = FIELDS[name]!;
