@@ -12,6 +12,7 @@ import { createWithOptimizedCache, optimizedPaths, type OptimizedCacheMode, remo
 import { ENTRY_MARKERS, MANIFEST } from '../src/storage/cache.js';
 import { fixtureModel } from './fixtures/index.js';
 import { REFERENCE, tempDir } from './helpers/server.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 const OPTS = sessionOptions('cpu', { intraOpThreads: 1 });
 /** The policies the runtime passes: its cache entries are marked by the fetch engine's manifest or journal. */
@@ -20,6 +21,7 @@ const AUTO = policy('auto');
 const ALWAYS = policy('always');
 const VERSION = ort.env.versions?.node ?? ort.env.versions?.common ?? 'unknown';
 let scratch: { dir: string; cleanup: () => void };
+stuckFsForTests();
 let source: string;
 
 beforeAll(async () => {
@@ -122,6 +124,20 @@ describe('optimized-model cache', () => {
     expect(left.filter((f) => f.includes('99-ab'))).toEqual([]);
     // The committed copy (its weights among the announced files) still loads.
     expect(left.some((f) => announced.some((a) => a.endsWith(f) && f.endsWith('.onnx_data')))).toBe(true);
+    const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
+    expect(r.cache).toBe('hit');
+    await r.session.release();
+  });
+
+  // CIFS with the mount's uid and file_mode, vfat, some FUSE file systems: the modes are the mount's, and a chmod is
+  // refused (EPERM) even on a file the process just made. The copy is whole and readable: kept, not 'failed'.
+  it.skipIf(stuckFsUnavailable())('keeps a copy written on a volume that refuses chmod', async () => {
+    const backing = path.join(scratch.dir, 'no-chmod');
+    const inBacking = await entry(path.join('no-chmod', 'e'));
+    const fs = await mountStuckFs(backing, path.join(scratch.dir, 'no-chmod-mnt'), { eio: 'setattr:*', eioTimes: 1_000_000, eioErrno: 1 });
+    const model = path.join(fs.dir, path.relative(backing, inBacking));
+    const logs: string[] = [];
+    expect(await writeOptimizedCopy(ort, model, 'cpu', OPTS, (_l, msg, f) => logs.push(`${msg} ${JSON.stringify(f)}`), ALWAYS), logs.join('; ')).toBe('written');
     const r = await createWithOptimizedCache(ort, model, 'cpu', OPTS, undefined, AUTO);
     expect(r.cache).toBe('hit');
     await r.session.release();

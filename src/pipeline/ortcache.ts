@@ -549,18 +549,26 @@ async function sweepStale(p: ReturnType<typeof optimizedPaths>, keep: string): P
   }
 }
 
-/** fsync of a file, or of a folder (its entries). */
 /**
  * Gives the group what the owner has, as the process's umask does for every file the runtime makes (config.ts
  * applyContainerDefaults): ORT creates its files 0644 whatever the umask, and the next pod may run as another uid of the
- * group (OpenShift).
+ * group (OpenShift). A volume whose modes are its mount's (CIFS with file_mode, vfat, some FUSE file systems) refuses
+ * the chmod, even to the file's maker: the copy is whole and as open to the group as the mount makes every file, so
+ * it is kept.
  */
 async function shareWithGroup(file: string): Promise<void> {
   const mode = (await fsp.stat(file)).mode & 0o7777;
   const shared = mode | ((mode & 0o700) >> 3);
-  if (shared !== mode) await fsp.chmod(file, shared);
+  if (shared === mode) return;
+  await fsp.chmod(file, shared).catch((e: NodeJS.ErrnoException) => {
+    if (!CHMOD_REFUSED.has(e.code ?? '')) throw e;
+  });
 }
 
+/** What a volume that does not take a file's mode from chmod answers. */
+const CHMOD_REFUSED: ReadonlySet<string> = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS']);
+
+/** fsync of a file, or of a folder (its entries). */
 async function fsyncFile(file: string): Promise<void> {
   const fh = await fsp.open(file, 'r');
   try {

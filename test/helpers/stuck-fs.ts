@@ -28,6 +28,8 @@ export interface StuckFsOptions {
   eio?: string;
   /** Fail the first `eioTimes` such requests (not only the first). */
   eioTimes?: number;
+  /** Fail them with this errno instead of EIO (1: EPERM, a volume that refuses a chmod). */
+  eioErrno?: number;
   /** Each answer this late. */
   delayMs?: number;
 }
@@ -87,7 +89,7 @@ export async function mountStuckFs(backing: string, dir: string, opts: StuckFsOp
   const why = stuckFsUnavailable();
   if (why !== undefined) throw new Error(why);
   mkdirSync(dir, { recursive: true });
-  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter, ...(opts.hangAfterTimes ? ['--times', String(opts.hangAfterTimes)] : [])] : []), ...(opts.eio ? ['--eio', opts.eio, ...(opts.eioTimes ? ['--eio-times', String(opts.eioTimes)] : [])] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
+  const args = [backing, dir, ...(opts.hangAfter ? ['--hang-after', opts.hangAfter, ...(opts.hangAfterTimes ? ['--times', String(opts.hangAfterTimes)] : [])] : []), ...(opts.eio ? ['--eio', opts.eio, ...(opts.eioTimes ? ['--eio-times', String(opts.eioTimes)] : []), ...(opts.eioErrno ? ['--eio-errno', String(opts.eioErrno)] : [])] : []), ...(opts.delayMs ? ['--delay-ms', String(opts.delayMs)] : [])];
   // STUCK_FS_LOG=1: each request it reads, on the test's stderr (what the runtime does on the volume).
   const log = process.env.STUCK_FS_LOG === '1';
   const proc: ChildProcess = spawn(binary!, [...args, ...(log ? ['--log'] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -7,14 +7,14 @@
  * once the daemon has read the request, and never for the flush of a close (a process with a file open on the mount
  * could not exit). A flush of a file not opened for writing is answered at once, as NFS's close needs no server then.
  *
- *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N]] [--delay-ms N] [--log] [--probe]
+ *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N] [--eio-errno N]] [--delay-ms N] [--log] [--probe]
  *
  * Prints "ready" once mounted and answering, "hung" once it stops answering. SIGUSR1: stop answering now. SIGUSR2:
  * answer again, and fail no more requests with EIO. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
  * unlink, rename, setattr, fsync, opendir, readdir, access, any) naming NAME (the name looked up or created, or the
  * node's own name; * for any), then stop; with --times N, the Nth such request. --eio OP:NAME: fail the first such
  * request with EIO (a disk or network block device's read error), then pass through again; with --eio-times N, the
- * first N. --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
+ * first N; with --eio-errno N, with that errno instead (1: EPERM, as a volume that refuses a chmod). --delay-ms: each answer that long late (a slow but healthy server). SIGTERM: the connection is
  * closed (calls still waiting fail with ENOTCONN), the mount detached, and the daemon exits. It dies with the process
  * that started it (PR_SET_PDEATHSIG), leaving a mount that fails every call until it is detached (umount -l).
  * --probe: mount, answer the kernel's first request, unmount and exit 0 (whether FUSE mounts work here).
@@ -71,6 +71,7 @@ static volatile sig_atomic_t hung, term;
 /* --eio: requests matching it that are still to fail with EIO (--eio-times); SIGUSR2 clears it. */
 static char eio_op[32], eio_name[256];
 static long eio_times = 1;
+static int eio_errno = EIO;
 static long delay_ms;
 static int logging, probe;
 static char trip_op[32], trip_name[256];
@@ -642,7 +643,7 @@ static void unmount(const char *dir) {
 }
 
 static void usage(void) {
-  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N]] [--delay-ms N] [--log] [--probe]\n");
+  fprintf(stderr, "usage: stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N] [--eio-errno N]] [--delay-ms N] [--log] [--probe]\n");
   exit(2);
 }
 
@@ -671,6 +672,9 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[i], "--eio-times") == 0 && i + 1 < argc) {
       eio_times = atol(argv[++i]);
       if (eio_times < 1) usage();
+    } else if (strcmp(argv[i], "--eio-errno") == 0 && i + 1 < argc) {
+      eio_errno = atoi(argv[++i]);
+      if (eio_errno < 1) usage();
     } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) delay_ms = atol(argv[++i]);
     else if (strcmp(argv[i], "--log") == 0) logging = 1;
     else if (strcmp(argv[i], "--probe") == 0) probe = 1;
@@ -755,9 +759,9 @@ int main(int argc, char **argv) {
     const char *name = request_name(h, body);
     int tripped = matches(trip_op, trip_name, h, name);
     int failed = matches(eio_op, eio_name, h, name);
-    if (logging) fprintf(stderr, "stuck-fs: %s %s (node %llu)%s\n", op_name(h->opcode), name, (unsigned long long)h->nodeid, failed ? ": EIO" : "");
+    if (logging) fprintf(stderr, "stuck-fs: %s %s (node %llu)%s\n", op_name(h->opcode), name, (unsigned long long)h->nodeid, failed ? ": failed" : "");
     if (failed && --eio_times == 0) eio_op[0] = 0;
-    int r = failed ? -EIO : handle(h, body);
+    int r = failed ? -eio_errno : handle(h, body);
     if (r < 0) reply(h->unique, r, NULL, 0);
     if (h->opcode == FUSE_INIT && !initialised) {
       initialised = 1;
