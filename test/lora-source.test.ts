@@ -2,6 +2,7 @@
  * Where adapters come from: the model's loras/ folder first, then LORA_URI — a local folder, or an S3 prefix fetched
  * through the model cache (a real S3 server on loopback, s3rver).
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -170,5 +171,14 @@ describe('the bound on LORA_URI fetches\' writes', () => {
   it('is the pool less the threads kept for the rest: 8 of the image\'s 16, 1 of the default 4; the pool read as libuv reads it', () => {
     expect([16, 4, 9, 8, 1, 32].map((n) => adapterWritesAtOnce(n))).toEqual([8, 1, 1, 1, 1, 24]);
     expect([undefined, '16', '0', '', 'x', '2048'].map((v) => threadPoolSize(v === undefined ? {} : { UV_THREADPOOL_SIZE: v }))).toEqual([4, 16, 1, 1, 1, 1024]);
+  });
+
+  // libuv starts every thread of its pool at its first use, and reads the variable with atoi() into an unsigned int: a
+  // negative value wraps, then is clamped to 1024. The threads a Node started with each value shows, counted here.
+  it.skipIf(process.platform !== 'linux')('reads UV_THREADPOOL_SIZE as the pool of a Node started with it is', () => {
+    const threads = (v: string) => Number(execFileSync(process.execPath, ['-e',
+      "require('fs').stat('.', () => console.log(require('fs').readdirSync('/proc/self/task').length))"], { encoding: 'utf8', env: { ...process.env, UV_THREADPOOL_SIZE: v } }));
+    const others = threads('1') - 1;
+    for (const v of ['-1', '3', ' 5', 'x', '0', '2000']) expect(threadPoolSize({ UV_THREADPOOL_SIZE: v }), v).toBe(threads(v) - others);
   });
 });

@@ -293,12 +293,16 @@ export function adapterWritesAtOnce(pool = threadPoolSize()): number {
  */
 const POOL_KEPT = 8;
 
-/** libuv's pool size, read as libuv reads UV_THREADPOOL_SIZE when it starts the pool: 4 unset, 1 for 0, at most 1024. */
+/**
+ * libuv's pool size, read as libuv reads UV_THREADPOOL_SIZE when it starts the pool (atoi() into an unsigned int): 4
+ * unset, 1 for 0 or no number, at most 1024, which a negative value wraps past.
+ */
 export function threadPoolSize(env: NodeJS.ProcessEnv = process.env): number {
   const v = env.UV_THREADPOOL_SIZE;
   if (v === undefined) return 4;
   const n = Number.parseInt(v, 10);
-  return Number.isFinite(n) && n > 0 ? Math.min(n, 1024) : 1;
+  if (!Number.isFinite(n) || n === 0) return 1;
+  return n < 0 ? 1024 : Math.min(n, 1024);
 }
 
 /** Runs the calls given `n` at a time, first come first served. */
