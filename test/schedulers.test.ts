@@ -312,7 +312,7 @@ describe('createScheduler', () => {
       ['DPM++ 2M SDE', 'dpmpp_2m_sde'], ['LMS Karras', 'lms_karras'], ['Heun', 'heun'], ['dpmpp-2m', 'dpmpp_2m'], ['DDIM', 'ddim'], ['TCD', 'tcd'],
       ['DPM++ SDE Karras', 'dpmpp_sde_karras'], ['DPM++ SDE', 'dpmpp_sde'], ['SA-Solver', 'sa_solver'],
       ['euler_ancestral', 'euler_a'], ['k_euler_a', 'euler_a'], ['k_dpmpp_2m', 'dpmpp_2m'], ['dpmpp2m_karras', 'dpmpp_2m_karras'],
-      ['DPM2 ancestral', 'dpm2_a'],
+      ['DPM2 ancestral', 'dpm2_a'], ['dpm2_ancestral_karras', 'dpm2_a_karras'], ['k_dpm_2', 'dpm2'], ['k_dpm_2_ancestral', 'dpm2_a'],
     ] as const) {
       expect(unknownSchedulerName(label), label).toMatch(new RegExp(`^scheduler "${label.replace(/[+]/g, '\\+')}" is unknown; did you mean "${meant}"\\?; use one of pndm, `));
     }

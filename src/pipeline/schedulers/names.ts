@@ -118,7 +118,7 @@ export const schedulerClassOf = (name: string | undefined, own: string | undefin
 function suggestion(name: string): string | undefined {
   // k-diffusion's names (k_euler_a, k_dpmpp_2m), "ancestral" spelled out (euler_ancestral), "dpmpp2m" without its `_`.
   const n = name.trim().toLowerCase().replace(/\+\+/g, 'pp').replace(/[\s-]+/g, '_')
-    .replace(/^k_/, '').replace(/_ancestral\b/, '_a').replace(/^dpmpp(\d)/, 'dpmpp_$1');
+    .replace(/^k_/, '').replace(/^dpm_2/, 'dpm2').replace(/_ancestral(?=_|$)/, '_a').replace(/^dpmpp(\d)/, 'dpmpp_$1');
   const guess = n === 'plms' ? 'pndm' : n;
   return guess !== name && Object.hasOwn(SCHEDULER_NAMES, guess) ? guess : undefined;
 }
