@@ -281,6 +281,29 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect((err as RuntimeError).message).not.toContain(fs.dir);
   }, 60_000);
 
+  it.skipIf(stuckFsUnavailable()).each([
+    // The folder's listing gives each file's size (resolveLocal), the model folder is looked at first.
+    ['a file of it', 'getattr:vocab.json', /^CACHE_IO: tokenizer\/vocab\.json could not be read: stat failed with EIO /],
+    ['the folder itself', 'getattr:model', /^CACHE_IO: the model folder STORAGE_URI names could not be read: stat failed with EIO /],
+  ])('a local model folder the volume fails to look into (%s) is CACHE_IO naming it inside the model, and tried again: ready once the volume answers', async (_, eio, reason) => {
+    const backing = tempDir('dr-boot-retry-local-');
+    dirs.push(backing.cleanup);
+    await buildDemoModel(path.join(backing.dir, 'model'));
+    const mnt = `${backing.dir}-mnt`;
+    dirs.push(() => rmSync(mnt, { recursive: true, force: true }));
+    const fs = await mountStuckFs(backing.dir, mnt, { eio, eioTimes: 1_000_000 });
+    const srv = await startServer({ STORAGE_URI: path.join(fs.dir, 'model'), EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '4' }, { ready: false });
+    live.push(srv);
+    const retrying = await srv.waitFor('state', (s) => s.state === 'failed' || s.state === 'retrying', 60_000);
+    fs.answer();
+    // Before: failed for good, "unexpected error: EIO: i/o error, stat '<the mount>/model/tokenizer/vocab.json'" (or
+    // STORAGE_MISSING "does not exist" for the folder itself).
+    expect([retrying.state, retrying.reason]).toEqual(['retrying', expect.stringMatching(reason)]);
+    expect(retrying.reason).not.toContain(fs.dir);
+    await srv.waitReady(60_000);
+    expect(await metric(srv, 'boot_retries_total', { code: 'CACHE_IO' })).toBe(1);
+  }, 120_000);
+
   it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {
     const cache = await copy();
     writeFileSync(path.join(cache.dir, cache.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));

@@ -196,13 +196,14 @@ export function readLayout(dir: string, listed?: ReadonlySet<string>): ModelLayo
   }
   const missing = REQUIRED.filter((c) => !onnx[c]);
   if (missing.length > 0) {
-    // A component folder this uid may not search hides its graph: that is a permission, not a missing file.
+    // A component folder this uid may not search hides its graph: that is a permission, not a missing file; one the
+    // volume fails to look into (EIO) is the volume's error (CACHE_IO, tried again), not the export's either.
     for (const c of missing) {
       try {
         statSync(path.join(dir, c, 'model.onnx'));
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'EACCES' || code === 'EPERM') throw readError(`${c}/model.onnx`, err)!;
+        if (typeof code === 'string' && code !== 'ENOENT' && code !== 'ENOTDIR') throw readError(`${c}/model.onnx`, err) ?? err;
       }
     }
     const torchWeights = ['unet/diffusion_pytorch_model.safetensors', 'unet/diffusion_pytorch_model.bin', 'unet/diffusion_pytorch_model.fp16.safetensors'];

@@ -22,6 +22,7 @@ import type { Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
 import { exists } from '../files.js';
 import type { Logger } from '../log.js';
+import { readError } from '../pipeline/failures.js';
 import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON, unusedFiles } from '../pipeline/model.js';
 import { optimizedCopyHooks } from '../pipeline/ortcache.js';
 import type { ToWorker } from '../pipeline/protocol.js';
@@ -430,7 +431,9 @@ export class BootSequence {
       'the model fetch',
       log,
       signal,
-    );
+    ).catch((e: unknown) => {
+      throw plan.source === 'local' ? localFolderError(plan.uri, e) : e;
+    });
     return { dir: res.dir, res };
   }
 
@@ -627,6 +630,21 @@ export class BootSequence {
       off(err);
     }
   }
+}
+
+/**
+ * An OS error of the look into a local model folder (its listing, a file's size) as the load's own read errors are
+ * (failures.ts readError): CACHE_IO naming the file inside the model, the errno its cause, so that a volume's passing
+ * EIO is tried again (boot-retry.ts) and no absolute path reaches the boot reason (clients read it).
+ */
+function localFolderError(uri: string, e: unknown): unknown {
+  const x = e as NodeJS.ErrnoException;
+  if (isRuntimeError(e) || typeof x?.code !== 'string' || typeof x.path !== 'string') return e;
+  const src = parseStorageUri(uri);
+  if (src.kind !== 'local') return e;
+  const rel = path.relative(path.resolve(src.path), path.resolve(x.path));
+  if (rel.startsWith('..') || path.isAbsolute(rel)) return e;
+  return readError(rel === '' ? 'the model folder STORAGE_URI names' : rel.split(path.sep).join('/'), e) ?? e;
 }
 
 /**

@@ -176,6 +176,9 @@ export async function dropCommit(entry: string): Promise<void> {
   await fsyncDir(entry);
 }
 
+/** The errnos of a link that leads nowhere linkedFiles can follow. */
+const DANGLING: readonly string[] = ['ENOENT', 'ENOTDIR', 'ELOOP', 'ENAMETOOLONG', 'EACCES', 'EPERM'];
+
 /**
  * Every file under `dir`, '/'-separated and sorted, a symlink counted as what it points at (a Hugging Face cache
  * snapshot is all symlinks into blobs/): a folder linked under two names is listed under both (a reader takes each
@@ -192,7 +195,11 @@ export async function linkedFiles(dir: string, dangling: (rel: string) => void):
     for (const e of await fsp.readdir(d, { withFileTypes: true })) {
       const r = rel === '' ? e.name : `${rel}/${e.name}`;
       const abs = path.join(d, e.name);
-      const st = e.isSymbolicLink() ? await fsp.stat(abs).catch(() => undefined) : e;
+      // A link that leads nowhere (or where this uid may not look) is left out; the volume's own error (EIO) is not that.
+      const st = e.isSymbolicLink() ? await fsp.stat(abs).catch((err: NodeJS.ErrnoException) => {
+        if (typeof err?.code === 'string' && !DANGLING.includes(err.code)) throw err;
+        return undefined;
+      }) : e;
       if (st === undefined) dangling(r);
       else if (st.isDirectory()) await go(abs, r, chain);
       else if (st.isFile()) out.push(r);

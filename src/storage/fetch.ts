@@ -249,6 +249,11 @@ async function appeared(dir: string, opts: ResolveOptions): Promise<void> {
   }
 }
 
+/** The errnos of a local model folder that is not there (STORAGE_MISSING); any other is the volume's failure. */
+const MISSING: readonly string[] = ['ENOENT', 'ENOTDIR', 'ELOOP', 'ENAMETOOLONG'];
+/** The errnos of a look into the model folder that find nothing there to read: a permission, or a name gone meanwhile. */
+const NOT_THERE: readonly string[] = [...MISSING, 'EACCES', 'EPERM'];
+
 /** The archives KServe's storage initializer unpacks (a model URI naming one). */
 const ARCHIVE = /[^/]*\.(?:tar\.gz|tgz|tar|zip)$/i;
 
@@ -260,6 +265,11 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number, relat
     // A modelcar's link (/proc/<pid>/root/models) opens only to the sidecar's user: KServe's uidModelcar.
     throw new RuntimeError('STORAGE_DENIED', `permission denied reading the model folder STORAGE_URI names (${st.code}); check the volume's permissions (a modelcar's /mnt/models opens only to the user KServe runs the pod as: uidModelcar)`);
   }
+  // Any other errno is the volume's (EIO, ETIMEDOUT, ESTALE: a disk or an NFS server away), not a folder missing:
+  // CACHE_IO with the errno as its cause, which a boot tries again where it can pass (boot-retry.ts).
+  if (st instanceof Error && typeof st.code === 'string' && !MISSING.includes(st.code)) {
+    throw new RuntimeError('CACHE_IO', `the model folder STORAGE_URI names could not be read: ${st.syscall ?? 'stat'} failed with ${st.code} (the volume that holds the model failed, not its format)`, { cause: st });
+  }
   if (st instanceof Error) {
     const hint = relative ? " (STORAGE_URI is a relative path, read from the server's working folder; an S3 model is s3://bucket/prefix)" : '';
     throw new RuntimeError('STORAGE_MISSING', `the model folder STORAGE_URI names does not exist${hint}; check STORAGE_URI and the volume mount`);
@@ -269,8 +279,13 @@ async function resolveLocal(dir: string, opts: ResolveOptions, t0: number, relat
     throw new RuntimeError('STORAGE_MISSING', `STORAGE_URI names a file, not a folder${archive}; point it at the exported model folder`);
   }
   // A Hugging Face cache snapshot is all links: each is the file it names, announced as it is for early sessions.
-  // A folder it cannot read through (a link it may not follow) is listed as before, its links left out.
-  const files = await linkedFiles(dir, (rel) => opts.log.warn({ file: rel }, 'a symlink in the model folder points nowhere; left out')).catch(() => walk(dir));
+  // A folder it cannot read through (a link it may not follow) is listed as before, its links left out. The volume's
+  // own errors (EIO) go up, the file named by the caller (boot-sequence.ts) relative to the model.
+  const files = await linkedFiles(dir, (rel) => opts.log.warn({ file: rel }, 'a symlink in the model folder points nowhere; left out'))
+    .catch((e: NodeJS.ErrnoException) => {
+      if (typeof e?.code === 'string' && !NOT_THERE.includes(e.code)) throw e;
+      return walk(dir);
+    });
   const sizes = await Promise.all(files.map(async (rel) => (await fsp.stat(path.join(dir, rel))).size));
   const bytes = sizes.reduce((a, b) => a + b, 0);
   opts.onListing?.(files.map((relPath, i) => ({ relPath, size: sizes[i]! })));
