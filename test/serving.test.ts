@@ -756,7 +756,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     s3 = await startS3(['loras']);
     await putStyleAdapter(s3, model, tmp.dir);
     // The same adapter under other names: a name is looked up (listed) once per process, and each case holds its lookup.
-    for (const name of ['rejoin', 'refused', 'gone', 'throttled', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
+    for (const name of ['rejoin', 'refused', 'gone', 'throttled', 'throttled-joined', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
     proxy = await startFaultProxy(s3.port);
     srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'), LORA_URI: 's3://loras/adapters/', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4', MAX_QUEUE: '1' }, { ready: true });
   }, 120_000);
@@ -889,6 +889,29 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     // and its client was told only that it left.
     expect(first.json.error).toMatch(/^the request took longer than its parameters\.timeout \(3000000 µs\) and was stopped: adapter "throttled": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
     const r = await joined!;
+    expect([r.status, r.json.code]).toEqual([200, undefined]);
+  }, 60_000);
+
+  it('a request joined to a generation whose adapter\'s look-up S3 throttles, stopped at its own deadline: its 504 names the throttling, and the generation\'s own request gets the images', async () => {
+    const infer = (parameters: Record<string, unknown>) => postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a fox joined throttled'] }],
+      parameters: { num_inference_steps: 2, height: 64, width: 64, seed: 47, loras: JSON.stringify([{ name: 'throttled-joined', scale: 0.5 }]), ...parameters } });
+    const slowDowns = proxy.stats.slowDowns;
+    proxy.faults.slowDown = { lists: true };
+    let owner: ReturnType<typeof infer> | undefined;
+    let joined: Awaited<ReturnType<typeof infer>>;
+    try {
+      owner = infer({});
+      await until(() => proxy.stats.slowDowns > slowDowns);
+      const waiting = infer({ timeout: 3_000_000 });
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+      joined = await waiting;
+    } finally {
+      delete proxy.faults.slowDown;
+    }
+    expect([joined.status, joined.json.code]).toEqual([504, 'TIMEOUT']);
+    // Before: "… its parameters.timeout (3000000 µs) and was stopped", no word of S3: it was told only that it left.
+    expect(joined.json.error).toMatch(/^the request took longer than its parameters\.timeout \(3000000 µs\) and was stopped: adapter "throttled-joined": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
+    const r = await owner!;
     expect([r.status, r.json.code]).toEqual([200, undefined]);
   }, 60_000);
 

@@ -289,6 +289,8 @@ export class Engine {
    * go on for those requests, and stop once the last of them leaves (joinersLeft).
    */
   readonly #lookups = new Map<Joined, AbortController>();
+  /** The adapters of each generation that identical requests may join (SubmitOptions.joined) while they are looked up. */
+  readonly #lookingUp = new Map<Joined, readonly LoraRequest[]>();
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -497,6 +499,7 @@ export class Engine {
   #lookupSignal(loras: readonly LoraRequest[], opts: SubmitOptions): { signal: AbortSignal | undefined; done: () => void; left?: Promise<never> } {
     const { signal, joined } = opts;
     if (!signal || !joined) return { signal, done: () => undefined };
+    this.#lookingUp.set(joined, loras);
     const ac = new AbortController();
     let leave = (): void => undefined;
     // At its deadline, while S3 throttled the look-up: TIMEOUT saying so, as where its leaving stops the look-up.
@@ -514,6 +517,7 @@ export class Engine {
       left,
       done: () => {
         signal.removeEventListener('abort', onAbort);
+        this.#lookingUp.delete(joined);
         if (this.#lookups.get(joined) === ac) this.#lookups.delete(joined);
       },
     };
@@ -679,6 +683,16 @@ export class Engine {
       this.metrics.cancelled.inc(counted);
       this.#answer(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
     }
+  }
+
+  /**
+   * What a request joined to a generation (SubmitOptions.joined) is told when it stops waiting at its deadline
+   * (`signal`) while that generation's adapters are looked up: TIMEOUT naming the adapter whose fetch S3 was
+   * throttling, as the generation's own client is told (#lookupSignal); undefined otherwise.
+   */
+  lookupStopped(joined: Joined, signal: AbortSignal): RuntimeError | undefined {
+    const loras = this.#lookingUp.get(joined);
+    return loras === undefined ? undefined : this.#adapters.stopped(loras, signal);
   }
 
   /**

@@ -107,7 +107,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     else other.whenQueued.add(onQueued);
     let leave = () => undefined as void;
     const left = new Promise<never>((_, reject) => {
-      leave = () => reject(new RuntimeError('CANCELLED', 'the client left'));
+      // At its deadline, while S3 throttles the look-up of the generation's adapters: TIMEOUT saying so, as its owner's.
+      leave = () => reject(engine.lookupStopped(other.joined, signal) ?? new RuntimeError('CANCELLED', 'the client left'));
       if (signal.aborted) leave();
       signal.addEventListener('abort', leave, { once: true });
     });
