@@ -244,7 +244,7 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
     }),
     cancelled: new Counter({
       name: 'inference_cancelled_total',
-      help: 'Generations abandoned before their answer, by reason (client_left, timeout: REQUEST_TIMEOUT_S passed, request_failed: another instance of the request failed): removed from the queue, or left their batch (which stops between steps once all its clients have left)',
+      help: 'Generations abandoned before their answer, by reason (client_left, timeout: REQUEST_TIMEOUT_S passed, request_failed: another instance of the request failed): removed from the queue, left their batch (which stops between steps once all its clients have left), or left while their LoRA adapters were looked up',
       labelNames: ['model_name', 'reason'] as const,
       registers: r,
     }),

@@ -756,7 +756,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     s3 = await startS3(['loras']);
     await putStyleAdapter(s3, model, tmp.dir);
     // The same adapter under other names: a name is looked up (listed) once per process, and each case holds its lookup.
-    for (const name of ['rejoin', 'refused', 'gone', 'throttled', 'throttled-joined', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
+    for (const name of ['rejoin', 'left', 'refused', 'gone', 'throttled', 'throttled-joined', 'drain']) await s3.put('loras', `adapters/${name}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
     proxy = await startFaultProxy(s3.port);
     srv = await startRuntime({ STORAGE_URI: model, MODEL_CACHE_DIR: path.join(tmp.dir, 'cache'), LORA_URI: 's3://loras/adapters/', ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', RESULT_CACHE_MB: '4', MAX_QUEUE: '1' }, { ready: true });
   }, 120_000);
@@ -778,7 +778,7 @@ describe('identical requests joined to a generation while its LoRA adapters are 
   };
 
   it('a generation whose client left while its adapters were looked up goes on for the requests joined to it: its look-up is not stopped, and they get its images', async () => {
-    const counts = async () => ({ images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total') });
+    const counts = async () => ({ images: await metric(srv, 'images_generated_total'), hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }) });
     const inst = { prompt: 'a fox in style', seed: 41, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'rejoin', scale: 0.5 }] };
     const before = await counts();
     const release = holdLists();
@@ -801,7 +801,28 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     // The first's generation, theirs: before, its look-up stopped with its client, the generation was cancelled, and
     // the first of them back looked the adapter up afresh for a generation of its own (one hit, the other's).
     const after = await counts();
-    expect({ images: after.images - before.images, hits: after.hits - before.hits }).toEqual({ images: 1, hits: 2 });
+    // Its client's leaving counted once (before, not at all: it was neither queued nor in a batch).
+    expect({ images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left }).toEqual({ images: 1, hits: 2, left: 1 });
+  }, 60_000);
+
+  it('clients that leave while their generations\' adapters are looked up, none joined to them, are counted in inference_cancelled_total{reason="client_left"}', async () => {
+    const left = () => metric(srv, 'inference_cancelled_total', { reason: 'client_left' });
+    const inst = { prompt: 'a fox that left', num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'left', scale: 0.5 }] };
+    const before = await left();
+    const release = holdLists();
+    try {
+      const lists = proxy.stats.lists;
+      // Seeded (a generation others could join) and not.
+      const clients = [rawPredict(srv.port, { ...inst, seed: 57 }), rawPredict(srv.port, inst)];
+      await until(() => proxy.stats.lists > lists);
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+      for (const c of clients) c.destroy();
+      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0, 20_000, 5);
+    } finally {
+      release();
+    }
+    // Before: 0, where leaving the queue or a batch is counted.
+    expect((await left()) - before).toBe(2);
   }, 60_000);
 
   it('counts each request joined to a generation refused once its adapters were looked up (the queue full) in inference_rejected_total, once', async () => {

@@ -494,11 +494,16 @@ export class Engine {
    * What a generation's adapter look-up listens on: its client's signal, but while identical requests are joined to
    * the generation (SubmitOptions.joined) its client's leaving does not stop it, as it does not take a queued
    * generation out or stop a running batch; the last of them leaving then does (joinersLeft). Stopped, they would each
-   * look the adapters up again.
+   * look the adapters up again. Its client leaving (or its deadline passing) while they are looked up abandons the
+   * generation, counted in inference_cancelled_total as leaving the queue is (#abandon).
    */
   #lookupSignal(loras: readonly LoraRequest[], opts: SubmitOptions): { signal: AbortSignal | undefined; done: () => void; left?: Promise<never> } {
     const { signal, joined } = opts;
-    if (!signal || !joined) return { signal, done: () => undefined };
+    if (!signal) return { signal, done: () => undefined };
+    // Gone before the look-up began: not counted, as a generation submitted once its client left is not (#submit).
+    const abandoned = () => this.metrics.cancelled.inc({ ...this.#labels, reason: cancelReason(signal.reason) });
+    if (!signal.aborted) signal.addEventListener('abort', abandoned, { once: true });
+    if (!joined) return { signal, done: () => signal.removeEventListener('abort', abandoned) };
     this.#lookingUp.set(joined, loras);
     const ac = new AbortController();
     let leave = (): void => undefined;
@@ -517,6 +522,7 @@ export class Engine {
       left,
       done: () => {
         signal.removeEventListener('abort', onAbort);
+        signal.removeEventListener('abort', abandoned);
         this.#lookingUp.delete(joined);
         if (this.#lookups.get(joined) === ac) this.#lookups.delete(joined);
       },
@@ -558,7 +564,8 @@ export class Engine {
       this.#pending.push(task);
       this.metrics.queueDepth.set(this.#labels, this.queueDepth);
       opts.onQueued?.();
-      // Answered now, as a queued generation whose client leaves is (#abandon); joinersLeft() takes it out.
+      // Answered now, as a queued generation whose client leaves is (#abandon), and counted when it left (#lookupSignal);
+      // joinersLeft() takes it out.
       if (gone) this.#answer(task, new RuntimeError('CANCELLED', 'the client left while its LoRA adapters were looked up'));
       this.#pump();
     });
@@ -706,7 +713,7 @@ export class Engine {
     if (gone.length === 0) return;
     for (const t of gone) {
       this.#pending.splice(this.#pending.indexOf(t), 1);
-      // Its client's leaving was counted when it was answered.
+      // Its client's leaving was counted when it left (#abandon, or #lookupSignal during its adapters' look-up).
       this.#finish(t, new RuntimeError('CANCELLED', 'the client left while queued'));
     }
     this.metrics.queueDepth.set(this.#labels, this.queueDepth);
