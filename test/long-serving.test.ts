@@ -111,7 +111,8 @@ it('keeps no listener, handle or metric series per request, kept-alive connectio
   expect(await wsRound(8, 0)).toEqual(new Set(['result', 'accepted', 'closed', 'MODEL_NOT_FOUND']));
   // A client surely leaving mid-generation: a cancellation's series exist before counting, however fast the rounds' own
   // leavers' generations end on this machine.
-  const long = JSON.stringify({ instances: [{ ...inst(0), num_inference_steps: 400, seed: 99 }] });
+  // 512², not 64²: 400 steps of 64² ended within the 100 ms on an idle machine (answered 200).
+  const long = JSON.stringify({ instances: [{ ...inst(0), height: 512, width: 512, num_inference_steps: 400, seed: 99 }] });
   expect(await request(false, 'POST', '/v1/models/model:predict', long, {}, 100)).toBe(499);
   await expect.poll(async () => (await seriesKeys()).some((k) => k.includes('reason="client_left"')), { timeout: 10_000 }).toBe(true);
   const live = () => serverSockets().filter((s) => !s.destroyed);
