@@ -210,7 +210,7 @@ export async function linkedFiles(dir: string, dangling: (rel: string) => void):
 }
 
 /** Every regular file under dir, as '/'-separated paths relative to it. */
-export async function walk(dir: string): Promise<string[]> {
+export async function walk(dir: string, onLink?: (rel: string) => void): Promise<string[]> {
   const out: string[] = [];
   const go = async (d: string, rel: string): Promise<void> => {
     let ents;
@@ -223,6 +223,7 @@ export async function walk(dir: string): Promise<string[]> {
       const r = rel === '' ? e.name : `${rel}/${e.name}`;
       if (e.isDirectory()) await go(path.join(d, e.name), r);
       else if (e.isFile()) out.push(r);
+      else if (e.isSymbolicLink()) onLink?.(r);
     }
   };
   await go(dir, '');
@@ -237,24 +238,18 @@ export async function walk(dir: string): Promise<string[]> {
 export async function sweep(entry: string, keep: ReadonlySet<string>): Promise<string[]> {
   const removed: string[] = [];
   const dirs = new Set<string>();
-  // Links first: unlink takes the link, never what it leads to; walk() below sees no link.
-  const links = async (d: string, rel: string): Promise<void> => {
-    for (const e of await fsp.readdir(d, { withFileTypes: true }).catch(() => [])) {
-      const r = rel === '' ? e.name : `${rel}/${e.name}`;
-      if (e.isDirectory()) await links(path.join(d, e.name), r);
-      else if (e.isSymbolicLink()) {
-        await fsp.unlink(path.join(d, e.name)).catch(() => undefined);
-        removed.push(r);
-        dirs.add(d);
-      }
-    }
-  };
-  await links(entry, '');
-  for (const rel of await walk(entry)) {
-    if (rel === MANIFEST || rel === JOURNAL || keep.has(rel)) continue;
+  const unlink = async (rel: string) => {
     await fsp.unlink(path.join(entry, rel)).catch(() => undefined);
     removed.push(rel);
     dirs.add(path.dirname(path.join(entry, rel)));
+  };
+  const links: string[] = [];
+  const files = await walk(entry, (rel) => links.push(rel));
+  // Links first: unlink takes the link, never what it leads to (walk() does not follow one).
+  for (const rel of links) await unlink(rel);
+  for (const rel of files) {
+    if (rel === MANIFEST || rel === JOURNAL || keep.has(rel)) continue;
+    await unlink(rel);
   }
   // Durable before the caller records anything new about these names.
   for (const d of dirs) await fsyncDir(d);
