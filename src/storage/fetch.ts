@@ -812,9 +812,11 @@ class S3Fetch {
       const reuse: RemoteObject[] = [];
       const fetch: RemoteObject[] = [];
       const keep = new Set<string>();
+      // Each folder of the entry looked at once for all the files under it (the sweep below changes them: per round).
+      const folders = new Map<string, Promise<boolean>>();
       for (const obj of listing) {
         const j = journal.get(obj.rel);
-        const size = await entrySize(this.entry, obj.rel);
+        const size = await entrySize(this.entry, obj.rel, folders);
         // A file under its final name got there by a rename once it was whole, at the version the journal recorded
         // before its first byte (downloadAll): with that version listed, it is reused, whether or not the journal
         // heard of the rename before a kill.
