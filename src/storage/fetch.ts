@@ -25,7 +25,7 @@ import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
 import { attempts as counted, classify, endpointName, permanentError, retryTransient } from './s3-errors.js';
-import { Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
+import { gaveUpThrottled, Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
@@ -336,10 +336,6 @@ function cacheDirError(e: NodeJS.ErrnoException): RuntimeError {
 
 // sameEtag: entries written before listed ETags were quoted hold them as the store listed them (bare, on stores that
 // never quote them); read as changed, every such entry was fetched again after an upgrade.
-/** Errors of listings that gave up because S3 kept throttling them (the hit check says so, not that S3 is unreachable). */
-const gaveUpThrottled = new WeakSet<object>();
-const throttledOut = (e: unknown) => typeof e === 'object' && e !== null && gaveUpThrottled.has(e);
-
 const sameObjects = (m: Manifest, listing: readonly RemoteObject[]) =>
   m.files.length === listing.length && listing.every((o, i) => m.files[i]?.path === o.rel && m.files[i]?.size === o.size && sameEtag(m.files[i]?.etag ?? '', o.etag));
 
@@ -393,7 +389,7 @@ class S3Fetch {
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           if (await this.leased(cached.manifest)) {
-            log.warn({ uri: this.uri, reason: (e as Error).message }, throttledOut(e)
+            log.warn({ uri: this.uri, reason: (e as Error).message }, gaveUpThrottled(e)
               ? 'S3 kept throttling the ETag check; serving the committed cache entry as is'
               : 'S3 not reachable for the ETag check; serving the committed cache entry as is');
             return await this.served(this.hit(cached.manifest, true));
@@ -588,11 +584,7 @@ class S3Fetch {
       this.signal.throwIfAborted();
       if (sdkMightDiffer(e)) throw e;
       const where = this.prefix ? `s3://${this.bucket}/${this.prefix}` : `bucket "${this.bucket}"`;
-      if (throttle.gaveUp) {
-        const out = throttle.throttle.gaveUp(`list ${where}`, e);
-        gaveUpThrottled.add(out);
-        throw out;
-      }
+      if (throttle.gaveUp) throw throttle.throttle.gaveUp(`list ${where}`, e);
       if (cut !== undefined) {
         const n = cuts[cut];
         const which = tries === 1 ? 'its one try' : n === tries ? `each of its ${tries} tries` : `${n} of its ${tries} tries, the last included`;

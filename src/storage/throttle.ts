@@ -234,7 +234,9 @@ export class Throttle {
 
   /** What work that gave up on `err` fails with: `cannot <action>: ` (`read s3://bucket/key`, `list …`) and giveUp. */
   gaveUp(action: string, err: unknown): RuntimeError {
-    return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action}: ${this.giveUp(s3Code(err))}`, { cause: err });
+    const out = new RuntimeError('STORAGE_TRANSIENT', `cannot ${action}: ${this.giveUp(s3Code(err))}`, { cause: err });
+    gaveUpErrors.add(out);
+    return out;
   }
 
   /** The limit as its log lines name it: a fill's ranges in flight, or an upload's or a read's requests. */
@@ -254,6 +256,12 @@ export class Throttle {
       + `the store is asked for more than it serves: ${work.advice}`;
   }
 }
+
+/** The errors Throttle.gaveUp made. */
+const gaveUpErrors = new WeakSet<object>();
+
+/** Whether `e` is work that gave up because S3 kept throttling it (Throttle.gaveUp), not any other failure. */
+export const gaveUpThrottled = (e: unknown): boolean => typeof e === 'object' && e !== null && gaveUpErrors.has(e);
 
 /** Plural of a request's work in ThrottleLog's summary. */
 const REQUESTS: Partial<Record<ThrottledWork, string>> = { upload: 'uploads', read: 'reads' };
