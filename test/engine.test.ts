@@ -680,4 +680,54 @@ describe('generation: the result cache and identical requests joined to a runnin
     await engine.idle();
     await engine.close();
   });
+
+  it('a request identical to a batch told to stop (every party gone) that lands before it stopped revives it: no wait for the stop, no second generation; where the worker had stopped already, it queues its own', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '1' }), metrics, engine, {} as RequestS3);
+    const outcome = (p: Promise<TaskResult[]>) => p.then((rs) => rs.map((r) => [r.cached === true, r.images.map((i) => i.seed)]), (e: RuntimeError) => e.code);
+    const told = (id: number) => w.sent.filter((m) => (m.t === 'cancel' || m.t === 'resume') && m.id === id).map((m) => m.t);
+    // The worker's next step, as pipeline.ts takes it: it stops there if the last word it had for the generation was
+    // `cancel` (worker.ts: Cancels), and otherwise runs to its image.
+    const nextStep = (id: number, seed: number) =>
+      w.reply(told(id).at(-1) === 'cancel' ? { t: 'error', id, code: 'CANCELLED', message: 'generation cancelled: every client left' } : { t: 'result', id, images: [{ ...image, seed }], times });
+
+    const gone = new AbortController();
+    const a = outcome(gen.generate([request('a')], gone.signal));
+    await tick();
+    const first = w.generations()[0]!.id;
+    w.reply({ t: 'progress', id: first, step: 1, of: 2 });
+    gone.abort();
+    expect(await a).toBe('CANCELLED');
+    expect(told(first)).toEqual(['cancel']);
+    // Its worker is still in the step it was in (one of a second or more on a real model): an identical request lands.
+    const joined = outcome(gen.generate([request('a')], new AbortController().signal));
+    await tick();
+    nextStep(first, 1);
+    await tick();
+    // Before, nothing was said to the worker: it stopped at that next step, and the request, told CANCELLED, queued
+    // the same generation again from its first step, after waiting for the stop.
+    expect(w.generations()).toHaveLength(1);
+    expect(told(first)).toEqual(['cancel', 'resume']);
+    expect(await joined).toEqual([[true, [1]]]);
+    // Once more: the last client leaves again, and the batch is told to stop again.
+    const again = new AbortController();
+    const b = outcome(gen.generate([request('b')], again.signal));
+    await tick();
+    const second = w.generations()[1]!.id;
+    again.abort();
+    expect(await b).toBe('CANCELLED');
+
+    // The worker had stopped the generation before its `resume` came (the CANCELLED was on its way back): the request
+    // joined to it queues its own, at once.
+    const late = outcome(gen.generate([request('b')], new AbortController().signal));
+    await tick();
+    expect(told(second)).toEqual(['cancel', 'resume']);
+    w.reply({ t: 'error', id: second, code: 'CANCELLED', message: 'generation cancelled: every client left' });
+    await until(() => w.generations().length === 3);
+    const third = w.generations()[2]!.id;
+    nextStep(third, 2);
+    expect(await late).toEqual([[false, [2]]]);
+    await engine.idle();
+    await engine.close();
+  });
 });

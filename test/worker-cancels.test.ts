@@ -30,6 +30,19 @@ describe('Cancels', () => {
     expect(c.size).toBe(0);
   });
 
+  it('goes on with a generation resumed before its next step (a request joined it after its cancel); a resume after its end keeps nothing', () => {
+    const c = new Cancels();
+    c.begin(4);
+    c.cancel(4);
+    c.resume(4);
+    expect(c.has(4)).toBe(false);
+    c.cancel(4);
+    expect(c.has(4)).toBe(true);
+    c.end(4);
+    c.resume(4);
+    expect([c.has(4), c.size]).toEqual([false, 0]);
+  });
+
   it('holds nothing after many generations whose cancels came before, during and after them', () => {
     const c = new Cancels();
     const r = rng(3);

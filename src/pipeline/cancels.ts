@@ -18,6 +18,11 @@ export class Cancels {
     if (this.#held.has(id)) this.#cancelled.add(id);
   }
 
+  /** `id` goes on after all, where it has not stopped yet: a step it checks from now on finds it wanted. */
+  resume(id: number): void {
+    this.#cancelled.delete(id);
+  }
+
   has(id: number): boolean {
     return this.#cancelled.has(id);
   }

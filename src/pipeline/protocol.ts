@@ -99,6 +99,8 @@ export type ToWorker =
   /** Build (merge, create sessions of) a LoRA adapter set now, beside the base model's sessions, which keep serving. */
   | { t: 'adapters'; key: string; refs: AdapterSet['refs'] }
   | { t: 'cancel'; id: number }
+  /** Go on with `id` after all (a request joined it after its cancel); nothing if it already stopped or ended. */
+  | { t: 'resume'; id: number }
   | { t: 'close' };
 
 /**

@@ -522,6 +522,9 @@ port.on('message', (m: ToWorker) => {
       // Only a warm-up started during the download can be waiting for a component: it stops now.
       abandonWaits('generation cancelled');
       break;
+    case 'resume':
+      cancels.resume(m.id);
+      break;
     case 'close':
       abandonWaits('the worker is closing');
       void queue.then(async () => {

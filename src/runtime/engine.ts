@@ -721,6 +721,22 @@ export class Engine {
   }
 
   /**
+   * A request joined a generation (SubmitOptions.joined) whose batch was told to stop, every client and joined request
+   * gone (#stopIfUnwanted), and has not ended: the worker goes on with it (`resume`), every step it ran kept, rather
+   * than the joined request waiting for it to stop only to queue the same generation again. Where the worker stopped
+   * it already, the CANCELLED that comes back makes the joined request look again and queue its own (generation.ts).
+   */
+  rejoined(joined: Joined): void {
+    for (const w of this.#workers) {
+      for (const run of runsOf(w)) {
+        if (!run.cancelled || !run.tasks.some((t) => t.joined === joined)) continue;
+        run.cancelled = false;
+        if (!w.dead) w.send({ t: 'resume', id: run.id });
+      }
+    }
+  }
+
+  /**
    * Stops the generation at the next step or image once every client of the batch has left and no request joined to
    * it waits for its images; once: the tasks of one request share its signal, and each of them comes here.
    */

@@ -101,7 +101,8 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    */
   const joinRunning = async (other: Running, request: object, signal: AbortSignal, onProgress: ((p: Progress) => void) | undefined,
     onQueued: () => void): Promise<readonly EncodedImage[] | undefined> => {
-    other.joined.count++;
+    // The first to wait since every other party left: a batch told to stop for that goes on (Engine.rejoined).
+    if (++other.joined.count === 1) engine.rejoined(other.joined);
     if (onProgress) other.listeners.add(onProgress);
     if (other.queued) onQueued();
     else other.whenQueued.add(onQueued);
