@@ -260,6 +260,12 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       labelNames: ['model_name'] as const,
       registers: r,
     }),
+    previews: new Counter({
+      name: 'websocket_previews_encoded_total',
+      help: 'Preview images (preview_every) encoded for WebSocket clients; none while no client of the generation, nor any request joined to it, asks for them',
+      labelNames: ['model_name'] as const,
+      registers: r,
+    }),
     resultCacheBytes: new Gauge({
       name: 'result_cache_bytes',
       help: 'Bytes held by the result cache: its encoded images and each entry\'s bookkeeping (RESULT_CACHE_MB bounds it)',

@@ -730,4 +730,45 @@ describe('generation: the result cache and identical requests joined to a runnin
     await engine.idle();
     await engine.close();
   });
+
+  it('tells the worker to render previews only while a client of the generation or a request joined to it streams them, and encodes none it rendered for nobody', async () => {
+    const { engine, w, metrics } = await loadedEngine();
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '1' }), metrics, engine, {} as RequestS3);
+    const said = () => w.sent.flatMap((m) => (m.t === 'previews' ? [m.on] : []));
+    const encoded = async () => (await metrics.previews.get()).values.reduce((n, v) => n + v.value, 0);
+    const withPreviews = { ...request('c'), previewEvery: 1 };
+    const stream = () => ({ onProgress: () => undefined });
+    const gone = new AbortController();
+    const a = gen.generate([withPreviews], gone.signal, stream()).catch((e: RuntimeError) => e.code);
+    await tick();
+    const id = w.generations()[0]!.id;
+    const preview = () => w.reply({ t: 'progress', id, step: 1, of: 2, previews: [{ rgb: new Uint8Array(8 * 8 * 3).buffer, width: 8, height: 8 }] });
+    preview();
+    await until(async () => (await encoded()) === 1);
+    // A request that streams steps alone joins; the client with previews leaves: nobody wants them.
+    const steps = new AbortController();
+    const b = gen.generate([request('c')], steps.signal, stream()).catch((e: RuntimeError) => e.code);
+    await tick();
+    expect(said()).toEqual([]);
+    gone.abort();
+    expect(await a).toBe('CANCELLED');
+    expect(said()).toEqual([false]);
+    // One the worker rendered before it heard: not encoded.
+    preview();
+    // One that streams previews joins: rendered again; it leaves: off again.
+    const watcher = new AbortController();
+    const c = gen.generate([withPreviews], watcher.signal, stream()).catch((e: RuntimeError) => e.code);
+    await tick();
+    expect(said()).toEqual([false, true]);
+    preview();
+    await until(async () => (await encoded()) === 2);
+    watcher.abort();
+    expect(await c).toBe('CANCELLED');
+    expect(said()).toEqual([false, true, false]);
+    w.reply({ t: 'result', id, images: [image], times });
+    expect((await b as TaskResult[])[0]!.images).toHaveLength(1);
+    expect(await encoded()).toBe(2);
+    await engine.idle();
+    await engine.close();
+  });
 });

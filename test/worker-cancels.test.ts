@@ -43,6 +43,21 @@ describe('Cancels', () => {
     expect([c.has(4), c.size]).toEqual([false, 0]);
   });
 
+  it('renders previews of a generation it holds unless told nobody wants them; forgets that when it ends, and keeps nothing of a word after its end', () => {
+    const c = new Cancels();
+    c.begin(5);
+    expect(c.previewing(5)).toBe(true);
+    c.previews(5, false);
+    expect(c.previewing(5)).toBe(false);
+    c.previews(5, true);
+    expect(c.previewing(5)).toBe(true);
+    c.previews(5, false);
+    c.end(5);
+    expect(c.size).toBe(0);
+    c.previews(5, false);
+    expect(c.size).toBe(0);
+  });
+
   it('holds nothing after many generations whose cancels came before, during and after them', () => {
     const c = new Cancels();
     const r = rng(3);

@@ -414,6 +414,44 @@ describe('WebSocket requests identical to a generation queued or running (RESULT
     expect(await since(before)).toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
   }, 120_000);
 
+  it('a generation whose WebSocket client with previews left renders none for the requests left that stream steps alone, and renders them again for one that joins asking for them', async () => {
+    const before = await counts();
+    const previews = () => metric(own, 'websocket_previews_encoded_total');
+    const inst = { prompt: 'an owl whose watcher left', seed: 750, ...long, preview_every: 2 };
+    const first = await connect(own.port, '/v1/models/model/stream');
+    first.send(JSON.stringify(inst));
+    await first.next((m) => m.type === 'preview');
+    const { preview_every: _, ...plain } = inst;
+    const steps = await connect(own.port, '/v1/models/model/stream');
+    steps.send(JSON.stringify(plain));
+    expect(await steps.next()).toEqual({ type: 'accepted', seed: 750, images: 1 });
+    await steps.next((m) => m.type === 'progress');
+    expect(await previews()).toBeGreaterThan(0);
+    first.sock.destroy();
+    await until(async () => (await metric(own, 'inference_cancelled_total', { reason: 'client_left' })) > before.left, 20_000, 5);
+    // A preview under way as it left may still be encoded, before the steps that follow reach the socket; none after.
+    steps.messages.length = 0;
+    const at = (await steps.next((m) => m.type === 'progress')).step as number;
+    await steps.next((m) => m.type === 'progress' && (m.step as number) > at + 2);
+    const quiet = await previews();
+    await steps.next((m) => m.type === 'progress' && (m.step as number) > at + 16);
+    // Before, each of those steps' previews (one every 2) was still rendered and encoded, for nobody.
+    expect(await previews()).toBe(quiet);
+
+    // One that asks for previews joins: they are rendered again, for it.
+    const watcher = await connect(own.port, '/v1/models/model/stream');
+    watcher.send(JSON.stringify(inst));
+    expect(await watcher.next()).toEqual({ type: 'accepted', seed: 750, images: 1 });
+    const p1 = await watcher.next((m) => m.type === 'preview');
+    await watcher.next((m) => m.type === 'preview' && (m.step as number) > (p1.step as number));
+    expect(await previews()).toBeGreaterThan(quiet);
+    expect(await watcher.closed).toEqual({ code: 1000, reason: 'done' });
+    expect(await steps.closed).toEqual({ code: 1000, reason: 'done' });
+    expect(steps.messages.some((m) => m.type === 'preview')).toBe(false);
+    expect(b64Of(watcher.messages.find((m) => m.type === 'result')!) === b64Of(steps.messages.find((m) => m.type === 'result')!)).toBe(true);
+    expect(await since(before)).toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
+  }, 120_000);
+
   it('does not join a generation whose previews are not those it asked for: it runs its own', async () => {
     const before = await counts();
     const inst = { prompt: 'previews of its own', seed: 740, ...long };

@@ -101,6 +101,8 @@ export type ToWorker =
   | { t: 'cancel'; id: number }
   /** Go on with `id` after all (a request joined it after its cancel); nothing if it already stopped or ended. */
   | { t: 'resume'; id: number }
+  /** Whether `id`'s steps render its previews (preview_every): off while no party of the generation wants them. */
+  | { t: 'previews'; id: number; on: boolean }
   | { t: 'close' };
 
 /**

@@ -353,7 +353,7 @@ async function generate(m: Extract<ToWorker, { t: 'generate' }>, denoised: () =>
       },
       onStep: (step, of, latents) => {
         let previews: TransferImage[] | undefined;
-        if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of)) {
+        if (m.previewEvery > 0 && (step % m.previewEvery === 0 || step === of) && cancels.previewing(id)) {
           const h = height / vsf;
           const w = width / vsf;
           const per = 4 * h * w;
@@ -524,6 +524,9 @@ port.on('message', (m: ToWorker) => {
       break;
     case 'resume':
       cancels.resume(m.id);
+      break;
+    case 'previews':
+      cancels.previews(m.id, m.on);
       break;
     case 'close':
       abandonWaits('the worker is closing');

@@ -105,6 +105,8 @@ export interface SubmitOptions {
 /** Requests waiting for another's generation (SubmitOptions.joined). */
 export interface Joined {
   readonly count: number;
+  /** Those of them that stream its previews (their preview_every is the generation's). */
+  readonly previews: number;
 }
 
 interface Task {
@@ -153,6 +155,8 @@ interface Running {
   warmup: boolean;
   /** Every client left and the worker was told to stop it. */
   cancelled?: boolean;
+  /** Its steps render previews: its preview_every, while some client of it or request joined to it wants them. */
+  previews: boolean;
   /** UNet runs done so far (its last progress): what denoising_steps_total counts of a run that ends without a result. */
   unetRuns?: number;
 }
@@ -318,6 +322,7 @@ export class Engine {
     this.metrics.adapterLoad.zero(l);
     this.metrics.steps.inc(l, 0);
     this.metrics.images.inc(l, 0);
+    this.metrics.previews.inc(l, 0);
     this.metrics.queueDepth.set(l, 0);
   }
 
@@ -679,16 +684,15 @@ export class Engine {
       this.#checkIdle();
     } else if (task.state === 'running') {
       // The batch may be stepping or already decoding (a decode can wait for a VAE still downloading).
-      for (const w of this.#workers) {
-        const run = runsOf(w).find((r) => r.tasks.includes(task));
-        if (!run) continue;
-        this.#stopIfUnwanted(w, run);
-        break;
-      }
+      const w = this.#workers.find((x) => runsOf(x).some((r) => r.tasks.includes(task)));
+      const run = w && runsOf(w).find((r) => r.tasks.includes(task));
+      if (w && run) this.#stopIfUnwanted(w, run);
       // Answer now (client gone or timed out); the batch's other requests keep their generation. Counted here, once
       // per task, whether or not its batch stops.
       this.metrics.cancelled.inc(counted);
       this.#answer(task, new RuntimeError('CANCELLED', 'the request was abandoned while generating'));
+      // Running on for others, it renders previews only if one of them wants them.
+      if (w && run && !run.cancelled) this.#previewsWanted(w, run);
     }
   }
 
@@ -721,19 +725,35 @@ export class Engine {
   }
 
   /**
-   * A request joined a generation (SubmitOptions.joined) whose batch was told to stop, every client and joined request
-   * gone (#stopIfUnwanted), and has not ended: the worker goes on with it (`resume`), every step it ran kept, rather
-   * than the joined request waiting for it to stop only to queue the same generation again. Where the worker stopped
-   * it already, the CANCELLED that comes back makes the joined request look again and queue its own (generation.ts).
+   * Requests joined to a generation (SubmitOptions.joined) came or left (not the last of them leaving: joinersLeft).
+   * One that joined a batch told to stop, every client and joined request gone (#stopIfUnwanted), that has not ended
+   * revives it: the worker goes on (`resume`), every step it ran kept, rather than the request waiting for it to stop
+   * only to queue the same generation again. Where the worker stopped it already, the CANCELLED that comes back makes
+   * the request look again and queue its own (generation.ts). Its previews are rendered while someone wants them.
    */
-  rejoined(joined: Joined): void {
+  joinersChanged(joined: Joined): void {
     for (const w of this.#workers) {
       for (const run of runsOf(w)) {
-        if (!run.cancelled || !run.tasks.some((t) => t.joined === joined)) continue;
-        run.cancelled = false;
-        if (!w.dead) w.send({ t: 'resume', id: run.id });
+        if (!run.tasks.some((t) => t.joined === joined)) continue;
+        if (run.cancelled && joined.count > 0) {
+          run.cancelled = false;
+          if (!w.dead) w.send({ t: 'resume', id: run.id });
+        }
+        if (!run.cancelled) this.#previewsWanted(w, run);
       }
     }
+  }
+
+  /**
+   * Tells the worker whether the run's steps are to render previews (a cheap image from the latents, sent over and
+   * encoded to PNG here, each step of preview_every): while its own client streams them or a request joined to it does;
+   * not for a generation that runs on only for requests that stream steps alone, or none (V1, V2).
+   */
+  #previewsWanted(w: WorkerHandle, run: Running): void {
+    const want = run.tasks.some((t) => t.req.previewEvery > 0 && (t.state === 'running' || (t.joined?.previews ?? 0) > 0));
+    if (want === run.previews) return;
+    run.previews = want;
+    if (!w.dead) w.send({ t: 'previews', id: run.id, on: want });
   }
 
   /**
@@ -811,7 +831,8 @@ export class Engine {
       t.runId = id;
     }
     const warmup = tasks.some((t) => t.pin !== undefined);
-    worker.running = { id, tasks, startedAt: now, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device }, warmup };
+    const run: Running = { id, tasks, startedAt: now, delivery: Promise.resolve(), where: { worker: String(worker.index), device: worker.device }, warmup, previews: tasks[0]!.req.previewEvery > 0 };
+    worker.running = run;
     worker.dispatchedAt = now;
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
@@ -828,6 +849,8 @@ export class Engine {
     // rounding difference not measured there.
     const padLoneRow = this.cfg.maxBatchSize > 1 && worker.provider !== undefined && !onGpu(worker.provider);
     worker.send({ t: 'generate', id, job: { shape: head.shape, items, tokens: [...tokens], ...(head.image ? { init: jobInit(head.image) } : {}), ...(padLoneRow ? { padLoneRow } : {}) }, previewEvery: head.previewEvery, ...(adapters ? { adapters } : {}) });
+    // Its client gone while it was queued (kept for the requests joined to it), none of which streams previews.
+    this.#previewsWanted(worker, run);
   }
 
   /**
@@ -969,8 +992,11 @@ export class Engine {
         if (run?.id !== m.id) break;
         const { step, of, previews } = m;
         run.unetRuns = step;
+        // Rendered before the worker heard that nobody wants them any more: not encoded.
+        const wanted = previews && run.previews;
         run.delivery = run.delivery.then(async () => {
-          const pngs = previews ? await Promise.all(previews.map((p) => encodeImage(new Uint8Array(p.rgb), p.width, p.height, 'png'))) : undefined;
+          const pngs = wanted ? await Promise.all(previews.map((p) => encodeImage(new Uint8Array(p.rgb), p.width, p.height, 'png'))) : undefined;
+          if (pngs) this.metrics.previews.inc(this.#labels, pngs.length);
           let item = 0;
           for (const t of run.tasks) {
             const preview = pngs?.[item];

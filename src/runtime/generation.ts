@@ -100,9 +100,11 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
    * `onQueued` once the generation is queued (at once if it is), as it would of its own.
    */
   const joinRunning = async (other: Running, request: object, signal: AbortSignal, onProgress: ((p: Progress) => void) | undefined,
-    onQueued: () => void): Promise<readonly EncodedImage[] | undefined> => {
-    // The first to wait since every other party left: a batch told to stop for that goes on (Engine.rejoined).
-    if (++other.joined.count === 1) engine.rejoined(other.joined);
+    onQueued: () => void, previews: boolean): Promise<readonly EncodedImage[] | undefined> => {
+    other.joined.count++;
+    if (previews) other.joined.previews++;
+    // A batch told to stop, every other party gone, goes on; previews are rendered again if this one wants them.
+    engine.joinersChanged(other.joined);
     if (onProgress) other.listeners.add(onProgress);
     if (other.queued) onQueued();
     else other.whenQueued.add(onQueued);
@@ -127,8 +129,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       signal.removeEventListener('abort', leave);
       if (onProgress) other.listeners.delete(onProgress);
       other.whenQueued.delete(onQueued);
+      if (previews) other.joined.previews--;
       // The last to wait, gone: the generation stops if its own clients left too.
       if (--other.joined.count === 0 && signal.aborted) engine.joinersLeft(other.joined);
+      else engine.joinersChanged(other.joined);
     }
   };
 
@@ -159,7 +163,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
     // instance later in the same request joins the generation of the first, as an identical request would.
     let other = hit === undefined && key !== undefined ? joinable(running.get(key)) : undefined;
     while (other) {
-      hit = await joinRunning(other, request, signal, follow, queued);
+      hit = await joinRunning(other, request, signal, follow, queued, onProgress !== undefined && req.previewEvery > 0);
       // Cancelled: the first of the requests joined to it to look again registers its own generation below, in the
       // same turn, and the others join that one (each used to run one of its own).
       other = hit === undefined ? joinable(running.get(key!)) : undefined;
@@ -171,7 +175,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
       // request's client leaves or times out while they are made or encoded: they were made all the same, and a joined
       // request would otherwise generate them again.
       let onMade: ((out: EncodedImage[] | Error) => void) | undefined;
-      let joined: { count: number } | undefined;
+      let joined: { count: number; previews: number } | undefined;
       let progress = onProgress;
       let whenQueued = onQueued && queued;
       if (key !== undefined) {
@@ -184,7 +188,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
             settle = (out) => (out instanceof Error ? reject(out) : resolve(out.map((i) => ({ ...i, data: i.data.slice(0) }))));
           });
           shared.catch(() => undefined);
-          joined = { count: 0 };
+          joined = { count: 0, previews: 0 };
           const own: Running = (mine = { images: shared, joined, previewEvery: req.previewEvery, listeners: new Set(), queued: false, whenQueued: new Set() });
           running.set(key, own);
           // Every step to this request's client while it is there, and to the requests joined to the generation (the
@@ -306,7 +310,7 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
 /** A generation of a cacheable request, queued or running: its images, and the identical requests waiting for them. */
 interface Running {
   readonly images: Promise<EncodedImage[]>;
-  readonly joined: { count: number };
+  readonly joined: { count: number; previews: number };
   /** Its request's preview_every: the previews its steps carry. */
   readonly previewEvery: number;
   /** The progress of the requests waiting for it that stream theirs (generateOne: `follow`). */
