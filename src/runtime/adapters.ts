@@ -13,6 +13,7 @@ import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '.
 import { RuntimeError, isRuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
+import { Slots } from '../slots.js';
 import { defaultIo } from '../storage/download.js';
 import { createVolumeGate, watchVolume, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
@@ -36,7 +37,7 @@ export class AdapterSource {
   /** Every look at the adapters' files goes through it: a volume that stops answering keeps one pool thread, not one a request. */
   readonly #gate: VolumeGate;
   /** The positional writes of every LORA_URI fetch, adapterWritesAtOnce() at a time. */
-  readonly #writes: <T>(call: () => Promise<T>) => Promise<T>;
+  readonly #writes: Slots;
 
   /**
    * `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code); `o.writesAtOnce` replaces
@@ -51,7 +52,7 @@ export class AdapterSource {
     this.#gate = createVolumeGate({ cacheDir: cfg.cacheDir, log });
     const n = o.writesAtOnce ?? adapterWritesAtOnce();
     if (!(n >= 1)) throw new TypeError(`writesAtOnce must be 1 or more, got ${n}`);
-    this.#writes = slots(n);
+    this.#writes = new Slots(n);
   }
 
   /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
@@ -226,7 +227,7 @@ export class AdapterSource {
     try {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
         cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
-        io: { write: (fh, bufs, len, at) => write(() => defaultIo.write(fh, bufs, len, at)) },
+        io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)) },
       });
       fetched.catch(() => undefined);
       const r = await Promise.race([fetched, stuckAnswer]);
@@ -303,23 +304,6 @@ export function threadPoolSize(env: NodeJS.ProcessEnv = process.env): number {
   const n = Number.parseInt(v, 10);
   if (!Number.isFinite(n) || n === 0) return 1;
   return n < 0 ? 1024 : Math.min(n, 1024);
-}
-
-/** Runs the calls given `n` at a time, first come first served. */
-function slots(n: number): <T>(call: () => Promise<T>) => Promise<T> {
-  let running = 0;
-  const queue: Array<() => void> = [];
-  return async (call) => {
-    if (running >= n) await new Promise<void>((r) => queue.push(r));
-    else running++;
-    try {
-      return await call();
-    } finally {
-      const next = queue.shift();
-      if (next) next();
-      else running--;
-    }
-  };
 }
 
 const shuttingDown = () => new RuntimeError('SHUTTING_DOWN', 'the server shut down while the request waited for a LoRA adapter\'s fetch; retry', { retryAfter: 1 });
