@@ -11,6 +11,7 @@ import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
+import { Slots } from '../slots.js';
 import { cacheRelative, trackIo } from './pending-io.js';
 
 /** How long a request waits for a call on the volume, its own or the one ahead of it (a stat answers in microseconds). */
@@ -41,10 +42,8 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
   if (!Number.isInteger(slots) || slots < 1) throw new TypeError(`slots must be an integer from 1 up, got ${slots}`);
   if (!(waitMs > 0)) throw new TypeError(`waitMs must be above 0, got ${waitMs}`);
   const running = new Set<Running>();
-  /** Slots taken: by the running calls, and by a waiter handed one that has not started its call yet. */
-  let held = 0;
-  /** Waiters for a slot, first come first served; waking one hands it a slot. */
-  const queue: Array<() => void> = [];
+  /** Taken by the running calls, and by a waiter handed one that has not started its call yet. */
+  const places = new Slots(slots);
   let warned = false;
 
   const stuck = (): RuntimeError => {
@@ -60,9 +59,7 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
     return new RuntimeError('CACHE_STUCK', `${outside ? 'a volume the server reads' : 'the cache volume (MODEL_CACHE_DIR)'} is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
   };
   const release = () => {
-    const wake = queue.shift();
-    if (wake) wake();
-    else held--;
+    places.release();
     if (running.size === 0 && warned) {
       warned = false;
       o.log.info('the volume answers again');
@@ -88,16 +85,14 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
   return {
     async run(op, file, call, signal) {
       if (signal?.aborted) throw new RuntimeError('CANCELLED', 'the client left');
-      if (held < slots) held++;
-      else {
+      if (!places.tryAcquire()) {
         // Every slot held by a call already past the wait: the volume is not answering, and queueing would only wait.
         const latest = running.size > 0 ? Math.max(...[...running].map((r) => r.since)) + waitMs : performance.now() + waitMs;
         if (latest <= performance.now()) throw stuck();
-        let wake!: () => void;
-        const turn = new Promise<void>((r) => (wake = r));
-        queue.push(wake);
+        const quit = new AbortController();
+        const turn = places.acquire(quit.signal);
         // Given up: out of the queue, or, handed a slot meanwhile, the slot goes to the next.
-        await bounded(turn, latest, signal, () => (queue.includes(wake) ? queue.splice(queue.indexOf(wake), 1) : release()));
+        await bounded(turn, latest, signal, () => (quit.abort(), void turn.then(release, () => undefined)));
       }
       const r: Running = { op, file, since: performance.now() };
       running.add(r);
