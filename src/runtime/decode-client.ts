@@ -14,6 +14,7 @@ import { setImmediate as turn } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
+import { Slots } from '../slots.js';
 import type { GifFirstFrame } from './gif.js';
 
 /**
@@ -46,14 +47,14 @@ interface Answers {
 /** A thread's reply to a picture: the file's copy comes back with it, to be collected here rather than on the thread. */
 export type ThreadReply<A = unknown> = ({ answer: A } | { error: string }) & { bytes: Uint8Array };
 
-let running = 0;
-const waiting: Array<() => void> = [];
+/** A decode that ends hands its turn over (it is not counted free meanwhile, for a newcomer to take). */
+const turns = new Slots(DECODE_THREADS);
 /** Threads with no picture, the latest kept last, each with the timer that ends it. */
 const kept: Array<{ worker: Worker; timer: NodeJS.Timeout }> = [];
 let started = 0;
 
 /** Decodes holding a thread's turn (copying the file, or on their thread, which is kept or has ended once it is no longer counted). */
-export const decodesRunning = (): number => running;
+export const decodesRunning = (): number => turns.held;
 
 /** Decoding threads started since the process began, and those kept now, waiting for a picture. */
 export const decodeThreads = (): { started: number; kept: number } => ({ started, kept: kept.length });
@@ -69,21 +70,7 @@ export async function decodeOnThread<J extends ThreadJob>(job: J, bytes: Uint8Ar
   const format = job.toUpperCase();
   const cancelled = () => new RuntimeError('CANCELLED', `${field}: decoding was cancelled`, { cause: signal?.reason });
   if (signal?.aborted) throw cancelled();
-  if (running >= DECODE_THREADS) {
-    // A decode that ends hands its turn over (it is not counted free meanwhile, for a newcomer to take).
-    await new Promise<void>((resolve, reject) => {
-      const go = () => {
-        signal?.removeEventListener('abort', leave);
-        resolve();
-      };
-      const leave = () => {
-        waiting.splice(waiting.indexOf(go), 1);
-        reject(cancelled());
-      };
-      waiting.push(go);
-      signal?.addEventListener('abort', leave, { once: true });
-    });
-  } else running++;
+  if (!turns.tryAcquire()) await turns.acquire(signal).catch(() => { throw cancelled(); });
   try {
     if (signal?.aborted) throw cancelled();
     atTurn?.();
@@ -125,9 +112,7 @@ export async function decodeOnThread<J extends ThreadJob>(job: J, bytes: Uint8Ar
       else await worker.terminate();
     }
   } finally {
-    const next = waiting.shift();
-    if (next) next();
-    else running--;
+    turns.release();
   }
 }
 
