@@ -289,12 +289,11 @@ export class Engine {
   /** The errors #submit refused with, and why: what a request joined to a refused generation is told (refusedWith). */
   readonly #refusals = new WeakMap<Error, RejectReason>();
   /**
-   * Adapter look-ups of generations whose client left while requests joined to them wait (SubmitOptions.joined): they
-   * go on for those requests, and stop once the last of them leaves (joinersLeft).
+   * The adapters of each generation that identical requests may join (SubmitOptions.joined) while they are looked up;
+   * `stop` once its client left while such requests wait: the look-up goes on for them, and stops once the last of
+   * them leaves (joinersLeft).
    */
-  readonly #lookups = new Map<Joined, AbortController>();
-  /** The adapters of each generation that identical requests may join (SubmitOptions.joined) while they are looked up. */
-  readonly #lookingUp = new Map<Joined, readonly LoraRequest[]>();
+  readonly #lookingUp = new Map<Joined, { readonly loras: readonly LoraRequest[]; stop?: AbortController }>();
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -509,7 +508,8 @@ export class Engine {
     const abandoned = () => this.metrics.cancelled.inc({ ...this.#labels, reason: cancelReason(signal.reason) });
     if (!signal.aborted) signal.addEventListener('abort', abandoned, { once: true });
     if (!joined) return { signal, done: () => signal.removeEventListener('abort', abandoned) };
-    this.#lookingUp.set(joined, loras);
+    const lookingUp: { loras: readonly LoraRequest[]; stop?: AbortController } = { loras };
+    this.#lookingUp.set(joined, lookingUp);
     const ac = new AbortController();
     let leave = (): void => undefined;
     // At its deadline, while S3 throttled the look-up: TIMEOUT saying so, as where its leaving stops the look-up.
@@ -517,7 +517,7 @@ export class Engine {
     left.catch(() => undefined);
     const onAbort = () => {
       if (joined.count === 0) return void ac.abort(signal.reason);
-      this.#lookups.set(joined, ac);
+      lookingUp.stop = ac;
       leave();
     };
     if (signal.aborted) onAbort();
@@ -528,8 +528,7 @@ export class Engine {
       done: () => {
         signal.removeEventListener('abort', onAbort);
         signal.removeEventListener('abort', abandoned);
-        this.#lookingUp.delete(joined);
-        if (this.#lookups.get(joined) === ac) this.#lookups.delete(joined);
+        if (this.#lookingUp.get(joined) === lookingUp) this.#lookingUp.delete(joined);
       },
     };
   }
@@ -702,7 +701,7 @@ export class Engine {
    * throttling, as the generation's own client is told (#lookupSignal); undefined otherwise.
    */
   lookupStopped(joined: Joined, signal: AbortSignal): RuntimeError | undefined {
-    const loras = this.#lookingUp.get(joined);
+    const loras = this.#lookingUp.get(joined)?.loras;
     return loras === undefined ? undefined : this.#adapters.stopped(loras, signal);
   }
 
@@ -711,7 +710,7 @@ export class Engine {
    * left too, and, still queued after its client left (#abandon), it leaves the queue.
    */
   joinersLeft(joined: Joined): void {
-    this.#lookups.get(joined)?.abort(new DOMException('every request waiting for it left', 'AbortError'));
+    this.#lookingUp.get(joined)?.stop?.abort(new DOMException('every request waiting for it left', 'AbortError'));
     for (const w of this.#workers) for (const run of runsOf(w)) if (run.tasks.some((t) => t.joined === joined)) this.#stopIfUnwanted(w, run);
     const gone = this.#pending.filter((t) => t.joined === joined && t.state === 'done');
     if (gone.length === 0) return;
