@@ -266,8 +266,14 @@ async function stuckWarmup(t: Finished, name: string, graceS: number, signals: (
   mkdirSync(path.join(cache, key), { recursive: true });
   stick(t, path.join(cache, key, JOURNAL));
   let kill!: (s: NodeJS.Signals) => void;
-  const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: String(graceS) }, (k) => (kill = k));
-  await new Promise((r) => setTimeout(r, 3_000));
+  let pid!: number;
+  const job = runWarmupCli([], { ...CREDS, AWS_ENDPOINT_URL: slow.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache, SHUTDOWN_GRACE_S: String(graceS) }, (k, p) => {
+    kill = k;
+    pid = p;
+  });
+  // Signalled once the fill waits on the journal: a signal before it (a loaded machine's slow start) ends a fill that
+  // waits on nothing, a clean exit 143.
+  await until(() => opensFifo(pid), 45_000, 100);
   await signals(kill);
   const timer = setTimeout(() => kill('SIGKILL'), killAfterMs);
   const r = await job;
@@ -284,7 +290,7 @@ describe.concurrent('the warm-up CLI, SIGTERM with the cache volume stuck', () =
     expect(r.stderr).toMatch(/warmup: SIGTERM received; stopping/);
     expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: readFile ${key}/\\.progress\\.jsonl still pending after \\d+ s; exiting without waiting for them \\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(cache);
-  }, 60_000);
+  }, 90_000);
 
   it('a second signal while the stop is held ends it at once, as its signal does (process.exit() would wait for the stuck call)', async (t) => {
     // A grace longer than the test waits: only the second signal can end it in time.
@@ -294,7 +300,7 @@ describe.concurrent('the warm-up CLI, SIGTERM with the cache volume stuck', () =
       kill('SIGINT');
     }, 20_000);
     expect({ code: r.code, signal: r.signal }).toEqual({ code: null, signal: 'SIGINT' });
-  }, 60_000);
+  }, 90_000);
 });
 
 const noFuse = stuckFsUnavailable();
