@@ -3,6 +3,7 @@ import { accessSync, constants, existsSync, mkdirSync, readdirSync } from 'node:
 import os from 'node:os';
 import path from 'node:path';
 import { isMainThread } from 'node:worker_threads';
+import { exists } from './files.js';
 import { parseS3Prefix, type S3Prefix } from './s3-url.js';
 
 export type ExecutionProvider = 'auto' | 'cuda' | 'cpu';
@@ -223,6 +224,18 @@ export interface LoadOptions {
    * defaultCacheDir); otherwise it is looked for here, synchronously.
    */
   defaultCacheDir?: string;
+}
+
+/** Where KServe puts a storageUri's model (its storage initializer, a PVC, a modelcar's link). */
+export const KSERVE_MODEL_DIR = '/mnt/models';
+
+/**
+ * What the server serves without STORAGE_URI: /mnt/models where it exists, or will (a modelcar's link, made after start
+ * with MODEL_INIT_MODE=async); undefined for the embedded demo model. Asked without blocking: /mnt/models may be a
+ * network volume (a pvc:// storageUri).
+ */
+export async function defaultModelUri(cfg: Pick<Config, 'modelInitAsync'>): Promise<string | undefined> {
+  return cfg.modelInitAsync || (await exists(KSERVE_MODEL_DIR)) ? KSERVE_MODEL_DIR : undefined;
 }
 
 /** Parses every variable, reports every bad one together, and returns a frozen Config. */

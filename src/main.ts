@@ -8,7 +8,7 @@ import { realpathSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { applyContainerDefaults, ConfigError, describeConfig, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { applyContainerDefaults, ConfigError, defaultModelUri, describeConfig, KSERVE_MODEL_DIR, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -113,13 +113,17 @@ async function main(): Promise<void> {
   const formBad = problems.some((p) => p.startsWith('DEFAULT_SCHEDULER'));
   const unknownScheduler = unknownDefaultScheduler(cfg ? cfg.defaultScheduler : formBad ? undefined : process.env.DEFAULT_SCHEDULER?.trim() || undefined);
   if (cfg) problems.push(...unaddressableUris(cfg));
-  // Without STORAGE_URI the server serves /mnt/models or its demo model, ready: a mistyped name would pass unseen but
-  // for its warning, the InferenceService Ready with noise for images. A plural (STORAGE_URIS) may be a platform's own
-  // variable beside /mnt/models: a warning only.
+  // Without STORAGE_URI and /mnt/models the server serves its demo model, ready: a mistyped name would pass unseen but
+  // for its warning, the InferenceService Ready with noise for images. A /mnt/models (KServe's storage initializer
+  // filled it) is the model, and a STORAGE_URL beside it may come from a Secret shared with envFrom: served, the warning
+  // (logStartWarnings) naming the variable. A plural (STORAGE_URIS) may be a platform's own variable: a warning only.
   const uriTypo = cfg?.storageUri === undefined
     ? misspelledVariables(process.env).find((m) => m.meant === 'STORAGE_URI' && m.variable.toUpperCase() !== 'STORAGE_URIS')
     : undefined;
-  if (uriTypo) problems.push(`STORAGE_URI is not set, but ${uriTypo.variable} is: did you mean STORAGE_URI? (without it the server would serve /mnt/models or its embedded demo model)`);
+  if (uriTypo && (await defaultModelUri(cfg ?? { modelInitAsync: false })) === undefined) {
+    problems.push(`STORAGE_URI is not set, but ${uriTypo.variable} is: did you mean STORAGE_URI? (without it, and without ${KSERVE_MODEL_DIR}, the server would serve its embedded demo model)`);
+  }
+  if (signals > 0) return;
   if (unknownScheduler !== undefined) problems.push(unknownScheduler);
   if (problems.length > 0 || !cfg) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.

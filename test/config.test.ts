@@ -371,6 +371,10 @@ describe('README', () => {
   });
 });
 
+/** Whether this machine lets a user namespace mount a folder over /mnt for one process (it may not, in a container). */
+const canMountOverMnt = process.platform === 'linux'
+  && spawnSync('unshare', ['-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
+
 describe('the server command line', () => {
   const entry = path.join(import.meta.dirname, '..', 'dist', 'src', 'main.js');
   const run = (args: string[]) => spawnSync(process.execPath, [entry, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, PORT: '0', HOST: '127.0.0.1' } });
@@ -402,11 +406,29 @@ describe('the server command line', () => {
     const r = spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...env, STORAGE_URL: 's3://models/sd15' } });
     expect([r.status, r.stdout]).toEqual([2, '']);
     expect(r.stderr).toBe('diffusers-runtime: invalid configuration: STORAGE_URI is not set, but STORAGE_URL is: did you mean STORAGE_URI? '
-      + '(without it the server would serve /mnt/models or its embedded demo model)\n');
+      + '(without it, and without /mnt/models, the server would serve its embedded demo model)\n');
     // Another case, the same name meant.
     expect(spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...env, storage_uri: '/models/sd15' } }).stderr)
       .toContain('STORAGE_URI is not set, but storage_uri is: did you mean STORAGE_URI?');
   });
+
+  // KServe's storage initializer fills /mnt/models; a STORAGE_URL from a Secret shared with envFrom may sit beside it.
+  // A real /mnt/models for the server alone: a folder mounted there in a mount namespace of its own (where allowed).
+  it.skipIf(!canMountOverMnt)('a mistyped STORAGE_URI beside a filled /mnt/models is a warning: /mnt/models is served', async () => {
+    const model = await ensureDemoModel(sharedCacheDir());
+    const srv = await startServer({ STORAGE_URI: undefined, STORAGE_URL: 's3://shared/SECRET-PATH' },
+      { prefix: ['unshare', '-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt && mkdir /mnt/models && mount --bind "$0" /mnt/models && exec "$@"', model] });
+    try {
+      await srv.waitReady();
+      expect(srv.logs.filter((l) => l.variable === 'STORAGE_URL').map((l) => [l.level, l.msg]))
+        .toEqual([['warn', 'STORAGE_URL is not a variable the runtime reads, so its value is not used: did you mean STORAGE_URI?']]);
+      expect(srv.events('files-ready').map((e) => e.dir)).toEqual(['/mnt/models']);
+      expect(srv.logs.map((l) => l.msg)).not.toContain('no STORAGE_URI and no /mnt/models: serving the embedded demo model');
+      expect(JSON.stringify(srv.logs)).not.toContain('SECRET-PATH');
+    } finally {
+      await srv.stop();
+    }
+  }, 180_000);
 
   it('names an unknown DEFAULT_SCHEDULER beside other bad variables, in the same run; a malformed one once', () => {
     const start = (env: Record<string, string>) => spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, HOST: '127.0.0.1', ...env } });

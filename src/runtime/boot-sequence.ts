@@ -18,9 +18,8 @@
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Config } from '../config.js';
+import { defaultModelUri, type Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
-import { exists } from '../files.js';
 import type { Logger } from '../log.js';
 import { readError } from '../pipeline/failures.js';
 import { isComponent, isLayoutFile, isTokenizerFolder, TOKENIZER_JSON, unusedFiles } from '../pipeline/model.js';
@@ -91,8 +90,7 @@ export async function bootRuntime(rt: Runtime): Promise<void> {
 
 async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
   // A modelcar's /mnt/models appears after start (MODEL_INIT_MODE=async): it is the model, not a reason for the demo one.
-  // Asked without blocking: /mnt/models may be a network volume (a pvc:// storageUri), and signals are handled by now.
-  const uri = cfg.storageUri ?? (cfg.modelInitAsync || (await exists('/mnt/models')) ? '/mnt/models' : undefined);
+  const uri = cfg.storageUri ?? (await defaultModelUri(cfg));
   if (uri === undefined) return { source: 'demo' };
   let src;
   try {
