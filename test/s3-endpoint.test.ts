@@ -14,7 +14,7 @@ import { listenLoopback } from './helpers/loopback.js';
 import { CREDS } from './helpers/s3.js';
 import { runWarmupCli } from './helpers/warmup-cli.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { postJson, startServer, type ServerHandle } from './helpers/server.js';
 
 let port: number;
 let origin: string;
@@ -40,7 +40,9 @@ describe('an S3 endpoint that refuses connections is named in the error', () => 
     const down = await startRuntime({ ...env, STORAGE_URI: 's3://models/sd/' });
     try {
       const failed = await down.waitFor('state', (s) => s.state === 'retrying', 60_000);
-      expect(failed.reason).toContain(`cannot list (1 attempt) s3://models/sd/: ECONNREFUSED at the S3 endpoint ${origin} (gave up after retries)`);
+      // Before: "ECONNREFUSED at the S3 endpoint … (gave up after retries)", the check left to the reader.
+      expect(failed.reason).toContain(`cannot list (1 attempt) s3://models/sd/: nothing listens at the S3 endpoint ${origin} (ECONNREFUSED): `
+        + 'check the port in AWS_ENDPOINT_URL (or S3_ENDPOINT, AWS_S3_ENDPOINT), and that the store is up (gave up after retries)');
       noSecrets(failed.reason!);
     } finally {
       await down.stop();
@@ -50,7 +52,7 @@ describe('an S3 endpoint that refuses connections is named in the error', () => 
   it('a LoRA adapter on LORA_URI', async () => {
     const r = await predict({ loras: [{ name: 'style' }] });
     expect([r.status, r.json.code]).toEqual([502, 'UPSTREAM']);
-    expect(r.json.error).toContain(`adapter "style" could not be fetched from LORA_URI: cannot list (1 attempt) s3://loras/style/: ECONNREFUSED at the S3 endpoint ${origin}`);
+    expect(r.json.error).toContain(`adapter "style" could not be fetched from LORA_URI: cannot list (1 attempt) s3://loras/style/: nothing listens at the S3 endpoint ${origin} (ECONNREFUSED)`);
     noSecrets(String(r.json.error));
   });
 
@@ -87,7 +89,7 @@ describe('an endpoint that is not an S3 API (a MinIO console port, a router\'s p
   });
   afterAll(async () => void (await web?.close()));
 
-  const advice = "so something other than an S3 API answered (a web console, a router's page, a proxy); AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT) must be the "
+  const advice = "so something other than an S3 API answered (a web console, a router's page, a proxy); AWS_ENDPOINT_URL must be the "
     + "store's S3 API endpoint (MinIO: its API port, 9000 by default, not the console's 9001)";
   it.each(['sdk', 'lite'])('the warm-up through the %s transport', async (transport) => {
     const cache = await fsp.mkdtemp(path.join(os.tmpdir(), 'not-s3-'));
@@ -103,6 +105,56 @@ describe('an endpoint that is not an S3 API (a MinIO console port, a router\'s p
       await fsp.rm(cache, { recursive: true, force: true });
     }
   }, 60_000);
+});
+
+describe("a first deploy's S3_ENDPOINT that reaches no S3 store: the server keeps trying, and each attempt says what to check", () => {
+  // The variable as a data connection Secret names it, with user info, a path and a query the server never repeats.
+  const boot = async (endpoint: string): Promise<{ srv: ServerHandle; reason: string }> => {
+    const srv = await startServer({ ...CREDS, STORAGE_URI: 's3://models/sd/', S3_ENDPOINT: endpoint, S3_MAX_ATTEMPTS: '1', AWS_ENDPOINT_URL: undefined, AWS_S3_ENDPOINT: undefined });
+    try {
+      const failed = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
+      expect(failed.msg).toBe(`boot attempt 1 failed; trying again in ${failed.retryInSeconds} s: ${failed.reason}`);
+      // The not-ready answer says the same (the retry goes on: its state is still retrying, or fetching again).
+      const ready = await fetch(`${srv.url}/v2/models/model/ready`);
+      const body = await ready.json() as { reason?: string };
+      expect([ready.status, body.reason]).toEqual([503, failed.reason]);
+      noSecrets(failed.reason! + JSON.stringify(body));
+      // The listening line shows the endpoint's path (config), never its user info or query.
+      for (const secret of ['s3cr3t', 'token=abc']) expect(JSON.stringify(srv.logs)).not.toContain(secret);
+      return { srv, reason: failed.reason! };
+    } catch (e) {
+      await srv.stop();
+      throw e;
+    }
+  };
+
+  it('a host with no DNS record (a misspelled name, or a Service not made yet) is named, with the variable to check', async () => {
+    const { srv, reason } = await boot('http://key:s3cr3t@no-such-host.invalid:9000/base?token=abc');
+    try {
+      // Before: "STORAGE_TRANSIENT: cannot list (1 attempt) s3://models/sd/: ENOTFOUND at the S3 endpoint http://no-such-host.invalid:9000 (gave up after retries)".
+      expect(reason).toBe('STORAGE_TRANSIENT: cannot list (1 attempt) s3://models/sd/: the S3 endpoint\'s host no-such-host.invalid has no DNS record '
+        + '(ENOTFOUND at http://no-such-host.invalid:9000): check the host in S3_ENDPOINT, and that the Service it names exists (gave up after retries)');
+    } finally {
+      await srv.stop();
+    }
+  }, 90_000);
+
+  it('a web server answering 502 with an HTML page is named as not S3, with the variable set (S3_ENDPOINT)', async () => {
+    const web = await listenLoopback(http.createServer((_req, res) => {
+      const page = '<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>';
+      res.writeHead(502, { 'content-type': 'text/html', 'content-length': Buffer.byteLength(page) }).end(page);
+    }));
+    const { srv, reason } = await boot(web.endpoint.replace('http://', 'http://key:s3cr3t@') + '/base?token=abc');
+    try {
+      // Before, the variable named was "AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT)": not the one the operator set.
+      expect(reason).toBe(`STORAGE_TRANSIENT: cannot list (1 attempt) s3://models/sd/: the S3 endpoint ${web.endpoint} answered HTTP 502 without an S3 error code, `
+        + "so something other than an S3 API answered (a web console, a router's page, a proxy); S3_ENDPOINT must be the store's S3 API endpoint "
+        + "(MinIO: its API port, 9000 by default, not the console's 9001), with the store behind it up");
+    } finally {
+      await srv.stop();
+      await web.close();
+    }
+  }, 90_000);
 });
 
 describe('endpointName', () => {

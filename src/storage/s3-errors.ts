@@ -206,6 +206,41 @@ export function endpointName(s: Pick<S3Settings, 'endpoint' | 'region' | 'forceP
   return `https://${host} (AWS S3 in region ${s.region}: none of AWS_ENDPOINT_URL, S3_ENDPOINT, AWS_S3_ENDPOINT is set)`;
 }
 
+/** The variables the S3 endpoint is read from, first set first (config.ts). */
+const ENDPOINT_VARIABLES = ['AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT'] as const;
+
+/**
+ * The variable an operator set the S3 endpoint with, as advice names it; all three where none is (AWS's endpoint, or
+ * the settings came from elsewhere than this process's environment).
+ */
+export function endpointVariable(env: NodeJS.ProcessEnv = process.env): string {
+  return ENDPOINT_VARIABLES.find((k) => env[k]?.trim()) ?? 'AWS_ENDPOINT_URL (or S3_ENDPOINT, AWS_S3_ENDPOINT)';
+}
+
+/** What DNS names look like; anything else an error carries in their place is not echoed. */
+const HOST_NAME = /^[A-Za-z0-9._-]{1,253}$/;
+
+/**
+ * What to check where the connection found no S3 endpoint, for the two a first deploy meets: a host with no DNS record
+ * (a misspelled name, or a Service not made yet: retried, as it may be soon) and a port nothing listens on. Undefined
+ * for any other failure, and where S3 answered. `endpoint`: endpointName's.
+ */
+function unreached(err: unknown, endpoint: string | undefined): string | undefined {
+  if (atEndpoint(err, endpoint) === '') return undefined;
+  for (let e = err as (SdkLikeError & { hostname?: unknown }) | undefined, depth = 0; e && depth < 3; e = e.cause as typeof e, depth++) {
+    if (e.code === 'ENOTFOUND') {
+      // The name looked up: the endpoint's host, or the bucket's name under it where buckets are addressed virtual-hosted.
+      const host = typeof e.hostname === 'string' && HOST_NAME.test(e.hostname) ? e.hostname : new URL(endpoint!.split(' ')[0]!).hostname;
+      return `the S3 endpoint's host ${host} has no DNS record (ENOTFOUND at ${endpoint}): check the host in ${endpointVariable()}, and that the Service it `
+        + 'names exists';
+    }
+    if (e.code === 'ECONNREFUSED') {
+      return `nothing listens at the S3 endpoint ${endpoint} (ECONNREFUSED): check the port in ${endpointVariable()}, and that the store is up`;
+    }
+  }
+  return undefined;
+}
+
 /**
  * ` at the S3 endpoint …` for a failure of the connection itself (refused, reset, a name not resolved, a timeout, TLS),
  * where which endpoint was tried is the first thing to check; '' for anything S3 answered, or without `endpoint`.
@@ -246,7 +281,7 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (foreign !== undefined) {
     // The first request of a fill: a wrong endpoint is met here, and its answer says nothing of the bucket or keys.
     return new RuntimeError(kind === 'transient' ? 'STORAGE_TRANSIENT' : 'CONFIG', `cannot ${action} ${where}: the S3 endpoint${endpoint === undefined ? '' : ` ${endpoint}`} `
-      + `answered ${foreign}, so something other than an S3 API answered (a web console, a router's page, a proxy); AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT) `
+      + `answered ${foreign}, so something other than an S3 API answered (a web console, a router's page, a proxy); ${endpointVariable()} `
       + `must be the store's S3 API endpoint (MinIO: its API port, 9000 by default, not the console's 9001)${kind === 'transient' ? ', with the store behind it up' : ''}`, { cause: err });
   }
   const unset = unsetKeys(err);
@@ -283,7 +318,10 @@ export function permanentError(err: unknown, bucket: string, key: string | undef
   if (kind === 'tls') {
     return new RuntimeError('STORAGE_TLS', `cannot ${action} ${where}: TLS to the S3 endpoint${endpoint === undefined ? '' : ` ${endpoint}`} failed (${s3code}); ${TLS_HINTS[tlsProblem(err)!]}`, { cause: err });
   }
-  if (kind === 'transient') return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${s3code}${atEndpoint(err, endpoint)} (gave up after retries)`, { cause: err });
+  if (kind === 'transient') {
+    const why = unreached(err, endpoint) ?? `${s3code}${atEndpoint(err, endpoint)}`;
+    return new RuntimeError('STORAGE_TRANSIENT', `cannot ${action} ${where}: ${why} (gave up after retries)`, { cause: err });
+  }
   return new RuntimeError('STORAGE_MISSING', `cannot ${action} ${where}: ${s3code}`, { cause: err });
 }
 
