@@ -1,5 +1,6 @@
 /** @module Structured JSON logs (pino), one line per event; credentials are redacted by path. */
 import { pino, type DestinationStream, type Logger } from 'pino';
+import { terminationReason } from './termination.js';
 
 export type { Logger };
 
@@ -42,7 +43,9 @@ export function logProcessFaults(log: Logger): void {
   process.removeAllListeners('warning');
   process.on('warning', (w) => log.warn({ warning: w.name, code: (w as NodeJS.ErrnoException).code }, w.message));
   process.on('uncaughtException', (err, origin) => {
-    log.fatal({ err }, origin === 'unhandledRejection' ? 'unhandled promise rejection: exiting' : 'uncaught exception: exiting');
+    const msg = origin === 'unhandledRejection' ? 'unhandled promise rejection: exiting' : 'uncaught exception: exiting';
+    log.fatal({ err }, msg);
+    terminationReason(`diffusers-runtime: ${msg}: ${err instanceof Error ? err.message : String(err)}`);
     process.exit(1);
   });
 }

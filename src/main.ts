@@ -20,6 +20,7 @@ import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
 import { cacheRelative, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { clearTerminationMessage, terminationReason } from './termination.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
 const FLAG_VARS: Readonly<Record<string, string>> = { model_name: 'MODEL_NAME', http_port: 'PORT', model_dir: 'STORAGE_URI', workers: 'WORKERS' };
@@ -43,8 +44,14 @@ function checkArgs(args: readonly string[]): void {
   }
   const hints = args.map((a) => FLAG_VARS[a.replace(/^--?/, '').split('=')[0]!.replace(/-/g, '_')]).filter((v) => v !== undefined);
   const hint = hints.length > 0 ? ` (set ${[...new Set(hints)].join(', ')} instead)` : '';
-  process.stderr.write(`diffusers-runtime: takes no command-line arguments, got ${args.map((a) => JSON.stringify(a)).join(' ')}; it is configured by environment variables${hint}; --help lists the main ones\n`);
+  fatalLine(`takes no command-line arguments, got ${args.map((a) => JSON.stringify(a)).join(' ')}; it is configured by environment variables${hint}; --help lists the main ones`);
   process.exit(2);
+}
+
+/** The line a fatal exit ends with: on stderr, and in the container's termination message (kubectl describe pod). */
+function fatalLine(line: string): void {
+  process.stderr.write(`diffusers-runtime: ${line}\n`);
+  terminationReason(`diffusers-runtime: ${line}`);
 }
 
 /** A signal this soon after the first is the same stop delivered twice, not a second one. */
@@ -78,8 +85,12 @@ async function main(): Promise<void> {
       // process.exit() while a worker is inside an ONNX Runtime call aborts the process (its static destructors run
       // under the call): the second signal ends the drain instead, which stops the generations at their next step.
       // A third one does not wait for that.
-      if (signals > 2) killNow();
+      if (signals > 2) {
+        terminationReason(`diffusers-runtime: a third signal (${sig}) during the stop: killed at once`);
+        killNow();
+      }
       log?.warn({ signal: sig }, 'second signal: ending the drain now (generations stop at their next step; exit 1)');
+      terminationReason(`diffusers-runtime: second signal (${sig}): the drain was ended, generations in flight stopped at their next step (exit 1)`);
       rt?.endGrace();
       return;
     }
@@ -103,7 +114,7 @@ async function main(): Promise<void> {
     cfg = loadConfig(process.env, { defaultCacheDir });
   } catch (err) {
     if (!(err instanceof ConfigError)) {
-      process.stderr.write(`diffusers-runtime: ${String(err)}\n`);
+      fatalLine(String(err));
       process.exit(2);
     }
     problems.push(...err.problems);
@@ -127,7 +138,7 @@ async function main(): Promise<void> {
   if (unknownScheduler !== undefined) problems.push(unknownScheduler);
   if (problems.length > 0 || !cfg) {
     // One clear line naming every bad variable, then a non-zero exit: Kubernetes shows it in the pod status.
-    process.stderr.write(`diffusers-runtime: ${new ConfigError(problems).message}\n`);
+    fatalLine(new ConfigError(problems).message);
     process.exit(2);
   }
   const trimmed = applyProcessDefaults();
@@ -139,7 +150,7 @@ async function main(): Promise<void> {
     base = await (await import('./server/base.js')).listenBase(cfg.host, cfg.port, { maxConnections: cfg.maxConnections, corsAllowOrigins: cfg.corsAllowOrigins });
   } catch (err) {
     // One line, then a non-zero exit: a second server on a taken port never starts and shares its traffic.
-    process.stderr.write(`diffusers-runtime: ${(err as Error).message}\n`);
+    fatalLine((err as Error).message);
     process.exit(1);
   }
   // Boot step 1, resolve, while the logger, the runtime and the routes load: a committed S3 cache entry's sessions start
@@ -179,7 +190,13 @@ async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cac
   const { cacheDir, log, rt } = o;
   const unanswered = await cleanup.unanswered();
   const unfinished = cleanup.unfinished;
-  if (unfinished.length === 0 && unanswered === 0) process.exit(code());
+  if (unfinished.length === 0 && unanswered === 0) {
+    const c = code();
+    // A graceful stop leaves no message (a hint written while serving no longer applies); a second signal's exit 1
+    // left its own (stop).
+    if (c === 0) clearTerminationMessage();
+    process.exit(c);
+  }
   const pending = describePending(cacheDir);
   const signal = sig as NodeJS.Signals;
   const status = 128 + (osConstants.signals[signal] ?? 0);
@@ -195,6 +212,7 @@ async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cac
   const line = `shutdown did not finish: ${what.join('; ')}; exiting without waiting for it (exit ${status})`;
   if (log) log.error({ unfinished: [...unfinished], pending, unansweredFsCalls: unanswered, exitStatus: status }, line);
   else process.stderr.write(`diffusers-runtime: ${line}\n`);
+  terminationReason(`diffusers-runtime: ${line}`);
   endBySignal(signal);
 }
 
@@ -295,8 +313,12 @@ if (isEntry()) {
     // Out of descriptors before the server could serve (most often its code could not be loaded, which stays failed in
     // this process: descriptors.ts firstUse): one line, and a restart, whose download resumes from the entry's journal.
     const why = shortage(err);
-    if (why === undefined) throw err;
-    process.stderr.write(`diffusers-runtime: TOO_MANY_OPEN_FILES: ${shortageError('the server could not start', why, `${S3_ADVICE}; a download in progress resumes at the next start`).message}\n`);
+    if (why === undefined) {
+      // Node prints the stack and exits 1; the pod status gets its first line.
+      terminationReason(`diffusers-runtime: unexpected error: ${(err as Error)?.message ?? String(err)}`);
+      throw err;
+    }
+    fatalLine(`TOO_MANY_OPEN_FILES: ${shortageError('the server could not start', why, `${S3_ADVICE}; a download in progress resumes at the next start`).message}`);
     process.exit(1);
   });
 }

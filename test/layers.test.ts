@@ -1,6 +1,6 @@
 /**
  * The layout's arrows, read from the source: main → server → runtime → pipeline | storage | demo, with config, errors,
- * log, metrics, files and slots as leaves any layer may use (and s3-url, below config, which uses it). No import runs back up, none
+ * log, metrics, files, slots and termination as leaves any layer may use (and s3-url, below config, which uses it). No import runs back up, none
  * crosses between the sibling layers, and no module imports itself through others (static, dynamic and type-only
  * imports all count). There are no exceptions: the checks are also run on a small made-up graph with one of each
  * fault, so a broken checker cannot pass silently.
@@ -10,7 +10,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 const SRC = path.resolve('src');
-const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, descriptors: 8, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10, deadline: 10, files: 10, slots: 10 };
+const RANK: Record<string, number> = { main: 0, server: 1, runtime: 2, pipeline: 3, storage: 3, demo: 3, descriptors: 8, config: 9, errors: 9, log: 9, metrics: 9, 's3-url': 10, deadline: 10, files: 10, slots: 10, termination: 10 };
 function sources(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
     const p = path.join(dir, e.name);

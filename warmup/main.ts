@@ -28,6 +28,7 @@ import { type StillBeats } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
 import { describePending, endBySignal, fsRequestsAnswered, fsRequestsPending, lookForDefaultCacheDir } from '../src/storage/pending-io.js';
+import { terminationReason } from '../src/termination.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
   + '\n       warmup cache list\n       warmup cache prune [--keep-uri s3://bucket/prefix]... [--older-than 7d] [--dry-run]';
@@ -445,8 +446,14 @@ function stopSettings(): { shutdownGraceS: number; cacheDir: string | undefined 
 function leaveStuck(sig: NodeJS.Signals, why: string): never {
   const pending = describePending(stopSettings().cacheDir);
   const what = pending.length > 0 ? `the cache volume did not answer: ${pending.join('; ')}` : `${fsRequestsPending()} file system call(s) on the cache still unanswered`;
-  process.stderr.write(`warmup: ${why}: ${what}; exiting without waiting for them (exit ${128 + os.constants.signals[sig]})\n`);
+  fatalLine(`${why}: ${what}; exiting without waiting for them (exit ${128 + os.constants.signals[sig]})`);
   return endBySignal(sig);
+}
+
+/** The line a failed run ends with: on stderr, and in the Job container's termination message (kubectl describe pod). */
+function fatalLine(line: string, more = ''): void {
+  process.stderr.write(`warmup: ${line}\n${more}`);
+  terminationReason(`warmup: ${line}`);
 }
 
 let signalled: NodeJS.Signals | undefined;
@@ -481,7 +488,7 @@ async function main(): Promise<number> {
   // above in place: a synchronous look on a volume that does not answer held the main thread, and every signal, for good.
   defaultCacheDir = await lookForDefaultCacheDir(process.env);
   if (signalled) {
-    process.stderr.write('warmup: CANCELLED: stopped by signal\n');
+    fatalLine('CANCELLED: stopped by signal');
     return 128 + os.constants.signals[signalled];
   }
   try {
@@ -492,19 +499,19 @@ async function main(): Promise<number> {
     return 0;
   } catch (e) {
     if (e instanceof UsageError) {
-      process.stderr.write(`warmup: ${e.message}\n${USAGE}\n`);
+      fatalLine(e.message, `${USAGE}\n`);
       return 2;
     }
     if (e instanceof ConfigError) {
-      process.stderr.write(`warmup: CONFIG: ${e.problems.join('; ')}\n`);
+      fatalLine(`CONFIG: ${e.problems.join('; ')}`);
       return 2;
     }
     if (signalled) {
-      process.stderr.write('warmup: CANCELLED: stopped by signal\n');
+      fatalLine('CANCELLED: stopped by signal');
       return 128 + os.constants.signals[signalled];
     }
     const reason = isRuntimeError(e) ? `${e.code}: ${e.message}` : `INTERNAL: ${(e as Error)?.message ?? String(e)}`;
-    process.stderr.write(`warmup: ${reason.replace(/\s*\n\s*/g, ' ')}\n`);
+    fatalLine(reason.replace(/\s*\n\s*/g, ' '));
     return 1;
   }
 }

@@ -30,6 +30,7 @@ import { chooseTransport, loadTransport } from '../storage/choose-transport.js';
 import { committedEntry, sameCommit, type CommittedEntry, type ResolvedModel } from '../storage/fetch.js';
 import type { EntryLease } from '../storage/lease.js';
 import { cacheKey, containedPath, parseStorageUri } from '../storage/uri.js';
+import { mappedWeightsHint, terminationReason } from '../termination.js';
 import type { BootEventMap } from './boot-events.js';
 import type { Runtime } from './runtime.js';
 import type { LoadResult } from './engine.js';
@@ -127,6 +128,16 @@ async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
 }
 
 /** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
+/**
+ * The folder a component's weights are mapped from, as the termination message names it: a cache entry by its name in
+ * MODEL_CACHE_DIR, a local model (STORAGE_URI's path) by its path.
+ */
+function weightsFolder(cacheDir: string, modelFile: string): string {
+  const dir = path.dirname(path.dirname(modelFile));
+  const rel = path.relative(cacheDir, dir);
+  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel) ? `the cache entry ${rel} in MODEL_CACHE_DIR (${cacheDir})` : dir;
+}
+
 type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
 
 /**
@@ -298,6 +309,8 @@ export class BootSequence {
         if (!isRuntimeError(err)) log.error({ err }, 'boot crashed');
         boot.to('failed', reason);
         if (cfg.exitOnBootFailure) {
+          // The reason is in the log's `failed` state line; the termination message repeats it for the pod status.
+          terminationReason(`diffusers-runtime: the boot failed (EXIT_ON_BOOT_FAILURE): ${reason}`);
           await rt.close(0);
           process.exitCode = 1;
         }
@@ -478,6 +491,8 @@ export class BootSequence {
     const m = announcement(compDir, files);
     const rt = this.#rt;
     if (m?.t === 'component') {
+      // Its session maps the weights from the volume: from now on a read the volume fails ends the process by SIGBUS.
+      mappedWeightsHint(weightsFolder(this.#cfg.cacheDir, m.path));
       if (rt) rt.engine.componentReady(m.component, m.path);
       else {
         this.#early(m);
