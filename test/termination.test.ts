@@ -125,8 +125,11 @@ describe('weights the volume fails to read while mapped', () => {
       await buildDemoModel(path.join(backing.dir, 'model'), { externalData: true });
       const fs = await mountStuckFs(backing.dir, mnt, { eio: 'read:model.onnx_data', eioTimes: 1_000_000 });
       const file = messageFile();
-      const proc = spawn(process.execPath, [ENTRY], { stdio: 'ignore', env: { ...process.env, TERMINATION_MESSAGE_PATH: file, PORT: '0', HOST: '127.0.0.1', STORAGE_URI: path.join(fs.dir, 'model'), MODEL_CACHE_DIR: path.join(backing.dir, 'cache'), EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '0' } });
+      const proc = spawn(process.execPath, [ENTRY], { stdio: 'ignore', env: { ...process.env, TERMINATION_MESSAGE_PATH: file, PORT: '0', HOST: '127.0.0.1', STORAGE_URI: path.join(fs.dir, 'model'), MODEL_CACHE_DIR: path.join(backing.dir, 'cache'), EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '0', EXIT_ON_BOOT_FAILURE: 'true' } });
+      // An EIO that ORT met in a read() instead would fail the boot: exit 1, not a wait for good.
+      const kill = setTimeout(() => proc.kill('SIGKILL'), 90_000);
       const ended = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+      clearTimeout(kill);
       expect(ended).toEqual({ code: null, signal: 'SIGBUS' });
       expect(readFileSync(file, 'utf8')).toBe(`if this container ended with exit code 135 (SIGBUS): a read of the model weights mapped from ${path.join(fs.dir, 'model')} failed, the volume returned an I/O error; check the volume's health (NFS server, PVC, disk)`);
     } finally {
