@@ -771,4 +771,38 @@ describe('generation: the result cache and identical requests joined to a runnin
     await engine.idle();
     await engine.close();
   });
+
+  it('a batch kept running for one request joined to it that streams steps alone stops rendering previews once the last request that streamed them, joined to another of its generations, leaves', async () => {
+    const { engine, w, metrics } = await loadedEngine({ MAX_BATCH_SIZE: '2', BATCH_WINDOW_MS: '10000' });
+    const gen = createGeneration(loadConfig({ RESULT_CACHE_MB: '1' }), metrics, engine, {} as RequestS3);
+    const said = () => w.sent.flatMap((m) => (m.t === 'previews' ? [m.on] : []));
+    const stream = () => ({ onProgress: () => undefined });
+    const code = (p: Promise<unknown>) => p.catch((e: RuntimeError) => e.code);
+    // Two generations with previews in one batch.
+    const ownerA = new AbortController();
+    const ownerB = new AbortController();
+    const a = code(gen.generate([{ ...request('p'), previewEvery: 1 }], ownerA.signal, stream()));
+    const b = code(gen.generate([{ ...request('q'), previewEvery: 1 }], ownerB.signal, stream()));
+    await until(() => w.generations().length === 1);
+    const id = w.generations()[0]!.id;
+    expect(w.generations()[0]!.job.items).toHaveLength(2);
+    // The first's joined request streams previews, the second's steps alone.
+    const withPreviews = new AbortController();
+    const ja = code(gen.generate([{ ...request('p'), previewEvery: 1 }], withPreviews.signal, stream()));
+    const jb = gen.generate([request('q')], new AbortController().signal, stream());
+    await tick();
+    ownerA.abort();
+    ownerB.abort();
+    expect([await a, await b]).toEqual(['CANCELLED', 'CANCELLED']);
+    expect(said()).toEqual([]);
+    // The last to stream them leaves: the batch runs on for the second's joined request, which wants none.
+    withPreviews.abort();
+    expect(await ja).toBe('CANCELLED');
+    expect(w.sent.some((m) => m.t === 'cancel')).toBe(false);
+    expect(said()).toEqual([false]);
+    w.reply({ t: 'result', id, images: [image, { ...image, seed: 2 }], times });
+    expect((await jb)[0]!.images).toHaveLength(1);
+    await engine.idle();
+    await engine.close();
+  });
 });

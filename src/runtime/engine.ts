@@ -711,7 +711,14 @@ export class Engine {
    */
   joinersLeft(joined: Joined): void {
     this.#lookingUp.get(joined)?.stop?.abort(new DOMException('every request waiting for it left', 'AbortError'));
-    for (const w of this.#workers) for (const run of runsOf(w)) if (run.tasks.some((t) => t.joined === joined)) this.#stopIfUnwanted(w, run);
+    for (const w of this.#workers) {
+      for (const run of runsOf(w)) {
+        if (!run.tasks.some((t) => t.joined === joined)) continue;
+        this.#stopIfUnwanted(w, run);
+        // Running on for a request joined to another of its generations: previews only if one of those wants them.
+        if (!run.cancelled) this.#previewsWanted(w, run);
+      }
+    }
     const gone = this.#pending.filter((t) => t.joined === joined && t.state === 'done');
     if (gone.length === 0) return;
     for (const t of gone) {
