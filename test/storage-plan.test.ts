@@ -4,7 +4,7 @@ import { RuntimeError } from '../src/errors.js';
 import { backoffMs, cacheKey, containedPath, parseStorageUri, planParts } from '../src/storage/fetch.js';
 import { keyProblem, parseS3Prefix, parseS3Url, underS3Prefix, type S3Prefix } from '../src/storage/uri.js';
 import { describeConfig, loadConfig, maskUri, maskUserInfo } from '../src/config.js';
-import { classify, permanentError } from '../src/storage/s3-errors.js';
+import { classify, endpointName, permanentError } from '../src/storage/s3-errors.js';
 
 describe('planParts', () => {
   it('gives [] for an empty file', () => {
@@ -206,6 +206,16 @@ describe('classify', () => {
     }
     // A reset during a handshake is the network, not the configuration: retried.
     expect(classify(Object.assign(new Error('Client network socket disconnected before secure TLS connection was established'), { code: 'ECONNRESET' }))).toBe('transient');
+  });
+
+  it("a host with no DNS record on AWS's own endpoint (no endpoint variable set) points at the region, which made the host", () => {
+    const endpoint = endpointName({ endpoint: undefined, region: 'eu-wset-1', forcePathStyle: false }, 'models');
+    const err = Object.assign(new Error('getaddrinfo ENOTFOUND models.s3.eu-wset-1.amazonaws.com'), { code: 'ENOTFOUND', hostname: 'models.s3.eu-wset-1.amazonaws.com' });
+    const e = permanentError(err, 'models', 'sd/', 'list (1 attempt)', endpoint);
+    // Before: "check the host in AWS_ENDPOINT_URL (or S3_ENDPOINT, AWS_S3_ENDPOINT), and that the Service it names exists", none of them set.
+    expect([e.code, e.message]).toEqual(['STORAGE_TRANSIENT', `cannot list (1 attempt) s3://models/sd/: the S3 endpoint's host models.s3.eu-wset-1.amazonaws.com has no DNS `
+      + `record (ENOTFOUND at ${endpoint}): check AWS_REGION (else AWS_DEFAULT_REGION), which names the AWS region whose S3 host is used, and this pod's DNS; `
+      + 'for a store other than AWS S3 set AWS_ENDPOINT_URL (gave up after retries)']);
   });
 
   it('a stalled or short ranged read is the one error class, retried, and named by its code when the retries run out', () => {

@@ -203,8 +203,11 @@ export function endpointName(s: Pick<S3Settings, 'endpoint' | 'region' | 'forceP
   if (s.endpoint !== undefined) return new URL(s.endpoint).origin;
   // The SDK addresses a bucket whose name is one DNS label virtual-hosted on AWS, unless path-style is asked for.
   const host = !s.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(bucket) ? `${bucket}.s3.${s.region}.amazonaws.com` : `s3.${s.region}.amazonaws.com`;
-  return `https://${host} (AWS S3 in region ${s.region}: none of AWS_ENDPOINT_URL, S3_ENDPOINT, AWS_S3_ENDPOINT is set)`;
+  return `https://${host}${AWS_OWN}${s.region}: none of AWS_ENDPOINT_URL, S3_ENDPOINT, AWS_S3_ENDPOINT is set)`;
 }
+
+/** What endpointName adds to AWS's own endpoint, whose host the region makes. */
+const AWS_OWN = ' (AWS S3 in region ';
 
 /** The variables the S3 endpoint is read from, first set first (config.ts). */
 const ENDPOINT_VARIABLES = ['AWS_ENDPOINT_URL', 'S3_ENDPOINT', 'AWS_S3_ENDPOINT'] as const;
@@ -231,6 +234,11 @@ function unreached(err: unknown, endpoint: string | undefined): string | undefin
     if (e.code === 'ENOTFOUND') {
       // The name looked up: the endpoint's host, or the bucket's name under it where buckets are addressed virtual-hosted.
       const host = typeof e.hostname === 'string' && HOST_NAME.test(e.hostname) ? e.hostname : new URL(endpoint!.split(' ')[0]!).hostname;
+      // No endpoint variable set: the host is AWS's for the region, which is what to check (a misspelled AWS_REGION).
+      if (endpoint!.includes(AWS_OWN)) {
+        return `the S3 endpoint's host ${host} has no DNS record (ENOTFOUND at ${endpoint}): check AWS_REGION (else AWS_DEFAULT_REGION), which names the `
+          + "AWS region whose S3 host is used, and this pod's DNS; for a store other than AWS S3 set AWS_ENDPOINT_URL";
+      }
       return `the S3 endpoint's host ${host} has no DNS record (ENOTFOUND at ${endpoint}): check the host in ${endpointVariable()}, and that the Service it `
         + 'names exists';
     }
