@@ -5,10 +5,12 @@
  * before the boot's fetch touches the cache (see main).
  */
 import { realpathSync } from 'node:fs';
+import { access } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { S3_ADVICE, shortage, shortageError } from './descriptors.js';
-import { applyContainerDefaults, ConfigError, defaultModelUri, describeConfig, KSERVE_MODEL_DIR, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
+import { applyContainerDefaults, ConfigError, describeConfig, KSERVE_MODEL_DIR, loadConfig, misspelledVariables, misspelledWarning, trimCredentials, TRIMMED_CREDENTIALS, type Config } from './config.js';
 import type { Logger } from './log.js';
 import { BootEvents } from './runtime/boot-events.js';
 import { servedFrom } from './runtime/input-uris.js';
@@ -19,7 +21,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 import { clearTerminationMessage, terminationReason } from './termination.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
@@ -56,6 +58,16 @@ function fatalLine(line: string): void {
 
 /** A signal this soon after the first is the same stop delivered twice, not a second one. */
 const REPEAT_SIGNAL_MS = 1000;
+
+/**
+ * Whether /mnt/models is there, asked before the listen: one that does not answer within 2 s is a volume (a pvc://
+ * storageUri's, gone away), so it counts as there; the boot, after the listen, says what it waits for. The look stays
+ * listed (trackIo) for a stop's line.
+ */
+async function modelDirAnswers(): Promise<boolean> {
+  const look = trackIo('access', KSERVE_MODEL_DIR, () => access(KSERVE_MODEL_DIR)).then(() => true, () => false);
+  return Promise.race([look, sleep(2_000, true, { ref: false })]);
+}
 
 async function main(): Promise<void> {
   checkArgs(process.argv.slice(2));
@@ -131,7 +143,7 @@ async function main(): Promise<void> {
   const uriTypo = cfg?.storageUri === undefined
     ? misspelledVariables(process.env).find((m) => m.meant === 'STORAGE_URI' && m.variable.toUpperCase() !== 'STORAGE_URIS')
     : undefined;
-  if (uriTypo && (await defaultModelUri(cfg ?? { modelInitAsync: false })) === undefined) {
+  if (uriTypo && !(cfg?.modelInitAsync || (await modelDirAnswers()))) {
     problems.push(`STORAGE_URI is not set, but ${uriTypo.variable} is: did you mean STORAGE_URI? (without it, and without ${KSERVE_MODEL_DIR}, the server would serve its embedded demo model)`);
   }
   if (signals > 0) return;

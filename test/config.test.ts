@@ -1,12 +1,14 @@
 /** The environment contract: defaults, every bad variable named at once, frozen result, masked description. */
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, describeConfig, loadConfig, misspelledVariables, VARIABLES, visibleGpus } from '../src/config.js';
 import { applyTf32, workerDevice, workerInit } from '../src/runtime/workers.js';
 import { ensureDemoModel } from '../src/demo/index.js';
 import { sharedCacheDir, startServer } from './helpers/server.js';
+import { mountStuckFs, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 describe('loadConfig', () => {
   it('gives the documented defaults', () => {
@@ -429,6 +431,20 @@ describe('the server command line', () => {
       await srv.stop();
     }
   }, 180_000);
+
+  // A pvc:// storageUri's volume gone away: the look at /mnt/models before the listen waits for good. Before, the server
+  // never listened (its liveness failing, nothing logged); it now takes a folder that does not answer for a volume.
+  it.skipIf(!canMountOverMnt || stuckFsUnavailable() !== undefined)('a mistyped STORAGE_URI beside a /mnt/models that does not answer: the server listens, warns, and is not ready', async (t) => {
+    const backing = mkdtempSync(path.join(os.tmpdir(), 'dr-mnt-models-'));
+    const fs = await mountStuckFs(backing, `${backing}-mnt`);
+    t.onTestFinished(() => fs.release());
+    await fs.hang();
+    const srv = await startServer({ STORAGE_URI: undefined, STORAGE_URL: 's3://shared/x' },
+      { prefix: ['unshare', '-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt && mkdir /mnt/models && mount --bind "$0" /mnt/models && exec "$@"', fs.dir] });
+    t.onTestFinished(() => srv.stop('SIGKILL'));
+    expect(srv.logs.filter((l) => l.variable === 'STORAGE_URL').map((l) => l.level)).toEqual(['warn']);
+    expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
+  }, 120_000);
 
   it('names an unknown DEFAULT_SCHEDULER beside other bad variables, in the same run; a malformed one once', () => {
     const start = (env: Record<string, string>) => spawnSync(process.execPath, [entry], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, HOST: '127.0.0.1', ...env } });
