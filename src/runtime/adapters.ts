@@ -34,8 +34,11 @@ export class AdapterSource {
   readonly #running = new Set<Lookup>();
   /** Aborted by close(): every request still waiting is answered SHUTTING_DOWN. */
   readonly #closed = new AbortController();
-  /** Every look at the adapters' files goes through it: a volume that stops answering keeps one pool thread, not one a request. */
-  readonly #gate: VolumeGate;
+  /**
+   * Every look at the adapters' files goes through the gate of the folder they lie in (#gateOf): a volume that stops
+   * answering keeps one pool thread, not one a request, and its requests alone are answered CACHE_STUCK.
+   */
+  readonly #gates = new Map<string, VolumeGate>();
   /** The positional writes of every LORA_URI fetch, adapterWritesAtOnce() at a time. */
   readonly #writes: Slots;
 
@@ -49,7 +52,6 @@ export class AdapterSource {
     private readonly onThrottled?: (code: string) => void,
     o: { writesAtOnce?: number } = {},
   ) {
-    this.#gate = createVolumeGate({ cacheDir: cfg.cacheDir, log });
     const n = o.writesAtOnce ?? adapterWritesAtOnce();
     if (!(n >= 1)) throw new TypeError(`writesAtOnce must be 1 or more, got ${n}`);
     this.#writes = new Slots(n);
@@ -113,12 +115,38 @@ export class AdapterSource {
    * answer: for the requests waiting for an adapter set's build (the engine's), whose calls on the volume are not gated.
    */
   watch(signal: AbortSignal, onStuck: (err: RuntimeError) => void): void {
-    watchVolume(this.#gate, this.cfg.cacheDir, signal, onStuck);
+    watchVolume(this.#gateOf(this.cfg.cacheDir), this.cfg.cacheDir, signal, onStuck);
+  }
+
+  /**
+   * The gate of the volume `file` lies on, known by the folder the server reads it from: MODEL_CACHE_DIR (S3 adapters,
+   * a model fetched from S3), a local LORA_URI, the model's own folder. One gate for all answered a request that needs
+   * a healthy volume CACHE_STUCK while a call on another one hung (the gate's slot held, past its wait). Two of these
+   * folders on one volume keep a pool thread each when it hangs: three at most.
+   */
+  #gateOf(file: string): VolumeGate {
+    const local = this.#localLoraDir();
+    const root = [this.cfg.cacheDir, local, this.#modelDir].find((d) => d !== undefined && inside(d, file)) ?? path.dirname(file);
+    const key = path.resolve(root);
+    let g = this.#gates.get(key);
+    if (!g) this.#gates.set(key, (g = createVolumeGate({ cacheDir: this.cfg.cacheDir, log: this.log })));
+    return g;
+  }
+
+  /** LORA_URI's folder where it is local (undefined: unset, on S3, or not valid: #lookup says why). */
+  #localLoraDir(): string | undefined {
+    if (this.cfg.loraUri === undefined) return undefined;
+    try {
+      const src = parseStorageUri(this.cfg.loraUri);
+      return src.kind === 'local' ? src.path : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /** The adapters of the model's own folder, for the 400 (LORA_URI is not listed: it may hold thousands). */
   async #known(): Promise<string> {
-    const names = this.#modelDir ? await localNames(this.#gate, path.join(this.#modelDir, 'loras')) : [];
+    const names = this.#modelDir ? await localNames(this.#gateOf(this.#modelDir), path.join(this.#modelDir, 'loras')) : [];
     return names.length > 0 ? `; the model has ${names.slice(0, 20).join(', ')}${names.length > 20 ? ', …' : ''}` : '';
   }
 
@@ -127,7 +155,7 @@ export class AdapterSource {
     // Adapter entries take no lease (a server may use thousands): one evicted to make room is fetched again. (Asked
     // without blocking: on a cache volume that stopped answering a stat waits for good.)
     const found = this.#found.get(name);
-    if (found !== undefined && !(await isFile(this.#gate, found, signal)) && this.#found.get(name) === found) {
+    if (found !== undefined && !(await isFile(this.#gateOf(found), found, signal)) && this.#found.get(name) === found) {
       this.log.info({ adapter: name }, 'LoRA adapter no longer in the cache (evicted); fetching it again');
       this.#files.delete(name);
       this.#found.delete(name);
@@ -187,7 +215,7 @@ export class AdapterSource {
   }
 
   async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote): Promise<string> {
-    const local = this.#modelDir ? await inFolder(this.#gate, path.join(this.#modelDir, 'loras'), name) : undefined;
+    const local = this.#modelDir ? await inFolder(this.#gateOf(this.#modelDir), path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
     if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
     // Read as STORAGE_URI is: s3://bucket/prefix, file:///path (percent-decoded) or a path.
@@ -198,14 +226,15 @@ export class AdapterSource {
       throw new RuntimeError('INVALID_INPUT', `LORA_URI: ${(err as Error).message.replace(/^STORAGE_URI /, '')}`);
     }
     if (src.kind === 'local') {
-      const f = await inFolder(this.#gate, src.path, name);
+      const f = await inFolder(this.#gateOf(src.path), src.path, name);
       if (f) return f;
       throw new RuntimeError('NOT_FOUND', name);
     }
     // The fetch's own calls on the cache (its lock, journal, writes) are many and not gated: it starts only once a
     // look at the cache's folder has answered, so that one adapter after another does not leave calls stuck there.
     const cacheDir = this.cfg.cacheDir;
-    await this.#gate.run('stat', cacheDir, () => stat(cacheDir)).catch((err: unknown) => {
+    const gate = this.#gateOf(cacheDir);
+    await gate.run('stat', cacheDir, () => stat(cacheDir)).catch((err: unknown) => {
       if (isRuntimeError(err)) throw err;
     });
     const t0 = performance.now();
@@ -219,7 +248,7 @@ export class AdapterSource {
     signal.addEventListener('abort', stopFetching, { once: true });
     let stuck!: (err: RuntimeError) => void;
     const stuckAnswer = new Promise<never>((_, reject) => (stuck = reject));
-    watchVolume(this.#gate, cacheDir, fetching.signal, (err) => {
+    watchVolume(gate, cacheDir, fetching.signal, (err) => {
       stuck(new RuntimeError('CACHE_STUCK', `its fetch from LORA_URI onto the cache is stopped: ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
       fetching.abort();
     });
@@ -262,10 +291,16 @@ export class AdapterSource {
       // The watch ends with the fetch (aborting an answered fetch stops nothing).
       fetching.abort();
     }
-    const f = await single(this.#gate, dir, name);
+    const f = await single(gate, dir, name);
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
     return f;
   }
+}
+
+/** Whether `file` is `dir` or lies under it. */
+function inside(dir: string, file: string): boolean {
+  const rel = path.relative(dir, file);
+  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
 /**
