@@ -13,6 +13,7 @@ import { postJson, startServer, tempDir, until, type ServerHandle } from './help
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 const tmp = tempDir('lora-stuck-volume-');
+const MANY = ['style-a', 'style-b', 'style-c', 'style-d'];
 let s3: S3Server;
 let model: string;
 const noFuse = stuckFsUnavailable();
@@ -23,6 +24,8 @@ beforeAll(async () => {
   s3 = await startS3(['loras']);
   // A valid kohya adapter of ~3 MB (also kept as tmp.dir/style.safetensors: a local LORA_URI).
   await putStyleAdapter(s3, model, tmp.dir);
+  // The same under other names: fetches of several adapters at once.
+  for (const n of MANY) await s3.put('loras', `adapters/${n}/pytorch_lora_weights.safetensors`, readFileSync(path.join(tmp.dir, 'style.safetensors')));
 }, 60_000);
 
 afterAll(async () => {
@@ -82,6 +85,40 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
       await srv.stop('SIGKILL');
     }
   }, 240_000);
+
+  it('several fetches stuck at once: their journals\' writes and syncs and their locks\' heartbeats go in the writes\' bound, a plain request served meanwhile', async () => {
+    const backing = path.join(tmp.dir, 'many-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    // Each answer late: the four fetches are all writing when the volume stops answering.
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'many'), { delayMs: 10 });
+    const srv = await startServer({
+      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+      EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+      // The image's pool: the writes get 8 of its 16 threads.
+      UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
+    }, { ready: true });
+    try {
+      const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
+      // Every fetch has its partial (opened once its lock and journal are): it is downloading (or, on a fast machine, done).
+      const partials = (dir: string): number => readdirSync(dir, { withFileTypes: true }).reduce((n, e) => n + (e.isDirectory() ? partials(path.join(dir, e.name)) : e.name.startsWith('pytorch_lora_weights.safetensors') ? 1 : 0), 0);
+      await until(() => partials(path.join(backing, 'cache')) >= MANY.length, 60_000, 20);
+      await fs.hang();
+      const r = await many;
+      expect([r.status, r.json.code], JSON.stringify(r.json)).toEqual([503, 'CACHE_STUCK']);
+      // Before, each stuck fetch kept its journal's write and sync and its lock's heartbeat beside the 8 writes: four
+      // of them held every thread of the pool, and this request's encoding waited behind them until its client left.
+      const plain = await predict(srv);
+      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+      // The calls queued in the bound go once the volume answers: the fetches resume, and serve.
+      fs.answer();
+      let last: Awaited<ReturnType<typeof predict>> | undefined;
+      await until(async () => (last = await predict(srv, MANY.map((name) => ({ name, scale: 0.25 })))).status === 200, 120_000, 500).catch(() => {
+        throw new Error(`not served once the volume answered: ${JSON.stringify(last?.json)}`);
+      });
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 300_000);
 
   it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async () => {
     const backing = path.join(tmp.dir, 'build-backing');

@@ -39,7 +39,7 @@ export class AdapterSource {
    * answering keeps one pool thread, not one a request, and its requests alone are answered CACHE_STUCK.
    */
   readonly #gates = new Map<string, VolumeGate>();
-  /** The positional writes of every LORA_URI fetch, adapterWritesAtOnce() at a time. */
+  /** The positional writes of every LORA_URI fetch, and their other calls during the download, adapterWritesAtOnce() at a time. */
   readonly #writes: Slots;
 
   /**
@@ -256,7 +256,9 @@ export class AdapterSource {
     try {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
         cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
-        io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)) },
+        // Its journal's writes and syncs, its partial's syncs and its locks' heartbeats too: each fetch stuck at once
+        // kept a few of those beside the bound, so that several filled the pool (test/lora-stuck-volume.test.ts).
+        io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)), other: (call) => write.run(call) },
       });
       fetched.catch(() => undefined);
       const r = await Promise.race([fetched, stuckAnswer]);
@@ -311,7 +313,8 @@ function inside(dir: string, file: string): boolean {
 const adapterAbsent = (err: RuntimeError): boolean => err.cause === undefined || s3Code(err.cause) === 'NoSuchKey';
 
 /**
- * Positional writes of the LORA_URI fetches at once, all together, for libuv's pool of `pool` threads. A fetch has up
+ * Positional writes of the LORA_URI fetches at once, all together (with their other calls during the download: their
+ * journals' writes and syncs, their partials' syncs, their locks' heartbeats), for libuv's pool of `pool` threads. A fetch has up
  * to S3_MAX_CONCURRENCY ranges in flight, each writing to the cache: on a volume that stops answering each write keeps
  * a pool thread for good, and 24 of them filled the image's pool of 16, sharp's encoding of every other request
  * included. The writes get what POOL_KEPT leaves: 8 of the image's 16 (a healthy fetch as fast as unbounded, within
@@ -323,9 +326,11 @@ export function adapterWritesAtOnce(pool = threadPoolSize()): number {
 }
 
 /**
- * Pool threads the writes leave: a stuck fetch's other calls (its journal's append and sync, its lock's heartbeat, the
- * gate's look: 4 seen stuck beside the writes in test/lora-stuck-volume.test.ts), the leases' heartbeats (2: the
- * model's entry, the adapter sets' folder), and 2 for the rest of the server (sharp's encoding, dns.lookup).
+ * Pool threads the writes leave: the gates' looks (one a volume), a fetch stuck in a call of its own outside its
+ * download (its lock's creation, its partial's open, its final sync; its journal's writes and syncs and its locks'
+ * heartbeats go in the writes' bound, as each fetch stuck at once kept 3 or 4 more: test/lora-stuck-volume.test.ts),
+ * the leases' heartbeats (2: the model's entry, the adapter sets' folder), and 2 for the rest of the server (sharp's
+ * encoding, dns.lookup).
  */
 const POOL_KEPT = 8;
 

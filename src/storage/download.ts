@@ -29,6 +29,11 @@ export interface StorageIo {
   write(fh: FileHandle, bufs: Buffer[], len: number, position: number): Promise<unknown>;
   /** Bytes free to an unprivileged writer on the filesystem of dir. */
   freeBytes(dir: string): Promise<number>;
+  /**
+   * Runs one of the fill's other calls on the cache that go on while it downloads (a journal's write and sync, a
+   * partial's sync, a lock's heartbeat and release): a caller bounding the writes bounds these with them.
+   */
+  other<T>(call: () => Promise<T>): Promise<T>;
 }
 
 export const defaultIo: StorageIo = {
@@ -45,6 +50,7 @@ export const defaultIo: StorageIo = {
     const s = await fsp.statfs(dir);
     return s.bavail * s.bsize;
   },
+  other: (call) => call(),
 };
 
 export interface DownloadOptions {
@@ -297,7 +303,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const fh = await f?.fh?.catch(() => undefined);
       if (!f || !fh || f.closed) continue;
       try {
-        await fh.datasync();
+        await o.io.other(() => fh.datasync());
       } catch (e) {
         if (!f.closed) throw e; // closed meanwhile by finish(), which synced it first
       }

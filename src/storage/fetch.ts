@@ -414,6 +414,7 @@ class S3Fetch {
       for (let attempt = 1; ; attempt++) {
         const lock = await acquireLock(`${this.base}.lock`, {
           staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
+          ...(this.o.io?.other ? { bound: this.o.io.other } : {}),
           onWait: (h) => this.waiting(wait, h),
           satisfied: async () => (await current()) !== undefined,
         });
@@ -673,10 +674,10 @@ class S3Fetch {
     // takes a version's lock, and must see this fill), the caller's lease, its journal.
     const open = async (dir: string) => {
       this.entry = dir;
-      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal });
+      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...(this.o.io?.other ? { bound: this.o.io.other } : {}) });
       await this.o.lease?.(dir);
       await mkdirs(dir);
-      journal = await Journal.open(dir, { onError });
+      journal = await Journal.open(dir, { onError, ...(this.o.io?.other ? { bound: this.o.io.other } : {}) });
       return journal;
     };
     try {

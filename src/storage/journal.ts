@@ -30,6 +30,9 @@ import { trackIo } from './pending-io.js';
 /** [start, end): bytes of a file, end exclusive. */
 export type Span = [number, number];
 
+/** Runs a call on the volume when the caller's bound lets it. */
+export type Bound = <T>(call: () => Promise<T>) => Promise<T>;
+
 export interface JournalFile {
   readonly etag: string;
   readonly size: number;
@@ -222,18 +225,22 @@ export class Journal {
   #closed = false;
   /** Lines not written yet are dropped: a write failed (#fail) or the entry is another process's (halt). */
   #dropping = false;
+  /** Runs each write of the log and its sync (Journal.open's `bound`). */
+  readonly #bound: Bound;
 
-  private constructor(readonly entry: string, readonly files: Map<string, JournalFile>, boot: string, private readonly onError: (e: unknown) => void) {
+  private constructor(readonly entry: string, readonly files: Map<string, JournalFile>, boot: string, private readonly onError: (e: unknown) => void, bound: Bound) {
     this.#file = path.join(entry, JOURNAL);
     this.#boot = boot;
+    this.#bound = bound;
   }
 
   /**
    * Reads the entry's journal (missing or unreadable: empty), syncs the partials its unvouched lines name, and
    * rewrites it compacted and vouched. `onError`: a write of the log failed (recording stops; nothing is lost but
-   * what a resume will fetch again).
+   * what a resume will fetch again). `bound` runs each later write of the log and its sync: the caller's bound on
+   * the pool threads that a volume that stops answering keeps (the LoRA adapters' fetches share one).
    */
-  static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void } = {}): Promise<Journal> {
+  static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void; bound?: Bound } = {}): Promise<Journal> {
     const boot = o.boot ?? currentBoot();
     const log = path.join(entry, JOURNAL);
     const text = await trackIo('readFile', log, () => fsp.readFile(log, 'utf8')).catch(() => '');
@@ -253,7 +260,7 @@ export class Journal {
       await fh?.datasync().catch(() => undefined);
       await fh?.close().catch(() => undefined);
     }
-    const j = new Journal(entry, files, boot, o.onError ?? (() => undefined));
+    const j = new Journal(entry, files, boot, o.onError ?? (() => undefined), o.bound ?? ((call) => call()));
     await j.#rewrite();
     return j;
   }
@@ -346,7 +353,7 @@ export class Journal {
     this.#queued = [];
     if (this.#dropping) return;
     try {
-      for (let done = 0; done < b.length;) done += (await trackIo('write', this.#file, () => fh.write(b, done, b.length - done))).bytesWritten;
+      for (let done = 0; done < b.length;) done += (await this.#bound(() => trackIo('write', this.#file, () => fh.write(b, done, b.length - done)))).bytesWritten;
     } catch (e) {
       this.#fail(e);
     }
@@ -379,7 +386,8 @@ export class Journal {
         await this.#writes;
         // One failed (onError has said so) or the journal was halted: recording has stopped, and no marker is due.
         if (this.#dropping) return;
-        await this.#fh.datasync();
+        const fh = this.#fh;
+        await this.#bound(() => fh.datasync());
       } catch (e) {
         this.#fail(e);
         throw e;

@@ -42,6 +42,8 @@ export interface LockOptions {
    */
   unreadableStaleMs?: number;
   signal?: AbortSignal;
+  /** Runs each call of the held lock's heartbeat and release (hold's `bound`). */
+  bound?: <T>(call: () => Promise<T>) => Promise<T>;
   /** Called while waiting, once per poll, with what the lock says about its holder; a promise it returns is awaited. */
   onWait?(holder: LockInfo | undefined): unknown;
   /** Checked on every poll: when it returns true the caller no longer needs the lock (e.g. the entry got committed). */
@@ -340,7 +342,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
       if (!standing) {
         try {
           await createHolderFile(file, me);
-          return hold(file, me, heartbeatMs);
+          return hold(file, me, heartbeatMs, o.bound);
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
         }
@@ -471,8 +473,13 @@ class Wake {
   }
 }
 
-/** Keeps `file` (holding `me`) fresh by touching its mtime every `heartbeatMs`; `lost` aborts once it no longer holds `me`. */
-export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock {
+/**
+ * Keeps `file` (holding `me`) fresh by touching its mtime every `heartbeatMs`; `lost` aborts once it no longer holds `me`.
+ * `bound` runs each call of the heartbeat and the release: the caller's bound on the pool threads that a volume that
+ * stops answering keeps (the LoRA adapters' fetches share one; each lock's beat kept one more thread).
+ */
+export function hold(file: string, me: LockInfo, heartbeatMs: number, bound: <T>(call: () => Promise<T>) => Promise<T> = (call) => call()): HeldLock {
+  const io = <T>(op: string, call: () => Promise<T>) => bound(() => trackIo(op, file, call));
   const lost = new AbortController();
   let released = false;
   // One beat at a time: on a volume that stopped answering each would hold one of libuv's pool threads for good, and a
@@ -483,17 +490,17 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
     beating = true;
     void (async () => {
       // Out of descriptors: not read, so not judged, but kept fresh (utimes needs no descriptor); the next beat judges.
-      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
+      const read = await io('read', () => readInfo(file)).catch(() => undefined);
       if (released) return;
       const now = new Date();
-      if (read === undefined) return void (await trackIo('utimes', file, () => fsp.utimes(file, now, now)).catch(() => undefined));
+      if (read === undefined) return void (await io('utimes', () => fsp.utimes(file, now, now)).catch(() => undefined));
       const info = holderOf(read);
       if (info?.token !== me.token) {
         clearInterval(beat);
         lost.abort(new RuntimeError('STORAGE_TRANSIENT', 'the cache lock of this model was taken over by another process (its heartbeat was missed); this fetch stops'));
         return;
       }
-      await trackIo('utimes', file, () => fsp.utimes(file, now, now)).catch(() => undefined);
+      await io('utimes', () => fsp.utimes(file, now, now)).catch(() => undefined);
     })().finally(() => (beating = false));
   }, heartbeatMs);
   beat.unref();
@@ -501,7 +508,7 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
     path: file,
     lost: lost.signal,
     async mine() {
-      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
+      const read = await io('read', () => readInfo(file)).catch(() => undefined);
       return !released && !lost.signal.aborted && read !== undefined && holderOf(read)?.token === me.token;
     },
     async release() {
@@ -510,8 +517,8 @@ export function hold(file: string, me: LockInfo, heartbeatMs: number): HeldLock 
       clearInterval(beat);
       // Unread for want of a descriptor, it is still ours unless a beat saw it taken: left behind, it would hold every
       // waiter (this process's next fetch included) until it went stale.
-      const read = await trackIo('read', file, () => readInfo(file)).catch(() => undefined);
-      if (read === undefined ? !lost.signal.aborted : holderOf(read)?.token === me.token) await trackIo('unlink', file, () => fsp.unlink(file)).catch(() => undefined);
+      const read = await io('read', () => readInfo(file)).catch(() => undefined);
+      if (read === undefined ? !lost.signal.aborted : holderOf(read)?.token === me.token) await io('unlink', () => fsp.unlink(file)).catch(() => undefined);
     },
   };
 }
