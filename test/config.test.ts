@@ -441,7 +441,7 @@ describe('the server command line', () => {
     await fs.hang();
     const srv = await startServer({ STORAGE_URI: undefined, STORAGE_URL: 's3://shared/x' },
       { prefix: ['unshare', '-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt && mkdir /mnt/models && mount --bind "$0" /mnt/models && exec "$@"', fs.dir] });
-    t.onTestFinished(() => srv.stop('SIGKILL'));
+    t.onTestFinished(async () => void (await srv.stop('SIGKILL')));
     expect(srv.logs.filter((l) => l.variable === 'STORAGE_URL').map((l) => l.level)).toEqual(['warn']);
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
   }, 120_000);
