@@ -421,7 +421,9 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
-    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
+    // The adapter's stat is named; only the adapter sets' folder's lease heartbeat (every 30 s), stuck too, may come
+    // before it (oldest first: a beat that began between the volume's hang and the request's stat).
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: (?:${leaseBeat()}; )*stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
   }, 120_000);
 
   it('requests naming a LoRA adapter once the volume stops answering: answered 503 CACHE_STUCK naming the stat, while a plain request is served', async (t) => {
@@ -452,10 +454,10 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     expect((await fetch(`${srv.url}/v2/health/live`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
     expect((await fetch(`${srv.url}/v2/health/ready`, { signal: AbortSignal.timeout(10_000) })).status).toBe(200);
     expect(srv.logs.filter((l) => l.level === 'warn' && String(l.msg).startsWith('the cache volume is not answering'))).toHaveLength(1);
-    // The one call left in the pool is named by the stop.
+    // The one call left in the pool is named by the stop; a lease heartbeat stuck before it, older, comes first.
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
-    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: (?:${leaseBeat()}; )*stat ${entry}/loras/demo-style\\.safetensors still pending after \\d+ s; .*\\(exit 143\\)$`));
   }, 120_000);
 
   it('the boot\'s fill from S3 when the volume stops answering mid-download: the probes answer, and SIGTERM exits 143', async (t) => {
@@ -487,9 +489,11 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
   // good, and the liveness call below timed out. That was the next call at first; then the watch came once a stat of
   // the lock (the fifth getattr) had answered, and a volume stopping right after that answer still held the loop. Now
   // the folder is opened in the pool and watched through its descriptor, which needs no lookup.
-  it.for<[string, number, RegExp]>([
-    ['as the waiter is about to watch the lock\'s folder', 4, /^shutdown did not finish: the cache volume did not answer: open \. still pending after \d+ s; .*\(exit 143\)$/],
-    ['right after a look at the lock', 5, /^shutdown did not finish: .*\(exit 143\)$/],
+  // The open is named; only a lease's heartbeat (the entry's, the adapter sets' folder's: every 30 s), stuck too, may
+  // come before it (oldest first: a beat that began between the volume's hang and the open).
+  it.for<[string, number, (key: string) => RegExp]>([
+    ['as the waiter is about to watch the lock\'s folder', 4, (key) => new RegExp(`^shutdown did not finish: the cache volume did not answer: (?:${leaseBeat(key)}; |${leaseBeat()}; )*open \\. still pending after \\d+ s; .*\\(exit 143\\)$`)],
+    ['right after a look at the lock', 5, () => /^shutdown did not finish: .*\(exit 143\)$/],
   ])('a fill waiting for another node\'s lock, the volume stopping %s: the probes answer, and SIGTERM exits 143', { timeout: 120_000 }, async ([, times, stop], t) => {
     const uri = `s3://models/${PREFIX}`;
     const key = cacheKey(parseStorageUri(uri) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, proxy.endpoint);
@@ -502,7 +506,7 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
       EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
     });
     const line = await liveThenTerminated(srv, fs, 'fetching');
-    expect(line).toMatch(stop);
+    expect(line).toMatch(stop(key));
     expect(line).not.toContain(fs.dir);
   });
 
@@ -543,7 +547,9 @@ describe.skipIf(noFuse).concurrent('the server on a cache volume that stops answ
     expect((await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a cat', num_inference_steps: 1, width: 64, height: 64 }] })).status).toBe(200);
     const r = await terminate(srv, 40_000);
     expect(r).toMatchObject({ code: null, signal: 'SIGTERM' });
-    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: writeFile \\.leases/${key}/last-used still pending after \\d+ s; .*\\(exit 143\\)$`));
+    // The release's write is named; only a lease's heartbeat (the entry's, the adapter sets' folder's: every 30 s), stuck
+    // too, may come before it (oldest first: a beat that began between the volume's hang and the stop).
+    expect(stopLine(srv.logs)?.msg).toMatch(new RegExp(`^shutdown did not finish: the cache volume did not answer: (?:${leaseBeat(key)}; |${leaseBeat()}; )*writeFile \\.leases/${key}/last-used still pending after \\d+ s; .*\\(exit 143\\)$`));
     // The server answering again on the same folder serves the entry as committed.
     await fs.release();
     fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-s3'));
@@ -624,7 +630,10 @@ describe.skipIf(noFuse).concurrent('the warm-up CLI on a cache volume that stops
     // signal was never handled, and the test's SIGKILL ended the fill.
     const fs = await mountFor(t, backing, path.join(tmp.dir, 'cache-fuse-warmup-fill'), { hangAfter: 'write:model.onnx.partial' });
     const r = await warmupTerminated(uri, fs);
-    expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`, 'm'));
+    // The journal line that records the answered write is named; only the fill's lock heartbeat (a read, then a utimes,
+    // every 2 s), stuck too, may come before it (oldest first: a beat that began between the volume's hang and that write).
+    const beats = `(?:(?:read|utimes) ${key}\\.lock still pending after \\d+ s; )*`;
+    expect(r.stderr).toMatch(new RegExp(`^warmup: the stop did not finish within SHUTDOWN_GRACE_S \\(2 s\\): the cache volume did not answer: ${beats}write ${key}/\\.progress\\.jsonl still pending after \\d+ s; .*\\(exit 143\\)$`, 'm'));
     expect(r.stderr).not.toContain(fs.dir);
   }, 60_000);
 });
