@@ -612,8 +612,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const at = range.start + written;
         pending = [];
         pendingBytes = 0;
-        // Recorded before the write, so that a kill before its end does not lose it (Journal.open reads it back).
-        o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
+        // Recorded before the write begins, so that a kill before its end does not lose it (Journal.open reads it back).
+        // Waiting for the line's write: a data write that overtook it was lost to a kill (docs/FAULTS.md).
+        await o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
         await o.io.write(fh!, bufs, n, at);
         written += n;
         o.journal.add(f.obj.rel, at, at + n);

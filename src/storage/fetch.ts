@@ -39,7 +39,7 @@ export type { CacheEntry } from './entries.js';
 
 /**
  * Bytes gathered from a socket before one positional write. Memory is concurrency × this; and what a kill can lose
- * beyond the journal is about one write per range in flight, so it stays well under a part (docs/FAULTS.md).
+ * is at most the write of each range in flight that it tore, so it stays well under a part (docs/FAULTS.md).
  */
 export const WRITE_BYTES = 256 * 1024;
 

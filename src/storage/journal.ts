@@ -11,12 +11,13 @@
  *   {"sync":4711}                                          every line before byte 4711 of the log is durable
  *
  * Lines are written in order, in batches (one write at a time, taking every line appended meanwhile: a line waits
- * behind about one data write per range in flight), without waiting for a sync. Ordering makes that safe. An `add`
+ * behind about one data write per range in flight), without waiting for a sync. Ordering makes that safe. A data
+ * write begins once its `try` line is written (`intend` resolves then). An `add`
  * is appended after the write it records returned, so any reader on the same running kernel (the page cache) sees
  * both. `sync` fdatasyncs the partials and then the log before a marker vouches for the lines before it, so after a
  * power cut (another boot) only vouched lines count, and they never claim bytes that did not reach the disk. A kill
  * between a write and its `add` leaves a `try`: on the same boot the bytes are read back and kept if their CRC-32
- * matches, so a kill -9 loses a write cut in the middle, and the writes whose lines were still waiting to be written.
+ * matches, so a kill -9 loses only a write it cut in the middle.
  * Replay stops at a torn line. Opening the journal syncs the partials of its unvouched lines (when this boot wrote
  * them), then rewrites it compacted and vouched.
  */
@@ -305,9 +306,12 @@ export class Journal {
     this.#push({ f: rel, complete: true });
   }
 
-  /** A write of bytes [start, end) of `rel`'s partial, whose CRC-32 is `crc`, is about to start. */
-  intend(rel: string, start: number, end: number, crc: number): void {
-    if (end > start) this.#push({ f: rel, try: [start, end], crc });
+  /**
+   * A write of bytes [start, end) of `rel`'s partial, whose CRC-32 is `crc`, is about to start. Resolves once the line
+   * is in the log (or recording stopped): a data write begun after that is never lost to a kill -9 unless torn.
+   */
+  intend(rel: string, start: number, end: number, crc: number): Promise<void> {
+    return end > start ? this.#push({ f: rel, try: [start, end], crc }) : Promise.resolve();
   }
 
   /** Bytes [start, end) of `rel`'s partial were written (the write has returned). */
@@ -321,9 +325,9 @@ export class Journal {
     if (this.files.has(rel)) this.#push({ f: rel, drop: true });
   }
 
-  #push(l: FileLine): void {
+  #push(l: FileLine): Promise<void> {
     apply(this.files, l);
-    this.#append(`${JSON.stringify(l)}\n`);
+    return this.#append(`${JSON.stringify(l)}\n`);
   }
 
   /**
@@ -331,8 +335,8 @@ export class Journal {
    * mount whose server went away) a write on the event loop held it, and every signal with it, for good. Recorded in
    * pending-io, so that a stop waiting for it names it.
    */
-  #append(text: string): void {
-    if (this.#closed || this.#fh === undefined) return;
+  #append(text: string): Promise<void> {
+    if (this.#closed || this.#fh === undefined) return Promise.resolve();
     const b = Buffer.from(text);
     this.#size += b.length;
     this.#queued.push(b);
@@ -341,6 +345,8 @@ export class Journal {
       const fh = this.#fh;
       this.#writes = this.#writes.then(() => this.#write(fh));
     }
+    // Never rejects: a failed write stops recording (#fail).
+    return this.#writes;
   }
 
   /**
