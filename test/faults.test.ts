@@ -84,18 +84,9 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
   }, 120_000);
 
   it('kill -9 at random moments: nothing committed is ever short, and each re-run keeps >= 90% of the bytes on disk', async () => {
-    // The link is paced so that a download lasts about a second; a first run gives its length, the kills fall at
-    // random times within it, counted from the first byte.
+    // The kills fall at random points of the download counted in the model's bytes sent, not in time: under load a
+    // moment measured on an idle machine fell before much was on disk. The pace lets a kill land close to its point.
     link.pace = { connBps: 0, totalBps: 30e6 };
-    const calibStart = link.stats.bodyBytes;
-    let first = 0;
-    const firstByte = (start: number) => () => {
-      if (first === 0 && link.stats.bodyBytes > start) first = performance.now();
-      return false;
-    };
-    const calib = await runWarmup(CLI, env(path.join(tmp, 'k-calib')), { killWhen: firstByte(calibStart) });
-    expect(calib.code).toBe(0);
-    const length = performance.now() - first;
     const rows: Array<{ at: number; onDisk: number; kept: number; committed: boolean }> = [];
     const random = rng(SEED + 100);
     for (let i = 0; i < 5; i++) {
@@ -103,9 +94,8 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
       const at = 0.05 + 0.9 * random();
       link.reseed(SEED + 100 + i);
       link.faults = FAULTS;
-      first = 0;
-      const seen = firstByte(link.stats.bodyBytes);
-      await runWarmup(CLI, { ...env(cache), ...via(i) }, { killWhen: () => (seen(), first > 0 && performance.now() - first >= at * length) });
+      const start = link.stats.bodyBytes;
+      await runWarmup(CLI, { ...env(cache), ...via(i) }, { killWhen: () => link.stats.bodyBytes - start >= at * total });
       link.faults = undefined;
       const entry = entryIn(cache);
       let onDisk = 0;
@@ -118,7 +108,8 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
       }
       link.pace = { connBps: 0, totalBps: 0 };
       const mid = await settledCount(() => link.stats.bodyBytes);
-      const again = await runWarmup(CLI, { ...env(cache), LOG_LEVEL: 'error' });
+      // Fault-free: a stall there is only the machine's load, and the bytes its retry fetched again were never lost.
+      const again = await runWarmup(CLI, { ...env(cache), S3_STALL_TIMEOUT_S: '30', LOG_LEVEL: 'error' });
       link.pace = { connBps: 0, totalBps: 30e6 };
       expect(again.code, again.stderr.slice(-600)).toBe(0);
       expect(await entryProblems(entryIn(cache)!, source)).toEqual([]);
@@ -128,7 +119,7 @@ describe(`fault suite (FAULT_SEED=${SEED})`, () => {
     const report = rows.map((r) => `kill at ${(r.at * 100).toFixed(0)}%: ${mb(r.onDisk)} MB on disk${r.committed ? ' (committed)' : ''}, re-run kept ${mb(r.kept)} MB`).join('\n');
     for (const r of rows) {
       expect(r.kept, report).toBeGreaterThanOrEqual(0.9 * r.onDisk);
-      // Never more lost than the writes that can be in flight at once (in practice: none, see storage-resume.test.ts).
+      // Never more lost than a write torn by the kill per range in flight (in practice: none, see storage-resume.test.ts).
       expect(r.onDisk - r.kept, report).toBeLessThanOrEqual(8 * WRITE_BYTES);
     }
     expect(Math.max(...rows.map((r) => r.onDisk)), report).toBeGreaterThan(0);
