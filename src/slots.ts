@@ -1,11 +1,14 @@
 /**
  * @module A bounded number of holders at once; callers beyond it wait first come first served, and a release hands its
  * place straight to the first waiter (never counted free meanwhile, for a newcomer to take). A waiter that gives up
- * (its signal) leaves the queue holding nothing.
+ * (its signal) leaves the queue holding nothing. A caller may ask to go ahead of those waiting (in order among those that
+ * asked): a short call that must not wait behind a queue of long ones.
  */
 export class Slots {
   #held = 0;
   readonly #queue: Array<() => void> = [];
+  /** Waiters that asked to go ahead of #queue. */
+  readonly #ahead: Array<() => void> = [];
 
   /** `size`: holders at once, 1 or more (Infinity: no bound). */
   constructor(readonly size: number) {
@@ -24,34 +27,38 @@ export class Slots {
     return true;
   }
 
-  /** A place, at once or in turn; rejects with `signal`'s reason, holding nothing, if it aborts first. */
-  acquire(signal?: AbortSignal): Promise<void> {
+  /**
+   * A place, at once or in turn (`ahead`: before the waiters that did not ask to); rejects with `signal`'s reason,
+   * holding nothing, if it aborts first.
+   */
+  acquire(signal?: AbortSignal, o: { ahead?: boolean } = {}): Promise<void> {
     if (signal?.aborted) return Promise.reject(signal.reason);
     if (this.tryAcquire()) return Promise.resolve();
+    const queue = o.ahead ? this.#ahead : this.#queue;
     return new Promise<void>((resolve, reject) => {
       const go = () => {
         signal?.removeEventListener('abort', leave);
         resolve();
       };
       const leave = () => {
-        this.#queue.splice(this.#queue.indexOf(go), 1);
+        queue.splice(queue.indexOf(go), 1);
         reject(signal!.reason);
       };
-      this.#queue.push(go);
+      queue.push(go);
       signal?.addEventListener('abort', leave, { once: true });
     });
   }
 
   /** Gives a place back: to the first waiter, if any. */
   release(): void {
-    const next = this.#queue.shift();
+    const next = this.#ahead.shift() ?? this.#queue.shift();
     if (next) next();
     else this.#held--;
   }
 
-  /** `call` run holding a place. */
-  async run<T>(call: () => Promise<T>): Promise<T> {
-    if (!this.tryAcquire()) await this.acquire();
+  /** `call` run holding a place (`ahead`: as acquire's). */
+  async run<T>(call: () => Promise<T>, o: { ahead?: boolean } = {}): Promise<T> {
+    if (!this.tryAcquire()) await this.acquire(undefined, o);
     try {
       return await call();
     } finally {

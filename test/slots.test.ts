@@ -82,6 +82,37 @@ describe('Slots', () => {
     expect([order, s.held]).toEqual([['first', 'second'], 0]);
   });
 
+  it('a waiter that asks to go ahead gets the next place before those queued earlier, in order among such; one that gives up leaves', async () => {
+    // The LoRA fetches' lock heartbeats and releases (fetch.ts, lockBound) go ahead of their queued writes: behind them a
+    // heartbeat waited past the lock's staleness on a slow volume.
+    const s = new Slots(1);
+    const order: string[] = [];
+    const go = (n: string, o: { ahead?: boolean; signal?: AbortSignal } = {}) =>
+      void s.acquire(o.signal, { ahead: o.ahead }).then(() => order.push(n), () => order.push(`${n} left`));
+    expect(s.tryAcquire()).toBe(true);
+    const quit = new AbortController();
+    go('write 1');
+    go('write 2');
+    go('beat', { ahead: true });
+    go('gone', { ahead: true, signal: quit.signal });
+    go('release', { ahead: true });
+    go('write 3');
+    await turn();
+    quit.abort(new Error('gone'));
+    for (let i = 0; i < 5; i++) {
+      s.release();
+      await turn();
+    }
+    expect([order, s.held]).toEqual([['gone left', 'beat', 'release', 'write 1', 'write 2', 'write 3'], 1]);
+    // run takes it too.
+    const ran: string[] = [];
+    const late = s.run(async () => void ran.push('write 4'));
+    const beat = s.run(async () => void ran.push('beat'), { ahead: true });
+    s.release();
+    await Promise.all([late, beat]);
+    expect([ran, s.held]).toEqual([['beat', 'write 4'], 0]);
+  });
+
   it('takes no bound (Infinity) and refuses a size below 1', () => {
     const s = new Slots(Infinity);
     for (let i = 0; i < 100; i++) expect(s.tryAcquire()).toBe(true);

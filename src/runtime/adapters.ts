@@ -257,8 +257,9 @@ export class AdapterSource {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
         cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
         // Its journal's writes and syncs, its partial's syncs and its locks' heartbeats too: each fetch stuck at once
-        // kept a few of those beside the bound, so that several filled the pool (test/lora-stuck-volume.test.ts).
-        io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)), other: (call) => write.run(call) },
+        // kept a few of those beside the bound, so that several filled the pool (test/lora-stuck-volume.test.ts). A lock's
+        // go ahead of the queued writes (fetch.ts, lockBound).
+        io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)), other: (call, o) => write.run(call, o) },
       });
       fetched.catch(() => undefined);
       const r = await Promise.race([fetched, stuckAnswer]);

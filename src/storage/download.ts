@@ -31,9 +31,10 @@ export interface StorageIo {
   freeBytes(dir: string): Promise<number>;
   /**
    * Runs one of the fill's other calls on the cache that go on while it downloads (a journal's write and sync, a
-   * partial's sync, a lock's heartbeat and release): a caller bounding the writes bounds these with them.
+   * partial's sync, a lock's heartbeat and release): a caller bounding the writes bounds these with them. `ahead`
+   * (a lock's calls): not to wait behind the writes queued, lest its heartbeat go stale.
    */
-  other<T>(call: () => Promise<T>): Promise<T>;
+  other<T>(call: () => Promise<T>, o?: { ahead?: boolean }): Promise<T>;
 }
 
 export const defaultIo: StorageIo = {

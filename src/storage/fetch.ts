@@ -414,7 +414,7 @@ class S3Fetch {
       for (let attempt = 1; ; attempt++) {
         const lock = await acquireLock(`${this.base}.lock`, {
           staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
-          ...(this.o.io?.other ? { bound: this.o.io.other } : {}),
+          ...(this.o.io?.other ? { bound: lockBound(this.o.io.other) } : {}),
           onWait: (h) => this.waiting(wait, h),
           satisfied: async () => (await current()) !== undefined,
         });
@@ -674,7 +674,7 @@ class S3Fetch {
     // takes a version's lock, and must see this fill), the caller's lease, its journal.
     const open = async (dir: string) => {
       this.entry = dir;
-      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...(this.o.io?.other ? { bound: this.o.io.other } : {}) });
+      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...(this.o.io?.other ? { bound: lockBound(this.o.io.other) } : {}) });
       await this.o.lease?.(dir);
       await mkdirs(dir);
       journal = await Journal.open(dir, { onError, ...(this.o.io?.other ? { bound: this.o.io.other } : {}) });
@@ -1069,6 +1069,11 @@ function contentChecked(state: ContentCheckState | undefined, listing: readonly 
 
 /** The heartbeat of a fill's locks: well inside their staleness, so a busy event loop does not lose them. */
 const fillHeartbeatMs = (staleMs: number): number => Math.max(50, Math.floor(staleMs / 15));
+/**
+ * A lock's heartbeat and release through the caller's bound, ahead of its queued writes: behind them (the bound at 1, a
+ * volume answering each call 120 ms late) a heartbeat waited 38 s, past the lock's 30 s staleness.
+ */
+const lockBound = (other: StorageIo['other']) => <T>(call: () => Promise<T>): Promise<T> => other(call, { ahead: true });
 
 /** What a process waiting for another one's fill of the entry keeps between polls. */
 class HolderWatch {
