@@ -1,8 +1,10 @@
 import { promises as fsp, existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../src/log.js';
+import { defaultIo } from '../src/storage/download.js';
 import { type FetchProgress, RATE_WINDOW_MIN_MS, resolveModel } from '../src/storage/fetch.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
@@ -167,6 +169,17 @@ describe.each(['lite', 'sdk'] as const)('resolveModel from S3 (S3_TRANSPORT=%s)'
     expect(proxy.stats.stalls - stalls).toBe(2);
     await until(() => proxy.stats.stallsCut - stallsCut === 2);
   });
+
+  it('a cache volume slower to write than S3_STALL_TIMEOUT_S is not a stall: no range given up, no byte read twice', async () => {
+    const cache = await newCache();
+    const { stallsCut, bodyBytes } = proxy.stats;
+    // Each data write takes twice the stall bound (a slow NFS volume): the loop does not pull meanwhile, so S3 sends nothing.
+    const io = { ...defaultIo, write: async (...a: Parameters<typeof defaultIo.write>) => (await sleep(600), defaultIo.write(...a)) };
+    const r = await resolveModel('s3://models/big', { cfg: cfgFor(cache, { S3_PART_SIZE: '8388608', S3_STALL_TIMEOUT_S: '0.3', S3_MAX_ATTEMPTS: '2' }), log, io, writeBytes: 256 * 1024 });
+    await expectSame(r.dir, big);
+    expect(proxy.stats.stallsCut - stallsCut).toBe(0);
+    expect(proxy.stats.bodyBytes - bodyBytes).toBe(Object.values(big).reduce((n, b) => n + b.length, 0));
+  }, 60_000);
 
   it('a range that stalls on every attempt (no answer, or headers and no byte) fails as STORAGE_STALL, not as a missing object', async () => {
     await seed('stalled/', { 'a.bin': detBytes(5_000, 43) });

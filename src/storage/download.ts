@@ -597,8 +597,14 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       const left = size - written;
       const ac = new AbortController();
       const reqSignal = AbortSignal.any([signal, ac.signal]);
-      // The watchdog covers the wait for headers too: a range that yields nothing for stallMs is abandoned.
-      const watchdog = setTimeout(() => ac.abort(new RuntimeError('STORAGE_STALL', `no bytes received for ${o.stallMs} ms`)), o.stallMs);
+      // The watchdog covers the wait for headers too: a range that yields nothing for stallMs is abandoned. Not while
+      // its own write is pending: the socket is paused then (the loop does not pull), and a slow cache volume is not
+      // S3's silence (its range was given up and read again, each try as slow).
+      let writing = false;
+      const watchdog = setTimeout(() => {
+        if (writing) watchdog.refresh();
+        else ac.abort(new RuntimeError('STORAGE_STALL', `no bytes received for ${o.stallMs} ms`));
+      }, o.stallMs);
       let body: Readable | undefined;
       let progressed = false;
       // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
@@ -615,8 +621,14 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         pendingBytes = 0;
         // Recorded before the write begins, so that a kill before its end does not lose it (Journal.open reads it back).
         // Waiting for the line's write: a data write that overtook it was lost to a kill (docs/FAULTS.md).
-        await o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
-        await o.io.write(fh!, bufs, n, at);
+        writing = true;
+        try {
+          await o.journal.intend(f.obj.rel, at, at + n, bufs.reduce((c, b) => crc32(b, c), 0));
+          await o.io.write(fh!, bufs, n, at);
+        } finally {
+          writing = false;
+          watchdog.refresh();
+        }
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
         f.hashed?.written(at, at + n);
