@@ -10,7 +10,7 @@ import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
-import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFsOptions } from './helpers/stuck-fs.js';
 
 const tmp = tempDir('lora-stuck-volume-');
 const MANY = ['style-a', 'style-b', 'style-c', 'style-d'];
@@ -49,18 +49,27 @@ async function servedOnceAnswering(srv: ServerHandle): Promise<void> {
 
 const stuckCount = async (srv: ServerHandle) => Number(/^cache_stuck_requests_total\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
 
+/**
+ * A server on `model` whose MODEL_CACHE_DIR is on a stuck-fs mount (`name`, with `opts`), fetching adapters from an S3
+ * LORA_URI: the image's pool (the writes get 8 of its 16 threads), ranges of 64 KiB (a ~3 MB adapter has
+ * S3_MAX_CONCURRENCY, 24, ranges in flight).
+ */
+async function s3LorasOnStuckFs(name: string, opts: StuckFsOptions) {
+  const backing = path.join(tmp.dir, `${name}-backing`);
+  mkdirSync(path.join(backing, 'cache'), { recursive: true });
+  const fs = await mountStuckFs(backing, path.join(tmp.dir, name), opts);
+  const srv = await startServer({
+    ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+    EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
+    UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
+  }, { ready: true });
+  return { fs, srv, backing };
+}
+
 describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume that stops answering', () => {
   it('the fetch from LORA_URI: 503 CACHE_STUCK, a plain request served meanwhile, counted; once the volume answers, served from a whole file', async () => {
-    const backing = path.join(tmp.dir, 'fetch-backing');
-    mkdirSync(path.join(backing, 'cache'), { recursive: true });
     // The first data write of the adapter answered, then nothing.
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'fetch'), { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
-    const srv = await startServer({
-      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
-      EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
-      // The image's pool, and ranges of 64 KiB: the ~3 MB adapter has S3_MAX_CONCURRENCY (24) ranges in flight.
-      UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
-    }, { ready: true });
+    const { fs, srv, backing } = await s3LorasOnStuckFs('fetch', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
     try {
       expect(await stuckCount(srv)).toBe(0);
       // Before, the request waited for the fetch until its client gave up.
@@ -87,16 +96,8 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
   }, 240_000);
 
   it('several fetches stuck at once: their journals\' writes and syncs and their locks\' heartbeats go in the writes\' bound, a plain request served meanwhile', async () => {
-    const backing = path.join(tmp.dir, 'many-backing');
-    mkdirSync(path.join(backing, 'cache'), { recursive: true });
     // Each answer late: the four fetches are all writing when the volume stops answering.
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'many'), { delayMs: 10 });
-    const srv = await startServer({
-      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
-      EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
-      // The image's pool: the writes get 8 of its 16 threads.
-      UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
-    }, { ready: true });
+    const { fs, srv, backing } = await s3LorasOnStuckFs('many', { delayMs: 10 });
     try {
       const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
       // Every fetch has its partial (opened once its lock and journal are): it is downloading (or, on a fast machine, done).
