@@ -8,6 +8,7 @@
  */
 import { readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { within } from '../files.js';
 import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
@@ -126,7 +127,7 @@ export class AdapterSource {
    */
   #gateOf(file: string): VolumeGate {
     const local = this.#localLoraDir();
-    const root = [this.cfg.cacheDir, local, this.#modelDir].find((d) => d !== undefined && inside(d, file)) ?? path.dirname(file);
+    const root = [this.cfg.cacheDir, local, this.#modelDir].find((d) => d !== undefined && within(d, file) !== undefined) ?? path.dirname(file);
     const key = path.resolve(root);
     let g = this.#gates.get(key);
     if (!g) this.#gates.set(key, (g = createVolumeGate({ cacheDir: this.cfg.cacheDir, log: this.log })));
@@ -298,12 +299,6 @@ export class AdapterSource {
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
     return f;
   }
-}
-
-/** Whether `file` is `dir` or lies under it. */
-function inside(dir: string, file: string): boolean {
-  const rel = path.relative(dir, file);
-  return rel === '' || (!rel.startsWith('..') && !path.isAbsolute(rel));
 }
 
 /**

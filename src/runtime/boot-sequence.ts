@@ -17,6 +17,7 @@
  */
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { within } from '../files.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { defaultModelUri, type Config } from '../config.js';
 import { isRuntimeError } from '../errors.js';
@@ -127,17 +128,17 @@ async function planBoot(cfg: Readonly<Config>): Promise<BootPlan> {
   return { source: 's3', uri, bucket: src.bucket, committed, lease, ...(leaseError !== undefined ? { leaseError } : {}) };
 }
 
-/** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
 /**
  * The folder a component's weights are mapped from, as the termination message names it: a cache entry by its name in
  * MODEL_CACHE_DIR, a local model (STORAGE_URI's path) by its path.
  */
 function weightsFolder(cacheDir: string, modelFile: string): string {
   const dir = path.dirname(path.dirname(modelFile));
-  const rel = path.relative(cacheDir, dir);
-  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel) ? `the cache entry ${rel} in MODEL_CACHE_DIR (${cacheDir})` : dir;
+  const rel = within(cacheDir, dir);
+  return rel ? `the cache entry ${rel} in MODEL_CACHE_DIR (${cacheDir})` : dir;
 }
 
+/** What a whole component folder lets start: its ONNX session in the workers, or its tokenizer's parse here. */
 type Announcement = { t: 'component'; component: string; path: string } | { t: 'tokenizer'; dir: string };
 
 /**
@@ -655,8 +656,8 @@ function localFolderError(uri: string, e: unknown): unknown {
   if (isRuntimeError(e) || typeof x?.code !== 'string' || typeof x.path !== 'string') return e;
   const src = parseStorageUri(uri);
   if (src.kind !== 'local') return e;
-  const rel = path.relative(path.resolve(src.path), path.resolve(x.path));
-  if (rel.startsWith('..') || path.isAbsolute(rel)) return e;
+  const rel = within(path.resolve(src.path), path.resolve(x.path));
+  if (rel === undefined) return e;
   return readError(rel === '' ? 'the model folder STORAGE_URI names' : rel.split(path.sep).join('/'), e) ?? e;
 }
 

@@ -9,7 +9,7 @@
 import { constants as fsConstants } from 'node:fs';
 import { access, mkdir } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import path from 'node:path';
+import { within } from '../files.js';
 import { fileURLToPath } from 'node:url';
 import { PVC_CACHE_DIR, tmpCacheDir } from '../config.js';
 import type { Logger } from '../log.js';
@@ -70,9 +70,8 @@ export function fsRequestsPending(): number {
 
 /** `file` as the cache names it (relative to `cacheDir`, `.` for the cache's own folder), or as given when it lies outside. */
 export function cacheRelative(cacheDir: string, file: string): string {
-  const rel = path.relative(cacheDir, file);
-  if (rel === '') return '.';
-  return !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : file;
+  const rel = within(cacheDir, file);
+  return rel === undefined ? file : rel === '' ? '.' : rel;
 }
 
 /** `op rel` for each recorded call still pending, with its age: what a stop's line names (paths whole without `cacheDir`). */
