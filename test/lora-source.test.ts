@@ -159,6 +159,26 @@ describe('adapter source', () => {
       await proxy.close();
     }
   });
+
+  it('a request that leaves while its adapter\'s lookup still looks at the cache, before the fetch from S3 begins: no fetch goes on for nobody', async () => {
+    await s3.put('loras', 'adapters/early/pytorch_lora_weights.safetensors', bytes);
+    const proxy = await startFaultProxy(s3.port);
+    try {
+      const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp.dir, 'cache9'), { LORA_URI: 's3://loras/adapters' }), createLogger('silent'));
+      src.setModelDir(model);
+      const leaves = new AbortController();
+      const first = src.resolve([{ name: 'early', scale: 1 }], leaves.signal);
+      // Gone in the same turn: the lookup is still looking at the model's loras/ and the cache's folder.
+      leaves.abort();
+      expect((await rejection(first)).code).toBe('CANCELLED');
+      // close() waits for every lookup still running. Before, the stop came before the fetch listened for it: the
+      // adapter was listed and downloaded for nobody (and close() waited for that).
+      await src.close();
+      expect({ lists: proxy.stats.lists, gets: proxy.stats.gets }).toEqual({ lists: 0, gets: 0 });
+    } finally {
+      await proxy.close();
+    }
+  });
 });
 
 async function until(ok: () => boolean): Promise<void> {

@@ -240,6 +240,8 @@ export class AdapterSource {
     });
     const t0 = performance.now();
     const { resolveModel } = await import('../storage/fetch.js');
+    // Stopped while the cache was looked at: a listener added now would never hear it, and the fetch would go on for nobody.
+    if (signal.aborted) throw new RuntimeError('CANCELLED', `the fetch of adapter "${name}" was stopped before it began`);
     let dir: string;
     // The fetch's calls are watched through the gate: once the volume stops answering, its requests are answered
     // CACHE_STUCK (its writes, each a pool thread kept, are bounded by #writes), and the fetch stops, as when every
