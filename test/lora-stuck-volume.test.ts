@@ -4,11 +4,12 @@
  * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
  */
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
-import { CREDS, destroyS3, startS3, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, startFaultProxy, startS3, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFsOptions } from './helpers/stuck-fs.js';
 
@@ -33,11 +34,21 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-const predict = (srv: ServerHandle, loras?: unknown[]) => postJson(`${srv.url}/v1/models/model:predict`,
-  { instances: [{ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...(loras ? { loras } : {}) }] },
+const body = (loras?: unknown[]) => ({ instances: [{ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 1, ...(loras ? { loras } : {}) }] });
+const predict = (srv: ServerHandle, loras?: unknown[]) => postJson(`${srv.url}/v1/models/model:predict`, body(loras),
   // Without an answer from the server the client gives up: before, these requests waited up to REQUEST_TIMEOUT_S.
   { signal: AbortSignal.timeout(40_000) }).catch((e: Error) => ({ status: 0, json: { error: e.message } as Record<string, unknown>, headers: new Headers() }));
 const style = [{ name: 'style', scale: 0.5 }];
+
+/** The request predict() sends, on a raw socket the test drops to have its client leave. */
+function leavingPredict(srv: ServerHandle, loras: unknown[]): net.Socket {
+  const json = JSON.stringify(body(loras));
+  const s = net.connect(srv.port, '127.0.0.1', () => {
+    s.write(`POST /v1/models/model:predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(json)}\r\n\r\n${json}`);
+  });
+  s.on('error', () => undefined);
+  return s;
+}
 
 /** Retried as its client would after Retry-After, until it is answered 200 (the volume answers again). */
 async function servedOnceAnswering(srv: ServerHandle): Promise<void> {
@@ -48,18 +59,19 @@ async function servedOnceAnswering(srv: ServerHandle): Promise<void> {
 }
 
 const stuckCount = async (srv: ServerHandle) => Number(/^cache_stuck_requests_total\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
+const inFlight = async (srv: ServerHandle) => Number(/^inference_requests_in_flight\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
 
 /**
  * A server on `model` whose MODEL_CACHE_DIR is on a stuck-fs mount (`name`, with `opts`), fetching adapters from an S3
  * LORA_URI: the image's pool (the writes get 8 of its 16 threads), ranges of 64 KiB (a ~3 MB adapter has
  * S3_MAX_CONCURRENCY, 24, ranges in flight).
  */
-async function s3LorasOnStuckFs(name: string, opts: StuckFsOptions) {
+async function s3LorasOnStuckFs(name: string, opts: StuckFsOptions, endpoint = s3.endpoint) {
   const backing = path.join(tmp.dir, `${name}-backing`);
   mkdirSync(path.join(backing, 'cache'), { recursive: true });
   const fs = await mountStuckFs(backing, path.join(tmp.dir, name), opts);
   const srv = await startServer({
-    ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+    ...CREDS, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
     EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
     UV_THREADPOOL_SIZE: '16', S3_PART_SIZE: '65536',
   }, { ready: true });
@@ -120,6 +132,53 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
       await srv.stop('SIGKILL');
     }
   }, 300_000);
+
+  it('a request identical to one that left while its adapter\'s fetch was ending (committed, the volume slow to let it go) is served by that fetch: the adapter is looked up once', async () => {
+    const proxy = await startFaultProxy(s3.port);
+    // The fetch has committed the entry and removed its journal; the release of its lock waits for the volume.
+    const { fs, srv } = await s3LorasOnStuckFs('ending', { hangAfter: 'unlink:.progress.jsonl' }, proxy.endpoint);
+    try {
+      const first = leavingPredict(srv, style);
+      await fs.hung;
+      const lists = proxy.stats.lists;
+      // Every request waiting for the fetch gone: it is told to stop, and cannot, held where nothing stops it.
+      first.destroy();
+      await until(async () => (await inFlight(srv)) === 0, 20_000, 20);
+      const again = predict(srv, style);
+      await until(async () => (await inFlight(srv)) === 1, 20_000, 20);
+      // Answered well within the 5 s after which the look at the volume kept through the fetch's end says it is stuck.
+      fs.answer();
+      const r = await again;
+      expect([r.status, r.json.code], JSON.stringify(r.json)).toEqual([200, undefined]);
+      // Before, the stopped lookup was forgotten at once: this request's own listed the adapter again (lists + 1), and
+      // waited for the stopped fetch's lock to find the entry it had committed.
+      expect(proxy.stats.lists - lists).toBe(0);
+      expect(proxy.stats.bytesByPath['/loras/adapters/style/pytorch_lora_weights.safetensors']).toBe(readFileSync(path.join(tmp.dir, 'style.safetensors')).length);
+    } finally {
+      await srv.stop('SIGKILL');
+      await proxy.close();
+    }
+  }, 240_000);
+
+  it('a request that takes up a stopped fetch the volume holds is answered CACHE_STUCK, as its own fetch would have been; once the volume answers, served', async () => {
+    const { fs, srv } = await s3LorasOnStuckFs('taken-up', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+    try {
+      const first = leavingPredict(srv, style);
+      await fs.hung;
+      first.destroy();
+      await until(async () => (await inFlight(srv)) === 0, 20_000, 20);
+      // It waits for the stopped fetch, which waits for the volume: the look at the volume goes on until the fetch ends
+      // (before it ended with the stop, and this request waited until its client gave up).
+      const r = await predict(srv, style);
+      expect([r.status, r.json.code, r.headers.get('retry-after')], JSON.stringify(r.json)).toEqual([503, 'CACHE_STUCK', '10']);
+      // The fetch's watch says so (a request with a fetch of its own, before: the look that begins one).
+      expect(r.json.error).toMatch(/^adapter "style": (its fetch from LORA_URI onto the cache is stopped: )?the cache volume \(MODEL_CACHE_DIR\) is not answering: \w+ \S+ still pending after \d+ s; /);
+      fs.answer();
+      await servedOnceAnswering(srv);
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 240_000);
 
   it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async () => {
     const backing = path.join(tmp.dir, 'build-backing');

@@ -26,7 +26,7 @@ export class AdapterSource {
   #modelDir: string | undefined;
   /**
    * Lookups in flight or done, by name. Several requests may wait for one (an S3 fetch): each waits with its own
-   * signal, and the fetch stops only once every request waiting for it has left.
+   * signal, and the fetch stops only once every request waiting for it has left; stopped, it stays until it ends (#begin).
    */
   readonly #files = new Map<string, Lookup>();
   /** The file each settled lookup gave: an S3 adapter's cache entry may since have been evicted (storage/entries.ts). */
@@ -163,26 +163,11 @@ export class AdapterSource {
     }
     if (signal?.aborted) throw new RuntimeError('CANCELLED', 'the client left');
     if (this.#closed.signal.aborted) throw shuttingDown();
-    let l = this.#files.get(name);
-    if (!l) {
-      const stop = new AbortController();
-      // An S3 fetch meets throttling as a model's fill does (storage/throttle.ts), this note listening.
-      const throttling = new ThrottleNote(this.onThrottled);
-      const q = this.#lookup(name, stop.signal, throttling);
-      const lookup: Lookup = { file: q, waiting: 0, stop, throttling };
-      l = lookup;
-      this.#files.set(name, lookup);
-      this.#running.add(lookup);
-      this.#found.delete(name);
-      q.then((f) => {
-        this.#running.delete(lookup);
-        if (this.#files.get(name) === lookup) this.#found.set(name, f);
-      }, () => {
-        this.#running.delete(lookup);
-        if (this.#files.get(name) === lookup) this.#files.delete(name);
-      });
+    const lookup = this.#files.get(name) ?? this.#begin(name);
+    // Stopped (every request waiting for it left) and not ended yet: this request takes it up again (#begin).
+    if (lookup.waiting === 0 && lookup.stop.signal.aborted && this.#running.has(lookup)) {
+      this.log.info({ adapter: name }, 'LoRA adapter asked for again before its stopped fetch ended: the request waits for that fetch, and the adapter is fetched again from where it stopped if the stop cut it short');
     }
-    const lookup = l;
     lookup.waiting++;
     return new Promise<string>((resolve, reject) => {
       let waits = true;
@@ -202,8 +187,8 @@ export class AdapterSource {
         reject(stopped !== undefined ? new RuntimeError('TIMEOUT', `adapter "${name}": ${stopped}`) : new RuntimeError('CANCELLED', 'the client left'));
         // Others still wait for it, or it has settled (no longer running): nothing to stop.
         if (lookup.waiting > 0 || !this.#running.has(lookup)) return;
-        // Nobody waits for it any more: the fetch stops, and the next request for the name looks it up afresh.
-        if (this.#files.get(name) === lookup) this.#files.delete(name);
+        // Nobody waits for it any more: the fetch stops. It stays the name's lookup until it ends, so that a request
+        // for the name meanwhile waits for it rather than fetching beside it (#begin).
         lookup.stop.abort();
       };
       signal?.addEventListener('abort', left, { once: true });
@@ -213,6 +198,40 @@ export class AdapterSource {
         (err: unknown) => stopWaiting() && reject(err),
       );
     });
+  }
+
+  /**
+   * A lookup of `name`, registered. Stopped, every request waiting for it gone, it ends as the stop leaves it; a request
+   * for the name that comes before that end waits for it (#file) instead of starting a second fetch beside it, which
+   * listed the adapter again and, the cache entry's lock still held, waited for the stopped one to let it go. The
+   * stopped fetch's file serves that request if the stop came too late to cut it; if it did cut it, the adapter is
+   * fetched again at once, resumed from the partial files and journal the stopped fetch left (its lock released): one
+   * fetch after the other.
+   */
+  #begin(name: string): Lookup {
+    // An S3 fetch meets throttling as a model's fill does (storage/throttle.ts), this note listening.
+    const lookup = { waiting: 0, throttling: new ThrottleNote(this.onThrottled) } as Lookup;
+    const attempt = (): Promise<string> => {
+      const stop = (lookup.stop = new AbortController());
+      return this.#lookup(name, stop.signal, lookup.throttling).catch((err: unknown) => {
+        // A volume that stopped answering is the request's answer (CACHE_STUCK): the stopped fetch may still hang there.
+        const again = stop.signal.aborted && lookup.waiting > 0 && !this.#closed.signal.aborted && !(isRuntimeError(err) && err.code === 'CACHE_STUCK');
+        if (!again) throw err;
+        return attempt();
+      });
+    };
+    lookup.file = attempt();
+    this.#files.set(name, lookup);
+    this.#running.add(lookup);
+    this.#found.delete(name);
+    lookup.file.then((f) => {
+      this.#running.delete(lookup);
+      if (this.#files.get(name) === lookup) this.#found.set(name, f);
+    }, () => {
+      this.#running.delete(lookup);
+      if (this.#files.get(name) === lookup) this.#files.delete(name);
+    });
+    return lookup;
   }
 
   async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote): Promise<string> {
@@ -245,15 +264,18 @@ export class AdapterSource {
     let dir: string;
     // The fetch's calls are watched through the gate: once the volume stops answering, its requests are answered
     // CACHE_STUCK (its writes, each a pool thread kept, are bounded by #writes), and the fetch stops, as when every
-    // request waiting for it has left; its files are partials, committed only whole, resumed by the next fetch.
+    // request waiting for it has left; its files are partials, committed only whole, resumed by the next fetch. The
+    // watch lasts until the fetch ends, its stop included: a stopped fetch held by the volume may be waited for again (#begin).
     const fetching = new AbortController();
+    const watching = new AbortController();
     const stopFetching = () => fetching.abort();
     signal.addEventListener('abort', stopFetching, { once: true });
     let stuck!: (err: RuntimeError) => void;
     const stuckAnswer = new Promise<never>((_, reject) => (stuck = reject));
-    watchVolume(gate, cacheDir, fetching.signal, (err) => {
+    watchVolume(gate, cacheDir, watching.signal, (err) => {
       stuck(new RuntimeError('CACHE_STUCK', `its fetch from LORA_URI onto the cache is stopped: ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
       fetching.abort();
+      watching.abort();
     });
     const write = this.#writes;
     try {
@@ -296,6 +318,7 @@ export class AdapterSource {
       signal.removeEventListener('abort', stopFetching);
       // The watch ends with the fetch (aborting an answered fetch stops nothing).
       fetching.abort();
+      watching.abort();
     }
     const f = await single(gate, dir, name);
     if (!f) throw new RuntimeError('INVALID_INPUT', `adapter "${name}" on LORA_URI holds no .safetensors file (or several: keep one per adapter folder)`);
@@ -350,6 +373,7 @@ interface Lookup {
   file: Promise<string>;
   /** Requests waiting for it. */
   waiting: number;
+  /** Stops its fetch now under way (a fetch again after a stop has its own). */
   stop: AbortController;
   /** Whether S3 throttles its fetch now. */
   throttling: ThrottleNote;
