@@ -414,7 +414,7 @@ class S3Fetch {
       for (let attempt = 1; ; attempt++) {
         const lock = await acquireLock(`${this.base}.lock`, {
           staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
-          ...(this.o.io?.other ? { bound: lockBound(this.o.io.other) } : {}),
+          ...this.bound('lock'),
           onWait: (h) => this.waiting(wait, h),
           satisfied: async () => (await current()) !== undefined,
         });
@@ -674,10 +674,10 @@ class S3Fetch {
     // takes a version's lock, and must see this fill), the caller's lease, its journal.
     const open = async (dir: string) => {
       this.entry = dir;
-      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...(this.o.io?.other ? { bound: lockBound(this.o.io.other) } : {}) });
+      if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...this.bound('lock') });
       await this.o.lease?.(dir);
       await mkdirs(dir);
-      journal = await Journal.open(dir, { onError, ...(this.o.io?.other ? { bound: this.o.io.other } : {}) });
+      journal = await Journal.open(dir, { onError, ...this.bound('journal') });
       return journal;
     };
     try {
@@ -774,6 +774,16 @@ class S3Fetch {
       this.o.log.warn({ reason: (err as Error)?.message ?? String(err) }, 'could not keep the optimized model copies through the refresh');
       return [];
     }
+  }
+
+  /**
+   * `bound` for a lock's or the journal's options: their calls on the cache go through the caller's bound
+   * (StorageIo.other), a lock's ahead of the queued writes (lockBound); none where the caller bounds nothing.
+   */
+  private bound(of: 'lock' | 'journal'): { bound?: <T>(call: () => Promise<T>) => Promise<T> } {
+    const other = this.o.io?.other;
+    if (!other) return {};
+    return { bound: of === 'lock' ? lockBound(other) : other };
   }
 
   /** Staleness of the cache's lock and lease files, as entries.ts takes them. */
