@@ -888,52 +888,44 @@ describe('identical requests joined to a generation while its LoRA adapters are 
     await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 0 && (await metric(srv, 'worker_busy')) === 0, 20_000, 25);
   }, 60_000);
 
-  it('a request stopped at its deadline while S3 throttles its adapter\'s look-up, which an identical request waits for: its 504 names the throttling, and the other gets the images', async () => {
-    // V2, for a deadline of its own (parameters.timeout is no part of the result-cache key): the other has none.
-    const infer = (parameters: Record<string, unknown>) => postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a fox throttled'] }],
-      parameters: { num_inference_steps: 2, height: 64, width: 64, seed: 46, loras: JSON.stringify([{ name: 'throttled', scale: 0.5 }]), ...parameters } });
+  /**
+   * Two identical V2 requests for adapter `name` while S3 throttles the LIST of its look-up: the generation's own,
+   * then one joined to it once S3 has throttled (V2, for a deadline of its own: parameters.timeout is no part of the
+   * result-cache key). `stopped`, the one with a 3 s deadline, gets a 504 naming the throttling; the other, once the
+   * storm ends, the images.
+   */
+  const throttledLookup = async (name: string, stopped: 'owner' | 'joined') => {
+    const infer = (deadline: boolean) => postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: [`a fox ${name}`] }],
+      parameters: { num_inference_steps: 2, height: 64, width: 64, seed: 46, loras: JSON.stringify([{ name, scale: 0.5 }]), ...(deadline ? { timeout: 3_000_000 } : {}) } });
     const slowDowns = proxy.stats.slowDowns;
     proxy.faults.slowDown = { lists: true };
-    let joined: ReturnType<typeof infer> | undefined;
-    let first: Awaited<ReturnType<typeof infer>>;
+    let other: ReturnType<typeof infer> | undefined;
+    let timedOut: Awaited<ReturnType<typeof infer>>;
     try {
-      const owner = infer({ timeout: 3_000_000 });
+      const owner = infer(stopped === 'owner');
       await until(() => proxy.stats.slowDowns > slowDowns);
-      joined = infer({});
+      const joined = infer(stopped === 'joined');
       await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
-      first = await owner;
+      [timedOut, other] = stopped === 'owner' ? [await owner, joined] : [await joined, owner];
     } finally {
       delete proxy.faults.slowDown;
     }
-    expect([first.status, first.json.code]).toEqual([504, 'TIMEOUT']);
+    // Both answered before any check: a failing case leaves no generation in flight for the next.
+    const served = await other!;
+    expect([timedOut.status, timedOut.json.code]).toEqual([504, 'TIMEOUT']);
+    expect(timedOut.json.error).toMatch(new RegExp(`^the request took longer than its parameters\\.timeout \\(3000000 µs\\) and was stopped: adapter "${name}": S3 was throttling its fetch from LORA_URI \\(SlowDown, \\d+ throttled answers? in \\d+(\\.\\d)? s\\)$`));
+    expect([served.status, served.json.code]).toEqual([200, undefined]);
+  };
+
+  it('a request stopped at its deadline while S3 throttles its adapter\'s look-up, which an identical request waits for: its 504 names the throttling, and the other gets the images', async () => {
     // Before: "… its parameters.timeout (3000000 µs) and was stopped", no word of S3: its look-up went on for the other,
     // and its client was told only that it left.
-    expect(first.json.error).toMatch(/^the request took longer than its parameters\.timeout \(3000000 µs\) and was stopped: adapter "throttled": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
-    const r = await joined!;
-    expect([r.status, r.json.code]).toEqual([200, undefined]);
+    await throttledLookup('throttled', 'owner');
   }, 60_000);
 
   it('a request joined to a generation whose adapter\'s look-up S3 throttles, stopped at its own deadline: its 504 names the throttling, and the generation\'s own request gets the images', async () => {
-    const infer = (parameters: Record<string, unknown>) => postJson(`${srv.url}/v2/models/model/infer`, { inputs: [{ name: 'prompt', shape: [1], datatype: 'BYTES', data: ['a fox joined throttled'] }],
-      parameters: { num_inference_steps: 2, height: 64, width: 64, seed: 47, loras: JSON.stringify([{ name: 'throttled-joined', scale: 0.5 }]), ...parameters } });
-    const slowDowns = proxy.stats.slowDowns;
-    proxy.faults.slowDown = { lists: true };
-    let owner: ReturnType<typeof infer> | undefined;
-    let joined: Awaited<ReturnType<typeof infer>>;
-    try {
-      owner = infer({});
-      await until(() => proxy.stats.slowDowns > slowDowns);
-      const waiting = infer({ timeout: 3_000_000 });
-      await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
-      joined = await waiting;
-    } finally {
-      delete proxy.faults.slowDown;
-    }
-    expect([joined.status, joined.json.code]).toEqual([504, 'TIMEOUT']);
     // Before: "… its parameters.timeout (3000000 µs) and was stopped", no word of S3: it was told only that it left.
-    expect(joined.json.error).toMatch(/^the request took longer than its parameters\.timeout \(3000000 µs\) and was stopped: adapter "throttled-joined": S3 was throttling its fetch from LORA_URI \(SlowDown, \d+ throttled answers? in \d+(\.\d)? s\)$/);
-    const r = await owner!;
-    expect([r.status, r.json.code]).toEqual([200, undefined]);
+    await throttledLookup('throttled-joined', 'joined');
   }, 60_000);
 
   // Last: it stops the server.
