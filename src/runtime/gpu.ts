@@ -98,29 +98,22 @@ export async function startGpuMetrics(
       });
     await pending;
   };
-  const memory = new Gauge({
-    name: 'gpu_memory_usage_bytes',
-    help: 'GPU memory in use (nvidia-smi memory.used), per GPU index; present only when the CUDA execution provider is in use',
+  // Registered now, refreshed at each scrape: a GPU whose sample lacks the value (a MIG slice) shows no series.
+  const perGpu = (name: string, help: string, value: (s: GpuSample) => number | undefined) => new Gauge({
+    name,
+    help,
     labelNames: ['gpu'] as const,
     registers: [registry],
     async collect() {
       await refresh();
       this.reset();
-      for (const s of last) if (s.memoryUsedBytes !== undefined) this.set({ gpu: String(s.index) }, s.memoryUsedBytes);
+      for (const s of last) {
+        const v = value(s);
+        if (v !== undefined) this.set({ gpu: String(s.index) }, v);
+      }
     },
   });
-  const util = new Gauge({
-    name: 'gpu_utilization_percent',
-    help: 'GPU utilization in percent (nvidia-smi utilization.gpu), per GPU index; present only when the CUDA execution provider is in use',
-    labelNames: ['gpu'] as const,
-    registers: [registry],
-    async collect() {
-      await refresh();
-      this.reset();
-      for (const s of last) if (s.utilizationPercent !== undefined) this.set({ gpu: String(s.index) }, s.utilizationPercent);
-    },
-  });
-  void memory;
-  void util;
+  perGpu('gpu_memory_usage_bytes', 'GPU memory in use (nvidia-smi memory.used), per GPU index; present only when the CUDA execution provider is in use', (s) => s.memoryUsedBytes);
+  perGpu('gpu_utilization_percent', 'GPU utilization in percent (nvidia-smi utilization.gpu), per GPU index; present only when the CUDA execution provider is in use', (s) => s.utilizationPercent);
   return { active: true };
 }
