@@ -65,6 +65,14 @@ const FLOAT = 1;
 const FLOAT16 = 10;
 const EXTERNAL = onnx.TensorProto.DataLocation.EXTERNAL;
 
+/** A component's graph file `modelPath`, decoded: its folder, the component's name (errors name it), and its initializers by name. */
+async function readGraph(modelPath: string) {
+  const dir = path.dirname(modelPath);
+  const graphBytes = await readFile(modelPath);
+  const model = onnx.ModelProto.decode(graphBytes);
+  return { dir, component: path.basename(dir), graphBytes, model, inits: new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const)) };
+}
+
 export interface MergedModel {
   /** The graph file's bytes (re-encoded when an inline initializer changed). */
   model: Uint8Array;
@@ -81,11 +89,7 @@ export interface MergedModel {
  * through float32).
  */
 export async function mergeComponent(modelPath: string, updates: readonly WeightUpdate[]): Promise<MergedModel> {
-  const dir = path.dirname(modelPath);
-  const component = path.basename(dir);
-  const graphBytes = await readFile(modelPath);
-  const model = onnx.ModelProto.decode(graphBytes);
-  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const { dir, component, graphBytes, model, inits } = await readGraph(modelPath);
   const external = new Map<string, Buffer>();
   // Every external file, patched or not: a session created from bytes finds none of them on disk.
   for (const t of inits.values()) {
@@ -144,10 +148,7 @@ const ALIGN = 4096;
  * nearly all of its weights: 3.4 GB in SD 1.5's float32, more than a Buffer holds in SDXL's).
  */
 export async function writeMergedComponent(modelPath: string, updates: readonly WeightUpdate[], outDir: string, opts: { link?: boolean } = {}): Promise<WrittenModel> {
-  const dir = path.dirname(modelPath);
-  const component = path.basename(dir);
-  const model = onnx.ModelProto.decode(await readFile(modelPath));
-  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const { dir, component, model, inits } = await readGraph(modelPath);
   const locations = externalLocations(inits, dir, component);
   await freshOutDir(dir, outDir, component);
   return removedOnFailure(outDir, () => writeLinked(modelPath, model, inits, locations, updates, outDir, opts));
@@ -205,10 +206,8 @@ async function writeLinked(
 
 /** Bytes of a component as a session of it holds them (graph + external data): what a merged copy of it costs. */
 export async function componentBytes(modelPath: string): Promise<number> {
-  const dir = path.dirname(modelPath);
-  const model = onnx.ModelProto.decode(await readFile(modelPath));
-  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
-  return filesBytes(modelPath, externalLocations(inits, dir, path.basename(dir)));
+  const { dir, component, inits } = await readGraph(modelPath);
+  return filesBytes(modelPath, externalLocations(inits, dir, component));
 }
 
 async function filesBytes(modelPath: string, locations: ReadonlySet<string>): Promise<number> {
@@ -224,11 +223,7 @@ async function filesBytes(modelPath: string, locations: ReadonlySet<string>): Pr
  * data file of any size merges (Node reads no file over 2 GiB whole, and holds no Buffer over 4 GiB).
  */
 export async function writeMergedCopy(modelPath: string, updates: readonly WeightUpdate[], outDir: string): Promise<WrittenModel> {
-  const dir = path.dirname(modelPath);
-  const component = path.basename(dir);
-  const graphBytes = await readFile(modelPath);
-  const model = onnx.ModelProto.decode(graphBytes);
-  const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t] as const));
+  const { dir, component, graphBytes, model, inits } = await readGraph(modelPath);
   const locations = externalLocations(inits, dir, component);
   await freshOutDir(dir, outDir, component);
   return removedOnFailure(outDir, async () => {
