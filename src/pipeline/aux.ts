@@ -148,39 +148,35 @@ function noise(m: Extract<ToAux, { t: 'noise' }>): void {
   }
 }
 
+/** What a message asks for, done in its turn. */
+async function handle(m: ToAux): Promise<void> {
+  switch (m.t) {
+    case 'create':
+      return create(m);
+    case 'run':
+      return run(m);
+    case 'release':
+      return release(m);
+    case 'settle':
+      return settle(m);
+    case 'noise':
+      return noise(m);
+    case 'forget-noise':
+      motion = undefined;
+      post({ t: 'forgot-noise', id: m.id });
+      return;
+    case 'close': {
+      const all = [...sessions.values()];
+      sessions.clear(); // a priming run queued behind this one finds nothing to run
+      held.clear();
+      await Promise.allSettled(all.map((s) => s.release()));
+      process.exit(0);
+    }
+  }
+}
+
 // One thing at a time, in arrival order: ORT creates and runs synchronously on this thread anyway.
 let queue: Promise<void> = Promise.resolve();
 port.on('message', (m: ToAux) => {
-  switch (m.t) {
-    case 'create':
-      queue = queue.then(() => create(m));
-      break;
-    case 'run':
-      queue = queue.then(() => run(m));
-      break;
-    case 'release':
-      queue = queue.then(() => release(m));
-      break;
-    case 'settle':
-      queue = queue.then(() => settle(m));
-      break;
-    case 'noise':
-      queue = queue.then(() => noise(m));
-      break;
-    case 'forget-noise':
-      queue = queue.then(() => {
-        motion = undefined;
-        post({ t: 'forgot-noise', id: m.id });
-      });
-      break;
-    case 'close':
-      queue = queue.then(async () => {
-        const all = [...sessions.values()];
-        sessions.clear(); // a priming run queued behind this one finds nothing to run
-        held.clear();
-        await Promise.allSettled(all.map((s) => s.release()));
-        process.exit(0);
-      });
-      break;
-  }
+  queue = queue.then(() => handle(m));
 });
