@@ -411,24 +411,18 @@ function parseInstance(inst: unknown, ctx: ParseContext, w: string, bad: string[
     }
     return v;
   };
-  const int = (k: string, dflt: number, min: number, max: number): number => {
+  // A number from min to max (`whole`: an integer); absent, its default; otherwise named in `bad`, and the default.
+  const ranged = (whole: boolean) => (k: string, dflt: number, min: number, max: number): number => {
     if (!has(k)) return dflt;
     const v = inst[k];
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
-      bad.push(`${w}.${k} must be an integer from ${min} to ${max}, got ${show(v)}`);
+    if (typeof v !== 'number' || !(whole ? Number.isInteger(v) : Number.isFinite(v)) || v < min || v > max) {
+      bad.push(`${w}.${k} must be ${whole ? 'an integer' : 'a number'} from ${min} to ${max}, got ${show(v)}`);
       return dflt;
     }
     return v;
   };
-  const num = (k: string, dflt: number, min: number, max: number): number => {
-    if (!has(k)) return dflt;
-    const v = inst[k];
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) {
-      bad.push(`${w}.${k} must be a number from ${min} to ${max}, got ${show(v)}`);
-      return dflt;
-    }
-    return v;
-  };
+  const int = ranged(true);
+  const num = ranged(false);
   const size = (k: string, dflt: number): number => {
     if (!has(k)) return dflt;
     const v = inst[k];
