@@ -4,17 +4,14 @@
  */
 import { S3_OPERATIONS, type Metrics } from '../metrics.js';
 import { BOOT_RETRY, type RetriedCode } from './boot-retry.js';
+import type { FetchProgress } from '../storage/fetch.js';
 
 export const BOOT_STATES = ['resolving', 'fetching', 'loading', 'warming', 'ready', 'retrying', 'failed', 'stopping'] as const;
 export type BootState = (typeof BOOT_STATES)[number];
 
-export interface BootProgress {
+/** The model fetch's progress (each report is copied in, boot-sequence.ts), under the boot's phase; and the sessions made. */
+export interface BootProgress extends Omit<FetchProgress, 'phase'> {
   phase: string;
-  bytesDone: number;
-  bytesTotal: number;
-  filesDone: number;
-  filesTotal: number;
-  bytesPerSecond: number;
   sessions: Record<string, string>;
 }
 
