@@ -21,7 +21,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, CLEANUP_MS, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 import { clearTerminationMessage, terminationReason } from './termination.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
@@ -101,9 +101,19 @@ async function main(): Promise<void> {
         terminationReason(`diffusers-runtime: a third signal (${sig}) during the stop: killed at once`);
         killNow();
       }
-      log?.warn({ signal: sig }, 'second signal: ending the drain now (generations stop at their next step; exit 1)');
-      terminationReason(`diffusers-runtime: second signal (${sig}): the drain was ended, generations in flight stopped at their next step (exit 1)`);
-      rt?.endGrace();
+      if (rt) {
+        log?.warn({ signal: sig }, 'second signal: ending the drain now (generations stop at their next step; exit 1)');
+        terminationReason(`diffusers-runtime: second signal (${sig}): the drain was ended, generations in flight stopped at their next step (exit 1)`);
+        rt.endGrace();
+        return;
+      }
+      // Still starting (main returns at its next check): no drain to end. The stop goes on with what it waits for,
+      // within its bound; the second signal makes its exit 1 where it finishes (leave).
+      const waits = resolving ? 'the model fetch to stop and its cache entry lease to be released' : 'the file system calls still pending (a volume slow to answer)';
+      const line = `second signal (${sig}) while the server was still starting: no request or generation to stop; the stop still waits up to ${CLEANUP_MS / 1000} s for ${waits}, then exits (1 where they finished); a third signal ends it at once`;
+      if (log) log.warn({ signal: sig }, line);
+      else process.stderr.write(`diffusers-runtime: ${line}\n`);
+      terminationReason(`diffusers-runtime: ${line}`);
       return;
     }
     events?.emit('signal', { signal: sig }, 'signal received');

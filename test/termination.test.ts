@@ -4,7 +4,7 @@
  * server and warm-up CLI, spawned with TERMINATION_MESSAGE_PATH naming a temporary file.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
@@ -136,4 +136,58 @@ describe('weights the volume fails to read while mapped', () => {
       backing.cleanup();
     }
   }, 120_000);
+});
+
+/** Whether this machine lets the test mount over /mnt in a mount namespace of the server's own (as config.test.ts). */
+const canMountOverMnt = process.platform === 'linux'
+  && spawnSync('unshare', ['-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt'], { stdio: 'ignore', timeout: 5_000 }).status === 0;
+
+describe('a second signal while the server is still starting', () => {
+  stuckFsForTests();
+
+  // MODEL_CACHE_DIR unset: the look at /mnt/cache before the listen, on a volume that does not answer, holds the start
+  // before the runtime exists, and the stop waits for that look.
+  it.skipIf(stuckFsUnavailable() || !canMountOverMnt)('leaves a message naming what the stop still waits for, not a drain; exit 1 once the volume answers', async () => {
+    const backing = tempDir('dr-termination-starting-');
+    try {
+      const fs = await mountStuckFs(backing.dir, `${backing.dir}-mnt`);
+      await fs.hang();
+      const file = messageFile();
+      const proc = spawn('unshare', ['-r', '--mount', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt && mkdir /mnt/cache && mount --bind "$0" /mnt/cache && exec "$@"', fs.dir, process.execPath, ENTRY], {
+        stdio: ['ignore', 'ignore', 'pipe'],
+        env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', TERMINATION_MESSAGE_PATH: file, PORT: '0', HOST: '127.0.0.1' },
+      });
+      let stderr = '';
+      proc.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+      const kill = setTimeout(() => proc.kill('SIGKILL'), 60_000);
+      const ended = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+      // Held by the look (a thread of node's waiting for the FUSE daemon's answer): its signal handlers are in place.
+      const waitsOnFuse = () => readdirSync(`/proc/${proc.pid}/task`).some((t) => {
+        try {
+          return readFileSync(`/proc/${proc.pid}/task/${t}/wchan`, 'utf8') === 'request_wait_answer';
+        } catch {
+          return false; // the thread ended
+        }
+      });
+      await until(() => proc.exitCode === null && waitsOnFuse(), 30_000, 50);
+      // A signal within a second of the one counted before is the same one: signalled until the second is taken.
+      const message = () => (existsSync(file) ? readFileSync(file, 'utf8') : '');
+      for (let i = 0; i < 10 && !/second signal/.test(message()); i++) {
+        proc.kill('SIGTERM');
+        await new Promise((r) => setTimeout(r, 1_200));
+      }
+      const line = 'diffusers-runtime: second signal (SIGTERM) while the server was still starting: no request or generation to stop; '
+        + 'the stop still waits up to 15 s for the file system calls still pending (a volume slow to answer), then exits (1 where they finished); a third signal ends it at once';
+      // Before: 'second signal (SIGTERM): the drain was ended, generations in flight stopped at their next step (exit 1)',
+      // though there was no drain, and nothing on stderr.
+      expect(message()).toBe(line);
+      expect(stderr).toContain(`${line}\n`);
+      fs.answer();
+      expect(await ended).toEqual({ code: 1, signal: null });
+      clearTimeout(kill);
+      expect(message()).toBe(line);
+    } finally {
+      backing.cleanup();
+    }
+  }, 90_000);
 });
