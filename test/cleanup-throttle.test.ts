@@ -1,8 +1,10 @@
 /**
  * Throttling (503 SlowDown) of the S3 requests around uploads: the push's LIST and its --replace deletes wait it out as
  * its uploads do, and the abort of a failed upload's multipart upload (cleanup) waits it out within the cleanup's own
- * bound, then says S3 kept throttling it. s3rver on loopback behind the fault proxy, a real warm-up CLI process for
- * the push, the runtime's own S3 client for the aborts.
+ * bound, then says S3 kept throttling it. An output_uri upload's cleanup requests are each counted once
+ * (s3_throttled_responses_total{operation="output_cleanup"}, through createOutputStore's callback): lib-storage's own
+ * abort, and the look for an upload that a lost CreateMultipartUpload made with its abort. s3rver on loopback behind
+ * the fault proxy, a real warm-up CLI process for the push, the runtime's own S3 client for the aborts.
  */
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
@@ -10,9 +12,12 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { CreateMultipartUploadCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { createLogger } from '../src/log.js';
+import type { EncodedImage } from '../src/runtime/engine.js';
+import { createOutputStore } from '../src/runtime/output.js';
 import { abortUploads, cleanupReason } from '../src/storage/multipart.js';
+import { createRequestS3 } from '../src/storage/request-s3.js';
 import { createS3 } from '../src/storage/s3-sdk.js';
-import { cleanUpS3, CREDS, detBytes, type FaultProxy, s3Env, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, s3Env, type S3Server, startS3WithProxy, testConfig, unfinishedUploads } from './helpers/s3.js';
 import { runWarmupCli as cli } from './helpers/warmup-cli.js';
 
 let s3: S3Server;
@@ -115,6 +120,58 @@ describe('the abort of a failed upload\'s multipart upload, throttled', () => {
         msg: 'S3 is throttling the abort (SlowDown): backing off; the multipart upload is left once throttled for 2 s (the cleanup\'s bound) without an answer' });
     } finally {
       s3c.destroy();
+    }
+  }, 30_000);
+});
+
+describe('an output_uri upload\'s cleanup requests, throttled, count as output_cleanup once each', () => {
+  const MiB = 1 << 20;
+  // 11 MiB: a multipart upload (5 MiB parts).
+  const image = (seed: number): EncodedImage => {
+    const b = detBytes(11 * MiB, seed);
+    return { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed, width: 8, height: 8, format: 'png' };
+  };
+  const store = () => {
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
+    const heard = { upload: [] as string[], cleanup: [] as string[] };
+    const out = createOutputStore(requestS3, undefined, (c) => void heard.upload.push(c), (c) => void heard.cleanup.push(c));
+    return { requestS3, out, heard };
+  };
+  const left = (prefix: string) => Object.values(unfinishedUploads(proxy)).filter((k) => k.startsWith(prefix));
+
+  it('lib-storage\'s own AbortMultipartUpload of a failed upload, answered SlowDown: counted, and the upload aborted again', async () => {
+    const { requestS3, out, heard } = store();
+    try {
+      // Every part refused: lib-storage sends its one abort, which S3 throttles; the output store aborts it again.
+      proxy.faults = { abortUploads: true, failAborts: { count: 1, status: 503, code: 'SlowDown' }, failPuts: { keys: /^out\/refused\.png$/, every: { status: 403, code: 'AccessDenied' } } };
+      const err = await rejection(out.upload('s3://models/out/refused.png', [image(1)]));
+      expect(err.code).toBe('STORAGE_DENIED');
+      await out.settled(15_000);
+      expect(proxy.faults.failAborts!.count).toBe(0);
+      expect(left('out/refused')).toEqual([]);
+      // Before: [] (that abort has one attempt and no Throttle: nothing heard its answer).
+      expect(heard).toEqual({ upload: [], cleanup: ['SlowDown'] });
+    } finally {
+      requestS3.destroy();
+    }
+  }, 30_000);
+
+  it('the look for the upload a lost CreateMultipartUpload made (ListMultipartUploads) and its abort, each answered SlowDown once: two counted', async () => {
+    const { requestS3, out, heard } = store();
+    try {
+      // The listing goes first (slowDown matches it: no abort is sent before it), then the lost upload's abort (failAborts).
+      proxy.faults = { abortUploads: true, listUploads: true, loseCreates: { keys: /^out\/lost\.png$/, count: 1 }, slowDown: { aborts: true, count: 1 },
+        failAborts: { count: 1, status: 503, code: 'SlowDown' } };
+      const listings = proxy.stats.uploadListings;
+      expect(await out.upload('s3://models/out/lost.png', [image(2)])).toEqual(['s3://models/out/lost.png']);
+      expect([proxy.faults.loseCreates!.count, proxy.faults.slowDown!.count, proxy.faults.failAborts!.count]).toEqual([0, 0, 0]);
+      expect(proxy.stats.uploadListings - listings).toBe(1);
+      expect(left('out/lost')).toEqual([]);
+      // Before: [] (the look's Throttle had no watch). Each once: the abort's own Throttle counts it, the client's
+      // middleware, which sees lib-storage's abort, leaves it alone.
+      expect(heard).toEqual({ upload: [], cleanup: ['SlowDown', 'SlowDown'] });
+    } finally {
+      requestS3.destroy();
     }
   }, 30_000);
 });

@@ -42,7 +42,8 @@ const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => impor
  * Uploads through the runtime's request client (created on the first upload or s3:// input); lib-storage loads then.
  * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be;
  * `onThrottled` of each answer that throttled an upload (the store's code), `onCleanupThrottled` of each that throttled
- * the abort of a failed one.
+ * its cleanup: the abort of a failed one (lib-storage's own, and abortLeft's), the look for an upload that an unanswered
+ * CreateMultipartUpload made and its abort.
  */
 export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void, onCleanupThrottled?: (code: string) => void): OutputStore {
   const aborting = new Set<Promise<void>>();
@@ -72,7 +73,7 @@ export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (co
           signal?.addEventListener('abort', onAbort, { once: true });
           // Whether S3 was throttling the upload when the request's deadline stopped it, for the error to say so.
           const throttling = new ThrottleNote(onThrottled);
-          const scope = uploadScope(signal, { concurrency: UPLOAD_QUEUE, watch: throttling });
+          const scope = uploadScope(signal, { concurrency: UPLOAD_QUEUE, watch: throttling, ...(onCleanupThrottled ? { cleanupWatch: { throttled: onCleanupThrottled } } : {}) });
           try {
             // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
             await uploadingUntil(scope, () => up.done());

@@ -136,13 +136,26 @@ export async function abortUploads(client: S3Client, bucket: string, uploads: re
   }
 }
 
+/** The inputs of the AbortMultipartUploads sent here, whose throttled answers their cleanup's Throttle hears (ownAbort). */
+const ownAborts = new WeakSet<object>();
+
+/**
+ * Whether an AbortMultipartUpload's input is one of this module's, not lib-storage's own abort: a client middleware
+ * sees both (upload-retry.ts), and counts the throttled answers of lib-storage's alone, so that none counts twice.
+ */
+export const ownAbort = (input: object): boolean => ownAborts.has(input);
+
 async function abortWithin(client: S3Client, bucket: string, uploads: readonly (readonly [string, string])[], total: AbortSignal, attemptMs: number,
   throttle: Throttle): Promise<PromiseSettledResult<void>[]> {
   // Loaded here: the warm-up CLI imports this module, and with S3_TRANSPORT=lite a fill never loads the AWS SDK.
   const { AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
   return Promise.allSettled(uploads.map(async ([UploadId, Key]) => {
     try {
-      await cleanupRequest(throttle, total, 8, attemptMs, (abortSignal) => client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId }), { abortSignal }));
+      await cleanupRequest(throttle, total, 8, attemptMs, (abortSignal) => {
+        const command = new AbortMultipartUploadCommand({ Bucket: bucket, Key, UploadId });
+        ownAborts.add(command.input);
+        return client.send(command, { abortSignal });
+      });
     } catch (e) {
       if ((e as Error)?.name !== 'NoSuchUpload') throw e;
     }

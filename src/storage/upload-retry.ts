@@ -10,8 +10,8 @@ import { createHash } from 'node:crypto';
 import { HeadObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { abortLostCreates, type LostCreatesOutcome } from './multipart.js';
-import { classify, errorStatus, retryTransient } from './s3-errors.js';
+import { abortLostCreates, ownAbort, type LostCreatesOutcome } from './multipart.js';
+import { classify, errorStatus, retryTransient, s3Code, throttled as isThrottled } from './s3-errors.js';
 import { Throttle, ThrottledTries, ThrottleLog } from './throttle.js';
 import { currentUpload, inUploadScope, noteMultipart, type UploadScope } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
@@ -51,8 +51,9 @@ export interface UploadThrottling {
  * wraps every other middleware of the initialize step, so each attempt is signed afresh and passes trackUploads
  * (multipart.ts), whose stop ends the retries too, as does the signal of uploadingUntil (upload-signal.ts): lib-storage
  * gives its commands none. A CreateMultipartUpload with an attempt left unanswered is followed by a look for the upload
- * that attempt may have made (multipart.ts abortLostCreates), whose outcome `onLostCreates` hears. Returns what logs
- * the summary of throttled spells not logged yet (ThrottleLog.flush).
+ * that attempt may have made (multipart.ts abortLostCreates), whose outcome `onLostCreates` hears. The throttled answers
+ * to that look and to lib-storage's own abort go to the upload scope's cleanupWatch. Returns what logs the summary of
+ * throttled spells not logged yet (ThrottleLog.flush).
  */
 export function retryUploads(client: S3Client, stallMs: number, throttling: UploadThrottling, attempts = UPLOAD_ATTEMPTS, onLostCreates?: (o: LostCreatesOutcome) => void): () => void {
   // What each multipart upload failed with, by UploadId, until lib-storage aborts it: an abort that fails (cut by the
@@ -92,6 +93,9 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
           return out;
         }, (e: unknown) => {
           noteMultipart(mine, command, input, { error: e });
+          // lib-storage's own abort has one attempt and no Throttle, so its throttled answer is counted here (what it
+          // leaves open is aborted again, with retries: output.ts abortLeft).
+          if (isThrottled(e) && !ownAbort(input)) currentUpload()?.cleanupWatch?.throttled(s3Code(e));
           throw failure ?? e;
         });
       }
@@ -144,7 +148,8 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
         // aborted before the upload goes on (or reports its failure), once, whatever the last attempt did.
         if (unanswered !== undefined) {
           const settle = () => Promise.allSettled([...creating.get(key) ?? []]);
-          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle, undefined, undefined, { log: throttling.log }).catch((e: unknown) => (
+          const cleanup = { log: throttling.log, ...(scope?.cleanupWatch ? { watch: scope.cleanupWatch } : {}) };
+          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle, undefined, undefined, cleanup).catch((e: unknown) => (
             { bucket: input.Bucket ?? '', key, aborted: [], failed: (e as Error)?.name ?? 'Error' }));
           onLostCreates?.(outcome);
         }

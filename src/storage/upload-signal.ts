@@ -16,6 +16,11 @@ export interface UploadScope {
   readonly concurrency: number;
   /** Hears the throttled answers to the upload's requests (throttle.ts). */
   readonly watch: ThrottleWatch | undefined;
+  /**
+   * Hears the throttled answers to what is sent to clean up after them: lib-storage's own AbortMultipartUpload, and the
+   * look for the upload an unanswered CreateMultipartUpload made (ListMultipartUploads) with its aborts (upload-retry.ts).
+   */
+  readonly cleanupWatch: ThrottleWatch | undefined;
   /** Multipart uploads the store created for requests of this scope, neither completed nor aborted since: key by UploadId. */
   readonly open: ReadonlyMap<string, string>;
   /** Resolves once none of the scope's requests is in flight, or after `ms`. */
@@ -34,9 +39,9 @@ const current = new AsyncLocalStorage<Scope>();
 export const UPLOAD_QUEUE = 4;
 
 /** A scope for one upload, its retries ending when `signal` aborts. */
-export function uploadScope(signal?: AbortSignal, o: { concurrency?: number; watch?: ThrottleWatch } = {}): UploadScope {
+export function uploadScope(signal?: AbortSignal, o: { concurrency?: number; watch?: ThrottleWatch; cleanupWatch?: ThrottleWatch } = {}): UploadScope {
   const scope: Scope = {
-    signal, concurrency: o.concurrency ?? UPLOAD_QUEUE, watch: o.watch, open: new Map(), busy: 0, waiters: [],
+    signal, concurrency: o.concurrency ?? UPLOAD_QUEUE, watch: o.watch, cleanupWatch: o.cleanupWatch, open: new Map(), busy: 0, waiters: [],
     idle(ms) {
       if (scope.busy === 0) return Promise.resolve();
       return new Promise<void>((resolve) => {

@@ -183,8 +183,11 @@ export interface Faults {
    * destroyed unanswered (an answer lost to a reset): the upload exists, and its UploadId reaches nobody.
    */
   loseCreates?: { keys: RegExp; count: number };
-  /** With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in trouble). */
-  failAborts?: { count: number };
+  /**
+   * With abortUploads: answer the next `count` AbortMultipartUpload requests 500 InternalError first (a store in
+   * trouble), or with this status and S3 error code (503 SlowDown: the aborts alone throttled, not the listings).
+   */
+  failAborts?: { count: number; status?: number; code?: string };
   /** With abortUploads: leave the next `count` AbortMultipartUpload requests of keys matching `keys` unanswered (a store that hangs). */
   stallAborts?: { keys: RegExp; count: number };
   /**
@@ -375,7 +378,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       req.resume();
       if (f.failAborts && f.failAborts.count > 0) {
         f.failAborts.count--;
-        res.writeHead(500, { 'content-type': 'application/xml' }).end(s3Error('InternalError'));
+        res.writeHead(f.failAborts.status ?? 500, { 'content-type': 'application/xml' }).end(s3Error(f.failAborts.code ?? 'InternalError'));
         return;
       }
       if (f.stallAborts && f.stallAborts.count > 0 && f.stallAborts.keys.test(objectKey)) {
