@@ -5,7 +5,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { HELD, JOURNAL, MANIFEST, uncommit } from '../src/storage/cache.js';
 import { replay, spanBytes } from '../src/storage/journal.js';
-import { cleanUpS3, detBytes, type FaultProxy, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
+import { cleanUpS3, detBytes, type FaultProxy, type Faults, s3Env, settledCount, type S3Server, startS3WithProxy } from './helpers/s3.js';
 import { runWarmupCli, WARMUP_CLI as CLI } from './helpers/warmup-cli.js';
 import { until } from './helpers/server.js';
 import { ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3';
@@ -231,27 +231,59 @@ describe('warm-up CLI', () => {
     await expectModel(JSON.parse(fill.stdout).modelDir);
   });
 
-  it('push of a file rewritten while it uploads: fails naming it and deletes the object, which would mix both versions', async () => {
-    const dir = path.join(tmp, 'changing-export');
+  /**
+   * Pushes a copy of the model to `s3://models/sd/<name>` whose UNet data (three 5 MiB parts) is rewritten while its
+   * first part is held at the proxy (`faults` beside the hold); the push's result, and the keys left under the prefix.
+   */
+  const pushChanging = async (name: string, faults: Faults = {}) => {
+    const dir = path.join(tmp, `${name}-export`);
     await fsp.cp(local, dir, { recursive: true });
     const big = path.join(dir, 'unet/model.onnx_data');
-    await fsp.writeFile(big, detBytes(11 << 20, 21)); // three 5 MiB parts
+    await fsp.writeFile(big, detBytes(11 << 20, 21));
     let release!: () => void;
     const held = proxy.stats.held;
     // S3_MAX_CONCURRENCY=1: one part read and sent at a time, so the rest of the file is read after the first part.
-    proxy.faults = { hold: { method: 'PUT', keys: /\/sd\/changing\/unet\/model\.onnx_data\?.*partNumber=1(&|$)/, release: new Promise<void>((r) => (release = r)) } };
-    const run = cli(['push', dir, 's3://models/sd/changing'], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '1' }));
+    proxy.faults = { ...faults, hold: { method: 'PUT', keys: new RegExp(`/sd/${name}/unet/model\\.onnx_data\\?.*partNumber=1(&|$)`), release: new Promise<void>((r) => (release = r)) } };
+    const run = cli(['push', dir, `s3://models/sd/${name}`], s3Env(proxy.endpoint, path.join(tmp, 'unused'), { S3_MAX_CONCURRENCY: '1' }));
     await until(() => proxy.stats.held > held, 20_000, 20);
     await fsp.writeFile(big, detBytes(11 << 20, 22)); // the export writes its next version over it
     release();
     const r = await run;
-    proxy.faults = {};
+    const keys = ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: `sd/${name}/` }))).Contents ?? []).map((o) => o.Key!);
+    return { r, keys };
+  };
+
+  it('push of a file rewritten while it uploads: fails naming it and deletes the object, which would mix both versions', async () => {
+    const { r, keys } = await pushChanging('changing');
     expect([r.code, lastLine(r.stderr)]).toEqual([1, 'warmup: INVALID_INPUT: unet/model.onnx_data changed while it was uploaded (is the export still being written?); '
       + 'its object was deleted; push again once the folder is final']);
     expect(r.stdout).toBe('');
-    const keys = ((await s3.client.send(new ListObjectsV2Command({ Bucket: 'models', Prefix: 'sd/changing/' }))).Contents ?? []).map((o) => o.Key!);
     expect(keys).not.toContain('sd/changing/unet/model.onnx_data');
   });
+
+  it('that delete answered 503 once is tried again, as the push\'s other requests are: the object is deleted', async () => {
+    const faults = { failDeletes: { count: 1, status: 503, code: 'ServiceUnavailable' } };
+    const { r, keys } = await pushChanging('changing-503', faults);
+    expect(faults.failDeletes.count).toBe(0);
+    // Before: its one try got the 503, and the object was left ("delete s3://…, which may mix both versions").
+    expect([r.code, lastLine(r.stderr)]).toEqual([1, 'warmup: INVALID_INPUT: unet/model.onnx_data changed while it was uploaded (is the export still being written?); '
+      + 'its object was deleted; push again once the folder is final']);
+    expect(keys).not.toContain('sd/changing-503/unet/model.onnx_data');
+  }, 60_000);
+
+  it('that delete refused on every try: the log names the key left behind and why', async () => {
+    const faults = { failDeletes: { count: 1_000, status: 500, code: 'InternalError' } };
+    const { r, keys } = await pushChanging('changing-500', faults);
+    // Its five tries, no more.
+    expect(1_000 - faults.failDeletes.count).toBe(5);
+    const where = 's3://models/sd/changing-500/unet/model.onnx_data';
+    const why = `cannot delete ${where}: InternalError (gave up after retries)`;
+    expect(r.stderr).toContain(`push: unet/model.onnx_data changed while it was uploaded, and its object ${where}, which may mix both versions, is left behind: ${why}\n`);
+    expect([r.code, lastLine(r.stderr)]).toEqual([1, 'warmup: INVALID_INPUT: unet/model.onnx_data changed while it was uploaded (is the export still being written?); '
+      + `its object ${where}, which may mix both versions, could not be deleted and is left behind (${why}): delete it before a server reads the prefix; `
+      + 'push again once the folder is final']);
+    expect(keys).toContain('sd/changing-500/unet/model.onnx_data');
+  }, 60_000);
 
   it('a STORAGE_URI with keys in it (s3://KEY:SECRET@bucket/…) is refused without echoing them', async () => {
     const secret = 'wJalrXUtnFEMI-K7MDENG-not-for-logs';

@@ -148,6 +148,24 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // Its LIST and deletes wait throttling out as its uploads do (no try spent; S3_THROTTLE_TIMEOUT_S without an answer).
   const log = jobLogger(cfg);
   const throttled = (what: ThrottledWork) => new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: cfg.s3.throttleTimeoutS * 1000, log, what, fields: { uri: src.uri } }));
+  /**
+   * Deletes the object of a file that changed while it was uploaded, tried as the --replace deletes are (TRIES, throttled
+   * answers waited out, each attempt cut after S3_STALL_TIMEOUT_S of silence). Undefined once deleted, else why not.
+   */
+  const deleteChanged = async (key: string): Promise<string | undefined> => {
+    const tries = throttled('push\'s delete');
+    try {
+      await retryTransient((attempt) => tries.attempt(signal, () => bounded('DeleteObject', () => s3.client.send(new DeleteObjectCommand({ Bucket: src.bucket, Key: key }),
+        { abortSignal: signal }))(attempt)), TRIES, signal, undefined, tries.onThrottled);
+      return undefined;
+    } catch (e) {
+      if (signal.aborted) return 'the push was stopped';
+      const where = `s3://${src.bucket}/${key}`;
+      return (tries.gaveUp ? tries.throttle.gaveUp(`delete ${where}`, e) : stalled(`delete ${where}`, e) ?? permanentError(e, src.bucket, key, 'delete', endpoint)).message;
+    } finally {
+      tries.done();
+    }
+  };
   let stale: string[];
   const listing = throttled('push\'s listing');
   try {
@@ -207,10 +225,13 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         // matches it, so a fill would load it as sound: such an object is deleted and the push fails.
         const after = await fsp.stat(abs).catch(() => undefined);
         if (after?.size !== before.size || after.mtimeMs !== before.mtimeMs || after.ino !== before.ino) {
-          const deleted = await bounded('DeleteObject', () => s3.client.send(new DeleteObjectCommand({ Bucket: src.bucket, Key: src.prefix + rel }), { abortSignal: signal }))(0)
-            .then(() => true, () => false);
+          const where = `s3://${src.bucket}/${src.prefix}${rel}`;
+          const left = await deleteChanged(src.prefix + rel);
+          // Named on its own line too: a push stopped meanwhile ends with the signal's line, not this error's.
+          if (left !== undefined) process.stderr.write(`push: ${rel} changed while it was uploaded, and its object ${where}, which may mix both versions, is left behind: ${left}\n`);
           throw new RuntimeError('INVALID_INPUT', `${rel} changed while it was uploaded (is the export still being written?); `
-            + `${deleted ? 'its object was deleted' : `delete s3://${src.bucket}/${src.prefix}${rel}, which may mix both versions,`}; push again once the folder is final`);
+            + `${left === undefined ? 'its object was deleted' : `its object ${where}, which may mix both versions, could not be deleted and is left behind (${left}): delete it before a server reads the prefix`}; `
+            + 'push again once the folder is final');
         }
         bytes += before.size;
         process.stderr.write(`push: ${rel} (${mb(bytes)} MB so far)\n`);

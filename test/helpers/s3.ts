@@ -188,6 +188,11 @@ export interface Faults {
    * trouble), or with this status and S3 error code (503 SlowDown: the aborts alone throttled, not the listings).
    */
   failAborts?: { count: number; status?: number; code?: string };
+  /**
+   * Answer the next `count` DeleteObject requests (a single object's DELETE, not an abort) with this status and S3 error
+   * code (503 ServiceUnavailable: a store in trouble), then let them through to the store (s3rver answers 204).
+   */
+  failDeletes?: { count: number; status: number; code: string };
   /** With abortUploads: leave the next `count` AbortMultipartUpload requests of keys matching `keys` unanswered (a store that hangs). */
   stallAborts?: { keys: RegExp; count: number };
   /**
@@ -333,6 +338,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     const isAbort = req.method === 'DELETE' && query.has('uploadId');
     if (storm && ((storm.aborts && (isAbort || isUploadListing)) || (storm.deletes && ((req.method === 'DELETE' && !isAbort) || uploadCommand(req.method, req.url ?? '') === 'DeleteObjects')))) {
       slowedDown();
+      return;
+    }
+    if (f.failDeletes && f.failDeletes.count > 0 && req.method === 'DELETE' && !isAbort) {
+      f.failDeletes.count--;
+      req.resume();
+      res.writeHead(f.failDeletes.status, { 'content-type': 'application/xml' }).end(s3Error(f.failDeletes.code));
       return;
     }
     if (f.listUploads && isUploadListing) {
