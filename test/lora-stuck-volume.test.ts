@@ -180,6 +180,57 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
     }
   }, 240_000);
 
+  /**
+   * SIGTERM once the fetch of `style` is held by the volume (`stopFirst`: after every request waiting for it left, and
+   * its look at the volume found it silent): the stop waits for the fetch, which the volume holds, within its bound,
+   * and once the volume answers the fetch ends, its cache entry's lock released, and the process exits 0.
+   */
+  const stopWhileHeld = async (name: string, stopFirst: boolean) => {
+    const { fs, srv, backing } = await s3LorasOnStuckFs(name, { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+    // The volume's silence seen by the fetch's look at it (the gate's warning), or, without that look, past its wait.
+    let hungAt = Infinity;
+    const silent = () => srv.logs.some((l) => /^the cache volume is not answering: /.test(String(l.msg))) || performance.now() - hungAt > 8_000;
+    const shutDown = () => srv.logs.some((l) => l.msg === 'shut down');
+    try {
+      let waiting: ReturnType<typeof predict> | undefined;
+      if (stopFirst) {
+        const first = leavingPredict(srv, style);
+        await fs.hung;
+        hungAt = performance.now();
+        first.destroy();
+        await until(async () => (await inFlight(srv)) === 0, 20_000, 20);
+        // The stopped fetch's look at the volume has been answered CACHE_STUCK, and nobody waits to be told.
+        await until(silent, 30_000, 20);
+      } else {
+        waiting = predict(srv, style);
+        await fs.hung;
+        hungAt = performance.now();
+      }
+      const stopped = srv.stop('SIGTERM', 60_000);
+      await until(silent, 30_000, 20);
+      // The stop's bound is 15 s from the end of the 1 s grace period: 3 s past the look's CACHE_STUCK is well within it.
+      // Before, that CACHE_STUCK ended the adapter's lookup as if its fetch had ended: the stop no longer waited for
+      // it, and the process went on to exit while the fetch still held its lock.
+      await until(shutDown, 3_000, 20).catch(() => undefined);
+      expect(shutDown()).toBe(false);
+      fs.answer();
+      expect(await stopped).toEqual({ code: 0, signal: null });
+      if (waiting) expect((await waiting).json.code).toBe('SHUTTING_DOWN');
+      expect(readdirSync(path.join(backing, 'cache')).filter((f) => f.endsWith('.lock'))).toEqual([]);
+      expect(srv.logs.filter((l) => /shutdown did not finish/.test(String(l.msg)))).toEqual([]);
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  };
+
+  it('a stop while a request waits for an adapter\'s fetch the volume holds waits for that fetch: once the volume answers, it ends and releases its lock, exit 0', async () => {
+    await stopWhileHeld('stop-waited', false);
+  }, 240_000);
+
+  it('a stop after every request for an adapter left while the volume held its fetch waits for that fetch too: once the volume answers, it ends and releases its lock, exit 0', async () => {
+    await stopWhileHeld('stop-stopped', true);
+  }, 240_000);
+
   it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async () => {
     const backing = path.join(tmp.dir, 'build-backing');
     mkdirSync(path.join(backing, 'cache'), { recursive: true });

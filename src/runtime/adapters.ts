@@ -213,7 +213,7 @@ export class AdapterSource {
     const lookup = { waiting: 0, throttling: new ThrottleNote(this.onThrottled) } as Lookup;
     const attempt = (): Promise<string> => {
       const stop = (lookup.stop = new AbortController());
-      return this.#lookup(name, stop.signal, lookup.throttling).catch((err: unknown) => {
+      return this.#lookup(name, stop.signal, lookup.throttling, () => lookup.waiting > 0).catch((err: unknown) => {
         // A volume that stopped answering is the request's answer (CACHE_STUCK): the stopped fetch may still hang there.
         const again = stop.signal.aborted && lookup.waiting > 0 && !this.#closed.signal.aborted && !(isRuntimeError(err) && err.code === 'CACHE_STUCK');
         if (!again) throw err;
@@ -234,7 +234,8 @@ export class AdapterSource {
     return lookup;
   }
 
-  async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote): Promise<string> {
+  /** `waited`: whether a request waits for this lookup now (a volume that stops answering is told to those only). */
+  async #lookup(name: string, signal: AbortSignal, throttling: ThrottleNote, waited: () => boolean): Promise<string> {
     const local = this.#modelDir ? await inFolder(this.#gateOf(this.#modelDir), path.join(this.#modelDir, 'loras'), name) : undefined;
     if (local) return local;
     if (this.cfg.loraUri === undefined) throw new RuntimeError('NOT_FOUND', name);
@@ -273,6 +274,11 @@ export class AdapterSource {
     let stuck!: (err: RuntimeError) => void;
     const stuckAnswer = new Promise<never>((_, reject) => (stuck = reject));
     watchVolume(gate, cacheDir, watching.signal, (err) => {
+      // Told to the requests waiting for it. With none (every one left, or the server stops: close() answered them), the
+      // fetch is still running, its lock held: it stays the name's lookup, and close() waits for it, until it ends. Ended
+      // here, close() no longer waited for it and the process exited with its lock left; the look goes on, and tells a
+      // request that takes it up (#begin) within a second.
+      if (!waited() || this.#closed.signal.aborted) return;
       stuck(new RuntimeError('CACHE_STUCK', `its fetch from LORA_URI onto the cache is stopped: ${err.message}`, { cause: err, retryAfter: err.retryAfter }));
       fetching.abort();
       watching.abort();
