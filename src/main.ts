@@ -83,6 +83,7 @@ async function main(): Promise<void> {
   /** The boot's first step (its plan: a lease and a look at the cache entry), under way once the boot's code has loaded. */
   let resolving: Promise<BootSequence> | undefined;
   let signals = 0;
+  let firstStopWaits: 'runtime' | 'boot' | 'files' | undefined;
   /** When the last signal that counted arrived. */
   let countedAt = -Infinity;
   const stop = (sig: string) => {
@@ -109,7 +110,7 @@ async function main(): Promise<void> {
       }
       // Still starting (main returns at its next check): no drain to end. The stop goes on with what it waits for,
       // within its bound; the second signal makes its exit 1 where it finishes (leave).
-      const waits = resolving ? 'the model fetch to stop and its cache entry lease to be released' : 'the file system calls still pending (a volume slow to answer)';
+      const waits = firstStopWaits === 'boot' ? 'the model fetch to stop and its cache entry lease to be released' : 'the file system calls still pending (a volume slow to answer)';
       const line = `second signal (${sig}) while the server was still starting: no request or generation to stop; the stop still waits up to ${CLEANUP_MS / 1000} s for ${waits}, then exits (1 where they finished); a third signal ends it at once`;
       if (log) log.warn({ signal: sig }, line);
       else process.stderr.write(`diffusers-runtime: ${line}\n`);
@@ -120,6 +121,8 @@ async function main(): Promise<void> {
     // A second signal during the cleanup or the wait after it still makes the exit 1, as it says.
     const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cacheDir: cfg?.cacheDir, log, rt });
     const r = rt;
+    // What this stop waits for, as the first signal chose it (a boot begun after it is never started: main returns).
+    firstStopWaits = r ? 'runtime' : resolving ? 'boot' : 'files';
     if (r) void r.close().then(() => exit(Number(process.exitCode ?? 0), r.cleanup!));
     else if (resolving) {
       // As close()'s cleanup: the plan's lease is released on the cache, once the plan (itself on the cache) is made.
@@ -175,6 +178,8 @@ async function main(): Promise<void> {
     fatalLine((err as Error).message);
     process.exit(1);
   }
+  // A signal during the listen chose a stop with no boot to end: a boot begun now would take a lease nothing releases.
+  if (signals > 0) return;
   // Boot step 1, resolve, while the logger, the runtime and the routes load: a committed S3 cache entry's sessions start
   // in the workers as soon as it is found. Then the runtime, then the fetch: the server's code is loaded before the
   // fetch's calls on the cache begin. Node reads each module's file in libuv's pool, which the calls on a volume that
