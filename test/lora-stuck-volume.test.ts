@@ -3,13 +3,17 @@
  * (test/native/stuck-fs: every call on it then waits, a stat included): their calls are not gated one by one, and their
  * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
  */
-import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../src/log.js';
+import { defaultIo } from '../src/storage/download.js';
+import { resolveModel, type StorageIo } from '../src/storage/fetch.js';
+import { cacheKey, parseStorageUri } from '../src/storage/uri.js';
 import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
-import { CREDS, destroyS3, startFaultProxy, startS3, type S3Server } from './helpers/s3.js';
+import { CREDS, destroyS3, startFaultProxy, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFsOptions } from './helpers/stuck-fs.js';
 
@@ -21,6 +25,8 @@ const noFuse = stuckFsUnavailable();
 stuckFsForTests();
 
 beforeAll(async () => {
+  // For the fetches made in this process.
+  Object.assign(process.env, CREDS);
   model = await fixtureModel();
   s3 = await startS3(['loras']);
   // A valid kohya adapter of ~3 MB (also kept as tmp.dir/style.safetensors: a local LORA_URI).
@@ -132,6 +138,37 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
       await srv.stop('SIGKILL');
     }
   }, 300_000);
+
+  it('several fetches waiting for another node\'s locks when the volume stops answering: their looks go in the writes\' bound, a plain request served meanwhile', async () => {
+    const backing = path.join(tmp.dir, 'locked-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    // Each adapter's entry is being filled by another node (its lock's heartbeat fresh): these fetches wait, looking at
+    // the lock and the cache every poll, outside their download.
+    const since = new Date().toISOString();
+    for (const [i, n] of MANY.entries()) {
+      const key = cacheKey(parseStorageUri(`s3://loras/adapters/${n}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
+      writeFileSync(path.join(backing, 'cache', `${key}.lock`), JSON.stringify({ pid: 1, host: 'another-node', token: `feedface0000000${i}`, since }));
+    }
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'locked'));
+    // libuv's default pool (4 threads): the bound is 1.
+    const srv = await startServer({
+      ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
+      EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', UV_THREADPOOL_SIZE: '4',
+    }, { ready: true });
+    try {
+      const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
+      await until(() => srv.logs.filter((l) => l.msg === 'another process is filling this cache entry; waiting for it').length === MANY.length, 60_000, 20);
+      await fs.hang();
+      const r = await many;
+      expect([r.status, r.json.code], JSON.stringify(r.json)).toEqual([503, 'CACHE_STUCK']);
+      // Before, each waiting fetch's next look (the entry's versions, the lock) kept a pool thread beside the bound: the
+      // four held the pool, and this request's encoding waited behind them until its client left.
+      const plain = await predict(srv);
+      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 240_000);
 
   it('a request identical to one that left while its adapter\'s fetch was ending (committed, the volume slow to let it go) is served by that fetch: the adapter is looked up once', async () => {
     const proxy = await startFaultProxy(s3.port);
@@ -255,4 +292,64 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
       await srv.stop('SIGKILL');
     }
   }, 240_000);
+});
+
+/** How many threads of this process wait on a FUSE mount (a stuck-fs call not answered). */
+const waitingOnFuse = () => readdirSync('/proc/self/task').filter((t) => {
+  try {
+    return readFileSync(`/proc/self/task/${t}/wchan`, 'utf8') === 'request_wait_answer';
+  } catch {
+    return false; // the thread ended
+  }
+}).length;
+
+describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that stops answering (in this process)', () => {
+  // The adapters give a fetch a bound on its calls on the cache (adapters.ts: io.write, io.other); here one without a
+  // limit, counting the calls in it. Each point is the last request the volume answers; the fetch's next call on it,
+  // whatever it is, waits for good. Before, these calls were made beside the bound: each fetch stuck in one kept one
+  // more pool thread, whatever the bound.
+  it.for<[string, string]>([
+    ['its lock\'s creation', 'create:*'],
+    ['its partial\'s open', 'create:pytorch_lora_weights.safetensors.partial'],
+    ['its final sync', 'getattr:pytorch_lora_weights.safetensors.partial'],
+  ])('hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, at]) => {
+    const backing = path.join(tmp.dir, `own-${at.replace(/\W+/g, '-')}-backing`);
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    const fs = await mountStuckFs(backing, `${backing}-mnt`, { hangAfter: at });
+    let inBound = 0;
+    const counted = async <T>(call: () => Promise<T>): Promise<T> => {
+      inBound++;
+      try {
+        return await call();
+      } finally {
+        inBound--;
+      }
+    };
+    const io: Partial<StorageIo> = { write: (fh, bufs, len, at) => counted(() => defaultIo.write(fh, bufs, len, at)), other: counted };
+    const stop = new AbortController();
+    // No content check (its threads read the partial back: not pool threads), and within the test no lock heartbeat
+    // and no periodic sync (whose datasync of the partial would wait for the file's lock behind a stuck sync of it, not
+    // on the volume, uncounted).
+    const cfg = testConfig(s3.endpoint, path.join(fs.dir, 'cache'), { S3_VERIFY_CONTENT: '0' });
+    const fetched = resolveModel('s3://loras/adapters/style/', { cfg, log: createLogger('silent'), signal: stop.signal, io, lockStaleMs: 600_000, syncMs: 600_000 });
+    fetched.catch(() => undefined);
+    try {
+      await fs.hung;
+      // Settled: the calls under way have reached the volume, and nothing moves for a second.
+      let last = '';
+      let since = performance.now();
+      await until(() => {
+        const now = `${waitingOnFuse()}/${inBound}`;
+        if (now !== last) [last, since] = [now, performance.now()];
+        return waitingOnFuse() > 0 && performance.now() - since > 1_000;
+      }, 30_000, 50);
+      const [waiting, held] = last.split('/').map(Number);
+      expect(waiting, `${waiting} threads wait on the volume, ${held} calls in the bound`).toBeLessThanOrEqual(held!);
+    } finally {
+      stop.abort();
+      // Its calls fail (ENOTCONN) once the mount is released: the fetch ends.
+      await fs.release();
+      await fetched.catch(() => undefined);
+    }
+  });
 });

@@ -40,7 +40,7 @@ export class AdapterSource {
    * answering keeps one pool thread, not one a request, and its requests alone are answered CACHE_STUCK.
    */
   readonly #gates = new Map<string, VolumeGate>();
-  /** The positional writes of every LORA_URI fetch, and their other calls during the download, adapterWritesAtOnce() at a time. */
+  /** The positional writes of every LORA_URI fetch, and their other calls on the cache, adapterWritesAtOnce() at a time. */
   readonly #writes: Slots;
 
   /**
@@ -251,8 +251,9 @@ export class AdapterSource {
       if (f) return f;
       throw new RuntimeError('NOT_FOUND', name);
     }
-    // The fetch's own calls on the cache (its lock, journal, writes) are many and not gated: it starts only once a
-    // look at the cache's folder has answered, so that one adapter after another does not leave calls stuck there.
+    // The fetch's own calls on the cache (its lock, journal, writes) are many and not gated (they go in #writes): it
+    // starts only once a look at the cache's folder has answered, so that one adapter after another does not leave
+    // fetches stuck there.
     const cacheDir = this.cfg.cacheDir;
     const gate = this.#gateOf(cacheDir);
     await gate.run('stat', cacheDir, () => stat(cacheDir)).catch((err: unknown) => {
@@ -287,9 +288,10 @@ export class AdapterSource {
     try {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
         cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
-        // Its journal's writes and syncs, its partial's syncs and its locks' heartbeats too: each fetch stuck at once
-        // kept a few of those beside the bound, so that several filled the pool (test/lora-stuck-volume.test.ts). A lock's
-        // go ahead of the queued writes (fetch.ts, lockBound).
+        // Its other calls on the cache too (its lock's creation, looks, heartbeats and release, its journal, its
+        // partials' open, syncs and close, its commit): each fetch stuck at once kept one or a few of those beside the
+        // bound, so that several filled the pool (test/lora-stuck-volume.test.ts). A lock's go ahead of the queued
+        // writes (fetch.ts, lockBound).
         io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)), other: (call, o) => write.run(call, o) },
       });
       fetched.catch(() => undefined);
@@ -340,8 +342,9 @@ export class AdapterSource {
 const adapterAbsent = (err: RuntimeError): boolean => err.cause === undefined || s3Code(err.cause) === 'NoSuchKey';
 
 /**
- * Positional writes of the LORA_URI fetches at once, all together (with their other calls during the download: their
- * journals' writes and syncs, their partials' syncs, their locks' heartbeats), for libuv's pool of `pool` threads. A fetch has up
+ * Positional writes of the LORA_URI fetches at once, all together (with their other calls on the cache: their locks'
+ * creation, looks, heartbeats and release, their journals' writes and syncs, their partials' open, syncs and close,
+ * their commits), for libuv's pool of `pool` threads. A fetch has up
  * to S3_MAX_CONCURRENCY ranges in flight, each writing to the cache: on a volume that stops answering each write keeps
  * a pool thread for good, and 24 of them filled the image's pool of 16, sharp's encoding of every other request
  * included. The writes get what POOL_KEPT leaves: 8 of the image's 16 (a healthy fetch as fast as unbounded, within
@@ -353,11 +356,10 @@ export function adapterWritesAtOnce(pool = threadPoolSize()): number {
 }
 
 /**
- * Pool threads the writes leave: the gates' looks (one a volume), a fetch stuck in a call of its own outside its
- * download (its lock's creation, its partial's open, its final sync; its journal's writes and syncs and its locks'
- * heartbeats go in the writes' bound, as each fetch stuck at once kept 3 or 4 more: test/lora-stuck-volume.test.ts),
- * the leases' heartbeats (2: the model's entry, the adapter sets' folder), and 2 for the rest of the server (sharp's
- * encoding, dns.lookup).
+ * Pool threads the writes leave: the gates' looks (one a volume), the leases' heartbeats (2: the model's entry, the
+ * adapter sets' folder), and 2 for the rest of the server (sharp's encoding, dns.lookup). A fetch's calls on the
+ * cache go in the writes' bound (before, each fetch stuck at once kept 1 to 4 more beside it, from its lock's
+ * creation or a waiter's look to its final sync: test/lora-stuck-volume.test.ts).
  */
 const POOL_KEPT = 8;
 

@@ -30,9 +30,9 @@ export interface StorageIo {
   /** Bytes free to an unprivileged writer on the filesystem of dir. */
   freeBytes(dir: string): Promise<number>;
   /**
-   * Runs one of the fill's other calls on the cache that go on while it downloads (a journal's write and sync, a
-   * partial's sync, a lock's heartbeat and release): a caller bounding the writes bounds these with them. `ahead`
-   * (a lock's calls): not to wait behind the writes queued, lest its heartbeat go stale.
+   * Runs one of the fill's other calls on the cache (a journal's write and sync, a partial's open, sync, close and
+   * rename, a lock's creation, looks, heartbeat and release; fetch.ts's own): a caller bounding the writes bounds
+   * these with them. `ahead` (a lock's calls): not to wait behind the writes queued, lest its heartbeat go stale.
    */
   other<T>(call: () => Promise<T>, o?: { ahead?: boolean }): Promise<T>;
 }
@@ -235,9 +235,9 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     const prev = o.journal.get(obj.rel);
     let j: JournalFile | undefined = prev !== undefined && sameEtag(prev.etag, obj.etag) && prev.size === obj.size && !prev.complete ? prev : undefined;
     // Recorded spans count only while the partial is there with its full preallocated size.
-    if (j !== undefined && j.spans.length > 0 && (await fsp.stat(partial).catch(() => undefined))?.size !== obj.size) j = undefined;
+    if (j !== undefined && j.spans.length > 0 && (await o.io.other(() => fsp.stat(partial)).catch(() => undefined))?.size !== obj.size) j = undefined;
     if (j === undefined) {
-      await fsp.unlink(partial).catch(() => undefined);
+      await o.io.other(() => fsp.unlink(partial)).catch(() => undefined);
       j = o.journal.start(obj.rel, obj.etag, obj.size);
     }
     const f: FileState = { obj, abs, partial, j, left: 0, plans: 0, layouts: new Map() };
@@ -275,7 +275,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     return { ...t, range: r };
   });
   const remainingBytes = queue.reduce((s, t) => s + t.range.end - t.range.start + 1, 0);
-  let free = await o.io.freeBytes(o.entry);
+  let free = await o.io.other(() => o.io.freeBytes(o.entry));
   const short = (f: number) => `not enough space in the model cache (MODEL_CACHE_DIR): need ${mb(remainingBytes)} MB more, ${mb(f)} MB free`;
   if (free < remainingBytes && o.makeRoom) free += await o.makeRoom(remainingBytes, free, short(free));
   if (free < remainingBytes) throw noSpace(short(free));
@@ -322,7 +322,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   const open = (f: FileState): Promise<FileHandle> => {
     if (f.fh === undefined) {
-      const p = (async () => {
+      const p = o.io.other(async () => {
         await mkdirs(path.dirname(f.abs));
         const fresh = f.j.spans.length === 0;
         // Readable too: the content check reads what was written back through this descriptor.
@@ -331,7 +331,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (fresh) await fh.truncate(f.obj.size);
         startCheck(f, fh.fd);
         return fh;
-      })();
+      });
       f.fh = p;
       // Not opened (no descriptor left): the next range of the file opens it again.
       p.catch(() => f.fh === p && (f.fh = undefined));
@@ -514,13 +514,14 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
 
   const finish = async (f: FileState) => {
     const fh = await open(f);
-    const st = await fh.stat();
+    const st = await o.io.other(() => fh.stat());
     if (st.size !== f.obj.size) throw new RuntimeError('STORAGE_TRANSIENT', `s3://${o.bucket}/${f.obj.key}: wrote ${st.size} bytes, expected ${f.obj.size}`);
     await checkContent(f);
-    await fh.sync();
+    await o.io.other(() => fh.sync());
     f.closed = true;
-    await fh.close();
-    await fsp.rename(f.partial, f.abs);
+    // A written file's close flushes it (NFS, FUSE): it waits on the volume too.
+    await o.io.other(() => fh.close());
+    await o.io.other(() => fsp.rename(f.partial, f.abs));
     o.journal.complete(f.obj.rel, f.obj.etag, f.obj.size);
     o.onFileDone(f.obj, f.abs);
   };
@@ -747,7 +748,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         // Its descriptor is not held while the round goes on: the file is fetched again whole.
         f.hashed?.drop();
         f.closed = true;
-        await (await f.fh)?.close().catch(() => undefined);
+        const fh = await f.fh;
+        if (fh) await o.io.other(() => fh.close()).catch(() => undefined);
       }
     }
     await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, worker));
@@ -761,7 +763,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
     await hasher?.close();
     await Promise.all([...byRel.values()].map(async (f) => {
       if (f.closed) return;
-      await (await f.fh?.catch(() => undefined))?.close().catch(() => undefined);
+      const fh = await f.fh?.catch(() => undefined);
+      if (fh) await o.io.other(() => fh.close()).catch(() => undefined);
     }));
   }
   if (failure !== undefined) throw failure;

@@ -370,7 +370,7 @@ class S3Fetch {
 
   async run(): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
-    await mkdirs(cfg.cacheDir).catch((e: NodeJS.ErrnoException) => {
+    await this.onCache(() => mkdirs(cfg.cacheDir)).catch((e: NodeJS.ErrnoException) => {
       throw cacheDirError(e);
     });
     this.transport = openTransport(this.choice, cfg.s3, this.bucket);
@@ -378,9 +378,9 @@ class S3Fetch {
     try {
       this.emit('resolving', true);
       let listing: RemoteObject[] | undefined;
-      const cached = await currentVersion(cfg.cacheDir, this.key);
+      const cached = await this.onCache(() => currentVersion(cfg.cacheDir, this.key));
       if (cached) this.entry = cached.dir;
-      if (cached && cached.manifest.uri === this.uri && (await manifestFilesPresent(this.entry, cached.manifest))) {
+      if (cached && cached.manifest.uri === this.uri && (await this.onCache(() => manifestFilesPresent(this.entry, cached.manifest)))) {
         try {
           const checkMs = this.o.hitCheckTimeoutMs ?? 5_000;
           listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, checkMs, {
@@ -407,14 +407,13 @@ class S3Fetch {
       const staleMs = this.o.lockStaleMs ?? 30_000;
       const wait = new HolderWatch(this.entry, want);
       const current = async () => {
-        const c = await currentVersion(cfg.cacheDir, this.key);
+        const c = await this.onCache(() => currentVersion(cfg.cacheDir, this.key));
         return c !== undefined && sameObjects(this.kept(c.manifest), want) ? c : undefined;
       };
       // Every fill of the URI holds the lock of its version 1, whichever version it writes: one writer per entry.
       for (let attempt = 1; ; attempt++) {
         const lock = await acquireLock(`${this.base}.lock`, {
-          staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal,
-          ...this.bound('lock'),
+          staleMs, heartbeatMs: fillHeartbeatMs(staleMs), pollMs: Math.min(500, Math.max(50, staleMs / 60)), signal: this.signal, ...this.bound('lock'),
           onWait: (h) => this.waiting(wait, h),
           satisfied: async () => (await current()) !== undefined,
         });
@@ -431,10 +430,10 @@ class S3Fetch {
         }
         let res: ResolvedModel;
         try {
-          await this.recommitHeld();
+          await this.onCache(() => this.recommitHeld());
           const c = await current();
           if (c) this.entry = c.dir;
-          res = c && (await manifestFilesPresent(this.entry, c.manifest)) && (await this.leased(c.manifest))
+          res = c && (await this.onCache(() => manifestFilesPresent(this.entry, c.manifest))) && (await this.leased(c.manifest))
             ? this.hit(c.manifest, false)
             : await this.fill(want, AbortSignal.any([this.signal, lock.lost]), lock.lost);
         } finally {
@@ -470,12 +469,12 @@ class S3Fetch {
     }
     // The holder writes the highest-numbered version folder (a new version beside the one in use, or the entry itself):
     // what was announced from another one is announced again from it.
-    const top = (await versionsOf(this.o.cfg.cacheDir, this.key)).at(-1);
+    const top = (await this.onCache(() => versionsOf(this.o.cfg.cacheDir, this.key))).at(-1);
     if (top !== undefined && top.dir !== w.dir) {
       if (w.announced.size > 0) this.o.onRestart?.();
       w.follow(top.dir);
     }
-    const seen = await w.tail.read().catch(() => new Map<string, never>());
+    const seen = await this.onCache(() => w.tail.read()).catch(() => new Map<string, never>());
     let bytes = 0;
     let files = 0;
     for (const obj of w.want) {
@@ -490,7 +489,7 @@ class S3Fetch {
       // An evictor's lock (lease.ts): the entry is about to go, nothing in it is announced.
       if (w.announced.has(obj.rel) || h?.purpose === 'evict') continue;
       const abs = path.join(w.dir, obj.rel);
-      const st = await fsp.stat(abs).catch(() => undefined);
+      const st = await this.onCache(() => fsp.stat(abs)).catch(() => undefined);
       if (!st?.isFile() || st.size !== obj.size) continue;
       if (w.announced.size === 0) {
         // What a process announces it reads from: its lease first.
@@ -614,8 +613,10 @@ class S3Fetch {
    */
   private async leased(m: Manifest): Promise<boolean> {
     await this.o.lease?.(this.entry);
-    const now = await readManifest(this.entry);
-    return now !== undefined && sameCommit(now, m) && (await manifestFilesPresent(this.entry, now));
+    return this.onCache(async () => {
+      const now = await readManifest(this.entry);
+      return now !== undefined && sameCommit(now, m) && (await manifestFilesPresent(this.entry, now));
+    });
   }
 
   /**
@@ -635,7 +636,7 @@ class S3Fetch {
   private async served(res: ResolvedModel): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const mine = parseVersion(path.basename(this.entry)).n;
-    for (const v of await versionsOf(cfg.cacheDir, this.key)) {
+    for (const v of await this.onCache(() => versionsOf(cfg.cacheDir, this.key))) {
       if (v.n >= mine) continue;
       // A lease or lock that only watching could judge (a pod killed elsewhere) is not watched here: the start would wait
       // for it (60 s for a lease). The version stays for an eviction or a prune, which watch it.
@@ -663,9 +664,9 @@ class S3Fetch {
       }
       return res;
     };
-    const versions = await versionsOf(cfg.cacheDir, this.key);
+    const versions = await this.onCache(() => versionsOf(cfg.cacheDir, this.key));
     const top = versions.at(-1);
-    const cur = await currentVersion(cfg.cacheDir, this.key, versions);
+    const cur = await this.onCache(() => currentVersion(cfg.cacheDir, this.key, versions));
     const onError = (e: unknown) => log.warn({ reason: (e as NodeJS.ErrnoException)?.code ?? 'error' }, 'could not record download progress; a restart fetches again what was not recorded');
     const staleMs = this.o.lockStaleMs ?? 30_000;
     let versionLock: HeldLock | undefined;
@@ -676,8 +677,9 @@ class S3Fetch {
       this.entry = dir;
       if (dir !== this.base) versionLock = await acquireLock(`${dir}.lock`, { staleMs, heartbeatMs: fillHeartbeatMs(staleMs), signal, ...this.bound('lock') });
       await this.o.lease?.(dir);
-      await mkdirs(dir);
-      journal = await Journal.open(dir, { onError, ...this.bound('journal') });
+      await this.onCache(() => mkdirs(dir));
+      // Its later writes and syncs go in the bound one by one; its open (a read, a rewrite, a sync) as one call.
+      journal = await this.onCache(() => Journal.open(dir, { onError, ...this.bound('journal') }));
       return journal;
     };
     try {
@@ -688,14 +690,14 @@ class S3Fetch {
         // finds it uncommitted and waits for this fill (lease.ts, the same handshake as an eviction's).
         for (const f of cur.manifest.files) j.complete(f.path, f.etag, f.size);
         await j.sync();
-        await uncommit(this.entry);
+        await this.onCache(() => uncommit(this.entry));
         // A lease whose heartbeat looks old on this clock is not watched (a minute, on a start's path): it may be a pod
         // on a node whose clock is behind, so it keeps the entry as a live one would; an eviction or a prune judges it.
-        const leases = await leaseState(this.entry, this.o.leaseStaleMs, { confirmMs: 0 });
+        const leases = await this.onCache(() => leaseState(this.entry, this.o.leaseStaleMs, { confirmMs: 0 }));
         const users = leases.live.filter((h) => !isOwn(h));
-        if (users.length === 0 && leases.unwatched === 0) await dropCommit(this.entry);
+        if (users.length === 0 && leases.unwatched === 0) await this.onCache(() => dropCommit(this.entry));
         else {
-          await recommit(this.entry);
+          await this.onCache(() => recommit(this.entry));
           await j.remove();
           await versionLock?.release();
           versionLock = undefined;
@@ -732,20 +734,20 @@ class S3Fetch {
       if (j?.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size) continue;
       const src = path.join(from.dir, obj.rel);
       const dst = path.join(this.entry, obj.rel);
-      try {
-        if ((await fsp.stat(src)).size !== obj.size) continue;
+      const linked = await this.onCache(async () => {
+        if ((await fsp.stat(src)).size !== obj.size) return false;
         await mkdirs(path.dirname(dst));
         await fsp.unlink(dst).catch(() => undefined);
         await fsp.link(src, dst);
-      } catch {
-        continue;
-      }
+        return true;
+      }).catch(() => false);
+      if (!linked) continue;
       journal.complete(obj.rel, obj.etag, obj.size);
       dirs.add(path.dirname(dst));
       files++;
       bytes += obj.size;
     }
-    for (const d of dirs) await fsyncDir(d);
+    for (const d of dirs) await this.onCache(() => fsyncDir(d));
     await journal.sync();
     if (files > 0) this.o.log.info({ files, bytes, from: path.basename(from.dir) }, 'unchanged files linked from the version in use');
   }
@@ -819,7 +821,7 @@ class S3Fetch {
       const folders = new Map<string, Promise<boolean>>();
       for (const obj of listing) {
         const j = journal.get(obj.rel);
-        const size = await entrySize(this.entry, obj.rel, folders);
+        const size = await this.onCache(() => entrySize(this.entry, obj.rel, folders));
         // A file under its final name got there by a rename once it was whole, at the version the journal recorded
         // before its first byte (downloadAll): with that version listed, it is reused, whether or not the journal
         // heard of the rename before a kill.
@@ -830,7 +832,7 @@ class S3Fetch {
         } else {
           fetch.push(obj);
           // A partial reached through a link (its folder one) goes with the link: its spans are not resumed.
-          if (j !== undefined && !j.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size && !(await throughLink(this.entry, obj.rel + PARTIAL))) keep.add(obj.rel + PARTIAL);
+          if (j !== undefined && !j.complete && sameEtag(j.etag, obj.etag) && j.size === obj.size && !(await this.onCache(() => throughLink(this.entry, obj.rel + PARTIAL)))) keep.add(obj.rel + PARTIAL);
           else journal.drop(obj.rel);
         }
       }
@@ -840,7 +842,7 @@ class S3Fetch {
       for (const rel of derived) keep.add(rel);
       // Stale files go (durably) before the journal names new versions: a file found later under a final name is
       // then always the version the journal names.
-      const swept = await sweep(this.entry, keep);
+      const swept = await this.onCache(() => sweep(this.entry, keep));
       if (swept.length > 0) log.info({ files: swept.length }, 'removed stale temporary and outdated files from the cache entry');
       await journal.sync();
       if (from !== undefined && this.o.carry) await this.carryFrom(from);
@@ -927,7 +929,7 @@ class S3Fetch {
         continue;
       }
       // The commit names every listed file: each must be there, whole, under its final name.
-      const bad = await this.notWhole(listing);
+      const bad = await this.onCache(() => this.notWhole(listing));
       if (bad.length > 0) {
         log.warn({ files: bad.slice(0, 5), count: bad.length }, 'files missing or short after the download; fetching them again');
         for (const rel of bad) journal.drop(rel);
@@ -937,12 +939,12 @@ class S3Fetch {
       }
       log.debug({ ms: Math.round(performance.now() - started) }, 'all files whole');
       const dirs = new Set(listing.map((x) => path.dirname(path.join(this.entry, x.rel))));
-      for (const d of dirs) await fsyncDir(d);
+      for (const d of dirs) await this.onCache(() => fsyncDir(d));
       const bytes = listing.reduce((s, x) => s + x.size, 0);
-      await writeManifest(this.entry, {
+      await this.onCache(() => writeManifest(this.entry, {
         version: 1, uri: this.uri, bytes, completedAt: new Date().toISOString(),
         files: listing.map((x) => ({ path: x.rel, size: x.size, etag: x.etag })),
-      });
+      }));
       await journal.remove();
       const secs = (performance.now() - started) / 1000;
       const checked = contentChecked(checkState, listing);
@@ -1031,7 +1033,19 @@ class S3Fetch {
       else journal.drop(rel);
     }
     await journal.sync().catch(() => undefined);
-    await sweep(this.entry, keep).catch(() => undefined);
+    await this.onCache(() => sweep(this.entry, keep)).catch(() => undefined);
+  }
+
+  /**
+   * One of the fill's own calls on the cache outside its download's writes (a look at the entry's versions, the
+   * journal's open, a sweep, the commit), in the caller's bound where it has one (ResolveOptions.io.other, as the
+   * writes): a LoRA adapter's fetch stuck in one of them on a volume that stopped answering kept a pool thread beside
+   * the bound, and several stuck at once filled the pool (test/lora-stuck-volume.test.ts). `call` must not itself wait
+   * for the bound (a journal's sync, write or close does: not passed here).
+   */
+  private onCache<T>(call: () => Promise<T>): Promise<T> {
+    const other = this.o.io?.other;
+    return other ? other(call) : call();
   }
 
   private elapsed(): number {
@@ -1080,8 +1094,9 @@ function contentChecked(state: ContentCheckState | undefined, listing: readonly 
 /** The heartbeat of a fill's locks: well inside their staleness, so a busy event loop does not lose them. */
 const fillHeartbeatMs = (staleMs: number): number => Math.max(50, Math.floor(staleMs / 15));
 /**
- * A lock's heartbeat and release through the caller's bound, ahead of its queued writes: behind them (the bound at 1, a
- * volume answering each call 120 ms late) a heartbeat waited 38 s, past the lock's 30 s staleness.
+ * A lock's calls (its creation, a waiter's looks, its heartbeat and release) through the caller's bound, ahead of its
+ * queued writes: behind them (the bound at 1, a volume answering each call 120 ms late) a heartbeat waited 38 s, past
+ * the lock's 30 s staleness.
  */
 const lockBound = (other: StorageIo['other']) => <T>(call: () => Promise<T>): Promise<T> => other(call, { ahead: true });
 

@@ -226,7 +226,7 @@ export class Journal {
   #closed = false;
   /** Lines not written yet are dropped: a write failed (#fail) or the entry is another process's (halt). */
   #dropping = false;
-  /** Runs each write of the log and its sync (Journal.open's `bound`). */
+  /** Runs each write of the log, its sync, its close and its removal (Journal.open's `bound`). */
   readonly #bound: Bound;
 
   private constructor(readonly entry: string, readonly files: Map<string, JournalFile>, boot: string, private readonly onError: (e: unknown) => void, bound: Bound) {
@@ -238,8 +238,8 @@ export class Journal {
   /**
    * Reads the entry's journal (missing or unreadable: empty), syncs the partials its unvouched lines name, and
    * rewrites it compacted and vouched. `onError`: a write of the log failed (recording stops; nothing is lost but
-   * what a resume will fetch again). `bound` runs each later write of the log and its sync: the caller's bound on
-   * the pool threads that a volume that stops answering keeps (the LoRA adapters' fetches share one).
+   * what a resume will fetch again). `bound` runs each later write of the log, its sync, close and removal: the
+   * caller's bound on the pool threads that a volume that stops answering keeps (the LoRA adapters' fetches share one).
    */
   static async open(entry: string, o: { boot?: string; onError?: (e: unknown) => void; bound?: Bound } = {}): Promise<Journal> {
     const boot = o.boot ?? currentBoot();
@@ -415,14 +415,16 @@ export class Journal {
     this.#closed = true;
     await this.#chain;
     await this.#writes;
-    await this.#fh?.close().catch(() => undefined);
+    const fh = this.#fh;
     this.#fh = undefined;
+    // A written file's close flushes it: on a volume that stopped answering it waits too.
+    if (fh) await this.#bound(() => fh.close()).catch(() => undefined);
   }
 
   /** Closes and deletes the log (the entry is committed; its manifest says everything). */
   async remove(): Promise<void> {
     await this.close();
-    await fsp.unlink(this.#file).catch(() => undefined);
+    await this.#bound(() => fsp.unlink(this.#file)).catch(() => undefined);
   }
 }
 

@@ -42,7 +42,10 @@ export interface LockOptions {
    */
   unreadableStaleMs?: number;
   signal?: AbortSignal;
-  /** Runs each call of the held lock's heartbeat and release (hold's `bound`). */
+  /**
+   * Runs each of the lock's calls on the volume: its creation, a waiter's looks, a takeover, the watch's open, and the
+   * held lock's heartbeat and release (hold's `bound`). Not `satisfied` nor `onWait`: the caller's, bounded by it.
+   */
   bound?: <T>(call: () => Promise<T>) => Promise<T>;
   /** Called while waiting, once per poll, with what the lock says about its holder; a promise it returns is awaited. */
   onWait?(holder: LockInfo | undefined): unknown;
@@ -332,7 +335,8 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
   const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
   const confirmMs = o.confirmMs ?? staleMs / 3;
   const me = holderInfo(o.purpose);
-  const wake = new Wake(file);
+  const io = o.bound ?? ((call) => call());
+  const wake = new Wake(file, io);
   try {
     // The lock stood at the last look: no new one is written (a create, an fsync, a link) until it is gone or stale.
     let standing = false;
@@ -341,14 +345,14 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
       o.signal?.throwIfAborted();
       if (!standing) {
         try {
-          await createHolderFile(file, me);
+          await io(() => createHolderFile(file, me));
           return hold(file, me, heartbeatMs, o.bound);
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
         }
       }
       if (o.satisfied && (await o.satisfied())) return undefined;
-      const l = await look(file);
+      const l = await io(() => look(file));
       if (l === undefined) {
         standing = false;
         continue; // released between our open and stat: try again at once
@@ -360,15 +364,15 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
         // Move the stale lock aside; only one waiter's rename succeeds. If what we moved is not the holder judged
         // (someone took over between our look and rename), put it back with link(), which never overwrites.
         const aside = `${file}.stale.${me.token}`;
-        try {
+        await io(async () => {
           await fsp.rename(file, aside);
           const moved = holderOf(await readInfo(aside));
           const stillStale = moved === undefined ? holder === undefined : moved.token === holder?.token;
           if (!stillStale) await fsp.link(aside, file).catch(() => undefined);
           await fsp.unlink(aside).catch(() => undefined);
-        } catch {
+        }).catch(() => {
           /* another waiter moved it first */
-        }
+        });
         standing = false;
         beat = new Heartbeat();
         continue;
@@ -401,7 +405,8 @@ class Wake {
   #pending = false;
   #wake: (() => void) | undefined;
 
-  constructor(private readonly file: string) {}
+  /** `io`: runs each of its calls on the volume (acquireLock's bound). */
+  constructor(private readonly file: string, private readonly io: <T>(call: () => Promise<T>) => Promise<T> = (call) => call()) {}
 
   sleep(ms: number, signal?: AbortSignal): Promise<void> {
     if (this.#pending) {
@@ -435,13 +440,13 @@ class Wake {
     if (this.#tried) return;
     this.#tried = true;
     const dir = path.dirname(this.file);
-    void trackIo('open', dir, () => fsp.open(dir, 'r')).then(
+    void this.io(() => trackIo('open', dir, () => fsp.open(dir, 'r'))).then(
       async (folder) => {
         if (!this.#closed) this.#watch(`/proc/self/fd/${folder.fd}`);
         // The watch holds the folder itself, not the descriptor.
-        await folder.close().catch(() => undefined);
+        await this.io(() => folder.close()).catch(() => undefined);
         if (this.#closed) return;
-        await trackIo('stat', this.file, () => fsp.stat(this.file)).catch((e: NodeJS.ErrnoException) => {
+        await this.io(() => trackIo('stat', this.file, () => fsp.stat(this.file))).catch((e: NodeJS.ErrnoException) => {
           if (e.code !== 'ENOENT' || this.#closed) return;
           this.#pending = true;
           this.#wake?.();
