@@ -21,7 +21,7 @@ import type { ServerContext } from './server/context.js';
 import { spawnWorkers, type SpawnedWorker } from './runtime/workers.js';
 import { unaddressableUris } from './storage/addressing.js';
 import { unknownDefaultScheduler } from './pipeline/schedulers/names.js';
-import { cacheRelative, CLEANUP_MS, describePending, endBySignal, killNow, lookForDefaultCacheDir, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
+import { cacheRelative, CLEANUP_MS, describePending, endBySignal, killNow, lookForDefaultCacheDir, pendingByVolume, serverVolumes, startCleanup, trackIo, warnStepFailed, type Cleanup } from './storage/pending-io.js';
 import { clearTerminationMessage, terminationReason } from './termination.js';
 
 /** The flags KServe's Python servers take, and the variable that does their work here. */
@@ -119,7 +119,7 @@ async function main(): Promise<void> {
     }
     events?.emit('signal', { signal: sig }, 'signal received');
     // A second signal during the cleanup or the wait after it still makes the exit 1, as it says.
-    const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cacheDir: cfg?.cacheDir, log, rt });
+    const exit = (code: number, cleanup: Cleanup) => void leave(() => (signals > 1 ? 1 : code), sig, cleanup, { cfg, log, rt });
     const r = rt;
     // What this stop waits for, as the first signal chose it (a boot begun after it is never started: main returns).
     firstStopWaits = r ? 'runtime' : resolving ? 'boot' : 'files';
@@ -213,8 +213,9 @@ async function main(): Promise<void> {
  * process ends as `sig`'s default action (128 + its number, 143 for SIGTERM): not 0, and not the kubelet's SIGKILL (137)
  * at the end of the pod's grace period.
  */
-async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cacheDir: string | undefined; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
-  const { cacheDir, log, rt } = o;
+async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cfg: Readonly<Config> | undefined; log: Logger | undefined; rt: Runtime | undefined }): Promise<void> {
+  const { cfg, log, rt } = o;
+  const cacheDir = cfg?.cacheDir;
   const unanswered = await cleanup.unanswered();
   const unfinished = cleanup.unfinished;
   if (unfinished.length === 0 && unanswered === 0) {
@@ -224,14 +225,16 @@ async function leave(code: () => number, sig: string, cleanup: Cleanup, o: { cac
     if (c === 0) clearTerminationMessage();
     process.exit(c);
   }
-  const pending = describePending(cacheDir);
+  // Each call named with the volume it is on: the cache, the model's folder (/mnt/models), a local LORA_URI.
+  const volumes = serverVolumes(cfg);
+  const pending = describePending(volumes);
   const signal = sig as NodeJS.Signals;
   const status = 128 + (osConstants.signals[signal] ?? 0);
   // A worker that did not stop is most often inside ONNX Runtime, creating a session from a file it cannot read.
   const sessions = rt?.boot.progress.sessions ?? {};
   const opening = unfinished.includes('the pipeline workers') ? [...(rt?.engine.announced ?? [])].filter(([c]) => !Object.hasOwn(sessions, c)).map(([, f]) => cacheRelative(cacheDir!, f)) : [];
   const what = [
-    ...(pending.length > 0 ? [`the cache volume did not answer: ${pending.join('; ')}`] : []),
+    ...pendingByVolume(volumes),
     ...(opening.length > 0 ? [`the pipeline workers did not stop (still creating sessions from ${opening.join(', ')}: does their volume answer?)`] : []),
     ...(pending.length === 0 && unanswered > 0 ? [`${unanswered} file system call(s) still unanswered`] : []),
   ];

@@ -37,7 +37,7 @@ describe.skipIf(noFuse)('adapter look-ups on several volumes', () => {
     await fs.hang();
     // Not in the model's folder: looked for on LORA_URI, whose stat never answers.
     expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual({
-      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": a volume the server reads is not answering: stat ${fs.dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
+      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": the LoRA volume \\(LORA_URI\\) is not answering: stat ${fs.dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
     });
     // Before, one gate watched every folder: its slot held by the hung stat, this look-up was refused too, at once.
     expect(await outcome(src.resolve([{ name: 'in-model', scale: 1 }]))).toEqual({ files: [path.join(model, 'loras', 'in-model.safetensors')] });

@@ -444,6 +444,11 @@ describe('the server command line', () => {
     t.onTestFinished(async () => void (await srv.stop('SIGKILL')));
     expect(srv.logs.filter((l) => l.variable === 'STORAGE_URL').map((l) => l.level)).toEqual(['warn']);
     expect((await fetch(`${srv.url}/v2/health/ready`)).status).toBe(503);
+    // SIGTERM: the stop is held by the look, and its line names the volume the look is on (before: "the cache volume").
+    expect(await srv.stop('SIGTERM', 40_000)).toEqual({ code: null, signal: 'SIGTERM' });
+    const line = srv.logs.find((l) => l.level === 'error' && String(l.msg).startsWith('shutdown did not finish'))?.msg;
+    expect(line).toMatch(/^shutdown did not finish: the model volume \(\/mnt\/models\) did not answer: access \/mnt\/models still pending after \d+ s[;:]/);
+    expect(line).not.toContain('the cache volume');
   }, 120_000);
 
   it('names an unknown DEFAULT_SCHEDULER beside other bad variables, in the same run; a malformed one once', () => {

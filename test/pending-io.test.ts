@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, constants, openSync, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fsRequestsPending, startCleanup } from '../src/storage/pending-io.js';
+import { describePending, fsRequestsPending, pendingByVolume, pendingIo, serverVolumes, startCleanup, trackIo } from '../src/storage/pending-io.js';
 import { tempDir, until } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
@@ -107,5 +107,46 @@ describe('startCleanup', () => {
       await closed;
     }
     expect(await startCleanup({ ms: 5_000 }).unanswered()).toBe(0);
+  });
+});
+
+describe('pendingByVolume', () => {
+  it('names each call pending with the volume it is on: the cache (paths relative to it), the model\'s folder, a LORA_URI folder (inside the cache\'s or not), another', async () => {
+    // Calls that stay pending until the test lets them go (no file is touched).
+    const held: Array<() => void> = [];
+    const pend = (op: string, file: string) => void trackIo(op, file, () => new Promise<void>((r) => held.push(r)));
+    const cache = path.join(tmp.dir, 'cache');
+    const loras = path.join(cache, 'loras');
+    const t0 = performance.now();
+    pend('access', '/mnt/models');
+    pend('stat', path.join(cache, 'entry', 'loras', 'a.safetensors'));
+    pend('stat', path.join(loras, 'b.safetensors'));
+    pend('readdir', cache);
+    pend('read', '/elsewhere/x');
+    try {
+      const volumes = serverVolumes({ cacheDir: cache, storageUri: 's3://models/sd', loraUri: `file://${loras}` });
+      const age = (line: string) => line.replace(/still pending after \d+ s/g, 'still pending after N s');
+      // Before, the line called every call the cache volume's: a look at /mnt/models, KServe's model folder, too.
+      expect(pendingByVolume(volumes, t0 + 3_000).map(age)).toEqual([
+        'the model volume (/mnt/models) did not answer: access /mnt/models still pending after N s',
+        'the cache volume did not answer: stat entry/loras/a.safetensors still pending after N s; readdir . still pending after N s',
+        `the LoRA volume (LORA_URI) did not answer: stat ${loras}/b.safetensors still pending after N s`,
+        'a volume the server reads did not answer: read /elsewhere/x still pending after N s',
+      ]);
+      expect(describePending(volumes, t0 + 3_000).map(age)).toEqual([
+        'access /mnt/models still pending after N s', 'stat entry/loras/a.safetensors still pending after N s', `stat ${loras}/b.safetensors still pending after N s`,
+        'readdir . still pending after N s', 'read /elsewhere/x still pending after N s',
+      ]);
+      // A local STORAGE_URI is the model volume by that name; without MODEL_CACHE_DIR known yet (a stop before the
+      // config), the cache's default folders are named whole.
+      expect(pendingByVolume(serverVolumes({ storageUri: '/elsewhere' }), t0).map(age)).toEqual([
+        'the model volume (/mnt/models) did not answer: access /mnt/models still pending after N s',
+        `a volume the server reads did not answer: stat ${cache}/entry/loras/a.safetensors still pending after N s; stat ${loras}/b.safetensors still pending after N s; readdir ${cache} still pending after N s`,
+        'the model volume (STORAGE_URI) did not answer: read /elsewhere/x still pending after N s',
+      ]);
+    } finally {
+      for (const r of held) r();
+      await until(() => pendingIo().length === 0, 5_000);
+    }
   });
 });

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { isRuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
-import { fsRequestsPending, pendingIo } from '../src/storage/pending-io.js';
+import { fsRequestsPending, pendingIo, serverVolumes } from '../src/storage/pending-io.js';
 import { createVolumeGate } from '../src/storage/volume-gate.js';
 import { tempDir, until } from './helpers/server.js';
 
@@ -54,7 +54,7 @@ function fifo(name: string): string {
 function gate(o: { slots?: number; waitMs: number }) {
   const lines: Array<Record<string, unknown>> = [];
   const log = createLogger('info', 'gate-test', { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) });
-  return { g: createVolumeGate({ cacheDir: tmp.dir, log, ...o }), lines };
+  return { g: createVolumeGate({ volumes: serverVolumes({ cacheDir: tmp.dir }), log, ...o }), lines };
 }
 
 /** What a call through the gate ended as: its value, or its error's code and message. */
@@ -82,12 +82,22 @@ describe('createVolumeGate', () => {
     expect(lines.filter((l) => l.level === 'info').map((l) => l.msg)).toEqual(['the volume answers again']);
   });
 
-  it('a file outside the cache is named whole, its volume as another', async () => {
+  it('a file outside the cache is named whole, with the volume it is on: a local LORA_URI\'s or STORAGE_URI\'s, or another', async () => {
     const stuck = fifo('stuck-outside');
-    const other = createVolumeGate({ cacheDir: path.join(tmp.dir, 'cache'), log: createLogger('silent'), waitMs: 100 });
-    expect(await outcome(other.run('readFile', stuck, () => fsp.readFile(stuck)))).toMatchObject({
-      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^a volume the server reads is not answering: readFile ${stuck} still pending after \\d+ s; `)),
-    });
+    const answer = async (volumes: Parameters<typeof serverVolumes>[0]) => {
+      const g = createVolumeGate({ volumes: serverVolumes(volumes), log: createLogger('silent'), waitMs: 100 });
+      const r = await outcome(g.run('readFile', stuck, () => fsp.readFile(stuck)));
+      // The FIFO answers: the call is over before the next gate makes its own.
+      await release(stuck);
+      await until(() => pendingIo().length === 0, 5_000);
+      return r;
+    };
+    const cacheDir = path.join(tmp.dir, 'cache');
+    const named = (volume: string) => ({ code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^${volume} is not answering: readFile ${stuck} still pending after \\d+ s; `)) });
+    expect(await answer({ cacheDir })).toMatchObject(named('a volume the server reads'));
+    // Before, any volume but the cache was "a volume the server reads".
+    expect(await answer({ cacheDir, loraUri: tmp.dir })).toMatchObject(named('the LoRA volume \\(LORA_URI\\)'));
+    expect(await answer({ cacheDir, storageUri: `file://${tmp.dir}` })).toMatchObject(named('the model volume \\(STORAGE_URI\\)'));
   });
 
   it('a call that answers within the wait hands its slot to the next, in order; never more calls at once than the slots', async () => {

@@ -27,7 +27,7 @@ import { LEASE_STALE_MS } from '../src/storage/lease.js';
 import { type StillBeats } from '../src/storage/lock.js';
 import { cacheKey, parseStorageUri, type StorageSource } from '../src/storage/uri.js';
 import { parseVersion } from '../src/storage/versions.js';
-import { describePending, endBySignal, fsRequestsAnswered, fsRequestsPending, lookForDefaultCacheDir } from '../src/storage/pending-io.js';
+import { endBySignal, fsRequestsAnswered, fsRequestsPending, lookForDefaultCacheDir, pendingByVolume, serverVolumes } from '../src/storage/pending-io.js';
 import { terminationReason } from '../src/termination.js';
 
 const USAGE = 'usage: warmup                       (fills the cache from STORAGE_URI)\n       warmup push LOCAL_DIR s3://bucket/prefix [--replace]'
@@ -465,8 +465,8 @@ function stopSettings(): { shutdownGraceS: number; cacheDir: string | undefined 
  * number), since process.exit() would wait for them for good.
  */
 function leaveStuck(sig: NodeJS.Signals, why: string): never {
-  const pending = describePending(stopSettings().cacheDir);
-  const what = pending.length > 0 ? `the cache volume did not answer: ${pending.join('; ')}` : `${fsRequestsPending()} file system call(s) on the cache still unanswered`;
+  const pending = pendingByVolume(serverVolumes({ cacheDir: stopSettings().cacheDir }));
+  const what = pending.length > 0 ? pending.join('; ') : `${fsRequestsPending()} file system call(s) on the cache still unanswered`;
   fatalLine(`${why}: ${what}; exiting without waiting for them (exit ${128 + os.constants.signals[sig]})`);
   return endBySignal(sig);
 }

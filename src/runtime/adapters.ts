@@ -16,6 +16,7 @@ import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
 import { Slots } from '../slots.js';
 import { defaultIo } from '../storage/download.js';
+import { serverVolumes, type Volume } from '../storage/pending-io.js';
 import { createVolumeGate, watchVolume, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
 import { ThrottleNote } from '../storage/throttle.js';
@@ -40,6 +41,8 @@ export class AdapterSource {
    * answering keeps one pool thread, not one a request, and its requests alone are answered CACHE_STUCK.
    */
   readonly #gates = new Map<string, VolumeGate>();
+  /** The volumes the configuration names, for the gates' answers to name the one a call waits on. */
+  readonly #volumes: readonly Volume[];
   /** The positional writes of every LORA_URI fetch, and their other calls on the cache, adapterWritesAtOnce() at a time. */
   readonly #writes: Slots;
 
@@ -56,6 +59,7 @@ export class AdapterSource {
     const n = o.writesAtOnce ?? adapterWritesAtOnce();
     if (!(n >= 1)) throw new TypeError(`writesAtOnce must be 1 or more, got ${n}`);
     this.#writes = new Slots(n);
+    this.#volumes = serverVolumes(cfg);
   }
 
   /** The loaded model's folder (its `loras/` come first); a new model forgets what was resolved. */
@@ -130,7 +134,7 @@ export class AdapterSource {
     const root = [this.cfg.cacheDir, local, this.#modelDir].find((d) => d !== undefined && within(d, file) !== undefined) ?? path.dirname(file);
     const key = path.resolve(root);
     let g = this.#gates.get(key);
-    if (!g) this.#gates.set(key, (g = createVolumeGate({ cacheDir: this.cfg.cacheDir, log: this.log })));
+    if (!g) this.#gates.set(key, (g = createVolumeGate({ volumes: this.#volumes, log: this.log })));
     return g;
   }
 

@@ -9,10 +9,12 @@
 import { constants as fsConstants } from 'node:fs';
 import { access, mkdir } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
+import path from 'node:path';
 import { within } from '../files.js';
 import { fileURLToPath } from 'node:url';
-import { PVC_CACHE_DIR, tmpCacheDir } from '../config.js';
+import { KSERVE_MODEL_DIR, PVC_CACHE_DIR, tmpCacheDir } from '../config.js';
 import type { Logger } from '../log.js';
+import { parseStorageUri } from './uri.js';
 
 export interface PendingIo {
   /** The call: `writeFile`, `unlink`, `utimes`, `read`. */
@@ -74,9 +76,83 @@ export function cacheRelative(cacheDir: string, file: string): string {
   return rel === undefined ? file : rel === '' ? '.' : rel;
 }
 
-/** `op rel` for each recorded call still pending, with its age: what a stop's line names (paths whole without `cacheDir`). */
-export function describePending(cacheDir: string | undefined, now = performance.now()): string[] {
-  return pendingIo().map((p) => `${p.op} ${cacheDir === undefined ? p.file : cacheRelative(cacheDir, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+/** A folder the server reads, and how its lines name the volume under it. */
+export interface Volume {
+  readonly dir: string;
+  /** `the cache volume`, `the model volume (/mnt/models)`, `the LoRA volume (LORA_URI)`. */
+  readonly name: string;
+  /** The cache's: its files are named relative to `dir` (MODEL_CACHE_DIR), the others' whole. */
+  readonly cache?: true;
+}
+
+/** What a file on none of the volumes the server knows lies on. */
+export const OTHER_VOLUME = 'a volume the server reads';
+
+/**
+ * The volumes the server reads from, by the folders its configuration names: MODEL_CACHE_DIR (or, before it is known,
+ * the folders its default is looked for in, named whole), a local STORAGE_URI, /mnt/models (KServe's; looked at when
+ * STORAGE_URI is not set), a local LORA_URI. A model fetched from S3 lies in the cache.
+ */
+export function serverVolumes(cfg: { cacheDir?: string | undefined; storageUri?: string | undefined; loraUri?: string | undefined } = {}): Volume[] {
+  const local = (uri: string | undefined): string | undefined => {
+    if (uri === undefined) return undefined;
+    try {
+      const src = parseStorageUri(uri);
+      return src.kind === 'local' ? src.path : undefined;
+    } catch {
+      return undefined; // the config says what is wrong with it
+    }
+  };
+  const model = local(cfg.storageUri);
+  const lora = local(cfg.loraUri);
+  return [
+    ...(cfg.cacheDir !== undefined ? [{ dir: cfg.cacheDir, name: 'the cache volume', cache: true as const }] : []),
+    // The default's candidates: a look at them comes before the config.
+    { dir: PVC_CACHE_DIR, name: 'the cache volume' },
+    { dir: tmpCacheDir(), name: 'the cache volume' },
+    ...(model !== undefined ? [{ dir: model, name: 'the model volume (STORAGE_URI)' }] : []),
+    { dir: KSERVE_MODEL_DIR, name: `the model volume (${KSERVE_MODEL_DIR})` },
+    ...(lora !== undefined ? [{ dir: lora, name: 'the LoRA volume (LORA_URI)' }] : []),
+  ];
+}
+
+/**
+ * The volume `file` lies on among `volumes`, by path: the one of the deepest folder that holds it (a LORA_URI folder
+ * under MODEL_CACHE_DIR's is the LoRA volume), the first listed of those as deep; undefined for none.
+ */
+export function volumeOf(volumes: readonly Volume[], file: string): Volume | undefined {
+  let best: Volume | undefined;
+  let depth = -1;
+  for (const v of volumes) {
+    const d = path.resolve(v.dir).split(path.sep).length;
+    if (d > depth && within(v.dir, file) !== undefined) [best, depth] = [v, d];
+  }
+  return best;
+}
+
+/** `file` as a line names it on `v`: relative to the cache's folder (`.` for the folder itself), whole otherwise. */
+export function nameOn(v: Volume | undefined, file: string): string {
+  return v?.cache ? cacheRelative(v.dir, file) : file;
+}
+
+/** `op file` for each recorded call still pending, with its age, oldest first (the cache's files named relative to it). */
+export function describePending(volumes: readonly Volume[], now = performance.now()): string[] {
+  return pendingIo().map((p) => `${p.op} ${nameOn(volumeOf(volumes, p.file), p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+}
+
+/**
+ * What a stop's line names: `<volume> did not answer: <call>; <call>` for each volume with recorded calls still
+ * pending (the volume of the oldest first). A look at /mnt/models is the model volume's, not the cache's.
+ */
+export function pendingByVolume(volumes: readonly Volume[], now = performance.now()): string[] {
+  const by = new Map<string, string[]>();
+  for (const p of pendingIo()) {
+    const v = volumeOf(volumes, p.file);
+    const calls = by.get(v?.name ?? OTHER_VOLUME) ?? [];
+    calls.push(`${p.op} ${nameOn(v, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+    by.set(v?.name ?? OTHER_VOLUME, calls);
+  }
+  return [...by].map(([name, calls]) => `${name} did not answer: ${calls.join('; ')}`);
 }
 
 /**

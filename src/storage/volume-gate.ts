@@ -8,11 +8,10 @@
  * (503) naming it, at once once it has been pending CACHE_CALL_WAIT_MS, instead of queueing behind it for good.
  */
 import { stat } from 'node:fs/promises';
-import path from 'node:path';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Slots } from '../slots.js';
-import { cacheRelative, trackIo } from './pending-io.js';
+import { nameOn, OTHER_VOLUME, trackIo, volumeOf, type Volume } from './pending-io.js';
 
 /** How long a request waits for a call on the volume, its own or the one ahead of it (a stat answers in microseconds). */
 export const CACHE_CALL_WAIT_MS = 5_000;
@@ -36,7 +35,8 @@ interface Running {
   readonly since: number;
 }
 
-export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger; slots?: number; waitMs?: number }): VolumeGate {
+/** `volumes`: those the server reads (serverVolumes), for its answers to name the one a call waits on. */
+export function createVolumeGate(o: { volumes: readonly Volume[]; log: Logger; slots?: number; waitMs?: number }): VolumeGate {
   const slots = o.slots ?? CACHE_CALLS_AT_ONCE;
   const waitMs = o.waitMs ?? CACHE_CALL_WAIT_MS;
   if (!Number.isInteger(slots) || slots < 1) throw new TypeError(`slots must be an integer from 1 up, got ${slots}`);
@@ -48,15 +48,16 @@ export function createVolumeGate(o: { cacheDir: string | undefined; log: Logger;
 
   const stuck = (): RuntimeError => {
     const r = [...running].reduce<Running | undefined>((a, b) => (a === undefined || b.since < a.since ? b : a), undefined);
-    const file = r === undefined || o.cacheDir === undefined ? r?.file : cacheRelative(o.cacheDir, r.file);
-    const what = r === undefined ? 'calls still pending' : `${r.op} ${file} still pending after ${Math.round((performance.now() - r.since) / 1000)} s`;
-    // A file outside the cache (a model's or LORA_URI's folder of its own) is named whole: its volume is another.
-    const outside = file !== undefined && path.isAbsolute(file);
+    const v = r === undefined ? undefined : volumeOf(o.volumes, r.file);
+    const what = r === undefined ? 'calls still pending' : `${r.op} ${nameOn(v, r.file)} still pending after ${Math.round((performance.now() - r.since) / 1000)} s`;
+    // The cache's files are named relative to its folder: the answer says which one that is. Another volume's (a local
+    // STORAGE_URI's or LORA_URI's folder) are named whole.
+    const name = v?.name ?? OTHER_VOLUME;
     if (!warned) {
       warned = true;
-      o.log.warn({ pending: what }, `${outside ? 'a volume the server reads' : 'the cache volume'} is not answering: ${what}; requests that need it are answered CACHE_STUCK until it does`);
+      o.log.warn({ pending: what }, `${name} is not answering: ${what}; requests that need it are answered CACHE_STUCK until it does`);
     }
-    return new RuntimeError('CACHE_STUCK', `${outside ? 'a volume the server reads' : 'the cache volume (MODEL_CACHE_DIR)'} is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
+    return new RuntimeError('CACHE_STUCK', `${v?.cache ? `${name} (MODEL_CACHE_DIR)` : name} is not answering: ${what}; check the volume's server (an NFS server gone away holds every call) and its mount on this node; retry later`, { retryAfter: CACHE_STUCK_RETRY_AFTER });
   };
   const release = () => {
     places.release();
