@@ -13,3 +13,15 @@ export function within(dir: string, file: string): string | undefined {
   const rel = path.relative(dir, file);
   return rel.startsWith('..') || path.isAbsolute(rel) ? undefined : rel;
 }
+
+/** The one of `items` whose folder (`dirOf`) is the deepest that holds `file` (by path), the first listed of those as deep. */
+export function deepestHolding<T>(items: readonly T[], dirOf: (item: T) => string, file: string): T | undefined {
+  let best: T | undefined;
+  let depth = -1;
+  for (const item of items) {
+    const dir = path.resolve(dirOf(item));
+    const d = dir === path.sep ? 0 : dir.split(path.sep).length;
+    if (d > depth && within(dir, file) !== undefined) [best, depth] = [item, d];
+  }
+  return best;
+}

@@ -8,9 +8,11 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isRuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
+import { within } from '../src/files.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
+import { pendingIo } from '../src/storage/pending-io.js';
 import { testConfig } from './helpers/s3.js';
-import { tempDir } from './helpers/server.js';
+import { tempDir, until } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 const tmp = tempDir('adapter-volumes-');
@@ -50,5 +52,56 @@ describe.skipIf(noFuse)('adapter look-ups on several volumes', () => {
     expect(told).toEqual([]);
     // Still hung: still refused, without a second call on it.
     expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toMatchObject({ code: 'CACHE_STUCK' });
+  }, 60_000);
+
+  it('a LORA_URI folder mounted inside MODEL_CACHE_DIR\'s folder has a gate of its own: stuck, it leaves the cache served', async () => {
+    const model = path.join(tmp.dir, 'model-nested');
+    mkdirSync(path.join(model, 'loras'), { recursive: true });
+    writeFileSync(path.join(model, 'loras', 'in-model.safetensors'), 'not parsed here');
+    const cache = path.join(tmp.dir, 'cache-nested');
+    const backing = path.join(tmp.dir, 'nested-lora-backing');
+    mkdirSync(backing, { recursive: true });
+    writeFileSync(path.join(backing, 'on-lora-uri.safetensors'), 'not parsed here');
+    // The cache's folder is on this machine's disk; its loras/ is another volume, mounted there.
+    const fs = await mountStuckFs(backing, path.join(cache, 'loras'));
+    const src = new AdapterSource(testConfig('http://127.0.0.1:9', cache, { LORA_URI: fs.dir }), createLogger('silent'));
+    src.setModelDir(model);
+    await fs.hang();
+    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual({
+      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": the LoRA volume \\(LORA_URI\\) is not answering: stat ${fs.dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
+    });
+    // Before, the file took the gate of the first folder holding it, the cache's: its slot held by the hung stat, the
+    // cache's watch (an adapter set's build's) was told the cache does not answer.
+    const stop = new AbortController();
+    const told: string[] = [];
+    src.watch(stop.signal, (err) => told.push(err.message));
+    await new Promise((r) => setTimeout(r, 6_000));
+    stop.abort();
+    expect(told).toEqual([]);
+    expect(await outcome(src.resolve([{ name: 'in-model', scale: 1 }]))).toEqual({ files: [path.join(model, 'loras', 'in-model.safetensors')] });
+  }, 60_000);
+
+  it('MODEL_CACHE_DIR and a LORA_URI folder on one volume share its gate: stuck, it keeps one call, not one a folder', async () => {
+    const model = path.join(tmp.dir, 'model-shared');
+    mkdirSync(path.join(model, 'loras'), { recursive: true });
+    const backing = path.join(tmp.dir, 'shared-backing');
+    mkdirSync(path.join(backing, 'cache'), { recursive: true });
+    mkdirSync(path.join(backing, 'loras'), { recursive: true });
+    writeFileSync(path.join(backing, 'loras', 'on-lora-uri.safetensors'), 'not parsed here');
+    // Two folders of one volume.
+    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'shared'));
+    const src = new AdapterSource(testConfig('http://127.0.0.1:9', path.join(fs.dir, 'cache'), { LORA_URI: path.join(fs.dir, 'loras') }), createLogger('silent'));
+    src.setModelDir(model);
+    await fs.hang();
+    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toMatchObject({ code: 'CACHE_STUCK' });
+    // The cache's watch is told at once, by the gate the hung stat holds, without a call of its own.
+    const stop = new AbortController();
+    const told: string[] = [];
+    src.watch(stop.signal, (err) => told.push(err.message));
+    await until(() => told.length > 0, 20_000);
+    stop.abort();
+    expect(told[0]).toMatch(new RegExp(`^the LoRA volume \\(LORA_URI\\) is not answering: stat ${fs.dir}/loras/on-lora-uri\\.safetensors still pending after \\d+ s; `));
+    // Before, each folder had a gate: the watch's stat of the cache's folder was a second call held by the volume.
+    expect(pendingIo().filter((p) => within(fs.dir, p.file) !== undefined).map((p) => `${p.op} ${p.file}`)).toEqual([`stat ${fs.dir}/loras/on-lora-uri.safetensors`]);
   }, 60_000);
 });

@@ -8,7 +8,7 @@
  */
 import { readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { within } from '../files.js';
+import { deepestHolding } from '../files.js';
 import type { Config } from '../config.js';
 import { REQUEST_ADVICE, shortage, shortageError, SHORTAGE_RETRY_AFTER } from '../descriptors.js';
 import { RuntimeError, isRuntimeError } from '../errors.js';
@@ -16,6 +16,7 @@ import type { Logger } from '../log.js';
 import type { AdapterRef } from '../pipeline/job.js';
 import { Slots } from '../slots.js';
 import { defaultIo } from '../storage/download.js';
+import { mountOf, readMounts, type Mount } from '../storage/mounts.js';
 import { serverVolumes, type Volume } from '../storage/pending-io.js';
 import { createVolumeGate, watchVolume, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
@@ -37,10 +38,12 @@ export class AdapterSource {
   /** Aborted by close(): every request still waiting is answered SHUTTING_DOWN. */
   readonly #closed = new AbortController();
   /**
-   * Every look at the adapters' files goes through the gate of the folder they lie in (#gateOf): a volume that stops
+   * Every look at the adapters' files goes through the gate of the volume they lie on (#gateOf): a volume that stops
    * answering keeps one pool thread, not one a request, and its requests alone are answered CACHE_STUCK.
    */
   readonly #gates = new Map<string, VolumeGate>();
+  /** This process's mounts (storage/mounts.ts), read at the first look and again for a new model; undefined: none here. */
+  #mounts: readonly Mount[] | undefined | null = null;
   /** The volumes the configuration names, for the gates' answers to name the one a call waits on. */
   readonly #volumes: readonly Volume[];
   /** The positional writes of every LORA_URI fetch, and their other calls on the cache, adapterWritesAtOnce() at a time. */
@@ -68,6 +71,7 @@ export class AdapterSource {
     this.#modelDir = dir;
     this.#files.clear();
     this.#found.clear();
+    this.#mounts = null;
   }
 
   /** The local file of every adapter, or one 400 naming every adapter that was not found. */
@@ -124,15 +128,23 @@ export class AdapterSource {
   }
 
   /**
-   * The gate of the volume `file` lies on, known by the folder the server reads it from: MODEL_CACHE_DIR (S3 adapters,
-   * a model fetched from S3), a local LORA_URI, the model's own folder. One gate for all answered a request that needs
-   * a healthy volume CACHE_STUCK while a call on another one hung (the gate's slot held, past its wait). Two of these
-   * folders on one volume keep a pool thread each when it hangs: three at most.
+   * The gate of the volume `file` lies on: its mount's device, from the mount table (a stat of the file would tell it
+   * too, but on a volume that stopped answering that stat hangs). One gate for all answered a request that needs a
+   * healthy volume CACHE_STUCK while a call on another one hung (the gate's slot held, past its wait); a gate for each
+   * folder the server reads adapters from (MODEL_CACHE_DIR, a local LORA_URI, the model's own folder) shared one of
+   * them with a volume mounted inside it (a LORA_URI folder mounted under MODEL_CACHE_DIR's), and gave two of them on
+   * one volume a pool thread each when it hung. Without a mount table (not Linux), the deepest of those folders that
+   * holds the file.
    */
   #gateOf(file: string): VolumeGate {
-    const local = this.#localLoraDir();
-    const root = [this.cfg.cacheDir, local, this.#modelDir].find((d) => d !== undefined && within(d, file) !== undefined) ?? path.dirname(file);
-    const key = path.resolve(root);
+    if (this.#mounts === null) this.#mounts = readMounts();
+    const m = this.#mounts && mountOf(this.#mounts, file);
+    let key: string;
+    if (m) key = `dev ${m.dev}`;
+    else {
+      const folders = [this.cfg.cacheDir, this.#localLoraDir(), this.#modelDir].filter((d) => d !== undefined);
+      key = `folder ${path.resolve(deepestHolding(folders, (d) => d, file) ?? path.dirname(file))}`;
+    }
     let g = this.#gates.get(key);
     if (!g) this.#gates.set(key, (g = createVolumeGate({ volumes: this.#volumes, log: this.log })));
     return g;

@@ -9,8 +9,7 @@
 import { constants as fsConstants } from 'node:fs';
 import { access, mkdir } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import path from 'node:path';
-import { within } from '../files.js';
+import { deepestHolding, within } from '../files.js';
 import { fileURLToPath } from 'node:url';
 import { KSERVE_MODEL_DIR, PVC_CACHE_DIR, tmpCacheDir } from '../config.js';
 import type { Logger } from '../log.js';
@@ -121,13 +120,7 @@ export function serverVolumes(cfg: { cacheDir?: string | undefined; storageUri?:
  * under MODEL_CACHE_DIR's is the LoRA volume), the first listed of those as deep; undefined for none.
  */
 export function volumeOf(volumes: readonly Volume[], file: string): Volume | undefined {
-  let best: Volume | undefined;
-  let depth = -1;
-  for (const v of volumes) {
-    const d = path.resolve(v.dir).split(path.sep).length;
-    if (d > depth && within(v.dir, file) !== undefined) [best, depth] = [v, d];
-  }
-  return best;
+  return deepestHolding(volumes, (v) => v.dir, file);
 }
 
 /** `file` as a line names it on `v`: relative to the cache's folder (`.` for the folder itself), whole otherwise. */
