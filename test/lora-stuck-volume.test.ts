@@ -142,13 +142,6 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
   it('several fetches waiting for another node\'s locks when the volume stops answering: their looks go in the writes\' bound, a plain request served meanwhile', async () => {
     const backing = path.join(tmp.dir, 'locked-backing');
     mkdirSync(path.join(backing, 'cache'), { recursive: true });
-    // Each adapter's entry is being filled by another node (its lock's heartbeat fresh): these fetches wait, looking at
-    // the lock and the cache every poll, outside their download.
-    const since = new Date().toISOString();
-    for (const [i, n] of MANY.entries()) {
-      const key = cacheKey(parseStorageUri(`s3://loras/adapters/${n}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
-      writeFileSync(path.join(backing, 'cache', `${key}.lock`), JSON.stringify({ pid: 1, host: 'another-node', token: `feedface0000000${i}`, since }));
-    }
     const fs = await mountStuckFs(backing, path.join(tmp.dir, 'locked'));
     // libuv's default pool (4 threads): the bound is 1.
     const srv = await startServer({
@@ -156,6 +149,14 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
       EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', UV_THREADPOOL_SIZE: '4',
     }, { ready: true });
     try {
+      // Each adapter's entry is being filled by another node (its lock's heartbeat fresh, written now: a lock that old
+      // is taken over after 30 s): these fetches wait, looking at the lock and the cache every poll, outside their
+      // download.
+      const since = new Date().toISOString();
+      for (const [i, n] of MANY.entries()) {
+        const key = cacheKey(parseStorageUri(`s3://loras/adapters/${n}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
+        writeFileSync(path.join(backing, 'cache', `${key}.lock`), JSON.stringify({ pid: 1, host: 'another-node', token: `feedface0000000${i}`, since }));
+      }
       const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
       await until(() => srv.logs.filter((l) => l.msg === 'another process is filling this cache entry; waiting for it').length === MANY.length, 60_000, 20);
       await fs.hang();
