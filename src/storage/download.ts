@@ -327,8 +327,15 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         const fresh = f.j.spans.length === 0;
         // Readable too: the content check reads what was written back through this descriptor.
         const fh = await fsp.open(f.partial, fresh ? 'w+' : 'r+');
-        // Preallocate (sparse on most filesystems) so every range can be written at its offset.
-        if (fresh) await fh.truncate(f.obj.size);
+        try {
+          // Preallocate (sparse on most filesystems) so every range can be written at its offset.
+          if (fresh) await fh.truncate(f.obj.size);
+        } catch (e) {
+          // Not handed on, so closed here: left to the garbage collector, a close that fails too (the volume gone)
+          // is thrown where nothing catches it.
+          await fh.close().catch(() => undefined);
+          throw e;
+        }
         startCheck(f, fh.fd);
         return fh;
       });
