@@ -22,6 +22,19 @@ afterAll(() => tmp.cleanup());
 
 /** What a look-up ended as: the files, or its error's code and message. */
 const outcome = (p: Promise<Array<{ file: string }>>) => p.then((refs) => ({ files: refs.map((r) => r.file) }), (e: unknown) => (isRuntimeError(e) ? { code: e.code, message: e.message } : { error: String(e) }));
+/** What a look-up of `on-lora-uri` answers while LORA_URI's volume (mounted at `dir`) holds its stat. */
+const loraUriStuck = (dir: string) => ({
+  code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": the LoRA volume \\(LORA_URI\\) is not answering: stat ${dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
+});
+/** What the cache's watch (an adapter set's build's) is told in `ms`. */
+const toldWithin = async (src: AdapterSource, ms: number): Promise<string[]> => {
+  const stop = new AbortController();
+  const told: string[] = [];
+  src.watch(stop.signal, (err) => told.push(err.message));
+  await new Promise((r) => setTimeout(r, ms));
+  stop.abort();
+  return told;
+};
 
 describe.skipIf(noFuse)('adapter look-ups on several volumes', () => {
   it('a local LORA_URI that stops answering: its adapters are answered CACHE_STUCK, the model\'s own adapters and MODEL_CACHE_DIR still served', async () => {
@@ -38,18 +51,11 @@ describe.skipIf(noFuse)('adapter look-ups on several volumes', () => {
     src.setModelDir(model);
     await fs.hang();
     // Not in the model's folder: looked for on LORA_URI, whose stat never answers.
-    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual({
-      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": the LoRA volume \\(LORA_URI\\) is not answering: stat ${fs.dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
-    });
+    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual(loraUriStuck(fs.dir));
     // Before, one gate watched every folder: its slot held by the hung stat, this look-up was refused too, at once.
     expect(await outcome(src.resolve([{ name: 'in-model', scale: 1 }]))).toEqual({ files: [path.join(model, 'loras', 'in-model.safetensors')] });
     // The cache volume answers its watch (an adapter set's build's): nothing is told stuck.
-    const stop = new AbortController();
-    const told: string[] = [];
-    src.watch(stop.signal, (err) => told.push(err.message));
-    await new Promise((r) => setTimeout(r, 6_000));
-    stop.abort();
-    expect(told).toEqual([]);
+    expect(await toldWithin(src, 6_000)).toEqual([]);
     // Still hung: still refused, without a second call on it.
     expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toMatchObject({ code: 'CACHE_STUCK' });
   }, 60_000);
@@ -67,17 +73,10 @@ describe.skipIf(noFuse)('adapter look-ups on several volumes', () => {
     const src = new AdapterSource(testConfig('http://127.0.0.1:9', cache, { LORA_URI: fs.dir }), createLogger('silent'));
     src.setModelDir(model);
     await fs.hang();
-    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual({
-      code: 'CACHE_STUCK', message: expect.stringMatching(new RegExp(`^adapter "on-lora-uri": the LoRA volume \\(LORA_URI\\) is not answering: stat ${fs.dir}/on-lora-uri\\.safetensors still pending after \\d+ s; `)),
-    });
+    expect(await outcome(src.resolve([{ name: 'on-lora-uri', scale: 1 }]))).toEqual(loraUriStuck(fs.dir));
     // Before, the file took the gate of the first folder holding it, the cache's: its slot held by the hung stat, the
     // cache's watch (an adapter set's build's) was told the cache does not answer.
-    const stop = new AbortController();
-    const told: string[] = [];
-    src.watch(stop.signal, (err) => told.push(err.message));
-    await new Promise((r) => setTimeout(r, 6_000));
-    stop.abort();
-    expect(told).toEqual([]);
+    expect(await toldWithin(src, 6_000)).toEqual([]);
     expect(await outcome(src.resolve([{ name: 'in-model', scale: 1 }]))).toEqual({ files: [path.join(model, 'loras', 'in-model.safetensors')] });
   }, 60_000);
 
