@@ -194,10 +194,14 @@ async function stopAt(c: Ctx, cache: string, at: number, length: number, signal:
   return { r, delivered: stoppedAt };
 }
 
-/** A fault-free, unpaced re-run: the bytes it fetched, and whether it left the source's bytes. */
+/**
+ * A fault-free, unpaced re-run: the bytes it fetched, and whether it left the source's bytes. Nothing stalls on its
+ * link: with the soak's 1 s stall timeout a busy machine alone made it give ranges up and read them again, bytes it
+ * counted as lost to the kill (soak 6), so it waits as long as test/faults.test.ts's re-run does.
+ */
 async function rerun(c: Ctx, cache: string) {
   const before = c.link.stats.bodyBytes;
-  const r = await runWarmup(CLI, env(c, cache));
+  const r = await runWarmup(CLI, env(c, cache, { S3_STALL_TIMEOUT_S: '30' }));
   const entry = entryIn(cache);
   const problems = r.code === 0 && entry ? await entryProblems(entry, c.source) : [`exit ${r.code}: ${r.stderr.trim().split('\n').at(-1)}`];
   return { fetched: c.link.stats.bodyBytes - before, problems };
