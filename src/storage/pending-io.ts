@@ -128,9 +128,14 @@ export function nameOn(v: Volume | undefined, file: string): string {
   return v?.cache ? cacheRelative(v.dir, file) : file;
 }
 
+/** `op file still pending after N s`: a call on volume `v` as the stop lines and CACHE_STUCK name it. */
+export function pendingCall(p: { op: string; file: string; since: number }, v: Volume | undefined, now = performance.now()): string {
+  return `${p.op} ${nameOn(v, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`;
+}
+
 /** `op file` for each recorded call still pending, with its age, oldest first (the cache's files named relative to it). */
 export function describePending(volumes: readonly Volume[], now = performance.now()): string[] {
-  return pendingIo().map((p) => `${p.op} ${nameOn(volumeOf(volumes, p.file), p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
+  return pendingIo().map((p) => pendingCall(p, volumeOf(volumes, p.file), now));
 }
 
 /**
@@ -141,9 +146,10 @@ export function pendingByVolume(volumes: readonly Volume[], now = performance.no
   const by = new Map<string, string[]>();
   for (const p of pendingIo()) {
     const v = volumeOf(volumes, p.file);
-    const calls = by.get(v?.name ?? OTHER_VOLUME) ?? [];
-    calls.push(`${p.op} ${nameOn(v, p.file)} still pending after ${Math.round((now - p.since) / 1000)} s`);
-    by.set(v?.name ?? OTHER_VOLUME, calls);
+    const name = v?.name ?? OTHER_VOLUME;
+    const calls = by.get(name) ?? [];
+    calls.push(pendingCall(p, v, now));
+    by.set(name, calls);
   }
   return [...by].map(([name, calls]) => `${name} did not answer: ${calls.join('; ')}`);
 }

@@ -11,7 +11,7 @@ import { stat } from 'node:fs/promises';
 import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Slots } from '../slots.js';
-import { nameOn, OTHER_VOLUME, trackIo, volumeOf, type Volume } from './pending-io.js';
+import { OTHER_VOLUME, pendingCall, trackIo, volumeOf, type Volume } from './pending-io.js';
 
 /** How long a request waits for a call on the volume, its own or the one ahead of it (a stat answers in microseconds). */
 export const CACHE_CALL_WAIT_MS = 5_000;
@@ -49,7 +49,7 @@ export function createVolumeGate(o: { volumes: readonly Volume[]; log: Logger; s
   const stuck = (): RuntimeError => {
     const r = [...running].reduce<Running | undefined>((a, b) => (a === undefined || b.since < a.since ? b : a), undefined);
     const v = r === undefined ? undefined : volumeOf(o.volumes, r.file);
-    const what = r === undefined ? 'calls still pending' : `${r.op} ${nameOn(v, r.file)} still pending after ${Math.round((performance.now() - r.since) / 1000)} s`;
+    const what = r === undefined ? 'calls still pending' : pendingCall(r, v);
     // The cache's files are named relative to its folder: the answer says which one that is. Another volume's (a local
     // STORAGE_URI's or LORA_URI's folder) are named whole.
     const name = v?.name ?? OTHER_VOLUME;
