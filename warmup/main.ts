@@ -148,6 +148,11 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
   // Its LIST and deletes wait throttling out as its uploads do (no try spent; S3_THROTTLE_TIMEOUT_S without an answer).
   const log = jobLogger(cfg);
   const throttled = (what: ThrottledWork) => new ThrottledTries(new Throttle({ concurrency: 1, timeoutMs: cfg.s3.throttleTimeoutS * 1000, log, what, fields: { uri: src.uri } }));
+  /** Why a delete of `key` tried through `tries` failed: throttled past its bound, stalled, or S3's refusal. */
+  const deleteFailure = (tries: ThrottledTries, key: string, e: unknown): RuntimeError => {
+    const where = `s3://${src.bucket}/${key}`;
+    return tries.gaveUp ? tries.throttle.gaveUp(`delete ${where}`, e) : stalled(`delete ${where}`, e) ?? permanentError(e, src.bucket, key, 'delete', endpoint);
+  };
   /**
    * Deletes the object of a file that changed while it was uploaded, tried as the --replace deletes are (TRIES, throttled
    * answers waited out, each attempt cut after S3_STALL_TIMEOUT_S of silence). Undefined once deleted, else why not.
@@ -160,8 +165,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
       return undefined;
     } catch (e) {
       if (signal.aborted) return 'the push was stopped';
-      const where = `s3://${src.bucket}/${key}`;
-      return (tries.gaveUp ? tries.throttle.gaveUp(`delete ${where}`, e) : stalled(`delete ${where}`, e) ?? permanentError(e, src.bucket, key, 'delete', endpoint)).message;
+      return deleteFailure(tries, key, e).message;
     } finally {
       tries.done();
     }
@@ -266,8 +270,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
         }), TRIES, signal, undefined, deletes.onThrottled);
       } catch (e) {
         if (signal.aborted) throw e;
-        const where = `s3://${src.bucket}/${left[0]}`;
-        const p = deletes.gaveUp ? deletes.throttle.gaveUp(`delete ${where}`, e) : stalled(`delete ${where}`, e) ?? permanentError(e, src.bucket, left[0], 'delete', endpoint);
+        const p = deleteFailure(deletes, left[0]!, e);
         throw explainFallback(new RuntimeError(p.code, `uploaded, but ${left.length} object(s) the export does not have are still under the prefix: ${p.message}; delete them before serving it`, { cause: e }), fallback);
       } finally {
         deletes.done();
