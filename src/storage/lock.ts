@@ -406,7 +406,7 @@ class Wake {
   #wake: (() => void) | undefined;
 
   /** `io`: runs each of its calls on the volume (acquireLock's bound). */
-  constructor(private readonly file: string, private readonly io: <T>(call: () => Promise<T>) => Promise<T> = (call) => call()) {}
+  constructor(private readonly file: string, private readonly io: <T>(call: () => Promise<T>) => Promise<T>) {}
 
   sleep(ms: number, signal?: AbortSignal): Promise<void> {
     if (this.#pending) {
