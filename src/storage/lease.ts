@@ -79,19 +79,20 @@ export async function leaseState(entryDir: string, staleMs = LEASE_STALE_MS, o: 
   return (await leaseStates([entryDir], staleMs, o))[0]!;
 }
 
-export type LeaseWatch = Pick<InspectOptions, 'confirmMs' | 'still' | 'signal'>;
+export type LeaseWatch = Pick<InspectOptions, 'confirmMs' | 'still' | 'signal' | 'bound'>;
 
 /** leaseState of each entry, the leases of them all watched together (one watch, not one per entry). */
 export async function leaseStates(entryDirs: readonly string[], staleMs = LEASE_STALE_MS, o: LeaseWatch = {}): Promise<LeaseState[]> {
   const files: string[][] = [];
   const lastUsed: Array<number | undefined> = [];
+  const io = o.bound ?? ((call) => call());
   for (const entryDir of entryDirs) {
     const dir = leasesDir(entryDir);
-    const names = await fsp.readdir(dir).catch((e: unknown) => {
+    const names = await io(() => fsp.readdir(dir)).catch((e: unknown) => {
       if (shortage(e)) throw e;
       return [] as string[];
     });
-    const st = names.includes(LAST_USED) ? await fsp.stat(path.join(dir, LAST_USED)).catch(() => undefined) : undefined;
+    const st = names.includes(LAST_USED) ? await io(() => fsp.stat(path.join(dir, LAST_USED))).catch(() => undefined) : undefined;
     lastUsed.push(st?.mtimeMs);
     files.push(names.filter((n) => n.endsWith(LEASE_EXT)).map((n) => path.join(dir, n)));
   }

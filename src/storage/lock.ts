@@ -232,6 +232,8 @@ export interface InspectOptions {
   still?: StillBeats;
   /** Ends a watch at once (rejects with its reason). */
   signal?: AbortSignal;
+  /** Runs each look at a file (its read and stat) on the volume: the caller's bound (none between looks, while it watches). */
+  bound?: <T>(call: () => Promise<T>) => Promise<T>;
 }
 
 /**
@@ -244,10 +246,11 @@ export async function inspectHolders(files: readonly string[], o: InspectOptions
   const j = { staleMs: o.staleMs ?? DEFAULTS.staleMs, unreadableStaleMs: o.unreadableStaleMs ?? DEFAULTS.unreadableStaleMs };
   const confirmMs = o.confirmMs ?? j.staleMs / 3;
   const state = (l: Look, live: boolean): HolderState => ({ holder: holderOf(l.info), mtimeMs: l.st.mtimeMs, live });
+  const lookAt = (file: string) => (o.bound ? o.bound(() => look(file)) : look(file));
   const out: Array<HolderState | undefined> = [];
   const unsure = new Map<number, string>();
   for (const [i, file] of files.entries()) {
-    const l = await look(file);
+    const l = await lookAt(file);
     const v = l && verdict(file, l, j, o.still);
     const watched = v === 'unsure' && confirmMs > 0;
     out.push(l && { ...state(l, v === 'live'), ...(v === 'unsure' ? (watched ? { watched: true as const } : { unwatched: true as const }) : {}) });
@@ -257,7 +260,7 @@ export async function inspectHolders(files: readonly string[], o: InspectOptions
   while (unsure.size > 0 && performance.now() - t0 < confirmMs) {
     await sleep(watchPollMs(confirmMs), o.signal);
     for (const [i, beat] of unsure) {
-      const l = await look(files[i]!);
+      const l = await lookAt(files[i]!);
       if (l !== undefined && beatOf(l) === beat) continue;
       // Released, or moved: a heartbeat, or a new holder (whose file was just made).
       out[i] = l && { ...state(l, judge(l, j) !== 'stale'), watched: true };
