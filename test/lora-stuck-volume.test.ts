@@ -304,19 +304,48 @@ const waitingOnFuse = () => readdirSync('/proc/self/task').filter((t) => {
   }
 }).length;
 
+import { rmSync } from 'node:fs';
+
+/** The cache key of the adapter `name` under LORA_URI s3://loras/adapters/. */
+const adapterKey = (name: string) => cacheKey(parseStorageUri(`s3://loras/adapters/${name}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
+
+/**
+ * Version 1 of the adapter `style`'s entry, committed in `cache` (a backing folder) from an older upload (another ETag)
+ * and leased by a live process on another node (its heartbeat written now): a fill of it writes a version 2 beside it
+ * (versions.ts). Returns that lease's file: removed, the lease is gone, as its process's release leaves it.
+ */
+function leasedOlderVersion(cache: string): string {
+  const key = adapterKey('style');
+  const old = Buffer.alloc(1000, 1);
+  mkdirSync(path.join(cache, key), { recursive: true });
+  writeFileSync(path.join(cache, key, 'pytorch_lora_weights.safetensors'), old);
+  writeFileSync(path.join(cache, key, '.complete.json'), JSON.stringify({
+    version: 1, uri: 's3://loras/adapters/style/', bytes: old.length, completedAt: new Date(Date.now() - 3_600_000).toISOString(),
+    files: [{ path: 'pytorch_lora_weights.safetensors', size: old.length, etag: '"0123456789abcdef0123456789abcdef"' }],
+  }));
+  const leases = path.join(cache, '.leases', key);
+  mkdirSync(leases, { recursive: true });
+  const lease = path.join(leases, 'another-node-1-feedface00000001.lease');
+  writeFileSync(lease, JSON.stringify({ pid: 1, host: 'another-node', token: 'feedface00000001', since: new Date().toISOString() }));
+  return lease;
+}
+
 describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that stops answering (in this process)', () => {
   // The adapters give a fetch a bound on its calls on the cache (adapters.ts: io.write, io.other); here one without a
   // limit, counting the calls in it. Each point is the last request the volume answers; the fetch's next call on it,
   // whatever it is, waits for good. Before, these calls were made beside the bound: each fetch stuck in one kept one
   // more pool thread, whatever the bound.
-  it.for<[string, string]>([
-    ['its lock\'s creation', 'create:*'],
-    ['its partial\'s open', 'create:pytorch_lora_weights.safetensors.partial'],
-    ['its final sync', 'getattr:pytorch_lora_weights.safetensors.partial'],
-  ])('hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, at]) => {
-    const backing = path.join(tmp.dir, `own-${at.replace(/\W+/g, '-')}-backing`);
+  /**
+   * A fetch of `style` on a mount that stops answering after `stuck.hangAfter` (`<v1>` in it: the entry's version 1's
+   * name): once it is held, every thread left waiting on the volume is a call in its bound. `prepare` makes what the
+   * cache (its backing folder) holds before, and resolves to more options of the fetch.
+   */
+  const heldInBound = async (stuck: StuckFsOptions & { hangAfter: string }, prepare?: (cache: string) => Partial<Parameters<typeof resolveModel>[1]>) => {
+    const at = stuck.hangAfter.replace('<v1>', adapterKey('style'));
+    const backing = path.join(tmp.dir, `own-${stuck.hangAfter.replace(/\W+/g, '-')}-backing`);
     mkdirSync(path.join(backing, 'cache'), { recursive: true });
-    const fs = await mountStuckFs(backing, `${backing}-mnt`, { hangAfter: at });
+    const more = prepare?.(path.join(backing, 'cache')) ?? {};
+    const fs = await mountStuckFs(backing, `${backing}-mnt`, { ...stuck, hangAfter: at });
     let inBound = 0;
     const counted = async <T>(call: () => Promise<T>): Promise<T> => {
       inBound++;
@@ -332,10 +361,12 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
     // and no periodic sync (whose datasync of the partial would wait for the file's lock behind a stuck sync of it, not
     // on the volume, uncounted).
     const cfg = testConfig(s3.endpoint, path.join(fs.dir, 'cache'), { S3_VERIFY_CONTENT: '0' });
-    const fetched = resolveModel('s3://loras/adapters/style/', { cfg, log: createLogger('silent'), signal: stop.signal, io, lockStaleMs: 600_000, syncMs: 600_000 });
+    const fetched = resolveModel('s3://loras/adapters/style/', { cfg, log: createLogger('silent'), signal: stop.signal, io, lockStaleMs: 600_000, syncMs: 600_000, ...more });
     fetched.catch(() => undefined);
     try {
-      await fs.hung;
+      await Promise.race([fs.hung, fetched.then(() => {
+        throw new Error(`the fetch ended and the volume never stopped answering (after ${stuck.hangAfter})`);
+      })]);
       // Settled: the calls under way have reached the volume, and nothing moves for a second.
       let last = '';
       let since = performance.now();
@@ -346,11 +377,38 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
       }, 30_000, 50);
       const [waiting, held] = last.split('/').map(Number);
       expect(waiting, `${waiting} threads wait on the volume, ${held} calls in the bound`).toBeLessThanOrEqual(held!);
+      return backing;
     } finally {
       stop.abort();
       // Its calls fail (ENOTCONN) once the mount is released: the fetch ends.
       await fs.release();
       await fetched.catch(() => undefined);
     }
+  };
+
+  it.for<[string, string]>([
+    ['its lock\'s creation', 'create:*'],
+    ['its partial\'s open', 'create:pytorch_lora_weights.safetensors.partial'],
+    ['its final sync', 'getattr:pytorch_lora_weights.safetensors.partial'],
+  ])('hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, at]) => {
+    await heldInBound({ hangAfter: at });
+  });
+
+  // The entry's version 1 was leased by another process when the fill began: the fill wrote version 2 beside it, and
+  // once served from that removes version 1, whose lease has gone meanwhile. Each point is met only in that removal
+  // (`<v1>`'s rename; the rmdir of its leases' folder, the folder itself being renamed), named by the call it stops.
+  it.for<[string, StuckFsOptions & { hangAfter: string }]>([
+    ['its measure of what it frees', { hangAfter: 'access:.complete.json' }],
+    ['its sync of the cache folder', { hangAfter: 'rename:<v1>' }],
+    ['its lock\'s release', { hangAfter: 'rmdir:<v1>' }],
+    ['the removal of its trash', { hangAfter: 'unlink:pytorch_lora_weights.safetensors' }],
+  ])('a second version served, the first one\'s removal hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, stuck]) => {
+    const backing = await heldInBound(stuck, (cache) => {
+      const lease = leasedOlderVersion(cache);
+      // Once the fill writes version 2 (its listing announced): the other process has ended its lease.
+      return { onListing: () => rmSync(lease) };
+    });
+    // The fill committed version 2 and began removing version 1.
+    expect(readdirSync(path.join(backing, 'cache', `${adapterKey('style')}@2`))).toContain('.complete.json');
   });
 });

@@ -305,9 +305,9 @@ export class AdapterSource {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
         cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
         // Its other calls on the cache too (its lock's creation, looks, heartbeats and release, its journal, its
-        // partials' open, syncs and close, its commit): each fetch stuck at once kept one or a few of those beside the
-        // bound, so that several filled the pool (test/lora-stuck-volume.test.ts). A lock's go ahead of the queued
-        // writes (fetch.ts, lockBound).
+        // partials' open, syncs and close, its commit, its removal of the entry's older versions): each fetch stuck at
+        // once kept one or a few of those beside the bound, so that several filled the pool
+        // (test/lora-stuck-volume.test.ts). A lock's go ahead of the queued writes (fetch.ts, lockBound).
         io: { write: (fh, bufs, len, at) => write.run(() => defaultIo.write(fh, bufs, len, at)), other: (call, o) => write.run(call, o) },
       });
       fetched.catch(() => undefined);

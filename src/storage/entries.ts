@@ -15,6 +15,7 @@ import path from 'node:path';
 import { exists } from '../files.js';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { isEntry, LEASES, leaseState, leaseStates, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
+import type { Bound } from './journal.js';
 import { acquireLock, inspectHolder, inspectHolders, type LockInfo, sameProcess, type StillBeats, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
@@ -73,6 +74,12 @@ export interface EntryOptions {
   still?: StillBeats;
   /** Ends a watch, or a wait for a file system call, at once (rejects with its reason). */
   signal?: AbortSignal;
+  /**
+   * removeEntry's calls on the volume, each alone in the caller's bound on the pool threads a volume that stops
+   * answering keeps (a LoRA adapter's fetch removing its entry's older versions: fetch.ts served): `calls` runs its
+   * looks, walks, rename, syncs and deletions, `lock` its lock's (acquireLock's bound). None: unbounded.
+   */
+  bound?: { calls: Bound; lock: Bound };
 }
 
 /** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated. */
@@ -195,32 +202,35 @@ export type EvictOutcome = { removed: true; bytes: number } | { removed: false; 
 export async function removeEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<EvictOutcome> {
   const dir = path.join(cacheDir, name);
   const quick = o.watch === false;
-  const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}) };
+  // One call at a time in the bound, never the removal whole: acquireLock waits for it too, and at a bound of 1 a
+  // removal holding it would wait for itself.
+  const io: Bound = o.bound?.calls ?? ((call) => call());
+  const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound.calls } : {}) };
   if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0, ...seen }))?.unwatched) return { removed: false, why: 'locked' };
-  const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen });
+  const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen, ...(o.bound ? { bound: o.bound.lock } : {}) });
   if (lock === undefined) return { removed: false, why: 'locked' };
   let trash: string;
   let bytes: number;
   try {
     const leases = await leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { ...(quick ? { confirmMs: 0 } : {}), ...seen });
     if (leases.live.length > 0 || (quick && leases.unwatched > 0)) return { removed: false, why: 'in use' };
-    if (!(await isEntry(dir))) return { removed: false, why: 'gone' };
+    if (!(await io(() => isEntry(dir)))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry or an adapter set links stay.
-    bytes = await freedBy([dir]);
+    bytes = await io(() => freedBy([dir]));
     // A lease taken since the read above saw this lock and withdrew, unless this process stood still long enough (a
     // stuck volume, a frozen node) for its taker to watch the lock and take it over: then the entry is that lease's.
     if (!(await lock.mine())) return { removed: false, why: 'locked' };
     trash = path.join(cacheDir, `${TRASH_PREFIX}${name}-${randomBytes(4).toString('hex')}`);
-    await fsp.rename(dir, trash);
-    await fsyncDir(cacheDir);
+    await io(() => fsp.rename(dir, trash));
+    await io(() => fsyncDir(cacheDir));
     // Stale leases go with the entry; a lease being taken now sees this lock and takes itself again afterwards.
-    await fsp.rm(leasesDir(dir), { recursive: true, force: true }).catch(() => undefined);
+    await io(() => fsp.rm(leasesDir(dir), { recursive: true, force: true })).catch(() => undefined);
   } finally {
     await lock.release();
   }
   // Out of every entry's name already: what cannot go now (an NFS client's .nfs file of a file still open) goes with
   // the next eviction's or prune's emptyTrash, never failing the download that asked for the room.
-  await fsp.rm(trash, { recursive: true, force: true }).catch(() => undefined);
+  await io(() => fsp.rm(trash, { recursive: true, force: true })).catch(() => undefined);
   return { removed: true, bytes };
 }
 

@@ -636,11 +636,14 @@ class S3Fetch {
   private async served(res: ResolvedModel): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const mine = parseVersion(path.basename(this.entry)).n;
+    // Its calls on the cache in the caller's bound, as the fill's (onCache), its lock's as the fill's lock's (lockBound).
+    const other = this.o.io?.other;
+    const bound = other ? { bound: { calls: other, lock: lockBound(other) } } : {};
     for (const v of await this.onCache(() => versionsOf(cfg.cacheDir, this.key))) {
       if (v.n >= mine) continue;
       // A lease or lock that only watching could judge (a pod killed elsewhere) is not watched here: the start would wait
       // for it (60 s for a lease). The version stays for an eviction or a prune, which watch it.
-      const r = await removeEntry(cfg.cacheDir, v.name, { ...this.entryOptions(), watch: false }).catch(() => undefined);
+      const r = await removeEntry(cfg.cacheDir, v.name, { ...this.entryOptions(), watch: false, ...bound }).catch(() => undefined);
       if (r?.removed) log.info({ entry: v.name, bytes: r.bytes }, 'removed an older version of the cache entry that no process serves from any more');
     }
     return res;
