@@ -375,6 +375,32 @@ describe('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step counts and 
       .toEqual({ left: 3, timeout: 1, failed: 0, hits: 2, rejected: 0 });
     expect((await predict(srv, { prompt: 'after', num_inference_steps: 2, height: 64, width: 64 })).status).toBe(200);
   });
+
+  // Here, where a batch's window is 100 ms: a request alone waits it out before its batch runs (10 s among the batches
+  // that run while others wait).
+  it('a lone client leaving its running batch does not stop it while an identical request is joined to it: that one gets the image, none is generated again', async () => {
+    const counts = async () => ({
+      batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
+      hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
+    });
+    const before = await counts();
+    const mine = { prompt: 'a heron that leaves alone', seed: 710, num_inference_steps: 500, height: 512, width: 512 };
+    const leaver = rawPredict(srv.port, mine);
+    // Its batch (of it alone) running, then the identical request in flight beside it: joined to it, nothing queued.
+    await until(async () => (await metric(srv, 'inference_batch_size_count')) > before.batches, 20_000, 5);
+    const joined = predict(srv, mine);
+    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
+    expect(await metric(srv, 'inference_queue_depth')).toBe(0);
+    leaver.destroy();
+    const j = await joined;
+    expect([j.status, preds(j.json)[0]!.seed]).toEqual([200, 710]);
+    // Before, the leaving stopped the batch (nobody else was in it), and the joined request ran its own from the start.
+    const again = await predict(srv, mine);
+    expect(b64(again) === b64(j)).toBe(true);
+    const after = await counts();
+    expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
+      .toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
+  });
 });
 
 describe('batches that run while others wait (MAX_BATCH_SIZE=2, BATCH_WINDOW_MS=10000, RESULT_CACHE_MB=4)', () => {
@@ -430,30 +456,6 @@ describe('batches that run while others wait (MAX_BATCH_SIZE=2, BATCH_WINDOW_MS=
     const after = await counts();
     expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
       .toEqual({ batches: 1, images: 2, hits: 2, left: 1 });
-  });
-
-  it('a lone client leaving its running batch does not stop it while an identical request is joined to it: that one gets the image, none is generated again', async () => {
-    const counts = async () => ({
-      batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
-      hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
-    });
-    const before = await counts();
-    const mine = { prompt: 'a heron that leaves alone', seed: 710, num_inference_steps: 500, height: 512, width: 512 };
-    const leaver = rawPredict(srv.port, mine);
-    // Its batch (of it alone) running, then the identical request in flight beside it: joined to it, nothing queued.
-    await until(async () => (await metric(srv, 'inference_batch_size_count')) > before.batches, 20_000, 5);
-    const joined = predict(srv, mine);
-    await until(async () => (await metric(srv, 'inference_requests_in_flight')) === 2, 20_000, 5);
-    expect(await metric(srv, 'inference_queue_depth')).toBe(0);
-    leaver.destroy();
-    const j = await joined;
-    expect([j.status, preds(j.json)[0]!.seed]).toEqual([200, 710]);
-    // Before, the leaving stopped the batch (nobody else was in it), and the joined request ran its own from the start.
-    const again = await predict(srv, mine);
-    expect(b64(again) === b64(j)).toBe(true);
-    const after = await counts();
-    expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
-      .toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
   });
 });
 
