@@ -6,9 +6,11 @@
  */
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
+import { beforeAll } from 'vitest';
 import type { BootEvent, BootEventMap, BootEventName } from '../../src/runtime/boot-events.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import type { SpawnedWorker } from '../../src/runtime/workers.js';
+import { Slots } from '../../src/slots.js';
 import { ROOT, sharedCacheDir, type LogLine } from './server.js';
 
 const dist = (p: string) => path.join(ROOT, 'dist', 'src', p);
@@ -114,6 +116,20 @@ export async function startRuntime(env: Record<string, string | undefined> = {},
     }
   }
   return handle;
+}
+
+/**
+ * For a file of describe.concurrent suites that each start a runtime of their own: a function each such describe calls
+ * first, so that it holds one of `n` lanes from its beforeAll to its end. At most `n` of them run at once, the others
+ * waiting their turn in file order: side by side they fill the time one spends waiting, and so few that a loaded
+ * machine does not stretch a case past its timeout.
+ */
+export function lanes(n: number): () => void {
+  const slots = new Slots(n);
+  return () => beforeAll(async () => {
+    await slots.acquire();
+    return () => slots.release();
+  }, 600_000);
 }
 
 /** A runtime whose boot failed (its STORAGE_URI names no folder), once it says so: what refusals are tested on. */
