@@ -3,10 +3,10 @@
  * (test/native/stuck-fs: every call on it then waits, a stat included): their calls are not gated one by one, and their
  * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
  */
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { createLogger } from '../src/log.js';
 import { defaultIo } from '../src/storage/download.js';
 import { resolveModel, type StorageIo } from '../src/storage/fetch.js';
@@ -15,14 +15,13 @@ import { fixtureModel } from './fixtures/index.js';
 import { putStyleAdapter } from './helpers/big-adapter.js';
 import { CREDS, destroyS3, startFaultProxy, startS3, testConfig, type S3Server } from './helpers/s3.js';
 import { postJson, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
-import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFsOptions } from './helpers/stuck-fs.js';
+import { mountStuckFs, stuckFsForTests, stuckFsUnavailable, type StuckFs, type StuckFsOptions } from './helpers/stuck-fs.js';
 
 const tmp = tempDir('lora-stuck-volume-');
 const MANY = ['style-a', 'style-b', 'style-c', 'style-d'];
 let s3: S3Server;
 let model: string;
 const noFuse = stuckFsUnavailable();
-stuckFsForTests();
 
 beforeAll(async () => {
   // For the fetches made in this process.
@@ -64,6 +63,18 @@ async function servedOnceAnswering(srv: ServerHandle): Promise<void> {
   });
 }
 
+type Finished = Pick<TestContext, 'onTestFinished'>;
+
+/**
+ * A stuck-fs mount released at the end of its own test (the tests run side by side: an afterEach releasing every
+ * mount would release the others' under them), after the server the test stops in its finally.
+ */
+async function mountFor(t: Finished, ...args: Parameters<typeof mountStuckFs>): Promise<StuckFs> {
+  const fs = await mountStuckFs(...args);
+  t.onTestFinished(() => fs.release());
+  return fs;
+}
+
 const stuckCount = async (srv: ServerHandle) => Number(/^cache_stuck_requests_total\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
 const inFlight = async (srv: ServerHandle) => Number(/^inference_requests_in_flight\{model_name="model"\} (\d+)$/m.exec(await (await fetch(`${srv.url}/metrics`)).text())?.[1]);
 
@@ -72,10 +83,10 @@ const inFlight = async (srv: ServerHandle) => Number(/^inference_requests_in_fli
  * LORA_URI: the image's pool (the writes get 8 of its 16 threads), ranges of 64 KiB (a ~3 MB adapter has
  * S3_MAX_CONCURRENCY, 24, ranges in flight).
  */
-async function s3LorasOnStuckFs(name: string, opts: StuckFsOptions, endpoint = s3.endpoint) {
+async function s3LorasOnStuckFs(t: Finished, name: string, opts: StuckFsOptions, endpoint = s3.endpoint) {
   const backing = path.join(tmp.dir, `${name}-backing`);
   mkdirSync(path.join(backing, 'cache'), { recursive: true });
-  const fs = await mountStuckFs(backing, path.join(tmp.dir, name), opts);
+  const fs = await mountFor(t, backing, path.join(tmp.dir, name), opts);
   const srv = await startServer({
     ...CREDS, AWS_ENDPOINT_URL: endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
     EXECUTION_PROVIDER: 'cpu', LORA_URI: 's3://loras/adapters/', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1',
@@ -84,10 +95,39 @@ async function s3LorasOnStuckFs(name: string, opts: StuckFsOptions, endpoint = s
   return { fs, srv, backing };
 }
 
-describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume that stops answering', () => {
-  it('the fetch from LORA_URI: 503 CACHE_STUCK, a plain request served meanwhile, counted; once the volume answers, served from a whole file', async () => {
+// Side by side: each test has its own server, mount and folders (s3rver and the adapter are only read), and mostly waits.
+describe.skipIf(noFuse).concurrent('a LoRA adapter\'s fetch and set build on a cache volume that stops answering', () => {
+  // Alone, before the others: paced by its volume's late answers, its four fetches took over 40 s to begin under the
+  // others' load on a loaded machine, and its request's client gave up first.
+  it.sequential('several fetches stuck at once: their journals\' writes and syncs and their locks\' heartbeats go in the writes\' bound, a plain request served meanwhile', async (t) => {
+    // Each answer late: the four fetches are all writing when the volume stops answering.
+    const { fs, srv, backing } = await s3LorasOnStuckFs(t, 'many', { delayMs: 10 });
+    try {
+      const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
+      // Every fetch has its partial (opened once its lock and journal are): it is downloading (or, on a fast machine, done).
+      const partials = (dir: string): number => readdirSync(dir, { withFileTypes: true }).reduce((n, e) => n + (e.isDirectory() ? partials(path.join(dir, e.name)) : e.name.startsWith('pytorch_lora_weights.safetensors') ? 1 : 0), 0);
+      await until(() => partials(path.join(backing, 'cache')) >= MANY.length, 60_000, 20);
+      await fs.hang();
+      const r = await many;
+      expect([r.status, r.json.code], JSON.stringify(r.json)).toEqual([503, 'CACHE_STUCK']);
+      // Before, each stuck fetch kept its journal's write and sync and its lock's heartbeat beside the 8 writes: four
+      // of them held every thread of the pool, and this request's encoding waited behind them until its client left.
+      const plain = await predict(srv);
+      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
+      // The calls queued in the bound go once the volume answers: the fetches resume, and serve.
+      fs.answer();
+      let last: Awaited<ReturnType<typeof predict>> | undefined;
+      await until(async () => (last = await predict(srv, MANY.map((name) => ({ name, scale: 0.25 })))).status === 200, 120_000, 500).catch(() => {
+        throw new Error(`not served once the volume answered: ${JSON.stringify(last?.json)}`);
+      });
+    } finally {
+      await srv.stop('SIGKILL');
+    }
+  }, 300_000);
+
+  it('the fetch from LORA_URI: 503 CACHE_STUCK, a plain request served meanwhile, counted; once the volume answers, served from a whole file', async (t) => {
     // The first data write of the adapter answered, then nothing.
-    const { fs, srv, backing } = await s3LorasOnStuckFs('fetch', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+    const { fs, srv, backing } = await s3LorasOnStuckFs(t, 'fetch', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
     try {
       expect(await stuckCount(srv)).toBe(0);
       // Before, the request waited for the fetch until its client gave up.
@@ -113,36 +153,10 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
     }
   }, 240_000);
 
-  it('several fetches stuck at once: their journals\' writes and syncs and their locks\' heartbeats go in the writes\' bound, a plain request served meanwhile', async () => {
-    // Each answer late: the four fetches are all writing when the volume stops answering.
-    const { fs, srv, backing } = await s3LorasOnStuckFs('many', { delayMs: 10 });
-    try {
-      const many = predict(srv, MANY.map((name) => ({ name, scale: 0.25 })));
-      // Every fetch has its partial (opened once its lock and journal are): it is downloading (or, on a fast machine, done).
-      const partials = (dir: string): number => readdirSync(dir, { withFileTypes: true }).reduce((n, e) => n + (e.isDirectory() ? partials(path.join(dir, e.name)) : e.name.startsWith('pytorch_lora_weights.safetensors') ? 1 : 0), 0);
-      await until(() => partials(path.join(backing, 'cache')) >= MANY.length, 60_000, 20);
-      await fs.hang();
-      const r = await many;
-      expect([r.status, r.json.code], JSON.stringify(r.json)).toEqual([503, 'CACHE_STUCK']);
-      // Before, each stuck fetch kept its journal's write and sync and its lock's heartbeat beside the 8 writes: four
-      // of them held every thread of the pool, and this request's encoding waited behind them until its client left.
-      const plain = await predict(srv);
-      expect(plain.status, JSON.stringify(plain.json)).toBe(200);
-      // The calls queued in the bound go once the volume answers: the fetches resume, and serve.
-      fs.answer();
-      let last: Awaited<ReturnType<typeof predict>> | undefined;
-      await until(async () => (last = await predict(srv, MANY.map((name) => ({ name, scale: 0.25 })))).status === 200, 120_000, 500).catch(() => {
-        throw new Error(`not served once the volume answered: ${JSON.stringify(last?.json)}`);
-      });
-    } finally {
-      await srv.stop('SIGKILL');
-    }
-  }, 300_000);
-
-  it('several fetches waiting for another node\'s locks when the volume stops answering: their looks go in the writes\' bound, a plain request served meanwhile', async () => {
+  it('several fetches waiting for another node\'s locks when the volume stops answering: their looks go in the writes\' bound, a plain request served meanwhile', async (t) => {
     const backing = path.join(tmp.dir, 'locked-backing');
     mkdirSync(path.join(backing, 'cache'), { recursive: true });
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'locked'));
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'locked'));
     // libuv's default pool (4 threads): the bound is 1.
     const srv = await startServer({
       ...CREDS, AWS_ENDPOINT_URL: s3.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'),
@@ -171,10 +185,10 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
     }
   }, 240_000);
 
-  it('a request identical to one that left while its adapter\'s fetch was ending (committed, the volume slow to let it go) is served by that fetch: the adapter is looked up once', async () => {
+  it('a request identical to one that left while its adapter\'s fetch was ending (committed, the volume slow to let it go) is served by that fetch: the adapter is looked up once', async (t) => {
     const proxy = await startFaultProxy(s3.port);
     // The fetch has committed the entry and removed its journal; the release of its lock waits for the volume.
-    const { fs, srv } = await s3LorasOnStuckFs('ending', { hangAfter: 'unlink:.progress.jsonl' }, proxy.endpoint);
+    const { fs, srv } = await s3LorasOnStuckFs(t, 'ending', { hangAfter: 'unlink:.progress.jsonl' }, proxy.endpoint);
     try {
       const first = leavingPredict(srv, style);
       await fs.hung;
@@ -198,8 +212,8 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
     }
   }, 240_000);
 
-  it('a request that takes up a stopped fetch the volume holds is answered CACHE_STUCK, as its own fetch would have been; once the volume answers, served', async () => {
-    const { fs, srv } = await s3LorasOnStuckFs('taken-up', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+  it('a request that takes up a stopped fetch the volume holds is answered CACHE_STUCK, as its own fetch would have been; once the volume answers, served', async (t) => {
+    const { fs, srv } = await s3LorasOnStuckFs(t, 'taken-up', { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
     try {
       const first = leavingPredict(srv, style);
       await fs.hung;
@@ -223,8 +237,8 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
    * its look at the volume found it silent): the stop waits for the fetch, which the volume holds, within its bound,
    * and once the volume answers the fetch ends, its cache entry's lock released, and the process exits 0.
    */
-  const stopWhileHeld = async (name: string, stopFirst: boolean) => {
-    const { fs, srv, backing } = await s3LorasOnStuckFs(name, { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
+  const stopWhileHeld = async (t: Finished, name: string, stopFirst: boolean) => {
+    const { fs, srv, backing } = await s3LorasOnStuckFs(t, name, { hangAfter: 'write:pytorch_lora_weights.safetensors.partial' });
     // The volume's silence seen by the fetch's look at it (the gate's warning), or, without that look, past its wait.
     let hungAt = Infinity;
     const silent = () => srv.logs.some((l) => /^the cache volume is not answering: /.test(String(l.msg))) || performance.now() - hungAt > 8_000;
@@ -261,21 +275,25 @@ describe.skipIf(noFuse)('a LoRA adapter\'s fetch and set build on a cache volume
     }
   };
 
-  it('a stop while a request waits for an adapter\'s fetch the volume holds waits for that fetch: once the volume answers, it ends and releases its lock, exit 0', async () => {
-    await stopWhileHeld('stop-waited', false);
+  it('a stop while a request waits for an adapter\'s fetch the volume holds waits for that fetch: once the volume answers, it ends and releases its lock, exit 0', async (t) => {
+    await stopWhileHeld(t, 'stop-waited', false);
   }, 240_000);
 
-  it('a stop after every request for an adapter left while the volume held its fetch waits for that fetch too: once the volume answers, it ends and releases its lock, exit 0', async () => {
-    await stopWhileHeld('stop-stopped', true);
+  it('a stop after every request for an adapter left while the volume held its fetch waits for that fetch too: once the volume answers, it ends and releases its lock, exit 0', async (t) => {
+    await stopWhileHeld(t, 'stop-stopped', true);
   }, 240_000);
 
-  it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async () => {
+  it('the adapter set\'s build: 503 CACHE_STUCK, a plain request served meanwhile; once the volume answers, the set serves', async (t) => {
     const backing = path.join(tmp.dir, 'build-backing');
     mkdirSync(path.join(backing, 'cache'), { recursive: true });
-    const fs = await mountStuckFs(backing, path.join(tmp.dir, 'build'));
-    // The adapter and the model are local: only the merged graphs (MODEL_CACHE_DIR/.lora-sets) are on the volume.
+    const fs = await mountFor(t, backing, path.join(tmp.dir, 'build'));
+    // The adapter and the model are local: only the merged graphs (MODEL_CACHE_DIR/.lora-sets) are on the volume. The
+    // adapter in a folder of its own: tmp.dir holds the other tests' mounts, which may be hung.
+    const loras = path.join(tmp.dir, 'build-loras');
+    mkdirSync(loras);
+    copyFileSync(path.join(tmp.dir, 'style.safetensors'), path.join(loras, 'style.safetensors'));
     const srv = await startServer({
-      STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'), EXECUTION_PROVIDER: 'cpu', LORA_URI: tmp.dir,
+      STORAGE_URI: model, MODEL_CACHE_DIR: path.join(fs.dir, 'cache'), EXECUTION_PROVIDER: 'cpu', LORA_URI: loras,
       WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '1', UV_THREADPOOL_SIZE: '16',
     }, { ready: true });
     try {
@@ -331,6 +349,8 @@ function leasedOlderVersion(cache: string): string {
 }
 
 describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that stops answering (in this process)', () => {
+  // One at a time (waitingOnFuse counts this process's threads waiting on any mount), after the tests above.
+  stuckFsForTests();
   // The adapters give a fetch a bound on its calls on the cache (adapters.ts: io.write, io.other); here one without a
   // limit, counting the calls in it. Each point is the last request the volume answers; the fetch's next call on it,
   // whatever it is, waits for good. Before, these calls were made beside the bound: each fetch stuck in one kept one

@@ -30,7 +30,7 @@ export interface StuckFsOptions {
   eioTimes?: number;
   /** Fail them with this errno instead of EIO (1: EPERM, a volume that refuses a chmod). */
   eioErrno?: number;
-  /** Each answer this late. */
+  /** Each answer this late, until answer(). */
   delayMs?: number;
 }
 
@@ -41,7 +41,7 @@ export interface StuckFs {
   readonly pid: number;
   /** Stops answering now; resolves once the daemon reads no more requests. */
   hang(): Promise<void>;
-  /** Answers again (what it held first) and fails no more requests with EIO. */
+  /** Answers again (what it held first), at once (delayMs no longer), and fails no more requests with EIO. */
   answer(): void;
   /** Resolves once it has stopped answering (by hang() or hangAfter). */
   readonly hung: Promise<void>;

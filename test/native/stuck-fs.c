@@ -10,7 +10,7 @@
  *   stuck-fs BACKING MOUNTPOINT [--hang-after OP:NAME [--times N]] [--eio OP:NAME [--eio-times N] [--eio-errno N]] [--delay-ms N] [--log] [--probe]
  *
  * Prints "ready" once mounted and answering, "hung" once it stops answering. SIGUSR1: stop answering now. SIGUSR2:
- * answer again, and fail no more requests with EIO. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
+ * answer again, at once (no --delay-ms any more), and fail no more requests with EIO. --hang-after OP:NAME: answer the first request OP (lookup, getattr, open, read, write, create, mkdir,
  * unlink, rename, setattr, fsync, opendir, readdir, access, any) naming NAME (the name looked up or created, or the
  * node's own name; * for any), then stop; with --times N, the Nth such request. --eio OP:NAME: fail the first such
  * request with EIO (a disk or network block device's read error), then pass through again; with --eio-times N, the
@@ -72,7 +72,8 @@ static volatile sig_atomic_t hung, term;
 static char eio_op[32], eio_name[256];
 static long eio_times = 1;
 static int eio_errno = EIO;
-static long delay_ms;
+/* --delay-ms; SIGUSR2 clears it. */
+static volatile sig_atomic_t delay_ms;
 static int logging, probe;
 static char trip_op[32], trip_name[256];
 /* How many requests matching --hang-after are answered before it stops (--times). */
@@ -88,7 +89,7 @@ static size_t n_held;
 
 static void on_signal(int sig) {
   if (sig == SIGUSR1) hung = 1;
-  else if (sig == SIGUSR2) hung = 0, eio_op[0] = 0;
+  else if (sig == SIGUSR2) hung = 0, eio_op[0] = 0, delay_ms = 0;
   else term = 1;
 }
 
@@ -172,7 +173,8 @@ static void fill_attr(struct fuse_attr *a, const struct stat *st, uint64_t id) {
 static void reply(uint64_t unique, int error, const void *data, size_t len) {
   struct fuse_out_header h = {.len = sizeof h + (error ? 0 : len), .error = error, .unique = unique};
   struct iovec iov[2] = {{&h, sizeof h}, {(void *)data, error ? 0 : len}};
-  if (delay_ms > 0) nanosleep(&(struct timespec){delay_ms / 1000, (delay_ms % 1000) * 1000000L}, NULL);
+  long ms = delay_ms;
+  if (ms > 0) nanosleep(&(struct timespec){ms / 1000, (ms % 1000) * 1000000L}, NULL);
   /* ENOENT: the caller was interrupted meanwhile (its request is gone). */
   if (writev(fuse_fd, iov, 2) < 0 && errno != ENOENT && logging) fprintf(stderr, "stuck-fs: reply: %s\n", strerror(errno));
 }
@@ -675,7 +677,7 @@ int main(int argc, char **argv) {
     } else if (strcmp(argv[i], "--eio-errno") == 0 && i + 1 < argc) {
       eio_errno = atoi(argv[++i]);
       if (eio_errno < 1) usage();
-    } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) delay_ms = atol(argv[++i]);
+    } else if (strcmp(argv[i], "--delay-ms") == 0 && i + 1 < argc) delay_ms = (sig_atomic_t)atol(argv[++i]);
     else if (strcmp(argv[i], "--log") == 0) logging = 1;
     else if (strcmp(argv[i], "--probe") == 0) probe = 1;
     else usage();
