@@ -123,6 +123,11 @@ async function expectNoHalfEntry(cache: string): Promise<void> {
  * Stops `child` (an evictor on a clock 5 min behind) 20 ms after its lock on `dir` appears, stamps that lock as its
  * heartbeat would have, leases `dir` (taking the lock over once it stood still), then lets `child` go on.
  */
+/** `n` files `name(i)` holding `content` in `dir`, written 256 at a time (one by one they took seconds). */
+async function writeMany(dir: string, n: number, name: (i: number) => string, content: string): Promise<void> {
+  for (let k = 0; k < n; k += 256) await Promise.all(Array.from({ length: Math.min(256, n - k) }, (_, j) => fsp.writeFile(path.join(dir, name(k + j)), content)));
+}
+
 async function leaseWhileStopped(child: ChildProcess, dir: string): Promise<Awaited<ReturnType<typeof leaseEntry>>> {
   await until(() => existsSync(`${dir}.lock`), 10_000, 1);
   await new Promise((r) => setTimeout(r, 20));
@@ -488,7 +493,7 @@ describe('eviction against a start of the same entry at that moment', () => {
     const cache = await cacheWith(1);
     const dir = path.join(cache, keyOf(1));
     // Files enough that its count of what the removal frees (between its read of the leases and its rename) lasts.
-    for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(dir, `pad-${i}`), '');
+    await writeMany(dir, 10_000, (i) => `pad-${i}`, '');
     const evictor = evictInChild(cache, keyOf(1), -300_000);
     try {
       const lease = await leaseWhileStopped(evictor.child, dir);
@@ -660,7 +665,7 @@ describe('lease folders of entries that are not there', () => {
     const entry = path.join(cache, 's3-models-next-2222');
     // Leases that name no holder (they count for nothing) enough that the sweep's read of them lasts.
     await fsp.mkdir(leasesDir(entry), { recursive: true });
-    for (let i = 0; i < 10_000; i++) await fsp.writeFile(path.join(leasesDir(entry), `x-${i}.lease`), '{}');
+    await writeMany(leasesDir(entry), 10_000, (i) => `x-${i}.lease`, '{}');
     const sweep = evictInChild(cache, '', -300_000, 'orphans');
     try {
       const lease = await leaseWhileStopped(sweep.child, entry);
