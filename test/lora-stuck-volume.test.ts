@@ -3,7 +3,7 @@
  * (test/native/stuck-fs: every call on it then waits, a stat included): their calls are not gated one by one, and their
  * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
  */
-import { copyFileSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
@@ -322,7 +322,6 @@ const waitingOnFuse = () => readdirSync('/proc/self/task').filter((t) => {
   }
 }).length;
 
-import { rmSync } from 'node:fs';
 
 /** The cache key of the adapter `name` under LORA_URI s3://loras/adapters/. */
 const adapterKey = (name: string) => cacheKey(parseStorageUri(`s3://loras/adapters/${name}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
