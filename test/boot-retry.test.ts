@@ -31,10 +31,8 @@ const PREFIX = 'retry/';
 const FAILING = 'vae_decoder/model.onnx';
 
 let s3: S3Server;
-let proxy: FaultProxy;
 let model: DemoManifest;
 const dirs: Array<() => void> = [];
-const live: ServerHandle[] = [];
 
 beforeAll(async () => {
   const m = tempDir('dr-boot-retry-model-');
@@ -42,30 +40,54 @@ beforeAll(async () => {
   model = await buildDemoModel(m.dir);
   s3 = await startS3([BUCKET]);
   await putFolder(s3, BUCKET, PREFIX, model.dir, model.files.map((f) => f.path));
-  proxy = await startFaultProxy(s3.port);
 }, 60_000);
 
-afterEach(async () => {
-  proxy.faults = {};
-  for (const s of live.splice(0)) await s.stop('SIGKILL');
-});
-
 afterAll(async () => {
-  await proxy?.close();
   if (s3) await destroyS3(s3);
   for (const c of dirs) c();
 });
 
-/** A server booting from `uri` through the proxy, on a cache of its own; S3 gives up on a file after 2 attempts. */
-async function server(uri: string, env: Record<string, string> = {}): Promise<ServerHandle> {
-  const cache = tempDir('dr-boot-retry-cache-');
-  dirs.push(cache.cleanup);
-  const s = await startServer({
-    ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache.dir,
-    EXECUTION_PROVIDER: 'cpu', S3_MAX_ATTEMPTS: '2', ...env,
+/**
+ * The servers the tests of the calling describe start, killed after each of them. The describes below the first run
+ * side by side (the lease's case waits out a 30 s heartbeat), so each kills only its own.
+ */
+function liveServers(): ServerHandle[] {
+  const live: ServerHandle[] = [];
+  afterEach(async () => {
+    for (const s of live.splice(0)) await s.stop('SIGKILL');
   });
-  live.push(s);
-  return s;
+  return live;
+}
+
+/**
+ * A fault proxy of the calling describe's own (its faults and counts are no other test's), and a server booting from
+ * `uri` through it, on a cache of its own; S3 gives up on a file after 2 attempts.
+ */
+function s3Suite(): { proxy: () => FaultProxy; server: (uri: string, env?: Record<string, string>) => Promise<ServerHandle> } {
+  let proxy: FaultProxy;
+  const live = liveServers();
+  beforeAll(async () => {
+    proxy = await startFaultProxy(s3.port);
+  });
+  afterEach(() => {
+    proxy.faults = {};
+  });
+  afterAll(async () => {
+    await proxy?.close();
+  });
+  return {
+    proxy: () => proxy,
+    server: async (uri, env = {}) => {
+      const cache = tempDir('dr-boot-retry-cache-');
+      dirs.push(cache.cleanup);
+      const s = await startServer({
+        ...CREDS, AWS_ENDPOINT_URL: proxy.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: uri, MODEL_CACHE_DIR: cache.dir,
+        EXECUTION_PROVIDER: 'cpu', S3_MAX_ATTEMPTS: '2', ...env,
+      });
+      live.push(s);
+      return s;
+    },
+  };
 }
 
 async function json(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
@@ -98,9 +120,10 @@ describe('which failures are tried again, and when', () => {
   });
 });
 
-describe('a boot failed by S3 for a moment', () => {
+describe.concurrent('a boot failed by S3 for a moment', () => {
+  const { proxy, server } = s3Suite();
   it('is tried again after a backoff and gets ready by itself, without fetching again what the first attempt had', async () => {
-    proxy.faults.failGets = { keys: new RegExp(`${FAILING}$`), count: 1_000, status: 500, code: 'InternalError' };
+    proxy().faults.failGets = { keys: new RegExp(`${FAILING}$`), count: 1_000, status: 500, code: 'InternalError' };
     // The first wait is 1.5-3 s: time for the test to look at the state, then let S3 recover.
     const srv = await server(`s3://${BUCKET}/${PREFIX}`, { BOOT_RETRY_MAX_S: '3', S3_MAX_CONCURRENCY: '1' });
     const retrying = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
@@ -119,15 +142,15 @@ describe('a boot failed by S3 for a moment', () => {
     expect(Number(p.headers.get('retry-after'))).toBeGreaterThanOrEqual(5);
     expect(await metric(srv, 'boot_retries_total', { code: 'STORAGE_TRANSIENT' })).toBe(1);
 
-    const failed = proxy.stats.gets;
-    proxy.faults.failGets = undefined;
+    const failed = proxy().stats.gets;
+    proxy().faults.failGets = undefined;
     await srv.waitReady();
-    expect(proxy.stats.gets).toBeGreaterThan(failed);
+    expect(proxy().stats.gets).toBeGreaterThan(failed);
     const states = srv.events('state').map((s) => s.state);
     expect(states.slice(states.indexOf('retrying'))).toEqual(['retrying', 'fetching', 'loading', 'warming', 'ready']);
     expect(await metric(srv, 'boot_retries_total')).toBe(1);
     // Each file's bytes came once, over both attempts: the second resumed from the journal of the first.
-    const fetched = Object.fromEntries(model.files.map((f) => [f.path, proxy.stats.bytesByPath[`/${BUCKET}/${PREFIX}${f.path}`] ?? 0]));
+    const fetched = Object.fromEntries(model.files.map((f) => [f.path, proxy().stats.bytesByPath[`/${BUCKET}/${PREFIX}${f.path}`] ?? 0]));
     expect(fetched).toEqual(Object.fromEntries(model.files.map((f) => [f.path, f.bytes])));
     const [files] = srv.events('files-ready');
     expect(files).toMatchObject({ fromCache: false, files: model.files.length });
@@ -135,16 +158,17 @@ describe('a boot failed by S3 for a moment', () => {
   }, 120_000);
 });
 
-describe('a boot failed for good', () => {
+describe.concurrent('a boot failed for good', () => {
+  const { proxy, server } = s3Suite();
   it('a missing bucket is failed at once, and not tried again', async () => {
     const srv = await server('s3://no-such-bucket/sd/', { BOOT_RETRY_MAX_S: '1' });
     const failed = await srv.waitFor('state', (s) => s.state === 'failed', 60_000);
     expect(failed.reason).toMatch(/^STORAGE_MISSING: /);
-    const lists = proxy.stats.lists;
+    const lists = proxy().stats.lists;
     // Longer than the first wait a transient failure would have had.
     await new Promise((r) => setTimeout(r, 1_500));
     expect(srv.events('state').map((s) => s.state)).not.toContain('retrying');
-    expect(proxy.stats.lists).toBe(lists);
+    expect(proxy().stats.lists).toBe(lists);
     expect(await json(`${srv.url}/v1/models/model`)).toMatchObject({ status: 503, body: { state: 'failed', reason: failed.reason } });
     expect((await json(`${srv.url}/v1/models/model`)).body).not.toHaveProperty('retry');
     // Exported at 0 for every code that is retried, and still 0.
@@ -154,9 +178,10 @@ describe('a boot failed for good', () => {
   }, 60_000);
 });
 
-describe('SIGTERM while a boot waits to be tried again', () => {
+describe.concurrent('SIGTERM while a boot waits to be tried again', () => {
+  const { proxy, server } = s3Suite();
   it('exits 0 at once, its lease on the cache entry released, without another attempt', async () => {
-    proxy.faults.failLists = { count: 1_000, status: 503, code: 'ServiceUnavailable' };
+    proxy().faults.failLists = { count: 1_000, status: 503, code: 'ServiceUnavailable' };
     // The first wait is 2.5-5 s (BOOT_RETRY_MAX_S at its default).
     const srv = await server(`s3://${BUCKET}/${PREFIX}`);
     const retrying = await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
@@ -173,9 +198,10 @@ describe('SIGTERM while a boot waits to be tried again', () => {
   }, 60_000);
 });
 
-describe('a lease lost while the boot waits to be tried again', () => {
+describe.concurrent('a lease lost while the boot waits to be tried again', () => {
+  const { proxy, server } = s3Suite();
   it('the attempt that fills the entry leases it again: an eviction elsewhere cannot remove what the pod serves', async () => {
-    proxy.faults.failLists = { count: 1_000_000, status: 503, code: 'ServiceUnavailable' };
+    proxy().faults.failLists = { count: 1_000_000, status: 503, code: 'ServiceUnavailable' };
     const srv = await server(`s3://${BUCKET}/${PREFIX}`, { BOOT_RETRY_MAX_S: '2' });
     await srv.waitFor('state', (s) => s.state === 'retrying', 60_000);
     // What an eviction on another pod does to a lease whose heartbeat it judged stale (a cache volume away for minutes
@@ -185,7 +211,7 @@ describe('a lease lost while the boot waits to be tried again', () => {
     await fsp.unlink(path.join(leases, lease!));
     // The lease's next heartbeat (30 s) finds it gone.
     await until(() => srv.logs.some((l) => l.entryGone === true), 45_000, 100);
-    proxy.faults.failLists = undefined;
+    proxy().faults.failLists = undefined;
     await srv.waitReady(60_000);
     const [files] = srv.events('files-ready');
     expect(files).toMatchObject({ fromCache: false });
@@ -194,7 +220,9 @@ describe('a lease lost while the boot waits to be tried again', () => {
   }, 120_000);
 });
 
-describe('a read error of the cache volume while the workers load the model', () => {
+describe.concurrent('a read error of the cache volume while the workers load the model', () => {
+  // One at a time (each loads the model), beside the describes above.
+  const live = liveServers();
   stuckFsForTests();
   /** The served demo model (the shared cache's build) copied into a cache folder of its own; its entry's name. */
   const copy = async () => {
@@ -205,7 +233,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     return { dir: cache.dir, entry: path.basename(model) };
   };
 
-  it.skipIf(stuckFsUnavailable()).each([
+  it.skipIf(stuckFsUnavailable()).sequential.each([
     // ORT says only "Protobuf parsing failed" of such a read: the runtime reads the graph again to learn why.
     ['a graph', 'model.onnx', /^CACHE_IO: (text_encoder|unet|vae_decoder|vae_encoder)\/model\.onnx could not be read: read failed with EIO /],
     ['a tokenizer file', 'vocab.json', /^CACHE_IO: tokenizer: tokenizer\/vocab\.json could not be read: read failed with EIO /],
@@ -231,7 +259,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect(p.status).toBe(200);
   }, 120_000);
 
-  it.skipIf(stuckFsUnavailable())('a corrupt graph beside a file the volume cannot read, which ORT never opens, is still MODEL_FORMAT', async () => {
+  it.skipIf(stuckFsUnavailable()).sequential('a corrupt graph beside a file the volume cannot read, which ORT never opens, is still MODEL_FORMAT', async () => {
     const backing = await copy();
     writeFileSync(path.join(backing.dir, backing.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));
     writeFileSync(path.join(backing.dir, backing.entry, 'vae_decoder', 'notes.txt'), 'a stray file');
@@ -245,7 +273,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect(failed.reason).toMatch(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: /);
   }, 60_000);
 
-  it.skipIf(stuckFsUnavailable())('a graph ORT parses but rejects (an operator it does not know) reads none of its weights again: MODEL_FORMAT with its text, not the volume\'s error', async () => {
+  it.skipIf(stuckFsUnavailable()).sequential('a graph ORT parses but rejects (an operator it does not know) reads none of its weights again: MODEL_FORMAT with its text, not the volume\'s error', async () => {
     const backing = await copy();
     const vae = path.join(backing.dir, backing.entry, 'vae_decoder');
     const graph = onnxProto.onnx.ModelProto.decode(readFileSync(path.join(vae, 'model.onnx')));
@@ -264,7 +292,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect([failed.state, failed.reason]).toEqual(['failed', expect.stringMatching(/^MODEL_FORMAT: vae_decoder\/model\.onnx could not be loaded: .*No Op registered for NoSuchOp/)]);
   }, 60_000);
 
-  it.skipIf(stuckFsUnavailable())('weights the volume cannot stat (EIO as ORT resolves their path) are CACHE_IO naming the file, which a boot tries again', async () => {
+  it.skipIf(stuckFsUnavailable()).sequential('weights the volume cannot stat (EIO as ORT resolves their path) are CACHE_IO naming the file, which a boot tries again', async () => {
     const backing = tempDir('dr-boot-retry-weights-');
     dirs.push(backing.cleanup);
     await buildDemoModel(path.join(backing.dir, 'model'), { externalData: true });
@@ -281,7 +309,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect((err as RuntimeError).message).not.toContain(fs.dir);
   }, 60_000);
 
-  it.skipIf(stuckFsUnavailable()).each([
+  it.skipIf(stuckFsUnavailable()).sequential.each([
     // The folder's listing gives each file's size (resolveLocal), the model folder is looked at first.
     ['a file of it', 'getattr:vocab.json', /^CACHE_IO: tokenizer\/vocab\.json could not be read: stat failed with EIO /],
     ['the folder itself', 'getattr:model', /^CACHE_IO: the model folder STORAGE_URI names could not be read: stat failed with EIO /],
@@ -304,7 +332,7 @@ describe('a read error of the cache volume while the workers load the model', ()
     expect(await metric(srv, 'boot_retries_total', { code: 'CACHE_IO' })).toBe(1);
   }, 120_000);
 
-  it('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {
+  it.sequential('a corrupt graph is MODEL_FORMAT, and not tried again', async () => {
     const cache = await copy();
     writeFileSync(path.join(cache.dir, cache.entry, 'vae_decoder', 'model.onnx'), Buffer.alloc(4096, 0xff));
     const srv = await startServer({ MODEL_CACHE_DIR: cache.dir, STORAGE_URI: undefined, EXECUTION_PROVIDER: 'cpu', BOOT_RETRY_MAX_S: '1' }, { ready: false });
