@@ -97,20 +97,49 @@ function holdGets(keys: RegExp): () => void {
 /** Where event `name` (the first for which `pred` holds) is in the server's log; -1 if it is not. */
 const at = <K extends BootEventName>(srv: ServerHandle, name: K, pred?: (d: EventLine<K>) => boolean) => srv.logs.findIndex((l) => isEvent(l, name, pred));
 
-/** Two demo models with the same files and other weights (seeds 0 and 1), and an upload of either under `prefix`. */
+let versions: Promise<[DemoManifest, DemoManifest]> | undefined;
+
+/**
+ * Two demo models with the same files and other weights (seeds 0 and 1), and an upload of either under `prefix`. Built
+ * once for the file: the cases only read them.
+ */
 async function twoVersions(prefix: string) {
   const build = async (seed: number) => {
     const m = tempDir('dr-boot-s3-versions-');
     dirs.push(m.cleanup);
     return buildDemoModel(m.dir, { seed });
   };
-  const [a, b] = await Promise.all([build(0), build(1)]);
+  const [a, b] = await (versions ??= Promise.all([build(0), build(1)]));
   const upload = async (m: DemoManifest) => {
     await putFolder(s3, BUCKET, prefix, m.dir, m.files.map((f) => f.path));
   };
   return { a, b, upload };
 }
 const ORDER = ['resolving', 'fetching', 'loading', 'warming', 'ready'];
+
+const references = new Map<string, Promise<string>>();
+
+/**
+ * A model served from a local folder (in-process): the pixels the S3 path must reproduce. Once per folder for the file
+ * (the same folder gives the same pixels; a start of the runtime for each case that compares spent seconds of CPU).
+ */
+function localImage(dir: string): Promise<string> {
+  let ref = references.get(dir);
+  if (!ref) {
+    ref = (async () => {
+      const c = tempDir('dr-boot-s3-ref-');
+      dirs.push(c.cleanup);
+      const local = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: c.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
+      try {
+        return await image(local);
+      } finally {
+        await local.stop();
+      }
+    })();
+    references.set(dir, ref);
+  }
+  return ref;
+}
 
 /** A fixed-seed generation; PNG is lossless and deterministic, so equal pixels give equal bytes. */
 async function image(srv: { url: string }): Promise<string> {
@@ -291,15 +320,8 @@ describe('boot from S3', () => {
     const imageB = await image(swapped);
     expect(imageB).not.toBe(imageA);
     await swapped.stop('SIGTERM');
-    const localCache = tempDir('dr-boot-s3-swap-local-');
-    dirs.push(localCache.cleanup);
-    const local = await startRuntime({ STORAGE_URI: b.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
-    try {
-      expect(await image(local)).toBe(imageB);
-    } finally {
-      await local.stop();
-      await front.close();
-    }
+    await front.close();
+    expect(await localImage(b.dir)).toBe(imageB);
   }, 90_000);
 
   it('SIGTERM during the fetch exits 0 with nothing half committed; the next start serves what a local copy serves', async () => {
@@ -364,14 +386,7 @@ describe('boot from S3', () => {
       expect(a.equals(await fsp.readFile(path.join(model.dir, f.path))), f.path).toBe(true);
     }
 
-    const localCache = tempDir('dr-boot-s3-local-');
-    dirs.push(localCache.cleanup);
-    const local = await startRuntime({ STORAGE_URI: model.dir, MODEL_CACHE_DIR: localCache.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
-    try {
-      expect(fromS3).toBe(await image(local));
-    } finally {
-      await local.stop();
-    }
+    expect(fromS3).toBe(await localImage(model.dir));
   }, 90_000);
 });
 
@@ -427,18 +442,6 @@ describe('while the listing is out', () => {
 });
 
 describe('warm-up during the download', () => {
-  /** A model served from a local folder (in-process): the pixels the S3 path must reproduce. */
-  async function localImage(dir: string): Promise<string> {
-    const c = tempDir('dr-boot-s3-ref-');
-    dirs.push(c.cleanup);
-    const local = await startRuntime({ STORAGE_URI: dir, MODEL_CACHE_DIR: c.dir, EXECUTION_PROVIDER: 'cpu' }, { ready: true });
-    try {
-      return await image(local);
-    } finally {
-      await local.stop();
-    }
-  }
-
   /** Runs `body` against a proxy that holds the VAE decoder's weights (not its config.json) until `hold.release()`. */
   async function withHeldVae(body: (hold: { proxy: FaultProxy; release: () => void }) => Promise<void>): Promise<void> {
     let release!: () => void;
