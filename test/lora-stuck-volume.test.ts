@@ -322,20 +322,21 @@ const waitingOnFuse = () => readdirSync('/proc/self/task').filter((t) => {
   }
 }).length;
 
-
 /** The cache key of the adapter `name` under LORA_URI s3://loras/adapters/. */
 const adapterKey = (name: string) => cacheKey(parseStorageUri(`s3://loras/adapters/${name}/`) as Extract<ReturnType<typeof parseStorageUri>, { kind: 's3' }>, s3.endpoint);
 
 /**
  * Version 1 of the adapter `style`'s entry, committed in `cache` (a backing folder) from an older upload (another ETag)
  * and leased by a live process on another node (its heartbeat written now): a fill of it writes a version 2 beside it
- * (versions.ts). Returns that lease's file: removed, the lease is gone, as its process's release leaves it.
+ * (versions.ts), with files of that upload beside the weights (a removal takes a folder's names one by one). Returns that
+ * lease's file: removed, the lease is gone, as its process's release leaves it.
  */
 function leasedOlderVersion(cache: string): string {
   const key = adapterKey('style');
   const old = Buffer.alloc(1000, 1);
   mkdirSync(path.join(cache, key), { recursive: true });
   writeFileSync(path.join(cache, key, 'pytorch_lora_weights.safetensors'), old);
+  for (const n of ['README.md', 'adapter_config.json', 'sample-1.png', 'sample-2.png', 'sample-3.png']) writeFileSync(path.join(cache, key, n), n);
   writeFileSync(path.join(cache, key, '.complete.json'), JSON.stringify({
     version: 1, uri: 's3://loras/adapters/style/', bytes: old.length, completedAt: new Date(Date.now() - 3_600_000).toISOString(),
     files: [{ path: 'pytorch_lora_weights.safetensors', size: old.length, etag: '"0123456789abcdef0123456789abcdef"' }],
@@ -421,6 +422,8 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
     ['its sync of the cache folder', { hangAfter: 'rename:<v1>' }],
     ['its lock\'s release', { hangAfter: 'rmdir:<v1>' }],
     ['the removal of its trash', { hangAfter: 'unlink:pytorch_lora_weights.safetensors' }],
+    // The second look at a name of it (the first is its measure): fs.rm looks at all of a folder's names at once.
+    ['its deletion\'s look at a name in the trash', { hangAfter: 'getattr:README.md', hangAfterTimes: 2 }],
   ])('a second version served, the first one\'s removal hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, stuck]) => {
     const backing = await heldInBound(stuck, (cache) => {
       const lease = leasedOlderVersion(cache);

@@ -205,6 +205,7 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   // One call at a time in the bound, never the removal whole: acquireLock waits for it too, and at a bound of 1 a
   // removal holding it would wait for itself.
   const io: Bound = o.bound?.calls ?? ((call) => call());
+  const rmTree = (p: string) => (o.bound ? removeTree(p, o.bound.calls) : fsp.rm(p, { recursive: true, force: true }));
   const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound.calls } : {}) };
   if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0, ...seen }))?.unwatched) return { removed: false, why: 'locked' };
   const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen, ...(o.bound ? { bound: o.bound.lock } : {}) });
@@ -224,14 +225,32 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
     await io(() => fsp.rename(dir, trash));
     await io(() => fsyncDir(cacheDir));
     // Stale leases go with the entry; a lease being taken now sees this lock and takes itself again afterwards.
-    await io(() => fsp.rm(leasesDir(dir), { recursive: true, force: true })).catch(() => undefined);
+    await rmTree(leasesDir(dir)).catch(() => undefined);
   } finally {
     await lock.release();
   }
   // Out of every entry's name already: what cannot go now (an NFS client's .nfs file of a file still open) goes with
   // the next eviction's or prune's emptyTrash, never failing the download that asked for the room.
-  await io(() => fsp.rm(trash, { recursive: true, force: true })).catch(() => undefined);
+  await rmTree(trash).catch(() => undefined);
   return { removed: true, bytes };
+}
+
+/**
+ * Deletes `p` and everything under it one call at a time, each in `io`: fs.rm's recursive removal starts every name of
+ * a folder at once, and a volume that stops answering would hold as many pool threads as the folder has names.
+ */
+async function removeTree(p: string, io: Bound): Promise<void> {
+  const st = await io(() => fsp.lstat(p)).catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return undefined;
+    throw e;
+  });
+  if (st === undefined) return;
+  if (!st.isDirectory()) {
+    await io(() => fsp.unlink(p));
+    return;
+  }
+  for (const name of await io(() => fsp.readdir(p))) await removeTree(path.join(p, name), io);
+  await io(() => fsp.rmdir(p));
 }
 
 /**
