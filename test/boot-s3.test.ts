@@ -136,6 +136,8 @@ function localImage(dir: string): Promise<string> {
         await local.stop();
       }
     })();
+    // A start that failed fails its case, not every later one on the folder: the next asks again.
+    ref.catch(() => references.delete(dir));
     references.set(dir, ref);
   }
   return ref;

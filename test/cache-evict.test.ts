@@ -118,16 +118,15 @@ async function expectNoHalfEntry(cache: string): Promise<void> {
   }
 }
 
-
-/**
- * Stops `child` (an evictor on a clock 5 min behind) 20 ms after its lock on `dir` appears, stamps that lock as its
- * heartbeat would have, leases `dir` (taking the lock over once it stood still), then lets `child` go on.
- */
 /** `n` files `name(i)` holding `content` in `dir`, written 256 at a time (one by one they took seconds). */
 async function writeMany(dir: string, n: number, name: (i: number) => string, content: string): Promise<void> {
   for (let k = 0; k < n; k += 256) await Promise.all(Array.from({ length: Math.min(256, n - k) }, (_, j) => fsp.writeFile(path.join(dir, name(k + j)), content)));
 }
 
+/**
+ * Stops `child` (an evictor on a clock 5 min behind) 20 ms after its lock on `dir` appears, stamps that lock as its
+ * heartbeat would have, leases `dir` (taking the lock over once it stood still), then lets `child` go on.
+ */
 async function leaseWhileStopped(child: ChildProcess, dir: string): Promise<Awaited<ReturnType<typeof leaseEntry>>> {
   await until(() => existsSync(`${dir}.lock`), 10_000, 1);
   await new Promise((r) => setTimeout(r, 20));

@@ -77,7 +77,10 @@ export function stuckFsUnavailable(): string | undefined {
 
 const live = new Set<StuckFs>();
 
-/** Releases every mount of the calling suite after each of its tests. */
+/**
+ * Releases every mount this process has after each test of the calling suite, other suites' included: not for a file
+ * whose cases mount side by side (each releases its own there, onTestFinished).
+ */
 export function stuckFsForTests(): void {
   afterEach(async () => {
     for (const m of [...live]) await m.release();
