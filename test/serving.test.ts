@@ -138,13 +138,22 @@ describe.concurrent('identical requests joined to a generation while its LoRA ad
     expect((await left()) - before).toBe(2);
   }, 60_000);
 
-  it.sequential('counts each request joined to a generation refused once its adapters were looked up (the queue full) in inference_rejected_total, once', async () => {
+  /** The worker busy with a long generation (`seed`) and the queue (MAX_QUEUE=1) full behind it; ended by the returned call. */
+  const fullQueue = async (seed: number) => {
     const long = { num_inference_steps: 500, height: 512, width: 512 };
-    const rejected = () => metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
-    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 51, ...long });
+    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed, ...long });
     await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
-    const queued = rawPredict(srv.port, { prompt: 'queued', seed: 52, ...long });
+    const queued = rawPredict(srv.port, { prompt: 'queued', seed: seed + 1, ...long });
     await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    return () => {
+      blocker.destroy();
+      queued.destroy();
+    };
+  };
+
+  it.sequential('counts each request joined to a generation refused once its adapters were looked up (the queue full) in inference_rejected_total, once', async () => {
+    const rejected = () => metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
+    const unblock = await fullQueue(51);
     const inst = { prompt: 'a fox refused', seed: 53, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'refused', scale: 0.5 }] };
     const before = await rejected();
     const release = holdLists();
@@ -160,8 +169,7 @@ describe.concurrent('identical requests joined to a generation while its LoRA ad
       rs = await Promise.all([first, ...joined]);
     } finally {
       release();
-      blocker.destroy();
-      queued.destroy();
+      unblock();
     }
     expect(rs.map((r) => [r.status, r.json.code])).toEqual([[503, 'BUSY'], [503, 'BUSY'], [503, 'BUSY']]);
     // Before, only the first: the others got its 503 uncounted.
@@ -170,12 +178,8 @@ describe.concurrent('identical requests joined to a generation while its LoRA ad
   }, 60_000);
 
   it.sequential('a generation whose client left while its adapters were looked up, refused once they were (the queue full): counted for the request joined to it, not for the one that left', async () => {
-    const long = { num_inference_steps: 500, height: 512, width: 512 };
     const rejected = () => metric(srv, 'inference_rejected_total', { reason: 'queue_full' });
-    const blocker = rawPredict(srv.port, { prompt: 'blocker', seed: 54, ...long });
-    await until(async () => (await metric(srv, 'worker_busy')) === 1, 20_000, 10);
-    const queued = rawPredict(srv.port, { prompt: 'queued', seed: 55, ...long });
-    await until(async () => (await metric(srv, 'inference_queue_depth')) === 1, 20_000, 5);
+    const unblock = await fullQueue(54);
     const inst = { prompt: 'a fox gone', seed: 56, num_inference_steps: 2, height: 64, width: 64, loras: [{ name: 'gone', scale: 0.5 }] };
     const before = await rejected();
     const release = holdLists();
@@ -192,8 +196,7 @@ describe.concurrent('identical requests joined to a generation while its LoRA ad
       r = await joined;
     } finally {
       release();
-      blocker.destroy();
-      queued.destroy();
+      unblock();
     }
     expect([r.status, r.json.code]).toEqual([503, 'BUSY']);
     // Before: 2, the request whose client had left (answered 499 then) counted as refused too.
