@@ -51,6 +51,17 @@ async function twoBatchesOn(srv: RuntimeHandle, a: Record<string, unknown>, b: R
   return [ra, rb] as const;
 }
 
+/** Batches run, images generated, result-cache hits and clients counted as left, on `srv`. */
+async function leftCounts(srv: RuntimeHandle) {
+  return {
+    batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
+    hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
+  };
+}
+
+/** Each count's change from `before` to `after`. */
+const since = <T extends Record<string, number>>(before: T, after: T) => Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - before[k]!]));
+
 /**
  * Each describe starts a runtime of its own and shares nothing with the others: they run side by side, two at a time
  * (lane), the longest first, while the cases of one run in order (it.sequential), as they read deltas of their
@@ -609,11 +620,7 @@ describe.concurrent('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step 
   // Here, where a batch's window is 100 ms: a request alone waits it out before its batch runs (10 s among the batches
   // that run while others wait).
   it.sequential('a lone client leaving its running batch does not stop it while an identical request is joined to it: that one gets the image, none is generated again', async () => {
-    const counts = async () => ({
-      batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
-      hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
-    });
-    const before = await counts();
+    const before = await leftCounts(srv);
     const mine = { prompt: 'a heron that leaves alone', seed: 710, num_inference_steps: 500, height: 512, width: 512 };
     const leaver = rawPredict(srv.port, mine);
     // Its batch (of it alone) running, then the identical request in flight beside it: joined to it, nothing queued.
@@ -627,9 +634,7 @@ describe.concurrent('mixed traffic (MAX_BATCH_SIZE=4): shapes, schedulers, step 
     // Before, the leaving stopped the batch (nobody else was in it), and the joined request ran its own from the start.
     const again = await predict(srv, mine);
     expect(b64(again) === b64(j)).toBe(true);
-    const after = await counts();
-    expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
-      .toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
+    expect(since(before, await leftCounts(srv))).toEqual({ batches: 1, images: 1, hits: 2, left: 1 });
   });
 });
 
@@ -662,11 +667,7 @@ describe.concurrent('batches that run while others wait (MAX_BATCH_SIZE=2, BATCH
   });
 
   it.sequential('leaves the image its batch still makes to the identical request joined to its generation and to the result cache: none is generated again', async () => {
-    const counts = async () => ({
-      batches: await metric(srv, 'inference_batch_size_count'), images: await metric(srv, 'images_generated_total'),
-      hits: await metric(srv, 'result_cache_hits_total'), left: await metric(srv, 'inference_cancelled_total', { reason: 'client_left' }),
-    });
-    const before = await counts();
+    const before = await leftCounts(srv);
     // Long enough that the client leaves while the batch runs (its leaving is counted only then).
     const shape = { num_inference_steps: 500, height: 512, width: 512 };
     const mine = { prompt: 'a fox that leaves', seed: 700, ...shape };
@@ -684,9 +685,7 @@ describe.concurrent('batches that run while others wait (MAX_BATCH_SIZE=2, BATCH
     // one reached the cache.
     const again = await predict(srv, mine);
     expect(b64(again) === b64(j)).toBe(true);
-    const after = await counts();
-    expect({ batches: after.batches - before.batches, images: after.images - before.images, hits: after.hits - before.hits, left: after.left - before.left })
-      .toEqual({ batches: 1, images: 2, hits: 2, left: 1 });
+    expect(since(before, await leftCounts(srv))).toEqual({ batches: 1, images: 2, hits: 2, left: 1 });
   });
 });
 
