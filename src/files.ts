@@ -1,5 +1,5 @@
-/** @module File-system questions every layer asks, with no dependency of its own. */
-import { access } from 'node:fs/promises';
+/** @module File-system questions every layer asks, and a removal one call at a time; no dependency of its own. */
+import { access, lstat, readdir, rmdir, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
 /**
@@ -24,4 +24,23 @@ export function deepestHolding<T>(items: readonly T[], dirOf: (item: T) => strin
     if (d > depth && within(dir, file) !== undefined) [best, depth] = [item, d];
   }
   return best;
+}
+
+/**
+ * Deletes `p` and everything under it one call at a time, each in `io` (a caller's bound on the pool threads a volume
+ * that stops answering keeps): fs.rm's recursive removal starts every name of a folder at once, and such a volume would
+ * hold as many threads as the folder has names. Nothing there: nothing to do.
+ */
+export async function removeTree(p: string, io: <T>(call: () => Promise<T>) => Promise<T>): Promise<void> {
+  const st = await io(() => lstat(p)).catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return undefined;
+    throw e;
+  });
+  if (st === undefined) return;
+  if (!st.isDirectory()) {
+    await io(() => unlink(p));
+    return;
+  }
+  for (const name of await io(() => readdir(p))) await removeTree(path.join(p, name), io);
+  await io(() => rmdir(p));
 }

@@ -3,7 +3,7 @@
  * (test/native/stuck-fs: every call on it then waits, a stat included): their calls are not gated one by one, and their
  * requests used to wait for them up to REQUEST_TIMEOUT_S. A real server process, s3rver on loopback, real HTTP.
  */
-import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
@@ -358,13 +358,16 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
   /**
    * A fetch of `style` on a mount that stops answering after `stuck.hangAfter` (`<v1>` in it: the entry's version 1's
    * name): once it is held, every thread left waiting on the volume is a call in its bound. `prepare` makes what the
-   * cache (its backing folder) holds before, and resolves to more options of the fetch.
+   * cache (its backing folder) holds before, and resolves to more options of the fetch (`io`'s beside the bound's, `env`:
+   * the fetch's configuration's).
    */
-  const heldInBound = async (stuck: StuckFsOptions & { hangAfter: string }, prepare?: (cache: string) => Partial<Parameters<typeof resolveModel>[1]>) => {
+  let mounts = 0;
+  const heldInBound = async (stuck: StuckFsOptions & { hangAfter: string }, prepare?: (cache: string) => Partial<Parameters<typeof resolveModel>[1]> & { env?: Record<string, string> }) => {
     const at = stuck.hangAfter.replace('<v1>', adapterKey('style'));
-    const backing = path.join(tmp.dir, `own-${stuck.hangAfter.replace(/\W+/g, '-')}-backing`);
+    // Numbered: cases may stop at the same point.
+    const backing = path.join(tmp.dir, `own-${++mounts}-${stuck.hangAfter.replace(/\W+/g, '-')}-backing`);
     mkdirSync(path.join(backing, 'cache'), { recursive: true });
-    const more = prepare?.(path.join(backing, 'cache')) ?? {};
+    const { io: moreIo, env, ...more } = prepare?.(path.join(backing, 'cache')) ?? {};
     const fs = await mountStuckFs(backing, `${backing}-mnt`, { ...stuck, hangAfter: at });
     let inBound = 0;
     const counted = async <T>(call: () => Promise<T>): Promise<T> => {
@@ -375,12 +378,12 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
         inBound--;
       }
     };
-    const io: Partial<StorageIo> = { write: (fh, bufs, len, at) => counted(() => defaultIo.write(fh, bufs, len, at)), other: counted };
+    const io: Partial<StorageIo> = { ...moreIo, write: (fh, bufs, len, at) => counted(() => defaultIo.write(fh, bufs, len, at)), other: counted };
     const stop = new AbortController();
     // No content check (its threads read the partial back: not pool threads), and within the test no lock heartbeat
     // and no periodic sync (whose datasync of the partial would wait for the file's lock behind a stuck sync of it, not
     // on the volume, uncounted).
-    const cfg = testConfig(s3.endpoint, path.join(fs.dir, 'cache'), { S3_VERIFY_CONTENT: '0' });
+    const cfg = testConfig(s3.endpoint, path.join(fs.dir, 'cache'), { S3_VERIFY_CONTENT: '0', ...env });
     const fetched = resolveModel('s3://loras/adapters/style/', { cfg, log: createLogger('silent'), signal: stop.signal, io, lockStaleMs: 600_000, syncMs: 600_000, ...more });
     fetched.catch(() => undefined);
     try {
@@ -433,4 +436,61 @@ describe.skipIf(noFuse)('a LORA_URI fetch\'s own calls on a cache volume that st
     // The fill committed version 2 and began removing version 1.
     expect(readdirSync(path.join(backing, 'cache', `${adapterKey('style')}@2`))).toContain('.complete.json');
   });
+
+  // The volume is full (its free space says 0 bytes): before its download the fill makes room (makeRoom), and empties
+  // first the trash of an eviction that died midway and an adapter set no process leases, then lists the entries and
+  // evicts another one, unused: each point is met only there, named by the call it stops.
+  it.for<[string, StuckFsOptions & { hangAfter: string }, { env?: Record<string, string>; oldLease?: true }?]>([
+    ['the trash\'s measure', { hangAfter: 'getattr:trash-1' }],
+    ['the trash\'s removal', { hangAfter: 'unlink:trash-1' }],
+    // The second look at a name of it (the first is its measure): fs.rm looks at all of a folder's names at once.
+    ['the trash\'s removal\'s look at a name', { hangAfter: 'getattr:trash-1', hangAfterTimes: 2 }],
+    ['the adapter set\'s removal', { hangAfter: 'unlink:set-1.onnx' }],
+    ['the adapter set\'s removal\'s look at a name', { hangAfter: 'getattr:set-1.onnx', hangAfterTimes: 2 }],
+    ['its look at the other entry', { hangAfter: 'getattr:other.bin' }],
+    ['its measure of what the other entry frees', { hangAfter: 'getattr:other.bin', hangAfterTimes: 2 }],
+    ['the other entry\'s removal', { hangAfter: 'rename:other-entry' }],
+    ['the deletion of the other entry\'s trash', { hangAfter: 'unlink:other.bin' }],
+    // CACHE_EVICT=off: the entries are listed for the NO_SPACE message only.
+    ['its listing for NO_SPACE (CACHE_EVICT=off)', { hangAfter: 'getattr:other.bin' }, { env: { CACHE_EVICT: 'off' } }],
+    // The other entry's lease looks an hour old on this clock: it is watched before the entry goes, and the watch's
+    // first look (the second open of the lease: the listing's was the first) is the last call answered.
+    ['its watch of a lease that looks old', { hangAfter: `open:${OLD_LEASE}`, hangAfterTimes: 2 }, { oldLease: true }],
+  ])('a full volume, the room for the fill\'s download hanging at %s: every call left waiting on the volume is one in the bound', { timeout: 60_000 }, async ([, stuck, room]) => {
+    await heldInBound(stuck, (cache) => ({ ...roomToMake(cache, room), ...(room?.env ? { env: room.env } : {}) }));
+  });
 });
+
+/** The lease file of another node's process on `other-entry` (roomToMake's `oldLease`). */
+const OLD_LEASE = 'another-node-1-feedface00000002.lease';
+
+/**
+ * What a fill makes room from in `cache` (a backing folder): the trash of an eviction that died midway, an adapter set
+ * no process leases, and another committed entry (`other-entry`, 4 MB, more than the adapter) nobody uses, each of a few
+ * names (a removal takes them one by one); `oldLease`: that entry leased by another node's process whose heartbeat
+ * looks an hour old on this clock. With a free space of 0 bytes, the options for the fetch.
+ */
+function roomToMake(cache: string, o: { oldLease?: true } = {}): Partial<Parameters<typeof resolveModel>[1]> {
+  const names = (dir: string, files: string[]) => {
+    mkdirSync(dir, { recursive: true });
+    for (const n of files) writeFileSync(path.join(dir, n), n);
+  };
+  names(path.join(cache, '.evicting-gone-entry-0123abcd'), ['trash-1', 'trash-2', 'trash-3']);
+  names(path.join(cache, '.lora-sets', 'set-of-a-server-gone'), ['set-1.onnx', 'set-2.onnx', 'set-3.onnx']);
+  const other = path.join(cache, 'other-entry');
+  names(other, ['a.json', 'b.json', 'c.json']);
+  const weights = Buffer.alloc(4 << 20, 1);
+  writeFileSync(path.join(other, 'other.bin'), weights);
+  writeFileSync(path.join(other, '.complete.json'), JSON.stringify({
+    version: 1, uri: 's3://models/other/', bytes: weights.length, completedAt: new Date(Date.now() - 3_600_000).toISOString(),
+    files: [{ path: 'other.bin', size: weights.length, etag: '"0123456789abcdef0123456789abcdef"' }],
+  }));
+  if (o.oldLease) {
+    const lease = path.join(cache, '.leases', 'other-entry', OLD_LEASE);
+    mkdirSync(path.dirname(lease), { recursive: true });
+    writeFileSync(lease, JSON.stringify({ pid: 1, host: 'another-node', token: 'feedface00000002', since: new Date(Date.now() - 7_200_000).toISOString() }));
+    const hourAgo = new Date(Date.now() - 3_600_000);
+    utimesSync(lease, hourAgo, hourAgo);
+  }
+  return { io: { freeBytes: async () => 0 } };
+}

@@ -12,7 +12,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp, type Stats } from 'node:fs';
 import path from 'node:path';
-import { exists } from '../files.js';
+import { exists, removeTree } from '../files.js';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { isEntry, LEASES, leaseState, leaseStates, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
 import type { Bound } from './journal.js';
@@ -75,20 +75,35 @@ export interface EntryOptions {
   /** Ends a watch, or a wait for a file system call, at once (rejects with its reason). */
   signal?: AbortSignal;
   /**
-   * removeEntry's calls on the volume, each alone in the caller's bound on the pool threads a volume that stops
-   * answering keeps (a LoRA adapter's fetch removing its entry's older versions: fetch.ts served): `calls` runs its
-   * looks, walks, rename, syncs and deletions, `lock` its lock's (acquireLock's bound). None: unbounded.
+   * Every call on the volume, each alone in the caller's bound on the pool threads a volume that stops answering keeps
+   * (a LoRA adapter's fetch removing its entry's older versions, fetch.ts served, or making room, roomFor): `calls`
+   * runs the looks, each name of a walk, the rename, syncs and deletions (name by name), `lock` a lock's (acquireLock's
+   * bound). A watch holds no place between its looks. None: unbounded.
    */
   bound?: { calls: Bound; lock: Bound };
 }
 
-/** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated. */
-async function eachFile(dir: string, fn: (st: Stats, id: string, bytes: number) => void): Promise<void> {
-  for (const e of await fsp.readdir(dir, { withFileTypes: true }).catch(() => [])) {
+/** Runs a call on the volume directly: no bound. */
+const direct: Bound = (call) => call();
+
+/**
+ * Runs `fns` at once, or one after the other where `bounded`: each then waits for a place in the caller's bound, and
+ * one listing's looks need not take several.
+ */
+async function together<T extends readonly unknown[]>(bounded: boolean, fns: { [K in keyof T]: () => Promise<T[K]> }): Promise<T> {
+  if (!bounded) return (await Promise.all(fns.map((f) => f()))) as unknown as T;
+  const out: unknown[] = [];
+  for (const f of fns) out.push(await f());
+  return out as unknown as T;
+}
+
+/** Calls `fn` with the lstat of every file under `dir`, its `dev:ino` and the bytes it has allocated; each call in `io`. */
+async function eachFile(dir: string, fn: (st: Stats, id: string, bytes: number) => void, io: Bound = direct): Promise<void> {
+  for (const e of await io(() => fsp.readdir(dir, { withFileTypes: true })).catch(() => [])) {
     const p = path.join(dir, e.name);
-    if (e.isDirectory()) await eachFile(p, fn);
+    if (e.isDirectory()) await eachFile(p, fn, io);
     else {
-      const st = await fsp.lstat(p).catch(() => undefined);
+      const st = await io(() => fsp.lstat(p)).catch(() => undefined);
       if (st) fn(st, `${st.dev}:${st.ino}`, st.blocks !== undefined ? Math.max(st.blocks * 512, 0) : st.size);
     }
   }
@@ -98,14 +113,14 @@ async function eachFile(dir: string, fn: (st: Stats, id: string, bytes: number) 
  * Bytes allocated under `dir`; `inodes`: collects each file's `dev:ino`, and `shared` counts apart the files whose
  * inode it already holds.
  */
-async function allocated(dir: string, o: { inodes?: Set<string>; shared?: ReadonlySet<string> } = {}): Promise<{ bytes: number; shared: number }> {
+async function allocated(dir: string, o: { inodes?: Set<string>; shared?: ReadonlySet<string>; io?: Bound } = {}): Promise<{ bytes: number; shared: number }> {
   let total = 0;
   let shared = 0;
   await eachFile(dir, (st, id, n) => {
     o.inodes?.add(id);
     if (st.nlink > 1 && o.shared?.has(id)) shared += n;
     else total += n;
-  });
+  }, o.io);
   return { bytes: total, shared };
 }
 
@@ -114,14 +129,14 @@ async function allocated(dir: string, o: { inodes?: Set<string>; shared?: Readon
  * one that a version staying, a LoRA adapter set (their unchanged weights are hard links to the entry's) or anything
  * else also links is not freed, and a file named twice counts once.
  */
-async function freedBy(dirs: readonly string[]): Promise<number> {
+async function freedBy(dirs: readonly string[], io: Bound = direct): Promise<number> {
   const files = new Map<string, { names: number; nlink: number; bytes: number }>();
   for (const d of dirs) {
     await eachFile(d, (st, id, bytes) => {
       const f = files.get(id) ?? { names: 0, nlink: st.nlink, bytes };
       f.names++;
       files.set(id, f);
-    });
+    }, io);
   }
   let bytes = 0;
   for (const f of files.values()) if (f.names >= f.nlink) bytes += f.bytes;
@@ -129,24 +144,24 @@ async function freedBy(dirs: readonly string[]): Promise<number> {
 }
 
 /** The inodes of the files of the versions of the entry `name` newer than it, and whether one of those is committed. */
-async function siblings(cacheDir: string, name: string): Promise<{ version: number; newer: Set<string>; superseded: boolean }> {
+async function siblings(cacheDir: string, name: string, io: Bound): Promise<{ version: number; newer: Set<string>; superseded: boolean }> {
   const { key, n } = parseVersion(name);
   const newer = new Set<string>();
   let superseded = false;
-  for (const v of await versionsOf(cacheDir, key)) {
+  for (const v of await io(() => versionsOf(cacheDir, key))) {
     if (v.n <= n) continue;
-    if (await exists(path.join(v.dir, MANIFEST))) superseded = true;
-    await allocated(v.dir, { inodes: newer });
+    if (await io(() => exists(path.join(v.dir, MANIFEST)))) superseded = true;
+    await allocated(v.dir, { inodes: newer, io });
   }
   return { version: n, newer, superseded };
 }
 
 /** The newer version of version 1 `name` that the holder of its lock fills under that version's own lock, if any. */
-async function fillingNewer(cacheDir: string, name: string, holder: LockInfo | undefined, staleMs: number): Promise<string | undefined> {
+async function fillingNewer(cacheDir: string, name: string, holder: LockInfo | undefined, staleMs: number, bound?: Bound): Promise<string | undefined> {
   if (holder === undefined) return undefined;
-  for (const v of (await versionsOf(cacheDir, name)).reverse()) {
+  for (const v of (await (bound ?? direct)(() => versionsOf(cacheDir, name))).reverse()) {
     if (v.n === 1) continue;
-    const l = await inspectHolder(`${v.dir}.lock`, { staleMs });
+    const l = await inspectHolder(`${v.dir}.lock`, { staleMs, ...(bound ? { bound } : {}) });
     if (l?.live && l.holder && sameProcess(l.holder, holder)) return v.name;
   }
   return undefined;
@@ -155,16 +170,20 @@ async function fillingNewer(cacheDir: string, name: string, holder: LockInfo | u
 /** One entry's record, or undefined when `name` is not an entry (no manifest and no journal at its root). */
 export async function inspectEntry(cacheDir: string, name: string, o: EntryOptions = {}): Promise<CacheEntry | undefined> {
   const dir = path.join(cacheDir, name);
-  const [mst, jst] = await Promise.all([MANIFEST, JOURNAL].map((m) => fsp.stat(path.join(dir, m)).catch(() => undefined)));
+  const bound = o.bound?.calls;
+  const io = bound ?? direct;
+  const stat = (m: string) => () => io(() => fsp.stat(path.join(dir, m))).catch(() => undefined);
+  const [mst, jst] = await together(!!bound, [stat(MANIFEST), stat(JOURNAL)]);
   if (mst === undefined && jst === undefined) return undefined;
-  const manifest = mst ? await readManifest(dir) : undefined;
-  const sib = await siblings(cacheDir, name);
+  const manifest = mst ? await io(() => readManifest(dir)) : undefined;
+  const sib = await siblings(cacheDir, name, io);
   const staleMs = o.lockStaleMs ?? 30_000;
-  const [{ bytes, shared }, leases, lock] = await Promise.all([
+  const looks = bound ? { bound } : {};
+  const [{ bytes, shared }, leases, lock] = await together(!!bound, [
     // A lease that looks stale on this clock is not watched here (minutes, for a listing): what removes the entry does.
-    allocated(dir, { shared: sib.newer }), leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0 }),
-    inspectHolder(`${dir}.lock`, { staleMs, ...(o.watch === false ? { confirmMs: 0 } : {}), ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}) })]);
-  const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs) : undefined;
+    () => allocated(dir, { shared: sib.newer, io }), () => leaseState(dir, o.leaseStaleMs ?? LEASE_STALE_MS, { confirmMs: 0, ...looks }),
+    () => inspectHolder(`${dir}.lock`, { staleMs, ...(o.watch === false ? { confirmMs: 0 } : {}), ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}), ...looks })]);
+  const lockedFor = lock?.live && sib.version === 1 ? await fillingNewer(cacheDir, name, lock.holder, staleMs, bound) : undefined;
   // An entry never leased (as every entry made before leases existed) was last used when it was committed or written.
   const lastUsedMs = Math.max(leases.lastUsedMs ?? 0, (manifest ? mst : jst ?? mst)!.mtimeMs);
   return {
@@ -185,7 +204,7 @@ export async function inspectEntry(cacheDir: string, name: string, o: EntryOptio
 
 /** Every entry under the cache, least recently used first. Never throws on a missing cache folder. */
 export async function listEntries(cacheDir: string, o: EntryOptions = {}): Promise<CacheEntry[]> {
-  const ents = await fsp.readdir(cacheDir, { withFileTypes: true }).catch(() => []);
+  const ents = await (o.bound?.calls ?? direct)(() => fsp.readdir(cacheDir, { withFileTypes: true })).catch(() => []);
   const out: CacheEntry[] = [];
   for (const e of ents) {
     if (!e.isDirectory() || e.name.startsWith('.')) continue;
@@ -204,7 +223,7 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   const quick = o.watch === false;
   // One call at a time in the bound, never the removal whole: acquireLock waits for it too, and at a bound of 1 a
   // removal holding it would wait for itself.
-  const io: Bound = o.bound?.calls ?? ((call) => call());
+  const io: Bound = o.bound?.calls ?? direct;
   const rmTree = (p: string) => (o.bound ? removeTree(p, o.bound.calls) : fsp.rm(p, { recursive: true, force: true }));
   const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound.calls } : {}) };
   if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0, ...seen }))?.unwatched) return { removed: false, why: 'locked' };
@@ -217,7 +236,7 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
     if (leases.live.length > 0 || (quick && leases.unwatched > 0)) return { removed: false, why: 'in use' };
     if (!(await io(() => isEntry(dir)))) return { removed: false, why: 'gone' };
     // What it frees: files another version of the entry or an adapter set links stay.
-    bytes = await io(() => freedBy([dir]));
+    bytes = await freedBy([dir], io);
     // A lease taken since the read above saw this lock and withdrew, unless this process stood still long enough (a
     // stuck volume, a frozen node) for its taker to watch the lock and take it over: then the entry is that lease's.
     if (!(await lock.mine())) return { removed: false, why: 'locked' };
@@ -236,24 +255,6 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
 }
 
 /**
- * Deletes `p` and everything under it one call at a time, each in `io`: fs.rm's recursive removal starts every name of
- * a folder at once, and a volume that stops answering would hold as many pool threads as the folder has names.
- */
-async function removeTree(p: string, io: Bound): Promise<void> {
-  const st = await io(() => fsp.lstat(p)).catch((e: NodeJS.ErrnoException) => {
-    if (e.code === 'ENOENT') return undefined;
-    throw e;
-  });
-  if (st === undefined) return;
-  if (!st.isDirectory()) {
-    await io(() => fsp.unlink(p));
-    return;
-  }
-  for (const name of await io(() => fsp.readdir(p))) await removeTree(path.join(p, name), io);
-  await io(() => fsp.rmdir(p));
-}
-
-/**
  * Watches, all together, the leases and locks of the entries `names` whose heartbeats look older than their limit (or
  * as far ahead) on this clock: one watch (up to a minute, a lease's confirmMs, at the defaults), not one per entry.
  * Resolves to the heartbeats that stood still meanwhile (removeEntry's `still`: they count as gone there, unwatched),
@@ -263,7 +264,8 @@ async function removeTree(p: string, io: Bound): Promise<void> {
 export async function watchEntries(cacheDir: string, names: readonly string[], o: EntryOptions = {}): Promise<{ still: StillBeats; watched: string[]; held: string[] }> {
   const still: StillBeats = o.still ?? new Map();
   const dirs = names.map((n) => path.join(cacheDir, n));
-  const seen = { still, ...(o.signal ? { signal: o.signal } : {}) };
+  // Each look in the bound, none around a watch's sleeps.
+  const seen = { still, ...(o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound.calls } : {}) };
   const [leases, locks] = await Promise.all([
     leaseStates(dirs, o.leaseStaleMs ?? LEASE_STALE_MS, seen),
     inspectHolders(dirs.map((d) => `${d}.lock`), { staleMs: o.lockStaleMs ?? 30_000, ...seen }),
@@ -275,13 +277,14 @@ export async function watchEntries(cacheDir: string, names: readonly string[], o
  * Deletes what evictions that died midway left (their folders were already out of any entry's name); `dryRun`: only
  * measures it. Resolves to the bytes it occupied.
  */
-export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {}): Promise<number> {
-  const ents = await fsp.readdir(cacheDir).catch(() => [] as string[]);
+export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean; bound?: Bound } = {}): Promise<number> {
+  const io = o.bound ?? direct;
+  const ents = await io(() => fsp.readdir(cacheDir)).catch(() => [] as string[]);
   let bytes = 0;
   for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
     const p = path.join(cacheDir, n);
-    bytes += await freedBy([p]);
-    if (!o.dryRun) await fsp.rm(p, { recursive: true, force: true }).catch(() => undefined);
+    bytes += await freedBy([p], io);
+    if (!o.dryRun) await (o.bound ? removeTree(p, o.bound) : fsp.rm(p, { recursive: true, force: true })).catch(() => undefined);
   }
   return bytes;
 }
@@ -292,11 +295,12 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean } = {})
  * sweep them a minute after a start with LoRA on; this is for a cache no such server starts on. Resolves to the bytes
  * only they held.
  */
-export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; leaseStaleMs?: number; signal?: AbortSignal } = {}): Promise<number> {
+export async function emptyAdapterSets(cacheDir: string, o: { dryRun?: boolean; leaseStaleMs?: number; signal?: AbortSignal; bound?: Bound } = {}): Promise<number> {
   let bytes = 0;
   await sweepUnleased(path.join(cacheDir, LORA_SETS), {
     ...(o.dryRun ? { dryRun: true } : {}), ...(o.leaseStaleMs !== undefined ? { staleMs: o.leaseStaleMs } : {}), ...(o.signal ? { signal: o.signal } : {}),
-    going: async (dir) => void (bytes += await freedBy([dir])),
+    ...(o.bound ? { bound: o.bound } : {}),
+    going: async (dir) => void (bytes += await freedBy([dir], o.bound)),
   });
   return bytes;
 }
@@ -384,8 +388,11 @@ export interface RoomResult {
  * watch for room, however many such entries the cache holds.
  */
 export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOptions): Promise<RoomResult> {
-  let freed = need > 0 ? (await emptyTrash(cacheDir)) + (await emptyAdapterSets(cacheDir, {
-    ...(o.leaseStaleMs !== undefined ? { leaseStaleMs: o.leaseStaleMs } : {}), ...(o.signal ? { signal: o.signal } : {}) })) : 0;
+  // A caller's bound (EntryOptions.bound) runs each call on the volume below alone: the walks and removals name by name.
+  const io = o.bound?.calls;
+  const bound = io ? { bound: io } : {};
+  let freed = need > 0 ? (await emptyTrash(cacheDir, bound)) + (await emptyAdapterSets(cacheDir, {
+    ...(o.leaseStaleMs !== undefined ? { leaseStaleMs: o.leaseStaleMs } : {}), ...(o.signal ? { signal: o.signal } : {}), ...bound })) : 0;
   const all = await listEntries(cacheDir, { ...o, watch: false });
   const idle = all.filter((e) => e.name !== o.exclude && !inUse(e));
   const candidates = [...idle.filter((e) => e.superseded), ...idle.filter((e) => !e.superseded)];
@@ -395,7 +402,7 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
   const gone = new Set<string>();
   const watched = { entries: [] as string[], ms: 0 };
   const dirs = (entries: readonly CacheEntry[]) => entries.map((e) => path.join(cacheDir, e.name));
-  let freeable = freed + (await freedBy(dirs(candidates)));
+  let freeable = freed + (await freedBy(dirs(candidates), io));
   let still: StillBeats | undefined;
   /** Watches the entries' leases and locks together; resolves to the candidates left that no live one holds, those that needed no watching first. */
   const watch = async (entries: readonly CacheEntry[]) => {
@@ -422,11 +429,11 @@ export async function makeRoom(cacheDir: string, need: number, o: MakeRoomOption
   };
   /** Removes the entries, in order, only if together they can make the room still missing. */
   const removeIfEnough = async (entries: readonly CacheEntry[]) => {
-    freeable = freed + (await freedBy(dirs(entries)));
+    freeable = freed + (await freedBy(dirs(entries), io));
     if (freeable >= need) await remove(entries);
   };
   if (freed < need && freeable >= need) {
-    if (freed + (await freedBy(dirs(sure))) < need) {
+    if (freed + (await freedBy(dirs(sure), io)) < need) {
       // What needs no watching is not enough: the rest is watched first, and nothing goes unless enough can.
       await removeIfEnough(await watch(unsure));
     } else {

@@ -20,7 +20,7 @@ import { Journal, JournalTail, spanBytes } from './journal.js';
 import { checkListing } from './listing.js';
 import { ContentMismatchError, newContentCheckState, type ContentCheckState } from './content-check.js';
 import { sameEtag } from './s3-compat.js';
-import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheEntry } from './entries.js';
+import { describeEntries, inUse, listEntries, makeRoom, removeEntry, type CacheEntry, type EntryOptions } from './entries.js';
 import { leaseState } from './lease.js';
 import { acquireLock, isOwn, type HeldLock, type LockInfo } from './lock.js';
 import { checkAddressing, explainFallback } from './addressing.js';
@@ -636,9 +636,7 @@ class S3Fetch {
   private async served(res: ResolvedModel): Promise<ResolvedModel> {
     const { cfg, log } = this.o;
     const mine = parseVersion(path.basename(this.entry)).n;
-    // Its calls on the cache in the caller's bound, as the fill's (onCache), its lock's as the fill's lock's (lockBound).
-    const other = this.o.io?.other;
-    const bound = other ? { bound: { calls: other, lock: lockBound(other) } } : {};
+    const bound = this.entryBound();
     for (const v of await this.onCache(() => versionsOf(cfg.cacheDir, this.key))) {
       if (v.n >= mine) continue;
       // A lease or lock that only watching could judge (a pod killed elsewhere) is not watched here: the start would wait
@@ -789,6 +787,15 @@ class S3Fetch {
     const other = this.o.io?.other;
     if (!other) return {};
     return { bound: of === 'lock' ? lockBound(other) : other };
+  }
+
+  /**
+   * entries.ts's `bound` for a removal of an entry or an eviction: its calls on the cache in the caller's bound, one at a
+   * time, as the fill's (onCache), its locks' as the fill's lock's (lockBound); none where the caller bounds nothing.
+   */
+  private entryBound(): Pick<EntryOptions, 'bound'> {
+    const other = this.o.io?.other;
+    return other ? { bound: { calls: other, lock: lockBound(other) } } : {};
   }
 
   /** Staleness of the cache's lock and lease files, as entries.ts takes them. */
@@ -975,7 +982,8 @@ class S3Fetch {
   private async roomFor(shortfall: number, head: string, evict: boolean, cause?: unknown): Promise<number> {
     const { cfg, log } = this.o;
     const self = path.basename(this.entry);
-    const opts = { exclude: self, ...this.entryOptions() };
+    // In the caller's bound where it has one (a LoRA adapter's fetch): each look, measure and removal of the eviction.
+    const opts = { exclude: self, ...this.entryOptions(), ...this.entryBound() };
     const lru = evict && cfg.cacheEvict === 'lru';
     const r = lru
       ? await makeRoom(cfg.cacheDir, shortfall, {

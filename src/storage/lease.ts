@@ -23,7 +23,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
-import { exists } from '../files.js';
+import { exists, removeTree } from '../files.js';
 import { trackIo } from './pending-io.js';
 import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type InspectOptions, type LockInfo } from './lock.js';
 
@@ -220,19 +220,27 @@ export async function sweepUnleased(base: string, o: {
   going?(dir: string): Promise<void>;
   /** Ends the watch at once (rejects with its reason). */
   signal?: AbortSignal;
+  /**
+   * Runs each of its calls on the volume alone (none between a watch's looks), removals name by name: a caller's bound
+   * on the pool threads a volume that stops answering keeps (a LoRA adapter's fetch making room). None: unbounded.
+   */
+  bound?: <T>(call: () => Promise<T>) => Promise<T>;
 } = {}): Promise<string[]> {
+  const io = o.bound ?? ((call) => call());
+  const rm = (p: string) => (o.bound ? removeTree(p, o.bound) : fsp.rm(p, { recursive: true, force: true }));
   const folders: string[] = [];
   const oldLegacy = new Set<string>();
-  for (const name of await fsp.readdir(base).catch(() => [] as string[])) {
+  for (const name of await io(() => fsp.readdir(base)).catch(() => [] as string[])) {
     if (name.startsWith('.')) continue;
-    const st = await fsp.stat(path.join(base, name)).catch(() => undefined);
+    const st = await io(() => fsp.stat(path.join(base, name))).catch(() => undefined);
     if (!st?.isDirectory()) continue;
     folders.push(name);
     if (LEGACY_SET.test(name) && Date.now() - st.mtimeMs > (o.legacyMaxAgeMs ?? 86_400_000)) oldLegacy.add(name);
   }
   // One look at every folder's leases, and one watch of those that look stale (a dry run judges by the clock alone).
   const leased = folders.filter((n) => !LEGACY_SET.test(n));
-  const states = await leaseStates(leased.map((n) => path.join(base, n)), o.staleMs ?? LEASE_STALE_MS, o.dryRun ? { confirmMs: 0 } : o.signal ? { signal: o.signal } : {});
+  const states = await leaseStates(leased.map((n) => path.join(base, n)), o.staleMs ?? LEASE_STALE_MS, {
+    ...(o.dryRun ? { confirmMs: 0 } : o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound } : {}) });
   const unleased = new Set(leased.filter((_, i) => states[i]!.live.length === 0));
   const gone = folders.filter((n) => oldLegacy.has(n) || unleased.has(n));
   const removed: string[] = [];
@@ -241,8 +249,8 @@ export async function sweepUnleased(base: string, o: {
     await o.going?.(dir);
     removed.push(name);
     if (o.dryRun) continue;
-    await fsp.rm(dir, { recursive: true, force: true }).catch(() => undefined);
-    await fsp.rm(leasesDir(dir), { recursive: true, force: true }).catch(() => undefined);
+    await rm(dir).catch(() => undefined);
+    await rm(leasesDir(dir)).catch(() => undefined);
   }
   return removed;
 }
