@@ -1,5 +1,5 @@
 /** @module File-system questions every layer asks, and a removal one call at a time; no dependency of its own. */
-import { access, lstat, readdir, rmdir, unlink } from 'node:fs/promises';
+import { access, lstat, readdir, rm, rmdir, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
 /**
@@ -27,11 +27,12 @@ export function deepestHolding<T>(items: readonly T[], dirOf: (item: T) => strin
 }
 
 /**
- * Deletes `p` and everything under it one call at a time, each in `io` (a caller's bound on the pool threads a volume
- * that stops answering keeps): fs.rm's recursive removal starts every name of a folder at once, and such a volume would
- * hold as many threads as the folder has names. Nothing there: nothing to do.
+ * Deletes `p` and everything under it; nothing there: nothing to do. With `io` (a caller's bound on the pool threads a
+ * volume that stops answering keeps), one call at a time, each in it: fs.rm's recursive removal starts every name of a
+ * folder at once, and such a volume would hold as many threads as the folder has names. Without, fs.rm's.
  */
-export async function removeTree(p: string, io: <T>(call: () => Promise<T>) => Promise<T>): Promise<void> {
+export async function removeTree(p: string, io?: <T>(call: () => Promise<T>) => Promise<T>): Promise<void> {
+  if (io === undefined) return rm(p, { recursive: true, force: true });
   const st = await io(() => lstat(p)).catch((e: NodeJS.ErrnoException) => {
     if (e.code === 'ENOENT') return undefined;
     throw e;

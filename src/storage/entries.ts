@@ -224,7 +224,6 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
   // One call at a time in the bound, never the removal whole: acquireLock waits for it too, and at a bound of 1 a
   // removal holding it would wait for itself.
   const io: Bound = o.bound?.calls ?? direct;
-  const rmTree = (p: string) => (o.bound ? removeTree(p, o.bound.calls) : fsp.rm(p, { recursive: true, force: true }));
   const seen = { ...(o.still ? { still: o.still } : {}), ...(o.signal ? { signal: o.signal } : {}), ...(o.bound ? { bound: o.bound.calls } : {}) };
   if (quick && (await inspectHolder(`${dir}.lock`, { staleMs: o.lockStaleMs ?? 30_000, confirmMs: 0, ...seen }))?.unwatched) return { removed: false, why: 'locked' };
   const lock = await acquireLock(`${dir}.lock`, { wait: false, purpose: 'evict', staleMs: o.lockStaleMs ?? 30_000, ...seen, ...(o.bound ? { bound: o.bound.lock } : {}) });
@@ -244,13 +243,13 @@ export async function removeEntry(cacheDir: string, name: string, o: EntryOption
     await io(() => fsp.rename(dir, trash));
     await io(() => fsyncDir(cacheDir));
     // Stale leases go with the entry; a lease being taken now sees this lock and takes itself again afterwards.
-    await rmTree(leasesDir(dir)).catch(() => undefined);
+    await removeTree(leasesDir(dir), o.bound?.calls).catch(() => undefined);
   } finally {
     await lock.release();
   }
   // Out of every entry's name already: what cannot go now (an NFS client's .nfs file of a file still open) goes with
   // the next eviction's or prune's emptyTrash, never failing the download that asked for the room.
-  await rmTree(trash).catch(() => undefined);
+  await removeTree(trash, o.bound?.calls).catch(() => undefined);
   return { removed: true, bytes };
 }
 
@@ -284,7 +283,7 @@ export async function emptyTrash(cacheDir: string, o: { dryRun?: boolean; bound?
   for (const n of ents.filter((x) => x.startsWith(TRASH_PREFIX))) {
     const p = path.join(cacheDir, n);
     bytes += await freedBy([p], io);
-    if (!o.dryRun) await (o.bound ? removeTree(p, o.bound) : fsp.rm(p, { recursive: true, force: true })).catch(() => undefined);
+    if (!o.dryRun) await removeTree(p, o.bound).catch(() => undefined);
   }
   return bytes;
 }

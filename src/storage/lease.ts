@@ -227,7 +227,6 @@ export async function sweepUnleased(base: string, o: {
   bound?: <T>(call: () => Promise<T>) => Promise<T>;
 } = {}): Promise<string[]> {
   const io = o.bound ?? ((call) => call());
-  const rm = (p: string) => (o.bound ? removeTree(p, o.bound) : fsp.rm(p, { recursive: true, force: true }));
   const folders: string[] = [];
   const oldLegacy = new Set<string>();
   for (const name of await io(() => fsp.readdir(base)).catch(() => [] as string[])) {
@@ -249,8 +248,8 @@ export async function sweepUnleased(base: string, o: {
     await o.going?.(dir);
     removed.push(name);
     if (o.dryRun) continue;
-    await rm(dir).catch(() => undefined);
-    await rm(leasesDir(dir)).catch(() => undefined);
+    await removeTree(dir, o.bound).catch(() => undefined);
+    await removeTree(leasesDir(dir), o.bound).catch(() => undefined);
   }
   return removed;
 }
