@@ -26,12 +26,18 @@ export function deepestHolding<T>(items: readonly T[], dirOf: (item: T) => strin
   return best;
 }
 
+/** Runs a call on a volume when the caller's bound lets it (a place among the pool threads it may hold). */
+export type Bound = <T>(call: () => Promise<T>) => Promise<T>;
+
+/** No bound: the call runs at once. */
+export const direct: Bound = (call) => call();
+
 /**
  * Deletes `p` and everything under it; nothing there: nothing to do. With `io` (a caller's bound on the pool threads a
  * volume that stops answering keeps), one call at a time, each in it: fs.rm's recursive removal starts every name of a
  * folder at once, and such a volume would hold as many threads as the folder has names. Without, fs.rm's.
  */
-export async function removeTree(p: string, io?: <T>(call: () => Promise<T>) => Promise<T>): Promise<void> {
+export async function removeTree(p: string, io?: Bound): Promise<void> {
   if (io === undefined) return rm(p, { recursive: true, force: true });
   const st = await io(() => lstat(p)).catch((e: NodeJS.ErrnoException) => {
     if (e.code === 'ENOENT') return undefined;

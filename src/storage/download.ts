@@ -13,6 +13,7 @@ import { crc32 } from 'node:zlib';
 import type { Logger } from '../log.js';
 import { descriptorLimit, openDescriptors, S3_ADVICE, shortage, spareShortage, type Shortage } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
+import { direct } from '../files.js';
 import { mb, mkdirs, PARTIAL } from './cache.js';
 import { gaps, type Journal, type JournalFile, spanBytes } from './journal.js';
 import { backoffMs, type Part, planParts, rangesInFlight } from './plan.js';
@@ -51,7 +52,7 @@ export const defaultIo: StorageIo = {
     const s = await fsp.statfs(dir);
     return s.bavail * s.bsize;
   },
-  other: (call) => call(),
+  other: direct,
 };
 
 export interface DownloadOptions {

@@ -12,10 +12,9 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp, type Stats } from 'node:fs';
 import path from 'node:path';
-import { exists, removeTree } from '../files.js';
+import { direct, exists, removeTree, type Bound } from '../files.js';
 import { fsyncDir, JOURNAL, LORA_SETS, MANIFEST, mb, readManifest } from './cache.js';
 import { isEntry, LEASES, leaseState, leaseStates, leasesDir, LEASE_STALE_MS, sweepUnleased } from './lease.js';
-import type { Bound } from './journal.js';
 import { acquireLock, inspectHolder, inspectHolders, type LockInfo, sameProcess, type StillBeats, sweepHolderTemps } from './lock.js';
 import { parseVersion, versionsOf } from './versions.js';
 
@@ -82,9 +81,6 @@ export interface EntryOptions {
    */
   bound?: { calls: Bound; lock: Bound };
 }
-
-/** Runs a call on the volume directly: no bound. */
-const direct: Bound = (call) => call();
 
 /**
  * Runs `fns` at once, or one after the other where `bounded`: each then waits for a place in the caller's bound, and

@@ -13,6 +13,7 @@ import { firstUse, shortage, shortageError, S3_ADVICE } from '../descriptors.js'
 import { deadline } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
+import type { Bound } from '../files.js';
 import { type Manifest, dropCommit, entrySize, throughLink, fsyncDir, JOURNAL, linkedFiles, manifestFilesPresent, mb, mkdirs, readManifest, recommit, sweep, uncommit, walk, writeManifest, PARTIAL } from './cache.js';
 import { chooseTransport, loadTransport, openTransport, type TransportChoice } from './choose-transport.js';
 import type { StorageIo } from './download.js';
@@ -783,7 +784,7 @@ class S3Fetch {
    * `bound` for a lock's or the journal's options: their calls on the cache go through the caller's bound
    * (StorageIo.other), a lock's ahead of the queued writes (lockBound); none where the caller bounds nothing.
    */
-  private bound(of: 'lock' | 'journal'): { bound?: <T>(call: () => Promise<T>) => Promise<T> } {
+  private bound(of: 'lock' | 'journal'): { bound?: Bound } {
     const other = this.o.io?.other;
     if (!other) return {};
     return { bound: of === 'lock' ? lockBound(other) : other };

@@ -25,14 +25,13 @@ import { promises as fsp, readFileSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { direct, type Bound } from '../files.js';
 import { fsyncDir, JOURNAL, PARTIAL } from './cache.js';
 import { trackIo } from './pending-io.js';
 
 /** [start, end): bytes of a file, end exclusive. */
 export type Span = [number, number];
 
-/** Runs a call on the volume when the caller's bound lets it. */
-export type Bound = <T>(call: () => Promise<T>) => Promise<T>;
 
 export interface JournalFile {
   readonly etag: string;
@@ -261,7 +260,7 @@ export class Journal {
       await fh?.datasync().catch(() => undefined);
       await fh?.close().catch(() => undefined);
     }
-    const j = new Journal(entry, files, boot, o.onError ?? (() => undefined), o.bound ?? ((call) => call()));
+    const j = new Journal(entry, files, boot, o.onError ?? (() => undefined), o.bound ?? direct);
     await j.#rewrite();
     return j;
   }

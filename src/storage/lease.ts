@@ -23,7 +23,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { ENTRY_MARKERS, mkdirs } from './cache.js';
 import { shortage } from '../descriptors.js';
-import { exists, removeTree } from '../files.js';
+import { direct, exists, removeTree, type Bound } from '../files.js';
 import { trackIo } from './pending-io.js';
 import { acquireLock, createHolderFile, hold, holderInfo, inspectHolder, inspectHolders, sleep, type HeldLock, type InspectOptions, type LockInfo } from './lock.js';
 
@@ -85,7 +85,7 @@ export type LeaseWatch = Pick<InspectOptions, 'confirmMs' | 'still' | 'signal' |
 export async function leaseStates(entryDirs: readonly string[], staleMs = LEASE_STALE_MS, o: LeaseWatch = {}): Promise<LeaseState[]> {
   const files: string[][] = [];
   const lastUsed: Array<number | undefined> = [];
-  const io = o.bound ?? ((call) => call());
+  const io = o.bound ?? direct;
   for (const entryDir of entryDirs) {
     const dir = leasesDir(entryDir);
     const names = await io(() => fsp.readdir(dir)).catch((e: unknown) => {
@@ -224,9 +224,9 @@ export async function sweepUnleased(base: string, o: {
    * Runs each of its calls on the volume alone (none between a watch's looks), removals name by name: a caller's bound
    * on the pool threads a volume that stops answering keeps (a LoRA adapter's fetch making room). None: unbounded.
    */
-  bound?: <T>(call: () => Promise<T>) => Promise<T>;
+  bound?: Bound;
 } = {}): Promise<string[]> {
-  const io = o.bound ?? ((call) => call());
+  const io = o.bound ?? direct;
   const folders: string[] = [];
   const oldLegacy = new Set<string>();
   for (const name of await io(() => fsp.readdir(base)).catch(() => [] as string[])) {

@@ -21,6 +21,7 @@ import { promises as fsp, readFileSync, readlinkSync, watch, type FSWatcher, typ
 import os from 'node:os';
 import path from 'node:path';
 import { shortage } from '../descriptors.js';
+import { direct, type Bound } from '../files.js';
 import { RuntimeError } from '../errors.js';
 import { trackIo } from './pending-io.js';
 
@@ -46,7 +47,7 @@ export interface LockOptions {
    * Runs each of the lock's calls on the volume: its creation, a waiter's looks, a takeover, the watch's open, and the
    * held lock's heartbeat and release (hold's `bound`). Not `satisfied` nor `onWait`: the caller's, bounded by it.
    */
-  bound?: <T>(call: () => Promise<T>) => Promise<T>;
+  bound?: Bound;
   /** Called while waiting, once per poll, with what the lock says about its holder; a promise it returns is awaited. */
   onWait?(holder: LockInfo | undefined): unknown;
   /** Checked on every poll: when it returns true the caller no longer needs the lock (e.g. the entry got committed). */
@@ -233,7 +234,7 @@ export interface InspectOptions {
   /** Ends a watch at once (rejects with its reason). */
   signal?: AbortSignal;
   /** Runs each look at a file (its read and stat) on the volume: the caller's bound (none between looks, while it watches). */
-  bound?: <T>(call: () => Promise<T>) => Promise<T>;
+  bound?: Bound;
 }
 
 /**
@@ -338,7 +339,7 @@ export async function acquireLock(file: string, o: LockOptions = {}): Promise<He
   const { heartbeatMs, staleMs, pollMs, unreadableStaleMs } = { ...DEFAULTS, ...o };
   const confirmMs = o.confirmMs ?? staleMs / 3;
   const me = holderInfo(o.purpose);
-  const io = o.bound ?? ((call) => call());
+  const io = o.bound ?? direct;
   const wake = new Wake(file, io);
   try {
     // The lock stood at the last look: no new one is written (a create, an fsync, a link) until it is gone or stale.
@@ -409,7 +410,7 @@ class Wake {
   #wake: (() => void) | undefined;
 
   /** `io`: runs each of its calls on the volume (acquireLock's bound). */
-  constructor(private readonly file: string, private readonly io: <T>(call: () => Promise<T>) => Promise<T>) {}
+  constructor(private readonly file: string, private readonly io: Bound) {}
 
   sleep(ms: number, signal?: AbortSignal): Promise<void> {
     if (this.#pending) {
@@ -486,7 +487,7 @@ class Wake {
  * `bound` runs each call of the heartbeat and the release: the caller's bound on the pool threads that a volume that
  * stops answering keeps (the LoRA adapters' fetches share one; each lock's beat kept one more thread).
  */
-export function hold(file: string, me: LockInfo, heartbeatMs: number, bound: <T>(call: () => Promise<T>) => Promise<T> = (call) => call()): HeldLock {
+export function hold(file: string, me: LockInfo, heartbeatMs: number, bound: Bound = direct): HeldLock {
   const io = <T>(op: string, call: () => Promise<T>) => bound(() => trackIo(op, file, call));
   const lost = new AbortController();
   let released = false;
