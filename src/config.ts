@@ -582,32 +582,49 @@ export const VARIABLES: readonly string[] = [
  * names share no prefix, so an unknown one cannot be refused: the pod also carries the platform's own variables.
  */
 export function misspelledVariables(env: Env): Array<{ variable: string; meant: string }> {
-  const known = new Set(VARIABLES);
-  const squash = (n: string) => n.toUpperCase().replace(/[^A-Z0-9]/g, '');
-  // `_URL` too: S3_ENDPOINT_URL, the name `make secret` takes the endpoint by, is read by no process (S3_ENDPOINT is).
-  const bare = (n: string) => squash(n.toUpperCase().replace(/^DIFFUSERS_(RUNTIME_)?/, '').replace(/_(S|MS|MB|SECONDS|SECS|BYTES|URL)$/, ''));
   const out: Array<{ variable: string; meant: string }> = [];
   for (const [variable, value] of Object.entries(env)) {
-    if (value === undefined || known.has(variable)) continue;
+    if (value === undefined || KNOWN.has(variable)) continue;
     const up = variable.toUpperCase();
-    const meant = VARIABLES.find((k) => bare(k) === bare(variable) || up === `${k}S` || `${up}S` === k)
-      ?? VARIABLES.find((k) => k.length >= 6 && editDistance(up, k) <= (k.length >= 12 ? 2 : 1));
+    const b = bare(up);
+    const meant = VARIABLES.find((k, i) => BARE[i] === b || up === `${k}S` || `${up}S` === k)
+      ?? VARIABLES.find((k) => k.length >= 6 && editDistance(up, k, k.length >= 12 ? 2 : 1) <= (k.length >= 12 ? 2 : 1));
     if (meant !== undefined) out.push({ variable, meant });
   }
   return out;
 }
 
-/** Edits (insert, delete, replace, swap two neighbours) that turn `a` into `b`. */
-function editDistance(a: string, b: string): number {
-  if (Math.abs(a.length - b.length) > 2) return 3;
-  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+// Worked out once: the check runs before the listen, over every variable of the pod (Kubernetes' service links give
+// seven per Service in the namespace: hundreds in a busy one).
+const KNOWN: ReadonlySet<string> = new Set(VARIABLES);
+const squash = (n: string) => n.toUpperCase().replace(/[^A-Z0-9]/g, '');
+// `_URL` too: S3_ENDPOINT_URL, the name `make secret` takes the endpoint by, is read by no process (S3_ENDPOINT is).
+const bare = (n: string) => squash(n.toUpperCase().replace(/^DIFFUSERS_(RUNTIME_)?/, '').replace(/_(S|MS|MB|SECONDS|SECS|BYTES|URL)$/, ''));
+const BARE: readonly string[] = VARIABLES.map(bare);
+
+/**
+ * Edits (insert, delete, replace, swap two neighbours) that turn `a` into `b`; any number above `max` once the answer
+ * is known to be above it.
+ */
+function editDistance(a: string, b: string, max: number): number {
+  if (Math.abs(a.length - b.length) > max) return max + 1;
+  // Three rows: the swap looks two back.
+  let back = new Int32Array(b.length + 1);
+  let prev = Int32Array.from({ length: b.length + 1 }, (_, j) => j);
+  let row = new Int32Array(b.length + 1);
   for (let i = 1; i <= a.length; i++) {
+    row[0] = i;
+    let least = i;
     for (let j = 1; j <= b.length; j++) {
-      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i]![j] = Math.min(d[i]![j]!, d[i - 2]![j - 2]! + 1);
+      let d = Math.min(prev[j]! + 1, row[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d = Math.min(d, back[j - 2]! + 1);
+      row[j] = d;
+      if (d < least) least = d;
     }
+    if (least > max) return max + 1;
+    [back, prev, row] = [prev, row, back];
   }
-  return d[a.length]![b.length]!;
+  return prev[b.length]!;
 }
 
 /** The warning a process logs for each misspelledVariables entry: names the variables, never their values. */

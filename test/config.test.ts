@@ -242,12 +242,15 @@ describe('variables that look like ours mistyped', () => {
     const typos = ['LORA_URL', 'STORAGE_URL', 'AWS_SECRET_ACCES_KEY', 'REQUEST_TIMEOUT', 'REQUEST_TIMEOUT_MS', 'BATCH_WINDOW', 'max_queue', 'MAXQUEUE',
       'Max-Batch-Size', 'WORKER', 'GPU', 'LOGLEVEL', 'DIFFUSERS_MAX_QUEUE', 'S3_PARTSIZE', 'SHUTDOWN_GRACE_SECONDS', 'CUDA_VISIBLE_DEVICE', 'port',
       // The endpoint as `make secret` and params.env name it: read by no process, and before without a word.
-      'S3_ENDPOINT_URL'];
+      'S3_ENDPOINT_URL',
+      // Two neighbours swapped; two edits in a long name; two in a short one is no longer a typo of it.
+      'EXECUTOIN_PROVIDER', 'AWS_SECRT_ACCES_KEY', 'MAX_QXEXE'];
     expect(misspelledVariables(Object.fromEntries(typos.map((k) => [k, 'x']))).map((m) => `${m.variable} ${m.meant}`)).toEqual([
       'LORA_URL LORA_URI', 'STORAGE_URL STORAGE_URI', 'AWS_SECRET_ACCES_KEY AWS_SECRET_ACCESS_KEY', 'REQUEST_TIMEOUT REQUEST_TIMEOUT_S',
       'REQUEST_TIMEOUT_MS REQUEST_TIMEOUT_S', 'BATCH_WINDOW BATCH_WINDOW_MS', 'max_queue MAX_QUEUE', 'MAXQUEUE MAX_QUEUE', 'Max-Batch-Size MAX_BATCH_SIZE',
       'WORKER WORKERS', 'GPU GPUS', 'LOGLEVEL LOG_LEVEL', 'DIFFUSERS_MAX_QUEUE MAX_QUEUE', 'S3_PARTSIZE S3_PART_SIZE', 'SHUTDOWN_GRACE_SECONDS SHUTDOWN_GRACE_S',
-      'CUDA_VISIBLE_DEVICE CUDA_VISIBLE_DEVICES', 'port PORT', 'S3_ENDPOINT_URL S3_ENDPOINT',
+      'CUDA_VISIBLE_DEVICE CUDA_VISIBLE_DEVICES', 'port PORT', 'S3_ENDPOINT_URL S3_ENDPOINT', 'EXECUTOIN_PROVIDER EXECUTION_PROVIDER',
+      'AWS_SECRT_ACCES_KEY AWS_SECRET_ACCESS_KEY',
     ]);
   });
 
