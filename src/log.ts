@@ -1,6 +1,6 @@
 /** @module Structured JSON logs (pino), one line per event; credentials are redacted by path. */
 import { pino, type DestinationStream, type Logger } from 'pino';
-import { terminationReason } from './termination.js';
+import { logLine, terminationReason } from './termination.js';
 
 export type { Logger };
 
@@ -27,6 +27,8 @@ export function createLogger(level: string, name = 'diffusers-runtime', to: 1 | 
       timestamp: pino.stdTimeFunctions.isoTime,
       redact: { paths: REDACT, censor: '***' },
       formatters: { level: (label) => ({ level: label }) },
+      // Each line as written (redacted), for the termination message's tail; nothing is kept unless it asks.
+      hooks: { streamWrite: (s) => (logLine(s), s) },
     },
     typeof to === 'number' ? pino.destination({ fd: to, sync: true }) : to,
   );

@@ -1,15 +1,16 @@
 /**
  * The container's termination message (src/termination.ts): the line a fatal exit ends with, in the file Kubernetes
- * shows in the pod status; the SIGBUS hint while mapped weights may be read; nothing after a graceful stop. The real
- * server and warm-up CLI, spawned with TERMINATION_MESSAGE_PATH naming a temporary file.
+ * shows in the pod status; the SIGBUS hint while mapped weights may be read, then the log's last lines; nothing after a
+ * graceful stop. The real server and warm-up CLI, spawned with TERMINATION_MESSAGE_PATH naming a temporary file; the
+ * rewrite's timing on a fresh copy of termination.ts and log.ts in this process, on fake timers.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
-import { fitTerminationMessage, TERMINATION_MESSAGE_LIMIT, terminationPath } from '../src/termination.js';
-import { ENTRY, ROOT, sharedCacheDir, startServer, tempDir, until, type ServerHandle } from './helpers/server.js';
+import { fitTerminationMessage, TAIL_HEADER, TERMINATION_MESSAGE_LIMIT, terminationPath, withLogTail } from '../src/termination.js';
+import { ENTRY, ROOT, postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
 const WARMUP = path.join(ROOT, 'dist', 'warmup', 'main.js');
@@ -18,6 +19,11 @@ afterAll(() => scratch.cleanup());
 let n = 0;
 /** A path for one test's message file (not made). */
 const messageFile = () => path.join(scratch.dir, `message-${++n}`);
+/** The log lines a message shows after its hint, parsed. */
+const tailOf = (message: string): LogLine[] => {
+  const at = message.indexOf(TAIL_HEADER);
+  return at < 0 ? [] : message.slice(at + TAIL_HEADER.length).split('\n').map((l) => JSON.parse(l) as LogLine);
+};
 const run = (entry: string, env: Record<string, string>, args: string[] = []) =>
   spawnSync(process.execPath, [entry, ...args], { encoding: 'utf8', timeout: 60_000, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env } });
 
@@ -45,6 +51,131 @@ describe('the message text', () => {
     const present = path.join(scratch.dir, 'termination-log');
     writeFileSync(present, '');
     expect(terminationPath({}, present)).toBe(present);
+  });
+
+  it('with the log\'s last lines: the hint, the separator, then the newest lines that fit in 4096 bytes, each whole', () => {
+    const hint = 'if this container ended with exit code 135 (SIGBUS): …';
+    expect(withLogTail(hint, [])).toBe(hint);
+    expect(withLogTail(hint, ['{"a":1}', '{"b":2}'])).toBe(`${hint}\nlast log lines:\n{"a":1}\n{"b":2}`);
+    // Lines of mixed lengths and multi-byte characters, far more than fit.
+    const lines = Array.from({ length: 300 }, (_, i) => `{"n":${i},"msg":"${'é一🙂x'.repeat(i % 23)}"}`);
+    const msg = withLogTail(hint, lines);
+    expect(Buffer.byteLength(msg)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+    expect(msg.startsWith(hint + TAIL_HEADER)).toBe(true);
+    const shown = msg.slice((hint + TAIL_HEADER).length).split('\n');
+    // The newest, in order, whole; the one before the first shown would not have fit.
+    expect(shown).toEqual(lines.slice(-shown.length));
+    expect(Buffer.byteLength(`${hint}${TAIL_HEADER}${lines.slice(-shown.length - 1).join('\n')}`)).toBeGreaterThan(TERMINATION_MESSAGE_LIMIT);
+    // At most the 80 lines the kubelet's fallback shows.
+    const short = Array.from({ length: 200 }, (_, i) => String(i));
+    expect(withLogTail(hint, short)).toBe(`${hint}${TAIL_HEADER}${short.slice(-80).join('\n')}`);
+    // A newest line too long for the room alone: its start, marked as cut.
+    const huge = `{"msg":"${'一'.repeat(3000)}"}`;
+    const cut = withLogTail(hint, ['{"old":1}', huge]);
+    expect(Buffer.byteLength(cut)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+    expect(Buffer.byteLength(cut)).toBeGreaterThan(TERMINATION_MESSAGE_LIMIT - 8);
+    expect(cut).toMatch(/ …\(cut\)$/);
+    expect(huge.startsWith(cut.slice((hint + TAIL_HEADER).length).replace(/ …\(cut\)$/, ''))).toBe(true);
+    expect(cut).not.toContain('\ufffd');
+  });
+});
+
+describe('the log\'s last lines after the hint (a fresh termination.ts and log.ts in this process, fake timers)', () => {
+  const saved = process.env.TERMINATION_MESSAGE_PATH;
+  afterEach(() => {
+    vi.useRealTimers();
+    if (saved === undefined) delete process.env.TERMINATION_MESSAGE_PATH;
+    else process.env.TERMINATION_MESSAGE_PATH = saved;
+  });
+
+  /** Module state is the process's: each case imports its own copies, writing to a file of its own. */
+  async function fresh() {
+    vi.useFakeTimers();
+    vi.resetModules();
+    const file = messageFile();
+    process.env.TERMINATION_MESSAGE_PATH = file;
+    const t = await import('../src/termination.js');
+    const { createLogger } = await import('../src/log.js');
+    const logged: string[] = [];
+    const log = createLogger('info', 'diffusers-runtime', { write: (s: string) => void logged.push(s.replace(/\n$/, '')) });
+    const read = () => (existsSync(file) ? readFileSync(file, 'utf8') : undefined);
+    return { t, log, logged, file, read };
+  }
+  const HINT_OF = /^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from \/models\/a failed/;
+
+  it('rewritten at most once a second, only when lines were logged since: none before the hint, none while the log is quiet', async () => {
+    const { t, log, logged, file, read } = await fresh();
+    log.info('before the hint');
+    vi.advanceTimersByTime(5_000);
+    // Before: the same (nothing is kept or written before the hint).
+    expect(read()).toBeUndefined();
+    t.mappedWeightsHint('/models/a');
+    const hint = read()!;
+    expect(hint).toMatch(HINT_OF);
+    expect(hint).not.toContain('last log lines');
+    for (let i = 0; i < 50; i++) log.info({ requestId: `r-${i}` }, 'inference request');
+    // Not a write per line: the file waits for the next rewrite.
+    expect(read()).toBe(hint);
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS - 1);
+    expect(read()).toBe(hint);
+    vi.advanceTimersByTime(1);
+    // Before: still the hint alone.
+    const after = logged.slice(1);
+    expect(read()).toBe(withLogTail(hint, after));
+    expect(read()!.split('\n').at(-1)).toBe(after.at(-1));
+    expect(JSON.parse(after.at(-1)!)).toMatchObject({ requestId: 'r-49', msg: 'inference request' });
+    expect(Buffer.byteLength(read()!)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+    // Nothing logged: nothing written (a write would replace this).
+    writeFileSync(file, 'untouched');
+    vi.advanceTimersByTime(10_000);
+    expect(read()).toBe('untouched');
+    expect(vi.getTimerCount()).toBe(0);
+    // One line: one rewrite, a second later.
+    log.warn({ worker: 0 }, 'a line from a worker thread, relayed');
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    expect(read()).toBe(withLogTail(hint, logged.slice(1)));
+    expect(read()).toMatch(/"msg":"a line from a worker thread, relayed"}$/);
+  });
+
+  it('a fatal reason replaces hint and lines, and nothing is written over it', async () => {
+    const { t, log, read } = await fresh();
+    t.mappedWeightsHint('/models/a');
+    log.info('serving');
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    expect(read()).toMatch(/"msg":"serving"}$/);
+    log.info('a rewrite is due');
+    t.terminationReason('diffusers-runtime: the end');
+    log.error('lines after it');
+    t.mappedWeightsHint('/models/b');
+    vi.advanceTimersByTime(10_000);
+    expect(read()).toBe('diffusers-runtime: the end');
+  });
+
+  it('a graceful stop empties the file, and nothing is written after it', async () => {
+    const { t, log, read } = await fresh();
+    t.mappedWeightsHint('/models/a');
+    log.info('serving');
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    // Before: no lines (the hint alone).
+    expect(read()).toMatch(/"msg":"serving"}$/);
+    log.info('shutting down');
+    t.clearTerminationMessage();
+    log.info('shut down');
+    t.mappedWeightsHint('/models/b');
+    vi.advanceTimersByTime(10_000);
+    expect(read()).toBe('');
+  });
+
+  it('a rewrite still due does not keep a process alive', () => {
+    vi.useRealTimers();
+    const file = messageFile();
+    const script = `import { mappedWeightsHint, logLine } from ${JSON.stringify(path.join(ROOT, 'dist', 'src', 'termination.js'))};
+      mappedWeightsHint('/models/a'); logLine('{"msg":"last"}\\n');`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 30_000, env: { PATH: process.env.PATH ?? '', TERMINATION_MESSAGE_PATH: file } });
+    expect(r.status, r.stderr).toBe(0);
+    // The process ended before the rewrite (a timer that kept it alive would have written the line a second later).
+    expect(readFileSync(file, 'utf8')).toMatch(HINT_OF);
+    expect(readFileSync(file, 'utf8')).not.toContain('last');
   });
 });
 
@@ -74,16 +205,37 @@ describe('the server', () => {
     expect(r.stderr.startsWith(msg.replace(/ …\(cut\)$/, ''))).toBe(true);
   });
 
-  it('serving a model from the cache, the message is the SIGBUS hint naming the cache entry; a graceful stop empties it', async () => {
+  it('serving a model from the cache, the message is the SIGBUS hint naming the cache entry, then the log\'s last lines; a graceful stop empties it', async () => {
     const file = messageFile();
-    const srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu' }, { ready: true });
+    const srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1' }, { ready: true });
     live.push(srv);
     // Before: no file.
-    const hint = readFileSync(file, 'utf8');
-    expect(hint).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from the cache entry \S+ in MODEL_CACHE_DIR .*I\/O error/);
+    expect(readFileSync(file, 'utf8')).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from the cache entry \S+ in MODEL_CACHE_DIR .*I\/O error/);
+    // Before: the hint alone.
+    await until(() => tailOf(readFileSync(file, 'utf8')).some((l) => l.event === 'ready'), 20_000, 20);
     expect(await srv.stop('SIGTERM')).toEqual({ code: 0, signal: null });
     // Before: the hint stayed after the graceful stop (exit 0).
     expect(readFileSync(file, 'utf8')).toBe('');
+  }, 180_000);
+
+  it('a second signal ending the drain (exit 1): its reason alone replaces the hint and the lines', async () => {
+    const file = messageFile();
+    const srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', SHUTDOWN_GRACE_S: '60' }, { ready: true });
+    live.push(srv);
+    const answer = postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'in flight', num_inference_steps: 500, height: 512, width: 512, seed: 5, num_images_per_prompt: 2 }] }).then((r) => r.status, (e: Error) => `failed: ${e.message}`);
+    const inflight = async () => /^inference_requests_in_flight(?:\{[^}]*\})? 1$/m.test(await (await fetch(`${srv.url}/metrics`)).text());
+    await until(inflight, 20_000, 20);
+    const ended = new Promise((r) => srv.proc.once('exit', (code, signal) => r({ code, signal })));
+    const first = performance.now();
+    srv.proc.kill('SIGTERM');
+    // The drain's lines reach the message (its rewrites go on while it drains). Before: the hint alone.
+    await until(() => tailOf(readFileSync(file, 'utf8')).some((l) => l.event === 'draining'), 20_000, 20);
+    // A signal within a second of the first is the same stop delivered twice (main.ts), not a second one.
+    await until(() => performance.now() - first > 1_500, 5_000, 20);
+    srv.proc.kill('SIGTERM');
+    expect(await ended).toEqual({ code: 1, signal: null });
+    expect(await answer).toBe(503);
+    expect(readFileSync(file, 'utf8')).toBe('diffusers-runtime: second signal (SIGTERM): the drain was ended, generations in flight stopped at their next step (exit 1)');
   }, 180_000);
 
   it('the boot failing with EXIT_ON_BOOT_FAILURE (exit 1) leaves its reason', async () => {
@@ -94,6 +246,83 @@ describe('the server', () => {
     expect(srv.proc.exitCode).toBe(1);
     expect(readFileSync(file, 'utf8')).toMatch(/^diffusers-runtime: the boot failed \(EXIT_ON_BOOT_FAILURE\): STORAGE_MISSING: /);
   }, 90_000);
+});
+
+describe('a serving server ended by SIGKILL (an OOM kill; the kubelet\'s at the end of the grace period)', () => {
+  let srv: ServerHandle;
+  let file: string;
+  beforeAll(async () => {
+    file = messageFile();
+    // Nothing in the background after ready (no optimized copies written): the log is quiet unless asked.
+    srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', OPTIMIZED_MODEL_CACHE: 'off' }, { ready: true });
+  }, 180_000);
+  afterAll(async () => {
+    await srv?.stop('SIGKILL');
+  });
+  const message = () => readFileSync(file, 'utf8');
+  const key = (l: LogLine) => JSON.stringify(l);
+  /** The lines as the server logged them, one after another (its stdout, as the test read it). */
+  const asLogged = async (lines: LogLine[]) => {
+    // The file may be written before the test has read the line from the server's stdout.
+    await until(() => srv.logs.some((l) => key(l) === key(lines.at(-1)!)), 10_000, 20);
+    const end = srv.logs.map(key).lastIndexOf(key(lines.at(-1)!));
+    expect(lines.map(key)).toEqual(srv.logs.slice(end + 1 - lines.length, end + 1).map(key));
+    return end;
+  };
+  /** A request the server refuses at once: one `inference request` line with its id. */
+  const refused = async (id: string) => {
+    const r = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 1 }] }, { headers: { 'content-type': 'application/json', 'x-request-id': id } });
+    expect(r.status).toBe(400);
+  };
+
+  it('the message is the hint, then the log\'s lines since, as logged: the pipeline workers\' among them', async () => {
+    // Before: the hint alone.
+    await until(() => tailOf(message()).some((l) => l.event === 'ready'), 20_000, 20);
+    const m = message();
+    expect(m).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from the cache entry \S+ in MODEL_CACHE_DIR \(.+\) failed, the volume returned an I\/O error; check the volume's health \(NFS server, PVC, disk\)\nlast log lines:\n\{/);
+    const tail = tailOf(m);
+    await asLogged(tail);
+    // Relayed from the worker threads that created the sessions.
+    expect(tail.some((l) => l.event === 'session' && l.thread === 'worker')).toBe(true);
+  }, 30_000);
+
+  it('a request\'s line follows within about a second; nothing is rewritten while nothing is logged', async () => {
+    await refused('term-kill-1');
+    await until(() => tailOf(message()).at(-1)?.requestId === 'term-kill-1', 20_000, 20);
+    await asLogged(tailOf(message()));
+    // The server is idle: a rewrite would replace this.
+    const logged = srv.logs.length;
+    writeFileSync(file, 'untouched');
+    await new Promise((r) => setTimeout(r, 3_000));
+    expect(srv.logs.slice(logged)).toEqual([]);
+    expect(message()).toBe('untouched');
+    await refused('term-kill-2');
+    await until(() => message() !== 'untouched', 20_000, 20);
+    expect(tailOf(message()).at(-1)?.requestId).toBe('term-kill-2');
+  }, 60_000);
+
+  it('the newest lines win: within 4096 bytes, the oldest left out', async () => {
+    const ids = Array.from({ length: 40 }, (_, i) => `term-cut-${i}-${'x'.repeat(100)}`);
+    for (const id of ids) await refused(id);
+    await until(() => tailOf(message()).at(-1)?.requestId === ids.at(-1), 20_000, 20);
+    const m = message();
+    expect(Buffer.byteLength(m)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+    const tail = tailOf(m);
+    const end = await asLogged(tail);
+    expect(end).toBe(srv.logs.length - 1);
+    expect(tail.some((l) => l.requestId === 'term-kill-1' || l.event === 'ready')).toBe(false);
+    // The line before the first shown would not have fit.
+    const before = srv.logs[end - tail.length]!;
+    expect(Buffer.byteLength(m) + 1 + Buffer.byteLength(key(before))).toBeGreaterThan(TERMINATION_MESSAGE_LIMIT);
+  }, 60_000);
+
+  it('killed, the message still holds the hint and the last lines', async () => {
+    const last = message();
+    expect(await srv.stop('SIGKILL')).toEqual({ code: null, signal: 'SIGKILL' });
+    expect(message()).toBe(last);
+    expect(last).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): /);
+    expect(tailOf(last).at(-1)?.requestId).toMatch(/^term-cut-39-/);
+  });
 });
 
 describe('the warm-up Job', () => {
