@@ -166,6 +166,15 @@ describe('the log\'s last lines after the hint (a fresh termination.ts and log.t
     expect(read()).toBe('');
   });
 
+  it('each folder mapped is named once, in order (the model, then the LoRA adapter sets)', async () => {
+    const { t, read } = await fresh();
+    t.mappedWeightsHint('/models/a');
+    t.mappedWeightsHint('/models/a');
+    t.mappedWeightsHint('the LoRA adapter sets in /cache/.lora-sets');
+    t.mappedWeightsHint('the LoRA adapter sets in /cache/.lora-sets');
+    expect(read()).toBe('if this container ended with exit code 135 (SIGBUS): a read of the model weights mapped from /models/a or the LoRA adapter sets in /cache/.lora-sets failed, the volume returned an I/O error; check the volume\'s health (NFS server, PVC, disk)');
+  });
+
   it('a rewrite still due does not keep a process alive', () => {
     vi.useRealTimers();
     const file = messageFile();
@@ -205,14 +214,21 @@ describe('the server', () => {
     expect(r.stderr.startsWith(msg.replace(/ …\(cut\)$/, ''))).toBe(true);
   });
 
-  it('serving a model from the cache, the message is the SIGBUS hint naming the cache entry, then the log\'s last lines; a graceful stop empties it', async () => {
+  it('serving a model from the cache, the message is the SIGBUS hint naming the cache entry (and the LoRA adapter sets once one is built), then the log\'s last lines; a graceful stop empties it', async () => {
     const file = messageFile();
     const srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1' }, { ready: true });
     live.push(srv);
     // Before: no file.
-    expect(readFileSync(file, 'utf8')).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from the cache entry \S+ in MODEL_CACHE_DIR .*I\/O error/);
-    // Before: the hint alone.
-    await until(() => tailOf(readFileSync(file, 'utf8')).some((l) => l.event === 'ready'), 20_000, 20);
+    const hint = readFileSync(file, 'utf8').split('\n')[0]!;
+    const entry = /^if this container ended with exit code 135 \(SIGBUS\): a read of the model weights mapped from (the cache entry \S+ in MODEL_CACHE_DIR \(.+?\)) failed, the volume returned an I\/O error; check the volume's health \(NFS server, PVC, disk\)$/.exec(hint)?.[1];
+    expect(entry, hint).toBeDefined();
+    const lora = await postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: 'a fox', num_inference_steps: 1, height: 64, width: 64, seed: 1, loras: [{ name: 'demo-style', scale: 0.5 }] }] });
+    expect(lora.status).toBe(200);
+    // Before: the hint alone, naming the cache entry alone.
+    await until(() => tailOf(readFileSync(file, 'utf8')).some((l) => l.msg === 'inference request' && l.status === 200), 20_000, 20);
+    const msg = readFileSync(file, 'utf8');
+    expect(msg.split('\n')[0]).toBe(`if this container ended with exit code 135 (SIGBUS): a read of the model weights mapped from ${entry} or the LoRA adapter sets in ${path.join(sharedCacheDir(), '.lora-sets')} failed, the volume returned an I/O error; check the volume's health (NFS server, PVC, disk)`);
+    expect(tailOf(msg).some((l) => l.msg === 'LoRA adapter set ready')).toBe(true);
     expect(await srv.stop('SIGTERM')).toEqual({ code: 0, signal: null });
     // Before: the hint stayed after the graceful stop (exit 0).
     expect(readFileSync(file, 'utf8')).toBe('');

@@ -27,6 +27,8 @@ import type { AdapterSet, ModelDefaults, StageTimes } from '../pipeline/job.js';
 import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
 import { onGpu, type SessionProvider } from '../pipeline/provider.js';
+import { LORA_SETS } from '../storage/cache.js';
+import { mappedWeightsHint } from '../termination.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { lorasKey, shapeKey, type GenerationRequest, type LoraRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
@@ -873,6 +875,9 @@ export class Engine {
       w.sets.set(a.key, 'loading');
       this.#setAsked.set(a.key, performance.now());
       this.log.info({ set: a.key, worker: w.index, adapters: a.refs.map((r) => r.name) }, 'building a LoRA adapter set; its requests wait for it');
+      // Its sessions map the merged weights (and links to the model's) from the cache volume, in this process: a read
+      // the volume fails is SIGBUS too, and the model may be on another volume than the cache.
+      mappedWeightsHint(`the LoRA adapter sets in ${path.join(this.cfg.cacheDir, LORA_SETS)}`);
       w.send({ t: 'adapters', key: a.key, refs: a.refs });
     }
     this.#watchSets();
