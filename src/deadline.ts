@@ -13,8 +13,8 @@ export interface Deadline {
   clear(): void;
 }
 
-/** `parent`'s abort, or a TimeoutError (as AbortSignal.timeout's) once `ms` have passed. */
-export function deadline(parent: AbortSignal | undefined, ms: number): Deadline {
+/** `parent`'s abort, or a TimeoutError (as AbortSignal.timeout's; `reason`'s instead, where given) once `ms` have passed. */
+export function deadline(parent: AbortSignal | undefined, ms: number, reason?: () => unknown): Deadline {
   const ac = new AbortController();
   let timedOut = false;
   const onAbort = () => {
@@ -25,7 +25,7 @@ export function deadline(parent: AbortSignal | undefined, ms: number): Deadline 
     if (ac.signal.aborted) return;
     timedOut = true;
     parent?.removeEventListener('abort', onAbort);
-    ac.abort(new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
+    ac.abort(reason ? reason() : new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
   }, ms);
   // Like AbortSignal.timeout's: the wait it bounds keeps the process alive, not the timer.
   timer.unref();

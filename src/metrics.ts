@@ -68,6 +68,14 @@ export type S3Operation = 'model_download' | 'cache_check' | 'lora_download' | '
 /** Every S3Operation, for the series exported at 0 from the start. */
 export const S3_OPERATIONS = Object.keys({ model_download: 0, cache_check: 0, lora_download: 0, output_upload: 0, output_cleanup: 0, input_read: 0 } satisfies Record<S3Operation, 0>) as S3Operation[];
 
+/**
+ * How one HTTP request to S3 ended: the `outcome` of s3_requests_total (s3-requests.ts sorts them; docs/OPERATIONS.md
+ * says when each counts).
+ */
+export type S3Outcome = 'ok' | 'throttled' | 'client_error' | 'server_error' | 'network' | 'stalled' | 'cancelled';
+/** Every S3Outcome, for the series exported at 0 from the start. */
+export const S3_OUTCOMES = Object.keys({ ok: 0, throttled: 0, client_error: 0, server_error: 0, network: 0, stalled: 0, cancelled: 0 } satisfies Record<S3Outcome, 0>) as S3Outcome[];
+
 export function createMetrics(registry: Registry = new Registry(), opts: { defaultMetrics?: boolean } = {}) {
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'process_runtime_' });
   const r = [registry];
@@ -177,6 +185,13 @@ export function createMetrics(registry: Registry = new Registry(), opts: { defau
       help: 'S3 answers that asked the runtime to slow down (503 SlowDown, 429, a throttling code), by what it was doing (model_download, cache_check, '
         + 'lora_download, output_upload, output_cleanup, input_read): none counts as a failed attempt; the last one of work that gave up is counted too',
       labelNames: ['model_name', 'operation'] as const,
+      registers: r,
+    }),
+    s3Requests: new Counter({
+      name: 's3_requests_total',
+      help: 'HTTP requests sent to S3, every attempt and page included, by what the runtime was doing (the operations of s3_throttled_responses_total) '
+        + 'and how each ended (ok, throttled, client_error, server_error, network, stalled, cancelled), counted once when it ends: a GET once its body is read',
+      labelNames: ['model_name', 'operation', 'outcome'] as const,
       registers: r,
     }),
     // Serving.

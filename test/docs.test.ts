@@ -94,6 +94,9 @@ describe('docs/OPERATIONS.md metrics table', () => {
     const operations = literals(/export type S3Operation = ([^;]+);/.exec(read('src/metrics.ts'))![1]!, /'([a-z_]+)'/g);
     expect(operations.length).toBe(6);
     for (const o of operations) expect(row('s3_throttled_responses_total').labels, `operation ${o}:`).toContain(`${o}:`);
+    const outcomes = literals(/export type S3Outcome = ([^;]+);/.exec(read('src/metrics.ts'))![1]!, /'([a-z_]+)'/g);
+    expect(outcomes.length).toBe(7);
+    for (const o of outcomes) expect(row('s3_requests_total').labels, `outcome ${o}:`).toContain(`${o}:`);
   });
 
   it("the stage histogram's HELP names every stage too (what a Prometheus user reads)", async () => {

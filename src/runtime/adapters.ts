@@ -20,6 +20,7 @@ import { mountOf, readMounts, type Mount } from '../storage/mounts.js';
 import { serverVolumes, type Volume } from '../storage/pending-io.js';
 import { createVolumeGate, watchVolume, type VolumeGate } from '../storage/volume-gate.js';
 import { s3Code } from '../storage/s3-errors.js';
+import type { RequestTally } from '../storage/s3-requests.js';
 import { ThrottleNote } from '../storage/throttle.js';
 import { parseStorageUri } from '../storage/uri.js';
 import { LORA_NAME, type LoraRequest } from './request.js';
@@ -48,17 +49,20 @@ export class AdapterSource {
   readonly #volumes: readonly Volume[];
   /** The positional writes of every LORA_URI fetch, and their other calls on the cache, adapterWritesAtOnce() at a time. */
   readonly #writes: Slots;
+  readonly #requests: RequestTally | undefined;
 
   /**
-   * `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code); `o.writesAtOnce` replaces
-   * adapterWritesAtOnce() (scripts/bench-adapter-fetch.ts compares bounds; Infinity: none).
+   * `onThrottled` hears each answer that throttled an S3 adapter's fetch (the store's code), `o.requests` how each of its
+   * HTTP requests ended (storage/s3-requests.ts); `o.writesAtOnce` replaces adapterWritesAtOnce()
+   * (scripts/bench-adapter-fetch.ts compares bounds; Infinity: none).
    */
   constructor(
     private readonly cfg: Pick<Config, 'loraUri' | 'cacheDir' | 's3'> & Readonly<Config>,
     private readonly log: Logger,
     private readonly onThrottled?: (code: string) => void,
-    o: { writesAtOnce?: number } = {},
+    o: { writesAtOnce?: number; requests?: RequestTally } = {},
   ) {
+    this.#requests = o.requests;
     const n = o.writesAtOnce ?? adapterWritesAtOnce();
     if (!(n >= 1)) throw new TypeError(`writesAtOnce must be 1 or more, got ${n}`);
     this.#writes = new Slots(n);
@@ -303,7 +307,7 @@ export class AdapterSource {
     const write = this.#writes;
     try {
       const fetched = resolveModel(`s3://${src.bucket}/${src.prefix}${name}/`, {
-        cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling,
+        cfg: this.cfg, log: this.log, signal: fetching.signal, throttleWatch: throttling, ...(this.#requests ? { requests: this.#requests } : {}),
         // Its other calls on the cache too (its lock's creation, looks, heartbeats and release, its journal, its
         // partials' open, syncs and close, its commit, its removal of the entry's older versions): each fetch stuck at
         // once kept one or a few of those beside the bound, so that several filled the pool

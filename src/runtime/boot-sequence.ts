@@ -439,6 +439,8 @@ export class BootSequence {
           onDamaged: () => metrics.damagedFiles.inc(labels),
           throttleWatch: { throttled: () => metrics.s3Throttled.inc({ ...labels, operation: 'model_download' }) },
           checkWatch: { throttled: () => metrics.s3Throttled.inc({ ...labels, operation: 'cache_check' }) },
+          requests: (outcome) => metrics.s3Requests.inc({ ...labels, operation: 'model_download', outcome }),
+          checkRequests: (outcome) => metrics.s3Requests.inc({ ...labels, operation: 'cache_check', outcome }),
         }),
       'the model fetch',
       log,

@@ -2,7 +2,7 @@
  * @module The boot state machine: resolving → fetching → loading → warming → ready, or failed; a transient failure is
  * `retrying` until the next attempt (boot-retry.ts); each phase timed.
  */
-import { S3_OPERATIONS, type Metrics } from '../metrics.js';
+import { S3_OPERATIONS, S3_OUTCOMES, type Metrics } from '../metrics.js';
 import { BOOT_RETRY, type RetriedCode } from './boot-retry.js';
 import type { FetchProgress } from '../storage/fetch.js';
 
@@ -56,7 +56,10 @@ export class Boot {
     // The download, cache and S3 throttling counters at 0 from the start, as every series with known labels (engine.ts
     // #startAtZero).
     for (const c of [metrics.fetchedBytes, metrics.damagedFiles, metrics.cacheEvictions, metrics.cacheEvictedBytes, metrics.cacheHits]) c.inc(this.#labels, 0);
-    for (const operation of S3_OPERATIONS) metrics.s3Throttled.inc({ ...this.#labels, operation }, 0);
+    for (const operation of S3_OPERATIONS) {
+      metrics.s3Throttled.inc({ ...this.#labels, operation }, 0);
+      for (const outcome of S3_OUTCOMES) metrics.s3Requests.inc({ ...this.#labels, operation, outcome }, 0);
+    }
     for (const code of BOOT_RETRY.codes) metrics.bootRetries.inc({ ...this.#labels, code }, 0);
     this.#publish();
   }

@@ -304,7 +304,8 @@ export class Engine {
     private readonly events: EngineEvents = {},
   ) {
     this.#labels = { model_name: cfg.modelName };
-    this.#adapters = new AdapterSource(cfg, log, () => metrics.s3Throttled.inc({ ...this.#labels, operation: 'lora_download' }));
+    this.#adapters = new AdapterSource(cfg, log, () => metrics.s3Throttled.inc({ ...this.#labels, operation: 'lora_download' }),
+      { requests: (outcome) => metrics.s3Requests.inc({ ...this.#labels, operation: 'lora_download', outcome }) });
     this.#startAtZero();
   }
 

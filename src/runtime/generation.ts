@@ -67,7 +67,10 @@ export function createGeneration(cfg: Readonly<Config>, metrics: Metrics, engine
   metrics.resultCacheHits.inc(labels, 0);
   metrics.inflight.set(labels, 0);
   const output = createOutputStore(s3, log, () => metrics.s3Throttled.inc({ ...labels, operation: 'output_upload' }),
-    () => metrics.s3Throttled.inc({ ...labels, operation: 'output_cleanup' }));
+    () => metrics.s3Throttled.inc({ ...labels, operation: 'output_cleanup' }), {
+      upload: (outcome) => metrics.s3Requests.inc({ ...labels, operation: 'output_upload', outcome }),
+      cleanup: (outcome) => metrics.s3Requests.inc({ ...labels, operation: 'output_cleanup', outcome }),
+    });
   /**
    * Generations of cacheable requests now queued or running, by result-cache key: an identical request (or instance of
    * the same request) waits for their images, counted in `joined` while it does (the engine keeps a generation queued,

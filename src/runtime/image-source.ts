@@ -9,6 +9,7 @@ import { REQUEST_ADVICE, shortage, shortageError } from '../descriptors.js';
 import { RuntimeError } from '../errors.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { atEndpoint, bucketRegion, classify, customerKeyAdvice, customerKeyRequired, retryTransient, s3Code } from '../storage/s3-errors.js';
+import { countingRequests, type RequestTally } from '../storage/s3-requests.js';
 import { ThrottledTries, ThrottleNote } from '../storage/throttle.js';
 import { parseS3Object } from '../storage/uri.js';
 import { inputRefusal } from './input-uris.js';
@@ -31,10 +32,11 @@ export interface ImageSource {
  * Reads through the runtime's request client (created on the first s3:// input or upload), only what `cfg` allows
  * (input-uris.ts): requests are checked when parsed, and again here so that no path reaches S3 unchecked. A read has
  * one attempt, but throttling (503 SlowDown, 429, …) costs none: it is waited out as a fill's range waits it out
- * (throttle.ts), until the request's deadline or S3_THROTTLE_TIMEOUT_S. `onThrottled` hears each throttled answer.
+ * (throttle.ts), until the request's deadline or S3_THROTTLE_TIMEOUT_S. `onThrottled` hears each throttled answer,
+ * `requests` how each GET ended (storage/s3-requests.ts).
  */
 export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inputUriPrefixes' | 'storageUri' | 'loraUri'>>,
-  onThrottled?: (code: string) => void): ImageSource {
+  onThrottled?: (code: string) => void, requests?: RequestTally): ImageSource {
   return {
     async read(uri, field, maxBytes, signal, hold) {
       const loc = parseS3Object(uri);
@@ -51,8 +53,8 @@ export function createImageSource(s3: RequestS3, cfg: Partial<Pick<Config, 'inpu
       const throttling = new ThrottleNote(onThrottled);
       const tries = new ThrottledTries(s3.throttle('read', { fields: { uri: where }, watch: throttling }));
       try {
-        const res = await retryTransient(() => tries.attempt(signal, () => client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {})),
-          1, signal, undefined, tries.onThrottled).finally(() => tries.done());
+        const get = () => client.send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key }), signal ? { abortSignal: signal } : {});
+        const res = await retryTransient(() => tries.attempt(signal, () => countingRequests(requests, get)), 1, signal, undefined, tries.onThrottled).finally(() => tries.done());
         if (res.ContentLength !== undefined && res.ContentLength > maxBytes) {
           (res.Body as Readable | undefined)?.destroy();
           throw new RuntimeError('INVALID_INPUT', `${field}: ${where} is ${res.ContentLength} bytes; input images may have at most ${maxBytes}`);

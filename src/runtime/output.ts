@@ -10,6 +10,7 @@ import type { EncodedImage } from './engine.js';
 import { outputKeys } from './request.js';
 import type { RequestS3 } from '../storage/request-s3.js';
 import { atEndpoint, bucketRegion, classify, s3Code } from '../storage/s3-errors.js';
+import { countingRequests, type RequestTally } from '../storage/s3-requests.js';
 import { abortUploads, cleanupReason } from '../storage/multipart.js';
 import { ThrottleNote } from '../storage/throttle.js';
 import { UPLOAD_QUEUE, uploadingUntil, uploadScope, type UploadScope } from '../storage/upload-signal.js';
@@ -43,9 +44,11 @@ const loadUpload = firstUse('the S3 uploader (AWS SDK lib-storage)', () => impor
  * `log` hears of multipart uploads that a failed or cancelled upload left and that were aborted, or could not be;
  * `onThrottled` of each answer that throttled an upload (the store's code), `onCleanupThrottled` of each that throttled
  * its cleanup: the abort of a failed one (lib-storage's own, and abortLeft's), the look for an upload that an unanswered
- * CreateMultipartUpload made and its abort.
+ * CreateMultipartUpload made and its abort. `requests` hears how each HTTP request of the uploads, and of that cleanup,
+ * ended (storage/s3-requests.ts).
  */
-export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void, onCleanupThrottled?: (code: string) => void): OutputStore {
+export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (code: string) => void, onCleanupThrottled?: (code: string) => void,
+  requests: { upload?: RequestTally; cleanup?: RequestTally } = {}): OutputStore {
   const aborting = new Set<Promise<void>>();
   return {
     settled(ms) {
@@ -73,12 +76,15 @@ export function createOutputStore(s3: RequestS3, log?: Logger, onThrottled?: (co
           signal?.addEventListener('abort', onAbort, { once: true });
           // Whether S3 was throttling the upload when the request's deadline stopped it, for the error to say so.
           const throttling = new ThrottleNote(onThrottled);
-          const scope = uploadScope(signal, { concurrency: UPLOAD_QUEUE, watch: throttling, ...(onCleanupThrottled ? { cleanupWatch: { throttled: onCleanupThrottled } } : {}) });
+          const scope = uploadScope(signal, {
+            concurrency: UPLOAD_QUEUE, watch: throttling, ...(onCleanupThrottled ? { cleanupWatch: { throttled: onCleanupThrottled } } : {}),
+            ...(requests.cleanup ? { cleanupRequests: requests.cleanup } : {}),
+          });
           try {
             // up.abort() alone stops no retry of a request already sent (upload-signal.ts).
-            await uploadingUntil(scope, () => up.done());
+            await countingRequests(requests.upload, () => uploadingUntil(scope, () => up.done()));
           } catch (err) {
-            const done = abortLeft(client, bucket, scope, log, onCleanupThrottled).catch(() => undefined).finally(() => aborting.delete(done));
+            const done = countingRequests(requests.cleanup, () => abortLeft(client, bucket, scope, log, onCleanupThrottled)).catch(() => undefined).finally(() => aborting.delete(done));
             aborting.add(done);
             first ??= { err, key: keys[i]!, throttled: throttling.stopped(signal, `the upload to s3://${bucket}/${keys[i]!}`) };
             throw err;

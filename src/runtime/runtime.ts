@@ -100,7 +100,8 @@ export class Runtime {
     });
     this.generation = createGeneration(cfg, this.metrics, this.engine, this.#requestS3, log);
     this.optimizer = createOptimizedWriter(cfg, log, this.events, () => this.#stopping);
-    this.images = createImageSource(this.#requestS3, cfg, () => this.metrics.s3Throttled.inc({ model_name: cfg.modelName, operation: 'input_read' }));
+    this.images = createImageSource(this.#requestS3, cfg, () => this.metrics.s3Throttled.inc({ model_name: cfg.modelName, operation: 'input_read' }),
+      (outcome) => this.metrics.s3Requests.inc({ model_name: cfg.modelName, operation: 'input_read', outcome }));
     this.inputBudget = new InputBudget(cfg.inputImagesMb * 1024 * 1024);
   }
 

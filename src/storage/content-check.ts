@@ -12,6 +12,7 @@ import { availableParallelism } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import { deadline } from '../deadline.js';
+import { RuntimeError } from '../errors.js';
 import { checksumExpected, CRC_SOURCE, crcCombine, describeExpected, isCrc, newDigest, type Algorithm, type Expected } from './checksums.js';
 import type { Span } from './journal.js';
 import type { HeadAnswer, HeadRequest } from './transport.js';
@@ -61,7 +62,8 @@ export type Throttled = (err: unknown) => number | undefined;
  */
 async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number, throttled?: Throttled): Promise<HeadAnswer | undefined> {
   for (let attempt = 0; attempt < 2;) {
-    const d = deadline(signal, timeoutMs);
+    // Its bound is S3_STALL_TIMEOUT_S: the HEAD counts as stalled (s3-requests.ts), not stopped.
+    const d = deadline(signal, timeoutMs, () => new RuntimeError('STORAGE_STALL', `no answer to a HEAD for ${timeoutMs} ms`));
     let wait: number | undefined;
     try {
       return await head({ ...r, signal: d.signal });

@@ -28,6 +28,7 @@ import { checkAddressing, explainFallback } from './addressing.js';
 import { attempts as counted, classify, endpointName, permanentError, retryTransient } from './s3-errors.js';
 import { gaveUpThrottled, Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { boundedAttempt, stallError } from './upload-stall.js';
+import { countingRequests, type RequestTally } from './s3-requests.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject, type S3Transport } from './transport.js';
 import { cacheKey, containedPath, parseStorageUri, type StorageSource } from './uri.js';
 import { currentVersion, parseVersion, versionName, versionsOf } from './versions.js';
@@ -113,6 +114,10 @@ export interface ResolveOptions {
   throttleWatch?: ThrottleWatch;
   /** The same for the LIST of a cache hit's ETag check (default: throttleWatch). */
   checkWatch?: ThrottleWatch;
+  /** Hears how each HTTP request of the fetch to S3 ended (s3-requests.ts): its LISTs, ranges and HEADs. */
+  requests?: RequestTally;
+  /** The same for the LIST of a cache hit's ETag check (default: requests). */
+  checkRequests?: RequestTally;
   /** A lease heartbeat older than this does not keep another entry from eviction (default 3 min; tests). */
   leaseStaleMs?: number;
   /**
@@ -169,13 +174,13 @@ export async function resolveModel(uri: string, opts: ResolveOptions): Promise<R
   // The transport's code loads while the cache is looked at and locked.
   loadTransport(choice);
   try {
-    return await new S3Fetch(src, choice, opts, t0).run();
+    return await countingRequests(opts.requests, () => new S3Fetch(src, choice, opts, t0).run());
   } catch (e) {
     const refusal = choice.name === 'lite' && !opts.signal?.aborted ? refusalIn(e) : undefined;
     if (refusal === undefined) throw explainFallback(e, fallback);
     opts.log.info({ reason: refusal.message },
       refusal.what === 'read' ? 'S3 refused an SDK-free GET; downloading through the AWS SDK' : 'S3 refused the SDK-free listing; listing through the AWS SDK');
-    return await new S3Fetch(src, { name: 'sdk' }, opts, t0).run().catch((e2: unknown) => {
+    return await countingRequests(opts.requests, () => new S3Fetch(src, { name: 'sdk' }, opts, t0).run()).catch((e2: unknown) => {
       throw explainFallback(e2, fallback);
     });
   }
@@ -384,9 +389,9 @@ class S3Fetch {
       if (cached && cached.manifest.uri === this.uri && (await this.onCache(() => manifestFilesPresent(this.entry, cached.manifest)))) {
         try {
           const checkMs = this.o.hitCheckTimeoutMs ?? 5_000;
-          listing = this.o.requireHitCheck ? await this.listing() : await this.listing(2, checkMs, {
+          listing = this.o.requireHitCheck ? await this.listing() : await countingRequests(this.o.checkRequests, () => this.listing(2, checkMs, {
             ms: checkMs, what: 'cache check', bound: 'the check\'s own bound', watch: this.o.checkWatch ?? this.o.throttleWatch,
-          });
+          }));
         } catch (e) {
           if (this.signal.aborted || sdkMightDiffer(e) || this.o.requireHitCheck) throw e;
           if (await this.leased(cached.manifest)) {

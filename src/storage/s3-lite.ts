@@ -21,6 +21,7 @@ import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
 import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
 import { boundRequest } from './upload-stall.js';
+import { countRequest } from './s3-requests.js';
 import { CUSTOMER_KEY_MESSAGE } from './s3-errors.js';
 import { THROTTLE } from './plan.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
@@ -308,7 +309,8 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
     ...(signal ? { signal } : {}),
     ...(secure ? t.tls : {}),
   };
-  return new Promise((resolve, reject) => {
+  const counted = countRequest(signal);
+  return new Promise<string>((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       const chunks: Buffer[] = [];
@@ -331,6 +333,12 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
     boundRequest(req);
     req.on('error', reject);
     req.end();
+  }).then((page) => {
+    counted?.ended('ok');
+    return page;
+  }, (e: unknown) => {
+    counted?.failed(e);
+    throw e;
   });
 }
 
@@ -375,11 +383,13 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
   const sentAt = Date.now();
   const opts: https.RequestOptions = { method: 'GET', hostname, port, path: keyPath, headers, agent, signal: r.signal };
-  return new Promise((resolve, reject) => {
+  const counted = countRequest(r.signal);
+  return new Promise<ObjectBody>((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       const status = res.statusCode ?? 0;
       if (status === 200 || status === 206) {
+        counted?.streamed(res);
         const len = res.headers['content-length'];
         const range = res.headers['content-range'];
         resolve({
@@ -405,6 +415,9 @@ export async function getObjectLite(t: LiteTarget, agent: http.Agent, r: GetRequ
     });
     req.on('error', reject);
     req.end();
+  }).catch((e: unknown) => {
+    counted?.failed(e);
+    throw e;
   });
 }
 
@@ -425,7 +438,8 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
   if (r.ifMatch !== undefined) headers['if-match'] = r.ifMatch;
   const sentAt = Date.now();
   const opts: https.RequestOptions = { method: 'HEAD', hostname, port, path: query ? `${keyPath}?${query}` : keyPath, headers, agent, signal: r.signal };
-  return new Promise((resolve, reject) => {
+  const counted = countRequest(r.signal);
+  return new Promise<HeadAnswer>((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       res.resume();
@@ -443,6 +457,12 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
     });
     req.on('error', reject);
     req.end();
+  }).then((a) => {
+    counted?.ended('ok');
+    return a;
+  }, (e: unknown) => {
+    counted?.failed(e);
+    throw e;
   });
 }
 

@@ -14,6 +14,7 @@ import { checksumFrom } from './checksums.js';
 import type { LostCreatesOutcome } from './multipart.js';
 import { retryUploads, UPLOAD_ATTEMPTS } from './upload-retry.js';
 import { boundSilence } from './upload-stall.js';
+import { countRequest, type CountedRequest } from './s3-requests.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport } from './transport.js';
 
 export { classify, errorStatus, permanentError, type ErrorKind } from './s3-errors.js';
@@ -48,15 +49,62 @@ export function createS3(s: Readonly<S3Settings>, concurrency = s.maxConcurrency
   // `onLostCreates` hears what became of the uploads that unanswered CreateMultipartUploads made (multipart.ts); `log`,
   // that S3 throttles an upload.
   const flushThrottleLog = retryUploads(client, s.stallTimeoutS * 1000, { timeoutMs: s.throttleTimeoutS * 1000, log }, UPLOAD_ATTEMPTS, onLostCreates);
+  let destroyed = false;
+  countRequests(client, () => destroyed);
   return {
     client,
     destroy() {
+      destroyed = true;
       flushThrottleLog();
       client.destroy();
       httpAgent.destroy();
       httpsAgent.destroy();
     },
   };
+}
+
+interface Handler {
+  handle(request: object, options?: { abortSignal?: AbortSignal }): Promise<{ response: { statusCode: number; body?: unknown } }>;
+}
+
+/**
+ * Counts each HTTP request `client` sends (s3-requests.ts), below its middleware, so each attempt of a retried upload
+ * request and each page of a listing counts: the request handler, which each attempt reaches with its abort signal,
+ * counts a 2xx once its body has ended (a GET's, once its reader is done) and a failure without an answer; an error
+ * answer is counted once the deserializer has made it an error, whose code tells throttling apart. `stopped`: the
+ * client was destroyed, which cuts what is in flight.
+ */
+function countRequests(client: S3Client, stopped: () => boolean): void {
+  const handler = client.config.requestHandler as unknown as Handler;
+  const handle = handler.handle.bind(handler);
+  // Error answers the handler passed on, by the request they answer, for the middleware below.
+  const answered = new WeakMap<object, CountedRequest>();
+  handler.handle = async (request, options) => {
+    const counted = countRequest(options?.abortSignal, stopped);
+    if (counted === undefined) return handle(request, options);
+    let out: Awaited<ReturnType<Handler['handle']>>;
+    try {
+      out = await handle(request, options);
+    } catch (e) {
+      counted.failed(e);
+      throw e;
+    }
+    const { statusCode, body } = out.response;
+    if (statusCode < 200 || statusCode >= 300) answered.set(request, counted);
+    else if (body !== null && typeof body === 'object' && typeof (body as Readable).once === 'function') counted.streamed(body as Readable);
+    else counted.ended('ok');
+    return out;
+  };
+  client.middlewareStack.add((next) => async (args) => {
+    try {
+      const out = await next(args);
+      answered.get(args.request as object)?.ended('ok');
+      return out;
+    } catch (e) {
+      answered.get(args.request as object)?.failed(e);
+      throw e;
+    }
+  }, { step: 'deserialize', priority: 'high', name: 'countErrorAnswers' });
 }
 
 /** Lists every object under the prefix (paginated), skipping directory markers. */

@@ -15,6 +15,7 @@ import { classify, errorStatus, retryTransient, s3Code, throttled as isThrottled
 import { Throttle, ThrottledTries, ThrottleLog } from './throttle.js';
 import { currentUpload, inUploadScope, noteMultipart, type UploadScope } from './upload-signal.js';
 import { stallError, boundedAttempt } from './upload-stall.js';
+import { countingRequests } from './s3-requests.js';
 
 /** Attempts per upload request: a transient error clears within them or the upload fails (about 3 s of backoff at most). */
 export const UPLOAD_ATTEMPTS = 5;
@@ -88,7 +89,7 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
       if (command === 'AbortMultipartUploadCommand') {
         const failure = failed.get(input.UploadId ?? '');
         failed.delete(input.UploadId ?? '');
-        return bounded(0, 1, () => next(args)).then((out) => {
+        return countingRequests(currentUpload()?.cleanupRequests, () => bounded(0, 1, () => next(args))).then((out) => {
           noteMultipart(mine, command, input, { output: out.output });
           return out;
         }, (e: unknown) => {
@@ -149,7 +150,8 @@ export function retryUploads(client: S3Client, stallMs: number, throttling: Uplo
         if (unanswered !== undefined) {
           const settle = () => Promise.allSettled([...creating.get(key) ?? []]);
           const cleanup = { log: throttling.log, ...(scope?.cleanupWatch ? { watch: scope.cleanupWatch } : {}) };
-          const outcome = await abortLostCreates(client, { bucket: input.Bucket ?? '', key, ...unanswered }, mine, settle, undefined, undefined, cleanup).catch((e: unknown) => (
+          const lost = { bucket: input.Bucket ?? '', key, ...unanswered };
+          const outcome = await countingRequests(scope?.cleanupRequests, () => abortLostCreates(client, lost, mine, settle, undefined, undefined, cleanup)).catch((e: unknown) => (
             { bucket: input.Bucket ?? '', key, aborted: [], failed: (e as Error)?.name ?? 'Error' }));
           onLostCreates?.(outcome);
         }

@@ -8,6 +8,7 @@
  * nothing.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
+import type { RequestTally } from './s3-requests.js';
 import type { ThrottleWatch } from './throttle.js';
 
 export interface UploadScope {
@@ -21,6 +22,8 @@ export interface UploadScope {
    * look for the upload an unanswered CreateMultipartUpload made (ListMultipartUploads) with its aborts (upload-retry.ts).
    */
   readonly cleanupWatch: ThrottleWatch | undefined;
+  /** Hears how each HTTP request of that cleanup ended (s3-requests.ts); the upload's own go to the context it runs in. */
+  readonly cleanupRequests: RequestTally | undefined;
   /** Multipart uploads the store created for requests of this scope, neither completed nor aborted since: key by UploadId. */
   readonly open: ReadonlyMap<string, string>;
   /** Resolves once none of the scope's requests is in flight, or after `ms`. */
@@ -39,9 +42,9 @@ const current = new AsyncLocalStorage<Scope>();
 export const UPLOAD_QUEUE = 4;
 
 /** A scope for one upload, its retries ending when `signal` aborts. */
-export function uploadScope(signal?: AbortSignal, o: { concurrency?: number; watch?: ThrottleWatch; cleanupWatch?: ThrottleWatch } = {}): UploadScope {
+export function uploadScope(signal?: AbortSignal, o: { concurrency?: number; watch?: ThrottleWatch; cleanupWatch?: ThrottleWatch; cleanupRequests?: RequestTally } = {}): UploadScope {
   const scope: Scope = {
-    signal, concurrency: o.concurrency ?? UPLOAD_QUEUE, watch: o.watch, cleanupWatch: o.cleanupWatch, open: new Map(), busy: 0, waiters: [],
+    signal, concurrency: o.concurrency ?? UPLOAD_QUEUE, watch: o.watch, cleanupWatch: o.cleanupWatch, cleanupRequests: o.cleanupRequests, open: new Map(), busy: 0, waiters: [],
     idle(ms) {
       if (scope.busy === 0) return Promise.resolve();
       return new Promise<void>((resolve) => {

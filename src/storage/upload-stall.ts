@@ -43,6 +43,15 @@ export function stallError(request: string, ms: number, attempt: number, attempt
   return new RuntimeError('STORAGE_STALL', `${request} stalled: nothing sent or received for ${ms / 1000} s (S3_STALL_TIMEOUT_S) on attempt ${attempt + 1} of ${attempts}`, { cause });
 }
 
+/**
+ * Whether the bound of the boundedAttempt() this runs in (if any) has cut its request, asked later: how a request sent
+ * now ended (s3-requests.ts), once its error no longer says (a socket destroyed under a body being read).
+ */
+export function stallCut(): () => boolean {
+  const attempt = current.getStore();
+  return attempt === undefined ? () => false : () => attempt.stalled;
+}
+
 type AddRequest = (req: http.ClientRequest, options: unknown) => void;
 
 /**
