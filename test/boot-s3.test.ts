@@ -275,6 +275,8 @@ describe('boot from S3', () => {
     const cache = tempDir('dr-boot-s3-swap-cache-');
     dirs.push(cache.cleanup);
     // One endpoint for every start (the cache entry is per endpoint); the proxy holds the listing when asked to.
+    // Four starts of the runtime (three spawned, one in-process): under load 15 on two cores they took 70-150 s together,
+    // one boot up to 24 s; the waits are bounds on waiting only.
     const front = await startFaultProxy(s3.port);
     const env = {
       ...CREDS, AWS_ENDPOINT_URL: front.endpoint, S3_USE_HTTPS: '0', STORAGE_URI: `s3://${BUCKET}/${prefix}`,
@@ -282,7 +284,7 @@ describe('boot from S3', () => {
     };
     await upload(a);
     const first = await serve(env);
-    await first.waitReady(40_000);
+    await first.waitReady(120_000);
     const imageA = await image(first);
     await first.stop('SIGTERM');
 
@@ -292,11 +294,11 @@ describe('boot from S3', () => {
     front.faults.holdLists = new Promise<void>((r) => (answer = r));
     const listsBefore = front.stats.lists;
     const again = await serve(env);
-    await until(() => again.events('session').length === 3, 40_000).finally(() => {
+    await until(() => again.events('session').length === 3, 120_000).finally(() => {
       answer();
       delete front.faults.holdLists;
     });
-    await again.waitReady(40_000);
+    await again.waitReady(120_000);
     expect(again.logs.some((l) => l.msg === 'committed cache entry found: starting sessions while S3 is checked')).toBe(true);
     const checked = at(again, 'files-ready');
     const sessions = again.logs.filter((l, i) => isEvent(l, 'session') && i < checked).map((l) => l.component).sort();
@@ -304,10 +306,20 @@ describe('boot from S3', () => {
     // One listing, or two where the first ran past its 5 s under load.
     expect(front.stats.lists).toBeGreaterThanOrEqual(listsBefore + 1);
     // The check goes out once the warm-up is queued or the main thread's own boot work is done, so loading the S3
-    // client's code does not hold up the runtime, the tokenizer's parse or the warm-up's dispatch on that thread.
+    // client's code does not hold up the runtime, the tokenizer's parse or the warm-up's dispatch on that thread; at the
+    // latest 2 s after the runtime began its boot (CHECK_WAIT_MS), which a loaded machine reaches first (load 11-17 on
+    // two cores: that thread's work outlasted 2 s in four starts of eight). Then that work must not have been done.
     const [check] = again.events('entry-check');
-    expect(['warm-up queued', 'main thread free']).toContain(check?.after);
-    const mark = check?.after === 'warm-up queued' ? again.logs[at(again, 'warmup-early')] : again.logs.find((l) => l.msg === 'sharp imported');
+    expect(['warm-up queued', 'main thread free', 'wait ran out']).toContain(check?.after);
+    const sharp = again.logs.find((l) => l.msg === 'sharp imported');
+    if (check?.after === 'wait ran out') {
+      // Half the 2 s: a timer may fire early by as much as the event loop's cached time is stale; one let out at once
+      // (no wait) is far below.
+      expect(check.waitedMs).toBeGreaterThan(1_000);
+      expect(sharp).toBeDefined();
+      expect(Date.parse(String(sharp?.time))).toBeGreaterThanOrEqual(Date.parse(String(check.time)));
+    }
+    const mark = check?.after === 'warm-up queued' ? again.logs[at(again, 'warmup-early')] : check?.after === 'main thread free' ? sharp : check;
     expect(mark).toBeDefined();
     expect(front.stats.listAt[listsBefore]).toBeGreaterThanOrEqual(Date.parse(String(mark?.time)));
     expect(again.events('sessions-reset')).toEqual([]);
@@ -317,14 +329,14 @@ describe('boot from S3', () => {
     // Same names and sizes, other weights: the early sessions are dropped and the new weights served.
     await upload(b);
     const swapped = await serve(env);
-    await swapped.waitReady(40_000);
+    await swapped.waitReady(120_000);
     await swapped.waitFor('sessions-reset', (r) => r.why === 'entry-changed');
     const imageB = await image(swapped);
     expect(imageB).not.toBe(imageA);
     await swapped.stop('SIGTERM');
     await front.close();
     expect(await localImage(b.dir)).toBe(imageB);
-  }, 90_000);
+  }, 240_000);
 
   it('SIGTERM during the fetch exits 0 with nothing half committed; the next start serves what a local copy serves', async () => {
     const cache = tempDir('dr-boot-s3-sigterm-');
