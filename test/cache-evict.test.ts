@@ -128,7 +128,8 @@ async function writeMany(dir: string, n: number, name: (i: number) => string, co
  * heartbeat would have, leases `dir` (taking the lock over once it stood still), then lets `child` go on.
  */
 async function leaseWhileStopped(child: ChildProcess, dir: string): Promise<Awaited<ReturnType<typeof leaseEntry>>> {
-  await until(() => existsSync(`${dir}.lock`), 10_000, 1);
+  // A bound on waiting only: the sweep's child reads its 10,000 leases once before it locks (21-23 s under load 15).
+  await until(() => existsSync(`${dir}.lock`), 120_000, 1);
   await new Promise((r) => setTimeout(r, 20));
   child.kill('SIGSTOP');
   // What its heartbeat, had it run, stamps with its clock (it ran its lock's first 2 s here with this one).
@@ -504,7 +505,8 @@ describe('eviction against a start of the same entry at that moment', () => {
     } finally {
       evictor.child.kill('SIGKILL');
     }
-  }, 60_000);
+    // Bounds on waiting (the takeover's 10 s watch, the child's count of 10,000 files): 29-67 s under load 16-19.
+  }, 240_000);
 
   it('a lease judged stale and removed by an eviction tells its holder, which learns whether the entry went', async () => {
     const cache = await cacheWith(1);
@@ -674,5 +676,6 @@ describe('lease folders of entries that are not there', () => {
     } finally {
       sweep.child.kill('SIGKILL');
     }
-  }, 60_000);
+    // Two reads of 10,000 leases by the child and the takeover's 10 s watch: 61-106 s under load 15-19 on two cores.
+  }, 240_000);
 });
