@@ -55,7 +55,7 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
     const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
     const { log, lines } = recorder();
     const before = proxy.stats.slowDowns;
-    proxy.faults = { slowDown: { until: Date.now() + 1_500, retryAfter: '120' } };
+    proxy.faults = { slowDown: { forMs: 1_500, retryAfter: '120' } };
     // S3_THROTTLE_TIMEOUT_S=4: no wait longer than a quarter of it, 1 s.
     const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 4), log });
     await expectSame(r.dir);
@@ -82,7 +82,7 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
     const heads = proxy.stats.partHeads;
     proxy.faults = {
       objects: { 'sd/unet/model.onnx_data': { etag: multipartEtag(big, part), partSizes: evenParts(big.length, part) } },
-      slowDown: { until: Date.now() + 1_500, heads: true },
+      slowDown: { forMs: 1_500, heads: true },
     };
     const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 4), log });
     await expectSame(r.dir);
@@ -130,7 +130,7 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
   it('the fill\'s LIST rides out a storm too, and one that never ends fails naming throttling', async () => {
     const cache = await fsp.mkdtemp(path.join(tmp, 'cache-'));
     const lists = proxy.stats.lists;
-    proxy.faults = { slowDown: { until: Date.now() + 1_500, lists: true } };
+    proxy.faults = { slowDown: { forMs: 1_500, lists: true } };
     const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(cache, 4), log: silentLogger() });
     await expectSame(r.dir);
     // Before: S3_MAX_ATTEMPTS=2 tries of the LIST, then STORAGE_TRANSIENT "cannot list (2 attempts) …: SlowDown".
@@ -146,9 +146,9 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
 
   it('the LIST\'s throttled spell ends, as the ranges\' does, at an answer that is not throttled (a 500): the give-up clock starts over', async () => {
     const { log, lines } = recorder();
-    const t0 = Date.now();
-    // 1.2 s of SlowDown, a 500, 1.4 s more: each spell shorter than S3_THROTTLE_TIMEOUT_S=2, both together longer.
-    proxy.faults = { listScript: [{ answer: 'slowDown', until: t0 + 1_200 }, { answer: { status: 500, code: 'InternalError' } }, { answer: 'slowDown', until: t0 + 2_600 }] };
+    // 1.2 s of SlowDown from the first LIST, a 500, 1.4 s more from the next: each spell shorter than S3_THROTTLE_TIMEOUT_S=2,
+    // both together longer. Timed from the first LIST each answers, not from here: a loaded run sent it a second late.
+    proxy.faults = { listScript: [{ answer: 'slowDown', forMs: 1_200 }, { answer: { status: 500, code: 'InternalError' } }, { answer: 'slowDown', forMs: 1_400 }] };
     const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 2), log });
     await expectSame(r.dir);
     // Before: the clock ran from the first SlowDown, the 500 between included, and the fill failed at 2 s "S3 kept
@@ -201,7 +201,7 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
     let counted = 0;
     const checkWatch = { throttled: () => void counted++ };
     const before = proxy.stats.slowDowns;
-    proxy.faults = { slowDown: { until: Date.now() + 1_500, lists: true } };
+    proxy.faults = { slowDown: { forMs: 1_500, lists: true } };
     const r = await resolveModel(uri, { cfg: cfgFor(cache, 4), log, hitCheckTimeoutMs: 4_000, checkWatch });
     // Before: its two tries were throttled within 0.2 s and the old entry was served ("S3 not reachable for the ETag check").
     expect(r.fromCache).toBe(false);

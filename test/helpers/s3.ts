@@ -107,11 +107,12 @@ export interface Faults {
   failLists?: { count: number; status: number; code: string };
   /**
    * The ListObjectsV2 requests answered in order as scripted: the first step answers each LIST while its `until`
-   * (Date.now() ms) is ahead or, without one, the next `count` (1 by default), then the next step; 'slowDown' as
+   * (Date.now() ms) is ahead, for `forMs` from the first LIST it answers (however late that comes on a loaded machine),
+   * or, without either, the next `count` (1 by default), then the next step; 'slowDown' as
    * faults.slowDown answers, a status with an S3 error code, or 'stall' (read, never answered). Once the script is
    * spent, LISTs go to the store. Counted in stats.lists (and a 'slowDown' in stats.slowDowns).
    */
-  listScript?: Array<{ answer: 'slowDown' | 'stall' | { status: number; code: string }; until?: number; count?: number }>;
+  listScript?: Array<{ answer: 'slowDown' | 'stall' | { status: number; code: string }; until?: number; forMs?: number; count?: number }>;
   /** Leave the next `count` ListObjectsV2 requests unanswered (a store that reads a request and hangs). */
   stallLists?: { count: number };
   /**
@@ -124,13 +125,14 @@ export interface Faults {
   /**
    * A SlowDown storm: every GetObject (and with `lists`, every ListObjectsV2) answered 503 with S3's XML error body
    * `<Code>SlowDown</Code>` (and `retryAfter` as a Retry-After header, as MinIO sends one) until the time `until`
-   * (Date.now() ms; never without it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
+   * (Date.now() ms; never without it), or for `forMs` from the first request it answers: a storm as long whenever the
+   * client's first request comes (a loaded machine took over a second to send it). With `heads`, every HEAD too, a bare 503 as S3 answers a HEAD (no body). Counted
    * in stats.slowDowns. With `gets: false`, GETs are served (a storm on the HEADs alone). With `uploads`, every
    * PutObject, UploadPart, CreateMultipartUpload and CompleteMultipartUpload too, with the same 503 and body. With
    * `deletes`, every DeleteObject and DeleteObjects; with `aborts`, every AbortMultipartUpload (faults.abortUploads) and
    * ListMultipartUploads (faults.listUploads). `count`: only the next that many requests it matches, then it ends.
    */
-  slowDown?: { until?: number; count?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean; uploads?: boolean; deletes?: boolean; aborts?: boolean };
+  slowDown?: { until?: number; forMs?: number; count?: number; retryAfter?: string; lists?: boolean; heads?: boolean; gets?: boolean; uploads?: boolean; deletes?: boolean; aborts?: boolean };
   /**
    * Hold GETs (or requests of `method`, e.g. PUT for uploaded parts) whose URL matches `keys` (and, with `range`, whose
    * Range header it accepts) until `release` settles.
@@ -327,6 +329,7 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     const storm = f.slowDown && (f.slowDown.until === undefined || Date.now() < f.slowDown.until) && (f.slowDown.count ?? 1) > 0 ? f.slowDown : undefined;
     /** Answers the request 503 SlowDown for the storm (the bare 503 of a HEAD), counting it. */
     const slowedDown = () => {
+      if (storm!.forMs !== undefined) storm!.until ??= Date.now() + storm!.forMs;
       stats.slowDowns++;
       if (storm!.count !== undefined) storm!.count--;
       req.resume();
@@ -499,10 +502,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       return;
     }
     if (isList && f.listScript) {
-      while (f.listScript.length > 0 && (f.listScript[0]!.until !== undefined ? Date.now() >= f.listScript[0]!.until! : (f.listScript[0]!.count ?? 1) <= 0)) f.listScript.shift();
+      const spent = (s: NonNullable<Faults['listScript']>[number]) => (s.until !== undefined ? Date.now() >= s.until : s.forMs === undefined && (s.count ?? 1) <= 0);
+      while (f.listScript.length > 0 && spent(f.listScript[0]!)) f.listScript.shift();
       const step = f.listScript[0];
       if (step !== undefined) {
-        if (step.until === undefined) step.count = (step.count ?? 1) - 1;
+        if (step.forMs !== undefined) step.until ??= Date.now() + step.forMs;
+        else if (step.until === undefined) step.count = (step.count ?? 1) - 1;
         req.resume();
         if (step.answer === 'stall') return;
         if (step.answer === 'slowDown') stats.slowDowns++;
