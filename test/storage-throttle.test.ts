@@ -147,7 +147,8 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
   it('the LIST\'s throttled spell ends, as the ranges\' does, at an answer that is not throttled (a 500): the give-up clock starts over', async () => {
     const { log, lines } = recorder();
     // 1.2 s of SlowDown from the first LIST, a 500, 1.4 s more from the next: each spell shorter than S3_THROTTLE_TIMEOUT_S=2,
-    // both together longer. Timed from the first LIST each answers, not from here: a loaded run sent it a second late.
+    // both together longer. Timed from the first LIST each answers, not from here (a loaded run's first GETs came after
+    // a 1.5 s storm timed from where it was set had ended).
     proxy.faults = { listScript: [{ answer: 'slowDown', forMs: 1_200 }, { answer: { status: 500, code: 'InternalError' } }, { answer: 'slowDown', forMs: 1_400 }] };
     const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 2), log });
     await expectSame(r.dir);
