@@ -89,7 +89,7 @@ describe('the abort of a failed upload\'s multipart upload, throttled', () => {
       const uploads = [await created(s3c.client, 'out/a.png'), await created(s3c.client, 'out/b.png')];
       let counted = 0;
       const before = proxy.stats.slowDowns;
-      proxy.faults.slowDown = { until: Date.now() + 1_500, aborts: true };
+      proxy.faults.slowDown = { forMs: 1_500, aborts: true };
       const got = await abortUploads(s3c.client, 'models', uploads, 10_000, 5_000, { watch: { throttled: () => void counted++ } });
       expect(got.map((g) => g.status)).toEqual(['fulfilled', 'fulfilled']);
       expect(proxy.stats.multipart.aborted).toEqual(expect.arrayContaining(uploads.map(([id]) => id)));

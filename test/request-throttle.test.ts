@@ -65,7 +65,7 @@ describe('a short SlowDown storm is waited out', () => {
       const before = proxy.stats.slowDowns;
       // Longer than the backoff of an upload request's 5 attempts (3 s at most): before, each failed after them,
       // STORAGE_TRANSIENT "output_uri: upload to s3://models/out/storm-0.png failed (SlowDown)".
-      proxy.faults = { slowDown: { until: Date.now() + 3_500, uploads: true, gets: false } };
+      proxy.faults = { slowDown: { forMs: 3_500, uploads: true, gets: false } };
       const images = [png(1, 3_000), png(2, 11 * MiB)];
       expect(await createOutputStore(requestS3, silentLogger(), count).upload('s3://models/out/storm.png', images))
         .toEqual(['s3://models/out/storm-0.png', 's3://models/out/storm-1.png']);
@@ -86,7 +86,7 @@ describe('a short SlowDown storm is waited out', () => {
     const { codes, count } = heard();
     try {
       const before = proxy.stats.slowDowns;
-      proxy.faults = { slowDown: { until: Date.now() + 1_500, uploads: true, gets: false } };
+      proxy.faults = { slowDown: { forMs: 1_500, uploads: true, gets: false } };
       const images = [png(11, 3_000), png(12, 3_000), png(13, 3_000), png(14, 3_000)];
       expect(await createOutputStore(requestS3, log, count).upload('s3://models/out/quiet.png', images)).toHaveLength(4);
       expect(proxy.stats.slowDowns - before).toBeGreaterThanOrEqual(4);
@@ -108,7 +108,7 @@ describe('a short SlowDown storm is waited out', () => {
     const { codes, count } = heard();
     try {
       const before = proxy.stats.slowDowns;
-      proxy.faults = { slowDown: { until: Date.now() + 1_500 } };
+      proxy.faults = { slowDown: { forMs: 1_500 } };
       // Before: UPSTREAM "instances[0].image: reading s3://models/in/cat.png failed (SlowDown); retry later" at once.
       const got = await createImageSource(requestS3, cfg, count).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000);
       expect(got.equals(pic)).toBe(true);
@@ -124,7 +124,7 @@ describe('a short SlowDown storm is waited out', () => {
     const src = new AdapterSource(testConfig(proxy.endpoint, path.join(tmp, 'lora-cache'), { LORA_URI: 's3://models/loras/', S3_MAX_ATTEMPTS: '2', S3_THROTTLE_TIMEOUT_S: '4' }),
       silentLogger(), count);
     const before = proxy.stats.slowDowns;
-    proxy.faults = { slowDown: { until: Date.now() + 1_500, lists: true } };
+    proxy.faults = { slowDown: { forMs: 1_500, lists: true } };
     const [ref] = await src.resolve([{ name: 'style', scale: 1 }]);
     expect((await fsp.readFile(ref!.file)).equals(adapter)).toBe(true);
     // The fetch rode storms out before too (it is a fill); what it heard of them reached no metric.
