@@ -205,14 +205,14 @@ export interface Faults {
    */
   failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault; delayMs?: number };
   /**
-   * The next `count` CompleteMultipartUploads are carried out by the store, then their sockets destroyed unanswered; a
-   * Complete of an upload already completed is answered 404 NoSuchUpload, as S3 does.
+   * The next `count` CompleteMultipartUploads are carried out by the store, then their sockets destroyed unanswered (a
+   * Complete of an upload already completed is always answered 404 NoSuchUpload, as S3 does).
    */
   loseCompletes?: { count: number };
   /**
    * The next `count` requests of `commands` whose key matches `keys` are read to the end and never answered (a store
    * that accepts a request and hangs), counted in stats.unanswered; `forward`: the store carries each out first, and
-   * only its answer is withheld (a Complete sent again for an upload so completed is answered 404 NoSuchUpload, as S3
+   * only its answer is withheld (a Complete sent again for an upload completed is answered 404 NoSuchUpload, as S3
    * does). Their sockets stay open until the client closes them or the proxy stops.
    */
   stallUploads?: { commands: readonly UploadCommand[]; keys: RegExp; count: number; forward?: boolean };
@@ -495,8 +495,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       }
       return;
     }
-    // As S3 answers it (s3rver fails reading the parts it removed: 500 InternalError).
-    if ((f.loseCompletes || f.stallUploads?.forward) && uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
+    // A Complete sent again for an upload completed: as S3 answers it (s3rver fails reading the parts it removed: 500
+    // InternalError). Not only where a fault withheld the first answer: a loaded test process can be slow enough to
+    // finish one that the client's silence bound cuts it and sends it again.
+    if (uploadId !== undefined && req.method === 'POST' && stats.multipart.completed.includes(decodeURIComponent(uploadId))) {
       req.resume();
       res.writeHead(404, { 'content-type': 'application/xml' }).end(s3Error('NoSuchUpload'));
       return;
