@@ -53,6 +53,33 @@ describe("diffusers' image and mask processors", () => {
   });
 });
 
+describe('resampling an RGB image as three grey ones', () => {
+  // Pillow's resampling treats each channel alone: an RGB resize is the three L resizes of its channels, interleaved. The
+  // two paths walk the source apart (RGB's three sums in one walk), so this holds them to each other on the shapes the
+  // references above do not reach: downscales whose windows span a hundred pixels and more, and a box.
+  it.each([
+    ['lanczos', 700, 500, 23, 37, undefined],
+    ['bicubic', 700, 500, 64, 48, undefined],
+    ['lanczos', 97, 61, 150, 40, undefined],
+    ['lanczos', 640, 480, 48, 64, [13.5, 7.25, 601, 470]],
+  ] as const)('%s %ix%i to %ix%i, box %j', (filter, w, h, outW, outH, box) => {
+    let seed = 12345;
+    const rgb = new Uint8Array(w * h * 3);
+    for (let i = 0; i < rgb.length; i++) rgb[i] = (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 24;
+    const plane = (b: number): Raster => {
+      const data = new Uint8Array(w * h);
+      for (let i = 0; i < data.length; i++) data[i] = rgb[i * 3 + b]!;
+      return { data, width: w, height: h, channels: 1 };
+    };
+    const whole = resize({ data: rgb, width: w, height: h, channels: 3 }, outW, outH, filter, box);
+    const planes = [0, 1, 2].map((b) => resize(plane(b), outW, outH, filter, box).data);
+    expect([whole.width, whole.height, whole.channels]).toEqual([outW, outH, 3]);
+    let diff = 0;
+    for (let i = 0; i < whole.data.length; i++) if (whole.data[i] !== planes[i % 3]![Math.floor(i / 3)]) diff++;
+    expect(diff, `${diff} of ${whole.data.length} values differ`).toBe(0);
+  });
+});
+
 describe("decoding as diffusers' load_image does (img2img/decode, Pillow 12)", () => {
   const decodeDir = path.join(dir, 'decode');
   const { cases } = JSON.parse(readFileSync(path.join(decodeDir, 'index.json'), 'utf8')) as {

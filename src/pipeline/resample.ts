@@ -98,6 +98,7 @@ function clip8(v: number): number {
 
 function horizontal(src: Raster, rowOffset: number, rows: number, outW: number, c: Coeffs): Raster {
   const ch = src.channels;
+  const data = src.data;
   const out = new Uint8Array(outW * rows * ch);
   const { ksize, bounds, kk } = c;
   for (let yy = 0; yy < rows; yy++) {
@@ -107,10 +108,29 @@ function horizontal(src: Raster, rowOffset: number, rows: number, outW: number, 
       const xmin = bounds[xx * 2]!;
       const xmax = bounds[xx * 2 + 1]!;
       const kb = xx * ksize;
-      for (let b = 0; b < ch; b++) {
-        let ss = HALF;
-        for (let x = 0; x < xmax; x++) ss += src.data[rowIn + (x + xmin) * ch + b]! * kk[kb + x]!;
-        out[rowOut + xx * ch + b] = clip8(ss);
+      let p = rowIn + xmin * ch;
+      // RGB's three sums in one walk over the window, as Pillow's ImagingResampleHorizontal_8bpc does: a downscale's
+      // window spans hundreds of pixels (3000 to 64: 283), and walking it once per channel took about twice as long.
+      if (ch === 3) {
+        let s0 = HALF;
+        let s1 = HALF;
+        let s2 = HALF;
+        for (let x = 0; x < xmax; x++, p += 3) {
+          const k = kk[kb + x]!;
+          s0 += data[p]! * k;
+          s1 += data[p + 1]! * k;
+          s2 += data[p + 2]! * k;
+        }
+        const o = rowOut + xx * 3;
+        out[o] = clip8(s0);
+        out[o + 1] = clip8(s1);
+        out[o + 2] = clip8(s2);
+      } else {
+        for (let b = 0; b < ch; b++) {
+          let ss = HALF;
+          for (let x = 0, q = p + b; x < xmax; x++, q += ch) ss += data[q]! * kk[kb + x]!;
+          out[rowOut + xx * ch + b] = clip8(ss);
+        }
       }
     }
   }
