@@ -9,7 +9,7 @@ import onnxProto from 'onnx-proto';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isRuntimeError } from '../src/errors.js';
 import { checkCuda } from '../src/pipeline/cuda.js';
-import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, readExportManifest, slowPathWarning } from '../src/pipeline/export-info.js';
+import { EXPORT_MANIFEST, exportInfo, graphOps, missingCudaOnlyKernel, nodeOpTypes, readExportManifest, slowPathWarning } from '../src/pipeline/export-info.js';
 import { SessionFactory } from '../src/pipeline/onnx.js';
 import { fixtureModel } from './fixtures/index.js';
 import { startRuntime } from './helpers/runtime.js';
@@ -65,6 +65,48 @@ describe('export kind', () => {
 
     writeFileSync(path.join(inspected, EXPORT_MANIFEST), '{"variant": "fused",');
     expect(() => readExportManifest(inspected)).toThrow(/onnx_export\.json is not valid JSON/);
+  });
+
+  it("reads a graph's operators as the ONNX protobuf decoder reads them, skipping the weights and a subgraph's nodes", async () => {
+    const decoded = (buf: Uint8Array) => new Set((onnx.ModelProto.decode(buf).graph?.node ?? []).map((n) => n.opType ?? ''));
+    // Every component of the demo, its weights inline and in model.onnx_data.
+    for (const opts of [{ withVaeEncoder: true }, { externalData: true }]) {
+      const dir = await fixtureModel(opts);
+      for (const c of ['unet', 'text_encoder', 'vae_decoder', 'vae_encoder']) {
+        const file = path.join(dir, c, 'model.onnx');
+        let buf: Buffer;
+        try {
+          buf = readFileSync(file);
+        } catch {
+          continue;
+        }
+        const ops = nodeOpTypes(buf);
+        expect(ops.size, file).toBeGreaterThan(2);
+        expect(ops, file).toEqual(decoded(buf));
+      }
+    }
+    // Fields of every wire type around the nodes, a node without op_type, an If whose branches hold nodes of their own
+    // (not the graph's), and a graph field written twice (a decoder keeps the last).
+    const If = onnx.AttributeProto.AttributeType;
+    const sub = (op: string) => ({ name: op, node: [{ opType: op, input: ['a'], output: ['b'] }] });
+    const graph = (ops: string[]) => ({
+      name: 'g', docString: 'd',
+      node: [...ops.map((opType) => ({ opType, domain: 'com.microsoft', name: opType, input: ['x'], output: ['y'], attribute: [{ name: 'f', type: If.FLOAT, f: 0.5 }, { name: 'i', type: If.INT, i: -7 }] })),
+        { input: ['x'], output: ['z'] },
+        { opType: 'If', input: ['c'], output: ['w'], attribute: [{ name: 'then_branch', type: If.GRAPH, g: sub('ThenOnly') }, { name: 'else_branch', type: If.GRAPH, g: sub('ElseOnly') }] }],
+      initializer: [{ name: 'w', dims: [4], dataType: 11, doubleData: [1, 2, 3, 4] }, { name: 'v', dims: [2], dataType: 7, int64Data: [-1, 2 ** 40] }],
+    });
+    const first = onnx.ModelProto.encode(onnx.ModelProto.create({ irVersion: 8, producerName: 'p', modelVersion: -3, graph: graph(['Stale']) })).finish();
+    const second = onnx.ModelProto.encode(onnx.ModelProto.create({ opsetImport: [{ domain: '', version: 17 }], graph: graph(['GroupNorm', 'Conv', 'GroupNorm']) })).finish();
+    const both = Buffer.concat([first, second]);
+    expect(nodeOpTypes(both)).toEqual(new Set(['GroupNorm', 'Conv', '', 'If']));
+    expect(nodeOpTypes(both)).toEqual(decoded(both));
+    expect(nodeOpTypes(new Uint8Array(0))).toEqual(new Set());
+    // Cut short: no verdict rather than a guess (graphOps gives undefined).
+    expect(() => nodeOpTypes(second.subarray(0, second.length - 3))).toThrow(RangeError);
+    const cut = path.join(scratch.dir, 'cut.onnx');
+    writeFileSync(cut, second.subarray(0, second.length - 3));
+    expect(graphOps(cut)).toBeUndefined();
   });
 
   it("recognises ORT's missing-kernel errors for CUDA-only operators, and only those", () => {
