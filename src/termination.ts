@@ -3,7 +3,8 @@
  * terminationMessagePath (default /dev/termination-log, which the kubelet mounts into every container) as the last
  * state's `message` in the pod status (`kubectl describe pod`). The process writes there the same line it ends with on
  * stderr before a fatal exit; while model weights mapped from a volume may be read, a hint for the one end it cannot
- * report itself (SIGBUS, exit 135), followed by the log's last lines; nothing after a graceful stop.
+ * report itself (SIGBUS, exit 135), followed by the generations running then (for an OOM kill, 137) and the log's
+ * last lines; nothing after a graceful stop.
  */
 import { existsSync, writeFileSync } from 'node:fs';
 
@@ -57,10 +58,15 @@ let tail: Array<{ line: string; bytes: number }> | undefined;
 let tailBytes = 0;
 /** The next rewrite, armed by the first line logged after the last one. */
 let rewrite: NodeJS.Timeout | undefined;
+/** When the file was last written (performance.now()): a generation's start is written at once only past a second. */
+let lastWrite = -Infinity;
+/** What the pipeline workers run now, read when the message is written (generationsChanged). */
+let inFlight: (() => InFlightNow) | undefined;
 
 function write(text: string): void {
   const file = terminationPath();
   if (file === undefined) return;
+  lastWrite = performance.now();
   try {
     writeFileSync(file, fitTerminationMessage(text));
   } catch {
@@ -74,6 +80,7 @@ function dropTail(): void {
   rewrite = undefined;
   tail = undefined;
   tailBytes = 0;
+  inFlight = undefined;
 }
 
 /** Why the process is about to end (one line, as on stderr, without its newline); synchronous, never throws. */
@@ -129,7 +136,121 @@ export function logLine(line: string): void {
 function writeTail(): void {
   rewrite = undefined;
   if (tail === undefined || hint === undefined) return;
-  write(withLogTail(hint, tail.map((t) => t.line)));
+  write(withLogTail(hint + currentInFlight(), tail.map((t) => t.line)));
+}
+
+/** One generation a pipeline worker runs (a batch the engine dispatched): its ids and shape, never its prompts. */
+export interface InFlight {
+  worker: number;
+  images: number;
+  requests: number;
+  width: number;
+  height: number;
+  steps: number;
+  /** The request's scheduler name; absent: the model's own. */
+  scheduler?: string | undefined;
+  mode?: 'img2img' | 'inpaint' | undefined;
+  /** Its LoRA adapters, `name:scale,…`; absent: the base model. */
+  loras?: string | undefined;
+  /** A worker's warm-up (the boot's, no client request). */
+  warmup?: boolean;
+  /** performance.now() at its dispatch. */
+  startedAt: number;
+  /** Its last UNet step done, of how many (0 before the first: text encoders, the input image's encoding). */
+  step: number;
+  of: number;
+  /** Past its UNet steps: the VAE decodes its images. */
+  decoding: boolean;
+  /** Its requests' X-Request-IDs, and trace ids (as the log's `inference request` line has them). */
+  requestIds: readonly string[];
+  traceIds: readonly string[];
+}
+
+/** What the pipeline workers run, and how many requests wait for one. */
+export interface InFlightNow {
+  generations: readonly InFlight[];
+  queued: number;
+}
+
+/** What parts the hint from the generations in flight. */
+export const IN_FLIGHT_HEADER = '\nin flight at ';
+/** The in-flight section's bytes at most: the log's lines keep the rest of the message. */
+export const IN_FLIGHT_LIMIT = 512;
+/** A batch's entry names this many ids of each kind, each cut to ID_CHARS characters, and counts the rest. */
+const IDS_SHOWN = 2;
+const ID_CHARS = 40;
+
+const cutId = (id: string) => (id.length > ID_CHARS ? `${id.slice(0, ID_CHARS - 1)}…` : id);
+const someIds = (ids: readonly string[]) => ids.slice(0, IDS_SHOWN).map(cutId).join(',') + (ids.length > IDS_SHOWN ? `,+${ids.length - IDS_SHOWN}` : '');
+
+/** One generation as a line of `key=value`s; `now` (performance.now()) is `wall`, a time since the epoch. */
+function inFlightLine(g: InFlight, now: number, wall: number): string {
+  // The size as OpenAI's `size` has it, width first.
+  const parts = [`worker=${g.worker}`, `images=${g.images}`, `size=${g.width}x${g.height}`, `steps=${g.steps}`];
+  if (g.scheduler !== undefined) parts.push(`scheduler=${g.scheduler}`);
+  if (g.mode !== undefined) parts.push(`mode=${g.mode}`);
+  if (g.loras) parts.push(`loras=${g.loras.length > 60 ? `${g.loras.slice(0, 59)}…` : g.loras}`);
+  if (g.warmup) parts.push('warmup');
+  else parts.push(`requests=${g.requests}`);
+  if (g.requestIds.length > 0) parts.push(`ids=${someIds(g.requestIds)}`);
+  if (g.traceIds.length > 0 && g.requestIds.length === 0) parts.push(`traces=${someIds(g.traceIds)}`);
+  // Its start as the log's times are written, and its stage when the message was written (the header's time).
+  parts.push(`since=${new Date(wall - Math.max(0, now - g.startedAt)).toISOString()}`, g.decoding ? 'decoding' : `step=${g.step}/${g.of}`);
+  return parts.join(' ');
+}
+
+/**
+ * The in-flight section: IN_FLIGHT_HEADER and the wall-clock time, the count of queued requests, then a line per
+ * generation, the first that fit in IN_FLIGHT_LIMIT bytes (the others counted); '' when nothing runs or waits.
+ * `now`: performance.now() (the generations' clock), `wall`: the same instant as a Date.
+ */
+export function inFlightSection(state: InFlightNow, now: number, wall: Date): string {
+  const { generations, queued } = state;
+  if (generations.length === 0 && queued === 0) return '';
+  let text = `${IN_FLIGHT_HEADER}${wall.toISOString()}: ${generations.length} generation${generations.length === 1 ? '' : 's'}, ${queued} request${queued === 1 ? '' : 's'} queued`;
+  for (let i = 0; i < generations.length; i++) {
+    const line = `\n${inFlightLine(generations[i]!, now, wall.getTime())}`;
+    const left = generations.length - i - 1;
+    // Room kept for the count of those left out, unless this is the last.
+    const room = IN_FLIGHT_LIMIT - Buffer.byteLength(text) - (left > 0 ? Buffer.byteLength(`\n… ${left} more`) : 0);
+    if (Buffer.byteLength(line) > room) {
+      // The first is shown, its start at least (long ids of many bytes).
+      if (i === 0) text += cutTo(line, room) + (left > 0 ? `\n… ${left} more` : '');
+      else text += `\n… ${generations.length - i} more`;
+      break;
+    }
+    text += line;
+  }
+  return text;
+}
+
+/** The in-flight section now ('' when nothing runs, or what says so cannot be read). */
+function currentInFlight(): string {
+  if (inFlight === undefined) return '';
+  try {
+    return inFlightSection(inFlight(), performance.now(), new Date());
+  } catch {
+    // A timer's write that threw would end the process: the message goes on without the section.
+    return '';
+  }
+}
+
+/**
+ * The generations the pipeline workers run changed (`state` says what they are, read when the message is written).
+ * While the hint stands: one that started (or reached its VAE decode, where a big batch's memory peaks) is written at
+ * once where nothing was written in the last TAIL_REWRITE_MS, so that an OOM kill early in it finds it there, else
+ * with the next rewrite; one that ended is dropped by the next rewrite. Never more often than a rewrite a second;
+ * nothing where no message is written.
+ */
+export function generationsChanged(state: () => InFlightNow, started: boolean): void {
+  if (tail === undefined) return;
+  inFlight = state;
+  if (started && performance.now() - lastWrite >= TAIL_REWRITE_MS) {
+    clearTimeout(rewrite);
+    writeTail();
+    return;
+  }
+  rewrite ??= setTimeout(writeTail, TAIL_REWRITE_MS).unref();
 }
 
 /**
@@ -147,7 +268,7 @@ export function mappedWeightsHint(where: string): void {
   if (tail === undefined && terminationPath() !== undefined) tail = [];
   clearTimeout(rewrite);
   rewrite = undefined;
-  write(withLogTail(hint, tail?.map((t) => t.line) ?? []));
+  write(withLogTail(hint + currentInFlight(), tail?.map((t) => t.line) ?? []));
 }
 
 /** A graceful stop (exit 0): no message, unless a fatal reason was written. */

@@ -9,7 +9,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildDemoModel } from '../src/demo/index.js';
-import { fitTerminationMessage, TAIL_HEADER, TERMINATION_MESSAGE_LIMIT, terminationPath, withLogTail } from '../src/termination.js';
+import { fitTerminationMessage, IN_FLIGHT_HEADER, IN_FLIGHT_LIMIT, inFlightSection, TAIL_HEADER, TERMINATION_MESSAGE_LIMIT, terminationPath, withLogTail, type InFlight, type InFlightNow } from '../src/termination.js';
 import { ENTRY, ROOT, postJson, sharedCacheDir, startServer, tempDir, until, type LogLine, type ServerHandle } from './helpers/server.js';
 import { mountStuckFs, stuckFsForTests, stuckFsUnavailable } from './helpers/stuck-fs.js';
 
@@ -24,6 +24,15 @@ const tailOf = (message: string): LogLine[] => {
   const at = message.indexOf(TAIL_HEADER);
   return at < 0 ? [] : message.slice(at + TAIL_HEADER.length).split('\n').map((l) => JSON.parse(l) as LogLine);
 };
+/** The lines of a message's in-flight section (its header first), or undefined where it has none. */
+const inFlightOf = (message: string): string[] | undefined => {
+  const at = message.indexOf(IN_FLIGHT_HEADER);
+  if (at < 0) return undefined;
+  const end = message.indexOf(TAIL_HEADER, at);
+  return message.slice(at + 1, end < 0 ? undefined : end).split('\n');
+};
+/** A generation as the engine tells termination.ts of it. */
+const generation = (o: Partial<InFlight> = {}): InFlight => ({ worker: 0, images: 2, requests: 1, width: 64, height: 48, steps: 30, startedAt: performance.now(), step: 0, of: 30, decoding: false, requestIds: ['r-1'], traceIds: [], ...o });
 const run = (entry: string, env: Record<string, string>, args: string[] = []) =>
   spawnSync(process.execPath, [entry, ...args], { encoding: 'utf8', timeout: 60_000, env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env } });
 
@@ -77,6 +86,58 @@ describe('the message text', () => {
     expect(cut).toMatch(/ …\(cut\)$/);
     expect(huge.startsWith(cut.slice((hint + TAIL_HEADER).length).replace(/ …\(cut\)$/, ''))).toBe(true);
     expect(cut).not.toContain('\ufffd');
+  });
+});
+
+describe('the generations in flight, as the message shows them', () => {
+  const wall = new Date('2026-12-07T10:00:05.000Z');
+  const now = 50_000;
+
+  it('a line per generation: worker, shape, requests and their ids, start and stage; nothing when nothing runs or waits', () => {
+    expect(inFlightSection({ generations: [], queued: 0 }, now, wall)).toBe('');
+    expect(inFlightSection({ generations: [], queued: 3 }, now, wall)).toBe('\nin flight at 2026-12-07T10:00:05.000Z: 0 generations, 3 requests queued');
+    const section = inFlightSection({
+      generations: [
+        generation({ startedAt: now - 2_500, step: 12 }),
+        generation({ worker: 1, images: 1, requests: 3, width: 1024, height: 768, steps: 50, of: 25, scheduler: 'euler_a', mode: 'img2img', loras: 'demo-style:0.5', startedAt: now - 9_000, decoding: true, requestIds: ['a', 'b', 'c'], traceIds: ['4bf92f3577b34da6a3ce929d0e0e4736'] }),
+        generation({ worker: 2, images: 1, requests: 1, requestIds: [], traceIds: ['4bf92f3577b34da6a3ce929d0e0e4736'], startedAt: now }),
+      ],
+      queued: 1,
+    }, now, wall);
+    expect(section).toBe([
+      '',
+      'in flight at 2026-12-07T10:00:05.000Z: 3 generations, 1 request queued',
+      'worker=0 images=2 size=64x48 steps=30 requests=1 ids=r-1 since=2026-12-07T10:00:02.500Z step=12/30',
+      'worker=1 images=1 size=1024x768 steps=50 scheduler=euler_a mode=img2img loras=demo-style:0.5 requests=3 ids=a,b,+1 since=2026-12-07T09:59:56.000Z decoding',
+      'worker=2 images=1 size=64x48 steps=30 requests=1 traces=4bf92f3577b34da6a3ce929d0e0e4736 since=2026-12-07T10:00:05.000Z step=0/30',
+    ].join('\n'));
+    // A worker's warm-up: no request.
+    expect(inFlightSection({ generations: [generation({ worker: 3, images: 1, warmup: true, requestIds: [], steps: 1, of: 1, startedAt: now - 100 })], queued: 0 }, now, wall))
+      .toBe('\nin flight at 2026-12-07T10:00:05.000Z: 1 generation, 0 requests queued\nworker=3 images=1 size=64x48 steps=1 warmup since=2026-12-07T10:00:04.900Z step=0/1');
+  });
+
+  it(`at most ${IN_FLIGHT_LIMIT} bytes: the first generations that fit, whole, then how many more; the first one always, its start at least`, () => {
+    const longId = (i: number) => `${i}-${'é一'.repeat(60)}`;
+    const many = Array.from({ length: 24 }, (_, i) => generation({ worker: i, requests: 16, loras: `${'l'.repeat(100)}:1`, requestIds: Array.from({ length: 16 }, (_, j) => longId(i * 16 + j)) }));
+    const section = inFlightSection({ generations: many, queued: 40 }, now, wall);
+    expect(Buffer.byteLength(section)).toBeLessThanOrEqual(IN_FLIGHT_LIMIT);
+    const lines = section.split('\n').slice(2);
+    const shown = lines.length - 1;
+    expect(shown).toBeGreaterThan(0);
+    expect(lines.at(-1)).toBe(`… ${many.length - shown} more`);
+    for (const [i, line] of lines.slice(0, -1).entries()) {
+      // Two ids each, cut to 40 characters, the rest counted; LoRA names cut.
+      expect(line).toMatch(new RegExp(`^worker=${i} images=2 size=64x48 steps=30 loras=l{59}… requests=16 ids=${i * 16}-(é一)+é?…,${i * 16 + 1}-(é一)+é?…,\\+14 since=\\S+ step=0/30$`));
+      expect([...line.split(' ids=')[1]!.split(',')[0]!]).toHaveLength(40);
+    }
+    // The next would not have fit beside the count of those after it.
+    const next = inFlightSection({ generations: [many[shown]!], queued: 0 }, now, wall).split('\n')[2]!;
+    expect(next).toMatch(new RegExp(`^worker=${shown} `));
+    expect(Buffer.byteLength(section) - Buffer.byteLength(`\n${lines.at(-1)}`) + Buffer.byteLength(`\n${next}\n… ${many.length - shown - 1} more`)).toBeGreaterThan(IN_FLIGHT_LIMIT);
+    // A first generation longer than the room alone (ids of many bytes) is shown cut, not left out.
+    const huge = inFlightSection({ generations: [generation({ requestIds: ['🙂'.repeat(40), '🙂'.repeat(40)], scheduler: 'x'.repeat(600) }), generation()], queued: 0 }, now, wall);
+    expect(Buffer.byteLength(huge)).toBeLessThanOrEqual(IN_FLIGHT_LIMIT);
+    expect(huge).toMatch(/\nworker=0 images=2 size=64x48 steps=30 scheduler=x+ …\(cut\)\n… 1 more$/);
   });
 });
 
@@ -135,6 +196,120 @@ describe('the log\'s last lines after the hint (a fresh termination.ts and log.t
     vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
     expect(read()).toBe(withLogTail(hint, logged.slice(1)));
     expect(read()).toMatch(/"msg":"a line from a worker thread, relayed"}$/);
+  });
+
+  it('a generation that starts is written at once where nothing was in the last second, else with the next rewrite; one that ended is dropped by the next', async () => {
+    const { t, log, logged, file, read } = await fresh();
+    t.mappedWeightsHint('/models/a');
+    const hint = read()!;
+    let reads = 0;
+    const state: { generations: InFlight[]; queued: number } = { generations: [], queued: 0 };
+    const source = (): InFlightNow => (reads++, { generations: [...state.generations], queued: state.queued });
+    // Less than a second after the hint's write: with the next rewrite, a second after.
+    state.generations = [generation({ requestIds: ['first'] })];
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS - 10);
+    t.generationsChanged(source, true);
+    expect(read()).toBe(hint);
+    expect(reads).toBe(0);
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS - 1);
+    expect(read()).toBe(hint);
+    vi.advanceTimersByTime(1);
+    expect(reads).toBe(1);
+    const first = read()!;
+    expect(inFlightOf(first)).toEqual([expect.stringMatching(/^in flight at \S+Z: 1 generation, 0 requests queued$/), expect.stringMatching(/^worker=0 images=2 size=64x48 steps=30 requests=1 ids=first since=\S+ step=0\/30$/)]);
+    expect(first.startsWith(`${hint}\nin flight at `)).toBe(true);
+    // A second later, nothing written since: the next start is written at once (an OOM kill early in it finds it).
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    log.info({ requestId: 'r-0' }, 'inference request');
+    state.generations.push(generation({ worker: 1, requestIds: ['second'] }));
+    state.queued = 2;
+    t.generationsChanged(source, true);
+    // Before: the hint alone, with the first line a second later (no generation in it).
+    expect(inFlightOf(read()!)?.slice(1).map((l) => /ids=(\S+)/.exec(l)?.[1])).toEqual(['first', 'second']);
+    expect(read()).toMatch(/: 2 generations, 2 requests queued\n/);
+    // The log's lines follow the section, as before.
+    expect(read()).toBe(withLogTail(hint + inFlightOf(read()!)!.map((l) => `\n${l}`).join(''), logged));
+    expect(vi.getTimerCount()).toBe(0);
+    // Never more than a write a second: starts and ends within it wait for one rewrite, which reads them once.
+    writeFileSync(file, 'untouched');
+    reads = 0;
+    for (let i = 0; i < 50; i++) {
+      state.generations = [generation({ requestIds: [`burst-${i}`] })];
+      t.generationsChanged(source, i % 2 === 0);
+    }
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS - 1);
+    expect(read()).toBe('untouched');
+    expect(reads).toBe(0);
+    vi.advanceTimersByTime(1);
+    expect(reads).toBe(1);
+    expect(inFlightOf(read()!)?.[1]).toMatch(/ ids=burst-49 /);
+    // It ended: gone with the next rewrite (a second later at most), not at once.
+    state.generations = [];
+    state.queued = 0;
+    t.generationsChanged(source, false);
+    expect(inFlightOf(read()!)?.[1]).toMatch(/ ids=burst-49 /);
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    expect(inFlightOf(read()!)).toBeUndefined();
+    expect(read()).toBe(withLogTail(hint, logged));
+    // An end is not written at once even a second after the last write.
+    vi.advanceTimersByTime(5_000);
+    state.generations = [generation()];
+    t.generationsChanged(source, false);
+    expect(inFlightOf(read()!)).toBeUndefined();
+  });
+
+  it('the section and the log\'s lines together in 4096 bytes: the section whole, the newest lines in the rest', async () => {
+    const { t, log, logged, read } = await fresh();
+    t.mappedWeightsHint('/models/a');
+    const hint = read()!;
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    for (let i = 0; i < 200; i++) log.info({ requestId: `r-${i}-${'x'.repeat(60)}` }, 'inference request');
+    const many = Array.from({ length: 30 }, (_, i) => generation({ worker: i, requestIds: [`id-${i}-${'y'.repeat(50)}`] }));
+    t.generationsChanged(() => ({ generations: many, queued: 7 }), true);
+    const m = read()!;
+    expect(Buffer.byteLength(m)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+    const section = inFlightOf(m)!;
+    expect(Buffer.byteLength(`\n${section.join('\n')}`)).toBeLessThanOrEqual(IN_FLIGHT_LIMIT);
+    expect(section[0]).toMatch(/: 30 generations, 7 requests queued$/);
+    expect(section.at(-1)).toBe(`… ${30 - (section.length - 2)} more`);
+    // The log's newest lines fill the rest, as they would without it.
+    expect(m).toBe(withLogTail(`${hint}\n${section.join('\n')}`, logged));
+    expect(tailOf(m).at(-1)?.requestId).toMatch(/^r-199-/);
+    expect(Buffer.byteLength(m)).toBeGreaterThan(TERMINATION_MESSAGE_LIMIT - 200);
+  });
+
+  it('no generation is read or written before the hint, without a message file, or after a fatal reason or a graceful stop', async () => {
+    const { t, read } = await fresh();
+    let reads = 0;
+    const source = (): InFlightNow => (reads++, { generations: [generation()], queued: 0 });
+    t.generationsChanged(source, true);
+    t.generationsChanged(source, false);
+    expect(read()).toBeUndefined();
+    expect(vi.getTimerCount()).toBe(0);
+    t.mappedWeightsHint('/models/a');
+    vi.advanceTimersByTime(t.TAIL_REWRITE_MS);
+    t.terminationReason('diffusers-runtime: the end');
+    t.generationsChanged(source, true);
+    vi.advanceTimersByTime(10_000);
+    expect(read()).toBe('diffusers-runtime: the end');
+    expect(reads).toBe(0);
+
+    const stopped = await fresh();
+    stopped.t.mappedWeightsHint('/models/a');
+    vi.advanceTimersByTime(stopped.t.TAIL_REWRITE_MS);
+    stopped.t.clearTerminationMessage();
+    stopped.t.generationsChanged(source, true);
+    vi.advanceTimersByTime(10_000);
+    expect(stopped.read()).toBe('');
+
+    // No message file (TERMINATION_MESSAGE_PATH unset, no kubelet's file): nothing kept, read or timed.
+    const none = await fresh();
+    delete process.env.TERMINATION_MESSAGE_PATH;
+    none.t.mappedWeightsHint('/models/a');
+    none.t.generationsChanged(source, true);
+    none.t.generationsChanged(source, false);
+    expect(vi.getTimerCount()).toBe(0);
+    expect(reads).toBe(0);
   });
 
   it('a fatal reason replaces hint and lines, and nothing is written over it', async () => {
@@ -339,6 +514,96 @@ describe('a serving server ended by SIGKILL (an OOM kill; the kubelet\'s at the 
     expect(last).toMatch(/^if this container ended with exit code 135 \(SIGBUS\): /);
     expect(tailOf(last).at(-1)?.requestId).toMatch(/^term-cut-39-/);
   });
+});
+
+describe('a generation in flight, in the message of a server ended by SIGKILL (an OOM kill in the middle of a generation)', () => {
+  let srv: ServerHandle;
+  let file: string;
+  beforeAll(async () => {
+    file = messageFile();
+    // A step of two 128x128 images takes ~1.3 ms here: a thousand steps (euler_a's most) last over a second.
+    srv = await startServer({ TERMINATION_MESSAGE_PATH: file, STORAGE_URI: undefined, MODEL_CACHE_DIR: sharedCacheDir(), EXECUTION_PROVIDER: 'cpu', WARMUP_STEPS: '1', OPTIMIZED_MODEL_CACHE: 'off', MAX_STEPS: '1000', LOG_LEVEL: 'debug' }, { ready: true });
+  }, 180_000);
+  afterAll(async () => {
+    await srv?.stop('SIGKILL');
+  });
+  const message = () => readFileSync(file, 'utf8');
+  /** The message once `cond` holds for it (a read between the rewrite's truncation and its write finds it empty). */
+  const messageWhen = async (cond: (m: string) => boolean, ms = 30_000) => {
+    let m = '';
+    await until(() => cond((m = message())), ms, 5);
+    return m;
+  };
+  const HINT = /^if this container ended with exit code 135 \(SIGBUS\): /;
+  /** Until the message has not changed for 1.5 s (no rewrite due): a generation's start is then written at once. */
+  const quiet = async () => {
+    let last = message();
+    let since = performance.now();
+    await until(() => {
+      const m = message();
+      if (m !== last) [last, since] = [m, performance.now()];
+      return performance.now() - since > 1_500;
+    }, 30_000, 20);
+  };
+  const PROMPT = 'a zebra-prompt-7f3a in the snow';
+  const NEGATIVE = 'negative-text-91c2';
+  const generate = (id: string, side: number) =>
+    postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: PROMPT, negative_prompt: NEGATIVE, num_inference_steps: 1000, height: side, width: side, seed: 3, num_images_per_prompt: 2, scheduler: 'euler_a' }] }, { headers: { 'content-type': 'application/json', 'x-request-id': id } });
+  /** Its line as written at its dispatch: no step done yet. */
+  const entry = (id: string, side: number) => new RegExp(`^worker=0 images=2 size=${side}x${side} steps=1000 scheduler=euler_a requests=1 ids=${id} since=(\\S+) step=0/1000$`);
+
+  it('from its start: the worker, its images, size, steps, scheduler and request id, never its prompts; gone within about a second of its end', async () => {
+    // The warm-up's generation is over, and dropped.
+    await messageWhen((m) => tailOf(m).some((l) => l.event === 'ready') && inFlightOf(m) === undefined);
+    await quiet();
+    const sent = Date.now();
+    const answer = generate('term-inflight-1', 128);
+    const m = await messageWhen((m) => inFlightOf(m)?.some((l) => l.includes('ids=term-inflight-1')) === true);
+    const section = inFlightOf(m)!;
+    // Before: the hint, then the log's lines; no generation.
+    expect(section).toEqual([expect.stringMatching(/^in flight at \S+Z: 1 generation, 0 requests queued$/), expect.stringMatching(/ ids=term-inflight-1 /)]);
+    // Written at its dispatch (a leading write: no step done yet), not a rewrite's second later (~750 steps in).
+    expect(section[1]).toMatch(entry('term-inflight-1', 128));
+    // Between the hint and the log's lines.
+    expect(m).toMatch(HINT);
+    expect(m.indexOf(IN_FLIGHT_HEADER)).toBe(m.indexOf('\n'));
+    // Its start, in the log's clock.
+    const since = Date.parse(entry('term-inflight-1', 128).exec(section[1]!)![1]!);
+    expect(since).toBeGreaterThanOrEqual(sent - 1_000);
+    expect(since).toBeLessThanOrEqual(Date.now());
+    expect(m).not.toContain('zebra');
+    expect(m).not.toContain(NEGATIVE);
+    const r = await answer;
+    expect(r.status).toBe(200);
+    const ended = performance.now();
+    const after = await messageWhen((m) => HINT.test(m) && inFlightOf(m) === undefined, 20_000);
+    // Within about a second: the next rewrite (a generous bound for a loaded machine).
+    expect(performance.now() - ended).toBeLessThan(5_000);
+    expect(after).not.toContain('term-inflight-1 since');
+    await messageWhen((m) => tailOf(m).some((l) => l.requestId === 'term-inflight-1' && l.msg === 'inference request'), 20_000);
+    // At LOG_LEVEL=debug the log has the batch's start too, for `kubectl logs --previous` (requests are logged when
+    // answered). Before: no such line.
+    const started = srv.logs.find((l) => l.msg === 'generation started' && (l.requestIds as string[] | undefined)?.includes('term-inflight-1'));
+    expect(started).toMatchObject({ level: 'debug', worker: '0', device: 'cpu', images: 2, requests: 1, width: 128, height: 128, steps: 1000, scheduler: 'euler_a', requestIds: ['term-inflight-1'] });
+    // The same instant as the message's `since` (its line is logged at the dispatch).
+    expect(Math.abs(Date.parse(started!.time as string) - since)).toBeLessThanOrEqual(5);
+    expect(JSON.stringify(started)).not.toContain('zebra');
+  }, 90_000);
+
+  it('killed in it, the message holds the generation', async () => {
+    await quiet();
+    let answered = false;
+    void generate('term-inflight-2', 256).then(() => (answered = true), () => undefined);
+    const last = await messageWhen((m) => inFlightOf(m)?.some((l) => l.includes('ids=term-inflight-2')) === true);
+    expect(answered).toBe(false);
+    expect(await srv.stop('SIGKILL')).toEqual({ code: null, signal: 'SIGKILL' });
+    expect(message()).toBe(last);
+    expect(last).toMatch(HINT);
+    // Before: no in-flight section; `kubectl describe pod` could not say which request the kill came in.
+    expect(inFlightOf(last)?.[1]).toMatch(entry('term-inflight-2', 256));
+    expect(last).not.toContain('zebra');
+    expect(Buffer.byteLength(last)).toBeLessThanOrEqual(TERMINATION_MESSAGE_LIMIT);
+  }, 90_000);
 });
 
 describe('the warm-up Job', () => {

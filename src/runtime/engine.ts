@@ -28,7 +28,7 @@ import type { OptimizeItem } from '../pipeline/ortcache.js';
 import type { FromWorker, ToWorker, TransferImage } from '../pipeline/protocol.js';
 import { onGpu, type SessionProvider } from '../pipeline/provider.js';
 import { LORA_SETS } from '../storage/cache.js';
-import { mappedWeightsHint } from '../termination.js';
+import { generationsChanged, mappedWeightsHint, type InFlight, type InFlightNow } from '../termination.js';
 import { spawnWorker, spawnWorkers, workerDevice, type SpawnedWorker } from './workers.js';
 import { lorasKey, shapeKey, type GenerationRequest, type LoraRequest } from './request.js';
 import { imageKey, jobInit } from './image-request.js';
@@ -161,6 +161,8 @@ interface Running {
   previews: boolean;
   /** UNet runs done so far (its last progress): what denoising_steps_total counts of a run that ends without a result. */
   unetRuns?: number;
+  /** Of how many (its last progress). */
+  unetOf?: number;
 }
 
 interface LoadWaiter {
@@ -296,6 +298,11 @@ export class Engine {
    * them leaves (joinersLeft).
    */
   readonly #lookingUp = new Map<Joined, { readonly loras: readonly LoraRequest[]; stop?: AbortController }>();
+  /** What the workers run, for the termination message: read only when it is written (about once a second at most). */
+  readonly #inFlight = (): InFlightNow => ({
+    generations: this.#workers.flatMap((w) => runsOf(w).map((r) => inFlightOf(w, r))),
+    queued: this.queueDepth,
+  });
 
   constructor(
     private readonly cfg: Readonly<Config>,
@@ -645,6 +652,7 @@ export class Engine {
       w.decoding.length = 0;
       this.#deviceBusy(w);
     }
+    generationsChanged(this.#inFlight, false);
     await Promise.all(
       this.#workers.filter((w) => !w.dead).map(
         (w) =>
@@ -846,6 +854,10 @@ export class Engine {
     this.#deviceBusy(worker);
     const head = tasks[0]!.req;
     if (!warmup) this.metrics.batchSize.observe(this.#labels, tasks.length);
+    // Requests are logged when answered: at debug level `kubectl logs --previous` shows what a process killed in a
+    // generation (an OOM kill) was running, with every id of the batch (the termination message shows a few).
+    if (this.log.isLevelEnabled('debug')) this.log.debug({ ...run.where, ...batchShape(tasks), ...(warmup ? { warmup } : {}), ...idsOf(tasks) }, 'generation started');
+    generationsChanged(this.#inFlight, true);
     // Each image guided and rescaled by its own request's values (the batch key only holds whether there is an
     // unconditional pass); the job's shape is the first request's, eta included where its scheduler ignores eta.
     const items = tasks.flatMap((t) => t.req.items.map((it) => ({ ...it, guidance: t.req.shape.guidance, guidanceRescale: t.req.shape.guidanceRescale })));
@@ -996,6 +1008,8 @@ export class Engine {
         if (run?.id !== m.id) break;
         w.running = undefined;
         w.decoding.push(run);
+        // The VAE decode, where a big batch's memory peaks: written at once where nothing was in the last second.
+        generationsChanged(this.#inFlight, true);
         this.#pump();
         break;
       }
@@ -1004,6 +1018,7 @@ export class Engine {
         if (run?.id !== m.id) break;
         const { step, of, previews } = m;
         run.unetRuns = step;
+        run.unetOf = of;
         // Rendered before the worker heard that nobody wants them any more: not encoded.
         const wanted = previews && run.previews;
         run.delivery = run.delivery.then(async () => {
@@ -1029,6 +1044,7 @@ export class Engine {
         if (w.running === run) w.running = undefined;
         else w.decoding.splice(w.decoding.indexOf(run), 1);
         this.#deviceBusy(w);
+        generationsChanged(this.#inFlight, false);
         if (m.t === 'error') this.#countPartial(run);
         const oom = m.t === 'error' && m.code === 'OUT_OF_MEMORY';
         if (oom && this.#outOfMemory(run, m.detail)) {
@@ -1223,6 +1239,7 @@ export class Engine {
     w.running = undefined;
     w.sets.clear();
     this.#deviceBusy(w);
+    generationsChanged(this.#inFlight, false);
     // Only a worker that had the whole model is started again: one that dies while loading it would do so again.
     const again = w.whole && this.#wholeDir !== undefined && !draining;
     if (runs.length > 0) {
@@ -1306,6 +1323,26 @@ function outOfMemoryError(req: GenerationRequest, device: string): RuntimeError 
 
 /** The ids of the client requests of `tasks`, for a line about them (log.ts batchIds). */
 const idsOf = (tasks: readonly Task[]) => batchIds(tasks.map((t) => t.req.ids));
+
+/** What a batch generates (the first request's shape, as the job has it), without its prompts. */
+function batchShape(tasks: readonly Task[]) {
+  const head = tasks[0]!.req;
+  const { height, width, steps, scheduler } = head.shape;
+  const loras = lorasKey(head.loras);
+  return {
+    images: tasks.reduce((n, t) => n + t.images, 0), requests: new Set(tasks.map((t) => t.request)).size, width, height, steps,
+    ...(scheduler !== undefined ? { scheduler } : {}), ...(head.image ? { mode: head.image.mode } : {}), ...(loras ? { loras } : {}),
+  };
+}
+
+/** A batch a worker runs, for the termination message (termination.ts). */
+function inFlightOf(w: WorkerHandle, run: Running): InFlight {
+  const { requestIds = [], traceIds = [] } = idsOf(run.tasks);
+  return {
+    worker: w.index, ...batchShape(run.tasks), ...(run.warmup ? { warmup: true } : {}), startedAt: run.startedAt,
+    step: run.unetRuns ?? 0, of: run.unetOf ?? run.tasks[0]!.req.shape.steps, decoding: w.running !== run, requestIds, traceIds,
+  };
+}
 
 /** Whether requests joined to the task's generation (SubmitOptions.joined) wait for its images. */
 const waitedFor = (t: Task): boolean => t.joined !== undefined && t.joined.count > 0;
