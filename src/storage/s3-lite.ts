@@ -21,7 +21,7 @@ import { addListed, nextToken, sortListing } from './s3-compat.js';
 import { DNS_LABEL_BUCKET } from './addressing.js';
 import { CHECKSUM_HEADERS, checksumFrom } from './checksums.js';
 import { boundRequest } from './upload-stall.js';
-import { countRequest } from './s3-requests.js';
+import { counting, countRequest } from './s3-requests.js';
 import { CUSTOMER_KEY_MESSAGE } from './s3-errors.js';
 import { THROTTLE } from './plan.js';
 import { agentOptions, encryptionOf, tlsOptions, type GetRequest, type ObjectBody, type HeadAnswer, type HeadRequest, type RemoteObject, type S3Transport, type TlsOptions } from './transport.js';
@@ -310,7 +310,7 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
     ...(secure ? t.tls : {}),
   };
   const counted = countRequest(signal);
-  return new Promise<string>((resolve, reject) => {
+  return counting(counted, new Promise<string>((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       const chunks: Buffer[] = [];
@@ -333,13 +333,7 @@ async function getPage(t: LiteTarget, query: Array<[string, string]>, signal: Ab
     boundRequest(req);
     req.on('error', reject);
     req.end();
-  }).then((page) => {
-    counted?.ended('ok');
-    return page;
-  }, (e: unknown) => {
-    counted?.failed(e);
-    throw e;
-  });
+  }));
 }
 
 /** Every object under `prefix` (paginated), directory markers skipped, sorted by path: what the SDK transport lists. */
@@ -439,7 +433,7 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
   const sentAt = Date.now();
   const opts: https.RequestOptions = { method: 'HEAD', hostname, port, path: query ? `${keyPath}?${query}` : keyPath, headers, agent, signal: r.signal };
   const counted = countRequest(r.signal);
-  return new Promise<HeadAnswer>((resolve, reject) => {
+  return counting(counted, new Promise<HeadAnswer>((resolve, reject) => {
     const req = (secure ? https : http).request(opts, (res) => {
       updateClock(t.clock, res.headers.date, res.headers.age as string | undefined, sentAt);
       res.resume();
@@ -457,13 +451,7 @@ export async function headObjectLite(t: LiteTarget, agent: http.Agent, r: HeadRe
     });
     req.on('error', reject);
     req.end();
-  }).then((a) => {
-    counted?.ended('ok');
-    return a;
-  }, (e: unknown) => {
-    counted?.failed(e);
-    throw e;
-  });
+  }));
 }
 
 /**

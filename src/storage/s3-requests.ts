@@ -60,6 +60,18 @@ export function countRequest(signal?: AbortSignal, stopped?: () => boolean): Cou
   };
 }
 
+/** `answer` (a request answered whole when it resolves), counted by `counted` as ok or failed. */
+export function counting<T>(counted: CountedRequest | undefined, answer: Promise<T>): Promise<T> {
+  if (counted === undefined) return answer;
+  return answer.then((a) => {
+    counted.ended('ok');
+    return a;
+  }, (e: unknown) => {
+    counted.failed(e);
+    throw e;
+  });
+}
+
 /**
  * How a request that did not end with an answer read whole ended. `cut`: the silence bound of an upload request or a
  * LIST page cut it (upload-stall.ts); `stopped`: its client was destroyed. A signal aborted with STORAGE_STALL is a
