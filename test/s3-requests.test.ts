@@ -205,4 +205,23 @@ describe('a multipart upload', () => {
       requestS3.destroy();
     }
   }, 60_000);
+
+  it('a CompleteMultipartUpload S3 fails in a 200 is no ok: server_error, then ok for the one sent again', async () => {
+    const counts: Record<string, number> = {};
+    const tally = (o: string) => void (counts[o] = (counts[o] ?? 0) + 1);
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
+    const b = detBytes(6 << 20, 10);
+    const img: EncodedImage = { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed: 10, width: 8, height: 8, format: 'png' };
+    try {
+      const uploads = { ...proxy.stats.uploads };
+      proxy.faults = { errorCompletes: { count: 1, code: 'InternalError' } };
+      expect(await createOutputStore(requestS3, silentLogger(), undefined, undefined, { upload: tally, cleanup: tally }).upload('s3://models/out/late.png', [img]))
+        .toEqual(['s3://models/out/late.png']);
+      expect((proxy.stats.uploads.CompleteMultipartUpload ?? 0) - (uploads.CompleteMultipartUpload ?? 0)).toBe(2);
+      // Before: ok 5 (the failed Complete's 200 was counted when its body had been read).
+      expect(counts).toEqual({ ok: 4, server_error: 1 });
+    } finally {
+      requestS3.destroy();
+    }
+  }, 60_000);
 });

@@ -70,15 +70,16 @@ interface Handler {
 /**
  * Counts each HTTP request `client` sends (s3-requests.ts), below its middleware, so each attempt of a retried upload
  * request and each page of a listing counts: the request handler, which each attempt reaches with its abort signal,
- * counts a 2xx once its body has ended (a GET's, once its reader is done) and a failure without an answer; an error
- * answer is counted once the deserializer has made it an error, whose code tells throttling apart. `stopped`: the
- * client was destroyed, which cuts what is in flight.
+ * counts a failure without an answer; an answer is counted once the deserializer has read it, so that one the SDK
+ * makes an error is one (an error's code tells throttling apart; S3 may fail a CompleteMultipartUpload in a 200, which
+ * the SDK reads as a 503), and a body left to its reader (a GET's) once that reader is done. `stopped`: the client was
+ * destroyed, which cuts what is in flight.
  */
 function countRequests(client: S3Client, stopped: () => boolean): void {
   const handler = client.config.requestHandler as unknown as Handler;
   const handle = handler.handle.bind(handler);
-  // Error answers the handler passed on, by the request they answer, for the middleware below.
-  const answered = new WeakMap<object, CountedRequest>();
+  // Answers the handler passed on, by the request they answer, for the middleware below.
+  const answered = new WeakMap<object, { counted: CountedRequest; body?: Readable }>();
   handler.handle = async (request, options) => {
     const counted = countRequest(options?.abortSignal, stopped);
     if (counted === undefined) return handle(request, options);
@@ -90,21 +91,23 @@ function countRequests(client: S3Client, stopped: () => boolean): void {
       throw e;
     }
     const { statusCode, body } = out.response;
-    if (statusCode < 200 || statusCode >= 300) answered.set(request, counted);
-    else if (body !== null && typeof body === 'object' && typeof (body as Readable).once === 'function') counted.streamed(body as Readable);
-    else counted.ended('ok');
+    const streams = statusCode >= 200 && statusCode < 300 && body !== null && typeof body === 'object' && typeof (body as Readable).once === 'function';
+    answered.set(request, streams ? { counted, body: body as Readable } : { counted });
     return out;
   };
   client.middlewareStack.add((next) => async (args) => {
     try {
       const out = await next(args);
-      answered.get(args.request as object)?.ended('ok');
+      const a = answered.get(args.request as object);
+      // A body the deserializer did not read is the caller's to read (GetObject's).
+      if (a?.body && !a.body.readableEnded) a.counted.streamed(a.body);
+      else a?.counted.ended('ok');
       return out;
     } catch (e) {
-      answered.get(args.request as object)?.failed(e);
+      answered.get(args.request as object)?.counted.failed(e);
       throw e;
     }
-  }, { step: 'deserialize', priority: 'high', name: 'countErrorAnswers' });
+  }, { step: 'deserialize', priority: 'high', name: 'countAnswers' });
 }
 
 /** Lists every object under the prefix (paginated), skipping directory markers. */

@@ -221,6 +221,11 @@ export interface Faults {
    * (as S3 answers a Complete that takes long), then the store's answer.
    */
   slowCompletes?: { count: number; ms: number; everyMs: number };
+  /**
+   * The next `count` CompleteMultipartUploads are answered 200 with an S3 error body of `code` (as S3 may fail one that
+   * it took long over: its status is sent before it knows), not carried out by the store.
+   */
+  errorCompletes?: { count: number; code: string };
   /** PUT bodies of keys matching `keys` read at about `bytesPerSecond` (a slow link up to the store). */
   slowPuts?: { keys: RegExp; bytesPerSecond: number };
 }
@@ -442,6 +447,12 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       });
       up.on('error', () => req.socket.destroy());
       req.pipe(up);
+      return;
+    }
+    if (command === 'CompleteMultipartUpload' && f.errorCompletes && f.errorCompletes.count > 0) {
+      f.errorCompletes.count--;
+      req.resume();
+      res.writeHead(200, { 'content-type': 'application/xml' }).end(s3Error(f.errorCompletes.code));
       return;
     }
     const slow = f.slowCompletes;
