@@ -551,8 +551,11 @@ describe('a generation in flight, in the message of a server ended by SIGKILL (a
   const NEGATIVE = 'negative-text-91c2';
   const generate = (id: string, side: number) =>
     postJson(`${srv.url}/v1/models/model:predict`, { instances: [{ prompt: PROMPT, negative_prompt: NEGATIVE, num_inference_steps: 1000, height: side, width: side, seed: 3, num_images_per_prompt: 2, scheduler: 'euler_a' }] }, { headers: { 'content-type': 'application/json', 'x-request-id': id } });
-  /** Its line as written at its dispatch: no step done yet. */
-  const entry = (id: string, side: number) => new RegExp(`^worker=0 images=2 size=${side}x${side} steps=1000 scheduler=euler_a requests=1 ids=${id} since=(\\S+) step=0/1000$`);
+  /**
+   * Its line: written at its dispatch (step 0), or a rewrite's later where a loaded test process read the file past
+   * that (the fake-timer case above pins the write at the dispatch).
+   */
+  const entry = (id: string, side: number) => new RegExp(`^worker=0 images=2 size=${side}x${side} steps=1000 scheduler=euler_a requests=1 ids=${id} since=(\\S+) step=\\d+/1000( \\| decoding)?$`);
 
   it('from its start: the worker, its images, size, steps, scheduler and request id, never its prompts; gone within about a second of its end', async () => {
     // The warm-up's generation is over, and dropped.
@@ -564,7 +567,6 @@ describe('a generation in flight, in the message of a server ended by SIGKILL (a
     const section = inFlightOf(m)!;
     // Before: the hint, then the log's lines; no generation.
     expect(section).toEqual([expect.stringMatching(/^in flight at \S+Z: 1 generation, 0 requests queued$/), expect.stringMatching(/ ids=term-inflight-1 /)]);
-    // Written at its dispatch (a leading write: no step done yet), not a rewrite's second later (~750 steps in).
     expect(section[1]).toMatch(entry('term-inflight-1', 128));
     // Between the hint and the log's lines.
     expect(m).toMatch(HINT);
@@ -587,8 +589,9 @@ describe('a generation in flight, in the message of a server ended by SIGKILL (a
     // answered). Before: no such line.
     const started = srv.logs.find((l) => l.msg === 'generation started' && (l.requestIds as string[] | undefined)?.includes('term-inflight-1'));
     expect(started).toMatchObject({ level: 'debug', worker: '0', device: 'cpu', images: 2, requests: 1, width: 128, height: 128, steps: 1000, scheduler: 'euler_a', requestIds: ['term-inflight-1'] });
-    // The same instant as the message's `since` (its line is logged at the dispatch).
-    expect(Math.abs(Date.parse(started!.time as string) - since)).toBeLessThanOrEqual(5);
+    // The same dispatch as the message's `since`: logged just after it (not to the millisecond on a loaded machine).
+    expect(since).toBeLessThanOrEqual(Date.parse(started!.time as string) + 1);
+    expect(Date.parse(started!.time as string) - since).toBeLessThan(1_000);
     expect(JSON.stringify(started)).not.toContain('zebra');
   }, 90_000);
 
