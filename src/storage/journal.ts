@@ -32,7 +32,6 @@ import { trackIo } from './pending-io.js';
 /** [start, end): bytes of a file, end exclusive. */
 export type Span = [number, number];
 
-
 export interface JournalFile {
   readonly etag: string;
   readonly size: number;

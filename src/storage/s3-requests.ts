@@ -76,8 +76,8 @@ export function counting<T>(counted: CountedRequest | undefined, answer: Promise
  * How a request that did not end with an answer read whole ended. `cut`: the silence bound of an upload request or a
  * LIST page cut it (upload-stall.ts); `stopped`: its client was destroyed. A signal aborted with STORAGE_STALL is a
  * range's watchdog or a HEAD's bound, both S3_STALL_TIMEOUT_S; any other abort is the runtime's (a stop, a deadline).
- * An error without an HTTP status is the link's; a 2xx the runtime gave up on (a wrong length or ETag, too large, not
- * a listing) is cancelled.
+ * An error without an HTTP status is the link's; a 2xx the runtime gave up on (a wrong length or ETag, too large) is
+ * cancelled.
  */
 export function outcomeOf(err: unknown, o: { signal?: AbortSignal | undefined; cut?: boolean; stopped?: boolean } = {}): S3Outcome {
   if (o.cut === true || isStall(err)) return 'stalled';
