@@ -254,10 +254,10 @@ export function generationsChanged(state: () => InFlightNow, started: boolean): 
 }
 
 /**
- * Sessions are about to map model weights from `where` (a folder named for people: an entry relative to the cache, or a
- * path; never a credential). A read of a mapped page that the volume fails is SIGBUS, which ends the process before it can say
- * anything: the hint says what such an end means, and from then on the log's last lines follow it (logLine), as the
- * kubelet would have shown them in its place. Once per folder, each folder named; not over a fatal reason, nor after a
+ * Sessions are about to map model weights from `where` (a folder named for people: an entry relative to the cache, or
+ * a path; never a credential). A read of a mapped page that the volume fails is SIGBUS, which ends the process before
+ * it can say anything: the hint says what such an end means, and from then on the log's last lines follow it
+ * (logLine), as the kubelet would have shown them in its place. Once per folder, each folder named; not over a fatal reason, nor after a
  * graceful stop.
  */
 export function mappedWeightsHint(where: string): void {
