@@ -183,45 +183,42 @@ describe.each(['sdk', 'lite'] as const)('S3_TRANSPORT=%s', (transport) => {
 });
 
 describe('a multipart upload', () => {
-  it('counts each of its requests (create, every part, complete) once, and each retried attempt', async () => {
+  /**
+   * Uploads `mib` MiB (seeded by `seed`) to s3://models/<key> through the output store, with `faults` set once the
+   * proxy's counts before it are taken: how each of its requests ended, and what the proxy received.
+   */
+  async function upload(key: string, mib: number, seed: number, faults: () => FaultProxy['faults']) {
     const counts: Record<string, number> = {};
     const tally = (o: string) => void (counts[o] = (counts[o] ?? 0) + 1);
     const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
-    const b = detBytes(11 << 20, 9);
-    const img: EncodedImage = { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed: 9, width: 8, height: 8, format: 'png' };
+    const b = detBytes(mib << 20, seed);
+    const img: EncodedImage = { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed, width: 8, height: 8, format: 'png' };
     try {
       const sent = proxy.stats.requests;
       const uploads = { ...proxy.stats.uploads };
-      // The second part's PUT is cut after its body was read: retried.
-      proxy.faults = { failPuts: { keys: /^out\/big/, at: { [proxy.stats.puts + 2]: 'reset' } } };
-      expect(await createOutputStore(requestS3, silentLogger(), undefined, undefined, { upload: tally, cleanup: tally }).upload('s3://models/out/big.png', [img]))
-        .toEqual(['s3://models/out/big.png']);
-      // CreateMultipartUpload, 3 parts of 5 MiB at most, one part again, CompleteMultipartUpload.
+      proxy.faults = faults();
+      expect(await createOutputStore(requestS3, silentLogger(), undefined, undefined, { upload: tally, cleanup: tally }).upload(`s3://models/${key}`, [img]))
+        .toEqual([`s3://models/${key}`]);
       const sentOf = (c: 'CreateMultipartUpload' | 'UploadPart' | 'CompleteMultipartUpload') => (proxy.stats.uploads[c] ?? 0) - (uploads[c] ?? 0);
-      expect([sentOf('CreateMultipartUpload'), sentOf('UploadPart'), sentOf('CompleteMultipartUpload')]).toEqual([1, 4, 1]);
-      expect(proxy.stats.requests - sent).toBe(6);
-      expect(counts).toEqual({ ok: 5, network: 1 });
+      return { counts, requests: proxy.stats.requests - sent, sent: [sentOf('CreateMultipartUpload'), sentOf('UploadPart'), sentOf('CompleteMultipartUpload')] };
     } finally {
       requestS3.destroy();
     }
+  }
+
+  it('counts each of its requests (create, every part, complete) once, and each retried attempt', async () => {
+    // The second part's PUT is cut after its body was read: retried.
+    const r = await upload('out/big.png', 11, 9, () => ({ failPuts: { keys: /^out\/big/, at: { [proxy.stats.puts + 2]: 'reset' } } }));
+    // CreateMultipartUpload, 3 parts of 5 MiB at most, one part again, CompleteMultipartUpload.
+    expect(r.sent).toEqual([1, 4, 1]);
+    expect(r.requests).toBe(6);
+    expect(r.counts).toEqual({ ok: 5, network: 1 });
   }, 60_000);
 
   it('a CompleteMultipartUpload S3 fails in a 200 is no ok: server_error, then ok for the one sent again', async () => {
-    const counts: Record<string, number> = {};
-    const tally = (o: string) => void (counts[o] = (counts[o] ?? 0) + 1);
-    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
-    const b = detBytes(6 << 20, 10);
-    const img: EncodedImage = { data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer, seed: 10, width: 8, height: 8, format: 'png' };
-    try {
-      const uploads = { ...proxy.stats.uploads };
-      proxy.faults = { errorCompletes: { count: 1, code: 'InternalError' } };
-      expect(await createOutputStore(requestS3, silentLogger(), undefined, undefined, { upload: tally, cleanup: tally }).upload('s3://models/out/late.png', [img]))
-        .toEqual(['s3://models/out/late.png']);
-      expect((proxy.stats.uploads.CompleteMultipartUpload ?? 0) - (uploads.CompleteMultipartUpload ?? 0)).toBe(2);
-      // Before: ok 5 (the failed Complete's 200 was counted when its body had been read).
-      expect(counts).toEqual({ ok: 4, server_error: 1 });
-    } finally {
-      requestS3.destroy();
-    }
+    const r = await upload('out/late.png', 6, 10, () => ({ errorCompletes: { count: 1, code: 'InternalError' } }));
+    expect(r.sent).toEqual([1, 2, 2]);
+    // Before: ok 5 (the failed Complete's 200 was counted when its body had been read).
+    expect(r.counts).toEqual({ ok: 4, server_error: 1 });
   }, 60_000);
 });
