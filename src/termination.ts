@@ -26,13 +26,7 @@ export function terminationPath(env: NodeJS.ProcessEnv = process.env, fallback =
 
 /** `text` in at most TERMINATION_MESSAGE_LIMIT bytes of UTF-8: cut at a character's boundary, marked as cut. */
 export function fitTerminationMessage(text: string): string {
-  if (Buffer.byteLength(text) <= TERMINATION_MESSAGE_LIMIT) return text;
-  const room = TERMINATION_MESSAGE_LIMIT - Buffer.byteLength(CUT);
-  const buf = Buffer.from(text);
-  let end = room;
-  // Back to the first byte of a character (continuation bytes are 10xxxxxx).
-  while (end > 0 && (buf[end]! & 0xc0) === 0x80) end--;
-  return buf.subarray(0, end).toString() + CUT;
+  return Buffer.byteLength(text) <= TERMINATION_MESSAGE_LIMIT ? text : cutTo(text, TERMINATION_MESSAGE_LIMIT);
 }
 
 /**
@@ -113,6 +107,7 @@ export function withLogTail(hint: string, lines: readonly string[]): string {
 function cutTo(text: string, bytes: number): string {
   const buf = Buffer.from(text);
   let end = bytes - Buffer.byteLength(CUT);
+  // Back to the first byte of a character (continuation bytes are 10xxxxxx).
   while (end > 0 && (buf[end]! & 0xc0) === 0x80) end--;
   return buf.subarray(0, end).toString() + CUT;
 }
