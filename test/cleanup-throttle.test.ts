@@ -122,6 +122,23 @@ describe('the abort of a failed upload\'s multipart upload, throttled', () => {
       s3c.destroy();
     }
   }, 30_000);
+  it('the bound running out in the try after a throttled answer (S3 throttled it, then left it unanswered): the failure is the throttling, not the cut', async () => {
+    proxy.faults = { abortUploads: true };
+    const s3c = createS3(testConfig(proxy.endpoint, tmp).s3);
+    try {
+      const upload = await created(s3c.client, 'out/d.png');
+      proxy.faults.slowDown = { aborts: true, count: 1 };
+      proxy.faults.stallAborts = { keys: /^out\/d\.png$/, count: 1 };
+      const [got] = await abortUploads(s3c.client, 'models', [upload], 2_000, 5_000);
+      expect(proxy.faults.stallAborts.count).toBe(0);
+      expect(got!.status).toBe('rejected');
+      // Before: "AbortError" (the cut of the unanswered try), as a loaded machine's slow SlowDown answer gave too.
+      expect(cleanupReason((got as PromiseRejectedResult).reason, 2_000)).toBe('SlowDown: S3 kept throttling the cleanup for its 2 s');
+      expect(proxy.stats.multipart.aborted).not.toContain(upload[0]);
+    } finally {
+      s3c.destroy();
+    }
+  }, 30_000);
 });
 
 describe('an output_uri upload\'s cleanup requests, throttled, count as output_cleanup once each', () => {

@@ -7,7 +7,7 @@
 import type { S3Client } from '@aws-sdk/client-s3';
 import { deadline } from '../deadline.js';
 import { type Logger, silentLogger } from '../log.js';
-import { retryTransient, s3Code, throttled } from './s3-errors.js';
+import { errorStatus, retryTransient, s3Code, throttled } from './s3-errors.js';
 import { Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { noteMultipart } from './upload-signal.js';
 
@@ -97,15 +97,31 @@ const cleanupThrottle = (concurrency: number, totalMs: number, t: CleanupThrottl
 /**
  * One request of a cleanup, tried again if transient (`attempts` in all), throttled answers costing none of them, all
  * within `total`; each attempt cut after `attemptMs` unanswered. A failure while S3 was throttling it (its bound ran
- * out meanwhile, or the Throttle gave up) is marked for cleanupReason.
+ * out meanwhile, or the Throttle gave up) is marked for cleanupReason. Where the bound ran out in the try after a
+ * throttled answer (a slow answer, or a wait for a place), that answer is the failure, not the cut.
  */
 async function cleanupRequest<T>(throttle: Throttle, total: AbortSignal, attempts: number, attemptMs: number, send: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const tries = new ThrottledTries(throttle);
+  /** The last answer, where S3 throttled it; undefined once S3 answered otherwise. A cut attempt is no answer. */
+  let throttledBy: object | undefined;
+  const onThrottled = (e: unknown) => {
+    if (typeof e === 'object' && e !== null) throttledBy = e;
+    return tries.onThrottled(e);
+  };
+  const attempt = async () => {
+    try {
+      return await tries.attempt(total, () => cutAttempt(total, attemptMs, send));
+    } catch (e) {
+      if (!throttled(e) && errorStatus(e) !== undefined) throttledBy = undefined;
+      throw e;
+    }
+  };
   try {
-    return await retryTransient(() => tries.attempt(total, () => cutAttempt(total, attemptMs, send)), attempts, total, undefined, tries.onThrottled);
+    return await retryTransient(attempt, attempts, total, undefined, onThrottled);
   } catch (e) {
-    if ((tries.gaveUp || throttled(e)) && typeof e === 'object' && e !== null) throttledOut.add(e);
-    throw e;
+    const failure = total.aborted && throttledBy !== undefined ? throttledBy : e;
+    if ((tries.gaveUp || throttled(failure)) && typeof failure === 'object' && failure !== null) throttledOut.add(failure);
+    throw failure;
   } finally {
     tries.done();
   }
