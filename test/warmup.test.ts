@@ -54,6 +54,7 @@ const env = (cache: string, extra: Record<string, string> = {}) =>
 describe('warm-up CLI', () => {
   it('fills the cache, prints one JSON line, and is a cache hit the second time', async () => {
     const cache = path.join(tmp, 'c1');
+    const before = proxy.stats.requests;
     const r = await cli([], env(cache));
     expect(r.code, r.stderr).toBe(0);
     const out = JSON.parse(r.stdout.trim());
@@ -64,8 +65,12 @@ describe('warm-up CLI', () => {
     expect(r.stdout.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/warmup: done .* MB \(100\.0%\)/);
     await expectModel(out.modelDir);
+    // Every request the proxy received, each answered whole (ranges of 128 KiB, the LISTs, the content check's).
+    expect(out.s3Requests).toEqual({ ok: proxy.stats.requests - before });
+    expect(out.s3Requests.ok).toBeGreaterThan(20);
+    const hit = proxy.stats.requests;
     const again = await cli([], env(cache));
-    expect(JSON.parse(again.stdout)).toMatchObject({ modelDir: out.modelDir, fromCache: true });
+    expect(JSON.parse(again.stdout)).toMatchObject({ modelDir: out.modelDir, fromCache: true, s3Requests: { ok: proxy.stats.requests - hit } });
   });
 
   it('a fill through S3_TRANSPORT=lite never loads the AWS SDK (~250 ms of CPU); a default fill and push do', async () => {
@@ -97,9 +102,15 @@ describe('warm-up CLI', () => {
     const typo = await cli([], { ...env(cache), STORAGE_URI: '', STORAGE_URL: 's3://models/sd/v1' });
     expect([typo.code, typo.stderr]).toEqual([2, 'warmup: CONFIG: STORAGE_URI is required for the warm-up Job (s3://bucket/prefix); STORAGE_URL is set: did you mean STORAGE_URI?\n']);
     proxy.faults = { deny: true };
+    const refused = proxy.stats.requests;
     const denied = await cli([], env(cache));
     expect(denied.code).toBe(1);
     expect(lastLine(denied.stderr)).toMatch(/^warmup: STORAGE_DENIED: access denied to list s3:\/\/models\/sd\/v1\/ \(AccessDenied\)/);
+    // The requests, before that line: the LIST, refused (not tried again).
+    expect(proxy.stats.requests - refused).toBe(1);
+    expect(denied.stderr.trim().split('\n').at(-2)).toBe('warmup: 1 S3 request(s) sent: 1 client_error');
+    // No request sent, no such line.
+    expect(noUri.stderr).not.toContain('S3 request');
   });
 
   it('a file whose ranges S3 never answers: exits 1 with STORAGE_STALL naming it and S3_STALL_TIMEOUT_S, not a missing object', async () => {
@@ -111,6 +122,11 @@ describe('warm-up CLI', () => {
       // Before: STORAGE_MISSING "cannot read (2 attempts) s3://models/sd/v1/unet/model.onnx_data: AbortError".
       expect(lastLine(r.stderr)).toBe('warmup: STORAGE_STALL: cannot read (2 attempts) s3://models/sd/v1/unet/model.onnx_data: no bytes received for 0.5 s '
         + '(S3_STALL_TIMEOUT_S); gave up after retries');
+      // Its two tries cut (stalled), before the line; the other ranges answered, or stopped with the fill.
+      const sent = /^warmup: (\d+) S3 request\(s\) sent: (?:(\d+) cancelled, )?(\d+) ok, (\d+) stalled$/.exec(r.stderr.trim().split('\n').at(-2) ?? '');
+      expect(sent, r.stderr).not.toBeNull();
+      expect(Number(sent![4])).toBeGreaterThanOrEqual(2);
+      expect(Number(sent![1])).toBe(Number(sent![2] ?? 0) + Number(sent![3]) + Number(sent![4]));
     } finally {
       release();
     }
@@ -134,9 +150,12 @@ describe('warm-up CLI', () => {
     expect(first.code, first.stderr).toBe(0);
     const entry = JSON.parse(first.stdout).modelDir as string;
     const pushEnv = s3Env(s3.endpoint, path.join(tmp, 'unused'));
-    const copied = await cli(['push', entry, 's3://models/sd/copy'], pushEnv);
+    const before = proxy.stats.requests;
+    const copied = await cli(['push', entry, 's3://models/sd/copy'], s3Env(proxy.endpoint, path.join(tmp, 'unused')));
     expect(copied.code, copied.stderr).toBe(0);
-    expect(JSON.parse(lastLine(copied.stdout))).toMatchObject({ bytes: TOTAL, files: 6 });
+    // Its requests (the LIST, one PUT a file), as the proxy received them.
+    expect(JSON.parse(lastLine(copied.stdout))).toEqual({ uri: 's3://models/sd/copy/', bytes: TOTAL, files: 6, seconds: expect.any(Number), s3Requests: { ok: proxy.stats.requests - before } });
+    expect(proxy.stats.requests - before).toBeGreaterThanOrEqual(7);
     const fromCopy = await cli([], s3Env(s3.endpoint, path.join(tmp, 'c-copy'), { STORAGE_URI: 's3://models/sd/copy' }));
     expect(fromCopy.code, fromCopy.stderr).toBe(0);
     await expectModel(JSON.parse(fromCopy.stdout).modelDir);

@@ -12,11 +12,13 @@ import path from 'node:path';
 import { applyContainerDefaults, type Config, ConfigError, loadConfig, misspelledVariables, misspelledWarning, PVC_CACHE_DIR, trimCredentials, TRIMMED_CREDENTIALS } from '../src/config.js';
 import { isRuntimeError, RuntimeError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
+import type { S3Outcome } from '../src/metrics.js';
 import { unusedFiles } from '../src/pipeline/model.js';
 import { optimizedCopyHooks } from '../src/pipeline/ortcache.js';
 import { type FetchProgress, resolveModel } from '../src/storage/fetch.js';
 import { BOOKKEEPING, linkedFiles, mb, PARTIAL } from '../src/storage/cache.js';
 import { classify, endpointName, permanentError, retryTransient } from '../src/storage/s3-errors.js';
+import { countingRequests } from '../src/storage/s3-requests.js';
 import { abortUploads, cleanupReason, trackUploads, type UploadTracker } from '../src/storage/multipart.js';
 import { Throttle, ThrottledTries, type ThrottledWork } from '../src/storage/throttle.js';
 import { uploadingUntil, uploadScope } from '../src/storage/upload-signal.js';
@@ -38,6 +40,14 @@ function progressLine(p: FetchProgress): string {
   const eta = p.bytesPerSecond > 0 ? `${Math.ceil((p.bytesTotal - p.bytesDone) / p.bytesPerSecond)}s` : '?';
   return `${p.phase} ${mb(p.bytesDone)}/${mb(p.bytesTotal)} MB (${pct}%) ${mb(p.bytesPerSecond)} MB/s ETA ${eta} files ${p.filesDone}/${p.filesTotal}`;
 }
+
+/**
+ * How the S3 requests of a fill or a push ended (as the server's s3_requests_total counts them; the Job serves no
+ * metrics): in its JSON line, and on stderr before the line of a failed run.
+ */
+const sent = new Map<S3Outcome, number>();
+const tally = (o: S3Outcome) => void sent.set(o, (sent.get(o) ?? 0) + 1);
+const requestsSent = () => Object.fromEntries([...sent].sort(([a], [b]) => a.localeCompare(b)));
 
 /** MODEL_CACHE_DIR's default, once main has looked for it (before any command runs). */
 let defaultCacheDir: string | undefined;
@@ -80,6 +90,7 @@ async function warm(signal: AbortSignal): Promise<void> {
     process.stdout.write(`${JSON.stringify({
       modelDir: r.dir, bytes: r.bytes, files: r.files, seconds: +r.seconds.toFixed(3), fromCache: r.fromCache,
       ...(r.contentChecked !== undefined ? { contentChecked: r.contentChecked } : {}), ...(r.contentNotChecked ? { contentNotChecked: r.contentNotChecked } : {}),
+      s3Requests: requestsSent(),
     })}\n`);
   } finally {
     clearInterval(timer);
@@ -281,7 +292,7 @@ async function push(args: string[], signal: AbortSignal): Promise<void> {
     s3.destroy();
   }
   const seconds = (performance.now() - t0) / 1000;
-  process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, ...(replace ? { deleted: stale.length } : {}), seconds: +seconds.toFixed(3) })}\n`);
+  process.stdout.write(`${JSON.stringify({ uri: src.uri, bytes, files: files.length, ...(replace ? { deleted: stale.length } : {}), seconds: +seconds.toFixed(3), s3Requests: requestsSent() })}\n`);
 }
 
 /** One JSON line per entry on stdout; names as the cache names them (never a local path). */
@@ -516,12 +527,14 @@ async function main(): Promise<number> {
     return 128 + os.constants.signals[signalled];
   }
   try {
-    if (cmd === undefined) await warm(ac.signal);
-    else if (cmd === 'push') await push(rest, ac.signal);
+    if (cmd === undefined) await countingRequests(tally, () => warm(ac.signal));
+    else if (cmd === 'push') await countingRequests(tally, () => push(rest, ac.signal));
     else if (cmd === 'cache') await cache(rest, ac.signal);
     else throw new UsageError(`unknown command ${JSON.stringify(cmd)}`);
     return 0;
   } catch (e) {
+    const requests = [...sent.values()].reduce((a, b) => a + b, 0);
+    if (requests > 0) process.stderr.write(`warmup: ${requests} S3 request(s) sent: ${Object.entries(requestsSent()).map(([o, n]) => `${n} ${o}`).join(', ')}\n`);
     if (e instanceof UsageError) {
       fatalLine(e.message, `${USAGE}\n`);
       return 2;
