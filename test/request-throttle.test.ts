@@ -13,6 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
+import { deadline } from '../src/deadline.js';
 import { silentLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import type { EncodedImage } from '../src/runtime/engine.js';
@@ -160,6 +161,49 @@ describe('a storm past S3_THROTTLE_TIMEOUT_S fails naming throttling', () => {
         + 'S3 kept throttling the read \\(SlowDown, \\d+ throttled answers\\) for 2 s \\(S3_THROTTLE_TIMEOUT_S\\) without a byte received; the store is asked '
         + 'for more than it serves: retry later, or raise S3_THROTTLE_TIMEOUT_S to wait longer'))]);
     } finally {
+      requestS3.destroy();
+    }
+  }, 20_000);
+});
+
+describe('a request\'s deadline in the try after a throttled answer (S3 throttled it, then left the next try unanswered)', () => {
+  // The deadline may land in a throttled wait or in the try that follows it: either way S3 was throttling the work, and
+  // the error says so. Before, a try the deadline cut counted as an answer, which ended the throttled spell the error
+  // looks at: "reading … was cancelled", or the upload's own failure, where the deadline came while a try was in flight.
+  it('an s3:// input image: TIMEOUT naming the throttled read', async () => {
+    const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/' });
+    const requestS3 = createRequestS3(cfg.s3);
+    let release!: () => void;
+    const d = deadline(undefined, 2_000);
+    try {
+      const held = proxy.stats.held;
+      proxy.faults = { slowDown: { count: 1 }, hold: { keys: /\/models\/in\/cat\.png/, release: new Promise<void>((r) => (release = r)) } };
+      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000, d.signal));
+      expect(proxy.faults.slowDown!.count).toBe(0);
+      expect(proxy.stats.held - held).toBe(1);
+      // Before: CANCELLED "instances[0].image: reading s3://models/in/cat.png was cancelled".
+      expect([err.code, err.message]).toEqual(['TIMEOUT', expect.stringMatching(/^instances\[0\]\.image: S3 was throttling the read of s3:\/\/models\/in\/cat\.png \(SlowDown, 1 throttled answer in \d+(\.\d)? s\)$/)]);
+    } finally {
+      d.clear();
+      proxy.faults = {};
+      release();
+      requestS3.destroy();
+    }
+  }, 20_000);
+
+  it('output_uri: TIMEOUT naming the throttled upload', async () => {
+    const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
+    const d = deadline(undefined, 2_000);
+    try {
+      proxy.faults = { slowDown: { count: 1, uploads: true, gets: false }, stallUploads: { commands: ['PutObject'], keys: /^out\/cut\.png$/, count: 1 } };
+      const err = await rejection(createOutputStore(requestS3).upload('s3://models/out/cut.png', [png(4, 3_000)], d.signal));
+      expect(proxy.faults.slowDown!.count).toBe(0);
+      expect(proxy.faults.stallUploads!.count).toBe(0);
+      // Before: the cut try's failure, without a word of throttling.
+      expect([err.code, err.message]).toEqual(['TIMEOUT', expect.stringMatching(/^output_uri: S3 was throttling the upload to s3:\/\/models\/out\/cut\.png \(SlowDown, 1 throttled answer in \d+(\.\d)? s\); the images were generated but not stored$/)]);
+    } finally {
+      d.clear();
+      proxy.faults = {};
       requestS3.destroy();
     }
   }, 20_000);

@@ -25,7 +25,7 @@ import { deadlineReached } from '../deadline.js';
 import { RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { backoffMs, THROTTLE } from './plan.js';
-import { retryAfterMs, s3Code, throttled as isThrottled } from './s3-errors.js';
+import { errorStatus, retryAfterMs, s3Code, throttled as isThrottled } from './s3-errors.js';
 
 /** A place among the ranges in flight, taken for one request and what follows it (its body, or its wait). */
 export interface Slot {
@@ -349,9 +349,13 @@ export class ThrottledTries {
     this.#slot = await this.throttle.enter(signal ?? NEVER);
   }
 
-  /** After each try: `err` undefined where the store answered it. */
-  #ended(err?: unknown): void {
-    if (this.#slot === undefined || (err !== undefined && isThrottled(err))) return;
+  /**
+   * After each try: `err` undefined where the store answered it. A try that `signal` stopped before any answer came is
+   * none: the spell goes on, so that work its deadline stopped in the try after a throttled answer says S3 was throttling
+   * it (ThrottleNote), as where the deadline came in the wait before that try.
+   */
+  #ended(signal: AbortSignal | undefined, err?: unknown): void {
+    if (this.#slot === undefined || (err !== undefined && (isThrottled(err) || (signal?.aborted && errorStatus(err) === undefined)))) return;
     this.throttle.answered(this.#slot);
     this.throttle.progressed();
   }
@@ -361,10 +365,10 @@ export class ThrottledTries {
     await this.#begin(signal);
     try {
       const out = await send();
-      this.#ended();
+      this.#ended(signal);
       return out;
     } catch (err) {
-      this.#ended(err);
+      this.#ended(signal, err);
       throw err;
     }
   }
