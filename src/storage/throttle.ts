@@ -332,8 +332,8 @@ const NEVER = new AbortController().signal;
  * One request's tries under a Throttle, for retryTransient (its onThrottled): each try takes a place among the requests
  * in flight (those of one upload share a Throttle, as ranges do), and holds it through the wait that follows a throttled
  * answer; the next try gives it back and queues for one again. A throttled answer costs no try; any other answer, or a
- * failure other than throttling, ends the throttled spell (the next throttled answer waits from the shortest wait
- * again, and the S3_THROTTLE_TIMEOUT_S clock starts from it).
+ * failure other than throttling (not a try its signal stopped), ends the throttled spell (the next throttled answer
+ * waits from the shortest wait again, and the S3_THROTTLE_TIMEOUT_S clock starts from it).
  */
 export class ThrottledTries {
   #slot: Slot | undefined;
