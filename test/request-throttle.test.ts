@@ -13,7 +13,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
-import { deadline } from '../src/deadline.js';
 import { silentLogger } from '../src/log.js';
 import { AdapterSource } from '../src/runtime/adapters.js';
 import type { EncodedImage } from '../src/runtime/engine.js';
@@ -23,7 +22,7 @@ import { createOutputStore } from '../src/runtime/output.js';
 import { createRequestS3 } from '../src/storage/request-s3.js';
 import { fixtureModel } from './fixtures/index.js';
 import { startRuntime, type RuntimeHandle } from './helpers/runtime.js';
-import { postJson } from './helpers/server.js';
+import { postJson, until } from './helpers/server.js';
 import { CREDS, cleanUpS3, detBytes, type FaultProxy, putFolder, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
 
 const MiB = 1 << 20;
@@ -170,21 +169,26 @@ describe('a request\'s deadline in the try after a throttled answer (S3 throttle
   // The deadline may land in a throttled wait or in the try that follows it: either way S3 was throttling the work, and
   // the error says so. Before, a try the deadline cut counted as an answer, which ended the throttled spell the error
   // looks at: "reading … was cancelled", or the upload's own failure, where the deadline came while a try was in flight.
+  /** A signal aborted as a request's deadline aborts it (a TimeoutError), once `reached`: the try after the SlowDown is held. */
+  const deadlineOnce = (reached: () => boolean) => {
+    const ac = new AbortController();
+    until(reached, 20_000).then(() => ac.abort(new DOMException('The operation was aborted due to timeout', 'TimeoutError')), () => undefined);
+    return ac.signal;
+  };
   it('an s3:// input image: TIMEOUT naming the throttled read', async () => {
     const cfg = testConfig(proxy.endpoint, tmp, { INPUT_URI_PREFIXES: 's3://models/in/' });
     const requestS3 = createRequestS3(cfg.s3);
     let release!: () => void;
-    const d = deadline(undefined, 2_000);
     try {
       const held = proxy.stats.held;
       proxy.faults = { slowDown: { count: 1 }, hold: { keys: /\/models\/in\/cat\.png/, release: new Promise<void>((r) => (release = r)) } };
-      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000, d.signal));
+      const signal = deadlineOnce(() => proxy.stats.held > held);
+      const err = await rejection(createImageSource(requestS3, cfg).read('s3://models/in/cat.png', 'instances[0].image', 1_000_000, signal));
       expect(proxy.faults.slowDown!.count).toBe(0);
       expect(proxy.stats.held - held).toBe(1);
       // Before: CANCELLED "instances[0].image: reading s3://models/in/cat.png was cancelled".
       expect([err.code, err.message]).toEqual(['TIMEOUT', expect.stringMatching(/^instances\[0\]\.image: S3 was throttling the read of s3:\/\/models\/in\/cat\.png \(SlowDown, 1 throttled answer in \d+(\.\d)? s\)$/)]);
     } finally {
-      d.clear();
       proxy.faults = {};
       release();
       requestS3.destroy();
@@ -193,16 +197,15 @@ describe('a request\'s deadline in the try after a throttled answer (S3 throttle
 
   it('output_uri: TIMEOUT naming the throttled upload', async () => {
     const requestS3 = createRequestS3(testConfig(proxy.endpoint, tmp).s3);
-    const d = deadline(undefined, 2_000);
     try {
       proxy.faults = { slowDown: { count: 1, uploads: true, gets: false }, stallUploads: { commands: ['PutObject'], keys: /^out\/cut\.png$/, count: 1 } };
-      const err = await rejection(createOutputStore(requestS3).upload('s3://models/out/cut.png', [png(4, 3_000)], d.signal));
+      const signal = deadlineOnce(() => proxy.faults.stallUploads!.count === 0);
+      const err = await rejection(createOutputStore(requestS3).upload('s3://models/out/cut.png', [png(4, 3_000)], signal));
       expect(proxy.faults.slowDown!.count).toBe(0);
       expect(proxy.faults.stallUploads!.count).toBe(0);
       // Before: the cut try's failure, without a word of throttling.
       expect([err.code, err.message]).toEqual(['TIMEOUT', expect.stringMatching(/^output_uri: S3 was throttling the upload to s3:\/\/models\/out\/cut\.png \(SlowDown, 1 throttled answer in \d+(\.\d)? s\); the images were generated but not stored$/)]);
     } finally {
-      d.clear();
       proxy.faults = {};
       requestS3.destroy();
     }
