@@ -149,6 +149,8 @@ export interface InFlight {
   loras?: string | undefined;
   /** A worker's warm-up (the boot's, no client request). */
   warmup?: boolean;
+  /** Identical requests joined to its requests' generations (the result cache's), waiting for its images. */
+  joined?: number;
   /** performance.now() at its dispatch. */
   startedAt: number;
   /** Its last UNet step done, of how many (0 before the first: text encoders, the input image's encoding). */
@@ -187,6 +189,7 @@ function inFlightLine(g: InFlight, now: number, wall: number): string {
   if (g.loras) parts.push(`loras=${g.loras.length > 60 ? `${g.loras.slice(0, 59)}…` : g.loras}`);
   if (g.warmup) parts.push('warmup');
   else parts.push(`requests=${g.requests}`);
+  if (g.joined) parts.push(`joined=${g.joined}`);
   if (g.requestIds.length > 0) parts.push(`ids=${someIds(g.requestIds)}`);
   if (g.traceIds.length > 0 && g.requestIds.length === 0) parts.push(`traces=${someIds(g.traceIds)}`);
   // Its start as the log's times are written, and its stage when the message was written (the header's time).

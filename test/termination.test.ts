@@ -111,6 +111,9 @@ describe('the generations in flight, as the message shows them', () => {
       'worker=1 images=1 size=1024x768 steps=50 scheduler=euler_a mode=img2img loras=demo-style:0.5 requests=3 ids=a,b,+1 since=2026-12-07T09:59:56.000Z decoding',
       'worker=2 images=1 size=64x48 steps=30 requests=1 traces=4bf92f3577b34da6a3ce929d0e0e4736 since=2026-12-07T10:00:05.000Z step=0/30',
     ].join('\n'));
+    // Identical requests joined to its generation (the result cache's), which its end answers too.
+    expect(inFlightSection({ generations: [generation({ worker: 3, joined: 2, startedAt: now - 1_000, step: 3 })], queued: 0 }, now, wall).split('\n')[2])
+      .toBe('worker=3 images=2 size=64x48 steps=30 requests=1 joined=2 ids=r-1 since=2026-12-07T10:00:04.000Z step=3/30');
     // A worker's warm-up: no request.
     expect(inFlightSection({ generations: [generation({ worker: 3, images: 1, warmup: true, requestIds: [], steps: 1, of: 1, startedAt: now - 100 })], queued: 0 }, now, wall))
       .toBe('\nin flight at 2026-12-07T10:00:05.000Z: 1 generation, 0 requests queued\nworker=3 images=1 size=64x48 steps=1 warmup since=2026-12-07T10:00:04.900Z step=0/1');
@@ -593,6 +596,22 @@ describe('a generation in flight, in the message of a server ended by SIGKILL (a
     expect(since).toBeLessThanOrEqual(Date.parse(started!.time as string) + 1);
     expect(Date.parse(started!.time as string) - since).toBeLessThan(1_000);
     expect(JSON.stringify(started)).not.toContain('zebra');
+  }, 90_000);
+
+  it('identical requests joined to it are counted: its end answers them too', async () => {
+    await quiet();
+    // 512 px (~5 s here, so that the rewrite a second after its start still finds it): no earlier case generated it,
+    // so the second is no cache hit; it joins the first's generation.
+    const first = generate('term-joined-a', 512);
+    await messageWhen((m) => inFlightOf(m)?.some((l) => l.includes('ids=term-joined-a')) === true);
+    const second = generate('term-joined-b', 512);
+    // Before: `requests=1 ids=term-joined-a`, the joined request nowhere in the message.
+    const m = await messageWhen((m) => inFlightOf(m)?.some((l) => l.includes(' joined=1 ')) === true);
+    expect(inFlightOf(m)![1]).toMatch(/^worker=0 images=2 size=512x512 steps=1000 scheduler=euler_a requests=1 joined=1 ids=term-joined-a since=\S+ step=\d+\/1000$/);
+    const [a, b] = await Promise.all([first, second]);
+    expect([a.status, b.status]).toEqual([200, 200]);
+    expect(b.json.predictions).toEqual(a.json.predictions);
+    await messageWhen((m) => HINT.test(m) && inFlightOf(m) === undefined, 20_000);
   }, 90_000);
 
   it('killed in it, the message holds the generation', async () => {

@@ -752,6 +752,8 @@ export class Engine {
     for (const w of this.#workers) {
       for (const run of runsOf(w)) {
         if (!run.tasks.some((t) => t.joined === joined)) continue;
+        // The termination message counts them (an OOM kill ends their requests too).
+        generationsChanged(this.#inFlight, false);
         if (run.cancelled && joined.count > 0) {
           run.cancelled = false;
           if (!w.dead) w.send({ t: 'resume', id: run.id });
@@ -1338,8 +1340,9 @@ function batchShape(tasks: readonly Task[]) {
 /** A batch a worker runs, for the termination message (termination.ts). */
 function inFlightOf(w: WorkerHandle, run: Running): InFlight {
   const { requestIds = [], traceIds = [] } = idsOf(run.tasks);
+  const joined = run.tasks.reduce((n, t) => n + (t.joined?.count ?? 0), 0);
   return {
-    worker: w.index, ...batchShape(run.tasks), ...(run.warmup ? { warmup: true } : {}), startedAt: run.startedAt,
+    worker: w.index, ...batchShape(run.tasks), ...(run.warmup ? { warmup: true } : {}), ...(joined > 0 ? { joined } : {}), startedAt: run.startedAt,
     step: run.unetRuns ?? 0, of: run.unetOf ?? run.tasks[0]!.req.shape.steps, decoding: w.running !== run, requestIds, traceIds,
   };
 }
