@@ -177,8 +177,12 @@ export const IN_FLIGHT_LIMIT = 512;
 const IDS_SHOWN = 2;
 const ID_CHARS = 40;
 
-const cutId = (id: string) => (id.length > ID_CHARS ? `${id.slice(0, ID_CHARS - 1)}…` : id);
-const someIds = (ids: readonly string[]) => ids.slice(0, IDS_SHOWN).map(cutId).join(',') + (ids.length > IDS_SHOWN ? `,+${ids.length - IDS_SHOWN}` : '');
+/** A LoRA set's `name:scale,…` is cut to this many characters. */
+const LORAS_CHARS = 60;
+
+/** `text` in at most `chars` characters, the last an ellipsis where it was cut. */
+const cutChars = (text: string, chars: number) => (text.length > chars ? `${text.slice(0, chars - 1)}…` : text);
+const someIds = (ids: readonly string[]) => ids.slice(0, IDS_SHOWN).map((id) => cutChars(id, ID_CHARS)).join(',') + (ids.length > IDS_SHOWN ? `,+${ids.length - IDS_SHOWN}` : '');
 
 /** One generation as a line of `key=value`s; `now` (performance.now()) is `wall`, a time since the epoch. */
 function inFlightLine(g: InFlight, now: number, wall: number): string {
@@ -186,7 +190,7 @@ function inFlightLine(g: InFlight, now: number, wall: number): string {
   const parts = [`worker=${g.worker}`, `images=${g.images}`, `size=${g.width}x${g.height}`, `steps=${g.steps}`];
   if (g.scheduler !== undefined) parts.push(`scheduler=${g.scheduler}`);
   if (g.mode !== undefined) parts.push(`mode=${g.mode}`);
-  if (g.loras) parts.push(`loras=${g.loras.length > 60 ? `${g.loras.slice(0, 59)}…` : g.loras}`);
+  if (g.loras) parts.push(`loras=${cutChars(g.loras, LORAS_CHARS)}`);
   if (g.warmup) parts.push('warmup');
   else parts.push(`requests=${g.requests}`);
   if (g.joined) parts.push(`joined=${g.joined}`);
