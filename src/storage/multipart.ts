@@ -7,7 +7,7 @@
 import type { S3Client } from '@aws-sdk/client-s3';
 import { deadline } from '../deadline.js';
 import { type Logger, silentLogger } from '../log.js';
-import { errorStatus, retryTransient, s3Code, throttled } from './s3-errors.js';
+import { retryTransient, s3Code, throttled } from './s3-errors.js';
 import { Throttle, ThrottledTries, type ThrottleWatch } from './throttle.js';
 import { noteMultipart } from './upload-signal.js';
 
@@ -102,24 +102,10 @@ const cleanupThrottle = (concurrency: number, totalMs: number, t: CleanupThrottl
  */
 async function cleanupRequest<T>(throttle: Throttle, total: AbortSignal, attempts: number, attemptMs: number, send: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const tries = new ThrottledTries(throttle);
-  /** The last answer, where S3 throttled it; undefined once S3 answered otherwise. A cut attempt is no answer. */
-  let throttledBy: object | undefined;
-  const onThrottled = (e: unknown) => {
-    if (typeof e === 'object' && e !== null) throttledBy = e;
-    return tries.onThrottled(e);
-  };
-  const attempt = async () => {
-    try {
-      return await tries.attempt(total, () => cutAttempt(total, attemptMs, send));
-    } catch (e) {
-      if (!throttled(e) && errorStatus(e) !== undefined) throttledBy = undefined;
-      throw e;
-    }
-  };
   try {
-    return await retryTransient(attempt, attempts, total, undefined, onThrottled);
+    return await retryTransient(() => tries.attempt(total, () => cutAttempt(total, attemptMs, send)), attempts, total, undefined, tries.onThrottled);
   } catch (e) {
-    const failure = total.aborted && throttledBy !== undefined ? throttledBy : e;
+    const failure = total.aborted && tries.throttledBy !== undefined ? tries.throttledBy : e;
     if ((tries.gaveUp || throttled(failure)) && typeof failure === 'object' && failure !== null) throttledOut.add(failure);
     throw failure;
   } finally {

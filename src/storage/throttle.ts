@@ -339,6 +339,11 @@ export class ThrottledTries {
   #slot: Slot | undefined;
   /** The last throttled answer came once the work had been throttled for S3_THROTTLE_TIMEOUT_S: gaveUp() says so. */
   gaveUp = false;
+  /**
+   * The last answer, while S3 throttled it: cleared by any other answer, kept through tries that got none (a reset, a
+   * cut). What work whose own bound ran out in the try after it failed on, rather than that try's cut.
+   */
+  throttledBy: unknown;
 
   constructor(readonly throttle: Throttle) {}
 
@@ -355,6 +360,7 @@ export class ThrottledTries {
    * it (ThrottleNote), as where the deadline came in the wait before that try.
    */
   #ended(signal: AbortSignal | undefined, err?: unknown): void {
+    if (err === undefined || (!isThrottled(err) && errorStatus(err) !== undefined)) this.throttledBy = undefined;
     if (this.#slot === undefined || (err !== undefined && (isThrottled(err) || (signal?.aborted && errorStatus(err) === undefined)))) return;
     this.throttle.answered(this.#slot);
     this.throttle.progressed();
@@ -375,6 +381,7 @@ export class ThrottledTries {
 
   /** retryTransient's onThrottled: how long to wait before the next try, or undefined to give up. */
   readonly onThrottled = (err: unknown): number | undefined => {
+    this.throttledBy = err;
     const wait = this.throttle.throttledBy(this.#slot ?? { round: -1, release: () => undefined }, err);
     this.gaveUp = wait === undefined;
     return wait;
