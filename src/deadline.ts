@@ -13,19 +13,31 @@ export interface Deadline {
   clear(): void;
 }
 
-/** `parent`'s abort, or a TimeoutError (as AbortSignal.timeout's; `reason`'s instead, where given) once `ms` have passed. */
-export function deadline(parent: AbortSignal | undefined, ms: number, reason?: () => unknown): Deadline {
+/**
+ * `parent`'s abort, or a TimeoutError (as AbortSignal.timeout's; `reason`'s instead, where given) once `ms` have passed.
+ * `afterInput`: for a bound on an answer's silence, the time is judged to have run out only after the event loop has
+ * read what its sockets hold (storage/silence.ts): an answer that came while this process was held, before the timer
+ * could fire, is read and clear()s it first.
+ */
+export function deadline(parent: AbortSignal | undefined, ms: number, reason?: () => unknown, o: { afterInput?: boolean } = {}): Deadline {
   const ac = new AbortController();
   let timedOut = false;
+  let cleared = false;
+  let check: NodeJS.Immediate | undefined;
   const onAbort = () => {
     clearTimeout(timer);
     ac.abort(parent!.reason);
   };
-  const timer = setTimeout(() => {
-    if (ac.signal.aborted) return;
+  const expire = () => {
+    check = undefined;
+    if (ac.signal.aborted || cleared) return;
     timedOut = true;
     parent?.removeEventListener('abort', onAbort);
     ac.abort(reason ? reason() : new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
+  };
+  const timer = setTimeout(() => {
+    if (o.afterInput) check = setImmediate(expire);
+    else expire();
   }, ms);
   // Like AbortSignal.timeout's: the wait it bounds keeps the process alive, not the timer.
   timer.unref();
@@ -37,7 +49,9 @@ export function deadline(parent: AbortSignal | undefined, ms: number, reason?: (
       return timedOut;
     },
     clear() {
+      cleared = true;
       clearTimeout(timer);
+      if (check !== undefined) clearImmediate(check);
       parent?.removeEventListener('abort', onAbort);
     },
   };

@@ -63,7 +63,7 @@ export type Throttled = (err: unknown) => number | undefined;
 async function headTwice(head: Head, r: Omit<HeadRequest, 'signal'>, signal: AbortSignal, timeoutMs: number, throttled?: Throttled): Promise<HeadAnswer | undefined> {
   for (let attempt = 0; attempt < 2;) {
     // Its bound is S3_STALL_TIMEOUT_S: the HEAD counts as stalled (s3-requests.ts), not stopped.
-    const d = deadline(signal, timeoutMs, () => new RuntimeError('STORAGE_STALL', `no answer to a HEAD for ${timeoutMs} ms`));
+    const d = deadline(signal, timeoutMs, () => new RuntimeError('STORAGE_STALL', `no answer to a HEAD for ${timeoutMs} ms`), { afterInput: true });
     let wait: number | undefined;
     try {
       return await head({ ...r, signal: d.signal });

@@ -21,6 +21,7 @@ import { checkRangeAnswer, sameEtag } from './s3-compat.js';
 import { expectedDigest, describeExpected, formatDigest, md5Etag, type Expected } from './checksums.js';
 import { CHECKSUM_UNANSWERED, ContentMismatchError, etagNotMd5, Hasher, hashThreads, lookUpChecksum, mismatchKey, partLayout, THREAD_DESCRIPTORS, type ChecksumLookup, type ContentCheckOptions, type Hashing, type PartLayout } from './content-check.js';
 import { attempts, classify, errorStatus, permanentError, throttled } from './s3-errors.js';
+import { silenceTimer } from './silence.js';
 import { Throttle, type ThrottleWatch } from './throttle.js';
 import { sdkMightDiffer, type GetRequest, type ObjectBody, type RemoteObject } from './transport.js';
 
@@ -610,10 +611,10 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
       // its own write is pending: the socket is paused then (the loop does not pull), and a slow cache volume is not
       // S3's silence (its range was given up and read again, each try as slow).
       let writing = false;
-      const watchdog = setTimeout(() => {
-        if (writing) watchdog.refresh();
+      const watchdog = silenceTimer(o.stallMs, () => {
+        if (writing) watchdog.beat();
         else ac.abort(new RuntimeError('STORAGE_STALL', `no bytes received for ${o.stallMs} ms`));
-      }, o.stallMs);
+      });
       let body: Readable | undefined;
       let progressed = false;
       // Chunks are kept (not copied) until about writeBytes have arrived, then written with one writev.
@@ -636,7 +637,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           await o.io.write(fh!, bufs, n, at);
         } finally {
           writing = false;
-          watchdog.refresh();
+          watchdog.beat();
         }
         written += n;
         o.journal.add(f.obj.rel, at, at + n);
@@ -656,6 +657,8 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
           signal: reqSignal,
         });
         body = res.body;
+        // The answer's head is bytes received too (it may have come while this process was held: silence.ts).
+        watchdog.beat();
         throttle.answered(slot);
         // Stores that ignore If-Match still send the ETag: compare it ourselves.
         if (f.obj.etag && res.etag && !sameEtag(res.etag, f.obj.etag)) throw new ObjectChangedError(f.obj.key);
@@ -667,7 +670,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         }
         trusted = true;
         for await (const chunk of body as AsyncIterable<Buffer>) {
-          watchdog.refresh();
+          watchdog.beat();
           pending.push(chunk);
           pendingBytes += chunk.length;
           if (written + pendingBytes > size) {
@@ -708,7 +711,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         if (!stalled && throttled(e)) {
           const wait = throttle.throttledBy(slot, e);
           if (wait === undefined) throw throttle.gaveUp(`read s3://${o.bucket}/${f.obj.key}`, e);
-          clearTimeout(watchdog);
+          watchdog.clear();
           await sleep(wait, signal);
           continue;
         }
@@ -733,7 +736,7 @@ export async function downloadAll(objects: readonly RemoteObject[], o: DownloadO
         await sleep(wait, signal);
       } finally {
         slot.release();
-        clearTimeout(watchdog);
+        watchdog.clear();
         // Every response body is consumed or destroyed, or its socket never returns to the pool.
         if (body && !body.readableEnded) body.destroy();
       }

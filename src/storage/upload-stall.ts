@@ -11,6 +11,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type http from 'node:http';
 import { RuntimeError } from '../errors.js';
+import { boundSocketSilence } from './silence.js';
 
 interface Attempt {
   readonly ms: number;
@@ -81,9 +82,7 @@ export function boundRequest(req: http.ClientRequest): void {
 function watch(req: http.ClientRequest, attempt: Attempt): void {
   let res: http.IncomingMessage | undefined;
   req.once('response', (r: http.IncomingMessage) => (res = r));
-  // The socket's inactivity: Node counts a write still draining to the kernel as activity, and clears the timer when
-  // the socket goes back to the pool.
-  req.setTimeout(attempt.ms, () => {
+  boundSocketSilence(req, attempt.ms, () => {
     if (attempt.settled) return;
     attempt.stalled = true;
     const err = Object.assign(new Error(`nothing sent or received for ${attempt.ms} ms`), { name: 'TimeoutError' });

@@ -1,0 +1,81 @@
+/**
+ * @module Silence bounds judged after the input that waited behind them. Each turn of Node's event loop runs its due
+ * timers before it reads its sockets, so once this process itself has been held past a bound (a long synchronous task,
+ * a starved CPU, a stopped process), the bound's timer fires before the bytes that arrived meanwhile are read: the
+ * process's own pause would read as S3's silence, and a range or request still receiving would be cut. A bound that
+ * runs out is therefore judged once more after the loop's next read of its sockets (setImmediate: the check phase
+ * follows the poll); anything read or written by then, it was not silence.
+ */
+import type http from 'node:http';
+import type net from 'node:net';
+
+export interface SilenceTimer {
+  /** Something was received or sent: the bound starts over. */
+  beat(): void;
+  /** The bound no longer applies; `silent` is not called after this. */
+  clear(): void;
+}
+
+/** Calls `silent` once `ms` have passed without a beat(), judged as the module says. Not again unless beaten. */
+export function silenceTimer(ms: number, silent: () => void): SilenceTimer {
+  let beats = 0;
+  let cleared = false;
+  let check: NodeJS.Immediate | undefined;
+  const timer = setTimeout(() => {
+    const seen = beats;
+    check = setImmediate(() => {
+      check = undefined;
+      // A beat since the timer fired has set it again.
+      if (!cleared && beats === seen) silent();
+    });
+  }, ms);
+  return {
+    beat() {
+      beats++;
+      timer.refresh();
+    },
+    clear() {
+      cleared = true;
+      clearTimeout(timer);
+      if (check !== undefined) clearImmediate(check);
+    },
+  };
+}
+
+/**
+ * Calls `silent` once nothing has been sent or received on `req`'s socket for `ms`, from its connection on (as
+ * req.setTimeout, whose timer is the socket's inactivity timer: a write still draining to the kernel counts as
+ * activity), judged as the module says. Not req.setTimeout itself: its listener is once only, so a timeout found to be
+ * no silence could not be watched for again. Called at most once per silence; never after `req` closes.
+ */
+export function boundSocketSilence(req: http.ClientRequest, ms: number, silent: () => void): void {
+  const watch = (socket: net.Socket) => {
+    if (socket.connecting) {
+      socket.once('connect', () => {
+        if (!req.destroyed) watch(socket);
+      });
+      return;
+    }
+    let check: NodeJS.Immediate | undefined;
+    // What Node's own timeout compares to tell a draining write from silence (net.js _onTimeout): its write queue.
+    const activity = () => socket.bytesRead + socket.bytesWritten + ((socket as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0);
+    const onTimeout = () => {
+      if (check !== undefined) return;
+      const seen = activity();
+      check = setImmediate(() => {
+        check = undefined;
+        // Anything read or written has set the socket's timer again.
+        if (activity() === seen) silent();
+      });
+    };
+    socket.setTimeout(ms);
+    socket.on('timeout', onTimeout);
+    // A socket kept alive goes back to its agent, which sets its own timeout on it (Agent#keepSocketAlive).
+    req.once('close', () => {
+      socket.off('timeout', onTimeout);
+      if (check !== undefined) clearImmediate(check);
+    });
+  };
+  if (req.socket) watch(req.socket);
+  else req.once('socket', watch);
+}

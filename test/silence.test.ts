@@ -1,0 +1,219 @@
+/**
+ * Silence bounds against a pause of this process (src/storage/silence.ts): each turn of the event loop runs its due
+ * timers before it reads its sockets, so a process held past a bound (a long synchronous task, a loaded machine) saw a
+ * silence timer fire before the bytes that had come meanwhile were read, and cut a range or a request still receiving.
+ * The pause here is a busy loop in the check phase (setImmediate), after which the next turn starts with the timers: the
+ * way a synchronous task anywhere in the runtime's main thread ends. Each unit case keeps a plain timer beside the bound
+ * as its control: the control must be fooled (the pause landed where it matters), the bound must not.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { deadline } from '../src/deadline.js';
+import { createLogger } from '../src/log.js';
+import { resolveModel } from '../src/storage/fetch.js';
+import { boundSocketSilence, silenceTimer } from '../src/storage/silence.js';
+import { cleanUpS3, CREDS, detBytes, type FaultProxy, rejection, type S3Server, startS3WithProxy, testConfig } from './helpers/s3.js';
+import { until } from './helpers/server.js';
+
+/** Holds this process's event loop for `ms`, from its next check phase (as a synchronous task would). */
+const hold = (ms: number) => new Promise<void>((resolve) => setImmediate(() => {
+  const end = performance.now() + ms;
+  while (performance.now() < end);
+  resolve();
+}));
+
+/**
+ * A sender in a process of its own, so that its bytes keep coming while this one is held: `tcp` writes a byte every
+ * 20 ms for 1.5 s and then keeps the connection open, silent; `http` answers a GET with a body sent the same way;
+ * `late` answers a GET's head after 100 ms.
+ */
+async function sender(kind: 'tcp' | 'http' | 'late'): Promise<{ port: number; child: ChildProcess }> {
+  const script = `
+    const net = require('node:net'), http = require('node:http');
+    const trickle = (write) => { const i = setInterval(() => write('.'), 20); setTimeout(() => clearInterval(i), 1500); };
+    const server = ${JSON.stringify(kind)} === 'tcp'
+      ? net.createServer((s) => trickle((b) => s.write(b)))
+      : http.createServer((req, res) => {
+          req.resume();
+          if (${JSON.stringify(kind)} === 'late') setTimeout(() => res.writeHead(200, { 'content-length': '0' }).end(), 100);
+          else { res.writeHead(200); trickle((b) => res.write(b)); }
+        });
+    server.listen(0, '127.0.0.1', () => process.stdout.write(server.address().port + '\\n'));`;
+  const child = spawn(process.execPath, ['-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.stdout!.once('data', (d: Buffer) => resolve(Number(String(d).trim())));
+    child.once('exit', (code) => reject(new Error(`sender exited ${code}`)));
+  });
+  return { port, child };
+}
+
+const children: ChildProcess[] = [];
+afterAll(() => {
+  for (const c of children) c.kill();
+});
+const start = async (kind: 'tcp' | 'http' | 'late') => {
+  const s = await sender(kind);
+  children.push(s.child);
+  return s.port;
+};
+
+describe('silence bounds judged after what the sockets hold', () => {
+  it('silenceTimer: a process held 3× past the bound while bytes keep coming is no silence; the sender\'s silence still is, once', async () => {
+    const port = await start('tcp');
+    const socket = net.connect(port, '127.0.0.1');
+    await new Promise((r) => socket.once('data', r));
+    let controlFired = 0;
+    const control = setTimeout(() => controlFired++, 200);
+    let silent = 0;
+    let silentAt = 0;
+    const bound = silenceTimer(200, () => {
+      silent++;
+      silentAt = performance.now();
+    });
+    socket.on('data', () => {
+      control.refresh();
+      bound.beat();
+    });
+    await new Promise((r) => setTimeout(r, 100));
+    await hold(600);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(controlFired).toBe(1); // the premise: a plain timer took the pause for silence
+    expect(silent).toBe(0);
+    // The sender stops writing 1.5 s after it began: silence, told once, about 200 ms after its last byte.
+    let lastByte = performance.now();
+    socket.on('data', () => (lastByte = performance.now()));
+    await until(() => silent > 0, 5_000);
+    expect(silentAt - lastByte).toBeGreaterThanOrEqual(199);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(silent).toBe(1);
+    bound.clear();
+    clearTimeout(control);
+    socket.destroy();
+  });
+
+  it('silenceTimer: clear() stops a bound whose time ran out, even between its timer and the read after it', async () => {
+    let silent = 0;
+    const bound = silenceTimer(20, () => silent++);
+    // The timer fires during the first turn after the hold; clear() in that turn's timers, before the check phase.
+    setTimeout(() => bound.clear(), 25);
+    await hold(100);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(silent).toBe(0);
+  });
+
+  it('boundSocketSilence: a request still receiving while this process is held is not cut; silent once the answer stops coming', async () => {
+    const port = await start('http');
+    const req = http.get({ host: '127.0.0.1', port, path: '/', agent: false });
+    let controlFired = 0;
+    // Node's own bound, on the same socket timer: the control.
+    req.setTimeout(200, () => controlFired++);
+    let silent = 0;
+    boundSocketSilence(req, 200, () => silent++);
+    const res = await new Promise<http.IncomingMessage>((r) => req.once('response', r));
+    let received = 0;
+    let lastByte = performance.now();
+    res.on('data', (d: Buffer) => {
+      received += d.length;
+      lastByte = performance.now();
+    });
+    await new Promise((r) => setTimeout(r, 100));
+    await hold(600);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(controlFired).toBe(1);
+    expect(silent).toBe(0);
+    // After the hold the bytes go on: the bound watches still.
+    const before = received;
+    await until(() => silent > 0, 5_000);
+    expect(received).toBeGreaterThan(before);
+    expect(performance.now() - lastByte).toBeGreaterThanOrEqual(190);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(silent).toBe(1);
+    req.destroy();
+  });
+
+  it('deadline(afterInput): an answer that came while this process was held clears the bound; a plain deadline beside it ran out', async () => {
+    const port = await start('late');
+    const d = deadline(undefined, 250, undefined, { afterInput: true });
+    const plain = deadline(undefined, 250);
+    const answered = new Promise<void>((resolve) => http.get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
+      // As an awaited HEAD does: the answer's handling clears its deadline.
+      d.clear();
+      res.resume();
+      resolve();
+    }));
+    await new Promise((r) => setTimeout(r, 20));
+    await hold(600);
+    await answered;
+    await new Promise((r) => setTimeout(r, 50));
+    expect(plain.timedOut).toBe(true);
+    expect([d.timedOut, d.signal.aborted]).toEqual([false, false]);
+    plain.clear();
+  });
+
+  it('deadline(afterInput): with no answer, the time runs out as it would', async () => {
+    const d = deadline(undefined, 50, undefined, { afterInput: true });
+    await new Promise((r) => d.signal.addEventListener('abort', r, { once: true }));
+    expect([d.timedOut, (d.signal.reason as Error).name]).toEqual([true, 'TimeoutError']);
+  });
+});
+
+describe.each(['lite', 'sdk'] as const)('a fill while this process is held past S3_STALL_TIMEOUT_S (S3_TRANSPORT=%s)', (client) => {
+  let s3: S3Server;
+  let proxy: FaultProxy;
+  let tmp: string;
+  beforeAll(async () => {
+    Object.assign(process.env, CREDS);
+    tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'silence-'));
+    ({ s3, proxy } = await startS3WithProxy());
+  });
+  cleanUpS3(() => ({ s3, proxy, tmp }));
+
+  function recorder() {
+    const lines: Array<Record<string, unknown>> = [];
+    return { log: createLogger('info', 'test', { write: (l: string) => void lines.push(JSON.parse(l) as Record<string, unknown>) }), lines };
+  }
+
+  it('a range still receiving is not given up as stalled: one GET, no retry', async () => {
+    const body = detBytes(1024 * 1024, 61);
+    await s3.put('models', 'paced/unet/model.onnx', body);
+    // One range, paced at 1 MB/s (chunks every ~65 ms): about a second, and the 0.3 s bound never reached but for the hold.
+    proxy.faults = { bytesPerSecond: 1_000_000, exactPace: true };
+    const gets = proxy.stats.gets;
+    const { log, lines } = recorder();
+    const cfg = testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), {
+      S3_TRANSPORT: client, S3_PART_SIZE: String(1024 * 1024), S3_MAX_CONCURRENCY: '1', S3_STALL_TIMEOUT_S: '0.3', S3_MAX_ATTEMPTS: '1',
+    });
+    let held: Promise<void> | undefined;
+    const r = await resolveModel('s3://models/paced/', {
+      cfg, log, onProgress: (p) => {
+        if (p.bytesDone > 0) held ??= hold(800);
+      },
+    });
+    await held;
+    expect(held).toBeDefined();
+    expect((await fsp.readFile(path.join(r.dir, 'unet/model.onnx'))).equals(body)).toBe(true);
+    // Before: the range's watchdog fired first after the hold, and S3_MAX_ATTEMPTS=1 failed the fill STORAGE_STALL.
+    expect(lines.filter((l) => /stall|range failed/.test(String(l.msg)))).toEqual([]);
+    expect(proxy.stats.gets - gets).toBe(1);
+  });
+
+  it('a LIST still sending is not cut for silence: it runs to its own cap', async () => {
+    await s3.put('models', 'trickled/a.bin', detBytes(5_000, 62));
+    proxy.faults = { trickleLists: { everyMs: 50 } };
+    const lists = proxy.stats.lists;
+    const first = until(() => proxy.stats.lists - lists >= 1).then(() => hold(600));
+    const err = await rejection(resolveModel('s3://models/trickled', {
+      cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), { S3_TRANSPORT: client, S3_MAX_ATTEMPTS: '2', S3_STALL_TIMEOUT_S: '0.3' }),
+      log: recorder().log, listTimeoutMs: 1_500,
+    }));
+    await first;
+    // Before: the first try was cut after the hold, "S3 sent nothing for 0.3 s (S3_STALL_TIMEOUT_S)".
+    expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/trickled/: S3 did not finish the LIST within 1.5 s on each of its 2 tries']);
+    expect(proxy.stats.lists - lists).toBe(2);
+  });
+});
