@@ -100,6 +100,24 @@ describe('createVolumeGate', () => {
     expect(await answer({ cacheDir, storageUri: `file://${tmp.dir}` })).toMatchObject(named('the model volume \\(STORAGE_URI\\)'));
   });
 
+  it('a call that returned while this process was held past the wait is answered, not CACHE_STUCK (its completion is read after the timers)', async () => {
+    const { g, lines } = gate({ waitMs: 50 });
+    let returned = false;
+    let controlSaw: boolean | undefined;
+    // From the check phase: the stat is done in the pool at once, the hold ends, and the next turn runs its timers first.
+    const p = await new Promise<Promise<unknown>>((resolve) => setImmediate(() => {
+      const r = outcome(g.run('stat', tmp.dir, () => fsp.stat(tmp.dir).then((st) => ((returned = true), st.isDirectory()))));
+      setTimeout(() => (controlSaw = returned), 50);
+      const end = performance.now() + 300;
+      while (performance.now() < end);
+      resolve(r);
+    }));
+    expect(await p).toEqual({ value: true });
+    // The premise: a plain timer of the same wait fired before the call's return was read.
+    expect(controlSaw).toBe(false);
+    expect(lines.filter((l) => l.level === 'warn')).toEqual([]);
+  });
+
   it('a call that answers within the wait hands its slot to the next, in order; never more calls at once than the slots', async () => {
     const slow = fifo('slow');
     const { g } = gate({ slots: 2, waitMs: 10_000 });

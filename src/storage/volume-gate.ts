@@ -78,7 +78,9 @@ export function createVolumeGate(o: { volumes: readonly Volume[]; log: Logger; s
         f();
       };
       const left = () => end(() => (onGiveUp?.(), reject(new RuntimeError('CANCELLED', 'the client left'))));
-      const timer = setTimeout(() => end(() => (onGiveUp?.(), reject(stuck()))), Math.max(0, untilMs - performance.now()));
+      // Judged after the loop's next poll: a call that returned while this process was held is not the volume's silence
+      // (silence.ts; its completion is read after the timers).
+      const timer = setTimeout(() => setImmediate(() => end(() => (onGiveUp?.(), reject(stuck())))), Math.max(0, untilMs - performance.now()));
       signal?.addEventListener('abort', left, { once: true });
       p.then((v) => end(() => resolve(v)), (err: unknown) => end(() => reject(err)));
     });
