@@ -29,13 +29,13 @@ const hold = (ms: number) => new Promise<void>((resolve) => setImmediate(() => {
 
 /**
  * A sender in a process of its own, so that its bytes keep coming while this one is held: `tcp` writes a byte every
- * 20 ms for 1.5 s and then keeps the connection open, silent; `http` answers a GET with a body sent the same way;
+ * 20 ms for 3 s and then keeps the connection open, silent; `http` answers a GET with a body sent the same way;
  * `late` answers a GET's head after 100 ms.
  */
 async function sender(kind: 'tcp' | 'http' | 'late'): Promise<{ port: number; child: ChildProcess }> {
   const script = `
     const net = require('node:net'), http = require('node:http');
-    const trickle = (write) => { const i = setInterval(() => write('.'), 20); setTimeout(() => clearInterval(i), 1500); };
+    const trickle = (write) => { const i = setInterval(() => write('.'), 20); setTimeout(() => clearInterval(i), 3000); };
     const server = ${JSON.stringify(kind)} === 'tcp'
       ? net.createServer((s) => trickle((b) => s.write(b)))
       : http.createServer((req, res) => {
@@ -84,7 +84,7 @@ describe('silence bounds judged after what the sockets hold', () => {
     await new Promise((r) => setTimeout(r, 100));
     expect(controlFired).toBe(1); // the premise: a plain timer took the pause for silence
     expect(silent).toBe(0);
-    // The sender stops writing 1.5 s after it began: silence, told once, about 200 ms after its last byte.
+    // The sender stops writing 3 s after it began: silence, told once, about 200 ms after its last byte.
     let lastByte = performance.now();
     socket.on('data', () => (lastByte = performance.now()));
     await until(() => silent > 0, 5_000);
@@ -181,17 +181,17 @@ describe.each(['lite', 'sdk'] as const)('a fill while this process is held past 
   it('a range still receiving is not given up as stalled: one GET, no retry', async () => {
     const body = detBytes(1024 * 1024, 61);
     await s3.put('models', 'paced/unet/model.onnx', body);
-    // One range, paced at 1 MB/s (chunks every ~65 ms): about a second, and the 0.3 s bound never reached but for the hold.
+    // One range, paced at 1 MB/s (chunks every ~65 ms): about a second, and the 0.5 s bound never reached but for the hold.
     proxy.faults = { bytesPerSecond: 1_000_000, exactPace: true };
     const gets = proxy.stats.gets;
     const { log, lines } = recorder();
     const cfg = testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), {
-      S3_TRANSPORT: client, S3_PART_SIZE: String(1024 * 1024), S3_MAX_CONCURRENCY: '1', S3_STALL_TIMEOUT_S: '0.3', S3_MAX_ATTEMPTS: '1',
+      S3_TRANSPORT: client, S3_PART_SIZE: String(1024 * 1024), S3_MAX_CONCURRENCY: '1', S3_STALL_TIMEOUT_S: '0.5', S3_MAX_ATTEMPTS: '1',
     });
     let held: Promise<void> | undefined;
     const r = await resolveModel('s3://models/paced/', {
       cfg, log, onProgress: (p) => {
-        if (p.bytesDone > 0) held ??= hold(800);
+        if (p.bytesDone > 0) held ??= hold(1_200);
       },
     });
     await held;
@@ -206,13 +206,13 @@ describe.each(['lite', 'sdk'] as const)('a fill while this process is held past 
     await s3.put('models', 'trickled/a.bin', detBytes(5_000, 62));
     proxy.faults = { trickleLists: { everyMs: 50 } };
     const lists = proxy.stats.lists;
-    const first = until(() => proxy.stats.lists - lists >= 1).then(() => hold(600));
+    const first = until(() => proxy.stats.lists - lists >= 1).then(() => hold(1_000));
     const err = await rejection(resolveModel('s3://models/trickled', {
-      cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), { S3_TRANSPORT: client, S3_MAX_ATTEMPTS: '2', S3_STALL_TIMEOUT_S: '0.3' }),
+      cfg: testConfig(proxy.endpoint, await fsp.mkdtemp(path.join(tmp, 'cache-')), { S3_TRANSPORT: client, S3_MAX_ATTEMPTS: '2', S3_STALL_TIMEOUT_S: '0.5' }),
       log: recorder().log, listTimeoutMs: 1_500,
     }));
     await first;
-    // Before: the first try was cut after the hold, "S3 sent nothing for 0.3 s (S3_STALL_TIMEOUT_S)".
+    // Before: the first try was cut after the hold, "S3 sent nothing for 0.5 s (S3_STALL_TIMEOUT_S)".
     expect([err.code, err.message]).toEqual(['STORAGE_TRANSIENT', 'cannot list s3://models/trickled/: S3 did not finish the LIST within 1.5 s on each of its 2 tries']);
     expect(proxy.stats.lists - lists).toBe(2);
   });
