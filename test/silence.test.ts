@@ -30,9 +30,9 @@ const hold = (ms: number) => new Promise<void>((resolve) => setImmediate(() => {
 /**
  * A sender in a process of its own, so that its bytes keep coming while this one is held: `tcp` writes a byte every
  * 20 ms for 3 s and then keeps the connection open, silent; `http` answers a GET with a body sent the same way;
- * `late` answers a GET's head after 100 ms.
+ * `late` answers a GET's head after 100 ms; `sink` reads a request's body a chunk every 20 ms (a slow link up).
  */
-async function sender(kind: 'tcp' | 'http' | 'late'): Promise<{ port: number; child: ChildProcess }> {
+async function sender(kind: 'tcp' | 'http' | 'late' | 'sink'): Promise<{ port: number; child: ChildProcess }> {
   const script = `
     const net = require('node:net'), http = require('node:http');
     const trickle = (write) => { const i = setInterval(() => write('.'), 20); setTimeout(() => clearInterval(i), 3000); };
@@ -40,7 +40,8 @@ async function sender(kind: 'tcp' | 'http' | 'late'): Promise<{ port: number; ch
       ? net.createServer((s) => trickle((b) => s.write(b)))
       : http.createServer((req, res) => {
           req.resume();
-          if (${JSON.stringify(kind)} === 'late') setTimeout(() => res.writeHead(200, { 'content-length': '0' }).end(), 100);
+          if (${JSON.stringify(kind)} === 'sink') req.on('data', () => { req.pause(); setTimeout(() => req.resume(), 20); });
+          else if (${JSON.stringify(kind)} === 'late') setTimeout(() => res.writeHead(200, { 'content-length': '0' }).end(), 100);
           else { res.writeHead(200); trickle((b) => res.write(b)); }
         });
     server.listen(0, '127.0.0.1', () => process.stdout.write(server.address().port + '\\n'));`;
@@ -56,7 +57,7 @@ const children: ChildProcess[] = [];
 afterAll(() => {
   for (const c of children) c.kill();
 });
-const start = async (kind: 'tcp' | 'http' | 'late') => {
+const start = async (kind: 'tcp' | 'http' | 'late' | 'sink') => {
   const s = await sender(kind);
   children.push(s.child);
   return s.port;
@@ -133,6 +134,27 @@ describe('silence bounds judged after what the sockets hold', () => {
     expect(performance.now() - lastByte).toBeGreaterThanOrEqual(190);
     await new Promise((r) => setTimeout(r, 500));
     expect(silent).toBe(1);
+    req.destroy();
+  });
+
+  it('boundSocketSilence: a request body still draining to a slow reader while this process is held is not cut (its write queue moved)', async () => {
+    const port = await start('sink');
+    const req = http.request({ host: '127.0.0.1', port, path: '/', method: 'PUT', agent: false });
+    req.on('error', () => undefined);
+    let controlFired = 0;
+    req.setTimeout(200, () => controlFired++);
+    let silent = 0;
+    boundSocketSilence(req, 200, () => silent++);
+    // 64 MiB: more than the kernel's buffers hold, read at a few MB/s: still draining well after the hold.
+    req.end(Buffer.alloc(64 * 1024 * 1024, 1));
+    await new Promise((r) => setTimeout(r, 300));
+    const sentBefore = req.socket!.bytesWritten - ((req.socket as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0);
+    await hold(600);
+    await new Promise((r) => setTimeout(r, 300));
+    const sentAfter = req.socket!.bytesWritten - ((req.socket as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0);
+    expect(sentAfter).toBeGreaterThan(sentBefore); // still draining
+    expect(controlFired).toBe(1); // Node's own bound took the pause for silence: its write queue had not moved during it
+    expect(silent).toBe(0);
     req.destroy();
   });
 

@@ -58,7 +58,7 @@ export function boundSocketSilence(req: http.ClientRequest, ms: number, silent: 
     }
     let check: NodeJS.Immediate | undefined;
     // What Node's own timeout compares to tell a draining write from silence (net.js _onTimeout): its write queue.
-    const activity = () => socket.bytesRead + socket.bytesWritten + ((socket as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0);
+    const activity = () => `${socket.bytesRead} ${socket.bytesWritten} ${(socket as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize}`;
     const onTimeout = () => {
       if (check !== undefined) return;
       const seen = activity();
