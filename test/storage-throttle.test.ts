@@ -146,18 +146,20 @@ describe.each(['lite', 'sdk'] as const)('a fill throttled with 503 SlowDown (S3_
 
   it('the LIST\'s throttled spell ends, as the ranges\' does, at an answer that is not throttled (a 500): the give-up clock starts over', async () => {
     const { log, lines } = recorder();
-    // 1.2 s of SlowDown from the first LIST, a 500, 1.4 s more from the next: each spell shorter than S3_THROTTLE_TIMEOUT_S=2,
-    // both together longer. Timed from the first LIST each answers, not from here (a loaded run's first GETs came after
-    // a 1.5 s storm timed from where it was set had ended).
-    proxy.faults = { listScript: [{ answer: 'slowDown', forMs: 1_200 }, { answer: { status: 500, code: 'InternalError' } }, { answer: 'slowDown', forMs: 1_400 }] };
-    const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 2), log });
+    // Two spells of two SlowDowns each, the 500 between them answered 2.5 s after it was asked. S3_THROTTLE_TIMEOUT_S=1.5:
+    // a spell lasts one wait, at most a quarter of it (0.375 s), so a pause of the process of up to ~1.1 s does not
+    // make it give up; the spells together last over 2.5 s however the waits fall, so a clock that ran through the 500
+    // gives up at the next spell's first SlowDown, 1 s past the bound at least. Counted in answers, not timed: a pause
+    // can only lengthen the delay.
+    proxy.faults = { listScript: [{ answer: 'slowDown', count: 2 }, { answer: { status: 500, code: 'InternalError' }, delayMs: 2_500 }, { answer: 'slowDown', count: 2 }] };
+    const r = await resolveModel('s3://models/sd/', { cfg: cfgFor(await fsp.mkdtemp(path.join(tmp, 'cache-')), 1.5), log });
     await expectSame(r.dir);
-    // Before: the clock ran from the first SlowDown, the 500 between included, and the fill failed at 2 s "S3 kept
-    // throttling the listing"; nor did the 500 end the spell's growing waits.
+    // Before: the clock ran from the first SlowDown, the 500 between included, and the fill failed "S3 kept throttling
+    // the listing"; nor did the 500 end the spell's growing waits.
     expect(lines.filter((l) => /throttl/.test(String(l.msg))).map((l) => l.msg)).toEqual([
-      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 2 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
+      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 1.5 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
       'S3 no longer throttles the listing',
-      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 2 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
+      'S3 is throttling the listing (SlowDown): backing off; the fill fails once throttled for 1.5 s (S3_THROTTLE_TIMEOUT_S) without receiving a byte',
       'S3 no longer throttles the listing',
     ]);
   }, 20_000);

@@ -109,10 +109,11 @@ export interface Faults {
    * The ListObjectsV2 requests answered in order as scripted: the first step answers each LIST while its `until`
    * (Date.now() ms) is ahead, for `forMs` from the first LIST it answers (however late that comes on a loaded machine),
    * or, without either, the next `count` (1 by default), then the next step; 'slowDown' as
-   * faults.slowDown answers, a status with an S3 error code, or 'stall' (read, never answered). Once the script is
-   * spent, LISTs go to the store. Counted in stats.lists (and a 'slowDown' in stats.slowDowns).
+   * faults.slowDown answers, a status with an S3 error code, or 'stall' (read, never answered); `delayMs`: each answer
+   * that long after the request was read (a store slow to answer). Once the script is spent, LISTs go to the store.
+   * Counted in stats.lists (and a 'slowDown' in stats.slowDowns).
    */
-  listScript?: Array<{ answer: 'slowDown' | 'stall' | { status: number; code: string }; until?: number; forMs?: number; count?: number }>;
+  listScript?: Array<{ answer: 'slowDown' | 'stall' | { status: number; code: string }; until?: number; forMs?: number; count?: number; delayMs?: number }>;
   /** Leave the next `count` ListObjectsV2 requests unanswered (a store that reads a request and hangs). */
   stallLists?: { count: number };
   /**
@@ -525,7 +526,9 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
         if (step.answer === 'stall') return;
         if (step.answer === 'slowDown') stats.slowDowns++;
         const { status, code } = step.answer === 'slowDown' ? { status: 503, code: 'SlowDown' } : step.answer;
-        res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
+        const answer = () => void res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
+        if (step.delayMs !== undefined) setTimeout(answer, step.delayMs);
+        else answer();
         return;
       }
     }
