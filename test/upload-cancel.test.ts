@@ -72,9 +72,12 @@ it('a client that leaves while its upload backs off to retry: no PUT is sent aft
 
 it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT, and no PUT is sent after it', async () => {
   const timed = await startServer(serverEnv(await fixtureModel(), { REQUEST_TIMEOUT_S: '2' }), { ready: true });
+  let release!: () => void;
   try {
-    // Each refusal takes a second, so that the 2 s timeout comes while attempts are left.
-    proxy.faults = { failPuts: { keys: /^late\//, every: FAILING, delayMs: 1_000 } };
+    // The first PUT refused at once; the retry's refusal held until the 504 is out, so the timeout comes while attempts
+    // are left however late it fires (the first PUT has 2 s to come, after a 64x64 step). Released then: an upload
+    // still retrying sends its next PUTs within 1.2 s of backoff, well inside the wait below.
+    proxy.faults = { failPuts: { keys: /^late\//, at: { [proxy.stats.puts + 1]: FAILING }, every: { ...FAILING, after: new Promise<void>((r) => (release = r)) } } };
     const puts0 = proxy.stats.puts;
     const r = await postJson(`${timed.url}/v1/models/model:predict`, { instances: [instance(2, 's3://out/late/fox.png')] });
     const timedOut = proxy.stats.puts;
@@ -82,11 +85,13 @@ it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT,
     // It timed out during the upload's attempts, not before them, nor after the last.
     expect(timedOut - puts0).toBeGreaterThanOrEqual(1);
     expect(timedOut - puts0).toBeLessThan(UPLOAD_ATTEMPTS);
-    await sleep(RETRIES_MS + 1_000);
+    release();
+    await sleep(RETRIES_MS);
     expect(proxy.stats.puts - timedOut).toBeLessThanOrEqual(1);
     expect(timed.logs.filter(answered(504))).toHaveLength(1);
     expect(timed.logs.filter((l) => l.level === 'warn' || l.level === 'error' || l.level === 'fatal')).toEqual([]);
   } finally {
+    release?.();
     await timed.stop();
   }
 }, 120_000);

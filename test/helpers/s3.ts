@@ -202,7 +202,7 @@ export interface Faults {
    * PUTs of objects and parts whose key matches `keys`, numbered from 1 as they arrive (retries too): the n-th is
    * answered as `at[n]` says, every one as `every` says: a status with an S3 error code, or 'reset' (the body read,
    * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults. `delayMs`: each fault is
-   * answered that long after its body was read (a store slow to refuse).
+   * answered that long after its body was read (a store slow to refuse); a status's `after`: not before it settles.
    */
   failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault; delayMs?: number };
   /**
@@ -245,7 +245,7 @@ function uploadCommand(method: string | undefined, url: string): UploadCommand |
   return undefined;
 }
 
-export type PutFault = { status: number; code: string } | 'reset';
+export type PutFault = { status: number; code: string; after?: Promise<unknown> } | 'reset';
 
 export interface FaultProxy {
   readonly port: number;
@@ -497,9 +497,10 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
       const after = (fn: () => void) => (delayMs > 0 ? () => void setTimeout(fn, delayMs) : fn);
       if (putFault === 'reset') req.resume().on('end', after(() => req.socket.destroy()));
       else {
-        const { status, code } = putFault;
+        const { status, code, after: held } = putFault;
         const answer = () => void res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
-        if (delayMs > 0) req.resume().on('end', after(answer));
+        if (held !== undefined) req.resume().on('end', () => void held.finally(after(answer)));
+        else if (delayMs > 0) req.resume().on('end', after(answer));
         else {
           req.resume();
           answer();
