@@ -75,8 +75,8 @@ it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT,
   let release!: () => void;
   try {
     // The first PUT refused at once; the retry's refusal held until the 504 is out, so the timeout comes while attempts
-    // are left however late it fires (the first PUT has 2 s to come, after a 64x64 step). Released then: an upload
-    // still retrying sends its next PUTs within 1.2 s of backoff, well inside the wait below.
+    // are left however late it fires (the first PUT has 2 s to come after a 64x64 step: 0.25 s on a loaded machine).
+    // Released then: an upload still retrying sends its next PUTs within 1.2 s of backoff, well inside the wait below.
     proxy.faults = { failPuts: { keys: /^late\//, at: { [proxy.stats.puts + 1]: FAILING }, every: { ...FAILING, after: new Promise<void>((r) => (release = r)) } } };
     const puts0 = proxy.stats.puts;
     const r = await postJson(`${timed.url}/v1/models/model:predict`, { instances: [instance(2, 's3://out/late/fox.png')] });
@@ -91,7 +91,7 @@ it('REQUEST_TIMEOUT_S passing while the upload is retried: answered 504 TIMEOUT,
     expect(timed.logs.filter(answered(504))).toHaveLength(1);
     expect(timed.logs.filter((l) => l.level === 'warn' || l.level === 'error' || l.level === 'fatal')).toEqual([]);
   } finally {
-    release?.();
+    release();
     await timed.stop();
   }
 }, 120_000);
