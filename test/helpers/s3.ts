@@ -201,10 +201,10 @@ export interface Faults {
   /**
    * PUTs of objects and parts whose key matches `keys`, numbered from 1 as they arrive (retries too): the n-th is
    * answered as `at[n]` says, every one as `every` says: a status with an S3 error code, or 'reset' (the body read,
-   * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults. `delayMs`: each fault is
-   * answered that long after its body was read (a store slow to refuse); a status's `after`: not before it settles.
+   * then the socket destroyed without an answer). Counted in stats.puts and stats.putFaults. A status's `after`: answered
+   * once it settles, after the body was read (a store slow to refuse).
    */
-  failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault; delayMs?: number };
+  failPuts?: { keys: RegExp; at?: Record<number, PutFault>; every?: PutFault };
   /**
    * The next `count` CompleteMultipartUploads are carried out by the store, then their sockets destroyed unanswered (a
    * Complete of an upload already completed is always answered 404 NoSuchUpload, as S3 does).
@@ -493,14 +493,11 @@ export async function startFaultProxy(upstreamPort: number, faults: Faults = {})
     if (req.method === 'PUT' && f.failPuts?.keys.test(objectKey)) stats.puts++;
     if (putFault !== undefined) {
       stats.putFaults++;
-      const delayMs = f.failPuts?.delayMs ?? 0;
-      const after = (fn: () => void) => (delayMs > 0 ? () => void setTimeout(fn, delayMs) : fn);
-      if (putFault === 'reset') req.resume().on('end', after(() => req.socket.destroy()));
+      if (putFault === 'reset') req.resume().on('end', () => req.socket.destroy());
       else {
         const { status, code, after: held } = putFault;
         const answer = () => void res.writeHead(status, { 'content-type': 'application/xml' }).end(s3Error(code));
-        if (held !== undefined) req.resume().on('end', () => void held.finally(after(answer)));
-        else if (delayMs > 0) req.resume().on('end', after(answer));
+        if (held !== undefined) req.resume().on('end', () => void held.finally(answer));
         else {
           req.resume();
           answer();
