@@ -30,9 +30,10 @@ const hold = (ms: number) => new Promise<void>((resolve) => setImmediate(() => {
 /**
  * A sender in a process of its own, so that its bytes keep coming while this one is held: `tcp` writes a byte every
  * 20 ms for 3 s and then keeps the connection open, silent; `http` answers a GET with a body sent the same way;
- * `late` answers a GET's head after 100 ms; `sink` reads a request's body a chunk every 20 ms (a slow link up).
+ * `late` answers a GET's head after 100 ms; `sink` reads a request's body a chunk every 20 ms (a slow link up);
+ * `stall` reads as `sink` for 2 s, then no more (a link that stops).
  */
-async function sender(kind: 'tcp' | 'http' | 'late' | 'sink'): Promise<{ port: number; child: ChildProcess }> {
+async function sender(kind: 'tcp' | 'http' | 'late' | 'sink' | 'stall'): Promise<{ port: number; child: ChildProcess }> {
   const script = `
     const net = require('node:net'), http = require('node:http');
     const trickle = (write) => { const i = setInterval(() => write('.'), 20); setTimeout(() => clearInterval(i), 3000); };
@@ -40,7 +41,9 @@ async function sender(kind: 'tcp' | 'http' | 'late' | 'sink'): Promise<{ port: n
       ? net.createServer((s) => trickle((b) => s.write(b)))
       : http.createServer((req, res) => {
           req.resume();
+          const t0 = Date.now();
           if (${JSON.stringify(kind)} === 'sink') req.on('data', () => { req.pause(); setTimeout(() => req.resume(), 20); });
+          else if (${JSON.stringify(kind)} === 'stall') req.on('data', () => { req.pause(); if (Date.now() - t0 < 2000) setTimeout(() => req.resume(), 20); });
           else if (${JSON.stringify(kind)} === 'late') setTimeout(() => res.writeHead(200, { 'content-length': '0' }).end(), 100);
           else { res.writeHead(200); trickle((b) => res.write(b)); }
         });
@@ -57,7 +60,7 @@ const children: ChildProcess[] = [];
 afterAll(() => {
   for (const c of children) c.kill();
 });
-const start = async (kind: 'tcp' | 'http' | 'late' | 'sink') => {
+const start = async (kind: 'tcp' | 'http' | 'late' | 'sink' | 'stall') => {
   const s = await sender(kind);
   children.push(s.child);
   return s.port;
@@ -155,6 +158,41 @@ describe('silence bounds judged after what the sockets hold', () => {
     expect(sentAfter).toBeGreaterThan(sentBefore); // still draining
     expect(controlFired).toBe(1); // Node's own bound took the pause for silence: its write queue had not moved during it
     expect(silent).toBe(0);
+    req.destroy();
+  });
+
+  it('boundSocketSilence: a body found draining after the hold is still bounded: silent once its write queue stands', async () => {
+    const port = await start('stall');
+    const req = http.request({ host: '127.0.0.1', port, path: '/', method: 'PUT', agent: false });
+    req.on('error', () => undefined);
+    let controlFired = 0;
+    req.setTimeout(200, () => controlFired++);
+    let silent = 0;
+    boundSocketSilence(req, 200, () => silent++);
+    req.end(Buffer.alloc(64 * 1024 * 1024, 1));
+    // When the write queue last moved, seen each turn or so.
+    const queue = () => (req.socket as unknown as { _handle?: { writeQueueSize?: number } } | null)?._handle?.writeQueueSize ?? 0;
+    let last = queue();
+    let movedAt = performance.now();
+    const sampler = setInterval(() => {
+      if (queue() !== last) [last, movedAt] = [queue(), performance.now()];
+    }, 5);
+    await new Promise((r) => setTimeout(r, 300));
+    await hold(600);
+    await new Promise((r) => setTimeout(r, 300));
+    // As the case above: the socket's timer fired after the hold, and the drain read after it dropped the verdict.
+    expect([controlFired, silent]).toEqual([1, 0]);
+    // The reader stops 2 s after the request came at the latest (at 20 ms a chunk the kernel takes the body in steps,
+    // and one more than 200 ms apart is silence too). Before: the socket's timer, fired and not set again (no write
+    // ended, nothing read), never fired again.
+    await until(() => silent > 0, 5_000);
+    const silentAfter = performance.now() - movedAt;
+    clearInterval(sampler);
+    expect(queue()).toBeGreaterThan(0); // the write had not ended: only the queue could tell the drain
+    // Told once the queue stood for the bound (less the sampler's lag on a loaded machine), not while it moved.
+    expect(silentAfter).toBeGreaterThanOrEqual(150);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(silent).toBe(1);
     req.destroy();
   });
 

@@ -64,8 +64,11 @@ export function boundSocketSilence(req: http.ClientRequest, ms: number, silent: 
       const seen = activity();
       check = setImmediate(() => {
         check = undefined;
-        // Anything read or written has set the socket's timer again.
         if (activity() === seen) silent();
+        // A read, or a write handed to the kernel, has set the socket's timer again; a write queue that drained has
+        // not (nothing reaches JavaScript until the whole write ends), and a reader that stops now would be bounded by
+        // nothing: set it again.
+        else socket.setTimeout(ms);
       });
     };
     socket.setTimeout(ms);
