@@ -196,6 +196,33 @@ describe('silence bounds judged after what the sockets hold', () => {
     req.destroy();
   });
 
+  it('boundSocketSilence: a kept-alive socket handed straight to a request waiting for it does not keep the bound', async () => {
+    const server = http.createServer((req, res) => setTimeout(() => res.end('ok'), req.url === '/slow' ? 600 : 0));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const { port } = server.address() as net.AddressInfo;
+    // One socket: the second request waits for the first's, and gets it without passing through the pool.
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      let silent = 0;
+      const first = http.get({ host: '127.0.0.1', port, path: '/fast', agent }, (res) => res.resume());
+      boundSocketSilence(first, 200, () => silent++);
+      let timeouts = 0;
+      let handedTimeout: number | undefined;
+      const second = http.get({ host: '127.0.0.1', port, path: '/slow', agent }, (res) => res.resume());
+      second.once('socket', (s: net.Socket) => {
+        handedTimeout = s.timeout;
+        s.on('timeout', () => timeouts++);
+      });
+      await new Promise((r) => second.once('close', r));
+      expect(second.reusedSocket || first.socket === second.socket).toBe(true); // the premise: the same socket
+      // Before: 200, and the socket timed out under the second request's 600 ms wait (a listener there would cut it).
+      expect([handedTimeout, timeouts, silent]).toEqual([0, 0, 0]);
+    } finally {
+      agent.destroy();
+      server.close();
+    }
+  });
+
   it('deadline(afterInput): an answer that came while this process was held clears the bound; a plain deadline beside it ran out', async () => {
     const port = await start('late');
     const d = deadline(undefined, 250, undefined, { afterInput: true });

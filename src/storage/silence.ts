@@ -73,10 +73,13 @@ export function boundSocketSilence(req: http.ClientRequest, ms: number, silent: 
     };
     socket.setTimeout(ms);
     socket.on('timeout', onTimeout);
-    // A socket kept alive goes back to its agent, which sets its own timeout on it (Agent#keepSocketAlive).
+    // A socket kept alive goes back to its agent: to its pool, which sets the agent's own timeout on it
+    // (Agent#keepSocketAlive), or straight to a request waiting for one, which would keep this bound with no listener
+    // (req.setTimeout's is cleared there too: _http_client.js responseKeepAlive).
     req.once('close', () => {
       socket.off('timeout', onTimeout);
       if (check !== undefined) clearImmediate(check);
+      socket.setTimeout(0);
     });
   };
   if (req.socket) watch(req.socket);
