@@ -43,32 +43,37 @@ export function silenceTimer(ms: number, silent: () => void): SilenceTimer {
 }
 
 /**
- * Calls `silent` once nothing has been sent or received on `req`'s socket for `ms`, from its connection on (as
- * req.setTimeout, whose timer is the socket's inactivity timer: a write still draining to the kernel counts as
- * activity), judged as the module says. Not req.setTimeout itself: its listener is once only, so a timeout found to be
- * no silence could not be watched for again. Called at most once per silence; never after `req` closes.
+ * Calls `silent` once nothing has been sent or received on `req`'s socket for `ms`, from the moment it has one (its
+ * connection included: a connect that hangs is silence too), judged as the module says. A write still draining to the
+ * kernel counts as activity, as in req.setTimeout, whose timer is the socket's own inactivity timer; not
+ * req.setTimeout itself: its listener is once only, so a timeout found to be no silence could not be watched for
+ * again. Called at most once per silence; never after `req` closes.
  */
 export function boundSocketSilence(req: http.ClientRequest, ms: number, silent: () => void): void {
   const watch = (socket: net.Socket) => {
-    if (socket.connecting) {
-      socket.once('connect', () => {
-        if (!req.destroyed) watch(socket);
-      });
-      return;
-    }
     let check: NodeJS.Immediate | undefined;
-    // What Node's own timeout compares to tell a draining write from silence (net.js _onTimeout): its write queue.
-    const activity = () => `${socket.bytesRead} ${socket.bytesWritten} ${(socket as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize}`;
+    // A write the kernel takes in steps reaches JavaScript only when it ends; meanwhile only its queue tells, which Node
+    // compares across a period (net.js _onTimeout). Under TLS that queue is the TLS wrapper's, which stands still for
+    // the whole write: the TCP handle beneath it (_parent) is the one that drains.
+    const handle = () => (socket as unknown as { _handle?: { writeQueueSize?: number; _parent?: { writeQueueSize?: number } } })._handle;
+    const queue = () => `${handle()?.writeQueueSize} ${handle()?._parent?.writeQueueSize}`;
+    const activity = () => `${socket.bytesRead} ${socket.bytesWritten} ${queue()}`;
+    let lastQueue = queue();
+    const again = () => {
+      lastQueue = queue();
+      socket.setTimeout(ms);
+    };
     const onTimeout = () => {
       if (check !== undefined) return;
+      // The queue moved since the last look: a write drained during the period (so a stopped one is told within two).
+      if (queue() !== lastQueue) return again();
       const seen = activity();
       check = setImmediate(() => {
         check = undefined;
         if (activity() === seen) silent();
         // A read, or a write handed to the kernel, has set the socket's timer again; a write queue that drained has
-        // not (nothing reaches JavaScript until the whole write ends), and a reader that stops now would be bounded by
-        // nothing: set it again.
-        else socket.setTimeout(ms);
+        // not, and a reader that stops now would be bounded by nothing: set it again.
+        else again();
       });
     };
     socket.setTimeout(ms);
