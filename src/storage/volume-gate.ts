@@ -12,6 +12,7 @@ import { isRuntimeError, RuntimeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Slots } from '../slots.js';
 import { OTHER_VOLUME, pendingCall, trackIo, volumeOf, type Volume } from './pending-io.js';
+import { silenceTimer } from './silence.js';
 
 /** How long a request waits for a call on the volume, its own or the one ahead of it (a stat answers in microseconds). */
 export const CACHE_CALL_WAIT_MS = 5_000;
@@ -73,14 +74,14 @@ export function createVolumeGate(o: { volumes: readonly Volume[]; log: Logger; s
       const end = (f: () => void) => {
         if (!open) return;
         open = false;
-        clearTimeout(timer);
+        timer.clear();
         signal?.removeEventListener('abort', left);
         f();
       };
       const left = () => end(() => (onGiveUp?.(), reject(new RuntimeError('CANCELLED', 'the client left'))));
-      // Judged after the loop's next poll: a call that returned while this process was held is not the volume's silence
-      // (silence.ts; its completion is read after the timers).
-      const timer = setTimeout(() => setImmediate(() => end(() => (onGiveUp?.(), reject(stuck())))), Math.max(0, untilMs - performance.now()));
+      // A silence bound (silence.ts): a call that returned while this process was held, its completion read after the
+      // timers, is not the volume's silence.
+      const timer = silenceTimer(Math.max(0, untilMs - performance.now()), () => end(() => (onGiveUp?.(), reject(stuck()))));
       signal?.addEventListener('abort', left, { once: true });
       p.then((v) => end(() => resolve(v)), (err: unknown) => end(() => reject(err)));
     });
