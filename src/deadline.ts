@@ -22,7 +22,6 @@ export interface Deadline {
 export function deadline(parent: AbortSignal | undefined, ms: number, reason?: () => unknown, o: { afterInput?: boolean } = {}): Deadline {
   const ac = new AbortController();
   let timedOut = false;
-  let cleared = false;
   let check: NodeJS.Immediate | undefined;
   const onAbort = () => {
     clearTimeout(timer);
@@ -30,7 +29,7 @@ export function deadline(parent: AbortSignal | undefined, ms: number, reason?: (
   };
   const expire = () => {
     check = undefined;
-    if (ac.signal.aborted || cleared) return;
+    if (ac.signal.aborted) return;
     timedOut = true;
     parent?.removeEventListener('abort', onAbort);
     ac.abort(reason ? reason() : new DOMException('The operation was aborted due to timeout', 'TimeoutError'));
@@ -49,7 +48,6 @@ export function deadline(parent: AbortSignal | undefined, ms: number, reason?: (
       return timedOut;
     },
     clear() {
-      cleared = true;
       clearTimeout(timer);
       if (check !== undefined) clearImmediate(check);
       parent?.removeEventListener('abort', onAbort);

@@ -19,14 +19,13 @@ export interface SilenceTimer {
 /** Calls `silent` once `ms` have passed without a beat(), judged as the module says. Not again unless beaten. */
 export function silenceTimer(ms: number, silent: () => void): SilenceTimer {
   let beats = 0;
-  let cleared = false;
   let check: NodeJS.Immediate | undefined;
   const timer = setTimeout(() => {
     const seen = beats;
     check = setImmediate(() => {
       check = undefined;
       // A beat since the timer fired has set it again.
-      if (!cleared && beats === seen) silent();
+      if (beats === seen) silent();
     });
   }, ms);
   return {
@@ -34,8 +33,8 @@ export function silenceTimer(ms: number, silent: () => void): SilenceTimer {
       beats++;
       timer.refresh();
     },
+    // A cleared timer is not set again by refresh() (a beat after this).
     clear() {
-      cleared = true;
       clearTimeout(timer);
       if (check !== undefined) clearImmediate(check);
     },
